@@ -1,0 +1,581 @@
+"""MessagePack-RPC between the elric master and its callers: an asyncio server, an
+asyncio client and a blocking client, on the ``msgpack`` package alone.
+
+Wire format (the msgpack-rpc spec): msgpack arrays back to back on one TCP stream,
+with no length prefix::
+
+    request       [0, msgid, method, params]   msgid uint32, params an array
+    response      [1, msgid, error, result]    error nil on success, else a string
+    notification  [2, method, params]          never answered
+
+Strings that old clients send as msgpack "raw" decode to ``str``; invalid UTF-8 is
+kept as surrogates rather than failing. Responses are packed with the bin type for
+bytes. A peer that sends something that is not msgpack, too large, or not a
+request/notification gets an error answer when its msgid is known, else the
+connection is closed; the server itself never goes down for it.
+
+With a token set, a connection's first call must be ``auth(token)``; anything else
+gets an error and the connection is closed.
+
+Error strings are part of the protocol: ``"'NAME' method not found"`` (the wording of
+the reference msgpack-rpc-python server), arity messages, a handler's
+``RequestError`` message as is, and ``"internal error: Type: message"``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import inspect
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Any, Callable
+
+import msgpack
+
+__all__ = [
+    "Server", "AsyncClient", "Client", "RequestError", "RPCError", "RemoteError",
+    "RPCConnectionError", "RPCTimeoutError", "parse_address",
+    "MAX_MESSAGE", "MAX_CONNECTIONS", "IDLE_TIMEOUT", "MAX_PENDING",
+]
+
+log = logging.getLogger("elric.rpc")
+
+REQUEST, RESPONSE, NOTIFY = 0, 1, 2
+MAX_MESSAGE = 8 * 1024 * 1024
+MAX_CONNECTIONS = 1024
+IDLE_TIMEOUT = 300.0
+MAX_PENDING = 128
+_CHUNK = 64 * 1024
+
+
+class RequestError(Exception):
+    """Raised by a handler for bad input: the caller receives its message as is."""
+
+
+class RPCError(Exception):
+    """Base of the errors the clients raise."""
+
+
+class RemoteError(RPCError):
+    """The server answered with an error; ``str(e)`` is its message."""
+
+
+class RPCConnectionError(RPCError):
+    """The connection could not be made or broke; the call's outcome is unknown."""
+
+
+class RPCTimeoutError(RPCConnectionError):
+    """No answer in time; as with a broken connection, the call may have run."""
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """``"host:port"`` (``"[::1]:port"`` for IPv6) -> ``(host, port)``."""
+    host, sep, port = str(address).strip().rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not (port.isascii() and port.isdigit()) or int(port) > 65535:
+        raise ValueError(f"bad address {address!r}: expected host:port with a port 0-65535")
+    return host, int(port)
+
+
+def _pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True, unicode_errors="surrogateescape")
+
+
+def _pack_request(msg: list, max_message: int) -> bytes:
+    try:
+        data = _pack(msg)
+    except Exception as exc:
+        raise TypeError(f"cannot send {msg[-2]!r} arguments: {exc}") from exc
+    if len(data) > max_message:
+        raise RPCError(f"{msg[-2]!r} request is {len(data)} bytes, over the {max_message}-byte limit")
+    return data
+
+
+class _ProtocolError(Exception):
+    pass
+
+
+def _bad_input(exc: Exception) -> _ProtocolError:
+    return _ProtocolError(f"bad msgpack: {type(exc).__name__}" + (f": {exc}" if str(exc) else ""))
+
+
+class _Decoder:
+    """Streaming unpacker that enforces the size limit per message.
+
+    Unpacker.tell() is only exact after a complete message, so the size of the
+    message in progress is measured from the end of the last complete one.
+    """
+
+    def __init__(self, max_message: int):
+        self.max = max_message
+        self.chunk = min(_CHUNK, max_message)
+        self._unpacker = msgpack.Unpacker(
+            raw=False, unicode_errors="surrogateescape", max_buffer_size=max_message + self.chunk,
+            max_str_len=max_message, max_bin_len=max_message, max_ext_len=max_message,
+            max_array_len=max_message, max_map_len=max_message // 2)
+        self._fed = self._end = 0
+
+    def feed(self, data: bytes):
+        """Yield each message completed by ``data``; raise _ProtocolError on bad input."""
+        try:
+            self._unpacker.feed(data)
+        except Exception as exc:
+            raise _bad_input(exc) from None
+        self._fed += len(data)
+        while True:
+            try:
+                msg = next(self._unpacker)
+            except StopIteration:
+                break
+            except Exception as exc:  # FormatError, StackError (deep nesting), limits...
+                raise _bad_input(exc) from None
+            end = self._unpacker.tell()
+            if end - self._end > self.max:
+                raise _ProtocolError(f"message of {end - self._end} bytes, limit {self.max}")
+            self._end = end
+            yield msg
+        if self._fed - self._end > self.max:
+            raise _ProtocolError(f"message over the {self.max}-byte limit")
+
+
+def _error_text(error: Any) -> str:
+    if isinstance(error, bytes):
+        return error.decode("utf-8", "replace")
+    return error if isinstance(error, str) else repr(error)
+
+
+def _arity(fn: Callable) -> tuple[int, int | None, list[str]] | None:
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None  # no introspectable signature: let the call itself decide
+    low, high, names = 0, 0, []
+    for p in sig.parameters.values():
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            high += 1
+            if p.default is p.empty:
+                low += 1
+                names.append(p.name)
+            else:
+                names.append(f"[{p.name}]")
+        elif p.kind is p.VAR_POSITIONAL:
+            names.append(f"*{p.name}")
+            high = None
+            break
+    return low, high, names
+
+
+def _arity_problem(name: str, arity, got: int) -> str | None:
+    low, high, names = arity
+    if low <= got and (high is None or got <= high):
+        return None
+    count = f"at least {low}" if high is None else str(low) if low == high else f"{low} to {high}"
+    noun = "argument" if (low if high is None else high) == 1 else "arguments"
+    listing = f" ({', '.join(names)})" if names else ""
+    return f"{name} takes {count} {noun}{listing}, got {got}"
+
+
+def _parse(msg: Any):
+    """-> (msgid, method, params); method None if only the msgid is usable; None if nothing is."""
+    if not isinstance(msg, list) or len(msg) not in (3, 4) or type(msg[0]) is not int:
+        return None
+    if len(msg) == 4 and msg[0] == REQUEST:
+        msgid, method, params = msg[1:]
+        if type(msgid) is not int or not 0 <= msgid <= 0xFFFFFFFF:
+            return None
+    elif len(msg) == 3 and msg[0] == NOTIFY:
+        msgid, (method, params) = None, msg[1:]
+    else:
+        return None
+    if isinstance(method, bytes):
+        method = method.decode("utf-8", "surrogateescape")
+    if not isinstance(method, str) or not isinstance(params, list):
+        return (msgid, None, None) if msgid is not None else None
+    return msgid, method, params
+
+
+class Server:
+    """The master's RPC endpoint. ``handlers`` maps method names to plain or coroutine
+    functions, called as ``handler(*params)``. Plain functions run on the event loop,
+    so they must not block."""
+
+    def __init__(self, handlers: dict[str, Callable], *, token: str | None = None,
+                 max_message: int = MAX_MESSAGE, max_connections: int = MAX_CONNECTIONS,
+                 idle_timeout: float = IDLE_TIMEOUT, max_pending: int = MAX_PENDING):
+        self.handlers = handlers
+        self.max_message, self.max_connections = max_message, max_connections
+        self.idle_timeout, self.max_pending = idle_timeout, max_pending
+        self.address: tuple[str, int] | None = None
+        self._token = None if token is None else token.encode("utf-8")
+        self._arities: dict[str, tuple] = {}
+        self._listener: asyncio.AbstractServer | None = None
+        self._connections: dict[asyncio.Task, _Connection] = {}
+
+    @property
+    def connection_count(self) -> int:
+        return len(self._connections)
+
+    async def start(self, host: str, port: int = 0) -> tuple[str, int]:
+        self._listener = await asyncio.start_server(self._accept, host, port)
+        self.address = self._listener.sockets[0].getsockname()[:2]
+        log.info("elric rpc listening on %s:%d", *self.address)
+        return self.address
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+        tasks = list(self._connections)
+        for task, conn in list(self._connections.items()):
+            for t in list(conn.tasks):
+                t.cancel()
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._listener is not None:
+            await self._listener.wait_closed()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._connections) >= self.max_connections:
+            log.warning("refusing connection from %s: %d connections open",
+                        writer.get_extra_info("peername"), len(self._connections))
+            writer.close()
+            return
+        task = asyncio.current_task()
+        self._connections[task] = conn = _Connection(self, reader, writer)
+        try:
+            await conn.run()
+        finally:
+            del self._connections[task]
+
+    async def invoke(self, method: str, params: list) -> Any:
+        """Call the handler of ``method`` with ``params`` as the wire would."""
+        handler = self.handlers.get(method)
+        if handler is None:
+            raise RequestError(f"'{method}' method not found")
+        cached = self._arities.get(method)
+        if cached is None or cached[0] is not handler:
+            cached = self._arities[method] = (handler, _arity(handler))
+        problem = cached[1] and _arity_problem(method, cached[1], len(params))
+        if problem:
+            raise RequestError(problem)
+        result = handler(*params)
+        if inspect.isawaitable(result):
+            result = await result
+        return result
+
+
+class _Connection:
+    def __init__(self, server: Server, reader, writer):
+        self.server, self.reader, self.writer = server, reader, writer
+        self.peer = writer.get_extra_info("peername")
+        self.authed = server._token is None
+        self.tasks: set[asyncio.Task] = set()
+        self.slots = asyncio.Semaphore(server.max_pending)
+
+    async def run(self) -> None:
+        decoder = _Decoder(self.server.max_message)
+        try:
+            while True:
+                try:
+                    data = await asyncio.wait_for(self.reader.read(decoder.chunk), self.server.idle_timeout)
+                except asyncio.TimeoutError:
+                    if self.tasks:
+                        continue  # a long request in flight is not idleness
+                    log.info("closing idle connection from %s", self.peer)
+                    return
+                if not data:
+                    return
+                try:
+                    for msg in decoder.feed(data):
+                        if not await self._dispatch(msg):
+                            return
+                except _ProtocolError as exc:
+                    log.warning("closing connection from %s: %s", self.peer, exc)
+                    return
+        except ConnectionError:
+            pass
+        finally:
+            try:  # let handlers finish: cutting one short may leave state half-written
+                await asyncio.gather(*self.tasks, return_exceptions=True)
+            finally:
+                self.writer.close()
+
+    async def _dispatch(self, msg: Any) -> bool:
+        """Handle one message; False closes the connection."""
+        parsed = _parse(msg)
+        if parsed is None:
+            log.warning("closing connection from %s: not a request: %.200r", self.peer, msg)
+            return False
+        msgid, method, params = parsed
+        if not self.authed or method == "auth":
+            return await self._auth(msgid, method, params)
+        if method is None:
+            await self._send(msgid, "invalid request: expected [0, msgid, method, params]", None)
+            return True
+        await self.slots.acquire()  # at the limit, stop reading until a request finishes
+        task = asyncio.create_task(self._handle(msgid, method, params))
+        self.tasks.add(task)
+        task.add_done_callback(self._finished)
+        return True
+
+    def _finished(self, task: asyncio.Task) -> None:
+        self.tasks.discard(task)
+        self.slots.release()
+
+    async def _auth(self, msgid, method, params) -> bool:
+        token, error = self.server._token, None
+        if method != "auth":
+            error = "authentication required"
+        elif token is not None:
+            given = params[0] if len(params) == 1 else None
+            if isinstance(given, str):
+                given = given.encode("utf-8", "surrogateescape")
+            if not isinstance(given, bytes) or not hmac.compare_digest(given, token):
+                error = "authentication failed"
+        if msgid is not None:
+            await self._send(msgid, error, None if error else True)
+        if error:
+            log.warning("closing connection from %s: %s", self.peer, error)
+            return False
+        self.authed = True
+        return True
+
+    async def _handle(self, msgid: int | None, method: str, params: list) -> None:
+        error = result = None
+        try:
+            result = await self.server.invoke(method, params)
+        except RequestError as exc:
+            error = str(exc)
+            if msgid is None:
+                log.warning("notification %s from %s: %s", method, self.peer, error)
+        except Exception as exc:
+            log.exception("%s from %s failed", method, self.peer)
+            error = f"internal error: {type(exc).__name__}: {exc}"
+        if msgid is not None:
+            await self._send(msgid, error, result, method)
+
+    async def _send(self, msgid: int, error: str | None, result: Any, method: str = "") -> None:
+        try:
+            data = _pack([RESPONSE, msgid, error, result])
+            if len(data) > self.server.max_message:
+                raise ValueError(f"response is {len(data)} bytes, limit {self.server.max_message}")
+        except Exception as exc:
+            log.error("cannot send the result of %s to %s: %s: %s", method, self.peer, type(exc).__name__, exc)
+            data = _pack([RESPONSE, msgid, f"internal error: cannot send result: {type(exc).__name__}: {exc}", None])
+        if self.writer.is_closing():
+            return
+        self.writer.write(data)
+        try:
+            # A peer that stops reading must not pin its buffers forever.
+            await asyncio.wait_for(self.writer.drain(), self.server.idle_timeout)
+        except asyncio.TimeoutError:
+            log.warning("aborting connection from %s: not reading its responses", self.peer)
+            self.writer.transport.abort()
+        except ConnectionError:
+            pass
+
+
+def _unreachable(host: str, port: int, exc: BaseException) -> RPCConnectionError:
+    if isinstance(exc, (asyncio.TimeoutError, socket.timeout)):
+        reason = "timed out"
+    elif isinstance(exc, socket.gaierror):
+        reason = exc.strerror or str(exc)
+    elif isinstance(exc, OSError) and exc.errno and exc.errno > 0:
+        reason = os.strerror(exc.errno)
+    else:
+        reason = str(exc) or type(exc).__name__
+    return RPCConnectionError(f"cannot reach elric master at {host}:{port}: {reason}")
+
+
+class AsyncClient:
+    """Many concurrent calls over one connection, matched to responses by msgid."""
+
+    def __init__(self, reader, writer, host: str, port: int, timeout: float | None, max_message: int):
+        self._reader, self._writer = reader, writer
+        self._where = f"elric master at {host}:{port}"
+        self._timeout, self._max_message = timeout, max_message
+        self._pending: dict[int, asyncio.Future] = {}
+        self._msgid = 0
+        self._lost: str | None = None
+        self._reader_task = asyncio.create_task(self._read_loop())
+
+    @classmethod
+    async def connect(cls, host: str, port: int, *, timeout: float | None = 10.0,
+                      token: str | None = None, max_message: int = MAX_MESSAGE) -> AsyncClient:
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+        except (OSError, asyncio.TimeoutError) as exc:
+            raise _unreachable(host, port, exc) from None
+        client = cls(reader, writer, host, port, timeout, max_message)
+        if token is not None:
+            try:
+                await client.call("auth", token)
+            except BaseException:
+                await client.close()
+                raise
+        return client
+
+    async def call(self, method: str, *params: Any, timeout: float | None = None) -> Any:
+        """``timeout`` None means the client's default (the one given to connect)."""
+        if self._lost:
+            raise RPCConnectionError(self._lost)
+        self._msgid = msgid = (self._msgid + 1) & 0xFFFFFFFF
+        data = _pack_request([REQUEST, msgid, method, list(params)], self._max_message)
+        future = self._pending[msgid] = asyncio.get_running_loop().create_future()
+        limit = self._timeout if timeout is None else timeout
+        try:
+            async with asyncio.timeout(limit):
+                self._writer.write(data)
+                await self._writer.drain()
+                return await future
+        except TimeoutError:
+            raise RPCTimeoutError(f"no answer from {self._where} to {method} within {limit}s") from None
+        except ConnectionError as exc:
+            raise RPCConnectionError(f"connection to {self._where} lost: {exc}") from None
+        finally:
+            self._pending.pop(msgid, None)
+
+    def notify(self, method: str, *params: Any) -> None:
+        if self._lost:
+            raise RPCConnectionError(self._lost)
+        self._writer.write(_pack_request([NOTIFY, method, list(params)], self._max_message))
+
+    async def close(self) -> None:
+        self._fail(f"connection to {self._where} closed by the client")
+        self._writer.close()
+        self._reader_task.cancel()
+        await asyncio.gather(self._reader_task, return_exceptions=True)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    def _fail(self, reason: str) -> None:
+        self._lost = self._lost or reason
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(RPCConnectionError(self._lost))
+
+    async def _read_loop(self) -> None:
+        decoder, reason = _Decoder(self._max_message), "closed by the server"
+        try:
+            while data := await self._reader.read(decoder.chunk):
+                for msg in decoder.feed(data):
+                    if isinstance(msg, list) and len(msg) == 4 and msg[0] == RESPONSE:
+                        future = self._pending.get(msg[1])
+                        if future is not None and not future.done():
+                            if msg[2] is None:
+                                future.set_result(msg[3])
+                            else:
+                                future.set_exception(RemoteError(_error_text(msg[2])))
+        except (OSError, _ProtocolError) as exc:
+            reason = f"lost: {exc}"
+        finally:
+            self._fail(f"connection to {self._where} {reason}")
+            self._writer.close()
+
+
+class Client:
+    """Blocking client for scripts and threads: one call at a time per instance
+    (a lock makes it thread-safe), connecting lazily and again after a failure."""
+
+    def __init__(self, host: str, port: int, *, timeout: float | None = 10.0,
+                 token: str | None = None, max_message: int = MAX_MESSAGE):
+        self.host, self.port, self.timeout = host, port, timeout
+        self._token, self._max_message = token, max_message
+        self._where = f"elric master at {host}:{port}"
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        self._decoder: _Decoder | None = None
+        self._msgid = 0
+
+    def call(self, method: str, *params: Any, timeout: float | None = None) -> Any:
+        with self._lock:
+            self._ensure_connected()
+            return self._roundtrip(method, params, self.timeout if timeout is None else timeout)
+
+    def notify(self, method: str, *params: Any) -> None:
+        with self._lock:
+            data = _pack_request([NOTIFY, method, list(params)], self._max_message)
+            self._ensure_connected()
+            try:
+                self._sock.sendall(data)
+            except OSError as exc:
+                self._drop()
+                raise RPCConnectionError(f"connection to {self._where} lost: {exc}") from None
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _drop(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+        self._sock = self._decoder = None
+
+    def _ensure_connected(self) -> None:
+        if self._sock is not None:
+            # Anything to read while no call is in flight means the server closed it (e.g.
+            # idle timeout). Nothing was sent yet, so reconnecting cannot duplicate a call.
+            self._sock.settimeout(0)  # with a timeout set, recv would wait for data first
+            try:
+                self._sock.recv(1, socket.MSG_PEEK)
+            except BlockingIOError:
+                self._sock.settimeout(self.timeout)
+                return
+            except OSError:
+                pass
+            self._drop()
+        try:
+            self._sock = socket.create_connection((self.host, self.port), self.timeout)
+        except OSError as exc:
+            raise _unreachable(self.host, self.port, exc) from None
+        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._decoder = _Decoder(self._max_message)
+        if self._token is not None:
+            try:
+                self._roundtrip("auth", (self._token,), self.timeout)
+            except RPCError:
+                self._drop()
+                raise
+
+    def _roundtrip(self, method: str, params: tuple, timeout: float | None) -> Any:
+        self._msgid = msgid = (self._msgid + 1) & 0xFFFFFFFF
+        data = _pack_request([REQUEST, msgid, method, list(params)], self._max_message)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            self._sock.settimeout(timeout)
+            self._sock.sendall(data)
+            while True:
+                if deadline is not None:
+                    self._sock.settimeout(max(deadline - time.monotonic(), 0.001))
+                chunk = self._sock.recv(self._decoder.chunk)
+                if not chunk:
+                    raise RPCConnectionError(f"connection to {self._where} closed by the server")
+                for msg in self._decoder.feed(chunk):
+                    if isinstance(msg, list) and len(msg) == 4 and msg[0] == RESPONSE and msg[1] == msgid:
+                        if msg[2] is not None:
+                            raise RemoteError(_error_text(msg[2]))
+                        return msg[3]
+        except RemoteError:
+            raise
+        except RPCConnectionError:
+            self._drop()
+            raise
+        except socket.timeout:
+            self._drop()  # a late answer must not be read as the next call's
+            raise RPCTimeoutError(f"no answer from {self._where} to {method} within {timeout}s") from None
+        except (OSError, _ProtocolError) as exc:
+            self._drop()
+            raise RPCConnectionError(f"connection to {self._where} lost: {exc}") from None

@@ -1,0 +1,592 @@
+"""elric.rpc over real sockets on 127.0.0.1: both clients, the server's error answers,
+hostile input, limits, auth, and the legacy msgpack-rpc-python client."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import socket
+import textwrap
+import threading
+import time
+
+import msgpack
+import pytest
+
+from elric.rpc import (AsyncClient, Client, RemoteError, RequestError, RPCConnectionError,
+                       RPCError, RPCTimeoutError, Server, parse_address)
+from tests.legacy import legacy_python
+
+DEADLINE = 10.0
+
+
+def arun(coro):
+    return asyncio.run(asyncio.wait_for(coro, 60))
+
+
+async def eventually(predicate, what="condition", timeout=DEADLINE):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+def basic_handlers(**extra):
+    async def echo(value):
+        return value
+
+    def submit_job(spec):
+        return {"job_id": spec.get("job_id", "j1")}
+
+    def window(a, b=2, *, c=3):
+        return a + b + c
+
+    def reject(reason):
+        raise RequestError(f"bad spec: {reason}")
+
+    def crash():
+        return 1 / 0
+
+    def unpackable():
+        return object()
+
+    def total(*numbers):
+        return sum(numbers)
+
+    return {"ping": lambda: "pong", "echo": echo, "submit_job": submit_job, "window": window,
+            "reject": reject, "crash": crash, "unpackable": unpackable, "total": total, **extra}
+
+
+@contextlib.asynccontextmanager
+async def serving(handlers=None, **options):
+    server = Server(basic_handlers() if handlers is None else handlers, **options)
+    await server.start("127.0.0.1", 0)
+    try:
+        yield server
+    finally:
+        await server.close()
+
+
+class ServerThread:
+    """A Server on its own event loop in a thread, for the blocking client and subprocesses."""
+
+    def __init__(self, handlers=None, port=0, **options):
+        self.server = Server(basic_handlers() if handlers is None else handlers, **options)
+        self.port = port
+
+    def run(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(DEADLINE)
+
+    def __enter__(self):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.address = self.run(self.server.start("127.0.0.1", self.port))
+        return self
+
+    def __exit__(self, *exc):
+        self.run(self.server.close())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(DEADLINE)
+        self.loop.close()
+
+
+class Raw:
+    """A bare connection speaking msgpack by hand, to send what a real client would not."""
+
+    @classmethod
+    async def open(cls, address):
+        self = cls()
+        self.reader, self.writer = await asyncio.open_connection(*address)
+        self.unpacker = msgpack.Unpacker(raw=False, unicode_errors="surrogateescape")
+        return self
+
+    def send(self, data: bytes):
+        self.writer.write(data)
+
+    async def next(self):
+        """("msg", message) for the next message, or ("closed", None) at end of stream."""
+        async with asyncio.timeout(DEADLINE):
+            while True:
+                for msg in self.unpacker:
+                    return "msg", msg
+                try:
+                    data = await self.reader.read(65536)
+                except ConnectionError:
+                    data = b""
+                if not data:
+                    return "closed", None
+                self.unpacker.feed(data)
+
+    def close(self):
+        self.writer.close()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- basics ---------------------------------------------------------------------------
+
+def test_ping_async_client():
+    async def main():
+        async with serving() as server:
+            host, port = server.address
+            assert host == "127.0.0.1" and port > 0
+            async with await AsyncClient.connect(host, port) as client:
+                assert await client.call("ping") == "pong"
+                assert await client.call("echo", {"a": [1, 2.5, None, True, b"\x00\xff"]}) == \
+                    {"a": [1, 2.5, None, True, b"\x00\xff"]}
+                assert await client.call("auth", "anything") is True  # no token set
+    arun(main())
+
+
+def test_ping_blocking_client():
+    with ServerThread() as st, Client(*st.address) as client:
+        assert client.call("ping") == "pong"
+        assert client.call("echo", ["x", {"k": 1}]) == ["x", {"k": 1}]
+        assert client.call("total", 1, 2, 3) == 6
+
+
+def test_concurrent_calls_complete_out_of_order():
+    async def main():
+        gate, finished = asyncio.Event(), []
+
+        async def slow():
+            await gate.wait()
+            return "slow"
+
+        def fast():
+            gate.set()
+            return "fast"
+
+        async with serving(basic_handlers(slow=slow, fast=fast)) as server:
+            client = await AsyncClient.connect(*server.address)
+
+            async def tracked(method):
+                result = await client.call(method)
+                finished.append(method)
+                return result
+
+            # slow is sent first and can only finish after fast ran: responses cross.
+            assert await asyncio.gather(tracked("slow"), tracked("fast")) == ["slow", "fast"]
+            assert finished == ["fast", "slow"]
+            values = list(range(300))
+            assert await asyncio.gather(*(client.call("echo", v) for v in values)) == values
+            await client.close()
+    arun(main())
+
+
+def test_notifications_run_the_handler_and_get_no_answer():
+    async def main():
+        seen = []
+        async with serving(basic_handlers(record=seen.append)) as server:
+            client = await AsyncClient.connect(*server.address)
+            client.notify("record", 1)
+            client.notify("record", 2)
+            await eventually(lambda: seen == [1, 2], "both notifications")
+            await client.close()
+
+            raw = await Raw.open(server.address)
+            raw.send(msgpack.packb([2, "record", [3]]) + msgpack.packb([2, "nope", []])
+                     + msgpack.packb([0, 9, "ping", []]))
+            assert await raw.next() == ("msg", [1, 9, None, "pong"])  # nothing before it
+            assert seen == [1, 2, 3]
+            raw.close()
+    arun(main())
+
+
+# -- error answers --------------------------------------------------------------------
+
+def test_error_messages():
+    async def main():
+        async with serving() as server:
+            client = await AsyncClient.connect(*server.address)
+            cases = [
+                (("nope",), "'nope' method not found"),
+                (("submit_job", {}, 2, 3), "submit_job takes 1 argument (spec), got 3"),
+                (("window",), "window takes 1 to 2 arguments (a, [b]), got 0"),
+                (("ping", 1), "ping takes 0 arguments, got 1"),
+                (("reject", "no queue"), "bad spec: no queue"),
+            ]
+            for call, message in cases:
+                with pytest.raises(RemoteError) as info:
+                    await client.call(*call)
+                assert str(info.value) == message
+            assert await client.call("window", 1) == 6
+            assert await client.call("submit_job", {"job_id": "x"}) == {"job_id": "x"}
+            await client.close()
+    arun(main())
+
+
+def test_internal_error_is_logged_and_connection_stays_up(caplog):
+    async def main():
+        async with serving() as server:
+            client = await AsyncClient.connect(*server.address)
+            with pytest.raises(RemoteError, match=r"^internal error: ZeroDivisionError: division by zero$"):
+                await client.call("crash")
+            assert await client.call("ping") == "pong"
+            with pytest.raises(RemoteError, match=r"^internal error: cannot send result: TypeError"):
+                await client.call("unpackable")
+            assert await client.call("ping") == "pong"
+            await client.close()
+    with caplog.at_level(logging.INFO, logger="elric.rpc"):
+        arun(main())
+    crash = [r for r in caplog.records if r.name == "elric.rpc" and r.exc_info]
+    assert crash and crash[0].exc_info[0] is ZeroDivisionError
+
+
+def test_response_over_the_limit_is_an_error_answer():
+    async def main():
+        async with serving(basic_handlers(big=lambda n: "x" * n), max_message=4096) as server:
+            client = await AsyncClient.connect(*server.address)
+            with pytest.raises(RemoteError, match=r"^internal error: cannot send result: .*limit 4096"):
+                await client.call("big", 5000)
+            assert await client.call("ping") == "pong"
+            await client.close()
+    arun(main())
+
+
+def test_blocking_client_errors():
+    with ServerThread() as st, Client(*st.address) as client:
+        with pytest.raises(RemoteError, match="'nope' method not found"):
+            client.call("nope")
+        with pytest.raises(RemoteError, match="internal error: ZeroDivisionError"):
+            client.call("crash")
+        with pytest.raises(TypeError):
+            client.call("echo", object())  # cannot be packed: never sent
+        assert client.call("ping") == "pong"
+
+
+# -- hostile input --------------------------------------------------------------------
+
+DEEP = b"\x91" * 3000 + b"\xc0"  # nesting beyond the C unpacker's stack, within the size limit
+BAD_INPUT = {
+    "garbage": (b"\xc1\xc1\xc1\xc1", None),
+    "deep_nesting": (DEEP, None),
+    "oversized_string": (msgpack.packb([0, 1, "echo", ["x" * 5000]]), None),
+    "oversized_total": (msgpack.packb([0, 1, "echo", ["abc"] * 1500]), None),
+    "not_an_array": (msgpack.packb({"method": "ping"}), None),
+    "scalar": (msgpack.packb(42), None),
+    "response_sent_to_server": (msgpack.packb([1, 1, None, None]), None),
+    "unknown_type": (msgpack.packb([7, 1, "ping", []]), None),
+    "bool_type": (msgpack.packb([False, 1, "ping", []]), None),
+    "msgid_not_int": (msgpack.packb([0, "x", "ping", []]), None),
+    "msgid_too_big": (msgpack.packb([0, 2**40, "ping", []]), None),
+    "bad_notification": (msgpack.packb([2, 5, []]), None),
+    "method_not_string": (msgpack.packb([0, 5, 123, []]), [1, 5, "invalid request: expected [0, msgid, method, params]", None]),
+    "params_not_array": (msgpack.packb([0, 6, "ping", "x"]), [1, 6, "invalid request: expected [0, msgid, method, params]", None]),
+    "invalid_utf8_method": (b"\x94\x00\x07\xa2\xff\xfe\x90", [1, 7, "'\udcff\udcfe' method not found", None]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUT))
+def test_bad_input_is_answered_or_closed_and_others_are_served(case):
+    payload, answer = BAD_INPUT[case]
+
+    async def main():
+        async with serving(max_message=4096) as server:
+            bystander = await AsyncClient.connect(*server.address)
+            assert await bystander.call("ping") == "pong"
+            raw = await Raw.open(server.address)
+            raw.send(payload)
+            if answer is None:
+                assert await raw.next() == ("closed", None)
+            else:
+                assert await raw.next() == ("msg", answer)
+                raw.send(msgpack.packb([0, 8, "ping", []]))  # still served
+                assert await raw.next() == ("msg", [1, 8, None, "pong"])
+            raw.close()
+            assert await bystander.call("echo", "x" * 3000) == "x" * 3000
+            await bystander.close()
+    arun(main())
+
+
+def test_truncated_frame_closes_only_that_connection():
+    async def main():
+        async with serving() as server:
+            bystander = await AsyncClient.connect(*server.address)
+            raw = await Raw.open(server.address)
+            raw.send(msgpack.packb([0, 1, "echo", ["abcdef"]])[:-3])
+            raw.writer.write_eof()
+            assert await raw.next() == ("closed", None)
+            raw.close()
+            await eventually(lambda: server.connection_count == 1, "the truncated connection to go")
+            assert await bystander.call("ping") == "pong"
+            await bystander.close()
+    arun(main())
+
+
+def test_raw_strings_from_old_clients_decode_to_str():
+    async def main():
+        async with serving() as server:
+            raw = await Raw.open(server.address)
+            spec = {"name": "héllo", "args": ["a", 1], "meta": {"k": "v"}}
+            raw.send(msgpack.packb([0, 1, "echo", [spec]], use_bin_type=False))
+            assert await raw.next() == ("msg", [1, 1, None, spec])
+            raw.send(msgpack.packb([0, 2, "submit_job", [{"job_id": "j9"}]], use_bin_type=False))
+            assert await raw.next() == ("msg", [1, 2, None, {"job_id": "j9"}])
+            raw.close()
+    arun(main())
+
+
+# -- limits ---------------------------------------------------------------------------
+
+def test_max_connections():
+    async def main():
+        async with serving(max_connections=2) as server:
+            first = await AsyncClient.connect(*server.address)
+            second = await AsyncClient.connect(*server.address)
+            assert [await first.call("ping"), await second.call("ping")] == ["pong", "pong"]
+            third = await AsyncClient.connect(*server.address)
+            with pytest.raises(RPCConnectionError):
+                await third.call("ping")
+            await third.close()
+            await first.close()
+            await eventually(lambda: server.connection_count == 1, "a free connection slot")
+            fourth = await AsyncClient.connect(*server.address)
+            assert await fourth.call("ping") == "pong"
+            assert await second.call("ping") == "pong"
+            await fourth.close()
+            await second.close()
+    arun(main())
+
+
+def test_max_pending_bounds_concurrent_requests_per_connection():
+    async def main():
+        gate, state = asyncio.Event(), {"active": 0, "peak": 0}
+
+        async def hold(i):
+            state["active"] += 1
+            state["peak"] = max(state["peak"], state["active"])
+            await gate.wait()
+            state["active"] -= 1
+            return i
+
+        async with serving(basic_handlers(hold=hold), max_pending=2) as server:
+            client = await AsyncClient.connect(*server.address)
+            calls = asyncio.gather(*(client.call("hold", i) for i in range(10)))
+            await eventually(lambda: state["active"] == 2, "two requests running")
+            gate.set()
+            assert await calls == list(range(10))
+            assert state["peak"] == 2
+            await client.close()
+    arun(main())
+
+
+def test_idle_connection_is_closed_and_blocking_client_reconnects():
+    with ServerThread(idle_timeout=0.2) as st, Client(*st.address) as client:
+        assert client.call("ping") == "pong"
+        deadline = time.monotonic() + DEADLINE
+        while st.server.connection_count:
+            assert time.monotonic() < deadline, "idle connection was not closed"
+            time.sleep(0.01)
+        assert client.call("ping") == "pong"  # reconnected, nothing was lost
+
+
+# -- auth -----------------------------------------------------------------------------
+
+def test_auth():
+    async def main():
+        async with serving(token="s3cret") as server:
+            client = await AsyncClient.connect(*server.address, token="s3cret")
+            assert await client.call("ping") == "pong"
+            await client.close()
+
+            with pytest.raises(RemoteError, match="^authentication failed$"):
+                await AsyncClient.connect(*server.address, token="wrong")
+
+            client = await AsyncClient.connect(*server.address)
+            with pytest.raises(RemoteError, match="^authentication required$"):
+                await client.call("ping")
+            with pytest.raises(RPCConnectionError):
+                await client.call("ping")  # the server closed it
+            await client.close()
+
+            raw = await Raw.open(server.address)  # a notification cannot authenticate
+            raw.send(msgpack.packb([2, "ping", []]))
+            assert await raw.next() == ("closed", None)
+            raw.close()
+    arun(main())
+
+
+def test_auth_blocking_client():
+    with ServerThread(token="s3cret") as st:
+        with Client(*st.address, token="s3cret") as client:
+            assert client.call("ping") == "pong"
+        with Client(*st.address, token="nope") as client, pytest.raises(RemoteError, match="authentication failed"):
+            client.call("ping")
+        with Client(*st.address) as client:
+            with pytest.raises(RemoteError, match="authentication required"):
+                client.call("ping")
+
+
+# -- connection loss ------------------------------------------------------------------
+
+def test_async_pending_call_fails_promptly_when_server_closes():
+    async def main():
+        started = asyncio.Event()
+
+        async def hang():
+            started.set()
+            await asyncio.Event().wait()
+
+        async with serving(basic_handlers(hang=hang)) as server:
+            client = await AsyncClient.connect(*server.address, timeout=60)
+            call = asyncio.create_task(client.call("hang"))
+            await asyncio.wait_for(started.wait(), DEADLINE)
+            t0 = time.monotonic()
+            await server.close()
+            with pytest.raises(RPCConnectionError, match="closed by the server"):
+                await asyncio.wait_for(call, DEADLINE)
+            assert time.monotonic() - t0 < 5
+            with pytest.raises(RPCConnectionError):
+                await client.call("ping")
+            await client.close()
+    arun(main())
+
+
+def test_call_timeout():
+    async def main():
+        async def hang():
+            await asyncio.Event().wait()
+
+        async with serving(basic_handlers(hang=hang)) as server:
+            client = await AsyncClient.connect(*server.address)
+            with pytest.raises(RPCTimeoutError):
+                await client.call("hang", timeout=0.1)
+            assert await client.call("ping") == "pong"
+            await client.close()
+    arun(main())
+
+
+def test_not_listening():
+    port = free_port()
+    expected = f"cannot reach elric master at 127.0.0.1:{port}: Connection refused"
+
+    async def main():
+        with pytest.raises(RPCConnectionError) as info:
+            await AsyncClient.connect("127.0.0.1", port)
+        assert str(info.value) == expected
+    arun(main())
+    with Client("127.0.0.1", port) as client, pytest.raises(RPCConnectionError) as info:
+        client.call("ping")
+    assert str(info.value) == expected
+
+
+def test_blocking_client_fails_on_broken_connection_then_reconnects():
+    started = threading.Event()
+
+    async def hang():
+        started.set()
+        await asyncio.Event().wait()
+
+    st = ServerThread(basic_handlers(hang=hang)).__enter__()
+    port = st.address[1]
+    client = Client("127.0.0.1", port, timeout=60)
+    try:
+        assert client.call("ping") == "pong"
+        errors = []
+        caller = threading.Thread(target=lambda: errors.append(_raises(client.call, "hang")))
+        caller.start()
+        assert started.wait(DEADLINE)
+        st.__exit__(None, None, None)
+        caller.join(DEADLINE)
+        assert isinstance(errors[0], RPCConnectionError) and not isinstance(errors[0], RPCTimeoutError)
+        with pytest.raises(RPCConnectionError, match="cannot reach"):
+            client.call("ping")
+        with ServerThread(port=port):
+            assert client.call("ping") == "pong"
+    finally:
+        client.close()
+
+
+def _raises(fn, *args):
+    try:
+        fn(*args)
+    except Exception as exc:
+        return exc
+    return None
+
+
+def test_blocking_client_is_thread_safe():
+    with ServerThread() as st, Client(*st.address) as client:
+        results = {}
+
+        def work(n):
+            results[n] = [client.call("echo", [n, i]) for i in range(25)]
+
+        threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(DEADLINE)
+        assert results == {n: [[n, i] for i in range(25)] for n in range(8)}
+
+
+def test_client_refuses_oversized_request():
+    with ServerThread() as st, Client(*st.address, max_message=1024) as client:
+        with pytest.raises(RPCError, match="over the 1024-byte limit"):
+            client.call("echo", "x" * 2000)
+        assert client.call("ping") == "pong"
+
+
+def test_parse_address():
+    assert parse_address("127.0.0.1:7100") == ("127.0.0.1", 7100)
+    assert parse_address("[::1]:80") == ("::1", 80)
+    for bad in ["", "host", "host:", ":80", "host:http", "host:70000", "host:-1"]:
+        with pytest.raises(ValueError, match="expected host:port"):
+            parse_address(bad)
+
+
+# -- the legacy msgpack-rpc-python client ---------------------------------------------
+
+LEGACY_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import msgpackrpc
+
+    def norm(x):  # the legacy client hands back strings as bytes
+        if isinstance(x, bytes):
+            return x.decode()
+        if isinstance(x, dict):
+            return {norm(k): norm(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [norm(v) for v in x]
+        return x
+
+    client = msgpackrpc.Client(msgpackrpc.Address("127.0.0.1", int(sys.argv[1])), timeout=10)
+    out = {"ping": norm(client.call("ping")),
+           "echo": norm(client.call("echo", {"name": "job-1", "args": [1, 2.5, None, True],
+                                             "meta": {"k": "v"}}))}
+    try:
+        client.call("nope")
+    except msgpackrpc.error.RPCError as exc:
+        out["missing"] = norm(exc.args[0])
+    client.close()
+    print(json.dumps(out))
+""")
+
+
+def test_legacy_msgpack_rpc_python_client():
+    python = legacy_python()  # built once, before the loop runs: it blocks
+
+    async def main():
+        async with serving() as server:
+            proc = await asyncio.create_subprocess_exec(
+                python, "-c", LEGACY_SCRIPT, str(server.address[1]),
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE)
+            out, err = await asyncio.wait_for(proc.communicate(), 30)
+            assert proc.returncode == 0, err.decode()
+            return json.loads(out.decode().strip().splitlines()[-1])
+
+    assert arun(main()) == {
+        "ping": "pong",
+        "echo": {"name": "job-1", "args": [1, 2.5, None, True], "meta": {"k": "v"}},
+        "missing": "'nope' method not found",
+    }
