@@ -1,0 +1,118 @@
+"""Every Redis key elric uses, built in one place.
+
+All keys live under one prefix (setting ``KEY_PREFIX``, default ``elric``) so that an
+operator can inspect the whole state with ``redis-cli --scan --pattern 'elric:*'``.
+
+Jobs and queues
+    ``{p}:job:{job_id}``            hash   one job: spec fields, status, result, timings.
+                                           Finished jobs expire after ``RESULT_TTL``.
+    ``{p}:queue:{queue}``           zset   jobs ready to run. score = -priority,
+                                           member = ``{seq:016x}:{job_id}`` so equal
+                                           priorities pop in submission order (FIFO).
+    ``{p}:queues``                  set    names of every queue ever used.
+    ``{p}:seq``                     string counter behind the FIFO sequence numbers.
+    ``{p}:wake:{queue}``            list   wake-up tokens; idle workers BLPOP on them.
+    ``{p}:inflight``                zset   job_id -> lease deadline (ms since epoch) of
+                                           jobs claimed by a worker.
+    ``{p}:delayed``                 zset   job_id -> time (ms) a retrying job is due again.
+    ``{p}:status:{status}``         zset   job_id -> time (ms) it entered that status;
+                                           the index behind ``list_jobs`` and ``stats``.
+    ``{p}:stats:counters``          hash   cumulative counters (``submitted``,
+                                           ``succeeded``, ``failed``, ...).
+    ``{p}:stats:batch:{batch}``     hash   the same counters for one batch label.
+    ``{p}:batches``                 set    every batch label used.
+
+Workers
+    ``{p}:workers``                 zset   worker_id -> last heartbeat (ms).
+    ``{p}:worker:{worker_id}``      hash   host, pid, queues, concurrency, counters.
+
+Periodic jobs (job store and scheduler)
+    ``{p}:schedule:{job_id}``       hash   a periodic job: spec, trigger (msgpack), state.
+    ``{p}:schedules``               zset   job_id -> next run time (ms); paused jobs are
+                                           kept out of it.
+    ``{p}:schedule:{job_id}:runs``  list   the last runs of a periodic job (capped).
+    ``{p}:fire:{fire_id}``          string set once (SET NX) per fire: a fire is
+                                           enqueued at most once.
+    ``{p}:scheduler:lease``         string the id of the master that schedules now.
+    ``{p}:scheduler:fence``         string counter; a fencing token per lease taken.
+    ``{p}:scheduler:wake``          list   tokens that wake the scheduling master early
+                                           (a sooner job arrived on any master).
+
+Dedupe filters
+    ``{p}:dedupe:set:{scope}``          set    exact filter of one scope.
+    ``{p}:dedupe:bloom:{scope}``        string snapshot of an in-master Bloom filter.
+    ``{p}:dedupe:rbloom:{scope}:{n}``   string shard ``n`` of a Bloom filter kept in Redis.
+    ``{p}:dedupe:stats:{scope}``        hash   items added, filtered, per scope.
+"""
+
+from __future__ import annotations
+
+
+class Keys:
+    """Builds key names under one prefix."""
+
+    def __init__(self, prefix: str = "elric") -> None:
+        if not prefix or any(c.isspace() for c in prefix):
+            raise ValueError(f"KEY_PREFIX must be a non-empty word, got {prefix!r}")
+        self.prefix = prefix
+        p = prefix
+        self.queues = f"{p}:queues"
+        self.seq = f"{p}:seq"
+        self.inflight = f"{p}:inflight"
+        self.delayed = f"{p}:delayed"
+        self.counters = f"{p}:stats:counters"
+        self.batches = f"{p}:batches"
+        self.workers = f"{p}:workers"
+        self.schedules = f"{p}:schedules"
+        self.scheduler_lease = f"{p}:scheduler:lease"
+        self.scheduler_fence = f"{p}:scheduler:fence"
+        self.scheduler_wake = f"{p}:scheduler:wake"
+
+    # jobs and queues
+    def job(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}"
+
+    def job_prefix(self) -> str:
+        return f"{self.prefix}:job:"
+
+    def queue(self, name: str) -> str:
+        return f"{self.prefix}:queue:{name}"
+
+    def wake(self, name: str) -> str:
+        return f"{self.prefix}:wake:{name}"
+
+    def status(self, status: str) -> str:
+        return f"{self.prefix}:status:{status}"
+
+    def status_prefix(self) -> str:
+        return f"{self.prefix}:status:"
+
+    def batch(self, batch: str) -> str:
+        return f"{self.prefix}:stats:batch:{batch}"
+
+    # workers
+    def worker(self, worker_id: str) -> str:
+        return f"{self.prefix}:worker:{worker_id}"
+
+    # periodic jobs
+    def schedule(self, job_id: str) -> str:
+        return f"{self.prefix}:schedule:{job_id}"
+
+    def schedule_runs(self, job_id: str) -> str:
+        return f"{self.prefix}:schedule:{job_id}:runs"
+
+    def fire(self, fire_id: str) -> str:
+        return f"{self.prefix}:fire:{fire_id}"
+
+    # dedupe
+    def dedupe_set(self, scope: str) -> str:
+        return f"{self.prefix}:dedupe:set:{scope}"
+
+    def dedupe_bloom(self, scope: str) -> str:
+        return f"{self.prefix}:dedupe:bloom:{scope}"
+
+    def dedupe_rbloom(self, scope: str, shard: int) -> str:
+        return f"{self.prefix}:dedupe:rbloom:{scope}:{shard}"
+
+    def dedupe_stats(self, scope: str) -> str:
+        return f"{self.prefix}:dedupe:stats:{scope}"
