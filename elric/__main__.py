@@ -1,0 +1,5 @@
+import sys
+
+from elric.cli import main
+
+sys.exit(main())

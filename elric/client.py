@@ -1,0 +1,81 @@
+"""A blocking client for the master's RPC API, and the default one ``Job.submit`` uses."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from elric.config import Settings, load_settings
+from elric.rpc import Client
+
+
+class MasterClient:
+    """The master's RPC methods as Python calls (see README, "RPC API")."""
+
+    def __init__(self, address: str = "127.0.0.1:7531", *, token: str | None = None,
+                 timeout: float = 30.0, max_message: int = 8 * 1024 * 1024) -> None:
+        from elric.config import parse_address
+
+        host, port = parse_address(address, "MASTER_ADDRESS")
+        self.address = address
+        self.rpc = Client(host, port, timeout=timeout, token=token, max_message=max_message)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "MasterClient":
+        return cls(settings.MASTER_ADDRESS, token=settings.RPC_TOKEN,
+                   max_message=settings.RPC_MAX_MESSAGE)
+
+    def call(self, method: str, *params: Any) -> Any:
+        return self.rpc.call(method, *params)
+
+    def ping(self) -> str:
+        return self.call("ping")
+
+    def submit_job(self, spec: dict) -> dict:
+        return self.call("submit_job", spec)
+
+    def submit_jobs(self, specs: list[dict]) -> list[dict]:
+        return self.call("submit_jobs", specs)
+
+    def get_job(self, job_id: str) -> dict | None:
+        return self.call("get_job", job_id)
+
+    def remove_job(self, job_id: str) -> bool:
+        return self.call("remove_job", job_id)
+
+    def rerun_job(self, job_id: str) -> dict:
+        return self.call("rerun_job", job_id)
+
+    def list_jobs(self, **filter: Any) -> list[dict]:
+        return self.call("list_jobs", filter)
+
+    def stats(self) -> dict:
+        return self.call("stats")
+
+    def close(self) -> None:
+        self.rpc.close()
+
+    def __enter__(self) -> "MasterClient":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+_default: MasterClient | None = None
+_lock = threading.Lock()
+
+
+def default_client() -> MasterClient:
+    """The client built from settings (settings.py, ELRIC_SETTINGS, ELRIC_<KEY>)."""
+    global _default
+    with _lock:
+        if _default is None:
+            _default = MasterClient.from_settings(load_settings())
+        return _default
+
+
+def set_default_client(client: MasterClient | None) -> None:
+    global _default
+    with _lock:
+        _default = client

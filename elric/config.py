@@ -1,0 +1,170 @@
+"""Settings: defaults, a settings module, ELRIC_<KEY> environment overrides, validation.
+
+The settings module is ``settings.py`` in the current directory, or the file named by
+``--settings PATH`` or ``ELRIC_SETTINGS``. Every upper-case name in it must be a known key;
+every key may be overridden by an environment variable ``ELRIC_<KEY>``.
+"""
+
+from __future__ import annotations
+
+import os
+import runpy
+from dataclasses import dataclass
+from typing import Any
+
+
+class SettingsError(Exception):
+    """A bad setting; the message is one line naming the key and what is wrong."""
+
+
+@dataclass(frozen=True)
+class Key:
+    default: Any
+    types: tuple[type, ...]
+    doc: str
+    nullable: bool = False
+
+
+KEYS: dict[str, Key] = {
+    "REDIS_URL": Key("redis://127.0.0.1:6379/0", (str,),
+                     "Redis for queues, results and the job store; rediss:// and passwords work"),
+    "KEY_PREFIX": Key("elric", (str,), "prefix of every Redis key"),
+    "MASTER_ADDRESS": Key("127.0.0.1:7531", (str,),
+                          "host:port the master listens on and clients and workers connect to"),
+    "RPC_TOKEN": Key(None, (str,), "shared secret a connection must present first", True),
+    "RPC_MAX_MESSAGE": Key(8 * 1024 * 1024, (int,), "largest RPC message in bytes"),
+    "CONCURRENCY": Key(None, (int,), "worker processes (default: CPU count)", True),
+    "QUEUES": Key(["default"], (list,), "queues a worker pulls from"),
+    "RESULT_TTL": Key(86400, (int,), "seconds results of succeeded jobs are kept"),
+    "FAILED_TTL": Key(7 * 86400, (int,), "seconds failed jobs stay in the failed registry"),
+    "MAX_RETRIES": Key(0, (int,), "default retries after a failed attempt"),
+    "RETRY_BACKOFF": Key(1.0, (int, float), "first retry delay in seconds; doubles each time"),
+    "RETRY_BACKOFF_MAX": Key(300.0, (int, float), "longest retry delay in seconds"),
+    "JOB_TIMEOUT": Key(None, (int, float), "default seconds an attempt may run", True),
+    "LEASE_SECONDS": Key(30.0, (int, float),
+                         "a dead worker's jobs are redelivered after this long"),
+    "SHUTDOWN_GRACE": Key(30.0, (int, float),
+                          "seconds running jobs get to finish after SIGTERM"),
+    "WORKER_CHUNK": Key(64, (int,), "most jobs handed to a pool process at once (fast jobs)"),
+    "JOB_MODULES": Key([], (list,), "import-path prefixes jobs may come from (empty: any)"),
+    "LOG_LEVEL": Key("INFO", (str,), "DEBUG, INFO, WARNING or ERROR"),
+}
+
+
+class Settings:
+    """Resolved settings; attribute access by key name."""
+
+    def __init__(self, values: dict[str, Any], source: str | None) -> None:
+        self._values = values
+        self.source = source
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._values[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self._values)
+
+    def replace(self, **changes: Any) -> "Settings":
+        values = dict(self._values)
+        for key, value in changes.items():
+            if key not in KEYS:
+                raise SettingsError(f"unknown setting {key}")
+            values[key] = _check(key, value, "argument")
+        return Settings(values, self.source)
+
+    @property
+    def master_host_port(self) -> tuple[str, int]:
+        return parse_address(self.MASTER_ADDRESS, "MASTER_ADDRESS")
+
+    @property
+    def concurrency(self) -> int:
+        return self.CONCURRENCY or os.cpu_count() or 1
+
+
+def parse_address(value: str, key: str = "address") -> tuple[str, int]:
+    host, sep, port = str(value).rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise SettingsError(f"{key}: {value!r} is not host:port (e.g. 127.0.0.1:7531)")
+    return host.strip("[]"), int(port)
+
+
+def _check(key: str, value: Any, where: str) -> Any:
+    spec = KEYS[key]
+    if value is None and spec.nullable:
+        return None
+    if isinstance(value, tuple) and list in spec.types:
+        value = list(value)
+    if isinstance(value, bool) and bool not in spec.types or not isinstance(value, spec.types):
+        names = " or ".join(t.__name__ for t in spec.types)
+        raise SettingsError(f"{key} (from {where}): expected {names}, got {value!r}")
+    if isinstance(value, list):
+        if not all(isinstance(v, str) and v for v in value):
+            raise SettingsError(f"{key} (from {where}): expected a list of names, got {value!r}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value < 0 or (value == 0 and key in ("CONCURRENCY", "WORKER_CHUNK", "LEASE_SECONDS",
+                                                 "RESULT_TTL", "RPC_MAX_MESSAGE")):
+            raise SettingsError(f"{key} (from {where}): must be positive, got {value!r}")
+    if key == "MASTER_ADDRESS":
+        parse_address(value, key)
+    if key == "LOG_LEVEL" and value.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise SettingsError(f"{key} (from {where}): expected DEBUG, INFO, WARNING or ERROR")
+    if key == "REDIS_URL" and not value.startswith(("redis://", "rediss://", "unix://")):
+        raise SettingsError(f"{key} (from {where}): {value!r} is not a redis://, rediss:// "
+                            "or unix:// URL")
+    return value
+
+
+def _from_env(key: str, raw: str) -> Any:
+    spec = KEYS[key]
+    name = f"ELRIC_{key}"
+    if spec.nullable and raw.strip().lower() in ("", "none", "null"):
+        return None
+    if list in spec.types:
+        return [part.strip() for part in raw.split(",") if part.strip()]
+    if int in spec.types and float not in spec.types:
+        try:
+            return int(raw)
+        except ValueError:
+            raise SettingsError(f"{key} (from {name}): expected an integer, got {raw!r}") from None
+    if float in spec.types:
+        try:
+            return float(raw)
+        except ValueError:
+            raise SettingsError(f"{key} (from {name}): expected a number, got {raw!r}") from None
+    return raw
+
+
+def load_settings(path: str | None = None, env: dict | None = None,
+                  overrides: dict | None = None) -> Settings:
+    """Defaults ← settings module ← ELRIC_<KEY> variables ← ``overrides`` (command line)."""
+    env = os.environ if env is None else env
+    values = {key: spec.default for key, spec in KEYS.items()}
+    source = path or env.get("ELRIC_SETTINGS")
+    if source is None and os.path.exists("settings.py"):
+        source = "settings.py"
+    if source is not None:
+        if not os.path.isfile(source):
+            raise SettingsError(f"settings file {source!r} does not exist")
+        try:
+            namespace = runpy.run_path(source)
+        except Exception as exc:
+            raise SettingsError(f"settings file {source!r} failed to load: "
+                                f"{type(exc).__name__}: {exc}") from None
+        for name, value in namespace.items():
+            if not name.isupper() or name.startswith("_"):
+                continue
+            if name not in KEYS:
+                raise SettingsError(f"{source}: unknown setting {name} "
+                                    f"(known: {', '.join(KEYS)})")
+            values[name] = _check(name, value, source)
+    for key in KEYS:
+        raw = env.get(f"ELRIC_{key}")
+        if raw is not None:
+            values[key] = _check(key, _from_env(key, raw), f"ELRIC_{key}")
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            values[key] = _check(key, value, "command line")
+    return Settings(values, source)

@@ -1,0 +1,231 @@
+"""The wire contract: RPC method names, job spec keys, statuses, and spec validation.
+
+This module is the single definition of what a client may send to a master and what it
+gets back; README.md documents it and tests/test_contract.py pins it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+import uuid
+from typing import Any
+
+# --- statuses -------------------------------------------------------------------------
+QUEUED = "queued"          # waiting in a queue
+RUNNING = "running"        # claimed by a worker
+SUCCEEDED = "succeeded"    # ran and returned
+FAILED = "failed"          # ran out of attempts; in the failed registry
+RETRYING = "retrying"      # failed an attempt; due again after a backoff
+SCHEDULED = "scheduled"    # a periodic job in the job store
+FILTERED = "filtered"      # dropped by the dedupe filter, never queued
+CANCELLED = "cancelled"    # removed before it ran
+
+STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, RETRYING, SCHEDULED, FILTERED, CANCELLED)
+LIVE_STATUSES = (QUEUED, RUNNING, RETRYING)
+FINAL_STATUSES = (SUCCEEDED, FAILED, CANCELLED)
+
+# --- RPC methods ----------------------------------------------------------------------
+METHODS = (
+    "ping", "auth", "submit_job", "submit_jobs", "get_job", "remove_job", "list_jobs",
+    "stats", "rerun_job", "pause_job", "resume_job", "modify_job",
+)
+
+# --- job spec -------------------------------------------------------------------------
+# key -> (accepted python types, description). Keys the master fills in itself (parent,
+# schedule, fire_time) are accepted too so that workers can forward child jobs.
+SPEC_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
+    "func": ((str,), '"package.module:ClassName" of a Job subclass (required)'),
+    "args": ((list, tuple), "positional arguments (array)"),
+    "kwargs": ((dict,), "keyword arguments (map of string to value)"),
+    "job_id": ((str,), "caller-chosen id; generated when absent"),
+    "queue": ((str,), 'queue name (default "default")'),
+    "priority": ((int,), "higher runs first; FIFO within a priority"),
+    "max_retries": ((int,), "retries after the first attempt"),
+    "timeout": ((int, float), "seconds an attempt may run"),
+    "batch": ((str,), "a label for statistics"),
+    "parent": ((str,), "id of the job that submitted this one"),
+    "trigger": ((dict,), "periodic schedule (cron / interval / date)"),
+    "replace_existing": ((bool,), "replace a periodic job with the same job_id"),
+    "misfire_grace_time": ((int, float, type(None)), "seconds a late fire may still run"),
+    "coalesce": ((str,), 'missed fires: "latest", "all" or "skip"'),
+    "max_instances": ((int,), "fires of one periodic job live at once"),
+    "dedupe_key": ((str,), "drop the job when this key was seen in its scope"),
+    "dedupe_scope": ((str,), "namespace of dedupe_key"),
+}
+
+QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,100}$")
+JOB_ID = re.compile(r"^[^\s]{1,200}$")
+FUNC_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+MAX_PRIORITY = 2**31
+
+
+class SpecError(ValueError):
+    """A job spec a master refuses; the message names the key and what is wrong."""
+
+
+def func_path(cls: type) -> str:
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def _import_attr(path: str) -> Any:
+    module_name, _, attr = path.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise SpecError(f"func {path!r}: cannot import module {module_name!r} ({exc})") from None
+    except Exception as exc:  # a module that raises on import
+        raise SpecError(
+            f"func {path!r}: importing {module_name!r} raised {type(exc).__name__}: {exc}"
+        ) from None
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise SpecError(f"func {path!r}: module {module_name!r} has no {attr!r}") from None
+    return obj
+
+
+def check_module_allowed(path: str, allowed: tuple[str, ...] | list[str] | None) -> None:
+    """Refuse a func outside the JOB_MODULES prefixes (None or empty: any module)."""
+    if not allowed:
+        return
+    module_name = path.partition(":")[0]
+    for prefix in allowed:
+        prefix = prefix.rstrip(".")
+        if module_name == prefix or module_name.startswith(prefix + "."):
+            return
+    raise SpecError(
+        f"func {path!r}: module {module_name!r} is not allowed by JOB_MODULES "
+        f"({', '.join(allowed)})"
+    )
+
+
+_class_cache: dict[str, type] = {}
+
+
+def resolve_job_class(path: str, allowed: tuple[str, ...] | list[str] | None = None) -> type:
+    """Import ``path`` and return it if it is a Job subclass, else raise SpecError."""
+    from elric.job import Job  # a cycle: job.py submits through this contract
+
+    if not isinstance(path, str) or not FUNC_PATH.match(path):
+        raise SpecError(
+            f'func {path!r}: expected "package.module:ClassName" naming a Job subclass'
+        )
+    check_module_allowed(path, allowed)
+    cached = _class_cache.get(path)
+    if cached is not None:
+        return cached
+    if path.startswith("__main__:"):
+        raise SpecError(
+            f"func {path!r}: a Job class defined in __main__ cannot be imported by a worker; "
+            "move it into a module and import it from there"
+        )
+    obj = _import_attr(path)
+    if not (isinstance(obj, type) and issubclass(obj, Job) and obj is not Job):
+        raise SpecError(f"func {path!r}: {obj!r} is not a subclass of elric.Job")
+    _class_cache[path] = obj
+    return obj
+
+
+def _check_msgpack_value(value: Any, where: str, depth: int = 0) -> None:
+    if depth > 64:
+        raise SpecError(f"{where}: nested deeper than 64 levels")
+    if value is None or isinstance(value, (bool, int, float, str, bytes)):
+        if isinstance(value, int) and not isinstance(value, bool) and not (
+            -(2**63) <= value < 2**64
+        ):
+            raise SpecError(f"{where}: integer {value} does not fit in 64 bits")
+        return
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_msgpack_value(item, f"{where}[{i}]", depth + 1)
+        return
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, (str, int, bytes)):
+                raise SpecError(f"{where}: map key {k!r} is not a string or integer")
+            _check_msgpack_value(v, f"{where}[{k!r}]", depth + 1)
+        return
+    raise SpecError(f"{where}: {type(value).__name__} is not a msgpack value")
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
+def normalize_spec(
+    spec: Any,
+    *,
+    defaults: dict | None = None,
+    allowed_modules: tuple[str, ...] | list[str] | None = None,
+    check_class: bool = True,
+) -> dict:
+    """Validate a submitted spec and fill in defaults (class attributes, then settings).
+
+    Returns a new dict with every job key present. Raises SpecError naming the bad key.
+    """
+    if not isinstance(spec, dict):
+        raise SpecError(f"job spec must be a map, got {type(spec).__name__}")
+    unknown = sorted(str(k) for k in spec if k not in SPEC_KEYS)
+    if unknown:
+        raise SpecError(
+            f"unknown job spec key(s) {', '.join(map(repr, unknown))}; "
+            f"known keys: {', '.join(SPEC_KEYS)}"
+        )
+    if "func" not in spec:
+        raise SpecError("job spec is missing 'func' (\"package.module:ClassName\")")
+    for key, value in spec.items():
+        types, _ = SPEC_KEYS[key]
+        bad_bool = isinstance(value, bool) and bool not in types
+        if not isinstance(value, types) or bad_bool:
+            names = " or ".join("nil" if t is type(None) else t.__name__ for t in types)
+            raise SpecError(f"job spec key {key!r} must be {names}, got {type(value).__name__}")
+    defaults = defaults or {}
+    cls = resolve_job_class(spec["func"], allowed_modules) if check_class else None
+
+    def pick(key: str, fallback: Any) -> Any:
+        if key in spec:
+            return spec[key]
+        if cls is not None and getattr(cls, key, None) is not None:
+            return getattr(cls, key)
+        return defaults.get(key, fallback)
+
+    out: dict[str, Any] = {
+        "func": spec["func"],
+        "args": list(spec.get("args", ())),
+        "kwargs": dict(spec.get("kwargs", {})),
+        "job_id": spec.get("job_id") or new_job_id(),
+        "queue": pick("queue", "default"),
+        "priority": int(pick("priority", 0)),
+        "max_retries": int(pick("max_retries", 0)),
+        "timeout": pick("timeout", None),
+        "batch": spec.get("batch", ""),
+        "parent": spec.get("parent", ""),
+    }
+    for key in ("trigger", "replace_existing", "misfire_grace_time", "coalesce",
+                "max_instances", "dedupe_key", "dedupe_scope"):
+        if key in spec:
+            out[key] = spec[key]
+    if cls is not None and "dedupe_key" not in out:
+        derived = cls.dedupe_key_for(*out["args"], **out["kwargs"])
+        if derived is not None:
+            out["dedupe_key"] = str(derived)
+    for k in out["kwargs"]:
+        if not isinstance(k, str):
+            raise SpecError(f"kwargs key {k!r} must be a string")
+    _check_msgpack_value(out["args"], "args")
+    _check_msgpack_value(out["kwargs"], "kwargs")
+    if not JOB_ID.match(out["job_id"]):
+        raise SpecError(f"job_id {out['job_id']!r}: 1-200 characters without spaces")
+    if not QUEUE_NAME.match(str(out["queue"])):
+        raise SpecError(f"queue {out['queue']!r}: 1-100 letters, digits, '_', '-' or '.'")
+    if not -MAX_PRIORITY < out["priority"] < MAX_PRIORITY:
+        raise SpecError(f"priority {out['priority']}: must be within ±2**31")
+    if out["max_retries"] < 0:
+        raise SpecError(f"max_retries {out['max_retries']}: must be 0 or more")
+    if out["timeout"] is not None:
+        if isinstance(out["timeout"], bool) or out["timeout"] <= 0:
+            raise SpecError(f"timeout {out['timeout']!r}: must be a positive number of seconds")
+        out["timeout"] = float(out["timeout"])
+    return out

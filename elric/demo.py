@@ -1,0 +1,84 @@
+"""`elric demo`: crawl a small site on 127.0.0.1 with a real master and worker.
+
+Starts what it needs (a redis-server unless ELRIC_REDIS_URL is set, a master, a worker, the
+demo site), submits the first page, waits until every job is done, prints what was crawled
+and stops everything it started.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+
+from elric.config import load_settings
+from elric.redis_server import RedisServer, free_port
+
+
+def run_demo(settings_path: str | None = None, pages: int = 25, timeout: float = 120.0) -> int:
+    from elric.client import MasterClient
+    from elric.launch import elric_env, start_master, start_worker
+    from examples.crawler import Crawl
+    from examples.site import DemoSite
+
+    settings = load_settings(settings_path)
+    logdir = tempfile.mkdtemp(prefix="elric-demo-")
+    redis_server = None
+    started = []
+    if os.environ.get("ELRIC_REDIS_URL"):
+        redis_url = settings.REDIS_URL
+        print(f"using Redis at {redis_url} (ELRIC_REDIS_URL)")
+    else:
+        redis_server = RedisServer().start()
+        redis_url = redis_server.url
+        print(f"started redis-server (pid {redis_server.proc.pid}) on {redis_url}")
+    address = f"127.0.0.1:{free_port()}"
+    env = elric_env(redis_url, address, KEY_PREFIX=f"elric-demo-{os.getpid()}",
+                    LOG_LEVEL="WARNING")
+    site = DemoSite(pages).start()
+    try:
+        master = start_master(env, os.path.join(logdir, "master.log"))
+        started.append(master)
+        print(f"started master (pid {master.pid}) on {address}")
+        worker = start_worker(env, os.path.join(logdir, "worker.log"),
+                              extra=["--queues", "crawl", "--concurrency", "2"])
+        started.append(worker)
+        print(f"started worker (pid {worker.pid}) with 2 processes")
+        client = MasterClient(address)
+        t0 = time.monotonic()
+        client.submit_job(Crawl.spec([site.url, "demo"], job_id="demo-start", batch="demo",
+                                     queue="crawl"))
+        print(f"crawling {site.url} ...")
+        while True:
+            stats = client.stats()
+            live = sum(stats["by_status"].get(s, 0) for s in ("queued", "running", "retrying"))
+            done = stats["batches"].get("demo", {})
+            if live == 0 and done.get("submitted", 0) and \
+                    done.get("succeeded", 0) + done.get("failed", 0) >= done["submitted"]:
+                break
+            if time.monotonic() - t0 > timeout:
+                print(f"demo: timed out; logs in {logdir}", file=sys.stderr)
+                return 1
+            if not worker.alive() or not master.alive():
+                print(f"demo: a process exited early; logs in {logdir}", file=sys.stderr)
+                return 1
+            time.sleep(0.1)
+        elapsed = time.monotonic() - t0
+        jobs = client.list_jobs(batch="demo", status="succeeded", limit=1000)
+        for job in sorted(jobs, key=lambda j: j["result"]["url"]):
+            r = job["result"]
+            print(f"  {r['url']:<40} {r['links']:>2} links  {r['bytes']:>4} bytes")
+        failed = done.get("failed", 0)
+        print(f"crawled {len(jobs)} pages ({len(site.paths())} on the site, each fetched "
+              f"{max(site.hits.values())} time(s) at most) in {elapsed:.2f}s; {failed} failed")
+        client.close()
+        ok = len(jobs) == len(site.paths()) and failed == 0
+        return 0 if ok else 1
+    finally:
+        for proc in reversed(started):
+            proc.stop()
+        site.stop()
+        if redis_server is not None:
+            redis_server.cleanup()
+        print("stopped everything the demo started")

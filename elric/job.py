@@ -1,0 +1,92 @@
+"""The Job base class users subclass, and how a job is submitted.
+
+``Fetch.submit(url)`` from a script sends the job to the master over RPC and returns its
+id. Inside a running job the same call is collected by the worker (as a child job, marked
+with the parent's id) and sent to the master in a batch when the parent finishes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from elric.contract import SpecError, func_path
+
+
+class _RunContext:
+    """What the worker's child process knows about the job it runs now."""
+
+    def __init__(self, job_id: str, spec: dict) -> None:
+        self.job_id = job_id
+        self.spec = spec
+        self.children: list[dict] = []
+
+
+_current: _RunContext | None = None
+
+
+def _child_job_id(parent_id: str, n: int) -> str:
+    # Deterministic, so a parent that runs again after a crash resubmits the same ids and
+    # the master's idempotent submit does not double its children.
+    digest = hashlib.blake2b(f"{parent_id}/{n}".encode(), digest_size=12).hexdigest()
+    return f"c{digest}"
+
+
+class Job:
+    """Subclass this and implement ``run``. Class attributes are per-class defaults."""
+
+    queue: str | None = None
+    priority: int | None = None
+    max_retries: int | None = None
+    timeout: float | None = None
+
+    #: set by the worker before ``run`` is called
+    job_id: str = ""
+    attempt: int = 0
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError(f"{type(self).__name__}.run is not implemented")
+
+    @classmethod
+    def dedupe_key_for(cls, *args: Any, **kwargs: Any) -> str | None:
+        """Hook: the dedupe key of a submission with these arguments (None: no dedupe)."""
+        return None
+
+    @classmethod
+    def spec(cls, args: Any = (), kwargs: dict | None = None, **options: Any) -> dict:
+        """The job spec map ``submit_with`` sends (useful for ``submit_jobs`` batches)."""
+        path = func_path(cls)
+        if path.startswith("__main__:"):
+            raise SpecError(
+                f"{cls.__qualname__} is defined in __main__, so a worker cannot import it; "
+                "move the class into a module and import it from your script"
+            )
+        if "<locals>" in path:
+            raise SpecError(f"{path}: a Job class must be defined at module level")
+        if "func" in options:
+            raise SpecError("submit_with() takes no 'func': it is the class itself")
+        spec: dict[str, Any] = {"func": path, "args": list(args), "kwargs": dict(kwargs or {})}
+        spec.update(options)
+        return spec
+
+    @classmethod
+    def submit(cls, *args: Any, **kwargs: Any) -> str:
+        """Submit this job with these arguments; returns the job id."""
+        return cls.submit_with(args=args, kwargs=kwargs)
+
+    @classmethod
+    def submit_with(cls, args: Any = (), kwargs: dict | None = None, **options: Any) -> str:
+        """Submit with spec options (job_id, queue, priority, max_retries, timeout, ...)."""
+        spec = cls.spec(args, kwargs, **options)
+        ctx = _current
+        if ctx is not None:
+            spec.setdefault("parent", ctx.job_id)
+            spec.setdefault("job_id", _child_job_id(ctx.job_id, len(ctx.children)))
+            if ctx.spec.get("dedupe_scope") and "dedupe_scope" not in options:
+                spec["dedupe_scope"] = ctx.spec["dedupe_scope"]
+            ctx.children.append(spec)
+            return spec["job_id"]
+        from elric.client import default_client
+
+        reply = default_client().submit_job(spec)
+        return reply["job_id"]

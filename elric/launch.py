@@ -1,0 +1,104 @@
+"""Start masters and workers as child processes, wait until they serve, stop them by PID.
+
+Used by the demo, the benchmarks and the tests, which all need real processes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from elric.rpc import Client, RPCError
+
+
+def elric_env(redis_url: str, master_address: str, **settings) -> dict:
+    """Environment for a child process: settings as ELRIC_<KEY> variables."""
+    env = dict(os.environ)
+    env["ELRIC_REDIS_URL"] = redis_url
+    env["ELRIC_MASTER_ADDRESS"] = master_address
+    for key, value in settings.items():
+        if isinstance(value, (list, tuple)):
+            value = ",".join(value)
+        env[f"ELRIC_{key}"] = "" if value is None else str(value)
+    return env
+
+
+class Proc:
+    """A master or worker process we started."""
+
+    def __init__(self, args: list[str], env: dict, log_path: str | None = None,
+                 cwd: str | None = None) -> None:
+        self.args = args
+        self.log_path = log_path
+        out = open(log_path, "ab") if log_path else subprocess.DEVNULL
+        self.popen = subprocess.Popen([sys.executable, "-m", "elric", *args], env=env, cwd=cwd,
+                                      stdout=out, stderr=subprocess.STDOUT,
+                                      stdin=subprocess.DEVNULL)
+        if log_path:
+            out.close()
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            os.kill(self.popen.pid, sig)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM, wait; SIGKILL if it does not exit in time. Returns the exit status."""
+        self.signal(signal.SIGTERM)
+        try:
+            return self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            return self.popen.wait()
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+        self.popen.wait()
+
+    def wait(self, timeout: float | None = None) -> int:
+        return self.popen.wait(timeout=timeout)
+
+    def log(self) -> str:
+        if not self.log_path or not os.path.exists(self.log_path):
+            return ""
+        with open(self.log_path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+
+def wait_for_master(address: str, proc: Proc | None = None, timeout: float = 20.0,
+                    token: str | None = None) -> None:
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc is not None and not proc.alive():
+            raise RuntimeError(f"master exited with {proc.popen.returncode}:\n{proc.log()}")
+        try:
+            with Client(host, int(port), timeout=2, token=token) as client:
+                if client.call("ping") == "pong":
+                    return
+        except RPCError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"master at {address} did not answer within {timeout}s")
+        time.sleep(0.05)
+
+
+def start_master(env: dict, log_path: str | None = None, cwd: str | None = None,
+                 extra: list[str] | None = None) -> Proc:
+    proc = Proc(["master", *(extra or [])], env, log_path, cwd)
+    wait_for_master(env["ELRIC_MASTER_ADDRESS"], proc, token=env.get("ELRIC_RPC_TOKEN") or None)
+    return proc
+
+
+def start_worker(env: dict, log_path: str | None = None, cwd: str | None = None,
+                 extra: list[str] | None = None) -> Proc:
+    return Proc(["worker", *(extra or [])], env, log_path, cwd)

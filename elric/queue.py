@@ -1,0 +1,307 @@
+"""The Redis queue: enqueue, fetch with a lease, finish, release, recover; job records.
+
+Masters and workers share this one class. Each state change is one Lua script from
+scripts.py; reads (get_job, list_jobs, stats) are pipelined. Values are msgpack; nothing
+is pickled.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Iterable
+
+import msgpack
+from redis.exceptions import ResponseError
+
+from elric import scripts
+from elric.contract import STATUSES
+from elric.keys import Keys
+
+
+class Fenced(Exception):
+    """An enqueue guarded by a scheduler lease token that is no longer current."""
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def pack(value: Any) -> bytes:
+    return msgpack.packb(value, use_bin_type=True)
+
+
+def unpack(data: bytes | None) -> Any:
+    if data is None or data == b"":
+        return None
+    return msgpack.unpackb(data, raw=False)
+
+
+def _s(value: bytes | None) -> str | None:
+    return None if value is None else value.decode("utf-8", "replace")
+
+
+def _ms_to_s(value: bytes | None) -> float | None:
+    return None if value in (None, b"") else int(value) / 1000.0
+
+
+# job hash fields written at enqueue besides the ones the script sets itself
+_SPEC_FIELDS = ("func", "args", "kwargs", "max_retries", "timeout", "parent", "schedule",
+                "fire_time", "dedupe_key", "dedupe_scope")
+
+
+class RedisQueue:
+    def __init__(self, redis, keys: Keys, *, result_ttl: int = 86400,
+                 failed_ttl: int = 7 * 86400) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.result_ttl = result_ttl
+        self.failed_ttl = failed_ttl
+        self._enqueue = redis.register_script(scripts.ENQUEUE)
+        self._fetch = redis.register_script(scripts.FETCH)
+        self._finish = redis.register_script(scripts.FINISH)
+        self._release = redis.register_script(scripts.RELEASE)
+        self._recover = redis.register_script(scripts.RECOVER)
+        self._promote = redis.register_script(scripts.PROMOTE)
+        self._heartbeat = redis.register_script(scripts.HEARTBEAT)
+        self._remove = redis.register_script(scripts.REMOVE)
+        self._rerun = redis.register_script(scripts.RERUN)
+
+    # --- writes ----------------------------------------------------------------------
+    async def enqueue(self, specs: list[dict], *, fence: tuple[str, int] | None = None
+                      ) -> list[dict]:
+        """Queue normalized specs; an existing job_id is left as it is (idempotent).
+
+        Returns ``{"job_id", "status"}`` per spec: ``queued`` for a new job, else the
+        status the existing job has.
+        """
+        if not specs:
+            return []
+        argv: list[Any] = [self.keys.prefix, now_ms(),
+                           fence[0] if fence else "", fence[1] if fence else ""]
+        for spec in specs:
+            fields: list[Any] = []
+            for name in _SPEC_FIELDS:
+                value = spec.get(name)
+                if name in ("args", "kwargs"):
+                    value = pack(value if value is not None else ([] if name == "args" else {}))
+                elif value is None:
+                    continue
+                fields += [name, value]
+            argv += [spec["job_id"], spec["queue"], spec["priority"], spec.get("batch") or "",
+                     len(fields) // 2, *fields]
+        try:
+            statuses = await self._enqueue(args=argv)
+        except ResponseError as exc:
+            if str(exc).startswith("FENCED"):
+                raise Fenced(str(exc)) from None
+            raise
+        return [{"job_id": spec["job_id"], "status": _s(status)}
+                for spec, status in zip(specs, statuses)]
+
+    async def fetch(self, worker_id: str, queues: Iterable[str], limit: int,
+                    lease_seconds: float) -> list[dict]:
+        now = now_ms()
+        rows = await self._fetch(args=[self.keys.prefix, now, now + int(lease_seconds * 1000),
+                                       worker_id, limit, *queues])
+        return [{
+            "job_id": _s(r[0]), "attempt": int(r[1]), "func": _s(r[2]), "args": r[3],
+            "kwargs": r[4], "timeout": float(r[5]) if r[5] else None,
+            "max_retries": int(r[6]), "queue": _s(r[7]), "dedupe_scope": _s(r[8]) or None,
+        } for r in rows]
+
+    async def finish(self, worker_id: str, outcomes: list[dict]) -> list[str]:
+        """Record outcomes: ``{job_id, attempt, ok, payload, duration_ms, retry_ms}``."""
+        argv: list[Any] = [self.keys.prefix, now_ms(), worker_id, self.result_ttl,
+                           self.failed_ttl]
+        for o in outcomes:
+            argv += [o["job_id"], o["attempt"], "ok" if o["ok"] else "err", o["payload"],
+                     int(o["duration_ms"]), int(o.get("retry_ms", -1))]
+        return [_s(s) for s in await self._finish(args=argv)]
+
+    async def release(self, worker_id: str, claims: list[tuple[str, int]]) -> int:
+        if not claims:
+            return 0
+        argv: list[Any] = [self.keys.prefix, now_ms(), worker_id]
+        for job_id, attempt in claims:
+            argv += [job_id, attempt]
+        return int(await self._release(args=argv))
+
+    async def heartbeat(self, worker_id: str, job_ids: list[str], lease_seconds: float) -> int:
+        if not job_ids:
+            return 0
+        now = now_ms()
+        return int(await self._heartbeat(
+            args=[self.keys.prefix, now, now + int(lease_seconds * 1000), worker_id, *job_ids]))
+
+    async def recover(self, limit: int = 1000) -> list[str]:
+        return [_s(i) for i in await self._recover(args=[self.keys.prefix, now_ms(), limit])]
+
+    async def promote(self, limit: int = 1000) -> int:
+        return int(await self._promote(args=[self.keys.prefix, now_ms(), limit]))
+
+    async def next_delayed(self) -> float | None:
+        """Seconds until the next retry is due, or None if none waits."""
+        first = await self.redis.zrange(self.keys.delayed, 0, 0, withscores=True)
+        if not first:
+            return None
+        return max(0.0, first[0][1] / 1000.0 - time.time())
+
+    async def remove(self, job_id: str) -> bool:
+        return bool(await self._remove(args=[self.keys.prefix, job_id]))
+
+    async def rerun(self, job_id: str) -> str:
+        """Queue a finished job again; raises LookupError / ValueError with the reason."""
+        try:
+            return _s(await self._rerun(args=[self.keys.prefix, now_ms(), job_id]))
+        except ResponseError as exc:
+            msg = str(exc)
+            if msg.startswith("NOJOB"):
+                raise LookupError(f"no job {job_id!r}") from None
+            if msg.startswith("LIVE"):
+                raise ValueError(f"job {job_id!r} is {msg.split()[-1]}; only a finished job "
+                                 "can be rerun") from None
+            raise
+
+    # --- reads -----------------------------------------------------------------------
+    @staticmethod
+    def job_view(job_id: str, h: dict[bytes, bytes]) -> dict:
+        """The ``get_job`` map of one job hash."""
+        def g(name: str) -> bytes | None:
+            return h.get(name.encode())
+
+        result = g("result")
+        timeout = g("timeout")
+        view = {
+            "job_id": job_id,
+            "func": _s(g("func")),
+            "args": unpack(g("args")) or [],
+            "kwargs": unpack(g("kwargs")) or {},
+            "queue": _s(g("queue")),
+            "priority": int(g("priority") or 0),
+            "status": _s(g("status")),
+            "result": unpack(result) if result else None,
+            "error": _s(g("error")),
+            "attempts": int(g("attempts") or 0),
+            "max_retries": int(g("max_retries") or 0),
+            "timeout": float(timeout) if timeout else None,
+            "worker": _s(g("worker")) or None,
+            "batch": _s(g("batch")) or None,
+            "parent": _s(g("parent")) or None,
+            "enqueued_at": _ms_to_s(g("enqueued_at")),
+            "started_at": _ms_to_s(g("started_at")),
+            "finished_at": _ms_to_s(g("finished_at")),
+            "retry_at": _ms_to_s(g("retry_at")),
+        }
+        duration = g("duration_ms")
+        view["duration"] = int(duration) / 1000.0 if duration else None
+        for name in ("schedule", "dedupe_key", "dedupe_scope"):
+            if g(name):
+                view[name] = _s(g(name))
+        if g("fire_time"):
+            view["fire_time"] = float(g("fire_time"))
+        return view
+
+    async def get_job(self, job_id: str) -> dict | None:
+        h = await self.redis.hgetall(self.keys.job(job_id))
+        return self.job_view(job_id, h) if h else None
+
+    async def get_statuses(self, job_ids: list[str]) -> list[str | None]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hget(self.keys.job(job_id), "status")
+            return [_s(s) for s in await pipe.execute()]
+
+    async def list_jobs(self, *, status: str | None = None, queue: str | None = None,
+                        func: str | None = None, batch: str | None = None, offset: int = 0,
+                        limit: int = 100, scan_limit: int = 100_000) -> list[dict]:
+        """Newest first within each status; filters on queue, func and batch."""
+        statuses = [status] if status else [s for s in STATUSES if s not in ("scheduled",
+                                                                              "filtered")]
+        out: list[dict] = []
+        skipped = scanned = 0
+        page = 500
+        for st in statuses:
+            index = self.keys.status(st)
+            start = 0
+            while len(out) < limit and scanned < scan_limit:
+                ids = await self.redis.zrevrange(index, start, start + page - 1)
+                if not ids:
+                    break
+                start += page
+                scanned += len(ids)
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for raw in ids:
+                        pipe.hgetall(self.keys.job(_s(raw)))
+                    hashes = await pipe.execute()
+                gone = []
+                for raw, h in zip(ids, hashes):
+                    job_id = _s(raw)
+                    if not h:
+                        gone.append(raw)
+                        continue
+                    if h.get(b"status") != st.encode():
+                        continue  # index entry lagging a transition; shown under its own
+                    view = self.job_view(job_id, h)
+                    if queue and view["queue"] != queue or func and view["func"] != func \
+                            or batch and view["batch"] != batch:
+                        continue
+                    if skipped < offset:
+                        skipped += 1
+                        continue
+                    out.append(view)
+                    if len(out) >= limit:
+                        break
+                if gone:  # expired results: their index entries go too
+                    await self.redis.zrem(index, *gone)
+            if len(out) >= limit:
+                break
+        return out
+
+    async def stats(self) -> dict:
+        k = self.keys
+        queues = sorted(_s(q) for q in await self.redis.smembers(k.queues))
+        batches = sorted(_s(b) for b in await self.redis.smembers(k.batches))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for st in STATUSES:
+                pipe.zcard(k.status(st))
+            for q in queues:
+                pipe.zcard(k.queue(q))
+            pipe.hgetall(k.counters)
+            for b in batches:
+                pipe.hgetall(k.batch(b))
+            pipe.zrange(k.workers, 0, -1, withscores=True)
+            res = await pipe.execute()
+        by_status = dict(zip(STATUSES, res[:len(STATUSES)]))
+        res = res[len(STATUSES):]
+        waiting = dict(zip(queues, res[:len(queues)]))
+        res = res[len(queues):]
+        counters = {_s(a): int(b) for a, b in res[0].items()}
+        batch_rows = res[1:1 + len(batches)]
+        workers_seen = res[1 + len(batches)]
+        by_queue = {}
+        for q in queues:
+            row = {"queued": waiting[q]}
+            for st in ("submitted", "succeeded", "failed", "retrying"):
+                row[st] = counters.get(f"queue:{q}:{st}", 0)
+            by_queue[q] = row
+        workers = []
+        now = time.time()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for wid, _ in workers_seen:
+                pipe.hgetall(k.worker(_s(wid)))
+            infos = await pipe.execute()
+        for (wid, seen), info in zip(workers_seen, infos):
+            row = {_s(a): _s(b) for a, b in info.items()}
+            row["worker_id"] = _s(wid)
+            row["last_seen"] = seen / 1000.0
+            row["alive"] = bool(info) and now - seen / 1000.0 < 60
+            workers.append(row)
+        return {
+            "by_status": by_status,
+            "by_queue": by_queue,
+            "batches": {b: {_s(x): int(y) for x, y in row.items()}
+                        for b, row in zip(batches, batch_rows)},
+            "totals": {name: counters.get(name, 0) for name in
+                       ("submitted", "succeeded", "failed", "retrying", "redelivered")},
+            "workers": workers,
+        }

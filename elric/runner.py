@@ -1,0 +1,98 @@
+"""What runs inside a worker's pool process: import, check and run a chunk of jobs.
+
+Jobs arrive and leave as msgpack bytes. The Job class is resolved again here, against
+JOB_MODULES, because Redis may have been written by someone other than a master.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+import traceback
+from typing import Any
+
+import msgpack
+
+from elric import job as job_module
+from elric.contract import SpecError, resolve_job_class
+
+
+class JobTimeout(Exception):
+    """Raised inside a job that ran past its timeout."""
+
+
+_allowed_modules: tuple[str, ...] = ()
+
+
+def init_process(allowed_modules: tuple[str, ...]) -> None:
+    """Pool initializer: the worker process decides about shutdown, not its children."""
+    global _allowed_modules
+    _allowed_modules = tuple(allowed_modules)
+    # Ctrl-C reaches the whole process group; running jobs must be allowed to finish.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _on_alarm(signum, frame):
+    raise JobTimeout("job ran past its timeout")
+
+
+def _run_one(item: dict) -> dict:
+    job_id = item["job_id"]
+    started = time.time()
+    ctx = job_module._RunContext(job_id, item)
+    out: dict[str, Any] = {"job_id": job_id, "attempt": item["attempt"], "started_at": started}
+    timeout = item.get("timeout")
+    try:
+        cls = resolve_job_class(item["func"], _allowed_modules)
+        args = msgpack.unpackb(item["args"], raw=False) if item["args"] else []
+        kwargs = msgpack.unpackb(item["kwargs"], raw=False) if item["kwargs"] else {}
+        instance = cls()
+        instance.job_id = job_id
+        instance.attempt = item["attempt"]
+        job_module._current = ctx
+        if timeout:
+            signal.signal(signal.SIGALRM, _on_alarm)
+            signal.setitimer(signal.ITIMER_REAL, timeout)
+        try:
+            result = instance.run(*args, **kwargs)
+        finally:
+            if timeout:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+            job_module._current = None
+        try:
+            payload = msgpack.packb(result, use_bin_type=True)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise TypeError(f"the job returned {type(result).__name__}, which is not a msgpack "
+                            f"value ({exc}); return plain data (dict, list, str, numbers)") from None
+        out.update(ok=True, payload=payload, children=ctx.children)
+    except SpecError as exc:
+        out.update(ok=False, payload=f"refused: {exc}", children=[], final=True)
+    except JobTimeout:
+        out.update(ok=False, payload=f"JobTimeout: ran past its timeout of {timeout:g}s",
+                   children=[])
+    except BaseException as exc:  # a job's SystemExit or KeyboardInterrupt fails it too
+        if isinstance(exc, (SystemExit, KeyboardInterrupt)):
+            exc_text = f"{type(exc).__name__}: {exc}\n" + traceback.format_exc()
+        else:
+            exc_text = traceback.format_exc()
+        out.update(ok=False, payload=exc_text, children=[])
+    out["finished_at"] = time.time()
+    return out
+
+
+def run_chunk(packed: bytes) -> bytes:
+    """Run the jobs of one chunk in order; return their outcomes (msgpack)."""
+    items = msgpack.unpackb(packed, raw=False)
+    outcomes = [_run_one(item) for item in items]
+    try:
+        return msgpack.packb(outcomes, use_bin_type=True)
+    except (TypeError, ValueError) as exc:
+        # a child spec with an unpackable argument; fail those jobs instead of the chunk
+        for o in outcomes:
+            try:
+                msgpack.packb(o["children"], use_bin_type=True)
+            except (TypeError, ValueError):
+                o.update(ok=False, children=[],
+                         payload=f"a child job's arguments are not msgpack values: {exc}")
+        return msgpack.packb(outcomes, use_bin_type=True)

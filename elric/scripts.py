@@ -1,0 +1,276 @@
+"""Every multi-step state change of the queue, each one atomic Lua script named for what it does.
+
+Key names are built from the prefix passed as ARGV[1]; their layout is documented in
+keys.py. Times are integer milliseconds since the epoch. A job's queue member is
+``{seq:016x}:{job_id}`` (kept in the job hash as ``member``) so a requeued job keeps its
+place in line.
+"""
+
+# Shared by the scripts that put a job back in line.
+_REQUEUE_FN = """
+local function requeue(prefix, id, jk, now, keep_member)
+  local f = redis.call('HMGET', jk, 'queue', 'priority', 'member')
+  local member = f[3]
+  if not keep_member or not member then
+    local seq = redis.call('INCR', prefix .. ':seq')
+    member = string.format('%016x', seq) .. ':' .. id
+  end
+  redis.call('HSET', jk, 'status', 'queued', 'member', member, 'worker', '')
+  redis.call('ZADD', prefix .. ':queue:' .. f[1], -tonumber(f[2]), member)
+  redis.call('ZADD', prefix .. ':status:queued', now, id)
+  redis.call('LPUSH', prefix .. ':wake:' .. f[1], '1')
+  redis.call('LTRIM', prefix .. ':wake:' .. f[1], 0, 15)
+end
+"""
+
+# ARGV: prefix, now, fence_key, fence_token, then per job:
+#   job_id, queue, priority, batch, nfields, field1, value1, ...
+# A job id that exists already is left alone and its status returned: resubmitting with the
+# same job_id is idempotent. With a fence key, the whole call is refused unless it holds the
+# token (the scheduler's lease), so a master that lost its lease cannot enqueue fires.
+ENQUEUE = """
+local prefix, now = ARGV[1], tonumber(ARGV[2])
+if ARGV[3] ~= '' and redis.call('GET', ARGV[3]) ~= ARGV[4] then
+  return redis.error_reply('FENCED lease token is stale')
+end
+local out, woke, added = {}, {}, 0
+local i = 5
+while i <= #ARGV do
+  local id, q, prio, batch, nf = ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+3], tonumber(ARGV[i+4])
+  local jk = prefix .. ':job:' .. id
+  local existing = redis.call('HGET', jk, 'status')
+  if existing then
+    out[#out+1] = existing
+  else
+    local seq = redis.call('INCR', prefix .. ':seq')
+    local member = string.format('%016x', seq) .. ':' .. id
+    local h = {'status', 'queued', 'queue', q, 'priority', prio, 'batch', batch,
+               'enqueued_at', now, 'attempts', 0, 'member', member}
+    for j = i + 5, i + 4 + 2 * nf do h[#h+1] = ARGV[j] end
+    redis.call('HSET', jk, unpack(h))
+    redis.call('ZADD', prefix .. ':queue:' .. q, -tonumber(prio), member)
+    redis.call('ZADD', prefix .. ':status:queued', now, id)
+    woke[q] = (woke[q] or 0) + 1
+    if batch ~= '' then
+      redis.call('HINCRBY', prefix .. ':stats:batch:' .. batch, 'submitted', 1)
+      redis.call('SADD', prefix .. ':batches', batch)
+    end
+    redis.call('HINCRBY', prefix .. ':stats:counters', 'queue:' .. q .. ':submitted', 1)
+    added = added + 1
+    out[#out+1] = 'queued'
+  end
+  i = i + 5 + 2 * nf
+end
+for q, n in pairs(woke) do
+  redis.call('SADD', prefix .. ':queues', q)
+  local wk = prefix .. ':wake:' .. q
+  for _ = 1, math.min(n, 16) do redis.call('LPUSH', wk, '1') end
+  redis.call('LTRIM', wk, 0, 15)
+end
+if added > 0 then redis.call('HINCRBY', prefix .. ':stats:counters', 'submitted', added) end
+return out
+"""
+
+# ARGV: prefix, now, lease_deadline, worker_id, limit, queue1, queue2, ...
+# Takes up to `limit` jobs, highest priority first across the given queues (FIFO within a
+# priority), marks them running under this worker with a lease, returns for each:
+# {job_id, attempt, func, args, kwargs, timeout, max_retries, queue, dedupe_scope}.
+FETCH = """
+local prefix, now, deadline, worker, limit =
+  ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
+local cands = {}
+for i = 6, #ARGV do
+  local qk = prefix .. ':queue:' .. ARGV[i]
+  local r = redis.call('ZRANGE', qk, 0, limit - 1, 'WITHSCORES')
+  for j = 1, #r, 2 do cands[#cands+1] = {tonumber(r[j+1]), r[j], qk} end
+end
+if #ARGV > 6 then
+  table.sort(cands, function(a, b)
+    if a[1] ~= b[1] then return a[1] < b[1] end
+    return a[2] < b[2]
+  end)
+end
+local out = {}
+for n = 1, math.min(limit, #cands) do
+  local c = cands[n]
+  redis.call('ZREM', c[3], c[2])
+  local id = string.sub(c[2], 18)
+  local jk = prefix .. ':job:' .. id
+  if redis.call('EXISTS', jk) == 1 then
+    local attempt = redis.call('HINCRBY', jk, 'attempts', 1)
+    redis.call('HSET', jk, 'status', 'running', 'worker', worker, 'started_at', now)
+    redis.call('ZADD', prefix .. ':inflight', deadline, id)
+    redis.call('ZREM', prefix .. ':status:queued', id)
+    redis.call('ZADD', prefix .. ':status:running', now, id)
+    local f = redis.call('HMGET', jk, 'func', 'args', 'kwargs', 'timeout', 'max_retries',
+                         'queue', 'dedupe_scope')
+    out[#out+1] = {id, attempt, f[1], f[2], f[3], f[4] or '', f[5] or '0', f[6], f[7] or ''}
+  end
+end
+return out
+"""
+
+# ARGV: prefix, now, worker_id, result_ttl, failed_ttl, then per job:
+#   job_id, attempt, outcome ('ok' | 'err'), payload (result bytes | traceback),
+#   duration_ms, retry_delay_ms (-1: no retry)
+# Records outcomes of jobs this worker still holds; a job that was redelivered elsewhere
+# meanwhile (another attempt number) or removed is reported 'stale' and left alone.
+FINISH = """
+local prefix, now, worker = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local result_ttl, failed_ttl = tonumber(ARGV[4]), tonumber(ARGV[5])
+local counters = prefix .. ':stats:counters'
+local out = {}
+local done, failed = 0, 0
+for i = 6, #ARGV, 6 do
+  local id, attempt, outcome, payload = ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+3]
+  local duration, retry = ARGV[i+4], tonumber(ARGV[i+5])
+  local jk = prefix .. ':job:' .. id
+  local f = redis.call('HMGET', jk, 'status', 'attempts', 'queue', 'batch', 'max_retries', 'error')
+  if f[1] ~= 'running' or f[2] ~= attempt then
+    out[#out+1] = 'stale'
+  else
+    redis.call('ZREM', prefix .. ':inflight', id)
+    redis.call('ZREM', prefix .. ':status:running', id)
+    local q, batch = f[3], f[4]
+    local status
+    if outcome == 'ok' then
+      status = 'succeeded'
+      redis.call('HSET', jk, 'status', status, 'result', payload, 'finished_at', now,
+                 'duration_ms', duration)
+      redis.call('EXPIRE', jk, result_ttl)
+      done = done + 1
+    else
+      local err = (f[6] or '') .. '--- attempt ' .. attempt .. ' ---\\n' .. payload .. '\\n'
+      if retry >= 0 and tonumber(attempt) <= tonumber(f[5] or '0') then
+        status = 'retrying'
+        redis.call('HSET', jk, 'status', status, 'error', err, 'duration_ms', duration,
+                   'retry_at', now + retry)
+        redis.call('ZADD', prefix .. ':delayed', now + retry, id)
+      else
+        status = 'failed'
+        redis.call('HSET', jk, 'status', status, 'error', err, 'finished_at', now,
+                   'duration_ms', duration)
+        redis.call('EXPIRE', jk, failed_ttl)
+        failed = failed + 1
+      end
+    end
+    redis.call('ZADD', prefix .. ':status:' .. status, now, id)
+    redis.call('HINCRBY', counters, status, 1)
+    redis.call('HINCRBY', counters, 'queue:' .. q .. ':' .. status, 1)
+    if batch and batch ~= '' then
+      redis.call('HINCRBY', prefix .. ':stats:batch:' .. batch, status, 1)
+    end
+    out[#out+1] = status
+  end
+end
+local wk = prefix .. ':worker:' .. worker
+if done > 0 then redis.call('HINCRBY', wk, 'succeeded', done) end
+if failed > 0 then redis.call('HINCRBY', wk, 'failed', failed) end
+-- finished jobs' hashes expire; drop their index entries on the same schedule
+redis.call('ZREMRANGEBYSCORE', prefix .. ':status:succeeded', '-inf', now - result_ttl * 1000)
+redis.call('ZREMRANGEBYSCORE', prefix .. ':status:failed', '-inf', now - failed_ttl * 1000)
+return out
+"""
+
+# ARGV: prefix, now, worker_id, then pairs job_id, attempt.
+# Gives back jobs a worker claimed but will not run (shutdown, prefetched): they go back to
+# their place in line at once and the claim does not count as an attempt.
+RELEASE = _REQUEUE_FN + """
+local prefix, now, worker = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local n = 0
+for i = 4, #ARGV, 2 do
+  local id = ARGV[i]
+  local jk = prefix .. ':job:' .. id
+  local f = redis.call('HMGET', jk, 'status', 'attempts', 'worker')
+  if f[1] == 'running' and f[2] == ARGV[i+1] and f[3] == worker then
+    redis.call('HINCRBY', jk, 'attempts', -1)
+    redis.call('ZREM', prefix .. ':inflight', id)
+    redis.call('ZREM', prefix .. ':status:running', id)
+    requeue(prefix, id, jk, now, true)
+    n = n + 1
+  end
+end
+return n
+"""
+
+# ARGV: prefix, now, limit. Jobs whose lease ran out (their worker died) go back in line.
+RECOVER = _REQUEUE_FN + """
+local prefix, now, limit = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local ids = redis.call('ZRANGEBYSCORE', prefix .. ':inflight', '-inf', now, 'LIMIT', 0, limit)
+local out = {}
+for _, id in ipairs(ids) do
+  redis.call('ZREM', prefix .. ':inflight', id)
+  redis.call('ZREM', prefix .. ':status:running', id)
+  local jk = prefix .. ':job:' .. id
+  if redis.call('HGET', jk, 'status') == 'running' then
+    requeue(prefix, id, jk, now, true)
+    redis.call('HINCRBY', prefix .. ':stats:counters', 'redelivered', 1)
+    out[#out+1] = id
+  end
+end
+return out
+"""
+
+# ARGV: prefix, now, limit. Retrying jobs whose backoff is over go back in line.
+PROMOTE = _REQUEUE_FN + """
+local prefix, now, limit = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local ids = redis.call('ZRANGEBYSCORE', prefix .. ':delayed', '-inf', now, 'LIMIT', 0, limit)
+for _, id in ipairs(ids) do
+  redis.call('ZREM', prefix .. ':delayed', id)
+  redis.call('ZREM', prefix .. ':status:retrying', id)
+  local jk = prefix .. ':job:' .. id
+  if redis.call('HGET', jk, 'status') == 'retrying' then
+    requeue(prefix, id, jk, now, false)
+  end
+end
+return #ids
+"""
+
+# ARGV: prefix, now, deadline, worker_id, job ids... Extends the leases of the jobs this
+# worker still holds; returns how many it extended.
+HEARTBEAT = """
+local prefix, deadline, worker = ARGV[1], tonumber(ARGV[3]), ARGV[4]
+local n = 0
+for i = 5, #ARGV do
+  local jk = prefix .. ':job:' .. ARGV[i]
+  local f = redis.call('HMGET', jk, 'status', 'worker')
+  if f[1] == 'running' and f[2] == worker then
+    redis.call('ZADD', prefix .. ':inflight', 'XX', deadline, ARGV[i])
+    n = n + 1
+  end
+end
+return n
+"""
+
+# ARGV: prefix, job_id. Deletes a job wherever it is; a running job's worker will find it
+# gone and drop its outcome. Returns the status it had, or false.
+REMOVE = """
+local prefix, id = ARGV[1], ARGV[2]
+local jk = prefix .. ':job:' .. id
+local f = redis.call('HMGET', jk, 'status', 'queue', 'member')
+if not f[1] then return false end
+if f[2] and f[3] then redis.call('ZREM', prefix .. ':queue:' .. f[2], f[3]) end
+redis.call('ZREM', prefix .. ':inflight', id)
+redis.call('ZREM', prefix .. ':delayed', id)
+redis.call('ZREM', prefix .. ':status:' .. f[1], id)
+redis.call('DEL', jk)
+return f[1]
+"""
+
+# ARGV: prefix, now, job_id. Runs a finished job again from attempt 0; returns its old
+# status, or an error naming why it cannot.
+RERUN = _REQUEUE_FN + """
+local prefix, now, id = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local jk = prefix .. ':job:' .. id
+local status = redis.call('HGET', jk, 'status')
+if not status then return redis.error_reply('NOJOB') end
+if status ~= 'failed' and status ~= 'succeeded' and status ~= 'cancelled' then
+  return redis.error_reply('LIVE ' .. status)
+end
+redis.call('ZREM', prefix .. ':status:' .. status, id)
+redis.call('PERSIST', jk)
+redis.call('HSET', jk, 'attempts', 0, 'enqueued_at', now)
+redis.call('HDEL', jk, 'finished_at', 'result')
+requeue(prefix, id, jk, now, false)
+return status
+"""

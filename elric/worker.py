@@ -1,0 +1,414 @@
+"""The worker: pull jobs with a lease, run them in a process pool, record outcomes.
+
+One asyncio loop does all the Redis and RPC work; jobs run in a
+``concurrent.futures.ProcessPoolExecutor``. Fast jobs go to the pool in chunks so that
+per-job overhead stays small; slow jobs go one by one. A worker holds at most one more
+round of jobs than it runs (bounded prefetch), extends the leases of what it holds
+(heartbeat), and gives prefetched jobs back at once when told to stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import signal
+import socket
+import time
+import uuid
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+
+import msgpack
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from elric import runner
+from elric.config import Settings, SettingsError
+from elric.keys import Keys
+from elric.queue import RedisQueue, now_ms
+from elric.rpc import AsyncClient, RemoteError, RPCConnectionError, RPCError
+
+log = logging.getLogger("elric.worker")
+
+REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+CHUNK_SECONDS = 0.02  # aim for chunks that run about this long
+
+
+class _Chunk:
+    __slots__ = ("jobs", "future", "started", "timeout", "timed_out")
+
+    def __init__(self, jobs: list[dict]) -> None:
+        self.jobs = jobs
+        self.future = None
+        self.started = time.monotonic()
+        self.timeout = jobs[0]["timeout"] if len(jobs) == 1 else None
+        self.timed_out = False
+
+
+class Worker:
+    def __init__(self, settings: Settings, *, queues: list[str] | None = None,
+                 concurrency: int | None = None, worker_id: str | None = None) -> None:
+        self.settings = settings
+        self.queues = list(queues or settings.QUEUES)
+        self.concurrency = concurrency or settings.concurrency
+        self.max_chunk = settings.WORKER_CHUNK
+        self.lease = float(settings.LEASE_SECONDS)
+        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.keys = Keys(settings.KEY_PREFIX)
+        self.buffer: deque[dict] = deque()      # claimed, not yet handed to the pool
+        self.suspects: deque[dict] = deque()    # jobs of a chunk whose process died
+        self.running: set[_Chunk] = set()
+        self.stopping = False
+        self.avg_job_seconds = CHUNK_SECONDS    # start with chunks of one
+        self.processed = 0
+        self._changed = asyncio.Event()
+        self._wake_task: asyncio.Task | None = None
+        self._tasks: set[asyncio.Task] = set()
+
+    # --- setup ------------------------------------------------------------------------
+    async def _connect(self) -> None:
+        s = self.settings
+        self.redis = aioredis.Redis.from_url(s.REDIS_URL, socket_connect_timeout=5)
+        self.blocking_redis = aioredis.Redis.from_url(s.REDIS_URL, socket_connect_timeout=5)
+        try:
+            await self.redis.ping()
+        except Exception as exc:
+            raise SettingsError(f"REDIS_URL {s.REDIS_URL}: cannot connect ({exc})") from None
+        host, port = s.master_host_port
+        try:
+            self.master = await AsyncClient.connect(host, port, timeout=10, token=s.RPC_TOKEN,
+                                                    max_message=s.RPC_MAX_MESSAGE)
+            await self.master.call("ping")
+        except RPCError as exc:
+            raise SettingsError(f"MASTER_ADDRESS {s.MASTER_ADDRESS}: {exc}") from None
+        self.queue = RedisQueue(self.redis, self.keys, result_ttl=s.RESULT_TTL,
+                                failed_ttl=s.FAILED_TTL)
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        import multiprocessing
+
+        return ProcessPoolExecutor(
+            max_workers=self.concurrency,
+            mp_context=multiprocessing.get_context("forkserver"),
+            initializer=runner.init_process,
+            initargs=(tuple(self.settings.JOB_MODULES),),
+        )
+
+    async def _warm_pool(self) -> None:
+        empty = msgpack.packb([])
+        loop = asyncio.get_running_loop()
+        await asyncio.gather(*(loop.run_in_executor(self.pool, runner.run_chunk, empty)
+                               for _ in range(self.concurrency)))
+
+    # --- main loop --------------------------------------------------------------------
+    async def run(self) -> int:
+        await self._connect()
+        self.pool = self._new_pool()
+        await self._warm_pool()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        await self._register()
+        heartbeat = asyncio.create_task(self._heartbeat_loop())
+        log.info("worker %s: queues %s, %d processes", self.worker_id,
+                 ",".join(self.queues), self.concurrency)
+        try:
+            await self._loop()
+        finally:
+            heartbeat.cancel()
+            await self._shutdown()
+        return 0
+
+    def request_stop(self) -> None:
+        if not self.stopping:
+            log.info("worker %s: stopping; running jobs may finish", self.worker_id)
+        self.stopping = True
+        self._changed.set()
+
+    @property
+    def held(self) -> int:
+        return len(self.buffer) + len(self.suspects) + sum(len(c.jobs) for c in self.running)
+
+    def _chunk_size(self) -> int:
+        return max(1, min(self.max_chunk, int(CHUNK_SECONDS / max(self.avg_job_seconds, 1e-6))))
+
+    async def _loop(self) -> None:
+        backoff = 0.1
+        while not self.stopping:
+            self._changed.clear()
+            self._dispatch()
+            chunk = self._chunk_size()
+            target = self.concurrency * chunk  # one round waiting beside the one running
+            want = target * 2 - self.held
+            if len(self.buffer) < target and want > 0 and not self.suspects:
+                try:
+                    jobs = await self.queue.fetch(self.worker_id, self.queues, want, self.lease)
+                    backoff = 0.1
+                except REDIS_ERRORS as exc:
+                    log.warning("worker: Redis unreachable (%s); retrying in %.1fs", exc, backoff)
+                    await self._wait(backoff)
+                    backoff = min(backoff * 2, 5.0)
+                    continue
+                if jobs:
+                    self.buffer.extend(jobs)
+                    continue
+            idle = not self.buffer and len(self.running) < self.concurrency
+            await self._wait(1.0, wake=idle)
+
+    async def _wait(self, timeout: float, wake: bool = False) -> None:
+        """Until something changed (a chunk finished, stop), a wake token, or timeout."""
+        waiters = [asyncio.ensure_future(self._changed.wait())]
+        if wake:
+            if self._wake_task is None or self._wake_task.done():
+                self._wake_task = asyncio.create_task(self.blocking_redis.blpop(
+                    [self.keys.wake(q) for q in self.queues], timeout=timeout))
+            waiters.append(self._wake_task)
+        try:
+            await asyncio.wait(waiters, timeout=timeout + 0.5,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiters[0].cancel()
+        if self._wake_task is not None and self._wake_task.done():
+            exc = self._wake_task.exception()
+            self._wake_task = None
+            if exc is not None and not self.stopping:
+                await asyncio.sleep(0.2)  # Redis gone: the fetch path logs and backs off
+
+    def _dispatch(self) -> None:
+        """Hand chunks to free pool processes."""
+        while len(self.running) < self.concurrency and not self.stopping:
+            if self.suspects:
+                # After a process died we cannot tell which job killed it: run the jobs it
+                # held one at a time, alone, so the culprit is found and no one else pays.
+                if self.running:
+                    return
+                jobs = [self.suspects.popleft()]
+            elif self.buffer:
+                size = self._chunk_size()
+                jobs = [self.buffer.popleft()]
+                if jobs[0]["timeout"] is None:
+                    while len(jobs) < size and self.buffer and self.buffer[0]["timeout"] is None:
+                        jobs.append(self.buffer.popleft())
+            else:
+                return
+            self._submit(_Chunk(jobs))
+
+    def _submit(self, chunk: _Chunk) -> None:
+        items = [{"job_id": j["job_id"], "attempt": j["attempt"], "func": j["func"],
+                  "args": j["args"], "kwargs": j["kwargs"], "timeout": j["timeout"],
+                  "dedupe_scope": j["dedupe_scope"]} for j in chunk.jobs]
+        try:
+            chunk.future = self.pool.submit(runner.run_chunk, msgpack.packb(items,
+                                                                            use_bin_type=True))
+        except BrokenProcessPool:
+            self.pool = self._new_pool()
+            chunk.future = self.pool.submit(runner.run_chunk, msgpack.packb(items,
+                                                                            use_bin_type=True))
+        self.running.add(chunk)
+        task = asyncio.create_task(self._complete(chunk))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _complete(self, chunk: _Chunk) -> None:
+        try:
+            packed = await asyncio.wrap_future(chunk.future)
+            outcomes = msgpack.unpackb(packed, raw=False)
+        except BrokenProcessPool:
+            outcomes = self._crashed(chunk)
+        except Exception as exc:  # the pool could not even run it
+            log.exception("worker: chunk failed outside the job code")
+            outcomes = [{"job_id": j["job_id"], "attempt": j["attempt"], "ok": False,
+                         "payload": f"worker error: {type(exc).__name__}: {exc}",
+                         "children": [], "started_at": time.time(),
+                         "finished_at": time.time()} for j in chunk.jobs]
+        try:
+            if outcomes:
+                await self._record(chunk, outcomes)
+        finally:
+            self.running.discard(chunk)
+            self._changed.set()
+
+    def _crashed(self, chunk: _Chunk) -> list[dict]:
+        """A pool process died. Return outcomes for jobs known to be at fault."""
+        if self.pool is not None and getattr(self.pool, "_broken", False):
+            old, self.pool = self.pool, self._new_pool()
+            old.shutdown(wait=False, cancel_futures=True)
+        alone = len(self.running) == 1 and len(chunk.jobs) == 1
+        if chunk.timed_out or alone:
+            job = chunk.jobs[0]
+            why = (f"JobTimeout: ran past its timeout of {job['timeout']:g}s and its process "
+                   "was killed") if chunk.timed_out else (
+                   "the job's process died (os._exit, a signal or a crash in native code)")
+            now = time.time()
+            return [{"job_id": job["job_id"], "attempt": job["attempt"], "ok": False,
+                     "payload": why, "children": [], "started_at": now, "finished_at": now}]
+        for job in chunk.jobs:
+            job["suspect"] = True
+            self.suspects.append(job)
+        log.warning("worker: a pool process died; re-running %d job(s) one by one to find "
+                    "which one killed it", len(chunk.jobs))
+        return []
+
+    async def _record(self, chunk: _Chunk, outcomes: list[dict]) -> None:
+        by_id = {j["job_id"]: j for j in chunk.jobs}
+        total = 0.0
+        for o in outcomes:
+            total += o["finished_at"] - o["started_at"]
+        if outcomes:
+            per_job = total / len(outcomes)
+            self.avg_job_seconds = 0.7 * self.avg_job_seconds + 0.3 * per_job
+        children = [c for o in outcomes if o["ok"] for c in o["children"]]
+        if children:
+            refused = await self._send_children(outcomes)
+            for o in outcomes:
+                if o["job_id"] in refused:
+                    o.update(ok=False, payload=f"a child job was refused by the master: "
+                                               f"{refused[o['job_id']]}", final=True)
+        records = []
+        for o in outcomes:
+            job = by_id.get(o["job_id"], {})
+            retry_ms = -1
+            if not o["ok"] and not o.get("final") and o["attempt"] <= job.get("max_retries", 0):
+                retry_ms = self._backoff_ms(o["attempt"])
+            records.append({"job_id": o["job_id"], "attempt": o["attempt"], "ok": o["ok"],
+                            "payload": o["payload"],
+                            "duration_ms": (o["finished_at"] - o["started_at"]) * 1000,
+                            "retry_ms": retry_ms})
+        await self._retry_redis(self.queue.finish, self.worker_id, records)
+        self.processed += len(records)
+
+    def _backoff_ms(self, attempt: int) -> int:
+        s = self.settings
+        delay = min(s.RETRY_BACKOFF_MAX, s.RETRY_BACKOFF * 2 ** (attempt - 1))
+        return int(delay * random.uniform(0.5, 1.0) * 1000)
+
+    async def _send_children(self, outcomes: list[dict]) -> dict[str, str]:
+        """Send child jobs to the master before their parents are acknowledged.
+
+        Returns {parent_id: error} for parents whose children the master refused.
+        """
+        batch = [c for o in outcomes if o["ok"] for c in o["children"]]
+        try:
+            await self._call_master("submit_jobs", batch)
+            return {}
+        except RemoteError:
+            pass  # one bad spec refuses the whole batch: find the parents at fault
+        refused = {}
+        for o in outcomes:
+            if o["ok"] and o["children"]:
+                try:
+                    await self._call_master("submit_jobs", o["children"])
+                except RemoteError as exc:
+                    refused[o["job_id"]] = str(exc)
+        return refused
+
+    async def _call_master(self, method: str, *params):
+        backoff = 0.2
+        while True:
+            try:
+                return await self.master.call(method, *params)
+            except RPCConnectionError as exc:
+                log.warning("worker: master unreachable (%s); retrying in %.1fs", exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                host, port = self.settings.master_host_port
+                try:
+                    await self.master.close()
+                    self.master = await AsyncClient.connect(
+                        host, port, timeout=10, token=self.settings.RPC_TOKEN,
+                        max_message=self.settings.RPC_MAX_MESSAGE)
+                except RPCError:
+                    continue
+
+    async def _retry_redis(self, fn, *args):
+        backoff = 0.1
+        while True:
+            try:
+                return await fn(*args)
+            except REDIS_ERRORS as exc:
+                log.warning("worker: Redis unreachable (%s); retrying in %.1fs", exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    # --- heartbeat, registration ------------------------------------------------------
+    async def _register(self) -> None:
+        info = {"host": socket.gethostname(), "pid": os.getpid(), "queues": ",".join(self.queues),
+                "concurrency": self.concurrency, "started_at": now_ms(), "state": "running"}
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self.keys.worker(self.worker_id), mapping=info)
+            pipe.expire(self.keys.worker(self.worker_id), 86400)
+            pipe.zadd(self.keys.workers, {self.worker_id: now_ms()})
+            await pipe.execute()
+
+    def _held_ids(self) -> list[str]:
+        ids = [j["job_id"] for j in self.buffer] + [j["job_id"] for j in self.suspects]
+        for chunk in self.running:
+            ids.extend(j["job_id"] for j in chunk.jobs)
+        return ids
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.lease / 3)
+            try:
+                await self.queue.heartbeat(self.worker_id, self._held_ids(), self.lease)
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    pipe.zadd(self.keys.workers, {self.worker_id: now_ms()})
+                    pipe.hset(self.keys.worker(self.worker_id), "processed", self.processed)
+                    pipe.expire(self.keys.worker(self.worker_id), 86400)
+                    await pipe.execute()
+            except REDIS_ERRORS as exc:
+                log.warning("worker: heartbeat failed (%s)", exc)
+            self._kill_overdue()
+
+    def _kill_overdue(self) -> None:
+        """A job past its timeout that ignored the alarm (stuck in native code): kill it."""
+        now = time.monotonic()
+        for chunk in list(self.running):
+            if chunk.timeout and not chunk.timed_out and now > chunk.started + chunk.timeout + 5:
+                chunk.timed_out = True
+                log.warning("worker: job %s ignored its timeout; killing its process",
+                            chunk.jobs[0]["job_id"])
+                self._kill_pool_processes()
+
+    def _kill_pool_processes(self) -> None:
+        for proc in list(getattr(self.pool, "_processes", {}).values()):
+            try:
+                proc.kill()
+            except Exception:
+                pass
+
+    # --- shutdown ---------------------------------------------------------------------
+    async def _shutdown(self) -> None:
+        self.stopping = True
+        if self._wake_task is not None:
+            self._wake_task.cancel()
+        claims = [(j["job_id"], j["attempt"]) for j in list(self.buffer) + list(self.suspects)]
+        self.buffer.clear()
+        self.suspects.clear()
+        if claims:
+            n = await self._retry_redis(self.queue.release, self.worker_id, claims)
+            log.info("worker: gave %d prefetched job(s) back to the queue", n)
+        if self._tasks:
+            done, pending = await asyncio.wait(list(self._tasks),
+                                               timeout=self.settings.SHUTDOWN_GRACE)
+            if pending:
+                left = [(j["job_id"], j["attempt"]) for c in self.running for j in c.jobs]
+                log.warning("worker: %d job(s) still running after SHUTDOWN_GRACE; stopping "
+                            "them and returning them to the queue", len(left))
+                for t in pending:
+                    t.cancel()
+                self._kill_pool_processes()
+                await self._retry_redis(self.queue.release, self.worker_id, left)
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        try:
+            await self.redis.hset(self.keys.worker(self.worker_id), "state", "stopped")
+        except REDIS_ERRORS:
+            pass
+        await self.master.close()
+        await self.redis.aclose()
+        await self.blocking_redis.aclose()
+        log.info("worker %s: stopped after %d job(s)", self.worker_id, self.processed)

@@ -1,0 +1,11 @@
+"""The smallest job: add two numbers.
+
+    python -c "from examples.hello import Add; print(Add.submit(2, 3))"
+"""
+
+from elric import Job
+
+
+class Add(Job):
+    def run(self, a, b):
+        return a + b

@@ -1,0 +1,60 @@
+"""Sample elric settings: every key with its default. Copy and edit, or override any key
+with an environment variable ELRIC_<KEY> (lists: comma-separated). Unknown upper-case names
+here are an error, so a typo cannot silently fall back to a default.
+"""
+
+# Redis holding queues, results and the job store. Passwords, ACL users and TLS go in the
+# URL: redis://user:password@host:6379/0, rediss://host:6380/0.
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+# Prefix of every Redis key, so several deployments can share one Redis.
+KEY_PREFIX = "elric"
+
+# host:port the master listens on, and clients and workers connect to.
+MASTER_ADDRESS = "127.0.0.1:7531"
+
+# Shared secret: when set, every RPC connection must authenticate first.
+RPC_TOKEN = None
+
+# Largest RPC message in bytes; larger frames close the connection.
+RPC_MAX_MESSAGE = 8 * 1024 * 1024
+
+# Worker pool processes; None means the machine's CPU count.
+CONCURRENCY = None
+
+# Queues a worker pulls from (highest priority first across them).
+QUEUES = ["default"]
+
+# Seconds the result of a succeeded job is kept.
+RESULT_TTL = 86400
+
+# Seconds a failed job stays in the failed-jobs registry.
+FAILED_TTL = 7 * 86400
+
+# Retries after a failed attempt, unless the job class or the submission says otherwise.
+MAX_RETRIES = 0
+
+# First retry delay in seconds; it doubles each retry (with jitter) up to RETRY_BACKOFF_MAX.
+RETRY_BACKOFF = 1.0
+RETRY_BACKOFF_MAX = 300.0
+
+# Seconds an attempt may run, unless the job class or the submission says otherwise.
+JOB_TIMEOUT = None
+
+# A worker renews the leases of its jobs every LEASE_SECONDS / 3; the jobs of a worker that
+# died are redelivered once its leases run out.
+LEASE_SECONDS = 30.0
+
+# Seconds running jobs get to finish after a worker is told to stop (SIGTERM, Ctrl-C).
+SHUTDOWN_GRACE = 30.0
+
+# Most jobs handed to one pool process at once. Fast jobs go in chunks (throughput); jobs
+# slower than a few milliseconds go one by one.
+WORKER_CHUNK = 64
+
+# Import-path prefixes jobs may come from, e.g. ["myproject.jobs", "examples"].
+# Empty: any importable Job subclass.
+JOB_MODULES = []
+
+# DEBUG, INFO, WARNING or ERROR.
+LOG_LEVEL = "INFO"

