@@ -1,0 +1,910 @@
+"""Dedupe filters: drop a job whose dedupe key was already seen in its scope.
+
+The master asks a filter, before a job reaches a queue, whether each job's
+``dedupe_key`` is new in its ``dedupe_scope``. Check-and-add is atomic, so two
+concurrent submissions of one key (on one master or on several) let exactly one
+through. One interface, three backends chosen by ``make_filter``:
+
+``set`` (:class:`SetFilter`)
+    Exact. One Redis set per scope (``keys.dedupe_set``); one Lua script per call
+    does SADD for the whole batch. With ``set_ttl`` the key holds a sorted set
+    instead (member = dedupe key, score = ms when it was let through): a key is
+    new again ``set_ttl`` seconds after it was last let through (seeing it again
+    as a duplicate does not extend that). Releasable. Shared by every master.
+``bloom`` (:class:`BloomFilter`)
+    A Bloom filter in the master's memory (pybloom-live), snapshotted to Redis
+    (``keys.dedupe_bloom``) every ``snapshot_interval`` seconds and on close, and
+    reloaded on start: a crash forgets at most the last interval. ONE master only.
+``redis-bloom`` (:class:`RedisBloomFilter`)
+    A Bloom filter kept as Redis bitmaps (``keys.dedupe_rbloom``), shared by every
+    master, ~1.9 bytes per item at a 0.1% false-positive rate. Works on plain
+    Redis >= 6.0 (Debian's 7.0 has no BF.* commands): BITFIELD test-and-sets the
+    k bits of a key, all in one shard, in one Lua script per call.
+
+Both Bloom backends never forget a key (no false "new"), but may call a new key
+"seen" with the configured probability ``error_rate`` (that job is silently
+dropped). They grow past ``capacity`` in stages (x2 capacity each) whose error
+rates shrink geometrically, p_i = p * (1 - r) * r**i with r = 1/4, so that the
+overall false-positive rate stays below ``error_rate`` however far they grow
+(sum of p_i = p). Neither can release a key.
+
+No pickle anywhere: snapshots are a small struct header plus pybloom-live's raw
+``tofile`` bit arrays.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import hashlib
+import io
+import logging
+import math
+import struct
+import sys
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+from pybloom_live import BloomFilter as _PyBloom
+from redis.exceptions import ResponseError
+
+from elric.keys import Keys
+
+__all__ = [
+    "DedupeError", "DedupeFilter", "SetFilter", "BloomFilter", "RedisBloomFilter",
+    "make_filter", "BACKENDS",
+]
+
+BACKENDS = ("set", "bloom", "redis-bloom")
+
+# Stage schedule shared by both Bloom backends. Growth x2 keeps the memory of an
+# overgrown filter within ~2x of what it needs. Tightening r = 1/4 gives the first
+# stage 3/4 of the error budget, so a filter that never grows costs ~15 bits/item
+# at 0.1% instead of ~16 with the textbook r = 1/2 (the redis-bloom target is
+# <= 2 bytes/item); each later stage costs 2 bits/item more than the one before.
+GROWTH = 2
+TIGHTENING = 0.25
+_LN2_SQ = math.log(2) ** 2
+
+
+class DedupeError(Exception):
+    """A dedupe filter cannot do what was asked (release on a Bloom filter,
+    mismatched parameters between masters, a wrong key type, bad settings)."""
+
+
+def _stage_params(capacity: int, error_rate: float, i: int) -> tuple[int, float]:
+    """(capacity, error rate) of stage ``i``."""
+    return capacity * GROWTH ** i, error_rate * (1 - TIGHTENING) * TIGHTENING ** i
+
+
+def _scan_pattern(prefix: str) -> str:
+    """A SCAN MATCH pattern for every key starting with ``prefix`` (glob chars escaped)."""
+    out = []
+    for c in prefix:
+        if c in "*?[]\\":
+            out.append("\\")
+        out.append(c)
+    return "".join(out) + "*"
+
+
+async def _scan_scopes(redis, prefix: str) -> list[str]:
+    """Scopes that have a key ``prefix + scope``. SCAN walks the whole keyspace
+    (there is no registry of scopes in keys.py); COUNT 1000 keeps it to few calls."""
+    scopes = []
+    async for key in redis.scan_iter(match=_scan_pattern(prefix), count=1000):
+        key = key.decode() if isinstance(key, bytes) else key
+        scopes.append(key[len(prefix):])
+    return sorted(set(scopes))
+
+
+def _as_str(x) -> str:
+    return x.decode() if isinstance(x, bytes) else str(x)
+
+
+class DedupeFilter(ABC):
+    """Atomic check-and-add of dedupe keys, per scope."""
+
+    name: str
+    can_release: bool
+
+    def __init__(self, redis, keys: Keys, log: logging.Logger) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.log = log
+
+    @abstractmethod
+    async def check_and_add(self, scope: str, keys: list[str]) -> list[bool]:
+        """True = key is new in scope (it is now added; let the job through);
+        False = seen before. Duplicates inside one call: only the first is True.
+        One call costs O(1) round trips to Redis, never one per key."""
+
+    async def release(self, scope: str, keys: list[str]) -> None:
+        """Forget ``keys`` in ``scope`` so that they are new again (exact backends only)."""
+        raise DedupeError(
+            f"the {self.name!r} dedupe backend cannot release keys: a Bloom filter "
+            "cannot remove a key without removing bits other keys share (use the "
+            "'set' backend if jobs must be re-admitted after failure)")
+
+    @abstractmethod
+    async def stats(self) -> dict[str, dict]:
+        """Per scope: backend, items, filtered, bytes (+ capacity, fill_ratio,
+        expected_fp_rate for the Bloom backends)."""
+
+    @abstractmethod
+    async def drop_scope(self, scope: str) -> None:
+        """Forget a whole scope (e.g. a finished crawl round)."""
+
+    async def start(self) -> None:
+        """Prepare (load snapshots, start background work)."""
+
+    async def close(self) -> None:
+        """Finish (final snapshot). Does not close the Redis client: the caller owns it."""
+
+
+# --------------------------------------------------------------------------------------
+# set: exact
+# --------------------------------------------------------------------------------------
+
+# KEYS[1] set, KEYS[2] stats hash; ARGV = dedupe keys. SADD per key (not one
+# SMISMEMBER with unpack) so that batches of any size fit in the Lua stack.
+_SET_LUA = """
+local out = {}
+local filtered = 0
+for i = 1, #ARGV do
+  local r = redis.call('SADD', KEYS[1], ARGV[i])
+  out[i] = r
+  if r == 0 then filtered = filtered + 1 end
+end
+redis.call('HSET', KEYS[2], 'backend', 'set')
+if filtered > 0 then redis.call('HINCRBY', KEYS[2], 'filtered', filtered) end
+return out
+"""
+
+# KEYS[1] zset (member -> ms let through), KEYS[2] stats hash; ARGV[1] ttl ms,
+# ARGV[2..] dedupe keys. Server time (TIME) so that every master agrees on "now"
+# whatever its clock. Expired members are pruned on every call, and the keys expire
+# as a whole when a scope stays idle for ttl, so memory stays bounded.
+_ZSET_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[1])
+local cutoff = now - ttl
+local nows = string.format('%d', now)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', string.format('%d', cutoff))
+local out = {}
+local filtered = 0
+for i = 2, #ARGV do
+  local s = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if s and tonumber(s) > cutoff then
+    out[i - 1] = 0
+    filtered = filtered + 1
+  else
+    redis.call('ZADD', KEYS[1], nows, ARGV[i])
+    out[i - 1] = 1
+  end
+end
+redis.call('HSET', KEYS[2], 'backend', 'set')
+if filtered > 0 then redis.call('HINCRBY', KEYS[2], 'filtered', filtered) end
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('PEXPIRE', KEYS[1], ttl) end
+redis.call('PEXPIRE', KEYS[2], ttl)
+return out
+"""
+
+
+class SetFilter(DedupeFilter):
+    """Exact filter: a Redis set per scope (a sorted set when ``set_ttl`` is given)."""
+
+    name = "set"
+    can_release = True
+
+    def __init__(self, redis, keys: Keys, *, set_ttl: float | None = None,
+                 log: logging.Logger) -> None:
+        super().__init__(redis, keys, log)
+        self.set_ttl = set_ttl
+        self._ttl_ms = None if set_ttl is None else max(1, int(round(set_ttl * 1000)))
+        self._script = redis.register_script(_SET_LUA if set_ttl is None else _ZSET_LUA)
+
+    def _wrongtype(self, scope: str, exc: ResponseError) -> DedupeError:
+        kind = "sorted set (set_ttl)" if self.set_ttl is not None else "set (no set_ttl)"
+        return DedupeError(
+            f"dedupe scope {scope!r}: key {self.keys.dedupe_set(scope)} is not a {kind}; "
+            f"it was written with the other set_ttl setting. drop_scope() it or keep "
+            f"the setting ({exc})")
+
+    async def check_and_add(self, scope: str, keys: list[str]) -> list[bool]:
+        if not keys:
+            return []
+        args = list(keys) if self._ttl_ms is None else [self._ttl_ms, *keys]
+        try:
+            res = await self._script(
+                keys=[self.keys.dedupe_set(scope), self.keys.dedupe_stats(scope)], args=args)
+        except ResponseError as exc:
+            if "WRONGTYPE" in str(exc):
+                raise self._wrongtype(scope, exc) from None
+            raise
+        return [r == 1 for r in res]
+
+    async def release(self, scope: str, keys: list[str]) -> None:
+        if not keys:
+            return
+        key = self.keys.dedupe_set(scope)
+        try:
+            if self.set_ttl is None:
+                await self.redis.srem(key, *keys)
+            else:
+                await self.redis.zrem(key, *keys)
+        except ResponseError as exc:
+            if "WRONGTYPE" in str(exc):
+                raise self._wrongtype(scope, exc) from None
+            raise
+
+    async def stats(self) -> dict[str, dict]:
+        scopes = await _scan_scopes(self.redis, self.keys.dedupe_stats(""))
+        if not scopes:
+            return {}
+        cutoff = None
+        if self._ttl_ms is not None:
+            sec, usec = await self.redis.time()
+            cutoff = sec * 1000 + usec // 1000 - self._ttl_ms
+        pipe = self.redis.pipeline(transaction=False)
+        for scope in scopes:
+            pipe.hgetall(self.keys.dedupe_stats(scope))
+            pipe.type(self.keys.dedupe_set(scope))
+        raw = await pipe.execute()
+        mine = []
+        pipe = self.redis.pipeline(transaction=False)
+        for i, scope in enumerate(scopes):
+            h, kind = raw[2 * i], _as_str(raw[2 * i + 1])
+            if _as_str(h.get(b"backend", b"")) != "set":
+                continue  # a scope of another backend sharing the stats keys
+            key = self.keys.dedupe_set(scope)
+            if kind == "zset":
+                pipe.zcount(key, f"({cutoff}" if cutoff is not None else "-inf", "+inf")
+            else:
+                pipe.scard(key)  # 0 for a missing key
+            pipe.memory_usage(key)
+            mine.append((scope, h))
+        res = await pipe.execute()
+        out = {}
+        for j, (scope, h) in enumerate(mine):
+            out[scope] = {
+                "backend": self.name,
+                "items": int(res[2 * j]),
+                "filtered": int(h.get(b"filtered", 0)),
+                "bytes": int(res[2 * j + 1] or 0),
+            }
+        return out
+
+    async def drop_scope(self, scope: str) -> None:
+        await self.redis.delete(self.keys.dedupe_set(scope), self.keys.dedupe_stats(scope))
+
+
+# --------------------------------------------------------------------------------------
+# bloom: in the master's memory, snapshotted to Redis
+# --------------------------------------------------------------------------------------
+
+class _StagedBloom:
+    """A scalable Bloom filter: pybloom-live BloomFilter stages following the
+    module's stage schedule (pybloom-live's ScalableBloomFilter uses p*0.9**i and
+    overshoots its target several times over once it grows)."""
+
+    MAGIC = b"ELRBLM01"
+    HEADER = struct.Struct("<8sQdQI")  # magic, capacity, error_rate, filtered, stages
+    STAGE = struct.Struct("<Q")        # length of one stage's tofile() bytes
+
+    def __init__(self, capacity: int, error_rate: float) -> None:
+        self.capacity = capacity
+        self.error_rate = error_rate
+        self.filtered = 0
+        self.stages: list[_PyBloom] = [_PyBloom(*_stage_params(capacity, error_rate, 0))]
+
+    @property
+    def items(self) -> int:
+        return sum(s.count for s in self.stages)
+
+    def add(self, key: str) -> bool:
+        """Add ``key``; True if it was new."""
+        stages = self.stages
+        for s in stages[:-1]:       # older stages are full: read-only
+            if key in s:
+                self.filtered += 1
+                return False
+        last = stages[-1]
+        if last.count >= last.capacity:
+            if key in last:
+                self.filtered += 1
+                return False
+            last = _PyBloom(*_stage_params(self.capacity, self.error_rate, len(stages)))
+            stages.append(last)
+        if last.add(key):           # True: every bit was already set
+            self.filtered += 1
+            return False
+        return True
+
+    def fill_ratios(self) -> list[float]:
+        return [s.bitarray.count() / s.num_bits for s in self.stages]
+
+    def expected_fp_rate(self) -> float:
+        # pybloom's filters are partitioned (k slices of num_bits/k): per stage the
+        # chance that all k probed bits are set is ~ fill**k.
+        miss = 1.0
+        for s, fill in zip(self.stages, self.fill_ratios()):
+            miss *= 1 - fill ** s.num_slices
+        return 1 - miss
+
+    @property
+    def nbytes(self) -> int:
+        return sum((s.num_bits + 7) // 8 for s in self.stages)
+
+    @property
+    def total_capacity(self) -> int:
+        return sum(s.capacity for s in self.stages)
+
+    def to_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        buf.write(self.HEADER.pack(self.MAGIC, self.capacity, self.error_rate,
+                                   self.filtered, len(self.stages)))
+        for s in self.stages:
+            b = io.BytesIO()
+            s.tofile(b)
+            data = b.getvalue()
+            buf.write(self.STAGE.pack(len(data)))
+            buf.write(data)
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "_StagedBloom":
+        buf = io.BytesIO(data)
+        magic, capacity, error_rate, filtered, n = cls.HEADER.unpack(buf.read(cls.HEADER.size))
+        if magic != cls.MAGIC:
+            raise DedupeError(f"not an elric Bloom snapshot (magic {magic!r})")
+        self = cls.__new__(cls)
+        self.capacity, self.error_rate, self.filtered = capacity, error_rate, filtered
+        self.stages = []
+        for _ in range(n):
+            (length,) = cls.STAGE.unpack(buf.read(cls.STAGE.size))
+            self.stages.append(_PyBloom.fromfile(io.BytesIO(buf.read(length)), length))
+        if not self.stages:
+            raise DedupeError("Bloom snapshot has no stages")
+        return self
+
+
+class BloomFilter(DedupeFilter):
+    """In-master Bloom filter per scope; for ONE master (others would not see its
+    bits, and two masters snapshotting one scope would overwrite each other)."""
+
+    name = "bloom"
+    can_release = False
+
+    def __init__(self, redis, keys: Keys, *, capacity: int, error_rate: float,
+                 snapshot_interval: float, log: logging.Logger) -> None:
+        super().__init__(redis, keys, log)
+        self.capacity = capacity
+        self.error_rate = error_rate
+        self.snapshot_interval = snapshot_interval
+        self._filters: dict[str, _StagedBloom] = {}
+        self._dirty: set[str] = set()
+        self._warned: set[str] = set()
+        self._load_locks: dict[str, asyncio.Lock] = {}
+        # Serialises snapshot writes with drop_scope, so a snapshot in flight cannot
+        # resurrect a scope that was just dropped.
+        self._io_lock = asyncio.Lock()
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        for scope in await _scan_scopes(self.redis, self.keys.dedupe_bloom("")):
+            await self._filter(scope)
+        if self._task is None and self.snapshot_interval > 0:
+            self._task = asyncio.create_task(self._snapshot_loop(), name="elric-dedupe-snapshot")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        await self.snapshot()
+
+    async def _snapshot_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.snapshot_interval)
+            try:
+                await self.snapshot()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # keep snapshotting: a Redis blip must not stop it for good
+                self.log.exception("dedupe: Bloom snapshot failed; will retry")
+
+    async def snapshot(self) -> int:
+        """Write the scopes changed since the last snapshot; returns how many."""
+        async with self._io_lock:
+            dirty, self._dirty = self._dirty, set()
+            written = 0
+            try:
+                for scope in sorted(dirty):
+                    f = self._filters.get(scope)
+                    if f is None:
+                        continue
+                    # Serialised synchronously: nothing can add to the filter meanwhile,
+                    # so the snapshot is a consistent cut. (Costs a memcpy of the bits.)
+                    data = f.to_bytes()
+                    pipe = self.redis.pipeline(transaction=True)
+                    pipe.set(self.keys.dedupe_bloom(scope), data)
+                    pipe.hset(self.keys.dedupe_stats(scope), mapping={
+                        "backend": self.name, "items": f.items, "filtered": f.filtered})
+                    await pipe.execute()
+                    written += 1
+                    dirty.discard(scope)
+            finally:
+                self._dirty |= dirty  # not written (error/cancel): retry next time
+            return written
+
+    async def _filter(self, scope: str) -> _StagedBloom:
+        f = self._filters.get(scope)
+        if f is not None:
+            return f
+        lock = self._load_locks.setdefault(scope, asyncio.Lock())
+        async with lock:
+            f = self._filters.get(scope)
+            if f is None:
+                data = await self.redis.get(self.keys.dedupe_bloom(scope))
+                if data:
+                    try:
+                        f = _StagedBloom.from_bytes(data)
+                    except (ValueError, struct.error, DedupeError) as exc:
+                        # Refuse rather than start empty: an empty filter would let
+                        # every already-seen key through again.
+                        raise DedupeError(
+                            f"dedupe scope {scope!r}: unreadable Bloom snapshot at "
+                            f"{self.keys.dedupe_bloom(scope)} ({exc}); delete that key "
+                            "to start the scope empty") from None
+                    if (f.capacity, f.error_rate) != (self.capacity, self.error_rate):
+                        # Keep the history: the snapshot's own parameters win for this scope.
+                        self.log.warning(
+                            "dedupe scope %r: snapshot has capacity=%d error_rate=%g, "
+                            "configured %d/%g; keeping the snapshot's", scope,
+                            f.capacity, f.error_rate, self.capacity, self.error_rate)
+                else:
+                    f = _StagedBloom(self.capacity, self.error_rate)
+                self._filters[scope] = f
+        return f
+
+    async def check_and_add(self, scope: str, keys: list[str]) -> list[bool]:
+        if not keys:
+            return []
+        f = await self._filter(scope)
+        # No await below: the batch is atomic with respect to every other coroutine.
+        out = [f.add(k) for k in keys]
+        self._dirty.add(scope)
+        if f.items > f.capacity and scope not in self._warned:
+            self._warned.add(scope)
+            self.log.warning(
+                "dedupe scope %r passed its Bloom capacity %d (now %d items): growing "
+                "into a new stage (false-positive rate stays <= %g, memory grows)",
+                scope, f.capacity, f.items, f.error_rate)
+        return out
+
+    async def stats(self) -> dict[str, dict]:
+        out = {}
+        for scope, f in sorted(self._filters.items()):
+            fills = f.fill_ratios()
+            bits = [s.num_bits for s in f.stages]
+            out[scope] = {
+                "backend": self.name,
+                "items": f.items,
+                "filtered": f.filtered,
+                "capacity": f.total_capacity,
+                "stages": len(f.stages),
+                "fill_ratio": sum(x * b for x, b in zip(fills, bits)) / sum(bits),
+                "expected_fp_rate": f.expected_fp_rate(),
+                "error_rate": f.error_rate,
+                "bytes": f.nbytes,
+            }
+        return out
+
+    async def drop_scope(self, scope: str) -> None:
+        async with self._io_lock:
+            self._filters.pop(scope, None)
+            self._dirty.discard(scope)
+            self._warned.discard(scope)
+            await self.redis.delete(self.keys.dedupe_bloom(scope), self.keys.dedupe_stats(scope))
+
+
+# --------------------------------------------------------------------------------------
+# redis-bloom: Bloom filter as Redis bitmaps, shared by every master
+# --------------------------------------------------------------------------------------
+
+# Shard sizes: a Redis string holds at most 2**32 bits (512 MiB). Bits live in
+# strings created at full size at once (SET of zero bytes), not grown bit by bit,
+# because Redis grows strings greedily (+1 MiB or x2) and that slack would be wasted.
+# Above 64 KiB shard sizes are picked from jemalloc's size classes ({4,5,6,7} * 2**j),
+# minus room for the sds header, so the allocation is not rounded up by up to 25%.
+_SMALL_SHARD = 64 * 1024
+_MAX_SHARD_BYTES = (1 << 29) - 16
+_SDS_SLACK = 16
+
+
+def _shard_plan(need_bytes: int) -> tuple[int, int]:
+    """(number of shards, bytes per shard) holding at least ``need_bytes``."""
+    if need_bytes <= _SMALL_SHARD:
+        return 1, need_bytes
+    cands = []
+    for j in range(12, 28):
+        for mult in (4, 5, 6, 7):
+            alloc = mult << j
+            size = alloc - _SDS_SLACK
+            if size > _MAX_SHARD_BYTES:
+                continue
+            n = -(-need_bytes // size)
+            cands.append((n * alloc, n, size))
+    best = min(c[0] for c in cands)
+    # Among plans within 3% of the least memory, the fewest keys.
+    ok = [c for c in cands if c[0] <= best * 1.03]
+    _, n, size = min(ok, key=lambda c: (c[1], c[0]))
+    return n, size
+
+
+@dataclass(frozen=True)
+class _RStage:
+    index: int
+    capacity: int      # items this stage takes
+    cum: int           # items of this and every earlier stage
+    k: int             # bits per key
+    shards: int
+    shard_bytes: int
+    first_shard: int   # global shard number of its first key (stages share one numbering)
+    person: bytes      # blake2b personalisation: independent hashes per stage
+
+    @property
+    def shard_bits(self) -> int:
+        return self.shard_bytes * 8
+
+    @property
+    def bits(self) -> int:
+        return self.shards * self.shard_bits
+
+
+# KEYS[1] stats hash, KEYS[2..] shard keys used by the call.
+# ARGV: params signature, backend name, T (stages supplied), n (keys), then
+#       (cumulative capacity, k, shard bytes) per stage, then one blob per stage:
+#       for each key, little-endian uint32s: the KEYS index of its shard and its k
+#       bit offsets. (A blob instead of ~11 args per key: packing and parsing 11k
+#       arguments per call cost more than the Bloom filter itself.)
+# Returns {items after, r1..rn} (r = 1 new, 0 seen), or {-1, items} when the batch
+# could reach a stage the caller supplied no offsets for (it retries with more).
+#
+# Keys are processed in segments of at most "room" keys (what the current stage can
+# still take), so the current stage cannot change inside a segment. Per segment and
+# stage, the ops of all keys of one shard go into one BITFIELD (chunked to stay in
+# Lua's stack): old, full stages are only read (BITFIELD_RO GET), the current one is
+# test-and-set. Ops run in key order, so this equals handling the keys one by one; a
+# key is new iff no old stage has all its bits and the SET found a bit at 0.
+_RBLOOM_LUA = """
+local stats = KEYS[1]
+local sig = redis.call('HGET', stats, 'params')
+if not sig then
+  redis.call('HSET', stats, 'params', ARGV[1], 'backend', ARGV[2])
+elseif sig ~= ARGV[1] then
+  return redis.error_reply('ELRIC_DEDUPE_PARAMS scope was created with ' .. sig)
+end
+local T = tonumber(ARGV[3])
+local n = tonumber(ARGV[4])
+local cum, ks, nbytes, blobs, fmts = {}, {}, {}, {}, {}
+for s = 1, T do
+  cum[s] = tonumber(ARGV[2 + 3 * s])
+  ks[s] = tonumber(ARGV[3 + 3 * s])
+  nbytes[s] = tonumber(ARGV[4 + 3 * s])
+  blobs[s] = ARGV[4 + 3 * T + s]
+  fmts[s] = '<' .. string.rep('I4', ks[s] + 1)
+end
+local items = tonumber(redis.call('HGET', stats, 'items') or '0')
+local function stage_of(x)
+  for s = 1, T do if x < cum[s] then return s end end
+  return T + 1
+end
+if stage_of(items + n - 1) > T then return {-1, items} end
+
+local CHUNK = 4000          -- BITFIELD arguments per call (Lua unpack limit ~8000)
+local seen = {}
+local ready = {}
+
+local function bulk(s, a, b, readonly)
+  local k, blob, rec, fmt = ks[s], blobs[s], (ks[s] + 1) * 4, fmts[s]
+  local per = readonly and 3 or 4
+  local groups, order = {}, {}
+  for i = a, b do
+    if not seen[i] then
+      local v = {struct.unpack(fmt, blob, (i - 1) * rec + 1)}
+      local g = groups[v[1]]
+      if not g then
+        g = {args = {}, keys = {}}
+        groups[v[1]] = g
+        order[#order + 1] = v[1]
+      end
+      local args, m = g.args, #g.args
+      if readonly then
+        for j = 1, k do
+          args[m + 1] = 'GET'; args[m + 2] = 'u1'; args[m + 3] = v[j + 1]; m = m + 3
+        end
+      else
+        for j = 1, k do
+          args[m + 1] = 'SET'; args[m + 2] = 'u1'; args[m + 3] = v[j + 1]; args[m + 4] = 1; m = m + 4
+        end
+      end
+      g.keys[#g.keys + 1] = i
+    end
+  end
+  local cmd = readonly and 'BITFIELD_RO' or 'BITFIELD'
+  local kpc = math.max(1, math.floor(CHUNK / (per * k)))
+  for _, kidx in ipairs(order) do
+    local g, key = groups[kidx], KEYS[kidx]
+    if not readonly and not ready[key] then
+      -- Create the shard at full size at once (see _shard_plan).
+      if redis.call('EXISTS', key) == 0 then
+        redis.call('SET', key, string.rep('\\0', nbytes[s]))
+      end
+      ready[key] = true
+    end
+    local nk = #g.keys
+    for c0 = 1, nk, kpc do
+      local c1 = math.min(nk, c0 + kpc - 1)
+      local res = redis.call(cmd, key, unpack(g.args, (c0 - 1) * per * k + 1, c1 * per * k))
+      for t = c0, c1 do
+        local base, all = (t - c0) * k, true
+        for j = 1, k do
+          if res[base + j] == 0 then all = false; break end
+        end
+        if all then seen[g.keys[t]] = true end
+      end
+    end
+  end
+end
+
+local added, filtered = 0, 0
+local a = 1
+while a <= n do
+  local cur = stage_of(items)
+  local b = math.min(n, a + (cum[cur] - items) - 1)
+  for s = 1, cur - 1 do bulk(s, a, b, true) end
+  bulk(cur, a, b, false)
+  for i = a, b do
+    if seen[i] then filtered = filtered + 1 else items = items + 1; added = added + 1 end
+  end
+  a = b + 1
+end
+if added > 0 then redis.call('HINCRBY', stats, 'items', added) end
+if filtered > 0 then redis.call('HINCRBY', stats, 'filtered', filtered) end
+local out = {items}
+for i = 1, n do out[i + 1] = seen[i] and 0 or 1 end
+return out
+"""
+
+_M64 = (1 << 64) - 1
+_U32 = next(t for t in "IL" if array.array(t).itemsize == 4)   # array typecode of uint32
+_BITCOUNT_LIMIT = 64 << 20   # stats(): BITCOUNT the shards only up to this many bytes
+
+
+class RedisBloomFilter(DedupeFilter):
+    """Bloom filter in Redis bitmaps; every master shares it (same capacity and
+    error_rate required: checked against the scope's stats hash on every call)."""
+
+    name = "redis-bloom"
+    can_release = False
+    VERSION = 1   # bump when the hashing or the stage plan changes
+
+    def __init__(self, redis, keys: Keys, *, capacity: int, error_rate: float,
+                 log: logging.Logger) -> None:
+        super().__init__(redis, keys, log)
+        self.capacity = capacity
+        self.error_rate = error_rate
+        self.params = (f"v{self.VERSION} capacity={capacity} error_rate={error_rate!r} "
+                       f"growth={GROWTH} tightening={TIGHTENING}")
+        self._stages: list[_RStage] = []
+        self._items_hint: dict[str, int] = {}
+        self._warned: set[str] = set()
+        self._script = redis.register_script(_RBLOOM_LUA)
+
+    # -- sizing ----------------------------------------------------------------------
+    def stage(self, i: int) -> _RStage:
+        while len(self._stages) <= i:
+            j = len(self._stages)
+            cap, p = _stage_params(self.capacity, self.error_rate, j)
+            m = math.ceil(-cap * math.log(p) / _LN2_SQ)          # standard m
+            shards, size = _shard_plan(-(-m // 8))
+            k = max(1, round(shards * size * 8 / cap * math.log(2)))  # k for the bits we got
+            prev = self._stages[-1] if self._stages else None
+            self._stages.append(_RStage(
+                index=j, capacity=cap, cum=cap + (prev.cum if prev else 0), k=k,
+                shards=shards, shard_bytes=size,
+                first_shard=(prev.first_shard + prev.shards) if prev else 0,
+                person=b"elric-dedupe-%d" % j))
+        return self._stages[i]
+
+    def stage_of(self, items: int) -> int:
+        i = 0
+        while items >= self.stage(i).cum:
+            i += 1
+        return i
+
+    def positions(self, key: bytes, st: _RStage) -> tuple[int, list[int]]:
+        """(shard within the stage, k bit offsets in that shard) for one key.
+
+        One blake2b gives three 64-bit words: the shard, then h1/h2 for enhanced
+        double hashing (Dillinger & Manolios), x_i = h1 + i*h2 + (i^3-i)/6 mod m.
+        All k bits sit in one shard so that one BITFIELD tests-and-sets them."""
+        x = int.from_bytes(hashlib.blake2b(key, digest_size=24, person=st.person).digest(), "little")
+        m = st.shard_bits
+        shard = (x & _M64) % st.shards
+        a = ((x >> 64) & _M64) % m
+        b = (x >> 128) % m
+        offs = []
+        for i in range(st.k):
+            offs.append(a)
+            a = (a + b) % m
+            b = (b + i + 1) % m
+        return shard, offs
+
+    # -- API -------------------------------------------------------------------------
+    async def check_and_add(self, scope: str, keys: list[str]) -> list[bool]:
+        if not keys:
+            return []
+        raw = [k if isinstance(k, bytes) else str(k).encode("utf-8", "surrogatepass") for k in keys]
+        items = self._items_hint.get(scope, 0)
+        for _ in range(10):
+            # Offsets for every stage the batch could reach if all its keys were new.
+            T = self.stage_of(items + len(raw) - 1) + 1
+            res = await self._call(scope, raw, T)
+            if res[0] != -1:
+                break
+            items = int(res[1])   # another master grew the filter: ask again with more stages
+        else:  # pragma: no cover - needs ~10 growth events racing one call
+            raise DedupeError(f"dedupe scope {scope!r}: filter kept growing under this call")
+        items = int(res[0])
+        self._items_hint[scope] = items
+        if items > self.capacity and scope not in self._warned:
+            self._warned.add(scope)
+            self.log.warning(
+                "dedupe scope %r passed its Bloom capacity %d (now %d items): growing "
+                "into a new stage (false-positive rate stays <= %g, memory grows)",
+                scope, self.capacity, items, self.error_rate)
+        return [r == 1 for r in res[1:]]
+
+    async def _call(self, scope: str, raw: list[bytes], T: int):
+        stages = [self.stage(i) for i in range(T)]
+        key_index: dict[int, int] = {}    # global shard number -> KEYS index (1-based)
+        shard_keys = [self.keys.dedupe_stats(scope)]
+        args: list = [self.params, self.name, T, len(raw)]
+        blobs = []
+        for st in stages:
+            args += [st.cum, st.k, st.shard_bytes]
+            words = array.array(_U32)
+            for key in raw:
+                shard, offs = self.positions(key, st)
+                g = st.first_shard + shard
+                idx = key_index.get(g)
+                if idx is None:
+                    shard_keys.append(self.keys.dedupe_rbloom(scope, g))
+                    idx = key_index[g] = len(shard_keys)
+                words.append(idx)
+                words.extend(offs)
+            if sys.byteorder == "big":
+                words.byteswap()
+            blobs.append(words.tobytes())
+        args += blobs
+        try:
+            return await self._script(keys=shard_keys, args=args)
+        except ResponseError as exc:
+            if "ELRIC_DEDUPE_PARAMS" in str(exc):
+                raise DedupeError(
+                    f"dedupe scope {scope!r} is a redis-bloom filter with other parameters "
+                    f"than this master's ({self.params}): {exc}. Every master must use the "
+                    f"same capacity and error_rate for a scope (or drop_scope it).") from None
+            raise
+
+    def _stages_in_use(self, items: int) -> list[_RStage]:
+        # The stages holding items (a next stage is only created by the next new key).
+        return [self.stage(i) for i in range(self.stage_of(max(0, items - 1)) + 1)]
+
+    async def stats(self) -> dict[str, dict]:
+        scopes = await _scan_scopes(self.redis, self.keys.dedupe_stats(""))
+        if not scopes:
+            return {}
+        pipe = self.redis.pipeline(transaction=False)
+        for scope in scopes:
+            pipe.hgetall(self.keys.dedupe_stats(scope))
+        hashes = await pipe.execute()
+        out = {}
+        for scope, h in zip(scopes, hashes):
+            if _as_str(h.get(b"backend", b"")) != self.name:
+                continue
+            items = int(h.get(b"items", 0))
+            entry = {"backend": self.name, "items": items,
+                     "filtered": int(h.get(b"filtered", 0)),
+                     "params": _as_str(h.get(b"params", b""))}
+            if entry["params"] != self.params:
+                entry["error"] = "created with other parameters than this master's"
+                out[scope] = entry
+                continue
+            stages = self._stages_in_use(items)
+            shard_keys = [self.keys.dedupe_rbloom(scope, st.first_shard + s)
+                          for st in stages for s in range(st.shards)]
+            measure = sum(st.shards * st.shard_bytes for st in stages) <= _BITCOUNT_LIMIT
+            pipe = self.redis.pipeline(transaction=False)
+            for key in shard_keys:
+                pipe.memory_usage(key)
+                if measure:
+                    pipe.bitcount(key)
+            res = await pipe.execute()
+            step = 2 if measure else 1
+            mem = [int(r or 0) for r in res[0::step]]
+            set_bits = [int(r) for r in res[1::step]] if measure else None
+            miss, total_bits, total_set, pos = 1.0, 0, 0.0, 0
+            for st in stages:
+                if measure:
+                    fills = [c / st.shard_bits for c in set_bits[pos:pos + st.shards]]
+                else:
+                    # Estimate: items of this stage spread evenly over its bits.
+                    n_st = min(st.capacity, max(0, items - (st.cum - st.capacity)))
+                    fills = [1 - math.exp(-st.k * n_st / st.bits)] * st.shards
+                pos += st.shards
+                # A key probes one shard: its FP chance there is fill**k.
+                miss *= 1 - sum(f ** st.k for f in fills) / st.shards
+                total_bits += st.bits
+                total_set += sum(fills) * st.shard_bits
+            entry.update({
+                "capacity": stages[-1].cum,
+                "stages": len(stages),
+                "fill_ratio": total_set / total_bits,
+                "fill_measured": measure,
+                "expected_fp_rate": 1 - miss,
+                "error_rate": self.error_rate,
+                "bytes": sum(mem),
+            })
+            out[scope] = entry
+        return out
+
+    async def drop_scope(self, scope: str) -> None:
+        items = int(await self.redis.hget(self.keys.dedupe_stats(scope), "items") or 0)
+        # Every shard that can exist belongs to a stage up to the current one; one more
+        # stage covers a master that grew it between the HGET and the DEL.
+        last = self.stage(self.stage_of(items) + 1)
+        keys = [self.keys.dedupe_rbloom(scope, g) for g in range(last.first_shard + last.shards)]
+        await self.redis.delete(self.keys.dedupe_stats(scope), *keys)
+        self._items_hint.pop(scope, None)
+        self._warned.discard(scope)
+
+
+# --------------------------------------------------------------------------------------
+
+def make_filter(backend: str, redis, keys: Keys, *, capacity: int = 1_000_000,
+                error_rate: float = 0.001, set_ttl: float | None = None,
+                snapshot_interval: float = 30.0,
+                log: logging.Logger = logging.getLogger("elric.dedupe")) -> DedupeFilter:
+    """Build the dedupe filter named ``backend`` ("set", "bloom" or "redis-bloom").
+
+    ``redis`` is a ``redis.asyncio.Redis`` (decode_responses=False). ``capacity`` and
+    ``error_rate`` size the Bloom backends; ``set_ttl`` (seconds) makes a key new again
+    that long after it was let through (set backend only); ``snapshot_interval`` is
+    how often the in-master Bloom filter is written to Redis (0 = only on close)."""
+    if backend not in BACKENDS:
+        raise DedupeError(f"unknown dedupe backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if not isinstance(capacity, int) or capacity <= 0:
+        raise DedupeError(f"dedupe capacity must be a positive integer, got {capacity!r}")
+    if not 0 < error_rate < 1:
+        raise DedupeError(f"dedupe error_rate must be between 0 and 1, got {error_rate!r}")
+    if set_ttl is not None:
+        if backend != "set":
+            raise DedupeError(f"set_ttl applies to the 'set' backend only; a {backend!r} "
+                              "filter cannot forget single keys")
+        if not set_ttl > 0:
+            raise DedupeError(f"set_ttl must be > 0 seconds, got {set_ttl!r}")
+    if snapshot_interval < 0:
+        raise DedupeError(f"snapshot_interval must be >= 0, got {snapshot_interval!r}")
+    if backend == "set":
+        return SetFilter(redis, keys, set_ttl=set_ttl, log=log)
+    if backend == "bloom":
+        return BloomFilter(redis, keys, capacity=capacity, error_rate=error_rate,
+                           snapshot_interval=snapshot_interval, log=log)
+    return RedisBloomFilter(redis, keys, capacity=capacity, error_rate=error_rate, log=log)

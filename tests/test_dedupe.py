@@ -1,0 +1,501 @@
+"""Tests of elric.dedupe: the three dedupe backends against a real (private) redis-server.
+
+pytest-asyncio is not installed: every test drives its coroutine with asyncio.run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+import time
+
+import pytest
+import redis
+import redis.asyncio as aredis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from redis.asyncio.connection import Connection
+
+from elric.dedupe import DedupeError, _StagedBloom, make_filter
+from elric.keys import Keys
+
+BACKENDS = ["set", "bloom", "redis-bloom"]
+SHARED = ["set", "redis-bloom"]          # backends several masters may share
+KEYS = Keys("elrictest")
+
+
+class CountingConnection(Connection):
+    """Counts what the client sends: one send per command or per pipeline = one round trip."""
+
+    sends = 0
+
+    async def send_packed_command(self, command, check_health=True):
+        type(self).sends += 1
+        return await super().send_packed_command(command, check_health)
+
+
+def client(url, counting=False):
+    if counting:
+        return aredis.Redis.from_url(url, connection_class=CountingConnection)
+    return aredis.Redis.from_url(url)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def with_filter(url, backend, body, **kw):
+    """Run ``body(filter, client)`` with a started filter, closing both after."""
+    r = client(url)
+    f = make_filter(backend, r, KEYS, **kw)
+    await f.start()
+    try:
+        return await body(f, r)
+    finally:
+        await f.close()
+        await r.aclose()
+
+
+def urls(n, tag="u", start=0):
+    return [f"https://example{i % 97}.org/{tag}/{i}?q={i * 7919 % 100003}" for i in range(start, start + n)]
+
+
+# --- basic behaviour, every backend ----------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_new_then_seen_and_duplicates_in_one_call(redis_url, backend):
+    async def body(f, r):
+        assert await f.check_and_add("s", []) == []
+        assert await f.check_and_add("s", ["a", "b", "a", "c", "b"]) == [True, True, False, True, False]
+        assert await f.check_and_add("s", ["a", "d", "c", "d"]) == [False, True, False, False]
+        assert await f.check_and_add("s", ["d"]) == [False]
+        assert f.name == backend
+        assert f.can_release == (backend == "set")
+    run(with_filter(redis_url, backend, body, capacity=1000))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scopes_are_independent_and_drop_scope_forgets(redis_url, backend):
+    async def body(f, r):
+        assert await f.check_and_add("round-1", ["x", "y"]) == [True, True]
+        assert await f.check_and_add("round-2", ["x", "z"]) == [True, True]
+        assert await f.check_and_add("round-1", ["x", "z"]) == [False, True]
+        await f.drop_scope("round-1")
+        assert await f.check_and_add("round-1", ["x", "y"]) == [True, True]
+        assert await f.check_and_add("round-2", ["x", "z"]) == [False, False]
+        # Scope names are free text, glob characters included.
+        assert await f.check_and_add("a*[b]?", ["x"]) == [True]
+        assert await f.check_and_add("a*[b]?", ["x"]) == [False]
+    run(with_filter(redis_url, backend, body, capacity=1000))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stats_fields(redis_url, backend):
+    async def body(f, r):
+        await f.check_and_add("s1", urls(500))
+        await f.check_and_add("s1", urls(200))          # 200 filtered
+        await f.check_and_add("s2", ["one"])
+        if backend == "bloom":
+            await f.snapshot()
+        return await f.stats()
+    stats = run(with_filter(redis_url, backend, body, capacity=1000, error_rate=0.01))
+    assert set(stats) == {"s1", "s2"}
+    s = stats["s1"]
+    assert s["backend"] == backend
+    assert s["items"] == 500
+    assert s["filtered"] == 200
+    assert stats["s2"]["items"] == 1 and stats["s2"]["filtered"] == 0
+    assert s["bytes"] > 0
+    if backend == "set":
+        assert 500 * 20 < s["bytes"] < 500 * 500
+    else:
+        assert s["capacity"] == 1000
+        # 500 of 1000 items: about a third of the bits are set.
+        assert 0.15 < s["fill_ratio"] < 0.5
+        assert 0 < s["expected_fp_rate"] < 0.01
+        assert 1000 < s["bytes"] < 4000                  # ~1.3 bytes/item at 1% + overhead
+
+
+def test_stats_ignore_scopes_of_other_backends(redis_url):
+    async def main():
+        r = client(redis_url)
+        a = make_filter("set", r, KEYS)
+        b = make_filter("redis-bloom", r, KEYS, capacity=1000)
+        await a.check_and_add("by-set", ["k"])
+        await b.check_and_add("by-rbloom", ["k"])
+        sa, sb = await a.stats(), await b.stats()
+        await r.aclose()
+        return sa, sb
+    sa, sb = run(main())
+    assert list(sa) == ["by-set"] and list(sb) == ["by-rbloom"]
+
+
+# --- release -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("ttl", [None, 60.0])
+def test_set_release_makes_keys_new_again(redis_url, ttl):
+    async def body(f, r):
+        assert await f.check_and_add("s", ["a", "b", "c"]) == [True] * 3
+        await f.release("s", ["a", "c", "never-added"])
+        await f.release("s", [])
+        assert await f.check_and_add("s", ["a", "b", "c"]) == [True, False, True]
+    run(with_filter(redis_url, "set", body, set_ttl=ttl))
+
+
+@pytest.mark.parametrize("backend", ["bloom", "redis-bloom"])
+def test_bloom_release_raises_clear_error(redis_url, backend):
+    async def body(f, r):
+        await f.check_and_add("s", ["a"])
+        with pytest.raises(DedupeError, match="cannot release"):
+            await f.release("s", ["a"])
+    run(with_filter(redis_url, backend, body, capacity=100))
+
+
+# --- set expiry ----------------------------------------------------------------------------
+
+def test_set_ttl_key_becomes_new_again_after_ttl(redis_url):
+    ttl = 0.3
+
+    async def body(f, r):
+        t0 = time.monotonic()
+        assert await f.check_and_add("s", ["a", "b"]) == [True, True]
+        t_added = time.monotonic()
+        deadline = t_added + 20
+        while True:
+            res = await f.check_and_add("s", ["a"])
+            if res == [True]:
+                break
+            assert time.monotonic() < deadline, "key never became new again"
+            await asyncio.sleep(0.02)   # a poll interval, not a fixed wait
+        # Never new again before ttl (a little slack between Redis TIME and our clock).
+        assert time.monotonic() - t0 >= ttl - 0.02
+        # The key was re-admitted just now, so it is seen again; "b" expired as well.
+        assert await f.check_and_add("s", ["a", "b"]) == [False, True]
+        # Expired members are pruned and the zset carries a TTL.
+        pttl = await r.pttl(KEYS.dedupe_set("s"))
+        assert 0 < pttl <= ttl * 1000
+    run(with_filter(redis_url, "set", body, set_ttl=ttl))
+
+
+def test_set_ttl_does_not_expire_early(redis_url):
+    async def body(f, r):
+        assert await f.check_and_add("s", ["a"]) == [True]
+        for _ in range(5):
+            assert await f.check_and_add("s", ["a"]) == [False]
+        stats = await f.stats()
+        assert stats["s"]["items"] == 1 and stats["s"]["filtered"] == 5
+    run(with_filter(redis_url, "set", body, set_ttl=3600))
+
+
+def test_set_ttl_setting_mismatch_is_a_clear_error(redis_url):
+    async def main():
+        r = client(redis_url)
+        plain = make_filter("set", r, KEYS)
+        timed = make_filter("set", r, KEYS, set_ttl=10)
+        await plain.check_and_add("s", ["a"])
+        with pytest.raises(DedupeError, match="set_ttl"):
+            await timed.check_and_add("s", ["a"])
+        await r.aclose()
+    run(main())
+
+
+# --- concurrency: two masters ---------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", SHARED)
+def test_two_masters_admit_each_key_exactly_once(redis_url, backend):
+    keys = urls(2000, "c")
+
+    async def master(seed, ready, go):
+        # Own connection pool: a separate master process as far as Redis is concerned.
+        r = client(redis_url)
+        f = make_filter(backend, r, KEYS, capacity=100_000)
+        await f.start()
+        await f.check_and_add("warm-up", ["x"])       # connected, script loaded
+        ready.release()
+        rnd = random.Random(seed)
+        batches = []
+        for _ in range(3):              # every key three times per master, in shuffled batches
+            order = keys[:]
+            rnd.shuffle(order)
+            batches += [order[i:i + 100] for i in range(0, len(order), 100)]
+        rnd.shuffle(batches)
+        await go.wait()                                # both masters start together
+        results = await asyncio.gather(*(f.check_and_add("crawl", b) for b in batches))
+        await f.close()
+        await r.aclose()
+        return [k for b, res in zip(batches, results) for k, new in zip(b, res) if new]
+
+    async def main():
+        ready, go = asyncio.Semaphore(0), asyncio.Event()
+
+        async def starter():
+            await ready.acquire()
+            await ready.acquire()
+            go.set()
+        a, b, _ = await asyncio.gather(master(1, ready, go), master(2, ready, go), starter())
+        return a, b
+
+    a, b = run(main())
+    admitted = a + b
+    assert len(admitted) == len(keys)
+    assert sorted(admitted) == sorted(keys)
+    assert a and b                      # both masters really raced
+
+
+def test_bloom_concurrent_calls_in_one_master(redis_url):
+    keys = urls(2000, "c")
+
+    async def body(f, r):
+        batches = [keys[i::7] for i in range(7)] * 3
+        results = await asyncio.gather(*(f.check_and_add("crawl", b) for b in batches))
+        return sum(sum(res) for res in results)
+    assert run(with_filter(redis_url, "bloom", body, capacity=100_000)) == len(keys)
+
+
+def test_redis_bloom_params_must_match_between_masters(redis_url):
+    async def main():
+        r = client(redis_url)
+        a = make_filter("redis-bloom", r, KEYS, capacity=1000, error_rate=0.01)
+        b = make_filter("redis-bloom", r, KEYS, capacity=2000, error_rate=0.01)
+        await a.check_and_add("s", ["k"])
+        with pytest.raises(DedupeError, match="same capacity and error_rate"):
+            await b.check_and_add("s", ["k2"])
+        assert (await b.stats())["s"]["error"]
+        await b.drop_scope("s")          # dropping the scope lets the new parameters in
+        assert await b.check_and_add("s", ["k"]) == [True]
+        assert await r.exists(KEYS.dedupe_rbloom("s", 0)) == 1
+        await r.aclose()
+    run(main())
+
+
+# --- bloom snapshots ---------------------------------------------------------------------------
+
+def test_bloom_snapshot_on_close_and_reload_on_start(redis_url):
+    keys = urls(3500, "snap")     # capacity 1000: stages of 1000, 2000, 4000
+
+    async def main():
+        r = client(redis_url)
+        f = make_filter("bloom", r, KEYS, capacity=1000, error_rate=0.01, snapshot_interval=3600)
+        await f.start()
+        admitted = sum(await f.check_and_add("s", keys))      # grows to a third stage
+        assert admitted > 0.97 * len(keys)                    # 1% false positives allowed
+        assert await f.check_and_add("s", keys[:10]) == [False] * 10
+        await f.check_and_add("other", ["x"])
+        before = await f.stats()
+        await f.close()
+        raw = await r.get(KEYS.dedupe_bloom("s"))
+        assert raw and b"pickle" not in raw and not raw.startswith(b"\x80")  # our format, not pickle
+        assert raw.startswith(_StagedBloom.MAGIC)
+
+        g = make_filter("bloom", r, KEYS, capacity=1000, error_rate=0.01, snapshot_interval=3600)
+        await g.start()
+        after = await g.stats()
+        assert set(after) == {"s", "other"}
+        assert after["s"]["items"] == admitted
+        assert after["s"]["items"] == before["s"]["items"]
+        assert after["s"]["filtered"] == before["s"]["filtered"]
+        assert after["s"]["stages"] == before["s"]["stages"] == 3
+        res = await g.check_and_add("s", keys)
+        assert not any(res)                                       # no false negatives
+        assert await g.check_and_add("other", ["x", "y"]) == [False, True]
+        await g.close()
+        await r.aclose()
+    run(main())
+
+
+def test_bloom_periodic_snapshot_without_close(redis_url):
+    async def main():
+        r = client(redis_url)
+        f = make_filter("bloom", r, KEYS, capacity=1000, snapshot_interval=0.05)
+        await f.start()
+        await f.check_and_add("s", ["a", "b"])
+        deadline = time.monotonic() + 20
+        while not await r.exists(KEYS.dedupe_bloom("s")):
+            assert time.monotonic() < deadline, "no periodic snapshot"
+            await asyncio.sleep(0.02)
+        # A "crashed" master: a new instance sees what the periodic snapshot saved.
+        g = make_filter("bloom", r, KEYS, capacity=1000, snapshot_interval=0)
+        assert await g.check_and_add("s", ["a", "b", "c"]) == [False, False, True]  # lazy load
+        await f.close()
+        await r.aclose()
+    run(main())
+
+
+def test_bloom_drop_scope_removes_snapshot(redis_url):
+    async def body(f, r):
+        await f.check_and_add("s", ["a"])
+        await f.snapshot()
+        assert await r.exists(KEYS.dedupe_bloom("s"))
+        await f.drop_scope("s")
+        assert not await r.exists(KEYS.dedupe_bloom("s"), KEYS.dedupe_stats("s"))
+        assert await f.snapshot() == 0
+        assert not await r.exists(KEYS.dedupe_bloom("s"))
+    run(with_filter(redis_url, "bloom", body, capacity=100))
+
+
+def test_bloom_corrupt_snapshot_is_refused(redis_url):
+    async def main():
+        r = client(redis_url)
+        await r.set(KEYS.dedupe_bloom("s"), b"garbage")
+        f = make_filter("bloom", r, KEYS, snapshot_interval=0)
+        with pytest.raises(DedupeError, match="unreadable Bloom snapshot"):
+            await f.start()
+        await r.aclose()
+    run(main())
+
+
+def test_capacity_warning_logged_once_per_scope(redis_url, caplog):
+    async def body(f, r):
+        for _ in range(3):
+            await f.check_and_add("s", [f"k{i}" for i in range(60)])
+            await f.check_and_add("s", urls(80, tag=str(random.random())))
+    for backend in ["bloom", "redis-bloom"]:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="elric.dedupe"):
+            run(with_filter(redis_url, backend, body, capacity=100))
+        warnings = [r for r in caplog.records if "passed its Bloom capacity" in r.getMessage()]
+        assert len(warnings) == 1, backend
+
+
+# --- growth ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["bloom", "redis-bloom"])
+def test_growth_across_stages_inside_one_call(redis_url, backend):
+    """Capacity 100: stages of 100, 200, 400, 800 items. One call crosses three stage
+    boundaries, and its duplicates must be found in the old (read-only) stages."""
+    keys = urls(1500, "grow")
+
+    async def body(f, r):
+        res = await f.check_and_add("g", keys + keys[:300] + keys[1400:])
+        assert res[1500:] == [False] * 400
+        admitted = sum(res[:1500])
+        assert admitted >= 1500 - 10                      # 0.1% false positives
+        assert not any(await f.check_and_add("g", keys))  # never a false negative
+        s = (await f.stats())["g"]
+        assert s["items"] == admitted
+        assert s["stages"] == 4 and s["capacity"] == 1500
+        assert s["expected_fp_rate"] <= 0.0012
+        return s
+    run(with_filter(redis_url, backend, body, capacity=100, error_rate=0.001))
+
+
+def test_redis_bloom_stale_master_catches_up_with_growth(redis_url):
+    keys = urls(1000, "stale")
+
+    async def main():
+        ra, rb = client(redis_url), client(redis_url, counting=True)
+        a = make_filter("redis-bloom", ra, KEYS, capacity=100)
+        b = make_filter("redis-bloom", rb, KEYS, capacity=100)
+        assert await b.check_and_add("s", ["first"]) == [True]    # b believes: 1 item, stage 0
+        for i in range(0, 1000, 50):
+            await a.check_and_add("s", keys[i:i + 50])            # a grows it to stage 3
+        CountingConnection.sends = 0
+        res = await b.check_and_add("s", keys[:10] + ["fresh"])
+        assert res == [False] * 10 + [True]
+        assert CountingConnection.sends == 2                      # one retry with more stages
+        assert await b.check_and_add("s", keys[10:20]) == [False] * 10
+        assert CountingConnection.sends == 3
+        await ra.aclose()
+        await rb.aclose()
+    run(main())
+
+
+# --- false-positive rate ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["bloom", "redis-bloom"])
+@pytest.mark.parametrize("error_rate,capacity,probes", [(0.01, 20_000, 20_000), (0.001, 30_000, 60_000)])
+@pytest.mark.parametrize("fill", [1, 3])
+def test_false_positive_rate_within_target(redis_url, backend, error_rate, capacity, probes, fill):
+    """After capacity (and after growing to 3x capacity), fresh keys are wrongly
+    called "seen" at most 1.2x the configured rate, plus 3 sigma of sampling noise."""
+
+    async def body(f, r):
+        added = urls(capacity * fill, "in")
+        for i in range(0, len(added), 1000):
+            await f.check_and_add("fp", added[i:i + 1000])
+        fresh = urls(probes, "fresh")
+        fps = 0
+        for i in range(0, len(fresh), 1000):
+            fps += (await f.check_and_add("fp", fresh[i:i + 1000])).count(False)
+        assert not any(await f.check_and_add("fp", added[:5000]))   # never a false negative
+        return fps, await f.stats()
+
+    fps, stats = run(with_filter(redis_url, backend, body, capacity=capacity, error_rate=error_rate))
+    expected = 1.2 * error_rate * probes
+    assert fps <= expected + 3 * math.sqrt(expected), (fps, expected)
+    s = stats["fp"]
+    assert s["expected_fp_rate"] <= 1.2 * error_rate
+    assert s["stages"] >= (1 if fill == 1 else 2)
+
+
+# --- round trips ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend,ttl", [("set", None), ("set", 60), ("bloom", None), ("redis-bloom", None)])
+def test_one_round_trip_per_call(redis_url, backend, ttl):
+    kw = {"set_ttl": ttl} if ttl else {"capacity": 5000}
+
+    async def main():
+        r = client(redis_url, counting=True)
+        f = make_filter(backend, r, KEYS, snapshot_interval=0, **kw)
+        await f.start()
+        await f.check_and_add("s", ["warm-up"])      # loads the script / the snapshot once
+        info = redis.Redis.from_url(redis_url)
+        before_cmds = info.info("commandstats")
+        CountingConnection.sends = 0
+        res = await f.check_and_add("s", urls(1000) + urls(500))  # 500 duplicates inside the call
+        sends = CountingConnection.sends
+        after_cmds = info.info("commandstats")
+        info.close()
+        await r.aclose()
+        return res, sends, before_cmds, after_cmds
+
+    res, sends, before, after = run(main())
+    assert res == [True] * 1000 + [False] * 500
+    if backend == "bloom":
+        assert sends == 0                               # in memory
+        return
+    assert sends == 1
+    top = {k: after[k]["calls"] - before.get(k, {}).get("calls", 0) for k in after}
+    assert top.get("cmdstat_evalsha", 0) == 1 and top.get("cmdstat_eval", 0) == 0
+
+
+# --- properties -----------------------------------------------------------------------------------
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(batches=st.lists(st.lists(st.sampled_from([f"k{i}" for i in range(30)]), max_size=12), max_size=8))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_a_python_set(redis_url, backend, batches):
+    """Every backend agrees with an exact set here (tiny key count, so no Bloom false positive)."""
+
+    async def main():
+        r = client(redis_url)
+        scope = f"prop-{random.getrandbits(64)}"        # the fixture does not flush between examples
+        f = make_filter(backend, r, KEYS, capacity=10_000, error_rate=0.0001)
+        seen = set()
+        for batch in batches:
+            want = []
+            for k in batch:
+                want.append(k not in seen)
+                seen.add(k)
+            assert await f.check_and_add(scope, batch) == want
+        await f.drop_scope(scope)
+        await r.aclose()
+    run(main())
+
+
+# --- configuration errors ---------------------------------------------------------------------------
+
+def test_make_filter_rejects_bad_settings(redis_url):
+    r = client(redis_url)
+    with pytest.raises(DedupeError, match="unknown dedupe backend"):
+        make_filter("cuckoo", r, KEYS)
+    with pytest.raises(DedupeError, match="set_ttl"):
+        make_filter("bloom", r, KEYS, set_ttl=10)
+    with pytest.raises(DedupeError, match="error_rate"):
+        make_filter("redis-bloom", r, KEYS, error_rate=1.5)
+    with pytest.raises(DedupeError, match="capacity"):
+        make_filter("bloom", r, KEYS, capacity=0)
+    with pytest.raises(DedupeError, match="set_ttl"):
+        make_filter("set", r, KEYS, set_ttl=0)
