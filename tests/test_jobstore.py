@@ -1,0 +1,236 @@
+"""The Redis job store: add/get/replace/remove/pause/resume/modify/list, restarts, wake-ups."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import msgpack
+import pytest
+import redis.asyncio as aioredis
+
+from elric.jobstore import Coalesce, RedisJobStore, ScheduleError
+from elric.keys import Keys
+from elric.triggers import TriggerError
+
+T0 = 1_780_000_000.0  # 2026-05-28T20:26:40Z
+
+
+class Clock:
+    def __init__(self, t: float = T0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def spec(job_id="site", trigger=None, **extra):
+    return {"func": "tests.jobs:Crawl", "args": ["https://example.org"], "kwargs": {}, "job_id": job_id,
+            "queue": "default", "priority": 0, "trigger": trigger or {"type": "interval", "minutes": 15}, **extra}
+
+
+def run(redis_url, body):
+    """Run ``body(store, redis, keys, clock)`` on a fresh client in its own event loop."""
+    async def main():
+        r = aioredis.Redis.from_url(redis_url)
+        keys, clock = Keys("elrictest"), Clock()
+        try:
+            return await body(RedisJobStore(r, keys, clock=clock), r, keys, clock)
+        finally:
+            await r.aclose()
+    return asyncio.run(main())
+
+
+def test_add_and_get(redis_url):
+    async def body(store, r, keys, clock):
+        out = await store.add(spec(max_instances=2, coalesce="all", misfire_grace_time=None))
+        assert out == {"job_id": "site", "status": "scheduled", "next_run_time": T0 + 900}
+        job = await store.get("site")
+        assert job["func"] == "tests.jobs:Crawl" and job["args"] == ["https://example.org"]
+        assert job["trigger"]["type"] == "interval" and job["trigger"]["minutes"] == 15
+        assert job["next_run_time"] == T0 + 900 and job["paused"] is False and job["status"] == "scheduled"
+        assert (job["max_instances"], job["coalesce"], job["misfire_grace_time"]) == (2, "all", None)
+        assert job["runs"] == []
+        assert "trigger" not in (await store.get("site"))["runs"]
+        # readable from redis-cli; the index holds ms
+        h = await r.hgetall(keys.schedule("site"))
+        assert h[b"func"] == b"tests.jobs:Crawl" and h[b"trigger_text"].startswith(b"interval[")
+        assert h[b"next_run_iso"] == b"2026-05-28T20:41:40+00:00"
+        assert await r.zscore(keys.schedules, "site") == (T0 + 900) * 1000
+        assert await store.get("nope") is None
+        assert await store.count() == 1
+    run(redis_url, body)
+
+
+def test_defaults_and_option_errors(redis_url):
+    async def body(store, r, keys, clock):
+        await store.add(spec())
+        job = await store.get("site")
+        assert (job["misfire_grace_time"], job["coalesce"], job["max_instances"]) == (60.0, "latest", 1)
+        for bad, word in [({"misfire_grace_time": 0}, "misfire_grace_time"), ({"coalesce": "some"}, "coalesce"),
+                          ({"max_instances": 0}, "max_instances"), ({"max_instances": True}, "max_instances")]:
+            with pytest.raises(ScheduleError, match=word):
+                await store.add(spec("other", **bad))
+        with pytest.raises(TriggerError, match="trigger.minute"):
+            await store.add(spec("other", {"type": "cron", "minute": 99}))
+        with pytest.raises(TriggerError, match="trigger"):
+            await store.add({"func": "a:B", "job_id": "x"})
+        with pytest.raises(ScheduleError, match="job_id"):
+            await store.add(spec(job_id=""))
+        assert await store.add(spec("enum", coalesce=Coalesce.SKIP))
+        assert (await store.get("enum"))["coalesce"] == "skip"
+        assert await store.count() == 2
+    run(redis_url, body)
+
+
+def test_duplicate_and_replace_existing(redis_url):
+    async def body(store, r, keys, clock):
+        await store.add(spec())
+        with pytest.raises(ScheduleError) as err:
+            await store.add(spec())
+        assert str(err.value) == "job 'site' already exists; pass replace_existing=True to replace its schedule"
+        # the same script run again later: same trigger keeps its phase, new args are taken
+        clock.t += 100
+        out = await store.add(spec(args=["https://example.com"]), replace_existing=True)
+        assert out["next_run_time"] == T0 + 900
+        assert (await store.get("site"))["args"] == ["https://example.com"]
+        # replace_existing inside the spec works too (as the wire sends it); a new trigger reschedules
+        out = await store.add(spec(trigger={"type": "interval", "minutes": 5}, replace_existing=True))
+        assert out["next_run_time"] == clock.t + 300
+        assert await store.count() == 1
+        assert await r.zcard(keys.schedules) == 1
+    run(redis_url, body)
+
+
+def test_remove(redis_url):
+    async def body(store, r, keys, clock):
+        await store.add(spec())
+        await r.lpush(keys.schedule_runs("site"), msgpack.packb({"outcome": "missed"}))
+        assert await store.remove("site") is True
+        assert await store.remove("site") is False
+        assert await store.get("site") is None and await store.count() == 0
+        assert not await r.exists(keys.schedule("site"), keys.schedule_runs("site"))
+        await store.add(spec())  # can be added again
+    run(redis_url, body)
+
+
+def test_pause_resume(redis_url):
+    async def body(store, r, keys, clock):
+        await store.add(spec())
+        assert await store.pause("site") is True
+        job = await store.get("site")
+        assert job["paused"] is True and job["status"] == "paused" and job["next_run_time"] is None
+        assert math.isinf(await r.zscore(keys.schedules, "site"))  # listed, never due
+        assert (await store.list())[0]["paused"] is True
+        # a replace by a re-run script keeps the operator's pause
+        await store.add(spec(), replace_existing=True)
+        assert (await store.get("site"))["paused"] is True
+        clock.t += 3000  # fires due while paused are dropped; it resumes on the grid from now
+        assert await store.resume("site") is True
+        job = await store.get("site")
+        assert job["paused"] is False and job["next_run_time"] == T0 + 900 * 4
+        assert await store.pause("nope") is False and await store.resume("nope") is False
+    run(redis_url, body)
+
+
+def test_modify(redis_url):
+    async def body(store, r, keys, clock):
+        await store.add(spec())
+        job = await store.modify("site", {"args": [1], "kwargs": {"depth": 2}, "queue": "slow", "priority": 5})
+        assert (job["args"], job["kwargs"], job["queue"], job["priority"]) == ([1], {"depth": 2}, "slow", 5)
+        assert job["next_run_time"] == T0 + 900  # unchanged schedule
+        assert (await r.hget(keys.schedule("site"), "queue")) == b"slow"
+        clock.t += 10
+        job = await store.modify("site", {"trigger": {"type": "cron", "crontab": "0 * * * *"},
+                                          "coalesce": "all", "max_instances": 3})
+        assert job["trigger"] == {"type": "cron", "crontab": "0 * * * *", "timezone": "UTC"}
+        assert job["next_run_time"] == 1_780_002_000.0  # the next full hour
+        assert (job["coalesce"], job["max_instances"], job["misfire_grace_time"]) == ("all", 3, 60.0)
+        job = await store.modify("site", {"misfire_grace_time": None})
+        assert job["misfire_grace_time"] is None
+        with pytest.raises(ScheduleError, match="unknown key"):
+            await store.modify("site", {"colour": "red"})
+        with pytest.raises(ScheduleError, match="job_id cannot be modified"):
+            await store.modify("site", {"job_id": "other"})
+        with pytest.raises(TriggerError, match="trigger.hour"):
+            await store.modify("site", {"trigger": {"type": "cron", "hour": 24}})
+        with pytest.raises(ScheduleError, match="coalesce"):
+            await store.modify("site", {"coalesce": "never"})
+        with pytest.raises(ScheduleError, match="no periodic job 'nope'"):
+            await store.modify("nope", {"args": []})
+        assert (await store.get("site"))["coalesce"] == "all"  # failed changes left it alone
+    run(redis_url, body)
+
+
+def test_list_paged_by_next_run(redis_url):
+    async def body(store, r, keys, clock):
+        for i in range(25):
+            await store.add(spec(f"job{i:02d}", {"type": "interval", "seconds": 100 - i}))
+        await store.pause("job24")
+        page1 = await store.list(offset=0, limit=10)
+        page3 = await store.list(offset=20, limit=10)
+        assert [j["job_id"] for j in page1] == [f"job{i:02d}" for i in range(23, 13, -1)]
+        assert [j["job_id"] for j in page3] == ["job03", "job02", "job01", "job00", "job24"]
+        assert page1[0]["next_run_time"] == T0 + 77 and page1[0]["func"] == "tests.jobs:Crawl"
+        assert page3[-1]["paused"] is True and page3[-1]["next_run_time"] is None
+        assert await store.list(offset=30) == []
+        assert await store.count() == 25
+    run(redis_url, body)
+
+
+def test_survives_a_new_store_instance(redis_url):
+    run(redis_url, lambda store, r, k, c: store.add(spec(trigger={"type": "cron", "crontab": "30 2 * * *",
+                                                                 "timezone": "Europe/Berlin"})))
+
+    async def body(store, r, keys, clock):  # a restarted master: new client, new store
+        job = await store.get("site")
+        assert job["trigger"]["crontab"] == "30 2 * * *" and job["next_run_time"] == 1_780_014_600.0
+        with pytest.raises(ScheduleError, match="already exists"):
+            await store.add(spec())
+    run(redis_url, body)
+
+
+def test_add_wakes_the_scheduler_only_for_a_sooner_job(redis_url):
+    async def body(store, r, keys, clock):
+        await store.add(spec("a", {"type": "interval", "minutes": 10}))
+        assert await r.lrange(keys.scheduler_wake, 0, -1) == [b"1"]
+        await r.delete(keys.scheduler_wake)
+        await store.add(spec("b", {"type": "interval", "minutes": 20}))  # later than the head
+        assert await r.llen(keys.scheduler_wake) == 0
+        for i in range(5):  # sooner each time; the list stays one token long
+            await store.add(spec(f"c{i}", {"type": "interval", "minutes": 9 - i}))
+        assert await r.llen(keys.scheduler_wake) == 1
+    run(redis_url, body)
+
+
+def test_get_shows_runs_with_outcome_and_duration(redis_url):
+    async def body(store, r, keys, clock):
+        await store.add(spec())
+        runs = keys.schedule_runs("site")
+        await r.lpush(runs, msgpack.packb({"fire_time": T0, "job_id": "site@a", "outcome": "enqueued"}))
+        await r.lpush(runs, msgpack.packb({"fire_time": T0 + 1, "job_id": "site@b", "outcome": "skipped",
+                                           "reason": "max_instances"}))
+        await r.lpush(runs, msgpack.packb({"fire_time": T0 + 2, "job_id": "site@c", "outcome": "enqueued"}))
+        # as queue.py writes them: times and duration in ms
+        await r.hset(keys.job("site@a"), mapping={"status": "succeeded", "duration_ms": 2500})
+        await r.hset(keys.job("site@c"), mapping={"status": "running", "started_at": 1000, "finished_at": 1750})
+        c, b, a = (await store.get("site"))["runs"]
+        assert b["outcome"] == "skipped" and b["reason"] == "max_instances"
+        assert a["outcome"] == "succeeded" and a["duration"] == 2.5
+        assert c["outcome"] == "running" and c["duration"] == 0.75
+    run(redis_url, body)
+
+
+def test_finished_date_job(redis_url):
+    async def body(store, r, keys, clock):
+        out = await store.add(spec("once", {"type": "interval", "minutes": 1, "end_date": "2020-01-01T00:00:00Z",
+                                            "start_date": "2019-01-01T00:00:00Z"}))
+        assert out["next_run_time"] is None
+        job = await store.get("once")
+        assert job["status"] == "finished" and await store.count() == 0
+        assert 0 < await r.ttl(keys.schedule("once")) <= 86400
+        with pytest.raises(ScheduleError, match="already exists"):
+            await store.add(spec("once", {"type": "date", "run_date": "2030-01-01T00:00:00Z"}))
+        await store.add(spec("once", {"type": "date", "run_date": "2030-01-01T00:00:00Z"}), replace_existing=True)
+        assert await r.ttl(keys.schedule("once")) == -1 and await store.count() == 1
+    run(redis_url, body)

@@ -1,0 +1,490 @@
+"""The scheduler: fire times and ids, misfires, max_instances, DST, two masters, wake-ups.
+
+Time-dependent logic runs against an injected clock and ``tick()``; only the wake-up and
+takeover tests use the real clock, with deadline-based waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import Counter
+from datetime import datetime, timezone
+from zoneinfo import ZoneInfo
+
+import msgpack
+import pytest
+import redis.asyncio as aioredis
+
+from elric.jobstore import RedisJobStore
+from elric.keys import Keys
+from elric.scheduler import Fenced, Scheduler, fire_id
+
+T0 = 1_780_000_000.0  # 2026-05-28T20:26:40Z
+UTC = timezone.utc
+
+
+class Clock:
+    def __init__(self, t: float = T0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class Recorder:
+    """A fake enqueue: records specs, sets each job hash status like the master would, and
+    refuses a stale fence token like the real queue."""
+
+    def __init__(self, redis, keys, status="succeeded") -> None:
+        self.redis, self.keys, self.status = redis, keys, status
+        self.specs: list[dict] = []
+        self.tokens: list[int] = []
+        self.before = None  # optional hook run before the fence check
+
+    async def __call__(self, specs, token):
+        if self.before:
+            await self.before()
+        if int(await self.redis.get(self.keys.scheduler_fence)) != token:
+            raise Fenced(f"token {token} is stale")
+        for s in specs:
+            await self.redis.hset(self.keys.job(s["job_id"]), "status", self.status)
+        self.specs += specs
+        self.tokens.append(token)
+        return [{"job_id": s["job_id"], "status": "queued"} for s in specs]
+
+    @property
+    def times(self) -> list[float]:
+        return [s["fire_time"] for s in self.specs]
+
+
+def spec(job_id="site", trigger=None, **extra):
+    return {"func": "tests.jobs:Crawl", "args": ["https://example.org"], "kwargs": {}, "job_id": job_id,
+            "queue": "default", "priority": 0, "trigger": trigger or {"type": "interval", "minutes": 1}, **extra}
+
+
+def run(redis_url, body, t=T0, status="succeeded"):
+    """Run ``body(env)`` with one store + scheduler on a fresh client and its own loop
+    (``t=None``: the real clock)."""
+    async def main():
+        r = aioredis.Redis.from_url(redis_url)
+        env = Env(r, Keys("elrictest"), time.time if t is None else Clock(t), status)
+        try:
+            return await body(env)
+        finally:
+            await r.aclose()
+    return asyncio.run(main())
+
+
+class Env:
+    def __init__(self, r, keys, clock, status="succeeded"):
+        self.r, self.keys, self.clock = r, keys, clock
+        self.store = RedisJobStore(r, keys, clock=clock)
+        self.rec = Recorder(r, keys, status)
+        self.sched = self.scheduler("m1", self.rec)
+
+    def scheduler(self, master_id, enqueue, **kw):
+        return Scheduler(self.r, self.keys, self.store, enqueue, master_id=master_id, clock=self.clock, **kw)
+
+    async def runs(self, job_id="site"):
+        return [msgpack.unpackb(b) for b in await self.r.lrange(self.keys.schedule_runs(job_id), 0, -1)][::-1]
+
+
+def test_fires_at_the_right_times_with_fire_ids(redis_url):
+    async def body(env):
+        await env.store.add(spec())
+        assert await env.sched.tick() == 0 and env.sched.is_leader
+        env.clock.t = T0 + 59.9
+        assert await env.sched.tick() == 0
+        env.clock.t = T0 + 60.02
+        assert await env.sched.tick() == 1
+        (s,) = env.rec.specs
+        assert s["job_id"] == "site@2026-05-28T20:27:40Z" == fire_id("site", T0 + 60)
+        assert (s["schedule"], s["fire_time"], s["args"], s["queue"]) == ("site", T0 + 60, ["https://example.org"], "default")
+        assert not {"trigger", "misfire_grace_time", "coalesce", "max_instances", "replace_existing"} & set(s)
+        assert await env.sched.tick() == 0  # not twice
+        assert (await env.store.get("site"))["next_run_time"] == T0 + 120
+        for i in range(2, 6):
+            env.clock.t = T0 + 60 * i + 0.5
+            assert await env.sched.tick() == 1
+        assert env.rec.times == [T0 + 60 * i for i in range(1, 6)]
+        runs = (await env.store.get("site"))["runs"]
+        assert [r["outcome"] for r in runs] == ["succeeded"] * 5 and runs[0]["fire_time"] == T0 + 300
+    run(redis_url, body)
+
+
+def test_cron_fire_times_over_a_day(redis_url):
+    async def body(env):
+        env.clock.t = datetime(2026, 6, 1, tzinfo=UTC).timestamp()
+        await env.store.add(spec(trigger={"type": "cron", "crontab": "*/15 9-10 * * 1-5"}))  # Monday
+        for _ in range(24 * 60):
+            env.clock.t += 60
+            await env.sched.tick()
+        assert [datetime.fromtimestamp(t, UTC).strftime("%H:%M") for t in env.rec.times] == [
+            "09:00", "09:15", "09:30", "09:45", "10:00", "10:15", "10:30", "10:45"]
+    run(redis_url, body)
+
+
+def test_fire_ids_are_exact_for_fractional_times():
+    assert fire_id("a", 0.25) == "a@1970-01-01T00:00:00.250000Z"
+    assert fire_id("a", T0) == "a@2026-05-28T20:26:40Z"
+
+
+@pytest.mark.parametrize("berlin_day", ["2026-03-29", "2026-10-25"])
+def test_dst_days_fire_once(redis_url, berlin_day):
+    async def body(env):
+        start = datetime.fromisoformat(berlin_day).replace(tzinfo=ZoneInfo("Europe/Berlin")).timestamp()
+        end = start + 86400 + 3600  # the next local midnight, whichever way the clocks turned
+        env.clock.t = start - 3600
+        await env.store.add(spec(trigger={"type": "cron", "crontab": "30 2 * * *", "timezone": "Europe/Berlin"}))
+        while env.clock.t < end - 300:
+            env.clock.t += 300  # the scheduler wakes at least every 5 minutes
+            await env.sched.tick()
+        assert len(env.rec.specs) == 1
+        fired = datetime.fromtimestamp(env.rec.times[0], UTC)
+        assert fired.strftime("%Y-%m-%d %H:%M") in (f"{berlin_day} 01:30", f"{berlin_day} 00:30")
+    run(redis_url, body)
+
+
+def _missed_setup(coalesce, grace, **extra):
+    """Interval 60 s, master down 5 minutes: fires T0+60 .. T0+300 are due at T0+310."""
+    async def setup(env):
+        await env.store.add(spec(coalesce=coalesce, misfire_grace_time=grace, **extra))
+        env.clock.t = T0 + 310
+        return await env.sched.tick()
+    return setup
+
+
+def test_misfire_latest_runs_once(redis_url):
+    async def body(env):
+        assert await _missed_setup("latest", 1000)(env) == 1
+        assert env.rec.times == [T0 + 300]
+        (run_,) = await env.runs()
+        assert run_["outcome"] == "enqueued" and run_["coalesced"] == 4
+        assert (await env.store.get("site"))["next_run_time"] == T0 + 360
+    run(redis_url, body)
+
+
+def test_misfire_all_runs_every_one(redis_url):
+    async def body(env):
+        assert await _missed_setup("all", 1000, max_instances=5)(env) == 5
+        assert env.rec.times == [T0 + 60 * i for i in range(1, 6)]
+        assert len({s["job_id"] for s in env.rec.specs}) == 5
+    run(redis_url, body)
+
+
+def test_misfire_skip_runs_none_and_waits_for_the_next(redis_url):
+    async def body(env):
+        assert await _missed_setup("skip", 1000)(env) == 0
+        runs = await env.runs()
+        assert [(r["outcome"], r["reason"]) for r in runs] == [("skipped", "coalesce")] * 5
+        assert (await env.store.get("site"))["next_run_time"] == T0 + 360
+        env.clock.t = T0 + 360.01  # the next on-time fire runs
+        assert await env.sched.tick() == 1 and env.rec.times == [T0 + 360]
+    run(redis_url, body)
+
+
+def test_misfire_grace_time_default_records_missed(redis_url):
+    async def body(env):
+        assert await _missed_setup("latest", 60)(env) == 1  # only T0+300 is within 60 s
+        assert env.rec.times == [T0 + 300]
+        runs = await env.runs()
+        assert [r["outcome"] for r in runs] == ["missed"] * 4 + ["enqueued"]
+        assert [r["fire_time"] for r in runs[:4]] == [T0 + 60 * i for i in range(1, 5)]
+        assert runs[0]["job_id"] == fire_id("site", T0 + 60)
+    run(redis_url, body)
+
+
+def test_misfire_outside_grace_runs_nothing(redis_url):
+    async def body(env):
+        await env.store.add(spec(trigger={"type": "date", "run_date": T0 + 10}))
+        env.clock.t = T0 + 100  # 90 s late, grace 60
+        assert await env.sched.tick() == 0
+        assert [r["outcome"] for r in await env.runs()] == ["missed"]
+        job = await env.store.get("site")
+        assert job["status"] == "finished" and await env.store.count() == 0
+    run(redis_url, body)
+
+
+def test_no_grace_long_backlog_all_is_caught_up_in_bounded_passes(redis_url):
+    async def body(env):
+        await env.store.add(spec(trigger={"type": "interval", "seconds": 1}, coalesce="all",
+                                 misfire_grace_time=None, max_instances=10_000))
+        env.clock.t = T0 + 1500.5
+        assert await env.sched.tick() == 1000  # CATCHUP_LIMIT per job and pass
+        assert await env.sched.tick() == 500
+        assert await env.sched.tick() == 0
+        assert env.rec.times == [T0 + i for i in range(1, 1501)]
+    run(redis_url, body)
+
+
+def test_long_outage_records_capped_missed_and_jumps_to_the_grace_window(redis_url):
+    async def body(env):
+        await env.store.add(spec(trigger={"type": "interval", "seconds": 1}))  # grace 60, latest
+        env.clock.t = T0 + 100_000.5
+        assert await env.sched.tick() == 1
+        assert env.rec.times == [T0 + 100_000]
+        runs = await env.runs()
+        assert len(runs) == 20 and [r["outcome"] for r in runs[:19]] == ["missed"] * 19
+        assert runs[-1]["outcome"] == "enqueued" and runs[-1]["coalesced"] == 59  # T0+99941 .. +99999
+        assert (await env.store.get("site"))["next_run_time"] == T0 + 100_001
+    run(redis_url, body)
+
+
+def test_no_grace_long_backlog_latest_runs_once(redis_url):
+    async def body(env):
+        await env.store.add(spec(trigger={"type": "interval", "seconds": 1}, misfire_grace_time=None))
+        env.clock.t = T0 + 5000.5
+        assert await env.sched.tick() == 1
+        assert env.rec.times == [T0 + 5000]
+        assert (await env.store.get("site"))["next_run_time"] == T0 + 5001
+    run(redis_url, body)
+
+
+def test_max_instances_skips_while_a_previous_fire_is_queued(redis_url):
+    async def body(env):
+        await env.store.add(spec())
+        env.clock.t = T0 + 60
+        assert await env.sched.tick() == 1  # its job hash now says "queued"
+        env.clock.t = T0 + 120
+        assert await env.sched.tick() == 0
+        runs = await env.runs()
+        assert [(r["outcome"], r.get("reason")) for r in runs] == [("enqueued", None), ("skipped", "max_instances")]
+        assert runs[1]["job_id"] == fire_id("site", T0 + 120)
+        await env.r.hset(env.keys.job(fire_id("site", T0 + 60)), "status", "running")
+        env.clock.t = T0 + 180
+        assert await env.sched.tick() == 0
+        await env.r.hset(env.keys.job(fire_id("site", T0 + 60)), "status", "succeeded")
+        env.clock.t = T0 + 240
+        assert await env.sched.tick() == 1
+        assert env.rec.times == [T0 + 60, T0 + 240]
+        view = await env.store.get("site")
+        assert [r["outcome"] for r in view["runs"]] == ["queued", "skipped", "skipped", "succeeded"]
+    run(redis_url, body, status="queued")
+
+
+def test_max_instances_two_and_all(redis_url):
+    async def body(env):
+        await env.store.add(spec(max_instances=2, coalesce="all", misfire_grace_time=None))
+        env.clock.t = T0 + 180  # three due at once, room for two
+        assert await env.sched.tick() == 2
+        assert env.rec.times == [T0 + 60, T0 + 120]
+        assert [r["outcome"] for r in await env.runs()] == ["enqueued", "enqueued", "skipped"]
+        await env.r.hset(env.keys.job(fire_id("site", T0 + 60)), "status", "failed")
+        env.clock.t = T0 + 240
+        assert await env.sched.tick() == 1  # one slot free again
+    run(redis_url, body, status="retrying")
+
+
+def test_paused_job_does_not_fire(redis_url):
+    async def body(env):
+        await env.store.add(spec())
+        await env.store.pause("site")
+        env.clock.t = T0 + 600
+        assert await env.sched.tick() == 0
+        await env.store.resume("site")
+        env.clock.t = T0 + 660
+        assert await env.sched.tick() == 1 and env.rec.times == [T0 + 660]
+    run(redis_url, body)
+
+
+def test_modify_between_read_and_fire_is_not_overwritten(redis_url):
+    async def body(env):
+        await env.store.add(spec())
+        env.clock.t = T0 + 60
+        real = env.sched._fire_s
+
+        async def modify_first(keys, args):  # a user changes the job mid-pass
+            await env.store.modify("site", {"args": ["changed"]})
+            env.sched._fire_s = real
+            return await real(keys=keys, args=args)
+        env.sched._fire_s = modify_first
+        assert await env.sched.tick() == 0  # the stale plan is dropped...
+        assert (await env.store.get("site"))["args"] == ["changed"]
+        assert await env.sched.tick() == 1  # ...and the job re-read on the next pass
+        assert env.rec.specs[0]["args"] == ["changed"]
+    run(redis_url, body)
+
+
+def test_batches_fire_every_due_job_in_one_tick(redis_url):
+    async def body(env):
+        env.sched.batch_size = 100
+        for i in range(250):
+            await env.store.add(spec(f"j{i}"))
+        for i in range(50):
+            await env.store.add(spec(f"later{i}", {"type": "interval", "hours": 1}))
+        env.clock.t = T0 + 60
+        assert await env.sched.tick() == 250
+        assert {s["schedule"] for s in env.rec.specs} == {f"j{i}" for i in range(250)}
+    run(redis_url, body)
+
+
+def test_two_masters_one_leader_no_double_fire_and_handover(redis_url):
+    async def body(env):
+        rec_b = Recorder(env.r, env.keys)
+        a, b = env.sched, env.scheduler("m2", rec_b)
+        rnd = random.Random(7)
+        for i in range(40):
+            await env.store.add(spec(f"job{i}", {"type": "interval", "seconds": 5 + i}, coalesce="all",
+                                     misfire_grace_time=None, max_instances=100))
+        await a.tick()
+        assert a.is_leader and not b.is_leader and a.token == 1
+        assert await env.r.get(env.keys.scheduler_lease) == b"m1"
+        handovers = 0
+        for step in range(300):
+            env.clock.t += rnd.uniform(0.5, 4)
+            if step % 50 == 49:  # the leader's lease runs out (it stalled): the other takes over
+                await env.r.delete(env.keys.scheduler_lease)
+                handovers += 1
+            await asyncio.gather(a.tick(), b.tick())
+            holder = (await env.r.get(env.keys.scheduler_lease)).decode()
+            fence = int(await env.r.get(env.keys.scheduler_fence))
+            # one holds the lease and the current token; a stale believer has an old token
+            current = [s for s in (a, b) if s.is_leader and s.token == fence]
+            assert len(current) == 1 and current[0].master_id == holder
+        assert handovers == 6 and int(await env.r.get(env.keys.scheduler_fence)) >= 4
+        fired = Counter(s["job_id"] for s in env.rec.specs + rec_b.specs)
+        assert fired and max(fired.values()) == 1
+        # and nothing was lost: every fire time up to now, exactly once
+        expected = set()
+        for i in range(40):
+            t = T0 + 5 + i
+            while t <= env.clock.t:
+                expected.add(fire_id(f"job{i}", t))
+                t += 5 + i
+        assert set(fired) == expected
+        assert env.rec.specs and rec_b.specs  # both led at some point
+    run(redis_url, body)
+
+
+def test_stale_leader_is_fenced(redis_url):
+    async def body(env):
+        rec_b = Recorder(env.r, env.keys)
+        a, b = env.sched, env.scheduler("m2", rec_b)
+        await env.store.add(spec())
+        await a.tick()
+        await env.r.delete(env.keys.scheduler_lease)  # a stalls past its lease
+        await b.tick()
+        assert b.is_leader and b.token == 2
+        env.clock.t = T0 + 60
+        assert await a.tick() == 0  # the fire script refuses token 1
+        assert not a.is_leader and a.token is None
+        assert await b.tick() == 1 and rec_b.times == [T0 + 60] and env.rec.specs == []
+        assert await a.tick() == 0 and not a.is_leader  # cannot take the held lease
+    run(redis_url, body)
+
+
+def test_fence_moving_between_script_and_enqueue_refuses_the_enqueue(redis_url):
+    async def body(env):
+        a = env.sched
+        await env.store.add(spec())
+        await a.tick()
+        env.clock.t = T0 + 60
+
+        async def takeover():  # another master takes the lease right after a's script ran
+            env.rec.before = None
+            await env.r.set(env.keys.scheduler_lease, "m2")
+            await env.r.incr(env.keys.scheduler_fence)
+        env.rec.before = takeover
+        assert await a.tick() == 0
+        assert not a.is_leader and env.rec.specs == []
+        # the fire was marked: the new leader does not enqueue it again (at-most-once)
+        assert await env.r.exists(env.keys.fire(fire_id("site", T0 + 60)))
+        assert 0 < await env.r.ttl(env.keys.fire(fire_id("site", T0 + 60))) <= 60 + 600
+    run(redis_url, body)
+
+
+def test_lease_release_and_renew_only_own(redis_url):
+    async def body(env):
+        a, b = env.sched, env.scheduler("m2", env.rec)
+        await a.tick()
+        assert not await b._renew_s(keys=[env.keys.scheduler_lease, env.keys.scheduler_fence],
+                                    args=["m2", 10000, a.token])
+        assert await a._renew()
+        await b.stop()  # not the holder: the lease stays
+        assert await env.r.get(env.keys.scheduler_lease) == b"m1"
+        await a.stop()
+        assert await env.r.get(env.keys.scheduler_lease) is None and not a.is_leader
+        await b.tick()
+        assert b.is_leader and b.token == 2
+    run(redis_url, body)
+
+
+def wait_async(predicate, timeout, what):
+    async def waiter():
+        deadline = time.monotonic() + timeout
+        while not await predicate():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            await asyncio.sleep(0.01)
+    return waiter()
+
+
+def test_run_wakes_up_for_a_sooner_job(redis_url):
+    async def body(env):
+        # lease 30 s: with nothing due the leader would sleep 10 s before looking again
+        sched = env.scheduler("m1", env.rec, lease_seconds=30.0)
+        task = asyncio.create_task(sched.run())
+        try:
+            await wait_async(lambda: _true(sched.is_leader), 5, "leadership")
+            await asyncio.sleep(0.2)  # let it settle into its long wait (not a correctness wait)
+            added = time.time()
+            await env.store.add(spec(trigger={"type": "date", "run_date": added + 0.3}))
+            await wait_async(lambda: _true(env.rec.specs), 5, "the fire")
+            took = time.time() - added
+            assert 0.29 <= took < 3.0, took
+            assert env.rec.times == [pytest.approx(added + 0.3, abs=1e-6)]
+        finally:
+            await sched.stop()
+            await task
+        assert await env.r.get(env.keys.scheduler_lease) is None  # released on stop
+    run(redis_url, body, t=None)
+
+
+def test_run_takeover_after_the_leader_dies(redis_url):
+    async def body(env):
+        a = env.scheduler("m1", env.rec, lease_seconds=0.6)
+        b = env.scheduler("m2", env.rec, lease_seconds=0.6)
+        ta = asyncio.create_task(a.run())
+        await wait_async(lambda: _true(a.is_leader), 5, "a to lead")
+        tb = asyncio.create_task(b.run())
+        await asyncio.sleep(0.3)
+        assert not b.is_leader
+
+        async def no_release():
+            pass
+        a._release = no_release  # a "dies": no release, no renewals
+        ta.cancel()
+        died = time.monotonic()
+        await wait_async(lambda: _true(b.is_leader), 5, "b to take over")
+        assert time.monotonic() - died < 0.6 + 0.6  # within the lease (+ generous slack)
+        await env.store.add(spec(trigger={"type": "date", "run_date": time.time() + 0.05}))
+        await wait_async(lambda: _true(env.rec.specs), 5, "b to fire")
+        await b.stop()
+        await tb
+        with pytest.raises(asyncio.CancelledError):
+            await ta
+    run(redis_url, body, t=None)
+
+
+async def _true(value) -> bool:
+    return bool(value)
+
+
+def test_follower_stops_promptly(redis_url):
+    async def body(env):
+        lead = env.scheduler("m1", env.rec, lease_seconds=30.0)
+        follower = env.scheduler("m2", env.rec, lease_seconds=30.0)  # would wait 10 s per look
+        tasks = [asyncio.create_task(lead.run())]
+        await wait_async(lambda: _true(lead.is_leader), 5, "leadership")
+        tasks.append(asyncio.create_task(follower.run()))
+        await asyncio.sleep(0.1)  # let it try the lease once (not a correctness wait)
+        started = time.monotonic()
+        await follower.stop()
+        await tasks[1]
+        assert time.monotonic() - started < 2.0 and not follower.is_leader
+        assert await env.r.get(env.keys.scheduler_lease) == b"m1"
+        await lead.stop()
+        await tasks[0]
+    run(redis_url, body, t=None)

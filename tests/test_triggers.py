@@ -1,0 +1,204 @@
+"""Triggers: each type, crontab, field-naming validation errors, DST days, sugar."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from zoneinfo import ZoneInfo
+
+import msgpack
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from elric.triggers import TriggerError, at, build_trigger, cron, every, parse_trigger
+
+UTC = timezone.utc
+BERLIN = ZoneInfo("Europe/Berlin")
+
+
+def fires(trigger, start: datetime, end: datetime) -> list[datetime]:
+    """Every fire time in [start, end) as UTC, iterating get_next_fire_time like the scheduler.
+
+    (UTC because Python compares and subtracts datetimes of one zone by wall clock.)
+    """
+    out, prev = [], None
+    nxt = trigger.get_next_fire_time(None, start)
+    while nxt is not None and nxt.timestamp() < end.timestamp():
+        out.append(nxt.astimezone(UTC))
+        prev = nxt
+        nxt = trigger.get_next_fire_time(prev, prev)
+    return out
+
+
+def utc(*args) -> datetime:
+    return datetime(*args, tzinfo=UTC)
+
+
+def test_cron_fields():
+    trigger, data = parse_trigger({"type": "cron", "hour": 2, "minute": "30", "timezone": "Europe/Berlin"})
+    assert data == {"type": "cron", "hour": "2", "minute": "30", "timezone": "Europe/Berlin"}
+    nxt = trigger.get_next_fire_time(None, utc(2026, 6, 1, 12))
+    assert nxt.astimezone(BERLIN).replace(tzinfo=None) == datetime(2026, 6, 2, 2, 30)
+
+
+def test_crontab_and_default_timezone_utc():
+    trigger, data = parse_trigger({"type": "cron", "crontab": "*/15 * * * *"})
+    assert data == {"type": "cron", "crontab": "*/15 * * * *", "timezone": "UTC"}
+    got = fires(trigger, utc(2026, 1, 1, 10, 1), utc(2026, 1, 1, 11, 1))
+    assert got == [utc(2026, 1, 1, 10, m) for m in (15, 30, 45)] + [utc(2026, 1, 1, 11, 0)]
+
+
+@pytest.mark.parametrize("dow, days", [
+    ("1-5", [0, 1, 2, 3, 4]),      # crontab Monday-Friday, whatever APScheduler 3 numbers mean
+    ("0", [6]), ("7", [6]),        # both Sunday
+    ("0-2", [6, 0, 1]),
+    ("*/2", [6, 1, 3, 5]),         # from Sunday: sun, tue, thu, sat
+    ("sat,sun", [5, 6]),
+    ("*", list(range(7))),
+])
+def test_crontab_weekdays_count_from_sunday(dow, days):
+    trigger, _ = parse_trigger({"type": "cron", "crontab": f"0 12 * * {dow}"})
+    got = fires(trigger, utc(2026, 6, 1), utc(2026, 6, 8))  # 2026-06-01 is a Monday
+    assert sorted(d.weekday() for d in got) == sorted(days)
+
+
+def test_interval_start_is_fixed_at_parse_time():
+    now = utc(2026, 1, 1, 0, 0).timestamp()
+    trigger, data = parse_trigger({"type": "interval", "minutes": 15}, now=now)
+    assert data == {"type": "interval", "minutes": 15, "start_date": "2026-01-01T00:15:00+00:00", "timezone": "UTC"}
+    # the stored form gives the same fire times on any master, any time later
+    again = build_trigger(data)
+    later = utc(2026, 1, 1, 1, 7)
+    assert trigger.get_next_fire_time(None, later) == again.get_next_fire_time(None, later) == utc(2026, 1, 1, 1, 15)
+
+
+def test_interval_with_dates_and_jitter():
+    _, data = parse_trigger({"type": "interval", "hours": 1, "start_date": "2026-01-01T00:00:00",
+                             "end_date": "2026-01-02", "timezone": "Europe/Berlin", "jitter": 5})
+    assert data["start_date"] == "2026-01-01T00:00:00+01:00"
+    assert data["end_date"] == "2026-01-02T00:00:00+01:00"
+    assert data["jitter"] == 5
+    trigger = build_trigger(data)
+    got = fires(trigger, utc(2025, 12, 31), utc(2026, 1, 3))
+    assert len(got) == 24
+    assert all(0 <= (d - utc(2025, 12, 31, 23) - timedelta(hours=i)).total_seconds() <= 5 for i, d in enumerate(got))
+
+
+def test_date():
+    trigger, data = parse_trigger({"type": "date", "run_date": "2026-05-01T08:00:00+02:00"})
+    assert data["run_date"] == "2026-05-01T08:00:00+02:00"
+    first = trigger.get_next_fire_time(None, utc(2026, 1, 1))
+    assert first == utc(2026, 5, 1, 6)
+    assert trigger.get_next_fire_time(first, first) is None
+    # naive run dates are read in the given zone; epoch seconds are accepted too
+    assert parse_trigger({"type": "date", "run_date": "2026-05-01 08:00", "timezone": "Europe/Berlin"})[1][
+        "run_date"] == "2026-05-01T08:00:00+02:00"
+    assert parse_trigger({"type": "date", "run_date": 0})[1]["run_date"] == "1970-01-01T00:00:00+00:00"
+
+
+@pytest.mark.parametrize("data, field", [
+    ("cron", "trigger"),
+    ({}, "trigger.type"),
+    ({"type": "weekly"}, "trigger.type"),
+    ({"type": "cron", "minutes": 5}, "trigger.minutes"),          # unknown field (typo)
+    ({"type": "interval", "minute": 5}, "trigger.minute"),
+    ({"type": "date", "run_date": "2026-01-01", "jitter": 1}, "trigger.jitter"),
+    ({"type": "cron", "minute": 61}, "trigger.minute"),
+    ({"type": "cron", "hour": "25"}, "trigger.hour"),
+    ({"type": "cron", "day": "0"}, "trigger.day"),
+    ({"type": "cron", "month": "foo"}, "trigger.month"),
+    ({"type": "cron", "week": 54}, "trigger.week"),
+    ({"type": "cron", "day_of_week": "funday"}, "trigger.day_of_week"),
+    ({"type": "cron", "second": "*/0"}, "trigger.second"),
+    ({"type": "cron", "year": 1900}, "trigger.year"),
+    ({"type": "cron", "minute": [1, 2]}, "trigger.minute"),       # wrong type
+    ({"type": "cron", "minute": True}, "trigger.minute"),
+    ({"type": "cron", "crontab": "* * *"}, "trigger.crontab"),
+    ({"type": "cron", "crontab": "99 * * * *"}, "trigger.crontab"),
+    ({"type": "cron", "crontab": "* * * * 8"}, "trigger.crontab"),
+    ({"type": "cron", "crontab": 5}, "trigger.crontab"),
+    ({"type": "cron", "crontab": "* * * * *", "hour": 1}, "trigger.crontab"),
+    ({"type": "cron", "timezone": "Mars/Olympus"}, "trigger.timezone"),
+    ({"type": "cron", "timezone": 1}, "trigger.timezone"),
+    ({"type": "cron", "start_date": "yesterday"}, "trigger.start_date"),
+    ({"type": "cron", "end_date": []}, "trigger.end_date"),
+    ({"type": "cron", "start_date": "2026-02-01", "end_date": "2026-01-01"}, "trigger.end_date"),
+    ({"type": "cron", "jitter": -1}, "trigger.jitter"),
+    ({"type": "interval"}, "trigger.interval"),                   # zero interval
+    ({"type": "interval", "seconds": 0, "minutes": 0}, "trigger.interval"),
+    ({"type": "interval", "minutes": "5"}, "trigger.minutes"),
+    ({"type": "interval", "hours": -1}, "trigger.hours"),
+    ({"type": "interval", "seconds": float("nan")}, "trigger.seconds"),
+    ({"type": "interval", "days": 1, "start_date": "2026-02-01", "end_date": "2026-01-01"}, "trigger.end_date"),
+    ({"type": "date"}, "trigger.run_date"),
+    ({"type": "date", "run_date": "soon"}, "trigger.run_date"),
+])
+def test_invalid_triggers_name_the_field(data, field):
+    with pytest.raises(TriggerError) as err:
+        parse_trigger(data)
+    assert err.value.field == field
+    assert str(err.value).startswith(field + ": ")
+    assert isinstance(err.value, ValueError)
+
+
+@pytest.mark.parametrize("data", [
+    {"type": "cron", "hour": 2, "minute": 30, "timezone": "Europe/Berlin"},
+    {"type": "cron", "crontab": "30 2 * * *", "timezone": "Europe/Berlin"},
+])
+def test_dst_fixed_time_fires_once_each_change_day(data):
+    trigger, _ = parse_trigger(data)
+    for day in (datetime(2026, 3, 29), datetime(2026, 10, 25)):  # spring forward, fall back
+        start = day.replace(tzinfo=BERLIN)
+        got = fires(trigger, start, (day + timedelta(days=1)).replace(tzinfo=BERLIN))
+        assert len(got) == 1, got
+    # 02:30 does not exist on 2026-03-29: it fires at 03:30 CEST (01:30 UTC), like APScheduler
+    spring = fires(trigger, utc(2026, 3, 28, 23), utc(2026, 3, 29, 23))
+    assert spring == [utc(2026, 3, 29, 1, 30)]
+    # 02:30 happens twice on 2026-10-25: only the first (CEST, 00:30 UTC) fires
+    autumn = fires(trigger, utc(2026, 10, 24, 22), utc(2026, 10, 25, 23))
+    assert autumn == [utc(2026, 10, 25, 0, 30)]
+    # and the days around keep their daily fire
+    week = fires(trigger, utc(2026, 10, 21, 22), utc(2026, 10, 28, 23))
+    assert len(week) == 7
+
+
+def test_dst_wildcard_hour_keeps_every_real_interval():
+    trigger, _ = parse_trigger({"type": "cron", "crontab": "*/30 * * * *", "timezone": "Europe/Berlin"})
+    day = fires(trigger, datetime(2026, 10, 25, tzinfo=BERLIN), datetime(2026, 10, 26, tzinfo=BERLIN))
+    assert len(day) == 50  # a 25-hour day
+    assert all((b - a) == timedelta(minutes=30) for a, b in zip(day, day[1:]))
+
+
+def test_normalized_is_msgpack_data_and_stable():
+    for raw in (every(minutes=15), cron("30 2 * * 1-5", timezone="Europe/Berlin"),
+                cron(hour="*/2", minute=0, end_date=datetime(2030, 1, 1, tzinfo=UTC)),
+                at("2026-05-01T08:00:00Z")):
+        _, data = parse_trigger(raw, now=1.7e9)
+        stored = msgpack.unpackb(msgpack.packb(data), raw=False)
+        assert stored == data
+        assert parse_trigger(stored)[1] == data
+
+
+def test_sugar():
+    assert every(minutes=15) == {"type": "interval", "minutes": 15}
+    assert every(hours=1, jitter=3, timezone="Europe/Berlin") == {
+        "type": "interval", "hours": 1, "jitter": 3, "timezone": "Europe/Berlin"}
+    assert cron("*/15 * * * *") == {"type": "cron", "crontab": "*/15 * * * *"}
+    assert cron(hour=2, minute=30) == {"type": "cron", "hour": 2, "minute": 30}
+    assert at(datetime(2026, 5, 1, 8, tzinfo=UTC)) == {"type": "date", "run_date": "2026-05-01T08:00:00+00:00"}
+    assert at("2026-05-01 08:00", timezone="Europe/Berlin")["timezone"] == "Europe/Berlin"
+    with pytest.raises(TriggerError, match="trigger.interval"):
+        every()
+    with pytest.raises(TriggerError, match="trigger.crontab"):
+        cron("not a crontab")
+
+
+@settings(max_examples=60, deadline=None)
+@given(minute=st.integers(0, 59), hour=st.integers(0, 11), step=st.integers(1, 12),
+       zone=st.sampled_from(["UTC", "Europe/Berlin", "America/New_York", "Australia/Sydney"]))
+def test_cron_round_trip_property(minute, hour, step, zone):
+    raw = {"type": "cron", "crontab": f"{minute} {hour}/{step} * * *", "timezone": zone}
+    trigger, data = parse_trigger(raw)
+    again = build_trigger(msgpack.unpackb(msgpack.packb(data), raw=False))
+    got = fires(trigger, utc(2026, 3, 1), utc(2026, 3, 8))
+    assert got == fires(again, utc(2026, 3, 1), utc(2026, 3, 8))
+    assert got and all(d.astimezone(ZoneInfo(zone)).minute == minute for d in got)
