@@ -3,6 +3,7 @@
 from elric.client import MasterClient
 from elric.contract import SpecError
 from elric.job import Job
+from elric.triggers import at, cron, every
 
-__all__ = ["Job", "MasterClient", "SpecError"]
+__all__ = ["Job", "MasterClient", "SpecError", "at", "cron", "every"]
 __version__ = "0.1.0"

@@ -48,6 +48,20 @@ KEYS: dict[str, Key] = {
     "WORKER_CHUNK": Key(64, (int,), "most jobs handed to a pool process at once (fast jobs)"),
     "JOB_MODULES": Key([], (list,), "import-path prefixes jobs may come from (empty: any)"),
     "LOG_LEVEL": Key("INFO", (str,), "DEBUG, INFO, WARNING or ERROR"),
+    "SCHEDULER_LEASE": Key(10.0, (int, float),
+                           "seconds a dead scheduling master is replaced within"),
+    "FILTER_BACKEND": Key("set", (str,), 'dedupe filter: "set", "bloom" or "redis-bloom"'),
+    "FILTER_SCOPES": Key({}, (dict,), "per-scope backend overrides {scope: backend}"),
+    "DEDUPE_TTL": Key(None, (int, float),
+                      "set backend: seconds after which a key is new again", True),
+    "DEDUPE_RELEASE_ON_FAILURE": Key(False, (bool,),
+                                     "release the key of a job that failed for good "
+                                     "(set backend only)"),
+    "DEDUPE_ROUND_TTL": Key(86400, (int,), "seconds a per-fire dedupe scope is kept"),
+    "BLOOM_CAPACITY": Key(1_000_000, (int,), "items a Bloom filter is sized for"),
+    "BLOOM_ERROR_RATE": Key(0.001, (float,), "false-positive rate a Bloom filter keeps"),
+    "BLOOM_SNAPSHOT_INTERVAL": Key(30.0, (int, float),
+                                   "seconds between snapshots of the in-master Bloom filter"),
 }
 
 
@@ -100,12 +114,29 @@ def _check(key: str, value: Any, where: str) -> Any:
     if isinstance(value, bool) and bool not in spec.types or not isinstance(value, spec.types):
         names = " or ".join(t.__name__ for t in spec.types)
         raise SettingsError(f"{key} (from {where}): expected {names}, got {value!r}")
+    if isinstance(value, dict):
+        from elric.dedupe import BACKENDS
+
+        for scope, backend in value.items():
+            if not isinstance(scope, str) or backend not in BACKENDS:
+                raise SettingsError(f"{key} (from {where}): {scope!r}: {backend!r} is not one "
+                                    f"of {', '.join(BACKENDS)}")
+    if key == "FILTER_BACKEND":
+        from elric.dedupe import BACKENDS
+
+        if value not in BACKENDS:
+            raise SettingsError(f"{key} (from {where}): {value!r} is not one of "
+                                f"{', '.join(BACKENDS)}")
+    if key == "BLOOM_ERROR_RATE" and not 0 < value < 1:
+        raise SettingsError(f"{key} (from {where}): must be between 0 and 1, got {value!r}")
     if isinstance(value, list):
         if not all(isinstance(v, str) and v for v in value):
             raise SettingsError(f"{key} (from {where}): expected a list of names, got {value!r}")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if value < 0 or (value == 0 and key in ("CONCURRENCY", "WORKER_CHUNK", "LEASE_SECONDS",
-                                                 "RESULT_TTL", "RPC_MAX_MESSAGE")):
+                                                 "RESULT_TTL", "RPC_MAX_MESSAGE",
+                                                 "SCHEDULER_LEASE", "BLOOM_CAPACITY",
+                                                 "DEDUPE_TTL", "DEDUPE_ROUND_TTL")):
             raise SettingsError(f"{key} (from {where}): must be positive, got {value!r}")
     if key == "MASTER_ADDRESS":
         parse_address(value, key)
@@ -124,6 +155,17 @@ def _from_env(key: str, raw: str) -> Any:
         return None
     if list in spec.types:
         return [part.strip() for part in raw.split(",") if part.strip()]
+    if dict in spec.types:  # scope=backend,scope=backend
+        pairs = [part.split("=", 1) for part in raw.split(",") if part.strip()]
+        if any(len(p) != 2 for p in pairs):
+            raise SettingsError(f"{key} (from {name}): expected scope=backend,..., got {raw!r}")
+        return {a.strip(): b.strip() for a, b in pairs}
+    if bool in spec.types:
+        if raw.strip().lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.strip().lower() in ("0", "false", "no", "off", ""):
+            return False
+        raise SettingsError(f"{key} (from {name}): expected true or false, got {raw!r}")
     if int in spec.types and float not in spec.types:
         try:
             return int(raw)

@@ -48,7 +48,7 @@ def run_demo(settings_path: str | None = None, pages: int = 25, timeout: float =
         client = MasterClient(address)
         t0 = time.monotonic()
         client.submit_job(Crawl.spec([site.url, "demo"], job_id="demo-start", batch="demo",
-                                     queue="crawl"))
+                                     dedupe_scope="demo"))
         print(f"crawling {site.url} ...")
         while True:
             stats = client.stats()

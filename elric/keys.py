@@ -28,8 +28,8 @@ Workers
 
 Periodic jobs (job store and scheduler)
     ``{p}:schedule:{job_id}``       hash   a periodic job: spec, trigger (msgpack), state.
-    ``{p}:schedules``               zset   job_id -> next run time (ms); paused jobs are
-                                           kept out of it.
+    ``{p}:schedules``               zset   job_id -> next run time (ms); paused jobs
+                                           score +inf, so they are listed without a scan.
     ``{p}:schedule:{job_id}:runs``  list   the last runs of a periodic job (capped).
     ``{p}:fire:{fire_id}``          string set once (SET NX) per fire: a fire is
                                            enqueued at most once.
@@ -39,10 +39,14 @@ Periodic jobs (job store and scheduler)
                                            (a sooner job arrived on any master).
 
 Dedupe filters
-    ``{p}:dedupe:set:{scope}``          set    exact filter of one scope.
+    ``{p}:dedupe:set:{scope}``          set    exact filter of one scope (a zset of key ->
+                                               time seen when DEDUPE_TTL is set).
     ``{p}:dedupe:bloom:{scope}``        string snapshot of an in-master Bloom filter.
     ``{p}:dedupe:rbloom:{scope}:{n}``   string shard ``n`` of a Bloom filter kept in Redis.
     ``{p}:dedupe:stats:{scope}``        hash   items added, filtered, per scope.
+    ``{p}:dedupe:rounds``               zset   per-fire scope -> time (ms) it began; the
+                                               master drops scopes older than
+                                               DEDUPE_ROUND_TTL.
 """
 
 from __future__ import annotations
@@ -67,6 +71,7 @@ class Keys:
         self.scheduler_lease = f"{p}:scheduler:lease"
         self.scheduler_fence = f"{p}:scheduler:fence"
         self.scheduler_wake = f"{p}:scheduler:wake"
+        self.dedupe_rounds = f"{p}:dedupe:rounds"
 
     # jobs and queues
     def job(self, job_id: str) -> str:

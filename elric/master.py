@@ -22,15 +22,20 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from elric import contract
 from elric.config import Settings, SettingsError
 from elric.contract import SpecError
+from elric.dedupe import DedupeError, DedupeFilter, make_filter
+from elric.jobstore import RedisJobStore
 from elric.keys import Keys
 from elric.queue import RedisQueue
 from elric.rpc import RequestError, Server
+from elric.scheduler import Scheduler
 
 log = logging.getLogger("elric.master")
 
 REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 MAX_BATCH = 10_000
 MAX_PAGE = 1000
+PER_FIRE = "@fire"  # dedupe_scope of a periodic job: a fresh scope for every fire
+GLOBAL_SCOPE = "global"
 
 
 class Master:
@@ -53,6 +58,17 @@ class Master:
             raise SettingsError(f"REDIS_URL {s.REDIS_URL}: cannot connect ({exc})") from None
         self.queue = RedisQueue(self.redis, self.keys, result_ttl=s.RESULT_TTL,
                                 failed_ttl=s.FAILED_TTL)
+        self.store = RedisJobStore(self.redis, self.keys)
+        self.scheduler = Scheduler(self.redis, self.keys, self.store, self._enqueue_fires,
+                                   master_id=self.master_id, lease_seconds=s.SCHEDULER_LEASE)
+        self.filters: dict[str, DedupeFilter] = {}
+        for backend in {s.FILTER_BACKEND, *s.FILTER_SCOPES.values()}:
+            f = make_filter(backend, self.redis, self.keys, capacity=s.BLOOM_CAPACITY,
+                            error_rate=s.BLOOM_ERROR_RATE,
+                            set_ttl=s.DEDUPE_TTL if backend == "set" else None,
+                            snapshot_interval=s.BLOOM_SNAPSHOT_INTERVAL)
+            await f.start()
+            self.filters[backend] = f
         from elric.config import parse_address
 
         host, port = parse_address(self.address, "MASTER_ADDRESS")
@@ -66,6 +82,7 @@ class Master:
             raise SettingsError(f"MASTER_ADDRESS {self.address}: cannot listen "
                                 f"({exc.strerror or exc})") from None
         self._housekeeping = asyncio.create_task(self._housekeeping_loop())
+        self._scheduling = asyncio.create_task(self.scheduler.run())
         log.info("master %s listening on %s:%d", self.master_id, *bound[:2])
         return bound
 
@@ -83,6 +100,16 @@ class Master:
         if self.server is not None:
             await self.server.close()
         self._housekeeping.cancel()
+        try:
+            await asyncio.wait_for(self.scheduler.stop(), self.settings.SCHEDULER_LEASE)
+        except Exception as exc:
+            log.warning("scheduler did not stop cleanly: %s", exc)
+        self._scheduling.cancel()
+        for f in self.filters.values():
+            try:
+                await f.close()  # the in-master Bloom filter writes its last snapshot
+            except Exception as exc:
+                log.warning("dedupe filter %s did not close cleanly: %s", f.name, exc)
         await self.redis.aclose()
 
     async def _housekeeping_loop(self) -> None:
@@ -95,6 +122,7 @@ class Master:
                     log.warning("redelivered %d job(s) whose worker stopped renewing its lease",
                                 len(recovered))
                 await self.queue.promote()
+                await self._drop_old_rounds()
                 due = await self.queue.next_delayed()
                 backoff = 0.5
                 await asyncio.sleep(min(1.0, due if due is not None else 1.0))
@@ -116,6 +144,9 @@ class Master:
             "list_jobs": self.list_jobs,
             "stats": self.stats,
             "rerun_job": self.rerun_job,
+            "pause_job": self.pause_job,
+            "resume_job": self.resume_job,
+            "modify_job": self.modify_job,
         }
 
     async def ping(self) -> str:
@@ -152,10 +183,113 @@ class Master:
         ids = [n["job_id"] for n in normalized]
         if len(set(ids)) != len(ids):
             raise RequestError("submit_jobs: the same job_id appears twice in one batch")
-        for n in normalized:
-            if "trigger" in n:
-                raise RequestError("trigger: periodic jobs are not supported by this master yet")
-        return await self._redis_call(self.queue.enqueue(normalized))
+        results: dict[str, dict] = {}
+        periodic = [n for n in normalized if "trigger" in n]
+        for n in periodic:
+            results[n["job_id"]] = await self._schedule(n)
+        now = [n for n in normalized if "trigger" not in n]
+        for n in now:
+            if n.get("dedupe_scope") == PER_FIRE:
+                raise RequestError(f"dedupe_scope {PER_FIRE!r} is for periodic jobs (with a "
+                                   "trigger); name a scope instead")
+        passed, filtered = await self._dedupe(now)
+        for n in filtered:
+            results[n["job_id"]] = {"job_id": n["job_id"], "status": contract.FILTERED}
+        try:
+            for r in await self._redis_call(self.queue.enqueue(passed)):
+                results[r["job_id"]] = r
+        except RequestError:
+            await self._release_keys(passed)  # nothing was queued: the keys stay usable
+            raise
+        return [results[i] for i in ids]
+
+    async def _schedule(self, spec: dict) -> dict:
+        job_spec = {k: v for k, v in spec.items() if k != "replace_existing"}
+        try:
+            return await self._redis_call(self.store.add(
+                job_spec, replace_existing=bool(spec.get("replace_existing"))))
+        except ValueError as exc:  # TriggerError, ScheduleError: they name the field
+            raise RequestError(f"job {spec['job_id']!r}: {exc}") from None
+
+    async def _enqueue_fires(self, specs: list[dict], fence_token: int) -> list[dict]:
+        """The scheduler's callback: queue fires, guarded by its lease token."""
+        rounds = {}
+        for spec in specs:
+            if spec.get("dedupe_scope") == PER_FIRE:
+                spec["dedupe_scope"] = spec["job_id"]  # children inherit the fire's scope
+                rounds[spec["job_id"]] = int(spec.get("fire_time", 0) * 1000)
+        # Fires are marked before they are queued (at most once); a Redis hiccup here must
+        # not lose them, and retrying is safe because enqueue is idempotent per fire id.
+        backoff, deadline = 0.1, asyncio.get_running_loop().time() + self.settings.SCHEDULER_LEASE
+        while True:
+            try:
+                if rounds:
+                    await self.redis.zadd(self.keys.dedupe_rounds, rounds)
+                # a fire's own key goes into its scope, so its children skip its page
+                passed, filtered = await self._dedupe(specs)
+                queued = await self.queue.enqueue(passed,
+                                                  fence=(self.keys.scheduler_fence, fence_token))
+                return queued + [{"job_id": n["job_id"], "status": contract.FILTERED}
+                                 for n in filtered]
+            except REDIS_ERRORS as exc:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise
+                log.warning("queueing %d fire(s): Redis unreachable (%s); retrying",
+                            len(specs), exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+
+    # --- dedupe -----------------------------------------------------------------------
+    def _filter_for(self, scope: str) -> DedupeFilter:
+        s = self.settings
+        backend = s.FILTER_SCOPES.get(scope) or s.FILTER_SCOPES.get(scope.split("@", 1)[0]) \
+            or s.FILTER_BACKEND
+        return self.filters[backend]
+
+    async def _dedupe(self, specs: list[dict]) -> tuple[list[dict], list[dict]]:
+        """Split specs into (passed, filtered); one filter call per scope."""
+        by_scope: dict[str, list[dict]] = {}
+        for n in specs:
+            if n.get("dedupe_key") is not None:
+                n.setdefault("dedupe_scope", GLOBAL_SCOPE)
+                by_scope.setdefault(n["dedupe_scope"], []).append(n)
+        if not by_scope:
+            return specs, []
+        dropped: set[int] = set()
+        for scope, group in by_scope.items():
+            try:
+                new = await self._redis_call(self._filter_for(scope).check_and_add(
+                    scope, [n["dedupe_key"] for n in group]))
+            except DedupeError as exc:
+                raise RequestError(f"dedupe_scope {scope!r}: {exc}") from None
+            dropped.update(id(n) for n, ok in zip(group, new) if not ok)
+        return ([n for n in specs if id(n) not in dropped],
+                [n for n in specs if id(n) in dropped])
+
+    async def _release_keys(self, specs: list[dict]) -> None:
+        by_scope: dict[str, list[str]] = {}
+        for n in specs:
+            if n.get("dedupe_key") is not None:
+                by_scope.setdefault(n["dedupe_scope"], []).append(n["dedupe_key"])
+        for scope, keys in by_scope.items():
+            f = self._filter_for(scope)
+            if f.can_release:
+                try:
+                    await f.release(scope, keys)
+                except Exception as exc:
+                    log.warning("could not release dedupe keys of scope %r: %s", scope, exc)
+
+    async def _drop_old_rounds(self) -> None:
+        """Per-fire dedupe scopes are kept DEDUPE_ROUND_TTL seconds, then dropped."""
+        import time
+
+        cutoff = (time.time() - self.settings.DEDUPE_ROUND_TTL) * 1000
+        old = await self.redis.zrangebyscore(self.keys.dedupe_rounds, "-inf", cutoff,
+                                             start=0, num=100)
+        for raw in old:
+            scope = raw.decode()
+            await self._filter_for(scope).drop_scope(scope)
+            await self.redis.zrem(self.keys.dedupe_rounds, raw)
 
     @staticmethod
     def _job_id(job_id) -> str:
@@ -164,10 +298,38 @@ class Master:
         return job_id
 
     async def get_job(self, job_id) -> dict | None:
-        return await self._redis_call(self.queue.get_job(self._job_id(job_id)))
+        job = await self._redis_call(self.queue.get_job(self._job_id(job_id)))
+        if job is None:
+            job = await self._redis_call(self.store.get(job_id))
+        return job
 
     async def remove_job(self, job_id) -> bool:
-        return await self._redis_call(self.queue.remove(self._job_id(job_id)))
+        removed = await self._redis_call(self.queue.remove(self._job_id(job_id)))
+        return await self._redis_call(self.store.remove(job_id)) or removed
+
+    async def pause_job(self, job_id) -> bool:
+        return await self._redis_call(self.store.pause(self._job_id(job_id)))
+
+    async def resume_job(self, job_id) -> bool:
+        return await self._redis_call(self.store.resume(self._job_id(job_id)))
+
+    async def modify_job(self, job_id, changes) -> dict:
+        """Change a periodic job's trigger, args or other spec keys."""
+        job_id = self._job_id(job_id)
+        if not isinstance(changes, dict):
+            raise RequestError(f"modify_job takes a map of changes, got {type(changes).__name__}")
+        current = await self._redis_call(self.store.get(job_id))
+        if current is None:
+            raise RequestError(f"no periodic job {job_id!r}; only periodic jobs can be modified")
+        merged = {k: current[k] for k in contract.SPEC_KEYS if current.get(k) is not None}
+        merged.update(changes)
+        merged["job_id"] = job_id
+        checked = self._normalize(merged, "modify_job: ")
+        update = {k: checked[k] for k in changes if k in checked}
+        try:
+            return await self._redis_call(self.store.modify(job_id, update))
+        except ValueError as exc:
+            raise RequestError(f"modify_job {job_id!r}: {exc}") from None
 
     async def rerun_job(self, job_id) -> dict:
         try:
@@ -186,6 +348,9 @@ class Master:
             raise RequestError(f"list_jobs: unknown filter key(s) {sorted(map(str, unknown))}; "
                                f"known: {sorted(known)}")
         status = filter.get("status")
+        if status == contract.SCHEDULED:
+            offset, limit = filter.get("offset", 0), filter.get("limit", 100)
+            return await self._redis_call(self.store.list(offset=offset, limit=limit))
         if status is not None and status not in contract.STATUSES:
             raise RequestError(f"list_jobs: unknown status {status!r}; "
                                f"known: {', '.join(contract.STATUSES)}")
@@ -201,4 +366,14 @@ class Master:
             batch=filter.get("batch"), offset=offset, limit=limit))
 
     async def stats(self) -> dict:
-        return await self._redis_call(self.queue.stats())
+        stats = await self._redis_call(self.queue.stats())
+        stats["by_status"][contract.SCHEDULED] = await self._redis_call(self.store.count())
+        filters = {}
+        for f in self.filters.values():
+            filters.update(await self._redis_call(f.stats()))
+        stats["filters"] = filters
+        stats["by_status"][contract.FILTERED] = sum(v.get("filtered", 0)
+                                                    for v in filters.values())
+        stats["scheduler"] = {"master_id": self.master_id,
+                              "this_master_schedules": self.scheduler.is_leader}
+        return stats

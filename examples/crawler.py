@@ -1,13 +1,13 @@
 """A crawler: each job fetches one page, extracts its links and submits each as a child job.
 
-Every page of a site is fetched once: a child's job_id is derived from its URL, and the
-master ignores a job_id it already holds. Links that leave the start page's host are not
-followed.
+Every page is fetched once per crawl: each job's dedupe key is its normalized URL, and the
+master drops a job whose key it has seen in the job's dedupe scope. Children inherit their
+parent's scope, so a periodic crawl with ``dedupe_scope="@fire"`` fetches every page once
+per round, and again next round. Links that leave the start page's host are not followed.
 """
 
 from __future__ import annotations
 
-import hashlib
 import urllib.request
 from html.parser import HTMLParser
 from urllib.parse import urldefrag, urljoin, urlparse
@@ -27,14 +27,23 @@ class _Links(HTMLParser):
                     self.links.append(value)
 
 
-def page_job_id(url: str) -> str:
-    return "page-" + hashlib.sha1(url.encode()).hexdigest()[:20]
+def normalize_url(url: str) -> str:
+    """One spelling per page: no fragment, lower-case scheme and host, a path."""
+    url = urldefrag(url)[0]
+    parts = urlparse(url)
+    path = parts.path or "/"
+    query = f"?{parts.query}" if parts.query else ""
+    return f"{parts.scheme.lower()}://{parts.netloc.lower()}{path}{query}"
 
 
 class Crawl(Job):
     queue = "crawl"
     max_retries = 2
     timeout = 30
+
+    @classmethod
+    def dedupe_key_for(cls, url: str, batch: str = "") -> str:
+        return normalize_url(url)
 
     def run(self, url: str, batch: str = "") -> dict:
         with urllib.request.urlopen(url, timeout=10) as response:
@@ -44,16 +53,10 @@ class Crawl(Job):
         host = urlparse(url).netloc
         found = []
         for href in parser.links:
-            link = urldefrag(urljoin(url, href))[0]
+            link = normalize_url(urljoin(url, href))
             if urlparse(link).netloc != host or link in found:
                 continue
             found.append(link)
-            options = {"batch": batch} if batch else {}
-            Crawl.submit_with(args=[link, batch], job_id=page_job_id(link), **options)
+            # most links were seen before; the master's dedupe filter drops those
+            Crawl.submit_with(args=[link, batch], **({"batch": batch} if batch else {}))
         return {"url": url, "links": len(found), "bytes": len(html)}
-
-    @classmethod
-    def start(cls, url: str, batch: str = "") -> str:
-        """Submit the first page of a crawl."""
-        options = {"batch": batch} if batch else {}
-        return cls.submit_with(args=[url, batch], job_id=page_job_id(url), **options)
