@@ -7,6 +7,7 @@ every key may be overridden by an environment variable ``ELRIC_<KEY>``.
 
 from __future__ import annotations
 
+import math
 import os
 import runpy
 from dataclasses import dataclass
@@ -132,6 +133,8 @@ def _check(key: str, value: Any, where: str) -> Any:
     if isinstance(value, list):
         if not all(isinstance(v, str) and v for v in value):
             raise SettingsError(f"{key} (from {where}): expected a list of names, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise SettingsError(f"{key} (from {where}): must be a finite number, got {value!r}")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if value < 0 or (value == 0 and key in ("CONCURRENCY", "WORKER_CHUNK", "LEASE_SECONDS",
                                                  "RESULT_TTL", "RPC_MAX_MESSAGE",

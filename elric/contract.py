@@ -11,6 +11,8 @@ import re
 import uuid
 from typing import Any
 
+from msgpack import ExtType
+
 # --- statuses -------------------------------------------------------------------------
 QUEUED = "queued"          # waiting in a queue
 RUNNING = "running"        # claimed by a worker
@@ -58,6 +60,7 @@ QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,100}$")
 JOB_ID = re.compile(r"^[^\s]{1,200}$")
 FUNC_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 MAX_PRIORITY = 2**31
+MAX_TIMEOUT = 2**31  # seconds; also refuses nan and inf, which setitimer cannot take
 
 
 class SpecError(ValueError):
@@ -131,6 +134,10 @@ def resolve_job_class(path: str, allowed: tuple[str, ...] | list[str] | None = N
 def _check_msgpack_value(value: Any, where: str, depth: int = 0) -> None:
     if depth > 64:
         raise SpecError(f"{where}: nested deeper than 64 levels")
+    if isinstance(value, ExtType):  # a namedtuple: check it before tuples
+        raise SpecError(f"{where}: a msgpack extension type (code {value.code}) is not "
+                        "allowed; send plain values (nil, bool, numbers, strings, bytes, "
+                        "arrays, maps)")
     if value is None or isinstance(value, (bool, int, float, str, bytes)):
         if isinstance(value, int) and not isinstance(value, bool) and not (
             -(2**63) <= value < 2**64
@@ -148,6 +155,19 @@ def _check_msgpack_value(value: Any, where: str, depth: int = 0) -> None:
             _check_msgpack_value(v, f"{where}[{k!r}]", depth + 1)
         return
     raise SpecError(f"{where}: {type(value).__name__} is not a msgpack value")
+
+
+# msgpack names for type errors: a client in another language knows no "list" or "str"
+_WIRE_NAMES = {type(None): "nil", bool: "boolean", int: "integer", float: "number",
+               str: "string", bytes: "binary", list: "array", tuple: "array", dict: "map",
+               ExtType: "msgpack extension type"}
+
+
+def _wire_names(types: tuple[type, ...]) -> str:
+    names = list(dict.fromkeys(_WIRE_NAMES.get(t, t.__name__) for t in types))
+    if "number" in names and "integer" in names:
+        names.remove("integer")
+    return " or ".join(names)
 
 
 def new_job_id() -> str:
@@ -178,9 +198,14 @@ def normalize_spec(
     for key, value in spec.items():
         types, _ = SPEC_KEYS[key]
         bad_bool = isinstance(value, bool) and bool not in types
-        if not isinstance(value, types) or bad_bool:
-            names = " or ".join("nil" if t is type(None) else t.__name__ for t in types)
-            raise SpecError(f"job spec key {key!r} must be {names}, got {type(value).__name__}")
+        if not isinstance(value, types) or bad_bool or isinstance(value, ExtType):
+            raise SpecError(f"job spec key {key!r} must be {_wire_names(types)}, "
+                            f"got {_WIRE_NAMES.get(type(value), type(value).__name__)}")
+    if "trigger" not in spec:
+        for key in ("replace_existing", "misfire_grace_time", "coalesce", "max_instances"):
+            if key in spec:
+                raise SpecError(f"job spec key {key!r} is for periodic jobs: give a 'trigger' "
+                                "too, or leave it out")
     defaults = defaults or {}
     cls = resolve_job_class(spec["func"], allowed_modules) if check_class else None
 
@@ -207,15 +232,19 @@ def normalize_spec(
                 "max_instances", "dedupe_key", "dedupe_scope"):
         if key in spec:
             out[key] = spec[key]
-    if cls is not None and "dedupe_key" not in out:
-        derived = cls.dedupe_key_for(*out["args"], **out["kwargs"])
-        if derived is not None:
-            out["dedupe_key"] = str(derived)
     for k in out["kwargs"]:
         if not isinstance(k, str):
             raise SpecError(f"kwargs key {k!r} must be a string")
     _check_msgpack_value(out["args"], "args")
     _check_msgpack_value(out["kwargs"], "kwargs")
+    if cls is not None and "dedupe_key" not in out:
+        try:
+            derived = cls.dedupe_key_for(*out["args"], **out["kwargs"])
+        except Exception as exc:  # e.g. arguments that do not fit the job's signature
+            raise SpecError(f"func {spec['func']!r}: {cls.__name__}.dedupe_key_for(args, "
+                            f"kwargs) raised {type(exc).__name__}: {exc}") from None
+        if derived is not None:
+            out["dedupe_key"] = str(derived)
     if not JOB_ID.match(out["job_id"]):
         raise SpecError(f"job_id {out['job_id']!r}: 1-200 characters without spaces")
     if not QUEUE_NAME.match(str(out["queue"])):
@@ -225,7 +254,8 @@ def normalize_spec(
     if out["max_retries"] < 0:
         raise SpecError(f"max_retries {out['max_retries']}: must be 0 or more")
     if out["timeout"] is not None:
-        if isinstance(out["timeout"], bool) or out["timeout"] <= 0:
-            raise SpecError(f"timeout {out['timeout']!r}: must be a positive number of seconds")
+        if isinstance(out["timeout"], bool) or not 0 < out["timeout"] <= MAX_TIMEOUT:
+            raise SpecError(f"timeout {out['timeout']!r}: must be a positive number of seconds "
+                            f"(at most {MAX_TIMEOUT}; leave it out for no timeout)")
         out["timeout"] = float(out["timeout"])
     return out

@@ -51,11 +51,12 @@ _SPEC_FIELDS = ("func", "args", "kwargs", "max_retries", "timeout", "parent", "s
 
 class RedisQueue:
     def __init__(self, redis, keys: Keys, *, result_ttl: int = 86400,
-                 failed_ttl: int = 7 * 86400) -> None:
+                 failed_ttl: int = 7 * 86400, release_keys_on_failure: bool = False) -> None:
         self.redis = redis
         self.keys = keys
         self.result_ttl = result_ttl
         self.failed_ttl = failed_ttl
+        self.release_keys_on_failure = release_keys_on_failure
         self._enqueue = redis.register_script(scripts.ENQUEUE)
         self._fetch = redis.register_script(scripts.FETCH)
         self._finish = redis.register_script(scripts.FINISH)
@@ -112,7 +113,7 @@ class RedisQueue:
     async def finish(self, worker_id: str, outcomes: list[dict]) -> list[str]:
         """Record outcomes: ``{job_id, attempt, ok, payload, duration_ms, retry_ms}``."""
         argv: list[Any] = [self.keys.prefix, now_ms(), worker_id, self.result_ttl,
-                           self.failed_ttl]
+                           self.failed_ttl, "1" if self.release_keys_on_failure else "0"]
         for o in outcomes:
             argv += [o["job_id"], o["attempt"], "ok" if o["ok"] else "err", o["payload"],
                      int(o["duration_ms"]), int(o.get("retry_ms", -1))]

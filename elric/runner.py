@@ -28,9 +28,11 @@ def init_process(allowed_modules: tuple[str, ...]) -> None:
     """Pool initializer: the worker process decides about shutdown, not its children."""
     global _allowed_modules
     _allowed_modules = tuple(allowed_modules)
-    # Ctrl-C reaches the whole process group; running jobs must be allowed to finish.
+    # Ctrl-C reaches the whole process group, and so does SIGTERM from systemd, docker or
+    # `kill -- -PGID`: running jobs must be allowed to finish. The worker stops its pool
+    # processes itself (shutdown, or SIGKILL past a timeout or SHUTDOWN_GRACE).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _on_alarm(signum, frame):

@@ -110,18 +110,21 @@ end
 return out
 """
 
-# ARGV: prefix, now, worker_id, result_ttl, failed_ttl, then per job:
-#   job_id, attempt, outcome ('ok' | 'err'), payload (result bytes | traceback),
+# ARGV: prefix, now, worker_id, result_ttl, failed_ttl, release_keys ('1' | '0'), then per
+# job: job_id, attempt, outcome ('ok' | 'err'), payload (result bytes | traceback),
 #   duration_ms, retry_delay_ms (-1: no retry)
 # Records outcomes of jobs this worker still holds; a job that was redelivered elsewhere
-# meanwhile (another attempt number) or removed is reported 'stale' and left alone.
+# meanwhile (another attempt number) or removed is reported 'stale' and left alone. With
+# release_keys, a job that failed for good gives its dedupe key back to an exact (set)
+# filter, in the same step, so it can be submitted again.
 FINISH = """
 local prefix, now, worker = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local result_ttl, failed_ttl = tonumber(ARGV[4]), tonumber(ARGV[5])
+local release_keys = ARGV[6] == '1'
 local counters = prefix .. ':stats:counters'
 local out = {}
 local done, failed = 0, 0
-for i = 6, #ARGV, 6 do
+for i = 7, #ARGV, 6 do
   local id, attempt, outcome, payload = ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+3]
   local duration, retry = ARGV[i+4], tonumber(ARGV[i+5])
   local jk = prefix .. ':job:' .. id
@@ -152,6 +155,15 @@ for i = 6, #ARGV, 6 do
                    'duration_ms', duration)
         redis.call('EXPIRE', jk, failed_ttl)
         failed = failed + 1
+        if release_keys then
+          local d = redis.call('HMGET', jk, 'dedupe_key', 'dedupe_scope')
+          if d[1] then
+            local fk = prefix .. ':dedupe:set:' .. (d[2] or 'global')
+            local kind = redis.call('TYPE', fk)['ok']
+            if kind == 'set' then redis.call('SREM', fk, d[1])
+            elseif kind == 'zset' then redis.call('ZREM', fk, d[1]) end
+          end
+        end
       end
     end
     redis.call('ZADD', prefix .. ':status:' .. status, now, id)

@@ -39,11 +39,13 @@ CHUNK_SECONDS = 0.02  # aim for chunks that run about this long
 
 
 class _Chunk:
-    __slots__ = ("jobs", "future", "started", "timeout", "timed_out")
+    __slots__ = ("jobs", "future", "started", "timeout", "timed_out", "pool", "crashed_with")
 
     def __init__(self, jobs: list[dict]) -> None:
         self.jobs = jobs
         self.future = None
+        self.pool = None
+        self.crashed_with: int | None = None  # chunks running in the pool when it broke
         self.started = time.monotonic()
         self.timeout = jobs[0]["timeout"] if len(jobs) == 1 else None
         self.timed_out = False
@@ -86,11 +88,22 @@ class Worker:
         except RPCError as exc:
             raise SettingsError(f"MASTER_ADDRESS {s.MASTER_ADDRESS}: {exc}") from None
         self.queue = RedisQueue(self.redis, self.keys, result_ttl=s.RESULT_TTL,
-                                failed_ttl=s.FAILED_TTL)
+                                failed_ttl=s.FAILED_TTL,
+                                release_keys_on_failure=s.DEDUPE_RELEASE_ON_FAILURE)
 
     def _new_pool(self) -> ProcessPoolExecutor:
         import multiprocessing
+        from multiprocessing import forkserver
 
+        # The fork server and the pool processes it forks ignore SIGTERM (ignoring is
+        # inherited): a SIGTERM sent to the whole process group (systemd, docker,
+        # kill -- -PGID) then stops only this process, which lets running jobs finish.
+        # Otherwise the fork server dies and takes the pool, and its running jobs, with it.
+        previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            forkserver.ensure_running()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
         return ProcessPoolExecutor(
             max_workers=self.concurrency,
             mp_context=multiprocessing.get_context("forkserver"),
@@ -205,9 +218,11 @@ class Worker:
             chunk.future = self.pool.submit(runner.run_chunk, msgpack.packb(items,
                                                                             use_bin_type=True))
         except BrokenProcessPool:
-            self.pool = self._new_pool()
+            old, self.pool = self.pool, self._new_pool()
+            self._kill_pool_processes(old)
             chunk.future = self.pool.submit(runner.run_chunk, msgpack.packb(items,
                                                                             use_bin_type=True))
+        chunk.pool = self.pool
         self.running.add(chunk)
         task = asyncio.create_task(self._complete(chunk))
         self._tasks.add(task)
@@ -236,8 +251,17 @@ class Worker:
         """A pool process died. Return outcomes for jobs known to be at fault."""
         if self.pool is not None and getattr(self.pool, "_broken", False):
             old, self.pool = self.pool, self._new_pool()
+            # pool processes ignore SIGTERM, so the broken pool's own terminate() does not
+            # stop the other ones: kill them, their jobs are re-run one by one below
+            self._kill_pool_processes(old)
             old.shutdown(wait=False, cancel_futures=True)
-        alone = len(self.running) == 1 and len(chunk.jobs) == 1
+        if chunk.crashed_with is None:
+            # the first chunk of the broken pool to get here counts them all: the ones
+            # still to get here are not alone, though they will find `running` shorter
+            peers = [c for c in self.running if c.pool is chunk.pool]
+            for c in peers:
+                c.crashed_with = len(peers)
+        alone = chunk.crashed_with == 1 and len(chunk.jobs) == 1
         if chunk.timed_out or alone:
             job = chunk.jobs[0]
             why = (f"JobTimeout: ran past its timeout of {job['timeout']:g}s and its process "
@@ -374,8 +398,9 @@ class Worker:
                             chunk.jobs[0]["job_id"])
                 self._kill_pool_processes()
 
-    def _kill_pool_processes(self) -> None:
-        for proc in list(getattr(self.pool, "_processes", {}).values()):
+    def _kill_pool_processes(self, pool: ProcessPoolExecutor | None = None) -> None:
+        pool = self.pool if pool is None else pool
+        for proc in list((getattr(pool, "_processes", None) or {}).values()):
             try:
                 proc.kill()
             except Exception:
@@ -403,6 +428,11 @@ class Worker:
                     t.cancel()
                 self._kill_pool_processes()
                 await self._retry_redis(self.queue.release, self.worker_id, left)
+        # jobs whose pool process died while we waited: back in line too, not left running
+        late = [(j["job_id"], j["attempt"]) for j in self.suspects]
+        self.suspects.clear()
+        if late:
+            await self._retry_redis(self.queue.release, self.worker_id, late)
         self.pool.shutdown(wait=True, cancel_futures=True)
         try:
             await self.redis.hset(self.keys.worker(self.worker_id), "state", "stopped")

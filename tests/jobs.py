@@ -45,3 +45,42 @@ class Spawn(Job):
 class NotAJob:
     def run(self):
         return 1
+
+
+class OnQueueB(Job):
+    """Routed by its class attribute: queue "b" unless the submission names another."""
+
+    queue = "b"
+
+    def run(self, tag=None):
+        return {"tag": tag, "pid": os.getpid()}
+
+
+class MarkSleep(Job):
+    """Appends its job id to ``path`` when it starts (one line per run), then sleeps."""
+
+    def run(self, path, seconds):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, f"{self.job_id}\n".encode())
+        finally:
+            os.close(fd)
+        time.sleep(seconds)
+        return {"pid": os.getpid(), "at": time.time()}
+
+
+class FailUnlessFile(Job):
+    """Fails until ``path`` exists: a job that succeeds when rerun after a fix."""
+
+    def run(self, path):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path} is missing")
+        return "found"
+
+
+class Crash(Job):
+    """Kills its own pool process after ``delay`` seconds, as a crash in native code would."""
+
+    def run(self, delay=0.0):
+        time.sleep(delay)
+        os._exit(3)

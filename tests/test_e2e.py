@@ -1,7 +1,21 @@
 """The whole path with real processes: submit over RPC, a worker runs it, the result is kept."""
 
-from tests.conftest import wait_for
-from tests.jobs import Add, Spawn
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+
+import msgpack
+import pytest
+
+from elric.rpc import RemoteError
+from tests.conftest import ROOT, wait_for
+from tests.jobs import (Add, Crash, Echo, FailUnlessFile, MarkSleep, OnQueueB, Record, Sleep,
+                        Spawn)
+from tests.legacy import legacy_python
 
 
 def test_submit_runs_and_records_result(cluster):
@@ -30,3 +44,387 @@ def test_child_jobs_reach_the_master_and_run(cluster):
         assert child["result"] == 2 * i
         assert child["parent"] == "parent"
     wait_for(lambda: cluster.client.stats()["totals"]["succeeded"] == 6)
+
+
+# --- helpers for subprocess scripts -----------------------------------------------------
+
+def script_env(**elric) -> dict:
+    """The environment of a user's script: no ELRIC_* from outside, the repo importable."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ELRIC_")}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env.update({f"ELRIC_{k}": str(v) for k, v in elric.items()})
+    return env
+
+
+def run_script(source: str, env: dict, cwd, python: str = sys.executable, args=()) -> dict:
+    proc = subprocess.run([python, "-c", textwrap.dedent(source), *map(str, args)], env=env,
+                          cwd=str(cwd), capture_output=True, text=True, timeout=120,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def worker_pid(job: dict) -> int:
+    return int(job["worker"].split(":")[1])  # worker ids are host:pid:random
+
+
+# --- 1. submitting from a separate script ---------------------------------------------------
+
+SUBMIT_SCRIPT = """
+    import json
+    from elric import Job, SpecError
+    from tests.jobs import Add, Echo
+
+    out = {"submit": Add.submit(2, 3),
+           "submit_with": Echo.submit_with(args=[1], kwargs={"k": "v"}, job_id="sw-1",
+                                           priority=5, batch="script")}
+
+    class Local(Job):  # defined in __main__: no worker could import it
+        def run(self):
+            return 1
+
+    try:
+        Local.submit()
+    except SpecError as exc:
+        out["main_error"] = str(exc)
+    print(json.dumps(out))
+"""
+
+
+def test_submit_and_submit_with_from_a_script(cluster, tmp_path):
+    cluster.start_worker("--concurrency", "2")
+    out = run_script(SUBMIT_SCRIPT, script_env(MASTER_ADDRESS=cluster.address), tmp_path)
+    assert len(out["submit"]) == 32 and int(out["submit"], 16) >= 0  # a generated id
+    assert out["submit_with"] == "sw-1"
+    assert "Local is defined in __main__" in out["main_error"]
+    assert "move the class into a module" in out["main_error"]
+    add = cluster.wait_job(out["submit"])
+    assert (add["status"], add["result"]) == ("succeeded", 5), cluster.logs()
+    echo = cluster.wait_job("sw-1")
+    assert echo["status"] == "succeeded", cluster.logs()
+    assert echo["result"] == {"args": [1], "kwargs": {"k": "v"}}
+    assert (echo["priority"], echo["batch"]) == (5, "script")
+    # nothing from __main__ reached the master
+    assert cluster.client.stats()["totals"]["submitted"] == 2
+
+
+# --- 2. priority order ----------------------------------------------------------------------
+
+def test_priority_order_then_fifo_within_a_priority(cluster):
+    priorities = [0, 5, 0, 10, 5, -1, 10, 0, 5, 3, -1, 10]
+    specs = [Record.spec([i], job_id=f"r{i}", priority=p) for i, p in enumerate(priorities)]
+    assert all(r["status"] == "queued" for r in cluster.client.submit_jobs(specs))
+    cluster.start_worker("--concurrency", "1", WORKER_CHUNK=1)  # one job at a time
+    jobs = [cluster.wait_job(f"r{i}") for i in range(len(priorities))]
+    assert all(j["status"] == "succeeded" for j in jobs), cluster.logs()
+    ran = [j["result"]["tag"] for j in sorted(jobs, key=lambda j: j["result"]["started"])]
+    expected = sorted(range(len(priorities)), key=lambda i: (-priorities[i], i))
+    assert ran == expected
+
+
+# --- 3. queue routing -----------------------------------------------------------------------
+
+def test_queue_routing(cluster):
+    c = cluster.client
+    worker_a = cluster.start_worker("--queues", "a", "--concurrency", "1")
+    c.submit_jobs([Echo.spec(["b"], job_id="b1", queue="b"),
+                   OnQueueB.spec(["class"], job_id="cls-b"),        # the class says "b"
+                   OnQueueB.spec(["override"], job_id="cls-a", queue="a"),  # the spec wins
+                   Echo.spec(["a"], job_id="a1", queue="a"),
+                   Echo.spec(["a"], job_id="a2", queue="a")])
+    for job_id in ("a1", "a2", "cls-a"):
+        job = cluster.wait_job(job_id)
+        assert job["status"] == "succeeded", cluster.logs()
+        assert (job["queue"], worker_pid(job)) == ("a", worker_a.pid)
+    # the a-worker is idle now and never took a b job
+    for job_id in ("b1", "cls-b"):
+        job = c.get_job(job_id)
+        assert (job["status"], job["queue"], job["attempts"]) == ("queued", "b", 0)
+    assert c.stats()["by_queue"]["b"]["queued"] == 2
+    worker_b = cluster.start_worker("--queues", "b", "--concurrency", "1")
+    for job_id in ("b1", "cls-b"):
+        job = cluster.wait_job(job_id)
+        assert job["status"] == "succeeded", cluster.logs()
+        assert worker_pid(job) == worker_b.pid
+    assert c.get_job("cls-b")["result"]["tag"] == "class"
+
+
+# --- 4. queries: get_job, list_jobs, remove_job, stats, rerun_job -------------------------
+
+def test_get_list_remove_stats_and_rerun(cluster, tmp_path):
+    c = cluster.client
+    flag = tmp_path / "fixed"
+    c.submit_jobs([Echo.spec([i], job_id=f"e{i}", queue="q1", batch="B1") for i in range(6)]
+                  + [Record.spec([i], job_id=f"r{i}", queue="q2", batch="B2") for i in range(3)]
+                  + [FailUnlessFile.spec([str(flag)], job_id="flaky", queue="q2", batch="B2")])
+    assert c.get_job("no-such-job") is None
+    e0 = c.get_job("e0")
+    assert {k: e0[k] for k in ("status", "queue", "batch", "func", "args", "attempts",
+                               "result", "priority")} == {
+        "status": "queued", "queue": "q1", "batch": "B1", "func": "tests.jobs:Echo",
+        "args": [0], "attempts": 0, "result": None, "priority": 0}
+
+    def ids(**filter):
+        return {j["job_id"] for j in c.list_jobs(**filter)}
+
+    everything = {f"e{i}" for i in range(6)} | {f"r{i}" for i in range(3)} | {"flaky"}
+    assert ids() == ids(status="queued") == everything
+    assert ids(status="running") == set()
+    assert ids(queue="q1") == {f"e{i}" for i in range(6)}
+    assert ids(func="tests.jobs:Record") == {"r0", "r1", "r2"}
+    assert ids(batch="B2") == {"r0", "r1", "r2", "flaky"}
+    assert ids(queue="q2", func="tests.jobs:Echo") == set()
+    pages = [c.list_jobs(queue="q1", offset=o, limit=4) for o in (0, 4, 8)]
+    assert [len(p) for p in pages] == [4, 2, 0]
+    paged = [j["job_id"] for p in pages for j in p]
+    assert sorted(paged) == sorted(ids(queue="q1"))  # no job twice, none left out
+
+    assert c.remove_job("e5") is True
+    assert c.get_job("e5") is None
+    assert c.remove_job("e5") is False
+    assert c.remove_job("no-such-job") is False
+    stats = c.stats()
+    assert stats["by_status"]["queued"] == 9
+    assert stats["by_queue"]["q1"]["queued"] == 5 and stats["by_queue"]["q2"]["queued"] == 4
+    assert stats["totals"]["submitted"] == 10
+    assert stats["batches"]["B1"] == {"submitted": 6}
+    assert stats["workers"] == []
+
+    worker = cluster.start_worker("--queues", "q1,q2", "--concurrency", "2")
+    wait_for(lambda: c.stats()["by_status"]["queued"] == 0
+             and c.stats()["by_status"]["running"] == 0, what="queues drained")
+    flaky = cluster.wait_job("flaky")
+    assert flaky["status"] == "failed" and "FileNotFoundError" in flaky["error"]
+    stats = c.stats()
+    assert stats["by_status"]["succeeded"] == 8 and stats["by_status"]["failed"] == 1
+    assert stats["totals"]["succeeded"] == 8 and stats["totals"]["failed"] == 1
+    assert stats["batches"]["B1"] == {"submitted": 6, "succeeded": 5}  # e5 never ran
+    assert stats["batches"]["B2"] == {"submitted": 4, "succeeded": 3, "failed": 1}
+    assert stats["by_queue"]["q1"]["succeeded"] == 5
+    q2 = stats["by_queue"]["q2"]
+    assert (q2["queued"], q2["submitted"], q2["succeeded"], q2["failed"]) == (0, 4, 3, 1)
+    [w] = stats["workers"]
+    assert (w["pid"], w["queues"], w["alive"]) == (str(worker.pid), "q1,q2", True)
+    assert ids(status="failed") == {"flaky"}
+    assert ids(status="succeeded", batch="B1") == {f"e{i}" for i in range(5)}
+
+    with pytest.raises(RemoteError, match="no job 'no-such-job'"):
+        c.rerun_job("no-such-job")
+    flag.write_text("")
+    assert c.rerun_job("flaky") == {"job_id": "flaky", "status": "queued"}
+    flaky = cluster.wait_job("flaky")
+    assert (flaky["status"], flaky["result"], flaky["attempts"]) == ("succeeded", "found", 1)
+    assert ids(status="failed") == set()
+    assert c.stats()["totals"]["succeeded"] == 9
+
+
+# --- 5. bad requests: an error that says what to fix; master and connection stay up ---------
+
+BAD_REQUESTS = [
+    (("no_such_method",), "'no_such_method' method not found"),
+    (("submit_job",), "submit_job takes 1 argument (spec), got 0"),
+    (("submit_job", "tests.jobs:Add"), "submit_job takes a job spec map, got str"),
+    (("submit_jobs", {"func": "tests.jobs:Add"}), "submit_jobs takes an array of job specs"),
+    (("submit_job", {"func": "tests.jobs:Add", "args": "2, 3"}),
+     "job spec key 'args' must be array, got string"),
+    (("submit_job", {"func": "tests.jobs:Add", "args": [1, 2], "priority": "high"}),
+     "job spec key 'priority' must be integer, got string"),
+    (("submit_job", {"args": [1, 2]}), "job spec is missing 'func'"),
+    (("submit_job", {"func": "tests.nowhere:Add"}), "cannot import module 'tests.nowhere'"),
+    (("submit_job", {"func": "tests.jobs:Nope"}), "module 'tests.jobs' has no 'Nope'"),
+    (("submit_job", {"func": "tests.jobs.Add"}), '"package.module:ClassName"'),
+    (("submit_job", {"func": "tests.jobs:NotAJob"}), "is not a subclass of elric.Job"),
+    (("submit_job", {"func": "os:system", "args": ["touch /tmp/elric-pwned"]}),
+     "is not a subclass of elric.Job"),
+    (("submit_job", {"func": "__main__:Local"}), "defined in __main__ cannot be imported"),
+    (("submit_job", {"func": "tests.jobs:Add", "colour": "red"}),
+     "unknown job spec key(s) 'colour'; known keys: func, args"),
+    (("submit_job", {"func": "tests.jobs:Echo", "args": [msgpack.ExtType(42, b"\x00\x01")]}),
+     "args[0]: a msgpack extension type"),
+    (("submit_job", {"func": "tests.jobs:Echo", "args": msgpack.ExtType(42, b"xy")}),
+     "job spec key 'args' must be array, got msgpack extension type"),
+    (("submit_job", {"func": "tests.jobs:Echo", "kwargs": {"when": msgpack.ExtType(1, b"")}}),
+     "kwargs['when']: a msgpack extension type"),
+    (("submit_job", {"func": "tests.jobs:Echo", "queue": "no spaces"}), "queue 'no spaces'"),
+    (("submit_job", {"func": "tests.jobs:Echo", "timeout": 0}), "timeout 0"),
+    (("submit_job", {"func": "tests.jobs:Echo", "timeout": float("nan")}), "timeout nan"),
+    (("submit_job", {"func": "examples.crawler:Crawl", "args": []}),
+     "Crawl.dedupe_key_for(args, kwargs) raised TypeError"),
+    (("submit_jobs", [Echo.spec([1], job_id="ok-0"), {"func": "tests.jobs:Add", "oops": 1},
+                      Echo.spec([2], job_id="ok-2")]), "spec 1: unknown job spec key(s) 'oops'"),
+    (("submit_jobs", [Echo.spec([1], job_id="dup"), Echo.spec([2], job_id="dup")]),
+     "the same job_id appears twice"),
+    (("get_job", 42), "job_id must be a non-empty string"),
+    (("list_jobs", {"status": "done"}), "unknown status 'done'"),
+    (("list_jobs", {"colour": "red"}), "unknown filter key(s)"),
+    (("list_jobs", {"limit": 0}), "limit 1..1000"),
+    (("rerun_job", "no-such-job"), "no job 'no-such-job'"),
+]
+
+
+def test_bad_requests_get_clear_errors_and_the_connection_stays_up(cluster):
+    rpc = cluster.client.rpc
+    assert rpc.call("ping") == "pong"
+    sock = rpc._sock
+    master = cluster.procs[0]
+    for call, message in BAD_REQUESTS:
+        try:
+            reply = rpc.call(*call)
+        except RemoteError as exc:
+            error = str(exc)
+        else:
+            raise AssertionError(f"{call} was accepted: {reply!r}")
+        assert message in error, (call, error)
+        assert "Traceback" not in error and "internal error" not in error, error
+        assert rpc.call("ping") == "pong", call
+        assert rpc._sock is sock, f"the connection was dropped after {call}"
+    assert master.alive()
+    # nothing was queued by any of them, not even the good specs of the refused batch
+    assert cluster.client.get_job("ok-0") is None and cluster.client.get_job("dup") is None
+    stats = cluster.client.stats()
+    assert stats["totals"]["submitted"] == 0 and stats["by_status"]["queued"] == 0
+    assert not os.path.exists("/tmp/elric-pwned")
+
+
+# --- 6. the legacy msgpack-rpc-python client ------------------------------------------------
+
+LEGACY_SUBMIT = """
+    import json, sys
+    import msgpackrpc
+
+    def norm(x):  # the legacy client hands strings back as bytes
+        if isinstance(x, bytes):
+            return x.decode()
+        if isinstance(x, dict):
+            return {norm(k): norm(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [norm(v) for v in x]
+        return x
+
+    client = msgpackrpc.Client(msgpackrpc.Address("127.0.0.1", int(sys.argv[1])), timeout=30)
+    out = {"ping": norm(client.call("ping")),
+           "submit": norm(client.call("submit_job", {"func": "tests.jobs:Echo",
+                                                     "args": ["legacy", 7],
+                                                     "kwargs": {"k": "v"},
+                                                     "job_id": "legacy-1",
+                                                     "priority": 3}))}
+    try:
+        client.call("submit_job", {"func": "tests.jobs:NotAJob"})
+    except msgpackrpc.error.RPCError as exc:
+        out["refused"] = norm(exc.args[0])
+    client.close()
+    print(json.dumps(out))
+"""
+
+
+def test_legacy_msgpack_rpc_python_client_round_trip(cluster, tmp_path):
+    python = legacy_python()
+    cluster.start_worker("--concurrency", "1")
+    port = cluster.address.rpartition(":")[2]
+    out = run_script(LEGACY_SUBMIT, script_env(), tmp_path, python=python, args=[port])
+    assert out["ping"] == "pong"
+    assert out["submit"] == {"job_id": "legacy-1", "status": "queued"}
+    assert "is not a subclass of elric.Job" in out["refused"]
+    job = cluster.wait_job("legacy-1")
+    assert job["status"] == "succeeded", cluster.logs()
+    assert job["result"] == {"args": ["legacy", 7], "kwargs": {"k": "v"}}
+    assert (job["func"], job["priority"]) == ("tests.jobs:Echo", 3)
+
+
+# --- 8. SIGTERM on a busy worker loses nothing ----------------------------------------------
+
+def test_sigterm_on_a_busy_worker_loses_nothing(cluster, tmp_path):
+    c = cluster.client
+    marks = tmp_path / "runs.txt"
+    n = 40
+    worker = cluster.start_worker("--concurrency", "2")
+    c.submit_jobs([MarkSleep.spec([str(marks), 0.3], job_id=f"s{i:02d}") for i in range(n)])
+    # busy: some done, two running and more prefetched
+    wait_for(lambda: c.stats()["by_status"]["succeeded"] >= 4, what="a few jobs done")
+    held = {j["job_id"] for j in c.list_jobs(status="running")}
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(timeout=60) == 0, worker.log()
+    # it finished what it was running and gave back what it had prefetched, at once (the
+    # lease is 30 s: nothing here waited for one to expire)
+    jobs = {j["job_id"]: j for j in c.list_jobs(limit=1000)}
+    assert len(jobs) == n
+    statuses = {j["status"] for j in jobs.values()}
+    assert statuses <= {"succeeded", "queued"}, (statuses, worker.log())
+    queued = [j for j in jobs.values() if j["status"] == "queued"]
+    assert queued, "the worker ran everything before it was told to stop"
+    assert all(j["attempts"] == 0 and not j["worker"] for j in queued)
+    # the jobs it held beyond the two it ran are back in line, not left "running"
+    assert held - {j for j in held if jobs[j]["status"] == "succeeded"} <= {
+        j["job_id"] for j in queued}
+    given = re.search(r"gave (\d+) prefetched job\(s\) back to the queue", worker.log())
+    assert given and int(given.group(1)) >= 1, worker.log()
+    assert c.stats()["totals"]["redelivered"] == 0
+    done_before = {j for j, job in jobs.items() if job["status"] == "succeeded"}
+
+    cluster.start_worker("--concurrency", "2")
+    wait_for(lambda: c.stats()["by_status"]["succeeded"] == n, timeout=60,
+             what="all jobs succeeded")
+    jobs = {j["job_id"]: j for j in c.list_jobs(status="succeeded", limit=1000)}
+    assert all(j["attempts"] == 1 for j in jobs.values())
+    assert {j for j, job in jobs.items() if worker_pid(job) == worker.pid} == done_before
+    runs = marks.read_text().split()
+    assert sorted(runs) == sorted(jobs), "a job ran twice or not at all"
+
+
+# --- a job that kills its process fails alone; the jobs beside it are not blamed -----------
+
+def test_a_crashing_job_fails_alone(cluster):
+    c = cluster.client
+    cluster.start_worker("--concurrency", "2")
+    c.submit_job(Crash.spec([1.0], job_id="crash"))  # started first, dies while the other runs
+    wait_for(lambda: c.get_job("crash")["status"] == "running", what="crash running")
+    c.submit_job(Sleep.spec([1.5, "innocent"], job_id="innocent"))
+    crash = cluster.wait_job("crash")
+    assert crash["status"] == "failed" and "process died" in crash["error"], crash
+    innocent = cluster.wait_job("innocent")
+    assert innocent["status"] == "succeeded", (innocent["error"], cluster.logs())
+    assert innocent["result"]["tag"] == "innocent"
+
+
+def descendants(pid: int) -> list[int]:
+    """PIDs of the processes below ``pid`` (from /proc): the fork server and pool."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parents[int(entry)] = int(f.read().rpartition(")")[2].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    found, frontier = [], [pid]
+    while frontier:
+        children = [p for p, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+def test_sigterm_to_the_whole_process_group_lets_running_jobs_finish(cluster, tmp_path):
+    # systemd, docker and `kill -- -PGID` signal every process of the worker, pool included
+    c = cluster.client
+    marks = tmp_path / "runs.txt"
+    worker = cluster.start_worker("--concurrency", "2")
+    c.submit_jobs([MarkSleep.spec([str(marks), 0.5], job_id=f"g{i}") for i in range(8)])
+    wait_for(lambda: marks.exists() and len(marks.read_text().split()) >= 2,
+             what="two jobs started")
+    tree = descendants(worker.pid)
+    assert len(tree) >= 3, tree  # the fork server and two pool processes at least
+    for pid in [worker.pid, *tree]:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    assert worker.wait(timeout=60) == 0, worker.log()
+    jobs = {j["job_id"]: j for j in c.list_jobs(limit=100)}
+    started = set(marks.read_text().split())
+    assert {j for j, job in jobs.items() if job["status"] == "succeeded"} == started, (
+        jobs, worker.log())  # what had started ran to the end
+    assert {job["status"] for j, job in jobs.items() if j not in started} == {"queued"}
+    cluster.start_worker("--concurrency", "2")
+    wait_for(lambda: c.stats()["by_status"]["succeeded"] == 8, what="all jobs succeeded")
+    assert sorted(marks.read_text().split()) == sorted(jobs)  # each ran exactly once

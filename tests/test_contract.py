@@ -1,0 +1,189 @@
+"""Pins the wire contract (elric/contract.py, documented in README "The RPC API"): names of
+statuses, methods and spec keys, and what normalize_spec fills in and refuses. Unit level."""
+
+from __future__ import annotations
+
+import re
+
+import msgpack
+import pytest
+
+from elric import Job, SpecError
+from elric.contract import (FINAL_STATUSES, LIVE_STATUSES, METHODS, SPEC_KEYS, STATUSES,
+                            func_path, normalize_spec, resolve_job_class)
+from tests.jobs import Add, Echo, OnQueueB
+
+
+def test_status_names():
+    assert STATUSES == ("queued", "running", "succeeded", "failed", "retrying", "scheduled",
+                        "filtered", "cancelled")
+    assert LIVE_STATUSES == ("queued", "running", "retrying")
+    assert FINAL_STATUSES == ("succeeded", "failed", "cancelled")
+
+
+def test_method_names():
+    assert METHODS == ("ping", "auth", "submit_job", "submit_jobs", "get_job", "remove_job",
+                       "list_jobs", "stats", "rerun_job", "pause_job", "resume_job",
+                       "modify_job")
+
+
+def test_spec_key_names():
+    assert tuple(SPEC_KEYS) == (
+        "func", "args", "kwargs", "job_id", "queue", "priority", "max_retries", "timeout",
+        "batch", "parent", "trigger", "replace_existing", "misfire_grace_time", "coalesce",
+        "max_instances", "dedupe_key", "dedupe_scope")
+    assert all(isinstance(doc, str) and doc for _, doc in SPEC_KEYS.values())
+
+
+def test_defaults_of_a_minimal_spec():
+    spec = normalize_spec({"func": "tests.jobs:Add"})
+    assert re.fullmatch(r"[0-9a-f]{32}", spec.pop("job_id"))
+    assert spec == {"func": "tests.jobs:Add", "args": [], "kwargs": {}, "queue": "default",
+                    "priority": 0, "max_retries": 0, "timeout": None, "batch": "",
+                    "parent": ""}
+    assert normalize_spec({"func": "tests.jobs:Add"})["job_id"] != normalize_spec(
+        {"func": "tests.jobs:Add"})["job_id"]
+
+
+def test_spec_then_class_then_settings_defaults():
+    defaults = {"max_retries": 3, "timeout": 60, "queue": "from-settings"}
+    assert normalize_spec({"func": "tests.jobs:Add"}, defaults=defaults)["max_retries"] == 3
+    n = normalize_spec({"func": "tests.jobs:OnQueueB"}, defaults=defaults)
+    assert n["queue"] == "b" and n["timeout"] == 60  # the class beats settings
+    n = normalize_spec({"func": "tests.jobs:OnQueueB", "queue": "q", "max_retries": 0,
+                        "timeout": 5}, defaults=defaults)
+    assert (n["queue"], n["max_retries"], n["timeout"]) == ("q", 0, 5.0)  # the spec beats both
+    assert isinstance(n["timeout"], float)
+
+
+def test_everything_given_is_kept():
+    n = normalize_spec({"func": "tests.jobs:Echo", "args": (1, "a", None, [2.5, b"x"]),
+                        "kwargs": {"k": {"n": [1]}}, "job_id": "j-1", "queue": "q.1-x_y",
+                        "priority": -7, "max_retries": 2, "timeout": 1.5, "batch": "b",
+                        "parent": "p", "dedupe_key": "k", "dedupe_scope": "s"})
+    assert n == {"func": "tests.jobs:Echo", "args": [1, "a", None, [2.5, b"x"]],
+                 "kwargs": {"k": {"n": [1]}}, "job_id": "j-1", "queue": "q.1-x_y",
+                 "priority": -7, "max_retries": 2, "timeout": 1.5, "batch": "b",
+                 "parent": "p", "dedupe_key": "k", "dedupe_scope": "s"}
+
+
+def test_check_class_false_does_not_import():
+    n = normalize_spec({"func": "not.imported.here:Job"}, check_class=False)
+    assert n["func"] == "not.imported.here:Job" and n["queue"] == "default"
+
+
+@pytest.mark.parametrize("spec, message", [
+    ([], "job spec must be a map, got list"),
+    ({"func": "tests.jobs:Add", "colour": 1, "size": 2},
+     "unknown job spec key(s) 'colour', 'size'; known keys: func, args, kwargs"),
+    ({"args": [1]}, "job spec is missing 'func'"),
+    ({"func": 42}, "job spec key 'func' must be string, got integer"),
+    ({"func": "tests.jobs:Add", "args": "1, 2"}, "job spec key 'args' must be array, got string"),
+    ({"func": "tests.jobs:Add", "args": None}, "job spec key 'args' must be array, got nil"),
+    ({"func": "tests.jobs:Add", "kwargs": [1]}, "job spec key 'kwargs' must be map, got array"),
+    ({"func": "tests.jobs:Add", "priority": "high"},
+     "job spec key 'priority' must be integer, got string"),
+    ({"func": "tests.jobs:Add", "priority": True},
+     "job spec key 'priority' must be integer, got boolean"),
+    ({"func": "tests.jobs:Add", "priority": 1.5},
+     "job spec key 'priority' must be integer, got number"),
+    ({"func": "tests.jobs:Add", "timeout": "10"},
+     "job spec key 'timeout' must be number, got string"),
+    ({"func": "tests.jobs:Add", "misfire_grace_time": "1"},
+     "job spec key 'misfire_grace_time' must be number or nil, got string"),
+    ({"func": "tests.jobs:Add", "args": msgpack.ExtType(1, b"x")},
+     "job spec key 'args' must be array, got msgpack extension type"),
+    ({"func": "tests.jobs.Add"}, 'expected "package.module:ClassName"'),
+    ({"func": "tests.jobs:"}, 'expected "package.module:ClassName"'),
+    ({"func": "tests.nowhere:Add"}, "cannot import module 'tests.nowhere'"),
+    ({"func": "tests.jobs:Missing"}, "module 'tests.jobs' has no 'Missing'"),
+    ({"func": "tests.jobs:NotAJob"}, "is not a subclass of elric.Job"),
+    ({"func": "elric.job:Job"}, "is not a subclass of elric.Job"),
+    ({"func": "os:system"}, "is not a subclass of elric.Job"),
+    ({"func": "__main__:Local"}, "defined in __main__ cannot be imported by a worker"),
+    ({"func": "tests.jobs:Echo", "args": [msgpack.ExtType(5, b"x")]},
+     "args[0]: a msgpack extension type (code 5) is not allowed"),
+    ({"func": "tests.jobs:Echo", "args": [object()]}, "args[0]: object is not a msgpack value"),
+    ({"func": "tests.jobs:Echo", "args": [{1.5: "x"}]},
+     "args[0]: map key 1.5 is not a string or integer"),
+    ({"func": "tests.jobs:Echo", "args": [2**64]}, "does not fit in 64 bits"),
+    ({"func": "tests.jobs:Echo", "kwargs": {"k": {1, 2}}}, "kwargs['k']: set is not a msgpack"),
+    ({"func": "tests.jobs:Echo", "kwargs": {1: "x"}}, "kwargs key 1 must be a string"),
+    ({"func": "tests.jobs:Echo", "job_id": "has space"}, "job_id 'has space': 1-200 characters"),
+    ({"func": "tests.jobs:Echo", "job_id": "x" * 201}, "1-200 characters without spaces"),
+    ({"func": "tests.jobs:Echo", "queue": "a/b"}, "queue 'a/b': 1-100 letters"),
+    ({"func": "tests.jobs:Echo", "priority": 2**31}, "must be within ±2**31"),
+    ({"func": "tests.jobs:Echo", "max_retries": -1}, "max_retries -1: must be 0 or more"),
+    ({"func": "tests.jobs:Echo", "timeout": 0}, "timeout 0: must be a positive number"),
+    ({"func": "tests.jobs:Echo", "timeout": -1.5}, "timeout -1.5: must be a positive number"),
+    ({"func": "tests.jobs:Echo", "coalesce": "all"},
+     "job spec key 'coalesce' is for periodic jobs: give a 'trigger' too"),
+    ({"func": "tests.jobs:Echo", "max_instances": 2}, "'max_instances' is for periodic jobs"),
+    ({"func": "tests.jobs:Echo", "timeout": float("nan")}, "timeout nan: must be a positive"),
+    ({"func": "tests.jobs:Echo", "timeout": float("inf")}, "timeout inf: must be a positive"),
+    ({"func": "tests.jobs:Echo", "timeout": 1e300}, "leave it out for no timeout"),
+])
+def test_refused_specs_name_what_is_wrong(spec, message):
+    with pytest.raises(SpecError) as info:
+        normalize_spec(spec)
+    assert message in str(info.value)
+
+
+def test_deep_nesting_is_refused():
+    value: list = []
+    for _ in range(70):
+        value = [value]
+    with pytest.raises(SpecError, match="nested deeper than 64 levels"):
+        normalize_spec({"func": "tests.jobs:Echo", "args": value})
+
+
+def test_job_modules_restrict_func():
+    assert normalize_spec({"func": "tests.jobs:Add"}, allowed_modules=["tests"])
+    assert normalize_spec({"func": "tests.jobs:Add"}, allowed_modules=["tests.jobs."])
+    with pytest.raises(SpecError, match="not allowed by JOB_MODULES"):
+        normalize_spec({"func": "tests.jobs:Add"}, allowed_modules=["examples"])
+    with pytest.raises(SpecError, match="not allowed by JOB_MODULES"):
+        normalize_spec({"func": "tests.jobsx:Add"}, allowed_modules=["tests.jobs"])
+
+
+def test_resolve_and_func_path():
+    assert resolve_job_class("tests.jobs:Add") is Add
+    assert func_path(Echo) == "tests.jobs:Echo" and func_path(OnQueueB) == "tests.jobs:OnQueueB"
+
+
+def test_dedupe_key_from_the_class_hook():
+    from examples.crawler import Crawl
+
+    n = normalize_spec({"func": "examples.crawler:Crawl", "args": ["HTTP://Example.com#top"]})
+    assert n["dedupe_key"] == "http://example.com/" and n["queue"] == "crawl"
+    assert n["max_retries"] == Crawl.max_retries and n["timeout"] == float(Crawl.timeout)
+    explicit = normalize_spec({"func": "examples.crawler:Crawl", "args": ["http://a/"],
+                               "dedupe_key": "mine"})
+    assert explicit["dedupe_key"] == "mine"
+    assert "dedupe_key" not in normalize_spec({"func": "tests.jobs:Add"})
+
+
+def test_job_spec_builds_a_valid_spec_and_refuses_what_cannot_work():
+    spec = Add.spec([1, 2], job_id="a", priority=3)
+    assert spec == {"func": "tests.jobs:Add", "args": [1, 2], "kwargs": {}, "job_id": "a",
+                    "priority": 3}
+    assert normalize_spec(spec)["priority"] == 3
+
+    class Local(Job):
+        def run(self):
+            return 1
+
+    with pytest.raises(SpecError, match="must be defined at module level"):
+        Local.spec()
+    Local.__module__ = "__main__"
+    Local.__qualname__ = "Local"
+    with pytest.raises(SpecError, match="defined in __main__, so a worker cannot import it"):
+        Local.spec()
+    with pytest.raises(SpecError, match="takes no 'func'"):
+        Add.spec([1, 2], func="tests.jobs:Echo")
+
+
+def test_a_dedupe_hook_that_raises_is_a_spec_error():
+    with pytest.raises(SpecError, match=r"Crawl.dedupe_key_for\(args, kwargs\) raised "
+                                        r"TypeError: .*missing 1 required positional"):
+        normalize_spec({"func": "examples.crawler:Crawl", "args": []})

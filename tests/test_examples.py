@@ -1,0 +1,81 @@
+"""The examples run as documented, with real processes: the crawler against the demo site,
+the minimal hello job, and `elric demo`."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+from examples.crawler import Crawl
+from examples.site import DemoSite
+from tests.conftest import ROOT, wait_for
+
+
+def script_env(**elric) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ELRIC_")}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env.update({f"ELRIC_{k}": str(v) for k, v in elric.items()})
+    return env
+
+
+def test_crawler_fetches_every_page_exactly_once(cluster):
+    c = cluster.client
+    with DemoSite(pages=20) as site:
+        cluster.start_worker("--queues", "crawl", "--concurrency", "2")
+        c.submit_job(Crawl.spec([site.url, "site"], job_id="start", batch="site",
+                                dedupe_scope="site"))
+        pages = len(site.paths())
+
+        def finished():
+            stats = c.stats()
+            live = sum(stats["by_status"][s] for s in ("queued", "running", "retrying"))
+            return live == 0 and stats["batches"].get("site", {}).get("succeeded") == pages
+
+        wait_for(finished, timeout=60, what="the crawl finished")
+        assert site.hits == {path: 1 for path in site.paths()}, cluster.logs()
+    stats = c.stats()
+    batch = stats["batches"]["site"]
+    assert (batch["submitted"], batch["succeeded"], batch.get("failed", 0)) == (pages, pages, 0)
+    assert stats["by_status"]["filtered"] > 0  # links to pages seen before were dropped
+    jobs = c.list_jobs(batch="site", status="succeeded", limit=1000)
+    assert sorted(j["result"]["url"] for j in jobs) == sorted(
+        site.url.rstrip("/") + p for p in site.paths())
+    assert all(j["queue"] == "crawl" for j in jobs)  # Crawl.queue routed them
+
+
+def test_hello_example_as_documented(cluster, tmp_path):
+    cluster.start_worker("--concurrency", "1")
+    proc = subprocess.run(
+        [sys.executable, "-c", "from examples.hello import Add; print(Add.submit(2, 3))"],
+        cwd=str(tmp_path), env=script_env(MASTER_ADDRESS=cluster.address),
+        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr
+    job = cluster.wait_job(proc.stdout.strip())
+    assert (job["status"], job["result"], job["func"]) == ("succeeded", 5, "examples.hello:Add")
+
+
+def test_elric_demo_command(tmp_path):
+    # `elric demo` starts its own redis-server, master and worker, and stops them again
+    env = script_env()
+    env["TMPDIR"] = str(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "elric", "demo", "--pages", "10"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=120,
+                          stdin=subprocess.DEVNULL)
+    out = proc.stdout
+    assert proc.returncode == 0, out + proc.stderr
+    assert "crawled 11 pages (11 on the site, each fetched 1 time(s) at most)" in out, out
+    assert "0 failed" in out
+    crawled = re.findall(r"^\s+(http://127\.0\.0\.1:\d+/\S*)\s+\d+ links", out, re.M)
+    assert len(crawled) == 11 and len(set(crawled)) == 11, out
+    assert {u.split("/", 3)[3] for u in crawled} == {""} | {f"p/{n}" for n in range(10)}
+    assert "stopped everything the demo started" in out
+    pids = [int(p) for p in re.findall(r"\(pid (\d+)\)", out)]
+    assert len(pids) == 3, out  # redis-server, master, worker
+    for pid in pids:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            continue
+        raise AssertionError(f"the demo left pid {pid} running")

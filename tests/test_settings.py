@@ -1,0 +1,177 @@
+"""Settings: defaults, file < ELRIC_<KEY> < command line, and `elric master|worker` refusing
+bad settings with one clear line and exit status 2 (real subprocesses, no traceback)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from elric.config import KEYS, SettingsError, load_settings
+from elric.redis_server import free_port
+
+# --- unit level -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_settings_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no ./settings.py here
+    return tmp_path
+
+
+def test_defaults(no_settings_file):
+    s = load_settings(env={})
+    assert s.source is None
+    assert s.as_dict() == {key: spec.default for key, spec in KEYS.items()}
+    assert s.MASTER_ADDRESS == "127.0.0.1:7531" and s.master_host_port == ("127.0.0.1", 7531)
+    assert s.QUEUES == ["default"] and s.CONCURRENCY is None and s.RPC_TOKEN is None
+    assert s.concurrency == (os.cpu_count() or 1)
+    assert s.WORKER_CHUNK == 64 and s.LEASE_SECONDS == 30.0 and s.JOB_MODULES == []
+
+
+def test_env_overrides_have_the_types_of_their_keys(no_settings_file):
+    s = load_settings(env={
+        "ELRIC_CONCURRENCY": "4", "ELRIC_RETRY_BACKOFF": "0.25", "ELRIC_LEASE_SECONDS": "10",
+        "ELRIC_QUEUES": " a, b,,c ", "ELRIC_JOB_MODULES": "tests.jobs,examples",
+        "ELRIC_RPC_TOKEN": "s3cret", "ELRIC_JOB_TIMEOUT": "none", "ELRIC_WORKER_CHUNK": "1",
+        "ELRIC_MASTER_ADDRESS": "127.0.0.1:9999", "ELRIC_REDIS_URL": "redis://h:1/2",
+        "ELRIC_LOG_LEVEL": "debug"})
+    assert s.CONCURRENCY == 4 and type(s.CONCURRENCY) is int
+    assert s.RETRY_BACKOFF == 0.25
+    assert s.LEASE_SECONDS == 10.0 and isinstance(s.LEASE_SECONDS, float)
+    assert s.QUEUES == ["a", "b", "c"]  # comma-separated, blanks dropped
+    assert s.JOB_MODULES == ["tests.jobs", "examples"]
+    assert s.RPC_TOKEN == "s3cret" and s.JOB_TIMEOUT is None and s.WORKER_CHUNK == 1
+    assert s.master_host_port == ("127.0.0.1", 9999)
+    assert s.REDIS_URL == "redis://h:1/2" and s.LOG_LEVEL == "debug"
+    assert load_settings(env={"ELRIC_CONCURRENCY": ""}).CONCURRENCY is None  # nullable
+
+
+def test_file_then_env_then_command_line(no_settings_file):
+    path = no_settings_file / "mysettings.py"
+    path.write_text("import os\nQUEUES = ('x', 'y')\nCONCURRENCY = 3\nKEY_PREFIX = 'file'\n"
+                    "_HELPER = 1\nlower_case_is_ignored = 2\n")
+    s = load_settings(str(path), env={"ELRIC_CONCURRENCY": "5"})
+    assert s.source == str(path)
+    assert s.QUEUES == ["x", "y"] and s.KEY_PREFIX == "file" and s.CONCURRENCY == 5
+    s = load_settings(str(path), env={"ELRIC_CONCURRENCY": "5"},
+                      overrides={"CONCURRENCY": 7, "QUEUES": None})
+    assert s.CONCURRENCY == 7 and s.QUEUES == ["x", "y"]  # None: option not given
+    # ELRIC_SETTINGS names the file; ./settings.py is the fallback
+    assert load_settings(env={"ELRIC_SETTINGS": str(path)}).KEY_PREFIX == "file"
+    (no_settings_file / "settings.py").write_text("KEY_PREFIX = 'cwd'\n")
+    assert load_settings(env={}).KEY_PREFIX == "cwd"
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"ELRIC_CONCURRENCY": "abc"}, "CONCURRENCY (from ELRIC_CONCURRENCY): expected an integer"),
+    ({"ELRIC_LEASE_SECONDS": "soon"}, "LEASE_SECONDS (from ELRIC_LEASE_SECONDS): expected a "
+                                      "number"),
+    ({"ELRIC_WORKER_CHUNK": "0"}, "WORKER_CHUNK (from ELRIC_WORKER_CHUNK): must be positive"),
+    ({"ELRIC_MAX_RETRIES": "-1"}, "MAX_RETRIES (from ELRIC_MAX_RETRIES): must be positive"),
+    ({"ELRIC_JOB_TIMEOUT": "inf"}, "JOB_TIMEOUT (from ELRIC_JOB_TIMEOUT): must be a finite "
+                                   "number, got inf"),
+    ({"ELRIC_LEASE_SECONDS": "nan"}, "LEASE_SECONDS (from ELRIC_LEASE_SECONDS): must be a "
+                                     "finite number"),
+    ({"ELRIC_LOG_LEVEL": "loud"}, "LOG_LEVEL (from ELRIC_LOG_LEVEL): expected DEBUG"),
+    ({"ELRIC_REDIS_URL": "localhost:6379"}, "REDIS_URL (from ELRIC_REDIS_URL): "
+                                            "'localhost:6379' is not a redis://"),
+    ({"ELRIC_MASTER_ADDRESS": "127.0.0.1"}, "MASTER_ADDRESS: '127.0.0.1' is not host:port"),
+    ({"ELRIC_MASTER_ADDRESS": "127.0.0.1:99999"}, "MASTER_ADDRESS: '127.0.0.1:99999' is not"),
+    ({"ELRIC_SETTINGS": "/nonexistent/elric.py"}, "settings file '/nonexistent/elric.py' "
+                                                  "does not exist"),
+])
+def test_bad_env_values_name_the_key(no_settings_file, env, message):
+    with pytest.raises(SettingsError) as info:
+        load_settings(env=env)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("body, message", [
+    ("COLOUR = 'red'\n", "unknown setting COLOUR (known: REDIS_URL,"),
+    ("CONCURRENCY = '4'\n", "CONCURRENCY (from {path}): expected int, got '4'"),
+    ("CONCURRENCY = True\n", "CONCURRENCY (from {path}): expected int, got True"),
+    ("QUEUES = 'a,b'\n", "QUEUES (from {path}): expected list, got 'a,b'"),
+    ("QUEUES = ['a', '']\n", "QUEUES (from {path}): expected a list of names"),
+    ("raise RuntimeError('nope')\n", "failed to load: RuntimeError: nope"),
+])
+def test_bad_settings_files_name_the_key(no_settings_file, body, message):
+    path = no_settings_file / "bad_settings.py"
+    path.write_text(body)
+    with pytest.raises(SettingsError) as info:
+        load_settings(str(path), env={})
+    assert message.format(path=path) in str(info.value)
+
+
+def test_replace_checks_keys_and_types(no_settings_file):
+    s = load_settings(env={})
+    assert s.replace(CONCURRENCY=2).CONCURRENCY == 2 and s.CONCURRENCY is None
+    with pytest.raises(SettingsError, match="unknown setting NOPE"):
+        s.replace(NOPE=1)
+    with pytest.raises(SettingsError, match="WORKER_CHUNK .* expected int"):
+        s.replace(WORKER_CHUNK="8")
+
+
+# --- `elric master` / `elric worker` with bad settings: exit 2, one line ------------------
+
+def run_elric(args, cwd, **elric) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ELRIC_")}
+    env.update({f"ELRIC_{k}": str(v) for k, v in elric.items()})
+    return subprocess.run([sys.executable, "-m", "elric", *args], cwd=str(cwd), env=env,
+                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+
+
+def unused_address() -> str:
+    return f"127.0.0.1:{free_port()}"  # bound and released: nobody listens there
+
+
+CASES = {
+    "unknown key in a settings file": lambda d, r: (
+        ["master", "--settings", d["bad.py"]], {}, "unknown setting COLOUR"),
+    "wrong type in the environment": lambda d, r: (
+        ["worker"], {"CONCURRENCY": "abc"}, "CONCURRENCY (from ELRIC_CONCURRENCY): expected an "
+                                            "integer, got 'abc'"),
+    "wrong type on the command line": lambda d, r: (
+        ["worker", "--concurrency", "0"], {}, "CONCURRENCY (from command line): must be "
+                                              "positive"),
+    "master: Redis unreachable": lambda d, r: (
+        ["master"], {"REDIS_URL": d["dead_redis"], "MASTER_ADDRESS": unused_address()},
+        f"REDIS_URL {d['dead_redis']}: cannot connect"),
+    "worker: Redis unreachable": lambda d, r: (
+        ["worker"], {"REDIS_URL": d["dead_redis"], "MASTER_ADDRESS": unused_address()},
+        f"REDIS_URL {d['dead_redis']}: cannot connect"),
+    "worker: master unreachable": lambda d, r: (
+        ["worker", "--master", d["dead_master"]], {"REDIS_URL": r},
+        f"MASTER_ADDRESS {d['dead_master']}: cannot reach elric master at "
+        f"{d['dead_master']}"),
+    "master: nonexistent --settings": lambda d, r: (
+        ["master", "--settings", "/nonexistent/settings.py"], {},
+        "settings file '/nonexistent/settings.py' does not exist"),
+    "worker: nonexistent --settings": lambda d, r: (
+        ["worker", "--settings", "/nonexistent/settings.py"], {},
+        "settings file '/nonexistent/settings.py' does not exist"),
+    "master: MASTER_ADDRESS without a port": lambda d, r: (
+        ["master"], {"MASTER_ADDRESS": "127.0.0.1"},
+        "MASTER_ADDRESS: '127.0.0.1' is not host:port"),
+    "worker: --master without a port": lambda d, r: (
+        ["worker", "--master", "127.0.0.1"], {"REDIS_URL": r},
+        "MASTER_ADDRESS: '127.0.0.1' is not host:port"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_settings_exit_2_with_one_clear_line(case, tmp_path, redis_url):
+    (tmp_path / "bad.py").write_text("COLOUR = 'red'\n")
+    where = {"bad.py": str(tmp_path / "bad.py"), "dead_master": unused_address(),
+             "dead_redis": f"redis://127.0.0.1:{free_port()}/0"}
+    args, env, message = CASES[case](where, redis_url)
+    proc = run_elric(args, tmp_path, **env)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2, output
+    assert "Traceback" not in output, output
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and proc.stdout == "", output
+    assert lines[0].startswith("elric: ") and message in lines[0], output
