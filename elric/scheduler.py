@@ -7,11 +7,12 @@ renewed every lease/3) and only the holder fires. Taking the lease INCRs
 
 The leader sleeps until the next due time with BLPOP on ``keys.scheduler_wake`` (the job
 store pushes a token there when a job becomes the soonest, from any master). Each pass
-reads at most ``batch_size`` due jobs from the head of ``keys.schedules`` and their hashes in
-one pipeline, works out in Python which fires to enqueue (misfire grace, coalescing,
-max_instances), then one Lua script per batch checks lease + fence, marks each fire once
-(``SET keys.fire(fire_id) NX``), records runs and moves the next run times. Only the fires
-that script accepted are handed to the ``enqueue`` callback.
+reads at most ``batch_size`` due jobs from the head of ``keys.schedules``, their hashes and
+the status of their recent fires in one script, works out in Python which fires to enqueue
+(misfire grace, coalescing, max_instances), then one Lua script per batch checks lease +
+fence, marks each fire once (``SET keys.fire(fire_id) NX``), records runs, moves the next
+run times and returns the new head of the index (so no extra read is needed to know how long
+to sleep). Only the fires that script accepted are handed to the ``enqueue`` callback.
 
 Ordering (at-most-once): a fire is marked before it is enqueued. A master that dies between
 the script and the callback loses those fires (they are never enqueued twice); enqueueing
@@ -40,6 +41,40 @@ _FIRE_FIELDS = (b"spec", b"trigger", b"next_run_time", b"version", b"misfire_gra
                 b"coalesce", b"max_instances", b"recent")
 _LIVE = frozenset(s.encode() for s in LIVE_STATUSES)
 
+# KEYS: schedules. ARGV: now (ms), limit, schedule hash prefix, job hash prefix, fields...
+# The due head of the index with each job's fields and the status of each fire in its
+# "recent" list (for max_instances), in one round trip.
+# -> {head score (only when nothing is due; false when the index is empty), then per due
+#     job: job_id, {field values}, {fire id, status ('' when gone), ...}}
+_DUE = """
+local limit = tonumber(ARGV[2])
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, limit)
+if #ids == 0 then
+  local head = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  return {head[2] or false}
+end
+local out = {false}
+for _, id in ipairs(ids) do
+  local row = redis.call('HMGET', ARGV[3] .. id, unpack(ARGV, 5))
+  local statuses = {}
+  local recent = row[#ARGV - 4]  -- the last field asked for is "recent"
+  if recent and #recent > 1 then
+    local ok, fires = pcall(cmsgpack.unpack, recent)
+    if ok and type(fires) == 'table' then
+      for _, fid in ipairs(fires) do
+        if type(fid) == 'string' then
+          statuses[#statuses+1] = fid
+          statuses[#statuses+1] = redis.call('HGET', ARGV[4] .. fid, 'status') or ''
+        end
+      end
+    end
+  end
+  out[#out+1] = id
+  out[#out+1] = row
+  out[#out+1] = statuses
+end
+return out
+"""
 # KEYS: lease, fence. ARGV: master id, lease ms. -> {1, fence token} or {0, lease pttl}
 _ACQUIRE = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) or redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -66,10 +101,11 @@ return 0
 #   score ("" = finished), next_run_time, next_run_iso, recent, entry count, then per entry:
 #   kind ("f" fire / "r" record), fire id, mark ttl, run blob.
 # A job whose version moved since it was read is left alone (re-read on the next pass).
-# -> {0} when fenced, else {1, accepted fire ids...}
+# -> {0} when fenced, else {1, head score of the index afterwards (false: empty), accepted
+#    fire ids...}
 _FIRE = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] or redis.call('GET', KEYS[2]) ~= ARGV[2] then return {0} end
-local out, a, k, keep = {1}, 6, 4, tonumber(ARGV[3])
+local out, a, k, keep = {1, false}, 6, 4, tonumber(ARGV[3])
 for _ = 1, tonumber(ARGV[5]) do
   local job_id, version, score = ARGV[a], ARGV[a+1], ARGV[a+2]
   local nrt, nri, recent, n = ARGV[a+3], ARGV[a+4], ARGV[a+5], tonumber(ARGV[a+6])
@@ -104,6 +140,7 @@ for _ = 1, tonumber(ARGV[5]) do
     end
   end
 end
+out[2] = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')[2] or false
 return out
 """
 _DROP_ORPHAN = """
@@ -119,6 +156,13 @@ class Fenced(RuntimeError):
 def _is_fenced(exc: BaseException) -> bool:
     # The queue module may define its own Fenced; match by name to stay decoupled.
     return any(c.__name__ == "Fenced" for c in type(exc).__mro__)
+
+
+def _score(raw) -> float:
+    """A zset score as a script returns it (a string; false/None: the index is empty)."""
+    if raw is None or raw is False:
+        return math.inf
+    return float(raw)
 
 
 def fire_id(job_id: str, fire_time: float) -> str:
@@ -174,12 +218,14 @@ class Scheduler:
         self._acquire_s = redis.register_script(_ACQUIRE)
         self._renew_s = redis.register_script(_RENEW)
         self._release_s = redis.register_script(_RELEASE)
+        self._due_s = redis.register_script(_DUE)
         self._fire_s = redis.register_script(_FIRE)
         self._orphan_s = redis.register_script(_DROP_ORPHAN)
         self._stop: asyncio.Event | None = None
         self._leader: asyncio.Event | None = None
         self._done: asyncio.Event | None = None
         self._lease_wait = lease_seconds / 3
+        self._head: float | None = None  # index head score (ms) the last pass saw; None: unknown
 
     # --- lease ---------------------------------------------------------------------------
     @property
@@ -244,14 +290,18 @@ class Scheduler:
 
     async def _fire_due(self) -> int:
         total = 0
+        self._head = None
         while self.is_leader:
             now = self.clock()
-            ids = await self.redis.zrangebyscore(self.keys.schedules, "-inf", now * 1000.0,
-                                                 start=0, num=self.batch_size)
-            if not ids:
+            reply = await self._due_s(keys=[self.keys.schedules],
+                                      args=[repr(now * 1000.0), self.batch_size,
+                                            self.keys.schedule(""), self.keys.job(""), *_FIRE_FIELDS])
+            if len(reply) == 1:  # nothing due: the reply is the head score
+                self._head = _score(reply[0])
                 break
-            total += await self._fire_batch([i.decode() for i in ids], now)
-            if len(ids) < self.batch_size:
+            rows = [(reply[i].decode(), reply[i + 1], reply[i + 2]) for i in range(1, len(reply), 3)]
+            total += await self._fire_batch(rows, now)
+            if len(rows) < self.batch_size:
                 break
         return total
 
@@ -325,12 +375,14 @@ class Scheduler:
             specs[fid] = {**unpack(plan["spec_b"]), "job_id": fid, "schedule": job_id, "fire_time": t}
         return entries, specs, live + fired
 
-    async def _fire_batch(self, ids: list[str], now: float) -> int:
-        pipe = self.redis.pipeline(transaction=False)
-        for job_id in ids:
-            pipe.hmget(self.keys.schedule(job_id), *_FIRE_FIELDS)
+    async def _fire_batch(self, rows: list[tuple[str, list, list]], now: float) -> int:
+        """Plan, mark and enqueue the fires of ``rows`` (job_id, hash fields, recent fire statuses)."""
+        self._head = None
         plans = []
-        for job_id, row in zip(ids, await pipe.execute()):
+        status: dict[str, bytes] = {}
+        for job_id, row, statuses in rows:
+            for i in range(0, len(statuses), 2):
+                status[statuses[i].decode()] = statuses[i + 1]
             if row[0] is None:  # index entry without its hash: drop it
                 await self._orphan_s(keys=[self.keys.schedule(job_id), self.keys.schedules], args=[job_id])
                 continue
@@ -340,15 +392,6 @@ class Scheduler:
                 self.log.exception("periodic job %s: cannot compute its fires; retrying in 60s", job_id)
                 plans.append({"job_id": job_id, "version": row[3], "missed": [], "run": [], "dropped": [],
                               "recent": unpack(row[7]) or [], "next": now + 60, "bad": True})
-
-        # max_instances: which earlier fires are still queued/running (their job hash status)
-        check = sorted({fid for p in plans if p["run"] for fid in p["recent"]})
-        status = {}
-        if check:
-            pipe = self.redis.pipeline(transaction=False)
-            for fid in check:
-                pipe.hget(self.keys.job(fid), "status")
-            status = dict(zip(check, await pipe.execute()))
 
         keys = [self.keys.scheduler_lease, self.keys.scheduler_fence, self.keys.schedules]
         argv: list = [self.master_id, self.token, self.store.runs_kept, FINISHED_TTL, len(plans)]
@@ -371,7 +414,8 @@ class Scheduler:
         if not result or result[0] == 0:
             self._step_down("fence moved on: another master holds the lease")
             return 0
-        accepted = [specs[f.decode()] for f in result[1:]]
+        self._head = _score(result[1])
+        accepted = [specs[f.decode()] for f in result[2:]]
         if not accepted:
             return 0
         try:
@@ -394,15 +438,17 @@ class Scheduler:
             await asyncio.wait_for(event.wait(), max(0.0, timeout))
 
     async def _next_delay(self) -> float:
-        head = await self.redis.zrange(self.keys.schedules, 0, 0, withscores=True)
-        if not head or math.isinf(head[0][1]):
-            return math.inf
-        return head[0][1] / 1000.0 - self.clock()
+        """Seconds until the soonest job is due: from the last pass, or read now."""
+        head, self._head = self._head, None
+        if head is None:
+            rows = await self.redis.zrange(self.keys.schedules, 0, 0, withscores=True)
+            head = rows[0][1] if rows else math.inf
+        return math.inf if math.isinf(head) else head / 1000.0 - self.clock()
 
     async def _sleep(self, timeout: float) -> None:
         """Until ``timeout`` passes or a wake token arrives (a sooner job was added)."""
         if timeout < SHORT_WAIT:
-            await self._wait(self._stop, timeout)
+            await asyncio.sleep(timeout)  # cheaper than waiting on the stop event; short anyway
             return
         # end the BLPOP a little early: Redis may time it out up to ~100 ms late
         if await self.redis.blpop([self.keys.scheduler_wake], timeout=timeout - 0.15):

@@ -13,8 +13,11 @@ from elric.triggers import every
 from examples.crawler import Crawl
 
 
-def schedule(url: str, *, minutes: float = 15, job_id: str = "site") -> str:
-    return Crawl.submit_with(args=[url], job_id=job_id, trigger=every(minutes=minutes),
+def schedule(url: str, *, minutes: float = 15, seconds: float | None = None,
+             job_id: str = "site") -> str:
+    """Crawl ``url`` every ``minutes`` (or every ``seconds``, when given)."""
+    interval = {"seconds": seconds} if seconds else {"minutes": minutes}
+    return Crawl.submit_with(args=[url], job_id=job_id, trigger=every(**interval),
                              replace_existing=True, dedupe_scope="@fire")
 
 

@@ -499,3 +499,33 @@ def test_make_filter_rejects_bad_settings(redis_url):
         make_filter("bloom", r, KEYS, capacity=0)
     with pytest.raises(DedupeError, match="set_ttl"):
         make_filter("set", r, KEYS, set_ttl=0)
+
+
+# --- redis-bloom: the bits in Redis are the ones positions() names -------------------------
+
+def test_redis_bloom_sets_exactly_the_bits_positions_names(redis_url):
+    # check_and_add computes offsets inline (for speed); positions() is the reference
+    keys = urls(300, "bits")
+
+    async def body(f, r):
+        new = await f.check_and_add("s", keys)
+        assert sum(new) > len(keys) * 0.95
+        expected: dict[str, set[int]] = {}
+        items = 0
+        for key, is_new in zip(keys, new):
+            if not is_new:   # a false positive: all its bits were set already
+                continue
+            st = f.stage(f.stage_of(items))
+            items += 1
+            shard, offs = f.positions(key.encode(), st)
+            expected.setdefault(KEYS.dedupe_rbloom("s", st.first_shard + shard), set()).update(offs)
+        assert f.stage_of(items - 1) >= 2          # several stages were used
+        found = {}
+        for name in expected:
+            data = await r.get(name)
+            found[name] = {i * 8 + b for i, byte in enumerate(data) for b in range(8)
+                           if byte & (0x80 >> b)}
+        assert found == expected
+        extra = [k async for k in r.scan_iter(KEYS.dedupe_rbloom("s", "*"))]
+        assert {k.decode() for k in extra} == set(expected)
+    run(with_filter(redis_url, "redis-bloom", body, capacity=60, error_rate=0.01))

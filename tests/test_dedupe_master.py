@@ -1,0 +1,394 @@
+"""Dedupe through the master, with real processes: masters, workers and a private Redis.
+
+What the dedupe issue calls done: every backend filters through submit_jobs; scopes and
+per-scope backends; exactly-once admission across two masters; children inherit their
+parent's scope (the crawler fetches each page once); per-fire scopes of periodic jobs;
+releasing a key when its job fails for good; the in-master Bloom filter surviving a
+restart; and a keyed batch costing O(1) round trips to Redis.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import pytest
+import redis
+
+from elric import Job
+from elric.client import MasterClient
+from elric.redis_server import free_port
+from elric.triggers import every
+from examples.crawler import Crawl
+from examples.site import DemoSite
+from tests.conftest import wait_for
+from tests.jobs import Echo, Fail, MarkSleep
+
+PREFIX = "elric"  # the clusters here keep the default KEY_PREFIX
+
+
+class SpawnSameKey(Job):
+    """Submits ``n`` MarkSleep children that all carry dedupe key ``key`` (tests import
+    this module by path: tests.test_dedupe_master:SpawnSameKey)."""
+
+    def run(self, path, n, key):
+        for _ in range(n):
+            MarkSleep.submit_with(args=[path, 0], dedupe_key=key)
+        return n
+
+
+def statuses(replies):
+    return [r["status"] for r in replies]
+
+
+def idle(c) -> bool:
+    by = c.client.stats()["by_status"]
+    return by["queued"] == 0 and by["running"] == 0 and by["retrying"] == 0
+
+
+# --- 1. every backend filters through the master ----------------------------------------
+
+@pytest.mark.parametrize("backend", ["set", "bloom", "redis-bloom"])
+def test_each_backend_filters_duplicates_through_the_master(make_cluster, backend):
+    c = make_cluster(FILTER_BACKEND=backend)
+    c.start_master()
+    cl = c.client
+    assert cl.submit_job(Echo.spec(["a"], job_id="a", dedupe_key="k1"))["status"] == "queued"
+    assert cl.submit_job(Echo.spec(["b"], job_id="b", dedupe_key="k1")) == {
+        "job_id": "b", "status": "filtered"}
+    # duplicates inside one batch: the first passes
+    assert statuses(cl.submit_jobs([Echo.spec([i], job_id=f"d{i}", dedupe_key="k2")
+                                    for i in range(3)])) == ["queued", "filtered", "filtered"]
+    # dedupe_key_for: Crawl's key is the normalized URL (no fragment, lower-case scheme)
+    r1 = cl.submit_job(Crawl.spec(["http://127.0.0.1:1/a#x"], job_id="crawl-1"))
+    r2 = cl.submit_job(Crawl.spec(["HTTP://127.0.0.1:1/a"], job_id="crawl-2"))
+    assert (r1["status"], r2["status"]) == ("queued", "filtered")
+    assert cl.get_job("crawl-1")["dedupe_key"] == "http://127.0.0.1:1/a"
+
+    c.start_worker("--concurrency", "1")  # default queue only: the Crawl jobs stay queued
+    for job_id in ("a", "d0"):
+        assert c.wait_job(job_id)["status"] == "succeeded", c.logs()
+    wait_for(lambda: c.client.stats()["by_queue"]["default"]["queued"] == 0)
+    for job_id in ("b", "d1", "d2", "crawl-2"):   # filtered jobs never reached Redis
+        assert cl.get_job(job_id) is None
+    stats = cl.stats()
+    assert stats["totals"]["submitted"] == 3 and stats["totals"]["succeeded"] == 2
+    g = stats["filters"]["global"]
+    assert (g["backend"], g["items"], g["filtered"]) == (backend, 3, 4)
+    assert stats["by_status"]["filtered"] == 4
+
+
+# --- 2. scopes and per-scope backends -----------------------------------------------------
+
+def test_scopes_are_independent_and_filter_scopes_override_the_backend(make_cluster,
+                                                                       redis_url):
+    c = make_cluster(FILTER_BACKEND="set", FILTER_SCOPES="big=redis-bloom,mem=bloom")
+    c.start_master()
+    scopes = ["a", "b", "big", "mem", None]   # None: the default scope "global"
+
+    def batch(tag):
+        return [Echo.spec([s], job_id=f"{tag}-{s}", dedupe_key="same",
+                          **({"dedupe_scope": s} if s else {})) for s in scopes]
+
+    assert statuses(c.client.submit_jobs(batch("one"))) == ["queued"] * 5
+    assert statuses(c.client.submit_jobs(batch("two"))) == ["filtered"] * 5
+    assert c.client.get_job("one-a")["dedupe_scope"] == "a"
+    assert c.client.get_job("one-None")["dedupe_scope"] == "global"
+    filters = c.client.stats()["filters"]
+    assert {s: (f["backend"], f["items"], f["filtered"]) for s, f in filters.items()} == {
+        "a": ("set", 1, 1), "b": ("set", 1, 1), "global": ("set", 1, 1),
+        "big": ("redis-bloom", 1, 1), "mem": ("bloom", 1, 1)}
+    r = redis.Redis.from_url(redis_url)
+    try:
+        assert r.exists(f"{PREFIX}:dedupe:set:a") and not r.exists(f"{PREFIX}:dedupe:set:big")
+        assert list(r.scan_iter(f"{PREFIX}:dedupe:rbloom:big:*"))
+    finally:
+        r.close()
+
+
+# --- 3. atomic across masters -------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["set", "redis-bloom"])
+def test_two_masters_admit_each_key_exactly_once(make_cluster, backend):
+    c = make_cluster(FILTER_BACKEND=backend)
+    c.start_master()
+    second = f"127.0.0.1:{free_port()}"
+    c.start_master(address=second)
+    keys = [f"https://site.test/page/{i}" for i in range(300)]
+    threads, per_thread = 8, []
+    barrier = threading.Barrier(threads)
+    errors = []
+
+    def submit(t):
+        rnd = random.Random(t)
+        order = keys[:]
+        rnd.shuffle(order)
+        got = []
+        try:
+            with MasterClient(c.address if t % 2 else second) as cl:
+                barrier.wait(timeout=20)
+                for i in range(0, len(order), 15):
+                    chunk = order[i:i + 15]
+                    replies = cl.submit_jobs([Echo.spec([k], job_id=f"t{t}-{keys.index(k)}",
+                                                        dedupe_key=k) for k in chunk])
+                    got += [(k, r["status"]) for k, r in zip(chunk, replies)]
+        except Exception as exc:  # reported below, in the test's thread
+            errors.append(exc)
+        per_thread.append(got)
+
+    pool = [threading.Thread(target=submit, args=(t,)) for t in range(threads)]
+    for th in pool:
+        th.start()
+    for th in pool:
+        th.join(timeout=60)
+    assert not errors, errors
+    queued = {k: 0 for k in keys}
+    for got in per_thread:
+        assert len(got) == len(keys)
+        for k, status in got:
+            assert status in ("queued", "filtered")
+            queued[k] += status == "queued"
+    assert set(queued.values()) == {1}, [k for k, n in queued.items() if n != 1][:5]
+    stats = c.client.stats()
+    assert stats["by_status"]["queued"] == len(keys)
+    assert stats["filters"]["global"]["filtered"] == (threads - 1) * len(keys)
+
+
+# --- 4. children inherit the scope: the crawler fetches each page once ------------------
+
+def test_crawler_fetches_each_page_once_per_scope(make_cluster):
+    c = make_cluster()
+    c.start_master()
+    c.start_worker("--queues", "crawl", "--concurrency", "2")
+    with DemoSite(pages=25) as site:
+        for n, scope in enumerate(["crawl-1", "crawl-2"], start=1):
+            c.client.submit_job(Crawl.spec([site.url], job_id=scope, dedupe_scope=scope))
+            wait_for(lambda: idle(c) and c.client.get_job(scope)["status"] == "succeeded",
+                     what=f"crawl {scope} done")
+            # every page, once per crawl; the graph has cycles, so most links were filtered
+            assert site.hits == {p: n for p in site.paths()}, c.logs()
+            f = c.client.stats()["filters"][scope]
+            assert f["items"] == len(site.paths()) and f["filtered"] > len(site.paths())
+        jobs = c.client.list_jobs(queue="crawl", limit=1000)
+        assert len(jobs) == 2 * len(site.paths())
+        assert all(j["status"] == "succeeded" for j in jobs)
+        by_scope = {}
+        for j in jobs:   # the children carry the scope their parent had
+            by_scope.setdefault(j["dedupe_scope"], []).append(j)
+        assert sorted(by_scope) == ["crawl-1", "crawl-2"]
+        assert all(len(v) == len(site.paths()) for v in by_scope.values())
+        assert all(j["parent"] for v in by_scope.values() for j in v if j["job_id"] not in
+                   by_scope)
+
+
+# --- 5. per-fire scopes of periodic jobs ---------------------------------------------------
+
+@pytest.mark.parametrize("override", [None, "redis-bloom"])
+def test_each_fire_gets_its_own_scope(make_cluster, tmp_path, override):
+    settings = {"FILTER_SCOPES": f"round={override}"} if override else {}
+    c = make_cluster(**settings)
+    c.start_master()
+    c.start_worker("--concurrency", "2")
+    path = tmp_path / "ran"
+    path.touch()
+    spec = SpawnSameKey.spec([str(path), 3, "shared"], job_id="round",
+                             trigger=every(seconds=1), dedupe_scope="@fire")
+    assert c.client.submit_job(spec)["status"] == "scheduled"
+    wait_for(lambda: len(path.read_text().split()) >= 2, what="two fires' children ran")
+    assert c.client.call("pause_job", "round")
+    wait_for(lambda: idle(c), what="everything finished")
+    fires = [j for j in c.client.list_jobs(func=SpawnSameKey.spec()["func"], limit=1000)]
+    children = c.client.list_jobs(func=MarkSleep.spec()["func"], limit=1000)
+    assert len(fires) >= 2 and all(f["status"] == "succeeded" for f in fires), c.logs()
+    # one child per fire: the other two carried the same key in the same (per-fire) scope
+    assert sorted(ch["parent"] for ch in children) == sorted(f["job_id"] for f in fires)
+    assert sorted(path.read_text().split()) == sorted(ch["job_id"] for ch in children)
+    for f in fires:
+        assert f["dedupe_scope"] == f["job_id"] and f["job_id"].startswith("round@")
+    for ch in children:
+        assert ch["dedupe_scope"] == ch["parent"]      # inherited from its fire
+    filters = c.client.stats()["filters"]
+    for f in fires:
+        s = filters[f["job_id"]]
+        assert (s["backend"], s["items"], s["filtered"]) == (override or "set", 1, 2)
+
+
+def test_old_fire_scopes_are_dropped_after_the_round_ttl(make_cluster, redis_url):
+    c = make_cluster(DEDUPE_ROUND_TTL=1)
+    c.start_master()
+    spec = Echo.spec(["x"], job_id="tick", trigger=every(seconds=1), dedupe_scope="@fire",
+                     dedupe_key="page")
+    c.client.submit_job(spec)
+    r = redis.Redis.from_url(redis_url)
+    try:
+        wait_for(lambda: r.zcard(f"{PREFIX}:dedupe:rounds") >= 1, what="a fire's round")
+        fire = c.client.list_jobs(func=Echo.spec()["func"])[0]
+        assert fire["dedupe_scope"] == fire["job_id"] and fire["status"] == "queued"
+        assert c.client.stats()["filters"][fire["job_id"]]["items"] == 1
+        assert c.client.call("pause_job", "tick")
+        wait_for(lambda: r.zcard(f"{PREFIX}:dedupe:rounds") == 0
+                 and not list(r.scan_iter(f"{PREFIX}:dedupe:*")), what="rounds dropped")
+        assert c.client.stats()["filters"] == {}
+    finally:
+        r.close()
+
+
+# --- 6. releasing the key of a job that failed for good ---------------------------------
+
+@pytest.mark.parametrize("ttl", [None, 3600])
+def test_release_on_failure_frees_the_key(make_cluster, ttl):
+    settings = {"DEDUPE_RELEASE_ON_FAILURE": True, "RETRY_BACKOFF": 4}
+    if ttl:
+        settings["DEDUPE_TTL"] = ttl
+    c = make_cluster(**settings)
+    c.start_master()
+    c.start_worker("--concurrency", "2")
+    cl = c.client
+    cl.submit_jobs([Fail.spec(job_id="f1", dedupe_key="bad", max_retries=1),
+                    Echo.spec(["ok"], job_id="ok1", dedupe_key="good")])
+    assert c.wait_job("ok1")["status"] == "succeeded"
+    c.wait_job("f1", statuses=("retrying",))
+    # between attempts the key is still held
+    assert cl.submit_job(Fail.spec(job_id="f-dup", dedupe_key="bad"))["status"] == "filtered"
+    assert c.wait_job("f1")["status"] == "failed", c.logs()
+    # failed for good: the key is free again; a succeeded job keeps its key
+    assert cl.submit_job(Echo.spec(["again"], job_id="f2", dedupe_key="bad"))["status"] == \
+        "queued"
+    assert c.wait_job("f2")["status"] == "succeeded"
+    assert cl.submit_job(Echo.spec(["x"], job_id="f3", dedupe_key="bad"))["status"] == \
+        "filtered"
+    assert cl.submit_job(Echo.spec(["x"], job_id="ok2", dedupe_key="good"))["status"] == \
+        "filtered"
+
+
+@pytest.mark.parametrize("backend", ["set", "redis-bloom"])
+def test_by_default_a_failed_jobs_key_stays(make_cluster, backend):
+    c = make_cluster(FILTER_BACKEND=backend)
+    c.start_master()
+    c.start_worker("--concurrency", "1")
+    c.client.submit_job(Fail.spec(job_id="f1", dedupe_key="bad", dedupe_scope="s"))
+    assert c.wait_job("f1")["status"] == "failed"
+    assert c.client.submit_job(Fail.spec(job_id="f2", dedupe_key="bad",
+                                         dedupe_scope="s"))["status"] == "filtered"
+
+
+def test_release_on_failure_leaves_bloom_scopes_alone(make_cluster):
+    # release applies to the set backend; a redis-bloom scope keeps the key (no error)
+    c = make_cluster(DEDUPE_RELEASE_ON_FAILURE=True, FILTER_SCOPES="rb=redis-bloom")
+    c.start_master()
+    c.start_worker("--concurrency", "1")
+    c.client.submit_job(Fail.spec(job_id="f1", dedupe_key="bad", dedupe_scope="rb"))
+    assert c.wait_job("f1")["status"] == "failed"
+    assert c.client.submit_job(Fail.spec(job_id="f2", dedupe_key="bad",
+                                         dedupe_scope="rb"))["status"] == "filtered"
+
+
+# --- 7. the in-master Bloom filter across a restart ---------------------------------------
+
+@pytest.mark.parametrize("how", ["sigterm", "sigkill-after-snapshot"])
+def test_bloom_survives_a_master_restart(make_cluster, redis_url, how):
+    interval = 0 if how == "sigterm" else 0.2   # 0: only the final snapshot on SIGTERM
+    c = make_cluster(FILTER_BACKEND="bloom", BLOOM_SNAPSHOT_INTERVAL=interval)
+    master = c.start_master()
+    keys = [f"https://site.test/{i}" for i in range(500)]
+
+    def submit(tag):
+        return statuses(c.client.submit_jobs(
+            [Echo.spec([k], job_id=f"{tag}-{i}", dedupe_key=k, dedupe_scope="urls")
+             for i, k in enumerate(keys)]))
+
+    assert submit("one") == ["queued"] * len(keys)
+    assert submit("dup") == ["filtered"] * len(keys)
+    r = redis.Redis.from_url(redis_url)
+    try:
+        if how == "sigterm":
+            assert not r.exists(f"{PREFIX}:dedupe:bloom:urls")   # no periodic snapshot
+            assert master.stop(timeout=20) == 0, master.log()
+        else:
+            wait_for(lambda: r.hget(f"{PREFIX}:dedupe:stats:urls", "filtered") == b"500",
+                     what="a periodic snapshot")
+            master.kill()
+        assert r.exists(f"{PREFIX}:dedupe:bloom:urls")
+    finally:
+        r.close()
+    c.start_master()
+    assert c.client.stats()["filters"]["urls"]["items"] == len(keys)
+    assert submit("two") == ["filtered"] * len(keys)
+    f = c.client.stats()["filters"]["urls"]
+    assert (f["backend"], f["items"], f["filtered"]) == ("bloom", len(keys), 2 * len(keys))
+    assert c.client.submit_job(Echo.spec(["n"], job_id="new", dedupe_key="fresh",
+                                         dedupe_scope="urls"))["status"] == "queued"
+
+
+# --- 8. a keyed batch costs O(1) round trips to Redis -------------------------------------
+
+class CommandLog:
+    """MONITOR the test Redis between two markers; counts commands from clients and from
+    scripts separately."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.r = redis.Redis.from_url(url)
+        self.ready, self.done = threading.Event(), threading.Event()
+        self.client_cmds: list[str] = []
+        self.script_cmds: dict[str, int] = {}
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        try:
+            with self.r.monitor() as m:
+                recording = False
+                for cmd in m.listen():
+                    text = cmd["command"]
+                    if text == "ECHO elric-monitor-start":
+                        recording = True
+                        self.ready.set()
+                        continue
+                    if text == "ECHO elric-monitor-stop":
+                        break
+                    if not recording:
+                        continue
+                    name = text.split(" ", 1)[0].upper()
+                    if cmd.get("client_type") == "lua":
+                        self.script_cmds[name] = self.script_cmds.get(name, 0) + 1
+                    else:
+                        self.client_cmds.append(name)
+        finally:
+            self.done.set()
+
+    def __enter__(self):
+        self.thread.start()
+        with redis.Redis.from_url(self.url) as ctl:
+            deadline = time.monotonic() + 10
+            while not self.ready.is_set():   # MONITOR may start after the first ECHO
+                assert time.monotonic() < deadline, "MONITOR did not start"
+                ctl.echo("elric-monitor-start")
+                self.ready.wait(0.05)
+        return self
+
+    def __exit__(self, *exc):
+        with redis.Redis.from_url(self.url) as ctl:
+            ctl.echo("elric-monitor-stop")
+        assert self.done.wait(20), "MONITOR did not stop"
+        self.r.close()
+
+
+@pytest.mark.parametrize("backend", ["set", "bloom", "redis-bloom"])
+def test_keyed_batch_costs_o1_round_trips(make_cluster, redis_url, backend):
+    c = make_cluster(FILTER_BACKEND=backend)
+    c.start_master()
+    c.client.submit_job(Echo.spec(["warm"], dedupe_key="warm"))   # scripts loaded
+    specs = [Echo.spec([i], job_id=f"j{i}", dedupe_key=f"https://site.test/{i}")
+             for i in range(1000)]
+    with CommandLog(redis_url) as log:
+        replies = c.client.submit_jobs(specs)
+    assert statuses(replies) == ["queued"] * 1000
+    # every key went through Redis in scripts (the set backend: one SADD per key) ...
+    if backend == "set":
+        assert log.script_cmds.get("SADD", 0) >= 1000
+    assert log.script_cmds.get("HSET", 0) >= 1000   # the job hashes, written by ENQUEUE
+    # ... but the master sent a handful of commands, not one per job. (The master's
+    # housekeeping runs meanwhile too: a few commands a second.)
+    assert len(log.client_cmds) < 50, sorted(log.client_cmds)
+    assert log.client_cmds.count("EVALSHA") <= 4, log.client_cmds

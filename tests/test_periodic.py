@@ -1,0 +1,353 @@
+"""Periodic jobs end to end: real redis-server, real master and worker processes, RPC only.
+
+Every wait is a condition with a deadline. Where a test must show that something does NOT
+happen (a paused or removed job does not fire), it waits for fires of a second periodic
+"witness" job instead of sleeping, so the window is measured in scheduler passes.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+
+import pytest
+
+from elric.client import MasterClient, set_default_client
+from elric.redis_server import free_port
+from elric.rpc import RemoteError
+from tests.conftest import wait_for
+from tests.jobs import Echo, Sleep
+
+EVERY_SECOND = {"type": "interval", "seconds": 1}
+
+
+def fires(client, schedule: str) -> list[dict]:
+    """The fired jobs of one periodic job (any status), oldest fire first."""
+    jobs = [j for j in client.list_jobs(limit=1000) if j.get("schedule") == schedule]
+    return sorted(jobs, key=lambda j: j["fire_time"])
+
+
+def fired_after(client, schedule: str, t: float) -> list[dict]:
+    return [j for j in fires(client, schedule) if j["fire_time"] > t]
+
+
+def wait_fires(client, schedule: str, n: int, *, after: float = -math.inf,
+               status=None, timeout: float = 15.0) -> list[dict]:
+    """Wait until ``n`` fires with fire_time > ``after`` exist (in ``status`` if given)."""
+    def enough():
+        got = [j for j in fired_after(client, schedule, after)
+               if status is None or j["status"] in status]
+        return got if len(got) >= n else None
+    return wait_for(enough, timeout=timeout, what=f"{n} fire(s) of {schedule}")
+
+
+def aligned_start(lead: float = 1.0) -> float:
+    """A whole second at least ``lead`` s ahead: fire ids and times are then exact."""
+    return float(math.ceil(time.time() + lead))
+
+
+def iso_z(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+# --- 1. submit over RPC, fires, get/list, pause/resume, modify, remove ----------------------
+
+def test_interval_job_fires_as_normal_jobs_and_is_inspectable(cluster):
+    c = cluster.client
+    cluster.start_worker("--concurrency", "2")
+    reply = c.submit_job(Echo.spec(["v1"], job_id="tick", trigger=EVERY_SECOND))
+    assert reply["job_id"] == "tick" and reply["status"] == "scheduled"
+    assert reply["next_run_time"] > time.time() - 1
+
+    done = wait_fires(c, "tick", 2, status=("succeeded",))
+    for j in done:  # a fire is an ordinary job with a derived id, run by the worker
+        assert j["job_id"].startswith("tick@") and j["job_id"].endswith("Z")
+        assert j["func"] == "tests.jobs:Echo" and j["result"] == {"args": ["v1"], "kwargs": {}}
+        assert j["enqueued_at"] >= j["fire_time"] - 0.01
+        assert c.get_job(j["job_id"])["schedule"] == "tick"
+    assert len({j["job_id"] for j in fires(c, "tick")}) == len(fires(c, "tick"))
+
+    job = c.get_job("tick")
+    assert job["status"] == "scheduled" and job["func"] == "tests.jobs:Echo"
+    assert job["trigger"]["type"] == "interval" and job["trigger"]["seconds"] == 1
+    assert job["trigger"]["timezone"] == "UTC" and job["trigger"]["start_date"]
+    assert "interval" in job["trigger_text"]
+    assert job["next_run_time"] > done[-1]["fire_time"] and job["next_run_iso"]
+    by_id = {r["job_id"]: r for r in job["runs"]}
+    for j in done:
+        run = by_id[j["job_id"]]
+        assert run["outcome"] == "succeeded" and run["fire_time"] == j["fire_time"]
+        assert isinstance(run["duration"], float) and run["duration"] >= 0
+
+    [listed] = c.list_jobs(status="scheduled")
+    assert listed["job_id"] == "tick" and listed["paused"] is False
+    assert listed["next_run_time"] > done[-1]["fire_time"] and listed["next_run_iso"]
+    assert c.stats()["by_status"]["scheduled"] == 1
+
+    # pause: no fire time after the pause; a witness job shows the scheduler kept running
+    c.submit_job(Echo.spec(["w"], job_id="witness", trigger=EVERY_SECOND))
+    assert c.call("pause_job", "tick") is True
+    paused_at = time.time()
+    assert c.get_job("tick")["status"] == "paused"
+    assert c.list_jobs(status="scheduled")[-1]["paused"] is True  # paused ones list last
+    wait_fires(c, "witness", 3, after=paused_at)
+    assert fired_after(c, "tick", paused_at) == []
+
+    assert c.call("resume_job", "tick") is True
+    resumed_at = time.time()
+    assert c.get_job("tick")["status"] == "scheduled"
+    wait_fires(c, "tick", 2, after=resumed_at)
+    assert c.call("pause_job", "no-such") is False
+    assert c.call("resume_job", "no-such") is False
+
+
+def test_modify_changes_args_and_trigger_and_remove_stops_it(cluster):
+    c = cluster.client
+    cluster.start_worker("--concurrency", "2")
+    c.submit_job(Echo.spec(["v1"], job_id="tick", trigger=EVERY_SECOND))
+    wait_fires(c, "tick", 1, status=("succeeded",))
+
+    out = c.call("modify_job", "tick", {"args": ["v2"]})
+    modified_at = time.time()
+    assert out["args"] == ["v2"] and out["trigger"]["seconds"] == 1
+    new = wait_fires(c, "tick", 2, after=modified_at, status=("succeeded",))
+    assert all(j["result"]["args"] == ["v2"] for j in new)  # the next fires use the new args
+
+    out = c.call("modify_job", "tick", {"trigger": {"type": "interval", "seconds": 2}})
+    retriggered_at = time.time()
+    assert out["trigger"]["seconds"] == 2 and out["args"] == ["v2"]
+    assert c.get_job("tick")["trigger"]["seconds"] == 2
+    a, b = wait_fires(c, "tick", 2, after=retriggered_at)[:2]
+    assert b["fire_time"] - a["fire_time"] == pytest.approx(2.0, abs=1e-3)
+
+    with pytest.raises(RemoteError, match="only periodic jobs can be modified"):
+        c.call("modify_job", "no-such", {"args": []})
+
+    c.submit_job(Echo.spec(["w"], job_id="witness", trigger=EVERY_SECOND))
+    assert c.remove_job("tick") is True
+    removed_at = time.time()
+    assert c.get_job("tick") is None
+    assert [j["job_id"] for j in c.list_jobs(status="scheduled")] == ["witness"]
+    wait_fires(c, "witness", 3, after=removed_at)
+    assert fired_after(c, "tick", removed_at) == []
+    assert c.remove_job("tick") is False
+
+
+# --- 2. replace_existing -----------------------------------------------------------------
+
+def test_replace_existing_does_not_double_the_schedule(cluster):
+    c = cluster.client
+    spec = Echo.spec(["x"], job_id="rep", trigger=EVERY_SECOND, replace_existing=True,
+                     max_instances=1000)  # no worker: fires stay queued, none is skipped
+    first = c.submit_job(spec)
+    second = c.submit_job(spec)  # "running the submitting script again"
+    assert first["status"] == second["status"] == "scheduled"
+    shift = second["next_run_time"] - first["next_run_time"]  # 0, or 1 if a fire came between
+    assert shift == pytest.approx(round(shift), abs=1e-3) and shift >= 0  # same phase
+    assert [j["job_id"] for j in c.list_jobs(status="scheduled")] == ["rep"]
+
+    got = wait_fires(c, "rep", 5)
+    times = [j["fire_time"] for j in fires(c, "rep")]
+    assert len(set(times)) == len(times)
+    assert all(b - a == pytest.approx(1.0, abs=1e-3) for a, b in zip(times, times[1:])), times
+    span = times[-1] - times[0]
+    assert len(times) == round(span) + 1  # one fire per second over the window, not two
+    assert got[0]["fire_time"] == pytest.approx(first["next_run_time"], abs=1e-3)
+
+    plain = Echo.spec(["y"], job_id="rep", trigger=EVERY_SECOND)
+    with pytest.raises(RemoteError) as err:
+        c.submit_job(plain)
+    assert "'rep'" in str(err.value) and "already exists" in str(err.value)
+    assert "replace_existing" in str(err.value)
+    assert c.get_job("rep")["args"] == ["x"]
+
+
+# --- 3. invalid triggers ------------------------------------------------------------------
+
+BAD = [
+    ({"type": "interval", "seconds": 1, "colour": "red"}, "trigger.colour"),
+    ({"type": "cron", "crontab": "61 * * * *"}, "trigger.crontab"),
+    ({"type": "cron", "crontab": "*/15 * * *"}, "trigger.crontab"),
+    ({"type": "cron", "minute": "*/75"}, "trigger.minute"),
+    ({"type": "interval", "seconds": 1, "start_date": "2030-01-02T00:00:00Z",
+      "end_date": "2030-01-01T00:00:00Z"}, "trigger.end_date"),
+    ({"type": "cron", "hour": 2, "timezone": "Mars/Olympus_Mons"}, "trigger.timezone"),
+    ({"type": "hourly"}, "trigger.type"),
+    ({"type": "interval"}, "trigger.interval"),
+    ({"type": "date", "run_date": "soon"}, "trigger.run_date"),
+]
+
+
+def test_invalid_triggers_are_refused_naming_the_field_and_the_master_stays_up(cluster):
+    c = cluster.client
+    for trigger, field in BAD:
+        with pytest.raises(RemoteError) as err:
+            c.submit_job(Echo.spec([], job_id="bad", trigger=trigger))
+        assert f"{field}:" in str(err.value) and "'bad'" in str(err.value), (trigger, err.value)
+        assert c.ping() == "pong"
+    for options, name in [({"coalesce": "sometimes"}, "coalesce"),
+                          ({"max_instances": 0}, "max_instances"),
+                          ({"misfire_grace_time": -1}, "misfire_grace_time")]:
+        with pytest.raises(RemoteError, match=name):
+            c.submit_job(Echo.spec([], job_id="bad", trigger=EVERY_SECOND, **options))
+    with pytest.raises(RemoteError, match="'trigger' must be map"):
+        c.submit_job(Echo.spec([], job_id="bad", trigger="every minute"))
+    assert c.get_job("bad") is None and c.stats()["by_status"]["scheduled"] == 0
+
+    # a good one next to it, and a bad modify leaves it as it was
+    c.submit_job(Echo.spec([], job_id="good", trigger={"type": "cron", "crontab": "0 3 * * *",
+                                                       "timezone": "Europe/Berlin"}))
+    with pytest.raises(RemoteError, match="trigger.timezone"):
+        c.call("modify_job", "good", {"trigger": {"type": "cron", "hour": 3,
+                                                  "timezone": "Nowhere/Land"}})
+    good = c.get_job("good")
+    assert good["trigger"]["crontab"] == "0 3 * * *"
+    assert good["trigger"]["timezone"] == "Europe/Berlin"
+    assert cluster.procs[0].alive() and c.ping() == "pong"
+
+
+# --- 4. the store survives a master restart ----------------------------------------------
+
+def test_schedule_survives_a_master_restart(cluster):
+    c = cluster.client
+    c.submit_job(Echo.spec(["r"], job_id="keep", trigger=EVERY_SECOND, max_instances=1000))
+    before = wait_fires(c, "keep", 2)
+    phase = before[0]["fire_time"]
+    old = cluster.procs[0]
+    assert old.stop(timeout=20) == 0
+    stopped_at = time.time()
+
+    cluster.start_master()  # a new process on the same address and Redis
+    job = c.get_job("keep")  # the client reconnects
+    assert job["status"] == "scheduled" and job["args"] == ["r"]
+    assert job["trigger"]["seconds"] == 1
+    assert {r["job_id"] for r in job["runs"]} >= {j["job_id"] for j in before}
+    after = wait_fires(c, "keep", 2, after=stopped_at)
+    for j in after:  # same schedule, same phase
+        assert (j["fire_time"] - phase) == pytest.approx(round(j["fire_time"] - phase), abs=1e-3)
+    times = [j["fire_time"] for j in fires(c, "keep")]
+    assert len(set(times)) == len(times)
+
+
+# --- 5. two masters: one schedules; SIGKILL it and the other takes over ----------------------
+
+LEASE = 3
+
+
+def test_two_masters_fire_once_and_fail_over_with_coalescing(make_cluster):
+    cl = make_cluster(SCHEDULER_LEASE=LEASE)
+    cl.start_master()
+    other_address = f"127.0.0.1:{free_port()}"
+    cl.start_master(address=other_address)
+    masters = [(cl.procs[0], MasterClient(cl.address)), (cl.procs[1], MasterClient(other_address))]
+    try:
+        n = 15
+        start = aligned_start(1.5)
+        trigger = {"type": "interval", "seconds": 1, "start_date": iso_z(start),
+                   "end_date": iso_z(start + n - 1)}  # exactly n fire times
+        c = masters[1][1]  # submit through the master that will not be the leader, mostly
+        c.submit_job(Echo.spec([], job_id="ha", trigger=trigger, max_instances=1000))
+
+        def leader():
+            found = [(p, m) for p, m in masters
+                     if m.stats()["scheduler"]["this_master_schedules"]]
+            return found[0] if len(found) == 1 else None
+        wait_fires(c, "ha", 5, timeout=20)
+        wait_for(lambda: 0.3 < time.time() % 1 < 0.7, what="mid-second")  # not during a fire
+        lead_proc, _ = wait_for(leader, what="exactly one scheduling master")
+        [survivor] = [m for p, m in masters if p is not lead_proc]
+        lead_proc.signal(signal.SIGKILL)
+        killed_at = time.time()
+        lead_proc.wait(timeout=10)
+        wait_for(lambda: survivor.stats()["scheduler"]["this_master_schedules"],
+                 timeout=LEASE + 5, what="the other master takes over")
+
+        wait_for(lambda: survivor.get_job("ha")["status"] == "finished", timeout=n + 10,
+                 what="the schedule to finish")
+        got = fires(survivor, "ha")
+        ids = [j["job_id"] for j in got]
+        times = [j["fire_time"] for j in got]
+        assert len(set(ids)) == len(ids) and len(set(times)) == len(times)  # none doubled
+        steps = [round(t - start, 3) for t in times]
+        assert all(s == int(s) and 0 <= s < n for s in steps), steps
+        assert ids == [f"ha@{iso_z(t)}" for t in times]
+
+        runs = survivor.get_job("ha")["runs"]
+        assert sorted(r["job_id"] for r in runs) == sorted(ids)  # every fire recorded once
+        coalesced = sum(r.get("coalesced", 0) for r in runs)
+        assert len(got) + coalesced == n, (steps, runs)  # no fire lost, none doubled
+        assert coalesced >= 1  # the kill lasted ≥ 2 intervals: caught up with one run
+
+        # spaced by 1 s, except one gap: the fires coalesced into the catch-up run
+        gaps = [b - a for a, b in zip(steps, steps[1:])]
+        assert sorted(gaps)[:-1] == [1] * (len(gaps) - 1) and max(gaps) == 1 + coalesced
+        catch_up = next(j for j in got if j["enqueued_at"] > killed_at)
+        print(f"fires at +{steps}s; killed at +{killed_at - start:.2f}s; catch-up "
+              f"{catch_up['job_id']} queued {catch_up['enqueued_at'] - killed_at:.2f}s after "
+              f"the kill, coalescing {coalesced}")
+        assert catch_up["enqueued_at"] - killed_at < LEASE + 2.0, catch_up
+        assert catch_up["enqueued_at"] - catch_up["fire_time"] < LEASE + 2.0
+        late_runs = [r for r in runs if r.get("coalesced")]
+        assert [r["job_id"] for r in late_runs] == [catch_up["job_id"]]
+        for j in got:
+            if j is not catch_up:  # every other fire was queued on time
+                assert j["enqueued_at"] - j["fire_time"] < 1.0, j
+    finally:
+        for _, m in masters:
+            m.close()
+
+
+# --- 6. max_instances --------------------------------------------------------------------
+
+def test_max_instances_skips_a_fire_while_the_previous_one_runs(cluster):
+    c = cluster.client
+    cluster.start_worker("--concurrency", "2")  # room to run two at once, if it were allowed
+    c.submit_job(Sleep.spec([2.2], job_id="slow", trigger=EVERY_SECOND))
+
+    def enough():
+        job = c.get_job("slow")
+        skipped = [r for r in job["runs"] if r["outcome"] == "skipped"]
+        done = [r for r in job["runs"] if r["outcome"] == "succeeded"]
+        return job if len(done) >= 2 and skipped else None
+    job = wait_for(enough, timeout=20, what="two runs and a skipped fire")
+    skipped = [r for r in job["runs"] if r["outcome"] == "skipped"]
+    assert all(r["reason"] == "max_instances" for r in skipped)
+    ran = fires(c, "slow")
+    assert not {r["job_id"] for r in skipped} & {j["job_id"] for j in ran}  # never queued
+    started = sorted((j["started_at"], j["finished_at"]) for j in ran if j["started_at"])
+    for (_, end), (begin, _) in zip(started, started[1:]):
+        assert end is not None and begin >= end, started  # never two at once
+
+
+# --- 7. the periodic crawl example --------------------------------------------------------
+
+def test_periodic_crawl_fetches_every_page_once_per_round(cluster):
+    from examples.periodic_crawl import schedule
+    from examples.site import DemoSite
+
+    c = cluster.client
+    cluster.start_worker("--queues", "crawl", "--concurrency", "2")
+    with DemoSite(pages=25) as site:
+        set_default_client(c)
+        try:
+            assert schedule(site.url, seconds=1) == "site"
+            assert schedule(site.url, seconds=1) == "site"  # re-running replaces it
+        finally:
+            set_default_client(None)
+        assert c.get_job("site")["trigger"]["seconds"] == 1
+        assert [j["job_id"] for j in c.list_jobs(status="scheduled")] == ["site"]
+
+        wait_fires(c, "site", 3, status=("succeeded",), timeout=20)
+        assert c.call("pause_job", "site") is True  # no new round; let the last one finish
+        wait_for(lambda: (lambda s: all(s[k] == 0 for k in ("queued", "running", "retrying")))(
+            c.stats()["by_status"]), timeout=20, what="the crawl queue drained")
+
+        rounds = fires(c, "site")
+        assert len(rounds) >= 3 and all(j["status"] == "succeeded" for j in rounds)
+        for j in rounds:  # each round its own dedupe scope, which its children inherit
+            assert j["dedupe_scope"] == j["job_id"]
+        assert sorted(site.hits) == sorted(site.paths())
+        assert {path: n for path, n in site.hits.items() if n != len(rounds)} == {}, (
+            len(rounds), site.hits)
+        assert c.stats()["totals"]["failed"] == 0
