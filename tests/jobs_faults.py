@@ -1,0 +1,78 @@
+"""Job classes that misbehave, for the resilience tests (workers import tests.jobs_faults:Name).
+
+Each one leaves a trace in a file when asked to, so a test can count how often it really ran.
+"""
+
+import os
+import signal
+import time
+
+from elric import Job
+
+
+def append_line(path, text):
+    """Append one line atomically (O_APPEND), so concurrent runs never interleave."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, f"{text}\n".encode())
+    finally:
+        os.close(fd)
+
+
+def count_lines(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return sum(1 for _ in f)
+    except FileNotFoundError:
+        return 0
+
+
+class Crash(Job):
+    """Kills its own pool process, as a segfault in native code would."""
+
+    def run(self, path=None):
+        if path:
+            append_line(path, self.job_id)
+        os._exit(1)
+
+
+class IgnoreAlarm(Job):
+    """Ignores SIGALRM (like code stuck in C that never returns to Python), then sleeps."""
+
+    def run(self, seconds, path=None):
+        signal.signal(signal.SIGALRM, signal.SIG_IGN)
+        if path:
+            append_line(path, self.job_id)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+        return "survived"
+
+
+class Flaky(Job):
+    """Fails its first ``failures`` runs (counted in ``path``), then succeeds."""
+
+    def run(self, path, failures):
+        append_line(path, f"{self.job_id} attempt {self.attempt}")
+        n = count_lines(path)
+        if n <= failures:
+            raise RuntimeError(f"flaky failure number {n}")
+        return {"runs": n, "attempt": self.attempt}
+
+
+class Touch(Job):
+    """Creates ``path``: proof that it ran."""
+
+    def run(self, path):
+        append_line(path, self.job_id)
+        return "touched"
+
+
+class Mark(Job):
+    """Appends its id to ``path`` (one line per run) after sleeping ``seconds``."""
+
+    def run(self, path, seconds=0.0):
+        if seconds:
+            time.sleep(seconds)
+        append_line(path, self.job_id)
+        return self.job_id
