@@ -1,0 +1,1 @@
+"""Benchmarks. Job classes the benchmarks submit live in bench/jobs.py."""

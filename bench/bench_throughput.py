@@ -1,0 +1,343 @@
+"""Throughput and latency of a whole elric deployment: redis-server, master, worker.
+
+Starts its own redis-server (elric.redis_server.RedisServer, never the one on 6379), a
+master and a worker (real processes, LOG_LEVEL=WARNING) with --concurrency pool processes,
+and prints:
+
+  1. submit rate        --jobs no-op jobs through submit_jobs in batches of --batch,
+                        no worker running yet (client send -> master -> Redis -> reply)
+     drain rate         (extra) the worker then starts and drains those pre-queued jobs:
+                        worker throughput alone, first to last success
+  2. end to end         --jobs no-op jobs submitted in batches while the worker runs:
+                        jobs/s from the first submit to the last success (the last success
+                        is the newest score in the succeeded index; completion is detected
+                        by polling the succeeded counter that stats() totals report, read
+                        straight from its Redis hash because stats() SCANs the keyspace)
+  3. latency            --latency-samples jobs submitted one at a time with submit_job to an
+                        idle worker; the job returns time.time() at its start and latency is
+                        that minus the client's time.time() just before the submit; each
+                        job is waited for (get_job) before the next, then --gap of idle
+                        time
+
+Phase 2 also prints the CPU time per job of each process (redis-server, master, worker,
+its pool processes, this client) from /proc: unlike the rates it hardly moves when other
+work shares the machine, and its total bounds the rate the cores allow. --redis-stats adds
+Redis time per script for phase 2 (SLOWLOG with a 0 us threshold, so a little slower).
+
+Targets (issue): >= 10,000 jobs/s end to end and p50 < 1 ms on a 2-core machine.
+Every process it starts is stopped by its PID; every wait is bounded by --timeout.
+
+    python bench/bench_throughput.py                 # 20,000 jobs, 200 latency samples
+    python bench/bench_throughput.py --jobs 5000
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shlex
+import signal
+import statistics
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import redis  # noqa: E402
+
+from elric.client import MasterClient  # noqa: E402
+from elric.keys import Keys  # noqa: E402
+from elric.launch import elric_env, start_master, start_worker  # noqa: E402
+from elric.redis_server import RedisServer, free_port  # noqa: E402
+
+FUNC = "bench.jobs:Noop"
+PREFIX = "elric-bench"
+
+
+class Timeout(Exception):
+    pass
+
+
+def machine(r: redis.Redis) -> list[str]:
+    model = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return [f"CPUs: {os.cpu_count()} ({model})",
+            f"Python: {platform.python_version()} ({platform.python_implementation()}), "
+            f"{platform.platform()}",
+            f"Redis: {r.info('server')['redis_version']}"]
+
+
+_procs: list = []  # master and worker: a wait gives up at once if one of them exited
+
+
+def wait_until(pred, timeout: float, what: str, interval: float = 0.01):
+    deadline = time.monotonic() + timeout
+    while True:
+        for p in _procs:
+            if not p.alive():
+                raise RuntimeError(f"{p.args[0]} exited with {p.popen.returncode} while "
+                                   f"waiting for {what}")
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise Timeout(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(interval)
+
+
+def succeeded(r: redis.Redis, keys: Keys) -> int:
+    """``stats()["totals"]["succeeded"]``, read from the counter hash it comes from: stats()
+    itself SCANs the whole keyspace (dedupe filter stats), ~50 ms at 60k keys, which
+    would load the machine being measured."""
+    ok, failed = r.hmget(keys.counters, "succeeded", "failed")
+    if failed and int(failed):
+        raise RuntimeError(f"{int(failed)} job(s) failed: see the worker log")
+    return int(ok or 0)
+
+
+def last_success(r: redis.Redis, keys: Keys) -> float:
+    """Finish time (s) of the newest success: the top score of the succeeded index."""
+    top = r.zrange(keys.status("succeeded"), -1, -1, withscores=True)
+    return top[0][1] / 1000.0 if top else time.time()
+
+
+def submit_batches(client: MasterClient, n: int, batch: int) -> tuple[float, float]:
+    spec = {"func": FUNC, "args": [], "kwargs": {}}
+    t0 = time.time()
+    sent = 0
+    while sent < n:
+        size = min(batch, n - sent)
+        replies = client.submit_jobs([spec] * size)
+        if len(replies) != size or any(r["status"] != "queued" for r in replies):
+            raise RuntimeError(f"submit_jobs answered {replies[:3]}...")
+        sent += size
+    return t0, time.time()
+
+
+def wait_succeeded(r: redis.Redis, keys: Keys, target: int, timeout: float) -> None:
+    wait_until(lambda: succeeded(r, keys) >= target, timeout, f"{target} successes",
+               interval=0.01)
+
+
+def _cpu(pid: int) -> float:
+    """CPU seconds (user + system) a process has used; 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(name))
+    out, todo = [], list(children.get(pid, []))
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def cpu_snapshot(groups: dict[str, list[int]]) -> dict[str, float]:
+    return {name: sum(_cpu(p) for p in pids) for name, pids in groups.items()}
+
+
+def print_cpu(before: dict[str, float], after: dict[str, float], jobs: int) -> None:
+    """CPU per job of each process in phase 2: on 2 cores, what caps the rate."""
+    used = {k: (after[k] - before[k]) * 1000 / jobs * 1000 for k in before}  # us per job
+    total = sum(used.values())
+    cores = os.cpu_count() or 1
+    print("   CPU us/job: " + ", ".join(f"{k} {v:.0f}" for k, v in used.items())
+          + f"; total {total:.0f} -> {cores} cores cap {cores * 1e6 / max(total, 1):,.0f} jobs/s")
+
+
+def print_redis_stats(r: redis.Redis, jobs: int, seconds: float) -> None:
+    """Redis time in phase 2: per top-level command, and EVALSHA split by script (SLOWLOG
+    with a 0 us threshold logs every top-level call with its duration)."""
+    import hashlib
+
+    from elric import scripts
+
+    names = {hashlib.sha1(v.encode()).hexdigest(): k for k, v in vars(scripts).items()
+             if k.isupper() and isinstance(v, str)}
+    inner = {"get", "hget", "hset", "hmget", "incr", "zadd", "zrem", "lpush", "ltrim",
+             "hincrby", "sadd", "exists", "expire", "zrangebyscore", "zremrangebyscore",
+             "zrange", "del", "persist", "hdel", "zrevrange"}  # also called from scripts
+    per: dict[str, list[int]] = {}
+    for entry in r.slowlog_get(1_000_000):
+        cmd = entry["command"].split()
+        name = cmd[0].decode().lower() if cmd else "?"
+        if name == "evalsha" and len(cmd) > 1:
+            name = names.get(cmd[1].decode(), "script?")
+        elif name in inner:
+            continue
+        row = per.setdefault(name, [0, 0])
+        row[0] += entry["duration"]
+        row[1] += 1
+    total = sum(u for u, _ in per.values())
+    print(f"   Redis: {total / 1e6:.2f}s in commands over {seconds:.2f}s of phase 2 "
+          f"({total / jobs:.1f} us/job); top-level calls by time:")
+    for name, (usec, calls) in sorted(per.items(), key=lambda kv: -kv[1][0])[:5]:
+        print(f"     {name:<10} {calls:>6} calls {usec / max(calls, 1):>8.1f} us/call "
+              f"{usec / jobs:>6.1f} us/job")
+
+
+def percentile(values: list[float], p: float) -> float:
+    s = sorted(values)
+    k = (len(s) - 1) * p / 100
+    lo = int(k)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--jobs", type=int, default=20_000, help="jobs for phases 1 and 2")
+    ap.add_argument("--batch", type=int, default=1000, help="specs per submit_jobs call")
+    ap.add_argument("--latency-samples", type=int, default=200)
+    ap.add_argument("--concurrency", type=int, default=2, help="worker pool processes")
+    ap.add_argument("--gap", type=float, default=0.02,
+                    help="idle seconds between latency samples")
+    ap.add_argument("--timeout", type=float, default=300.0, help="bound on every wait (s)")
+    ap.add_argument("--redis-stats", action="store_true",
+                    help="print Redis time per command and per script for phase 2")
+    ap.add_argument("--keep-logs", action="store_true", help="print the log folder, keep it")
+    args = ap.parse_args(argv)
+    if args.jobs < 1 or args.batch < 1 or args.latency_samples < 1 or args.concurrency < 1:
+        ap.error("--jobs, --batch, --latency-samples and --concurrency must be >= 1")
+
+    cmd = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
+    logdir = tempfile.mkdtemp(prefix="elric-bench-")
+    procs = _procs
+    server = RedisServer()
+    client = r = None
+
+    def on_signal(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        server.start()
+        r = redis.Redis.from_url(server.url)
+        keys = Keys(PREFIX)
+        address = f"127.0.0.1:{free_port()}"
+        env = elric_env(server.url, address, LOG_LEVEL="WARNING", KEY_PREFIX=PREFIX,
+                        CONCURRENCY=args.concurrency)
+        print("elric throughput benchmark")
+        print(f"command: {cmd}")
+        for line in machine(r):
+            print(line)
+        print(f"worker: {args.concurrency} processes; jobs: {FUNC} (returns time.time())")
+        master = start_master(env, os.path.join(logdir, "master.log"), cwd=ROOT)
+        procs.append(master)
+        client = MasterClient(address, timeout=60)
+
+        # 1. submission rate, no worker yet
+        t0, t1 = submit_batches(client, args.jobs, args.batch)
+        print(f"1. submit_jobs      {args.jobs:>7} jobs in batches of {args.batch}: "
+              f"{args.jobs / (t1 - t0):>9,.0f} jobs/s  ({t1 - t0:.2f}s, no worker)")
+
+        # worker starts; it drains what phase 1 queued (worker throughput alone)
+        worker = start_worker(env, os.path.join(logdir, "worker.log"), cwd=ROOT)
+        procs.append(worker)
+        wait_succeeded(r, keys, args.jobs, args.timeout)
+        first = r.zrange(keys.status("succeeded"), 0, 0, withscores=True)[0][1] / 1000.0
+        last = last_success(r, keys)
+        if last > first:
+            print(f"   drain (extra)    {args.jobs:>7} pre-queued jobs, worker only:    "
+                  f"{(args.jobs - 1) / (last - first):>9,.0f} jobs/s  "
+                  f"(first to last success, {last - first:.2f}s)")
+        wait_until(lambda: any(w.get("pid") == str(worker.pid) and w.get("state") == "running"
+                               for w in client.stats()["workers"]),
+                   args.timeout, "the worker registered")
+        time.sleep(0.2)
+
+        # 2. end to end, worker running
+        if args.redis_stats:
+            r.config_set("slowlog-max-len", 1_000_000)
+            r.config_set("slowlog-log-slower-than", 0)
+            r.slowlog_reset()
+        groups = {"redis": [server.proc.pid], "master": [master.pid], "worker": [worker.pid],
+                  "pool": _descendants(worker.pid), "client": [os.getpid()]}
+        base = succeeded(r, keys)
+        cpu0 = cpu_snapshot(groups)
+        t0, t1 = submit_batches(client, args.jobs, args.batch)
+        wait_succeeded(r, keys, base + args.jobs, args.timeout)
+        end = last_success(r, keys)
+        cpu1 = cpu_snapshot(groups)
+        print(f"2. end to end       {args.jobs:>7} jobs, first submit to last success: "
+              f"{args.jobs / (end - t0):>9,.0f} jobs/s  ({end - t0:.2f}s; submitting took "
+              f"{t1 - t0:.2f}s = {args.jobs / (t1 - t0):,.0f} jobs/s)")
+
+        print_cpu(cpu0, cpu1, args.jobs)
+        if args.redis_stats:
+            r.config_set("slowlog-log-slower-than", -1)
+            print_redis_stats(r, args.jobs, end - t0)
+
+        # 3. enqueue -> start latency on an idle worker
+        time.sleep(0.5)
+        spec = {"func": FUNC, "args": [], "kwargs": {}}
+        lat = []
+        for i in range(args.latency_samples):
+            before = time.time()
+            job_id = client.submit_job(spec)["job_id"]
+            time.sleep(0.003)  # let it run before polling: polls compete for the 2 CPUs
+            job = wait_until(lambda: (lambda j: j if j and j["status"] in ("succeeded", "failed")
+                                      else None)(client.get_job(job_id)),
+                             args.timeout, f"latency job {i}", interval=0.001)
+            if job["status"] != "succeeded":
+                raise RuntimeError(f"latency job {job_id} {job['status']}: {job['error']}")
+            lat.append((job["result"] - before) * 1000)
+            time.sleep(args.gap)
+        print(f"3. latency          {len(lat):>7} jobs, submit_job -> job starts (ms): "
+              f"p50 {percentile(lat, 50):.2f}  p90 {percentile(lat, 90):.2f}  "
+              f"p99 {percentile(lat, 99):.2f}  min {min(lat):.2f}  max {max(lat):.2f}  "
+              f"mean {statistics.fmean(lat):.2f}")
+        totals = client.stats()["totals"]
+        print(f"   stats() totals: submitted {totals['submitted']}, succeeded "
+              f"{totals['succeeded']}, failed {totals['failed']}")
+        print("targets: end to end >= 10,000 jobs/s; latency p50 < 1 ms")
+        return 0
+    except (Timeout, RuntimeError, KeyboardInterrupt) as exc:
+        print(f"benchmark stopped: {exc}", file=sys.stderr)
+        for p in procs:
+            print(f"--- {p.args[0]} (pid {p.pid}) log ---\n{p.log()[-3000:]}", file=sys.stderr)
+        return 1
+    finally:
+        if client is not None:
+            client.close()
+        for p in reversed(procs):
+            p.stop(timeout=20)
+        if r is not None:
+            r.close()
+        server.cleanup()
+        if args.keep_logs:
+            print(f"logs: {logdir}")
+        else:
+            for name in os.listdir(logdir):
+                os.unlink(os.path.join(logdir, name))
+            os.rmdir(logdir)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
