@@ -46,6 +46,15 @@ class MasterClient:
     def rerun_job(self, job_id: str) -> dict:
         return self.call("rerun_job", job_id)
 
+    def pause_job(self, job_id: str) -> bool:
+        return self.call("pause_job", job_id)
+
+    def resume_job(self, job_id: str) -> bool:
+        return self.call("resume_job", job_id)
+
+    def modify_job(self, job_id: str, changes: dict) -> dict:
+        return self.call("modify_job", job_id, changes)
+
     def list_jobs(self, **filter: Any) -> list[dict]:
         return self.call("list_jobs", filter)
 

@@ -20,7 +20,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from elric import contract
-from elric.config import Settings, SettingsError
+from elric.config import Settings, SettingsError, redact_url
 from elric.contract import SpecError
 from elric.dedupe import DedupeError, DedupeFilter, make_filter
 from elric.jobstore import RedisJobStore
@@ -55,7 +55,7 @@ class Master:
         try:
             await self.redis.ping()
         except Exception as exc:
-            raise SettingsError(f"REDIS_URL {s.REDIS_URL}: cannot connect ({exc})") from None
+            raise SettingsError(f"REDIS_URL {redact_url(s.REDIS_URL)}: cannot connect ({exc})") from None
         self.queue = RedisQueue(self.redis, self.keys, result_ttl=s.RESULT_TTL,
                                 failed_ttl=s.FAILED_TTL)
         self.store = RedisJobStore(self.redis, self.keys)
@@ -185,16 +185,24 @@ class Master:
             raise RequestError("submit_jobs: the same job_id appears twice in one batch")
         results: dict[str, dict] = {}
         periodic = [n for n in normalized if "trigger" in n]
-        for n in periodic:
-            results[n["job_id"]] = await self._schedule(n)
+        for start in range(0, len(periodic), 200):  # concurrently, in bounded slices
+            chunk = periodic[start:start + 200]
+            for n, r in zip(chunk, await asyncio.gather(*(self._schedule(n) for n in chunk))):
+                results[n["job_id"]] = r
         now = [n for n in normalized if "trigger" not in n]
         for n in now:
             if n.get("dedupe_scope") == PER_FIRE:
                 raise RequestError(f"dedupe_scope {PER_FIRE!r} is for periodic jobs (with a "
                                    "trigger); name a scope instead")
-        passed, filtered = await self._dedupe(now)
-        for n in filtered:
-            results[n["job_id"]] = {"job_id": n["job_id"], "status": contract.FILTERED}
+        passed, filtered = await self._redis_call(self._dedupe(now))
+        if filtered:
+            # a retried submission (same job_id, same key) is not a duplicate of itself:
+            # report the status of the job it already is
+            existing = await self._redis_call(self.queue.get_statuses(
+                [n["job_id"] for n in filtered]))
+            for n, status in zip(filtered, existing):
+                results[n["job_id"]] = {"job_id": n["job_id"],
+                                        "status": status or contract.FILTERED}
         try:
             for r in await self._redis_call(self.queue.enqueue(passed)):
                 results[r["job_id"]] = r
@@ -221,12 +229,15 @@ class Master:
         # Fires are marked before they are queued (at most once); a Redis hiccup here must
         # not lose them, and retrying is safe because enqueue is idempotent per fire id.
         backoff, deadline = 0.1, asyncio.get_running_loop().time() + self.settings.SCHEDULER_LEASE
+        decided = None  # the filter's verdict is kept across retries: its keys are added
         while True:
             try:
                 if rounds:
                     await self.redis.zadd(self.keys.dedupe_rounds, rounds)
                 # a fire's own key goes into its scope, so its children skip its page
-                passed, filtered = await self._dedupe(specs)
+                if decided is None:
+                    decided = await self._dedupe(specs)
+                passed, filtered = decided
                 queued = await self.queue.enqueue(passed,
                                                   fence=(self.keys.scheduler_fence, fence_token))
                 return queued + [{"job_id": n["job_id"], "status": contract.FILTERED}
@@ -258,8 +269,8 @@ class Master:
         dropped: set[int] = set()
         for scope, group in by_scope.items():
             try:
-                new = await self._redis_call(self._filter_for(scope).check_and_add(
-                    scope, [n["dedupe_key"] for n in group]))
+                new = await self._filter_for(scope).check_and_add(
+                    scope, [n["dedupe_key"] for n in group])
             except DedupeError as exc:
                 raise RequestError(f"dedupe_scope {scope!r}: {exc}") from None
             dropped.update(id(n) for n, ok in zip(group, new) if not ok)
@@ -347,9 +358,12 @@ class Master:
         if unknown:
             raise RequestError(f"list_jobs: unknown filter key(s) {sorted(map(str, unknown))}; "
                                f"known: {sorted(known)}")
+        offset, limit = filter.get("offset", 0), filter.get("limit", 100)
+        if not isinstance(offset, int) or not isinstance(limit, int) or offset < 0 \
+                or not 0 < limit <= MAX_PAGE:
+            raise RequestError(f"list_jobs: offset must be ≥ 0 and limit 1..{MAX_PAGE}")
         status = filter.get("status")
         if status == contract.SCHEDULED:
-            offset, limit = filter.get("offset", 0), filter.get("limit", 100)
             return await self._redis_call(self.store.list(offset=offset, limit=limit))
         if status is not None and status not in contract.STATUSES:
             raise RequestError(f"list_jobs: unknown status {status!r}; "
@@ -357,10 +371,6 @@ class Master:
         for key in ("queue", "func", "batch"):
             if filter.get(key) is not None and not isinstance(filter[key], str):
                 raise RequestError(f"list_jobs: {key} must be a string")
-        offset, limit = filter.get("offset", 0), filter.get("limit", 100)
-        if not isinstance(offset, int) or not isinstance(limit, int) or offset < 0 \
-                or not 0 < limit <= MAX_PAGE:
-            raise RequestError(f"list_jobs: offset must be ≥ 0 and limit 1..{MAX_PAGE}")
         return await self._redis_call(self.queue.list_jobs(
             status=status, queue=filter.get("queue"), func=filter.get("func"),
             batch=filter.get("batch"), offset=offset, limit=limit))

@@ -114,7 +114,10 @@ class _Decoder:
         self.max = max_message
         self.chunk = min(_CHUNK, max_message)
         self._unpacker = msgpack.Unpacker(
-            raw=False, unicode_errors="surrogateescape", max_buffer_size=max_message + self.chunk,
+            # int map keys decode too, so the contract can name them instead of dropping
+            # the connection
+            raw=False, unicode_errors="surrogateescape", strict_map_key=False,
+            max_buffer_size=max_message + self.chunk,
             max_str_len=max_message, max_bin_len=max_message, max_ext_len=max_message,
             max_array_len=max_message, max_map_len=max_message // 2)
         self._fed = self._end = 0
@@ -247,6 +250,8 @@ class Server:
         self._connections[task] = conn = _Connection(self, reader, writer)
         try:
             await conn.run()
+        except asyncio.CancelledError:
+            pass  # the server is closing; asyncio would log this as an error otherwise
         finally:
             del self._connections[task]
 

@@ -6,7 +6,10 @@ JOB_MODULES, because Redis may have been written by someone other than a master.
 
 from __future__ import annotations
 
+import os
+import select
 import signal
+import threading
 import time
 import traceback
 from typing import Any
@@ -24,15 +27,40 @@ class JobTimeout(Exception):
 _allowed_modules: tuple[str, ...] = ()
 
 
-def init_process(allowed_modules: tuple[str, ...]) -> None:
+def init_process(allowed_modules: tuple[str, ...], worker_pid: int | None = None) -> None:
     """Pool initializer: the worker process decides about shutdown, not its children."""
     global _allowed_modules
     _allowed_modules = tuple(allowed_modules)
+    if worker_pid:
+        threading.Thread(target=_exit_with_worker, args=(worker_pid,), daemon=True,
+                         name="elric-exit-with-worker").start()
     # Ctrl-C reaches the whole process group, and so does SIGTERM from systemd, docker or
     # `kill -- -PGID`: running jobs must be allowed to finish. The worker stops its pool
     # processes itself (shutdown, or SIGKILL past a timeout or SHUTDOWN_GRACE).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _exit_with_worker(pid: int) -> None:
+    """Exit as soon as the worker is gone (SIGKILL, OOM killer). Pool processes are forked
+    by the fork server, not the worker, and hold the call queue's write end and the fork
+    server's alive fd themselves: nothing else would ever stop them, nor the fork server
+    and the resource tracker they keep alive. Its job was redelivered after the lease."""
+    try:
+        fd = os.pidfd_open(pid)  # Linux 5.3+: readable once the process has exited
+    except (AttributeError, OSError):
+        fd = None
+    if fd is not None:
+        select.select([fd], [], [])
+        os._exit(1)
+    while True:  # elsewhere: poll (a zombie still counts as alive until it is reaped)
+        time.sleep(1.0)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            os._exit(1)
+        except PermissionError:
+            pass
 
 
 def _on_alarm(signum, frame):

@@ -282,7 +282,7 @@ end
 redis.call('ZREM', prefix .. ':status:' .. status, id)
 redis.call('PERSIST', jk)
 redis.call('HSET', jk, 'attempts', 0, 'enqueued_at', now)
-redis.call('HDEL', jk, 'finished_at', 'result')
+redis.call('HDEL', jk, 'finished_at', 'result', 'error', 'retry_at', 'duration_ms')
 requeue(prefix, id, jk, now, false)
 return status
 """

@@ -27,7 +27,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from elric import runner
-from elric.config import Settings, SettingsError
+from elric.config import Settings, SettingsError, redact_url
 from elric.keys import Keys
 from elric.queue import RedisQueue, now_ms
 from elric.rpc import AsyncClient, RemoteError, RPCConnectionError, RPCError
@@ -39,13 +39,13 @@ CHUNK_SECONDS = 0.02  # aim for chunks that run about this long
 
 
 class _Chunk:
-    __slots__ = ("jobs", "future", "started", "timeout", "timed_out", "pool", "crashed_with")
+    __slots__ = ("jobs", "future", "started", "timeout", "timed_out", "pool", "slot")
 
     def __init__(self, jobs: list[dict]) -> None:
         self.jobs = jobs
         self.future = None
         self.pool = None
-        self.crashed_with: int | None = None  # chunks running in the pool when it broke
+        self.slot = -1  # index of the one-process pool that runs it
         self.started = time.monotonic()
         self.timeout = jobs[0]["timeout"] if len(jobs) == 1 else None
         self.timed_out = False
@@ -64,6 +64,7 @@ class Worker:
         self.buffer: deque[dict] = deque()      # claimed, not yet handed to the pool
         self.suspects: deque[dict] = deque()    # jobs of a chunk whose process died
         self.running: set[_Chunk] = set()
+        self.pools: list[ProcessPoolExecutor] = []  # one single-process pool per slot
         self.stopping = False
         self.avg_job_seconds = CHUNK_SECONDS    # start with chunks of one
         self.processed = 0
@@ -79,7 +80,7 @@ class Worker:
         try:
             await self.redis.ping()
         except Exception as exc:
-            raise SettingsError(f"REDIS_URL {s.REDIS_URL}: cannot connect ({exc})") from None
+            raise SettingsError(f"REDIS_URL {redact_url(s.REDIS_URL)}: cannot connect ({exc})") from None
         host, port = s.master_host_port
         try:
             self.master = await AsyncClient.connect(host, port, timeout=10, token=s.RPC_TOKEN,
@@ -105,22 +106,22 @@ class Worker:
         finally:
             signal.signal(signal.SIGTERM, previous)
         return ProcessPoolExecutor(
-            max_workers=self.concurrency,
+            max_workers=1,  # one pool per slot: a process that dies breaks no one else's
             mp_context=multiprocessing.get_context("forkserver"),
             initializer=runner.init_process,
-            initargs=(tuple(self.settings.JOB_MODULES),),
+            initargs=(tuple(self.settings.JOB_MODULES), os.getpid()),
         )
 
     async def _warm_pool(self) -> None:
         empty = msgpack.packb([])
         loop = asyncio.get_running_loop()
-        await asyncio.gather(*(loop.run_in_executor(self.pool, runner.run_chunk, empty)
-                               for _ in range(self.concurrency)))
+        await asyncio.gather(*(loop.run_in_executor(pool, runner.run_chunk, empty)
+                               for pool in self.pools))
 
     # --- main loop --------------------------------------------------------------------
     async def run(self) -> int:
         await self._connect()
-        self.pool = self._new_pool()
+        self.pools = [self._new_pool() for _ in range(self.concurrency)]
         await self._warm_pool()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -195,10 +196,8 @@ class Worker:
         """Hand chunks to free pool processes."""
         while len(self.running) < self.concurrency and not self.stopping:
             if self.suspects:
-                # After a process died we cannot tell which job killed it: run the jobs it
-                # held one at a time, alone, so the culprit is found and no one else pays.
-                if self.running:
-                    return
+                # After a process died we cannot tell which of its chunk's jobs killed it:
+                # run them one per chunk, so the culprit is found and no one else pays.
                 jobs = [self.suspects.popleft()]
             elif self.buffer:
                 size = self._chunk_size()
@@ -214,15 +213,15 @@ class Worker:
         items = [{"job_id": j["job_id"], "attempt": j["attempt"], "func": j["func"],
                   "args": j["args"], "kwargs": j["kwargs"], "timeout": j["timeout"],
                   "dedupe_scope": j["dedupe_scope"]} for j in chunk.jobs]
+        busy = {c.slot for c in self.running}
+        chunk.slot = next(i for i in range(self.concurrency) if i not in busy)
+        data = msgpack.packb(items, use_bin_type=True)
         try:
-            chunk.future = self.pool.submit(runner.run_chunk, msgpack.packb(items,
-                                                                            use_bin_type=True))
+            chunk.future = self.pools[chunk.slot].submit(runner.run_chunk, data)
         except BrokenProcessPool:
-            old, self.pool = self.pool, self._new_pool()
-            self._kill_pool_processes(old)
-            chunk.future = self.pool.submit(runner.run_chunk, msgpack.packb(items,
-                                                                            use_bin_type=True))
-        chunk.pool = self.pool
+            self._replace_pool(chunk.slot)
+            chunk.future = self.pools[chunk.slot].submit(runner.run_chunk, data)
+        chunk.pool = self.pools[chunk.slot]
         self.running.add(chunk)
         task = asyncio.create_task(self._complete(chunk))
         self._tasks.add(task)
@@ -249,19 +248,9 @@ class Worker:
 
     def _crashed(self, chunk: _Chunk) -> list[dict]:
         """A pool process died. Return outcomes for jobs known to be at fault."""
-        if self.pool is not None and getattr(self.pool, "_broken", False):
-            old, self.pool = self.pool, self._new_pool()
-            # pool processes ignore SIGTERM, so the broken pool's own terminate() does not
-            # stop the other ones: kill them, their jobs are re-run one by one below
-            self._kill_pool_processes(old)
-            old.shutdown(wait=False, cancel_futures=True)
-        if chunk.crashed_with is None:
-            # the first chunk of the broken pool to get here counts them all: the ones
-            # still to get here are not alone, though they will find `running` shorter
-            peers = [c for c in self.running if c.pool is chunk.pool]
-            for c in peers:
-                c.crashed_with = len(peers)
-        alone = chunk.crashed_with == 1 and len(chunk.jobs) == 1
+        if self.pools[chunk.slot] is chunk.pool:
+            self._replace_pool(chunk.slot)
+        alone = len(chunk.jobs) == 1  # its pool ran nothing else
         if chunk.timed_out or alone:
             job = chunk.jobs[0]
             why = (f"JobTimeout: ran past its timeout of {job['timeout']:g}s and its process "
@@ -396,15 +385,22 @@ class Worker:
                 chunk.timed_out = True
                 log.warning("worker: job %s ignored its timeout; killing its process",
                             chunk.jobs[0]["job_id"])
-                self._kill_pool_processes()
+                self._kill_pool_processes(chunk.pool)  # its own process, no other
+
+    def _replace_pool(self, slot: int) -> None:
+        old, self.pools[slot] = self.pools[slot], self._new_pool()
+        # pool processes ignore SIGTERM, so a broken pool's own terminate() does not stop
+        # them: kill them
+        self._kill_pool_processes(old)
+        old.shutdown(wait=False, cancel_futures=True)
 
     def _kill_pool_processes(self, pool: ProcessPoolExecutor | None = None) -> None:
-        pool = self.pool if pool is None else pool
-        for proc in list((getattr(pool, "_processes", None) or {}).values()):
-            try:
-                proc.kill()
-            except Exception:
-                pass
+        for p in (self.pools if pool is None else [pool]):
+            for proc in list((getattr(p, "_processes", None) or {}).values()):
+                try:
+                    proc.kill()
+                except Exception:
+                    pass
 
     # --- shutdown ---------------------------------------------------------------------
     async def _shutdown(self) -> None:
@@ -433,7 +429,8 @@ class Worker:
         self.suspects.clear()
         if late:
             await self._retry_redis(self.queue.release, self.worker_id, late)
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        for pool in self.pools:
+            pool.shutdown(wait=True, cancel_futures=True)
         try:
             await self.redis.hset(self.keys.worker(self.worker_id), "state", "stopped")
         except REDIS_ERRORS:

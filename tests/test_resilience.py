@@ -134,12 +134,6 @@ def test_sigkill_worker_under_load_every_job_succeeds(make_cluster):
         reap(pool)  # see the next test: they outlive the worker
 
 
-ORPHANS = ("a SIGKILLed worker's pool processes, forkserver and resource tracker live on "
-           "forever: pool processes hold the call queue's write end and the forkserver's "
-           "alive fd; fix in elric/runner.py init_process (exit when the worker is gone)")
-
-
-@pytest.mark.xfail(strict=True, reason=ORPHANS)
 def test_a_killed_workers_pool_processes_do_not_outlive_it(make_cluster):
     c = make_cluster(LEASE_SECONDS=2)
     c.start_master()
@@ -210,12 +204,6 @@ def test_job_ignoring_its_alarm_is_killed_after_the_grace(make_cluster, tmp_path
     assert worker.alive() and worker_pid(job) == worker.pid
 
 
-COLLATERAL = ("one ProcessPoolExecutor for all slots: a killed or crashed pool process breaks "
-              "the whole pool, so the jobs running beside it are killed and run again; fix: "
-              "one single-process pool per slot in elric/worker.py")
-
-
-@pytest.mark.xfail(strict=True, reason=COLLATERAL)
 @pytest.mark.parametrize("culprit", ["ignores its timeout", "crashes"])
 def test_the_jobs_running_beside_a_killed_one_are_spared(make_cluster, tmp_path, culprit):
     c = make_cluster(LEASE_SECONDS=3)
@@ -663,8 +651,6 @@ def test_wrong_redis_password_exits_2_with_one_clear_line(password_redis, role, 
     assert ("invalid" in line.lower() or "auth" in line.lower()), line
 
 
-@pytest.mark.xfail(strict=True, reason="the 'cannot connect' line echoes REDIS_URL with its "
-                                        "password (elric/master.py, elric/worker.py)")
 @pytest.mark.parametrize("role", ["master", "worker"])
 def test_redis_password_is_not_echoed_in_errors(role, tmp_path):
     url = f"redis://:pw-Zx81@127.0.0.1:{free_port()}/0"  # nobody listens: cannot connect
