@@ -163,7 +163,7 @@ def run_pass(client: MasterClient, r: redis.Redis, keys: list[str], batch: int,
 def bench_backend(server: RedisServer, backend: str, args, keys: list[str],
                   probes: list[str]) -> dict:
     r = redis.Redis.from_url(server.url)
-    r.flushall()
+    r.flushdb()  # our own server (RedisServer), never a shared one
     address = f"127.0.0.1:{free_port()}"
     env = elric_env(server.url, address, KEY_PREFIX=PREFIX, FILTER_BACKEND=backend,
                     BLOOM_CAPACITY=args.capacity or args.n, BLOOM_ERROR_RATE=args.error_rate,
@@ -177,7 +177,7 @@ def bench_backend(server: RedisServer, backend: str, args, keys: list[str],
         # warm up: class import, scripts loaded, connections open (another scope)
         client.submit_jobs([{"func": FUNC, "dedupe_key": k, "dedupe_scope": "warm"}
                             for k in make_keys(10, "warm/")])
-        r.flushall()
+        r.flushdb()  # our own server (RedisServer), never a shared one
         mem0 = int(r.info("memory")["used_memory"])
         rss0 = rss(master.pid)
 

@@ -23,11 +23,12 @@ from elric import contract
 from elric.config import Settings, SettingsError, redact_url
 from elric.contract import SpecError
 from elric.dedupe import DedupeError, DedupeFilter, make_filter
-from elric.jobstore import RedisJobStore
+from elric.jobstore import RedisJobStore, schedule_options
 from elric.keys import Keys
 from elric.queue import RedisQueue
 from elric.rpc import RequestError, Server
 from elric.scheduler import Scheduler
+from elric.triggers import parse_trigger
 
 log = logging.getLogger("elric.master")
 
@@ -183,17 +184,25 @@ class Master:
         ids = [n["job_id"] for n in normalized]
         if len(set(ids)) != len(ids):
             raise RequestError("submit_jobs: the same job_id appears twice in one batch")
-        results: dict[str, dict] = {}
         periodic = [n for n in normalized if "trigger" in n]
+        now = [n for n in normalized if "trigger" not in n]
+        # Refuse a bad batch before any of it is written: nothing half-applied.
+        for i, n in enumerate(normalized):
+            where = prefix.format(i)
+            if "trigger" in n:
+                try:
+                    parse_trigger(n["trigger"])
+                    schedule_options(n)
+                except ValueError as exc:
+                    raise RequestError(f"{where}job {n['job_id']!r}: {exc}") from None
+            elif n.get("dedupe_scope") == PER_FIRE:
+                raise RequestError(f"{where}dedupe_scope {PER_FIRE!r} is for periodic jobs "
+                                   "(with a trigger); name a scope instead")
+        results: dict[str, dict] = {}
         for start in range(0, len(periodic), 200):  # concurrently, in bounded slices
             chunk = periodic[start:start + 200]
             for n, r in zip(chunk, await asyncio.gather(*(self._schedule(n) for n in chunk))):
                 results[n["job_id"]] = r
-        now = [n for n in normalized if "trigger" not in n]
-        for n in now:
-            if n.get("dedupe_scope") == PER_FIRE:
-                raise RequestError(f"dedupe_scope {PER_FIRE!r} is for periodic jobs (with a "
-                                   "trigger); name a scope instead")
         passed, filtered = await self._redis_call(self._dedupe(now))
         if filtered:
             # a retried submission (same job_id, same key) is not a duplicate of itself:

@@ -351,3 +351,15 @@ def test_periodic_crawl_fetches_every_page_once_per_round(cluster):
         assert {path: n for path, n in site.hits.items() if n != len(rounds)} == {}, (
             len(rounds), site.hits)
         assert c.stats()["totals"]["failed"] == 0
+
+
+def test_a_batch_with_one_bad_trigger_stores_nothing(cluster):
+    from elric.rpc import RemoteError
+    from tests.jobs import Add
+
+    good = Add.spec([1, 1], job_id="good", trigger={"type": "interval", "seconds": 5})
+    bad = Add.spec([1, 1], job_id="bad", trigger={"type": "interval", "secs": 5})
+    with pytest.raises(RemoteError, match=r"spec 1: job 'bad': trigger\.secs"):
+        cluster.client.submit_jobs([good, bad])
+    assert cluster.client.get_job("good") is None
+    assert cluster.client.list_jobs(status="scheduled") == []
