@@ -35,6 +35,7 @@ log = logging.getLogger("elric.master")
 REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 MAX_BATCH = 10_000
 MAX_PAGE = 1000
+MAX_REDIS_CONNECTIONS = 128
 PER_FIRE = "@fire"  # dedupe_scope of a periodic job: a fresh scope for every fire
 GLOBAL_SCOPE = "global"
 
@@ -52,7 +53,11 @@ class Master:
     # --- lifecycle --------------------------------------------------------------------
     async def start(self) -> tuple[str, int]:
         s = self.settings
-        self.redis = aioredis.Redis.from_url(s.REDIS_URL, socket_connect_timeout=5)
+        # Many RPC calls run at once; a blocking pool makes them wait for a connection
+        # instead of failing with "Too many connections" (redis-py's default pool: 100).
+        self.redis = aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool.from_url(
+            s.REDIS_URL, max_connections=MAX_REDIS_CONNECTIONS, timeout=30,
+            socket_connect_timeout=5))
         try:
             await self.redis.ping()
         except Exception as exc:
@@ -199,8 +204,8 @@ class Master:
                 raise RequestError(f"{where}dedupe_scope {PER_FIRE!r} is for periodic jobs "
                                    "(with a trigger); name a scope instead")
         results: dict[str, dict] = {}
-        for start in range(0, len(periodic), 200):  # concurrently, in bounded slices
-            chunk = periodic[start:start + 200]
+        for start in range(0, len(periodic), 32):  # concurrently, in bounded slices
+            chunk = periodic[start:start + 32]
             for n, r in zip(chunk, await asyncio.gather(*(self._schedule(n) for n in chunk))):
                 results[n["job_id"]] = r
         passed, filtered = await self._redis_call(self._dedupe(now))

@@ -428,3 +428,26 @@ def test_sigterm_to_the_whole_process_group_lets_running_jobs_finish(cluster, tm
     cluster.start_worker("--concurrency", "2")
     wait_for(lambda: c.stats()["by_status"]["succeeded"] == 8, what="all jobs succeeded")
     assert sorted(marks.read_text().split()) == sorted(jobs)  # each ran exactly once
+
+
+def test_hundreds_of_concurrent_calls_wait_for_redis_instead_of_failing(cluster):
+    # More calls in flight than redis-py's default pool of 100 connections.
+    import asyncio
+
+    from elric.rpc import AsyncClient
+
+    host, port = cluster.address.rsplit(":", 1)
+
+    async def main():
+        clients = [await AsyncClient.connect(host, int(port)) for _ in range(3)]
+        try:
+            calls = [c.call("list_jobs", {"limit": 10}) for c in clients for _ in range(100)]
+            return await asyncio.gather(*calls, return_exceptions=True)
+        finally:
+            for c in clients:
+                await c.close()
+
+    results = asyncio.run(main())
+    errors = [r for r in results if isinstance(r, Exception)]
+    assert errors == []
+    assert cluster.client.ping() == "pong"

@@ -363,3 +363,14 @@ def test_a_batch_with_one_bad_trigger_stores_nothing(cluster):
         cluster.client.submit_jobs([good, bad])
     assert cluster.client.get_job("good") is None
     assert cluster.client.list_jobs(status="scheduled") == []
+
+
+def test_a_large_batch_of_periodic_jobs_is_stored_whole(cluster):
+    # Stored concurrently: more at once than redis-py's default pool of 100 connections.
+    from tests.jobs import Add
+
+    specs = [Add.spec([i, i], job_id=f"many-{i}", trigger={"type": "interval", "hours": 1})
+             for i in range(500)]
+    replies = cluster.client.submit_jobs(specs)
+    assert [r["status"] for r in replies] == ["scheduled"] * 500
+    assert cluster.client.stats()["by_status"]["scheduled"] == 500
