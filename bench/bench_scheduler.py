@@ -44,7 +44,8 @@ if ROOT not in sys.path:
 
 import redis  # noqa: E402
 
-from bench.bench_throughput import _cpu, _descendants, machine, percentile  # noqa: E402
+from bench.bench_throughput import (  # noqa: E402
+    Timeout, _cpu, _descendants, machine, percentile, report_failure, teardown, wait_until)
 from elric.client import MasterClient  # noqa: E402
 from elric.keys import Keys  # noqa: E402
 from elric.launch import elric_env, start_master, start_worker  # noqa: E402
@@ -53,21 +54,6 @@ from elric.redis_server import RedisServer, free_port  # noqa: E402
 FUNC = "bench.jobs:Noop"
 PREFIX = "elric-bench"
 BATCH = 10_000  # the master's submit_jobs limit
-
-
-class Timeout(Exception):
-    pass
-
-
-def wait_until(pred, timeout: float, what: str, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise Timeout(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(interval)
 
 
 def store_jobs(client: MasterClient, n: int, interval: float, t0: float, rate: float,
@@ -189,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         def window_done():  # every fire due before `end` handled: the index head is later
             head = r.zrange(keys.schedules, 0, 0, withscores=True)
             return not head or head[0][1] >= end * 1000
-        wait_until(window_done, args.timeout, "the master to handle the window's fires")
+        wait_until(window_done, args.timeout, "the master to handle the window's fires",
+                   interval=0.05)
         drained_at = time.time()
 
         late = read_fires(r, keys, t0, end)
@@ -213,25 +200,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"target: p99 < 50 ms and no fire missing -> {'met' if ok else 'NOT met'}")
         return 0 if ok else 2
     except (Timeout, RuntimeError, KeyboardInterrupt) as exc:
-        print(f"benchmark stopped: {exc}", file=sys.stderr)
-        for p in procs:
-            print(f"--- {p.args[0]} (pid {p.pid}) log ---\n{p.log()[-3000:]}", file=sys.stderr)
+        report_failure(exc, procs)
         return 1
     finally:
-        if client is not None:
-            client.close()
-        for p in reversed(procs):
-            p.stop(timeout=20)
-        if r is not None:
-            r.close()
-        server.cleanup()
-        if args.keep_logs:
-            print(f"logs: {logdir}")
-        else:
-            for name in os.listdir(logdir):
-                os.unlink(os.path.join(logdir, name))
-            os.rmdir(logdir)
-
+        teardown(client, procs, r, server, logdir, args.keep_logs)
 
 if __name__ == "__main__":
     sys.exit(main())

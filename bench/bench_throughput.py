@@ -210,6 +210,29 @@ def percentile(values: list[float], p: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
+def report_failure(exc: BaseException, procs: list) -> None:
+    print(f"benchmark stopped: {exc}", file=sys.stderr)
+    for p in procs:
+        print(f"--- {p.args[0]} (pid {p.pid}) log ---\n{p.log()[-3000:]}", file=sys.stderr)
+
+
+def teardown(client, procs: list, r, server, logdir: str, keep_logs: bool) -> None:
+    """Stop every process this benchmark started (by PID), its Redis, and its logs."""
+    if client is not None:
+        client.close()
+    for p in reversed(procs):
+        p.stop(timeout=20)
+    if r is not None:
+        r.close()
+    server.cleanup()
+    if keep_logs:
+        print(f"logs: {logdir}")
+    else:
+        for name in os.listdir(logdir):
+            os.unlink(os.path.join(logdir, name))
+        os.rmdir(logdir)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--jobs", type=int, default=20_000, help="jobs for phases 1 and 2")
@@ -319,25 +342,10 @@ def main(argv: list[str] | None = None) -> int:
         print("targets: end to end >= 10,000 jobs/s; latency p50 < 1 ms")
         return 0
     except (Timeout, RuntimeError, KeyboardInterrupt) as exc:
-        print(f"benchmark stopped: {exc}", file=sys.stderr)
-        for p in procs:
-            print(f"--- {p.args[0]} (pid {p.pid}) log ---\n{p.log()[-3000:]}", file=sys.stderr)
+        report_failure(exc, procs)
         return 1
     finally:
-        if client is not None:
-            client.close()
-        for p in reversed(procs):
-            p.stop(timeout=20)
-        if r is not None:
-            r.close()
-        server.cleanup()
-        if args.keep_logs:
-            print(f"logs: {logdir}")
-        else:
-            for name in os.listdir(logdir):
-                os.unlink(os.path.join(logdir, name))
-            os.rmdir(logdir)
-
+        teardown(client, procs, r, server, logdir, args.keep_logs)
 
 if __name__ == "__main__":
     sys.exit(main())
