@@ -20,6 +20,23 @@ PACKAGES = ("msgpack-rpc-python==0.4.1", "tornado==4.5.3")
 _MARKER = ".elric-legacy-ready"
 
 
+# How every legacy-client script starts: that client hands strings back as bytes.
+SCRIPT_PRELUDE = """\
+import json, sys
+import msgpackrpc
+
+
+def norm(x):
+    if isinstance(x, bytes):
+        return x.decode()
+    if isinstance(x, dict):
+        return {norm(k): norm(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [norm(v) for v in x]
+    return x
+
+"""
+
 def legacy_venv() -> str:
     return os.path.abspath(os.environ.get("ELRIC_LEGACY_VENV") or os.path.join(ROOT, ".venv-legacy"))
 

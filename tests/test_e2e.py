@@ -15,7 +15,7 @@ from elric.rpc import RemoteError
 from tests.conftest import ROOT, wait_for
 from tests.jobs import (Add, Crash, Echo, FailUnlessFile, MarkSleep, OnQueueB, Record, Sleep,
                         Spawn)
-from tests.legacy import legacy_python
+from tests.legacy import SCRIPT_PRELUDE, legacy_python
 
 
 def test_submit_runs_and_records_result(cluster):
@@ -288,19 +288,7 @@ def test_bad_requests_get_clear_errors_and_the_connection_stays_up(cluster):
 
 # --- 6. the legacy msgpack-rpc-python client ------------------------------------------------
 
-LEGACY_SUBMIT = """
-    import json, sys
-    import msgpackrpc
-
-    def norm(x):  # the legacy client hands strings back as bytes
-        if isinstance(x, bytes):
-            return x.decode()
-        if isinstance(x, dict):
-            return {norm(k): norm(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [norm(v) for v in x]
-        return x
-
+LEGACY_SUBMIT = SCRIPT_PRELUDE + textwrap.dedent("""
     client = msgpackrpc.Client(msgpackrpc.Address("127.0.0.1", int(sys.argv[1])), timeout=30)
     out = {"ping": norm(client.call("ping")),
            "submit": norm(client.call("submit_job", {"func": "tests.jobs:Echo",
@@ -314,7 +302,7 @@ LEGACY_SUBMIT = """
         out["refused"] = norm(exc.args[0])
     client.close()
     print(json.dumps(out))
-"""
+""")
 
 
 def test_legacy_msgpack_rpc_python_client_round_trip(cluster, tmp_path):

@@ -17,7 +17,7 @@ import pytest
 
 from elric.rpc import (AsyncClient, Client, RemoteError, RequestError, RPCConnectionError,
                        RPCError, RPCTimeoutError, Server, parse_address)
-from tests.legacy import legacy_python
+from tests.legacy import SCRIPT_PRELUDE, legacy_python
 
 DEADLINE = 10.0
 
@@ -546,19 +546,7 @@ def test_parse_address():
 
 # -- the legacy msgpack-rpc-python client ---------------------------------------------
 
-LEGACY_SCRIPT = textwrap.dedent("""
-    import json, sys
-    import msgpackrpc
-
-    def norm(x):  # the legacy client hands back strings as bytes
-        if isinstance(x, bytes):
-            return x.decode()
-        if isinstance(x, dict):
-            return {norm(k): norm(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [norm(v) for v in x]
-        return x
-
+LEGACY_SCRIPT = SCRIPT_PRELUDE + textwrap.dedent("""
     client = msgpackrpc.Client(msgpackrpc.Address("127.0.0.1", int(sys.argv[1])), timeout=10)
     out = {"ping": norm(client.call("ping")),
            "echo": norm(client.call("echo", {"name": "job-1", "args": [1, 2.5, None, True],
