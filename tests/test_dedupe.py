@@ -203,14 +203,18 @@ def test_set_ttl_setting_mismatch_is_a_clear_error(redis_url):
 
 # --- concurrency: two masters ---------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", SHARED)
-def test_two_masters_admit_each_key_exactly_once(redis_url, backend):
+@pytest.mark.parametrize("backend,capacity", [("set", 0), ("redis-bloom", 100_000),
+                                               ("redis-bloom", 300)])
+def test_two_masters_admit_each_key_exactly_once(redis_url, backend, capacity):
+    """Capacity 300: the 2,000 keys fill stages of 300, 600 and 1,200 while both masters
+    race, so stale and early views of the current stage meet the seals."""
     keys = urls(2000, "c")
+    kw = {"capacity": capacity, "error_rate": 1e-7} if capacity else {}
 
     async def master(seed, ready, go):
         # Own connection pool: a separate master process as far as Redis is concerned.
         r = client(redis_url)
-        f = make_filter(backend, r, KEYS, capacity=100_000)
+        f = make_filter(backend, r, KEYS, **kw)
         await f.start()
         await f.check_and_add("warm-up", ["x"])       # connected, script loaded
         ready.release()
@@ -391,12 +395,18 @@ def test_redis_bloom_stale_master_catches_up_with_growth(redis_url):
         assert await b.check_and_add("s", ["first"]) == [True]    # b believes: 1 item, stage 0
         for i in range(0, 1000, 50):
             await a.check_and_add("s", keys[i:i + 50])            # a grows it to stage 3
-        CountingConnection.sends = 0
+        trips = b.bulk.round_trips
         res = await b.check_and_add("s", keys[:10] + ["fresh"])
         assert res == [False] * 10 + [True]
-        assert CountingConnection.sends == 2                      # one retry with more stages
+        # b's stage 0 turned out sealed: keys found there are seen, "fresh" goes on to
+        # read stages 1-2 and is test-and-set in stage 3; then the counters
+        assert b.bulk.round_trips - trips <= 4
+        trips = b.bulk.round_trips
         assert await b.check_and_add("s", keys[10:20]) == [False] * 10
-        assert CountingConnection.sends == 3
+        assert b.bulk.round_trips - trips == 2     # caught up: all found reading stages 0-2; count
+        assert CountingConnection.sends == 0                      # all on b's own connection
+        await a.close()
+        await b.close()
         await ra.aclose()
         await rb.aclose()
     run(main())
@@ -444,20 +454,30 @@ def test_one_round_trip_per_call(redis_url, backend, ttl):
         info = redis.Redis.from_url(redis_url)
         before_cmds = info.info("commandstats")
         CountingConnection.sends = 0
+        bulk0 = f.bulk.round_trips if backend == "redis-bloom" else 0
         res = await f.check_and_add("s", urls(1000) + urls(500))  # 500 duplicates inside the call
         sends = CountingConnection.sends
+        bulk = f.bulk.round_trips - bulk0 if backend == "redis-bloom" else 0
         after_cmds = info.info("commandstats")
         info.close()
+        await f.close()
         await r.aclose()
-        return res, sends, before_cmds, after_cmds
+        return res, sends, bulk, before_cmds, after_cmds
 
-    res, sends, before, after = run(main())
+    res, sends, bulk, before, after = run(main())
     assert res == [True] * 1000 + [False] * 500
+    top = {k: after[k]["calls"] - before.get(k, {}).get("calls", 0) for k in after}
     if backend == "bloom":
         assert sends == 0                               # in memory
         return
+    if backend == "redis-bloom":
+        # its own connection: one pipeline of BITFIELDs (the 1,500 keys hit the one
+        # shard of a 5,000-key filter: one command), one of counters; no script
+        assert sends == 0 and bulk == 2
+        assert top.get("cmdstat_bitfield", {}) == 1 and top.get("cmdstat_hincrby") == 2
+        assert not top.get("cmdstat_evalsha") and not top.get("cmdstat_eval")
+        return
     assert sends == 1
-    top = {k: after[k]["calls"] - before.get(k, {}).get("calls", 0) for k in after}
     assert top.get("cmdstat_evalsha", 0) == 1 and top.get("cmdstat_eval", 0) == 0
 
 
@@ -511,21 +531,66 @@ def test_redis_bloom_sets_exactly_the_bits_positions_names(redis_url):
         new = await f.check_and_add("s", keys)
         assert sum(new) > len(keys) * 0.95
         expected: dict[str, set[int]] = {}
-        items = 0
-        for key, is_new in zip(keys, new):
-            if not is_new:   # a false positive: all its bits were set already
-                continue
+        stage_of_shard = {}
+        items = i = 0
+        while i < len(keys):
+            # the call's segments: the room left in the stage, plus 1 % of it
             st = f.stage(f.stage_of(items))
-            items += 1
-            shard, offs = f.positions(key.encode(), st)
-            expected.setdefault(KEYS.dedupe_rbloom("s", st.first_shard + shard), set()).update(offs)
-        assert f.stage_of(items - 1) >= 2          # several stages were used
+            seg = st.cum - items + st.capacity // 100
+            for key, is_new in zip(keys[i:i + seg], new[i:i + seg]):
+                if not is_new:   # a false positive: all its bits were set already
+                    continue
+                items += 1
+                shard, offs = f.positions(key.encode(), st)
+                name = KEYS.dedupe_rbloom("s", st.first_shard + shard)
+                stage_of_shard[name] = st
+                expected.setdefault(name, set()).update(offs)
+            i += seg
+        last = f.stage_of(items - 1)
+        assert last >= 2                           # several stages were used
         found = {}
-        for name in expected:
+        for name, st in stage_of_shard.items():
             data = await r.get(name)
-            found[name] = {i * 8 + b for i, byte in enumerate(data) for b in range(8)
-                           if byte & (0x80 >> b)}
+            assert len(data) == st.shard_bytes     # created at full size, never grown
+            bits = {i * 8 + b for i, byte in enumerate(data) for b in range(8)
+                    if byte & (0x80 >> b)}
+            found[name] = {b for b in bits if b < st.shard_bits}
+            # beyond the Bloom bits only the seal, set on every full stage
+            assert bits - found[name] == ({st.seal} if st.index < last else set())
         assert found == expected
         extra = [k async for k in r.scan_iter(KEYS.dedupe_rbloom("s", "*"))]
         assert {k.decode() for k in extra} == set(expected)
     run(with_filter(redis_url, "redis-bloom", body, capacity=60, error_rate=0.01))
+
+
+def test_redis_bloom_stage_left_unsealed_by_a_dead_master(redis_url):
+    """A master counts a full stage and dies before sealing it. The next master, whose
+    count says the stage is full, finds it still open: it seals it and carries on,
+    with no key lost and no key admitted twice."""
+    old = urls(300, "old")
+
+    async def main():
+        ra, rb = client(redis_url), client(redis_url)
+        a = make_filter("redis-bloom", ra, KEYS, capacity=300, error_rate=1e-6)
+        assert all(await a.check_and_add("s", old))            # stage 0 is full: sealed
+        st0 = a.stage(0)
+        shard0 = KEYS.dedupe_rbloom("s", 0)
+        assert await ra.getbit(shard0, st0.seal) == 1
+        await ra.setbit(shard0, st0.seal, 0)                   # as if a died before sealing
+        b = make_filter("redis-bloom", rb, KEYS, capacity=300, error_rate=1e-6)
+        res = await b.check_and_add("s", old[:50] + ["new-1", "new-2", "new-1"])
+        assert res == [False] * 50 + [True, True, False]
+        assert await rb.getbit(shard0, st0.seal) == 1          # b sealed it again
+        # the new keys went to stage 1, not into the full stage 0
+        assert (await b.stats())["s"]["items"] == 302
+        st1 = b.stage(1)
+        for key in (b"new-1", b"new-2"):
+            g, offs = b.positions(key, st1)
+            name = KEYS.dedupe_rbloom("s", st1.first_shard + g)
+            assert [await rb.getbit(name, o) for o in offs] == [1] * st1.k
+        assert await a.check_and_add("s", ["new-1", "new-2", "new-3"]) == [False, False, True]
+        for f in (a, b):
+            await f.close()
+        await ra.aclose()
+        await rb.aclose()
+    run(main())
