@@ -160,6 +160,48 @@ def run_pass(client: MasterClient, r: redis.Redis, keys: list[str], batch: int,
     return spent, counts, lat
 
 
+def run_pass_concurrent(address: str, r: redis.Redis, keys: list[str], batch: int,
+                        clients: int) -> tuple[float, Counter, list[float]]:
+    """Like run_pass with ``clients`` connections, each with one call in flight (as many
+    crawler workers submitting at once). Queued jobs are deleted after the pass, not
+    between calls (so the time is the wall time of the whole pass)."""
+    import asyncio
+
+    from elric.rpc import AsyncClient
+
+    host, port = address.rsplit(":", 1)
+    # the submitters' own work (building the spec maps) is done before the clock starts
+    batches = [[{"func": FUNC, "dedupe_key": k, "dedupe_scope": SCOPE}
+                for k in keys[i:i + batch]] for i in range(0, len(keys), batch)]
+    counts, lat = Counter(), []
+
+    async def one(conn, todo):
+        while todo:
+            specs = todo.pop()
+            t0 = time.perf_counter()
+            replies = await conn.call("submit_jobs", specs)
+            lat.append((time.perf_counter() - t0) * 1000)
+            counts.update(rep["status"] for rep in replies)
+
+    async def main():
+        conns = [await AsyncClient.connect(host, int(port), timeout=300, max_message=64 << 20)
+                 for _ in range(clients)]
+        todo = batches[::-1]
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(c, todo) for c in conns))
+        wall = time.perf_counter() - t0
+        for c in conns:
+            await c.close()
+        return wall
+
+    wall = asyncio.run(main())
+    for pattern in (f"{PREFIX}:job:*", f"{PREFIX}:queue:*", f"{PREFIX}:status:*"):
+        names = list(r.scan_iter(pattern, count=10_000))
+        for i in range(0, len(names), 10_000):
+            r.unlink(*names[i:i + 10_000])
+    return wall, counts, lat
+
+
 def bench_backend(server: RedisServer, backend: str, args, keys: list[str],
                   probes: list[str]) -> dict:
     r = redis.Redis.from_url(server.url)
@@ -190,7 +232,11 @@ def bench_backend(server: RedisServer, backend: str, args, keys: list[str],
             pids = {"master": master.pid, "redis": server.proc.pid, "client": os.getpid()}
             c0 = {k: cpu(v) for k, v in pids.items()}
             t0 = time.perf_counter()
-            spent, counts, lat = run_pass(client, r, keys, args.batch, job_key)
+            if args.clients > 1:
+                spent, counts, lat = run_pass_concurrent(address, r, keys, args.batch,
+                                                         args.clients)
+            else:
+                spent, counts, lat = run_pass(client, r, keys, args.batch, job_key)
             wall = time.perf_counter() - t0
             cpus = {k: cpu(v) - c0[k] for k, v in pids.items()}
             if prof:
@@ -228,8 +274,8 @@ def bench_backend(server: RedisServer, backend: str, args, keys: list[str],
 def report(o: dict, n: int, args) -> None:
     b = o["backend"]
     p1, p2 = o["pass1"], o["pass2"]
-    print(f"\n== {b}  (n={n:,}, batch={args.batch}, capacity={args.capacity or n:,}, "
-          f"error_rate={args.error_rate:g})")
+    print(f"\n== {b}  (n={n:,}, batch={args.batch}, clients={args.clients}, "
+          f"capacity={args.capacity or n:,}, error_rate={args.error_rate:g})")
     for label, p in (("pass 1 (new, queued)", p1), ("pass 2 (seen)", p2)):
         print(f"  {label:22s} {p['rate']:>10,.0f} checks/s   {p['ms_p50']:6.1f} ms/call p50 "
               f"({p['ms_max']:.0f} max)   {p['spent']:.1f}s in calls, {p['wall']:.1f}s wall"
@@ -276,6 +322,9 @@ def main() -> int:
     ap.add_argument("--probes", type=int, default=None,
                     help="fresh keys probed at capacity for FP@cap (default n/5)")
     ap.add_argument("--profile", default="", help="folder for py-spy profiles of the master")
+    ap.add_argument("--clients", type=int, default=4,
+                    help="connections with a call in flight each (1: calls one after the "
+                         "other, queued jobs deleted between calls, untimed)")
     args = ap.parse_args()
     if args.profile:
         os.makedirs(args.profile, exist_ok=True)

@@ -77,8 +77,7 @@ class RedisQueue:
         """
         if not specs:
             return []
-        argv: list[Any] = [self.keys.prefix, now_ms(),
-                           fence[0] if fence else "", fence[1] if fence else ""]
+        jobs = []
         for spec in specs:
             fields: list[Any] = []
             for name in _SPEC_FIELDS:
@@ -87,9 +86,13 @@ class RedisQueue:
                     value = pack(value if value is not None else ([] if name == "args" else {}))
                 elif value is None:
                     continue
+                elif not isinstance(value, (str, bytes)):
+                    value = repr(value)        # numbers, as redis-py would write them
                 fields += [name, value]
-            argv += [spec["job_id"], spec["queue"], spec["priority"], spec.get("batch") or "",
-                     len(fields) // 2, *fields]
+            jobs.append([spec["job_id"], spec["queue"], repr(spec["priority"]),
+                         spec.get("batch") or "", fields])
+        argv: list[Any] = [self.keys.prefix, now_ms(), fence[0] if fence else "",
+                           fence[1] if fence else "", msgpack.packb(jobs, use_bin_type=False)]
         try:
             statuses = await self._enqueue(args=argv)
         except ResponseError as exc:

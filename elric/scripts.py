@@ -23,49 +23,60 @@ local function requeue(prefix, id, jk, now, keep_member)
 end
 """
 
-# ARGV: prefix, now, fence_key, fence_token, then per job:
-#   job_id, queue, priority, batch, nfields, field1, value1, ...
+# ARGV: prefix, now, fence_key, fence_token, jobs: ONE msgpack array (packed without the
+# bin type: Redis's cmsgpack predates it) of [job_id, queue, priority, batch,
+# [field1, value1, ...]] with every value a string. (One blob instead of ~30 arguments
+# per job: parsing them cost the master more Python time than Redis spends queueing.)
 # A job id that exists already is left alone and its status returned: resubmitting with the
 # same job_id is idempotent. With a fence key, the whole call is refused unless it holds the
 # token (the scheduler's lease), so a master that lost its lease cannot enqueue fires.
+# Per job: one HGET and one HSET; the sorted sets, counters and wake-ups are written once
+# per queue (variadic ZADD), not once per job.
 ENQUEUE = """
-local prefix, now = ARGV[1], tonumber(ARGV[2])
+local prefix, now = ARGV[1], ARGV[2]
 if ARGV[3] ~= '' and redis.call('GET', ARGV[3]) ~= ARGV[4] then
   return redis.error_reply('FENCED lease token is stale')
 end
-local out, woke, added = {}, {}, 0
-local i = 5
-while i <= #ARGV do
-  local id, q, prio, batch, nf = ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+3], tonumber(ARGV[i+4])
+local jobs = cmsgpack.unpack(ARGV[5])
+local n = #jobs
+local base = redis.call('INCRBY', prefix .. ':seq', n) - n
+local out, byq, queues, status, batches, added = {}, {}, {}, {}, {}, 0
+for i = 1, n do
+  local j = jobs[i]
+  local id, q, prio, batch = j[1], j[2], j[3], j[4]
   local jk = prefix .. ':job:' .. id
   local existing = redis.call('HGET', jk, 'status')
   if existing then
-    out[#out+1] = existing
+    out[i] = existing
   else
-    local seq = redis.call('INCR', prefix .. ':seq')
-    local member = string.format('%016x', seq) .. ':' .. id
-    local h = {'status', 'queued', 'queue', q, 'priority', prio, 'batch', batch,
-               'enqueued_at', now, 'attempts', 0, 'member', member}
-    for j = i + 5, i + 4 + 2 * nf do h[#h+1] = ARGV[j] end
-    redis.call('HSET', jk, unpack(h))
-    redis.call('ZADD', prefix .. ':queue:' .. q, -tonumber(prio), member)
-    redis.call('ZADD', prefix .. ':status:queued', now, id)
-    woke[q] = (woke[q] or 0) + 1
-    if batch ~= '' then
-      redis.call('HINCRBY', prefix .. ':stats:batch:' .. batch, 'submitted', 1)
-      redis.call('SADD', prefix .. ':batches', batch)
-    end
-    redis.call('HINCRBY', prefix .. ':stats:counters', 'queue:' .. q .. ':submitted', 1)
+    local member = string.format('%016x', base + i) .. ':' .. id
+    redis.call('HSET', jk, 'status', 'queued', 'queue', q, 'priority', prio, 'batch', batch,
+               'enqueued_at', now, 'attempts', '0', 'member', member, unpack(j[5]))
+    local z = byq[q]
+    if not z then z = {}; byq[q] = z; queues[#queues + 1] = q end
+    z[#z + 1] = -tonumber(prio); z[#z + 1] = member
+    status[#status + 1] = now; status[#status + 1] = id
+    if batch ~= '' then batches[batch] = (batches[batch] or 0) + 1 end
     added = added + 1
-    out[#out+1] = 'queued'
+    out[i] = 'queued'
   end
-  i = i + 5 + 2 * nf
 end
-for q, n in pairs(woke) do
+local function zadd(key, t)   -- in slices: unpack() is limited to ~8000 values
+  for s = 1, #t, 4000 do redis.call('ZADD', key, unpack(t, s, math.min(#t, s + 3999))) end
+end
+if added > 0 then zadd(prefix .. ':status:queued', status) end
+for _, q in ipairs(queues) do
+  local z = byq[q]
+  zadd(prefix .. ':queue:' .. q, z)
   redis.call('SADD', prefix .. ':queues', q)
+  redis.call('HINCRBY', prefix .. ':stats:counters', 'queue:' .. q .. ':submitted', #z / 2)
   local wk = prefix .. ':wake:' .. q
-  for _ = 1, math.min(n, 16) do redis.call('LPUSH', wk, '1') end
+  for _ = 1, math.min(#z / 2, 16) do redis.call('LPUSH', wk, '1') end
   redis.call('LTRIM', wk, 0, 15)
+end
+for batch, c in pairs(batches) do
+  redis.call('HINCRBY', prefix .. ':stats:batch:' .. batch, 'submitted', c)
+  redis.call('SADD', prefix .. ':batches', batch)
 end
 if added > 0 then redis.call('HINCRBY', prefix .. ':stats:counters', 'submitted', added) end
 return out
