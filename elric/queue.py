@@ -47,6 +47,7 @@ def _ms_to_s(value: bytes | None) -> float | None:
 # job hash fields written at enqueue besides the ones the script sets itself
 _SPEC_FIELDS = ("func", "args", "kwargs", "max_retries", "timeout", "parent", "schedule",
                 "fire_time", "dedupe_key", "dedupe_scope")
+_OPTIONAL_FIELDS = _SPEC_FIELDS[3:]   # written when set (numbers as repr, as redis-py would)
 
 
 class RedisQueue:
@@ -79,16 +80,18 @@ class RedisQueue:
             return []
         jobs = []
         for spec in specs:
-            fields: list[Any] = []
-            for name in _SPEC_FIELDS:
+            # Empty args, kwargs and parent are not written (a missing field reads as
+            # empty): each hash field costs Redis ~0.35 us per job.
+            fields: list[Any] = ["func", spec["func"]]
+            if spec.get("args"):
+                fields += ["args", pack(spec["args"])]
+            if spec.get("kwargs"):
+                fields += ["kwargs", pack(spec["kwargs"])]
+            for name in _OPTIONAL_FIELDS:
                 value = spec.get(name)
-                if name in ("args", "kwargs"):
-                    value = pack(value if value is not None else ([] if name == "args" else {}))
-                elif value is None:
+                if value is None or value == "" and name == "parent":
                     continue
-                elif not isinstance(value, (str, bytes)):
-                    value = repr(value)        # numbers, as redis-py would write them
-                fields += [name, value]
+                fields += [name, value if isinstance(value, (str, bytes)) else repr(value)]
             jobs.append([spec["job_id"], spec["queue"], repr(spec["priority"]),
                          spec.get("batch") or "", fields])
         argv: list[Any] = [self.keys.prefix, now_ms(), fence[0] if fence else "",
