@@ -92,13 +92,21 @@ def _parse(buf: bytearray, pos: int):
         n = int(line)
         if n < 0:
             return None, pos
+        if n and pos >= len(buf):
+            raise _Incomplete
         if n and buf[pos] == 58:
-            if len(buf) < pos + 4 * n:
-                raise _Incomplete
-            cells = np.frombuffer(buf, dtype=np.uint8, count=4 * n, offset=pos).reshape(n, 4)
+            have = min(n, (len(buf) - pos) // 4)          # whole 4-byte cells so far
+            # (a copy: a view would pin ``buf``, which must still grow and shrink)
+            cells = np.frombuffer(buf[pos:pos + 4 * have], dtype=np.uint8).reshape(have, 4)
             digits = cells[:, 1] - 48
             if (cells[:, [0, 2, 3]] == _BIT_CHECK[[0, 2, 3]]).all() and (digits <= 1).all():
-                return digits, pos + 4 * n
+                if have == n:
+                    return digits, pos + 4 * n
+                tail = bytes(buf[pos + 4 * have:pos + 4 * have + 3])
+                if (b":0\r".startswith(tail) or b":1\r".startswith(tail)) \
+                        and len(buf) < pos + 4 * n:
+                    raise _Incomplete                     # a 0/1 array still arriving
+            # not (only) 0/1 integers: element by element below
         out = []
         for _ in range(n):
             value, pos = _parse(buf, pos)

@@ -1,0 +1,556 @@
+"""Tests of elric.rawredis: BulkRedis (raw RESP pipelines on connections of its own)
+against real, private redis-servers, and its reply parser ``_parse`` as a unit.
+
+pytest-asyncio is not installed: every test drives its coroutine with asyncio.run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+from urllib.parse import quote
+
+import numpy as np
+import pytest
+import redis
+import redis.asyncio as aredis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from elric.rawredis import BulkRedis, _Incomplete, _parse, encode
+from elric.rbloom import bitfield, stage_geometry
+from elric.redis_server import RedisServer, find_redis_server, free_port
+from tests.conftest import wait_for
+
+PASSWORD = "s3cret:p@ss/word"          # needs quoting in a URL
+QPASS = quote(PASSWORD, safe="")
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def execute(url_or_bulk, *commands, **kw):
+    """Send ``commands`` (already encoded) in one buffer; close the BulkRedis we made."""
+    bulk = url_or_bulk if isinstance(url_or_bulk, BulkRedis) else BulkRedis(url_or_bulk, **kw)
+    try:
+        return await bulk.execute(b"".join(commands), len(commands))
+    finally:
+        if bulk is not url_or_bulk:
+            await bulk.close()
+
+
+def count_reads(bulk: BulkRedis) -> list:
+    """Wrap the read of BulkRedis's (single) idle connection; returns the chunk sizes list."""
+    assert len(bulk._idle) == 1
+    conn = bulk._idle[0]
+    sizes: list[int] = []
+    read = conn.reader.read
+
+    async def counting(n=-1):
+        chunk = await read(n)
+        sizes.append(len(chunk))
+        return chunk
+
+    conn.reader.read = counting
+    return sizes
+
+
+# --- a password-protected server (with a unix socket) of this module ---------------------
+
+class AuthServer:
+    """A redis-server started here with ``requirepass`` and a unix socket; stopped by PID."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="elric-rawredis-")
+        self.sock = os.path.join(self.dir, "redis.sock")
+        self.proc = subprocess.Popen([
+            find_redis_server(), "--bind", "127.0.0.1", "--port", str(self.port),
+            "--unixsocket", self.sock, "--unixsocketperm", "700",
+            "--requirepass", PASSWORD, "--dir", self.dir, "--save", "",
+            "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning",
+            "--logfile", os.path.join(self.dir, "redis.log"),
+        ], stdin=subprocess.DEVNULL)
+        try:
+            wait_for(self._answers, timeout=10, what="password-protected redis-server")
+        except BaseException:
+            self.stop()
+            raise
+
+    def _answers(self) -> bool:
+        assert self.proc.poll() is None, f"redis-server exited; see {self.dir}/redis.log"
+        r = redis.Redis(port=self.port, password=PASSWORD, socket_timeout=1)
+        try:
+            return r.ping()
+        except redis.exceptions.ConnectionError:
+            return False
+        finally:
+            r.close()
+
+    def client(self, db: int = 0) -> redis.Redis:
+        return redis.Redis(port=self.port, password=PASSWORD, db=db)
+
+    def url(self, db: int = 0, password: str = QPASS, user: str = "") -> str:
+        return f"redis://{user}:{password}@127.0.0.1:{self.port}/{db}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def auth_server():
+    server = AuthServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def auth(auth_server):
+    c = auth_server.client()
+    c.flushall()
+    c.close()
+    return auth_server
+
+
+# --- execute against the session's server ------------------------------------------------
+
+def test_encode():
+    assert encode("SET", b"k\x00", 12) == b"*3\r\n$3\r\nSET\r\n$2\r\nk\x00\r\n$2\r\n12\r\n"
+    assert encode() == b"*0\r\n"
+    with pytest.raises(TypeError, match="float"):
+        encode("SET", "k", 1.5)
+
+
+def test_execute_returns_replies_in_order(redis_url):
+    r = redis.Redis.from_url(redis_url)
+    r.set("s", b"\x00\xff\r\nbin")
+    r.set("empty", b"")
+    r.rpush("l", "a", "b")
+    r.close()
+    replies = run(execute(
+        redis_url,
+        encode("GET", "s"),                                  # bulk string
+        encode("GET", "missing"),                            # nil
+        encode("GET", "empty"),                              # empty bulk string
+        encode("INCRBY", "n", 5),                            # integer
+        encode("SET", "x", "y"),                             # simple string
+        encode("LRANGE", "l", 0, -1),                        # array of bulk strings
+        encode("LRANGE", "nothing", 0, -1),                  # empty array
+        encode("BITFIELD", "bits", "SET", "u1", 3, 1, "GET", "u1", 3, "GET", "u1", 4,
+               "SET", "u1", 3, 0),                           # array of 0/1 -> numpy
+        encode("BITFIELD", "bytes", "SET", "u8", 0, 200, "GET", "u8", 0),  # other ints
+        encode("EVAL", "return {1, 0, 'z', {1, 1}, {5, 0}}", 0),            # nested
+        encode("PING"),
+        encode("INCRBY", "n", -7),
+    ))
+    assert len(replies) == 12
+    assert replies[0] == b"\x00\xff\r\nbin"
+    assert replies[1] is None
+    assert replies[2] == b""
+    assert replies[3] == 5 and type(replies[3]) is int
+    assert replies[4] == b"OK"
+    assert replies[5] == [b"a", b"b"]
+    assert replies[6] == []
+    bits = replies[7]
+    assert isinstance(bits, np.ndarray) and bits.dtype == np.uint8
+    assert bits.tolist() == [0, 1, 0, 1]
+    assert replies[8] == [0, 200] and isinstance(replies[8], list)
+    nested = replies[9]
+    assert isinstance(nested, list) and nested[:3] == [1, 0, b"z"]
+    assert isinstance(nested[3], np.ndarray) and nested[3].tolist() == [1, 1]
+    assert nested[4] == [5, 0] and isinstance(nested[4], list)
+    assert replies[10] == b"PONG"
+    assert replies[11] == -2
+
+
+def test_error_reply_is_returned_and_the_connection_survives(redis_url):
+    async def body():
+        bulk = BulkRedis(redis_url)
+        try:
+            first = await bulk.execute(
+                encode("CLIENT", "ID") + encode("SET", "k", "v") + encode("INCR", "k")
+                + encode("NOSUCHCOMMAND", "x") + encode("LPUSH", "k", "z")
+                + encode("GET", "k"), 6)
+            assert len(bulk._idle) == 1                    # kept for the next call
+            second = await bulk.execute(encode("CLIENT", "ID") + encode("GET", "k"), 2)
+            return first, second, bulk.round_trips
+        finally:
+            await bulk.close()
+
+    first, second, trips = run(body())
+    assert first[1] == b"OK"
+    assert isinstance(first[2], ResponseError) and "not an integer" in str(first[2])
+    assert isinstance(first[3], ResponseError) and "unknown command" in str(first[3])
+    assert isinstance(first[4], ResponseError) and "WRONGTYPE" in str(first[4])
+    assert first[5] == b"v"
+    assert second == [first[0], b"v"]                      # the same connection, in sync
+    assert trips == 2
+
+
+# --- large replies -----------------------------------------------------------------------
+
+def test_large_bulk_string_over_many_reads(redis_url):
+    data = os.urandom(3 * 2**20 + 17)
+    r = redis.Redis.from_url(redis_url)
+    r.set("big", data)
+    r.close()
+
+    async def body():
+        bulk = BulkRedis(redis_url)
+        try:
+            assert await bulk.execute(encode("PING"), 1) == [b"PONG"]
+            sizes = count_reads(bulk)
+            got = await bulk.execute(encode("GETRANGE", "big", 0, -1) + encode("PING"), 2)
+            return got, sizes
+        finally:
+            await bulk.close()
+
+    got, sizes = run(body())
+    assert got[0] == data and got[1] == b"PONG"
+    assert len(sizes) >= 4 and max(sizes) <= 2**20     # split over reads of <= 1 MiB
+
+
+def test_large_bitfield_reply_over_many_reads(redis_url):
+    st_ = stage_geometry(0, 400_000, 0.01, None)
+    data = os.urandom(st_.shard_bytes - 2)
+    r = redis.Redis.from_url(redis_url)
+    r.set("shard", data + b"\x00\x00")
+    r.setbit("shard", st_.seal, 1)
+    r.close()
+    rng = np.random.default_rng(7)
+    offs = rng.integers(0, st_.shard_bits, size=300_000, dtype=np.uint64)
+    expected = np.unpackbits(np.frombuffer(data, dtype=np.uint8))[offs.astype(np.int64)]
+    cmd, order = bitfield(b"shard", st_, offs, write=False)
+
+    async def body():
+        bulk = BulkRedis(redis_url)
+        try:
+            await bulk.execute(encode("PING"), 1)
+            sizes = count_reads(bulk)
+            got = await bulk.execute(cmd + encode("PING"), 2)
+            return got, sizes
+        finally:
+            await bulk.close()
+
+    got, sizes = run(body())
+    reply = got[0]
+    assert isinstance(reply, np.ndarray) and reply.shape == (300_001,)
+    assert reply[0] == 1                                   # the seal
+    assert (reply[1:] == expected[order]).all()
+    assert got[1] == b"PONG"
+    assert len(sizes) >= 2                                 # 1.2 MB cannot come in one read
+
+
+def test_large_reply_of_many_integers_and_many_commands(redis_url):
+    """Integers that are not all 0/1 (the list path) and 2,000 replies, over many reads."""
+    data = os.urandom(20_000)
+    values = [os.urandom(1500) for _ in range(2000)]
+    r = redis.Redis.from_url(redis_url)
+    r.set("bytes", data)
+    r.mset({f"v{i}": v for i, v in enumerate(values)})
+    r.close()
+    ops = []
+    for i in range(20_000):
+        ops += [b"GET", b"u8", b"%d" % (8 * i)]
+
+    async def body():
+        bulk = BulkRedis(redis_url)
+        try:
+            await bulk.execute(encode("PING"), 1)
+            sizes = count_reads(bulk)
+            got = await bulk.execute(
+                encode("BITFIELD", "bytes", *ops)
+                + b"".join(encode("GET", f"v{i}") for i in range(2000)), 2001)
+            return got, sizes
+        finally:
+            await bulk.close()
+
+    got, sizes = run(body())
+    assert isinstance(got[0], list) and got[0] == list(data)
+    assert got[1:] == values
+    assert len(sizes) >= 3
+
+
+# --- URLs, passwords, dbs, from_client ---------------------------------------------------
+
+def test_password_from_url(auth):
+    replies = run(execute(auth.url(), encode("SET", "k", "v"), encode("GET", "k")))
+    assert replies == [b"OK", b"v"]
+    c = auth.client()
+    assert c.get("k") == b"v"
+    c.close()
+
+
+def test_wrong_password_raises_connection_error(auth):
+    with pytest.raises(RedisConnectionError, match="refused the connection setup.*WRONGPASS"):
+        run(execute(auth.url(password="wrong"), encode("PING")))
+
+
+def test_username_and_password_from_url(auth):
+    c = auth.client()
+    c.execute_command("ACL", "SETUSER", "alice", "reset", "on", ">alice-pw", "~*", "+@all")
+    try:
+        replies = run(execute(auth.url(user="alice", password="alice-pw"),
+                              encode("ACL", "WHOAMI")))
+        assert replies == [b"alice"]
+        with pytest.raises(RedisConnectionError, match="WRONGPASS"):
+            run(execute(auth.url(user="alice", password=QPASS), encode("PING")))
+    finally:
+        c.execute_command("ACL", "DELUSER", "alice")
+        c.close()
+
+
+def test_db_from_url(auth):
+    assert run(execute(auth.url(db=3), encode("SET", "in3", "three"))) == [b"OK"]
+    c3, c0 = auth.client(3), auth.client(0)
+    try:
+        assert c3.get("in3") == b"three"
+        assert c0.get("in3") is None
+    finally:
+        c3.close()
+        c0.close()
+
+
+def test_unix_socket_url_with_password_and_db(auth):
+    url = f"unix://:{QPASS}@{auth.sock}?db=2"
+    assert run(execute(url, encode("SET", "u", "sock"), encode("GET", "u"))) == [b"OK", b"sock"]
+    c = auth.client(2)
+    assert c.get("u") == b"sock"
+    c.close()
+
+
+@pytest.mark.parametrize("kind", ["tcp", "unix"])
+def test_from_client_connects_where_the_client_does(auth, kind):
+    url = auth.url(db=5) if kind == "tcp" else f"unix://:{QPASS}@{auth.sock}?db=5"
+
+    async def body():
+        client = aredis.Redis.from_url(url)
+        try:
+            await client.set("via", "client")
+            bulk = BulkRedis.from_client(client)
+            try:
+                return await bulk.execute(encode("GET", "via") + encode("SET", "via2", "b"), 2)
+            finally:
+                await bulk.close()
+        finally:
+            await client.aclose()
+
+    assert run(body()) == [b"client", b"OK"]
+    c5, c0 = auth.client(5), auth.client(0)
+    try:
+        assert c5.get("via2") == b"b" and c0.get("via2") is None
+    finally:
+        c5.close()
+        c0.close()
+
+
+# --- connection failures -----------------------------------------------------------------
+
+def test_nothing_listening_raises_connection_error():
+    bulk = BulkRedis(f"redis://127.0.0.1:{free_port()}/0", timeout=5)
+    with pytest.raises(RedisConnectionError, match="cannot connect"):
+        run(bulk.execute(encode("PING"), 1))
+    assert bulk.round_trips == 0 and bulk._idle == []
+
+
+def test_silent_server_raises_timeout_not_hang():
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+
+        async def body():
+            bulk = BulkRedis(f"redis://127.0.0.1:{port}/0", timeout=0.5)
+            try:
+                return await asyncio.wait_for(bulk.execute(encode("PING"), 1), 10)
+            finally:
+                await bulk.close()
+
+        with pytest.raises(RedisTimeoutError):
+            run(body())
+
+
+def test_server_stopped_between_calls():
+    server = RedisServer().start()
+    try:
+        async def body():
+            bulk = BulkRedis(server.url)               # default timeout 30 s
+            try:
+                assert await bulk.execute(encode("SET", "a", 1) + encode("GET", "a"), 2) \
+                    == [b"OK", b"1"]
+                assert await bulk.execute(encode("PING"), 1) == [b"PONG"]
+                assert bulk.round_trips == 2 and len(bulk._idle) == 1
+                server.stop()
+                # the idle connection is dead: an error, not a hang (guard: 10 s)
+                with pytest.raises(RedisConnectionError):
+                    await asyncio.wait_for(bulk.execute(encode("PING"), 1), 10)
+                assert bulk.round_trips == 3 and bulk._idle == []
+                with pytest.raises(RedisConnectionError, match="cannot connect"):
+                    await asyncio.wait_for(bulk.execute(encode("PING"), 1), 10)
+                assert bulk.round_trips == 3              # nothing was sent
+                server.start()
+                assert await bulk.execute(encode("PING"), 1) == [b"PONG"]
+                assert bulk.round_trips == 4
+            finally:
+                await bulk.close()
+
+        run(body())
+    finally:
+        server.cleanup()
+
+
+# --- _parse ------------------------------------------------------------------------------
+# A generated reply is a tuple: ("int", n) ("bulk", bytes) ("nil",) ("err", text)
+# ("simple", bytes) ("arr", [items]) ("nilarr",).
+
+def resp(v) -> bytes:
+    kind = v[0]
+    if kind == "int":
+        return b":%d\r\n" % v[1]
+    if kind == "bulk":
+        return b"$%d\r\n%s\r\n" % (len(v[1]), v[1])
+    if kind == "nil":
+        return b"$-1\r\n"
+    if kind == "nilarr":
+        return b"*-1\r\n"
+    if kind == "err":
+        return b"-%s\r\n" % v[1].encode()
+    if kind == "simple":
+        return b"+%s\r\n" % v[1]
+    return b"*%d\r\n" % len(v[1]) + b"".join(resp(x) for x in v[1])
+
+
+def expected(v):
+    """What _parse should give, in the comparable form of ``comparable``."""
+    kind = v[0]
+    if kind == "int":
+        return v[1]
+    if kind in ("bulk", "simple"):
+        return v[1]
+    if kind in ("nil", "nilarr"):
+        return None
+    if kind == "err":
+        return ("error", v[1])
+    items = v[1]
+    if items and all(x[0] == "int" and x[1] in (0, 1) for x in items):
+        return ("bits", [x[1] for x in items])
+    return [expected(x) for x in items]
+
+
+def comparable(value):
+    if isinstance(value, np.ndarray):
+        assert value.dtype == np.uint8 and value.ndim == 1
+        return ("bits", value.tolist())
+    if isinstance(value, ResponseError):
+        return ("error", str(value))
+    if isinstance(value, list):
+        return [comparable(x) for x in value]
+    assert value is None or type(value) in (int, bytes), repr(value)
+    return value
+
+
+_line = st.binary(min_size=0, max_size=12).filter(lambda b: b"\r" not in b and b"\n" not in b)
+_leaf = st.one_of(
+    st.tuples(st.just("int"), st.integers(-2**63, 2**63 - 1)),
+    st.tuples(st.just("int"), st.integers(0, 1)),
+    st.tuples(st.just("bulk"), st.binary(max_size=30)),
+    st.tuples(st.just("bulk"), st.sampled_from([b"", b"\r\n", b":0\r\n", b"*1\r\n:1"])),
+    st.just(("nil",)),
+    st.just(("nilarr",)),
+    st.tuples(st.just("err"), st.text(alphabet=st.characters(blacklist_characters="\r\n",
+                                                             blacklist_categories=("Cs",)),
+                                      min_size=0, max_size=20)),
+    st.tuples(st.just("simple"), _line),
+)
+_bits = st.lists(st.tuples(st.just("int"), st.integers(0, 1)), min_size=1, max_size=40)
+replies = st.recursive(
+    st.one_of(_leaf, st.tuples(st.just("arr"), _bits)),
+    lambda children: st.tuples(st.just("arr"), st.lists(children, max_size=6)),
+    max_leaves=25,
+)
+
+
+def assert_incomplete(prefix: bytes) -> None:
+    try:
+        value = _parse(bytearray(prefix), 0)
+    except _Incomplete:
+        return
+    raise AssertionError(f"prefix {prefix!r} parsed as {value!r}")
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(replies)
+def test_parse_every_split_point(v):
+    data = resp(v)
+    for i in range(len(data)):
+        assert_incomplete(data[:i])
+    buf = bytearray(data)
+    value, pos = _parse(buf, 0)
+    assert pos == len(data)
+    want = expected(v)
+    got = comparable(value)
+    buf[:] = b"\xff" * len(buf)           # what is parsed does not share the buffer
+    assert comparable(value) == got
+    assert got == want
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(replies, min_size=1, max_size=5), st.binary(max_size=5))
+def test_parse_consecutive_replies_from_an_offset(vs, junk):
+    """As _exchange uses it: replies back to back, each from where the last ended."""
+    data = junk + b"".join(resp(v) for v in vs)
+    buf, pos = bytearray(data), len(junk)
+    for v in vs:
+        value, pos = _parse(buf, pos)
+        assert comparable(value) == expected(v)
+    assert pos == len(data)
+    with pytest.raises(_Incomplete):
+        _parse(buf, pos)
+
+
+def test_parse_bits_at_random_cut_points():
+    """A 0/1 array is only taken once all of its 4-byte elements are there."""
+    rng = np.random.default_rng(3)
+    bits = rng.integers(0, 2, size=5000)
+    data = b"*5000\r\n" + b"".join(b":%d\r\n" % b for b in bits)
+    for cut in sorted(set(rng.integers(len(b"*5000\r\n") + 1, len(data), size=300).tolist())):
+        assert_incomplete(data[:cut])
+    value, pos = _parse(bytearray(data), 0)
+    assert pos == len(data) and value.tolist() == bits.tolist()
+
+
+def test_parse_refuses_an_unknown_reply_type():
+    for data in (b"%1\r\n+a\r\n+b\r\n", b"!3\r\nerr\r\n", b"hello\r\n"):
+        with pytest.raises(RedisConnectionError, match="cannot read"):
+            _parse(bytearray(data), 0)
+
+
+def test_array_header_alone_is_incomplete():
+    for data in (b"*1\r\n", b"*3\r\n", b"*2\r\n*2\r\n", b"*2\r\n:1\r\n*1\r\n"):
+        with pytest.raises(_Incomplete):
+            _parse(bytearray(data), 0)
+
+
+def test_array_with_empty_simple_string():
+    assert _parse(bytearray(b"*2\r\n:1\r\n+\r\n"), 0) == ([1, b""], 11)
+
+
+def test_eval_returning_an_empty_status_in_an_array(redis_url):
+    got = run(execute(redis_url, encode("EVAL", "return {1, redis.status_reply('')}", 0),
+                      timeout=1.0))
+    assert got == [[1, b""]]
