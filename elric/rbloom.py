@@ -67,12 +67,14 @@ def bits_per_item(k: int, p: float) -> float:
 
 
 def probes_for(p: float) -> int:
-    """The fewest probes k whose bits per item stay within _MEMORY_SLACK of optimal."""
+    """The fewest probes k whose bits per item stay within _MEMORY_SLACK of optimal
+    (for rates near 1, where no k is, the k with the fewest bits)."""
     best = -math.log(p) / math.log(2) ** 2
-    k = 1
-    while bits_per_item(k, p) > _MEMORY_SLACK * best:
-        k += 1
-    return k
+    ks = range(1, 65)
+    for k in ks:
+        if bits_per_item(k, p) <= _MEMORY_SLACK * best:
+            return k
+    return min(ks, key=lambda k: bits_per_item(k, p))
 
 
 @dataclass(frozen=True)
