@@ -112,7 +112,7 @@ def resolve_job_class(path: str, allowed: tuple[str, ...] | list[str] | None = N
     """Import ``path`` and return it if it is a Job subclass, else raise SpecError."""
     from elric.job import Job  # a cycle: job.py submits through this contract
 
-    if not isinstance(path, str) or not FUNC_PATH.match(path):
+    if not isinstance(path, str) or not FUNC_PATH.fullmatch(path):
         raise SpecError(
             f'func {path!r}: expected "package.module:ClassName" naming a Job subclass'
         )
@@ -185,15 +185,29 @@ def new_job_id() -> str:
 # The keys a job spec usually has; a spec with only these takes the fast path below.
 _FAST_KEYS = frozenset({"func", "args", "kwargs", "job_id", "batch", "parent",
                         "dedupe_key", "dedupe_scope"})
-_EMPTY: tuple = ()
-# (func, id(defaults), id(allowed)) -> (defaults, allowed, spec of {"func": func}, class,
-# whether the class derives dedupe keys). The entry holds defaults and allowed, so
-# their ids stay theirs.
+# (func, defaults as a tuple, allowed modules as a tuple) -> (the normalized spec of
+# {"func": func}, the class, whether the class derives dedupe keys). Bounded: cleared
+# when it passes _FAST_CACHE_MAX entries.
 _fast_cache: dict[tuple, tuple] = {}
+_FAST_CACHE_MAX = 1024
 
 
-def _fast_entry(func: str, defaults: dict | None, allowed) -> tuple | None:
-    ck = (func, id(defaults), id(allowed))
+def _settings_key(defaults: dict | None, allowed) -> tuple | None:
+    """What the fast path's cache depends on besides func (None: not hashable)."""
+    try:
+        key = (tuple(sorted(defaults.items())) if defaults else (),
+               tuple(allowed) if allowed else None)
+        hash(key)
+        return key
+    except TypeError:
+        return None
+
+
+_MISSING = object()
+
+
+def _fast_entry(func: str, defaults: dict | None, allowed, skey: tuple) -> tuple | None:
+    ck = (func, skey)
     entry = _fast_cache.get(ck)
     if entry is None:
         # (an empty dedupe_key: the class hook is not called without arguments)
@@ -207,7 +221,9 @@ def _fast_entry(func: str, defaults: dict | None, allowed) -> tuple | None:
         from elric.job import Job
         derives = getattr(cls.dedupe_key_for, "__func__", None) is not \
             getattr(Job.dedupe_key_for, "__func__", None)
-        entry = _fast_cache[ck] = (defaults, allowed, base, cls, derives)
+        if len(_fast_cache) >= _FAST_CACHE_MAX:
+            _fast_cache.clear()
+        entry = _fast_cache[ck] = (base, cls, derives)
     return entry
 
 
@@ -215,21 +231,19 @@ def _normalize_fast(spec: dict, entry: tuple) -> dict | None:
     """normalize_spec for specs of the usual shape, with the class and its defaults
     resolved once per func (``entry``); None sends the spec down the full path (which
     also produces every error message)."""
-    _, _, base, cls, derives = entry
+    base, cls, derives = entry
     out = base.copy()
     out.update(spec)          # then check what came from the spec
-    args, kwargs, job_id = out["args"], out["kwargs"], out.get("job_id")
+    args, kwargs, job_id = out["args"], out["kwargs"], out.get("job_id", _MISSING)
     if (type(out["batch"]) is not str or type(out["parent"]) is not str
             or type(args) not in (list, tuple) or type(kwargs) is not dict
             or type(out.get("dedupe_key", "")) is not str
             or type(out.get("dedupe_scope", "")) is not str):
         return None
-    if job_id is None:
+    if job_id is _MISSING:
         out["job_id"] = "%032x" % _ids.getrandbits(128)       # new_job_id(), inlined
-    elif type(job_id) is not str or not JOB_ID.match(job_id):
-        return None
-    elif not job_id:
-        out["job_id"] = new_job_id()
+    elif type(job_id) is not str or not JOB_ID.fullmatch(job_id):
+        return None                                           # (nil, "" and bad ids too)
     if args or kwargs:
         out["args"], out["kwargs"] = list(args), dict(kwargs)
         for k in out["kwargs"]:
@@ -260,13 +274,15 @@ def normalize_specs(specs: list, *, defaults: dict | None = None,
     append = out.append
     entries: dict[str, tuple | None] = {}
     fast_keys = _FAST_KEYS
+    skey = _settings_key(defaults, allowed_modules)
     for spec in specs:
-        if type(spec) is dict and spec.keys() <= fast_keys:
+        if skey is not None and type(spec) is dict and spec.keys() <= fast_keys:
             func = spec.get("func")
             if type(func) is str:
                 entry = entries.get(func, False)
                 if entry is False:
-                    entry = entries[func] = _fast_entry(func, defaults, allowed_modules)
+                    entry = entries[func] = _fast_entry(func, defaults, allowed_modules,
+                                                        skey)
                 if entry is not None:
                     n = _normalize_fast(spec, entry)
                     if n is not None:
@@ -296,7 +312,9 @@ def normalize_spec(
     """
     if _fast and check_class and type(spec) is dict and spec.keys() <= _FAST_KEYS \
             and type(spec.get("func")) is str:
-        entry = _fast_entry(spec["func"], defaults, allowed_modules)
+        skey = _settings_key(defaults, allowed_modules)
+        entry = _fast_entry(spec["func"], defaults, allowed_modules, skey) \
+            if skey is not None else None
         out = _normalize_fast(spec, entry) if entry is not None else None
         if out is not None:
             return out
@@ -360,9 +378,9 @@ def normalize_spec(
                             f"kwargs) raised {type(exc).__name__}: {exc}") from None
         if derived is not None:
             out["dedupe_key"] = str(derived)
-    if not JOB_ID.match(out["job_id"]):
+    if not JOB_ID.fullmatch(out["job_id"]):
         raise SpecError(f"job_id {out['job_id']!r}: 1-200 characters without spaces")
-    if not QUEUE_NAME.match(str(out["queue"])):
+    if not QUEUE_NAME.fullmatch(str(out["queue"])):
         raise SpecError(f"queue {out['queue']!r}: 1-100 letters, digits, '_', '-' or '.'")
     if not -MAX_PRIORITY < out["priority"] < MAX_PRIORITY:
         raise SpecError(f"priority {out['priority']}: must be within ±2**31")

@@ -133,7 +133,7 @@ def _crontab_day_of_week(expr: str) -> str:
     """Rewrite crontab weekday numbers (0/7 = Sunday) as names APScheduler reads the same way."""
     items = []
     for item in expr.split(","):
-        m = _NUMERIC_DOW.match(item)
+        m = _NUMERIC_DOW.fullmatch(item)
         if not m:  # names ("mon-fri") mean the same in both
             items.append(item)
             continue
