@@ -42,8 +42,12 @@ Dedupe filters
     ``{p}:dedupe:set:{scope}``          set    exact filter of one scope (a zset of key ->
                                                time seen when DEDUPE_TTL is set).
     ``{p}:dedupe:bloom:{scope}``        string snapshot of an in-master Bloom filter.
-    ``{p}:dedupe:rbloom:{scope}:{n}``   string shard ``n`` of a Bloom filter kept in Redis.
-    ``{p}:dedupe:stats:{scope}``        hash   items added, filtered, per scope.
+    ``{p}:dedupe:rbloom:{scope}:{n}``   string shard ``n`` of a Bloom filter kept in Redis:
+                                               the Bloom bits, then a seal bit (set once
+                                               its stage is full), then a zero byte
+                                               (layout in elric/rbloom.py).
+    ``{p}:dedupe:stats:{scope}``        hash   items added, filtered, params, backend,
+                                               per scope.
     ``{p}:dedupe:rounds``               zset   per-fire scope -> time (ms) it began; the
                                                master drops scopes older than
                                                DEDUPE_ROUND_TTL.

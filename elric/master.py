@@ -232,8 +232,9 @@ class Master:
         existing = dict(zip(retried, await self._redis_call(
             self.queue.get_statuses(retried)))) if retried else {}
         for n in filtered:
-            results[n["job_id"]] = {"job_id": n["job_id"],
-                                    "status": existing.get(n["job_id"]) or contract.FILTERED}
+            job_id = n["job_id"]
+            results[job_id] = {"job_id": job_id,
+                               "status": existing.get(job_id) or contract.FILTERED}
         try:
             for r in await self._redis_call(self.queue.enqueue(passed)):
                 results[r["job_id"]] = r
@@ -290,21 +291,32 @@ class Master:
 
     async def _dedupe(self, specs: list[dict]) -> tuple[list[dict], list[dict]]:
         """Split specs into (passed, filtered); one filter call per scope."""
-        by_scope: dict[str, list[dict]] = {}
+        by_scope: dict[str, tuple[list[dict], list[str]]] = {}
         for n in specs:
-            if n.get("dedupe_key") is not None:
-                n.setdefault("dedupe_scope", GLOBAL_SCOPE)
-                by_scope.setdefault(n["dedupe_scope"], []).append(n)
+            key = n.get("dedupe_key")
+            if key is not None:
+                scope = n.get("dedupe_scope")
+                if scope is None:
+                    scope = n["dedupe_scope"] = GLOBAL_SCOPE
+                group = by_scope.get(scope)
+                if group is None:
+                    group = by_scope[scope] = ([], [])
+                group[0].append(n)
+                group[1].append(key)
         if not by_scope:
             return specs, []
-        dropped: set[int] = set()
-        for scope, group in by_scope.items():
+        verdicts = []
+        for scope, (group, keys) in by_scope.items():
             try:
-                new = await self._filter_for(scope).check_and_add(
-                    scope, [n["dedupe_key"] for n in group])
+                new = await self._filter_for(scope).check_and_add(scope, keys)
             except DedupeError as exc:
                 raise RequestError(f"dedupe_scope {scope!r}: {exc}") from None
-            dropped.update(id(n) for n, ok in zip(group, new) if not ok)
+            verdicts.append((group, new))
+        if len(verdicts) == 1 and len(verdicts[0][0]) == len(specs):   # the usual batch
+            group, new = verdicts[0]
+            return ([n for n, ok in zip(group, new) if ok],
+                    [n for n, ok in zip(group, new) if not ok])
+        dropped = {id(n) for group, new in verdicts for n, ok in zip(group, new) if not ok}
         return ([n for n in specs if id(n) not in dropped],
                 [n for n in specs if id(n) in dropped])
 
