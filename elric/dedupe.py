@@ -558,6 +558,7 @@ class RedisBloomFilter(DedupeFilter):
         self._ready: set[str] = set()          # scopes whose params this master checked
         self._locks: dict[str, asyncio.Lock] = {}
         self._inflight: dict[str, int] = {}       # keys of lock-free calls under way
+        self._dup_rate: dict[str, float] = {}     # recent share of keys seen, per scope
         self._drained: dict[str, asyncio.Event] = {}
         self._warned: set[str] = set()
 
@@ -657,8 +658,9 @@ class RedisBloomFilter(DedupeFilter):
         self._inflight[scope] = self._inflight.get(scope, 0) + seg.size
         try:
             await self._decide(scope, h, seg, verdict)
-            await self._count(scope, int((verdict[seg] == 1).sum()),
-                              int((verdict[seg] == 2).sum()))
+            seen = int((verdict[seg] == 2).sum())
+            self._dup_rate[scope] = 0.7 * self._dup_rate.get(scope, 0.0) + 0.3 * seen / seg.size
+            await self._count(scope, seg.size - seen, seen)
         finally:
             self._inflight[scope] -= seg.size
             self._drained.setdefault(scope, asyncio.Event()).set()
@@ -674,6 +676,10 @@ class RedisBloomFilter(DedupeFilter):
         """Give every key of ``seg`` its verdict (see the class docstring)."""
         stats = self.keys.dedupe_stats(scope)
         lo = np.zeros(len(verdict), dtype=np.int64)        # first stage still to consult
+        # Mostly duplicates lately (a re-crawl)? Then read the current stage first and
+        # test-and-set only the keys not found: a read costs Redis ~30 % less per key.
+        probe = np.zeros(len(verdict), dtype=bool) \
+            if self._dup_rate.get(scope, 0.0) >= 0.5 else None
         cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
         def where(s: int):
@@ -687,23 +693,29 @@ class RedisBloomFilter(DedupeFilter):
                 return
             cur = self.stage_of(self._items_hint.get(scope, 0))
             bufs = [encode("HGET", stats, "params"), encode("HGET", stats, "items")]
-            plan = []       # (stage, write, seg indices, order) per BITFIELD sent
+            plan = []       # (stage, kind, seg indices, order) per BITFIELD sent
             klo = lo[seg[todo]]
             for s in range(int(klo.min()), max(cur, int(klo.max())) + 1):
                 if s < cur:      # read an older stage: keys that have not passed it yet
-                    idx, write = todo[klo <= s], False
+                    groups = [("old", todo[klo <= s])]
                 else:            # test-and-set: keys past every older stage, next is s
-                    idx, write = todo[klo == s], True
-                if idx.size == 0:
-                    continue
-                st = self.stage(s)
-                shard, offs = where(s)
-                for g in np.unique(shard[idx]):
-                    sel = idx[shard[idx] == g]
-                    cmd, order = rbloom.bitfield(self._shard_key(scope, st, int(g)), st,
-                                                 offs[sel], write)
-                    bufs.append(cmd)
-                    plan.append((s, write, sel, order))
+                    idx = todo[klo == s]
+                    if probe is None:
+                        groups = [("set", idx)]
+                    else:        # (or first read it, where that was not done yet)
+                        first = probe[seg[idx]]
+                        groups = [("probe", idx[~first]), ("set", idx[first])]
+                for kind, idx in groups:
+                    if idx.size == 0:
+                        continue
+                    st = self.stage(s)
+                    shard, offs = where(s)
+                    for g in np.unique(shard[idx]):
+                        sel = idx[shard[idx] == g]
+                        cmd, order = rbloom.bitfield(self._shard_key(scope, st, int(g)), st,
+                                                     offs[sel], kind == "set")
+                        bufs.append(cmd)
+                        plan.append((s, kind, sel, order))
             replies = await self.bulk.execute(b"".join(bufs), len(bufs))
             for r in replies:
                 if isinstance(r, ResponseError):
@@ -716,7 +728,7 @@ class RedisBloomFilter(DedupeFilter):
             read = np.zeros(len(verdict), dtype=bool)       # keys read in an older stage
             open_at = np.full(len(verdict), cur, dtype=np.int64)
             first_open = last_sealed = None
-            for (s, write, sel, order), r in zip(plan, replies[2:]):
+            for (s, kind, sel, order), r in zip(plan, replies[2:]):
                 st = self.stage(s)
                 sealed = r[0] == 1
                 if sealed:
@@ -727,11 +739,15 @@ class RedisBloomFilter(DedupeFilter):
                 keys = seg[sel]
                 verdict[keys[present]] = 2                 # all its bits: seen, whatever stage
                 rest = keys[~present]
-                if write:
+                if kind == "set":
                     if sealed:
                         lo[rest] = s + 1                   # stale: on to the next stage
                     else:
                         verdict[rest] = 1                  # the arbiter: new
+                elif kind == "probe":
+                    probe[rest] = True                     # not there: test-and-set next
+                    if sealed:
+                        lo[rest] = s + 1
                 else:
                     read[rest] = True
                     if not sealed:                         # still open: test-and-set it

@@ -203,11 +203,13 @@ def test_set_ttl_setting_mismatch_is_a_clear_error(redis_url):
 
 # --- concurrency: two masters ---------------------------------------------------------------
 
-@pytest.mark.parametrize("backend,capacity", [("set", 0), ("redis-bloom", 100_000),
-                                               ("redis-bloom", 300)])
-def test_two_masters_admit_each_key_exactly_once(redis_url, backend, capacity):
+@pytest.mark.parametrize("backend,capacity,read_first", [
+    ("set", 0, False), ("redis-bloom", 100_000, False), ("redis-bloom", 300, False),
+    ("redis-bloom", 300, True)])
+def test_two_masters_admit_each_key_exactly_once(redis_url, backend, capacity, read_first):
     """Capacity 300: the 2,000 keys fill stages of 300, 600 and 1,200 while both masters
-    race, so stale and early views of the current stage meet the seals."""
+    race, so stale and early views of the current stage meet the seals. read_first: both
+    masters read keys before they test-and-set them from the first call on."""
     keys = urls(2000, "c")
     kw = {"capacity": capacity, "error_rate": 1e-7} if capacity else {}
 
@@ -217,6 +219,8 @@ def test_two_masters_admit_each_key_exactly_once(redis_url, backend, capacity):
         f = make_filter(backend, r, KEYS, **kw)
         await f.start()
         await f.check_and_add("warm-up", ["x"])       # connected, script loaded
+        if read_first:
+            f._dup_rate["crawl"] = 1.0
         ready.release()
         rnd = random.Random(seed)
         batches = []
@@ -593,4 +597,32 @@ def test_redis_bloom_stage_left_unsealed_by_a_dead_master(redis_url):
             await f.close()
         await ra.aclose()
         await rb.aclose()
+    run(main())
+
+
+def test_redis_bloom_reads_first_when_most_keys_are_duplicates(redis_url):
+    """After calls of mostly duplicates a scope is read before it is written (a read
+    costs Redis less); the verdicts are the same, duplicates inside a call included."""
+    old = urls(2000, "old")
+
+    async def main():
+        r = client(redis_url)
+        f = make_filter("redis-bloom", r, KEYS, capacity=100_000, error_rate=1e-6)
+        assert all(await f.check_and_add("s", old))
+        assert f._dup_rate["s"] == 0.0                       # all new: test-and-set at once
+        for _ in range(3):
+            assert not any(await f.check_and_add("s", old[:500]))
+        assert f._dup_rate["s"] > 0.5
+        info = redis.Redis.from_url(redis_url)
+        before = info.info("commandstats")
+        res = await f.check_and_add("s", old[500:600] + ["n1", "n2", "n1"] + old[:10])
+        after = info.info("commandstats")
+        info.close()
+        assert res == [False] * 100 + [True, True, False] + [False] * 10
+        calls = {k: after[k]["calls"] - before.get(k, {}).get("calls", 0) for k in after}
+        assert calls["cmdstat_bitfield_ro"] == 1       # the read of every key
+        assert calls["cmdstat_bitfield"] == 1          # the test-and-set of n1, n2, n1
+        assert await f.check_and_add("s", ["n1", "n2", "n3"]) == [False, False, True]
+        await f.close()
+        await r.aclose()
     run(main())
