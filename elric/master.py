@@ -194,8 +194,10 @@ class Master:
                                f"{MAX_BATCH}")
         prefix = "" if len(specs) == 1 else "spec {}: "
         try:
+            chosen: set[str] = set()
             normalized = contract.normalize_specs(specs, defaults=self.defaults,
-                                                  allowed_modules=self.settings.JOB_MODULES)
+                                                  allowed_modules=self.settings.JOB_MODULES,
+                                                  chosen_ids=chosen)
         except SpecError as exc:
             raise RequestError(str(exc)) from None
         ids = [n["job_id"] for n in normalized]
@@ -226,9 +228,7 @@ class Master:
         # a retried submission (same job_id, same key) is not a duplicate of itself:
         # report the status of the job it already is. Only a job_id the caller chose
         # can exist already; the master's own are new.
-        chosen = {n["job_id"] for n, spec in zip(normalized, specs)
-                  if spec.get("job_id")} if filtered else set()
-        retried = [n["job_id"] for n in filtered if n["job_id"] in chosen]
+        retried = [n["job_id"] for n in filtered if n["job_id"] in chosen] if chosen else ()
         existing = dict(zip(retried, await self._redis_call(
             self.queue.get_statuses(retried)))) if retried else {}
         for n in filtered:
