@@ -87,7 +87,7 @@ class AuthServer:
 
     def _answers(self) -> bool:
         assert self.proc.poll() is None, f"redis-server exited; see {self.dir}/redis.log"
-        r = redis.Redis(port=self.port, password=PASSWORD, socket_timeout=1)
+        r = redis.Redis(host="127.0.0.1", port=self.port, password=PASSWORD, socket_timeout=1)
         try:
             return r.ping()
         except redis.exceptions.ConnectionError:
@@ -96,7 +96,7 @@ class AuthServer:
             r.close()
 
     def client(self, db: int = 0) -> redis.Redis:
-        return redis.Redis(port=self.port, password=PASSWORD, db=db)
+        return redis.Redis(host="127.0.0.1", port=self.port, password=PASSWORD, db=db)
 
     def url(self, db: int = 0, password: str = QPASS, user: str = "") -> str:
         return f"redis://{user}:{password}@127.0.0.1:{self.port}/{db}"
@@ -122,7 +122,7 @@ def auth_server():
 @pytest.fixture
 def auth(auth_server):
     c = auth_server.client()
-    c.flushall()
+    c.flushall()  # this module's own password-protected server, never a shared one
     c.close()
     return auth_server
 
