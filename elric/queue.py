@@ -44,10 +44,10 @@ def _ms_to_s(value: bytes | None) -> float | None:
     return None if value in (None, b"") else int(value) / 1000.0
 
 
-# job hash fields written at enqueue besides the ones the script sets itself
-_SPEC_FIELDS = ("func", "args", "kwargs", "max_retries", "timeout", "parent", "schedule",
-                "fire_time", "dedupe_key", "dedupe_scope")
-_OPTIONAL_FIELDS = _SPEC_FIELDS[3:]   # written when set (numbers as repr, as redis-py would)
+# job hash fields written at enqueue besides the ones the script sets itself: func, args
+# and kwargs (when not empty), then these when set (numbers as repr, as redis-py would)
+_OPTIONAL_FIELDS = ("max_retries", "timeout", "parent", "schedule", "fire_time",
+                    "dedupe_key", "dedupe_scope")
 
 
 class RedisQueue:
