@@ -146,7 +146,7 @@ def run_pass(client: MasterClient, r: redis.Redis, keys: list[str], batch: int,
              job_key) -> tuple[float, Counter, list[float]]:
     """Submit every key once; returns (seconds in submit_jobs, statuses, per-call ms)."""
     spent, counts, lat = 0.0, Counter(), []
-    queue_keys = [f"{PREFIX}:queue:default", f"{PREFIX}:status:queued"]
+    queue_keys = [f"{PREFIX}:queue:default"]
     for i in range(0, len(keys), batch):
         specs = [{"func": FUNC, "dedupe_key": k, "dedupe_scope": SCOPE}
                  for k in keys[i:i + batch]]

@@ -17,6 +17,8 @@ Jobs and queues
     ``{p}:delayed``                 zset   job_id -> time (ms) a retrying job is due again.
     ``{p}:status:{status}``         zset   job_id -> time (ms) it entered that status;
                                            the index behind ``list_jobs`` and ``stats``.
+                                           Not for ``queued``: a queued job's index is
+                                           its queue's zset (one write less per job).
     ``{p}:stats:counters``          hash   cumulative counters (``submitted``,
                                            ``succeeded``, ``failed``, ...).
     ``{p}:stats:batch:{batch}``     hash   the same counters for one batch label.

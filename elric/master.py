@@ -236,7 +236,7 @@ class Master:
             results[job_id] = {"job_id": job_id,
                                "status": existing.get(job_id) or contract.FILTERED}
         try:
-            for r in await self._redis_call(self.queue.enqueue(passed)):
+            for r in await self._redis_call(self.queue.enqueue(passed, may_exist=chosen)):
                 results[r["job_id"]] = r
         except RequestError:
             await self._release_keys(passed)  # nothing was queued: the keys stay usable

@@ -45,9 +45,10 @@ def _ms_to_s(value: bytes | None) -> float | None:
 
 
 # job hash fields written at enqueue besides the ones the script sets itself: func, args
-# and kwargs (when not empty), then these when set (numbers as repr, as redis-py would)
-_OPTIONAL_FIELDS = ("max_retries", "timeout", "parent", "schedule", "fire_time",
-                    "dedupe_key", "dedupe_scope")
+# and kwargs (when not empty), then these when set and not at the default a missing field
+# reads as (numbers as repr, as redis-py would)
+_OPTIONAL_FIELDS = {"max_retries": 0, "timeout": None, "parent": "", "schedule": None,
+                    "fire_time": None, "dedupe_key": None, "dedupe_scope": None}
 
 
 class RedisQueue:
@@ -69,31 +70,34 @@ class RedisQueue:
         self._rerun = redis.register_script(scripts.RERUN)
 
     # --- writes ----------------------------------------------------------------------
-    async def enqueue(self, specs: list[dict], *, fence: tuple[str, int] | None = None
-                      ) -> list[dict]:
+    async def enqueue(self, specs: list[dict], *, fence: tuple[str, int] | None = None,
+                      may_exist: set | None = None) -> list[dict]:
         """Queue normalized specs; an existing job_id is left as it is (idempotent).
 
         Returns ``{"job_id", "status"}`` per spec: ``queued`` for a new job, else the
-        status the existing job has.
+        status the existing job has. ``may_exist``, when given, holds the only job_ids
+        that can exist already (the ones a caller chose); the others were just made by
+        the master, and Redis skips looking them up.
         """
         if not specs:
             return []
         jobs = []
         for spec in specs:
-            # Empty args, kwargs and parent are not written (a missing field reads as
-            # empty): each hash field costs Redis ~0.35 us per job.
+            # Fields at their default are not written (a missing field reads as the
+            # default): each hash field costs Redis ~0.35 us per job.
             fields: list[Any] = ["func", spec["func"]]
             if spec.get("args"):
                 fields += ["args", pack(spec["args"])]
             if spec.get("kwargs"):
                 fields += ["kwargs", pack(spec["kwargs"])]
-            for name in _OPTIONAL_FIELDS:
+            for name, default in _OPTIONAL_FIELDS.items():
                 value = spec.get(name)
-                if value is None or value == "" and name == "parent":
+                if value is None or value == default:
                     continue
                 fields += [name, value if isinstance(value, (str, bytes)) else repr(value)]
-            jobs.append([spec["job_id"], spec["queue"], repr(spec["priority"]),
-                         spec.get("batch") or "", fields])
+            job_id = spec["job_id"]
+            jobs.append([job_id, spec["queue"], repr(spec["priority"]), spec.get("batch") or "",
+                         fields, "0" if may_exist is None or job_id in may_exist else "1"])
         argv: list[Any] = [self.keys.prefix, now_ms(), fence[0] if fence else "",
                            fence[1] if fence else "", msgpack.packb(jobs, use_bin_type=False)]
         try:
@@ -221,48 +225,59 @@ class RedisQueue:
     async def list_jobs(self, *, status: str | None = None, queue: str | None = None,
                         func: str | None = None, batch: str | None = None, offset: int = 0,
                         limit: int = 100, scan_limit: int = 100_000) -> list[dict]:
-        """Newest first within each status; filters on queue, func and batch."""
+        """Newest first within each status (queued jobs: per queue, the last in line
+        first); filters on queue, func and batch."""
         statuses = [status] if status else [s for s in STATUSES if s not in ("scheduled",
                                                                               "filtered")]
         out: list[dict] = []
-        skipped = scanned = 0
+        scanned = 0
         page = 500
         for st in statuses:
-            index = self.keys.status(st)
-            start = 0
-            while len(out) < limit and scanned < scan_limit:
-                ids = await self.redis.zrevrange(index, start, start + page - 1)
-                if not ids:
-                    break
-                start += page
-                scanned += len(ids)
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    for raw in ids:
-                        pipe.hgetall(self.keys.job(_s(raw)))
-                    hashes = await pipe.execute()
-                gone = []
-                for raw, h in zip(ids, hashes):
-                    job_id = _s(raw)
-                    if not h:
-                        gone.append(raw)
-                        continue
-                    if h.get(b"status") != st.encode():
-                        continue  # index entry lagging a transition; shown under its own
-                    view = self.job_view(job_id, h)
-                    if queue and view["queue"] != queue or func and view["func"] != func \
-                            or batch and view["batch"] != batch:
-                        continue
-                    if skipped < offset:
-                        skipped += 1
-                        continue
-                    out.append(view)
-                    if len(out) >= limit:
+            if st == "queued":  # indexed by the queues' own sorted sets
+                names = [queue] if queue else sorted(
+                    _s(q) for q in await self.redis.smembers(self.keys.queues))
+                indexes = [(self.keys.queue(q), True) for q in names]
+            else:
+                indexes = [(self.keys.status(st), False)]
+            for index, in_line in indexes:
+                start = 0
+                while len(out) < limit + offset and scanned < scan_limit:
+                    ids = await self.redis.zrevrange(index, start, start + page - 1)
+                    if not ids:
                         break
-                if gone:  # expired results: their index entries go too
-                    await self.redis.zrem(index, *gone)
-            if len(out) >= limit:
+                    start += page
+                    scanned += len(ids)
+                    if in_line:  # members are {seq:016x}:{job_id}
+                        ids = [raw[17:] for raw in ids]
+                    await self._page(st, ids, index, in_line, out, queue, func, batch)
+                    if len(out) >= limit + offset:
+                        break
+            if len(out) >= limit + offset:
                 break
-        return out
+        return out[offset:offset + limit]
+
+    async def _page(self, st: str, ids: list[bytes], index: str, in_line: bool,
+                    out: list[dict], queue, func, batch) -> None:
+        """Append the views of one page of an index that match the filters."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for raw in ids:
+                pipe.hgetall(self.keys.job(_s(raw)))
+            hashes = await pipe.execute()
+        gone = []
+        for raw, h in zip(ids, hashes):
+            job_id = _s(raw)
+            if not h:
+                gone.append(raw)
+                continue
+            if h.get(b"status") != st.encode():
+                continue  # index entry lagging a transition; shown under its own
+            view = self.job_view(job_id, h)
+            if queue and view["queue"] != queue or func and view["func"] != func \
+                    or batch and view["batch"] != batch:
+                continue
+            out.append(view)
+        if gone and not in_line:  # expired results: their index entries go too
+            await self.redis.zrem(index, *gone)
 
     async def stats(self) -> dict:
         k = self.keys
@@ -281,6 +296,7 @@ class RedisQueue:
         by_status = dict(zip(STATUSES, res[:len(STATUSES)]))
         res = res[len(STATUSES):]
         waiting = dict(zip(queues, res[:len(queues)]))
+        by_status["queued"] = sum(waiting.values())  # queued jobs are indexed per queue
         res = res[len(queues):]
         counters = {_s(a): int(b) for a, b in res[0].items()}
         batch_rows = res[1:1 + len(batches)]

@@ -16,8 +16,7 @@ local function requeue(prefix, id, jk, now, keep_member)
     member = string.format('%016x', seq) .. ':' .. id
   end
   redis.call('HSET', jk, 'status', 'queued', 'member', member, 'worker', '')
-  redis.call('ZADD', prefix .. ':queue:' .. f[1], -tonumber(f[2]), member)
-  redis.call('ZADD', prefix .. ':status:queued', now, id)
+  redis.call('ZADD', prefix .. ':queue:' .. f[1], -(tonumber(f[2]) or 0), member)
   redis.call('LPUSH', prefix .. ':wake:' .. f[1], '1')
   redis.call('LTRIM', prefix .. ':wake:' .. f[1], 0, 15)
 end
@@ -25,13 +24,18 @@ end
 
 # ARGV: prefix, now, fence_key, fence_token, jobs: ONE msgpack array (packed without the
 # bin type: Redis's cmsgpack predates it) of [job_id, queue, priority, batch,
-# [field1, value1, ...]] with every value a string. (One blob instead of ~30 arguments
-# per job: parsing them cost the master more Python time than Redis spends queueing.)
-# A job id that exists already is left alone and its status returned: resubmitting with the
-# same job_id is idempotent. With a fence key, the whole call is refused unless it holds the
-# token (the scheduler's lease), so a master that lost its lease cannot enqueue fires.
-# Per job: one HGET and one HSET; the sorted sets, counters and wake-ups are written once
-# per queue (variadic ZADD), not once per job.
+# [field1, value1, ...], fresh] with every value a string. (One blob instead of ~30
+# arguments per job: parsing them cost the master more Python time than Redis spends
+# queueing.) A job id that exists already is left alone and its status returned:
+# resubmitting with the same job_id is idempotent. `fresh` ('1') marks an id the master
+# made itself just now (128 random bits), which cannot exist: its lookup is skipped.
+# With a fence key, the whole call is refused unless it holds the token (the scheduler's
+# lease), so a master that lost its lease cannot enqueue fires.
+# Per job: at most one HGET and one HSET; fields at their default (priority 0, no batch,
+# attempts 0) are not written, a missing field reads as its default (each field costs
+# Redis ~0.35 us). The queue's sorted set is the only index of queued jobs (no
+# status:queued); it, the counters and the wake-ups are written once per queue
+# (variadic ZADD), not once per job.
 ENQUEUE = """
 local prefix, now = ARGV[1], ARGV[2]
 if ARGV[3] ~= '' and redis.call('GET', ARGV[3]) ~= ARGV[4] then
@@ -40,22 +44,24 @@ end
 local jobs = cmsgpack.unpack(ARGV[5])
 local n = #jobs
 local base = redis.call('INCRBY', prefix .. ':seq', n) - n
-local out, byq, queues, status, batches, added = {}, {}, {}, {}, {}, 0
+local out, byq, queues, batches, added = {}, {}, {}, {}, 0
 for i = 1, n do
   local j = jobs[i]
   local id, q, prio, batch = j[1], j[2], j[3], j[4]
   local jk = prefix .. ':job:' .. id
-  local existing = redis.call('HGET', jk, 'status')
+  local existing = j[6] ~= '1' and redis.call('HGET', jk, 'status')
   if existing then
     out[i] = existing
   else
     local member = string.format('%016x', base + i) .. ':' .. id
-    redis.call('HSET', jk, 'status', 'queued', 'queue', q, 'priority', prio, 'batch', batch,
-               'enqueued_at', now, 'attempts', '0', 'member', member, unpack(j[5]))
+    local fields = j[5]
+    if prio ~= '0' then fields[#fields + 1] = 'priority'; fields[#fields + 1] = prio end
+    if batch ~= '' then fields[#fields + 1] = 'batch'; fields[#fields + 1] = batch end
+    redis.call('HSET', jk, 'status', 'queued', 'queue', q, 'enqueued_at', now,
+               'member', member, unpack(fields))
     local z = byq[q]
     if not z then z = {}; byq[q] = z; queues[#queues + 1] = q end
     z[#z + 1] = -tonumber(prio); z[#z + 1] = member
-    status[#status + 1] = now; status[#status + 1] = id
     if batch ~= '' then batches[batch] = (batches[batch] or 0) + 1 end
     added = added + 1
     out[i] = 'queued'
@@ -64,7 +70,6 @@ end
 local function zadd(key, t)   -- in slices: unpack() is limited to ~8000 values
   for s = 1, #t, 4000 do redis.call('ZADD', key, unpack(t, s, math.min(#t, s + 3999))) end
 end
-if added > 0 then zadd(prefix .. ':status:queued', status) end
 for _, q in ipairs(queues) do
   local z = byq[q]
   zadd(prefix .. ':queue:' .. q, z)
@@ -111,7 +116,6 @@ for n = 1, math.min(limit, #cands) do
     local attempt = redis.call('HINCRBY', jk, 'attempts', 1)
     redis.call('HSET', jk, 'status', 'running', 'worker', worker, 'started_at', now)
     redis.call('ZADD', prefix .. ':inflight', deadline, id)
-    redis.call('ZREM', prefix .. ':status:queued', id)
     redis.call('ZADD', prefix .. ':status:running', now, id)
     local f = redis.call('HMGET', jk, 'func', 'args', 'kwargs', 'timeout', 'max_retries',
                          'queue', 'dedupe_scope')

@@ -669,11 +669,9 @@ def enqueue_raw(url: str, job_id: str, func: str, args: list) -> None:
         member = f"{seq:016x}:{job_id}"
         now = int(time.time() * 1000)
         r.hset(KEYS.job(job_id), mapping={
-            "status": "queued", "queue": "default", "priority": 0, "batch": "",
-            "enqueued_at": now, "attempts": 0, "member": member, "func": func,
-            "args": msgpack.packb(args), "kwargs": msgpack.packb({}), "max_retries": 0})
+            "status": "queued", "queue": "default", "enqueued_at": now, "member": member,
+            "func": func, "args": msgpack.packb(args)})
         r.zadd(KEYS.queue("default"), {member: 0})
-        r.zadd(KEYS.status("queued"), {job_id: now})
         r.sadd(KEYS.queues, "default")
         r.lpush(KEYS.wake("default"), "1")
     finally:

@@ -1,0 +1,131 @@
+"""How a queued job is stored: only the fields that differ from their default, one index
+(its queue's sorted set), and no lookup for a job_id the master just made.
+
+In-process against the private redis-server; pytest-asyncio is not installed, so each test
+drives its coroutine with asyncio.run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import redis
+import redis.asyncio as aredis
+
+from elric.contract import normalize_specs
+from elric.keys import Keys
+from elric.queue import RedisQueue
+
+KEYS = Keys("elrictest")
+FUNC = "tests.jobs:Echo"
+
+
+def specs(n, **extra):
+    return normalize_specs([{"func": FUNC, "args": [i], **extra} for i in range(n)])
+
+
+async def with_queue(url, body):
+    r = aredis.Redis.from_url(url)
+    try:
+        return await body(RedisQueue(r, KEYS), r)
+    finally:
+        await r.aclose()
+
+
+def script_calls(url, command):
+    """How many times Redis ran ``command`` so far, scripts included."""
+    r = redis.Redis.from_url(url)
+    try:
+        return r.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0)
+    finally:
+        r.close()
+
+
+def test_fields_at_their_default_are_not_written_and_read_as_the_default(redis_url):
+    async def body(q, r):
+        plain, = specs(1)
+        ranked, = specs(1, priority=5, batch="b1", job_id="ranked")
+        await q.enqueue([plain, ranked])
+        h = await r.hgetall(KEYS.job(plain["job_id"]))
+        assert set(h) == {b"status", b"queue", b"enqueued_at", b"member", b"func", b"args"}
+        view = await q.get_job(plain["job_id"])
+        assert (view["priority"], view["attempts"], view["batch"]) == (0, 0, None)
+        h = await r.hgetall(KEYS.job("ranked"))
+        assert (h[b"priority"], h[b"batch"]) == (b"5", b"b1")
+        view = await q.get_job("ranked")
+        assert (view["priority"], view["batch"]) == (5, "b1")
+
+        # fetched, then given back: the job returns to its place with priority 0
+        got = await q.fetch("w1", ["default"], 10, 30)
+        assert [g["job_id"] for g in got] == ["ranked", plain["job_id"]]
+        assert [g["attempt"] for g in got] == [1, 1]
+        assert await q.release("w1", [(g["job_id"], g["attempt"]) for g in got]) == 2
+        line = await r.zrange(KEYS.queue("default"), 0, -1, withscores=True)
+        assert [(m.decode()[17:], s) for m, s in line] == [("ranked", -5.0),
+                                                          (plain["job_id"], 0.0)]
+        assert (await q.get_job(plain["job_id"]))["attempts"] == 0
+        # and the lease of a dead worker runs out: RECOVER requeues it the same way
+        got = await q.fetch("w2", ["default"], 10, 0)
+        assert len(got) == 2
+        assert sorted(await q.recover()) == sorted(g["job_id"] for g in got)
+        assert await r.zcard(KEYS.queue("default")) == 2
+    asyncio.run(with_queue(redis_url, body))
+
+
+def test_queued_jobs_are_indexed_by_their_queue_only(redis_url):
+    async def body(q, r):
+        a = specs(7, queue="qa")
+        b = specs(5, queue="qb", priority=3)
+        await q.enqueue(a + b)
+        assert not await r.exists(KEYS.status("queued"))
+        stats = await q.stats()
+        assert stats["by_status"]["queued"] == 12
+        assert (stats["by_queue"]["qa"]["queued"], stats["by_queue"]["qb"]["queued"]) == (7, 5)
+
+        everything = {s["job_id"] for s in a + b}
+        listed = await q.list_jobs(status="queued", limit=100)
+        assert {j["job_id"] for j in listed} == everything
+        assert all(j["status"] == "queued" for j in listed)
+        assert {j["job_id"] for j in await q.list_jobs(limit=100)} == everything
+        assert {j["job_id"] for j in await q.list_jobs(queue="qb")} == {s["job_id"] for s in b}
+        # per queue, the last in line first
+        assert [j["job_id"] for j in await q.list_jobs(queue="qa")] == \
+            [s["job_id"] for s in reversed(a)]
+        pages = [await q.list_jobs(status="queued", offset=o, limit=5) for o in (0, 5, 10, 15)]
+        assert [len(p) for p in pages] == [5, 5, 2, 0]
+        paged = [j["job_id"] for p in pages for j in p]
+        assert sorted(paged) == sorted(everything)     # none twice, none left out
+
+        # a fetched job leaves the queued listing at once
+        got = await q.fetch("w1", ["qb"], 2, 30)
+        running = {g["job_id"] for g in got}
+        assert {j["job_id"] for j in await q.list_jobs(status="queued")} == everything - running
+        assert {j["job_id"] for j in await q.list_jobs(status="running")} == running
+        assert (await q.stats())["by_status"]["queued"] == 10
+        # a removed queued job is gone from the listing too
+        gone = a[0]["job_id"]
+        assert await q.remove(gone) is True
+        assert gone not in {j["job_id"] for j in await q.list_jobs(status="queued")}
+    asyncio.run(with_queue(redis_url, body))
+
+
+def test_a_job_id_the_master_made_is_not_looked_up_but_a_chosen_one_is(redis_url):
+    async def body(q, r):
+        made = specs(50)
+        chosen = normalize_specs([{"func": FUNC, "job_id": f"mine-{i}"} for i in range(3)])
+        before = script_calls(redis_url, "hget")
+        out = await q.enqueue(made + chosen, may_exist={"mine-0", "mine-1", "mine-2"})
+        assert [o["status"] for o in out] == ["queued"] * 53
+        assert script_calls(redis_url, "hget") - before == 3     # the chosen ids only
+
+        # resubmitting a chosen id is still idempotent: its status comes back, no copy
+        await q.fetch("w1", ["default"], 100, 30)
+        again = await q.enqueue(chosen[:1], may_exist={"mine-0"})
+        assert again == [{"job_id": "mine-0", "status": "running"}]
+        assert await r.zcard(KEYS.queue("default")) == 0
+
+        # without may_exist every id is looked up (the scheduler's fires, for one)
+        before = script_calls(redis_url, "hget")
+        await q.enqueue(specs(4))
+        assert script_calls(redis_url, "hget") - before == 4
+    asyncio.run(with_queue(redis_url, body))
