@@ -88,13 +88,52 @@ def _scan_pattern(prefix: str) -> str:
 
 
 async def _scan_scopes(redis, prefix: str) -> list[str]:
-    """Scopes that have a key ``prefix + scope``. SCAN walks the whole keyspace
-    (there is no registry of scopes in keys.py); COUNT 1000 keeps it to few calls."""
+    """Scopes that have a key ``prefix + scope``. SCAN walks the whole keyspace; only
+    for scopes written before the scope registry existed (see register_old_scopes)."""
     scopes = []
     async for key in redis.scan_iter(match=_scan_pattern(prefix), count=1000):
         key = key.decode() if isinstance(key, bytes) else key
         scopes.append(key[len(prefix):])
     return sorted(set(scopes))
+
+
+async def register_old_scopes(redis, keys: Keys) -> None:
+    """Add scopes written before the registry ``dedupe:scopes`` existed to it. Once the
+    registry exists this is one EXISTS; before, one SCAN of the keyspace (at start)."""
+    if await redis.exists(keys.dedupe_scopes):
+        return
+    old = await _scan_scopes(redis, keys.dedupe_stats(""))
+    if old:
+        await redis.sadd(keys.dedupe_scopes, *old)
+
+
+async def _registered_scopes(redis, keys: Keys) -> list[str]:
+    return sorted(_as_str(s) for s in await redis.smembers(keys.dedupe_scopes))
+
+
+# KEYS[1] registry; ARGV scope, its stats key, ... Unregisters the scopes whose stats hash
+# is gone (expired with DEDUPE_TTL): checked and removed in one step, so a scope written
+# meanwhile stays registered.
+_FORGET_GONE_LUA = """
+for i = 1, #ARGV, 2 do
+  if redis.call('EXISTS', ARGV[i + 1]) == 0 then redis.call('SREM', KEYS[1], ARGV[i]) end
+end
+"""
+
+
+async def _forget_gone(redis, keys: Keys, scopes: list[str], hashes: list[dict]) -> None:
+    gone = [x for scope, h in zip(scopes, hashes) if not h
+            for x in (scope, keys.dedupe_stats(scope))]
+    if gone:
+        await redis.eval(_FORGET_GONE_LUA, 1, keys.dedupe_scopes, *gone)
+
+
+async def _drop_keys(redis, keys: Keys, scope: str, *names: str) -> None:
+    """Delete a scope's keys and its registry entry in one transaction."""
+    pipe = redis.pipeline(transaction=True)
+    pipe.delete(*names)
+    pipe.srem(keys.dedupe_scopes, scope)
+    await pipe.execute()
 
 
 def _as_str(x) -> str:
@@ -136,6 +175,7 @@ class DedupeFilter(ABC):
 
     async def start(self) -> None:
         """Prepare (load snapshots, start background work)."""
+        await register_old_scopes(self.redis, self.keys)
 
     async def close(self) -> None:
         """Finish (final snapshot). Does not close the Redis client: the caller owns it."""
@@ -145,23 +185,25 @@ class DedupeFilter(ABC):
 # set: exact
 # --------------------------------------------------------------------------------------
 
-# KEYS[1] set, KEYS[2] stats hash; ARGV = dedupe keys. SADD per key (not one
-# SMISMEMBER with unpack) so that batches of any size fit in the Lua stack.
+# KEYS[1] set, KEYS[2] stats hash, KEYS[3] scope registry; ARGV[1] scope, ARGV[2..]
+# dedupe keys. SADD per key (not one SMISMEMBER with unpack) so that batches of any
+# size fit in the Lua stack.
 _SET_LUA = """
 local out = {}
 local filtered = 0
-for i = 1, #ARGV do
+for i = 2, #ARGV do
   local r = redis.call('SADD', KEYS[1], ARGV[i])
-  out[i] = r
+  out[i - 1] = r
   if r == 0 then filtered = filtered + 1 end
 end
 redis.call('HSET', KEYS[2], 'backend', 'set')
+redis.call('SADD', KEYS[3], ARGV[1])
 if filtered > 0 then redis.call('HINCRBY', KEYS[2], 'filtered', filtered) end
 return out
 """
 
-# KEYS[1] zset (member -> ms let through), KEYS[2] stats hash; ARGV[1] ttl ms,
-# ARGV[2..] dedupe keys. Server time (TIME) so that every master agrees on "now"
+# KEYS[1] zset (member -> ms let through), KEYS[2] stats hash, KEYS[3] scope registry;
+# ARGV[1] ttl ms, ARGV[2] scope, ARGV[3..] dedupe keys. Server time (TIME) so that every master agrees on "now"
 # whatever its clock. Expired members are pruned on every call, and the keys expire
 # as a whole when a scope stays idle for ttl, so memory stays bounded.
 _ZSET_LUA = """
@@ -173,17 +215,18 @@ local nows = string.format('%d', now)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', string.format('%d', cutoff))
 local out = {}
 local filtered = 0
-for i = 2, #ARGV do
+for i = 3, #ARGV do
   local s = redis.call('ZSCORE', KEYS[1], ARGV[i])
   if s and tonumber(s) > cutoff then
-    out[i - 1] = 0
+    out[i - 2] = 0
     filtered = filtered + 1
   else
     redis.call('ZADD', KEYS[1], nows, ARGV[i])
-    out[i - 1] = 1
+    out[i - 2] = 1
   end
 end
 redis.call('HSET', KEYS[2], 'backend', 'set')
+redis.call('SADD', KEYS[3], ARGV[2])
 if filtered > 0 then redis.call('HINCRBY', KEYS[2], 'filtered', filtered) end
 if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('PEXPIRE', KEYS[1], ttl) end
 redis.call('PEXPIRE', KEYS[2], ttl)
@@ -214,10 +257,11 @@ class SetFilter(DedupeFilter):
     async def check_and_add(self, scope: str, keys: list[str]) -> list[bool]:
         if not keys:
             return []
-        args = list(keys) if self._ttl_ms is None else [self._ttl_ms, *keys]
+        args = [scope, *keys] if self._ttl_ms is None else [self._ttl_ms, scope, *keys]
         try:
             res = await self._script(
-                keys=[self.keys.dedupe_set(scope), self.keys.dedupe_stats(scope)], args=args)
+                keys=[self.keys.dedupe_set(scope), self.keys.dedupe_stats(scope),
+                      self.keys.dedupe_scopes], args=args)
         except ResponseError as exc:
             if "WRONGTYPE" in str(exc):
                 raise self._wrongtype(scope, exc) from None
@@ -239,7 +283,7 @@ class SetFilter(DedupeFilter):
             raise
 
     async def stats(self) -> dict[str, dict]:
-        scopes = await _scan_scopes(self.redis, self.keys.dedupe_stats(""))
+        scopes = await _registered_scopes(self.redis, self.keys)
         if not scopes:
             return {}
         cutoff = None
@@ -251,6 +295,7 @@ class SetFilter(DedupeFilter):
             pipe.hgetall(self.keys.dedupe_stats(scope))
             pipe.type(self.keys.dedupe_set(scope))
         raw = await pipe.execute()
+        await _forget_gone(self.redis, self.keys, scopes, raw[0::2])
         mine = []
         pipe = self.redis.pipeline(transaction=False)
         for i, scope in enumerate(scopes):
@@ -276,7 +321,8 @@ class SetFilter(DedupeFilter):
         return out
 
     async def drop_scope(self, scope: str) -> None:
-        await self.redis.delete(self.keys.dedupe_set(scope), self.keys.dedupe_stats(scope))
+        await _drop_keys(self.redis, self.keys, scope,
+                         self.keys.dedupe_set(scope), self.keys.dedupe_stats(scope))
 
 
 # --------------------------------------------------------------------------------------
@@ -392,8 +438,14 @@ class BloomFilter(DedupeFilter):
         self._task: asyncio.Task | None = None
 
     async def start(self) -> None:
-        for scope in await _scan_scopes(self.redis, self.keys.dedupe_bloom("")):
-            await self._filter(scope)
+        await super().start()
+        scopes = await _registered_scopes(self.redis, self.keys)
+        pipe = self.redis.pipeline(transaction=False)
+        for scope in scopes:
+            pipe.hget(self.keys.dedupe_stats(scope), "backend")
+        for scope, backend in zip(scopes, await pipe.execute()):
+            if backend == self.name.encode():
+                await self._filter(scope)
         if self._task is None and self.snapshot_interval > 0:
             self._task = asyncio.create_task(self._snapshot_loop(), name="elric-dedupe-snapshot")
 
@@ -434,6 +486,7 @@ class BloomFilter(DedupeFilter):
                     pipe.set(self.keys.dedupe_bloom(scope), data)
                     pipe.hset(self.keys.dedupe_stats(scope), mapping={
                         "backend": self.name, "items": f.items, "filtered": f.filtered})
+                    pipe.sadd(self.keys.dedupe_scopes, scope)
                     await pipe.execute()
                     written += 1
                     dirty.discard(scope)
@@ -509,7 +562,8 @@ class BloomFilter(DedupeFilter):
             self._filters.pop(scope, None)
             self._dirty.discard(scope)
             self._warned.discard(scope)
-            await self.redis.delete(self.keys.dedupe_bloom(scope), self.keys.dedupe_stats(scope))
+            await _drop_keys(self.redis, self.keys, scope,
+                             self.keys.dedupe_bloom(scope), self.keys.dedupe_stats(scope))
 
 
 # --------------------------------------------------------------------------------------
@@ -596,7 +650,8 @@ class RedisBloomFilter(DedupeFilter):
         r = await self.bulk.execute(
             encode("HSETNX", stats, "params", self.params)
             + encode("HSETNX", stats, "backend", self.name)
-            + encode("HGET", stats, "params") + encode("HGET", stats, "items"), 4)
+            + encode("HGET", stats, "params") + encode("HGET", stats, "items")
+            + encode("SADD", self.keys.dedupe_scopes, scope), 5)
         self._check_params(scope, r[2])
         items = int(r[3] or 0)
         st = self.stage(self.stage_of(items))
@@ -775,7 +830,8 @@ class RedisBloomFilter(DedupeFilter):
                 encode("HINCRBY", stats, "filtered", filtered),
                 # a scope dropped by another master during this call is recreated whole
                 encode("HSETNX", stats, "params", self.params),
-                encode("HSETNX", stats, "backend", self.name)]
+                encode("HSETNX", stats, "backend", self.name),
+                encode("SADD", self.keys.dedupe_scopes, scope)]
         items = int((await self.bulk.execute(b"".join(bufs), len(bufs)))[0])
         self._items_hint[scope] = items
         await self._seal(scope, items)
@@ -807,13 +863,14 @@ class RedisBloomFilter(DedupeFilter):
         return [self.stage(i) for i in range(self.stage_of(max(0, items - 1)) + 1)]
 
     async def stats(self) -> dict[str, dict]:
-        scopes = await _scan_scopes(self.redis, self.keys.dedupe_stats(""))
+        scopes = await _registered_scopes(self.redis, self.keys)
         if not scopes:
             return {}
         pipe = self.redis.pipeline(transaction=False)
         for scope in scopes:
             pipe.hgetall(self.keys.dedupe_stats(scope))
         hashes = await pipe.execute()
+        await _forget_gone(self.redis, self.keys, scopes, hashes)
         out = {}
         for scope, h in zip(scopes, hashes):
             if _as_str(h.get(b"backend", b"")) != self.name:
@@ -870,7 +927,7 @@ class RedisBloomFilter(DedupeFilter):
         # stage covers a master that grew it between the HGET and the DEL.
         last = self.stage(self.stage_of(items) + 1)
         keys = [self.keys.dedupe_rbloom(scope, g) for g in range(last.first_shard + last.shards)]
-        await self.redis.delete(self.keys.dedupe_stats(scope), *keys)
+        await _drop_keys(self.redis, self.keys, scope, self.keys.dedupe_stats(scope), *keys)
         self._items_hint.pop(scope, None)
         self._sealed.pop(scope, None)
         self._ready.discard(scope)

@@ -50,6 +50,9 @@ Dedupe filters
                                                (layout in elric/rbloom.py).
     ``{p}:dedupe:stats:{scope}``        hash   items added, filtered, params, backend,
                                                per scope.
+    ``{p}:dedupe:scopes``               set    every scope with a stats hash: written
+                                               with it (in the same call), so stats()
+                                               needs no SCAN of the keyspace.
     ``{p}:dedupe:rounds``               zset   per-fire scope -> time (ms) it began; the
                                                master drops scopes older than
                                                DEDUPE_ROUND_TTL.
@@ -78,6 +81,7 @@ class Keys:
         self.scheduler_fence = f"{p}:scheduler:fence"
         self.scheduler_wake = f"{p}:scheduler:wake"
         self.dedupe_rounds = f"{p}:dedupe:rounds"
+        self.dedupe_scopes = f"{p}:dedupe:scopes"
 
     # jobs and queues
     def job(self, job_id: str) -> str:

@@ -346,10 +346,17 @@ def test_bloom_drop_scope_removes_snapshot(redis_url):
 def test_bloom_corrupt_snapshot_is_refused(redis_url):
     async def main():
         r = client(redis_url)
+        # as a snapshot writes it (with its stats hash), by a version without the registry
         await r.set(KEYS.dedupe_bloom("s"), b"garbage")
+        await r.hset(KEYS.dedupe_stats("s"), mapping={"backend": "bloom", "items": 5})
         f = make_filter("bloom", r, KEYS, snapshot_interval=0)
         with pytest.raises(DedupeError, match="unreadable Bloom snapshot"):
             await f.start()
+        # a snapshot with no stats hash is refused when its scope is first used
+        await r.set(KEYS.dedupe_bloom("t"), b"garbage")
+        g = make_filter("bloom", r, KEYS, snapshot_interval=0)
+        with pytest.raises(DedupeError, match="unreadable Bloom snapshot"):
+            await g.check_and_add("t", ["k"])
         await r.aclose()
     run(main())
 
@@ -626,3 +633,86 @@ def test_redis_bloom_reads_first_when_most_keys_are_duplicates(redis_url):
         await f.close()
         await r.aclose()
     run(main())
+
+
+# --- the scope registry: stats() without SCAN ---------------------------------------------
+
+def scans(url):
+    info = redis.Redis.from_url(url)
+    try:
+        return info.info("commandstats").get("cmdstat_scan", {}).get("calls", 0)
+    finally:
+        info.close()
+
+
+@pytest.mark.parametrize("backend,ttl", [("set", None), ("set", 3600), ("bloom", None),
+                                         ("redis-bloom", None)])
+def test_stats_and_start_read_the_scope_registry_not_the_keyspace(redis_url, backend, ttl):
+    kw = {"set_ttl": ttl} if ttl else {"capacity": 1000}
+    filler = redis.Redis.from_url(redis_url)          # the queue's job hashes, say
+    filler.mset({f"{KEYS.prefix}:job:{i}": "x" for i in range(3000)})
+    filler.close()
+
+    async def body(f, r):
+        await f.check_and_add("round-1", ["a", "b"])
+        await f.check_and_add("round-2", ["a"])
+        if backend == "bloom":
+            await f.snapshot()
+        assert await r.smembers(KEYS.dedupe_scopes) == {b"round-1", b"round-2"}
+        before = scans(redis_url)
+        assert set(await f.stats()) == {"round-1", "round-2"}
+        assert scans(redis_url) == before                # no walk over 3,000 job keys
+        await f.drop_scope("round-1")
+        assert await r.smembers(KEYS.dedupe_scopes) == {b"round-2"}
+        assert set(await f.stats()) == {"round-2"}
+        await f.close()
+        # a restarted master finds its scopes through the registry too
+        before = scans(redis_url)
+        g = make_filter(backend, r, KEYS, snapshot_interval=0, **kw)
+        await g.start()
+        assert scans(redis_url) == before
+        if backend == "bloom":
+            assert set(g._filters) == {"round-2"}            # its snapshot was reloaded
+        assert await g.check_and_add("round-2", ["a", "c"]) == [False, True]
+        assert (await g.stats())["round-2"]["items"] == 2
+        await g.close()
+    run(with_filter(redis_url, backend, body, snapshot_interval=0, **kw))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scopes_written_before_the_registry_are_registered_at_start(redis_url, backend):
+    kw = {"capacity": 1000} if backend != "set" else {}
+
+    async def main():
+        r = client(redis_url)
+        f = make_filter(backend, r, KEYS, snapshot_interval=0, **kw)
+        await f.start()
+        await f.check_and_add("old-round", ["a", "b"])
+        await f.close()
+        await r.delete(KEYS.dedupe_scopes)          # as an earlier version left Redis
+        g = make_filter(backend, r, KEYS, snapshot_interval=0, **kw)
+        await g.start()
+        registered = await r.smembers(KEYS.dedupe_scopes)
+        stats = await g.stats()
+        again = await g.check_and_add("old-round", ["a", "c"])
+        await g.close()
+        await r.aclose()
+        return registered, stats, again
+
+    registered, stats, again = run(main())
+    assert registered == {b"old-round"}
+    assert stats["old-round"]["items"] == 2
+    assert again == [False, True]
+
+
+def test_set_scopes_expired_by_ttl_leave_the_registry(redis_url):
+    async def body(f, r):
+        await f.check_and_add("brief", ["a"])
+        await f.check_and_add("kept", ["a"])
+        await r.delete(KEYS.dedupe_stats("brief"), KEYS.dedupe_set("brief"))  # as PEXPIRE does
+        assert set(await f.stats()) == {"kept"}
+        assert await r.smembers(KEYS.dedupe_scopes) == {b"kept"}
+        # used again, it is registered again
+        assert await f.check_and_add("brief", ["a"]) == [True]
+        assert set(await f.stats()) == {"brief", "kept"}
+    run(with_filter(redis_url, "set", body, set_ttl=3600))
