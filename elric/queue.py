@@ -101,12 +101,15 @@ class RedisQueue:
         argv: list[Any] = [self.keys.prefix, now_ms(), fence[0] if fence else "",
                            fence[1] if fence else "", msgpack.packb(jobs, use_bin_type=False)]
         try:
-            statuses = await self._enqueue(args=argv)
+            existing = await self._enqueue(args=argv)
         except ResponseError as exc:
             if str(exc).startswith("FENCED"):
                 raise Fenced(str(exc)) from None
             raise
-        return [{"job_id": spec["job_id"], "status": _s(status)}
+        statuses = ["queued"] * len(specs)
+        for i in range(0, len(existing), 2):
+            statuses[int(existing[i]) - 1] = _s(existing[i + 1])
+        return [{"job_id": spec["job_id"], "status": status}
                 for spec, status in zip(specs, statuses)]
 
     async def fetch(self, worker_id: str, queues: Iterable[str], limit: int,

@@ -123,6 +123,14 @@ def test_a_job_id_the_master_made_is_not_looked_up_but_a_chosen_one_is(redis_url
         again = await q.enqueue(chosen[:1], may_exist={"mine-0"})
         assert again == [{"job_id": "mine-0", "status": "running"}]
         assert await r.zcard(KEYS.queue("default")) == 0
+        # the reply names only the jobs that existed: each status lands on its own spec
+        fresh = specs(2)
+        mixed = await q.enqueue([fresh[0], chosen[2], fresh[1], chosen[1]],
+                                may_exist={"mine-1", "mine-2"})
+        assert [(m["job_id"], m["status"]) for m in mixed] == [
+            (fresh[0]["job_id"], "queued"), ("mine-2", "running"),
+            (fresh[1]["job_id"], "queued"), ("mine-1", "running")]
+        assert await r.zcard(KEYS.queue("default")) == 2
 
         # without may_exist every id is looked up (the scheduler's fires, for one)
         before = script_calls(redis_url, "hget")
