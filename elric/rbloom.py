@@ -212,8 +212,9 @@ class _Row:
             first = len(self.pre) + len(b"$%d\r\n" % d)
             q = o[lo:hi].copy()
             for j in range(d - 1, -1, -1):                  # last digit first
-                block[:, first + j] = q % 10 + 48
-                q //= 10
+                q10 = q // 10              # (numpy divides by a constant fast; % does not)
+                block[:, first + j] = q - q10 * 10 + 48
+                q = q10
             parts.append(block.tobytes())
         return b"".join(parts), order
 
