@@ -174,8 +174,8 @@ def _wire_names(types: tuple[type, ...]) -> str:
 # Job ids: 128 random bits as 32 hex digits, like uuid4().hex. A master makes one per
 # submitted job, and uuid4 (a getrandom() call plus a UUID object) cost it 3-5 us each
 # under load. Here a generator seeded from os.urandom makes them 1,024 at a time (one
-# big number, one hex string, sliced: ~0.1 us each); a forked child reseeds and drops
-# the parent's unused ones.
+# randbytes, one hex string split in C: ~0.12 us each); a forked child reseeds and
+# drops the parent's unused ones.
 _ids = random.Random(os.urandom(32))
 _id_pool: list[str] = []
 _ID_BLOCK = 1024
@@ -190,9 +190,8 @@ os.register_at_fork(after_in_child=_fresh_ids_after_fork)
 
 
 def new_job_id() -> str:
-    if not _id_pool:
-        h = "%0*x" % (32 * _ID_BLOCK, _ids.getrandbits(128 * _ID_BLOCK))
-        _id_pool.extend([h[i:i + 32] for i in range(0, 32 * _ID_BLOCK, 32)])
+    if not _id_pool:   # 16 random bytes per id, as hex split by bytes.hex itself
+        _id_pool.extend(_ids.randbytes(16 * _ID_BLOCK).hex(" ", 16).split(" "))
     return _id_pool.pop()
 
 
