@@ -673,7 +673,8 @@ class RedisBloomFilter(DedupeFilter):
     async def check_and_add(self, scope: str, keys: list[str]) -> list[bool]:
         if not keys:
             return []
-        raw = [k if isinstance(k, bytes) else str(k).encode("utf-8", "surrogatepass")
+        raw = [k.encode("utf-8", "surrogatepass") if type(k) is str
+               else k if isinstance(k, bytes) else str(k).encode("utf-8", "surrogatepass")
                for k in keys]
         h = rbloom.hash_keys(raw)
         verdict = np.zeros(len(raw), dtype=np.int8)        # 1 new, 2 seen
