@@ -19,7 +19,7 @@ import asyncio
 import ssl as _ssl
 
 import numpy as np
-from redis.connection import parse_url
+from redis.asyncio.connection import parse_url
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -44,6 +44,21 @@ def encode(*args) -> bytes:
         a = _b(a)
         parts.append(b"$%d\r\n%s\r\n" % (len(a), a))
     return b"".join(parts)
+
+
+def _tls_context(opts: dict) -> _ssl.SSLContext | None:
+    """The SSLContext redis-py itself would use for these connection settings (CA file
+    or data, client certificate, verification, hostname check, minimum version,
+    ciphers), or None without TLS. Built by redis-py's own asyncio SSLConnection, which
+    connects only when asked to: a client's TLS settings hold for our connections too."""
+    cls = opts.get("connection_class")
+    if cls is None or "SSL" not in cls.__name__:
+        return None
+    holder = getattr(cls(**{k: v for k, v in opts.items() if k != "connection_class"}),
+                     "ssl_context", None)
+    if holder is None:
+        raise RedisConnectionError(f"cannot take the TLS settings of {cls.__qualname__}")
+    return holder.get()
 
 
 class _Conn:
@@ -142,12 +157,7 @@ class BulkRedis:
                 reader, writer = await asyncio.wait_for(
                     asyncio.open_unix_connection(o["path"]), self.timeout)
             else:
-                ctx = None
-                if "SSL" in getattr(o.get("connection_class"), "__name__", ""):
-                    ctx = _ssl.create_default_context()
-                    if o.get("ssl_cert_reqs") in ("none", _ssl.CERT_NONE):
-                        ctx.check_hostname = False
-                        ctx.verify_mode = _ssl.CERT_NONE
+                ctx = _tls_context(o)
                 reader, writer = await asyncio.wait_for(asyncio.open_connection(
                     o.get("host", "localhost"), int(o.get("port", 6379)), ssl=ctx),
                     self.timeout)

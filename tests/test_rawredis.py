@@ -554,3 +554,124 @@ def test_eval_returning_an_empty_status_in_an_array(redis_url):
     got = run(execute(redis_url, encode("EVAL", "return {1, redis.status_reply('')}", 0),
                       timeout=1.0))
     assert got == [[1, b""]]
+
+
+# --- TLS (rediss://) --------------------------------------------------------------------------
+
+class TLSServer:
+    """A redis-server of this module listening with TLS only, on a certificate made here
+    for 127.0.0.1 (openssl); stopped by PID. Skips where the binary has no TLS."""
+
+    def __init__(self) -> None:
+        if shutil.which("openssl") is None:
+            pytest.skip("no openssl to make a test certificate")
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="elric-rawredis-tls-")
+        self.cert = os.path.join(self.dir, "cert.pem")
+        key = os.path.join(self.dir, "key.pem")
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes",
+                        "-keyout", key, "-out", self.cert, "-days", "2",
+                        "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                       check=True, capture_output=True)
+        self.proc = subprocess.Popen([
+            find_redis_server(), "--bind", "127.0.0.1", "--port", "0",
+            "--tls-port", str(self.port), "--tls-cert-file", self.cert,
+            "--tls-key-file", key, "--tls-ca-cert-file", self.cert,
+            "--tls-auth-clients", "no", "--requirepass", PASSWORD,
+            "--dir", self.dir, "--save", "", "--appendonly", "no", "--daemonize", "no",
+            "--loglevel", "warning", "--logfile", os.path.join(self.dir, "redis.log"),
+        ], stdin=subprocess.DEVNULL)
+        try:
+            wait_for(self._answers, timeout=10, what="TLS redis-server")
+        except BaseException:
+            log = open(os.path.join(self.dir, "redis.log")).read()
+            self.stop()
+            if "tls" in log.lower() and ("not supported" in log or "Bad directive" in log):
+                pytest.skip(f"this redis-server has no TLS: {log.strip()[-200:]}")
+            raise
+
+    def _answers(self) -> bool:
+        if self.proc.poll() is not None:
+            raise RuntimeError("redis-server exited")
+        r = self.client()
+        try:
+            return r.ping()
+        except redis.exceptions.ConnectionError:
+            return False
+        finally:
+            r.close()
+
+    def client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.url(), ssl_ca_certs=self.cert, socket_timeout=2)
+
+    def url(self, query: str = "") -> str:
+        return f"rediss://:{QPASS}@127.0.0.1:{self.port}/0{query}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def tls():
+    server = TLSServer()
+    yield server
+    server.stop()
+
+
+def test_tls_from_client_verifies_with_the_clients_ca(tls):
+    """BulkRedis takes the client's TLS settings (CA file, verification) and connects."""
+    async def body():
+        client = aredis.Redis.from_url(tls.url(), ssl_ca_certs=tls.cert)
+        try:
+            await client.set("tls", "yes")
+            bulk = BulkRedis.from_client(client)
+            try:
+                return await bulk.execute(encode("GET", "tls") + encode("INCR", "n"), 2)
+            finally:
+                await bulk.close()
+        finally:
+            await client.aclose()
+    assert run(body()) == [b"yes", 1]
+
+
+def test_tls_url_with_a_ca_file_and_without_verification(tls):
+    assert run(execute(tls.url(f"?ssl_ca_certs={tls.cert}"), encode("PING"))) == [b"PONG"]
+    assert run(execute(tls.url("?ssl_cert_reqs=none"), encode("PING"))) == [b"PONG"]
+
+
+def test_tls_refuses_a_certificate_it_cannot_verify(tls):
+    # no CA given: the self-signed certificate is not trusted, and nothing is sent
+    with pytest.raises(RedisConnectionError, match="cannot connect"):
+        run(execute(tls.url(), encode("SET", "untrusted", "1")))
+    c = tls.client()
+    try:
+        assert c.get("untrusted") is None
+    finally:
+        c.close()
+
+
+def test_tls_redis_bloom_filter_end_to_end(tls):
+    """The redis-bloom backend (raw connections) against a TLS Redis, as a master uses it."""
+    from elric.dedupe import make_filter
+    from elric.keys import Keys
+
+    async def body():
+        client = aredis.Redis.from_url(tls.url(), ssl_ca_certs=tls.cert)
+        f = make_filter("redis-bloom", client, Keys("elrictls"), capacity=1000)
+        await f.start()
+        try:
+            first = await f.check_and_add("s", ["a", "b", "a"])
+            second = await f.check_and_add("s", ["a", "c"])
+            stats = await f.stats()
+            return first, second, stats["s"]["items"]
+        finally:
+            await f.close()
+            await client.aclose()
+    assert run(body()) == ([True, True, False], [False, True], 3)
