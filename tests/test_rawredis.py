@@ -65,29 +65,33 @@ def count_reads(bulk: BulkRedis) -> list:
 
 # --- a password-protected server (with a unix socket) of this module ---------------------
 
-class AuthServer:
-    """A redis-server started here with ``requirepass`` and a unix socket; stopped by PID."""
+class PrivateServer:
+    """A redis-server this module starts with extra ``args`` (on top of a private folder
+    and a log file) and stops by PID; ``client()`` is how it is reached."""
 
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.dir = tempfile.mkdtemp(prefix="elric-rawredis-")
-        self.sock = os.path.join(self.dir, "redis.sock")
-        self.proc = subprocess.Popen([
-            find_redis_server(), "--bind", "127.0.0.1", "--port", str(self.port),
-            "--unixsocket", self.sock, "--unixsocketperm", "700",
-            "--requirepass", PASSWORD, "--dir", self.dir, "--save", "",
-            "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning",
-            "--logfile", os.path.join(self.dir, "redis.log"),
-        ], stdin=subprocess.DEVNULL)
+    what = "redis-server"
+
+    def start(self, args: list[str]) -> None:
+        out = os.path.join(self.dir, "output.log")   # config errors go here, not to the log
+        with open(out, "wb") as sink:
+            self.proc = subprocess.Popen([
+                find_redis_server(), "--bind", "127.0.0.1", *args, "--dir", self.dir,
+                "--save", "", "--appendonly", "no", "--daemonize", "no",
+                "--loglevel", "warning", "--logfile", os.path.join(self.dir, "redis.log"),
+            ], stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT)
         try:
-            wait_for(self._answers, timeout=10, what="password-protected redis-server")
+            wait_for(self._answers, timeout=10, what=self.what)
         except BaseException:
+            self.log_text = "".join(open(os.path.join(self.dir, name), errors="replace").read()
+                                    for name in ("output.log", "redis.log")
+                                    if os.path.exists(os.path.join(self.dir, name)))
             self.stop()
             raise
 
     def _answers(self) -> bool:
-        assert self.proc.poll() is None, f"redis-server exited; see {self.dir}/redis.log"
-        r = redis.Redis(host="127.0.0.1", port=self.port, password=PASSWORD, socket_timeout=1)
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"redis-server exited; see {self.dir}/output.log")
+        r = self.client()
         try:
             return r.ping()
         except redis.exceptions.ConnectionError:
@@ -95,11 +99,8 @@ class AuthServer:
         finally:
             r.close()
 
-    def client(self, db: int = 0) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, password=PASSWORD, db=db)
-
-    def url(self, db: int = 0, password: str = QPASS, user: str = "") -> str:
-        return f"redis://{user}:{password}@127.0.0.1:{self.port}/{db}"
+    def client(self) -> redis.Redis:
+        raise NotImplementedError
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -110,6 +111,26 @@ class AuthServer:
                 self.proc.kill()
                 self.proc.wait()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class AuthServer(PrivateServer):
+    """``requirepass`` and a unix socket."""
+
+    what = "password-protected redis-server"
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="elric-rawredis-")
+        self.sock = os.path.join(self.dir, "redis.sock")
+        self.start(["--port", str(self.port), "--unixsocket", self.sock,
+                    "--unixsocketperm", "700", "--requirepass", PASSWORD])
+
+    def client(self, db: int = 0) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port, password=PASSWORD, db=db,
+                           socket_timeout=1)
+
+    def url(self, db: int = 0, password: str = QPASS, user: str = "") -> str:
+        return f"redis://{user}:{password}@127.0.0.1:{self.port}/{db}"
 
 
 @pytest.fixture(scope="module")
@@ -558,9 +579,11 @@ def test_eval_returning_an_empty_status_in_an_array(redis_url):
 
 # --- TLS (rediss://) --------------------------------------------------------------------------
 
-class TLSServer:
-    """A redis-server of this module listening with TLS only, on a certificate made here
-    for 127.0.0.1 (openssl); stopped by PID. Skips where the binary has no TLS."""
+class TLSServer(PrivateServer):
+    """TLS only, on a certificate made here for 127.0.0.1 (openssl). Skips where either
+    openssl or TLS in the redis-server binary is missing."""
+
+    what = "TLS redis-server"
 
     def __init__(self) -> None:
         if shutil.which("openssl") is None:
@@ -573,49 +596,21 @@ class TLSServer:
                         "-keyout", key, "-out", self.cert, "-days", "2",
                         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
                        check=True, capture_output=True)
-        self.proc = subprocess.Popen([
-            find_redis_server(), "--bind", "127.0.0.1", "--port", "0",
-            "--tls-port", str(self.port), "--tls-cert-file", self.cert,
-            "--tls-key-file", key, "--tls-ca-cert-file", self.cert,
-            "--tls-auth-clients", "no", "--requirepass", PASSWORD,
-            "--dir", self.dir, "--save", "", "--appendonly", "no", "--daemonize", "no",
-            "--loglevel", "warning", "--logfile", os.path.join(self.dir, "redis.log"),
-        ], stdin=subprocess.DEVNULL)
         try:
-            wait_for(self._answers, timeout=10, what="TLS redis-server")
+            self.start(["--port", "0", "--tls-port", str(self.port), "--tls-cert-file",
+                        self.cert, "--tls-key-file", key, "--tls-ca-cert-file", self.cert,
+                        "--tls-auth-clients", "no", "--requirepass", PASSWORD])
         except BaseException:
-            log = open(os.path.join(self.dir, "redis.log")).read()
-            self.stop()
-            if "tls" in log.lower() and ("not supported" in log or "Bad directive" in log):
-                pytest.skip(f"this redis-server has no TLS: {log.strip()[-200:]}")
+            text = getattr(self, "log_text", "")
+            if "tls" in text.lower() and ("not supported" in text or "Bad directive" in text):
+                pytest.skip(f"this redis-server has no TLS: {text.strip()[-200:]}")
             raise
-
-    def _answers(self) -> bool:
-        if self.proc.poll() is not None:
-            raise RuntimeError("redis-server exited")
-        r = self.client()
-        try:
-            return r.ping()
-        except redis.exceptions.ConnectionError:
-            return False
-        finally:
-            r.close()
 
     def client(self) -> redis.Redis:
         return redis.Redis.from_url(self.url(), ssl_ca_certs=self.cert, socket_timeout=2)
 
     def url(self, query: str = "") -> str:
         return f"rediss://:{QPASS}@127.0.0.1:{self.port}/0{query}"
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
