@@ -203,9 +203,10 @@ return out
 """
 
 # KEYS[1] zset (member -> ms let through), KEYS[2] stats hash, KEYS[3] scope registry;
-# ARGV[1] ttl ms, ARGV[2] scope, ARGV[3..] dedupe keys. Server time (TIME) so that every master agrees on "now"
-# whatever its clock. Expired members are pruned on every call, and the keys expire
-# as a whole when a scope stays idle for ttl, so memory stays bounded.
+# ARGV[1] ttl ms, ARGV[2] scope, ARGV[3..] dedupe keys. Server time (TIME) so that
+# every master agrees on "now" whatever its clock. Expired members are pruned on every
+# call, and the keys expire as a whole when a scope stays idle for ttl, so memory stays
+# bounded.
 _ZSET_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
