@@ -52,6 +52,7 @@ sys.path.insert(0, ROOT)
 import redis  # noqa: E402
 
 from elric.client import MasterClient  # noqa: E402
+from elric.contract import normalize_specs  # noqa: E402
 from elric.launch import elric_env, start_master  # noqa: E402
 from elric.redis_server import RedisServer, free_port  # noqa: E402
 
@@ -320,6 +321,18 @@ def report(o: dict, n: int, args) -> None:
             print(f"  py-spy of the master, {label}:\n{o[f'{label}_profile']}")
 
 
+def machine_reference() -> float:
+    """µs per spec of normalize_specs on 1,000 crawler specs, best of 3: a yardstick of
+    how fast this machine runs Python right now (0.98 on a quiet day of the figures in
+    the README). Other work on a shared machine moves it, and every rate with it."""
+    import timeit
+
+    specs = [{"func": FUNC, "dedupe_key": k, "dedupe_scope": SCOPE}
+             for k in make_keys(1000, "ref/")]
+    return min(timeit.repeat(lambda: normalize_specs(specs, chosen_ids=set()),
+                             number=100, repeat=3)) / 100 / 1000 * 1e6
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=1_000_000, help="distinct keys (default 1000000)")
@@ -341,11 +354,14 @@ def main() -> int:
     server = RedisServer().start()
     args.workdir = server.dir
     print(f"redis-server pid {server.proc.pid} on {server.url}; master logs in {server.dir}")
+    print(f"machine reference (normalize_specs, lower is faster): "
+          f"{machine_reference():.2f} µs/spec")
     try:
         for backend in args.backends.split(","):
             report(bench_backend(server, backend.strip(), args, keys, probes), args.n, args)
     finally:
         server.cleanup()
+    print(f"machine reference at the end: {machine_reference():.2f} µs/spec")
     return 0
 
 
