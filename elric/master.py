@@ -65,6 +65,9 @@ class Master:
             raise SettingsError(f"REDIS_URL {redact_url(s.REDIS_URL)}: cannot connect ({exc})") from None
         self.queue = RedisQueue(self.redis, self.keys, result_ttl=s.RESULT_TTL,
                                 failed_ttl=s.FAILED_TTL)
+        # Queued jobs are indexed by their queues only; earlier versions also kept a
+        # status:queued index, which nothing reads or prunes any more.
+        await self.redis.unlink(self.keys.status("queued"))
         self.store = RedisJobStore(self.redis, self.keys)
         self.scheduler = Scheduler(self.redis, self.keys, self.store, self._enqueue_fires,
                                    master_id=self.master_id, lease_seconds=s.SCHEDULER_LEASE)

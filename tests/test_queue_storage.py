@@ -137,3 +137,27 @@ def test_a_job_id_the_master_made_is_not_looked_up_but_a_chosen_one_is(redis_url
         await q.enqueue(specs(4))
         assert script_calls(redis_url, "hget") - before == 4
     asyncio.run(with_queue(redis_url, body))
+
+
+def test_a_master_drops_the_status_queued_index_of_earlier_versions(redis_url, tmp_path):
+    from elric.config import load_settings
+    from elric.master import Master
+    from elric.redis_server import free_port
+
+    r = redis.Redis.from_url(redis_url)
+    r.zadd(KEYS.status("queued"), {"old-job": 1})             # as an earlier ENQUEUE left it
+    r.zadd(KEYS.status("succeeded"), {"done-job": 1})
+
+    async def main():
+        settings = load_settings(env={}, overrides=dict(
+            REDIS_URL=redis_url, MASTER_ADDRESS=f"127.0.0.1:{free_port()}",
+            KEY_PREFIX=KEYS.prefix))
+        master = Master(settings)
+        await master.start()
+        await master.close()
+    try:
+        asyncio.run(main())
+        assert not r.exists(KEYS.status("queued"))
+        assert r.zcard(KEYS.status("succeeded")) == 1            # the other indexes stay
+    finally:
+        r.close()
