@@ -8,7 +8,7 @@ place in line.
 
 # Shared by the scripts that put a job back in line.
 _REQUEUE_FN = """
-local function requeue(prefix, id, jk, now, keep_member)
+local function requeue(prefix, id, jk, keep_member)
   local f = redis.call('HMGET', jk, 'queue', 'priority', 'member')
   local member = f[3]
   if not keep_member or not member then
@@ -32,8 +32,7 @@ end
 # With a fence key, the whole call is refused unless it holds the token (the scheduler's
 # lease), so a master that lost its lease cannot enqueue fires. Returns the exceptions
 # only, as a flat array [position (1-based), status, ...] of the jobs that existed
-# already; every other job was queued. (A reply of 1,000 'queued' strings cost the
-# master ~1 us per job to parse.)
+# already; every other job was queued (rather than 1,000 'queued' strings to parse).
 # Per job: at most one HGET and one HSET; fields at their default (priority 0, no batch,
 # attempts 0) are not written, a missing field reads as its default (each field costs
 # Redis ~0.35 us). The queue's sorted set is the only index of queued jobs (no
@@ -215,7 +214,7 @@ for i = 4, #ARGV, 2 do
     redis.call('HINCRBY', jk, 'attempts', -1)
     redis.call('ZREM', prefix .. ':inflight', id)
     redis.call('ZREM', prefix .. ':status:running', id)
-    requeue(prefix, id, jk, now, true)
+    requeue(prefix, id, jk, true)
     n = n + 1
   end
 end
@@ -232,7 +231,7 @@ for _, id in ipairs(ids) do
   redis.call('ZREM', prefix .. ':status:running', id)
   local jk = prefix .. ':job:' .. id
   if redis.call('HGET', jk, 'status') == 'running' then
-    requeue(prefix, id, jk, now, true)
+    requeue(prefix, id, jk, true)
     redis.call('HINCRBY', prefix .. ':stats:counters', 'redelivered', 1)
     out[#out+1] = id
   end
@@ -249,7 +248,7 @@ for _, id in ipairs(ids) do
   redis.call('ZREM', prefix .. ':status:retrying', id)
   local jk = prefix .. ':job:' .. id
   if redis.call('HGET', jk, 'status') == 'retrying' then
-    requeue(prefix, id, jk, now, false)
+    requeue(prefix, id, jk, false)
   end
 end
 return #ids
@@ -300,6 +299,6 @@ redis.call('ZREM', prefix .. ':status:' .. status, id)
 redis.call('PERSIST', jk)
 redis.call('HSET', jk, 'attempts', 0, 'enqueued_at', now)
 redis.call('HDEL', jk, 'finished_at', 'result', 'error', 'retry_at', 'duration_ms')
-requeue(prefix, id, jk, now, false)
+requeue(prefix, id, jk, false)
 return status
 """
