@@ -23,15 +23,11 @@ import redis  # noqa: E402
 import redis.asyncio as aredis  # noqa: E402
 
 from bench.bench_dedupe import FUNC, PREFIX, SCOPE, make_keys  # noqa: E402
+from bench.bench_dedupe_inproc import redis_cpu  # noqa: E402
 from elric.contract import normalize_specs  # noqa: E402
 from elric.keys import Keys  # noqa: E402
 from elric.queue import RedisQueue  # noqa: E402
 from elric.redis_server import RedisServer  # noqa: E402
-
-
-def redis_cpu(r: redis.Redis) -> float:
-    info = r.info("cpu")
-    return info["used_cpu_user"] + info["used_cpu_sys"]
 
 
 async def run(server: RedisServer, args) -> None:
