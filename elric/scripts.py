@@ -28,14 +28,17 @@ end
 # arguments per job: parsing them cost the master more Python time than Redis spends
 # queueing.) A job id that exists already is left alone and its status returned:
 # resubmitting with the same job_id is idempotent. `fresh` ('1') marks an id the master
-# made itself just now (128 random bits), which cannot exist: its lookup is skipped.
-# With a fence key, the whole call is refused unless it holds the token (the scheduler's
+# made itself just now (128 random bits), which cannot exist: its lookup is skipped,
+# unless the first fresh job of the batch exists already. That is this very call run a
+# second time (redis-py re-sends a command whose reply was lost): then every id is looked
+# up, and nothing is queued twice. With a fence key, the whole call is refused unless it holds the token (the scheduler's
 # lease), so a master that lost its lease cannot enqueue fires. Returns the exceptions
 # only, as a flat array [position (1-based), status, ...] of the jobs that existed
 # already; every other job was queued (rather than 1,000 'queued' strings to parse).
-# Per job: at most one HGET and one HSET; fields at their default (priority 0, no batch,
-# attempts 0) are not written, a missing field reads as its default (each field costs
-# Redis ~0.35 us). The queue's sorted set is the only index of queued jobs (no
+# Per job: at most one HGET and one HSET; fields at their default (no batch, attempts 0)
+# are not written, a missing field reads as its default (each field costs Redis ~0.35 us).
+# priority is always written: the requeue of earlier versions, still running in workers
+# during an upgrade, needs it. The queue's sorted set is the only index of queued jobs (no
 # status:queued); it, the counters and the wake-ups are written once per queue
 # (variadic ZADD), not once per job.
 ENQUEUE = """
@@ -47,20 +50,26 @@ local jobs = cmsgpack.unpack(ARGV[5])
 local n = #jobs
 local base = redis.call('INCRBY', prefix .. ':seq', n) - n
 local out, byq, queues, batches, added = {}, {}, {}, {}, 0
+local replay = false
+for i = 1, n do
+  if jobs[i][6] == '1' then
+    replay = redis.call('EXISTS', prefix .. ':job:' .. jobs[i][1]) == 1
+    break
+  end
+end
 for i = 1, n do
   local j = jobs[i]
   local id, q, prio, batch = j[1], j[2], j[3], j[4]
   local jk = prefix .. ':job:' .. id
-  local existing = j[6] ~= '1' and redis.call('HGET', jk, 'status')
+  local existing = (replay or j[6] ~= '1') and redis.call('HGET', jk, 'status')
   if existing then
     out[#out + 1] = i; out[#out + 1] = existing
   else
     local member = string.format('%016x', base + i) .. ':' .. id
     local fields = j[5]
-    if prio ~= '0' then fields[#fields + 1] = 'priority'; fields[#fields + 1] = prio end
     if batch ~= '' then fields[#fields + 1] = 'batch'; fields[#fields + 1] = batch end
-    redis.call('HSET', jk, 'status', 'queued', 'queue', q, 'enqueued_at', now,
-               'member', member, unpack(fields))
+    redis.call('HSET', jk, 'status', 'queued', 'queue', q, 'priority', prio,
+               'enqueued_at', now, 'member', member, unpack(fields))
     local z = byq[q]
     if not z then z = {}; byq[q] = z; queues[#queues + 1] = q end
     z[#z + 1] = -tonumber(prio); z[#z + 1] = member

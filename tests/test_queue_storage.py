@@ -1,5 +1,6 @@
-"""How a queued job is stored: only the fields that differ from their default, one index
-(its queue's sorted set), and no lookup for a job_id the master just made.
+"""How a queued job is stored: only the fields that differ from their default (priority
+aside), one index (its queue's sorted set), and no lookup for a job_id the master just made
+unless the same call runs twice.
 
 In-process against the private redis-server; pytest-asyncio is not installed, so each test
 drives its coroutine with asyncio.run.
@@ -47,7 +48,11 @@ def test_fields_at_their_default_are_not_written_and_read_as_the_default(redis_u
         ranked, = specs(1, priority=5, batch="b1", job_id="ranked")
         await q.enqueue([plain, ranked])
         h = await r.hgetall(KEYS.job(plain["job_id"]))
-        assert set(h) == {b"status", b"queue", b"enqueued_at", b"member", b"func", b"args"}
+        # priority even at 0: the requeue of the earlier version (workers not yet
+        # upgraded) computes -tonumber(priority) and would drop a job without it
+        assert set(h) == {b"status", b"queue", b"priority", b"enqueued_at", b"member",
+                          b"func", b"args"}
+        assert h[b"priority"] == b"0"
         view = await q.get_job(plain["job_id"])
         assert (view["priority"], view["attempts"], view["batch"]) == (0, 0, None)
         h = await r.hgetall(KEYS.job("ranked"))
@@ -161,3 +166,30 @@ def test_a_master_drops_the_status_queued_index_of_earlier_versions(redis_url, t
         assert r.zcard(KEYS.status("succeeded")) == 1            # the other indexes stay
     finally:
         r.close()
+
+
+def test_the_same_enqueue_run_twice_queues_each_job_once(redis_url):
+    """redis-py re-sends a command whose reply was lost (retry_on_timeout, or its default
+    retries): ENQUEUE then runs twice with the same arguments. The master's own ids skip
+    the lookup, so the second run must notice it is a replay."""
+    async def body(q, r):
+        real = q._enqueue
+
+        async def sent_twice(args):
+            await real(args=args)
+            return await real(args=args)
+        q._enqueue = sent_twice
+        batch = specs(50, batch="twice")
+        out = await q.enqueue(batch, may_exist=set())
+        assert [o["status"] for o in out] == ["queued"] * 50
+        assert await r.zcard(KEYS.queue("default")) == 50
+        assert await r.hget(KEYS.counters, "submitted") == b"50"
+        assert await r.hget(KEYS.batch("twice"), "submitted") == b"50"
+        # and a replay after a worker took some: their status comes back, none is re-queued
+        got = await q.fetch("w1", ["default"], 10, 30)
+        q._enqueue = real
+        again = await q.enqueue(batch, may_exist=set())
+        assert sum(o["status"] == "running" for o in again) == 10
+        assert await r.zcard(KEYS.queue("default")) == 40
+        assert {g["job_id"] for g in got} <= {s["job_id"] for s in batch}
+    asyncio.run(with_queue(redis_url, body))
