@@ -98,25 +98,30 @@ async def _scan_scopes(redis, prefix: str) -> list[str]:
 
 
 async def register_old_scopes(redis, keys: Keys) -> None:
-    """Add scopes written before the registry ``dedupe:scopes`` existed to it. Once the
-    registry exists this is one EXISTS; before, one SCAN of the keyspace (at start)."""
-    if await redis.exists(keys.dedupe_scopes):
+    """Add scopes written before the registry ``dedupe:scopes`` existed to it: one SCAN
+    of the keyspace, once per Redis (``dedupe:scopes-found`` records it); after that, one
+    EXISTS when a filter starts."""
+    if await redis.exists(keys.dedupe_scopes_found):
         return
     old = await _scan_scopes(redis, keys.dedupe_stats(""))
     if old:
-        await redis.sadd(keys.dedupe_scopes, *old)
+        await redis.zadd(keys.dedupe_scopes, {scope: _FOREVER for scope in old}, nx=True)
+    await redis.set(keys.dedupe_scopes_found, 1)
+
+
+_FOREVER = float("inf")     # the registry score of a scope that does not expire
 
 
 async def _registered_scopes(redis, keys: Keys) -> list[str]:
-    return sorted(_as_str(s) for s in await redis.smembers(keys.dedupe_scopes))
+    return sorted(_as_str(s) for s in await redis.zrange(keys.dedupe_scopes, 0, -1))
 
 
 # KEYS[1] registry; ARGV scope, its stats key, ... Unregisters the scopes whose stats hash
-# is gone (expired with DEDUPE_TTL): checked and removed in one step, so a scope written
-# meanwhile stays registered.
+# is gone (dropped by an earlier version, or expired before its registry entry did):
+# checked and removed in one step, so a scope written meanwhile stays registered.
 _FORGET_GONE_LUA = """
 for i = 1, #ARGV, 2 do
-  if redis.call('EXISTS', ARGV[i + 1]) == 0 then redis.call('SREM', KEYS[1], ARGV[i]) end
+  if redis.call('EXISTS', ARGV[i + 1]) == 0 then redis.call('ZREM', KEYS[1], ARGV[i]) end
 end
 """
 
@@ -132,7 +137,7 @@ async def _drop_keys(redis, keys: Keys, scope: str, *names: str) -> None:
     """Delete a scope's keys and its registry entry in one transaction."""
     pipe = redis.pipeline(transaction=True)
     pipe.delete(*names)
-    pipe.srem(keys.dedupe_scopes, scope)
+    pipe.zrem(keys.dedupe_scopes, scope)
     await pipe.execute()
 
 
@@ -197,7 +202,7 @@ for i = 2, #ARGV do
   if r == 0 then filtered = filtered + 1 end
 end
 redis.call('HSET', KEYS[2], 'backend', 'set')
-redis.call('SADD', KEYS[3], ARGV[1])
+redis.call('ZADD', KEYS[3], '+inf', ARGV[1])
 if filtered > 0 then redis.call('HINCRBY', KEYS[2], 'filtered', filtered) end
 return out
 """
@@ -227,7 +232,9 @@ for i = 3, #ARGV do
   end
 end
 redis.call('HSET', KEYS[2], 'backend', 'set')
-redis.call('SADD', KEYS[3], ARGV[2])
+-- the scope's registry entry expires with its keys; expired entries go on every call
+redis.call('ZADD', KEYS[3], string.format('%d', now + ttl), ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', nows)
 if filtered > 0 then redis.call('HINCRBY', KEYS[2], 'filtered', filtered) end
 if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('PEXPIRE', KEYS[1], ttl) end
 redis.call('PEXPIRE', KEYS[2], ttl)
@@ -445,7 +452,7 @@ class BloomFilter(DedupeFilter):
         for scope in scopes:
             pipe.hget(self.keys.dedupe_stats(scope), "backend")
         for scope, backend in zip(scopes, await pipe.execute()):
-            if backend == self.name.encode():
+            if backend is not None and _as_str(backend) == self.name:
                 await self._filter(scope)
         if self._task is None and self.snapshot_interval > 0:
             self._task = asyncio.create_task(self._snapshot_loop(), name="elric-dedupe-snapshot")
@@ -487,7 +494,7 @@ class BloomFilter(DedupeFilter):
                     pipe.set(self.keys.dedupe_bloom(scope), data)
                     pipe.hset(self.keys.dedupe_stats(scope), mapping={
                         "backend": self.name, "items": f.items, "filtered": f.filtered})
-                    pipe.sadd(self.keys.dedupe_scopes, scope)
+                    pipe.zadd(self.keys.dedupe_scopes, {scope: _FOREVER})
                     await pipe.execute()
                     written += 1
                     dirty.discard(scope)
@@ -652,7 +659,7 @@ class RedisBloomFilter(DedupeFilter):
             encode("HSETNX", stats, "params", self.params)
             + encode("HSETNX", stats, "backend", self.name)
             + encode("HGET", stats, "params") + encode("HGET", stats, "items")
-            + encode("SADD", self.keys.dedupe_scopes, scope), 5)
+            + encode("ZADD", self.keys.dedupe_scopes, "+inf", scope), 5)
         self._check_params(scope, r[2])
         items = int(r[3] or 0)
         st = self.stage(self.stage_of(items))
@@ -833,7 +840,7 @@ class RedisBloomFilter(DedupeFilter):
                 # a scope dropped by another master during this call is recreated whole
                 encode("HSETNX", stats, "params", self.params),
                 encode("HSETNX", stats, "backend", self.name),
-                encode("SADD", self.keys.dedupe_scopes, scope)]
+                encode("ZADD", self.keys.dedupe_scopes, "+inf", scope)]
         items = int((await self.bulk.execute(b"".join(bufs), len(bufs)))[0])
         self._items_hint[scope] = items
         await self._seal(scope, items)

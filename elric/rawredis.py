@@ -139,6 +139,7 @@ class BulkRedis:
         self.timeout = timeout
         self.max_idle = max_idle
         self._idle: list[_Conn] = []
+        self._tls: _ssl.SSLContext | None = None   # built once, on the first connection
         self.round_trips = 0   # buffers sent: what "O(1) round trips per call" counts
 
     @classmethod
@@ -157,9 +158,10 @@ class BulkRedis:
                 reader, writer = await asyncio.wait_for(
                     asyncio.open_unix_connection(o["path"]), self.timeout)
             else:
-                ctx = _tls_context(o)
+                if self._tls is None:
+                    self._tls = _tls_context(o)
                 reader, writer = await asyncio.wait_for(asyncio.open_connection(
-                    o.get("host", "localhost"), int(o.get("port", 6379)), ssl=ctx),
+                    o.get("host", "localhost"), int(o.get("port", 6379)), ssl=self._tls),
                     self.timeout)
         except (OSError, asyncio.TimeoutError) as exc:
             raise RedisConnectionError(f"cannot connect to Redis: {exc}") from None

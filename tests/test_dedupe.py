@@ -642,6 +642,10 @@ def test_redis_bloom_reads_first_when_most_keys_are_duplicates(redis_url):
 
 # --- the scope registry: stats() without SCAN ---------------------------------------------
 
+async def registered(r):
+    return set(await r.zrange(KEYS.dedupe_scopes, 0, -1))
+
+
 def scans(url):
     info = redis.Redis.from_url(url)
     try:
@@ -663,12 +667,12 @@ def test_stats_and_start_read_the_scope_registry_not_the_keyspace(redis_url, bac
         await f.check_and_add("round-2", ["a"])
         if backend == "bloom":
             await f.snapshot()
-        assert await r.smembers(KEYS.dedupe_scopes) == {b"round-1", b"round-2"}
+        assert await registered(r) == {b"round-1", b"round-2"}
         before = scans(redis_url)
         assert set(await f.stats()) == {"round-1", "round-2"}
         assert scans(redis_url) == before                # no walk over 3,000 job keys
         await f.drop_scope("round-1")
-        assert await r.smembers(KEYS.dedupe_scopes) == {b"round-2"}
+        assert await registered(r) == {b"round-2"}
         assert set(await f.stats()) == {"round-2"}
         await f.close()
         # a restarted master finds its scopes through the registry too
@@ -694,18 +698,27 @@ def test_scopes_written_before_the_registry_are_registered_at_start(redis_url, b
         await f.start()
         await f.check_and_add("old-round", ["a", "b"])
         await f.close()
-        await r.delete(KEYS.dedupe_scopes)          # as an earlier version left Redis
+        # as an earlier version left Redis: no registry
+        await r.delete(KEYS.dedupe_scopes, KEYS.dedupe_scopes_found)
         g = make_filter(backend, r, KEYS, snapshot_interval=0, **kw)
         await g.start()
-        registered = await r.smembers(KEYS.dedupe_scopes)
+        found = await registered(r)
         stats = await g.stats()
         again = await g.check_and_add("old-round", ["a", "c"])
         await g.close()
+        # that SCAN happens once per Redis, not at every start (with scopes or without)
+        await g.drop_scope("old-round")
+        before = scans(redis_url)
+        h = make_filter(backend, r, KEYS, snapshot_interval=0, **kw)
+        await h.start()
+        await h.close()
+        rescanned = scans(redis_url) - before
         await r.aclose()
-        return registered, stats, again
+        return found, stats, again, rescanned
 
-    registered, stats, again = run(main())
-    assert registered == {b"old-round"}
+    found, stats, again, rescanned = run(main())
+    assert found == {b"old-round"}
+    assert rescanned == 0
     assert stats["old-round"]["items"] == 2
     assert again == [False, True]
 
@@ -714,10 +727,26 @@ def test_set_scopes_expired_by_ttl_leave_the_registry(redis_url):
     async def body(f, r):
         await f.check_and_add("brief", ["a"])
         await f.check_and_add("kept", ["a"])
-        await r.delete(KEYS.dedupe_stats("brief"), KEYS.dedupe_set("brief"))  # as PEXPIRE does
+        await r.delete(KEYS.dedupe_stats("brief"), KEYS.dedupe_set("brief"))  # gone early
         assert set(await f.stats()) == {"kept"}
-        assert await r.smembers(KEYS.dedupe_scopes) == {b"kept"}
+        assert await registered(r) == {b"kept"}
         # used again, it is registered again
         assert await f.check_and_add("brief", ["a"]) == [True]
         assert set(await f.stats()) == {"brief", "kept"}
     run(with_filter(redis_url, "set", body, set_ttl=3600))
+
+
+def test_registry_entries_of_ttl_scopes_expire_with_them_without_stats(redis_url):
+    """Many short-lived scopes (DEDUPE_TTL) must not pile up in the registry when nobody
+    calls stats(): every call of the filter drops the entries that expired."""
+    async def body(f, r):
+        for i in range(50):
+            await f.check_and_add(f"site-{i}", ["a"])
+        assert len(await registered(r)) == 50
+        deadline = time.monotonic() + 20
+        while await r.exists(*[KEYS.dedupe_stats(f"site-{i}") for i in range(50)]):
+            assert time.monotonic() < deadline, "the scopes never expired"
+            await asyncio.sleep(0.02)      # polling Redis's own expiry, not a fixed wait
+        await f.check_and_add("later", ["a"])
+        assert await registered(r) == {b"later"}
+    run(with_filter(redis_url, "set", body, set_ttl=0.2))
