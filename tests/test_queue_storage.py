@@ -193,3 +193,31 @@ def test_the_same_enqueue_run_twice_queues_each_job_once(redis_url):
         assert await r.zcard(KEYS.queue("default")) == 40
         assert {g["job_id"] for g in got} <= {s["job_id"] for s in batch}
     asyncio.run(with_queue(redis_url, body))
+
+
+def test_jobs_written_by_the_earlier_version_run_through_the_new_scripts(redis_url):
+    """A Redis upgraded in place holds jobs with every field written (attempts 0,
+    priority 0, batch '', max_retries 0...): they list, run, requeue and finish as before."""
+    async def body(q, r):
+        for i, prio in enumerate((0, 3)):
+            job_id, member = f"old-{i}", f"{i + 1:016x}:old-{i}"
+            await r.hset(KEYS.job(job_id), mapping={
+                "status": "queued", "queue": "default", "priority": prio, "batch": "",
+                "enqueued_at": 1, "attempts": 0, "member": member, "func": FUNC,
+                "args": b"\x91\x01", "kwargs": b"\x80", "max_retries": 0})
+            await r.zadd(KEYS.queue("default"), {member: -prio})
+            await r.sadd(KEYS.queues, "default")
+        assert {j["job_id"] for j in await q.list_jobs(status="queued")} == {"old-0", "old-1"}
+        got = await q.fetch("w1", ["default"], 10, 30)
+        assert [(g["job_id"], g["attempt"], g["args"]) for g in got] == [
+            ("old-1", 1, b"\x91\x01"), ("old-0", 1, b"\x91\x01")]
+        assert await q.release("w1", [("old-0", 1)]) == 1          # back in line, priority 0
+        assert await r.zscore(KEYS.queue("default"), f"{1:016x}:old-0") == 0
+        done = await q.finish("w1", [{"job_id": "old-1", "attempt": 1, "ok": True,
+                                      "payload": b"\xc0", "duration_ms": 5, "retry_ms": -1}])
+        assert done == ["succeeded"]
+        view = await q.get_job("old-1")
+        assert (view["status"], view["attempts"], view["priority"], view["batch"]) == \
+            ("succeeded", 1, 3, None)
+        assert {j["job_id"] for j in await q.list_jobs(status="succeeded")} == {"old-1"}
+    asyncio.run(with_queue(redis_url, body))
