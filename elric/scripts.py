@@ -31,8 +31,9 @@ end
 # made itself just now (128 random bits), which cannot exist: its lookup is skipped,
 # unless the first fresh job of the batch exists already. That is this very call run a
 # second time (redis-py re-sends a command whose reply was lost): then every id is looked
-# up, and nothing is queued twice. With a fence key, the whole call is refused unless it holds the token (the scheduler's
-# lease), so a master that lost its lease cannot enqueue fires. Returns the exceptions
+# up, and nothing is queued twice. With a fence key, the whole call is refused unless it
+# holds the token (the scheduler's lease), so a master that lost its lease cannot enqueue
+# fires. Returns the exceptions
 # only, as a flat array [position (1-based), status, ...] of the jobs that existed
 # already; every other job was queued (rather than 1,000 'queued' strings to parse).
 # Per job: at most one HGET and one HSET; fields at their default (no batch, attempts 0)
