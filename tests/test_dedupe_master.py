@@ -223,7 +223,9 @@ def test_old_fire_scopes_are_dropped_after_the_round_ttl(make_cluster, redis_url
     r = redis.Redis.from_url(redis_url)
     try:
         wait_for(lambda: r.zcard(f"{PREFIX}:dedupe:rounds") >= 1, what="a fire's round")
-        fire = c.client.list_jobs(func=Echo.spec()["func"])[0]
+        # the round is recorded just before its fire is queued: wait for the fire too
+        fire = wait_for(lambda: c.client.list_jobs(func=Echo.spec()["func"]),
+                        what="the fire queued")[0]
         assert fire["dedupe_scope"] == fire["job_id"] and fire["status"] == "queued"
         assert c.client.stats()["filters"][fire["job_id"]]["items"] == 1
         assert c.client.call("pause_job", "tick")
