@@ -145,7 +145,7 @@ class BulkRedis:
     @classmethod
     def from_client(cls, client, **kw) -> "BulkRedis":
         """Connect where a ``redis.asyncio.Redis`` client connects (same host or
-        socket, TLS, user, password, db)."""
+        socket, TLS, user, password or credential provider, db)."""
         pool = client.connection_pool
         opts = dict(pool.connection_kwargs)
         opts["connection_class"] = pool.connection_class
@@ -167,7 +167,15 @@ class BulkRedis:
             raise RedisConnectionError(f"cannot connect to Redis: {exc}") from None
         conn = _Conn(reader, writer)
         hello = []
-        if o.get("password") is not None:
+        provider = o.get("credential_provider")
+        if provider is not None:              # as redis-py does: (password,) or (user, pw)
+            try:
+                creds = await provider.get_credentials_async()
+            except Exception as exc:
+                conn.close()
+                raise RedisConnectionError(f"the credential provider failed: {exc}") from None
+            hello.append(encode("AUTH", *creds))
+        elif o.get("password") is not None:
             hello.append(encode("AUTH", o["username"], o["password"]) if o.get("username")
                          else encode("AUTH", o["password"]))
         if int(o.get("db", 0) or 0):

@@ -20,6 +20,7 @@ import redis
 import redis.asyncio as aredis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from redis.credentials import CredentialProvider
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -378,6 +379,57 @@ def test_from_client_connects_where_the_client_does(auth, kind):
     finally:
         c5.close()
         c0.close()
+
+
+class Creds(CredentialProvider):
+    def __init__(self, *creds):
+        self.creds, self.calls = creds, 0
+
+    def get_credentials(self):
+        self.calls += 1
+        return self.creds
+
+    async def get_credentials_async(self):
+        return self.get_credentials()
+
+
+@pytest.mark.parametrize("creds", [(PASSWORD,), ("alice", "alice-pw")])
+def test_from_client_with_a_credential_provider(auth, creds):
+    provider = Creds(*creds)
+
+    async def body():
+        client = aredis.Redis(host="127.0.0.1", port=auth.port, db=3,
+                              credential_provider=provider)
+        try:
+            await client.set("via", "provider")
+            bulk = BulkRedis.from_client(client)
+            try:
+                return await bulk.execute(encode("GET", "via") + encode("ACL", "WHOAMI"), 2)
+            finally:
+                await bulk.close()
+        finally:
+            await client.aclose()
+
+    admin = auth.client()
+    admin.execute_command("ACL", "SETUSER", "alice", "reset", "on", ">alice-pw", "~*", "+@all")
+    try:
+        assert run(body()) == [b"provider", b"alice" if len(creds) == 2 else b"default"]
+        assert provider.calls == 2                   # redis-py's connection, then ours
+    finally:
+        admin.execute_command("ACL", "DELUSER", "alice")
+        admin.close()
+
+
+def test_a_failing_credential_provider_is_a_connection_error(auth):
+    class Broken(CredentialProvider):
+        async def get_credentials_async(self):
+            raise RuntimeError("vault unreachable")
+
+    bulk = BulkRedis(opts={"host": "127.0.0.1", "port": auth.port,
+                           "credential_provider": Broken()}, timeout=5)
+    with pytest.raises(RedisConnectionError, match="credential provider failed: vault"):
+        run(bulk.execute(encode("PING"), 1))
+    assert bulk._idle == []
 
 
 # --- connection failures -----------------------------------------------------------------
