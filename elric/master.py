@@ -41,6 +41,16 @@ PER_FIRE = "@fire"  # dedupe_scope of a periodic job: a fresh scope for every fi
 GLOBAL_SCOPE = "global"
 
 
+def _split(positions, verdict: list[bool] | None) -> tuple[list[int], list[int]]:
+    """(passed, filtered) of ``positions`` by ``_dedupe``'s verdict, one per position."""
+    if verdict is None:
+        return list(positions), []
+    passed, filtered = [], []
+    for i, ok in zip(positions, verdict):
+        (passed if ok else filtered).append(i)
+    return passed, filtered
+
+
 class Master:
     def __init__(self, settings: Settings, *, address: str | None = None) -> None:
         self.settings = settings
@@ -198,16 +208,17 @@ class Master:
         prefix = "" if len(specs) == 1 else "spec {}: "
         try:
             chosen: set[str] = set()
+            # keyed specs of the plainest shape are only checked here, and built once
+            # they pass the filter: most of a crawler's links do not
+            defer: list = []
             normalized = contract.normalize_specs(specs, defaults=self.defaults,
                                                   allowed_modules=self.settings.JOB_MODULES,
-                                                  chosen_ids=chosen)
+                                                  chosen_ids=chosen, defer=defer)
         except SpecError as exc:
             raise RequestError(str(exc)) from None
-        ids = [n["job_id"] for n in normalized]
-        if len(set(ids)) != len(ids):
+        if chosen and sum(1 for n in normalized if n.get("job_id") in chosen) != len(chosen):
             raise RequestError("submit_jobs: the same job_id appears twice in one batch")
-        periodic = [n for n in normalized if "trigger" in n]
-        now = [n for n in normalized if "trigger" not in n] if periodic else normalized
+        periodic = [i for i, n in enumerate(normalized) if "trigger" in n]
         # Refuse a bad batch before any of it is written: nothing half-applied.
         for i, n in enumerate(normalized):
             if "trigger" not in n and n.get("dedupe_scope") != PER_FIRE:
@@ -222,29 +233,37 @@ class Master:
             elif n.get("dedupe_scope") == PER_FIRE:
                 raise RequestError(f"{where}dedupe_scope {PER_FIRE!r} is for periodic jobs "
                                    "(with a trigger); name a scope instead")
-        results: dict[str, dict] = {}
+        results: list = [None] * len(normalized)
         for start in range(0, len(periodic), 32):  # concurrently, in bounded slices
             chunk = periodic[start:start + 32]
-            for n, r in zip(chunk, await asyncio.gather(*(self._schedule(n) for n in chunk))):
-                results[n["job_id"]] = r
-        passed, filtered = await self._redis_call(self._dedupe(now))
+            for i, r in zip(chunk, await asyncio.gather(
+                    *(self._schedule(normalized[i]) for i in chunk))):
+                results[i] = r
+        now = [i for i, n in enumerate(normalized) if "trigger" not in n] if periodic \
+            else range(len(normalized))
+        verdict = await self._redis_call(self._dedupe([normalized[i] for i in now]))
+        passed, filtered = _split(now, verdict)
         # a retried submission (same job_id, same key) is not a duplicate of itself:
         # report the status of the job it already is. Only a job_id the caller chose
         # can exist already; the master's own are new.
-        retried = [n["job_id"] for n in filtered if n["job_id"] in chosen] if chosen else ()
+        retried = [normalized[i]["job_id"] for i in filtered
+                   if normalized[i].get("job_id") in chosen] if chosen else ()
         existing = dict(zip(retried, await self._redis_call(
             self.queue.get_statuses(retried)))) if retried else {}
-        for n in filtered:
-            job_id = n["job_id"]
-            results[job_id] = {"job_id": job_id,
-                               "status": existing.get(job_id) or contract.FILTERED}
+        for i in filtered:
+            job_id = normalized[i].get("job_id") or contract.new_job_id()
+            results[i] = {"job_id": job_id, "status": existing.get(job_id) or contract.FILTERED}
+        jobs = [normalized[i] if defer[i] is None else contract.build_deferred(normalized[i],
+                                                                                defer[i])
+                for i in passed]
         try:
-            for r in await self._redis_call(self.queue.enqueue(passed, may_exist=chosen)):
-                results[r["job_id"]] = r
+            for i, r in zip(passed, await self._redis_call(
+                    self.queue.enqueue(jobs, may_exist=chosen))):
+                results[i] = r
         except RequestError:
-            await self._release_keys(passed)  # nothing was queued: the keys stay usable
+            await self._release_keys(jobs)  # nothing was queued: the keys stay usable
             raise
-        return [results[i] for i in ids]
+        return results
 
     async def _schedule(self, spec: dict) -> dict:
         job_spec = {k: v for k, v in spec.items() if k != "replace_existing"}
@@ -271,7 +290,8 @@ class Master:
                     await self.redis.zadd(self.keys.dedupe_rounds, rounds)
                 # a fire's own key goes into its scope, so its children skip its page
                 if decided is None:
-                    decided = await self._dedupe(specs)
+                    passed, filtered = _split(range(len(specs)), await self._dedupe(specs))
+                    decided = [specs[i] for i in passed], [specs[i] for i in filtered]
                 passed, filtered = decided
                 queued = await self.queue.enqueue(passed,
                                                   fence=(self.keys.scheduler_fence, fence_token))
@@ -292,10 +312,11 @@ class Master:
             or s.FILTER_BACKEND
         return self.filters[backend]
 
-    async def _dedupe(self, specs: list[dict]) -> tuple[list[dict], list[dict]]:
-        """Split specs into (passed, filtered); one filter call per scope."""
-        by_scope: dict[str, tuple[list[dict], list[str]]] = {}
-        for n in specs:
+    async def _dedupe(self, specs: list[dict]) -> list[bool] | None:
+        """Per spec, whether it passes its scope's filter; None when no spec has a
+        dedupe_key (all pass). One filter call per scope."""
+        by_scope: dict[str, tuple[list[int], list[str]]] = {}
+        for i, n in enumerate(specs):
             key = n.get("dedupe_key")
             if key is not None:
                 scope = n.get("dedupe_scope")
@@ -304,24 +325,24 @@ class Master:
                 group = by_scope.get(scope)
                 if group is None:
                     group = by_scope[scope] = ([], [])
-                group[0].append(n)
+                group[0].append(i)
                 group[1].append(key)
         if not by_scope:
-            return specs, []
-        verdicts = []
-        for scope, (group, keys) in by_scope.items():
+            return None
+        verdict = None
+        for scope, (where, keys) in by_scope.items():
             try:
                 new = await self._filter_for(scope).check_and_add(scope, keys)
             except DedupeError as exc:
                 raise RequestError(f"dedupe_scope {scope!r}: {exc}") from None
-            verdicts.append((group, new))
-        if len(verdicts) == 1 and len(verdicts[0][0]) == len(specs):   # the usual batch
-            group, new = verdicts[0]
-            return ([n for n, ok in zip(group, new) if ok],
-                    [n for n, ok in zip(group, new) if not ok])
-        dropped = {id(n) for group, new in verdicts for n, ok in zip(group, new) if not ok}
-        return ([n for n in specs if id(n) not in dropped],
-                [n for n in specs if id(n) in dropped])
+            if len(where) == len(specs):          # the usual batch: one scope, all keyed
+                return new
+            if verdict is None:
+                verdict = [True] * len(specs)
+            for i, ok in zip(where, new):
+                if not ok:
+                    verdict[i] = False
+        return verdict
 
     async def _release_keys(self, specs: list[dict]) -> None:
         by_scope: dict[str, list[str]] = {}

@@ -19,6 +19,7 @@ import redis
 from elric import Job
 from elric.client import MasterClient
 from elric.redis_server import free_port
+from elric.rpc import RemoteError
 from elric.triggers import every
 from examples.crawler import Crawl
 from examples.site import DemoSite
@@ -77,6 +78,60 @@ def test_each_backend_filters_duplicates_through_the_master(make_cluster, backen
     g = stats["filters"]["global"]
     assert (g["backend"], g["items"], g["filtered"]) == (backend, 3, 4)
     assert stats["by_status"]["filtered"] == 4
+
+
+def test_a_mixed_batch_is_answered_in_place(make_cluster):
+    """Keyed specs without arguments (a crawler's links) are only checked before the
+    filter and built after it: they answer in their place among the others and are
+    stored exactly as a spec built up front would be."""
+    c = make_cluster(FILTER_BACKEND="redis-bloom")
+    c.start_master()
+    cl = c.client
+    echo = "tests.jobs:Echo"
+    link = {"func": echo, "dedupe_key": "m2", "job_id": "mine-1", "parent": "p",
+            "batch": "b1", "dedupe_scope": "sc"}
+    replies = cl.submit_jobs([
+        {"func": echo, "dedupe_key": "m1"},                           # new
+        {"func": echo, "dedupe_key": "m1"},                           # seen in this batch
+        link,                                                         # new, id chosen
+        {"func": echo, "args": [1], "dedupe_key": "m3"},              # built up front
+        {"func": echo, "args": [2]},                                  # no key
+        {"func": echo, "dedupe_key": "m2", "dedupe_scope": "sc", "job_id": "mine-2"},
+        {"func": echo, "job_id": "per-1", "trigger": every(hours=1)},
+        {"func": echo, "dedupe_key": "m1", "queue": "default"},       # up front, seen
+        {"func": echo, "dedupe_key": "m9", "queue": "default"},       # up front, new
+    ])
+    assert statuses(replies) == ["queued", "filtered", "queued", "queued", "queued",
+                                 "filtered", "scheduled", "filtered", "queued"]
+    ids = [r["job_id"] for r in replies]
+    assert ids[2] == "mine-1" and ids[5] == "mine-2" and ids[6] == "per-1"
+    assert len(set(ids)) == len(ids) and all(len(i) == 32 for i in ids[:2] + ids[7:])
+    # a deferred spec is stored as the same spec built up front
+    deferred, upfront = cl.get_job(ids[0]), cl.get_job(ids[8])
+    for job in (deferred, upfront):
+        del job["job_id"], job["dedupe_key"], job["enqueued_at"]
+    assert deferred == upfront and deferred["dedupe_scope"] == "global"
+    mine = cl.get_job("mine-1")
+    assert (mine["parent"], mine["batch"], mine["dedupe_scope"], mine["dedupe_key"]) == \
+        ("p", "b1", "sc", "m2")
+    # sent again (a lost reply): the job it already is, not "filtered"
+    again = cl.submit_jobs([link, {"func": echo, "dedupe_key": "m1"}])
+    assert again[0] == {"job_id": "mine-1", "status": "queued"}
+    assert again[1]["status"] == "filtered" and again[1]["job_id"] not in ids
+    # a bad batch is refused whole, naming the spec, before any key is taken
+    submitted = cl.stats()["totals"]["submitted"]
+    with pytest.raises(RemoteError, match=r"spec 1: dedupe_scope '@fire' is for periodic"):
+        cl.submit_jobs([{"func": echo, "dedupe_key": "n1"},
+                        {"func": echo, "dedupe_key": "n2", "dedupe_scope": "@fire"}])
+    with pytest.raises(RemoteError, match="the same job_id appears twice"):
+        cl.submit_jobs([{"func": echo, "dedupe_key": "n3", "job_id": "twice"},
+                        {"func": echo, "args": [1], "job_id": "twice"}])
+    with pytest.raises(RemoteError, match=r"spec 1: job spec key 'parent' must be"):
+        cl.submit_jobs([{"func": echo, "dedupe_key": "n4"},
+                        {"func": echo, "dedupe_key": "n5", "parent": 5}])
+    assert cl.stats()["totals"]["submitted"] == submitted
+    assert statuses(cl.submit_jobs([{"func": echo, "dedupe_key": k}
+                                    for k in ("n1", "n2", "n3", "n4", "n5")])) == ["queued"] * 5
 
 
 # --- 2. scopes and per-scope backends -----------------------------------------------------

@@ -15,7 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from elric import SpecError
-from elric.contract import SPEC_KEYS, _FAST_KEYS, new_job_id, normalize_spec, normalize_specs
+from elric.contract import (SPEC_KEYS, _FAST_KEYS, build_deferred, new_job_id,
+                            normalize_spec, normalize_specs)
 
 # one object each, as a master passes them (the fast path caches per object)
 DEFAULTS = {"max_retries": 2, "timeout": 30.0}
@@ -123,7 +124,17 @@ USUAL = {        # func -> arguments that fit it
 @st.composite
 def specs(draw):
     shape = draw(st.sampled_from(["usual", "usual", "usual but", "usual but", "fast", "fast",
-                                  "any", "unknown", "not a map"]))
+                                  "link", "link", "link but", "any", "unknown", "not a map"]))
+    if shape.startswith("link"):   # a crawler's child: keyed, no arguments (deferrable)
+        spec = {"func": draw(st.sampled_from(sorted(USUAL) + FUNCS[4:7])),
+                "dedupe_key": draw(GOOD_TEXT)}
+        for k in draw(st.lists(st.sampled_from(["job_id", "batch", "parent",
+                                                "dedupe_scope"]), unique=True)):
+            spec[k] = draw(job_ids if k == "job_id" else GOOD_TEXT)
+        if shape == "link but":    # ... with one value of a wrong type, or one key more
+            k = draw(st.sampled_from(sorted(_FAST_KEYS) + ["queue"]))
+            spec[k] = draw(wrong)
+        return spec
     if shape.startswith("usual"):  # the shape a client sends: the fast path takes it
         func = draw(st.sampled_from(sorted(USUAL)))
         spec = {"func": func, **draw(USUAL[func])}
@@ -187,7 +198,30 @@ def check_same(spec, defaults, allowed):
     if "job_id" not in a:
         c.pop("job_id")
     assert typed(c) == typed(b), spec
+    # and through the deferred path (checked now, built after the filter)
+    d = deferred(spec, defaults, allowed)
+    if "job_id" not in a:
+        assert HEX32.fullmatch(d.pop("job_id"))
+    assert typed(d) == typed(b), spec
     return a
+
+
+def deferred(spec, defaults, allowed):
+    """normalize_specs with ``defer``: the spec itself back when it was deferred, then
+    build_deferred; the same errors as without."""
+    defer = []
+    plain = answer(lambda: normalize_specs([spec], defaults=defaults, allowed_modules=allowed))
+    got = answer(lambda: normalize_specs([spec], defaults=defaults, allowed_modules=allowed,
+                                         defer=defer))
+    assert got[0] == plain[0] and (got[0] == "ok" or got[1] == plain[1]), (spec, got, plain)
+    if got[0] == "error":
+        return None
+    assert len(defer) == 1
+    (out,) = got[1]
+    if defer[0] is None:
+        return out
+    assert out is spec and "dedupe_key" in spec and not spec.keys() & {"args", "kwargs"}
+    return build_deferred(spec, defer[0])
 
 
 SETTINGS = settings(max_examples=1500, deadline=None,
