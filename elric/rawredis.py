@@ -168,13 +168,17 @@ class BulkRedis:
         conn = _Conn(reader, writer)
         hello = []
         provider = o.get("credential_provider")
-        if provider is not None:              # as redis-py does: (password,) or (user, pw)
+        if provider is not None:   # as redis-py does: (password,), (user, pw), or nothing
             try:
-                creds = await provider.get_credentials_async()
-            except Exception as exc:
+                get_async = getattr(provider, "get_credentials_async", None)  # redis-py >= 5.3
+                creds = await get_async() if get_async else provider.get_credentials()
+            except BaseException as exc:
                 conn.close()
+                if not isinstance(exc, Exception):
+                    raise                                # cancelled: closed, not leaked
                 raise RedisConnectionError(f"the credential provider failed: {exc}") from None
-            hello.append(encode("AUTH", *creds))
+            if creds:
+                hello.append(encode("AUTH", *creds))
         elif o.get("password") is not None:
             hello.append(encode("AUTH", o["username"], o["password"]) if o.get("username")
                          else encode("AUTH", o["password"]))

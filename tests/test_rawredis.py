@@ -420,6 +420,41 @@ def test_from_client_with_a_credential_provider(auth, creds):
         admin.close()
 
 
+class SyncOnly:
+    """A provider as redis-py before 5.3 knows them: get_credentials only."""
+
+    def __init__(self, *creds):
+        self.creds = creds
+
+    def get_credentials(self):
+        return self.creds
+
+
+@pytest.mark.parametrize("provider", [SyncOnly(PASSWORD), Creds(), SyncOnly()],
+                         ids=["sync-only", "no-credentials", "sync-no-credentials"])
+def test_credential_provider_shapes_redis_py_accepts(auth_server, provider):
+    """get_credentials without the async one (redis-py 5.0-5.2), and a provider with
+    nothing to send (no AUTH at all: then only a server without a password admits)."""
+    async def body(port):
+        bulk = BulkRedis(opts={"host": "127.0.0.1", "port": port,
+                               "credential_provider": provider}, timeout=5)
+        try:
+            return await bulk.execute(encode("PING"), 1)
+        finally:
+            await bulk.close()
+
+    if provider.creds:
+        assert run(body(auth_server.port)) == [b"PONG"]
+        return
+    (refused,) = run(body(auth_server.port))       # no AUTH sent, so refused
+    assert isinstance(refused, ResponseError) and "NOAUTH" in str(refused)
+    server = RedisServer().start()                  # and a server without a password
+    try:
+        assert run(body(server.port)) == [b"PONG"]
+    finally:
+        server.cleanup()
+
+
 def test_a_failing_credential_provider_is_a_connection_error(auth):
     class Broken(CredentialProvider):
         async def get_credentials_async(self):
