@@ -277,27 +277,55 @@ def _normalize_fast(spec: dict, entry: tuple) -> dict | None:
     return out
 
 
-# Keyed specs of the plainest shape (a crawler's links: no args, no kwargs) may be checked
-# now and built later, once they pass the dedupe filter (see normalize_specs' ``defer``).
-_DEFER_KEYS = frozenset({"func", "job_id", "batch", "parent", "dedupe_key", "dedupe_scope"})
+def _deferred(spec: dict, entry: tuple) -> dict | None:
+    """What normalize_specs defers of ``spec`` (keys among _FAST_KEYS): a copy with its
+    dedupe_key (derived by the class hook when it has none), made with the checks of
+    _normalize_fast but nothing built; None when the spec has no key to filter by or
+    fails a check (then _normalize_fast or the full path answers it, errors included)."""
+    base, cls, derives = entry
+    get = spec.get
+    job_id = get("job_id", _MISSING)
+    args, kwargs = get("args", ()), get("kwargs", _NO_KWARGS)
+    if (type(get("batch", "")) is not str or type(get("parent", "")) is not str
+            or type(args) not in (list, tuple) or type(kwargs) is not dict
+            or type(get("dedupe_scope", "")) is not str
+            or job_id is not _MISSING and (type(job_id) is not str
+                                           or JOB_ID.fullmatch(job_id) is None)):
+        return None
+    if args or kwargs:
+        args, kwargs = list(args), dict(kwargs)
+        for k in kwargs:
+            if type(k) is not str:
+                return None
+        try:
+            _check_msgpack_value(args, "args")
+            _check_msgpack_value(kwargs, "kwargs")
+        except SpecError:
+            return None
+    out = spec.copy()        # the caller's dict is neither kept nor changed
+    key = get("dedupe_key", _MISSING)
+    if key is _MISSING:
+        if not derives:
+            return None      # no key: nothing to filter, built now
+        try:
+            derived = cls.dedupe_key_for(*args, **kwargs)
+        except Exception:
+            return None
+        if derived is None:
+            return None
+        out["dedupe_key"] = str(derived)
+    elif type(key) is not str:
+        return None
+    return out
 
 
-def _deferrable(spec: dict) -> bool:
-    """Whether _normalize_fast would accept ``spec``, whose keys are among _DEFER_KEYS
-    (no args or kwargs to copy), without a key to derive: the same checks, nothing
-    built. Every one of those keys takes a string."""
-    if "dedupe_key" not in spec:
-        return False
-    for value in spec.values():
-        if type(value) is not str:
-            return False
-    return "job_id" not in spec or JOB_ID.fullmatch(spec["job_id"]) is not None
+_NO_KWARGS: dict = {}
 
 
 def build_deferred(spec: dict, entry: tuple) -> dict:
     """The normalized spec of one that normalize_specs deferred (checked already)."""
     out = _normalize_fast(spec, entry)
-    assert out is not None, spec      # _deferrable made the same checks
+    assert out is not None, spec      # _deferred made the same checks
     return out
 
 
@@ -309,10 +337,11 @@ def normalize_specs(specs: list, *, defaults: dict | None = None,
     the caller chose (not generated) are added to ``chosen_ids`` when it is given.
 
     ``defer``, when given (an empty list), gets one item per spec: None when the spec
-    was normalized, or an entry when it was only checked (~0.3 us): then the spec
-    itself is in the result, with a ``dedupe_key`` and without args, kwargs or a
-    generated job_id, and ``build_deferred(spec, entry)`` normalizes it. A spec a
-    filter drops is never built."""
+    was normalized, or an entry when a keyed spec of the usual shape was only checked
+    (~0.3 us without arguments): then a copy of the spec is in the result, with its
+    ``dedupe_key`` (derived if the class derives it) but no generated job_id, and
+    ``build_deferred(copy, entry)`` normalizes it. A spec a filter drops is never
+    built."""
     if chosen_ids is not None:
         chosen_ids.update(spec["job_id"] for spec in specs
                           if type(spec) is dict and "job_id" in spec and spec["job_id"]
@@ -331,11 +360,12 @@ def normalize_specs(specs: list, *, defaults: dict | None = None,
                     entry = entries[func] = _fast_entry(func, defaults, allowed_modules,
                                                         skey)
                 if entry is not None:
-                    if defer is not None and spec.keys() <= _DEFER_KEYS \
-                            and _deferrable(spec):
-                        append(spec)
-                        defer.append(entry)
-                        continue
+                    if defer is not None:
+                        d = _deferred(spec, entry)
+                        if d is not None:
+                            append(d)
+                            defer.append(entry)
+                            continue
                     n = _normalize_fast(spec, entry)
                     if n is not None:
                         append(n)

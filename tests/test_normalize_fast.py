@@ -207,8 +207,8 @@ def check_same(spec, defaults, allowed):
 
 
 def deferred(spec, defaults, allowed):
-    """normalize_specs with ``defer``: the spec itself back when it was deferred, then
-    build_deferred; the same errors as without."""
+    """normalize_specs with ``defer``: a copy of the spec back when it was deferred,
+    then build_deferred; the same errors as without."""
     defer = []
     plain = answer(lambda: normalize_specs([spec], defaults=defaults, allowed_modules=allowed))
     got = answer(lambda: normalize_specs([spec], defaults=defaults, allowed_modules=allowed,
@@ -220,8 +220,10 @@ def deferred(spec, defaults, allowed):
     (out,) = got[1]
     if defer[0] is None:
         return out
-    assert out is spec and "dedupe_key" in spec and not spec.keys() & {"args", "kwargs"}
-    return build_deferred(spec, defer[0])
+    # a copy (the caller's dict is not kept), with the key derived if it had none
+    assert out is not spec and all(out[k] is v for k, v in spec.items())
+    assert type(out["dedupe_key"]) is str and out.keys() - spec.keys() <= {"dedupe_key"}
+    return build_deferred(out, defer[0])
 
 
 SETTINGS = settings(max_examples=1500, deadline=None,
