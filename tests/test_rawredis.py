@@ -356,23 +356,27 @@ def test_unix_socket_url_with_password_and_db(auth):
     c.close()
 
 
+async def through_client(client, buf: bytes, n: int, **seed) -> list:
+    """SET ``seed`` through the redis-py ``client``, then send ``buf`` (``n`` commands)
+    through ``BulkRedis.from_client(client)``; closes both."""
+    try:
+        for key, value in seed.items():
+            await client.set(key, value)
+        bulk = BulkRedis.from_client(client)
+        try:
+            return await bulk.execute(buf, n)
+        finally:
+            await bulk.close()
+    finally:
+        await client.aclose()
+
+
 @pytest.mark.parametrize("kind", ["tcp", "unix"])
 def test_from_client_connects_where_the_client_does(auth, kind):
     url = auth.url(db=5) if kind == "tcp" else f"unix://:{QPASS}@{auth.sock}?db=5"
 
-    async def body():
-        client = aredis.Redis.from_url(url)
-        try:
-            await client.set("via", "client")
-            bulk = BulkRedis.from_client(client)
-            try:
-                return await bulk.execute(encode("GET", "via") + encode("SET", "via2", "b"), 2)
-            finally:
-                await bulk.close()
-        finally:
-            await client.aclose()
-
-    assert run(body()) == [b"client", b"OK"]
+    assert run(through_client(aredis.Redis.from_url(url), encode("GET", "via")
+                              + encode("SET", "via2", "b"), 2, via="client")) == [b"client", b"OK"]
     c5, c0 = auth.client(5), auth.client(0)
     try:
         assert c5.get("via2") == b"b" and c0.get("via2") is None
@@ -397,23 +401,13 @@ class Creds(CredentialProvider):
 def test_from_client_with_a_credential_provider(auth, creds):
     provider = Creds(*creds)
 
-    async def body():
-        client = aredis.Redis(host="127.0.0.1", port=auth.port, db=3,
-                              credential_provider=provider)
-        try:
-            await client.set("via", "provider")
-            bulk = BulkRedis.from_client(client)
-            try:
-                return await bulk.execute(encode("GET", "via") + encode("ACL", "WHOAMI"), 2)
-            finally:
-                await bulk.close()
-        finally:
-            await client.aclose()
-
+    client = aredis.Redis(host="127.0.0.1", port=auth.port, db=3, credential_provider=provider)
     admin = auth.client()
     admin.execute_command("ACL", "SETUSER", "alice", "reset", "on", ">alice-pw", "~*", "+@all")
     try:
-        assert run(body()) == [b"provider", b"alice" if len(creds) == 2 else b"default"]
+        assert run(through_client(client, encode("GET", "via") + encode("ACL", "WHOAMI"), 2,
+                                  via="provider")) == \
+            [b"provider", b"alice" if len(creds) == 2 else b"default"]
         assert provider.calls == 2                   # redis-py's connection, then ours
     finally:
         admin.execute_command("ACL", "DELUSER", "alice")
@@ -709,18 +703,9 @@ def tls():
 
 def test_tls_from_client_verifies_with_the_clients_ca(tls):
     """BulkRedis takes the client's TLS settings (CA file, verification) and connects."""
-    async def body():
-        client = aredis.Redis.from_url(tls.url(), ssl_ca_certs=tls.cert)
-        try:
-            await client.set("tls", "yes")
-            bulk = BulkRedis.from_client(client)
-            try:
-                return await bulk.execute(encode("GET", "tls") + encode("INCR", "n"), 2)
-            finally:
-                await bulk.close()
-        finally:
-            await client.aclose()
-    assert run(body()) == [b"yes", 1]
+    client = aredis.Redis.from_url(tls.url(), ssl_ca_certs=tls.cert)
+    assert run(through_client(client, encode("GET", "tls") + encode("INCR", "n"), 2,
+                              tls="yes")) == [b"yes", 1]
 
 
 def test_tls_url_with_a_ca_file_and_without_verification(tls):
