@@ -282,7 +282,7 @@ def _deferred(spec: dict, entry: tuple) -> dict | None:
     dedupe_key (derived by the class hook when it has none), made with the checks of
     _normalize_fast but nothing built; None when the spec has no key to filter by or
     fails a check (then _normalize_fast or the full path answers it, errors included)."""
-    base, cls, derives = entry
+    _, cls, derives = entry
     get = spec.get
     job_id = get("job_id", _MISSING)
     args, kwargs = get("args", ()), get("kwargs", _NO_KWARGS)

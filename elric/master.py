@@ -208,8 +208,8 @@ class Master:
         prefix = "" if len(specs) == 1 else "spec {}: "
         try:
             chosen: set[str] = set()
-            # keyed specs of the plainest shape are only checked here, and built once
-            # they pass the filter: most of a crawler's links do not
+            # keyed specs of the usual shape are only checked here, and built once they
+            # pass the filter: most of a crawler's links do not
             defer: list = []
             normalized = contract.normalize_specs(specs, defaults=self.defaults,
                                                   allowed_modules=self.settings.JOB_MODULES,
