@@ -17,6 +17,10 @@ Per backend it prints:
                              pass 2: every key seen, nothing is queued)
   CPU µs/key                 CPU time of the master, redis-server and this client per
                              key over the pass: where the time goes
+  Redis µs/key by command    from INFO commandstats (reset before each pass): the time
+                             Redis spent executing each command, per key; a script's
+                             (evalsha) time includes the commands it calls, which are
+                             also listed on their own. Parsing and I/O are not in it.
   ms/call                    median submit_jobs round trip (client -> master -> Redis)
   filter bytes, bytes/item   Redis MEMORY USAGE (SAMPLES 0) of the scope's filter keys;
                              for bloom the in-master bit arrays (stats), its snapshot in
@@ -208,6 +212,17 @@ def delete_queued(r: redis.Redis) -> None:
             r.unlink(*names[i:i + 10_000])
 
 
+def command_usec(r: redis.Redis) -> dict[str, tuple[int, int]]:
+    """{command: (calls, usec)} since the last CONFIG RESETSTAT, without the bench's own
+    commands (INFO, CONFIG, and UNLINK: the cleanup of queued jobs with --clients 1)."""
+    out = {}
+    for name, row in r.info("commandstats").items():
+        cmd = name.removeprefix("cmdstat_")
+        if cmd not in ("info", "config|resetstat", "unlink"):
+            out[cmd] = (int(row["calls"]), int(row["usec"]))
+    return out
+
+
 def bench_backend(server: RedisServer, backend: str, args, keys: list[str],
                   probes: list[str]) -> dict:
     r = redis.Redis.from_url(server.url)
@@ -236,6 +251,7 @@ def bench_backend(server: RedisServer, backend: str, args, keys: list[str],
             prof = Profiler(master.pid, os.path.join(args.profile, f"{backend}-{label}.txt")) \
                 if args.profile else None
             pids = {"master": master.pid, "redis": server.proc.pid, "client": os.getpid()}
+            r.config_resetstat()
             c0 = {k: cpu(v) for k, v in pids.items()}
             t0 = time.perf_counter()
             if args.clients > 1:
@@ -245,13 +261,14 @@ def bench_backend(server: RedisServer, backend: str, args, keys: list[str],
                 spent, counts, lat = run_pass(client, r, keys, args.batch, job_key)
             wall = time.perf_counter() - t0
             cpus = {k: cpu(v) - c0[k] for k, v in pids.items()}
+            commands = command_usec(r)
             if args.clients > 1:
                 delete_queued(r)
             if prof:
                 out[f"{label}_profile"] = prof.stop()
             out[label] = {"rate": len(keys) / spent, "wall": wall, "spent": spent,
                           "ms_p50": statistics.median(lat), "ms_max": max(lat),
-                          "counts": dict(counts), "cpu": cpus}
+                          "counts": dict(counts), "cpu": cpus, "commands": commands}
             if p == 1:
                 rss1 = rss(master.pid)
                 stats = client.stats()["filters"][SCOPE]
@@ -292,6 +309,9 @@ def report(o: dict, n: int, args) -> None:
             f"{k} {v * 1e6 / n:.1f}" for k, v in p["cpu"].items())
             + ("  (client includes the untimed cleanup of queued jobs)"
                if args.clients == 1 else ""))
+        top = sorted(p["commands"].items(), key=lambda kv: -kv[1][1])[:6]
+        print(f"  {'':22s} Redis µs/key by command: " + (", ".join(
+            f"{cmd} {usec / n:.2f}" for cmd, (calls, usec) in top) or "(none)"))
     fs = o["filter_stats"]
     if b == "bloom":
         print(f"  memory  bit arrays {fs['bytes']:,} B = {fs['bytes'] / n:.2f} B/item; "
