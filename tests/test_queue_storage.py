@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 
+import msgpack
 import redis
 import redis.asyncio as aredis
 
@@ -220,4 +221,59 @@ def test_jobs_written_by_the_earlier_version_run_through_the_new_scripts(redis_u
         assert (view["status"], view["attempts"], view["priority"], view["batch"]) == \
             ("succeeded", 1, 3, None)
         assert {j["job_id"] for j in await q.list_jobs(status="succeeded")} == {"old-1"}
+    asyncio.run(with_queue(redis_url, body))
+
+
+
+def test_a_batch_of_many_runs_is_queued_in_order_with_its_own_fields(redis_url):
+    """ENQUEUE takes a batch as runs of consecutive jobs sharing queue, priority, batch
+    and freshness. A batch that changes them from job to job (chosen ids that exist
+    already, a queue where nothing new is queued) still queues each job once, in
+    submission order, with its own fields, counters and statuses; sent again, it queues
+    nothing."""
+    async def body(q, r):
+        for job_id, queue in (("old", "qb"), ("old2", "qc")):
+            await q.enqueue(normalize_specs([{"func": FUNC, "job_id": job_id, "queue": queue}]))
+            assert [g["job_id"] for g in await q.fetch("w1", [queue], 1, 30)] == [job_id]
+        plan = [dict(queue="qa"), dict(queue="qa", priority=2), dict(queue="qb", batch="b1"),
+                dict(queue="qa", batch="b1", job_id="mine-1"), dict(queue="qb", job_id="old"),
+                dict(queue="qa", batch="b1"), dict(queue="qa", batch="b1", kwargs={"x": 1}),
+                dict(queue="qc", job_id="old2"), dict(queue="qa")]
+        batch = normalize_specs([{"func": FUNC, "args": [i], **extra}
+                                 for i, extra in enumerate(plan)])
+        ids = [s["job_id"] for s in batch]
+        chosen = {"mine-1", "old", "old2"}
+        seq0 = int(await r.get(f"{KEYS.prefix}:seq"))
+        statuses = ["queued"] * 4 + ["running"] + ["queued"] * 2 + ["running", "queued"]
+        out = await q.enqueue(batch, may_exist=chosen)
+        assert out == [{"job_id": j, "status": s} for j, s in zip(ids, statuses)]
+
+        def member(i):
+            return f"{seq0 + i + 1:016x}:{ids[i]}".encode()
+        assert await r.zrange(KEYS.queue("qa"), 0, -1, withscores=True) == [
+            (member(1), -2.0)] + [(member(i), 0.0) for i in (0, 3, 5, 6, 8)]
+        assert await r.zrange(KEYS.queue("qb"), 0, -1, withscores=True) == [(member(2), 0.0)]
+        assert await r.zcard(KEYS.queue("qc")) == 0
+        counters = {k.decode(): int(v) for k, v in (await r.hgetall(KEYS.counters)).items()}
+        assert (counters["submitted"], counters["queue:qa:submitted"],
+                counters["queue:qb:submitted"], counters["queue:qc:submitted"]) == (9, 6, 2, 1)
+        assert await r.hget(KEYS.batch("b1"), "submitted") == b"4"
+        for i, spec in enumerate(batch):
+            h = await r.hgetall(KEYS.job(ids[i]))
+            if statuses[i] == "running":
+                assert h[b"status"] == b"running" and b"args" not in h   # left alone
+                continue
+            assert (h[b"status"], h[b"queue"].decode(), int(h[b"priority"]),
+                    h.get(b"batch", b"").decode(), h[b"member"], h[b"args"]) == (
+                b"queued", spec["queue"], spec["priority"], spec.get("batch") or "",
+                member(i), msgpack.packb([i]))
+            assert (h.get(b"kwargs") and msgpack.unpackb(h[b"kwargs"])) == spec["kwargs"] or \
+                not spec["kwargs"] and b"kwargs" not in h
+
+        # the same batch again (a resent call): every status comes back, nothing is added
+        again = await q.enqueue(batch, may_exist=chosen)
+        assert again == out
+        assert (await r.zcard(KEYS.queue("qa")), await r.zcard(KEYS.queue("qb"))) == (6, 1)
+        assert int(await r.hget(KEYS.counters, "submitted")) == 9
+        assert await r.hget(KEYS.batch("b1"), "submitted") == b"4"
     asyncio.run(with_queue(redis_url, body))
