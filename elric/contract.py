@@ -131,6 +131,25 @@ def resolve_job_class(path: str, allowed: tuple[str, ...] | list[str] | None = N
     return obj
 
 
+# A lone surrogate: what the RPC decoder makes of a msgpack string that is not valid
+# UTF-8 (it keeps the bytes rather than failing). Such text cannot be stored or used as
+# a key: it is refused up front, before a dedupe filter takes its key.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+# the spec keys holding text that names something (checked for _LONE_SURROGATE)
+_TEXT_KEYS = ("func", "job_id", "queue", "batch", "parent", "coalesce", "dedupe_key",
+              "dedupe_scope")
+
+
+def _is_text(value: str) -> bool:
+    """Whether a str is valid Unicode text (no lone surrogate): encodable as UTF-8."""
+    return value.isascii() or _LONE_SURROGATE.search(value) is None
+
+
+def _not_text(what: str, value: str) -> SpecError:
+    return SpecError(f"{what} {value!r} is not valid UTF-8: send text as UTF-8 and binary "
+                     "data as msgpack bin")
+
+
 def _check_msgpack_value(value: Any, where: str, depth: int = 0) -> None:
     if depth > 64:
         raise SpecError(f"{where}: nested deeper than 64 levels")
@@ -138,6 +157,10 @@ def _check_msgpack_value(value: Any, where: str, depth: int = 0) -> None:
         raise SpecError(f"{where}: a msgpack extension type (code {value.code}) is not "
                         "allowed; send plain values (nil, bool, numbers, strings, bytes, "
                         "arrays, maps)")
+    if type(value) is str:
+        if not _is_text(value):
+            raise _not_text(where, value)
+        return
     if value is None or isinstance(value, (bool, int, float, str, bytes)):
         if isinstance(value, int) and not isinstance(value, bool) and not (
             -(2**63) <= value < 2**64
@@ -152,6 +175,8 @@ def _check_msgpack_value(value: Any, where: str, depth: int = 0) -> None:
         for k, v in value.items():
             if not isinstance(k, (str, int, bytes)):
                 raise SpecError(f"{where}: map key {k!r} is not a string or integer")
+            if type(k) is str and not _is_text(k):
+                raise _not_text(f"{where}: map key", k)
             _check_msgpack_value(v, f"{where}[{k!r}]", depth + 1)
         return
     raise SpecError(f"{where}: {type(value).__name__} is not a msgpack value")
@@ -246,14 +271,18 @@ def _normalize_fast(spec: dict, entry: tuple) -> dict | None:
     out = base.copy()
     out.update(spec)          # then check what came from the spec
     args, kwargs, job_id = out["args"], out["kwargs"], out.get("job_id", _MISSING)
-    if (type(out["batch"]) is not str or type(out["parent"]) is not str
+    batch, parent = out["batch"], out["parent"]
+    key, scope = out.get("dedupe_key", ""), out.get("dedupe_scope", "")
+    if (type(batch) is not str or type(parent) is not str
             or type(args) not in (list, tuple) or type(kwargs) is not dict
-            or type(out.get("dedupe_key", "")) is not str
-            or type(out.get("dedupe_scope", "")) is not str):
+            or type(key) is not str or type(scope) is not str
+            or not (batch.isascii() and parent.isascii() and key.isascii()
+                    and scope.isascii()) and not (_is_text(batch) and _is_text(parent)
+                                                   and _is_text(key) and _is_text(scope))):
         return None
     if job_id is _MISSING:
         out["job_id"] = _id_pool.pop() if _id_pool else new_job_id()
-    elif type(job_id) is not str or not JOB_ID.fullmatch(job_id):
+    elif type(job_id) is not str or not JOB_ID.fullmatch(job_id) or not _is_text(job_id):
         return None                                           # (nil, "" and bad ids too)
     if args or kwargs:
         out["args"], out["kwargs"] = list(args), dict(kwargs)
@@ -274,6 +303,8 @@ def _normalize_fast(spec: dict, entry: tuple) -> dict | None:
             return None
         if derived is not None:
             out["dedupe_key"] = str(derived)
+            if not _is_text(out["dedupe_key"]):
+                return None
     return out
 
 
@@ -286,11 +317,15 @@ def _deferred(spec: dict, entry: tuple) -> dict | None:
     get = spec.get
     job_id = get("job_id", _MISSING)
     args, kwargs = get("args", ()), get("kwargs", _NO_KWARGS)
-    if (type(get("batch", "")) is not str or type(get("parent", "")) is not str
+    batch, parent, scope = get("batch", ""), get("parent", ""), get("dedupe_scope", "")
+    if (type(batch) is not str or type(parent) is not str
             or type(args) not in (list, tuple) or type(kwargs) is not dict
-            or type(get("dedupe_scope", "")) is not str
+            or type(scope) is not str
+            or not (batch.isascii() and parent.isascii() and scope.isascii())
+            and not (_is_text(batch) and _is_text(parent) and _is_text(scope))
             or job_id is not _MISSING and (type(job_id) is not str
-                                           or JOB_ID.fullmatch(job_id) is None)):
+                                           or JOB_ID.fullmatch(job_id) is None
+                                           or not _is_text(job_id))):
         return None
     if args or kwargs:
         args, kwargs = list(args), dict(kwargs)
@@ -313,8 +348,10 @@ def _deferred(spec: dict, entry: tuple) -> dict | None:
             return None
         if derived is None:
             return None
-        out["dedupe_key"] = str(derived)
+        key = out["dedupe_key"] = str(derived)
     elif type(key) is not str:
+        return None
+    if not key.isascii() and not _is_text(key):
         return None
     return out
 
@@ -420,6 +457,8 @@ def normalize_spec(
         if not isinstance(value, types) or bad_bool or isinstance(value, ExtType):
             raise SpecError(f"job spec key {key!r} must be {_wire_names(types)}, "
                             f"got {_WIRE_NAMES.get(type(value), type(value).__name__)}")
+        if key in _TEXT_KEYS and not _is_text(value):
+            raise _not_text(key, value)
     if "trigger" not in spec:
         for key in ("replace_existing", "misfire_grace_time", "coalesce", "max_instances"):
             if key in spec:
@@ -464,6 +503,9 @@ def normalize_spec(
                             f"kwargs) raised {type(exc).__name__}: {exc}") from None
         if derived is not None:
             out["dedupe_key"] = str(derived)
+            if not _is_text(out["dedupe_key"]):
+                raise _not_text(f"func {spec['func']!r}: the dedupe_key its dedupe_key_for "
+                                "made,", out["dedupe_key"])
     if not JOB_ID.fullmatch(out["job_id"]):
         raise SpecError(f"job_id {out['job_id']!r}: 1-200 characters without spaces")
     if not QUEUE_NAME.fullmatch(str(out["queue"])):

@@ -84,3 +84,15 @@ class Crash(Job):
     def run(self, delay=0.0):
         time.sleep(delay)
         os._exit(3)
+
+
+class KeyFromBytes(Job):
+    """Derives its dedupe key from bytes as they come (a hook that can make text that
+    is not valid UTF-8)."""
+
+    @classmethod
+    def dedupe_key_for(cls, data=b"", *args, **kwargs):
+        return data.decode("utf-8", "surrogateescape")
+
+    def run(self, data=b""):
+        return len(data)

@@ -10,6 +10,7 @@ restart; and a keyed batch costing O(1) round trips to Redis.
 from __future__ import annotations
 
 import random
+import re
 import threading
 import time
 
@@ -132,6 +133,28 @@ def test_a_mixed_batch_is_answered_in_place(make_cluster):
     assert cl.stats()["totals"]["submitted"] == submitted
     assert statuses(cl.submit_jobs([{"func": echo, "dedupe_key": k}
                                     for k in ("n1", "n2", "n3", "n4", "n5")])) == ["queued"] * 5
+
+
+@pytest.mark.parametrize("backend", ["set", "bloom", "redis-bloom"])
+def test_a_batch_with_text_that_is_not_utf8_is_refused_before_any_key_is_taken(make_cluster,
+                                                                              backend):
+    """A msgpack string with invalid UTF-8 (the client here sends "\\udcff" as the byte
+    0xff) cannot be stored or filtered: the whole batch is refused, naming the spec and
+    the key, and the good specs of that batch pass when they are sent again."""
+    c = make_cluster(FILTER_BACKEND=backend)
+    c.start_master()
+    cl = c.client
+    good = [Echo.spec(["a"], dedupe_key="good-a"), Echo.spec(["b"], dedupe_key="good-b")]
+    for bad, named in ((Echo.spec(["x"], dedupe_key="bad\udcff"), "spec 1: dedupe_key"),
+                       (Echo.spec(["x\udcff"], dedupe_key="fine"), "spec 1: args[0]"),
+                       (Echo.spec(["x"], dedupe_key="fine", dedupe_scope="s\udcff"),
+                        "spec 1: dedupe_scope")):
+        with pytest.raises(RemoteError, match=re.escape(named) + ".* is not valid UTF-8"):
+            cl.submit_jobs([good[0], bad, good[1]])
+    assert cl.stats()["filters"] == {} or all(
+        f["items"] == 0 for f in cl.stats()["filters"].values())
+    assert statuses(cl.submit_jobs(good)) == ["queued", "queued"]
+    assert cl.stats()["filters"]["global"]["items"] == 2
 
 
 # --- 2. scopes and per-scope backends -----------------------------------------------------

@@ -30,12 +30,15 @@ FUNCS = ["tests.jobs:Add", "tests.jobs:Echo", "tests.jobs:OnQueueB", "examples.c
 
 # --- values ------------------------------------------------------------------------------
 
+# what the RPC decoder makes of a msgpack string that is not valid UTF-8: refused
+not_utf8 = st.sampled_from(["k\udcff", "\udc80", "ok\ud800x", "\udfff\u00e9"])
+
 scalars = st.one_of(
     st.none(), st.booleans(), st.integers(-2**63, 2**64 - 1), st.integers(),
-    st.floats(allow_nan=False), st.text(max_size=8), st.binary(max_size=8),
+    st.floats(allow_nan=False), st.text(max_size=8), st.binary(max_size=8), not_utf8,
 )
 ext = st.builds(msgpack.ExtType, st.integers(0, 127), st.binary(max_size=4))
-map_keys = st.one_of(st.text(max_size=5), st.integers(-5, 5), st.binary(max_size=3),
+map_keys = st.one_of(st.text(max_size=5), not_utf8, st.integers(-5, 5), st.binary(max_size=3),
                      st.none(), st.floats(allow_nan=False), st.tuples(st.integers(0, 2)))
 values = st.recursive(
     st.one_of(scalars, ext),
@@ -52,7 +55,7 @@ plain_values = st.recursive(       # msgpack values a master accepts
     max_leaves=10,
 )
 urls = st.sampled_from(["HTTP://Example.COM/a#frag", "https://x.org", "http://h/p?q=1", "",
-                        "not a url"])
+                        "not a url", "http://h/\udcff"])
 wrong = st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.floats(allow_nan=False),
                   st.text(max_size=4), st.binary(max_size=4), st.lists(st.integers(), max_size=2),
                   st.dictionaries(st.text(max_size=2), st.integers(), max_size=2), ext)
@@ -74,10 +77,10 @@ job_ids = st.one_of(
     st.text(alphabet=st.characters(blacklist_categories=("Cs", "Zs", "Cc")), min_size=1,
             max_size=12),
     st.just(""), st.sampled_from(["a b", " lead", "tab\there", "x" * 200, "x" * 201,
-                                  "j-1", "ünï", "abc\n"]),
+                                  "j-1", "ünï", "abc\n"]), not_utf8,
     st.none(), st.booleans(), st.integers(), st.binary(max_size=3), st.lists(st.text(), max_size=1),
 )
-texts = st.one_of(st.text(max_size=6), st.sampled_from(["", "s", "@fire"]), wrong)
+texts = st.one_of(st.text(max_size=6), st.sampled_from(["", "s", "@fire"]), not_utf8, wrong)
 
 VALUES = {
     "func": st.one_of(st.sampled_from(FUNCS), st.sampled_from(FUNCS), wrong),
@@ -85,7 +88,7 @@ VALUES = {
     "kwargs": kwargs_values,
     "job_id": job_ids,
     "queue": st.one_of(st.sampled_from(["default", "q.1-x_y", "", "a b", "x" * 101, "é"]),
-                       wrong),
+                       not_utf8, wrong),
     "priority": st.one_of(st.integers(-2**31 - 1, 2**31 + 1), st.sampled_from([2**31, -2**31]),
                           wrong),
     "max_retries": st.one_of(st.integers(-2, 5), wrong),
@@ -97,7 +100,7 @@ VALUES = {
     "trigger": st.one_of(st.just({"type": "interval", "seconds": 5}), wrong),
     "replace_existing": st.one_of(st.booleans(), wrong),
     "misfire_grace_time": st.one_of(st.none(), st.floats(0, 10), st.integers(0, 5), wrong),
-    "coalesce": st.one_of(st.sampled_from(["latest", "all", "skip"]), wrong),
+    "coalesce": st.one_of(st.sampled_from(["latest", "all", "skip"]), not_utf8, wrong),
     "max_instances": st.one_of(st.integers(0, 3), wrong),
     "dedupe_key": texts,
     "dedupe_scope": texts,
@@ -280,6 +283,14 @@ def test_the_fast_path_is_taken_and_gives_the_usual_answers():
     {"func": "examples.crawler:Crawl", "args": ["http://h/"]},         # not allowed: tests
     {"func": "no_such_module_xyz:Job"},
     {"func": "tests.jobs:NotAJob"},
+    {"func": "tests.jobs:Add", "dedupe_key": "k\udcff"},
+    {"func": "tests.jobs:Add", "dedupe_key": "k", "dedupe_scope": "s\udcff"},
+    {"func": "tests.jobs:Add", "dedupe_key": "k", "job_id": "j\udcff"},
+    {"func": "tests.jobs:Add", "dedupe_key": "k", "batch": "\ud800"},
+    {"func": "tests.jobs:Add", "dedupe_key": "k", "parent": "p\udcff"},
+    {"func": "tests.jobs:Echo", "dedupe_key": "k", "args": [["deep", "\udcff"]]},
+    {"func": "tests.jobs:Echo", "kwargs": {"x\udcff": 1}},
+    {"func": "examples.crawler:Crawl", "args": ["http://h/\udcff"]},  # derived key
 ])
 def test_refusals_match(spec):
     for allowed in (None, ALLOWED):
@@ -384,3 +395,31 @@ def test_forked_child_does_not_repeat_the_parents_ids():
     fast = normalize_specs([{"func": "tests.jobs:Add"}])[0]["job_id"]
     parent = [new_job_id(), new_job_id(), fast, new_job_id(), new_job_id()]
     assert not set(child) & set(parent), (child, parent)
+
+
+@pytest.mark.parametrize("spec, named", [
+    ({"dedupe_key": "k\udcff"}, "dedupe_key 'k\\udcff' is not valid UTF-8"),
+    ({"dedupe_key": "k", "dedupe_scope": "s\udcff"}, "dedupe_scope 's\\udcff'"),
+    ({"job_id": "j\udcff"}, "job_id 'j\\udcff'"),
+    ({"queue": "\udcff"}, "queue '\\udcff'"),
+    ({"batch": "b\ud800"}, "batch 'b\\ud800'"),
+    ({"args": [1, ["\udcff"]]}, "args[1][0] '\\udcff' is not valid UTF-8"),
+    ({"kwargs": {"a": {"b\udcff": 1}}}, "kwargs['a']: map key 'b\\udcff'"),
+])
+def test_text_that_is_not_utf8_is_refused_naming_where(spec, named):
+    """A msgpack string with invalid UTF-8 decodes to lone surrogates (the RPC layer keeps
+    the bytes); no such text can be stored, used as a key or answered, so the master
+    refuses it before a filter takes its key."""
+    for path in (lambda s: normalize_specs([s]), lambda s: normalize_specs([s], defer=[]),
+                 lambda s: normalize_spec(s, _fast=False)):
+        with pytest.raises(SpecError, match=re.escape(named)):
+            path({"func": "tests.jobs:Echo", **spec})
+
+
+def test_a_derived_key_that_is_not_utf8_is_refused():
+    spec = {"func": "tests.jobs:KeyFromBytes", "args": [b"http://h/\xff"]}
+    for path in (lambda s: normalize_specs([s]), lambda s: normalize_specs([s], defer=[]),
+                 lambda s: normalize_spec(s, _fast=False)):
+        with pytest.raises(SpecError, match="KeyFromBytes'.* the dedupe_key its dedupe_key_for made, "
+                           "'http://h/.*' is not valid"):
+            path(spec)
