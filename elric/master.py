@@ -243,27 +243,53 @@ class Master:
             else range(len(normalized))
         verdict = await self._redis_call(self._dedupe([normalized[i] for i in now]))
         passed, filtered = _split(now, verdict)
-        # a retried submission (same job_id, same key) is not a duplicate of itself:
-        # report the status of the job it already is. Only a job_id the caller chose
-        # can exist already; the master's own are new.
-        retried = [normalized[i]["job_id"] for i in filtered
-                   if normalized[i].get("job_id") in chosen] if chosen else ()
-        existing = dict(zip(retried, await self._redis_call(
-            self.queue.get_statuses(retried)))) if retried else {}
-        for i in filtered:
-            job_id = normalized[i].get("job_id") or contract.new_job_id()
-            results[i] = {"job_id": job_id, "status": existing.get(job_id) or contract.FILTERED}
-        jobs = [normalized[i] if defer[i] is None else contract.build_deferred(normalized[i],
-                                                                                defer[i])
-                for i in passed]
+        jobs: list[dict] = []
         try:
-            for i, r in zip(passed, await self._redis_call(
-                    self.queue.enqueue(jobs, may_exist=chosen))):
-                results[i] = r
-        except RequestError:
-            await self._release_keys(jobs)  # nothing was queued: the keys stay usable
+            # a retried submission (same job_id, same key) is not a duplicate of itself:
+            # report the status of the job it already is. Only a job_id the caller chose
+            # can exist already; the master's own are new.
+            retried = [normalized[i]["job_id"] for i in filtered
+                       if normalized[i].get("job_id") in chosen] if chosen else ()
+            existing = dict(zip(retried, await self._redis_call(
+                self.queue.get_statuses(retried)))) if retried else {}
+            for i in filtered:
+                job_id = normalized[i].get("job_id") or contract.new_job_id()
+                results[i] = {"job_id": job_id,
+                              "status": existing.get(job_id) or contract.FILTERED}
+            for i in passed:
+                jobs.append(normalized[i] if defer[i] is None
+                            else contract.build_deferred(normalized[i], defer[i]))
+            replies = await self._redis_call(self.queue.enqueue(jobs, may_exist=chosen))
+        except BaseException:
+            # The keys this call took must not outlive it without a job: give back those
+            # of the jobs that do not exist (the enqueue may have run with its reply lost,
+            # so each is looked up first). Shielded: a cancelled call (shutdown) too.
+            keyed = [normalized[i] for i in passed if normalized[i].get("dedupe_key") is not None]
+            if keyed:
+                await asyncio.shield(asyncio.ensure_future(self._release_unqueued(
+                    jobs if len(jobs) == len(passed) else [normalized[i] for i in passed])))
             raise
+        # A job_id the caller chose that exists already and is finished: this call made
+        # no job, so it holds no key (else a key released when that job failed for good,
+        # or expired, would be taken again by no job, and every later copy filtered).
+        ended = [job for job, r in zip(jobs, replies) if r["status"] in contract.FINAL_STATUSES]
+        if ended:
+            await self._release_keys(ended)
+        for i, r in zip(passed, replies):
+            results[i] = r
         return results
+
+    async def _release_unqueued(self, jobs: list[dict]) -> None:
+        """Give back the dedupe keys of ``jobs`` that were not queued (a failed call)."""
+        keyed = [n for n in jobs if n.get("dedupe_key") is not None and n.get("job_id")]
+        unbuilt = [n for n in jobs if n.get("dedupe_key") is not None and not n.get("job_id")]
+        try:
+            found = await self.queue.get_statuses([n["job_id"] for n in keyed])
+        except Exception as exc:   # Redis unreachable: most likely nothing was written
+            log.warning("could not look up %d job(s) of a failed submit_jobs (%s); giving "
+                        "their dedupe keys back", len(keyed), exc)
+            found = [None] * len(keyed)
+        await self._release_keys(unbuilt + [n for n, st in zip(keyed, found) if st is None])
 
     async def _schedule(self, spec: dict) -> dict:
         job_spec = {k: v for k, v in spec.items() if k != "replace_existing"}
@@ -284,13 +310,15 @@ class Master:
         # not lose them, and retrying is safe because enqueue is idempotent per fire id.
         backoff, deadline = 0.1, asyncio.get_running_loop().time() + self.settings.SCHEDULER_LEASE
         decided = None  # the filter's verdict is kept across retries: its keys are added
+        checked: dict = {}   # per scope, for a retry after a part of the scopes was checked
         while True:
             try:
                 if rounds:
                     await self.redis.zadd(self.keys.dedupe_rounds, rounds)
                 # a fire's own key goes into its scope, so its children skip its page
                 if decided is None:
-                    passed, filtered = _split(range(len(specs)), await self._dedupe(specs))
+                    passed, filtered = _split(range(len(specs)),
+                                              await self._dedupe(specs, checked))
                     decided = [specs[i] for i in passed], [specs[i] for i in filtered]
                 passed, filtered = decided
                 queued = await self.queue.enqueue(passed,
@@ -312,9 +340,12 @@ class Master:
             or s.FILTER_BACKEND
         return self.filters[backend]
 
-    async def _dedupe(self, specs: list[dict]) -> list[bool] | None:
+    async def _dedupe(self, specs: list[dict], done: dict | None = None) -> list[bool] | None:
         """Per spec, whether it passes its scope's filter; None when no spec has a
-        dedupe_key (all pass). One filter call per scope."""
+        dedupe_key (all pass). One filter call per scope. ``done`` (scope -> verdicts)
+        keeps the verdict of each scope checked, across the caller's retries: a scope
+        checked once is not checked again (its keys are taken: a second check would
+        call them seen)."""
         by_scope: dict[str, tuple[list[int], list[str]]] = {}
         for i, n in enumerate(specs):
             key = n.get("dedupe_key")
@@ -330,11 +361,23 @@ class Master:
         if not by_scope:
             return None
         verdict = None
+        taken: list[dict] = []      # specs whose key an earlier scope of this call took
         for scope, (where, keys) in by_scope.items():
-            try:
-                new = await self._filter_for(scope).check_and_add(scope, keys)
-            except DedupeError as exc:
-                raise RequestError(f"dedupe_scope {scope!r}: {exc}") from None
+            new = done.get(scope) if done is not None else None
+            if new is None:
+                try:
+                    new = await self._filter_for(scope).check_and_add(scope, keys)
+                except BaseException as exc:
+                    # nothing is queued: the keys of the scopes checked before go back
+                    # (exact filters), so a retry is not answered "filtered". With
+                    # ``done`` the caller keeps their verdicts for its retry instead.
+                    if taken and done is None:
+                        await asyncio.shield(asyncio.ensure_future(self._release_keys(taken)))
+                    if isinstance(exc, DedupeError):
+                        raise RequestError(f"dedupe_scope {scope!r}: {exc}") from None
+                    raise
+                if done is not None:
+                    done[scope] = new
             if len(where) == len(specs):          # the usual batch: one scope, all keyed
                 return new
             if verdict is None:
@@ -342,6 +385,8 @@ class Master:
             for i, ok in zip(where, new):
                 if not ok:
                     verdict[i] = False
+                else:
+                    taken.append(specs[i])
         return verdict
 
     async def _release_keys(self, specs: list[dict]) -> None:

@@ -228,15 +228,24 @@ class Server:
         log.info("elric rpc listening on %s:%d", *self.address)
         return self.address
 
-    async def close(self) -> None:
+    async def close(self, grace: float = 10.0) -> None:
+        """Stop listening and reading requests; let the calls in flight finish and send
+        their answers, for up to ``grace`` seconds (cutting one short may leave its
+        state half-written), then cancel what is left."""
         if self._listener is not None:
             self._listener.close()
-        tasks = list(self._connections)
-        for task, conn in list(self._connections.items()):
-            for t in list(conn.tasks):
-                t.cancel()
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        conns = list(self._connections.items())
+        for task, _ in conns:
+            task.cancel()     # _Connection.run stops reading, then waits for its calls
+        if conns:
+            _, late = await asyncio.wait([task for task, _ in conns], timeout=grace)
+            if late:
+                log.warning("%d connection(s) still had calls in flight after %.0fs; "
+                            "cancelling them", len(late), grace)
+                for _, conn in conns:
+                    for t in list(conn.tasks):
+                        t.cancel()
+                await asyncio.gather(*late, return_exceptions=True)
         if self._listener is not None:
             await self._listener.wait_closed()
 

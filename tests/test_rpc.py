@@ -67,15 +67,15 @@ async def serving(handlers=None, **options):
     try:
         yield server
     finally:
-        await server.close()
+        await server.close(grace=0.2)    # (a handler that hangs is cut after grace)
 
 
 class ServerThread:
     """A Server on its own event loop in a thread, for the blocking client and subprocesses."""
 
-    def __init__(self, handlers=None, port=0, **options):
+    def __init__(self, handlers=None, port=0, grace=0.2, **options):
         self.server = Server(basic_handlers() if handlers is None else handlers, **options)
-        self.port = port
+        self.port, self.grace = port, grace    # (a handler that hangs is cut after grace)
 
     def run(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(DEADLINE)
@@ -88,7 +88,7 @@ class ServerThread:
         return self
 
     def __exit__(self, *exc):
-        self.run(self.server.close())
+        self.run(self.server.close(grace=self.grace))
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(DEADLINE)
         self.loop.close()
@@ -441,12 +441,43 @@ def test_async_pending_call_fails_promptly_when_server_closes():
             call = asyncio.create_task(client.call("hang"))
             await asyncio.wait_for(started.wait(), DEADLINE)
             t0 = time.monotonic()
-            await server.close()
+            await server.close(grace=0.2)     # a call that never ends is cut after grace
             with pytest.raises(RPCConnectionError, match="closed by the server"):
                 await asyncio.wait_for(call, DEADLINE)
             assert time.monotonic() - t0 < 5
             with pytest.raises(RPCConnectionError):
                 await client.call("ping")
+            await client.close()
+    arun(main())
+
+
+def test_close_lets_calls_in_flight_finish_and_answer():
+    """A closing server reads no new request, but a call already running finishes and
+    its answer is sent: cutting it short could leave its state half-written."""
+    async def main():
+        started, release, finished = asyncio.Event(), asyncio.Event(), []
+
+        async def slow():
+            started.set()
+            await release.wait()
+            finished.append(True)
+            return "done"
+
+        async with serving(basic_handlers(slow=slow)) as server:
+            client = await AsyncClient.connect(*server.address, timeout=60)
+            call = asyncio.create_task(client.call("slow"))
+            await asyncio.wait_for(started.wait(), DEADLINE)
+            closing = asyncio.create_task(server.close())
+            await asyncio.sleep(0)            # let close() stop the reading first
+            later = asyncio.create_task(client.call("ping"))
+            await asyncio.sleep(0)
+            assert not closing.done()         # waiting for the call in flight
+            release.set()
+            assert await asyncio.wait_for(call, DEADLINE) == "done"
+            await asyncio.wait_for(closing, DEADLINE)
+            assert finished == [True]
+            with pytest.raises(RPCConnectionError):   # read by nobody: never answered
+                await asyncio.wait_for(later, DEADLINE)
             await client.close()
     arun(main())
 

@@ -1,0 +1,189 @@
+"""A dedupe key taken by a call that queues no job is given back (exact filters), so the
+job is not lost: a retry of the call passes the filter instead of being "filtered".
+
+Each test drives an in-process master (the same code as run_master.py) against the
+private redis-server and makes one thing fail at the step it is about: a later scope's
+filter, the enqueue (its reply lost after it ran), a shutdown in the middle of a call,
+a resubmitted job_id whose job is over, a scheduler fire retried after a Redis error.
+pytest-asyncio is not installed, so each test runs its coroutine with asyncio.run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+
+import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from elric import contract
+from elric.client import MasterClient
+from elric.config import load_settings
+from elric.master import Master
+from elric.queue import RedisQueue
+from elric.redis_server import free_port
+from elric.rpc import RequestError, RPCError
+
+E = "tests.jobs:Echo"
+
+
+@contextlib.asynccontextmanager
+async def master(url, **settings):
+    m = Master(load_settings(env={}, overrides=dict(
+        REDIS_URL=url, MASTER_ADDRESS=f"127.0.0.1:{free_port()}", **settings)))
+    await m.start()
+    try:
+        yield m
+    finally:
+        await m.close()
+
+
+async def queued(m) -> int:
+    return await m.redis.zcard(m.keys.queue("default"))
+
+
+def test_a_batch_refused_by_its_second_scope_gives_the_first_scopes_keys_back(redis_url):
+    async def main():
+        async with master(redis_url) as m:      # scope "old" is an exact set, no TTL
+            await m.submit_jobs([{"func": E, "dedupe_key": "x", "dedupe_scope": "old"}])
+        async with master(redis_url, DEDUPE_TTL=3600) as m:    # then TTL was turned on
+            batch = [{"func": E, "job_id": "j-new", "dedupe_key": "k1", "dedupe_scope": "new"},
+                     {"func": E, "job_id": "j-old", "dedupe_key": "k2", "dedupe_scope": "old"}]
+            with pytest.raises(RequestError, match="dedupe_scope 'old'"):
+                await m.submit_jobs(batch)
+            assert await queued(m) == 1            # the first master's job only
+            # the client drops the spec of the bad scope and sends the good one again
+            assert await m.submit_jobs([batch[0]]) == [{"job_id": "j-new", "status": "queued"}]
+            assert (await m.submit_jobs([{**batch[0], "job_id": "j-2"}]))[0]["status"] == \
+                "filtered"
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("lost", ["before", "after"])
+def test_an_enqueue_whose_reply_is_lost_gives_back_only_the_keys_of_jobs_not_queued(
+        redis_url, lost):
+    """"before": Redis never ran the script; "after": it ran, and its reply was lost.
+    Either way the caller gets an error; the keys of jobs that exist stay taken (a retry
+    is filtered: no second copy), the others are given back (a retry is queued)."""
+    async def main():
+        async with master(redis_url) as m:
+            real = m.queue._enqueue
+
+            async def failing(args):
+                if lost == "after":
+                    await real(args=args)
+                raise RedisTimeoutError("Timeout reading from socket")
+            m.queue._enqueue = failing
+            spec = {"func": E, "args": ["http://x/"], "dedupe_key": "http://x/"}
+            with pytest.raises(RequestError, match="cannot reach Redis"):
+                await m.submit_jobs([spec])
+            m.queue._enqueue = real
+            again = await m.submit_jobs([spec])
+            if lost == "after":
+                assert again[0]["status"] == "filtered" and await queued(m) == 1
+            else:
+                assert again[0]["status"] == "queued" and await queued(m) == 1
+    asyncio.run(main())
+
+
+def test_a_call_in_flight_when_the_master_stops_finishes(redis_url):
+    """Stopping the master lets a submit_jobs under way finish (its keys taken, its job
+    queued, its answer sent) rather than cutting it between the filter and the queue."""
+    async def main():
+        spec = {"func": E, "job_id": "page-42", "dedupe_key": "http://x/42"}
+        box: dict = {}
+        async with master(redis_url) as m:
+            real, entered = m.queue.enqueue, asyncio.Event()
+            gate = asyncio.Event()
+
+            async def held(*a, **kw):
+                entered.set()
+                await gate.wait()          # the call is between the filter and the queue
+                return await real(*a, **kw)
+            m.queue.enqueue = held
+            address = "%s:%d" % m.server.address
+
+            def call():
+                try:
+                    box["reply"] = MasterClient(address, timeout=30).submit_job(spec)
+                except RPCError as exc:
+                    box["reply"] = exc
+            t = threading.Thread(target=call)
+            t.start()
+            await asyncio.wait_for(entered.wait(), 20)
+            closing = asyncio.ensure_future(m.close())
+            await asyncio.sleep(0)         # close() has begun: it waits for the call
+            gate.set()
+            await asyncio.wait_for(closing, 20)
+            m.close = _noop                # (closed already)
+        await asyncio.get_running_loop().run_in_executor(None, t.join, 20)
+        assert box["reply"] == {"job_id": "page-42", "status": "queued"}
+        async with master(redis_url) as m2:
+            assert (await m2.queue.get_job("page-42"))["status"] == "queued"
+    asyncio.run(main())
+
+
+async def _noop():
+    return None
+
+
+@pytest.mark.parametrize("ttl", [None, 3600])
+def test_resubmitting_the_id_of_a_finished_job_does_not_take_its_key_again(redis_url, ttl):
+    """With DEDUPE_RELEASE_ON_FAILURE a job that failed for good gives its key back. A
+    resubmission of that same job_id makes no new job (the id exists): it must not take
+    the key either, or every later copy of the page would be filtered with no job to run
+    it."""
+    async def main():
+        async with master(redis_url, DEDUPE_TTL=ttl) as m:
+            spec = {"func": E, "job_id": "c0ffee", "dedupe_key": "http://x/p",
+                    "dedupe_scope": "crawl"}
+            assert (await m.submit_jobs([spec]))[0]["status"] == "queued"
+            worker = RedisQueue(m.redis, m.keys, release_keys_on_failure=True)
+            [job] = await worker.fetch("w1", ["default"], 1, 30)
+            assert await worker.finish("w1", [dict(job_id="c0ffee", attempt=job["attempt"],
+                                                   ok=False, payload="boom", duration_ms=1)]) \
+                == ["failed"]
+            assert await m.submit_jobs([spec]) == [{"job_id": "c0ffee", "status": "failed"}]
+            other = await m.submit_jobs([{**spec, "job_id": "other"}])
+            assert other == [{"job_id": "other", "status": "queued"}]
+    asyncio.run(main())
+
+
+def test_a_fire_retried_after_a_redis_error_in_a_later_scope_is_still_queued(redis_url):
+    """Two fires are two per-fire scopes. When Redis fails on the second scope, the
+    scheduler's retry must not check the first again (its key is taken: "seen")."""
+    async def main():
+        async with master(redis_url) as m:
+            # this test plays the scheduler: once the master's own leads, stop it
+            deadline = asyncio.get_running_loop().time() + 20
+            while not m.scheduler.is_leader:
+                assert asyncio.get_running_loop().time() < deadline, "no scheduler lease"
+                await asyncio.sleep(0.01)
+            await m.scheduler.stop()
+            f = m.filters["set"]
+            real, calls = f.check_and_add, []
+
+            async def flaky(scope, keys):
+                calls.append(scope)
+                if len(calls) == 2:
+                    raise RedisConnectionError("Connection reset by peer")
+                return await real(scope, keys)
+            f.check_and_add = flaky
+            specs = []
+            for site in ("siteA", "siteB"):
+                n = contract.normalize_spec({"func": E, "job_id": f"{site}@2030-01-01T00:00:00Z",
+                                             "dedupe_key": f"http://{site}/",
+                                             "dedupe_scope": "@fire"})
+                n.update(schedule=site, fire_time=1893456000.0)
+                specs.append(n)
+            token = int(await m.redis.get(m.keys.scheduler_fence) or 0)
+            if not token:
+                token = 1
+                await m.redis.set(m.keys.scheduler_fence, token)
+            out = await m._enqueue_fires(specs, token)
+            assert [o["status"] for o in out] == ["queued", "queued"]
+            assert calls == [specs[0]["job_id"], specs[1]["job_id"], specs[1]["job_id"]]
+            assert await queued(m) == 2
+    asyncio.run(main())
