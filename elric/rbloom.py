@@ -63,7 +63,10 @@ def shard_plan(need_bytes: int) -> tuple[int, int]:
 
 def bits_per_item(k: int, p: float) -> float:
     """Bits per item for which a Bloom filter with k hashes has false-positive rate p."""
-    return -k / math.log(1 - p ** (1 / k))
+    x = p ** (1 / k)
+    # log(1 - x) as it always was (filters in Redis keep the geometry it gave them); for
+    # the tiny rates of far stages 1 - x rounds to 1.0 and its log to 0: log1p then
+    return -k / (math.log(1 - x) or math.log1p(-x))
 
 
 def probes_for(p: float) -> int:

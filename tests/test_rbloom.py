@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from elric import rbloom
 from elric.rawredis import BulkRedis, encode
+from elric.dedupe import _stage_params
 from elric.rbloom import (bitfield, bits_per_item, create_shard, hash_keys, positions,
                           positions_array, probes_for, seal_shard, shard_plan, stage_geometry,
                           unorder)
@@ -205,13 +206,31 @@ def test_shard_plan(need):
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.one_of(st.floats(1e-12, 0.6), st.sampled_from([0.5, 0.1, 0.01, 0.001, 1e-6])))
+@given(st.one_of(st.floats(1e-12, 0.6), st.floats(1e-17, 1e-12),
+                 st.sampled_from([0.5, 0.1, 0.01, 0.001, 1e-6, 1e-17])))
 def test_probes_for(p):
     k = probes_for(p)
     optimal = -math.log(p) / math.log(2) ** 2
     assert bits_per_item(k, p) <= 1.06 * optimal
     assert all(bits_per_item(j, p) > 1.06 * optimal for j in range(1, k))   # the fewest
     assert (1 - math.exp(-k / bits_per_item(k, p))) ** k == pytest.approx(p, rel=1e-6)
+
+
+@pytest.mark.parametrize("p", [1e-40, 1e-300, 5e-324])
+def test_probes_for_absurd_rates_still_answers(p):
+    k = probes_for(p)                       # (at most 64 probes: more bits instead)
+    assert 1 <= k <= 64 and 0 < bits_per_item(k, p) < math.inf
+
+
+def test_far_stages_of_a_strict_filter_have_a_geometry():
+    """Each stage tightens the rate: at 1e-12 stage 5, at 1e-3 stage 15, reached rates
+    below 1e-16, where 1 - p**(1/k) rounded to 1.0 and sizing divided by zero."""
+    for p, stages in ((1e-12, 12), (1e-3, 24)):
+        prev = None
+        for i in range(stages):
+            cap, q = _stage_params(10, p, i)
+            prev = stage_geometry(i, cap, q, prev)
+            assert prev.k >= 1 and prev.bits >= cap * bits_per_item(prev.k, q) * 0.99
 
 
 def test_probes_for_documented_value():
