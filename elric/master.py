@@ -159,6 +159,10 @@ class Master:
                 log.warning("master: Redis unreachable (%s); retrying in %.1fs", exc, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
+            except Exception:   # a refused write (OOM, MISCONF), a bug: never stop for good
+                log.exception("master: housekeeping failed; retrying in %.1fs", backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
 
     # --- RPC API ----------------------------------------------------------------------
     def handlers(self) -> dict:
