@@ -33,6 +33,10 @@ METHODS = (
     "stats", "rerun_job", "pause_job", "resume_job", "modify_job",
 )
 
+# The start of the error a master answers when it cannot reach Redis: nothing of the call
+# took effect, and the same call may be sent again (workers do, with a backoff).
+REDIS_UNAVAILABLE = "master cannot reach Redis right now"
+
 # --- job spec -------------------------------------------------------------------------
 # key -> (accepted python types, description). Keys the master fills in itself (parent,
 # schedule, fire_time) are accepted too so that workers can forward child jobs.

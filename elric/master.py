@@ -194,7 +194,7 @@ class Master:
         try:
             return await coro
         except REDIS_ERRORS as exc:
-            raise RequestError(f"master cannot reach Redis right now ({exc}); "
+            raise RequestError(f"{contract.REDIS_UNAVAILABLE} ({exc}); "
                                "nothing was changed, try again") from None
 
     async def submit_job(self, spec) -> dict:

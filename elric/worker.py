@@ -28,6 +28,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from elric import runner
 from elric.config import Settings, SettingsError, redact_url
+from elric.contract import REDIS_UNAVAILABLE
 from elric.keys import Keys
 from elric.queue import RedisQueue, now_ms
 from elric.rpc import AsyncClient, RemoteError, RPCConnectionError, RPCError
@@ -324,6 +325,13 @@ class Worker:
         while True:
             try:
                 return await self.master.call(method, *params)
+            except RemoteError as exc:
+                if not str(exc).startswith(REDIS_UNAVAILABLE):
+                    raise
+                # nothing was taken (not a refusal of the children): the same call again
+                log.warning("worker: %s; retrying in %.1fs", exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
             except RPCConnectionError as exc:
                 log.warning("worker: master unreachable (%s); retrying in %.1fs", exc, backoff)
                 await asyncio.sleep(backoff)

@@ -1,0 +1,78 @@
+"""Errors that pass must not stop anything for good.
+
+The master's housekeeping (redelivering the jobs of dead workers, queueing retries,
+dropping old rounds) survives any error, not only Redis being unreachable: a refused
+write (OOM, MISCONF) once ended it for good, and with it every redelivery. A worker whose
+master cannot reach Redis sends its children again instead of failing their parent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from redis.exceptions import ResponseError
+
+from elric.contract import normalize_specs
+from tests.test_dedupe_keys_given_back import master
+
+
+def test_housekeeping_goes_on_after_an_error_it_does_not_know(redis_url):
+    async def main():
+        async with master(redis_url) as m:
+            real, failures = m.queue.recover, []
+
+            async def refused(*a, **kw):
+                if len(failures) < 2:
+                    failures.append(1)
+                    raise ResponseError("OOM command not allowed when used memory > "
+                                        "'maxmemory'")
+                return await real(*a, **kw)
+            m.queue.recover = refused
+            [spec] = normalize_specs([{"func": "tests.jobs:Echo", "job_id": "lost"}])
+            await m.queue.enqueue([spec])
+            # a worker takes it with a lease that is over at once, then dies
+            assert [j["job_id"] for j in await m.queue.fetch("dead", ["default"], 1, 0)] == \
+                ["lost"]
+            deadline = asyncio.get_running_loop().time() + 30
+            while (await m.queue.get_job("lost"))["status"] != "queued":
+                assert asyncio.get_running_loop().time() < deadline, "never redelivered"
+                await asyncio.sleep(0.05)
+            assert len(failures) == 2
+    asyncio.run(main())
+
+
+def test_a_worker_sends_children_again_when_the_master_cannot_reach_redis():
+    """'master cannot reach Redis right now' means nothing was taken: a worker sends the
+    same children again (with a backoff) rather than failing their parent for good, as
+    it does when the master refuses a child spec."""
+    from elric.config import load_settings
+    from elric.contract import REDIS_UNAVAILABLE
+    from elric.rpc import RemoteError
+    from elric.worker import Worker
+
+    class Master:
+        def __init__(self, answers):
+            self.answers, self.calls = list(answers), []
+
+        async def call(self, method, *params):
+            self.calls.append((method, params))
+            answer = self.answers.pop(0)
+            if isinstance(answer, Exception):
+                raise answer
+            return answer
+
+    async def main():
+        w = Worker(load_settings(env={}))
+        child = {"func": "tests.jobs:Echo", "args": [1]}
+        outcomes = [{"job_id": "parent", "ok": True, "children": [child]}]
+        w.master = Master([RemoteError(f"{REDIS_UNAVAILABLE} (Connection refused); nothing "
+                                       "was changed, try again"),
+                           RemoteError(f"{REDIS_UNAVAILABLE} (Timeout)"),
+                           [{"job_id": "c", "status": "queued"}]])
+        assert await w._send_children(outcomes) == {}
+        assert [c[0] for c in w.master.calls] == ["submit_jobs"] * 3
+        # a refusal is not retried: the parent is the one at fault
+        w.master = Master([RemoteError("spec 0: unknown job spec key(s) 'colour'")] * 2)
+        assert await w._send_children(outcomes) == {
+            "parent": "spec 0: unknown job spec key(s) 'colour'"}
+    asyncio.run(main())
