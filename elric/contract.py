@@ -276,10 +276,10 @@ def _normalize_fast(spec: dict, entry: tuple) -> dict | None:
     out.update(spec)          # then check what came from the spec
     args, kwargs, job_id = out["args"], out["kwargs"], out.get("job_id", _MISSING)
     batch, parent = out["batch"], out["parent"]
-    key, scope = out.get("dedupe_key", ""), out.get("dedupe_scope", "")
+    key, scope = out.get("dedupe_key", ""), out.get("dedupe_scope", "-")
     if (type(batch) is not str or type(parent) is not str
             or type(args) not in (list, tuple) or type(kwargs) is not dict
-            or type(key) is not str or type(scope) is not str
+            or type(key) is not str or type(scope) is not str or not scope
             or not (batch.isascii() and parent.isascii() and key.isascii()
                     and scope.isascii()) and not (_is_text(batch) and _is_text(parent)
                                                    and _is_text(key) and _is_text(scope))):
@@ -321,10 +321,10 @@ def _deferred(spec: dict, entry: tuple) -> dict | None:
     get = spec.get
     job_id = get("job_id", _MISSING)
     args, kwargs = get("args", ()), get("kwargs", _NO_KWARGS)
-    batch, parent, scope = get("batch", ""), get("parent", ""), get("dedupe_scope", "")
+    batch, parent, scope = get("batch", ""), get("parent", ""), get("dedupe_scope", "-")
     if (type(batch) is not str or type(parent) is not str
             or type(args) not in (list, tuple) or type(kwargs) is not dict
-            or type(scope) is not str
+            or type(scope) is not str or not scope
             or not (batch.isascii() and parent.isascii() and scope.isascii())
             and not (_is_text(batch) and _is_text(parent) and _is_text(scope))
             or job_id is not _MISSING and (type(job_id) is not str
@@ -494,6 +494,9 @@ def normalize_spec(
                 "max_instances", "dedupe_key", "dedupe_scope"):
         if key in spec:
             out[key] = spec[key]
+    if out.get("dedupe_scope") == "":
+        # (a job's scope is passed on to its children only when it is not empty)
+        raise SpecError("dedupe_scope '': name a scope, or leave it out for the global one")
     for k in out["kwargs"]:
         if not isinstance(k, str):
             raise SpecError(f"kwargs key {k!r} must be a string")

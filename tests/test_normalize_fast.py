@@ -285,6 +285,8 @@ def test_the_fast_path_is_taken_and_gives_the_usual_answers():
     {"func": "tests.jobs:NotAJob"},
     {"func": "tests.jobs:Add", "dedupe_key": "k\udcff"},
     {"func": "tests.jobs:Add", "dedupe_key": "k", "dedupe_scope": "s\udcff"},
+    {"func": "tests.jobs:Add", "dedupe_key": "k", "dedupe_scope": ""},
+    {"func": "tests.jobs:Add", "dedupe_scope": ""},
     {"func": "tests.jobs:Add", "dedupe_key": "k", "job_id": "j\udcff"},
     {"func": "tests.jobs:Add", "dedupe_key": "k", "batch": "\ud800"},
     {"func": "tests.jobs:Add", "dedupe_key": "k", "parent": "p\udcff"},
@@ -423,3 +425,12 @@ def test_a_derived_key_that_is_not_utf8_is_refused():
         with pytest.raises(SpecError, match="KeyFromBytes'.* the dedupe_key its dedupe_key_for made, "
                            "'http://h/.*' is not valid"):
             path(spec)
+
+
+def test_an_empty_dedupe_scope_is_refused():
+    """A scope named "" would not be passed on to children (an empty scope reads as
+    none), so they would dedupe in the global scope instead of their parent's."""
+    for path in (lambda s: normalize_specs([s]), lambda s: normalize_specs([s], defer=[]),
+                 lambda s: normalize_spec(s, _fast=False)):
+        with pytest.raises(SpecError, match="dedupe_scope '': name a scope"):
+            path({"func": "tests.jobs:Echo", "dedupe_key": "k", "dedupe_scope": ""})
