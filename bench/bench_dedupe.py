@@ -335,7 +335,8 @@ def report(o: dict, n: int, args) -> None:
         bpi = o["mem"] / n
         print(f"  target <= 2 B/item: {'met' if bpi <= 2 else 'MISSED'} ({bpi:.2f});  target "
               f">= 200,000 checks/s: pass 1 {'met' if p1['rate'] >= 2e5 else 'MISSED'}, "
-              f"pass 2 {'met' if p2['rate'] >= 2e5 else 'MISSED'}")
+              f"pass 2 {'met' if p2['rate'] >= 2e5 else 'MISSED'}; both passes "
+              f"{2 * n / (p1['spent'] + p2['spent']):,.0f} checks/s")
     for label in ("pass1", "pass2"):
         if f"{label}_profile" in o:
             print(f"  py-spy of the master, {label}:\n{o[f'{label}_profile']}")
@@ -343,8 +344,9 @@ def report(o: dict, n: int, args) -> None:
 
 def machine_reference() -> float:
     """µs per spec of normalize_specs on 1,000 crawler specs, best of 3: a yardstick of
-    how fast this machine runs Python right now (0.98 on a quiet day of the figures in
-    the README). Other work on a shared machine moves it, and every rate with it."""
+    how fast this machine runs Python right now (0.94-1.02 on quiet hours of 2026-11-23,
+    0.64-0.72 on the faster machine of the evening of 2026-12-01: see the README). Other
+    work on a shared machine moves it, and every rate with it."""
     import timeit
 
     specs = [{"func": FUNC, "dedupe_key": k, "dedupe_scope": SCOPE}
