@@ -34,6 +34,8 @@ from elric.triggers import parse_trigger
 log = logging.getLogger("elric.master")
 
 REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+CLEANUP_WAIT = 10.0   # seconds a failed call (or a stopping master) waits for its clean-up
+SHUTDOWN_GRACE = 10.0  # seconds a stopping master lets the calls in flight run
 MAX_BATCH = 10_000
 MAX_PAGE = 1000
 MAX_REDIS_CONNECTIONS = 128
@@ -60,6 +62,7 @@ class Master:
         self.defaults = {"max_retries": settings.MAX_RETRIES, "timeout": settings.JOB_TIMEOUT}
         self._stop = asyncio.Event()
         self.server: Server | None = None
+        self._cleanups: set[asyncio.Task] = set()   # keys given back by failed calls
 
     # --- lifecycle --------------------------------------------------------------------
     async def start(self) -> tuple[str, int]:
@@ -125,13 +128,15 @@ class Master:
     async def close(self) -> None:
         log.info("master %s stopping", self.master_id)
         if self.server is not None:
-            await self.server.close()
+            await self.server.close(grace=SHUTDOWN_GRACE)
         self._housekeeping.cancel()
         try:
             await asyncio.wait_for(self.scheduler.stop(), self.settings.SCHEDULER_LEASE)
         except Exception as exc:
             log.warning("scheduler did not stop cleanly: %s", exc)
         self._scheduling.cancel()
+        if self._cleanups:    # keys being given back by calls that failed or were cut
+            await asyncio.wait(set(self._cleanups), timeout=CLEANUP_WAIT)
         for f in self.filters.values():
             try:
                 await f.close()  # the in-master Bloom filter writes its last snapshot
@@ -264,24 +269,39 @@ class Master:
                 jobs.append(normalized[i] if defer[i] is None
                             else contract.build_deferred(normalized[i], defer[i]))
             replies = await self._redis_call(self.queue.enqueue(jobs, may_exist=chosen))
-        except BaseException:
+        except BaseException as exc:
             # The keys this call took must not outlive it without a job: give back those
             # of the jobs that do not exist (the enqueue may have run with its reply lost,
-            # so each is looked up first). Shielded: a cancelled call (shutdown) too.
-            keyed = [normalized[i] for i in passed if normalized[i].get("dedupe_key") is not None]
-            if keyed:
-                await asyncio.shield(asyncio.ensure_future(self._release_unqueued(
-                    jobs if len(jobs) == len(passed) else [normalized[i] for i in passed])))
+            # so each is looked up first); a cancelled call (shutdown) too.
+            if any(normalized[i].get("dedupe_key") is not None for i in passed):
+                await self._clean_up(self._release_unqueued(
+                    jobs if len(jobs) == len(passed) else [normalized[i] for i in passed]),
+                    exc)
             raise
         # A job_id the caller chose that exists already and is finished: this call made
         # no job, so it holds no key (else a key released when that job failed for good,
         # or expired, would be taken again by no job, and every later copy filtered).
-        ended = [job for job, r in zip(jobs, replies) if r["status"] in contract.FINAL_STATUSES]
+        # (The master's own ids are new: one that exists was queued by this very call,
+        # its ENQUEUE run twice by redis-py after a lost reply.)
+        ended = [job for job, r in zip(jobs, replies)
+                 if r["status"] in contract.FINAL_STATUSES and job["job_id"] in chosen] \
+            if chosen else ()
         if ended:
             await self._release_keys(ended)
         for i, r in zip(passed, replies):
             results[i] = r
         return results
+
+    async def _clean_up(self, coro, exc: BaseException) -> None:
+        """Run ``coro`` (a failed call's clean-up) to its end even if that call is being
+        cancelled. The call waits for it up to CLEANUP_WAIT seconds, and not at all when
+        it is cancelled (a stopping master: ``close`` waits for it, bounded too), so a
+        Redis that does not answer cannot hang the call or the shutdown."""
+        task = asyncio.ensure_future(coro)
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
+        if not isinstance(exc, asyncio.CancelledError):
+            await asyncio.wait({task}, timeout=CLEANUP_WAIT)
 
     async def _release_unqueued(self, jobs: list[dict]) -> None:
         """Give back the dedupe keys of ``jobs`` that were not queued (a failed call)."""
@@ -376,7 +396,7 @@ class Master:
                     # (exact filters), so a retry is not answered "filtered". With
                     # ``done`` the caller keeps their verdicts for its retry instead.
                     if taken and done is None:
-                        await asyncio.shield(asyncio.ensure_future(self._release_keys(taken)))
+                        await self._clean_up(self._release_keys(taken), exc)
                     if isinstance(exc, DedupeError):
                         raise RequestError(f"dedupe_scope {scope!r}: {exc}") from None
                     raise

@@ -129,6 +129,56 @@ async def _noop():
     return None
 
 
+def test_a_stopping_master_does_not_wait_forever_on_a_redis_that_does_not_answer(
+        redis_url, monkeypatch):
+    """A call cut by the shutdown (its grace over) leaves its clean-up running; with
+    Redis silent, that clean-up never ends, and the master must stop anyway."""
+    from elric import master as master_module
+    monkeypatch.setattr(master_module, "SHUTDOWN_GRACE", 0.2)
+    monkeypatch.setattr(master_module, "CLEANUP_WAIT", 0.2)
+
+    async def main():
+        async with master(redis_url) as m:
+            silent, entered = asyncio.Event(), asyncio.Event()
+
+            async def hangs(*a, **kw):
+                entered.set()
+                await silent.wait()          # never set: Redis does not answer
+            m.queue.enqueue = m.queue.get_statuses = hangs
+            client = asyncio.ensure_future(m.submit_jobs([{"func": E, "dedupe_key": "k"}]))
+            await asyncio.wait_for(entered.wait(), 20)
+            # the RPC server is not in this path: cut the call as its grace would
+            client.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await client
+            assert len(m._cleanups) == 1       # the clean-up goes on, waiting on Redis
+            await asyncio.wait_for(m.close(), 20)
+            m.close = _noop
+    asyncio.run(main())
+
+
+def test_a_job_this_call_queued_and_that_ended_before_a_replay_keeps_its_key(redis_url):
+    """redis-py re-sends ENQUEUE when a reply is lost; if a worker finished the job in
+    between, the replay reports it finished. The master made that id in this call, so
+    the job is this call's own and its key stays: a duplicate of it is filtered."""
+    async def main():
+        async with master(redis_url) as m:
+            real = m.queue._enqueue
+
+            async def replayed(args):
+                await real(args=args)
+                async for k in m.redis.scan_iter(m.keys.prefix + ":job:*"):
+                    await m.redis.hset(k, "status", "succeeded")    # a worker ran it
+                return await real(args=args)
+            m.queue._enqueue = replayed
+            spec = {"func": E, "args": ["u"], "dedupe_key": "page-1"}
+            [first] = await m.submit_jobs([spec])
+            assert first["status"] == "succeeded"
+            m.queue._enqueue = real
+            assert (await m.submit_jobs([spec]))[0]["status"] == "filtered"
+    asyncio.run(main())
+
+
 @pytest.mark.parametrize("ttl", [None, 3600])
 def test_resubmitting_the_id_of_a_finished_job_does_not_take_its_key_again(redis_url, ttl):
     """With DEDUPE_RELEASE_ON_FAILURE a job that failed for good gives its key back. A
