@@ -271,6 +271,7 @@ class RedisJobStore:
     async def add(self, spec: dict, *, replace_existing: bool = False) -> dict:
         """Store a periodic job; ``spec`` holds "trigger" (raw dict) and "job_id".
 
+        The same job sent again (a call retried after an error) is answered as stored.
         With replace_existing an existing job gets the new spec; when its trigger is the same
         as before, its next run time (the phase of an interval) is kept, so re-running a
         submitting script neither doubles nor shifts the schedule. Its runs history and a
@@ -290,6 +291,8 @@ class RedisJobStore:
         for _ in range(WRITE_RETRIES):
             cur = await self._load(job_id)
             if cur is not None and not replace:
+                if (cur["spec"], cur["options"], cur["trigger_input"]) == (job_spec, options, raw):
+                    return self._result(cur)   # the same job sent again (a retried call)
                 raise ScheduleError(
                     f"job {job_id!r} already exists; pass replace_existing=True to replace its schedule"
                 )

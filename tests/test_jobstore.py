@@ -85,10 +85,14 @@ def test_defaults_and_option_errors(redis_url):
 
 def test_duplicate_and_replace_existing(redis_url):
     async def body(store, r, keys, clock):
-        await store.add(spec())
+        first = await store.add(spec())
+        # the same job again (a retried call) is answered as stored; another one is refused
+        clock.t += 10
+        assert await store.add(spec()) == first
         with pytest.raises(ScheduleError) as err:
-            await store.add(spec())
+            await store.add(spec(args=["https://other.example"]))
         assert str(err.value) == "job 'site' already exists; pass replace_existing=True to replace its schedule"
+        clock.t -= 10
         # the same script run again later: same trigger keeps its phase, new args are taken
         clock.t += 100
         out = await store.add(spec(args=["https://example.com"]), replace_existing=True)
@@ -186,7 +190,7 @@ def test_survives_a_new_store_instance(redis_url):
         job = await store.get("site")
         assert job["trigger"]["crontab"] == "30 2 * * *" and job["next_run_time"] == 1_780_014_600.0
         with pytest.raises(ScheduleError, match="already exists"):
-            await store.add(spec())
+            await store.add(spec(args=["https://other.example"]))
     run(redis_url, body)
 
 

@@ -76,3 +76,35 @@ def test_a_worker_sends_children_again_when_the_master_cannot_reach_redis():
         assert await w._send_children(outcomes) == {
             "parent": "spec 0: unknown job spec key(s) 'colour'"}
     asyncio.run(main())
+
+
+def test_a_batch_with_a_periodic_job_can_be_sent_again_after_cannot_reach_redis(redis_url):
+    """submit_jobs stores periodic jobs first; when a later step cannot reach Redis the
+    caller is told to send the call again, and the resent call must then pass: the
+    periodic job, stored already, is answered as stored instead of 'already exists'."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from elric.contract import REDIS_UNAVAILABLE
+    from elric.rpc import RequestError
+
+    async def main():
+        async with master(redis_url) as m:
+            real, failed = m.queue._enqueue, []
+
+            async def once(args):
+                if not failed:
+                    failed.append(1)
+                    raise RedisConnectionError("Connection reset by peer")
+                return await real(args=args)
+            m.queue._enqueue = once
+            batch = [{"func": "tests.jobs:Echo", "job_id": "P",
+                      "trigger": {"type": "interval", "minutes": 15}},
+                     {"func": "tests.jobs:Echo", "job_id": "one", "dedupe_key": "k"}]
+            try:
+                await m.submit_jobs(batch)
+                raise AssertionError("the first call should have failed")
+            except RequestError as exc:
+                assert str(exc).startswith(REDIS_UNAVAILABLE)
+            out = await m.submit_jobs(batch)
+            assert [o["status"] for o in out] == ["scheduled", "queued"]
+    asyncio.run(main())
