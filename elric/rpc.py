@@ -235,16 +235,17 @@ class Server:
         if self._listener is not None:
             self._listener.close()
         conns = list(self._connections.items())
-        for task, _ in conns:
-            task.cancel()     # _Connection.run stops reading, then waits for its calls
+        for _, conn in conns:
+            conn.stop_reading()   # _Connection.run ends, once its calls in flight are done
         if conns:
             _, late = await asyncio.wait([task for task, _ in conns], timeout=grace)
             if late:
                 log.warning("%d connection(s) still had calls in flight after %.0fs; "
                             "cancelling them", len(late), grace)
-                for _, conn in conns:
+                for task, conn in conns:
                     for t in list(conn.tasks):
                         t.cancel()
+                    task.cancel()
                 await asyncio.gather(*late, return_exceptions=True)
         if self._listener is not None:
             await self._listener.wait_closed()
@@ -288,6 +289,14 @@ class _Connection:
         self.authed = server._token is None
         self.tasks: set[asyncio.Task] = set()
         self.slots = asyncio.Semaphore(server.max_pending)
+
+    def stop_reading(self) -> None:
+        """Read no more requests (the server is closing): what arrived is still handled,
+        then ``run`` sees the end of the stream, waits for its calls and closes."""
+        if not self.writer.transport.is_closing():
+            self.writer.transport.pause_reading()
+        if not self.reader.at_eof():
+            self.reader.feed_eof()
 
     async def run(self) -> None:
         decoder = _Decoder(self.server.max_message)

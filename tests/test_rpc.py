@@ -482,6 +482,34 @@ def test_close_lets_calls_in_flight_finish_and_answer():
     arun(main())
 
 
+def test_close_lets_a_call_finish_whose_client_has_gone():
+    """A client that gave up (closed its connection) leaves its call running; the server
+    closing then still lets it finish rather than cutting it half-way."""
+    async def main():
+        started, release, finished = asyncio.Event(), asyncio.Event(), []
+
+        async def slow():
+            started.set()
+            await release.wait()
+            finished.append(True)
+            return "done"
+
+        async with serving(basic_handlers(slow=slow)) as server:
+            client = await AsyncClient.connect(*server.address, timeout=60)
+            call = asyncio.create_task(client.call("slow"))
+            await asyncio.wait_for(started.wait(), DEADLINE)
+            await client.close()
+            with pytest.raises(RPCConnectionError):
+                await call
+            closing = asyncio.create_task(server.close())
+            await asyncio.sleep(0)
+            assert not closing.done()          # waiting for the call of the gone client
+            release.set()
+            await asyncio.wait_for(closing, DEADLINE)
+            assert finished == [True]
+    arun(main())
+
+
 def test_call_timeout():
     async def main():
         async def hang():
