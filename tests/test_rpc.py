@@ -501,6 +501,13 @@ def test_close_lets_a_call_finish_whose_client_has_gone():
             await client.close()
             with pytest.raises(RPCConnectionError):
                 await call
+            # the server has seen the client go: its connection waits for the call
+            deadline = time.monotonic() + DEADLINE
+            while not all(c.reader.at_eof() for c in server._connections.values()):
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.01)
+            for _ in range(3):
+                await asyncio.sleep(0)        # (its run() goes on to wait for the call)
             closing = asyncio.create_task(server.close())
             await asyncio.sleep(0)
             assert not closing.done()          # waiting for the call of the gone client
