@@ -268,7 +268,9 @@ class Master:
             for i in passed:
                 jobs.append(normalized[i] if defer[i] is None
                             else contract.build_deferred(normalized[i], defer[i]))
-            replies = await self._redis_call(self.queue.enqueue(jobs, may_exist=chosen))
+            existed: list[int] = []
+            replies = await self._redis_call(self.queue.enqueue(jobs, may_exist=chosen,
+                                                                existed=existed))
         except BaseException as exc:
             # The keys this call took must not outlive it without a job: give back those
             # of the jobs that do not exist (the enqueue may have run with its reply lost,
@@ -278,16 +280,16 @@ class Master:
                     jobs if len(jobs) == len(passed) else [normalized[i] for i in passed]),
                     exc)
             raise
-        # A job_id the caller chose that exists already and is finished: this call made
-        # no job, so it holds no key (else a key released when that job failed for good,
-        # or expired, would be taken again by no job, and every later copy filtered).
-        # (The master's own ids are new: one that exists was queued by this very call,
-        # its ENQUEUE run twice by redis-py after a lost reply.)
-        ended = [job for job, r in zip(jobs, replies)
-                 if r["status"] in contract.FINAL_STATUSES and job["job_id"] in chosen] \
-            if chosen else ()
-        if ended:
-            await self._release_keys(ended)
+        # A job_id that existed already: nothing was queued for it, so the key this call
+        # took goes back unless that job holds it (see _not_held).
+        existing_keyed = [jobs[i] for i in existed if jobs[i].get("dedupe_key") is not None]
+        if existing_keyed:
+            try:
+                holds = await self.queue.get_dedupe_holds([n["job_id"] for n in existing_keyed])
+                await self._release_keys(self._not_held(existing_keyed, holds))
+            except REDIS_ERRORS as exc:
+                log.warning("could not check the dedupe keys of %d resubmitted job(s): %s",
+                            len(existing_keyed), exc)
         for i, r in zip(passed, replies):
             results[i] = r
         return results
@@ -308,12 +310,26 @@ class Master:
         keyed = [n for n in jobs if n.get("dedupe_key") is not None and n.get("job_id")]
         unbuilt = [n for n in jobs if n.get("dedupe_key") is not None and not n.get("job_id")]
         try:
-            found = await self.queue.get_statuses([n["job_id"] for n in keyed])
+            holds = await self.queue.get_dedupe_holds([n["job_id"] for n in keyed])
         except Exception as exc:   # Redis unreachable: most likely nothing was written
             log.warning("could not look up %d job(s) of a failed submit_jobs (%s); giving "
                         "their dedupe keys back", len(keyed), exc)
-            found = [None] * len(keyed)
-        await self._release_keys(unbuilt + [n for n, st in zip(keyed, found) if st is None])
+            holds = [None] * len(keyed)
+        await self._release_keys(unbuilt + self._not_held(keyed, holds))
+
+    def _not_held(self, specs: list[dict], holds: list[tuple | None]) -> list[dict]:
+        """The specs whose dedupe key no job holds, by what Redis has under their job_id
+        (``get_dedupe_holds``): no job; a job with another key or scope (a resubmitted
+        id); or a job that failed for good, when failed jobs give their keys back. A job
+        with this very key and scope holds it: this call made it (its ENQUEUE replayed
+        after a lost reply), or it is the same job sent again."""
+        out = []
+        release_failed = self.settings.DEDUPE_RELEASE_ON_FAILURE
+        for n, hold in zip(specs, holds):
+            if hold is None or (hold[1], hold[2]) != (n["dedupe_key"], n["dedupe_scope"]) \
+                    or release_failed and hold[0] == contract.FAILED:
+                out.append(n)
+        return out
 
     async def _schedule(self, spec: dict) -> dict:
         job_spec = {k: v for k, v in spec.items() if k != "replace_existing"}

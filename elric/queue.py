@@ -71,13 +71,15 @@ class RedisQueue:
 
     # --- writes ----------------------------------------------------------------------
     async def enqueue(self, specs: list[dict], *, fence: tuple[str, int] | None = None,
-                      may_exist: set | None = None) -> list[dict]:
+                      may_exist: set | None = None,
+                      existed: list[int] | None = None) -> list[dict]:
         """Queue normalized specs; an existing job_id is left as it is (idempotent).
 
         Returns ``{"job_id", "status"}`` per spec: ``queued`` for a new job, else the
         status the existing job has. ``may_exist``, when given, holds the only job_ids
         that can exist already (the ones a caller chose); the others were just made by
-        the master, and Redis skips looking them up.
+        the master, and Redis skips looking them up. ``existed``, when given, gets the
+        positions of the specs whose job_id existed (nothing was queued for them).
         """
         if not specs:
             return []
@@ -117,6 +119,8 @@ class RedisQueue:
         statuses = ["queued"] * len(specs)
         for i in range(0, len(existing), 2):
             statuses[int(existing[i]) - 1] = _s(existing[i + 1])
+            if existed is not None:
+                existed.append(int(existing[i]) - 1)
         return [{"job_id": spec["job_id"], "status": status}
                 for spec, status in zip(specs, statuses)]
 
@@ -226,6 +230,14 @@ class RedisQueue:
     async def get_job(self, job_id: str) -> dict | None:
         h = await self.redis.hgetall(self.keys.job(job_id))
         return self.job_view(job_id, h) if h else None
+
+    async def get_dedupe_holds(self, job_ids: list[str]) -> list[tuple | None]:
+        """Per job: (status, dedupe_key, dedupe_scope), or None when there is no such job."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hmget(self.keys.job(job_id), "status", "dedupe_key", "dedupe_scope")
+            rows = await pipe.execute()
+        return [None if row[0] is None else tuple(_s(v) for v in row) for row in rows]
 
     async def get_statuses(self, job_ids: list[str]) -> list[str | None]:
         async with self.redis.pipeline(transaction=False) as pipe:

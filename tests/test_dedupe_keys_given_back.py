@@ -157,10 +157,13 @@ def test_a_stopping_master_does_not_wait_forever_on_a_redis_that_does_not_answer
     asyncio.run(main())
 
 
-def test_a_job_this_call_queued_and_that_ended_before_a_replay_keeps_its_key(redis_url):
+@pytest.mark.parametrize("chosen", [False, True])
+def test_a_job_this_call_queued_and_that_ended_before_a_replay_keeps_its_key(redis_url,
+                                                                             chosen):
     """redis-py re-sends ENQUEUE when a reply is lost; if a worker finished the job in
-    between, the replay reports it finished. The master made that id in this call, so
-    the job is this call's own and its key stays: a duplicate of it is filtered."""
+    between, the replay reports it finished. The job holds this very key: it is this
+    call's own, and its key stays (a duplicate of it is filtered), whoever chose its id
+    (a worker's children have ids of their own)."""
     async def main():
         async with master(redis_url) as m:
             real = m.queue._enqueue
@@ -172,10 +175,43 @@ def test_a_job_this_call_queued_and_that_ended_before_a_replay_keeps_its_key(red
                 return await real(args=args)
             m.queue._enqueue = replayed
             spec = {"func": E, "args": ["u"], "dedupe_key": "page-1"}
+            if chosen:
+                spec["job_id"] = "parent1-c0"
             [first] = await m.submit_jobs([spec])
             assert first["status"] == "succeeded"
             m.queue._enqueue = real
-            assert (await m.submit_jobs([spec]))[0]["status"] == "filtered"
+            assert (await m.submit_jobs([{**spec, "job_id": "parent2-c0"}]))[0]["status"] \
+                == "filtered"
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("how", ["ok", "lost reply"])
+@pytest.mark.parametrize("status", ["queued", "succeeded"])
+def test_a_resubmitted_id_whose_job_has_another_key_does_not_keep_this_one(redis_url, how,
+                                                                          status):
+    """Job J exists without key K. A call sending J again with K queues nothing for it
+    (the id exists), so K goes back, whether the call succeeded or its reply was lost."""
+    async def main():
+        async with master(redis_url) as m:
+            await m.submit_jobs([{"func": E, "job_id": "J"}])
+            if status != "queued":
+                await m.redis.hset(m.keys.job("J"), "status", status)
+            real = m.queue._enqueue
+            if how == "lost reply":
+                async def lost(args):
+                    await real(args=args)
+                    raise RedisTimeoutError("Timeout reading from socket")
+                m.queue._enqueue = lost
+            spec = {"func": E, "job_id": "J", "dedupe_key": "K"}
+            if how == "ok":
+                assert await m.submit_jobs([spec]) == [{"job_id": "J", "status": status}]
+            else:
+                with pytest.raises(RequestError):
+                    await m.submit_jobs([spec])
+                m.queue._enqueue = real
+            assert (await m.queue.get_job("J")).get("dedupe_key") is None
+            assert (await m.submit_jobs([{"func": E, "job_id": "other", "dedupe_key": "K"}]))[
+                0]["status"] == "queued"
     asyncio.run(main())
 
 
@@ -186,7 +222,7 @@ def test_resubmitting_the_id_of_a_finished_job_does_not_take_its_key_again(redis
     the key either, or every later copy of the page would be filtered with no job to run
     it."""
     async def main():
-        async with master(redis_url, DEDUPE_TTL=ttl) as m:
+        async with master(redis_url, DEDUPE_TTL=ttl, DEDUPE_RELEASE_ON_FAILURE=True) as m:
             spec = {"func": E, "job_id": "c0ffee", "dedupe_key": "http://x/p",
                     "dedupe_scope": "crawl"}
             assert (await m.submit_jobs([spec]))[0]["status"] == "queued"
