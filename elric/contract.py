@@ -33,8 +33,9 @@ METHODS = (
     "stats", "rerun_job", "pause_job", "resume_job", "modify_job",
 )
 
-# The start of the error a master answers when it cannot reach Redis: nothing of the call
-# took effect, and the same call may be sent again (workers do, with a backoff).
+# The start of the error a master answers when it cannot reach Redis: no job of the call
+# was queued that the caller is not told of, the keys it took are given back where the
+# filter can, and the same call may be sent again (workers do, with a backoff).
 REDIS_UNAVAILABLE = "master cannot reach Redis right now"
 
 # --- job spec -------------------------------------------------------------------------

@@ -328,7 +328,7 @@ class Worker:
             except RemoteError as exc:
                 if not str(exc).startswith(REDIS_UNAVAILABLE):
                     raise
-                # nothing was taken (not a refusal of the children): the same call again
+                # not a refusal of the children: the same call again, once Redis is back
                 log.warning("worker: %s; retrying in %.1fs", exc, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
