@@ -33,9 +33,10 @@ METHODS = (
     "stats", "rerun_job", "pause_job", "resume_job", "modify_job",
 )
 
-# The start of the error a master answers when it cannot reach Redis: no job of the call
-# was queued that the caller is not told of, the keys it took are given back where the
-# filter can, and the same call may be sent again (workers do, with a backoff).
+# The start of the error a master answers when it cannot reach Redis. The dedupe keys the
+# call took are given back where no job holds them (exact filters), and the same call may
+# be sent again (workers do, with a backoff); with job_ids of the caller's own, a job the
+# first call did queue answers with its status instead of being queued twice.
 REDIS_UNAVAILABLE = "master cannot reach Redis right now"
 
 # --- job spec -------------------------------------------------------------------------
