@@ -451,31 +451,37 @@ def test_async_pending_call_fails_promptly_when_server_closes():
     arun(main())
 
 
+class Slow:
+    """A handler that runs until ``release`` is set, then answers "done"."""
+
+    def __init__(self):
+        self.started, self.release, self.finished = asyncio.Event(), asyncio.Event(), []
+
+    async def __call__(self):
+        self.started.set()
+        await self.release.wait()
+        self.finished.append(True)
+        return "done"
+
+
 def test_close_lets_calls_in_flight_finish_and_answer():
     """A closing server reads no new request, but a call already running finishes and
     its answer is sent: cutting it short could leave its state half-written."""
     async def main():
-        started, release, finished = asyncio.Event(), asyncio.Event(), []
-
-        async def slow():
-            started.set()
-            await release.wait()
-            finished.append(True)
-            return "done"
-
+        slow = Slow()
         async with serving(basic_handlers(slow=slow)) as server:
             client = await AsyncClient.connect(*server.address, timeout=60)
             call = asyncio.create_task(client.call("slow"))
-            await asyncio.wait_for(started.wait(), DEADLINE)
+            await asyncio.wait_for(slow.started.wait(), DEADLINE)
             closing = asyncio.create_task(server.close())
             await asyncio.sleep(0)            # let close() stop the reading first
             later = asyncio.create_task(client.call("ping"))
             await asyncio.sleep(0)
             assert not closing.done()         # waiting for the call in flight
-            release.set()
+            slow.release.set()
             assert await asyncio.wait_for(call, DEADLINE) == "done"
             await asyncio.wait_for(closing, DEADLINE)
-            assert finished == [True]
+            assert slow.finished == [True]
             with pytest.raises(RPCConnectionError):   # read by nobody: never answered
                 await asyncio.wait_for(later, DEADLINE)
             await client.close()
@@ -486,18 +492,11 @@ def test_close_lets_a_call_finish_whose_client_has_gone():
     """A client that gave up (closed its connection) leaves its call running; the server
     closing then still lets it finish rather than cutting it half-way."""
     async def main():
-        started, release, finished = asyncio.Event(), asyncio.Event(), []
-
-        async def slow():
-            started.set()
-            await release.wait()
-            finished.append(True)
-            return "done"
-
+        slow = Slow()
         async with serving(basic_handlers(slow=slow)) as server:
             client = await AsyncClient.connect(*server.address, timeout=60)
             call = asyncio.create_task(client.call("slow"))
-            await asyncio.wait_for(started.wait(), DEADLINE)
+            await asyncio.wait_for(slow.started.wait(), DEADLINE)
             await client.close()
             with pytest.raises(RPCConnectionError):
                 await call
@@ -511,9 +510,9 @@ def test_close_lets_a_call_finish_whose_client_has_gone():
             closing = asyncio.create_task(server.close())
             await asyncio.sleep(0)
             assert not closing.done()          # waiting for the call of the gone client
-            release.set()
+            slow.release.set()
             await asyncio.wait_for(closing, DEADLINE)
-            assert finished == [True]
+            assert slow.finished == [True]
     arun(main())
 
 
