@@ -276,20 +276,14 @@ class Master:
             # of the jobs that do not exist (the enqueue may have run with its reply lost,
             # so each is looked up first); a cancelled call (shutdown) too.
             if any(normalized[i].get("dedupe_key") is not None for i in passed):
-                await self._clean_up(self._release_unqueued(
-                    jobs if len(jobs) == len(passed) else [normalized[i] for i in passed]),
-                    exc)
+                await self._clean_up(self._release_unheld(
+                    jobs if len(jobs) == len(passed) else [normalized[i] for i in passed],
+                    if_unknown=True), exc)
             raise
         # A job_id that existed already: nothing was queued for it, so the key this call
         # took goes back unless that job holds it (see _not_held).
-        existing_keyed = [jobs[i] for i in existed if jobs[i].get("dedupe_key") is not None]
-        if existing_keyed:
-            try:
-                holds = await self.queue.get_dedupe_holds([n["job_id"] for n in existing_keyed])
-                await self._release_keys(self._not_held(existing_keyed, holds))
-            except REDIS_ERRORS as exc:
-                log.warning("could not check the dedupe keys of %d resubmitted job(s): %s",
-                            len(existing_keyed), exc)
+        if existed:
+            await self._release_unheld([jobs[i] for i in existed], if_unknown=False)
         for i, r in zip(passed, replies):
             results[i] = r
         return results
@@ -305,15 +299,21 @@ class Master:
         if not isinstance(exc, asyncio.CancelledError):
             await asyncio.wait({task}, timeout=CLEANUP_WAIT)
 
-    async def _release_unqueued(self, jobs: list[dict]) -> None:
-        """Give back the dedupe keys of ``jobs`` that were not queued (a failed call)."""
+    async def _release_unheld(self, jobs: list[dict], *, if_unknown: bool) -> None:
+        """Give back the dedupe keys of ``jobs`` that no job holds (see _not_held); a job
+        not built yet (no job_id) holds none. When Redis cannot be asked: all of them
+        if ``if_unknown`` (a failed call: most likely nothing was written), else none."""
         keyed = [n for n in jobs if n.get("dedupe_key") is not None and n.get("job_id")]
         unbuilt = [n for n in jobs if n.get("dedupe_key") is not None and not n.get("job_id")]
+        if not keyed and not unbuilt:
+            return
         try:
             holds = await self.queue.get_dedupe_holds([n["job_id"] for n in keyed])
-        except Exception as exc:   # Redis unreachable: most likely nothing was written
-            log.warning("could not look up %d job(s) of a failed submit_jobs (%s); giving "
-                        "their dedupe keys back", len(keyed), exc)
+        except Exception as exc:
+            log.warning("could not look up the jobs of %d dedupe key(s) (%s); %s", len(keyed),
+                        exc, "giving them back" if if_unknown else "keeping them")
+            if not if_unknown:
+                return
             holds = [None] * len(keyed)
         await self._release_keys(unbuilt + self._not_held(keyed, holds))
 
