@@ -83,7 +83,7 @@ def pack(value: Any) -> bytes:
 
 
 def unpack(blob: bytes | None) -> Any:
-    return None if blob is None else msgpack.unpackb(blob, raw=False)
+    return None if blob is None else msgpack.unpackb(blob, raw=False, strict_map_key=False)
 
 
 def iso(ts: float | None) -> str:
@@ -284,7 +284,8 @@ class RedisJobStore:
             raise ScheduleError("job_id: a periodic job needs a job_id (a non-empty string)")
         if spec.get("trigger") is None:
             raise TriggerError("trigger", "required for a periodic job")
-        raw = msgpack.unpackb(pack(spec["trigger"]), raw=False)  # as it reads back from Redis
+        # as it reads back from Redis
+        raw = msgpack.unpackb(pack(spec["trigger"]), raw=False, strict_map_key=False)
         options = schedule_options(spec)
         job_spec = {k: v for k, v in spec.items() if k not in SCHEDULE_OPTIONS}
         _, normalized = parse_trigger(raw, now=self.clock())
@@ -358,7 +359,8 @@ class RedisJobStore:
             raise ScheduleError("job_id cannot be modified; remove the job and add it again")
         new_trigger = None
         if "trigger" in changes:
-            raw = msgpack.unpackb(pack(changes["trigger"]), raw=False)
+            raw = msgpack.unpackb(pack(changes["trigger"]), raw=False,
+                                 strict_map_key=False)
             new_trigger = (raw, parse_trigger(raw, now=self.clock())[1])
 
         def change(job):

@@ -33,7 +33,7 @@ def pack(value: Any) -> bytes:
 def unpack(data: bytes | None) -> Any:
     if data is None or data == b"":
         return None
-    return msgpack.unpackb(data, raw=False)
+    return msgpack.unpackb(data, raw=False, strict_map_key=False)
 
 
 def _s(value: bytes | None) -> str | None:

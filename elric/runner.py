@@ -27,6 +27,10 @@ class JobTimeout(Exception):
 _allowed_modules: tuple[str, ...] = ()
 
 
+def _unpack(data: bytes) -> Any:
+    return msgpack.unpackb(data, raw=False, strict_map_key=False)
+
+
 def init_process(allowed_modules: tuple[str, ...], worker_pid: int | None = None) -> None:
     """Pool initializer: the worker process decides about shutdown, not its children."""
     global _allowed_modules
@@ -75,8 +79,9 @@ def _run_one(item: dict) -> dict:
     timeout = item.get("timeout")
     try:
         cls = resolve_job_class(item["func"], _allowed_modules)
-        args = msgpack.unpackb(item["args"], raw=False) if item["args"] else []
-        kwargs = msgpack.unpackb(item["kwargs"], raw=False) if item["kwargs"] else {}
+        # (int map keys too: the contract accepts them in arguments)
+        args = _unpack(item["args"]) if item["args"] else []
+        kwargs = _unpack(item["kwargs"]) if item["kwargs"] else {}
         instance = cls()
         instance.job_id = job_id
         instance.attempt = item["attempt"]
@@ -113,7 +118,7 @@ def _run_one(item: dict) -> dict:
 
 def run_chunk(packed: bytes) -> bytes:
     """Run the jobs of one chunk in order; return their outcomes (msgpack)."""
-    items = msgpack.unpackb(packed, raw=False)
+    items = _unpack(packed)
     outcomes = [_run_one(item) for item in items]
     try:
         return msgpack.packb(outcomes, use_bin_type=True)

@@ -231,7 +231,7 @@ class Worker:
     async def _complete(self, chunk: _Chunk) -> None:
         try:
             packed = await asyncio.wrap_future(chunk.future)
-            outcomes = msgpack.unpackb(packed, raw=False)
+            outcomes = msgpack.unpackb(packed, raw=False, strict_map_key=False)
         except BrokenProcessPool:
             outcomes = self._crashed(chunk)
         except Exception as exc:  # the pool could not even run it

@@ -31,6 +31,25 @@ def test_submit_runs_and_records_result(cluster):
     assert job["worker"]
 
 
+def test_maps_with_integer_keys_go_through_every_step(cluster):
+    """The contract accepts integer map keys in arguments: the worker unpacks them, the
+    result keeps them, and get_job shows them, for a job and a periodic one (each step
+    used msgpack's default, which refuses them: an internal error, or a failed job)."""
+    cluster.start_worker("--concurrency", "1")
+    args, kwargs = [{1: "one", "k": [2]}], {"m": {-3: None}}
+    assert cluster.client.submit_job(Echo.spec(args, kwargs, job_id="int-keys"))["status"] \
+        == "queued"
+    job = cluster.wait_job("int-keys")
+    assert job["status"] == "succeeded", (job.get("error"), cluster.logs())
+    assert job["result"] == {"args": args, "kwargs": kwargs}
+    assert (job["args"], job["kwargs"]) == (args, kwargs)
+    periodic = Echo.spec(args, kwargs, job_id="int-keys-p",
+                         trigger={"type": "interval", "hours": 1})
+    assert cluster.client.submit_job(periodic)["status"] == "scheduled"
+    assert cluster.client.submit_job(periodic)["status"] == "scheduled"   # the same again
+    assert cluster.client.get_job("int-keys-p")["kwargs"] == kwargs
+
+
 def test_child_jobs_reach_the_master_and_run(cluster):
     cluster.start_worker("--concurrency", "2")
     cluster.client.submit_job(Spawn.spec([5], job_id="parent"))
