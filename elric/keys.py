@@ -9,6 +9,20 @@ Jobs and queues
     ``{p}:queue:{queue}``           zset   jobs ready to run. score = -priority,
                                            member = ``{seq:016x}:{job_id}`` so equal
                                            priorities pop in submission order (FIFO).
+    ``{p}:packs:{queue}``           zset   packs of jobs ready to run, in line with the
+                                           queue's own zset: score = -priority, member =
+                                           the pack's ``{seq:016x}`` (that of its first
+                                           job). A pack is one run of jobs the master
+                                           made ids for in one submit_jobs call, sharing
+                                           queue, priority and batch: queued as one list
+                                           and one hash field per job instead of a job
+                                           hash and a queue member each (scripts.ENQUEUE).
+    ``{p}:pack:{seq:016x}``         list   the job_ids of one pack, first in line first;
+                                           FETCH pops them.
+    ``{p}:packed``                  hash   job_id -> the fields of a job waiting in a
+                                           pack (msgpack [name, value, ...]); FETCH turns
+                                           them into its job hash.
+    ``{p}:packed:counts``           hash   queue -> jobs waiting in its packs.
     ``{p}:queues``                  set    names of every queue ever used.
     ``{p}:seq``                     string counter behind the FIFO sequence numbers.
     ``{p}:wake:{queue}``            list   wake-up tokens; idle workers BLPOP on them.
@@ -18,7 +32,8 @@ Jobs and queues
     ``{p}:status:{status}``         zset   job_id -> time (ms) it entered that status;
                                            the index behind ``list_jobs`` and ``stats``.
                                            Not for ``queued``: a queued job's index is
-                                           its queue's zset (one write less per job).
+                                           its queue's zset or its pack (one write less
+                                           per job).
     ``{p}:stats:counters``          hash   cumulative counters (``submitted``,
                                            ``succeeded``, ``failed``, ...).
     ``{p}:stats:batch:{batch}``     hash   the same counters for one batch label.
@@ -73,6 +88,8 @@ class Keys:
         self.prefix = prefix
         p = prefix
         self.queues = f"{p}:queues"
+        self.packed = f"{p}:packed"
+        self.packed_counts = f"{p}:packed:counts"
         self.seq = f"{p}:seq"
         self.inflight = f"{p}:inflight"
         self.delayed = f"{p}:delayed"
@@ -96,6 +113,12 @@ class Keys:
 
     def queue(self, name: str) -> str:
         return f"{self.prefix}:queue:{name}"
+
+    def packs(self, name: str) -> str:
+        return f"{self.prefix}:packs:{name}"
+
+    def pack(self, seq: str) -> str:
+        return f"{self.prefix}:pack:{seq}"
 
     def wake(self, name: str) -> str:
         return f"{self.prefix}:wake:{name}"

@@ -8,7 +8,7 @@ is pickled.
 from __future__ import annotations
 
 import time
-from typing import Any, Iterable
+from typing import Any, AsyncIterator, Iterable
 
 import msgpack
 from redis.exceptions import ResponseError
@@ -30,6 +30,18 @@ def pack(value: Any) -> bytes:
     return msgpack.packb(value, use_bin_type=True)
 
 
+# Redis's cmsgpack predates msgpack's bin type: what a script unpacks is packed without it
+_packb = msgpack.Packer(use_bin_type=False).pack
+
+
+def _packed_fields(data: bytes) -> dict[bytes, bytes]:
+    """The job hash a job waiting in a pack will have (scripts.ENQUEUE), status queued."""
+    flat = msgpack.unpackb(data, raw=True)
+    h = dict(zip(flat[::2], flat[1::2]))
+    h[b"status"] = b"queued"
+    return h
+
+
 def unpack(data: bytes | None) -> Any:
     if data is None or data == b"":
         return None
@@ -49,6 +61,15 @@ def _ms_to_s(value: bytes | None) -> float | None:
 # reads as (numbers as repr, as redis-py would)
 _OPTIONAL_FIELDS = {"max_retries": 0, "timeout": None, "parent": "", "schedule": None,
                     "fire_time": None, "dedupe_key": None, "dedupe_scope": None}
+
+
+async def _take(it, n: int) -> AsyncIterator:
+    """The next ``n`` items of an async iterator (fewer at its end)."""
+    for _ in range(n):
+        item = await anext(it, None)
+        if item is None:
+            return
+        yield item
 
 
 class RedisQueue:
@@ -84,10 +105,15 @@ class RedisQueue:
         if not specs:
             return []
         # runs of consecutive jobs sharing queue, priority, batch and freshness (see
-        # scripts.ENQUEUE): [n, queue, priority, batch, fresh, body, queue, ...]
+        # scripts.ENQUEUE): [n, queue, priority, batch, fresh, body, queue, ...]; a fresh
+        # run (ids the master just made) is queued as a pack: its body holds each job's
+        # fields packed, queue, priority, enqueued_at and batch included.
+        now = now_ms()
+        enqueued_at = str(now)
         runs: list[Any] = [len(specs)]
         head = None
         body: list[Any] = []
+        fresh = False
         for spec in specs:
             # Fields at their default are not written (a missing field reads as the
             # default): each hash field costs Redis ~0.35 us per job.
@@ -105,11 +131,17 @@ class RedisQueue:
             this = (spec["queue"], repr(spec["priority"]), spec.get("batch") or "",
                     "0" if may_exist is None or job_id in may_exist else "1")
             if this != head:
-                head, body = this, []
+                head, body, fresh = this, [], this[3] == "1"
                 runs += [*this, body]
-            body += [job_id, len(fields), *fields]
-        argv: list[Any] = [self.keys.prefix, now_ms(), fence[0] if fence else "",
-                           fence[1] if fence else "", msgpack.packb(runs, use_bin_type=False)]
+            if fresh:
+                fields += ["queue", this[0], "priority", this[1], "enqueued_at", enqueued_at]
+                if this[2]:
+                    fields += ["batch", this[2]]
+                body += [job_id, _packb(fields)]
+            else:
+                body += [job_id, len(fields), *fields]
+        argv: list[Any] = [self.keys.prefix, now, fence[0] if fence else "",
+                           fence[1] if fence else "", _packb(runs)]
         try:
             existing = await self._enqueue(args=argv)
         except ResponseError as exc:
@@ -227,23 +259,39 @@ class RedisQueue:
             view["fire_time"] = float(g("fire_time"))
         return view
 
+    async def _hashes(self, job_ids: list[str], *fields: str) -> list:
+        """Per job: its hash (HGETALL, or HMGET of ``fields``) or, for a job waiting in a
+        pack, the same made from its packed fields; {} (all None) when there is none.
+        The pack is read first: a job leaves it only for its hash (FETCH), so a job taken
+        between the two reads is still seen, as the hash it became."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hget(self.keys.packed, job_id)
+                if fields:
+                    pipe.hmget(self.keys.job(job_id), *fields)
+                else:
+                    pipe.hgetall(self.keys.job(job_id))
+            rows = await pipe.execute()
+        out = []
+        for packed, h in zip(rows[::2], rows[1::2]):
+            if packed is not None and not (h[0] if fields else h):
+                h = _packed_fields(packed)
+                if fields:
+                    h = [h.get(f.encode()) for f in fields]
+            out.append(h)
+        return out
+
     async def get_job(self, job_id: str) -> dict | None:
-        h = await self.redis.hgetall(self.keys.job(job_id))
+        h = (await self._hashes([job_id]))[0]
         return self.job_view(job_id, h) if h else None
 
     async def get_dedupe_holds(self, job_ids: list[str]) -> list[tuple | None]:
         """Per job: (status, dedupe_key, dedupe_scope), or None when there is no such job."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for job_id in job_ids:
-                pipe.hmget(self.keys.job(job_id), "status", "dedupe_key", "dedupe_scope")
-            rows = await pipe.execute()
+        rows = await self._hashes(job_ids, "status", "dedupe_key", "dedupe_scope")
         return [None if row[0] is None else tuple(_s(v) for v in row) for row in rows]
 
     async def get_statuses(self, job_ids: list[str]) -> list[str | None]:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for job_id in job_ids:
-                pipe.hget(self.keys.job(job_id), "status")
-            return [_s(s) for s in await pipe.execute()]
+        return [_s(row[0]) for row in await self._hashes(job_ids, "status")]
 
     async def list_jobs(self, *, status: str | None = None, queue: str | None = None,
                         func: str | None = None, batch: str | None = None, offset: int = 0,
@@ -256,36 +304,63 @@ class RedisQueue:
         scanned = 0
         page = 500
         for st in statuses:
-            if st == "queued":  # indexed by the queues' own sorted sets
+            if st == "queued":  # indexed by the queues' own sorted sets and packs
                 names = [queue] if queue else sorted(
                     _s(q) for q in await self.redis.smembers(self.keys.queues))
-                indexes = [(self.keys.queue(q), True) for q in names]
-            else:
-                indexes = [(self.keys.status(st), False)]
-            for index, in_line in indexes:
-                start = 0
-                while len(out) < limit + offset and scanned < scan_limit:
-                    ids = await self.redis.zrevrange(index, start, start + page - 1)
-                    if not ids:
+                for q in names:
+                    line = self._line(q)
+                    while len(out) < limit + offset and scanned < scan_limit:
+                        ids = [i async for i in _take(line, page)]
+                        if not ids:
+                            break
+                        scanned += len(ids)
+                        await self._page(st, ids, "", True, out, queue, func, batch)
+                    if len(out) >= limit + offset or scanned >= scan_limit:
                         break
-                    start += page
-                    scanned += len(ids)
-                    if in_line:  # members are {seq:016x}:{job_id}
-                        ids = [raw[17:] for raw in ids]
-                    await self._page(st, ids, index, in_line, out, queue, func, batch)
-                    if len(out) >= limit + offset:
-                        break
+                if len(out) >= limit + offset:
+                    break
+                continue
+            index, start = self.keys.status(st), 0
+            while len(out) < limit + offset and scanned < scan_limit:
+                ids = await self.redis.zrevrange(index, start, start + page - 1)
+                if not ids:
+                    break
+                start += page
+                scanned += len(ids)
+                await self._page(st, ids, index, False, out, queue, func, batch)
             if len(out) >= limit + offset:
                 break
         return out[offset:offset + limit]
 
+    async def _line(self, q: str):
+        """The job_ids queued in ``q``, the last in line first: the queue's sorted set
+        and its packs merged by place in line (priority, then sequence number)."""
+        async def entries(key: str):
+            start = 0
+            while True:
+                rows = await self.redis.zrevrange(key, start, start + 499, withscores=True)
+                if not rows:
+                    return
+                start += 500
+                for member, score in rows:
+                    yield score, member
+
+        singles, packs = entries(self.keys.queue(q)), entries(self.keys.packs(q))
+        a, b = await anext(singles, None), await anext(packs, None)
+        while a is not None or b is not None:
+            # members start with the 16 hex digits of their sequence number
+            if b is None or a is not None and (a[0], a[1][:16]) > (b[0], b[1][:16]):
+                yield a[1][17:]  # {seq:016x}:{job_id}
+                a = await anext(singles, None)
+            else:
+                for job_id in reversed(await self.redis.lrange(self.keys.pack(_s(b[1])), 0, -1)):
+                    yield job_id
+                b = await anext(packs, None)
+
     async def _page(self, st: str, ids: list[bytes], index: str, in_line: bool,
                     out: list[dict], queue, func, batch) -> None:
         """Append the views of one page of an index that match the filters."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for raw in ids:
-                pipe.hgetall(self.keys.job(_s(raw)))
-            hashes = await pipe.execute()
+        hashes = await self._hashes([_s(raw) for raw in ids])
         gone = []
         for raw, h in zip(ids, hashes):
             job_id = _s(raw)
@@ -311,6 +386,7 @@ class RedisQueue:
                 pipe.zcard(k.status(st))
             for q in queues:
                 pipe.zcard(k.queue(q))
+            pipe.hgetall(k.packed_counts)
             pipe.hgetall(k.counters)
             for b in batches:
                 pipe.hgetall(k.batch(b))
@@ -318,9 +394,10 @@ class RedisQueue:
             res = await pipe.execute()
         by_status = dict(zip(STATUSES, res[:len(STATUSES)]))
         res = res[len(STATUSES):]
-        waiting = dict(zip(queues, res[:len(queues)]))
+        in_packs = {_s(q): int(c) for q, c in res[len(queues)].items()}
+        waiting = {q: n + in_packs.get(q, 0) for q, n in zip(queues, res[:len(queues)])}
         by_status["queued"] = sum(waiting.values())  # queued jobs are indexed per queue
-        res = res[len(queues):]
+        res = res[len(queues) + 1:]
         counters = {_s(a): int(b) for a, b in res[0].items()}
         batch_rows = res[1:1 + len(batches)]
         workers_seen = res[1 + len(batches)]

@@ -25,88 +25,131 @@ end
 # ARGV: prefix, now, fence_key, fence_token, jobs: ONE msgpack array (packed without the
 # bin type: Redis's cmsgpack predates it) [n, run1, run2, ...], n the number of jobs. A
 # run is consecutive jobs sharing queue, priority, batch and freshness, flattened into
-# the array: queue, priority, batch, fresh, body, with body = [job_id1, m1, field, value,
-# ... (m1 strings), job_id2, m2, ...]; every value is a string. (One blob instead of ~30
-# arguments per job: parsing them cost the master more Python time than Redis spends
-# queueing. Runs instead of one array per job: cmsgpack makes a Lua table per array and
-# a Lua string per value, which cost Redis ~1 us per job, half of it gone this way.)
-# A job id that exists already is left alone and its status returned:
-# resubmitting with the same job_id is idempotent. `fresh` ('1') marks an id the master
-# made itself just now (128 random bits), which cannot exist: its lookup is skipped,
-# unless the first fresh job of the batch exists already. That is this very call run a
-# second time (redis-py re-sends a command whose reply was lost): then every id is looked
-# up, and nothing is queued twice. With a fence key, the whole call is refused unless it
-# holds the token (the scheduler's lease), so a master that lost its lease cannot enqueue
-# fires. Returns the exceptions
-# only, as a flat array [position (1-based), status, ...] of the jobs that existed
-# already; every other job was queued (rather than 1,000 'queued' strings to parse).
-# Per job: at most one HGET and one HSET; fields at their default (no batch, attempts 0)
-# are not written, a missing field reads as its default (each field costs Redis ~0.35 us).
-# priority is always written: the requeue of earlier versions, still running in workers
-# during an upgrade, needs it. The queue's sorted set is the only index of queued jobs (no
-# status:queued); it, the counters and the wake-ups are written once per queue
-# (variadic ZADD), not once per job.
+# the array: queue, priority, batch, fresh, body. (One blob instead of ~30 arguments per
+# job: parsing them cost the master more Python time than Redis spends queueing. Runs
+# instead of one array per job: cmsgpack makes a Lua table per array and a Lua string
+# per value, which cost Redis ~1 us per job, half of it gone this way.)
+#
+# `fresh` ('1') marks job ids the master made itself just now (128 random bits), which
+# cannot exist. Such a run is queued as a PACK (keys.py): body = [job_id1, fields1,
+# job_id2, ...], fields = msgpack [name, value, ...] of everything the job hash will hold
+# but its state (queue, priority, enqueued_at and batch included), stored as one field
+# each of the `packed` hash and one list of ids, with one member for the whole run in
+# the queue's `packs` zset. FETCH makes the job hash when it takes the job. (A hash per
+# job plus a queue member per job cost Redis ~3.4 us of the ~5.6 us this script spent
+# per new job; the pack costs ~0.5. That is what lets a crawler's new links through
+# the master at 200,000/s.) Other runs (job ids the caller chose): body = [job_id1, m1,
+# field, value, ... (m1 strings), job_id2, m2, ...], a job hash and a queue member each.
+#
+# A job id that exists already, as a hash or in a pack, is left alone and its status
+# returned: resubmitting with the same job_id is idempotent. Fresh ids are not looked
+# up, unless the first fresh job of the batch exists already. That is this very call run
+# a second time (redis-py re-sends a command whose reply was lost): then every id is
+# looked up, and nothing is queued twice. With a fence key, the whole call is refused
+# unless it holds the token (the scheduler's lease), so a master that lost its lease
+# cannot enqueue fires. Returns the exceptions only, as a flat array [position
+# (1-based), status, ...] of the jobs that existed already; every other job was queued
+# (rather than 1,000 'queued' strings to parse).
+# Per job hash: fields at their default (no batch, attempts 0) are not written, a
+# missing field reads as its default (each field costs Redis ~0.35 us). priority is
+# always written: the requeue of earlier versions, still running in workers during an
+# upgrade, needs it (and those workers, which know no packs, leave packs alone). The
+# queue's sorted sets are the only index of queued jobs (no status:queued); they, the
+# counters and the wake-ups are written once per queue (variadic ZADD), not once per job.
 ENQUEUE = """
 local prefix, now = ARGV[1], ARGV[2]
 if ARGV[3] ~= '' and redis.call('GET', ARGV[3]) ~= ARGV[4] then
   return redis.error_reply('FENCED lease token is stale')
 end
+local packed = prefix .. ':packed'
+local function status_of(id)
+  return redis.call('HGET', prefix .. ':job:' .. id, 'status')
+    or (redis.call('HEXISTS', packed, id) == 1 and 'queued')
+end
+local function sliced(cmd, key, t, from, to, step)  -- unpack() is limited to ~8000 values
+  for s = from, to, step do redis.call(cmd, key, unpack(t, s, math.min(to, s + step - 1))) end
+end
 local runs = cmsgpack.unpack(ARGV[5])
 local n = runs[1]
 local base = redis.call('INCRBY', prefix .. ':seq', n) - n
-local out, byq, queues, batches, added = {}, {}, {}, {}, 0
+local out, byq, counts, queues, batches, added = {}, {}, {}, {}, {}, 0
 local replay = false
 for r = 2, #runs, 5 do
   if runs[r + 3] == '1' then
-    replay = redis.call('EXISTS', prefix .. ':job:' .. runs[r + 4][1]) == 1
+    replay = status_of(runs[r + 4][1]) and true or false
     break
   end
 end
 local pos = 0
 for r = 2, #runs, 5 do
   local q, prio, batch, body = runs[r], runs[r + 1], runs[r + 2], runs[r + 4]
-  local lookup = replay or runs[r + 3] ~= '1'
   local score = tostring(-tonumber(prio))
   local z = byq[q]
-  if not z then z = {}; byq[q] = z; queues[#queues + 1] = q end
+  if not z then z = {}; byq[q] = z; counts[q] = 0; queues[#queues + 1] = q end
   local queued = 0
-  local p, last = 1, #body
-  while p <= last do
-    local id, m = body[p], body[p + 1]
-    pos = pos + 1
-    local jk = prefix .. ':job:' .. id
-    local existing = lookup and redis.call('HGET', jk, 'status')
-    if existing then
-      out[#out + 1] = pos; out[#out + 1] = existing
-    else
-      local member = string.format('%016x', base + pos) .. ':' .. id
-      if batch == '' then
-        redis.call('HSET', jk, 'status', 'queued', 'queue', q, 'priority', prio,
-                   'enqueued_at', now, 'member', member, unpack(body, p + 2, p + 1 + m))
-      else
-        redis.call('HSET', jk, 'status', 'queued', 'queue', q, 'priority', prio,
-                   'enqueued_at', now, 'member', member, 'batch', batch,
-                   unpack(body, p + 2, p + 1 + m))
+  local last = #body
+  if runs[r + 3] == '1' then
+    local seq = string.format('%016x', base + pos + 1)
+    local ids, fields = {}, body
+    if replay then
+      fields = {}
+      for p = 1, last, 2 do
+        pos = pos + 1
+        local existing = status_of(body[p])
+        if existing then
+          out[#out + 1] = pos; out[#out + 1] = existing
+        else
+          ids[#ids + 1] = body[p]; fields[#fields + 1] = body[p]; fields[#fields + 1] = body[p + 1]
+        end
       end
-      z[#z + 1] = score; z[#z + 1] = member
-      queued = queued + 1
+    else
+      for p = 1, last, 2 do ids[#ids + 1] = body[p] end
+      pos = pos + #ids
     end
-    p = p + 2 + m
+    queued = #ids
+    if queued > 0 then
+      sliced('HSET', packed, fields, 1, #fields, 4000)
+      sliced('RPUSH', prefix .. ':pack:' .. seq, ids, 1, queued, 4000)
+      redis.call('ZADD', prefix .. ':packs:' .. q, score, seq)
+      redis.call('HINCRBY', packed .. ':counts', q, queued)
+    end
+  else
+    local p = 1
+    while p <= last do
+      local id, m = body[p], body[p + 1]
+      pos = pos + 1
+      local jk = prefix .. ':job:' .. id
+      local existing = status_of(id)
+      if existing then
+        out[#out + 1] = pos; out[#out + 1] = existing
+      else
+        local member = string.format('%016x', base + pos) .. ':' .. id
+        if batch == '' then
+          redis.call('HSET', jk, 'status', 'queued', 'queue', q, 'priority', prio,
+                     'enqueued_at', now, 'member', member, unpack(body, p + 2, p + 1 + m))
+        else
+          redis.call('HSET', jk, 'status', 'queued', 'queue', q, 'priority', prio,
+                     'enqueued_at', now, 'member', member, 'batch', batch,
+                     unpack(body, p + 2, p + 1 + m))
+        end
+        z[#z + 1] = score; z[#z + 1] = member
+        queued = queued + 1
+      end
+      p = p + 2 + m
+    end
   end
+  counts[q] = counts[q] + queued
   if batch ~= '' and queued > 0 then batches[batch] = (batches[batch] or 0) + queued end
   added = added + queued
 end
-local function zadd(key, t)   -- in slices: unpack() is limited to ~8000 values
-  for s = 1, #t, 4000 do redis.call('ZADD', key, unpack(t, s, math.min(#t, s + 3999))) end
-end
 for _, q in ipairs(queues) do
-  local z = byq[q]
-  if #z > 0 then
-    zadd(prefix .. ':queue:' .. q, z)
+  local z, c = byq[q], counts[q]
+  if #z > 0 then sliced('ZADD', prefix .. ':queue:' .. q, z, 1, #z, 4000) end
+  if c > 0 then
     redis.call('SADD', prefix .. ':queues', q)
-    redis.call('HINCRBY', prefix .. ':stats:counters', 'queue:' .. q .. ':submitted', #z / 2)
+    redis.call('HINCRBY', prefix .. ':stats:counters', 'queue:' .. q .. ':submitted', c)
     local wk = prefix .. ':wake:' .. q
-    for _ = 1, math.min(#z / 2, 16) do redis.call('LPUSH', wk, '1') end
+    for _ = 1, math.min(c, 16) do redis.call('LPUSH', wk, '1') end
     redis.call('LTRIM', wk, 0, 15)
   end
 end
@@ -120,37 +163,75 @@ return out
 
 # ARGV: prefix, now, lease_deadline, worker_id, limit, queue1, queue2, ...
 # Takes up to `limit` jobs, highest priority first across the given queues (FIFO within a
-# priority), marks them running under this worker with a lease, returns for each:
+# priority; a pack's jobs share its place in line), marks them running under this worker
+# with a lease, returns for each:
 # {job_id, attempt, func, args, kwargs, timeout, max_retries, queue, dedupe_scope}.
+# A job taken from a pack gets its job hash here, as ENQUEUE would have written it, with
+# `member` = {pack seq}:{job_id} so that a requeue puts it back at the pack's place. An id
+# whose fields are gone from `packed` was removed while it waited and is skipped.
 FETCH = """
 local prefix, now, deadline, worker, limit =
   ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
+local packed = prefix .. ':packed'
 local cands = {}
 for i = 6, #ARGV do
   local qk = prefix .. ':queue:' .. ARGV[i]
   local r = redis.call('ZRANGE', qk, 0, limit - 1, 'WITHSCORES')
   for j = 1, #r, 2 do cands[#cands+1] = {tonumber(r[j+1]), r[j], qk} end
+  local pk = prefix .. ':packs:' .. ARGV[i]
+  r = redis.call('ZRANGE', pk, 0, limit - 1, 'WITHSCORES')
+  for j = 1, #r, 2 do cands[#cands+1] = {tonumber(r[j+1]), r[j], pk, ARGV[i]} end
 end
-if #ARGV > 6 then
+if #cands > 1 then
   table.sort(cands, function(a, b)
     if a[1] ~= b[1] then return a[1] < b[1] end
     return a[2] < b[2]
   end)
 end
 local out = {}
-for n = 1, math.min(limit, #cands) do
-  local c = cands[n]
-  redis.call('ZREM', c[3], c[2])
-  local id = string.sub(c[2], 18)
-  local jk = prefix .. ':job:' .. id
-  if redis.call('EXISTS', jk) == 1 then
-    local attempt = redis.call('HINCRBY', jk, 'attempts', 1)
-    redis.call('HSET', jk, 'status', 'running', 'worker', worker, 'started_at', now)
-    redis.call('ZADD', prefix .. ':inflight', deadline, id)
-    redis.call('ZADD', prefix .. ':status:running', now, id)
-    local f = redis.call('HMGET', jk, 'func', 'args', 'kwargs', 'timeout', 'max_retries',
-                         'queue', 'dedupe_scope')
-    out[#out+1] = {id, attempt, f[1], f[2], f[3], f[4] or '', f[5] or '0', f[6], f[7] or ''}
+local function running(id)
+  redis.call('ZADD', prefix .. ':inflight', deadline, id)
+  redis.call('ZADD', prefix .. ':status:running', now, id)
+end
+for _, c in ipairs(cands) do
+  if #out >= limit then break end
+  if not c[4] then
+    redis.call('ZREM', c[3], c[2])
+    local id = string.sub(c[2], 18)
+    local jk = prefix .. ':job:' .. id
+    if redis.call('EXISTS', jk) == 1 then
+      local attempt = redis.call('HINCRBY', jk, 'attempts', 1)
+      redis.call('HSET', jk, 'status', 'running', 'worker', worker, 'started_at', now)
+      running(id)
+      local f = redis.call('HMGET', jk, 'func', 'args', 'kwargs', 'timeout', 'max_retries',
+                           'queue', 'dedupe_scope')
+      out[#out+1] = {id, attempt, f[1], f[2], f[3], f[4] or '', f[5] or '0', f[6], f[7] or ''}
+    end
+  else
+    local lk = prefix .. ':pack:' .. c[2]
+    local got = 0
+    while #out < limit do
+      local ids = redis.call('LPOP', lk, limit - #out)
+      if not ids then break end
+      local blobs = redis.call('HMGET', packed, unpack(ids))
+      redis.call('HDEL', packed, unpack(ids))
+      for j = 1, #ids do
+        if blobs[j] then
+          local id = ids[j]
+          local f = cmsgpack.unpack(blobs[j])
+          redis.call('HSET', prefix .. ':job:' .. id, 'status', 'running', 'worker', worker,
+                     'started_at', now, 'attempts', 1, 'member', c[2] .. ':' .. id, unpack(f))
+          running(id)
+          local d = {}
+          for k = 1, #f, 2 do d[f[k]] = f[k + 1] end
+          out[#out+1] = {id, 1, d.func, d.args or false, d.kwargs or false, d.timeout or '',
+                         d.max_retries or '0', d.queue, d.dedupe_scope or ''}
+          got = got + 1
+        end
+      end
+    end
+    if redis.call('EXISTS', lk) == 0 then redis.call('ZREM', c[3], c[2]) end
+    if got > 0 then redis.call('HINCRBY', packed .. ':counts', c[4], -got) end
   end
 end
 return out
@@ -306,7 +387,18 @@ REMOVE = """
 local prefix, id = ARGV[1], ARGV[2]
 local jk = prefix .. ':job:' .. id
 local f = redis.call('HMGET', jk, 'status', 'queue', 'member')
-if not f[1] then return false end
+if not f[1] then
+  local packed = prefix .. ':packed'
+  local b = redis.call('HGET', packed, id)
+  if not b then return false end
+  -- waiting in a pack: FETCH skips an id whose fields are gone
+  redis.call('HDEL', packed, id)
+  local t = cmsgpack.unpack(b)
+  for k = 1, #t, 2 do
+    if t[k] == 'queue' then redis.call('HINCRBY', packed .. ':counts', t[k + 1], -1) end
+  end
+  return 'queued'
+end
 if f[2] and f[3] then redis.call('ZREM', prefix .. ':queue:' .. f[2], f[3]) end
 redis.call('ZREM', prefix .. ':inflight', id)
 redis.call('ZREM', prefix .. ':delayed', id)
@@ -321,7 +413,12 @@ RERUN = _REQUEUE_FN + """
 local prefix, now, id = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local jk = prefix .. ':job:' .. id
 local status = redis.call('HGET', jk, 'status')
-if not status then return redis.error_reply('NOJOB') end
+if not status then
+  if redis.call('HEXISTS', prefix .. ':packed', id) == 1 then
+    return redis.error_reply('LIVE queued')
+  end
+  return redis.error_reply('NOJOB')
+end
 if status ~= 'failed' and status ~= 'succeeded' and status ~= 'cancelled' then
   return redis.error_reply('LIVE ' .. status)
 end

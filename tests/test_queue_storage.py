@@ -122,7 +122,8 @@ def test_a_job_id_the_master_made_is_not_looked_up_but_a_chosen_one_is(redis_url
         before = script_calls(redis_url, "hget")
         out = await q.enqueue(made + chosen, may_exist={"mine-0", "mine-1", "mine-2"})
         assert [o["status"] for o in out] == ["queued"] * 53
-        assert script_calls(redis_url, "hget") - before == 3     # the chosen ids only
+        # the chosen ids, and the first made one (is this call a replay of itself?)
+        assert script_calls(redis_url, "hget") - before == 4
 
         # resubmitting a chosen id is still idempotent: its status comes back, no copy
         await q.fetch("w1", ["default"], 100, 30)
@@ -136,7 +137,7 @@ def test_a_job_id_the_master_made_is_not_looked_up_but_a_chosen_one_is(redis_url
         assert [(m["job_id"], m["status"]) for m in mixed] == [
             (fresh[0]["job_id"], "queued"), ("mine-2", "running"),
             (fresh[1]["job_id"], "queued"), ("mine-1", "running")]
-        assert await r.zcard(KEYS.queue("default")) == 2
+        assert (await q.stats())["by_queue"]["default"]["queued"] == 2
 
         # without may_exist every id is looked up (the scheduler's fires, for one)
         before = script_calls(redis_url, "hget")
@@ -183,7 +184,9 @@ def test_the_same_enqueue_run_twice_queues_each_job_once(redis_url):
         batch = specs(50, batch="twice")
         out = await q.enqueue(batch, may_exist=set())
         assert [o["status"] for o in out] == ["queued"] * 50
-        assert await r.zcard(KEYS.queue("default")) == 50
+        assert await r.hlen(KEYS.packed) == 50
+        assert await r.zcard(KEYS.packs("default")) == 1          # the second run added none
+        assert (await q.stats())["by_queue"]["default"]["queued"] == 50
         assert await r.hget(KEYS.counters, "submitted") == b"50"
         assert await r.hget(KEYS.batch("twice"), "submitted") == b"50"
         # and a replay after a worker took some: their status comes back, none is re-queued
@@ -191,8 +194,12 @@ def test_the_same_enqueue_run_twice_queues_each_job_once(redis_url):
         q._enqueue = real
         again = await q.enqueue(batch, may_exist=set())
         assert sum(o["status"] == "running" for o in again) == 10
-        assert await r.zcard(KEYS.queue("default")) == 40
+        assert (await q.stats())["by_queue"]["default"]["queued"] == 40
+        assert await r.hlen(KEYS.packed) == 40
         assert {g["job_id"] for g in got} <= {s["job_id"] for s in batch}
+        # all 50 run once each
+        rest = await q.fetch("w1", ["default"], 100, 30)
+        assert sorted(g["job_id"] for g in got + rest) == sorted(s["job_id"] for s in batch)
     asyncio.run(with_queue(redis_url, body))
 
 
@@ -248,32 +255,80 @@ def test_a_batch_of_many_runs_is_queued_in_order_with_its_own_fields(redis_url):
         out = await q.enqueue(batch, may_exist=chosen)
         assert out == [{"job_id": j, "status": s} for j, s in zip(ids, statuses)]
 
-        def member(i):
-            return f"{seq0 + i + 1:016x}:{ids[i]}".encode()
-        assert await r.zrange(KEYS.queue("qa"), 0, -1, withscores=True) == [
-            (member(1), -2.0)] + [(member(i), 0.0) for i in (0, 3, 5, 6, 8)]
-        assert await r.zrange(KEYS.queue("qb"), 0, -1, withscores=True) == [(member(2), 0.0)]
-        assert await r.zcard(KEYS.queue("qc")) == 0
+        def seq(i):
+            return f"{seq0 + i + 1:016x}"
+
+        def member(i):  # the jobs of a pack share its place in line: that of its first
+            return f"{seq(5 if i == 6 else i)}:{ids[i]}".encode()
+        # the master's own ids went into packs, one per run; the chosen one has a member
+        assert await r.zrange(KEYS.queue("qa"), 0, -1, withscores=True) == [(member(3), 0.0)]
+        assert await r.zrange(KEYS.packs("qa"), 0, -1, withscores=True) == [
+            (seq(1).encode(), -2.0)] + [(seq(i).encode(), 0.0) for i in (0, 5, 8)]
+        assert await r.zrange(KEYS.packs("qb"), 0, -1, withscores=True) == [(seq(2).encode(), 0.0)]
+        for first, members in ((0, [0]), (1, [1]), (2, [2]), (5, [5, 6]), (8, [8])):
+            assert await r.lrange(KEYS.pack(seq(first)), 0, -1) == [ids[i].encode()
+                                                                     for i in members]
+        assert await r.zcard(KEYS.queue("qb")) == await r.zcard(KEYS.queue("qc")) == 0
+        assert await r.zcard(KEYS.packs("qc")) == 0
         counters = {k.decode(): int(v) for k, v in (await r.hgetall(KEYS.counters)).items()}
         assert (counters["submitted"], counters["queue:qa:submitted"],
                 counters["queue:qb:submitted"], counters["queue:qc:submitted"]) == (9, 6, 2, 1)
         assert await r.hget(KEYS.batch("b1"), "submitted") == b"4"
+        assert {k.decode(): int(v) for k, v in (await r.hgetall(KEYS.packed_counts)).items()} \
+            == {"qa": 5, "qb": 1}
+        stats = await q.stats()
+        assert (stats["by_status"]["queued"], stats["by_queue"]["qa"]["queued"],
+                stats["by_queue"]["qb"]["queued"]) == (7, 6, 1)
+        packed = {i for i in range(9) if ids[i] not in chosen}
         for i, spec in enumerate(batch):
             h = await r.hgetall(KEYS.job(ids[i]))
             if statuses[i] == "running":
                 assert h[b"status"] == b"running" and b"args" not in h   # left alone
                 continue
+            if i in packed:
+                assert h == {}
+                flat = msgpack.unpackb(await r.hget(KEYS.packed, ids[i]), raw=True)
+                h = {**dict(zip(flat[::2], flat[1::2])), b"status": b"queued",
+                     b"member": member(i)}
             assert (h[b"status"], h[b"queue"].decode(), int(h[b"priority"]),
                     h.get(b"batch", b"").decode(), h[b"member"], h[b"args"]) == (
                 b"queued", spec["queue"], spec["priority"], spec.get("batch") or "",
                 member(i), msgpack.packb([i]))
             assert (h.get(b"kwargs") and msgpack.unpackb(h[b"kwargs"])) == spec["kwargs"] or \
                 not spec["kwargs"] and b"kwargs" not in h
+            view = await q.get_job(ids[i])
+            assert (view["status"], view["queue"], view["args"], view["batch"]) == (
+                "queued", spec["queue"], [i], spec.get("batch") or None)
+            assert view["enqueued_at"] == int(h[b"enqueued_at"]) / 1000
 
         # the same batch again (a resent call): every status comes back, nothing is added
         again = await q.enqueue(batch, may_exist=chosen)
         assert again == out
-        assert (await r.zcard(KEYS.queue("qa")), await r.zcard(KEYS.queue("qb"))) == (6, 1)
+        assert (await r.zcard(KEYS.queue("qa")), await r.zcard(KEYS.packs("qa")),
+                await r.zcard(KEYS.packs("qb")), await r.hlen(KEYS.packed)) == (1, 4, 1, 6)
         assert int(await r.hget(KEYS.counters, "submitted")) == 9
         assert await r.hget(KEYS.batch("b1"), "submitted") == b"4"
+        assert (await q.stats())["by_status"]["queued"] == 7
+
+        # workers take them in line: priority first, then submission order, packs and
+        # single jobs merged, across queues too; a job taken from a pack gets its job hash,
+        # member included
+        order = [1, 0, 2, 3, 5, 6, 8]
+        got = [g["job_id"] for g in await q.fetch("w2", ["qa"], 2, 30)]
+        got += [g["job_id"] for g in await q.fetch("w2", ["qa", "qb"], 5, 30)]
+        assert got == [ids[i] for i in order]
+        for i in order:
+            h = await r.hgetall(KEYS.job(ids[i]))
+            assert (h[b"status"], h[b"attempts"], h[b"member"], h[b"args"], h[b"queue"]) == (
+                b"running", b"1", member(i), msgpack.packb([i]), batch[i]["queue"].encode())
+        assert await r.hlen(KEYS.packed) == 0
+        assert await r.zcard(KEYS.packs("qa")) == await r.zcard(KEYS.packs("qb")) == 0
+        assert not await r.keys(f"{KEYS.prefix}:pack:*")
+        assert (await q.stats())["by_status"]["queued"] == 0
+        # a job given back goes to its pack's place in line, ahead of newer jobs
+        newer = specs(1, queue="qa")
+        await q.enqueue(newer, may_exist=set())
+        assert await q.release("w2", [(ids[5], 1)]) == 1
+        assert [g["job_id"] for g in await q.fetch("w3", ["qa"], 2, 30)] == [
+            ids[5], newer[0]["job_id"]]
     asyncio.run(with_queue(redis_url, body))
