@@ -11,17 +11,20 @@ Jobs and queues
                                            priorities pop in submission order (FIFO).
     ``{p}:packs:{queue}``           zset   packs of jobs ready to run, in line with the
                                            queue's own zset: score = -priority, member =
-                                           the pack's ``{seq:016x}`` (that of its first
+                                           ``{seq:016x}:{pack}`` (seq: that of its first
                                            job). A pack is one run of jobs the master
                                            made ids for in one submit_jobs call, sharing
-                                           queue, priority and batch: queued as one list
-                                           and one hash field per job instead of a job
-                                           hash and a queue member each (scripts.ENQUEUE).
-    ``{p}:pack:{seq:016x}``         list   the job_ids of one pack, first in line first;
-                                           FETCH pops them.
-    ``{p}:packed``                  hash   job_id -> the fields of a job waiting in a
-                                           pack (msgpack [name, value, ...]); FETCH turns
-                                           them into its job hash.
+                                           queue, priority and batch; their ids are
+                                           ``{pack}{index:08x}`` (pack: 24 random hex
+                                           digits). Queued as one list entry per job
+                                           instead of a job hash and a queue member each
+                                           (scripts.ENQUEUE).
+    ``{p}:pack:{pack}``             list   the fields (msgpack [name, value, ...]) of the
+                                           pack's jobs not taken yet, in line order; FETCH
+                                           pops them and writes their job hashes.
+    ``{p}:pack:{pack}:info``        hash   ``n`` jobs in the pack (so the first left is
+                                           number n - LLEN), ``queue``, ``seq``, and per
+                                           job removed while waiting ``g{index}``.
     ``{p}:packed:counts``           hash   queue -> jobs waiting in its packs.
     ``{p}:queues``                  set    names of every queue ever used.
     ``{p}:seq``                     string counter behind the FIFO sequence numbers.
@@ -88,7 +91,6 @@ class Keys:
         self.prefix = prefix
         p = prefix
         self.queues = f"{p}:queues"
-        self.packed = f"{p}:packed"
         self.packed_counts = f"{p}:packed:counts"
         self.seq = f"{p}:seq"
         self.inflight = f"{p}:inflight"
@@ -117,8 +119,11 @@ class Keys:
     def packs(self, name: str) -> str:
         return f"{self.prefix}:packs:{name}"
 
-    def pack(self, seq: str) -> str:
-        return f"{self.prefix}:pack:{seq}"
+    def pack(self, pack: str) -> str:
+        return f"{self.prefix}:pack:{pack}"
+
+    def pack_info(self, pack: str) -> str:
+        return f"{self.prefix}:pack:{pack}:info"
 
     def wake(self, name: str) -> str:
         return f"{self.prefix}:wake:{name}"

@@ -22,6 +22,29 @@ local function requeue(prefix, id, jk, keep_member)
 end
 """
 
+
+# Shared by the scripts that look a job up by id: a job is its hash, or it waits in a
+# pack (keys.py) when its id is {pack}{index:08x}, the pack still holds index (number
+# n - LLEN or later), and it was not removed (g{index}). Returns the pack's list and
+# info keys and the job's position in the list, or nothing.
+_PACKED_FN = """
+local function in_pack(prefix, id)
+  if #id ~= 32 or string.find(id, '[^0-9a-f]') then return nil end
+  local pid, k = string.sub(id, 1, 24), tonumber(string.sub(id, 25), 16)
+  local lk = prefix .. ':pack:' .. pid
+  local info = lk .. ':info'
+  local f = redis.call('HMGET', info, 'n', 'g' .. k)
+  if not f[1] or f[2] then return nil end
+  local at = k - (tonumber(f[1]) - redis.call('LLEN', lk))
+  if at < 0 or k >= tonumber(f[1]) then return nil end
+  return lk, info, at, k
+end
+local function status_of(prefix, id)
+  return redis.call('HGET', prefix .. ':job:' .. id, 'status')
+    or (in_pack(prefix, id) and 'queued')
+end
+"""
+
 # ARGV: prefix, now, fence_key, fence_token, jobs: ONE msgpack array (packed without the
 # bin type: Redis's cmsgpack predates it) [n, run1, run2, ...], n the number of jobs. A
 # run is consecutive jobs sharing queue, priority, batch and freshness, flattened into
@@ -30,41 +53,39 @@ end
 # instead of one array per job: cmsgpack makes a Lua table per array and a Lua string
 # per value, which cost Redis ~1 us per job, half of it gone this way.)
 #
-# `fresh` ('1') marks job ids the master made itself just now (128 random bits), which
-# cannot exist. Such a run is queued as a PACK (keys.py): body = [job_id1, fields1,
-# job_id2, ...], fields = msgpack [name, value, ...] of everything the job hash will hold
-# but its state (queue, priority, enqueued_at and batch included), stored as one field
-# each of the `packed` hash and one list of ids, with one member for the whole run in
-# the queue's `packs` zset. FETCH makes the job hash when it takes the job. (A hash per
-# job plus a queue member per job cost Redis ~3.4 us of the ~5.6 us this script spent
-# per new job; the pack costs ~0.5. That is what lets a crawler's new links through
-# the master at 200,000/s.) Other runs (job ids the caller chose): body = [job_id1, m1,
-# field, value, ... (m1 strings), job_id2, m2, ...], a job hash and a queue member each.
+# `fresh` ('1') marks a run of jobs the master makes ids for, which cannot exist. Such a
+# run is queued as a PACK (keys.py): body = [pack, fields1, fields2, ...], the job ids are
+# {pack}{index:08x} (queue.py assigns them), fields = msgpack [name, value, ...] of
+# everything the job hash will hold but its state (queue, priority, enqueued_at and batch
+# included). The pack is one list entry per job and one member for the whole run in the
+# queue's `packs` zset; FETCH writes the job hash when it takes the job, and nothing
+# indexes its id: the id names the pack. (A job hash plus a queue member per job cost
+# Redis ~3.4 us of the ~5.6 us this script spent per new job, an index of ids ~1 more;
+# a pack costs ~0.2. That is what lets a crawler's new links through the master at
+# 200,000/s.) Other runs (job ids the caller chose): body = [job_id1, m1, field, value,
+# ... (m1 strings), job_id2, m2, ...], a job hash and a queue member each.
 #
 # A job id that exists already, as a hash or in a pack, is left alone and its status
-# returned: resubmitting with the same job_id is idempotent. Fresh ids are not looked
-# up, unless the first fresh job of the batch exists already. That is this very call run
-# a second time (redis-py re-sends a command whose reply was lost): then every id is
-# looked up, and nothing is queued twice. With a fence key, the whole call is refused
-# unless it holds the token (the scheduler's lease), so a master that lost its lease
-# cannot enqueue fires. Returns the exceptions only, as a flat array [position
-# (1-based), status, ...] of the jobs that existed already; every other job was queued
-# (rather than 1,000 'queued' strings to parse).
+# returned: resubmitting with the same job_id is idempotent. Packs are not looked up,
+# unless the first pack of the batch exists already (its info, or its first job's hash).
+# That is this very call run a second time (redis-py re-sends a command whose reply was
+# lost): then each pack that exists is reported job by job, and nothing is queued twice
+# (a job removed in between is reported 'removed'; one whose whole pack was taken and
+# whose first job expired or was removed would be queued again, as a chosen id would). With a fence key,
+# the whole call is refused unless it holds the token (the scheduler's lease), so a master
+# that lost its lease cannot enqueue fires. Returns the exceptions only, as a flat array
+# [position (1-based), status, ...] of the jobs that existed already; every other job was
+# queued (rather than 1,000 'queued' strings to parse).
 # Per job hash: fields at their default (no batch, attempts 0) are not written, a
 # missing field reads as its default (each field costs Redis ~0.35 us). priority is
 # always written: the requeue of earlier versions, still running in workers during an
 # upgrade, needs it (and those workers, which know no packs, leave packs alone). The
 # queue's sorted sets are the only index of queued jobs (no status:queued); they, the
 # counters and the wake-ups are written once per queue (variadic ZADD), not once per job.
-ENQUEUE = """
+ENQUEUE = _PACKED_FN + """
 local prefix, now = ARGV[1], ARGV[2]
 if ARGV[3] ~= '' and redis.call('GET', ARGV[3]) ~= ARGV[4] then
   return redis.error_reply('FENCED lease token is stale')
-end
-local packed = prefix .. ':packed'
-local function status_of(id)
-  return redis.call('HGET', prefix .. ':job:' .. id, 'status')
-    or (redis.call('HEXISTS', packed, id) == 1 and 'queued')
 end
 local function sliced(cmd, key, t, from, to, step)  -- unpack() is limited to ~8000 values
   for s = from, to, step do redis.call(cmd, key, unpack(t, s, math.min(to, s + step - 1))) end
@@ -73,10 +94,14 @@ local runs = cmsgpack.unpack(ARGV[5])
 local n = runs[1]
 local base = redis.call('INCRBY', prefix .. ':seq', n) - n
 local out, byq, counts, queues, batches, added = {}, {}, {}, {}, {}, 0
+local function stored(pid)  -- a pack this call's first run stored (see the replay note)
+  return redis.call('EXISTS', prefix .. ':pack:' .. pid .. ':info',
+                    prefix .. ':job:' .. pid .. '00000000') > 0
+end
 local replay = false
 for r = 2, #runs, 5 do
   if runs[r + 3] == '1' then
-    replay = status_of(runs[r + 4][1]) and true or false
+    replay = stored(runs[r + 4][1])
     break
   end
 end
@@ -89,29 +114,24 @@ for r = 2, #runs, 5 do
   local queued = 0
   local last = #body
   if runs[r + 3] == '1' then
-    local seq = string.format('%016x', base + pos + 1)
-    local ids, fields = {}, body
-    if replay then
-      fields = {}
-      for p = 1, last, 2 do
+    local pid, size = body[1], last - 1
+    if replay and stored(pid) then
+      -- stored by the first run of this call: report each job as it is now (one
+      -- removed since then stays removed)
+      for k = 0, size - 1 do
         pos = pos + 1
-        local existing = status_of(body[p])
-        if existing then
-          out[#out + 1] = pos; out[#out + 1] = existing
-        else
-          ids[#ids + 1] = body[p]; fields[#fields + 1] = body[p]; fields[#fields + 1] = body[p + 1]
-        end
+        out[#out + 1] = pos
+        out[#out + 1] = status_of(prefix, pid .. string.format('%08x', k)) or 'removed'
       end
     else
-      for p = 1, last, 2 do ids[#ids + 1] = body[p] end
-      pos = pos + #ids
-    end
-    queued = #ids
-    if queued > 0 then
-      sliced('HSET', packed, fields, 1, #fields, 4000)
-      sliced('RPUSH', prefix .. ':pack:' .. seq, ids, 1, queued, 4000)
-      redis.call('ZADD', prefix .. ':packs:' .. q, score, seq)
-      redis.call('HINCRBY', packed .. ':counts', q, queued)
+      local seq = string.format('%016x', base + pos + 1)
+      local lk = prefix .. ':pack:' .. pid
+      sliced('RPUSH', lk, body, 2, last, 4000)
+      redis.call('HSET', lk .. ':info', 'n', size, 'queue', q, 'seq', seq)
+      redis.call('ZADD', prefix .. ':packs:' .. q, score, seq .. ':' .. pid)
+      redis.call('HINCRBY', prefix .. ':packed:counts', q, size)
+      pos = pos + size
+      queued = size
     end
   else
     local p = 1
@@ -119,7 +139,7 @@ for r = 2, #runs, 5 do
       local id, m = body[p], body[p + 1]
       pos = pos + 1
       local jk = prefix .. ':job:' .. id
-      local existing = status_of(id)
+      local existing = status_of(prefix, id)
       if existing then
         out[#out + 1] = pos; out[#out + 1] = existing
       else
@@ -167,12 +187,11 @@ return out
 # with a lease, returns for each:
 # {job_id, attempt, func, args, kwargs, timeout, max_retries, queue, dedupe_scope}.
 # A job taken from a pack gets its job hash here, as ENQUEUE would have written it, with
-# `member` = {pack seq}:{job_id} so that a requeue puts it back at the pack's place. An id
-# whose fields are gone from `packed` was removed while it waited and is skipped.
+# `member` = {pack seq}:{job_id} so that a requeue puts it back at the pack's place. A job
+# removed while it waited (g{index}) is skipped. An emptied pack goes, info and member.
 FETCH = """
 local prefix, now, deadline, worker, limit =
   ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
-local packed = prefix .. ':packed'
 local cands = {}
 for i = 6, #ARGV do
   local qk = prefix .. ':queue:' .. ARGV[i]
@@ -208,30 +227,36 @@ for _, c in ipairs(cands) do
       out[#out+1] = {id, attempt, f[1], f[2], f[3], f[4] or '', f[5] or '0', f[6], f[7] or ''}
     end
   else
-    local lk = prefix .. ':pack:' .. c[2]
+    local seq, pid = string.sub(c[2], 1, 16), string.sub(c[2], 18)
+    local lk = prefix .. ':pack:' .. pid
+    local info = lk .. ':info'
+    local size = tonumber(redis.call('HGET', info, 'n') or 0)
     local got = 0
     while #out < limit do
-      local ids = redis.call('LPOP', lk, limit - #out)
-      if not ids then break end
-      local blobs = redis.call('HMGET', packed, unpack(ids))
-      redis.call('HDEL', packed, unpack(ids))
-      for j = 1, #ids do
-        if blobs[j] then
-          local id = ids[j]
-          local f = cmsgpack.unpack(blobs[j])
+      local taken = size - redis.call('LLEN', lk)
+      local packed = redis.call('LPOP', lk, limit - #out)
+      if not packed then break end
+      for j = 1, #packed do
+        local k = taken + j - 1
+        if redis.call('HEXISTS', info, 'g' .. k) == 0 then
+          local id = pid .. string.format('%08x', k)
+          local f = cmsgpack.unpack(packed[j])
           redis.call('HSET', prefix .. ':job:' .. id, 'status', 'running', 'worker', worker,
-                     'started_at', now, 'attempts', 1, 'member', c[2] .. ':' .. id, unpack(f))
+                     'started_at', now, 'attempts', 1, 'member', seq .. ':' .. id, unpack(f))
           running(id)
           local d = {}
-          for k = 1, #f, 2 do d[f[k]] = f[k + 1] end
+          for x = 1, #f, 2 do d[f[x]] = f[x + 1] end
           out[#out+1] = {id, 1, d.func, d.args or false, d.kwargs or false, d.timeout or '',
                          d.max_retries or '0', d.queue, d.dedupe_scope or ''}
           got = got + 1
         end
       end
     end
-    if redis.call('EXISTS', lk) == 0 then redis.call('ZREM', c[3], c[2]) end
-    if got > 0 then redis.call('HINCRBY', packed .. ':counts', c[4], -got) end
+    if redis.call('EXISTS', lk) == 0 then
+      redis.call('ZREM', c[3], c[2])
+      redis.call('DEL', info)
+    end
+    if got > 0 then redis.call('HINCRBY', prefix .. ':packed:counts', c[4], -got) end
   end
 end
 return out
@@ -383,20 +408,16 @@ return n
 
 # ARGV: prefix, job_id. Deletes a job wherever it is; a running job's worker will find it
 # gone and drop its outcome. Returns the status it had, or false.
-REMOVE = """
+REMOVE = _PACKED_FN + """
 local prefix, id = ARGV[1], ARGV[2]
 local jk = prefix .. ':job:' .. id
 local f = redis.call('HMGET', jk, 'status', 'queue', 'member')
 if not f[1] then
-  local packed = prefix .. ':packed'
-  local b = redis.call('HGET', packed, id)
-  if not b then return false end
-  -- waiting in a pack: FETCH skips an id whose fields are gone
-  redis.call('HDEL', packed, id)
-  local t = cmsgpack.unpack(b)
-  for k = 1, #t, 2 do
-    if t[k] == 'queue' then redis.call('HINCRBY', packed .. ':counts', t[k + 1], -1) end
-  end
+  -- waiting in a pack: marked, FETCH skips it
+  local lk, info, at, k = in_pack(prefix, id)
+  if not lk then return false end
+  redis.call('HSET', info, 'g' .. k, 1)
+  redis.call('HINCRBY', prefix .. ':packed:counts', redis.call('HGET', info, 'queue'), -1)
   return 'queued'
 end
 if f[2] and f[3] then redis.call('ZREM', prefix .. ':queue:' .. f[2], f[3]) end
@@ -409,14 +430,12 @@ return f[1]
 
 # ARGV: prefix, now, job_id. Runs a finished job again from attempt 0; returns its old
 # status, or an error naming why it cannot.
-RERUN = _REQUEUE_FN + """
+RERUN = _REQUEUE_FN + _PACKED_FN + """
 local prefix, now, id = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local jk = prefix .. ':job:' .. id
 local status = redis.call('HGET', jk, 'status')
 if not status then
-  if redis.call('HEXISTS', prefix .. ':packed', id) == 1 then
-    return redis.error_reply('LIVE queued')
-  end
+  if in_pack(prefix, id) then return redis.error_reply('LIVE queued') end
   return redis.error_reply('NOJOB')
 end
 if status ~= 'failed' and status ~= 'succeeded' and status ~= 'cancelled' then
@@ -428,4 +447,44 @@ redis.call('HSET', jk, 'attempts', 0, 'enqueued_at', now)
 redis.call('HDEL', jk, 'finished_at', 'result', 'error', 'retry_at', 'duration_ms')
 requeue(prefix, id, jk, false)
 return status
+"""
+
+# ARGV: prefix, n, field1 .. fieldn, job_id1, job_id2, ... Reads jobs by id, atomically
+# (a job leaves its pack for its hash in one step, FETCH): per job, its hash as a flat
+# [name, value, ...] (HGETALL, or with n > 0 those fields, false where missing), the
+# same made from its packed fields for a job waiting in a pack (status queued), or an
+# empty array when there is no such job.
+LOOKUP = _PACKED_FN + """
+local prefix, n = ARGV[1], tonumber(ARGV[2])
+local out = {}
+for i = 3 + n, #ARGV do
+  local id = ARGV[i]
+  local jk = prefix .. ':job:' .. id
+  local h
+  if redis.call('EXISTS', jk) == 1 then
+    if n == 0 then
+      h = redis.call('HGETALL', jk)
+    else
+      local v = redis.call('HMGET', jk, unpack(ARGV, 3, 2 + n))
+      h = {}
+      for x = 1, n do h[#h + 1] = ARGV[2 + x]; h[#h + 1] = v[x] end
+    end
+  else
+    local lk, info, at = in_pack(prefix, id)
+    h = {}
+    if lk then
+      local f = cmsgpack.unpack(redis.call('LINDEX', lk, at))
+      local seq = redis.call('HGET', info, 'seq')
+      local all = {status = 'queued', member = seq .. ':' .. id}
+      for x = 1, #f, 2 do all[f[x]] = f[x + 1] end
+      if n == 0 then
+        for name, value in pairs(all) do h[#h + 1] = name; h[#h + 1] = value end
+      else
+        for x = 1, n do h[#h + 1] = ARGV[2 + x]; h[#h + 1] = all[ARGV[2 + x]] or false end
+      end
+    end
+  end
+  out[#out + 1] = h
+end
+return out
 """

@@ -122,8 +122,7 @@ def test_a_job_id_the_master_made_is_not_looked_up_but_a_chosen_one_is(redis_url
         before = script_calls(redis_url, "hget")
         out = await q.enqueue(made + chosen, may_exist={"mine-0", "mine-1", "mine-2"})
         assert [o["status"] for o in out] == ["queued"] * 53
-        # the chosen ids, and the first made one (is this call a replay of itself?)
-        assert script_calls(redis_url, "hget") - before == 4
+        assert script_calls(redis_url, "hget") - before == 3     # the chosen ids only
 
         # resubmitting a chosen id is still idempotent: its status comes back, no copy
         await q.fetch("w1", ["default"], 100, 30)
@@ -176,15 +175,19 @@ def test_the_same_enqueue_run_twice_queues_each_job_once(redis_url):
     the lookup, so the second run must notice it is a replay."""
     async def body(q, r):
         real = q._enqueue
+        sent = []
 
         async def sent_twice(args):
+            sent.append(args)
             await real(args=args)
             return await real(args=args)
         q._enqueue = sent_twice
         batch = specs(50, batch="twice")
         out = await q.enqueue(batch, may_exist=set())
         assert [o["status"] for o in out] == ["queued"] * 50
-        assert await r.hlen(KEYS.packed) == 50
+        pack_id = out[0]["job_id"][:24]
+        assert [o["job_id"] for o in out] == [f"{pack_id}{k:08x}" for k in range(50)]
+        assert await r.llen(KEYS.pack(pack_id)) == 50
         assert await r.zcard(KEYS.packs("default")) == 1          # the second run added none
         assert (await q.stats())["by_queue"]["default"]["queued"] == 50
         assert await r.hget(KEYS.counters, "submitted") == b"50"
@@ -192,10 +195,11 @@ def test_the_same_enqueue_run_twice_queues_each_job_once(redis_url):
         # and a replay after a worker took some: their status comes back, none is re-queued
         got = await q.fetch("w1", ["default"], 10, 30)
         q._enqueue = real
-        again = await q.enqueue(batch, may_exist=set())
-        assert sum(o["status"] == "running" for o in again) == 10
+        again = await real(args=sent[0])        # the command once more, as redis-py sends it
+        assert [int(x) for x in again[::2]] == list(range(1, 51))
+        assert [x.decode() for x in again[1::2]] == ["running"] * 10 + ["queued"] * 40
         assert (await q.stats())["by_queue"]["default"]["queued"] == 40
-        assert await r.hlen(KEYS.packed) == 40
+        assert await r.llen(KEYS.pack(pack_id)) == 40
         assert {g["job_id"] for g in got} <= {s["job_id"] for s in batch}
         # all 50 run once each
         rest = await q.fetch("w1", ["default"], 100, 30)
@@ -248,26 +252,45 @@ def test_a_batch_of_many_runs_is_queued_in_order_with_its_own_fields(redis_url):
                 dict(queue="qc", job_id="old2"), dict(queue="qa")]
         batch = normalize_specs([{"func": FUNC, "args": [i], **extra}
                                  for i, extra in enumerate(plan)])
-        ids = [s["job_id"] for s in batch]
         chosen = {"mine-1", "old", "old2"}
         seq0 = int(await r.get(f"{KEYS.prefix}:seq"))
         statuses = ["queued"] * 4 + ["running"] + ["queued"] * 2 + ["running", "queued"]
+        real, sent = q._enqueue, []
+
+        async def record(args):
+            sent.append(args)
+            return await real(args=args)
+        q._enqueue = record
         out = await q.enqueue(batch, may_exist=chosen)
+        q._enqueue, sent_first = real, sent[0]
+        ids = [s["job_id"] for s in batch]                # the master's own got pack ids
         assert out == [{"job_id": j, "status": s} for j, s in zip(ids, statuses)]
+        packs = {0: [0], 1: [1], 2: [2], 5: [5, 6], 8: [8]}   # one per run: first -> jobs
+        for first, members in packs.items():
+            assert [ids[i] for i in members] == [f"{ids[first][:24]}{k:08x}"
+                                                 for k in range(len(members))]
+        assert len({ids[first][:24] for first in packs}) == len(packs)
 
         def seq(i):
             return f"{seq0 + i + 1:016x}"
 
         def member(i):  # the jobs of a pack share its place in line: that of its first
             return f"{seq(5 if i == 6 else i)}:{ids[i]}".encode()
+
+        def pack_member(i):
+            return f"{seq(i)}:{ids[i][:24]}".encode()
         # the master's own ids went into packs, one per run; the chosen one has a member
         assert await r.zrange(KEYS.queue("qa"), 0, -1, withscores=True) == [(member(3), 0.0)]
         assert await r.zrange(KEYS.packs("qa"), 0, -1, withscores=True) == [
-            (seq(1).encode(), -2.0)] + [(seq(i).encode(), 0.0) for i in (0, 5, 8)]
-        assert await r.zrange(KEYS.packs("qb"), 0, -1, withscores=True) == [(seq(2).encode(), 0.0)]
-        for first, members in ((0, [0]), (1, [1]), (2, [2]), (5, [5, 6]), (8, [8])):
-            assert await r.lrange(KEYS.pack(seq(first)), 0, -1) == [ids[i].encode()
-                                                                     for i in members]
+            (pack_member(1), -2.0)] + [(pack_member(i), 0.0) for i in (0, 5, 8)]
+        assert await r.zrange(KEYS.packs("qb"), 0, -1, withscores=True) == [
+            (pack_member(2), 0.0)]
+        for first, members in packs.items():
+            pack_id = ids[first][:24]
+            assert await r.llen(KEYS.pack(pack_id)) == len(members)
+            assert await r.hgetall(KEYS.pack_info(pack_id)) == {
+                b"n": str(len(members)).encode(), b"queue": batch[first]["queue"].encode(),
+                b"seq": seq(first).encode()}
         assert await r.zcard(KEYS.queue("qb")) == await r.zcard(KEYS.queue("qc")) == 0
         assert await r.zcard(KEYS.packs("qc")) == 0
         counters = {k.decode(): int(v) for k, v in (await r.hgetall(KEYS.counters)).items()}
@@ -279,15 +302,16 @@ def test_a_batch_of_many_runs_is_queued_in_order_with_its_own_fields(redis_url):
         stats = await q.stats()
         assert (stats["by_status"]["queued"], stats["by_queue"]["qa"]["queued"],
                 stats["by_queue"]["qb"]["queued"]) == (7, 6, 1)
-        packed = {i for i in range(9) if ids[i] not in chosen}
         for i, spec in enumerate(batch):
             h = await r.hgetall(KEYS.job(ids[i]))
             if statuses[i] == "running":
                 assert h[b"status"] == b"running" and b"args" not in h   # left alone
                 continue
-            if i in packed:
+            if ids[i] not in chosen:
                 assert h == {}
-                flat = msgpack.unpackb(await r.hget(KEYS.packed, ids[i]), raw=True)
+                first = 5 if i == 6 else i
+                flat = msgpack.unpackb(await r.lindex(KEYS.pack(ids[i][:24]), i - first),
+                                       raw=True)
                 h = {**dict(zip(flat[::2], flat[1::2])), b"status": b"queued",
                      b"member": member(i)}
             assert (h[b"status"], h[b"queue"].decode(), int(h[b"priority"]),
@@ -300,12 +324,17 @@ def test_a_batch_of_many_runs_is_queued_in_order_with_its_own_fields(redis_url):
             assert (view["status"], view["queue"], view["args"], view["batch"]) == (
                 "queued", spec["queue"], [i], spec.get("batch") or None)
             assert view["enqueued_at"] == int(h[b"enqueued_at"]) / 1000
+        assert await q.get_statuses(ids + [ids[0][:24] + "00000001", "x" * 32]) == \
+            statuses + [None, None]
 
-        # the same batch again (a resent call): every status comes back, nothing is added
-        again = await q.enqueue(batch, may_exist=chosen)
-        assert again == out
+        # the same command again (redis-py resending it): every status comes back,
+        # nothing is added
+        again = await real(args=sent_first)
+        assert [(int(a) - 1, b.decode()) for a, b in zip(again[::2], again[1::2])] == \
+            list(enumerate(statuses))
         assert (await r.zcard(KEYS.queue("qa")), await r.zcard(KEYS.packs("qa")),
-                await r.zcard(KEYS.packs("qb")), await r.hlen(KEYS.packed)) == (1, 4, 1, 6)
+                await r.zcard(KEYS.packs("qb"))) == (1, 4, 1)
+        assert [await r.llen(KEYS.pack(ids[i][:24])) for i in packs] == [1, 1, 1, 2, 1]
         assert int(await r.hget(KEYS.counters, "submitted")) == 9
         assert await r.hget(KEYS.batch("b1"), "submitted") == b"4"
         assert (await q.stats())["by_status"]["queued"] == 7
@@ -321,9 +350,9 @@ def test_a_batch_of_many_runs_is_queued_in_order_with_its_own_fields(redis_url):
             h = await r.hgetall(KEYS.job(ids[i]))
             assert (h[b"status"], h[b"attempts"], h[b"member"], h[b"args"], h[b"queue"]) == (
                 b"running", b"1", member(i), msgpack.packb([i]), batch[i]["queue"].encode())
-        assert await r.hlen(KEYS.packed) == 0
         assert await r.zcard(KEYS.packs("qa")) == await r.zcard(KEYS.packs("qb")) == 0
-        assert not await r.keys(f"{KEYS.prefix}:pack:*")
+        assert not await r.keys(f"{KEYS.prefix}:pack:*")          # lists and infos gone
+        assert await q.get_statuses([ids[i] for i in order]) == ["running"] * 7
         assert (await q.stats())["by_status"]["queued"] == 0
         # a job given back goes to its pack's place in line, ahead of newer jobs
         newer = specs(1, queue="qa")
