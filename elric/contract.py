@@ -366,9 +366,15 @@ _NO_KWARGS: dict = {}
 
 
 def build_deferred(spec: dict, entry: tuple) -> dict:
-    """The normalized spec of one that normalize_specs deferred (checked already)."""
-    out = _normalize_fast(spec, entry)
-    assert out is not None, spec      # _deferred made the same checks
+    """The normalized spec of one that normalize_specs deferred: what _normalize_fast
+    makes of it, without its checks again (_deferred made them on this very dict, and
+    its dedupe_key is in it already)."""
+    out = entry[0].copy()
+    out.update(spec)
+    if "job_id" not in out:
+        out["job_id"] = _id_pool.pop() if _id_pool else new_job_id()
+    args, kwargs = out["args"], out["kwargs"]
+    out["args"], out["kwargs"] = (list(args), dict(kwargs)) if args or kwargs else ([], {})
     return out
 
 

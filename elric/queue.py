@@ -34,6 +34,9 @@ def pack(value: Any) -> bytes:
 # Redis's cmsgpack predates msgpack's bin type: what a script unpacks is packed without it
 _packb = msgpack.Packer(use_bin_type=False).pack
 _packb_bin = msgpack.Packer(use_bin_type=True).pack
+# a pack's job ids end in their index (scripts.ENQUEUE); a longer run takes more packs
+_PACK_MAX = 10_000
+_INDEX = [f"{k:08x}" for k in range(_PACK_MAX)]
 
 
 def unpack(data: bytes | None) -> Any:
@@ -137,7 +140,7 @@ class RedisQueue:
             job_id = spec["job_id"]
             this = (spec["queue"], spec["priority"], get("batch") or "",
                     may_exist is not None and job_id not in may_exist)
-            if this != head:
+            if this != head or len(body) > _PACK_MAX:
                 head, body = this, []
                 pack_id = os.urandom(12).hex() if this[3] else ""
                 if pack_id:
@@ -146,7 +149,7 @@ class RedisQueue:
                             "enqueued_at", enqueued_at) + (("batch", this[2]) if this[2] else ())
                 runs += [this[0], repr(this[1]), this[2], "1" if pack_id else "0", body]
             if pack_id:
-                spec["job_id"] = f"{pack_id}{len(body) - 1:08x}"
+                spec["job_id"] = pack_id + _INDEX[len(body) - 1]
                 fields += tail
                 body.append(packb(fields))
             else:

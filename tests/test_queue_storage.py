@@ -361,3 +361,32 @@ def test_a_batch_of_many_runs_is_queued_in_order_with_its_own_fields(redis_url):
         assert [g["job_id"] for g in await q.fetch("w3", ["qa"], 2, 30)] == [
             ids[5], newer[0]["job_id"]]
     asyncio.run(with_queue(redis_url, body))
+
+
+def test_a_run_longer_than_a_pack_takes_several_and_every_job_is_found(redis_url):
+    """Pack ids end in 8 hex digits of index; a run of more than _PACK_MAX jobs is cut
+    into packs. Each job is found by its id, listed, removed, and taken once."""
+    from elric.queue import _PACK_MAX
+
+    async def body(q, r):
+        batch = specs(_PACK_MAX + 3)
+        out = await q.enqueue(batch, may_exist=set())
+        ids = [o["job_id"] for o in out]
+        assert len(set(ids)) == len(ids) and {o["status"] for o in out} == {"queued"}
+        first, second = ids[0][:24], ids[_PACK_MAX][:24]
+        assert first != second and ids[-1] == f"{second}{2:08x}"
+        assert await r.zcard(KEYS.packs("default")) == 2
+        assert (await q.get_job(ids[-1]))["args"] == [_PACK_MAX + 2]
+        assert await q.get_statuses([ids[_PACK_MAX - 1], f"{first}{_PACK_MAX:08x}"]) == [
+            "queued", None]                                  # past the pack's end: none
+        assert await q.remove(ids[1]) is True
+        assert await q.get_job(ids[1]) is None and await q.remove(ids[1]) is False
+        assert len(await q.list_jobs(status="queued", limit=20_000)) == _PACK_MAX + 2
+        assert (await q.stats())["by_status"]["queued"] == _PACK_MAX + 2
+        taken = []
+        while got := await q.fetch("w1", ["default"], 4000, 30):
+            taken += [g["job_id"] for g in got]
+        assert taken == ids[:1] + ids[2:]                   # in line, the removed one skipped
+        assert (await q.stats())["by_status"]["queued"] == 0
+        assert not await r.keys(f"{KEYS.prefix}:pack:*") + await r.keys(f"{KEYS.prefix}:packs:*")
+    asyncio.run(with_queue(redis_url, body))
