@@ -151,7 +151,8 @@ def run_pass(client: MasterClient, r: redis.Redis, keys: list[str], batch: int,
              job_key) -> tuple[float, Counter, list[float]]:
     """Submit every key once; returns (seconds in submit_jobs, statuses, per-call ms)."""
     spent, counts, lat = 0.0, Counter(), []
-    queue_keys = [f"{PREFIX}:queue:default"]
+    queue_keys = [f"{PREFIX}:queue:default", f"{PREFIX}:packs:default",
+                  f"{PREFIX}:packed:counts"]
     for i in range(0, len(keys), batch):
         specs = [{"func": FUNC, "dedupe_key": k, "dedupe_scope": SCOPE}
                  for k in keys[i:i + batch]]
@@ -163,7 +164,7 @@ def run_pass(client: MasterClient, r: redis.Redis, keys: list[str], batch: int,
         queued = [rep["job_id"] for rep in replies if rep["status"] == "queued"]
         counts.update(rep["status"] for rep in replies)
         if queued:  # not timed: keep Redis memory flat
-            r.unlink(*[job_key(j) for j in queued], *queue_keys)
+            r.unlink(*{k for j in queued for k in job_key(j)}, *queue_keys)
     return spent, counts, lat
 
 
@@ -206,7 +207,8 @@ def run_pass_concurrent(address: str, r: redis.Redis, keys: list[str], batch: in
 
 def delete_queued(r: redis.Redis) -> None:
     """Delete the jobs a pass queued (after its CPU figures are taken)."""
-    for pattern in (f"{PREFIX}:job:*", f"{PREFIX}:queue:*", f"{PREFIX}:status:*"):
+    for pattern in (f"{PREFIX}:job:*", f"{PREFIX}:queue:*", f"{PREFIX}:status:*",
+                    f"{PREFIX}:pack:*", f"{PREFIX}:packs:*", f"{PREFIX}:packed:*"):
         names = list(r.scan_iter(pattern, count=10_000))
         for i in range(0, len(names), 10_000):
             r.unlink(*names[i:i + 10_000])
@@ -244,8 +246,9 @@ def bench_backend(server: RedisServer, backend: str, args, keys: list[str],
         mem0 = int(r.info("memory")["used_memory"])
         rss0 = rss(master.pid)
 
-        def job_key(j):
-            return f"{PREFIX}:job:{j}"
+        def job_key(j):  # its hash, or the pack it waits in (the master made its id)
+            return (f"{PREFIX}:job:{j}", f"{PREFIX}:pack:{j[:24]}",
+                    f"{PREFIX}:pack:{j[:24]}:info")
 
         for p, label in ((1, "pass1"), (2, "pass2")):
             prof = Profiler(master.pid, os.path.join(args.profile, f"{backend}-{label}.txt")) \

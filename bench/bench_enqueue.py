@@ -3,8 +3,9 @@
 Queues --n keyed jobs (the crawler's shape: func, dedupe_key, dedupe_scope) in batches of
 --batch through ``RedisQueue.enqueue`` into a redis-server of its own (a free port, never
 the one on 6379), and prints per job: Redis CPU, this process's CPU, and Redis memory.
-Job ids are the master's own (``may_exist=set()``, as submit_jobs passes them), unless
---chosen-ids makes every id one a caller chose (looked up before it is written).
+Job ids are the master's own (``may_exist=set()``, as submit_jobs passes them: the
+batch is queued as a pack), unless --chosen-ids makes every id one a caller chose (looked
+up before it is written, then a job hash and a queue member each).
 
     python bench/bench_enqueue.py --n 500000
 """
@@ -51,7 +52,7 @@ async def run(server: RedisServer, args) -> None:
             await queue.enqueue(specs, may_exist=may_exist)
         wall, py = time.perf_counter() - t0, time.process_time() - p0
         cpu, mem = redis_cpu(r) - cpu0, r.info("memory")["used_memory"] - mem0
-        queued = r.zcard(Keys(PREFIX).queue("default"))
+        queued = (await queue.stats())["by_queue"]["default"]["queued"]
         print(f"  {queued:,} jobs queued: {args.n / wall:,.0f} jobs/s;  per job: Redis CPU "
               f"{1e6 * cpu / args.n:.2f} us, this process {1e6 * py / args.n:.2f} us, "
               f"Redis memory {mem / args.n:,.0f} B")

@@ -24,7 +24,8 @@ Jobs and queues
                                            pops them and writes their job hashes.
     ``{p}:pack:{pack}:info``        hash   ``n`` jobs in the pack (so the first left is
                                            number n - LLEN), ``queue``, ``seq``, and per
-                                           job removed while waiting ``g{index}``.
+                                           job removed while waiting ``g{index}`` (and
+                                           their count, ``gone``).
     ``{p}:packed:counts``           hash   queue -> jobs waiting in its packs.
     ``{p}:queues``                  set    names of every queue ever used.
     ``{p}:seq``                     string counter behind the FIFO sequence numbers.

@@ -230,7 +230,8 @@ for _, c in ipairs(cands) do
     local seq, pid = string.sub(c[2], 1, 16), string.sub(c[2], 18)
     local lk = prefix .. ':pack:' .. pid
     local info = lk .. ':info'
-    local size = tonumber(redis.call('HGET', info, 'n') or 0)
+    local f = redis.call('HMGET', info, 'n', 'gone')
+    local size, gone = tonumber(f[1] or 0), f[2]
     local got = 0
     while #out < limit do
       local taken = size - redis.call('LLEN', lk)
@@ -238,7 +239,7 @@ for _, c in ipairs(cands) do
       if not packed then break end
       for j = 1, #packed do
         local k = taken + j - 1
-        if redis.call('HEXISTS', info, 'g' .. k) == 0 then
+        if not gone or redis.call('HEXISTS', info, 'g' .. k) == 0 then
           local id = pid .. string.format('%08x', k)
           local f = cmsgpack.unpack(packed[j])
           redis.call('HSET', prefix .. ':job:' .. id, 'status', 'running', 'worker', worker,
@@ -417,6 +418,7 @@ if not f[1] then
   local lk, info, at, k = in_pack(prefix, id)
   if not lk then return false end
   redis.call('HSET', info, 'g' .. k, 1)
+  redis.call('HINCRBY', info, 'gone', 1)
   redis.call('HINCRBY', prefix .. ':packed:counts', redis.call('HGET', info, 'queue'), -1)
   return 'queued'
 end

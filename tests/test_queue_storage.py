@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 
 import msgpack
+import pytest
 import redis
 import redis.asyncio as aredis
 
@@ -381,6 +382,11 @@ def test_a_run_longer_than_a_pack_takes_several_and_every_job_is_found(redis_url
             "queued", None]                                  # past the pack's end: none
         assert await q.remove(ids[1]) is True
         assert await q.get_job(ids[1]) is None and await q.remove(ids[1]) is False
+        assert await q.get_statuses([ids[1]]) == [None]
+        with pytest.raises(ValueError, match="is queued"):
+            await q.rerun(ids[2])                             # waiting in its pack: live
+        with pytest.raises(LookupError):
+            await q.rerun(ids[1])
         assert len(await q.list_jobs(status="queued", limit=20_000)) == _PACK_MAX + 2
         assert (await q.stats())["by_status"]["queued"] == _PACK_MAX + 2
         taken = []
