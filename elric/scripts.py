@@ -25,9 +25,24 @@ end
 
 # Shared by the scripts that look a job up by id: a job is its hash, or it waits in a
 # pack (keys.py) when its id is {pack}{index:08x}, the pack still holds index (number
-# n - LLEN or later), and it was not removed (g{index}). Returns the pack's list and
-# info keys and the job's position in the list, or nothing.
+# n - LLEN or later), and it was not removed (g{index}). in_pack returns the pack's list
+# and info keys and the job's position in the list and index, or nothing.
+# A pack's member in its queue's `packs` zset is {seq of its first job left}:{pack}, so it
+# keeps its place in line against single jobs as it is taken. Once no job waits in it,
+# it leaves the line (pack_done) but its info stays for PACK_KEEP seconds, so that an
+# ENQUEUE sent again after a lost reply still finds the pack it stored (and in_pack, with
+# the list gone, finds nothing in it).
 _PACKED_FN = """
+local PACK_KEEP = 3600
+local function pack_member(seq, pid, first_left)
+  return string.format('%016x', tonumber(seq, 16) + first_left) .. ':' .. pid
+end
+local function pack_done(prefix, lk, info, queue, member)
+  redis.call('DEL', lk)
+  redis.call('ZREM', prefix .. ':packs:' .. queue, member)
+  redis.call('HSET', info, 'gone', 0)
+  redis.call('EXPIRE', info, PACK_KEEP)
+end
 local function in_pack(prefix, id)
   if #id ~= 32 or string.find(id, '[^0-9a-f]') then return nil end
   local pid, k = string.sub(id, 1, 24), tonumber(string.sub(id, 25), 16)
@@ -70,8 +85,10 @@ end
 # unless the first pack of the batch exists already (its info, or its first job's hash).
 # That is this very call run a second time (redis-py re-sends a command whose reply was
 # lost): then each pack that exists is reported job by job, and nothing is queued twice
-# (a job removed in between is reported 'removed'; one whose whole pack was taken and
-# whose first job expired or was removed would be queued again, as a chosen id would). With a fence key,
+# (a job removed in between is reported 'cancelled'). A pack's info outlives its jobs
+# by an hour (PACK_KEEP): a resend later than that would queue it again, as it would a
+# chosen id whose job has expired; FETCH then runs none of it twice (it skips a job that
+# has a hash already). With a fence key,
 # the whole call is refused unless it holds the token (the scheduler's lease), so a master
 # that lost its lease cannot enqueue fires. Returns the exceptions only, as a flat array
 # [position (1-based), status, ...] of the jobs that existed already; every other job was
@@ -121,7 +138,7 @@ for r = 2, #runs, 5 do
       for k = 0, size - 1 do
         pos = pos + 1
         out[#out + 1] = pos
-        out[#out + 1] = status_of(prefix, pid .. string.format('%08x', k)) or 'removed'
+        out[#out + 1] = status_of(prefix, pid .. string.format('%08x', k)) or 'cancelled'
       end
     else
       local seq = string.format('%016x', base + pos + 1)
@@ -187,9 +204,11 @@ return out
 # with a lease, returns for each:
 # {job_id, attempt, func, args, kwargs, timeout, max_retries, queue, dedupe_scope}.
 # A job taken from a pack gets its job hash here, as ENQUEUE would have written it, with
-# `member` = {pack seq}:{job_id} so that a requeue puts it back at the pack's place. A job
-# removed while it waited (g{index}) is skipped. An emptied pack goes, info and member.
-FETCH = """
+# `member` = {its own seq}:{job_id}, so that a requeue puts it back in its place. A job
+# removed while it waited (g{index}) is skipped, and so is one that has a hash already
+# (queued twice by an ENQUEUE resent too late: it runs once). The pack's member moves to
+# its first job left; an emptied pack leaves the line (pack_done).
+FETCH = _PACKED_FN + """
 local prefix, now, deadline, worker, limit =
   ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
 local cands = {}
@@ -227,23 +246,29 @@ for _, c in ipairs(cands) do
       out[#out+1] = {id, attempt, f[1], f[2], f[3], f[4] or '', f[5] or '0', f[6], f[7] or ''}
     end
   else
-    local seq, pid = string.sub(c[2], 1, 16), string.sub(c[2], 18)
+    local pid = string.sub(c[2], 18)
     local lk = prefix .. ':pack:' .. pid
     local info = lk .. ':info'
-    local f = redis.call('HMGET', info, 'n', 'gone')
-    local size, gone = tonumber(f[1] or 0), f[2]
-    local got = 0
+    local f = redis.call('HMGET', info, 'n', 'gone', 'seq')
+    local size, gone, seq0 = tonumber(f[1] or 0), tonumber(f[2] or 0), tonumber(f[3] or 0, 16)
+    local got, twice = 0, 0
     while #out < limit do
       local taken = size - redis.call('LLEN', lk)
       local packed = redis.call('LPOP', lk, limit - #out)
       if not packed then break end
       for j = 1, #packed do
         local k = taken + j - 1
-        if not gone or redis.call('HEXISTS', info, 'g' .. k) == 0 then
-          local id = pid .. string.format('%08x', k)
+        local id = pid .. string.format('%08x', k)
+        local jk = prefix .. ':job:' .. id
+        if gone > 0 and redis.call('HEXISTS', info, 'g' .. k) == 1 then
+          gone = gone - 1
+        elseif redis.call('EXISTS', jk) == 1 then
+          twice = twice + 1
+        else
           local f = cmsgpack.unpack(packed[j])
-          redis.call('HSET', prefix .. ':job:' .. id, 'status', 'running', 'worker', worker,
-                     'started_at', now, 'attempts', 1, 'member', seq .. ':' .. id, unpack(f))
+          redis.call('HSET', jk, 'status', 'running', 'worker', worker, 'started_at', now,
+                     'attempts', 1, 'member', string.format('%016x', seq0 + k) .. ':' .. id,
+                     unpack(f))
           running(id)
           local d = {}
           for x = 1, #f, 2 do d[f[x]] = f[x + 1] end
@@ -253,11 +278,17 @@ for _, c in ipairs(cands) do
         end
       end
     end
-    if redis.call('EXISTS', lk) == 0 then
+    local left = redis.call('LLEN', lk)
+    if left == 0 or gone >= left then
+      pack_done(prefix, lk, info, c[4], c[2])
+    else
+      redis.call('HSET', info, 'gone', gone)
       redis.call('ZREM', c[3], c[2])
-      redis.call('DEL', info)
+      redis.call('ZADD', c[3], c[1], pack_member(f[3], pid, size - left))
     end
-    if got > 0 then redis.call('HINCRBY', prefix .. ':packed:counts', c[4], -got) end
+    if got + twice > 0 then
+      redis.call('HINCRBY', prefix .. ':packed:counts', c[4], -(got + twice))
+    end
   end
 end
 return out
@@ -418,8 +449,14 @@ if not f[1] then
   local lk, info, at, k = in_pack(prefix, id)
   if not lk then return false end
   redis.call('HSET', info, 'g' .. k, 1)
-  redis.call('HINCRBY', info, 'gone', 1)
-  redis.call('HINCRBY', prefix .. ':packed:counts', redis.call('HGET', info, 'queue'), -1)
+  local gone = redis.call('HINCRBY', info, 'gone', 1)
+  local g = redis.call('HMGET', info, 'queue', 'n', 'seq')
+  redis.call('HINCRBY', prefix .. ':packed:counts', g[1], -1)
+  local left = redis.call('LLEN', lk)
+  if gone >= left then   -- no job waits in it any more
+    pack_done(prefix, lk, info, g[1], pack_member(g[3], string.sub(id, 1, 24),
+                                                   tonumber(g[2]) - left))
+  end
   return 'queued'
 end
 if f[2] and f[3] then redis.call('ZREM', prefix .. ':queue:' .. f[2], f[3]) end
@@ -472,12 +509,12 @@ for i = 3 + n, #ARGV do
       for x = 1, n do h[#h + 1] = ARGV[2 + x]; h[#h + 1] = v[x] end
     end
   else
-    local lk, info, at = in_pack(prefix, id)
+    local lk, info, at, k = in_pack(prefix, id)
     h = {}
     if lk then
       local f = cmsgpack.unpack(redis.call('LINDEX', lk, at))
-      local seq = redis.call('HGET', info, 'seq')
-      local all = {status = 'queued', member = seq .. ':' .. id}
+      local seq = tonumber(redis.call('HGET', info, 'seq'), 16) + k
+      local all = {status = 'queued', member = string.format('%016x', seq) .. ':' .. id}
       for x = 1, #f, 2 do all[f[x]] = f[x + 1] end
       if n == 0 then
         for name, value in pairs(all) do h[#h + 1] = name; h[#h + 1] = value end

@@ -35,6 +35,16 @@ async def with_queue(url, body):
         await r.aclose()
 
 
+async def no_pack_left(r):
+    """No pack is in line or holds a job; the infos of emptied packs expire within the
+    hour (kept so that a resent ENQUEUE finds them)."""
+    assert not await r.keys(f"{KEYS.prefix}:packs:*")
+    names = await r.keys(f"{KEYS.prefix}:pack:*")
+    assert all(n.endswith(b":info") for n in names), names
+    for n in names:
+        assert 0 < await r.ttl(n) <= 3600
+
+
 def script_calls(url, command):
     """How many times Redis ran ``command`` so far, scripts included."""
     r = redis.Redis.from_url(url)
@@ -275,8 +285,8 @@ def test_a_batch_of_many_runs_is_queued_in_order_with_its_own_fields(redis_url):
         def seq(i):
             return f"{seq0 + i + 1:016x}"
 
-        def member(i):  # the jobs of a pack share its place in line: that of its first
-            return f"{seq(5 if i == 6 else i)}:{ids[i]}".encode()
+        def member(i):  # each job its own place in line, in a pack too
+            return f"{seq(i)}:{ids[i]}".encode()
 
         def pack_member(i):
             return f"{seq(i)}:{ids[i][:24]}".encode()
@@ -352,7 +362,7 @@ def test_a_batch_of_many_runs_is_queued_in_order_with_its_own_fields(redis_url):
             assert (h[b"status"], h[b"attempts"], h[b"member"], h[b"args"], h[b"queue"]) == (
                 b"running", b"1", member(i), msgpack.packb([i]), batch[i]["queue"].encode())
         assert await r.zcard(KEYS.packs("qa")) == await r.zcard(KEYS.packs("qb")) == 0
-        assert not await r.keys(f"{KEYS.prefix}:pack:*")          # lists and infos gone
+        await no_pack_left(r)
         assert await q.get_statuses([ids[i] for i in order]) == ["running"] * 7
         assert (await q.stats())["by_status"]["queued"] == 0
         # a job given back goes to its pack's place in line, ahead of newer jobs
@@ -394,5 +404,71 @@ def test_a_run_longer_than_a_pack_takes_several_and_every_job_is_found(redis_url
             taken += [g["job_id"] for g in got]
         assert taken == ids[:1] + ids[2:]                   # in line, the removed one skipped
         assert (await q.stats())["by_status"]["queued"] == 0
-        assert not await r.keys(f"{KEYS.prefix}:pack:*") + await r.keys(f"{KEYS.prefix}:packs:*")
+        await no_pack_left(r)
+    asyncio.run(with_queue(redis_url, body))
+
+
+def test_pack_jobs_keep_their_place_in_line_when_given_back_or_removed(redis_url):
+    """A job taken from a pack and given back goes back to its own place, ahead of the
+    rest of its pack; a pack whose waiting jobs were all removed leaves the line at once
+    (it must not hold a place a fetch looks at, nor stay in Redis)."""
+    async def body(q, r):
+        out = await q.enqueue(specs(5), may_exist=set())
+        ids = [o["job_id"] for o in out]
+        got = [g["job_id"] for g in await q.fetch("w1", ["default"], 2, 30)]
+        assert got == ids[:2]
+        assert await q.release("w1", [(ids[0], 1), (ids[1], 1)]) == 2
+        got = [g["job_id"] for g in await q.fetch("w2", ["default"], 10, 30)]
+        assert got == ids                                       # 0, 1 first, as before
+        # removed: packs P1, P2 of one job each, then a single job X
+        p1, p2 = [(await q.enqueue(specs(1), may_exist=set()))[0]["job_id"] for _ in "ab"]
+        await q.enqueue(normalize_specs([{"func": FUNC, "job_id": "X"}]))
+        assert await q.remove(p1) is True
+        assert [g["job_id"] for g in await q.fetch("w3", ["default"], 1, 30)] == [p2]
+        assert [g["job_id"] for g in await q.fetch("w3", ["default"], 1, 30)] == ["X"]
+        # a pack all of whose jobs are removed is gone, fetched or not
+        trio = [o["job_id"] for o in await q.enqueue(specs(3), may_exist=set())]
+        for job_id in trio:
+            assert await q.remove(job_id) is True
+        await no_pack_left(r)
+        assert (await q.stats())["by_status"]["queued"] == 0
+        assert await q.list_jobs(status="queued") == []
+        # and one partly removed keeps the place of its first job left
+        four = [o["job_id"] for o in await q.enqueue(specs(4), may_exist=set())]
+        await q.enqueue(normalize_specs([{"func": FUNC, "job_id": "Y"}]))
+        assert await q.remove(four[0]) and await q.remove(four[2])
+        got = [g["job_id"] for g in await q.fetch("w4", ["default"], 1, 30)]
+        got += [g["job_id"] for g in await q.fetch("w4", ["default"], 10, 30)]
+        assert got == [four[1], four[3], "Y"]
+        await no_pack_left(r)
+    asyncio.run(with_queue(redis_url, body))
+
+
+def test_an_enqueue_resent_after_its_pack_emptied_queues_nothing_again(redis_url):
+    """redis-py may resend ENQUEUE after its pack was taken and its first job removed:
+    the pack's info (kept an hour) still says it was stored. Later than that, a resent
+    pack is queued again, but FETCH runs none of its jobs twice."""
+    async def body(q, r):
+        real, sent = q._enqueue, []
+
+        async def record(args):
+            sent.append(args)
+            return await real(args=args)
+        q._enqueue = record
+        ids = [o["job_id"] for o in await q.enqueue(specs(2), may_exist=set())]
+        q._enqueue = real
+        assert await q.remove(ids[0]) is True                  # removed while it waited
+        assert [g["job_id"] for g in await q.fetch("w1", ["default"], 5, 30)] == ids[1:]
+        again = await real(args=sent[0])
+        assert [x.decode() if isinstance(x, bytes) else x for x in again] == [
+            1, "cancelled", 2, "running"]
+        assert await q.fetch("w1", ["default"], 5, 30) == []
+        assert int(await r.hget(KEYS.counters, "submitted")) == 2
+        # past the hour: queued again, but the job that has a hash does not run twice
+        await r.delete(KEYS.pack_info(ids[0][:24]))
+        await real(args=sent[0])
+        assert [g["job_id"] for g in await q.fetch("w1", ["default"], 5, 30)] == ids[:1]
+        assert (await q.get_job(ids[1]))["attempts"] == 1
+        assert (await q.stats())["by_status"]["queued"] == 0
+        await no_pack_left(r)
     asyncio.run(with_queue(redis_url, body))
