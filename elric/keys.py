@@ -12,20 +12,25 @@ Jobs and queues
     ``{p}:packs:{queue}``           zset   packs of jobs ready to run, in line with the
                                            queue's own zset: score = -priority, member =
                                            ``{seq:016x}:{pack}`` (seq: that of its first
-                                           job). A pack is one run of jobs the master
-                                           made ids for in one submit_jobs call, sharing
-                                           queue, priority and batch; their ids are
-                                           ``{pack}{index:08x}`` (pack: 24 random hex
-                                           digits). Queued as one list entry per job
-                                           instead of a job hash and a queue member each
-                                           (scripts.ENQUEUE).
-    ``{p}:pack:{pack}``             list   the fields (msgpack [name, value, ...]) of the
-                                           pack's jobs not taken yet, in line order; FETCH
-                                           pops them and writes their job hashes.
-    ``{p}:pack:{pack}:info``        hash   ``n`` jobs in the pack (so the first left is
-                                           number n - LLEN), ``queue``, ``seq``, and per
+                                           job not handed out yet). A pack is one run of
+                                           jobs the master made ids for in one
+                                           submit_jobs call, sharing queue, priority and
+                                           batch; their ids are ``{pack}{index:08x}``
+                                           (pack: 24 random hex digits). Queued as one
+                                           string instead of a job hash and a queue
+                                           member each (scripts.ENQUEUE).
+    ``{p}:pack:{pack}``             string the pack's jobs: a table of little-endian
+                                           uint32 end offsets, one per job, then each
+                                           job's fields (msgpack [name, value, ...])
+                                           back to back; FETCH reads them by range and
+                                           writes their job hashes. Deleted once no job
+                                           waits in it.
+    ``{p}:pack:{pack}:info``        hash   ``n`` jobs in the pack, ``next`` the first
+                                           not handed out yet, ``queue``, ``seq``, per
                                            job removed while waiting ``g{index}`` (and
-                                           their count, ``gone``).
+                                           ``gone``, how many of those wait still).
+                                           Expires an hour after the pack is done (a
+                                           resent ENQUEUE finds it meanwhile).
     ``{p}:packed:counts``           hash   queue -> jobs waiting in its packs.
     ``{p}:queues``                  set    names of every queue ever used.
     ``{p}:seq``                     string counter behind the FIFO sequence numbers.

@@ -8,7 +8,9 @@ is pickled.
 from __future__ import annotations
 
 import os
+import struct
 import time
+from itertools import accumulate
 from typing import Any, AsyncIterator, Iterable
 
 import msgpack
@@ -101,14 +103,16 @@ class RedisQueue:
         # runs of consecutive jobs sharing queue, priority, batch and freshness (see
         # scripts.ENQUEUE): [n, queue, priority, batch, fresh, body, queue, ...]. A fresh
         # run (the master's own ids) is queued as a pack: its jobs get the ids
-        # {pack}{index:08x}, and its body is [pack, fields1, ...], each job's fields
-        # packed, queue, priority, enqueued_at and batch included.
+        # {pack}{index:08x}, and its body is [pack, n, data], data the pack's string:
+        # each job's fields packed (queue, priority, enqueued_at and batch included)
+        # after a table of where each ends.
         now = now_ms()
         enqueued_at = str(now)
         runs: list[Any] = [len(specs)]
         head = None
         body: list[Any] = []
         pack_id = ""
+        packs: list[tuple[int, str, list[bytes]]] = []
         tail: tuple = ()
         packb, packb_bin = _packb, _packb_bin
         for spec in specs:
@@ -140,20 +144,24 @@ class RedisQueue:
             job_id = spec["job_id"]
             this = (spec["queue"], spec["priority"], get("batch") or "",
                     may_exist is not None and job_id not in may_exist)
-            if this != head or len(body) > _PACK_MAX:
+            if this != head or len(body) >= _PACK_MAX:
                 head, body = this, []
                 pack_id = os.urandom(12).hex() if this[3] else ""
                 if pack_id:
-                    body.append(pack_id)
+                    packs.append((len(runs) + 4, pack_id, body))
                     tail = ("queue", this[0], "priority", repr(this[1]),
                             "enqueued_at", enqueued_at) + (("batch", this[2]) if this[2] else ())
                 runs += [this[0], repr(this[1]), this[2], "1" if pack_id else "0", body]
             if pack_id:
-                spec["job_id"] = pack_id + _INDEX[len(body) - 1]
+                spec["job_id"] = pack_id + _INDEX[len(body)]
                 fields += tail
                 body.append(packb(fields))
             else:
                 body += [job_id, len(fields), *fields]
+        for at, pack_id, blobs in packs:  # [pack, n, its string]: n end offsets, the jobs
+            ends = list(accumulate(map(len, blobs)))
+            runs[at] = [pack_id, len(blobs),
+                        struct.pack(f"<{len(ends)}I", *ends) + b"".join(blobs)]
         argv: list[Any] = [self.keys.prefix, now, fence[0] if fence else "",
                            fence[1] if fence else "", _packb(runs)]
         try:
@@ -359,12 +367,8 @@ class RedisQueue:
                 a = await anext(singles, None)
             else:  # a pack: {seq:016x}:{pack}; its jobs not taken yet, in line order
                 pack_id = _s(b[1][17:])
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    pipe.hget(self.keys.pack_info(pack_id), "n")
-                    pipe.llen(self.keys.pack(pack_id))
-                    size, left = await pipe.execute()
-                size = int(size or 0)
-                for k in reversed(range(size - left, size)):
+                size, first = await self.redis.hmget(self.keys.pack_info(pack_id), "n", "next")
+                for k in reversed(range(int(first or 0), int(size or 0))):
                     yield f"{pack_id}{k:08x}".encode()
                 b = await anext(packs, None)
 

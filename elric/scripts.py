@@ -24,35 +24,48 @@ end
 
 
 # Shared by the scripts that look a job up by id: a job is its hash, or it waits in a
-# pack (keys.py) when its id is {pack}{index:08x}, the pack still holds index (number
-# n - LLEN or later), and it was not removed (g{index}). in_pack returns the pack's list
-# and info keys and the job's position in the list and index, or nothing.
+# pack (keys.py) when its id is {pack}{index:08x}, the pack has not handed that index out
+# yet (index >= next) and it was not removed (g{index}). in_pack returns the pack's key,
+# its info key, the index and the pack's size, or nothing. pack_fields reads the fields
+# of `count` jobs from index k: the pack is a string, a table of little-endian uint32
+# end offsets, one per job, then the jobs' msgpack field arrays back to back.
 # A pack's member in its queue's `packs` zset is {seq of its first job left}:{pack}, so it
 # keeps its place in line against single jobs as it is taken. Once no job waits in it,
 # it leaves the line (pack_done) but its info stays for PACK_KEEP seconds, so that an
-# ENQUEUE sent again after a lost reply still finds the pack it stored (and in_pack, with
-# the list gone, finds nothing in it).
+# ENQUEUE sent again after a lost reply still finds the pack it stored.
 _PACKED_FN = """
 local PACK_KEEP = 3600
 local function pack_member(seq, pid, first_left)
   return string.format('%016x', tonumber(seq, 16) + first_left) .. ':' .. pid
 end
-local function pack_done(prefix, lk, info, queue, member)
-  redis.call('DEL', lk)
+local function pack_done(prefix, pk, info, queue, member)
+  redis.call('DEL', pk)
   redis.call('ZREM', prefix .. ':packs:' .. queue, member)
-  redis.call('HSET', info, 'gone', 0)
+  redis.call('HSET', info, 'gone', 0, 'next', redis.call('HGET', info, 'n'))
   redis.call('EXPIRE', info, PACK_KEEP)
 end
 local function in_pack(prefix, id)
   if #id ~= 32 or string.find(id, '[^0-9a-f]') then return nil end
   local pid, k = string.sub(id, 1, 24), tonumber(string.sub(id, 25), 16)
-  local lk = prefix .. ':pack:' .. pid
-  local info = lk .. ':info'
-  local f = redis.call('HMGET', info, 'n', 'g' .. k)
-  if not f[1] or f[2] then return nil end
-  local at = k - (tonumber(f[1]) - redis.call('LLEN', lk))
-  if at < 0 or k >= tonumber(f[1]) then return nil end
-  return lk, info, at, k
+  local pk = prefix .. ':pack:' .. pid
+  local info = pk .. ':info'
+  local f = redis.call('HMGET', info, 'n', 'next', 'g' .. k)
+  if not f[1] or f[3] or k < tonumber(f[2]) or k >= tonumber(f[1]) then return nil end
+  return pk, info, k, tonumber(f[1])
+end
+local function pack_fields(pk, size, k, count)
+  local first = math.max(k - 1, 0)
+  local head = redis.call('GETRANGE', pk, 4 * first, 4 * (k + count) - 1)
+  local ends, pos = {}, 1
+  for i = first, k + count - 1 do ends[i], pos = struct.unpack('<I4', head, pos) end
+  local from = k > 0 and ends[k - 1] or 0
+  local body = redis.call('GETRANGE', pk, 4 * size + from, 4 * size + ends[k + count - 1] - 1)
+  local out = {}
+  for i = 0, count - 1 do
+    local a = (i > 0 and ends[k + i - 1] or from) - from
+    out[i + 1] = cmsgpack.unpack(string.sub(body, a + 1, ends[k + i] - from))
+  end
+  return out
 end
 local function status_of(prefix, id)
   return redis.call('HGET', prefix .. ':job:' .. id, 'status')
@@ -69,15 +82,16 @@ end
 # per value, which cost Redis ~1 us per job, half of it gone this way.)
 #
 # `fresh` ('1') marks a run of jobs the master makes ids for, which cannot exist. Such a
-# run is queued as a PACK (keys.py): body = [pack, fields1, fields2, ...], the job ids are
-# {pack}{index:08x} (queue.py assigns them), fields = msgpack [name, value, ...] of
-# everything the job hash will hold but its state (queue, priority, enqueued_at and batch
-# included). The pack is one list entry per job and one member for the whole run in the
-# queue's `packs` zset; FETCH writes the job hash when it takes the job, and nothing
-# indexes its id: the id names the pack. (A job hash plus a queue member per job cost
-# Redis ~3.4 us of the ~5.6 us this script spent per new job, an index of ids ~1 more;
-# a pack costs ~0.2. That is what lets a crawler's new links through the master at
-# 200,000/s.) Other runs (job ids the caller chose): body = [job_id1, m1, field, value,
+# run is queued as a PACK (keys.py): body = [pack, n, data], the job ids are
+# {pack}{index:08x} (queue.py assigns them), data = the pack's string as stored: n end
+# offsets, then per job the msgpack [name, value, ...] of everything its hash will hold
+# but its state (queue, priority, enqueued_at and batch included). A pack is one string
+# and one member for the whole run in the queue's `packs` zset; FETCH writes the job
+# hash when it takes the job, and nothing indexes its id: the id names the pack. (A job
+# hash plus a queue member per job cost Redis ~3.4 us of the ~5.6 us this script spent
+# per new job, an index of ids ~1 more, a list entry per job ~0.9 in Lua; a pack string
+# costs next to nothing per job. That is what lets a crawler's new links through the
+# master at 200,000/s.) Other runs (job ids the caller chose): body = [job_id1, m1, field, value,
 # ... (m1 strings), job_id2, m2, ...], a job hash and a queue member each.
 #
 # A job id that exists already, as a hash or in a pack, is left alone and its status
@@ -131,7 +145,7 @@ for r = 2, #runs, 5 do
   local queued = 0
   local last = #body
   if runs[r + 3] == '1' then
-    local pid, size = body[1], last - 1
+    local pid, size = body[1], body[2]
     if replay and stored(pid) then
       -- stored by the first run of this call: report each job as it is now (one
       -- removed since then stays removed)
@@ -142,9 +156,9 @@ for r = 2, #runs, 5 do
       end
     else
       local seq = string.format('%016x', base + pos + 1)
-      local lk = prefix .. ':pack:' .. pid
-      sliced('RPUSH', lk, body, 2, last, 4000)
-      redis.call('HSET', lk .. ':info', 'n', size, 'queue', q, 'seq', seq)
+      local pk = prefix .. ':pack:' .. pid
+      redis.call('SET', pk, body[3])
+      redis.call('HSET', pk .. ':info', 'n', size, 'next', 0, 'queue', q, 'seq', seq)
       redis.call('ZADD', prefix .. ':packs:' .. q, score, seq .. ':' .. pid)
       redis.call('HINCRBY', prefix .. ':packed:counts', q, size)
       pos = pos + size
@@ -247,17 +261,17 @@ for _, c in ipairs(cands) do
     end
   else
     local pid = string.sub(c[2], 18)
-    local lk = prefix .. ':pack:' .. pid
-    local info = lk .. ':info'
-    local f = redis.call('HMGET', info, 'n', 'gone', 'seq')
-    local size, gone, seq0 = tonumber(f[1] or 0), tonumber(f[2] or 0), tonumber(f[3] or 0, 16)
+    local pk = prefix .. ':pack:' .. pid
+    local info = pk .. ':info'
+    local f = redis.call('HMGET', info, 'n', 'next', 'gone', 'seq')
+    local size, nxt, gone = tonumber(f[1] or 0), tonumber(f[2] or 0), tonumber(f[3] or 0)
+    local seq0 = tonumber(f[4] or 0, 16)
     local got, twice = 0, 0
-    while #out < limit do
-      local taken = size - redis.call('LLEN', lk)
-      local packed = redis.call('LPOP', lk, limit - #out)
-      if not packed then break end
-      for j = 1, #packed do
-        local k = taken + j - 1
+    while #out < limit and nxt < size do
+      local count = math.min(limit - #out, size - nxt)
+      local jobs = pack_fields(pk, size, nxt, count)
+      for j = 1, count do
+        local k = nxt + j - 1
         local id = pid .. string.format('%08x', k)
         local jk = prefix .. ':job:' .. id
         if gone > 0 and redis.call('HEXISTS', info, 'g' .. k) == 1 then
@@ -265,7 +279,7 @@ for _, c in ipairs(cands) do
         elseif redis.call('EXISTS', jk) == 1 then
           twice = twice + 1
         else
-          local f = cmsgpack.unpack(packed[j])
+          local f = jobs[j]
           redis.call('HSET', jk, 'status', 'running', 'worker', worker, 'started_at', now,
                      'attempts', 1, 'member', string.format('%016x', seq0 + k) .. ':' .. id,
                      unpack(f))
@@ -277,14 +291,14 @@ for _, c in ipairs(cands) do
           got = got + 1
         end
       end
+      nxt = nxt + count
     end
-    local left = redis.call('LLEN', lk)
-    if left == 0 or gone >= left then
-      pack_done(prefix, lk, info, c[4], c[2])
+    if gone >= size - nxt then
+      pack_done(prefix, pk, info, c[4], c[2])
     else
-      redis.call('HSET', info, 'gone', gone)
+      redis.call('HSET', info, 'next', nxt, 'gone', gone)
       redis.call('ZREM', c[3], c[2])
-      redis.call('ZADD', c[3], c[1], pack_member(f[3], pid, size - left))
+      redis.call('ZADD', c[3], c[1], pack_member(f[4], pid, nxt))
     end
     if got + twice > 0 then
       redis.call('HINCRBY', prefix .. ':packed:counts', c[4], -(got + twice))
@@ -446,16 +460,14 @@ local jk = prefix .. ':job:' .. id
 local f = redis.call('HMGET', jk, 'status', 'queue', 'member')
 if not f[1] then
   -- waiting in a pack: marked, FETCH skips it
-  local lk, info, at, k = in_pack(prefix, id)
-  if not lk then return false end
+  local pk, info, k, size = in_pack(prefix, id)
+  if not pk then return false end
   redis.call('HSET', info, 'g' .. k, 1)
   local gone = redis.call('HINCRBY', info, 'gone', 1)
-  local g = redis.call('HMGET', info, 'queue', 'n', 'seq')
+  local g = redis.call('HMGET', info, 'queue', 'next', 'seq')
   redis.call('HINCRBY', prefix .. ':packed:counts', g[1], -1)
-  local left = redis.call('LLEN', lk)
-  if gone >= left then   -- no job waits in it any more
-    pack_done(prefix, lk, info, g[1], pack_member(g[3], string.sub(id, 1, 24),
-                                                   tonumber(g[2]) - left))
+  if gone >= size - tonumber(g[2]) then   -- no job waits in it any more
+    pack_done(prefix, pk, info, g[1], pack_member(g[3], string.sub(id, 1, 24), tonumber(g[2])))
   end
   return 'queued'
 end
@@ -509,10 +521,10 @@ for i = 3 + n, #ARGV do
       for x = 1, n do h[#h + 1] = ARGV[2 + x]; h[#h + 1] = v[x] end
     end
   else
-    local lk, info, at, k = in_pack(prefix, id)
+    local pk, info, k, size = in_pack(prefix, id)
     h = {}
-    if lk then
-      local f = cmsgpack.unpack(redis.call('LINDEX', lk, at))
+    if pk then
+      local f = pack_fields(pk, size, k, 1)[1]
       local seq = tonumber(redis.call('HGET', info, 'seq'), 16) + k
       local all = {status = 'queued', member = string.format('%016x', seq) .. ':' .. id}
       for x = 1, #f, 2 do all[f[x]] = f[x + 1] end

@@ -35,6 +35,27 @@ async def with_queue(url, body):
         await r.aclose()
 
 
+async def pack_jobs(r, pack_id):
+    """The fields of each job in a pack's string (keys.py): end offsets, then the jobs."""
+    import struct
+    data = await r.get(KEYS.pack(pack_id))
+    n = int(await r.hget(KEYS.pack_info(pack_id), "n"))
+    ends = struct.unpack(f"<{n}I", data[:4 * n])
+    jobs, start = [], 4 * n
+    for end in ends:
+        flat = msgpack.unpackb(data[start:4 * n + end], raw=True)
+        jobs.append(dict(zip(flat[::2], flat[1::2])))
+        start = 4 * n + end
+    assert start == len(data)
+    return jobs
+
+
+async def waiting_in(r, pack_id):
+    """How many jobs of a pack are not handed out yet."""
+    n, first = await r.hmget(KEYS.pack_info(pack_id), "n", "next")
+    return int(n) - int(first)
+
+
 async def no_pack_left(r):
     """No pack is in line or holds a job; the infos of emptied packs expire within the
     hour (kept so that a resent ENQUEUE finds them)."""
@@ -198,7 +219,9 @@ def test_the_same_enqueue_run_twice_queues_each_job_once(redis_url):
         assert [o["status"] for o in out] == ["queued"] * 50
         pack_id = out[0]["job_id"][:24]
         assert [o["job_id"] for o in out] == [f"{pack_id}{k:08x}" for k in range(50)]
-        assert await r.llen(KEYS.pack(pack_id)) == 50
+        assert await waiting_in(r, pack_id) == 50
+        assert [j[b"args"] for j in await pack_jobs(r, pack_id)] == [
+            msgpack.packb([i]) for i in range(50)]
         assert await r.zcard(KEYS.packs("default")) == 1          # the second run added none
         assert (await q.stats())["by_queue"]["default"]["queued"] == 50
         assert await r.hget(KEYS.counters, "submitted") == b"50"
@@ -210,7 +233,7 @@ def test_the_same_enqueue_run_twice_queues_each_job_once(redis_url):
         assert [int(x) for x in again[::2]] == list(range(1, 51))
         assert [x.decode() for x in again[1::2]] == ["running"] * 10 + ["queued"] * 40
         assert (await q.stats())["by_queue"]["default"]["queued"] == 40
-        assert await r.llen(KEYS.pack(pack_id)) == 40
+        assert await waiting_in(r, pack_id) == 40
         assert {g["job_id"] for g in got} <= {s["job_id"] for s in batch}
         # all 50 run once each
         rest = await q.fetch("w1", ["default"], 100, 30)
@@ -298,10 +321,10 @@ def test_a_batch_of_many_runs_is_queued_in_order_with_its_own_fields(redis_url):
             (pack_member(2), 0.0)]
         for first, members in packs.items():
             pack_id = ids[first][:24]
-            assert await r.llen(KEYS.pack(pack_id)) == len(members)
+            assert len(await pack_jobs(r, pack_id)) == len(members)
             assert await r.hgetall(KEYS.pack_info(pack_id)) == {
                 b"n": str(len(members)).encode(), b"queue": batch[first]["queue"].encode(),
-                b"seq": seq(first).encode()}
+                b"seq": seq(first).encode(), b"next": b"0"}
         assert await r.zcard(KEYS.queue("qb")) == await r.zcard(KEYS.queue("qc")) == 0
         assert await r.zcard(KEYS.packs("qc")) == 0
         counters = {k.decode(): int(v) for k, v in (await r.hgetall(KEYS.counters)).items()}
@@ -321,9 +344,7 @@ def test_a_batch_of_many_runs_is_queued_in_order_with_its_own_fields(redis_url):
             if ids[i] not in chosen:
                 assert h == {}
                 first = 5 if i == 6 else i
-                flat = msgpack.unpackb(await r.lindex(KEYS.pack(ids[i][:24]), i - first),
-                                       raw=True)
-                h = {**dict(zip(flat[::2], flat[1::2])), b"status": b"queued",
+                h = {**(await pack_jobs(r, ids[i][:24]))[i - first], b"status": b"queued",
                      b"member": member(i)}
             assert (h[b"status"], h[b"queue"].decode(), int(h[b"priority"]),
                     h.get(b"batch", b"").decode(), h[b"member"], h[b"args"]) == (
@@ -345,7 +366,7 @@ def test_a_batch_of_many_runs_is_queued_in_order_with_its_own_fields(redis_url):
             list(enumerate(statuses))
         assert (await r.zcard(KEYS.queue("qa")), await r.zcard(KEYS.packs("qa")),
                 await r.zcard(KEYS.packs("qb"))) == (1, 4, 1)
-        assert [await r.llen(KEYS.pack(ids[i][:24])) for i in packs] == [1, 1, 1, 2, 1]
+        assert [await waiting_in(r, ids[i][:24]) for i in packs] == [1, 1, 1, 2, 1]
         assert int(await r.hget(KEYS.counters, "submitted")) == 9
         assert await r.hget(KEYS.batch("b1"), "submitted") == b"4"
         assert (await q.stats())["by_status"]["queued"] == 7
