@@ -14,7 +14,7 @@ from itertools import accumulate
 from typing import Any, AsyncIterator, Iterable
 
 import msgpack
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 
 from elric import scripts
 from elric.contract import STATUSES
@@ -38,6 +38,7 @@ _packb = msgpack.Packer(use_bin_type=False).pack
 _packb_bin = msgpack.Packer(use_bin_type=True).pack
 # a pack's job ids end in their index (scripts.ENQUEUE); a longer run takes more packs
 _PACK_MAX = 10_000
+_PACK_KEEP = 3600   # s; as scripts.PACK_KEEP
 _INDEX = [f"{k:08x}" for k in range(_PACK_MAX)]
 
 
@@ -158,14 +159,16 @@ class RedisQueue:
                 body.append(packb(fields))
             else:
                 body += [job_id, len(fields), *fields]
-        for at, pack_id, blobs in packs:  # [pack, n, its string]: n end offsets, the jobs
+        strings = []
+        for at, pack_id, blobs in packs:  # [pack, n]; its string: n end offsets, the jobs
             ends = list(accumulate(map(len, blobs)))
-            runs[at] = [pack_id, len(blobs),
-                        struct.pack(f"<{len(ends)}I", *ends) + b"".join(blobs)]
+            runs[at] = [pack_id, len(blobs)]
+            strings.append((self.keys.pack(pack_id),
+                            struct.pack(f"<{len(ends)}I", *ends) + b"".join(blobs)))
         argv: list[Any] = [self.keys.prefix, now, fence[0] if fence else "",
                            fence[1] if fence else "", _packb(runs)]
         try:
-            existing = await self._enqueue(args=argv)
+            existing = await self._send_enqueue(strings, argv)
         except ResponseError as exc:
             if str(exc).startswith("FENCED"):
                 raise Fenced(str(exc)) from None
@@ -177,6 +180,27 @@ class RedisQueue:
                 existed.append(int(existing[i]) - 1)
         return [{"job_id": spec["job_id"], "status": status}
                 for spec, status in zip(specs, statuses)]
+
+    async def _send_enqueue(self, strings: list[tuple[str, bytes]], argv: list) -> list:
+        """ENQUEUE, with its packs' strings SET just before it in one pipeline (one round
+        trip; see scripts.ENQUEUE for why they are not its arguments). A string whose
+        script did not run expires (PACK_KEEP); a resent pipeline is ENQUEUE's replay."""
+        if not strings:
+            return await self._enqueue(args=argv)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key, data in strings:
+                pipe.set(key, data, ex=_PACK_KEEP)
+            pipe.evalsha(self._enqueue.sha, 0, *argv)
+            replies = await pipe.execute(raise_on_error=False)
+        for reply in replies[:-1]:
+            if isinstance(reply, Exception):
+                raise reply
+        existing = replies[-1]
+        if isinstance(existing, NoScriptError):      # a Redis that restarted: load it
+            existing = await self._enqueue(args=argv)
+        elif isinstance(existing, Exception):
+            raise existing
+        return existing
 
     async def fetch(self, worker_id: str, queues: Iterable[str], limit: int,
                     lease_seconds: float) -> list[dict]:

@@ -82,16 +82,19 @@ end
 # per value, which cost Redis ~1 us per job, half of it gone this way.)
 #
 # `fresh` ('1') marks a run of jobs the master makes ids for, which cannot exist. Such a
-# run is queued as a PACK (keys.py): body = [pack, n, data], the job ids are
-# {pack}{index:08x} (queue.py assigns them), data = the pack's string as stored: n end
-# offsets, then per job the msgpack [name, value, ...] of everything its hash will hold
-# but its state (queue, priority, enqueued_at and batch included). A pack is one string
-# and one member for the whole run in the queue's `packs` zset; FETCH writes the job
-# hash when it takes the job, and nothing indexes its id: the id names the pack. (A job
-# hash plus a queue member per job cost Redis ~3.4 us of the ~5.6 us this script spent
-# per new job, an index of ids ~1 more, a list entry per job ~0.9 in Lua; a pack string
-# costs next to nothing per job. That is what lets a crawler's new links through the
-# master at 200,000/s.) Other runs (job ids the caller chose): body = [job_id1, m1, field, value,
+# run is queued as a PACK (keys.py): body = [pack, n], the job ids are {pack}{index:08x}
+# (queue.py assigns them). The pack's string (n end offsets, then per job the msgpack
+# [name, value, ...] of everything its hash will hold but its state: queue, priority,
+# enqueued_at and batch included) is not an argument: queue.py sends it just before, in
+# the same pipeline, as SET {pack key} data EX PACK_KEEP, and this script PERSISTs the
+# packs it takes (one whose script never ran expires). Data passed through a script
+# costs Redis ~1 ns a byte each time Lua copies it, ~0.5 us per job here; a plain SET
+# takes it from the request as it is. A pack is one string and one member for the
+# whole run in the queue's `packs` zset; FETCH writes the job hash when it takes the
+# job, and nothing indexes its id: the id names the pack. (A job hash plus a queue
+# member per job cost Redis ~3.4 us of the ~5.6 us this script spent per new job, an
+# index of ids ~1 more; a pack costs next to nothing per job. That is what lets a
+# crawler's new links through the master at 200,000/s.) Other runs (job ids the caller chose): body = [job_id1, m1, field, value,
 # ... (m1 strings), job_id2, m2, ...], a job hash and a queue member each.
 #
 # A job id that exists already, as a hash or in a pack, is left alone and its status
@@ -136,6 +139,11 @@ for r = 2, #runs, 5 do
     break
   end
 end
+for r = 2, #runs, 5 do   -- before any write: the packs' strings came (SET can fail: OOM)
+  if runs[r + 3] == '1' and redis.call('EXISTS', prefix .. ':pack:' .. runs[r + 4][1]) == 0 then
+    return redis.error_reply('NOPACK the string of pack ' .. runs[r + 4][1] .. ' is missing')
+  end
+end
 local pos = 0
 for r = 2, #runs, 5 do
   local q, prio, batch, body = runs[r], runs[r + 1], runs[r + 2], runs[r + 4]
@@ -146,18 +154,25 @@ for r = 2, #runs, 5 do
   local last = #body
   if runs[r + 3] == '1' then
     local pid, size = body[1], body[2]
+    local pk = prefix .. ':pack:' .. pid
     if replay and stored(pid) then
       -- stored by the first run of this call: report each job as it is now (one
-      -- removed since then stays removed)
+      -- removed since then stays removed); the string sent again is the same bytes,
+      -- kept while jobs wait in it, else dropped
       for k = 0, size - 1 do
         pos = pos + 1
         out[#out + 1] = pos
         out[#out + 1] = status_of(prefix, pid .. string.format('%08x', k)) or 'cancelled'
       end
+      local f = redis.call('HMGET', pk .. ':info', 'n', 'next')
+      if f[1] and tonumber(f[2]) < tonumber(f[1]) then
+        redis.call('PERSIST', pk)
+      else
+        redis.call('DEL', pk)
+      end
     else
       local seq = string.format('%016x', base + pos + 1)
-      local pk = prefix .. ':pack:' .. pid
-      redis.call('SET', pk, body[3])
+      redis.call('PERSIST', pk)
       redis.call('HSET', pk .. ':info', 'n', size, 'next', 0, 'queue', q, 'seq', seq)
       redis.call('ZADD', prefix .. ':packs:' .. q, score, seq .. ':' .. pid)
       redis.call('HINCRBY', prefix .. ':packed:counts', q, size)

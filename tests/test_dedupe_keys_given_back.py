@@ -69,17 +69,17 @@ def test_an_enqueue_whose_reply_is_lost_gives_back_only_the_keys_of_jobs_not_que
     is filtered: no second copy), the others are given back (a retry is queued)."""
     async def main():
         async with master(redis_url) as m:
-            real = m.queue._enqueue
+            real = m.queue._send_enqueue
 
-            async def failing(args):
+            async def failing(strings, argv):
                 if lost == "after":
-                    await real(args=args)
+                    await real(strings, argv)
                 raise RedisTimeoutError("Timeout reading from socket")
-            m.queue._enqueue = failing
+            m.queue._send_enqueue = failing
             spec = {"func": E, "args": ["http://x/"], "dedupe_key": "http://x/"}
             with pytest.raises(RequestError, match="cannot reach Redis"):
                 await m.submit_jobs([spec])
-            m.queue._enqueue = real
+            m.queue._send_enqueue = real
             again = await m.submit_jobs([spec])
             if lost == "after":
                 assert again[0]["status"] == "filtered" and await queued(m) == 1
@@ -166,22 +166,22 @@ def test_a_job_this_call_queued_and_that_ended_before_a_replay_keeps_its_key(red
     (a worker's children have ids of their own)."""
     async def main():
         async with master(redis_url) as m:
-            real = m.queue._enqueue
+            real = m.queue._send_enqueue
 
-            async def replayed(args):
-                await real(args=args)
+            async def replayed(strings, argv):
+                await real(strings, argv)
                 [job] = await m.queue.fetch("w1", ["default"], 10, 30)    # a worker ran it
                 assert await m.queue.finish("w1", [{
                     "job_id": job["job_id"], "attempt": 1, "ok": True, "payload": b"\xc0",
                     "duration_ms": 1}]) == ["succeeded"]
-                return await real(args=args)
-            m.queue._enqueue = replayed
+                return await real(strings, argv)
+            m.queue._send_enqueue = replayed
             spec = {"func": E, "args": ["u"], "dedupe_key": "page-1"}
             if chosen:
                 spec["job_id"] = "parent1-c0"
             [first] = await m.submit_jobs([spec])
             assert first["status"] == "succeeded"
-            m.queue._enqueue = real
+            m.queue._send_enqueue = real
             assert (await m.submit_jobs([{**spec, "job_id": "parent2-c0"}]))[0]["status"] \
                 == "filtered"
     asyncio.run(main())
@@ -198,19 +198,19 @@ def test_a_resubmitted_id_whose_job_has_another_key_does_not_keep_this_one(redis
             await m.submit_jobs([{"func": E, "job_id": "J"}])
             if status != "queued":
                 await m.redis.hset(m.keys.job("J"), "status", status)
-            real = m.queue._enqueue
+            real = m.queue._send_enqueue
             if how == "lost reply":
-                async def lost(args):
-                    await real(args=args)
+                async def lost(strings, argv):
+                    await real(strings, argv)
                     raise RedisTimeoutError("Timeout reading from socket")
-                m.queue._enqueue = lost
+                m.queue._send_enqueue = lost
             spec = {"func": E, "job_id": "J", "dedupe_key": "K"}
             if how == "ok":
                 assert await m.submit_jobs([spec]) == [{"job_id": "J", "status": status}]
             else:
                 with pytest.raises(RequestError):
                     await m.submit_jobs([spec])
-                m.queue._enqueue = real
+                m.queue._send_enqueue = real
             assert (await m.queue.get_job("J")).get("dedupe_key") is None
             assert (await m.submit_jobs([{"func": E, "job_id": "other", "dedupe_key": "K"}]))[
                 0]["status"] == "queued"

@@ -206,14 +206,14 @@ def test_the_same_enqueue_run_twice_queues_each_job_once(redis_url):
     retries): ENQUEUE then runs twice with the same arguments. The master's own ids skip
     the lookup, so the second run must notice it is a replay."""
     async def body(q, r):
-        real = q._enqueue
+        real = q._send_enqueue
         sent = []
 
-        async def sent_twice(args):
-            sent.append(args)
-            await real(args=args)
-            return await real(args=args)
-        q._enqueue = sent_twice
+        async def sent_twice(strings, argv):
+            sent.append((strings, argv))
+            await real(strings, argv)
+            return await real(strings, argv)
+        q._send_enqueue = sent_twice
         batch = specs(50, batch="twice")
         out = await q.enqueue(batch, may_exist=set())
         assert [o["status"] for o in out] == ["queued"] * 50
@@ -228,10 +228,11 @@ def test_the_same_enqueue_run_twice_queues_each_job_once(redis_url):
         assert await r.hget(KEYS.batch("twice"), "submitted") == b"50"
         # and a replay after a worker took some: their status comes back, none is re-queued
         got = await q.fetch("w1", ["default"], 10, 30)
-        q._enqueue = real
-        again = await real(args=sent[0])        # the command once more, as redis-py sends it
+        q._send_enqueue = real
+        again = await real(*sent[0])        # the commands once more, as redis-py sends them
         assert [int(x) for x in again[::2]] == list(range(1, 51))
         assert [x.decode() for x in again[1::2]] == ["running"] * 10 + ["queued"] * 40
+        assert await r.ttl(KEYS.pack(pack_id)) == -1      # its jobs wait: it stays for good
         assert (await q.stats())["by_queue"]["default"]["queued"] == 40
         assert await waiting_in(r, pack_id) == 40
         assert {g["job_id"] for g in got} <= {s["job_id"] for s in batch}
@@ -289,14 +290,14 @@ def test_a_batch_of_many_runs_is_queued_in_order_with_its_own_fields(redis_url):
         chosen = {"mine-1", "old", "old2"}
         seq0 = int(await r.get(f"{KEYS.prefix}:seq"))
         statuses = ["queued"] * 4 + ["running"] + ["queued"] * 2 + ["running", "queued"]
-        real, sent = q._enqueue, []
+        real, sent = q._send_enqueue, []
 
-        async def record(args):
-            sent.append(args)
-            return await real(args=args)
-        q._enqueue = record
+        async def record(strings, argv):
+            sent.append((strings, argv))
+            return await real(strings, argv)
+        q._send_enqueue = record
         out = await q.enqueue(batch, may_exist=chosen)
-        q._enqueue, sent_first = real, sent[0]
+        q._send_enqueue, sent_first = real, sent[0]
         ids = [s["job_id"] for s in batch]                # the master's own got pack ids
         assert out == [{"job_id": j, "status": s} for j, s in zip(ids, statuses)]
         packs = {0: [0], 1: [1], 2: [2], 5: [5, 6], 8: [8]}   # one per run: first -> jobs
@@ -361,7 +362,7 @@ def test_a_batch_of_many_runs_is_queued_in_order_with_its_own_fields(redis_url):
 
         # the same command again (redis-py resending it): every status comes back,
         # nothing is added
-        again = await real(args=sent_first)
+        again = await real(*sent_first)
         assert [(int(a) - 1, b.decode()) for a, b in zip(again[::2], again[1::2])] == \
             list(enumerate(statuses))
         assert (await r.zcard(KEYS.queue("qa")), await r.zcard(KEYS.packs("qa")),
@@ -470,26 +471,63 @@ def test_an_enqueue_resent_after_its_pack_emptied_queues_nothing_again(redis_url
     the pack's info (kept an hour) still says it was stored. Later than that, a resent
     pack is queued again, but FETCH runs none of its jobs twice."""
     async def body(q, r):
-        real, sent = q._enqueue, []
+        real, sent = q._send_enqueue, []
 
-        async def record(args):
-            sent.append(args)
-            return await real(args=args)
-        q._enqueue = record
+        async def record(strings, argv):
+            sent.append((strings, argv))
+            return await real(strings, argv)
+        q._send_enqueue = record
         ids = [o["job_id"] for o in await q.enqueue(specs(2), may_exist=set())]
-        q._enqueue = real
+        q._send_enqueue = real
         assert await q.remove(ids[0]) is True                  # removed while it waited
         assert [g["job_id"] for g in await q.fetch("w1", ["default"], 5, 30)] == ids[1:]
-        again = await real(args=sent[0])
+        again = await real(*sent[0])
         assert [x.decode() if isinstance(x, bytes) else x for x in again] == [
             1, "cancelled", 2, "running"]
         assert await q.fetch("w1", ["default"], 5, 30) == []
         assert int(await r.hget(KEYS.counters, "submitted")) == 2
         # past the hour: queued again, but the job that has a hash does not run twice
         await r.delete(KEYS.pack_info(ids[0][:24]))
-        await real(args=sent[0])
+        await real(*sent[0])
         assert [g["job_id"] for g in await q.fetch("w1", ["default"], 5, 30)] == ids[:1]
         assert (await q.get_job(ids[1]))["attempts"] == 1
         assert (await q.stats())["by_status"]["queued"] == 0
         await no_pack_left(r)
+    asyncio.run(with_queue(redis_url, body))
+
+
+def test_a_pack_string_is_kept_only_when_its_enqueue_took_it(redis_url):
+    """The master SETs a pack's string (with an expiry) just before ENQUEUE in the same
+    pipeline: ENQUEUE makes it permanent; without the string (its SET failed) ENQUEUE
+    refuses the whole call before writing anything; a script Redis lost is loaded."""
+    from redis.exceptions import ResponseError
+
+    async def body(q, r):
+        out = await q.enqueue(specs(3), may_exist=set())
+        pack_id = out[0]["job_id"][:24]
+        assert await r.ttl(KEYS.pack(pack_id)) == -1
+        # the string missing: NOPACK, nothing queued, no counter moved
+        real, sent = q._send_enqueue, []
+
+        async def without_strings(strings, argv):
+            sent.append((strings, argv))
+            return await real([], argv)
+        q._send_enqueue = without_strings
+        with pytest.raises(ResponseError, match="NOPACK"):
+            await q.enqueue(specs(2) + normalize_specs([{"func": FUNC, "job_id": "c"}]),
+                            may_exist={"c"})
+        q._send_enqueue = real
+        assert (await q.stats())["by_status"]["queued"] == 3
+        assert int(await r.hget(KEYS.counters, "submitted")) == 3
+        assert await q.get_job("c") is None
+        (key, _), = sent[0][0]
+        assert not await r.exists(key, key + ":info")
+        # a string whose script never ran expires
+        await r.set(key, b"x", ex=3600)
+        assert 0 < await r.ttl(key) <= 3600
+        # Redis lost its scripts (a restart): loaded again, the call goes through
+        await r.script_flush()
+        out = await q.enqueue(specs(2), may_exist=set())
+        assert await r.ttl(KEYS.pack(out[0]["job_id"][:24])) == -1
+        assert (await q.stats())["by_status"]["queued"] == 5
     asyncio.run(with_queue(redis_url, body))

@@ -89,14 +89,14 @@ def test_a_batch_with_a_periodic_job_can_be_sent_again_after_cannot_reach_redis(
 
     async def main():
         async with master(redis_url) as m:
-            real, failed = m.queue._enqueue, []
+            real, failed = m.queue._send_enqueue, []
 
-            async def once(args):
+            async def once(strings, argv):
                 if not failed:
                     failed.append(1)
                     raise RedisConnectionError("Connection reset by peer")
-                return await real(args=args)
-            m.queue._enqueue = once
+                return await real(strings, argv)
+            m.queue._send_enqueue = once
             batch = [{"func": "tests.jobs:Echo", "job_id": "P",
                       "trigger": {"type": "interval", "minutes": 15}},
                      {"func": "tests.jobs:Echo", "job_id": "one", "dedupe_key": "k"}]
