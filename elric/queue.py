@@ -39,6 +39,9 @@ _packb_bin = msgpack.Packer(use_bin_type=True).pack
 # a pack's job ids end in their index (scripts.ENQUEUE); a longer run takes more packs
 _PACK_MAX = 10_000
 _PACK_KEEP = 3600   # s; as scripts.PACK_KEEP
+# what each job of a pack stores, by position (scripts.PACK_FIELDS); None: the default
+_PACK_FIELDS = ("func", "args", "kwargs", "max_retries", "timeout", "parent", "schedule",
+                "fire_time", "dedupe_key", "dedupe_scope")
 _INDEX = [f"{k:08x}" for k in range(_PACK_MAX)]
 
 
@@ -104,25 +107,45 @@ class RedisQueue:
         # runs of consecutive jobs sharing queue, priority, batch and freshness (see
         # scripts.ENQUEUE): [n, queue, priority, batch, fresh, body, queue, ...]. A fresh
         # run (the master's own ids) is queued as a pack: its jobs get the ids
-        # {pack}{index:08x}, and its body is [pack, n, data], data the pack's string:
-        # each job's fields packed (queue, priority, enqueued_at and batch included)
-        # after a table of where each ends.
+        # {pack}{index:08x}, and its body is [pack, n]; its string (sent as a SET)
+        # holds each job's fields packed by position, after a table of where each ends.
         now = now_ms()
-        enqueued_at = str(now)
         runs: list[Any] = [len(specs)]
         head = None
         body: list[Any] = []
         pack_id = ""
         packs: list[tuple[int, str, list[bytes]]] = []
-        tail: tuple = ()
         packb, packb_bin = _packb, _packb_bin
         for spec in specs:
+            get = spec.get
+            job_id = spec["job_id"]
+            this = (spec["queue"], spec["priority"], get("batch") or "",
+                    may_exist is not None and job_id not in may_exist)
+            if this != head or len(body) >= _PACK_MAX:
+                head, body = this, []
+                pack_id = os.urandom(12).hex() if this[3] else ""
+                if pack_id:
+                    packs.append((len(runs) + 4, pack_id, body))
+                runs += [this[0], repr(this[1]), this[2], "1" if pack_id else "0", body]
             # The job hash's fields besides those the script sets itself: func, args and
             # kwargs (when not empty), then the others when set and not at the default a
             # missing field reads as (numbers as repr, as redis-py would). A field at its
             # default costs Redis ~0.35 us per job for nothing. (Spelled out rather than
-            # looped over: this loop is a third of the master's time per new job.)
-            get = spec.get
+            # looped over: this is a third of the master's time per new job.)
+            if pack_id:     # positional, _PACK_FIELDS
+                spec["job_id"] = pack_id + _INDEX[len(body)]
+                body.append(packb((
+                    spec["func"],
+                    packb_bin(v) if (v := get("args")) else None,
+                    packb_bin(v) if (v := get("kwargs")) else None,
+                    repr(v) if (v := get("max_retries")) else None,
+                    None if (v := get("timeout")) is None else repr(v),
+                    get("parent") or None,
+                    get("schedule"),
+                    None if (v := get("fire_time")) is None else repr(v),
+                    get("dedupe_key"),
+                    get("dedupe_scope"))))
+                continue
             fields: list[Any] = ["func", spec["func"]]
             if v := get("args"):
                 fields += ("args", packb_bin(v))
@@ -142,23 +165,7 @@ class RedisQueue:
                 fields += ("dedupe_key", v)
             if (v := get("dedupe_scope")) is not None:
                 fields += ("dedupe_scope", v)
-            job_id = spec["job_id"]
-            this = (spec["queue"], spec["priority"], get("batch") or "",
-                    may_exist is not None and job_id not in may_exist)
-            if this != head or len(body) >= _PACK_MAX:
-                head, body = this, []
-                pack_id = os.urandom(12).hex() if this[3] else ""
-                if pack_id:
-                    packs.append((len(runs) + 4, pack_id, body))
-                    tail = ("queue", this[0], "priority", repr(this[1]),
-                            "enqueued_at", enqueued_at) + (("batch", this[2]) if this[2] else ())
-                runs += [this[0], repr(this[1]), this[2], "1" if pack_id else "0", body]
-            if pack_id:
-                spec["job_id"] = pack_id + _INDEX[len(body)]
-                fields += tail
-                body.append(packb(fields))
-            else:
-                body += [job_id, len(fields), *fields]
+            body += [job_id, len(fields), *fields]
         strings = []
         for at, pack_id, blobs in packs:  # [pack, n]; its string: n end offsets, the jobs
             ends = list(accumulate(map(len, blobs)))

@@ -28,7 +28,9 @@ end
 # yet (index >= next) and it was not removed (g{index}). in_pack returns the pack's key,
 # its info key, the index and the pack's size, or nothing. pack_fields reads the fields
 # of `count` jobs from index k: the pack is a string, a table of little-endian uint32
-# end offsets, one per job, then the jobs' msgpack field arrays back to back.
+# end offsets, one per job, then the jobs' msgpack arrays back to back. A job's array is
+# positional, PACK_FIELDS (queue.py's _PACK_FIELDS), nil where the field is at its
+# default; the fields its whole pack shares are in the pack's info (job_fields).
 # A pack's member in its queue's `packs` zset is {seq of its first job left}:{pack}, so it
 # keeps its place in line against single jobs as it is taken. Once no job waits in it,
 # it leaves the line (pack_done) but its info stays for PACK_KEEP seconds, so that an
@@ -67,6 +69,20 @@ local function pack_fields(pk, size, k, count)
   end
   return out
 end
+local PACK_FIELDS = {'func', 'args', 'kwargs', 'max_retries', 'timeout', 'parent',
+                     'schedule', 'fire_time', 'dedupe_key', 'dedupe_scope'}
+-- the job hash fields of a packed job: its own (positional, nil where at the default)
+-- and its pack's (info: queue, priority, enqueued_at, batch), appended to `out`
+local function job_fields(f, g, out)
+  out[#out + 1] = 'queue'; out[#out + 1] = g[1]
+  out[#out + 1] = 'priority'; out[#out + 1] = g[2]
+  out[#out + 1] = 'enqueued_at'; out[#out + 1] = g[3]
+  if g[4] ~= '' then out[#out + 1] = 'batch'; out[#out + 1] = g[4] end
+  for x = 1, 10 do
+    if f[x] then out[#out + 1] = PACK_FIELDS[x]; out[#out + 1] = f[x] end
+  end
+  return out
+end
 local function status_of(prefix, id)
   return redis.call('HGET', prefix .. ':job:' .. id, 'status')
     or (in_pack(prefix, id) and 'queued')
@@ -83,9 +99,10 @@ end
 #
 # `fresh` ('1') marks a run of jobs the master makes ids for, which cannot exist. Such a
 # run is queued as a PACK (keys.py): body = [pack, n], the job ids are {pack}{index:08x}
-# (queue.py assigns them). The pack's string (n end offsets, then per job the msgpack
-# [name, value, ...] of everything its hash will hold but its state: queue, priority,
-# enqueued_at and batch included) is not an argument: queue.py sends it just before, in
+# (queue.py assigns them). Its info holds what its jobs share (queue, priority,
+# enqueued_at, batch). Its string (n end offsets, then per job the msgpack array of its
+# PACK_FIELDS, nil where at the default: no field names stored per job) is not an
+# argument: queue.py sends it just before, in
 # the same pipeline, as SET {pack key} data EX PACK_KEEP, and this script PERSISTs the
 # packs it takes (one whose script never ran expires). Data passed through a script
 # costs Redis ~1 ns a byte each time Lua copies it, ~0.5 us per job here; a plain SET
@@ -173,7 +190,8 @@ for r = 2, #runs, 5 do
     else
       local seq = string.format('%016x', base + pos + 1)
       redis.call('PERSIST', pk)
-      redis.call('HSET', pk .. ':info', 'n', size, 'next', 0, 'queue', q, 'seq', seq)
+      redis.call('HSET', pk .. ':info', 'n', size, 'next', 0, 'seq', seq, 'queue', q,
+                 'priority', prio, 'enqueued_at', now, 'batch', batch)
       redis.call('ZADD', prefix .. ':packs:' .. q, score, seq .. ':' .. pid)
       redis.call('HINCRBY', prefix .. ':packed:counts', q, size)
       pos = pos + size
@@ -281,6 +299,7 @@ for _, c in ipairs(cands) do
     local f = redis.call('HMGET', info, 'n', 'next', 'gone', 'seq')
     local size, nxt, gone = tonumber(f[1] or 0), tonumber(f[2] or 0), tonumber(f[3] or 0)
     local seq0 = tonumber(f[4] or 0, 16)
+    local g = redis.call('HMGET', info, 'queue', 'priority', 'enqueued_at', 'batch')
     local got, twice = 0, 0
     while #out < limit and nxt < size do
       local count = math.min(limit - #out, size - nxt)
@@ -295,14 +314,12 @@ for _, c in ipairs(cands) do
           twice = twice + 1
         else
           local f = jobs[j]
-          redis.call('HSET', jk, 'status', 'running', 'worker', worker, 'started_at', now,
-                     'attempts', 1, 'member', string.format('%016x', seq0 + k) .. ':' .. id,
-                     unpack(f))
+          redis.call('HSET', jk, unpack(job_fields(f, g, {
+            'status', 'running', 'worker', worker, 'started_at', now, 'attempts', 1,
+            'member', string.format('%016x', seq0 + k) .. ':' .. id})))
           running(id)
-          local d = {}
-          for x = 1, #f, 2 do d[f[x]] = f[x + 1] end
-          out[#out+1] = {id, 1, d.func, d.args or false, d.kwargs or false, d.timeout or '',
-                         d.max_retries or '0', d.queue, d.dedupe_scope or ''}
+          out[#out+1] = {id, 1, f[1], f[2] or false, f[3] or false, f[5] or '', f[4] or '0',
+                         g[1], f[10] or ''}
           got = got + 1
         end
       end
@@ -540,9 +557,11 @@ for i = 3 + n, #ARGV do
     h = {}
     if pk then
       local f = pack_fields(pk, size, k, 1)[1]
-      local seq = tonumber(redis.call('HGET', info, 'seq'), 16) + k
-      local all = {status = 'queued', member = string.format('%016x', seq) .. ':' .. id}
-      for x = 1, #f, 2 do all[f[x]] = f[x + 1] end
+      local g = redis.call('HMGET', info, 'queue', 'priority', 'enqueued_at', 'batch', 'seq')
+      local flat = job_fields(f, g, {'status', 'queued', 'member',
+                                     string.format('%016x', tonumber(g[5], 16) + k) .. ':' .. id})
+      local all = {}
+      for x = 1, #flat, 2 do all[flat[x]] = flat[x + 1] end
       if n == 0 then
         for name, value in pairs(all) do h[#h + 1] = name; h[#h + 1] = value end
       else

@@ -17,7 +17,7 @@ import redis.asyncio as aredis
 
 from elric.contract import normalize_specs
 from elric.keys import Keys
-from elric.queue import RedisQueue
+from elric.queue import _PACK_FIELDS, RedisQueue
 
 KEYS = Keys("elrictest")
 FUNC = "tests.jobs:Echo"
@@ -41,10 +41,16 @@ async def pack_jobs(r, pack_id):
     data = await r.get(KEYS.pack(pack_id))
     n = int(await r.hget(KEYS.pack_info(pack_id), "n"))
     ends = struct.unpack(f"<{n}I", data[:4 * n])
+    info = await r.hgetall(KEYS.pack_info(pack_id))
+    shared = {b"queue": info[b"queue"], b"priority": info[b"priority"],
+              b"enqueued_at": info[b"enqueued_at"]}
+    if info[b"batch"]:
+        shared[b"batch"] = info[b"batch"]
     jobs, start = [], 4 * n
     for end in ends:
-        flat = msgpack.unpackb(data[start:4 * n + end], raw=True)
-        jobs.append(dict(zip(flat[::2], flat[1::2])))
+        values = msgpack.unpackb(data[start:4 * n + end], raw=True)
+        jobs.append({**shared, **{name.encode(): v for name, v in zip(_PACK_FIELDS, values)
+                                  if v is not None}})
         start = 4 * n + end
     assert start == len(data)
     return jobs
@@ -323,9 +329,13 @@ def test_a_batch_of_many_runs_is_queued_in_order_with_its_own_fields(redis_url):
         for first, members in packs.items():
             pack_id = ids[first][:24]
             assert len(await pack_jobs(r, pack_id)) == len(members)
-            assert await r.hgetall(KEYS.pack_info(pack_id)) == {
+            info = await r.hgetall(KEYS.pack_info(pack_id))
+            assert info == {
                 b"n": str(len(members)).encode(), b"queue": batch[first]["queue"].encode(),
-                b"seq": seq(first).encode(), b"next": b"0"}
+                b"seq": seq(first).encode(), b"next": b"0",
+                b"priority": str(batch[first]["priority"]).encode(),
+                b"batch": (batch[first].get("batch") or "").encode(),
+                b"enqueued_at": info[b"enqueued_at"]}
         assert await r.zcard(KEYS.queue("qb")) == await r.zcard(KEYS.queue("qc")) == 0
         assert await r.zcard(KEYS.packs("qc")) == 0
         counters = {k.decode(): int(v) for k, v in (await r.hgetall(KEYS.counters)).items()}
