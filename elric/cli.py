@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import json
 import logging
 import os
@@ -27,12 +26,6 @@ def cmd_master(args: argparse.Namespace) -> int:
 
     settings = _settings(args, MASTER_ADDRESS=args.address, REDIS_URL=args.redis_url)
     _logging(settings.LOG_LEVEL)
-    # A master makes and drops several objects per job (specs, fields, replies), so the
-    # cyclic GC ran every ~700 of them over a heap of long-lived ones: what start-up
-    # made is frozen out of its scans and young objects are collected less often
-    # (bench_dedupe, redis-bloom pass 1: master CPU per key -4 to -9 %).
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 100)
     return asyncio.run(Master(settings).run())
 
 
