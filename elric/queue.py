@@ -199,15 +199,15 @@ class RedisQueue:
                 pipe.set(key, data, ex=_PACK_KEEP)
             pipe.evalsha(self._enqueue.sha, 0, *argv)
             replies = await pipe.execute(raise_on_error=False)
-        for reply in replies[:-1]:
-            if isinstance(reply, Exception):
-                raise reply
         existing = replies[-1]
         if isinstance(existing, NoScriptError):      # a Redis that restarted: load it
             existing = await self._enqueue(args=argv)
-        elif isinstance(existing, Exception):
-            raise existing
-        return existing
+        if not isinstance(existing, Exception):
+            return existing   # (it found every string: a failed SET was of one resent)
+        for reply in replies[:-1]:
+            if isinstance(reply, Exception):
+                raise reply   # why a string is missing (NOPACK)
+        raise existing
 
     async def fetch(self, worker_id: str, queues: Iterable[str], limit: int,
                     lease_seconds: float) -> list[dict]:

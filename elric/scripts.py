@@ -43,7 +43,7 @@ end
 local function pack_done(prefix, pk, info, queue, member)
   redis.call('DEL', pk)
   redis.call('ZREM', prefix .. ':packs:' .. queue, member)
-  redis.call('HSET', info, 'gone', 0, 'next', redis.call('HGET', info, 'n'))
+  redis.call('HSET', info, 'gone', 0, 'next', redis.call('HGET', info, 'n') or 0)
   redis.call('EXPIRE', info, PACK_KEEP)
 end
 local function in_pack(prefix, id)
@@ -52,7 +52,10 @@ local function in_pack(prefix, id)
   local pk = prefix .. ':pack:' .. pid
   local info = pk .. ':info'
   local f = redis.call('HMGET', info, 'n', 'next', 'g' .. k)
-  if not f[1] or f[3] or k < tonumber(f[2]) or k >= tonumber(f[1]) then return nil end
+  if not f[1] or f[3] or k < tonumber(f[2]) or k >= tonumber(f[1])
+     or redis.call('STRLEN', pk) < 4 * tonumber(f[1]) then   -- (a string lost: none)
+    return nil
+  end
   return pk, info, k, tonumber(f[1])
 end
 local function pack_fields(pk, size, k, count)
@@ -142,6 +145,11 @@ local function sliced(cmd, key, t, from, to, step)  -- unpack() is limited to ~8
   for s = from, to, step do redis.call(cmd, key, unpack(t, s, math.min(to, s + step - 1))) end
 end
 local runs = cmsgpack.unpack(ARGV[5])
+for r = 2, #runs, 5 do   -- before any write: the packs' strings came (SET can fail: OOM)
+  if runs[r + 3] == '1' and redis.call('EXISTS', prefix .. ':pack:' .. runs[r + 4][1]) == 0 then
+    return redis.error_reply('NOPACK the string of pack ' .. runs[r + 4][1] .. ' is missing')
+  end
+end
 local n = runs[1]
 local base = redis.call('INCRBY', prefix .. ':seq', n) - n
 local out, byq, counts, queues, batches, added = {}, {}, {}, {}, {}, 0
@@ -154,11 +162,6 @@ for r = 2, #runs, 5 do
   if runs[r + 3] == '1' then
     replay = stored(runs[r + 4][1])
     break
-  end
-end
-for r = 2, #runs, 5 do   -- before any write: the packs' strings came (SET can fail: OOM)
-  if runs[r + 3] == '1' and redis.call('EXISTS', prefix .. ':pack:' .. runs[r + 4][1]) == 0 then
-    return redis.error_reply('NOPACK the string of pack ' .. runs[r + 4][1] .. ' is missing')
   end
 end
 local pos = 0
@@ -300,7 +303,17 @@ for _, c in ipairs(cands) do
     local size, nxt, gone = tonumber(f[1] or 0), tonumber(f[2] or 0), tonumber(f[3] or 0)
     local seq0 = tonumber(f[4] or 0, 16)
     local g = redis.call('HMGET', info, 'queue', 'priority', 'enqueued_at', 'batch')
-    local got, twice = 0, 0
+    local got, dropped = 0, 0   -- dropped: leave the count without running
+    if not (f[1] and f[4] and g[1] and g[2] and g[3] and g[4])
+       or redis.call('STRLEN', pk) < 4 * size then
+      -- its string or info is lost (evicted: Redis must not evict, or deleted by hand):
+      -- its jobs are gone; it leaves the line rather than fail every fetch of the queue
+      redis.log(redis.LOG_WARNING, 'elric: pack ' .. pid .. ' of queue ' .. c[4] ..
+                ' lost its data; its waiting jobs are dropped')
+      pack_done(prefix, pk, info, c[4], c[2])
+      dropped = math.max(0, size - nxt - gone)
+      nxt = size
+    end
     while #out < limit and nxt < size do
       local count = math.min(limit - #out, size - nxt)
       local jobs = pack_fields(pk, size, nxt, count)
@@ -311,7 +324,7 @@ for _, c in ipairs(cands) do
         if gone > 0 and redis.call('HEXISTS', info, 'g' .. k) == 1 then
           gone = gone - 1
         elseif redis.call('EXISTS', jk) == 1 then
-          twice = twice + 1
+          dropped = dropped + 1
         else
           local f = jobs[j]
           redis.call('HSET', jk, unpack(job_fields(f, g, {
@@ -332,8 +345,8 @@ for _, c in ipairs(cands) do
       redis.call('ZREM', c[3], c[2])
       redis.call('ZADD', c[3], c[1], pack_member(f[4], pid, nxt))
     end
-    if got + twice > 0 then
-      redis.call('HINCRBY', prefix .. ':packed:counts', c[4], -(got + twice))
+    if got + dropped > 0 then
+      redis.call('HINCRBY', prefix .. ':packed:counts', c[4], -(got + dropped))
     end
   end
 end

@@ -17,7 +17,7 @@ import redis.asyncio as aredis
 
 from elric.contract import normalize_specs
 from elric.keys import Keys
-from elric.queue import _PACK_FIELDS, RedisQueue
+from elric.queue import _PACK_FIELDS, Fenced, RedisQueue
 
 KEYS = Keys("elrictest")
 FUNC = "tests.jobs:Echo"
@@ -494,6 +494,7 @@ def test_an_enqueue_resent_after_its_pack_emptied_queues_nothing_again(redis_url
         again = await real(*sent[0])
         assert [x.decode() if isinstance(x, bytes) else x for x in again] == [
             1, "cancelled", 2, "running"]
+        assert not await r.exists(KEYS.pack(ids[0][:24]))    # the string sent again: dropped
         assert await q.fetch("w1", ["default"], 5, 30) == []
         assert int(await r.hget(KEYS.counters, "submitted")) == 2
         # past the hour: queued again, but the job that has a hash does not run twice
@@ -532,12 +533,92 @@ def test_a_pack_string_is_kept_only_when_its_enqueue_took_it(redis_url):
         assert await q.get_job("c") is None
         (key, _), = sent[0][0]
         assert not await r.exists(key, key + ":info")
-        # a string whose script never ran expires
-        await r.set(key, b"x", ex=3600)
+        # a string whose script refused the call (here: a stale fence token) expires
+        record = []
+
+        async def keep(strings, argv):
+            record.append((strings, argv))
+            argv = list(argv)
+            argv[2:4] = [KEYS.scheduler_fence, "stale"]
+            return await real(strings, argv)
+        q._send_enqueue = keep
+        with pytest.raises(Fenced):
+            await q.enqueue(specs(2), may_exist=set())
+        q._send_enqueue = real
+        (key, _), = record[0][0]
         assert 0 < await r.ttl(key) <= 3600
+        assert (await q.stats())["by_status"]["queued"] == 3
         # Redis lost its scripts (a restart): loaded again, the call goes through
         await r.script_flush()
         out = await q.enqueue(specs(2), may_exist=set())
         assert await r.ttl(KEYS.pack(out[0]["job_id"][:24])) == -1
         assert (await q.stats())["by_status"]["queued"] == 5
+        # a SET Redis refuses (out of memory): the call fails, nothing is queued
+        await r.config_set("maxmemory", 1)
+        try:
+            with pytest.raises(ResponseError, match="maxmemory"):
+                await q.enqueue(specs(2), may_exist=set())
+        finally:
+            await r.config_set("maxmemory", 0)
+        assert (await q.stats())["by_status"]["queued"] == 5
+        assert int(await r.hget(KEYS.counters, "submitted")) == 5
+    asyncio.run(with_queue(redis_url, body))
+
+
+def test_a_packed_job_is_fetched_and_shown_as_the_same_job_with_a_chosen_id(redis_url):
+    """The same specs through both layouts (a pack; a hash and a queue member) give the
+    same fetch rows (what the worker runs: timeout, retries, scope...) and views."""
+    async def body(q, r):
+        shapes = [dict(), dict(kwargs={"a": 1, "ü": [1.5, None]}), dict(max_retries=3),
+                  dict(timeout=2.5), dict(parent="p-1", dedupe_key="k", dedupe_scope="s"),
+                  dict(batch="b-é", priority=-4), dict(args=[b"\x00\xff", "ünï", 2 ** 63 - 1]),
+                  dict(dedupe_key="", dedupe_scope="round:1")]
+        def made():
+            out = normalize_specs([{"func": FUNC, "args": [i], **x}
+                                   for i, x in enumerate(shapes)])
+            out[2]["schedule"], out[2]["fire_time"] = "periodic-1", 1700000000.25
+            return out
+        packed, chosen = made(), made()
+        for i, spec in enumerate(chosen):
+            spec["job_id"] = f"mine-{i}"
+        for i in range(len(shapes)):     # one queue per job: every run is its own pack
+            for spec in (packed[i], chosen[i]):
+                spec["queue"] = f"q{i}"
+        await q.enqueue(packed, may_exist=set())
+        await q.enqueue(chosen, may_exist={s["job_id"] for s in chosen})
+        assert await r.zcard(KEYS.packs("q0")) == 1 and await r.zcard(KEYS.queue("q0")) == 1
+
+        def same(a, b):
+            a, b = dict(a), dict(b)
+            for d in (a, b):
+                d.pop("job_id")
+                d.pop("enqueued_at", None)
+                d.pop("started_at", None)
+            return a == b
+        for i in range(len(shapes)):
+            p, c = packed[i]["job_id"], chosen[i]["job_id"]
+            assert same(await q.get_job(p), await q.get_job(c)), i
+            rows = await q.fetch("w", [f"q{i}"], 5, 30)
+            assert [row["job_id"] for row in rows] == [c, p] or [row["job_id"] for row in rows] == [p, c]
+            assert same(rows[0], rows[1]), (i, rows)
+            assert same(await q.get_job(p), await q.get_job(c)), i
+    asyncio.run(with_queue(redis_url, body))
+
+
+def test_a_pack_that_lost_its_string_is_dropped_not_a_poison_for_its_queue(redis_url):
+    """Redis must not evict, but a pack string deleted by hand or evicted must not make
+    every fetch of its queue fail (nor claim the jobs ahead of it without handing them
+    out): it leaves the line, its jobs are gone, the others run once."""
+    async def body(q, r):
+        await q.enqueue(normalize_specs([{"func": FUNC, "job_id": "ahead", "queue": "qp"}]))
+        lost = [o["job_id"] for o in await q.enqueue(specs(3, queue="qp"), may_exist=set())]
+        behind = [o["job_id"] for o in await q.enqueue(specs(2, queue="qp"), may_exist=set())]
+        await r.delete(KEYS.pack(lost[0][:24]))
+        assert await q.get_job(lost[1]) is None and await q.remove(lost[1]) is False
+        got = [g["job_id"] for g in await q.fetch("w1", ["qp"], 10, 30)]
+        assert got == ["ahead"] + behind
+        assert (await q.get_job("ahead"))["attempts"] == 1
+        assert (await q.stats())["by_queue"]["qp"]["queued"] == 0
+        assert await q.fetch("w1", ["qp"], 10, 30) == []
+        await no_pack_left(r)
     asyncio.run(with_queue(redis_url, body))
