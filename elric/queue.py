@@ -39,7 +39,8 @@ _packb_bin = msgpack.Packer(use_bin_type=True).pack
 # a pack's job ids end in their index (scripts.ENQUEUE); a longer run takes more packs
 _PACK_MAX = 10_000
 _PACK_KEEP = 3600   # s; as scripts.PACK_KEEP
-# what each job of a pack stores, by position (scripts.PACK_FIELDS); None: the default
+# a job's fields as enqueue gathers them, by position: what each job of a pack stores
+# (scripts.PACK_FIELDS); None: at the default, not written
 _PACK_FIELDS = ("func", "args", "kwargs", "max_retries", "timeout", "parent", "schedule",
                 "fire_time", "dedupe_key", "dedupe_scope")
 _INDEX = [f"{k:08x}" for k in range(_PACK_MAX)]
@@ -127,44 +128,29 @@ class RedisQueue:
                 if pack_id:
                     packs.append((len(runs) + 4, pack_id, body))
                 runs += [this[0], repr(this[1]), this[2], "1" if pack_id else "0", body]
-            # The job hash's fields besides those the script sets itself: func, args and
-            # kwargs (when not empty), then the others when set and not at the default a
-            # missing field reads as (numbers as repr, as redis-py would). A field at its
-            # default costs Redis ~0.35 us per job for nothing. (Spelled out rather than
-            # looped over: this is a third of the master's time per new job.)
-            if pack_id:     # positional, _PACK_FIELDS
+            # The job hash's fields besides those the script sets itself, by position
+            # (_PACK_FIELDS), None where the field is at the default a missing one reads
+            # as (numbers as repr, as redis-py would): a field at its default costs Redis
+            # ~0.35 us per job for nothing. (Spelled out rather than looped over: this is
+            # a third of the master's time per new job.)
+            values = (spec["func"],
+                      packb_bin(v) if (v := get("args")) else None,
+                      packb_bin(v) if (v := get("kwargs")) else None,
+                      repr(v) if (v := get("max_retries")) else None,
+                      None if (v := get("timeout")) is None else repr(v),
+                      get("parent") or None,
+                      get("schedule"),
+                      None if (v := get("fire_time")) is None else repr(v),
+                      get("dedupe_key"),
+                      get("dedupe_scope"))
+            if pack_id:
                 spec["job_id"] = pack_id + _INDEX[len(body)]
-                body.append(packb((
-                    spec["func"],
-                    packb_bin(v) if (v := get("args")) else None,
-                    packb_bin(v) if (v := get("kwargs")) else None,
-                    repr(v) if (v := get("max_retries")) else None,
-                    None if (v := get("timeout")) is None else repr(v),
-                    get("parent") or None,
-                    get("schedule"),
-                    None if (v := get("fire_time")) is None else repr(v),
-                    get("dedupe_key"),
-                    get("dedupe_scope"))))
+                body.append(packb(values))
                 continue
-            fields: list[Any] = ["func", spec["func"]]
-            if v := get("args"):
-                fields += ("args", packb_bin(v))
-            if v := get("kwargs"):
-                fields += ("kwargs", packb_bin(v))
-            if v := get("max_retries"):
-                fields += ("max_retries", repr(v))
-            if (v := get("timeout")) is not None:
-                fields += ("timeout", repr(v))
-            if v := get("parent"):
-                fields += ("parent", v)
-            if (v := get("schedule")) is not None:
-                fields += ("schedule", v)
-            if (v := get("fire_time")) is not None:
-                fields += ("fire_time", repr(v))
-            if (v := get("dedupe_key")) is not None:
-                fields += ("dedupe_key", v)
-            if (v := get("dedupe_scope")) is not None:
-                fields += ("dedupe_scope", v)
+            fields: list = []
+            for name, v in zip(_PACK_FIELDS, values):
+                if v is not None:
+                    fields += (name, v)
             body += [job_id, len(fields), *fields]
         strings = []
         for at, pack_id, blobs in packs:  # [pack, n]; its string: n end offsets, the jobs

@@ -299,10 +299,11 @@ for _, c in ipairs(cands) do
     local pid = string.sub(c[2], 18)
     local pk = prefix .. ':pack:' .. pid
     local info = pk .. ':info'
-    local f = redis.call('HMGET', info, 'n', 'next', 'gone', 'seq')
+    local f = redis.call('HMGET', info, 'n', 'next', 'gone', 'seq',
+                         'queue', 'priority', 'enqueued_at', 'batch')
     local size, nxt, gone = tonumber(f[1] or 0), tonumber(f[2] or 0), tonumber(f[3] or 0)
     local seq0 = tonumber(f[4] or 0, 16)
-    local g = redis.call('HMGET', info, 'queue', 'priority', 'enqueued_at', 'batch')
+    local g = {f[5], f[6], f[7], f[8]}
     local got, dropped = 0, 0   -- dropped: leave the count without running
     if not (f[1] and f[4] and g[1] and g[2] and g[3] and g[4])
        or redis.call('STRLEN', pk) < 4 * size then
