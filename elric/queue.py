@@ -29,20 +29,11 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def pack(value: Any) -> bytes:
-    return msgpack.packb(value, use_bin_type=True)
-
-
 # Redis's cmsgpack predates msgpack's bin type: what a script unpacks is packed without it
 _packb = msgpack.Packer(use_bin_type=False).pack
 _packb_bin = msgpack.Packer(use_bin_type=True).pack
 # a pack's job ids end in their index (scripts.ENQUEUE); a longer run takes more packs
 _PACK_MAX = 10_000
-_PACK_KEEP = 3600   # s; as scripts.PACK_KEEP
-# a job's fields as enqueue gathers them, by position: what each job of a pack stores
-# (scripts.PACK_FIELDS); None: at the default, not written
-_PACK_FIELDS = ("func", "args", "kwargs", "max_retries", "timeout", "parent", "schedule",
-                "fire_time", "dedupe_key", "dedupe_scope")
 _INDEX = [f"{k:08x}" for k in range(_PACK_MAX)]
 
 
@@ -129,7 +120,7 @@ class RedisQueue:
                     packs.append((len(runs) + 4, pack_id, body))
                 runs += [this[0], repr(this[1]), this[2], "1" if pack_id else "0", body]
             # The job hash's fields besides those the script sets itself, by position
-            # (_PACK_FIELDS), None where the field is at the default a missing one reads
+            # (scripts.PACK_FIELDS), None where the field is at the default a missing one reads
             # as (numbers as repr, as redis-py would): a field at its default costs Redis
             # ~0.35 us per job for nothing. (Spelled out rather than looped over: this is
             # a third of the master's time per new job.)
@@ -148,7 +139,7 @@ class RedisQueue:
                 body.append(packb(values))
                 continue
             fields: list = []
-            for name, v in zip(_PACK_FIELDS, values):
+            for name, v in zip(scripts.PACK_FIELDS, values):
                 if v is not None:
                     fields += (name, v)
             body += [job_id, len(fields), *fields]
@@ -182,7 +173,7 @@ class RedisQueue:
             return await self._enqueue(args=argv)
         async with self.redis.pipeline(transaction=False) as pipe:
             for key, data in strings:
-                pipe.set(key, data, ex=_PACK_KEEP)
+                pipe.set(key, data, ex=scripts.PACK_KEEP)
             pipe.evalsha(self._enqueue.sha, 0, *argv)
             replies = await pipe.execute(raise_on_error=False)
         existing = replies[-1]
@@ -386,7 +377,7 @@ class RedisQueue:
                 pack_id = _s(b[1][17:])
                 size, first = await self.redis.hmget(self.keys.pack_info(pack_id), "n", "next")
                 for k in reversed(range(int(first or 0), int(size or 0))):
-                    yield f"{pack_id}{k:08x}".encode()
+                    yield (pack_id + _INDEX[k]).encode()
                 b = await anext(packs, None)
 
     async def _page(self, st: str, ids: list[bytes], index: str, in_line: bool,

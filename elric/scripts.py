@@ -29,15 +29,20 @@ end
 # its info key, the index and the pack's size, or nothing. pack_fields reads the fields
 # of `count` jobs from index k: the pack is a string, a table of little-endian uint32
 # end offsets, one per job, then the jobs' msgpack arrays back to back. A job's array is
-# positional, PACK_FIELDS (queue.py's _PACK_FIELDS), nil where the field is at its
+# positional, PACK_FIELDS, nil where the field is at its
 # default; the fields its whole pack shares are in the pack's info (job_fields).
 # A pack's member in its queue's `packs` zset is {seq of its first job left}:{pack}, so it
 # keeps its place in line against single jobs as it is taken. Once no job waits in it,
 # it leaves the line (pack_done) but its info stays for PACK_KEEP seconds, so that an
 # ENQUEUE sent again after a lost reply still finds the pack it stored.
-_PACKED_FN = """
-local PACK_KEEP = 3600
-local function pack_member(seq, pid, first_left)
+PACK_KEEP = 3600    # s; also the expiry queue.py SETs a pack's string with
+# a packed job's fields, by position (queue.py gathers every job's fields in this order)
+PACK_FIELDS = ("func", "args", "kwargs", "max_retries", "timeout", "parent", "schedule",
+               "fire_time", "dedupe_key", "dedupe_scope")
+_PACKED_FN = f"""
+local PACK_KEEP = {PACK_KEEP}
+local PACK_FIELDS = {{{", ".join(repr(n) for n in PACK_FIELDS)}}}
+""" + """local function pack_member(seq, pid, first_left)
   return string.format('%016x', tonumber(seq, 16) + first_left) .. ':' .. pid
 end
 local function pack_done(prefix, pk, info, queue, member)
@@ -72,8 +77,6 @@ local function pack_fields(pk, size, k, count)
   end
   return out
 end
-local PACK_FIELDS = {'func', 'args', 'kwargs', 'max_retries', 'timeout', 'parent',
-                     'schedule', 'fire_time', 'dedupe_key', 'dedupe_scope'}
 -- the job hash fields of a packed job: its own (positional, nil where at the default)
 -- and its pack's (info: queue, priority, enqueued_at, batch), appended to `out`
 local function job_fields(f, g, out)

@@ -17,7 +17,8 @@ import redis.asyncio as aredis
 
 from elric.contract import normalize_specs
 from elric.keys import Keys
-from elric.queue import _PACK_FIELDS, Fenced, RedisQueue
+from elric.queue import Fenced, RedisQueue
+from elric.scripts import PACK_FIELDS
 
 KEYS = Keys("elrictest")
 FUNC = "tests.jobs:Echo"
@@ -49,7 +50,7 @@ async def pack_jobs(r, pack_id):
     jobs, start = [], 4 * n
     for end in ends:
         values = msgpack.unpackb(data[start:4 * n + end], raw=True)
-        jobs.append({**shared, **{name.encode(): v for name, v in zip(_PACK_FIELDS, values)
+        jobs.append({**shared, **{name.encode(): v for name, v in zip(PACK_FIELDS, values)
                                   if v is not None}})
         start = 4 * n + end
     assert start == len(data)
