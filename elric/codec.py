@@ -1,0 +1,22 @@
+"""msgpack in one place: how values are packed on the wire, in Redis and between processes.
+
+Strings are UTF-8 text and bytes are msgpack bin; maps may have integer keys (the contract
+accepts them in arguments). Nothing is pickled anywhere.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+
+def pack(value: Any) -> bytes:
+    return msgpack.packb(value, use_bin_type=True)
+
+
+def unpack(data: bytes | None) -> Any:
+    """The value of ``data``; None for None or empty bytes (a missing Redis field)."""
+    if not data:
+        return None
+    return msgpack.unpackb(data, raw=False, strict_map_key=False)

@@ -1,0 +1,53 @@
+"""Retry with backoff: the one loop every background task and Redis call uses."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Awaitable, Callable, TypeVar
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+T = TypeVar("T")
+
+# What "Redis cannot be reached right now" looks like from redis-py.
+REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+class Backoff:
+    """Delays that double from ``first`` up to ``most``; ``reset()`` after a success."""
+
+    def __init__(self, first: float = 0.1, most: float = 5.0) -> None:
+        self.first, self.most = first, most
+        self.delay = first
+
+    def reset(self) -> None:
+        self.delay = self.first
+
+    def next(self) -> float:
+        delay, self.delay = self.delay, min(self.delay * 2, self.most)
+        return delay
+
+    async def sleep(self) -> None:
+        await asyncio.sleep(self.next())
+
+
+async def retry(call: Callable[[], Awaitable[T]], *, what: str, log: logging.Logger,
+                errors: tuple[type[BaseException], ...] = REDIS_ERRORS,
+                backoff: Backoff | None = None, deadline: float | None = None) -> T:
+    """``await call()`` until it does not raise one of ``errors``, logging each failure.
+
+    ``deadline`` (a ``time.monotonic()`` value) bounds the retrying: past it, the last
+    error is raised."""
+    backoff = backoff or Backoff()
+    while True:
+        try:
+            return await call()
+        except errors as exc:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise
+            delay = backoff.next()
+            log.warning("%s: %s; retrying in %.1fs", what, exc, delay)
+            await asyncio.sleep(delay)
