@@ -8,6 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["elric", "elric.*"]),
+    package_data={"elric": ["lua/*.lua"]},
     install_requires=[
         "redis>=5,<9",
         "hiredis>=2",  # C reply parser: a third less CPU per job in the worker

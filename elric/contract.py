@@ -9,21 +9,32 @@ from __future__ import annotations
 import importlib
 import os
 import re
+from enum import StrEnum
 from typing import Any
 
 from msgpack import ExtType
 
 # --- statuses -------------------------------------------------------------------------
-QUEUED = "queued"          # waiting in a queue
-RUNNING = "running"        # claimed by a worker
-SUCCEEDED = "succeeded"    # ran and returned
-FAILED = "failed"          # ran out of attempts; in the failed registry
-RETRYING = "retrying"      # failed an attempt; due again after a backoff
-SCHEDULED = "scheduled"    # a periodic job in the job store
-FILTERED = "filtered"      # dropped by the dedupe filter, never queued
-CANCELLED = "cancelled"    # removed before it ran
+class Status(StrEnum):
+    """Where a job is; a str, so it goes to Redis and the wire as its value."""
 
-STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, RETRYING, SCHEDULED, FILTERED, CANCELLED)
+    QUEUED = "queued"          # waiting in a queue
+    RUNNING = "running"        # claimed by a worker
+    SUCCEEDED = "succeeded"    # ran and returned
+    FAILED = "failed"          # ran out of attempts; in the failed registry
+    RETRYING = "retrying"      # failed an attempt; due again after a backoff
+    SCHEDULED = "scheduled"    # a periodic job in the job store
+    FILTERED = "filtered"      # dropped by the dedupe filter, never queued
+    CANCELLED = "cancelled"    # removed before it ran
+
+    @property
+    def live(self) -> bool:
+        """Queued, running or retrying: the job will still run."""
+        return self in (Status.QUEUED, Status.RUNNING, Status.RETRYING)
+
+
+QUEUED, RUNNING, SUCCEEDED, FAILED, RETRYING, SCHEDULED, FILTERED, CANCELLED = Status
+STATUSES = tuple(Status)
 LIVE_STATUSES = (QUEUED, RUNNING, RETRYING)
 FINAL_STATUSES = (SUCCEEDED, FAILED, CANCELLED)
 
