@@ -20,3 +20,9 @@ def unpack(data: bytes | None) -> Any:
     if not data:
         return None
     return msgpack.unpackb(data, raw=False, strict_map_key=False)
+
+
+def pack_for_lua(value: Any) -> bytes:
+    """``value`` packed for a Lua script to unpack: Redis's cmsgpack predates the bin type,
+    so bytes go as plain msgpack strings (Lua strings are bytes anyway)."""
+    return msgpack.packb(value, use_bin_type=False)

@@ -79,17 +79,6 @@ class Settings:
         except KeyError:
             raise AttributeError(name) from None
 
-    def as_dict(self) -> dict[str, Any]:
-        return dict(self._values)
-
-    def replace(self, **changes: Any) -> "Settings":
-        values = dict(self._values)
-        for key, value in changes.items():
-            if key not in KEYS:
-                raise SettingsError(f"unknown setting {key}")
-            values[key] = _check(key, value, "argument")
-        return Settings(values, self.source)
-
     @property
     def master_host_port(self) -> tuple[str, int]:
         return parse_address(self.MASTER_ADDRESS, "MASTER_ADDRESS")
@@ -112,10 +101,13 @@ def redact_url(url: str) -> str:
 
 
 def parse_address(value: str, key: str = "address") -> tuple[str, int]:
-    host, sep, port = str(value).rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise SettingsError(f"{key}: {value!r} is not host:port (e.g. 127.0.0.1:7531)")
-    return host.strip("[]"), int(port)
+    """``host:port`` as (host, port), or a SettingsError naming ``key``."""
+    from elric.rpc import parse_address as parse
+
+    try:
+        return parse(value)
+    except ValueError:
+        raise SettingsError(f"{key}: {value!r} is not host:port (e.g. 127.0.0.1:7531)") from None
 
 
 def _check(key: str, value: Any, where: str) -> Any:

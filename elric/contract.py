@@ -44,11 +44,20 @@ METHODS = (
     "stats", "rerun_job", "pause_job", "resume_job", "modify_job",
 )
 
-# The start of the error a master answers when it cannot reach Redis. The dedupe keys the
-# call took are given back where no job holds them (exact filters), and the same call may
-# be sent again (workers do, with a backoff); with job_ids of the caller's own, a job the
-# first call did queue answers with its status instead of being queued twice.
-REDIS_UNAVAILABLE = "master cannot reach Redis right now"
+
+
+class ErrorCode(StrEnum):
+    """What kind of error an RPC answer carries; callers branch on it, never on text."""
+
+    BAD_REQUEST = "bad_request"              # the call is wrong: do not send it again as is
+    NOT_FOUND = "not_found"                  # no such job
+    METHOD_NOT_FOUND = "method_not_found"
+    UNAUTHORIZED = "unauthorized"            # auth missing or wrong; the connection closes
+    # The master cannot reach Redis (or Redis refuses writes): nothing was changed, the same
+    # call may be sent again. Dedupe keys the call took are given back where no job holds them.
+    REDIS_UNAVAILABLE = "redis_unavailable"
+    INTERNAL = "internal"                    # a bug; the master logged it
+
 
 # --- job spec -------------------------------------------------------------------------
 # key -> (accepted python types, description). Keys the master fills in itself (parent,
@@ -212,236 +221,9 @@ def _wire_names(types: tuple[type, ...]) -> str:
     return " or ".join(names)
 
 
-# Job ids: 128 random bits as 32 hex digits, like uuid4().hex. A master makes one per
-# submitted job, and uuid4 (a getrandom() call plus a UUID object) cost it 3-5 us each
-# under load. Here they are made 1,024 at a time from one os.urandom call, its hex split
-# in C (~0.1 us each). Unpredictable, unlike a seeded generator: a client that sees a
-# block of ids must not be able to guess the next ones (the master does not look its own
-# ids up before writing them). A forked child drops the parent's unused ones.
-_id_pool: list[str] = []
-_ID_BLOCK = 1024
-
-
-def _fresh_ids_after_fork() -> None:
-    _id_pool.clear()
-
-
-os.register_at_fork(after_in_child=_fresh_ids_after_fork)
-
-
 def new_job_id() -> str:
-    if not _id_pool:
-        _id_pool.extend(os.urandom(16 * _ID_BLOCK).hex(" ", 16).split(" "))
-    return _id_pool.pop()
-
-
-# The keys a job spec usually has; a spec with only these takes the fast path below.
-_FAST_KEYS = frozenset({"func", "args", "kwargs", "job_id", "batch", "parent",
-                        "dedupe_key", "dedupe_scope"})
-# (func, defaults as a tuple, allowed modules as a tuple) -> (the normalized spec of
-# {"func": func}, the class, whether the class derives dedupe keys). Bounded: cleared
-# when it passes _FAST_CACHE_MAX entries.
-_fast_cache: dict[tuple, tuple] = {}
-_FAST_CACHE_MAX = 1024
-
-
-def _settings_key(defaults: dict | None, allowed) -> tuple | None:
-    """What the fast path's cache depends on besides func (None: not hashable)."""
-    try:
-        key = (tuple(sorted(defaults.items())) if defaults else (),
-               tuple(allowed) if allowed else None)
-        hash(key)
-        return key
-    except TypeError:
-        return None
-
-
-_MISSING = object()
-
-
-def _fast_entry(func: str, defaults: dict | None, allowed, skey: tuple) -> tuple | None:
-    ck = (func, skey)
-    entry = _fast_cache.get(ck)
-    if entry is None:
-        # (an empty dedupe_key: the class hook is not called without arguments)
-        try:
-            base = normalize_spec({"func": func, "dedupe_key": ""}, defaults=defaults,
-                                  allowed_modules=allowed, _fast=False)
-        except SpecError:
-            return None       # the full path reports it, in its own order of checks
-        del base["dedupe_key"], base["job_id"]
-        cls = resolve_job_class(func, allowed)
-        from elric.job import Job
-        derives = getattr(cls.dedupe_key_for, "__func__", None) is not \
-            getattr(Job.dedupe_key_for, "__func__", None)
-        if len(_fast_cache) >= _FAST_CACHE_MAX:
-            _fast_cache.clear()
-        entry = _fast_cache[ck] = (base, cls, derives)
-    return entry
-
-
-def _normalize_fast(spec: dict, entry: tuple) -> dict | None:
-    """normalize_spec for specs of the usual shape, with the class and its defaults
-    resolved once per func (``entry``); None sends the spec down the full path (which
-    also produces every error message)."""
-    base, cls, derives = entry
-    out = base.copy()
-    out.update(spec)          # then check what came from the spec
-    args, kwargs, job_id = out["args"], out["kwargs"], out.get("job_id", _MISSING)
-    batch, parent = out["batch"], out["parent"]
-    key, scope = out.get("dedupe_key", ""), out.get("dedupe_scope", "-")
-    if (type(batch) is not str or type(parent) is not str
-            or type(args) not in (list, tuple) or type(kwargs) is not dict
-            or type(key) is not str or type(scope) is not str or not scope
-            or not (batch.isascii() and parent.isascii() and key.isascii()
-                    and scope.isascii()) and not (_is_text(batch) and _is_text(parent)
-                                                   and _is_text(key) and _is_text(scope))):
-        return None
-    if job_id is _MISSING:
-        out["job_id"] = _id_pool.pop() if _id_pool else new_job_id()
-    elif type(job_id) is not str or not JOB_ID.fullmatch(job_id) or not _is_text(job_id):
-        return None                                           # (nil, "" and bad ids too)
-    if args or kwargs:
-        out["args"], out["kwargs"] = list(args), dict(kwargs)
-        for k in out["kwargs"]:
-            if type(k) is not str:
-                return None
-        try:
-            _check_msgpack_value(out["args"], "args")
-            _check_msgpack_value(out["kwargs"], "kwargs")
-        except SpecError:
-            return None
-    else:
-        out["args"], out["kwargs"] = [], {}                    # never base's own objects
-    if derives and "dedupe_key" not in out:
-        try:
-            derived = cls.dedupe_key_for(*out["args"], **out["kwargs"])
-        except Exception:
-            return None
-        if derived is not None:
-            out["dedupe_key"] = str(derived)
-            if not _is_text(out["dedupe_key"]):
-                return None
-    return out
-
-
-def _deferred(spec: dict, entry: tuple) -> dict | None:
-    """What normalize_specs defers of ``spec`` (keys among _FAST_KEYS): a copy with its
-    dedupe_key (derived by the class hook when it has none), made with the checks of
-    _normalize_fast but nothing built; None when the spec has no key to filter by or
-    fails a check (then _normalize_fast or the full path answers it, errors included)."""
-    _, cls, derives = entry
-    get = spec.get
-    job_id = get("job_id", _MISSING)
-    args, kwargs = get("args", ()), get("kwargs", _NO_KWARGS)
-    batch, parent, scope = get("batch", ""), get("parent", ""), get("dedupe_scope", "-")
-    if (type(batch) is not str or type(parent) is not str
-            or type(args) not in (list, tuple) or type(kwargs) is not dict
-            or type(scope) is not str or not scope
-            or not (batch.isascii() and parent.isascii() and scope.isascii())
-            and not (_is_text(batch) and _is_text(parent) and _is_text(scope))
-            or job_id is not _MISSING and (type(job_id) is not str
-                                           or JOB_ID.fullmatch(job_id) is None
-                                           or not _is_text(job_id))):
-        return None
-    if args or kwargs:
-        args, kwargs = list(args), dict(kwargs)
-        for k in kwargs:
-            if type(k) is not str:
-                return None
-        try:
-            _check_msgpack_value(args, "args")
-            _check_msgpack_value(kwargs, "kwargs")
-        except SpecError:
-            return None
-    out = spec.copy()        # the caller's dict is neither kept nor changed
-    key = get("dedupe_key", _MISSING)
-    if key is _MISSING:
-        if not derives:
-            return None      # no key: nothing to filter, built now
-        try:
-            derived = cls.dedupe_key_for(*args, **kwargs)
-        except Exception:
-            return None
-        if derived is None:
-            return None
-        key = out["dedupe_key"] = str(derived)
-    elif type(key) is not str:
-        return None
-    if not key.isascii() and not _is_text(key):
-        return None
-    return out
-
-
-_NO_KWARGS: dict = {}
-
-
-def build_deferred(spec: dict, entry: tuple) -> dict:
-    """The normalized spec of one that normalize_specs deferred: what _normalize_fast
-    makes of it, without its checks again (_deferred made them on this very dict, and
-    its dedupe_key is in it already)."""
-    out = entry[0].copy()
-    out.update(spec)
-    if "job_id" not in out:
-        out["job_id"] = _id_pool.pop() if _id_pool else new_job_id()
-    args, kwargs = out["args"], out["kwargs"]
-    out["args"], out["kwargs"] = (list(args), dict(kwargs)) if args or kwargs else ([], {})
-    return out
-
-
-def normalize_specs(specs: list, *, defaults: dict | None = None,
-                    allowed_modules: tuple[str, ...] | list[str] | None = None,
-                    chosen_ids: set | None = None, defer: list | None = None) -> list[dict]:
-    """normalize_spec for a batch; a SpecError names the spec (``spec 3: ...``) when
-    the batch has more than one. Specs of the usual shape cost ~1 us each. The job_ids
-    the caller chose (not generated) are added to ``chosen_ids`` when it is given.
-
-    ``defer``, when given (an empty list), gets one item per spec: None when the spec
-    was normalized, or an entry when a keyed spec of the usual shape was only checked
-    (~0.3 us without arguments): then a copy of the spec is in the result, with its
-    ``dedupe_key`` (derived if the class derives it) but no generated job_id, and
-    ``build_deferred(copy, entry)`` normalizes it. A spec a filter drops is never
-    built."""
-    if chosen_ids is not None:
-        chosen_ids.update(spec["job_id"] for spec in specs
-                          if type(spec) is dict and "job_id" in spec and spec["job_id"]
-                          and type(spec["job_id"]) is str)
-    out = []
-    append = out.append
-    entries: dict[str, tuple | None] = {}
-    fast_keys = _FAST_KEYS
-    skey = _settings_key(defaults, allowed_modules)
-    for spec in specs:
-        if skey is not None and type(spec) is dict and spec.keys() <= fast_keys:
-            func = spec.get("func")
-            if type(func) is str:
-                entry = entries.get(func, False)
-                if entry is False:
-                    entry = entries[func] = _fast_entry(func, defaults, allowed_modules,
-                                                        skey)
-                if entry is not None:
-                    if defer is not None:
-                        d = _deferred(spec, entry)
-                        if d is not None:
-                            append(d)
-                            defer.append(entry)
-                            continue
-                    n = _normalize_fast(spec, entry)
-                    if n is not None:
-                        append(n)
-                        if defer is not None:
-                            defer.append(None)
-                        continue
-        try:
-            append(normalize_spec(spec, defaults=defaults, allowed_modules=allowed_modules,
-                                  _fast=False))
-        except SpecError as exc:
-            if len(specs) == 1:
-                raise
-            raise SpecError(f"spec {len(out)}: {exc}") from None
-        if defer is not None:
-            defer.append(None)
-    return out
+    """128 random bits as 32 hex digits (unguessable: a client cannot predict the next)."""
+    return os.urandom(16).hex()
 
 
 def normalize_spec(
@@ -450,20 +232,11 @@ def normalize_spec(
     defaults: dict | None = None,
     allowed_modules: tuple[str, ...] | list[str] | None = None,
     check_class: bool = True,
-    _fast: bool = True,
 ) -> dict:
     """Validate a submitted spec and fill in defaults (class attributes, then settings).
 
     Returns a new dict with every job key present. Raises SpecError naming the bad key.
     """
-    if _fast and check_class and type(spec) is dict and spec.keys() <= _FAST_KEYS \
-            and type(spec.get("func")) is str:
-        skey = _settings_key(defaults, allowed_modules)
-        entry = _fast_entry(spec["func"], defaults, allowed_modules, skey) \
-            if skey is not None else None
-        out = _normalize_fast(spec, entry) if entry is not None else None
-        if out is not None:
-            return out
     if not isinstance(spec, dict):
         raise SpecError(f"job spec must be a map, got {type(spec).__name__}")
     unknown = sorted(str(k) for k in spec if k not in SPEC_KEYS)

@@ -9,29 +9,6 @@ Jobs and queues
     ``{p}:queue:{queue}``           zset   jobs ready to run. score = -priority,
                                            member = ``{seq:016x}:{job_id}`` so equal
                                            priorities pop in submission order (FIFO).
-    ``{p}:packs:{queue}``           zset   packs of jobs ready to run, in line with the
-                                           queue's own zset: score = -priority, member =
-                                           ``{seq:016x}:{pack}`` (seq: that of its first
-                                           job not handed out yet). A pack is one run of
-                                           jobs the master made ids for in one
-                                           submit_jobs call, sharing queue, priority and
-                                           batch; their ids are ``{pack}{index:08x}``
-                                           (pack: 24 random hex digits). Queued as one
-                                           string instead of a job hash and a queue
-                                           member each (scripts.ENQUEUE).
-    ``{p}:pack:{pack}``             string the pack's jobs: a table of little-endian
-                                           uint32 end offsets, one per job, then each
-                                           job's fields (msgpack [name, value, ...])
-                                           back to back; FETCH reads them by range and
-                                           writes their job hashes. Deleted once no job
-                                           waits in it.
-    ``{p}:pack:{pack}:info``        hash   ``n`` jobs in the pack, ``next`` the first
-                                           not handed out yet, ``queue``, ``seq``, per
-                                           job removed while waiting ``g{index}`` (and
-                                           ``gone``, how many of those wait still).
-                                           Expires an hour after the pack is done (a
-                                           resent ENQUEUE finds it meanwhile).
-    ``{p}:packed:counts``           hash   queue -> jobs waiting in its packs.
     ``{p}:queues``                  set    names of every queue ever used.
     ``{p}:seq``                     string counter behind the FIFO sequence numbers.
     ``{p}:wake:{queue}``            list   wake-up tokens; idle workers BLPOP on them.
@@ -41,8 +18,7 @@ Jobs and queues
     ``{p}:status:{status}``         zset   job_id -> time (ms) it entered that status;
                                            the index behind ``list_jobs`` and ``stats``.
                                            Not for ``queued``: a queued job's index is
-                                           its queue's zset or its pack (one write less
-                                           per job).
+                                           its queue's zset.
     ``{p}:stats:counters``          hash   cumulative counters (``submitted``,
                                            ``succeeded``, ``failed``, ...).
     ``{p}:stats:batch:{batch}``     hash   the same counters for one batch label.
@@ -89,7 +65,8 @@ from __future__ import annotations
 
 
 class Keys:
-    """Builds key names under one prefix."""
+    """Builds key names under one prefix. A method called with "" gives the prefix of that
+    family of keys, which scripts append the ids they read to."""
 
     def __init__(self, prefix: str = "elric") -> None:
         if not prefix or any(c.isspace() for c in prefix):
@@ -97,7 +74,6 @@ class Keys:
         self.prefix = prefix
         p = prefix
         self.queues = f"{p}:queues"
-        self.packed_counts = f"{p}:packed:counts"
         self.seq = f"{p}:seq"
         self.inflight = f"{p}:inflight"
         self.delayed = f"{p}:delayed"
@@ -116,29 +92,14 @@ class Keys:
     def job(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}"
 
-    def job_prefix(self) -> str:
-        return f"{self.prefix}:job:"
-
     def queue(self, name: str) -> str:
         return f"{self.prefix}:queue:{name}"
-
-    def packs(self, name: str) -> str:
-        return f"{self.prefix}:packs:{name}"
-
-    def pack(self, pack: str) -> str:
-        return f"{self.prefix}:pack:{pack}"
-
-    def pack_info(self, pack: str) -> str:
-        return f"{self.prefix}:pack:{pack}:info"
 
     def wake(self, name: str) -> str:
         return f"{self.prefix}:wake:{name}"
 
     def status(self, status: str) -> str:
         return f"{self.prefix}:status:{status}"
-
-    def status_prefix(self) -> str:
-        return f"{self.prefix}:status:"
 
     def batch(self, batch: str) -> str:
         return f"{self.prefix}:stats:batch:{batch}"

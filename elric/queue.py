@@ -1,23 +1,21 @@
 """The Redis queue: enqueue, fetch with a lease, finish, release, recover; job records.
 
 Masters and workers share this one class. Each state change is one Lua script from
-scripts.py; reads (get_job, list_jobs, stats) are pipelined. Values are msgpack; nothing
-is pickled.
+``elric/lua/``; reads (get_job, list_jobs, stats) are pipelined. A job is one hash
+(``keys.job``) plus, while it waits, a member of its queue's sorted set. Values are msgpack;
+nothing is pickled.
 """
 
 from __future__ import annotations
 
-import os
-import struct
 import time
-from itertools import accumulate
-from typing import Any, AsyncIterator, Iterable
+from dataclasses import dataclass
+from typing import Any, Iterable
 
-import msgpack
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import ResponseError
 
-from elric import scripts
-from elric.contract import STATUSES
+from elric import codec, lua
+from elric.contract import STATUSES, Status
 from elric.keys import Keys
 
 
@@ -29,18 +27,53 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-# Redis's cmsgpack predates msgpack's bin type: what a script unpacks is packed without it
-_packb = msgpack.Packer(use_bin_type=False).pack
-_packb_bin = msgpack.Packer(use_bin_type=True).pack
-# a pack's job ids end in their index (scripts.ENQUEUE); a longer run takes more packs
-_PACK_MAX = 10_000
-_INDEX = [f"{k:08x}" for k in range(_PACK_MAX)]
+@dataclass(slots=True)
+class Submitted:
+    """What became of one submitted job: queued now, or the status of the job that already
+    had its id (``existed``)."""
+
+    job_id: str
+    status: str
+    existed: bool = False
+
+    def as_dict(self) -> dict:
+        return {"job_id": self.job_id, "status": self.status}
 
 
-def unpack(data: bytes | None) -> Any:
-    if data is None or data == b"":
-        return None
-    return msgpack.unpackb(data, raw=False, strict_map_key=False)
+@dataclass(slots=True)
+class Claim:
+    """A job a worker fetched and holds under a lease; args and kwargs still packed."""
+
+    job_id: str
+    attempt: int
+    func: str
+    args: bytes
+    kwargs: bytes
+    timeout: float | None
+    max_retries: int
+    queue: str
+    dedupe_scope: str | None
+
+
+@dataclass(slots=True)
+class Outcome:
+    """How one attempt ended, as the worker records it (``retry_ms`` -1: no retry)."""
+
+    job_id: str
+    attempt: int
+    ok: bool
+    payload: bytes | str
+    duration_ms: int
+    retry_ms: int = -1
+
+
+@dataclass(slots=True)
+class Hold:
+    """Whether a job holds a dedupe key: its status and its key and scope, if any."""
+
+    status: str
+    dedupe_key: str | None
+    dedupe_scope: str | None
 
 
 def _s(value: bytes | None) -> str | None:
@@ -51,13 +84,24 @@ def _ms_to_s(value: bytes | None) -> float | None:
     return None if value in (None, b"") else int(value) / 1000.0
 
 
-async def _take(it, n: int) -> AsyncIterator:
-    """The next ``n`` items of an async iterator (fewer at its end)."""
-    for _ in range(n):
-        item = await anext(it, None)
-        if item is None:
-            return
-        yield item
+# Spec keys kept in a job's hash besides those enqueue.lua writes itself. A field at its
+# default is not written: a missing field reads as its default.
+_NUMBER_FIELDS = ("max_retries", "timeout", "fire_time")
+_TEXT_FIELDS = ("func", "parent", "schedule", "dedupe_key", "dedupe_scope", "batch")
+
+
+def _fields(spec: dict) -> list:
+    out: list = []
+    for name in _TEXT_FIELDS:
+        if spec.get(name):
+            out += (name, spec[name])
+    for name in ("args", "kwargs"):
+        if spec.get(name):
+            out += (name, codec.pack(spec[name]))
+    for name in _NUMBER_FIELDS:
+        if spec.get(name):
+            out += (name, repr(spec[name]))
+    return out
 
 
 class RedisQueue:
@@ -68,164 +112,102 @@ class RedisQueue:
         self.result_ttl = result_ttl
         self.failed_ttl = failed_ttl
         self.release_keys_on_failure = release_keys_on_failure
-        self._enqueue = redis.register_script(scripts.ENQUEUE)
-        self._fetch = redis.register_script(scripts.FETCH)
-        self._finish = redis.register_script(scripts.FINISH)
-        self._release = redis.register_script(scripts.RELEASE)
-        self._recover = redis.register_script(scripts.RECOVER)
-        self._promote = redis.register_script(scripts.PROMOTE)
-        self._heartbeat = redis.register_script(scripts.HEARTBEAT)
-        self._remove = redis.register_script(scripts.REMOVE)
-        self._rerun = redis.register_script(scripts.RERUN)
-        self._lookup = redis.register_script(scripts.LOOKUP)
+        self._enqueue = lua.load(redis, "enqueue")
+        self._fetch = lua.load(redis, "fetch")
+        self._finish = lua.load(redis, "finish")
+        self._heartbeat = lua.load(redis, "heartbeat")
+        self._remove = lua.load(redis, "remove")
+        self._release = lua.load(redis, "release", "requeue_fn")
+        self._recover = lua.load(redis, "recover", "requeue_fn")
+        self._promote = lua.load(redis, "promote", "requeue_fn")
+        self._rerun = lua.load(redis, "rerun", "requeue_fn")
+
+    @property
+    def _line(self) -> list[str]:
+        """The prefixes the scripts that put jobs in line need: job, queue, wake."""
+        k = self.keys
+        return [k.job(""), k.queue(""), k.wake("")]
 
     # --- writes ----------------------------------------------------------------------
-    async def enqueue(self, specs: list[dict], *, fence: tuple[str, int] | None = None,
-                      may_exist: set | None = None,
-                      existed: list[int] | None = None) -> list[dict]:
-        """Queue normalized specs; an existing job_id is left as it is (idempotent).
+    async def enqueue(self, specs: list[dict], *, fence: int | None = None) -> list[Submitted]:
+        """Queue normalized specs; a job_id that exists already is left as it is.
 
-        A spec whose job_id the master made (not in ``may_exist``) gets its id here: that
-        of its place in a pack (scripts.ENQUEUE); ``spec["job_id"]`` is set to it.
-
-        Returns ``{"job_id", "status"}`` per spec: ``queued`` for a new job, else the
-        status the existing job has. ``may_exist``, when given, holds the only job_ids
-        that can exist already (the ones a caller chose); the others were just made by
-        the master, and Redis skips looking them up. ``existed``, when given, gets the
-        positions of the specs whose job_id existed (nothing was queued for them).
+        ``fence``: the scheduler's lease token; the call raises Fenced unless it is current.
         """
         if not specs:
             return []
-        # runs of consecutive jobs sharing queue, priority, batch and freshness (see
-        # scripts.ENQUEUE): [n, queue, priority, batch, fresh, body, queue, ...]. A fresh
-        # run (the master's own ids) is queued as a pack: its jobs get the ids
-        # {pack}{index:08x}, and its body is [pack, n]; its string (sent as a SET)
-        # holds each job's fields packed by position, after a table of where each ends.
-        now = now_ms()
-        runs: list[Any] = [len(specs)]
-        head = None
-        body: list[Any] = []
-        pack_id = ""
-        packs: list[tuple[int, str, list[bytes]]] = []
-        packb, packb_bin = _packb, _packb_bin
-        for spec in specs:
-            get = spec.get
-            job_id = spec["job_id"]
-            this = (spec["queue"], spec["priority"], get("batch") or "",
-                    may_exist is not None and job_id not in may_exist)
-            if this != head or len(body) >= _PACK_MAX:
-                head, body = this, []
-                pack_id = os.urandom(12).hex() if this[3] else ""
-                if pack_id:
-                    packs.append((len(runs) + 4, pack_id, body))
-                runs += [this[0], repr(this[1]), this[2], "1" if pack_id else "0", body]
-            # The job hash's fields besides those the script sets itself, by position
-            # (scripts.PACK_FIELDS), None where the field is at the default a missing one reads
-            # as (numbers as repr, as redis-py would): a field at its default costs Redis
-            # ~0.35 us per job for nothing. (Spelled out rather than looped over: this is
-            # a third of the master's time per new job.)
-            values = (spec["func"],
-                      packb_bin(v) if (v := get("args")) else None,
-                      packb_bin(v) if (v := get("kwargs")) else None,
-                      repr(v) if (v := get("max_retries")) else None,
-                      None if (v := get("timeout")) is None else repr(v),
-                      get("parent") or None,
-                      get("schedule"),
-                      None if (v := get("fire_time")) is None else repr(v),
-                      get("dedupe_key"),
-                      get("dedupe_scope"))
-            if pack_id:
-                spec["job_id"] = pack_id + _INDEX[len(body)]
-                body.append(packb(values))
-                continue
-            fields: list = []
-            for name, v in zip(scripts.PACK_FIELDS, values):
-                if v is not None:
-                    fields += (name, v)
-            body += [job_id, len(fields), *fields]
-        strings = []
-        for at, pack_id, blobs in packs:  # [pack, n]; its string: n end offsets, the jobs
-            ends = list(accumulate(map(len, blobs)))
-            runs[at] = [pack_id, len(blobs)]
-            strings.append((self.keys.pack(pack_id),
-                            struct.pack(f"<{len(ends)}I", *ends) + b"".join(blobs)))
-        argv: list[Any] = [self.keys.prefix, now, fence[0] if fence else "",
-                           fence[1] if fence else "", _packb(runs)]
+        k = self.keys
+        jobs = [[s["job_id"], s["queue"], repr(s["priority"]), s.get("batch") or "",
+                 *_fields(s)] for s in specs]
         try:
-            existing = await self._send_enqueue(strings, argv)
+            existing = await self._enqueue(
+                keys=[k.seq, k.queues, k.counters, k.batches, k.scheduler_fence],
+                args=[*self._line, k.batch(""), now_ms(), "" if fence is None else fence,
+                      codec.pack_for_lua(jobs)])
         except ResponseError as exc:
             if str(exc).startswith("FENCED"):
                 raise Fenced(str(exc)) from None
             raise
-        statuses = ["queued"] * len(specs)
+        out = [Submitted(s["job_id"], Status.QUEUED) for s in specs]
         for i in range(0, len(existing), 2):
-            statuses[int(existing[i]) - 1] = _s(existing[i + 1])
-            if existed is not None:
-                existed.append(int(existing[i]) - 1)
-        return [{"job_id": spec["job_id"], "status": status}
-                for spec, status in zip(specs, statuses)]
-
-    async def _send_enqueue(self, strings: list[tuple[str, bytes]], argv: list) -> list:
-        """ENQUEUE, with its packs' strings SET just before it in one pipeline (one round
-        trip; see scripts.ENQUEUE for why they are not its arguments). A string whose
-        script did not run expires (PACK_KEEP); a resent pipeline is ENQUEUE's replay."""
-        if not strings:
-            return await self._enqueue(args=argv)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for key, data in strings:
-                pipe.set(key, data, ex=scripts.PACK_KEEP)
-            pipe.evalsha(self._enqueue.sha, 0, *argv)
-            replies = await pipe.execute(raise_on_error=False)
-        existing = replies[-1]
-        if isinstance(existing, NoScriptError):      # a Redis that restarted: load it
-            existing = await self._enqueue(args=argv)
-        if not isinstance(existing, Exception):
-            return existing   # (it found every string: a failed SET was of one resent)
-        for reply in replies[:-1]:
-            if isinstance(reply, Exception):
-                raise reply   # why a string is missing (NOPACK)
-        raise existing
+            row = out[int(existing[i]) - 1]
+            row.status, row.existed = _s(existing[i + 1]), True
+        return out
 
     async def fetch(self, worker_id: str, queues: Iterable[str], limit: int,
-                    lease_seconds: float) -> list[dict]:
+                    lease_seconds: float) -> list[Claim]:
         now = now_ms()
-        rows = await self._fetch(args=[self.keys.prefix, now, now + int(lease_seconds * 1000),
-                                       worker_id, limit, *queues])
-        return [{
-            "job_id": _s(r[0]), "attempt": int(r[1]), "func": _s(r[2]), "args": r[3],
-            "kwargs": r[4], "timeout": float(r[5]) if r[5] else None,
-            "max_retries": int(r[6]), "queue": _s(r[7]), "dedupe_scope": _s(r[8]) or None,
-        } for r in rows]
+        k = self.keys
+        rows = await self._fetch(keys=[k.inflight, k.status(Status.RUNNING)],
+                                 args=[k.job(""), k.queue(""), now,
+                                       now + int(lease_seconds * 1000), worker_id, limit,
+                                       *queues])
+        return [Claim(_s(r[0]), int(r[1]), _s(r[2]), r[3], r[4],
+                      float(r[5]) if r[5] else None, int(r[6]), _s(r[7]), _s(r[8]) or None)
+                for r in rows]
 
-    async def finish(self, worker_id: str, outcomes: list[dict]) -> list[str]:
-        """Record outcomes: ``{job_id, attempt, ok, payload, duration_ms, retry_ms}``."""
-        argv: list[Any] = [self.keys.prefix, now_ms(), worker_id, self.result_ttl,
+    async def finish(self, worker_id: str, outcomes: list[Outcome]) -> list[str]:
+        """Record outcomes; returns each job's new status ('stale': no longer ours)."""
+        k = self.keys
+        argv: list[Any] = [k.job(""), k.batch(""), k.dedupe_set(""), now_ms(), self.result_ttl,
                            self.failed_ttl, "1" if self.release_keys_on_failure else "0"]
         for o in outcomes:
-            argv += [o["job_id"], o["attempt"], "ok" if o["ok"] else "err", o["payload"],
-                     int(o["duration_ms"]), int(o.get("retry_ms", -1))]
-        return [_s(s) for s in await self._finish(args=argv)]
+            argv += [o.job_id, o.attempt, "ok" if o.ok else "err", o.payload,
+                     int(o.duration_ms), int(o.retry_ms)]
+        keys = [k.inflight, k.status(Status.RUNNING), k.status(Status.SUCCEEDED),
+                k.status(Status.FAILED), k.delayed, k.counters, k.status(Status.RETRYING),
+                k.worker(worker_id)]
+        return [_s(s) for s in await self._finish(keys=keys, args=argv)]
 
     async def release(self, worker_id: str, claims: list[tuple[str, int]]) -> int:
         if not claims:
             return 0
-        argv: list[Any] = [self.keys.prefix, now_ms(), worker_id]
+        k = self.keys
+        argv: list[Any] = [*self._line, worker_id]
         for job_id, attempt in claims:
             argv += [job_id, attempt]
-        return int(await self._release(args=argv))
+        return int(await self._release(keys=[k.inflight, k.status(Status.RUNNING), k.seq],
+                                       args=argv))
 
     async def heartbeat(self, worker_id: str, job_ids: list[str], lease_seconds: float) -> int:
         if not job_ids:
             return 0
-        now = now_ms()
-        return int(await self._heartbeat(
-            args=[self.keys.prefix, now, now + int(lease_seconds * 1000), worker_id, *job_ids]))
+        deadline = now_ms() + int(lease_seconds * 1000)
+        return int(await self._heartbeat(keys=[self.keys.inflight],
+                                         args=[self.keys.job(""), deadline, worker_id, *job_ids]))
 
     async def recover(self, limit: int = 1000) -> list[str]:
-        return [_s(i) for i in await self._recover(args=[self.keys.prefix, now_ms(), limit])]
+        """Queue again the jobs whose lease ran out; returns their ids."""
+        k = self.keys
+        ids = await self._recover(keys=[k.inflight, k.status(Status.RUNNING), k.seq, k.counters],
+                                  args=[*self._line, now_ms(), limit])
+        return [_s(i) for i in ids]
 
     async def promote(self, limit: int = 1000) -> int:
-        return int(await self._promote(args=[self.keys.prefix, now_ms(), limit]))
+        """Queue again the retrying jobs whose backoff is over."""
+        k = self.keys
+        return int(await self._promote(keys=[k.delayed, k.status(Status.RETRYING), k.seq],
+                                       args=[*self._line, now_ms(), limit]))
 
     async def next_delayed(self) -> float | None:
         """Seconds until the next retry is due, or None if none waits."""
@@ -235,12 +217,17 @@ class RedisQueue:
         return max(0.0, first[0][1] / 1000.0 - time.time())
 
     async def remove(self, job_id: str) -> bool:
-        return bool(await self._remove(args=[self.keys.prefix, job_id]))
+        k = self.keys
+        return bool(await self._remove(keys=[k.job(job_id), k.inflight, k.delayed],
+                                       args=[k.queue(""), k.status(""), job_id]))
 
     async def rerun(self, job_id: str) -> str:
         """Queue a finished job again; raises LookupError / ValueError with the reason."""
+        k = self.keys
         try:
-            return _s(await self._rerun(args=[self.keys.prefix, now_ms(), job_id]))
+            return _s(await self._rerun(keys=[k.job(job_id), k.seq],
+                                        args=[k.queue(""), k.wake(""), k.status(""), now_ms(),
+                                              job_id]))
         except ResponseError as exc:
             msg = str(exc)
             if msg.startswith("NOJOB"):
@@ -257,17 +244,16 @@ class RedisQueue:
         def g(name: str) -> bytes | None:
             return h.get(name.encode())
 
-        result = g("result")
-        timeout = g("timeout")
+        timeout, duration = g("timeout"), g("duration_ms")
         view = {
             "job_id": job_id,
             "func": _s(g("func")),
-            "args": unpack(g("args")) or [],
-            "kwargs": unpack(g("kwargs")) or {},
+            "args": codec.unpack(g("args")) or [],
+            "kwargs": codec.unpack(g("kwargs")) or {},
             "queue": _s(g("queue")),
             "priority": int(g("priority") or 0),
             "status": _s(g("status")),
-            "result": unpack(result) if result else None,
+            "result": codec.unpack(g("result")),
             "error": _s(g("error")),
             "attempts": int(g("attempts") or 0),
             "max_retries": int(g("max_retries") or 0),
@@ -279,9 +265,8 @@ class RedisQueue:
             "started_at": _ms_to_s(g("started_at")),
             "finished_at": _ms_to_s(g("finished_at")),
             "retry_at": _ms_to_s(g("retry_at")),
+            "duration": int(duration) / 1000.0 if duration else None,
         }
-        duration = g("duration_ms")
-        view["duration"] = int(duration) / 1000.0 if duration else None
         for name in ("schedule", "dedupe_key", "dedupe_scope"):
             if g(name):
                 view[name] = _s(g(name))
@@ -289,116 +274,64 @@ class RedisQueue:
             view["fire_time"] = float(g("fire_time"))
         return view
 
-    async def _hashes(self, job_ids: list[str], *fields: str) -> list:
-        """Per job: its hash (all fields, or a list of ``fields``) or, for a job waiting
-        in a pack, the same made from its packed fields; {} (all None) when there is
-        none. One atomic read (scripts.LOOKUP): a job taken meanwhile is not missed."""
-        out = []
-        for i in range(0, len(job_ids), 1000):
-            rows = await self._lookup(args=[self.keys.prefix, len(fields), *fields,
-                                            *job_ids[i:i + 1000]])
-            for flat in rows:
-                h = dict(zip(flat[::2], flat[1::2]))
-                out.append([h.get(f.encode()) for f in fields] if fields else h)
-        return out
+    async def _hashes(self, job_ids: list[str]) -> list[dict]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hgetall(self.keys.job(job_id))
+            return await pipe.execute()
 
     async def get_job(self, job_id: str) -> dict | None:
-        h = (await self._hashes([job_id]))[0]
+        h = await self.redis.hgetall(self.keys.job(job_id))
         return self.job_view(job_id, h) if h else None
 
-    async def get_dedupe_holds(self, job_ids: list[str]) -> list[tuple | None]:
-        """Per job: (status, dedupe_key, dedupe_scope), or None when there is no such job."""
-        rows = await self._hashes(job_ids, "status", "dedupe_key", "dedupe_scope")
-        return [None if row[0] is None else tuple(_s(v) for v in row) for row in rows]
+    async def get_holds(self, job_ids: list[str]) -> list[Hold | None]:
+        """Per job: its status and dedupe key and scope, or None when there is no such job."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hmget(self.keys.job(job_id), "status", "dedupe_key", "dedupe_scope")
+            rows = await pipe.execute()
+        return [None if row[0] is None else Hold(*map(_s, row)) for row in rows]
 
     async def get_statuses(self, job_ids: list[str]) -> list[str | None]:
-        return [_s(row[0]) for row in await self._hashes(job_ids, "status")]
+        return [None if h is None else h.status for h in await self.get_holds(job_ids)]
 
     async def list_jobs(self, *, status: str | None = None, queue: str | None = None,
                         func: str | None = None, batch: str | None = None, offset: int = 0,
                         limit: int = 100, scan_limit: int = 100_000) -> list[dict]:
         """Newest first within each status (queued jobs: per queue, the last in line
         first); filters on queue, func and batch."""
-        statuses = [status] if status else [s for s in STATUSES if s not in ("scheduled",
-                                                                              "filtered")]
+        statuses = [status] if status else [s for s in STATUSES
+                                            if s not in (Status.SCHEDULED, Status.FILTERED)]
+        wanted = {"queue": queue, "func": func, "batch": batch}
         out: list[dict] = []
         scanned = 0
-        page = 500
         for st in statuses:
-            if st == "queued":  # indexed by the queues' own sorted sets and packs
+            if st == Status.QUEUED:  # indexed by the queues' own sorted sets
                 names = [queue] if queue else sorted(
                     _s(q) for q in await self.redis.smembers(self.keys.queues))
-                for q in names:
-                    line = self._line(q)
-                    while len(out) < limit + offset and scanned < scan_limit:
-                        ids = [i async for i in _take(line, page)]
-                        if not ids:
-                            break
-                        scanned += len(ids)
-                        await self._page(st, ids, "", True, out, queue, func, batch)
-                    if len(out) >= limit + offset or scanned >= scan_limit:
+                indexes = [(self.keys.queue(q), True) for q in names]
+            else:
+                indexes = [(self.keys.status(st), False)]
+            for index, in_line in indexes:
+                start = 0
+                while len(out) < limit + offset and scanned < scan_limit:
+                    members = await self.redis.zrevrange(index, start, start + 499)
+                    if not members:
                         break
-                if len(out) >= limit + offset:
-                    break
-                continue
-            index, start = self.keys.status(st), 0
-            while len(out) < limit + offset and scanned < scan_limit:
-                ids = await self.redis.zrevrange(index, start, start + page - 1)
-                if not ids:
-                    break
-                start += page
-                scanned += len(ids)
-                await self._page(st, ids, index, False, out, queue, func, batch)
-            if len(out) >= limit + offset:
-                break
+                    start += 500
+                    scanned += len(members)
+                    ids = [_s(m[17:] if in_line else m) for m in members]  # {seq:016x}:{id}
+                    gone = []
+                    for raw, job_id, h in zip(members, ids, await self._hashes(ids)):
+                        if not h:
+                            gone.append(raw)
+                        elif h.get(b"status") == st.encode():  # else an index lagging behind
+                            view = self.job_view(job_id, h)
+                            if all(v is None or view[n] == v for n, v in wanted.items()):
+                                out.append(view)
+                    if gone and not in_line:  # expired results: their entries go too
+                        await self.redis.zrem(index, *gone)
         return out[offset:offset + limit]
-
-    async def _line(self, q: str):
-        """The job_ids queued in ``q``, the last in line first: the queue's sorted set
-        and its packs merged by place in line (priority, then sequence number)."""
-        async def entries(key: str):
-            start = 0
-            while True:
-                rows = await self.redis.zrevrange(key, start, start + 499, withscores=True)
-                if not rows:
-                    return
-                start += 500
-                for member, score in rows:
-                    yield score, member
-
-        singles, packs = entries(self.keys.queue(q)), entries(self.keys.packs(q))
-        a, b = await anext(singles, None), await anext(packs, None)
-        while a is not None or b is not None:
-            # members start with the 16 hex digits of their sequence number
-            if b is None or a is not None and (a[0], a[1][:16]) > (b[0], b[1][:16]):
-                yield a[1][17:]  # {seq:016x}:{job_id}
-                a = await anext(singles, None)
-            else:  # a pack: {seq:016x}:{pack}; its jobs not taken yet, in line order
-                pack_id = _s(b[1][17:])
-                size, first = await self.redis.hmget(self.keys.pack_info(pack_id), "n", "next")
-                for k in reversed(range(int(first or 0), int(size or 0))):
-                    yield (pack_id + _INDEX[k]).encode()
-                b = await anext(packs, None)
-
-    async def _page(self, st: str, ids: list[bytes], index: str, in_line: bool,
-                    out: list[dict], queue, func, batch) -> None:
-        """Append the views of one page of an index that match the filters."""
-        hashes = await self._hashes([_s(raw) for raw in ids])
-        gone = []
-        for raw, h in zip(ids, hashes):
-            job_id = _s(raw)
-            if not h:
-                gone.append(raw)
-                continue
-            if h.get(b"status") != st.encode():
-                continue  # index entry lagging a transition; shown under its own
-            view = self.job_view(job_id, h)
-            if queue and view["queue"] != queue or func and view["func"] != func \
-                    or batch and view["batch"] != batch:
-                continue
-            out.append(view)
-        if gone and not in_line:  # expired results: their index entries go too
-            await self.redis.zrem(index, *gone)
 
     async def stats(self) -> dict:
         k = self.keys
@@ -409,7 +342,6 @@ class RedisQueue:
                 pipe.zcard(k.status(st))
             for q in queues:
                 pipe.zcard(k.queue(q))
-            pipe.hgetall(k.packed_counts)
             pipe.hgetall(k.counters)
             for b in batches:
                 pipe.hgetall(k.batch(b))
@@ -417,30 +349,24 @@ class RedisQueue:
             res = await pipe.execute()
         by_status = dict(zip(STATUSES, res[:len(STATUSES)]))
         res = res[len(STATUSES):]
-        in_packs = {_s(q): int(c) for q, c in res[len(queues)].items()}
-        waiting = {q: n + in_packs.get(q, 0) for q, n in zip(queues, res[:len(queues)])}
-        by_status["queued"] = sum(waiting.values())  # queued jobs are indexed per queue
-        res = res[len(queues) + 1:]
-        counters = {_s(a): int(b) for a, b in res[0].items()}
-        batch_rows = res[1:1 + len(batches)]
-        workers_seen = res[1 + len(batches)]
-        by_queue = {}
-        for q in queues:
-            row = {"queued": waiting[q]}
-            for st in ("submitted", "succeeded", "failed", "retrying"):
-                row[st] = counters.get(f"queue:{q}:{st}", 0)
-            by_queue[q] = row
-        workers = []
-        now = time.time()
+        waiting = dict(zip(queues, res[:len(queues)]))
+        by_status[Status.QUEUED] = sum(waiting.values())  # queued jobs are indexed per queue
+        counters = {_s(a): int(b) for a, b in res[len(queues)].items()}
+        batch_rows = res[len(queues) + 1:len(queues) + 1 + len(batches)]
+        workers_seen = res[-1]
+        by_queue = {q: {"queued": waiting[q], **{
+            st: counters.get(f"queue:{q}:{st}", 0)
+            for st in ("submitted", "succeeded", "failed", "retrying")}} for q in queues}
         async with self.redis.pipeline(transaction=False) as pipe:
             for wid, _ in workers_seen:
                 pipe.hgetall(k.worker(_s(wid)))
             infos = await pipe.execute()
+        workers = []
+        now = time.time()
         for (wid, seen), info in zip(workers_seen, infos):
             row = {_s(a): _s(b) for a, b in info.items()}
-            row["worker_id"] = _s(wid)
-            row["last_seen"] = seen / 1000.0
-            row["alive"] = bool(info) and now - seen / 1000.0 < 60
+            row.update(worker_id=_s(wid), last_seen=seen / 1000.0,
+                       alive=bool(info) and now - seen / 1000.0 < 60)
             workers.append(row)
         return {
             "by_status": by_status,

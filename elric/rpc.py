@@ -5,7 +5,8 @@ Wire format (the msgpack-rpc spec): msgpack arrays back to back on one TCP strea
 with no length prefix::
 
     request       [0, msgid, method, params]   msgid uint32, params an array
-    response      [1, msgid, error, result]    error nil on success, else a string
+    response      [1, msgid, error, result]    error nil on success, else
+                                               {"code": ErrorCode, "message": text}
     notification  [2, method, params]          never answered
 
 Strings that old clients send as msgpack "raw" decode to ``str``; invalid UTF-8 is
@@ -17,9 +18,9 @@ connection is closed; the server itself never goes down for it.
 With a token set, a connection's first call must be ``auth(token)``; anything else
 gets an error and the connection is closed.
 
-Error strings are part of the protocol: ``"'NAME' method not found"`` (the wording of
-the reference msgpack-rpc-python server), arity messages, a handler's
-``RequestError`` message as is, and ``"internal error: Type: message"``.
+Errors carry a code (``elric.contract.ErrorCode``) that callers branch on, and a message
+for people: ``"'NAME' method not found"`` (the wording of the reference msgpack-rpc-python
+server), arity messages, a handler's ``RequestError`` as is, ``"internal error: ..."``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ import time
 from typing import Any, Callable
 
 import msgpack
+
+from elric.contract import ErrorCode
 
 __all__ = [
     "Server", "AsyncClient", "Client", "RequestError", "RPCError", "RemoteError",
@@ -53,7 +56,11 @@ _CHUNK = 64 * 1024
 
 
 class RequestError(Exception):
-    """Raised by a handler for bad input: the caller receives its message as is."""
+    """Raised by a handler: the caller receives its code and message as they are."""
+
+    def __init__(self, message: str, code: ErrorCode = ErrorCode.BAD_REQUEST) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class RPCError(Exception):
@@ -61,7 +68,15 @@ class RPCError(Exception):
 
 
 class RemoteError(RPCError):
-    """The server answered with an error; ``str(e)`` is its message."""
+    """The server answered with an error: ``code`` (an ErrorCode, or None from a server
+    that sends bare strings) and ``str(e)``, its message."""
+
+    def __init__(self, error: Any) -> None:
+        code = None
+        if isinstance(error, dict):
+            code, error = error.get("code"), error.get("message", error)
+        super().__init__(_error_text(error))
+        self.code = ErrorCode(code) if code in ErrorCode._value2member_map_ else code
 
 
 class RPCConnectionError(RPCError):
@@ -143,6 +158,11 @@ class _Decoder:
             yield msg
         if self._fed - self._end > self.max:
             raise _ProtocolError(f"message over the {self.max}-byte limit")
+
+
+def _error(code: ErrorCode, message: str) -> dict:
+    """An error as it goes on the wire."""
+    return {"code": code, "message": message}
 
 
 def _error_text(error: Any) -> str:
@@ -269,7 +289,7 @@ class Server:
         """Call the handler of ``method`` with ``params`` as the wire would."""
         handler = self.handlers.get(method)
         if handler is None:
-            raise RequestError(f"'{method}' method not found")
+            raise RequestError(f"'{method}' method not found", ErrorCode.METHOD_NOT_FOUND)
         cached = self._arities.get(method)
         if cached is None or cached[0] is not handler:
             cached = self._arities[method] = (handler, _arity(handler))
@@ -336,7 +356,9 @@ class _Connection:
         if not self.authed or method == "auth":
             return await self._auth(msgid, method, params)
         if method is None:
-            await self._send(msgid, "invalid request: expected [0, msgid, method, params]", None)
+            await self._send(msgid, _error(ErrorCode.BAD_REQUEST,
+                                           "invalid request: expected [0, msgid, method, params]"),
+                             None)
             return True
         await self.slots.acquire()  # at the limit, stop reading until a request finishes
         task = asyncio.create_task(self._handle(msgid, method, params))
@@ -351,13 +373,13 @@ class _Connection:
     async def _auth(self, msgid, method, params) -> bool:
         token, error = self.server._token, None
         if method != "auth":
-            error = "authentication required"
+            error = _error(ErrorCode.UNAUTHORIZED, "authentication required")
         elif token is not None:
             given = params[0] if len(params) == 1 else None
             if isinstance(given, str):
                 given = given.encode("utf-8", "surrogateescape")
             if not isinstance(given, bytes) or not hmac.compare_digest(given, token):
-                error = "authentication failed"
+                error = _error(ErrorCode.UNAUTHORIZED, "authentication failed")
         if msgid is not None:
             await self._send(msgid, error, None if error else True)
         if error:
@@ -371,23 +393,24 @@ class _Connection:
         try:
             result = await self.server.invoke(method, params)
         except RequestError as exc:
-            error = str(exc)
+            error = _error(exc.code, str(exc))
             if msgid is None:
-                log.warning("notification %s from %s: %s", method, self.peer, error)
+                log.warning("notification %s from %s: %s", method, self.peer, exc)
         except Exception as exc:
             log.exception("%s from %s failed", method, self.peer)
-            error = f"internal error: {type(exc).__name__}: {exc}"
+            error = _error(ErrorCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
         if msgid is not None:
             await self._send(msgid, error, result, method)
 
-    async def _send(self, msgid: int, error: str | None, result: Any, method: str = "") -> None:
+    async def _send(self, msgid: int, error: dict | None, result: Any, method: str = "") -> None:
         try:
             data = _pack([RESPONSE, msgid, error, result])
             if len(data) > self.server.max_message:
                 raise ValueError(f"response is {len(data)} bytes, limit {self.server.max_message}")
         except Exception as exc:
             log.error("cannot send the result of %s to %s: %s: %s", method, self.peer, type(exc).__name__, exc)
-            data = _pack([RESPONSE, msgid, f"internal error: cannot send result: {type(exc).__name__}: {exc}", None])
+            data = _pack([RESPONSE, msgid, _error(ErrorCode.INTERNAL, "internal error: cannot send "
+                                                 f"result: {type(exc).__name__}: {exc}"), None])
         if self.writer.is_closing():
             return
         self.writer.write(data)
@@ -495,7 +518,7 @@ class AsyncClient:
                             if msg[2] is None:
                                 future.set_result(msg[3])
                             else:
-                                future.set_exception(RemoteError(_error_text(msg[2])))
+                                future.set_exception(RemoteError(msg[2]))
         except (OSError, _ProtocolError) as exc:
             reason = f"lost: {exc}"
         finally:
@@ -589,7 +612,7 @@ class Client:
                 for msg in self._decoder.feed(chunk):
                     if isinstance(msg, list) and len(msg) == 4 and msg[0] == RESPONSE and msg[1] == msgid:
                         if msg[2] is not None:
-                            raise RemoteError(_error_text(msg[2]))
+                            raise RemoteError(msg[2])
                         return msg[3]
         except RemoteError:
             raise

@@ -12,10 +12,10 @@ import signal
 import threading
 import time
 import traceback
+from dataclasses import dataclass, field
 from typing import Any
 
-import msgpack
-
+from elric import codec
 from elric import job as job_module
 from elric.contract import SpecError, resolve_job_class
 
@@ -24,11 +24,30 @@ class JobTimeout(Exception):
     """Raised inside a job that ran past its timeout."""
 
 
+@dataclass(slots=True)
+class Ran:
+    """How one attempt ended in a pool process; crosses back to the worker as a msgpack
+    array (``row``). ``final``: no retry, whatever max_retries says."""
+
+    job_id: str
+    attempt: int
+    ok: bool
+    payload: bytes | str            # the packed result, or the error text
+    children: list = field(default_factory=list)
+    started_at: float = 0.0
+    finished_at: float = 0.0
+    final: bool = False
+
+    def row(self) -> list:
+        return [getattr(self, name) for name in self.__slots__]
+
+    @classmethod
+    def failure(cls, job_id: str, attempt: int, why: str) -> "Ran":
+        now = time.time()
+        return cls(job_id, attempt, False, why, [], now, now)
+
+
 _allowed_modules: tuple[str, ...] = ()
-
-
-def _unpack(data: bytes) -> Any:
-    return msgpack.unpackb(data, raw=False, strict_map_key=False)
 
 
 def init_process(allowed_modules: tuple[str, ...], worker_pid: int | None = None) -> None:
@@ -71,17 +90,15 @@ def _on_alarm(signum, frame):
     raise JobTimeout("job ran past its timeout")
 
 
-def _run_one(item: dict) -> dict:
+def _run_one(item: dict) -> Ran:
     job_id = item["job_id"]
-    started = time.time()
+    out = Ran(job_id, item["attempt"], False, "", started_at=time.time())
     ctx = job_module._RunContext(job_id, item)
-    out: dict[str, Any] = {"job_id": job_id, "attempt": item["attempt"], "started_at": started}
     timeout = item.get("timeout")
     try:
         cls = resolve_job_class(item["func"], _allowed_modules)
-        # (int map keys too: the contract accepts them in arguments)
-        args = _unpack(item["args"]) if item["args"] else []
-        kwargs = _unpack(item["kwargs"]) if item["kwargs"] else {}
+        args = codec.unpack(item["args"]) or []
+        kwargs = codec.unpack(item["kwargs"]) or {}
         instance = cls()
         instance.job_id = job_id
         instance.attempt = item["attempt"]
@@ -96,38 +113,34 @@ def _run_one(item: dict) -> dict:
                 signal.setitimer(signal.ITIMER_REAL, 0)
             job_module._current = None
         try:
-            payload = msgpack.packb(result, use_bin_type=True)
+            out.payload = codec.pack(result)
         except (TypeError, ValueError, OverflowError) as exc:
             raise TypeError(f"the job returned {type(result).__name__}, which is not a msgpack "
                             f"value ({exc}); return plain data (dict, list, str, numbers)") from None
-        out.update(ok=True, payload=payload, children=ctx.children)
+        out.ok, out.children = True, ctx.children
     except SpecError as exc:
-        out.update(ok=False, payload=f"refused: {exc}", children=[], final=True)
+        out.payload, out.final = f"refused: {exc}", True
     except JobTimeout:
-        out.update(ok=False, payload=f"JobTimeout: ran past its timeout of {timeout:g}s",
-                   children=[])
+        out.payload = f"JobTimeout: ran past its timeout of {timeout:g}s"
     except BaseException as exc:  # a job's SystemExit or KeyboardInterrupt fails it too
+        out.payload = traceback.format_exc()
         if isinstance(exc, (SystemExit, KeyboardInterrupt)):
-            exc_text = f"{type(exc).__name__}: {exc}\n" + traceback.format_exc()
-        else:
-            exc_text = traceback.format_exc()
-        out.update(ok=False, payload=exc_text, children=[])
-    out["finished_at"] = time.time()
+            out.payload = f"{type(exc).__name__}: {exc}\n" + out.payload
+    out.finished_at = time.time()
     return out
 
 
 def run_chunk(packed: bytes) -> bytes:
     """Run the jobs of one chunk in order; return their outcomes (msgpack)."""
-    items = _unpack(packed)
-    outcomes = [_run_one(item) for item in items]
+    outcomes = [_run_one(item) for item in codec.unpack(packed) or []]
     try:
-        return msgpack.packb(outcomes, use_bin_type=True)
+        return codec.pack([o.row() for o in outcomes])
     except (TypeError, ValueError) as exc:
-        # a child spec with an unpackable argument; fail those jobs instead of the chunk
+        # a child spec with an unpackable argument fails its parent, not the chunk
         for o in outcomes:
             try:
-                msgpack.packb(o["children"], use_bin_type=True)
+                codec.pack(o.children)
             except (TypeError, ValueError):
-                o.update(ok=False, children=[],
-                         payload=f"a child job's arguments are not msgpack values: {exc}")
-        return msgpack.packb(outcomes, use_bin_type=True)
+                o.ok, o.children = False, []
+                o.payload = f"a child job's arguments are not msgpack values: {exc}"
+        return codec.pack([o.row() for o in outcomes])

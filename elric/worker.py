@@ -21,34 +21,31 @@ from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
-import msgpack
 import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from elric import runner
+from elric import codec, runner
 from elric.config import Settings, SettingsError, redact_url
-from elric.contract import REDIS_UNAVAILABLE
+from elric.contract import ErrorCode
 from elric.keys import Keys
-from elric.queue import RedisQueue, now_ms
+from elric.queue import Claim, Outcome, RedisQueue, now_ms
+from elric.retry import REDIS_ERRORS, Backoff, retry
 from elric.rpc import AsyncClient, RemoteError, RPCConnectionError, RPCError
 
 log = logging.getLogger("elric.worker")
 
-REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 CHUNK_SECONDS = 0.02  # aim for chunks that run about this long
 
 
 class _Chunk:
     __slots__ = ("jobs", "future", "started", "timeout", "timed_out", "pool", "slot")
 
-    def __init__(self, jobs: list[dict]) -> None:
+    def __init__(self, jobs: list[Claim]) -> None:
         self.jobs = jobs
         self.future = None
         self.pool = None
         self.slot = -1  # index of the one-process pool that runs it
         self.started = time.monotonic()
-        self.timeout = jobs[0]["timeout"] if len(jobs) == 1 else None
+        self.timeout = jobs[0].timeout if len(jobs) == 1 else None
         self.timed_out = False
 
 
@@ -62,8 +59,8 @@ class Worker:
         self.lease = float(settings.LEASE_SECONDS)
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.keys = Keys(settings.KEY_PREFIX)
-        self.buffer: deque[dict] = deque()      # claimed, not yet handed to the pool
-        self.suspects: deque[dict] = deque()    # jobs of a chunk whose process died
+        self.buffer: deque[Claim] = deque()      # claimed, not yet handed to the pool
+        self.suspects: deque[Claim] = deque()    # jobs of a chunk whose process died
         self.running: set[_Chunk] = set()
         self.pools: list[ProcessPoolExecutor] = []  # one single-process pool per slot
         self.stopping = False
@@ -82,16 +79,20 @@ class Worker:
             await self.redis.ping()
         except Exception as exc:
             raise SettingsError(f"REDIS_URL {redact_url(s.REDIS_URL)}: cannot connect ({exc})") from None
-        host, port = s.master_host_port
         try:
-            self.master = await AsyncClient.connect(host, port, timeout=10, token=s.RPC_TOKEN,
-                                                    max_message=s.RPC_MAX_MESSAGE)
+            self.master = await self._connect_master()
             await self.master.call("ping")
         except RPCError as exc:
             raise SettingsError(f"MASTER_ADDRESS {s.MASTER_ADDRESS}: {exc}") from None
         self.queue = RedisQueue(self.redis, self.keys, result_ttl=s.RESULT_TTL,
                                 failed_ttl=s.FAILED_TTL,
                                 release_keys_on_failure=s.DEDUPE_RELEASE_ON_FAILURE)
+
+    async def _connect_master(self) -> AsyncClient:
+        s = self.settings
+        host, port = s.master_host_port
+        return await AsyncClient.connect(host, port, timeout=10, token=s.RPC_TOKEN,
+                                         max_message=s.RPC_MAX_MESSAGE)
 
     def _new_pool(self) -> ProcessPoolExecutor:
         import multiprocessing
@@ -114,7 +115,7 @@ class Worker:
         )
 
     async def _warm_pool(self) -> None:
-        empty = msgpack.packb([])
+        empty = codec.pack([])
         loop = asyncio.get_running_loop()
         await asyncio.gather(*(loop.run_in_executor(pool, runner.run_chunk, empty)
                                for pool in self.pools))
@@ -152,7 +153,7 @@ class Worker:
         return max(1, min(self.max_chunk, int(CHUNK_SECONDS / max(self.avg_job_seconds, 1e-6))))
 
     async def _loop(self) -> None:
-        backoff = 0.1
+        backoff = Backoff()
         while not self.stopping:
             self._changed.clear()
             self._dispatch()
@@ -162,11 +163,11 @@ class Worker:
             if len(self.buffer) < target and want > 0 and not self.suspects:
                 try:
                     jobs = await self.queue.fetch(self.worker_id, self.queues, want, self.lease)
-                    backoff = 0.1
+                    backoff.reset()
                 except REDIS_ERRORS as exc:
-                    log.warning("worker: Redis unreachable (%s); retrying in %.1fs", exc, backoff)
-                    await self._wait(backoff)
-                    backoff = min(backoff * 2, 5.0)
+                    delay = backoff.next()
+                    log.warning("worker: Redis unreachable (%s); retrying in %.1fs", exc, delay)
+                    await self._wait(delay)
                     continue
                 if jobs:
                     self.buffer.extend(jobs)
@@ -203,20 +204,20 @@ class Worker:
             elif self.buffer:
                 size = self._chunk_size()
                 jobs = [self.buffer.popleft()]
-                if jobs[0]["timeout"] is None:
-                    while len(jobs) < size and self.buffer and self.buffer[0]["timeout"] is None:
+                if jobs[0].timeout is None:
+                    while len(jobs) < size and self.buffer and self.buffer[0].timeout is None:
                         jobs.append(self.buffer.popleft())
             else:
                 return
             self._submit(_Chunk(jobs))
 
     def _submit(self, chunk: _Chunk) -> None:
-        items = [{"job_id": j["job_id"], "attempt": j["attempt"], "func": j["func"],
-                  "args": j["args"], "kwargs": j["kwargs"], "timeout": j["timeout"],
-                  "dedupe_scope": j["dedupe_scope"]} for j in chunk.jobs]
+        items = [{"job_id": j.job_id, "attempt": j.attempt, "func": j.func, "args": j.args,
+                  "kwargs": j.kwargs, "timeout": j.timeout, "dedupe_scope": j.dedupe_scope}
+                 for j in chunk.jobs]
         busy = {c.slot for c in self.running}
         chunk.slot = next(i for i in range(self.concurrency) if i not in busy)
-        data = msgpack.packb(items, use_bin_type=True)
+        data = codec.pack(items)
         try:
             chunk.future = self.pools[chunk.slot].submit(runner.run_chunk, data)
         except BrokenProcessPool:
@@ -230,16 +231,14 @@ class Worker:
 
     async def _complete(self, chunk: _Chunk) -> None:
         try:
-            packed = await asyncio.wrap_future(chunk.future)
-            outcomes = msgpack.unpackb(packed, raw=False, strict_map_key=False)
+            outcomes = [runner.Ran(*row) for row in codec.unpack(
+                await asyncio.wrap_future(chunk.future))]
         except BrokenProcessPool:
             outcomes = self._crashed(chunk)
         except Exception as exc:  # the pool could not even run it
             log.exception("worker: chunk failed outside the job code")
-            outcomes = [{"job_id": j["job_id"], "attempt": j["attempt"], "ok": False,
-                         "payload": f"worker error: {type(exc).__name__}: {exc}",
-                         "children": [], "started_at": time.time(),
-                         "finished_at": time.time()} for j in chunk.jobs]
+            outcomes = [runner.Ran.failure(j.job_id, j.attempt, f"worker error: "
+                                           f"{type(exc).__name__}: {exc}") for j in chunk.jobs]
         try:
             if outcomes:
                 await self._record(chunk, outcomes)
@@ -247,51 +246,38 @@ class Worker:
             self.running.discard(chunk)
             self._changed.set()
 
-    def _crashed(self, chunk: _Chunk) -> list[dict]:
+    def _crashed(self, chunk: _Chunk) -> list[runner.Ran]:
         """A pool process died. Return outcomes for jobs known to be at fault."""
         if self.pools[chunk.slot] is chunk.pool:
             self._replace_pool(chunk.slot)
-        alone = len(chunk.jobs) == 1  # its pool ran nothing else
-        if chunk.timed_out or alone:
+        if chunk.timed_out or len(chunk.jobs) == 1:  # it ran nothing else: the culprit
             job = chunk.jobs[0]
-            why = (f"JobTimeout: ran past its timeout of {job['timeout']:g}s and its process "
+            why = (f"JobTimeout: ran past its timeout of {job.timeout:g}s and its process "
                    "was killed") if chunk.timed_out else (
                    "the job's process died (os._exit, a signal or a crash in native code)")
-            now = time.time()
-            return [{"job_id": job["job_id"], "attempt": job["attempt"], "ok": False,
-                     "payload": why, "children": [], "started_at": now, "finished_at": now}]
-        for job in chunk.jobs:
-            job["suspect"] = True
-            self.suspects.append(job)
+            return [runner.Ran.failure(job.job_id, job.attempt, why)]
+        self.suspects.extend(chunk.jobs)
         log.warning("worker: a pool process died; re-running %d job(s) one by one to find "
                     "which one killed it", len(chunk.jobs))
         return []
 
-    async def _record(self, chunk: _Chunk, outcomes: list[dict]) -> None:
-        by_id = {j["job_id"]: j for j in chunk.jobs}
-        total = 0.0
-        for o in outcomes:
-            total += o["finished_at"] - o["started_at"]
-        if outcomes:
-            per_job = total / len(outcomes)
-            self.avg_job_seconds = 0.7 * self.avg_job_seconds + 0.3 * per_job
-        children = [c for o in outcomes if o["ok"] for c in o["children"]]
-        if children:
+    async def _record(self, chunk: _Chunk, outcomes: list[runner.Ran]) -> None:
+        by_id = {j.job_id: j for j in chunk.jobs}
+        per_job = sum(o.finished_at - o.started_at for o in outcomes) / len(outcomes)
+        self.avg_job_seconds = 0.7 * self.avg_job_seconds + 0.3 * per_job
+        if any(o.ok and o.children for o in outcomes):
             refused = await self._send_children(outcomes)
             for o in outcomes:
-                if o["job_id"] in refused:
-                    o.update(ok=False, payload=f"a child job was refused by the master: "
-                                               f"{refused[o['job_id']]}", final=True)
+                if o.job_id in refused:
+                    o.ok, o.final = False, True
+                    o.payload = f"a child job was refused by the master: {refused[o.job_id]}"
         records = []
         for o in outcomes:
-            job = by_id.get(o["job_id"], {})
             retry_ms = -1
-            if not o["ok"] and not o.get("final") and o["attempt"] <= job.get("max_retries", 0):
-                retry_ms = self._backoff_ms(o["attempt"])
-            records.append({"job_id": o["job_id"], "attempt": o["attempt"], "ok": o["ok"],
-                            "payload": o["payload"],
-                            "duration_ms": (o["finished_at"] - o["started_at"]) * 1000,
-                            "retry_ms": retry_ms})
+            if not o.ok and not o.final and o.attempt <= by_id[o.job_id].max_retries:
+                retry_ms = self._backoff_ms(o.attempt)
+            records.append(Outcome(o.job_id, o.attempt, o.ok, o.payload,
+                                   int((o.finished_at - o.started_at) * 1000), retry_ms))
         await self._retry_redis(self.queue.finish, self.worker_id, records)
         self.processed += len(records)
 
@@ -300,12 +286,12 @@ class Worker:
         delay = min(s.RETRY_BACKOFF_MAX, s.RETRY_BACKOFF * 2 ** (attempt - 1))
         return int(delay * random.uniform(0.5, 1.0) * 1000)
 
-    async def _send_children(self, outcomes: list[dict]) -> dict[str, str]:
+    async def _send_children(self, outcomes: list[runner.Ran]) -> dict[str, str]:
         """Send child jobs to the master before their parents are acknowledged.
 
         Returns {parent_id: error} for parents whose children the master refused.
         """
-        batch = [c for o in outcomes if o["ok"] for c in o["children"]]
+        batch = [c for o in outcomes if o.ok for c in o.children]
         try:
             await self._call_master("submit_jobs", batch)
             return {}
@@ -313,47 +299,37 @@ class Worker:
             pass  # one bad spec refuses the whole batch: find the parents at fault
         refused = {}
         for o in outcomes:
-            if o["ok"] and o["children"]:
+            if o.ok and o.children:
                 try:
-                    await self._call_master("submit_jobs", o["children"])
+                    await self._call_master("submit_jobs", o.children)
                 except RemoteError as exc:
-                    refused[o["job_id"]] = str(exc)
+                    refused[o.job_id] = str(exc)
         return refused
 
     async def _call_master(self, method: str, *params):
-        backoff = 0.2
+        backoff = Backoff(0.2, 5.0)
         while True:
             try:
                 return await self.master.call(method, *params)
             except RemoteError as exc:
-                if not str(exc).startswith(REDIS_UNAVAILABLE):
+                if exc.code != ErrorCode.REDIS_UNAVAILABLE:
                     raise
                 # not a refusal of the children: the same call again, once Redis is back
-                log.warning("worker: %s; retrying in %.1fs", exc, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                delay = backoff.next()
+                log.warning("worker: %s; retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
             except RPCConnectionError as exc:
-                log.warning("worker: master unreachable (%s); retrying in %.1fs", exc, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-                host, port = self.settings.master_host_port
+                delay = backoff.next()
+                log.warning("worker: master unreachable (%s); retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                await self.master.close()
                 try:
-                    await self.master.close()
-                    self.master = await AsyncClient.connect(
-                        host, port, timeout=10, token=self.settings.RPC_TOKEN,
-                        max_message=self.settings.RPC_MAX_MESSAGE)
+                    self.master = await self._connect_master()
                 except RPCError:
                     continue
 
     async def _retry_redis(self, fn, *args):
-        backoff = 0.1
-        while True:
-            try:
-                return await fn(*args)
-            except REDIS_ERRORS as exc:
-                log.warning("worker: Redis unreachable (%s); retrying in %.1fs", exc, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+        return await retry(lambda: fn(*args), what="worker: Redis unreachable", log=log)
 
     # --- heartbeat, registration ------------------------------------------------------
     async def _register(self) -> None:
@@ -366,9 +342,9 @@ class Worker:
             await pipe.execute()
 
     def _held_ids(self) -> list[str]:
-        ids = [j["job_id"] for j in self.buffer] + [j["job_id"] for j in self.suspects]
+        ids = [j.job_id for j in self.buffer] + [j.job_id for j in self.suspects]
         for chunk in self.running:
-            ids.extend(j["job_id"] for j in chunk.jobs)
+            ids.extend(j.job_id for j in chunk.jobs)
         return ids
 
     async def _heartbeat_loop(self) -> None:
@@ -392,7 +368,7 @@ class Worker:
             if chunk.timeout and not chunk.timed_out and now > chunk.started + chunk.timeout + 5:
                 chunk.timed_out = True
                 log.warning("worker: job %s ignored its timeout; killing its process",
-                            chunk.jobs[0]["job_id"])
+                            chunk.jobs[0].job_id)
                 self._kill_pool_processes(chunk.pool)  # its own process, no other
 
     def _replace_pool(self, slot: int) -> None:
@@ -415,7 +391,7 @@ class Worker:
         self.stopping = True
         if self._wake_task is not None:
             self._wake_task.cancel()
-        claims = [(j["job_id"], j["attempt"]) for j in list(self.buffer) + list(self.suspects)]
+        claims = [(j.job_id, j.attempt) for j in list(self.buffer) + list(self.suspects)]
         self.buffer.clear()
         self.suspects.clear()
         if claims:
@@ -425,7 +401,7 @@ class Worker:
             done, pending = await asyncio.wait(list(self._tasks),
                                                timeout=self.settings.SHUTDOWN_GRACE)
             if pending:
-                left = [(j["job_id"], j["attempt"]) for c in self.running for j in c.jobs]
+                left = [(j.job_id, j.attempt) for c in self.running for j in c.jobs]
                 log.warning("worker: %d job(s) still running after SHUTDOWN_GRACE; stopping "
                             "them and returning them to the queue", len(left))
                 for t in pending:
@@ -433,7 +409,7 @@ class Worker:
                 self._kill_pool_processes()
                 await self._retry_redis(self.queue.release, self.worker_id, left)
         # jobs whose pool process died while we waited: back in line too, not left running
-        late = [(j["job_id"], j["attempt"]) for j in self.suspects]
+        late = [(j.job_id, j.attempt) for j in self.suspects]
         self.suspects.clear()
         if late:
             await self._retry_redis(self.queue.release, self.worker_id, late)

@@ -22,7 +22,7 @@ from elric import contract
 from elric.client import MasterClient
 from elric.config import load_settings
 from elric.master import Master
-from elric.queue import RedisQueue
+from elric.queue import Outcome, RedisQueue
 from elric.redis_server import free_port
 from elric.rpc import RequestError, RPCError
 
@@ -69,17 +69,17 @@ def test_an_enqueue_whose_reply_is_lost_gives_back_only_the_keys_of_jobs_not_que
     is filtered: no second copy), the others are given back (a retry is queued)."""
     async def main():
         async with master(redis_url) as m:
-            real = m.queue._send_enqueue
+            real = m.queue._enqueue
 
-            async def failing(strings, argv):
+            async def failing(keys, args):
                 if lost == "after":
-                    await real(strings, argv)
+                    await real(keys=keys, args=args)
                 raise RedisTimeoutError("Timeout reading from socket")
-            m.queue._send_enqueue = failing
+            m.queue._enqueue = failing
             spec = {"func": E, "args": ["http://x/"], "dedupe_key": "http://x/"}
             with pytest.raises(RequestError, match="cannot reach Redis"):
                 await m.submit_jobs([spec])
-            m.queue._send_enqueue = real
+            m.queue._enqueue = real
             again = await m.submit_jobs([spec])
             if lost == "after":
                 assert again[0]["status"] == "filtered" and await queued(m) == 1
@@ -133,9 +133,9 @@ def test_a_stopping_master_does_not_wait_forever_on_a_redis_that_does_not_answer
         redis_url, monkeypatch):
     """A call cut by the shutdown (its grace over) leaves its clean-up running; with
     Redis silent, that clean-up never ends, and the master must stop anyway."""
-    from elric import master as master_module
+    from elric import admission, master as master_module
     monkeypatch.setattr(master_module, "SHUTDOWN_GRACE", 0.2)
-    monkeypatch.setattr(master_module, "CLEANUP_WAIT", 0.2)
+    monkeypatch.setattr(admission, "CLEANUP_WAIT", 0.2)
 
     async def main():
         async with master(redis_url) as m:
@@ -151,7 +151,7 @@ def test_a_stopping_master_does_not_wait_forever_on_a_redis_that_does_not_answer
             client.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await client
-            assert len(m._cleanups) == 1       # the clean-up goes on, waiting on Redis
+            assert len(m.admission._cleanups) == 1       # the clean-up goes on, waiting on Redis
             await asyncio.wait_for(m.close(), 20)
             m.close = _noop
     asyncio.run(main())
@@ -166,22 +166,21 @@ def test_a_job_this_call_queued_and_that_ended_before_a_replay_keeps_its_key(red
     (a worker's children have ids of their own)."""
     async def main():
         async with master(redis_url) as m:
-            real = m.queue._send_enqueue
+            real = m.queue._enqueue
 
-            async def replayed(strings, argv):
-                await real(strings, argv)
+            async def replayed(keys, args):
+                await real(keys=keys, args=args)
                 [job] = await m.queue.fetch("w1", ["default"], 10, 30)    # a worker ran it
-                assert await m.queue.finish("w1", [{
-                    "job_id": job["job_id"], "attempt": 1, "ok": True, "payload": b"\xc0",
-                    "duration_ms": 1}]) == ["succeeded"]
-                return await real(strings, argv)
-            m.queue._send_enqueue = replayed
+                assert await m.queue.finish("w1", [Outcome(job.job_id, 1, True, b"\xc0", 1)]) \
+                    == ["succeeded"]
+                return await real(keys=keys, args=args)
+            m.queue._enqueue = replayed
             spec = {"func": E, "args": ["u"], "dedupe_key": "page-1"}
             if chosen:
                 spec["job_id"] = "parent1-c0"
             [first] = await m.submit_jobs([spec])
             assert first["status"] == "succeeded"
-            m.queue._send_enqueue = real
+            m.queue._enqueue = real
             assert (await m.submit_jobs([{**spec, "job_id": "parent2-c0"}]))[0]["status"] \
                 == "filtered"
     asyncio.run(main())
@@ -198,19 +197,19 @@ def test_a_resubmitted_id_whose_job_has_another_key_does_not_keep_this_one(redis
             await m.submit_jobs([{"func": E, "job_id": "J"}])
             if status != "queued":
                 await m.redis.hset(m.keys.job("J"), "status", status)
-            real = m.queue._send_enqueue
+            real = m.queue._enqueue
             if how == "lost reply":
-                async def lost(strings, argv):
-                    await real(strings, argv)
+                async def lost(keys, args):
+                    await real(keys=keys, args=args)
                     raise RedisTimeoutError("Timeout reading from socket")
-                m.queue._send_enqueue = lost
+                m.queue._enqueue = lost
             spec = {"func": E, "job_id": "J", "dedupe_key": "K"}
             if how == "ok":
                 assert await m.submit_jobs([spec]) == [{"job_id": "J", "status": status}]
             else:
                 with pytest.raises(RequestError):
                     await m.submit_jobs([spec])
-                m.queue._send_enqueue = real
+                m.queue._enqueue = real
             assert (await m.queue.get_job("J")).get("dedupe_key") is None
             assert (await m.submit_jobs([{"func": E, "job_id": "other", "dedupe_key": "K"}]))[
                 0]["status"] == "queued"
@@ -230,8 +229,7 @@ def test_resubmitting_the_id_of_a_finished_job_does_not_take_its_key_again(redis
             assert (await m.submit_jobs([spec]))[0]["status"] == "queued"
             worker = RedisQueue(m.redis, m.keys, release_keys_on_failure=True)
             [job] = await worker.fetch("w1", ["default"], 1, 30)
-            assert await worker.finish("w1", [dict(job_id="c0ffee", attempt=job["attempt"],
-                                                   ok=False, payload="boom", duration_ms=1)]) \
+            assert await worker.finish("w1", [Outcome("c0ffee", job.attempt, False, "boom", 1)]) \
                 == ["failed"]
             assert await m.submit_jobs([spec]) == [{"job_id": "c0ffee", "status": "failed"}]
             other = await m.submit_jobs([{**spec, "job_id": "other"}])
@@ -270,8 +268,8 @@ def test_a_fire_retried_after_a_redis_error_in_a_later_scope_is_still_queued(red
             if not token:
                 token = 1
                 await m.redis.set(m.keys.scheduler_fence, token)
-            out = await m._enqueue_fires(specs, token)
-            assert [o["status"] for o in out] == ["queued", "queued"]
+            out = await m.admission.enqueue_fires(specs, token)
+            assert [o.status for o in out] == ["queued", "queued"]
             assert calls == [specs[0]["job_id"], specs[1]["job_id"], specs[1]["job_id"]]
             assert await queued(m) == 2
     asyncio.run(main())

@@ -331,7 +331,8 @@ def test_legacy_msgpack_rpc_python_client_round_trip(cluster, tmp_path):
     out = run_script(LEGACY_SUBMIT, script_env(), tmp_path, python=python, args=[port])
     assert out["ping"] == "pong"
     assert out["submit"] == {"job_id": "legacy-1", "status": "queued"}
-    assert "is not a subclass of elric.Job" in out["refused"]
+    assert out["refused"]["code"] == "bad_request"
+    assert "is not a subclass of elric.Job" in out["refused"]["message"]
     job = cluster.wait_job("legacy-1")
     assert job["status"] == "succeeded", cluster.logs()
     assert job["result"] == {"args": ["legacy", 7], "kwargs": {"k": "v"}}

@@ -279,9 +279,9 @@ BAD_INPUT = {
     "msgid_not_int": (msgpack.packb([0, "x", "ping", []]), None),
     "msgid_too_big": (msgpack.packb([0, 2**40, "ping", []]), None),
     "bad_notification": (msgpack.packb([2, 5, []]), None),
-    "method_not_string": (msgpack.packb([0, 5, 123, []]), [1, 5, "invalid request: expected [0, msgid, method, params]", None]),
-    "params_not_array": (msgpack.packb([0, 6, "ping", "x"]), [1, 6, "invalid request: expected [0, msgid, method, params]", None]),
-    "invalid_utf8_method": (b"\x94\x00\x07\xa2\xff\xfe\x90", [1, 7, "'\udcff\udcfe' method not found", None]),
+    "method_not_string": (msgpack.packb([0, 5, 123, []]), [1, 5, {"code": "bad_request", "message": "invalid request: expected [0, msgid, method, params]"}, None]),
+    "params_not_array": (msgpack.packb([0, 6, "ping", "x"]), [1, 6, {"code": "bad_request", "message": "invalid request: expected [0, msgid, method, params]"}, None]),
+    "invalid_utf8_method": (b"\x94\x00\x07\xa2\xff\xfe\x90", [1, 7, {"code": "method_not_found", "message": "'\udcff\udcfe' method not found"}, None]),
 }
 
 
@@ -641,5 +641,5 @@ def test_legacy_msgpack_rpc_python_client():
     assert arun(main()) == {
         "ping": "pong",
         "echo": {"name": "job-1", "args": [1, 2.5, None, True], "meta": {"k": "v"}},
-        "missing": "'nope' method not found",
+        "missing": {"code": "method_not_found", "message": "'nope' method not found"},
     }

@@ -12,7 +12,7 @@ import asyncio
 
 from redis.exceptions import ResponseError
 
-from elric.contract import normalize_specs
+from elric.contract import normalize_spec
 from tests.test_dedupe_keys_given_back import master
 
 
@@ -28,10 +28,10 @@ def test_housekeeping_goes_on_after_an_error_it_does_not_know(redis_url):
                                         "'maxmemory'")
                 return await real(*a, **kw)
             m.queue.recover = refused
-            [spec] = normalize_specs([{"func": "tests.jobs:Echo", "job_id": "lost"}])
+            spec = normalize_spec({"func": "tests.jobs:Echo", "job_id": "lost"})
             await m.queue.enqueue([spec])
             # a worker takes it with a lease that is over at once, then dies
-            assert [j["job_id"] for j in await m.queue.fetch("dead", ["default"], 1, 0)] == \
+            assert [j.job_id for j in await m.queue.fetch("dead", ["default"], 1, 0)] == \
                 ["lost"]
             deadline = asyncio.get_running_loop().time() + 30
             while (await m.queue.get_job("lost"))["status"] != "queued":
@@ -46,9 +46,13 @@ def test_a_worker_sends_children_again_when_the_master_cannot_reach_redis():
     same children again (with a backoff) rather than failing their parent for good, as
     it does when the master refuses a child spec."""
     from elric.config import load_settings
-    from elric.contract import REDIS_UNAVAILABLE
     from elric.rpc import RemoteError
+    from elric.runner import Ran
     from elric.worker import Worker
+
+    def unavailable(detail):
+        return RemoteError({"code": "redis_unavailable", "message": "master cannot reach "
+                            f"Redis right now ({detail}); nothing was changed, try again"})
 
     class Master:
         def __init__(self, answers):
@@ -64,15 +68,14 @@ def test_a_worker_sends_children_again_when_the_master_cannot_reach_redis():
     async def main():
         w = Worker(load_settings(env={}))
         child = {"func": "tests.jobs:Echo", "args": [1]}
-        outcomes = [{"job_id": "parent", "ok": True, "children": [child]}]
-        w.master = Master([RemoteError(f"{REDIS_UNAVAILABLE} (Connection refused); nothing "
-                                       "was changed, try again"),
-                           RemoteError(f"{REDIS_UNAVAILABLE} (Timeout)"),
+        outcomes = [Ran("parent", 1, True, b"", [child])]
+        w.master = Master([unavailable("Connection refused"), unavailable("Timeout"),
                            [{"job_id": "c", "status": "queued"}]])
         assert await w._send_children(outcomes) == {}
         assert [c[0] for c in w.master.calls] == ["submit_jobs"] * 3
         # a refusal is not retried: the parent is the one at fault
-        w.master = Master([RemoteError("spec 0: unknown job spec key(s) 'colour'")] * 2)
+        w.master = Master([RemoteError({"code": "bad_request", "message":
+                                        "spec 0: unknown job spec key(s) 'colour'"})] * 2)
         assert await w._send_children(outcomes) == {
             "parent": "spec 0: unknown job spec key(s) 'colour'"}
     asyncio.run(main())
@@ -84,19 +87,19 @@ def test_a_batch_with_a_periodic_job_can_be_sent_again_after_cannot_reach_redis(
     periodic job, stored already, is answered as stored instead of 'already exists'."""
     from redis.exceptions import ConnectionError as RedisConnectionError
 
-    from elric.contract import REDIS_UNAVAILABLE
+    from elric.contract import ErrorCode
     from elric.rpc import RequestError
 
     async def main():
         async with master(redis_url) as m:
-            real, failed = m.queue._send_enqueue, []
+            real, failed = m.queue._enqueue, []
 
-            async def once(strings, argv):
+            async def once(keys, args):
                 if not failed:
                     failed.append(1)
                     raise RedisConnectionError("Connection reset by peer")
-                return await real(strings, argv)
-            m.queue._send_enqueue = once
+                return await real(keys=keys, args=args)
+            m.queue._enqueue = once
             batch = [{"func": "tests.jobs:Echo", "job_id": "P",
                       "trigger": {"type": "interval", "minutes": 15}},
                      {"func": "tests.jobs:Echo", "job_id": "one", "dedupe_key": "k"}]
@@ -104,7 +107,7 @@ def test_a_batch_with_a_periodic_job_can_be_sent_again_after_cannot_reach_redis(
                 await m.submit_jobs(batch)
                 raise AssertionError("the first call should have failed")
             except RequestError as exc:
-                assert str(exc).startswith(REDIS_UNAVAILABLE)
+                assert exc.code == ErrorCode.REDIS_UNAVAILABLE
             out = await m.submit_jobs(batch)
             assert [o["status"] for o in out] == ["scheduled", "queued"]
     asyncio.run(main())

@@ -17,6 +17,7 @@ def source(name: str) -> str:
     return resources.files(__package__).joinpath(f"{name}.lua").read_text(encoding="utf-8")
 
 
-def load(redis, name: str):
-    """The script ``name`` registered on a redis-py client (sent by EVALSHA, loaded once)."""
-    return redis.register_script(source(name))
+def load(redis, name: str, *functions: str):
+    """The script ``name`` registered on a redis-py client (sent by EVALSHA, loaded once),
+    with the files named in ``functions`` (shared Lua functions) put before it."""
+    return redis.register_script("".join(source(f) for f in (*functions, name)))

@@ -1,0 +1,154 @@
+"""Admission: how a submitted job gets into a queue — check, dedupe, enqueue.
+
+``submit`` serves the ``submit_job(s)`` calls: the batch is checked whole against the
+contract before anything is written (nothing half-applied), periodic jobs go to the job
+store, the others through the dedupe filters into their queues. ``enqueue_fires`` does the
+same for the scheduler's fires, retrying through Redis errors under its lease token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from elric.config import Settings
+from elric.contract import SpecError, Status, normalize_spec
+from elric.jobstore import RedisJobStore, schedule_options
+from elric.queue import RedisQueue, Submitted
+from elric.reservation import DedupeGate
+from elric.retry import REDIS_ERRORS, Backoff, retry
+from elric.triggers import parse_trigger
+
+log = logging.getLogger("elric.master")
+
+MAX_BATCH = 10_000
+PER_FIRE = "@fire"     # dedupe_scope of a periodic job: a fresh scope for every fire
+CLEANUP_WAIT = 10.0    # seconds a failed call (or a stopping master) waits for its clean-up
+
+
+class Admission:
+    def __init__(self, settings: Settings, queue: RedisQueue, store: RedisJobStore,
+                 gate: DedupeGate, redis, keys) -> None:
+        self.settings = settings
+        self.queue, self.store, self.gate = queue, store, gate
+        self.redis, self.keys = redis, keys
+        self.defaults = {"max_retries": settings.MAX_RETRIES, "timeout": settings.JOB_TIMEOUT}
+        self._cleanups: set[asyncio.Task] = set()   # keys being given back by failed calls
+
+    def normalize(self, spec, where: str = "") -> dict:
+        try:
+            return normalize_spec(spec, defaults=self.defaults,
+                                  allowed_modules=self.settings.JOB_MODULES)
+        except SpecError as exc:
+            raise SpecError(f"{where}{exc}") from None
+
+    def _check_batch(self, specs) -> list[dict]:
+        """The normalized batch, or SpecError naming the first bad spec (``spec 3: ...``)."""
+        if not isinstance(specs, list):
+            raise SpecError(f"submit_jobs takes an array of job specs, got "
+                            f"{type(specs).__name__}")
+        if len(specs) > MAX_BATCH:
+            raise SpecError(f"submit_jobs: {len(specs)} specs in one call; at most {MAX_BATCH}")
+        where = "" if len(specs) == 1 else "spec {}: "
+        out = [self.normalize(spec, where.format(i)) for i, spec in enumerate(specs)]
+        if len({n["job_id"] for n in out}) != len(out):
+            raise SpecError("submit_jobs: the same job_id appears twice in one batch")
+        for i, n in enumerate(out):
+            if "trigger" in n:
+                try:
+                    parse_trigger(n["trigger"])
+                    schedule_options(n)
+                except ValueError as exc:
+                    raise SpecError(f"{where.format(i)}job {n['job_id']!r}: {exc}") from None
+            elif n.get("dedupe_scope") == PER_FIRE:
+                raise SpecError(f"{where.format(i)}dedupe_scope {PER_FIRE!r} is for periodic "
+                                "jobs (with a trigger); name a scope instead")
+        return out
+
+    async def submit(self, specs) -> list[Submitted]:
+        normalized = self._check_batch(specs)
+        chosen = {s["job_id"] for s in specs if isinstance(s, dict) and s.get("job_id")}
+        results: list[Submitted | None] = [None] * len(normalized)
+        periodic = [i for i, n in enumerate(normalized) if "trigger" in n]
+        for start in range(0, len(periodic), 32):  # concurrently, in bounded slices
+            chunk = periodic[start:start + 32]
+            for i, r in zip(chunk, await asyncio.gather(
+                    *(self._schedule(normalized[i]) for i in chunk))):
+                results[i] = r
+        now = [i for i, n in enumerate(normalized) if "trigger" not in n]
+        if now:
+            for i, r in zip(now, await self._admit([normalized[i] for i in now], chosen)):
+                results[i] = r
+        return results
+
+    async def _schedule(self, spec: dict) -> Submitted:
+        job_spec = {k: v for k, v in spec.items() if k != "replace_existing"}
+        try:
+            stored = await self.store.add(job_spec,
+                                          replace_existing=bool(spec.get("replace_existing")))
+        except ValueError as exc:  # TriggerError, ScheduleError: they name the field
+            raise SpecError(f"job {spec['job_id']!r}: {exc}") from None
+        return Submitted(stored["job_id"], stored["status"])
+
+    async def _admit(self, specs: list[dict], chosen: set[str]) -> list[Submitted]:
+        """Dedupe and queue jobs; a call that fails gives back the keys it took."""
+        reservation = self.gate.reserve(specs)
+        try:
+            await reservation.check()
+            # A resent submission (same job_id, same key) is not a duplicate of itself:
+            # report the status of the job it already is. Only chosen ids can exist.
+            resent = [s["job_id"] for s in reservation.filtered if s["job_id"] in chosen]
+            statuses = dict(zip(resent, await self.queue.get_statuses(resent))) if resent else {}
+            submitted = await self.queue.enqueue(reservation.passed)
+        except BaseException as exc:
+            await self._clean_up(reservation.cancel(), exc)
+            raise
+        await reservation.settle(submitted)
+        out = {id(s): r for s, r in zip(reservation.passed, submitted)}
+        for s in reservation.filtered:
+            out[id(s)] = Submitted(s["job_id"], statuses.get(s["job_id"]) or Status.FILTERED)
+        return [out[id(s)] for s in specs]
+
+    async def _clean_up(self, coro, exc: BaseException) -> None:
+        """Run a failed call's clean-up to its end even if that call is being cancelled.
+        The call waits for it up to CLEANUP_WAIT seconds, and not at all when cancelled (a
+        stopping master: ``close`` waits, bounded too), so a Redis that does not answer
+        cannot hang the call or the shutdown."""
+        task = asyncio.ensure_future(coro)
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
+        if not isinstance(exc, asyncio.CancelledError):
+            await asyncio.wait({task}, timeout=CLEANUP_WAIT)
+
+    async def close(self) -> None:
+        if self._cleanups:
+            await asyncio.wait(set(self._cleanups), timeout=CLEANUP_WAIT)
+
+    async def enqueue_fires(self, specs: list[dict], fence_token: int) -> list[Submitted]:
+        """The scheduler's callback: dedupe and queue fires under its lease token.
+
+        Fires are marked before they are queued; a Redis error here is retried until the
+        lease would have run out (enqueue is idempotent per fire id)."""
+        rounds = {}
+        for spec in specs:
+            if spec.get("dedupe_scope") == PER_FIRE:
+                spec["dedupe_scope"] = spec["job_id"]  # children inherit the fire's scope
+                rounds[spec["job_id"]] = int(spec.get("fire_time", 0) * 1000)
+        reservation = self.gate.reserve(specs)
+        checked: dict = {}   # verdicts per scope, kept across retries
+        done = False
+
+        async def attempt() -> list[Submitted]:
+            nonlocal done
+            if rounds:
+                await self.redis.zadd(self.keys.dedupe_rounds, rounds)
+            if not done:
+                await reservation.check(checked)
+                done = True
+            return await self.queue.enqueue(reservation.passed, fence=fence_token)
+
+        queued = await retry(attempt, what=f"queueing {len(specs)} fire(s)", log=log,
+                             backoff=Backoff(0.1, 2.0),
+                             deadline=time.monotonic() + self.settings.SCHEDULER_LEASE)
+        return queued + [Submitted(s["job_id"], Status.FILTERED) for s in reservation.filtered]

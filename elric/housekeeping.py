@@ -1,0 +1,60 @@
+"""Housekeeping: what keeps jobs moving while no one submits anything.
+
+Every master runs it: jobs of workers whose lease ran out go back in line, retries whose
+backoff is over are queued again, and per-fire dedupe scopes older than DEDUPE_ROUND_TTL
+are dropped. Each step is an atomic script, so several masters may run it at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from elric.queue import RedisQueue
+from elric.reservation import DedupeGate
+from elric.retry import REDIS_ERRORS, Backoff
+
+log = logging.getLogger("elric.master")
+
+
+class Housekeeping:
+    def __init__(self, queue: RedisQueue, gate: DedupeGate, redis, keys,
+                 round_ttl: float) -> None:
+        self.queue, self.gate, self.redis, self.keys = queue, gate, redis, keys
+        self.round_ttl = round_ttl
+
+    async def run(self) -> None:
+        """Until cancelled; any error is logged and retried, never the end of the loop."""
+        backoff = Backoff(0.5, 5.0)
+        while True:
+            try:
+                await self.pass_once()
+                backoff.reset()
+                due = await self.queue.next_delayed()
+                await asyncio.sleep(min(1.0, due if due is not None else 1.0))
+            except REDIS_ERRORS as exc:
+                delay = backoff.next()
+                log.warning("housekeeping: Redis unreachable (%s); retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+            except Exception:   # a refused write (OOM, MISCONF), a bug: never stop for good
+                delay = backoff.next()
+                log.exception("housekeeping failed; retrying in %.1fs", delay)
+                await asyncio.sleep(delay)
+
+    async def pass_once(self) -> None:
+        recovered = await self.queue.recover()
+        if recovered:
+            log.warning("redelivered %d job(s) whose worker stopped renewing its lease",
+                        len(recovered))
+        await self.queue.promote()
+        await self._drop_old_rounds()
+
+    async def _drop_old_rounds(self) -> None:
+        cutoff = (time.time() - self.round_ttl) * 1000
+        old = await self.redis.zrangebyscore(self.keys.dedupe_rounds, "-inf", cutoff,
+                                             start=0, num=100)
+        for raw in old:
+            scope = raw.decode()
+            await self.gate.filter_for(scope).drop_scope(scope)
+            await self.redis.zrem(self.keys.dedupe_rounds, raw)

@@ -1,0 +1,66 @@
+-- Record the outcomes of jobs a worker ran.
+-- KEYS: inflight, running index, succeeded index, failed index, delayed, counters,
+--       retrying index, the worker's hash
+-- ARGV: job prefix, batch stats prefix, dedupe set prefix, now (ms), result ttl (s),
+--       failed ttl (s), release keys ('1' | '0'), then per job: job_id, attempt,
+--       outcome ('ok' | 'err'), payload (result bytes | traceback), duration (ms),
+--       retry delay (ms; -1: no retry)
+-- Returns per job its new status, or 'stale' for a job this worker no longer holds (it was
+-- redelivered elsewhere or removed): that outcome is dropped.
+-- Invariant: only the attempt that holds the job records it. With release keys, a job that
+-- failed for good gives its dedupe key back to an exact filter in the same step.
+local jp, bp, dp, now = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local result_ttl, failed_ttl, release_keys = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7] == '1'
+local out, done, failed = {}, 0, 0
+for i = 8, #ARGV, 6 do
+  local id, attempt, outcome, payload = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local duration, retry = ARGV[i + 4], tonumber(ARGV[i + 5])
+  local jk = jp .. id
+  local f = redis.call('HMGET', jk, 'status', 'attempts', 'queue', 'batch', 'max_retries',
+                       'error', 'dedupe_key', 'dedupe_scope')
+  if f[1] ~= 'running' or f[2] ~= attempt then
+    out[#out + 1] = 'stale'
+  else
+    redis.call('ZREM', KEYS[1], id)
+    redis.call('ZREM', KEYS[2], id)
+    local status, index
+    if outcome == 'ok' then
+      status, index = 'succeeded', KEYS[3]
+      redis.call('HSET', jk, 'status', status, 'result', payload, 'finished_at', now,
+                 'duration_ms', duration)
+      redis.call('EXPIRE', jk, result_ttl)
+      done = done + 1
+    else
+      local err = (f[6] or '') .. '--- attempt ' .. attempt .. ' ---\n' .. payload .. '\n'
+      if retry >= 0 and tonumber(attempt) <= tonumber(f[5] or '0') then
+        status, index = 'retrying', KEYS[7]
+        redis.call('HSET', jk, 'status', status, 'error', err, 'duration_ms', duration,
+                   'retry_at', now + retry)
+        redis.call('ZADD', KEYS[5], now + retry, id)
+      else
+        status, index = 'failed', KEYS[4]
+        redis.call('HSET', jk, 'status', status, 'error', err, 'finished_at', now,
+                   'duration_ms', duration)
+        redis.call('EXPIRE', jk, failed_ttl)
+        failed = failed + 1
+        if release_keys and f[7] then
+          local fk = dp .. (f[8] or 'global')
+          local kind = redis.call('TYPE', fk)['ok']
+          if kind == 'set' then redis.call('SREM', fk, f[7])
+          elseif kind == 'zset' then redis.call('ZREM', fk, f[7]) end
+        end
+      end
+    end
+    redis.call('ZADD', index, now, id)
+    redis.call('HINCRBY', KEYS[6], status, 1)
+    redis.call('HINCRBY', KEYS[6], 'queue:' .. f[3] .. ':' .. status, 1)
+    if f[4] and f[4] ~= '' then redis.call('HINCRBY', bp .. f[4], status, 1) end
+    out[#out + 1] = status
+  end
+end
+if done > 0 then redis.call('HINCRBY', KEYS[8], 'succeeded', done) end
+if failed > 0 then redis.call('HINCRBY', KEYS[8], 'failed', failed) end
+-- finished jobs' hashes expire; their index entries go on the same schedule
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - result_ttl * 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - failed_ttl * 1000)
+return out

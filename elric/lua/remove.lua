@@ -1,0 +1,13 @@
+-- Delete a job wherever it is (a running job's worker finds it gone and drops its outcome).
+-- KEYS: the job's hash, inflight, delayed
+-- ARGV: queue prefix, status index prefix, job_id
+-- Returns the status the job had, or false when there was none.
+-- Invariant: no index keeps an entry for a job that is gone.
+local f = redis.call('HMGET', KEYS[1], 'status', 'queue', 'member')
+if not f[1] then return false end
+if f[2] and f[3] then redis.call('ZREM', ARGV[1] .. f[2], f[3]) end
+redis.call('ZREM', KEYS[2], ARGV[3])
+redis.call('ZREM', KEYS[3], ARGV[3])
+redis.call('ZREM', ARGV[2] .. f[1], ARGV[3])
+redis.call('DEL', KEYS[1])
+return f[1]

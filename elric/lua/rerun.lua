@@ -1,0 +1,19 @@
+-- Run a finished job again, from attempt 0.
+-- KEYS: the job's hash, seq
+-- ARGV: queue prefix, wake prefix, status index prefix, now (ms), job_id
+-- Returns the status the job had; an error 'NOJOB' when there is none, or 'LIVE <status>'
+-- when it has not finished.
+-- Invariant: only a succeeded, failed or cancelled job is queued again; its result, error
+-- and timings go.
+local qp, wp, sp, now, id = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return redis.error_reply('NOJOB') end
+if status ~= 'failed' and status ~= 'succeeded' and status ~= 'cancelled' then
+  return redis.error_reply('LIVE ' .. status)
+end
+redis.call('ZREM', sp .. status, id)
+redis.call('PERSIST', KEYS[1])
+redis.call('HSET', KEYS[1], 'attempts', 0, 'enqueued_at', now)
+redis.call('HDEL', KEYS[1], 'finished_at', 'result', 'error', 'retry_at', 'duration_ms')
+requeue(KEYS[1], id, qp, wp, KEYS[2], false)
+return status

@@ -1,0 +1,140 @@
+"""Dedupe keys a call takes, and gives back when no job ends up holding them.
+
+A call makes one ``Reservation`` for its specs and ``check``s it: each scope's filter says
+which specs pass (their keys are now taken) and which were seen before. The call then
+either queues the passed specs and ``settle``s (keys of ids that existed already go back
+unless that job holds them), or fails and ``cancel``s (keys no job holds go back). Only
+exact filters can give keys back; a Bloom filter keeps them.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from elric.config import Settings
+from elric.contract import Status
+from elric.dedupe import DedupeError, DedupeFilter
+from elric.queue import Hold, RedisQueue, Submitted
+
+log = logging.getLogger("elric.master")
+
+GLOBAL_SCOPE = "global"
+
+
+class ScopeRefused(Exception):
+    """A filter refused a scope (DedupeError); the keys this call took before are back."""
+
+    def __init__(self, scope: str, exc: Exception) -> None:
+        super().__init__(f"dedupe_scope {scope!r}: {exc}")
+
+
+@dataclass
+class Reservation:
+    """One call's dedupe keys. After ``check``, ``passed`` specs hold their keys (with the
+    specs that have none) and ``filtered`` ones were seen before; if ``check`` fails,
+    ``passed`` holds the specs whose keys it took before it failed."""
+
+    gate: "DedupeGate"
+    specs: list[dict]
+    passed: list[dict] = field(default_factory=list)
+    filtered: list[dict] = field(default_factory=list)
+
+    async def check(self, checked: dict | None = None) -> None:
+        """Ask each scope's filter about its keyed specs, one call per scope. ``checked``
+        (scope -> verdicts) carries the verdicts of scopes already asked across a
+        caller's retries: a scope asked twice would call its own keys seen."""
+        by_scope: dict[str, list[dict]] = {}
+        for spec in self.specs:
+            if spec.get("dedupe_key") is not None:
+                scope = spec.setdefault("dedupe_scope", GLOBAL_SCOPE)
+                by_scope.setdefault(scope, []).append(spec)
+        seen: set[int] = set()
+        self.passed = []
+        for scope, group in by_scope.items():
+            verdicts = checked.get(scope) if checked is not None else None
+            if verdicts is None:
+                try:
+                    verdicts = await self.gate.filter_for(scope).check_and_add(
+                        scope, [s["dedupe_key"] for s in group])
+                except DedupeError as exc:
+                    raise ScopeRefused(scope, exc) from None
+                if checked is not None:
+                    checked[scope] = verdicts
+            for spec, new in zip(group, verdicts):
+                if new:
+                    self.passed.append(spec)
+                else:
+                    seen.add(id(spec))
+        self.passed = [s for s in self.specs if id(s) not in seen]
+        self.filtered = [s for s in self.specs if id(s) in seen]
+
+    async def settle(self, submitted: list[Submitted]) -> None:
+        """After an enqueue of ``passed``: an id that existed queued nothing, so its key goes
+        back unless that job holds it (a resend of the same job)."""
+        existed = [spec for spec, s in zip(self.passed, submitted) if s.existed]
+        if existed:
+            await self.gate.give_back_unheld(existed, if_unknown=False)
+
+    async def cancel(self) -> None:
+        """After a failed call: keys of the passed specs whose job does not exist go back
+        (the enqueue may have run with its reply lost, so each is looked up first)."""
+        await self.gate.give_back_unheld(self.passed, if_unknown=True)
+
+
+class DedupeGate:
+    """The master's filters, one per backend, and the scope each spec goes to."""
+
+    def __init__(self, settings: Settings, filters: dict[str, DedupeFilter],
+                 queue: RedisQueue) -> None:
+        self.settings = settings
+        self.filters = filters
+        self.queue = queue
+
+    def filter_for(self, scope: str) -> DedupeFilter:
+        scopes = self.settings.FILTER_SCOPES
+        backend = scopes.get(scope) or scopes.get(scope.split("@", 1)[0]) \
+            or self.settings.FILTER_BACKEND
+        return self.filters[backend]
+
+    def reserve(self, specs: list[dict]) -> Reservation:
+        return Reservation(self, specs)
+
+    async def give_back(self, specs: list[dict]) -> None:
+        """Release the keys of ``specs`` in exact filters; a failure is only logged."""
+        by_scope: dict[str, list[str]] = {}
+        for spec in specs:
+            if spec.get("dedupe_key") is not None:
+                by_scope.setdefault(spec["dedupe_scope"], []).append(spec["dedupe_key"])
+        for scope, keys in by_scope.items():
+            f = self.filter_for(scope)
+            if f.can_release:
+                try:
+                    await f.release(scope, keys)
+                except Exception as exc:
+                    log.warning("could not give back dedupe keys of scope %r: %s", scope, exc)
+
+    async def give_back_unheld(self, specs: list[dict], *, if_unknown: bool) -> None:
+        """Give back the keys of ``specs`` that no job holds. When Redis cannot be asked:
+        all of them if ``if_unknown``, else none."""
+        keyed = [s for s in specs if s.get("dedupe_key") is not None]
+        if not keyed:
+            return
+        try:
+            holds = await self.queue.get_holds([s["job_id"] for s in keyed])
+        except Exception as exc:
+            log.warning("could not look up the jobs of %d dedupe key(s) (%s); %s", len(keyed),
+                        exc, "giving them back" if if_unknown else "keeping them")
+            if not if_unknown:
+                return
+            holds = [None] * len(keyed)
+        await self.give_back([s for s, h in zip(keyed, holds) if not self._holds(h, s)])
+
+    def _holds(self, hold: Hold | None, spec: dict) -> bool:
+        """Whether the job under a spec's id holds its key: a job with this very key and
+        scope (this call made it, or it is the same job sent again), unless it failed for
+        good and failed jobs give their keys back."""
+        if hold is None or (hold.dedupe_key, hold.dedupe_scope) != (
+                spec["dedupe_key"], spec["dedupe_scope"]):
+            return False
+        return not (self.settings.DEDUPE_RELEASE_ON_FAILURE and hold.status == Status.FAILED)
