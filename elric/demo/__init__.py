@@ -37,8 +37,9 @@ def run_demo(settings_path: str | None = None, pages: int = 25, timeout: float =
         redis_url = redis_server.url
         print(f"started redis-server (pid {redis_server.proc.pid}) on {redis_url}")
     address = f"127.0.0.1:{free_port()}"
+    # JOB_MODULES: the demo runs only its own jobs, whatever a settings.py here allows
     env = elric_env(redis_url, address, KEY_PREFIX=f"elric-demo-{os.getpid()}",
-                    LOG_LEVEL="WARNING")
+                    LOG_LEVEL="WARNING", JOB_MODULES="elric.demo")
     site = DemoSite(pages).start()
     try:
         master = start_master(env, os.path.join(logdir, "master.log"))
