@@ -1,73 +1,8 @@
 """A small demo site served on 127.0.0.1, for the crawler demo and its tests.
 
-Page ``/p/N`` links to a few other pages (the graph has cycles) and the index links to
-page 0, so a crawl from ``/`` reaches every page.
+The code lives in ``elric.demo.site`` so that ``elric demo`` works after ``pip install``.
 """
 
-from __future__ import annotations
+from elric.demo.site import DemoSite
 
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-
-class DemoSite:
-    def __init__(self, pages: int = 25) -> None:
-        self.pages = pages
-        self.hits: dict[str, int] = {}
-        self._lock = threading.Lock()
-        site = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 (http.server's naming)
-                with site._lock:
-                    site.hits[self.path] = site.hits.get(self.path, 0) + 1
-                body = site.render(self.path)
-                if body is None:
-                    self.send_error(404)
-                    return
-                data = body.encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/html; charset=utf-8")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/"
-
-    def paths(self) -> list[str]:
-        return ["/"] + [f"/p/{n}" for n in range(self.pages)]
-
-    def links_of(self, path: str) -> list[str]:
-        if path == "/":
-            return ["/p/0"]
-        n = int(path.rsplit("/", 1)[1])
-        targets = {(n + 1) % self.pages, (n * 7 + 3) % self.pages, (n // 2)}
-        return ["/"] + [f"/p/{t}" for t in sorted(targets)]
-
-    def render(self, path: str) -> str | None:
-        if path not in self.paths():
-            return None
-        links = "".join(f'<li><a href="{link}">{link}</a></li>' for link in self.links_of(path))
-        return f"<html><body><h1>{path}</h1><ul>{links}</ul></body></html>"
-
-    def start(self) -> "DemoSite":
-        self.thread.start()
-        return self
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-    def __enter__(self) -> "DemoSite":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+__all__ = ["DemoSite"]

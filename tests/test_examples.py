@@ -79,3 +79,14 @@ def test_elric_demo_command(tmp_path):
         except ProcessLookupError:
             continue
         raise AssertionError(f"the demo left pid {pid} running")
+
+
+def test_elric_demo_runs_its_own_jobs_whatever_job_modules_a_local_settings_allows(tmp_path):
+    (tmp_path / "settings.py").write_text('JOB_MODULES = ["myproject"]\n')
+    env = script_env()
+    env["TMPDIR"] = str(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "elric", "demo", "--pages", "3"],
+                          cwd=str(tmp_path), env=env, capture_output=True, text=True,
+                          timeout=120, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "crawled 4 pages (4 on the site" in proc.stdout, proc.stdout

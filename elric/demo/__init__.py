@@ -3,6 +3,9 @@
 Starts what it needs (a redis-server unless ELRIC_REDIS_URL is set, a master, a worker, the
 demo site), submits the first page, waits until every job is done, prints what was crawled
 and stops everything it started.
+
+The crawler and the site live in this package (not in ``examples/``) so that ``elric demo``
+works from any directory after ``pip install``; ``examples/`` re-exports them.
 """
 
 from __future__ import annotations
@@ -19,8 +22,8 @@ from elric.redis_server import RedisServer, free_port
 def run_demo(settings_path: str | None = None, pages: int = 25, timeout: float = 120.0) -> int:
     from elric.client import MasterClient
     from elric.launch import elric_env, start_master, start_worker
-    from examples.crawler import Crawl
-    from examples.site import DemoSite
+    from elric.demo.crawler import Crawl
+    from elric.demo.site import DemoSite
 
     settings = load_settings(settings_path)
     logdir = tempfile.mkdtemp(prefix="elric-demo-")
@@ -34,8 +37,9 @@ def run_demo(settings_path: str | None = None, pages: int = 25, timeout: float =
         redis_url = redis_server.url
         print(f"started redis-server (pid {redis_server.proc.pid}) on {redis_url}")
     address = f"127.0.0.1:{free_port()}"
+    # JOB_MODULES: the demo runs only its own jobs, whatever a settings.py here allows
     env = elric_env(redis_url, address, KEY_PREFIX=f"elric-demo-{os.getpid()}",
-                    LOG_LEVEL="WARNING")
+                    LOG_LEVEL="WARNING", JOB_MODULES="elric.demo")
     site = DemoSite(pages).start()
     try:
         master = start_master(env, os.path.join(logdir, "master.log"))
