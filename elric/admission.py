@@ -89,7 +89,8 @@ class Admission:
                                           replace_existing=bool(spec.get("replace_existing")))
         except ValueError as exc:  # TriggerError, ScheduleError: they name the field
             raise SpecError(f"job {spec['job_id']!r}: {exc}") from None
-        return Submitted(stored["job_id"], stored["status"])
+        return Submitted(stored["job_id"], stored["status"],
+                         next_run_time=stored["next_run_time"])
 
     async def _admit(self, specs: list[dict], chosen: set[str]) -> list[Submitted]:
         """Dedupe and queue jobs; a call that fails gives back the keys it took."""

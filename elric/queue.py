@@ -29,15 +29,19 @@ def now_ms() -> int:
 
 @dataclass(slots=True)
 class Submitted:
-    """What became of one submitted job: queued now, or the status of the job that already
-    had its id (``existed``)."""
+    """What became of one submitted job: queued now, stored as a periodic job, or the
+    status of the job that already had its id (``existed``)."""
 
     job_id: str
     status: str
     existed: bool = False
+    next_run_time: float | None = None   # a periodic job's first fire (None: paused)
 
     def as_dict(self) -> dict:
-        return {"job_id": self.job_id, "status": self.status}
+        out = {"job_id": self.job_id, "status": self.status}
+        if self.status == Status.SCHEDULED:
+            out["next_run_time"] = self.next_run_time
+        return out
 
 
 @dataclass(slots=True)
