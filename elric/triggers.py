@@ -258,6 +258,19 @@ def build_trigger(data: dict) -> BaseTrigger:
     return parse_trigger(data)[0]
 
 
+def first_fire(trigger: BaseTrigger, t: float) -> float | None:
+    """The trigger's first fire time at or after ``t`` (epoch seconds); None: none left."""
+    nxt = trigger.get_next_fire_time(None, datetime.fromtimestamp(t, UTC))
+    return None if nxt is None else nxt.timestamp()
+
+
+def next_fire(trigger: BaseTrigger, t: float) -> float | None:
+    """The fire time that follows a fire at ``t``; None: none left."""
+    dt = datetime.fromtimestamp(t, UTC)
+    nxt = trigger.get_next_fire_time(dt, dt)
+    return None if nxt is None else nxt.timestamp()
+
+
 def _plain(value: Any) -> Any:
     return value.isoformat() if isinstance(value, datetime) else value
 

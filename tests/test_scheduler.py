@@ -19,7 +19,8 @@ import redis.asyncio as aioredis
 
 from elric.jobstore import RedisJobStore
 from elric.keys import Keys
-from elric.scheduler import Fenced, Scheduler, fire_id
+from elric.queue import Fenced
+from elric.scheduler import Scheduler, fire_id
 
 T0 = 1_780_000_000.0  # 2026-05-28T20:26:40Z
 UTC = timezone.utc
