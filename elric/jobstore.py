@@ -48,6 +48,14 @@ class Coalesce(StrEnum):
     SKIP = "skip"      # run none of them; wait for the next future fire
 
 
+class Outcome(StrEnum):
+    """What the scheduler did with one fire time, as the job's runs history records it."""
+
+    ENQUEUED = "enqueued"  # marked and queued; get() shows the queued job's status instead
+    MISSED = "missed"      # later than the misfire grace time
+    SKIPPED = "skipped"    # coalesced away (coalesce "skip") or over max_instances
+
+
 class ScheduleError(ValueError):
     """A refused job-store operation; the message says what to change."""
 
@@ -146,7 +154,7 @@ class RedisJobStore:
         if job is None:
             return None
         runs = [unpack(b) for b in await self.redis.lrange(self.keys.schedule_runs(job_id), 0, -1)]
-        fired = [r for r in runs if r.get("outcome") == "enqueued"]
+        fired = [r for r in runs if r.get("outcome") == Outcome.ENQUEUED]
         if fired:  # show what became of each fired job while its hash lives
             pipe = self.redis.pipeline(transaction=False)
             for r in fired:

@@ -32,7 +32,7 @@ from functools import lru_cache
 from elric import lua
 from elric.codec import pack, unpack
 from elric.contract import Status
-from elric.jobstore import FINISHED_TTL, Coalesce, RedisJobStore, iso
+from elric.jobstore import FINISHED_TTL, Coalesce, Outcome, RedisJobStore, iso
 from elric.queue import Fenced
 from elric.retry import Backoff
 from elric.triggers import build_trigger, first_fire, next_fire
@@ -115,6 +115,7 @@ class Scheduler:
         self.redis, self.keys, self.store, self.enqueue = redis, keys, store, enqueue
         self.master_id = master_id
         self.lease_seconds = lease_seconds
+        self._lease_ms = max(1, int(lease_seconds * 1000))
         self.clock = clock
         self.log = log
         self.is_leader = False
@@ -131,10 +132,6 @@ class Scheduler:
         self._lease_wait = lease_seconds / 3
 
     # --- lease ---------------------------------------------------------------------------
-    @property
-    def _lease_ms(self) -> int:
-        return max(1, int(self.lease_seconds * 1000))
-
     async def _acquire(self) -> bool:
         got, value = await self._acquire_s(keys=self._lease_keys, args=[self.master_id, self._lease_ms])
         if not got:  # retry right when the holder's lease runs out, at the latest
@@ -245,25 +242,26 @@ class Scheduler:
         entries, specs = [], {}
         room = plan.max_instances - len(live)
 
-        def record(kind, t, outcome, ttl=0, **extra):
+        def record(t, outcome, ttl=0, **extra):
             fid = fire_id(plan.job_id, t)
+            kind = "f" if outcome is Outcome.ENQUEUED else "r"
             entries.append((kind, fid, ttl, pack({"fire_time": t, "job_id": fid, "outcome": outcome,
                                                   "at": now, **extra})))
             return fid
 
         for t in plan.missed:
-            record("r", t, "missed", reason="late")
+            record(t, Outcome.MISSED, reason="late")
         for t in plan.dropped:
-            record("r", t, "skipped", reason="coalesce")
+            record(t, Outcome.SKIPPED, reason="coalesce")
         for t in plan.run:
             if room <= 0:
-                record("r", t, "skipped", reason="max_instances")
+                record(t, Outcome.SKIPPED, reason="max_instances")
                 continue
             room -= 1
             ttl = (FIRE_MARK_TTL_NO_GRACE if plan.grace is None
                    else max(60, math.ceil(t + plan.grace + FIRE_MARK_MARGIN - now)))
             extra = {"coalesced": plan.coalesced} if plan.coalesced else {}
-            fid = record("f", t, "enqueued", ttl, **extra)
+            fid = record(t, Outcome.ENQUEUED, ttl, **extra)
             live = [*live, fid]
             specs[fid] = {**unpack(plan.spec_b), "job_id": fid, "schedule": plan.job_id, "fire_time": t}
         return entries, specs, live

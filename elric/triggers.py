@@ -223,10 +223,8 @@ def parse_trigger(data: dict, *, now: float | None = None) -> tuple[BaseTrigger,
             start = (base + length).astimezone(tz)
         out.update({u: v for u, v in units.items() if v})
     else:
-        if data.get("crontab") is not None:
-            out["crontab"] = data["crontab"]
-        else:
-            out.update(_cron_fields(data))
+        fields = _cron_fields(data)
+        out.update({"crontab": data["crontab"]} if "crontab" in data else fields)
 
     if start is not None and end is not None and end < start:
         raise TriggerError("trigger.end_date", f"{end.isoformat()} is before start_date {start.isoformat()}")
@@ -241,7 +239,6 @@ def parse_trigger(data: dict, *, now: float | None = None) -> tuple[BaseTrigger,
     if kind == "interval":
         trigger = _IntervalTrigger(**units, start_date=start, end_date=end, timezone=tz, jitter=jitter)
         return trigger, out
-    fields = _cron_fields(data)
     for name, expr in fields.items():  # one field at a time, so the error names it
         try:
             CronTrigger.FIELDS_MAP[name](name, expr)
