@@ -142,11 +142,13 @@ class RedisJobStore:
         if not raw:
             return None
         h = {k.decode(): v for k, v in raw.items()}
-        options = Options(_float_or_none(h.get("misfire_grace_time")), Coalesce(h["coalesce"].decode()),
-                          int(h["max_instances"]))
-        return StoredJob(job_id, unpack(h["spec"]), unpack(h["trigger_input"]), unpack(h["trigger"]),
-                         options, _float_or_none(h.get("next_run_time")), h.get("paused") == b"1",
-                         h["version"].decode(), h.get("recent", NO_RECENT), float(h["created_at"]))
+        options = Options(misfire_grace_time=_float_or_none(h.get("misfire_grace_time")),
+                          coalesce=Coalesce(h["coalesce"].decode()), max_instances=int(h["max_instances"]))
+        return StoredJob(job_id=job_id, spec=unpack(h["spec"]), trigger_input=unpack(h["trigger_input"]),
+                         trigger=unpack(h["trigger"]), options=options,
+                         next_run_time=_float_or_none(h.get("next_run_time")), paused=h.get("paused") == b"1",
+                         version=h["version"].decode(), recent=h.get("recent", NO_RECENT),
+                         created_at=float(h["created_at"]))
 
     async def get(self, job_id: str) -> dict | None:
         """The job spec plus trigger, next_run_time, paused, status and its last runs."""
