@@ -13,10 +13,10 @@ from collections import Counter
 from datetime import datetime, timezone
 from zoneinfo import ZoneInfo
 
-import msgpack
 import pytest
 import redis.asyncio as aioredis
 
+from elric.codec import unpack
 from elric.jobstore import RedisJobStore
 from elric.keys import Keys
 from elric.queue import Fenced
@@ -89,7 +89,7 @@ class Env:
         return Scheduler(self.r, self.keys, self.store, enqueue, master_id=master_id, clock=self.clock, **kw)
 
     async def runs(self, job_id="site"):
-        return [msgpack.unpackb(b) for b in await self.r.lrange(self.keys.schedule_runs(job_id), 0, -1)][::-1]
+        return [unpack(b) for b in await self.r.lrange(self.keys.schedule_runs(job_id), 0, -1)][::-1]
 
 
 def test_fires_at_the_right_times_with_fire_ids(redis_url):
