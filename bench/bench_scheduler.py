@@ -45,7 +45,7 @@ if ROOT not in sys.path:
 import redis  # noqa: E402
 
 from bench.bench_throughput import (  # noqa: E402
-    Timeout, _cpu, _descendants, machine, percentile, report_failure, teardown, wait_until)
+    Timeout, _descendants, cpu_snapshot, machine, percentile, report_failure, teardown, wait_until)
 from elric.client import MasterClient  # noqa: E402
 from elric.keys import Keys  # noqa: E402
 from elric.launch import elric_env, start_master, start_worker  # noqa: E402
@@ -167,10 +167,10 @@ def main(argv: list[str] | None = None) -> int:
         groups = {"master": [master.pid], "redis": [server.proc.pid]}
         if args.worker:
             groups["worker"] = [procs[1].pid, *_descendants(procs[1].pid)]
-        cpu0 = {k: sum(_cpu(p) for p in v) for k, v in groups.items()}
+        cpu0 = cpu_snapshot(groups)
         wait_until(lambda: time.time() >= end, args.seconds + 5, "the end of the window",
                    interval=0.1)
-        cpu1 = {k: sum(_cpu(p) for p in v) for k, v in groups.items()}
+        cpu1 = cpu_snapshot(groups)
 
         def window_done():  # every fire due before `end` handled: the index head is later
             head = r.zrange(keys.schedules, 0, 0, withscores=True)

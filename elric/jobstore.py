@@ -9,24 +9,25 @@ jobs stay in the index with score +inf (never due, still listed); finished jobs 
 fire) leave it and their hash expires after ``FINISHED_TTL`` so ``get`` still shows their
 last runs for a while.
 
-Writes are compare-and-set on ``version`` in one Lua script (retried on conflict), so a
+Writes are compare-and-set on ``version`` (lua/jobstore_put.lua, retried on conflict), so a
 store operation and the scheduler's fire script never overwrite each other.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
-import msgpack
+from elric import lua
+from elric.codec import pack, unpack
+from elric.contract import SPEC_KEYS, Status
+from elric.triggers import TriggerError, first_fire, parse_trigger
 
-from elric.contract import SPEC_KEYS
-from elric.triggers import TriggerError, parse_trigger
-
-UTC = timezone.utc
 FINISHED_TTL = 86400            # seconds a finished job (no next fire) stays visible to get()
 DEFAULT_MISFIRE_GRACE_TIME = 60.0
 DEFAULT_MAX_INSTANCES = 1
@@ -36,9 +37,10 @@ SCHEDULE_OPTIONS = ("trigger", "replace_existing", "misfire_grace_time", "coales
 # Fields of the fired job's hash (keys.job, written by queue.py) read to show a run's
 # outcome and duration; times there are in ms.
 JOB_STATUS_FIELDS = (b"status", b"duration_ms", b"started_at", b"finished_at")
+NO_RECENT = pack([])
 
 
-class Coalesce(str, Enum):
+class Coalesce(StrEnum):
     """What to do when several fires of one job are due at once (the scheduler missed some)."""
 
     LATEST = "latest"  # run once, for the latest due fire
@@ -46,62 +48,59 @@ class Coalesce(str, Enum):
     SKIP = "skip"      # run none of them; wait for the next future fire
 
 
+class Outcome(StrEnum):
+    """What the scheduler did with one fire time, as the job's runs history records it."""
+
+    ENQUEUED = "enqueued"  # marked and queued; get() shows the queued job's status instead
+    MISSED = "missed"      # later than the misfire grace time
+    SKIPPED = "skipped"    # coalesced away (coalesce "skip") or over max_instances
+
+
 class ScheduleError(ValueError):
     """A refused job-store operation; the message says what to change."""
 
 
-# KEYS: hash, runs, schedules, wake.
-# ARGV: job_id, expected version ("" = must not exist), score ("+inf" paused, "" finished,
-#       else ms), fresh ("1": drop old runs), finished_ttl, field, value, ...
-# Returns the new version, or -1 when the version moved (or the job exists and must not).
-_PUT = """
-local cur = redis.call('HGET', KEYS[1], 'version') or ''
-if cur ~= ARGV[2] then return -1 end
-redis.call('DEL', KEYS[1])
-if ARGV[4] == '1' then redis.call('DEL', KEYS[2]) end
-local version = (tonumber(cur) or 0) + 1
-redis.call('HSET', KEYS[1], 'version', version, unpack(ARGV, 6))
-if ARGV[3] == '' then
-  redis.call('ZREM', KEYS[3], ARGV[1])
-  redis.call('EXPIRE', KEYS[1], ARGV[5])
-  redis.call('EXPIRE', KEYS[2], ARGV[5])
-  return version
-end
-redis.call('PERSIST', KEYS[2])
-redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
-if ARGV[3] ~= '+inf' and redis.call('ZRANGE', KEYS[3], 0, 0)[1] == ARGV[1] then
-  -- this job is now the soonest: wake the scheduling master, whichever it is
-  redis.call('LPUSH', KEYS[4], '1')
-  redis.call('LTRIM', KEYS[4], 0, 0)
-end
-return version
-"""
+@dataclass
+class Options:
+    """How a periodic job's fires are run when some are late or still running."""
+
+    misfire_grace_time: float | None = DEFAULT_MISFIRE_GRACE_TIME  # None: run late fires however late
+    coalesce: Coalesce = Coalesce.LATEST
+    max_instances: int = DEFAULT_MAX_INSTANCES
 
 
-def pack(value: Any) -> bytes:
-    return msgpack.packb(value, use_bin_type=True)
+@dataclass
+class StoredJob:
+    """A periodic job as its schedule hash holds it."""
 
-
-def unpack(blob: bytes | None) -> Any:
-    return None if blob is None else msgpack.unpackb(blob, raw=False, strict_map_key=False)
+    job_id: str
+    spec: dict                  # what every fire is queued with (schedule options taken out)
+    trigger_input: dict         # the trigger as sent: sent again unchanged, the phase is kept
+    trigger: dict               # normalized by parse_trigger
+    options: Options
+    next_run_time: float | None  # None: finished
+    paused: bool = False
+    version: str = ""           # as read; "" for a job not stored yet
+    recent: bytes = NO_RECENT   # the scheduler's ids of its last fires (msgpack)
+    created_at: float | None = None
 
 
 def iso(ts: float | None) -> str:
-    return "" if ts is None else datetime.fromtimestamp(ts, UTC).isoformat()
+    return "" if ts is None else datetime.fromtimestamp(ts, timezone.utc).isoformat()
 
 
 def _float_or_none(raw: bytes | str | None) -> float | None:
     return None if raw in (None, b"", "") else float(raw)
 
 
-def schedule_options(spec: dict, base: dict | None = None) -> dict:
+def _as_stored(value: Any) -> Any:
+    """``value`` as it reads back from Redis (tuples become lists, and so on)."""
+    return unpack(pack(value))
+
+
+def schedule_options(spec: dict, base: Options | None = None) -> Options:
     """Validated misfire_grace_time / coalesce / max_instances (``base``: current values)."""
-    base = base or {
-        "misfire_grace_time": DEFAULT_MISFIRE_GRACE_TIME,
-        "coalesce": Coalesce.LATEST.value,
-        "max_instances": DEFAULT_MAX_INSTANCES,
-    }
-    out = dict(base)
+    out = dataclasses.replace(base or Options())
     if "misfire_grace_time" in spec:
         grace = spec["misfire_grace_time"]
         if grace is not None and (
@@ -111,19 +110,19 @@ def schedule_options(spec: dict, base: dict | None = None) -> dict:
             raise ScheduleError(
                 f"misfire_grace_time {grace!r}: must be a positive number of seconds, or nil to always run late fires"
             )
-        out["misfire_grace_time"] = None if grace is None else float(grace)
+        out.misfire_grace_time = None if grace is None else float(grace)
     if "coalesce" in spec:
         try:
-            out["coalesce"] = Coalesce(spec["coalesce"]).value
+            out.coalesce = Coalesce(spec["coalesce"])
         except ValueError:
             raise ScheduleError(
-                f"coalesce {spec['coalesce']!r}: must be one of {', '.join(c.value for c in Coalesce)}"
+                f"coalesce {spec['coalesce']!r}: must be one of {', '.join(Coalesce)}"
             ) from None
     if "max_instances" in spec:
         n = spec["max_instances"]
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ScheduleError(f"max_instances {n!r}: must be an integer of 1 or more")
-        out["max_instances"] = n
+        out.max_instances = n
     return out
 
 
@@ -135,46 +134,21 @@ class RedisJobStore:
         self.keys = keys
         self.clock = clock
         self.runs_kept = runs_kept
-        self._put = redis.register_script(_PUT)
+        self._put = lua.load(redis, "jobstore_put")
 
     # --- reading -------------------------------------------------------------------------
-    async def _load(self, job_id: str) -> dict | None:
+    async def _load(self, job_id: str) -> StoredJob | None:
         raw = await self.redis.hgetall(self.keys.schedule(job_id))
         if not raw:
             return None
         h = {k.decode(): v for k, v in raw.items()}
-        return {
-            "job_id": job_id,
-            "version": h["version"].decode(),
-            "spec": unpack(h["spec"]),
-            "trigger": unpack(h["trigger"]),
-            "trigger_input": unpack(h["trigger_input"]),
-            "next_run_time": _float_or_none(h.get("next_run_time")),
-            "paused": h.get("paused") == b"1",
-            "options": {
-                "misfire_grace_time": _float_or_none(h.get("misfire_grace_time")),
-                "coalesce": h["coalesce"].decode(),
-                "max_instances": int(h["max_instances"]),
-            },
-            "recent": h.get("recent", pack([])),
-            "created_at": float(h["created_at"]),
-        }
-
-    def _view(self, job: dict, runs: list[dict]) -> dict:
-        paused, nrt = job["paused"], job["next_run_time"]
-        status = "paused" if paused else ("scheduled" if nrt is not None else "finished")
-        trigger, _ = parse_trigger(job["trigger"])
-        return {
-            **job["spec"],
-            "trigger": job["trigger"],
-            "trigger_text": str(trigger),
-            "status": status,
-            "paused": paused,
-            "next_run_time": None if paused else nrt,
-            "next_run_iso": "" if paused else iso(nrt),
-            **job["options"],
-            "runs": runs,
-        }
+        options = Options(misfire_grace_time=_float_or_none(h.get("misfire_grace_time")),
+                          coalesce=Coalesce(h["coalesce"].decode()), max_instances=int(h["max_instances"]))
+        return StoredJob(job_id=job_id, spec=unpack(h["spec"]), trigger_input=unpack(h["trigger_input"]),
+                         trigger=unpack(h["trigger"]), options=options,
+                         next_run_time=_float_or_none(h.get("next_run_time")), paused=h.get("paused") == b"1",
+                         version=h["version"].decode(), recent=h.get("recent", NO_RECENT),
+                         created_at=float(h["created_at"]))
 
     async def get(self, job_id: str) -> dict | None:
         """The job spec plus trigger, next_run_time, paused, status and its last runs."""
@@ -182,7 +156,7 @@ class RedisJobStore:
         if job is None:
             return None
         runs = [unpack(b) for b in await self.redis.lrange(self.keys.schedule_runs(job_id), 0, -1)]
-        fired = [r for r in runs if r.get("outcome") == "enqueued"]
+        fired = [r for r in runs if r.get("outcome") == Outcome.ENQUEUED]
         if fired:  # show what became of each fired job while its hash lives
             pipe = self.redis.pipeline(transaction=False)
             for r in fired:
@@ -194,7 +168,11 @@ class RedisJobStore:
                     r["duration"] = float(duration_ms) / 1000.0
                 elif started and finished:
                     r["duration"] = (float(finished) - float(started)) / 1000.0
-        return self._view(job, runs)
+        nrt = None if job.paused else job.next_run_time
+        status = "paused" if job.paused else (Status.SCHEDULED if nrt is not None else "finished")
+        return {**job.spec, "trigger": job.trigger, "trigger_text": str(parse_trigger(job.trigger)[0]),
+                "status": status, "paused": job.paused, "next_run_time": nrt, "next_run_iso": iso(nrt),
+                **dataclasses.asdict(job.options), "runs": runs}
 
     async def list(self, *, offset: int = 0, limit: int = 100) -> list[dict]:
         """A page of periodic jobs, soonest next run first (paused ones last)."""
@@ -209,16 +187,9 @@ class RedisJobStore:
             if trigger is None:  # removed between the two reads
                 continue
             nrt = None if paused == b"1" else _float_or_none(nrt)
-            out.append({
-                "job_id": job_id.decode(),
-                "func": func.decode(),
-                "queue": queue.decode(),
-                "trigger": unpack(trigger),
-                "trigger_text": text.decode(),
-                "paused": paused == b"1",
-                "next_run_time": nrt,
-                "next_run_iso": iso(nrt),
-            })
+            out.append({"job_id": job_id.decode(), "func": func.decode(), "queue": queue.decode(),
+                        "trigger": unpack(trigger), "trigger_text": text.decode(), "paused": paused == b"1",
+                        "next_run_time": nrt, "next_run_iso": iso(nrt)})
         return out
 
     async def count(self) -> int:
@@ -226,47 +197,42 @@ class RedisJobStore:
         return await self.redis.zcard(self.keys.schedules)
 
     # --- writing -------------------------------------------------------------------------
-    async def _write(self, job: dict, expected: str, *, fresh: bool = False) -> bool:
-        """Store ``job`` if its version is still ``expected``; False when it moved."""
-        job_id, nrt, paused = job["job_id"], job["next_run_time"], job["paused"]
-        spec, opts = job["spec"], job["options"]
-        trigger, _ = parse_trigger(job["trigger"])
-        now = self.clock()
-        grace = opts["misfire_grace_time"]
+    async def _write(self, job: StoredJob, *, fresh: bool = False) -> bool:
+        """Store ``job`` if its stored version is still ``job.version``; False when it moved."""
+        nrt, grace, now = job.next_run_time, job.options.misfire_grace_time, self.clock()
         fields = {
-            "job_id": job_id,
-            "func": str(spec.get("func", "")),
-            "queue": str(spec.get("queue", "default")),
-            "spec": pack(spec),
-            "trigger": pack(job["trigger"]),
-            "trigger_input": pack(job["trigger_input"]),
-            "trigger_text": str(trigger),
+            "job_id": job.job_id,
+            "func": str(job.spec.get("func", "")),
+            "queue": str(job.spec.get("queue", "default")),
+            "spec": pack(job.spec),
+            "trigger": pack(job.trigger),
+            "trigger_input": pack(job.trigger_input),
+            "trigger_text": str(parse_trigger(job.trigger)[0]),
             "next_run_time": "" if nrt is None else repr(nrt),
             "next_run_iso": iso(nrt),
-            "paused": "1" if paused else "0",
+            "paused": "1" if job.paused else "0",
             "misfire_grace_time": "" if grace is None else repr(grace),
-            "coalesce": opts["coalesce"],
-            "max_instances": str(opts["max_instances"]),
-            "recent": job.get("recent", pack([])),
-            "created_at": repr(job.get("created_at", now)),
+            "coalesce": job.options.coalesce.value,
+            "max_instances": str(job.options.max_instances),
+            "recent": job.recent,
+            "created_at": repr(now if job.created_at is None else job.created_at),
             "updated_at": repr(now),
         }
-        score = "+inf" if paused else ("" if nrt is None else repr(nrt * 1000.0))
-        argv = [job_id, expected, score, "1" if fresh else "0", FINISHED_TTL]
+        score = "+inf" if job.paused else ("" if nrt is None else repr(nrt * 1000.0))
+        argv = [job.job_id, job.version, score, "1" if fresh else "0", FINISHED_TTL]
         for k, v in fields.items():
             argv += [k, v]
-        keys = [self.keys.schedule(job_id), self.keys.schedule_runs(job_id),
+        keys = [self.keys.schedule(job.job_id), self.keys.schedule_runs(job.job_id),
                 self.keys.schedules, self.keys.scheduler_wake]
         return await self._put(keys=keys, args=argv) != -1
 
-    def _first_run(self, trigger_data: dict) -> float | None:
-        trigger, _ = parse_trigger(trigger_data)
-        nxt = trigger.get_next_fire_time(None, datetime.fromtimestamp(self.clock(), UTC))
-        return None if nxt is None else nxt.timestamp()
+    def _first_run(self, trigger: dict) -> float | None:
+        return first_fire(parse_trigger(trigger)[0], self.clock())
 
-    def _result(self, job: dict) -> dict:
-        return {"job_id": job["job_id"], "status": "scheduled",
-                "next_run_time": None if job["paused"] else job["next_run_time"]}
+    @staticmethod
+    def _result(job: StoredJob) -> dict:
+        return {"job_id": job.job_id, "status": Status.SCHEDULED,
+                "next_run_time": None if job.paused else job.next_run_time}
 
     async def add(self, spec: dict, *, replace_existing: bool = False) -> dict:
         """Store a periodic job; ``spec`` holds "trigger" (raw dict) and "job_id".
@@ -277,47 +243,43 @@ class RedisJobStore:
         submitting script neither doubles nor shifts the schedule. Its runs history and a
         pause by an operator are kept too.
         """
-        spec = dict(spec)
         replace = bool(replace_existing or spec.get("replace_existing"))
         job_id = spec.get("job_id")
         if not isinstance(job_id, str) or not job_id:
             raise ScheduleError("job_id: a periodic job needs a job_id (a non-empty string)")
         if spec.get("trigger") is None:
             raise TriggerError("trigger", "required for a periodic job")
-        # as it reads back from Redis
-        raw = msgpack.unpackb(pack(spec["trigger"]), raw=False, strict_map_key=False)
+        raw = _as_stored(spec["trigger"])
         options = schedule_options(spec)
         job_spec = {k: v for k, v in spec.items() if k not in SCHEDULE_OPTIONS}
-        _, normalized = parse_trigger(raw, now=self.clock())
+        normalized = parse_trigger(raw, now=self.clock())[1]
         for _ in range(WRITE_RETRIES):
             cur = await self._load(job_id)
-            if cur is not None and not replace:
-                if (cur["spec"], cur["options"], cur["trigger_input"]) == (job_spec, options, raw):
+            if cur is None:
+                job = StoredJob(job_id, job_spec, raw, normalized, options, self._first_run(normalized))
+            elif not replace:
+                if (cur.spec, cur.options, cur.trigger_input) == (job_spec, options, raw):
                     return self._result(cur)   # the same job sent again (a retried call)
                 raise ScheduleError(
                     f"job {job_id!r} already exists; pass replace_existing=True to replace its schedule"
                 )
-            job = {"job_id": job_id, "spec": job_spec, "options": options, "trigger_input": raw,
-                   "trigger": normalized, "paused": False}
-            if cur is not None:
-                job.update(paused=cur["paused"], recent=cur["recent"], created_at=cur["created_at"])
-            if cur is not None and cur["trigger_input"] == raw:
-                job.update(trigger=cur["trigger"], next_run_time=cur["next_run_time"])
+            elif cur.trigger_input == raw:  # same trigger: keep its phase
+                job = dataclasses.replace(cur, spec=job_spec, options=options)
             else:
-                job["next_run_time"] = self._first_run(normalized)
-            if await self._write(job, cur["version"] if cur else "", fresh=cur is None):
+                job = dataclasses.replace(cur, spec=job_spec, options=options, trigger_input=raw,
+                                          trigger=normalized, next_run_time=self._first_run(normalized))
+            if await self._write(job, fresh=cur is None):
                 return self._result(job)
         raise ScheduleError(f"job {job_id!r} is being changed concurrently; try again")
 
-    async def _update(self, job_id: str, change) -> dict | None:
+    async def _update(self, job_id: str, change) -> StoredJob | None:
         """Load, apply ``change(job)`` (mutates it) and write back, retrying on conflicts."""
         for _ in range(WRITE_RETRIES):
             job = await self._load(job_id)
             if job is None:
                 return None
-            expected = job["version"]
             change(job)
-            if await self._write(job, expected):
+            if await self._write(job):
                 return job
         raise ScheduleError(f"job {job_id!r} is being changed concurrently; try again")
 
@@ -330,17 +292,17 @@ class RedisJobStore:
 
     async def pause(self, job_id: str) -> bool:
         """Stop firing until resumed; True if the job exists."""
-        def change(job):
-            job["paused"] = True
+        def change(job: StoredJob):
+            job.paused = True
         return await self._update(job_id, change) is not None
 
     async def resume(self, job_id: str) -> bool:
         """Fire again from now on (fires due while paused are dropped); True if it exists."""
-        def change(job):
-            if job["paused"]:
-                job["paused"] = False
-                if job["next_run_time"] is not None:  # a finished job stays finished
-                    job["next_run_time"] = self._first_run(job["trigger"])
+        def change(job: StoredJob):
+            if job.paused:
+                job.paused = False
+                if job.next_run_time is not None:  # a finished job stays finished
+                    job.next_run_time = self._first_run(job.trigger)
         return await self._update(job_id, change) is not None
 
     async def modify(self, job_id: str, changes: dict) -> dict:
@@ -357,18 +319,16 @@ class RedisJobStore:
             raise ScheduleError(f"cannot modify unknown key(s) {', '.join(map(repr, unknown))}")
         if changes.get("job_id", job_id) != job_id:
             raise ScheduleError("job_id cannot be modified; remove the job and add it again")
-        new_trigger = None
         if "trigger" in changes:
-            raw = msgpack.unpackb(pack(changes["trigger"]), raw=False,
-                                 strict_map_key=False)
-            new_trigger = (raw, parse_trigger(raw, now=self.clock())[1])
+            raw = _as_stored(changes["trigger"])
+            normalized = parse_trigger(raw, now=self.clock())[1]
 
-        def change(job):
-            job["options"] = schedule_options(changes, job["options"])
-            job["spec"].update({k: v for k, v in changes.items() if k not in SCHEDULE_OPTIONS})
-            if new_trigger is not None:
-                job["trigger_input"], job["trigger"] = new_trigger
-                job["next_run_time"] = self._first_run(job["trigger"])
+        def change(job: StoredJob):
+            job.options = schedule_options(changes, job.options)
+            job.spec.update({k: v for k, v in changes.items() if k not in SCHEDULE_OPTIONS})
+            if "trigger" in changes:
+                job.trigger_input, job.trigger = raw, normalized
+                job.next_run_time = self._first_run(normalized)
 
         if await self._update(job_id, change) is None:
             raise ScheduleError(f"no periodic job {job_id!r}")

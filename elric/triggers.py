@@ -223,10 +223,8 @@ def parse_trigger(data: dict, *, now: float | None = None) -> tuple[BaseTrigger,
             start = (base + length).astimezone(tz)
         out.update({u: v for u, v in units.items() if v})
     else:
-        if data.get("crontab") is not None:
-            out["crontab"] = data["crontab"]
-        else:
-            out.update(_cron_fields(data))
+        fields = _cron_fields(data)
+        out.update({"crontab": data["crontab"]} if "crontab" in data else fields)
 
     if start is not None and end is not None and end < start:
         raise TriggerError("trigger.end_date", f"{end.isoformat()} is before start_date {start.isoformat()}")
@@ -241,7 +239,6 @@ def parse_trigger(data: dict, *, now: float | None = None) -> tuple[BaseTrigger,
     if kind == "interval":
         trigger = _IntervalTrigger(**units, start_date=start, end_date=end, timezone=tz, jitter=jitter)
         return trigger, out
-    fields = _cron_fields(data)
     for name, expr in fields.items():  # one field at a time, so the error names it
         try:
             CronTrigger.FIELDS_MAP[name](name, expr)
@@ -256,6 +253,19 @@ def parse_trigger(data: dict, *, now: float | None = None) -> tuple[BaseTrigger,
 def build_trigger(data: dict) -> BaseTrigger:
     """The APScheduler trigger for a normalized dict (as returned by ``parse_trigger``)."""
     return parse_trigger(data)[0]
+
+
+def first_fire(trigger: BaseTrigger, t: float) -> float | None:
+    """The trigger's first fire time at or after ``t`` (epoch seconds); None: none left."""
+    nxt = trigger.get_next_fire_time(None, datetime.fromtimestamp(t, UTC))
+    return None if nxt is None else nxt.timestamp()
+
+
+def next_fire(trigger: BaseTrigger, t: float) -> float | None:
+    """The fire time that follows a fire at ``t``; None: none left."""
+    dt = datetime.fromtimestamp(t, UTC)
+    nxt = trigger.get_next_fire_time(dt, dt)
+    return None if nxt is None else nxt.timestamp()
 
 
 def _plain(value: Any) -> Any:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import math
 
-import msgpack
 import pytest
 import redis.asyncio as aioredis
 
+from elric.codec import pack
 from elric.jobstore import Coalesce, RedisJobStore, ScheduleError
 from elric.keys import Keys
 from elric.triggers import TriggerError
@@ -109,7 +109,7 @@ def test_duplicate_and_replace_existing(redis_url):
 def test_remove(redis_url):
     async def body(store, r, keys, clock):
         await store.add(spec())
-        await r.lpush(keys.schedule_runs("site"), msgpack.packb({"outcome": "missed"}))
+        await r.lpush(keys.schedule_runs("site"), pack({"outcome": "missed"}))
         assert await store.remove("site") is True
         assert await store.remove("site") is False
         assert await store.get("site") is None and await store.count() == 0
@@ -211,10 +211,10 @@ def test_get_shows_runs_with_outcome_and_duration(redis_url):
     async def body(store, r, keys, clock):
         await store.add(spec())
         runs = keys.schedule_runs("site")
-        await r.lpush(runs, msgpack.packb({"fire_time": T0, "job_id": "site@a", "outcome": "enqueued"}))
-        await r.lpush(runs, msgpack.packb({"fire_time": T0 + 1, "job_id": "site@b", "outcome": "skipped",
+        await r.lpush(runs, pack({"fire_time": T0, "job_id": "site@a", "outcome": "enqueued"}))
+        await r.lpush(runs, pack({"fire_time": T0 + 1, "job_id": "site@b", "outcome": "skipped",
                                            "reason": "max_instances"}))
-        await r.lpush(runs, msgpack.packb({"fire_time": T0 + 2, "job_id": "site@c", "outcome": "enqueued"}))
+        await r.lpush(runs, pack({"fire_time": T0 + 2, "job_id": "site@c", "outcome": "enqueued"}))
         # as queue.py writes them: times and duration in ms
         await r.hset(keys.job("site@a"), mapping={"status": "succeeded", "duration_ms": 2500})
         await r.hset(keys.job("site@c"), mapping={"status": "running", "started_at": 1000, "finished_at": 1750})

@@ -13,13 +13,14 @@ from collections import Counter
 from datetime import datetime, timezone
 from zoneinfo import ZoneInfo
 
-import msgpack
 import pytest
 import redis.asyncio as aioredis
 
+from elric.codec import unpack
 from elric.jobstore import RedisJobStore
 from elric.keys import Keys
-from elric.scheduler import Fenced, Scheduler, fire_id
+from elric.queue import Fenced
+from elric.scheduler import Scheduler, fire_id
 
 T0 = 1_780_000_000.0  # 2026-05-28T20:26:40Z
 UTC = timezone.utc
@@ -88,7 +89,7 @@ class Env:
         return Scheduler(self.r, self.keys, self.store, enqueue, master_id=master_id, clock=self.clock, **kw)
 
     async def runs(self, job_id="site"):
-        return [msgpack.unpackb(b) for b in await self.r.lrange(self.keys.schedule_runs(job_id), 0, -1)][::-1]
+        return [unpack(b) for b in await self.r.lrange(self.keys.schedule_runs(job_id), 0, -1)][::-1]
 
 
 def test_fires_at_the_right_times_with_fire_ids(redis_url):
@@ -307,6 +308,28 @@ def test_modify_between_read_and_fire_is_not_overwritten(redis_url):
     run(redis_url, body)
 
 
+def test_orphan_index_entries_are_dropped(redis_url):
+    async def body(env):
+        await env.store.add(spec())
+        await env.r.zadd(env.keys.schedules, {"ghost": (T0 + 30) * 1000})  # no hash behind it
+        env.clock.t = T0 + 60
+        assert await env.sched.tick() == 1 and env.rec.times == [T0 + 60]
+        assert await env.r.zscore(env.keys.schedules, "ghost") is None
+        assert await env.store.count() == 1
+    run(redis_url, body)
+
+
+def test_unreadable_job_is_retried_later_without_stalling_the_others(redis_url):
+    async def body(env):
+        await env.store.add(spec("bad"))
+        await env.store.add(spec("good"))
+        await env.r.hset(env.keys.schedule("bad"), "coalesce", "sometimes")
+        env.clock.t = T0 + 60
+        assert await env.sched.tick() == 1 and env.rec.specs[0]["schedule"] == "good"
+        assert await env.r.zscore(env.keys.schedules, "bad") == (T0 + 120) * 1000
+    run(redis_url, body)
+
+
 def test_batches_fire_every_due_job_in_one_tick(redis_url):
     async def body(env):
         env.sched.batch_size = 100
@@ -399,8 +422,8 @@ def test_lease_release_and_renew_only_own(redis_url):
     async def body(env):
         a, b = env.sched, env.scheduler("m2", env.rec)
         await a.tick()
-        assert not await b._renew_s(keys=[env.keys.scheduler_lease, env.keys.scheduler_fence],
-                                    args=["m2", 10000, a.token])
+        b.token = a.token  # even with the current token, a lease held by m1 is not m2's
+        assert not await b._renew()
         assert await a._renew()
         await b.stop()  # not the holder: the lease stays
         assert await env.r.get(env.keys.scheduler_lease) == b"m1"
@@ -421,6 +444,21 @@ def wait_async(predicate, timeout, what):
     return waiter()
 
 
+async def _blocked_clients(r) -> int:
+    return (await r.info("clients"))["blocked_clients"]
+
+
+def acquire_attempts(sched) -> list[bool]:
+    """Record what each of ``sched``'s tries to take the lease got."""
+    got, real = [], sched._acquire
+
+    async def counting():
+        got.append(await real())
+        return got[-1]
+    sched._acquire = counting
+    return got
+
+
 def test_run_wakes_up_for_a_sooner_job(redis_url):
     async def body(env):
         # lease 30 s: with nothing due the leader would sleep 10 s before looking again
@@ -428,7 +466,7 @@ def test_run_wakes_up_for_a_sooner_job(redis_url):
         task = asyncio.create_task(sched.run())
         try:
             await wait_async(lambda: _true(sched.is_leader), 5, "leadership")
-            await asyncio.sleep(0.2)  # let it settle into its long wait (not a correctness wait)
+            await wait_async(lambda: _true_async(_blocked_clients(env.r)), 5, "its long BLPOP")
             added = time.time()
             await env.store.add(spec(trigger={"type": "date", "run_date": added + 0.3}))
             await wait_async(lambda: _true(env.rec.specs), 5, "the fire")
@@ -448,9 +486,10 @@ def test_run_takeover_after_the_leader_dies(redis_url):
         b = env.scheduler("m2", env.rec, lease_seconds=0.6)
         ta = asyncio.create_task(a.run())
         await wait_async(lambda: _true(a.is_leader), 5, "a to lead")
+        tries = acquire_attempts(b)
         tb = asyncio.create_task(b.run())
-        await asyncio.sleep(0.3)
-        assert not b.is_leader
+        await wait_async(lambda: _true(tries), 5, "b to try the lease")
+        assert tries[0] is False and not b.is_leader
 
         async def no_release():
             pass
@@ -472,14 +511,19 @@ async def _true(value) -> bool:
     return bool(value)
 
 
+async def _true_async(value) -> bool:
+    return bool(await value)
+
+
 def test_follower_stops_promptly(redis_url):
     async def body(env):
         lead = env.scheduler("m1", env.rec, lease_seconds=30.0)
         follower = env.scheduler("m2", env.rec, lease_seconds=30.0)  # would wait 10 s per look
         tasks = [asyncio.create_task(lead.run())]
         await wait_async(lambda: _true(lead.is_leader), 5, "leadership")
+        tries = acquire_attempts(follower)
         tasks.append(asyncio.create_task(follower.run()))
-        await asyncio.sleep(0.1)  # let it try the lease once (not a correctness wait)
+        await wait_async(lambda: _true(tries), 5, "the follower to try the lease")
         started = time.monotonic()
         await follower.stop()
         await tasks[1]

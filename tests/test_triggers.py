@@ -5,10 +5,10 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 from zoneinfo import ZoneInfo
 
-import msgpack
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from elric.codec import pack, unpack
 from elric.triggers import TriggerError, at, build_trigger, cron, every, parse_trigger
 
 UTC = timezone.utc
@@ -173,7 +173,7 @@ def test_normalized_is_msgpack_data_and_stable():
                 cron(hour="*/2", minute=0, end_date=datetime(2030, 1, 1, tzinfo=UTC)),
                 at("2026-05-01T08:00:00Z")):
         _, data = parse_trigger(raw, now=1.7e9)
-        stored = msgpack.unpackb(msgpack.packb(data), raw=False)
+        stored = unpack(pack(data))
         assert stored == data
         assert parse_trigger(stored)[1] == data
 
@@ -198,7 +198,7 @@ def test_sugar():
 def test_cron_round_trip_property(minute, hour, step, zone):
     raw = {"type": "cron", "crontab": f"{minute} {hour}/{step} * * *", "timezone": zone}
     trigger, data = parse_trigger(raw)
-    again = build_trigger(msgpack.unpackb(msgpack.packb(data), raw=False))
+    again = build_trigger(unpack(pack(data)))
     got = fires(trigger, utc(2026, 3, 1), utc(2026, 3, 8))
     assert got == fires(again, utc(2026, 3, 1), utc(2026, 3, 8))
     assert got and all(d.astimezone(ZoneInfo(zone)).minute == minute for d in got)

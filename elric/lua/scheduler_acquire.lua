@@ -1,0 +1,10 @@
+-- Take (or take again) the scheduler lease.
+-- KEYS: lease, fence.  ARGV: master id, lease ms.
+-- Returns {1, new fence token} when this master holds the lease now, else {0, lease pttl}.
+-- Invariant: every taking of the lease hands out a larger token, so a master that lost it
+-- can be told apart by its older token.
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) or redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return {1, redis.call('INCR', KEYS[2])}
+end
+return {0, redis.call('PTTL', KEYS[1])}

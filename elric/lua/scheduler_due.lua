@@ -1,0 +1,35 @@
+-- Read the due head of the schedules index, with what the scheduler needs to plan fires.
+-- KEYS: the schedules index.
+-- ARGV: now (ms), limit, schedule hash prefix (keys.schedule("")), job hash prefix
+--       (keys.job("")), then the hash fields to read; the last one must be "recent".
+-- Returns {head score} when nothing is due (false: the index is empty), else
+--   {false, then per due job: job_id, {field values}, {fire id, its job's status ('' when
+--   gone), ...} for each fire id in its "recent" list (what max_instances counts)}.
+-- Invariant: reads only; hash keys are the given prefixes plus ids read from Redis.
+local limit = tonumber(ARGV[2])
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, limit)
+if #ids == 0 then
+  local head = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  return {head[2] or false}
+end
+local out = {false}
+for _, id in ipairs(ids) do
+  local row = redis.call('HMGET', ARGV[3] .. id, unpack(ARGV, 5))
+  local statuses = {}
+  local recent = row[#ARGV - 4]
+  if recent and #recent > 1 then
+    local ok, fires = pcall(cmsgpack.unpack, recent)
+    if ok and type(fires) == 'table' then
+      for _, fid in ipairs(fires) do
+        if type(fid) == 'string' then
+          statuses[#statuses+1] = fid
+          statuses[#statuses+1] = redis.call('HGET', ARGV[4] .. fid, 'status') or ''
+        end
+      end
+    end
+  end
+  out[#out+1] = id
+  out[#out+1] = row
+  out[#out+1] = statuses
+end
+return out

@@ -1,0 +1,52 @@
+-- Apply one batch of fire plans: mark fires, record runs, move next run times.
+-- KEYS: lease, fence, schedules index, then per job: its hash, its runs list, then one fire
+--       key per "f" entry of that job.
+-- ARGV: master id, fence token, runs kept, finished ttl, job count, then per job: job_id,
+--       version read, index score ("" = finished), next_run_time, next_run_iso, recent
+--       (msgpack fire ids), entry count, then per entry: kind ("f" fire, "r" record only),
+--       fire id, fire mark ttl, run record (msgpack).
+-- Returns {0} when the fence moved (nothing written), else {1, head score of the index
+--   afterwards (false: empty), fire ids accepted for enqueueing...}.
+-- Invariants: only the current lease holder writes; each fire is marked once (SET NX), so
+-- it is accepted at most once by any master; a job whose version moved since it was read
+-- is left alone (re-read next pass); an index entry whose hash is gone is dropped.
+if redis.call('GET', KEYS[1]) ~= ARGV[1] or redis.call('GET', KEYS[2]) ~= ARGV[2] then return {0} end
+local out, a, k, keep = {1, false}, 6, 4, tonumber(ARGV[3])
+for _ = 1, tonumber(ARGV[5]) do
+  local job_id, version, score = ARGV[a], ARGV[a+1], ARGV[a+2]
+  local nrt, nri, recent, n = ARGV[a+3], ARGV[a+4], ARGV[a+5], tonumber(ARGV[a+6])
+  local hash, runs = KEYS[k], KEYS[k+1]
+  a, k = a + 7, k + 2
+  local cur = redis.call('HGET', hash, 'version')
+  if not cur then redis.call('ZREM', KEYS[3], job_id) end
+  local ok = cur == version
+  local pushed = false
+  for _ = 1, n do
+    if ARGV[a] == 'f' then
+      if ok and redis.call('SET', KEYS[k], '1', 'NX', 'EX', ARGV[a+2]) then
+        out[#out+1] = ARGV[a+1]
+        redis.call('LPUSH', runs, ARGV[a+3])
+        pushed = true
+      end
+      k = k + 1
+    elseif ok then
+      redis.call('LPUSH', runs, ARGV[a+3])
+      pushed = true
+    end
+    a = a + 4
+  end
+  if ok then
+    if pushed then redis.call('LTRIM', runs, 0, keep - 1) end
+    redis.call('HSET', hash, 'next_run_time', nrt, 'next_run_iso', nri, 'recent', recent,
+               'version', tonumber(version) + 1)
+    if score == '' then
+      redis.call('ZREM', KEYS[3], job_id)
+      redis.call('EXPIRE', hash, ARGV[4])
+      redis.call('EXPIRE', runs, ARGV[4])
+    else
+      redis.call('ZADD', KEYS[3], score, job_id)
+    end
+  end
+end
+out[2] = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')[2] or false
+return out
