@@ -518,9 +518,9 @@ def test_rpc_token(make_cluster, tmp_path):
             wrong.call("ping")
     # the server answers once, then closes the connection (the recv sees EOF, no timeout)
     assert raw_call(port, [[0, 1, "submit_job", [Add.spec([1, 2], job_id="sneaky")]],
-                           [0, 2, "ping", []]]) == [[1, 1, "authentication required", None]]
+                           [0, 2, "ping", []]]) == [[1, 1, {"code": "unauthorized", "message": "authentication required"}, None]]
     assert raw_call(port, [[0, 7, "auth", ["nope"]], [0, 8, "ping", []]]) == [
-        [1, 7, "authentication failed", None]]
+        [1, 7, {"code": "unauthorized", "message": "authentication failed"}, None]]
     assert c.client.get_job("sneaky") is None
 
     assert c.client.ping() == "pong"
@@ -662,7 +662,7 @@ def test_redis_password_is_not_echoed_in_errors(role, tmp_path):
 # --- 11. JOB_MODULES: refused at submit, and by the worker for jobs written into Redis ----
 
 def enqueue_raw(url: str, job_id: str, func: str, args: list) -> None:
-    """Write a job into Redis as scripts.ENQUEUE does, bypassing the master."""
+    """Write a job into Redis as elric/lua/enqueue.lua does, bypassing the master."""
     r = redis.Redis.from_url(url)
     try:
         seq = r.incr(f"{KEYS.prefix}:seq")

@@ -24,7 +24,8 @@ def no_settings_file(tmp_path, monkeypatch):
 def test_defaults(no_settings_file):
     s = load_settings(env={})
     assert s.source is None
-    assert s.as_dict() == {key: spec.default for key, spec in KEYS.items()}
+    assert {key: getattr(s, key) for key in KEYS} == {key: spec.default
+                                                       for key, spec in KEYS.items()}
     assert s.MASTER_ADDRESS == "127.0.0.1:7531" and s.master_host_port == ("127.0.0.1", 7531)
     assert s.QUEUES == ["default"] and s.CONCURRENCY is None and s.RPC_TOKEN is None
     assert s.concurrency == (os.cpu_count() or 1)
@@ -106,13 +107,10 @@ def test_bad_settings_files_name_the_key(no_settings_file, body, message):
     assert message.format(path=path) in str(info.value)
 
 
-def test_replace_checks_keys_and_types(no_settings_file):
-    s = load_settings(env={})
-    assert s.replace(CONCURRENCY=2).CONCURRENCY == 2 and s.CONCURRENCY is None
-    with pytest.raises(SettingsError, match="unknown setting NOPE"):
-        s.replace(NOPE=1)
+def test_overrides_are_checked_like_the_settings_file(no_settings_file):
+    assert load_settings(env={}, overrides={"CONCURRENCY": 2}).CONCURRENCY == 2
     with pytest.raises(SettingsError, match="WORKER_CHUNK .* expected int"):
-        s.replace(WORKER_CHUNK="8")
+        load_settings(env={}, overrides={"WORKER_CHUNK": "8"})
 
 
 # --- `elric master` / `elric worker` with bad settings: exit 2, one line ------------------
