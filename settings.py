@@ -1,6 +1,7 @@
-"""Sample elric settings: every key with its default. Copy and edit, or override any key
-with an environment variable ELRIC_<KEY> (lists: comma-separated). Unknown upper-case names
-here are an error, so a typo cannot silently fall back to a default.
+"""Sample elric settings: every key with its default (a test checks that none is missing).
+Copy and edit, or override any key with an environment variable ELRIC_<KEY> (lists:
+comma-separated; FILTER_SCOPES: scope=backend,...). Unknown upper-case names here are an
+error, so a typo cannot silently fall back to a default.
 """
 
 # Redis holding queues, results and the job store. Passwords, ACL users and TLS go in the
@@ -58,3 +59,31 @@ JOB_MODULES = []
 
 # DEBUG, INFO, WARNING or ERROR.
 LOG_LEVEL = "INFO"
+
+# Seconds within which a dead scheduling master is replaced by another (its lease).
+SCHEDULER_LEASE = 10.0
+
+# Dedupe filter: "set" (exact, a Redis set per scope), "bloom" (a Bloom filter in one
+# master, snapshotted to Redis) or "redis-bloom" (a Bloom filter in Redis, shared by every
+# master). FILTER_SCOPES overrides it per scope: {"crawl": "redis-bloom"}.
+FILTER_BACKEND = "set"
+FILTER_SCOPES = {}
+
+# "set" backend: seconds after which a key is new again; None keeps keys for good.
+DEDUPE_TTL = None
+
+# Give the dedupe key of a job that failed for good back ("set" backend only), so the
+# same job can be submitted again.
+DEDUPE_RELEASE_ON_FAILURE = False
+
+# Seconds the dedupe scope of one fire of a periodic job ("@fire") is kept.
+DEDUPE_ROUND_TTL = 86400
+
+# Bloom filters: items one stage holds, and the false-positive rate kept overall (a new
+# key wrongly called seen, and its job dropped, with this probability).
+BLOOM_CAPACITY = 1_000_000
+BLOOM_ERROR_RATE = 0.001
+
+# Seconds between snapshots of the "bloom" backend's filter to Redis (a crash forgets at
+# most this much).
+BLOOM_SNAPSHOT_INTERVAL = 30.0

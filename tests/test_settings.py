@@ -32,6 +32,20 @@ def test_defaults(no_settings_file):
     assert s.WORKER_CHUNK == 64 and s.LEASE_SECONDS == 30.0 and s.JOB_MODULES == []
 
 
+def test_the_sample_settings_file_lists_every_key_at_its_default(no_settings_file):
+    """settings.py in the repository is the reference a user copies: every key, and each
+    at its default, so loading it changes nothing."""
+    import runpy
+
+    sample = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "settings.py")
+    names = {k for k in runpy.run_path(sample) if k.isupper() and not k.startswith("_")}
+    assert names == set(KEYS)
+    s = load_settings(sample, env={})
+    assert {key: getattr(s, key) for key in KEYS} == {key: spec.default
+                                                       for key, spec in KEYS.items()}
+
+
 def test_env_overrides_have_the_types_of_their_keys(no_settings_file):
     s = load_settings(env={
         "ELRIC_CONCURRENCY": "4", "ELRIC_RETRY_BACKOFF": "0.25", "ELRIC_LEASE_SECONDS": "10",
