@@ -1,7 +1,7 @@
 """The wire contract: RPC method names, job spec keys, statuses, and spec validation.
 
 This module is the single definition of what a client may send to a master and what it
-gets back; README.md documents it and tests/test_contract.py pins it.
+gets back; docs/PROTOCOL.md documents it and tests/test_contract.py pins it.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 
 from msgpack import ExtType
 
-# --- statuses -------------------------------------------------------------------------
+
 class Status(StrEnum):
     """Where a job is; a str, so it goes to Redis and the wire as its value."""
 
@@ -33,17 +33,13 @@ class Status(StrEnum):
         return self in (Status.QUEUED, Status.RUNNING, Status.RETRYING)
 
 
-QUEUED, RUNNING, SUCCEEDED, FAILED, RETRYING, SCHEDULED, FILTERED, CANCELLED = Status
 STATUSES = tuple(Status)
-LIVE_STATUSES = (QUEUED, RUNNING, RETRYING)
-FINAL_STATUSES = (SUCCEEDED, FAILED, CANCELLED)
 
 # --- RPC methods ----------------------------------------------------------------------
 METHODS = (
     "ping", "auth", "submit_job", "submit_jobs", "get_job", "remove_job", "list_jobs",
     "stats", "rerun_job", "pause_job", "resume_job", "modify_job",
 )
-
 
 
 class ErrorCode(StrEnum):

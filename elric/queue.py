@@ -122,8 +122,7 @@ class RedisQueue:
         self._heartbeat = lua.load(redis, "heartbeat")
         self._remove = lua.load(redis, "remove")
         self._release = lua.load(redis, "release", "requeue_fn")
-        self._recover = lua.load(redis, "recover", "requeue_fn")
-        self._promote = lua.load(redis, "promote", "requeue_fn")
+        self._requeue_due = lua.load(redis, "requeue_due", "requeue_fn")
         self._rerun = lua.load(redis, "rerun", "requeue_fn")
 
     @property
@@ -201,17 +200,20 @@ class RedisQueue:
                                          args=[self.keys.job(""), deadline, worker_id, *job_ids]))
 
     async def recover(self, limit: int = 1000) -> list[str]:
-        """Queue again the jobs whose lease ran out; returns their ids."""
-        k = self.keys
-        ids = await self._recover(keys=[k.inflight, k.status(Status.RUNNING), k.seq, k.counters],
-                                  args=[*self._line, now_ms(), limit])
-        return [_s(i) for i in ids]
+        """Queue again, in their old place, the jobs whose lease ran out; returns their ids."""
+        return await self._due(self.keys.inflight, Status.RUNNING, True, "redelivered", limit)
 
     async def promote(self, limit: int = 1000) -> int:
         """Queue again the retrying jobs whose backoff is over."""
+        return len(await self._due(self.keys.delayed, Status.RETRYING, False, "", limit))
+
+    async def _due(self, due_set: str, status: Status, keep_place: bool, counter: str,
+                   limit: int) -> list[str]:
         k = self.keys
-        return int(await self._promote(keys=[k.delayed, k.status(Status.RETRYING), k.seq],
-                                       args=[*self._line, now_ms(), limit]))
+        ids = await self._requeue_due(
+            keys=[due_set, k.status(status), k.seq, k.counters],
+            args=[*self._line, now_ms(), limit, status, "1" if keep_place else "0", counter])
+        return [_s(i) for i in ids]
 
     async def next_delayed(self) -> float | None:
         """Seconds until the next retry is due, or None if none waits."""

@@ -1,4 +1,4 @@
-"""Pins the wire contract (elric/contract.py, documented in README "The RPC API"): names of
+"""Pins the wire contract (elric/contract.py, documented in docs/PROTOCOL.md): names of
 statuses, methods and spec keys, and what normalize_spec fills in and refuses. Unit level."""
 
 from __future__ import annotations
@@ -9,16 +9,20 @@ import msgpack
 import pytest
 
 from elric import Job, SpecError
-from elric.contract import (FINAL_STATUSES, LIVE_STATUSES, METHODS, SPEC_KEYS, STATUSES,
-                            func_path, normalize_spec, resolve_job_class)
+from elric.contract import (METHODS, SPEC_KEYS, STATUSES, ErrorCode, Status, func_path,
+                            normalize_spec, resolve_job_class)
 from tests.jobs import Add, Echo, OnQueueB
 
 
 def test_status_names():
     assert STATUSES == ("queued", "running", "succeeded", "failed", "retrying", "scheduled",
                         "filtered", "cancelled")
-    assert LIVE_STATUSES == ("queued", "running", "retrying")
-    assert FINAL_STATUSES == ("succeeded", "failed", "cancelled")
+    assert [s for s in Status if s.live] == ["queued", "running", "retrying"]
+
+
+def test_error_codes():
+    assert [c.value for c in ErrorCode] == ["bad_request", "not_found", "method_not_found",
+                                            "unauthorized", "redis_unavailable", "internal"]
 
 
 def test_method_names():

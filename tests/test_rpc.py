@@ -208,16 +208,19 @@ def test_error_messages():
         async with serving() as server:
             client = await AsyncClient.connect(*server.address)
             cases = [
-                (("nope",), "'nope' method not found"),
-                (("submit_job", {}, 2, 3), "submit_job takes 1 argument (spec), got 3"),
-                (("window",), "window takes 1 to 2 arguments (a, [b]), got 0"),
-                (("ping", 1), "ping takes 0 arguments, got 1"),
-                (("reject", "no queue"), "bad spec: no queue"),
+                (("nope",), "'nope' method not found", "method_not_found"),
+                (("submit_job", {}, 2, 3), "submit_job takes 1 argument (spec), got 3",
+                 "bad_request"),
+                (("window",), "window takes 1 to 2 arguments (a, [b]), got 0", "bad_request"),
+                (("ping", 1), "ping takes 0 arguments, got 1", "bad_request"),
+                (("reject", "no queue"), "bad spec: no queue", "bad_request"),
+                (("crash",), "internal error: ZeroDivisionError: division by zero",
+                 "internal"),
             ]
-            for call, message in cases:
+            for call, message, code in cases:
                 with pytest.raises(RemoteError) as info:
                     await client.call(*call)
-                assert str(info.value) == message
+                assert (str(info.value), info.value.code) == (message, code)
             assert await client.call("window", 1) == 6
             assert await client.call("submit_job", {"job_id": "x"}) == {"job_id": "x"}
             await client.close()

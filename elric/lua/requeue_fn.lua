@@ -1,4 +1,4 @@
--- A function shared by the scripts that put a job back in line (release, recover, promote,
+-- A function shared by the scripts that put a job back in line (release, requeue_due,
 -- rerun); lua.load prepends it to them.
 -- requeue(jk, id, qp, wp, seq_key, keep_member): the job hash jk goes back to its queue
 -- (queue prefix qp .. its queue), keeping its place in line when keep_member is true and it
