@@ -158,8 +158,12 @@ def resolve_job_class(path: str, allowed: tuple[str, ...] | list[str] | None = N
 # a key: it is refused up front, before a dedupe filter takes its key.
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 # the spec keys holding text that names something (checked for _LONE_SURROGATE)
-_TEXT_KEYS = ("func", "job_id", "queue", "batch", "parent", "coalesce", "dedupe_key",
-              "dedupe_scope")
+_TEXT_KEYS = frozenset(("func", "job_id", "queue", "batch", "parent", "coalesce",
+                        "dedupe_key", "dedupe_scope"))
+_PERIODIC_KEYS = ("replace_existing", "misfire_grace_time", "coalesce", "max_instances")
+_OPTIONAL_KEYS = ("trigger", *_PERIODIC_KEYS, "dedupe_key", "dedupe_scope")
+# keys whose default is the Job class's attribute, else the settings', else this
+_DEFAULTS = (("queue", "default"), ("priority", 0), ("max_retries", 0), ("timeout", None))
 
 
 def _is_text(value: str) -> bool:
@@ -235,8 +239,8 @@ def normalize_spec(
     """
     if not isinstance(spec, dict):
         raise SpecError(f"job spec must be a map, got {type(spec).__name__}")
-    unknown = sorted(str(k) for k in spec if k not in SPEC_KEYS)
-    if unknown:
+    if spec.keys() - SPEC_KEYS.keys():
+        unknown = sorted(str(k) for k in spec if k not in SPEC_KEYS)
         raise SpecError(
             f"unknown job spec key(s) {', '.join(map(repr, unknown))}; "
             f"known keys: {', '.join(SPEC_KEYS)}"
@@ -244,52 +248,43 @@ def normalize_spec(
     if "func" not in spec:
         raise SpecError("job spec is missing 'func' (\"package.module:ClassName\")")
     for key, value in spec.items():
-        types, _ = SPEC_KEYS[key]
-        bad_bool = isinstance(value, bool) and bool not in types
-        if not isinstance(value, types) or bad_bool or isinstance(value, ExtType):
+        types = SPEC_KEYS[key][0]
+        if not isinstance(value, types) or isinstance(value, ExtType) or (
+                value is True or value is False) and bool not in types:
             raise SpecError(f"job spec key {key!r} must be {_wire_names(types)}, "
                             f"got {_WIRE_NAMES.get(type(value), type(value).__name__)}")
         if key in _TEXT_KEYS and not _is_text(value):
             raise _not_text(key, value)
-    if "trigger" not in spec:
-        for key in ("replace_existing", "misfire_grace_time", "coalesce", "max_instances"):
-            if key in spec:
-                raise SpecError(f"job spec key {key!r} is for periodic jobs: give a 'trigger' "
-                                "too, or leave it out")
-    defaults = defaults or {}
+    if "trigger" not in spec and spec.keys() & _PERIODIC_KEYS:
+        key = next(k for k in _PERIODIC_KEYS if k in spec)
+        raise SpecError(f"job spec key {key!r} is for periodic jobs: give a 'trigger' "
+                        "too, or leave it out")
     cls = resolve_job_class(spec["func"], allowed_modules) if check_class else None
-
-    def pick(key: str, fallback: Any) -> Any:
-        if key in spec:
-            return spec[key]
-        if cls is not None and getattr(cls, key, None) is not None:
-            return getattr(cls, key)
-        return defaults.get(key, fallback)
-
-    out: dict[str, Any] = {
-        "func": spec["func"],
-        "args": list(spec.get("args", ())),
-        "kwargs": dict(spec.get("kwargs", {})),
-        "job_id": spec.get("job_id") or new_job_id(),
-        "queue": pick("queue", "default"),
-        "priority": int(pick("priority", 0)),
-        "max_retries": int(pick("max_retries", 0)),
-        "timeout": pick("timeout", None),
-        "batch": spec.get("batch", ""),
-        "parent": spec.get("parent", ""),
-    }
-    for key in ("trigger", "replace_existing", "misfire_grace_time", "coalesce",
-                "max_instances", "dedupe_key", "dedupe_scope"):
+    out = {"func": spec["func"], "args": list(spec.get("args", ())),
+           "kwargs": dict(spec.get("kwargs", {})), "job_id": spec.get("job_id") or new_job_id(),
+           "batch": spec.get("batch", ""), "parent": spec.get("parent", "")}
+    # each default comes from the spec, else the class, else the settings
+    for key, fallback in _DEFAULTS:
+        value = spec.get(key)
+        if value is None and cls is not None:
+            value = getattr(cls, key, None)
+        if value is None and defaults:
+            value = defaults.get(key)
+        out[key] = fallback if value is None else value
+    out["priority"], out["max_retries"] = int(out["priority"]), int(out["max_retries"])
+    for key in _OPTIONAL_KEYS:
         if key in spec:
             out[key] = spec[key]
     if out.get("dedupe_scope") == "":
         # (a job's scope is passed on to its children only when it is not empty)
         raise SpecError("dedupe_scope '': name a scope, or leave it out for the global one")
-    for k in out["kwargs"]:
-        if not isinstance(k, str):
-            raise SpecError(f"kwargs key {k!r} must be a string")
-    _check_msgpack_value(out["args"], "args")
-    _check_msgpack_value(out["kwargs"], "kwargs")
+    if out["kwargs"]:
+        for k in out["kwargs"]:
+            if not isinstance(k, str):
+                raise SpecError(f"kwargs key {k!r} must be a string")
+        _check_msgpack_value(out["kwargs"], "kwargs")
+    if out["args"]:
+        _check_msgpack_value(out["args"], "args")
     if cls is not None and "dedupe_key" not in out:
         try:
             derived = cls.dedupe_key_for(*out["args"], **out["kwargs"])
