@@ -56,8 +56,8 @@ class ErrorCode(StrEnum):
 
 
 # --- job spec -------------------------------------------------------------------------
-# key -> (accepted python types, description). Keys the master fills in itself (parent,
-# schedule, fire_time) are accepted too so that workers can forward child jobs.
+# key -> (accepted python types, description). ``parent`` is set by the worker that
+# forwards a job's children.
 SPEC_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "func": ((str,), '"package.module:ClassName" of a Job subclass (required)'),
     "args": ((list, tuple), "positional arguments (array)"),
