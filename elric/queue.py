@@ -80,6 +80,11 @@ class Hold:
     dedupe_scope: str | None
 
 
+def _error_code(exc: ResponseError) -> str:
+    """The code of a Redis error reply: its first word, by Redis's own convention."""
+    return str(exc).split(" ", 1)[0]
+
+
 def _s(value: bytes | None) -> str | None:
     return None if value is None else value.decode("utf-8", "replace")
 
@@ -148,7 +153,7 @@ class RedisQueue:
                 args=[*self._line, k.batch(""), now_ms(), "" if fence is None else fence,
                       codec.pack_for_lua(jobs)])
         except ResponseError as exc:
-            if str(exc).startswith("FENCED"):
+            if _error_code(exc) == "FENCED":
                 raise Fenced(str(exc)) from None
             raise
         out = [Submitted(s["job_id"], Status.QUEUED) for s in specs]
@@ -235,12 +240,11 @@ class RedisQueue:
                                         args=[k.queue(""), k.wake(""), k.status(""), now_ms(),
                                               job_id]))
         except ResponseError as exc:
-            msg = str(exc)
-            if msg.startswith("NOJOB"):
+            if _error_code(exc) == "NOJOB":
                 raise LookupError(f"no job {job_id!r}") from None
-            if msg.startswith("LIVE"):
-                raise ValueError(f"job {job_id!r} is {msg.split()[-1]}; only a finished job "
-                                 "can be rerun") from None
+            if _error_code(exc) == "LIVE":
+                raise ValueError(f"job {job_id!r} is {str(exc).split()[-1]}; only a finished "
+                                 "job can be rerun") from None
             raise
 
     # --- reads -----------------------------------------------------------------------
