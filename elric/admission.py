@@ -51,7 +51,13 @@ class Admission:
         if len(specs) > MAX_BATCH:
             raise SpecError(f"submit_jobs: {len(specs)} specs in one call; at most {MAX_BATCH}")
         where = "" if len(specs) == 1 else "spec {}: "
-        out = [self.normalize(spec, where.format(i)) for i, spec in enumerate(specs)]
+        out = []
+        try:
+            for spec in specs:
+                out.append(normalize_spec(spec, defaults=self.defaults,
+                                          allowed_modules=self.settings.JOB_MODULES))
+        except SpecError as exc:
+            raise SpecError(f"{where.format(len(out))}{exc}") from None
         if len({n["job_id"] for n in out}) != len(out):
             raise SpecError("submit_jobs: the same job_id appears twice in one batch")
         for i, n in enumerate(out):

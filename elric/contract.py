@@ -131,16 +131,21 @@ _class_cache: dict[str, type] = {}
 
 def resolve_job_class(path: str, allowed: tuple[str, ...] | list[str] | None = None) -> type:
     """Import ``path`` and return it if it is a Job subclass, else raise SpecError."""
+    cls = _class_cache.get(path) if isinstance(path, str) else None
+    if cls is not None:
+        check_module_allowed(path, allowed)
+        return cls
+    return _import_job_class(path, allowed)
+
+
+def _import_job_class(path, allowed) -> type:
     from elric.job import Job  # a cycle: job.py submits through this contract
 
     if not isinstance(path, str) or not FUNC_PATH.fullmatch(path):
         raise SpecError(
             f'func {path!r}: expected "package.module:ClassName" naming a Job subclass'
         )
-    check_module_allowed(path, allowed)
-    cached = _class_cache.get(path)
-    if cached is not None:
-        return cached
+    check_module_allowed(path, allowed)  # before importing: importing runs code
     if path.startswith("__main__:"):
         raise SpecError(
             f"func {path!r}: a Job class defined in __main__ cannot be imported by a worker; "

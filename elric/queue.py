@@ -95,7 +95,7 @@ def _ms_to_s(value: bytes | None) -> float | None:
 
 # Spec keys kept in a job's hash besides those enqueue.lua writes itself. A field at its
 # default is not written: a missing field reads as its default.
-_NUMBER_FIELDS = ("max_retries", "timeout", "fire_time")
+_NUMBER_FIELDS = ("priority", "max_retries", "timeout", "fire_time")
 _TEXT_FIELDS = ("func", "parent", "schedule", "dedupe_key", "dedupe_scope", "batch")
 
 
@@ -145,8 +145,11 @@ class RedisQueue:
         if not specs:
             return []
         k = self.keys
-        jobs = [[s["job_id"], s["queue"], repr(s["priority"]), s.get("batch") or "",
-                 *_fields(s)] for s in specs]
+        jobs: list = [len(specs)]   # flat: one Lua table for the whole batch
+        for s in specs:
+            fields = _fields(s)
+            jobs += (s["job_id"], s["queue"], s["priority"], s.get("batch") or "",
+                     len(fields), *fields)
         try:
             existing = await self._enqueue(
                 keys=[k.seq, k.queues, k.counters, k.batches, k.scheduler_fence],

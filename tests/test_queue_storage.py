@@ -39,8 +39,7 @@ def test_fields_at_their_default_are_not_written_and_read_as_the_default(redis_u
         ranked, = specs(1, priority=5, batch="b1", job_id="ranked")
         await q.enqueue([plain, ranked])
         h = await r.hgetall(KEYS.job(plain["job_id"]))
-        assert set(h) == {b"status", b"queue", b"priority", b"enqueued_at", b"member",
-                          b"func", b"args"}
+        assert set(h) == {b"status", b"queue", b"enqueued_at", b"member", b"func", b"args"}
         view = await q.get_job(plain["job_id"])
         assert (view["priority"], view["attempts"], view["batch"]) == (0, 0, None)
         h = await r.hgetall(KEYS.job("ranked"))

@@ -2,8 +2,8 @@
 -- a resubmitted (or resent) call queues nothing twice.
 -- KEYS: seq, queues, counters, batches, fence
 -- ARGV: job prefix, queue prefix, wake prefix, batch stats prefix, now (ms),
---       fence token ('' = no fence), jobs: one msgpack array of
---       [job_id, queue, priority, batch, field, value, field, value, ...]
+--       fence token ('' = no fence), jobs: one flat msgpack array [n, then per job:
+--       job_id, queue, priority, batch, m, then m hash fields and values]
 -- Returns: [position (1-based), status, ...] of the jobs that existed already.
 -- Invariant: a queued job is its hash (status queued, `member`) plus that member in its
 -- queue's sorted set (score -priority; members sort FIFO by sequence number). With a fence
@@ -13,10 +13,12 @@ if token ~= '' and redis.call('GET', KEYS[5]) ~= token then
   return redis.error_reply('FENCED the scheduler lease token is stale')
 end
 local jobs = cmsgpack.unpack(ARGV[7])
-local base = redis.call('INCRBY', KEYS[1], #jobs) - #jobs
-local out, per_queue, per_batch, added = {}, {}, {}, 0
-for i, job in ipairs(jobs) do
-  local id, q, prio, batch = job[1], job[2], job[3], job[4]
+local n = jobs[1]
+local base = redis.call('INCRBY', KEYS[1], n) - n
+local out, lines, per_batch, added = {}, {}, {}, 0
+local p = 2
+for i = 1, n do
+  local id, q, prio, batch, m = jobs[p], jobs[p + 1], jobs[p + 2], jobs[p + 3], jobs[p + 4]
   local jk = jp .. id
   local status = redis.call('HGET', jk, 'status')
   if status then
@@ -24,22 +26,29 @@ for i, job in ipairs(jobs) do
     out[#out + 1] = status
   else
     local member = string.format('%016x', base + i) .. ':' .. id
-    redis.call('HSET', jk, 'status', 'queued', 'queue', q, 'priority', prio,
-               'enqueued_at', now, 'member', member, unpack(job, 5))
-    redis.call('ZADD', qp .. q, -tonumber(prio), member)
-    per_queue[q] = (per_queue[q] or 0) + 1
+    redis.call('HSET', jk, 'status', 'queued', 'queue', q, 'enqueued_at', now,
+               'member', member, unpack(jobs, p + 5, p + 4 + m))
+    local line = lines[q]
+    if not line then line = {}; lines[q] = line end
+    line[#line + 1] = -tonumber(prio)
+    line[#line + 1] = member
     if batch ~= '' then per_batch[batch] = (per_batch[batch] or 0) + 1 end
     added = added + 1
   end
+  p = p + 5 + m
 end
-for q, n in pairs(per_queue) do
+for q, line in pairs(lines) do
+  for s = 1, #line, 4000 do   -- unpack() takes at most ~8000 values
+    redis.call('ZADD', qp .. q, unpack(line, s, math.min(#line, s + 3999)))
+  end
+  local queued = #line / 2
   redis.call('SADD', KEYS[2], q)
-  redis.call('HINCRBY', KEYS[3], 'queue:' .. q .. ':submitted', n)
-  for _ = 1, math.min(n, 16) do redis.call('LPUSH', wp .. q, '1') end
+  redis.call('HINCRBY', KEYS[3], 'queue:' .. q .. ':submitted', queued)
+  for _ = 1, math.min(queued, 16) do redis.call('LPUSH', wp .. q, '1') end
   redis.call('LTRIM', wp .. q, 0, 15)
 end
-for batch, n in pairs(per_batch) do
-  redis.call('HINCRBY', bp .. batch, 'submitted', n)
+for batch, count in pairs(per_batch) do
+  redis.call('HINCRBY', bp .. batch, 'submitted', count)
   redis.call('SADD', KEYS[4], batch)
 end
 if added > 0 then redis.call('HINCRBY', KEYS[3], 'submitted', added) end
