@@ -39,6 +39,7 @@ import asyncio
 import io
 import logging
 import math
+import os
 import struct
 from abc import ABC, abstractmethod
 
@@ -582,6 +583,75 @@ _BITCOUNT_LIMIT = 64 << 20   # stats(): BITCOUNT the shards only up to this many
 _MAX_ROUNDS = 32             # pipelines per segment before giving up (only under churn)
 
 
+class _BulkIO:
+    """The filter's Redis I/O as pre-encoded RESP over BulkRedis."""
+
+    def __init__(self, redis) -> None:
+        self.bulk = BulkRedis.from_client(redis)
+
+    @property
+    def round_trips(self) -> int:
+        return self.bulk.round_trips
+
+    cmd = staticmethod(encode)
+    bitfield = staticmethod(rbloom.bitfield)
+    create = staticmethod(rbloom.create_shard)
+    seal = staticmethod(rbloom.seal_shard)
+
+    async def execute(self, cmds: list) -> list:
+        return await self.bulk.execute(b"".join(cmds), len(cmds))
+
+    @staticmethod
+    def bits(reply, order):
+        return rbloom.unorder(reply[1:], order)
+
+    async def close(self) -> None:
+        await self.bulk.close()
+
+
+class _PipeIO:
+    """The filter's Redis I/O as redis-py pipelines (hiredis parses the replies)."""
+
+    def __init__(self, redis) -> None:
+        self.redis = redis
+        self.round_trips = 0
+
+    @staticmethod
+    def cmd(*args):
+        return args
+
+    @staticmethod
+    def bitfield(key, st, offs, write):
+        flat = offs.reshape(-1).tolist()
+        if write:
+            ops = [x for o in flat for x in ("SET", "u1", o, 1)]
+        else:
+            ops = [x for o in flat for x in ("GET", "u1", o)]
+        return ("BITFIELD" if write else "BITFIELD_RO", key, "GET", "u1", st.seal, *ops), None
+
+    @staticmethod
+    def create(key, st):
+        return ("SETRANGE", key, st.shard_bytes - 1, b"\0")
+
+    @staticmethod
+    def seal(key, st):
+        return ("BITFIELD", key, "SET", "u1", st.seal, 1)
+
+    async def execute(self, cmds: list) -> list:
+        pipe = self.redis.pipeline(transaction=False)
+        for c in cmds:
+            pipe.execute_command(*c)
+        self.round_trips += 1
+        return await pipe.execute(raise_on_error=False)
+
+    @staticmethod
+    def bits(reply, order):
+        return np.array(reply[1:], dtype=np.int8)
+
+    async def close(self) -> None:
+        pass
+
+
 class RedisBloomFilter(DedupeFilter):
     """Bloom filter in Redis bitmaps; every master shares it (same capacity and
     error_rate required: checked against the scope's stats hash).
@@ -606,14 +676,14 @@ class RedisBloomFilter(DedupeFilter):
     VERSION = 2   # bump when the hashing, layout or stage plan changes
 
     def __init__(self, redis, keys: Keys, *, capacity: int, error_rate: float,
-                 log: logging.Logger, bulk: BulkRedis | None = None) -> None:
+                 log: logging.Logger) -> None:
         super().__init__(redis, keys, log)
         self.capacity = capacity
         self.error_rate = error_rate
         self.params = (f"v{self.VERSION} capacity={capacity} error_rate={error_rate!r} "
                        f"growth={GROWTH} tightening={TIGHTENING}")
-        self.bulk = bulk or BulkRedis.from_client(redis)
-        self._own_bulk = bulk is None
+        # temporary: RBLOOM_IO=pipeline measures redis-py pipelines against BulkRedis
+        self.bulk = (_PipeIO if os.environ.get("RBLOOM_IO") == "pipeline" else _BulkIO)(redis)
         self._stages: list[rbloom.RStage] = []
         self._items_hint: dict[str, int] = {}
         self._sealed: dict[str, int] = {}     # per scope: stages known to be sealed
@@ -648,24 +718,22 @@ class RedisBloomFilter(DedupeFilter):
 
     # -- API -------------------------------------------------------------------------
     async def close(self) -> None:
-        if self._own_bulk:
-            await self.bulk.close()
+        await self.bulk.close()
 
     async def _prepare(self, scope: str) -> None:
         """Once per scope per master: record or check the parameters, then create the
         current stage's shards at full size (only now is it known to be ours)."""
         stats = self.keys.dedupe_stats(scope)
-        r = await self.bulk.execute(
-            encode("HSETNX", stats, "params", self.params)
-            + encode("HSETNX", stats, "backend", self.name)
-            + encode("HGET", stats, "params") + encode("HGET", stats, "items")
-            + encode("ZADD", self.keys.dedupe_scopes, "+inf", scope), 5)
+        c = self.bulk.cmd
+        r = await self.bulk.execute([
+            c("HSETNX", stats, "params", self.params), c("HSETNX", stats, "backend", self.name),
+            c("HGET", stats, "params"), c("HGET", stats, "items"),
+            c("ZADD", self.keys.dedupe_scopes, "+inf", scope)])
         self._check_params(scope, r[2])
         items = int(r[3] or 0)
         st = self.stage(self.stage_of(items))
-        await self.bulk.execute(b"".join(
-            rbloom.create_shard(self._shard_key(scope, st, s), st) for s in range(st.shards)),
-            st.shards)
+        await self.bulk.execute([
+            self.bulk.create(self._shard_key(scope, st, s), st) for s in range(st.shards)])
         self._items_hint[scope] = items
         self._ready.add(scope)
 
@@ -756,7 +824,7 @@ class RedisBloomFilter(DedupeFilter):
             if todo.size == 0:
                 return
             cur = self.stage_of(self._items_hint.get(scope, 0))
-            bufs = [encode("HGET", stats, "params"), encode("HGET", stats, "items")]
+            bufs = [self.bulk.cmd("HGET", stats, "params"), self.bulk.cmd("HGET", stats, "items")]
             plan = []       # (stage, kind, seg indices, order) per BITFIELD sent
             klo = lo[seg[todo]]
             for s in range(int(klo.min()), max(cur, int(klo.max())) + 1):
@@ -776,11 +844,11 @@ class RedisBloomFilter(DedupeFilter):
                     shard, offs = where(s)
                     for g in np.unique(shard[idx]):
                         sel = idx[shard[idx] == g]
-                        cmd, order = rbloom.bitfield(self._shard_key(scope, st, int(g)), st,
+                        cmd, order = self.bulk.bitfield(self._shard_key(scope, st, int(g)), st,
                                                      offs[sel], kind == "set")
                         bufs.append(cmd)
                         plan.append((s, kind, sel, order))
-            replies = await self.bulk.execute(b"".join(bufs), len(bufs))
+            replies = await self.bulk.execute(bufs)
             for r in replies:
                 if isinstance(r, ResponseError):
                     raise r
@@ -799,7 +867,7 @@ class RedisBloomFilter(DedupeFilter):
                     last_sealed = s if last_sealed is None else max(last_sealed, s)
                 else:
                     first_open = s if first_open is None else min(first_open, s)
-                present = rbloom.unorder(r[1:], order).reshape(-1, st.k).all(axis=1)
+                present = self.bulk.bits(r, order).reshape(-1, st.k).all(axis=1)
                 keys = seg[sel]
                 verdict[keys[present]] = 2                 # all its bits: seen, whatever stage
                 rest = keys[~present]
@@ -835,13 +903,14 @@ class RedisBloomFilter(DedupeFilter):
 
     async def _count(self, scope: str, added: int, filtered: int) -> None:
         stats = self.keys.dedupe_stats(scope)
-        bufs = [encode("HINCRBY", stats, "items", added),
-                encode("HINCRBY", stats, "filtered", filtered),
+        c = self.bulk.cmd
+        bufs = [c("HINCRBY", stats, "items", added),
+                c("HINCRBY", stats, "filtered", filtered),
                 # a scope dropped by another master during this call is recreated whole
-                encode("HSETNX", stats, "params", self.params),
-                encode("HSETNX", stats, "backend", self.name),
-                encode("ZADD", self.keys.dedupe_scopes, "+inf", scope)]
-        items = int((await self.bulk.execute(b"".join(bufs), len(bufs)))[0])
+                c("HSETNX", stats, "params", self.params),
+                c("HSETNX", stats, "backend", self.name),
+                c("ZADD", self.keys.dedupe_scopes, "+inf", scope)]
+        items = int((await self.bulk.execute(bufs))[0])
         self._items_hint[scope] = items
         await self._seal(scope, items)
         if items > self.capacity and scope not in self._warned:
@@ -859,12 +928,12 @@ class RedisBloomFilter(DedupeFilter):
         if first >= cur:
             return
         st = self.stage(cur)
-        bufs = [rbloom.create_shard(self._shard_key(scope, st, g), st) for g in range(st.shards)]
+        bufs = [self.bulk.create(self._shard_key(scope, st, g), st) for g in range(st.shards)]
         for s in range(first, cur):
             old = self.stage(s)
-            bufs += [rbloom.seal_shard(self._shard_key(scope, old, g), old)
+            bufs += [self.bulk.seal(self._shard_key(scope, old, g), old)
                      for g in range(old.shards)]
-        await self.bulk.execute(b"".join(bufs), len(bufs))
+        await self.bulk.execute(bufs)
         self._sealed[scope] = cur
 
     def _stages_in_use(self, items: int) -> list[rbloom.RStage]:
