@@ -1,16 +1,15 @@
 """Bulk pipelines of pre-encoded commands on connections of our own.
 
-redis-py packs every argument in Python and reads every reply through a coroutine;
-for a redis-bloom check of 1,000 keys that is ~30,000 arguments and the master's
-whole CPU budget. ``BulkRedis.execute`` instead writes one buffer of commands already
-encoded as RESP (``encode`` or, for the filter's bit offsets, numpy) and reads the
-replies itself: BITFIELD's arrays of 0/1 come back as numpy arrays in one step. It speaks plain RESP2 to the server named by a redis-py
-URL (``redis://``, ``rediss://``, ``unix://``; user, password and db from the URL).
+The redis-bloom filter sends tens of BITFIELD arguments per key. redis-py packs each
+argument in Python and hiredis returns each bit as a Python int, which made redis-py
+pipelines the master's bottleneck (the figures are in docs/DEDUPE.md). ``execute``
+writes one buffer of commands already encoded as RESP (``encode``, or numpy for the
+bit offsets) and reads the replies itself, BITFIELD's 0/1 arrays as numpy arrays.
 
-Errors: a connection problem raises redis-py's ``ConnectionError`` (or
-``TimeoutError``), which the master reports as "cannot reach Redis"; the connection
-is then dropped, never reused half-read. A command's error reply does not raise:
-it comes back in the list as a ``redis.exceptions.ResponseError`` instance.
+It speaks RESP2 to where a redis-py client or URL points (TCP, TLS, unix socket; user,
+password or credential provider; db). A connection problem raises redis-py's
+``ConnectionError`` or ``TimeoutError`` and drops the connection, never reused
+half-read; a command's error reply comes back in the list as a ``ResponseError``.
 """
 
 from __future__ import annotations
@@ -82,9 +81,8 @@ _BIT_CHECK = np.frombuffer(b":0\r\n", dtype=np.uint8)
 def _parse(buf: bytearray, pos: int):
     """One RESP2 reply at ``pos``: (value, next pos); raises _Incomplete.
 
-    An array of N integers that are all 0 or 1 (what BITFIELD u1 replies) comes back as
-    a numpy uint8 array, read in one step from its fixed 4-byte elements; hiredis would
-    make N Python ints, ~0.3 us per key of a Bloom check."""
+    An array of integers that are all 0 or 1 (what BITFIELD u1 replies) comes back as
+    a numpy uint8 array, read in one step from its fixed 4-byte elements."""
     end = buf.find(b"\r\n", pos)
     if end < 0:
         raise _Incomplete
