@@ -432,7 +432,7 @@ class RedisBloomFilter(DedupeFilter):
         self.error_rate = error_rate
         self.params = (f"v{self.VERSION} capacity={capacity} error_rate={error_rate!r} "
                        f"growth={GROWTH} tightening={TIGHTENING}")
-        self.bulk = BulkRedis.from_client(redis)
+        self.bulk = BulkRedis(redis)
         self._stages: list[rbloom.RStage] = []
         self._items_hint: dict[str, int] = {}
         self._sealed: dict[str, int] = {}         # per scope: stages known to be sealed
@@ -468,9 +468,6 @@ class RedisBloomFilter(DedupeFilter):
         return [encode("HSETNX", stats, "params", self.params),
                 encode("HSETNX", stats, "backend", self.name),
                 encode("ZADD", self.keys.dedupe_scopes, "+inf", scope)]
-
-    async def close(self) -> None:
-        await self.bulk.close()
 
     async def _prepare(self, scope: str) -> None:
         """Once per scope per master: record or check the parameters, then create the
