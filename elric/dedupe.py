@@ -469,6 +469,9 @@ class RedisBloomFilter(DedupeFilter):
                 encode("HSETNX", stats, "backend", self.name),
                 encode("ZADD", self.keys.dedupe_scopes, "+inf", scope)]
 
+    async def close(self) -> None:
+        await self.bulk.close()
+
     async def _prepare(self, scope: str) -> None:
         """Once per scope per master: record or check the parameters, then create the
         current stage's shards at full size (only now is it known to be ours)."""

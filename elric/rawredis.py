@@ -6,8 +6,8 @@ pipelines the master's bottleneck (the figures are in docs/DEDUPE.md). ``execute
 writes one buffer of commands already encoded as RESP (``encode``, or numpy for the
 bit offsets) and reads the replies itself, BITFIELD's 0/1 arrays as numpy arrays.
 
-It borrows connections from a redis-py client's pool, so they are set up as the
-client's own (host or socket, TLS, credentials, db) and speak RESP2. A connection
+Its connections are made by a redis-py client's pool, so they are set up as the
+client's own (host or socket, TLS, credentials, db); they speak RESP2. A connection
 problem raises redis-py's ``ConnectionError`` or ``TimeoutError`` and the connection
 is dropped, never reused half-read; a command's error reply comes back in the list as
 a ``ResponseError``.
@@ -104,26 +104,39 @@ def _parse(buf: bytearray, pos: int):
 
 
 class BulkRedis:
-    """``execute(buffer, n_replies)`` on connections of a ``redis.asyncio.Redis`` client."""
+    """``execute(buffer, n_replies)`` on connections made as a ``redis.asyncio.Redis``
+    client's pool makes them, kept here (taking one from that pool per call costs more
+    CPU than the call's own I/O)."""
 
-    def __init__(self, client, *, timeout: float = 30.0) -> None:
+    def __init__(self, client, *, timeout: float = 30.0, max_idle: int = 8) -> None:
         self.client = client
         self.timeout = timeout
+        self.max_idle = max_idle
+        self._idle: list = []
         self.round_trips = 0   # buffers sent: what "O(1) round trips per call" counts
 
     async def execute(self, buf: bytes, n_replies: int) -> list:
         """Send ``buf`` (``n_replies`` encoded commands) and return their replies."""
-        pool = self.client.connection_pool
-        conn = await pool.get_connection()
+        conn = self._idle.pop() if self._idle else self.client.connection_pool.make_connection()
         try:
+            if not conn.is_connected:
+                await conn.connect()
             await conn.send_packed_command(buf, check_health=False)
             self.round_trips += 1
-            return await self._read(conn._reader, n_replies)
+            replies = await self._read(conn._reader, n_replies)
         except BaseException:
             await conn.disconnect()    # (cancelled half-way too: replies would be left)
             raise
-        finally:
-            await pool.release(conn)
+        if len(self._idle) < self.max_idle:
+            self._idle.append(conn)
+        else:
+            await conn.disconnect()
+        return replies
+
+    async def close(self) -> None:
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            await conn.disconnect()
 
     async def _read(self, reader: asyncio.StreamReader, n: int) -> list:
         out: list = []

@@ -1,4 +1,4 @@
-"""Tests of elric.rawredis: BulkRedis (raw RESP pipelines on a redis-py client's connections)
+"""Tests of elric.rawredis: BulkRedis (raw RESP pipelines on connections made as a redis-py client makes them)
 against real, private redis-servers, and its reply parser ``_parse`` as a unit.
 
 pytest-asyncio is not installed: every test drives its coroutine with asyncio.run.
@@ -44,12 +44,13 @@ async def execute(url, *commands, **client_kw):
     try:
         return await bulk.execute(b"".join(commands), len(commands))
     finally:
+        await bulk.close()
         await bulk.client.aclose()
 
 
 def idle(bulk: BulkRedis) -> list:
-    """The connections waiting in the client's pool."""
-    return bulk.client.connection_pool._available_connections
+    """The connections BulkRedis keeps for its next calls."""
+    return bulk._idle
 
 
 def count_reads(bulk: BulkRedis) -> list:
@@ -216,6 +217,7 @@ def test_error_reply_is_returned_and_the_connection_survives(redis_url):
             second = await bulk.execute(encode("CLIENT", "ID") + encode("GET", "k"), 2)
             return first, second, bulk.round_trips
         finally:
+            await bulk.close()
             await bulk.client.aclose()
 
     first, second, trips = run(body())
@@ -244,6 +246,7 @@ def test_large_bulk_string_over_many_reads(redis_url):
             got = await bulk.execute(encode("GETRANGE", "big", 0, -1) + encode("PING"), 2)
             return got, sizes
         finally:
+            await bulk.close()
             await bulk.client.aclose()
 
     got, sizes = run(body())
@@ -271,6 +274,7 @@ def test_large_bitfield_reply_over_many_reads(redis_url):
             got = await bulk.execute(cmd + encode("PING"), 2)
             return got, sizes
         finally:
+            await bulk.close()
             await bulk.client.aclose()
 
     got, sizes = run(body())
@@ -304,6 +308,7 @@ def test_large_reply_of_many_integers_and_many_commands(redis_url):
                 + b"".join(encode("GET", f"v{i}") for i in range(2000)), 2001)
             return got, sizes
         finally:
+            await bulk.close()
             await bulk.client.aclose()
 
     got, sizes = run(body())
@@ -366,7 +371,11 @@ async def through_client(client, buf: bytes, n: int, **seed) -> list:
     try:
         for key, value in seed.items():
             await client.set(key, value)
-        return await BulkRedis(client).execute(buf, n)
+        bulk = BulkRedis(client)
+        try:
+            return await bulk.execute(buf, n)
+        finally:
+            await bulk.close()
     finally:
         await client.aclose()
 
@@ -420,7 +429,7 @@ def test_nothing_listening_raises_connection_error():
     bulk = BulkRedis(aredis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0"), timeout=5)
     with pytest.raises(RedisConnectionError):
         run(bulk.execute(encode("PING"), 1))
-    assert bulk.round_trips == 0
+    assert bulk.round_trips == 0 and idle(bulk) == []
 
 
 def test_silent_server_raises_timeout_not_hang():
@@ -436,6 +445,7 @@ def test_silent_server_raises_timeout_not_hang():
             try:
                 return await asyncio.wait_for(bulk.execute(encode("PING"), 1), 10)
             finally:
+                await bulk.close()
                 await bulk.client.aclose()
 
         with pytest.raises(RedisTimeoutError):
@@ -463,6 +473,7 @@ def test_server_stopped_between_calls():
                 assert await bulk.execute(encode("PING"), 1) == [b"PONG"]
                 assert bulk.round_trips == trips + 1
             finally:
+                await bulk.close()
                 await bulk.client.aclose()
 
         run(body())

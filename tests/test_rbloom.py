@@ -271,6 +271,7 @@ def test_create_and_seal_shard(redis_url):
                 try:
                     return await bulk.execute(b"".join(cmds), n)
                 finally:
+                    await bulk.close()
                     await bulk.client.aclose()
 
             assert run(body([create_shard(key, stage)], 1)) == [stage.shard_bytes]
@@ -322,6 +323,7 @@ def test_bitfield_round_trip_with_redis(redis_url):
                 rep_ro = (await bulk.execute(cmd_ro, 1))[0]
                 return snapshot, rep, old, unorder(rep_ro[1:], order_ro)
             finally:
+                await bulk.close()
                 await bulk.client.aclose()
 
         snapshot, rep, old, now = run(body())
