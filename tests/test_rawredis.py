@@ -1,5 +1,6 @@
-"""Tests of elric.rawredis: BulkRedis (raw RESP pipelines on connections made as a redis-py client makes them)
-against real, private redis-servers, and its reply parser ``_parse`` as a unit.
+"""Tests of elric.rawredis: BulkRedis (raw RESP pipelines on connections made by a
+redis-py client's pool) against real, private redis-servers, and its reply parser
+``_parse`` as a unit.
 
 pytest-asyncio is not installed: every test drives its coroutine with asyncio.run.
 """
@@ -317,7 +318,7 @@ def test_large_reply_of_many_integers_and_many_commands(redis_url):
     assert len(sizes) >= 3
 
 
-# --- URLs, passwords, dbs, the client's settings ---------------------------------------------------
+# --- URLs, passwords, dbs, the client's settings ------------------------------------------
 
 def test_password_from_url(auth):
     replies = run(execute(auth.url(), encode("SET", "k", "v"), encode("GET", "k")))
