@@ -347,9 +347,8 @@ def report(o: dict, n: int, args) -> None:
 
 def machine_reference() -> float:
     """µs per spec of normalize_specs on 1,000 crawler specs, best of 3: a yardstick of
-    how fast this machine runs Python right now (0.94-1.02 on quiet hours of 2026-11-23,
-    0.64-0.72 on the faster machine of the evening of 2026-12-01: see the README). Other
-    work on a shared machine moves it, and every rate with it."""
+    how fast this machine runs Python right now (the figures it went with are in
+    docs/DEDUPE.md). Other work on a shared machine moves it, and every rate with it."""
     import timeit
 
     specs = [{"func": FUNC, "dedupe_key": k, "dedupe_scope": SCOPE}

@@ -1,36 +1,16 @@
 """Dedupe filters: drop a job whose dedupe key was already seen in its scope.
 
-The master asks a filter, before a job reaches a queue, whether each job's
-``dedupe_key`` is new in its ``dedupe_scope``. Check-and-add is atomic, so two
-concurrent submissions of one key (on one master or on several) let exactly one
-through. One interface, three backends chosen by ``make_filter``:
+Before a job is queued the master asks a filter whether its ``dedupe_key`` is new in
+its ``dedupe_scope``. Check-and-add is atomic: two concurrent submissions of one key,
+on one master or several, let exactly one through. Three backends (docs/DEDUPE.md):
 
-``set`` (:class:`SetFilter`)
-    Exact. One Redis set per scope (``keys.dedupe_set``); one Lua script per call
-    does SADD for the whole batch. With ``set_ttl`` the key holds a sorted set
-    instead (member = dedupe key, score = ms when it was let through): a key is
-    new again ``set_ttl`` seconds after it was last let through (seeing it again
-    as a duplicate does not extend that). Releasable. Shared by every master.
-``bloom`` (:class:`BloomFilter`)
-    A Bloom filter in the master's memory (pybloom-live), snapshotted to Redis
-    (``keys.dedupe_bloom``) every ``snapshot_interval`` seconds and on close, and
-    reloaded on start: a crash forgets at most the last interval. ONE master only.
-``redis-bloom`` (:class:`RedisBloomFilter`)
-    A Bloom filter kept as Redis bitmaps (``keys.dedupe_rbloom``), shared by every
-    master, ~1.97 bytes per item at a 0.1% false-positive rate. Works on plain
-    Redis >= 6.0 (Debian's 7.0 has no BF.* commands): one BITFIELD test-and-sets
-    the k bits of a key, all in one shard; a call is one pipeline of BITFIELDs
-    (pre-encoded, no script) plus one of counters. Layout: ``elric.rbloom``.
+``set``          exact; a Redis set per scope (a zset with ``set_ttl``); can release keys.
+``bloom``        pybloom-live filter in the master, snapshotted to Redis; one master only.
+``redis-bloom``  a Bloom filter in Redis bitmaps shared by masters (layout: elric.rbloom).
 
-Both Bloom backends never forget a key (no false "new"), but may call a new key
-"seen" with the configured probability ``error_rate`` (that job is silently
-dropped). They grow past ``capacity`` in stages (x2 capacity each) whose error
-rates shrink geometrically, p_i = p * (1 - r) * r**i with r = 1/8, so that the
-overall false-positive rate stays below ``error_rate`` however far they grow
-(sum of p_i = p). Neither can release a key.
-
-No pickle anywhere: snapshots are a small struct header plus pybloom-live's raw
-``tofile`` bit arrays.
+The Bloom backends never call a seen key new, and call a new key seen with probability
+at most ``error_rate``: past ``capacity`` they grow in stages whose error rates shrink
+geometrically (p_i = p * (1 - r) * r**i, summing to p). They cannot release a key.
 """
 
 from __future__ import annotations
@@ -46,25 +26,20 @@ import numpy as np
 from pybloom_live import BloomFilter as _PyBloom
 from redis.exceptions import ResponseError
 
-from elric import rbloom
+from elric import lua, rbloom
 from elric.keys import Keys
 from elric.rawredis import BulkRedis, encode
+from elric.retry import Backoff, retry
 
-__all__ = [
-    "DedupeError", "DedupeFilter", "SetFilter", "BloomFilter", "RedisBloomFilter",
-    "make_filter", "BACKENDS",
-]
+__all__ = ["DedupeError", "DedupeFilter", "SetFilter", "BloomFilter", "RedisBloomFilter",
+           "make_filter", "BACKENDS"]
 
 BACKENDS = ("set", "bloom", "redis-bloom")
 
-# Stage schedule shared by both Bloom backends. Growth x2 keeps the memory of an
-# overgrown filter within ~2x of what it needs. Tightening r = 1/8 gives the first
-# stage 7/8 of the error budget, so a filter that never grows costs ~15.4 bits/item
-# at 0.1 % with redis-bloom's 7 probes (the target is <= 2 bytes/item); each later
-# stage costs 3 bits/item more than the one before.
+# Each stage holds GROWTH times the last (memory stays within 2x of the need); r = 1/8
+# leaves the first stage most of the error budget, so a filter that never grows is small.
 GROWTH = 2
 TIGHTENING = 0.125
-_LN2_SQ = math.log(2) ** 2
 
 
 class DedupeError(Exception):
@@ -77,84 +52,23 @@ def _stage_params(capacity: int, error_rate: float, i: int) -> tuple[int, float]
     return capacity * GROWTH ** i, error_rate * (1 - TIGHTENING) * TIGHTENING ** i
 
 
-def _scan_pattern(prefix: str) -> str:
-    """A SCAN MATCH pattern for every key starting with ``prefix`` (glob chars escaped)."""
-    out = []
-    for c in prefix:
-        if c in "*?[]\\":
-            out.append("\\")
-        out.append(c)
-    return "".join(out) + "*"
-
-
-async def _scan_scopes(redis, prefix: str) -> list[str]:
-    """Scopes that have a key ``prefix + scope``. SCAN walks the whole keyspace; only
-    for scopes written before the scope registry existed (see register_old_scopes)."""
-    scopes = []
-    async for key in redis.scan_iter(match=_scan_pattern(prefix), count=1000):
-        key = key.decode() if isinstance(key, bytes) else key
-        scopes.append(key[len(prefix):])
-    return sorted(set(scopes))
-
-
-async def register_old_scopes(redis, keys: Keys) -> None:
-    """Add scopes written before the registry ``dedupe:scopes`` existed to it: one SCAN
-    of the keyspace, once per Redis (``dedupe:scopes-found`` records it); after that, one
-    EXISTS when a filter starts."""
-    if await redis.exists(keys.dedupe_scopes_found):
-        return
-    old = await _scan_scopes(redis, keys.dedupe_stats(""))
-    if old:
-        await redis.zadd(keys.dedupe_scopes, {scope: _FOREVER for scope in old}, nx=True)
-    await redis.set(keys.dedupe_scopes_found, 1)
-
-
-_FOREVER = float("inf")     # the registry score of a scope that does not expire
-
-
-async def _registered_scopes(redis, keys: Keys) -> list[str]:
-    return sorted(_as_str(s) for s in await redis.zrange(keys.dedupe_scopes, 0, -1))
-
-
-# KEYS[1] registry; ARGV scope, its stats key, ... Unregisters the scopes whose stats hash
-# is gone (dropped by an earlier version, or expired before its registry entry did):
-# checked and removed in one step, so a scope written meanwhile stays registered.
-_FORGET_GONE_LUA = """
-for i = 1, #ARGV, 2 do
-  if redis.call('EXISTS', ARGV[i + 1]) == 0 then redis.call('ZREM', KEYS[1], ARGV[i]) end
-end
-"""
-
-
-async def _forget_gone(redis, keys: Keys, scopes: list[str], hashes: list[dict]) -> None:
-    gone = [x for scope, h in zip(scopes, hashes) if not h
-            for x in (scope, keys.dedupe_stats(scope))]
-    if gone:
-        await redis.eval(_FORGET_GONE_LUA, 1, keys.dedupe_scopes, *gone)
-
-
-async def _drop_keys(redis, keys: Keys, scope: str, *names: str) -> None:
-    """Delete a scope's keys and its registry entry in one transaction."""
-    pipe = redis.pipeline(transaction=True)
-    pipe.delete(*names)
-    pipe.zrem(keys.dedupe_scopes, scope)
-    await pipe.execute()
-
-
 def _as_str(x) -> str:
     return x.decode() if isinstance(x, bytes) else str(x)
 
 
 class DedupeFilter(ABC):
-    """Atomic check-and-add of dedupe keys, per scope."""
+    """Atomic check-and-add of dedupe keys, per scope. Every scope with a stats hash
+    is listed in the registry ``keys.dedupe_scopes``, so nothing scans the keyspace."""
 
     name: str
-    can_release: bool
+    can_release = False
 
     def __init__(self, redis, keys: Keys, log: logging.Logger) -> None:
         self.redis = redis
         self.keys = keys
         self.log = log
+        self._forget_gone = lua.load(redis, "dedupe_forget_gone")
+        self._warned: set[str] = set()
 
     @abstractmethod
     async def check_and_add(self, scope: str, keys: list[str]) -> list[bool]:
@@ -171,8 +85,8 @@ class DedupeFilter(ABC):
 
     @abstractmethod
     async def stats(self) -> dict[str, dict]:
-        """Per scope: backend, items, filtered, bytes (+ capacity, fill_ratio,
-        expected_fp_rate for the Bloom backends)."""
+        """Per scope: backend, items, filtered, bytes (+ capacity, stages, fill_ratio,
+        expected_fp_rate, error_rate for the Bloom backends)."""
 
     @abstractmethod
     async def drop_scope(self, scope: str) -> None:
@@ -180,70 +94,49 @@ class DedupeFilter(ABC):
 
     async def start(self) -> None:
         """Prepare (load snapshots, start background work)."""
-        await register_old_scopes(self.redis, self.keys)
 
     async def close(self) -> None:
         """Finish (final snapshot). Does not close the Redis client: the caller owns it."""
+
+    async def _scopes(self) -> list[tuple[str, dict]]:
+        """(scope, stats hash) of this backend's registered scopes. Scopes whose stats
+        hash is gone (expired, deleted) leave the registry."""
+        scopes = sorted(_as_str(s) for s in await self.redis.zrange(self.keys.dedupe_scopes, 0, -1))
+        pipe = self.redis.pipeline(transaction=False)
+        for scope in scopes:
+            pipe.hgetall(self.keys.dedupe_stats(scope))
+        hashes = await pipe.execute() if scopes else []
+        gone = [scope for scope, h in zip(scopes, hashes) if not h]
+        if gone:
+            await self._forget_gone(keys=[self.keys.dedupe_scopes,
+                                          *map(self.keys.dedupe_stats, gone)], args=gone)
+        return [(scope, h) for scope, h in zip(scopes, hashes)
+                if _as_str(h.get(b"backend", b"")) == self.name]
+
+    async def _drop_keys(self, scope: str, *names: str) -> None:
+        """Delete a scope's keys and its registry entry in one transaction."""
+        self._warned.discard(scope)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.delete(self.keys.dedupe_stats(scope), *names)
+        pipe.zrem(self.keys.dedupe_scopes, scope)
+        await pipe.execute()
+
+    def _note_growth(self, scope: str, items: int, capacity: int, error_rate: float) -> None:
+        if items > capacity and scope not in self._warned:
+            self._warned.add(scope)
+            self.log.warning(
+                "dedupe scope %r passed its Bloom capacity %d (now %d items): growing "
+                "into a new stage (false-positive rate stays <= %g, memory grows)",
+                scope, capacity, items, error_rate)
 
 
 # --------------------------------------------------------------------------------------
 # set: exact
 # --------------------------------------------------------------------------------------
 
-# KEYS[1] set, KEYS[2] stats hash, KEYS[3] scope registry; ARGV[1] scope, ARGV[2..]
-# dedupe keys. SADD per key (not one SMISMEMBER with unpack) so that batches of any
-# size fit in the Lua stack.
-_SET_LUA = """
-local out = {}
-local filtered = 0
-for i = 2, #ARGV do
-  local r = redis.call('SADD', KEYS[1], ARGV[i])
-  out[i - 1] = r
-  if r == 0 then filtered = filtered + 1 end
-end
-redis.call('HSET', KEYS[2], 'backend', 'set')
-redis.call('ZADD', KEYS[3], '+inf', ARGV[1])
-if filtered > 0 then redis.call('HINCRBY', KEYS[2], 'filtered', filtered) end
-return out
-"""
-
-# KEYS[1] zset (member -> ms let through), KEYS[2] stats hash, KEYS[3] scope registry;
-# ARGV[1] ttl ms, ARGV[2] scope, ARGV[3..] dedupe keys. Server time (TIME) so that
-# every master agrees on "now" whatever its clock. Expired members are pruned on every
-# call, and the keys expire as a whole when a scope stays idle for ttl, so memory stays
-# bounded.
-_ZSET_LUA = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local ttl = tonumber(ARGV[1])
-local cutoff = now - ttl
-local nows = string.format('%d', now)
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', string.format('%d', cutoff))
-local out = {}
-local filtered = 0
-for i = 3, #ARGV do
-  local s = redis.call('ZSCORE', KEYS[1], ARGV[i])
-  if s and tonumber(s) > cutoff then
-    out[i - 2] = 0
-    filtered = filtered + 1
-  else
-    redis.call('ZADD', KEYS[1], nows, ARGV[i])
-    out[i - 2] = 1
-  end
-end
-redis.call('HSET', KEYS[2], 'backend', 'set')
--- the scope's registry entry expires with its keys; expired entries go on every call
-redis.call('ZADD', KEYS[3], string.format('%d', now + ttl), ARGV[2])
-redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', nows)
-if filtered > 0 then redis.call('HINCRBY', KEYS[2], 'filtered', filtered) end
-if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('PEXPIRE', KEYS[1], ttl) end
-redis.call('PEXPIRE', KEYS[2], ttl)
-return out
-"""
-
-
 class SetFilter(DedupeFilter):
-    """Exact filter: a Redis set per scope (a sorted set when ``set_ttl`` is given)."""
+    """Exact filter: a Redis set per scope (a zset of key -> ms let through with
+    ``set_ttl``: a key is new again ``set_ttl`` seconds after it was let through)."""
 
     name = "set"
     can_release = True
@@ -253,84 +146,63 @@ class SetFilter(DedupeFilter):
         super().__init__(redis, keys, log)
         self.set_ttl = set_ttl
         self._ttl_ms = None if set_ttl is None else max(1, int(round(set_ttl * 1000)))
-        self._script = redis.register_script(_SET_LUA if set_ttl is None else _ZSET_LUA)
+        self._script = lua.load(redis, "dedupe_set" if set_ttl is None else "dedupe_set_ttl")
 
-    def _wrongtype(self, scope: str, exc: ResponseError) -> DedupeError:
-        kind = "sorted set (set_ttl)" if self.set_ttl is not None else "set (no set_ttl)"
-        return DedupeError(
-            f"dedupe scope {scope!r}: key {self.keys.dedupe_set(scope)} is not a {kind}; "
-            f"it was written with the other set_ttl setting. drop_scope() it or keep "
-            f"the setting ({exc})")
+    async def _typed(self, scope: str, call):
+        """``await call``, a WRONGTYPE reply (the scope was written with the other
+        set_ttl setting) as a DedupeError that says so."""
+        try:
+            return await call
+        except ResponseError as exc:
+            if "WRONGTYPE" not in str(exc):
+                raise
+            kind = "sorted set (set_ttl)" if self.set_ttl is not None else "set (no set_ttl)"
+            raise DedupeError(
+                f"dedupe scope {scope!r}: key {self.keys.dedupe_set(scope)} is not a {kind}; "
+                f"it was written with the other set_ttl setting. drop_scope() it or keep "
+                f"the setting ({exc})") from None
 
     async def check_and_add(self, scope: str, keys: list[str]) -> list[bool]:
         if not keys:
             return []
         args = [scope, *keys] if self._ttl_ms is None else [self._ttl_ms, scope, *keys]
-        try:
-            res = await self._script(
-                keys=[self.keys.dedupe_set(scope), self.keys.dedupe_stats(scope),
-                      self.keys.dedupe_scopes], args=args)
-        except ResponseError as exc:
-            if "WRONGTYPE" in str(exc):
-                raise self._wrongtype(scope, exc) from None
-            raise
+        res = await self._typed(scope, self._script(
+            keys=[self.keys.dedupe_set(scope), self.keys.dedupe_stats(scope),
+                  self.keys.dedupe_scopes], args=args))
         return [r == 1 for r in res]
 
     async def release(self, scope: str, keys: list[str]) -> None:
-        if not keys:
-            return
-        key = self.keys.dedupe_set(scope)
-        try:
-            if self.set_ttl is None:
-                await self.redis.srem(key, *keys)
-            else:
-                await self.redis.zrem(key, *keys)
-        except ResponseError as exc:
-            if "WRONGTYPE" in str(exc):
-                raise self._wrongtype(scope, exc) from None
-            raise
+        if keys:
+            remove = self.redis.srem if self.set_ttl is None else self.redis.zrem
+            await self._typed(scope, remove(self.keys.dedupe_set(scope), *keys))
 
     async def stats(self) -> dict[str, dict]:
-        scopes = await _registered_scopes(self.redis, self.keys)
-        if not scopes:
+        mine = await self._scopes()
+        if not mine:
             return {}
-        cutoff = None
-        if self._ttl_ms is not None:
+        cutoff = "-inf"
+        if self._ttl_ms is not None:      # members let through before it have expired
             sec, usec = await self.redis.time()
-            cutoff = sec * 1000 + usec // 1000 - self._ttl_ms
+            cutoff = f"({sec * 1000 + usec // 1000 - self._ttl_ms}"
         pipe = self.redis.pipeline(transaction=False)
-        for scope in scopes:
-            pipe.hgetall(self.keys.dedupe_stats(scope))
+        for scope, _ in mine:
             pipe.type(self.keys.dedupe_set(scope))
-        raw = await pipe.execute()
-        await _forget_gone(self.redis, self.keys, scopes, raw[0::2])
-        mine = []
+        kinds = await pipe.execute()
         pipe = self.redis.pipeline(transaction=False)
-        for i, scope in enumerate(scopes):
-            h, kind = raw[2 * i], _as_str(raw[2 * i + 1])
-            if _as_str(h.get(b"backend", b"")) != "set":
-                continue  # a scope of another backend sharing the stats keys
+        for (scope, _), kind in zip(mine, kinds):
             key = self.keys.dedupe_set(scope)
-            if kind == "zset":
-                pipe.zcount(key, f"({cutoff}" if cutoff is not None else "-inf", "+inf")
+            if _as_str(kind) == "zset":
+                pipe.zcount(key, cutoff, "+inf")
             else:
-                pipe.scard(key)  # 0 for a missing key
+                pipe.scard(key)           # 0 for a missing key
             pipe.memory_usage(key)
-            mine.append((scope, h))
         res = await pipe.execute()
-        out = {}
-        for j, (scope, h) in enumerate(mine):
-            out[scope] = {
-                "backend": self.name,
-                "items": int(res[2 * j]),
-                "filtered": int(h.get(b"filtered", 0)),
-                "bytes": int(res[2 * j + 1] or 0),
-            }
-        return out
+        return {scope: {"backend": self.name, "items": int(res[2 * j]),
+                        "filtered": int(h.get(b"filtered", 0)), "bytes": int(res[2 * j + 1] or 0)}
+                for j, (scope, h) in enumerate(mine)}
 
     async def drop_scope(self, scope: str) -> None:
-        await _drop_keys(self.redis, self.keys, scope,
-                         self.keys.dedupe_set(scope), self.keys.dedupe_stats(scope))
+        await self._drop_keys(scope, self.keys.dedupe_set(scope))
 
 
 # --------------------------------------------------------------------------------------
@@ -338,9 +210,9 @@ class SetFilter(DedupeFilter):
 # --------------------------------------------------------------------------------------
 
 class _StagedBloom:
-    """A scalable Bloom filter: pybloom-live BloomFilter stages following the
-    module's stage schedule (pybloom-live's ScalableBloomFilter uses p*0.9**i and
-    overshoots its target several times over once it grows)."""
+    """pybloom-live BloomFilter stages following the module's stage schedule
+    (pybloom-live's own ScalableBloomFilter overshoots its target once it grows).
+    Snapshot: a struct header, then each stage's ``tofile`` bytes (no pickle)."""
 
     MAGIC = b"ELRBLM01"
     HEADER = struct.Struct("<8sQdQI")  # magic, capacity, error_rate, filtered, stages
@@ -359,52 +231,37 @@ class _StagedBloom:
     def add(self, key: str) -> bool:
         """Add ``key``; True if it was new."""
         stages = self.stages
-        for s in stages[:-1]:       # older stages are full: read-only
-            if key in s:
-                self.filtered += 1
-                return False
-        last = stages[-1]
-        if last.count >= last.capacity:
-            if key in last:
-                self.filtered += 1
-                return False
-            last = _PyBloom(*_stage_params(self.capacity, self.error_rate, len(stages)))
-            stages.append(last)
-        if last.add(key):           # True: every bit was already set
+        # older stages are full: only read; the last one is added to until it is full
+        seen = any(key in s for s in stages[:-1])
+        if not seen and stages[-1].count >= stages[-1].capacity:
+            seen = key in stages[-1]
+            if not seen:
+                stages.append(_PyBloom(*_stage_params(self.capacity, self.error_rate,
+                                                      len(stages))))
+        if seen or stages[-1].add(key):   # add() is True when every bit was set already
             self.filtered += 1
             return False
         return True
 
-    def fill_ratios(self) -> list[float]:
-        return [s.bitarray.count() / s.num_bits for s in self.stages]
-
-    def expected_fp_rate(self) -> float:
-        # pybloom's filters are partitioned (k slices of num_bits/k): per stage the
-        # chance that all k probed bits are set is ~ fill**k.
-        miss = 1.0
-        for s, fill in zip(self.stages, self.fill_ratios()):
-            miss *= 1 - fill ** s.num_slices
-        return 1 - miss
-
-    @property
-    def nbytes(self) -> int:
-        return sum((s.num_bits + 7) // 8 for s in self.stages)
-
-    @property
-    def total_capacity(self) -> int:
-        return sum(s.capacity for s in self.stages)
+    def stats(self) -> dict:
+        fills = [s.bitarray.count() / s.num_bits for s in self.stages]
+        bits = [s.num_bits for s in self.stages]
+        # partitioned filters (k slices): a stage's false-positive chance is ~ fill**k
+        miss = math.prod(1 - f ** s.num_slices for s, f in zip(self.stages, fills))
+        return {"items": self.items, "filtered": self.filtered,
+                "capacity": sum(s.capacity for s in self.stages), "stages": len(self.stages),
+                "fill_ratio": sum(f * b for f, b in zip(fills, bits)) / sum(bits),
+                "expected_fp_rate": 1 - miss, "error_rate": self.error_rate,
+                "bytes": sum((b + 7) // 8 for b in bits)}
 
     def to_bytes(self) -> bytes:
-        buf = io.BytesIO()
-        buf.write(self.HEADER.pack(self.MAGIC, self.capacity, self.error_rate,
-                                   self.filtered, len(self.stages)))
+        parts = [self.HEADER.pack(self.MAGIC, self.capacity, self.error_rate,
+                                  self.filtered, len(self.stages))]
         for s in self.stages:
             b = io.BytesIO()
             s.tofile(b)
-            data = b.getvalue()
-            buf.write(self.STAGE.pack(len(data)))
-            buf.write(data)
-        return buf.getvalue()
+            parts += [self.STAGE.pack(len(b.getvalue())), b.getvalue()]
+        return b"".join(parts)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "_StagedBloom":
@@ -412,23 +269,23 @@ class _StagedBloom:
         magic, capacity, error_rate, filtered, n = cls.HEADER.unpack(buf.read(cls.HEADER.size))
         if magic != cls.MAGIC:
             raise DedupeError(f"not an elric Bloom snapshot (magic {magic!r})")
+        if not n:
+            raise DedupeError("Bloom snapshot has no stages")
         self = cls.__new__(cls)
         self.capacity, self.error_rate, self.filtered = capacity, error_rate, filtered
         self.stages = []
         for _ in range(n):
             (length,) = cls.STAGE.unpack(buf.read(cls.STAGE.size))
             self.stages.append(_PyBloom.fromfile(io.BytesIO(buf.read(length)), length))
-        if not self.stages:
-            raise DedupeError("Bloom snapshot has no stages")
         return self
 
 
 class BloomFilter(DedupeFilter):
     """In-master Bloom filter per scope; for ONE master (others would not see its
-    bits, and two masters snapshotting one scope would overwrite each other)."""
+    bits, and two masters snapshotting one scope would overwrite each other). A crash
+    forgets at most the keys of the last ``snapshot_interval``."""
 
     name = "bloom"
-    can_release = False
 
     def __init__(self, redis, keys: Keys, *, capacity: int, error_rate: float,
                  snapshot_interval: float, log: logging.Logger) -> None:
@@ -438,22 +295,15 @@ class BloomFilter(DedupeFilter):
         self.snapshot_interval = snapshot_interval
         self._filters: dict[str, _StagedBloom] = {}
         self._dirty: set[str] = set()
-        self._warned: set[str] = set()
         self._load_locks: dict[str, asyncio.Lock] = {}
-        # Serialises snapshot writes with drop_scope, so a snapshot in flight cannot
-        # resurrect a scope that was just dropped.
+        # snapshot writes and drop_scope take turns: a snapshot in flight must not
+        # bring back a scope just dropped
         self._io_lock = asyncio.Lock()
         self._task: asyncio.Task | None = None
 
     async def start(self) -> None:
-        await super().start()
-        scopes = await _registered_scopes(self.redis, self.keys)
-        pipe = self.redis.pipeline(transaction=False)
-        for scope in scopes:
-            pipe.hget(self.keys.dedupe_stats(scope), "backend")
-        for scope, backend in zip(scopes, await pipe.execute()):
-            if backend is not None and _as_str(backend) == self.name:
-                await self._filter(scope)
+        for scope, _ in await self._scopes():
+            await self._filter(scope)
         if self._task is None and self.snapshot_interval > 0:
             self._task = asyncio.create_task(self._snapshot_loop(), name="elric-dedupe-snapshot")
 
@@ -468,14 +318,13 @@ class BloomFilter(DedupeFilter):
         await self.snapshot()
 
     async def _snapshot_loop(self) -> None:
+        # any error is retried: one Redis blip must not end snapshots for good
+        backoff = Backoff(min(1.0, self.snapshot_interval), self.snapshot_interval)
         while True:
             await asyncio.sleep(self.snapshot_interval)
-            try:
-                await self.snapshot()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # keep snapshotting: a Redis blip must not stop it for good
-                self.log.exception("dedupe: Bloom snapshot failed; will retry")
+            await retry(self.snapshot, what="dedupe: Bloom snapshot", log=self.log,
+                        errors=(Exception,), backoff=backoff)
+            backoff.reset()
 
     async def snapshot(self) -> int:
         """Write the scopes changed since the last snapshot; returns how many."""
@@ -487,91 +336,66 @@ class BloomFilter(DedupeFilter):
                     f = self._filters.get(scope)
                     if f is None:
                         continue
-                    # Serialised synchronously: nothing can add to the filter meanwhile,
-                    # so the snapshot is a consistent cut. (Costs a memcpy of the bits.)
+                    # serialised with no await: nothing adds to it meanwhile, a consistent cut
                     data = f.to_bytes()
                     pipe = self.redis.pipeline(transaction=True)
                     pipe.set(self.keys.dedupe_bloom(scope), data)
                     pipe.hset(self.keys.dedupe_stats(scope), mapping={
                         "backend": self.name, "items": f.items, "filtered": f.filtered})
-                    pipe.zadd(self.keys.dedupe_scopes, {scope: _FOREVER})
+                    pipe.zadd(self.keys.dedupe_scopes, {scope: float("inf")})
                     await pipe.execute()
                     written += 1
                     dirty.discard(scope)
             finally:
-                self._dirty |= dirty  # not written (error/cancel): retry next time
+                self._dirty |= dirty  # not written (error, cancelled): next time
             return written
 
     async def _filter(self, scope: str) -> _StagedBloom:
         f = self._filters.get(scope)
         if f is not None:
             return f
-        lock = self._load_locks.setdefault(scope, asyncio.Lock())
-        async with lock:
+        async with self._load_locks.setdefault(scope, asyncio.Lock()):
             f = self._filters.get(scope)
-            if f is None:
-                data = await self.redis.get(self.keys.dedupe_bloom(scope))
-                if data:
-                    try:
-                        f = _StagedBloom.from_bytes(data)
-                    except (ValueError, struct.error, DedupeError) as exc:
-                        # Refuse rather than start empty: an empty filter would let
-                        # every already-seen key through again.
-                        raise DedupeError(
-                            f"dedupe scope {scope!r}: unreadable Bloom snapshot at "
-                            f"{self.keys.dedupe_bloom(scope)} ({exc}); delete that key "
-                            "to start the scope empty") from None
-                    if (f.capacity, f.error_rate) != (self.capacity, self.error_rate):
-                        # Keep the history: the snapshot's own parameters win for this scope.
-                        self.log.warning(
-                            "dedupe scope %r: snapshot has capacity=%d error_rate=%g, "
-                            "configured %d/%g; keeping the snapshot's", scope,
-                            f.capacity, f.error_rate, self.capacity, self.error_rate)
-                else:
-                    f = _StagedBloom(self.capacity, self.error_rate)
-                self._filters[scope] = f
+            if f is not None:
+                return f
+            data = await self.redis.get(self.keys.dedupe_bloom(scope))
+            if not data:
+                f = _StagedBloom(self.capacity, self.error_rate)
+            else:
+                try:
+                    f = _StagedBloom.from_bytes(data)
+                except (ValueError, struct.error, DedupeError) as exc:
+                    # refused rather than started empty, which would let every seen key in
+                    raise DedupeError(
+                        f"dedupe scope {scope!r}: unreadable Bloom snapshot at "
+                        f"{self.keys.dedupe_bloom(scope)} ({exc}); delete that key "
+                        "to start the scope empty") from None
+                if (f.capacity, f.error_rate) != (self.capacity, self.error_rate):
+                    self.log.warning(
+                        "dedupe scope %r: snapshot has capacity=%d error_rate=%g, "
+                        "configured %d/%g; keeping the snapshot's", scope,
+                        f.capacity, f.error_rate, self.capacity, self.error_rate)
+            self._filters[scope] = f
         return f
 
     async def check_and_add(self, scope: str, keys: list[str]) -> list[bool]:
         if not keys:
             return []
         f = await self._filter(scope)
-        # No await below: the batch is atomic with respect to every other coroutine.
-        out = [f.add(k) for k in keys]
+        out = [f.add(k) for k in keys]   # no await: atomic for every other coroutine
         self._dirty.add(scope)
-        if f.items > f.capacity and scope not in self._warned:
-            self._warned.add(scope)
-            self.log.warning(
-                "dedupe scope %r passed its Bloom capacity %d (now %d items): growing "
-                "into a new stage (false-positive rate stays <= %g, memory grows)",
-                scope, f.capacity, f.items, f.error_rate)
+        self._note_growth(scope, f.items, f.capacity, f.error_rate)
         return out
 
     async def stats(self) -> dict[str, dict]:
-        out = {}
-        for scope, f in sorted(self._filters.items()):
-            fills = f.fill_ratios()
-            bits = [s.num_bits for s in f.stages]
-            out[scope] = {
-                "backend": self.name,
-                "items": f.items,
-                "filtered": f.filtered,
-                "capacity": f.total_capacity,
-                "stages": len(f.stages),
-                "fill_ratio": sum(x * b for x, b in zip(fills, bits)) / sum(bits),
-                "expected_fp_rate": f.expected_fp_rate(),
-                "error_rate": f.error_rate,
-                "bytes": f.nbytes,
-            }
-        return out
+        return {scope: {"backend": self.name, **f.stats()}
+                for scope, f in sorted(self._filters.items())}
 
     async def drop_scope(self, scope: str) -> None:
         async with self._io_lock:
             self._filters.pop(scope, None)
             self._dirty.discard(scope)
-            self._warned.discard(scope)
-            await _drop_keys(self.redis, self.keys, scope,
-                             self.keys.dedupe_bloom(scope), self.keys.dedupe_stats(scope))
+            await self._drop_keys(scope, self.keys.dedupe_bloom(scope))
 
 
 # --------------------------------------------------------------------------------------
@@ -586,45 +410,38 @@ class RedisBloomFilter(DedupeFilter):
     """Bloom filter in Redis bitmaps; every master shares it (same capacity and
     error_rate required: checked against the scope's stats hash).
 
-    Geometry and encoding are in ``elric.rbloom``. A call is split into segments of
-    at most the room left in the current stage; per segment one pipeline (two when
-    older stages must be read first) of BITFIELDs sent as pre-encoded RESP over
-    ``BulkRedis``, then one pipeline of counters. No Lua: a script would cost Redis
-    ~1.5 us per key more than the same BITFIELDs sent directly.
+    A call is split into segments of at most the room left in the current stage; per
+    segment one pipeline of BITFIELDs (more when older stages must be read first),
+    pre-encoded RESP over ``BulkRedis``, then one pipeline of counters. No Lua: a
+    script costs Redis more per key than the same BITFIELDs sent directly.
 
-    Atomicity without a script: every BITFIELD also reads its shard's SEAL bit (set
-    once the stage is full, never cleared). A key's verdict is made only by a
-    test-and-set on a stage that was unsealed at that instant, after every older
-    stage was read (or already holds its bits). Two masters racing on one key end
-    on the same unsealed stage, where BITFIELD is atomic: exactly one sees a 0 bit.
-    A master whose idea of the current stage is stale finds the seal set, keeps the
-    keys it found already present as seen, and carries on with the rest in the next
-    stage; one that is early finds the older stage unsealed and goes back to it."""
+    Atomic without a script: every BITFIELD also reads its shard's SEAL bit (set once
+    the stage is full, never cleared). A key is declared new only by a test-and-set on
+    a stage unsealed at that instant, after every older stage was read. Two masters
+    racing on one key meet on the same unsealed stage, where BITFIELD is atomic:
+    exactly one sees a 0 bit. A master with a stale view finds the seal set and goes
+    on to the next stage; one that is early finds the older stage open and goes back."""
 
     name = "redis-bloom"
-    can_release = False
-    VERSION = 2   # bump when the hashing, layout or stage plan changes
+    VERSION = 3   # bump when the hashing, layout or stage plan changes
 
     def __init__(self, redis, keys: Keys, *, capacity: int, error_rate: float,
-                 log: logging.Logger, bulk: BulkRedis | None = None) -> None:
+                 log: logging.Logger) -> None:
         super().__init__(redis, keys, log)
         self.capacity = capacity
         self.error_rate = error_rate
         self.params = (f"v{self.VERSION} capacity={capacity} error_rate={error_rate!r} "
                        f"growth={GROWTH} tightening={TIGHTENING}")
-        self.bulk = bulk or BulkRedis.from_client(redis)
-        self._own_bulk = bulk is None
+        self.bulk = BulkRedis(redis)
         self._stages: list[rbloom.RStage] = []
         self._items_hint: dict[str, int] = {}
-        self._sealed: dict[str, int] = {}     # per scope: stages known to be sealed
-        self._ready: set[str] = set()          # scopes whose params this master checked
+        self._sealed: dict[str, int] = {}         # per scope: stages known to be sealed
+        self._ready: set[str] = set()              # scopes whose params this master checked
         self._locks: dict[str, asyncio.Lock] = {}
-        self._inflight: dict[str, int] = {}       # keys of lock-free calls under way
-        self._dup_rate: dict[str, float] = {}     # recent share of keys seen, per scope
+        self._inflight: dict[str, int] = {}        # keys of lock-free calls under way
+        self._dup_rate: dict[str, float] = {}      # recent share of keys seen, per scope
         self._drained: dict[str, asyncio.Event] = {}
-        self._warned: set[str] = set()
 
-    # -- sizing ----------------------------------------------------------------------
     def stage(self, i: int) -> rbloom.RStage:
         while len(self._stages) <= i:
             j = len(self._stages)
@@ -639,33 +456,33 @@ class RedisBloomFilter(DedupeFilter):
             i += 1
         return i
 
-    def positions(self, key: bytes, st: rbloom.RStage) -> tuple[int, list[int]]:
-        """(shard within the stage, k bit offsets in it) of one key (the reference)."""
-        return rbloom.positions(key, st)
-
     def _shard_key(self, scope: str, st: rbloom.RStage, shard: int) -> bytes:
         return self.keys.dedupe_rbloom(scope, st.first_shard + shard).encode()
 
-    # -- API -------------------------------------------------------------------------
+    async def _send(self, cmds: list[bytes]) -> list:
+        return await self.bulk.execute(b"".join(cmds), len(cmds))
+
+    def _register(self, scope: str) -> list[bytes]:
+        """Commands that record the scope (again, if another master dropped it)."""
+        stats = self.keys.dedupe_stats(scope)
+        return [encode("HSETNX", stats, "params", self.params),
+                encode("HSETNX", stats, "backend", self.name),
+                encode("ZADD", self.keys.dedupe_scopes, "+inf", scope)]
+
     async def close(self) -> None:
-        if self._own_bulk:
-            await self.bulk.close()
+        await self.bulk.close()
 
     async def _prepare(self, scope: str) -> None:
         """Once per scope per master: record or check the parameters, then create the
         current stage's shards at full size (only now is it known to be ours)."""
         stats = self.keys.dedupe_stats(scope)
-        r = await self.bulk.execute(
-            encode("HSETNX", stats, "params", self.params)
-            + encode("HSETNX", stats, "backend", self.name)
-            + encode("HGET", stats, "params") + encode("HGET", stats, "items")
-            + encode("ZADD", self.keys.dedupe_scopes, "+inf", scope), 5)
-        self._check_params(scope, r[2])
-        items = int(r[3] or 0)
+        r = await self._send(self._register(scope)
+                             + [encode("HGET", stats, "params"), encode("HGET", stats, "items")])
+        self._check_params(scope, r[3])
+        items = int(r[4] or 0)
         st = self.stage(self.stage_of(items))
-        await self.bulk.execute(b"".join(
-            rbloom.create_shard(self._shard_key(scope, st, s), st) for s in range(st.shards)),
-            st.shards)
+        await self._send([rbloom.create_shard(self._shard_key(scope, st, g), st)
+                          for g in range(st.shards)])
         self._items_hint[scope] = items
         self._ready.add(scope)
 
@@ -686,27 +503,23 @@ class RedisBloomFilter(DedupeFilter):
                for k in keys]
         h = rbloom.hash_keys(raw)
         verdict = np.zeros(len(raw), dtype=np.int8)        # 1 new, 2 seen
-        # Stage room: a call may add at most the room left in the current stage (plus
-        # 1 %: a full stage seen again, a re-crawl of every key, then costs one segment
-        # per call, not one per 0.1 % of a batch; the overfill adds < 5 % to the stage's
-        # false-positive rate, measured ~0.6-0.9x of the target). Calls that fit, counting
-        # the keys of calls in flight, run side by side; near a stage's end they take
-        # turns under the scope's lock and split into segments. Between masters the
-        # overfill is at most the keys they have in flight at once.
         n = len(raw)
         if scope not in self._ready:
             async with self._locks.setdefault(scope, asyncio.Lock()):
                 if scope not in self._ready:
                     await self._prepare(scope)
-        if self._room(scope) >= n:                  # the usual case: the call fits
+        # Calls that fit in the room left in the current stage (counting calls in
+        # flight) run side by side; near a stage's end they take turns under the
+        # scope's lock, split into segments that each fit.
+        if self._room(scope) >= n:
             await self._segment(scope, h, np.arange(n), verdict)
-        else:                                       # near a stage's end: take turns
+        else:
             async with self._locks[scope]:
                 pos = 0
                 while pos < n:
                     room = self._room(scope)
                     if room <= 0 or room < min(n - pos, 256) and self._inflight.get(scope):
-                        # wait for calls in flight to count (rather than tiny segments)
+                        # wait for calls in flight to count rather than send tiny segments
                         changed = self._drained.setdefault(scope, asyncio.Event())
                         changed.clear()
                         await changed.wait()
@@ -730,7 +543,9 @@ class RedisBloomFilter(DedupeFilter):
             self._drained.setdefault(scope, asyncio.Event()).set()
 
     def _room(self, scope: str) -> int:
-        """Keys a call may still add to the current stage (see check_and_add)."""
+        """Keys a call may still add to the current stage. 1 % over its capacity is
+        allowed so that a re-crawl of a full stage is one segment per call, not many
+        tiny ones; between masters the overfill is at most their keys in flight."""
         items = self._items_hint.get(scope, 0)
         st = self.stage(self.stage_of(items))
         return st.cum - items + st.capacity // 100 - self._inflight.get(scope, 0)
@@ -740,8 +555,8 @@ class RedisBloomFilter(DedupeFilter):
         """Give every key of ``seg`` its verdict (see the class docstring)."""
         stats = self.keys.dedupe_stats(scope)
         lo = np.zeros(len(verdict), dtype=np.int64)        # first stage still to consult
-        # Mostly duplicates lately (a re-crawl)? Then read the current stage first and
-        # test-and-set only the keys not found: a read costs Redis ~30 % less per key.
+        # mostly duplicates lately (a re-crawl)? read the current stage first and
+        # test-and-set only the keys not found: a read costs Redis less than a write
         probe = np.zeros(len(verdict), dtype=bool) \
             if self._dup_rate.get(scope, 0.0) >= 0.5 else None
         cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -780,7 +595,7 @@ class RedisBloomFilter(DedupeFilter):
                                                      offs[sel], kind == "set")
                         bufs.append(cmd)
                         plan.append((s, kind, sel, order))
-            replies = await self.bulk.execute(b"".join(bufs), len(bufs))
+            replies = await self._send(bufs)
             for r in replies:
                 if isinstance(r, ResponseError):
                     raise r
@@ -825,31 +640,21 @@ class RedisBloomFilter(DedupeFilter):
             elif last_sealed is not None:
                 known = max(known, last_sealed + 1)
             self._sealed[scope] = known
-            if self._sealed.get(scope, 0) < cur:
-                # An older stage is still open although our count said it was full:
-                # seal what the count says is full (the master that filled it may have
-                # died between its counter and its seal), then go on.
+            if known < cur:
+                # an older stage is open although the count says it is full (its master
+                # died between counting and sealing): seal what the count says is full
                 await self._seal(scope, items)
         raise DedupeError(f"dedupe scope {scope!r}: no verdict after {_MAX_ROUNDS} rounds "
                           "(the filter kept changing under this call)")
 
     async def _count(self, scope: str, added: int, filtered: int) -> None:
         stats = self.keys.dedupe_stats(scope)
-        bufs = [encode("HINCRBY", stats, "items", added),
-                encode("HINCRBY", stats, "filtered", filtered),
-                # a scope dropped by another master during this call is recreated whole
-                encode("HSETNX", stats, "params", self.params),
-                encode("HSETNX", stats, "backend", self.name),
-                encode("ZADD", self.keys.dedupe_scopes, "+inf", scope)]
-        items = int((await self.bulk.execute(b"".join(bufs), len(bufs)))[0])
-        self._items_hint[scope] = items
+        replies = await self._send([encode("HINCRBY", stats, "items", added),
+                                    encode("HINCRBY", stats, "filtered", filtered),
+                                    *self._register(scope)])
+        items = self._items_hint[scope] = int(replies[0])
         await self._seal(scope, items)
-        if items > self.capacity and scope not in self._warned:
-            self._warned.add(scope)
-            self.log.warning(
-                "dedupe scope %r passed its Bloom capacity %d (now %d items): growing "
-                "into a new stage (false-positive rate stays <= %g, memory grows)",
-                scope, self.capacity, items, self.error_rate)
+        self._note_growth(scope, items, self.capacity, self.error_rate)
 
     async def _seal(self, scope: str, items: int) -> None:
         """Seal every stage the count says is full (idempotent), creating the next
@@ -859,88 +664,66 @@ class RedisBloomFilter(DedupeFilter):
         if first >= cur:
             return
         st = self.stage(cur)
-        bufs = [rbloom.create_shard(self._shard_key(scope, st, g), st) for g in range(st.shards)]
+        cmds = [rbloom.create_shard(self._shard_key(scope, st, g), st) for g in range(st.shards)]
         for s in range(first, cur):
             old = self.stage(s)
-            bufs += [rbloom.seal_shard(self._shard_key(scope, old, g), old)
+            cmds += [rbloom.seal_shard(self._shard_key(scope, old, g), old)
                      for g in range(old.shards)]
-        await self.bulk.execute(b"".join(bufs), len(bufs))
+        await self._send(cmds)
         self._sealed[scope] = cur
 
-    def _stages_in_use(self, items: int) -> list[rbloom.RStage]:
-        # The stages holding items (a next stage is only created by the next new key).
-        return [self.stage(i) for i in range(self.stage_of(max(0, items - 1)) + 1)]
-
     async def stats(self) -> dict[str, dict]:
-        scopes = await _registered_scopes(self.redis, self.keys)
-        if not scopes:
-            return {}
-        pipe = self.redis.pipeline(transaction=False)
-        for scope in scopes:
-            pipe.hgetall(self.keys.dedupe_stats(scope))
-        hashes = await pipe.execute()
-        await _forget_gone(self.redis, self.keys, scopes, hashes)
         out = {}
-        for scope, h in zip(scopes, hashes):
-            if _as_str(h.get(b"backend", b"")) != self.name:
-                continue
+        for scope, h in await self._scopes():
             items = int(h.get(b"items", 0))
-            entry = {"backend": self.name, "items": items,
-                     "filtered": int(h.get(b"filtered", 0)),
-                     "params": _as_str(h.get(b"params", b""))}
+            entry = out[scope] = {"backend": self.name, "items": items,
+                                  "filtered": int(h.get(b"filtered", 0)),
+                                  "params": _as_str(h.get(b"params", b""))}
             if entry["params"] != self.params:
                 entry["error"] = "created with other parameters than this master's"
-                out[scope] = entry
-                continue
-            stages = self._stages_in_use(items)
-            measure = sum(st.shards * st.shard_bytes for st in stages) <= _BITCOUNT_LIMIT
-            pipe = self.redis.pipeline(transaction=False)
-            for st in stages:
-                for g in range(st.shards):
-                    key = self.keys.dedupe_rbloom(scope, st.first_shard + g)
-                    pipe.memory_usage(key)
-                    if measure:   # the Bloom bytes only, not the seal's
-                        pipe.bitcount(key, 0, st.shard_bits // 8 - 1)
-            res = await pipe.execute()
-            step = 2 if measure else 1
-            mem = [int(r or 0) for r in res[0::step]]
-            set_bits = [int(r) for r in res[1::step]] if measure else None
-            miss, total_bits, total_set, pos = 1.0, 0, 0.0, 0
-            for st in stages:
-                if measure:
-                    fills = [c / st.shard_bits for c in set_bits[pos:pos + st.shards]]
-                else:
-                    # Estimate: items of this stage spread evenly over its bits.
-                    n_st = min(st.capacity, max(0, items - (st.cum - st.capacity)))
-                    fills = [1 - math.exp(-st.k * n_st / st.bits)] * st.shards
-                pos += st.shards
-                # A key probes one shard: its FP chance there is fill**k.
-                miss *= 1 - sum(f ** st.k for f in fills) / st.shards
-                total_bits += st.bits
-                total_set += sum(fills) * st.shard_bits
-            entry.update({
-                "capacity": stages[-1].cum,
-                "stages": len(stages),
-                "fill_ratio": total_set / total_bits,
-                "fill_measured": measure,
-                "expected_fp_rate": 1 - miss,
-                "error_rate": self.error_rate,
-                "bytes": sum(mem),
-            })
-            out[scope] = entry
+            else:
+                entry.update(await self._fill(scope, items))
         return out
+
+    async def _fill(self, scope: str, items: int) -> dict:
+        """Capacity, memory and fill of a scope's stages (a next stage is only created
+        by the next new key). Bits are counted up to _BITCOUNT_LIMIT, estimated above."""
+        stages = [self.stage(i) for i in range(self.stage_of(max(0, items - 1)) + 1)]
+        measure = sum(st.shards * st.shard_bytes for st in stages) <= _BITCOUNT_LIMIT
+        pipe = self.redis.pipeline(transaction=False)
+        for st in stages:
+            for g in range(st.shards):
+                key = self.keys.dedupe_rbloom(scope, st.first_shard + g)
+                pipe.memory_usage(key)
+                if measure:                       # the Bloom bytes only, not the seal's
+                    pipe.bitcount(key, 0, st.shard_bits // 8 - 1)
+        res = await pipe.execute()
+        step = 2 if measure else 1
+        miss, total_set, pos = 1.0, 0.0, 0
+        for st in stages:
+            if measure:
+                fills = [c / st.shard_bits for c in res[1::2][pos:pos + st.shards]]
+            else:   # items of this stage spread evenly over its bits
+                n_st = min(st.capacity, max(0, items - (st.cum - st.capacity)))
+                fills = [1 - math.exp(-st.k * n_st / st.bits)] * st.shards
+            pos += st.shards
+            miss *= 1 - sum(f ** st.k for f in fills) / st.shards  # a key probes one shard
+            total_set += sum(fills) * st.shard_bits
+        return {"capacity": stages[-1].cum, "stages": len(stages),
+                "fill_ratio": total_set / sum(st.bits for st in stages),
+                "fill_measured": measure, "expected_fp_rate": 1 - miss,
+                "error_rate": self.error_rate, "bytes": sum(int(r or 0) for r in res[0::step])}
 
     async def drop_scope(self, scope: str) -> None:
         items = int(await self.redis.hget(self.keys.dedupe_stats(scope), "items") or 0)
-        # Every shard that can exist belongs to a stage up to the current one; one more
-        # stage covers a master that grew it between the HGET and the DEL.
+        # shards exist up to the current stage; one more covers a master that grew it
+        # between the HGET and the DEL
         last = self.stage(self.stage_of(items) + 1)
-        keys = [self.keys.dedupe_rbloom(scope, g) for g in range(last.first_shard + last.shards)]
-        await _drop_keys(self.redis, self.keys, scope, self.keys.dedupe_stats(scope), *keys)
-        self._items_hint.pop(scope, None)
-        self._sealed.pop(scope, None)
+        await self._drop_keys(scope, *(self.keys.dedupe_rbloom(scope, g)
+                                       for g in range(last.first_shard + last.shards)))
+        for d in (self._items_hint, self._sealed):
+            d.pop(scope, None)
         self._ready.discard(scope)
-        self._warned.discard(scope)
 
 
 # --------------------------------------------------------------------------------------

@@ -26,9 +26,8 @@ import xxhash
 __all__ = ["RStage", "stage_geometry", "hash_keys", "positions", "positions_array",
            "bitfield", "unorder", "create_shard", "seal_shard", "shard_plan", "probes_for"]
 
-# Bits per item are allowed this much above the textbook optimum so that fewer bits
-# are probed per key (each probe is 4 BITFIELD arguments; Redis spends ~0.35 us on
-# one). At 0.1 %: k = 7 instead of 10 for +5 % memory.
+# Bits per item may exceed the optimum by this much so that fewer bits are probed per
+# key: every probe is four BITFIELD arguments for Redis to parse and run.
 _MEMORY_SLACK = 1.06
 _RESERVED = 2                 # seal byte + creation byte at the end of each shard
 
@@ -63,10 +62,8 @@ def shard_plan(need_bytes: int) -> tuple[int, int]:
 
 def bits_per_item(k: int, p: float) -> float:
     """Bits per item for which a Bloom filter with k hashes has false-positive rate p."""
-    x = p ** (1 / k)
-    # log(1 - x) as it always was (filters in Redis keep the geometry it gave them); for
-    # the tiny rates of far stages 1 - x rounds to 1.0 and its log to 0: log1p then
-    return -k / (math.log(1 - x) or math.log1p(-x))
+    # log1p: for the tiny rates of far stages 1 - p**(1/k) rounds to 1.0
+    return -k / math.log1p(-p ** (1 / k))
 
 
 def probes_for(p: float) -> int:

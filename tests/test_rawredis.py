@@ -1,5 +1,6 @@
-"""Tests of elric.rawredis: BulkRedis (raw RESP pipelines on connections of its own)
-against real, private redis-servers, and its reply parser ``_parse`` as a unit.
+"""Tests of elric.rawredis: BulkRedis (raw RESP pipelines on connections made by a
+redis-py client's pool) against real, private redis-servers, and its reply parser
+``_parse`` as a unit.
 
 pytest-asyncio is not installed: every test drives its coroutine with asyncio.run.
 """
@@ -38,29 +39,34 @@ def run(coro):
     return asyncio.run(coro)
 
 
-async def execute(url_or_bulk, *commands, **kw):
-    """Send ``commands`` (already encoded) in one buffer; close the BulkRedis we made."""
-    bulk = url_or_bulk if isinstance(url_or_bulk, BulkRedis) else BulkRedis(url_or_bulk, **kw)
+async def execute(url, *commands, **client_kw):
+    """Send ``commands`` (already encoded) in one buffer through a client of ``url``."""
+    bulk = BulkRedis(aredis.Redis.from_url(url, **client_kw))
     try:
         return await bulk.execute(b"".join(commands), len(commands))
     finally:
-        if bulk is not url_or_bulk:
-            await bulk.close()
+        await bulk.close()
+        await bulk.client.aclose()
+
+
+def idle(bulk: BulkRedis) -> list:
+    """The connections BulkRedis keeps for its next calls."""
+    return bulk._idle
 
 
 def count_reads(bulk: BulkRedis) -> list:
-    """Wrap the read of BulkRedis's (single) idle connection; returns the chunk sizes list."""
-    assert len(bulk._idle) == 1
-    conn = bulk._idle[0]
+    """Wrap the read of the client's (single) idle connection; returns the chunk sizes."""
+    assert len(idle(bulk)) == 1
+    reader = idle(bulk)[0]._reader
     sizes: list[int] = []
-    read = conn.reader.read
+    read = reader.read
 
     async def counting(n=-1):
         chunk = await read(n)
         sizes.append(len(chunk))
         return chunk
 
-    conn.reader.read = counting
+    reader.read = counting
     return sizes
 
 
@@ -202,17 +208,18 @@ def test_execute_returns_replies_in_order(redis_url):
 
 def test_error_reply_is_returned_and_the_connection_survives(redis_url):
     async def body():
-        bulk = BulkRedis(redis_url)
+        bulk = BulkRedis(aredis.Redis.from_url(redis_url))
         try:
             first = await bulk.execute(
                 encode("CLIENT", "ID") + encode("SET", "k", "v") + encode("INCR", "k")
                 + encode("NOSUCHCOMMAND", "x") + encode("LPUSH", "k", "z")
                 + encode("GET", "k"), 6)
-            assert len(bulk._idle) == 1                    # kept for the next call
+            assert len(idle(bulk)) == 1                    # kept for the next call
             second = await bulk.execute(encode("CLIENT", "ID") + encode("GET", "k"), 2)
             return first, second, bulk.round_trips
         finally:
             await bulk.close()
+            await bulk.client.aclose()
 
     first, second, trips = run(body())
     assert first[1] == b"OK"
@@ -233,7 +240,7 @@ def test_large_bulk_string_over_many_reads(redis_url):
     r.close()
 
     async def body():
-        bulk = BulkRedis(redis_url)
+        bulk = BulkRedis(aredis.Redis.from_url(redis_url))
         try:
             assert await bulk.execute(encode("PING"), 1) == [b"PONG"]
             sizes = count_reads(bulk)
@@ -241,6 +248,7 @@ def test_large_bulk_string_over_many_reads(redis_url):
             return got, sizes
         finally:
             await bulk.close()
+            await bulk.client.aclose()
 
     got, sizes = run(body())
     assert got[0] == data and got[1] == b"PONG"
@@ -260,7 +268,7 @@ def test_large_bitfield_reply_over_many_reads(redis_url):
     cmd, order = bitfield(b"shard", st_, offs, write=False)
 
     async def body():
-        bulk = BulkRedis(redis_url)
+        bulk = BulkRedis(aredis.Redis.from_url(redis_url))
         try:
             await bulk.execute(encode("PING"), 1)
             sizes = count_reads(bulk)
@@ -268,6 +276,7 @@ def test_large_bitfield_reply_over_many_reads(redis_url):
             return got, sizes
         finally:
             await bulk.close()
+            await bulk.client.aclose()
 
     got, sizes = run(body())
     reply = got[0]
@@ -291,7 +300,7 @@ def test_large_reply_of_many_integers_and_many_commands(redis_url):
         ops += [b"GET", b"u8", b"%d" % (8 * i)]
 
     async def body():
-        bulk = BulkRedis(redis_url)
+        bulk = BulkRedis(aredis.Redis.from_url(redis_url))
         try:
             await bulk.execute(encode("PING"), 1)
             sizes = count_reads(bulk)
@@ -301,6 +310,7 @@ def test_large_reply_of_many_integers_and_many_commands(redis_url):
             return got, sizes
         finally:
             await bulk.close()
+            await bulk.client.aclose()
 
     got, sizes = run(body())
     assert isinstance(got[0], list) and got[0] == list(data)
@@ -308,7 +318,7 @@ def test_large_reply_of_many_integers_and_many_commands(redis_url):
     assert len(sizes) >= 3
 
 
-# --- URLs, passwords, dbs, from_client ---------------------------------------------------
+# --- URLs, passwords, dbs, the client's settings ------------------------------------------
 
 def test_password_from_url(auth):
     replies = run(execute(auth.url(), encode("SET", "k", "v"), encode("GET", "k")))
@@ -319,7 +329,7 @@ def test_password_from_url(auth):
 
 
 def test_wrong_password_raises_connection_error(auth):
-    with pytest.raises(RedisConnectionError, match="refused the connection setup.*WRONGPASS"):
+    with pytest.raises(RedisConnectionError, match="invalid username-password|WRONGPASS"):
         run(execute(auth.url(password="wrong"), encode("PING")))
 
 
@@ -330,7 +340,7 @@ def test_username_and_password_from_url(auth):
         replies = run(execute(auth.url(user="alice", password="alice-pw"),
                               encode("ACL", "WHOAMI")))
         assert replies == [b"alice"]
-        with pytest.raises(RedisConnectionError, match="WRONGPASS"):
+        with pytest.raises(RedisConnectionError, match="invalid username-password|WRONGPASS"):
             run(execute(auth.url(user="alice", password=QPASS), encode("PING")))
     finally:
         c.execute_command("ACL", "DELUSER", "alice")
@@ -358,11 +368,11 @@ def test_unix_socket_url_with_password_and_db(auth):
 
 async def through_client(client, buf: bytes, n: int, **seed) -> list:
     """SET ``seed`` through the redis-py ``client``, then send ``buf`` (``n`` commands)
-    through ``BulkRedis.from_client(client)``; closes both."""
+    through ``BulkRedis(client)``; closes the client."""
     try:
         for key, value in seed.items():
             await client.set(key, value)
-        bulk = BulkRedis.from_client(client)
+        bulk = BulkRedis(client)
         try:
             return await bulk.execute(buf, n)
         finally:
@@ -372,7 +382,7 @@ async def through_client(client, buf: bytes, n: int, **seed) -> list:
 
 
 @pytest.mark.parametrize("kind", ["tcp", "unix"])
-def test_from_client_connects_where_the_client_does(auth, kind):
+def test_connects_where_the_client_does(auth, kind):
     url = auth.url(db=5) if kind == "tcp" else f"unix://:{QPASS}@{auth.sock}?db=5"
 
     assert run(through_client(aredis.Redis.from_url(url), encode("GET", "via")
@@ -398,7 +408,7 @@ class Creds(CredentialProvider):
 
 
 @pytest.mark.parametrize("creds", [(PASSWORD,), ("alice", "alice-pw")])
-def test_from_client_with_a_credential_provider(auth, creds):
+def test_with_a_credential_provider(auth, creds):
     provider = Creds(*creds)
 
     client = aredis.Redis(host="127.0.0.1", port=auth.port, db=3, credential_provider=provider)
@@ -408,66 +418,19 @@ def test_from_client_with_a_credential_provider(auth, creds):
         assert run(through_client(client, encode("GET", "via") + encode("ACL", "WHOAMI"), 2,
                                   via="provider")) == \
             [b"provider", b"alice" if len(creds) == 2 else b"default"]
-        assert provider.calls == 2                   # redis-py's connection, then ours
+        assert provider.calls >= 1
     finally:
         admin.execute_command("ACL", "DELUSER", "alice")
         admin.close()
 
 
-class SyncOnly:
-    """A provider as redis-py before 5.3 knows them: get_credentials only."""
-
-    def __init__(self, *creds):
-        self.creds = creds
-
-    def get_credentials(self):
-        return self.creds
-
-
-@pytest.mark.parametrize("provider", [SyncOnly(PASSWORD), Creds(), SyncOnly()],
-                         ids=["sync-only", "no-credentials", "sync-no-credentials"])
-def test_credential_provider_shapes_redis_py_accepts(auth_server, provider):
-    """get_credentials without the async one (redis-py 5.0-5.2), and a provider with
-    nothing to send (no AUTH at all: then only a server without a password admits)."""
-    async def body(port):
-        bulk = BulkRedis(opts={"host": "127.0.0.1", "port": port,
-                               "credential_provider": provider}, timeout=5)
-        try:
-            return await bulk.execute(encode("PING"), 1)
-        finally:
-            await bulk.close()
-
-    if provider.creds:
-        assert run(body(auth_server.port)) == [b"PONG"]
-        return
-    (refused,) = run(body(auth_server.port))       # no AUTH sent, so refused
-    assert isinstance(refused, ResponseError) and "NOAUTH" in str(refused)
-    server = RedisServer().start()                  # and a server without a password
-    try:
-        assert run(body(server.port)) == [b"PONG"]
-    finally:
-        server.cleanup()
-
-
-def test_a_failing_credential_provider_is_a_connection_error(auth):
-    class Broken(CredentialProvider):
-        async def get_credentials_async(self):
-            raise RuntimeError("vault unreachable")
-
-    bulk = BulkRedis(opts={"host": "127.0.0.1", "port": auth.port,
-                           "credential_provider": Broken()}, timeout=5)
-    with pytest.raises(RedisConnectionError, match="credential provider failed: vault"):
-        run(bulk.execute(encode("PING"), 1))
-    assert bulk._idle == []
-
-
 # --- connection failures -----------------------------------------------------------------
 
 def test_nothing_listening_raises_connection_error():
-    bulk = BulkRedis(f"redis://127.0.0.1:{free_port()}/0", timeout=5)
-    with pytest.raises(RedisConnectionError, match="cannot connect"):
+    bulk = BulkRedis(aredis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0"), timeout=5)
+    with pytest.raises(RedisConnectionError):
         run(bulk.execute(encode("PING"), 1))
-    assert bulk.round_trips == 0 and bulk._idle == []
+    assert bulk.round_trips == 0 and idle(bulk) == []
 
 
 def test_silent_server_raises_timeout_not_hang():
@@ -477,11 +440,14 @@ def test_silent_server_raises_timeout_not_hang():
         port = listener.getsockname()[1]
 
         async def body():
-            bulk = BulkRedis(f"redis://127.0.0.1:{port}/0", timeout=0.5)
+            # silent from the connection's setup on: the client's socket_timeout
+            bulk = BulkRedis(aredis.Redis.from_url(f"redis://127.0.0.1:{port}/0",
+                                                   socket_timeout=0.5), timeout=0.5)
             try:
                 return await asyncio.wait_for(bulk.execute(encode("PING"), 1), 10)
             finally:
                 await bulk.close()
+                await bulk.client.aclose()
 
         with pytest.raises(RedisTimeoutError):
             run(body())
@@ -491,25 +457,25 @@ def test_server_stopped_between_calls():
     server = RedisServer().start()
     try:
         async def body():
-            bulk = BulkRedis(server.url)               # default timeout 30 s
+            bulk = BulkRedis(aredis.Redis.from_url(server.url))               # default timeout 30 s
             try:
                 assert await bulk.execute(encode("SET", "a", 1) + encode("GET", "a"), 2) \
                     == [b"OK", b"1"]
                 assert await bulk.execute(encode("PING"), 1) == [b"PONG"]
-                assert bulk.round_trips == 2 and len(bulk._idle) == 1
+                assert bulk.round_trips == 2 and len(idle(bulk)) == 1
                 server.stop()
                 # the idle connection is dead: an error, not a hang (guard: 10 s)
                 with pytest.raises(RedisConnectionError):
                     await asyncio.wait_for(bulk.execute(encode("PING"), 1), 10)
-                assert bulk.round_trips == 3 and bulk._idle == []
-                with pytest.raises(RedisConnectionError, match="cannot connect"):
+                with pytest.raises(RedisConnectionError):
                     await asyncio.wait_for(bulk.execute(encode("PING"), 1), 10)
-                assert bulk.round_trips == 3              # nothing was sent
+                trips = bulk.round_trips
                 server.start()
                 assert await bulk.execute(encode("PING"), 1) == [b"PONG"]
-                assert bulk.round_trips == 4
+                assert bulk.round_trips == trips + 1
             finally:
                 await bulk.close()
+                await bulk.client.aclose()
 
         run(body())
     finally:
@@ -654,7 +620,7 @@ def test_array_with_empty_simple_string():
 
 def test_eval_returning_an_empty_status_in_an_array(redis_url):
     got = run(execute(redis_url, encode("EVAL", "return {1, redis.status_reply('')}", 0),
-                      timeout=1.0))
+                      socket_timeout=1.0))
     assert got == [[1, b""]]
 
 
@@ -701,8 +667,8 @@ def tls():
     server.stop()
 
 
-def test_tls_from_client_verifies_with_the_clients_ca(tls):
-    """BulkRedis takes the client's TLS settings (CA file, verification) and connects."""
+def test_tls_verifies_with_the_clients_ca(tls):
+    """BulkRedis uses the client's TLS settings (CA file, verification)."""
     client = aredis.Redis.from_url(tls.url(), ssl_ca_certs=tls.cert)
     assert run(through_client(client, encode("GET", "tls") + encode("INCR", "n"), 2,
                               tls="yes")) == [b"yes", 1]
@@ -715,7 +681,7 @@ def test_tls_url_with_a_ca_file_and_without_verification(tls):
 
 def test_tls_refuses_a_certificate_it_cannot_verify(tls):
     # no CA given: the self-signed certificate is not trusted, and nothing is sent
-    with pytest.raises(RedisConnectionError, match="cannot connect"):
+    with pytest.raises(RedisConnectionError):
         run(execute(tls.url(), encode("SET", "untrusted", "1")))
     c = tls.client()
     try:
@@ -725,7 +691,7 @@ def test_tls_refuses_a_certificate_it_cannot_verify(tls):
 
 
 def test_tls_redis_bloom_filter_end_to_end(tls):
-    """The redis-bloom backend (raw connections) against a TLS Redis, as a master uses it."""
+    """The redis-bloom backend against a TLS Redis, as a master uses it."""
     from elric.dedupe import make_filter
     from elric.keys import Keys
 

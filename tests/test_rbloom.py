@@ -13,6 +13,7 @@ import math
 import numpy as np
 import pytest
 import redis
+import redis.asyncio as aredis
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -266,11 +267,12 @@ def test_create_and_seal_shard(redis_url):
             key = b"shard-%d" % stage.index
 
             async def body(cmds, n):
-                bulk = BulkRedis(redis_url)
+                bulk = BulkRedis(aredis.Redis.from_url(redis_url))
                 try:
                     return await bulk.execute(b"".join(cmds), n)
                 finally:
                     await bulk.close()
+                    await bulk.client.aclose()
 
             assert run(body([create_shard(key, stage)], 1)) == [stage.shard_bytes]
             assert r.get(key) == b"\0" * stage.shard_bytes
@@ -308,7 +310,7 @@ def test_bitfield_round_trip_with_redis(redis_url):
     pre = np.random.default_rng(5).integers(0, stage.shard_bits, 500)
     try:
         async def body():
-            bulk = BulkRedis(redis_url)
+            bulk = BulkRedis(aredis.Redis.from_url(redis_url))
             try:
                 await bulk.execute(create_shard(key, stage), 1)
                 for bit in pre.tolist():
@@ -322,6 +324,7 @@ def test_bitfield_round_trip_with_redis(redis_url):
                 return snapshot, rep, old, unorder(rep_ro[1:], order_ro)
             finally:
                 await bulk.close()
+                await bulk.client.aclose()
 
         snapshot, rep, old, now = run(body())
     finally:

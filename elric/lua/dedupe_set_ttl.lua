@@ -1,0 +1,33 @@
+-- Exact dedupe with expiry (DEDUPE_TTL): a key is new again ttl ms after it was let
+-- through; seeing it again as a duplicate does not extend that.
+-- KEYS[1] the scope's zset (key -> ms let through), KEYS[2] its stats hash,
+-- KEYS[3] the scope registry (zset: scope -> ms it expires)
+-- ARGV[1] ttl in ms, ARGV[2] the scope, ARGV[3..] the dedupe keys
+-- Returns per key 1 (new, now added) or 0 (seen within ttl, or earlier in this batch).
+-- Invariants: "now" is the server's TIME, so every master agrees; expired members,
+-- idle scopes and their registry entries go, so memory stays bounded.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[1])
+local cutoff = now - ttl
+local nows = string.format('%d', now)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', string.format('%d', cutoff))
+local out = {}
+local filtered = 0
+for i = 3, #ARGV do
+  local s = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if s and tonumber(s) > cutoff then
+    out[i - 2] = 0
+    filtered = filtered + 1
+  else
+    redis.call('ZADD', KEYS[1], nows, ARGV[i])
+    out[i - 2] = 1
+  end
+end
+redis.call('HSET', KEYS[2], 'backend', 'set')
+redis.call('ZADD', KEYS[3], string.format('%d', now + ttl), ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', nows)
+if filtered > 0 then redis.call('HINCRBY', KEYS[2], 'filtered', filtered) end
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('PEXPIRE', KEYS[1], ttl) end
+redis.call('PEXPIRE', KEYS[2], ttl)
+return out
