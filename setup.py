@@ -10,13 +10,13 @@ setup(
     packages=find_packages(include=["elric", "elric.*"]),
     package_data={"elric": ["lua/*.lua"]},
     install_requires=[
-        "redis>=5,<9",
-        "hiredis>=2",  # C reply parser: a third less CPU per job in the worker
+        "redis>=5.3,<9",
+        "hiredis>=2",  # C reply parser: less CPU per job in masters and workers
         "msgpack>=1.0,<2",
         "apscheduler>=3.11,<4",
         "pybloom-live>=4.0,<5",
-        "numpy>=1.24",   # redis-bloom: hashing and BITFIELD encoding for 1,000 keys at once
-        "xxhash>=3",     # redis-bloom: xxh3-128, ~0.1 us per key
+        "numpy>=1.24",   # redis-bloom: hashing and BITFIELD encoding of a batch at once
+        "xxhash>=3",     # redis-bloom: one xxh3-128 hash per key
     ],
     extras_require={
         # a redis-server binary for the demo and tests on machines without Redis

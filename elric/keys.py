@@ -54,8 +54,6 @@ Dedupe filters
                                                expires (ms; +inf but for DEDUPE_TTL set
                                                scopes): written with the hash, in the same
                                                call, so stats() needs no SCAN.
-    ``{p}:dedupe:scopes-found``         string set once the scopes of versions before that
-                                               registry were found (one SCAN) and added.
     ``{p}:dedupe:rounds``               zset   per-fire scope -> time (ms) it began; the
                                                master drops scopes older than
                                                DEDUPE_ROUND_TTL.
@@ -86,7 +84,6 @@ class Keys:
         self.scheduler_wake = f"{p}:scheduler:wake"
         self.dedupe_rounds = f"{p}:dedupe:rounds"
         self.dedupe_scopes = f"{p}:dedupe:scopes"
-        self.dedupe_scopes_found = f"{p}:dedupe:scopes-found"
 
     # jobs and queues
     def job(self, job_id: str) -> str:
