@@ -26,7 +26,7 @@ from typing import Any
 from elric import lua
 from elric.codec import pack, unpack
 from elric.contract import SPEC_KEYS, Status
-from elric.triggers import TriggerError, first_fire, parse_trigger
+from elric.triggers import TriggerError, next_fire, parse_trigger
 
 FINISHED_TTL = 86400            # seconds a finished job (no next fire) stays visible to get()
 DEFAULT_MISFIRE_GRACE_TIME = 60.0
@@ -227,7 +227,7 @@ class RedisJobStore:
         return await self._put(keys=keys, args=argv) != -1
 
     def _first_run(self, trigger: dict) -> float | None:
-        return first_fire(parse_trigger(trigger)[0], self.clock())
+        return next_fire(parse_trigger(trigger)[0], self.clock(), first=True)
 
     @staticmethod
     def _result(job: StoredJob) -> dict:

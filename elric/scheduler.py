@@ -35,7 +35,7 @@ from elric.contract import Status
 from elric.jobstore import FINISHED_TTL, Coalesce, Outcome, RedisJobStore, iso
 from elric.queue import Fenced
 from elric.retry import Backoff
-from elric.triggers import build_trigger, first_fire, next_fire
+from elric.triggers import build_trigger, next_fire
 
 CATCHUP_LIMIT = 1000        # fires of one job handled per pass when catching up a backlog
 FIRE_MARK_MARGIN = 600      # fire marks outlive the grace window by this (clock skew, slow masters)
@@ -89,7 +89,7 @@ def _last_until(trigger, after: float, now: float) -> float | None:
     span = 1.0
     while True:
         start = max(after, now - span)
-        probe = first_fire(trigger, start)
+        probe = next_fire(trigger, start, first=True)
         if probe is not None and after < probe <= now:
             while (nxt := next_fire(trigger, probe)) is not None and nxt <= now:
                 probe = nxt  # few steps: nothing fires in the last span/2
@@ -208,7 +208,7 @@ class Scheduler:
         while t is not None and t < horizon:  # too late to run: recorded as missed
             if len(plan.missed) == self.store.runs_kept:  # enough to show; jump to the grace window
                 more = "more than "
-                t = first_fire(trigger, horizon)
+                t = next_fire(trigger, horizon, first=True)
                 t = None if t is not None and t < horizon else t  # a date trigger's one fire
                 break
             plan.missed.append(t)
