@@ -47,12 +47,9 @@ class TriggerError(ValueError):
 
 
 class _CronTrigger(CronTrigger):
-    """CronTrigger that fires a fixed-hour job once when DST ends.
-
-    When clocks go back, 02:00-03:00 (Europe/Berlin) happens twice and APScheduler 3.x fires
-    "30 2 * * *" in both. Like Vixie cron, a job with a fixed hour skips the second
-    occurrence; jobs whose hour is "*" keep firing every real interval.
-    """
+    """CronTrigger that fires a fixed-hour job once when DST ends: APScheduler 3.x fires
+    "30 2 * * *" at both 02:30s of the repeated hour; like Vixie cron, this skips the second.
+    Jobs whose hour is "*" keep firing every real interval."""
 
     __slots__ = ("skip_repeated",)
 
@@ -64,13 +61,9 @@ class _CronTrigger(CronTrigger):
 
 
 class _IntervalTrigger(IntervalTrigger):
-    """IntervalTrigger whose jitter does not accumulate.
-
-    APScheduler 3.x adds the interval to the previous (jittered) fire time, so a jittered
-    schedule drifts later with every fire; here each fire is jittered from its grid point.
-    """
-
-    __slots__ = ()
+    """IntervalTrigger whose jitter does not accumulate: APScheduler 3.x adds the interval to
+    the previous (jittered) fire time, so it drifts; here each fire is jittered from its grid
+    point."""
 
     def get_next_fire_time(self, previous_fire_time, now):
         if previous_fire_time is None or not self.jitter:
@@ -136,7 +129,7 @@ def _crontab_day_of_week(expr: str) -> str:
     items = []
     for item in expr.split(","):
         m = _NUMERIC_DOW.fullmatch(item)
-        if not m:  # names ("mon-fri") mean the same in both
+        if not m or item == "*":  # names ("mon-fri") mean the same in both
             items.append(item)
             continue
         first, last, step = m.groups()
@@ -146,11 +139,7 @@ def _crontab_day_of_week(expr: str) -> str:
         if hi > 7 or lo > hi or (step is not None and int(step) == 0):
             raise TriggerError("trigger.crontab",
                                f"invalid day of week {item!r} (0-7, 0 and 7 are Sunday)")
-        if first == "*" and step in (None, "1"):
-            items.append("*")
-            continue
-        days = range(lo, hi + 1, int(step or 1))
-        items.extend(dict.fromkeys(_CRONTAB_DAYS[d] for d in days))
+        items.extend(_CRONTAB_DAYS[d] for d in range(lo, hi + 1, int(step or 1)))
     return ",".join(dict.fromkeys(items))
 
 
