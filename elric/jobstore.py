@@ -1,14 +1,11 @@
 """The periodic-job store: schedules kept in Redis so they survive master restarts.
 
-One hash per periodic job (``keys.schedule(job_id)``, laid out by ``StoredJob.to_hash``)
-holds the job spec and trigger as msgpack, the exact next run time, the misfire options and
-a ``version`` every write bumps, plus plain copies for redis-cli. ``keys.schedules`` indexes
-job_id -> next run time (ms); the scheduler reads only its due head, so a fire costs the same
-however many jobs are stored. Paused jobs score +inf (never due, still listed); finished jobs
-(no next fire) leave the index and their hash expires after ``FINISHED_TTL``, so ``get``
-still shows their last runs for a while. Writes are compare-and-set on ``version``
-(lua/jobstore_put.lua), so a store operation and the scheduler's fire script never
-overwrite each other.
+One hash per periodic job (``keys.schedule(job_id)``, laid out by ``StoredJob.to_hash``).
+``keys.schedules`` indexes job_id -> next run time (ms); the scheduler reads only its due
+head, so a fire costs the same however many jobs are stored. Paused jobs score +inf (never
+due, still listed); finished ones leave the index and their hash expires after
+``FINISHED_TTL``. Every write bumps the hash's ``version`` and is compare-and-set on it
+(lua/jobstore_put.lua), so the store and the scheduler's fire script never overwrite each other.
 """
 
 from __future__ import annotations
@@ -67,16 +64,31 @@ def _float_or_none(raw: bytes | None) -> float | None:
 
 @dataclass
 class Options:
-    """How a periodic job's fires are run when some are late or still running."""
+    """How a periodic job's fires are run when some are late or still running (checked)."""
 
     misfire_grace_time: float | None = 60.0  # None: run late fires however late
     coalesce: Coalesce = Coalesce.LATEST
     max_instances: int = 1
 
+    def __post_init__(self) -> None:
+        grace, n = self.misfire_grace_time, self.max_instances
+        if grace is not None and (isinstance(grace, bool) or not isinstance(grace, (int, float))
+                                  or not math.isfinite(grace) or grace <= 0):
+            raise ScheduleError(f"misfire_grace_time {grace!r}: must be a positive number of "
+                                "seconds, or nil to always run late fires")
+        self.misfire_grace_time = None if grace is None else float(grace)
+        try:
+            self.coalesce = Coalesce(self.coalesce)
+        except ValueError:
+            raise ScheduleError(f"coalesce {self.coalesce!r}: must be one of "
+                                f"{', '.join(Coalesce)}") from None
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ScheduleError(f"max_instances {n!r}: must be an integer of 1 or more")
+
     @classmethod
     def from_hash(cls, h: dict) -> Options:
         """Read from a schedule hash (str names, bytes values), as the store and scheduler do."""
-        return cls(_float_or_none(h["misfire_grace_time"]), Coalesce(h["coalesce"].decode()),
+        return cls(_float_or_none(h["misfire_grace_time"]), h["coalesce"].decode(),
                    int(h["max_instances"]))
 
     def to_hash(self) -> dict:
@@ -120,37 +132,16 @@ class StoredJob:
 
 
 def schedule_options(spec: dict, base: Options | None = None) -> Options:
-    """Validated misfire_grace_time / coalesce / max_instances (``base``: current values)."""
-    out = dataclasses.replace(base or Options())
-    if "misfire_grace_time" in spec:
-        grace = spec["misfire_grace_time"]
-        if grace is not None and (isinstance(grace, bool) or not isinstance(grace, (int, float))
-                                  or not math.isfinite(grace) or grace <= 0):
-            raise ScheduleError(f"misfire_grace_time {grace!r}: must be a positive number of "
-                                "seconds, or nil to always run late fires")
-        out.misfire_grace_time = None if grace is None else float(grace)
-    if "coalesce" in spec:
-        try:
-            out.coalesce = Coalesce(spec["coalesce"])
-        except ValueError:
-            raise ScheduleError(f"coalesce {spec['coalesce']!r}: must be one of "
-                                f"{', '.join(Coalesce)}") from None
-    if "max_instances" in spec:
-        n = spec["max_instances"]
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ScheduleError(f"max_instances {n!r}: must be an integer of 1 or more")
-        out.max_instances = n
-    return out
+    """The misfire options ``spec`` sets, the others from ``base`` (default: the defaults)."""
+    given = {f.name: spec[f.name] for f in dataclasses.fields(Options) if f.name in spec}
+    return dataclasses.replace(base or Options(), **given)
 
 
 class RedisJobStore:
     """Periodic jobs in Redis. ``redis`` is a ``redis.asyncio.Redis`` (decode_responses=False)."""
 
     def __init__(self, redis, keys, *, clock=time.time, runs_kept: int = 20) -> None:
-        self.redis = redis
-        self.keys = keys
-        self.clock = clock
-        self.runs_kept = runs_kept
+        self.redis, self.keys, self.clock, self.runs_kept = redis, keys, clock, runs_kept
         self._put = lua.load(redis, "jobstore_put")
 
     # --- reading -------------------------------------------------------------------------
@@ -234,10 +225,9 @@ class RedisJobStore:
     async def add(self, spec: dict, *, replace_existing: bool = False) -> dict:
         """Store a periodic job; ``spec`` holds "trigger" (raw dict) and "job_id".
 
-        The same job sent again (a retried call) is answered as stored. replace_existing
-        gives an existing job the new spec but keeps its runs, an operator's pause and, for
-        the same trigger, its next run time: a re-run submitting script neither doubles nor
-        shifts the schedule.
+        The same job sent again (a retried call) is answered as stored. replace_existing keeps
+        the runs, an operator's pause and, for the same trigger, the next run time, so a
+        re-run submitting script neither doubles nor shifts the schedule.
         """
         replace = bool(replace_existing or spec.get("replace_existing"))
         job_id = spec.get("job_id")
