@@ -31,7 +31,6 @@ SCHEDULE_OPTIONS = ("trigger", "replace_existing", "misfire_grace_time", "coales
 # Fields of the fired job's hash (keys.job, written by queue.py) read to show a run's
 # outcome and duration; times there are in ms.
 JOB_STATUS_FIELDS = (b"status", b"duration_ms", b"started_at", b"finished_at")
-NO_RECENT = pack([])
 
 
 class Coalesce(StrEnum):
@@ -109,7 +108,7 @@ class StoredJob:
     next_run_time: float | None = None  # None: finished
     paused: bool = False
     version: str = ""           # as read; "" for a job not stored yet
-    recent: bytes = NO_RECENT   # the scheduler's ids of its last fires (msgpack)
+    recent: bytes = pack([])    # the scheduler's ids of its last fires (msgpack)
     created_at: float | None = None
 
     @classmethod
@@ -156,17 +155,16 @@ class RedisJobStore:
             return None
         runs = [unpack(b) for b in await self.redis.lrange(self.keys.schedule_runs(job_id), 0, -1)]
         fired = [r for r in runs if r.get("outcome") == Outcome.ENQUEUED]
-        if fired:  # show what became of each fired job while its hash lives
-            pipe = self.redis.pipeline(transaction=False)
-            for r in fired:
-                pipe.hmget(self.keys.job(r["job_id"]), *JOB_STATUS_FIELDS)
-            for r, (status, duration_ms, started, finished) in zip(fired, await pipe.execute()):
-                if status:
-                    r["outcome"] = status.decode()
-                if duration_ms:
-                    r["duration"] = float(duration_ms) / 1000.0
-                elif started and finished:
-                    r["duration"] = (float(finished) - float(started)) / 1000.0
+        pipe = self.redis.pipeline(transaction=False)  # what became of each fired job
+        for r in fired:
+            pipe.hmget(self.keys.job(r["job_id"]), *JOB_STATUS_FIELDS)
+        for r, (status, duration_ms, started, finished) in zip(fired, await pipe.execute()):
+            if status:
+                r["outcome"] = status.decode()
+            if duration_ms:
+                r["duration"] = float(duration_ms) / 1000.0
+            elif started and finished:
+                r["duration"] = (float(finished) - float(started)) / 1000.0
         nrt = None if job.paused else job.next_run_time
         status = "paused" if job.paused else (Status.SCHEDULED if nrt is not None else "finished")
         return {**job.spec, "trigger": job.trigger, "trigger_text": str(build_trigger(job.trigger)),
@@ -283,9 +281,6 @@ class RedisJobStore:
         A new trigger restarts the schedule from now; other changes keep the next run time.
         Returns the job as ``get`` shows it.
         """
-        if not isinstance(changes, dict):
-            raise ScheduleError("changes must be a map of job spec keys to new values")
-        changes = {k: v for k, v in changes.items() if k != "replace_existing"}
         unknown = sorted(str(k) for k in changes if k not in SPEC_KEYS)
         if unknown:
             raise ScheduleError(f"cannot modify unknown key(s) {', '.join(map(repr, unknown))}")

@@ -5,13 +5,12 @@ renewed every lease/3) and only the holder fires. Taking the lease INCRs
 ``keys.scheduler_fence``; that token guards every write, so a master that lost the lease
 (paused, partitioned) cannot fire anything afterwards.
 
-The leader sleeps until the next due time with BLPOP on ``keys.scheduler_wake`` (the job
-store pushes there when a job becomes the soonest). Each pass reads up to ``batch_size`` due
-jobs (lua/scheduler_due.lua) and plans their fires in Python (misfire grace, coalescing,
-max_instances); lua/scheduler_fire.lua then checks lease and fence, marks each fire once
-(SET NX), records runs and moves next run times. Only the fires it accepted go to
-``enqueue``: marked before queued, so a master dying in between loses them (at most once)
-where enqueueing first would risk a duplicate run.
+The leader sleeps until the next due time with BLPOP on ``keys.scheduler_wake`` (pushed by
+the job store when a job becomes the soonest). A pass reads up to ``batch_size`` due jobs
+(lua/scheduler_due.lua), plans their fires in Python, then lua/scheduler_fire.lua checks the
+fence, marks each fire once (SET NX), records runs and moves next run times. Only accepted
+fires go to ``enqueue``: marked first, a fire is lost if the master dies before enqueueing
+it (at most once), where enqueueing first would risk a duplicate run.
 """
 
 from __future__ import annotations
@@ -52,14 +51,13 @@ class FirePlan:
     next: float | None          # its next run time after this pass (None: finished)
     options: Options = field(default_factory=Options)
     spec: bytes = b""           # the job spec (msgpack) every fire gets
-    # (fire time, outcome, extra fields of its runs record), oldest first; an ENQUEUED fire
-    # is SKIPPED instead when max_instances leaves no room
+    # (fire time, outcome, runs record extras), oldest first; max_instances may skip ENQUEUED
     fires: list[tuple[float, Outcome, dict]] = field(default_factory=list)
 
 
 def _score(raw) -> float:
-    """A zset score as a script returns it (a string; false/None: the index is empty)."""
-    return math.inf if raw is None or raw is False else float(raw)
+    """A zset score as a script returns it (a string; None: the index is empty)."""
+    return math.inf if raw is None else float(raw)
 
 
 def fire_id(job_id: str, fire_time: float) -> str:
@@ -69,9 +67,8 @@ def fire_id(job_id: str, fire_time: float) -> str:
     return f"{job_id}@{dt:%Y-%m-%dT%H:%M:%S}{frac}Z"
 
 
-@lru_cache(maxsize=10_000)
+@lru_cache(maxsize=10_000)  # stored triggers are few and rarely change: parse each once
 def _trigger(blob: bytes):
-    # stored triggers are few and rarely change: parse each once, not once per fire
     return build_trigger(unpack(blob))
 
 
@@ -265,7 +262,7 @@ class Scheduler:
                      "" if nxt is None else repr(nxt), iso(nxt), pack(live), len(entries)]
             argv += [x for e in entries for x in e]
         result = await self._fire_s(keys=keys, args=argv)
-        if not result or result[0] == 0:
+        if result[0] == 0:
             self._step_down("fence moved on: another master holds the lease")
             return 0, math.inf
         head, accepted = _score(result[1]), [specs[f.decode()] for f in result[2:]]
