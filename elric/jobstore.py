@@ -195,9 +195,8 @@ class RedisJobStore:
 
     # --- writing -------------------------------------------------------------------------
     async def _update(self, job_id: str, change, new: StoredJob | None = None) -> StoredJob | None:
-        """Write ``change(stored job)``, or ``new`` when none is stored, retrying when another
-        write came first; a None from ``change`` writes nothing. Returns the job written,
-        else the stored one (None: there is none)."""
+        """Write ``change(stored job)`` (None: write nothing), or ``new`` when none is stored,
+        retrying on conflicts; returns the job written, else the stored one (or None)."""
         for _ in range(WRITE_RETRIES):
             cur = await self._load(job_id)
             job = new if cur is None else change(cur)

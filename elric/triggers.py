@@ -148,9 +148,6 @@ def _cron_fields(data: dict) -> dict[str, str]:
     crontab = data.get("crontab")
     if crontab is None:
         fields = {name: data[name] for name in CRON_FIELDS if data.get(name) is not None}
-        for name, value in fields.items():
-            if isinstance(value, bool) or not isinstance(value, (int, str)):
-                raise TriggerError(f"trigger.{name}", f"expected an int or a string, got {value!r}")
     elif mixed := [n for n in CRON_FIELDS if data.get(n) is not None]:
         raise TriggerError("trigger.crontab", f"cannot be combined with {', '.join(mixed)}")
     elif not isinstance(crontab, str):
@@ -162,13 +159,15 @@ def _cron_fields(data: dict) -> dict[str, str]:
     else:
         fields = dict(zip(CRONTAB_FIELDS, crontab.split()))
         fields["day_of_week"] = _crontab_day_of_week(fields["day_of_week"])
-    fields = {name: str(value) for name, value in fields.items()}
-    for name, expr in fields.items():  # one field at a time, so the error names it
+    for name, value in fields.items():  # one field at a time, so the error names it
+        where = f"trigger.{name}" if crontab is None else "trigger.crontab"
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise TriggerError(where, f"expected an int or a string, got {value!r}")
+        fields[name] = expr = str(value)
         try:
             CronTrigger.FIELDS_MAP[name](name, expr)
         except ValueError as exc:
-            raise TriggerError(f"trigger.{name}" if crontab is None else "trigger.crontab",
-                               f"{name} {expr!r}: {exc}") from None
+            raise TriggerError(where, f"{name} {expr!r}: {exc}") from None
     return fields
 
 
