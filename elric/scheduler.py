@@ -36,9 +36,8 @@ CATCHUP_LIMIT = 1000        # fires of one job handled per pass when catching up
 FIRE_MARK_MARGIN = 600      # fire marks outlive the grace window by this (clock skew, slow masters)
 FIRE_MARK_TTL_NO_GRACE = 86400
 SHORT_WAIT = 0.25           # Redis times out BLPOP only ~10x/s: shorter waits use asyncio.sleep
-# The schedule hash fields a pass reads; scheduler_due.lua wants "recent" last.
 FIRE_FIELDS = ("spec", "trigger", "next_run_time", "version", "misfire_grace_time", "coalesce",
-               "max_instances", "recent")
+               "max_instances")  # the schedule hash fields a pass reads
 LIVE = frozenset(s.encode() for s in Status if s.live)
 
 
