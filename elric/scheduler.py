@@ -104,8 +104,7 @@ class Scheduler:
         self.master_id, self.clock, self.log = master_id, clock, log
         self.lease_seconds = lease_seconds
         self._lease_ms = max(1, int(lease_seconds * 1000))
-        self.is_leader = False
-        self.token: int | None = None
+        self.is_leader, self.token = False, None  # token: the fence token while leading
         self._lease_keys = [keys.scheduler_lease, keys.scheduler_fence]
         self._acquire_s, self._renew_s, self._release_s, self._due_s, self._fire_s = (
             lua.load(redis, f"scheduler_{name}")
@@ -218,23 +217,27 @@ class Scheduler:
             plan.fires += [(d, Outcome.ENQUEUED, {}) for d in due]
         return plan
 
-    def _entries(self, plan: FirePlan, live: list[str], now: float, specs: dict) -> list:
-        """The plan's runs records as [kind, fire id, mark ttl, record] with kind "f" for a
-        fire to mark and enqueue (its spec put in ``specs``, its id in ``live``), else "r"."""
-        entries, grace = [], plan.options.misfire_grace_time
+    def _job_args(self, plan: FirePlan, live: list[str], now: float, specs: dict):
+        """The keys and argv scheduler_fire.lua takes for one plan (see its header). A fire
+        that max_instances leaves room for gets its spec put in ``specs``, its id in ``live``."""
+        job_id, nxt, grace = plan.job_id, plan.next, plan.options.misfire_grace_time
+        keys, entries = [self.keys.schedule(job_id), self.keys.schedule_runs(job_id)], []
         for t, outcome, extra in plan.fires:
-            fid, ttl = fire_id(plan.job_id, t), 0
+            fid, ttl = fire_id(job_id, t), 0
             if outcome is Outcome.ENQUEUED and len(live) >= plan.options.max_instances:
                 outcome, extra = Outcome.SKIPPED, {"reason": "max_instances"}
             elif outcome is Outcome.ENQUEUED:
                 ttl = (FIRE_MARK_TTL_NO_GRACE if grace is None
                        else max(60, math.ceil(t + grace + FIRE_MARK_MARGIN - now)))
                 live.append(fid)
-                specs[fid] = {**unpack(plan.spec), "job_id": fid, "schedule": plan.job_id,
+                keys.append(self.keys.fire(fid))
+                specs[fid] = {**unpack(plan.spec), "job_id": fid, "schedule": job_id,
                               "fire_time": t}
             record = {"fire_time": t, "job_id": fid, "outcome": outcome, "at": now, **extra}
-            entries.append(["f" if outcome is Outcome.ENQUEUED else "r", fid, ttl, pack(record)])
-        return entries
+            entries += ["f" if outcome is Outcome.ENQUEUED else "r", fid, ttl, pack(record)]
+        return keys, [job_id, plan.version, "" if nxt is None else repr(nxt * 1000.0),
+                      "" if nxt is None else repr(nxt), iso(nxt), pack(live), len(plan.fires),
+                      *entries]
 
     async def _fire_batch(self, rows: list[list], now: float) -> tuple[int, float]:
         """Plan, mark and enqueue the fires of ``rows`` (job_id, hash fields, its recent fires
@@ -253,13 +256,9 @@ class Scheduler:
                 self.log.exception("periodic job %s: cannot compute its fires; retrying in 60s",
                                    job_id)
                 plan = FirePlan(job_id, row[FIRE_FIELDS.index("version")], now + 60)
-            entries = self._entries(plan, live, now, specs)
-            keys += [self.keys.schedule(job_id), self.keys.schedule_runs(job_id)]
-            keys += [self.keys.fire(e[1]) for e in entries if e[0] == "f"]
-            nxt = plan.next
-            argv += [job_id, plan.version, "" if nxt is None else repr(nxt * 1000.0),
-                     "" if nxt is None else repr(nxt), iso(nxt), pack(live), len(entries)]
-            argv += [x for e in entries for x in e]
+            job_keys, job_argv = self._job_args(plan, live, now, specs)
+            keys += job_keys
+            argv += job_argv
         result = await self._fire_s(keys=keys, args=argv)
         if result[0] == 0:
             self._step_down("fence moved on: another master holds the lease")
