@@ -182,7 +182,6 @@ class Scheduler:
         if h["spec"] is None:  # an index entry without its hash: scheduler_fire.lua drops it
             return FirePlan(job_id, b"", None)
         options, trigger = Options.from_hash(h), _trigger(h["trigger"])
-        plan = FirePlan(job_id, h["version"], None, options, h["spec"])
         grace, policy = options.misfire_grace_time, options.coalesce
         horizon = -math.inf if grace is None else now - grace
         t, more, missed = float(h["next_run_time"]), "", []
@@ -207,15 +206,14 @@ class Scheduler:
         if missed:
             self.log.warning("periodic job %s: %s%d fire(s) missed the %ss misfire grace time",
                              job_id, more, len(missed), grace)
-        plan.next = t
-        plan.fires = [(m, Outcome.MISSED, {"reason": "late"}) for m in missed]
+        fires = [(m, Outcome.MISSED, {"reason": "late"}) for m in missed]
         if len(due) > 1 and policy is Coalesce.SKIP:
-            plan.fires += [(d, Outcome.SKIPPED, {"reason": "coalesce"}) for d in due]
+            fires += [(d, Outcome.SKIPPED, {"reason": "coalesce"}) for d in due]
         elif len(due) > 1 and policy is Coalesce.LATEST:
-            plan.fires.append((due[-1], Outcome.ENQUEUED, {"coalesced": len(due) - 1}))
+            fires.append((due[-1], Outcome.ENQUEUED, {"coalesced": len(due) - 1}))
         else:
-            plan.fires += [(d, Outcome.ENQUEUED, {}) for d in due]
-        return plan
+            fires += [(d, Outcome.ENQUEUED, {}) for d in due]
+        return FirePlan(job_id, h["version"], t, options, h["spec"], fires)
 
     def _job_args(self, plan: FirePlan, live: list[str], now: float, specs: dict):
         """The keys and argv scheduler_fire.lua takes for one plan (see its header). A fire
