@@ -108,15 +108,13 @@ class StoredJob:
     next_run_time: float | None = None  # None: finished
     paused: bool = False
     version: str = ""           # as read; "" for a job not stored yet
-    recent: bytes = pack([])    # the scheduler's ids of its last fires (msgpack)
-    created_at: float | None = None
 
     @classmethod
     def from_hash(cls, job_id: str, raw: dict) -> StoredJob:
         h = {k.decode(): v for k, v in raw.items()}
         return cls(job_id, unpack(h["spec"]), Options.from_hash(h), unpack(h["trigger_input"]),
                    unpack(h["trigger"]), _float_or_none(h["next_run_time"]), h["paused"] == b"1",
-                   h["version"].decode(), h["recent"], float(h["created_at"]))
+                   h["version"].decode())
 
     def to_hash(self, now: float) -> dict:
         nrt = self.next_run_time
@@ -126,8 +124,7 @@ class StoredJob:
                 "trigger_text": str(build_trigger(self.trigger)),
                 "next_run_time": "" if nrt is None else repr(nrt), "next_run_iso": iso(nrt),
                 "paused": "1" if self.paused else "0", **self.options.to_hash(),
-                "recent": self.recent, "updated_at": repr(now),
-                "created_at": repr(now if self.created_at is None else self.created_at)}
+                "updated_at": repr(now), **({} if self.version else {"created_at": repr(now)})}
 
 
 def schedule_options(spec: dict, base: Options | None = None) -> Options:
