@@ -233,15 +233,15 @@ class RedisJobStore:
         job_spec = {k: v for k, v in spec.items() if k not in SCHEDULE_OPTIONS}
 
         def change(cur: StoredJob) -> StoredJob | None:
+            same_trigger = cur.trigger_input == new_trigger["trigger_input"]
+            if not replace and same_trigger and (cur.spec, cur.options) == (job_spec, options):
+                return None  # the same job sent again: answered as stored
             if not replace:
-                if (cur.spec, cur.options, cur.trigger_input) == (
-                        job_spec, options, new_trigger["trigger_input"]):
-                    return None  # the same job sent again: answered as stored
                 raise ScheduleError(f"job {job_id!r} already exists; pass replace_existing=True "
                                     "to replace its schedule")
-            if cur.trigger_input == new_trigger["trigger_input"]:  # keep its phase
-                return dataclasses.replace(cur, spec=job_spec, options=options)
-            return dataclasses.replace(cur, spec=job_spec, options=options, **new_trigger)
+            # the same trigger keeps its next run time (an interval's phase)
+            return dataclasses.replace(cur, spec=job_spec, options=options,
+                                       **({} if same_trigger else new_trigger))
 
         job = await self._update(job_id, change, new=StoredJob(job_id, job_spec, options,
                                                                **new_trigger))
@@ -272,11 +272,8 @@ class RedisJobStore:
         return await self._update(job_id, change) is not None
 
     async def modify(self, job_id: str, changes: dict) -> dict:
-        """Change the trigger, misfire options or job spec fields (args, kwargs, queue, ...).
-
-        A new trigger restarts the schedule from now; other changes keep the next run time.
-        Returns the job as ``get`` shows it.
-        """
+        """Change the trigger (restarting the schedule from now), misfire options or job spec
+        fields (args, kwargs, queue, ...); returns the job as ``get`` shows it."""
         unknown = sorted(str(k) for k in changes if k not in SPEC_KEYS)
         if unknown:
             raise ScheduleError(f"cannot modify unknown key(s) {', '.join(map(repr, unknown))}")
