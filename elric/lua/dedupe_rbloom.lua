@@ -46,10 +46,13 @@ end
 if items == (cur > 0 and cum[cur - 1] or 0) then create(cur) end   -- a stage not used yet
 
 -- fill a stage's argument list with key j's offsets; returns the key's shard name
+local names = {}
 local function load(s, j, args, step, at)
   local r = {struct.unpack(fmt[s], blob[s], j * width[s] + 1)}
   for i = 2, #r - 1 do args[step * (i - 2) + at] = r[i] end
-  return prefix .. r[1]
+  local name = names[r[1]]
+  if not name then name = prefix .. r[1]; names[r[1]] = name end
+  return name
 end
 
 local out, filtered = {}, 0
