@@ -401,7 +401,7 @@ class BloomFilter(DedupeFilter):
 # --------------------------------------------------------------------------------------
 
 _BITCOUNT_LIMIT = 64 << 20   # stats(): BITCOUNT the shards only up to this many bytes
-_MAX_KEYS = 10_000           # keys per script call: Redis is blocked ~50 ms at most
+_MAX_KEYS = 10_000           # keys per script call: Redis is blocked ~60 ms at most
 
 
 class RedisBloomFilter(DedupeFilter):

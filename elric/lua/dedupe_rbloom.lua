@@ -4,8 +4,8 @@
 --      ARGV[4] the shard key prefix (a shard's key is the prefix and its number),
 --      then per stage s = 0, 1, ... that the master sent, six items: cumulative capacity
 --      (items of stage s and every earlier one), k, first shard, shards, shard bytes, and
---      the keys' records: per key 1 + k little-endian uint32s, its shard then its k bit
---      offsets in that shard (elric.rbloom.positions_array).
+--      the keys' records: per key 1 + k little-endian uint32s, its shard's number then
+--      its k bit offsets in that shard (elric.rbloom.records).
 -- Returns {verdicts, items}: one byte per key decided, in order, '1' new (now added) or
 --      '0' seen; and the scope's item count after. Fewer verdicts than keys when the
 --      filter needs a stage that was not sent: the master sends the rest with more stages.
@@ -84,7 +84,9 @@ for j = 0, n - 1 do
   end
 end
 
-redis.call('HSET', stats, 'items', items, 'params', params, 'backend', backend)
+redis.call('HSET', stats, 'items', items)
+redis.call('HSETNX', stats, 'params', params)
+redis.call('HSETNX', stats, 'backend', backend)
 if filtered > 0 then redis.call('HINCRBY', stats, 'filtered', filtered) end
 redis.call('ZADD', registry, '+inf', scope)
 return {table.concat(out), items}
