@@ -22,13 +22,11 @@ import math
 import struct
 from abc import ABC, abstractmethod
 
-import numpy as np
 from pybloom_live import BloomFilter as _PyBloom
 from redis.exceptions import ResponseError
 
 from elric import lua, rbloom
 from elric.keys import Keys
-from elric.rawredis import BulkRedis, encode
 from elric.retry import Backoff, retry
 
 __all__ = ["DedupeError", "DedupeFilter", "SetFilter", "BloomFilter", "RedisBloomFilter",
@@ -403,27 +401,20 @@ class BloomFilter(DedupeFilter):
 # --------------------------------------------------------------------------------------
 
 _BITCOUNT_LIMIT = 64 << 20   # stats(): BITCOUNT the shards only up to this many bytes
-_MAX_ROUNDS = 32             # pipelines per segment before giving up (only under churn)
+_MAX_KEYS = 10_000           # keys per script call: Redis is blocked ~60 ms at most
 
 
 class RedisBloomFilter(DedupeFilter):
     """Bloom filter in Redis bitmaps; every master shares it (same capacity and
     error_rate required: checked against the scope's stats hash).
 
-    A call is split into segments of at most the room left in the current stage; per
-    segment one pipeline of BITFIELDs (more when older stages must be read first),
-    pre-encoded RESP over ``BulkRedis``, then one pipeline of counters. No Lua: a
-    script costs Redis more per key than the same BITFIELDs sent directly.
-
-    Atomic without a script: every BITFIELD also reads its shard's SEAL bit (set once
-    the stage is full, never cleared). A key is declared new only by a test-and-set on
-    a stage unsealed at that instant, after every older stage was read. Two masters
-    racing on one key meet on the same unsealed stage, where BITFIELD is atomic:
-    exactly one sees a 0 bit. A master with a stale view finds the seal set and goes
-    on to the next stage; one that is early finds the older stage open and goes back."""
+    The master hashes a batch once and sends, per stage the batch may need, each key's
+    shard and k bit offsets; one script call (elric/lua/dedupe_rbloom.lua) decides the
+    keys in order and counts them. A script runs atomically, so two masters racing on
+    one key are decided one after the other: exactly one finds a 0 bit."""
 
     name = "redis-bloom"
-    VERSION = 3   # bump when the hashing, layout or stage plan changes
+    VERSION = 4   # bump when the hashing, layout or stage plan changes
 
     def __init__(self, redis, keys: Keys, *, capacity: int, error_rate: float,
                  log: logging.Logger) -> None:
@@ -432,15 +423,9 @@ class RedisBloomFilter(DedupeFilter):
         self.error_rate = error_rate
         self.params = (f"v{self.VERSION} capacity={capacity} error_rate={error_rate!r} "
                        f"growth={GROWTH} tightening={TIGHTENING}")
-        self.bulk = BulkRedis(redis)
+        self._script = lua.load(redis, "dedupe_rbloom")
         self._stages: list[rbloom.RStage] = []
-        self._items_hint: dict[str, int] = {}
-        self._sealed: dict[str, int] = {}         # per scope: stages known to be sealed
-        self._ready: set[str] = set()              # scopes whose params this master checked
-        self._locks: dict[str, asyncio.Lock] = {}
-        self._inflight: dict[str, int] = {}        # keys of lock-free calls under way
-        self._dup_rate: dict[str, float] = {}      # recent share of keys seen, per scope
-        self._drained: dict[str, asyncio.Event] = {}
+        self._items: dict[str, int] = {}          # per scope: its item count last seen
 
     def stage(self, i: int) -> rbloom.RStage:
         while len(self._stages) <= i:
@@ -456,221 +441,40 @@ class RedisBloomFilter(DedupeFilter):
             i += 1
         return i
 
-    def _shard_key(self, scope: str, st: rbloom.RStage, shard: int) -> bytes:
-        return self.keys.dedupe_rbloom(scope, st.first_shard + shard).encode()
-
-    async def _send(self, cmds: list[bytes]) -> list:
-        return await self.bulk.execute(b"".join(cmds), len(cmds))
-
-    def _register(self, scope: str) -> list[bytes]:
-        """Commands that record the scope (again, if another master dropped it)."""
-        stats = self.keys.dedupe_stats(scope)
-        return [encode("HSETNX", stats, "params", self.params),
-                encode("HSETNX", stats, "backend", self.name),
-                encode("ZADD", self.keys.dedupe_scopes, "+inf", scope)]
-
-    async def close(self) -> None:
-        await self.bulk.close()
-
-    async def _prepare(self, scope: str) -> None:
-        """Once per scope per master: record or check the parameters, then create the
-        current stage's shards at full size (only now is it known to be ours)."""
-        stats = self.keys.dedupe_stats(scope)
-        r = await self._send(self._register(scope)
-                             + [encode("HGET", stats, "params"), encode("HGET", stats, "items")])
-        self._check_params(scope, r[3])
-        items = int(r[4] or 0)
-        st = self.stage(self.stage_of(items))
-        await self._send([rbloom.create_shard(self._shard_key(scope, st, g), st)
-                          for g in range(st.shards)])
-        self._items_hint[scope] = items
-        self._ready.add(scope)
-
-    def _check_params(self, scope: str, params) -> None:
-        if params is not None and _as_str(params) != self.params:
-            self._ready.discard(scope)
-            raise DedupeError(
-                f"dedupe scope {scope!r} is a redis-bloom filter with other parameters "
-                f"than this master's ({self.params}): it was created with "
-                f"{_as_str(params)}. Every master must use the same capacity and "
-                f"error_rate for a scope (or drop_scope it).")
-
     async def check_and_add(self, scope: str, keys: list[str]) -> list[bool]:
         if not keys:
             return []
-        raw = [k.encode("utf-8", "surrogatepass") if type(k) is str
-               else k if isinstance(k, bytes) else str(k).encode("utf-8", "surrogatepass")
-               for k in keys]
-        h = rbloom.hash_keys(raw)
-        verdict = np.zeros(len(raw), dtype=np.int8)        # 1 new, 2 seen
-        n = len(raw)
-        if scope not in self._ready:
-            async with self._locks.setdefault(scope, asyncio.Lock()):
-                if scope not in self._ready:
-                    await self._prepare(scope)
-        # Calls that fit in the room left in the current stage (counting calls in
-        # flight) run side by side; near a stage's end they take turns under the
-        # scope's lock, split into segments that each fit.
-        if self._room(scope) >= n:
-            await self._segment(scope, h, np.arange(n), verdict)
-        else:
-            async with self._locks[scope]:
-                pos = 0
-                while pos < n:
-                    room = self._room(scope)
-                    if room <= 0 or room < min(n - pos, 256) and self._inflight.get(scope):
-                        # wait for calls in flight to count rather than send tiny segments
-                        changed = self._drained.setdefault(scope, asyncio.Event())
-                        changed.clear()
-                        await changed.wait()
-                        continue
-                    seg = np.arange(pos, min(n, pos + room))
-                    await self._segment(scope, h, seg, verdict)
-                    pos += seg.size
-        return (verdict == 1).tolist()
-
-    async def _segment(self, scope: str, h: np.ndarray, seg: np.ndarray,
-                       verdict: np.ndarray) -> None:
-        """Decide the keys of ``seg`` and count them, reserving their room meanwhile."""
-        self._inflight[scope] = self._inflight.get(scope, 0) + seg.size
-        try:
-            await self._decide(scope, h, seg, verdict)
-            seen = int((verdict[seg] == 2).sum())
-            self._dup_rate[scope] = 0.7 * self._dup_rate.get(scope, 0.0) + 0.3 * seen / seg.size
-            await self._count(scope, seg.size - seen, seen)
-        finally:
-            self._inflight[scope] -= seg.size
-            self._drained.setdefault(scope, asyncio.Event()).set()
-
-    def _room(self, scope: str) -> int:
-        """Keys a call may still add to the current stage. 1 % over its capacity is
-        allowed so that a re-crawl of a full stage is one segment per call, not many
-        tiny ones; between masters the overfill is at most their keys in flight."""
-        items = self._items_hint.get(scope, 0)
-        st = self.stage(self.stage_of(items))
-        return st.cum - items + st.capacity // 100 - self._inflight.get(scope, 0)
-
-    async def _decide(self, scope: str, h: np.ndarray, seg: np.ndarray,
-                      verdict: np.ndarray) -> None:
-        """Give every key of ``seg`` its verdict (see the class docstring)."""
-        stats = self.keys.dedupe_stats(scope)
-        lo = np.zeros(len(verdict), dtype=np.int64)        # first stage still to consult
-        # mostly duplicates lately (a re-crawl)? read the current stage first and
-        # test-and-set only the keys not found: a read costs Redis less than a write
-        probe = np.zeros(len(verdict), dtype=bool) \
-            if self._dup_rate.get(scope, 0.0) >= 0.5 else None
-        cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-
-        def where(s: int):
-            if s not in cache:
-                cache[s] = rbloom.positions_array(h[seg], self.stage(s))
-            return cache[s]
-
-        for _ in range(_MAX_ROUNDS):
-            todo = np.flatnonzero(verdict[seg] == 0)        # indices into seg
-            if todo.size == 0:
-                return
-            cur = self.stage_of(self._items_hint.get(scope, 0))
-            bufs = [encode("HGET", stats, "params"), encode("HGET", stats, "items")]
-            plan = []       # (stage, kind, seg indices, order) per BITFIELD sent
-            klo = lo[seg[todo]]
-            for s in range(int(klo.min()), max(cur, int(klo.max())) + 1):
-                if s < cur:      # read an older stage: keys that have not passed it yet
-                    groups = [("old", todo[klo <= s])]
-                else:            # test-and-set: keys past every older stage, next is s
-                    idx = todo[klo == s]
-                    if probe is None:
-                        groups = [("set", idx)]
-                    else:        # (or first read it, where that was not done yet)
-                        first = probe[seg[idx]]
-                        groups = [("probe", idx[~first]), ("set", idx[first])]
-                for kind, idx in groups:
-                    if idx.size == 0:
-                        continue
-                    st = self.stage(s)
-                    shard, offs = where(s)
-                    for g in np.unique(shard[idx]):
-                        sel = idx[shard[idx] == g]
-                        cmd, order = rbloom.bitfield(self._shard_key(scope, st, int(g)), st,
-                                                     offs[sel], kind == "set")
-                        bufs.append(cmd)
-                        plan.append((s, kind, sel, order))
-            replies = await self._send(bufs)
-            for r in replies:
-                if isinstance(r, ResponseError):
-                    raise r
-            self._check_params(scope, replies[0])
-            items = int(replies[1] or 0)
-            if items < self._items_hint.get(scope, 0):   # the scope was dropped meanwhile
-                self._sealed.pop(scope, None)
-            self._items_hint[scope] = items
-            read = np.zeros(len(verdict), dtype=bool)       # keys read in an older stage
-            open_at = np.full(len(verdict), cur, dtype=np.int64)
-            first_open = last_sealed = None
-            for (s, kind, sel, order), r in zip(plan, replies[2:]):
-                st = self.stage(s)
-                sealed = r[0] == 1
-                if sealed:
-                    last_sealed = s if last_sealed is None else max(last_sealed, s)
-                else:
-                    first_open = s if first_open is None else min(first_open, s)
-                present = rbloom.unorder(r[1:], order).reshape(-1, st.k).all(axis=1)
-                keys = seg[sel]
-                verdict[keys[present]] = 2                 # all its bits: seen, whatever stage
-                rest = keys[~present]
-                if kind == "set":
-                    if sealed:
-                        lo[rest] = s + 1                   # stale: on to the next stage
-                    else:
-                        verdict[rest] = 1                  # the arbiter: new
-                elif kind == "probe":
-                    probe[rest] = True                     # not there: test-and-set next
-                    if sealed:
-                        lo[rest] = s + 1
-                else:
-                    read[rest] = True
-                    if not sealed:                         # still open: test-and-set it
-                        open_at[rest] = np.minimum(open_at[rest], s)
-            read &= verdict == 0
-            lo[read] = open_at[read]
-            # what this round saw: stages below the first open one are sealed
-            known = self._sealed.get(scope, 0)
-            if first_open is not None:
-                known = min(known, first_open)
-            elif last_sealed is not None:
-                known = max(known, last_sealed + 1)
-            self._sealed[scope] = known
-            if known < cur:
-                # an older stage is open although the count says it is full (its master
-                # died between counting and sealing): seal what the count says is full
-                await self._seal(scope, items)
-        raise DedupeError(f"dedupe scope {scope!r}: no verdict after {_MAX_ROUNDS} rounds "
-                          "(the filter kept changing under this call)")
-
-    async def _count(self, scope: str, added: int, filtered: int) -> None:
-        stats = self.keys.dedupe_stats(scope)
-        replies = await self._send([encode("HINCRBY", stats, "items", added),
-                                    encode("HINCRBY", stats, "filtered", filtered),
-                                    *self._register(scope)])
-        items = self._items_hint[scope] = int(replies[0])
-        await self._seal(scope, items)
-        self._note_growth(scope, items, self.capacity, self.error_rate)
-
-    async def _seal(self, scope: str, items: int) -> None:
-        """Seal every stage the count says is full (idempotent), creating the next
-        stage's shards at full size first."""
-        cur = self.stage_of(items)
-        first = self._sealed.get(scope, 0)
-        if first >= cur:
-            return
-        st = self.stage(cur)
-        cmds = [rbloom.create_shard(self._shard_key(scope, st, g), st) for g in range(st.shards)]
-        for s in range(first, cur):
-            old = self.stage(s)
-            cmds += [rbloom.seal_shard(self._shard_key(scope, old, g), old)
-                     for g in range(old.shards)]
-        await self._send(cmds)
-        self._sealed[scope] = cur
+        h = rbloom.hash_keys([k.encode("utf-8", "surrogatepass") if type(k) is str
+                              else k if isinstance(k, bytes)
+                              else str(k).encode("utf-8", "surrogatepass") for k in keys])
+        head = [scope, self.params, self.name, self.keys.dedupe_rbloom(scope, 0)[:-1]]
+        verdicts = b""
+        while len(verdicts) < len(keys):
+            part = h[len(verdicts):len(verdicts) + _MAX_KEYS]
+            items = self._items.get(scope, 0)
+            last = self.stage_of(items)
+            if self.stage(last).cum - items < len(part):
+                last += 1          # the batch may fill the current stage: send the next
+            args = list(head)
+            for st in map(self.stage, range(last + 1)):
+                args += [st.cum, st.k, st.first_shard, st.shards, st.shard_bytes,
+                         rbloom.records(part, st)]
+            try:
+                got, items = await self._script(
+                    keys=[self.keys.dedupe_stats(scope), self.keys.dedupe_scopes], args=args)
+            except ResponseError as exc:
+                theirs = str(exc).partition(" ")
+                if theirs[0] != "PARAMS":
+                    raise
+                raise DedupeError(
+                    f"dedupe scope {scope!r} is a redis-bloom filter with other parameters "
+                    f"than this master's ({self.params}): it was created with "
+                    f"{theirs[2]}. Every master must use the same capacity and "
+                    f"error_rate for a scope (or drop_scope it).") from None
+            self._items[scope] = items  # short of keys: a stage was missing, send the rest
+            verdicts += got
+        self._note_growth(scope, self._items[scope], self.capacity, self.error_rate)
+        return [v == 49 for v in verdicts]          # b"1"
 
     async def stats(self) -> dict[str, dict]:
         out = {}
@@ -695,8 +499,8 @@ class RedisBloomFilter(DedupeFilter):
             for g in range(st.shards):
                 key = self.keys.dedupe_rbloom(scope, st.first_shard + g)
                 pipe.memory_usage(key)
-                if measure:                       # the Bloom bytes only, not the seal's
-                    pipe.bitcount(key, 0, st.shard_bits // 8 - 1)
+                if measure:
+                    pipe.bitcount(key)            # the creation byte is always 0
         res = await pipe.execute()
         step = 2 if measure else 1
         miss, total_set, pos = 1.0, 0.0, 0
@@ -721,9 +525,7 @@ class RedisBloomFilter(DedupeFilter):
         last = self.stage(self.stage_of(items) + 1)
         await self._drop_keys(scope, *(self.keys.dedupe_rbloom(scope, g)
                                        for g in range(last.first_shard + last.shards)))
-        for d in (self._items_hint, self._sealed):
-            d.pop(scope, None)
-        self._ready.discard(scope)
+        self._items.pop(scope, None)
 
 
 # --------------------------------------------------------------------------------------

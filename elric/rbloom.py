@@ -1,18 +1,17 @@
-"""Geometry and wire encoding of the ``redis-bloom`` dedupe filter (Bloom filter in
-Redis bitmaps). Pure functions: sizing, hashing, and BITFIELD commands as RESP bytes;
-``elric.dedupe.RedisBloomFilter`` does the I/O and the check-and-add protocol.
+"""Geometry and hashing of the ``redis-bloom`` dedupe filter (Bloom filter in Redis
+bitmaps). Pure functions: sizing, hashing, and the records a batch sends to
+``elric/lua/dedupe_rbloom.lua``; ``elric.dedupe.RedisBloomFilter`` does the I/O.
 
 Layout of one shard (a Redis string of ``size`` bytes, ``keys.dedupe_rbloom``):
 
-    bytes [0, size-2)   the Bloom bits (``bits`` = (size - 2) * 8 of them)
-    bit   bits          the SEAL: 1 once the stage is full (no key is added to it after)
+    bytes [0, size-1)   the Bloom bits (``bits`` = (size - 1) * 8 of them)
     byte  size - 1      always 0: ``SETRANGE key size-1 "\\0"`` creates the shard at its
                         full size in one allocation (Redis grows a string that BITFIELD
                         extends greedily, +1 MiB or x2) and is harmless on an existing one
 
 A key hashes (xxh3-128, once) to one shard per stage and k bit offsets in it, so one
-BITFIELD tests-and-sets all of them: ``GET u1 <seal>`` then ``SET u1 <offset> 1`` k times.
-SET returns the bit's old value: the key was new iff one of them was 0.
+BITFIELD tests-and-sets all of them (``SET u1 <offset> 1`` k times): SET returns the
+bit's old value, and the key was new iff one of them was 0.
 """
 
 from __future__ import annotations
@@ -24,12 +23,12 @@ import numpy as np
 import xxhash
 
 __all__ = ["RStage", "stage_geometry", "hash_keys", "positions", "positions_array",
-           "bitfield", "unorder", "create_shard", "seal_shard", "shard_plan", "probes_for"]
+           "records", "shard_plan", "probes_for"]
 
 # Bits per item may exceed the optimum by this much so that fewer bits are probed per
-# key: every probe is four BITFIELD arguments for Redis to parse and run.
+# key: every probe is four more BITFIELD arguments for Redis to run.
 _MEMORY_SLACK = 1.06
-_RESERVED = 2                 # seal byte + creation byte at the end of each shard
+_RESERVED = 1                 # the creation byte at the end of each shard
 
 # Shard sizes: a Redis string holds at most 2**32 bits (512 MiB). Above 64 KiB shard
 # sizes are picked from jemalloc's size classes ({4,5,6,7} * 2**j), minus room for the
@@ -91,12 +90,8 @@ class RStage:
 
     @property
     def shard_bits(self) -> int:
-        """Bloom bits per shard (offsets 0 .. shard_bits-1); the seal is bit shard_bits."""
+        """Bloom bits per shard (offsets 0 .. shard_bits-1)."""
         return (self.shard_bytes - _RESERVED) * 8
-
-    @property
-    def seal(self) -> int:
-        return self.shard_bits
 
     @property
     def bits(self) -> int:
@@ -167,86 +162,11 @@ def positions(key: bytes, st: RStage) -> tuple[int, list[int]]:
     return shard, [(a + i * b + (i ** 3 - i) // 6) % m for i in range(st.k)]
 
 
-# --- BITFIELD as RESP ----------------------------------------------------------------------
-
-def _bulk(x: bytes) -> bytes:
-    return b"$%d\r\n%s\r\n" % (len(x), x)
-
-
-_THRESH = np.array([10 ** d for d in range(1, 10)], dtype=np.uint32)   # 10 .. 1e9
-
-
-class _Row:
-    """One BITFIELD sub-operation per row: ``pre``, the offset as a bulk string, ``post``.
-
-    The offset's decimal width varies, so rows are grouped by digit count (a stable
-    sort) and each group is one fixed-width numpy block. Ops on one offset keep their
-    order, so a key listed twice is still new only the first time."""
-
-    def __init__(self, pre: bytes, post: bytes) -> None:
-        self.pre, self.post = pre, post
-        self._templates: dict[int, np.ndarray] = {}
-
-    def template(self, nd: int) -> np.ndarray:
-        t = self._templates.get(nd)
-        if t is None:
-            row = self.pre + b"$%d\r\n" % nd + b"0" * nd + b"\r\n" + self.post
-            t = self._templates[nd] = np.frombuffer(row, dtype=np.uint8)
-        return t
-
-    def encode(self, offs: np.ndarray) -> tuple[bytes, np.ndarray]:
-        """(bytes, order): the j-th op sent is for ``offs.reshape(-1)[order[j]]``."""
-        o = offs.reshape(-1).astype(np.uint32)                         # offsets < 2**32
-        nd = (np.searchsorted(_THRESH, o, side="right") + 1).astype(np.uint8)  # 1..10
-        order = np.argsort(nd, kind="stable")                           # radix sort
-        o, nd = o[order], nd[order]
-        bounds = np.searchsorted(nd, np.arange(1, 12))
-        parts = []
-        for d in range(1, 11):
-            lo, hi = bounds[d - 1], bounds[d]
-            if lo == hi:
-                continue
-            tpl = self.template(d)
-            block = np.empty((hi - lo, tpl.size), dtype=np.uint8)
-            block[:] = tpl
-            first = len(self.pre) + len(b"$%d\r\n" % d)
-            q = o[lo:hi].copy()
-            for j in range(d - 1, -1, -1):                  # last digit first
-                q10 = q // 10              # (numpy divides by a constant fast; % does not)
-                block[:, first + j] = q - q10 * 10 + 48
-                q = q10
-            parts.append(block.tobytes())
-        return b"".join(parts), order
-
-
-_SET_ROW = _Row(_bulk(b"SET") + _bulk(b"u1"), _bulk(b"1"))
-_GET_ROW = _Row(_bulk(b"GET") + _bulk(b"u1"), b"")
-
-
-def bitfield(key: bytes, st: RStage, offs: np.ndarray, write: bool) -> tuple[bytes, np.ndarray]:
-    """One BITFIELD (``write``: test-and-set) or BITFIELD_RO command: first the seal
-    bit, then every offset of ``offs``. Its reply is [seal, old bit...], the old bits
-    in the returned ``order`` (see _Row.encode; ``unorder`` puts them back)."""
-    per = 4 if write else 3
-    head = [b"*%d\r\n" % (5 + per * offs.size), _bulk(b"BITFIELD" if write else b"BITFIELD_RO"),
-            _bulk(key), _bulk(b"GET"), _bulk(b"u1"), _bulk(b"%d" % st.seal)]
-    body, order = (_SET_ROW if write else _GET_ROW).encode(offs)
-    return b"".join(head) + body, order
-
-
-def unorder(reply_bits: list, order: np.ndarray) -> np.ndarray:
-    """Old bit values of a BITFIELD reply (without its seal), back in offset order."""
-    out = np.empty(order.size, dtype=np.int8)
-    out[order] = reply_bits
-    return out
-
-
-def create_shard(key: bytes, st: RStage) -> bytes:
-    """SETRANGE of the creation byte: makes a missing shard at full size, zeroed."""
-    return b"*4\r\n" + _bulk(b"SETRANGE") + _bulk(key) + _bulk(b"%d" % (st.shard_bytes - 1)) \
-        + _bulk(b"\0")
-
-
-def seal_shard(key: bytes, st: RStage) -> bytes:
-    return b"*6\r\n" + _bulk(b"BITFIELD") + _bulk(key) + _bulk(b"SET") + _bulk(b"u1") \
-        + _bulk(b"%d" % st.seal) + _bulk(b"1")
+def records(h: np.ndarray, st: RStage) -> bytes:
+    """What dedupe_rbloom.lua reads for stage ``st``: per key 1 + k little-endian uint32s,
+    its global shard number then its k bit offsets (offsets < 2**32: a string's limit)."""
+    shard, offs = positions_array(h, st)
+    rec = np.empty((len(h), st.k + 1), dtype="<u4")
+    rec[:, 0] = shard + np.uint64(st.first_shard)
+    rec[:, 1:] = offs
+    return rec.tobytes()
