@@ -484,11 +484,6 @@ class AsyncClient:
         finally:
             self._pending.pop(msgid, None)
 
-    def notify(self, method: str, *params: Any) -> None:
-        if self._lost:
-            raise RPCConnectionError(self._lost)
-        self._writer.write(_pack_request([NOTIFY, method, list(params)], self._max_message))
-
     async def close(self) -> None:
         self._fail(f"connection to {self._where} closed by the client")
         self._writer.close()
@@ -544,16 +539,6 @@ class Client:
         with self._lock:
             self._ensure_connected()
             return self._roundtrip(method, params, self.timeout if timeout is None else timeout)
-
-    def notify(self, method: str, *params: Any) -> None:
-        with self._lock:
-            data = _pack_request([NOTIFY, method, list(params)], self._max_message)
-            self._ensure_connected()
-            try:
-                self._sock.sendall(data)
-            except OSError as exc:
-                self._drop()
-                raise RPCConnectionError(f"connection to {self._where} lost: {exc}") from None
 
     def close(self) -> None:
         with self._lock:
