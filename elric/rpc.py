@@ -1,26 +1,9 @@
 """MessagePack-RPC between the elric master and its callers: an asyncio server, an
 asyncio client and a blocking client, on the ``msgpack`` package alone.
 
-Wire format (the msgpack-rpc spec): msgpack arrays back to back on one TCP stream,
-with no length prefix::
-
-    request       [0, msgid, method, params]   msgid uint32, params an array
-    response      [1, msgid, error, result]    error nil on success, else
-                                               {"code": ErrorCode, "message": text}
-    notification  [2, method, params]          never answered
-
-Strings that old clients send as msgpack "raw" decode to ``str``; invalid UTF-8 is
-kept as surrogates rather than failing. Responses are packed with the bin type for
-bytes. A peer that sends something that is not msgpack, too large, or not a
-request/notification gets an error answer when its msgid is known, else the
-connection is closed; the server itself never goes down for it.
-
-With a token set, a connection's first call must be ``auth(token)``; anything else
-gets an error and the connection is closed.
-
-Errors carry a code (``elric.contract.ErrorCode``) that callers branch on, and a message
-for people: ``"'NAME' method not found"`` (the wording of the reference msgpack-rpc-python
-server), arity messages, a handler's ``RequestError`` as is, ``"internal error: ..."``.
+docs/PROTOCOL.md describes the wire format, auth and the error codes. Bad input never
+takes the server down: the peer gets an error answer when its msgid is known, else its
+connection is closed.
 """
 
 from __future__ import annotations
@@ -288,7 +271,7 @@ class Server:
     async def invoke(self, method: str, params: list) -> Any:
         """Call the handler of ``method`` with ``params`` as the wire would."""
         handler = self.handlers.get(method)
-        if handler is None:
+        if handler is None:  # the wording of the reference msgpack-rpc-python server
             raise RequestError(f"'{method}' method not found", ErrorCode.METHOD_NOT_FOUND)
         cached = self._arities.get(method)
         if cached is None or cached[0] is not handler:
