@@ -83,16 +83,6 @@ def _pack(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True, unicode_errors="surrogateescape")
 
 
-def _pack_request(msg: list, max_message: int) -> bytes:
-    try:
-        data = _pack(msg)
-    except Exception as exc:
-        raise TypeError(f"cannot send {msg[-2]!r} arguments: {exc}") from exc
-    if len(data) > max_message:
-        raise RPCError(f"{msg[-2]!r} request is {len(data)} bytes, over the {max_message}-byte limit")
-    return data
-
-
 class _ProtocolError(Exception):
     pass
 
@@ -407,27 +397,56 @@ class _Connection:
             pass
 
 
-def _unreachable(host: str, port: int, exc: BaseException) -> RPCConnectionError:
-    if isinstance(exc, (asyncio.TimeoutError, socket.timeout)):
+def _unreachable(host: str, port: int, exc: OSError) -> RPCConnectionError:
+    if isinstance(exc, TimeoutError):
         reason = "timed out"
-    elif isinstance(exc, socket.gaierror):
-        reason = exc.strerror or str(exc)
-    elif isinstance(exc, OSError) and exc.errno and exc.errno > 0:
-        reason = os.strerror(exc.errno)
-    else:
-        reason = str(exc) or type(exc).__name__
+    elif exc.errno and exc.errno > 0:
+        reason = os.strerror(exc.errno)  # asyncio's message also names the address
+    else:  # a name that does not resolve, or several addresses that all failed
+        reason = exc.strerror or str(exc) or type(exc).__name__
     return RPCConnectionError(f"cannot reach elric master at {host}:{port}: {reason}")
 
 
-class AsyncClient:
+class _Caller:
+    """What both clients share: numbering and packing requests, and reading responses."""
+
+    def __init__(self, host: str, port: int, timeout: float | None, max_message: int):
+        self.host, self.port, self.timeout = host, port, timeout
+        self._where = f"elric master at {host}:{port}"
+        self._max_message = max_message
+        self._msgid = 0
+
+    def _request(self, method: str, params: tuple) -> tuple[int, bytes]:
+        """-> (msgid, request bytes); raises, with nothing sent, if they cannot go."""
+        self._msgid = msgid = (self._msgid + 1) & 0xFFFFFFFF
+        try:
+            data = _pack([REQUEST, msgid, method, list(params)])
+        except Exception as exc:
+            raise TypeError(f"cannot send {method!r} arguments: {exc}") from exc
+        if len(data) > self._max_message:
+            raise RPCError(f"{method!r} request is {len(data)} bytes, "
+                           f"over the {self._max_message}-byte limit")
+        return msgid, data
+
+    def _timed_out(self, method: str, limit: float | None) -> RPCTimeoutError:
+        return RPCTimeoutError(f"no answer from {self._where} to {method} within {limit}s")
+
+
+def _responses(decoder: _Decoder, data: bytes):
+    """Yield (msgid, RemoteError or None, result) for each response ``data`` completes."""
+    for msg in decoder.feed(data):
+        if isinstance(msg, list) and len(msg) == 4 and msg[0] == RESPONSE:
+            yield msg[1], None if msg[2] is None else RemoteError(msg[2]), msg[3]
+
+
+class AsyncClient(_Caller):
     """Many concurrent calls over one connection, matched to responses by msgid."""
 
-    def __init__(self, reader, writer, host: str, port: int, timeout: float | None, max_message: int):
+    def __init__(self, reader, writer, host: str, port: int, timeout: float | None,
+                 max_message: int):
+        super().__init__(host, port, timeout, max_message)
         self._reader, self._writer = reader, writer
-        self._where = f"elric master at {host}:{port}"
-        self._timeout, self._max_message = timeout, max_message
         self._pending: dict[int, asyncio.Future] = {}
-        self._msgid = 0
         self._lost: str | None = None
         self._reader_task = asyncio.create_task(self._read_loop())
 
@@ -436,7 +455,7 @@ class AsyncClient:
                       token: str | None = None, max_message: int = MAX_MESSAGE) -> AsyncClient:
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
-        except (OSError, asyncio.TimeoutError) as exc:
+        except OSError as exc:
             raise _unreachable(host, port, exc) from None
         client = cls(reader, writer, host, port, timeout, max_message)
         if token is not None:
@@ -451,17 +470,16 @@ class AsyncClient:
         """``timeout`` None means the client's default (the one given to connect)."""
         if self._lost:
             raise RPCConnectionError(self._lost)
-        self._msgid = msgid = (self._msgid + 1) & 0xFFFFFFFF
-        data = _pack_request([REQUEST, msgid, method, list(params)], self._max_message)
+        msgid, data = self._request(method, params)
         future = self._pending[msgid] = asyncio.get_running_loop().create_future()
-        limit = self._timeout if timeout is None else timeout
+        limit = self.timeout if timeout is None else timeout
         try:
             async with asyncio.timeout(limit):
                 self._writer.write(data)
                 await self._writer.drain()
                 return await future
         except TimeoutError:
-            raise RPCTimeoutError(f"no answer from {self._where} to {method} within {limit}s") from None
+            raise self._timed_out(method, limit) from None
         except ConnectionError as exc:
             raise RPCConnectionError(f"connection to {self._where} lost: {exc}") from None
         finally:
@@ -489,14 +507,13 @@ class AsyncClient:
         decoder, reason = _Decoder(self._max_message), "closed by the server"
         try:
             while data := await self._reader.read(decoder.chunk):
-                for msg in decoder.feed(data):
-                    if isinstance(msg, list) and len(msg) == 4 and msg[0] == RESPONSE:
-                        future = self._pending.get(msg[1])
-                        if future is not None and not future.done():
-                            if msg[2] is None:
-                                future.set_result(msg[3])
-                            else:
-                                future.set_exception(RemoteError(msg[2]))
+                for msgid, error, result in _responses(decoder, data):
+                    future = self._pending.get(msgid)  # None if the call gave up
+                    if future is not None and not future.done():
+                        if error:
+                            future.set_exception(error)
+                        else:
+                            future.set_result(result)
         except (OSError, _ProtocolError) as exc:
             reason = f"lost: {exc}"
         finally:
@@ -504,19 +521,17 @@ class AsyncClient:
             self._writer.close()
 
 
-class Client:
+class Client(_Caller):
     """Blocking client for scripts and threads: one call at a time per instance
     (a lock makes it thread-safe), connecting lazily and again after a failure."""
 
     def __init__(self, host: str, port: int, *, timeout: float | None = 10.0,
                  token: str | None = None, max_message: int = MAX_MESSAGE):
-        self.host, self.port, self.timeout = host, port, timeout
-        self._token, self._max_message = token, max_message
-        self._where = f"elric master at {host}:{port}"
+        super().__init__(host, port, timeout, max_message)
+        self._token = token
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
         self._decoder: _Decoder | None = None
-        self._msgid = 0
 
     def call(self, method: str, *params: Any, timeout: float | None = None) -> Any:
         with self._lock:
@@ -565,8 +580,7 @@ class Client:
                 raise
 
     def _roundtrip(self, method: str, params: tuple, timeout: float | None) -> Any:
-        self._msgid = msgid = (self._msgid + 1) & 0xFFFFFFFF
-        data = _pack_request([REQUEST, msgid, method, list(params)], self._max_message)
+        msgid, data = self._request(method, params)
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             self._sock.settimeout(timeout)
@@ -576,20 +590,16 @@ class Client:
                     self._sock.settimeout(max(deadline - time.monotonic(), 0.001))
                 chunk = self._sock.recv(self._decoder.chunk)
                 if not chunk:
+                    self._drop()
                     raise RPCConnectionError(f"connection to {self._where} closed by the server")
-                for msg in self._decoder.feed(chunk):
-                    if isinstance(msg, list) and len(msg) == 4 and msg[0] == RESPONSE and msg[1] == msgid:
-                        if msg[2] is not None:
-                            raise RemoteError(msg[2])
-                        return msg[3]
-        except RemoteError:
-            raise
-        except RPCConnectionError:
-            self._drop()
-            raise
-        except socket.timeout:
+                for got, error, result in _responses(self._decoder, chunk):
+                    if got == msgid:
+                        if error:
+                            raise error
+                        return result
+        except TimeoutError:
             self._drop()  # a late answer must not be read as the next call's
-            raise RPCTimeoutError(f"no answer from {self._where} to {method} within {timeout}s") from None
+            raise self._timed_out(method, timeout) from None
         except (OSError, _ProtocolError) as exc:
             self._drop()
             raise RPCConnectionError(f"connection to {self._where} lost: {exc}") from None
