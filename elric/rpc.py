@@ -22,12 +22,6 @@ import msgpack
 
 from elric.contract import ErrorCode
 
-__all__ = [
-    "Server", "AsyncClient", "Client", "RequestError", "RPCError", "RemoteError",
-    "RPCConnectionError", "RPCTimeoutError", "parse_address",
-    "MAX_MESSAGE", "MAX_CONNECTIONS", "IDLE_TIMEOUT", "MAX_PENDING",
-]
-
 log = logging.getLogger("elric.rpc")
 
 REQUEST, RESPONSE, NOTIFY = 0, 1, 2
@@ -58,7 +52,9 @@ class RemoteError(RPCError):
         code = None
         if isinstance(error, dict):
             code, error = error.get("code"), error.get("message", error)
-        super().__init__(_error_text(error))
+        if isinstance(error, bytes):
+            error = error.decode("utf-8", "replace")
+        super().__init__(error if isinstance(error, str) else repr(error))
         self.code = ErrorCode(code) if code in ErrorCode._value2member_map_ else code
 
 
@@ -136,12 +132,6 @@ class _Decoder:
 def _error(code: ErrorCode, message: str) -> dict:
     """An error as it goes on the wire."""
     return {"code": code, "message": message}
-
-
-def _error_text(error: Any) -> str:
-    if isinstance(error, bytes):
-        return error.decode("utf-8", "replace")
-    return error if isinstance(error, str) else repr(error)
 
 
 def _arity(fn: Callable) -> tuple[int, int | None, list[str]] | None:
@@ -286,31 +276,28 @@ class _Connection:
     def stop_reading(self) -> None:
         """Read no more requests (the server is closing): what arrived is still handled,
         then ``run`` sees the end of the stream, waits for its calls and closes."""
-        if not self.writer.transport.is_closing():
-            self.writer.transport.pause_reading()
-        if not self.reader.at_eof():
-            self.reader.feed_eof()
+        self.writer.transport.pause_reading()  # (a no-op on a closing transport)
+        self.reader.feed_eof()
 
     async def run(self) -> None:
         decoder = _Decoder(self.server.max_message)
         try:
             while True:
                 try:
-                    data = await asyncio.wait_for(self.reader.read(decoder.chunk), self.server.idle_timeout)
-                except asyncio.TimeoutError:
+                    data = await asyncio.wait_for(self.reader.read(decoder.chunk),
+                                                  self.server.idle_timeout)
+                except TimeoutError:
                     if self.tasks:
                         continue  # a long request in flight is not idleness
                     log.info("closing idle connection from %s", self.peer)
                     return
                 if not data:
                     return
-                try:
-                    for msg in decoder.feed(data):
-                        if not await self._dispatch(msg):
-                            return
-                except _ProtocolError as exc:
-                    log.warning("closing connection from %s: %s", self.peer, exc)
-                    return
+                for msg in decoder.feed(data):
+                    if not await self._dispatch(msg):
+                        return
+        except _ProtocolError as exc:
+            log.warning("closing connection from %s: %s", self.peer, exc)
         except ConnectionError:
             pass
         finally:
@@ -329,9 +316,8 @@ class _Connection:
         if not self.authed or method == "auth":
             return await self._auth(msgid, method, params)
         if method is None:
-            await self._send(msgid, _error(ErrorCode.BAD_REQUEST,
-                                           "invalid request: expected [0, msgid, method, params]"),
-                             None)
+            invalid = "invalid request: expected [0, msgid, method, params]"
+            await self._send(msgid, _error(ErrorCode.BAD_REQUEST, invalid), None)
             return True
         await self.slots.acquire()  # at the limit, stop reading until a request finishes
         task = asyncio.create_task(self._handle(msgid, method, params))
@@ -381,16 +367,17 @@ class _Connection:
             if len(data) > self.server.max_message:
                 raise ValueError(f"response is {len(data)} bytes, limit {self.server.max_message}")
         except Exception as exc:
-            log.error("cannot send the result of %s to %s: %s: %s", method, self.peer, type(exc).__name__, exc)
-            data = _pack([RESPONSE, msgid, _error(ErrorCode.INTERNAL, "internal error: cannot send "
-                                                 f"result: {type(exc).__name__}: {exc}"), None])
+            problem = f"{type(exc).__name__}: {exc}"
+            log.error("cannot send the result of %s to %s: %s", method, self.peer, problem)
+            error = _error(ErrorCode.INTERNAL, f"internal error: cannot send result: {problem}")
+            data = _pack([RESPONSE, msgid, error, None])
         if self.writer.is_closing():
             return
         self.writer.write(data)
         try:
             # A peer that stops reading must not pin its buffers forever.
             await asyncio.wait_for(self.writer.drain(), self.server.idle_timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.warning("aborting connection from %s: not reading its responses", self.peer)
             self.writer.transport.abort()
         except ConnectionError:
