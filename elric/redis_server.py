@@ -69,9 +69,8 @@ class RedisServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RedisServerError(
-                    f"redis-server exited with {self.proc.returncode}; see {self.dir}/redis.log"
-                )
+                raise RedisServerError(f"redis-server exited with {self.proc.returncode}; "
+                                       f"see {self.dir}/redis.log")
             if self._answers():
                 return self
             time.sleep(0.02)

@@ -83,10 +83,6 @@ class _ProtocolError(Exception):
     pass
 
 
-def _bad_input(exc: Exception) -> _ProtocolError:
-    return _ProtocolError(f"bad msgpack: {type(exc).__name__}" + (f": {exc}" if str(exc) else ""))
-
-
 class _Decoder:
     """Streaming unpacker that enforces the size limit per message.
 
@@ -109,22 +105,19 @@ class _Decoder:
     def feed(self, data: bytes):
         """Yield each message completed by ``data``; raise _ProtocolError on bad input."""
         try:
-            self._unpacker.feed(data)
+            self._unpacker.feed(data)  # BufferFull past the limit
+            self._fed += len(data)
+            for msg in self._unpacker:  # FormatError, StackError (deep nesting), limits...
+                end = self._unpacker.tell()
+                if end - self._end > self.max:
+                    raise _ProtocolError(f"message of {end - self._end} bytes, limit {self.max}")
+                self._end = end
+                yield msg
+        except _ProtocolError:
+            raise
         except Exception as exc:
-            raise _bad_input(exc) from None
-        self._fed += len(data)
-        while True:
-            try:
-                msg = next(self._unpacker)
-            except StopIteration:
-                break
-            except Exception as exc:  # FormatError, StackError (deep nesting), limits...
-                raise _bad_input(exc) from None
-            end = self._unpacker.tell()
-            if end - self._end > self.max:
-                raise _ProtocolError(f"message of {end - self._end} bytes, limit {self.max}")
-            self._end = end
-            yield msg
+            detail = f": {exc}" if str(exc) else ""
+            raise _ProtocolError(f"bad msgpack: {type(exc).__name__}{detail}") from None
         if self._fed - self._end > self.max:
             raise _ProtocolError(f"message over the {self.max}-byte limit")
 
@@ -141,17 +134,12 @@ def _arity(fn: Callable) -> tuple[int, int | None, list[str]] | None:
         return None  # no introspectable signature: let the call itself decide
     low, high, names = 0, 0, []
     for p in sig.parameters.values():
+        if p.kind is p.VAR_POSITIONAL:
+            return low, None, [*names, f"*{p.name}"]
         if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
-            high += 1
-            if p.default is p.empty:
-                low += 1
-                names.append(p.name)
-            else:
-                names.append(f"[{p.name}]")
-        elif p.kind is p.VAR_POSITIONAL:
-            names.append(f"*{p.name}")
-            high = None
-            break
+            required = p.default is p.empty
+            low, high = low + required, high + 1
+            names.append(p.name if required else f"[{p.name}]")
     return low, high, names
 
 
@@ -548,8 +536,7 @@ class Client(_Caller):
             try:
                 self._sock.recv(1, socket.MSG_PEEK)
             except BlockingIOError:
-                self._sock.settimeout(self.timeout)
-                return
+                return  # (the call sets its own timeout)
             except OSError:
                 pass
             self._drop()
