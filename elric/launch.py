@@ -14,7 +14,7 @@ import time
 from elric.rpc import Client, RPCError, parse_address
 
 
-def stop_process(popen: subprocess.Popen, sig: int, timeout: float) -> int:
+def stop_process(popen: subprocess.Popen, sig: int, timeout: float | None) -> int:
     """Send ``sig`` and wait; SIGKILL if it does not exit in time. Returns the exit status."""
     popen.send_signal(sig)
     try:
@@ -62,8 +62,7 @@ class Proc:
         return stop_process(self.popen, signal.SIGTERM, timeout)
 
     def kill(self) -> None:
-        self.signal(signal.SIGKILL)
-        self.popen.wait()
+        stop_process(self.popen, signal.SIGKILL, timeout=None)
 
     def wait(self, timeout: float | None = None) -> int:
         return self.popen.wait(timeout=timeout)

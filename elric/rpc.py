@@ -84,18 +84,14 @@ class _ProtocolError(Exception):
 
 
 class _Decoder:
-    """Streaming unpacker that enforces the size limit per message.
-
-    Unpacker.tell() is only exact after a complete message, so the size of the
-    message in progress is measured from the end of the last complete one.
-    """
+    """Streaming unpacker with a size limit per message. Unpacker.tell() is only exact
+    after a complete message, so the one in progress is measured from the last one's end."""
 
     def __init__(self, max_message: int):
         self.max = max_message
         self.chunk = min(_CHUNK, max_message)
         self._unpacker = msgpack.Unpacker(
-            # int map keys decode too, so the contract can name them instead of dropping
-            # the connection
+            # int map keys decode, so the contract can name them rather than drop the connection
             raw=False, unicode_errors="surrogateescape", strict_map_key=False,
             max_buffer_size=max_message + self.chunk,
             max_str_len=max_message, max_bin_len=max_message, max_ext_len=max_message,
@@ -237,7 +233,6 @@ class Server:
             del self._connections[task]
 
     async def invoke(self, method: str, params: list) -> Any:
-        """Call the handler of ``method`` with ``params`` as the wire would."""
         handler = self.handlers.get(method)
         if handler is None:  # the wording of the reference msgpack-rpc-python server
             raise RequestError(f"'{method}' method not found", ErrorCode.METHOD_NOT_FOUND)
