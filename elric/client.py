@@ -5,23 +5,21 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from elric.config import Settings, load_settings
-from elric.rpc import Client
+from elric.config import Settings, load_settings, parse_address
+from elric.rpc import MAX_MESSAGE, Client
 
 
 class MasterClient:
     """The master's RPC methods as Python calls (see README, "RPC API")."""
 
     def __init__(self, address: str = "127.0.0.1:7531", *, token: str | None = None,
-                 timeout: float = 30.0, max_message: int = 8 * 1024 * 1024) -> None:
-        from elric.config import parse_address
-
+                 timeout: float = 30.0, max_message: int = MAX_MESSAGE) -> None:
         host, port = parse_address(address, "MASTER_ADDRESS")
         self.address = address
         self.rpc = Client(host, port, timeout=timeout, token=token, max_message=max_message)
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "MasterClient":
+    def from_settings(cls, settings: Settings) -> MasterClient:
         return cls(settings.MASTER_ADDRESS, token=settings.RPC_TOKEN,
                    max_message=settings.RPC_MAX_MESSAGE)
 
@@ -64,7 +62,7 @@ class MasterClient:
     def close(self) -> None:
         self.rpc.close()
 
-    def __enter__(self) -> "MasterClient":
+    def __enter__(self) -> MasterClient:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -17,8 +17,7 @@ class _RunContext:
     """What the worker's child process knows about the job it runs now."""
 
     def __init__(self, job_id: str, spec: dict) -> None:
-        self.job_id = job_id
-        self.spec = spec
+        self.job_id, self.spec = job_id, spec
         self.children: list[dict] = []
 
 
@@ -65,9 +64,7 @@ class Job:
             raise SpecError(f"{path}: a Job class must be defined at module level")
         if "func" in options:
             raise SpecError("submit_with() takes no 'func': it is the class itself")
-        spec: dict[str, Any] = {"func": path, "args": list(args), "kwargs": dict(kwargs or {})}
-        spec.update(options)
-        return spec
+        return {"func": path, "args": list(args), "kwargs": dict(kwargs or {}), **options}
 
     @classmethod
     def submit(cls, *args: Any, **kwargs: Any) -> str:
@@ -86,7 +83,5 @@ class Job:
                 spec["dedupe_scope"] = ctx.spec["dedupe_scope"]
             ctx.children.append(spec)
             return spec["job_id"]
-        from elric.client import default_client
-
-        reply = default_client().submit_job(spec)
-        return reply["job_id"]
+        from elric.client import default_client  # only a script needs the client and settings
+        return default_client().submit_job(spec)["job_id"]

@@ -11,7 +11,17 @@ import subprocess
 import sys
 import time
 
-from elric.rpc import Client, RPCError
+from elric.rpc import Client, RPCError, parse_address
+
+
+def stop_process(popen: subprocess.Popen, sig: int, timeout: float | None) -> int:
+    """Send ``sig`` and wait; SIGKILL if it does not exit in time. Returns the exit status."""
+    popen.send_signal(sig)
+    try:
+        return popen.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        popen.kill()
+        return popen.wait()
 
 
 def elric_env(redis_url: str, master_address: str, **settings) -> dict:
@@ -33,12 +43,10 @@ class Proc:
                  cwd: str | None = None) -> None:
         self.args = args
         self.log_path = log_path
-        out = open(log_path, "ab") if log_path else subprocess.DEVNULL
-        self.popen = subprocess.Popen([sys.executable, "-m", "elric", *args], env=env, cwd=cwd,
-                                      stdout=out, stderr=subprocess.STDOUT,
-                                      stdin=subprocess.DEVNULL)
-        if log_path:
-            out.close()
+        with open(log_path or os.devnull, "ab") as out:  # the child keeps its own copy
+            self.popen = subprocess.Popen([sys.executable, "-m", "elric", *args], env=env,
+                                          cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
+                                          stdin=subprocess.DEVNULL)
 
     @property
     def pid(self) -> int:
@@ -48,21 +56,13 @@ class Proc:
         return self.popen.poll() is None
 
     def signal(self, sig: int) -> None:
-        if self.alive():
-            os.kill(self.popen.pid, sig)
+        self.popen.send_signal(sig)  # (does nothing once the process has exited)
 
     def stop(self, timeout: float = 30.0) -> int:
-        """SIGTERM, wait; SIGKILL if it does not exit in time. Returns the exit status."""
-        self.signal(signal.SIGTERM)
-        try:
-            return self.popen.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            return self.popen.wait()
+        return stop_process(self.popen, signal.SIGTERM, timeout)
 
     def kill(self) -> None:
-        self.signal(signal.SIGKILL)
-        self.popen.wait()
+        stop_process(self.popen, signal.SIGKILL, timeout=None)
 
     def wait(self, timeout: float | None = None) -> int:
         return self.popen.wait(timeout=timeout)
@@ -76,13 +76,13 @@ class Proc:
 
 def wait_for_master(address: str, proc: Proc | None = None, timeout: float = 20.0,
                     token: str | None = None) -> None:
-    host, _, port = address.rpartition(":")
+    host, port = parse_address(address)
     deadline = time.monotonic() + timeout
     while True:
         if proc is not None and not proc.alive():
             raise RuntimeError(f"master exited with {proc.popen.returncode}:\n{proc.log()}")
         try:
-            with Client(host, int(port), timeout=2, token=token) as client:
+            with Client(host, port, timeout=2, token=token) as client:
                 if client.call("ping") == "pong":
                     return
         except RPCError:

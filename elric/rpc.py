@@ -1,26 +1,9 @@
 """MessagePack-RPC between the elric master and its callers: an asyncio server, an
 asyncio client and a blocking client, on the ``msgpack`` package alone.
 
-Wire format (the msgpack-rpc spec): msgpack arrays back to back on one TCP stream,
-with no length prefix::
-
-    request       [0, msgid, method, params]   msgid uint32, params an array
-    response      [1, msgid, error, result]    error nil on success, else
-                                               {"code": ErrorCode, "message": text}
-    notification  [2, method, params]          never answered
-
-Strings that old clients send as msgpack "raw" decode to ``str``; invalid UTF-8 is
-kept as surrogates rather than failing. Responses are packed with the bin type for
-bytes. A peer that sends something that is not msgpack, too large, or not a
-request/notification gets an error answer when its msgid is known, else the
-connection is closed; the server itself never goes down for it.
-
-With a token set, a connection's first call must be ``auth(token)``; anything else
-gets an error and the connection is closed.
-
-Errors carry a code (``elric.contract.ErrorCode``) that callers branch on, and a message
-for people: ``"'NAME' method not found"`` (the wording of the reference msgpack-rpc-python
-server), arity messages, a handler's ``RequestError`` as is, ``"internal error: ..."``.
+docs/PROTOCOL.md describes the wire format, auth and the error codes. Bad input never
+takes the server down: the peer gets an error answer when its msgid is known, else its
+connection is closed.
 """
 
 from __future__ import annotations
@@ -38,12 +21,6 @@ from typing import Any, Callable
 import msgpack
 
 from elric.contract import ErrorCode
-
-__all__ = [
-    "Server", "AsyncClient", "Client", "RequestError", "RPCError", "RemoteError",
-    "RPCConnectionError", "RPCTimeoutError", "parse_address",
-    "MAX_MESSAGE", "MAX_CONNECTIONS", "IDLE_TIMEOUT", "MAX_PENDING",
-]
 
 log = logging.getLogger("elric.rpc")
 
@@ -75,7 +52,9 @@ class RemoteError(RPCError):
         code = None
         if isinstance(error, dict):
             code, error = error.get("code"), error.get("message", error)
-        super().__init__(_error_text(error))
+        if isinstance(error, bytes):
+            error = error.decode("utf-8", "replace")
+        super().__init__(error if isinstance(error, str) else repr(error))
         self.code = ErrorCode(code) if code in ErrorCode._value2member_map_ else code
 
 
@@ -100,37 +79,19 @@ def _pack(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True, unicode_errors="surrogateescape")
 
 
-def _pack_request(msg: list, max_message: int) -> bytes:
-    try:
-        data = _pack(msg)
-    except Exception as exc:
-        raise TypeError(f"cannot send {msg[-2]!r} arguments: {exc}") from exc
-    if len(data) > max_message:
-        raise RPCError(f"{msg[-2]!r} request is {len(data)} bytes, over the {max_message}-byte limit")
-    return data
-
-
 class _ProtocolError(Exception):
     pass
 
 
-def _bad_input(exc: Exception) -> _ProtocolError:
-    return _ProtocolError(f"bad msgpack: {type(exc).__name__}" + (f": {exc}" if str(exc) else ""))
-
-
 class _Decoder:
-    """Streaming unpacker that enforces the size limit per message.
-
-    Unpacker.tell() is only exact after a complete message, so the size of the
-    message in progress is measured from the end of the last complete one.
-    """
+    """Streaming unpacker with a size limit per message. Unpacker.tell() is only exact
+    after a complete message, so the one in progress is measured from the last one's end."""
 
     def __init__(self, max_message: int):
         self.max = max_message
         self.chunk = min(_CHUNK, max_message)
         self._unpacker = msgpack.Unpacker(
-            # int map keys decode too, so the contract can name them instead of dropping
-            # the connection
+            # int map keys decode, so the contract can name them rather than drop the connection
             raw=False, unicode_errors="surrogateescape", strict_map_key=False,
             max_buffer_size=max_message + self.chunk,
             max_str_len=max_message, max_bin_len=max_message, max_ext_len=max_message,
@@ -140,22 +101,19 @@ class _Decoder:
     def feed(self, data: bytes):
         """Yield each message completed by ``data``; raise _ProtocolError on bad input."""
         try:
-            self._unpacker.feed(data)
+            self._unpacker.feed(data)  # BufferFull past the limit
+            self._fed += len(data)
+            for msg in self._unpacker:  # FormatError, StackError (deep nesting), limits...
+                end = self._unpacker.tell()
+                if end - self._end > self.max:
+                    raise _ProtocolError(f"message of {end - self._end} bytes, limit {self.max}")
+                self._end = end
+                yield msg
+        except _ProtocolError:
+            raise
         except Exception as exc:
-            raise _bad_input(exc) from None
-        self._fed += len(data)
-        while True:
-            try:
-                msg = next(self._unpacker)
-            except StopIteration:
-                break
-            except Exception as exc:  # FormatError, StackError (deep nesting), limits...
-                raise _bad_input(exc) from None
-            end = self._unpacker.tell()
-            if end - self._end > self.max:
-                raise _ProtocolError(f"message of {end - self._end} bytes, limit {self.max}")
-            self._end = end
-            yield msg
+            detail = f": {exc}" if str(exc) else ""
+            raise _ProtocolError(f"bad msgpack: {type(exc).__name__}{detail}") from None
         if self._fed - self._end > self.max:
             raise _ProtocolError(f"message over the {self.max}-byte limit")
 
@@ -165,12 +123,6 @@ def _error(code: ErrorCode, message: str) -> dict:
     return {"code": code, "message": message}
 
 
-def _error_text(error: Any) -> str:
-    if isinstance(error, bytes):
-        return error.decode("utf-8", "replace")
-    return error if isinstance(error, str) else repr(error)
-
-
 def _arity(fn: Callable) -> tuple[int, int | None, list[str]] | None:
     try:
         sig = inspect.signature(fn)
@@ -178,17 +130,12 @@ def _arity(fn: Callable) -> tuple[int, int | None, list[str]] | None:
         return None  # no introspectable signature: let the call itself decide
     low, high, names = 0, 0, []
     for p in sig.parameters.values():
+        if p.kind is p.VAR_POSITIONAL:
+            return low, None, [*names, f"*{p.name}"]
         if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
-            high += 1
-            if p.default is p.empty:
-                low += 1
-                names.append(p.name)
-            else:
-                names.append(f"[{p.name}]")
-        elif p.kind is p.VAR_POSITIONAL:
-            names.append(f"*{p.name}")
-            high = None
-            break
+            required = p.default is p.empty
+            low, high = low + required, high + 1
+            names.append(p.name if required else f"[{p.name}]")
     return low, high, names
 
 
@@ -286,9 +233,8 @@ class Server:
             del self._connections[task]
 
     async def invoke(self, method: str, params: list) -> Any:
-        """Call the handler of ``method`` with ``params`` as the wire would."""
         handler = self.handlers.get(method)
-        if handler is None:
+        if handler is None:  # the wording of the reference msgpack-rpc-python server
             raise RequestError(f"'{method}' method not found", ErrorCode.METHOD_NOT_FOUND)
         cached = self._arities.get(method)
         if cached is None or cached[0] is not handler:
@@ -313,31 +259,28 @@ class _Connection:
     def stop_reading(self) -> None:
         """Read no more requests (the server is closing): what arrived is still handled,
         then ``run`` sees the end of the stream, waits for its calls and closes."""
-        if not self.writer.transport.is_closing():
-            self.writer.transport.pause_reading()
-        if not self.reader.at_eof():
-            self.reader.feed_eof()
+        self.writer.transport.pause_reading()  # (a no-op on a closing transport)
+        self.reader.feed_eof()
 
     async def run(self) -> None:
         decoder = _Decoder(self.server.max_message)
         try:
             while True:
                 try:
-                    data = await asyncio.wait_for(self.reader.read(decoder.chunk), self.server.idle_timeout)
-                except asyncio.TimeoutError:
+                    data = await asyncio.wait_for(self.reader.read(decoder.chunk),
+                                                  self.server.idle_timeout)
+                except TimeoutError:
                     if self.tasks:
                         continue  # a long request in flight is not idleness
                     log.info("closing idle connection from %s", self.peer)
                     return
                 if not data:
                     return
-                try:
-                    for msg in decoder.feed(data):
-                        if not await self._dispatch(msg):
-                            return
-                except _ProtocolError as exc:
-                    log.warning("closing connection from %s: %s", self.peer, exc)
-                    return
+                for msg in decoder.feed(data):
+                    if not await self._dispatch(msg):
+                        return
+        except _ProtocolError as exc:
+            log.warning("closing connection from %s: %s", self.peer, exc)
         except ConnectionError:
             pass
         finally:
@@ -356,9 +299,8 @@ class _Connection:
         if not self.authed or method == "auth":
             return await self._auth(msgid, method, params)
         if method is None:
-            await self._send(msgid, _error(ErrorCode.BAD_REQUEST,
-                                           "invalid request: expected [0, msgid, method, params]"),
-                             None)
+            invalid = "invalid request: expected [0, msgid, method, params]"
+            await self._send(msgid, _error(ErrorCode.BAD_REQUEST, invalid), None)
             return True
         await self.slots.acquire()  # at the limit, stop reading until a request finishes
         task = asyncio.create_task(self._handle(msgid, method, params))
@@ -408,43 +350,73 @@ class _Connection:
             if len(data) > self.server.max_message:
                 raise ValueError(f"response is {len(data)} bytes, limit {self.server.max_message}")
         except Exception as exc:
-            log.error("cannot send the result of %s to %s: %s: %s", method, self.peer, type(exc).__name__, exc)
-            data = _pack([RESPONSE, msgid, _error(ErrorCode.INTERNAL, "internal error: cannot send "
-                                                 f"result: {type(exc).__name__}: {exc}"), None])
+            problem = f"{type(exc).__name__}: {exc}"
+            log.error("cannot send the result of %s to %s: %s", method, self.peer, problem)
+            error = _error(ErrorCode.INTERNAL, f"internal error: cannot send result: {problem}")
+            data = _pack([RESPONSE, msgid, error, None])
         if self.writer.is_closing():
             return
         self.writer.write(data)
         try:
             # A peer that stops reading must not pin its buffers forever.
             await asyncio.wait_for(self.writer.drain(), self.server.idle_timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.warning("aborting connection from %s: not reading its responses", self.peer)
             self.writer.transport.abort()
         except ConnectionError:
             pass
 
 
-def _unreachable(host: str, port: int, exc: BaseException) -> RPCConnectionError:
-    if isinstance(exc, (asyncio.TimeoutError, socket.timeout)):
+def _unreachable(host: str, port: int, exc: OSError) -> RPCConnectionError:
+    if isinstance(exc, TimeoutError):
         reason = "timed out"
-    elif isinstance(exc, socket.gaierror):
-        reason = exc.strerror or str(exc)
-    elif isinstance(exc, OSError) and exc.errno and exc.errno > 0:
-        reason = os.strerror(exc.errno)
-    else:
-        reason = str(exc) or type(exc).__name__
+    elif exc.errno and exc.errno > 0:
+        reason = os.strerror(exc.errno)  # asyncio's message also names the address
+    else:  # a name that does not resolve, or several addresses that all failed
+        reason = exc.strerror or str(exc) or type(exc).__name__
     return RPCConnectionError(f"cannot reach elric master at {host}:{port}: {reason}")
 
 
-class AsyncClient:
+class _Caller:
+    """What both clients share: numbering and packing requests, and reading responses."""
+
+    def __init__(self, host: str, port: int, timeout: float | None, max_message: int):
+        self.host, self.port, self.timeout = host, port, timeout
+        self._where = f"elric master at {host}:{port}"
+        self._max_message = max_message
+        self._msgid = 0
+
+    def _request(self, method: str, params: tuple) -> tuple[int, bytes]:
+        """-> (msgid, request bytes); raises, with nothing sent, if they cannot go."""
+        self._msgid = msgid = (self._msgid + 1) & 0xFFFFFFFF
+        try:
+            data = _pack([REQUEST, msgid, method, list(params)])
+        except Exception as exc:
+            raise TypeError(f"cannot send {method!r} arguments: {exc}") from exc
+        if len(data) > self._max_message:
+            raise RPCError(f"{method!r} request is {len(data)} bytes, "
+                           f"over the {self._max_message}-byte limit")
+        return msgid, data
+
+    def _timed_out(self, method: str, limit: float | None) -> RPCTimeoutError:
+        return RPCTimeoutError(f"no answer from {self._where} to {method} within {limit}s")
+
+
+def _responses(decoder: _Decoder, data: bytes):
+    """Yield (msgid, RemoteError or None, result) for each response ``data`` completes."""
+    for msg in decoder.feed(data):
+        if isinstance(msg, list) and len(msg) == 4 and msg[0] == RESPONSE:
+            yield msg[1], None if msg[2] is None else RemoteError(msg[2]), msg[3]
+
+
+class AsyncClient(_Caller):
     """Many concurrent calls over one connection, matched to responses by msgid."""
 
-    def __init__(self, reader, writer, host: str, port: int, timeout: float | None, max_message: int):
+    def __init__(self, reader, writer, host: str, port: int, timeout: float | None,
+                 max_message: int):
+        super().__init__(host, port, timeout, max_message)
         self._reader, self._writer = reader, writer
-        self._where = f"elric master at {host}:{port}"
-        self._timeout, self._max_message = timeout, max_message
         self._pending: dict[int, asyncio.Future] = {}
-        self._msgid = 0
         self._lost: str | None = None
         self._reader_task = asyncio.create_task(self._read_loop())
 
@@ -453,7 +425,7 @@ class AsyncClient:
                       token: str | None = None, max_message: int = MAX_MESSAGE) -> AsyncClient:
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
-        except (OSError, asyncio.TimeoutError) as exc:
+        except OSError as exc:
             raise _unreachable(host, port, exc) from None
         client = cls(reader, writer, host, port, timeout, max_message)
         if token is not None:
@@ -468,26 +440,20 @@ class AsyncClient:
         """``timeout`` None means the client's default (the one given to connect)."""
         if self._lost:
             raise RPCConnectionError(self._lost)
-        self._msgid = msgid = (self._msgid + 1) & 0xFFFFFFFF
-        data = _pack_request([REQUEST, msgid, method, list(params)], self._max_message)
+        msgid, data = self._request(method, params)
         future = self._pending[msgid] = asyncio.get_running_loop().create_future()
-        limit = self._timeout if timeout is None else timeout
+        limit = self.timeout if timeout is None else timeout
         try:
             async with asyncio.timeout(limit):
                 self._writer.write(data)
                 await self._writer.drain()
                 return await future
         except TimeoutError:
-            raise RPCTimeoutError(f"no answer from {self._where} to {method} within {limit}s") from None
+            raise self._timed_out(method, limit) from None
         except ConnectionError as exc:
             raise RPCConnectionError(f"connection to {self._where} lost: {exc}") from None
         finally:
             self._pending.pop(msgid, None)
-
-    def notify(self, method: str, *params: Any) -> None:
-        if self._lost:
-            raise RPCConnectionError(self._lost)
-        self._writer.write(_pack_request([NOTIFY, method, list(params)], self._max_message))
 
     async def close(self) -> None:
         self._fail(f"connection to {self._where} closed by the client")
@@ -511,14 +477,13 @@ class AsyncClient:
         decoder, reason = _Decoder(self._max_message), "closed by the server"
         try:
             while data := await self._reader.read(decoder.chunk):
-                for msg in decoder.feed(data):
-                    if isinstance(msg, list) and len(msg) == 4 and msg[0] == RESPONSE:
-                        future = self._pending.get(msg[1])
-                        if future is not None and not future.done():
-                            if msg[2] is None:
-                                future.set_result(msg[3])
-                            else:
-                                future.set_exception(RemoteError(msg[2]))
+                for msgid, error, result in _responses(decoder, data):
+                    future = self._pending.get(msgid)  # None if the call gave up
+                    if future is not None and not future.done():
+                        if error:
+                            future.set_exception(error)
+                        else:
+                            future.set_result(result)
         except (OSError, _ProtocolError) as exc:
             reason = f"lost: {exc}"
         finally:
@@ -526,34 +491,22 @@ class AsyncClient:
             self._writer.close()
 
 
-class Client:
+class Client(_Caller):
     """Blocking client for scripts and threads: one call at a time per instance
     (a lock makes it thread-safe), connecting lazily and again after a failure."""
 
     def __init__(self, host: str, port: int, *, timeout: float | None = 10.0,
                  token: str | None = None, max_message: int = MAX_MESSAGE):
-        self.host, self.port, self.timeout = host, port, timeout
-        self._token, self._max_message = token, max_message
-        self._where = f"elric master at {host}:{port}"
+        super().__init__(host, port, timeout, max_message)
+        self._token = token
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
         self._decoder: _Decoder | None = None
-        self._msgid = 0
 
     def call(self, method: str, *params: Any, timeout: float | None = None) -> Any:
         with self._lock:
             self._ensure_connected()
             return self._roundtrip(method, params, self.timeout if timeout is None else timeout)
-
-    def notify(self, method: str, *params: Any) -> None:
-        with self._lock:
-            data = _pack_request([NOTIFY, method, list(params)], self._max_message)
-            self._ensure_connected()
-            try:
-                self._sock.sendall(data)
-            except OSError as exc:
-                self._drop()
-                raise RPCConnectionError(f"connection to {self._where} lost: {exc}") from None
 
     def close(self) -> None:
         with self._lock:
@@ -578,8 +531,7 @@ class Client:
             try:
                 self._sock.recv(1, socket.MSG_PEEK)
             except BlockingIOError:
-                self._sock.settimeout(self.timeout)
-                return
+                return  # (the call sets its own timeout)
             except OSError:
                 pass
             self._drop()
@@ -597,8 +549,7 @@ class Client:
                 raise
 
     def _roundtrip(self, method: str, params: tuple, timeout: float | None) -> Any:
-        self._msgid = msgid = (self._msgid + 1) & 0xFFFFFFFF
-        data = _pack_request([REQUEST, msgid, method, list(params)], self._max_message)
+        msgid, data = self._request(method, params)
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             self._sock.settimeout(timeout)
@@ -608,20 +559,16 @@ class Client:
                     self._sock.settimeout(max(deadline - time.monotonic(), 0.001))
                 chunk = self._sock.recv(self._decoder.chunk)
                 if not chunk:
+                    self._drop()
                     raise RPCConnectionError(f"connection to {self._where} closed by the server")
-                for msg in self._decoder.feed(chunk):
-                    if isinstance(msg, list) and len(msg) == 4 and msg[0] == RESPONSE and msg[1] == msgid:
-                        if msg[2] is not None:
-                            raise RemoteError(msg[2])
-                        return msg[3]
-        except RemoteError:
-            raise
-        except RPCConnectionError:
-            self._drop()
-            raise
-        except socket.timeout:
+                for got, error, result in _responses(self._decoder, chunk):
+                    if got == msgid:
+                        if error:
+                            raise error
+                        return result
+        except TimeoutError:
             self._drop()  # a late answer must not be read as the next call's
-            raise RPCTimeoutError(f"no answer from {self._where} to {method} within {timeout}s") from None
+            raise self._timed_out(method, timeout) from None
         except (OSError, _ProtocolError) as exc:
             self._drop()
             raise RPCConnectionError(f"connection to {self._where} lost: {exc}") from None
