@@ -5,17 +5,12 @@ renewed every lease/3) and only the holder fires. Taking the lease INCRs
 ``keys.scheduler_fence``; that token guards every write, so a master that lost the lease
 (paused, partitioned) cannot fire anything afterwards.
 
-The leader sleeps until the next due time with BLPOP on ``keys.scheduler_wake`` (the job
-store pushes a token there when a job becomes the soonest, from any master). Each pass
-reads at most ``batch_size`` due jobs (lua/scheduler_due.lua), works out in Python which
-fires to enqueue (misfire grace, coalescing, max_instances: a ``FirePlan`` per job), then
-lua/scheduler_fire.lua checks lease and fence, marks each fire once (SET NX), records runs,
-moves next run times and returns the new head of the index (how long to sleep). Only the
-fires that script accepted are handed to the ``enqueue`` callback.
-
-At most once: a fire is marked before it is enqueued. A master that dies between the script
-and the callback loses those fires; enqueueing first would instead risk a duplicate run
-whenever the marking failed afterwards.
+The leader sleeps until the next due time with BLPOP on ``keys.scheduler_wake`` (pushed by
+the job store when a job becomes the soonest). A pass reads up to ``batch_size`` due jobs
+(lua/scheduler_due.lua), plans their fires in Python, then lua/scheduler_fire.lua checks the
+fence, marks each fire once (SET NX), records runs and moves next run times. Only accepted
+fires go to ``enqueue``: marked first, a fire is lost if the master dies before enqueueing
+it (at most once), where enqueueing first would risk a duplicate run.
 """
 
 from __future__ import annotations
@@ -32,19 +27,17 @@ from functools import lru_cache
 from elric import lua
 from elric.codec import pack, unpack
 from elric.contract import Status
-from elric.jobstore import FINISHED_TTL, Coalesce, Outcome, RedisJobStore, iso
+from elric.jobstore import FINISHED_TTL, Coalesce, Options, Outcome, RedisJobStore, iso
 from elric.queue import Fenced
 from elric.retry import Backoff
-from elric.triggers import build_trigger, first_fire, next_fire
+from elric.triggers import build_trigger, next_fire
 
 CATCHUP_LIMIT = 1000        # fires of one job handled per pass when catching up a backlog
 FIRE_MARK_MARGIN = 600      # fire marks outlive the grace window by this (clock skew, slow masters)
 FIRE_MARK_TTL_NO_GRACE = 86400
 SHORT_WAIT = 0.25           # Redis times out BLPOP only ~10x/s: shorter waits use asyncio.sleep
-# The schedule hash fields a pass reads, in the order _plan unpacks them ("recent" last:
-# scheduler_due.lua reads the statuses of the fires it lists).
-FIRE_FIELDS = (b"spec", b"trigger", b"next_run_time", b"version", b"misfire_grace_time",
-               b"coalesce", b"max_instances", b"recent")
+FIRE_FIELDS = ("spec", "trigger", "next_run_time", "version", "misfire_grace_time", "coalesce",
+               "max_instances")  # the schedule hash fields a pass reads
 LIVE = frozenset(s.encode() for s in Status if s.live)
 
 
@@ -54,20 +47,16 @@ class FirePlan:
 
     job_id: str
     version: bytes              # as read; scheduler_fire.lua applies the plan only if unchanged
-    recent: list[str]           # ids of its last fires; the live ones count for max_instances
     next: float | None          # its next run time after this pass (None: finished)
-    spec_b: bytes = b""         # the job spec (msgpack) every fire gets
-    grace: float | None = None
-    max_instances: int = 1
-    missed: list[float] = field(default_factory=list)   # too late for the grace time
-    run: list[float] = field(default_factory=list)      # to enqueue if max_instances allows
-    dropped: list[float] = field(default_factory=list)  # not run: coalesce "skip"
-    coalesced: int = 0                                   # due fires folded into those run
+    options: Options = field(default_factory=Options)
+    spec: bytes = b""           # the job spec (msgpack) every fire gets
+    # (fire time, outcome, runs record extras), oldest first; max_instances may skip ENQUEUED
+    fires: list[tuple[float, Outcome, dict]] = field(default_factory=list)
 
 
 def _score(raw) -> float:
-    """A zset score as a script returns it (a string; false/None: the index is empty)."""
-    return math.inf if raw is None or raw is False else float(raw)
+    """A zset score as a script returns it (a string; None: the index is empty)."""
+    return math.inf if raw is None else float(raw)
 
 
 def fire_id(job_id: str, fire_time: float) -> str:
@@ -77,9 +66,8 @@ def fire_id(job_id: str, fire_time: float) -> str:
     return f"{job_id}@{dt:%Y-%m-%dT%H:%M:%S}{frac}Z"
 
 
-@lru_cache(maxsize=10_000)
+@lru_cache(maxsize=10_000)  # stored triggers are few and rarely change: parse each once
 def _trigger(blob: bytes):
-    # stored triggers are few and rarely change: parse each once, not once per fire
     return build_trigger(unpack(blob))
 
 
@@ -89,7 +77,7 @@ def _last_until(trigger, after: float, now: float) -> float | None:
     span = 1.0
     while True:
         start = max(after, now - span)
-        probe = first_fire(trigger, start)
+        probe = next_fire(trigger, start, first=True)
         if probe is not None and after < probe <= now:
             while (nxt := next_fire(trigger, probe)) is not None and nxt <= now:
                 probe = nxt  # few steps: nothing fires in the last span/2
@@ -113,34 +101,28 @@ class Scheduler:
                  lease_seconds: float = 10.0, clock=time.time,
                  log=logging.getLogger("elric.scheduler")) -> None:
         self.redis, self.keys, self.store, self.enqueue = redis, keys, store, enqueue
-        self.master_id = master_id
+        self.master_id, self.clock, self.log = master_id, clock, log
         self.lease_seconds = lease_seconds
         self._lease_ms = max(1, int(lease_seconds * 1000))
-        self.clock = clock
-        self.log = log
-        self.is_leader = False
-        self.token: int | None = None
+        self.is_leader, self.token = False, None  # token: the fence token while leading
         self._lease_keys = [keys.scheduler_lease, keys.scheduler_fence]
-        self._acquire_s = lua.load(redis, "scheduler_acquire")
-        self._renew_s = lua.load(redis, "scheduler_renew")
-        self._release_s = lua.load(redis, "scheduler_release")
-        self._due_s = lua.load(redis, "scheduler_due")
-        self._fire_s = lua.load(redis, "scheduler_fire")
-        self._stop: asyncio.Event | None = None
-        self._leader: asyncio.Event | None = None
-        self._done: asyncio.Event | None = None
-        self._lease_wait = lease_seconds / 3
+        self._acquire_s, self._renew_s, self._release_s, self._due_s, self._fire_s = (
+            lua.load(redis, f"scheduler_{name}")
+            for name in ("acquire", "renew", "release", "due", "fire"))
+        self._stop, self._leader, self._done = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        self._done.set()  # run() is not running (each run makes fresh events)
+        self._lease_wait = lease_seconds / 3  # shorter when the holder's lease runs out sooner
 
     # --- lease ---------------------------------------------------------------------------
     async def _acquire(self) -> bool:
-        got, value = await self._acquire_s(keys=self._lease_keys, args=[self.master_id, self._lease_ms])
+        got, value = await self._acquire_s(keys=self._lease_keys,
+                                           args=[self.master_id, self._lease_ms])
         if not got:  # retry right when the holder's lease runs out, at the latest
             self._lease_wait = min(self.lease_seconds / 3, max(value, 1) / 1000 + 0.005)
             return False
         self.is_leader, self.token = True, int(value)
         self._lease_wait = self.lease_seconds / 3
-        if self._leader:
-            self._leader.set()
+        self._leader.set()
         self.log.info("master %s schedules now (fence token %s)", self.master_id, self.token)
         return True
 
@@ -152,8 +134,7 @@ class Scheduler:
         if self.is_leader:
             self.log.log(level, "master %s stops scheduling: %s", self.master_id, why)
         self.is_leader, self.token = False, None
-        if self._leader:
-            self._leader.clear()
+        self._leader.clear()
 
     async def _release(self) -> None:
         if self.token is not None:
@@ -169,7 +150,7 @@ class Scheduler:
                     await self._acquire()
             except Exception:  # Redis hiccup: the fence still guards every fire
                 self.log.exception("scheduler lease: renew/acquire failed")
-            await _wait(self._stop, self._lease_wait if not self.is_leader else self.lease_seconds / 3)
+            await _wait(self._stop, self._lease_wait)
 
     # --- firing --------------------------------------------------------------------------
     async def tick(self) -> int:
@@ -183,12 +164,12 @@ class Scheduler:
         total, head = 0, math.inf
         while self.is_leader:
             now = self.clock()
-            reply = await self._due_s(keys=[self.keys.schedules],
-                                      args=[repr(now * 1000.0), self.batch_size,
-                                            self.keys.schedule(""), self.keys.job(""), *FIRE_FIELDS])
+            args = [repr(now * 1000.0), self.batch_size, self.keys.schedule(""), self.keys.job(""),
+                    *FIRE_FIELDS]
+            reply = await self._due_s(keys=[self.keys.schedules], args=args)
             if len(reply) == 1:  # nothing due: the reply is the head score
                 return total, _score(reply[0])
-            rows = [(reply[i].decode(), reply[i + 1], reply[i + 2]) for i in range(1, len(reply), 3)]
+            rows = [reply[i:i + 3] for i in range(1, len(reply), 3)]
             fired, head = await self._fire_batch(rows, now)
             total += fired
             if len(rows) < self.batch_size:
@@ -197,21 +178,20 @@ class Scheduler:
 
     def _plan(self, job_id: str, row: list, now: float) -> FirePlan:
         """Which due fire times of one job are missed, run, coalesced or skipped."""
-        spec_b, trig_b, nrt, version, grace_b, coalesce_b, max_b, recent_b = row
-        if spec_b is None:  # an index entry without its hash: scheduler_fire.lua drops it
-            return FirePlan(job_id, b"", [], None)
-        trigger, policy = _trigger(trig_b), Coalesce(coalesce_b.decode())
-        plan = FirePlan(job_id, version, unpack(recent_b) or [], None, spec_b,
-                        None if grace_b in (None, b"") else float(grace_b), int(max_b))
-        horizon = -math.inf if plan.grace is None else now - plan.grace
-        t, more = float(nrt), ""
+        h = dict(zip(FIRE_FIELDS, row))
+        if h["spec"] is None:  # an index entry without its hash: scheduler_fire.lua drops it
+            return FirePlan(job_id, b"", None)
+        options, trigger = Options.from_hash(h), _trigger(h["trigger"])
+        grace, policy = options.misfire_grace_time, options.coalesce
+        horizon = -math.inf if grace is None else now - grace
+        t, more, missed = float(h["next_run_time"]), "", []
         while t is not None and t < horizon:  # too late to run: recorded as missed
-            if len(plan.missed) == self.store.runs_kept:  # enough to show; jump to the grace window
+            if len(missed) == self.store.runs_kept:  # enough to show; jump to the grace window
                 more = "more than "
-                t = first_fire(trigger, horizon)
+                t = next_fire(trigger, horizon, first=True)
                 t = None if t is not None and t < horizon else t  # a date trigger's one fire
                 break
-            plan.missed.append(t)
+            missed.append(t)
             t = next_fire(trigger, t)
         due: list[float] = []
         while t is not None and t <= now and len(due) < CATCHUP_LIMIT:
@@ -223,94 +203,76 @@ class Scheduler:
             if last is not None:
                 due.append(last)
                 t = next_fire(trigger, last)
-        if plan.missed:
+        if missed:
             self.log.warning("periodic job %s: %s%d fire(s) missed the %ss misfire grace time",
-                             job_id, more, len(plan.missed), plan.grace)
-        if len(due) <= 1 or policy is Coalesce.ALL:
-            plan.run = due
-        elif policy is Coalesce.LATEST:
-            plan.run = due[-1:]
+                             job_id, more, len(missed), grace)
+        fires = [(m, Outcome.MISSED, {"reason": "late"}) for m in missed]
+        if len(due) > 1 and policy is Coalesce.SKIP:
+            fires += [(d, Outcome.SKIPPED, {"reason": "coalesce"}) for d in due]
+        elif len(due) > 1 and policy is Coalesce.LATEST:
+            fires.append((due[-1], Outcome.ENQUEUED, {"coalesced": len(due) - 1}))
         else:
-            plan.dropped = due
-        plan.coalesced = len(due) - len(plan.run) - len(plan.dropped)
-        plan.next = t
-        return plan
+            fires += [(d, Outcome.ENQUEUED, {}) for d in due]
+        return FirePlan(job_id, h["version"], t, options, h["spec"], fires)
 
-    def _entries(self, plan: FirePlan, live: list[str], now: float):
-        """The plan's run records, oldest first, as (kind, fire id, mark ttl, record) with kind
-        "f" for a fire to mark and enqueue; plus the specs of those fires and the new recent."""
-        entries, specs = [], {}
-        room = plan.max_instances - len(live)
+    def _job_args(self, plan: FirePlan, live: list[str], now: float, specs: dict):
+        """The keys and argv scheduler_fire.lua takes for one plan (see its header). A fire
+        that max_instances leaves room for gets its spec put in ``specs``, its id in ``live``."""
+        job_id, nxt, grace = plan.job_id, plan.next, plan.options.misfire_grace_time
+        keys, entries = [self.keys.schedule(job_id), self.keys.schedule_runs(job_id)], []
+        for t, outcome, extra in plan.fires:
+            fid, ttl = fire_id(job_id, t), 0
+            if outcome is Outcome.ENQUEUED and len(live) >= plan.options.max_instances:
+                outcome, extra = Outcome.SKIPPED, {"reason": "max_instances"}
+            elif outcome is Outcome.ENQUEUED:
+                ttl = (FIRE_MARK_TTL_NO_GRACE if grace is None
+                       else max(60, math.ceil(t + grace + FIRE_MARK_MARGIN - now)))
+                live.append(fid)
+                keys.append(self.keys.fire(fid))
+                specs[fid] = {**unpack(plan.spec), "job_id": fid, "schedule": job_id,
+                              "fire_time": t}
+            record = {"fire_time": t, "job_id": fid, "outcome": outcome, "at": now, **extra}
+            entries += ["f" if outcome is Outcome.ENQUEUED else "r", fid, ttl, pack(record)]
+        return keys, [job_id, plan.version, "" if nxt is None else repr(nxt * 1000.0),
+                      "" if nxt is None else repr(nxt), iso(nxt), pack(live), len(plan.fires),
+                      *entries]
 
-        def record(t, outcome, ttl=0, **extra):
-            fid = fire_id(plan.job_id, t)
-            kind = "f" if outcome is Outcome.ENQUEUED else "r"
-            entries.append((kind, fid, ttl, pack({"fire_time": t, "job_id": fid, "outcome": outcome,
-                                                  "at": now, **extra})))
-            return fid
-
-        for t in plan.missed:
-            record(t, Outcome.MISSED, reason="late")
-        for t in plan.dropped:
-            record(t, Outcome.SKIPPED, reason="coalesce")
-        for t in plan.run:
-            if room <= 0:
-                record(t, Outcome.SKIPPED, reason="max_instances")
-                continue
-            room -= 1
-            ttl = (FIRE_MARK_TTL_NO_GRACE if plan.grace is None
-                   else max(60, math.ceil(t + plan.grace + FIRE_MARK_MARGIN - now)))
-            extra = {"coalesced": plan.coalesced} if plan.coalesced else {}
-            fid = record(t, Outcome.ENQUEUED, ttl, **extra)
-            live = [*live, fid]
-            specs[fid] = {**unpack(plan.spec_b), "job_id": fid, "schedule": plan.job_id, "fire_time": t}
-        return entries, specs, live
-
-    async def _fire_batch(self, rows: list[tuple[str, list, list]], now: float) -> tuple[int, float]:
-        """Plan, mark and enqueue the fires of ``rows`` (job_id, hash fields, recent fire
-        statuses); returns (fires enqueued, index head score in ms)."""
-        plans, status = [], {}
-        for job_id, row, statuses in rows:
-            status.update((statuses[i].decode(), statuses[i + 1]) for i in range(0, len(statuses), 2))
-            try:
-                plans.append(self._plan(job_id, row, now))
-            except Exception:  # bad stored data must not stall every other job
-                self.log.exception("periodic job %s: cannot compute its fires; retrying in 60s", job_id)
-                plans.append(FirePlan(job_id, row[3], unpack(row[7]) or [], now + 60))
-
+    async def _fire_batch(self, rows: list[list], now: float) -> tuple[int, float]:
+        """Plan, mark and enqueue the fires of ``rows`` (job_id, hash fields, its recent fires
+        with their statuses); returns (fires enqueued, index head score in ms)."""
         keys = [*self._lease_keys, self.keys.schedules]
-        argv: list = [self.master_id, self.token, self.store.runs_kept, FINISHED_TTL, len(plans)]
+        argv: list = [self.master_id, self.token, self.store.runs_kept, FINISHED_TTL, len(rows)]
         specs: dict[str, dict] = {}
-        for p in plans:
-            live = [fid for fid in p.recent if status.get(fid) in LIVE] if p.run else p.recent
-            entries, job_specs, recent = self._entries(p, live, now)
-            specs.update(job_specs)
-            keys += [self.keys.schedule(p.job_id), self.keys.schedule_runs(p.job_id)]
-            keys += [self.keys.fire(e[1]) for e in entries if e[0] == "f"]
-            nxt = p.next
-            argv += [p.job_id, p.version, "" if nxt is None else repr(nxt * 1000.0),
-                     "" if nxt is None else repr(nxt), iso(nxt), pack(recent), len(entries)]
-            for e in entries:
-                argv += e
+        for job_id, row, statuses in rows:
+            job_id = job_id.decode()
+            # its recent fires still queued or running: what max_instances counts
+            live = [statuses[i].decode() for i in range(0, len(statuses), 2)
+                    if statuses[i + 1] in LIVE]
+            try:
+                plan = self._plan(job_id, row, now)
+            except Exception:  # bad stored data must not stall every other job
+                self.log.exception("periodic job %s: cannot compute its fires; retrying in 60s",
+                                   job_id)
+                plan = FirePlan(job_id, row[FIRE_FIELDS.index("version")], now + 60)
+            job_keys, job_argv = self._job_args(plan, live, now, specs)
+            keys += job_keys
+            argv += job_argv
         result = await self._fire_s(keys=keys, args=argv)
-        if not result or result[0] == 0:
+        if result[0] == 0:
             self._step_down("fence moved on: another master holds the lease")
             return 0, math.inf
-        head = _score(result[1])
-        accepted = [specs[f.decode()] for f in result[2:]]
+        head, accepted = _score(result[1]), [specs[f.decode()] for f in result[2:]]
         if not accepted:
             return 0, head
-        lost = ", ".join(s["job_id"] for s in accepted)  # marked, so never enqueued again
         try:
             await self.enqueue(accepted, self.token)
-        except Fenced:
-            self._step_down("enqueue refused the fence token")
-            self.log.error("fires lost (fenced while enqueueing): %s", lost)
-        except Exception:
-            self.log.exception("enqueue failed; fires lost: %s", lost)
-        else:
             return len(accepted), head
-        return 0, head
+        except Exception as exc:  # marked, so never enqueued again: these fires are lost
+            if isinstance(exc, Fenced):
+                self._step_down("enqueue refused the fence token")
+            self.log.exception("enqueue failed; fires lost: %s",
+                               ", ".join(s["job_id"] for s in accepted))
+            return 0, head
 
     # --- loop ----------------------------------------------------------------------------
     async def _sleep(self, timeout: float) -> None:
@@ -351,7 +313,7 @@ class Scheduler:
 
     async def stop(self) -> None:
         """Stop ``run()`` and release the lease if held."""
-        if self._stop is None or self._done.is_set():
+        if self._done.is_set():  # not running
             await self._release()
             return
         self._stop.set()

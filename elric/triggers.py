@@ -1,17 +1,12 @@
 """Periodic-job triggers: validate plain-data trigger dicts and build APScheduler 3.x triggers.
 
-A trigger travels and is stored as plain data (msgpack-able dicts, never pickles):
-
-    {"type": "cron", "minute": "*/15", "hour": "2", "timezone": "Europe/Berlin"}
-    {"type": "cron", "crontab": "30 2 * * 1-5", "timezone": "Europe/Berlin"}
-    {"type": "interval", "minutes": 15}
-    {"type": "date", "run_date": "2026-05-01T08:00:00+02:00"}
-
-``parse_trigger`` checks every field (errors name it: ``trigger.minute: ...``) and returns the
-APScheduler trigger plus a normalized dict to store; ``build_trigger`` rebuilds the trigger
-from that dict. The fire-time arithmetic is APScheduler's; this module only adds validation,
-an explicit default zone (UTC, so masters on hosts with different local zones agree), crontab
-weekday numbering and a fix for repeated wall-clock times when DST ends.
+Triggers travel and are stored as msgpack-able dicts (never pickles), e.g.
+``{"type": "cron", "crontab": "30 2 * * 1-5", "timezone": "Europe/Berlin"}``,
+``{"type": "interval", "minutes": 15}`` or ``{"type": "date", "run_date": "2026-05-01T08:00"}``.
+The fire-time arithmetic is APScheduler's; this module adds validation that names the bad
+field, UTC as the explicit default zone (so masters on hosts in other zones agree), crontab
+weekday numbering, a single fire at repeated wall-clock times when DST ends, and jitter that
+does not accumulate.
 """
 
 from __future__ import annotations
@@ -29,8 +24,8 @@ from apscheduler.triggers.date import DateTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
 UTC = dt_timezone.utc
-DEFAULT_TIMEZONE = "UTC"
 CRON_FIELDS = CronTrigger.FIELD_NAMES  # year, month, day, week, day_of_week, hour, minute, second
+CRONTAB_FIELDS = ("minute", "hour", "day", "month", "day_of_week")
 INTERVAL_UNITS = ("weeks", "days", "hours", "minutes", "seconds")
 COMMON = ("start_date", "end_date", "timezone", "jitter")
 ALLOWED = {
@@ -52,12 +47,9 @@ class TriggerError(ValueError):
 
 
 class _CronTrigger(CronTrigger):
-    """CronTrigger that fires a fixed-hour job once when DST ends.
-
-    When clocks go back, 02:00-03:00 (Europe/Berlin) happens twice and APScheduler 3.x fires
-    "30 2 * * *" in both. Like Vixie cron, a job with a fixed hour skips the second
-    occurrence; jobs whose hour is "*" keep firing every real interval.
-    """
+    """CronTrigger that fires a fixed-hour job once when DST ends: APScheduler 3.x fires
+    "30 2 * * *" at both 02:30s of the repeated hour; like Vixie cron, this skips the second.
+    Jobs whose hour is "*" keep firing every real interval."""
 
     __slots__ = ("skip_repeated",)
 
@@ -69,13 +61,9 @@ class _CronTrigger(CronTrigger):
 
 
 class _IntervalTrigger(IntervalTrigger):
-    """IntervalTrigger whose jitter does not accumulate.
-
-    APScheduler 3.x adds the interval to the previous (jittered) fire time, so a jittered
-    schedule drifts later with every fire; here each fire is jittered from its grid point.
-    """
-
-    __slots__ = ()
+    """IntervalTrigger whose jitter does not accumulate: APScheduler 3.x adds the interval to
+    the previous (jittered) fire time, so it drifts; here each fire is jittered from its grid
+    point."""
 
     def get_next_fire_time(self, previous_fire_time, now):
         if previous_fire_time is None or not self.jitter:
@@ -97,17 +85,19 @@ def _zone(value: Any) -> tuple[str, tzinfo]:
     if isinstance(value, ZoneInfo):
         value = value.key
     if not isinstance(value, str) or not value:
-        raise TriggerError("trigger.timezone", f"expected an IANA zone name like 'Europe/Berlin', got {value!r}")
+        raise TriggerError("trigger.timezone",
+                           f"expected an IANA zone name like 'Europe/Berlin', got {value!r}")
     try:
         return value, ZoneInfo(value)
     except (KeyError, ValueError, OSError):  # ZoneInfoNotFoundError is a KeyError
         raise TriggerError("trigger.timezone", f"unknown time zone {value!r}") from None
 
 
-def _datetime(name: str, value: Any, tz: tzinfo) -> datetime:
-    """ISO 8601 string, datetime or epoch seconds -> aware datetime (naive means ``tz``)."""
-    field = f"trigger.{name}"
-    if isinstance(value, datetime):
+def _datetime(data: dict, name: str, tz: tzinfo) -> datetime | None:
+    """``data[name]`` (ISO 8601 string, datetime or epoch seconds) as an aware datetime
+    (naive means ``tz``); None when absent."""
+    value, field = data.get(name), f"trigger.{name}"
+    if value is None or isinstance(value, datetime):
         dt = value
     elif isinstance(value, str):
         try:
@@ -117,11 +107,16 @@ def _datetime(name: str, value: Any, tz: tzinfo) -> datetime:
     elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
         dt = datetime.fromtimestamp(value, UTC)
     else:
-        raise TriggerError(field, f"expected an ISO 8601 string or epoch seconds, got {type(value).__name__}")
-    return dt if dt.tzinfo is not None else dt.replace(tzinfo=tz)
+        raise TriggerError(field, "expected an ISO 8601 string or epoch seconds, "
+                                  f"got {type(value).__name__}")
+    return dt if dt is None or dt.tzinfo is not None else dt.replace(tzinfo=tz)
 
 
-def _number(name: str, value: Any) -> float | int:
+def _number(data: dict, name: str) -> float | int | None:
+    """``data[name]`` as a number of 0 or more; None when absent."""
+    value = data.get(name)
+    if value is None:
+        return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise TriggerError(f"trigger.{name}", f"expected a number, got {value!r}")
     if value < 0:
@@ -134,7 +129,7 @@ def _crontab_day_of_week(expr: str) -> str:
     items = []
     for item in expr.split(","):
         m = _NUMERIC_DOW.fullmatch(item)
-        if not m:  # names ("mon-fri") mean the same in both
+        if not m or item == "*":  # names ("mon-fri") mean the same in both
             items.append(item)
             continue
         first, last, step = m.groups()
@@ -142,112 +137,88 @@ def _crontab_day_of_week(expr: str) -> str:
         if step is not None and last is None and first != "*":
             hi = 6  # "1/2" means from 1 to the end of the week
         if hi > 7 or lo > hi or (step is not None and int(step) == 0):
-            raise TriggerError("trigger.crontab", f"invalid day of week {item!r} (0-7, 0 and 7 are Sunday)")
-        if first == "*" and step in (None, "1"):
-            items.append("*")
-            continue
-        days = range(lo, hi + 1, int(step or 1))
-        items.extend(dict.fromkeys(_CRONTAB_DAYS[d] for d in days))
+            raise TriggerError("trigger.crontab",
+                               f"invalid day of week {item!r} (0-7, 0 and 7 are Sunday)")
+        items.extend(_CRONTAB_DAYS[d] for d in range(lo, hi + 1, int(step or 1)))
     return ",".join(dict.fromkeys(items))
 
 
 def _cron_fields(data: dict) -> dict[str, str]:
-    if "crontab" not in data:
-        fields = {}
-        for name in CRON_FIELDS:
-            value = data.get(name)
-            if value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, str)):
-                raise TriggerError(f"trigger.{name}", f"expected an int or a string, got {value!r}")
-            fields[name] = str(value)
-        return fields
-    crontab = data["crontab"]
-    mixed = [n for n in CRON_FIELDS if data.get(n) is not None]
-    if mixed:
+    """The APScheduler cron fields of ``data`` (a crontab or separate fields), each checked."""
+    crontab = data.get("crontab")
+    if crontab is None:
+        fields = {name: data[name] for name in CRON_FIELDS if data.get(name) is not None}
+    elif mixed := [n for n in CRON_FIELDS if data.get(n) is not None]:
         raise TriggerError("trigger.crontab", f"cannot be combined with {', '.join(mixed)}")
-    if not isinstance(crontab, str):
-        raise TriggerError("trigger.crontab", f"expected a string like '*/15 * * * *', got {crontab!r}")
-    parts = crontab.split()
-    if len(parts) != 5:
-        raise TriggerError(
-            "trigger.crontab",
-            f"expected 5 fields (minute hour day month day_of_week), got {len(parts)} in {crontab!r}",
-        )
-    names = ("minute", "hour", "day", "month", "day_of_week")
-    fields = dict(zip(names, parts))
-    fields["day_of_week"] = _crontab_day_of_week(fields["day_of_week"])
+    elif not isinstance(crontab, str):
+        raise TriggerError("trigger.crontab",
+                           f"expected a string like '*/15 * * * *', got {crontab!r}")
+    elif len(crontab.split()) != 5:
+        raise TriggerError("trigger.crontab", f"expected 5 fields ({' '.join(CRONTAB_FIELDS)}), "
+                                              f"got {len(crontab.split())} in {crontab!r}")
+    else:
+        fields = dict(zip(CRONTAB_FIELDS, crontab.split()))
+        fields["day_of_week"] = _crontab_day_of_week(fields["day_of_week"])
+    for name, value in fields.items():  # one field at a time, so the error names it
+        where = f"trigger.{name}" if crontab is None else "trigger.crontab"
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise TriggerError(where, f"expected an int or a string, got {value!r}")
+        fields[name] = expr = str(value)
+        try:
+            CronTrigger.FIELDS_MAP[name](name, expr)
+        except ValueError as exc:
+            raise TriggerError(where, f"{name} {expr!r}: {exc}") from None
     return fields
 
 
 def parse_trigger(data: dict, *, now: float | None = None) -> tuple[BaseTrigger, dict]:
-    """Validate ``data`` and return (APScheduler trigger, normalized dict to store).
+    """Validate ``data``; return (APScheduler trigger, normalized dict to store).
 
-    ``now`` (epoch seconds, default the wall clock) only matters for an interval trigger
-    without ``start_date``: like APScheduler it starts one interval from now, and that start
-    is written into the normalized dict so every master computes the same fire times.
-    Normalized data parses to itself.
+    An interval without start_date starts one interval after ``now`` (default: the wall
+    clock), like APScheduler's; that start is stored so every master computes the same fire
+    times. Normalized data parses to itself.
     """
     if not isinstance(data, dict):
         raise TriggerError("trigger", f"expected a map with a 'type', got {type(data).__name__}")
     kind = data.get("type")
     if kind not in ALLOWED:
         raise TriggerError("trigger.type", f"expected 'cron', 'interval' or 'date', got {kind!r}")
-    unknown = sorted(str(k) for k in data if k not in ALLOWED[kind])
-    if unknown:
-        raise TriggerError(
-            f"trigger.{unknown[0]}",
-            f"unknown field for a {kind} trigger; known fields: {', '.join(sorted(ALLOWED[kind] - {'type'}))}",
-        )
-    zone_name, tz = _zone(data.get("timezone") or DEFAULT_TIMEZONE)
-    out: dict[str, Any] = {"type": kind}
+    if unknown := sorted(str(k) for k in data if k not in ALLOWED[kind]):
+        known = ", ".join(sorted(ALLOWED[kind] - {"type"}))
+        raise TriggerError(f"trigger.{unknown[0]}",
+                           f"unknown field for a {kind} trigger; known fields: {known}")
+    zone_name, tz = _zone(data.get("timezone") or "UTC")
+    start, end = _datetime(data, "start_date", tz), _datetime(data, "end_date", tz)
+    jitter = _number(data, "jitter")
 
     if kind == "date":
-        if data.get("run_date") is None:
+        if (run_date := _datetime(data, "run_date", tz)) is None:
             raise TriggerError("trigger.run_date", "required (ISO 8601 date-time)")
-        run_date = _datetime("run_date", data["run_date"], tz)
-        out.update(run_date=run_date.isoformat(), timezone=zone_name)
-        return DateTrigger(run_date=run_date, timezone=tz), out
-
-    start = _datetime("start_date", data["start_date"], tz) if data.get("start_date") is not None else None
-    end = _datetime("end_date", data["end_date"], tz) if data.get("end_date") is not None else None
-    jitter = _number("jitter", data["jitter"]) if data.get("jitter") is not None else None
-
-    if kind == "interval":
-        units = {u: _number(u, data[u]) for u in INTERVAL_UNITS if data.get(u) is not None}
-        length = timedelta(**units)
+        trigger, fields = DateTrigger(run_date=run_date, timezone=tz), {"run_date": run_date}
+    elif kind == "interval":
+        fields = {u: _number(data, u) for u in INTERVAL_UNITS if data.get(u) is not None}
+        length = timedelta(**fields)
         if length.total_seconds() <= 0:
-            raise TriggerError("trigger.interval", "weeks + days + hours + minutes + seconds must be more than zero")
+            raise TriggerError("trigger.interval",
+                               "weeks + days + hours + minutes + seconds must be more than zero")
         if start is None:  # APScheduler's default, made explicit so it survives restarts
-            base = datetime.fromtimestamp(now if now is not None else datetime.now(UTC).timestamp(), UTC)
+            base = datetime.now(UTC) if now is None else datetime.fromtimestamp(now, UTC)
             start = (base + length).astimezone(tz)
-        out.update({u: v for u, v in units.items() if v})
+        trigger = _IntervalTrigger(**fields, start_date=start, end_date=end, timezone=tz,
+                                   jitter=jitter)
     else:
         fields = _cron_fields(data)
-        out.update({"crontab": data["crontab"]} if "crontab" in data else fields)
+        trigger = _CronTrigger(**fields, start_date=start, end_date=end, timezone=tz, jitter=jitter)
+        trigger.skip_repeated = fields.get("hour", "*") != "*"
+        if data.get("crontab") is not None:  # stored as written, not as APScheduler fields
+            fields = {"crontab": data["crontab"]}
 
     if start is not None and end is not None and end < start:
-        raise TriggerError("trigger.end_date", f"{end.isoformat()} is before start_date {start.isoformat()}")
-    if start is not None:
-        out["start_date"] = start.isoformat()
-    if end is not None:
-        out["end_date"] = end.isoformat()
-    out["timezone"] = zone_name
-    if jitter:
-        out["jitter"] = jitter
-
-    if kind == "interval":
-        trigger = _IntervalTrigger(**units, start_date=start, end_date=end, timezone=tz, jitter=jitter)
-        return trigger, out
-    for name, expr in fields.items():  # one field at a time, so the error names it
-        try:
-            CronTrigger.FIELDS_MAP[name](name, expr)
-        except ValueError as exc:
-            where = "trigger.crontab" if "crontab" in data else f"trigger.{name}"
-            raise TriggerError(where, f"{name} {expr!r}: {exc}") from None
-    trigger = _CronTrigger(**fields, start_date=start, end_date=end, timezone=tz, jitter=jitter)
-    trigger.skip_repeated = fields.get("hour", "*") != "*"
-    return trigger, out
+        raise TriggerError("trigger.end_date",
+                           f"{end.isoformat()} is before start_date {start.isoformat()}")
+    out = {"type": kind, **fields, "start_date": start, "end_date": end, "timezone": zone_name,
+           "jitter": jitter}
+    return trigger, {k: _plain(v) for k, v in out.items() if v is not None and v != 0}
 
 
 def build_trigger(data: dict) -> BaseTrigger:
@@ -255,16 +226,11 @@ def build_trigger(data: dict) -> BaseTrigger:
     return parse_trigger(data)[0]
 
 
-def first_fire(trigger: BaseTrigger, t: float) -> float | None:
-    """The trigger's first fire time at or after ``t`` (epoch seconds); None: none left."""
-    nxt = trigger.get_next_fire_time(None, datetime.fromtimestamp(t, UTC))
-    return None if nxt is None else nxt.timestamp()
-
-
-def next_fire(trigger: BaseTrigger, t: float) -> float | None:
-    """The fire time that follows a fire at ``t``; None: none left."""
+def next_fire(trigger: BaseTrigger, t: float, *, first: bool = False) -> float | None:
+    """The fire time after a fire at ``t`` (``first``: the first fire at or after ``t``), in
+    epoch seconds; None: none left."""
     dt = datetime.fromtimestamp(t, UTC)
-    nxt = trigger.get_next_fire_time(dt, dt)
+    nxt = trigger.get_next_fire_time(None if first else dt, dt)
     return None if nxt is None else nxt.timestamp()
 
 
@@ -272,29 +238,23 @@ def _plain(value: Any) -> Any:
     return value.isoformat() if isinstance(value, datetime) else value
 
 
+def _checked(kind: str, fields: dict) -> dict:
+    data = {"type": kind, **{k: _plain(v) for k, v in fields.items() if v is not None}}
+    parse_trigger(data)  # fail here, where the caller wrote the trigger
+    return data
+
+
 def every(*, weeks=0, days=0, hours=0, minutes=0, seconds=0, **kw) -> dict:
     """``every(minutes=15)`` -> ``{"type": "interval", "minutes": 15}`` (validated)."""
     units = dict(weeks=weeks, days=days, hours=hours, minutes=minutes, seconds=seconds)
-    data = {"type": "interval", **{k: v for k, v in units.items() if v}}
-    data.update({k: _plain(v) for k, v in kw.items()})
-    parse_trigger(data)
-    return data
+    return _checked("interval", {**{k: v for k, v in units.items() if v}, **kw})
 
 
 def cron(crontab: str | None = None, **fields) -> dict:
     """``cron("30 2 * * *", timezone="Europe/Berlin")`` or ``cron(hour=2, minute=30)``."""
-    data: dict[str, Any] = {"type": "cron"}
-    if crontab is not None:
-        data["crontab"] = crontab
-    data.update({k: _plain(v) for k, v in fields.items()})
-    parse_trigger(data)
-    return data
+    return _checked("cron", {"crontab": crontab, **fields})
 
 
 def at(run_date, timezone: str | None = None) -> dict:
     """``at("2026-05-01T08:00:00+02:00")``: run once."""
-    data: dict[str, Any] = {"type": "date", "run_date": _plain(run_date)}
-    if timezone is not None:
-        data["timezone"] = timezone
-    parse_trigger(data)
-    return data
+    return _checked("date", {"run_date": run_date, "timezone": timezone})

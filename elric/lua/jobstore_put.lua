@@ -4,10 +4,11 @@
 --       "" finished, else ms), fresh ("1": drop old runs), finished ttl, field, value, ...
 -- Returns the new version, or -1 when the version moved (or the job exists and must not).
 -- Invariant: every write bumps "version" (compare-and-set with the scheduler's fire script);
--- a job is in the index exactly while it has a next fire or is paused.
+-- a job is in the index exactly while it has a next fire or is paused; fields a write does
+-- not name (the scheduler's "recent", "created_at") are kept.
 local cur = redis.call('HGET', KEYS[1], 'version') or ''
 if cur ~= ARGV[2] then return -1 end
-redis.call('DEL', KEYS[1])
+redis.call('PERSIST', KEYS[1])
 if ARGV[4] == '1' then redis.call('DEL', KEYS[2]) end
 local version = (tonumber(cur) or 0) + 1
 redis.call('HSET', KEYS[1], 'version', version, unpack(ARGV, 6))

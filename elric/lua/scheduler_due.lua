@@ -1,7 +1,7 @@
 -- Read the due head of the schedules index, with what the scheduler needs to plan fires.
 -- KEYS: the schedules index.
 -- ARGV: now (ms), limit, schedule hash prefix (keys.schedule("")), job hash prefix
---       (keys.job("")), then the hash fields to read; the last one must be "recent".
+--       (keys.job("")), then the hash fields to read.
 -- Returns {head score} when nothing is due (false: the index is empty), else
 --   {false, then per due job: job_id, {field values}, {fire id, its job's status ('' when
 --   gone), ...} for each fire id in its "recent" list (what max_instances counts)}.
@@ -16,7 +16,7 @@ local out = {false}
 for _, id in ipairs(ids) do
   local row = redis.call('HMGET', ARGV[3] .. id, unpack(ARGV, 5))
   local statuses = {}
-  local recent = row[#ARGV - 4]
+  local recent = redis.call('HGET', ARGV[3] .. id, 'recent')
   if recent and #recent > 1 then
     local ok, fires = pcall(cmsgpack.unpack, recent)
     if ok and type(fires) == 'table' then
