@@ -36,12 +36,9 @@ class Admission:
         self.defaults = {"max_retries": settings.MAX_RETRIES, "timeout": settings.JOB_TIMEOUT}
         self._cleanups: set[asyncio.Task] = set()   # keys being given back by failed calls
 
-    def normalize(self, spec, where: str = "") -> dict:
-        try:
-            return normalize_spec(spec, defaults=self.defaults,
-                                  allowed_modules=self.settings.JOB_MODULES)
-        except SpecError as exc:
-            raise SpecError(f"{where}{exc}") from None
+    def normalize(self, spec) -> dict:
+        return normalize_spec(spec, defaults=self.defaults,
+                              allowed_modules=self.settings.JOB_MODULES)
 
     def _check_batch(self, specs) -> list[dict]:
         """The normalized batch, or SpecError naming the first bad spec (``spec 3: ...``)."""
@@ -54,8 +51,7 @@ class Admission:
         out = []
         try:
             for spec in specs:
-                out.append(normalize_spec(spec, defaults=self.defaults,
-                                          allowed_modules=self.settings.JOB_MODULES))
+                out.append(self.normalize(spec))
         except SpecError as exc:
             raise SpecError(f"{where.format(len(out))}{exc}") from None
         if len({n["job_id"] for n in out}) != len(out):

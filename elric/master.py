@@ -199,7 +199,10 @@ class Master:
             raise SpecError(f"no periodic job {job_id!r}; only periodic jobs can be modified")
         merged = {k: current[k] for k in contract.SPEC_KEYS if current.get(k) is not None}
         merged.update(changes, job_id=job_id)
-        checked = self.admission.normalize(merged, "modify_job: ")
+        try:
+            checked = self.admission.normalize(merged)
+        except SpecError as exc:
+            raise SpecError(f"modify_job: {exc}") from None
         try:
             return await self.store.modify(job_id, {k: checked[k] for k in changes
                                                     if k in checked})

@@ -93,6 +93,15 @@ def _ms_to_s(value: bytes | None) -> float | None:
     return None if value in (None, b"") else int(value) / 1000.0
 
 
+# How each field of a job's hash reads in get_job; a missing field reads as _EMPTY's value
+_VIEW = {"func": _s, "args": codec.unpack, "kwargs": codec.unpack, "queue": _s,
+         "priority": int, "status": _s, "result": codec.unpack, "error": _s, "attempts": int,
+         "max_retries": int, "timeout": float, "worker": _s, "batch": _s, "parent": _s,
+         "enqueued_at": _ms_to_s, "started_at": _ms_to_s, "finished_at": _ms_to_s,
+         "retry_at": _ms_to_s, "duration_ms": int}
+_EMPTY = {"args": [], "kwargs": {}, "priority": 0, "attempts": 0, "max_retries": 0}
+_OPTIONAL_VIEW = {"schedule": _s, "dedupe_key": _s, "dedupe_scope": _s, "fire_time": float}
+
 # Spec keys kept in a job's hash besides those enqueue.lua writes itself. A field at its
 # default is not written: a missing field reads as its default.
 _NUMBER_FIELDS = ("priority", "max_retries", "timeout", "fire_time")
@@ -253,38 +262,17 @@ class RedisQueue:
     # --- reads -----------------------------------------------------------------------
     @staticmethod
     def job_view(job_id: str, h: dict[bytes, bytes]) -> dict:
-        """The ``get_job`` map of one job hash."""
-        def g(name: str) -> bytes | None:
-            return h.get(name.encode())
-
-        timeout, duration = g("timeout"), g("duration_ms")
-        view = {
-            "job_id": job_id,
-            "func": _s(g("func")),
-            "args": codec.unpack(g("args")) or [],
-            "kwargs": codec.unpack(g("kwargs")) or {},
-            "queue": _s(g("queue")),
-            "priority": int(g("priority") or 0),
-            "status": _s(g("status")),
-            "result": codec.unpack(g("result")),
-            "error": _s(g("error")),
-            "attempts": int(g("attempts") or 0),
-            "max_retries": int(g("max_retries") or 0),
-            "timeout": float(timeout) if timeout else None,
-            "worker": _s(g("worker")) or None,
-            "batch": _s(g("batch")) or None,
-            "parent": _s(g("parent")) or None,
-            "enqueued_at": _ms_to_s(g("enqueued_at")),
-            "started_at": _ms_to_s(g("started_at")),
-            "finished_at": _ms_to_s(g("finished_at")),
-            "retry_at": _ms_to_s(g("retry_at")),
-            "duration": int(duration) / 1000.0 if duration else None,
-        }
-        for name in ("schedule", "dedupe_key", "dedupe_scope"):
-            if g(name):
-                view[name] = _s(g(name))
-        if g("fire_time"):
-            view["fire_time"] = float(g("fire_time"))
+        """The ``get_job`` map of one job hash: each field read as _VIEW says; the
+        optional ones only when set."""
+        view = {"job_id": job_id}
+        for name, read in _VIEW.items():
+            value = h.get(name.encode())
+            view[name] = read(value) if value else _EMPTY.get(name)
+        duration = view.pop("duration_ms")
+        view["duration"] = duration / 1000.0 if duration else None
+        for name, read in _OPTIONAL_VIEW.items():
+            if h.get(name.encode()):
+                view[name] = read(h[name.encode()])
         return view
 
     async def _hashes(self, job_ids: list[str]) -> list[dict]:
