@@ -2,7 +2,7 @@
 Redis and the master going away and coming back, auth, Redis passwords, JOB_MODULES.
 
 No fixed sleeps: every wait polls a condition against a deadline. A Redis outage lasts
-ELRIC_TEST_REDIS_OUTAGE seconds (default 5; the issue's scenario is 30).
+ELRICTEST_REDIS_OUTAGE seconds (default 5; the issue's scenario is 30).
 """
 
 from __future__ import annotations
@@ -386,7 +386,7 @@ class Submitter(threading.Thread):
 
 
 def test_redis_outage_under_load_master_and_worker_carry_on(tmp_path):
-    outage = float(os.environ.get("ELRIC_TEST_REDIS_OUTAGE", "5"))
+    outage = float(os.environ.get("ELRICTEST_REDIS_OUTAGE", "5"))
     server = RedisServer(appendonly=True).start()
     c = Cluster(server.url, tmp_path, LEASE_SECONDS=3)
     submitter = None
