@@ -15,6 +15,7 @@ import os
 import random
 import signal
 import socket
+import tempfile
 import time
 import uuid
 from collections import deque
@@ -103,9 +104,18 @@ class Worker:
         # kill -- -PGID) then stops only this process, which lets running jobs finish.
         # Otherwise the fork server dies and takes the pool, and its running jobs, with it.
         previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        here = os.getcwd()
         try:
-            forkserver.ensure_running()
+            # The fork server imports elric once for every pool process. It runs as
+            # `python -c`, whose sys.path starts with its current directory, where a folder
+            # named elric/ (even empty) would stand in for the installed package: so it
+            # starts in an empty directory. Pool processes still get ours and our sys.path.
+            with tempfile.TemporaryDirectory(prefix="elric-forkserver-") as empty:
+                os.chdir(empty)
+                forkserver.set_forkserver_preload(["elric.runner"])
+                forkserver.ensure_running()
         finally:
+            os.chdir(here)
             signal.signal(signal.SIGTERM, previous)
         return ProcessPoolExecutor(
             max_workers=1,  # one pool per slot: a process that dies breaks no one else's
