@@ -3,10 +3,12 @@ directory that holds a folder named like the elric package."""
 
 from __future__ import annotations
 
-import os
+import signal
 import subprocess
 import sys
 import textwrap
+
+import pytest
 
 from elric.launch import elric_env, wait_for_master
 from elric.redis_server import free_port
@@ -75,3 +77,35 @@ def test_a_folder_named_elric_in_the_current_directory_hides_nothing(redis_url, 
         for p in procs:
             p.terminate()
             p.wait(timeout=30)
+
+
+# --- a worker waits for Redis and its master ---------------------------------------------
+
+def test_a_worker_started_before_its_master_waits_and_then_runs_jobs(make_cluster):
+    c = make_cluster()
+    worker = c.start_worker("--concurrency", "1", wait=False)
+    wait_for(lambda: f"worker: cannot reach elric master at {c.address}; retrying"
+             in worker.log() or not worker.alive(), what="the worker waiting for its master")
+    assert worker.alive(), worker.log()
+    c.start_master()
+    from tests.jobs import Add
+
+    job_id = c.client.submit_job(Add.spec([2, 3]))["job_id"]
+    job = c.wait_job(job_id)
+    assert job["status"] == "succeeded" and job["result"] == 5, c.logs()
+    assert worker.alive()
+
+
+@pytest.mark.parametrize("missing", ["redis", "master"])
+def test_sigterm_while_waiting_exits_0_at_once(missing, make_cluster, redis_server):
+    dead = f"127.0.0.1:{free_port()}"
+    redis_url = f"redis://{dead}/0" if missing == "redis" else redis_server.url
+    c = make_cluster(REDIS_URL=redis_url)
+    worker = c.start_worker(wait=False)
+    expected = (f"worker: cannot reach Redis at {redis_url}; retrying" if missing == "redis"
+                else f"worker: cannot reach elric master at {c.address}; retrying")
+    wait_for(lambda: expected in worker.log() or not worker.alive(), what=expected)
+    assert worker.alive(), worker.log()
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(timeout=5) == 0, worker.log()
+    assert "Traceback" not in worker.log(), worker.log()
