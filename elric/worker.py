@@ -97,7 +97,8 @@ class Worker:
                 self.master = master
                 break
             except RedisAuthenticationError as exc:  # before REDIS_ERRORS: it is one of them
-                raise SettingsError(f"REDIS_URL {redact_url(s.REDIS_URL)}: {exc}") from None
+                raise SettingsError(f"REDIS_URL {redact_url(s.REDIS_URL)}: cannot connect "
+                                    f"({exc})") from None
             except RemoteError as exc:  # the master answered: no, e.g. a wrong RPC_TOKEN
                 raise SettingsError(f"MASTER_ADDRESS {s.MASTER_ADDRESS}: {exc}") from None
             except REDIS_ERRORS + REDIS_REFUSED + (RPCConnectionError,) as exc:

@@ -180,7 +180,8 @@ CASES = {
     "worker: wrong Redis password": lambda d, r: (
         ["worker"], {"REDIS_URL": r.replace("redis://", "redis://nobody:wrong@"),
                      "MASTER_ADDRESS": unused_address()},
-        f"REDIS_URL {r.replace('redis://', 'redis://nobody:***@')}: invalid username"),
+        f"REDIS_URL {r.replace('redis://', 'redis://nobody:***@')}: cannot connect (invalid "
+        "username"),
     "master: a typo in an ELRIC_ variable": lambda d, r: (
         ["master", "--redis-url", r], {"REDIS_ULR": r, "MASTER_ADDRESS": unused_address()},
         "ELRIC_REDIS_ULR: unknown setting in the environment; did you mean ELRIC_REDIS_URL?"),

@@ -99,13 +99,14 @@ def test_a_worker_started_before_its_master_waits_and_then_runs_jobs(make_cluste
 @pytest.mark.parametrize("missing", ["redis", "master"])
 def test_sigterm_while_waiting_exits_0_at_once(missing, make_cluster, redis_server):
     dead = f"127.0.0.1:{free_port()}"
-    redis_url = f"redis://{dead}/0" if missing == "redis" else redis_server.url
+    redis_url = f"redis://:pw-Zx81@{dead}/0" if missing == "redis" else redis_server.url
     c = make_cluster(REDIS_URL=redis_url)
     worker = c.start_worker(wait=False)
-    expected = (f"worker: cannot reach Redis at {redis_url}; retrying" if missing == "redis"
+    expected = (f"worker: cannot reach Redis at redis://:***@{dead}/0; retrying"
+                if missing == "redis"
                 else f"worker: cannot reach elric master at {c.address}; retrying")
     wait_for(lambda: expected in worker.log() or not worker.alive(), what=expected)
     assert worker.alive(), worker.log()
     worker.signal(signal.SIGTERM)
     assert worker.wait(timeout=5) == 0, worker.log()
-    assert "Traceback" not in worker.log(), worker.log()
+    assert "Traceback" not in worker.log() and "pw-Zx81" not in worker.log(), worker.log()
