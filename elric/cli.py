@@ -125,9 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # Job classes are imported by path, like `python -m`: from the current directory first.
+    # Job classes are imported by path, so the current directory must be on sys.path; after
+    # the installed packages, so that a folder there named like one (elric/) hides nothing.
     if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
+        sys.path.append(os.getcwd())
     from elric.rpc import RPCError
 
     try:

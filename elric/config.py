@@ -2,11 +2,14 @@
 
 The settings module is ``settings.py`` in the current directory, or the file named by
 ``--settings PATH`` or ``ELRIC_SETTINGS``. Every upper-case name in it must be a known key;
-every key may be overridden by an environment variable ``ELRIC_<KEY>``.
+every key may be overridden by an environment variable ``ELRIC_<KEY>``. A lower-case key in
+the module, or an ``ELRIC_`` variable that names no key, is an error: a typo must not
+silently leave a setting at its default.
 """
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import runpy
@@ -64,6 +67,24 @@ KEYS: dict[str, Key] = {
     "BLOOM_SNAPSHOT_INTERVAL": Key(30.0, (int, float),
                                    "seconds between snapshots of the in-master Bloom filter"),
 }
+
+
+# ELRIC_ variables that are not settings but are read elsewhere: any other ELRIC_<NAME> that
+# names no key is a typo, refused rather than silently ignored.
+ENV_NOT_SETTINGS = ("ELRIC_SETTINGS", "ELRIC_REDIS_SERVER")
+
+
+def _did_you_mean(name: str, known) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+def _check_env_names(env) -> None:
+    names = [f"ELRIC_{key}" for key in KEYS]
+    for name in sorted(env):
+        if name.startswith("ELRIC_") and name not in names and name not in ENV_NOT_SETTINGS:
+            raise SettingsError(f"{name}: unknown setting in the environment"
+                                f"{_did_you_mean(name, names)}")
 
 
 class Settings:
@@ -190,6 +211,7 @@ def load_settings(path: str | None = None, env: dict | None = None,
                   overrides: dict | None = None) -> Settings:
     """Defaults ← settings module ← ELRIC_<KEY> variables ← ``overrides`` (command line)."""
     env = os.environ if env is None else env
+    _check_env_names(env)
     values = {key: spec.default for key, spec in KEYS.items()}
     source = path or env.get("ELRIC_SETTINGS")
     if source is None and os.path.exists("settings.py"):
@@ -203,6 +225,9 @@ def load_settings(path: str | None = None, env: dict | None = None,
             raise SettingsError(f"settings file {source!r} failed to load: "
                                 f"{type(exc).__name__}: {exc}") from None
         for name, value in namespace.items():
+            if not name.isupper() and name.upper() in KEYS:
+                raise SettingsError(f"{source}: {name}: settings names are upper case: "
+                                    f"did you mean {name.upper()}?")
             if not name.isupper() or name.startswith("_"):
                 continue
             if name not in KEYS:

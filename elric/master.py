@@ -19,6 +19,7 @@ import socket
 import uuid
 
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 
 from elric import contract
 from elric.admission import Admission
@@ -30,7 +31,7 @@ from elric.jobstore import RedisJobStore
 from elric.keys import Keys
 from elric.queue import RedisQueue
 from elric.reservation import DedupeGate, ScopeRefused
-from elric.retry import REDIS_ERRORS
+from elric.retry import REDIS_ERRORS, redis_refusal
 from elric.rpc import RequestError, Server
 from elric.scheduler import Scheduler
 
@@ -53,9 +54,17 @@ def _rpc(handler):
         except LookupError as exc:
             raise RequestError(str(exc.args[0] if exc.args else exc),
                                ErrorCode.NOT_FOUND) from None
-        except REDIS_ERRORS as exc:
+        except REDIS_ERRORS + (ResponseError,) as exc:
+            refusal = redis_refusal(exc)
+            if refusal is not None:
+                raise RequestError(f"{refusal}: nothing was {changed}, try again",
+                                   ErrorCode.REDIS_UNAVAILABLE) from None
+            if isinstance(exc, ResponseError):
+                raise  # a command Redis found wrong: a bug, answered as an internal error
             raise RequestError(f"master cannot reach Redis right now ({exc}); nothing was "
-                               "changed, try again", ErrorCode.REDIS_UNAVAILABLE) from None
+                               f"{changed}, try again", ErrorCode.REDIS_UNAVAILABLE) from None
+
+    changed = "queued" if handler.__name__.startswith("submit_") else "changed"
     return call
 
 

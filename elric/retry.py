@@ -7,6 +7,7 @@ import logging
 import time
 from typing import Awaitable, Callable, TypeVar
 
+from redis.exceptions import BusyLoadingError, OutOfMemoryError, ReadOnlyError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -14,6 +15,30 @@ T = TypeVar("T")
 
 # What "Redis cannot be reached right now" looks like from redis-py.
 REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+
+# Redis is up but refuses writes for a while (maxmemory with noeviction, a read-only
+# replica, loading its data): an outage too, not a bug. redis-py raises these classes;
+# MISCONF and BUSY, and every error elric.rawredis reads, are plain ResponseErrors that
+# only ``redis_refusal`` recognises, by their error code.
+REDIS_REFUSED = (OutOfMemoryError, ReadOnlyError, BusyLoadingError)
+
+_REFUSALS = {
+    "OOM": "Redis is out of memory (maxmemory)",
+    "READONLY": "Redis is a read-only replica",
+    "MISCONF": "Redis refuses writes because it cannot save its snapshot (MISCONF)",
+    "LOADING": "Redis is loading its data",
+    "BUSY": "Redis is busy running a script",
+}
+_REFUSAL_CLASSES = {OutOfMemoryError: "OOM", ReadOnlyError: "READONLY",
+                    BusyLoadingError: "LOADING"}
+
+
+def redis_refusal(exc: BaseException) -> str | None:
+    """What Redis refused for, if ``exc`` is such a refusal; else None."""
+    code = next((c for cls, c in _REFUSAL_CLASSES.items() if isinstance(exc, cls)), None)
+    if code is None and isinstance(exc, ResponseError):
+        code = str(exc).split(" ", 1)[0]  # "OOM command not allowed when ..."
+    return _REFUSALS.get(code)
 
 
 class Backoff:

@@ -15,6 +15,7 @@ import os
 import random
 import signal
 import socket
+import tempfile
 import time
 import uuid
 from collections import deque
@@ -22,18 +23,20 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
 import redis.asyncio as aioredis
+from redis.exceptions import AuthenticationError as RedisAuthenticationError
 
 from elric import codec, runner
 from elric.config import Settings, SettingsError, redact_url
 from elric.contract import ErrorCode
 from elric.keys import Keys
 from elric.queue import Claim, Outcome, RedisQueue, now_ms
-from elric.retry import REDIS_ERRORS, Backoff, retry
+from elric.retry import REDIS_ERRORS, REDIS_REFUSED, Backoff, retry
 from elric.rpc import AsyncClient, RemoteError, RPCConnectionError, RPCError
 
 log = logging.getLogger("elric.worker")
 
 CHUNK_SECONDS = 0.02  # aim for chunks that run about this long
+WARN_EVERY = 5.0  # seconds between warnings while waiting for Redis or the master
 
 
 class _Chunk:
@@ -69,21 +72,41 @@ class Worker:
         self._changed = asyncio.Event()
         self._wake_task: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
+        self._connecting: asyncio.Task | None = None
 
     # --- setup ------------------------------------------------------------------------
     async def _connect(self) -> None:
+        """Connect to Redis and the master, waiting for them as long as it takes: either may
+        start after the worker. Settings that cannot work (a wrong password or RPC_TOKEN)
+        are refused at once; ``request_stop`` cancels the wait."""
         s = self.settings
         self.redis = aioredis.Redis.from_url(s.REDIS_URL, socket_connect_timeout=5)
         self.blocking_redis = aioredis.Redis.from_url(s.REDIS_URL, socket_connect_timeout=5)
-        try:
-            await self.redis.ping()
-        except Exception as exc:
-            raise SettingsError(f"REDIS_URL {redact_url(s.REDIS_URL)}: cannot connect ({exc})") from None
-        try:
-            self.master = await self._connect_master()
-            await self.master.call("ping")
-        except RPCError as exc:
-            raise SettingsError(f"MASTER_ADDRESS {s.MASTER_ADDRESS}: {exc}") from None
+        backoff, next_warning = Backoff(0.2, 5.0), 0.0
+        while True:
+            what = f"Redis at {redact_url(s.REDIS_URL)}"
+            try:
+                await self.redis.ping()
+                what = f"elric master at {s.MASTER_ADDRESS}"
+                master = await self._connect_master()
+                try:
+                    await master.call("ping")
+                except BaseException:
+                    await master.close()
+                    raise
+                self.master = master
+                break
+            except RedisAuthenticationError as exc:  # before REDIS_ERRORS: it is one of them
+                raise SettingsError(f"REDIS_URL {redact_url(s.REDIS_URL)}: cannot connect "
+                                    f"({exc})") from None
+            except RemoteError as exc:  # the master answered: no, e.g. a wrong RPC_TOKEN
+                raise SettingsError(f"MASTER_ADDRESS {s.MASTER_ADDRESS}: {exc}") from None
+            except REDIS_ERRORS + REDIS_REFUSED + (RPCConnectionError,) as exc:
+                if time.monotonic() >= next_warning:
+                    reason = str(exc).removeprefix(f"cannot reach {what}: ")
+                    log.warning("worker: cannot reach %s; retrying (%s)", what, reason)
+                    next_warning = time.monotonic() + WARN_EVERY
+                await asyncio.sleep(backoff.next())
         self.queue = RedisQueue(self.redis, self.keys, result_ttl=s.RESULT_TTL,
                                 failed_ttl=s.FAILED_TTL,
                                 release_keys_on_failure=s.DEDUPE_RELEASE_ON_FAILURE)
@@ -103,9 +126,18 @@ class Worker:
         # kill -- -PGID) then stops only this process, which lets running jobs finish.
         # Otherwise the fork server dies and takes the pool, and its running jobs, with it.
         previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        here = os.getcwd()
         try:
-            forkserver.ensure_running()
+            # The fork server imports elric once for every pool process. It runs as
+            # `python -c`, whose sys.path starts with its current directory, where a folder
+            # named elric/ (even empty) would stand in for the installed package: so it
+            # starts in an empty directory. Pool processes still get ours and our sys.path.
+            with tempfile.TemporaryDirectory(prefix="elric-forkserver-") as empty:
+                os.chdir(empty)
+                forkserver.set_forkserver_preload(["elric.runner"])
+                forkserver.ensure_running()
         finally:
+            os.chdir(here)
             signal.signal(signal.SIGTERM, previous)
         return ProcessPoolExecutor(
             max_workers=1,  # one pool per slot: a process that dies breaks no one else's
@@ -122,12 +154,20 @@ class Worker:
 
     # --- main loop --------------------------------------------------------------------
     async def run(self) -> int:
-        await self._connect()
-        self.pools = [self._new_pool() for _ in range(self.concurrency)]
-        await self._warm_pool()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
+        self._connecting = asyncio.create_task(self._connect())
+        try:
+            await self._connecting
+        except asyncio.CancelledError:
+            if not self.stopping:
+                raise
+            await self.redis.aclose()  # told to stop before Redis and the master were there
+            await self.blocking_redis.aclose()
+            return 0
+        self.pools = [self._new_pool() for _ in range(self.concurrency)]
+        await self._warm_pool()
         await self._register()
         heartbeat = asyncio.create_task(self._heartbeat_loop())
         log.info("worker %s: queues %s, %d processes", self.worker_id,
@@ -144,6 +184,8 @@ class Worker:
             log.info("worker %s: stopping; running jobs may finish", self.worker_id)
         self.stopping = True
         self._changed.set()
+        if self._connecting is not None and not self._connecting.done():
+            self._connecting.cancel()
 
     @property
     def held(self) -> int:

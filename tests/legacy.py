@@ -5,7 +5,7 @@ with the modern ``msgpack`` in the dev environment, so it lives in its own venv.
 built once (about 10 s) and reused; a file lock keeps parallel test processes from
 building it at the same time.
 
-Location: ``$ELRIC_LEGACY_VENV``, default ``<repo>/.venv-legacy``.
+Location: ``$ELRICTEST_LEGACY_VENV``, default ``<repo>/.venv-legacy``.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def norm(x):
 """
 
 def legacy_venv() -> str:
-    return os.path.abspath(os.environ.get("ELRIC_LEGACY_VENV") or os.path.join(ROOT, ".venv-legacy"))
+    return os.path.abspath(os.environ.get("ELRICTEST_LEGACY_VENV") or os.path.join(ROOT, ".venv-legacy"))
 
 
 def _ready(venv: str) -> bool:

@@ -121,6 +121,29 @@ def test_bad_settings_files_name_the_key(no_settings_file, body, message):
     assert message.format(path=path) in str(info.value)
 
 
+@pytest.mark.parametrize("env, message", [
+    ({"ELRIC_REDIS_ULR": "redis://h/0"}, "ELRIC_REDIS_ULR: unknown setting in the environment; "
+                                         "did you mean ELRIC_REDIS_URL?"),
+    ({"ELRIC_CONCURENCY": "2"}, "did you mean ELRIC_CONCURRENCY?"),
+    ({"ELRIC_NOTHING_LIKE_IT": "1"}, "ELRIC_NOTHING_LIKE_IT: unknown setting in the environment"),
+])
+def test_unknown_elric_variables_are_errors(no_settings_file, env, message):
+    with pytest.raises(SettingsError) as info:
+        load_settings(env=env)
+    assert message in str(info.value) and "\n" not in str(info.value)
+    # variables read elsewhere (the settings path, the redis-server binary) are allowed
+    load_settings(env={"ELRIC_REDIS_SERVER": "/usr/bin/redis-server"})
+
+
+def test_lower_case_key_in_a_settings_file_is_an_error(no_settings_file):
+    path = no_settings_file / "lower.py"
+    path.write_text("redis_url = 'redis://h:1/0'\n")
+    with pytest.raises(SettingsError) as info:
+        load_settings(str(path), env={})
+    assert str(info.value) == (f"{path}: redis_url: settings names are upper case: "
+                               "did you mean REDIS_URL?")
+
+
 def test_overrides_are_checked_like_the_settings_file(no_settings_file):
     assert load_settings(env={}, overrides={"CONCURRENCY": 2}).CONCURRENCY == 2
     with pytest.raises(SettingsError, match="WORKER_CHUNK .* expected int"):
@@ -152,13 +175,20 @@ CASES = {
     "master: Redis unreachable": lambda d, r: (
         ["master"], {"REDIS_URL": d["dead_redis"], "MASTER_ADDRESS": unused_address()},
         f"REDIS_URL {d['dead_redis']}: cannot connect"),
-    "worker: Redis unreachable": lambda d, r: (
-        ["worker"], {"REDIS_URL": d["dead_redis"], "MASTER_ADDRESS": unused_address()},
-        f"REDIS_URL {d['dead_redis']}: cannot connect"),
-    "worker: master unreachable": lambda d, r: (
-        ["worker", "--master", d["dead_master"]], {"REDIS_URL": r},
-        f"MASTER_ADDRESS {d['dead_master']}: cannot reach elric master at "
-        f"{d['dead_master']}"),
+    # a worker waits for an unreachable Redis or master instead (tests/test_startup.py),
+    # but not for a password that Redis refuses
+    "worker: wrong Redis password": lambda d, r: (
+        ["worker"], {"REDIS_URL": r.replace("redis://", "redis://nobody:wrong@"),
+                     "MASTER_ADDRESS": unused_address()},
+        f"REDIS_URL {r.replace('redis://', 'redis://nobody:***@')}: cannot connect (invalid "
+        "username"),
+    "master: a typo in an ELRIC_ variable": lambda d, r: (
+        ["master", "--redis-url", r], {"REDIS_ULR": r, "MASTER_ADDRESS": unused_address()},
+        "ELRIC_REDIS_ULR: unknown setting in the environment; did you mean ELRIC_REDIS_URL?"),
+    "worker: a lower-case key in settings.py": lambda d, r: (
+        ["worker", "--settings", d["lower.py"]], {"REDIS_URL": r,
+                                                  "MASTER_ADDRESS": unused_address()},
+        "redis_url: settings names are upper case: did you mean REDIS_URL?"),
     "master: nonexistent --settings": lambda d, r: (
         ["master", "--settings", "/nonexistent/settings.py"], {},
         "settings file '/nonexistent/settings.py' does not exist"),
@@ -177,7 +207,8 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_settings_exit_2_with_one_clear_line(case, tmp_path, redis_url):
     (tmp_path / "bad.py").write_text("COLOUR = 'red'\n")
-    where = {"bad.py": str(tmp_path / "bad.py"), "dead_master": unused_address(),
+    (tmp_path / "lower.py").write_text("redis_url = 'redis://127.0.0.1:1/0'\n")
+    where = {"bad.py": str(tmp_path / "bad.py"), "lower.py": str(tmp_path / "lower.py"), "dead_master": unused_address(),
              "dead_redis": f"redis://127.0.0.1:{free_port()}/0"}
     args, env, message = CASES[case](where, redis_url)
     proc = run_elric(args, tmp_path, **env)

@@ -1,0 +1,76 @@
+"""Redis that is up but refuses writes (maxmemory with noeviction) is an outage for the
+caller, answered with code redis_unavailable and a clear message, not an internal error."""
+
+from __future__ import annotations
+
+import pytest
+import redis
+
+from elric.redis_server import RedisServer
+from elric.rpc import RemoteError
+from tests.conftest import Cluster
+from tests.jobs import Add
+
+
+@pytest.fixture
+def own_redis():
+    server = RedisServer().start()  # ours alone: its memory limit concerns no other test
+    yield server
+    server.cleanup()
+
+
+def fill_until_refused(r: redis.Redis) -> None:
+    """Data in, then maxmemory below what is used: every write that needs memory is
+    refused (a limit just above the use is crossed only while a big write is read)."""
+    block = b"x" * 64 * 1024
+    for i in range(64):
+        r.set(f"filler:{i}", block)
+    r.config_set("maxmemory-policy", "noeviction")
+    r.config_set("maxmemory", int(r.info("memory")["used_memory"]) - 1024 * 1024)
+    with pytest.raises(redis.exceptions.OutOfMemoryError):
+        r.set("one-more", block)
+
+
+def test_a_submit_refused_for_lack_of_memory_is_redis_unavailable(own_redis, tmp_path):
+    c = Cluster(own_redis.url, tmp_path)
+    r = redis.Redis.from_url(own_redis.url)
+    try:
+        c.start_master()
+        fill_until_refused(r)
+        spec = Add.spec([1, 2], job_id="oom-1")
+        with pytest.raises(RemoteError) as info:
+            c.client.submit_job(spec)
+        assert info.value.code == "redis_unavailable", str(info.value)
+        assert str(info.value) == ("Redis is out of memory (maxmemory): nothing was queued, "
+                                   "try again")
+        assert c.client.ping() == "pong"
+
+        r.config_set("maxmemory", 0)
+        assert c.client.submit_job(spec)["job_id"] == "oom-1"
+        assert c.client.get_job("oom-1")["status"] == "queued"
+        listed = [j["job_id"] for j in c.client.list_jobs(limit=1000)]
+        assert listed.count("oom-1") == 1 and len(listed) == 1, listed
+    finally:
+        r.close()
+        c.close()
+
+
+@pytest.mark.parametrize("exc, reason", [
+    (redis.exceptions.OutOfMemoryError("command not allowed"), "out of memory (maxmemory)"),
+    (redis.exceptions.ReadOnlyError("You can't write against a read only replica."),
+     "read-only replica"),
+    (redis.exceptions.BusyLoadingError("Redis is loading the dataset in memory"), "loading"),
+    # as elric.rawredis and redis-py's generic path give them: the code starts the message
+    (redis.exceptions.ResponseError("OOM command not allowed when used memory > 'maxmemory'"),
+     "out of memory"),
+    (redis.exceptions.ResponseError("MISCONF Redis is configured to save RDB snapshots, but "
+                                    "it's currently unable to persist to disk"), "MISCONF"),
+    (redis.exceptions.ResponseError("BUSY Redis is busy running a script."), "busy"),
+    (redis.exceptions.ResponseError("ERR wrong number of arguments"), None),
+    (ValueError("OOM"), None),
+])
+def test_redis_refusal_recognises_each_refusal(exc, reason):
+    from elric.retry import redis_refusal
+
+    got = redis_refusal(exc)
+    assert got is None if reason is None else reason in got

@@ -1,0 +1,112 @@
+"""Start-up with real processes: a worker started before its master, and a current
+directory that holds a folder named like the elric package."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from elric.launch import elric_env, wait_for_master
+from elric.redis_server import free_port
+from tests.conftest import ROOT, wait_for
+
+# Like `pip install -e .`: elric is found by a finder placed after sys.path's own, so any
+# folder named elric/ on sys.path, even an empty one, would win over it.
+EDITABLE_FINDER = f"""
+import importlib.machinery, sys
+
+class _Finder:
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if name == "elric":
+            return importlib.machinery.PathFinder.find_spec(name, [{ROOT!r}])
+
+# right after sys.path's own finder (and before that of any editable install of elric)
+sys.meta_path.insert(sys.meta_path.index(importlib.machinery.PathFinder) + 1, _Finder)
+"""
+
+# Like the `elric` console script: its own folder is first on sys.path, not the cwd.
+CONSOLE_SCRIPT = ("import sys\nfrom elric.cli import main\n"
+                  "if __name__ == '__main__':\n    sys.exit(main())\n")
+
+JOB_MODULE = textwrap.dedent("""
+    from elric import Job
+
+
+    class Greet(Job):
+        def run(self, name):
+            return f"hello {name}"
+""")
+
+
+def test_a_folder_named_elric_in_the_current_directory_hides_nothing(redis_url, tmp_path):
+    project, site, bin_dir = tmp_path / "project", tmp_path / "site", tmp_path / "bin"
+    for d in (project / "elric", site, bin_dir):
+        d.mkdir(parents=True)
+    (project / "greetings.py").write_text(JOB_MODULE)
+    (site / "sitecustomize.py").write_text(EDITABLE_FINDER)
+    (bin_dir / "elric").write_text(CONSOLE_SCRIPT)
+    address = f"127.0.0.1:{free_port()}"
+    env = {k: v for k, v in elric_env(redis_url, address, CONCURRENCY=1).items()
+           if not k.startswith("PYTHON")}
+    env["PYTHONPATH"] = str(site)  # elric itself only through the finder
+    procs = []
+    try:
+        for role in ("master", "worker"):
+            log = open(tmp_path / f"{role}.log", "wb")
+            procs.append(subprocess.Popen([sys.executable, str(bin_dir / "elric"), role],
+                                          cwd=project, env=env, stdout=log,
+                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
+            log.close()
+            if role == "master":
+                wait_for_master(address)
+        from elric.client import MasterClient
+
+        with MasterClient(address) as client:
+            job_id = client.submit_job({"func": "greetings:Greet", "args": ["you"]})["job_id"]
+            job = wait_for(lambda: (lambda j: j if j["status"] in ("succeeded", "failed")
+                                    else None)(client.get_job(job_id)), what="the job ran")
+        logs = "".join((tmp_path / f"{r}.log").read_text() for r in ("master", "worker"))
+        assert job["status"] == "succeeded", (job, logs)
+        assert job["result"] == "hello you"
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(timeout=30)
+
+
+# --- a worker waits for Redis and its master ---------------------------------------------
+
+def test_a_worker_started_before_its_master_waits_and_then_runs_jobs(make_cluster):
+    c = make_cluster()
+    worker = c.start_worker("--concurrency", "1", wait=False)
+    wait_for(lambda: f"worker: cannot reach elric master at {c.address}; retrying"
+             in worker.log() or not worker.alive(), what="the worker waiting for its master")
+    assert worker.alive(), worker.log()
+    c.start_master()
+    from tests.jobs import Add
+
+    job_id = c.client.submit_job(Add.spec([2, 3]))["job_id"]
+    job = c.wait_job(job_id)
+    assert job["status"] == "succeeded" and job["result"] == 5, c.logs()
+    assert worker.alive()
+
+
+@pytest.mark.parametrize("missing", ["redis", "master"])
+def test_sigterm_while_waiting_exits_0_at_once(missing, make_cluster, redis_server):
+    dead = f"127.0.0.1:{free_port()}"
+    redis_url = f"redis://:pw-Zx81@{dead}/0" if missing == "redis" else redis_server.url
+    c = make_cluster(REDIS_URL=redis_url)
+    worker = c.start_worker(wait=False)
+    expected = (f"worker: cannot reach Redis at redis://:***@{dead}/0; retrying"
+                if missing == "redis"
+                else f"worker: cannot reach elric master at {c.address}; retrying")
+    wait_for(lambda: expected in worker.log() or not worker.alive(), what=expected)
+    assert worker.alive(), worker.log()
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(timeout=5) == 0, worker.log()
+    assert "Traceback" not in worker.log() and "pw-Zx81" not in worker.log(), worker.log()
