@@ -142,9 +142,9 @@ def _crontab_values(name: str, expr: str) -> list[int]:
         first, last, step = m.groups()
         if first == "*" and last is not None:
             raise ValueError(f"cannot read {item!r}")
-        start = lo if first == "*" else number(first)
-        end = hi if first == "*" or (last is None and step) else start if last is None \
-            else number(last)
+        start, top = lo if first == "*" else number(first), 6 if name == "day_of_week" else hi
+        end = top if first == "*" or (last is None and step) else start if last is None \
+            else number(last)  # "*" and "3/4" end at Saturday: 7 is Sunday again
         if name == "day_of_week" and first != "*" and end < start and end == 0:
             end = 7  # "fri-sun": Sunday closes the range
         if end < start or (step is not None and int(step) == 0):
