@@ -22,6 +22,7 @@ from zoneinfo import ZoneInfo
 
 from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.cron.expressions import AllExpression, RangeExpression
 from apscheduler.triggers.date import DateTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
@@ -295,8 +296,10 @@ class _CronTrigger(CronTrigger):
             change = _offset_change(p0, p1, tz)
             start = datetime.fromtimestamp(change, tz).replace(tzinfo=None)  # repeat begins
             end = start + (p1 - p0) * _SECOND                                # repeat ends
-            passes = ([(w, 0)] + ([(start, 1)] if self.wild else []) if local.fold == 0
-                      else [(w, 1)] if self.wild else [])
+            if local.fold == 0:  # the rest of the first pass, then (wildcard) the second
+                passes = [(w, 0), (start, 1)] if self.wild else [(w, 0)]
+            else:  # in the second pass only wildcard jobs fire
+                passes = [(w, 1)] if self.wild else []
             for begin, fold in passes:
                 if (hit := self.next_wall(begin, end)) is not None:
                     return int(hit.replace(tzinfo=tz, fold=fold).timestamp())
@@ -331,7 +334,7 @@ def _never_fires(trigger: _CronTrigger, data: dict, now: float) -> TriggerError:
     if str(f["year"]) != "*" and f["year"].get_next_value(
             datetime.fromtimestamp(now, trigger.timezone).replace(tzinfo=None)) is None:
         return TriggerError("trigger.year", f"{f['year']} is in the past; this cron never fires")
-    days_only = all(type(e).__name__ == "RangeExpression" for e in f["day"].expressions)
+    days_only = all(type(e) in (RangeExpression, AllExpression) for e in f["day"].expressions)
     if days_only and (not trigger.day_or or str(f["day_of_week"]) == "*"):
         months = [m for m in range(1, 13) if _matches(f["month"], datetime(2000, m, 1))]
         if all(f["day"].get_next_value(datetime(2000, m, 1)) is None for m in months):

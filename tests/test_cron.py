@@ -47,8 +47,9 @@ def _expressions(count: int) -> list[str]:
         minute = rng.choice(["*", "0", _item(rng, 0, 59)])
         hour = rng.choice(["*", _item(rng, 0, 23)])
         # day fields: "*" or a form not starting with "*" (where croniter and Vixie agree)
-        dom = rng.choice(["*", str(rng.randint(1, 28)), f"{rng.randint(1, 9)}-{rng.randint(10, 28)}",
-                          "1,15", f"{rng.randint(1, 5)}-31/{rng.randint(2, 7)}"])
+        dom = rng.choice(["*", str(rng.randint(1, 28)), "1,15",
+                          f"{rng.randint(1, 9)}-{rng.randint(10, 28)}",
+                          f"{rng.randint(1, 5)}-31/{rng.randint(2, 7)}"])
         month = rng.choice(["*", "*", _item(rng, 1, 12, months)])
         dow = rng.choice(["*", "*", _item(rng, 0, 6, days), "1-5", "0,6", "7", "sun-wed"])
         dow = "1-5" if dow.startswith("*/") else dow
