@@ -15,7 +15,7 @@ setup(
         "msgpack>=1.0,<2",
         "apscheduler>=3.11,<4",
         "pybloom-live>=4.0,<5",
-        "numpy>=1.24",   # redis-bloom: hashing and BITFIELD encoding of a batch at once
+        "numpy>=1.24",   # redis-bloom: hashing and bit offsets of a batch at once
         "xxhash>=3",     # redis-bloom: one xxh3-128 hash per key
     ],
     extras_require={

@@ -45,8 +45,7 @@ Dedupe filters
                                                time seen when DEDUPE_TTL is set).
     ``{p}:dedupe:bloom:{scope}``        string snapshot of an in-master Bloom filter.
     ``{p}:dedupe:rbloom:{scope}:{n}``   string shard ``n`` of a Bloom filter kept in Redis:
-                                               the Bloom bits, then a seal bit (set once
-                                               its stage is full), then a zero byte
+                                               the Bloom bits, then a zero byte
                                                (layout in elric/rbloom.py).
     ``{p}:dedupe:stats:{scope}``        hash   items added, filtered, params, backend,
                                                per scope.

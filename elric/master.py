@@ -98,7 +98,7 @@ class Master:
                                 f"({exc})") from None
         self.queue = RedisQueue(self.redis, self.keys, result_ttl=s.RESULT_TTL,
                                 failed_ttl=s.FAILED_TTL)
-        self.store = RedisJobStore(self.redis, self.keys)
+        self.store = RedisJobStore(self.redis, self.keys, min_interval=s.MIN_INTERVAL)
         self.filters: dict[str, DedupeFilter] = {}
         for backend in {s.FILTER_BACKEND, *s.FILTER_SCOPES.values()}:
             f = make_filter(backend, self.redis, self.keys, capacity=s.BLOOM_CAPACITY,
