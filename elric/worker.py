@@ -72,6 +72,7 @@ class Worker:
         self._changed = asyncio.Event()
         self._wake_task: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
+        self._empty_dir: str | None = None   # the fork server's working directory
         self._connecting: asyncio.Task | None = None
 
     # --- setup ------------------------------------------------------------------------
@@ -131,11 +132,13 @@ class Worker:
             # The fork server imports elric once for every pool process. It runs as
             # `python -c`, whose sys.path starts with its current directory, where a folder
             # named elric/ (even empty) would stand in for the installed package: so it
-            # starts in an empty directory. Pool processes still get ours and our sys.path.
-            with tempfile.TemporaryDirectory(prefix="elric-forkserver-") as empty:
-                os.chdir(empty)
-                forkserver.set_forkserver_preload(["elric.runner"])
-                forkserver.ensure_running()
+            # starts in an empty directory, which must outlive it (a Python started in a
+            # directory that is gone fails). Pool processes still get ours and our sys.path.
+            if self._empty_dir is None:
+                self._empty_dir = tempfile.mkdtemp(prefix="elric-forkserver-")
+            os.chdir(self._empty_dir)
+            forkserver.set_forkserver_preload(["elric.runner"])
+            forkserver.ensure_running()
         finally:
             os.chdir(here)
             signal.signal(signal.SIGTERM, previous)
@@ -457,6 +460,8 @@ class Worker:
             await self._retry_redis(self.queue.release, self.worker_id, late)
         for pool in self.pools:
             pool.shutdown(wait=True, cancel_futures=True)
+        if self._empty_dir is not None:
+            os.rmdir(self._empty_dir)   # the fork server, already running, keeps working
         try:
             await self.redis.hset(self.keys.worker(self.worker_id), "state", "stopped")
         except REDIS_ERRORS:
