@@ -17,7 +17,7 @@ from elric.contract import SpecError, Status, normalize_spec
 from elric.jobstore import RedisJobStore, schedule_options
 from elric.queue import RedisQueue, Submitted
 from elric.reservation import DedupeGate
-from elric.retry import REDIS_ERRORS, Backoff, retry
+from elric.retry import Backoff, retry
 from elric.triggers import parse_trigger
 
 log = logging.getLogger("elric.master")

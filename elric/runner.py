@@ -13,7 +13,6 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any
 
 from elric import codec
 from elric import job as job_module
