@@ -53,6 +53,14 @@ SHUTDOWN_GRACE = 30.0
 # slower than a few milliseconds go one by one.
 WORKER_CHUNK = 64
 
+# Jobs whose run is `async def` run many at once on each pool process's event loop: at most
+# this many per process. A crawler's pages wait on the network, not the CPU.
+ASYNC_CONCURRENCY = 100
+
+# An async job that blocks its event loop (time.sleep, a sync HTTP call) holds back every
+# other job of its process: after this many seconds the worker logs it, naming the job.
+LOOP_LAG_WARN = 1.0
+
 # Import-path prefixes jobs may come from, e.g. ["myproject.jobs", "examples"].
 # Empty: any importable Job subclass.
 JOB_MODULES = []

@@ -34,7 +34,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     queues = [q.strip() for q in args.queues.split(",") if q.strip()] if args.queues else None
     settings = _settings(args, MASTER_ADDRESS=args.master, REDIS_URL=args.redis_url,
-                         QUEUES=queues, CONCURRENCY=args.concurrency)
+                         QUEUES=queues, CONCURRENCY=args.concurrency,
+                         ASYNC_CONCURRENCY=args.async_concurrency)
     _logging(settings.LOG_LEVEL)
     return asyncio.run(Worker(settings).run())
 
@@ -100,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("worker", help="run a worker")
     p.add_argument("--queues", help="comma-separated queues (QUEUES)")
     p.add_argument("--concurrency", type=int, help="pool processes (CONCURRENCY)")
+    p.add_argument("--async-concurrency", type=int,
+                   help="async jobs per pool process (ASYNC_CONCURRENCY)")
     p.add_argument("--master", help="master host:port (MASTER_ADDRESS)")
     p.add_argument("--redis-url", help="REDIS_URL")
     p.set_defaults(func=cmd_worker)

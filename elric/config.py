@@ -50,6 +50,9 @@ KEYS: dict[str, Key] = {
     "SHUTDOWN_GRACE": Key(30.0, (int, float),
                           "seconds running jobs get to finish after SIGTERM"),
     "WORKER_CHUNK": Key(64, (int,), "most jobs handed to a pool process at once (fast jobs)"),
+    "ASYNC_CONCURRENCY": Key(100, (int,), "async jobs each pool process runs at once"),
+    "LOOP_LAG_WARN": Key(1.0, (int, float),
+                         "seconds an async job may block its event loop before a warning"),
     "JOB_MODULES": Key([], (list,), "import-path prefixes jobs may come from (empty: any)"),
     "LOG_LEVEL": Key("INFO", (str,), "DEBUG, INFO, WARNING or ERROR"),
     "SCHEDULER_LEASE": Key(10.0, (int, float),
@@ -164,7 +167,8 @@ def _check(key: str, value: Any, where: str) -> Any:
         raise SettingsError(f"{key} (from {where}): must be a finite number, got {value!r}")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if value < 0 or (value == 0 and key in ("CONCURRENCY", "WORKER_CHUNK", "LEASE_SECONDS",
-                                                 "RESULT_TTL", "RPC_MAX_MESSAGE",
+                                                 "ASYNC_CONCURRENCY", "RESULT_TTL",
+                                                 "RPC_MAX_MESSAGE",
                                                  "SCHEDULER_LEASE", "BLOOM_CAPACITY",
                                                  "DEDUPE_TTL", "DEDUPE_ROUND_TTL")):
             raise SettingsError(f"{key} (from {where}): must be positive, got {value!r}")

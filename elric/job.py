@@ -8,6 +8,7 @@ with the parent's id) and sent to the master in a batch when the parent finishes
 from __future__ import annotations
 
 import hashlib
+from contextvars import ContextVar
 from typing import Any
 
 from elric.contract import SpecError, func_path
@@ -21,7 +22,9 @@ class _RunContext:
         self.children: list[dict] = []
 
 
-_current: _RunContext | None = None
+# The job running now in this pool process: a context variable, since an async pool process
+# runs many jobs at once, each in its own task (and so its own context).
+_current: ContextVar[_RunContext | None] = ContextVar("elric_current_job", default=None)
 
 
 def _child_job_id(parent_id: str, n: int) -> str:
@@ -42,8 +45,11 @@ class Job:
     #: set by the worker before ``run`` is called
     job_id: str = ""
     attempt: int = 0
+    dedupe_scope: str | None = None
 
     def run(self, *args: Any, **kwargs: Any) -> Any:
+        """The work. May be ``async def``: the pool process then runs it, many at once, on
+        its event loop; it must not block the loop (no time.sleep, no sync HTTP)."""
         raise NotImplementedError(f"{type(self).__name__}.run is not implemented")
 
     @classmethod
@@ -75,7 +81,7 @@ class Job:
     def submit_with(cls, args: Any = (), kwargs: dict | None = None, **options: Any) -> str:
         """Submit with spec options (job_id, queue, priority, max_retries, timeout, ...)."""
         spec = cls.spec(args, kwargs, **options)
-        ctx = _current
+        ctx = _current.get()
         if ctx is not None:
             spec.setdefault("parent", ctx.job_id)
             spec.setdefault("job_id", _child_job_id(ctx.job_id, len(ctx.children)))

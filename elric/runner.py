@@ -1,26 +1,37 @@
-"""What runs inside a worker's pool process: import, check and run a chunk of jobs.
+"""What runs inside a worker's pool process: an event loop that runs jobs sent over a pipe.
 
-Jobs arrive and leave as msgpack bytes. The Job class is resolved again here, against
-JOB_MODULES, because Redis may have been written by someone other than a master.
+Jobs arrive from the worker as msgpack batches and their outcomes go back the same way.
+A job class whose ``run`` is ``async def`` runs as a task of the loop, many at once; a
+sync ``run`` blocks the loop while it runs, so the worker sends sync jobs only to a process
+that holds no async ones. The Job class is resolved again here, against JOB_MODULES,
+because Redis may have been written by someone other than a master.
 """
 
 from __future__ import annotations
 
+import asyncio
+import inspect
+import logging
 import os
 import select
 import signal
 import threading
 import time
 import traceback
+from collections import deque
 from dataclasses import dataclass, field
 
 from elric import codec
 from elric import job as job_module
 from elric.contract import SpecError, resolve_job_class
 
+log = logging.getLogger("elric.runner")
+
+FLUSH_SECONDS = 0.02  # a run of fast sync jobs reports its outcomes at least this often
+
 
 class JobTimeout(Exception):
-    """Raised inside a job that ran past its timeout."""
+    """Raised inside a sync job that ran past its timeout."""
 
 
 @dataclass(slots=True)
@@ -36,6 +47,7 @@ class Ran:
     started_at: float = 0.0
     finished_at: float = 0.0
     final: bool = False
+    is_async: bool = False
 
     def row(self) -> list:
         return [getattr(self, name) for name in self.__slots__]
@@ -46,28 +58,31 @@ class Ran:
         return cls(job_id, attempt, False, why, [], now, now)
 
 
-_allowed_modules: tuple[str, ...] = ()
-
-
-def init_process(allowed_modules: tuple[str, ...], worker_pid: int | None = None) -> None:
-    """Pool initializer: the worker process decides about shutdown, not its children."""
-    global _allowed_modules
-    _allowed_modules = tuple(allowed_modules)
-    if worker_pid:
-        threading.Thread(target=_exit_with_worker, args=(worker_pid,), daemon=True,
-                         name="elric-exit-with-worker").start()
+def serve(conn, allowed_modules: tuple[str, ...], worker_pid: int, log_level: str,
+          lag_warn: float) -> None:
+    """A pool process's life: run the jobs that arrive on ``conn`` until the worker goes."""
+    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+    threading.Thread(target=_exit_with_worker, args=(worker_pid,), daemon=True,
+                     name="elric-exit-with-worker").start()
     # Ctrl-C reaches the whole process group, and so does SIGTERM from systemd, docker or
     # `kill -- -PGID`: running jobs must be allowed to finish. The worker stops its pool
     # processes itself (shutdown, or SIGKILL past a timeout or SHUTDOWN_GRACE).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        import uvloop
+        loop = uvloop.new_event_loop()
+    except ImportError:
+        loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    _Runner(conn, loop, tuple(allowed_modules), lag_warn).run()
 
 
 def _exit_with_worker(pid: int) -> None:
     """Exit as soon as the worker is gone (SIGKILL, OOM killer). Pool processes are forked
-    by the fork server, not the worker, and hold the call queue's write end and the fork
-    server's alive fd themselves: nothing else would ever stop them, nor the fork server
-    and the resource tracker they keep alive. Its job was redelivered after the lease."""
+    by the fork server, not the worker: nothing else would stop them. Their jobs are
+    redelivered after the lease."""
     try:
         fd = os.pidfd_open(pid)  # Linux 5.3+: readable once the process has exited
     except (AttributeError, OSError):
@@ -89,57 +104,168 @@ def _on_alarm(signum, frame):
     raise JobTimeout("job ran past its timeout")
 
 
-def _run_one(item: dict) -> Ran:
-    job_id = item["job_id"]
-    out = Ran(job_id, item["attempt"], False, "", started_at=time.time())
-    ctx = job_module._RunContext(job_id, item)
-    timeout = item.get("timeout")
-    try:
-        cls = resolve_job_class(item["func"], _allowed_modules)
-        args = codec.unpack(item["args"]) or []
-        kwargs = codec.unpack(item["kwargs"]) or {}
-        instance = cls()
-        instance.job_id = job_id
-        instance.attempt = item["attempt"]
-        job_module._current = ctx
-        if timeout:
-            signal.signal(signal.SIGALRM, _on_alarm)
-            signal.setitimer(signal.ITIMER_REAL, timeout)
-        try:
-            result = instance.run(*args, **kwargs)
-        finally:
-            if timeout:
-                signal.setitimer(signal.ITIMER_REAL, 0)
-            job_module._current = None
-        try:
-            out.payload = codec.pack(result)
-        except (TypeError, ValueError, OverflowError) as exc:
-            raise TypeError(f"the job returned {type(result).__name__}, which is not a msgpack "
-                            f"value ({exc}); return plain data (dict, list, str, numbers)") from None
-        out.ok, out.children = True, ctx.children
-    except SpecError as exc:
-        out.payload, out.final = f"refused: {exc}", True
-    except JobTimeout:
-        out.payload = f"JobTimeout: ran past its timeout of {timeout:g}s"
-    except BaseException as exc:  # a job's SystemExit or KeyboardInterrupt fails it too
-        out.payload = traceback.format_exc()
-        if isinstance(exc, (SystemExit, KeyboardInterrupt)):
-            out.payload = f"{type(exc).__name__}: {exc}\n" + out.payload
-    out.finished_at = time.time()
-    return out
+class _Runner:
+    def __init__(self, conn, loop: asyncio.AbstractEventLoop, allowed: tuple[str, ...],
+                 lag_warn: float) -> None:
+        self.conn, self.loop, self.allowed, self.lag_warn = conn, loop, allowed, lag_warn
+        self.sync_jobs: deque[dict] = deque()
+        self.draining = False
+        self.tasks: dict[asyncio.Task, str] = {}   # async jobs in flight -> job id
+        self.outbox: list[Ran] = []
+        self.flushing = False
+        self.last_tick = time.monotonic()
 
+    def run(self) -> None:
+        threading.Thread(target=self._read, daemon=True, name="elric-pool-reader").start()
+        if self.lag_warn:
+            self.loop.call_soon(self._tick)
+            threading.Thread(target=self._watch_lag, daemon=True, name="elric-lag").start()
+        self.loop.run_forever()
 
-def run_chunk(packed: bytes) -> bytes:
-    """Run the jobs of one chunk in order; return their outcomes (msgpack)."""
-    outcomes = [_run_one(item) for item in codec.unpack(packed) or []]
-    try:
-        return codec.pack([o.row() for o in outcomes])
-    except (TypeError, ValueError) as exc:
-        # a child spec with an unpackable argument fails its parent, not the chunk
-        for o in outcomes:
+    # --- the pipe ---------------------------------------------------------------------
+    def _read(self) -> None:
+        """A thread that always drains the pipe, so the worker never waits on a full one
+        while a sync job holds the loop."""
+        while True:
             try:
-                codec.pack(o.children)
-            except (TypeError, ValueError):
-                o.ok, o.children = False, []
-                o.payload = f"a child job's arguments are not msgpack values: {exc}"
-        return codec.pack([o.row() for o in outcomes])
+                data = self.conn.recv_bytes()
+            except (EOFError, OSError):
+                os._exit(0)  # the worker closed its end: it is done with this process
+            self.loop.call_soon_threadsafe(self._accept, data)
+
+    def _accept(self, data: bytes) -> None:
+        for item in codec.unpack(data) or []:
+            self._start(item)
+
+    def _report(self, out: Ran) -> None:
+        out.finished_at = time.time()
+        if out.children:
+            try:
+                codec.pack(out.children)
+            except (TypeError, ValueError, OverflowError) as exc:
+                out.ok, out.children = False, []
+                out.payload = f"a child job's arguments are not msgpack values: {exc}"
+        self.outbox.append(out)
+        if not self.flushing and not self.draining:
+            self.flushing = True
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self.flushing = False
+        if self.outbox:
+            rows, self.outbox = [o.row() for o in self.outbox], []
+            try:
+                self.conn.send_bytes(codec.pack(rows))
+            except OSError:
+                os._exit(0)  # the worker is gone
+
+    # --- running jobs -----------------------------------------------------------------
+    def _start(self, item: dict) -> None:
+        out = Ran(item["job_id"], item["attempt"], False, "", started_at=time.time())
+        try:
+            cls = resolve_job_class(item["func"], self.allowed)
+            args = codec.unpack(item["args"]) or []
+            kwargs = codec.unpack(item["kwargs"]) or {}
+            instance = cls()
+            instance.job_id, instance.attempt = item["job_id"], item["attempt"]
+            instance.dedupe_scope = item.get("dedupe_scope") or None
+        except SpecError as exc:
+            out.payload, out.final = f"refused: {exc}", True
+            return self._report(out)
+        except BaseException as exc:
+            return self._report(_failed(out, exc))
+        ctx = job_module._RunContext(item["job_id"], item)
+        if inspect.iscoroutinefunction(cls.run):
+            out.is_async = True
+            task = self.loop.create_task(self._run_async(instance, args, kwargs, ctx, out,
+                                                          item.get("timeout")))
+            self.tasks[task] = out.job_id
+            task.add_done_callback(self.tasks.pop)
+        else:
+            self.sync_jobs.append((instance, args, kwargs, ctx, out, item.get("timeout")))
+            if not self.draining:
+                self.draining = True
+                self.loop.call_soon(self._drain_sync)
+
+    async def _run_async(self, instance, args, kwargs, ctx, out: Ran, timeout) -> None:
+        job_module._current.set(ctx)  # this task's own context: one per job
+        try:
+            async with asyncio.timeout(timeout) as deadline:
+                result = await instance.run(*args, **kwargs)
+            _succeeded(out, result, ctx)
+        except TimeoutError as exc:
+            if deadline.expired():
+                out.payload = f"JobTimeout: ran past its timeout of {timeout:g}s (cancelled)"
+            else:
+                _failed(out, exc)
+        except BaseException as exc:  # a job's SystemExit or CancelledError fails it too
+            _failed(out, exc)
+        self._report(out)
+
+    def _drain_sync(self) -> None:
+        """Run the sync jobs that arrived, one after another, reporting every FLUSH_SECONDS."""
+        flushed = time.monotonic()
+        while self.sync_jobs:
+            instance, args, kwargs, ctx, out, timeout = self.sync_jobs.popleft()
+            token = job_module._current.set(ctx)
+            try:
+                if timeout:
+                    signal.signal(signal.SIGALRM, _on_alarm)
+                    signal.setitimer(signal.ITIMER_REAL, timeout)
+                try:
+                    result = instance.run(*args, **kwargs)
+                finally:
+                    if timeout:
+                        signal.setitimer(signal.ITIMER_REAL, 0)
+                _succeeded(out, result, ctx)
+            except JobTimeout:
+                out.payload = f"JobTimeout: ran past its timeout of {timeout:g}s"
+            except BaseException as exc:
+                _failed(out, exc)
+            finally:
+                job_module._current.reset(token)
+            self._report(out)
+            if time.monotonic() - flushed > FLUSH_SECONDS:
+                self._flush()
+                flushed = time.monotonic()
+        self.draining = False
+        self._flush()
+
+    # --- a blocked loop ---------------------------------------------------------------
+    def _tick(self) -> None:
+        self.last_tick = time.monotonic()
+        self.loop.call_later(0.1, self._tick)
+
+    def _watch_lag(self) -> None:
+        """Name the async job that blocks the loop (time.sleep, a sync HTTP call): it holds
+        back every other job of this process. Sync jobs block it by design."""
+        warned = 0.0
+        while True:
+            time.sleep(0.1)
+            stalled = time.monotonic() - self.last_tick
+            if stalled < self.lag_warn or self.last_tick == warned or self.draining:
+                continue
+            warned = self.last_tick
+            task = getattr(asyncio.tasks, "_current_tasks", {}).get(self.loop)
+            culprit = self.tasks.get(task) if task is not None else None
+            who = f"job {culprit}" if culprit else f"one of jobs {sorted(self.tasks.values())}"
+            log.warning("%s has blocked its event loop for %.1fs: an async run must not call "
+                        "blocking code (time.sleep, a sync HTTP client); await instead, or "
+                        "use asyncio.to_thread", who, stalled)
+
+
+def _succeeded(out: Ran, result, ctx) -> None:
+    try:
+        out.payload = codec.pack(result)
+    except (TypeError, ValueError, OverflowError) as exc:
+        out.payload = (f"TypeError: the job returned {type(result).__name__}, which is not a "
+                       f"msgpack value ({exc}); return plain data (dict, list, str, numbers)")
+        return
+    out.ok, out.children = True, ctx.children
+
+
+def _failed(out: Ran, exc: BaseException) -> Ran:
+    out.payload = "".join(traceback.format_exception(exc))
+    if isinstance(exc, (SystemExit, KeyboardInterrupt, asyncio.CancelledError)):
+        out.payload = f"{type(exc).__name__}: {exc}\n" + out.payload
+    return out

@@ -1,10 +1,10 @@
 """The worker: pull jobs with a lease, run them in a process pool, record outcomes.
 
-One asyncio loop does all the Redis and RPC work; jobs run in a
-``concurrent.futures.ProcessPoolExecutor``. Fast jobs go to the pool in chunks so that
-per-job overhead stays small; slow jobs go one by one. A worker holds at most one more
-round of jobs than it runs (bounded prefetch), extends the leases of what it holds
-(heartbeat), and gives prefetched jobs back at once when told to stop.
+One asyncio loop does all the Redis and RPC work; jobs run in ``elric.pool``: async jobs
+many at once in every pool process, sync jobs one process each, fast sync jobs in
+batches. A worker fetches as many jobs as it has room for plus a small prefetch, extends
+the leases of what it holds (heartbeat), and gives prefetched jobs back at once when told
+to stop.
 """
 
 from __future__ import annotations
@@ -15,41 +15,28 @@ import os
 import random
 import signal
 import socket
-import tempfile
 import time
 import uuid
 from collections import deque
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures import CancelledError, Future
+from functools import partial
 
 import redis.asyncio as aioredis
 from redis.exceptions import AuthenticationError as RedisAuthenticationError
 
-from elric import codec, runner
+from elric import runner
 from elric.config import Settings, SettingsError, redact_url
 from elric.contract import ErrorCode
 from elric.keys import Keys
+from elric.pool import Pool, ProcessDied
 from elric.queue import Claim, Outcome, RedisQueue, now_ms
 from elric.retry import REDIS_ERRORS, REDIS_REFUSED, Backoff, retry
 from elric.rpc import AsyncClient, RemoteError, RPCConnectionError, RPCError
 
 log = logging.getLogger("elric.worker")
 
-CHUNK_SECONDS = 0.02  # aim for chunks that run about this long
+CHUNK_SECONDS = 0.02  # fast sync jobs go to a pool process in batches about this long
 WARN_EVERY = 5.0  # seconds between warnings while waiting for Redis or the master
-
-
-class _Chunk:
-    __slots__ = ("jobs", "future", "started", "timeout", "timed_out", "pool", "slot")
-
-    def __init__(self, jobs: list[Claim]) -> None:
-        self.jobs = jobs
-        self.future = None
-        self.pool = None
-        self.slot = -1  # index of the one-process pool that runs it
-        self.started = time.monotonic()
-        self.timeout = jobs[0].timeout if len(jobs) == 1 else None
-        self.timed_out = False
 
 
 class Worker:
@@ -58,21 +45,24 @@ class Worker:
         self.settings = settings
         self.queues = list(queues or settings.QUEUES)
         self.concurrency = concurrency or settings.concurrency
+        self.async_slots = settings.ASYNC_CONCURRENCY
         self.max_chunk = settings.WORKER_CHUNK
         self.lease = float(settings.LEASE_SECONDS)
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.keys = Keys(settings.KEY_PREFIX)
         self.buffer: deque[Claim] = deque()      # claimed, not yet handed to the pool
-        self.suspects: deque[Claim] = deque()    # jobs of a chunk whose process died
-        self.running: set[_Chunk] = set()
-        self.pools: list[ProcessPoolExecutor] = []  # one single-process pool per slot
+        self.suspects: deque[Claim] = deque()    # jobs of a process that died, to run apart
+        self.finished: list[tuple[Claim, runner.Ran]] = []   # ran, not yet recorded
+        self.recording: list[tuple[Claim, runner.Ran]] = []
+        self.kinds: dict[str, bool] = {}         # func -> its run is async
+        self.last_async = False                  # the last job that ran was async
+        self.pool: Pool | None = None
         self.stopping = False
-        self.avg_job_seconds = CHUNK_SECONDS    # start with chunks of one
+        self.avg_job_seconds = CHUNK_SECONDS    # start with batches of one
         self.processed = 0
         self._changed = asyncio.Event()
+        self._finished = asyncio.Event()
         self._wake_task: asyncio.Task | None = None
-        self._tasks: set[asyncio.Task] = set()
-        self._empty_dir: str | None = None   # the fork server's working directory
         self._connecting: asyncio.Task | None = None
 
     # --- setup ------------------------------------------------------------------------
@@ -118,43 +108,6 @@ class Worker:
         return await AsyncClient.connect(host, port, timeout=10, token=s.RPC_TOKEN,
                                          max_message=s.RPC_MAX_MESSAGE)
 
-    def _new_pool(self) -> ProcessPoolExecutor:
-        import multiprocessing
-        from multiprocessing import forkserver
-
-        # The fork server and the pool processes it forks ignore SIGTERM (ignoring is
-        # inherited): a SIGTERM sent to the whole process group (systemd, docker,
-        # kill -- -PGID) then stops only this process, which lets running jobs finish.
-        # Otherwise the fork server dies and takes the pool, and its running jobs, with it.
-        previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        here = os.getcwd()
-        try:
-            # The fork server imports elric once for every pool process. It runs as
-            # `python -c`, whose sys.path starts with its current directory, where a folder
-            # named elric/ (even empty) would stand in for the installed package: so it
-            # starts in an empty directory, which must outlive it (a Python started in a
-            # directory that is gone fails). Pool processes still get ours and our sys.path.
-            if self._empty_dir is None:
-                self._empty_dir = tempfile.mkdtemp(prefix="elric-forkserver-")
-            os.chdir(self._empty_dir)
-            forkserver.set_forkserver_preload(["elric.runner"])
-            forkserver.ensure_running()
-        finally:
-            os.chdir(here)
-            signal.signal(signal.SIGTERM, previous)
-        return ProcessPoolExecutor(
-            max_workers=1,  # one pool per slot: a process that dies breaks no one else's
-            mp_context=multiprocessing.get_context("forkserver"),
-            initializer=runner.init_process,
-            initargs=(tuple(self.settings.JOB_MODULES), os.getpid()),
-        )
-
-    async def _warm_pool(self) -> None:
-        empty = codec.pack([])
-        loop = asyncio.get_running_loop()
-        await asyncio.gather(*(loop.run_in_executor(pool, runner.run_chunk, empty)
-                               for pool in self.pools))
-
     # --- main loop --------------------------------------------------------------------
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -169,17 +122,21 @@ class Worker:
             await self.redis.aclose()  # told to stop before Redis and the master were there
             await self.blocking_redis.aclose()
             return 0
-        self.pools = [self._new_pool() for _ in range(self.concurrency)]
-        await self._warm_pool()
+        s = self.settings
+        self.pool = Pool(self.concurrency, async_slots=self.async_slots,
+                         sync_batch=self._chunk_size, allowed_modules=s.JOB_MODULES,
+                         log_level=s.LOG_LEVEL, lag_warn=s.LOOP_LAG_WARN)
         await self._register()
         heartbeat = asyncio.create_task(self._heartbeat_loop())
-        log.info("worker %s: queues %s, %d processes", self.worker_id,
-                 ",".join(self.queues), self.concurrency)
+        recorder = asyncio.create_task(self._record_loop())
+        log.info("worker %s: queues %s, %d processes, %d async jobs each", self.worker_id,
+                 ",".join(self.queues), self.concurrency, self.async_slots)
         try:
             await self._loop()
         finally:
+            await self._shutdown(recorder)
             heartbeat.cancel()
-            await self._shutdown()
+            await self._close()
         return 0
 
     def request_stop(self) -> None:
@@ -190,22 +147,32 @@ class Worker:
         if self._connecting is not None and not self._connecting.done():
             self._connecting.cancel()
 
-    @property
-    def held(self) -> int:
-        return len(self.buffer) + len(self.suspects) + sum(len(c.jobs) for c in self.running)
+    def _claims(self) -> list[Claim]:
+        """Every job this worker holds a lease on."""
+        return [*self.buffer, *self.suspects, *self.pool.claims(),
+                *(c for c, _ in self.finished), *(c for c, _ in self.recording)]
 
     def _chunk_size(self) -> int:
         return max(1, min(self.max_chunk, int(CHUNK_SECONDS / max(self.avg_job_seconds, 1e-6))))
+
+    def _fetch_size(self) -> int:
+        """Room for jobs: the slots of the kind of job this worker ran last, and a small
+        prefetch, less what it holds. Sized to what it can start now, so a worker
+        started later still finds work."""
+        if self.last_async:
+            room, prefetch = self.concurrency * self.async_slots, self.concurrency
+        else:
+            room = prefetch = self.concurrency * self._chunk_size()
+        return room + prefetch - len(self._claims())
 
     async def _loop(self) -> None:
         backoff = Backoff()
         while not self.stopping:
             self._changed.clear()
+            self.pool.kill_overdue()
             self._dispatch()
-            chunk = self._chunk_size()
-            target = self.concurrency * chunk  # one round waiting beside the one running
-            want = target * 2 - self.held
-            if len(self.buffer) < target and want > 0 and not self.suspects:
+            want = self._fetch_size()
+            if want > 0 and not self.suspects:
                 try:
                     jobs = await self.queue.fetch(self.worker_id, self.queues, want, self.lease)
                     backoff.reset()
@@ -217,11 +184,10 @@ class Worker:
                 if jobs:
                     self.buffer.extend(jobs)
                     continue
-            idle = not self.buffer and len(self.running) < self.concurrency
-            await self._wait(1.0, wake=idle)
+            await self._wait(1.0, wake=not self.buffer and want > 0)
 
     async def _wait(self, timeout: float, wake: bool = False) -> None:
-        """Until something changed (a chunk finished, stop), a wake token, or timeout."""
+        """Until something changed (a job finished, stop), a wake token, or timeout."""
         waiters = [asyncio.ensure_future(self._changed.wait())]
         if wake:
             if self._wake_task is None or self._wake_task.done():
@@ -240,76 +206,91 @@ class Worker:
                 await asyncio.sleep(0.2)  # Redis gone: the fetch path logs and backs off
 
     def _dispatch(self) -> None:
-        """Hand chunks to free pool processes."""
-        while len(self.running) < self.concurrency and not self.stopping:
-            if self.suspects:
-                # After a process died we cannot tell which of its chunk's jobs killed it:
-                # run them one per chunk, so the culprit is found and no one else pays.
-                jobs = [self.suspects.popleft()]
-            elif self.buffer:
-                size = self._chunk_size()
-                jobs = [self.buffer.popleft()]
-                if jobs[0].timeout is None:
-                    while len(jobs) < size and self.buffer and self.buffer[0].timeout is None:
-                        jobs.append(self.buffer.popleft())
-            else:
+        """Hand jobs to pool processes with room for them."""
+        if self.stopping:
+            return
+        while self.suspects:
+            # After a process died we cannot tell which of its jobs killed it: run them one
+            # per process, so the culprit is found and no one else pays.
+            if self.pool.place(False, alone=True) is None:
                 return
-            self._submit(_Chunk(jobs))
+            claim = self.suspects.popleft()
+            self._send(claim, self.kinds.get(claim.func, False), alone=True)
+        kept: deque[Claim] = deque()
+        full: set[tuple[bool, bool]] = set()   # kinds no process has room for now
+        while self.buffer:
+            claim = self.buffer.popleft()
+            kind = self.kinds.get(claim.func)
+            # a class not seen yet may be sync: it gets a process to itself, once
+            how = (kind is True, kind is None or (kind is False and claim.timeout is not None))
+            if how in full or self.pool.place(*how) is None:
+                full.add(how)
+                kept.append(claim)
+                if len(full) == 4:
+                    break
+                continue
+            self._send(claim, *how)
+        kept.extend(self.buffer)
+        self.buffer = kept
 
-    def _submit(self, chunk: _Chunk) -> None:
-        items = [{"job_id": j.job_id, "attempt": j.attempt, "func": j.func, "args": j.args,
-                  "kwargs": j.kwargs, "timeout": j.timeout, "dedupe_scope": j.dedupe_scope}
-                 for j in chunk.jobs]
-        busy = {c.slot for c in self.running}
-        chunk.slot = next(i for i in range(self.concurrency) if i not in busy)
-        data = codec.pack(items)
-        try:
-            chunk.future = self.pools[chunk.slot].submit(runner.run_chunk, data)
-        except BrokenProcessPool:
-            self._replace_pool(chunk.slot)
-            chunk.future = self.pools[chunk.slot].submit(runner.run_chunk, data)
-        chunk.pool = self.pools[chunk.slot]
-        self.running.add(chunk)
-        task = asyncio.create_task(self._complete(chunk))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def _send(self, claim: Claim, is_async: bool, alone: bool) -> None:
+        future = self.pool.submit(claim, is_async=is_async, alone=alone)
+        future.add_done_callback(partial(self._ran, claim))
 
-    async def _complete(self, chunk: _Chunk) -> None:
+    def _ran(self, claim: Claim, future: Future) -> None:
+        """A job's future settled (in this thread: the pool settles them in the loop)."""
         try:
-            outcomes = [runner.Ran(*row) for row in codec.unpack(
-                await asyncio.wrap_future(chunk.future))]
-        except BrokenProcessPool:
-            outcomes = self._crashed(chunk)
-        except Exception as exc:  # the pool could not even run it
-            log.exception("worker: chunk failed outside the job code")
-            outcomes = [runner.Ran.failure(j.job_id, j.attempt, f"worker error: "
-                                           f"{type(exc).__name__}: {exc}") for j in chunk.jobs]
-        try:
-            if outcomes:
-                await self._record(chunk, outcomes)
-        finally:
-            self.running.discard(chunk)
-            self._changed.set()
+            ran = future.result()
+        except CancelledError:
+            return
+        except ProcessDied as exc:
+            ran = self._crashed(claim, exc)
+            if ran is None:
+                self._changed.set()
+                return
+        else:
+            self.kinds[claim.func] = self.last_async = ran.is_async
+        self.finished.append((claim, ran))
+        self._finished.set()
+        self._changed.set()
 
-    def _crashed(self, chunk: _Chunk) -> list[runner.Ran]:
-        """A pool process died. Return outcomes for jobs known to be at fault."""
-        if self.pools[chunk.slot] is chunk.pool:
-            self._replace_pool(chunk.slot)
-        if chunk.timed_out or len(chunk.jobs) == 1:  # it ran nothing else: the culprit
-            job = chunk.jobs[0]
-            why = (f"JobTimeout: ran past its timeout of {job.timeout:g}s and its process "
-                   "was killed") if chunk.timed_out else (
+    def _crashed(self, claim: Claim, exc: ProcessDied) -> runner.Ran | None:
+        """A pool process died holding this job: a failure when the job is known to be at
+        fault; otherwise the job runs again, same attempt, apart from others when the
+        culprit is unknown."""
+        if claim.job_id in exc.culprits or len(exc.held) == 1:
+            why = (f"JobTimeout: ran past its timeout of {claim.timeout:g}s and its process "
+                   "was killed") if claim.job_id in exc.culprits else (
                    "the job's process died (os._exit, a signal or a crash in native code)")
-            return [runner.Ran.failure(job.job_id, job.attempt, why)]
-        self.suspects.extend(chunk.jobs)
-        log.warning("worker: a pool process died; re-running %d job(s) one by one to find "
-                    "which one killed it", len(chunk.jobs))
-        return []
+            return runner.Ran.failure(claim.job_id, claim.attempt, why)
+        if exc.culprits:
+            self.buffer.appendleft(claim)   # a bystander of a known culprit
+            return None
+        if claim.job_id == exc.held[0]:
+            log.warning("worker: a pool process died; running its %d job(s) one by one to "
+                        "find which one killed it", len(exc.held))
+        self.suspects.append(claim)
+        return None
 
-    async def _record(self, chunk: _Chunk, outcomes: list[runner.Ran]) -> None:
-        by_id = {j.job_id: j for j in chunk.jobs}
-        per_job = sum(o.finished_at - o.started_at for o in outcomes) / len(outcomes)
-        self.avg_job_seconds = 0.7 * self.avg_job_seconds + 0.3 * per_job
+    # --- recording outcomes -------------------------------------------------------------
+    async def _record_loop(self) -> None:
+        while True:
+            await self._finished.wait()
+            self._finished.clear()
+            while self.finished:
+                self.recording, self.finished = self.finished, []
+                try:
+                    await self._record(self.recording)
+                finally:
+                    self.recording = []
+                    self._changed.set()
+
+    async def _record(self, batch: list[tuple[Claim, runner.Ran]]) -> None:
+        sync = [ran for _, ran in batch if not ran.is_async]
+        if sync:
+            per_job = sum(r.finished_at - r.started_at for r in sync) / len(sync)
+            self.avg_job_seconds = 0.7 * self.avg_job_seconds + 0.3 * per_job
+        outcomes = [ran for _, ran in batch]
         if any(o.ok and o.children for o in outcomes):
             refused = await self._send_children(outcomes)
             for o in outcomes:
@@ -317,9 +298,9 @@ class Worker:
                     o.ok, o.final = False, True
                     o.payload = f"a child job was refused by the master: {refused[o.job_id]}"
         records = []
-        for o in outcomes:
+        for claim, o in batch:
             retry_ms = -1
-            if not o.ok and not o.final and o.attempt <= by_id[o.job_id].max_retries:
+            if not o.ok and not o.final and o.attempt <= claim.max_retries:
                 retry_ms = self._backoff_ms(o.attempt)
             records.append(Outcome(o.job_id, o.attempt, o.ok, o.payload,
                                    int((o.finished_at - o.started_at) * 1000), retry_ms))
@@ -379,24 +360,20 @@ class Worker:
     # --- heartbeat, registration ------------------------------------------------------
     async def _register(self) -> None:
         info = {"host": socket.gethostname(), "pid": os.getpid(), "queues": ",".join(self.queues),
-                "concurrency": self.concurrency, "started_at": now_ms(), "state": "running"}
+                "concurrency": self.concurrency, "async_concurrency": self.async_slots,
+                "started_at": now_ms(), "state": "running"}
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(self.keys.worker(self.worker_id), mapping=info)
             pipe.expire(self.keys.worker(self.worker_id), 86400)
             pipe.zadd(self.keys.workers, {self.worker_id: now_ms()})
             await pipe.execute()
 
-    def _held_ids(self) -> list[str]:
-        ids = [j.job_id for j in self.buffer] + [j.job_id for j in self.suspects]
-        for chunk in self.running:
-            ids.extend(j.job_id for j in chunk.jobs)
-        return ids
-
     async def _heartbeat_loop(self) -> None:
         while True:
             await asyncio.sleep(self.lease / 3)
             try:
-                await self.queue.heartbeat(self.worker_id, self._held_ids(), self.lease)
+                ids = [c.job_id for c in self._claims()]
+                await self.queue.heartbeat(self.worker_id, ids, self.lease)
                 async with self.redis.pipeline(transaction=False) as pipe:
                     pipe.zadd(self.keys.workers, {self.worker_id: now_ms()})
                     pipe.hset(self.keys.worker(self.worker_id), "processed", self.processed)
@@ -404,64 +381,46 @@ class Worker:
                     await pipe.execute()
             except REDIS_ERRORS as exc:
                 log.warning("worker: heartbeat failed (%s)", exc)
-            self._kill_overdue()
-
-    def _kill_overdue(self) -> None:
-        """A job past its timeout that ignored the alarm (stuck in native code): kill it."""
-        now = time.monotonic()
-        for chunk in list(self.running):
-            if chunk.timeout and not chunk.timed_out and now > chunk.started + chunk.timeout + 5:
-                chunk.timed_out = True
-                log.warning("worker: job %s ignored its timeout; killing its process",
-                            chunk.jobs[0].job_id)
-                self._kill_pool_processes(chunk.pool)  # its own process, no other
-
-    def _replace_pool(self, slot: int) -> None:
-        old, self.pools[slot] = self.pools[slot], self._new_pool()
-        # pool processes ignore SIGTERM, so a broken pool's own terminate() does not stop
-        # them: kill them
-        self._kill_pool_processes(old)
-        old.shutdown(wait=False, cancel_futures=True)
-
-    def _kill_pool_processes(self, pool: ProcessPoolExecutor | None = None) -> None:
-        for p in (self.pools if pool is None else [pool]):
-            for proc in list((getattr(p, "_processes", None) or {}).values()):
-                try:
-                    proc.kill()
-                except Exception:
-                    pass
 
     # --- shutdown ---------------------------------------------------------------------
-    async def _shutdown(self) -> None:
+    async def _give_back(self, claims: list[Claim]) -> int:
+        if not claims:
+            return 0
+        return await self._retry_redis(self.queue.release, self.worker_id,
+                                       [(c.job_id, c.attempt) for c in claims])
+
+    async def _shutdown(self, recorder: asyncio.Task) -> None:
+        """Give prefetched jobs back, let running ones finish within SHUTDOWN_GRACE, then
+        stop the rest and give them back too."""
         self.stopping = True
         if self._wake_task is not None:
             self._wake_task.cancel()
-        claims = [(j.job_id, j.attempt) for j in list(self.buffer) + list(self.suspects)]
+        waiting = [*self.buffer, *self.suspects]
         self.buffer.clear()
         self.suspects.clear()
-        if claims:
-            n = await self._retry_redis(self.queue.release, self.worker_id, claims)
-            log.info("worker: gave %d prefetched job(s) back to the queue", n)
-        if self._tasks:
-            done, pending = await asyncio.wait(list(self._tasks),
-                                               timeout=self.settings.SHUTDOWN_GRACE)
-            if pending:
-                left = [(j.job_id, j.attempt) for c in self.running for j in c.jobs]
-                log.warning("worker: %d job(s) still running after SHUTDOWN_GRACE; stopping "
-                            "them and returning them to the queue", len(left))
-                for t in pending:
-                    t.cancel()
-                self._kill_pool_processes()
-                await self._retry_redis(self.queue.release, self.worker_id, left)
-        # jobs whose pool process died while we waited: back in line too, not left running
-        late = [(j.job_id, j.attempt) for j in self.suspects]
-        self.suspects.clear()
-        if late:
-            await self._retry_redis(self.queue.release, self.worker_id, late)
-        for pool in self.pools:
-            pool.shutdown(wait=True, cancel_futures=True)
-        if self._empty_dir is not None:
-            os.rmdir(self._empty_dir)   # the fork server, already running, keeps working
+        if waiting:
+            log.info("worker: gave %d prefetched job(s) back to the queue",
+                     await self._give_back(waiting))
+        deadline = time.monotonic() + self.settings.SHUTDOWN_GRACE
+        while (self.pool.claims() or self.finished or self.recording) and \
+                time.monotonic() < deadline and not recorder.done():
+            self._changed.clear()
+            self.pool.kill_overdue()
+            try:
+                await asyncio.wait_for(self._changed.wait(), 0.5)
+            except asyncio.TimeoutError:
+                pass
+        left = self.pool.claims()
+        if left:
+            log.warning("worker: %d job(s) still running after SHUTDOWN_GRACE; stopping "
+                        "them and returning them to the queue", len(left))
+        self.pool.kill_all()
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        recorder.cancel()
+        # jobs still running, and those whose process died while we waited: back in line
+        await self._give_back([*left, *self.buffer, *self.suspects])
+
+    async def _close(self) -> None:
         try:
             await self.redis.hset(self.keys.worker(self.worker_id), "state", "stopped")
         except REDIS_ERRORS:

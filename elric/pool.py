@@ -1,0 +1,227 @@
+"""The worker's pool of processes: a ``concurrent.futures.Executor`` fed over one pipe each.
+
+Each pool process runs an event loop (``elric.runner``): async jobs share it, many at once;
+a sync job has its process to itself. Jobs go out and outcomes come back as msgpack
+batches, at most one message per process per turn of the worker's loop, so a fast job
+costs no round trip of its own. ``submit`` returns a future of the job's ``runner.Ran``;
+a process that dies resolves the futures of the jobs it held with ``ProcessDied``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import signal
+import tempfile
+import time
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass, field
+from multiprocessing import forkserver
+
+from elric import codec, runner
+from elric.queue import Claim
+
+log = logging.getLogger("elric.pool")
+
+KILL_GRACE = 5.0  # seconds past its timeout before a job's process is killed
+
+
+class ProcessDied(Exception):
+    """The pool process that ran a job died before reporting it.
+
+    ``culprits``: the jobs that were killed for running past their timeout; ``held``: every
+    job the process had. With no culprit and other jobs beside it, any of them may be the
+    cause (a crash in native code, ``os._exit``)."""
+
+    def __init__(self, exitcode, held: list[str], culprits: set[str]) -> None:
+        super().__init__(f"pool process died (exit code {exitcode})")
+        self.held, self.culprits = held, culprits
+
+
+@dataclass(slots=True)
+class _Held:
+    claim: Claim
+    future: Future
+    is_async: bool
+    sent_at: float
+
+
+@dataclass(eq=False)
+class _Process:
+    slot: int
+    process: multiprocessing.process.BaseProcess
+    conn: object
+    held: dict[str, _Held] = field(default_factory=dict)
+    outbox: list[dict] = field(default_factory=list)
+    alone: bool = False        # runs a job that must have the process to itself
+    timed_out: set[str] = field(default_factory=set)
+    n_async: int = 0
+
+    @property
+    def n_sync(self) -> int:
+        return len(self.held) - self.n_async
+
+
+class Pool(Executor):
+    def __init__(self, size: int, *, async_slots: int, sync_batch, allowed_modules=(),
+                 log_level: str = "INFO", lag_warn: float = 1.0) -> None:
+        self.size, self.async_slots, self.sync_batch = size, async_slots, sync_batch
+        self._args = (tuple(allowed_modules), os.getpid(), log_level, lag_warn)
+        self._loop = asyncio.get_running_loop()
+        self._empty_dir = tempfile.mkdtemp(prefix="elric-forkserver-")
+        self._flush_soon = False
+        self._closed = False
+        self.processes = [self._start(slot) for slot in range(size)]
+
+    # --- processes --------------------------------------------------------------------
+    def _start(self, slot: int) -> _Process:
+        # The fork server and the processes it forks ignore SIGTERM (ignoring is inherited):
+        # a SIGTERM sent to the whole process group (systemd, docker, kill -- -PGID) then
+        # stops only the worker, which lets running jobs finish.
+        previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        here = os.getcwd()
+        try:
+            # The fork server runs as `python -c`, whose sys.path starts with its current
+            # directory, where a folder named elric/ would stand in for the installed
+            # package: it starts in an empty directory that outlives it.
+            os.chdir(self._empty_dir)
+            forkserver.set_forkserver_preload(["elric.runner"])
+            ctx = multiprocessing.get_context("forkserver")
+            ours, theirs = ctx.Pipe(duplex=True)
+            process = ctx.Process(target=runner.serve, args=(theirs, *self._args),
+                                  name=f"elric-pool-{slot}", daemon=False)
+            process.start()
+        finally:
+            os.chdir(here)
+            signal.signal(signal.SIGTERM, previous)
+        theirs.close()
+        proc = _Process(slot, process, ours)
+        self._loop.add_reader(ours.fileno(), self._readable, proc)
+        return proc
+
+    def _readable(self, proc: _Process) -> None:
+        try:
+            rows = codec.unpack(proc.conn.recv_bytes())
+        except (EOFError, OSError):
+            return self._died(proc)
+        for row in rows or []:
+            ran = runner.Ran(*row)
+            held = proc.held.pop(ran.job_id, None)
+            if held is None:
+                continue
+            if held.is_async:
+                proc.n_async -= 1
+            if not held.future.cancelled():
+                held.future.set_result(ran)
+        if not proc.held:
+            proc.alone = False
+
+    def _died(self, proc: _Process) -> None:
+        self._loop.remove_reader(proc.conn.fileno())
+        proc.conn.close()
+        proc.process.kill()
+        proc.process.join()
+        if not self._closed:
+            self.processes[proc.slot] = self._start(proc.slot)
+        error = ProcessDied(proc.process.exitcode, list(proc.held), set(proc.timed_out))
+        for held in proc.held.values():
+            if not held.future.cancelled():
+                held.future.set_exception(error)
+        proc.held.clear()
+
+    # --- placing and sending jobs -----------------------------------------------------
+    def place(self, is_async: bool, alone: bool) -> _Process | None:
+        """The process a job of this kind would go to now, or None when none has room.
+
+        ``alone``: the job must have a process to itself (a sync job with a timeout, whose
+        overrun kills its process; a job of a class not seen yet; a suspect of a crash)."""
+        best = None
+        for p in self.processes:
+            if p.alone or (alone and p.held):
+                continue
+            if alone:
+                return p
+            if is_async:
+                if p.n_sync or p.n_async >= self.async_slots:
+                    continue
+                load = p.n_async
+            else:
+                if p.n_async or p.n_sync >= self.sync_batch():
+                    continue
+                load = p.n_sync
+            if best is None or load < best[0]:
+                best = (load, p)
+        return best[1] if best else None
+
+    def submit(self, claim: Claim, /, *, is_async: bool = False, alone: bool = False) -> Future:
+        """Send a job to a process with room (``place``); raises LookupError when none has."""
+        if self._closed:
+            raise RuntimeError("the pool is shut down")
+        proc = self.place(is_async, alone)
+        if proc is None:
+            raise LookupError("no pool process has room for this job")
+        future: Future = Future()
+        future.set_running_or_notify_cancel()
+        proc.held[claim.job_id] = _Held(claim, future, is_async, time.monotonic())
+        proc.n_async += is_async
+        proc.alone = alone
+        proc.outbox.append({"job_id": claim.job_id, "attempt": claim.attempt,
+                            "func": claim.func, "args": claim.args, "kwargs": claim.kwargs,
+                            "timeout": claim.timeout, "dedupe_scope": claim.dedupe_scope})
+        if not self._flush_soon:
+            self._flush_soon = True
+            self._loop.call_soon(self._flush)
+        return future
+
+    def _flush(self) -> None:
+        self._flush_soon = False
+        for proc in self.processes:
+            if proc.outbox:
+                data, proc.outbox = codec.pack(proc.outbox), []
+                try:
+                    proc.conn.send_bytes(data)
+                except OSError:
+                    pass  # it died: its reader sees the end of the pipe and settles its jobs
+
+    # --- what the worker sees and steers ----------------------------------------------
+    def claims(self) -> list[Claim]:
+        return [h.claim for p in self.processes for h in p.held.values()]
+
+    def kill_overdue(self) -> None:
+        """Kill the process of a job past its timeout and KILL_GRACE: a sync job that
+        ignored its alarm (stuck in native code), or an async job blocking its loop."""
+        now = time.monotonic()
+        for p in self.processes:
+            for job_id, h in p.held.items():
+                if h.claim.timeout and job_id not in p.timed_out and \
+                        now > h.sent_at + h.claim.timeout + KILL_GRACE:
+                    p.timed_out.add(job_id)
+                    log.warning("worker: job %s ignored its timeout; killing its process",
+                                job_id)
+            if p.timed_out:
+                p.process.kill()
+
+    def kill_all(self) -> None:
+        for p in self.processes:
+            p.process.kill()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._closed = True
+        for p in self.processes:
+            try:
+                self._loop.remove_reader(p.conn.fileno())
+            except (OSError, ValueError):
+                pass
+            p.conn.close()  # the process exits when it reads the end of its pipe
+            if cancel_futures:
+                for h in p.held.values():
+                    h.future.cancel()
+        if wait:
+            for p in self.processes:
+                p.process.join()
+        try:
+            os.rmdir(self._empty_dir)  # the fork server, already running, keeps working
+        except OSError:
+            pass
