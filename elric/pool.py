@@ -65,14 +65,19 @@ class _Process:
 
 
 class Pool(Executor):
-    def __init__(self, size: int, *, async_slots: int, sync_batch, allowed_modules=(),
-                 log_level: str = "INFO", lag_warn: float = 1.0) -> None:
+    def __init__(self, size: int, *, async_slots: int, sync_batch, on_news=lambda: None,
+                 allowed_modules=(), log_level: str = "INFO", lag_warn: float = 1.0) -> None:
+        """``sync_batch()``: how many sync jobs a process may hold now; ``on_news()``:
+        called after a process reported, so the caller can place more jobs."""
         self.size, self.async_slots, self.sync_batch = size, async_slots, sync_batch
         self._args = (tuple(allowed_modules), os.getpid(), log_level, lag_warn)
         self._loop = asyncio.get_running_loop()
         self._empty_dir = tempfile.mkdtemp(prefix="elric-forkserver-")
         self._flush_soon = False
         self._closed = False
+        self.kinds: dict[str, bool] = {}   # func -> its run is async, as a process found
+        self.last_async = False            # the kind a process reported last
+        self._on_news = on_news
         self.processes = [self._start(slot) for slot in range(size)]
 
     # --- processes --------------------------------------------------------------------
@@ -103,20 +108,31 @@ class Pool(Executor):
 
     def _readable(self, proc: _Process) -> None:
         try:
-            rows = codec.unpack(proc.conn.recv_bytes())
+            message = codec.unpack(proc.conn.recv_bytes())
         except (EOFError, OSError):
             return self._died(proc)
-        for row in rows or []:
+        for func, is_async in message["kinds"].items():
+            self.kinds[func] = self.last_async = is_async
+            if is_async:  # its job was sent alone, as of an unknown kind: others may join
+                for held in proc.held.values():
+                    if held.claim.func == func and not held.is_async:
+                        held.is_async = True
+                        proc.n_async += 1
+                if proc.n_async == len(proc.held):
+                    proc.alone = False
+        for row in message["ran"]:
             ran = runner.Ran(*row)
             held = proc.held.pop(ran.job_id, None)
             if held is None:
                 continue
             if held.is_async:
                 proc.n_async -= 1
+            self.last_async = ran.is_async
             if not held.future.cancelled():
                 held.future.set_result(ran)
         if not proc.held:
             proc.alone = False
+        self._on_news()
 
     def _died(self, proc: _Process) -> None:
         self._loop.remove_reader(proc.conn.fileno())
@@ -155,10 +171,19 @@ class Pool(Executor):
                 best = (load, p)
         return best[1] if best else None
 
-    def submit(self, claim: Claim, /, *, is_async: bool = False, alone: bool = False) -> Future:
+    def how(self, claim: Claim, suspect: bool = False) -> tuple[bool, bool]:
+        """(is_async, alone) for a job: a class not seen yet may be sync, so it gets a
+        process to itself until that process says which kind it is; so does a sync job
+        with a timeout (its overrun kills its process) and a suspect of a crash."""
+        kind = self.kinds.get(claim.func)
+        alone = suspect or kind is None or (kind is False and claim.timeout is not None)
+        return kind is True, alone
+
+    def submit(self, claim: Claim, /, *, suspect: bool = False) -> Future:
         """Send a job to a process with room (``place``); raises LookupError when none has."""
         if self._closed:
             raise RuntimeError("the pool is shut down")
+        is_async, alone = self.how(claim, suspect)
         proc = self.place(is_async, alone)
         if proc is None:
             raise LookupError("no pool process has room for this job")

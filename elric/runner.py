@@ -112,6 +112,8 @@ class _Runner:
         self.draining = False
         self.tasks: dict[asyncio.Task, str] = {}   # async jobs in flight -> job id
         self.outbox: list[Ran] = []
+        self.kinds: dict[str, bool] = {}       # func -> its run is async, as resolved here
+        self.new_kinds: dict[str, bool] = {}   # not yet told to the worker
         self.flushing = False
         self.last_tick = time.monotonic()
 
@@ -146,16 +148,21 @@ class _Runner:
                 out.ok, out.children = False, []
                 out.payload = f"a child job's arguments are not msgpack values: {exc}"
         self.outbox.append(out)
+        self._flush_soon()
+
+    def _flush_soon(self) -> None:
         if not self.flushing and not self.draining:
             self.flushing = True
             self.loop.call_soon(self._flush)
 
     def _flush(self) -> None:
+        """Send the outcomes and the kinds of job classes learnt since the last flush."""
         self.flushing = False
-        if self.outbox:
-            rows, self.outbox = [o.row() for o in self.outbox], []
+        if self.outbox or self.new_kinds:
+            message = {"ran": [o.row() for o in self.outbox], "kinds": self.new_kinds}
+            self.outbox, self.new_kinds = [], {}
             try:
-                self.conn.send_bytes(codec.pack(rows))
+                self.conn.send_bytes(codec.pack(message))
             except OSError:
                 os._exit(0)  # the worker is gone
 
@@ -175,7 +182,13 @@ class _Runner:
         except BaseException as exc:
             return self._report(_failed(out, exc))
         ctx = job_module._RunContext(item["job_id"], item)
-        if inspect.iscoroutinefunction(cls.run):
+        if item["func"] not in self.kinds:
+            # the worker gives a class it has not seen a process of its own: tell it the
+            # kind now, not when this job ends, so async jobs can join it at once
+            is_async = self.kinds[item["func"]] = inspect.iscoroutinefunction(cls.run)
+            self.new_kinds[item["func"]] = is_async
+            self._flush_soon()
+        if self.kinds[item["func"]]:
             out.is_async = True
             task = self.loop.create_task(self._run_async(instance, args, kwargs, ctx, out,
                                                           item.get("timeout")))

@@ -54,8 +54,6 @@ class Worker:
         self.suspects: deque[Claim] = deque()    # jobs of a process that died, to run apart
         self.finished: list[tuple[Claim, runner.Ran]] = []   # ran, not yet recorded
         self.recording: list[tuple[Claim, runner.Ran]] = []
-        self.kinds: dict[str, bool] = {}         # func -> its run is async
-        self.last_async = False                  # the last job that ran was async
         self.pool: Pool | None = None
         self.stopping = False
         self.avg_job_seconds = CHUNK_SECONDS    # start with batches of one
@@ -124,7 +122,8 @@ class Worker:
             return 0
         s = self.settings
         self.pool = Pool(self.concurrency, async_slots=self.async_slots,
-                         sync_batch=self._chunk_size, allowed_modules=s.JOB_MODULES,
+                         sync_batch=self._chunk_size, on_news=self._changed.set,
+                         allowed_modules=s.JOB_MODULES,
                          log_level=s.LOG_LEVEL, lag_warn=s.LOOP_LAG_WARN)
         await self._register()
         heartbeat = asyncio.create_task(self._heartbeat_loop())
@@ -156,10 +155,10 @@ class Worker:
         return max(1, min(self.max_chunk, int(CHUNK_SECONDS / max(self.avg_job_seconds, 1e-6))))
 
     def _fetch_size(self) -> int:
-        """Room for jobs: the slots of the kind of job this worker ran last, and a small
+        """Room for jobs: the slots of the kind of job this worker saw last, and a small
         prefetch, less what it holds. Sized to what it can start now, so a worker
         started later still finds work."""
-        if self.last_async:
+        if self.pool.last_async:
             room, prefetch = self.concurrency * self.async_slots, self.concurrency
         else:
             room = prefetch = self.concurrency * self._chunk_size()
@@ -214,27 +213,24 @@ class Worker:
             # per process, so the culprit is found and no one else pays.
             if self.pool.place(False, alone=True) is None:
                 return
-            claim = self.suspects.popleft()
-            self._send(claim, self.kinds.get(claim.func, False), alone=True)
+            self._send(self.suspects.popleft(), suspect=True)
         kept: deque[Claim] = deque()
         full: set[tuple[bool, bool]] = set()   # kinds no process has room for now
         while self.buffer:
             claim = self.buffer.popleft()
-            kind = self.kinds.get(claim.func)
-            # a class not seen yet may be sync: it gets a process to itself, once
-            how = (kind is True, kind is None or (kind is False and claim.timeout is not None))
+            how = self.pool.how(claim)
             if how in full or self.pool.place(*how) is None:
                 full.add(how)
                 kept.append(claim)
-                if len(full) == 4:
+                if len(full) == 3:   # (async, alone) is never asked for
                     break
                 continue
-            self._send(claim, *how)
+            self._send(claim)
         kept.extend(self.buffer)
         self.buffer = kept
 
-    def _send(self, claim: Claim, is_async: bool, alone: bool) -> None:
-        future = self.pool.submit(claim, is_async=is_async, alone=alone)
+    def _send(self, claim: Claim, suspect: bool = False) -> None:
+        future = self.pool.submit(claim, suspect=suspect)
         future.add_done_callback(partial(self._ran, claim))
 
     def _ran(self, claim: Claim, future: Future) -> None:
@@ -248,8 +244,6 @@ class Worker:
             if ran is None:
                 self._changed.set()
                 return
-        else:
-            self.kinds[claim.func] = self.last_async = ran.is_async
         self.finished.append((claim, ran))
         self._finished.set()
         self._changed.set()

@@ -1,0 +1,79 @@
+"""Async job classes the tests submit (workers import them by path: tests.jobs_async:Name)."""
+
+import asyncio
+import os
+import time
+
+from elric import Job
+from tests.jobs_faults import append_line, count_lines
+
+
+class AsyncSleep(Job):
+    """Sleeps without blocking its loop; says where and when it ran."""
+
+    async def run(self, seconds, path=None):
+        if path:
+            append_line(path, self.job_id)
+        start = time.time()
+        await asyncio.sleep(seconds)
+        return {"pid": os.getpid(), "start": start, "end": time.time()}
+
+
+class SyncSpan(Job):
+    """The sync twin of AsyncSleep, to check the two kinds never share a process."""
+
+    def run(self, seconds):
+        start = time.time()
+        time.sleep(seconds)
+        return {"pid": os.getpid(), "start": start, "end": time.time()}
+
+
+class AsyncFail(Job):
+    async def run(self, message):
+        await asyncio.sleep(0)
+        raise ValueError(message)
+
+
+class AsyncFlaky(Job):
+    """Fails its first ``failures`` runs (counted in ``path``), then succeeds."""
+
+    async def run(self, path, failures):
+        append_line(path, f"{self.job_id} attempt {self.attempt}")
+        await asyncio.sleep(0.01)
+        if count_lines(path) <= failures:
+            raise RuntimeError(f"flaky failure at attempt {self.attempt}")
+        return {"attempt": self.attempt}
+
+
+class AsyncSpawn(Job):
+    """Submits ``n`` AsyncAdd children after awaiting."""
+
+    async def run(self, n):
+        await asyncio.sleep(0.05)
+        return {"children": [AsyncAdd.submit(i, i) for i in range(n)]}
+
+
+class AsyncAdd(Job):
+    async def run(self, a, b):
+        await asyncio.sleep(0.01)
+        return {"sum": a + b, "scope": self.dedupe_scope}
+
+
+class AsyncBlock(Job):
+    """Blocks its event loop with time.sleep: what an async job must not do."""
+
+    async def run(self, seconds, path=None):
+        if path:
+            append_line(path, self.job_id)
+        time.sleep(seconds)
+        return "blocked"
+
+
+class AsyncCrash(Job):
+    """Kills its own pool process after a moment, as a crash in native code would."""
+
+    async def run(self, path=None):
+        if path:
+            append_line(path, self.job_id)
+        await asyncio.sleep(0.3)
+        os._exit(1)

@@ -1,0 +1,190 @@
+"""Async jobs (``async def run``) in real workers: many at once per pool process, with
+everything a sync job has: results, errors, retries, timeouts, children, SIGTERM grace,
+SIGKILL redelivery, crashes; and mixed with sync jobs in one worker."""
+
+from __future__ import annotations
+
+import signal
+
+from tests.conftest import wait_for
+from tests.jobs import Add
+from tests.jobs_faults import count_lines
+from tests.jobs_async import (AsyncBlock, AsyncCrash, AsyncFail, AsyncFlaky, AsyncSleep,
+                              AsyncSpawn, SyncSpan)
+from tests.test_resilience import descendants, lines, reap, worker_pid
+
+
+def most_at_once(spans) -> int:
+    """The largest number of (start, end) spans that overlap at one moment."""
+    events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans],
+                    key=lambda ev: (ev[0], ev[1]))
+    now = top = 0
+    for _, step in events:
+        now += step
+        top = max(top, now)
+    return top
+
+
+def test_one_process_runs_many_async_jobs_at_once(cluster):
+    cluster.start_worker("--concurrency", "1")
+    ids = [f"a{i:02d}" for i in range(40)]
+    cluster.client.submit_jobs([AsyncSleep.spec([1.0], job_id=i) for i in ids])
+    jobs = [cluster.wait_job(i, timeout=60) for i in ids]
+    assert all(j["status"] == "succeeded" for j in jobs), cluster.logs()
+    assert len({j["result"]["pid"] for j in jobs}) == 1  # one pool process ran them all
+    assert most_at_once([(j["result"]["start"], j["result"]["end"]) for j in jobs]) >= 20
+
+
+def test_an_async_error_fails_with_its_traceback(cluster):
+    cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job(AsyncFail.spec(["no such page"], job_id="bad"))
+    job = cluster.wait_job("bad")
+    assert job["status"] == "failed" and job["attempts"] == 1
+    assert "ValueError: no such page" in job["error"]
+    assert "Traceback" in job["error"] and "in run" in job["error"], job["error"]
+
+
+def test_an_async_job_is_retried_with_backoff_until_it_succeeds(make_cluster, tmp_path):
+    c = make_cluster(RETRY_BACKOFF=0.1)
+    c.start_master()
+    c.start_worker("--concurrency", "1")
+    runs = tmp_path / "runs.txt"
+    c.client.submit_job(AsyncFlaky.spec([str(runs), 2], job_id="flaky", max_retries=3))
+    job = c.wait_job("flaky")
+    assert (job["status"], job["attempts"], job["result"]) == \
+        ("succeeded", 3, {"attempt": 3}), c.logs()
+    assert count_lines(runs) == 3
+
+
+def test_an_async_job_past_its_timeout_is_cancelled_and_its_neighbours_go_on(cluster):
+    worker = cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_jobs([AsyncSleep.spec([60], job_id="slow", timeout=1),
+                                AsyncSleep.spec([3], job_id="beside")])
+    slow = cluster.wait_job("slow", timeout=30)
+    assert slow["status"] == "failed" and "JobTimeout" in slow["error"], slow["error"]
+    assert "cancelled" in slow["error"] and slow["duration"] < 5
+    beside = cluster.wait_job("beside", timeout=30)
+    assert (beside["status"], beside["attempts"]) == ("succeeded", 1)
+    assert beside["result"]["pid"] == worker_pid_of(cluster, "beside")
+    assert worker.alive()
+
+
+def worker_pid_of(cluster, job_id) -> int:
+    return cluster.client.get_job(job_id)["result"]["pid"]
+
+
+def test_async_children_reach_the_master_and_inherit_the_scope(cluster):
+    cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job(AsyncSpawn.spec([5], job_id="parent", dedupe_scope="round-1"))
+    parent = cluster.wait_job("parent")
+    assert parent["status"] == "succeeded", cluster.logs()
+    children = [cluster.wait_job(i) for i in parent["result"]["children"]]
+    assert [c["result"] for c in children] == [{"sum": 2 * i, "scope": "round-1"}
+                                              for i in range(5)]
+    assert all(c["parent"] == "parent" for c in children)
+
+
+def test_sigterm_lets_every_async_job_in_flight_finish(cluster, tmp_path):
+    marks = tmp_path / "started.txt"
+    worker = cluster.start_worker("--concurrency", "1")
+    ids = [f"g{i}" for i in range(10)]
+    cluster.client.submit_jobs([AsyncSleep.spec([3, str(marks)], job_id=i) for i in ids])
+    wait_for(lambda: len(lines(marks)) == 10, what="all ten started")
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(timeout=40) == 0, worker.log()
+    jobs = [cluster.client.get_job(i) for i in ids]
+    assert [(j["status"], j["attempts"]) for j in jobs] == [("succeeded", 1)] * 10
+    assert sorted(lines(marks)) == sorted(ids)
+
+
+def test_sigkill_redelivers_every_async_job_in_flight(make_cluster, tmp_path):
+    c = make_cluster(LEASE_SECONDS=2)
+    c.start_master()
+    marks = tmp_path / "started.txt"
+    victim = c.start_worker("--concurrency", "1")
+    pool = descendants(victim.pid)
+    try:
+        ids = [f"k{i:02d}" for i in range(20)]
+        c.client.submit_jobs([AsyncSleep.spec([30, str(marks)], job_id=i) for i in ids[:10]] +
+                             [AsyncSleep.spec([0.5, str(marks)], job_id=i) for i in ids[10:]])
+        wait_for(lambda: len(lines(marks)) == 20, what="all twenty started")
+        victim.kill()
+        c.start_worker("--concurrency", "1")
+        # the long ones would take 30 s more; what matters is that they run again
+        wait_for(lambda: len(lines(marks)) >= 30, timeout=60, what="the ten long jobs rerun")
+        again = [j for j in lines(marks)[20:]]
+        assert sorted(again) == sorted(ids[:10]) or set(ids[:10]) <= set(again), again
+        for i in ids[:10]:
+            job = c.client.get_job(i)
+            assert (job["status"], job["attempts"]) == ("running", 2), job
+            assert worker_pid(job) != victim.pid
+    finally:
+        reap(pool)
+
+
+def test_sync_and_async_jobs_in_one_worker_never_share_a_process(cluster):
+    cluster.start_worker("--concurrency", "2")
+    specs = []
+    for i in range(30):
+        specs.append(AsyncSleep.spec([0.4], job_id=f"a{i:02d}"))
+        if i % 3 == 0:
+            specs.append(SyncSpan.spec([0.2], job_id=f"s{i:02d}"))
+    cluster.client.submit_jobs(specs)
+    jobs = [cluster.wait_job(s["job_id"], timeout=60) for s in specs]
+    assert all(j["status"] == "succeeded" for j in jobs), cluster.logs()
+    spans = {j["job_id"]: j["result"] for j in jobs}
+    for sid, s in spans.items():
+        if not sid.startswith("s"):
+            continue
+        for aid, a in spans.items():
+            if aid.startswith("a") and a["pid"] == s["pid"]:
+                assert a["end"] <= s["start"] or a["start"] >= s["end"], (sid, aid)
+
+
+def test_an_async_job_blocking_its_loop_is_named_in_the_log(cluster):
+    worker = cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job(AsyncBlock.spec([2.5], job_id="sleeper"))
+    assert cluster.wait_job("sleeper")["status"] == "succeeded"
+    wait_for(lambda: "job sleeper has blocked its event loop" in worker.log(),
+             what="the warning naming the job")
+
+
+def test_an_async_job_blocking_past_its_timeout_is_killed_and_its_neighbours_run_again(
+        make_cluster, tmp_path):
+    c = make_cluster(LEASE_SECONDS=3)
+    c.start_master()
+    worker = c.start_worker("--concurrency", "1")
+    # a class the worker has not run yet gets a process to itself: run it once first
+    c.client.submit_job(AsyncBlock.spec([0], job_id="warm-up"))
+    assert c.wait_job("warm-up")["status"] == "succeeded"
+    marks = tmp_path / "started.txt"
+    c.client.submit_job(AsyncSleep.spec([4, str(marks)], job_id="innocent"))
+    wait_for(lambda: lines(marks) == ["innocent"], what="the innocent job started")
+    c.client.submit_job(AsyncBlock.spec([60, str(marks)], job_id="culprit", timeout=1))
+    culprit = c.wait_job("culprit", timeout=40)
+    assert culprit["status"] == "failed", c.logs()
+    assert "JobTimeout" in culprit["error"] and "killed" in culprit["error"]
+    innocent = c.wait_job("innocent", timeout=40)
+    # it ran again in a new process, under the same attempt
+    assert (innocent["status"], innocent["attempts"]) == ("succeeded", 1), c.logs()
+    assert lines(marks) == ["innocent", "culprit", "innocent"]
+    assert worker.alive() and "ignored its timeout" in worker.log()
+
+
+def test_a_crash_among_async_jobs_is_found_by_running_the_suspects_apart(cluster, tmp_path):
+    worker = cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job(AsyncCrash.spec([], job_id="first"))  # learn its kind
+    assert cluster.wait_job("first", timeout=60)["status"] == "failed"
+    marks = tmp_path / "started.txt"
+    innocents = [f"i{n}" for n in range(4)]
+    cluster.client.submit_jobs([AsyncSleep.spec([1, str(marks)], job_id=i) for i in innocents])
+    wait_for(lambda: len(lines(marks)) == 4, what="the innocents started")
+    cluster.client.submit_job(AsyncCrash.spec([str(marks)], job_id="crash"))
+    crash = cluster.wait_job("crash", timeout=60)
+    assert crash["status"] == "failed" and "process died" in crash["error"], crash["error"]
+    jobs = [cluster.wait_job(i, timeout=60) for i in innocents]
+    assert [(j["status"], j["attempts"]) for j in jobs] == [("succeeded", 1)] * 4
+    assert "one by one" in worker.log() and worker.alive()
+    # after the crash, each suspect ran in a process of its own
+    cluster.client.submit_job(Add.spec([1, 2], job_id="after"))
+    assert cluster.wait_job("after")["result"] == 3
