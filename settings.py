@@ -61,6 +61,14 @@ ASYNC_CONCURRENCY = 100
 # other job of its process: after this many seconds the worker logs it, naming the job.
 LOOP_LAG_WARN = 1.0
 
+# Limits per limit key (a job's limit_key: the crawler's is the page's host), enforced
+# across all workers when jobs are fetched. "*" covers every key without its own entry;
+# jobs without a limit key are never limited. E.g.
+#   {"*": {"concurrency": 8}, "example.com": {"concurrency": 2, "rate": 5}}
+# (at most 2 running at once, at most 5 starts a second; or "interval": seconds between
+# two starts). A job held back waits without using a retry; other keys pass it.
+LIMITS = {}
+
 # Import-path prefixes jobs may come from, e.g. ["myproject.jobs", "examples"].
 # Empty: any importable Job subclass.
 JOB_MODULES = []

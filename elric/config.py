@@ -10,6 +10,7 @@ silently leave a setting at its default.
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import os
 import runpy
@@ -53,6 +54,8 @@ KEYS: dict[str, Key] = {
     "ASYNC_CONCURRENCY": Key(100, (int,), "async jobs each pool process runs at once"),
     "LOOP_LAG_WARN": Key(1.0, (int, float),
                          "seconds an async job may block its event loop before a warning"),
+    "LIMITS": Key({}, (dict,), "per limit key (or \"*\"): {concurrency, interval | rate} "
+                               "across all workers; ELRIC_LIMITS takes JSON"),
     "JOB_MODULES": Key([], (list,), "import-path prefixes jobs may come from (empty: any)"),
     "LOG_LEVEL": Key("INFO", (str,), "DEBUG, INFO, WARNING or ERROR"),
     "SCHEDULER_LEASE": Key(10.0, (int, float),
@@ -145,7 +148,11 @@ def _check(key: str, value: Any, where: str) -> Any:
     if isinstance(value, bool) and bool not in spec.types or not isinstance(value, spec.types):
         names = " or ".join(t.__name__ for t in spec.types)
         raise SettingsError(f"{key} (from {where}): expected {names}, got {value!r}")
-    if isinstance(value, dict):
+    if key == "LIMITS":
+        from elric.limits import parse_rules
+
+        parse_rules(value, f"{key} (from {where})")
+    elif isinstance(value, dict):
         from elric.dedupe import BACKENDS
 
         for scope, backend in value.items():
@@ -189,6 +196,12 @@ def _from_env(key: str, raw: str) -> Any:
         return None
     if list in spec.types:
         return [part.strip() for part in raw.split(",") if part.strip()]
+    if key == "LIMITS":
+        try:
+            return json.loads(raw)
+        except ValueError as exc:
+            raise SettingsError(f"{key} (from {name}): expected JSON such as "
+                                f'{{"*": {{"concurrency": 8}}}}: {exc}') from None
     if dict in spec.types:  # scope=backend,scope=backend
         pairs = [part.split("=", 1) for part in raw.split(",") if part.strip()]
         if any(len(p) != 2 for p in pairs):

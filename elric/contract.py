@@ -76,6 +76,8 @@ SPEC_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "max_instances": ((int,), "fires of one periodic job live at once"),
     "dedupe_key": ((str,), "drop the job when this key was seen in its scope"),
     "dedupe_scope": ((str,), "namespace of dedupe_key"),
+    "limit_key": ((str,), "jobs sharing it share the limits setting LIMITS gives it "
+                          "(a crawler: the host)"),
 }
 
 QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,100}$")
@@ -164,9 +166,10 @@ def _import_job_class(path, allowed) -> type:
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 # the spec keys holding text that names something (checked for _LONE_SURROGATE)
 _TEXT_KEYS = frozenset(("func", "job_id", "queue", "batch", "parent", "coalesce",
-                        "dedupe_key", "dedupe_scope"))
+                        "dedupe_key", "dedupe_scope", "limit_key"))
 _PERIODIC_KEYS = ("replace_existing", "misfire_grace_time", "coalesce", "max_instances")
-_OPTIONAL_KEYS = ("trigger", *_PERIODIC_KEYS, "dedupe_key", "dedupe_scope")
+_OPTIONAL_KEYS = ("trigger", *_PERIODIC_KEYS, "dedupe_key", "dedupe_scope", "limit_key")
+MAX_LIMIT_KEY = 200  # characters: a limit key names Redis keys
 # keys whose default is the Job class's attribute, else the settings', else this
 _DEFAULTS = (("queue", "default"), ("priority", 0), ("max_retries", 0), ("timeout", None))
 
@@ -231,6 +234,24 @@ def new_job_id() -> str:
     return os.urandom(16).hex()
 
 
+def _derive(cls: type, func: str, key: str, out: dict) -> None:
+    """Fill ``out[key]`` from the class's ``{key}_for(*args, **kwargs)`` hook, if it gives one."""
+    hook = f"{key}_for"
+    try:
+        derived = getattr(cls, hook)(*out["args"], **out["kwargs"])
+    except Exception as exc:  # e.g. arguments that do not fit the job's signature
+        raise SpecError(f"func {func!r}: {cls.__name__}.{hook}(args, kwargs) raised "
+                        f"{type(exc).__name__}: {exc}") from None
+    if derived is None:
+        return
+    if key == "limit_key" and not isinstance(derived, str):
+        raise SpecError(f"func {func!r}: {cls.__name__}.{hook} must return a string or None, "
+                        f"got {type(derived).__name__}")
+    out[key] = str(derived)
+    if not _is_text(out[key]):
+        raise _not_text(f"func {func!r}: the {key} its {hook} made,", out[key])
+
+
 def normalize_spec(
     spec: Any,
     *,
@@ -290,17 +311,13 @@ def normalize_spec(
         _check_msgpack_value(out["kwargs"], "kwargs")
     if out["args"]:
         _check_msgpack_value(out["args"], "args")
-    if cls is not None and "dedupe_key" not in out:
-        try:
-            derived = cls.dedupe_key_for(*out["args"], **out["kwargs"])
-        except Exception as exc:  # e.g. arguments that do not fit the job's signature
-            raise SpecError(f"func {spec['func']!r}: {cls.__name__}.dedupe_key_for(args, "
-                            f"kwargs) raised {type(exc).__name__}: {exc}") from None
-        if derived is not None:
-            out["dedupe_key"] = str(derived)
-            if not _is_text(out["dedupe_key"]):
-                raise _not_text(f"func {spec['func']!r}: the dedupe_key its dedupe_key_for "
-                                "made,", out["dedupe_key"])
+    if cls is not None:
+        for key in ("dedupe_key", "limit_key"):
+            if key not in out:
+                _derive(cls, spec["func"], key, out)
+    if out.get("limit_key") is not None and not 0 < len(out["limit_key"]) <= MAX_LIMIT_KEY:
+        raise SpecError(f"limit_key {out['limit_key']!r}: 1-{MAX_LIMIT_KEY} characters, or "
+                        "leave it out for no limit")
     if not JOB_ID.fullmatch(out["job_id"]):
         raise SpecError(f"job_id {out['job_id']!r}: 1-200 characters without spaces")
     if not QUEUE_NAME.fullmatch(str(out["queue"])):

@@ -58,6 +58,12 @@ class Job:
         return None
 
     @classmethod
+    def limit_key_for(cls, *args: Any, **kwargs: Any) -> str | None:
+        """Hook: the limit key of a submission with these arguments (None: no limit). Jobs
+        sharing a key share the limits setting LIMITS gives it, across all workers."""
+        return None
+
+    @classmethod
     def spec(cls, args: Any = (), kwargs: dict | None = None, **options: Any) -> dict:
         """The job spec map ``submit_with`` sends (useful for ``submit_jobs`` batches)."""
         path = func_path(cls)

@@ -24,6 +24,19 @@ Jobs and queues
     ``{p}:stats:batch:{batch}``     hash   the same counters for one batch label.
     ``{p}:batches``                 set    every batch label used.
 
+Per-key limits (a job's ``limit_key``: e.g. a crawled host)
+    ``{p}:limits``                  hash   limit key (or ``*``) -> "concurrency,interval_ms"
+                                           (either may be empty), from setting LIMITS.
+    ``{p}:limit:running:{key}``     set    ids of the jobs of that key claimed by workers.
+    ``{p}:limit:next:{key}``        string earliest time (ms, Redis clock) the key's next
+                                           job may start; expires then.
+    ``{p}:limit:parked:{key}``      zset   that key's queued jobs that met its limit, moved
+                                           out of their queue so jobs of other keys pass
+                                           (score and member as in the queue).
+    ``{p}:limits:due``              zset   key with parked jobs -> when (ms) they are looked
+                                           at again.
+    ``{p}:limits:parked``           hash   queue -> how many of its jobs are parked.
+
 Workers
     ``{p}:workers``                 zset   worker_id -> last heartbeat (ms).
     ``{p}:worker:{worker_id}``      hash   host, pid, queues, concurrency, counters.
@@ -83,6 +96,9 @@ class Keys:
         self.scheduler_wake = f"{p}:scheduler:wake"
         self.dedupe_rounds = f"{p}:dedupe:rounds"
         self.dedupe_scopes = f"{p}:dedupe:scopes"
+        self.limits = f"{p}:limits"
+        self.limits_due = f"{p}:limits:due"
+        self.limits_parked = f"{p}:limits:parked"
 
     # jobs and queues
     def job(self, job_id: str) -> str:
@@ -99,6 +115,16 @@ class Keys:
 
     def batch(self, batch: str) -> str:
         return f"{self.prefix}:stats:batch:{batch}"
+
+    # per-key limits
+    def limit_running(self, key: str) -> str:
+        return f"{self.prefix}:limit:running:{key}"
+
+    def limit_next(self, key: str) -> str:
+        return f"{self.prefix}:limit:next:{key}"
+
+    def limit_parked(self, key: str) -> str:
+        return f"{self.prefix}:limit:parked:{key}"
 
     # workers
     def worker(self, worker_id: str) -> str:

@@ -21,7 +21,7 @@ import uuid
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from elric import contract
+from elric import contract, limits
 from elric.admission import Admission
 from elric.config import Settings, SettingsError, parse_address, redact_url
 from elric.contract import ErrorCode, SpecError, Status
@@ -99,6 +99,7 @@ class Master:
         self.queue = RedisQueue(self.redis, self.keys, result_ttl=s.RESULT_TTL,
                                 failed_ttl=s.FAILED_TTL)
         self.store = RedisJobStore(self.redis, self.keys, min_interval=s.MIN_INTERVAL)
+        await limits.publish(self.redis, self.keys, limits.parse_rules(s.LIMITS))
         self.filters: dict[str, DedupeFilter] = {}
         for backend in {s.FILTER_BACKEND, *s.FILTER_SCOPES.values()}:
             f = make_filter(backend, self.redis, self.keys, capacity=s.BLOOM_CAPACITY,

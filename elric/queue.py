@@ -60,6 +60,15 @@ class Claim:
 
 
 @dataclass(slots=True)
+class Fetched:
+    """What one fetch claimed, and when jobs held back by their limit key may start
+    (seconds from now; None: none is held back)."""
+
+    claims: list[Claim]
+    limited_wait: float | None
+
+
+@dataclass(slots=True)
 class Outcome:
     """How one attempt ended, as the worker records it (``retry_ms`` -1: no retry)."""
 
@@ -100,12 +109,14 @@ _VIEW = {"func": _s, "args": codec.unpack, "kwargs": codec.unpack, "queue": _s,
          "enqueued_at": _ms_to_s, "started_at": _ms_to_s, "finished_at": _ms_to_s,
          "retry_at": _ms_to_s, "duration_ms": int}
 _EMPTY = {"args": [], "kwargs": {}, "priority": 0, "attempts": 0, "max_retries": 0}
-_OPTIONAL_VIEW = {"schedule": _s, "dedupe_key": _s, "dedupe_scope": _s, "fire_time": float}
+_OPTIONAL_VIEW = {"schedule": _s, "dedupe_key": _s, "dedupe_scope": _s, "limit_key": _s,
+                  "fire_time": float}
 
 # Spec keys kept in a job's hash besides those enqueue.lua writes itself. A field at its
 # default is not written: a missing field reads as its default.
 _NUMBER_FIELDS = ("priority", "max_retries", "timeout", "fire_time")
-_TEXT_FIELDS = ("func", "parent", "schedule", "dedupe_key", "dedupe_scope", "batch")
+_TEXT_FIELDS = ("func", "parent", "schedule", "dedupe_key", "dedupe_scope", "batch",
+                "limit_key")
 
 
 def _fields(spec: dict) -> list:
@@ -175,28 +186,31 @@ class RedisQueue:
         return out
 
     async def fetch(self, worker_id: str, queues: Iterable[str], limit: int,
-                    lease_seconds: float) -> list[Claim]:
+                    lease_seconds: float) -> Fetched:
         now = now_ms()
         k = self.keys
-        rows = await self._fetch(keys=[k.inflight, k.status(Status.RUNNING)],
-                                 args=[k.job(""), k.queue(""), now,
-                                       now + int(lease_seconds * 1000), worker_id, limit,
-                                       *queues])
-        return [Claim(_s(r[0]), int(r[1]), _s(r[2]), r[3], r[4],
-                      float(r[5]) if r[5] else None, int(r[6]), _s(r[7]), _s(r[8]) or None)
-                for r in rows]
+        rows, wait_ms = await self._fetch(
+            keys=[k.inflight, k.status(Status.RUNNING), k.limits, k.limits_due, k.limits_parked],
+            args=[k.job(""), k.queue(""), k.limit_running(""), k.limit_next(""),
+                  k.limit_parked(""), now, now + int(lease_seconds * 1000), worker_id, limit,
+                  *queues])
+        claims = [Claim(_s(r[0]), int(r[1]), _s(r[2]), r[3], r[4],
+                        float(r[5]) if r[5] else None, int(r[6]), _s(r[7]), _s(r[8]) or None)
+                  for r in rows]
+        return Fetched(claims, None if wait_ms < 0 else wait_ms / 1000.0)
 
     async def finish(self, worker_id: str, outcomes: list[Outcome]) -> list[str]:
         """Record outcomes; returns each job's new status ('stale': no longer ours)."""
         k = self.keys
         argv: list[Any] = [k.job(""), k.batch(""), k.dedupe_set(""), now_ms(), self.result_ttl,
-                           self.failed_ttl, "1" if self.release_keys_on_failure else "0"]
+                           self.failed_ttl, "1" if self.release_keys_on_failure else "0",
+                           k.limit_running(""), k.wake("")]
         for o in outcomes:
             argv += [o.job_id, o.attempt, "ok" if o.ok else "err", o.payload,
                      int(o.duration_ms), int(o.retry_ms)]
         keys = [k.inflight, k.status(Status.RUNNING), k.status(Status.SUCCEEDED),
                 k.status(Status.FAILED), k.delayed, k.counters, k.status(Status.RETRYING),
-                k.worker(worker_id)]
+                k.worker(worker_id), k.limits_due]
         return [_s(s) for s in await self._finish(keys=keys, args=argv)]
 
     async def release(self, worker_id: str, claims: list[tuple[str, int]]) -> int:
@@ -241,8 +255,10 @@ class RedisQueue:
 
     async def remove(self, job_id: str) -> bool:
         k = self.keys
-        return bool(await self._remove(keys=[k.job(job_id), k.inflight, k.delayed],
-                                       args=[k.queue(""), k.status(""), job_id]))
+        return bool(await self._remove(keys=[k.job(job_id), k.inflight, k.delayed,
+                                             k.limits_parked],
+                                       args=[k.queue(""), k.status(""), job_id,
+                                             k.limit_parked("")]))
 
     async def rerun(self, job_id: str) -> str:
         """Queue a finished job again; raises LookupError / ValueError with the reason."""
@@ -347,10 +363,13 @@ class RedisQueue:
             for b in batches:
                 pipe.hgetall(k.batch(b))
             pipe.zrange(k.workers, 0, -1, withscores=True)
+            pipe.hgetall(k.limits_parked)
             res = await pipe.execute()
+        parked = {_s(q): int(n) for q, n in res.pop().items()}
         by_status = dict(zip(STATUSES, res[:len(STATUSES)]))
         res = res[len(STATUSES):]
-        waiting = dict(zip(queues, res[:len(queues)]))
+        # a queued job waits in its queue, or parked while its limit key is at its limit
+        waiting = {q: n + parked.get(q, 0) for q, n in zip(queues, res[:len(queues)])}
         by_status[Status.QUEUED] = sum(waiting.values())  # queued jobs are indexed per queue
         counters = {_s(a): int(b) for a, b in res[len(queues)].items()}
         batch_rows = res[len(queues) + 1:len(queues) + 1 + len(batches)]

@@ -173,15 +173,23 @@ class Worker:
             want = self._fetch_size()
             if want > 0 and not self.suspects:
                 try:
-                    jobs = await self.queue.fetch(self.worker_id, self.queues, want, self.lease)
+                    fetched = await self.queue.fetch(self.worker_id, self.queues, want,
+                                                     self.lease)
                     backoff.reset()
                 except REDIS_ERRORS as exc:
                     delay = backoff.next()
                     log.warning("worker: Redis unreachable (%s); retrying in %.1fs", exc, delay)
                     await self._wait(delay)
                     continue
-                if jobs:
-                    self.buffer.extend(jobs)
+                if fetched.claims:
+                    self.buffer.extend(fetched.claims)
+                    continue
+                if fetched.limited_wait is not None:
+                    # jobs held back by their limit key: look again when they may start
+                    # (or sooner, when a slot frees and a wake token comes)
+                    if fetched.limited_wait > 0:
+                        await self._wait(max(0.01, min(1.0, fetched.limited_wait)),
+                                         wake=not self.buffer)
                     continue
             await self._wait(1.0, wake=not self.buffer and want > 0)
 

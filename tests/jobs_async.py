@@ -77,3 +77,16 @@ class AsyncCrash(Job):
             append_line(path, self.job_id)
         await asyncio.sleep(0.3)
         os._exit(1)
+
+
+class AsyncHostPage(Job):
+    """A page of a host: the host is its limit key. Says when it ran."""
+
+    @classmethod
+    def limit_key_for(cls, host, n, seconds=0.3):
+        return host
+
+    async def run(self, host, n, seconds=0.3):
+        start = time.time()
+        await asyncio.sleep(seconds)
+        return {"host": host, "start": start, "end": time.time()}

@@ -170,7 +170,7 @@ def test_a_job_this_call_queued_and_that_ended_before_a_replay_keeps_its_key(red
 
             async def replayed(keys, args):
                 await real(keys=keys, args=args)
-                [job] = await m.queue.fetch("w1", ["default"], 10, 30)    # a worker ran it
+                [job] = (await m.queue.fetch("w1", ["default"], 10, 30)).claims  # a worker ran it
                 assert await m.queue.finish("w1", [Outcome(job.job_id, 1, True, b"\xc0", 1)]) \
                     == ["succeeded"]
                 return await real(keys=keys, args=args)
@@ -228,7 +228,7 @@ def test_resubmitting_the_id_of_a_finished_job_does_not_take_its_key_again(redis
                     "dedupe_scope": "crawl"}
             assert (await m.submit_jobs([spec]))[0]["status"] == "queued"
             worker = RedisQueue(m.redis, m.keys, release_keys_on_failure=True)
-            [job] = await worker.fetch("w1", ["default"], 1, 30)
+            [job] = (await worker.fetch("w1", ["default"], 1, 30)).claims
             assert await worker.finish("w1", [Outcome("c0ffee", job.attempt, False, "boom", 1)]) \
                 == ["failed"]
             assert await m.submit_jobs([spec]) == [{"job_id": "c0ffee", "status": "failed"}]

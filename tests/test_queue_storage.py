@@ -48,7 +48,7 @@ def test_fields_at_their_default_are_not_written_and_read_as_the_default(redis_u
         assert (view["priority"], view["batch"], view["args"]) == (5, "b1", [0])
 
         # fetched, then given back: each job returns to its place in line
-        got = await q.fetch("w1", ["default"], 10, 30)
+        got = (await q.fetch("w1", ["default"], 10, 30)).claims
         assert [g.job_id for g in got] == ["ranked", plain["job_id"]]
         assert [g.attempt for g in got] == [1, 1]
         assert await q.release("w1", [(g.job_id, g.attempt) for g in got]) == 2
@@ -57,7 +57,7 @@ def test_fields_at_their_default_are_not_written_and_read_as_the_default(redis_u
                                                           (plain["job_id"], 0.0)]
         assert (await q.get_job(plain["job_id"]))["attempts"] == 0
         # and the lease of a dead worker runs out: recover requeues them the same way
-        got = await q.fetch("w2", ["default"], 10, 0)
+        got = (await q.fetch("w2", ["default"], 10, 0)).claims
         assert len(got) == 2
         assert sorted(await q.recover()) == sorted(g.job_id for g in got)
         assert await r.zcard(KEYS.queue("default")) == 2
@@ -89,7 +89,7 @@ def test_queued_jobs_are_indexed_by_their_queue_only(redis_url):
         assert sorted(paged) == sorted(everything)     # none twice, none left out
 
         # a fetched job leaves the queued listing at once
-        got = await q.fetch("w1", ["qb"], 2, 30)
+        got = (await q.fetch("w1", ["qb"], 2, 30)).claims
         running = {g.job_id for g in got}
         assert {j["job_id"] for j in await q.list_jobs(status="queued")} == everything - running
         assert {j["job_id"] for j in await q.list_jobs(status="running")} == running
@@ -135,11 +135,11 @@ def test_the_same_enqueue_run_twice_queues_each_job_once(redis_url):
         assert await r.hget(KEYS.counters, "submitted") == b"50"
         assert await r.hget(KEYS.batch("twice"), "submitted") == b"50"
         # and a replay after a worker took some: their status comes back, none is re-queued
-        got = await q.fetch("w1", ["default"], 10, 30)
+        got = (await q.fetch("w1", ["default"], 10, 30)).claims
         again = await real(keys=sent[0][0], args=sent[0][1])
         assert [int(x) for x in again[::2]] == list(range(1, 51))
         assert sorted(x.decode() for x in again[1::2]) == ["queued"] * 40 + ["running"] * 10
-        rest = await q.fetch("w1", ["default"], 100, 30)
+        rest = (await q.fetch("w1", ["default"], 100, 30)).claims
         assert sorted(g.job_id for g in got + rest) == sorted(s["job_id"] for s in batch)
     asyncio.run(with_queue(redis_url, body))
 
@@ -158,7 +158,7 @@ def test_a_mixed_batch_is_queued_in_order_with_its_own_fields(redis_url):
                  for i, extra in enumerate(plan)]
         out = await q.enqueue(batch)
         assert [o.status for o in out] == ["queued"] * 4 + ["running", "queued"]
-        got = await q.fetch("w2", ["qa", "qb"], 10, 30)
+        got = (await q.fetch("w2", ["qa", "qb"], 10, 30)).claims
         assert [g.job_id for g in got] == [batch[i]["job_id"] for i in (1, 0, 2, 3, 5)]
         last = got[-1]
         assert (msgpack.unpackb(last.args), msgpack.unpackb(last.kwargs), last.timeout,

@@ -31,7 +31,7 @@ def test_housekeeping_goes_on_after_an_error_it_does_not_know(redis_url):
             spec = normalize_spec({"func": "tests.jobs:Echo", "job_id": "lost"})
             await m.queue.enqueue([spec])
             # a worker takes it with a lease that is over at once, then dies
-            assert [j.job_id for j in await m.queue.fetch("dead", ["default"], 1, 0)] == \
+            assert [j.job_id for j in (await m.queue.fetch("dead", ["default"], 1, 0)).claims] == \
                 ["lost"]
             deadline = asyncio.get_running_loop().time() + 30
             while (await m.queue.get_job("lost"))["status"] != "queued":

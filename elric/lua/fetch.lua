@@ -1,40 +1,141 @@
 -- Claim up to `limit` jobs for a worker: highest priority first across its queues, FIFO
--- within a priority.
--- KEYS: inflight, running index
--- ARGV: job prefix, queue prefix, now (ms), lease deadline (ms), worker id, limit, queues...
--- Returns per job: {job_id, attempt, func, args, kwargs, timeout, max_retries, queue,
---                   dedupe_scope}
+-- within a priority, within the limits of each job's limit key.
+-- KEYS: inflight, running index, limits, limits due, parked counts
+-- ARGV: job prefix, queue prefix, limit running prefix, limit next-start prefix, limit
+--       parked prefix, now (ms), lease deadline (ms), worker id, limit, queues...
+-- Returns {jobs, wait}: per job {job_id, attempt, func, args, kwargs, timeout, max_retries,
+--   queue, dedupe_scope}; wait: ms until parked jobs are looked at again (-1: none parked).
 -- Invariant: a claimed job is running under this worker, with a lease in inflight that
--- the worker renews; its attempt counter counts the claim.
-local jp, qp, now, deadline, worker, limit =
-  ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6])
-local cands = {}
-for i = 7, #ARGV do
-  local qk = qp .. ARGV[i]
-  local r = redis.call('ZRANGE', qk, 0, limit - 1, 'WITHSCORES')
-  for j = 1, #r, 2 do cands[#cands + 1] = {tonumber(r[j + 1]), r[j], qk} end
-end
-if #ARGV > 7 then
-  table.sort(cands, function(a, b)
-    if a[1] ~= b[1] then return a[1] < b[1] end
-    return a[2] < b[2]
-  end)
-end
-local out = {}
-for _, c in ipairs(cands) do
-  if #out >= limit then break end
-  redis.call('ZREM', c[3], c[2])
-  local id = string.sub(c[2], 18)   -- member: {seq:016x}:{job_id}
-  local jk = jp .. id
-  if redis.call('EXISTS', jk) == 1 then
-    local attempt = redis.call('HINCRBY', jk, 'attempts', 1)
-    redis.call('HSET', jk, 'status', 'running', 'worker', worker, 'started_at', now)
-    redis.call('ZADD', KEYS[1], deadline, id)
-    redis.call('ZADD', KEYS[2], now, id)
-    local f = redis.call('HMGET', jk, 'func', 'args', 'kwargs', 'timeout', 'max_retries',
-                         'queue', 'dedupe_scope')
-    out[#out + 1] = {id, attempt, f[1], f[2] or '', f[3] or '', f[4] or '', f[5] or '0',
-                     f[6], f[7] or ''}
+-- the worker renews; its attempt counter counts the claim. A job whose limit key is at its
+-- limit is parked (out of its queue, still queued) so it never holds back other keys; its
+-- key is then in limits-due, and parked jobs go back to their queue's line in their old
+-- place when the key has room. Limit times use Redis's clock: workers' clocks disagree.
+local jp, qp, rp, np, pp = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local now, deadline, worker, limit = ARGV[6], ARGV[7], ARGV[8], tonumber(ARGV[9])
+local FIRST_QUEUE, RECHECK_MS, SCAN_BUDGET, DUE_BATCH = 10, 1000, 1000, 100
+
+local rules = {}   -- limit key (or '*') -> {concurrency or nil, interval ms or nil}
+local limited = redis.call('EXISTS', KEYS[3]) == 1
+if limited then
+  local h = redis.call('HGETALL', KEYS[3])
+  for i = 1, #h, 2 do
+    local c, iv = string.match(h[i + 1], '^(%d*),(%d*)$')
+    rules[h[i]] = {tonumber(c), tonumber(iv)}
   end
 end
-return out
+local t = redis.call('TIME')
+local clock = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+
+local rooms = {}   -- limit key -> {free = slots, next = earliest start (ms)}, this call
+local function room(lk)
+  local r = rules[lk] or rules['*']
+  if not r then return nil end
+  local m = rooms[lk]
+  if not m then
+    m = {free = math.huge, next = 0, rule = r}
+    if r[1] then m.free = r[1] - redis.call('SCARD', rp .. lk) end
+    if r[2] then m.next = tonumber(redis.call('GET', np .. lk) or '0') end
+    rooms[lk] = m
+  end
+  return m
+end
+
+-- Jobs in a key's running set that no longer run there (their lease ran out, they were
+-- given back or removed) leave it; finish.lua removes the jobs that end.
+local function prune(lk)
+  for _, id in ipairs(redis.call('SMEMBERS', rp .. lk)) do
+    if redis.call('HGET', jp .. id, 'status') ~= 'running' then
+      redis.call('SREM', rp .. lk, id)
+    end
+  end
+end
+
+local function park(lk, m, score, member, queue)
+  redis.call('ZADD', pp .. lk, score, member)
+  redis.call('HINCRBY', KEYS[5], queue, 1)
+  local when = clock + RECHECK_MS   -- a slot frees: finish.lua makes the key due at once
+  if m.next > clock then when = m.next end
+  redis.call('ZADD', KEYS[4], 'LT', when, lk)
+end
+
+-- Keys whose parked jobs are due: as many as may start go back in line.
+for _, lk in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', clock, 'LIMIT', 0, DUE_BATCH)) do
+  local n, when = SCAN_BUDGET, clock + RECHECK_MS   -- no limit any more: all go back
+  local r = rules[lk] or rules['*']
+  if r then
+    if r[1] then prune(lk) end
+    local m = room(lk)
+    if m.next > clock then n, when = 0, m.next
+    elseif r[2] then n = math.min(1, m.free)
+    else n = math.max(0, m.free) end
+  end
+  if n > 0 then
+    local back = redis.call('ZPOPMIN', pp .. lk, n)
+    for i = 1, #back, 2 do
+      local member, score = back[i], back[i + 1]
+      local queue = redis.call('HGET', jp .. string.sub(member, 18), 'queue')
+      if queue then
+        redis.call('ZADD', qp .. queue, score, member)
+        redis.call('HINCRBY', KEYS[5], queue, -1)
+      end
+    end
+  end
+  if redis.call('EXISTS', pp .. lk) == 1 then redis.call('ZADD', KEYS[4], when, lk)
+  else redis.call('ZREM', KEYS[4], lk) end
+end
+
+local out, budget = {}, SCAN_BUDGET
+while #out < limit and budget > 0 do
+  local cands = {}
+  for i = FIRST_QUEUE, #ARGV do
+    local r = redis.call('ZRANGE', qp .. ARGV[i], 0, limit - #out - 1, 'WITHSCORES')
+    for j = 1, #r, 2 do cands[#cands + 1] = {tonumber(r[j + 1]), r[j], ARGV[i]} end
+  end
+  if #cands == 0 then break end
+  if #ARGV > FIRST_QUEUE then
+    table.sort(cands, function(a, b)
+      if a[1] ~= b[1] then return a[1] < b[1] end
+      return a[2] < b[2]
+    end)
+  end
+  for _, c in ipairs(cands) do
+    if #out >= limit or budget == 0 then break end
+    budget = budget - 1
+    local score, member, queue = c[1], c[2], c[3]
+    redis.call('ZREM', qp .. queue, member)
+    local id = string.sub(member, 18)   -- member: {seq:016x}:{job_id}
+    local jk = jp .. id
+    if redis.call('EXISTS', jk) == 1 then
+      local lk = limited and redis.call('HGET', jk, 'limit_key')
+      local m = lk and room(lk)
+      if m and (m.free <= 0 or m.next > clock) then
+        park(lk, m, score, member, queue)
+      else
+        if m then
+          m.free = m.free - 1
+          if m.rule[1] then redis.call('SADD', rp .. lk, id) end
+          if m.rule[2] then
+            m.next = clock + m.rule[2]
+            redis.call('SET', np .. lk, m.next, 'PX', m.rule[2])
+          end
+        end
+        local attempt = redis.call('HINCRBY', jk, 'attempts', 1)
+        redis.call('HSET', jk, 'status', 'running', 'worker', worker, 'started_at', now)
+        redis.call('ZADD', KEYS[1], deadline, id)
+        redis.call('ZADD', KEYS[2], now, id)
+        local f = redis.call('HMGET', jk, 'func', 'args', 'kwargs', 'timeout', 'max_retries',
+                             'queue', 'dedupe_scope')
+        out[#out + 1] = {id, attempt, f[1], f[2] or '', f[3] or '', f[4] or '', f[5] or '0',
+                         f[6], f[7] or ''}
+      end
+    end
+  end
+end
+
+local wait = -1
+if budget == 0 then wait = 0   -- more in line than one call looks at
+else
+  local first = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
+  if #first > 0 then wait = math.max(0, tonumber(first[2]) - clock) end
+end
+return {out, wait}

@@ -1,28 +1,38 @@
 -- Record the outcomes of jobs a worker ran.
 -- KEYS: inflight, running index, succeeded index, failed index, delayed, counters,
---       retrying index, the worker's hash
+--       retrying index, the worker's hash, limits due
 -- ARGV: job prefix, batch stats prefix, dedupe set prefix, now (ms), result ttl (s),
---       failed ttl (s), release keys ('1' | '0'), then per job: job_id, attempt,
+--       failed ttl (s), release keys ('1' | '0'), limit running prefix, wake prefix,
+--       then per job: job_id, attempt,
 --       outcome ('ok' | 'err'), payload (result bytes | traceback), duration (ms),
 --       retry delay (ms; -1: no retry)
 -- Returns per job its new status, or 'stale' for a job this worker no longer holds (it was
 -- redelivered elsewhere or removed): that outcome is dropped.
 -- Invariant: only the attempt that holds the job records it. With release keys, a job that
--- failed for good gives its dedupe key back to an exact filter in the same step.
+-- failed for good gives its dedupe key back to an exact filter in the same step. A job
+-- with a limit key frees its slot; that key's parked jobs are due at once and an idle
+-- worker of the queue is woken to start one.
 local jp, bp, dp, now = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 local result_ttl, failed_ttl, release_keys = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7] == '1'
+local rp, wp = ARGV[8], ARGV[9]
 local out, done, failed = {}, 0, 0
-for i = 8, #ARGV, 6 do
+for i = 10, #ARGV, 6 do
   local id, attempt, outcome, payload = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local duration, retry = ARGV[i + 4], tonumber(ARGV[i + 5])
   local jk = jp .. id
   local f = redis.call('HMGET', jk, 'status', 'attempts', 'queue', 'batch', 'max_retries',
-                       'error', 'dedupe_key', 'dedupe_scope')
+                       'error', 'dedupe_key', 'dedupe_scope', 'limit_key')
   if f[1] ~= 'running' or f[2] ~= attempt then
     out[#out + 1] = 'stale'
   else
     redis.call('ZREM', KEYS[1], id)
     redis.call('ZREM', KEYS[2], id)
+    local lk = f[9]
+    if lk and redis.call('SREM', rp .. lk, id) == 1 and redis.call('ZSCORE', KEYS[9], lk) then
+      redis.call('ZADD', KEYS[9], 0, lk)
+      redis.call('LPUSH', wp .. f[3], '1')
+      redis.call('LTRIM', wp .. f[3], 0, 15)
+    end
     local status, index
     if outcome == 'ok' then
       status, index = 'succeeded', KEYS[3]

@@ -1,0 +1,80 @@
+"""Per-key limits: how many jobs of one limit key run at once across all workers, and how
+often one may start (a crawler's politeness per host).
+
+A job carries a ``limit_key`` (its class's ``limit_key_for`` hook, or the spec option).
+Setting ``LIMITS`` maps a key, or ``"*"`` for every key without its own entry, to a rule:
+
+    LIMITS = {"*": {"concurrency": 8},
+              "example.com": {"concurrency": 2, "rate": 5}}   # 2 at once, 5 starts/s
+
+``interval`` (seconds between two starts) and ``rate`` (starts per second) say the same
+thing; give one. Jobs without a limit key, or with a key no rule covers, are not limited.
+The master publishes the rules to Redis when it starts; fetch.lua enforces them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from elric.config import SettingsError
+
+RULE_NAMES = ("concurrency", "interval", "rate")
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    concurrency: int | None = None   # jobs of the key claimed at once
+    interval_ms: int | None = None   # least time between two starts
+
+    def encoded(self) -> str:
+        """As fetch.lua reads it: "concurrency,interval_ms", either may be empty."""
+        c = "" if self.concurrency is None else str(self.concurrency)
+        i = "" if self.interval_ms is None else str(self.interval_ms)
+        return f"{c},{i}"
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 \
+        and value != float("inf")
+
+
+def parse_rules(value: Any, where: str = "LIMITS") -> dict[str, Rule]:
+    """The rules of a LIMITS setting, or a SettingsError naming what is wrong."""
+    if not isinstance(value, dict):
+        raise SettingsError(f"{where}: expected a map of limit key to rule, got {value!r}")
+    rules = {}
+    for key, rule in value.items():
+        name = f"{where}[{key!r}]"
+        if not isinstance(key, str) or not key:
+            raise SettingsError(f"{where}: limit key {key!r} must be a non-empty string")
+        if not isinstance(rule, dict) or not rule:
+            raise SettingsError(f"{name}: expected a map such as {{'concurrency': 2, "
+                                f"'rate': 5}}, got {rule!r}")
+        unknown = sorted(str(k) for k in rule if k not in RULE_NAMES)
+        if unknown:
+            raise SettingsError(f"{name}: unknown {', '.join(unknown)} (known: "
+                                f"{', '.join(RULE_NAMES)})")
+        for k, v in rule.items():
+            if not _positive(v):
+                raise SettingsError(f"{name}: {k} must be a positive number, got {v!r}")
+        if "interval" in rule and "rate" in rule:
+            raise SettingsError(f"{name}: give interval (seconds between starts) or rate "
+                                "(starts per second), not both")
+        concurrency = rule.get("concurrency")
+        if concurrency is not None and not isinstance(concurrency, int):
+            raise SettingsError(f"{name}: concurrency must be a whole number, got "
+                                f"{concurrency!r}")
+        seconds = rule["interval"] if "interval" in rule else (
+            1.0 / rule["rate"] if "rate" in rule else None)
+        rules[key] = Rule(concurrency, None if seconds is None else max(1, round(seconds * 1000)))
+    return rules
+
+
+async def publish(redis, keys, rules: dict[str, Rule]) -> None:
+    """Make ``rules`` the ones every fetch enforces (a master does this when it starts)."""
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.delete(keys.limits)
+        if rules:
+            pipe.hset(keys.limits, mapping={k: r.encoded() for k, r in rules.items()})
+        await pipe.execute()

@@ -1,0 +1,106 @@
+"""Per-key limits (setting LIMITS, a job's limit_key) with real workers and Redis: a key at
+its limit never exceeds it across workers, never holds back other keys, never burns a
+retry; bad limits are refused with a clear error."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import redis
+
+from elric.config import SettingsError, load_settings
+from elric.contract import SpecError, normalize_spec
+from elric.keys import Keys
+from tests.jobs_async import AsyncHostPage
+from tests.test_async_jobs import most_at_once
+
+SLOW = {"concurrency": 2, "rate": 5}
+
+
+def test_a_limited_host_keeps_its_limits_across_workers_while_others_run_at_full_speed(
+        make_cluster):
+    c = make_cluster(LIMITS=json.dumps({"slow.test": SLOW}))
+    c.start_master()
+    c.start_worker("--concurrency", "1")
+    c.start_worker("--concurrency", "1")
+    slow = [AsyncHostPage.spec(["slow.test", i], job_id=f"slow-{i}") for i in range(15)]
+    fast = [AsyncHostPage.spec(["fast.test", i], job_id=f"fast-{i}") for i in range(150)]
+    c.client.submit_jobs(slow + fast)   # the slow host's jobs are first in line
+    jobs = {s["job_id"]: c.wait_job(s["job_id"], timeout=60) for s in slow + fast}
+    assert all(j["status"] == "succeeded" and j["attempts"] == 1 for j in jobs.values()), \
+        c.logs()
+    assert {j["limit_key"] for j in jobs.values()} == {"slow.test", "fast.test"}
+    slow_jobs = [jobs[s["job_id"]] for s in slow]
+    fast_jobs = [jobs[s["job_id"]] for s in fast]
+
+    # at most 2 of the slow host's jobs at once, over both workers
+    assert most_at_once([(j["result"]["start"], j["result"]["end"]) for j in slow_jobs]) <= 2
+    # at most 5 claims in any second (claimed at least 200 ms apart on Redis's clock; the
+    # worker's clock stamps started_at, hence a little slack)
+    claims = sorted(j["started_at"] for j in slow_jobs)
+    assert all(b - a >= 0.15 for a, b in zip(claims, claims[1:])), claims
+    assert all(claims[i + 5] - claims[i] >= 0.95 for i in range(len(claims) - 5)), claims
+    assert len({j["worker"] for j in slow_jobs}) == 2, "both workers took the slow host's jobs"
+
+    # the fast host was not held back behind the slow one
+    assert most_at_once([(j["result"]["start"], j["result"]["end"]) for j in fast_jobs]) >= 40
+    assert max(j["result"]["end"] for j in fast_jobs) < max(j["result"]["end"]
+                                                            for j in slow_jobs) - 1.0
+
+
+def test_parked_jobs_count_as_queued_and_can_be_removed(make_cluster):
+    c = make_cluster(LIMITS=json.dumps({"*": {"concurrency": 1}}))
+    c.start_master()
+    c.start_worker("--concurrency", "1")
+    c.client.submit_jobs([AsyncHostPage.spec(["one.test", i, 30.0], job_id=f"p{i}")
+                          for i in range(4)])
+    from tests.conftest import wait_for
+
+    wait_for(lambda: c.client.stats()["by_status"]["running"] == 1, what="one running")
+    r = redis.Redis.from_url(c.redis_url)
+    keys = Keys("elric")
+    wait_for(lambda: r.zcard(keys.limit_parked("one.test")) == 3, what="three parked")
+    stats = c.client.stats()
+    assert stats["by_status"]["queued"] == 3 and stats["by_queue"]["default"]["queued"] == 3
+    parked = [m.decode()[17:] for m in r.zrange(keys.limit_parked("one.test"), 0, -1)]
+    assert c.client.remove_job(parked[0])
+    stats = c.client.stats()
+    assert stats["by_status"]["queued"] == 2 and r.zcard(keys.limit_parked("one.test")) == 2
+    r.close()
+
+
+@pytest.mark.parametrize("value, message", [
+    ({"h": {"concurrency": -1}}, "concurrency must be a positive number"),
+    ({"h": {"concurrency": 1.5}}, "concurrency must be a whole number"),
+    ({"h": {"rate": 0}}, "rate must be a positive number"),
+    ({"h": {"burst": 3}}, "unknown burst"),
+    ({"h": {"rate": 2, "interval": 0.5}}, "not both"),
+    ({"h": 3}, "expected a map"),
+    ({"": {"rate": 1}}, "non-empty string"),
+])
+def test_bad_limits_are_refused_at_start(tmp_path, value, message):
+    path = tmp_path / "settings.py"
+    path.write_text(f"LIMITS = {value!r}\n")
+    with pytest.raises(SettingsError, match=message) as info:
+        load_settings(str(path), env={})
+    assert "LIMITS" in str(info.value)
+
+
+def test_limits_from_the_environment_are_json():
+    settings = load_settings(env={"ELRIC_LIMITS": '{"*": {"concurrency": 8}}'})
+    assert settings.LIMITS == {"*": {"concurrency": 8}}
+    with pytest.raises(SettingsError, match="ELRIC_LIMITS.*expected JSON"):
+        load_settings(env={"ELRIC_LIMITS": "*=8"})
+
+
+def test_a_limit_key_must_be_a_non_empty_string():
+    base = {"func": "tests.jobs_async:AsyncHostPage", "args": ["h", 1]}
+    assert normalize_spec(base)["limit_key"] == "h"   # from limit_key_for
+    assert normalize_spec({**base, "limit_key": "other"})["limit_key"] == "other"
+    with pytest.raises(SpecError, match="limit_key.*must be string"):
+        normalize_spec({**base, "limit_key": 3})
+    with pytest.raises(SpecError, match="limit_key '': 1-200 characters"):
+        normalize_spec({**base, "limit_key": ""})
+    with pytest.raises(SpecError, match="limit_key_for must return a string"):
+        normalize_spec({**base, "args": [7, 1]})
