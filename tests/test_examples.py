@@ -1,5 +1,5 @@
-"""The examples run as documented, with real processes: the crawler against the demo site,
-the minimal hello job, and `elric demo`."""
+"""The examples run as documented, with real processes: the minimal hello job and `elric
+demo` (the crawlers: tests/test_crawler.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,6 @@ import re
 import subprocess
 import sys
 
-from examples.crawler import Crawl
-from examples.site import DemoSite
 from tests.conftest import ROOT, wait_for
 
 
@@ -18,31 +16,6 @@ def script_env(**elric) -> dict:
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     env.update({f"ELRIC_{k}": str(v) for k, v in elric.items()})
     return env
-
-
-def test_crawler_fetches_every_page_exactly_once(cluster):
-    c = cluster.client
-    with DemoSite(pages=20) as site:
-        cluster.start_worker("--queues", "crawl", "--concurrency", "2")
-        c.submit_job(Crawl.spec([site.url, "site"], job_id="start", batch="site",
-                                dedupe_scope="site"))
-        pages = len(site.paths())
-
-        def finished():
-            stats = c.stats()
-            live = sum(stats["by_status"][s] for s in ("queued", "running", "retrying"))
-            return live == 0 and stats["batches"].get("site", {}).get("succeeded") == pages
-
-        wait_for(finished, timeout=60, what="the crawl finished")
-        assert site.hits == {path: 1 for path in site.paths()}, cluster.logs()
-    stats = c.stats()
-    batch = stats["batches"]["site"]
-    assert (batch["submitted"], batch["succeeded"], batch.get("failed", 0)) == (pages, pages, 0)
-    assert stats["by_status"]["filtered"] > 0  # links to pages seen before were dropped
-    jobs = c.list_jobs(batch="site", status="succeeded", limit=1000)
-    assert sorted(j["result"]["url"] for j in jobs) == sorted(
-        site.url.rstrip("/") + p for p in site.paths())
-    assert all(j["queue"] == "crawl" for j in jobs)  # Crawl.queue routed them
 
 
 def test_hello_example_as_documented(cluster, tmp_path):

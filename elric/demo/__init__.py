@@ -38,8 +38,10 @@ def run_demo(settings_path: str | None = None, pages: int = 25, timeout: float =
         print(f"started redis-server (pid {redis_server.proc.pid}) on {redis_url}")
     address = f"127.0.0.1:{free_port()}"
     # JOB_MODULES: the demo runs only its own jobs, whatever a settings.py here allows
+    # LIMITS: a polite crawl, at most 16 pages of one host in flight across the cluster
     env = elric_env(redis_url, address, KEY_PREFIX=f"elric-demo-{os.getpid()}",
-                    LOG_LEVEL="WARNING", JOB_MODULES="elric.demo")
+                    LOG_LEVEL="WARNING", JOB_MODULES="elric.demo",
+                    LIMITS='{"*": {"concurrency": 16}}')
     site = DemoSite(pages).start()
     try:
         master = start_master(env, os.path.join(logdir, "master.log"))
@@ -75,7 +77,8 @@ def run_demo(settings_path: str | None = None, pages: int = 25, timeout: float =
             print(f"  {r['url']:<40} {r['links']:>2} links  {r['bytes']:>4} bytes")
         failed = done.get("failed", 0)
         print(f"crawled {len(jobs)} pages ({len(site.paths())} on the site, each fetched "
-              f"{max(site.hits.values())} time(s) at most) in {elapsed:.2f}s; {failed} failed")
+              f"{max(site.page_hits().values())} time(s) at most) in {elapsed:.2f}s; "
+              f"{failed} failed")
         client.close()
         ok = len(jobs) == len(site.paths()) and failed == 0
         return 0 if ok else 1

@@ -1,62 +1,138 @@
-"""A crawler: each job fetches one page, extracts its links and submits each as a child job.
+"""The crawler: each job fetches one page with aiohttp, extracts its links and submits
+each link on the same host as a child job.
 
-Every page is fetched once per crawl: each job's dedupe key is its normalized URL, and the
-master drops a job whose key it has seen in the job's dedupe scope. Children inherit their
-parent's scope, so a periodic crawl with ``dedupe_scope="@fire"`` fetches every page once
-per round, and again next round. Links that leave the start page's host are not followed.
+Its ``run`` is ``async def``, so every pool process fetches many pages at once. Every page
+is fetched once per crawl: a job's dedupe key is its normalized URL, and the master drops a
+job whose key it has seen in the job's dedupe scope, which children inherit (a periodic
+crawl with ``dedupe_scope="@fire"`` fetches every page once per round). A job's limit key
+is its host, so setting ``LIMITS`` keeps a crawl polite across all workers, e.g.
+``{"*": {"concurrency": 8}}``.
+
+As a crawler should: robots.txt is obeyed (read once per host and round in each process),
+5xx answers, timeouts and broken connections are retried with backoff (``max_retries``),
+a 404 or other 4xx is a result, not an error, and at most ``max_bytes`` of a page are read.
 """
 
 from __future__ import annotations
 
-import urllib.request
-from html.parser import HTMLParser
-from urllib.parse import urldefrag, urljoin, urlparse
+import asyncio
+from urllib.parse import urljoin, urlparse
+from urllib.robotparser import RobotFileParser
+
+try:
+    import aiohttp
+except ImportError:  # pragma: no cover - depends on the install
+    raise ImportError("the async crawler needs the crawl extra: "
+                      "pip install 'elric[crawl]'") from None
 
 from elric import Job
+from elric.demo.crawler_sync import Links, normalize_url
+
+USER_AGENT = "elric-crawler/0.1"
+CHUNK = 64 * 1024
 
 
-class _Links(HTMLParser):
+class ServerError(Exception):
+    """A 5xx (or 429) answer: worth another attempt after a backoff."""
+
+
+class _Process:
+    """What one pool process shares between its crawl jobs: one HTTP session (its
+    connection pool) and the robots.txt rules it has read, per host and round."""
+
     def __init__(self) -> None:
-        super().__init__()
-        self.links: list[str] = []
+        self.session: aiohttp.ClientSession | None = None
+        self.robots: dict[tuple[str, str], asyncio.Future] = {}
 
-    def handle_starttag(self, tag, attrs):
-        if tag == "a":
-            for name, value in attrs:
-                if name == "href" and value:
-                    self.links.append(value)
+    def http(self, timeout: float) -> aiohttp.ClientSession:
+        if self.session is None or self.session.closed:
+            self.session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
+                timeout=aiohttp.ClientTimeout(total=timeout),
+                headers={"User-Agent": USER_AGENT})
+        return self.session
+
+    async def allowed(self, url: str, round_: str, timeout: float) -> bool:
+        parts = urlparse(url)
+        key = (f"{parts.scheme}://{parts.netloc}", round_)
+        rules = self.robots.get(key)
+        if rules is None or (rules.done() and rules.exception() is not None):
+            if len(self.robots) > 10_000:   # many rounds and hosts: start afresh
+                self.robots.clear()
+            # one fetch per host and round; the jobs that ask meanwhile wait for it
+            rules = self.robots[key] = asyncio.ensure_future(
+                self._read_robots(key[0], timeout))
+        return (await asyncio.shield(rules)).can_fetch(USER_AGENT, url)
+
+    async def _read_robots(self, origin: str, timeout: float) -> RobotFileParser:
+        rules = RobotFileParser()
+        async with self.http(timeout).get(origin + "/robots.txt") as response:
+            if response.status >= 500 or response.status == 429:
+                raise ServerError(f"{origin}/robots.txt: HTTP {response.status}")
+            if response.status >= 400:
+                rules.parse([])   # no robots.txt: everything is allowed
+            else:
+                rules.parse((await response.text(errors="replace")).splitlines())
+        return rules
 
 
-def normalize_url(url: str) -> str:
-    """One spelling per page: no fragment, lower-case scheme and host, a path."""
-    url = urldefrag(url)[0]
-    parts = urlparse(url)
-    path = parts.path or "/"
-    query = f"?{parts.query}" if parts.query else ""
-    return f"{parts.scheme.lower()}://{parts.netloc.lower()}{path}{query}"
+_process = _Process()
 
 
 class Crawl(Job):
     queue = "crawl"
-    max_retries = 2
-    timeout = 30
+    max_retries = 3
+    timeout = 60
+    request_timeout = 20.0          # one HTTP request, robots.txt included
+    max_bytes = 2 * 1024 * 1024     # read at most this much of a page
 
     @classmethod
     def dedupe_key_for(cls, url: str, batch: str = "") -> str:
         return normalize_url(url)
 
-    def run(self, url: str, batch: str = "") -> dict:
-        with urllib.request.urlopen(url, timeout=10) as response:
-            html = response.read().decode("utf-8", "replace")
-        parser = _Links()
+    @classmethod
+    def limit_key_for(cls, url: str, batch: str = "") -> str:
+        return urlparse(url).netloc.lower()
+
+    async def run(self, url: str, batch: str = "") -> dict:
+        if not await _process.allowed(url, self.dedupe_scope or batch, self.request_timeout):
+            return {"url": url, "status": None, "links": 0, "bytes": 0, "robots": "disallowed"}
+        session = _process.http(self.request_timeout)
+        async with session.get(url) as response:
+            if response.status >= 500 or response.status == 429:
+                raise ServerError(f"{url}: HTTP {response.status}")
+            body, truncated = await self._read(response)
+            html = "html" in response.headers.get("Content-Type", "")
+            final_url = str(response.url)
+        result = {"url": url, "status": response.status, "links": 0, "bytes": len(body)}
+        if truncated:
+            result["truncated"] = True
+        if response.status >= 400 or not html:
+            return result   # a 404 is an answer: nothing to retry, no links to follow
+        result["links"] = self._submit_links(url, final_url, body.decode("utf-8", "replace"),
+                                             batch)
+        return result
+
+    async def _read(self, response: aiohttp.ClientResponse) -> tuple[bytes, bool]:
+        body = bytearray()
+        async for chunk in response.content.iter_chunked(CHUNK):
+            body += chunk
+            if len(body) > self.max_bytes:
+                return bytes(body[:self.max_bytes]), True
+        return bytes(body), False
+
+    def _submit_links(self, url: str, base: str, html: str, batch: str) -> int:
+        """Submit the links of ``html`` (relative to ``base``, where a redirect led) that
+        stay on ``url``'s host; returns how many."""
+        parser = Links()
         parser.feed(html)
-        host = urlparse(url).netloc
-        found = []
+        host = urlparse(normalize_url(url)).netloc
+        found: set[str] = set()
         for href in parser.links:
-            link = normalize_url(urljoin(url, href))
+            link = normalize_url(urljoin(base, href))
             if urlparse(link).netloc != host or link in found:
-                continue
-            found.append(link)
+                continue   # another host, or seen on this page
+            found.add(link)
             # most links were seen before; the master's dedupe filter drops those
             Crawl.submit_with(args=[link, batch], **({"batch": batch} if batch else {}))
-        return {"url": url, "links": len(found), "bytes": len(html)}
+        return len(found)

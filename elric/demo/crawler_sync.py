@@ -1,0 +1,68 @@
+"""The synchronous crawler: each job fetches one page with urllib, extracts its links and
+submits each as a child job. A pool process runs one such job at a time; the async crawler
+(``elric.demo.crawler``) runs many and is the one to use; this one shows a plain sync job.
+
+Every page is fetched once per crawl: each job's dedupe key is its normalized URL, and the
+master drops a job whose key it has seen in the job's dedupe scope. Children inherit their
+parent's scope, so a periodic crawl with ``dedupe_scope="@fire"`` fetches every page once
+per round, and again next round. Links that leave the start page's host are not followed.
+"""
+
+from __future__ import annotations
+
+import urllib.request
+from html.parser import HTMLParser
+from urllib.parse import urldefrag, urljoin, urlparse
+
+from elric import Job
+
+
+class Links(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.links: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "a":
+            for name, value in attrs:
+                if name == "href" and value:
+                    self.links.append(value)
+
+
+def normalize_url(url: str) -> str:
+    """One spelling per page: no fragment, lower-case scheme and host, a path."""
+    url = urldefrag(url)[0]
+    parts = urlparse(url)
+    path = parts.path or "/"
+    query = f"?{parts.query}" if parts.query else ""
+    return f"{parts.scheme.lower()}://{parts.netloc.lower()}{path}{query}"
+
+
+class CrawlSync(Job):
+    queue = "crawl"
+    max_retries = 2
+    timeout = 30
+
+    @classmethod
+    def dedupe_key_for(cls, url: str, batch: str = "") -> str:
+        return normalize_url(url)
+
+    @classmethod
+    def limit_key_for(cls, url: str, batch: str = "") -> str:
+        return urlparse(url).netloc.lower()   # politeness (setting LIMITS) is per host
+
+    def run(self, url: str, batch: str = "") -> dict:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            html = response.read().decode("utf-8", "replace")
+        parser = Links()
+        parser.feed(html)
+        host = urlparse(url).netloc
+        found = []
+        for href in parser.links:
+            link = normalize_url(urljoin(url, href))
+            if urlparse(link).netloc != host or link in found:
+                continue
+            found.append(link)
+            # most links were seen before; the master's dedupe filter drops those
+            CrawlSync.submit_with(args=[link, batch], **({"batch": batch} if batch else {}))
+        return {"url": url, "links": len(found), "bytes": len(html)}

@@ -1,0 +1,99 @@
+"""The example crawlers against a site the test serves on 127.0.0.1, with a real master and
+worker: every page fetched exactly once; robots.txt obeyed; a 5xx retried, a 404 not; a
+page over the size cap cut off."""
+
+from __future__ import annotations
+
+import pytest
+
+from examples.crawler import Crawl
+from examples.crawler_sync import CrawlSync
+from examples.site import DemoSite
+from tests.conftest import wait_for
+
+BIG = 3 * 1024 * 1024   # over Crawl.max_bytes
+
+
+def crawl(cluster, site: DemoSite, job_class, batch: str = "site") -> dict[str, dict]:
+    """Crawl ``site`` from its index and wait until every job is done; returns the jobs of
+    the crawl by the URL path they fetched."""
+    c = cluster.client
+    c.submit_job(job_class.spec([site.url, batch], job_id=f"{batch}-start", batch=batch,
+                                dedupe_scope=batch))
+
+    def finished():
+        stats = c.stats()
+        live = sum(stats["by_status"][s] for s in ("queued", "running", "retrying"))
+        done = stats["batches"].get(batch, {})
+        return live == 0 and done.get("succeeded", 0) + done.get("failed", 0) == \
+            done.get("submitted", -1)
+
+    wait_for(finished, timeout=90, what="the crawl finished")
+    jobs = c.list_jobs(batch=batch, limit=1000)
+    root = site.url.rstrip("/")
+    return {j["args"][0].removeprefix(root): j for j in jobs}
+
+
+def reachable(site: DemoSite, disallowed=()) -> set[str]:
+    seen, todo = set(), ["/"]
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        if path not in disallowed and path in site.paths():
+            todo.extend(site.links_of(path))
+    return seen
+
+
+@pytest.mark.parametrize("job_class", [Crawl, CrawlSync], ids=["async", "sync"])
+def test_every_page_is_fetched_exactly_once(cluster, job_class):
+    cluster.start_worker("--queues", "crawl", "--concurrency", "2")
+    with DemoSite(pages=30) as site:
+        jobs = crawl(cluster, site, job_class)
+        assert site.page_hits() == {path: 1 for path in site.paths()}, cluster.logs()
+    assert set(jobs) == set(site.paths())
+    assert all(j["status"] == "succeeded" and j["attempts"] == 1 for j in jobs.values())
+    assert all(j["result"]["links"] > 0 for j in jobs.values())
+    assert {j["limit_key"] for j in jobs.values()} == {site.url.split("/")[2]}
+    stats = cluster.client.stats()
+    assert stats["by_status"]["filtered"] > 0  # links to pages seen before were dropped
+    assert stats["batches"]["site"]["submitted"] == len(site.paths())
+
+
+def test_robots_errors_retries_and_the_size_cap(make_cluster):
+    c = make_cluster(RETRY_BACKOFF=0.05)
+    c.start_master()
+    c.start_worker("--queues", "crawl", "--concurrency", "2")
+    site = DemoSite(pages=20, disallow=("/p/3",), fail_first={"/p/2": 2},
+                    extra={"/gone": 0, "/big": BIG})
+    with site:
+        jobs = crawl(c, site, Crawl)
+    expected = reachable(site, disallowed={"/p/3"})
+    assert set(jobs) == expected, c.logs()
+    assert all(j["status"] == "succeeded" for j in jobs.values()), c.logs()
+
+    # robots.txt: the disallowed page is never fetched; the file is read once per round in
+    # each pool process at most
+    assert "/p/3" not in site.hits
+    assert jobs["/p/3"]["result"]["robots"] == "disallowed"
+    assert 1 <= site.hits["/robots.txt"] <= 2
+    # a page that answers 503 twice is retried with backoff and then crawled
+    assert (jobs["/p/2"]["attempts"], jobs["/p/2"]["result"]["status"]) == (3, 200)
+    assert "HTTP 503" in jobs["/p/2"]["error"] and site.hits["/p/2"] == 3
+    # a 404 is an answer, not an error: no retry
+    assert (jobs["/gone"]["attempts"], jobs["/gone"]["result"]["status"]) == (1, 404)
+    assert site.hits["/gone"] == 1
+    # a page over the cap is read up to the cap
+    big = jobs["/big"]["result"]
+    assert (big["bytes"], big["truncated"]) == (Crawl.max_bytes, True)
+    # every other page once
+    assert all(site.hits[p] == 1 for p in expected - {"/p/2", "/p/3"})
+
+
+def test_a_crawl_that_robots_txt_forbids_entirely_fetches_nothing_but_robots(cluster):
+    cluster.start_worker("--queues", "crawl", "--concurrency", "1")
+    with DemoSite(pages=5, disallow=("/",)) as site:
+        jobs = crawl(cluster, site, Crawl)
+        assert set(site.hits) == {"/robots.txt"}
+    assert list(jobs) == ["/"] and jobs["/"]["result"]["robots"] == "disallowed"
