@@ -63,8 +63,11 @@ for _, lk in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', clock, 'LIMIT',
   local n, when = SCAN_BUDGET, clock + RECHECK_MS   -- no limit any more: all go back
   local r = rules[lk] or rules['*']
   if r then
-    if r[1] then prune(lk) end
     local m = room(lk)
+    if m.free <= 0 and r[1] then   -- full: unless some of its running jobs ended unseen
+      prune(lk)
+      m.free = r[1] - redis.call('SCARD', rp .. lk)
+    end
     if m.next > clock then n, when = 0, m.next
     elseif r[2] then n = math.min(1, m.free)
     else n = math.max(0, m.free) end
