@@ -146,6 +146,7 @@ class RedisQueue:
         self._finish = lua.load(redis, "finish")
         self._heartbeat = lua.load(redis, "heartbeat")
         self._remove = lua.load(redis, "remove")
+        self._statuses = lua.load(redis, "statuses")
         self._release = lua.load(redis, "release", "requeue_fn")
         self._requeue_due = lua.load(redis, "requeue_due", "requeue_fn")
         self._rerun = lua.load(redis, "rerun", "requeue_fn")
@@ -310,7 +311,7 @@ class RedisQueue:
         return [None if row[0] is None else Hold(*map(_s, row)) for row in rows]
 
     async def get_statuses(self, job_ids: list[str]) -> list[str | None]:
-        return [None if h is None else h.status for h in await self.get_holds(job_ids)]
+        return [_s(s) or None for s in await self._statuses(args=[self.keys.job(""), *job_ids])]
 
     async def list_jobs(self, *, status: str | None = None, queue: str | None = None,
                         func: str | None = None, batch: str | None = None, offset: int = 0,
