@@ -90,9 +90,9 @@ class Site:
 
 
 async def main(hosts: list[str], port: int, pages: int, latency: float) -> None:
-    site = Site(pages, latency)
     servers = []
-    for host in hosts:
+    for host in hosts:   # a site per host: each counts its own hits
+        site = Site(pages, latency)
         server = await asyncio.start_server(site.serve, host, port, backlog=1024)
         port = server.sockets[0].getsockname()[1]   # every host on the first one's port
         servers.append(server)
