@@ -135,6 +135,7 @@ class Admission:
         lease would have run out (enqueue is idempotent per fire id)."""
         rounds = {}
         for spec in specs:
+            spec["round"] = spec["job_id"]   # the fire and its descendants: one round
             if spec.get("dedupe_scope") == PER_FIRE:
                 spec["dedupe_scope"] = spec["job_id"]  # children inherit the fire's scope
                 rounds[spec["job_id"]] = int(spec.get("fire_time", 0) * 1000)

@@ -78,6 +78,8 @@ SPEC_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "dedupe_scope": ((str,), "namespace of dedupe_key"),
     "limit_key": ((str,), "jobs sharing it share the limits setting LIMITS gives it "
                           "(a crawler: the host)"),
+    "round": ((str,), "the periodic fire this job descends from (set by the master for a "
+                      "fire; children inherit it)"),
 }
 
 QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,100}$")
@@ -166,9 +168,10 @@ def _import_job_class(path, allowed) -> type:
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 # the spec keys holding text that names something (checked for _LONE_SURROGATE)
 _TEXT_KEYS = frozenset(("func", "job_id", "queue", "batch", "parent", "coalesce",
-                        "dedupe_key", "dedupe_scope", "limit_key"))
+                        "dedupe_key", "dedupe_scope", "limit_key", "round"))
 _PERIODIC_KEYS = ("replace_existing", "misfire_grace_time", "coalesce", "max_instances")
-_OPTIONAL_KEYS = ("trigger", *_PERIODIC_KEYS, "dedupe_key", "dedupe_scope", "limit_key")
+_OPTIONAL_KEYS = ("trigger", *_PERIODIC_KEYS, "dedupe_key", "dedupe_scope", "limit_key",
+                  "round")
 MAX_LIMIT_KEY = 200  # characters: a limit key names Redis keys
 # keys whose default is the Job class's attribute, else the settings', else this
 _DEFAULTS = (("queue", "default"), ("priority", 0), ("max_retries", 0), ("timeout", None))
@@ -301,6 +304,8 @@ def normalize_spec(
     for key in _OPTIONAL_KEYS:
         if key in spec:
             out[key] = spec[key]
+    if out.get("round") == "":
+        raise SpecError("round '': leave it out (the master sets it for periodic fires)")
     if out.get("dedupe_scope") == "":
         # (a job's scope is passed on to its children only when it is not empty)
         raise SpecError("dedupe_scope '': name a scope, or leave it out for the global one")

@@ -91,8 +91,10 @@ class Job:
         if ctx is not None:
             spec.setdefault("parent", ctx.job_id)
             spec.setdefault("job_id", _child_job_id(ctx.job_id, len(ctx.children)))
-            if ctx.spec.get("dedupe_scope") and "dedupe_scope" not in options:
-                spec["dedupe_scope"] = ctx.spec["dedupe_scope"]
+            # a child shares its parent's dedupe scope, batch and round unless it names its own
+            for key in ("dedupe_scope", "batch", "round"):
+                if ctx.spec.get(key) and key not in options:
+                    spec[key] = ctx.spec[key]
             ctx.children.append(spec)
             return spec["job_id"]
         from elric.client import default_client  # only a script needs the client and settings

@@ -33,6 +33,14 @@ SCHEDULE_OPTIONS = ("trigger", "replace_existing", "misfire_grace_time", "coales
 JOB_STATUS_FIELDS = (b"status", b"duration_ms", b"started_at", b"finished_at")
 
 
+
+def round_progress(counts: dict) -> dict:
+    """A round's counters (a Redis hash) as jobs queued or running, succeeded, failed."""
+    n = {k.decode(): int(v) for k, v in counts.items()}
+    ended = n.get("succeeded", 0) + n.get("failed", 0) + n.get("removed", 0)
+    return {"submitted": n.get("submitted", 0), "live": n.get("submitted", 0) - ended,
+            "succeeded": n.get("succeeded", 0), "failed": n.get("failed", 0)}
+
 class Coalesce(StrEnum):
     """What to do when several fires of one job are due at once (the scheduler missed some)."""
 
@@ -148,7 +156,8 @@ class RedisJobStore:
         return StoredJob.from_hash(job_id, raw) if raw else None
 
     async def get(self, job_id: str) -> dict | None:
-        """The job spec plus trigger, next_run_time, paused, status and its last runs."""
+        """The job spec plus trigger, next_run_time, paused, status and its last runs, each
+        fired one with the progress of its round (the fire and its descendants)."""
         job = await self._load(job_id)
         if job is None:
             return None
@@ -157,7 +166,11 @@ class RedisJobStore:
         pipe = self.redis.pipeline(transaction=False)  # what became of each fired job
         for r in fired:
             pipe.hmget(self.keys.job(r["job_id"]), *JOB_STATUS_FIELDS)
-        for r, (status, duration_ms, started, finished) in zip(fired, await pipe.execute()):
+            pipe.hgetall(self.keys.round(r["job_id"]))
+        replies = await pipe.execute()
+        for r, counts in zip(fired, replies[1::2]):
+            r["round"] = round_progress(counts)
+        for r, (status, duration_ms, started, finished) in zip(fired, replies[0::2]):
             if status:
                 r["outcome"] = status.decode()
             if duration_ms:

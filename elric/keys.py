@@ -23,6 +23,10 @@ Jobs and queues
                                            ``succeeded``, ``failed``, ...).
     ``{p}:stats:batch:{batch}``     hash   the same counters for one batch label.
     ``{p}:batches``                 set    every batch label used.
+    ``{p}:round:{round}``           hash   a crawl round (a periodic fire and every job
+                                           descending from it): submitted, succeeded,
+                                           failed, removed. Expires FAILED_TTL after its
+                                           last change.
 
 Per-key limits (a job's ``limit_key``: e.g. a crawled host)
     ``{p}:limits``                  hash   limit key (or ``*``) -> "concurrency,interval_ms"
@@ -115,6 +119,9 @@ class Keys:
 
     def batch(self, batch: str) -> str:
         return f"{self.prefix}:stats:batch:{batch}"
+
+    def round(self, round_id: str) -> str:
+        return f"{self.prefix}:round:{round_id}"
 
     # per-key limits
     def limit_running(self, key: str) -> str:

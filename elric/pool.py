@@ -194,7 +194,8 @@ class Pool(Executor):
         proc.alone = alone
         proc.outbox.append({"job_id": claim.job_id, "attempt": claim.attempt,
                             "func": claim.func, "args": claim.args, "kwargs": claim.kwargs,
-                            "timeout": claim.timeout, "dedupe_scope": claim.dedupe_scope})
+                            "timeout": claim.timeout, "dedupe_scope": claim.dedupe_scope,
+                            "batch": claim.batch, "round": claim.round})
         if not self._flush_soon:
             self._flush_soon = True
             self._loop.call_soon(self._flush)

@@ -57,6 +57,8 @@ class Claim:
     max_retries: int
     queue: str
     dedupe_scope: str | None
+    batch: str = ""
+    round: str | None = None
 
 
 @dataclass(slots=True)
@@ -110,13 +112,13 @@ _VIEW = {"func": _s, "args": codec.unpack, "kwargs": codec.unpack, "queue": _s,
          "retry_at": _ms_to_s, "duration_ms": int}
 _EMPTY = {"args": [], "kwargs": {}, "priority": 0, "attempts": 0, "max_retries": 0}
 _OPTIONAL_VIEW = {"schedule": _s, "dedupe_key": _s, "dedupe_scope": _s, "limit_key": _s,
-                  "fire_time": float}
+                  "round": _s, "fire_time": float}
 
 # Spec keys kept in a job's hash besides those enqueue.lua writes itself. A field at its
 # default is not written: a missing field reads as its default.
 _NUMBER_FIELDS = ("priority", "max_retries", "timeout", "fire_time")
 _TEXT_FIELDS = ("func", "parent", "schedule", "dedupe_key", "dedupe_scope", "batch",
-                "limit_key")
+                "limit_key", "round")
 
 
 def _fields(spec: dict) -> list:
@@ -170,12 +172,12 @@ class RedisQueue:
         for s in specs:
             fields = _fields(s)
             jobs += (s["job_id"], s["queue"], s["priority"], s.get("batch") or "",
-                     len(fields), *fields)
+                     s.get("round") or "", len(fields), *fields)
         try:
             existing = await self._enqueue(
                 keys=[k.seq, k.queues, k.counters, k.batches, k.scheduler_fence],
-                args=[*self._line, k.batch(""), now_ms(), "" if fence is None else fence,
-                      codec.pack_for_lua(jobs)])
+                args=[*self._line, k.batch(""), k.round(""), self.failed_ttl, now_ms(),
+                      "" if fence is None else fence, codec.pack_for_lua(jobs)])
         except ResponseError as exc:
             if _error_code(exc) == "FENCED":
                 raise Fenced(str(exc)) from None
@@ -196,8 +198,8 @@ class RedisQueue:
                   k.limit_parked(""), now, now + int(lease_seconds * 1000), worker_id, limit,
                   *queues])
         claims = [Claim(_s(r[0]), int(r[1]), _s(r[2]), r[3], r[4],
-                        float(r[5]) if r[5] else None, int(r[6]), _s(r[7]), _s(r[8]) or None)
-                  for r in rows]
+                        float(r[5]) if r[5] else None, int(r[6]), _s(r[7]), _s(r[8]) or None,
+                        _s(r[9]) or "", _s(r[10]) or None) for r in rows]
         return Fetched(claims, None if wait_ms < 0 else wait_ms / 1000.0)
 
     async def finish(self, worker_id: str, outcomes: list[Outcome]) -> list[str]:
@@ -205,7 +207,7 @@ class RedisQueue:
         k = self.keys
         argv: list[Any] = [k.job(""), k.batch(""), k.dedupe_set(""), now_ms(), self.result_ttl,
                            self.failed_ttl, "1" if self.release_keys_on_failure else "0",
-                           k.limit_running(""), k.wake("")]
+                           k.limit_running(""), k.wake(""), k.round("")]
         for o in outcomes:
             argv += [o.job_id, o.attempt, "ok" if o.ok else "err", o.payload,
                      int(o.duration_ms), int(o.retry_ms)]
@@ -259,7 +261,7 @@ class RedisQueue:
         return bool(await self._remove(keys=[k.job(job_id), k.inflight, k.delayed,
                                              k.limits_parked],
                                        args=[k.queue(""), k.status(""), job_id,
-                                             k.limit_parked("")]))
+                                             k.limit_parked(""), k.round("")]))
 
     async def rerun(self, job_id: str) -> str:
         """Queue a finished job again; raises LookupError / ValueError with the reason."""
@@ -267,7 +269,7 @@ class RedisQueue:
         try:
             return _s(await self._rerun(keys=[k.job(job_id), k.seq],
                                         args=[k.queue(""), k.wake(""), k.status(""), now_ms(),
-                                              job_id]))
+                                              job_id, k.round(""), self.failed_ttl]))
         except ResponseError as exc:
             if _error_code(exc) == "NOJOB":
                 raise LookupError(f"no job {job_id!r}") from None

@@ -168,7 +168,7 @@ class Scheduler:
             self.passes += 1
             self.log.debug("scheduler pass %d at %s", self.passes, iso(now))
             args = [repr(now * 1000.0), self.batch_size, self.keys.schedule(""), self.keys.job(""),
-                    *FIRE_FIELDS]
+                    self.keys.round(""), *FIRE_FIELDS]
             reply = await self._due_s(keys=[self.keys.schedules], args=args)
             if len(reply) == 1:  # nothing due: the reply is the head score
                 return total, _score(reply[0])
@@ -248,7 +248,7 @@ class Scheduler:
         specs: dict[str, dict] = {}
         for job_id, row, statuses in rows:
             job_id = job_id.decode()
-            # its recent fires still queued or running: what max_instances counts
+            # its recent rounds with a job still queued or running: what max_instances counts
             live = [statuses[i].decode() for i in range(0, len(statuses), 2)
                     if statuses[i + 1] in LIVE]
             try:

@@ -90,3 +90,18 @@ class AsyncHostPage(Job):
         start = time.time()
         await asyncio.sleep(seconds)
         return {"host": host, "start": start, "end": time.time()}
+
+
+class RoundRoot(Job):
+    """A periodic fire that submits ``n`` slow children: one crawl round in small."""
+
+    async def run(self, n, seconds):
+        for _ in range(n):
+            RoundLeaf.submit(seconds)
+        return n
+
+
+class RoundLeaf(Job):
+    async def run(self, seconds):
+        await asyncio.sleep(seconds)
+        return seconds

@@ -35,7 +35,7 @@ def test_spec_key_names():
     assert tuple(SPEC_KEYS) == (
         "func", "args", "kwargs", "job_id", "queue", "priority", "max_retries", "timeout",
         "batch", "parent", "trigger", "replace_existing", "misfire_grace_time", "coalesce",
-        "max_instances", "dedupe_key", "dedupe_scope", "limit_key")
+        "max_instances", "dedupe_key", "dedupe_scope", "limit_key", "round")
     assert all(isinstance(doc, str) and doc for _, doc in SPEC_KEYS.values())
 
 

@@ -1,24 +1,27 @@
 -- Queue new jobs. A job_id that exists already is left as it is and its status returned, so
 -- a resubmitted (or resent) call queues nothing twice.
 -- KEYS: seq, queues, counters, batches, fence
--- ARGV: job prefix, queue prefix, wake prefix, batch stats prefix, now (ms),
---       fence token ('' = no fence), jobs: one flat msgpack array [n, then per job:
---       job_id, queue, priority, batch, m, then m hash fields and values]
+-- ARGV: job prefix, queue prefix, wake prefix, batch stats prefix, round prefix, round ttl
+--       (s), now (ms), fence token ('' = no fence), jobs: one flat msgpack array [n, then
+--       per job: job_id, queue, priority, batch, round, m, then m hash fields and values]
 -- Returns: [position (1-based), status, ...] of the jobs that existed already.
 -- Invariant: a queued job is its hash (status queued, `member`) plus that member in its
 -- queue's sorted set (score -priority; members sort FIFO by sequence number). With a fence
--- token nothing is written unless the token is current (the scheduler's lease).
-local jp, qp, wp, bp, now, token = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+-- token nothing is written unless the token is current (the scheduler's lease). A job of a
+-- round counts in the round's `submitted`.
+local jp, qp, wp, bp, rp, round_ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local now, token = ARGV[7], ARGV[8]
 if token ~= '' and redis.call('GET', KEYS[5]) ~= token then
   return redis.error_reply('FENCED the scheduler lease token is stale')
 end
-local jobs = cmsgpack.unpack(ARGV[7])
+local jobs = cmsgpack.unpack(ARGV[9])
 local n = jobs[1]
 local base = redis.call('INCRBY', KEYS[1], n) - n
-local out, lines, per_batch, added = {}, {}, {}, 0
+local out, lines, per_batch, per_round, added = {}, {}, {}, {}, 0
 local p = 2
 for i = 1, n do
-  local id, q, prio, batch, m = jobs[p], jobs[p + 1], jobs[p + 2], jobs[p + 3], jobs[p + 4]
+  local id, q, prio, batch, round = jobs[p], jobs[p + 1], jobs[p + 2], jobs[p + 3], jobs[p + 4]
+  local m = jobs[p + 5]
   local jk = jp .. id
   local status = redis.call('HGET', jk, 'status')
   if status then
@@ -27,15 +30,16 @@ for i = 1, n do
   else
     local member = string.format('%016x', base + i) .. ':' .. id
     redis.call('HSET', jk, 'status', 'queued', 'queue', q, 'enqueued_at', now,
-               'member', member, unpack(jobs, p + 5, p + 4 + m))
+               'member', member, unpack(jobs, p + 6, p + 5 + m))
     local line = lines[q]
     if not line then line = {}; lines[q] = line end
     line[#line + 1] = -tonumber(prio)
     line[#line + 1] = member
     if batch ~= '' then per_batch[batch] = (per_batch[batch] or 0) + 1 end
+    if round ~= '' then per_round[round] = (per_round[round] or 0) + 1 end
     added = added + 1
   end
-  p = p + 5 + m
+  p = p + 6 + m
 end
 for q, line in pairs(lines) do
   for s = 1, #line, 4000 do   -- unpack() takes at most ~8000 values
@@ -50,6 +54,10 @@ end
 for batch, count in pairs(per_batch) do
   redis.call('HINCRBY', bp .. batch, 'submitted', count)
   redis.call('SADD', KEYS[4], batch)
+end
+for round, count in pairs(per_round) do
+  redis.call('HINCRBY', rp .. round, 'submitted', count)
+  redis.call('EXPIRE', rp .. round, round_ttl)
 end
 if added > 0 then redis.call('HINCRBY', KEYS[3], 'submitted', added) end
 return out

@@ -4,7 +4,7 @@
 -- ARGV: job prefix, queue prefix, limit running prefix, limit next-start prefix, limit
 --       parked prefix, now (ms), lease deadline (ms), worker id, limit, queues...
 -- Returns {jobs, wait}: per job {job_id, attempt, func, args, kwargs, timeout, max_retries,
---   queue, dedupe_scope}; wait: ms until parked jobs are looked at again (-1: none parked).
+--   queue, dedupe_scope, batch, round}; wait: ms until parked jobs are looked at again (-1: none parked).
 -- Invariant: a claimed job is running under this worker, with a lease in inflight that
 -- the worker renews; its attempt counter counts the claim. A job whose limit key is at its
 -- limit is parked (out of its queue, still queued) so it never holds back other keys; its
@@ -127,9 +127,9 @@ while #out < limit and budget > 0 do
         redis.call('ZADD', KEYS[1], deadline, id)
         redis.call('ZADD', KEYS[2], now, id)
         local f = redis.call('HMGET', jk, 'func', 'args', 'kwargs', 'timeout', 'max_retries',
-                             'queue', 'dedupe_scope')
+                             'queue', 'dedupe_scope', 'batch', 'round')
         out[#out + 1] = {id, attempt, f[1], f[2] or '', f[3] or '', f[4] or '', f[5] or '0',
-                         f[6], f[7] or ''}
+                         f[6], f[7] or '', f[8] or '', f[9] or ''}
       end
     end
   end

@@ -3,7 +3,7 @@
 --       retrying index, the worker's hash, limits due
 -- ARGV: job prefix, batch stats prefix, dedupe set prefix, now (ms), result ttl (s),
 --       failed ttl (s), release keys ('1' | '0'), limit running prefix, wake prefix,
---       then per job: job_id, attempt,
+--       round prefix, then per job: job_id, attempt,
 --       outcome ('ok' | 'err'), payload (result bytes | traceback), duration (ms),
 --       retry delay (ms; -1: no retry)
 -- Returns per job its new status, or 'stale' for a job this worker no longer holds (it was
@@ -11,17 +11,18 @@
 -- Invariant: only the attempt that holds the job records it. With release keys, a job that
 -- failed for good gives its dedupe key back to an exact filter in the same step. A job
 -- with a limit key frees its slot; that key's parked jobs are due at once and an idle
--- worker of the queue is woken to start one.
+-- worker of the queue is woken to start one. A job of a round that ends (succeeded or
+-- failed for good) counts in the round's hash.
 local jp, bp, dp, now = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 local result_ttl, failed_ttl, release_keys = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7] == '1'
-local rp, wp = ARGV[8], ARGV[9]
+local rp, wp, roundp = ARGV[8], ARGV[9], ARGV[10]
 local out, done, failed = {}, 0, 0
-for i = 10, #ARGV, 6 do
+for i = 11, #ARGV, 6 do
   local id, attempt, outcome, payload = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local duration, retry = ARGV[i + 4], tonumber(ARGV[i + 5])
   local jk = jp .. id
   local f = redis.call('HMGET', jk, 'status', 'attempts', 'queue', 'batch', 'max_retries',
-                       'error', 'dedupe_key', 'dedupe_scope', 'limit_key')
+                       'error', 'dedupe_key', 'dedupe_scope', 'limit_key', 'round')
   if f[1] ~= 'running' or f[2] ~= attempt then
     out[#out + 1] = 'stale'
   else
@@ -65,6 +66,10 @@ for i = 10, #ARGV, 6 do
     redis.call('HINCRBY', KEYS[6], status, 1)
     redis.call('HINCRBY', KEYS[6], 'queue:' .. f[3] .. ':' .. status, 1)
     if f[4] and f[4] ~= '' then redis.call('HINCRBY', bp .. f[4], status, 1) end
+    if f[10] and status ~= 'retrying' then
+      redis.call('HINCRBY', roundp .. f[10], status, 1)
+      redis.call('EXPIRE', roundp .. f[10], failed_ttl)
+    end
     out[#out + 1] = status
   end
 end

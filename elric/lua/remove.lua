@@ -1,13 +1,17 @@
 -- Delete a job wherever it is (a running job's worker finds it gone and drops its outcome).
 -- KEYS: the job's hash, inflight, delayed, parked counts
--- ARGV: queue prefix, status index prefix, job_id, limit parked prefix
+-- ARGV: queue prefix, status index prefix, job_id, limit parked prefix, round prefix
 -- Returns the status the job had, or false when there was none.
--- Invariant: no index keeps an entry for a job that is gone.
-local f = redis.call('HMGET', KEYS[1], 'status', 'queue', 'member', 'limit_key')
+-- Invariant: no index keeps an entry for a job that is gone; a round no longer waits for a
+-- job of its own that was removed before it ended.
+local f = redis.call('HMGET', KEYS[1], 'status', 'queue', 'member', 'limit_key', 'round')
 if not f[1] then return false end
 if f[2] and f[3] then redis.call('ZREM', ARGV[1] .. f[2], f[3]) end
 if f[4] and f[3] and redis.call('ZREM', ARGV[4] .. f[4], f[3]) == 1 then
   redis.call('HINCRBY', KEYS[4], f[2], -1)   -- it was parked by its limit key
+end
+if f[5] and f[1] ~= 'succeeded' and f[1] ~= 'failed' then
+  redis.call('HINCRBY', ARGV[5] .. f[5], 'removed', 1)
 end
 redis.call('ZREM', KEYS[2], ARGV[3])
 redis.call('ZREM', KEYS[3], ARGV[3])

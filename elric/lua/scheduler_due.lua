@@ -1,10 +1,12 @@
 -- Read the due head of the schedules index, with what the scheduler needs to plan fires.
 -- KEYS: the schedules index.
 -- ARGV: now (ms), limit, schedule hash prefix (keys.schedule("")), job hash prefix
---       (keys.job("")), then the hash fields to read.
+--       (keys.job("")), round prefix (keys.round("")), then the hash fields to read.
 -- Returns {head score} when nothing is due (false: the index is empty), else
---   {false, then per due job: job_id, {field values}, {fire id, its job's status ('' when
---   gone), ...} for each fire id in its "recent" list (what max_instances counts)}.
+--   {false, then per due job: job_id, {field values}, {fire id, its round's status, ...}
+--   for each fire id in its "recent" list (what max_instances counts)}. A round's status
+--   is 'running' while any job of it (the fire or a descendant) has not ended, else its
+--   fire job's status ('' when gone).
 -- Invariant: reads only; hash keys are the given prefixes plus ids read from Redis.
 local limit = tonumber(ARGV[2])
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, limit)
@@ -14,7 +16,7 @@ if #ids == 0 then
 end
 local out = {false}
 for _, id in ipairs(ids) do
-  local row = redis.call('HMGET', ARGV[3] .. id, unpack(ARGV, 5))
+  local row = redis.call('HMGET', ARGV[3] .. id, unpack(ARGV, 6))
   local statuses = {}
   local recent = redis.call('HGET', ARGV[3] .. id, 'recent')
   if recent and #recent > 1 then
@@ -23,7 +25,13 @@ for _, id in ipairs(ids) do
       for _, fid in ipairs(fires) do
         if type(fid) == 'string' then
           statuses[#statuses+1] = fid
-          statuses[#statuses+1] = redis.call('HGET', ARGV[4] .. fid, 'status') or ''
+          local status = redis.call('HGET', ARGV[4] .. fid, 'status') or ''
+          local n = redis.call('HMGET', ARGV[5] .. fid, 'submitted', 'succeeded', 'failed',
+                               'removed')
+          local live = (tonumber(n[1]) or 0) - (tonumber(n[2]) or 0) - (tonumber(n[3]) or 0)
+                       - (tonumber(n[4]) or 0)
+          if live > 0 then status = 'running' end
+          statuses[#statuses+1] = status
         end
       end
     end
