@@ -194,9 +194,8 @@ class RedisQueue:
         k = self.keys
         rows, wait_ms = await self._fetch(
             keys=[k.inflight, k.status(Status.RUNNING), k.limits, k.limits_due, k.limits_parked],
-            args=[k.job(""), k.queue(""), k.limit_running(""), k.limit_next(""),
-                  k.limit_parked(""), now, now + int(lease_seconds * 1000), worker_id, limit,
-                  *queues])
+            args=[*self._line, k.limit_running(""), k.limit_next(""), k.limit_parked(""), now,
+                  now + int(lease_seconds * 1000), worker_id, limit, *queues])
         claims = [Claim(_s(r[0]), int(r[1]), _s(r[2]), r[3], r[4],
                         float(r[5]) if r[5] else None, int(r[6]), _s(r[7]), _s(r[8]) or None,
                         _s(r[9]) or "", _s(r[10]) or None) for r in rows]

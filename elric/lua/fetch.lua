@@ -1,8 +1,9 @@
 -- Claim up to `limit` jobs for a worker: highest priority first across its queues, FIFO
 -- within a priority, within the limits of each job's limit key.
 -- KEYS: inflight, running index, limits, limits due, parked counts
--- ARGV: job prefix, queue prefix, limit running prefix, limit next-start prefix, limit
---       parked prefix, now (ms), lease deadline (ms), worker id, limit, queues...
+-- ARGV: job prefix, queue prefix, wake prefix, limit running prefix, limit next-start
+--       prefix, limit parked prefix, now (ms), lease deadline (ms), worker id, limit,
+--       queues...
 -- Returns {jobs, wait}: per job {job_id, attempt, func, args, kwargs, timeout, max_retries,
 --   queue, dedupe_scope, batch, round}; wait: ms until parked jobs are looked at again (-1: none parked).
 -- Invariant: a claimed job is running under this worker, with a lease in inflight that
@@ -10,9 +11,11 @@
 -- limit is parked (out of its queue, still queued) so it never holds back other keys; its
 -- key is then in limits-due, and parked jobs go back to their queue's line in their old
 -- place when the key has room. Limit times use Redis's clock: workers' clocks disagree.
-local jp, qp, rp, np, pp = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local now, deadline, worker, limit = ARGV[6], ARGV[7], ARGV[8], tonumber(ARGV[9])
-local FIRST_QUEUE, RECHECK_MS, SCAN_BUDGET, DUE_BATCH = 10, 1000, 1000, 100
+local jp, qp, wp, rp, np, pp = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local now, deadline, worker, limit = ARGV[7], ARGV[8], ARGV[9], tonumber(ARGV[10])
+local FIRST_QUEUE, RECHECK_MS, SCAN_BUDGET, DUE_BATCH = 11, 1000, 1000, 100
+local mine = {}   -- the queues of this worker
+for i = FIRST_QUEUE, #ARGV do mine[ARGV[i]] = true end
 
 local rules = {}   -- limit key (or '*') -> {concurrency or nil, interval ms or nil}
 local limited = redis.call('EXISTS', KEYS[3]) == 1
@@ -80,6 +83,10 @@ for _, lk in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', clock, 'LIMIT',
       if queue then
         redis.call('ZADD', qp .. queue, score, member)
         redis.call('HINCRBY', KEYS[5], queue, -1)
+        if not mine[queue] then   -- back in a line this worker does not serve: wake one
+          redis.call('LPUSH', wp .. queue, '1')
+          redis.call('LTRIM', wp .. queue, 0, 15)
+        end
       end
     end
   end
