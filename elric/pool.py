@@ -58,6 +58,7 @@ class _Process:
     alone: bool = False        # runs a job that must have the process to itself
     timed_out: set[str] = field(default_factory=set)
     n_async: int = 0
+    outbox_sync: bool = False  # its outbox holds sync jobs: fill it up in this turn
 
     @property
     def n_sync(self) -> int:
@@ -153,7 +154,7 @@ class Pool(Executor):
 
         ``alone``: the job must have a process to itself (a sync job with a timeout, whose
         overrun kills its process; a job of a class not seen yet; a suspect of a crash)."""
-        best = None
+        best, sync_batch = None, 0 if is_async else self.sync_batch()
         for p in self.processes:
             if p.alone or (alone and p.held):
                 continue
@@ -164,8 +165,10 @@ class Pool(Executor):
                     continue
                 load = p.n_async
             else:
-                if p.n_async or p.n_sync >= self.sync_batch():
+                if p.n_async or p.n_sync >= sync_batch:
                     continue
+                if p.n_sync > sync_batch // 2 and not p.outbox_sync:
+                    continue   # busy: refill it in big batches, not a job at a time
                 load = p.n_sync
             if best is None or load < best[0]:
                 best = (load, p)
@@ -191,6 +194,7 @@ class Pool(Executor):
         future.set_running_or_notify_cancel()
         proc.held[claim.job_id] = _Held(claim, future, is_async, time.monotonic())
         proc.n_async += is_async
+        proc.outbox_sync = not is_async
         proc.alone = alone
         proc.outbox.append({"job_id": claim.job_id, "attempt": claim.attempt,
                             "func": claim.func, "args": claim.args, "kwargs": claim.kwargs,
@@ -205,7 +209,7 @@ class Pool(Executor):
         self._flush_soon = False
         for proc in self.processes:
             if proc.outbox:
-                data, proc.outbox = codec.pack(proc.outbox), []
+                data, proc.outbox, proc.outbox_sync = codec.pack(proc.outbox), [], False
                 try:
                     proc.conn.send_bytes(data)
                 except OSError:

@@ -227,13 +227,15 @@ class Worker:
         while self.buffer:
             claim = self.buffer.popleft()
             how = self.pool.how(claim)
-            if how in full or self.pool.place(*how) is None:
-                full.add(how)
-                kept.append(claim)
-                if len(full) == 3:   # (async, alone) is never asked for
-                    break
-                continue
-            self._send(claim)
+            if how not in full:
+                try:
+                    self._send(claim)
+                    continue
+                except LookupError:   # no process has room for this kind now
+                    full.add(how)
+            kept.append(claim)
+            if len(full) == 3:   # (async, alone) is never asked for
+                break
         kept.extend(self.buffer)
         self.buffer = kept
 
