@@ -2,8 +2,9 @@
 asyncio process (so the crawler, not the site, is what is measured).
 
 Page ``/p/K`` is ~1.5 KB of HTML with ~15 links to other pages (``/p/K+1`` among them, so
-a crawl from ``/`` and its link to ``/p/0`` reaches every page). ``/robots.txt`` answers 404. ``/__hits`` answers
-JSON: requests per path, and the times of the first and last page request.
+a crawl from ``/`` and its link to ``/p/0`` reaches every page). ``/robots.txt`` answers
+404. ``/__hits`` answers JSON: requests per path, the times of the first and last page
+request, and the mean and peak page requests in flight.
 
     python bench/site_server.py --hosts 127.0.0.1 --port 0 --pages 1000 --latency 0.1
 

@@ -8,7 +8,7 @@ import re
 import subprocess
 import sys
 
-from tests.conftest import ROOT, wait_for
+from tests.conftest import ROOT
 
 
 def script_env(**elric) -> dict:

@@ -3,12 +3,10 @@ connections; and no pickle (or its kin) anywhere in elric's sources."""
 
 from __future__ import annotations
 
-import errno
 import os
 import re
 import resource
 import socket
-import time
 
 import msgpack
 import psutil

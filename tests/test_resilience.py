@@ -28,7 +28,7 @@ from elric.redis_server import RedisServer, find_redis_server, free_port
 from elric.rpc import Client, RemoteError, RPCConnectionError, RPCError, RPCTimeoutError
 from tests.conftest import ROOT, Cluster, wait_for
 from tests.jobs import Add, FailUnlessFile, MarkSleep, Sleep
-from tests.jobs_faults import Crash, Flaky, IgnoreAlarm, Mark, Touch, count_lines
+from tests.jobs_faults import Crash, Flaky, IgnoreAlarm, Mark, count_lines
 
 KEYS = Keys("elric")
 

@@ -5,7 +5,8 @@
 --       prefix, limit parked prefix, now (ms), lease deadline (ms), worker id, limit,
 --       queues...
 -- Returns {jobs, wait}: per job {job_id, attempt, func, args, kwargs, timeout, max_retries,
---   queue, dedupe_scope, batch, round}; wait: ms until parked jobs are looked at again (-1: none parked).
+--   queue, dedupe_scope, batch, round}; wait: ms until parked jobs are looked at again
+--   (-1: none parked).
 -- Invariant: a claimed job is running under this worker, with a lease in inflight that
 -- the worker renews; its attempt counter counts the claim. A job whose limit key is at its
 -- limit is parked (out of its queue, still queued) so it never holds back other keys; its
