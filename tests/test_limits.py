@@ -4,14 +4,19 @@ retry; bad limits are refused with a clear error."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
 import redis
+import redis.asyncio as aredis
 
+from elric import limits
 from elric.config import SettingsError, load_settings
 from elric.contract import SpecError, normalize_spec
 from elric.keys import Keys
+from elric.queue import Outcome, RedisQueue
+from tests.conftest import wait_for
 from tests.jobs_async import AsyncHostPage
 from tests.test_async_jobs import most_at_once
 
@@ -55,8 +60,6 @@ def test_parked_jobs_count_as_queued_and_can_be_removed(make_cluster):
     c.start_worker("--concurrency", "1")
     c.client.submit_jobs([AsyncHostPage.spec(["one.test", i, 30.0], job_id=f"p{i}")
                           for i in range(4)])
-    from tests.conftest import wait_for
-
     wait_for(lambda: c.client.stats()["by_status"]["running"] == 1, what="one running")
     r = redis.Redis.from_url(c.redis_url)
     keys = Keys("elric")
@@ -104,3 +107,33 @@ def test_a_limit_key_must_be_a_non_empty_string():
         normalize_spec({**base, "limit_key": ""})
     with pytest.raises(SpecError, match="limit_key_for must return a string"):
         normalize_spec({**base, "args": [7, 1]})
+
+
+def test_parked_jobs_going_back_to_another_workers_queue_wake_that_worker(redis_url):
+    """A fetch on queue qa unparks a job of queue qb (its key has room again): it goes back
+    in qb's line with a wake token, so qb's idle workers start it at once."""
+    keys = Keys("elrictest")
+
+    async def body():
+        r = aredis.Redis.from_url(redis_url)
+        try:
+            q = RedisQueue(r, keys)
+            await limits.publish(r, keys, limits.parse_rules({"k": {"concurrency": 1}}))
+            await q.enqueue([normalize_spec({"func": "tests.jobs:Echo", "queue": "qb",
+                                             "limit_key": "k", "job_id": j})
+                             for j in ("j1", "j2")])
+            first = (await q.fetch("wB", ["qb"], 10, 30)).claims
+            assert [c.job_id for c in first] == ["j1"]      # j2 is parked: k is full
+            assert await r.zcard(keys.limit_parked("k")) == 1
+            await q.finish("wB", [Outcome("j1", 1, True, b"\xc0", 1)])
+            await r.delete(keys.wake("qb"))
+            other = await q.fetch("wA", ["qa"], 10, 30)     # a worker of another queue
+            assert other.claims == []
+            assert await r.zcard(keys.limit_parked("k")) == 0
+            assert await r.zcard(keys.queue("qb")) == 1
+            assert await r.llen(keys.wake("qb")) == 1       # qb's workers are woken
+            assert [c.job_id for c in (await q.fetch("wB", ["qb"], 10, 30)).claims] == ["j2"]
+        finally:
+            await r.aclose()
+
+    asyncio.run(body())
