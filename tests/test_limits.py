@@ -55,7 +55,7 @@ def test_a_limited_host_keeps_its_limits_across_workers_while_others_run_at_full
 
 
 def test_parked_jobs_count_as_queued_and_can_be_removed(make_cluster):
-    c = make_cluster(LIMITS=json.dumps({"*": {"concurrency": 1}}))
+    c = make_cluster(LIMITS=json.dumps({"*": {"concurrency": 1}}), SHUTDOWN_GRACE=1)
     c.start_master()
     c.start_worker("--concurrency", "1")
     c.client.submit_jobs([AsyncHostPage.spec(["one.test", i, 30.0], job_id=f"p{i}")
