@@ -63,3 +63,23 @@ def test_elric_demo_runs_its_own_jobs_whatever_job_modules_a_local_settings_allo
                           timeout=120, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "crawled 4 pages (4 on the site" in proc.stdout, proc.stdout
+
+
+def test_elric_demo_without_the_crawl_extra_crawls_with_the_sync_crawler(tmp_path):
+    # aiohttp made unimportable in the demo's process, as after a plain `pip install .`
+    code = ("import builtins, sys\n"
+            "real = builtins.__import__\n"
+            "def no_aiohttp(name, *args, **kwargs):\n"
+            "    if name.split('.')[0] == 'aiohttp':\n"
+            "        raise ImportError(\"No module named 'aiohttp'\")\n"
+            "    return real(name, *args, **kwargs)\n"
+            "builtins.__import__ = no_aiohttp\n"
+            "from elric.demo import run_demo\n"
+            "sys.exit(run_demo(pages=3))\n")
+    env = script_env()
+    env["TMPDIR"] = str(tmp_path)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=str(tmp_path), env=env,
+                          capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "pip install 'elric[crawl]'; crawling with the synchronous crawler" in proc.stdout
+    assert "crawled 4 pages (4 on the site, each fetched 1 time(s) at most)" in proc.stdout

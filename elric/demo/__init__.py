@@ -22,8 +22,13 @@ from elric.redis_server import RedisServer, free_port
 def run_demo(settings_path: str | None = None, pages: int = 25, timeout: float = 120.0) -> int:
     from elric.client import MasterClient
     from elric.launch import elric_env, start_master, start_worker
-    from elric.demo.crawler import Crawl
     from elric.demo.site import DemoSite
+
+    try:
+        from elric.demo.crawler import Crawl
+    except ImportError as exc:   # installed without the crawl extra: the sync crawler
+        from elric.demo.crawler_sync import CrawlSync as Crawl
+        print(f"({exc}; crawling with the synchronous crawler instead)")
 
     settings = load_settings(settings_path)
     logdir = tempfile.mkdtemp(prefix="elric-demo-")
