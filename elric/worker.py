@@ -195,6 +195,10 @@ class Worker:
 
     async def _wait(self, timeout: float, wake: bool = False) -> None:
         """Until something changed (a job finished, stop), a wake token, or timeout."""
+        if self._wake_task is not None and self._wake_task.done():
+            # a wait from before the last fetch took a token meanwhile: that was a wake
+            self._wake_task = None
+            return
         waiters = [asyncio.ensure_future(self._changed.wait())]
         if wake:
             if self._wake_task is None or self._wake_task.done():

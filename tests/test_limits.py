@@ -137,3 +137,31 @@ def test_parked_jobs_going_back_to_another_workers_queue_wake_that_worker(redis_
             await r.aclose()
 
     asyncio.run(body())
+
+
+def test_a_wake_token_taken_while_the_worker_was_fetching_still_wakes_it(redis_url):
+    """The blocking wait for a wake token outlives one pass of the loop: when it took a
+    token while the worker was away fetching, the next wait returns at once instead of
+    starting a new wait and sleeping through its whole timeout."""
+    from elric.worker import Worker
+
+    async def main():
+        w = Worker(load_settings(env={"ELRIC_REDIS_URL": redis_url}))
+        w.blocking_redis = aredis.Redis.from_url(redis_url)
+        try:
+            w._changed.set()                 # something else ends this wait...
+            await w._wait(4, wake=True)
+            assert w._wake_task is not None and not w._wake_task.done()
+            await w.blocking_redis.rpush(w.keys.wake("default"), 1)  # ...then a token comes
+            deadline = asyncio.get_running_loop().time() + 10
+            while not w._wake_task.done():
+                assert asyncio.get_running_loop().time() < deadline, "token never taken"
+                await asyncio.sleep(0.01)
+            w._changed.clear()
+            # it returns without waiting at all; before the fix it slept its whole 4 s
+            await asyncio.wait_for(w._wait(4, wake=True), 2.5)
+        finally:
+            if w._wake_task is not None:
+                w._wake_task.cancel()
+            await w.blocking_redis.aclose()
+    asyncio.run(main())
