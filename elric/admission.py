@@ -128,18 +128,25 @@ class Admission:
         if self._cleanups:
             await asyncio.wait(set(self._cleanups), timeout=CLEANUP_WAIT)
 
-    async def enqueue_fires(self, specs: list[dict], fence_token: int) -> list[Submitted]:
+    async def enqueue_fires(self, specs: list[dict], fence_token: int,
+                            recovered: bool = False) -> list[Submitted]:
         """The scheduler's callback: dedupe and queue fires under its lease token.
 
         Fires are marked before they are queued; a Redis error here is retried until the
-        lease would have run out (enqueue is idempotent per fire id)."""
-        rounds = {}
+        lease would have run out (enqueue is idempotent per fire id). ``recovered``: fires
+        a leader marked, and may have checked, before it failed; in a fire's own scope
+        only its own key can be seen, so they skip the check that would drop them."""
+        rounds, unchecked, checking = {}, [], []
         for spec in specs:
             spec["round"] = spec["job_id"]   # the fire and its descendants: one round
             if spec.get("dedupe_scope") == PER_FIRE:
                 spec["dedupe_scope"] = spec["job_id"]  # children inherit the fire's scope
                 rounds[spec["job_id"]] = int(spec.get("fire_time", 0) * 1000)
-        reservation = self.gate.reserve(specs)
+                if recovered:
+                    unchecked.append(spec)
+                    continue
+            checking.append(spec)
+        reservation = self.gate.reserve(checking)
         checked: dict = {}   # verdicts per scope, kept across retries
         done = False
 
@@ -150,7 +157,7 @@ class Admission:
             if not done:
                 await reservation.check(checked)
                 done = True
-            return await self.queue.enqueue(reservation.passed, fence=fence_token)
+            return await self.queue.enqueue(unchecked + reservation.passed, fence=fence_token)
 
         queued = await retry(attempt, what=f"queueing {len(specs)} fire(s)", log=log,
                              backoff=Backoff(0.1, 2.0),

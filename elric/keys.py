@@ -98,6 +98,7 @@ class Keys:
         self.scheduler_lease = f"{p}:scheduler:lease"
         self.scheduler_fence = f"{p}:scheduler:fence"
         self.scheduler_wake = f"{p}:scheduler:wake"
+        self.fires_pending = f"{p}:fires:pending"
         self.dedupe_rounds = f"{p}:dedupe:rounds"
         self.dedupe_scopes = f"{p}:dedupe:scopes"
         self.limits = f"{p}:limits"

@@ -163,7 +163,8 @@ class RedisQueue:
     async def enqueue(self, specs: list[dict], *, fence: int | None = None) -> list[Submitted]:
         """Queue normalized specs; a job_id that exists already is left as it is.
 
-        ``fence``: the scheduler's lease token; the call raises Fenced unless it is current.
+        ``fence``: the scheduler's lease token, for its fires; the call raises Fenced unless
+        it is current, and the fires leave ``keys.fires_pending`` as they are queued.
         """
         if not specs:
             return []
@@ -175,7 +176,8 @@ class RedisQueue:
                      s.get("round") or "", len(fields), *fields)
         try:
             existing = await self._enqueue(
-                keys=[k.seq, k.queues, k.counters, k.batches, k.scheduler_fence],
+                keys=[k.seq, k.queues, k.counters, k.batches, k.scheduler_fence,
+                      k.fires_pending],
                 args=[*self._line, k.batch(""), k.round(""), self.failed_ttl, now_ms(),
                       "" if fence is None else fence, codec.pack_for_lua(jobs)])
         except ResponseError as exc:

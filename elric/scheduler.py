@@ -9,8 +9,9 @@ The leader sleeps until the next due time with BLPOP on ``keys.scheduler_wake`` 
 the job store when a job becomes the soonest). A pass reads up to ``batch_size`` due jobs
 (lua/scheduler_due.lua), plans their fires in Python, then lua/scheduler_fire.lua checks the
 fence, marks each fire once (SET NX), records runs and moves next run times. Only accepted
-fires go to ``enqueue``: marked first, a fire is lost if the master dies before enqueueing
-it (at most once), where enqueueing first would risk a duplicate run.
+fires go to ``enqueue``. A marked fire's spec waits in ``keys.fires_pending`` until
+enqueue.lua queues it; a leader that takes over, or whose enqueue failed, queues what is
+pending first (idempotent by fire id), so each fire is queued exactly once.
 """
 
 from __future__ import annotations
@@ -113,6 +114,7 @@ class Scheduler:
         self._done.set()  # run() is not running (each run makes fresh events)
         self._lease_wait = lease_seconds / 3  # shorter when the holder's lease runs out sooner
         self.passes = 0  # due-reads so far: a spinning scheduler shows here and in the debug log
+        self._pending = True  # fires marked but maybe not queued: look on taking the lease
 
     # --- lease ---------------------------------------------------------------------------
     async def _acquire(self) -> bool:
@@ -122,6 +124,7 @@ class Scheduler:
             self._lease_wait = min(self.lease_seconds / 3, max(value, 1) / 1000 + 0.005)
             return False
         self.is_leader, self.token = True, int(value)
+        self._pending = True   # the last leader may have died between marking and queueing
         self._lease_wait = self.lease_seconds / 3
         self._leader.set()
         self.log.info("master %s schedules now (fence token %s)", self.master_id, self.token)
@@ -163,6 +166,8 @@ class Scheduler:
     async def _fire_due(self) -> tuple[int, float]:
         """Fire everything due; returns (fires enqueued, index head score in ms)."""
         total, head = 0, math.inf
+        if self._pending and self.is_leader:
+            total += await self._queue_pending()
         while self.is_leader:
             now = self.clock()
             self.passes += 1
@@ -235,7 +240,8 @@ class Scheduler:
                 specs[fid] = {**unpack(plan.spec), "job_id": fid, "schedule": job_id,
                               "fire_time": t}
             record = {"fire_time": t, "job_id": fid, "outcome": outcome, "at": now, **extra}
-            entries += ["f" if outcome is Outcome.ENQUEUED else "r", fid, ttl, pack(record)]
+            entries += ["f" if outcome is Outcome.ENQUEUED else "r", fid, ttl, pack(record),
+                        pack(specs[fid]) if outcome is Outcome.ENQUEUED else ""]
         return keys, [job_id, plan.version, "" if nxt is None else repr(nxt * 1000.0),
                       "" if nxt is None else repr(nxt), iso(nxt), pack(live), len(plan.fires),
                       *entries]
@@ -243,7 +249,7 @@ class Scheduler:
     async def _fire_batch(self, rows: list[list], now: float) -> tuple[int, float]:
         """Plan, mark and enqueue the fires of ``rows`` (job_id, hash fields, its recent fires
         with their statuses); returns (fires enqueued, index head score in ms)."""
-        keys = [*self._lease_keys, self.keys.schedules]
+        keys = [*self._lease_keys, self.keys.schedules, self.keys.fires_pending]
         argv: list = [self.master_id, self.token, self.store.runs_kept, FINISHED_TTL, len(rows)]
         specs: dict[str, dict] = {}
         for job_id, row, statuses in rows:
@@ -265,17 +271,41 @@ class Scheduler:
             self._step_down("fence moved on: another master holds the lease")
             return 0, math.inf
         head, accepted = _score(result[1]), [specs[f.decode()] for f in result[2:]]
-        if not accepted:
-            return 0, head
+        return await self._queue_fires(accepted), head
+
+    async def _queue_fires(self, fires: list[dict], recovered: bool = False) -> int:
+        """Queue marked fires; those not queued stay pending for the next try."""
+        if not fires:
+            return 0
         try:
-            await self.enqueue(accepted, self.token)
-            return len(accepted), head
-        except Exception as exc:  # marked, so never enqueued again: these fires are lost
-            if isinstance(exc, Fenced):
-                self._step_down("enqueue refused the fence token")
-            self.log.exception("enqueue failed; fires lost: %s",
-                               ", ".join(s["job_id"] for s in accepted))
-            return 0, head
+            queued = await self.enqueue(fires, self.token, recovered=recovered)
+        except Fenced:
+            self._step_down("enqueue refused the fence token")
+            return 0
+        except Exception:  # Redis away past retries: the next pass queues them
+            self._pending = True
+            self.log.exception("queueing %d fire(s) failed; they stay pending and are tried "
+                               "again", len(fires))
+            return 0
+        # what the dedupe filter dropped never reached enqueue.lua: no longer pending either
+        if dropped := [s.job_id for s in queued if s.status == Status.FILTERED]:
+            await self.redis.hdel(self.keys.fires_pending, *dropped)
+        return len(fires) - len(dropped)
+
+    async def _queue_pending(self) -> int:
+        """Queue the fires marked by a leader that died or failed before queueing them."""
+        self._pending, total, cursor = False, 0, 0
+        while self.is_leader:
+            cursor, found = await self.redis.hscan(self.keys.fires_pending, cursor,
+                                                   count=self.batch_size)
+            if found:
+                self.log.warning("queueing %d fire(s) marked but not queued before",
+                                 len(found))
+                total += await self._queue_fires([unpack(b) for b in found.values()],
+                                             recovered=True)
+            if cursor == 0:
+                break
+        return total
 
     # --- loop ----------------------------------------------------------------------------
     async def _sleep(self, timeout: float) -> None:

@@ -7,6 +7,7 @@ takeover tests use the real clock, with deadline-based waits.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections import Counter
@@ -19,7 +20,7 @@ import redis.asyncio as aioredis
 from elric.codec import unpack
 from elric.jobstore import RedisJobStore
 from elric.keys import Keys
-from elric.queue import Fenced
+from elric.queue import Fenced, Submitted
 from elric.scheduler import Scheduler, fire_id
 
 T0 = 1_780_000_000.0  # 2026-05-28T20:26:40Z
@@ -36,7 +37,7 @@ class Clock:
 
 class Recorder:
     """A fake enqueue: records specs, sets each job hash status like the master would, and
-    refuses a stale fence token like the real queue."""
+    refuses a stale fence token and clears pending fires like the real queue."""
 
     def __init__(self, redis, keys, status="succeeded") -> None:
         self.redis, self.keys, self.status = redis, keys, status
@@ -44,16 +45,17 @@ class Recorder:
         self.tokens: list[int] = []
         self.before = None  # optional hook run before the fence check
 
-    async def __call__(self, specs, token):
+    async def __call__(self, specs, token, recovered=False):
         if self.before:
             await self.before()
         if int(await self.redis.get(self.keys.scheduler_fence)) != token:
             raise Fenced(f"token {token} is stale")
         for s in specs:
             await self.redis.hset(self.keys.job(s["job_id"]), "status", self.status)
+            await self.redis.hdel(self.keys.fires_pending, s["job_id"])
         self.specs += specs
         self.tokens.append(token)
-        return [{"job_id": s["job_id"], "status": "queued"} for s in specs]
+        return [Submitted(s["job_id"], "queued") for s in specs]
 
     @property
     def times(self) -> list[float]:
@@ -400,22 +402,88 @@ def test_stale_leader_is_fenced(redis_url):
 
 def test_fence_moving_between_script_and_enqueue_refuses_the_enqueue(redis_url):
     async def body(env):
-        a = env.sched
+        a, rec_b = env.sched, Recorder(env.r, env.keys)
+        b = env.scheduler("m2", rec_b)
         await env.store.add(spec())
         await a.tick()
         env.clock.t = T0 + 60
 
         async def takeover():  # another master takes the lease right after a's script ran
             env.rec.before = None
-            await env.r.set(env.keys.scheduler_lease, "m2")
-            await env.r.incr(env.keys.scheduler_fence)
+            await env.r.delete(env.keys.scheduler_lease)
+            assert await b._acquire()
         env.rec.before = takeover
         assert await a.tick() == 0
         assert not a.is_leader and env.rec.specs == []
-        # the fire was marked: the new leader does not enqueue it again (at-most-once)
-        assert await env.r.exists(env.keys.fire(fire_id("site", T0 + 60)))
+        # the fire was marked, so no master marks it again; the new leader queues it, once
         assert 0 < await env.r.ttl(env.keys.fire(fire_id("site", T0 + 60))) <= 60 + 600
+        assert await b.tick() == 1 and rec_b.times == [T0 + 60]
+        assert await b.tick() == 0 and rec_b.times == [T0 + 60]
+        assert not await env.r.exists(env.keys.fires_pending)
     run(redis_url, body)
+
+
+def test_fires_a_failed_enqueue_left_marked_are_queued_by_the_next_pass(redis_url):
+    """Redis gone past the enqueue's retries used to lose the marked fires for good."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    async def body(env):
+        a = env.sched
+        for n in range(3):
+            await env.store.add(spec(f"site{n}"))
+        await a.tick()
+        env.clock.t = T0 + 60
+
+        async def away():
+            env.rec.before = None
+            raise RedisConnectionError("Connection refused")
+        env.rec.before = away
+        assert await a.tick() == 0 and env.rec.specs == []
+        assert await env.r.hlen(env.keys.fires_pending) == 3
+        assert await a.tick() == 3
+        assert sorted(s["job_id"] for s in env.rec.specs) == \
+            sorted(fire_id(f"site{n}", T0 + 60) for n in range(3))
+        assert await a.tick() == 0 and len(env.rec.specs) == 3
+    run(redis_url, body)
+
+
+def test_a_leader_dying_between_marking_and_queueing_loses_no_fire(redis_url):
+    """The leader marks a batch of fires, then dies before queueing them; the master that
+    takes over queues every one of them, once."""
+    async def body(env):
+        died = asyncio.Event()
+
+        async def dies(specs, token, recovered=False):
+            died.set()
+            await asyncio.Event().wait()   # never returns: the process is gone
+        a = env.scheduler("m1", dies, lease_seconds=0.6)
+        rec_b = Recorder(env.r, env.keys)
+        b = env.scheduler("m2", rec_b, lease_seconds=0.6)
+        for n in range(20):
+            await env.store.add(spec(f"site{n}", trigger={"type": "date",
+                                                          "run_date": time.time() + 0.2}))
+        ta = asyncio.create_task(a.run())
+        await asyncio.wait_for(died.wait(), 10)
+        a._release = _nothing           # no release, no renewals: it is dead
+        ta.cancel()
+        tb = asyncio.create_task(b.run())
+        try:
+            await wait_async(lambda: _true(len(rec_b.specs) >= 20), 10, "b to queue them")
+            assert sorted(s["job_id"] for s in rec_b.specs) == sorted(
+                fire_id(f"site{n}", s["fire_time"]) for n, s in
+                sorted((int(s["schedule"][4:]), s) for s in rec_b.specs))
+            assert len({s["job_id"] for s in rec_b.specs}) == 20
+            assert not await env.r.exists(env.keys.fires_pending)
+        finally:
+            await b.stop()
+            await tb
+            with contextlib.suppress(asyncio.CancelledError):
+                await ta
+    run(redis_url, body, t=None)
+
+
+async def _nothing():
+    pass
 
 
 def test_lease_release_and_renew_only_own(redis_url):

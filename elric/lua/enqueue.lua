@@ -1,14 +1,15 @@
 -- Queue new jobs. A job_id that exists already is left as it is and its status returned, so
 -- a resubmitted (or resent) call queues nothing twice.
--- KEYS: seq, queues, counters, batches, fence
+-- KEYS: seq, queues, counters, batches, fence, pending fires
 -- ARGV: job prefix, queue prefix, wake prefix, batch stats prefix, round prefix, round ttl
 --       (s), now (ms), fence token ('' = no fence), jobs: one flat msgpack array [n, then
 --       per job: job_id, queue, priority, batch, round, m, then m hash fields and values]
 -- Returns: [position (1-based), status, ...] of the jobs that existed already.
 -- Invariant: a queued job is its hash (status queued, `member`) plus that member in its
 -- queue's sorted set (score -priority; members sort FIFO by sequence number). With a fence
--- token nothing is written unless the token is current (the scheduler's lease). A job of a
--- round counts in the round's `submitted`.
+-- token nothing is written unless the token is current (the scheduler's lease), and each
+-- job, queued or found, leaves the pending fires in the same step. A job of a round counts
+-- in the round's `submitted`.
 local jp, qp, wp, bp, rp, round_ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local now, token = ARGV[7], ARGV[8]
 if token ~= '' and redis.call('GET', KEYS[5]) ~= token then
@@ -23,6 +24,7 @@ for i = 1, n do
   local id, q, prio, batch, round = jobs[p], jobs[p + 1], jobs[p + 2], jobs[p + 3], jobs[p + 4]
   local m = jobs[p + 5]
   local jk = jp .. id
+  if token ~= '' then redis.call('HDEL', KEYS[6], id) end
   local status = redis.call('HGET', jk, 'status')
   if status then
     out[#out + 1] = i

@@ -1,17 +1,19 @@
 -- Apply one batch of fire plans: mark fires, record runs, move next run times.
--- KEYS: lease, fence, schedules index, then per job: its hash, its runs list, then one fire
---       key per "f" entry of that job.
+-- KEYS: lease, fence, schedules index, pending fires, then per job: its hash, its runs
+--       list, then one fire key per "f" entry of that job.
 -- ARGV: master id, fence token, runs kept, finished ttl, job count, then per job: job_id,
 --       version read, index score ("" = finished), next_run_time, next_run_iso, recent
 --       (msgpack fire ids), entry count, then per entry: kind ("f" fire, "r" record only),
---       fire id, fire mark ttl, run record (msgpack).
+--       fire id, fire mark ttl, run record (msgpack), fire spec (msgpack; "" for "r").
 -- Returns {0} when the fence moved (nothing written), else {1, head score of the index
 --   afterwards (false: empty), fire ids accepted for enqueueing...}.
 -- Invariants: only the current lease holder writes; each fire is marked once (SET NX), so
--- it is accepted at most once by any master; a job whose version moved since it was read
--- is left alone (re-read next pass); an index entry whose hash is gone is dropped.
+-- it is accepted at most once by any master, and an accepted fire's spec stays in the
+-- pending fires until enqueue.lua queues it, so a master dying in between loses nothing;
+-- a job whose version moved since it was read is left alone (re-read next pass); an
+-- index entry whose hash is gone is dropped.
 if redis.call('GET', KEYS[1]) ~= ARGV[1] or redis.call('GET', KEYS[2]) ~= ARGV[2] then return {0} end
-local out, a, k, keep = {1, false}, 6, 4, tonumber(ARGV[3])
+local out, a, k, keep = {1, false}, 6, 5, tonumber(ARGV[3])
 for _ = 1, tonumber(ARGV[5]) do
   local job_id, version, score = ARGV[a], ARGV[a+1], ARGV[a+2]
   local nrt, nri, recent, n = ARGV[a+3], ARGV[a+4], ARGV[a+5], tonumber(ARGV[a+6])
@@ -25,6 +27,7 @@ for _ = 1, tonumber(ARGV[5]) do
     if ARGV[a] == 'f' then
       if ok and redis.call('SET', KEYS[k], '1', 'NX', 'EX', ARGV[a+2]) then
         out[#out+1] = ARGV[a+1]
+        redis.call('HSET', KEYS[4], ARGV[a+1], ARGV[a+4])
         redis.call('LPUSH', runs, ARGV[a+3])
         pushed = true
       end
@@ -33,7 +36,7 @@ for _ = 1, tonumber(ARGV[5]) do
       redis.call('LPUSH', runs, ARGV[a+3])
       pushed = true
     end
-    a = a + 4
+    a = a + 5
   end
   if ok then
     if pushed then redis.call('LTRIM', runs, 0, keep - 1) end
