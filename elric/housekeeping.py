@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
+from elric.clock import redis_now
 from elric.queue import RedisQueue
 from elric.reservation import DedupeGate
 from elric.retry import REDIS_ERRORS, Backoff
@@ -51,7 +51,7 @@ class Housekeeping:
         await self._drop_old_rounds()
 
     async def _drop_old_rounds(self) -> None:
-        cutoff = (time.time() - self.round_ttl) * 1000
+        cutoff = (await redis_now(self.redis) - self.round_ttl) * 1000
         old = await self.redis.zrangebyscore(self.keys.dedupe_rounds, "-inf", cutoff,
                                              start=0, num=100)
         for raw in old:

@@ -23,6 +23,7 @@ from redis.exceptions import ResponseError
 
 from elric import contract, limits
 from elric.admission import Admission
+from elric.clock import RedisClock
 from elric.config import Settings, SettingsError, parse_address, redact_url
 from elric.contract import ErrorCode, SpecError, Status
 from elric.dedupe import DedupeFilter, make_filter
@@ -98,7 +99,9 @@ class Master:
                                 f"({exc})") from None
         self.queue = RedisQueue(self.redis, self.keys, result_ttl=s.RESULT_TTL,
                                 failed_ttl=s.FAILED_TTL)
-        self.store = RedisJobStore(self.redis, self.keys, min_interval=s.MIN_INTERVAL)
+        clock = RedisClock(self.redis)
+        await clock.sync()
+        self.store = RedisJobStore(self.redis, self.keys, clock=clock, min_interval=s.MIN_INTERVAL)
         await limits.publish(self.redis, self.keys, limits.parse_rules(s.LIMITS))
         self.filters: dict[str, DedupeFilter] = {}
         for backend in {s.FILTER_BACKEND, *s.FILTER_SCOPES.values()}:
@@ -114,7 +117,7 @@ class Master:
                                          s.DEDUPE_ROUND_TTL)
         self.scheduler = Scheduler(self.redis, self.keys, self.store,
                                    self.admission.enqueue_fires, master_id=self.master_id,
-                                   lease_seconds=s.SCHEDULER_LEASE)
+                                   lease_seconds=s.SCHEDULER_LEASE, clock=clock)
         host, port = parse_address(self.address, "MASTER_ADDRESS")
         if host not in ("127.0.0.1", "localhost", "::1") and not s.RPC_TOKEN:
             log.warning("!!! master listens on %s without RPC_TOKEN: anyone who can reach this "

@@ -8,23 +8,19 @@ nothing is pickled.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any, Iterable
 
 from redis.exceptions import ResponseError
 
 from elric import codec, lua
+from elric.clock import redis_now
 from elric.contract import STATUSES, Status
 from elric.keys import Keys
 
 
 class Fenced(Exception):
     """An enqueue guarded by a scheduler lease token that is no longer current."""
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 @dataclass(slots=True)
@@ -143,15 +139,15 @@ class RedisQueue:
         self.result_ttl = result_ttl
         self.failed_ttl = failed_ttl
         self.release_keys_on_failure = release_keys_on_failure
-        self._enqueue = lua.load(redis, "enqueue")
-        self._fetch = lua.load(redis, "fetch")
-        self._finish = lua.load(redis, "finish")
-        self._heartbeat = lua.load(redis, "heartbeat")
+        self._enqueue = lua.load(redis, "enqueue", "clock_fn")
+        self._fetch = lua.load(redis, "fetch", "clock_fn")
+        self._finish = lua.load(redis, "finish", "clock_fn")
+        self._heartbeat = lua.load(redis, "heartbeat", "clock_fn")
         self._remove = lua.load(redis, "remove")
         self._statuses = lua.load(redis, "statuses")
         self._release = lua.load(redis, "release", "requeue_fn")
-        self._requeue_due = lua.load(redis, "requeue_due", "requeue_fn")
-        self._rerun = lua.load(redis, "rerun", "requeue_fn")
+        self._requeue_due = lua.load(redis, "requeue_due", "clock_fn", "requeue_fn")
+        self._rerun = lua.load(redis, "rerun", "clock_fn", "requeue_fn")
 
     @property
     def _line(self) -> list[str]:
@@ -178,7 +174,7 @@ class RedisQueue:
             existing = await self._enqueue(
                 keys=[k.seq, k.queues, k.counters, k.batches, k.scheduler_fence,
                       k.fires_pending],
-                args=[*self._line, k.batch(""), k.round(""), self.failed_ttl, now_ms(),
+                args=[*self._line, k.batch(""), k.round(""), self.failed_ttl,
                       "" if fence is None else fence, codec.pack_for_lua(jobs)])
         except ResponseError as exc:
             if _error_code(exc) == "FENCED":
@@ -192,12 +188,11 @@ class RedisQueue:
 
     async def fetch(self, worker_id: str, queues: Iterable[str], limit: int,
                     lease_seconds: float) -> Fetched:
-        now = now_ms()
         k = self.keys
         rows, wait_ms = await self._fetch(
             keys=[k.inflight, k.status(Status.RUNNING), k.limits, k.limits_due, k.limits_parked],
-            args=[*self._line, k.limit_running(""), k.limit_next(""), k.limit_parked(""), now,
-                  now + int(lease_seconds * 1000), worker_id, limit, *queues])
+            args=[*self._line, k.limit_running(""), k.limit_next(""), k.limit_parked(""),
+                  int(lease_seconds * 1000), worker_id, limit, *queues])
         claims = [Claim(_s(r[0]), int(r[1]), _s(r[2]), r[3], r[4],
                         float(r[5]) if r[5] else None, int(r[6]), _s(r[7]), _s(r[8]) or None,
                         _s(r[9]) or "", _s(r[10]) or None) for r in rows]
@@ -206,7 +201,7 @@ class RedisQueue:
     async def finish(self, worker_id: str, outcomes: list[Outcome]) -> list[str]:
         """Record outcomes; returns each job's new status ('stale': no longer ours)."""
         k = self.keys
-        argv: list[Any] = [k.job(""), k.batch(""), k.dedupe_set(""), now_ms(), self.result_ttl,
+        argv: list[Any] = [k.job(""), k.batch(""), k.dedupe_set(""), self.result_ttl,
                            self.failed_ttl, "1" if self.release_keys_on_failure else "0",
                            k.limit_running(""), k.wake(""), k.round("")]
         for o in outcomes:
@@ -228,11 +223,10 @@ class RedisQueue:
                                        args=argv))
 
     async def heartbeat(self, worker_id: str, job_ids: list[str], lease_seconds: float) -> int:
-        if not job_ids:
-            return 0
-        deadline = now_ms() + int(lease_seconds * 1000)
-        return int(await self._heartbeat(keys=[self.keys.inflight],
-                                         args=[self.keys.job(""), deadline, worker_id, *job_ids]))
+        """Renew the leases of ``job_ids`` and mark the worker seen, on Redis's clock."""
+        return int(await self._heartbeat(keys=[self.keys.inflight, self.keys.workers],
+                                         args=[self.keys.job(""), int(lease_seconds * 1000),
+                                               worker_id, *job_ids]))
 
     async def recover(self, limit: int = 1000) -> list[str]:
         """Queue again, in their old place, the jobs whose lease ran out; returns their ids."""
@@ -247,7 +241,7 @@ class RedisQueue:
         k = self.keys
         ids = await self._requeue_due(
             keys=[due_set, k.status(status), k.seq, k.counters],
-            args=[*self._line, now_ms(), limit, status, "1" if keep_place else "0", counter])
+            args=[*self._line, limit, status, "1" if keep_place else "0", counter])
         return [_s(i) for i in ids]
 
     async def next_delayed(self) -> float | None:
@@ -255,7 +249,7 @@ class RedisQueue:
         first = await self.redis.zrange(self.keys.delayed, 0, 0, withscores=True)
         if not first:
             return None
-        return max(0.0, first[0][1] / 1000.0 - time.time())
+        return max(0.0, first[0][1] / 1000.0 - await redis_now(self.redis))
 
     async def remove(self, job_id: str) -> bool:
         k = self.keys
@@ -269,8 +263,8 @@ class RedisQueue:
         k = self.keys
         try:
             return _s(await self._rerun(keys=[k.job(job_id), k.seq],
-                                        args=[k.queue(""), k.wake(""), k.status(""), now_ms(),
-                                              job_id, k.round(""), self.failed_ttl]))
+                                        args=[k.queue(""), k.wake(""), k.status(""), job_id,
+                                              k.round(""), self.failed_ttl]))
         except ResponseError as exc:
             if _error_code(exc) == "NOJOB":
                 raise LookupError(f"no job {job_id!r}") from None
@@ -325,6 +319,7 @@ class RedisQueue:
                                             if s not in (Status.SCHEDULED, Status.FILTERED)]
         wanted = {"queue": queue, "func": func, "batch": batch}
         out: list[dict] = []
+        listed: set[str] = set()   # a job that moves on while we read shows up once
         scanned = 0
         for st in statuses:
             if st == Status.QUEUED:  # indexed by the queues' own sorted sets
@@ -346,10 +341,11 @@ class RedisQueue:
                     for raw, job_id, h in zip(members, ids, await self._hashes(ids)):
                         if not h:
                             gone.append(raw)
-                        elif h.get(b"status") == st.encode():  # else an index lagging behind
-                            view = self.job_view(job_id, h)
+                        elif h.get(b"status") == st.encode() and job_id not in listed:
+                            view = self.job_view(job_id, h)   # (else an index lagging behind)
                             if all(v is None or view[n] == v for n, v in wanted.items()):
                                 out.append(view)
+                                listed.add(job_id)
                     if gone and not in_line:  # expired results: their entries go too
                         await self.redis.zrem(index, *gone)
         return out[offset:offset + limit]
@@ -386,7 +382,7 @@ class RedisQueue:
                 pipe.hgetall(k.worker(_s(wid)))
             infos = await pipe.execute()
         workers = []
-        now = time.time()
+        now = await redis_now(self.redis)
         for (wid, seen), info in zip(workers_seen, infos):
             row = {_s(a): _s(b) for a, b in info.items()}
             row.update(worker_id=_s(wid), last_seen=seen / 1000.0,

@@ -20,12 +20,12 @@ import asyncio
 import contextlib
 import logging
 import math
-import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import lru_cache
 
 from elric import lua
+from elric.clock import RedisClock
 from elric.codec import pack, unpack
 from elric.contract import Status
 from elric.jobstore import FINISHED_TTL, Coalesce, Options, Outcome, RedisJobStore, iso
@@ -99,10 +99,11 @@ class Scheduler:
     batch_size = 500  # due jobs read, planned and marked per Lua call
 
     def __init__(self, redis, keys, store: RedisJobStore, enqueue, *, master_id: str,
-                 lease_seconds: float = 10.0, clock=time.time,
+                 lease_seconds: float = 10.0, clock: RedisClock | None = None,
                  log=logging.getLogger("elric.scheduler")) -> None:
         self.redis, self.keys, self.store, self.enqueue = redis, keys, store, enqueue
-        self.master_id, self.clock, self.log = master_id, clock, log
+        self.master_id, self.log = master_id, log
+        self.clock = clock or RedisClock(redis)  # what is due is judged by Redis's clock
         self.lease_seconds = lease_seconds
         self._lease_ms = max(1, int(lease_seconds * 1000))
         self.is_leader, self.token = False, None  # token: the fence token while leading
@@ -152,6 +153,7 @@ class Scheduler:
                     self._step_down("lease taken over")
                 if not self.is_leader:
                     await self._acquire()
+                await self.clock.sync()   # this machine's clock may have jumped
             except Exception:  # Redis hiccup: the fence still guards every fire
                 self.log.exception("scheduler lease: renew/acquire failed")
             await _wait(self._stop, self._lease_wait)
@@ -169,7 +171,7 @@ class Scheduler:
         if self._pending and self.is_leader:
             total += await self._queue_pending()
         while self.is_leader:
-            now = self.clock()
+            now = await self.clock.sync()
             self.passes += 1
             self.log.debug("scheduler pass %d at %s", self.passes, iso(now))
             args = [repr(now * 1000.0), self.batch_size, self.keys.schedule(""), self.keys.job(""),

@@ -29,7 +29,8 @@ from elric.config import Settings, SettingsError, redact_url
 from elric.contract import ErrorCode
 from elric.keys import Keys
 from elric.pool import Pool, ProcessDied
-from elric.queue import Claim, Outcome, RedisQueue, now_ms
+from elric.clock import redis_now
+from elric.queue import Claim, Outcome, RedisQueue
 from elric.retry import REDIS_ERRORS, REDIS_REFUSED, Backoff, retry
 from elric.rpc import AsyncClient, RemoteError, RPCConnectionError, RPCError
 
@@ -369,12 +370,12 @@ class Worker:
     async def _register(self) -> None:
         info = {"host": socket.gethostname(), "pid": os.getpid(), "queues": ",".join(self.queues),
                 "concurrency": self.concurrency, "async_concurrency": self.async_slots,
-                "started_at": now_ms(), "state": "running"}
+                "started_at": int(await redis_now(self.redis) * 1000), "state": "running"}
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(self.keys.worker(self.worker_id), mapping=info)
             pipe.expire(self.keys.worker(self.worker_id), 86400)
-            pipe.zadd(self.keys.workers, {self.worker_id: now_ms()})
             await pipe.execute()
+        await self.queue.heartbeat(self.worker_id, [], self.lease)   # seen from now on
 
     async def _heartbeat_loop(self) -> None:
         while True:
@@ -383,7 +384,6 @@ class Worker:
                 ids = [c.job_id for c in self._claims()]
                 await self.queue.heartbeat(self.worker_id, ids, self.lease)
                 async with self.redis.pipeline(transaction=False) as pipe:
-                    pipe.zadd(self.keys.workers, {self.worker_id: now_ms()})
                     pipe.hset(self.keys.worker(self.worker_id), "processed", self.processed)
                     pipe.expire(self.keys.worker(self.worker_id), 86400)
                     await pipe.execute()

@@ -17,6 +17,7 @@ from zoneinfo import ZoneInfo
 import pytest
 import redis.asyncio as aioredis
 
+from elric.clock import RedisClock
 from elric.codec import unpack
 from elric.jobstore import RedisJobStore
 from elric.keys import Keys
@@ -32,6 +33,9 @@ class Clock:
         self.t = t
 
     def __call__(self) -> float:
+        return self.t
+
+    async def sync(self) -> float:
         return self.t
 
 
@@ -72,7 +76,7 @@ def run(redis_url, body, t=T0, status="succeeded"):
     (``t=None``: the real clock)."""
     async def main():
         r = aioredis.Redis.from_url(redis_url)
-        env = Env(r, Keys("elrictest"), time.time if t is None else Clock(t), status)
+        env = Env(r, Keys("elrictest"), RedisClock(r) if t is None else Clock(t), status)
         try:
             return await body(env)
         finally:

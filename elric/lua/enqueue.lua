@@ -2,7 +2,7 @@
 -- a resubmitted (or resent) call queues nothing twice.
 -- KEYS: seq, queues, counters, batches, fence, pending fires
 -- ARGV: job prefix, queue prefix, wake prefix, batch stats prefix, round prefix, round ttl
---       (s), now (ms), fence token ('' = no fence), jobs: one flat msgpack array [n, then
+--       (s), fence token ('' = no fence), jobs: one flat msgpack array [n, then
 --       per job: job_id, queue, priority, batch, round, m, then m hash fields and values]
 -- Returns: [position (1-based), status, ...] of the jobs that existed already.
 -- Invariant: a queued job is its hash (status queued, `member`) plus that member in its
@@ -11,11 +11,11 @@
 -- job, queued or found, leaves the pending fires in the same step. A job of a round counts
 -- in the round's `submitted`.
 local jp, qp, wp, bp, rp, round_ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
-local now, token = ARGV[7], ARGV[8]
+local now, token = now_ms(), ARGV[7]
 if token ~= '' and redis.call('GET', KEYS[5]) ~= token then
   return redis.error_reply('FENCED the scheduler lease token is stale')
 end
-local jobs = cmsgpack.unpack(ARGV[9])
+local jobs = cmsgpack.unpack(ARGV[8])
 local n = jobs[1]
 local base = redis.call('INCRBY', KEYS[1], n) - n
 local out, lines, per_batch, per_round, added = {}, {}, {}, {}, 0

@@ -2,8 +2,7 @@
 -- within a priority, within the limits of each job's limit key.
 -- KEYS: inflight, running index, limits, limits due, parked counts
 -- ARGV: job prefix, queue prefix, wake prefix, limit running prefix, limit next-start
---       prefix, limit parked prefix, now (ms), lease deadline (ms), worker id, limit,
---       queues...
+--       prefix, limit parked prefix, lease (ms), worker id, limit, queues...
 -- Returns {jobs, wait}: per job {job_id, attempt, func, args, kwargs, timeout, max_retries,
 --   queue, dedupe_scope, batch, round}; wait: ms until parked jobs are looked at again
 --   (-1: none parked).
@@ -13,8 +12,9 @@
 -- key is then in limits-due, and parked jobs go back to their queue's line in their old
 -- place when the key has room. Limit times use Redis's clock: workers' clocks disagree.
 local jp, qp, wp, rp, np, pp = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
-local now, deadline, worker, limit = ARGV[7], ARGV[8], ARGV[9], tonumber(ARGV[10])
-local FIRST_QUEUE, RECHECK_MS, SCAN_BUDGET, DUE_BATCH = 11, 1000, 1000, 100
+local clock = now_ms()
+local deadline, worker, limit = clock + tonumber(ARGV[7]), ARGV[8], tonumber(ARGV[9])
+local FIRST_QUEUE, RECHECK_MS, SCAN_BUDGET, DUE_BATCH = 10, 1000, 1000, 100
 local mine = {}   -- the queues of this worker
 for i = FIRST_QUEUE, #ARGV do mine[ARGV[i]] = true end
 
@@ -27,8 +27,6 @@ if limited then
     rules[h[i]] = {tonumber(c), tonumber(iv)}
   end
 end
-local t = redis.call('TIME')
-local clock = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
 local rooms = {}   -- limit key -> {free = slots, next = earliest start (ms)}, this call
 local function room(lk)
@@ -131,9 +129,9 @@ while #out < limit and budget > 0 do
           end
         end
         local attempt = redis.call('HINCRBY', jk, 'attempts', 1)
-        redis.call('HSET', jk, 'status', 'running', 'worker', worker, 'started_at', now)
+        redis.call('HSET', jk, 'status', 'running', 'worker', worker, 'started_at', clock)
         redis.call('ZADD', KEYS[1], deadline, id)
-        redis.call('ZADD', KEYS[2], now, id)
+        redis.call('ZADD', KEYS[2], clock, id)
         local f = redis.call('HMGET', jk, 'func', 'args', 'kwargs', 'timeout', 'max_retries',
                              'queue', 'dedupe_scope', 'batch', 'round')
         out[#out + 1] = {id, attempt, f[1], f[2] or '', f[3] or '', f[4] or '', f[5] or '0',

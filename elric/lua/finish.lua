@@ -1,7 +1,7 @@
 -- Record the outcomes of jobs a worker ran.
 -- KEYS: inflight, running index, succeeded index, failed index, delayed, counters,
 --       retrying index, the worker's hash, limits due
--- ARGV: job prefix, batch stats prefix, dedupe set prefix, now (ms), result ttl (s),
+-- ARGV: job prefix, batch stats prefix, dedupe set prefix, result ttl (s),
 --       failed ttl (s), release keys ('1' | '0'), limit running prefix, wake prefix,
 --       round prefix, then per job: job_id, attempt,
 --       outcome ('ok' | 'err'), payload (result bytes | traceback), duration (ms),
@@ -13,11 +13,11 @@
 -- with a limit key frees its slot; that key's parked jobs are due at once and an idle
 -- worker of the queue is woken to start one. A job of a round that ends (succeeded or
 -- failed for good) counts in the round's hash.
-local jp, bp, dp, now = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
-local result_ttl, failed_ttl, release_keys = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7] == '1'
-local rp, wp, roundp = ARGV[8], ARGV[9], ARGV[10]
+local jp, bp, dp, now = ARGV[1], ARGV[2], ARGV[3], now_ms()
+local result_ttl, failed_ttl, release_keys = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6] == '1'
+local rp, wp, roundp = ARGV[7], ARGV[8], ARGV[9]
 local out, done, failed = {}, 0, 0
-for i = 11, #ARGV, 6 do
+for i = 10, #ARGV, 6 do
   local id, attempt, outcome, payload = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local duration, retry = ARGV[i + 4], tonumber(ARGV[i + 5])
   local jk = jp .. id

@@ -1,9 +1,10 @@
--- Extend the leases of the jobs a worker still holds.
--- KEYS: inflight
--- ARGV: job prefix, lease deadline (ms), worker id, job ids...
+-- Extend the leases of the jobs a worker still holds, and mark the worker seen.
+-- KEYS: inflight, workers
+-- ARGV: job prefix, lease (ms), worker id, job ids...
 -- Returns how many leases were extended.
 -- Invariant: a lease is extended only for the worker that holds the job.
-local jp, deadline, worker = ARGV[1], ARGV[2], ARGV[3]
+local now = now_ms()
+local jp, deadline, worker = ARGV[1], now + tonumber(ARGV[2]), ARGV[3]
 local n = 0
 for i = 4, #ARGV do
   local f = redis.call('HMGET', jp .. ARGV[i], 'status', 'worker')
@@ -12,4 +13,5 @@ for i = 4, #ARGV do
     n = n + 1
   end
 end
+redis.call('ZADD', KEYS[2], now, worker)
 return n

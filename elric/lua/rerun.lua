@@ -1,12 +1,11 @@
 -- Run a finished job again, from attempt 0.
 -- KEYS: the job's hash, seq
--- ARGV: queue prefix, wake prefix, status index prefix, now (ms), job_id, round prefix,
---       round ttl (s)
+-- ARGV: queue prefix, wake prefix, status index prefix, job_id, round prefix, round ttl (s)
 -- Returns the status the job had; an error 'NOJOB' when there is none, or 'LIVE <status>'
 -- when it has not finished.
 -- Invariant: only a succeeded, failed or cancelled job is queued again; its result, error
 -- and timings go. A job of a round counts in the round again (its round is live again).
-local qp, wp, sp, now, id = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local qp, wp, sp, now, id = ARGV[1], ARGV[2], ARGV[3], now_ms(), ARGV[4]
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return redis.error_reply('NOJOB') end
 if status ~= 'failed' and status ~= 'succeeded' and status ~= 'cancelled' then
@@ -15,8 +14,8 @@ end
 redis.call('ZREM', sp .. status, id)
 local round = redis.call('HGET', KEYS[1], 'round')
 if round then
-  redis.call('HINCRBY', ARGV[6] .. round, 'submitted', 1)
-  redis.call('EXPIRE', ARGV[6] .. round, ARGV[7])
+  redis.call('HINCRBY', ARGV[5] .. round, 'submitted', 1)
+  redis.call('EXPIRE', ARGV[5] .. round, ARGV[6])
 end
 redis.call('PERSIST', KEYS[1])
 redis.call('HSET', KEYS[1], 'attempts', 0, 'enqueued_at', now)
