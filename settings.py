@@ -29,6 +29,11 @@ QUEUES = ["default"]
 # Seconds the result of a succeeded job is kept.
 RESULT_TTL = 86400
 
+# Largest result a job may return, in bytes (msgpack): a bigger one fails that attempt.
+# Store big outputs elsewhere (a file, an object store) and return where they are. None
+# means RPC_MAX_MESSAGE / 8 (1 MiB); at most RPC_MAX_MESSAGE / 2.
+RESULT_MAX_BYTES = None
+
 # Seconds a failed job stays in the failed-jobs registry.
 FAILED_TTL = 7 * 86400
 

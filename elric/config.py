@@ -41,6 +41,8 @@ KEYS: dict[str, Key] = {
     "CONCURRENCY": Key(None, (int,), "worker processes (default: CPU count)", True),
     "QUEUES": Key(["default"], (list,), "queues a worker pulls from"),
     "RESULT_TTL": Key(86400, (int,), "seconds results of succeeded jobs are kept"),
+    "RESULT_MAX_BYTES": Key(None, (int,), "largest result a job may return, packed (default: "
+                                          "RPC_MAX_MESSAGE / 8, 1 MiB)", True),
     "FAILED_TTL": Key(7 * 86400, (int,), "seconds failed jobs stay in the failed registry"),
     "MAX_RETRIES": Key(0, (int,), "default retries after a failed attempt"),
     "RETRY_BACKOFF": Key(1.0, (int, float), "first retry delay in seconds; doubles each time"),
@@ -116,6 +118,10 @@ class Settings:
     def concurrency(self) -> int:
         return self.CONCURRENCY or os.cpu_count() or 1
 
+    @property
+    def result_max_bytes(self) -> int:
+        return self.RESULT_MAX_BYTES or self.RPC_MAX_MESSAGE // 8
+
 
 def redact_url(url: str) -> str:
     """``url`` with its password replaced by ``***``, for messages and logs."""
@@ -175,6 +181,7 @@ def _check(key: str, value: Any, where: str) -> Any:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if value < 0 or (value == 0 and key in ("CONCURRENCY", "WORKER_CHUNK", "LEASE_SECONDS",
                                                  "ASYNC_CONCURRENCY", "RESULT_TTL",
+                                                 "RESULT_MAX_BYTES",
                                                  "RPC_MAX_MESSAGE",
                                                  "SCHEDULER_LEASE", "BLOOM_CAPACITY",
                                                  "DEDUPE_TTL", "DEDUPE_ROUND_TTL")):
@@ -260,4 +267,8 @@ def load_settings(path: str | None = None, env: dict | None = None,
     for key, value in (overrides or {}).items():
         if value is not None:
             values[key] = _check(key, value, "command line")
+    if (values["RESULT_MAX_BYTES"] or 0) > values["RPC_MAX_MESSAGE"] // 2:
+        raise SettingsError(f"RESULT_MAX_BYTES ({values['RESULT_MAX_BYTES']}) must be at most "
+                            f"half of RPC_MAX_MESSAGE ({values['RPC_MAX_MESSAGE']}), or get_job "
+                            "could not send such a result; raise RPC_MAX_MESSAGE too")
     return Settings(values, source)

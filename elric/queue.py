@@ -109,6 +109,8 @@ _VIEW = {"func": _s, "args": codec.unpack, "kwargs": codec.unpack, "queue": _s,
 _EMPTY = {"args": [], "kwargs": {}, "priority": 0, "attempts": 0, "max_retries": 0}
 _OPTIONAL_VIEW = {"schedule": _s, "dedupe_key": _s, "dedupe_scope": _s, "limit_key": _s,
                   "round": _s, "fire_time": float}
+# What list_jobs reads of a job: all but its result, so a page of jobs stays small
+_SUMMARY_FIELDS = [name for name in (*_VIEW, *_OPTIONAL_VIEW) if name != "result"]
 
 # Spec keys kept in a job's hash besides those enqueue.lua writes itself. A field at its
 # default is not written: a missing field reads as its default.
@@ -289,11 +291,25 @@ class RedisQueue:
                 view[name] = read(h[name.encode()])
         return view
 
-    async def _hashes(self, job_ids: list[str]) -> list[dict]:
+    async def _summaries(self, job_ids: list[str]) -> list[tuple[dict, int]]:
+        """Per job: its hash without the result (empty: no such job), and the result's size."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for job_id in job_ids:
-                pipe.hgetall(self.keys.job(job_id))
-            return await pipe.execute()
+                pipe.hmget(self.keys.job(job_id), _SUMMARY_FIELDS)
+                pipe.hstrlen(self.keys.job(job_id), "result")
+            rows = await pipe.execute()
+        return [({name.encode(): v for name, v in zip(_SUMMARY_FIELDS, values) if v is not None},
+                 size) for values, size in zip(rows[::2], rows[1::2])]
+
+    def summary_view(self, job_id: str, h: dict[bytes, bytes], result_bytes: int) -> dict:
+        """A list_jobs row: the get_job map with the result's size instead of the result,
+        and of the error only its last line (the exception)."""
+        view = self.job_view(job_id, h)
+        del view["result"]
+        view["result_bytes"] = result_bytes
+        if view["error"]:
+            view["error"] = view["error"].rstrip().rsplit("\n", 1)[-1]
+        return view
 
     async def get_job(self, job_id: str) -> dict | None:
         h = await self.redis.hgetall(self.keys.job(job_id))
@@ -338,11 +354,11 @@ class RedisQueue:
                     scanned += len(members)
                     ids = [_s(m[17:] if in_line else m) for m in members]  # {seq:016x}:{id}
                     gone = []
-                    for raw, job_id, h in zip(members, ids, await self._hashes(ids)):
+                    for raw, job_id, (h, size) in zip(members, ids, await self._summaries(ids)):
                         if not h:
                             gone.append(raw)
                         elif h.get(b"status") == st.encode() and job_id not in listed:
-                            view = self.job_view(job_id, h)   # (else an index lagging behind)
+                            view = self.summary_view(job_id, h, size)  # (else an index lagging)
                             if all(v is None or view[n] == v for n, v in wanted.items()):
                                 out.append(view)
                                 listed.add(job_id)

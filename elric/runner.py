@@ -59,7 +59,7 @@ class Ran:
 
 
 def serve(conn, allowed_modules: tuple[str, ...], worker_pid: int, log_level: str,
-          lag_warn: float) -> None:
+          lag_warn: float, result_max: int) -> None:
     """A pool process's life: run the jobs that arrive on ``conn`` until the worker goes."""
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
@@ -76,7 +76,7 @@ def serve(conn, allowed_modules: tuple[str, ...], worker_pid: int, log_level: st
     except ImportError:
         loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
-    _Runner(conn, loop, tuple(allowed_modules), lag_warn).run()
+    _Runner(conn, loop, tuple(allowed_modules), lag_warn, result_max).run()
 
 
 def _exit_with_worker(pid: int) -> None:
@@ -106,8 +106,9 @@ def _on_alarm(signum, frame):
 
 class _Runner:
     def __init__(self, conn, loop: asyncio.AbstractEventLoop, allowed: tuple[str, ...],
-                 lag_warn: float) -> None:
+                 lag_warn: float, result_max: int) -> None:
         self.conn, self.loop, self.allowed, self.lag_warn = conn, loop, allowed, lag_warn
+        self.result_max = result_max   # RESULT_MAX_BYTES: what get_job can always send
         self.sync_jobs: deque[dict] = deque()
         self.draining = False
         self.tasks: dict[asyncio.Task, str] = {}   # async jobs in flight -> job id
@@ -147,6 +148,14 @@ class _Runner:
             except (TypeError, ValueError, OverflowError) as exc:
                 out.ok, out.children = False, []
                 out.payload = f"a child job's arguments are not msgpack values: {exc}"
+        if len(out.payload) > self.result_max:
+            if out.ok:
+                out.ok, out.children = False, []
+                out.payload = (f"ResultTooLarge: the result is {len(out.payload):,} bytes, over "
+                               f"RESULT_MAX_BYTES ({self.result_max:,}); return less, or store "
+                               "it elsewhere (a file, an object store) and return where it is")
+            else:   # a traceback that big: keep its end, where the exception is
+                out.payload = "[... cut ...]\n" + out.payload[-self.result_max:]
         self.outbox.append(out)
         self._flush_soon()
 

@@ -125,7 +125,8 @@ class Worker:
         self.pool = Pool(self.concurrency, async_slots=self.async_slots,
                          sync_batch=self._chunk_size, on_news=self._changed.set,
                          allowed_modules=s.JOB_MODULES,
-                         log_level=s.LOG_LEVEL, lag_warn=s.LOOP_LAG_WARN)
+                         log_level=s.LOG_LEVEL, lag_warn=s.LOOP_LAG_WARN,
+                         result_max=s.result_max_bytes)
         await self._register()
         heartbeat = asyncio.create_task(self._heartbeat_loop())
         recorder = asyncio.create_task(self._record_loop())

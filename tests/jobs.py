@@ -96,3 +96,10 @@ class KeyFromBytes(Job):
 
     def run(self, data=b""):
         return len(data)
+
+
+class Sized(Job):
+    """Returns ``n`` bytes of text."""
+
+    def run(self, n):
+        return "x" * n

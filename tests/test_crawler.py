@@ -29,7 +29,7 @@ def crawl(cluster, site: DemoSite, job_class, batch: str = "site") -> dict[str, 
             done.get("submitted", -1)
 
     wait_for(finished, timeout=90, what="the crawl finished")
-    jobs = c.list_jobs(batch=batch, limit=1000)
+    jobs = [c.get_job(j["job_id"]) for j in c.list_jobs(batch=batch, limit=1000)]
     root = site.url.rstrip("/")
     return {j["args"][0].removeprefix(root): j for j in jobs}
 

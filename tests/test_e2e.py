@@ -13,8 +13,8 @@ import pytest
 
 from elric.rpc import RemoteError
 from tests.conftest import ROOT, wait_for
-from tests.jobs import (Add, Crash, Echo, FailUnlessFile, MarkSleep, OnQueueB, Record, Sleep,
-                        Spawn)
+from tests.jobs import (Add, Crash, Echo, FailUnlessFile, MarkSleep, OnQueueB, Record, Sized,
+                        Sleep, Spawn)
 from tests.legacy import SCRIPT_PRELUDE, legacy_python
 
 
@@ -279,6 +279,33 @@ BAD_REQUESTS = [
     (("list_jobs", {"limit": 0}), "limit 1..1000"),
     (("rerun_job", "no-such-job"), "no job 'no-such-job'"),
 ]
+
+
+def test_a_result_over_result_max_bytes_fails_its_attempt_and_every_job_stays_readable(
+        cluster):
+    """A 10 MB result used to be stored, and then get_job and any list_jobs page holding
+    it failed (the reply over RPC_MAX_MESSAGE)."""
+    c = cluster.client
+    cluster.start_worker("--concurrency", "1")
+    c.submit_jobs([Sized.spec([10_000_000], job_id="huge", max_retries=1),
+                   Sized.spec([900_000], job_id="fits")])
+    huge, fits = cluster.wait_job("huge"), cluster.wait_job("fits")
+    assert (huge["status"], huge["attempts"], huge["result"]) == ("failed", 2, None)
+    assert "the result is 10,000,005 bytes, over RESULT_MAX_BYTES (1,048,576)" in huge["error"]
+    assert fits["status"] == "succeeded" and fits["result"] == "x" * 900_000
+    # a page of summaries carries sizes, never results
+    listed = {j["job_id"]: j for j in c.list_jobs(limit=1000)}
+    assert "result" not in listed["fits"] and listed["fits"]["result_bytes"] == 900_005
+    assert listed["huge"]["result_bytes"] == 0
+    assert listed["huge"]["error"].startswith("ResultTooLarge: the result is 10,000,005 bytes")
+
+
+def test_result_max_bytes_must_fit_an_rpc_message():
+    from elric.config import SettingsError, load_settings
+
+    with pytest.raises(SettingsError, match=r"RESULT_MAX_BYTES \(5000000\) must be at most half "
+                                            r"of RPC_MAX_MESSAGE \(8388608\)"):
+        load_settings(env={"ELRIC_RESULT_MAX_BYTES": "5000000"})
 
 
 def test_bad_requests_get_clear_errors_and_the_connection_stays_up(cluster):

@@ -24,8 +24,9 @@ EVERY_SECOND = {"type": "interval", "seconds": 1}
 
 def fires(client, schedule: str) -> list[dict]:
     """The fired jobs of one periodic job (any status), oldest fire first."""
-    jobs = [j for j in client.list_jobs(limit=1000) if j.get("schedule") == schedule]
-    return sorted(jobs, key=lambda j: j["fire_time"])
+    jobs = [client.get_job(j["job_id"]) for j in client.list_jobs(limit=1000)
+            if j.get("schedule") == schedule]
+    return sorted((j for j in jobs if j), key=lambda j: j["fire_time"])
 
 
 def fired_after(client, schedule: str, t: float) -> list[dict]:

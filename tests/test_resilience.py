@@ -119,7 +119,8 @@ def test_sigkill_worker_under_load_every_job_succeeds(make_cluster):
         c.start_worker("--concurrency", "2")
         wait_for(lambda: c.client.stats()["by_status"]["succeeded"] == n, timeout=90,
                  what="all 200 jobs succeeded")
-        jobs = {j["job_id"]: j for j in c.client.list_jobs(status="succeeded", limit=1000)}
+        jobs = {j["job_id"]: c.client.get_job(j["job_id"])
+                for j in c.client.list_jobs(status="succeeded", limit=1000)}
         assert set(jobs) == set(ids)
         assert all(j["result"]["tag"] is None for j in jobs.values())
         again = {j for j, job in jobs.items() if job["attempts"] == 2}

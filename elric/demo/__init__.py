@@ -76,7 +76,8 @@ def run_demo(settings_path: str | None = None, pages: int = 25, timeout: float =
                 return 1
             time.sleep(0.1)
         elapsed = time.monotonic() - t0
-        jobs = client.list_jobs(batch="demo", status="succeeded", limit=1000)
+        jobs = [client.get_job(j["job_id"])   # a listing carries no results: read each
+                for j in client.list_jobs(batch="demo", status="succeeded", limit=1000)]
         for job in sorted(jobs, key=lambda j: j["result"]["url"]):
             r = job["result"]
             print(f"  {r['url']:<40} {r['links']:>2} links  {r['bytes']:>4} bytes")
