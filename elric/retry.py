@@ -41,6 +41,11 @@ def redis_refusal(exc: BaseException) -> str | None:
     return _REFUSALS.get(code)
 
 
+def is_outage(exc: BaseException) -> bool:
+    """Redis cannot be reached, or is up but refuses writes for a while: wait, try again."""
+    return isinstance(exc, REDIS_ERRORS) or redis_refusal(exc) is not None
+
+
 class Backoff:
     """Delays that double from ``first`` up to ``most``; ``reset()`` after a success."""
 
@@ -62,7 +67,8 @@ class Backoff:
 async def retry(call: Callable[[], Awaitable[T]], *, what: str, log: logging.Logger,
                 errors: tuple[type[BaseException], ...] = REDIS_ERRORS,
                 backoff: Backoff | None = None, deadline: float | None = None) -> T:
-    """``await call()`` until it does not raise one of ``errors``, logging each failure.
+    """``await call()`` until it does not raise one of ``errors`` or a refusal of Redis's
+    (``redis_refusal``), logging each failure.
 
     ``deadline`` (a ``time.monotonic()`` value) bounds the retrying: past it, the last
     error is raised."""
@@ -70,7 +76,9 @@ async def retry(call: Callable[[], Awaitable[T]], *, what: str, log: logging.Log
     while True:
         try:
             return await call()
-        except errors as exc:
+        except Exception as exc:
+            if not isinstance(exc, errors) and redis_refusal(exc) is None:
+                raise
             if deadline is not None and time.monotonic() >= deadline:
                 raise
             delay = backoff.next()

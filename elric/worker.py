@@ -31,7 +31,7 @@ from elric.keys import Keys
 from elric.pool import Pool, ProcessDied
 from elric.clock import redis_now
 from elric.queue import Claim, Outcome, RedisQueue
-from elric.retry import REDIS_ERRORS, REDIS_REFUSED, Backoff, retry
+from elric.retry import REDIS_ERRORS, REDIS_REFUSED, Backoff, is_outage, retry
 from elric.rpc import AsyncClient, RemoteError, RPCConnectionError, RPCError
 
 log = logging.getLogger("elric.worker")
@@ -178,9 +178,11 @@ class Worker:
                     fetched = await self.queue.fetch(self.worker_id, self.queues, want,
                                                      self.lease)
                     backoff.reset()
-                except REDIS_ERRORS as exc:
+                except Exception as exc:   # Redis away, or full: wait it out, keep what we hold
+                    if not is_outage(exc):
+                        raise
                     delay = backoff.next()
-                    log.warning("worker: Redis unreachable (%s); retrying in %.1fs", exc, delay)
+                    log.warning("worker: Redis unavailable (%s); retrying in %.1fs", exc, delay)
                     await self._wait(delay)
                     continue
                 if fetched.claims:
@@ -365,10 +367,13 @@ class Worker:
                     continue
 
     async def _retry_redis(self, fn, *args):
-        return await retry(lambda: fn(*args), what="worker: Redis unreachable", log=log)
+        return await retry(lambda: fn(*args), what="worker: Redis unavailable", log=log)
 
     # --- heartbeat, registration ------------------------------------------------------
     async def _register(self) -> None:
+        await self._retry_redis(self._register_once)   # Redis may refuse writes for a while
+
+    async def _register_once(self) -> None:
         info = {"host": socket.gethostname(), "pid": os.getpid(), "queues": ",".join(self.queues),
                 "concurrency": self.concurrency, "async_concurrency": self.async_slots,
                 "started_at": int(await redis_now(self.redis) * 1000), "state": "running"}
@@ -388,8 +393,11 @@ class Worker:
                     pipe.hset(self.keys.worker(self.worker_id), "processed", self.processed)
                     pipe.expire(self.keys.worker(self.worker_id), 86400)
                     await pipe.execute()
-            except REDIS_ERRORS as exc:
-                log.warning("worker: heartbeat failed (%s)", exc)
+            except Exception as exc:   # never ends: leases are renewed again once Redis can
+                if is_outage(exc):
+                    log.warning("worker: heartbeat failed (%s)", exc)
+                else:
+                    log.exception("worker: heartbeat failed")
 
     # --- shutdown ---------------------------------------------------------------------
     async def _give_back(self, claims: list[Claim]) -> int:
@@ -432,8 +440,8 @@ class Worker:
     async def _close(self) -> None:
         try:
             await self.redis.hset(self.keys.worker(self.worker_id), "state", "stopped")
-        except REDIS_ERRORS:
-            pass
+        except Exception as exc:   # Redis away or full: its heartbeats stop, which says it too
+            log.warning("worker: could not record that it stopped (%s)", exc)
         await self.master.close()
         await self.redis.aclose()
         await self.blocking_redis.aclose()

@@ -8,8 +8,8 @@ import redis
 
 from elric.redis_server import RedisServer
 from elric.rpc import RemoteError
-from tests.conftest import Cluster
-from tests.jobs import Add
+from tests.conftest import Cluster, wait_for
+from tests.jobs import Add, Sleep
 
 
 @pytest.fixture
@@ -50,6 +50,34 @@ def test_a_submit_refused_for_lack_of_memory_is_redis_unavailable(own_redis, tmp
         assert c.client.get_job("oom-1")["status"] == "queued"
         listed = [j["job_id"] for j in c.client.list_jobs(limit=1000)]
         assert listed.count("oom-1") == 1 and len(listed) == 1, listed
+    finally:
+        r.close()
+        c.close()
+
+
+def test_workers_ride_out_a_full_redis(own_redis, tmp_path):
+    """A worker started while Redis refuses writes waits instead of exiting; one holding a
+    slow job through a full Redis, past its lease, keeps it and records it afterwards."""
+    c = Cluster(own_redis.url, tmp_path, LEASE_SECONDS=2)
+    r = redis.Redis.from_url(own_redis.url)
+    try:
+        c.start_master()
+        busy = c.start_worker("--concurrency", "1")
+        c.client.submit_jobs([Sleep.spec([4], job_id="slow"), Add.spec([1, 2], job_id="later")])
+        wait_for(lambda: c.client.get_job("slow")["status"] == "running", what="slow started")
+        fill_until_refused(r)
+        late = c.start_worker("--concurrency", "1", wait=False)
+        full = "command not allowed when used memory > 'maxmemory'"
+        wait_for(lambda: full in late.log(), what="the late worker waits")
+        # a heartbeat every lease/3: four refused ones take it past its 2 s lease
+        wait_for(lambda: busy.log().count("heartbeat failed") >= 4 and full in busy.log(),
+                 what="the busy worker past its lease in a full Redis")
+        assert busy.alive() and late.alive(), c.logs()
+        r.config_set("maxmemory", 0)
+        assert c.wait_job("slow")["status"] == "succeeded", c.logs()
+        assert c.wait_job("later")["result"] == 3, c.logs()
+        wait_for(lambda: len(c.client.stats()["workers"]) == 2, what="both registered")
+        assert busy.alive() and late.alive(), c.logs()
     finally:
         r.close()
         c.close()
