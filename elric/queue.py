@@ -55,6 +55,7 @@ class Claim:
     dedupe_scope: str | None
     batch: str = ""
     round: str | None = None
+    held_until: float = 0.0   # time.monotonic() its lease surely lasts to (set by the worker)
 
 
 @dataclass(slots=True)
@@ -224,11 +225,14 @@ class RedisQueue:
         return int(await self._release(keys=[k.inflight, k.status(Status.RUNNING), k.seq],
                                        args=argv))
 
-    async def heartbeat(self, worker_id: str, job_ids: list[str], lease_seconds: float) -> int:
-        """Renew the leases of ``job_ids`` and mark the worker seen, on Redis's clock."""
-        return int(await self._heartbeat(keys=[self.keys.inflight, self.keys.workers],
-                                         args=[self.keys.job(""), int(lease_seconds * 1000),
-                                               worker_id, *job_ids]))
+    async def heartbeat(self, worker_id: str, claims: list[Claim],
+                        lease_seconds: float) -> set[str]:
+        """Renew the leases of ``claims`` and mark the worker seen, on Redis's clock;
+        returns the ids of those it no longer holds."""
+        held = [x for c in claims for x in (c.job_id, c.attempt)]
+        return {_s(i) for i in await self._heartbeat(
+            keys=[self.keys.inflight, self.keys.workers],
+            args=[self.keys.job(""), int(lease_seconds * 1000), worker_id, *held])}
 
     async def recover(self, limit: int = 1000) -> list[str]:
         """Queue again, in their old place, the jobs whose lease ran out; returns their ids."""

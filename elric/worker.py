@@ -10,6 +10,7 @@ to stop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
@@ -62,6 +63,8 @@ class Worker:
         self._changed = asyncio.Event()
         self._finished = asyncio.Event()
         self._wake_task: asyncio.Task | None = None
+        self._renew_now = asyncio.Event()   # a claim's lease may be over: ask Redis now
+        self._margin = min(1.0, self.lease / 10)   # a lease this close to its end is not relied on
         self._connecting: asyncio.Task | None = None
 
     # --- setup ------------------------------------------------------------------------
@@ -175,9 +178,12 @@ class Worker:
             want = self._fetch_size()
             if want > 0 and not self.suspects:
                 try:
+                    asked = time.monotonic()
                     fetched = await self.queue.fetch(self.worker_id, self.queues, want,
                                                      self.lease)
                     backoff.reset()
+                    for claim in fetched.claims:
+                        claim.held_until = asked + self.lease
                 except Exception as exc:   # Redis away, or full: wait it out, keep what we hold
                     if not is_outage(exc):
                         raise
@@ -227,7 +233,7 @@ class Worker:
         while self.suspects:
             # After a process died we cannot tell which of its jobs killed it: run them one
             # per process, so the culprit is found and no one else pays.
-            if self.pool.place(False, alone=True) is None:
+            if self.pool.place(False, alone=True) is None or not self._held(self.suspects[0]):
                 return
             self._send(self.suspects.popleft(), suspect=True)
         kept: deque[Claim] = deque()
@@ -235,7 +241,9 @@ class Worker:
         while self.buffer:
             claim = self.buffer.popleft()
             how = self.pool.how(claim)
-            if how not in full:
+            if not self._held(claim):
+                kept.append(claim)
+            elif how not in full:
                 try:
                     self._send(claim)
                     continue
@@ -246,6 +254,15 @@ class Worker:
                 break
         kept.extend(self.buffer)
         self.buffer = kept
+
+    def _held(self, claim: Claim) -> bool:
+        """Whether this worker surely still holds the claim's lease. A worker that was paused
+        or cut off may have lost it to another worker: then the heartbeat asks Redis, and
+        drops the claims it lost, before anything starts."""
+        if time.monotonic() < claim.held_until - self._margin:
+            return True
+        self._renew_now.set()
+        return False
 
     def _send(self, claim: Claim, suspect: bool = False) -> None:
         future = self.pool.submit(claim, suspect=suspect)
@@ -385,10 +402,16 @@ class Worker:
 
     async def _heartbeat_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.lease / 3)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._renew_now.wait(), self.lease / 3)
+            self._renew_now.clear()
             try:
-                ids = [c.job_id for c in self._claims()]
-                await self.queue.heartbeat(self.worker_id, ids, self.lease)
+                asked, claims = time.monotonic(), self._claims()
+                lost = await self.queue.heartbeat(self.worker_id, claims, self.lease)
+                for claim in claims:
+                    if claim.job_id not in lost:
+                        claim.held_until = asked + self.lease
+                self._drop_lost(lost)
                 async with self.redis.pipeline(transaction=False) as pipe:
                     pipe.hset(self.keys.worker(self.worker_id), "processed", self.processed)
                     pipe.expire(self.keys.worker(self.worker_id), 86400)
@@ -398,6 +421,15 @@ class Worker:
                     log.warning("worker: heartbeat failed (%s)", exc)
                 else:
                     log.exception("worker: heartbeat failed")
+
+    def _drop_lost(self, lost: set[str]) -> None:
+        """Claims whose lease went to another worker leave without running."""
+        for waiting in (self.buffer, self.suspects):
+            for claim in [c for c in waiting if c.job_id in lost]:
+                waiting.remove(claim)
+                log.warning("worker: job %s lost its lease before it started (this worker "
+                            "was paused or cut off from Redis); not starting it", claim.job_id)
+        self._changed.set()
 
     # --- shutdown ---------------------------------------------------------------------
     async def _give_back(self, claims: list[Claim]) -> int:

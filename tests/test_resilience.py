@@ -709,3 +709,32 @@ def test_job_modules_refuse_at_submit_and_in_the_worker(make_cluster, redis_url,
             job["error"]
         assert job["attempts"] == 1
     assert not proof.exists(), "a refused job ran"
+
+
+# --- 12. fenced starts: a worker paused past its lease does not start what it prefetched --
+
+def test_a_worker_paused_past_its_lease_does_not_start_the_jobs_it_prefetched(
+        make_cluster, tmp_path):
+    c = make_cluster(LEASE_SECONDS=2)
+    c.start_master()
+    paused = c.start_worker("--concurrency", "1")
+    marks = tmp_path / "marks"
+    c.client.submit_jobs([Sleep.spec([3], job_id="first"),
+                          MarkSleep.spec([str(marks), 0], job_id="second")])
+    # one process: "first" runs, "second" waits in the worker's buffer under its lease
+    wait_for(lambda: set(statuses(c.redis_url, ["first", "second"]).values()) == {"running"},
+             what="both claimed by the first worker")
+    os.kill(paused.pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: c.client.stats()["totals"]["redelivered"] == 2,
+                 what="both redelivered after the lease")
+        other = c.start_worker("--concurrency", "1")
+        second = c.wait_job("second")
+        assert second["status"] == "succeeded" and worker_pid(second) == other.pid
+    finally:
+        os.kill(paused.pid, signal.SIGCONT)
+    wait_for(lambda: "job second lost its lease before it started" in paused.log()
+             or len(marks.read_text().split()) > 1, what="the paused worker to resume")
+    assert marks.read_text().split() == ["second"], c.logs()   # it ran once, on `other`
+    assert c.wait_job("first")["status"] == "succeeded"
+    assert paused.alive(), paused.log()
