@@ -77,6 +77,8 @@ def cmd_call(args: argparse.Namespace) -> int:
             _print(client.rerun_job(args.job_id))
         elif args.command == "remove":
             _print(client.remove_job(args.job_id))
+        elif args.command == "cancel":
+            _print(client.cancel_job(args.job_id))
     return 0
 
 
@@ -113,10 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, help_text in (("ping", "ask the master for pong"), ("stats", "job statistics"),
                             ("job", "show one job"), ("jobs", "list jobs"),
-                            ("rerun", "run a finished job again"), ("remove", "remove a job")):
+                            ("rerun", "run a finished job again"), ("remove", "remove a job"),
+                            ("cancel", "stop a job: it never runs, or stops running")):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--master", help="master host:port (MASTER_ADDRESS)")
-        if name in ("job", "rerun", "remove"):
+        if name in ("job", "rerun", "remove", "cancel"):
             p.add_argument("job_id")
         if name == "jobs":
             p.add_argument("--status")

@@ -41,6 +41,11 @@ class MasterClient:
     def remove_job(self, job_id: str) -> bool:
         return self.call("remove_job", job_id)
 
+    def cancel_job(self, job_id: str) -> dict:
+        """``{"job_id", "was", "status"}``: status ``cancelled``, ``cancelling`` (it was
+        running: its worker stops it) or, for a finished job, its status, unchanged."""
+        return self.call("cancel_job", job_id)
+
     def rerun_job(self, job_id: str) -> dict:
         return self.call("rerun_job", job_id)
 

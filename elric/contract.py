@@ -25,7 +25,7 @@ class Status(StrEnum):
     RETRYING = "retrying"      # failed an attempt; due again after a backoff
     SCHEDULED = "scheduled"    # a periodic job in the job store
     FILTERED = "filtered"      # dropped by the dedupe filter, never queued
-    CANCELLED = "cancelled"    # removed before it ran
+    CANCELLED = "cancelled"    # stopped by cancel_job: never ran, or stopped while running
 
     @property
     def live(self) -> bool:
@@ -37,8 +37,8 @@ STATUSES = tuple(Status)
 
 # --- RPC methods ----------------------------------------------------------------------
 METHODS = (
-    "ping", "auth", "submit_job", "submit_jobs", "get_job", "remove_job", "list_jobs",
-    "stats", "rerun_job", "pause_job", "resume_job", "modify_job",
+    "ping", "auth", "submit_job", "submit_jobs", "get_job", "remove_job", "cancel_job",
+    "list_jobs", "stats", "rerun_job", "pause_job", "resume_job", "modify_job",
 )
 
 

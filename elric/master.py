@@ -190,8 +190,21 @@ class Master:
 
     @_rpc
     async def remove_job(self, job_id) -> bool:
-        removed = await self.queue.remove(_job_id(job_id))
+        try:
+            removed = await self.queue.remove(_job_id(job_id))
+        except ValueError as exc:   # running
+            raise SpecError(str(exc)) from None
         return await self.store.remove(job_id) or removed
+
+    @_rpc
+    async def cancel_job(self, job_id) -> dict:
+        """Stop a job: queued or retrying ones at once, a running one through its worker."""
+        was = await self.queue.cancel(_job_id(job_id))
+        if was is None:
+            raise LookupError(f"no job {job_id!r}")
+        now = {Status.QUEUED: Status.CANCELLED, Status.RETRYING: Status.CANCELLED,
+               Status.RUNNING: "cancelling"}.get(was, was)   # a finished job: left alone
+        return {"job_id": job_id, "was": was, "status": now}
 
     @_rpc
     async def pause_job(self, job_id) -> bool:

@@ -234,6 +234,16 @@ class Pool(Executor):
             if p.timed_out:
                 p.process.kill()
 
+    def cancel(self, job_id: str) -> bool:
+        """Stop a job by killing its process: it settles as that process's culprit (its
+        neighbours run again); False when no process holds it."""
+        for p in self.processes:
+            if job_id in p.held:
+                p.timed_out.add(job_id)
+                p.process.kill()
+                return True
+        return False
+
     def kill_all(self) -> None:
         for p in self.processes:
             p.process.kill()

@@ -77,6 +77,15 @@ class Outcome:
     payload: bytes | str
     duration_ms: int
     retry_ms: int = -1
+    cancelled: bool = False   # stopped because cancel_job asked: recorded cancelled
+
+
+@dataclass(slots=True)
+class Renewed:
+    """What a heartbeat learnt: the claims the worker lost, and those to stop (cancelled)."""
+
+    lost: set[str]
+    cancel: set[str]
 
 
 @dataclass(slots=True)
@@ -147,6 +156,7 @@ class RedisQueue:
         self._finish = lua.load(redis, "finish", "clock_fn")
         self._heartbeat = lua.load(redis, "heartbeat", "clock_fn")
         self._remove = lua.load(redis, "remove")
+        self._cancel = lua.load(redis, "cancel", "clock_fn")
         self._statuses = lua.load(redis, "statuses")
         self._release = lua.load(redis, "release", "requeue_fn")
         self._requeue_due = lua.load(redis, "requeue_due", "clock_fn", "requeue_fn")
@@ -208,11 +218,12 @@ class RedisQueue:
                            self.failed_ttl, "1" if self.release_keys_on_failure else "0",
                            k.limit_running(""), k.wake(""), k.round("")]
         for o in outcomes:
-            argv += [o.job_id, o.attempt, "ok" if o.ok else "err", o.payload,
+            argv += [o.job_id, o.attempt,
+                     "ok" if o.ok else "cancel" if o.cancelled else "err", o.payload,
                      int(o.duration_ms), int(o.retry_ms)]
         keys = [k.inflight, k.status(Status.RUNNING), k.status(Status.SUCCEEDED),
                 k.status(Status.FAILED), k.delayed, k.counters, k.status(Status.RETRYING),
-                k.worker(worker_id), k.limits_due]
+                k.worker(worker_id), k.limits_due, k.status(Status.CANCELLED)]
         return [_s(s) for s in await self._finish(keys=keys, args=argv)]
 
     async def release(self, worker_id: str, claims: list[tuple[str, int]]) -> int:
@@ -226,13 +237,13 @@ class RedisQueue:
                                        args=argv))
 
     async def heartbeat(self, worker_id: str, claims: list[Claim],
-                        lease_seconds: float) -> set[str]:
-        """Renew the leases of ``claims`` and mark the worker seen, on Redis's clock;
-        returns the ids of those it no longer holds."""
+                        lease_seconds: float) -> Renewed:
+        """Renew the leases of ``claims`` and mark the worker seen, on Redis's clock."""
         held = [x for c in claims for x in (c.job_id, c.attempt)]
-        return {_s(i) for i in await self._heartbeat(
+        lost, cancel = await self._heartbeat(
             keys=[self.keys.inflight, self.keys.workers],
-            args=[self.keys.job(""), int(lease_seconds * 1000), worker_id, *held])}
+            args=[self.keys.job(""), int(lease_seconds * 1000), worker_id, *held])
+        return Renewed({_s(i) for i in lost}, {_s(i) for i in cancel})
 
     async def recover(self, limit: int = 1000) -> list[str]:
         """Queue again, in their old place, the jobs whose lease ran out; returns their ids."""
@@ -258,11 +269,27 @@ class RedisQueue:
         return max(0.0, first[0][1] / 1000.0 - await redis_now(self.redis))
 
     async def remove(self, job_id: str) -> bool:
+        """Delete a job that is not running; raises ValueError for a running one."""
         k = self.keys
-        return bool(await self._remove(keys=[k.job(job_id), k.inflight, k.delayed,
-                                             k.limits_parked],
-                                       args=[k.queue(""), k.status(""), job_id,
-                                             k.limit_parked(""), k.round("")]))
+        try:
+            return bool(await self._remove(keys=[k.job(job_id), k.inflight, k.delayed,
+                                                 k.limits_parked],
+                                           args=[k.queue(""), k.status(""), job_id,
+                                                 k.limit_parked(""), k.round("")]))
+        except ResponseError as exc:
+            if _error_code(exc) == "RUNNING":
+                raise ValueError(f"job {job_id!r} is running; cancel it (cancel_job) and "
+                                 "remove it once it has stopped") from None
+            raise
+
+    async def cancel(self, job_id: str) -> str | None:
+        """Cancel a job (cancel.lua); returns the status it had, None when there is none."""
+        k = self.keys
+        was = await self._cancel(keys=[k.job(job_id), k.delayed, k.limits_parked,
+                                       k.status(Status.CANCELLED), k.counters],
+                                 args=[k.queue(""), k.status(""), job_id, k.limit_parked(""),
+                                       k.round(""), self.failed_ttl])
+        return _s(was) if was else None
 
     async def rerun(self, job_id: str) -> str:
         """Queue a finished job again; raises LookupError / ValueError with the reason."""

@@ -265,7 +265,8 @@ class _Runner:
         while True:
             time.sleep(0.1)
             stalled = time.monotonic() - self.last_tick
-            if stalled < self.lag_warn or self.last_tick == warned or self.draining:
+            if stalled < self.lag_warn or self.last_tick == warned or self.draining \
+                    or not self.tasks:   # no async job in flight: a sync job blocks it
                 continue
             warned = self.last_tick
             task = getattr(asyncio.tasks, "_current_tasks", {}).get(self.loop)

@@ -64,6 +64,7 @@ class Worker:
         self._finished = asyncio.Event()
         self._wake_task: asyncio.Task | None = None
         self._renew_now = asyncio.Event()   # a claim's lease may be over: ask Redis now
+        self._cancelling: set[str] = set()   # jobs cancel_job asked this worker to stop
         self._margin = min(1.0, self.lease / 10)   # a lease this close to its end is not relied on
         self._connecting: asyncio.Task | None = None
 
@@ -288,9 +289,13 @@ class Worker:
         fault; otherwise the job runs again, same attempt, apart from others when the
         culprit is unknown."""
         if claim.job_id in exc.culprits or len(exc.held) == 1:
-            why = (f"JobTimeout: ran past its timeout of {claim.timeout:g}s and its process "
-                   "was killed") if claim.job_id in exc.culprits else (
-                   "the job's process died (os._exit, a signal or a crash in native code)")
+            if claim.job_id in self._cancelling:
+                why = "Cancelled: cancel_job stopped it; its process was killed"
+            elif claim.job_id in exc.culprits:
+                why = (f"JobTimeout: ran past its timeout of {claim.timeout:g}s and its "
+                       "process was killed")
+            else:
+                why = "the job's process died (os._exit, a signal or a crash in native code)"
             return runner.Ran.failure(claim.job_id, claim.attempt, why)
         if exc.culprits:
             self.buffer.appendleft(claim)   # a bystander of a known culprit
@@ -331,9 +336,12 @@ class Worker:
             retry_ms = -1
             if not o.ok and not o.final and o.attempt <= claim.max_retries:
                 retry_ms = self._backoff_ms(o.attempt)
+            cancelled = not o.ok and o.job_id in self._cancelling
             records.append(Outcome(o.job_id, o.attempt, o.ok, o.payload,
-                                   int((o.finished_at - o.started_at) * 1000), retry_ms))
+                                   int((o.finished_at - o.started_at) * 1000), retry_ms,
+                                   cancelled))
         await self._retry_redis(self.queue.finish, self.worker_id, records)
+        self._cancelling.difference_update(o.job_id for o in records)
         self.processed += len(records)
 
     def _backoff_ms(self, attempt: int) -> int:
@@ -402,16 +410,17 @@ class Worker:
 
     async def _heartbeat_loop(self) -> None:
         while True:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._renew_now.wait(), self.lease / 3)
+            with contextlib.suppress(asyncio.TimeoutError):   # at least once a second: cancels
+                await asyncio.wait_for(self._renew_now.wait(), min(1.0, self.lease / 3))
             self._renew_now.clear()
             try:
                 asked, claims = time.monotonic(), self._claims()
-                lost = await self.queue.heartbeat(self.worker_id, claims, self.lease)
+                renewed = await self.queue.heartbeat(self.worker_id, claims, self.lease)
                 for claim in claims:
-                    if claim.job_id not in lost:
+                    if claim.job_id not in renewed.lost:
                         claim.held_until = asked + self.lease
-                self._drop_lost(lost)
+                self._drop_lost(renewed.lost)
+                self._stop_cancelled(renewed.cancel)
                 async with self.redis.pipeline(transaction=False) as pipe:
                     pipe.hset(self.keys.worker(self.worker_id), "processed", self.processed)
                     pipe.expire(self.keys.worker(self.worker_id), 86400)
@@ -430,6 +439,21 @@ class Worker:
                 log.warning("worker: job %s lost its lease before it started (this worker "
                             "was paused or cut off from Redis); not starting it", claim.job_id)
         self._changed.set()
+
+    def _stop_cancelled(self, job_ids: set[str]) -> None:
+        """cancel_job asked to stop these: a waiting one leaves unstarted, a running one
+        loses its process; either is recorded cancelled."""
+        for job_id in job_ids - self._cancelling:
+            self._cancelling.add(job_id)
+            log.info("worker: job %s cancelled; stopping it", job_id)
+            for waiting in (self.buffer, self.suspects):
+                for claim in [c for c in waiting if c.job_id == job_id]:
+                    waiting.remove(claim)
+                    self.finished.append((claim, runner.Ran.failure(
+                        job_id, claim.attempt, "Cancelled: cancel_job stopped it before it "
+                                               "started")))
+                    self._finished.set()
+            self.pool.cancel(job_id)
 
     # --- shutdown ---------------------------------------------------------------------
     async def _give_back(self, claims: list[Claim]) -> int:

@@ -1,10 +1,10 @@
 -- Record the outcomes of jobs a worker ran.
 -- KEYS: inflight, running index, succeeded index, failed index, delayed, counters,
---       retrying index, the worker's hash, limits due
+--       retrying index, the worker's hash, limits due, cancelled index
 -- ARGV: job prefix, batch stats prefix, dedupe set prefix, result ttl (s),
 --       failed ttl (s), release keys ('1' | '0'), limit running prefix, wake prefix,
 --       round prefix, then per job: job_id, attempt,
---       outcome ('ok' | 'err'), payload (result bytes | traceback), duration (ms),
+--       outcome ('ok' | 'err' | 'cancel': stopped by cancel.lua's request), payload (result bytes | traceback), duration (ms),
 --       retry delay (ms; -1: no retry)
 -- Returns per job its new status, or 'stale' for a job this worker no longer holds (it was
 -- redelivered elsewhere or removed): that outcome is dropped.
@@ -43,7 +43,12 @@ for i = 10, #ARGV, 6 do
       done = done + 1
     else
       local err = (f[6] or '') .. '--- attempt ' .. attempt .. ' ---\n' .. payload .. '\n'
-      if retry >= 0 and tonumber(attempt) <= tonumber(f[5] or '0') then
+      if outcome == 'cancel' then
+        status, index = 'cancelled', KEYS[10]
+        redis.call('HSET', jk, 'status', status, 'error', err, 'finished_at', now,
+                   'duration_ms', duration)
+        redis.call('EXPIRE', jk, failed_ttl)
+      elseif retry >= 0 and tonumber(attempt) <= tonumber(f[5] or '0') then
         status, index = 'retrying', KEYS[7]
         redis.call('HSET', jk, 'status', status, 'error', err, 'duration_ms', duration,
                    'retry_at', now + retry)
@@ -67,7 +72,7 @@ for i = 10, #ARGV, 6 do
     redis.call('HINCRBY', KEYS[6], 'queue:' .. f[3] .. ':' .. status, 1)
     if f[4] and f[4] ~= '' then redis.call('HINCRBY', bp .. f[4], status, 1) end
     if f[10] and status ~= 'retrying' then
-      redis.call('HINCRBY', roundp .. f[10], status, 1)
+      redis.call('HINCRBY', roundp .. f[10], status == 'cancelled' and 'removed' or status, 1)
       redis.call('EXPIRE', roundp .. f[10], failed_ttl)
     end
     out[#out + 1] = status
@@ -78,4 +83,5 @@ if failed > 0 then redis.call('HINCRBY', KEYS[8], 'failed', failed) end
 -- finished jobs' hashes expire; their index entries go on the same schedule
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - result_ttl * 1000)
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - failed_ttl * 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[10], '-inf', now - failed_ttl * 1000)
 return out

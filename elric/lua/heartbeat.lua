@@ -1,19 +1,21 @@
 -- Extend the leases of the jobs a worker still holds, and mark the worker seen.
 -- KEYS: inflight, workers
 -- ARGV: job prefix, lease (ms), worker id, then per job: job id, attempt
--- Returns the ids of the jobs the worker no longer holds at that attempt (redelivered,
--- removed, finished): it must not start them.
+-- Returns {lost, cancel}: the ids of the jobs the worker no longer holds at that attempt
+--   (redelivered, removed, finished), which it must not start, and of those it holds that
+--   cancel.lua asked to stop.
 -- Invariant: a lease is extended only for the worker, and attempt, that holds the job.
 local now = now_ms()
 local jp, deadline, worker = ARGV[1], now + tonumber(ARGV[2]), ARGV[3]
-local lost = {}
+local lost, cancel = {}, {}
 for i = 4, #ARGV, 2 do
-  local f = redis.call('HMGET', jp .. ARGV[i], 'status', 'worker', 'attempts')
+  local f = redis.call('HMGET', jp .. ARGV[i], 'status', 'worker', 'attempts', 'cancel')
   if f[1] == 'running' and f[2] == worker and f[3] == ARGV[i + 1] then
     redis.call('ZADD', KEYS[1], 'XX', deadline, ARGV[i])
+    if f[4] then cancel[#cancel + 1] = ARGV[i] end
   else
     lost[#lost + 1] = ARGV[i]
   end
 end
 redis.call('ZADD', KEYS[2], now, worker)
-return lost
+return {lost, cancel}

@@ -1,11 +1,13 @@
--- Delete a job wherever it is (a running job's worker finds it gone and drops its outcome).
+-- Delete a job that is not running (a running one must be cancelled first).
 -- KEYS: the job's hash, inflight, delayed, parked counts
 -- ARGV: queue prefix, status index prefix, job_id, limit parked prefix, round prefix
--- Returns the status the job had, or false when there was none.
+-- Returns the status the job had, or false when there was none; an error 'RUNNING' when
+--   it runs.
 -- Invariant: no index keeps an entry for a job that is gone; a round no longer waits for a
 -- job of its own that was removed before it ended.
 local f = redis.call('HMGET', KEYS[1], 'status', 'queue', 'member', 'limit_key', 'round')
 if not f[1] then return false end
+if f[1] == 'running' then return redis.error_reply('RUNNING') end
 if f[2] and f[3] then redis.call('ZREM', ARGV[1] .. f[2], f[3]) end
 if f[4] and f[3] and redis.call('ZREM', ARGV[4] .. f[4], f[3]) == 1 then
   redis.call('HINCRBY', KEYS[4], f[2], -1)   -- it was parked by its limit key

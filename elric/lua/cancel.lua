@@ -1,0 +1,30 @@
+-- Cancel a job: a queued or retrying one at once, a running one by asking its worker.
+-- KEYS: the job's hash, delayed, parked counts, cancelled index, counters
+-- ARGV: queue prefix, status index prefix, job_id, limit parked prefix, round prefix,
+--       failed ttl (s)
+-- Returns the status the job had (false: no such job). A queued or retrying job is now
+--   cancelled; a running one gets `cancel` set, and its worker stops it and records it
+--   cancelled (finish.lua); a finished job is left alone.
+-- Invariant: a cancelled job is in no queue, parked set or delayed set, so it never runs;
+-- its round no longer waits for it.
+local now, id, ttl = now_ms(), ARGV[3], tonumber(ARGV[6])
+local f = redis.call('HMGET', KEYS[1], 'status', 'queue', 'member', 'limit_key', 'round')
+if not f[1] then return false end
+if f[1] == 'running' then
+  redis.call('HSET', KEYS[1], 'cancel', '1')
+  return f[1]
+end
+if f[1] ~= 'queued' and f[1] ~= 'retrying' then return f[1] end
+if f[2] and f[3] then redis.call('ZREM', ARGV[1] .. f[2], f[3]) end
+if f[4] and f[3] and redis.call('ZREM', ARGV[4] .. f[4], f[3]) == 1 then
+  redis.call('HINCRBY', KEYS[3], f[2], -1)   -- it was parked by its limit key
+end
+redis.call('ZREM', KEYS[2], id)
+redis.call('ZREM', ARGV[2] .. f[1], id)
+if f[5] then redis.call('HINCRBY', ARGV[5] .. f[5], 'removed', 1) end
+redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', now)
+redis.call('EXPIRE', KEYS[1], ttl)
+redis.call('ZADD', KEYS[4], now, id)
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - ttl * 1000)
+redis.call('HINCRBY', KEYS[5], 'cancelled', 1)
+return f[1]

@@ -1,0 +1,76 @@
+"""cancel_job: a queued or retrying job is cancelled and never runs, a running one is
+stopped by its worker and recorded cancelled, a finished one is left alone; remove_job
+refuses a running job; cancelling a fire keeps its schedule."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from elric.rpc import RemoteError
+from tests.conftest import wait_for
+from tests.jobs import Echo, Fail, MarkSleep, Sleep
+
+
+def test_a_queued_or_retrying_job_is_cancelled_and_never_runs(cluster, tmp_path):
+    c = cluster.client
+    marks = tmp_path / "marks"
+    c.submit_jobs([MarkSleep.spec([str(marks), 0], job_id="waiting"),
+                   Fail.spec(job_id="flaky", max_retries=5)])
+    assert c.cancel_job("waiting") == {"job_id": "waiting", "was": "queued",
+                                       "status": "cancelled"}
+    cluster.start_worker("--concurrency", "1", RETRY_BACKOFF=30)
+    cluster.wait_job("flaky", statuses=("retrying",))
+    assert c.cancel_job("flaky") == {"job_id": "flaky", "was": "retrying",
+                                     "status": "cancelled"}
+    c.submit_job(Echo.spec(["after"], job_id="after"))
+    assert cluster.wait_job("after")["status"] == "succeeded"   # the worker went past them
+    waiting, flaky = c.get_job("waiting"), c.get_job("flaky")
+    assert (waiting["status"], waiting["attempts"], flaky["status"], flaky["attempts"]) == \
+        ("cancelled", 0, "cancelled", 1)
+    assert not marks.exists()
+    assert {j["job_id"] for j in c.list_jobs(status="cancelled")} == {"waiting", "flaky"}
+    # a finished job is left alone, and the answer says what it is
+    assert c.cancel_job("after") == {"job_id": "after", "was": "succeeded",
+                                     "status": "succeeded"}
+    with pytest.raises(RemoteError) as info:
+        c.cancel_job("no-such")
+    assert info.value.code == "not_found"
+
+
+def test_a_running_job_is_stopped_and_recorded_cancelled(cluster):
+    c = cluster.client
+    worker = cluster.start_worker("--concurrency", "2")
+    c.submit_jobs([Sleep.spec([60], job_id="long"), Sleep.spec([1], job_id="beside")])
+    wait_for(lambda: c.get_job("long")["status"] == "running", what="long started")
+    with pytest.raises(RemoteError) as info:
+        c.remove_job("long")
+    assert info.value.code == "bad_request" and "is running; cancel it" in str(info.value)
+    asked = time.monotonic()
+    assert c.cancel_job("long") == {"job_id": "long", "was": "running",
+                                    "status": "cancelling"}
+    long = cluster.wait_job("long", statuses=("cancelled",))
+    assert time.monotonic() - asked < 30, "stopped long before its 60 s"
+    assert long["attempts"] == 1 and "Cancelled: cancel_job stopped it" in long["error"]
+    assert cluster.wait_job("beside")["status"] == "succeeded"
+    assert worker.alive(), worker.log()
+    assert c.remove_job("long") is True and c.get_job("long") is None
+
+
+def test_cancelling_a_fire_keeps_its_schedule(cluster):
+    c = cluster.client
+    cluster.start_worker("--concurrency", "2")
+    c.submit_job(Sleep.spec([60], job_id="tick", max_instances=1,
+                            trigger={"type": "interval", "seconds": 1}))
+    def first_fire():
+        runs = c.get_job("tick")["runs"]
+        fired = [r["job_id"] for r in runs if r.get("outcome") == "running"]
+        return fired and fired[0]
+    fire = wait_for(first_fire, what="a fire running")
+    c.cancel_job(fire)
+    cluster.wait_job(fire, statuses=("cancelled",))
+    # its round ended: max_instances lets the next fire run, and the schedule goes on
+    wait_for(lambda: any(r["job_id"] != fire and r.get("outcome") == "running"
+                         for r in c.get_job("tick")["runs"]), what="a later fire running")
+    assert c.get_job("tick")["status"] == "scheduled"
