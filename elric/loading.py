@@ -1,0 +1,68 @@
+"""The job code a worker runs: Job classes from the modules it was told to load at start
+(``elric worker myproject.jobs`` or JOB_MODULES). A job message only names a class; it
+never makes a worker import anything, since whoever can write to Redis can write one."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+from dataclasses import dataclass, field
+
+from elric.contract import SpecError
+
+log = logging.getLogger("elric.worker")
+
+
+class NotLoaded(Exception):
+    """This worker does not load the job's module; a worker that does may run it."""
+
+
+class ModuleBroken(Exception):
+    """The job's module is one this worker was told to load, and importing it failed."""
+
+
+def _under(module: str, names: tuple[str, ...]) -> bool:
+    return any(module == n or module.startswith(n + ".") for n in names)
+
+
+@dataclass
+class JobModules:
+    names: tuple[str, ...]
+    broken: dict[str, str] = field(default_factory=dict)   # module -> its import error
+
+    @classmethod
+    def load(cls, names) -> "JobModules":
+        """Import each module named; one that fails is logged and its jobs fail."""
+        modules = cls(tuple(names))
+        for name in modules.names:
+            try:
+                importlib.import_module(name)
+            except Exception as exc:
+                modules.broken[name] = f"{type(exc).__name__}: {exc}"
+                log.error("cannot import job module %s (%s): its jobs fail until it imports",
+                          name, modules.broken[name])
+        return modules
+
+    def runs(self, func: str) -> bool:
+        """Whether jobs of ``func`` are this worker's: from a module it loaded (or failed to)."""
+        module = func.partition(":")[0]
+        return module in self.broken or (module in sys.modules and _under(module, self.names))
+
+    def job_class(self, func: str) -> type:
+        """The Job class ``func`` names, from a loaded module; never imports."""
+        from elric.job import Job  # a cycle: job.py submits through the contract
+
+        module, _, attr = func.partition(":")
+        if module in self.broken:
+            raise ModuleBroken(f"job module {module} failed to import on this worker: "
+                               f"{self.broken[module]}")
+        if not self.runs(func):
+            raise NotLoaded(f"this worker does not load module {module!r} "
+                            f"(it loads {', '.join(self.names)})")
+        obj = sys.modules[module]
+        for part in attr.split("."):
+            obj = getattr(obj, part, None)
+        if not (isinstance(obj, type) and issubclass(obj, Job) and obj is not Job):
+            raise SpecError(f"func {func!r}: {obj!r} is not a subclass of elric.Job")
+        return obj
