@@ -74,8 +74,10 @@ LOOP_LAG_WARN = 1.0
 # two starts). A job held back waits without using a retry; other keys pass it.
 LIMITS = {}
 
-# Import-path prefixes jobs may come from, e.g. ["myproject.jobs", "examples"].
-# Empty: any importable Job subclass.
+# The modules your Job classes are in, e.g. ["myproject.jobs"]. A worker imports these at
+# start and runs Job classes from them only (`elric worker myproject.jobs` names them
+# too); a job naming another module is handed back, never imported. A master refuses
+# jobs from other modules at submit (empty: it accepts any importable Job class).
 JOB_MODULES = []
 
 # DEBUG, INFO, WARNING or ERROR.

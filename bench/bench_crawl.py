@@ -193,7 +193,7 @@ def crawl_with_elric(site: Site, workers: int, worker_args: list[str], limits: d
     logdir = tempfile.mkdtemp(prefix="elric-bench-crawl-")
     address = f"127.0.0.1:{free_port()}"
     env = elric_env(server.url, address, LOG_LEVEL="WARNING", KEY_PREFIX="bench-crawl",
-                    LIMITS=json.dumps(limits))
+                    LIMITS=json.dumps(limits), JOB_MODULES=Crawl.__module__)
     procs, client = [], None
     try:
         master = start_master(env, os.path.join(logdir, "master.log"), cwd=ROOT)

@@ -48,7 +48,8 @@ def ensure_huey() -> None:
 def elric_latencies(redis_url: str, samples: int, gap: float, timeout: float) -> list[float]:
     logdir = tempfile.mkdtemp(prefix="elric-bench-latency-")
     address = f"127.0.0.1:{free_port()}"
-    env = elric_env(redis_url, address, LOG_LEVEL="WARNING", KEY_PREFIX="bench-latency")
+    env = elric_env(redis_url, address, LOG_LEVEL="WARNING", KEY_PREFIX="bench-latency",
+                    JOB_MODULES="bench.jobs")
     procs, client = [], None
     try:
         procs.append(start_master(env, os.path.join(logdir, "master.log"), cwd=ROOT))

@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         keys = Keys(PREFIX)
         address = f"127.0.0.1:{free_port()}"
         env = elric_env(server.url, address, LOG_LEVEL="WARNING", KEY_PREFIX=PREFIX,
-                        CONCURRENCY=args.concurrency)
+                        CONCURRENCY=args.concurrency, JOB_MODULES="bench.jobs")
         print("elric throughput benchmark")
         print(f"command: {cmd}")
         for line in machine(r):

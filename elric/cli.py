@@ -35,7 +35,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     queues = [q.strip() for q in args.queues.split(",") if q.strip()] if args.queues else None
     settings = _settings(args, MASTER_ADDRESS=args.master, REDIS_URL=args.redis_url,
                          QUEUES=queues, CONCURRENCY=args.concurrency,
-                         ASYNC_CONCURRENCY=args.async_concurrency)
+                         ASYNC_CONCURRENCY=args.async_concurrency,
+                         JOB_MODULES=args.modules or None)
     _logging(settings.LOG_LEVEL)
     return asyncio.run(Worker(settings).run())
 
@@ -101,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_master)
 
     p = sub.add_parser("worker", help="run a worker")
+    p.add_argument("modules", nargs="*", metavar="MODULE",
+                   help="modules to load job classes from (JOB_MODULES), e.g. myproject.jobs")
     p.add_argument("--queues", help="comma-separated queues (QUEUES)")
     p.add_argument("--concurrency", type=int, help="pool processes (CONCURRENCY)")
     p.add_argument("--async-concurrency", type=int,
@@ -131,8 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # Job classes are imported by path, so the current directory must be on sys.path; after
-    # the installed packages, so that a folder there named like one (elric/) hides nothing.
+    # Job modules may live in the current directory, so it must be on sys.path; after the
+    # installed packages, so that a folder there named like one (elric/) hides nothing.
     if os.getcwd() not in sys.path:
         sys.path.append(os.getcwd())
     from elric.rpc import RPCError

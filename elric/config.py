@@ -58,7 +58,8 @@ KEYS: dict[str, Key] = {
                          "seconds an async job may block its event loop before a warning"),
     "LIMITS": Key({}, (dict,), "per limit key (or \"*\"): {concurrency, interval | rate} "
                                "across all workers; ELRIC_LIMITS takes JSON"),
-    "JOB_MODULES": Key([], (list,), "import-path prefixes jobs may come from (empty: any)"),
+    "JOB_MODULES": Key([], (list,), "modules a worker loads job classes from at start; the "
+                                    "master refuses other funcs (empty: any)"),
     "LOG_LEVEL": Key("INFO", (str,), "DEBUG, INFO, WARNING or ERROR"),
     "SCHEDULER_LEASE": Key(10.0, (int, float),
                            "seconds a dead scheduling master is replaced within"),

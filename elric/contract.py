@@ -149,12 +149,12 @@ def _import_job_class(path, allowed) -> type:
         raise SpecError(
             f'func {path!r}: expected "package.module:ClassName" naming a Job subclass'
         )
-    check_module_allowed(path, allowed)  # before importing: importing runs code
     if path.startswith("__main__:"):
         raise SpecError(
             f"func {path!r}: a Job class defined in __main__ cannot be imported by a worker; "
             "move it into a module and import it from there"
         )
+    check_module_allowed(path, allowed)  # before importing: importing runs code
     obj = _import_attr(path)
     if not (isinstance(obj, type) and issubclass(obj, Job) and obj is not Job):
         raise SpecError(f"func {path!r}: {obj!r} is not a subclass of elric.Job")

@@ -118,6 +118,10 @@ class Master:
         self.scheduler = Scheduler(self.redis, self.keys, self.store,
                                    self.admission.enqueue_fires, master_id=self.master_id,
                                    lease_seconds=s.SCHEDULER_LEASE, clock=clock)
+        if not s.JOB_MODULES:
+            log.warning("JOB_MODULES is empty: jobs may name a class in any importable module; "
+                        "name the modules your jobs are in, e.g. JOB_MODULES = "
+                        "[\"myproject.jobs\"] in settings.py")
         host, port = parse_address(self.address, "MASTER_ADDRESS")
         if host not in ("127.0.0.1", "localhost", "::1") and not s.RPC_TOKEN:
             log.warning("!!! master listens on %s without RPC_TOKEN: anyone who can reach this "

@@ -67,12 +67,12 @@ class _Process:
 
 class Pool(Executor):
     def __init__(self, size: int, *, async_slots: int, sync_batch, on_news=lambda: None,
-                 allowed_modules=(), log_level: str = "INFO", lag_warn: float = 1.0,
+                 job_modules=(), log_level: str = "INFO", lag_warn: float = 1.0,
                  result_max: int = 1024 * 1024) -> None:
         """``sync_batch()``: how many sync jobs a process may hold now; ``on_news()``:
         called after a process reported, so the caller can place more jobs."""
         self.size, self.async_slots, self.sync_batch = size, async_slots, sync_batch
-        self._args = (tuple(allowed_modules), os.getpid(), log_level, lag_warn, result_max)
+        self._args = (tuple(job_modules), os.getpid(), log_level, lag_warn, result_max)
         self._loop = asyncio.get_running_loop()
         self._empty_dir = tempfile.mkdtemp(prefix="elric-forkserver-")
         self._flush_soon = False

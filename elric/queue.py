@@ -18,6 +18,8 @@ from elric.clock import redis_now
 from elric.contract import STATUSES, Status
 from elric.keys import Keys
 
+HAND_BACK_SECONDS = 5.0   # a job no worker here can run waits this long between tries
+
 
 class Fenced(Exception):
     """An enqueue guarded by a scheduler lease token that is no longer current."""
@@ -118,7 +120,7 @@ _VIEW = {"func": _s, "args": codec.unpack, "kwargs": codec.unpack, "queue": _s,
          "retry_at": _ms_to_s, "duration_ms": int}
 _EMPTY = {"args": [], "kwargs": {}, "priority": 0, "attempts": 0, "max_retries": 0}
 _OPTIONAL_VIEW = {"schedule": _s, "dedupe_key": _s, "dedupe_scope": _s, "limit_key": _s,
-                  "round": _s, "fire_time": float}
+                  "round": _s, "fire_time": float, "not_run": _s}
 # What list_jobs reads of a job: all but its result, so a page of jobs stays small
 _SUMMARY_FIELDS = [name for name in (*_VIEW, *_OPTIONAL_VIEW) if name != "result"]
 
@@ -157,6 +159,7 @@ class RedisQueue:
         self._heartbeat = lua.load(redis, "heartbeat", "clock_fn")
         self._remove = lua.load(redis, "remove")
         self._cancel = lua.load(redis, "cancel", "clock_fn")
+        self._hand_back = lua.load(redis, "hand_back", "clock_fn")
         self._statuses = lua.load(redis, "statuses")
         self._release = lua.load(redis, "release", "requeue_fn")
         self._requeue_due = lua.load(redis, "requeue_due", "clock_fn", "requeue_fn")
@@ -281,6 +284,16 @@ class RedisQueue:
                 raise ValueError(f"job {job_id!r} is running; cancel it (cancel_job) and "
                                  "remove it once it has stopped") from None
             raise
+
+    async def hand_back(self, worker_id: str, claims: list[Claim], reason: str) -> int:
+        """Give back jobs this worker cannot run (hand_back.lua): retrying in
+        HAND_BACK_SECONDS, without using an attempt, with ``reason`` on each."""
+        k = self.keys
+        held = [x for c in claims for x in (c.job_id, c.attempt)]
+        return int(await self._hand_back(
+            keys=[k.inflight, k.status(Status.RUNNING), k.delayed, k.status(Status.RETRYING),
+                  k.counters],
+            args=[k.job(""), worker_id, int(HAND_BACK_SECONDS * 1000), reason, *held]))
 
     async def cancel(self, job_id: str) -> str | None:
         """Cancel a job (cancel.lua); returns the status it had, None when there is none."""
@@ -441,6 +454,7 @@ class RedisQueue:
             "batches": {b: {_s(x): int(y) for x, y in row.items()}
                         for b, row in zip(batches, batch_rows)},
             "totals": {name: counters.get(name, 0) for name in
-                       ("submitted", "succeeded", "failed", "retrying", "redelivered")},
+                       ("submitted", "succeeded", "failed", "retrying", "redelivered",
+                        "handed_back", "cancelled")},
             "workers": workers,
         }

@@ -3,8 +3,9 @@
 Jobs arrive from the worker as msgpack batches and their outcomes go back the same way.
 A job class whose ``run`` is ``async def`` runs as a task of the loop, many at once; a
 sync ``run`` blocks the loop while it runs, so the worker sends sync jobs only to a process
-that holds no async ones. The Job class is resolved again here, against JOB_MODULES,
-because Redis may have been written by someone other than a master.
+that holds no async ones. The Job class is looked up here among the job modules the
+process loaded at start (``elric.loading``), never imported: Redis may have been written
+by someone other than a master.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from dataclasses import dataclass, field
 
 from elric import codec
 from elric import job as job_module
-from elric.contract import SpecError, resolve_job_class
+from elric.contract import SpecError
+from elric.loading import JobModules, ModuleBroken
 
 log = logging.getLogger("elric.runner")
 
@@ -58,7 +60,7 @@ class Ran:
         return cls(job_id, attempt, False, why, [], now, now)
 
 
-def serve(conn, allowed_modules: tuple[str, ...], worker_pid: int, log_level: str,
+def serve(conn, job_modules: tuple[str, ...], worker_pid: int, log_level: str,
           lag_warn: float, result_max: int) -> None:
     """A pool process's life: run the jobs that arrive on ``conn`` until the worker goes."""
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
@@ -76,7 +78,7 @@ def serve(conn, allowed_modules: tuple[str, ...], worker_pid: int, log_level: st
     except ImportError:
         loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
-    _Runner(conn, loop, tuple(allowed_modules), lag_warn, result_max).run()
+    _Runner(conn, loop, JobModules.load(job_modules), lag_warn, result_max).run()
 
 
 def _exit_with_worker(pid: int) -> None:
@@ -105,9 +107,9 @@ def _on_alarm(signum, frame):
 
 
 class _Runner:
-    def __init__(self, conn, loop: asyncio.AbstractEventLoop, allowed: tuple[str, ...],
+    def __init__(self, conn, loop: asyncio.AbstractEventLoop, modules: JobModules,
                  lag_warn: float, result_max: int) -> None:
-        self.conn, self.loop, self.allowed, self.lag_warn = conn, loop, allowed, lag_warn
+        self.conn, self.loop, self.modules, self.lag_warn = conn, loop, modules, lag_warn
         self.result_max = result_max   # RESULT_MAX_BYTES: what get_job can always send
         self.sync_jobs: deque[dict] = deque()
         self.draining = False
@@ -179,7 +181,7 @@ class _Runner:
     def _start(self, item: dict) -> None:
         out = Ran(item["job_id"], item["attempt"], False, "", started_at=time.time())
         try:
-            cls = resolve_job_class(item["func"], self.allowed)
+            cls = self.modules.job_class(item["func"])
             args = codec.unpack(item["args"]) or []
             kwargs = codec.unpack(item["kwargs"]) or {}
             instance = cls()
@@ -187,6 +189,10 @@ class _Runner:
             instance.dedupe_scope = item.get("dedupe_scope") or None
         except SpecError as exc:
             out.payload, out.final = f"refused: {exc}", True
+            return self._report(out)
+        except ModuleBroken as exc:   # a failed attempt: retried, maybe after a fix
+            log.error("job %s: %s", item["job_id"], exc)
+            out.payload = f"ModuleBroken: {exc}"
             return self._report(out)
         except BaseException as exc:
             return self._report(_failed(out, exc))

@@ -28,9 +28,10 @@ from redis.exceptions import AuthenticationError as RedisAuthenticationError
 from elric import runner
 from elric.config import Settings, SettingsError, redact_url
 from elric.contract import ErrorCode
-from elric.keys import Keys
-from elric.pool import Pool, ProcessDied
 from elric.clock import redis_now
+from elric.keys import Keys
+from elric.loading import JobModules
+from elric.pool import Pool, ProcessDied
 from elric.queue import Claim, Outcome, RedisQueue
 from elric.retry import REDIS_ERRORS, REDIS_REFUSED, Backoff, is_outage, retry
 from elric.rpc import AsyncClient, RemoteError, RPCConnectionError, RPCError
@@ -113,6 +114,11 @@ class Worker:
 
     # --- main loop --------------------------------------------------------------------
     async def run(self) -> int:
+        if not self.settings.JOB_MODULES:
+            raise SettingsError("no job modules: name the modules your Job classes are in, "
+                                "e.g. `elric worker myproject.jobs`, or JOB_MODULES = "
+                                "[\"myproject.jobs\"] in settings.py")
+        self.modules = JobModules.load(self.settings.JOB_MODULES)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
@@ -128,7 +134,7 @@ class Worker:
         s = self.settings
         self.pool = Pool(self.concurrency, async_slots=self.async_slots,
                          sync_batch=self._chunk_size, on_news=self._changed.set,
-                         allowed_modules=s.JOB_MODULES,
+                         job_modules=s.JOB_MODULES,
                          log_level=s.LOG_LEVEL, lag_warn=s.LOOP_LAG_WARN,
                          result_max=s.result_max_bytes)
         await self._register()
@@ -185,6 +191,7 @@ class Worker:
                     backoff.reset()
                     for claim in fetched.claims:
                         claim.held_until = asked + self.lease
+                    fetched.claims = await self._hand_back_others(fetched.claims)
                 except Exception as exc:   # Redis away, or full: wait it out, keep what we hold
                     if not is_outage(exc):
                         raise
@@ -255,6 +262,21 @@ class Worker:
                 break
         kept.extend(self.buffer)
         self.buffer = kept
+
+    async def _hand_back_others(self, claims: list[Claim]) -> list[Claim]:
+        """Give back, without using an attempt, the jobs whose module this worker does not
+        load: they wait a few seconds for a worker that does. Returns the others."""
+        others: dict[str, list[Claim]] = {}
+        for claim in claims:
+            if not self.modules.runs(claim.func):
+                others.setdefault(claim.func.partition(":")[0], []).append(claim)
+        for module, handed in others.items():
+            reason = (f"does not load module {module!r} (it loads "
+                      f"{', '.join(self.modules.names)}): start a worker that does")
+            for claim in handed:
+                log.warning("worker: job %s: %s; handing it back", claim.job_id, reason)
+            await self._retry_redis(self.queue.hand_back, self.worker_id, handed, reason)
+        return [c for c in claims if self.modules.runs(c.func)]
 
     def _held(self, claim: Claim) -> bool:
         """Whether this worker surely still holds the claim's lease. A worker that was paused

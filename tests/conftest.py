@@ -46,6 +46,11 @@ def wait_for(predicate, timeout=20.0, interval=0.02, what="condition"):
         time.sleep(interval)
 
 
+# What the tests' workers load job classes from (and their masters accept)
+TEST_JOB_MODULES = ",".join(("tests.jobs", "tests.jobs_async", "tests.jobs_faults",
+                             "examples.hello", "elric.demo.crawler", "elric.demo.crawler_sync"))
+
+
 class Cluster:
     """Masters and workers as real processes against the test's private Redis."""
 
@@ -57,6 +62,7 @@ class Cluster:
         self.tmp_path = tmp_path
         self.address = f"127.0.0.1:{free_port()}"
         settings.setdefault("LOG_LEVEL", "INFO")
+        settings.setdefault("JOB_MODULES", TEST_JOB_MODULES)
         self.env = elric_env(redis_url, self.address, **settings)
         self.procs = []
         self._client = None

@@ -37,7 +37,7 @@ def test_the_quick_start_crawls_a_site_and_schedules_it(redis_url, tmp_path):
         (tmp_path / name).write_text(code)
     assert any(c.startswith("elric master") for c in commands)
     worker = next(c for c in commands if c.startswith("elric worker"))
-    cluster = Cluster(redis_url, tmp_path)
+    cluster = Cluster(redis_url, tmp_path, JOB_MODULES="")   # as the quick start: none set
     with DemoSite(12) as site:
         try:
             # `elric master &` and `elric worker ...`, started from the folder with jobs.py

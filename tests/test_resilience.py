@@ -642,7 +642,8 @@ def test_redis_password_in_the_url(password_redis, tmp_path):
 @pytest.mark.parametrize("password", ["wrong-pw", None])
 def test_wrong_redis_password_exits_2_with_one_clear_line(password_redis, role, password):
     url = password_redis.url(password)
-    proc = run_elric([role], REDIS_URL=url, MASTER_ADDRESS=f"127.0.0.1:{free_port()}")
+    modules = ["tests.jobs"] if role == "worker" else []
+    proc = run_elric([role, *modules], REDIS_URL=url, MASTER_ADDRESS=f"127.0.0.1:{free_port()}")
     assert proc.returncode == 2, proc.stdout + proc.stderr
     lines_ = proc.stderr.strip().splitlines()
     assert len(lines_) == 1 and proc.stdout == "", proc.stderr
@@ -660,9 +661,9 @@ def test_redis_password_is_not_echoed_in_errors(role, tmp_path):
     assert "pw-Zx81" not in proc.stderr, proc.stderr
 
 
-# --- 11. JOB_MODULES: refused at submit, and by the worker for jobs written into Redis ----
+# --- 11. JOB_MODULES: refused at submit; a worker imports only its own job modules --------
 
-def enqueue_raw(url: str, job_id: str, func: str, args: list) -> None:
+def enqueue_raw(url: str, job_id: str, func: str, args: list, **fields) -> None:
     """Write a job into Redis as elric/lua/enqueue.lua does, bypassing the master."""
     r = redis.Redis.from_url(url)
     try:
@@ -671,7 +672,7 @@ def enqueue_raw(url: str, job_id: str, func: str, args: list) -> None:
         now = int(time.time() * 1000)
         r.hset(KEYS.job(job_id), mapping={
             "status": "queued", "queue": "default", "enqueued_at": now, "member": member,
-            "func": func, "args": msgpack.packb(args)})
+            "func": func, "args": msgpack.packb(args), **fields})
         r.zadd(KEYS.queue("default"), {member: 0})
         r.sadd(KEYS.queues, "default")
         r.lpush(KEYS.wake("default"), "1")
@@ -679,7 +680,8 @@ def enqueue_raw(url: str, job_id: str, func: str, args: list) -> None:
         r.close()
 
 
-def test_job_modules_refuse_at_submit_and_in_the_worker(make_cluster, redis_url, tmp_path):
+def test_job_modules_refuse_at_submit_and_a_worker_never_imports_what_a_job_names(
+        make_cluster, redis_url, tmp_path):
     c = make_cluster(JOB_MODULES="tests.jobs", LEASE_SECONDS=3)
     c.start_master()
     proof = tmp_path / "pwned"
@@ -687,6 +689,7 @@ def test_job_modules_refuse_at_submit_and_in_the_worker(make_cluster, redis_url,
         "os:system": [f"touch {proof}"],
         "subprocess:call": [["touch", str(proof)]],
         "tests.jobs_faults:Touch": [str(proof)],
+        "this:x": [],   # importing `this` prints the Zen of Python: importing runs code
     }
     for func, args in refused.items():
         with pytest.raises(RemoteError) as info:
@@ -697,18 +700,39 @@ def test_job_modules_refuse_at_submit_and_in_the_worker(make_cluster, redis_url,
     assert c.client.get_job("x") is None
     assert c.client.stats()["totals"]["submitted"] == 0
 
+    # written into Redis by someone else: the worker hands them back, unrun, unimported
     for i, (func, args) in enumerate(refused.items()):
         enqueue_raw(redis_url, f"raw{i}", func, args)
     enqueue_raw(redis_url, "raw-ok", "tests.jobs:Add", [1, 2])
-    c.start_worker("--concurrency", "1")
+    worker = c.start_worker("--concurrency", "1")
     assert c.wait_job("raw-ok")["result"] == 3, c.logs()
     for i, func in enumerate(refused):
-        job = c.wait_job(f"raw{i}")
-        assert job["status"] == "failed", job
-        assert "refused" in job["error"] and "not allowed by JOB_MODULES" in job["error"], \
-            job["error"]
-        assert job["attempts"] == 1
+        job = wait_for(lambda: (lambda j: j if j.get("not_run") else None)(
+            c.client.get_job(f"raw{i}")), what=f"raw{i} handed back")
+        assert job["status"] in ("retrying", "queued") and job["attempts"] == 0, job
+        assert f"does not load module {func.split(':')[0]!r}" in job["not_run"], job
+        assert f"job raw{i}: does not load module" in worker.log()
+    assert c.client.stats()["totals"]["handed_back"] >= len(refused)
     assert not proof.exists(), "a refused job ran"
+    assert "Beautiful is better than ugly" not in worker.log(), "a job made it import `this`"
+    assert worker.alive()
+
+
+def test_a_job_module_that_fails_to_import_fails_its_jobs_attempt_by_attempt(
+        make_cluster, redis_url):
+    c = make_cluster(JOB_MODULES="tests.jobs,tests.no_such_jobs", RETRY_BACKOFF=0.05)
+    c.start_master()
+    worker = c.start_worker("--concurrency", "1")
+    assert "cannot import job module tests.no_such_jobs (ModuleNotFoundError" in worker.log()
+    # queued by a master that has the module
+    enqueue_raw(redis_url, "broken", "tests.no_such_jobs:Job", [], max_retries="2")
+    job = c.wait_job("broken")
+    assert (job["status"], job["attempts"]) == ("failed", 3), job
+    assert "ModuleBroken: job module tests.no_such_jobs failed to import on this worker: " \
+           "ModuleNotFoundError" in job["error"], job["error"]
+    assert "ERROR elric.runner" in worker.log() and "job broken: job module" in worker.log()
+    assert c.client.submit_job(Add.spec([1, 2], job_id="fine"))
+    assert c.wait_job("fine")["result"] == 3   # its other job modules run on
 
 
 # --- 12. fenced starts: a worker paused past its lease does not start what it prefetched --

@@ -178,10 +178,14 @@ CASES = {
     # a worker waits for an unreachable Redis or master instead (tests/test_startup.py),
     # but not for a password that Redis refuses
     "worker: wrong Redis password": lambda d, r: (
-        ["worker"], {"REDIS_URL": r.replace("redis://", "redis://nobody:wrong@"),
+        ["worker", "tests.jobs"], {"REDIS_URL": r.replace("redis://", "redis://nobody:wrong@"),
                      "MASTER_ADDRESS": unused_address()},
         f"REDIS_URL {r.replace('redis://', 'redis://nobody:***@')}: cannot connect (invalid "
         "username"),
+    "worker: no job modules": lambda d, r: (
+        ["worker"], {"REDIS_URL": r, "MASTER_ADDRESS": unused_address()},
+        "no job modules: name the modules your Job classes are in, e.g. `elric worker "
+        "myproject.jobs`"),
     "master: a typo in an ELRIC_ variable": lambda d, r: (
         ["master", "--redis-url", r], {"REDIS_ULR": r, "MASTER_ADDRESS": unused_address()},
         "ELRIC_REDIS_ULR: unknown setting in the environment; did you mean ELRIC_REDIS_URL?"),

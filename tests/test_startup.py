@@ -58,7 +58,8 @@ def test_a_folder_named_elric_in_the_current_directory_hides_nothing(redis_url, 
     try:
         for role in ("master", "worker"):
             log = open(tmp_path / f"{role}.log", "wb")
-            procs.append(subprocess.Popen([sys.executable, str(bin_dir / "elric"), role],
+            names = ["greetings"] if role == "worker" else []   # its job module, named
+            procs.append(subprocess.Popen([sys.executable, str(bin_dir / "elric"), role, *names],
                                           cwd=project, env=env, stdout=log,
                                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
             log.close()

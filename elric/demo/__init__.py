@@ -42,10 +42,10 @@ def run_demo(settings_path: str | None = None, pages: int = 25, timeout: float =
         redis_url = redis_server.url
         print(f"started redis-server (pid {redis_server.proc.pid}) on {redis_url}")
     address = f"127.0.0.1:{free_port()}"
-    # JOB_MODULES: the demo runs only its own jobs, whatever a settings.py here allows
+    # JOB_MODULES: the demo's worker loads only its crawler, whatever a settings.py here says
     # LIMITS: a polite crawl, at most 16 pages of one host in flight across the cluster
     env = elric_env(redis_url, address, KEY_PREFIX=f"elric-demo-{os.getpid()}",
-                    LOG_LEVEL="WARNING", JOB_MODULES="elric.demo",
+                    LOG_LEVEL="WARNING", JOB_MODULES=Crawl.__module__,
                     LIMITS='{"*": {"concurrency": 16}}')
     site = DemoSite(pages).start()
     try:
