@@ -24,7 +24,7 @@ from elric.rpc import RemoteError
 from elric.triggers import every
 from examples.crawler import Crawl
 from examples.site import DemoSite
-from tests.conftest import wait_for
+from tests.conftest import TEST_JOB_MODULES, wait_for
 from tests.jobs import Echo, Fail, MarkSleep
 
 PREFIX = "elric"  # the clusters here keep the default KEY_PREFIX
@@ -265,7 +265,8 @@ def test_crawler_fetches_each_page_once_per_scope(make_cluster):
 @pytest.mark.parametrize("override", [None, "redis-bloom"])
 def test_each_fire_gets_its_own_scope(make_cluster, tmp_path, override):
     settings = {"FILTER_SCOPES": f"round={override}"} if override else {}
-    c = make_cluster(**settings)
+    # SpawnSameKey lives in this module: its workers load it too
+    c = make_cluster(JOB_MODULES=f"{TEST_JOB_MODULES},tests.test_dedupe_master", **settings)
     c.start_master()
     c.start_worker("--concurrency", "2")
     path = tmp_path / "ran"

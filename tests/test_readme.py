@@ -44,7 +44,7 @@ def test_the_quick_start_crawls_a_site_and_schedules_it(redis_url, tmp_path):
             from elric.launch import start_master, start_worker
             cluster.procs.append(start_master(cluster.env, str(tmp_path / "master.log"),
                                               cwd=str(tmp_path)))
-            args = shlex.split(worker.rstrip("&"))[2:]
+            args = [a for a in shlex.split(worker, comments=True)[2:] if a != "&"]
             cluster.procs.append(start_worker(cluster.env, str(tmp_path / "worker.log"),
                                               cwd=str(tmp_path), extra=args))
             for line in commands:

@@ -757,8 +757,11 @@ def test_a_worker_paused_past_its_lease_does_not_start_the_jobs_it_prefetched(
         assert second["status"] == "succeeded" and worker_pid(second) == other.pid
     finally:
         os.kill(paused.pid, signal.SIGCONT)
-    wait_for(lambda: "job second lost its lease before it started" in paused.log()
-             or len(marks.read_text().split()) > 1, what="the paused worker to resume")
+    try:
+        wait_for(lambda: "job second lost its lease before it started" in paused.log()
+                 or len(marks.read_text().split()) > 1, what="the paused worker to resume")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{c.logs()}") from None
     assert marks.read_text().split() == ["second"], c.logs()   # it ran once, on `other`
     assert c.wait_job("first")["status"] == "succeeded"
     assert paused.alive(), paused.log()

@@ -178,7 +178,7 @@ CASES = {
     # a worker waits for an unreachable Redis or master instead (tests/test_startup.py),
     # but not for a password that Redis refuses
     "worker: wrong Redis password": lambda d, r: (
-        ["worker", "tests.jobs"], {"REDIS_URL": r.replace("redis://", "redis://nobody:wrong@"),
+        ["worker", "elric.demo.crawler_sync"], {"REDIS_URL": r.replace("redis://", "redis://nobody:wrong@"),
                      "MASTER_ADDRESS": unused_address()},
         f"REDIS_URL {r.replace('redis://', 'redis://nobody:***@')}: cannot connect (invalid "
         "username"),
