@@ -44,6 +44,10 @@ class JobModules:
                           name, modules.broken[name])
         return modules
 
+    def clean(self) -> list[str]:
+        """The modules that imported without an error."""
+        return [n for n in self.names if n not in self.broken]
+
     def runs(self, func: str) -> bool:
         """Whether jobs of ``func`` are this worker's: from a module it loaded (or failed to)."""
         module = func.partition(":")[0]

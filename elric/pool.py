@@ -67,12 +67,15 @@ class _Process:
 
 class Pool(Executor):
     def __init__(self, size: int, *, async_slots: int, sync_batch, on_news=lambda: None,
-                 job_modules=(), log_level: str = "INFO", lag_warn: float = 1.0,
-                 result_max: int = 1024 * 1024) -> None:
+                 job_modules=(), preload=(), log_level: str = "INFO",
+                 lag_warn: float = 1.0, result_max: int = 1024 * 1024) -> None:
         """``sync_batch()``: how many sync jobs a process may hold now; ``on_news()``:
-        called after a process reported, so the caller can place more jobs."""
+        called after a process reported, so the caller can place more jobs; ``preload``:
+        job modules known to import cleanly (a preload that raises kills the fork server)."""
         self.size, self.async_slots, self.sync_batch = size, async_slots, sync_batch
         self._args = (tuple(job_modules), os.getpid(), log_level, lag_warn, result_max)
+        # imported once by the fork server, so each process it forks has them already
+        self._preload = ["elric.runner", *preload]
         self._loop = asyncio.get_running_loop()
         self._empty_dir = tempfile.mkdtemp(prefix="elric-forkserver-")
         self._flush_soon = False
@@ -94,7 +97,7 @@ class Pool(Executor):
             # directory, where a folder named elric/ would stand in for the installed
             # package: it starts in an empty directory that outlives it.
             os.chdir(self._empty_dir)
-            forkserver.set_forkserver_preload(["elric.runner"])
+            forkserver.set_forkserver_preload(self._preload)
             ctx = multiprocessing.get_context("forkserver")
             ours, theirs = ctx.Pipe(duplex=True)
             process = ctx.Process(target=runner.serve, args=(theirs, *self._args),

@@ -134,7 +134,7 @@ class Worker:
         s = self.settings
         self.pool = Pool(self.concurrency, async_slots=self.async_slots,
                          sync_batch=self._chunk_size, on_news=self._changed.set,
-                         job_modules=s.JOB_MODULES,
+                         job_modules=s.JOB_MODULES, preload=self.modules.clean(),
                          log_level=s.LOG_LEVEL, lag_warn=s.LOOP_LAG_WARN,
                          result_max=s.result_max_bytes)
         await self._register()
