@@ -62,6 +62,10 @@ def cmd_call(args: argparse.Namespace) -> int:
     with _client(args) as client:
         if args.command == "ping":
             print(client.ping())
+        elif args.command == "health":
+            health = client.health()
+            _print(health)
+            return 0 if health["ok"] else 1
         elif args.command == "stats":
             _print(client.stats())
         elif args.command == "job":
@@ -117,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     for name, help_text in (("ping", "ask the master for pong"), ("stats", "job statistics"),
+                            ("health", "what the master's tasks do (exit 1 if one is stuck)"),
                             ("job", "show one job"), ("jobs", "list jobs"),
                             ("rerun", "run a finished job again"), ("remove", "remove a job"),
                             ("cancel", "stop a job: it never runs, or stops running")):

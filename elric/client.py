@@ -41,6 +41,10 @@ class MasterClient:
     def remove_job(self, job_id: str) -> bool:
         return self.call("remove_job", job_id)
 
+    def health(self) -> dict:
+        """``{"master_id", "ok", "tasks": {name: {"state", "progress_at", "ok"}}}``."""
+        return self.call("health")
+
     def cancel_job(self, job_id: str) -> dict:
         """``{"job_id", "was", "status"}``: status ``cancelled``, ``cancelling`` (it was
         running: its worker stops it) or, for a finished job, its status, unchanged."""

@@ -37,8 +37,8 @@ STATUSES = tuple(Status)
 
 # --- RPC methods ----------------------------------------------------------------------
 METHODS = (
-    "ping", "auth", "submit_job", "submit_jobs", "get_job", "remove_job", "cancel_job",
-    "list_jobs", "stats", "rerun_job", "pause_job", "resume_job", "modify_job",
+    "ping", "auth", "health", "submit_job", "submit_jobs", "get_job", "remove_job",
+    "cancel_job", "list_jobs", "stats", "rerun_job", "pause_job", "resume_job", "modify_job",
 )
 
 

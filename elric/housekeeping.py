@@ -11,6 +11,7 @@ import asyncio
 import logging
 
 from elric.clock import redis_now
+from elric.health import TaskHealth
 from elric.queue import RedisQueue
 from elric.reservation import DedupeGate
 from elric.retry import REDIS_ERRORS, Backoff
@@ -23,6 +24,7 @@ class Housekeeping:
                  round_ttl: float) -> None:
         self.queue, self.gate, self.redis, self.keys = queue, gate, redis, keys
         self.round_ttl = round_ttl
+        self.health = TaskHealth(stale_after=30)   # a pass at least once a second
 
     async def run(self) -> None:
         """Until cancelled; any error is logged and retried, never the end of the loop."""
@@ -30,15 +32,18 @@ class Housekeeping:
         while True:
             try:
                 await self.pass_once()
+                self.health.progress("redelivering, promoting retries")
                 backoff.reset()
                 due = await self.queue.next_delayed()
                 await asyncio.sleep(min(1.0, due if due is not None else 1.0))
             except REDIS_ERRORS as exc:
                 delay = backoff.next()
+                self.health.trouble(f"Redis unreachable ({exc}); retrying")
                 log.warning("housekeeping: Redis unreachable (%s); retrying in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
-            except Exception:   # a refused write (OOM, MISCONF), a bug: never stop for good
+            except Exception as exc:   # a refused write (OOM, MISCONF), a bug: never stop
                 delay = backoff.next()
+                self.health.trouble(f"failing ({type(exc).__name__}: {exc}); retrying")
                 log.exception("housekeeping failed; retrying in %.1fs", delay)
                 await asyncio.sleep(delay)
 

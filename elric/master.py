@@ -82,6 +82,7 @@ class Master:
         self.keys = Keys(settings.KEY_PREFIX)
         self.master_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self._stop = asyncio.Event()
+        self.exit_code = 0   # 1 when a background task ended by itself
         self.server: Server | None = None
 
     # --- lifecycle --------------------------------------------------------------------
@@ -134,6 +135,8 @@ class Master:
                                 f"({exc.strerror or exc})") from None
         self._housekeeping = asyncio.create_task(self.housekeeping.run())
         self._scheduling = asyncio.create_task(self.scheduler.run())
+        for task in (self._housekeeping, self._scheduling):
+            task.add_done_callback(self._task_ended)
         log.info("master %s listening on %s:%d", self.master_id, *bound[:2])
         return bound
 
@@ -148,7 +151,17 @@ class Master:
             loop.add_signal_handler(sig, self._stop.set)
         await self._stop.wait()
         await self.close()
-        return 0
+        return self.exit_code
+
+    def _task_ended(self, task: asyncio.Task) -> None:
+        """A background task never ends by itself: if one does, the master exits non-zero
+        so that its supervisor starts it again, rather than answer ping and do nothing."""
+        if self._stop.is_set() or task.cancelled():
+            return
+        log.critical("master %s: a background task ended (%r); exiting", self.master_id,
+                     task.exception())
+        self.exit_code = 1
+        self._stop.set()
 
     async def close(self) -> None:
         log.info("master %s stopping", self.master_id)
@@ -176,6 +189,14 @@ class Master:
     @_rpc
     async def ping(self) -> str:
         return "pong"
+
+    @_rpc
+    async def health(self) -> dict:
+        """What each background task is doing and when it last got something done."""
+        tasks = {"scheduler": self.scheduler.health.view(not self._scheduling.done()),
+                 "housekeeping": self.housekeeping.health.view(not self._housekeeping.done())}
+        return {"master_id": self.master_id, "ok": all(t["ok"] for t in tasks.values()),
+                "tasks": tasks}
 
     @_rpc
     async def submit_job(self, spec) -> dict:

@@ -27,6 +27,7 @@ from functools import lru_cache
 from elric import lua
 from elric.clock import RedisClock
 from elric.codec import pack, unpack
+from elric.health import TaskHealth
 from elric.contract import Status
 from elric.jobstore import FINISHED_TTL, Coalesce, Options, Outcome, RedisJobStore, iso
 from elric.queue import Fenced
@@ -115,6 +116,7 @@ class Scheduler:
         self._done.set()  # run() is not running (each run makes fresh events)
         self._lease_wait = lease_seconds / 3  # shorter when the holder's lease runs out sooner
         self.passes = 0  # due-reads so far: a spinning scheduler shows here and in the debug log
+        self.health = TaskHealth(stale_after=2 * lease_seconds + 5)
         self._pending = True  # fires marked but maybe not queued: look on taking the lease
 
     # --- lease ---------------------------------------------------------------------------
@@ -154,7 +156,10 @@ class Scheduler:
                 if not self.is_leader:
                     await self._acquire()
                 await self.clock.sync()   # this machine's clock may have jumped
-            except Exception:  # Redis hiccup: the fence still guards every fire
+                if not self.is_leader:
+                    self.health.progress("following: another master schedules")
+            except Exception as exc:  # Redis hiccup: the fence still guards every fire
+                self.health.trouble(f"lease: {type(exc).__name__}: {exc}; retrying")
                 self.log.exception("scheduler lease: renew/acquire failed")
             await _wait(self._stop, self._lease_wait)
 
@@ -331,11 +336,13 @@ class Scheduler:
                     continue
                 try:
                     _, head = await self._fire_due()
+                    self.health.progress(f"scheduling (fence token {self.token})")
                     delay = head / 1000.0 - self.clock()
                     if delay > 0 and not self._stop.is_set() and self.is_leader:
                         await self._sleep(min(delay, self.lease_seconds / 3))
                     backoff.reset()
-                except Exception:  # Redis away: try again soon, less often while it stays away
+                except Exception as exc:  # Redis away: try again soon, less often meanwhile
+                    self.health.trouble(f"pass: {type(exc).__name__}: {exc}; retrying")
                     self.log.exception("scheduler pass failed")
                     await _wait(self._stop, backoff.next())
         finally:
