@@ -159,9 +159,8 @@ class RedisQueue:
         self._heartbeat = lua.load(redis, "heartbeat", "clock_fn")
         self._remove = lua.load(redis, "remove")
         self._cancel = lua.load(redis, "cancel", "clock_fn")
-        self._hand_back = lua.load(redis, "hand_back", "clock_fn")
         self._statuses = lua.load(redis, "statuses")
-        self._release = lua.load(redis, "release", "requeue_fn")
+        self._release = lua.load(redis, "release", "clock_fn", "requeue_fn")
         self._requeue_due = lua.load(redis, "requeue_due", "clock_fn", "requeue_fn")
         self._rerun = lua.load(redis, "rerun", "clock_fn", "requeue_fn")
 
@@ -229,15 +228,21 @@ class RedisQueue:
                 k.worker(worker_id), k.limits_due, k.status(Status.CANCELLED)]
         return [_s(s) for s in await self._finish(keys=keys, args=argv)]
 
-    async def release(self, worker_id: str, claims: list[tuple[str, int]]) -> int:
+    async def release(self, worker_id: str, claims: list[tuple[str, int]], *,
+                      reason: str | None = None) -> int:
+        """Give back claims (job_id, attempt) without using an attempt: to their place in
+        line at once, or with a ``reason`` (this worker cannot run them) as retrying in
+        HAND_BACK_SECONDS."""
         if not claims:
             return 0
         k = self.keys
-        argv: list[Any] = [*self._line, worker_id]
+        argv: list[Any] = [*self._line, worker_id,
+                           "" if reason is None else int(HAND_BACK_SECONDS * 1000), reason or ""]
         for job_id, attempt in claims:
             argv += [job_id, attempt]
-        return int(await self._release(keys=[k.inflight, k.status(Status.RUNNING), k.seq],
-                                       args=argv))
+        return int(await self._release(
+            keys=[k.inflight, k.status(Status.RUNNING), k.seq, k.delayed,
+                  k.status(Status.RETRYING), k.counters], args=argv))
 
     async def heartbeat(self, worker_id: str, claims: list[Claim],
                         lease_seconds: float) -> Renewed:
@@ -284,16 +289,6 @@ class RedisQueue:
                 raise ValueError(f"job {job_id!r} is running; cancel it (cancel_job) and "
                                  "remove it once it has stopped") from None
             raise
-
-    async def hand_back(self, worker_id: str, claims: list[Claim], reason: str) -> int:
-        """Give back jobs this worker cannot run (hand_back.lua): retrying in
-        HAND_BACK_SECONDS, without using an attempt, with ``reason`` on each."""
-        k = self.keys
-        held = [x for c in claims for x in (c.job_id, c.attempt)]
-        return int(await self._hand_back(
-            keys=[k.inflight, k.status(Status.RUNNING), k.delayed, k.status(Status.RETRYING),
-                  k.counters],
-            args=[k.job(""), worker_id, int(HAND_BACK_SECONDS * 1000), reason, *held]))
 
     async def cancel(self, job_id: str) -> str | None:
         """Cancel a job (cancel.lua); returns the status it had, None when there is none."""

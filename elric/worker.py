@@ -275,7 +275,8 @@ class Worker:
                       f"{', '.join(self.modules.names)}): start a worker that does")
             for claim in handed:
                 log.warning("worker: job %s: %s; handing it back", claim.job_id, reason)
-            await self._retry_redis(self.queue.hand_back, self.worker_id, handed, reason)
+            await self._retry_redis(partial(self.queue.release, reason=reason), self.worker_id,
+                                    [(c.job_id, c.attempt) for c in handed])
         return [c for c in claims if self.modules.runs(c.func)]
 
     def _held(self, claim: Claim) -> bool:
