@@ -26,9 +26,9 @@ import redis.asyncio as aioredis
 from redis.exceptions import AuthenticationError as RedisAuthenticationError
 
 from elric import runner
+from elric.clock import redis_now
 from elric.config import Settings, SettingsError, redact_url
 from elric.contract import ErrorCode
-from elric.clock import redis_now
 from elric.keys import Keys
 from elric.loading import JobModules
 from elric.pool import Pool, ProcessDied
@@ -461,7 +461,7 @@ class Worker:
                 waiting.remove(claim)
                 log.warning("worker: job %s lost its lease before it started (this worker "
                             "was paused or cut off from Redis); not starting it", claim.job_id)
-        self._changed.set()
+                self._changed.set()
 
     def _stop_cancelled(self, job_ids: set[str]) -> None:
         """cancel_job asked to stop these: a waiting one leaves unstarted, a running one
