@@ -30,6 +30,8 @@ def _under(module: str, names: tuple[str, ...]) -> bool:
 class JobModules:
     names: tuple[str, ...]
     broken: dict[str, str] = field(default_factory=dict)   # module -> its import error
+    _classes: dict[str, type] = field(default_factory=dict)   # func -> its class, as found
+    _runs: dict[str, bool] = field(default_factory=dict)      # func -> runs(func)
 
     @classmethod
     def load(cls, names) -> "JobModules":
@@ -50,11 +52,18 @@ class JobModules:
 
     def runs(self, func: str) -> bool:
         """Whether jobs of ``func`` are this worker's: from a module it loaded (or failed to)."""
-        module = func.partition(":")[0]
-        return module in self.broken or (module in sys.modules and _under(module, self.names))
+        known = self._runs.get(func)
+        if known is None:
+            module = func.partition(":")[0]
+            known = self._runs[func] = module in self.broken or (
+                module in sys.modules and _under(module, self.names))
+        return known
 
     def job_class(self, func: str) -> type:
         """The Job class ``func`` names, from a loaded module; never imports."""
+        cls = self._classes.get(func)
+        if cls is not None:
+            return cls
         from elric.job import Job  # a cycle: job.py submits through the contract
 
         module, _, attr = func.partition(":")
@@ -69,4 +78,5 @@ class JobModules:
             obj = getattr(obj, part, None)
         if not (isinstance(obj, type) and issubclass(obj, Job) and obj is not Job):
             raise SpecError(f"func {func!r}: {obj!r} is not a subclass of elric.Job")
+        self._classes[func] = obj
         return obj

@@ -266,9 +266,12 @@ class Worker:
     async def _hand_back_others(self, claims: list[Claim]) -> list[Claim]:
         """Give back, without using an attempt, the jobs whose module this worker does not
         load: they wait a few seconds for a worker that does. Returns the others."""
+        mine: list[Claim] = []
         others: dict[str, list[Claim]] = {}
         for claim in claims:
-            if not self.modules.runs(claim.func):
+            if self.modules.runs(claim.func):
+                mine.append(claim)
+            else:
                 others.setdefault(claim.func.partition(":")[0], []).append(claim)
         for module, handed in others.items():
             reason = (f"does not load module {module!r} (it loads "
@@ -277,7 +280,7 @@ class Worker:
                 log.warning("worker: job %s: %s; handing it back", claim.job_id, reason)
             await self._retry_redis(partial(self.queue.release, reason=reason), self.worker_id,
                                     [(c.job_id, c.attempt) for c in handed])
-        return [c for c in claims if self.modules.runs(c.func)]
+        return mine
 
     def _held(self, claim: Claim) -> bool:
         """Whether this worker surely still holds the claim's lease. A worker that was paused
