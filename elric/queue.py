@@ -244,13 +244,15 @@ class RedisQueue:
             keys=[k.inflight, k.status(Status.RUNNING), k.seq, k.delayed,
                   k.status(Status.RETRYING), k.counters], args=argv))
 
-    async def heartbeat(self, worker_id: str, claims: list[Claim],
-                        lease_seconds: float) -> Renewed:
-        """Renew the leases of ``claims`` and mark the worker seen, on Redis's clock."""
+    async def heartbeat(self, worker_id: str, claims: list[Claim], lease_seconds: float,
+                        processed: int = 0) -> Renewed:
+        """Renew the leases of ``claims`` and mark the worker seen (with its count of jobs
+        processed), on Redis's clock."""
         held = [x for c in claims for x in (c.job_id, c.attempt)]
+        k = self.keys
         lost, cancel = await self._heartbeat(
-            keys=[self.keys.inflight, self.keys.workers],
-            args=[self.keys.job(""), int(lease_seconds * 1000), worker_id, *held])
+            keys=[k.inflight, k.workers, k.worker(worker_id)],
+            args=[k.job(""), int(lease_seconds * 1000), worker_id, processed, *held])
         return Renewed({_s(i) for i in lost}, {_s(i) for i in cancel})
 
     async def recover(self, limit: int = 1000) -> list[str]:

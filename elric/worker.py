@@ -428,11 +428,8 @@ class Worker:
         info = {"host": socket.gethostname(), "pid": os.getpid(), "queues": ",".join(self.queues),
                 "concurrency": self.concurrency, "async_concurrency": self.async_slots,
                 "started_at": int(await redis_now(self.redis) * 1000), "state": "running"}
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(self.keys.worker(self.worker_id), mapping=info)
-            pipe.expire(self.keys.worker(self.worker_id), 86400)
-            await pipe.execute()
-        await self.queue.heartbeat(self.worker_id, [], self.lease)   # seen from now on
+        await self.redis.hset(self.keys.worker(self.worker_id), mapping=info)
+        await self.queue.heartbeat(self.worker_id, [], self.lease)   # seen, and kept a day
 
     async def _heartbeat_loop(self) -> None:
         while True:
@@ -441,16 +438,15 @@ class Worker:
             self._renew_now.clear()
             try:
                 asked, claims = time.monotonic(), self._claims()
-                renewed = await self.queue.heartbeat(self.worker_id, claims, self.lease)
+                renewed = await self.queue.heartbeat(self.worker_id, claims, self.lease,
+                                                     self.processed)
                 for claim in claims:
                     if claim.job_id not in renewed.lost:
                         claim.held_until = asked + self.lease
-                self._drop_lost(renewed.lost)
-                self._stop_cancelled(renewed.cancel)
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    pipe.hset(self.keys.worker(self.worker_id), "processed", self.processed)
-                    pipe.expire(self.keys.worker(self.worker_id), 86400)
-                    await pipe.execute()
+                if renewed.lost:
+                    self._drop_lost(renewed.lost)
+                if renewed.cancel:
+                    self._stop_cancelled(renewed.cancel)
             except Exception as exc:   # never ends: leases are renewed again once Redis can
                 if is_outage(exc):
                     log.warning("worker: heartbeat failed (%s)", exc)
