@@ -6,7 +6,6 @@ gets back; docs/PROTOCOL.md documents it and tests/test_contract.py pins it.
 
 from __future__ import annotations
 
-import importlib
 import os
 import re
 from enum import StrEnum
@@ -97,24 +96,6 @@ def func_path(cls: type) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
 
 
-def _import_attr(path: str) -> Any:
-    module_name, _, attr = path.partition(":")
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise SpecError(f"func {path!r}: cannot import module {module_name!r} ({exc})") from None
-    except Exception as exc:  # a module that raises on import
-        raise SpecError(
-            f"func {path!r}: importing {module_name!r} raised {type(exc).__name__}: {exc}"
-        ) from None
-    for part in attr.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise SpecError(f"func {path!r}: module {module_name!r} has no {attr!r}") from None
-    return obj
-
-
 def check_module_allowed(path: str, allowed: tuple[str, ...] | list[str] | None) -> None:
     """Refuse a func outside the JOB_MODULES prefixes (None or empty: any module)."""
     if not allowed:
@@ -130,21 +111,9 @@ def check_module_allowed(path: str, allowed: tuple[str, ...] | list[str] | None)
     )
 
 
-_class_cache: dict[str, type] = {}
-
-
-def resolve_job_class(path: str, allowed: tuple[str, ...] | list[str] | None = None) -> type:
-    """Import ``path`` and return it if it is a Job subclass, else raise SpecError."""
-    cls = _class_cache.get(path) if isinstance(path, str) else None
-    if cls is not None:
-        check_module_allowed(path, allowed)
-        return cls
-    return _import_job_class(path, allowed)
-
-
-def _import_job_class(path, allowed) -> type:
-    from elric.job import Job  # a cycle: job.py submits through this contract
-
+def check_func(path: Any, allowed: tuple[str, ...] | list[str] | None = None) -> None:
+    """Check the name a job gives its class, without importing anything: the master needs
+    no project code (the worker that loads the module finds the class)."""
     if not isinstance(path, str) or not FUNC_PATH.fullmatch(path):
         raise SpecError(
             f'func {path!r}: expected "package.module:ClassName" naming a Job subclass'
@@ -154,12 +123,7 @@ def _import_job_class(path, allowed) -> type:
             f"func {path!r}: a Job class defined in __main__ cannot be imported by a worker; "
             "move it into a module and import it from there"
         )
-    check_module_allowed(path, allowed)  # before importing: importing runs code
-    obj = _import_attr(path)
-    if not (isinstance(obj, type) and issubclass(obj, Job) and obj is not Job):
-        raise SpecError(f"func {path!r}: {obj!r} is not a subclass of elric.Job")
-    _class_cache[path] = obj
-    return obj
+    check_module_allowed(path, allowed)
 
 
 # A lone surrogate: what the RPC decoder makes of a msgpack string that is not valid
@@ -173,7 +137,7 @@ _PERIODIC_KEYS = ("replace_existing", "misfire_grace_time", "coalesce", "max_ins
 _OPTIONAL_KEYS = ("trigger", *_PERIODIC_KEYS, "dedupe_key", "dedupe_scope", "limit_key",
                   "round")
 MAX_LIMIT_KEY = 200  # characters: a limit key names Redis keys
-# keys whose default is the Job class's attribute, else the settings', else this
+# keys whose default is the settings', else this (Job.spec fills in the class's)
 _DEFAULTS = (("queue", "default"), ("priority", 0), ("max_retries", 0), ("timeout", None))
 
 
@@ -237,32 +201,14 @@ def new_job_id() -> str:
     return os.urandom(16).hex()
 
 
-def _derive(cls: type, func: str, key: str, out: dict) -> None:
-    """Fill ``out[key]`` from the class's ``{key}_for(*args, **kwargs)`` hook, if it gives one."""
-    hook = f"{key}_for"
-    try:
-        derived = getattr(cls, hook)(*out["args"], **out["kwargs"])
-    except Exception as exc:  # e.g. arguments that do not fit the job's signature
-        raise SpecError(f"func {func!r}: {cls.__name__}.{hook}(args, kwargs) raised "
-                        f"{type(exc).__name__}: {exc}") from None
-    if derived is None:
-        return
-    if key == "limit_key" and not isinstance(derived, str):
-        raise SpecError(f"func {func!r}: {cls.__name__}.{hook} must return a string or None, "
-                        f"got {type(derived).__name__}")
-    out[key] = str(derived)
-    if not _is_text(out[key]):
-        raise _not_text(f"func {func!r}: the {key} its {hook} made,", out[key])
-
-
 def normalize_spec(
     spec: Any,
     *,
     defaults: dict | None = None,
     allowed_modules: tuple[str, ...] | list[str] | None = None,
-    check_class: bool = True,
 ) -> dict:
-    """Validate a submitted spec and fill in defaults (class attributes, then settings).
+    """Validate a submitted spec and fill in defaults (the settings'). The class's own
+    defaults and hooks were applied by ``Job.spec`` where the class lives.
 
     Returns a new dict with every job key present. Raises SpecError naming the bad key.
     """
@@ -288,15 +234,13 @@ def normalize_spec(
         key = next(k for k in _PERIODIC_KEYS if k in spec)
         raise SpecError(f"job spec key {key!r} is for periodic jobs: give a 'trigger' "
                         "too, or leave it out")
-    cls = resolve_job_class(spec["func"], allowed_modules) if check_class else None
+    check_func(spec["func"], allowed_modules)
     out = {"func": spec["func"], "args": list(spec.get("args", ())),
            "kwargs": dict(spec.get("kwargs", {})), "job_id": spec.get("job_id") or new_job_id(),
            "batch": spec.get("batch", ""), "parent": spec.get("parent", "")}
-    # each default comes from the spec, else the class, else the settings
+    # each default comes from the spec (Job.spec puts the class's there), else the settings
     for key, fallback in _DEFAULTS:
         value = spec.get(key)
-        if value is None and cls is not None:
-            value = getattr(cls, key, None)
         if value is None and defaults:
             value = defaults.get(key)
         out[key] = fallback if value is None else value
@@ -316,10 +260,6 @@ def normalize_spec(
         _check_msgpack_value(out["kwargs"], "kwargs")
     if out["args"]:
         _check_msgpack_value(out["args"], "args")
-    if cls is not None:
-        for key in ("dedupe_key", "limit_key"):
-            if key not in out:
-                _derive(cls, spec["func"], key, out)
     if out.get("limit_key") is not None and not 0 < len(out["limit_key"]) <= MAX_LIMIT_KEY:
         raise SpecError(f"limit_key {out['limit_key']!r}: 1-{MAX_LIMIT_KEY} characters, or "
                         "leave it out for no limit")

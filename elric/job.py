@@ -27,6 +27,9 @@ class _RunContext:
 _current: ContextVar[_RunContext | None] = ContextVar("elric_current_job", default=None)
 
 
+_CLASS_DEFAULTS = ("queue", "priority", "max_retries", "timeout")
+
+
 def _child_job_id(parent_id: str, n: int) -> str:
     # Deterministic, so a parent that runs again after a crash resubmits the same ids and
     # the master's idempotent submit does not double its children.
@@ -76,7 +79,32 @@ class Job:
             raise SpecError(f"{path}: a Job class must be defined at module level")
         if "func" in options:
             raise SpecError("submit_with() takes no 'func': it is the class itself")
-        return {"func": path, "args": list(args), "kwargs": dict(kwargs or {}), **options}
+        spec = {"func": path, "args": list(args), "kwargs": dict(kwargs or {})}
+        # The class's defaults and hooks are applied here, where the class is: a master
+        # checks names only and never imports project code.
+        for key in _CLASS_DEFAULTS:
+            if getattr(cls, key) is not None:
+                spec[key] = getattr(cls, key)
+        for key in ("dedupe_key", "limit_key"):
+            if key not in options:
+                derived = cls._derive(key, spec["args"], spec["kwargs"])
+                if derived is not None:
+                    spec[key] = derived
+        spec.update(options)
+        return spec
+
+    @classmethod
+    def _derive(cls, key: str, args: list, kwargs: dict) -> str | None:
+        hook = f"{key}_for"
+        try:
+            derived = getattr(cls, hook)(*args, **kwargs)
+        except Exception as exc:  # e.g. arguments that do not fit the job's signature
+            raise SpecError(f"{cls.__name__}.{hook}(args, kwargs) raised "
+                            f"{type(exc).__name__}: {exc}") from None
+        if derived is not None and key == "limit_key" and not isinstance(derived, str):
+            raise SpecError(f"{cls.__name__}.{hook} must return a string or None, "
+                            f"got {type(derived).__name__}")
+        return None if derived is None else str(derived)
 
     @classmethod
     def submit(cls, *args: Any, **kwargs: Any) -> str:

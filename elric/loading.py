@@ -76,6 +76,8 @@ class JobModules:
         obj = sys.modules[module]
         for part in attr.split("."):
             obj = getattr(obj, part, None)
+        if obj is None:
+            raise SpecError(f"func {func!r}: module {module!r} has no {attr!r}")
         if not (isinstance(obj, type) and issubclass(obj, Job) and obj is not Job):
             raise SpecError(f"func {func!r}: {obj!r} is not a subclass of elric.Job")
         self._classes[func] = obj

@@ -120,7 +120,7 @@ class Master:
                                    self.admission.enqueue_fires, master_id=self.master_id,
                                    lease_seconds=s.SCHEDULER_LEASE, clock=clock)
         if not s.JOB_MODULES:
-            log.warning("JOB_MODULES is empty: jobs may name a class in any importable module; "
+            log.warning("JOB_MODULES is empty: the master accepts jobs naming any module; "
                         "name the modules your jobs are in, e.g. JOB_MODULES = "
                         "[\"myproject.jobs\"] in settings.py")
         host, port = parse_address(self.address, "MASTER_ADDRESS")

@@ -187,7 +187,8 @@ class _Runner:
             instance = cls()
             instance.job_id, instance.attempt = item["job_id"], item["attempt"]
             instance.dedupe_scope = item.get("dedupe_scope") or None
-        except SpecError as exc:
+        except SpecError as exc:   # no such Job class in a loaded module: no retry helps
+            log.error("job %s: %s", item["job_id"], exc)
             out.payload, out.final = f"refused: {exc}", True
             return self._report(out)
         except ModuleBroken as exc:   # a failed attempt: retried, maybe after a fix

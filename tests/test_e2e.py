@@ -249,13 +249,9 @@ BAD_REQUESTS = [
     (("submit_job", {"func": "tests.jobs:Add", "args": [1, 2], "priority": "high"}),
      "job spec key 'priority' must be integer, got string"),
     (("submit_job", {"args": [1, 2]}), "job spec is missing 'func'"),
-    (("submit_job", {"func": "tests.jobs.nowhere:Add"}),
-     "cannot import module 'tests.jobs.nowhere'"),
     (("submit_job", {"func": "tests.nowhere:Add"}),
      "module 'tests.nowhere' is not allowed by JOB_MODULES"),
-    (("submit_job", {"func": "tests.jobs:Nope"}), "module 'tests.jobs' has no 'Nope'"),
     (("submit_job", {"func": "tests.jobs.Add"}), '"package.module:ClassName"'),
-    (("submit_job", {"func": "tests.jobs:NotAJob"}), "is not a subclass of elric.Job"),
     (("submit_job", {"func": "os:system", "args": ["touch /tmp/elric-pwned"]}),
      "module 'os' is not allowed by JOB_MODULES"),
     (("submit_job", {"func": "__main__:Local"}), "defined in __main__ cannot be imported"),
@@ -270,8 +266,6 @@ BAD_REQUESTS = [
     (("submit_job", {"func": "tests.jobs:Echo", "queue": "no spaces"}), "queue 'no spaces'"),
     (("submit_job", {"func": "tests.jobs:Echo", "timeout": 0}), "timeout 0"),
     (("submit_job", {"func": "tests.jobs:Echo", "timeout": float("nan")}), "timeout nan"),
-    (("submit_job", {"func": "elric.demo.crawler:Crawl", "args": []}),
-     "Crawl.dedupe_key_for(args, kwargs) raised TypeError"),
     (("submit_jobs", [Echo.spec([1], job_id="ok-0"), {"func": "tests.jobs:Add", "oops": 1},
                       Echo.spec([2], job_id="ok-2")]), "spec 1: unknown job spec key(s) 'oops'"),
     (("submit_jobs", [Echo.spec([1], job_id="dup"), Echo.spec([2], job_id="dup")]),
@@ -346,7 +340,7 @@ LEGACY_SUBMIT = SCRIPT_PRELUDE + textwrap.dedent("""
                                                      "job_id": "legacy-1",
                                                      "priority": 3}))}
     try:
-        client.call("submit_job", {"func": "tests.jobs:NotAJob"})
+        client.call("submit_job", {"func": "os:system"})
     except msgpackrpc.error.RPCError as exc:
         out["refused"] = norm(exc.args[0])
     client.close()
@@ -362,7 +356,7 @@ def test_legacy_msgpack_rpc_python_client_round_trip(cluster, tmp_path):
     assert out["ping"] == "pong"
     assert out["submit"] == {"job_id": "legacy-1", "status": "queued"}
     assert out["refused"]["code"] == "bad_request"
-    assert "is not a subclass of elric.Job" in out["refused"]["message"]
+    assert "module 'os' is not allowed by JOB_MODULES" in out["refused"]["message"]
     job = cluster.wait_job("legacy-1")
     assert job["status"] == "succeeded", cluster.logs()
     assert job["result"] == {"args": ["legacy", 7], "kwargs": {"k": "v"}}

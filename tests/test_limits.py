@@ -98,7 +98,7 @@ def test_limits_from_the_environment_are_json():
 
 
 def test_a_limit_key_must_be_a_non_empty_string():
-    base = {"func": "tests.jobs_async:AsyncHostPage", "args": ["h", 1]}
+    base = AsyncHostPage.spec(["h", 1])
     assert normalize_spec(base)["limit_key"] == "h"   # from limit_key_for
     assert normalize_spec({**base, "limit_key": "other"})["limit_key"] == "other"
     with pytest.raises(SpecError, match="limit_key.*must be string"):
@@ -106,7 +106,7 @@ def test_a_limit_key_must_be_a_non_empty_string():
     with pytest.raises(SpecError, match="limit_key '': 1-200 characters"):
         normalize_spec({**base, "limit_key": ""})
     with pytest.raises(SpecError, match="limit_key_for must return a string"):
-        normalize_spec({**base, "args": [7, 1]})
+        AsyncHostPage.spec([7, 1])
 
 
 def test_parked_jobs_going_back_to_another_workers_queue_wake_that_worker(redis_url):

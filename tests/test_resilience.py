@@ -735,6 +735,55 @@ def test_a_job_module_that_fails_to_import_fails_its_jobs_attempt_by_attempt(
     assert c.wait_job("fine")["result"] == 3   # its other job modules run on
 
 
+SHOP_JOBS = """
+from elric import Job
+
+
+class Ship(Job):
+    queue = "ships"
+    max_retries = 1
+
+    @classmethod
+    def dedupe_key_for(cls, order):
+        return f"order-{order}"
+
+    def run(self, order):
+        return f"shipped {order}"
+"""
+
+
+def test_the_master_checks_job_names_and_needs_no_project_code(make_cluster, tmp_path,
+                                                                monkeypatch):
+    """Project code lives with the workers and the submitting script; the master has only
+    the names in JOB_MODULES. It used to import a job's module at submit and refuse it."""
+    project = tmp_path / "project"
+    (project / "shop").mkdir(parents=True)
+    (project / "shop" / "__init__.py").write_text("")
+    (project / "shop" / "jobs.py").write_text(SHOP_JOBS)
+    c = make_cluster(JOB_MODULES="shop.jobs")
+    master = c.start_master()      # its sys.path has no `shop`
+    c.env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(project),
+                                                        c.env.get("PYTHONPATH"))))
+    worker = c.start_worker("--concurrency", "1", "--queues", "ships")
+    monkeypatch.syspath_prepend(str(project))   # the submitting script has the project
+    from shop.jobs import Ship
+
+    assert c.client.submit_job(Ship.spec(["o-1"], job_id="ship-1"))["status"] == "queued"
+    assert c.client.submit_job(Ship.spec(["o-1"], job_id="ship-again"))["status"] == "filtered"
+    job = c.wait_job("ship-1")
+    assert (job["status"], job["result"], job["queue"]) == ("succeeded", "shipped o-1",
+                                                           "ships"), c.logs()
+    assert job["max_retries"] == 1      # the class's default, sent by Job.spec
+    # a name the master cannot check further: the worker that loads the module refuses it
+    c.client.submit_job({"func": "shop.jobs:Nope", "job_id": "nope", "queue": "ships",
+                         "max_retries": 3})
+    nope = c.wait_job("nope")
+    assert (nope["status"], nope["attempts"]) == ("failed", 1), nope
+    assert "refused: func 'shop.jobs:Nope': module 'shop.jobs' has no 'Nope'" in nope["error"]
+    assert "job nope: func 'shop.jobs:Nope'" in worker.log()
+    assert "No module named 'shop'" not in master.log() and master.alive()
+
+
 # --- 12. fenced starts: a worker paused past its lease does not start what it prefetched --
 
 def test_a_worker_paused_past_its_lease_does_not_start_the_jobs_it_prefetched(
