@@ -31,7 +31,7 @@ from elric.health import TaskHealth
 from elric.contract import Status
 from elric.jobstore import FINISHED_TTL, Coalesce, Options, Outcome, RedisJobStore, iso
 from elric.queue import Fenced
-from elric.retry import Backoff
+from elric.retry import Backoff, is_outage
 from elric.triggers import build_trigger, next_fire
 
 CATCHUP_LIMIT = 1000        # fires of one job handled per pass when catching up a backlog
@@ -160,8 +160,15 @@ class Scheduler:
                     self.health.progress("following: another master schedules")
             except Exception as exc:  # Redis hiccup: the fence still guards every fire
                 self.health.trouble(f"lease: {type(exc).__name__}: {exc}; retrying")
-                self.log.exception("scheduler lease: renew/acquire failed")
+                self._log_failure("scheduler lease: renew/acquire failed", exc)
             await _wait(self._stop, self._lease_wait)
+
+    def _log_failure(self, what: str, exc: Exception) -> None:
+        # Redis away or refusing writes is expected weather: one line; anything else a bug
+        if is_outage(exc):
+            self.log.warning("%s: %s: %s; retrying", what, type(exc).__name__, exc)
+        else:
+            self.log.exception(what)
 
     # --- firing --------------------------------------------------------------------------
     async def tick(self) -> int:
@@ -343,7 +350,7 @@ class Scheduler:
                     backoff.reset()
                 except Exception as exc:  # Redis away: try again soon, less often meanwhile
                     self.health.trouble(f"pass: {type(exc).__name__}: {exc}; retrying")
-                    self.log.exception("scheduler pass failed")
+                    self._log_failure("scheduler pass failed", exc)
                     await _wait(self._stop, backoff.next())
         finally:
             lease_task.cancel()

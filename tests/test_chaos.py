@@ -1,0 +1,60 @@
+"""The fault run (bench/chaos.py): its short form under CI, and its checker on a history
+made by hand, so a checker that misses a lost job or a doubled fire fails here."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import redis
+
+from bench.chaos import Report, check
+from elric.codec import pack
+from elric.keys import Keys
+from elric.scheduler import fire_id
+from tests.conftest import ROOT
+
+KEYS = Keys("elric")
+
+
+def test_the_checker_finds_lost_jobs_lost_fires_and_doubled_fires(redis_url, tmp_path):
+    r = redis.Redis.from_url(redis_url)
+    start = 1_800_000_000.0   # tick1 fires every second from here, tick3 every 3 s
+    starts = {"tick1": start, "tick3": start}
+    for job_id in ("j1", "j2", fire_id("tick1", start), fire_id("tick1", start + 2),
+                   fire_id("tick3", start), fire_id("tick3", start + 3),
+                   fire_id("tick3", start + 4)):   # start + 4 is off tick3's grid
+        r.hset(KEYS.job(job_id), "status", "succeeded")
+    r.hset(KEYS.job("j3"), "status", "running")   # never ends: lost
+    # tick1 at start + 1 has no job, but its schedule recorded it as missed: not lost
+    r.rpush(KEYS.schedule_runs("tick1"), pack({"job_id": fire_id("tick1", start + 1),
+                                               "outcome": "missed"}))
+    run_log = tmp_path / "runs.log"
+    run_log.write_text("start j1 1 10\nend j1 1 10\nstart j1 2 11\nend j1 2 11\n"
+                       "start j2 1 10\nend j2 1 10\n")
+    report = Report(1, {})
+    check(r, KEYS, report, ["j1", "j2", "j3", "j4"], starts, start + 3.5, str(run_log),
+          drain=0)
+    assert (report.accepted, report.ended, report.failed) == (4, 2, 0)
+    assert report.lost_jobs == ["j3", "j4"]
+    assert (report.fires_due, report.fires_queued, report.fires_not_run) == (6, 4, 1)
+    assert report.lost_fires == [fire_id("tick1", start + 3)]
+    assert report.doubled_fires == [fire_id("tick3", start + 4)]
+    assert report.run_twice == 1
+    assert not report.passed and report.table().endswith("result: FAIL")
+    r.close()
+
+
+def test_a_short_fault_run_loses_nothing_and_doubles_no_fire(tmp_path):
+    """60 s of faults against real masters, workers and Redis (the README runs it for ten
+    minutes)."""
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "chaos.py"), "--seconds", "60",
+         "--keep", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=400,
+        stdin=subprocess.DEVNULL)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "result: PASS" in out, out
+    assert "lost job" not in out and "doubled fire:" not in out, out
+    faults = out.split("s of faults: ")[1].splitlines()[0]
+    assert faults != "none", out
