@@ -281,6 +281,7 @@ class Report:
     run_twice: int = 0
     restarts: int = 0
     unasked_exits: list = field(default_factory=list)
+    errors: collections.Counter = field(default_factory=collections.Counter)
     load_error: str = ""
 
     @property
@@ -300,12 +301,14 @@ class Report:
             ("  doubled", len(self.doubled_fires)),
             ("jobs run more than once", f"{self.run_twice} (after a kill, pause or outage)"),
             ("process restarts", self.restarts),
+            ("ERROR lines in the logs", sum(self.errors.values())),
         ]
         lines = [f"fault run: {self.seconds:.0f} s of faults: {faults or 'none'}"]
-        lines += [f"| {name:<32} | {value!s:>28} |" for name, value in rows]
+        lines += [f"| {name:<30} | {value!s:>34} |" for name, value in rows]
         for what, ids in (("lost job", self.lost_jobs), ("lost fire", self.lost_fires),
                           ("doubled fire", self.doubled_fires)):
             lines += [f"{what}: {i}" for i in ids[:20]]
+        lines += [f"{n} x {text}" for text, n in self.errors.most_common(5)]
         if self.unasked_exits:
             lines.append(f"exits the nemesis did not cause: {self.unasked_exits}")
         if self.load_error:
@@ -445,6 +448,11 @@ def run(seconds: float, seed: int, drain: float, workdir: str) -> Report:
     # the nemesis only SIGKILLs; any other exit is a process giving up (then restarted)
     report.unasked_exits = [(s.name, code) for s in slots for code in s.exits
                             if code != -signal.SIGKILL]
+    for slot in slots:   # shown, not judged: an ERROR line is a bug or a fault's trace
+        with open(slot.log_path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if " ERROR " in line:
+                    report.errors[line.split(" ERROR ", 1)[1].strip()[:100]] += 1
     return report
 
 

@@ -214,7 +214,10 @@ class Worker:
     async def _wait(self, timeout: float, wake: bool = False) -> None:
         """Until something changed (a job finished, stop), a wake token, or timeout."""
         if self._wake_task is not None and self._wake_task.done():
-            # a wait from before the last fetch took a token meanwhile: that was a wake
+            # a wait from before the last fetch took a token meanwhile: that was a wake (or
+            # Redis went away: the next fetch finds out, so the error is only taken here)
+            if not self._wake_task.cancelled():
+                self._wake_task.exception()
             self._wake_task = None
             return
         waiters = [asyncio.ensure_future(self._changed.wait())]
@@ -249,15 +252,13 @@ class Worker:
         while self.buffer:
             claim = self.buffer.popleft()
             how = self.pool.how(claim)
-            if not self._held(claim):
-                kept.append(claim)
-            elif how not in full:
+            if self._held(claim) and how not in full:
                 try:
                     self._send(claim)
                     continue
                 except LookupError:   # no process has room for this kind now
                     full.add(how)
-            kept.append(claim)
+            kept.append(claim)   # its lease is being checked, or no process has room
             if len(full) == 3:   # (async, alone) is never asked for
                 break
         kept.extend(self.buffer)

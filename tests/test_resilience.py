@@ -7,6 +7,7 @@ ELRICTEST_REDIS_OUTAGE seconds (default 5; the issue's scenario is 30).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -817,3 +818,34 @@ def test_a_worker_paused_past_its_lease_does_not_start_the_jobs_it_prefetched(
     assert marks.read_text().split() == ["second"], c.logs()   # it ran once, on `other`
     assert c.wait_job("first")["status"] == "succeeded"
     assert paused.alive(), paused.log()
+
+
+def test_a_claim_waiting_for_its_lease_check_stays_in_the_buffer_once(redis_url):
+    """A buffered claim whose lease is not surely held waits for the heartbeat's answer.
+    Each pass of the loop used to add it to the buffer again (1, 2, 4, 8 copies while
+    Redis was away), and once renewed every copy was started."""
+    from elric.config import load_settings
+    from elric.pool import Pool
+    from elric.queue import Claim
+    from elric.worker import Worker
+
+    def claim(job_id: str, held_until: float) -> Claim:
+        return Claim(job_id, 1, "tests.jobs:Add", msgpack.packb([1, 2]), msgpack.packb({}),
+                     None, 0, "default", None, held_until=held_until)
+
+    async def main():
+        w = Worker(load_settings(env={"ELRIC_REDIS_URL": redis_url,
+                                      "ELRIC_JOB_MODULES": "tests.jobs"}))
+        w.pool = Pool(1, async_slots=1, sync_batch=lambda: 1, job_modules=["tests.jobs"])
+        try:
+            w.pool.kinds["tests.jobs:Add"] = False
+            waiting, held = claim("waiting", 0.0), claim("held", time.monotonic() + 60)
+            w.buffer.extend([waiting, held])
+            for _ in range(4):
+                w._dispatch()
+            assert list(w.buffer) == [waiting], w.buffer
+            assert w._renew_now.is_set()    # the heartbeat is asked to check it now
+            assert [c.job_id for c in w.pool.claims()] == ["held"]
+        finally:
+            w.pool.shutdown(wait=True, cancel_futures=True)
+    asyncio.run(main())
