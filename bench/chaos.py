@@ -282,6 +282,7 @@ class Report:
     restarts: int = 0
     unasked_exits: list = field(default_factory=list)
     errors: collections.Counter = field(default_factory=collections.Counter)
+    details: dict = field(default_factory=dict)   # lost job id -> its hash in Redis
     load_error: str = ""
 
     @property
@@ -307,7 +308,7 @@ class Report:
         lines += [f"| {name:<30} | {value!s:>34} |" for name, value in rows]
         for what, ids in (("lost job", self.lost_jobs), ("lost fire", self.lost_fires),
                           ("doubled fire", self.doubled_fires)):
-            lines += [f"{what}: {i}" for i in ids[:20]]
+            lines += [f"{what}: {i} {self.details.get(i, '')}" for i in ids[:20]]
         lines += [f"{n} x {text}" for text, n in self.errors.most_common(5)]
         if self.unasked_exits:
             lines.append(f"exits the nemesis did not cause: {self.unasked_exits}")
@@ -360,6 +361,10 @@ def check(r: redis.Redis, keys: Keys, report: Report, accepted: list[str],
     report.ended = sum(status.get(i) in ENDED for i in accepted)
     report.failed = sum(status.get(i) == b"failed" for i in everything)
     report.lost_jobs = [i for i in accepted if status.get(i) not in ENDED]
+    for job_id in report.lost_jobs[:5]:   # what Redis says of them, for whoever looks into it
+        fields = r.hgetall(keys.job(job_id))
+        report.details[job_id] = {k.decode(): v.decode(errors="replace") for k, v in
+                                  fields.items() if k not in (b"args", b"kwargs", b"result")}
     report.fires_due = len(due)
     report.fires_queued = sum(status.get(i) is not None for i in due)
     report.fires_not_run = len(not_run & due.keys())

@@ -23,7 +23,7 @@ class Logged(Job):
     max_retries = 20   # SIGKILLs and pauses cost attempts; the run is about losing jobs
 
     def run(self, seconds: float = 0.0):
-        _log(f"start {self.job_id} {self.attempt} {os.getpid()}")
+        _log(f"start {self.job_id} {self.attempt} {os.getpid()} {time.time():.3f}")
         time.sleep(seconds)
-        _log(f"end {self.job_id} {self.attempt} {os.getpid()}")
+        _log(f"end {self.job_id} {self.attempt} {os.getpid()} {time.time():.3f}")
         return self.attempt

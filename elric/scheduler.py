@@ -264,7 +264,10 @@ class Scheduler:
         """Plan, mark and enqueue the fires of ``rows`` (job_id, hash fields, its recent fires
         with their statuses); returns (fires enqueued, index head score in ms)."""
         keys = [*self._lease_keys, self.keys.schedules, self.keys.fires_pending]
-        argv: list = [self.master_id, self.token, self.store.runs_kept, FINISHED_TTL, len(rows)]
+        token = self.token   # the lease may be lost while this pass awaits Redis
+        if token is None:
+            return 0, math.inf
+        argv: list = [self.master_id, token, self.store.runs_kept, FINISHED_TTL, len(rows)]
         specs: dict[str, dict] = {}
         for job_id, row, statuses in rows:
             job_id = job_id.decode()
@@ -285,14 +288,17 @@ class Scheduler:
             self._step_down("fence moved on: another master holds the lease")
             return 0, math.inf
         head, accepted = _score(result[1]), [specs[f.decode()] for f in result[2:]]
-        return await self._queue_fires(accepted), head
+        return await self._queue_fires(accepted, token=token), head
 
-    async def _queue_fires(self, fires: list[dict], recovered: bool = False) -> int:
-        """Queue marked fires; those not queued stay pending for the next try."""
-        if not fires:
+    async def _queue_fires(self, fires: list[dict], recovered: bool = False,
+                           token: int | None = None) -> int:
+        """Queue marked fires under the fence ``token`` they were marked with (default: the
+        current one); those not queued stay pending for the next try, or the next leader."""
+        token = self.token if token is None else token
+        if not fires or token is None:
             return 0
         try:
-            queued = await self.enqueue(fires, self.token, recovered=recovered)
+            queued = await self.enqueue(fires, token, recovered=recovered)
         except Fenced:
             self._step_down("enqueue refused the fence token")
             return 0

@@ -427,6 +427,29 @@ def test_fence_moving_between_script_and_enqueue_refuses_the_enqueue(redis_url):
     run(redis_url, body)
 
 
+def test_a_lease_lost_while_a_pass_reads_what_is_due_ends_the_pass_quietly(redis_url):
+    """The lease task steps down (token None) while the pass awaits Redis: the pass used
+    to send the None token to Redis and fail with a DataError traceback (found by
+    bench/chaos.py). The next leader fires the job."""
+    async def body(env):
+        a, rec_b = env.sched, Recorder(env.r, env.keys)
+        b = env.scheduler("m2", rec_b)
+        await env.store.add(spec())
+        await a.tick()
+        env.clock.t = T0 + 60
+        due = a._due_s
+
+        async def due_then_lose_the_lease(**kw):
+            reply = await due(**kw)
+            a._step_down("lease lost while reading what is due")
+            await env.r.delete(env.keys.scheduler_lease)
+            return reply
+        a._due_s = due_then_lose_the_lease
+        assert await a.tick() == 0 and env.rec.specs == []
+        assert await b.tick() == 1 and rec_b.times == [T0 + 60]
+    run(redis_url, body)
+
+
 def test_fires_a_failed_enqueue_left_marked_are_queued_by_the_next_pass(redis_url):
     """Redis gone past the enqueue's retries used to lose the marked fires for good."""
     from redis.exceptions import ConnectionError as RedisConnectionError
