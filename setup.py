@@ -17,6 +17,7 @@ setup(
         "pybloom-live>=4.0,<5",
         "numpy>=1.24",   # redis-bloom: hashing and bit offsets of a batch at once
         "xxhash>=3",     # redis-bloom: one xxh3-128 hash per key
+        "rich>=13",      # the elric command's tables and progress
     ],
     extras_require={
         # the example crawler: async HTTP, and a faster event loop for async jobs

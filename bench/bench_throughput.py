@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"   drain (extra)    {args.jobs:>7} pre-queued jobs, worker only:    "
                   f"{(args.jobs - 1) / (last - first):>9,.0f} jobs/s  "
                   f"(first to last success, {last - first:.2f}s)")
-        wait_until(lambda: any(w.get("pid") == str(worker.pid) and w.get("state") == "running"
+        wait_until(lambda: any(w.get("pid") == worker.pid and w.get("state") == "running"
                                for w in client.stats()["workers"]),
                    args.timeout, "the worker registered")
         time.sleep(0.2)

@@ -1,4 +1,7 @@
-"""The ``elric`` command: master, worker, demo, and a few operator calls."""
+"""The ``elric`` command: master, worker, demo, and the operator's calls to a master.
+
+Exit status: 0 ok, 1 not found or failed, 2 usage or settings, 3 unavailable (the master or
+its Redis cannot be reached: try again)."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import logging
 import os
 import sys
 
+from elric import views
 from elric.config import SettingsError, load_settings
 
 
@@ -58,33 +62,112 @@ def _print(value) -> None:
     print(json.dumps(value, indent=2, sort_keys=True, default=str))
 
 
+class NotFound(Exception):
+    """What a command was asked about does not exist: exit status 1."""
+
+
+def _argument(text: str):
+    """A command-line job argument: JSON when it parses (7, true, [1], {"a": 1}), else text."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _wait(client, job_id: str, timeout: float | None) -> dict:
+    """Wait for the job to end, with a spinner saying where it is."""
+    from rich.status import Status
+
+    from elric.handle import wait
+
+    with Status(f"job {job_id}: queued", console=views.console) as spinner:
+        try:
+            return wait(client, job_id, timeout, on_status=lambda job: spinner.update(
+                f"job {job_id}: {job['status']} (attempt {job.get('attempts', 0)})"))
+        except LookupError as exc:
+            raise NotFound(str(exc)) from None
+
+
+def _one_job(client, job_id: str) -> dict:
+    job = client.get_job(job_id)
+    if job is None:
+        raise NotFound(f"no job {job_id!r}")
+    return job
+
+
 def cmd_call(args: argparse.Namespace) -> int:
+    """The commands that ask a master: one RPC call (or a few), shown as a table, or as the
+    reply itself with --json."""
+    show = _print if args.json else None
     with _client(args) as client:
-        if args.command == "ping":
+        command = args.command
+        if command == "ping":
             print(client.ping())
-        elif args.command == "health":
+        elif command == "health":
             health = client.health()
-            _print(health)
+            (show or views.health)(health)
             return 0 if health["ok"] else 1
-        elif args.command == "stats":
+        elif command == "stats":
             _print(client.stats())
-        elif args.command == "job":
-            job = client.get_job(args.job_id)
-            if job is None:
-                print(f"no job {args.job_id!r}", file=sys.stderr)
-                return 1
-            _print(job)
-        elif args.command == "jobs":
-            _print(client.list_jobs(**{k: v for k, v in (("status", args.status),
-                                                         ("queue", args.queue),
-                                                         ("limit", args.limit)) if v}))
-        elif args.command == "rerun":
-            _print(client.rerun_job(args.job_id))
-        elif args.command == "remove":
-            _print(client.remove_job(args.job_id))
-        elif args.command == "cancel":
-            _print(client.cancel_job(args.job_id))
+        elif command == "status":
+            stats, health = client.stats(), client.health()
+            if show:
+                show({"stats": stats, "health": health})
+            else:
+                views.status(stats, health)
+            return 0 if health["ok"] else 1
+        elif command == "workers":
+            (show or views.workers)(client.stats()["workers"])
+        elif command == "job":
+            (show or views.job)(_one_job(client, args.job_id))
+        elif command == "jobs":
+            query = {k: v for k, v in (("status", args.status), ("queue", args.queue),
+                                       ("func", args.by_func), ("batch", args.batch),
+                                       ("offset", args.offset), ("limit", args.limit)) if v}
+            (show or views.jobs)(client.list_jobs(**query))
+        elif command == "schedules":
+            return _schedules(client, args, show)
+        elif command == "submit":
+            spec = {"func": args.func_path, "args": [_argument(a) for a in args.arguments]}
+            for key in ("queue", "job_id", "batch"):
+                if getattr(args, key):
+                    spec[key] = getattr(args, key)
+            reply = client.submit_job(spec)
+            if not args.wait:
+                (show or (lambda r: print(r["job_id"])))(reply)
+                return 0
+            job = _wait(client, reply["job_id"], args.timeout)
+            (show or views.job)(job)
+            return 0 if job["status"] == "succeeded" else 1
+        elif command == "rerun":
+            (show or (lambda r: print(f"job {r['job_id']}: {r['status']}")))(
+                client.rerun_job(args.job_id))
+        elif command == "remove":
+            if not client.remove_job(args.job_id):
+                raise NotFound(f"no job {args.job_id!r}")
+            (show or (lambda r: print(f"job {args.job_id}: removed")))(True)
+        elif command == "cancel":
+            (show or (lambda r: print(f"job {r['job_id']}: {r['status']} (was {r['was']})")))(
+                client.cancel_job(args.job_id))
     return 0
+
+
+def _schedules(client, args: argparse.Namespace, show) -> int:
+    if not args.action:
+        (show or views.schedules)(client.list_jobs(status="scheduled", limit=args.limit))
+        return 0
+    if not args.job_id:
+        raise UsageError(f"elric schedules {args.action} takes the periodic job's id")
+    call = {"pause": client.pause_job, "resume": client.resume_job,
+            "remove": client.remove_job}[args.action]
+    if not call(args.job_id):
+        raise NotFound(f"no periodic job {args.job_id!r}")
+    (show or (lambda _: print(f"periodic job {args.job_id}: {args.action}d")))(True)
+    return 0
+
+
+class UsageError(Exception):
+    """A command given what it cannot take: exit status 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,19 +203,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pages", type=int, default=25, help="pages of the demo site")
     p.set_defaults(func=cmd_demo)
 
-    for name, help_text in (("ping", "ask the master for pong"), ("stats", "job statistics"),
-                            ("health", "what the master's tasks do (exit 1 if one is stuck)"),
-                            ("job", "show one job"), ("jobs", "list jobs"),
-                            ("rerun", "run a finished job again"), ("remove", "remove a job"),
-                            ("cancel", "stop a job: it never runs, or stops running")):
+    calls = (("ping", "ask the master for pong"), ("status", "an overview: jobs, workers, "
+              "health (exit 1 if not ok)"), ("stats", "job statistics, as JSON"),
+             ("health", "what the master's tasks do (exit 1 if one is stuck)"),
+             ("workers", "the workers, alive and lost"), ("job", "show one job"),
+             ("jobs", "list jobs, newest first"),
+             ("schedules", "list periodic jobs, or pause|resume|remove one"),
+             ("submit", "submit a job by name; --wait for its outcome"),
+             ("rerun", "run a finished job again"), ("remove", "remove a job"),
+             ("cancel", "stop a job: it never runs, or stops running"))
+    for name, help_text in calls:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--master", help="master host:port (MASTER_ADDRESS)")
+        p.add_argument("--json", action="store_true", help="print the reply as JSON")
         if name in ("job", "rerun", "remove", "cancel"):
             p.add_argument("job_id")
         if name == "jobs":
             p.add_argument("--status")
             p.add_argument("--queue")
+            p.add_argument("--func", dest="by_func", help='"package.module:ClassName"')
+            p.add_argument("--batch")
+            p.add_argument("--offset", type=int)
             p.add_argument("--limit", type=int, default=20)
+        if name == "schedules":
+            p.add_argument("action", nargs="?", choices=("pause", "resume", "remove"))
+            p.add_argument("job_id", nargs="?")
+            p.add_argument("--limit", type=int, default=100)
+        if name == "submit":
+            p.add_argument("func_path", metavar="FUNC", help='"package.module:ClassName"')
+            p.add_argument("arguments", nargs="*", metavar="ARG",
+                           help="positional arguments: JSON where they parse, else text")
+            p.add_argument("--queue")
+            p.add_argument("--job-id")
+            p.add_argument("--batch")
+            p.add_argument("--wait", action="store_true",
+                           help="wait for the outcome; the exit status follows it")
+            p.add_argument("--timeout", type=float, help="give up waiting after this long")
         p.set_defaults(func=cmd_call)
     return parser
 
@@ -143,18 +249,31 @@ def main(argv: list[str] | None = None) -> int:
     # installed packages, so that a folder there named like one (elric/) hides nothing.
     if os.getcwd() not in sys.path:
         sys.path.append(os.getcwd())
-    from elric.rpc import RPCError
+    from elric.rpc import RemoteError, RPCConnectionError, RPCError
 
     try:
         return args.func(args)
-    except SettingsError as exc:
-        print(f"elric: {exc}", file=sys.stderr)
-        return 2
+    except (SettingsError, UsageError) as exc:
+        return _fail(exc, 2)
+    except RPCConnectionError as exc:   # the master is not there: try again later
+        return _fail(exc, UNAVAILABLE)
+    except RemoteError as exc:
+        return _fail(exc, {"not_found": 1, "internal": 1,
+                           "redis_unavailable": UNAVAILABLE}.get(exc.code, 2))
     except RPCError as exc:
-        print(f"elric: {exc}", file=sys.stderr)
-        return 2
+        return _fail(exc, 2)
+    except (NotFound, TimeoutError) as exc:
+        return _fail(exc, 1)
     except KeyboardInterrupt:
         return 130
+
+
+UNAVAILABLE = 3   # the master or its Redis cannot be reached: try again
+
+
+def _fail(exc: Exception, status: int) -> int:
+    print(f"elric: {exc}", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

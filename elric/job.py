@@ -12,6 +12,7 @@ from contextvars import ContextVar
 from typing import Any
 
 from elric.contract import SpecError, func_path
+from elric.handle import JobHandle
 
 
 class _RunContext:
@@ -107,12 +108,14 @@ class Job:
         return None if derived is None else str(derived)
 
     @classmethod
-    def submit(cls, *args: Any, **kwargs: Any) -> str:
-        """Submit this job with these arguments; returns the job id."""
+    def submit(cls, *args: Any, **kwargs: Any) -> JobHandle:
+        """Submit this job with these arguments; returns its id, a ``JobHandle``
+        (``.status()``, ``.result(timeout=...)``)."""
         return cls.submit_with(args=args, kwargs=kwargs)
 
     @classmethod
-    def submit_with(cls, args: Any = (), kwargs: dict | None = None, **options: Any) -> str:
+    def submit_with(cls, args: Any = (), kwargs: dict | None = None,
+                    **options: Any) -> JobHandle:
         """Submit with spec options (job_id, queue, priority, max_retries, timeout, ...)."""
         spec = cls.spec(args, kwargs, **options)
         ctx = _current.get()
@@ -124,6 +127,6 @@ class Job:
                 if ctx.spec.get(key) and key not in options:
                     spec[key] = ctx.spec[key]
             ctx.children.append(spec)
-            return spec["job_id"]
+            return JobHandle(spec["job_id"])
         from elric.client import default_client  # only a script needs the client and settings
-        return default_client().submit_job(spec)["job_id"]
+        return JobHandle(default_client().submit_job(spec)["job_id"])

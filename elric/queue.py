@@ -442,6 +442,11 @@ class RedisQueue:
         now = await redis_now(self.redis)
         for (wid, seen), info in zip(workers_seen, infos):
             row = {_s(a): _s(b) for a, b in info.items()}
+            for key in ("pid", "concurrency", "async_concurrency", "processed"):
+                if key in row:   # numbers are numbers; times are epoch seconds
+                    row[key] = int(row[key])
+            if "started_at" in row:
+                row["started_at"] = int(row["started_at"]) / 1000.0
             row.update(worker_id=_s(wid), last_seen=seen / 1000.0,
                        alive=bool(info) and now - seen / 1000.0 < 60)
             workers.append(row)

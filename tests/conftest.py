@@ -93,7 +93,7 @@ class Cluster:
         self.procs.append(proc)
         if wait:
             wait_for(lambda: not proc.alive() or any(
-                w["worker_id"] not in before and w.get("pid") == str(proc.pid)
+                w["worker_id"] not in before and w.get("pid") == proc.pid
                 for w in self.client.stats()["workers"]), what="worker registered")
             assert proc.alive(), proc.log()
         return proc

@@ -223,7 +223,7 @@ def test_get_list_remove_stats_and_rerun(cluster, tmp_path):
     q2 = stats["by_queue"]["q2"]
     assert (q2["queued"], q2["submitted"], q2["succeeded"], q2["failed"]) == (0, 4, 3, 1)
     [w] = stats["workers"]
-    assert (w["pid"], w["queues"], w["alive"]) == (str(worker.pid), "q1,q2", True)
+    assert (w["pid"], w["queues"], w["alive"]) == (worker.pid, "q1,q2", True)
     assert ids(status="failed") == {"flaky"}
     assert ids(status="succeeded", batch="B1") == {f"e{i}" for i in range(5)}
 

@@ -810,7 +810,7 @@ def test_a_worker_paused_past_its_lease_does_not_start_the_jobs_it_prefetched(
         resumed = time.time()
 
     def seen_since(t):   # its heartbeats (at most 1 s apart) say it is back at work
-        return any(w.get("pid") == str(paused.pid) and w["last_seen"] > t
+        return any(w.get("pid") == paused.pid and w["last_seen"] > t
                    for w in c.client.stats()["workers"])
     # it would start a buffered job in its first turn after waking; two heartbeats later
     # it has had every chance (it may also have lost "second" with a fetch cut by the pause)

@@ -1,0 +1,66 @@
+"""What ``Job.submit`` returns: the job's id, and a way to ask about it or wait for it."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+ENDED = ("succeeded", "failed", "cancelled")
+
+
+class JobFailed(Exception):
+    """The job ended without succeeding; ``job`` is its record (status, error, attempts)."""
+
+    def __init__(self, job: dict) -> None:
+        last = (job.get("error") or "").strip().splitlines()
+        super().__init__(f"job {job['job_id']} {job['status']}"
+                         + (f": {last[-1]}" if last else ""))
+        self.job = job
+
+
+def wait(client, job_id: str, timeout: float | None = None,
+         on_status: Callable[[dict], None] | None = None) -> dict:
+    """Poll until the job ends and return its record; TimeoutError after ``timeout`` s,
+    LookupError when there is no such job. Polls often at first, then once a second."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    delay = 0.02
+    while True:
+        job = client.get_job(job_id)
+        if job is None:
+            raise LookupError(f"no job {job_id!r}")
+        if job["status"] in ENDED:
+            return job
+        if on_status is not None:
+            on_status(job)
+        if deadline is not None and time.monotonic() + delay > deadline:
+            raise TimeoutError(f"job {job_id} still {job['status']} after {timeout:g}s")
+        time.sleep(delay)
+        delay = min(1.0, delay * 1.5)
+
+
+class JobHandle(str):
+    """A submitted job's id (a str: it prints, compares and stores as the id) that can also
+    ask the master about the job."""
+
+    __slots__ = ()
+
+    @property
+    def id(self) -> str:
+        return str(self)
+
+    def _client(self):
+        from elric.client import default_client
+        return default_client()
+
+    def status(self) -> str | None:
+        """The job's status now (None: no such job, or its record expired)."""
+        job = self._client().get_job(self.id)
+        return None if job is None else job["status"]
+
+    def result(self, timeout: float | None = None) -> Any:
+        """Wait for the job to end and return its result; JobFailed when it failed or was
+        cancelled, TimeoutError when ``timeout`` seconds pass first."""
+        job = wait(self._client(), self.id, timeout)
+        if job["status"] != "succeeded":
+            raise JobFailed(job)
+        return job.get("result")

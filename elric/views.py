@@ -1,0 +1,126 @@
+"""What the ``elric`` command shows people: tables and short summaries, drawn with rich.
+Scripts use ``--json``, which prints the RPC replies as they are."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from datetime import datetime
+
+from rich.console import Console
+from rich.table import Table
+
+# a pipe or a file gets whole lines, not a table cut to 80 columns
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 400)
+
+
+def when(seconds: float | None) -> str:
+    """An epoch time as local time, with how long ago or ahead it is."""
+    if not seconds:
+        return "-"
+    delta = seconds - time.time()
+    ago = f"in {_span(delta)}" if delta > 0 else f"{_span(-delta)} ago"
+    return f"{datetime.fromtimestamp(seconds):%Y-%m-%d %H:%M:%S} ({ago})"
+
+
+def _span(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f} {unit}"
+    return f"{seconds:.1f} s"
+
+
+def _table(*columns: str) -> Table:
+    table = Table(*columns, box=None, header_style="bold", pad_edge=False)
+    return table
+
+
+def jobs(rows: list[dict]) -> None:
+    if not rows:
+        console.print("no jobs")
+        return
+    table = _table("job id", "status", "func", "args", "queue", "attempts", "finished",
+                   "error")
+    for j in rows:
+        args = json.dumps(j.get("args", []), default=str)[1:-1]
+        table.add_row(j["job_id"], j.get("status", ""), j.get("func", ""), args[:80],
+                      j.get("queue", ""), str(j.get("attempts", "")),
+                      when(j.get("finished_at")), (j.get("error") or "")[:60])
+    console.print(table)
+
+
+def job(j: dict) -> None:
+    table = _table("", "")
+    table.show_header = False
+    for key in ("job_id", "status", "func", "queue", "priority", "attempts", "max_retries",
+                "worker", "batch", "parent", "round", "not_run"):
+        if j.get(key) not in (None, ""):
+            table.add_row(key, str(j[key]))
+    for key in ("enqueued_at", "started_at", "finished_at"):
+        if j.get(key):
+            table.add_row(key, when(j[key]))
+    for key in ("args", "kwargs", "result"):
+        if j.get(key) not in (None, [], {}):
+            table.add_row(key, json.dumps(j[key], default=str)[:2000])
+    if j.get("trigger_text"):
+        table.add_row("trigger", j["trigger_text"])
+        table.add_row("next run", when(j.get("next_run_time")))
+    console.print(table)
+    if j.get("error"):
+        console.print("[bold]error[/bold]")
+        console.print(j["error"], markup=False)
+    for run in j.get("runs", [])[-10:]:
+        console.print(f"  {when(run.get('fire_time'))}  {run.get('outcome', '')}"
+                      f"  {run.get('job_id', '')}", markup=False)
+
+
+def schedules(rows: list[dict]) -> None:
+    if not rows:
+        console.print("no periodic jobs")
+        return
+    table = _table("job id", "func", "trigger", "next run", "paused")
+    for s in rows:
+        table.add_row(s["job_id"], s.get("func", ""), s.get("trigger_text", ""),
+                      when(s.get("next_run_time")), "yes" if s.get("paused") else "")
+    console.print(table)
+
+
+def workers(rows: list[dict]) -> None:
+    if not rows:
+        console.print("no workers")
+        return
+    table = _table("worker", "host", "pid", "queues", "processes", "done", "last seen",
+                   "state")
+    for w in rows:
+        table.add_row(w.get("worker_id", ""), w.get("host", ""), str(w.get("pid", "")),
+                      str(w.get("queues", "")), str(w.get("concurrency", "")),
+                      str(w.get("processed", "")), when(w.get("last_seen")),
+                      "alive" if w.get("alive") else "lost")
+    console.print(table)
+
+
+def status(stats: dict, health: dict) -> None:
+    totals = stats.get("totals", {})
+    console.print(f"master {health.get('master_id', '')}: "
+                  + ("ok" if health.get("ok") else "[red]NOT OK[/red]"))
+    for name, task in sorted(health.get("tasks", {}).items()):
+        console.print(f"  {name}: {task.get('state', '')}", markup=False)
+    table = _table("status", "jobs")
+    for name, n in sorted(stats.get("by_status", {}).items()):
+        table.add_row(name, str(n))
+    console.print(table)
+    console.print("totals: " + ", ".join(f"{k} {v}" for k, v in sorted(totals.items())))
+    live = [w for w in stats.get("workers", []) if w.get("alive")]
+    console.print(f"workers: {len(live)} alive, {len(stats.get('workers', [])) - len(live)} "
+                  "lost")
+
+
+def health(h: dict) -> None:
+    console.print(f"master {h.get('master_id', '')}: "
+                  + ("ok" if h.get("ok") else "[red]NOT OK[/red]"))
+    table = _table("task", "ok", "state", "last progress")
+    for name, task in sorted(h.get("tasks", {}).items()):
+        table.add_row(name, "yes" if task.get("ok") else "NO", task.get("state", ""),
+                      when(task.get("progress_at")))
+    console.print(table)

@@ -1,0 +1,119 @@
+"""The `elric` command for people: tables by default, --json for scripts, and one meaning
+per exit status (0 ok, 1 not found or failed, 2 usage, 3 unavailable). Real master, worker
+and Redis; the command runs as a process, as an operator runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from elric.redis_server import RedisServer, free_port
+from elric.triggers import every
+from tests.conftest import ROOT, Cluster, wait_for
+from tests.jobs import Echo
+
+
+def elric(cluster: Cluster, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "elric", *args], cwd=ROOT, env=cluster.env,
+                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+
+
+def one_line_error(proc: subprocess.CompletedProcess, status: int, text: str) -> None:
+    assert proc.returncode == status, (proc.returncode, proc.stdout, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("elric: ") and text in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_commands_show_tables_and_json_and_exit_by_outcome(cluster):
+    worker = cluster.start_worker("--concurrency", "1")
+
+    ok = elric(cluster, "submit", "tests.jobs:Add", "2", "3", "--wait")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "succeeded" in ok.stdout and "5" in ok.stdout
+    failed = elric(cluster, "submit", "tests.jobs:Fail", "no luck", "--wait", "--job-id", "f1")
+    assert failed.returncode == 1 and "failed" in failed.stdout, failed.stdout + failed.stderr
+    assert "ValueError: no luck" in failed.stdout
+    queued = elric(cluster, "submit", "tests.jobs:Echo", '{"a": [1]}', "text", "--json")
+    reply = json.loads(queued.stdout)
+    assert reply["status"] == "queued"
+    assert cluster.wait_job(reply["job_id"])["result"]["args"] == [{"a": [1]}, "text"]
+
+    listed = elric(cluster, "jobs", "--status", "failed")
+    assert listed.returncode == 0 and "f1" in listed.stdout and "tests.jobs:Fail" in listed.stdout
+    as_json = json.loads(elric(cluster, "jobs", "--json", "--func", "tests.jobs:Fail").stdout)
+    assert [j["job_id"] for j in as_json] == ["f1"]
+    shown = elric(cluster, "job", "f1")
+    assert shown.returncode == 0 and "Traceback" in shown.stdout and "attempts" in shown.stdout
+
+    workers = elric(cluster, "workers")
+    assert str(worker.pid) in workers.stdout and "alive" in workers.stdout, workers.stdout
+    [w] = json.loads(elric(cluster, "workers", "--json").stdout)
+    assert (w["pid"], w["concurrency"]) == (worker.pid, 1)   # numbers, not strings
+    assert isinstance(w["started_at"], float) and w["started_at"] <= w["last_seen"]
+    status = elric(cluster, "status")
+    assert status.returncode == 0 and ": ok" in status.stdout and "1 alive" in status.stdout
+
+    cluster.client.submit_job(Echo.spec(job_id="tick", trigger=every(hours=1)))
+    schedules = elric(cluster, "schedules")
+    assert "tick" in schedules.stdout and "interval[1:00:00]" in schedules.stdout, schedules.stdout
+    assert elric(cluster, "schedules", "pause", "tick").returncode == 0
+    assert cluster.client.get_job("tick")["paused"] is True
+    assert elric(cluster, "schedules", "resume", "tick").returncode == 0
+    assert cluster.client.get_job("tick")["paused"] is False
+
+    # 1: not found
+    one_line_error(elric(cluster, "job", "nope"), 1, "no job 'nope'")
+    one_line_error(elric(cluster, "remove", "nope"), 1, "no job 'nope'")
+    one_line_error(elric(cluster, "rerun", "nope"), 1, "no job 'nope'")
+    one_line_error(elric(cluster, "schedules", "pause", "nope"), 1, "no periodic job 'nope'")
+    # 2: usage
+    one_line_error(elric(cluster, "submit", "os:system", "ls"), 2, "not allowed by JOB_MODULES")
+    one_line_error(elric(cluster, "schedules", "pause"), 2, "takes the periodic job's id")
+
+
+def test_unavailable_master_or_redis_exits_3_with_one_line(redis_url, tmp_path):
+    c = Cluster(redis_url, tmp_path)    # nothing listens at its address yet
+    try:
+        one_line_error(elric(c, "jobs"), 3, f"cannot reach elric master at {c.address}")
+    finally:
+        c.close()
+    server = RedisServer().start()
+    c = Cluster(server.url, tmp_path, MASTER_ADDRESS=f"127.0.0.1:{free_port()}")
+    try:
+        c.start_master()
+        assert elric(c, "jobs").returncode == 0
+        server.stop()
+        proc = elric(c, "jobs")
+        one_line_error(proc, 3, "cannot reach Redis")
+        wait_for(lambda: c.procs[0].alive(), what="the master staying up")
+    finally:
+        c.close()
+        server.cleanup()
+
+
+def test_job_submit_returns_a_handle_that_waits_for_the_result(cluster):
+    from elric import JobFailed
+    from elric.client import set_default_client
+    from tests.jobs import Add, Fail, Sleep
+
+    cluster.start_worker("--concurrency", "2")
+    set_default_client(cluster.client)
+    try:
+        added = Add.submit(2, 3)
+        assert isinstance(added, str) and added.id == added   # still the id, as before
+        assert added.result(timeout=30) == 5 and added.status() == "succeeded"
+        failed = Fail.submit_with(["no luck"], job_id="fails")
+        with pytest.raises(JobFailed) as info:
+            failed.result(timeout=30)
+        assert str(info.value) == "job fails failed: ValueError: no luck"
+        assert info.value.job["attempts"] == 1
+        slow = Sleep.submit(30)
+        with pytest.raises(TimeoutError, match=f"job {slow} still"):
+            slow.result(timeout=0.3)
+        cluster.client.cancel_job(slow)
+    finally:
+        set_default_client(None)
