@@ -84,8 +84,10 @@ class Slot:
 
     def start(self) -> None:
         env = dict(self.env)
-        if self.skew:
-            env.update(LD_PRELOAD=_faketime_lib(), FAKETIME=self.skew)
+        if self.skew:   # the wall clock only, as on a host without NTP: the monotonic
+            # clock is never compared across hosts, and faking it hangs time.sleep
+            env.update(LD_PRELOAD=_faketime_lib(), FAKETIME=self.skew,
+                       FAKETIME_DONT_FAKE_MONOTONIC="1")
         launch = start_master if self.role == "master" else start_worker
         extra = [] if self.role == "master" else ["--concurrency", "2"]
         self.proc = launch(env, self.log_path, cwd=ROOT, extra=extra)
