@@ -77,11 +77,17 @@ LIMITS = {}
 # The modules your Job classes are in, e.g. ["myproject.jobs"]. A worker imports these at
 # start and runs Job classes from them only (`elric worker myproject.jobs` names them
 # too); a job naming another module is handed back, never imported. A master refuses
-# jobs from other modules at submit (empty: it accepts any importable Job class).
+# jobs from other modules at submit, by name (empty: it accepts any).
 JOB_MODULES = []
 
-# DEBUG, INFO, WARNING or ERROR.
+# DEBUG, INFO, WARNING or ERROR. Workers log each job on the logger elric.jobs: started
+# (DEBUG), succeeded with its duration (INFO), retried (WARNING), failed with its
+# traceback (ERROR).
 LOG_LEVEL = "INFO"
+
+# "text", or "json": one JSON object per line (time, level, logger, message, and job_id
+# and func for job events); `--log-format` on the command line.
+LOG_FORMAT = "text"
 
 # Seconds within which a dead scheduling master is replaced by another (its lease).
 SCHEDULER_LEASE = 10.0

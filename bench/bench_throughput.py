@@ -256,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--redis-stats", action="store_true",
                     help="print Redis time per command and per script for phase 2")
     ap.add_argument("--keep-logs", action="store_true", help="print the log folder, keep it")
+    ap.add_argument("--log-level", default="WARNING",
+                    help="LOG_LEVEL of master and worker (INFO: a line per job, the default's cost)")
     args = ap.parse_args(argv)
     if args.jobs < 1 or args.batch < 1 or args.latency_samples < 1 or args.concurrency < 1:
         ap.error("--jobs, --batch, --latency-samples and --concurrency must be >= 1")
@@ -275,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         r = redis.Redis.from_url(server.url)
         keys = Keys(PREFIX)
         address = f"127.0.0.1:{free_port()}"
-        env = elric_env(server.url, address, LOG_LEVEL="WARNING", KEY_PREFIX=PREFIX,
+        env = elric_env(server.url, address, LOG_LEVEL=args.log_level, KEY_PREFIX=PREFIX,
                         CONCURRENCY=args.concurrency, JOB_MODULES="bench.jobs")
         print("elric throughput benchmark")
         print(f"command: {cmd}")

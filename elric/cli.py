@@ -20,16 +20,33 @@ def _settings(args: argparse.Namespace, **overrides):
     return load_settings(args.settings, overrides=overrides)
 
 
-def _logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+class JsonLines(logging.Formatter):
+    """LOG_FORMAT = "json": one object per line, for log collectors."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {"time": record.created, "level": record.levelname, "logger": record.name,
+                "message": record.getMessage()}
+        for key in ("job_id", "func", "attempt"):   # set on job events (elric.jobs)
+            if hasattr(record, key):
+                line[key] = getattr(record, key)
+        if record.exc_info:
+            line["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str)
+
+
+def _logging(settings) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonLines() if settings.LOG_FORMAT == "json" else logging.Formatter(
+        "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=settings.LOG_LEVEL.upper(), handlers=[handler])
 
 
 def cmd_master(args: argparse.Namespace) -> int:
     from elric.master import Master
 
-    settings = _settings(args, MASTER_ADDRESS=args.address, REDIS_URL=args.redis_url)
-    _logging(settings.LOG_LEVEL)
+    settings = _settings(args, MASTER_ADDRESS=args.address, REDIS_URL=args.redis_url,
+                         LOG_FORMAT=args.log_format)
+    _logging(settings)
     return asyncio.run(Master(settings).run())
 
 
@@ -40,8 +57,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     settings = _settings(args, MASTER_ADDRESS=args.master, REDIS_URL=args.redis_url,
                          QUEUES=queues, CONCURRENCY=args.concurrency,
                          ASYNC_CONCURRENCY=args.async_concurrency,
-                         JOB_MODULES=args.modules or None)
-    _logging(settings.LOG_LEVEL)
+                         JOB_MODULES=args.modules or None, LOG_FORMAT=args.log_format)
+    _logging(settings)
     return asyncio.run(Worker(settings).run())
 
 
@@ -186,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("master", help="run a master")
     p.add_argument("--address", help="host:port to listen on (MASTER_ADDRESS)")
     p.add_argument("--redis-url", help="REDIS_URL")
+    p.add_argument("--log-format", choices=("text", "json"), help="LOG_FORMAT")
     p.set_defaults(func=cmd_master)
 
     p = sub.add_parser("worker", help="run a worker")
@@ -197,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="async jobs per pool process (ASYNC_CONCURRENCY)")
     p.add_argument("--master", help="master host:port (MASTER_ADDRESS)")
     p.add_argument("--redis-url", help="REDIS_URL")
+    p.add_argument("--log-format", choices=("text", "json"), help="LOG_FORMAT")
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("demo", help="crawl a demo site on 127.0.0.1 with a master and a worker")

@@ -61,6 +61,7 @@ KEYS: dict[str, Key] = {
     "JOB_MODULES": Key([], (list,), "modules a worker loads job classes from at start; the "
                                     "master refuses other funcs (empty: any)"),
     "LOG_LEVEL": Key("INFO", (str,), "DEBUG, INFO, WARNING or ERROR"),
+    "LOG_FORMAT": Key("text", (str,), "text, or json: one JSON object per line"),
     "SCHEDULER_LEASE": Key(10.0, (int, float),
                            "seconds a dead scheduling master is replaced within"),
     "MIN_INTERVAL": Key(1.0, (int, float),
@@ -191,6 +192,8 @@ def _check(key: str, value: Any, where: str) -> Any:
         parse_address(value, key)
     if key == "LOG_LEVEL" and value.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise SettingsError(f"{key} (from {where}): expected DEBUG, INFO, WARNING or ERROR")
+    if key == "LOG_FORMAT" and value not in ("text", "json"):
+        raise SettingsError(f"{key} (from {where}): expected text or json, got {value!r}")
     if key == "REDIS_URL" and not value.startswith(("redis://", "rediss://", "unix://")):
         raise SettingsError(f"{key} (from {where}): {value!r} is not a redis://, rediss:// "
                             "or unix:// URL")

@@ -37,6 +37,28 @@ from elric.retry import REDIS_ERRORS, REDIS_REFUSED, Backoff, is_outage, retry
 from elric.rpc import AsyncClient, RemoteError, RPCConnectionError, RPCError
 
 log = logging.getLogger("elric.worker")
+job_log = logging.getLogger("elric.jobs")   # one line per job event; tune it on its own
+
+
+def _job_fields(claim: Claim) -> dict:
+    return {"job_id": claim.job_id, "func": claim.func, "attempt": claim.attempt}
+
+
+def _log_outcome(claim: Claim, record: Outcome) -> None:
+    """How an attempt ended, once recorded: a failure with its traceback."""
+    fields = _job_fields(claim)
+    if record.ok:
+        job_log.info("job %s %s: succeeded in %.3fs", claim.job_id, claim.func,
+                     record.duration_ms / 1000, extra=fields)
+    elif record.cancelled:
+        job_log.warning("job %s %s: cancelled", claim.job_id, claim.func, extra=fields)
+    elif record.retry_ms >= 0:
+        last = (str(record.payload).strip().splitlines() or [""])[-1]
+        job_log.warning("job %s %s: attempt %d failed, retrying in %.1fs: %s", claim.job_id,
+                        claim.func, claim.attempt, record.retry_ms / 1000, last, extra=fields)
+    else:
+        job_log.error("job %s %s: failed at attempt %d\n%s", claim.job_id, claim.func,
+                      claim.attempt, str(record.payload).rstrip(), extra=fields)
 
 CHUNK_SECONDS = 0.02  # fast sync jobs go to a pool process in batches about this long
 WARN_EVERY = 5.0  # seconds between warnings while waiting for Redis or the master
@@ -294,6 +316,9 @@ class Worker:
 
     def _send(self, claim: Claim, suspect: bool = False) -> None:
         future = self.pool.submit(claim, suspect=suspect)
+        if job_log.isEnabledFor(logging.DEBUG):
+            job_log.debug("job %s %s: starting, attempt %d", claim.job_id, claim.func,
+                          claim.attempt, extra=_job_fields(claim))
         future.add_done_callback(partial(self._ran, claim))
 
     def _ran(self, claim: Claim, future: Future) -> None:
@@ -370,6 +395,8 @@ class Worker:
         await self._retry_redis(self.queue.finish, self.worker_id, records)
         self._cancelling.difference_update(o.job_id for o in records)
         self.processed += len(records)
+        for (claim, _), record in zip(batch, records):
+            _log_outcome(claim, record)
 
     def _backoff_ms(self, attempt: int) -> int:
         s = self.settings

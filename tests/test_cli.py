@@ -119,3 +119,26 @@ def test_job_submit_returns_a_handle_that_waits_for_the_result(cluster):
         cluster.client.cancel_job(slow)
     finally:
         set_default_client(None)
+
+
+def test_a_worker_logs_each_job_event_with_its_id_and_func_as_json_lines(make_cluster):
+    from tests.jobs import Add, Fail
+
+    c = make_cluster(LOG_LEVEL="DEBUG", RETRY_BACKOFF=0.05)
+    c.start_master()
+    worker = c.start_worker("--concurrency", "1", "--log-format", "json")
+    c.client.submit_jobs([Add.spec([2, 3], job_id="adds"),
+                          Fail.spec(["no luck"], job_id="fails", max_retries=1)])
+    c.wait_job("adds"), c.wait_job("fails")
+
+    def events():
+        lines = [json.loads(line) for line in worker.log().splitlines() if line.startswith("{")]
+        return [e for e in lines if e["logger"] == "elric.jobs"]
+    wait_for(lambda: any(e["level"] == "ERROR" for e in events()), what="the failure logged")
+    seen = {(e["job_id"], e["attempt"], e["level"]): e for e in events()}
+    assert seen[("adds", 1, "DEBUG")]["func"] == "tests.jobs:Add"
+    assert "succeeded in" in seen[("adds", 1, "INFO")]["message"]
+    assert "attempt 1 failed, retrying in" in seen[("fails", 1, "WARNING")]["message"]
+    failed = seen[("fails", 2, "ERROR")]
+    assert failed["func"] == "tests.jobs:Fail" and "ValueError: no luck" in failed["message"]
+    assert "Traceback" in failed["message"]
