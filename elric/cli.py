@@ -51,7 +51,11 @@ def cmd_master(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from elric.contract import WORKER_ACTIONS
     from elric.worker import Worker
+
+    if args.modules and args.modules[0] in WORKER_ACTIONS:   # elric worker pause ID, ...
+        return _control_worker(args)
 
     queues = [q.strip() for q in args.queues.split(",") if q.strip()] if args.queues else None
     settings = _settings(args, MASTER_ADDRESS=args.master, REDIS_URL=args.redis_url,
@@ -169,6 +173,23 @@ def cmd_call(args: argparse.Namespace) -> int:
     return 0
 
 
+def _control_worker(args: argparse.Namespace) -> int:
+    """elric worker pause|resume|stop ID, elric worker set ID --queues a,b."""
+    action, ids = args.modules[0], args.modules[1:]
+    if len(ids) != 1:
+        raise UsageError(f"elric worker {action} takes one worker id (see elric workers)")
+    queues = [q.strip() for q in (args.queues or "").split(",") if q.strip()]
+    if action == "set" and not queues:
+        raise UsageError("elric worker set ID takes --queues a,b")
+    with _client(args) as client:
+        reply = client.control_worker(ids[0], action, queues or None)
+    if args.json:
+        _print(reply)
+    else:
+        print(f"worker {ids[0]}: {action} asked; it obeys within a second")
+    return 0
+
+
 def _schedules(client, args: argparse.Namespace, show) -> int:
     if not args.action:
         (show or views.schedules)(client.list_jobs(status="scheduled", limit=args.limit))
@@ -206,9 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-format", choices=("text", "json"), help="LOG_FORMAT")
     p.set_defaults(func=cmd_master)
 
-    p = sub.add_parser("worker", help="run a worker")
+    p = sub.add_parser("worker", help="run a worker; or pause|resume|stop|set ID one")
     p.add_argument("modules", nargs="*", metavar="MODULE",
-                   help="modules to load job classes from (JOB_MODULES), e.g. myproject.jobs")
+                   help="modules to load job classes from (JOB_MODULES), e.g. myproject.jobs; "
+                        "or pause|resume|stop ID, set ID --queues a,b to steer a running one")
+    p.add_argument("--json", action="store_true", help="print the reply as JSON")
     p.add_argument("--queues", help="comma-separated queues (QUEUES)")
     p.add_argument("--concurrency", type=int, help="pool processes (CONCURRENCY)")
     p.add_argument("--async-concurrency", type=int,

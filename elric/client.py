@@ -50,6 +50,12 @@ class MasterClient:
         running: its worker stops it) or, for a finished job, its status, unchanged."""
         return self.call("cancel_job", job_id)
 
+    def control_worker(self, worker_id: str, action: str,
+                       queues: list[str] | None = None) -> dict:
+        """``action``: pause (fetch no jobs), resume, stop (gracefully), or set (its
+        ``queues``); the worker obeys within a second."""
+        return self.call("control_worker", worker_id, action, *([queues] if queues else []))
+
     def rerun_job(self, job_id: str) -> dict:
         return self.call("rerun_job", job_id)
 

@@ -240,6 +240,28 @@ class Master:
         return await self.store.resume(_job_id(job_id))
 
     @_rpc
+    async def control_worker(self, worker_id, action, queues=None) -> dict:
+        """Pause, resume, stop a worker, or set its queues (``set`` with ``queues``); it
+        obeys at its next heartbeat, at most a second later."""
+        if not isinstance(worker_id, str) or not worker_id:
+            raise SpecError(f"worker_id must be a non-empty string, got {worker_id!r}")
+        if action not in contract.WORKER_ACTIONS:
+            raise SpecError(f"control_worker: unknown action {action!r}; one of "
+                            f"{', '.join(contract.WORKER_ACTIONS)}")
+        if action == "set":
+            if not isinstance(queues, list) or not queues or not all(
+                    isinstance(q, str) and contract.QUEUE_NAME.fullmatch(q) for q in queues):
+                raise SpecError(f"control_worker set: queues {queues!r}: a non-empty array "
+                                "of queue names")
+            fields = {"set_queues": ",".join(queues)}
+        else:
+            fields = {"pause": {"paused": "1"}, "resume": {"paused": "0"},
+                      "stop": {"stop": "1"}}[action]
+        if not await self.queue.control_worker(worker_id, **fields):
+            raise LookupError(f"no worker {worker_id!r}")
+        return {"worker_id": worker_id, "action": action}
+
+    @_rpc
     async def modify_job(self, job_id, changes) -> dict:
         """Change a periodic job's trigger, args or other spec keys."""
         job_id = _job_id(job_id)

@@ -8,7 +8,7 @@ nothing is pickled.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from redis.exceptions import ResponseError
@@ -83,11 +83,21 @@ class Outcome:
 
 
 @dataclass(slots=True)
+class WorkerControl:
+    """What an operator asked of a worker (``elric worker pause|resume|stop|set``)."""
+
+    paused: bool = False
+    stop: bool = False
+    queues: list[str] = field(default_factory=list)   # empty: keep its own
+
+
+@dataclass(slots=True)
 class Renewed:
     """What a heartbeat learnt: the claims the worker lost, and those to stop (cancelled)."""
 
     lost: set[str]
     cancel: set[str]
+    control: WorkerControl = field(default_factory=WorkerControl)
 
 
 @dataclass(slots=True)
@@ -245,15 +255,26 @@ class RedisQueue:
                   k.status(Status.RETRYING), k.counters], args=argv))
 
     async def heartbeat(self, worker_id: str, claims: list[Claim], lease_seconds: float,
-                        processed: int = 0) -> Renewed:
+                        processed: int = 0, state: str = "running") -> Renewed:
         """Renew the leases of ``claims`` and mark the worker seen (with its count of jobs
-        processed), on Redis's clock."""
+        processed and its state), on Redis's clock; learn what an operator asked of it."""
         held = [x for c in claims for x in (c.job_id, c.attempt)]
         k = self.keys
-        lost, cancel = await self._heartbeat(
+        lost, cancel, (paused, stop, queues) = await self._heartbeat(
             keys=[k.inflight, k.workers, k.worker(worker_id)],
-            args=[k.job(""), int(lease_seconds * 1000), worker_id, processed, *held])
-        return Renewed({_s(i) for i in lost}, {_s(i) for i in cancel})
+            args=[k.job(""), int(lease_seconds * 1000), worker_id, processed, state, *held])
+        return Renewed({_s(i) for i in lost}, {_s(i) for i in cancel},
+                       WorkerControl(paused == b"1", stop == b"1",
+                                     [q for q in _s(queues).split(",") if q]))
+
+    async def control_worker(self, worker_id: str, **fields: str) -> bool:
+        """Ask a worker, through its hash, to pause, resume, stop or serve other queues;
+        its next heartbeat (at most a second away) reads it. False: no such worker."""
+        k = self.keys
+        if await self.redis.zscore(k.workers, worker_id) is None:
+            return False
+        await self.redis.hset(k.worker(worker_id), mapping=fields)
+        return True
 
     async def recover(self, limit: int = 1000) -> list[str]:
         """Queue again, in their old place, the jobs whose lease ran out; returns their ids."""
@@ -447,6 +468,8 @@ class RedisQueue:
                     row[key] = int(row[key])
             if "started_at" in row:
                 row["started_at"] = int(row["started_at"]) / 1000.0
+            for key in ("paused", "stop", "set_queues"):   # asked of it; "state" is what it does
+                row.pop(key, None)
             row.update(worker_id=_s(wid), last_seen=seen / 1000.0,
                        alive=bool(info) and now - seen / 1000.0 < 60)
             workers.append(row)

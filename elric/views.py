@@ -91,7 +91,8 @@ def workers(rows: list[dict]) -> None:
                                "last seen", "state"),
           lambda w: (w.get("worker_id", ""), w.get("host", ""), w.get("pid", ""),
                      w.get("queues", ""), w.get("concurrency", ""), w.get("processed", ""),
-                     when(w.get("last_seen")), "alive" if w.get("alive") else "lost"))
+                     when(w.get("last_seen")),
+                     w.get("state", "running") if w.get("alive") else "lost"))
 
 
 def status(stats: dict, health: dict) -> None:

@@ -32,7 +32,7 @@ from elric.contract import ErrorCode
 from elric.keys import Keys
 from elric.loading import JobModules
 from elric.pool import Pool, ProcessDied
-from elric.queue import Claim, Outcome, RedisQueue
+from elric.queue import Claim, Outcome, RedisQueue, WorkerControl
 from elric.retry import REDIS_ERRORS, REDIS_REFUSED, Backoff, is_outage, retry
 from elric.rpc import AsyncClient, RemoteError, RPCConnectionError, RPCError
 
@@ -81,6 +81,7 @@ class Worker:
         self.recording: list[tuple[Claim, runner.Ran]] = []
         self.pool: Pool | None = None
         self.stopping = False
+        self.paused = False   # an operator paused fetching (elric worker pause)
         self.avg_job_seconds = CHUNK_SECONDS    # start with batches of one
         self.processed = 0
         self._changed = asyncio.Event()
@@ -191,7 +192,9 @@ class Worker:
     def _fetch_size(self) -> int:
         """Room for jobs: the slots of the kind of job this worker saw last, and a small
         prefetch, less what it holds. Sized to what it can start now, so a worker
-        started later still finds work."""
+        started later still finds work. A paused worker fetches nothing."""
+        if self.paused:
+            return 0
         if self.pool.last_async:
             room, prefetch = self.concurrency * self.async_slots, self.concurrency
         else:
@@ -254,7 +257,7 @@ class Worker:
         finally:
             waiters[0].cancel()
         if self._wake_task is not None and self._wake_task.done():
-            exc = self._wake_task.exception()
+            exc = None if self._wake_task.cancelled() else self._wake_task.exception()
             self._wake_task = None
             if exc is not None and not self.stopping:
                 await asyncio.sleep(0.2)  # Redis gone: the fetch path logs and backs off
@@ -466,8 +469,9 @@ class Worker:
             self._renew_now.clear()
             try:
                 asked, claims = time.monotonic(), self._claims()
-                renewed = await self.queue.heartbeat(self.worker_id, claims, self.lease,
-                                                     self.processed)
+                renewed = await self.queue.heartbeat(
+                    self.worker_id, claims, self.lease, self.processed,
+                    "paused" if self.paused else "running")
                 for claim in claims:
                     if claim.job_id not in renewed.lost:
                         claim.held_until = asked + self.lease
@@ -475,11 +479,33 @@ class Worker:
                     self._drop_lost(renewed.lost)
                 if renewed.cancel:
                     self._stop_cancelled(renewed.cancel)
+                await self._obey(renewed.control)
             except Exception as exc:   # never ends: leases are renewed again once Redis can
                 if is_outage(exc):
                     log.warning("worker: heartbeat failed (%s)", exc)
                 else:
                     log.exception("worker: heartbeat failed")
+
+    async def _obey(self, control: WorkerControl) -> None:
+        """Do what an operator asked (elric worker pause|resume|stop|set), without a restart."""
+        if control.paused != self.paused:
+            self.paused = control.paused
+            log.info("worker %s: %s", self.worker_id,
+                     "paused: fetches no jobs, runs those it holds" if self.paused
+                     else "resumed: fetching jobs again")
+            self._changed.set()
+        if control.queues and control.queues != self.queues:
+            log.info("worker %s: now serves queues %s", self.worker_id,
+                     ",".join(control.queues))
+            self.queues = control.queues
+            await self.redis.hset(self.keys.worker(self.worker_id), "queues",
+                                  ",".join(self.queues))
+            if self._wake_task is not None:   # it waits on the old queues' wake lists
+                self._wake_task.cancel()
+            self._changed.set()
+        if control.stop and not self.stopping:
+            log.info("worker %s: asked to stop", self.worker_id)
+            self.request_stop()
 
     def _drop_lost(self, lost: set[str]) -> None:
         """Claims whose lease went to another worker leave without running."""

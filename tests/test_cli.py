@@ -52,7 +52,7 @@ def test_commands_show_tables_and_json_and_exit_by_outcome(cluster):
     assert shown.returncode == 0 and "Traceback" in shown.stdout and "attempts" in shown.stdout
 
     workers = elric(cluster, "workers")
-    assert str(worker.pid) in workers.stdout and "alive" in workers.stdout, workers.stdout
+    assert str(worker.pid) in workers.stdout and "running" in workers.stdout, workers.stdout
     [w] = json.loads(elric(cluster, "workers", "--json").stdout)
     assert (w["pid"], w["concurrency"]) == (worker.pid, 1)   # numbers, not strings
     assert isinstance(w["started_at"], float) and w["started_at"] <= w["last_seen"]
@@ -142,3 +142,37 @@ def test_a_worker_logs_each_job_event_with_its_id_and_func_as_json_lines(make_cl
     failed = seen[("fails", 2, "ERROR")]
     assert failed["func"] == "tests.jobs:Fail" and "ValueError: no luck" in failed["message"]
     assert "Traceback" in failed["message"]
+
+
+def test_a_worker_is_paused_resumed_moved_and_stopped_without_a_restart(cluster):
+    from tests.jobs import Add
+
+    worker = cluster.start_worker("--concurrency", "1")
+    [w] = cluster.client.stats()["workers"]
+    wid = w["worker_id"]
+
+    def me():
+        return next(x for x in cluster.client.stats()["workers"] if x["worker_id"] == wid)
+
+    assert elric(cluster, "worker", "pause", wid).returncode == 0
+    wait_for(lambda: me()["state"] == "paused", what="the worker paused")
+    cluster.client.submit_job(Add.spec([1, 2], job_id="held"))
+    asked = me()["last_seen"]
+    wait_for(lambda: me()["last_seen"] > asked + 2, what="two more heartbeats")
+    assert cluster.client.get_job("held")["status"] == "queued"   # it took no job
+    assert "paused" in elric(cluster, "workers").stdout
+
+    assert elric(cluster, "worker", "resume", wid).returncode == 0
+    assert cluster.wait_job("held")["status"] == "succeeded"
+
+    assert elric(cluster, "worker", "set", wid, "--queues", "other,more").returncode == 0
+    wait_for(lambda: me()["queues"] == "other,more", what="the worker serving new queues")
+    cluster.client.submit_job(Add.spec([2, 2], job_id="elsewhere", queue="more"))
+    assert cluster.wait_job("elsewhere")["result"] == 4
+
+    one_line_error(elric(cluster, "worker", "pause", "nope"), 1, "no worker 'nope'")
+    one_line_error(elric(cluster, "worker", "pause"), 2, "takes one worker id")
+    one_line_error(elric(cluster, "worker", "set", wid), 2, "takes --queues")
+    assert elric(cluster, "worker", "stop", wid).returncode == 0
+    wait_for(lambda: not worker.alive(), what="the worker stopping")
+    assert worker.wait() == 0 and "asked to stop" in worker.log()
