@@ -219,13 +219,13 @@ class Nemesis:
 
     def fill_redis(self, _role: str) -> str:
         if not self.redis_lock.acquire(blocking=False):
-            return "fill Redis to maxmemory"
-        r = redis.Redis.from_url(self.server.url)
+            return "fill Redis skipped (Redis busy with another fault)"
+        r, n = redis.Redis.from_url(self.server.url), 0
         try:
             used = r.info("memory")["used_memory"]
             r.config_set("maxmemory", used + 4_000_000)
             r.config_set("maxmemory-policy", "noeviction")
-            chunk, n = b"x" * 100_000, 0
+            chunk = b"x" * 100_000
             while n < 1000:
                 try:
                     r.set(f"chaos:fill:{n}", chunk)
@@ -270,6 +270,8 @@ class Report:
     fires_not_run: int = 0       # recorded as missed or skipped: not lost
     lost_fires: list = field(default_factory=list)
     doubled_fires: list = field(default_factory=list)
+    doubled_runs: list = field(default_factory=list)    # one claim (job, attempt) ended twice
+    phantoms: list = field(default_factory=list)        # succeeded, yet never ran
     run_twice: int = 0
     restarts: int = 0
     unasked_exits: list = field(default_factory=list)
@@ -279,7 +281,8 @@ class Report:
 
     @property
     def passed(self) -> bool:
-        return not (self.lost_jobs or self.lost_fires or self.doubled_fires or self.load_error)
+        return not (self.lost_jobs or self.lost_fires or self.doubled_fires or
+                    self.doubled_runs or self.phantoms or self.load_error)
 
     def table(self) -> str:
         faults = ", ".join(f"{k} {v}" for k, v in sorted(self.faults.items()))
@@ -293,13 +296,17 @@ class Report:
             ("  lost", len(self.lost_fires)),
             ("  doubled", len(self.doubled_fires)),
             ("jobs run more than once", f"{self.run_twice} (after a kill, pause or outage)"),
+            ("  one attempt run twice", len(self.doubled_runs)),
+            ("succeeded without a run", len(self.phantoms)),
             ("process restarts", self.restarts),
             ("ERROR lines in the logs", sum(self.errors.values())),
         ]
         lines = [f"fault run: {self.seconds:.0f} s of faults: {faults or 'none'}"]
         lines += [f"| {name:<30} | {value!s:>34} |" for name, value in rows]
         for what, ids in (("lost job", self.lost_jobs), ("lost fire", self.lost_fires),
-                          ("doubled fire", self.doubled_fires)):
+                          ("doubled fire", self.doubled_fires),
+                          ("attempt run twice", self.doubled_runs),
+                          ("succeeded without a run", self.phantoms)):
             lines += [f"{what}: {i} {self.details.get(i, '')}" for i in ids[:20]]
         lines += [f"{n} x {text}" for text, n in self.errors.most_common(5)]
         if self.unasked_exits:
@@ -369,13 +376,18 @@ def check(r: redis.Redis, keys: Keys, report: Report, accepted: list[str],
             k = (when.timestamp() - start) / SCHEDULES[job_id]
             if k < 0 or k != math.floor(k):
                 report.doubled_fires.append(fid)
-    ends = collections.Counter()
+    ends, claims = collections.Counter(), collections.Counter()
     with open(run_log, encoding="utf-8") as f:
         for line in f:
-            kind, job_id, *_ = line.split()
+            kind, job_id, attempt, *_ = line.split()
             if kind == "end":
                 ends[job_id] += 1
+                claims[job_id, attempt] += 1
     report.run_twice = sum(1 for n in ends.values() if n > 1)
+    # a redelivered job runs again under a new attempt; the same attempt twice is one claim
+    # run twice, which only a bug does
+    report.doubled_runs = [f"{j} attempt {a}" for (j, a), n in claims.items() if n > 1]
+    report.phantoms = [i for i in everything if status.get(i) == b"succeeded" and not ends[i]]
 
 
 def run(seconds: float, seed: int, drain: float, workdir: str) -> Report:

@@ -109,6 +109,31 @@ def _wait(client, job_id: str, timeout: float | None) -> dict:
             raise NotFound(str(exc)) from None
 
 
+def _submit_spec(args: argparse.Namespace) -> dict:
+    """The spec ``elric submit`` sends: built by the Job class (its queue, retries, timeout,
+    dedupe and limit keys) when the class imports here, else the name alone."""
+    import importlib
+
+    from elric.job import Job
+
+    options = {key: getattr(args, key) for key in ("queue", "job_id", "batch")
+               if getattr(args, key)}
+    arguments = [_argument(a) for a in args.arguments]
+    module, _, name = args.func_path.partition(":")
+    try:
+        cls = importlib.import_module(module)
+        for part in name.split("."):
+            cls = getattr(cls, part)
+    except Exception as exc:
+        print(f"elric: {args.func_path} is not importable here ({type(exc).__name__}: "
+              f"{exc}): sent by name, without its class's defaults (queue, retries, dedupe "
+              "and limit keys)", file=sys.stderr)
+        cls = None
+    if isinstance(cls, type) and issubclass(cls, Job):
+        return cls.spec(arguments, **options)
+    return {"func": args.func_path, "args": arguments, **options}   # the master judges it
+
+
 def _one_job(client, job_id: str) -> dict:
     job = client.get_job(job_id)
     if job is None:
@@ -149,14 +174,10 @@ def cmd_call(args: argparse.Namespace) -> int:
         elif command == "schedules":
             return _schedules(client, args, show)
         elif command == "submit":
-            spec = {"func": args.func_path, "args": [_argument(a) for a in args.arguments]}
-            for key in ("queue", "job_id", "batch"):
-                if getattr(args, key):
-                    spec[key] = getattr(args, key)
-            reply = client.submit_job(spec)
-            if not args.wait:
-                (show or (lambda r: print(r["job_id"])))(reply)
-                return 0
+            reply = client.submit_job(_submit_spec(args))
+            if not args.wait or reply["status"] != "queued":   # filtered: it never runs
+                (show or (lambda r: print(f"{r['job_id']} {r['status']}")))(reply)
+                return 0 if reply["status"] == "queued" or not args.wait else 1
             job = _wait(client, reply["job_id"], args.timeout)
             (show or views.job)(job)
             return 0 if job["status"] == "succeeded" else 1

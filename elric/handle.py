@@ -40,9 +40,14 @@ def wait(client, job_id: str, timeout: float | None = None,
 
 class JobHandle(str):
     """A submitted job's id (a str: it prints, compares and stores as the id) that can also
-    ask the master about the job."""
+    ask the master about the job. ``submitted``: what the submit answered (``queued``,
+    ``filtered``, ``scheduled``), or ``child`` for a job a running job submitted (it is
+    sent when its parent ends)."""
 
-    __slots__ = ()
+    def __new__(cls, job_id: str, submitted: str = "queued") -> "JobHandle":
+        handle = super().__new__(cls, job_id)
+        handle.submitted = submitted
+        return handle
 
     @property
     def id(self) -> str:
@@ -60,6 +65,13 @@ class JobHandle(str):
     def result(self, timeout: float | None = None) -> Any:
         """Wait for the job to end and return its result; JobFailed when it failed or was
         cancelled, TimeoutError when ``timeout`` seconds pass first."""
+        if self.submitted != "queued":
+            raise ValueError(
+                f"job {self.id} was {self.submitted}: " + {
+                    "filtered": "its dedupe key was seen, so it never runs",
+                    "scheduled": "a periodic job; each fire is a job of its own",
+                    "child": "a child job is sent when its parent ends; wait for it "
+                             "from outside the job"}.get(self.submitted, "it has no result"))
         job = wait(self._client(), self.id, timeout)
         if job["status"] != "succeeded":
             raise JobFailed(job)

@@ -127,6 +127,7 @@ class Job:
                 if ctx.spec.get(key) and key not in options:
                     spec[key] = ctx.spec[key]
             ctx.children.append(spec)
-            return JobHandle(spec["job_id"])
+            return JobHandle(spec["job_id"], "child")
         from elric.client import default_client  # only a script needs the client and settings
-        return JobHandle(default_client().submit_job(spec)["job_id"])
+        reply = default_client().submit_job(spec)
+        return JobHandle(reply["job_id"], reply["status"])

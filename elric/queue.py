@@ -463,11 +463,11 @@ class RedisQueue:
         now = await redis_now(self.redis)
         for (wid, seen), info in zip(workers_seen, infos):
             row = {_s(a): _s(b) for a, b in info.items()}
-            for key in ("pid", "concurrency", "async_concurrency", "processed"):
-                if key in row:   # numbers are numbers; times are epoch seconds
+            for key in ("pid", "concurrency", "async_concurrency", "processed", "started_at"):
+                if str(row.get(key, "")).isdigit():   # numbers are numbers (a bad value stays)
                     row[key] = int(row[key])
-            if "started_at" in row:
-                row["started_at"] = int(row["started_at"]) / 1000.0
+            if isinstance(row.get("started_at"), int):   # times are epoch seconds
+                row["started_at"] /= 1000.0
             for key in ("paused", "stop", "set_queues"):   # asked of it; "state" is what it does
                 row.pop(key, None)
             row.update(worker_id=_s(wid), last_seen=seen / 1000.0,

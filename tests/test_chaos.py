@@ -32,7 +32,7 @@ def test_the_checker_finds_lost_jobs_lost_fires_and_doubled_fires(redis_url, tmp
                                                "outcome": "missed"}))
     run_log = tmp_path / "runs.log"
     run_log.write_text("start j1 1 10\nend j1 1 10\nstart j1 2 11\nend j1 2 11\n"
-                       "start j2 1 10\nend j2 1 10\n")
+                       "start j2 1 10\nend j2 1 10\nstart j2 1 12\nend j2 1 12\n")
     report = Report(1, {})
     check(r, KEYS, report, ["j1", "j2", "j3", "j4"], starts, start + 3.5, str(run_log),
           drain=0)
@@ -41,7 +41,11 @@ def test_the_checker_finds_lost_jobs_lost_fires_and_doubled_fires(redis_url, tmp
     assert (report.fires_due, report.fires_queued, report.fires_not_run) == (6, 4, 1)
     assert report.lost_fires == [fire_id("tick1", start + 3)]
     assert report.doubled_fires == [fire_id("tick3", start + 4)]
-    assert report.run_twice == 1
+    assert report.run_twice == 2
+    assert report.doubled_runs == ["j2 attempt 1"]        # one claim run to its end twice
+    # every fire job marked succeeded here never wrote a run: succeeded without a run
+    assert report.phantoms == [fire_id("tick1", start), fire_id("tick1", start + 2),
+                               fire_id("tick3", start), fire_id("tick3", start + 3)]
     assert not report.passed and report.table().endswith("result: FAIL")
     r.close()
 

@@ -37,6 +37,9 @@ def test_commands_show_tables_and_json_and_exit_by_outcome(cluster):
     failed = elric(cluster, "submit", "tests.jobs:Fail", "no luck", "--wait", "--job-id", "f1")
     assert failed.returncode == 1 and "failed" in failed.stdout, failed.stdout + failed.stderr
     assert "ValueError: no luck" in failed.stdout
+    # the class builds the spec where it imports (its queue "b"), as Job.submit does
+    on_b = json.loads(elric(cluster, "submit", "tests.jobs:OnQueueB", "x", "--json").stdout)
+    assert cluster.client.get_job(on_b["job_id"])["queue"] == "b"
     markup = elric(cluster, "submit", "tests.jobs:Echo", "[/bold] is text", "--wait")
     assert markup.returncode == 0 and "[/bold] is text" in markup.stdout, markup.stderr
     queued = elric(cluster, "submit", "tests.jobs:Echo", '{"a": [1]}', "text", "--json")
@@ -113,6 +116,13 @@ def test_job_submit_returns_a_handle_that_waits_for_the_result(cluster):
             failed.result(timeout=30)
         assert str(info.value) == "job fails failed: ValueError: no luck"
         assert info.value.job["attempts"] == 1
+        from tests.jobs import KeyFromBytes   # its dedupe key: its argument
+        first = KeyFromBytes.submit_with([b"k"], job_id="c1", queue="nowhere")
+        again = KeyFromBytes.submit_with([b"k"], job_id="c2", queue="nowhere")
+        assert (first.submitted, again.submitted) == ("queued", "filtered")
+        with pytest.raises(ValueError, match="c2 was filtered: its dedupe key was seen"):
+            again.result(timeout=5)
+        cluster.client.cancel_job(first)
         slow = Sleep.submit(30)
         with pytest.raises(TimeoutError, match=f"job {slow} still"):
             slow.result(timeout=0.3)
