@@ -19,7 +19,7 @@ VENV = os.path.join(ROOT, ".venv")
 PY = os.path.join(VENV, "bin", "python")
 COMMANDS = {
     "demo": ["-m", "elric", "demo"],
-    "test": ["-m", "pytest", "tests"],
+    "test": ["-m", "pytest", "tests", "--durations=15"],   # the slowest: CI has 15 minutes
     "bench": [os.path.join("bench", "bench_throughput.py")],
 }
 
