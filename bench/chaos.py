@@ -42,6 +42,7 @@ sys.path.insert(0, ROOT)
 from bench.chaos_jobs import RUN_LOG, Logged  # noqa: E402
 from elric.client import MasterClient  # noqa: E402
 from elric.codec import unpack  # noqa: E402
+from elric.contract import Status  # noqa: E402
 from elric.jobstore import Outcome  # noqa: E402
 from elric.keys import Keys  # noqa: E402
 from elric.launch import Proc, elric_env, faketime_lib, start_master, start_worker  # noqa: E402
@@ -52,7 +53,7 @@ from elric.triggers import every  # noqa: E402
 
 LEASE = 3.0             # LEASE_SECONDS and SCHEDULER_LEASE: faults last a few of these
 SCHEDULES = {"tick1": 1, "tick3": 3}     # periodic job id -> interval in seconds
-ENDED = {b"succeeded", b"failed", b"cancelled"}
+ENDED = {s.value.encode() for s in Status if s.ended}   # as Redis gives them
 SETTINGS = {"JOB_MODULES": "bench.chaos_jobs", "LEASE_SECONDS": LEASE,
             "SCHEDULER_LEASE": LEASE, "RETRY_BACKOFF": 0.2, "RETRY_BACKOFF_MAX": 2,
             "LOG_LEVEL": "INFO"}

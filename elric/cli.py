@@ -14,6 +14,7 @@ import sys
 
 from elric import views
 from elric.config import SettingsError, load_settings
+from elric.contract import Status
 
 
 def _settings(args: argparse.Namespace, **overrides):
@@ -97,11 +98,11 @@ def _argument(text: str):
 
 def _wait(client, job_id: str, timeout: float | None) -> dict:
     """Wait for the job to end, with a spinner saying where it is."""
-    from rich.status import Status
+    from rich.status import Status as Spinner
 
     from elric.handle import wait
 
-    with Status(f"job {job_id}: queued", console=views.console) as spinner:
+    with Spinner(f"job {job_id}: queued", console=views.console) as spinner:
         try:
             return wait(client, job_id, timeout, on_status=lambda job: spinner.update(
                 f"job {job_id}: {job['status']} (attempt {job.get('attempts', 0)})"))
@@ -180,7 +181,7 @@ def cmd_call(args: argparse.Namespace) -> int:
                 return 0 if reply["status"] == "queued" or not args.wait else 1
             job = _wait(client, reply["job_id"], args.timeout)
             (show or views.job)(job)
-            return 0 if job["status"] == "succeeded" else 1
+            return 0 if job["status"] == Status.SUCCEEDED else 1
         elif command == "rerun":
             (show or (lambda r: print(f"job {r['job_id']}: {r['status']}")))(
                 client.rerun_job(args.job_id))

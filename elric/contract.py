@@ -31,6 +31,11 @@ class Status(StrEnum):
         """Queued, running or retrying: the job will still run."""
         return self in (Status.QUEUED, Status.RUNNING, Status.RETRYING)
 
+    @property
+    def ended(self) -> bool:
+        """Succeeded, failed or cancelled: the job ran its course and will not run again."""
+        return self in (Status.SUCCEEDED, Status.FAILED, Status.CANCELLED)
+
 
 STATUSES = tuple(Status)
 

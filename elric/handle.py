@@ -5,7 +5,9 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
-ENDED = ("succeeded", "failed", "cancelled")
+from elric.contract import Status
+
+ENDED = tuple(s for s in Status if s.ended)   # a periodic job's "paused" is no Status
 
 
 class JobFailed(Exception):
@@ -73,6 +75,6 @@ class JobHandle(str):
                     "child": "a child job is sent when its parent ends; wait for it "
                              "from outside the job"}.get(self.submitted, "it has no result"))
         job = wait(self._client(), self.id, timeout)
-        if job["status"] != "succeeded":
+        if job["status"] != Status.SUCCEEDED:
             raise JobFailed(job)
         return job.get("result")
