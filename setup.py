@@ -8,7 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["elric", "elric.*"]),
-    package_data={"elric": ["lua/*.lua"]},
+    package_data={"elric": ["lua/*.lua", "dashboard/templates/*.html"]},
     install_requires=[
         "redis>=5.3,<9",
         "hiredis>=2",  # C reply parser: less CPU per job in masters and workers
@@ -18,6 +18,8 @@ setup(
         "numpy>=1.24",   # redis-bloom: hashing and bit offsets of a batch at once
         "xxhash>=3",     # redis-bloom: one xxh3-128 hash per key
         "rich>=13",      # the elric command's tables and progress
+        # the web dashboard and /metrics a master serves when DASHBOARD_ADDRESS is set
+        "aiohttp>=3.9", "jinja2>=3.1", "prometheus-client>=0.20",
     ],
     extras_require={
         # the example crawler: async HTTP, and a faster event loop for async jobs
@@ -32,7 +34,9 @@ setup(
                  # faked clock across a DST change (tests/test_cron.py, tests/test_dst.py)
                  "croniter>=2", "libfaketime>=2",
                  # the example crawler's tests
-                 "aiohttp>=3.9", "uvloop>=0.19; sys_platform != 'win32'"],
+                 "aiohttp>=3.9", "uvloop>=0.19; sys_platform != 'win32'",
+                 # the dashboard in a real browser: Debian's chromium, driven by playwright
+                 "playwright>=1.40"],
     },
     entry_points={"console_scripts": ["elric = elric.cli:main"]},
 )

@@ -37,6 +37,10 @@ KEYS: dict[str, Key] = {
     "MASTER_ADDRESS": Key("127.0.0.1:7531", (str,),
                           "host:port the master listens on and clients and workers connect to"),
     "RPC_TOKEN": Key(None, (str,), "shared secret a connection must present first", True),
+    "DASHBOARD_ADDRESS": Key(None, (str,), "host:port the master serves the web dashboard and "
+                                           "/metrics on (default: no dashboard)", True),
+    "DASHBOARD_PASSWORD": Key(None, (str,), "the dashboard's login (default: RPC_TOKEN; with "
+                                            "neither it is read-only, on loopback only)", True),
     "RPC_MAX_MESSAGE": Key(8 * 1024 * 1024, (int,), "largest RPC message in bytes"),
     "CONCURRENCY": Key(None, (int,), "worker processes (default: CPU count)", True),
     "QUEUES": Key(["default"], (list,), "queues a worker pulls from"),
@@ -188,7 +192,7 @@ def _check(key: str, value: Any, where: str) -> Any:
                                                  "SCHEDULER_LEASE", "BLOOM_CAPACITY",
                                                  "DEDUPE_TTL", "DEDUPE_ROUND_TTL")):
             raise SettingsError(f"{key} (from {where}): must be positive, got {value!r}")
-    if key == "MASTER_ADDRESS":
+    if key in ("MASTER_ADDRESS", "DASHBOARD_ADDRESS"):
         parse_address(value, key)
     if key == "LOG_LEVEL" and value.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise SettingsError(f"{key} (from {where}): expected DEBUG, INFO, WARNING or ERROR")

@@ -84,6 +84,7 @@ class Master:
         self._stop = asyncio.Event()
         self.exit_code = 0   # 1 when a background task ended by itself
         self.server: Server | None = None
+        self.dashboard = None
 
     # --- lifecycle --------------------------------------------------------------------
     async def start(self) -> tuple[str, int]:
@@ -133,12 +134,34 @@ class Master:
         except OSError as exc:
             raise SettingsError(f"MASTER_ADDRESS {self.address}: cannot listen "
                                 f"({exc.strerror or exc})") from None
+        self.dashboard = await self._start_dashboard() if s.DASHBOARD_ADDRESS else None
         self._housekeeping = asyncio.create_task(self.housekeeping.run())
         self._scheduling = asyncio.create_task(self.scheduler.run())
         for task in (self._housekeeping, self._scheduling):
             task.add_done_callback(self._task_ended)
         log.info("master %s listening on %s:%d", self.master_id, *bound[:2])
         return bound
+
+    async def _start_dashboard(self):
+        from elric.dashboard import Dashboard
+        from elric.dashboard.access import is_loopback
+
+        s = self.settings
+        host, port = parse_address(s.DASHBOARD_ADDRESS, "DASHBOARD_ADDRESS")
+        password = s.DASHBOARD_PASSWORD or s.RPC_TOKEN
+        if not password and not is_loopback(host):
+            raise SettingsError(f"DASHBOARD_ADDRESS {s.DASHBOARD_ADDRESS}: the dashboard shows "
+                                "jobs' arguments and results; off loopback it needs a login: "
+                                "set DASHBOARD_PASSWORD")
+        dashboard = Dashboard(self, password)
+        try:
+            host, port = await dashboard.start(host, port)
+        except OSError as exc:
+            raise SettingsError(f"DASHBOARD_ADDRESS {s.DASHBOARD_ADDRESS}: cannot listen "
+                                f"({exc.strerror or exc})") from None
+        log.info("dashboard on http://%s:%d/ (%s)", host, port,
+                 "login required" if password else "read-only, no login")
+        return dashboard
 
     async def run(self) -> int:
         await self.start()
@@ -167,6 +190,8 @@ class Master:
         log.info("master %s stopping", self.master_id)
         if self.server is not None:
             await self.server.close(grace=SHUTDOWN_GRACE)
+        if self.dashboard is not None:
+            await self.dashboard.close()
         self._housekeeping.cancel()
         try:
             await asyncio.wait_for(self.scheduler.stop(), self.settings.SCHEDULER_LEASE)

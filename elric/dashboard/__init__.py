@@ -1,0 +1,228 @@
+"""The web dashboard, served by a master when ``DASHBOARD_ADDRESS`` is set.
+
+Server-rendered pages (aiohttp and Jinja2, no build step); each page refreshes its main
+part every two seconds. Every figure is read from Redis through the master's own RPC
+handlers, so a restarted dashboard, or two of them, show the same. Actions call the same
+handlers as the RPC, with the same checks and errors. ``access.py`` says who may see what.
+"""
+
+from __future__ import annotations
+
+import logging
+from urllib.parse import urlencode
+
+import jinja2
+from aiohttp import web
+
+from elric.contract import ErrorCode, STATUSES
+from elric.dashboard import metrics
+from elric.dashboard.access import COOKIE, SESSION_SECONDS, Access
+from elric.rpc import RequestError
+from elric.views import when
+
+log = logging.getLogger("elric.dashboard")
+
+PAGE = 50                      # rows per page of a job list
+LIVE_HEADER = "X-Elric-Live"   # a refresh asks for the page's main part only
+HTTP_STATUS = {ErrorCode.NOT_FOUND: 404, ErrorCode.BAD_REQUEST: 400,
+               ErrorCode.REDIS_UNAVAILABLE: 503}
+PAGES = (("/", "overview"), ("/workers", "workers"), ("/schedules", "schedules"),
+         ("/jobs", "jobs"), ("/jobs?status=failed", "failed"), ("/stats", "statistics"),
+         ("/redis", "redis"))
+
+
+def _actions(master) -> dict:
+    """(kind, action) -> the master's RPC handler that does it to one id."""
+    def worker(action):
+        return lambda worker_id: master.control_worker(worker_id, action)
+    return {("worker", "pause"): worker("pause"), ("worker", "resume"): worker("resume"),
+            ("worker", "stop"): worker("stop"),
+            ("job", "retry"): master.rerun_job, ("job", "cancel"): master.cancel_job,
+            ("job", "delete"): master.remove_job,
+            ("schedule", "pause"): master.pause_job, ("schedule", "resume"): master.resume_job,
+            ("schedule", "remove"): master.remove_job}
+
+
+def _local_path(value: str, fallback: str = "/") -> str:
+    """A redirect target on this site only (no //host, no scheme)."""
+    return value if value.startswith("/") and not value.startswith("//") else fallback
+
+
+class Dashboard:
+    def __init__(self, master, password: str | None) -> None:
+        self.master = master
+        self.access = Access(password)
+        self.actions = _actions(master)
+        self.templates = jinja2.Environment(
+            loader=jinja2.PackageLoader("elric", "dashboard/templates"),
+            autoescape=True, trim_blocks=True, lstrip_blocks=True)
+        self.templates.filters["when"] = when
+        self.app = web.Application(middlewares=[self._guard])
+        self.app.add_routes([
+            web.get("/", self.overview), web.get("/workers", self.workers),
+            web.get("/schedules", self.schedules), web.get("/jobs", self.jobs),
+            web.get("/jobs/{job_id}", self.job), web.get("/stats", self.stats),
+            web.get("/redis", self.redis_page), web.get("/metrics", self.metrics),
+            web.get("/login", self.login_page), web.post("/login", self.login),
+            web.post("/logout", self.logout), web.post("/act", self.act)])
+        self.runner: web.AppRunner | None = None
+
+    async def start(self, host: str, port: int) -> tuple[str, int]:
+        self.runner = web.AppRunner(self.app, access_log=None)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, host, port).start()
+        return self.runner.addresses[0][:2]
+
+    async def close(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+    # --- plumbing ---------------------------------------------------------------------
+    @web.middleware
+    async def _guard(self, request: web.Request, handler):
+        if not self.access.may_read(request):
+            if request.method == "GET":
+                raise web.HTTPSeeOther("/login?" + urlencode({"next": request.path_qs}))
+            raise web.HTTPForbidden(text="log in first")
+        try:
+            response = await handler(request)
+        except RequestError as exc:
+            response = self._render(request, "error.html", status=HTTP_STATUS.get(exc.code, 500),
+                                    message=str(exc), code=exc.code)
+        response.headers["X-Frame-Options"] = "DENY"   # no clickjacking of the buttons
+        response.headers["Cache-Control"] = "no-store"
+        return response
+
+    def _render(self, request: web.Request, name: str, status: int = 200, **context):
+        html = self.templates.get_template(name).render(
+            live=LIVE_HEADER in request.headers, path=request.path_qs, pages=PAGES,
+            can_act=self.access.login_required,
+            csrf=self.access.csrf_token(request), note=request.query.get("note", ""),
+            **context)
+        return web.Response(text=html, status=status, content_type="text/html")
+
+    # --- pages ------------------------------------------------------------------------
+    async def overview(self, request: web.Request):
+        stats = await self.master.stats()
+        health = await self.master.health()
+        return self._render(request, "overview.html", stats=stats, health=health,
+                            chart=_chart(stats.get("throughput", [])))
+
+    async def workers(self, request: web.Request):
+        stats = await self.master.stats()
+        return self._render(request, "workers.html", workers=stats["workers"])
+
+    async def schedules(self, request: web.Request):
+        offset = _int(request.query.get("offset"), 0)
+        rows = await self.master.list_jobs({"status": "scheduled", "offset": offset,
+                                            "limit": PAGE})
+        for row in rows:   # the last outcomes of each
+            job = await self.master.store.get(row["job_id"])
+            row["runs"] = (job or {}).get("runs", [])[-5:]
+        return self._render(request, "schedules.html", rows=rows, offset=offset, page=PAGE)
+
+    async def jobs(self, request: web.Request):
+        q = request.query
+        if q.get("id"):
+            raise web.HTTPSeeOther(f"/jobs/{q['id'].strip()}")
+        filters = {k: q[k] for k in ("status", "queue", "func", "batch") if q.get(k)}
+        offset = _int(q.get("offset"), 0)
+        rows = await self.master.list_jobs({**filters, "offset": offset, "limit": PAGE})
+        return self._render(request, "jobs.html", rows=rows, filters=filters, offset=offset,
+                            page=PAGE, statuses=[s for s in STATUSES if s != "filtered"],
+                            query=urlencode(filters))
+
+    async def job(self, request: web.Request):
+        job_id = request.match_info["job_id"]
+        job = await self.master.get_job(job_id)
+        if job is None:
+            raise RequestError(f"no job {job_id!r}", ErrorCode.NOT_FOUND)
+        return self._render(request, "job.html", job=job)
+
+    async def stats(self, request: web.Request):
+        stats = await self.master.stats()
+        return self._render(request, "stats.html", funcs=stats.get("funcs", {}),
+                            batches=stats["batches"], filters=stats["filters"])
+
+    async def redis_page(self, request: web.Request):
+        info = await self.master.redis.info()
+        try:
+            policy = (await self.master.redis.config_get("maxmemory-policy")).get(
+                "maxmemory-policy", "unknown")
+        except Exception:   # CONFIG may be renamed or disabled on a managed Redis
+            policy = "unknown (CONFIG GET refused)"
+        policy = policy.decode() if isinstance(policy, bytes) else policy
+        warnings = []
+        if not info.get("aof_enabled"):
+            warnings.append("AOF is off: a Redis crash loses the jobs accepted since the last "
+                            "snapshot. Set appendonly yes.")
+        if policy != "noeviction":
+            warnings.append(f"maxmemory-policy is {policy}: Redis may evict jobs when full. "
+                            "Set maxmemory-policy noeviction.")
+        return self._render(request, "redis.html", info=info, policy=policy,
+                            warnings=warnings)
+
+    async def metrics(self, request: web.Request):
+        body = metrics.render(await self.master.stats())
+        return web.Response(body=body, headers={"Content-Type": metrics.CONTENT_TYPE})
+
+    # --- login and actions ------------------------------------------------------------
+    async def login_page(self, request: web.Request, error: str = "", next: str = ""):
+        return self._render(request, "login.html", error=error,
+                            next=_local_path(next or request.query.get("next", "/")),
+                            status=401 if error else 200)
+
+    async def login(self, request: web.Request):
+        form = await request.post()
+        if not self.access.password_ok(str(form.get("password", ""))):
+            log.warning("dashboard: a failed login from %s", request.remote)
+            return await self.login_page(
+                request, "wrong password" if self.access.login_required
+                else "this dashboard has no password: it is read-only",
+                next=str(form.get("next", "/")))
+        response = web.HTTPSeeOther(_local_path(str(form.get("next", "/"))))
+        response.set_cookie(COOKIE, self.access.new_session(), max_age=SESSION_SECONDS,
+                            httponly=True, samesite="Strict")
+        return response
+
+    async def logout(self, request: web.Request):
+        response = web.HTTPSeeOther("/login")
+        response.del_cookie(COOKIE)
+        return response
+
+    async def act(self, request: web.Request):
+        """One action on one or many ids (a bulk retry sends every id it lists)."""
+        form = await request.post()
+        refused = self.access.may_act(request, form)
+        if refused:
+            raise web.HTTPForbidden(text=refused)
+        kind, action, ids = form.get("kind"), form.get("action"), form.getall("id", [])
+        handler = self.actions.get((kind, action))
+        if handler is None or not ids:
+            raise web.HTTPBadRequest(text=f"unknown action {kind!r} {action!r}, or no id")
+        done, errors = 0, []
+        for one in ids:
+            try:
+                await handler(one)
+                done += 1
+            except RequestError as exc:
+                errors.append(f"{one}: {exc}")
+        log.info("dashboard: %s %s: %d of %d done", kind, action, done, len(ids))
+        note = f"{action}: {done} of {len(ids)} done" + "".join(f"; {e}" for e in errors[:3])
+        target = _local_path(str(form.get("next", "/")))
+        target += ("&" if "?" in target else "?") + urlencode({"note": note})
+        raise web.HTTPSeeOther(target)
+
+
+def _int(value, default: int) -> int:
+    return int(value) if value and value.isdigit() else default
+
+
+def _chart(minutes: list[dict]) -> dict:
+    """Bars of succeeded and failed jobs per minute, scaled to the busiest minute."""
+    top = max([m.get("succeeded", 0) + m.get("failed", 0) for m in minutes] + [1])
+    return {"top": top, "bars": [
+        {"minute": m["minute"], "ok": m.get("succeeded", 0) / top * 100,
+         "failed": m.get("failed", 0) / top * 100,
+         "label": f"{m.get('succeeded', 0)} succeeded, {m.get('failed', 0)} failed"}
+        for m in minutes]}

@@ -1,0 +1,88 @@
+"""Who may see and steer the dashboard.
+
+Jobs' arguments, results and tracebacks are private. Without a password the dashboard
+serves only a loopback address, read-only. With one (``DASHBOARD_PASSWORD``, else
+``RPC_TOKEN``) every page needs a login, and every action a CSRF token bound to the
+session. The session cookie is signed with a key derived from the password, so every
+dashboard of the cluster accepts it and a changed password ends every session.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import time
+
+from aiohttp import web
+
+COOKIE = "elric_session"
+SESSION_SECONDS = 12 * 3600
+OPEN_PATHS = ("/login",)   # what a visitor who has not logged in may load
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class Access:
+    def __init__(self, password: str | None) -> None:
+        self.password = password
+        self._key = hashlib.sha256(b"elric-dashboard\0" + password.encode()).digest() \
+            if password else b""
+
+    @property
+    def login_required(self) -> bool:
+        return self.password is not None
+
+    def _sign(self, text: str) -> str:
+        return hmac.new(self._key, text.encode(), hashlib.sha256).hexdigest()
+
+    def password_ok(self, given: str) -> bool:
+        return self.login_required and hmac.compare_digest(given.encode(),
+                                                           self.password.encode())
+
+    def new_session(self) -> str:
+        expires = str(int(time.time()) + SESSION_SECONDS)
+        return f"{expires}.{self._sign(expires)}"
+
+    def session(self, request: web.Request) -> str | None:
+        """The request's session cookie when it is valid and not expired, else None."""
+        value = request.cookies.get(COOKIE, "")
+        expires, _, signature = value.partition(".")
+        if not (self.login_required and expires.isdigit() and int(expires) > time.time()):
+            return None
+        return value if hmac.compare_digest(signature, self._sign(expires)) else None
+
+    def csrf_token(self, request: web.Request) -> str:
+        session = self.session(request)
+        return self._sign(f"csrf:{session}") if session else ""
+
+    def may_act(self, request: web.Request, form) -> str | None:
+        """Why this POST may not change anything, or None when it may."""
+        if not self.login_required:
+            return ("this dashboard is read-only: set DASHBOARD_PASSWORD on the master to "
+                    "act from it")
+        session = self.session(request)
+        if session is None:
+            return "log in first"
+        origin = request.headers.get("Origin")
+        if origin and origin != f"{request.scheme}://{request.host}":
+            return f"refused a request from another site ({origin})"
+        if not hmac.compare_digest(str(form.get("csrf", "")), self.csrf_token(request)):
+            return "the form is stale or forged: reload the page and try again"
+        return None
+
+    def may_read(self, request: web.Request) -> bool:
+        if not self.login_required or request.path in OPEN_PATHS:
+            return True
+        if self.session(request) is not None:
+            return True
+        # Prometheus sends the password as a bearer token
+        bearer = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        return request.path == "/metrics" and self.password_ok(bearer)

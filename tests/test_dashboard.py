@@ -1,0 +1,178 @@
+"""The web dashboard in a real headless browser (Debian's chromium, driven by playwright),
+against real masters, a real worker and a real Redis: what an operator sees and does."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import urllib.error
+import urllib.parse
+import urllib.request
+
+import pytest
+
+from elric.redis_server import free_port
+from tests.conftest import wait_for
+
+PASSWORD = "correct horse"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture
+def browser():
+    if CHROMIUM is None:
+        pytest.skip("no chromium on PATH: `python3 bootstrap.py test` installs Debian's "
+                    "chromium when it runs as root; else install it (apt install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+def get(url: str, **headers) -> tuple[int, str]:
+    request = urllib.request.Request(url, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def counts(page) -> dict[str, str]:
+    """The overview's job counts, as the page shows them."""
+    return {card.get_attribute("id"): card.locator("b").inner_text()
+            for card in page.locator(".card").all()}
+
+
+def test_an_operator_sees_a_worker_pauses_it_and_retries_a_failed_job(
+        make_cluster, browser, tmp_path):
+    ports = free_port(), free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{ports[0]}",
+                           DASHBOARD_PASSWORD=PASSWORD)
+    cluster.start_master()
+    # a second master with a dashboard of its own: the same Redis, so the same numbers
+    cluster.start_master(address=f"127.0.0.1:{free_port()}",
+                         DASHBOARD_ADDRESS=f"127.0.0.1:{ports[1]}")
+    worker = cluster.start_worker("--concurrency", "1")
+    client = cluster.client
+    client.submit_job({"func": "tests.jobs:Add", "args": [2, 3], "job_id": "added"})
+    marker = tmp_path / "may-succeed"
+    client.submit_job({"func": "tests.jobs:FailUnlessFile", "args": [str(marker)],
+                       "job_id": "flaky"})
+    cluster.wait_job("added")
+    cluster.wait_job("flaky")
+    first, second = (f"http://127.0.0.1:{port}" for port in ports)
+
+    page = browser.new_page()
+    page.goto(first + "/workers")
+    assert "/login" in page.url   # every page needs a login when a password is set
+    page.fill("input[name=password]", "wrong")
+    page.press("input[name=password]", "Enter")
+    page.wait_for_selector("text=wrong password")
+    page.fill("input[name=password]", PASSWORD)
+    page.press("input[name=password]", "Enter")
+    page.wait_for_url(first + "/workers")
+
+    # a live worker, and a finished job
+    row = page.locator("tr.worker", has_text=str(worker.pid))
+    assert row.locator("td.state").inner_text() == "running"
+    page.goto(first + "/jobs?status=succeeded")
+    assert page.locator("tr.job[data-id=added] td.status").inner_text() == "succeeded"
+    page.goto(first + "/jobs/added")
+    assert "tests.jobs:Add" in page.content()
+
+    # a click pauses the worker; then it takes no job
+    page.goto(first + "/workers")
+    page.locator("tr.worker", has_text=str(worker.pid)).locator("button", has_text="pause").click()
+    page.wait_for_selector("text=pause: 1 of 1 done")
+    paused = wait_for(lambda: (lambda w: w if w["state"] == "paused" else None)(
+        _worker(client, worker.pid)), what="the worker paused")
+    client.submit_job({"func": "tests.jobs:Add", "args": [1, 1], "job_id": "while-paused"})
+    # two more heartbeats of the paused worker, and the job still waits
+    wait_for(lambda: _worker(client, worker.pid)["last_seen"] > paused["last_seen"] + 1.5,
+             what="two heartbeats of the paused worker")
+    assert client.get_job("while-paused")["status"] == "queued"
+    wait_for(lambda: page.locator("tr.worker", has_text=str(worker.pid))
+             .locator("td.state").inner_text() == "paused", what="the page shows it paused")
+    page.locator("tr.worker", has_text=str(worker.pid)).locator("button",
+                                                                has_text="resume").click()
+    cluster.wait_job("while-paused")
+
+    # a failed job is retried from the page, and succeeds this time
+    page.goto(first + "/jobs?status=failed")
+    assert "FileNotFoundError" in page.locator("tr.job[data-id=flaky]").inner_text()
+    marker.write_text("now")
+    page.locator("tr.job[data-id=flaky] button.retry").click()
+    page.wait_for_selector("text=retry: 1 of 1 done")
+    job = cluster.wait_job("flaky")
+    assert job["status"] == "succeeded"   # (a rerun starts its attempts again)
+
+    # the second dashboard (another master) shows the same numbers; the login holds there
+    page.goto(first + "/")
+    ours = counts(page)
+    other = browser.new_page(storage_state=page.context.storage_state())
+    other.goto(second + "/")
+    assert counts(other) == ours and ours["count-succeeded"] == "3", (ours, counts(other))
+    shot = os.environ.get("DASHBOARD_SCREENSHOT")   # docs/dashboard.png is made so
+    page.screenshot(path=shot or str(tmp_path / "dashboard.png"), full_page=True)
+
+
+def _worker(client, pid: int) -> dict:
+    return next(w for w in client.stats()["workers"] if w.get("pid") == pid)
+
+
+def test_without_a_password_it_is_read_only_and_serves_loopback_only(make_cluster):
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}")
+    cluster.start_master()
+    cluster.client.submit_job({"func": "tests.jobs:Add", "args": [1, 2], "job_id": "j1"})
+    base = f"http://127.0.0.1:{port}"
+    status, html = get(base + "/jobs?status=queued")
+    assert status == 200 and "j1" in html and "read-only" in html
+    data = urllib.parse.urlencode({"kind": "job", "action": "delete", "id": "j1"}).encode()
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(base + "/act", data=data, timeout=10)
+    assert refused.value.code == 403 and b"DASHBOARD_PASSWORD" in refused.value.read()
+    assert cluster.client.get_job("j1")["status"] == "queued"
+    # a job that is not there is a 404 page, not a crash
+    assert get(base + "/jobs/nope")[0] == 404
+
+    # off loopback without a password the master refuses to start, naming the setting
+    bad = make_cluster(DASHBOARD_ADDRESS=f"0.0.0.0:{free_port()}")
+    with pytest.raises(RuntimeError, match="DASHBOARD_PASSWORD"):
+        bad.start_master()   # (start_master raises with the log of a master that exited)
+
+
+def test_actions_need_the_session_token_and_metrics_need_the_password(make_cluster):
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}", DASHBOARD_PASSWORD=PASSWORD)
+    cluster.start_master()
+    cluster.client.submit_job({"func": "tests.jobs:Add", "args": [1, 2], "job_id": "j1"})
+    base = f"http://127.0.0.1:{port}"
+    html = get(base + "/jobs/j1")[1]
+    assert 'name="password"' in html and "tests.jobs:Add" not in html   # a login instead
+
+    # logged in, a POST without the form's token, or from another site, changes nothing
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor())
+    opener.open(base + "/login", data=urllib.parse.urlencode({"password": PASSWORD}).encode())
+    html = opener.open(base + "/jobs?status=queued").read().decode()
+    token = re.search(r'name="csrf" value="([0-9a-f]+)"', html).group(1)
+    for form, headers in (({}, {}), ({"csrf": token}, {"Origin": "http://evil.example"})):
+        data = urllib.parse.urlencode({"kind": "job", "action": "delete", "id": "j1",
+                                       **form}).encode()
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            opener.open(urllib.request.Request(base + "/act", data=data, headers=headers))
+        assert refused.value.code == 403
+    assert cluster.client.get_job("j1")["status"] == "queued"
+    data = urllib.parse.urlencode({"kind": "job", "action": "delete", "id": "j1",
+                                   "csrf": token}).encode()
+    opener.open(base + "/act", data=data)
+    assert cluster.client.get_job("j1") is None
+
+    # Prometheus: the password as a bearer token; without it, nothing
+    assert "elric_jobs" not in get(base + "/metrics")[1]
+    status, text = get(base + "/metrics", Authorization=f"Bearer {PASSWORD}")
+    assert status == 200 and 'elric_job_events_total{event="submitted"} 1.0' in text
