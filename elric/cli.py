@@ -70,7 +70,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from elric.demo import run_demo
 
-    return run_demo(settings_path=args.settings, pages=args.pages)
+    return run_demo(settings_path=args.settings, pages=args.pages, keep=args.keep)
 
 
 def _client(args: argparse.Namespace):
@@ -265,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="crawl a demo site on 127.0.0.1 with a master and a worker")
     p.add_argument("--pages", type=int, default=25, help="pages of the demo site")
+    p.add_argument("--keep", action="store_true",
+                   help="keep everything running after the crawl, to look at the dashboard")
     p.set_defaults(func=cmd_demo)
 
     calls = (("ping", "ask the master for pong"), ("status", "an overview: jobs, workers, "

@@ -19,7 +19,8 @@ from elric.config import load_settings
 from elric.redis_server import RedisServer, free_port
 
 
-def run_demo(settings_path: str | None = None, pages: int = 25, timeout: float = 120.0) -> int:
+def run_demo(settings_path: str | None = None, pages: int = 25, timeout: float = 120.0,
+             keep: bool = False) -> int:
     from elric.client import MasterClient
     from elric.launch import elric_env, start_master, start_worker
     from elric.demo.site import DemoSite
@@ -42,16 +43,19 @@ def run_demo(settings_path: str | None = None, pages: int = 25, timeout: float =
         redis_url = redis_server.url
         print(f"started redis-server (pid {redis_server.proc.pid}) on {redis_url}")
     address = f"127.0.0.1:{free_port()}"
+    dashboard = f"127.0.0.1:{free_port()}"
     # JOB_MODULES: the demo's worker loads only its crawler, whatever a settings.py here says
     # LIMITS: a polite crawl, at most 16 pages of one host in flight across the cluster
     env = elric_env(redis_url, address, KEY_PREFIX=f"elric-demo-{os.getpid()}",
                     LOG_LEVEL="WARNING", JOB_MODULES=Crawl.__module__,
-                    LIMITS='{"*": {"concurrency": 16}}')
+                    LIMITS='{"*": {"concurrency": 16}}', DASHBOARD_ADDRESS=dashboard)
     site = DemoSite(pages).start()
     try:
         master = start_master(env, os.path.join(logdir, "master.log"))
         started.append(master)
-        print(f"started master (pid {master.pid}) on {address}")
+        print(f"started master (pid {master.pid}) on {address}; its dashboard: "
+              f"http://{dashboard}/" + ("" if keep else " (add --keep to look at it after "
+                                                      "the crawl)"))
         worker = start_worker(env, os.path.join(logdir, "worker.log"),
                               extra=["--queues", "crawl", "--concurrency", "2"])
         started.append(worker)
@@ -87,6 +91,13 @@ def run_demo(settings_path: str | None = None, pages: int = 25, timeout: float =
               f"{failed} failed")
         client.close()
         ok = len(jobs) == len(site.paths()) and failed == 0
+        if keep:
+            print(f"the dashboard stays at http://{dashboard}/ until you press Ctrl-C")
+            try:
+                while master.alive():
+                    time.sleep(0.5)
+            except KeyboardInterrupt:
+                pass
         return 0 if ok else 1
     finally:
         for proc in reversed(started):
