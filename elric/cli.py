@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+from datetime import datetime
 
 from elric import views
 from elric.config import SettingsError, load_settings
@@ -182,16 +183,79 @@ def cmd_call(args: argparse.Namespace) -> int:
             job = _wait(client, reply["job_id"], args.timeout)
             (show or views.job)(job)
             return 0 if job["status"] == Status.SUCCEEDED else 1
+        elif command in BULK and (command == "copy" or _bulk_filter(args) or
+                                  len(args.job_ids) != 1):
+            return _bulk(client, args, show)
         elif command == "rerun":
             (show or (lambda r: print(f"job {r['job_id']}: {r['status']}")))(
-                client.rerun_job(args.job_id))
-        elif command == "remove":
-            if not client.remove_job(args.job_id):
-                raise NotFound(f"no job {args.job_id!r}")
-            (show or (lambda r: print(f"job {args.job_id}: removed")))(True)
+                client.rerun_job(args.job_ids[0]))
+        elif command in ("remove", "delete"):
+            if not client.remove_job(args.job_ids[0]):
+                raise NotFound(f"no job {args.job_ids[0]!r}")
+            (show or (lambda r: print(f"job {args.job_ids[0]}: removed")))(True)
         elif command == "cancel":
             (show or (lambda r: print(f"job {r['job_id']}: {r['status']} (was {r['was']})")))(
-                client.cancel_job(args.job_id))
+                client.cancel_job(args.job_ids[0]))
+    return 0
+
+
+# command -> the bulk_jobs action it runs on a filter (purge: delete a queue's waiting jobs)
+BULK = {"rerun": "rerun", "copy": "copy", "cancel": "cancel", "remove": "delete",
+        "delete": "delete", "purge": "delete"}
+
+
+def _when(text: str) -> float:
+    """Epoch seconds, or an ISO 8601 time (local time when it names no zone)."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        raise UsageError(f"{text!r} is not a time: give epoch seconds or ISO 8601, e.g. "
+                         "2026-12-04T10:00") from None
+
+
+def _bulk_filter(args: argparse.Namespace) -> dict:
+    if args.command == "purge":
+        return {"status": "queued", "queue": args.queue_name}
+    f = {key: getattr(args, key) for key in ("status", "queue", "batch", "worker")
+         if getattr(args, key)}
+    if args.by_func:
+        f["func"] = args.by_func
+    f.update({key: _when(getattr(args, key)) for key in ("since", "until")
+              if getattr(args, key)})
+    return f
+
+
+def _bulk(client, args: argparse.Namespace, show) -> int:
+    """Run a bulk operation step by step, with a running count, until its cursor ends."""
+    from rich.status import Status as Spinner
+
+    action, f = BULK[args.command], _bulk_filter(args)
+    if getattr(args, "job_ids", None):
+        f["ids"] = args.job_ids
+    op = os.urandom(4).hex() if action == "copy" else ""
+    total = {"touched": 0, "skipped": 0, "errors": []}
+    cursor = ""
+    with Spinner(f"{args.command}: starting", console=views.console) as spinner:
+        while True:
+            step = client.bulk_jobs(action, f, cursor, op)
+            total["touched"] += step["touched"]
+            total["skipped"] += step["skipped"]
+            total["errors"] += step["errors"][:5 - len(total["errors"])]
+            spinner.update(f"{args.command}: {total['touched']} done, "
+                           f"{total['skipped']} skipped")
+            cursor = step["cursor"]
+            if not cursor:
+                break
+    if show:
+        show(total)
+    else:
+        print(f"{args.command}: {total['touched']} jobs done, {total['skipped']} skipped")
+        for error in total["errors"]:
+            print(f"  skipped: {error}")
     return 0
 
 
@@ -276,14 +340,29 @@ def build_parser() -> argparse.ArgumentParser:
              ("jobs", "list jobs, newest first"),
              ("schedules", "list periodic jobs, or pause|resume|remove one"),
              ("submit", "submit a job by name; --wait for its outcome"),
-             ("rerun", "run a finished job again"), ("remove", "remove a job"),
-             ("cancel", "stop a job: it never runs, or stops running"))
+             ("rerun", "run finished jobs again (same ids)"),
+             ("copy", "submit copies of jobs (new ids)"),
+             ("cancel", "stop jobs: they never run, or stop running"),
+             ("delete", "delete jobs that are not running"), ("remove", "the same as delete"),
+             ("purge", "delete every job waiting in a queue"))
     for name, help_text in calls:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--master", help="master host:port (MASTER_ADDRESS)")
         p.add_argument("--json", action="store_true", help="print the reply as JSON")
-        if name in ("job", "rerun", "remove", "cancel"):
+        if name == "job":
             p.add_argument("job_id")
+        if name in BULK and name != "purge":
+            p.add_argument("job_ids", nargs="*", metavar="ID",
+                           help="job ids; or none, and a filter below")
+            p.add_argument("--status")
+            p.add_argument("--queue")
+            p.add_argument("--func", dest="by_func", help='"package.module:ClassName"')
+            p.add_argument("--batch")
+            p.add_argument("--worker", help="the worker that ran it last")
+            p.add_argument("--since", help="submitted at or after (ISO 8601 or epoch s)")
+            p.add_argument("--until", help="submitted before")
+        if name == "purge":
+            p.add_argument("queue_name", metavar="QUEUE")
         if name == "jobs":
             p.add_argument("--status")
             p.add_argument("--queue")

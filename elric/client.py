@@ -71,6 +71,11 @@ class MasterClient:
     def list_jobs(self, **filter: Any) -> list[dict]:
         return self.call("list_jobs", filter)
 
+    def bulk_jobs(self, action: str, filter: dict, cursor: str = "", op: str = "") -> dict:
+        """One step of rerun / copy / cancel / delete over the jobs ``filter`` picks; call
+        again with the reply's ``cursor`` until it is ""."""
+        return self.call("bulk_jobs", action, filter, cursor, op)
+
     def stats(self) -> dict:
         return self.call("stats")
 

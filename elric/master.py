@@ -10,6 +10,7 @@ make is an atomic script.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import gc
 import logging
@@ -23,6 +24,7 @@ from redis.exceptions import ResponseError
 
 from elric import contract, limits
 from elric.admission import Admission
+from elric.bulk import Bulk, JobFilter
 from elric.clock import RedisClock
 from elric.config import Settings, SettingsError, parse_address, redact_url
 from elric.contract import ErrorCode, SpecError, Status
@@ -115,6 +117,7 @@ class Master:
             self.filters[backend] = f
         gate = DedupeGate(s, self.filters, self.queue)
         self.admission = Admission(s, self.queue, self.store, gate, self.redis, self.keys)
+        self.bulk = Bulk(self.queue, self.admission, self.redis, self.keys)
         self.housekeeping = Housekeeping(self.queue, gate, self.redis, self.keys,
                                          s.DEDUPE_ROUND_TTL)
         self.scheduler = Scheduler(self.redis, self.keys, self.store,
@@ -340,6 +343,14 @@ class Master:
         return await self.queue.list_jobs(
             status=status, queue=filter.get("queue"), func=filter.get("func"),
             batch=filter.get("batch"), offset=offset, limit=limit)
+
+    @_rpc
+    async def bulk_jobs(self, action, filter, cursor="", op="") -> dict:
+        """One step of an operation on the jobs ``filter`` picks (elric/bulk.py)."""
+        if not isinstance(cursor, str) or not isinstance(op, str):
+            raise SpecError("bulk_jobs: cursor and op must be strings")
+        step = await self.bulk.run(action, JobFilter.parse(filter), cursor, op)
+        return dataclasses.asdict(step)
 
     @_rpc
     async def stats(self) -> dict:

@@ -1,0 +1,170 @@
+"""Operations on many jobs chosen by a filter: rerun, copy, cancel, delete.
+
+A call walks the status indexes (queued jobs: their queues) with ZSCAN, a step at a time,
+and returns a cursor to continue from: a million jobs are never in memory at once, and no
+call holds the master for long. ZSCAN returns every job that stays in an index for the
+whole walk, perhaps twice; each action is safe to repeat (a copy's id is derived from the
+source's and the operation's, and submitting an existing id changes nothing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from elric.contract import STATUSES, SpecError, Status
+
+ACTIONS = ("rerun", "copy", "cancel", "delete")
+STEP = 2000   # jobs looked at per call
+SCAN = 500    # per ZSCAN round trip
+_FIELDS = ("status", "queue", "func", "batch", "worker", "enqueued_at")
+# statuses with an index of their own (queued jobs are indexed by their queue)
+_INDEXED = [s for s in STATUSES if s not in (Status.QUEUED, Status.SCHEDULED, Status.FILTERED)]
+
+
+@dataclass(frozen=True)
+class JobFilter:
+    """Which jobs an operation touches; every given field must match."""
+
+    status: str | None = None
+    queue: str | None = None
+    func: str | None = None
+    batch: str | None = None
+    worker: str | None = None
+    since: float | None = None    # submitted at or after (epoch seconds)
+    until: float | None = None    # submitted before
+    ids: list[str] = field(default_factory=list)
+
+    @classmethod
+    def parse(cls, raw) -> JobFilter:
+        if not isinstance(raw, dict):
+            raise SpecError(f"filter must be a map, got {type(raw).__name__}")
+        unknown = set(raw) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise SpecError(f"unknown filter key(s) {sorted(map(str, unknown))}; known: "
+                            f"{', '.join(cls.__dataclass_fields__)}")
+        for key in ("status", "queue", "func", "batch", "worker"):
+            if raw.get(key) is not None and not isinstance(raw[key], str):
+                raise SpecError(f"filter {key} must be a string")
+        for key in ("since", "until"):
+            if raw.get(key) is not None and (isinstance(raw[key], bool)
+                                             or not isinstance(raw[key], (int, float))):
+                raise SpecError(f"filter {key} must be epoch seconds")
+        ids = raw.get("ids") or []
+        if not isinstance(ids, list) or not all(isinstance(i, str) and i for i in ids):
+            raise SpecError("filter ids must be an array of job ids")
+        status = raw.get("status")
+        if status is not None and status not in _INDEXED + [Status.QUEUED]:
+            raise SpecError(f"filter status {status!r}: one of queued, "
+                            f"{', '.join(_INDEXED)}")
+        if not ids and not any(raw.get(k) is not None for k in _FIELDS[:5] + ("since", "until")):
+            raise SpecError("an empty filter would touch every job: give at least one of "
+                            "status, queue, func, batch, worker, since, until or ids")
+        return cls(**{**raw, "ids": ids})
+
+    def matches(self, values: list) -> bool:
+        status, queue, func, batch, worker, enqueued = values
+        for want, have in ((self.status, status), (self.queue, queue), (self.func, func),
+                           (self.batch, batch), (self.worker, worker)):
+            if want is not None and have != want:
+                return False
+        at = float(enqueued) / 1000 if enqueued else None
+        return (self.since is None or (at is not None and at >= self.since)) and \
+            (self.until is None or (at is not None and at < self.until))
+
+
+@dataclass
+class Step:
+    """What one call did, and where the next one starts ("" when the walk is over)."""
+
+    touched: int = 0
+    skipped: int = 0      # matched but could not be done (a running job cannot be deleted)
+    cursor: str = ""
+    errors: list[str] = field(default_factory=list)   # the first few reasons for skips
+
+
+class Bulk:
+    def __init__(self, queue, admission, redis, keys) -> None:
+        self.queue, self.admission, self.redis, self.keys = queue, admission, redis, keys
+
+    async def _indexes(self, f: JobFilter) -> list[tuple[str, bool]]:
+        """(index key, whether its members carry a sequence prefix) to walk, in order."""
+        queued = f.status in (None, Status.QUEUED)
+        names = ([f.queue] if f.queue else sorted(q.decode() for q in
+                                                   await self.redis.smembers(self.keys.queues)))
+        out = [(self.keys.queue(q), True) for q in names] if queued else []
+        return out + [(self.keys.status(s), False) for s in _INDEXED
+                      if f.status in (None, s)]
+
+    async def run(self, action: str, f: JobFilter, cursor: str = "", op: str = "") -> Step:
+        if action not in ACTIONS:
+            raise SpecError(f"unknown bulk action {action!r}; one of {', '.join(ACTIONS)}")
+        if action == "copy" and not op:
+            raise SpecError("copy needs an operation id (op) to name the copies by")
+        step = Step()
+        if f.ids:   # the cursor is the position in the list
+            start = int(cursor or 0)
+            ids = f.ids[start:start + STEP]
+            await self._apply(action, f, ids, op, step)
+            step.cursor = str(start + STEP) if start + STEP < len(f.ids) else ""
+            return step
+        indexes = await self._indexes(f)
+        index, _, scan = (cursor or "0:0").partition(":")
+        i, scan = int(index), int(scan)
+        looked = 0
+        while i < len(indexes) and looked < STEP:
+            key, prefixed = indexes[i]
+            scan, members = await self.redis.zscan(key, scan, count=SCAN)
+            ids = [m.decode()[17:] if prefixed else m.decode() for m, _ in members]
+            looked += len(ids)
+            await self._apply(action, f, ids, op, step)
+            if scan == 0:
+                i += 1
+        step.cursor = f"{i}:{scan}" if i < len(indexes) else ""
+        return step
+
+    async def _apply(self, action: str, f: JobFilter, ids: list[str], op: str,
+                     step: Step) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.hmget(self.keys.job(job_id), *_FIELDS)
+            rows = await pipe.execute()
+        chosen = [job_id for job_id, values in zip(ids, rows)
+                  if values[0] is not None and f.matches([v.decode() if v else None
+                                                          for v in values])]
+        if action == "copy":
+            await self._copy(chosen, op, step)
+            return
+        one = {"rerun": self.queue.rerun, "cancel": self.queue.cancel,
+               "delete": self.queue.remove}[action]
+
+        async def do(job_id: str) -> None:
+            try:
+                was = await one(job_id)
+                if action == "cancel" and (was is None or not Status(was).live):
+                    step.skipped += 1   # it had ended already: left alone
+                    return
+                step.touched += 1
+            except (ValueError, LookupError) as exc:   # e.g. running, or not finished
+                step.skipped += 1
+                if len(step.errors) < 5:
+                    step.errors.append(str(exc))
+        await asyncio.gather(*map(do, chosen))
+
+    async def _copy(self, ids: list[str], op: str, step: Step) -> None:
+        """New jobs with the sources' func, arguments and options, ids ``{id}~{op}``; no
+        dedupe key (a copy is asked for on purpose)."""
+        specs = []
+        for job_id in ids:
+            job = await self.queue.get_job(job_id)
+            if job is not None:
+                specs.append({"func": job["func"], "args": job["args"], "kwargs": job["kwargs"],
+                              "queue": job["queue"], "priority": job["priority"],
+                              "max_retries": job["max_retries"], "batch": job["batch"],
+                              "job_id": f"{job_id}~{op}",
+                              **({"timeout": job["timeout"]} if job["timeout"] else {})})
+        for submitted in await self.admission.submit(specs) if specs else []:
+            if submitted.status == Status.QUEUED:
+                step.touched += 1
+            else:
+                step.skipped += 1

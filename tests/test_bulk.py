@@ -1,0 +1,70 @@
+"""Operations on many jobs by filter (`elric rerun|copy|cancel|delete|purge`), against a
+real master, worker and Redis, through the command as an operator runs it."""
+
+from __future__ import annotations
+
+import json
+
+from tests.conftest import wait_for
+from tests.test_cli import elric
+
+
+def _done(cluster, batch: str, n: int) -> None:
+    wait_for(lambda: sum(cluster.client.stats()["batches"].get(batch, {}).get(s, 0)
+                         for s in ("succeeded", "failed")) >= n, what=f"{n} jobs of {batch}")
+
+
+def test_rerun_copy_cancel_and_purge_by_filter(cluster):
+    cluster.start_worker("--concurrency", "1")
+    client = cluster.client
+    client.submit_jobs([{"func": "tests.jobs:Fail", "args": [f"no {i}"], "batch": "bad",
+                         "job_id": f"bad-{i}"} for i in range(30)])
+    client.submit_jobs([{"func": "tests.jobs:Add", "args": [i, 1], "batch": "good",
+                         "job_id": f"good-{i}"} for i in range(10)])
+    _done(cluster, "bad", 30)
+    _done(cluster, "good", 10)
+
+    # rerun: the same ids run again (and fail again); the good ones are not touched
+    before = client.get_job("bad-0")["finished_at"]
+    out = elric(cluster, "rerun", "--status", "failed", "--batch", "bad", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["touched"] == 30
+    wait_for(lambda: all(j["status"] == "failed" and j["finished_at"] > before
+                         for j in (client.get_job(f"bad-{i}") for i in range(30))),
+             what="30 reruns failed again")
+    assert client.get_job("good-0")["status"] == "succeeded"
+
+    # copy: new ids with the same func and arguments
+    out = elric(cluster, "copy", "--func", "tests.jobs:Add", "--json")
+    assert json.loads(out.stdout)["touched"] == 10, out.stdout + out.stderr
+    copies = wait_for(lambda: (lambda rows: rows if len(rows) == 20 else None)(
+        client.list_jobs(status="succeeded", batch="good", limit=100)), what="10 copies ran")
+    copy = next(j for j in copies if j["job_id"].startswith("good-3~"))
+    assert client.get_job(copy["job_id"])["result"] == 4
+
+    # cancel and purge jobs no worker takes; a table line says how many
+    client.submit_jobs([{"func": "tests.jobs:Add", "args": [i, 1], "queue": "nobody",
+                         "job_id": f"wait-{i}"} for i in range(20)])
+    out = elric(cluster, "cancel", "--queue", "nobody", "--since", "0")
+    assert out.returncode == 0 and "cancel: 20 jobs done" in out.stdout, out.stdout + out.stderr
+    assert client.stats()["by_status"]["cancelled"] == 20
+    # a time range that holds none of them touches none
+    out = elric(cluster, "delete", "--status", "cancelled", "--until", "2000-01-01T00:00")
+    assert "delete: 0 jobs done" in out.stdout, out.stdout + out.stderr
+    assert client.stats()["by_status"]["cancelled"] == 20
+
+
+def test_purge_walks_a_queue_bigger_than_one_step_and_an_empty_filter_is_refused(cluster):
+    n = 4500   # more than one bulk step (2,000) and many ZSCAN rounds
+    cluster.client.submit_jobs([{"func": "tests.jobs:Add", "args": [i, 1], "queue": "big",
+                                 "job_id": f"j{i}"} for i in range(n)])
+    out = elric(cluster, "purge", "big", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {"touched": n, "skipped": 0, "errors": []}
+    assert cluster.client.stats()["by_queue"]["big"]["queued"] == 0
+    assert cluster.client.get_job("j0") is None
+
+    refused = elric(cluster, "delete")
+    assert refused.returncode == 2 and "empty filter" in refused.stderr, refused.stderr
+    bad = elric(cluster, "cancel", "--since", "yesterday")
+    assert bad.returncode == 2 and "ISO 8601" in bad.stderr, bad.stderr
