@@ -21,8 +21,22 @@ Jobs and queues
                                            its queue's zset.
     ``{p}:stats:counters``          hash   cumulative counters (``submitted``,
                                            ``succeeded``, ``failed``, ...).
-    ``{p}:stats:batch:{batch}``     hash   the same counters for one batch label.
+    ``{p}:stats:batch:{batch}``     hash   one batch label: counters named after the
+                                           status a job reached (``submitted``,
+                                           ``succeeded``, ``failed``, ``retrying``,
+                                           ``cancelled``), ``duration_ms`` (summed over
+                                           recorded attempts), a histogram of attempt
+                                           durations (``le:{ms}`` fields, bounds in
+                                           elric/jobstats.py), ``first_at`` (first
+                                           submit) and ``last_at`` (last submit or
+                                           record), ms on Redis's clock.
     ``{p}:batches``                 set    every batch label used.
+    ``{p}:stats:func:{func}``       hash   the same fields for one func (a job's
+                                           ``func``, e.g. ``examples.crawler:Page``).
+    ``{p}:funcs``                   set    every func submitted.
+    ``{p}:stats:minute:{minute}``   hash   attempts recorded in that minute (epoch
+                                           minutes, Redis's clock): ``succeeded``,
+                                           ``failed``, ``retrying``. Expires after a day.
     ``{p}:round:{round}``           hash   a crawl round (a periodic fire and every job
                                            descending from it): submitted, succeeded,
                                            failed, removed. Expires FAILED_TTL after its
@@ -93,6 +107,7 @@ class Keys:
         self.delayed = f"{p}:delayed"
         self.counters = f"{p}:stats:counters"
         self.batches = f"{p}:batches"
+        self.funcs = f"{p}:funcs"
         self.workers = f"{p}:workers"
         self.schedules = f"{p}:schedules"
         self.scheduler_lease = f"{p}:scheduler:lease"
@@ -120,6 +135,12 @@ class Keys:
 
     def batch(self, batch: str) -> str:
         return f"{self.prefix}:stats:batch:{batch}"
+
+    def func(self, func: str) -> str:
+        return f"{self.prefix}:stats:func:{func}"
+
+    def minute(self, minute: int | str) -> str:
+        return f"{self.prefix}:stats:minute:{minute}"
 
     def round(self, round_id: str) -> str:
         return f"{self.prefix}:round:{round_id}"

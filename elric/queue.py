@@ -13,7 +13,7 @@ from typing import Any, Iterable
 
 from redis.exceptions import ResponseError
 
-from elric import codec, lua
+from elric import codec, jobstats, lua
 from elric.clock import redis_now
 from elric.contract import STATUSES, Status
 from elric.keys import Keys
@@ -194,12 +194,12 @@ class RedisQueue:
         for s in specs:
             fields = _fields(s)
             jobs += (s["job_id"], s["queue"], s["priority"], s.get("batch") or "",
-                     s.get("round") or "", len(fields), *fields)
+                     s.get("round") or "", s.get("func") or "", len(fields), *fields)
         try:
             existing = await self._enqueue(
                 keys=[k.seq, k.queues, k.counters, k.batches, k.scheduler_fence,
-                      k.fires_pending],
-                args=[*self._line, k.batch(""), k.round(""), self.failed_ttl,
+                      k.fires_pending, k.funcs],
+                args=[*self._line, k.batch(""), k.func(""), k.round(""), self.failed_ttl,
                       "" if fence is None else fence, codec.pack_for_lua(jobs)])
         except ResponseError as exc:
             if _error_code(exc) == "FENCED":
@@ -228,11 +228,12 @@ class RedisQueue:
         k = self.keys
         argv: list[Any] = [k.job(""), k.batch(""), k.dedupe_set(""), self.result_ttl,
                            self.failed_ttl, "1" if self.release_keys_on_failure else "0",
-                           k.limit_running(""), k.wake(""), k.round("")]
+                           k.limit_running(""), k.wake(""), k.round(""), k.func(""),
+                           k.minute(""), jobstats.MINUTE_TTL]
         for o in outcomes:
             argv += [o.job_id, o.attempt,
                      "ok" if o.ok else "cancel" if o.cancelled else "err", o.payload,
-                     int(o.duration_ms), int(o.retry_ms)]
+                     int(o.duration_ms), jobstats.bucket(o.duration_ms), int(o.retry_ms)]
         keys = [k.inflight, k.status(Status.RUNNING), k.status(Status.SUCCEEDED),
                 k.status(Status.FAILED), k.delayed, k.counters, k.status(Status.RETRYING),
                 k.worker(worker_id), k.limits_due, k.status(Status.CANCELLED)]
@@ -430,8 +431,16 @@ class RedisQueue:
 
     async def stats(self) -> dict:
         k = self.keys
-        queues = sorted(_s(q) for q in await self.redis.smembers(k.queues))
-        batches = sorted(_s(b) for b in await self.redis.smembers(k.batches))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.smembers(k.queues)
+            pipe.smembers(k.batches)
+            pipe.smembers(k.funcs)
+            pipe.time()
+            *names, (seconds, micros) = await pipe.execute()
+        queues, batches, funcs = (sorted(_s(x) for x in group) for group in names)
+        now = seconds + micros / 1e6   # Redis's clock, as the scripts'
+        last = int(now // 60)
+        minutes = range(last - jobstats.THROUGHPUT_MINUTES + 1, last + 1)
         async with self.redis.pipeline(transaction=False) as pipe:
             for st in STATUSES:
                 pipe.zcard(k.status(st))
@@ -440,18 +449,27 @@ class RedisQueue:
             pipe.hgetall(k.counters)
             for b in batches:
                 pipe.hgetall(k.batch(b))
+            for f in funcs:
+                pipe.hgetall(k.func(f))
+            for m in minutes:
+                pipe.hgetall(k.minute(m))
             pipe.zrange(k.workers, 0, -1, withscores=True)
             pipe.hgetall(k.limits_parked)
-            res = await pipe.execute()
-        parked = {_s(q): int(n) for q, n in res.pop().items()}
-        by_status = dict(zip(STATUSES, res[:len(STATUSES)]))
-        res = res[len(STATUSES):]
+            res = iter(await pipe.execute())
+
+        def take(n: int) -> list:
+            return [next(res) for _ in range(n)]
+
+        by_status = dict(zip(STATUSES, take(len(STATUSES))))
+        queue_sizes = take(len(queues))
+        counters = {_s(a): int(b) for a, b in next(res).items()}
+        batch_rows, func_rows = take(len(batches)), take(len(funcs))
+        minute_rows = take(len(minutes))
+        workers_seen = next(res)
+        parked = {_s(q): int(n) for q, n in next(res).items()}
         # a queued job waits in its queue, or parked while its limit key is at its limit
-        waiting = {q: n + parked.get(q, 0) for q, n in zip(queues, res[:len(queues)])}
+        waiting = {q: n + parked.get(q, 0) for q, n in zip(queues, queue_sizes)}
         by_status[Status.QUEUED] = sum(waiting.values())  # queued jobs are indexed per queue
-        counters = {_s(a): int(b) for a, b in res[len(queues)].items()}
-        batch_rows = res[len(queues) + 1:len(queues) + 1 + len(batches)]
-        workers_seen = res[-1]
         by_queue = {q: {"queued": waiting[q], **{
             st: counters.get(f"queue:{q}:{st}", 0)
             for st in ("submitted", "succeeded", "failed", "retrying")}} for q in queues}
@@ -460,7 +478,6 @@ class RedisQueue:
                 pipe.hgetall(k.worker(_s(wid)))
             infos = await pipe.execute()
         workers = []
-        now = await redis_now(self.redis)
         for (wid, seen), info in zip(workers_seen, infos):
             row = {_s(a): _s(b) for a, b in info.items()}
             for key in ("pid", "concurrency", "async_concurrency", "processed", "started_at"):
@@ -476,8 +493,12 @@ class RedisQueue:
         return {
             "by_status": by_status,
             "by_queue": by_queue,
-            "batches": {b: {_s(x): int(y) for x, y in row.items()}
+            "batches": {b: jobstats.JobStats.from_hash(row).batch_view()
                         for b, row in zip(batches, batch_rows)},
+            "funcs": {f: jobstats.JobStats.from_hash(row).func_view()
+                      for f, row in zip(funcs, func_rows)},
+            "throughput": [jobstats.throughput_row(m, row)
+                           for m, row in zip(minutes, minute_rows)],
             "totals": {name: counters.get(name, 0) for name in
                        ("submitted", "succeeded", "failed", "retrying", "redelivered",
                         "handed_back", "cancelled")},

@@ -1,28 +1,30 @@
 -- Queue new jobs. A job_id that exists already is left as it is and its status returned, so
 -- a resubmitted (or resent) call queues nothing twice.
--- KEYS: seq, queues, counters, batches, fence, pending fires
--- ARGV: job prefix, queue prefix, wake prefix, batch stats prefix, round prefix, round ttl
---       (s), fence token ('' = no fence), jobs: one flat msgpack array [n, then
---       per job: job_id, queue, priority, batch, round, m, then m hash fields and values]
+-- KEYS: seq, queues, counters, batches, fence, pending fires, funcs
+-- ARGV: job prefix, queue prefix, wake prefix, batch stats prefix, func stats prefix,
+--       round prefix, round ttl (s), fence token ('' = no fence), jobs: one flat msgpack
+--       array [n, then per job: job_id, queue, priority, batch, round, func, m, then m
+--       hash fields and values]
 -- Returns: [position (1-based), status, ...] of the jobs that existed already.
 -- Invariant: a queued job is its hash (status queued, `member`) plus that member in its
 -- queue's sorted set (score -priority; members sort FIFO by sequence number). With a fence
 -- token nothing is written unless the token is current (the scheduler's lease), and each
 -- job, queued or found, leaves the pending fires in the same step. A job of a round counts
--- in the round's `submitted`.
-local jp, qp, wp, bp, rp, round_ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
-local now, token = now_ms(), ARGV[7]
+-- in the round's `submitted`; a queued job counts in its batch's and its func's
+-- `submitted`, and the label is in `batches` / `funcs`.
+local jp, qp, wp, bp, fp = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local rp, round_ttl, now, token = ARGV[6], ARGV[7], now_ms(), ARGV[8]
 if token ~= '' and redis.call('GET', KEYS[5]) ~= token then
   return redis.error_reply('FENCED the scheduler lease token is stale')
 end
-local jobs = cmsgpack.unpack(ARGV[8])
+local jobs = cmsgpack.unpack(ARGV[9])
 local n = jobs[1]
 local base = redis.call('INCRBY', KEYS[1], n) - n
-local out, lines, per_batch, per_round, added = {}, {}, {}, {}, 0
+local out, lines, per_batch, per_func, per_round, added = {}, {}, {}, {}, {}, 0
 local p = 2
 for i = 1, n do
   local id, q, prio, batch, round = jobs[p], jobs[p + 1], jobs[p + 2], jobs[p + 3], jobs[p + 4]
-  local m = jobs[p + 5]
+  local func, m = jobs[p + 5], jobs[p + 6]
   local jk = jp .. id
   if token ~= '' then redis.call('HDEL', KEYS[6], id) end
   local status = redis.call('HGET', jk, 'status')
@@ -32,16 +34,17 @@ for i = 1, n do
   else
     local member = string.format('%016x', base + i) .. ':' .. id
     redis.call('HSET', jk, 'status', 'queued', 'queue', q, 'enqueued_at', now,
-               'member', member, unpack(jobs, p + 6, p + 5 + m))
+               'member', member, unpack(jobs, p + 7, p + 6 + m))
     local line = lines[q]
     if not line then line = {}; lines[q] = line end
     line[#line + 1] = -tonumber(prio)
     line[#line + 1] = member
     if batch ~= '' then per_batch[batch] = (per_batch[batch] or 0) + 1 end
     if round ~= '' then per_round[round] = (per_round[round] or 0) + 1 end
+    if func ~= '' then per_func[func] = (per_func[func] or 0) + 1 end
     added = added + 1
   end
-  p = p + 6 + m
+  p = p + 7 + m
 end
 for q, line in pairs(lines) do
   for s = 1, #line, 4000 do   -- unpack() takes at most ~8000 values
@@ -53,10 +56,17 @@ for q, line in pairs(lines) do
   for _ = 1, math.min(queued, 16) do redis.call('LPUSH', wp .. q, '1') end
   redis.call('LTRIM', wp .. q, 0, 15)
 end
-for batch, count in pairs(per_batch) do
-  redis.call('HINCRBY', bp .. batch, 'submitted', count)
-  redis.call('SADD', KEYS[4], batch)
+-- a batch's and a func's stats hash: submitted, and when it began and was last touched
+local function count_submitted(per, prefix, names)
+  for name, count in pairs(per) do
+    redis.call('HINCRBY', prefix .. name, 'submitted', count)
+    redis.call('HSETNX', prefix .. name, 'first_at', now)
+    redis.call('HSET', prefix .. name, 'last_at', now)
+    redis.call('SADD', names, name)
+  end
 end
+count_submitted(per_batch, bp, KEYS[4])
+count_submitted(per_func, fp, KEYS[7])
 for round, count in pairs(per_round) do
   redis.call('HINCRBY', rp .. round, 'submitted', count)
   redis.call('EXPIRE', rp .. round, round_ttl)

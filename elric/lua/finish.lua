@@ -3,26 +3,45 @@
 --       retrying index, the worker's hash, limits due, cancelled index
 -- ARGV: job prefix, batch stats prefix, dedupe set prefix, result ttl (s),
 --       failed ttl (s), release keys ('1' | '0'), limit running prefix, wake prefix,
---       round prefix, then per job: job_id, attempt,
---       outcome ('ok' | 'err' | 'cancel': stopped by cancel.lua's request), payload (result bytes | traceback), duration (ms),
---       retry delay (ms; -1: no retry)
+--       round prefix, func stats prefix, minute stats prefix, minute ttl (s), then per
+--       job: job_id, attempt, outcome ('ok' | 'err' | 'cancel': stopped by cancel.lua's
+--       request), payload (result bytes | traceback), duration (ms), the histogram field
+--       that duration counts in ('le:{ms}', from elric/jobstats.py), retry delay (ms;
+--       -1: no retry)
 -- Returns per job its new status, or 'stale' for a job this worker no longer holds (it was
 -- redelivered elsewhere or removed): that outcome is dropped.
 -- Invariant: only the attempt that holds the job records it. With release keys, a job that
 -- failed for good gives its dedupe key back to an exact filter in the same step. A job
 -- with a limit key frees its slot; that key's parked jobs are due at once and an idle
 -- worker of the queue is woken to start one. A job of a round that ends (succeeded or
--- failed for good) counts in the round's hash.
+-- failed for good) counts in the round's hash. A recorded attempt counts, by the status
+-- it led to, in the counters, its func's and its batch's stats hashes (with its duration
+-- in their sum and histogram, and `last_at`) and the hash of the current minute.
 local jp, bp, dp, now = ARGV[1], ARGV[2], ARGV[3], now_ms()
 local result_ttl, failed_ttl, release_keys = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6] == '1'
-local rp, wp, roundp = ARGV[7], ARGV[8], ARGV[9]
+local rp, wp, roundp, fp = ARGV[7], ARGV[8], ARGV[9], ARGV[10]
+local minute, minute_ttl = ARGV[11] .. math.floor(now / 60000), ARGV[12]
 local out, done, failed = {}, 0, 0
-for i = 10, #ARGV, 6 do
+-- increments summed per hash and field, written once per call (a call holds a chunk of
+-- jobs, mostly of one func and batch)
+local sums, touched = {}, {}
+local function add(key, field, n)
+  local h = sums[key]
+  if not h then h = {}; sums[key] = h end
+  h[field] = (h[field] or 0) + n
+end
+local function add_timed(key, status, duration, bucket)
+  add(key, status, 1)
+  add(key, 'duration_ms', duration)
+  add(key, bucket, 1)
+  touched[key] = true
+end
+for i = 13, #ARGV, 7 do
   local id, attempt, outcome, payload = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-  local duration, retry = ARGV[i + 4], tonumber(ARGV[i + 5])
+  local duration, bucket, retry = tonumber(ARGV[i + 4]), ARGV[i + 5], tonumber(ARGV[i + 6])
   local jk = jp .. id
   local f = redis.call('HMGET', jk, 'status', 'attempts', 'queue', 'batch', 'max_retries',
-                       'error', 'dedupe_key', 'dedupe_scope', 'limit_key', 'round')
+                       'error', 'dedupe_key', 'dedupe_scope', 'limit_key', 'round', 'func')
   if f[1] ~= 'running' or f[2] ~= attempt then
     out[#out + 1] = 'stale'
   else
@@ -68,9 +87,11 @@ for i = 10, #ARGV, 6 do
       end
     end
     redis.call('ZADD', index, now, id)
-    redis.call('HINCRBY', KEYS[6], status, 1)
-    redis.call('HINCRBY', KEYS[6], 'queue:' .. f[3] .. ':' .. status, 1)
-    if f[4] and f[4] ~= '' then redis.call('HINCRBY', bp .. f[4], status, 1) end
+    add(KEYS[6], status, 1)
+    add(KEYS[6], 'queue:' .. f[3] .. ':' .. status, 1)
+    if status ~= 'cancelled' then add(minute, status, 1) end
+    if f[4] and f[4] ~= '' then add_timed(bp .. f[4], status, duration, bucket) end
+    if f[11] then add_timed(fp .. f[11], status, duration, bucket) end
     if f[10] and status ~= 'retrying' then
       redis.call('HINCRBY', roundp .. f[10], status == 'cancelled' and 'removed' or status, 1)
       redis.call('EXPIRE', roundp .. f[10], failed_ttl)
@@ -78,6 +99,11 @@ for i = 10, #ARGV, 6 do
     out[#out + 1] = status
   end
 end
+for key, h in pairs(sums) do
+  for field, n in pairs(h) do redis.call('HINCRBY', key, field, n) end
+end
+for key in pairs(touched) do redis.call('HSET', key, 'last_at', now) end
+if sums[minute] then redis.call('EXPIRE', minute, minute_ttl) end
 if done > 0 then redis.call('HINCRBY', KEYS[8], 'succeeded', done) end
 if failed > 0 then redis.call('HINCRBY', KEYS[8], 'failed', failed) end
 -- finished jobs' hashes expire; their index entries go on the same schedule

@@ -1,0 +1,94 @@
+"""Statistics per func and per batch, and throughput per minute, as stats() reports them.
+
+The scripts keep counters and a histogram of attempt durations in a hash per func and per
+batch, and counts per minute (elric/keys.py names the keys). This module holds the bucket
+bounds, the only copy of them: the queue tells finish.lua which bucket each duration falls
+in, so the script needs neither the bounds nor a loop over them.
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import bisect_left
+from dataclasses import dataclass
+from itertools import accumulate
+
+# Upper bounds (ms, inclusive) of the duration histogram's buckets; one more holds the rest
+BOUNDS_MS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000, 60000,
+             300000)
+BUCKETS = tuple(f"le:{b}" for b in BOUNDS_MS) + ("le:inf",)   # hash field per bucket
+MINUTE_TTL = 86400      # a day of per-minute throughput is kept
+THROUGHPUT_MINUTES = 60  # how many minutes stats() reports
+
+# The counters of a stats hash, named after the status a job reached (as in the batch hash)
+COUNTERS = ("submitted", "succeeded", "failed", "retrying", "cancelled")
+
+
+def bucket(duration_ms: int) -> str:
+    """The histogram field a duration counts in."""
+    return BUCKETS[bisect_left(BOUNDS_MS, duration_ms)]
+
+
+def _ms_to_s(value: bytes | None) -> float | None:
+    return None if not value else int(value) / 1000.0
+
+
+@dataclass(slots=True)
+class JobStats:
+    """One func's or batch's stats hash, decoded."""
+
+    counters: dict[str, int]
+    duration_ms: int          # summed over every recorded attempt
+    histogram: list[int]      # attempts per bucket of BUCKETS
+    first_at: float | None    # epoch s: its first job submitted
+    last_at: float | None     # epoch s: a job of it last submitted or recorded
+
+    @classmethod
+    def from_hash(cls, h: dict[bytes, bytes]) -> JobStats:
+        counters = {name.decode(): int(value) for name, value in h.items()
+                    if name.decode() in COUNTERS}
+        return cls(counters, int(h.get(b"duration_ms", 0)),
+                   [int(h.get(name.encode(), 0)) for name in BUCKETS],
+                   _ms_to_s(h.get(b"first_at")), _ms_to_s(h.get(b"last_at")))
+
+    @property
+    def live(self) -> int:
+        """Submitted and not yet ended (never below 0: counts from before a reset)."""
+        c = self.counters
+        return max(0, c.get("submitted", 0) - c.get("succeeded", 0) - c.get("failed", 0)
+                   - c.get("cancelled", 0))
+
+    @property
+    def mean_ms(self) -> float | None:
+        n = sum(self.histogram)
+        return self.duration_ms / n if n else None
+
+    @property
+    def p95_ms(self) -> float | None:
+        """The upper bound of the bucket holding the 95th percentile (inf: the last one)."""
+        n = sum(self.histogram)
+        if not n:
+            return None
+        at = bisect_left(list(accumulate(self.histogram)), math.ceil(0.95 * n))
+        return (*BOUNDS_MS, math.inf)[at]
+
+    def summary(self) -> dict:
+        return {"live": self.live, "mean_ms": self.mean_ms, "p95_ms": self.p95_ms,
+                "first_at": self.first_at, "last_at": self.last_at}
+
+    def func_view(self) -> dict:
+        """A func's row in stats(): every counter (0 when none), then the summary."""
+        c = self.counters
+        return {"submitted": c.get("submitted", 0), "succeeded": c.get("succeeded", 0),
+                "failed": c.get("failed", 0), "retried": c.get("retrying", 0),
+                "cancelled": c.get("cancelled", 0), **self.summary()}
+
+    def batch_view(self) -> dict:
+        """A batch's row in stats(): the counters it has, as before, then the summary."""
+        return {**self.counters, **self.summary()}
+
+
+def throughput_row(minute: int, h: dict[bytes, bytes]) -> dict:
+    """One minute's counts (``minute``: epoch minutes) as stats() reports them."""
+    return {"minute": minute * 60, "succeeded": int(h.get(b"succeeded", 0)),
+            "failed": int(h.get(b"failed", 0)), "retried": int(h.get(b"retrying", 0))}

@@ -1,0 +1,118 @@
+"""Statistics per func and per batch, and throughput per minute (stats()), with real
+processes; the bucket and percentile maths on their own."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import redis
+
+from elric.jobstats import BUCKETS, MINUTE_TTL, JobStats, bucket
+from elric.keys import Keys
+from tests.conftest import wait_for
+from tests.jobs import Add, Fail, MarkSleep, Sleep
+
+KEYS = Keys("elric")   # the clusters here keep the default KEY_PREFIX
+
+
+def test_a_duration_falls_in_the_first_bucket_whose_bound_holds_it():
+    assert [bucket(ms) for ms in (0, 1, 2, 3, 200, 201, 300000, 300001)] == \
+        ["le:1", "le:1", "le:2", "le:5", "le:200", "le:500", "le:300000", "le:inf"]
+
+
+def test_mean_p95_and_live_from_a_hash():
+    def stats(**fields):
+        return JobStats.from_hash({k.encode(): str(v).encode() for k, v in fields.items()})
+
+    empty = stats(submitted=3)
+    assert (empty.live, empty.mean_ms, empty.p95_ms, empty.first_at) == (3, None, None, None)
+    s = stats(**{"submitted": 100, "succeeded": 90, "failed": 4, "cancelled": 1,
+                 "duration_ms": 5000, "le:1": 94, "le:500": 6, "first_at": 1500})
+    assert (s.live, s.mean_ms, s.p95_ms, s.first_at) == (5, 50.0, 500, 1.5)
+    assert stats(**{"le:1": 95, "le:500": 5}).p95_ms == 1
+    assert stats(**{"le:inf": 1}).p95_ms == math.inf
+    assert stats(submitted=1, succeeded=3).live == 0   # never below 0
+    assert len(BUCKETS) == 17
+
+
+def test_funcs_batches_and_throughput(make_cluster, redis_url, tmp_path):
+    cluster = make_cluster(RETRY_BACKOFF=0.05)
+    cluster.start_master()
+    c = cluster.client
+    t0 = time.time()
+    c.submit_jobs([*(Add.spec([i, i], job_id=f"add{i}", batch="fast") for i in range(3)),
+                   *(Sleep.spec([0.2], job_id=f"sleep{i}", batch="slow") for i in range(2)),
+                   Fail.spec(job_id="fail-once"),
+                   Fail.spec(job_id="fail-thrice", max_retries=2),
+                   MarkSleep.spec([str(tmp_path / "marks"), 60], job_id="long")])
+    before = c.stats()
+    add = before["funcs"]["tests.jobs:Add"]
+    assert (add["submitted"], add["live"], add["succeeded"], add["mean_ms"], add["p95_ms"]) \
+        == (3, 3, 0, None, None)   # nothing ran yet
+    assert t0 - 5 < add["first_at"] == add["last_at"] < time.time() + 5
+    slow = before["batches"]["slow"]
+    assert (slow["submitted"], slow["live"], slow["p95_ms"]) == (2, 2, None)
+
+    cluster.start_worker("--concurrency", "2")
+    cluster.wait_job("long", statuses=("running",))
+    assert c.cancel_job("long")["status"] == "cancelling"
+    for job_id in ("add0", "add1", "add2", "sleep0", "sleep1", "fail-once", "fail-thrice",
+                   "long"):
+        cluster.wait_job(job_id, statuses=("succeeded", "failed", "cancelled"))
+    stats = c.stats()
+    funcs = stats["funcs"]
+    counters = ("submitted", "succeeded", "failed", "retried", "cancelled", "live")
+    assert {f: tuple(row[n] for n in counters) for f, row in funcs.items()} == {
+        "tests.jobs:Add": (3, 3, 0, 0, 0, 0),
+        "tests.jobs:Sleep": (2, 2, 0, 0, 0, 0),
+        "tests.jobs:Fail": (2, 0, 2, 2, 0, 0),
+        "tests.jobs:MarkSleep": (1, 0, 0, 0, 1, 0)}
+    sleep = funcs["tests.jobs:Sleep"]
+    assert 200 <= sleep["mean_ms"] < 5000 and 200 <= sleep["p95_ms"] <= 5000
+    assert 0 <= funcs["tests.jobs:Add"]["mean_ms"] < 1000
+    assert funcs["tests.jobs:Fail"]["p95_ms"] >= 1   # four attempts timed
+    for row in funcs.values():
+        assert t0 - 5 < row["first_at"] <= row["last_at"] < time.time() + 5
+    assert funcs["tests.jobs:Add"]["last_at"] > add["last_at"]   # moved when they ran
+
+    slow, fast = stats["batches"]["slow"], stats["batches"]["fast"]
+    assert (slow["submitted"], slow["succeeded"], slow["live"]) == (2, 2, 0)
+    assert 200 <= slow["mean_ms"] < 5000 and 200 <= slow["p95_ms"] <= 5000
+    assert (fast["submitted"], fast["succeeded"], fast["live"]) == (3, 3, 0)
+    assert fast["p95_ms"] >= 1 and fast["first_at"] <= fast["last_at"]
+
+    # the last 60 minutes, oldest first, ending with the current one (Redis's clock)
+    rows = stats["throughput"]
+    r = redis.Redis.from_url(redis_url)
+    now = r.time()[0]
+    assert len(rows) == 60
+    assert [b["minute"] - a["minute"] for a, b in zip(rows, rows[1:])] == [60] * 59
+    assert rows[-1]["minute"] in (now // 60 * 60, now // 60 * 60 - 60)  # a minute may turn
+    totals = {n: sum(row[n] for row in rows) for n in ("succeeded", "failed", "retried")}
+    assert totals == {"succeeded": 5, "failed": 2, "retried": 2}
+    assert all(row["minute"] >= t0 // 60 * 60 - 60 for row in rows
+               if row["succeeded"] or row["failed"] or row["retried"])
+    minute_keys = list(r.scan_iter(KEYS.minute("*")))
+    assert minute_keys and all(0 < r.ttl(k) <= MINUTE_TTL for k in minute_keys)
+    r.close()
+
+
+def test_the_current_minute_counts_what_finished_in_it(cluster):
+    """The minute's bucket holds the counts as they happen (read twice within a minute:
+    retried when the minute turns in between)."""
+    cluster.start_worker("--concurrency", "1")
+    c = cluster.client
+
+    def current_minute_after(job_id):
+        c.submit_job(Add.spec([1, 2], job_id=job_id))
+        cluster.wait_job(job_id)
+        return c.stats()["throughput"][-1]
+
+    def two_in_one_minute():
+        first = current_minute_after(f"a{time.monotonic_ns()}")
+        second = current_minute_after(f"b{time.monotonic_ns()}")
+        return (first, second) if first["minute"] == second["minute"] else None
+
+    first, second = wait_for(two_in_one_minute, timeout=60, what="two jobs in one minute")
+    assert first["succeeded"] >= 1 and second["succeeded"] == first["succeeded"] + 1
