@@ -81,7 +81,8 @@ class JobStats:
         c = self.counters
         return {"submitted": c.get("submitted", 0), "succeeded": c.get("succeeded", 0),
                 "failed": c.get("failed", 0), "retried": c.get("retrying", 0),
-                "cancelled": c.get("cancelled", 0), **self.summary()}
+                "cancelled": c.get("cancelled", 0), **self.summary(),
+                "duration_ms": self.duration_ms, "histogram": self.histogram}
 
     def batch_view(self) -> dict:
         """A batch's row in stats(): the counters it has, as before, then the summary."""

@@ -116,6 +116,10 @@ def test_an_operator_sees_a_worker_pauses_it_and_retries_a_failed_job(
     other = browser.new_page(storage_state=page.context.storage_state())
     other.goto(second + "/")
     assert counts(other) == ours and ours["count-succeeded"] == "3", (ours, counts(other))
+    # Prometheus reads the same figures, with the password as its bearer token
+    status, text = get(second + "/metrics", Authorization=f"Bearer {PASSWORD}")
+    assert 'elric_job_duration_seconds_count{func="tests.jobs:Add"} 2.0' in text, text
+    assert 'elric_jobs{status="succeeded"} 3.0' in text
     shot = os.environ.get("DASHBOARD_SCREENSHOT")   # docs/dashboard.png is made so
     page.screenshot(path=shot or str(tmp_path / "dashboard.png"), full_page=True)
 

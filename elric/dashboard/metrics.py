@@ -4,8 +4,11 @@ master answers the same and a restart loses nothing."""
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                   HistogramMetricFamily)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST as CONTENT_TYPE
+
+from elric.jobstats import BOUNDS_MS
 
 __all__ = ["CONTENT_TYPE", "render"]
 
@@ -68,6 +71,13 @@ def _funcs(funcs: dict):
         for outcome in ("succeeded", "failed", "retried", "cancelled"):
             done.add_metric([func, outcome], row.get(outcome, 0))
     yield done
+    durations = HistogramMetricFamily("elric_job_duration_seconds",
+                                      "How long attempts of a func ran", labels=["func"])
+    bounds = [str(b / 1000) for b in BOUNDS_MS] + ["+Inf"]
+    for func, row in funcs.items():
+        cumulative = [sum(row["histogram"][:i + 1]) for i in range(len(bounds))]
+        durations.add_metric([func], list(zip(bounds, cumulative)), row["duration_ms"] / 1000)
+    yield durations
 
 
 def render(stats: dict) -> bytes:
