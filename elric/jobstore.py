@@ -201,6 +201,13 @@ class RedisJobStore:
                         "paused": paused == b"1", "next_run_time": nrt, "next_run_iso": iso(nrt)})
         return out
 
+    async def fire_stats(self) -> dict[str, int]:
+        """Fires fired, missed and skipped since the start, and the summed lateness (ms) of
+        those fired (written by the scheduler)."""
+        h = await self.redis.hgetall(self.keys.fire_stats)
+        return {name: int(h.get(name.encode(), 0))
+                for name in ("fired", "missed", "skipped", "lateness_ms")}
+
     async def count(self) -> int:
         """Scheduled and paused periodic jobs (finished ones are not counted)."""
         return await self.redis.zcard(self.keys.schedules)

@@ -66,6 +66,8 @@ Periodic jobs (job store and scheduler)
     ``{p}:schedule:{job_id}:runs``  list   the last runs of a periodic job (capped).
     ``{p}:fire:{fire_id}``          string set once (SET NX) per fire: a fire is
                                            enqueued at most once.
+    ``{p}:stats:fires``             hash   fires fired, missed and skipped, and the summed
+                                           lateness (ms) of those fired.
     ``{p}:scheduler:lease``         string the id of the master that schedules now.
     ``{p}:scheduler:fence``         string counter; a fencing token per lease taken.
     ``{p}:scheduler:wake``          list   tokens that wake the scheduling master early
@@ -114,6 +116,7 @@ class Keys:
         self.scheduler_fence = f"{p}:scheduler:fence"
         self.scheduler_wake = f"{p}:scheduler:wake"
         self.fires_pending = f"{p}:fires:pending"
+        self.fire_stats = f"{p}:stats:fires"
         self.dedupe_rounds = f"{p}:dedupe:rounds"
         self.dedupe_scopes = f"{p}:dedupe:scopes"
         self.limits = f"{p}:limits"

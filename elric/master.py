@@ -362,5 +362,6 @@ class Master:
         stats["filters"] = filters
         stats["by_status"][Status.FILTERED] = sum(v.get("filtered", 0) for v in filters.values())
         stats["scheduler"] = {"master_id": self.master_id,
-                              "this_master_schedules": self.scheduler.is_leader}
+                              "this_master_schedules": self.scheduler.is_leader,
+                              **await self.store.fire_stats()}
         return stats

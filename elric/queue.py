@@ -215,7 +215,8 @@ class RedisQueue:
                     lease_seconds: float) -> Fetched:
         k = self.keys
         rows, wait_ms = await self._fetch(
-            keys=[k.inflight, k.status(Status.RUNNING), k.limits, k.limits_due, k.limits_parked],
+            keys=[k.inflight, k.status(Status.RUNNING), k.limits, k.limits_due, k.limits_parked,
+                  k.counters],
             args=[*self._line, k.limit_running(""), k.limit_next(""), k.limit_parked(""),
                   int(lease_seconds * 1000), worker_id, limit, *queues])
         claims = [Claim(_s(r[0]), int(r[1]), _s(r[2]), r[3], r[4],
@@ -501,6 +502,6 @@ class RedisQueue:
                            for m, row in zip(minutes, minute_rows)],
             "totals": {name: counters.get(name, 0) for name in
                        ("submitted", "succeeded", "failed", "retrying", "redelivered",
-                        "handed_back", "cancelled")},
+                        "handed_back", "cancelled", "started", "start_latency_ms")},
             "workers": workers,
         }

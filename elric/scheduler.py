@@ -254,7 +254,8 @@ class Scheduler:
                 specs[fid] = {**unpack(plan.spec), "job_id": fid, "schedule": job_id,
                               "fire_time": t}
             record = {"fire_time": t, "job_id": fid, "outcome": outcome, "at": now, **extra}
-            entries += ["f" if outcome is Outcome.ENQUEUED else "r", fid, ttl, pack(record),
+            kind = {Outcome.ENQUEUED: "f", Outcome.MISSED: "m", Outcome.SKIPPED: "s"}[outcome]
+            entries += [kind, fid, ttl, pack(record),
                         pack(specs[fid]) if outcome is Outcome.ENQUEUED else ""]
         return keys, [job_id, plan.version, "" if nxt is None else repr(nxt * 1000.0),
                       "" if nxt is None else repr(nxt), iso(nxt), pack(live), len(plan.fires),
@@ -263,7 +264,8 @@ class Scheduler:
     async def _fire_batch(self, rows: list[list], now: float) -> tuple[int, float]:
         """Plan, mark and enqueue the fires of ``rows`` (job_id, hash fields, its recent fires
         with their statuses); returns (fires enqueued, index head score in ms)."""
-        keys = [*self._lease_keys, self.keys.schedules, self.keys.fires_pending]
+        keys = [*self._lease_keys, self.keys.schedules, self.keys.fires_pending,
+                self.keys.fire_stats]
         token = self.token   # the lease may be lost while this pass awaits Redis
         if token is None:
             return 0, math.inf
@@ -288,7 +290,14 @@ class Scheduler:
             self._step_down("fence moved on: another master holds the lease")
             return 0, math.inf
         head, accepted = _score(result[1]), [specs[f.decode()] for f in result[2:]]
-        return await self._queue_fires(accepted, token=token), head
+        queued = await self._queue_fires(accepted, token=token)
+        if accepted:   # how late the fires are queued: what a user of a schedule waits for
+            late_ms = sum(max(0, now - spec["fire_time"]) for spec in accepted) * 1000
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.hincrby(self.keys.fire_stats, "fired", len(accepted))
+                pipe.hincrby(self.keys.fire_stats, "lateness_ms", int(late_ms))
+                await pipe.execute()
+        return queued, head
 
     async def _queue_fires(self, fires: list[dict], recovered: bool = False,
                            token: int | None = None) -> int:

@@ -120,6 +120,7 @@ def test_an_operator_sees_a_worker_pauses_it_and_retries_a_failed_job(
     status, text = get(second + "/metrics", Authorization=f"Bearer {PASSWORD}")
     assert 'elric_job_duration_seconds_count{func="tests.jobs:Add"} 2.0' in text, text
     assert 'elric_jobs{status="succeeded"} 3.0' in text
+    assert 'elric_start_latency_seconds_count 4.0' in text   # each job's first attempt
     shot = os.environ.get("DASHBOARD_SCREENSHOT")   # docs/dashboard.png is made so
     page.screenshot(path=shot or str(tmp_path / "dashboard.png"), full_page=True)
 

@@ -186,6 +186,7 @@ def test_misfire_skip_runs_none_and_waits_for_the_next(redis_url):
         assert await _missed_setup("skip", 1000)(env) == 0
         runs = await env.runs()
         assert [(r["outcome"], r["reason"]) for r in runs] == [("skipped", "coalesce")] * 5
+        assert (await env.store.fire_stats())["skipped"] == 5
         assert (await env.store.get("site"))["next_run_time"] == T0 + 360
         env.clock.t = T0 + 360.01  # the next on-time fire runs
         assert await env.sched.tick() == 1 and env.rec.times == [T0 + 360]
@@ -200,6 +201,9 @@ def test_misfire_grace_time_default_records_missed(redis_url):
         assert [r["outcome"] for r in runs] == ["missed"] * 4 + ["enqueued"]
         assert [r["fire_time"] for r in runs[:4]] == [T0 + 60 * i for i in range(1, 5)]
         assert runs[0]["job_id"] == fire_id("site", T0 + 60)
+        # counted for metrics: the one fired was queued 10 s after its time
+        assert await env.store.fire_stats() == {"fired": 1, "missed": 4, "skipped": 0,
+                                                "lateness_ms": 10_000}
     run(redis_url, body)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
-                                   HistogramMetricFamily)
+                                   HistogramMetricFamily, SummaryMetricFamily)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST as CONTENT_TYPE
 
 from elric.jobstats import BOUNDS_MS
@@ -61,7 +61,21 @@ class _Snapshot:
         yield checks
         yield hits
         yield fill
-        yield from _funcs(s.get("funcs", {}))
+        yield from _funcs(s["funcs"])
+        totals = s["totals"]
+        yield SummaryMetricFamily("elric_start_latency_seconds",
+                                  "From queued to started, first attempts",
+                                  count_value=totals["started"],
+                                  sum_value=totals["start_latency_ms"] / 1000)
+        fires = CounterMetricFamily("elric_fires", "Fires of periodic jobs by outcome",
+                                    labels=["outcome"])
+        for outcome in ("fired", "missed", "skipped"):
+            fires.add_metric([outcome], s["scheduler"][outcome])
+        yield fires
+        yield SummaryMetricFamily("elric_fire_lateness_seconds",
+                                  "From a fire's time to its job queued",
+                                  count_value=s["scheduler"]["fired"],
+                                  sum_value=s["scheduler"]["lateness_ms"] / 1000)
 
 
 def _funcs(funcs: dict):

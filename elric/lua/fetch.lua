@@ -1,6 +1,6 @@
 -- Claim up to `limit` jobs for a worker: highest priority first across its queues, FIFO
 -- within a priority, within the limits of each job's limit key.
--- KEYS: inflight, running index, limits, limits due, parked counts
+-- KEYS: inflight, running index, limits, limits due, parked counts, counters
 -- ARGV: job prefix, queue prefix, wake prefix, limit running prefix, limit next-start
 --       prefix, limit parked prefix, lease (ms), worker id, limit, queues...
 -- Returns {jobs, wait}: per job {job_id, attempt, func, args, kwargs, timeout, max_retries,
@@ -11,10 +11,12 @@
 -- limit is parked (out of its queue, still queued) so it never holds back other keys; its
 -- key is then in limits-due, and parked jobs go back to their queue's line in their old
 -- place when the key has room. Limit times use Redis's clock: workers' clocks disagree.
+-- A first attempt adds its wait since it was queued to the counters' start latency.
 local jp, qp, wp, rp, np, pp = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local clock = now_ms()
 local deadline, worker, limit = clock + tonumber(ARGV[7]), ARGV[8], tonumber(ARGV[9])
 local FIRST_QUEUE, RECHECK_MS, SCAN_BUDGET, DUE_BATCH = 10, 1000, 1000, 100
+local started, waited = 0, 0   -- first attempts claimed, and their summed wait (ms)
 local mine = {}   -- the queues of this worker
 for i = FIRST_QUEUE, #ARGV do mine[ARGV[i]] = true end
 
@@ -133,7 +135,10 @@ while #out < limit and budget > 0 do
         redis.call('ZADD', KEYS[1], deadline, id)
         redis.call('ZADD', KEYS[2], clock, id)
         local f = redis.call('HMGET', jk, 'func', 'args', 'kwargs', 'timeout', 'max_retries',
-                             'queue', 'dedupe_scope', 'batch', 'round')
+                             'queue', 'dedupe_scope', 'batch', 'round', 'enqueued_at')
+        if attempt == 1 and f[10] then
+          started, waited = started + 1, waited + math.max(0, clock - tonumber(f[10]))
+        end
         out[#out + 1] = {id, attempt, f[1], f[2] or '', f[3] or '', f[4] or '', f[5] or '0',
                          f[6], f[7] or '', f[8] or '', f[9] or ''}
       end
@@ -141,6 +146,10 @@ while #out < limit and budget > 0 do
   end
 end
 
+if started > 0 then
+  redis.call('HINCRBY', KEYS[6], 'started', started)
+  redis.call('HINCRBY', KEYS[6], 'start_latency_ms', waited)
+end
 local wait = -1
 if budget == 0 then wait = 0   -- more in line than one call looks at
 else

@@ -1,9 +1,10 @@
 -- Apply one batch of fire plans: mark fires, record runs, move next run times.
--- KEYS: lease, fence, schedules index, pending fires, then per job: its hash, its runs
---       list, then one fire key per "f" entry of that job.
+-- KEYS: lease, fence, schedules index, pending fires, fire stats, then per job: its hash,
+--       its runs list, then one fire key per "f" entry of that job.
 -- ARGV: master id, fence token, runs kept, finished ttl, job count, then per job: job_id,
 --       version read, index score ("" = finished), next_run_time, next_run_iso, recent
---       (msgpack fire ids), entry count, then per entry: kind ("f" fire, "r" record only),
+--       (msgpack fire ids), entry count, then per entry: kind ("f" fire; record only: "m"
+--       missed, "s" skipped; each counted in the fire stats),
 --       fire id, fire mark ttl, run record (msgpack), fire spec (msgpack; "" for "r").
 -- Returns {0} when the fence moved (nothing written), else {1, head score of the index
 --   afterwards (false: empty), fire ids accepted for enqueueing...}.
@@ -13,7 +14,7 @@
 -- a job whose version moved since it was read is left alone (re-read next pass); an
 -- index entry whose hash is gone is dropped.
 if redis.call('GET', KEYS[1]) ~= ARGV[1] or redis.call('GET', KEYS[2]) ~= ARGV[2] then return {0} end
-local out, a, k, keep = {1, false}, 6, 5, tonumber(ARGV[3])
+local out, a, k, keep = {1, false}, 6, 6, tonumber(ARGV[3])
 for _ = 1, tonumber(ARGV[5]) do
   local job_id, version, score = ARGV[a], ARGV[a+1], ARGV[a+2]
   local nrt, nri, recent, n = ARGV[a+3], ARGV[a+4], ARGV[a+5], tonumber(ARGV[a+6])
@@ -34,6 +35,7 @@ for _ = 1, tonumber(ARGV[5]) do
       k = k + 1
     elseif ok then
       redis.call('LPUSH', runs, ARGV[a+3])
+      redis.call('HINCRBY', KEYS[5], ARGV[a] == 'm' and 'missed' or 'skipped', 1)
       pushed = true
     end
     a = a + 5
