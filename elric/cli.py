@@ -164,6 +164,8 @@ def cmd_call(args: argparse.Namespace) -> int:
             else:
                 views.status(stats, health)
             return 0 if health["ok"] else 1
+        elif command == "top":
+            return _top(client, args)
         elif command == "workers":
             (show or views.workers)(client.stats()["workers"])
         elif command == "job":
@@ -259,6 +261,22 @@ def _bulk(client, args: argparse.Namespace, show) -> int:
     return 0
 
 
+def _top(client, args: argparse.Namespace) -> int:
+    """A live view, read again every second, until Ctrl-C (or --iterations)."""
+    import time
+
+    from rich.live import Live
+
+    with Live(console=views.console, auto_refresh=False) as live:
+        n = 0
+        while True:
+            live.update(views.top(client.stats()), refresh=True)
+            n += 1
+            if args.iterations and n >= args.iterations:
+                return 0
+            time.sleep(1.0)
+
+
 def _control_worker(args: argparse.Namespace) -> int:
     """elric worker pause|resume|stop ID, elric worker set ID --queues a,b."""
     action, ids = args.modules[0], args.modules[1:]
@@ -337,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
               "health (exit 1 if not ok)"), ("stats", "job statistics, as JSON"),
              ("health", "what the master's tasks do (exit 1 if one is stuck)"),
              ("workers", "the workers, alive and lost"), ("job", "show one job"),
+             ("top", "a live view of jobs, queues, funcs and workers, every second"),
              ("jobs", "list jobs, newest first"),
              ("schedules", "list periodic jobs, or pause|resume|remove one"),
              ("submit", "submit a job by name; --wait for its outcome"),
@@ -361,6 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--worker", help="the worker that ran it last")
             p.add_argument("--since", help="submitted at or after (ISO 8601 or epoch s)")
             p.add_argument("--until", help="submitted before")
+        if name == "top":
+            p.add_argument("--iterations", type=int, help="stop after this many screens")
         if name == "purge":
             p.add_argument("queue_name", metavar="QUEUE")
         if name == "jobs":

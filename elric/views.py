@@ -8,7 +8,7 @@ import sys
 import time
 from datetime import datetime
 
-from rich.console import Console
+from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
@@ -119,3 +119,29 @@ def health(h: dict) -> None:
         table.add_row(name, "yes" if task.get("ok") else "NO",
                       Text(task.get("state", "")), when(task.get("progress_at")))
     console.print(table)
+
+
+def top(stats: dict) -> Group:
+    """``elric top``'s screen: jobs now, the last minute, queues, busiest funcs, workers."""
+    by = stats["by_status"]
+    now = Text("  ".join(f"{s} {by.get(s, 0)}" for s in (
+        "queued", "running", "retrying", "succeeded", "failed", "cancelled", "scheduled")))
+    minute = (stats.get("throughput") or [{}, {}])[-2]   # the last whole minute
+    rate = Text(f"last minute: {minute.get('succeeded', 0)} succeeded, "
+                f"{minute.get('failed', 0)} failed, {minute.get('retried', 0)} retried")
+    queues = _table("queue", "waiting", "succeeded", "failed")
+    for name, q in sorted(stats["by_queue"].items()):
+        queues.add_row(Text(name), str(q["queued"]), str(q["succeeded"]), str(q["failed"]))
+    funcs = _table("func", "live", "succeeded", "failed", "mean ms", "p95 ms")
+    busiest = sorted(stats.get("funcs", {}).items(),
+                     key=lambda kv: (kv[1]["live"], kv[1]["last_at"] or 0), reverse=True)
+    for name, f in busiest[:10]:
+        funcs.add_row(Text(name), str(f["live"]), str(f["succeeded"]), str(f["failed"]),
+                      "-" if f["mean_ms"] is None else f"{f['mean_ms']:.1f}",
+                      "-" if f["p95_ms"] is None else f"≤ {f['p95_ms']}")
+    workers = _table("worker", "state", "processes", "done", "last seen")
+    for w in stats["workers"]:
+        workers.add_row(Text(w["worker_id"]), w.get("state", "running") if w.get("alive")
+                        else "lost", str(w.get("concurrency", "")), str(w.get("processed", "")),
+                        when(w.get("last_seen")))
+    return Group(now, rate, queues, funcs, workers)

@@ -186,3 +186,13 @@ def test_a_worker_is_paused_resumed_moved_and_stopped_without_a_restart(cluster)
     assert elric(cluster, "worker", "stop", wid).returncode == 0
     wait_for(lambda: not worker.alive(), what="the worker stopping")
     assert worker.wait() == 0 and "asked to stop" in worker.log()
+
+
+def test_top_shows_jobs_queues_funcs_and_workers(cluster):
+    worker = cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job({"func": "tests.jobs:Add", "args": [1, 2], "job_id": "t1"})
+    cluster.wait_job("t1")
+    out = elric(cluster, "top", "--iterations", "2")
+    assert out.returncode == 0, out.stderr
+    assert "succeeded 1" in out.stdout and "tests.jobs:Add" in out.stdout
+    assert f":{worker.pid}:" in out.stdout and "default" in out.stdout
