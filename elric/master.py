@@ -43,7 +43,8 @@ log = logging.getLogger("elric.master")
 SHUTDOWN_GRACE = 10.0  # seconds a stopping master lets the calls in flight run
 MAX_PAGE = 1000
 MAX_REDIS_CONNECTIONS = 128
-LIST_FILTERS = ("status", "queue", "func", "batch", "offset", "limit")
+LIST_FILTERS = ("status", "queue", "func", "batch", "offset", "limit", "scan_limit")
+MAX_SCAN = 100_000   # jobs list_jobs looks at, at most, to fill a page
 
 
 def _rpc(handler):
@@ -328,9 +329,12 @@ class Master:
             raise SpecError(f"list_jobs: unknown filter key(s) {sorted(map(str, unknown))}; "
                             f"known: {sorted(LIST_FILTERS)}")
         offset, limit = filter.get("offset", 0), filter.get("limit", 100)
+        scan = filter.get("scan_limit", MAX_SCAN)
         if not isinstance(offset, int) or not isinstance(limit, int) or offset < 0 \
                 or not 0 < limit <= MAX_PAGE:
             raise SpecError(f"list_jobs: offset must be ≥ 0 and limit 1..{MAX_PAGE}")
+        if not isinstance(scan, int) or not 0 < scan <= MAX_SCAN:
+            raise SpecError(f"list_jobs: scan_limit must be 1..{MAX_SCAN}")
         status = filter.get("status")
         if status == Status.SCHEDULED:
             return await self.store.list(offset=offset, limit=limit)
@@ -342,7 +346,7 @@ class Master:
                 raise SpecError(f"list_jobs: {key} must be a string")
         return await self.queue.list_jobs(
             status=status, queue=filter.get("queue"), func=filter.get("func"),
-            batch=filter.get("batch"), offset=offset, limit=limit)
+            batch=filter.get("batch"), offset=offset, limit=limit, scan_limit=scan)
 
     @_rpc
     async def bulk_jobs(self, action, filter, cursor="", op="") -> dict:

@@ -23,6 +23,7 @@ from elric.views import when
 log = logging.getLogger("elric.dashboard")
 
 PAGE = 50                      # rows per page of a job list
+SCAN = 10_000                  # jobs a page looks at, at most: it answers within a second
 LIVE_HEADER = "X-Elric-Live"   # a refresh asks for the page's main part only
 HTTP_STATUS = {ErrorCode.NOT_FOUND: 404, ErrorCode.BAD_REQUEST: 400,
                ErrorCode.REDIS_UNAVAILABLE: 503}
@@ -127,8 +128,11 @@ class Dashboard:
             raise web.HTTPSeeOther(f"/jobs/{q['id'].strip()}")
         filters = {k: q[k] for k in ("status", "queue", "func", "batch") if q.get(k)}
         offset = _int(q.get("offset"), 0)
-        rows = await self.master.list_jobs({**filters, "offset": offset, "limit": PAGE})
+        rows = await self.master.list_jobs({**filters, "offset": offset, "limit": PAGE,
+                                            "scan_limit": SCAN})
         return self._render(request, "jobs.html", rows=rows, filters=filters, offset=offset,
+                            scan=SCAN if len(rows) < PAGE and filters.keys() & {"func", "batch"}
+                            else 0,
                             page=PAGE, statuses=[s for s in STATUSES if s != "filtered"],
                             query=urlencode(filters))
 
