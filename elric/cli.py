@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import time
 
 from elric import views
 from elric.config import SettingsError, load_settings
@@ -218,12 +219,45 @@ def _schedules(client, args: argparse.Namespace, show) -> int:
         return 0
     if not args.job_id:
         raise UsageError(f"elric schedules {args.action} takes the periodic job's id")
+    if args.action == "run-now":
+        return _run_now(client, args.job_id, show)
     call = {"pause": client.pause_job, "resume": client.resume_job,
             "remove": client.remove_job}[args.action]
     if not call(args.job_id):
         raise NotFound(f"no periodic job {args.job_id!r}")
     (show or (lambda _: print(f"periodic job {args.job_id}: {args.action}d")))(True)
     return 0
+
+
+RUN_NOW_WAIT = 15.0   # seconds to see the fire: a master taking over scheduling may need ~10
+
+
+def _run_now(client, job_id: str, show) -> int:
+    """Ask for a fire now, then wait for the scheduler to record what it did with it:
+    max_instances may skip it, and that should not pass in silence (exit 1)."""
+    reply = client.run_job(job_id)
+    fire, deadline, run = reply["fire_id"], time.monotonic() + RUN_NOW_WAIT, None
+    while run is None and time.monotonic() < deadline:
+        job = client.get_job(job_id) or {}
+        run = next((r for r in job.get("runs", []) if r.get("job_id") == fire), None)
+        if run is None:
+            time.sleep(0.05)
+    if show:
+        show({**reply, "run": run})
+    elif run is None:
+        print(f"periodic job {job_id}: {fire} asked for; not fired within {RUN_NOW_WAIT:g}s "
+              "(is a master scheduling? see elric health)")
+    elif run["outcome"] not in ("skipped", "missed"):
+        print(f"periodic job {job_id}: fired {fire} ({run['outcome']}); next run "
+              f"{views.when(job.get('next_run_time'))}")
+    if run is not None and run["outcome"] in ("skipped", "missed"):
+        raise Failed(f"periodic job {job_id}: {fire} {run['outcome']} "
+                     f"({run.get('reason', '')})")
+    return 0
+
+
+class Failed(Exception):
+    """The command ran but what it asked for did not happen: exit status 1."""
 
 
 class UsageError(Exception):
@@ -274,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
              ("health", "what the master's tasks do (exit 1 if one is stuck)"),
              ("workers", "the workers, alive and lost"), ("job", "show one job"),
              ("jobs", "list jobs, newest first"),
-             ("schedules", "list periodic jobs, or pause|resume|remove one"),
+             ("schedules", "list periodic jobs, or pause|resume|run-now|remove one"),
              ("submit", "submit a job by name; --wait for its outcome"),
              ("rerun", "run a finished job again"), ("remove", "remove a job"),
              ("cancel", "stop a job: it never runs, or stops running"))
@@ -292,7 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--offset", type=int)
             p.add_argument("--limit", type=int, default=20)
         if name == "schedules":
-            p.add_argument("action", nargs="?", choices=("pause", "resume", "remove"))
+            p.add_argument("action", nargs="?", choices=("pause", "resume", "run-now", "remove"),
+                           help="run-now: fire it now, by its rules (max_instances may skip "
+                                "it); cron keeps its calendar, an interval restarts from now")
             p.add_argument("job_id", nargs="?")
             p.add_argument("--limit", type=int, default=100)
         if name == "submit":
@@ -328,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
                            "redis_unavailable": UNAVAILABLE}.get(exc.code, 2))
     except RPCError as exc:
         return _fail(exc, 2)
-    except (NotFound, TimeoutError) as exc:
+    except (NotFound, Failed, TimeoutError) as exc:
         return _fail(exc, 1)
     except KeyboardInterrupt:
         return 130

@@ -13,7 +13,7 @@ import pytest
 from elric.redis_server import RedisServer, free_port
 from elric.triggers import every
 from tests.conftest import ROOT, Cluster, wait_for
-from tests.jobs import Echo
+from tests.jobs import Echo, Sleep
 
 
 def elric(cluster: Cluster, *args: str) -> subprocess.CompletedProcess:
@@ -186,3 +186,37 @@ def test_a_worker_is_paused_resumed_moved_and_stopped_without_a_restart(cluster)
     assert elric(cluster, "worker", "stop", wid).returncode == 0
     wait_for(lambda: not worker.alive(), what="the worker stopping")
     assert worker.wait() == 0 and "asked to stop" in worker.log()
+
+
+def test_schedules_run_now_fires_through_the_scheduler_by_its_rules(cluster):
+    c = cluster.client
+    cluster.start_worker("--concurrency", "1")
+    c.submit_job(Echo.spec(["now"], job_id="hourly", trigger=every(hours=1),
+                           dedupe_key="page", dedupe_scope="@fire"))
+    planned = c.get_job("hourly")["next_run_time"]
+    ran = elric(cluster, "schedules", "run-now", "hourly")
+    assert ran.returncode == 0 and "fired hourly@" in ran.stdout, ran.stdout + ran.stderr
+    [run] = c.get_job("hourly")["runs"]
+    fired = cluster.wait_job(run["job_id"])
+    assert fired["status"] == "succeeded" and fired["result"] == {"args": ["now"], "kwargs": {}}
+    # a fire like any other: its schedule, its own round and "@fire" dedupe scope
+    assert (fired["schedule"], fired["round"], fired["dedupe_scope"]) == (
+        "hourly", run["job_id"], run["job_id"])
+    job = c.get_job("hourly")
+    assert [r["outcome"] for r in job["runs"]] == ["succeeded"]
+    # an interval restarts from the fire: the next one is an hour after it
+    assert job["next_run_time"] == pytest.approx(run["fire_time"] + 3600)
+    assert job["next_run_time"] > planned
+
+    # max_instances (1) counts rounds: a fire while one runs is skipped, and says so
+    c.submit_job(Sleep.spec([60], job_id="slow", trigger=every(hours=1)))
+    assert elric(cluster, "schedules", "run-now", "slow").returncode == 0
+    [first] = c.get_job("slow")["runs"]
+    cluster.wait_job(first["job_id"], statuses=("running",))
+    one_line_error(elric(cluster, "schedules", "run-now", "slow"), 1, "skipped (max_instances)")
+    c.cancel_job(first["job_id"])
+
+    assert elric(cluster, "schedules", "pause", "hourly").returncode == 0
+    one_line_error(elric(cluster, "schedules", "run-now", "hourly"), 2,
+                   "paused: resume it first")
+    one_line_error(elric(cluster, "schedules", "run-now", "nope"), 1, "no periodic job 'nope'")
