@@ -238,10 +238,11 @@ def _run_now(client, job_id: str, show) -> int:
     reply = client.run_job(job_id)
     fire, deadline, run = reply["fire_id"], time.monotonic() + RUN_NOW_WAIT, None
     while run is None and time.monotonic() < deadline:
-        job = client.get_job(job_id) or {}
-        run = next((r for r in job.get("runs", []) if r.get("job_id") == fire), None)
+        runs = (client.get_job(job_id) or {}).get("runs", [])
+        run = next((r for r in runs if r.get("job_id") == fire), None)
         if run is None:
             time.sleep(0.05)
+    job = client.get_job(job_id) or {}   # again: get_job read the times before the runs
     if show:
         show({**reply, "run": run})
     elif run is None:
