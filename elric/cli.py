@@ -175,6 +175,8 @@ def cmd_call(args: argparse.Namespace) -> int:
             (show or views.jobs)(client.list_jobs(**query))
         elif command == "schedules":
             return _schedules(client, args, show)
+        elif command == "results":
+            return _results(client, args)
         elif command == "submit":
             reply = client.submit_job(_submit_spec(args))
             if not args.wait or reply["status"] != "queued":   # filtered: it never runs
@@ -227,6 +229,35 @@ def _schedules(client, args: argparse.Namespace, show) -> int:
         raise NotFound(f"no periodic job {args.job_id!r}")
     (show or (lambda _: print(f"periodic job {args.job_id}: {args.action}d")))(True)
     return 0
+
+
+def _results(client, args: argparse.Namespace) -> int:
+    """Stream the results of succeeded jobs a page at a time, so that memory holds one page
+    however many there are."""
+    if not 1 <= args.page_size <= 1000:
+        raise UsageError("--page-size takes 1 to 1000")
+    query = {k: v for k, v in (("queue", args.queue), ("func", args.by_func),
+                               ("batch", args.batch)) if v}
+    jsonl, offset, shown = args.json or args.format == "jsonl", 0, set()
+    while True:
+        page = client.list_jobs(status=Status.SUCCEEDED, offset=offset, limit=args.page_size,
+                                **query)
+        rows = []
+        for summary in page:   # newest first: jobs ending meanwhile push the last page down
+            job = None if summary["job_id"] in shown else client.get_job(summary["job_id"])
+            if job is None or job["status"] != Status.SUCCEEDED:   # expired, or run again
+                continue
+            row = {k: job[k] for k in ("job_id", "func", "result", "finished_at")}
+            if jsonl:
+                print(json.dumps(row, default=str))
+            else:
+                rows.append(row)
+        if not jsonl:
+            views.results(rows, first=offset == 0)
+        sys.stdout.flush()
+        if len(page) < args.page_size:
+            return 0
+        offset, shown = offset + len(page), {s["job_id"] for s in page}
 
 
 RUN_NOW_WAIT = 15.0   # seconds to see the fire: a master taking over scheduling may need ~10
@@ -309,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
              ("health", "what the master's tasks do (exit 1 if one is stuck)"),
              ("workers", "the workers, alive and lost"), ("job", "show one job"),
              ("jobs", "list jobs, newest first"),
+             ("results", "stream the results of succeeded jobs, newest first"),
              ("schedules", "list periodic jobs, or pause|resume|run-now|remove one"),
              ("submit", "submit a job by name; --wait for its outcome"),
              ("rerun", "run a finished job again"), ("remove", "remove a job"),
@@ -326,6 +358,16 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--batch")
             p.add_argument("--offset", type=int)
             p.add_argument("--limit", type=int, default=20)
+        if name == "results":
+            p.add_argument("--func", dest="by_func", help='"package.module:ClassName"')
+            p.add_argument("--batch")
+            p.add_argument("--queue")
+            p.add_argument("--format", choices=("table", "jsonl"), default="table",
+                           help="jsonl: one {job_id, func, result, finished_at} a line "
+                                "(as --json)")
+            # list_jobs scans from the newest job to each page's offset: big pages, few scans
+            p.add_argument("--page-size", type=int, default=1000,
+                           help="jobs read per call to the master (1 to 1000)")
         if name == "schedules":
             p.add_argument("action", nargs="?", choices=("pause", "resume", "run-now", "remove"),
                            help="run-now: fire it now, by its rules (max_instances may skip "
@@ -369,6 +411,9 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(exc, 1)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:   # elric results | head: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # mute exit's flush
+        return 0
 
 
 UNAVAILABLE = 3   # the master or its Redis cannot be reached: try again

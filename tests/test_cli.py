@@ -220,3 +220,34 @@ def test_schedules_run_now_fires_through_the_scheduler_by_its_rules(cluster):
     one_line_error(elric(cluster, "schedules", "run-now", "hourly"), 2,
                    "paused: resume it first")
     one_line_error(elric(cluster, "schedules", "run-now", "nope"), 1, "no periodic job 'nope'")
+
+
+def test_results_streams_the_results_of_succeeded_jobs_page_by_page(cluster):
+    from tests.jobs import Add, Fail
+
+    c = cluster.client
+    cluster.start_worker("--concurrency", "2")
+    c.submit_jobs([Add.spec([i, 1], job_id=f"add{i}", batch="sums") for i in range(30)]
+                  + [Add.spec([0, 0], job_id="elsewhere"), Fail.spec(job_id="no", batch="sums")])
+    wait_for(lambda: len(c.list_jobs(status="succeeded", limit=100)) == 31
+             and c.get_job("no")["status"] == "failed", what="31 successes and a failure")
+
+    out = elric(cluster, "results", "--batch", "sums", "--page-size", "20", "--format", "jsonl")
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert sorted(r["job_id"] for r in rows) == sorted(f"add{i}" for i in range(30))  # 2 pages
+    for r in rows:
+        assert set(r) == {"job_id", "func", "result", "finished_at"}
+        assert r["func"] == "tests.jobs:Add" and r["result"] == int(r["job_id"][3:]) + 1
+        assert r["finished_at"] > 0
+
+    table = elric(cluster, "results", "--func", "tests.jobs:Add", "--page-size", "20")
+    lines = table.stdout.splitlines()
+    assert table.returncode == 0 and lines[0].split()[:2] == ["job", "id"], table.stdout
+    assert sum("job id" in line for line in lines) == 1   # one header over the pages
+    assert {line.split()[0] for line in lines[1:]} == {f"add{i}" for i in range(30)} | {
+        "elsewhere"}
+    assert elric(cluster, "results", "--batch", "none").stdout.strip() == "no results"
+    assert elric(cluster, "results", "--batch", "none", "--format", "jsonl").stdout == ""
+    one_line_error(elric(cluster, "results", "--page-size", "0"), 2, "--page-size")
+
