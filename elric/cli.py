@@ -168,6 +168,9 @@ def cmd_call(args: argparse.Namespace) -> int:
             (show or views.workers)(client.stats()["workers"])
         elif command == "job":
             (show or views.job)(_one_job(client, args.job_id))
+        elif command == "jobs" and args.status == Status.FILTERED:
+            # a filtered submission is dropped, never stored: there are counts, not jobs
+            (show or views.filtered)(client.stats()["filters"])
         elif command == "jobs":
             query = {k: v for k, v in (("status", args.status), ("queue", args.queue),
                                        ("func", args.by_func), ("batch", args.batch),

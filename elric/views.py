@@ -70,6 +70,13 @@ def results(rows: list[dict], first: bool) -> None:
     console.print(table)
 
 
+def filtered(filters: dict) -> None:
+    console.print("filtered submissions are not stored as jobs; their counts per dedupe scope:")
+    _rows([{"scope": scope, **f} for scope, f in sorted(filters.items())], "no dedupe scopes",
+          ("scope", "filtered", "keys", "backend"),
+          lambda f: (f["scope"], f.get("filtered", 0), f.get("items", ""), f.get("backend", "")))
+
+
 def job(j: dict) -> None:
     pairs = [(key, j[key]) for key in ("job_id", "status", "func", "queue", "priority",
                                        "attempts", "max_retries", "worker", "batch", "parent",

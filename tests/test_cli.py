@@ -251,3 +251,17 @@ def test_results_streams_the_results_of_succeeded_jobs_page_by_page(cluster):
     assert elric(cluster, "results", "--batch", "none", "--format", "jsonl").stdout == ""
     one_line_error(elric(cluster, "results", "--page-size", "0"), 2, "--page-size")
 
+
+def test_jobs_status_filtered_prints_the_counts_per_scope(cluster):
+    c = cluster.client
+    c.submit_jobs([Echo.spec(job_id="a", dedupe_key="k", dedupe_scope="pages", queue="none")])
+    assert c.submit_job(Echo.spec(job_id="b", dedupe_key="k", dedupe_scope="pages",
+                                  queue="none"))["status"] == "filtered"
+    shown = elric(cluster, "jobs", "--status", "filtered")
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert lines[0].startswith("filtered submissions are not stored as jobs")
+    assert lines[2].split()[:3] == ["pages", "1", "1"], shown.stdout   # scope, filtered, keys
+    as_json = elric(cluster, "jobs", "--status", "filtered", "--json")
+    assert as_json.returncode == 0
+    assert json.loads(as_json.stdout)["pages"]["filtered"] == 1
