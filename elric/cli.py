@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import time
 from datetime import datetime
 
 from elric import views
@@ -170,6 +171,9 @@ def cmd_call(args: argparse.Namespace) -> int:
             (show or views.workers)(client.stats()["workers"])
         elif command == "job":
             (show or views.job)(_one_job(client, args.job_id))
+        elif command == "jobs" and args.status == Status.FILTERED:
+            # a filtered submission is dropped, never stored: there are counts, not jobs
+            (show or views.filtered)(client.stats()["filters"])
         elif command == "jobs":
             query = {k: v for k, v in (("status", args.status), ("queue", args.queue),
                                        ("func", args.by_func), ("batch", args.batch),
@@ -177,6 +181,8 @@ def cmd_call(args: argparse.Namespace) -> int:
             (show or views.jobs)(client.list_jobs(**query))
         elif command == "schedules":
             return _schedules(client, args, show)
+        elif command == "results":
+            return _results(client, args)
         elif command == "submit":
             reply = client.submit_job(_submit_spec(args))
             if not args.wait or reply["status"] != "queued":   # filtered: it never runs
@@ -263,8 +269,6 @@ def _bulk(client, args: argparse.Namespace, show) -> int:
 
 def _top(client, args: argparse.Namespace) -> int:
     """A live view, read again every second, until Ctrl-C (or --iterations)."""
-    import time
-
     from rich.live import Live
 
     with Live(console=views.console, auto_refresh=False) as live:
@@ -300,12 +304,75 @@ def _schedules(client, args: argparse.Namespace, show) -> int:
         return 0
     if not args.job_id:
         raise UsageError(f"elric schedules {args.action} takes the periodic job's id")
+    if args.action == "run-now":
+        return _run_now(client, args.job_id, show)
     call = {"pause": client.pause_job, "resume": client.resume_job,
             "remove": client.remove_job}[args.action]
     if not call(args.job_id):
         raise NotFound(f"no periodic job {args.job_id!r}")
     (show or (lambda _: print(f"periodic job {args.job_id}: {args.action}d")))(True)
     return 0
+
+
+def _results(client, args: argparse.Namespace) -> int:
+    """Stream the results of succeeded jobs a page at a time, so that memory holds one page
+    however many there are."""
+    if not 1 <= args.page_size <= 1000:
+        raise UsageError("--page-size takes 1 to 1000")
+    query = {k: v for k, v in (("queue", args.queue), ("func", args.by_func),
+                               ("batch", args.batch)) if v}
+    jsonl, offset, shown = args.json or args.format == "jsonl", 0, set()
+    while True:
+        page = client.list_jobs(status=Status.SUCCEEDED, offset=offset, limit=args.page_size,
+                                **query)
+        rows = []
+        for summary in page:   # newest first: jobs ending meanwhile push the last page down
+            job = None if summary["job_id"] in shown else client.get_job(summary["job_id"])
+            if job is None or job["status"] != Status.SUCCEEDED:   # expired, or run again
+                continue
+            row = {k: job[k] for k in ("job_id", "func", "result", "finished_at")}
+            if jsonl:
+                print(json.dumps(row, default=str))
+            else:
+                rows.append(row)
+        if not jsonl:
+            views.results(rows, first=offset == 0)
+        sys.stdout.flush()
+        if len(page) < args.page_size:
+            return 0
+        offset, shown = offset + len(page), {s["job_id"] for s in page}
+
+
+RUN_NOW_WAIT = 15.0   # seconds to see the fire: a master taking over scheduling may need ~10
+
+
+def _run_now(client, job_id: str, show) -> int:
+    """Ask for a fire now, then wait for the scheduler to record what it did with it:
+    max_instances may skip it, and that should not pass in silence (exit 1)."""
+    reply = client.run_job(job_id)
+    fire, deadline, run = reply["fire_id"], time.monotonic() + RUN_NOW_WAIT, None
+    while run is None and time.monotonic() < deadline:
+        runs = (client.get_job(job_id) or {}).get("runs", [])
+        run = next((r for r in runs if r.get("job_id") == fire), None)
+        if run is None:
+            time.sleep(0.05)
+    job = client.get_job(job_id) or {}   # again: get_job read the times before the runs
+    if show:
+        show({**reply, "run": run})
+    elif run is None:
+        print(f"periodic job {job_id}: {fire} asked for; not fired within {RUN_NOW_WAIT:g}s "
+              "(is a master scheduling? see elric health)")
+    elif run["outcome"] not in ("skipped", "missed"):
+        print(f"periodic job {job_id}: fired {fire} ({run['outcome']}); next run "
+              f"{views.when(job.get('next_run_time'))}")
+    if run is not None and run["outcome"] in ("skipped", "missed"):
+        raise Failed(f"periodic job {job_id}: {fire} {run['outcome']} "
+                     f"({run.get('reason', '')})")
+    return 0
+
+
+class Failed(Exception):
+    """The command ran but what it asked for did not happen: exit status 1."""
 
 
 class UsageError(Exception):
@@ -357,7 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
              ("workers", "the workers, alive and lost"), ("job", "show one job"),
              ("top", "a live view of jobs, queues, funcs and workers, every second"),
              ("jobs", "list jobs, newest first"),
-             ("schedules", "list periodic jobs, or pause|resume|remove one"),
+             ("results", "stream the results of succeeded jobs, newest first"),
+             ("schedules", "list periodic jobs, or pause|resume|run-now|remove one"),
              ("submit", "submit a job by name; --wait for its outcome"),
              ("rerun", "run finished jobs again (same ids)"),
              ("copy", "submit copies of jobs (new ids)"),
@@ -391,8 +459,20 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--batch")
             p.add_argument("--offset", type=int)
             p.add_argument("--limit", type=int, default=20)
+        if name == "results":
+            p.add_argument("--func", dest="by_func", help='"package.module:ClassName"')
+            p.add_argument("--batch")
+            p.add_argument("--queue")
+            p.add_argument("--format", choices=("table", "jsonl"), default="table",
+                           help="jsonl: one {job_id, func, result, finished_at} a line "
+                                "(as --json)")
+            # list_jobs scans from the newest job to each page's offset: big pages, few scans
+            p.add_argument("--page-size", type=int, default=1000,
+                           help="jobs read per call to the master (1 to 1000)")
         if name == "schedules":
-            p.add_argument("action", nargs="?", choices=("pause", "resume", "remove"))
+            p.add_argument("action", nargs="?", choices=("pause", "resume", "run-now", "remove"),
+                           help="run-now: fire it now, by its rules (max_instances may skip "
+                                "it); cron keeps its calendar, an interval restarts from now")
             p.add_argument("job_id", nargs="?")
             p.add_argument("--limit", type=int, default=100)
         if name == "submit":
@@ -428,10 +508,13 @@ def main(argv: list[str] | None = None) -> int:
                            "redis_unavailable": UNAVAILABLE}.get(exc.code, 2))
     except RPCError as exc:
         return _fail(exc, 2)
-    except (NotFound, TimeoutError) as exc:
+    except (NotFound, Failed, TimeoutError) as exc:
         return _fail(exc, 1)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:   # elric results | head: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # mute exit's flush
+        return 0
 
 
 UNAVAILABLE = 3   # the master or its Redis cannot be reached: try again

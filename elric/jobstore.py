@@ -311,6 +311,20 @@ class RedisJobStore:
             return job
         return await self._update(job_id, change) is not None
 
+    async def run_now(self, job_id: str) -> float | None:
+        """Make the job due now (Redis's clock), as APScheduler's modify(next_run_time=now):
+        the scheduler, woken by the write, fires it by the usual rules (max_instances, runs,
+        a "@fire" scope of its own) and then computes the next fire from this one. Returns
+        the fire time; None if there is no such job."""
+        def change(job: StoredJob) -> StoredJob:
+            if job.paused:
+                raise ScheduleError(f"periodic job {job_id!r} is paused: resume it first")
+            if job.next_run_time is None:
+                raise ScheduleError(f"periodic job {job_id!r} is finished: no fires are left")
+            return dataclasses.replace(job, next_run_time=self.clock())
+        job = await self._update(job_id, change)
+        return None if job is None else job.next_run_time
+
     async def modify(self, job_id: str, changes: dict) -> dict:
         """Change the trigger (restarting the schedule from now), misfire options or job spec
         fields (args, kwargs, queue, ...); returns the job as ``get`` shows it."""

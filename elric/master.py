@@ -36,7 +36,7 @@ from elric.queue import RedisQueue
 from elric.reservation import DedupeGate, ScopeRefused
 from elric.retry import REDIS_ERRORS, redis_refusal
 from elric.rpc import RequestError, Server
-from elric.scheduler import Scheduler
+from elric.scheduler import Scheduler, fire_id
 
 log = logging.getLogger("elric.master")
 
@@ -267,6 +267,17 @@ class Master:
     @_rpc
     async def resume_job(self, job_id) -> bool:
         return await self.store.resume(_job_id(job_id))
+
+    @_rpc
+    async def run_job(self, job_id) -> dict:
+        """Fire a periodic job now; the scheduler fires it, so its rules hold."""
+        try:
+            fire_time = await self.store.run_now(_job_id(job_id))
+        except ValueError as exc:   # paused or finished
+            raise SpecError(str(exc)) from None
+        if fire_time is None:
+            raise LookupError(f"no periodic job {job_id!r}")
+        return {"job_id": job_id, "fire_id": fire_id(job_id, fire_time), "fire_time": fire_time}
 
     @_rpc
     async def control_worker(self, worker_id, action, queues=None) -> dict:

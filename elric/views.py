@@ -56,6 +56,27 @@ def jobs(rows: list[dict]) -> None:
                      (j.get("error") or "")[:60]))
 
 
+def results(rows: list[dict], first: bool) -> None:
+    """One page of ``elric results``; only the first has a header (or says there are none)."""
+    if not rows:
+        if first:
+            console.print("no results")
+        return
+    table = _table("job id", "func", "finished", "result")
+    table.show_header = first
+    for r in rows:
+        table.add_row(Text(r["job_id"]), Text(r["func"]), when(r["finished_at"]),
+                      Text(json.dumps(r["result"], default=str)[:200]))
+    console.print(table)
+
+
+def filtered(filters: dict) -> None:
+    console.print("filtered submissions are not stored as jobs; their counts per dedupe scope:")
+    _rows([{"scope": scope, **f} for scope, f in sorted(filters.items())], "no dedupe scopes",
+          ("scope", "filtered", "keys", "backend"),
+          lambda f: (f["scope"], f.get("filtered", 0), f.get("items", ""), f.get("backend", "")))
+
+
 def job(j: dict) -> None:
     pairs = [(key, j[key]) for key in ("job_id", "status", "func", "queue", "priority",
                                        "attempts", "max_retries", "worker", "batch", "parent",

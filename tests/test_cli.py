@@ -13,7 +13,7 @@ import pytest
 from elric.redis_server import RedisServer, free_port
 from elric.triggers import every
 from tests.conftest import ROOT, Cluster, wait_for
-from tests.jobs import Echo
+from tests.jobs import Echo, Sleep
 
 
 def elric(cluster: Cluster, *args: str) -> subprocess.CompletedProcess:
@@ -196,3 +196,82 @@ def test_top_shows_jobs_queues_funcs_and_workers(cluster):
     assert out.returncode == 0, out.stderr
     assert "succeeded 1" in out.stdout and "tests.jobs:Add" in out.stdout
     assert f":{worker.pid}:" in out.stdout and "default" in out.stdout
+
+
+def test_schedules_run_now_fires_through_the_scheduler_by_its_rules(cluster):
+    c = cluster.client
+    cluster.start_worker("--concurrency", "1")
+    c.submit_job(Echo.spec(["now"], job_id="hourly", trigger=every(hours=1),
+                           dedupe_key="page", dedupe_scope="@fire"))
+    planned = c.get_job("hourly")["next_run_time"]
+    ran = elric(cluster, "schedules", "run-now", "hourly")
+    assert ran.returncode == 0 and "fired hourly@" in ran.stdout, ran.stdout + ran.stderr
+    [run] = c.get_job("hourly")["runs"]
+    fired = cluster.wait_job(run["job_id"])
+    assert fired["status"] == "succeeded" and fired["result"] == {"args": ["now"], "kwargs": {}}
+    # a fire like any other: its schedule, its own round and "@fire" dedupe scope
+    assert (fired["schedule"], fired["round"], fired["dedupe_scope"]) == (
+        "hourly", run["job_id"], run["job_id"])
+    job = c.get_job("hourly")
+    assert [r["outcome"] for r in job["runs"]] == ["succeeded"]
+    # an interval restarts from the fire: the next one is an hour after it
+    assert job["next_run_time"] == pytest.approx(run["fire_time"] + 3600)
+    assert job["next_run_time"] > planned
+
+    # max_instances (1) counts rounds: a fire while one runs is skipped, and says so
+    c.submit_job(Sleep.spec([60], job_id="slow", trigger=every(hours=1)))
+    assert elric(cluster, "schedules", "run-now", "slow").returncode == 0
+    [first] = c.get_job("slow")["runs"]
+    cluster.wait_job(first["job_id"], statuses=("running",))
+    one_line_error(elric(cluster, "schedules", "run-now", "slow"), 1, "skipped (max_instances)")
+    c.cancel_job(first["job_id"])
+
+    assert elric(cluster, "schedules", "pause", "hourly").returncode == 0
+    one_line_error(elric(cluster, "schedules", "run-now", "hourly"), 2,
+                   "paused: resume it first")
+    one_line_error(elric(cluster, "schedules", "run-now", "nope"), 1, "no periodic job 'nope'")
+
+
+def test_results_streams_the_results_of_succeeded_jobs_page_by_page(cluster):
+    from tests.jobs import Add, Fail
+
+    c = cluster.client
+    cluster.start_worker("--concurrency", "2")
+    c.submit_jobs([Add.spec([i, 1], job_id=f"add{i}", batch="sums") for i in range(30)]
+                  + [Add.spec([0, 0], job_id="elsewhere"), Fail.spec(job_id="no", batch="sums")])
+    wait_for(lambda: len(c.list_jobs(status="succeeded", limit=100)) == 31
+             and c.get_job("no")["status"] == "failed", what="31 successes and a failure")
+
+    out = elric(cluster, "results", "--batch", "sums", "--page-size", "20", "--format", "jsonl")
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert sorted(r["job_id"] for r in rows) == sorted(f"add{i}" for i in range(30))  # 2 pages
+    for r in rows:
+        assert set(r) == {"job_id", "func", "result", "finished_at"}
+        assert r["func"] == "tests.jobs:Add" and r["result"] == int(r["job_id"][3:]) + 1
+        assert r["finished_at"] > 0
+
+    table = elric(cluster, "results", "--func", "tests.jobs:Add", "--page-size", "20")
+    lines = table.stdout.splitlines()
+    assert table.returncode == 0 and lines[0].split()[:2] == ["job", "id"], table.stdout
+    assert sum("job id" in line for line in lines) == 1   # one header over the pages
+    assert {line.split()[0] for line in lines[1:]} == {f"add{i}" for i in range(30)} | {
+        "elsewhere"}
+    assert elric(cluster, "results", "--batch", "none").stdout.strip() == "no results"
+    assert elric(cluster, "results", "--batch", "none", "--format", "jsonl").stdout == ""
+    one_line_error(elric(cluster, "results", "--page-size", "0"), 2, "--page-size")
+
+
+def test_jobs_status_filtered_prints_the_counts_per_scope(cluster):
+    c = cluster.client
+    c.submit_jobs([Echo.spec(job_id="a", dedupe_key="k", dedupe_scope="pages", queue="none")])
+    assert c.submit_job(Echo.spec(job_id="b", dedupe_key="k", dedupe_scope="pages",
+                                  queue="none"))["status"] == "filtered"
+    shown = elric(cluster, "jobs", "--status", "filtered")
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert lines[0].startswith("filtered submissions are not stored as jobs")
+    assert lines[2].split()[:3] == ["pages", "1", "1"], shown.stdout   # scope, filtered, keys
+    as_json = elric(cluster, "jobs", "--status", "filtered", "--json")
+    assert as_json.returncode == 0
+    assert json.loads(as_json.stdout)["pages"]["filtered"] == 1

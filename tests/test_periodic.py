@@ -321,6 +321,27 @@ def test_max_instances_skips_a_fire_while_the_previous_one_runs(cluster):
         assert end is not None and begin >= end, started  # never two at once
 
 
+def test_run_job_fires_now_a_cron_keeps_its_calendar_and_a_date_job_finishes(cluster):
+    c = cluster.client
+    c.submit_job(Echo.spec(job_id="yearly", trigger={"type": "cron", "crontab": "0 0 1 1 *"}))
+    c.submit_job(Echo.spec(job_id="once", trigger={"type": "date",
+                                                   "run_date": time.time() + 3600}))
+    planned = c.get_job("yearly")["next_run_time"]
+    for job_id in ("yearly", "once"):
+        fire = c.call("run_job", job_id)["fire_id"]
+        wait_for(lambda: any(r["job_id"] == fire for r in c.get_job(job_id)["runs"]),
+                 what=f"{fire} recorded")
+        assert c.get_job(fire)["status"] == "queued"   # no worker here
+    assert c.get_job("yearly")["next_run_time"] == planned
+    assert c.get_job("once")["status"] == "finished"
+    with pytest.raises(RemoteError, match="finished") as info:
+        c.call("run_job", "once")
+    assert info.value.code == "bad_request"
+    with pytest.raises(RemoteError, match="no periodic job 'nope'") as info:
+        c.call("run_job", "nope")
+    assert info.value.code == "not_found"
+
+
 # --- 7. the periodic crawl example --------------------------------------------------------
 
 def test_periodic_crawl_fetches_every_page_once_per_round(cluster):
