@@ -177,7 +177,19 @@ def test_actions_need_the_session_token_and_metrics_need_the_password(make_clust
     opener.open(base + "/act", data=data)
     assert cluster.client.get_job("j1") is None
 
+    # a schedule run now from its page: the scheduler fires it at once, by its rules
+    cluster.client.submit_job({"func": "tests.jobs:Add", "args": [1, 2], "job_id": "hourly",
+                               "trigger": {"type": "interval", "hours": 1}})
+    html = opener.open(base + "/schedules").read().decode()
+    assert "hourly" in html and "run now" in html
+    data = urllib.parse.urlencode({"kind": "schedule", "action": "run now", "id": "hourly",
+                                   "csrf": token, "next": "/schedules"}).encode()
+    assert "run now: 1 of 1 done" in opener.open(base + "/act", data=data).read().decode()
+    wait_for(lambda: [r for r in cluster.client.get_job("hourly")["runs"]
+                      if r["outcome"] != "skipped"], what="the schedule fired")
+
     # Prometheus: the password as a bearer token; without it, nothing
     assert "elric_jobs" not in get(base + "/metrics")[1]
     status, text = get(base + "/metrics", Authorization=f"Bearer {PASSWORD}")
-    assert status == 200 and 'elric_job_events_total{event="submitted"} 1.0' in text
+    assert status == 200 and 'elric_job_events_total{event="submitted"} 2.0' in text
+    assert 'elric_fires_total{outcome="fired"} 1.0' in text   # the one run now

@@ -41,6 +41,7 @@ def _actions(master) -> dict:
             ("job", "retry"): master.rerun_job, ("job", "cancel"): master.cancel_job,
             ("job", "delete"): master.remove_job,
             ("schedule", "pause"): master.pause_job, ("schedule", "resume"): master.resume_job,
+            ("schedule", "run now"): master.run_job,
             ("schedule", "remove"): master.remove_job}
 
 
