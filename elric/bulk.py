@@ -1,4 +1,5 @@
-"""Operations on many jobs chosen by a filter: rerun, copy, cancel, delete.
+"""Operations on many jobs chosen by a filter: rerun, copy, cancel, delete, or find (the
+ids alone, e.g. to stream their results).
 
 A call walks the status indexes (queued jobs: their queues) with ZSCAN, a step at a time,
 and returns a cursor to continue from: a million jobs are never in memory at once, and no
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 
 from elric.contract import STATUSES, SpecError, Status
 
-ACTIONS = ("rerun", "copy", "cancel", "delete")
+ACTIONS = ("rerun", "copy", "cancel", "delete", "find")   # find: only list the ids
 STEP = 2000   # jobs looked at per call
 SCAN = 500    # per ZSCAN round trip
 _FIELDS = ("status", "queue", "func", "batch", "worker", "enqueued_at")
@@ -81,6 +82,7 @@ class Step:
     skipped: int = 0      # matched but could not be done (a running job cannot be deleted)
     cursor: str = ""
     errors: list[str] = field(default_factory=list)   # the first few reasons for skips
+    ids: list[str] = field(default_factory=list)      # what "find" found
 
 
 class Bulk:
@@ -96,45 +98,52 @@ class Bulk:
         return out + [(self.keys.status(s), False) for s in _INDEXED
                       if f.status in (None, s)]
 
-    async def run(self, action: str, f: JobFilter, cursor: str = "", op: str = "") -> Step:
-        if action not in ACTIONS:
-            raise SpecError(f"unknown bulk action {action!r}; one of {', '.join(ACTIONS)}")
-        if action == "copy" and not op:
-            raise SpecError("copy needs an operation id (op) to name the copies by")
-        step = Step()
+    async def walk(self, f: JobFilter, cursor: str = "") -> tuple[list[str], str]:
+        """Look at up to STEP jobs from ``cursor`` on: the ids of those ``f`` picks, and the
+        cursor to go on from ("" when the walk is over)."""
         if f.ids:   # the cursor is the position in the list
             start = int(cursor or 0)
-            ids = f.ids[start:start + STEP]
-            await self._apply(action, f, ids, op, step)
-            step.cursor = str(start + STEP) if start + STEP < len(f.ids) else ""
-            return step
+            chosen = await self._matching(f, f.ids[start:start + STEP])
+            return chosen, str(start + STEP) if start + STEP < len(f.ids) else ""
         indexes = await self._indexes(f)
         index, _, scan = (cursor or "0:0").partition(":")
         i, scan = int(index), int(scan)
-        looked = 0
+        looked, chosen = 0, []
         while i < len(indexes) and looked < STEP:
             key, prefixed = indexes[i]
             scan, members = await self.redis.zscan(key, scan, count=SCAN)
             ids = [m.decode()[17:] if prefixed else m.decode() for m, _ in members]
             looked += len(ids)
-            await self._apply(action, f, ids, op, step)
+            chosen += await self._matching(f, ids)
             if scan == 0:
                 i += 1
-        step.cursor = f"{i}:{scan}" if i < len(indexes) else ""
-        return step
+        return chosen, f"{i}:{scan}" if i < len(indexes) else ""
 
-    async def _apply(self, action: str, f: JobFilter, ids: list[str], op: str,
-                     step: Step) -> None:
+    async def _matching(self, f: JobFilter, ids: list[str]) -> list[str]:
         async with self.redis.pipeline(transaction=False) as pipe:
             for job_id in ids:
                 pipe.hmget(self.keys.job(job_id), *_FIELDS)
             rows = await pipe.execute()
-        chosen = [job_id for job_id, values in zip(ids, rows)
-                  if values[0] is not None and f.matches([v.decode() if v else None
-                                                          for v in values])]
-        if action == "copy":
+        return [job_id for job_id, values in zip(ids, rows)
+                if values[0] is not None and f.matches([v.decode() if v else None
+                                                        for v in values])]
+
+    async def run(self, action: str, f: JobFilter, cursor: str = "", op: str = "") -> Step:
+        if action not in ACTIONS:
+            raise SpecError(f"unknown bulk action {action!r}; one of {', '.join(ACTIONS)}")
+        if action == "copy" and not op:
+            raise SpecError("copy needs an operation id (op) to name the copies by")
+        chosen, next_cursor = await self.walk(f, cursor)
+        step = Step(cursor=next_cursor)
+        if action == "find":
+            step.ids, step.touched = chosen, len(chosen)
+        elif action == "copy":
             await self._copy(chosen, op, step)
-            return
+        else:
+            await self._act(action, chosen, step)
+        return step
+
+    async def _act(self, action: str, chosen: list[str], step: Step) -> None:
         one = {"rerun": self.queue.rerun, "cancel": self.queue.cancel,
                "delete": self.queue.remove}[action]
 

@@ -315,32 +315,37 @@ def _schedules(client, args: argparse.Namespace, show) -> int:
 
 
 def _results(client, args: argparse.Namespace) -> int:
-    """Stream the results of succeeded jobs a page at a time, so that memory holds one page
-    however many there are."""
+    """Stream the results of succeeded jobs a page at a time: the master finds their ids a
+    step at a time (bulk_jobs "find", a cursor between steps), so neither side holds them
+    all, and every one is reached however many there are."""
     if not 1 <= args.page_size <= 1000:
         raise UsageError("--page-size takes 1 to 1000")
-    query = {k: v for k, v in (("queue", args.queue), ("func", args.by_func),
-                               ("batch", args.batch)) if v}
-    jsonl, offset, shown = args.json or args.format == "jsonl", 0, set()
+    f = {k: v for k, v in (("status", Status.SUCCEEDED), ("queue", args.queue),
+                           ("func", args.by_func), ("batch", args.batch)) if v}
+    jsonl, cursor, first, pending = args.json or args.format == "jsonl", "", True, []
     while True:
-        page = client.list_jobs(status=Status.SUCCEEDED, offset=offset, limit=args.page_size,
-                                **query)
-        rows = []
-        for summary in page:   # newest first: jobs ending meanwhile push the last page down
-            job = None if summary["job_id"] in shown else client.get_job(summary["job_id"])
-            if job is None or job["status"] != Status.SUCCEEDED:   # expired, or run again
-                continue
-            row = {k: job[k] for k in ("job_id", "func", "result", "finished_at")}
-            if jsonl:
-                print(json.dumps(row, default=str))
-            else:
-                rows.append(row)
-        if not jsonl:
-            views.results(rows, first=offset == 0)
-        sys.stdout.flush()
-        if len(page) < args.page_size:
+        step = client.bulk_jobs("find", f, cursor)
+        pending += step["ids"]
+        cursor = step["cursor"]
+        while len(pending) >= args.page_size or (pending and not cursor):
+            page, pending = pending[:args.page_size], pending[args.page_size:]
+            rows = []
+            for job in map(client.get_job, page):
+                if job is None or job["status"] != Status.SUCCEEDED:   # expired, or rerun
+                    continue
+                row = {k: job[k] for k in ("job_id", "func", "result", "finished_at")}
+                if jsonl:
+                    print(json.dumps(row, default=str))
+                else:
+                    rows.append(row)
+            if not jsonl:
+                views.results(rows, first=first)
+            first = False
+            sys.stdout.flush()
+        if not cursor:
+            if first and not jsonl:
+                views.results([], first=True)
             return 0
-        offset, shown = offset + len(page), {s["job_id"] for s in page}
 
 
 RUN_NOW_WAIT = 15.0   # seconds to see the fire: a master taking over scheduling may need ~10
