@@ -193,3 +193,11 @@ def test_actions_need_the_session_token_and_metrics_need_the_password(make_clust
     status, text = get(base + "/metrics", Authorization=f"Bearer {PASSWORD}")
     assert status == 200 and 'elric_job_events_total{event="submitted"} 2.0' in text
     assert 'elric_fires_total{outcome="fired"} 1.0' in text   # the one run now
+
+
+def test_a_login_redirects_only_within_the_dashboard():
+    from elric.dashboard import _local_path
+
+    assert _local_path("/jobs?status=failed") == "/jobs?status=failed"
+    for elsewhere in ("//evil.example/", "/\\evil.example/", "https://evil.example/", ""):
+        assert _local_path(elsewhere) == "/"

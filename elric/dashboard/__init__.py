@@ -46,8 +46,9 @@ def _actions(master) -> dict:
 
 
 def _local_path(value: str, fallback: str = "/") -> str:
-    """A redirect target on this site only (no //host, no scheme)."""
-    return value if value.startswith("/") and not value.startswith("//") else fallback
+    """A redirect target on this site only (no //host, no scheme; browsers read /\\ as //)."""
+    return value if value.startswith("/") and not value.startswith(("//", "/\\")) \
+        else fallback
 
 
 class Dashboard:
