@@ -21,7 +21,7 @@ MINUTE_TTL = 86400      # a day of per-minute throughput is kept
 THROUGHPUT_MINUTES = 60  # how many minutes stats() reports
 
 # The counters of a stats hash, named after the status a job reached (as in the batch hash)
-COUNTERS = ("submitted", "succeeded", "failed", "retrying", "cancelled")
+COUNTERS = ("submitted", "succeeded", "failed", "retrying", "cancelled", "removed")
 
 
 def bucket(duration_ms: int) -> str:
@@ -56,7 +56,7 @@ class JobStats:
         """Submitted and not yet ended (never below 0: counts from before a reset)."""
         c = self.counters
         return max(0, c.get("submitted", 0) - c.get("succeeded", 0) - c.get("failed", 0)
-                   - c.get("cancelled", 0))
+                   - c.get("cancelled", 0) - c.get("removed", 0))
 
     @property
     def mean_ms(self) -> float | None:
@@ -81,7 +81,8 @@ class JobStats:
         c = self.counters
         return {"submitted": c.get("submitted", 0), "succeeded": c.get("succeeded", 0),
                 "failed": c.get("failed", 0), "retried": c.get("retrying", 0),
-                "cancelled": c.get("cancelled", 0), **self.summary(),
+                "cancelled": c.get("cancelled", 0), "removed": c.get("removed", 0),
+                **self.summary(),
                 "duration_ms": self.duration_ms, "histogram": self.histogram}
 
     def batch_view(self) -> dict:

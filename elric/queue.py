@@ -167,12 +167,12 @@ class RedisQueue:
         self._fetch = lua.load(redis, "fetch", "clock_fn")
         self._finish = lua.load(redis, "finish", "clock_fn")
         self._heartbeat = lua.load(redis, "heartbeat", "clock_fn")
-        self._remove = lua.load(redis, "remove")
-        self._cancel = lua.load(redis, "cancel", "clock_fn")
+        self._remove = lua.load(redis, "remove", "jobstats_fn")
+        self._cancel = lua.load(redis, "cancel", "clock_fn", "jobstats_fn")
         self._statuses = lua.load(redis, "statuses")
         self._release = lua.load(redis, "release", "clock_fn", "requeue_fn")
         self._requeue_due = lua.load(redis, "requeue_due", "clock_fn", "requeue_fn")
-        self._rerun = lua.load(redis, "rerun", "clock_fn", "requeue_fn")
+        self._rerun = lua.load(redis, "rerun", "clock_fn", "requeue_fn", "jobstats_fn")
 
     @property
     def _line(self) -> list[str]:
@@ -308,7 +308,8 @@ class RedisQueue:
             return bool(await self._remove(keys=[k.job(job_id), k.inflight, k.delayed,
                                                  k.limits_parked],
                                            args=[k.queue(""), k.status(""), job_id,
-                                                 k.limit_parked(""), k.round("")]))
+                                                 k.limit_parked(""), k.round(""),
+                                                 k.batch(""), k.func("")]))
         except ResponseError as exc:
             if _error_code(exc) == "RUNNING":
                 raise ValueError(f"job {job_id!r} is running; cancel it (cancel_job) and "
@@ -321,7 +322,7 @@ class RedisQueue:
         was = await self._cancel(keys=[k.job(job_id), k.delayed, k.limits_parked,
                                        k.status(Status.CANCELLED), k.counters],
                                  args=[k.queue(""), k.status(""), job_id, k.limit_parked(""),
-                                       k.round(""), self.failed_ttl])
+                                       k.round(""), self.failed_ttl, k.batch(""), k.func("")])
         return _s(was) if was else None
 
     async def rerun(self, job_id: str) -> str:
@@ -330,7 +331,8 @@ class RedisQueue:
         try:
             return _s(await self._rerun(keys=[k.job(job_id), k.seq],
                                         args=[k.queue(""), k.wake(""), k.status(""), job_id,
-                                              k.round(""), self.failed_ttl]))
+                                              k.round(""), self.failed_ttl, k.batch(""),
+                                              k.func("")]))
         except ResponseError as exc:
             if _error_code(exc) == "NOJOB":
                 raise LookupError(f"no job {job_id!r}") from None

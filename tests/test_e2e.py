@@ -210,7 +210,7 @@ def test_get_list_remove_stats_and_rerun(cluster, tmp_path):
     def counters(row):   # a batch's counters, without its timings (tests/test_stats.py)
         return {name: n for name, n in row.items() if name in COUNTERS}
 
-    assert counters(stats["batches"]["B1"]) == {"submitted": 6}
+    assert counters(stats["batches"]["B1"]) == {"submitted": 6, "removed": 1}   # e5
     assert stats["workers"] == []
 
     worker = cluster.start_worker("--queues", "q1,q2", "--concurrency", "2")
@@ -221,7 +221,8 @@ def test_get_list_remove_stats_and_rerun(cluster, tmp_path):
     stats = c.stats()
     assert stats["by_status"]["succeeded"] == 8 and stats["by_status"]["failed"] == 1
     assert stats["totals"]["succeeded"] == 8 and stats["totals"]["failed"] == 1
-    assert counters(stats["batches"]["B1"]) == {"submitted": 6, "succeeded": 5}  # e5 never ran
+    assert counters(stats["batches"]["B1"]) == {"submitted": 6, "succeeded": 5, "removed": 1}
+    assert stats["batches"]["B1"]["live"] == 0   # e5 never ran: it was removed
     assert counters(stats["batches"]["B2"]) == {"submitted": 4, "succeeded": 3, "failed": 1}
     assert stats["by_queue"]["q1"]["succeeded"] == 5
     q2 = stats["by_queue"]["q2"]

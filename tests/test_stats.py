@@ -116,3 +116,22 @@ def test_the_current_minute_counts_what_finished_in_it(cluster):
 
     first, second = wait_for(two_in_one_minute, timeout=60, what="two jobs in one minute")
     assert first["succeeded"] >= 1 and second["succeeded"] == first["succeeded"] + 1
+
+
+def test_cancelled_removed_and_rerun_jobs_keep_live_counts_true(cluster):
+    c = cluster.client
+    c.submit_jobs([Add.spec([i, 1], job_id=f"w{i}", queue="nobody", batch="b") for i in range(3)])
+    c.cancel_job("w0")   # queued: cancelled at once
+    c.remove_job("w1")   # queued: gone
+    row = c.stats()["funcs"]["tests.jobs:Add"]
+    assert (row["submitted"], row["cancelled"], row["removed"], row["live"]) == (3, 1, 1, 1)
+    assert c.stats()["batches"]["b"]["live"] == 1
+
+    cluster.start_worker("--concurrency", "1")
+    c.submit_job(Add.spec([1, 1], job_id="done"))
+    cluster.wait_job("done")
+    c.rerun_job("done")   # submitted again: live until it ends again
+    assert c.stats()["funcs"]["tests.jobs:Add"]["submitted"] == 5
+    wait_for(lambda: c.stats()["funcs"]["tests.jobs:Add"]["succeeded"] == 2,
+             what="the rerun succeeded")
+    assert c.stats()["funcs"]["tests.jobs:Add"]["live"] == 1   # w2 still waits

@@ -1,14 +1,15 @@
 -- Cancel a job: a queued or retrying one at once, a running one by asking its worker.
 -- KEYS: the job's hash, delayed, parked counts, cancelled index, counters
 -- ARGV: queue prefix, status index prefix, job_id, limit parked prefix, round prefix,
---       failed ttl (s)
+--       failed ttl (s), batch stats prefix, func stats prefix
 -- Returns the status the job had (false: no such job). A queued or retrying job is now
 --   cancelled; a running one gets `cancel` set, and its worker stops it and records it
 --   cancelled (finish.lua); a finished job is left alone.
 -- Invariant: a cancelled job is in no queue, parked set or delayed set, so it never runs;
--- its round no longer waits for it.
+-- its round no longer waits for it, and its func and batch no longer count it live.
 local now, id, ttl = now_ms(), ARGV[3], tonumber(ARGV[6])
-local f = redis.call('HMGET', KEYS[1], 'status', 'queue', 'member', 'limit_key', 'round')
+local f = redis.call('HMGET', KEYS[1], 'status', 'queue', 'member', 'limit_key', 'round',
+                     'batch', 'func')
 if not f[1] then return false end
 if f[1] == 'running' then
   redis.call('HSET', KEYS[1], 'cancel', '1')
@@ -27,4 +28,5 @@ redis.call('EXPIRE', KEYS[1], ttl)
 redis.call('ZADD', KEYS[4], now, id)
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - ttl * 1000)
 redis.call('HINCRBY', KEYS[5], 'cancelled', 1)
+count_in_stats(ARGV[7], ARGV[8], f[6], f[7], 'cancelled')
 return f[1]

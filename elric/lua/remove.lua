@@ -1,11 +1,13 @@
 -- Delete a job that is not running (a running one must be cancelled first).
 -- KEYS: the job's hash, inflight, delayed, parked counts
--- ARGV: queue prefix, status index prefix, job_id, limit parked prefix, round prefix
+-- ARGV: queue prefix, status index prefix, job_id, limit parked prefix, round prefix,
+--       batch stats prefix, func stats prefix
 -- Returns the status the job had, or false when there was none; an error 'RUNNING' when
 --   it runs.
 -- Invariant: no index keeps an entry for a job that is gone; a round no longer waits for a
--- job of its own that was removed before it ended.
-local f = redis.call('HMGET', KEYS[1], 'status', 'queue', 'member', 'limit_key', 'round')
+-- job of its own that was removed before it ended, nor its func and batch (`removed`).
+local f = redis.call('HMGET', KEYS[1], 'status', 'queue', 'member', 'limit_key', 'round',
+                     'batch', 'func')
 if not f[1] then return false end
 if f[1] == 'running' then return redis.error_reply('RUNNING') end
 if f[2] and f[3] then redis.call('ZREM', ARGV[1] .. f[2], f[3]) end
@@ -14,6 +16,9 @@ if f[4] and f[3] and redis.call('ZREM', ARGV[4] .. f[4], f[3]) == 1 then
 end
 if f[5] and f[1] ~= 'succeeded' and f[1] ~= 'failed' then
   redis.call('HINCRBY', ARGV[5] .. f[5], 'removed', 1)
+end
+if f[1] == 'queued' or f[1] == 'retrying' then
+  count_in_stats(ARGV[6], ARGV[7], f[6], f[7], 'removed')
 end
 redis.call('ZREM', KEYS[2], ARGV[3])
 redis.call('ZREM', KEYS[3], ARGV[3])
