@@ -164,8 +164,7 @@ class Bulk:
         """New jobs with the sources' func, arguments and options, ids ``{id}~{op}``; no
         dedupe key (a copy is asked for on purpose)."""
         specs = []
-        for job_id in ids:
-            job = await self.queue.get_job(job_id)
+        for job_id, job in zip(ids, await asyncio.gather(*map(self.queue.get_job, ids))):
             if job is not None:
                 specs.append({"func": job["func"], "args": job["args"], "kwargs": job["kwargs"],
                               "queue": job["queue"], "priority": job["priority"],

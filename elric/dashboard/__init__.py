@@ -8,6 +8,7 @@ handlers as the RPC, with the same checks and errors. ``access.py`` says who may
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from urllib.parse import urlencode
 
@@ -119,8 +120,8 @@ class Dashboard:
         offset = _int(request.query.get("offset"), 0)
         rows = await self.master.list_jobs({"status": "scheduled", "offset": offset,
                                             "limit": PAGE})
-        for row in rows:   # the last outcomes of each
-            job = await self.master.store.get(row["job_id"])
+        jobs = await asyncio.gather(*(self.master.store.get(r["job_id"]) for r in rows))
+        for row, job in zip(rows, jobs):   # the last outcomes of each
             row["runs"] = (job or {}).get("runs", [])[-5:]
         return self._render(request, "schedules.html", rows=rows, offset=offset, page=PAGE)
 
