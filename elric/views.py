@@ -96,7 +96,7 @@ def job(j: dict) -> None:
     if j.get("error"):
         console.print("[bold]error[/bold]")
         console.print(j["error"], markup=False)
-    for run in j.get("runs", [])[-10:]:
+    for run in j.get("runs", [])[:10]:   # the newest ten
         console.print(f"  {when(run.get('fire_time'))}  {run.get('outcome', '')}"
                       f"  {run.get('job_id', '')}", markup=False)
 

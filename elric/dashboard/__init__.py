@@ -122,7 +122,7 @@ class Dashboard:
                                             "limit": PAGE})
         jobs = await asyncio.gather(*(self.master.store.get(r["job_id"]) for r in rows))
         for row, job in zip(rows, jobs):   # the last outcomes of each
-            row["runs"] = (job or {}).get("runs", [])[-5:]
+            row["runs"] = (job or {}).get("runs", [])[:5]   # newest first
         return self._render(request, "schedules.html", rows=rows, offset=offset, page=PAGE)
 
     async def jobs(self, request: web.Request):
