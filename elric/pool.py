@@ -223,6 +223,13 @@ class Pool(Executor):
     def claims(self) -> list[Claim]:
         return [h.claim for p in self.processes for h in p.held.values()]
 
+    def in_flight(self) -> int:
+        """Jobs sent to pool processes and not reported back yet."""
+        return sum(len(p.held) for p in self.processes)
+
+    def pids(self) -> list[int]:
+        return [p.process.pid for p in self.processes]
+
     def kill_overdue(self) -> None:
         """Kill the process of a job past its timeout and KILL_GRACE: a sync job that
         ignored its alarm (stuck in native code), or an async job blocking its loop."""

@@ -8,6 +8,7 @@ nothing is pickled.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -257,14 +258,16 @@ class RedisQueue:
                   k.status(Status.RETRYING), k.counters], args=argv))
 
     async def heartbeat(self, worker_id: str, claims: list[Claim], lease_seconds: float,
-                        processed: int = 0, state: str = "running") -> Renewed:
-        """Renew the leases of ``claims`` and mark the worker seen (with its count of jobs
-        processed and its state), on Redis's clock; learn what an operator asked of it."""
+                        fields: dict | None = None) -> Renewed:
+        """Renew the leases of ``claims`` and mark the worker seen, on Redis's clock; write
+        ``fields`` (its state and load) into its hash; learn what an operator asked of it."""
         held = [x for c in claims for x in (c.job_id, c.attempt)]
+        pairs = [x for item in (fields or {}).items() for x in item]
         k = self.keys
         lost, cancel, (paused, stop, queues) = await self._heartbeat(
             keys=[k.inflight, k.workers, k.worker(worker_id)],
-            args=[k.job(""), int(lease_seconds * 1000), worker_id, processed, state, *held])
+            args=[k.job(""), int(lease_seconds * 1000), worker_id, len(pairs) // 2, *pairs,
+                  *held])
         return Renewed({_s(i) for i in lost}, {_s(i) for i in cancel},
                        WorkerControl(paused == b"1", stop == b"1",
                                      [q for q in _s(queues).split(",") if q]))
@@ -483,9 +486,12 @@ class RedisQueue:
         workers = []
         for (wid, seen), info in zip(workers_seen, infos):
             row = {_s(a): _s(b) for a, b in info.items()}
-            for key in ("pid", "concurrency", "async_concurrency", "processed", "started_at"):
+            for key in ("pid", "concurrency", "async_concurrency", "processed", "done",
+                        "failed", "in_flight", "rss_bytes", "started_at"):
                 if str(row.get(key, "")).isdigit():   # numbers are numbers (a bad value stays)
                     row[key] = int(row[key])
+            with contextlib.suppress(KeyError, ValueError):
+                row["cpu_percent"] = float(row["cpu_percent"])
             if isinstance(row.get("started_at"), int):   # times are epoch seconds
                 row["started_at"] /= 1000.0
             for key in ("paused", "stop", "set_queues"):   # asked of it; "state" is what it does

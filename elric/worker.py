@@ -4,7 +4,8 @@ One asyncio loop does all the Redis and RPC work; jobs run in ``elric.pool``: as
 many at once in every pool process, sync jobs one process each, fast sync jobs in
 batches. A worker fetches as many jobs as it has room for plus a small prefetch, extends
 the leases of what it holds (heartbeat), and gives prefetched jobs back at once when told
-to stop.
+to stop. Each heartbeat also records the worker's load in its hash, and picks up what an
+operator asked (pause, resume, stop, other queues).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from functools import partial
 import redis.asyncio as aioredis
 from redis.exceptions import AuthenticationError as RedisAuthenticationError
 
+import elric
 from elric import runner
 from elric.clock import redis_now
 from elric.config import Settings, SettingsError, redact_url
@@ -35,6 +37,7 @@ from elric.pool import Pool, ProcessDied
 from elric.queue import Claim, Outcome, RedisQueue, WorkerControl
 from elric.retry import REDIS_ERRORS, REDIS_REFUSED, Backoff, is_outage, retry
 from elric.rpc import AsyncClient, RemoteError, RPCConnectionError, RPCError
+from elric.usage import LoadMeter
 
 log = logging.getLogger("elric.worker")
 job_log = logging.getLogger("elric.jobs")   # one line per job event; tune it on its own
@@ -83,7 +86,10 @@ class Worker:
         self.stopping = False
         self.paused = False   # an operator paused fetching (elric worker pause)
         self.avg_job_seconds = CHUNK_SECONDS    # start with batches of one
-        self.processed = 0
+        self.processed = 0   # attempts recorded since start: done, failed or cancelled
+        self.done = 0        # of which succeeded
+        self.failed = 0      # of which failed (retried or not)
+        self.load = LoadMeter()
         self._changed = asyncio.Event()
         self._finished = asyncio.Event()
         self._wake_task: asyncio.Task | None = None
@@ -398,6 +404,8 @@ class Worker:
         await self._retry_redis(self.queue.finish, self.worker_id, records)
         self._cancelling.difference_update(o.job_id for o in records)
         self.processed += len(records)
+        self.done += sum(r.ok for r in records)
+        self.failed += sum(not r.ok and not r.cancelled for r in records)
         for (claim, _), record in zip(batch, records):
             _log_outcome(claim, record)
 
@@ -458,9 +466,22 @@ class Worker:
     async def _register_once(self) -> None:
         info = {"host": socket.gethostname(), "pid": os.getpid(), "queues": ",".join(self.queues),
                 "concurrency": self.concurrency, "async_concurrency": self.async_slots,
+                "version": elric.__version__,
                 "started_at": int(await redis_now(self.redis) * 1000), "state": "running"}
         await self.redis.hset(self.keys.worker(self.worker_id), mapping=info)
-        await self.queue.heartbeat(self.worker_id, [], self.lease)   # seen, and kept a day
+        # seen, and kept a day
+        await self.queue.heartbeat(self.worker_id, [], self.lease, self._load_fields())
+
+    def _load_fields(self) -> dict:
+        """What a heartbeat writes into the worker's hash: its state and load. CPU % is
+        over the time since the last heartbeat, of the worker and its pool processes."""
+        fields = {"state": "paused" if self.paused else "running",
+                  "processed": self.processed, "done": self.done, "failed": self.failed,
+                  "in_flight": self.pool.in_flight()}
+        measured = self.load.read([os.getpid(), *self.pool.pids()])
+        if measured is not None:   # None: no /proc here
+            fields["cpu_percent"], fields["rss_bytes"] = measured
+        return fields
 
     async def _heartbeat_loop(self) -> None:
         while True:
@@ -469,9 +490,8 @@ class Worker:
             self._renew_now.clear()
             try:
                 asked, claims = time.monotonic(), self._claims()
-                renewed = await self.queue.heartbeat(
-                    self.worker_id, claims, self.lease, self.processed,
-                    "paused" if self.paused else "running")
+                renewed = await self.queue.heartbeat(self.worker_id, claims, self.lease,
+                                                     self._load_fields())
                 for claim in claims:
                     if claim.job_id not in renewed.lost:
                         claim.held_until = asked + self.lease

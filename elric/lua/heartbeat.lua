@@ -1,7 +1,9 @@
--- Extend the leases of the jobs a worker still holds, and mark the worker seen.
+-- Extend the leases of the jobs a worker still holds, mark the worker seen and record its
+-- state and load.
 -- KEYS: inflight, workers, the worker's hash
--- ARGV: job prefix, lease (ms), worker id, jobs processed so far, its state (running,
---       paused), then per job: job id, attempt
+-- ARGV: job prefix, lease (ms), worker id, n, then n field/value pairs for the worker's hash
+--       (state, processed, done, failed, in_flight, cpu_percent, rss_bytes), then per job:
+--       job id, attempt
 -- Returns {lost, cancel, control}: the ids of the jobs the worker no longer holds at that
 --   attempt (redelivered, removed, finished), which it must not start; of those it holds
 --   that cancel.lua asked to stop; and what an operator asked of the worker (the hash's
@@ -9,8 +11,9 @@
 -- Invariant: a lease is extended only for the worker, and attempt, that holds the job.
 local now = now_ms()
 local jp, deadline, worker = ARGV[1], now + tonumber(ARGV[2]), ARGV[3]
+local n = tonumber(ARGV[4])
 local lost, cancel = {}, {}
-for i = 6, #ARGV, 2 do
+for i = 5 + 2 * n, #ARGV, 2 do
   local f = redis.call('HMGET', jp .. ARGV[i], 'status', 'worker', 'attempts', 'cancel')
   if f[1] == 'running' and f[2] == worker and f[3] == ARGV[i + 1] then
     redis.call('ZADD', KEYS[1], 'XX', deadline, ARGV[i])
@@ -20,7 +23,9 @@ for i = 6, #ARGV, 2 do
   end
 end
 redis.call('ZADD', KEYS[2], now, worker)
-redis.call('HSET', KEYS[3], 'processed', ARGV[4], 'state', ARGV[5])
+if n > 0 then
+  redis.call('HSET', KEYS[3], unpack(ARGV, 5, 4 + 2 * n))
+end
 redis.call('EXPIRE', KEYS[3], 86400)
 local control = redis.call('HMGET', KEYS[3], 'paused', 'stop', 'set_queues')
 return {lost, cancel, {control[1] or '', control[2] or '', control[3] or ''}}
