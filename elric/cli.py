@@ -282,15 +282,17 @@ def _top(client, args: argparse.Namespace) -> int:
 
 
 def _control_worker(args: argparse.Namespace) -> int:
-    """elric worker pause|resume|stop ID, elric worker set ID --queues a,b."""
+    """elric worker pause|resume|stop ID, elric worker set ID --queues a,b --concurrency N
+    (either or both; the master checks the values)."""
     action, ids = args.modules[0], args.modules[1:]
     if len(ids) != 1:
         raise UsageError(f"elric worker {action} takes one worker id (see elric workers)")
     queues = [q.strip() for q in (args.queues or "").split(",") if q.strip()]
-    if action == "set" and not queues:
-        raise UsageError("elric worker set ID takes --queues a,b")
+    if action == "set" and not queues and args.concurrency is None:
+        raise UsageError("elric worker set ID takes --queues a,b, --concurrency N or both")
     with _client(args) as client:
-        reply = client.control_worker(ids[0], action, queues or None)
+        reply = client.control_worker(ids[0], action, queues or None,
+                                      args.concurrency if action == "set" else None)
     if args.json:
         _print(reply)
     else:
@@ -406,10 +408,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("worker", help="run a worker; or pause|resume|stop|set ID one")
     p.add_argument("modules", nargs="*", metavar="MODULE",
                    help="modules to load job classes from (JOB_MODULES), e.g. myproject.jobs; "
-                        "or pause|resume|stop ID, set ID --queues a,b to steer a running one")
+                        "or pause|resume|stop ID, set ID --queues a,b --concurrency N to "
+                        "steer a running one")
     p.add_argument("--json", action="store_true", help="print the reply as JSON")
     p.add_argument("--queues", help="comma-separated queues (QUEUES)")
-    p.add_argument("--concurrency", type=int, help="pool processes (CONCURRENCY)")
+    p.add_argument("--concurrency", type=int,
+                   help="pool processes (CONCURRENCY); with set: change a running worker's")
     p.add_argument("--async-concurrency", type=int,
                    help="async jobs per pool process (ASYNC_CONCURRENCY)")
     p.add_argument("--master", help="master host:port (MASTER_ADDRESS)")

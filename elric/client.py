@@ -50,11 +50,13 @@ class MasterClient:
         running: its worker stops it) or, for a finished job, its status, unchanged."""
         return self.call("cancel_job", job_id)
 
-    def control_worker(self, worker_id: str, action: str,
-                       queues: list[str] | None = None) -> dict:
+    def control_worker(self, worker_id: str, action: str, queues: list[str] | None = None,
+                       concurrency: int | None = None) -> dict:
         """``action``: pause (fetch no jobs), resume, stop (gracefully), or set (its
-        ``queues``); the worker obeys within a second."""
-        return self.call("control_worker", worker_id, action, *([queues] if queues else []))
+        ``queues``, its ``concurrency`` or both); the worker obeys within a second."""
+        params = [queues or None, concurrency] if concurrency is not None else \
+            [queues] if queues else []   # a master before concurrency takes 3 params
+        return self.call("control_worker", worker_id, action, *params)
 
     def rerun_job(self, job_id: str) -> dict:
         return self.call("rerun_job", job_id)

@@ -280,20 +280,32 @@ class Master:
         return {"job_id": job_id, "fire_id": fire_id(job_id, fire_time), "fire_time": fire_time}
 
     @_rpc
-    async def control_worker(self, worker_id, action, queues=None) -> dict:
-        """Pause, resume, stop a worker, or set its queues (``set`` with ``queues``); it
-        obeys at its next heartbeat, at most a second later."""
+    async def control_worker(self, worker_id, action, queues=None, concurrency=None) -> dict:
+        """Pause, resume, stop a worker, or set its queues, its number of pool processes or
+        both (``set`` with ``queues`` and/or ``concurrency``; nil: unchanged); it obeys at
+        its next heartbeat, at most a second later."""
         if not isinstance(worker_id, str) or not worker_id:
             raise SpecError(f"worker_id must be a non-empty string, got {worker_id!r}")
         if action not in contract.WORKER_ACTIONS:
             raise SpecError(f"control_worker: unknown action {action!r}; one of "
                             f"{', '.join(contract.WORKER_ACTIONS)}")
         if action == "set":
-            if not isinstance(queues, list) or not queues or not all(
-                    isinstance(q, str) and contract.QUEUE_NAME.fullmatch(q) for q in queues):
-                raise SpecError(f"control_worker set: queues {queues!r}: a non-empty array "
-                                "of queue names")
-            fields = {"set_queues": ",".join(queues)}
+            fields = {}
+            if queues is not None:
+                if not isinstance(queues, list) or not queues or not all(
+                        isinstance(q, str) and contract.QUEUE_NAME.fullmatch(q) for q in queues):
+                    raise SpecError(f"control_worker set: queues {queues!r}: a non-empty "
+                                    "array of queue names")
+                fields["set_queues"] = ",".join(queues)
+            if concurrency is not None:
+                top = contract.MAX_CONCURRENCY
+                if isinstance(concurrency, bool) or not isinstance(concurrency, int) or \
+                        not 1 <= concurrency <= top:
+                    raise SpecError(f"control_worker set: concurrency {concurrency!r}: an "
+                                    f"integer from 1 to {top}")
+                fields["set_concurrency"] = str(concurrency)
+            if not fields:
+                raise SpecError("control_worker set: give queues, concurrency or both")
         else:
             fields = {"pause": {"paused": "1"}, "resume": {"paused": "0"},
                       "stop": {"stop": "1"}}[action]

@@ -5,6 +5,7 @@ a sync job has its process to itself. Jobs go out and outcomes come back as msgp
 batches, at most one message per process per turn of the worker's loop, so a fast job
 costs no round trip of its own. ``submit`` returns a future of the job's ``runner.Ran``;
 a process that dies resolves the futures of the jobs it held with ``ProcessDied``.
+``resize`` grows or shrinks the pool while it runs; no job is stopped to shrink it.
 """
 
 from __future__ import annotations
@@ -83,7 +84,11 @@ class Pool(Executor):
         self.kinds: dict[str, bool] = {}   # func -> its run is async, as a process found
         self.last_async = False            # the kind a process reported last
         self._on_news = on_news
-        self.processes = [self._start(slot) for slot in range(size)]
+        self.processes = [self._start(slot) for slot in range(size)]   # take new jobs
+        self.retiring: list[_Process] = []   # shrunk away: finish their jobs, then exit
+
+    def _every(self) -> list[_Process]:
+        return [*self.processes, *self.retiring]
 
     # --- processes --------------------------------------------------------------------
     def _start(self, slot: int) -> _Process:
@@ -137,6 +142,8 @@ class Pool(Executor):
                 held.future.set_result(ran)
         if not proc.held:
             proc.alone = False
+            if proc in self.retiring:
+                self._retire(proc)
         self._on_news()
 
     def _died(self, proc: _Process) -> None:
@@ -144,13 +151,38 @@ class Pool(Executor):
         proc.conn.close()
         proc.process.kill()
         proc.process.join()
-        if not self._closed:
-            self.processes[proc.slot] = self._start(proc.slot)
+        if proc in self.retiring:
+            self.retiring.remove(proc)   # shrunk away: not started again
+        elif not self._closed:
+            self.processes[self.processes.index(proc)] = self._start(proc.slot)
         error = ProcessDied(proc.process.exitcode, list(proc.held), set(proc.timed_out))
         for held in proc.held.values():
             if not held.future.cancelled():
                 held.future.set_exception(error)
         proc.held.clear()
+
+    def resize(self, size: int) -> None:
+        """Grow or shrink to ``size`` processes while jobs run. The processes beyond the
+        new size take no more jobs; each exits once it has reported those it holds, so no
+        job is stopped, lost or run twice."""
+        while len(self.processes) < size:
+            self.processes.append(self._start(len(self.processes)))
+        shrunk, self.processes = self.processes[size:], self.processes[:size]
+        self.size = size
+        for proc in shrunk:
+            self.retiring.append(proc)
+            if not proc.held:
+                self._retire(proc)
+
+    def _retire(self, proc: _Process) -> None:
+        """Let an idle process beyond the pool's size go: it exits when its pipe closes."""
+        self.retiring.remove(proc)
+        self._loop.remove_reader(proc.conn.fileno())
+        proc.conn.close()
+        proc.process.join(1.0)   # it holds no job and exits at once; a stuck one is killed
+        if proc.process.is_alive():
+            proc.process.kill()
+            proc.process.join()
 
     # --- placing and sending jobs -----------------------------------------------------
     def place(self, is_async: bool, alone: bool) -> _Process | None:
@@ -211,7 +243,7 @@ class Pool(Executor):
 
     def _flush(self) -> None:
         self._flush_soon = False
-        for proc in self.processes:
+        for proc in self._every():
             if proc.outbox:
                 data, proc.outbox, proc.outbox_sync = codec.pack(proc.outbox), [], False
                 try:
@@ -221,20 +253,20 @@ class Pool(Executor):
 
     # --- what the worker sees and steers ----------------------------------------------
     def claims(self) -> list[Claim]:
-        return [h.claim for p in self.processes for h in p.held.values()]
+        return [h.claim for p in self._every() for h in p.held.values()]
 
     def in_flight(self) -> int:
         """Jobs sent to pool processes and not reported back yet."""
-        return sum(len(p.held) for p in self.processes)
+        return sum(len(p.held) for p in self._every())
 
     def pids(self) -> list[int]:
-        return [p.process.pid for p in self.processes]
+        return [p.process.pid for p in self._every()]
 
     def kill_overdue(self) -> None:
         """Kill the process of a job past its timeout and KILL_GRACE: a sync job that
         ignored its alarm (stuck in native code), or an async job blocking its loop."""
         now = time.monotonic()
-        for p in self.processes:
+        for p in self._every():
             for job_id, h in p.held.items():
                 if h.claim.timeout and job_id not in p.timed_out and \
                         now > h.sent_at + h.claim.timeout + KILL_GRACE:
@@ -247,7 +279,7 @@ class Pool(Executor):
     def cancel(self, job_id: str) -> bool:
         """Stop a job by killing its process: it settles as that process's culprit (its
         neighbours run again); False when no process holds it."""
-        for p in self.processes:
+        for p in self._every():
             if job_id in p.held:
                 p.timed_out.add(job_id)
                 p.process.kill()
@@ -255,12 +287,12 @@ class Pool(Executor):
         return False
 
     def kill_all(self) -> None:
-        for p in self.processes:
+        for p in self._every():
             p.process.kill()
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         self._closed = True
-        for p in self.processes:
+        for p in self._every():
             try:
                 self._loop.remove_reader(p.conn.fileno())
             except (OSError, ValueError):
@@ -270,7 +302,7 @@ class Pool(Executor):
                 for h in p.held.values():
                     h.future.cancel()
         if wait:
-            for p in self.processes:
+            for p in self._every():
                 p.process.join()
         try:
             os.rmdir(self._empty_dir)  # the fork server, already running, keeps working

@@ -90,6 +90,7 @@ class WorkerControl:
     paused: bool = False
     stop: bool = False
     queues: list[str] = field(default_factory=list)   # empty: keep its own
+    concurrency: int = 0   # pool processes; 0: keep its own
 
 
 @dataclass(slots=True)
@@ -264,17 +265,19 @@ class RedisQueue:
         held = [x for c in claims for x in (c.job_id, c.attempt)]
         pairs = [x for item in (fields or {}).items() for x in item]
         k = self.keys
-        lost, cancel, (paused, stop, queues) = await self._heartbeat(
+        lost, cancel, (paused, stop, queues, concurrency) = await self._heartbeat(
             keys=[k.inflight, k.workers, k.worker(worker_id)],
             args=[k.job(""), int(lease_seconds * 1000), worker_id, len(pairs) // 2, *pairs,
                   *held])
         return Renewed({_s(i) for i in lost}, {_s(i) for i in cancel},
                        WorkerControl(paused == b"1", stop == b"1",
-                                     [q for q in _s(queues).split(",") if q]))
+                                     [q for q in _s(queues).split(",") if q],
+                                     int(concurrency) if concurrency.isdigit() else 0))
 
     async def control_worker(self, worker_id: str, **fields: str) -> bool:
-        """Ask a worker, through its hash, to pause, resume, stop or serve other queues;
-        its next heartbeat (at most a second away) reads it. False: no such worker."""
+        """Ask a worker, through its hash, to pause, resume, stop, serve other queues or run
+        another number of processes; its next heartbeat (at most a second away) reads it.
+        False: no such worker."""
         k = self.keys
         if await self.redis.zscore(k.workers, worker_id) is None:
             return False
@@ -494,7 +497,8 @@ class RedisQueue:
                 row["cpu_percent"] = float(row["cpu_percent"])
             if isinstance(row.get("started_at"), int):   # times are epoch seconds
                 row["started_at"] /= 1000.0
-            for key in ("paused", "stop", "set_queues"):   # asked of it; "state" is what it does
+            # asked of it; "state", "queues" and "concurrency" are what it does
+            for key in ("paused", "stop", "set_queues", "set_concurrency"):
                 row.pop(key, None)
             row.update(worker_id=_s(wid), last_seen=seen / 1000.0,
                        alive=bool(info) and now - seen / 1000.0 < 60)

@@ -5,7 +5,7 @@ many at once in every pool process, sync jobs one process each, fast sync jobs i
 batches. A worker fetches as many jobs as it has room for plus a small prefetch, extends
 the leases of what it holds (heartbeat), and gives prefetched jobs back at once when told
 to stop. Each heartbeat also records the worker's load in its hash, and picks up what an
-operator asked (pause, resume, stop, other queues).
+operator asked (pause, resume, stop, other queues or another number of processes).
 """
 
 from __future__ import annotations
@@ -514,14 +514,27 @@ class Worker:
                      "paused: fetches no jobs, runs those it holds" if self.paused
                      else "resumed: fetching jobs again")
             self._changed.set()
+        # The hash is written before the change is remembered: if Redis fails in between,
+        # the next heartbeat sees the change again and does it again.
         if control.queues and control.queues != self.queues:
+            await self.redis.hset(self.keys.worker(self.worker_id), "queues",
+                                  ",".join(control.queues))
             log.info("worker %s: now serves queues %s", self.worker_id,
                      ",".join(control.queues))
             self.queues = control.queues
-            await self.redis.hset(self.keys.worker(self.worker_id), "queues",
-                                  ",".join(self.queues))
             if self._wake_task is not None:   # it waits on the old queues' wake lists
                 self._wake_task.cancel()
+            self._changed.set()
+        if control.concurrency and control.concurrency != self.concurrency \
+                and not self.stopping:
+            # A smaller pool lets the processes it drops finish their jobs first; jobs
+            # fetched meanwhile wait here, under lease, for a process with room.
+            self.pool.resize(control.concurrency)   # safe to repeat
+            await self.redis.hset(self.keys.worker(self.worker_id), "concurrency",
+                                  control.concurrency)
+            log.info("worker %s: pool resized to %d processes (was %d)", self.worker_id,
+                     control.concurrency, self.concurrency)
+            self.concurrency = control.concurrency   # _fetch_size fetches for this many
             self._changed.set()
         if control.stop and not self.stopping:
             log.info("worker %s: asked to stop", self.worker_id)

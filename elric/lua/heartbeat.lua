@@ -7,7 +7,7 @@
 -- Returns {lost, cancel, control}: the ids of the jobs the worker no longer holds at that
 --   attempt (redelivered, removed, finished), which it must not start; of those it holds
 --   that cancel.lua asked to stop; and what an operator asked of the worker (the hash's
---   paused, stop and set_queues fields, as control_worker wrote them).
+--   paused, stop, set_queues and set_concurrency fields, as control_worker wrote them).
 -- Invariant: a lease is extended only for the worker, and attempt, that holds the job.
 local now = now_ms()
 local jp, deadline, worker = ARGV[1], now + tonumber(ARGV[2]), ARGV[3]
@@ -27,5 +27,5 @@ if n > 0 then
   redis.call('HSET', KEYS[3], unpack(ARGV, 5, 4 + 2 * n))
 end
 redis.call('EXPIRE', KEYS[3], 86400)
-local control = redis.call('HMGET', KEYS[3], 'paused', 'stop', 'set_queues')
-return {lost, cancel, {control[1] or '', control[2] or '', control[3] or ''}}
+local control = redis.call('HMGET', KEYS[3], 'paused', 'stop', 'set_queues', 'set_concurrency')
+return {lost, cancel, {control[1] or '', control[2] or '', control[3] or '', control[4] or ''}}
