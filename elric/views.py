@@ -32,6 +32,15 @@ def _span(seconds: float) -> str:
     return f"{seconds:.1f} s"
 
 
+def mib(n) -> str:
+    """Bytes as MiB; "-" when not measured (a worker on a system without /proc)."""
+    return f"{n / 2**20:.1f}" if isinstance(n, (int, float)) else "-"
+
+
+def percent(x) -> str:
+    return f"{x:.1f}" if isinstance(x, (int, float)) else "-"
+
+
 def _table(*columns: str) -> Table:
     return Table(*columns, box=None, header_style="bold", pad_edge=False)
 
@@ -108,10 +117,13 @@ def schedules(rows: list[dict]) -> None:
 
 
 def workers(rows: list[dict]) -> None:
-    _rows(rows, "no workers", ("worker", "host", "pid", "queues", "processes", "done",
-                               "last seen", "state"),
+    """Each worker with its load as of its last heartbeat (a lost one: its last)."""
+    _rows(rows, "no workers", ("worker", "host", "pid", "queues", "processes", "CPU %",
+                               "RSS MiB", "in flight", "done", "failed", "last seen", "state"),
           lambda w: (w.get("worker_id", ""), w.get("host", ""), w.get("pid", ""),
-                     w.get("queues", ""), w.get("concurrency", ""), w.get("processed", ""),
+                     w.get("queues", ""), w.get("concurrency", ""),
+                     percent(w.get("cpu_percent")), mib(w.get("rss_bytes")),
+                     w.get("in_flight", "-"), w.get("done", "-"), w.get("failed", "-"),
                      when(w.get("last_seen")),
                      w.get("state", "running") if w.get("alive") else "lost"))
 
@@ -160,9 +172,12 @@ def top(stats: dict) -> Group:
         funcs.add_row(Text(name), str(f["live"]), str(f["succeeded"]), str(f["failed"]),
                       "-" if f["mean_ms"] is None else f"{f['mean_ms']:.1f}",
                       "-" if f["p95_ms"] is None else f"≤ {f['p95_ms']}")
-    workers = _table("worker", "state", "processes", "done", "last seen")
+    workers = _table("worker", "state", "processes", "CPU %", "in flight", "done", "failed",
+                     "last seen")
     for w in stats["workers"]:
         workers.add_row(Text(w["worker_id"]), w.get("state", "running") if w.get("alive")
-                        else "lost", str(w.get("concurrency", "")), str(w.get("processed", "")),
+                        else "lost", str(w.get("concurrency", "")),
+                        percent(w.get("cpu_percent")), str(w.get("in_flight", "-")),
+                        str(w.get("done", "-")), str(w.get("failed", "-")),
                         when(w.get("last_seen")))
     return Group(now, rate, queues, funcs, workers)

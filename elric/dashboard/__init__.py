@@ -19,7 +19,7 @@ from elric.contract import ErrorCode, STATUSES
 from elric.dashboard import metrics
 from elric.dashboard.access import COOKIE, SESSION_SECONDS, Access
 from elric.rpc import RequestError
-from elric.views import when
+from elric.views import mib, percent, when
 
 log = logging.getLogger("elric.dashboard")
 
@@ -61,6 +61,8 @@ class Dashboard:
             loader=jinja2.PackageLoader("elric", "dashboard/templates"),
             autoescape=True, trim_blocks=True, lstrip_blocks=True)
         self.templates.filters["when"] = when
+        self.templates.filters["mib"] = mib
+        self.templates.filters["percent"] = percent
         self.app = web.Application(middlewares=[self._guard])
         self.app.add_routes([
             web.get("/", self.overview), web.get("/workers", self.workers),
