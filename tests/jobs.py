@@ -103,3 +103,13 @@ class Sized(Job):
 
     def run(self, n):
         return "x" * n
+
+
+class Spin(Job):
+    """Keeps a CPU busy for ``seconds``: load a worker's CPU % shows."""
+
+    def run(self, seconds):
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            pass
+        return "spun"

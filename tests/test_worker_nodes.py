@@ -1,0 +1,188 @@
+"""Workers as nodes: each registers what it is and heartbeats its load (CPU, memory, jobs in
+flight, done, failed), and an operator changes its number of pool processes while it runs.
+Real master, worker and Redis; the elric command runs as a process."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+import urllib.request
+
+import psutil
+
+import elric
+from elric.redis_server import free_port
+from tests.conftest import wait_for
+from tests.jobs import Add, Fail, MarkSleep, Sleep, Spin
+from tests.test_cli import elric as run_elric, one_line_error
+
+MIB = 2**20
+
+
+def _me(cluster, wid: str) -> dict:
+    return next(w for w in cluster.client.stats()["workers"] if w["worker_id"] == wid)
+
+
+def _pool_pids(worker_pid: int) -> set[int]:
+    """The worker's pool processes: forked by its fork server, so its grandchildren."""
+    return {p.pid for child in psutil.Process(worker_pid).children()
+            for p in child.children()}
+
+
+def test_a_worker_registers_and_heartbeats_its_load(cluster):
+    before = time.time()
+    worker = cluster.start_worker("--concurrency", "2")
+    [w] = cluster.client.stats()["workers"]
+    wid = w["worker_id"]
+    assert (w["host"], w["pid"], w["queues"]) == (socket.gethostname(), worker.pid, "default")
+    assert (w["concurrency"], w["async_concurrency"]) == (2, 100)
+    assert w["version"] == elric.__version__
+    assert before - 1 < w["started_at"] <= w["last_seen"] < time.time() + 1   # epoch seconds
+    assert w["alive"] is True and w["state"] == "running"
+
+    # memory of the worker and its two pool processes, as psutil sees them
+    w = wait_for(lambda: (lambda w: w if "rss_bytes" in w else None)(_me(cluster, wid)),
+                 what="a heartbeat with load")
+    assert isinstance(w["rss_bytes"], int) and w["rss_bytes"] > 10 * MIB
+    assert isinstance(w["cpu_percent"], float)
+    assert 0 <= w["cpu_percent"] <= 100 * psutil.cpu_count() + 20   # 100 = one core
+    pids = wait_for(lambda: (lambda p: p if len(p) == 2 else None)(_pool_pids(worker.pid)),
+                    what="two pool processes")
+    expected = sum(psutil.Process(pid).memory_info().rss for pid in (worker.pid, *pids))
+    assert 0.7 * expected < _me(cluster, wid)["rss_bytes"] < 1.3 * expected, expected
+
+    # a job keeping a pool process busy shows in the CPU % (the worker itself idles)
+    spin = cluster.client.submit_job(Spin.spec([4]))["job_id"]
+    wait_for(lambda: _me(cluster, wid)["cpu_percent"] >= 30, what="a busy pool process")
+    assert cluster.client.get_job(spin)["status"] == "running"
+    cluster.wait_job(spin)
+
+    # jobs in flight while two run
+    marks = cluster.tmp_path / "started"
+    slow = [cluster.client.submit_job(MarkSleep.spec([str(marks), 4]))["job_id"]
+            for _ in range(2)]
+    wait_for(lambda: _me(cluster, wid)["in_flight"] == 2, what="two jobs in flight")
+    assert all(cluster.client.get_job(j)["status"] == "running" for j in slow)
+    for job_id in slow:
+        cluster.wait_job(job_id)
+    wait_for(lambda: _me(cluster, wid)["in_flight"] == 0, what="none in flight")
+
+    # done and failed since it started: 3 succeeded, 2 failed (no retries)
+    ids = [cluster.client.submit_job(Add.spec([i, i]))["job_id"] for i in range(3)]
+    ids += [cluster.client.submit_job(Fail.spec(["no"]))["job_id"] for _ in range(2)]
+    for job_id in ids:
+        cluster.wait_job(job_id)
+    w = wait_for(lambda: (lambda w: w if w["done"] == 6 else None)(_me(cluster, wid)),
+                 what="six jobs done")   # Spin, the two MarkSleep jobs and three Adds
+    assert (w["failed"], w["processed"]) == (2, 8)
+
+    shown = run_elric(cluster, "workers")
+    assert shown.returncode == 0, shown.stderr
+    header, row = shown.stdout.splitlines()[:2]
+    for column in ("CPU %", "RSS MiB", "in flight", "done", "failed"):
+        assert column in header
+    # worker, host, pid, queues, processes, CPU %, RSS MiB, in flight, done, failed, ...
+    assert row.split()[7:10] == ["0", "6", "2"], row
+    [listed] = json.loads(run_elric(cluster, "workers", "--json").stdout)
+    assert all(isinstance(listed[k], int) for k in ("in_flight", "done", "failed", "rss_bytes"))
+
+
+def test_a_silent_worker_shows_as_lost(cluster):
+    import redis
+
+    worker = cluster.start_worker("--concurrency", "1")
+    [w] = cluster.client.stats()["workers"]
+    worker.kill()   # no goodbye: its heartbeats stop
+    # 60 s of silence is lost: put its last heartbeat that far back instead of waiting
+    r = redis.Redis.from_url(cluster.redis_url)
+    r.zadd("elric:workers", {w["worker_id"]: (time.time() - 61) * 1000})
+    r.close()
+    [w] = cluster.client.stats()["workers"]
+    assert w["alive"] is False
+    assert "lost" in run_elric(cluster, "workers").stdout
+
+
+def test_concurrency_grows_and_shrinks_without_a_restart(cluster):
+    worker = cluster.start_worker("--concurrency", "1")
+    [w] = cluster.client.stats()["workers"]
+    wid = w["worker_id"]
+
+    set3 = run_elric(cluster, "worker", "set", wid, "--concurrency", "3")
+    assert set3.returncode == 0, set3.stderr
+    wait_for(lambda: _me(cluster, wid)["concurrency"] == 3, what="the worker at 3 processes")
+    wait_for(lambda: len(_pool_pids(worker.pid)) == 3, what="three pool processes")
+
+    # three sleeps run at once: in three processes, ending together
+    ids = [cluster.client.submit_job(Sleep.spec([2, i]))["job_id"] for i in range(3)]
+    wait_for(lambda: _me(cluster, wid)["in_flight"] == 3, what="three jobs in flight")
+    results = [cluster.wait_job(j)["result"] for j in ids]
+    assert len({r["pid"] for r in results}) == 3
+    ends = sorted(r["at"] for r in results)
+    assert ends[-1] - ends[0] < 1.5, ends   # one at a time they would end 2 s apart
+
+    # shrink to 1 while three long jobs run: each finishes, once; then one at a time
+    marks = cluster.tmp_path / "started"
+    long = [cluster.client.submit_job(MarkSleep.spec([str(marks), 5]))["job_id"]
+            for _ in range(3)]
+    wait_for(lambda: marks.exists() and len(marks.read_text().split()) == 3,
+             what="three long jobs started")
+    set1 = run_elric(cluster, "worker", "set", wid, "--concurrency", "1")
+    assert set1.returncode == 0, set1.stderr
+    wait_for(lambda: _me(cluster, wid)["concurrency"] == 1, what="the worker at 1 process")
+    assert all(cluster.client.get_job(j)["status"] == "running" for j in long)
+    after = [cluster.client.submit_job(Sleep.spec([1, i]))["job_id"] for i in range(3)]
+
+    finished = [cluster.wait_job(j) for j in long]
+    assert [(j["status"], j["attempts"]) for j in finished] == [("succeeded", 1)] * 3
+    assert sorted(marks.read_text().split()) == sorted(long)   # each ran once
+    gone = {j["result"]["pid"] for j in finished} - _pool_pids(worker.pid)
+    assert len(gone) == 2   # the processes beyond the new size exited after their jobs
+    wait_for(lambda: len(_pool_pids(worker.pid)) == 1, what="one pool process")
+
+    results = [cluster.wait_job(j)["result"] for j in after]
+    assert len({r["pid"] for r in results}) == 1
+    ends = sorted(r["at"] for r in results)
+    assert all(b - a >= 0.9 for a, b in zip(ends, ends[1:])), ends   # one after another
+    w = wait_for(lambda: (lambda w: w if w["done"] == 9 else None)(_me(cluster, wid)),
+                 what="nine jobs done")
+    assert (w["failed"], w["concurrency"], w["in_flight"]) == (0, 1, 0)
+
+
+def test_bad_concurrency_values_are_refused_with_one_line(cluster):
+    cluster.start_worker("--concurrency", "1")
+    [w] = cluster.client.stats()["workers"]
+    wid = w["worker_id"]
+    for bad in ("0", "1025", "-3"):
+        one_line_error(run_elric(cluster, "worker", "set", wid, "--concurrency", bad), 2,
+                       f"concurrency {bad}: an integer from 1 to 1024")
+    one_line_error(run_elric(cluster, "worker", "set", wid), 2,
+                   "takes --queues a,b, --concurrency N or both")
+    one_line_error(run_elric(cluster, "worker", "set", "nope", "--concurrency", "2"), 1,
+                   "no worker 'nope'")
+    # both at once; the hash shows what the worker does
+    both = run_elric(cluster, "worker", "set", wid, "--queues", "a,b", "--concurrency", "2")
+    assert both.returncode == 0, both.stderr
+    wait_for(lambda: (lambda w: (w["queues"], w["concurrency"]) == ("a,b", 2))(
+        _me(cluster, wid)), what="queues and concurrency changed")
+
+
+def test_the_dashboard_shows_each_workers_load(make_cluster):
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}")
+    cluster.start_master()
+    worker = cluster.start_worker("--concurrency", "1")
+    [w] = cluster.client.stats()["workers"]
+    cluster.wait_job(cluster.client.submit_job(Add.spec([1, 2]))["job_id"])
+    wait_for(lambda: _me(cluster, w["worker_id"])["done"] == 1, what="one job done")
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/workers", timeout=10) as reply:
+        page = reply.read().decode()
+    for column in ("CPU %", "RSS (MiB)", "in flight", "done", "failed"):
+        assert f">{column}</th>" in page
+    row = page[page.index(f'data-id="{w["worker_id"]}"'):]
+    row = row[:row.index("</tr>")]
+    assert '<td class="n done">1</td>' in row and '<td class="n failed">0</td>' in row
+    assert '<td class="n in-flight">0</td>' in row and str(worker.pid) in row
+    rss = float(row.split('<td class="n rss">')[1].split("<")[0])
+    assert rss > 10
