@@ -1,8 +1,13 @@
+import re
+
 from setuptools import find_packages, setup
+
+# the version is written once, in elric/__init__.py
+VERSION = re.search(r'^__version__ = "(.+)"$', open("elric/__init__.py").read(), re.M).group(1)
 
 setup(
     name="elric",
-    version="0.1.0",
+    version=VERSION,
     description="A distributed job scheduler: master, workers, Redis, MessagePack-RPC",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",

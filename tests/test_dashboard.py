@@ -100,6 +100,12 @@ def test_an_operator_sees_a_worker_pauses_it_and_retries_a_failed_job(
     page.locator("tr.worker", has_text=str(worker.pid)).locator("button",
                                                                 has_text="resume").click()
     cluster.wait_job("while-paused")
+    # its pool grows from the page, without a restart
+    row = page.locator("tr.worker", has_text=str(worker.pid))
+    row.locator("input[name=value]").fill("2")
+    row.locator("button", has_text="set processes").click()
+    page.wait_for_selector("text=processes: 1 of 1 done")
+    wait_for(lambda: _worker(client, worker.pid)["concurrency"] == 2, what="two processes")
 
     # a failed job is retried from the page, and succeeds this time
     page.goto(first + "/jobs?status=failed")
@@ -121,6 +127,8 @@ def test_an_operator_sees_a_worker_pauses_it_and_retries_a_failed_job(
     assert 'elric_job_duration_seconds_count{func="tests.jobs:Add"} 2.0' in text, text
     assert 'elric_jobs{status="succeeded"} 3.0' in text
     assert 'elric_start_latency_seconds_count 4.0' in text   # each job's first attempt
+    assert f'elric_worker_processes{{worker="{_worker(client, worker.pid)["worker_id"]}"}} 2.0' \
+        in text
     shot = os.environ.get("DASHBOARD_SCREENSHOT")   # docs/dashboard.png is made so
     page.screenshot(path=shot or str(tmp_path / "dashboard.png"), full_page=True)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from urllib.parse import urlencode
+from urllib.parse import parse_qsl, urlencode
 
 import jinja2
 from aiohttp import web
@@ -34,11 +34,16 @@ PAGES = (("/", "overview"), ("/workers", "workers"), ("/schedules", "schedules")
 
 
 def _actions(master) -> dict:
-    """(kind, action) -> the master's RPC handler that does it to one id."""
+    """(kind, action) -> the master's RPC handler that does it to one id (``value``: what
+    the form gave, for the actions that take one)."""
     def worker(action):
         return lambda worker_id: master.control_worker(worker_id, action)
+
+    def processes(worker_id, value):   # a number, or the text the master will refuse
+        value = int(value) if value.lstrip("-").isdigit() else value
+        return master.control_worker(worker_id, "set", None, value)
     return {("worker", "pause"): worker("pause"), ("worker", "resume"): worker("resume"),
-            ("worker", "stop"): worker("stop"),
+            ("worker", "stop"): worker("stop"), ("worker", "processes"): processes,
             ("job", "retry"): master.rerun_job, ("job", "cancel"): master.cancel_job,
             ("job", "delete"): master.remove_job,
             ("schedule", "pause"): master.pause_job, ("schedule", "resume"): master.resume_job,
@@ -209,18 +214,19 @@ class Dashboard:
         handler = self.actions.get((kind, action))
         if handler is None or not ids:
             raise web.HTTPBadRequest(text=f"unknown action {kind!r} {action!r}, or no id")
+        value = form.get("value")
         done, errors = 0, []
         for one in ids:
             try:
-                await handler(one)
+                await (handler(one) if value is None else handler(one, str(value)))
                 done += 1
             except RequestError as exc:
                 errors.append(f"{one}: {exc}")
         log.info("dashboard: %s %s: %d of %d done", kind, action, done, len(ids))
         note = f"{action}: {done} of {len(ids)} done" + "".join(f"; {e}" for e in errors[:3])
-        target = _local_path(str(form.get("next", "/")))
-        target += ("&" if "?" in target else "?") + urlencode({"note": note})
-        raise web.HTTPSeeOther(target)
+        path, _, query = _local_path(str(form.get("next", "/"))).partition("?")
+        kept = [(k, v) for k, v in parse_qsl(query) if k != "note"]   # the last action's
+        raise web.HTTPSeeOther(f"{path}?{urlencode([*kept, ('note', note)])}")
 
 
 def _int(value, default: int) -> int:

@@ -47,6 +47,7 @@ class _Snapshot:
         yield workers
         yield GaugeMetricFamily("elric_jobs_in_flight", "Jobs running on workers now",
                                 value=s["by_status"].get("running", 0))
+        yield from _workers(s["workers"])
         checks = CounterMetricFamily("elric_dedupe_checks", "Dedupe checks per scope",
                                      labels=["scope"])
         hits = CounterMetricFamily("elric_dedupe_hits", "Submissions a dedupe filter dropped",
@@ -76,6 +77,23 @@ class _Snapshot:
                                   "From a fire's time to its job queued",
                                   count_value=s["scheduler"]["fired"],
                                   sum_value=s["scheduler"]["lateness_ms"] / 1000)
+
+
+def _workers(workers: list[dict]):
+    """Each live worker's load, as its last heartbeat recorded it."""
+    load = {name: GaugeMetricFamily(f"elric_worker_{name}", doc, labels=["worker"])
+            for name, doc in (("cpu_percent", "CPU % of a worker and its pool (100: a core)"),
+                              ("rss_bytes", "Memory of a worker and its pool processes"),
+                              ("in_flight", "Jobs a worker runs now"),
+                              ("processes", "A worker's pool processes"))}
+    for w in workers:
+        if not w.get("alive"):
+            continue
+        values = {**w, "processes": w.get("concurrency")}
+        for name, family in load.items():
+            if isinstance(values.get(name), (int, float)):
+                family.add_metric([w["worker_id"]], values[name])
+    yield from load.values()
 
 
 def _funcs(funcs: dict):
