@@ -268,7 +268,11 @@ def _bulk(client, args: argparse.Namespace, show) -> int:
 
 
 def _top(client, args: argparse.Namespace) -> int:
-    """A live view, read again every second, until Ctrl-C (or --iterations)."""
+    """A live view, read again every second, until Ctrl-C (or --iterations); with --json,
+    the stats it shows, once."""
+    if args.json:
+        _print(client.stats())
+        return 0
     from rich.live import Live
 
     with Live(console=views.console, auto_refresh=False) as live:

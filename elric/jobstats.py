@@ -72,22 +72,24 @@ class JobStats:
         at = bisect_left(list(accumulate(self.histogram)), math.ceil(0.95 * n))
         return (*BOUNDS_MS, math.inf)[at]
 
-    def summary(self) -> dict:
-        return {"live": self.live, "mean_ms": self.mean_ms, "p95_ms": self.p95_ms,
+    def summary(self, running: int) -> dict:
+        """``running``: how many of its jobs run now; the rest of the live ones wait."""
+        return {"live": self.live, "running": running, "queued": max(0, self.live - running),
+                "mean_ms": self.mean_ms, "p95_ms": self.p95_ms,
                 "first_at": self.first_at, "last_at": self.last_at}
 
-    def func_view(self) -> dict:
+    def func_view(self, running: int = 0) -> dict:
         """A func's row in stats(): every counter (0 when none), then the summary."""
         c = self.counters
         return {"submitted": c.get("submitted", 0), "succeeded": c.get("succeeded", 0),
                 "failed": c.get("failed", 0), "retried": c.get("retrying", 0),
                 "cancelled": c.get("cancelled", 0), "removed": c.get("removed", 0),
-                **self.summary(),
+                **self.summary(running),
                 "duration_ms": self.duration_ms, "histogram": self.histogram}
 
-    def batch_view(self) -> dict:
+    def batch_view(self, running: int = 0) -> dict:
         """A batch's row in stats(): the counters it has, as before, then the summary."""
-        return {**self.counters, **self.summary()}
+        return {**self.counters, **self.summary(running)}
 
 
 def throughput_row(minute: int, h: dict[bytes, bytes]) -> dict:

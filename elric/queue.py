@@ -9,6 +9,7 @@ nothing is pickled.
 from __future__ import annotations
 
 import contextlib
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -20,6 +21,7 @@ from elric.contract import STATUSES, Status
 from elric.keys import Keys
 
 HAND_BACK_SECONDS = 5.0   # a job no worker here can run waits this long between tries
+MAX_RUNNING_SPLIT = 10_000   # running jobs stats() reads to split live jobs into running/queued
 
 
 class Fenced(Exception):
@@ -444,8 +446,9 @@ class RedisQueue:
             pipe.smembers(k.queues)
             pipe.smembers(k.batches)
             pipe.smembers(k.funcs)
+            pipe.zrange(k.status(Status.RUNNING), 0, MAX_RUNNING_SPLIT - 1)
             pipe.time()
-            *names, (seconds, micros) = await pipe.execute()
+            *names, running, (seconds, micros) = await pipe.execute()
         queues, batches, funcs = (sorted(_s(x) for x in group) for group in names)
         now = seconds + micros / 1e6   # Redis's clock, as the scripts'
         last = int(now // 60)
@@ -464,6 +467,8 @@ class RedisQueue:
                 pipe.hgetall(k.minute(m))
             pipe.zrange(k.workers, 0, -1, withscores=True)
             pipe.hgetall(k.limits_parked)
+            for job_id in running:
+                pipe.hmget(k.job(_s(job_id)), "func", "batch")
             res = iter(await pipe.execute())
 
         def take(n: int) -> list:
@@ -476,6 +481,10 @@ class RedisQueue:
         minute_rows = take(len(minutes))
         workers_seen = next(res)
         parked = {_s(q): int(n) for q, n in next(res).items()}
+        # what runs now, per func and batch: the rest of their live jobs wait
+        running_jobs = list(res)
+        running_funcs = Counter(_s(func) for func, _ in running_jobs if func)
+        running_batches = Counter(_s(batch) for _, batch in running_jobs if batch)
         # a queued job waits in its queue, or parked while its limit key is at its limit
         waiting = {q: n + parked.get(q, 0) for q, n in zip(queues, queue_sizes)}
         by_status[Status.QUEUED] = sum(waiting.values())  # queued jobs are indexed per queue
@@ -506,9 +515,9 @@ class RedisQueue:
         return {
             "by_status": by_status,
             "by_queue": by_queue,
-            "batches": {b: jobstats.JobStats.from_hash(row).batch_view()
+            "batches": {b: jobstats.JobStats.from_hash(row).batch_view(running_batches[b])
                         for b, row in zip(batches, batch_rows)},
-            "funcs": {f: jobstats.JobStats.from_hash(row).func_view()
+            "funcs": {f: jobstats.JobStats.from_hash(row).func_view(running_funcs[f])
                       for f, row in zip(funcs, func_rows)},
             "throughput": [jobstats.throughput_row(m, row)
                            for m, row in zip(minutes, minute_rows)],

@@ -102,10 +102,16 @@ def test_an_operator_sees_a_worker_pauses_it_and_retries_a_failed_job(
     cluster.wait_job("while-paused")
     # its pool grows from the page, without a restart
     row = page.locator("tr.worker", has_text=str(worker.pid))
-    row.locator("input[name=value]").fill("2")
+    row.locator("form.processes input[name=value]").fill("2")
     row.locator("button", has_text="set processes").click()
     page.wait_for_selector("text=processes: 1 of 1 done")
     wait_for(lambda: _worker(client, worker.pid)["concurrency"] == 2, what="two processes")
+    row = page.locator("tr.worker", has_text=str(worker.pid))
+    row.locator("form.queues input[name=value]").fill("default,extra")
+    row.locator("button", has_text="set queues").click()
+    page.wait_for_selector("text=queues: 1 of 1 done")
+    wait_for(lambda: _worker(client, worker.pid)["queues"] == "default,extra",
+             what="the worker takes a second queue")
 
     # a failed job is retried from the page, and succeeds this time
     page.goto(first + "/jobs?status=failed")

@@ -135,3 +135,19 @@ def test_cancelled_removed_and_rerun_jobs_keep_live_counts_true(cluster):
     wait_for(lambda: c.stats()["funcs"]["tests.jobs:Add"]["succeeded"] == 2,
              what="the rerun succeeded")
     assert c.stats()["funcs"]["tests.jobs:Add"]["live"] == 1   # w2 still waits
+
+
+def test_a_funcs_live_jobs_split_into_running_and_queued(cluster):
+    c = cluster.client
+    cluster.start_worker("--concurrency", "1")
+    c.submit_jobs([Sleep.spec([30], job_id=f"s{i}", batch="naps") for i in range(6)])
+    # (a worker may claim more than it runs at once: claimed jobs count as running)
+    stats = wait_for(lambda: (lambda s: s if 0 < s["by_status"]["running"] < 6 else None)(
+        c.stats()), what="some of them running, some waiting")
+    n = stats["by_status"]["running"]
+    row, batch = stats["funcs"]["tests.jobs:Sleep"], stats["batches"]["naps"]
+    assert (row["live"], row["running"], row["queued"]) == (6, n, 6 - n)
+    assert (batch["running"], batch["queued"]) == (n, 6 - n)
+    for i in range(6):   # (the running one is stopped by its worker)
+        c.cancel_job(f"s{i}")
+    wait_for(lambda: c.stats()["funcs"]["tests.jobs:Sleep"]["live"] == 0, what="all cancelled")

@@ -42,8 +42,12 @@ def _actions(master) -> dict:
     def processes(worker_id, value):   # a number, or the text the master will refuse
         value = int(value) if value.lstrip("-").isdigit() else value
         return master.control_worker(worker_id, "set", None, value)
+
+    def queues(worker_id, value):
+        return master.control_worker(worker_id, "set", [q.strip() for q in value.split(",")])
     return {("worker", "pause"): worker("pause"), ("worker", "resume"): worker("resume"),
             ("worker", "stop"): worker("stop"), ("worker", "processes"): processes,
+            ("worker", "queues"): queues,
             ("job", "retry"): master.rerun_job, ("job", "cancel"): master.cancel_job,
             ("job", "delete"): master.remove_job,
             ("schedule", "pause"): master.pause_job, ("schedule", "resume"): master.resume_job,
