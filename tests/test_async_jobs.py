@@ -109,7 +109,8 @@ def test_sigkill_redelivers_every_async_job_in_flight(make_cluster, tmp_path):
                              [AsyncSleep.spec([0.5, str(marks)], job_id=i) for i in ids[10:]])
         wait_for(lambda: len(lines(marks)) == 20, what="all twenty started")
         victim.kill()
-        c.start_worker("--concurrency", "1")
+        # (a short grace: at the end it gives the long jobs back rather than wait 30 s)
+        c.start_worker("--concurrency", "1", SHUTDOWN_GRACE=1)
         # the long ones would take 30 s more; what matters is that they run again
         wait_for(lambda: len(lines(marks)) >= 30, timeout=60, what="the ten long jobs rerun")
         again = [j for j in lines(marks)[20:]]

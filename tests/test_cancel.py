@@ -60,7 +60,8 @@ def test_a_running_job_is_stopped_and_recorded_cancelled(cluster):
 
 def test_cancelling_a_fire_keeps_its_schedule(cluster):
     c = cluster.client
-    cluster.start_worker("--concurrency", "2")
+    # (a short grace: at the end it gives its 60 s fire back rather than wait for it)
+    cluster.start_worker("--concurrency", "2", SHUTDOWN_GRACE=1)
     c.submit_job(Sleep.spec([60], job_id="tick", max_instances=1,
                             trigger={"type": "interval", "seconds": 1}))
     def first_fire():
