@@ -85,55 +85,80 @@ class Step:
     ids: list[str] = field(default_factory=list)      # what "find" found
 
 
+def _s(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 class Bulk:
     def __init__(self, queue, admission, redis, keys) -> None:
         self.queue, self.admission, self.redis, self.keys = queue, admission, redis, keys
 
-    async def _indexes(self, f: JobFilter) -> list[tuple[str, bool]]:
-        """(index key, whether its members carry a sequence prefix) to walk, in order."""
-        queued = f.status in (None, Status.QUEUED)
-        names = ([f.queue] if f.queue else sorted(q.decode() for q in
-                                                   await self.redis.smembers(self.keys.queues)))
-        out = [(self.keys.queue(q), True) for q in names] if queued else []
-        return out + [(self.keys.status(s), False) for s in _INDEXED
-                      if f.status in (None, s)]
+    async def _indexes(self, f: JobFilter) -> list[tuple[tuple[int, str], str, bool]]:
+        """The indexes to walk, in a stable order: (place, key, whether its members carry
+        a sequence prefix). Queued jobs wait in their queue, or parked by their limit key."""
+        k, out = self.keys, []
+        if f.status in (None, Status.QUEUED):
+            names = [f.queue] if f.queue else await self.redis.smembers(k.queues)
+            out += [((0, _s(q)), k.queue(_s(q)), True) for q in names]
+            out += [((1, _s(lk)), k.limit_parked(_s(lk)), True)
+                    for lk in await self.redis.zrange(k.limits_due, 0, -1)]
+        out += [((2, f"{n}"), k.status(s), False) for n, s in enumerate(_INDEXED)
+                if f.status in (None, s)]
+        return sorted(out)
 
-    async def walk(self, f: JobFilter, cursor: str = "") -> tuple[list[str], str]:
+    async def walk(self, f: JobFilter, cursor: str = "",
+                   fresh_only: bool = False) -> tuple[list[str], str]:
         """Look at up to STEP jobs from ``cursor`` on: the ids of those ``f`` picks, and the
-        cursor to go on from ("" when the walk is over)."""
-        if f.ids:   # the cursor is the position in the list
-            start = int(cursor or 0)
-            chosen = await self._matching(f, f.ids[start:start + STEP])
-            return chosen, str(start + STEP) if start + STEP < len(f.ids) else ""
-        indexes = await self._indexes(f)
-        index, _, scan = (cursor or "0:0").partition(":")
-        i, scan = int(index), int(scan)
+        cursor to go on from ("" when the walk is over). The cursor keeps when the walk
+        began: with ``fresh_only`` a job queued since then (a job this walk rerun or made)
+        is passed over, so no job is done twice."""
+        if not cursor:   # "began (ms):kind of index:scan cursor:index name"
+            seconds, micros = await self.redis.time()
+            cursor = f"{seconds * 1000 + micros // 1000}:0:0:"
+        try:
+            began, kind, scan, name = cursor.split(":", 3)
+            int(began), int(kind), int(scan)
+        except ValueError:
+            raise SpecError(f"bad cursor {cursor!r}: pass back the one the last step "
+                            "answered, or \"\" to begin") from None
+        before = int(began) if fresh_only else None
+        if f.ids:   # the walk goes along the list; scan is the position in it
+            at = int(scan)
+            chosen = await self._matching(f, f.ids[at:at + STEP], before)
+            return chosen, f"{began}:0:{at + STEP}:" if at + STEP < len(f.ids) else ""
+        place, scan = (int(kind), name), int(scan)
+        indexes = [i for i in await self._indexes(f) if i[0] >= place]
+        if indexes and indexes[0][0] != place:
+            scan = 0   # that index is gone (a parked set emptied): the next one from its start
         looked, chosen = 0, []
-        while i < len(indexes) and looked < STEP:
-            key, prefixed = indexes[i]
+        while indexes and looked < STEP:
+            place, key, prefixed = indexes[0]
             scan, members = await self.redis.zscan(key, scan, count=SCAN)
             ids = [m.decode()[17:] if prefixed else m.decode() for m, _ in members]
             looked += len(ids)
-            chosen += await self._matching(f, ids)
+            chosen += await self._matching(f, ids, before)
             if scan == 0:
-                i += 1
-        return chosen, f"{i}:{scan}" if i < len(indexes) else ""
+                indexes.pop(0)
+                if indexes:
+                    place = indexes[0][0]
+        return chosen, f"{began}:{place[0]}:{scan}:{place[1]}" if indexes else ""
 
-    async def _matching(self, f: JobFilter, ids: list[str]) -> list[str]:
+    async def _matching(self, f: JobFilter, ids: list[str], before: int | None) -> list[str]:
         async with self.redis.pipeline(transaction=False) as pipe:
             for job_id in ids:
                 pipe.hmget(self.keys.job(job_id), *_FIELDS)
             rows = await pipe.execute()
         return [job_id for job_id, values in zip(ids, rows)
                 if values[0] is not None and f.matches([v.decode() if v else None
-                                                        for v in values])]
+                                                        for v in values])
+                and (before is None or int(values[-1] or 0) < before)]
 
     async def run(self, action: str, f: JobFilter, cursor: str = "", op: str = "") -> Step:
         if action not in ACTIONS:
             raise SpecError(f"unknown bulk action {action!r}; one of {', '.join(ACTIONS)}")
         if action == "copy" and not op:
             raise SpecError("copy needs an operation id (op) to name the copies by")
-        chosen, next_cursor = await self.walk(f, cursor)
+        chosen, next_cursor = await self.walk(f, cursor, fresh_only=action in ("rerun", "copy"))
         step = Step(cursor=next_cursor)
         if action == "find":
             step.ids, step.touched = chosen, len(chosen)
@@ -168,9 +193,8 @@ class Bulk:
             if job is not None:
                 specs.append({"func": job["func"], "args": job["args"], "kwargs": job["kwargs"],
                               "queue": job["queue"], "priority": job["priority"],
-                              "max_retries": job["max_retries"], "batch": job["batch"],
-                              "job_id": f"{job_id}~{op}",
-                              **({"timeout": job["timeout"]} if job["timeout"] else {})})
+                              "max_retries": job["max_retries"], "job_id": f"{job_id}~{op}",
+                              **{key: job[key] for key in ("batch", "timeout") if job[key]}})
         for submitted in await self.admission.submit(specs) if specs else []:
             if submitted.status == Status.QUEUED:
                 step.touched += 1

@@ -68,3 +68,40 @@ def test_purge_walks_a_queue_bigger_than_one_step_and_an_empty_filter_is_refused
     assert refused.returncode == 2 and "empty filter" in refused.stderr, refused.stderr
     bad = elric(cluster, "cancel", "--since", "yesterday")
     assert bad.returncode == 2 and "ISO 8601" in bad.stderr, bad.stderr
+
+
+def test_a_copy_over_a_queue_it_grows_copies_each_job_once(cluster):
+    n = 4500   # several steps: the copies land in the queue the walk is going through
+    cluster.client.submit_jobs([{"func": "tests.jobs:Add", "args": [i, 1], "queue": "big",
+                                 "job_id": f"j{i}"} for i in range(n)])
+    out = elric(cluster, "copy", "--queue", "big", "--json")
+    assert json.loads(out.stdout)["touched"] == n, out.stdout + out.stderr
+    assert cluster.client.stats()["by_queue"]["big"]["queued"] == 2 * n
+
+
+def test_purge_takes_the_jobs_a_limit_key_holds_back_too(make_cluster):
+    cluster = make_cluster(LIMITS='{"slow.example": {"concurrency": 1}}')
+    cluster.start_master()
+    cluster.start_worker("--concurrency", "2", SHUTDOWN_GRACE=1)
+    c = cluster.client
+    c.submit_jobs([{"func": "tests.jobs:Sleep", "args": [30], "limit_key": "slow.example",
+                    "job_id": f"s{i}"} for i in range(10)])
+    # one runs; the worker's fetches park the others out of the queue's line
+    wait_for(lambda: c.stats()["by_status"]["running"] == 1
+             and c.get_job("s9")["status"] == "queued"
+             and _parked(cluster) > 0, what="jobs parked by their limit key")
+    out = elric(cluster, "purge", "default", "--json")
+    assert json.loads(out.stdout)["touched"] == 9, out.stdout + out.stderr
+    assert c.stats()["by_queue"]["default"]["queued"] == 0
+
+
+def _parked(cluster) -> int:
+    import redis
+
+    from elric.keys import Keys
+
+    r = redis.Redis.from_url(cluster.redis_url)
+    try:
+        return int(r.hget(Keys().limits_parked, "default") or 0)
+    finally:
+        r.close()
