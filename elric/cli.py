@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -83,7 +84,16 @@ def _client(args: argparse.Namespace):
 
 
 def _print(value) -> None:
-    print(json.dumps(value, indent=2, sort_keys=True, default=str))
+    print(json.dumps(_json_safe(value), indent=2, sort_keys=True, default=str))
+
+
+def _json_safe(value):
+    """JSON has no infinity (a p95 beyond the last duration bucket): it prints as "inf"."""
+    if isinstance(value, float) and math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    return [_json_safe(v) for v in value] if isinstance(value, list) else value
 
 
 class NotFound(Exception):

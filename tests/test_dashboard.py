@@ -156,8 +156,15 @@ def test_without_a_password_it_is_read_only_and_serves_loopback_only(make_cluste
         urllib.request.urlopen(base + "/act", data=data, timeout=10)
     assert refused.value.code == 403 and b"DASHBOARD_PASSWORD" in refused.value.read()
     assert cluster.client.get_job("j1")["status"] == "queued"
-    # a job that is not there is a 404 page, not a crash
+    # a job that is not there is a 404 page, not a crash; any id can be opened
     assert get(base + "/jobs/nope")[0] == 404
+    cluster.client.submit_job({"func": "tests.jobs:Add", "args": [1, 2], "job_id": "a/b?c#d"})
+    status, html = get(base + "/jobs?status=queued")
+    assert 'href="/jobs/a%2Fb%3Fc%23d"' in html
+    status, html = get(base + "/jobs/a%2Fb%3Fc%23d")
+    assert status == 200 and "a/b?c#d" in html
+    # another site's page, under a name it pointed at 127.0.0.1, is refused (DNS rebinding)
+    assert get(base + "/jobs/j1", Host=f"rebound.example:{port}")[0] == 403
 
     # off loopback without a password the master refuses to start, naming the setting
     bad = make_cluster(DASHBOARD_ADDRESS=f"0.0.0.0:{free_port()}")
@@ -206,6 +213,7 @@ def test_actions_need_the_session_token_and_metrics_need_the_password(make_clust
     assert "elric_jobs" not in get(base + "/metrics")[1]
     status, text = get(base + "/metrics", Authorization=f"Bearer {PASSWORD}")
     assert status == 200 and 'elric_job_events_total{event="submitted"} 2.0' in text
+    assert 'event="start_latency_ms"' not in text   # a sum of ms is no event count
     assert 'elric_fires_total{outcome="fired"} 1.0' in text   # the one run now
 
 

@@ -714,6 +714,10 @@ def test_job_modules_refuse_at_submit_and_a_worker_never_imports_what_a_job_name
         assert f"does not load module {func.split(':')[0]!r}" in job["not_run"], job
         assert f"job raw{i}: does not load module" in worker.log()
     assert c.client.stats()["totals"]["handed_back"] >= len(refused)
+    # claimed again after their wait: the start latency counts each job's first claim only
+    wait_for(lambda: c.client.stats()["totals"]["handed_back"] >= 2 * len(refused),
+             what="a second hand-back of each")
+    assert c.client.stats()["totals"]["started"] == len(refused) + 1   # and raw-ok
     assert not proof.exists(), "a refused job ran"
     assert "Beautiful is better than ugly" not in worker.log(), "a job made it import `this`"
     assert worker.alive()

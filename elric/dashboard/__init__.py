@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import parse_qsl, quote, urlencode
 
 import jinja2
 from aiohttp import web
@@ -18,6 +18,7 @@ from aiohttp import web
 from elric.contract import ErrorCode, STATUSES
 from elric.dashboard import metrics
 from elric.dashboard.access import COOKIE, SESSION_SECONDS, Access
+from elric.retry import REDIS_ERRORS
 from elric.rpc import RequestError
 from elric.views import mib, percent, when
 
@@ -70,13 +71,14 @@ class Dashboard:
             loader=jinja2.PackageLoader("elric", "dashboard/templates"),
             autoescape=True, trim_blocks=True, lstrip_blocks=True)
         self.templates.filters["when"] = when
+        self.templates.filters["quote_id"] = lambda text: quote(text, safe="")
         self.templates.filters["mib"] = mib
         self.templates.filters["percent"] = percent
         self.app = web.Application(middlewares=[self._guard])
         self.app.add_routes([
             web.get("/", self.overview), web.get("/workers", self.workers),
             web.get("/schedules", self.schedules), web.get("/jobs", self.jobs),
-            web.get("/jobs/{job_id}", self.job), web.get("/stats", self.stats),
+            web.get("/jobs/{job_id:.+}", self.job), web.get("/stats", self.stats),
             web.get("/redis", self.redis_page), web.get("/metrics", self.metrics),
             web.get("/login", self.login_page), web.post("/login", self.login),
             web.post("/logout", self.logout), web.post("/act", self.act)])
@@ -95,12 +97,18 @@ class Dashboard:
     # --- plumbing ---------------------------------------------------------------------
     @web.middleware
     async def _guard(self, request: web.Request, handler):
+        if not self.access.host_ok(request):
+            raise web.HTTPForbidden(text="this dashboard has no password: it answers only to "
+                                         "a loopback address (localhost, 127.0.0.1, [::1])")
         if not self.access.may_read(request):
             if request.method == "GET":
                 raise web.HTTPSeeOther("/login?" + urlencode({"next": request.path_qs}))
             raise web.HTTPForbidden(text="log in first")
         try:
             response = await handler(request)
+        except REDIS_ERRORS as exc:   # a page reading Redis outside an RPC handler
+            response = self._render(request, "error.html", status=503, code="redis_unavailable",
+                                    message=f"the master cannot reach Redis right now ({exc})")
         except RequestError as exc:
             response = self._render(request, "error.html", status=HTTP_STATUS.get(exc.code, 500),
                                     message=str(exc), code=exc.code)
@@ -131,7 +139,7 @@ class Dashboard:
         offset = _int(request.query.get("offset"), 0)
         rows = await self.master.list_jobs({"status": "scheduled", "offset": offset,
                                             "limit": PAGE})
-        jobs = await asyncio.gather(*(self.master.store.get(r["job_id"]) for r in rows))
+        jobs = await asyncio.gather(*(self.master.get_job(r["job_id"]) for r in rows))
         for row, job in zip(rows, jobs):   # the last outcomes of each
             row["runs"] = (job or {}).get("runs", [])[:5]   # newest first
         return self._render(request, "schedules.html", rows=rows, offset=offset, page=PAGE)
@@ -139,14 +147,14 @@ class Dashboard:
     async def jobs(self, request: web.Request):
         q = request.query
         if q.get("id"):
-            raise web.HTTPSeeOther(f"/jobs/{q['id'].strip()}")
+            raise web.HTTPSeeOther(f"/jobs/{quote(q['id'].strip(), safe='')}")
         filters = {k: q[k] for k in ("status", "queue", "func", "batch") if q.get(k)}
         offset = _int(q.get("offset"), 0)
+        unindexed = bool(filters.keys() & {"func", "batch"})   # these filters scan: bounded
         rows = await self.master.list_jobs({**filters, "offset": offset, "limit": PAGE,
-                                            "scan_limit": SCAN})
+                                            **({"scan_limit": SCAN} if unindexed else {})})
         return self._render(request, "jobs.html", rows=rows, filters=filters, offset=offset,
-                            scan=SCAN if len(rows) < PAGE and filters.keys() & {"func", "batch"}
-                            else 0,
+                            scan=SCAN if len(rows) < PAGE and unindexed else 0,
                             page=PAGE, statuses=[s for s in STATUSES if s != "filtered"],
                             query=urlencode(filters))
 

@@ -71,12 +71,21 @@ class Access:
         session = self.session(request)
         if session is None:
             return "log in first"
-        origin = request.headers.get("Origin")
-        if origin and origin != f"{request.scheme}://{request.host}":
+        origin = request.headers.get("Origin")   # (its host: a TLS proxy may change the scheme)
+        if origin and origin.partition("://")[2] != request.host:
             return f"refused a request from another site ({origin})"
         if not hmac.compare_digest(str(form.get("csrf", "")), self.csrf_token(request)):
             return "the form is stale or forged: reload the page and try again"
         return None
+
+    def host_ok(self, request: web.Request) -> bool:
+        """Without a password, a page answers only to a loopback name: another site's page
+        cannot reach it by pointing its own name at 127.0.0.1 (DNS rebinding)."""
+        if self.login_required:
+            return True
+        host = request.host.rpartition(":")[0] if request.host.count(":") == 1 \
+            else request.host
+        return is_loopback(host.strip("[]"))
 
     def may_read(self, request: web.Request) -> bool:
         if not self.login_required or request.path in OPEN_PATHS:

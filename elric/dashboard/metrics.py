@@ -38,7 +38,8 @@ class _Snapshot:
         totals = CounterMetricFamily("elric_job_events", "Job events since the start",
                                      labels=["event"])
         for event, n in s["totals"].items():
-            totals.add_metric([event], n)
+            if event not in ("started", "start_latency_ms"):   # the latency summary's
+                totals.add_metric([event], n)
         yield totals
         workers = GaugeMetricFamily("elric_workers", "Workers by state", labels=["state"])
         alive = sum(1 for w in s["workers"] if w.get("alive"))

@@ -11,7 +11,7 @@
 -- limit is parked (out of its queue, still queued) so it never holds back other keys; its
 -- key is then in limits-due, and parked jobs go back to their queue's line in their old
 -- place when the key has room. Limit times use Redis's clock: workers' clocks disagree.
--- A first attempt adds its wait since it was queued to the counters' start latency.
+-- A job's first claim adds its wait since it was queued to the counters' start latency.
 local jp, qp, wp, rp, np, pp = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local clock = now_ms()
 local deadline, worker, limit = clock + tonumber(ARGV[7]), ARGV[8], tonumber(ARGV[9])
@@ -131,12 +131,14 @@ while #out < limit and budget > 0 do
           end
         end
         local attempt = redis.call('HINCRBY', jk, 'attempts', 1)
+        -- its first claim ever (a job handed back comes to attempt 1 again, but has started)
+        local first = attempt == 1 and not redis.call('HGET', jk, 'started_at')
         redis.call('HSET', jk, 'status', 'running', 'worker', worker, 'started_at', clock)
         redis.call('ZADD', KEYS[1], deadline, id)
         redis.call('ZADD', KEYS[2], clock, id)
         local f = redis.call('HMGET', jk, 'func', 'args', 'kwargs', 'timeout', 'max_retries',
                              'queue', 'dedupe_scope', 'batch', 'round', 'enqueued_at')
-        if attempt == 1 and f[10] then
+        if first and f[10] then
           started, waited = started + 1, waited + math.max(0, clock - tonumber(f[10]))
         end
         out[#out + 1] = {id, attempt, f[1], f[2] or '', f[3] or '', f[4] or '', f[5] or '0',

@@ -23,6 +23,7 @@ local job = redis.call('HMGET', KEYS[1], 'batch', 'func')
 count_in_stats(ARGV[7], ARGV[8], job[1], job[2], 'submitted')
 redis.call('PERSIST', KEYS[1])
 redis.call('HSET', KEYS[1], 'attempts', 0, 'enqueued_at', now)
-redis.call('HDEL', KEYS[1], 'finished_at', 'result', 'error', 'retry_at', 'duration_ms')
+redis.call('HDEL', KEYS[1], 'started_at', 'finished_at', 'result', 'error', 'retry_at',
+           'duration_ms')
 requeue(KEYS[1], id, qp, wp, KEYS[2], false)
 return status
