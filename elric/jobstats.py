@@ -73,8 +73,9 @@ class JobStats:
         return (*BOUNDS_MS, math.inf)[at]
 
     def summary(self, running: int) -> dict:
-        """``running``: how many of its jobs run now; the rest of the live ones wait."""
-        return {"live": self.live, "running": running, "queued": max(0, self.live - running),
+        """``running``: how many of its jobs run now; the rest of the live ones wait (queued,
+        or retrying after a backoff)."""
+        return {"live": self.live, "running": running, "waiting": max(0, self.live - running),
                 "mean_ms": self.mean_ms, "p95_ms": self.p95_ms,
                 "first_at": self.first_at, "last_at": self.last_at}
 

@@ -165,11 +165,11 @@ def top(stats: dict) -> Group:
     queues = _table("queue", "waiting", "succeeded", "failed")
     for name, q in sorted(stats["by_queue"].items()):
         queues.add_row(Text(name), str(q["queued"]), str(q["succeeded"]), str(q["failed"]))
-    funcs = _table("func", "queued", "running", "succeeded", "failed", "mean ms", "p95 ms")
+    funcs = _table("func", "waiting", "running", "succeeded", "failed", "mean ms", "p95 ms")
     busiest = sorted(stats.get("funcs", {}).items(),
                      key=lambda kv: (kv[1]["live"], kv[1]["last_at"] or 0), reverse=True)
     for name, f in busiest[:10]:
-        funcs.add_row(Text(name), str(f["queued"]), str(f["running"]), str(f["succeeded"]),
+        funcs.add_row(Text(name), str(f["waiting"]), str(f["running"]), str(f["succeeded"]),
                       str(f["failed"]),
                       "-" if f["mean_ms"] is None else f"{f['mean_ms']:.1f}",
                       "-" if f["p95_ms"] is None else f"≤ {f['p95_ms']}")

@@ -146,8 +146,8 @@ def test_a_funcs_live_jobs_split_into_running_and_queued(cluster):
         c.stats()), what="some of them running, some waiting")
     n = stats["by_status"]["running"]
     row, batch = stats["funcs"]["tests.jobs:Sleep"], stats["batches"]["naps"]
-    assert (row["live"], row["running"], row["queued"]) == (6, n, 6 - n)
-    assert (batch["running"], batch["queued"]) == (n, 6 - n)
+    assert (row["live"], row["running"], row["waiting"]) == (6, n, 6 - n)
+    assert (batch["running"], batch["waiting"]) == (n, 6 - n)
     for i in range(6):   # (the running one is stopped by its worker)
         c.cancel_job(f"s{i}")
     wait_for(lambda: c.stats()["funcs"]["tests.jobs:Sleep"]["live"] == 0, what="all cancelled")
