@@ -179,10 +179,14 @@ class Pool(Executor):
         self.retiring.remove(proc)
         self._loop.remove_reader(proc.conn.fileno())
         proc.conn.close()
-        proc.process.join(1.0)   # it holds no job and exits at once; a stuck one is killed
-        if proc.process.is_alive():
-            proc.process.kill()
+        sentinel = proc.process.sentinel   # readable once it has exited: reaped then,
+        # without the worker's loop waiting for it; one stuck a second later is killed
+
+        def reap() -> None:
+            self._loop.remove_reader(sentinel)
             proc.process.join()
+        self._loop.add_reader(sentinel, reap)
+        self._loop.call_later(1.0, lambda: proc.process.is_alive() and proc.process.kill())
 
     # --- placing and sending jobs -----------------------------------------------------
     def place(self, is_async: bool, alone: bool) -> _Process | None:
