@@ -43,6 +43,20 @@ class _Process:
     def __init__(self) -> None:
         self.session: aiohttp.ClientSession | None = None
         self.robots: dict[tuple[str, str], asyncio.Future] = {}
+        self.submitted: dict[str | None, set[str]] = {}   # links sent, per dedupe scope
+
+    def first_time(self, scope: str | None, link: str) -> bool:
+        """Whether this process has not yet submitted ``link`` in ``scope``. Most links
+        of a crawl were seen before; dropping them here spares the master's dedupe
+        filter that work (it still drops what other processes sent)."""
+        seen = self.submitted.setdefault(scope, set())
+        if link in seen:
+            return False
+        if len(seen) >= 100_000 or len(self.submitted) > 100:   # bound the memory
+            self.submitted.clear()
+            seen = self.submitted[scope] = set()
+        seen.add(link)
+        return True
 
     def http(self, timeout: float) -> aiohttp.ClientSession:
         if self.session is None or self.session.closed:
@@ -133,6 +147,6 @@ class Crawl(Job):
             if urlparse(link).netloc != host or link in found:
                 continue   # another host, or seen on this page
             found.add(link)
-            # most links were seen before; the master's dedupe filter drops those
-            Crawl.submit_with(args=[link, batch], **({"batch": batch} if batch else {}))
+            if _process.first_time(self.dedupe_scope, link):
+                Crawl.submit_with(args=[link, batch], **({"batch": batch} if batch else {}))
         return len(found)
