@@ -77,7 +77,7 @@ LOOP_LAG_WARN = 1.0
 # across all workers when jobs are fetched. "*" covers every key without its own entry;
 # jobs without a limit key are never limited. E.g.
 #   {"*": {"concurrency": 8}, "example.com": {"concurrency": 2, "rate": 5}}
-# (at most 2 running at once, at most 5 starts a second; or "interval": seconds between
+# (at most 2 running their code at once, at most 5 starts a second; or "interval": seconds between
 # two starts). A job held back waits without using a retry; other keys pass it.
 LIMITS = {}
 

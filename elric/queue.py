@@ -60,6 +60,7 @@ class Claim:
     dedupe_scope: str | None
     batch: str = ""
     round: str | None = None
+    limit_key: str | None = None
     held_until: float = 0.0   # time.monotonic() its lease surely lasts to (set by the worker)
 
 
@@ -216,16 +217,20 @@ class RedisQueue:
         return out
 
     async def fetch(self, worker_id: str, queues: Iterable[str], limit: int,
-                    lease_seconds: float) -> Fetched:
+                    lease_seconds: float, ended: Iterable[tuple[str, int]] = ()) -> Fetched:
+        """Claim up to ``limit`` jobs; ``ended``: (job_id, attempt) of claims whose run
+        ended, which free their limit keys' slots first."""
         k = self.keys
+        ended = [x for pair in ended for x in pair]
         rows, wait_ms = await self._fetch(
             keys=[k.inflight, k.status(Status.RUNNING), k.limits, k.limits_due, k.limits_parked,
                   k.counters],
             args=[*self._line, k.limit_running(""), k.limit_next(""), k.limit_parked(""),
-                  int(lease_seconds * 1000), worker_id, limit, *queues])
+                  int(lease_seconds * 1000), worker_id, limit, len(ended) // 2, *ended,
+                  *queues])
         claims = [Claim(_s(r[0]), int(r[1]), _s(r[2]), r[3], r[4],
                         float(r[5]) if r[5] else None, int(r[6]), _s(r[7]), _s(r[8]) or None,
-                        _s(r[9]) or "", _s(r[10]) or None) for r in rows]
+                        _s(r[9]) or "", _s(r[10]) or None, _s(r[11]) or None) for r in rows]
         return Fetched(claims, None if wait_ms < 0 else wait_ms / 1000.0)
 
     async def finish(self, worker_id: str, outcomes: list[Outcome]) -> list[str]:

@@ -82,6 +82,7 @@ class Worker:
         self.suspects: deque[Claim] = deque()    # jobs of a process that died, to run apart
         self.finished: list[tuple[Claim, runner.Ran]] = []   # ran, not yet recorded
         self.recording: list[tuple[Claim, runner.Ran]] = []
+        self.ended: list[tuple[str, int]] = []   # runs ended that hold a limit key's slot
         self.pool: Pool | None = None
         self.stopping = False
         self.paused = False   # an operator paused fetching (elric worker pause)
@@ -214,11 +215,12 @@ class Worker:
             self.pool.kill_overdue()
             self._dispatch()
             want = self._fetch_size()
-            if want > 0 and not self.suspects:
+            if (want > 0 or self.ended) and not self.suspects:
                 try:
                     asked = time.monotonic()
-                    fetched = await self.queue.fetch(self.worker_id, self.queues, want,
-                                                     self.lease)
+                    ended, self.ended = self.ended, []
+                    fetched = await self.queue.fetch(self.worker_id, self.queues,
+                                                     max(want, 0), self.lease, ended)
                     backoff.reset()
                     for claim in fetched.claims:
                         claim.held_until = asked + self.lease
@@ -226,6 +228,7 @@ class Worker:
                 except Exception as exc:   # Redis away, or full: wait it out, keep what we hold
                     if not is_outage(exc):
                         raise
+                    self.ended = ended + self.ended
                     delay = backoff.next()
                     log.warning("worker: Redis unavailable (%s); retrying in %.1fs", exc, delay)
                     await self._wait(delay)
@@ -341,6 +344,8 @@ class Worker:
             if ran is None:
                 self._changed.set()
                 return
+        if claim.limit_key is not None:
+            self.ended.append((claim.job_id, claim.attempt))   # its slot frees at the next fetch
         self.finished.append((claim, ran))
         self._finished.set()
         self._changed.set()

@@ -139,6 +139,43 @@ def test_parked_jobs_going_back_to_another_workers_queue_wake_that_worker(redis_
     asyncio.run(body())
 
 
+def test_a_run_that_ended_frees_its_slot_before_its_outcome_is_recorded(redis_url):
+    """A crawl job's children go through the master before its outcome is recorded; its
+    host's slot is free from the end of its run: the worker's next fetch names the run and
+    claims the parked job in the same call. Only the claim that holds the job frees it."""
+    keys = Keys("elrictest")
+
+    async def body():
+        r = aredis.Redis.from_url(redis_url)
+        try:
+            q = RedisQueue(r, keys)
+            await limits.publish(r, keys, limits.parse_rules({"k": {"concurrency": 1}}))
+            await q.enqueue([normalize_spec({"func": "tests.jobs:Echo", "queue": "q",
+                                             "limit_key": "k", "job_id": j})
+                             for j in ("j1", "j2", "j3")])
+            [j1] = (await q.fetch("w1", ["q"], 10, 30)).claims
+            assert (j1.job_id, j1.limit_key) == ("j1", "k")
+            # not the holder, or not its attempt: the slot stays taken
+            assert (await q.fetch("w2", ["q"], 10, 30, ended=[("j1", 1)])).claims == []
+            assert (await q.fetch("w1", ["q"], 10, 30, ended=[("j1", 2)])).claims == []
+            [j2] = (await q.fetch("w1", ["q"], 10, 30, ended=[("j1", 1)])).claims
+            assert j2.job_id == "j2"
+            assert (await r.hget(keys.job("j1"), "status")) == b"running"   # not recorded
+            assert await r.smembers(keys.limit_running("k")) == {b"j2"}
+            # recorded later: its slot is not freed twice
+            await q.finish("w1", [Outcome("j1", 1, True, b"\xc0", 1)])
+            assert (await q.fetch("w1", ["q"], 10, 30)).claims == []
+            # a worker with no room frees the slot and wakes another worker of the queue
+            await r.delete(keys.wake("q"))
+            assert (await q.fetch("w1", ["q"], 0, 30, ended=[("j2", 1)])).claims == []
+            assert await r.llen(keys.wake("q")) == 1
+            assert [c.job_id for c in (await q.fetch("w2", ["q"], 10, 30)).claims] == ["j3"]
+        finally:
+            await r.aclose()
+
+    asyncio.run(body())
+
+
 def test_a_wake_token_taken_while_the_worker_was_fetching_still_wakes_it(redis_url):
     """The blocking wait for a wake token outlives one pass of the loop: when it took a
     token while the worker was away fetching, the next wait returns at once instead of

@@ -2,20 +2,24 @@
 -- within a priority, within the limits of each job's limit key.
 -- KEYS: inflight, running index, limits, limits due, parked counts, counters
 -- ARGV: job prefix, queue prefix, wake prefix, limit running prefix, limit next-start
---       prefix, limit parked prefix, lease (ms), worker id, limit, queues...
+--       prefix, limit parked prefix, lease (ms), worker id, limit, n, then n pairs of
+--       job_id, attempt (claims of this worker whose run has ended), then queues...
 -- Returns {jobs, wait}: per job {job_id, attempt, func, args, kwargs, timeout, max_retries,
---   queue, dedupe_scope, batch, round}; wait: ms until parked jobs are looked at again
---   (-1: none parked).
+--   queue, dedupe_scope, batch, round, limit_key}; wait: ms until parked jobs are looked at
+--   again (-1: none parked).
 -- Invariant: a claimed job is running under this worker, with a lease in inflight that
 -- the worker renews; its attempt counter counts the claim. A job whose limit key is at its
 -- limit is parked (out of its queue, still queued) so it never holds back other keys; its
 -- key is then in limits-due, and parked jobs go back to their queue's line in their old
--- place when the key has room. Limit times use Redis's clock: workers' clocks disagree.
+-- place when the key has room. A job holds its key's slot while its code runs: an ended
+-- run frees it here, before its outcome is recorded (children go through the master
+-- first). Limit times use Redis's clock: workers' clocks disagree.
 -- A job's first claim adds its wait since it was queued to the counters' start latency.
 local jp, qp, wp, rp, np, pp = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local clock = now_ms()
 local deadline, worker, limit = clock + tonumber(ARGV[7]), ARGV[8], tonumber(ARGV[9])
-local FIRST_QUEUE, RECHECK_MS, SCAN_BUDGET, DUE_BATCH = 10, 1000, 1000, 100
+local RECHECK_MS, SCAN_BUDGET, DUE_BATCH = 1000, 1000, 100
+local FIRST_QUEUE = 11 + 2 * tonumber(ARGV[10])
 local started, waited = 0, 0   -- first attempts claimed, and their summed wait (ms)
 local mine = {}   -- the queues of this worker
 for i = FIRST_QUEUE, #ARGV do mine[ARGV[i]] = true end
@@ -60,6 +64,24 @@ local function park(lk, m, score, member, queue)
   local when = clock + RECHECK_MS   -- a slot frees: finish.lua makes the key due at once
   if m.next > clock then when = m.next end
   redis.call('ZADD', KEYS[4], 'LT', when, lk)
+end
+
+-- Runs that ended free their slots; their keys' parked jobs are due at once.
+if limited then
+  for i = 11, FIRST_QUEUE - 1, 2 do
+    local id = ARGV[i]
+    local f = redis.call('HMGET', jp .. id, 'status', 'attempts', 'worker', 'limit_key',
+                         'queue')
+    if f[1] == 'running' and f[2] == ARGV[i + 1] and f[3] == worker and f[4]
+        and redis.call('SREM', rp .. f[4], id) == 1
+        and redis.call('ZSCORE', KEYS[4], f[4]) then
+      redis.call('ZADD', KEYS[4], 0, f[4])
+      if limit == 0 then   -- this worker takes none: wake one that may
+        redis.call('LPUSH', wp .. f[5], '1')
+        redis.call('LTRIM', wp .. f[5], 0, 15)
+      end
+    end
+  end
 end
 
 -- Keys whose parked jobs are due: as many as may start go back in line.
@@ -137,12 +159,13 @@ while #out < limit and budget > 0 do
         redis.call('ZADD', KEYS[1], deadline, id)
         redis.call('ZADD', KEYS[2], clock, id)
         local f = redis.call('HMGET', jk, 'func', 'args', 'kwargs', 'timeout', 'max_retries',
-                             'queue', 'dedupe_scope', 'batch', 'round', 'enqueued_at')
+                             'queue', 'dedupe_scope', 'batch', 'round', 'enqueued_at',
+                             'limit_key')
         if first and f[10] then
           started, waited = started + 1, waited + math.max(0, clock - tonumber(f[10]))
         end
         out[#out + 1] = {id, attempt, f[1], f[2] or '', f[3] or '', f[4] or '', f[5] or '0',
-                         f[6], f[7] or '', f[8] or '', f[9] or ''}
+                         f[6], f[7] or '', f[8] or '', f[9] or '', f[11] or ''}
       end
     end
   end
