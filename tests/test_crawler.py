@@ -97,3 +97,23 @@ def test_a_crawl_that_robots_txt_forbids_entirely_fetches_nothing_but_robots(clu
         jobs = crawl(cluster, site, Crawl)
         assert set(site.hits) == {"/robots.txt"}
     assert list(jobs) == ["/"] and jobs["/"]["result"]["robots"] == "disallowed"
+
+
+def test_a_process_submits_each_link_once_per_scope_and_bounds_what_it_remembers():
+    from elric.demo.crawler import _Process
+
+    p = _Process()
+    assert p.first_time("round-1", "http://a/p/1")
+    assert not p.first_time("round-1", "http://a/p/1")   # the master never sees it again
+    assert p.first_time("round-2", "http://a/p/1")       # another round fetches it again
+    assert p.first_time(None, "http://a/p/1")
+    for n in range(100_000):
+        p.first_time("round-3", f"http://a/p/{n}")
+    assert p.first_time("round-3", "http://a/p/new")     # full: it forgot, and starts afresh
+    assert p.submitted == {"round-3": {"http://a/p/new"}}
+    assert p.first_time("round-1", "http://a/p/1")       # forgotten: the master drops it
+
+
+@pytest.mark.parametrize("body", [b"", b"   ", b"\x00\xff<<<", b"<html><body>no links"])
+def test_a_page_lxml_cannot_read_or_without_links_gives_none(body):
+    assert Crawl()._submit_links("http://a/", "http://a/", body, "") == 0

@@ -21,12 +21,14 @@ from urllib.robotparser import RobotFileParser
 
 try:
     import aiohttp
+    import lxml.etree
+    import lxml.html
 except ImportError:  # pragma: no cover - depends on the install
     raise ImportError("the async crawler needs the crawl extra: "
                       "pip install 'elric[crawl]'") from None
 
 from elric import Job
-from elric.demo.crawler_sync import Links, normalize_url
+from elric.demo.crawler_sync import normalize_url
 
 USER_AGENT = "elric-crawler/0.1"
 CHUNK = 64 * 1024
@@ -123,8 +125,7 @@ class Crawl(Job):
             result["truncated"] = True
         if response.status >= 400 or not html:
             return result   # a 404 is an answer: nothing to retry, no links to follow
-        result["links"] = self._submit_links(url, final_url, body.decode("utf-8", "replace"),
-                                             batch)
+        result["links"] = self._submit_links(url, final_url, body, batch)
         return result
 
     async def _read(self, response: aiohttp.ClientResponse) -> tuple[bytes, bool]:
@@ -135,14 +136,16 @@ class Crawl(Job):
                 return bytes(body[:self.max_bytes]), True
         return bytes(body), False
 
-    def _submit_links(self, url: str, base: str, html: str, batch: str) -> int:
+    def _submit_links(self, url: str, base: str, html: bytes, batch: str) -> int:
         """Submit the links of ``html`` (relative to ``base``, where a redirect led) that
         stay on ``url``'s host; returns how many."""
-        parser = Links()
-        parser.feed(html)
+        try:   # lxml, in C: a tenth of the CPU of html.parser, which the sync crawler uses
+            hrefs = lxml.html.fromstring(html).xpath("//a/@href") if html.strip() else []
+        except (lxml.etree.ParserError, ValueError):
+            hrefs = []   # not a document lxml can read: no links
         host = urlparse(normalize_url(url)).netloc
         found: set[str] = set()
-        for href in parser.links:
+        for href in hrefs:
             link = normalize_url(urljoin(base, href))
             if urlparse(link).netloc != host or link in found:
                 continue   # another host, or seen on this page
