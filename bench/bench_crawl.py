@@ -11,6 +11,9 @@ A separate process (bench/site_server.py) serves --pages pages, each answered af
           CONCURRENT_REQUESTS_PER_DOMAIN 64, ROBOTSTXT_OBEY, installed on first use into
           bench/.venv-scrapy
 
+each at its own default log level (--logs default: elric logs a line per job at INFO,
+Scrapy a line per page at DEBUG, to a file) or both at WARNING (--logs quiet).
+
 and prints for each: pages/s (pages over the time from the site's first to its last page
 request), CPU ms per page of each process, memory (summed PSS, the worker and its pool
 processes for elric, sampled through the crawl, the peak), and whether every page was
@@ -188,12 +191,13 @@ def wait_until(pred, timeout: float, what: str, procs=()):
 
 
 def crawl_with_elric(site: Site, workers: int, worker_args: list[str], limits: dict,
-                     timeout: float) -> Crawled:
+                     timeout: float, quiet: bool = True) -> Crawled:
     server = RedisServer().start()
     logdir = tempfile.mkdtemp(prefix="elric-bench-crawl-")
     address = f"127.0.0.1:{free_port()}"
-    env = elric_env(server.url, address, LOG_LEVEL="WARNING", KEY_PREFIX="bench-crawl",
-                    LIMITS=json.dumps(limits), JOB_MODULES=Crawl.__module__)
+    env = elric_env(server.url, address, KEY_PREFIX="bench-crawl",
+                    LIMITS=json.dumps(limits), JOB_MODULES=Crawl.__module__,
+                    **({"LOG_LEVEL": "WARNING"} if quiet else {}))
     procs, client = [], None
     try:
         master = start_master(env, os.path.join(logdir, "master.log"), cwd=ROOT)
@@ -249,18 +253,20 @@ def ensure_scrapy() -> str:
     return os.path.join(SCRAPY_VENV, "bin", "scrapy")
 
 
-def crawl_with_scrapy(scrapy: str, site: Site, timeout: float) -> Crawled:
+def crawl_with_scrapy(scrapy: str, site: Site, timeout: float, quiet: bool) -> Crawled:
     with tempfile.TemporaryDirectory(prefix="elric-bench-scrapy-") as tmp:
         spider = os.path.join(tmp, "spider.py")
         with open(spider, "w") as f:
             f.write(SPIDER.format(start=site.url(site.hosts[0])))
         settings = {"CONCURRENT_REQUESTS": 64, "CONCURRENT_REQUESTS_PER_DOMAIN": 64,
-                    "DOWNLOAD_DELAY": 0, "ROBOTSTXT_OBEY": True, "LOG_LEVEL": "WARNING",
-                    "TELNETCONSOLE_ENABLED": False}
+                    "DOWNLOAD_DELAY": 0, "ROBOTSTXT_OBEY": True,
+                    "TELNETCONSOLE_ENABLED": False, **({"LOG_LEVEL": "WARNING"} if quiet else {})}
         argv = [scrapy, "runspider", spider]
         for k, v in settings.items():
             argv += ["-s", f"{k}={v}"]
-        proc = subprocess.Popen(argv, cwd=tmp)
+        log = open(os.path.join(tmp, "scrapy.log"), "w")   # as a terminal would take it
+        proc = subprocess.Popen(argv, cwd=tmp, stdout=log, stderr=log)
+        log.close()
         memory = PeakPss(lambda: [proc.pid])
         try:
             proc.wait(timeout=timeout)
@@ -295,9 +301,11 @@ def compare(args) -> None:
             try:
                 if name == "elric":
                     limits = {f"{host}:{site.port}": {"concurrency": 64}}
-                    crawled = crawl_with_elric(site, 1, [], limits, args.timeout)
+                    crawled = crawl_with_elric(site, 1, [], limits, args.timeout,
+                                               args.logs == "quiet")
                 else:
-                    crawled = scrapy_cpu(crawl_with_scrapy, scrapy, site, args.timeout)
+                    crawled = scrapy_cpu(crawl_with_scrapy, scrapy, site, args.timeout,
+                                         args.logs == "quiet")
             finally:
                 site.stop()
             results[name].append(crawled)
@@ -328,6 +336,10 @@ def main() -> int:
     ap.add_argument("--pages", type=int, default=1000)
     ap.add_argument("--latency", type=float, default=0.1, help="seconds per page")
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--logs", choices=("default", "quiet"), default="default",
+                    help="default: each at its own default log level, as its docs start it "
+                         "(elric INFO: a line per job; Scrapy DEBUG: a line per page); "
+                         "quiet: both at WARNING")
     ap.add_argument("--scaling", action="store_true",
                     help="one worker against two, several hosts at 1 s per page")
     ap.add_argument("--hosts", type=int, default=4, help="hosts in --scaling")
@@ -351,7 +363,8 @@ def main() -> int:
         print(f"scaling: {args.hosts} hosts x {args.pages // args.hosts} pages at 1 s each")
         scaling(args)
     else:
-        print(f"site: {args.pages} pages at {args.latency * 1000:.0f} ms each; cap 64 per host")
+        print(f"site: {args.pages} pages at {args.latency * 1000:.0f} ms each; cap 64 per host; "
+              f"logs: {args.logs}")
         compare(args)
     return 0
 
