@@ -13,7 +13,7 @@ import logging
 import time
 
 from elric.config import Settings
-from elric.contract import SpecError, Status, normalize_spec
+from elric.contract import MAX_BATCH, SpecError, Status, normalize_spec
 from elric.jobstore import RedisJobStore, schedule_options
 from elric.queue import RedisQueue, Submitted
 from elric.reservation import DedupeGate
@@ -22,7 +22,6 @@ from elric.triggers import parse_trigger
 
 log = logging.getLogger("elric.master")
 
-MAX_BATCH = 10_000
 PER_FIRE = "@fire"     # dedupe_scope of a periodic job: a fresh scope for every fire
 CLEANUP_WAIT = 10.0    # seconds a failed call (or a stopping master) waits for its clean-up
 

@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+import re
 import threading
 from typing import Any
 
 from elric.config import Settings, load_settings, parse_address
-from elric.rpc import MAX_MESSAGE, Client
+from elric.contract import MAX_BATCH
+from elric.rpc import MAX_MESSAGE, Client, RemoteError
+
+# A list longer than one call takes goes in calls of this many specs, two in flight: the
+# master checks one batch while Redis queues the one before.
+SPLIT_BATCH = 1000
+
+
+class SubmitError(RemoteError):
+    """The master refused some batches of a split ``submit_jobs``; the others were
+    queued. ``replies``: one per spec, in order, None where its batch was refused."""
+
+    def __init__(self, code, message: str, replies: list[dict | None]) -> None:
+        super().__init__({"code": code, "message": message})
+        self.replies = replies
 
 
 class MasterClient:
@@ -33,7 +48,30 @@ class MasterClient:
         return self.call("submit_job", spec)
 
     def submit_jobs(self, specs: list[dict]) -> list[dict]:
-        return self.call("submit_jobs", specs)
+        """One reply map per spec, in order. Up to 10,000 specs go in one call: one bad
+        spec refuses them all. A longer list goes in calls of SPLIT_BATCH specs, each all
+        or nothing; SubmitError then names the refused spec and says which were queued."""
+        if len(specs) <= MAX_BATCH:
+            return self.call("submit_jobs", specs)
+        starts = range(0, len(specs), SPLIT_BATCH)
+        answers = self.rpc.call_many("submit_jobs", [(specs[i:i + SPLIT_BATCH],) for i in starts])
+        refused = [(i, a) for i, a in zip(starts, answers) if isinstance(a, RemoteError)]
+        if not refused:
+            return [reply for batch in answers for reply in batch]
+        replies = [reply for i, a in zip(starts, answers)
+                   for reply in ([None] * len(specs[i:i + SPLIT_BATCH])
+                                 if isinstance(a, RemoteError) else a)]
+        start, first = refused[0]
+        message = str(first)
+        where = re.match(r"spec (\d+): ", message)   # the master counts from its batch
+        last = min(start + SPLIT_BATCH, len(specs)) - 1
+        message = (f"spec {start + int(where[1])}: {message[where.end():]}" if where
+                   else f"spec {start}: {message}" if start == last
+                   else f"specs {start}-{last}: {message}")
+        queued = sum(r is not None for r in replies)
+        raise SubmitError(first.code, f"{message}; the master refused {len(refused)} "
+                          f"batch(es) of {SPLIT_BATCH} and queued the other {queued} of "
+                          f"{len(specs)} specs (see .replies)", replies)
 
     def get_job(self, job_id: str) -> dict | None:
         return self.call("get_job", job_id)

@@ -93,6 +93,7 @@ QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,100}$")
 JOB_ID = re.compile(r"^[^\s]{1,200}$")
 FUNC_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 MAX_PRIORITY = 2**31
+MAX_BATCH = 10_000   # specs one submit_jobs call takes
 MAX_TIMEOUT = 2**31  # seconds; also refuses nan and inf, which setitimer cannot take
 
 

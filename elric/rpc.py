@@ -16,6 +16,7 @@ import os
 import socket
 import threading
 import time
+from collections import deque
 from typing import Any, Callable
 
 import msgpack
@@ -508,6 +509,17 @@ class Client(_Caller):
             self._ensure_connected()
             return self._roundtrip(method, params, self.timeout if timeout is None else timeout)
 
+    def call_many(self, method: str, calls: list[tuple], *, depth: int = 2,
+                  timeout: float | None = None) -> list[Any]:
+        """Call ``method`` once per params tuple in ``calls``, keeping up to ``depth`` calls
+        in flight on this connection, so the master works on one while the next travels.
+        Returns the results in order; a call the master refused is its RemoteError, in
+        place: the calls after it still ran."""
+        with self._lock:
+            self._ensure_connected()
+            return self._pipeline(method, calls, depth,
+                                  self.timeout if timeout is None else timeout)
+
     def close(self) -> None:
         with self._lock:
             self._drop()
@@ -549,26 +561,50 @@ class Client(_Caller):
                 raise
 
     def _roundtrip(self, method: str, params: tuple, timeout: float | None) -> Any:
-        msgid, data = self._request(method, params)
-        deadline = None if timeout is None else time.monotonic() + timeout
+        [answer] = self._pipeline(method, [params], 1, timeout)
+        if isinstance(answer, RemoteError):
+            raise answer
+        return answer
+
+    def _pipeline(self, method: str, calls: list[tuple], depth: int,
+                  timeout: float | None) -> list[Any]:
+        answers: dict[int, tuple] = {}   # read early: answered out of order
+        in_flight: deque[int] = deque()
+        out: list[Any] = []
         try:
-            self._sock.settimeout(timeout)
-            self._sock.sendall(data)
-            while True:
-                if deadline is not None:
-                    self._sock.settimeout(max(deadline - time.monotonic(), 0.001))
-                chunk = self._sock.recv(self._decoder.chunk)
-                if not chunk:
-                    self._drop()
-                    raise RPCConnectionError(f"connection to {self._where} closed by the server")
-                for got, error, result in _responses(self._decoder, chunk):
-                    if got == msgid:
-                        if error:
-                            raise error
-                        return result
+            for params in calls:
+                if len(in_flight) == depth:
+                    out.append(self._answer(in_flight.popleft(), timeout, answers))
+                msgid, data = self._request(method, params)
+                self._sock.settimeout(timeout)
+                self._sock.sendall(data)
+                in_flight.append(msgid)
+            while in_flight:
+                out.append(self._answer(in_flight.popleft(), timeout, answers))
+            return out
         except TimeoutError:
             self._drop()  # a late answer must not be read as the next call's
             raise self._timed_out(method, timeout) from None
         except (OSError, _ProtocolError) as exc:
             self._drop()
             raise RPCConnectionError(f"connection to {self._where} lost: {exc}") from None
+        except BaseException:
+            if in_flight:   # answers still to come would be read as the next call's
+                self._drop()
+            raise
+
+    def _answer(self, msgid: int, timeout: float | None, answers: dict[int, tuple]) -> Any:
+        """Read until call ``msgid`` is answered, keeping other answers in ``answers``;
+        returns its result, or its RemoteError (not raised)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while msgid not in answers:
+            if deadline is not None:
+                self._sock.settimeout(max(deadline - time.monotonic(), 0.001))
+            chunk = self._sock.recv(self._decoder.chunk)
+            if not chunk:
+                self._drop()
+                raise RPCConnectionError(f"connection to {self._where} closed by the server")
+            for got, error, result in _responses(self._decoder, chunk):
+                answers[got] = (error, result)
+        error, result = answers.pop(msgid)
+        return error or result

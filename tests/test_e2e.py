@@ -130,6 +130,37 @@ def test_submit_and_submit_with_from_a_script(cluster, tmp_path):
 
 # --- 2. priority order ----------------------------------------------------------------------
 
+def test_a_list_longer_than_one_call_takes_goes_in_batches_and_says_what_was_queued(cluster):
+    """Over 10,000 specs, submit_jobs splits the list (two calls in flight). Every spec is
+    answered in its place; when the master refuses a batch, the others are queued and
+    SubmitError names the bad spec by its index in the whole list."""
+    from elric.client import SPLIT_BATCH, SubmitError
+
+    c = cluster.client
+    specs = [Echo.spec([n], job_id=f"many-{n}") for n in range(12_500)]
+    replies = c.submit_jobs(specs)
+    assert [r["job_id"] for r in replies] == [s["job_id"] for s in specs]
+    assert {r["status"] for r in replies} == {"queued"}
+    assert c.stats()["by_status"]["queued"] == 12_500
+
+    specs = [Echo.spec([n], job_id=f"more-{n}") for n in range(10_001)]
+    specs[3_456]["priority"] = "high"
+    specs[10_000]["queue"] = "no spaces allowed"   # alone in the last batch
+    with pytest.raises(SubmitError) as refused:
+        c.submit_jobs(specs)
+    assert refused.value.code == "bad_request"
+    assert str(refused.value).startswith("spec 3456: job spec key 'priority' must be"), \
+        str(refused.value)
+    assert "refused 2 batch(es)" in str(refused.value)
+    assert "queued the other 9000 of 10001 specs" in str(refused.value)
+    got = refused.value.replies
+    bad = set(range(3_000, 3_000 + SPLIT_BATCH)) | {10_000}
+    assert [n for n, r in enumerate(got) if r is None] == sorted(bad)
+    assert all(r["job_id"] == f"more-{n}" and r["status"] == "queued"
+               for n, r in enumerate(got) if n not in bad)
+    assert c.stats()["by_status"]["queued"] == 12_500 + 9_000
+
+
 def test_priority_order_then_fifo_within_a_priority(cluster):
     priorities = [0, 5, 0, 10, 5, -1, 10, 0, 5, 3, -1, 10]
     specs = [Record.spec([i], job_id=f"r{i}", priority=p) for i, p in enumerate(priorities)]

@@ -182,6 +182,32 @@ def test_concurrent_calls_complete_out_of_order():
     arun(main())
 
 
+def test_blocking_client_pipelines_calls_and_keeps_their_order():
+    """call_many keeps two calls in flight; answers that cross come back in call order,
+    a refused call is its error in place, and the calls after it still run."""
+    seen, gate = [], threading.Event()
+
+    async def step(n):
+        seen.append(n)
+        if n == 0:   # ends only once call 1 arrived: one call at a time would time out
+            while not gate.is_set():
+                await asyncio.sleep(0.001)
+        if n == 1:
+            gate.set()
+        if n == 3:
+            raise RequestError("three is refused")
+        return n * 10
+
+    with ServerThread(basic_handlers(step=step)) as st, Client(*st.address) as c:
+        out = c.call_many("step", [(n,) for n in range(6)], depth=2)
+        assert out[:3] == [0, 10, 20] and out[4:] == [40, 50]
+        assert isinstance(out[3], RemoteError) and "three is refused" in str(out[3])
+        assert c.call("echo", "next") == "next"   # no answer left over on the connection
+        with pytest.raises(RPCError, match="over the"):   # cannot go: nothing left half-read
+            c.call_many("echo", [("x",), ("y" * (9 * 1024 * 1024),)])
+        assert c.call("echo", "after") == "after"
+
+
 def test_notifications_run_the_handler_and_get_no_answer():
     async def main():
         seen = []
