@@ -24,7 +24,7 @@ RULE_NAMES = ("concurrency", "interval", "rate")
 
 @dataclass(frozen=True, slots=True)
 class Rule:
-    concurrency: int | None = None   # jobs of the key claimed at once
+    concurrency: int | None = None   # jobs of the key running their code at once
     interval_ms: int | None = None   # least time between two starts
 
     def encoded(self) -> str:

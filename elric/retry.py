@@ -18,8 +18,7 @@ REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 
 # Redis is up but refuses writes for a while (maxmemory with noeviction, a read-only
 # replica, loading its data): an outage too, not a bug. redis-py raises these classes;
-# MISCONF and BUSY, and every error elric.rawredis reads, are plain ResponseErrors that
-# only ``redis_refusal`` recognises, by their error code.
+# MISCONF and BUSY are plain ResponseErrors that ``redis_refusal`` recognises by their code.
 REDIS_REFUSED = (OutOfMemoryError, ReadOnlyError, BusyLoadingError)
 
 _REFUSALS = {
