@@ -244,10 +244,12 @@ def test_crawler_fetches_each_page_once_per_scope(make_cluster):
             c.client.submit_job(Crawl.spec([site.url], job_id=scope, dedupe_scope=scope))
             wait_for(lambda: idle(c) and c.client.get_job(scope)["status"] == "succeeded",
                      what=f"crawl {scope} done")
-            # every page, once per crawl; the graph has cycles, so most links were filtered
+            # every page, once per crawl. The graph has cycles: a pool process drops the
+            # links it submitted before; the master's filter drops those another process
+            # (or the user, for the start page) submitted
             assert site.page_hits() == {p: n for p in site.paths()}, c.logs()
             f = c.client.stats()["filters"][scope]
-            assert f["items"] == len(site.paths()) and f["filtered"] > len(site.paths())
+            assert f["items"] == len(site.paths()) and f["filtered"] > 0
         jobs = c.client.list_jobs(queue="crawl", limit=1000)
         assert len(jobs) == 2 * len(site.paths())
         assert all(j["status"] == "succeeded" for j in jobs)
