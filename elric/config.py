@@ -54,8 +54,7 @@ KEYS: dict[str, Key] = {
     "JOB_TIMEOUT": Key(None, (int, float), "default seconds an attempt may run", True),
     "LEASE_SECONDS": Key(30.0, (int, float),
                          "a dead worker's jobs are redelivered after this long"),
-    "SHUTDOWN_GRACE": Key(30.0, (int, float),
-                          "seconds running jobs get to finish after SIGTERM"),
+    "SHUTDOWN_GRACE": Key(30.0, (int, float), "seconds running jobs get to finish after SIGTERM"),
     "WORKER_CHUNK": Key(64, (int,), "most jobs handed to a pool process at once (fast jobs)"),
     "ASYNC_CONCURRENCY": Key(100, (int,), "async jobs each pool process runs at once"),
     "LOOP_LAG_WARN": Key(1.0, (int, float),
@@ -68,15 +67,13 @@ KEYS: dict[str, Key] = {
     "LOG_FORMAT": Key("text", (str,), "text, or json: one JSON object per line"),
     "SCHEDULER_LEASE": Key(10.0, (int, float),
                            "seconds a dead scheduling master is replaced within"),
-    "MIN_INTERVAL": Key(1.0, (int, float),
-                        "shortest interval trigger accepted, in seconds"),
+    "MIN_INTERVAL": Key(1.0, (int, float), "shortest interval trigger accepted, in seconds"),
     "FILTER_BACKEND": Key("set", (str,), 'dedupe filter: "set", "bloom" or "redis-bloom"'),
     "FILTER_SCOPES": Key({}, (dict,), "per-scope backend overrides {scope: backend}"),
     "DEDUPE_TTL": Key(None, (int, float),
                       "set backend: seconds after which a key is new again", True),
-    "DEDUPE_RELEASE_ON_FAILURE": Key(False, (bool,),
-                                     "release the key of a job that failed for good "
-                                     "(set backend only)"),
+    "DEDUPE_RELEASE_ON_FAILURE": Key(False, (bool,), "release the key of a job that failed for "
+                                                     "good (set backend only)"),
     "DEDUPE_ROUND_TTL": Key(86400, (int,), "seconds a per-fire dedupe scope is kept"),
     "BLOOM_CAPACITY": Key(1_000_000, (int,), "items a Bloom filter is sized for"),
     "BLOOM_ERROR_RATE": Key(0.001, (float,), "false-positive rate a Bloom filter keeps"),
@@ -90,17 +87,13 @@ KEYS: dict[str, Key] = {
 ENV_NOT_SETTINGS = ("ELRIC_SETTINGS", "ELRIC_REDIS_SERVER")
 
 
-def _did_you_mean(name: str, known) -> str:
-    close = difflib.get_close_matches(name, list(known), n=1)
-    return f"; did you mean {close[0]}?" if close else ""
-
-
 def _check_env_names(env) -> None:
     names = [f"ELRIC_{key}" for key in KEYS]
     for name in sorted(env):
         if name.startswith("ELRIC_") and name not in names and name not in ENV_NOT_SETTINGS:
-            raise SettingsError(f"{name}: unknown setting in the environment"
-                                f"{_did_you_mean(name, names)}")
+            close = difflib.get_close_matches(name, names, n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise SettingsError(f"{name}: unknown setting in the environment{hint}")
 
 
 class Settings:
@@ -153,54 +146,50 @@ def parse_address(value: str, key: str = "address") -> tuple[str, int]:
 
 def _check(key: str, value: Any, where: str) -> Any:
     spec = KEYS[key]
+
+    def bad(problem: str) -> SettingsError:
+        return SettingsError(f"{key} (from {where}): {problem}")
+
     if value is None and spec.nullable:
         return None
     if isinstance(value, tuple) and list in spec.types:
         value = list(value)
     if isinstance(value, bool) and bool not in spec.types or not isinstance(value, spec.types):
-        names = " or ".join(t.__name__ for t in spec.types)
-        raise SettingsError(f"{key} (from {where}): expected {names}, got {value!r}")
+        raise bad(f"expected {' or '.join(t.__name__ for t in spec.types)}, got {value!r}")
     if key == "LIMITS":
         from elric.limits import parse_rules
 
         parse_rules(value, f"{key} (from {where})")
-    elif isinstance(value, dict):
+    elif key in ("FILTER_BACKEND", "FILTER_SCOPES"):
         from elric.dedupe import BACKENDS
 
-        for scope, backend in value.items():
-            if not isinstance(scope, str) or backend not in BACKENDS:
-                raise SettingsError(f"{key} (from {where}): {scope!r}: {backend!r} is not one "
-                                    f"of {', '.join(BACKENDS)}")
-    if key == "FILTER_BACKEND":
-        from elric.dedupe import BACKENDS
-
-        if value not in BACKENDS:
-            raise SettingsError(f"{key} (from {where}): {value!r} is not one of "
-                                f"{', '.join(BACKENDS)}")
+        choices = ", ".join(BACKENDS)
+        if key == "FILTER_BACKEND" and value not in BACKENDS:
+            raise bad(f"{value!r} is not one of {choices}")
+        if key == "FILTER_SCOPES":
+            for scope, backend in value.items():
+                if not isinstance(scope, str) or backend not in BACKENDS:
+                    raise bad(f"{scope!r}: {backend!r} is not one of {choices}")
     if key == "BLOOM_ERROR_RATE" and not 0 < value < 1:
-        raise SettingsError(f"{key} (from {where}): must be between 0 and 1, got {value!r}")
-    if isinstance(value, list):
-        if not all(isinstance(v, str) and v for v in value):
-            raise SettingsError(f"{key} (from {where}): expected a list of names, got {value!r}")
+        raise bad(f"must be between 0 and 1, got {value!r}")
+    if isinstance(value, list) and not all(isinstance(v, str) and v for v in value):
+        raise bad(f"expected a list of names, got {value!r}")
     if isinstance(value, float) and not math.isfinite(value):
-        raise SettingsError(f"{key} (from {where}): must be a finite number, got {value!r}")
+        raise bad(f"must be a finite number, got {value!r}")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if value < 0 or (value == 0 and key in ("CONCURRENCY", "WORKER_CHUNK", "LEASE_SECONDS",
-                                                 "ASYNC_CONCURRENCY", "RESULT_TTL",
-                                                 "RESULT_MAX_BYTES",
-                                                 "RPC_MAX_MESSAGE",
-                                                 "SCHEDULER_LEASE", "BLOOM_CAPACITY",
-                                                 "DEDUPE_TTL", "DEDUPE_ROUND_TTL")):
-            raise SettingsError(f"{key} (from {where}): must be positive, got {value!r}")
+        if value < 0 or (value == 0 and key in (
+                "CONCURRENCY", "WORKER_CHUNK", "LEASE_SECONDS", "ASYNC_CONCURRENCY", "RESULT_TTL",
+                "RESULT_MAX_BYTES", "RPC_MAX_MESSAGE", "SCHEDULER_LEASE", "BLOOM_CAPACITY",
+                "DEDUPE_TTL", "DEDUPE_ROUND_TTL")):
+            raise bad(f"must be positive, got {value!r}")
     if key in ("MASTER_ADDRESS", "DASHBOARD_ADDRESS"):
         parse_address(value, key)
     if key == "LOG_LEVEL" and value.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise SettingsError(f"{key} (from {where}): expected DEBUG, INFO, WARNING or ERROR")
+        raise bad("expected DEBUG, INFO, WARNING or ERROR")
     if key == "LOG_FORMAT" and value not in ("text", "json"):
-        raise SettingsError(f"{key} (from {where}): expected text or json, got {value!r}")
+        raise bad(f"expected text or json, got {value!r}")
     if key == "REDIS_URL" and not value.startswith(("redis://", "rediss://", "unix://")):
-        raise SettingsError(f"{key} (from {where}): {value!r} is not a redis://, rediss:// "
-                            "or unix:// URL")
+        raise bad(f"{value!r} is not a redis://, rediss:// or unix:// URL")
     return value
 
 
@@ -228,16 +217,12 @@ def _from_env(key: str, raw: str) -> Any:
         if raw.strip().lower() in ("0", "false", "no", "off", ""):
             return False
         raise SettingsError(f"{key} (from {name}): expected true or false, got {raw!r}")
-    if int in spec.types and float not in spec.types:
+    if int in spec.types or float in spec.types:
+        number, what = (float, "a number") if float in spec.types else (int, "an integer")
         try:
-            return int(raw)
+            return number(raw)
         except ValueError:
-            raise SettingsError(f"{key} (from {name}): expected an integer, got {raw!r}") from None
-    if float in spec.types:
-        try:
-            return float(raw)
-        except ValueError:
-            raise SettingsError(f"{key} (from {name}): expected a number, got {raw!r}") from None
+            raise SettingsError(f"{key} (from {name}): expected {what}, got {raw!r}") from None
     return raw
 
 

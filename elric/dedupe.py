@@ -2,11 +2,8 @@
 
 Before a job is queued the master asks a filter whether its ``dedupe_key`` is new in
 its ``dedupe_scope``. Check-and-add is atomic: two concurrent submissions of one key,
-on one master or several, let exactly one through. Three backends (docs/DEDUPE.md):
-
-``set``          exact; a Redis set per scope (a zset with ``set_ttl``); can release keys.
-``bloom``        pybloom-live filter in the master, snapshotted to Redis; one master only.
-``redis-bloom``  a Bloom filter in Redis bitmaps shared by masters (layout: elric.rbloom).
+on one master or several, let exactly one through. Backends: ``set`` (exact, can release
+keys), ``bloom`` (in one master) and ``redis-bloom`` (shared); docs/DEDUPE.md compares them.
 
 The Bloom backends never call a seen key new, and call a new key seen with probability
 at most ``error_rate``: past ``capacity`` they grow in stages whose error rates shrink
@@ -16,6 +13,7 @@ geometrically (p_i = p * (1 - r) * r**i, summing to p). They cannot release a ke
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
 import math
@@ -112,7 +110,6 @@ class DedupeFilter(ABC):
                 if _as_str(h.get(b"backend", b"")) == self.name]
 
     async def _drop_keys(self, scope: str, *names: str) -> None:
-        """Delete a scope's keys and its registry entry in one transaction."""
         self._warned.discard(scope)
         pipe = self.redis.pipeline(transaction=True)
         pipe.delete(self.keys.dedupe_stats(scope), *names)
@@ -128,9 +125,7 @@ class DedupeFilter(ABC):
                 scope, capacity, items, error_rate)
 
 
-# --------------------------------------------------------------------------------------
-# set: exact
-# --------------------------------------------------------------------------------------
+# --- set: exact -------------------------------------------------------------------------
 
 class SetFilter(DedupeFilter):
     """Exact filter: a Redis set per scope (a zset of key -> ms let through with
@@ -203,9 +198,7 @@ class SetFilter(DedupeFilter):
         await self._drop_keys(scope, self.keys.dedupe_set(scope))
 
 
-# --------------------------------------------------------------------------------------
-# bloom: in the master's memory, snapshotted to Redis
-# --------------------------------------------------------------------------------------
+# --- bloom: in the master's memory, snapshotted to Redis --------------------------------
 
 class _StagedBloom:
     """pybloom-live BloomFilter stages following the module's stage schedule
@@ -308,10 +301,8 @@ class BloomFilter(DedupeFilter):
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
             self._task = None
         await self.snapshot()
 
@@ -396,9 +387,7 @@ class BloomFilter(DedupeFilter):
             await self._drop_keys(scope, self.keys.dedupe_bloom(scope))
 
 
-# --------------------------------------------------------------------------------------
-# redis-bloom: Bloom filter as Redis bitmaps, shared by every master
-# --------------------------------------------------------------------------------------
+# --- redis-bloom: Bloom filter as Redis bitmaps, shared by every master -----------------
 
 _BITCOUNT_LIMIT = 64 << 20   # stats(): BITCOUNT the shards only up to this many bytes
 _MAX_KEYS = 10_000           # keys per script call: Redis is blocked ~60 ms at most
@@ -527,8 +516,6 @@ class RedisBloomFilter(DedupeFilter):
                                        for g in range(last.first_shard + last.shards)))
         self._items.pop(scope, None)
 
-
-# --------------------------------------------------------------------------------------
 
 def make_filter(backend: str, redis, keys: Keys, *, capacity: int = 1_000_000,
                 error_rate: float = 0.001, set_ttl: float | None = None,

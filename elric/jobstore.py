@@ -33,13 +33,13 @@ SCHEDULE_OPTIONS = ("trigger", "replace_existing", "misfire_grace_time", "coales
 JOB_STATUS_FIELDS = (b"status", b"duration_ms", b"started_at", b"finished_at")
 
 
-
 def round_progress(counts: dict) -> dict:
     """A round's counters (a Redis hash) as jobs queued or running, succeeded, failed."""
     n = {k.decode(): int(v) for k, v in counts.items()}
     ended = n.get("succeeded", 0) + n.get("failed", 0) + n.get("removed", 0)
     return {"submitted": n.get("submitted", 0), "live": n.get("submitted", 0) - ended,
             "succeeded": n.get("succeeded", 0), "failed": n.get("failed", 0)}
+
 
 class Coalesce(StrEnum):
     """What to do when several fires of one job are due at once (the scheduler missed some)."""
@@ -168,9 +168,9 @@ class RedisJobStore:
             pipe.hmget(self.keys.job(r["job_id"]), *JOB_STATUS_FIELDS)
             pipe.hgetall(self.keys.round(r["job_id"]))
         replies = await pipe.execute()
-        for r, counts in zip(fired, replies[1::2]):
+        for r, fields, counts in zip(fired, replies[0::2], replies[1::2]):
+            status, duration_ms, started, finished = fields
             r["round"] = round_progress(counts)
-        for r, (status, duration_ms, started, finished) in zip(fired, replies[0::2]):
             if status:
                 r["outcome"] = status.decode()
             if duration_ms:
@@ -214,12 +214,11 @@ class RedisJobStore:
 
     # --- writing -------------------------------------------------------------------------
     async def _update(self, job_id: str, change, new=None) -> StoredJob | None:
-        """Write ``change(stored job)`` (None: write nothing), or ``new`` (a StoredJob, or a
-        function making one) when none is stored, retrying on conflicts; returns the job
-        written, else the stored one (or None)."""
+        """Write ``change(stored job)`` (None: write nothing), or ``new()`` when none is
+        stored, retrying on conflicts; returns the job written, else the stored one (or None)."""
         for _ in range(WRITE_RETRIES):
             cur = await self._load(job_id)
-            job = (new() if callable(new) else new) if cur is None else change(cur)
+            job = (new() if new else None) if cur is None else change(cur)
             if job is None:
                 return cur
             nrt = job.next_run_time
@@ -328,8 +327,7 @@ class RedisJobStore:
     async def modify(self, job_id: str, changes: dict) -> dict:
         """Change the trigger (restarting the schedule from now), misfire options or job spec
         fields (args, kwargs, queue, ...); returns the job as ``get`` shows it."""
-        unknown = sorted(str(k) for k in changes if k not in SPEC_KEYS)
-        if unknown:
+        if unknown := sorted(str(k) for k in changes if k not in SPEC_KEYS):
             raise ScheduleError(f"cannot modify unknown key(s) {', '.join(map(repr, unknown))}")
         if changes.get("job_id", job_id) != job_id:
             raise ScheduleError("job_id cannot be modified; remove the job and add it again")

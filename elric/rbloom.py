@@ -78,7 +78,6 @@ def probes_for(p: float) -> int:
 
 @dataclass(frozen=True)
 class RStage:
-    index: int
     capacity: int      # items this stage takes
     cum: int           # items of this and every earlier stage
     k: int             # bits per key
@@ -103,7 +102,7 @@ def stage_geometry(i: int, capacity: int, p: float, prev: RStage | None) -> RSta
     k = probes_for(p)
     need = math.ceil(capacity * bits_per_item(k, p) / 8)
     shards, size = shard_plan(need)
-    return RStage(index=i, capacity=capacity, cum=capacity + (prev.cum if prev else 0), k=k,
+    return RStage(capacity=capacity, cum=capacity + (prev.cum if prev else 0), k=k,
                   shards=shards, shard_bytes=size,
                   first_shard=(prev.first_shard + prev.shards) if prev else 0,
                   seed1=_splitmix(0x656C726963 + 2 * i), seed2=_splitmix(0x656C726963 + 2 * i + 1))

@@ -61,11 +61,8 @@ class Reservation:
                     raise ScopeRefused(scope, exc) from None
                 if checked is not None:
                     checked[scope] = verdicts
-            for spec, new in zip(group, verdicts):
-                if new:
-                    self.passed.append(spec)
-                else:
-                    seen.add(id(spec))
+            self.passed += [spec for spec, new in zip(group, verdicts) if new]
+            seen.update(id(spec) for spec, new in zip(group, verdicts) if not new)
         self.passed = [s for s in self.specs if id(s) not in seen]
         self.filtered = [s for s in self.specs if id(s) in seen]
 
@@ -100,23 +97,9 @@ class DedupeGate:
     def reserve(self, specs: list[dict]) -> Reservation:
         return Reservation(self, specs)
 
-    async def give_back(self, specs: list[dict]) -> None:
-        """Release the keys of ``specs`` in exact filters; a failure is only logged."""
-        by_scope: dict[str, list[str]] = {}
-        for spec in specs:
-            if spec.get("dedupe_key") is not None:
-                by_scope.setdefault(spec["dedupe_scope"], []).append(spec["dedupe_key"])
-        for scope, keys in by_scope.items():
-            f = self.filter_for(scope)
-            if f.can_release:
-                try:
-                    await f.release(scope, keys)
-                except Exception as exc:
-                    log.warning("could not give back dedupe keys of scope %r: %s", scope, exc)
-
     async def give_back_unheld(self, specs: list[dict], *, if_unknown: bool) -> None:
-        """Give back the keys of ``specs`` that no job holds. When Redis cannot be asked:
-        all of them if ``if_unknown``, else none."""
+        """Give back the keys of ``specs`` that no job holds (to exact filters; a failure is
+        only logged). When Redis cannot be asked: all of them if ``if_unknown``, else none."""
         keyed = [s for s in specs if s.get("dedupe_key") is not None]
         if not keyed:
             return
@@ -128,7 +111,17 @@ class DedupeGate:
             if not if_unknown:
                 return
             holds = [None] * len(keyed)
-        await self.give_back([s for s, h in zip(keyed, holds) if not self._holds(h, s)])
+        by_scope: dict[str, list[str]] = {}
+        for spec, hold in zip(keyed, holds):
+            if not self._holds(hold, spec):
+                by_scope.setdefault(spec["dedupe_scope"], []).append(spec["dedupe_key"])
+        for scope, keys in by_scope.items():
+            f = self.filter_for(scope)
+            if f.can_release:
+                try:
+                    await f.release(scope, keys)
+                except Exception as exc:
+                    log.warning("could not give back dedupe keys of scope %r: %s", scope, exc)
 
     def _holds(self, hold: Hold | None, spec: dict) -> bool:
         """Whether the job under a spec's id holds its key: a job with this very key and

@@ -1,17 +1,11 @@
 """The scheduler: turns due periodic jobs into queued jobs, on exactly one master at a time.
 
-Every master runs a ``Scheduler``; they compete for a lease in Redis (``keys.scheduler_lease``,
-renewed every lease/3) and only the holder fires. Taking the lease INCRs
-``keys.scheduler_fence``; that token guards every write, so a master that lost the lease
-(paused, partitioned) cannot fire anything afterwards.
-
-The leader sleeps until the next due time with BLPOP on ``keys.scheduler_wake`` (pushed by
-the job store when a job becomes the soonest). A pass reads up to ``batch_size`` due jobs
-(lua/scheduler_due.lua), plans their fires in Python, then lua/scheduler_fire.lua checks the
-fence, marks each fire once (SET NX), records runs and moves next run times. Only accepted
-fires go to ``enqueue``. A marked fire's spec waits in ``keys.fires_pending`` until
-enqueue.lua queues it; a leader that takes over, or whose enqueue failed, queues what is
-pending first (idempotent by fire id), so each fire is queued exactly once.
+Every master runs a ``Scheduler``; they compete for a lease in Redis (``keys.scheduler_lease``)
+and only the holder fires. Taking the lease INCRs ``keys.scheduler_fence``; that token guards
+every write, so a master that lost the lease (paused, partitioned) cannot fire anything
+afterwards. A fire is marked once, then waits in ``keys.fires_pending`` until queued; a new
+leader queues what is pending first, so each fire is queued exactly once. The steps of a
+pass: docs/ARCHITECTURE.md, "Periodic jobs".
 """
 
 from __future__ import annotations
@@ -21,7 +15,6 @@ import contextlib
 import logging
 import math
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from functools import lru_cache
 
 from elric import lua
@@ -63,9 +56,7 @@ def _score(raw) -> float:
 
 def fire_id(job_id: str, fire_time: float) -> str:
     """``site@2026-03-29T00:30:00Z``: one id per periodic job and fire time."""
-    dt = datetime.fromtimestamp(fire_time, timezone.utc)
-    frac = f".{dt.microsecond:06d}" if dt.microsecond else ""
-    return f"{job_id}@{dt:%Y-%m-%dT%H:%M:%S}{frac}Z"
+    return f"{job_id}@{iso(fire_time).removesuffix('+00:00')}Z"
 
 
 @lru_cache(maxsize=10_000)  # stored triggers are few and rarely change: parse each once
@@ -290,7 +281,7 @@ class Scheduler:
             self._step_down("fence moved on: another master holds the lease")
             return 0, math.inf
         head, accepted = _score(result[1]), [specs[f.decode()] for f in result[2:]]
-        queued = await self._queue_fires(accepted, token=token)
+        queued = await self._queue_fires(accepted, token)
         if accepted:   # how late the fires are queued: what a user of a schedule waits for
             late_ms = sum(max(0, now - spec["fire_time"]) for spec in accepted) * 1000
             async with self.redis.pipeline(transaction=False) as pipe:
@@ -299,11 +290,10 @@ class Scheduler:
                 await pipe.execute()
         return queued, head
 
-    async def _queue_fires(self, fires: list[dict], recovered: bool = False,
-                           token: int | None = None) -> int:
-        """Queue marked fires under the fence ``token`` they were marked with (default: the
-        current one); those not queued stay pending for the next try, or the next leader."""
-        token = self.token if token is None else token
+    async def _queue_fires(self, fires: list[dict], token: int | None,
+                           recovered: bool = False) -> int:
+        """Queue marked fires under the fence ``token`` they were marked with; those not
+        queued stay pending for the next try, or the next leader."""
         if not fires or token is None:
             return 0
         try:
@@ -331,7 +321,7 @@ class Scheduler:
                 self.log.warning("queueing %d fire(s) marked but not queued before",
                                  len(found))
                 total += await self._queue_fires([unpack(b) for b in found.values()],
-                                             recovered=True)
+                                             self.token, recovered=True)
             if cursor == 0:
                 break
         return total

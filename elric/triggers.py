@@ -206,14 +206,17 @@ class _CronTrigger(CronTrigger):
 
     __slots__ = ("day_or", "wild", "crontab", "_by_name", "_day_fields", "_time_fields")
 
-    def __init__(self, *, day_or: bool = False, crontab: str | None = None, **kw) -> None:
+    def __init__(self, *, crontab: str | None = None, **kw) -> None:
         super().__init__(**kw)
-        self.day_or, self.crontab = day_or, crontab
+        self.crontab = crontab
         self._by_name = {f.name: f for f in self.fields}
         self.wild = any(str(self._by_name[n]).startswith("*") for n in ("hour", "minute"))
+        self.day_or = False
         if crontab is not None:
-            hour, minute = MACROS.get(crontab.strip().lower(), crontab).split()[1::-1]
+            minute, hour, day, _, day_of_week = MACROS.get(crontab.strip().lower(), crontab).split()
             self.wild = hour.startswith("*") or minute.startswith("*")
+            # crontab(5): day of month OR day of week when both are restricted (neither "*...")
+            self.day_or = not (day.startswith("*") or day_of_week.startswith("*"))
         self._day_fields = [self._by_name[n] for n in ("week",) if str(self._by_name[n]) != "*"]
         self._time_fields = [self._by_name[n] for n in ("hour", "minute", "second")]
 
@@ -414,11 +417,8 @@ def _parse(data: dict, now: float | None) -> tuple[BaseTrigger, dict]:
                                    jitter=jitter)
     else:
         fields, crontab = _cron_fields(data), data.get("crontab")
-        # crontab(5): day of month OR day of week when both are restricted (neither "*...")
-        day_or = crontab is not None and not any(
-            p.startswith("*") for p in MACROS.get(crontab.strip().lower(), crontab).split()[2::2])
         trigger = _CronTrigger(**fields, start_date=start, end_date=end, timezone=tz,
-                               jitter=jitter, day_or=day_or, crontab=crontab)
+                               jitter=jitter, crontab=crontab)
         if crontab is not None:  # stored as written, not as APScheduler fields
             fields = {"crontab": crontab}
 
