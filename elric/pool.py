@@ -6,6 +6,7 @@ batches, at most one message per process per turn of the worker's loop, so a fas
 costs no round trip of its own. ``submit`` returns a future of the job's ``runner.Ran``;
 a process that dies resolves the futures of the jobs it held with ``ProcessDied``.
 ``resize`` grows or shrinks the pool while it runs; no job is stopped to shrink it.
+``start`` is the same as ``submit`` with a callback in place of the future.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import tempfile
 import time
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Callable
 from multiprocessing import forkserver
 
 from elric import codec, runner
@@ -27,6 +30,13 @@ from elric.queue import Claim
 log = logging.getLogger("elric.pool")
 
 KILL_GRACE = 5.0  # seconds past its timeout before a job's process is killed
+
+
+def _settle(future: Future, outcome) -> None:
+    if isinstance(outcome, ProcessDied):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
 
 
 class ProcessDied(Exception):
@@ -44,7 +54,7 @@ class ProcessDied(Exception):
 @dataclass(slots=True)
 class _Held:
     claim: Claim
-    future: Future
+    done: Callable[[runner.Ran | ProcessDied], None]   # called once, on the worker's loop
     is_async: bool
     sent_at: float
 
@@ -138,8 +148,7 @@ class Pool(Executor):
             if held.is_async:
                 proc.n_async -= 1
             self.last_async = ran.is_async
-            if not held.future.cancelled():
-                held.future.set_result(ran)
+            held.done(ran)
         if not proc.held:
             proc.alone = False
             if proc in self.retiring:
@@ -156,10 +165,9 @@ class Pool(Executor):
         elif not self._closed:
             self.processes[self.processes.index(proc)] = self._start(proc.slot)
         error = ProcessDied(proc.process.exitcode, list(proc.held), set(proc.timed_out))
-        for held in proc.held.values():
-            if not held.future.cancelled():
-                held.future.set_exception(error)
-        proc.held.clear()
+        held, proc.held = list(proc.held.values()), {}
+        for h in held:
+            h.done(error)
 
     def resize(self, size: int) -> None:
         """Grow or shrink to ``size`` processes while jobs run. The processes beyond the
@@ -223,16 +231,25 @@ class Pool(Executor):
         return kind is True, alone
 
     def submit(self, claim: Claim, /, *, suspect: bool = False) -> Future:
-        """Send a job to a process with room (``place``); raises LookupError when none has."""
+        """``start`` as an Executor does it: a future of the job's ``runner.Ran``, or of
+        ``ProcessDied``."""
+        future: Future = Future()
+        future.set_running_or_notify_cancel()
+        self.start(claim, partial(_settle, future), suspect=suspect)
+        return future
+
+    def start(self, claim: Claim, done: Callable[[runner.Ran | ProcessDied], None], *,
+              suspect: bool = False) -> None:
+        """Send a job to a process with room (``place``); ``done`` gets its ``runner.Ran``,
+        or ``ProcessDied``, on this event loop. Raises LookupError when no process has room.
+        The worker uses this: a Future per job cost it a fifth of its time."""
         if self._closed:
             raise RuntimeError("the pool is shut down")
         is_async, alone = self.how(claim, suspect)
         proc = self.place(is_async, alone)
         if proc is None:
             raise LookupError("no pool process has room for this job")
-        future: Future = Future()
-        future.set_running_or_notify_cancel()
-        proc.held[claim.job_id] = _Held(claim, future, is_async, time.monotonic())
+        proc.held[claim.job_id] = _Held(claim, done, is_async, time.monotonic())
         proc.n_async += is_async
         proc.outbox_sync = not is_async
         proc.alone = alone
@@ -243,7 +260,6 @@ class Pool(Executor):
         if not self._flush_soon:
             self._flush_soon = True
             self._loop.call_soon(self._flush)
-        return future
 
     def _flush(self) -> None:
         self._flush_soon = False
@@ -302,9 +318,6 @@ class Pool(Executor):
             except (OSError, ValueError):
                 pass
             p.conn.close()  # the process exits when it reads the end of its pipe
-            if cancel_futures:
-                for h in p.held.values():
-                    h.future.cancel()
         if wait:
             for p in self._every():
                 p.process.join()

@@ -20,7 +20,6 @@ import socket
 import time
 import uuid
 from collections import deque
-from concurrent.futures import CancelledError, Future
 from functools import partial
 
 import redis.asyncio as aioredis
@@ -327,20 +326,16 @@ class Worker:
         return False
 
     def _send(self, claim: Claim, suspect: bool = False) -> None:
-        future = self.pool.submit(claim, suspect=suspect)
+        self.pool.start(claim, partial(self._ran, claim), suspect=suspect)
         if job_log.isEnabledFor(logging.DEBUG):
             job_log.debug("job %s %s: starting, attempt %d", claim.job_id, claim.func,
                           claim.attempt, extra=_job_fields(claim))
-        future.add_done_callback(partial(self._ran, claim))
 
-    def _ran(self, claim: Claim, future: Future) -> None:
-        """A job's future settled (in this thread: the pool settles them in the loop)."""
-        try:
-            ran = future.result()
-        except CancelledError:
-            return
-        except ProcessDied as exc:
-            ran = self._crashed(claim, exc)
+    def _ran(self, claim: Claim, outcome: runner.Ran | ProcessDied) -> None:
+        """A job came back from the pool (on this loop)."""
+        ran = outcome
+        if isinstance(outcome, ProcessDied):
+            ran = self._crashed(claim, outcome)
             if ran is None:
                 self._changed.set()
                 return
