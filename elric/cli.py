@@ -406,20 +406,17 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--settings", help="settings module path (default: ./settings.py or "
                                            "$ELRIC_SETTINGS)")
     sub = parser.add_subparsers(dest="command", required=True)
-    _add = sub.add_parser
 
-    def add_parser(name, **kw):
-        return _add(name, parents=[common], **kw)
+    def add_parser(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, parents=[common])
 
-    sub.add_parser = add_parser
-
-    p = sub.add_parser("master", help="run a master")
+    p = add_parser("master", help="run a master")
     p.add_argument("--address", help="host:port to listen on (MASTER_ADDRESS)")
     p.add_argument("--redis-url", help="REDIS_URL")
     p.add_argument("--log-format", choices=("text", "json"), help="LOG_FORMAT")
     p.set_defaults(func=cmd_master)
 
-    p = sub.add_parser("worker", help="run a worker; or pause|resume|stop|set ID one")
+    p = add_parser("worker", help="run a worker; or pause|resume|stop|set ID one")
     p.add_argument("modules", nargs="*", metavar="MODULE",
                    help="modules to load job classes from (JOB_MODULES), e.g. myproject.jobs; "
                         "or pause|resume|stop ID, set ID --queues a,b --concurrency N to "
@@ -435,7 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-format", choices=("text", "json"), help="LOG_FORMAT")
     p.set_defaults(func=cmd_worker)
 
-    p = sub.add_parser("demo", help="crawl a demo site on 127.0.0.1 with a master and a worker")
+    p = add_parser("demo", help="crawl a demo site on 127.0.0.1 with a master and a worker")
     p.add_argument("--pages", type=int, default=25, help="pages of the demo site")
     p.add_argument("--keep", action="store_true",
                    help="keep everything running after the crawl, to look at the dashboard")
@@ -456,18 +453,21 @@ def build_parser() -> argparse.ArgumentParser:
              ("delete", "delete jobs that are not running"), ("remove", "the same as delete"),
              ("purge", "delete every job waiting in a queue"))
     for name, help_text in calls:
-        p = sub.add_parser(name, help=help_text)
+        p = add_parser(name, help=help_text)
         p.add_argument("--master", help="master host:port (MASTER_ADDRESS)")
         p.add_argument("--json", action="store_true", help="print the reply as JSON")
         if name == "job":
             p.add_argument("job_id")
-        if name in BULK and name != "purge":
+        bulk = name in BULK and name != "purge"
+        if bulk:
             p.add_argument("job_ids", nargs="*", metavar="ID",
                            help="job ids; or none, and a filter below")
+        if bulk or name == "jobs":
             p.add_argument("--status")
             p.add_argument("--queue")
             p.add_argument("--func", dest="by_func", help='"package.module:ClassName"')
             p.add_argument("--batch")
+        if bulk:
             p.add_argument("--worker", help="the worker that ran it last")
             p.add_argument("--since", help="submitted at or after (ISO 8601 or epoch s)")
             p.add_argument("--until", help="submitted before")
@@ -476,10 +476,6 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "purge":
             p.add_argument("queue_name", metavar="QUEUE")
         if name == "jobs":
-            p.add_argument("--status")
-            p.add_argument("--queue")
-            p.add_argument("--func", dest="by_func", help='"package.module:ClassName"')
-            p.add_argument("--batch")
             p.add_argument("--offset", type=int)
             p.add_argument("--limit", type=int, default=20)
         if name == "results":
