@@ -20,10 +20,6 @@ from elric.config import SettingsError, load_settings
 from elric.contract import Status
 
 
-def _settings(args: argparse.Namespace, **overrides):
-    return load_settings(args.settings, overrides=overrides)
-
-
 class JsonLines(logging.Formatter):
     """LOG_FORMAT = "json": one object per line, for log collectors."""
 
@@ -48,8 +44,8 @@ def _logging(settings) -> None:
 def cmd_master(args: argparse.Namespace) -> int:
     from elric.master import Master
 
-    settings = _settings(args, MASTER_ADDRESS=args.address, REDIS_URL=args.redis_url,
-                         LOG_FORMAT=args.log_format)
+    settings = load_settings(args.settings, overrides=dict(
+        MASTER_ADDRESS=args.address, REDIS_URL=args.redis_url, LOG_FORMAT=args.log_format))
     _logging(settings)
     return asyncio.run(Master(settings).run())
 
@@ -62,10 +58,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
         return _control_worker(args)
 
     queues = [q.strip() for q in args.queues.split(",") if q.strip()] if args.queues else None
-    settings = _settings(args, MASTER_ADDRESS=args.master, REDIS_URL=args.redis_url,
-                         QUEUES=queues, CONCURRENCY=args.concurrency,
-                         ASYNC_CONCURRENCY=args.async_concurrency,
-                         JOB_MODULES=args.modules or None, LOG_FORMAT=args.log_format)
+    settings = load_settings(args.settings, overrides=dict(
+        MASTER_ADDRESS=args.master, REDIS_URL=args.redis_url, QUEUES=queues,
+        CONCURRENCY=args.concurrency, ASYNC_CONCURRENCY=args.async_concurrency,
+        JOB_MODULES=args.modules or None, LOG_FORMAT=args.log_format))
     _logging(settings)
     return asyncio.run(Worker(settings).run())
 
@@ -79,7 +75,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _client(args: argparse.Namespace):
     from elric.client import MasterClient
 
-    settings = _settings(args, MASTER_ADDRESS=args.master)
+    settings = load_settings(args.settings, overrides={"MASTER_ADDRESS": args.master})
     return MasterClient.from_settings(settings)
 
 
@@ -147,13 +143,6 @@ def _submit_spec(args: argparse.Namespace) -> dict:
     return {"func": args.func_path, "args": arguments, **options}   # the master judges it
 
 
-def _one_job(client, job_id: str) -> dict:
-    job = client.get_job(job_id)
-    if job is None:
-        raise NotFound(f"no job {job_id!r}")
-    return job
-
-
 def cmd_call(args: argparse.Namespace) -> int:
     """The commands that ask a master: one RPC call (or a few), shown as a table, or as the
     reply itself with --json."""
@@ -180,7 +169,10 @@ def cmd_call(args: argparse.Namespace) -> int:
         elif command == "workers":
             (show or views.workers)(client.stats()["workers"])
         elif command == "job":
-            (show or views.job)(_one_job(client, args.job_id))
+            job = client.get_job(args.job_id)
+            if job is None:
+                raise NotFound(f"no job {args.job_id!r}")
+            (show or views.job)(job)
         elif command == "jobs" and args.status == Status.FILTERED:
             # a filtered submission is dropped, never stored: there are counts, not jobs
             (show or views.filtered)(client.stats()["filters"])
@@ -518,14 +510,12 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (SettingsError, UsageError) as exc:
-        return _fail(exc, 2)
     except RPCConnectionError as exc:   # the master is not there: try again later
         return _fail(exc, UNAVAILABLE)
     except RemoteError as exc:
         return _fail(exc, {"not_found": 1, "internal": 1,
                            "redis_unavailable": UNAVAILABLE}.get(exc.code, 2))
-    except RPCError as exc:
+    except (SettingsError, UsageError, RPCError) as exc:   # (RPCError: after its subclasses)
         return _fail(exc, 2)
     except (NotFound, Failed, TimeoutError) as exc:
         return _fail(exc, 1)
