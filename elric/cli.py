@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import logging
 import math
@@ -278,10 +279,8 @@ def _top(client, args: argparse.Namespace) -> int:
     from rich.live import Live
 
     with Live(console=views.console, auto_refresh=False) as live:
-        n = 0
-        while True:
+        for n in itertools.count(1):
             live.update(views.top(client.stats()), refresh=True)
-            n += 1
             if args.iterations and n >= args.iterations:
                 return 0
             time.sleep(1.0)
@@ -337,16 +336,13 @@ def _results(client, args: argparse.Namespace) -> int:
         cursor = step["cursor"]
         while len(pending) >= args.page_size or (pending and not cursor):
             page, pending = pending[:args.page_size], pending[args.page_size:]
-            rows = []
-            for job in map(client.get_job, page):
-                if job is None or job["status"] != Status.SUCCEEDED:   # expired, or rerun
-                    continue
-                row = {k: job[k] for k in ("job_id", "func", "result", "finished_at")}
-                if jsonl:
+            rows = [{k: job[k] for k in ("job_id", "func", "result", "finished_at")}
+                    for job in map(client.get_job, page)   # an expired or rerun job: left out
+                    if job is not None and job["status"] == Status.SUCCEEDED]
+            if jsonl:
+                for row in rows:
                     print(json.dumps(row, default=str))
-                else:
-                    rows.append(row)
-            if not jsonl:
+            else:
                 views.results(rows, first=first)
             first = False
             sys.stdout.flush()
