@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import logging
 import math
@@ -18,10 +19,6 @@ from datetime import datetime
 from elric import views
 from elric.config import SettingsError, load_settings
 from elric.contract import Status
-
-
-def _settings(args: argparse.Namespace, **overrides):
-    return load_settings(args.settings, overrides=overrides)
 
 
 class JsonLines(logging.Formatter):
@@ -48,8 +45,8 @@ def _logging(settings) -> None:
 def cmd_master(args: argparse.Namespace) -> int:
     from elric.master import Master
 
-    settings = _settings(args, MASTER_ADDRESS=args.address, REDIS_URL=args.redis_url,
-                         LOG_FORMAT=args.log_format)
+    settings = load_settings(args.settings, overrides=dict(
+        MASTER_ADDRESS=args.address, REDIS_URL=args.redis_url, LOG_FORMAT=args.log_format))
     _logging(settings)
     return asyncio.run(Master(settings).run())
 
@@ -62,10 +59,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
         return _control_worker(args)
 
     queues = [q.strip() for q in args.queues.split(",") if q.strip()] if args.queues else None
-    settings = _settings(args, MASTER_ADDRESS=args.master, REDIS_URL=args.redis_url,
-                         QUEUES=queues, CONCURRENCY=args.concurrency,
-                         ASYNC_CONCURRENCY=args.async_concurrency,
-                         JOB_MODULES=args.modules or None, LOG_FORMAT=args.log_format)
+    settings = load_settings(args.settings, overrides=dict(
+        MASTER_ADDRESS=args.master, REDIS_URL=args.redis_url, QUEUES=queues,
+        CONCURRENCY=args.concurrency, ASYNC_CONCURRENCY=args.async_concurrency,
+        JOB_MODULES=args.modules or None, LOG_FORMAT=args.log_format))
     _logging(settings)
     return asyncio.run(Worker(settings).run())
 
@@ -79,7 +76,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _client(args: argparse.Namespace):
     from elric.client import MasterClient
 
-    settings = _settings(args, MASTER_ADDRESS=args.master)
+    settings = load_settings(args.settings, overrides={"MASTER_ADDRESS": args.master})
     return MasterClient.from_settings(settings)
 
 
@@ -147,13 +144,6 @@ def _submit_spec(args: argparse.Namespace) -> dict:
     return {"func": args.func_path, "args": arguments, **options}   # the master judges it
 
 
-def _one_job(client, job_id: str) -> dict:
-    job = client.get_job(job_id)
-    if job is None:
-        raise NotFound(f"no job {job_id!r}")
-    return job
-
-
 def cmd_call(args: argparse.Namespace) -> int:
     """The commands that ask a master: one RPC call (or a few), shown as a table, or as the
     reply itself with --json."""
@@ -180,7 +170,10 @@ def cmd_call(args: argparse.Namespace) -> int:
         elif command == "workers":
             (show or views.workers)(client.stats()["workers"])
         elif command == "job":
-            (show or views.job)(_one_job(client, args.job_id))
+            job = client.get_job(args.job_id)
+            if job is None:
+                raise NotFound(f"no job {args.job_id!r}")
+            (show or views.job)(job)
         elif command == "jobs" and args.status == Status.FILTERED:
             # a filtered submission is dropped, never stored: there are counts, not jobs
             (show or views.filtered)(client.stats()["filters"])
@@ -286,10 +279,8 @@ def _top(client, args: argparse.Namespace) -> int:
     from rich.live import Live
 
     with Live(console=views.console, auto_refresh=False) as live:
-        n = 0
-        while True:
+        for n in itertools.count(1):
             live.update(views.top(client.stats()), refresh=True)
-            n += 1
             if args.iterations and n >= args.iterations:
                 return 0
             time.sleep(1.0)
@@ -345,16 +336,13 @@ def _results(client, args: argparse.Namespace) -> int:
         cursor = step["cursor"]
         while len(pending) >= args.page_size or (pending and not cursor):
             page, pending = pending[:args.page_size], pending[args.page_size:]
-            rows = []
-            for job in map(client.get_job, page):
-                if job is None or job["status"] != Status.SUCCEEDED:   # expired, or rerun
-                    continue
-                row = {k: job[k] for k in ("job_id", "func", "result", "finished_at")}
-                if jsonl:
+            rows = [{k: job[k] for k in ("job_id", "func", "result", "finished_at")}
+                    for job in map(client.get_job, page)   # an expired or rerun job: left out
+                    if job is not None and job["status"] == Status.SUCCEEDED]
+            if jsonl:
+                for row in rows:
                     print(json.dumps(row, default=str))
-                else:
-                    rows.append(row)
-            if not jsonl:
+            else:
                 views.results(rows, first=first)
             first = False
             sys.stdout.flush()
@@ -406,20 +394,17 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--settings", help="settings module path (default: ./settings.py or "
                                            "$ELRIC_SETTINGS)")
     sub = parser.add_subparsers(dest="command", required=True)
-    _add = sub.add_parser
 
-    def add_parser(name, **kw):
-        return _add(name, parents=[common], **kw)
+    def add_parser(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, parents=[common])
 
-    sub.add_parser = add_parser
-
-    p = sub.add_parser("master", help="run a master")
+    p = add_parser("master", help="run a master")
     p.add_argument("--address", help="host:port to listen on (MASTER_ADDRESS)")
     p.add_argument("--redis-url", help="REDIS_URL")
     p.add_argument("--log-format", choices=("text", "json"), help="LOG_FORMAT")
     p.set_defaults(func=cmd_master)
 
-    p = sub.add_parser("worker", help="run a worker; or pause|resume|stop|set ID one")
+    p = add_parser("worker", help="run a worker; or pause|resume|stop|set ID one")
     p.add_argument("modules", nargs="*", metavar="MODULE",
                    help="modules to load job classes from (JOB_MODULES), e.g. myproject.jobs; "
                         "or pause|resume|stop ID, set ID --queues a,b --concurrency N to "
@@ -435,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-format", choices=("text", "json"), help="LOG_FORMAT")
     p.set_defaults(func=cmd_worker)
 
-    p = sub.add_parser("demo", help="crawl a demo site on 127.0.0.1 with a master and a worker")
+    p = add_parser("demo", help="crawl a demo site on 127.0.0.1 with a master and a worker")
     p.add_argument("--pages", type=int, default=25, help="pages of the demo site")
     p.add_argument("--keep", action="store_true",
                    help="keep everything running after the crawl, to look at the dashboard")
@@ -456,18 +441,21 @@ def build_parser() -> argparse.ArgumentParser:
              ("delete", "delete jobs that are not running"), ("remove", "the same as delete"),
              ("purge", "delete every job waiting in a queue"))
     for name, help_text in calls:
-        p = sub.add_parser(name, help=help_text)
+        p = add_parser(name, help=help_text)
         p.add_argument("--master", help="master host:port (MASTER_ADDRESS)")
         p.add_argument("--json", action="store_true", help="print the reply as JSON")
         if name == "job":
             p.add_argument("job_id")
-        if name in BULK and name != "purge":
+        bulk = name in BULK and name != "purge"
+        if bulk:
             p.add_argument("job_ids", nargs="*", metavar="ID",
                            help="job ids; or none, and a filter below")
+        if bulk or name == "jobs":
             p.add_argument("--status")
             p.add_argument("--queue")
             p.add_argument("--func", dest="by_func", help='"package.module:ClassName"')
             p.add_argument("--batch")
+        if bulk:
             p.add_argument("--worker", help="the worker that ran it last")
             p.add_argument("--since", help="submitted at or after (ISO 8601 or epoch s)")
             p.add_argument("--until", help="submitted before")
@@ -476,10 +464,6 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "purge":
             p.add_argument("queue_name", metavar="QUEUE")
         if name == "jobs":
-            p.add_argument("--status")
-            p.add_argument("--queue")
-            p.add_argument("--func", dest="by_func", help='"package.module:ClassName"')
-            p.add_argument("--batch")
             p.add_argument("--offset", type=int)
             p.add_argument("--limit", type=int, default=20)
         if name == "results":
@@ -522,14 +506,12 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (SettingsError, UsageError) as exc:
-        return _fail(exc, 2)
     except RPCConnectionError as exc:   # the master is not there: try again later
         return _fail(exc, UNAVAILABLE)
     except RemoteError as exc:
         return _fail(exc, {"not_found": 1, "internal": 1,
                            "redis_unavailable": UNAVAILABLE}.get(exc.code, 2))
-    except RPCError as exc:
+    except (SettingsError, UsageError, RPCError) as exc:   # (RPCError: after its subclasses)
         return _fail(exc, 2)
     except (NotFound, Failed, TimeoutError) as exc:
         return _fail(exc, 1)

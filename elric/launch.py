@@ -38,9 +38,7 @@ def faketime_lib() -> str | None:
 
 def elric_env(redis_url: str, master_address: str, **settings) -> dict:
     """Environment for a child process: settings as ELRIC_<KEY> variables."""
-    env = dict(os.environ)
-    env["ELRIC_REDIS_URL"] = redis_url
-    env["ELRIC_MASTER_ADDRESS"] = master_address
+    env = {**os.environ, "ELRIC_REDIS_URL": redis_url, "ELRIC_MASTER_ADDRESS": master_address}
     for key, value in settings.items():
         if isinstance(value, (list, tuple)):
             value = ",".join(value)

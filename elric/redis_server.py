@@ -46,7 +46,7 @@ def free_port() -> int:
 
 class RedisServer:
     """A redis-server on 127.0.0.1 with its files in a temporary folder. ``appendonly``
-    fsyncs every write, so ``restart()`` keeps everything written before the stop."""
+    fsyncs every write, so ``start()`` after ``stop()`` keeps everything written before."""
 
     def __init__(self, port: int | None = None, appendonly: bool = False) -> None:
         self.port = port or free_port()
@@ -88,10 +88,6 @@ class RedisServer:
     def stop(self, kill: bool = False) -> None:
         if self.proc is not None:
             stop_process(self.proc, signal.SIGKILL if kill else signal.SIGTERM, timeout=10)
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
 
     def cleanup(self) -> None:
         self.stop()

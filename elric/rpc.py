@@ -120,7 +120,6 @@ class _Decoder:
 
 
 def _error(code: ErrorCode, message: str) -> dict:
-    """An error as it goes on the wire."""
     return {"code": code, "message": message}
 
 

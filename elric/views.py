@@ -45,12 +45,14 @@ def _table(*columns: str) -> Table:
     return Table(*columns, box=None, header_style="bold", pad_edge=False)
 
 
-def _rows(rows: list[dict], nothing: str, columns: tuple[str, ...], cells) -> None:
-    """A table of ``cells(row)`` for each row, or ``nothing`` when there are none."""
+def _rows(rows: list, nothing: str, columns: tuple[str, ...], cells, header: bool = True) -> None:
+    """A table of ``cells(row)`` for each row, or ``nothing`` (if not "") when there are none."""
     if not rows:
-        console.print(nothing)
+        if nothing:
+            console.print(nothing)
         return
     table = _table(*columns)
+    table.show_header = header
     for row in rows:
         table.add_row(*(Text(str(cell)) for cell in cells(row)))   # text, never markup
     console.print(table)
@@ -67,16 +69,9 @@ def jobs(rows: list[dict]) -> None:
 
 def results(rows: list[dict], first: bool) -> None:
     """One page of ``elric results``; only the first has a header (or says there are none)."""
-    if not rows:
-        if first:
-            console.print("no results")
-        return
-    table = _table("job id", "func", "finished", "result")
-    table.show_header = first
-    for r in rows:
-        table.add_row(Text(r["job_id"]), Text(r["func"]), when(r["finished_at"]),
-                      Text(json.dumps(r["result"], default=str)[:200]))
-    console.print(table)
+    _rows(rows, "no results" if first else "", ("job id", "func", "finished", "result"),
+          lambda r: (r["job_id"], r["func"], when(r["finished_at"]),
+                     json.dumps(r["result"], default=str)[:200]), header=first)
 
 
 def filtered(filters: dict) -> None:
@@ -97,11 +92,7 @@ def job(j: dict) -> None:
               if j.get(key) not in (None, [], {})]
     if j.get("trigger_text"):
         pairs += [("trigger", j["trigger_text"]), ("next run", when(j.get("next_run_time")))]
-    table = _table("", "")
-    table.show_header = False
-    for key, value in pairs:
-        table.add_row(key, Text(str(value)))   # the job's own data: text, never markup
-    console.print(table)
+    _rows(pairs, "", ("", ""), lambda key_value: key_value, header=False)
     if j.get("error"):
         console.print("[bold]error[/bold]")
         console.print(j["error"], markup=False)
