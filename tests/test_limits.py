@@ -109,6 +109,15 @@ def test_a_limit_key_must_be_a_non_empty_string():
         AsyncHostPage.spec([7, 1])
 
 
+async def one_at_a_time(r, keys: Keys, queue: str, job_ids: list[str]) -> RedisQueue:
+    """A queue holding ``job_ids`` in ``queue``, all of limit key k, which runs one at once."""
+    q = RedisQueue(r, keys)
+    await limits.publish(r, keys, limits.parse_rules({"k": {"concurrency": 1}}))
+    await q.enqueue([normalize_spec({"func": "tests.jobs:Echo", "queue": queue,
+                                     "limit_key": "k", "job_id": j}) for j in job_ids])
+    return q
+
+
 def test_parked_jobs_going_back_to_another_workers_queue_wake_that_worker(redis_url):
     """A fetch on queue qa unparks a job of queue qb (its key has room again): it goes back
     in qb's line with a wake token, so qb's idle workers start it at once."""
@@ -117,11 +126,7 @@ def test_parked_jobs_going_back_to_another_workers_queue_wake_that_worker(redis_
     async def body():
         r = aredis.Redis.from_url(redis_url)
         try:
-            q = RedisQueue(r, keys)
-            await limits.publish(r, keys, limits.parse_rules({"k": {"concurrency": 1}}))
-            await q.enqueue([normalize_spec({"func": "tests.jobs:Echo", "queue": "qb",
-                                             "limit_key": "k", "job_id": j})
-                             for j in ("j1", "j2")])
+            q = await one_at_a_time(r, keys, "qb", ["j1", "j2"])
             first = (await q.fetch("wB", ["qb"], 10, 30)).claims
             assert [c.job_id for c in first] == ["j1"]      # j2 is parked: k is full
             assert await r.zcard(keys.limit_parked("k")) == 1
@@ -148,11 +153,7 @@ def test_a_run_that_ended_frees_its_slot_before_its_outcome_is_recorded(redis_ur
     async def body():
         r = aredis.Redis.from_url(redis_url)
         try:
-            q = RedisQueue(r, keys)
-            await limits.publish(r, keys, limits.parse_rules({"k": {"concurrency": 1}}))
-            await q.enqueue([normalize_spec({"func": "tests.jobs:Echo", "queue": "q",
-                                             "limit_key": "k", "job_id": j})
-                             for j in ("j1", "j2", "j3")])
+            q = await one_at_a_time(r, keys, "q", ["j1", "j2", "j3"])
             [j1] = (await q.fetch("w1", ["q"], 10, 30)).claims
             assert (j1.job_id, j1.limit_key) == ("j1", "k")
             # not the holder, or not its attempt: the slot stays taken
