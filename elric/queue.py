@@ -451,14 +451,15 @@ class RedisQueue:
             pipe.smembers(k.queues)
             pipe.smembers(k.batches)
             pipe.smembers(k.funcs)
-            pipe.zrange(k.status(Status.RUNNING), 0, MAX_RUNNING_SPLIT - 1)
             pipe.time()
-            *names, running, (seconds, micros) = await pipe.execute()
+            *names, (seconds, micros) = await pipe.execute()
         queues, batches, funcs = (sorted(_s(x) for x in group) for group in names)
         now = seconds + micros / 1e6   # Redis's clock, as the scripts'
         last = int(now // 60)
         minutes = range(last - jobstats.THROUGHPUT_MINUTES + 1, last + 1)
-        async with self.redis.pipeline(transaction=False) as pipe:
+        # one snapshot (MULTI): the running jobs split per func and batch are the ones the
+        # counts call running, however many start or end meanwhile
+        async with self.redis.pipeline(transaction=True) as pipe:
             for st in STATUSES:
                 pipe.zcard(k.status(st))
             for q in queues:
@@ -472,8 +473,7 @@ class RedisQueue:
                 pipe.hgetall(k.minute(m))
             pipe.zrange(k.workers, 0, -1, withscores=True)
             pipe.hgetall(k.limits_parked)
-            for job_id in running:
-                pipe.hmget(k.job(_s(job_id)), "func", "batch")
+            pipe.zrange(k.status(Status.RUNNING), 0, MAX_RUNNING_SPLIT - 1)
             res = iter(await pipe.execute())
 
         def take(n: int) -> list:
@@ -486,8 +486,12 @@ class RedisQueue:
         minute_rows = take(len(minutes))
         workers_seen = next(res)
         parked = {_s(q): int(n) for q, n in next(res).items()}
-        # what runs now, per func and batch: the rest of their live jobs wait
-        running_jobs = list(res)
+        # what runs now, per func and batch (a job's func and batch never change): the rest
+        # of their live jobs wait
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in next(res):
+                pipe.hmget(k.job(_s(job_id)), "func", "batch")
+            running_jobs = await pipe.execute()
         running_funcs = Counter(_s(func) for func, _ in running_jobs if func)
         running_batches = Counter(_s(batch) for _, batch in running_jobs if batch)
         # a queued job waits in its queue, or parked while its limit key is at its limit
