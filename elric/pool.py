@@ -259,9 +259,11 @@ class Pool(Executor):
                             "batch": claim.batch, "round": claim.round})
         if not self._flush_soon:
             self._flush_soon = True
-            self._loop.call_soon(self._flush)
+            self._loop.call_soon(self.flush)
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
+        """Send the jobs ``start`` queued (batched per process). The worker calls it once it
+        has handed out a fetch's jobs, so they do not wait for its next Redis call."""
         self._flush_soon = False
         for proc in self._every():
             if proc.outbox:

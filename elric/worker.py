@@ -296,6 +296,7 @@ class Worker:
                 break
         kept.extend(self.buffer)
         self.buffer = kept
+        self.pool.flush()
 
     async def _hand_back_others(self, claims: list[Claim]) -> list[Claim]:
         """Give back, without using an attempt, the jobs whose module this worker does not
