@@ -266,9 +266,9 @@ class _Connection:
         decoder = _Decoder(self.server.max_message)
         try:
             while True:
-                try:
-                    data = await asyncio.wait_for(self.reader.read(decoder.chunk),
-                                                  self.server.idle_timeout)
+                try:   # asyncio.timeout, not wait_for: no task per read
+                    async with asyncio.timeout(self.server.idle_timeout):
+                        data = await self.reader.read(decoder.chunk)
                 except TimeoutError:
                     if self.tasks:
                         continue  # a long request in flight is not idleness
@@ -359,7 +359,8 @@ class _Connection:
         self.writer.write(data)
         try:
             # A peer that stops reading must not pin its buffers forever.
-            await asyncio.wait_for(self.writer.drain(), self.server.idle_timeout)
+            async with asyncio.timeout(self.server.idle_timeout):
+                await self.writer.drain()
         except TimeoutError:
             log.warning("aborting connection from %s: not reading its responses", self.peer)
             self.writer.transport.abort()
