@@ -138,8 +138,11 @@ while #out < limit and budget > 0 do
     redis.call('ZREM', qp .. queue, member)
     local id = string.sub(member, 18)   -- member: {seq:016x}:{job_id}
     local jk = jp .. id
-    if redis.call('EXISTS', jk) == 1 then
-      local lk = limited and redis.call('HGET', jk, 'limit_key')
+    local f = redis.call('HMGET', jk, 'func', 'args', 'kwargs', 'timeout', 'max_retries',
+                         'queue', 'dedupe_scope', 'batch', 'round', 'enqueued_at',
+                         'limit_key', 'attempts', 'started_at')
+    if f[6] then   -- every job hash has its queue; with no hash, the job was removed
+      local lk = limited and f[11]
       local m = lk and room(lk)
       if m and (m.free <= 0 or m.next > clock) then
         park(lk, m, score, member, queue)
@@ -152,15 +155,13 @@ while #out < limit and budget > 0 do
             redis.call('SET', np .. lk, m.next, 'PX', m.rule[2])
           end
         end
-        local attempt = redis.call('HINCRBY', jk, 'attempts', 1)
+        local attempt = tonumber(f[12] or '0') + 1
         -- its first claim ever (a job handed back comes to attempt 1 again, but has started)
-        local first = attempt == 1 and not redis.call('HGET', jk, 'started_at')
-        redis.call('HSET', jk, 'status', 'running', 'worker', worker, 'started_at', clock)
+        local first = attempt == 1 and not f[13]
+        redis.call('HSET', jk, 'status', 'running', 'worker', worker, 'started_at', clock,
+                   'attempts', attempt)
         redis.call('ZADD', KEYS[1], deadline, id)
         redis.call('ZADD', KEYS[2], clock, id)
-        local f = redis.call('HMGET', jk, 'func', 'args', 'kwargs', 'timeout', 'max_retries',
-                             'queue', 'dedupe_scope', 'batch', 'round', 'enqueued_at',
-                             'limit_key')
         if first and f[10] then
           started, waited = started + 1, waited + math.max(0, clock - tonumber(f[10]))
         end
