@@ -72,6 +72,7 @@ def serve(conn, job_modules: tuple[str, ...], worker_pid: int, log_level: str,
     # processes itself (shutdown, or SIGKILL past a timeout or SHUTDOWN_GRACE).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGALRM, _on_alarm)   # a sync job's timeout
     try:
         import uvloop
         loop = uvloop.new_event_loop()
@@ -239,8 +240,7 @@ class _Runner:
             token = job_module._current.set(ctx)
             try:
                 if timeout:
-                    signal.signal(signal.SIGALRM, _on_alarm)
-                    signal.setitimer(signal.ITIMER_REAL, timeout)
+                    signal.setitimer(signal.ITIMER_REAL, timeout)   # _on_alarm stops it
                 try:
                     result = instance.run(*args, **kwargs)
                 finally:
