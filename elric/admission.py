@@ -145,17 +145,12 @@ class Admission:
                     unchecked.append(spec)
                     continue
             checking.append(spec)
-        reservation = self.gate.reserve(checking)
-        checked: dict = {}   # verdicts per scope, kept across retries
-        done = False
+        reservation = self.gate.reserve(checking)   # kept across retries: see its verdicts
 
         async def attempt() -> list[Submitted]:
-            nonlocal done
             if rounds:
                 await self.redis.zadd(self.keys.dedupe_rounds, rounds)
-            if not done:
-                await reservation.check(checked)
-                done = True
+            await reservation.check()
             return await self.queue.enqueue(unchecked + reservation.passed, fence=fence_token)
 
         queued = await retry(attempt, what=f"queueing {len(specs)} fire(s)", log=log,

@@ -39,11 +39,12 @@ class Reservation:
     specs: list[dict]
     passed: list[dict] = field(default_factory=list)
     filtered: list[dict] = field(default_factory=list)
+    # scope -> its filter's verdicts: a check again (a caller's retry) asks only the scopes
+    # not answered yet, since a scope asked twice would call its own keys seen
+    verdicts: dict[str, list[bool]] = field(default_factory=dict)
 
-    async def check(self, checked: dict | None = None) -> None:
-        """Ask each scope's filter about its keyed specs, one call per scope. ``checked``
-        (scope -> verdicts) carries the verdicts of scopes already asked across a
-        caller's retries: a scope asked twice would call its own keys seen."""
+    async def check(self) -> None:
+        """Ask each scope's filter about its keyed specs, one call per scope."""
         by_scope: dict[str, list[dict]] = {}
         for spec in self.specs:
             if spec.get("dedupe_key") is not None:
@@ -52,15 +53,13 @@ class Reservation:
         seen: set[int] = set()
         self.passed = []
         for scope, group in by_scope.items():
-            verdicts = checked.get(scope) if checked is not None else None
+            verdicts = self.verdicts.get(scope)
             if verdicts is None:
                 try:
-                    verdicts = await self.gate.filter_for(scope).check_and_add(
-                        scope, [s["dedupe_key"] for s in group])
+                    verdicts = self.verdicts[scope] = await self.gate.filter_for(
+                        scope).check_and_add(scope, [s["dedupe_key"] for s in group])
                 except DedupeError as exc:
                     raise ScopeRefused(scope, exc) from None
-                if checked is not None:
-                    checked[scope] = verdicts
             self.passed += [spec for spec, new in zip(group, verdicts) if new]
             seen.update(id(spec) for spec, new in zip(group, verdicts) if not new)
         self.passed = [s for s in self.specs if id(s) not in seen]
