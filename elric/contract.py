@@ -105,24 +105,10 @@ def func_path(cls: type) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
 
 
-def check_module_allowed(path: str, allowed: tuple[str, ...] | list[str] | None) -> None:
-    """Refuse a func outside the JOB_MODULES prefixes (None or empty: any module)."""
-    if not allowed:
-        return
-    module_name = path.partition(":")[0]
-    for prefix in allowed:
-        prefix = prefix.rstrip(".")
-        if module_name == prefix or module_name.startswith(prefix + "."):
-            return
-    raise SpecError(
-        f"func {path!r}: module {module_name!r} is not allowed by JOB_MODULES "
-        f"({', '.join(allowed)})"
-    )
-
-
 def check_func(path: Any, allowed: tuple[str, ...] | list[str] | None = None) -> None:
     """Check the name a job gives its class, without importing anything: the master needs
-    no project code (the worker that loads the module finds the class)."""
+    no project code (the worker that loads the module finds the class). ``allowed``: the
+    JOB_MODULES prefixes (None or empty: any module)."""
     if not isinstance(path, str) or not FUNC_PATH.fullmatch(path):
         raise SpecError(
             f'func {path!r}: expected "package.module:ClassName" naming a Job subclass'
@@ -132,19 +118,20 @@ def check_func(path: Any, allowed: tuple[str, ...] | list[str] | None = None) ->
             f"func {path!r}: a Job class defined in __main__ cannot be imported by a worker; "
             "move it into a module and import it from there"
         )
-    check_module_allowed(path, allowed)
+    module_name = path.partition(":")[0]
+    if allowed and not any((module_name + ".").startswith(prefix.rstrip(".") + ".")
+                           for prefix in allowed):
+        raise SpecError(
+            f"func {path!r}: module {module_name!r} is not allowed by JOB_MODULES "
+            f"({', '.join(allowed)})"
+        )
 
 
 # A lone surrogate: what the RPC decoder makes of a msgpack string that is not valid
 # UTF-8 (it keeps the bytes rather than failing). Such text cannot be stored or used as
 # a key: it is refused up front, before a dedupe filter takes its key.
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
-# the spec keys holding text that names something (checked for _LONE_SURROGATE)
-_TEXT_KEYS = frozenset(("func", "job_id", "queue", "batch", "parent", "coalesce",
-                        "dedupe_key", "dedupe_scope", "limit_key", "round"))
 _PERIODIC_KEYS = ("replace_existing", "misfire_grace_time", "coalesce", "max_instances")
-_OPTIONAL_KEYS = ("trigger", *_PERIODIC_KEYS, "dedupe_key", "dedupe_scope", "limit_key",
-                  "round")
 MAX_LIMIT_KEY = 200  # characters: a limit key names Redis keys
 # keys whose default is the settings', else this (Job.spec fills in the class's)
 _DEFAULTS = (("queue", "default"), ("priority", 0), ("max_retries", 0), ("timeout", None))
@@ -237,7 +224,7 @@ def normalize_spec(
                 value is True or value is False) and bool not in types:
             raise SpecError(f"job spec key {key!r} must be {_wire_names(types)}, "
                             f"got {_WIRE_NAMES.get(type(value), type(value).__name__)}")
-        if key in _TEXT_KEYS and not _is_text(value):
+        if isinstance(value, str) and not _is_text(value):
             raise _not_text(key, value)
     if "trigger" not in spec and spec.keys() & _PERIODIC_KEYS:
         key = next(k for k in _PERIODIC_KEYS if k in spec)
@@ -254,9 +241,8 @@ def normalize_spec(
             value = defaults.get(key)
         out[key] = fallback if value is None else value
     out["priority"], out["max_retries"] = int(out["priority"]), int(out["max_retries"])
-    for key in _OPTIONAL_KEYS:
-        if key in spec:
-            out[key] = spec[key]
+    # the optional keys (trigger, dedupe, limit_key, round...) as given
+    out.update((key, value) for key, value in spec.items() if key not in out)
     if out.get("round") == "":
         raise SpecError("round '': leave it out (the master sets it for periodic fires)")
     if out.get("dedupe_scope") == "":
