@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import xxhash
 
-__all__ = ["RStage", "stage_geometry", "hash_keys", "positions", "positions_array",
-           "records", "shard_plan", "probes_for"]
+__all__ = ["RStage", "stage_geometry", "hash_keys", "positions_array", "records",
+           "shard_plan", "probes_for"]
 
 # Bits per item may exceed the optimum by this much so that fewer bits are probed per
 # key: every probe is four more BITFIELD arguments for Redis to run.
@@ -102,25 +102,17 @@ def stage_geometry(i: int, capacity: int, p: float, prev: RStage | None) -> RSta
     k = probes_for(p)
     need = math.ceil(capacity * bits_per_item(k, p) / 8)
     shards, size = shard_plan(need)
+    seed = 0x656C726963 + 2 * i
+    seed1, seed2 = _splitmix(np.array([seed, seed + 1], dtype=np.uint64)).tolist()
     return RStage(capacity=capacity, cum=capacity + (prev.cum if prev else 0), k=k,
                   shards=shards, shard_bytes=size,
                   first_shard=(prev.first_shard + prev.shards) if prev else 0,
-                  seed1=_splitmix(0x656C726963 + 2 * i), seed2=_splitmix(0x656C726963 + 2 * i + 1))
+                  seed1=seed1, seed2=seed2)
 
 
 # --- hashing -----------------------------------------------------------------------------
 
-_M64 = (1 << 64) - 1
-
-
-def _splitmix(z: int) -> int:
-    z = (z + 0x9E3779B97F4A7C15) & _M64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
-    return z ^ (z >> 31)
-
-
-def _splitmix_np(z: np.ndarray) -> np.ndarray:
+def _splitmix(z: np.ndarray) -> np.ndarray:
     z = z + np.uint64(0x9E3779B97F4A7C15)
     z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
@@ -139,8 +131,8 @@ def positions_array(h: np.ndarray, st: RStage) -> tuple[np.ndarray, np.ndarray]:
     Enhanced double hashing (Dillinger & Manolios): x_i = a + i*b + (i^3-i)/6 mod m,
     with a, b and the shard from the key's hash mixed with the stage's seeds."""
     with np.errstate(over="ignore"):
-        x1 = _splitmix_np(h[:, 0] ^ np.uint64(st.seed1))
-        x2 = _splitmix_np(h[:, 1] ^ np.uint64(st.seed2))
+        x1 = _splitmix(h[:, 0] ^ np.uint64(st.seed1))
+        x2 = _splitmix(h[:, 1] ^ np.uint64(st.seed2))
     m, ns = np.uint64(st.shard_bits), np.uint64(st.shards)
     shard = x2 % ns
     a = x1 % m
@@ -149,16 +141,6 @@ def positions_array(h: np.ndarray, st: RStage) -> tuple[np.ndarray, np.ndarray]:
     c = (i * i * i - i) // np.uint64(6)
     offs = (a[:, None] + b[:, None] * i[None, :] + c[None, :]) % m
     return shard, offs
-
-
-def positions(key: bytes, st: RStage) -> tuple[int, list[int]]:
-    """The same as positions_array for one key, in plain Python (the reference)."""
-    d = xxhash.xxh3_128_digest(key)
-    h1, h2 = int.from_bytes(d[:8], "little"), int.from_bytes(d[8:], "little")
-    x1, x2 = _splitmix(h1 ^ st.seed1), _splitmix(h2 ^ st.seed2)
-    m = st.shard_bits
-    shard, a, b = x2 % st.shards, x1 % m, (x2 // st.shards) % m
-    return shard, [(a + i * b + (i ** 3 - i) // 6) % m for i in range(st.k)]
 
 
 def records(h: np.ndarray, st: RStage) -> bytes:
