@@ -92,9 +92,7 @@ class MasterClient:
                        concurrency: int | None = None) -> dict:
         """``action``: pause (fetch no jobs), resume, stop (gracefully), or set (its
         ``queues``, its ``concurrency`` or both); the worker obeys within a second."""
-        params = [queues or None, concurrency] if concurrency is not None else \
-            [queues] if queues else []   # a master before concurrency takes 3 params
-        return self.call("control_worker", worker_id, action, *params)
+        return self.call("control_worker", worker_id, action, queues or None, concurrency)
 
     def rerun_job(self, job_id: str) -> dict:
         return self.call("rerun_job", job_id)
