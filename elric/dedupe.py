@@ -433,9 +433,7 @@ class RedisBloomFilter(DedupeFilter):
     async def check_and_add(self, scope: str, keys: list[str]) -> list[bool]:
         if not keys:
             return []
-        h = rbloom.hash_keys([k.encode("utf-8", "surrogatepass") if type(k) is str
-                              else k if isinstance(k, bytes)
-                              else str(k).encode("utf-8", "surrogatepass") for k in keys])
+        h = rbloom.hash_keys([k.encode("utf-8", "surrogatepass") for k in keys])
         head = [scope, self.params, self.name, self.keys.dedupe_rbloom(scope, 0)[:-1]]
         verdicts = b""
         while len(verdicts) < len(keys):
