@@ -177,7 +177,6 @@ class Dashboard:
                 "maxmemory-policy", "unknown")
         except Exception:   # CONFIG may be renamed or disabled on a managed Redis
             policy = "unknown (CONFIG GET refused)"
-        policy = policy.decode() if isinstance(policy, bytes) else policy
         warnings = []
         if not info.get("aof_enabled"):
             warnings.append("AOF is off: a Redis crash loses the jobs accepted since the last "
