@@ -84,10 +84,8 @@ class Admission:
         return results
 
     async def _schedule(self, spec: dict) -> Submitted:
-        job_spec = {k: v for k, v in spec.items() if k != "replace_existing"}
         try:
-            stored = await self.store.add(job_spec,
-                                          replace_existing=bool(spec.get("replace_existing")))
+            stored = await self.store.add(spec)   # it reads replace_existing from the spec
         except ValueError as exc:  # TriggerError, ScheduleError: they name the field
             raise SpecError(f"job {spec['job_id']!r}: {exc}") from None
         return Submitted(stored["job_id"], stored["status"],
