@@ -122,18 +122,15 @@ def _wait(client, job_id: str, timeout: float | None) -> dict:
 def _submit_spec(args: argparse.Namespace) -> dict:
     """The spec ``elric submit`` sends: built by the Job class (its queue, retries, timeout,
     dedupe and limit keys) when the class imports here, else the name alone."""
-    import importlib
+    import pkgutil
 
     from elric.job import Job
 
     options = {key: getattr(args, key) for key in ("queue", "job_id", "batch")
                if getattr(args, key)}
     arguments = [_argument(a) for a in args.arguments]
-    module, _, name = args.func_path.partition(":")
     try:
-        cls = importlib.import_module(module)
-        for part in name.split("."):
-            cls = getattr(cls, part)
+        cls = pkgutil.resolve_name(args.func_path)   # "package.module:ClassName"
     except Exception as exc:
         print(f"elric: {args.func_path} is not importable here ({type(exc).__name__}: "
               f"{exc}): sent by name, without its class's defaults (queue, retries, dedupe "
