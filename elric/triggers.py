@@ -386,7 +386,7 @@ def parse_trigger(data: dict, *, now: float | None = None) -> tuple[BaseTrigger,
     return trigger, normalized
 
 
-def _parse(data: dict, now: float | None) -> tuple[BaseTrigger, dict]:
+def _parse(data: dict, now: float) -> tuple[BaseTrigger, dict]:
     if not isinstance(data, dict):
         raise TriggerError("trigger", f"expected a map with a 'type', got {type(data).__name__}")
     kind = data.get("type")
@@ -411,8 +411,7 @@ def _parse(data: dict, now: float | None) -> tuple[BaseTrigger, dict]:
             raise TriggerError("trigger.interval",
                                "weeks + days + hours + minutes + seconds must be more than zero")
         if start is None:  # APScheduler's default, made explicit so it survives restarts
-            base = datetime.now(UTC) if now is None else datetime.fromtimestamp(now, UTC)
-            start = (base + length).astimezone(tz)
+            start = (datetime.fromtimestamp(now, UTC) + length).astimezone(tz)
         trigger = _IntervalTrigger(**fields, start_date=start, end_date=end, timezone=tz,
                                    jitter=jitter)
     else:
@@ -432,7 +431,7 @@ def _parse(data: dict, now: float | None) -> tuple[BaseTrigger, dict]:
 
 def build_trigger(data: dict) -> BaseTrigger:
     """The trigger for a normalized (stored) dict; never refuses one that no longer fires."""
-    return _parse(data, None)[0]
+    return _parse(data, time.time())[0]
 
 
 def interval_seconds(trigger: BaseTrigger) -> float | None:
