@@ -66,6 +66,8 @@ Periodic jobs (job store and scheduler)
     ``{p}:schedule:{job_id}:runs``  list   the last runs of a periodic job (capped).
     ``{p}:fire:{fire_id}``          string set once (SET NX) per fire: a fire is
                                            enqueued at most once.
+    ``{p}:fires:pending``           hash   fire_id -> spec (msgpack) of a fire marked and
+                                           not yet queued; a new leader queues these first.
     ``{p}:stats:fires``             hash   fires fired, missed and skipped, and the summed
                                            lateness (ms) of those fired.
     ``{p}:scheduler:lease``         string the id of the master that schedules now.
