@@ -18,9 +18,8 @@ import os
 import signal
 import tempfile
 import time
-from concurrent.futures import Executor, Future
+from concurrent.futures import CancelledError, Executor, Future
 from dataclasses import dataclass, field
-from functools import partial
 from multiprocessing import forkserver
 from typing import Callable
 
@@ -32,11 +31,16 @@ log = logging.getLogger("elric.pool")
 KILL_GRACE = 5.0  # seconds past its timeout before a job's process is killed
 
 
-def _settle(future: Future, outcome) -> None:
-    if isinstance(outcome, ProcessDied):
-        future.set_exception(outcome)
-    else:
-        future.set_result(outcome)
+@dataclass(slots=True)
+class _Settle:
+    """``submit``'s callback for ``start``: settles its future (``shutdown`` may cancel it)."""
+    future: Future
+
+    def __call__(self, outcome) -> None:
+        if isinstance(outcome, ProcessDied):
+            self.future.set_exception(outcome)
+        else:
+            self.future.set_result(outcome)
 
 
 class ProcessDied(Exception):
@@ -235,7 +239,7 @@ class Pool(Executor):
         ``ProcessDied``."""
         future: Future = Future()
         future.set_running_or_notify_cancel()
-        self.start(claim, partial(_settle, future), suspect=suspect)
+        self.start(claim, _Settle(future), suspect=suspect)
         return future
 
     def start(self, claim: Claim, done: Callable[[runner.Ran | ProcessDied], None], *,
@@ -313,8 +317,16 @@ class Pool(Executor):
             p.process.kill()
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Close the pipes: the processes exit, and jobs still held never report. With
+        ``cancel_futures``, ``submit``'s futures of those jobs raise CancelledError (they
+        are running: ``Future.cancel`` would refuse); ``start``'s callers hold the claims
+        and give them back themselves."""
         self._closed = True
         for p in self._every():
+            if cancel_futures:
+                for h in p.held.values():
+                    if isinstance(h.done, _Settle):
+                        h.done.future.set_exception(CancelledError("the pool shut down"))
             try:
                 self._loop.remove_reader(p.conn.fileno())
             except (OSError, ValueError):

@@ -824,6 +824,27 @@ def test_a_worker_paused_past_its_lease_does_not_start_the_jobs_it_prefetched(
     assert paused.alive(), paused.log()
 
 
+def test_shutdown_with_cancel_futures_settles_the_futures_of_jobs_still_running():
+    """Pool is a concurrent.futures.Executor: a caller of submit must not wait forever for
+    a job that shutdown stopped."""
+    from concurrent.futures import CancelledError
+
+    from elric.pool import Pool
+    from elric.queue import Claim
+
+    async def main():
+        pool = Pool(1, async_slots=1, sync_batch=lambda: 1, job_modules=["tests.jobs"])
+        pool.kinds["tests.jobs:Sleep"] = False
+        future = pool.submit(Claim("slow", 1, "tests.jobs:Sleep", msgpack.packb([30]),
+                                   msgpack.packb({}), None, 0, "default", None))
+        pool.flush()
+        pool.shutdown(wait=True, cancel_futures=True)
+        assert future.done()
+        with pytest.raises(CancelledError):
+            future.result()
+    asyncio.run(main())
+
+
 def test_a_claim_waiting_for_its_lease_check_stays_in_the_buffer_once(redis_url):
     """A buffered claim whose lease is not surely held waits for the heartbeat's answer.
     Each pass of the loop used to add it to the buffer again (1, 2, 4, 8 copies while
