@@ -58,6 +58,8 @@ Per-key limits (a job's ``limit_key``: e.g. a crawled host)
 Workers
     ``{p}:workers``                 zset   worker_id -> last heartbeat (ms).
     ``{p}:worker:{worker_id}``      hash   host, pid, queues, concurrency, counters.
+    ``{p}:worker:{worker_id}:wake`` list   a token that ends the worker's wait for work at
+                                           once (paused, new queues, stopping).
 
 Periodic jobs (job store and scheduler)
     ``{p}:schedule:{job_id}``       hash   a periodic job: spec, trigger (msgpack), state.
@@ -163,6 +165,9 @@ class Keys:
     # workers
     def worker(self, worker_id: str) -> str:
         return f"{self.prefix}:worker:{worker_id}"
+
+    def worker_wake(self, worker_id: str) -> str:
+        return f"{self.prefix}:worker:{worker_id}:wake"
 
     # periodic jobs
     def schedule(self, job_id: str) -> str:

@@ -74,6 +74,16 @@ class Fetched:
 
 
 @dataclass(slots=True)
+class WakeOn:
+    """Where an idle worker's fetch waits: a BLPOP on ``lists`` (for up to ``timeout``
+    seconds) sent on ``conn``, a connection of its own, just ahead of the fetch."""
+
+    conn: Any
+    lists: list[str]
+    timeout: float
+
+
+@dataclass(slots=True)
 class Outcome:
     """How one attempt ended, as the worker records it (``retry_ms`` -1: no retry)."""
 
@@ -217,17 +227,27 @@ class RedisQueue:
         return out
 
     async def fetch(self, worker_id: str, queues: Iterable[str], limit: int,
-                    lease_seconds: float, ended: Iterable[tuple[str, int]] = ()) -> Fetched:
+                    lease_seconds: float, ended: Iterable[tuple[str, int]] = (),
+                    wake_on: WakeOn | None = None) -> Fetched:
         """Claim up to ``limit`` jobs; ``ended``: (job_id, attempt) of claims whose run
-        ended, which free their limit keys' slots first."""
+        ended, which free their limit keys' slots first.
+
+        With ``wake_on`` the fetch waits behind a BLPOP on the same connection: Redis runs
+        it as soon as a token comes (or the wait times out), so a woken worker gets its
+        jobs without a second round trip."""
         k = self.keys
         ended = [x for pair in ended for x in pair]
-        rows, wait_ms = await self._fetch(
-            keys=[k.inflight, k.status(Status.RUNNING), k.limits, k.limits_due, k.limits_parked,
-                  k.counters],
-            args=[*self._line, k.limit_running(""), k.limit_next(""), k.limit_parked(""),
-                  int(lease_seconds * 1000), worker_id, limit, len(ended) // 2, *ended,
-                  *queues])
+        keys = [k.inflight, k.status(Status.RUNNING), k.limits, k.limits_due, k.limits_parked,
+                k.counters]
+        args = [*self._line, k.limit_running(""), k.limit_next(""), k.limit_parked(""),
+                int(lease_seconds * 1000), worker_id, limit, len(ended) // 2, *ended, *queues]
+        if wake_on is None:
+            rows, wait_ms = await self._fetch(keys=keys, args=args)
+        else:   # the script was loaded by this worker's first fetch, which never waits
+            pipe = wake_on.conn.pipeline(transaction=False)
+            pipe.blpop(wake_on.lists, wake_on.timeout)
+            pipe.evalsha(self._fetch.sha, len(keys), *keys, *args)
+            _, (rows, wait_ms) = await pipe.execute()
         claims = [Claim(_s(r[0]), int(r[1]), _s(r[2]), r[3], r[4],
                         float(r[5]) if r[5] else None, int(r[6]), _s(r[7]), _s(r[8]) or None,
                         _s(r[9]) or "", _s(r[10]) or None, _s(r[11]) or None) for r in rows]

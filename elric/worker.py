@@ -23,7 +23,7 @@ from collections import deque
 from functools import partial
 
 import redis.asyncio as aioredis
-from redis.exceptions import AuthenticationError as RedisAuthenticationError
+from redis.exceptions import AuthenticationError as RedisAuthenticationError, NoScriptError
 
 import elric
 from elric import runner
@@ -33,7 +33,7 @@ from elric.contract import ErrorCode
 from elric.keys import Keys
 from elric.loading import JobModules
 from elric.pool import Pool, ProcessDied
-from elric.queue import Claim, Outcome, RedisQueue, WorkerControl
+from elric.queue import Claim, Outcome, RedisQueue, WakeOn, WorkerControl
 from elric.retry import REDIS_ERRORS, REDIS_REFUSED, Backoff, is_outage, retry
 from elric.rpc import AsyncClient, RemoteError, RPCConnectionError, RPCError
 from elric.usage import LoadMeter
@@ -92,7 +92,8 @@ class Worker:
         self.load = LoadMeter()
         self._changed = asyncio.Event()
         self._finished = asyncio.Event()
-        self._wake_task: asyncio.Task | None = None
+        self._waiting: asyncio.Task | None = None   # a fetch waiting in Redis for a wake token
+        self._waiting_since = 0.0
         self._renew_now = asyncio.Event()   # a claim's lease may be over: ask Redis now
         self._cancelling: set[str] = set()   # jobs cancel_job asked this worker to stop
         self._margin = min(1.0, self.lease / 10)   # a lease this close to its end is not relied on
@@ -212,8 +213,12 @@ class Worker:
         while not self.stopping:
             self._changed.clear()
             self.pool.kill_overdue()
+            await self._take_woken()
             self._dispatch()
             want = self._fetch_size()
+            if self._waiting is not None:   # a fetch is out already: it brings the work
+                await self._wait(1.0)
+                continue
             if (want > 0 or self.ended) and not self.suspects:
                 try:
                     asked = time.monotonic()
@@ -240,35 +245,67 @@ class Worker:
                     # (or sooner, when a slot frees and a wake token comes)
                     if fetched.limited_wait > 0:
                         await self._wait(max(0.01, min(1.0, fetched.limited_wait)),
-                                         wake=not self.buffer)
+                                         for_work=True)
                     continue
-            await self._wait(1.0, wake=not self.buffer and want > 0)
+            await self._wait(1.0, for_work=True)
 
-    async def _wait(self, timeout: float, wake: bool = False) -> None:
-        """Until something changed (a job finished, stop), a wake token, or timeout."""
-        if self._wake_task is not None and self._wake_task.done():
-            # a wait from before the last fetch took a token meanwhile: that was a wake (or
-            # Redis went away: the next fetch finds out, so the error is only taken here)
-            if not self._wake_task.cancelled():
-                self._wake_task.exception()
-            self._wake_task = None
-            return
+    async def _wait(self, timeout: float, for_work: bool = False) -> None:
+        """Until something changed (a job finished, stop), the waiting fetch came back, or
+        timeout. ``for_work``: first send a fetch for the room there is, which waits in
+        Redis for a wake token of this worker's queues (at most ``timeout``). The room is
+        taken now, with no await before the send, so a pause or new queues told meanwhile
+        either apply to it or find it to end."""
+        fetch = 0 if self.buffer or self.suspects or not for_work else self._fetch_size()
+        if fetch > 0 and self._waiting is None:
+            lists = [*(self.keys.wake(q) for q in self.queues),
+                     self.keys.worker_wake(self.worker_id)]
+            self._waiting_since = time.monotonic()
+            self._waiting = asyncio.create_task(self.queue.fetch(
+                self.worker_id, self.queues, fetch, self.lease,
+                wake_on=WakeOn(self.blocking_redis, lists, timeout)))
         waiters = [asyncio.ensure_future(self._changed.wait())]
-        if wake:
-            if self._wake_task is None or self._wake_task.done():
-                self._wake_task = asyncio.create_task(self.blocking_redis.blpop(
-                    [self.keys.wake(q) for q in self.queues], timeout=timeout))
-            waiters.append(self._wake_task)
+        if self._waiting is not None:
+            waiters.append(self._waiting)
         try:
             await asyncio.wait(waiters, timeout=timeout + 0.5,
                                return_when=asyncio.FIRST_COMPLETED)
         finally:
             waiters[0].cancel()
-        if self._wake_task is not None and self._wake_task.done():
-            exc = None if self._wake_task.cancelled() else self._wake_task.exception()
-            self._wake_task = None
-            if exc is not None and not self.stopping:
-                await asyncio.sleep(0.2)  # Redis gone: the fetch path logs and backs off
+
+    async def _take_woken(self) -> None:
+        """The claims of a waiting fetch that came back join the buffer. Redis being away
+        (or its scripts flushed) is left to the next fetch, which meets it too, logs and
+        backs off (or loads the script again)."""
+        task = self._waiting
+        if task is None or not task.done():
+            return
+        self._waiting = None
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            if is_outage(exc) or isinstance(exc, NoScriptError):
+                return
+            raise exc
+        claims = task.result().claims
+        for claim in claims:
+            claim.held_until = self._waiting_since + self.lease
+        self.buffer.extend(await self._hand_back_others(claims))
+
+    async def _end_wait(self) -> None:
+        """Make a waiting fetch run now, before what the worker was told (pause, new queues,
+        stop) applies: its claims then come back instead of arriving later."""
+        task = self._waiting
+        if task is not None and not task.done():
+            try:
+                key = self.keys.worker_wake(self.worker_id)
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    await pipe.lpush(key, 1).expire(key, 60).execute()
+                await asyncio.wait_for(asyncio.shield(task), 10)
+            except Exception as exc:   # Redis gone: its connection and fetch are gone too
+                log.warning("worker: could not end its wait for work (%s)", exc)
+                task.cancel()
+        await self._take_woken()
 
     def _dispatch(self) -> None:
         """Hand jobs to pool processes with room for them."""
@@ -511,6 +548,7 @@ class Worker:
         """Do what an operator asked (elric worker pause|resume|stop|set), without a restart."""
         if control.paused != self.paused:
             self.paused = control.paused
+            await self._end_wait()
             log.info("worker %s: %s", self.worker_id,
                      "paused: fetches no jobs, runs those it holds" if self.paused
                      else "resumed: fetching jobs again")
@@ -523,8 +561,7 @@ class Worker:
             log.info("worker %s: now serves queues %s", self.worker_id,
                      ",".join(control.queues))
             self.queues = control.queues
-            if self._wake_task is not None:   # it waits on the old queues' wake lists
-                self._wake_task.cancel()
+            await self._end_wait()   # it waits on the old queues' wake lists
             self._changed.set()
         if control.concurrency and control.concurrency != self.concurrency \
                 and not self.stopping:
@@ -576,8 +613,7 @@ class Worker:
         """Give prefetched jobs back, let running ones finish within SHUTDOWN_GRACE, then
         stop the rest and give them back too."""
         self.stopping = True
-        if self._wake_task is not None:
-            self._wake_task.cancel()
+        await self._end_wait()
         waiting = [*self.buffer, *self.suspects]
         self.buffer.clear()
         self.suspects.clear()

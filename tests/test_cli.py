@@ -164,9 +164,15 @@ def test_a_worker_is_paused_resumed_moved_and_stopped_without_a_restart(cluster)
     def me():
         return next(x for x in cluster.client.stats()["workers"] if x["worker_id"] == wid)
 
+    cluster.client.submit_job(Add.spec([0, 1], job_id="before"))   # its wait for work now
+    assert cluster.wait_job("before")["result"] == 1   # runs out of step with its heartbeat
     assert elric(cluster, "worker", "pause", wid).returncode == 0
-    wait_for(lambda: me()["state"] == "paused", what="the worker paused")
+    # submitted as soon as the worker says it paused: the fetch it had waiting for work
+    # ended before that, so it cannot take the job later
+    wait_for(lambda: "paused: fetches no jobs" in worker.log(), what="the worker pausing",
+             interval=0.005)
     cluster.client.submit_job(Add.spec([1, 2], job_id="held"))
+    wait_for(lambda: me()["state"] == "paused", what="the worker paused")
     asked = me()["last_seen"]
     wait_for(lambda: me()["last_seen"] > asked + 2, what="two more heartbeats")
     assert cluster.client.get_job("held")["status"] == "queued"   # it took no job

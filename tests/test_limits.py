@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from types import SimpleNamespace
 
 import pytest
 import redis
@@ -177,29 +178,39 @@ def test_a_run_that_ended_frees_its_slot_before_its_outcome_is_recorded(redis_ur
     asyncio.run(body())
 
 
-def test_a_wake_token_taken_while_the_worker_was_fetching_still_wakes_it(redis_url):
-    """The blocking wait for a wake token outlives one pass of the loop: when it took a
-    token while the worker was away fetching, the next wait returns at once instead of
-    starting a new wait and sleeping through its whole timeout."""
+def test_an_idle_workers_fetch_claims_a_job_the_moment_it_is_queued(redis_url):
+    """An idle worker's fetch waits in Redis behind its BLPOP: the wake token of a new job
+    lets it claim the job without another call from the worker. The claims of a fetch that
+    came back while the loop was busy join the buffer, and a fetch still waiting is ended
+    at once when the worker is told something (pause, new queues, stop)."""
+    from elric.loading import JobModules
     from elric.worker import Worker
 
     async def main():
         w = Worker(load_settings(env={"ELRIC_REDIS_URL": redis_url}))
+        w.redis = aredis.Redis.from_url(redis_url)
         w.blocking_redis = aredis.Redis.from_url(redis_url)
+        w.queue, w.modules = RedisQueue(w.redis, w.keys), JobModules.load(["tests.jobs"])
+        w.pool = SimpleNamespace(last_async=False, claims=list)   # an idle pool
         try:
+            assert (await w.queue.fetch(w.worker_id, ["default"], 5, 30)).claims == []
             w._changed.set()                 # something else ends this wait...
-            await w._wait(4, wake=True)
-            assert w._wake_task is not None and not w._wake_task.done()
-            await w.blocking_redis.rpush(w.keys.wake("default"), 1)  # ...then a token comes
-            deadline = asyncio.get_running_loop().time() + 10
-            while not w._wake_task.done():
-                assert asyncio.get_running_loop().time() < deadline, "token never taken"
-                await asyncio.sleep(0.01)
-            w._changed.clear()
-            # it returns without waiting at all; before the fix it slept its whole 4 s
-            await asyncio.wait_for(w._wait(4, wake=True), 2.5)
+            await w._wait(4, for_work=True)
+            assert w._waiting is not None and not w._waiting.done()
+            await w.queue.enqueue([normalize_spec({"func": "tests.jobs:Echo", "job_id": "j"})])
+            # ...the job's token lets the waiting fetch claim it, with the loop away
+            await asyncio.wait_for(asyncio.shield(w._waiting), 10)
+            job = await w.redis.hmget(w.keys.job("j"), "status", "worker")
+            assert job == [b"running", w.worker_id.encode()]
+            await w._take_woken()
+            assert [c.job_id for c in w.buffer] == ["j"] and w._waiting is None
+            # told to pause (say): the wait ends now, not at its 4 s timeout
+            await w._wait(4, for_work=True)
+            await asyncio.wait_for(w._end_wait(), 2)
+            assert w._waiting is None
         finally:
-            if w._wake_task is not None:
-                w._wake_task.cancel()
+            if w._waiting is not None:
+                w._waiting.cancel()
+            await w.redis.aclose()
             await w.blocking_redis.aclose()
     asyncio.run(main())
