@@ -31,39 +31,38 @@ class ScopeRefused(Exception):
 
 @dataclass
 class Reservation:
-    """One call's dedupe keys. After ``check``, ``passed`` specs hold their keys (with the
-    specs that have none) and ``filtered`` ones were seen before; if ``check`` fails,
-    ``passed`` holds the specs whose keys it took before it failed."""
+    """One call's dedupe keys. ``passed``: the specs with no key and those whose key was
+    new (they hold it now; if ``check`` failed, those it took before); ``filtered``: the
+    specs whose key was seen before."""
 
     gate: "DedupeGate"
     specs: list[dict]
-    passed: list[dict] = field(default_factory=list)
-    filtered: list[dict] = field(default_factory=list)
-    # scope -> its filter's verdicts: a check again (a caller's retry) asks only the scopes
-    # not answered yet, since a scope asked twice would call its own keys seen
-    verdicts: dict[str, list[bool]] = field(default_factory=dict)
+    # id(spec) -> its key was new. A check again (a caller's retry) asks only the specs not
+    # answered yet, since a scope asked twice would call its own keys seen
+    new: dict[int, bool] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> list[dict]:
+        return [s for s in self.specs if s.get("dedupe_key") is None or self.new.get(id(s))]
+
+    @property
+    def filtered(self) -> list[dict]:
+        return [s for s in self.specs if self.new.get(id(s)) is False]
 
     async def check(self) -> None:
         """Ask each scope's filter about its keyed specs, one call per scope."""
         by_scope: dict[str, list[dict]] = {}
         for spec in self.specs:
-            if spec.get("dedupe_key") is not None:
+            if spec.get("dedupe_key") is not None and id(spec) not in self.new:
                 scope = spec.setdefault("dedupe_scope", GLOBAL_SCOPE)
                 by_scope.setdefault(scope, []).append(spec)
-        seen: set[int] = set()
-        self.passed = []
         for scope, group in by_scope.items():
-            verdicts = self.verdicts.get(scope)
-            if verdicts is None:
-                try:
-                    verdicts = self.verdicts[scope] = await self.gate.filter_for(
-                        scope).check_and_add(scope, [s["dedupe_key"] for s in group])
-                except DedupeError as exc:
-                    raise ScopeRefused(scope, exc) from None
-            self.passed += [spec for spec, new in zip(group, verdicts) if new]
-            seen.update(id(spec) for spec, new in zip(group, verdicts) if not new)
-        self.passed = [s for s in self.specs if id(s) not in seen]
-        self.filtered = [s for s in self.specs if id(s) in seen]
+            try:
+                verdicts = await self.gate.filter_for(scope).check_and_add(
+                    scope, [s["dedupe_key"] for s in group])
+            except DedupeError as exc:
+                raise ScopeRefused(scope, exc) from None
+            self.new.update(zip(map(id, group), verdicts))
 
     async def settle(self, submitted: list[Submitted]) -> None:
         """After an enqueue of ``passed``: an id that existed queued nothing, so its key goes
