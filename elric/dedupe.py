@@ -209,11 +209,12 @@ class _StagedBloom:
     HEADER = struct.Struct("<8sQdQI")  # magic, capacity, error_rate, filtered, stages
     STAGE = struct.Struct("<Q")        # length of one stage's tofile() bytes
 
-    def __init__(self, capacity: int, error_rate: float) -> None:
+    def __init__(self, capacity: int, error_rate: float, filtered: int = 0,
+                 stages: list[_PyBloom] | None = None) -> None:
         self.capacity = capacity
         self.error_rate = error_rate
-        self.filtered = 0
-        self.stages: list[_PyBloom] = [_PyBloom(*_stage_params(capacity, error_rate, 0))]
+        self.filtered = filtered
+        self.stages = stages or [_PyBloom(*_stage_params(capacity, error_rate, 0))]
 
     @property
     def items(self) -> int:
@@ -262,13 +263,11 @@ class _StagedBloom:
             raise DedupeError(f"not an elric Bloom snapshot (magic {magic!r})")
         if not n:
             raise DedupeError("Bloom snapshot has no stages")
-        self = cls.__new__(cls)
-        self.capacity, self.error_rate, self.filtered = capacity, error_rate, filtered
-        self.stages = []
+        stages = []
         for _ in range(n):
             (length,) = cls.STAGE.unpack(buf.read(cls.STAGE.size))
-            self.stages.append(_PyBloom.fromfile(io.BytesIO(buf.read(length)), length))
-        return self
+            stages.append(_PyBloom.fromfile(io.BytesIO(buf.read(length)), length))
+        return cls(capacity, error_rate, filtered, stages)
 
 
 class BloomFilter(DedupeFilter):
