@@ -339,13 +339,10 @@ class BloomFilter(DedupeFilter):
             return written
 
     async def _filter(self, scope: str) -> _StagedBloom:
-        f = self._filters.get(scope)
-        if f is not None:
-            return f
+        # an unlocked asyncio.Lock is taken without yielding: no cost for a loaded scope
         async with self._load_locks.setdefault(scope, asyncio.Lock()):
-            f = self._filters.get(scope)
-            if f is not None:
-                return f
+            if scope in self._filters:
+                return self._filters[scope]
             data = await self.redis.get(self.keys.dedupe_bloom(scope))
             if not data:
                 f = _StagedBloom(self.capacity, self.error_rate)
