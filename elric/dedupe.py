@@ -413,8 +413,7 @@ class RedisBloomFilter(DedupeFilter):
         self._items: dict[str, int] = {}          # per scope: its item count last seen
 
     def stage(self, i: int) -> rbloom.RStage:
-        while len(self._stages) <= i:
-            j = len(self._stages)
+        for j in range(len(self._stages), i + 1):
             cap, p = _stage_params(self.capacity, self.error_rate, j)
             self._stages.append(rbloom.stage_geometry(
                 j, cap, p, self._stages[-1] if self._stages else None))
