@@ -477,28 +477,27 @@ class RedisBloomFilter(DedupeFilter):
         stages = [self.stage(i) for i in range(self.stage_of(max(0, items - 1)) + 1)]
         measure = sum(st.shards * st.shard_bytes for st in stages) <= _BITCOUNT_LIMIT
         pipe = self.redis.pipeline(transaction=False)
-        for st in stages:
-            for g in range(st.shards):
-                key = self.keys.dedupe_rbloom(scope, st.first_shard + g)
-                pipe.memory_usage(key)
-                if measure:
-                    pipe.bitcount(key)            # the creation byte is always 0
+        for g in range(stages[-1].first_shard + stages[-1].shards):
+            key = self.keys.dedupe_rbloom(scope, g)
+            pipe.memory_usage(key)
+            if measure:
+                pipe.bitcount(key)            # the creation byte is always 0
         res = await pipe.execute()
-        step = 2 if measure else 1
-        miss, total_set, pos = 1.0, 0.0, 0
+        sizes, counts = (res[0::2], res[1::2]) if measure else (res, [])
+        miss, total_set = 1.0, 0.0
         for st in stages:
             if measure:
-                fills = [c / st.shard_bits for c in res[1::2][pos:pos + st.shards]]
+                fills = [c / st.shard_bits
+                         for c in counts[st.first_shard:st.first_shard + st.shards]]
             else:   # items of this stage spread evenly over its bits
                 n_st = min(st.capacity, max(0, items - (st.cum - st.capacity)))
                 fills = [1 - math.exp(-st.k * n_st / st.bits)] * st.shards
-            pos += st.shards
             miss *= 1 - sum(f ** st.k for f in fills) / st.shards  # a key probes one shard
             total_set += sum(fills) * st.shard_bits
         return {"capacity": stages[-1].cum, "stages": len(stages),
                 "fill_ratio": total_set / sum(st.bits for st in stages),
                 "fill_measured": measure, "expected_fp_rate": 1 - miss,
-                "error_rate": self.error_rate, "bytes": sum(int(r or 0) for r in res[0::step])}
+                "error_rate": self.error_rate, "bytes": sum(int(r or 0) for r in sizes)}
 
     async def drop_scope(self, scope: str) -> None:
         items = int(await self.redis.hget(self.keys.dedupe_stats(scope), "items") or 0)
