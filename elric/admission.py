@@ -16,7 +16,7 @@ from elric.config import Settings
 from elric.contract import MAX_BATCH, SpecError, Status, normalize_spec
 from elric.jobstore import RedisJobStore, schedule_options
 from elric.queue import RedisQueue, Submitted
-from elric.reservation import DedupeGate
+from elric.reservation import DedupeGate, Reservation
 from elric.retry import Backoff, retry
 from elric.triggers import parse_trigger
 
@@ -93,7 +93,7 @@ class Admission:
 
     async def _admit(self, specs: list[dict], chosen: set[str]) -> list[Submitted]:
         """Dedupe and queue jobs; a call that fails gives back the keys it took."""
-        reservation = self.gate.reserve(specs)
+        reservation = Reservation(self.gate, specs)
         try:
             await reservation.check()
             # A resent submission (same job_id, same key) is not a duplicate of itself:
@@ -143,7 +143,7 @@ class Admission:
                     unchecked.append(spec)
                     continue
             checking.append(spec)
-        reservation = self.gate.reserve(checking)   # kept across retries: see its verdicts
+        reservation = Reservation(self.gate, checking)   # kept across retries: see its verdicts
 
         async def attempt() -> list[Submitted]:
             if rounds:

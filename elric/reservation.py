@@ -92,9 +92,6 @@ class DedupeGate:
             or self.settings.FILTER_BACKEND
         return self.filters[backend]
 
-    def reserve(self, specs: list[dict]) -> Reservation:
-        return Reservation(self, specs)
-
     async def give_back_unheld(self, specs: list[dict], *, if_unknown: bool) -> None:
         """Give back the keys of ``specs`` that no job holds (to exact filters; a failure is
         only logged). When Redis cannot be asked: all of them if ``if_unknown``, else none."""
