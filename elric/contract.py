@@ -154,29 +154,24 @@ def _check_msgpack_value(value: Any, where: str, depth: int = 0) -> None:
         raise SpecError(f"{where}: a msgpack extension type (code {value.code}) is not "
                         "allowed; send plain values (nil, bool, numbers, strings, bytes, "
                         "arrays, maps)")
-    if type(value) is str:
+    if isinstance(value, str):
         if not _is_text(value):
             raise _not_text(where, value)
-        return
-    if value is None or isinstance(value, (bool, int, float, str, bytes)):
-        if isinstance(value, int) and not isinstance(value, bool) and not (
-            -(2**63) <= value < 2**64
-        ):
+    elif isinstance(value, int):
+        if not -(2**63) <= value < 2**64:   # (a bool is 0 or 1)
             raise SpecError(f"{where}: integer {value} does not fit in 64 bits")
-        return
-    if isinstance(value, (list, tuple)):
+    elif isinstance(value, (list, tuple)):
         for i, item in enumerate(value):
             _check_msgpack_value(item, f"{where}[{i}]", depth + 1)
-        return
-    if isinstance(value, dict):
+    elif isinstance(value, dict):
         for k, v in value.items():
             if not isinstance(k, (str, int, bytes)):
                 raise SpecError(f"{where}: map key {k!r} is not a string or integer")
-            if type(k) is str and not _is_text(k):
+            if isinstance(k, str) and not _is_text(k):
                 raise _not_text(f"{where}: map key", k)
             _check_msgpack_value(v, f"{where}[{k!r}]", depth + 1)
-        return
-    raise SpecError(f"{where}: {type(value).__name__} is not a msgpack value")
+    elif not (value is None or isinstance(value, (float, bytes))):
+        raise SpecError(f"{where}: {type(value).__name__} is not a msgpack value")
 
 
 # msgpack names for type errors: a client in another language knows no "list" or "str"
