@@ -205,8 +205,7 @@ def normalize_spec(
     """
     if not isinstance(spec, dict):
         raise SpecError(f"job spec must be a map, got {type(spec).__name__}")
-    if spec.keys() - SPEC_KEYS.keys():
-        unknown = sorted(str(k) for k in spec if k not in SPEC_KEYS)
+    if unknown := sorted(str(k) for k in spec.keys() - SPEC_KEYS.keys()):
         raise SpecError(
             f"unknown job spec key(s) {', '.join(map(repr, unknown))}; "
             f"known keys: {', '.join(SPEC_KEYS)}"
@@ -243,13 +242,11 @@ def normalize_spec(
     if out.get("dedupe_scope") == "":
         # (a job's scope is passed on to its children only when it is not empty)
         raise SpecError("dedupe_scope '': name a scope, or leave it out for the global one")
-    if out["kwargs"]:
-        for k in out["kwargs"]:
-            if not isinstance(k, str):
-                raise SpecError(f"kwargs key {k!r} must be a string")
-        _check_msgpack_value(out["kwargs"], "kwargs")
-    if out["args"]:
-        _check_msgpack_value(out["args"], "args")
+    for k in out["kwargs"]:
+        if not isinstance(k, str):
+            raise SpecError(f"kwargs key {k!r} must be a string")
+    _check_msgpack_value(out["kwargs"], "kwargs")
+    _check_msgpack_value(out["args"], "args")
     if out.get("limit_key") is not None and not 0 < len(out["limit_key"]) <= MAX_LIMIT_KEY:
         raise SpecError(f"limit_key {out['limit_key']!r}: 1-{MAX_LIMIT_KEY} characters, or "
                         "leave it out for no limit")
