@@ -505,9 +505,10 @@ class Client(_Caller):
         self._decoder: _Decoder | None = None
 
     def call(self, method: str, *params: Any, timeout: float | None = None) -> Any:
-        with self._lock:
-            self._ensure_connected()
-            return self._roundtrip(method, params, self.timeout if timeout is None else timeout)
+        [answer] = self.call_many(method, [params], depth=1, timeout=timeout)
+        if isinstance(answer, RemoteError):
+            raise answer
+        return answer
 
     def call_many(self, method: str, calls: list[tuple], *, depth: int = 2,
                   timeout: float | None = None) -> list[Any]:
@@ -554,17 +555,11 @@ class Client(_Caller):
         self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._decoder = _Decoder(self._max_message)
         if self._token is not None:
-            try:
-                self._roundtrip("auth", (self._token,), self.timeout)
-            except RPCError:
+            # refused: the server closes the connection (_pipeline drops a lost one itself)
+            [answer] = self._pipeline("auth", [(self._token,)], 1, self.timeout)
+            if isinstance(answer, RemoteError):
                 self._drop()
-                raise
-
-    def _roundtrip(self, method: str, params: tuple, timeout: float | None) -> Any:
-        [answer] = self._pipeline(method, [params], 1, timeout)
-        if isinstance(answer, RemoteError):
-            raise answer
-        return answer
+                raise answer
 
     def _pipeline(self, method: str, calls: list[tuple], depth: int,
                   timeout: float | None) -> list[Any]:
