@@ -555,11 +555,13 @@ class Client(_Caller):
         self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._decoder = _Decoder(self._max_message)
         if self._token is not None:
-            # refused: the server closes the connection (_pipeline drops a lost one itself)
-            [answer] = self._pipeline("auth", [(self._token,)], 1, self.timeout)
-            if isinstance(answer, RemoteError):
-                self._drop()
-                raise answer
+            try:
+                [answer] = self._pipeline("auth", [(self._token,)], 1, self.timeout)
+                if isinstance(answer, RemoteError):
+                    raise answer
+            except BaseException:
+                self._drop()   # a connection that did not authenticate is never used
+                raise
 
     def _pipeline(self, method: str, calls: list[tuple], depth: int,
                   timeout: float | None) -> list[Any]:
