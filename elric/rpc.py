@@ -56,7 +56,8 @@ class RemoteError(RPCError):
         if isinstance(error, bytes):
             error = error.decode("utf-8", "replace")
         super().__init__(error if isinstance(error, str) else repr(error))
-        self.code = ErrorCode(code) if code in ErrorCode._value2member_map_ else code
+        known = isinstance(code, str) and code in ErrorCode._value2member_map_
+        self.code = ErrorCode(code) if known else code   # (a list would not even hash)
 
 
 class RPCConnectionError(RPCError):
