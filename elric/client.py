@@ -54,13 +54,13 @@ class MasterClient:
         if len(specs) <= MAX_BATCH:
             return self.call("submit_jobs", specs)
         starts = range(0, len(specs), SPLIT_BATCH)
-        answers = self.rpc.call_many("submit_jobs", [(specs[i:i + SPLIT_BATCH],) for i in starts])
+        batches = [specs[i:i + SPLIT_BATCH] for i in starts]
+        answers = self.rpc.call_many("submit_jobs", [(batch,) for batch in batches])
+        replies = [reply for batch, a in zip(batches, answers)
+                   for reply in ([None] * len(batch) if isinstance(a, RemoteError) else a)]
         refused = [(i, a) for i, a in zip(starts, answers) if isinstance(a, RemoteError)]
         if not refused:
-            return [reply for batch in answers for reply in batch]
-        replies = [reply for i, a in zip(starts, answers)
-                   for reply in ([None] * len(specs[i:i + SPLIT_BATCH])
-                                 if isinstance(a, RemoteError) else a)]
+            return replies
         start, first = refused[0]
         message = str(first)
         where = re.match(r"spec (\d+): ", message)   # the master counts from its batch

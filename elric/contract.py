@@ -154,29 +154,24 @@ def _check_msgpack_value(value: Any, where: str, depth: int = 0) -> None:
         raise SpecError(f"{where}: a msgpack extension type (code {value.code}) is not "
                         "allowed; send plain values (nil, bool, numbers, strings, bytes, "
                         "arrays, maps)")
-    if type(value) is str:
+    if isinstance(value, str):
         if not _is_text(value):
             raise _not_text(where, value)
-        return
-    if value is None or isinstance(value, (bool, int, float, str, bytes)):
-        if isinstance(value, int) and not isinstance(value, bool) and not (
-            -(2**63) <= value < 2**64
-        ):
+    elif isinstance(value, int):
+        if not -(2**63) <= value < 2**64:   # (a bool is 0 or 1)
             raise SpecError(f"{where}: integer {value} does not fit in 64 bits")
-        return
-    if isinstance(value, (list, tuple)):
+    elif isinstance(value, (list, tuple)):
         for i, item in enumerate(value):
             _check_msgpack_value(item, f"{where}[{i}]", depth + 1)
-        return
-    if isinstance(value, dict):
+    elif isinstance(value, dict):
         for k, v in value.items():
             if not isinstance(k, (str, int, bytes)):
                 raise SpecError(f"{where}: map key {k!r} is not a string or integer")
-            if type(k) is str and not _is_text(k):
+            if isinstance(k, str) and not _is_text(k):
                 raise _not_text(f"{where}: map key", k)
             _check_msgpack_value(v, f"{where}[{k!r}]", depth + 1)
-        return
-    raise SpecError(f"{where}: {type(value).__name__} is not a msgpack value")
+    elif not (value is None or isinstance(value, (float, bytes))):
+        raise SpecError(f"{where}: {type(value).__name__} is not a msgpack value")
 
 
 # msgpack names for type errors: a client in another language knows no "list" or "str"
@@ -210,8 +205,7 @@ def normalize_spec(
     """
     if not isinstance(spec, dict):
         raise SpecError(f"job spec must be a map, got {type(spec).__name__}")
-    if spec.keys() - SPEC_KEYS.keys():
-        unknown = sorted(str(k) for k in spec if k not in SPEC_KEYS)
+    if unknown := sorted(str(k) for k in spec.keys() - SPEC_KEYS.keys()):
         raise SpecError(
             f"unknown job spec key(s) {', '.join(map(repr, unknown))}; "
             f"known keys: {', '.join(SPEC_KEYS)}"
@@ -248,13 +242,11 @@ def normalize_spec(
     if out.get("dedupe_scope") == "":
         # (a job's scope is passed on to its children only when it is not empty)
         raise SpecError("dedupe_scope '': name a scope, or leave it out for the global one")
-    if out["kwargs"]:
-        for k in out["kwargs"]:
-            if not isinstance(k, str):
-                raise SpecError(f"kwargs key {k!r} must be a string")
-        _check_msgpack_value(out["kwargs"], "kwargs")
-    if out["args"]:
-        _check_msgpack_value(out["args"], "args")
+    for k in out["kwargs"]:
+        if not isinstance(k, str):
+            raise SpecError(f"kwargs key {k!r} must be a string")
+    _check_msgpack_value(out["kwargs"], "kwargs")
+    _check_msgpack_value(out["args"], "args")
     if out.get("limit_key") is not None and not 0 < len(out["limit_key"]) <= MAX_LIMIT_KEY:
         raise SpecError(f"limit_key {out['limit_key']!r}: 1-{MAX_LIMIT_KEY} characters, or "
                         "leave it out for no limit")

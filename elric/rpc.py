@@ -56,7 +56,8 @@ class RemoteError(RPCError):
         if isinstance(error, bytes):
             error = error.decode("utf-8", "replace")
         super().__init__(error if isinstance(error, str) else repr(error))
-        self.code = ErrorCode(code) if code in ErrorCode._value2member_map_ else code
+        known = isinstance(code, str) and code in ErrorCode._value2member_map_
+        self.code = ErrorCode(code) if known else code   # (a list would not even hash)
 
 
 class RPCConnectionError(RPCError):
@@ -505,9 +506,10 @@ class Client(_Caller):
         self._decoder: _Decoder | None = None
 
     def call(self, method: str, *params: Any, timeout: float | None = None) -> Any:
-        with self._lock:
-            self._ensure_connected()
-            return self._roundtrip(method, params, self.timeout if timeout is None else timeout)
+        [answer] = self.call_many(method, [params], depth=1, timeout=timeout)
+        if isinstance(answer, RemoteError):
+            raise answer
+        return answer
 
     def call_many(self, method: str, calls: list[tuple], *, depth: int = 2,
                   timeout: float | None = None) -> list[Any]:
@@ -555,16 +557,12 @@ class Client(_Caller):
         self._decoder = _Decoder(self._max_message)
         if self._token is not None:
             try:
-                self._roundtrip("auth", (self._token,), self.timeout)
-            except RPCError:
-                self._drop()
+                [answer] = self._pipeline("auth", [(self._token,)], 1, self.timeout)
+                if isinstance(answer, RemoteError):
+                    raise answer
+            except BaseException:
+                self._drop()   # a connection that did not authenticate is never used
                 raise
-
-    def _roundtrip(self, method: str, params: tuple, timeout: float | None) -> Any:
-        [answer] = self._pipeline(method, [params], 1, timeout)
-        if isinstance(answer, RemoteError):
-            raise answer
-        return answer
 
     def _pipeline(self, method: str, calls: list[tuple], depth: int,
                   timeout: float | None) -> list[Any]:

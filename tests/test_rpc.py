@@ -666,3 +666,13 @@ def test_legacy_msgpack_rpc_python_client():
         "echo": {"name": "job-1", "args": [1, 2.5, None, True], "meta": {"k": "v"}},
         "missing": {"code": "method_not_found", "message": "'nope' method not found"},
     }
+
+
+def test_an_error_with_a_code_that_is_no_code_keeps_it_as_sent():
+    """A server's error code that is not one of ours (even an unhashable one) is kept as
+    it came, never raised over: it would kill an AsyncClient's read loop."""
+    from elric.contract import ErrorCode
+
+    assert RemoteError({"code": "not_found", "message": "m"}).code is ErrorCode.NOT_FOUND
+    odd = RemoteError({"code": ["x"], "message": "no such job"})
+    assert odd.code == ["x"] and str(odd) == "no such job"
