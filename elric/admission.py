@@ -143,7 +143,7 @@ class Admission:
                     unchecked.append(spec)
                     continue
             checking.append(spec)
-        reservation = Reservation(self.gate, checking)   # kept across retries: see its verdicts
+        reservation = Reservation(self.gate, checking)   # kept across retries: see its `new`
 
         async def attempt() -> list[Submitted]:
             if rounds:
