@@ -17,6 +17,8 @@ import runpy
 from dataclasses import dataclass
 from typing import Any
 
+from elric.contract import MAX_TIMEOUT
+
 
 class SettingsError(Exception):
     """A bad setting; the message is one line naming the key and what is wrong."""
@@ -177,11 +179,13 @@ def _check(key: str, value: Any, where: str) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         raise bad(f"must be a finite number, got {value!r}")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if value < 0 or (value == 0 and key in (
-                "CONCURRENCY", "WORKER_CHUNK", "LEASE_SECONDS", "ASYNC_CONCURRENCY", "RESULT_TTL",
-                "RESULT_MAX_BYTES", "RPC_MAX_MESSAGE", "SCHEDULER_LEASE", "BLOOM_CAPACITY",
-                "DEDUPE_TTL", "DEDUPE_ROUND_TTL")):
-            raise bad(f"must be positive, got {value!r}")
+        positive = key in ("CONCURRENCY", "WORKER_CHUNK", "LEASE_SECONDS", "ASYNC_CONCURRENCY",
+                           "RESULT_TTL", "RESULT_MAX_BYTES", "RPC_MAX_MESSAGE", "JOB_TIMEOUT",
+                           "SCHEDULER_LEASE", "BLOOM_CAPACITY", "DEDUPE_TTL", "DEDUPE_ROUND_TTL")
+        if value < 0 or (value == 0 and positive):
+            raise bad(f"must be {'positive' if positive else '0 or more'}, got {value!r}")
+    if key == "JOB_TIMEOUT" and value > MAX_TIMEOUT:   # the default of every spec's timeout
+        raise bad(f"must be at most {MAX_TIMEOUT} seconds, got {value!r}")
     if key in ("MASTER_ADDRESS", "DASHBOARD_ADDRESS"):
         parse_address(value, key)
     if key == "LOG_LEVEL" and value.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):

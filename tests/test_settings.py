@@ -85,7 +85,11 @@ def test_file_then_env_then_command_line(no_settings_file):
     ({"ELRIC_LEASE_SECONDS": "soon"}, "LEASE_SECONDS (from ELRIC_LEASE_SECONDS): expected a "
                                       "number"),
     ({"ELRIC_WORKER_CHUNK": "0"}, "WORKER_CHUNK (from ELRIC_WORKER_CHUNK): must be positive"),
-    ({"ELRIC_MAX_RETRIES": "-1"}, "MAX_RETRIES (from ELRIC_MAX_RETRIES): must be positive"),
+    ({"ELRIC_MAX_RETRIES": "-1"}, "MAX_RETRIES (from ELRIC_MAX_RETRIES): must be 0 or more"),
+    # a default every spec takes: refused here, not as each submit's "bad timeout"
+    ({"ELRIC_JOB_TIMEOUT": "0"}, "JOB_TIMEOUT (from ELRIC_JOB_TIMEOUT): must be positive"),
+    ({"ELRIC_JOB_TIMEOUT": "3e9"}, "JOB_TIMEOUT (from ELRIC_JOB_TIMEOUT): must be at most "
+                                   "2147483648 seconds"),
     ({"ELRIC_JOB_TIMEOUT": "inf"}, "JOB_TIMEOUT (from ELRIC_JOB_TIMEOUT): must be a finite "
                                    "number, got inf"),
     ({"ELRIC_LEASE_SECONDS": "nan"}, "LEASE_SECONDS (from ELRIC_LEASE_SECONDS): must be a "
