@@ -28,7 +28,7 @@ from elric.launch import Proc, elric_env, wait_for_master
 from elric.redis_server import RedisServer, find_redis_server, free_port
 from elric.rpc import Client, RemoteError, RPCConnectionError, RPCError, RPCTimeoutError
 from tests.conftest import ROOT, Cluster, wait_for
-from tests.jobs import Add, FailUnlessFile, MarkSleep, Sleep
+from tests.jobs import Add, FailUnlessFile, MarkSleep, Sleep, SpawnPadded
 from tests.jobs_faults import Crash, Flaky, IgnoreAlarm, Mark, count_lines
 
 KEYS = Keys("elric")
@@ -874,3 +874,29 @@ def test_a_claim_waiting_for_its_lease_check_stays_in_the_buffer_once(redis_url)
         finally:
             w.pool.shutdown(wait=True, cancel_futures=True)
     asyncio.run(main())
+
+
+# --- 13. child jobs bigger than one RPC message ---------------------------------------------
+
+def test_children_too_big_for_one_message_are_sent_in_several_and_the_worker_goes_on(
+        make_cluster):
+    """A chunk's children go to the master in one submit_jobs call. When they did not fit
+    in RPC_MAX_MESSAGE the call raised before it was sent, which ended the task that
+    records outcomes: the worker went on taking jobs, recorded none, and renewed their
+    leases forever. Children that fit one by one are sent in several calls; a child too big
+    for any call fails its parent for good, and the worker goes on."""
+    c = make_cluster(RPC_MAX_MESSAGE=64 * 1024)
+    c.start_master()
+    worker = c.start_worker("--concurrency", "1")
+    c.client.submit_job(SpawnPadded.spec([4, 20_000], job_id="many"))
+    job = c.wait_job("many")
+    assert job["status"] == "succeeded", (job["error"], c.logs())
+    for child in job["result"]:
+        assert c.wait_job(child)["result"] == 20_000
+    c.client.submit_job(SpawnPadded.spec([1, 100_000], job_id="huge", max_retries=2))
+    job = c.wait_job("huge")
+    assert (job["status"], job["attempts"]) == ("failed", 1), c.logs()
+    assert "bytes" in job["error"] and "RPC_MAX_MESSAGE" in job["error"], job["error"]
+    c.client.submit_job(Add.spec([1, 2], job_id="after"))
+    assert c.wait_job("after")["result"] == 3, c.logs()
+    assert worker.alive()

@@ -111,3 +111,28 @@ def test_a_batch_with_a_periodic_job_can_be_sent_again_after_cannot_reach_redis(
             out = await m.submit_jobs(batch)
             assert [o["status"] for o in out] == ["scheduled", "queued"]
     asyncio.run(main())
+
+
+def test_a_worker_sends_more_children_than_one_call_takes_in_several_calls():
+    """The master takes at most MAX_BATCH specs per submit_jobs call: a parent with more
+    children than that failed for good, refused as a whole."""
+    from elric.config import load_settings
+    from elric.contract import MAX_BATCH
+    from elric.runner import Ran
+    from elric.worker import Worker
+
+    class Master:
+        def __init__(self):
+            self.calls = []
+
+        async def call(self, method, specs):
+            self.calls.append(len(specs))
+            return [{"job_id": s["job_id"], "status": "queued"} for s in specs]
+
+    async def main():
+        w = Worker(load_settings(env={}))
+        children = [{"func": "tests.jobs:Echo", "job_id": f"c{i}"} for i in range(MAX_BATCH + 1)]
+        w.master = Master()
+        assert await w._send_children([Ran("parent", 1, True, b"", children)]) == {}
+        assert w.master.calls == [MAX_BATCH, 1]
+    asyncio.run(main())
