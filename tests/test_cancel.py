@@ -75,3 +75,20 @@ def test_cancelling_a_fire_keeps_its_schedule(cluster):
     wait_for(lambda: any(r["job_id"] != fire and r.get("outcome") == "running"
                          for r in c.get_job("tick")["runs"]), what="a later fire running")
     assert c.get_job("tick")["status"] == "scheduled"
+
+
+def test_a_job_cancelled_while_running_runs_when_rerun(cluster, tmp_path):
+    """The request to stop a running job stayed on it after it was recorded cancelled, so
+    `elric rerun` queued it with the request still there: its next worker stopped it again
+    at the first heartbeat, and the job could never run again."""
+    c = cluster.client
+    marks = tmp_path / "marks"
+    cluster.start_worker("--concurrency", "1")
+    c.submit_job(MarkSleep.spec([str(marks), 3], job_id="again"))
+    wait_for(marks.exists, what="the first run started")
+    c.cancel_job("again")
+    cluster.wait_job("again", statuses=("cancelled",))
+    assert c.rerun_job("again") == {"job_id": "again", "status": "queued"}
+    job = cluster.wait_job("again", statuses=("succeeded", "failed", "cancelled"))
+    assert (job["status"], job["attempts"]) == ("succeeded", 1), job["error"]
+    assert marks.read_text().split() == ["again", "again"]
