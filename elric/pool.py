@@ -61,6 +61,7 @@ class _Held:
     done: Callable[[runner.Ran | ProcessDied], None]   # called once, on the worker's loop
     is_async: bool
     sent_at: float
+    suspect: bool = False   # of a crash: keeps its process to itself whatever its kind
 
 
 @dataclass(eq=False)
@@ -142,7 +143,8 @@ class Pool(Executor):
                     if held.claim.func == func and not held.is_async:
                         held.is_async = True
                         proc.n_async += 1
-                if proc.n_async == len(proc.held):
+                if proc.n_async == len(proc.held) and \
+                        not any(h.suspect for h in proc.held.values()):
                     proc.alone = False
         for row in message["ran"]:
             ran = runner.Ran(*row)
@@ -253,7 +255,7 @@ class Pool(Executor):
         proc = self.place(is_async, alone)
         if proc is None:
             raise LookupError("no pool process has room for this job")
-        proc.held[claim.job_id] = _Held(claim, done, is_async, time.monotonic())
+        proc.held[claim.job_id] = _Held(claim, done, is_async, time.monotonic(), suspect)
         proc.n_async += is_async
         proc.outbox_sync = not is_async
         proc.alone = alone
