@@ -62,6 +62,7 @@ class _Held:
     is_async: bool
     sent_at: float
     suspect: bool = False   # of a crash: keeps its process to itself whatever its kind
+    cancelled_at: float | None = None   # when its task was asked to stop (an async job)
 
 
 @dataclass(eq=False)
@@ -301,17 +302,32 @@ class Pool(Executor):
                     p.timed_out.add(job_id)
                     log.warning("worker: job %s ignored its timeout; killing its process",
                                 job_id)
+                elif h.cancelled_at and job_id not in p.timed_out and \
+                        now > h.cancelled_at + KILL_GRACE:
+                    p.timed_out.add(job_id)
+                    log.warning("worker: job %s ignored its cancellation; killing its "
+                                "process", job_id)
             if p.timed_out:
                 p.process.kill()
 
     def cancel(self, job_id: str) -> bool:
-        """Stop a job by killing its process: it settles as that process's culprit (its
-        neighbours run again); False when no process holds it."""
+        """Stop a job; False when no process holds it. An async job's task is cancelled,
+        so the jobs beside it go on (its process is killed only if it ignores that for
+        KILL_GRACE); a sync job's process is killed, the job settling as its culprit."""
         for p in self._every():
-            if job_id in p.held:
-                p.timed_out.add(job_id)
-                p.process.kill()
+            h = p.held.get(job_id)
+            if h is None:
+                continue
+            if h.is_async:
+                h.cancelled_at = time.monotonic()
+                p.outbox.append({"cancel": job_id})
+                if not self._flush_soon:
+                    self._flush_soon = True
+                    self._loop.call_soon(self.flush)
                 return True
+            p.timed_out.add(job_id)
+            p.process.kill()
+            return True
         return False
 
     def kill_all(self) -> None:

@@ -612,8 +612,8 @@ class Worker:
                 self._changed.set()
 
     def _stop_cancelled(self, job_ids: set[str]) -> None:
-        """cancel_job asked to stop these: a waiting one leaves unstarted, a running one
-        loses its process; either is recorded cancelled."""
+        """cancel_job asked to stop these: a waiting one leaves unstarted, a running one is
+        stopped by the pool (``Pool.cancel``); either is recorded cancelled."""
         for job_id in job_ids - self._cancelling:
             self._cancelling.add(job_id)
             log.info("worker: job %s cancelled; stopping it", job_id)
