@@ -900,3 +900,25 @@ def test_children_too_big_for_one_message_are_sent_in_several_and_the_worker_goe
     c.client.submit_job(Add.spec([1, 2], job_id="after"))
     assert c.wait_job("after")["result"] == 3, c.logs()
     assert worker.alive()
+
+
+# --- 14. a submission sent again: its handle waits for the job that has the id ------------
+
+def test_the_handle_of_a_submission_sent_again_waits_for_the_job(cluster):
+    """Sending a job_id that exists changes nothing and answers that job's status, so a
+    submission can be retried safely; but the handle it returned refused to wait ("job
+    was running: it has no result") for any status other than queued."""
+    from elric.client import set_default_client
+
+    cluster.start_worker("--concurrency", "1")
+    set_default_client(cluster.client)
+    try:
+        first = Sleep.submit_with(args=[2, "once"], job_id="report")
+        wait_for(lambda: cluster.client.get_job("report")["status"] == "running",
+                 what="it runs")
+        again = Sleep.submit_with(args=[2, "once"], job_id="report")
+        assert again == first and again.submitted == "running"
+        assert again.result(timeout=30)["tag"] == "once"
+        assert Sleep.submit_with(args=[2, "once"], job_id="report").result()["tag"] == "once"
+    finally:
+        set_default_client(None)
