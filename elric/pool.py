@@ -169,12 +169,25 @@ class Pool(Executor):
         proc.process.join()
         if proc in self.retiring:
             self.retiring.remove(proc)   # shrunk away: not started again
-        elif not self._closed:
-            self.processes[self.processes.index(proc)] = self._start(proc.slot)
+        else:
+            self.processes.remove(proc)   # replaced below, or by _refill if that fails
         error = ProcessDied(proc.process.exitcode, list(proc.held), set(proc.timed_out))
         held, proc.held = list(proc.held.values()), {}
         for h in held:
             h.done(error)
+        self._refill()
+
+    def _refill(self) -> None:
+        """Start processes up to the pool's size. A fork can fail (memory short, as when
+        the OOM killer took a process): logged, and tried again at the next turn."""
+        while not self._closed and len(self.processes) < self.size:
+            slot = min(set(range(self.size)) - {p.slot for p in self.processes})
+            try:
+                self.processes.insert(slot, self._start(slot))
+            except Exception as exc:
+                log.error("worker: cannot start pool process %d (%s); trying again soon",
+                          slot, exc)
+                return
 
     def resize(self, size: int) -> None:
         """Grow or shrink to ``size`` processes while jobs run. The processes beyond the
@@ -293,7 +306,9 @@ class Pool(Executor):
 
     def kill_overdue(self) -> None:
         """Kill the process of a job past its timeout and KILL_GRACE: a sync job that
-        ignored its alarm (stuck in native code), or an async job blocking its loop."""
+        ignored its alarm (stuck in native code), or an async job blocking its loop. Also
+        starts the processes that could not be started when theirs died."""
+        self._refill()
         now = time.monotonic()
         for p in self._every():
             for job_id, h in p.held.items():

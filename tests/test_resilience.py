@@ -922,3 +922,43 @@ def test_the_handle_of_a_submission_sent_again_waits_for_the_job(cluster):
         assert Sleep.submit_with(args=[2, "once"], job_id="report").result()["tag"] == "once"
     finally:
         set_default_client(None)
+
+
+def test_a_pool_process_that_cannot_be_replaced_still_settles_its_jobs():
+    """A pool process killed under memory pressure (the OOM killer) is replaced at once,
+    and that fork may fail too. The failure was raised before the dead process's jobs were
+    settled: they were never run again nor failed, renewed under lease forever, and the
+    dead process stayed in the pool, taking jobs that went nowhere."""
+    import errno
+
+    from elric.pool import Pool, ProcessDied
+    from elric.queue import Claim
+
+    async def main():
+        pool = Pool(2, async_slots=1, sync_batch=lambda: 1, job_modules=["tests.jobs"])
+        try:
+            pool.kinds["tests.jobs:Sleep"] = False
+            outcomes = []
+            pool.start(Claim("held", 1, "tests.jobs:Sleep", msgpack.packb([30]),
+                             msgpack.packb({}), None, 0, "default", None), outcomes.append)
+            pool.flush()
+            [victim] = [p for p in pool.processes if p.held]
+            start = pool._start
+
+            def no_memory(slot):
+                raise OSError(errno.ENOMEM, "Cannot allocate memory")
+            pool._start = no_memory
+            victim.process.kill()
+            deadline = time.monotonic() + 20
+            while not outcomes:
+                assert time.monotonic() < deadline, "the dead process's job never settled"
+                await asyncio.sleep(0.02)
+            assert isinstance(outcomes[0], ProcessDied)
+            assert victim not in pool.processes and pool.claims() == []
+            pool._start = start
+            pool.kill_overdue()   # each turn of the worker's loop: the pool fills up again
+            assert len(pool.processes) == 2 and all(p.process.is_alive() for p in pool.processes)
+        finally:
+            pool.kill_all()
+            pool.shutdown(wait=True, cancel_futures=True)
+    asyncio.run(main())
