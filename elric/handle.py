@@ -67,13 +67,14 @@ class JobHandle(str):
     def result(self, timeout: float | None = None) -> Any:
         """Wait for the job to end and return its result; JobFailed when it failed or was
         cancelled, TimeoutError when ``timeout`` seconds pass first."""
-        if self.submitted != "queued":
-            raise ValueError(
-                f"job {self.id} was {self.submitted}: " + {
-                    "filtered": "its dedupe key was seen, so it never runs",
-                    "scheduled": "a periodic job; each fire is a job of its own",
-                    "child": "a child job is sent when its parent ends; wait for it "
-                             "from outside the job"}.get(self.submitted, "it has no result"))
+        # any other answer is the status of the job that has this id (a submission sent
+        # again): there is a job to wait for
+        why = {"filtered": "its dedupe key was seen, so it never runs",
+               "scheduled": "a periodic job; each fire is a job of its own",
+               "child": "a child job is sent when its parent ends; wait for it "
+                        "from outside the job"}.get(self.submitted)
+        if why is not None:
+            raise ValueError(f"job {self.id} was {self.submitted}: {why}")
         job = wait(self._client(), self.id, timeout)
         if job["status"] != Status.SUCCEEDED:
             raise JobFailed(job)

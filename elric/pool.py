@@ -61,6 +61,8 @@ class _Held:
     done: Callable[[runner.Ran | ProcessDied], None]   # called once, on the worker's loop
     is_async: bool
     sent_at: float
+    suspect: bool = False   # of a crash: keeps its process to itself whatever its kind
+    cancelled_at: float | None = None   # when its task was asked to stop (an async job)
 
 
 @dataclass(eq=False)
@@ -142,7 +144,8 @@ class Pool(Executor):
                     if held.claim.func == func and not held.is_async:
                         held.is_async = True
                         proc.n_async += 1
-                if proc.n_async == len(proc.held):
+                if proc.n_async == len(proc.held) and \
+                        not any(h.suspect for h in proc.held.values()):
                     proc.alone = False
         for row in message["ran"]:
             ran = runner.Ran(*row)
@@ -166,12 +169,25 @@ class Pool(Executor):
         proc.process.join()
         if proc in self.retiring:
             self.retiring.remove(proc)   # shrunk away: not started again
-        elif not self._closed:
-            self.processes[self.processes.index(proc)] = self._start(proc.slot)
+        else:
+            self.processes.remove(proc)   # replaced below, or by _refill if that fails
         error = ProcessDied(proc.process.exitcode, list(proc.held), set(proc.timed_out))
         held, proc.held = list(proc.held.values()), {}
         for h in held:
             h.done(error)
+        self._refill()
+
+    def _refill(self) -> None:
+        """Start processes up to the pool's size. A fork can fail (memory short, as when
+        the OOM killer took a process): logged, and tried again at the next turn."""
+        while not self._closed and len(self.processes) < self.size:
+            slot = min(set(range(self.size)) - {p.slot for p in self.processes})
+            try:
+                self.processes.insert(slot, self._start(slot))
+            except Exception as exc:
+                log.error("worker: cannot start pool process %d (%s); trying again soon",
+                          slot, exc)
+                return
 
     def resize(self, size: int) -> None:
         """Grow or shrink to ``size`` processes while jobs run. The processes beyond the
@@ -253,7 +269,7 @@ class Pool(Executor):
         proc = self.place(is_async, alone)
         if proc is None:
             raise LookupError("no pool process has room for this job")
-        proc.held[claim.job_id] = _Held(claim, done, is_async, time.monotonic())
+        proc.held[claim.job_id] = _Held(claim, done, is_async, time.monotonic(), suspect)
         proc.n_async += is_async
         proc.outbox_sync = not is_async
         proc.alone = alone
@@ -290,7 +306,9 @@ class Pool(Executor):
 
     def kill_overdue(self) -> None:
         """Kill the process of a job past its timeout and KILL_GRACE: a sync job that
-        ignored its alarm (stuck in native code), or an async job blocking its loop."""
+        ignored its alarm (stuck in native code), or an async job blocking its loop. Also
+        starts the processes that could not be started when theirs died."""
+        self._refill()
         now = time.monotonic()
         for p in self._every():
             for job_id, h in p.held.items():
@@ -299,17 +317,32 @@ class Pool(Executor):
                     p.timed_out.add(job_id)
                     log.warning("worker: job %s ignored its timeout; killing its process",
                                 job_id)
+                elif h.cancelled_at and job_id not in p.timed_out and \
+                        now > h.cancelled_at + KILL_GRACE:
+                    p.timed_out.add(job_id)
+                    log.warning("worker: job %s ignored its cancellation; killing its "
+                                "process", job_id)
             if p.timed_out:
                 p.process.kill()
 
     def cancel(self, job_id: str) -> bool:
-        """Stop a job by killing its process: it settles as that process's culprit (its
-        neighbours run again); False when no process holds it."""
+        """Stop a job; False when no process holds it. An async job's task is cancelled,
+        so the jobs beside it go on (its process is killed only if it ignores that for
+        KILL_GRACE); a sync job's process is killed, the job settling as its culprit."""
         for p in self._every():
-            if job_id in p.held:
-                p.timed_out.add(job_id)
-                p.process.kill()
+            h = p.held.get(job_id)
+            if h is None:
+                continue
+            if h.is_async:
+                h.cancelled_at = time.monotonic()
+                p.outbox.append({"cancel": job_id})
+                if not self._flush_soon:
+                    self._flush_soon = True
+                    self._loop.call_soon(self.flush)
                 return True
+            p.timed_out.add(job_id)
+            p.process.kill()
+            return True
         return False
 
     def kill_all(self) -> None:

@@ -7,7 +7,8 @@ import logging
 import time
 from typing import Awaitable, Callable, TypeVar
 
-from redis.exceptions import BusyLoadingError, OutOfMemoryError, ReadOnlyError, ResponseError
+from redis.exceptions import (BusyLoadingError, MasterDownError, OutOfMemoryError, ReadOnlyError,
+                              ResponseError)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -17,9 +18,11 @@ T = TypeVar("T")
 REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 
 # Redis is up but refuses writes for a while (maxmemory with noeviction, a read-only
-# replica, loading its data): an outage too, not a bug. redis-py raises these classes;
-# MISCONF and BUSY are plain ResponseErrors that ``redis_refusal`` recognises by their code.
-REDIS_REFUSED = (OutOfMemoryError, ReadOnlyError, BusyLoadingError)
+# replica, loading its data, a replica cut off from its master, a master short of the
+# replicas min-replicas-to-write asks for): an outage too, not a bug. redis-py raises these
+# classes; MISCONF, BUSY and NOREPLICAS are plain ResponseErrors that ``redis_refusal``
+# recognises by their code.
+REDIS_REFUSED = (OutOfMemoryError, ReadOnlyError, BusyLoadingError, MasterDownError)
 
 _REFUSALS = {
     "OOM": "Redis is out of memory (maxmemory)",
@@ -27,9 +30,11 @@ _REFUSALS = {
     "MISCONF": "Redis refuses writes because it cannot save its snapshot (MISCONF)",
     "LOADING": "Redis is loading its data",
     "BUSY": "Redis is busy running a script",
+    "MASTERDOWN": "Redis is a replica that lost its master (MASTERDOWN)",
+    "NOREPLICAS": "Redis has fewer good replicas than min-replicas-to-write (NOREPLICAS)",
 }
 _REFUSAL_CLASSES = {OutOfMemoryError: "OOM", ReadOnlyError: "READONLY",
-                    BusyLoadingError: "LOADING"}
+                    BusyLoadingError: "LOADING", MasterDownError: "MASTERDOWN"}
 
 
 def redis_refusal(exc: BaseException) -> str | None:

@@ -115,6 +115,7 @@ class _Runner:
         self.sync_jobs: deque[dict] = deque()
         self.draining = False
         self.tasks: dict[asyncio.Task, str] = {}   # async jobs in flight -> job id
+        self.cancelling: set[str] = set()   # async jobs the worker asked to stop
         self.outbox: list[Ran] = []
         self.kinds: dict[str, bool] = {}       # func -> its run is async, as resolved here
         self.new_kinds: dict[str, bool] = {}   # not yet told to the worker
@@ -141,7 +142,13 @@ class _Runner:
 
     def _accept(self, data: bytes) -> None:
         for item in codec.unpack(data) or []:
-            self._start(item)
+            if "cancel" in item:   # cancel_job: stop that async job alone
+                for task, job_id in list(self.tasks.items()):
+                    if job_id == item["cancel"]:
+                        self.cancelling.add(job_id)
+                        task.cancel()
+            else:
+                self._start(item)
 
     def _report(self, out: Ran) -> None:
         out.finished_at = time.time()
@@ -230,6 +237,9 @@ class _Runner:
                 _failed(out, exc)
         except BaseException as exc:  # a job's SystemExit or CancelledError fails it too
             _failed(out, exc)
+            if isinstance(exc, asyncio.CancelledError) and out.job_id in self.cancelling:
+                out.payload = "Cancelled: cancel_job stopped it\n" + out.payload
+        self.cancelling.discard(out.job_id)
         self._report(out)
 
     def _drain_sync(self) -> None:

@@ -26,10 +26,10 @@ import redis.asyncio as aioredis
 from redis.exceptions import AuthenticationError as RedisAuthenticationError, NoScriptError
 
 import elric
-from elric import runner
+from elric import codec, runner
 from elric.clock import redis_now
 from elric.config import Settings, SettingsError, redact_url
-from elric.contract import ErrorCode
+from elric.contract import MAX_BATCH, ErrorCode
 from elric.keys import Keys
 from elric.loading import JobModules
 from elric.pool import Pool, ProcessDied
@@ -61,6 +61,10 @@ def _log_outcome(claim: Claim, record: Outcome) -> None:
     else:
         job_log.error("job %s %s: failed at attempt %d\n%s", claim.job_id, claim.func,
                       claim.attempt, str(record.payload).rstrip(), extra=fields)
+
+class ChildTooBig(Exception):
+    """A child job's spec does not fit in one RPC message: no call can send it."""
+
 
 CHUNK_SECONDS = 0.02  # fast sync jobs go to a pool process in batches about this long
 WARN_EVERY = 5.0  # seconds between warnings while waiting for Redis or the master
@@ -429,7 +433,7 @@ class Worker:
             for o in outcomes:
                 if o.job_id in refused:
                     o.ok, o.final = False, True
-                    o.payload = f"a child job was refused by the master: {refused[o.job_id]}"
+                    o.payload = f"a child job was refused: {refused[o.job_id]}"
         records = []
         for claim, o in batch:
             retry_ms = -1
@@ -459,18 +463,38 @@ class Worker:
         """
         batch = [c for o in outcomes if o.ok for c in o.children]
         try:
-            await self._call_master("submit_jobs", batch)
+            await self._submit_children(batch)
             return {}
-        except RemoteError:
+        except (RemoteError, ChildTooBig):
             pass  # one bad spec refuses the whole batch: find the parents at fault
         refused = {}
         for o in outcomes:
             if o.ok and o.children:
                 try:
-                    await self._call_master("submit_jobs", o.children)
-                except RemoteError as exc:
+                    await self._submit_children(o.children)
+                except (RemoteError, ChildTooBig) as exc:
                     refused[o.job_id] = str(exc)
         return refused
+
+    async def _submit_children(self, specs: list[dict]) -> None:
+        """``submit_jobs`` in calls the master takes: at most MAX_BATCH specs and
+        RPC_MAX_MESSAGE bytes each (a bigger request is not even sent). Child ids are
+        fixed, so calls that passed before one is refused are harmless when sent again."""
+        most = self.settings.RPC_MAX_MESSAGE - 64   # room for the request around the specs
+        call: list[dict] = []
+        size = 0
+        for spec in specs:
+            n = len(codec.pack(spec))
+            if n > most:
+                raise ChildTooBig(f"a child job is {n:,} bytes packed, over RPC_MAX_MESSAGE "
+                                  f"({self.settings.RPC_MAX_MESSAGE:,}); pass it less")
+            if call and (len(call) == MAX_BATCH or size + n > most):
+                await self._call_master("submit_jobs", call)
+                call, size = [], 0
+            call.append(spec)
+            size += n
+        if call:
+            await self._call_master("submit_jobs", call)
 
     async def _call_master(self, method: str, *params):
         backoff = Backoff(0.2, 5.0)
@@ -588,8 +612,8 @@ class Worker:
                 self._changed.set()
 
     def _stop_cancelled(self, job_ids: set[str]) -> None:
-        """cancel_job asked to stop these: a waiting one leaves unstarted, a running one
-        loses its process; either is recorded cancelled."""
+        """cancel_job asked to stop these: a waiting one leaves unstarted, a running one is
+        stopped by the pool (``Pool.cancel``); either is recorded cancelled."""
         for job_id in job_ids - self._cancelling:
             self._cancelling.add(job_id)
             log.info("worker: job %s cancelled; stopping it", job_id)

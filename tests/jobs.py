@@ -113,3 +113,17 @@ class Spin(Job):
         while time.monotonic() < deadline:
             pass
         return "spun"
+
+
+class PadLength(Job):
+    """Returns the length of its padding: a child job with big arguments."""
+
+    def run(self, pad):
+        return len(pad)
+
+
+class SpawnPadded(Job):
+    """Submits ``n`` PadLength children with ``size`` bytes of arguments each."""
+
+    def run(self, n, size):
+        return [PadLength.submit("x" * size) for _ in range(n)]

@@ -105,3 +105,18 @@ class RoundLeaf(Job):
     async def run(self, seconds):
         await asyncio.sleep(seconds)
         return seconds
+
+
+class AsyncStubborn(Job):
+    """Ignores being cancelled: sleeps on through a CancelledError."""
+
+    async def run(self, seconds, path=None):
+        if path:
+            append_line(path, self.job_id)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                await asyncio.sleep(deadline - time.monotonic())
+            except asyncio.CancelledError:
+                pass
+        return "outlasted"

@@ -189,3 +189,39 @@ def test_a_crash_among_async_jobs_is_found_by_running_the_suspects_apart(cluster
     # after the crash, each suspect ran in a process of its own
     cluster.client.submit_job(Add.spec([1, 2], job_id="after"))
     assert cluster.wait_job("after")["result"] == 3
+
+
+def test_a_suspect_keeps_its_process_to_itself_once_its_kind_is_reported():
+    """After a crash that names no culprit, each suspect runs in a process of its own. A
+    fresh process reports the kind of each class it meets, and that report let other async
+    jobs join a suspect: when it was the culprit they died with it, ran again, and with
+    more jobs coming the culprit might never die alone."""
+    import asyncio
+    import time
+
+    import msgpack
+
+    from elric.pool import Pool
+    from elric.queue import Claim
+
+    async def main():
+        news = asyncio.Event()
+        pool = Pool(1, async_slots=10, sync_batch=lambda: 1, on_news=news.set,
+                    job_modules=["tests.jobs_async"])
+        try:
+            pool.kinds["tests.jobs_async:AsyncSleep"] = True
+            claim = Claim("suspect", 1, "tests.jobs_async:AsyncSleep", msgpack.packb([5]),
+                          msgpack.packb({}), None, 0, "default", None)
+            pool.start(claim, lambda outcome: None, suspect=True)
+            pool.flush()
+            assert pool.place(True, False) is None
+            deadline = time.monotonic() + 20
+            while not pool.last_async:   # the process has told its kind
+                assert time.monotonic() < deadline, "no kind reported"
+                news.clear()
+                await asyncio.wait_for(news.wait(), 20)
+            assert pool.place(True, False) is None, "an async job may join the suspect"
+        finally:
+            pool.kill_all()
+            pool.shutdown(wait=True, cancel_futures=True)
+    asyncio.run(main())

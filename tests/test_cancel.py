@@ -11,6 +11,7 @@ import pytest
 from elric.rpc import RemoteError
 from tests.conftest import wait_for
 from tests.jobs import Echo, Fail, MarkSleep, Sleep
+from tests.jobs_async import AsyncSleep, AsyncStubborn
 
 
 def test_a_queued_or_retrying_job_is_cancelled_and_never_runs(cluster, tmp_path):
@@ -75,3 +76,53 @@ def test_cancelling_a_fire_keeps_its_schedule(cluster):
     wait_for(lambda: any(r["job_id"] != fire and r.get("outcome") == "running"
                          for r in c.get_job("tick")["runs"]), what="a later fire running")
     assert c.get_job("tick")["status"] == "scheduled"
+
+
+def test_a_job_cancelled_while_running_runs_when_rerun(cluster, tmp_path):
+    """The request to stop a running job stayed on it after it was recorded cancelled, so
+    `elric rerun` queued it with the request still there: its next worker stopped it again
+    at the first heartbeat, and the job could never run again."""
+    c = cluster.client
+    marks = tmp_path / "marks"
+    cluster.start_worker("--concurrency", "1")
+    c.submit_job(MarkSleep.spec([str(marks), 3], job_id="again"))
+    wait_for(marks.exists, what="the first run started")
+    c.cancel_job("again")
+    cluster.wait_job("again", statuses=("cancelled",))
+    assert c.rerun_job("again") == {"job_id": "again", "status": "queued"}
+    job = cluster.wait_job("again", statuses=("succeeded", "failed", "cancelled"))
+    assert (job["status"], job["attempts"]) == ("succeeded", 1), job["error"]
+    assert marks.read_text().split() == ["again", "again"]
+
+
+def test_cancelling_an_async_job_spares_the_jobs_beside_it(cluster, tmp_path):
+    """Async jobs share a pool process, up to ASYNC_CONCURRENCY of them. Cancelling one
+    killed that process: every job beside it was stopped half-way and ran again."""
+    c = cluster.client
+    marks = tmp_path / "marks"
+    worker = cluster.start_worker("--concurrency", "1")
+    c.submit_jobs([AsyncSleep.spec([60, str(marks)], job_id="victim"),
+                   AsyncSleep.spec([3, str(marks)], job_id="beside")])
+    wait_for(lambda: marks.exists() and len(marks.read_text().split()) == 2,
+             what="both started")
+    c.cancel_job("victim")
+    victim = cluster.wait_job("victim", statuses=("cancelled",))
+    assert "Cancelled: cancel_job stopped it" in victim["error"], victim["error"]
+    beside = cluster.wait_job("beside")
+    assert (beside["status"], beside["attempts"]) == ("succeeded", 1)
+    assert sorted(marks.read_text().split()) == ["beside", "victim"], "beside ran again"
+    assert worker.alive(), worker.log()
+
+
+def test_an_async_job_ignoring_its_cancellation_loses_its_process(cluster, tmp_path):
+    c = cluster.client
+    marks = tmp_path / "marks"
+    worker = cluster.start_worker("--concurrency", "1")
+    c.submit_job(AsyncStubborn.spec([60, str(marks)], job_id="stubborn"))
+    wait_for(marks.exists, what="it started")
+    c.cancel_job("stubborn")
+    job = cluster.wait_job("stubborn", statuses=("cancelled",), timeout=30)
+    assert "process was killed" in job["error"], job["error"]
+    assert "ignored its cancellation" in worker.log()
+    c.submit_job(Echo.spec(["after"], job_id="after"))
+    assert cluster.wait_job("after")["status"] == "succeeded"

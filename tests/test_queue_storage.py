@@ -169,3 +169,21 @@ def test_a_mixed_batch_is_queued_in_order_with_its_own_fields(redis_url):
                                      for g in got]) == ["succeeded"] * 5
         assert await r.hget(KEYS.batch("b1"), "succeeded") == b"3"
     asyncio.run(with_queue(redis_url, body))
+
+
+def test_an_attempt_asked_to_stop_is_not_retried_and_the_request_ends_with_it(redis_url):
+    """cancel_job on a running job sets a request its worker reads at a heartbeat. An
+    attempt that failed before that heartbeat was retried, the cancel lost with the job
+    going on; and a request left on a recorded job stopped its rerun."""
+    async def body(q, r):
+        [spec] = specs(1, job_id="j", max_retries=3)
+        await q.enqueue([spec])
+        [claim] = (await q.fetch("w", ["default"], 1, 30)).claims
+        assert await q.cancel("j") == "running"
+        assert await q.finish("w", [Outcome("j", claim.attempt, False, "boom", 5,
+                                            retry_ms=100)]) == ["cancelled"]
+        assert await r.hget(KEYS.job("j"), "cancel") is None
+        assert await q.rerun("j") == "cancelled"
+        [claim] = (await q.fetch("w", ["default"], 1, 30)).claims
+        assert (await q.heartbeat("w", [claim], 30)).cancel == set()
+    asyncio.run(with_queue(redis_url, body))

@@ -28,7 +28,7 @@ from elric.launch import Proc, elric_env, wait_for_master
 from elric.redis_server import RedisServer, find_redis_server, free_port
 from elric.rpc import Client, RemoteError, RPCConnectionError, RPCError, RPCTimeoutError
 from tests.conftest import ROOT, Cluster, wait_for
-from tests.jobs import Add, FailUnlessFile, MarkSleep, Sleep
+from tests.jobs import Add, FailUnlessFile, MarkSleep, Sleep, SpawnPadded
 from tests.jobs_faults import Crash, Flaky, IgnoreAlarm, Mark, count_lines
 
 KEYS = Keys("elric")
@@ -873,4 +873,92 @@ def test_a_claim_waiting_for_its_lease_check_stays_in_the_buffer_once(redis_url)
             assert [c.job_id for c in w.pool.claims()] == ["held"]
         finally:
             w.pool.shutdown(wait=True, cancel_futures=True)
+    asyncio.run(main())
+
+
+# --- 13. child jobs bigger than one RPC message ---------------------------------------------
+
+def test_children_too_big_for_one_message_are_sent_in_several_and_the_worker_goes_on(
+        make_cluster):
+    """A chunk's children go to the master in one submit_jobs call. When they did not fit
+    in RPC_MAX_MESSAGE the call raised before it was sent, which ended the task that
+    records outcomes: the worker went on taking jobs, recorded none, and renewed their
+    leases forever. Children that fit one by one are sent in several calls; a child too big
+    for any call fails its parent for good, and the worker goes on."""
+    c = make_cluster(RPC_MAX_MESSAGE=64 * 1024)
+    c.start_master()
+    worker = c.start_worker("--concurrency", "1")
+    c.client.submit_job(SpawnPadded.spec([4, 20_000], job_id="many"))
+    job = c.wait_job("many")
+    assert job["status"] == "succeeded", (job["error"], c.logs())
+    for child in job["result"]:
+        assert c.wait_job(child)["result"] == 20_000
+    c.client.submit_job(SpawnPadded.spec([1, 100_000], job_id="huge", max_retries=2))
+    job = c.wait_job("huge")
+    assert (job["status"], job["attempts"]) == ("failed", 1), c.logs()
+    assert "bytes" in job["error"] and "RPC_MAX_MESSAGE" in job["error"], job["error"]
+    c.client.submit_job(Add.spec([1, 2], job_id="after"))
+    assert c.wait_job("after")["result"] == 3, c.logs()
+    assert worker.alive()
+
+
+# --- 14. a submission sent again: its handle waits for the job that has the id ------------
+
+def test_the_handle_of_a_submission_sent_again_waits_for_the_job(cluster):
+    """Sending a job_id that exists changes nothing and answers that job's status, so a
+    submission can be retried safely; but the handle it returned refused to wait ("job
+    was running: it has no result") for any status other than queued."""
+    from elric.client import set_default_client
+
+    cluster.start_worker("--concurrency", "1")
+    set_default_client(cluster.client)
+    try:
+        first = Sleep.submit_with(args=[2, "once"], job_id="report")
+        wait_for(lambda: cluster.client.get_job("report")["status"] == "running",
+                 what="it runs")
+        again = Sleep.submit_with(args=[2, "once"], job_id="report")
+        assert again == first and again.submitted == "running"
+        assert again.result(timeout=30)["tag"] == "once"
+        assert Sleep.submit_with(args=[2, "once"], job_id="report").result()["tag"] == "once"
+    finally:
+        set_default_client(None)
+
+
+def test_a_pool_process_that_cannot_be_replaced_still_settles_its_jobs():
+    """A pool process killed under memory pressure (the OOM killer) is replaced at once,
+    and that fork may fail too. The failure was raised before the dead process's jobs were
+    settled: they were never run again nor failed, renewed under lease forever, and the
+    dead process stayed in the pool, taking jobs that went nowhere."""
+    import errno
+
+    from elric.pool import Pool, ProcessDied
+    from elric.queue import Claim
+
+    async def main():
+        pool = Pool(2, async_slots=1, sync_batch=lambda: 1, job_modules=["tests.jobs"])
+        try:
+            pool.kinds["tests.jobs:Sleep"] = False
+            outcomes = []
+            pool.start(Claim("held", 1, "tests.jobs:Sleep", msgpack.packb([30]),
+                             msgpack.packb({}), None, 0, "default", None), outcomes.append)
+            pool.flush()
+            [victim] = [p for p in pool.processes if p.held]
+            start = pool._start
+
+            def no_memory(slot):
+                raise OSError(errno.ENOMEM, "Cannot allocate memory")
+            pool._start = no_memory
+            victim.process.kill()
+            deadline = time.monotonic() + 20
+            while not outcomes:
+                assert time.monotonic() < deadline, "the dead process's job never settled"
+                await asyncio.sleep(0.02)
+            assert isinstance(outcomes[0], ProcessDied)
+            assert victim not in pool.processes and pool.claims() == []
+            pool._start = start
+            pool.kill_overdue()   # each turn of the worker's loop: the pool fills up again
+            assert len(pool.processes) == 2 and all(p.process.is_alive() for p in pool.processes)
+        finally:
+            pool.kill_all()
+            pool.shutdown(wait=True, cancel_futures=True)
     asyncio.run(main())

@@ -9,10 +9,12 @@ master cannot reach Redis sends its children again instead of failing their pare
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from redis.exceptions import ResponseError
 
 from elric.contract import normalize_spec
+from elric.queue import RedisQueue
 from tests.test_dedupe_keys_given_back import master
 
 
@@ -111,3 +113,85 @@ def test_a_batch_with_a_periodic_job_can_be_sent_again_after_cannot_reach_redis(
             out = await m.submit_jobs(batch)
             assert [o["status"] for o in out] == ["scheduled", "queued"]
     asyncio.run(main())
+
+
+def test_a_worker_sends_more_children_than_one_call_takes_in_several_calls():
+    """The master takes at most MAX_BATCH specs per submit_jobs call: a parent with more
+    children than that failed for good, refused as a whole."""
+    from elric.config import load_settings
+    from elric.contract import MAX_BATCH
+    from elric.runner import Ran
+    from elric.worker import Worker
+
+    class Master:
+        def __init__(self):
+            self.calls = []
+
+        async def call(self, method, specs):
+            self.calls.append(len(specs))
+            return [{"job_id": s["job_id"], "status": "queued"} for s in specs]
+
+    async def main():
+        w = Worker(load_settings(env={}))
+        children = [{"func": "tests.jobs:Echo", "job_id": f"c{i}"} for i in range(MAX_BATCH + 1)]
+        w.master = Master()
+        assert await w._send_children([Ran("parent", 1, True, b"", children)]) == {}
+        assert w.master.calls == [MAX_BATCH, 1]
+    asyncio.run(main())
+
+
+
+def test_a_worker_waits_out_redis_short_of_replicas_or_cut_off_from_its_master(tmp_path):
+    """A master set with min-replicas-to-write refuses writes (NOREPLICAS) while its
+    replicas lag; a replica cut off from its master refuses even reads (MASTERDOWN). Both
+    pass like a full Redis, but they were raised as bugs: the task that records outcomes
+    ended (the worker then ran jobs it never recorded) and a fetch ended the worker."""
+    import redis.asyncio as aredis
+
+    from elric.config import load_settings
+    from elric.redis_server import RedisServer, free_port
+    from elric.retry import is_outage
+    from elric.runner import Ran
+    from elric.worker import Worker
+
+    server = RedisServer().start()   # ours alone: it is made to refuse
+
+    async def main():
+        w = Worker(load_settings(env={"ELRIC_REDIS_URL": server.url}))
+        w.redis = aredis.Redis.from_url(server.url)
+        w.queue = RedisQueue(w.redis, w.keys)
+        admin = aredis.Redis.from_url(server.url)
+        try:
+            await w.queue.enqueue([normalize_spec({"func": "tests.jobs:Echo", "job_id": "j"})])
+            [claim] = (await w.queue.fetch(w.worker_id, ["default"], 1, 30)).claims
+            await admin.config_set("min-replicas-to-write", 1)
+            warned = asyncio.Event()
+            handler = logging.Handler()
+            handler.emit = lambda record: "NOREPLICAS" in record.getMessage() and warned.set()
+            logging.getLogger("elric.worker").addHandler(handler)
+            try:
+                recording = asyncio.create_task(w._record([(claim, Ran("j", 1, True, b"\xc0"))]))
+                await asyncio.wait([recording, asyncio.ensure_future(warned.wait())],
+                                   timeout=30, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                logging.getLogger("elric.worker").removeHandler(handler)
+            assert not recording.done(), recording.exception()   # it waits, retrying
+            await admin.config_set("min-replicas-to-write", 0)
+            await asyncio.wait_for(recording, 30)
+            assert await admin.hget(w.keys.job("j"), "status") == b"succeeded"
+            await admin.execute_command("REPLICAOF", "127.0.0.1", free_port())
+            await admin.config_set("replica-serve-stale-data", "no")
+            try:
+                await w.queue.fetch(w.worker_id, ["default"], 1, 30)
+                raise AssertionError("a replica cut off from its master answered")
+            except Exception as exc:
+                assert is_outage(exc), repr(exc)
+        finally:
+            await admin.execute_command("REPLICAOF", "NO", "ONE")
+            await admin.aclose()
+            await w.redis.aclose()
+
+    try:
+        asyncio.run(main())
+    finally:
+        server.cleanup()

@@ -16,7 +16,9 @@
 -- worker of the queue is woken to start one. A job of a round that ends (succeeded or
 -- failed for good) counts in the round's hash. A recorded attempt counts, by the status
 -- it led to, in the counters, its func's and its batch's stats hashes (with its duration
--- in their sum and histogram, and `last_at`) and the hash of the current minute.
+-- in their sum and histogram, and `last_at`) and the hash of the current minute. A job
+-- cancel.lua asked to stop that failed is cancelled, not retried, and a recorded job keeps
+-- no such request (a rerun of it must run).
 local jp, bp, dp, now = ARGV[1], ARGV[2], ARGV[3], now_ms()
 local result_ttl, failed_ttl, release_keys = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6] == '1'
 local rp, wp, roundp, fp = ARGV[7], ARGV[8], ARGV[9], ARGV[10]
@@ -41,10 +43,15 @@ for i = 13, #ARGV, 7 do
   local duration, bucket, retry = tonumber(ARGV[i + 4]), ARGV[i + 5], tonumber(ARGV[i + 6])
   local jk = jp .. id
   local f = redis.call('HMGET', jk, 'status', 'attempts', 'queue', 'batch', 'max_retries',
-                       'error', 'dedupe_key', 'dedupe_scope', 'limit_key', 'round', 'func')
+                       'error', 'dedupe_key', 'dedupe_scope', 'limit_key', 'round', 'func',
+                       'cancel')
   if f[1] ~= 'running' or f[2] ~= attempt then
     out[#out + 1] = 'stale'
   else
+    if f[12] then
+      redis.call('HDEL', jk, 'cancel')
+      if outcome == 'err' then outcome = 'cancel' end   -- it ended before its worker heard
+    end
     redis.call('ZREM', KEYS[1], id)
     redis.call('ZREM', KEYS[2], id)
     local lk = f[9]
