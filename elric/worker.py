@@ -79,6 +79,7 @@ class Worker:
         self.async_slots = settings.ASYNC_CONCURRENCY
         self.max_chunk = settings.WORKER_CHUNK
         self.lease = float(settings.LEASE_SECONDS)
+        self.started_at = 0   # ms, on Redis's clock; set when the worker registers
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.keys = Keys(settings.KEY_PREFIX)
         self.buffer: deque[Claim] = deque()      # claimed, not yet handed to the pool
@@ -526,18 +527,19 @@ class Worker:
         await self._retry_redis(self._register_once)   # Redis may refuse writes for a while
 
     async def _register_once(self) -> None:
-        info = {"host": socket.gethostname(), "pid": os.getpid(), "queues": ",".join(self.queues),
-                "concurrency": self.concurrency, "async_concurrency": self.async_slots,
-                "version": elric.__version__,
-                "started_at": int(await redis_now(self.redis) * 1000), "state": "running"}
-        await self.redis.hset(self.keys.worker(self.worker_id), mapping=info)
-        # seen, and kept a day
-        await self.queue.heartbeat(self.worker_id, [], self.lease, self._load_fields())
+        self.started_at = int(await redis_now(self.redis) * 1000)
+        await self.queue.heartbeat(self.worker_id, [], self.lease, self._hash_fields())
 
-    def _load_fields(self) -> dict:
-        """What a heartbeat writes into the worker's hash: its state and load. CPU % is
-        over the time since the last heartbeat, of the worker and its pool processes."""
-        fields = {"state": "paused" if self.paused else "running",
+    def _hash_fields(self) -> dict:
+        """The worker's hash, written whole by every heartbeat, so that a Redis which lost
+        it (a restart without persistence, a failover) shows the worker again within a
+        second. CPU % is over the time since the last heartbeat, of the worker and its pool
+        processes."""
+        fields = {"host": socket.gethostname(), "pid": os.getpid(),
+                  "queues": ",".join(self.queues), "concurrency": self.concurrency,
+                  "async_concurrency": self.async_slots, "version": elric.__version__,
+                  "started_at": self.started_at,
+                  "state": "paused" if self.paused else "running",
                   "processed": self.processed, "done": self.done, "failed": self.failed,
                   "in_flight": self.pool.in_flight()}
         measured = self.load.read([os.getpid(), *self.pool.pids()])
@@ -553,7 +555,7 @@ class Worker:
             try:
                 asked, claims = time.monotonic(), self._claims()
                 renewed = await self.queue.heartbeat(self.worker_id, claims, self.lease,
-                                                     self._load_fields())
+                                                     self._hash_fields())
                 for claim in claims:
                     if claim.job_id not in renewed.lost:
                         claim.held_until = asked + self.lease
@@ -577,11 +579,8 @@ class Worker:
                      "paused: fetches no jobs, runs those it holds" if self.paused
                      else "resumed: fetching jobs again")
             self._changed.set()
-        # The hash is written before the change is remembered: if Redis fails in between,
-        # the next heartbeat sees the change again and does it again.
+        # (the next heartbeat writes the new queues and pool size into the worker's hash)
         if control.queues and control.queues != self.queues:
-            await self.redis.hset(self.keys.worker(self.worker_id), "queues",
-                                  ",".join(control.queues))
             log.info("worker %s: now serves queues %s", self.worker_id,
                      ",".join(control.queues))
             self.queues = control.queues
@@ -591,9 +590,7 @@ class Worker:
                 and not self.stopping:
             # A smaller pool lets the processes it drops finish their jobs first; jobs
             # fetched meanwhile wait here, under lease, for a process with room.
-            self.pool.resize(control.concurrency)   # safe to repeat
-            await self.redis.hset(self.keys.worker(self.worker_id), "concurrency",
-                                  control.concurrency)
+            self.pool.resize(control.concurrency)
             log.info("worker %s: pool resized to %d processes (was %d)", self.worker_id,
                      control.concurrency, self.concurrency)
             self.concurrency = control.concurrency   # _fetch_size fetches for this many

@@ -194,6 +194,29 @@ def test_a_worker_is_paused_resumed_moved_and_stopped_without_a_restart(cluster)
     assert worker.wait() == 0 and "asked to stop" in worker.log()
 
 
+def test_a_worker_is_shown_whole_again_after_redis_lost_its_record(cluster, redis_url):
+    """A Redis restarted without persistence, or a failover, loses the worker's hash: the
+    worker's next heartbeats write all of it again, so operators see who it is."""
+    import socket
+
+    import redis
+
+    worker = cluster.start_worker("--concurrency", "1", "--queues", "default,other")
+    r = redis.Redis.from_url(redis_url)
+    r.flushdb()   # this test's own Redis, keeping nothing, as after such a restart
+    r.close()
+
+    def shown():
+        return next((w for w in cluster.client.stats()["workers"]
+                     if w.get("pid") == worker.pid), None)
+
+    row = wait_for(shown, what="the worker's hash written again")
+    assert (row["host"], row["queues"], row["concurrency"]) == (socket.gethostname(),
+                                                                "default,other", 1), row
+    assert row["state"] == "running" and row["started_at"], row
+    assert f"{worker.pid}" in elric(cluster, "workers").stdout
+
+
 def test_top_shows_jobs_queues_funcs_and_workers(cluster):
     worker = cluster.start_worker("--concurrency", "1")
     cluster.client.submit_job({"func": "tests.jobs:Add", "args": [1, 2], "job_id": "t1"})
