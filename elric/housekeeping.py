@@ -1,8 +1,8 @@
 """Housekeeping: what keeps jobs moving while no one submits anything.
 
 Every master runs it: jobs of workers whose lease ran out go back in line, retries whose
-backoff is over are queued again, and per-fire dedupe scopes older than DEDUPE_ROUND_TTL
-are dropped. Each step is an atomic script, so several masters may run it at once.
+backoff is over are queued again, per-fire dedupe scopes older than DEDUPE_ROUND_TTL are
+dropped, and the LIMITS rules are published again if Redis lost them. Each step is an atomic script, so several masters may run it at once.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from elric import limits
 from elric.clock import redis_now
 from elric.health import TaskHealth
 from elric.queue import RedisQueue
@@ -21,9 +22,9 @@ log = logging.getLogger("elric.master")
 
 class Housekeeping:
     def __init__(self, queue: RedisQueue, gate: DedupeGate, redis, keys,
-                 round_ttl: float) -> None:
+                 round_ttl: float, rules: dict[str, limits.Rule]) -> None:
         self.queue, self.gate, self.redis, self.keys = queue, gate, redis, keys
-        self.round_ttl = round_ttl
+        self.round_ttl, self.rules = round_ttl, rules
         self.health = TaskHealth(stale_after=30)   # a pass at least once a second
 
     async def run(self) -> None:
@@ -54,6 +55,9 @@ class Housekeeping:
                         len(recovered))
         await self.queue.promote()
         await self._drop_old_rounds()
+        if await limits.restore(self.redis, self.keys, self.rules):
+            log.warning("LIMITS were gone from Redis (restarted without persistence? "
+                        "flushed?): published again")
 
     async def _drop_old_rounds(self) -> None:
         cutoff = (await redis_now(self.redis) - self.round_ttl) * 1000

@@ -9,7 +9,8 @@ Setting ``LIMITS`` maps a key, or ``"*"`` for every key without its own entry, t
 
 ``interval`` (seconds between two starts) and ``rate`` (starts per second) say the same
 thing; give one. Jobs without a limit key, or with a key no rule covers, are not limited.
-The master publishes the rules to Redis when it starts; fetch.lua enforces them.
+The master publishes the rules to Redis when it starts, and again whenever Redis has lost
+them (restarted without persistence, flushed); fetch.lua enforces them.
 """
 
 from __future__ import annotations
@@ -78,3 +79,12 @@ async def publish(redis, keys, rules: dict[str, Rule]) -> None:
         if rules:
             pipe.hset(keys.limits, mapping={k: r.encoded() for k, r in rules.items()})
         await pipe.execute()
+
+
+async def restore(redis, keys, rules: dict[str, Rule]) -> bool:
+    """Publish ``rules`` again if Redis lost them, or every host would be crawled without
+    its limit until a master restarts. True if it did."""
+    if not rules or await redis.exists(keys.limits):
+        return False
+    await publish(redis, keys, rules)
+    return True

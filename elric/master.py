@@ -107,7 +107,8 @@ class Master:
         clock = RedisClock(self.redis)
         await clock.sync()
         self.store = RedisJobStore(self.redis, self.keys, clock=clock, min_interval=s.MIN_INTERVAL)
-        await limits.publish(self.redis, self.keys, limits.parse_rules(s.LIMITS))
+        rules = limits.parse_rules(s.LIMITS)
+        await limits.publish(self.redis, self.keys, rules)
         self.filters: dict[str, DedupeFilter] = {}
         for backend in {s.FILTER_BACKEND, *s.FILTER_SCOPES.values()}:
             f = make_filter(backend, self.redis, self.keys, capacity=s.BLOOM_CAPACITY,
@@ -120,7 +121,7 @@ class Master:
         self.admission = Admission(s, self.queue, self.store, gate, self.redis, self.keys)
         self.bulk = Bulk(self.queue, self.admission, self.redis, self.keys)
         self.housekeeping = Housekeeping(self.queue, gate, self.redis, self.keys,
-                                         s.DEDUPE_ROUND_TTL)
+                                         s.DEDUPE_ROUND_TTL, rules)
         self.scheduler = Scheduler(self.redis, self.keys, self.store,
                                    self.admission.enqueue_fires, master_id=self.master_id,
                                    lease_seconds=s.SCHEDULER_LEASE, clock=clock)

@@ -55,6 +55,28 @@ def test_a_limited_host_keeps_its_limits_across_workers_while_others_run_at_full
                                                             for j in slow_jobs) - 1.0
 
 
+def test_limits_hold_again_after_redis_lost_them(make_cluster, redis_url):
+    """A Redis restarted without persistence, or flushed, loses the rules the master
+    published at start: it publishes them again, so no host is crawled without its limit
+    while that master runs."""
+    c = make_cluster(LIMITS=json.dumps({"slow.test": {"concurrency": 1}}))
+    c.start_master()
+    c.start_worker("--concurrency", "1")
+    r = redis.Redis.from_url(redis_url)
+    published = r.hgetall(Keys("elric").limits)
+    assert published == {b"slow.test": b"1,"}
+    r.flushdb()   # this test's own Redis, keeping nothing, as after such a restart
+    wait_for(lambda: r.hgetall(Keys("elric").limits) == published,
+             what="the rules published again")
+    r.close()
+    specs = [AsyncHostPage.spec(["slow.test", i, 0.2], job_id=f"slow-{i}") for i in range(6)]
+    c.client.submit_jobs(specs)
+    jobs = [c.wait_job(s["job_id"]) for s in specs]
+    assert all(j["status"] == "succeeded" for j in jobs), c.logs()
+    assert most_at_once([(j["result"]["start"], j["result"]["end"]) for j in jobs]) == 1
+    assert "LIMITS were gone from Redis" in c.procs[0].log()
+
+
 def test_parked_jobs_count_as_queued_and_can_be_removed(make_cluster):
     c = make_cluster(LIMITS=json.dumps({"*": {"concurrency": 1}}), SHUTDOWN_GRACE=1)
     c.start_master()
