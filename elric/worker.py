@@ -80,6 +80,7 @@ class Worker:
         self.max_chunk = settings.WORKER_CHUNK
         self.lease = float(settings.LEASE_SECONDS)
         self.started_at = 0   # ms, on Redis's clock; set when the worker registers
+        self.broken = False   # a task it cannot do without failed: exit non-zero
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.keys = Keys(settings.KEY_PREFIX)
         self.buffer: deque[Claim] = deque()      # claimed, not yet handed to the pool
@@ -175,6 +176,7 @@ class Worker:
         await self._register()
         heartbeat = asyncio.create_task(self._heartbeat_loop())
         recorder = asyncio.create_task(self._record_loop())
+        recorder.add_done_callback(self._recorder_ended)
         log.info("worker %s: queues %s, %d processes, %d async jobs each", self.worker_id,
                  ",".join(self.queues), self.concurrency, self.async_slots)
         try:
@@ -183,7 +185,15 @@ class Worker:
             await self._shutdown(recorder)
             heartbeat.cancel()
             await self._close()
-        return 0
+        return 1 if self.broken else 0
+
+    def _recorder_ended(self, task: asyncio.Task) -> None:
+        """Outcomes that cannot be recorded leave jobs running under lease forever: a worker
+        whose recorder failed stops and exits non-zero; its jobs are redelivered."""
+        if not task.cancelled() and task.exception() is not None:
+            log.error("worker: recording outcomes failed; stopping", exc_info=task.exception())
+            self.broken = True
+            self.request_stop()
 
     def request_stop(self) -> None:
         if not self.stopping:

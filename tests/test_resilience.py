@@ -962,3 +962,31 @@ def test_a_pool_process_that_cannot_be_replaced_still_settles_its_jobs():
             pool.kill_all()
             pool.shutdown(wait=True, cancel_futures=True)
     asyncio.run(main())
+
+
+# --- 14. a recorder that fails stops the worker ---------------------------------------------
+
+def test_a_worker_whose_recorder_fails_stops_and_exits_non_zero(cluster, caplog):
+    """Outcomes that cannot be recorded would leave jobs running under lease forever while
+    the worker went on taking more: a worker whose recorder fails for a reason it does not
+    know stops, exit status 1, and its job is redelivered to the next worker."""
+    from elric.config import load_settings
+    from elric.worker import Worker
+
+    async def boom(batch):
+        raise RuntimeError("a bug in recording")
+
+    async def main():
+        w = Worker(load_settings(env={
+            "ELRIC_REDIS_URL": cluster.redis_url, "ELRIC_MASTER_ADDRESS": cluster.address,
+            "ELRIC_JOB_MODULES": "tests.jobs", "ELRIC_CONCURRENCY": "1",
+            "ELRIC_LEASE_SECONDS": "2", "ELRIC_SHUTDOWN_GRACE": "1"}))
+        w._record = boom
+        run = asyncio.create_task(w.run())
+        await asyncio.to_thread(cluster.client.submit_job, Add.spec([1, 2], job_id="lost"))
+        return await asyncio.wait_for(run, 30)   # before the fix it ran on, recording nothing
+
+    assert asyncio.run(main()) == 1
+    assert "recording outcomes failed; stopping" in caplog.text
+    cluster.start_worker("--concurrency", "1")
+    assert cluster.wait_job("lost")["result"] == 3
