@@ -109,7 +109,8 @@ class Conn:
 
     def __init__(self, port: int) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT)
-        self.unpacker = msgpack.Unpacker(raw=False, unicode_errors="surrogateescape")
+        self.unpacker = msgpack.Unpacker(raw=False, unicode_errors="surrogateescape",
+                                       strict_map_key=False)   # replies may echo int keys
         self.internal: list = []
 
     def send(self, data: bytes) -> bool:
