@@ -14,16 +14,17 @@ class TaskHealth:
     stale_after: float              # seconds without progress before it counts as stuck
     state: str = "starting"
     progress_at: float | None = None
+    in_trouble: bool = False        # retrying after an error (Redis away): not ok till it passes
 
     def progress(self, state: str) -> None:
-        self.state, self.progress_at = state, time.time()
+        self.state, self.progress_at, self.in_trouble = state, time.time(), False
 
     def trouble(self, state: str) -> None:
         """Something went wrong and the task is retrying: no progress."""
-        self.state = state
+        self.state, self.in_trouble = state, True
 
     def view(self, running: bool) -> dict:
-        ok = running and self.progress_at is not None and \
+        ok = running and not self.in_trouble and self.progress_at is not None and \
             time.time() - self.progress_at <= self.stale_after
         return {"state": self.state if running else "ended", "progress_at": self.progress_at,
                 "ok": ok}

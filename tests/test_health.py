@@ -40,6 +40,10 @@ def test_health_and_scheduling_ride_out_a_redis_restart(tmp_path):
         server.stop()
         wait_for(lambda: "retrying" in c.client.health()["tasks"]["housekeeping"]["state"],
                  what="health showing the outage")
+        # not ok at once, not only once the outage has lasted longer than a task's staleness
+        assert c.client.health()["ok"] is False
+        during = elric_health(c)
+        assert during.returncode == 1 and "retrying" in during.stdout, during.stdout
         down = time.monotonic()   # 3 s down: what is tested, not a wait for something
         wait_for(lambda: time.monotonic() - down >= 3, interval=0.1, what="3 s of outage")
         server.start()
