@@ -34,7 +34,7 @@ from elric.jobstore import RedisJobStore
 from elric.keys import Keys
 from elric.queue import RedisQueue
 from elric.reservation import DedupeGate, ScopeRefused
-from elric.retry import REDIS_ERRORS, redis_refusal
+from elric.retry import REDIS_CLIENT_OPTIONS, REDIS_ERRORS, redis_refusal
 from elric.rpc import RequestError, Server
 from elric.scheduler import Scheduler, fire_id
 
@@ -96,7 +96,7 @@ class Master:
         # instead of failing with "Too many connections".
         self.redis = aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool.from_url(
             s.REDIS_URL, max_connections=MAX_REDIS_CONNECTIONS, timeout=30,
-            socket_connect_timeout=5))
+            **REDIS_CLIENT_OPTIONS))
         try:
             await self.redis.ping()
         except Exception as exc:

@@ -17,6 +17,13 @@ T = TypeVar("T")
 # What "Redis cannot be reached right now" looks like from redis-py.
 REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 
+# How masters and workers connect: a connection gone silent (its peer vanished without
+# closing it: a host gone, a firewall that dropped it) fails its command within seconds,
+# an outage their callers retry on a new connection, rather than hanging it for good.
+# (redis-py 8 has these defaults; earlier releases wait forever.)
+REDIS_CLIENT_OPTIONS = {"socket_connect_timeout": 5, "socket_timeout": 5,
+                        "socket_keepalive": True}
+
 # Redis is up but refuses writes for a while (maxmemory with noeviction, a read-only
 # replica, loading its data, a replica cut off from its master, a master short of the
 # replicas min-replicas-to-write asks for): an outage too, not a bug. redis-py raises these

@@ -34,7 +34,8 @@ from elric.keys import Keys
 from elric.loading import JobModules
 from elric.pool import Pool, ProcessDied
 from elric.queue import Claim, Outcome, RedisQueue, WakeOn, WorkerControl
-from elric.retry import REDIS_ERRORS, REDIS_REFUSED, Backoff, is_outage, retry
+from elric.retry import (REDIS_CLIENT_OPTIONS, REDIS_ERRORS, REDIS_REFUSED, Backoff, is_outage,
+                         retry)
 from elric.rpc import AsyncClient, RemoteError, RPCConnectionError, RPCError
 from elric.usage import LoadMeter
 
@@ -111,8 +112,9 @@ class Worker:
         start after the worker. Settings that cannot work (a wrong password or RPC_TOKEN)
         are refused at once; ``request_stop`` cancels the wait."""
         s = self.settings
-        self.redis = aioredis.Redis.from_url(s.REDIS_URL, socket_connect_timeout=5)
-        self.blocking_redis = aioredis.Redis.from_url(s.REDIS_URL, socket_connect_timeout=5)
+        self.redis = aioredis.Redis.from_url(s.REDIS_URL, **REDIS_CLIENT_OPTIONS)
+        # (its waits for work last at most a second or two, well inside socket_timeout)
+        self.blocking_redis = aioredis.Redis.from_url(s.REDIS_URL, **REDIS_CLIENT_OPTIONS)
         backoff, next_warning = Backoff(0.2, 5.0), 0.0
         while True:
             what = f"Redis at {redact_url(s.REDIS_URL)}"

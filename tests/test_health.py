@@ -1,5 +1,6 @@
 """health: what each background task of a master is doing and when it last got something
-done; scheduling goes on after a Redis restart; a task that ends takes its master down
+done; scheduling and work go on after a Redis restart and after their Redis connections
+went silent; a task that ends takes its master down
 with a non-zero exit, so a supervisor starts it again."""
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ import sys
 import time
 
 from elric.redis_server import RedisServer, free_port
+from elric.rpc import RemoteError
 from tests.conftest import ROOT, Cluster, wait_for
 from tests.jobs import Echo
+from tests.silent_proxy import SilentProxy
 
 
 def fire_times(client, schedule):
@@ -69,3 +72,37 @@ def test_a_background_task_that_ends_takes_its_master_down_non_zero(redis_url, m
     settings = load_settings(env={"ELRIC_REDIS_URL": redis_url,
                                   "ELRIC_MASTER_ADDRESS": f"127.0.0.1:{free_port()}"})
     assert asyncio.run(asyncio.wait_for(Master(settings).run(), 60)) == 1
+
+
+def test_master_and_worker_go_on_when_their_redis_connections_go_silent(redis_url, tmp_path):
+    """A connection whose peer vanished without closing it (a host gone, a firewall that
+    dropped it) never answers: a command waiting on it must fail in seconds, as an outage,
+    and the next one go through a new connection. Hung, it stopped the schedule and the
+    worker for good."""
+    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    proxy = SilentProxy(port)
+    c = Cluster(proxy.url(), tmp_path)
+    try:
+        c.start_master()
+        c.start_worker("--concurrency", "1")
+        c.client.submit_job(Echo.spec([], job_id="tick", trigger={"type": "interval",
+                                                                  "seconds": 1}))
+        wait_for(lambda: len(fire_times(c.client, "tick")) >= 2, what="the schedule firing")
+        assert proxy.silence() >= 3   # the master's and the worker's connections
+        silenced = time.time()
+
+        def submitted() -> bool:
+            try:
+                c.client.submit_job(Echo.spec(["after"], job_id="after"))
+                return True
+            except RemoteError as exc:   # the master's command timed out: nothing queued
+                assert exc.code == "redis_unavailable", exc
+                return False
+        wait_for(submitted, timeout=60, interval=0.2, what="the master queueing again")
+        assert c.wait_job("after", timeout=60)["status"] == "succeeded"
+        wait_for(lambda: len([t for t in fire_times(c.client, "tick") if t > silenced]) >= 2,
+                 timeout=60, what="the schedule firing again")
+        assert all(p.alive() for p in c.procs), c.logs()
+    finally:
+        c.close()
+        proxy.close()

@@ -1,0 +1,69 @@
+"""A TCP proxy on loopback that can make the connections through it go silent: what a
+peer that vanished without closing looks like (a host gone, a firewall or NAT that
+dropped the connection). Data sent into a silenced connection is read and thrown away,
+and nothing ever comes back; connections made afterwards pass normally."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+from elric.redis_server import free_port
+
+
+class SilentProxy:
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = free_port()
+        self._listener = socket.create_server(("127.0.0.1", self.port))
+        self._lock = threading.Lock()
+        self._pairs: list[tuple[socket.socket, socket.socket, threading.Event]] = []
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def url(self, db: int = 0) -> str:
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+                server = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:
+                continue
+            silent = threading.Event()
+            with self._lock:
+                self._pairs.append((client, server, silent))
+            for src, dst in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(src, dst, silent),
+                                 daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket, silent: threading.Event) -> None:
+        try:
+            while data := src.recv(65536):
+                if not silent.is_set():
+                    dst.sendall(data)
+        except OSError:
+            pass
+        if not silent.is_set():   # a silenced connection is never closed by the proxy
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def silence(self) -> int:
+        """Make every open connection go silent; returns how many there were."""
+        with self._lock:
+            for _, _, silent in self._pairs:
+                silent.set()
+            return len(self._pairs)
+
+    def close(self) -> None:
+        self._closed = True
+        self._listener.close()
+        with self._lock:
+            for client, server, _ in self._pairs:
+                client.close()
+                server.close()
