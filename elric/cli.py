@@ -425,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     calls = (("ping", "ask the master for pong"), ("status", "an overview: jobs, workers, "
               "health (exit 1 if not ok)"), ("stats", "job statistics, as JSON"),
-             ("health", "what the master's tasks do (exit 1 if one is stuck)"),
+             ("health", "what the master's tasks do (exit 1 if one is stuck or retrying)"),
              ("workers", "the workers, alive and lost"), ("job", "show one job"),
              ("top", "a live view of jobs, queues, funcs and workers, every second"),
              ("jobs", "list jobs, newest first"),
