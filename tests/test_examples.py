@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, wait_for
 
 
 def script_env(**elric) -> dict:
@@ -83,3 +85,40 @@ def test_elric_demo_without_the_crawl_extra_crawls_with_the_sync_crawler(tmp_pat
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "pip install 'elric[crawl]'; crawling with the synchronous crawler" in proc.stdout
     assert "crawled 4 pages (4 on the site, each fetched 1 time(s) at most)" in proc.stdout
+
+
+def test_elric_demo_stopped_by_sigterm_stops_what_it_started(tmp_path):
+    """A `kill`, a supervisor or a closed terminal ended the demo alone: its redis-server,
+    master and worker ran on."""
+    env = script_env()
+    env["TMPDIR"] = str(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "elric", "demo", "--pages", "3", "--keep"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    pids: list[int] = []
+    try:
+        wait_for(lambda: any("the dashboard stays" in line for line in lines), timeout=120,
+                 what="the demo crawled and waits")
+        pids = [int(p) for p in re.findall(r"\(pid (\d+)\)", "".join(lines))]
+        assert len(pids) == 3, lines  # redis-server, master, worker
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+        reader.join(10)
+        assert "stopped everything the demo started\n" in lines, lines
+        wait_for(lambda: not any(_alive(pid) for pid in pids), timeout=30,
+                 what="the demo's processes gone")
+    finally:
+        proc.kill()
+        for pid in filter(_alive, pids):   # left running by the demo: ours to end
+            os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False

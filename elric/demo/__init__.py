@@ -11,6 +11,7 @@ works from any directory after ``pip install``; ``examples/`` re-exports them.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -31,6 +32,9 @@ def run_demo(settings_path: str | None = None, pages: int = 25, timeout: float =
         from elric.demo.crawler_sync import CrawlSync as Crawl
         print(f"({exc}; crawling with the synchronous crawler instead)")
 
+    # A `kill`, a supervisor or a closed terminal stops what the demo started too.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _exit_on_signal)
     settings = load_settings(settings_path)
     logdir = tempfile.mkdtemp(prefix="elric-demo-")
     redis_server = None
@@ -106,3 +110,7 @@ def run_demo(settings_path: str | None = None, pages: int = 25, timeout: float =
         if redis_server is not None:
             redis_server.cleanup()
         print("stopped everything the demo started")
+
+
+def _exit_on_signal(signum, frame):
+    raise SystemExit(128 + signum)   # through the finally that stops everything
