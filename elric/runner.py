@@ -36,11 +36,6 @@ class JobTimeout(Exception):
     """Raised inside a sync job that ran past its timeout."""
 
 
-class JobCancelled(BaseException):
-    """Raised inside a sync job that cancel_job stopped. A BaseException, as asyncio's
-    CancelledError is, so a job's ``except Exception`` does not swallow it."""
-
-
 @dataclass(slots=True)
 class Ran:
     """How one attempt ended in a pool process; crosses back to the worker as a msgpack
@@ -78,7 +73,6 @@ def serve(conn, job_modules: tuple[str, ...], worker_pid: int, log_level: str,
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGALRM, _on_alarm)   # a sync job's timeout
-    # (SIGUSR1, a sync job's cancellation, is handled by the _Runner)
     try:
         import uvloop
         loop = uvloop.new_event_loop()
@@ -120,12 +114,6 @@ class _Runner:
         self.result_max = result_max   # RESULT_MAX_BYTES: what get_job can always send
         self.sync_jobs: deque[dict] = deque()
         self.draining = False
-        # shared with the thread that reads the pipe, under the lock:
-        self.lock = threading.Lock()
-        self.unstarted: dict[str, int] = {}     # job id -> attempt: arrived, not started
-        self.running_sync: str | None = None   # the sync job running now
-        self.stop_running = False              # cancel_job asked to stop it
-        self.send_lock = threading.Lock()      # both threads write to the pipe
         self.tasks: dict[asyncio.Task, str] = {}   # async jobs in flight -> job id
         self.cancelling: set[str] = set()   # async jobs the worker asked to stop
         self.outbox: list[Ran] = []
@@ -135,7 +123,6 @@ class _Runner:
         self.last_tick = time.monotonic()
 
     def run(self) -> None:
-        signal.signal(signal.SIGUSR1, self._on_cancel)
         threading.Thread(target=self._read, daemon=True, name="elric-pool-reader").start()
         if self.lag_warn:
             self.loop.call_soon(self._tick)
@@ -145,58 +132,23 @@ class _Runner:
     # --- the pipe ---------------------------------------------------------------------
     def _read(self) -> None:
         """A thread that always drains the pipe, so the worker never waits on a full one
-        while a sync job holds the loop. It acts on a cancellation at once, since the loop
-        may be busy with a sync job: a job that has not started is reported cancelled and
-        never starts; the sync job running now is interrupted (SIGUSR1, ``_on_cancel``);
-        an async job's task is cancelled on the loop (``_accept``)."""
-        main = threading.main_thread().ident
+        while a sync job holds the loop."""
         while True:
             try:
-                items = codec.unpack(self.conn.recv_bytes()) or []
+                data = self.conn.recv_bytes()
             except (EOFError, OSError):
                 os._exit(0)  # the worker closed its end: it is done with this process
-            for item in items:
-                job_id, attempt = item.get("cancel"), None
-                with self.lock:
-                    if job_id is None:
-                        self.unstarted[item["job_id"]] = item["attempt"]
-                        continue
-                    attempt = self.unstarted.pop(job_id, None)
-                    if job_id == self.running_sync:
-                        self.stop_running = True
-                        signal.pthread_kill(main, signal.SIGUSR1)
-                if attempt is not None:
-                    self._send({"ran": [Ran.failure(
-                        job_id, attempt, "Cancelled: cancel_job stopped it before it "
-                                         "started").row()], "kinds": {}})
-            self.loop.call_soon_threadsafe(self._accept, items)
+            self.loop.call_soon_threadsafe(self._accept, data)
 
-    def _on_cancel(self, signum, frame) -> None:
-        if self.stop_running:   # once: it may not stop the job's cleanup as well
-            self.stop_running = False
-            raise JobCancelled("cancel_job stopped it")
-
-    def _accept(self, items: list[dict]) -> None:
-        for item in items:
-            if "cancel" in item:
+    def _accept(self, data: bytes) -> None:
+        for item in codec.unpack(data) or []:
+            if "cancel" in item:   # cancel_job: stop that async job alone
                 for task, job_id in list(self.tasks.items()):
                     if job_id == item["cancel"]:
                         self.cancelling.add(job_id)
                         task.cancel()
             else:
                 self._start(item)
-
-    def _starts(self, job_id: str) -> bool:
-        """Whether the job may start now: False once it was cancelled (and reported)."""
-        with self.lock:
-            return self.unstarted.pop(job_id, None) is not None
-
-    def _send(self, message: dict) -> None:
-        with self.send_lock:
-            try:
-                self.conn.send_bytes(codec.pack(message))
-            except OSError:
-                os._exit(0)  # the worker is gone
 
     def _report(self, out: Ran) -> None:
         out.finished_at = time.time()
@@ -228,7 +180,10 @@ class _Runner:
         if self.outbox or self.new_kinds:
             message = {"ran": [o.row() for o in self.outbox], "kinds": self.new_kinds}
             self.outbox, self.new_kinds = [], {}
-            self._send(message)
+            try:
+                self.conn.send_bytes(codec.pack(message))
+            except OSError:
+                os._exit(0)  # the worker is gone
 
     # --- running jobs -----------------------------------------------------------------
     def _start(self, item: dict) -> None:
@@ -241,21 +196,15 @@ class _Runner:
             instance.job_id, instance.attempt = item["job_id"], item["attempt"]
             instance.dedupe_scope = item.get("dedupe_scope") or None
         except SpecError as exc:   # no such Job class in a loaded module: no retry helps
-            if not self._starts(out.job_id):
-                return
             log.error("job %s: %s", item["job_id"], exc)
             out.payload, out.final = f"refused: {exc}", True
             return self._report(out)
         except ModuleBroken as exc:   # a failed attempt: retried, maybe after a fix
-            if not self._starts(out.job_id):
-                return
             log.error("job %s: %s", item["job_id"], exc)
             out.payload = f"ModuleBroken: {exc}"
             return self._report(out)
         except BaseException as exc:
-            if self._starts(out.job_id):
-                self._report(_failed(out, exc))
-            return
+            return self._report(_failed(out, exc))
         ctx = job_module._RunContext(item["job_id"], item)
         if item["func"] not in self.kinds:
             # the worker gives a class it has not seen a process of its own: tell it the
@@ -264,8 +213,6 @@ class _Runner:
             self.new_kinds[item["func"]] = is_async
             self._flush_soon()
         if self.kinds[item["func"]]:
-            if not self._starts(out.job_id):
-                return
             out.is_async = True
             task = self.loop.create_task(self._run_async(instance, args, kwargs, ctx, out,
                                                           item.get("timeout")))
@@ -300,10 +247,6 @@ class _Runner:
         flushed = time.monotonic()
         while self.sync_jobs:
             instance, args, kwargs, ctx, out, timeout = self.sync_jobs.popleft()
-            with self.lock:
-                if self.unstarted.pop(out.job_id, None) is None:
-                    continue   # cancelled before it started, and reported so
-                self.running_sync = out.job_id
             token = job_module._current.set(ctx)
             try:
                 if timeout:
@@ -313,22 +256,12 @@ class _Runner:
                 finally:
                     if timeout:
                         signal.setitimer(signal.ITIMER_REAL, 0)
-                    with self.lock:   # no SIGUSR1 for it from now on
-                        self.running_sync, self.stop_running = None, False
                 _succeeded(out, result, ctx)
             except JobTimeout:
                 out.payload = f"JobTimeout: ran past its timeout of {timeout:g}s"
-            except JobCancelled as exc:   # with where it was stopped
-                out.payload = "Cancelled: cancel_job stopped it\n" + \
-                    "".join(traceback.format_exception(exc))
             except BaseException as exc:
                 _failed(out, exc)
             finally:
-                if self.running_sync is not None:   # stopped inside the finally above
-                    if timeout:
-                        signal.setitimer(signal.ITIMER_REAL, 0)
-                    with self.lock:
-                        self.running_sync, self.stop_running = None, False
                 job_module._current.reset(token)
             self._report(out)
             if time.monotonic() - flushed > FLUSH_SECONDS:

@@ -69,19 +69,6 @@ class MarkSleep(Job):
         return {"pid": os.getpid(), "at": time.time()}
 
 
-class MarkUntil(Job):
-    """Appends its job id to ``path`` when it starts, then waits (up to a minute) until
-    ``release`` exists."""
-
-    def run(self, path, release):
-        with open(path, "a") as f:
-            f.write(f"{self.job_id}\n")
-        deadline = time.monotonic() + 60
-        while not os.path.exists(release) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        return {"pid": os.getpid()}
-
-
 class FailUnlessFile(Job):
     """Fails until ``path`` exists: a job that succeeds when rerun after a fix."""
 

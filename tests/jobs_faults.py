@@ -37,12 +37,10 @@ class Crash(Job):
 
 
 class IgnoreAlarm(Job):
-    """Ignores SIGALRM and SIGUSR1, its timeout and its cancellation (like code stuck in C
-    that never returns to Python), then sleeps."""
+    """Ignores SIGALRM (like code stuck in C that never returns to Python), then sleeps."""
 
     def run(self, seconds, path=None):
         signal.signal(signal.SIGALRM, signal.SIG_IGN)
-        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         if path:
             append_line(path, self.job_id)
         deadline = time.monotonic() + seconds

@@ -10,9 +10,8 @@ import pytest
 
 from elric.rpc import RemoteError
 from tests.conftest import wait_for
-from tests.jobs import Echo, Fail, MarkSleep, MarkUntil, Sleep
+from tests.jobs import Echo, Fail, MarkSleep, Sleep
 from tests.jobs_async import AsyncSleep, AsyncStubborn
-from tests.jobs_faults import IgnoreAlarm
 
 
 def test_a_queued_or_retrying_job_is_cancelled_and_never_runs(cluster, tmp_path):
@@ -125,75 +124,5 @@ def test_an_async_job_ignoring_its_cancellation_loses_its_process(cluster, tmp_p
     job = cluster.wait_job("stubborn", statuses=("cancelled",), timeout=30)
     assert "process was killed" in job["error"], job["error"]
     assert "ignored its cancellation" in worker.log()
-    c.submit_job(Echo.spec(["after"], job_id="after"))
-    assert cluster.wait_job("after")["status"] == "succeeded"
-
-
-def _two_sync_jobs_in_one_process(cluster, marks, first, behind) -> int:
-    """A worker of one process holding ``first`` (running) and ``behind`` (waiting its
-    turn in the same process); returns that process's pid."""
-    c = cluster.client
-    worker = cluster.start_worker("--concurrency", "1")
-    # Fast runs of both classes: their kind is known, and the worker now sends sync jobs
-    # to its process in batches.
-    warm = str(cluster.tmp_path / "warm")
-    for i in range(6):
-        c.submit_job(MarkSleep.spec([warm, 0], job_id=f"warm-{i}"))
-        pid = cluster.wait_job(f"warm-{i}")["result"]["pid"]
-    c.submit_job(MarkUntil.spec([warm, warm], job_id="warm-until"))
-    assert cluster.wait_job("warm-until")["result"]["pid"] == pid
-    c.submit_jobs([first, behind])
-    wid = next(w["worker_id"] for w in c.stats()["workers"] if w["pid"] == worker.pid)
-    wait_for(lambda: next(w for w in c.stats()["workers"]
-                          if w["worker_id"] == wid)["in_flight"] == 2,
-             what="both jobs in the pool process")
-    wait_for(lambda: first["job_id"] in marks.read_text().split(), what="first started")
-    return pid
-
-
-def test_cancelling_a_waiting_sync_job_spares_the_job_running_beside_it(cluster, tmp_path):
-    """Sync jobs reach a pool process in batches. Cancelling one killed that process: the
-    job running in it stopped half-way and ran again, and jobs it had finished but not
-    yet reported ran twice."""
-    marks, release = tmp_path / "marks", tmp_path / "release"
-    pid = _two_sync_jobs_in_one_process(
-        cluster, marks, MarkUntil.spec([str(marks), str(release)], job_id="first"),
-        MarkSleep.spec([str(marks), 0], job_id="behind"))
-    cluster.client.cancel_job("behind")
-    behind = cluster.wait_job("behind", statuses=("cancelled",))
-    assert "Cancelled: cancel_job stopped it before it started" in behind["error"]
-    release.touch()
-    first = cluster.wait_job("first")
-    assert (first["status"], first["attempts"], first["result"]["pid"]) == \
-        ("succeeded", 1, pid)
-    assert marks.read_text().split() == ["first"]
-
-
-def test_a_running_sync_job_is_interrupted_and_its_process_goes_on(cluster, tmp_path):
-    marks = tmp_path / "marks"
-    pid = _two_sync_jobs_in_one_process(
-        cluster, marks, MarkSleep.spec([str(marks), 60], job_id="long"),
-        MarkSleep.spec([str(marks), 0], job_id="behind"))
-    cluster.client.cancel_job("long")
-    long = cluster.wait_job("long", statuses=("cancelled",))
-    assert "Cancelled: cancel_job stopped it\n" in long["error"], long["error"]
-    assert "process was killed" not in long["error"]
-    assert "time.sleep(seconds)" in long["error"]   # where it was stopped
-    behind = cluster.wait_job("behind")
-    assert (behind["status"], behind["attempts"], behind["result"]["pid"]) == \
-        ("succeeded", 1, pid)
-    assert marks.read_text().split() == ["long", "behind"]
-
-
-def test_a_sync_job_ignoring_its_cancellation_loses_its_process(cluster, tmp_path):
-    c = cluster.client
-    marks = tmp_path / "marks"
-    worker = cluster.start_worker("--concurrency", "1")
-    c.submit_job(IgnoreAlarm.spec([60, str(marks)], job_id="stuck"))
-    wait_for(marks.exists, what="it started")
-    c.cancel_job("stuck")
-    job = cluster.wait_job("stuck", statuses=("cancelled",), timeout=30)
-    assert "process was killed" in job["error"], job["error"]
-    assert "job stuck ignored its cancellation" in worker.log()
     c.submit_job(Echo.spec(["after"], job_id="after"))
     assert cluster.wait_job("after")["status"] == "succeeded"
