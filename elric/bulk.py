@@ -190,11 +190,20 @@ class Bulk:
         dedupe key (a copy is asked for on purpose)."""
         specs = []
         for job_id, job in zip(ids, await asyncio.gather(*map(self.queue.get_job, ids))):
-            if job is not None:
-                specs.append({"func": job["func"], "args": job["args"], "kwargs": job["kwargs"],
-                              "queue": job["queue"], "priority": job["priority"],
-                              "max_retries": job["max_retries"], "job_id": f"{job_id}~{op}",
-                              **{key: job[key] for key in ("batch", "timeout") if job[key]}})
+            if job is None:
+                continue
+            spec = {"func": job["func"], "args": job["args"], "kwargs": job["kwargs"],
+                    "queue": job["queue"], "priority": job["priority"],
+                    "max_retries": job["max_retries"], "job_id": f"{job_id}~{op}",
+                    **{key: job[key] for key in ("batch", "timeout") if job[key]}}
+            try:   # one refused copy (e.g. its id over 200 characters) must not stop the rest
+                self.admission.normalize(spec)
+            except SpecError as exc:
+                step.skipped += 1
+                if len(step.errors) < 5:
+                    step.errors.append(f"copy of {job_id}: {exc}")
+                continue
+            specs.append(spec)
         for submitted in await self.admission.submit(specs) if specs else []:
             if submitted.status == Status.QUEUED:
                 step.touched += 1

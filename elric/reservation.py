@@ -40,6 +40,8 @@ class Reservation:
     # id(spec) -> its key was new. A check again (a caller's retry) asks only the specs not
     # answered yet, since a scope asked twice would call its own keys seen
     new: dict[int, bool] = field(default_factory=dict)
+    # the group whose filter call failed: its answer may be lost with the keys taken
+    unsure: list[dict] = field(default_factory=list)
 
     @property
     def passed(self) -> list[dict]:
@@ -51,6 +53,9 @@ class Reservation:
 
     async def check(self) -> None:
         """Ask each scope's filter about its keyed specs, one call per scope."""
+        if self.unsure:   # a retry: else it would find the keys it took "seen"
+            await self.gate.give_back_unheld(self.unsure, if_unknown=True)
+            self.unsure = []
         by_scope: dict[str, list[dict]] = {}
         for spec in self.specs:
             if spec.get("dedupe_key") is not None and id(spec) not in self.new:
@@ -62,6 +67,9 @@ class Reservation:
                     scope, [s["dedupe_key"] for s in group])
             except DedupeError as exc:
                 raise ScopeRefused(scope, exc) from None
+            except BaseException:
+                self.unsure = group
+                raise
             self.new.update(zip(map(id, group), verdicts))
 
     async def settle(self, submitted: list[Submitted]) -> None:
@@ -72,9 +80,10 @@ class Reservation:
             await self.gate.give_back_unheld(existed, if_unknown=False)
 
     async def cancel(self) -> None:
-        """After a failed call: keys of the passed specs whose job does not exist go back
-        (the enqueue may have run with its reply lost, so each is looked up first)."""
-        await self.gate.give_back_unheld(self.passed, if_unknown=True)
+        """After a failed call: keys of the passed (and unsure) specs whose job does not
+        exist go back (the enqueue may have run with its reply lost, so each is looked up
+        first)."""
+        await self.gate.give_back_unheld(self.passed + self.unsure, if_unknown=True)
 
 
 class DedupeGate:

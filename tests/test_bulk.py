@@ -105,3 +105,25 @@ def _parked(cluster) -> int:
         return int(r.hget(Keys().limits_parked, "default") or 0)
     finally:
         r.close()
+
+
+def test_a_copy_whose_new_id_is_too_long_is_skipped_and_the_others_are_made(redis_url):
+    """A source id near 200 characters cannot take "~op": that job is skipped, saying why,
+    rather than the whole step refused again at every call (no job of it ever copied)."""
+    import asyncio
+
+    from tests.test_dedupe_keys_given_back import master
+
+    async def main():
+        async with master(redis_url) as m:
+            long_id = "L" * 199
+            await m.submit_jobs([{"func": "tests.jobs:Echo", "job_id": i, "queue": "copyq"}
+                                 for i in ("short", long_id)])
+            queued_at = (await m.get_job("short"))["enqueued_at"]
+            while (lambda s, us: s + us / 1e6)(*await m.redis.time()) <= queued_at + 0.002:
+                await asyncio.sleep(0.01)   # a copy passes over jobs queued since it began
+            step = await m.bulk_jobs("copy", {"ids": ["short", long_id]}, "", "op1")
+            assert (step["touched"], step["skipped"]) == (1, 1), step
+            assert long_id in step["errors"][0] and "200" in step["errors"][0]
+            assert (await m.get_job("short~op1"))["status"] == "queued"
+    asyncio.run(main())

@@ -88,6 +88,28 @@ def test_an_enqueue_whose_reply_is_lost_gives_back_only_the_keys_of_jobs_not_que
     asyncio.run(main())
 
 
+def test_a_dedupe_check_whose_reply_is_lost_gives_its_keys_back(redis_url):
+    """The filter took the key, then the connection dropped before its answer: the
+    caller gets an error, and its resend is queued, not "filtered" (the job was lost)."""
+    async def main():
+        async with master(redis_url) as m:
+            f = m.filters["set"]
+            real = f.check_and_add
+
+            async def lost(scope, keys):
+                await real(scope, keys)
+                raise RedisConnectionError("Connection reset by peer")
+            f.check_and_add = lost
+            spec = {"func": E, "job_id": "crawl-x", "dedupe_key": "http://x/"}
+            with pytest.raises(RequestError, match="cannot reach Redis"):
+                await m.submit_jobs([spec])
+            f.check_and_add = real
+            assert await m.submit_jobs([spec]) == [{"job_id": "crawl-x", "status": "queued"}]
+            assert (await m.submit_jobs([{**spec, "job_id": "other"}]))[0]["status"] == \
+                "filtered"
+    asyncio.run(main())
+
+
 def test_a_call_in_flight_when_the_master_stops_finishes(redis_url):
     """Stopping the master lets a submit_jobs under way finish (its keys taken, its job
     queued, its answer sent) rather than cutting it between the filter and the queue."""
@@ -237,9 +259,11 @@ def test_resubmitting_the_id_of_a_finished_job_does_not_take_its_key_again(redis
     asyncio.run(main())
 
 
-def test_a_fire_retried_after_a_redis_error_in_a_later_scope_is_still_queued(redis_url):
+@pytest.mark.parametrize("lost", ["before", "after"])
+def test_a_fire_retried_after_a_redis_error_in_a_later_scope_is_still_queued(redis_url, lost):
     """Two fires are two per-fire scopes. When Redis fails on the second scope, the
-    scheduler's retry must not check the first again (its key is taken: "seen")."""
+    scheduler's retry must not check the first again (its key is taken: "seen"), nor find
+    the second's key taken by the check whose answer was lost ("after")."""
     async def main():
         async with master(redis_url) as m:
             # this test plays the scheduler: once the master's own leads, stop it
@@ -254,6 +278,8 @@ def test_a_fire_retried_after_a_redis_error_in_a_later_scope_is_still_queued(red
             async def flaky(scope, keys):
                 calls.append(scope)
                 if len(calls) == 2:
+                    if lost == "after":
+                        await real(scope, keys)
                     raise RedisConnectionError("Connection reset by peer")
                 return await real(scope, keys)
             f.check_and_add = flaky
