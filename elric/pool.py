@@ -62,7 +62,7 @@ class _Held:
     is_async: bool
     sent_at: float
     suspect: bool = False   # of a crash: keeps its process to itself whatever its kind
-    cancelled_at: float | None = None   # when its task was asked to stop (an async job)
+    cancelled_at: float | None = None   # when cancel_job asked its process to stop it
 
 
 @dataclass(eq=False)
@@ -326,22 +326,18 @@ class Pool(Executor):
                 p.process.kill()
 
     def cancel(self, job_id: str) -> bool:
-        """Stop a job; False when no process holds it. An async job's task is cancelled,
-        so the jobs beside it go on (its process is killed only if it ignores that for
-        KILL_GRACE); a sync job's process is killed, the job settling as its culprit."""
+        """Stop a job; False when no process holds it. Its process stops it alone (an
+        async job's task is cancelled, a sync job is dropped or interrupted), so the jobs
+        beside it go on; the process is killed only if the job ignores that for KILL_GRACE."""
         for p in self._every():
             h = p.held.get(job_id)
             if h is None:
                 continue
-            if h.is_async:
-                h.cancelled_at = time.monotonic()
-                p.outbox.append({"cancel": job_id})
-                if not self._flush_soon:
-                    self._flush_soon = True
-                    self._loop.call_soon(self.flush)
-                return True
-            p.timed_out.add(job_id)
-            p.process.kill()
+            h.cancelled_at = time.monotonic()
+            p.outbox.append({"cancel": job_id, "attempt": h.claim.attempt})
+            if not self._flush_soon:
+                self._flush_soon = True
+                self._loop.call_soon(self.flush)
             return True
         return False
 

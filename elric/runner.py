@@ -6,6 +6,10 @@ sync ``run`` blocks the loop while it runs, so the worker sends sync jobs only t
 that holds no async ones. The Job class is looked up here among the job modules the
 process loaded at start (``elric.loading``), never imported: Redis may have been written
 by someone other than a master.
+
+cancel_job stops one job and spares the others of its process: an async job's task is
+cancelled; a waiting sync job is dropped; a running sync job is interrupted by SIGUSR1,
+which the pipe's reader thread sends to the main thread.
 """
 
 from __future__ import annotations
@@ -34,6 +38,14 @@ FLUSH_SECONDS = 0.02  # a run of fast sync jobs reports its outcomes at least th
 
 class JobTimeout(Exception):
     """Raised inside a sync job that ran past its timeout."""
+
+
+class JobCancelled(BaseException):
+    """Raised inside a sync job that cancel_job stopped. A BaseException, as
+    KeyboardInterrupt is, so that a job's ``except Exception`` does not swallow it."""
+
+
+CANCELLED = "Cancelled: cancel_job stopped it"
 
 
 @dataclass(slots=True)
@@ -112,10 +124,14 @@ class _Runner:
                  lag_warn: float, result_max: int) -> None:
         self.conn, self.loop, self.modules, self.lag_warn = conn, loop, modules, lag_warn
         self.result_max = result_max   # RESULT_MAX_BYTES: what get_job can always send
-        self.sync_jobs: deque[dict] = deque()
+        self.sync_jobs: deque[tuple] = deque()
         self.draining = False
-        self.tasks: dict[asyncio.Task, str] = {}   # async jobs in flight -> job id
-        self.cancelling: set[str] = set()   # async jobs the worker asked to stop
+        self.tasks: dict[asyncio.Task, Ran] = {}   # async jobs in flight
+        # shared with the reader thread, under `lock`: what it took off the pipe
+        self.lock = threading.Lock()
+        self.inbox: list[dict] = []               # jobs not started yet
+        self.cancels: set[tuple[str, int]] = set()   # (job_id, attempt) asked to stop
+        self.running: tuple[str, int] | None = None   # the sync job inside its run()
         self.outbox: list[Ran] = []
         self.kinds: dict[str, bool] = {}       # func -> its run is async, as resolved here
         self.new_kinds: dict[str, bool] = {}   # not yet told to the worker
@@ -123,6 +139,7 @@ class _Runner:
         self.last_tick = time.monotonic()
 
     def run(self) -> None:
+        signal.signal(signal.SIGUSR1, self._on_cancel)
         threading.Thread(target=self._read, daemon=True, name="elric-pool-reader").start()
         if self.lag_warn:
             self.loop.call_soon(self._tick)
@@ -132,23 +149,68 @@ class _Runner:
     # --- the pipe ---------------------------------------------------------------------
     def _read(self) -> None:
         """A thread that always drains the pipe, so the worker never waits on a full one
-        while a sync job holds the loop."""
+        while a sync job holds the loop. It never writes to the pipe: it could block there
+        while the worker blocks sending to it."""
+        main = threading.main_thread().ident
         while True:
             try:
-                data = self.conn.recv_bytes()
+                items = codec.unpack(self.conn.recv_bytes()) or []
             except (EOFError, OSError):
                 os._exit(0)  # the worker closed its end: it is done with this process
-            self.loop.call_soon_threadsafe(self._accept, data)
+            cancels = {(i["cancel"], i["attempt"]) for i in items if "cancel" in i}
+            with self.lock:
+                self.inbox.extend(i for i in items if "cancel" not in i)
+                self.cancels |= cancels
+            self.loop.call_soon_threadsafe(self._take)
+            if cancels:   # a sync job may hold the loop: _on_cancel answers at once
+                signal.pthread_kill(main, signal.SIGUSR1)
 
-    def _accept(self, data: bytes) -> None:
-        for item in codec.unpack(data) or []:
-            if "cancel" in item:   # cancel_job: stop that async job alone
-                for task, job_id in list(self.tasks.items()):
-                    if job_id == item["cancel"]:
-                        self.cancelling.add(job_id)
-                        task.cancel()
+    def _take(self) -> None:
+        """Start the jobs the reader took; cancel the async ones asked to stop, and forget
+        requests for jobs that have ended."""
+        with self.lock:
+            items, self.inbox = self.inbox, []
+            asked = set(self.cancels)
+        for item in items:
+            if (item["job_id"], item["attempt"]) in asked:   # a task cancelled before its
+                self._report(_cancelled(item))               # first step would not report
             else:
                 self._start(item)
+        live = {(e[4].job_id, e[4].attempt) for e in self.sync_jobs}
+        for task, out in self.tasks.items():
+            key = (out.job_id, out.attempt)
+            live.add(key)
+            if key in asked and not task.cancelling():
+                task.cancel()
+        with self.lock:
+            self.cancels -= asked - live
+
+    def _on_cancel(self, signum, frame) -> None:
+        """SIGUSR1: a cancel request came. Between jobs the drain loop or ``_take`` answers
+        it. Inside a sync job's run, answer now: drop the asked-for jobs waiting behind it
+        and send every outcome that waits, so the worker kills this process only for a job
+        that ignores its cancellation; then stop the running job if it was asked."""
+        if self.running is None:
+            return
+        # a second request (or the job's alarm) must not interrupt this half-way
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGALRM})
+        try:
+            with self.lock:
+                asked = set(self.cancels)
+                dropped = [i for i in self.inbox if (i["job_id"], i["attempt"]) in asked]
+                self.inbox = [i for i in self.inbox if (i["job_id"], i["attempt"]) not in asked]
+            waiting = [e for e in self.sync_jobs if (e[4].job_id, e[4].attempt) in asked]
+            for entry in waiting:
+                self.sync_jobs.remove(entry)
+            dropped += [{"job_id": e[4].job_id, "attempt": e[4].attempt} for e in waiting]
+            self.outbox += map(_cancelled, dropped)
+            with self.lock:
+                self.cancels -= {(i["job_id"], i["attempt"]) for i in dropped}
+            self._flush()
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1, signal.SIGALRM})
+        if self.running in asked:
+            raise JobCancelled(CANCELLED)
 
     def _report(self, out: Ran) -> None:
         out.finished_at = time.time()
@@ -216,7 +278,7 @@ class _Runner:
             out.is_async = True
             task = self.loop.create_task(self._run_async(instance, args, kwargs, ctx, out,
                                                           item.get("timeout")))
-            self.tasks[task] = out.job_id
+            self.tasks[task] = out
             task.add_done_callback(self.tasks.pop)
         else:
             self.sync_jobs.append((instance, args, kwargs, ctx, out, item.get("timeout")))
@@ -237,38 +299,60 @@ class _Runner:
                 _failed(out, exc)
         except BaseException as exc:  # a job's SystemExit or CancelledError fails it too
             _failed(out, exc)
-            if isinstance(exc, asyncio.CancelledError) and out.job_id in self.cancelling:
-                out.payload = "Cancelled: cancel_job stopped it\n" + out.payload
-        self.cancelling.discard(out.job_id)
+            if isinstance(exc, asyncio.CancelledError) and self._asked(out):
+                out.payload = CANCELLED + "\n" + out.payload
         self._report(out)
 
+    def _asked(self, out: Ran) -> bool:
+        """Whether cancel_job asked to stop this attempt; the request is answered now."""
+        key = (out.job_id, out.attempt)
+        with self.lock:
+            asked = key in self.cancels
+            self.cancels.discard(key)
+        return asked
+
     def _drain_sync(self) -> None:
-        """Run the sync jobs that arrived, one after another, reporting every FLUSH_SECONDS."""
+        """Run the sync jobs that arrived, one after another, reporting every FLUSH_SECONDS
+        and at once after a cancelled one (the worker waits for it)."""
         flushed = time.monotonic()
         while self.sync_jobs:
             instance, args, kwargs, ctx, out, timeout = self.sync_jobs.popleft()
-            token = job_module._current.set(ctx)
-            try:
-                if timeout:
-                    signal.setitimer(signal.ITIMER_REAL, timeout)   # _on_alarm stops it
-                try:
-                    result = instance.run(*args, **kwargs)
-                finally:
-                    if timeout:
-                        signal.setitimer(signal.ITIMER_REAL, 0)
-                _succeeded(out, result, ctx)
-            except JobTimeout:
-                out.payload = f"JobTimeout: ran past its timeout of {timeout:g}s"
-            except BaseException as exc:
-                _failed(out, exc)
-            finally:
-                job_module._current.reset(token)
+            if (out.job_id, out.attempt) in self.cancels:
+                out.payload = CANCELLED + " before it started"
+            else:
+                self._run_sync(instance, args, kwargs, ctx, out, timeout)
+            cancelled = self._asked(out)
             self._report(out)
-            if time.monotonic() - flushed > FLUSH_SECONDS:
+            if cancelled or time.monotonic() - flushed > FLUSH_SECONDS:
                 self._flush()
                 flushed = time.monotonic()
         self.draining = False
         self._flush()
+
+    def _run_sync(self, instance, args, kwargs, ctx, out: Ran, timeout) -> None:
+        token = job_module._current.set(ctx)
+        try:
+            if timeout:
+                signal.setitimer(signal.ITIMER_REAL, timeout)   # _on_alarm stops it
+            try:
+                # inside the try: _on_cancel may raise JobCancelled from here on
+                self.running = (out.job_id, out.attempt)
+                if self.running in self.cancels:   # asked while it was being taken
+                    raise JobCancelled(CANCELLED)
+                result = instance.run(*args, **kwargs)
+            finally:
+                self.running = None
+                if timeout:
+                    signal.setitimer(signal.ITIMER_REAL, 0)
+            _succeeded(out, result, ctx)
+        except JobTimeout:
+            out.payload = f"JobTimeout: ran past its timeout of {timeout:g}s"
+        except JobCancelled:
+            out.payload = CANCELLED
+        except BaseException as exc:
+            _failed(out, exc)
+        finally:
+            job_module._current.reset(token)
 
     # --- a blocked loop ---------------------------------------------------------------
     def _tick(self) -> None:
@@ -288,7 +372,8 @@ class _Runner:
             warned = self.last_tick
             task = getattr(asyncio.tasks, "_current_tasks", {}).get(self.loop)
             culprit = self.tasks.get(task) if task is not None else None
-            who = f"job {culprit}" if culprit else f"one of jobs {sorted(self.tasks.values())}"
+            who = f"job {culprit.job_id}" if culprit else \
+                f"one of jobs {sorted(o.job_id for o in self.tasks.values())}"
             log.warning("%s has blocked its event loop for %.1fs: an async run must not call "
                         "blocking code (time.sleep, a sync HTTP client); await instead, or "
                         "use asyncio.to_thread", who, stalled)
@@ -302,6 +387,10 @@ def _succeeded(out: Ran, result, ctx) -> None:
                        f"msgpack value ({exc}); return plain data (dict, list, str, numbers)")
         return
     out.ok, out.children = True, ctx.children
+
+
+def _cancelled(item: dict) -> Ran:
+    return Ran.failure(item["job_id"], item["attempt"], CANCELLED + " before it started")
 
 
 def _failed(out: Ran, exc: BaseException) -> Ran:

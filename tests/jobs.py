@@ -69,6 +69,21 @@ class MarkSleep(Job):
         return {"pid": os.getpid(), "at": time.time()}
 
 
+class Stubborn(Job):
+    """Appends its job id to ``path`` when it starts, then sleeps ``seconds`` through any
+    exception: a sync job that ignores being cancelled."""
+
+    def run(self, path, seconds):
+        MarkSleep.run(self, path, 0)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                time.sleep(0.05)
+            except BaseException:
+                pass
+        return "outlasted"
+
+
 class FailUnlessFile(Job):
     """Fails until ``path`` exists: a job that succeeds when rerun after a fix."""
 

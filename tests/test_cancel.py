@@ -10,7 +10,7 @@ import pytest
 
 from elric.rpc import RemoteError
 from tests.conftest import wait_for
-from tests.jobs import Echo, Fail, MarkSleep, Sleep
+from tests.jobs import Echo, Fail, MarkSleep, Sleep, Stubborn
 from tests.jobs_async import AsyncSleep, AsyncStubborn
 
 
@@ -126,3 +126,69 @@ def test_an_async_job_ignoring_its_cancellation_loses_its_process(cluster, tmp_p
     assert "ignored its cancellation" in worker.log()
     c.submit_job(Echo.spec(["after"], job_id="after"))
     assert cluster.wait_job("after")["status"] == "succeeded"
+
+
+def _batches_form(cluster) -> None:
+    """Fast jobs first: the worker then sends sync jobs to its process in batches."""
+    cluster.client.submit_jobs([Echo.spec([i], job_id=f"warm-{i}") for i in range(40)])
+    for i in range(40):
+        cluster.wait_job(f"warm-{i}")
+
+
+def test_cancelling_a_sync_job_spares_the_jobs_of_its_batch(cluster, tmp_path):
+    """Sync jobs reach a pool process in batches. Cancelling one killed that process: the
+    jobs of its batch that had ended but not reported yet, and the ones waiting, ran again;
+    a waiting job cancelled behind a long one killed the long one."""
+    c = cluster.client
+    marks = tmp_path / "marks"
+    worker = cluster.start_worker("--concurrency", "1")
+    _batches_form(cluster)
+    before = [f"before-{i}" for i in range(5)]
+    after = [f"after-{i}" for i in range(3)]
+    c.submit_jobs([MarkSleep.spec([str(marks), 0], job_id=j) for j in before]
+                  + [MarkSleep.spec([str(marks), 60], job_id="victim"),
+                     MarkSleep.spec([str(marks), 0], job_id="waiting")]
+                  + [MarkSleep.spec([str(marks), 0], job_id=j) for j in after])
+    wait_for(lambda: marks.exists() and "victim" in marks.read_text().split(),
+             what="the victim started")
+    c.cancel_job("waiting")
+    assert "Cancelled: cancel_job stopped it" in \
+        cluster.wait_job("waiting", statuses=("cancelled",))["error"]
+    assert c.get_job("victim")["status"] == "running", "the job before it was spared"
+    c.cancel_job("victim")
+    victim = cluster.wait_job("victim", statuses=("cancelled",))
+    assert "Cancelled: cancel_job stopped it" in victim["error"], victim["error"]
+    assert "process was killed" not in victim["error"]
+    pids = set()
+    for job_id in before + after:
+        job = cluster.wait_job(job_id)
+        assert (job["status"], job["attempts"]) == ("succeeded", 1), job
+        pids.add(job["result"]["pid"])
+    assert len(pids) == 1, "the pool process was killed"
+    assert sorted(marks.read_text().split()) == sorted(before + after + ["victim"]), \
+        "a job ran twice, or the cancelled waiting one ran"
+    assert worker.alive(), worker.log()
+
+
+def test_a_sync_job_ignoring_its_cancellation_loses_its_process_not_its_batch(cluster,
+                                                                            tmp_path):
+    c = cluster.client
+    marks = tmp_path / "marks"
+    worker = cluster.start_worker("--concurrency", "1")
+    _batches_form(cluster)
+    before = [f"before-{i}" for i in range(5)]
+    c.submit_jobs([MarkSleep.spec([str(marks), 0], job_id=j) for j in before]
+                  + [Stubborn.spec([str(marks), 60], job_id="stubborn"),
+                     MarkSleep.spec([str(marks), 0], job_id="waiting")])
+    wait_for(lambda: marks.exists() and "stubborn" in marks.read_text().split(),
+             what="the stubborn job started")
+    c.cancel_job("stubborn")
+    job = cluster.wait_job("stubborn", statuses=("cancelled",), timeout=30)
+    assert "process was killed" in job["error"], job["error"]
+    assert "ignored its cancellation" in worker.log()
+    for job_id in before + ["waiting"]:
+        job = cluster.wait_job(job_id)
+        assert (job["status"], job["attempts"]) == ("succeeded", 1), job
+    # the ended ones had reported before the kill: only the waiting one, never started, ran
+    # in the new process
+    assert sorted(marks.read_text().split()) == sorted(before + ["stubborn", "waiting"])
