@@ -58,8 +58,8 @@ class Ran:
     ok: bool
     payload: bytes | str            # the packed result, or the error text
     children: list = field(default_factory=list)
-    started_at: float = 0.0
-    finished_at: float = 0.0
+    started_at: float = 0.0     # time.monotonic(): for the duration only, which a step of
+    finished_at: float = 0.0    # the wall clock (NTP) must not bend
     final: bool = False
     is_async: bool = False
 
@@ -68,7 +68,7 @@ class Ran:
 
     @classmethod
     def failure(cls, job_id: str, attempt: int, why: str) -> "Ran":
-        now = time.time()
+        now = time.monotonic()
         return cls(job_id, attempt, False, why, [], now, now)
 
 
@@ -213,7 +213,7 @@ class _Runner:
             raise JobCancelled(CANCELLED)
 
     def _report(self, out: Ran) -> None:
-        out.finished_at = time.time()
+        out.finished_at = time.monotonic()
         if out.children:
             try:
                 codec.pack(out.children)
@@ -249,7 +249,7 @@ class _Runner:
 
     # --- running jobs -----------------------------------------------------------------
     def _start(self, item: dict) -> None:
-        out = Ran(item["job_id"], item["attempt"], False, "", started_at=time.time())
+        out = Ran(item["job_id"], item["attempt"], False, "", started_at=time.monotonic())
         try:
             cls = self.modules.job_class(item["func"])
             args = codec.unpack(item["args"]) or []

@@ -10,7 +10,7 @@ import pytest
 
 from elric.launch import faketime_lib
 from tests.conftest import wait_for
-from tests.jobs import Echo, Sleep
+from tests.jobs import Echo, MarkSleep, Sleep
 
 
 def test_a_master_two_minutes_ahead_neither_redelivers_running_jobs_nor_drops_fires(
@@ -40,3 +40,25 @@ def test_a_master_two_minutes_ahead_neither_redelivers_running_jobs_nor_drops_fi
     fire = wait_for(fired, timeout=30, what="the date job's fire")
     assert fire["status"] == "succeeded", c.logs()
     assert fire["enqueued_at"] >= run_date - 0.05, (fire, run_date)   # not early either
+
+
+def test_a_worker_whose_clock_steps_back_mid_job_records_its_real_duration(make_cluster,
+                                                                          tmp_path):
+    """A job's duration came from two wall-clock readings in its pool process, so an NTP
+    step during the run (here an hour back) recorded it as minus an hour."""
+    lib = faketime_lib()
+    if lib is None:
+        pytest.skip("needs the libfaketime package (pip install -e .[test])")
+    c = make_cluster()
+    c.start_master()
+    offset, marks = tmp_path / "offset", tmp_path / "marks"
+    offset.write_text("+0\n")
+    c.env.update(LD_PRELOAD=lib, FAKETIME_TIMESTAMP_FILE=str(offset), FAKETIME_NO_CACHE="1",
+                 FAKETIME_DONT_FAKE_MONOTONIC="1")   # the wall clock steps, as NTP steps it
+    c.start_worker("--concurrency", "1")
+    c.client.submit_job(MarkSleep.spec([str(marks), 2], job_id="long"))
+    wait_for(marks.exists, what="the job started")
+    offset.write_text("-3600\n")
+    job = c.wait_job("long")
+    assert job["status"] == "succeeded", c.logs()
+    assert 1.5 <= job["duration"] < 60, job
