@@ -33,7 +33,7 @@ from elric.loading import JobModules, ModuleBroken
 
 log = logging.getLogger("elric.runner")
 
-FLUSH_SECONDS = 0.02  # a run of fast sync jobs reports its outcomes at least this often
+FLUSH_SECONDS = 0.02  # an outcome waits at most about this long while sync jobs run
 
 
 class JobTimeout(Exception):
@@ -127,11 +127,14 @@ class _Runner:
         self.sync_jobs: deque[tuple] = deque()
         self.draining = False
         self.tasks: dict[asyncio.Task, Ran] = {}   # async jobs in flight
-        # shared with the reader thread, under `lock`: what it took off the pipe
-        self.lock = threading.Lock()
+        # shared with the reader thread, under `inbox_lock`: what it took off the pipe
+        self.inbox_lock = threading.Lock()
         self.inbox: list[dict] = []               # jobs not started yet
         self.cancels: set[tuple[str, int]] = set()   # (job_id, attempt) asked to stop
         self.running: tuple[str, int] | None = None   # the sync job inside its run()
+        # outbox and new_kinds are sent by the loop and by _send_waiting, under outbox_lock;
+        # the reader never takes it, so a send blocked on a full pipe cannot stop the reader
+        self.outbox_lock = threading.Lock()
         self.outbox: list[Ran] = []
         self.kinds: dict[str, bool] = {}       # func -> its run is async, as resolved here
         self.new_kinds: dict[str, bool] = {}   # not yet told to the worker
@@ -141,6 +144,7 @@ class _Runner:
     def run(self) -> None:
         signal.signal(signal.SIGUSR1, self._on_cancel)
         threading.Thread(target=self._read, daemon=True, name="elric-pool-reader").start()
+        threading.Thread(target=self._send_waiting, daemon=True, name="elric-pool-send").start()
         if self.lag_warn:
             self.loop.call_soon(self._tick)
             threading.Thread(target=self._watch_lag, daemon=True, name="elric-lag").start()
@@ -158,7 +162,7 @@ class _Runner:
             except (EOFError, OSError):
                 os._exit(0)  # the worker closed its end: it is done with this process
             cancels = {(i["cancel"], i["attempt"]) for i in items if "cancel" in i}
-            with self.lock:
+            with self.inbox_lock:
                 self.inbox.extend(i for i in items if "cancel" not in i)
                 self.cancels |= cancels
             self.loop.call_soon_threadsafe(self._take)
@@ -168,7 +172,7 @@ class _Runner:
     def _take(self) -> None:
         """Start the jobs the reader took; cancel the async ones asked to stop, and forget
         requests for jobs that have ended."""
-        with self.lock:
+        with self.inbox_lock:
             items, self.inbox = self.inbox, []
             asked = set(self.cancels)
         for item in items:
@@ -182,20 +186,19 @@ class _Runner:
             live.add(key)
             if key in asked and not task.cancelling():
                 task.cancel()
-        with self.lock:
+        with self.inbox_lock:
             self.cancels -= asked - live
 
     def _on_cancel(self, signum, frame) -> None:
         """SIGUSR1: a cancel request came. Between jobs the drain loop or ``_take`` answers
-        it. Inside a sync job's run, answer now: drop the asked-for jobs waiting behind it
-        and send every outcome that waits, so the worker kills this process only for a job
-        that ignores its cancellation; then stop the running job if it was asked."""
+        it. Inside a sync job's run, answer now: the asked-for jobs waiting behind it are
+        dropped (reported cancelled), and the running one stops if it was asked."""
         if self.running is None:
             return
         # a second request (or the job's alarm) must not interrupt this half-way
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGALRM})
         try:
-            with self.lock:
+            with self.inbox_lock:
                 asked = set(self.cancels)
                 dropped = [i for i in self.inbox if (i["job_id"], i["attempt"]) in asked]
                 self.inbox = [i for i in self.inbox if (i["job_id"], i["attempt"]) not in asked]
@@ -203,10 +206,10 @@ class _Runner:
             for entry in waiting:
                 self.sync_jobs.remove(entry)
             dropped += [{"job_id": e[4].job_id, "attempt": e[4].attempt} for e in waiting]
-            self.outbox += map(_cancelled, dropped)
-            with self.lock:
+            for item in dropped:
+                self._report(_cancelled(item))
+            with self.inbox_lock:
                 self.cancels -= {(i["job_id"], i["attempt"]) for i in dropped}
-            self._flush()
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1, signal.SIGALRM})
         if self.running in asked:
@@ -228,7 +231,8 @@ class _Runner:
                                "it elsewhere (a file, an object store) and return where it is")
             else:   # a traceback that big: keep its end, where the exception is
                 out.payload = "[... cut ...]\n" + out.payload[-self.result_max:]
-        self.outbox.append(out)
+        with self.outbox_lock:
+            self.outbox.append(out)
         self._flush_soon()
 
     def _flush_soon(self) -> None:
@@ -237,15 +241,29 @@ class _Runner:
             self.loop.call_soon(self._flush)
 
     def _flush(self) -> None:
-        """Send the outcomes and the kinds of job classes learnt since the last flush."""
         self.flushing = False
-        if self.outbox or self.new_kinds:
-            message = {"ran": [o.row() for o in self.outbox], "kinds": self.new_kinds}
-            self.outbox, self.new_kinds = [], {}
-            try:
-                self.conn.send_bytes(codec.pack(message))
-            except OSError:
-                os._exit(0)  # the worker is gone
+        self._send()
+
+    def _send(self) -> None:
+        """Send the outcomes and the kinds of job classes learnt since the last send."""
+        with self.outbox_lock:
+            if self.outbox or self.new_kinds:
+                message = {"ran": [o.row() for o in self.outbox], "kinds": self.new_kinds}
+                self.outbox, self.new_kinds = [], {}
+                try:
+                    self.conn.send_bytes(codec.pack(message))
+                except OSError:
+                    os._exit(0)  # the worker is gone
+
+    def _send_waiting(self) -> None:
+        """A thread: outcomes that waited FLUSH_SECONDS go out, while the loop is held by a
+        run of fast sync jobs or by a long one. Else a job that ended before a long one
+        would be reported only when that one ends, and run again if it is stopped."""
+        while True:
+            time.sleep(FLUSH_SECONDS)
+            outbox = self.outbox
+            if outbox and time.monotonic() - outbox[0].finished_at > FLUSH_SECONDS:
+                self._send()
 
     # --- running jobs -----------------------------------------------------------------
     def _start(self, item: dict) -> None:
@@ -272,7 +290,8 @@ class _Runner:
             # the worker gives a class it has not seen a process of its own: tell it the
             # kind now, not when this job ends, so async jobs can join it at once
             is_async = self.kinds[item["func"]] = inspect.iscoroutinefunction(cls.run)
-            self.new_kinds[item["func"]] = is_async
+            with self.outbox_lock:
+                self.new_kinds[item["func"]] = is_async
             self._flush_soon()
         if self.kinds[item["func"]]:
             out.is_async = True
@@ -306,26 +325,22 @@ class _Runner:
     def _asked(self, out: Ran) -> bool:
         """Whether cancel_job asked to stop this attempt; the request is answered now."""
         key = (out.job_id, out.attempt)
-        with self.lock:
+        with self.inbox_lock:
             asked = key in self.cancels
             self.cancels.discard(key)
         return asked
 
     def _drain_sync(self) -> None:
-        """Run the sync jobs that arrived, one after another, reporting every FLUSH_SECONDS
-        and at once after a cancelled one (the worker waits for it)."""
-        flushed = time.monotonic()
+        """Run the sync jobs that arrived, one after another (``_send_waiting`` reports
+        them meanwhile)."""
         while self.sync_jobs:
             instance, args, kwargs, ctx, out, timeout = self.sync_jobs.popleft()
             if (out.job_id, out.attempt) in self.cancels:
                 out.payload = CANCELLED + " before it started"
             else:
                 self._run_sync(instance, args, kwargs, ctx, out, timeout)
-            cancelled = self._asked(out)
+            self._asked(out)   # answered: its request, if any, is forgotten
             self._report(out)
-            if cancelled or time.monotonic() - flushed > FLUSH_SECONDS:
-                self._flush()
-                flushed = time.monotonic()
         self.draining = False
         self._flush()
 

@@ -46,6 +46,15 @@ def wait_for(predicate, timeout=20.0, interval=0.02, what="condition"):
         time.sleep(interval)
 
 
+def batches_form(cluster) -> None:
+    """Run fast jobs first: the worker then sends sync jobs to a pool process in batches."""
+    from tests.jobs import Echo
+
+    cluster.client.submit_jobs([Echo.spec([i], job_id=f"warm-{i}") for i in range(40)])
+    for i in range(40):
+        cluster.wait_job(f"warm-{i}")
+
+
 # What the tests' workers load job classes from (and their masters accept)
 TEST_JOB_MODULES = ",".join(("tests.jobs", "tests.jobs_async", "tests.jobs_faults",
                              "examples.hello", "elric.demo.crawler", "elric.demo.crawler_sync"))

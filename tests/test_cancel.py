@@ -9,7 +9,7 @@ import time
 import pytest
 
 from elric.rpc import RemoteError
-from tests.conftest import wait_for
+from tests.conftest import batches_form, wait_for
 from tests.jobs import Echo, Fail, MarkSleep, Sleep, Stubborn
 from tests.jobs_async import AsyncSleep, AsyncStubborn
 
@@ -128,13 +128,6 @@ def test_an_async_job_ignoring_its_cancellation_loses_its_process(cluster, tmp_p
     assert cluster.wait_job("after")["status"] == "succeeded"
 
 
-def _batches_form(cluster) -> None:
-    """Fast jobs first: the worker then sends sync jobs to its process in batches."""
-    cluster.client.submit_jobs([Echo.spec([i], job_id=f"warm-{i}") for i in range(40)])
-    for i in range(40):
-        cluster.wait_job(f"warm-{i}")
-
-
 def test_cancelling_a_sync_job_spares_the_jobs_of_its_batch(cluster, tmp_path):
     """Sync jobs reach a pool process in batches. Cancelling one killed that process: the
     jobs of its batch that had ended but not reported yet, and the ones waiting, ran again;
@@ -142,7 +135,7 @@ def test_cancelling_a_sync_job_spares_the_jobs_of_its_batch(cluster, tmp_path):
     c = cluster.client
     marks = tmp_path / "marks"
     worker = cluster.start_worker("--concurrency", "1")
-    _batches_form(cluster)
+    batches_form(cluster)
     before = [f"before-{i}" for i in range(5)]
     after = [f"after-{i}" for i in range(3)]
     c.submit_jobs([MarkSleep.spec([str(marks), 0], job_id=j) for j in before]
@@ -175,7 +168,7 @@ def test_a_sync_job_ignoring_its_cancellation_loses_its_process_not_its_batch(cl
     c = cluster.client
     marks = tmp_path / "marks"
     worker = cluster.start_worker("--concurrency", "1")
-    _batches_form(cluster)
+    batches_form(cluster)
     before = [f"before-{i}" for i in range(5)]
     c.submit_jobs([MarkSleep.spec([str(marks), 0], job_id=j) for j in before]
                   + [Stubborn.spec([str(marks), 60], job_id="stubborn"),

@@ -27,7 +27,7 @@ from elric.keys import Keys
 from elric.launch import Proc, elric_env, wait_for_master
 from elric.redis_server import RedisServer, find_redis_server, free_port
 from elric.rpc import Client, RemoteError, RPCConnectionError, RPCError, RPCTimeoutError
-from tests.conftest import ROOT, Cluster, wait_for
+from tests.conftest import ROOT, Cluster, batches_form, wait_for
 from tests.jobs import Add, FailUnlessFile, MarkSleep, Sleep, SpawnPadded
 from tests.jobs_faults import Crash, Flaky, IgnoreAlarm, Mark, count_lines
 
@@ -990,3 +990,22 @@ def test_a_worker_whose_recorder_fails_stops_and_exits_non_zero(cluster, caplog)
     assert "recording outcomes failed; stopping" in caplog.text
     cluster.start_worker("--concurrency", "1")
     assert cluster.wait_job("lost")["result"] == 3
+
+
+def test_jobs_that_end_before_a_long_one_of_their_batch_are_recorded_while_it_runs(
+        cluster, tmp_path):
+    """A pool process reported a batch's outcomes between jobs: those that ended before a
+    long job waited for its end, unrecorded, and ran again when a stopping worker gave
+    the long one back."""
+    marks = tmp_path / "marks"
+    worker = cluster.start_worker("--concurrency", "1", SHUTDOWN_GRACE=1)
+    batches_form(cluster)
+    quick = [f"quick-{i}" for i in range(5)]
+    cluster.client.submit_jobs([MarkSleep.spec([str(marks), 0], job_id=j) for j in quick]
+                               + [MarkSleep.spec([str(marks), 60], job_id="long")])
+    for job_id in quick:
+        assert cluster.wait_job(job_id)["status"] == "succeeded"
+    assert cluster.client.get_job("long")["status"] == "running"
+    assert worker.stop() == 0, worker.log()
+    assert cluster.client.get_job("long")["status"] == "queued"   # given back
+    assert sorted(marks.read_text().split()) == sorted(quick + ["long"])
