@@ -63,6 +63,10 @@ class Ran:
     final: bool = False
     is_async: bool = False
 
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.job_id, self.attempt
+
     def row(self) -> list:
         return [getattr(self, name) for name in self.__slots__]
 
@@ -70,6 +74,21 @@ class Ran:
     def failure(cls, job_id: str, attempt: int, why: str) -> "Ran":
         now = time.monotonic()
         return cls(job_id, attempt, False, why, [], now, now)
+
+
+@dataclass(slots=True)
+class _SyncJob:
+    instance: job_module.Job
+    args: list
+    kwargs: dict
+    ctx: job_module._RunContext
+    out: Ran
+    timeout: float | None
+
+
+def _key(item: dict) -> tuple[str, int]:
+    """A job sent by the worker, or a cancel request: (job_id, attempt)."""
+    return item.get("job_id") or item["cancel"], item["attempt"]
 
 
 def serve(conn, job_modules: tuple[str, ...], worker_pid: int, log_level: str,
@@ -124,7 +143,7 @@ class _Runner:
                  lag_warn: float, result_max: int) -> None:
         self.conn, self.loop, self.modules, self.lag_warn = conn, loop, modules, lag_warn
         self.result_max = result_max   # RESULT_MAX_BYTES: what get_job can always send
-        self.sync_jobs: deque[tuple] = deque()
+        self.sync_jobs: deque[_SyncJob] = deque()
         self.draining = False
         self.tasks: dict[asyncio.Task, Ran] = {}   # async jobs in flight
         # shared with the reader thread, under `inbox_lock`: what it took off the pipe
@@ -161,7 +180,7 @@ class _Runner:
                 items = codec.unpack(self.conn.recv_bytes()) or []
             except (EOFError, OSError):
                 os._exit(0)  # the worker closed its end: it is done with this process
-            cancels = {(i["cancel"], i["attempt"]) for i in items if "cancel" in i}
+            cancels = {_key(i) for i in items if "cancel" in i}
             with self.inbox_lock:
                 self.inbox.extend(i for i in items if "cancel" not in i)
                 self.cancels |= cancels
@@ -176,15 +195,14 @@ class _Runner:
             items, self.inbox = self.inbox, []
             asked = set(self.cancels)
         for item in items:
-            if (item["job_id"], item["attempt"]) in asked:   # a task cancelled before its
-                self._report(_cancelled(item))               # first step would not report
+            if _key(item) in asked:   # not started: a task cancelled before its first
+                self._report(_cancelled(*_key(item)))   # step would never report
             else:
                 self._start(item)
-        live = {(e[4].job_id, e[4].attempt) for e in self.sync_jobs}
+        live = {job.out.key for job in self.sync_jobs}
         for task, out in self.tasks.items():
-            key = (out.job_id, out.attempt)
-            live.add(key)
-            if key in asked and not task.cancelling():
+            live.add(out.key)
+            if out.key in asked and not task.cancelling():
                 task.cancel()
         with self.inbox_lock:
             self.cancels -= asked - live
@@ -200,16 +218,16 @@ class _Runner:
         try:
             with self.inbox_lock:
                 asked = set(self.cancels)
-                dropped = [i for i in self.inbox if (i["job_id"], i["attempt"]) in asked]
-                self.inbox = [i for i in self.inbox if (i["job_id"], i["attempt"]) not in asked]
-            waiting = [e for e in self.sync_jobs if (e[4].job_id, e[4].attempt) in asked]
-            for entry in waiting:
-                self.sync_jobs.remove(entry)
-            dropped += [{"job_id": e[4].job_id, "attempt": e[4].attempt} for e in waiting]
-            for item in dropped:
-                self._report(_cancelled(item))
+                dropped = [_key(i) for i in self.inbox if _key(i) in asked]
+                self.inbox = [i for i in self.inbox if _key(i) not in asked]
+            waiting = [job for job in self.sync_jobs if job.out.key in asked]
+            for job in waiting:
+                self.sync_jobs.remove(job)
+            dropped += [job.out.key for job in waiting]
+            for key in dropped:
+                self._report(_cancelled(*key))
             with self.inbox_lock:
-                self.cancels -= {(i["job_id"], i["attempt"]) for i in dropped}
+                self.cancels -= set(dropped)
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1, signal.SIGALRM})
         if self.running in asked:
@@ -300,7 +318,7 @@ class _Runner:
             self.tasks[task] = out
             task.add_done_callback(self.tasks.pop)
         else:
-            self.sync_jobs.append((instance, args, kwargs, ctx, out, item.get("timeout")))
+            self.sync_jobs.append(_SyncJob(instance, args, kwargs, ctx, out, item.get("timeout")))
             if not self.draining:
                 self.draining = True
                 self.loop.call_soon(self._drain_sync)
@@ -324,42 +342,42 @@ class _Runner:
 
     def _asked(self, out: Ran) -> bool:
         """Whether cancel_job asked to stop this attempt; the request is answered now."""
-        key = (out.job_id, out.attempt)
         with self.inbox_lock:
-            asked = key in self.cancels
-            self.cancels.discard(key)
+            asked = out.key in self.cancels
+            self.cancels.discard(out.key)
         return asked
 
     def _drain_sync(self) -> None:
         """Run the sync jobs that arrived, one after another (``_send_waiting`` reports
         them meanwhile)."""
         while self.sync_jobs:
-            instance, args, kwargs, ctx, out, timeout = self.sync_jobs.popleft()
-            if (out.job_id, out.attempt) in self.cancels:
-                out.payload = CANCELLED + " before it started"
+            job = self.sync_jobs.popleft()
+            if job.out.key in self.cancels:
+                job.out.payload = CANCELLED + " before it started"
             else:
-                self._run_sync(instance, args, kwargs, ctx, out, timeout)
-            self._asked(out)   # answered: its request, if any, is forgotten
-            self._report(out)
+                self._run_sync(job)
+            self._asked(job.out)   # answered: its request, if any, is forgotten
+            self._report(job.out)
         self.draining = False
         self._flush()
 
-    def _run_sync(self, instance, args, kwargs, ctx, out: Ran, timeout) -> None:
-        token = job_module._current.set(ctx)
+    def _run_sync(self, job: _SyncJob) -> None:
+        out, timeout = job.out, job.timeout
+        token = job_module._current.set(job.ctx)
         try:
             if timeout:
                 signal.setitimer(signal.ITIMER_REAL, timeout)   # _on_alarm stops it
             try:
                 # inside the try: _on_cancel may raise JobCancelled from here on
-                self.running = (out.job_id, out.attempt)
+                self.running = out.key
                 if self.running in self.cancels:   # asked while it was being taken
                     raise JobCancelled(CANCELLED)
-                result = instance.run(*args, **kwargs)
+                result = job.instance.run(*job.args, **job.kwargs)
             finally:
                 self.running = None
                 if timeout:
                     signal.setitimer(signal.ITIMER_REAL, 0)
-            _succeeded(out, result, ctx)
+            _succeeded(out, result, job.ctx)
         except JobTimeout:
             out.payload = f"JobTimeout: ran past its timeout of {timeout:g}s"
         except JobCancelled:
@@ -404,8 +422,8 @@ def _succeeded(out: Ran, result, ctx) -> None:
     out.ok, out.children = True, ctx.children
 
 
-def _cancelled(item: dict) -> Ran:
-    return Ran.failure(item["job_id"], item["attempt"], CANCELLED + " before it started")
+def _cancelled(job_id: str, attempt: int) -> Ran:
+    return Ran.failure(job_id, attempt, CANCELLED + " before it started")
 
 
 def _failed(out: Ran, exc: BaseException) -> Ran:
