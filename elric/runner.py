@@ -34,6 +34,7 @@ from elric.loading import JobModules, ModuleBroken
 log = logging.getLogger("elric.runner")
 
 FLUSH_SECONDS = 0.02  # an outcome waits at most about this long while sync jobs run
+MAIN_ONLY = {signal.SIGALRM, signal.SIGUSR1}   # a job's alarm and cancel: they interrupt it
 
 
 class JobTimeout(Exception):
@@ -96,8 +97,7 @@ def serve(conn, job_modules: tuple[str, ...], worker_pid: int, log_level: str,
     """A pool process's life: run the jobs that arrive on ``conn`` until the worker goes."""
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
-    threading.Thread(target=_exit_with_worker, args=(worker_pid,), daemon=True,
-                     name="elric-exit-with-worker").start()
+    _start_thread(_exit_with_worker, worker_pid)
     # Ctrl-C reaches the whole process group, and so does SIGTERM from systemd, docker or
     # `kill -- -PGID`: running jobs must be allowed to finish. The worker stops its pool
     # processes itself (shutdown, or SIGKILL past a timeout or SHUTDOWN_GRACE).
@@ -111,6 +111,17 @@ def serve(conn, job_modules: tuple[str, ...], worker_pid: int, log_level: str,
         loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     _Runner(conn, loop, JobModules.load(job_modules), lag_warn, result_max).run()
+
+
+def _start_thread(target, *args) -> None:
+    """A daemon thread that never takes MAIN_ONLY signals: one it took would not interrupt
+    the main thread's blocking call (a job's sleep or read)."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, MAIN_ONLY)
+    try:
+        threading.Thread(target=target, args=args, daemon=True,
+                         name=f"elric-{target.__name__.strip('_')}").start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _exit_with_worker(pid: int) -> None:
@@ -151,6 +162,7 @@ class _Runner:
         self.inbox: list[dict] = []               # jobs not started yet
         self.cancels: set[tuple[str, int]] = set()   # (job_id, attempt) asked to stop
         self.running: tuple[str, int] | None = None   # the sync job inside its run()
+        self.answering = False   # in _answer: a SIGUSR1 then waits for its end
         # outbox and new_kinds are sent by the loop and by _send_waiting, under outbox_lock;
         # the reader never takes it, so a send blocked on a full pipe cannot stop the reader
         self.outbox_lock = threading.Lock()
@@ -162,11 +174,11 @@ class _Runner:
 
     def run(self) -> None:
         signal.signal(signal.SIGUSR1, self._on_cancel)
-        threading.Thread(target=self._read, daemon=True, name="elric-pool-reader").start()
-        threading.Thread(target=self._send_waiting, daemon=True, name="elric-pool-send").start()
+        _start_thread(self._read)
+        _start_thread(self._send_waiting)
         if self.lag_warn:
             self.loop.call_soon(self._tick)
-            threading.Thread(target=self._watch_lag, daemon=True, name="elric-lag").start()
+            _start_thread(self._watch_lag)
         self.loop.run_forever()
 
     # --- the pipe ---------------------------------------------------------------------
@@ -185,8 +197,8 @@ class _Runner:
                 self.inbox.extend(i for i in items if "cancel" not in i)
                 self.cancels |= cancels
             self.loop.call_soon_threadsafe(self._take)
-            if cancels:   # a sync job may hold the loop: _on_cancel answers at once
-                signal.pthread_kill(main, signal.SIGUSR1)
+            if cancels and self.running is not None:   # a sync job holds the loop (else
+                signal.pthread_kill(main, signal.SIGUSR1)    # the signal would only disturb)
 
     def _take(self) -> None:
         """Start the jobs the reader took; cancel the async ones asked to stop, and forget
@@ -199,6 +211,8 @@ class _Runner:
                 self._report(_cancelled(*_key(item)))   # step would never report
             else:
                 self._start(item)
+        if not asked:
+            return
         live = {job.out.key for job in self.sync_jobs}
         for task, out in self.tasks.items():
             live.add(out.key)
@@ -208,13 +222,24 @@ class _Runner:
             self.cancels -= asked - live
 
     def _on_cancel(self, signum, frame) -> None:
-        """SIGUSR1: a cancel request came. Between jobs the drain loop or ``_take`` answers
-        it. Inside a sync job's run, answer now: the asked-for jobs waiting behind it are
-        dropped (reported cancelled), and the running one stops if it was asked."""
+        """SIGUSR1: a cancel request came while a sync job runs (between jobs the next
+        ``_run_sync`` or ``_take`` answers it)."""
         if self.running is None:
             return
-        # a second request (or the job's alarm) must not interrupt this half-way
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGALRM})
+        self._answer()
+        if self.running in self.cancels:
+            raise JobCancelled(CANCELLED)
+
+    def _answer(self) -> None:
+        """Answer cancel requests while a sync job holds the loop: the asked-for jobs
+        waiting behind it are dropped and reported cancelled (``_send_waiting`` sends them),
+        so the worker kills this process only for a job that ignores its cancellation."""
+        if self.answering:
+            return
+        # a second SIGUSR1 (or the job's alarm) must not break in half-way; the blocked
+        # one comes when the mask is restored
+        self.answering = True
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, MAIN_ONLY)
         try:
             with self.inbox_lock:
                 asked = set(self.cancels)
@@ -229,9 +254,8 @@ class _Runner:
             with self.inbox_lock:
                 self.cancels -= set(dropped)
         finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1, signal.SIGALRM})
-        if self.running in asked:
-            raise JobCancelled(CANCELLED)
+            self.answering = False
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
     def _report(self, out: Ran) -> None:
         out.finished_at = time.monotonic()
@@ -316,7 +340,7 @@ class _Runner:
             task = self.loop.create_task(self._run_async(instance, args, kwargs, ctx, out,
                                                           item.get("timeout")))
             self.tasks[task] = out
-            task.add_done_callback(self.tasks.pop)
+            task.add_done_callback(self._task_done)
         else:
             self.sync_jobs.append(_SyncJob(instance, args, kwargs, ctx, out, item.get("timeout")))
             if not self.draining:
@@ -339,6 +363,12 @@ class _Runner:
             if isinstance(exc, asyncio.CancelledError) and self._asked(out):
                 out.payload = CANCELLED + "\n" + out.payload
         self._report(out)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        out = self.tasks.pop(task)
+        if task.cancelled():   # cancelled before its first step: _run_async never ran
+            self._asked(out)
+            self._report(_cancelled(*out.key))
 
     def _asked(self, out: Ran) -> bool:
         """Whether cancel_job asked to stop this attempt; the request is answered now."""
@@ -370,8 +400,10 @@ class _Runner:
             try:
                 # inside the try: _on_cancel may raise JobCancelled from here on
                 self.running = out.key
-                if self.running in self.cancels:   # asked while it was being taken
-                    raise JobCancelled(CANCELLED)
+                if self.cancels:   # asked between two jobs, when no signal was sent
+                    self._answer()
+                    if self.running in self.cancels:
+                        raise JobCancelled(CANCELLED)
                 result = job.instance.run(*job.args, **job.kwargs)
             finally:
                 self.running = None
@@ -406,7 +438,7 @@ class _Runner:
             task = getattr(asyncio.tasks, "_current_tasks", {}).get(self.loop)
             culprit = self.tasks.get(task) if task is not None else None
             who = f"job {culprit.job_id}" if culprit else \
-                f"one of jobs {sorted(o.job_id for o in self.tasks.values())}"
+                f"one of jobs {sorted(o.job_id for o in list(self.tasks.values()))}"
             log.warning("%s has blocked its event loop for %.1fs: an async run must not call "
                         "blocking code (time.sleep, a sync HTTP client); await instead, or "
                         "use asyncio.to_thread", who, stalled)
