@@ -101,6 +101,12 @@ class SpecError(ValueError):
     """A job spec a master refuses; the message names the key and what is wrong."""
 
 
+class NotFound(LookupError):
+    """What a call names (a job, a periodic job, a worker) does not exist; a master answers
+    it ``not_found``. Its own class, so that a KeyError or IndexError from a bug is not
+    taken for it."""
+
+
 def func_path(cls: type) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
 
