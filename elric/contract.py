@@ -60,6 +60,9 @@ class ErrorCode(StrEnum):
     # call may be sent again. Dedupe keys the call took are given back where no job holds them.
     REDIS_UNAVAILABLE = "redis_unavailable"
     INTERNAL = "internal"                    # a bug; the master logged it
+    # A request over the master's RPC_MAX_MESSAGE: the error map also holds its limit,
+    # ``max_message``; the connection then closes. Send less per call.
+    TOO_LARGE = "too_large"
 
 
 # --- job spec -------------------------------------------------------------------------
