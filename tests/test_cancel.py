@@ -141,7 +141,9 @@ def _reap(pids: list[int]) -> None:
 def test_a_job_cancelled_while_its_worker_dies_is_not_run_again(make_cluster, tmp_path):
     """A job being cancelled whose worker died went back in line when its lease ran out,
     cancel request and all: another worker ran it again until a heartbeat stopped it."""
-    c = make_cluster(LEASE_SECONDS=2)
+    # (a lease long enough that the job is still running, not yet redelivered, when the
+    # cancel comes just after the kill)
+    c = make_cluster(LEASE_SECONDS=3)
     c.start_master()
     marks = tmp_path / "marks"
     victim = c.start_worker("--concurrency", "1")
