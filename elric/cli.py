@@ -18,7 +18,7 @@ from datetime import datetime
 
 from elric import views
 from elric.config import SettingsError, load_settings
-from elric.contract import Status
+from elric.contract import NotFound, Status
 
 
 class JsonLines(logging.Formatter):
@@ -93,10 +93,6 @@ def _json_safe(value):
     return [_json_safe(v) for v in value] if isinstance(value, list) else value
 
 
-class NotFound(Exception):
-    """What a command was asked about does not exist: exit status 1."""
-
-
 def _argument(text: str):
     """A command-line job argument: JSON when it parses (7, true, [1], {"a": 1}), else text."""
     try:
@@ -112,11 +108,8 @@ def _wait(client, job_id: str, timeout: float | None) -> dict:
     from elric.handle import wait
 
     with Spinner(f"job {job_id}: queued", console=views.console) as spinner:
-        try:
-            return wait(client, job_id, timeout, on_status=lambda job: spinner.update(
-                f"job {job_id}: {job['status']} (attempt {job.get('attempts', 0)})"))
-        except LookupError as exc:
-            raise NotFound(str(exc)) from None
+        return wait(client, job_id, timeout, on_status=lambda job: spinner.update(
+            f"job {job_id}: {job['status']} (attempt {job.get('attempts', 0)})"))
 
 
 def _submit_spec(args: argparse.Namespace) -> dict:

@@ -60,6 +60,9 @@ class ErrorCode(StrEnum):
     # call may be sent again. Dedupe keys the call took are given back where no job holds them.
     REDIS_UNAVAILABLE = "redis_unavailable"
     INTERNAL = "internal"                    # a bug; the master logged it
+    # A request over the master's RPC_MAX_MESSAGE: the error map also holds its limit,
+    # ``max_message``; the connection then closes. Send less per call.
+    TOO_LARGE = "too_large"
 
 
 # --- job spec -------------------------------------------------------------------------
@@ -99,6 +102,12 @@ MAX_TIMEOUT = 2**31  # seconds; also refuses nan and inf, which setitimer cannot
 
 class SpecError(ValueError):
     """A job spec a master refuses; the message names the key and what is wrong."""
+
+
+class NotFound(LookupError):
+    """What a call names (a job, a periodic job, a worker) does not exist; a master answers
+    it ``not_found``. Its own class, so that a KeyError or IndexError from a bug is not
+    taken for it."""
 
 
 def func_path(cls: type) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
-from elric.contract import Status
+from elric.contract import NotFound, Status
 
 ENDED = tuple(s for s in Status if s.ended)   # a periodic job's "paused" is no Status
 
@@ -23,13 +23,13 @@ class JobFailed(Exception):
 def wait(client, job_id: str, timeout: float | None = None,
          on_status: Callable[[dict], None] | None = None) -> dict:
     """Poll until the job ends and return its record; TimeoutError after ``timeout`` s,
-    LookupError when there is no such job. Polls often at first, then once a second."""
+    NotFound (a LookupError) when there is no such job. Polls often at first, then once a second."""
     deadline = None if timeout is None else time.monotonic() + timeout
     delay = 0.02
     while True:
         job = client.get_job(job_id)
         if job is None:
-            raise LookupError(f"no job {job_id!r}")
+            raise NotFound(f"no job {job_id!r}")
         if job["status"] in ENDED:
             return job
         if on_status is not None:

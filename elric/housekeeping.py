@@ -49,10 +49,13 @@ class Housekeeping:
                 await asyncio.sleep(delay)
 
     async def pass_once(self) -> None:
-        recovered = await self.queue.recover()
+        recovered, cancelled = await self.queue.recover()
         if recovered:
             log.warning("redelivered %d job(s) whose worker stopped renewing its lease",
                         len(recovered))
+        if cancelled:
+            log.warning("cancelled %d job(s) whose worker stopped renewing its lease while "
+                        "they were being cancelled: %s", len(cancelled), ", ".join(cancelled))
         await self.queue.promote()
         await self._drop_old_rounds()
         if await limits.restore(self.redis, self.keys, self.rules):

@@ -27,7 +27,7 @@ from elric.admission import Admission
 from elric.bulk import Bulk, JobFilter
 from elric.clock import RedisClock
 from elric.config import Settings, SettingsError, parse_address, redact_url
-from elric.contract import ErrorCode, SpecError, Status
+from elric.contract import ErrorCode, NotFound, SpecError, Status
 from elric.dedupe import DedupeFilter, make_filter
 from elric.housekeeping import Housekeeping
 from elric.jobstore import RedisJobStore
@@ -55,7 +55,7 @@ def _rpc(handler):
             return await handler(*params)
         except (SpecError, ScopeRefused) as exc:
             raise RequestError(str(exc), ErrorCode.BAD_REQUEST) from None
-        except LookupError as exc:
+        except NotFound as exc:   # (a KeyError from a bug is internal: not a missing job)
             raise RequestError(str(exc.args[0] if exc.args else exc),
                                ErrorCode.NOT_FOUND) from None
         except REDIS_ERRORS + (ResponseError,) as exc:
@@ -256,7 +256,7 @@ class Master:
         """Stop a job: queued or retrying ones at once, a running one through its worker."""
         was = await self.queue.cancel(_job_id(job_id))
         if was is None:
-            raise LookupError(f"no job {job_id!r}")
+            raise NotFound(f"no job {job_id!r}")
         now = {Status.QUEUED: Status.CANCELLED, Status.RETRYING: Status.CANCELLED,
                Status.RUNNING: "cancelling"}.get(was, was)   # a finished job: left alone
         return {"job_id": job_id, "was": was, "status": now}
@@ -277,7 +277,7 @@ class Master:
         except ValueError as exc:   # paused or finished
             raise SpecError(str(exc)) from None
         if fire_time is None:
-            raise LookupError(f"no periodic job {job_id!r}")
+            raise NotFound(f"no periodic job {job_id!r}")
         return {"job_id": job_id, "fire_id": fire_id(job_id, fire_time), "fire_time": fire_time}
 
     @_rpc
@@ -311,7 +311,7 @@ class Master:
             fields = {"pause": {"paused": "1"}, "resume": {"paused": "0"},
                       "stop": {"stop": "1"}}[action]
         if not await self.queue.control_worker(worker_id, **fields):
-            raise LookupError(f"no worker {worker_id!r}")
+            raise NotFound(f"no worker {worker_id!r}")
         return {"worker_id": worker_id, "action": action}
 
     @_rpc

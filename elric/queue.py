@@ -17,7 +17,7 @@ from redis.exceptions import ResponseError
 
 from elric import codec, jobstats, lua
 from elric.clock import redis_now
-from elric.contract import STATUSES, Status
+from elric.contract import STATUSES, NotFound, Status
 from elric.keys import Keys
 
 HAND_BACK_SECONDS = 5.0   # a job no worker here can run waits this long between tries
@@ -185,8 +185,10 @@ class RedisQueue:
         self._remove = lua.load(redis, "remove", "jobstats_fn")
         self._cancel = lua.load(redis, "cancel", "clock_fn", "jobstats_fn")
         self._statuses = lua.load(redis, "statuses")
-        self._release = lua.load(redis, "release", "clock_fn", "requeue_fn")
-        self._requeue_due = lua.load(redis, "requeue_due", "clock_fn", "requeue_fn")
+        self._release = lua.load(redis, "release", "clock_fn", "requeue_fn", "jobstats_fn",
+                                 "cancel_end_fn")
+        self._requeue_due = lua.load(redis, "requeue_due", "clock_fn", "requeue_fn",
+                                     "jobstats_fn", "cancel_end_fn")
         self._rerun = lua.load(redis, "rerun", "clock_fn", "requeue_fn", "jobstats_fn")
 
     @property
@@ -194,6 +196,13 @@ class RedisQueue:
         """The prefixes the scripts that put jobs in line need: job, queue, wake."""
         k = self.keys
         return [k.job(""), k.queue(""), k.wake("")]
+
+    @property
+    def _cancel_end(self) -> list:
+        """What end_cancelled (cancel_end_fn.lua) needs besides KEYS: failed ttl, and the
+        limit running, round, batch stats and func stats prefixes."""
+        k = self.keys
+        return [self.failed_ttl, k.limit_running(""), k.round(""), k.batch(""), k.func("")]
 
     # --- writes ----------------------------------------------------------------------
     async def enqueue(self, specs: list[dict], *, fence: int | None = None) -> list[Submitted]:
@@ -273,17 +282,19 @@ class RedisQueue:
                       reason: str | None = None) -> int:
         """Give back claims (job_id, attempt) without using an attempt: to their place in
         line at once, or with a ``reason`` (this worker cannot run them) as retrying in
-        HAND_BACK_SECONDS."""
+        HAND_BACK_SECONDS. A claim being cancelled ends cancelled instead (not counted)."""
         if not claims:
             return 0
         k = self.keys
         argv: list[Any] = [*self._line, worker_id,
-                           "" if reason is None else int(HAND_BACK_SECONDS * 1000), reason or ""]
+                           "" if reason is None else int(HAND_BACK_SECONDS * 1000), reason or "",
+                           *self._cancel_end]
         for job_id, attempt in claims:
             argv += [job_id, attempt]
         return int(await self._release(
             keys=[k.inflight, k.status(Status.RUNNING), k.seq, k.delayed,
-                  k.status(Status.RETRYING), k.counters], args=argv))
+                  k.status(Status.RETRYING), k.counters, k.status(Status.CANCELLED),
+                  k.limits_due], args=argv))
 
     async def heartbeat(self, worker_id: str, claims: list[Claim], lease_seconds: float,
                         fields: dict | None = None) -> Renewed:
@@ -311,21 +322,24 @@ class RedisQueue:
         await self.redis.hset(k.worker(worker_id), mapping=fields)
         return True
 
-    async def recover(self, limit: int = 1000) -> list[str]:
-        """Queue again, in their old place, the jobs whose lease ran out; returns their ids."""
+    async def recover(self, limit: int = 1000) -> tuple[list[str], list[str]]:
+        """Queue again, in their old place, the jobs whose lease ran out; those being
+        cancelled end cancelled instead. Returns (ids queued again, ids cancelled)."""
         return await self._due(self.keys.inflight, Status.RUNNING, True, "redelivered", limit)
 
     async def promote(self, limit: int = 1000) -> int:
         """Queue again the retrying jobs whose backoff is over."""
-        return len(await self._due(self.keys.delayed, Status.RETRYING, False, "", limit))
+        return len((await self._due(self.keys.delayed, Status.RETRYING, False, "", limit))[0])
 
     async def _due(self, due_set: str, status: Status, keep_place: bool, counter: str,
-                   limit: int) -> list[str]:
+                   limit: int) -> tuple[list[str], list[str]]:
         k = self.keys
-        ids = await self._requeue_due(
-            keys=[due_set, k.status(status), k.seq, k.counters],
-            args=[*self._line, limit, status, "1" if keep_place else "0", counter])
-        return [_s(i) for i in ids]
+        back, cancelled = await self._requeue_due(
+            keys=[due_set, k.status(status), k.seq, k.counters, k.status(Status.CANCELLED),
+                  k.limits_due],
+            args=[*self._line, limit, status, "1" if keep_place else "0", counter,
+                  *self._cancel_end])
+        return [_s(i) for i in back], [_s(i) for i in cancelled]
 
     async def next_delayed(self) -> float | None:
         """Seconds until the next retry is due, or None if none waits."""
@@ -359,7 +373,7 @@ class RedisQueue:
         return _s(was) if was else None
 
     async def rerun(self, job_id: str) -> str:
-        """Queue a finished job again; raises LookupError / ValueError with the reason."""
+        """Queue a finished job again; raises NotFound / ValueError with the reason."""
         k = self.keys
         try:
             return _s(await self._rerun(keys=[k.job(job_id), k.seq],
@@ -368,7 +382,7 @@ class RedisQueue:
                                               k.func("")]))
         except ResponseError as exc:
             if _error_code(exc) == "NOJOB":
-                raise LookupError(f"no job {job_id!r}") from None
+                raise NotFound(f"no job {job_id!r}") from None
             if _error_code(exc) == "LIVE":
                 raise ValueError(f"job {job_id!r} is {str(exc).split()[-1]}; only a finished "
                                  "job can be rerun") from None

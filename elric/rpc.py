@@ -31,6 +31,7 @@ MAX_CONNECTIONS = 1024
 IDLE_TIMEOUT = 300.0
 MAX_PENDING = 128
 _CHUNK = 64 * 1024
+LINGER = 30.0   # seconds a connection refused for a too-big request reads on, discarding
 
 
 class RequestError(Exception):
@@ -47,12 +48,15 @@ class RPCError(Exception):
 
 class RemoteError(RPCError):
     """The server answered with an error: ``code`` (an ErrorCode, or None from a server
-    that sends bare strings) and ``str(e)``, its message."""
+    that sends bare strings) and ``str(e)``, its message; with ``too_large``,
+    ``max_message`` is the server's limit (else None)."""
 
     def __init__(self, error: Any) -> None:
-        code = None
+        code, limit = None, None
         if isinstance(error, dict):
+            limit = error.get("max_message")
             code, error = error.get("code"), error.get("message", error)
+        self.max_message = limit if type(limit) is int and limit > 0 else None
         if isinstance(error, bytes):
             error = error.decode("utf-8", "replace")
         super().__init__(error if isinstance(error, str) else repr(error))
@@ -85,6 +89,31 @@ class _ProtocolError(Exception):
     pass
 
 
+class _TooLarge(_ProtocolError):
+    """A message over the size limit; ``size`` says how big ("of 9000 bytes"), ``msgid`` is
+    the request's when its start told it."""
+
+    def __init__(self, size: str, limit: int, msgid: int | None) -> None:
+        super().__init__(f"message {size}, limit {limit}")
+        self.size, self.msgid = size, msgid
+
+
+_HEAD = 16   # bytes enough to hold a request's array header, type and msgid
+
+
+def _request_msgid(head: bytes) -> int | None:
+    """The msgid of a request from its first bytes; None if they are no request's start."""
+    unpacker = msgpack.Unpacker()
+    unpacker.feed(head)
+    try:
+        if unpacker.read_array_header() != 4 or unpacker.unpack() != REQUEST:
+            return None
+        msgid = unpacker.unpack()
+    except Exception:
+        return None
+    return msgid if type(msgid) is int and 0 <= msgid <= 0xFFFFFFFF else None
+
+
 class _Decoder:
     """Streaming unpacker with a size limit per message. Unpacker.tell() is only exact
     after a complete message, so the one in progress is measured from the last one's end."""
@@ -99,25 +128,45 @@ class _Decoder:
             max_str_len=max_message, max_bin_len=max_message, max_ext_len=max_message,
             max_array_len=max_message, max_map_len=max_message // 2)
         self._fed = self._end = 0
+        self._head = b""   # the first bytes of the message in progress (from _end)
+
+    def _start(self, data: bytes, base: int) -> bytes:
+        """The first bytes of the message that starts at _end; ``data`` starts at ``base``."""
+        if self._end >= base:
+            return data[self._end - base:self._end - base + _HEAD]
+        return (self._head + data[:_HEAD])[:_HEAD]
+
+    def _too_large(self, size: str, data: bytes, base: int) -> _TooLarge:
+        return _TooLarge(size, self.max, _request_msgid(self._start(data, base)))
 
     def feed(self, data: bytes):
-        """Yield each message completed by ``data``; raise _ProtocolError on bad input."""
+        """Yield each message completed by ``data``; raise _ProtocolError on bad input
+        (_TooLarge, knowing the request's msgid where it can, for one over the limit)."""
+        base = self._fed   # where ``data`` starts in the stream
         try:
-            self._unpacker.feed(data)  # BufferFull past the limit
+            try:
+                self._unpacker.feed(data)
+            except msgpack.BufferFull:   # past the limit
+                raise self._too_large(f"of over {self._fed + len(data) - self._end} bytes",
+                                      data, base) from None
             self._fed += len(data)
             for msg in self._unpacker:  # FormatError, StackError (deep nesting), limits...
                 end = self._unpacker.tell()
                 if end - self._end > self.max:
-                    raise _ProtocolError(f"message of {end - self._end} bytes, limit {self.max}")
+                    raise self._too_large(f"of {end - self._end} bytes", data, base)
                 self._end = end
                 yield msg
         except _ProtocolError:
             raise
         except Exception as exc:
+            if self._fed - self._end > self.max:   # e.g. a string over max_str_len
+                raise self._too_large(f"of over {self._fed - self._end} bytes", data,
+                                      base) from None
             detail = f": {exc}" if str(exc) else ""
             raise _ProtocolError(f"bad msgpack: {type(exc).__name__}{detail}") from None
         if self._fed - self._end > self.max:
-            raise _ProtocolError(f"message over the {self.max}-byte limit")
+            raise self._too_large(f"of over {self._fed - self._end} bytes", data, base)
+        self._head = self._start(data, base)
 
 
 def _error(code: ErrorCode, message: str) -> dict:
@@ -265,6 +314,7 @@ class _Connection:
 
     async def run(self) -> None:
         decoder = _Decoder(self.server.max_message)
+        refused = False   # a request over the limit was answered too_large
         try:
             while True:
                 try:   # asyncio.timeout, not wait_for: no task per read
@@ -280,6 +330,16 @@ class _Connection:
                 for msg in decoder.feed(data):
                     if not await self._dispatch(msg):
                         return
+        except _TooLarge as exc:
+            log.warning("closing connection from %s: %s", self.peer, exc)
+            if exc.msgid is not None and self.authed:
+                # the caller learns the limit and can send less, rather than resend it
+                limit = self.server.max_message
+                await self._send(exc.msgid, {**_error(
+                    ErrorCode.TOO_LARGE, f"request {exc.size}: over this master's limit of "
+                    f"{limit} bytes (RPC_MAX_MESSAGE); send less per call"),
+                    "max_message": limit}, None)
+                refused = True
         except _ProtocolError as exc:
             log.warning("closing connection from %s: %s", self.peer, exc)
         except ConnectionError:
@@ -287,8 +347,23 @@ class _Connection:
         finally:
             try:  # let handlers finish: cutting one short may leave state half-written
                 await asyncio.gather(*self.tasks, return_exceptions=True)
+                if refused:
+                    await self._linger()
             finally:
                 self.writer.close()
+
+    async def _linger(self) -> None:
+        """End a connection whose peer may still be sending a refused request: the rest of
+        it cannot be told from a next request, so it is read and dropped until the peer
+        closes (LINGER s at most). Closing with input unread would reset the connection,
+        and the peer could lose the answer it was sent."""
+        try:
+            self.writer.write_eof()
+            async with asyncio.timeout(LINGER):
+                while await self.reader.read(_CHUNK):
+                    pass
+        except (TimeoutError, OSError):
+            pass
 
     async def _dispatch(self, msg: Any) -> bool:
         """Handle one message; False closes the connection."""
@@ -453,6 +528,9 @@ class AsyncClient(_Caller):
         except TimeoutError:
             raise self._timed_out(method, limit) from None
         except ConnectionError as exc:
+            if future.done() and not future.cancelled() and \
+                    isinstance(future.exception(), RemoteError):
+                raise future.exception() from None   # answered (too_large) while sending
             raise RPCConnectionError(f"connection to {self._where} lost: {exc}") from None
         finally:
             self._pending.pop(msgid, None)
@@ -480,6 +558,11 @@ class AsyncClient(_Caller):
         try:
             while data := await self._reader.read(decoder.chunk):
                 for msgid, error, result in _responses(decoder, data):
+                    if error is not None and error.code == ErrorCode.TOO_LARGE:
+                        # the server ends this connection: no new call goes on it (those
+                        # in flight may still be answered)
+                        self._lost = self._lost or (f"connection to {self._where} closed "
+                                                    "by the server after a request too large")
                     future = self._pending.get(msgid)  # None if the call gave up
                     if future is not None and not future.done():
                         if error:
@@ -579,6 +662,8 @@ class Client(_Caller):
                 in_flight.append(msgid)
             while in_flight:
                 out.append(self._answer(in_flight.popleft(), timeout, answers))
+            if any(isinstance(a, RemoteError) and a.code == ErrorCode.TOO_LARGE for a in out):
+                self._drop()   # the server ends the connection after it: the next call connects
             return out
         except TimeoutError:
             self._drop()  # a late answer must not be read as the next call's

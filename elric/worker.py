@@ -105,6 +105,8 @@ class Worker:
         self._cancelling: set[str] = set()   # jobs cancel_job asked this worker to stop
         self._margin = min(1.0, self.lease / 10)   # a lease this close to its end is not relied on
         self._connecting: asyncio.Task | None = None
+        # the largest request the master takes: ours, until its too_large says less
+        self.max_message = settings.RPC_MAX_MESSAGE
 
     # --- setup ------------------------------------------------------------------------
     async def _connect(self) -> None:
@@ -491,16 +493,33 @@ class Worker:
 
     async def _submit_children(self, specs: list[dict]) -> None:
         """``submit_jobs`` in calls the master takes: at most MAX_BATCH specs and
-        RPC_MAX_MESSAGE bytes each (a bigger request is not even sent). Child ids are
-        fixed, so calls that passed before one is refused are harmless when sent again."""
-        most = self.settings.RPC_MAX_MESSAGE - 64   # room for the request around the specs
+        RPC_MAX_MESSAGE bytes each (a bigger request is not even sent). A master whose own
+        limit is smaller answers too_large with it: the children are sent again in calls
+        that fit it. Child ids are fixed, so calls that passed before one is refused are
+        harmless when sent again."""
+        while True:
+            try:
+                return await self._submit_children_in(specs, self.max_message)
+            except RemoteError as exc:
+                # each round lowers the limit: this ends
+                if exc.code != ErrorCode.TOO_LARGE or not exc.max_message or \
+                        exc.max_message >= self.max_message:
+                    raise
+                log.warning("worker: the master takes RPC messages of at most %d bytes (this "
+                            "worker's RPC_MAX_MESSAGE is %d); sending child jobs in smaller "
+                            "calls", exc.max_message, self.settings.RPC_MAX_MESSAGE)
+                self.max_message = exc.max_message
+
+    async def _submit_children_in(self, specs: list[dict], limit: int) -> None:
+        most = limit - 64   # room for the request around the specs
         call: list[dict] = []
         size = 0
         for spec in specs:
             n = len(codec.pack(spec))
             if n > most:
-                raise ChildTooBig(f"a child job is {n:,} bytes packed, over RPC_MAX_MESSAGE "
-                                  f"({self.settings.RPC_MAX_MESSAGE:,}); pass it less")
+                raise ChildTooBig(f"a child job is {n:,} bytes packed, over the RPC message "
+                                  f"limit ({limit:,} bytes: RPC_MAX_MESSAGE of this worker "
+                                  "or of its master); pass it less")
             if call and (len(call) == MAX_BATCH or size + n > most):
                 await self._call_master("submit_jobs", call)
                 call, size = [], 0

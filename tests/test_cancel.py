@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 
+import psutil
 import pytest
 
 from elric.rpc import RemoteError
@@ -185,3 +186,69 @@ def test_a_sync_job_ignoring_its_cancellation_loses_its_process_not_its_batch(cl
     # the ended ones had reported before the kill: only the waiting one, never started, ran
     # in the new process
     assert sorted(marks.read_text().split()) == sorted(before + ["stubborn", "waiting"])
+
+
+def _reap(pids: list[int]) -> None:
+    """Kill, by PID, pool processes of a worker we killed that may still run a job."""
+    for pid in pids:
+        try:
+            psutil.Process(pid).kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def test_a_job_cancelled_while_its_worker_dies_is_not_run_again(make_cluster, tmp_path):
+    """A job being cancelled whose worker died went back in line when its lease ran out,
+    cancel request and all: another worker ran it again until a heartbeat stopped it."""
+    # (a lease long enough that the job is still running, not yet redelivered, when the
+    # cancel comes just after the kill)
+    c = make_cluster(LEASE_SECONDS=3)
+    c.start_master()
+    marks = tmp_path / "marks"
+    victim = c.start_worker("--concurrency", "1")
+    pool = [p.pid for p in psutil.Process(victim.pid).children(recursive=True)]
+    try:
+        c.client.submit_job(MarkSleep.spec([str(marks), 60], job_id="doomed", batch="b1"))
+        wait_for(marks.exists, what="it started")
+        victim.kill()
+        assert c.client.cancel_job("doomed")["status"] == "cancelling"
+        c.start_worker("--concurrency", "1")   # would run it again if it went back in line
+        job = c.wait_job("doomed", statuses=("cancelled", "succeeded", "failed"))
+        assert job["status"] == "cancelled", job
+        assert "stopped renewing its lease" in job["error"], job["error"]
+        assert job["attempts"] == 1 and job["finished_at"]
+        c.client.submit_job(Echo.spec(["after"], job_id="after"))
+        assert c.wait_job("after")["status"] == "succeeded"
+        assert marks.read_text().split() == ["doomed"], "it ran again"
+        stats = c.client.stats()
+        assert (stats["totals"]["cancelled"], stats["totals"]["redelivered"]) == (1, 0)
+        assert stats["batches"]["b1"]["cancelled"] == 1
+        assert stats["funcs"]["tests.jobs:MarkSleep"]["cancelled"] == 1
+        assert stats["by_status"]["running"] == stats["by_status"]["queued"] == 0
+        assert [j["job_id"] for j in c.client.list_jobs(status="cancelled")] == ["doomed"]
+    finally:
+        _reap(pool)
+
+
+def test_a_job_ignoring_its_cancel_is_not_given_back_by_a_stopping_worker(make_cluster,
+                                                                          tmp_path):
+    """A worker stopped (SIGTERM) while a job ignored its cancellation gave the job back
+    after SHUTDOWN_GRACE, cancel request and all: it was queued and ran again."""
+    c = make_cluster()
+    c.start_master()
+    marks = tmp_path / "marks"
+    # its grace ends long before the pool kills a job that ignores its cancellation
+    first = c.start_worker("--concurrency", "1", SHUTDOWN_GRACE=1)
+    c.client.submit_job(AsyncStubborn.spec([60, str(marks)], job_id="stubborn"))
+    wait_for(marks.exists, what="it started")
+    assert c.client.cancel_job("stubborn")["status"] == "cancelling"
+    assert first.stop() == 0, first.log()
+    assert "returning them to the queue" in first.log()
+    c.start_worker("--concurrency", "1")   # would run it again if it went back in line
+    job = c.wait_job("stubborn", statuses=("cancelled", "succeeded", "failed"), timeout=30)
+    assert job["status"] == "cancelled", job
+    assert "gave it back" in job["error"], job["error"]
+    c.client.submit_job(Echo.spec(["after"], job_id="after"))
+    assert c.wait_job("after")["status"] == "succeeded"
+    assert marks.read_text().split() == ["stubborn"], "it ran again"
+    assert c.client.stats()["totals"]["cancelled"] == 1

@@ -22,7 +22,8 @@ def test_status_names():
 
 def test_error_codes():
     assert [c.value for c in ErrorCode] == ["bad_request", "not_found", "method_not_found",
-                                            "unauthorized", "redis_unavailable", "internal"]
+                                            "unauthorized", "redis_unavailable", "internal",
+                                            "too_large"]
 
 
 def test_method_names():

@@ -902,6 +902,31 @@ def test_children_too_big_for_one_message_are_sent_in_several_and_the_worker_goe
     assert worker.alive()
 
 
+def test_a_worker_whose_limit_is_bigger_than_the_masters_sends_children_it_takes(
+        make_cluster):
+    """The worker split children into calls of its own RPC_MAX_MESSAGE; the master, with a
+    smaller one, closed the connection on such a call, and the worker, seeing a lost
+    connection, sent the same call again forever: the parent was never recorded. The
+    master now answers too_large with its limit, and the worker splits to fit it, or fails
+    a parent whose child is too big for any call."""
+    c = make_cluster()
+    c.start_master(RPC_MAX_MESSAGE=64 * 1024)
+    worker = c.start_worker("--concurrency", "1", RPC_MAX_MESSAGE=8 * 1024 * 1024)
+    c.client.submit_job(SpawnPadded.spec([4, 20_000], job_id="many"))   # 80 kB of children
+    job = c.wait_job("many")
+    assert job["status"] == "succeeded", (job["error"], c.logs())
+    for child in job["result"]:
+        assert c.wait_job(child)["result"] == 20_000
+    assert "the master takes RPC messages of at most 65536 bytes" in worker.log()
+    c.client.submit_job(SpawnPadded.spec([1, 100_000], job_id="huge", max_retries=2))
+    job = c.wait_job("huge")
+    assert (job["status"], job["attempts"]) == ("failed", 1), c.logs()
+    assert "65,536 bytes" in job["error"] and "RPC_MAX_MESSAGE" in job["error"], job["error"]
+    c.client.submit_job(Add.spec([1, 2], job_id="after"))
+    assert c.wait_job("after")["result"] == 3, c.logs()
+    assert worker.alive()
+
+
 # --- 14. a submission sent again: its handle waits for the job that has the id ------------
 
 def test_the_handle_of_a_submission_sent_again_waits_for_the_job(cluster):

@@ -292,8 +292,7 @@ DEEP = b"\x91" * 3000 + b"\xc0"  # nesting beyond the C unpacker's stack, within
 BAD_INPUT = {
     "garbage": (b"\xc1\xc1\xc1\xc1", None),
     "deep_nesting": (DEEP, None),
-    "oversized_string": (msgpack.packb([0, 1, "echo", ["x" * 5000]]), None),
-    "oversized_total": (msgpack.packb([0, 1, "echo", ["abc"] * 1500]), None),
+    "oversized_notification": (msgpack.packb([2, "echo", ["x" * 5000]]), None),
     "not_an_array": (msgpack.packb({"method": "ping"}), None),
     "scalar": (msgpack.packb(42), None),
     "response_sent_to_server": (msgpack.packb([1, 1, None, None]), None),
@@ -328,6 +327,53 @@ def test_bad_input_is_answered_or_closed_and_others_are_served(case):
             assert await bystander.call("echo", "x" * 3000) == "x" * 3000
             await bystander.close()
     arun(main())
+
+
+OVERSIZED = {"string": msgpack.packb([0, 1, "echo", ["x" * 5000]]),
+             "total": msgpack.packb([0, 1, "echo", ["abc"] * 1500])}
+
+
+@pytest.mark.parametrize("case", sorted(OVERSIZED))
+def test_a_request_over_the_limit_is_answered_with_the_limit_then_closed(case):
+    """It was closed without an answer: a client whose own limit is bigger saw a lost
+    connection, and sent the same request again, forever."""
+    async def main():
+        async with serving(max_message=4096) as server:
+            bystander = await AsyncClient.connect(*server.address)
+            raw = await Raw.open(server.address)
+            raw.send(OVERSIZED[case])
+            kind, answer = await raw.next()
+            assert kind == "msg" and answer[:2] == [1, 1] and answer[3] is None, answer
+            assert answer[2]["code"] == "too_large" and answer[2]["max_message"] == 4096
+            assert "limit of 4096 bytes" in answer[2]["message"], answer[2]
+            assert await raw.next() == ("closed", None)
+            raw.close()
+            await eventually(lambda: server.connection_count == 1, "the refused connection to go")
+            assert await bystander.call("echo", "x" * 3000) == "x" * 3000
+            await bystander.close()
+    arun(main())
+
+
+def test_clients_with_a_bigger_limit_are_told_the_servers():
+    big = "x" * 200_000   # over the server's limit, sent in many reads
+
+    async def main():
+        async with serving(max_message=64 * 1024) as server:
+            client = await AsyncClient.connect(*server.address, max_message=1 << 20)
+            assert await client.call("ping") == "pong"
+            with pytest.raises(RemoteError) as info:
+                await client.call("echo", big)
+            assert (info.value.code, info.value.max_message) == ("too_large", 64 * 1024)
+            await client.close()
+            async with await AsyncClient.connect(*server.address) as again:
+                assert await again.call("echo", "small") == "small"
+    arun(main())
+    with ServerThread(max_message=64 * 1024) as st, \
+            Client(*st.address, max_message=1 << 20) as client:
+        with pytest.raises(RemoteError) as info:
+            client.call("echo", big)
+        assert (info.value.code, info.value.max_message) == ("too_large", 64 * 1024)
+        assert client.call("ping") == "pong"   # on a new connection
 
 
 def test_truncated_frame_closes_only_that_connection():

@@ -1,20 +1,31 @@
 -- Give back jobs a worker claimed but will not run, without using an attempt: at once to
 -- their place in line (it is stopping, or they were prefetched), or, with a delay, as
--- retrying with the reason on the job (it does not load their module: another may).
--- KEYS: inflight, running index, seq, delayed, retrying index, counters
+-- retrying with the reason on the job (it does not load their module: another may). A job
+-- cancel.lua asked to stop ends cancelled instead (end_cancelled), using its attempt: it
+-- must not run again.
+-- KEYS: inflight, running index, seq, delayed, retrying index, counters, cancelled index,
+--       limits due
 -- ARGV: job prefix, queue prefix, wake prefix, worker id, delay (ms; '' = at once),
---       reason, then pairs job_id, attempt
--- Returns how many jobs went back.
+--       reason, failed ttl (s), limit running prefix, round prefix, batch stats prefix,
+--       func stats prefix, then pairs job_id, attempt
+-- Returns how many jobs went back (those cancelled do not count).
 -- Invariant: only the worker holding that attempt gives a job back; a job handed back
 -- with a reason keeps it (`not_run`), so a job no worker can run is visible.
 local jp, qp, wp, worker = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local delay, reason, now = tonumber(ARGV[5]), ARGV[6], now_ms()
+local ends = {cancelled = KEYS[7], counters = KEYS[6], due = KEYS[8], ttl = tonumber(ARGV[7]),
+              rp = ARGV[8], wp = wp, roundp = ARGV[9], bp = ARGV[10], fp = ARGV[11]}
 local n = 0
-for i = 7, #ARGV, 2 do
+for i = 12, #ARGV, 2 do
   local id = ARGV[i]
   local jk = jp .. id
-  local f = redis.call('HMGET', jk, 'status', 'attempts', 'worker')
-  if f[1] == 'running' and f[2] == ARGV[i + 1] and f[3] == worker then
+  local f = redis.call('HMGET', jk, 'status', 'attempts', 'worker', 'cancel')
+  if f[1] == 'running' and f[2] == ARGV[i + 1] and f[3] == worker and f[4] then
+    redis.call('ZREM', KEYS[1], id)
+    redis.call('ZREM', KEYS[2], id)
+    end_cancelled(jk, id, 'Cancelled: its worker ' .. worker .. ' gave it back (stopping, ' ..
+                  'or not running it) before it stopped the job', ends)
+  elseif f[1] == 'running' and f[2] == ARGV[i + 1] and f[3] == worker then
     redis.call('HINCRBY', jk, 'attempts', -1)
     redis.call('ZREM', KEYS[1], id)
     redis.call('ZREM', KEYS[2], id)

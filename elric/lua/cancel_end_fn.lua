@@ -1,0 +1,40 @@
+-- A function shared by the scripts that take a running job from a worker that will record
+-- no outcome for it (release, requeue_due); lua.load prepends it to them, after clock_fn
+-- and jobstats_fn.
+-- end_cancelled(jk, id, why, c): the job hash jk, which cancel.lua asked to stop (`cancel`
+-- set), ends cancelled instead of going back in line, where it would run again until a
+-- heartbeat stopped it. It is recorded as finish.lua records a cancel (status, error with
+-- the attempt and `why`, finished_at on Redis's clock, expiry, cancelled index, counters,
+-- func and batch stats with last_at, its round's `removed`, its limit key's slot freed;
+-- its dedupe key kept), but with no duration: no worker measured one, so the stats count
+-- it without a time, as cancel.lua does. The caller has taken it out of inflight and its
+-- status index.
+-- c: {cancelled = cancelled index, counters = counters, due = limits due, ttl = failed ttl
+--     (s), rp = limit running prefix, wp = wake prefix, roundp = round prefix,
+--     bp = batch stats prefix, fp = func stats prefix}
+local function end_cancelled(jk, id, why, c)
+  local now = now_ms()
+  local f = redis.call('HMGET', jk, 'attempts', 'queue', 'batch', 'error', 'limit_key',
+                       'round', 'func')
+  redis.call('HDEL', jk, 'cancel')
+  local lk = f[5]
+  if lk and redis.call('SREM', c.rp .. lk, id) == 1 and redis.call('ZSCORE', c.due, lk) then
+    redis.call('ZADD', c.due, 0, lk)
+    redis.call('LPUSH', c.wp .. f[2], '1')
+    redis.call('LTRIM', c.wp .. f[2], 0, 15)
+  end
+  local err = (f[4] or '') .. '--- attempt ' .. (f[1] or '0') .. ' ---\n' .. why .. '\n'
+  redis.call('HSET', jk, 'status', 'cancelled', 'error', err, 'finished_at', now)
+  redis.call('EXPIRE', jk, c.ttl)
+  redis.call('ZADD', c.cancelled, now, id)
+  redis.call('ZREMRANGEBYSCORE', c.cancelled, '-inf', now - c.ttl * 1000)
+  redis.call('HINCRBY', c.counters, 'cancelled', 1)
+  redis.call('HINCRBY', c.counters, 'queue:' .. f[2] .. ':cancelled', 1)
+  count_in_stats(c.bp, c.fp, f[3], f[7], 'cancelled')
+  if f[3] and f[3] ~= '' then redis.call('HSET', c.bp .. f[3], 'last_at', now) end
+  if f[7] then redis.call('HSET', c.fp .. f[7], 'last_at', now) end
+  if f[6] then
+    redis.call('HINCRBY', c.roundp .. f[6], 'removed', 1)
+    redis.call('EXPIRE', c.roundp .. f[6], c.ttl)
+  end
+end

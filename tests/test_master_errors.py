@@ -1,0 +1,50 @@
+"""What a master answers when a handler fails: ``not_found`` only for what a call names
+and does not exist, ``internal`` for a bug, even one that raises a KeyError.
+
+An in-process master (the same code as run_master.py) against the private redis-server,
+called over real RPC. pytest-asyncio is not installed: each test runs with asyncio.run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from elric.config import load_settings
+from elric.master import Master
+from elric.redis_server import free_port
+from elric.rpc import AsyncClient, RemoteError
+
+
+async def answer(client: AsyncClient, method: str, *params) -> str:
+    with pytest.raises(RemoteError) as info:
+        await client.call(method, *params)
+    return info.value.code
+
+
+def test_a_lookup_error_from_a_bug_is_internal_and_a_missing_job_not_found(redis_url):
+    """Any LookupError a handler raised was answered not_found: a KeyError from a bug told
+    the client that the job did not exist, so it gave up instead of reporting the bug."""
+    async def main():
+        m = Master(load_settings(env={}, overrides=dict(
+            REDIS_URL=redis_url, MASTER_ADDRESS=f"127.0.0.1:{free_port()}")))
+        host, port = (await m.start())[:2]
+        client = await AsyncClient.connect(host, port)
+        try:
+            for method, params in (("cancel_job", ["nope"]), ("rerun_job", ["nope"]),
+                                   ("run_job", ["nope"]), ("control_worker", ["nope", "stop"])):
+                assert await answer(client, method, *params) == "not_found", method
+
+            async def key_error(job_id):
+                return {}["status"]   # a bug in reading a job
+
+            async def index_error(job_id):
+                return [][0]
+            m.queue.get_job, m.queue.cancel = key_error, index_error
+            assert await answer(client, "get_job", "some") == "internal"
+            assert await answer(client, "cancel_job", "some") == "internal"
+        finally:
+            await client.close()
+            await m.close()
+    asyncio.run(main())
