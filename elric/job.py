@@ -53,7 +53,12 @@ class Job:
 
     def run(self, *args: Any, **kwargs: Any) -> Any:
         """The work. May be ``async def``: the pool process then runs it, many at once, on
-        its event loop; it must not block the loop (no time.sleep, no sync HTTP)."""
+        its event loop; it must not block the loop (no time.sleep, no sync HTTP).
+
+        Stopping it: past ``timeout`` a sync run gets ``JobTimeout`` and an async one is
+        cancelled; cancel_job raises ``JobCancelled`` (a BaseException) in a sync run and
+        cancels an async one. Clean up in ``finally``; one that ignores these for 5 s
+        loses its process."""
         raise NotImplementedError(f"{type(self).__name__}.run is not implemented")
 
     @classmethod
