@@ -8,8 +8,8 @@ process loaded at start (``elric.loading``), never imported: Redis may have been
 by someone other than a master.
 
 cancel_job stops one job and spares the others of its process: an async job's task is
-cancelled; a waiting sync job is dropped; a running sync job is interrupted by SIGUSR1,
-which the pipe's reader thread sends to the main thread.
+cancelled; the pipe's reader thread drops a waiting sync job and reports it, and interrupts
+a running one with SIGUSR1 to the main thread.
 """
 
 from __future__ import annotations
@@ -103,7 +103,6 @@ def serve(conn, job_modules: tuple[str, ...], worker_pid: int, log_level: str,
     # processes itself (shutdown, or SIGKILL past a timeout or SHUTDOWN_GRACE).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGALRM, _on_alarm)   # a sync job's timeout
     try:
         import uvloop
         loop = uvloop.new_event_loop()
@@ -115,11 +114,19 @@ def serve(conn, job_modules: tuple[str, ...], worker_pid: int, log_level: str,
 
 def _start_thread(target, *args) -> None:
     """A daemon thread that never takes MAIN_ONLY signals: one it took would not interrupt
-    the main thread's blocking call (a job's sleep or read)."""
+    the main thread's blocking call (a job's sleep or read). If the thread fails, the
+    process exits: without it the process would be half-alive (the worker then runs its
+    jobs again or apart)."""
+    def guarded() -> None:
+        try:
+            target(*args)
+        except BaseException:
+            log.exception("pool process: its %s thread failed; the process exits", name)
+            os._exit(1)
+    name = target.__name__.strip("_")
     old = signal.pthread_sigmask(signal.SIG_BLOCK, MAIN_ONLY)
     try:
-        threading.Thread(target=target, args=args, daemon=True,
-                         name=f"elric-{target.__name__.strip('_')}").start()
+        threading.Thread(target=guarded, daemon=True, name=f"elric-{name}").start()
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
@@ -145,34 +152,33 @@ def _exit_with_worker(pid: int) -> None:
             pass
 
 
-def _on_alarm(signum, frame):
-    raise JobTimeout("job ran past its timeout")
-
-
 class _Runner:
     def __init__(self, conn, loop: asyncio.AbstractEventLoop, modules: JobModules,
                  lag_warn: float, result_max: int) -> None:
         self.conn, self.loop, self.modules, self.lag_warn = conn, loop, modules, lag_warn
         self.result_max = result_max   # RESULT_MAX_BYTES: what get_job can always send
-        self.sync_jobs: deque[_SyncJob] = deque()
         self.draining = False
         self.tasks: dict[asyncio.Task, Ran] = {}   # async jobs in flight
-        # shared with the reader thread, under `inbox_lock`: what it took off the pipe
+        # shared with the reader thread, under `inbox_lock`
         self.inbox_lock = threading.Lock()
-        self.inbox: list[dict] = []               # jobs not started yet
+        self.inbox: list[dict] = []               # jobs taken off the pipe, not started
+        self.sync_jobs: deque[_SyncJob] = deque()   # started, waiting for the loop
         self.cancels: set[tuple[str, int]] = set()   # (job_id, attempt) asked to stop
         self.running: tuple[str, int] | None = None   # the sync job inside its run()
-        self.answering = False   # in _answer: a SIGUSR1 then waits for its end
-        # outbox and new_kinds are sent by the loop and by _send_waiting, under outbox_lock;
-        # the reader never takes it, so a send blocked on a full pipe cannot stop the reader
+        # outbox and new_kinds are swapped out under outbox_lock, held only for that, so
+        # the reader never waits on a send blocked by a full pipe; send_lock keeps the
+        # loop's and _send_waiting's messages whole and in order
         self.outbox_lock = threading.Lock()
+        self.send_lock = threading.Lock()
         self.outbox: list[Ran] = []
+        self.reported = threading.Event()     # the outbox has something: wakes _send_waiting
         self.kinds: dict[str, bool] = {}       # func -> its run is async, as resolved here
         self.new_kinds: dict[str, bool] = {}   # not yet told to the worker
         self.flushing = False
         self.last_tick = time.monotonic()
 
     def run(self) -> None:
+        signal.signal(signal.SIGALRM, self._on_alarm)   # a sync job's timeout
         signal.signal(signal.SIGUSR1, self._on_cancel)
         _start_thread(self._read)
         _start_thread(self._send_waiting)
@@ -192,28 +198,46 @@ class _Runner:
                 items = codec.unpack(self.conn.recv_bytes()) or []
             except (EOFError, OSError):
                 os._exit(0)  # the worker closed its end: it is done with this process
+            jobs = [i for i in items if "cancel" not in i]
             cancels = {_key(i) for i in items if "cancel" in i}
             with self.inbox_lock:
-                self.inbox.extend(i for i in items if "cancel" not in i)
+                self.inbox.extend(jobs)
                 self.cancels |= cancels
+                dropped = self._drop_waiting(cancels) if cancels else []
+            if dropped:
+                self._queue([_cancelled(*key) for key in dropped])
+            # after `cancels` grew: _run_sync sets `running` before it looks at them
+            if self.running in cancels:
+                signal.pthread_kill(main, signal.SIGUSR1)
             self.loop.call_soon_threadsafe(self._take)
-            if cancels and self.running is not None:   # a sync job holds the loop (else
-                signal.pthread_kill(main, signal.SIGUSR1)    # the signal would only disturb)
+
+    def _drop_waiting(self, cancels: set[tuple[str, int]]) -> list[tuple[str, int]]:
+        """Under inbox_lock: take the asked-for jobs that wait to start out of the inbox and
+        the sync queue; their requests are answered."""
+        dropped = [_key(i) for i in self.inbox if _key(i) in cancels]
+        if dropped:
+            self.inbox = [i for i in self.inbox if _key(i) not in cancels]
+        waiting = [job for job in self.sync_jobs if job.out.key in cancels]
+        for job in waiting:
+            self.sync_jobs.remove(job)
+        dropped += [job.out.key for job in waiting]
+        self.cancels.difference_update(dropped)
+        return dropped
 
     def _take(self) -> None:
         """Start the jobs the reader took; cancel the async ones asked to stop, and forget
         requests for jobs that have ended."""
         with self.inbox_lock:
             items, self.inbox = self.inbox, []
-            asked = set(self.cancels)
         for item in items:
-            if _key(item) in asked:   # not started: a task cancelled before its first
-                self._report(_cancelled(*_key(item)))   # step would never report
-            else:
-                self._start(item)
-        if not asked:
+            self._start(item)
+        if self.outbox:   # what the reader dropped: the loop is free, send it now
+            self._flush_soon()
+        if not self.cancels:
             return
-        live = {job.out.key for job in self.sync_jobs}
+        with self.inbox_lock:
+            asked = set(self.cancels)
+            live = {job.out.key for job in self.sync_jobs}
         for task, out in self.tasks.items():
             live.add(out.key)
             if out.key in asked and not task.cancelling():
@@ -221,44 +245,22 @@ class _Runner:
         with self.inbox_lock:
             self.cancels -= asked - live
 
+    # The two signals only raise inside a sync job's run(), marked by `running`: raised
+    # anywhere else they would break the loop. They take no lock, which the main thread
+    # may hold when they come.
     def _on_cancel(self, signum, frame) -> None:
-        """SIGUSR1: a cancel request came while a sync job runs (between jobs the next
-        ``_run_sync`` or ``_take`` answers it)."""
-        if self.running is None:
-            return
-        self._answer()
-        if self.running in self.cancels:
+        if self.running is not None and self.running in self.cancels:
             raise JobCancelled(CANCELLED)
 
-    def _answer(self) -> None:
-        """Answer cancel requests while a sync job holds the loop: the asked-for jobs
-        waiting behind it are dropped and reported cancelled (``_send_waiting`` sends them),
-        so the worker kills this process only for a job that ignores its cancellation."""
-        if self.answering:
-            return
-        # a second SIGUSR1 (or the job's alarm) must not break in half-way; the blocked
-        # one comes when the mask is restored
-        self.answering = True
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, MAIN_ONLY)
-        try:
-            with self.inbox_lock:
-                asked = set(self.cancels)
-                dropped = [_key(i) for i in self.inbox if _key(i) in asked]
-                self.inbox = [i for i in self.inbox if _key(i) not in asked]
-            waiting = [job for job in self.sync_jobs if job.out.key in asked]
-            for job in waiting:
-                self.sync_jobs.remove(job)
-            dropped += [job.out.key for job in waiting]
-            for key in dropped:
-                self._report(_cancelled(*key))
-            with self.inbox_lock:
-                self.cancels -= set(dropped)
-        finally:
-            self.answering = False
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    def _on_alarm(self, signum, frame) -> None:
+        if self.running is not None:
+            raise JobTimeout("job ran past its timeout")
 
     def _report(self, out: Ran) -> None:
         out.finished_at = time.monotonic()
+        if isinstance(out.payload, str):   # an error text may hold a lone surrogate (a
+            # file name decoded with surrogateescape), which msgpack cannot send
+            out.payload = out.payload.encode("utf-8", "backslashreplace").decode("utf-8")
         if out.children:
             try:
                 codec.pack(out.children)
@@ -273,9 +275,15 @@ class _Runner:
                                "it elsewhere (a file, an object store) and return where it is")
             else:   # a traceback that big: keep its end, where the exception is
                 out.payload = "[... cut ...]\n" + out.payload[-self.result_max:]
-        with self.outbox_lock:
-            self.outbox.append(out)
+        self._queue([out])
         self._flush_soon()
+
+    def _queue(self, outs: list[Ran]) -> None:
+        with self.outbox_lock:
+            first = not self.outbox
+            self.outbox += outs
+        if first:
+            self.reported.set()
 
     def _flush_soon(self) -> None:
         if not self.flushing and not self.draining:
@@ -288,23 +296,31 @@ class _Runner:
 
     def _send(self) -> None:
         """Send the outcomes and the kinds of job classes learnt since the last send."""
-        with self.outbox_lock:
-            if self.outbox or self.new_kinds:
-                message = {"ran": [o.row() for o in self.outbox], "kinds": self.new_kinds}
+        with self.send_lock:
+            with self.outbox_lock:
+                if not self.outbox and not self.new_kinds:
+                    return
+                outs, kinds = self.outbox, self.new_kinds
                 self.outbox, self.new_kinds = [], {}
-                try:
-                    self.conn.send_bytes(codec.pack(message))
-                except OSError:
-                    os._exit(0)  # the worker is gone
+            message = codec.pack({"ran": [o.row() for o in outs], "kinds": kinds})
+            try:
+                self.conn.send_bytes(message)
+            except OSError:
+                os._exit(0)  # the worker is gone
 
     def _send_waiting(self) -> None:
         """A thread: outcomes that waited FLUSH_SECONDS go out, while the loop is held by a
         run of fast sync jobs or by a long one. Else a job that ended before a long one
         would be reported only when that one ends, and run again if it is stopped."""
         while True:
+            self.reported.wait()
             time.sleep(FLUSH_SECONDS)
-            outbox = self.outbox
-            if outbox and time.monotonic() - outbox[0].finished_at > FLUSH_SECONDS:
+            with self.outbox_lock:
+                if not self.outbox:
+                    self.reported.clear()   # _queue sets it again, after this
+                    continue
+                oldest = self.outbox[0].finished_at
+            if time.monotonic() - oldest >= FLUSH_SECONDS:
                 self._send()
 
     # --- running jobs -----------------------------------------------------------------
@@ -342,7 +358,9 @@ class _Runner:
             self.tasks[task] = out
             task.add_done_callback(self._task_done)
         else:
-            self.sync_jobs.append(_SyncJob(instance, args, kwargs, ctx, out, item.get("timeout")))
+            with self.inbox_lock:
+                self.sync_jobs.append(_SyncJob(instance, args, kwargs, ctx, out,
+                                               item.get("timeout")))
             if not self.draining:
                 self.draining = True
                 self.loop.call_soon(self._drain_sync)
@@ -380,12 +398,12 @@ class _Runner:
     def _drain_sync(self) -> None:
         """Run the sync jobs that arrived, one after another (``_send_waiting`` reports
         them meanwhile)."""
-        while self.sync_jobs:
-            job = self.sync_jobs.popleft()
-            if job.out.key in self.cancels:
-                job.out.payload = CANCELLED + " before it started"
-            else:
-                self._run_sync(job)
+        while True:
+            with self.inbox_lock:
+                if not self.sync_jobs:
+                    break
+                job = self.sync_jobs.popleft()
+            self._run_sync(job)
             self._asked(job.out)   # answered: its request, if any, is forgotten
             self._report(job.out)
         self.draining = False
@@ -395,15 +413,12 @@ class _Runner:
         out, timeout = job.out, job.timeout
         token = job_module._current.set(job.ctx)
         try:
-            if timeout:
-                signal.setitimer(signal.ITIMER_REAL, timeout)   # _on_alarm stops it
             try:
-                # inside the try: _on_cancel may raise JobCancelled from here on
-                self.running = out.key
-                if self.cancels:   # asked between two jobs, when no signal was sent
-                    self._answer()
-                    if self.running in self.cancels:
-                        raise JobCancelled(CANCELLED)
+                self.running = out.key   # from here on, the two signals may raise
+                if timeout:
+                    signal.setitimer(signal.ITIMER_REAL, timeout)   # _on_alarm stops it
+                if out.key in self.cancels:   # asked after it left the queue, unsignalled
+                    raise JobCancelled(CANCELLED)
                 result = job.instance.run(*job.args, **job.kwargs)
             finally:
                 self.running = None

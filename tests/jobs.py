@@ -34,6 +34,14 @@ class Fail(Job):
         raise ValueError(message)
 
 
+class FailNamingFile(Job):
+    """Fails naming a file whose name is not UTF-8: os.fsdecode gives it a lone surrogate,
+    as it does to every such name read from a directory."""
+
+    def run(self, name: bytes):
+        raise FileNotFoundError(f"no page saved at {os.fsdecode(name)}")
+
+
 class Spawn(Job):
     """Submits `n` child Add jobs."""
 

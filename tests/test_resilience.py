@@ -28,7 +28,7 @@ from elric.launch import Proc, elric_env, wait_for_master
 from elric.redis_server import RedisServer, find_redis_server, free_port
 from elric.rpc import Client, RemoteError, RPCConnectionError, RPCError, RPCTimeoutError
 from tests.conftest import ROOT, Cluster, batches_form, wait_for
-from tests.jobs import Add, FailUnlessFile, MarkSleep, Sleep, SpawnPadded
+from tests.jobs import Add, FailUnlessFile, MarkSleep, FailNamingFile, Sleep, SpawnPadded
 from tests.jobs_faults import Crash, Flaky, IgnoreAlarm, Mark, count_lines
 
 KEYS = Keys("elric")
@@ -1017,3 +1017,22 @@ def test_jobs_that_end_before_a_long_one_of_their_batch_are_recorded_while_it_ru
     assert worker.stop() == 0, worker.log()
     assert cluster.client.get_job("long")["status"] == "queued"   # given back
     assert sorted(marks.read_text().split()) == sorted(quick + ["long"])
+
+
+def test_a_job_whose_error_text_is_not_unicode_is_recorded_and_its_batch_too(cluster, tmp_path):
+    """An error naming a file whose name is not UTF-8 holds a lone surrogate, which msgpack
+    cannot pack: the outcomes sent with it were lost and the pool process sent no more."""
+    worker = cluster.start_worker("--concurrency", "1")
+    batches_form(cluster)
+    missing = os.fsencode(tmp_path / "missing-") + b"\xff"
+    cluster.client.submit_jobs([Add.spec([1, 1], job_id="before"),
+                                FailNamingFile.spec([missing], job_id="odd"),
+                                Add.spec([1, 2], job_id="after")])
+    odd = cluster.wait_job("odd")
+    assert odd["status"] == "failed" and "FileNotFoundError" in odd["error"], odd
+    assert "missing-\\udcff" in odd["error"], odd["error"]
+    assert cluster.wait_job("before")["result"] == 2
+    assert cluster.wait_job("after")["result"] == 3
+    cluster.client.submit_job(Add.spec([2, 2], job_id="later"))
+    assert cluster.wait_job("later")["result"] == 4, cluster.logs()
+    assert worker.alive()
