@@ -132,7 +132,9 @@ class Admission:
         Fires are marked before they are queued; a Redis error here is retried until the
         lease would have run out (enqueue is idempotent per fire id). ``recovered``: fires
         a leader marked, and may have checked, before it failed; in a fire's own scope
-        only its own key can be seen, so they skip the check that would drop them."""
+        only its own key can be seen, so they skip the check that would drop them. In
+        another scope a key no job holds goes back before the check (it may be the one
+        that leader took): a duplicate rather than a lost fire."""
         rounds, unchecked, checking = {}, [], []
         for spec in specs:
             spec["round"] = spec["job_id"]   # the fire and its descendants: one round
@@ -143,7 +145,8 @@ class Admission:
                     unchecked.append(spec)
                     continue
             checking.append(spec)
-        reservation = Reservation(self.gate, checking)   # kept across retries: see its `new`
+        # kept across retries: see its `new`
+        reservation = Reservation(self.gate, checking, unsure=checking if recovered else [])
 
         async def attempt() -> list[Submitted]:
             if rounds:

@@ -43,6 +43,11 @@ class Reservation:
     # the group whose filter call failed: its answer may be lost with the keys taken
     unsure: list[dict] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        for spec in self.specs:
+            if spec.get("dedupe_key") is not None:
+                spec.setdefault("dedupe_scope", GLOBAL_SCOPE)
+
     @property
     def passed(self) -> list[dict]:
         return [s for s in self.specs if s.get("dedupe_key") is None or self.new.get(id(s))]
@@ -59,8 +64,7 @@ class Reservation:
         by_scope: dict[str, list[dict]] = {}
         for spec in self.specs:
             if spec.get("dedupe_key") is not None and id(spec) not in self.new:
-                scope = spec.setdefault("dedupe_scope", GLOBAL_SCOPE)
-                by_scope.setdefault(scope, []).append(spec)
+                by_scope.setdefault(spec["dedupe_scope"], []).append(spec)
         for scope, group in by_scope.items():
             try:
                 verdicts = await self.gate.filter_for(scope).check_and_add(

@@ -299,3 +299,39 @@ def test_a_fire_retried_after_a_redis_error_in_a_later_scope_is_still_queued(red
             assert calls == [specs[0]["job_id"], specs[1]["job_id"], specs[1]["job_id"]]
             assert await queued(m) == 2
     asyncio.run(main())
+
+
+def test_a_recovered_fire_whose_key_its_failed_leader_took_is_queued(redis_url):
+    """A leader that checked a fire's key in a shared scope, then failed before queueing
+    it, leaves the key taken with no job: the fire queued again by the next leader (or
+    by the next pass) was dropped as a duplicate of itself, and that run never happened.
+    (A key no job holds cannot be told from one that leader took; one taken by another
+    job's id can't either: the recovered fire then runs beside that job, a duplicate over
+    a lost run.)"""
+    async def main():
+        async with master(redis_url) as m:
+            deadline = asyncio.get_running_loop().time() + 20
+            while not m.scheduler.is_leader:
+                assert asyncio.get_running_loop().time() < deadline, "no scheduler lease"
+                await asyncio.sleep(0.01)
+            await m.scheduler.stop()   # this test plays the scheduler
+            token = int(await m.redis.get(m.keys.scheduler_fence) or 0)
+            if not token:
+                token = 1
+                await m.redis.set(m.keys.scheduler_fence, token)
+
+            def fire(key, job_id):
+                n = contract.normalize_spec({"func": E, "job_id": job_id, "dedupe_key": key})
+                n.update(schedule="home", fire_time=1893456000.0)
+                return n
+            [done] = await m.admission.enqueue_fires([fire("K2", "home@2")], token)
+            assert done.status == "queued"   # the failed leader queued this one
+            assert await m.filters["set"].check_and_add("global", ["K1"]) == [True]
+            out = await m.admission.enqueue_fires(
+                [fire("K1", "home@1"), fire("K2", "home@2")], token, recovered=True)
+            assert [(o.job_id, o.status) for o in out] == [("home@1", "queued"),
+                                                           ("home@2", "filtered")]
+            assert await queued(m) == 2
+            later = await m.submit_jobs([{"func": E, "job_id": "copy", "dedupe_key": "K1"}])
+            assert later[0]["status"] == "filtered"   # the fire holds K1 again
+    asyncio.run(main())
