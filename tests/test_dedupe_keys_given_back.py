@@ -259,6 +259,20 @@ def test_resubmitting_the_id_of_a_finished_job_does_not_take_its_key_again(redis
     asyncio.run(main())
 
 
+async def play_scheduler(m) -> int:
+    """Stop the master's own scheduler once it leads; the fence token to queue fires with."""
+    deadline = asyncio.get_running_loop().time() + 20
+    while not m.scheduler.is_leader:
+        assert asyncio.get_running_loop().time() < deadline, "no scheduler lease"
+        await asyncio.sleep(0.01)
+    await m.scheduler.stop()
+    token = int(await m.redis.get(m.keys.scheduler_fence) or 0)
+    if not token:
+        token = 1
+        await m.redis.set(m.keys.scheduler_fence, token)
+    return token
+
+
 @pytest.mark.parametrize("lost", ["before", "after"])
 def test_a_fire_retried_after_a_redis_error_in_a_later_scope_is_still_queued(redis_url, lost):
     """Two fires are two per-fire scopes. When Redis fails on the second scope, the
@@ -266,12 +280,7 @@ def test_a_fire_retried_after_a_redis_error_in_a_later_scope_is_still_queued(red
     the second's key taken by the check whose answer was lost ("after")."""
     async def main():
         async with master(redis_url) as m:
-            # this test plays the scheduler: once the master's own leads, stop it
-            deadline = asyncio.get_running_loop().time() + 20
-            while not m.scheduler.is_leader:
-                assert asyncio.get_running_loop().time() < deadline, "no scheduler lease"
-                await asyncio.sleep(0.01)
-            await m.scheduler.stop()
+            token = await play_scheduler(m)
             f = m.filters["set"]
             real, calls = f.check_and_add, []
 
@@ -290,10 +299,6 @@ def test_a_fire_retried_after_a_redis_error_in_a_later_scope_is_still_queued(red
                                              "dedupe_scope": "@fire"})
                 n.update(schedule=site, fire_time=1893456000.0)
                 specs.append(n)
-            token = int(await m.redis.get(m.keys.scheduler_fence) or 0)
-            if not token:
-                token = 1
-                await m.redis.set(m.keys.scheduler_fence, token)
             out = await m.admission.enqueue_fires(specs, token)
             assert [o.status for o in out] == ["queued", "queued"]
             assert calls == [specs[0]["job_id"], specs[1]["job_id"], specs[1]["job_id"]]
@@ -310,15 +315,7 @@ def test_a_recovered_fire_whose_key_its_failed_leader_took_is_queued(redis_url):
     a lost run.)"""
     async def main():
         async with master(redis_url) as m:
-            deadline = asyncio.get_running_loop().time() + 20
-            while not m.scheduler.is_leader:
-                assert asyncio.get_running_loop().time() < deadline, "no scheduler lease"
-                await asyncio.sleep(0.01)
-            await m.scheduler.stop()   # this test plays the scheduler
-            token = int(await m.redis.get(m.keys.scheduler_fence) or 0)
-            if not token:
-                token = 1
-                await m.redis.set(m.keys.scheduler_fence, token)
+            token = await play_scheduler(m)
 
             def fire(key, job_id):
                 n = contract.normalize_spec({"func": E, "job_id": job_id, "dedupe_key": key})
