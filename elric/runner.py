@@ -229,8 +229,13 @@ class _Runner:
         requests for jobs that have ended."""
         with self.inbox_lock:
             items, self.inbox = self.inbox, []
-        for item in items:
-            self._start(item)
+        waiting = [job for item in items if (job := self._start(item)) is not None]
+        if waiting:
+            with self.inbox_lock:
+                self.sync_jobs.extend(waiting)
+            if not self.draining:
+                self.draining = True
+                self.loop.call_soon(self._drain_sync)
         if self.outbox:   # what the reader dropped: the loop is free, send it now
             self._flush_soon()
         if not self.cancels:
@@ -324,7 +329,8 @@ class _Runner:
                 self._send()
 
     # --- running jobs -----------------------------------------------------------------
-    def _start(self, item: dict) -> None:
+    def _start(self, item: dict) -> _SyncJob | None:
+        """Start an async job; a sync one is returned, to wait for the loop."""
         out = Ran(item["job_id"], item["attempt"], False, "", started_at=time.monotonic())
         try:
             cls = self.modules.job_class(item["func"])
@@ -357,13 +363,8 @@ class _Runner:
                                                           item.get("timeout")))
             self.tasks[task] = out
             task.add_done_callback(self._task_done)
-        else:
-            with self.inbox_lock:
-                self.sync_jobs.append(_SyncJob(instance, args, kwargs, ctx, out,
-                                               item.get("timeout")))
-            if not self.draining:
-                self.draining = True
-                self.loop.call_soon(self._drain_sync)
+            return None
+        return _SyncJob(instance, args, kwargs, ctx, out, item.get("timeout"))
 
     async def _run_async(self, instance, args, kwargs, ctx, out: Ran, timeout) -> None:
         job_module._current.set(ctx)  # this task's own context: one per job
@@ -390,6 +391,8 @@ class _Runner:
 
     def _asked(self, out: Ran) -> bool:
         """Whether cancel_job asked to stop this attempt; the request is answered now."""
+        if out.key not in self.cancels:   # most jobs, without the lock: a request that
+            return False                  # comes after is stale, and _take forgets it
         with self.inbox_lock:
             asked = out.key in self.cancels
             self.cancels.discard(out.key)
