@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from elric.contract import STATUSES, NotFound, SpecError, Status
+from elric.contract import STATUSES, NotFound, Refused, SpecError, Status
 
 ACTIONS = ("rerun", "copy", "cancel", "delete", "find")   # find: only list the ids
 STEP = 2000   # jobs looked at per call
@@ -179,7 +179,7 @@ class Bulk:
                     step.skipped += 1   # it had ended already: left alone
                     return
                 step.touched += 1
-            except (ValueError, NotFound) as exc:   # e.g. running, or not finished
+            except (Refused, NotFound) as exc:   # e.g. running, or not finished
                 step.skipped += 1
                 if len(step.errors) < 5:
                     step.errors.append(str(exc))

@@ -104,6 +104,11 @@ class SpecError(ValueError):
     """A job spec a master refuses; the message names the key and what is wrong."""
 
 
+class Refused(ValueError):
+    """A job's state refuses what a call asks (remove a running job, rerun one not
+    finished); a master answers it ``bad_request`` with the reason."""
+
+
 class NotFound(LookupError):
     """What a call names (a job, a periodic job, a worker) does not exist; a master answers
     it ``not_found``. Its own class, so that a KeyError or IndexError from a bug is not

@@ -27,7 +27,7 @@ from elric.admission import Admission
 from elric.bulk import Bulk, JobFilter
 from elric.clock import RedisClock
 from elric.config import Settings, SettingsError, parse_address, redact_url
-from elric.contract import ErrorCode, NotFound, SpecError, Status
+from elric.contract import ErrorCode, NotFound, Refused, SpecError, Status
 from elric.dedupe import DedupeFilter, make_filter
 from elric.housekeeping import Housekeeping
 from elric.jobstore import RedisJobStore
@@ -53,7 +53,7 @@ def _rpc(handler):
     async def call(*params):
         try:
             return await handler(*params)
-        except (SpecError, ScopeRefused) as exc:
+        except (SpecError, Refused, ScopeRefused) as exc:
             raise RequestError(str(exc), ErrorCode.BAD_REQUEST) from None
         except NotFound as exc:   # (a KeyError from a bug is internal: not a missing job)
             raise RequestError(str(exc.args[0] if exc.args else exc),
@@ -245,10 +245,7 @@ class Master:
 
     @_rpc
     async def remove_job(self, job_id) -> bool:
-        try:
-            removed = await self.queue.remove(_job_id(job_id))
-        except ValueError as exc:   # running
-            raise SpecError(str(exc)) from None
+        removed = await self.queue.remove(_job_id(job_id))
         return await self.store.remove(job_id) or removed
 
     @_rpc
@@ -337,10 +334,7 @@ class Master:
 
     @_rpc
     async def rerun_job(self, job_id) -> dict:
-        try:
-            await self.queue.rerun(_job_id(job_id))
-        except ValueError as exc:   # not finished yet
-            raise SpecError(str(exc)) from None
+        await self.queue.rerun(_job_id(job_id))
         return {"job_id": job_id, "status": Status.QUEUED}
 
     @_rpc

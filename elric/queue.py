@@ -17,7 +17,7 @@ from redis.exceptions import ResponseError
 
 from elric import codec, jobstats, lua
 from elric.clock import redis_now
-from elric.contract import STATUSES, NotFound, Status
+from elric.contract import STATUSES, NotFound, Refused, Status
 from elric.keys import Keys
 
 HAND_BACK_SECONDS = 5.0   # a job no worker here can run waits this long between tries
@@ -359,7 +359,7 @@ class RedisQueue:
                                                  k.batch(""), k.func("")]))
         except ResponseError as exc:
             if _error_code(exc) == "RUNNING":
-                raise ValueError(f"job {job_id!r} is running; cancel it (cancel_job) and "
+                raise Refused(f"job {job_id!r} is running; cancel it (cancel_job) and "
                                  "remove it once it has stopped") from None
             raise
 
@@ -373,7 +373,7 @@ class RedisQueue:
         return _s(was) if was else None
 
     async def rerun(self, job_id: str) -> str:
-        """Queue a finished job again; raises NotFound / ValueError with the reason."""
+        """Queue a finished job again; raises NotFound / Refused with the reason."""
         k = self.keys
         try:
             return _s(await self._rerun(keys=[k.job(job_id), k.seq],
@@ -384,7 +384,7 @@ class RedisQueue:
             if _error_code(exc) == "NOJOB":
                 raise NotFound(f"no job {job_id!r}") from None
             if _error_code(exc) == "LIVE":
-                raise ValueError(f"job {job_id!r} is {str(exc).split()[-1]}; only a finished "
+                raise Refused(f"job {job_id!r} is {str(exc).split()[-1]}; only a finished "
                                  "job can be rerun") from None
             raise
 

@@ -49,6 +49,9 @@ def test_a_running_job_is_stopped_and_recorded_cancelled(cluster):
     with pytest.raises(RemoteError) as info:
         c.remove_job("long")
     assert info.value.code == "bad_request" and "is running; cancel it" in str(info.value)
+    with pytest.raises(RemoteError) as info:
+        c.rerun_job("long")
+    assert info.value.code == "bad_request" and "only a finished job" in str(info.value)
     asked = time.monotonic()
     assert c.cancel_job("long") == {"job_id": "long", "was": "running",
                                     "status": "cancelling"}
