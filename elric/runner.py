@@ -165,6 +165,7 @@ class _Runner:
         self.sync_jobs: deque[_SyncJob] = deque()   # started, waiting for the loop
         self.cancels: set[tuple[str, int]] = set()   # (job_id, attempt) asked to stop
         self.running: tuple[str, int] | None = None   # the sync job inside its run()
+        self.timer_set = False   # its timeout is armed (SIGALRM)
         # outbox and new_kinds are swapped out under outbox_lock, held only for that, so
         # the reader never waits on a send blocked by a full pipe; send_lock keeps the
         # loop's and _send_waiting's messages whole and in order
@@ -205,23 +206,24 @@ class _Runner:
                 self.cancels |= cancels
                 dropped = self._drop_waiting(cancels) if cancels else []
             if dropped:
-                self._queue([_cancelled(*key) for key in dropped])
+                self._queue(dropped)
             # after `cancels` grew: _run_sync sets `running` before it looks at them
             if self.running in cancels:
                 signal.pthread_kill(main, signal.SIGUSR1)
             self.loop.call_soon_threadsafe(self._take)
 
-    def _drop_waiting(self, cancels: set[tuple[str, int]]) -> list[tuple[str, int]]:
+    def _drop_waiting(self, cancels: set[tuple[str, int]]) -> list[Ran]:
         """Under inbox_lock: take the asked-for jobs that wait to start out of the inbox and
-        the sync queue; their requests are answered."""
-        dropped = [_key(i) for i in self.inbox if _key(i) in cancels]
+        the sync queue; their requests are answered. Returns their outcomes."""
+        dropped = [_cancelled(*_key(i), is_async=self.kinds.get(i["func"], False))
+                   for i in self.inbox if _key(i) in cancels]
         if dropped:
             self.inbox = [i for i in self.inbox if _key(i) not in cancels]
-        waiting = [job for job in self.sync_jobs if job.out.key in cancels]
-        for job in waiting:
-            self.sync_jobs.remove(job)
-        dropped += [job.out.key for job in waiting]
-        self.cancels.difference_update(dropped)
+        if any(job.out.key in cancels for job in self.sync_jobs):
+            dropped += [_cancelled(*job.out.key) for job in self.sync_jobs
+                        if job.out.key in cancels]
+            self.sync_jobs = deque(job for job in self.sync_jobs if job.out.key not in cancels)
+        self.cancels.difference_update(out.key for out in dropped)
         return dropped
 
     def _take(self) -> None:
@@ -258,7 +260,7 @@ class _Runner:
             raise JobCancelled(CANCELLED)
 
     def _on_alarm(self, signum, frame) -> None:
-        if self.running is not None:
+        if self.running is not None and self.timer_set:   # not an alarm of the job's own
             raise JobTimeout("job ran past its timeout")
 
     def _report(self, out: Ran) -> None:
@@ -387,7 +389,7 @@ class _Runner:
         out = self.tasks.pop(task)
         if task.cancelled():   # cancelled before its first step: _run_async never ran
             self._asked(out)
-            self._report(_cancelled(*out.key))
+            self._report(_cancelled(*out.key, is_async=True))
 
     def _asked(self, out: Ran) -> bool:
         """Whether cancel_job asked to stop this attempt; the request is answered now."""
@@ -419,12 +421,13 @@ class _Runner:
             try:
                 self.running = out.key   # from here on, the two signals may raise
                 if timeout:
+                    self.timer_set = True
                     signal.setitimer(signal.ITIMER_REAL, timeout)   # _on_alarm stops it
                 if out.key in self.cancels:   # asked after it left the queue, unsignalled
                     raise JobCancelled(CANCELLED)
                 result = job.instance.run(*job.args, **job.kwargs)
             finally:
-                self.running = None
+                self.running, self.timer_set = None, False
                 if timeout:
                     signal.setitimer(signal.ITIMER_REAL, 0)
             _succeeded(out, result, job.ctx)
@@ -472,8 +475,10 @@ def _succeeded(out: Ran, result, ctx) -> None:
     out.ok, out.children = True, ctx.children
 
 
-def _cancelled(job_id: str, attempt: int) -> Ran:
-    return Ran.failure(job_id, attempt, CANCELLED + " before it started")
+def _cancelled(job_id: str, attempt: int, is_async: bool = False) -> Ran:
+    out = Ran.failure(job_id, attempt, CANCELLED + " before it started")
+    out.is_async = is_async
+    return out
 
 
 def _failed(out: Ran, exc: BaseException) -> Ran:

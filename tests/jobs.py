@@ -42,6 +42,15 @@ class FailNamingFile(Job):
         raise FileNotFoundError(f"no page saved at {os.fsdecode(name)}")
 
 
+class SelfAlarm(Job):
+    """Sends itself SIGALRM, as code using signal.alarm for its own deadline may."""
+
+    def run(self):
+        import signal
+        os.kill(os.getpid(), signal.SIGALRM)
+        return "ok"
+
+
 class Spawn(Job):
     """Submits `n` child Add jobs."""
 

@@ -28,7 +28,8 @@ from elric.launch import Proc, elric_env, wait_for_master
 from elric.redis_server import RedisServer, find_redis_server, free_port
 from elric.rpc import Client, RemoteError, RPCConnectionError, RPCError, RPCTimeoutError
 from tests.conftest import ROOT, Cluster, batches_form, wait_for
-from tests.jobs import Add, FailUnlessFile, MarkSleep, FailNamingFile, Sleep, SpawnPadded
+from tests.jobs import (Add, FailNamingFile, FailUnlessFile, MarkSleep, SelfAlarm, Sleep,
+                        SpawnPadded)
 from tests.jobs_faults import Crash, Flaky, IgnoreAlarm, Mark, count_lines
 
 KEYS = Keys("elric")
@@ -1035,4 +1036,17 @@ def test_a_job_whose_error_text_is_not_unicode_is_recorded_and_its_batch_too(clu
     assert cluster.wait_job("after")["result"] == 3
     cluster.client.submit_job(Add.spec([2, 2], job_id="later"))
     assert cluster.wait_job("later")["result"] == 4, cluster.logs()
+    assert worker.alive()
+
+
+def test_a_stray_alarm_in_a_job_without_a_timeout_leaves_its_process_working(cluster):
+    """SIGALRM is how a sync job's timeout stops it. One from elsewhere (here the job's own)
+    during a job with no timeout was taken for a timeout it could not describe: the error
+    stopped the process's sync loop, and no sync job sent to it was reported again."""
+    worker = cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job(SelfAlarm.spec([], job_id="alarmed"))
+    alarmed = cluster.wait_job("alarmed")
+    assert (alarmed["status"], alarmed["result"]) == ("succeeded", "ok"), alarmed
+    cluster.client.submit_job(Add.spec([1, 2], job_id="after"))
+    assert cluster.wait_job("after")["result"] == 3, cluster.logs()
     assert worker.alive()
