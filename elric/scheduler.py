@@ -276,7 +276,11 @@ class Scheduler:
             job_keys, job_argv = self._job_args(plan, live, now, specs)
             keys += job_keys
             argv += job_argv
-        result = await self._fire_s(keys=keys, args=argv)
+        try:
+            result = await self._fire_s(keys=keys, args=argv)
+        except Exception:  # it may have run with its reply lost: its fires wait in pending
+            self._pending = True
+            raise
         if result[0] == 0:
             self._step_down("fence moved on: another master holds the lease")
             return 0, math.inf

@@ -631,3 +631,31 @@ def test_follower_stops_promptly(redis_url):
         await lead.stop()
         await tasks[0]
     run(redis_url, body, t=None)
+
+
+def test_fires_marked_by_a_fire_script_whose_reply_was_lost_are_queued_by_the_next_pass(redis_url):
+    """The connection drops after Redis ran the fire script but before its reply came back:
+    the fire is marked and pending, its next run time moved on. The leader's next pass used
+    to see nothing due and leave that fire pending until another master took the lease."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    async def body(env):
+        a = env.sched
+        await env.store.add(spec())
+        await a.tick()
+        env.clock.t = T0 + 60
+        fire = a._fire_s
+
+        async def reply_lost(**kw):
+            a._fire_s = fire
+            await fire(**kw)
+            raise RedisConnectionError("Connection closed by server.")
+        a._fire_s = reply_lost
+        with pytest.raises(RedisConnectionError):
+            await a.tick()
+        assert await env.r.hlen(env.keys.fires_pending) == 1 and env.rec.specs == []
+        assert a.is_leader
+        assert await a.tick() == 1 and env.rec.times == [T0 + 60]
+        assert not await env.r.exists(env.keys.fires_pending)
+    run(redis_url, body)
+
