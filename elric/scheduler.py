@@ -318,16 +318,20 @@ class Scheduler:
     async def _queue_pending(self) -> int:
         """Queue the fires marked by a leader that died or failed before queueing them."""
         self._pending, total, cursor = False, 0, 0
-        while self.is_leader:
-            cursor, found = await self.redis.hscan(self.keys.fires_pending, cursor,
-                                                   count=self.batch_size)
-            if found:
-                self.log.warning("queueing %d fire(s) marked but not queued before",
-                                 len(found))
-                total += await self._queue_fires([unpack(b) for b in found.values()],
-                                             self.token, recovered=True)
-            if cursor == 0:
-                break
+        try:
+            while self.is_leader:
+                cursor, found = await self.redis.hscan(self.keys.fires_pending, cursor,
+                                                       count=self.batch_size)
+                if found:
+                    self.log.warning("queueing %d fire(s) marked but not queued before",
+                                     len(found))
+                    total += await self._queue_fires([unpack(b) for b in found.values()],
+                                                     self.token, recovered=True)
+                if cursor == 0:
+                    break
+        except Exception:  # not all were looked at: look again next pass
+            self._pending = True
+            raise
         return total
 
     # --- loop ----------------------------------------------------------------------------

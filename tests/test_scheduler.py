@@ -659,3 +659,33 @@ def test_fires_marked_by_a_fire_script_whose_reply_was_lost_are_queued_by_the_ne
         assert not await env.r.exists(env.keys.fires_pending)
     run(redis_url, body)
 
+
+def test_pending_fires_are_queued_after_a_redis_error_while_looking_for_them(redis_url):
+    """A new leader looks for the fires its predecessor marked but did not queue; Redis
+    failing that HSCAN (a restart, a dropped connection) used to end the looking for good
+    while this master led, so those fires stayed pending."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    async def body(env):
+        async def dies(specs, token, recovered=False):
+            raise Fenced("the old leader is gone")
+        old = env.scheduler("m0", dies)
+        await env.store.add(spec())
+        await old.tick()
+        env.clock.t = T0 + 60
+        assert await old.tick() == 0
+        assert await env.r.hlen(env.keys.fires_pending) == 1
+        await env.r.delete(env.keys.scheduler_lease)
+
+        a, hscan = env.sched, env.r.hscan
+
+        async def fails_once(*args, **kw):
+            env.r.hscan = hscan
+            raise RedisConnectionError("Connection closed by server.")
+        env.r.hscan = fails_once
+        with pytest.raises(RedisConnectionError):
+            await a.tick()
+        assert a.is_leader and env.rec.specs == []
+        assert await a.tick() == 1 and env.rec.times == [T0 + 60]
+        assert not await env.r.exists(env.keys.fires_pending)
+    run(redis_url, body)
