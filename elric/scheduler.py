@@ -31,6 +31,7 @@ CATCHUP_LIMIT = 1000        # fires of one job handled per pass when catching up
 FIRE_MARK_MARGIN = 600      # fire marks outlive the grace window by this (clock skew, slow masters)
 FIRE_MARK_TTL_NO_GRACE = 86400
 SHORT_WAIT = 0.25           # Redis times out BLPOP only ~10x/s: shorter waits use asyncio.sleep
+LONGEST_BLOCK = 2.0         # a BLPOP must answer well inside the clients' socket_timeout (5 s)
 FIRE_FIELDS = ("spec", "trigger", "next_run_time", "version", "misfire_grace_time", "coalesce",
                "max_instances")  # the schedule hash fields a pass reads
 LIVE = frozenset(s.encode() for s in Status if s.live)
@@ -340,8 +341,10 @@ class Scheduler:
         if timeout < SHORT_WAIT:
             await asyncio.sleep(timeout)  # cheaper than waiting on the stop event; short anyway
             return
-        # end the BLPOP a little early: Redis may time it out up to ~100 ms late
-        if await self.redis.blpop([self.keys.scheduler_wake], timeout=timeout - 0.15):
+        # end the BLPOP a little early: Redis may time it out up to ~100 ms late; a longer
+        # wait is several BLPOPs (a pass between them costs one read of the index head)
+        timeout = min(timeout - 0.15, LONGEST_BLOCK)
+        if await self.redis.blpop([self.keys.scheduler_wake], timeout=timeout):
             await self.redis.delete(self.keys.scheduler_wake)  # tokens pushed later stay
 
     async def run(self) -> None:

@@ -689,3 +689,27 @@ def test_pending_fires_are_queued_after_a_redis_error_while_looking_for_them(red
         assert await a.tick() == 1 and env.rec.times == [T0 + 60]
         assert not await env.r.exists(env.keys.fires_pending)
     run(redis_url, body)
+
+
+def test_a_long_lease_does_not_make_the_idle_wait_outlast_the_socket_timeout(redis_url, caplog):
+    """Masters connect with a 5 s socket timeout; with SCHEDULER_LEASE 30 the leader's idle
+    BLPOP lasted up to 10 s, so it failed with TimeoutError on every idle wait: a warning
+    each time, and a backoff of up to 10 s during which due fires waited."""
+    from elric.retry import REDIS_CLIENT_OPTIONS
+
+    async def body(env):
+        r = aioredis.Redis.from_url(redis_url, **REDIS_CLIENT_OPTIONS)
+        sched = Scheduler(r, env.keys, env.store, env.rec, master_id="m1", lease_seconds=30.0)
+        due = time.time() + 6.5
+        await env.store.add(spec(trigger={"type": "date", "run_date": due}))
+        task = asyncio.create_task(sched.run())
+        try:
+            await wait_async(lambda: _true(env.rec.specs), 15, "the fire")
+            assert env.rec.times == [pytest.approx(due, abs=1e-6)]
+            assert "scheduler pass failed" not in caplog.text
+            assert not sched.health.in_trouble
+        finally:
+            await sched.stop()
+            await task
+            await r.aclose()
+    run(redis_url, body, t=None)
