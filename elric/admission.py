@@ -58,7 +58,7 @@ class Admission:
         for i, n in enumerate(out):
             if "trigger" in n:
                 try:
-                    parse_trigger(n["trigger"])
+                    parse_trigger(n["trigger"], now=self.store.clock())  # Redis's clock
                     schedule_options(n)
                 except ValueError as exc:
                     raise SpecError(f"{where.format(i)}job {n['job_id']!r}: {exc}") from None

@@ -31,6 +31,7 @@ CATCHUP_LIMIT = 1000        # fires of one job handled per pass when catching up
 FIRE_MARK_MARGIN = 600      # fire marks outlive the grace window by this (clock skew, slow masters)
 FIRE_MARK_TTL_NO_GRACE = 86400
 SHORT_WAIT = 0.25           # Redis times out BLPOP only ~10x/s: shorter waits use asyncio.sleep
+LONGEST_BLOCK = 2.0         # a BLPOP must answer well inside the clients' socket_timeout (5 s)
 FIRE_FIELDS = ("spec", "trigger", "next_run_time", "version", "misfire_grace_time", "coalesce",
                "max_instances")  # the schedule hash fields a pass reads
 LIVE = frozenset(s.encode() for s in Status if s.live)
@@ -276,7 +277,11 @@ class Scheduler:
             job_keys, job_argv = self._job_args(plan, live, now, specs)
             keys += job_keys
             argv += job_argv
-        result = await self._fire_s(keys=keys, args=argv)
+        try:
+            result = await self._fire_s(keys=keys, args=argv)
+        except Exception:  # it may have run with its reply lost: its fires wait in pending
+            self._pending = True
+            raise
         if result[0] == 0:
             self._step_down("fence moved on: another master holds the lease")
             return 0, math.inf
@@ -314,16 +319,20 @@ class Scheduler:
     async def _queue_pending(self) -> int:
         """Queue the fires marked by a leader that died or failed before queueing them."""
         self._pending, total, cursor = False, 0, 0
-        while self.is_leader:
-            cursor, found = await self.redis.hscan(self.keys.fires_pending, cursor,
-                                                   count=self.batch_size)
-            if found:
-                self.log.warning("queueing %d fire(s) marked but not queued before",
-                                 len(found))
-                total += await self._queue_fires([unpack(b) for b in found.values()],
-                                             self.token, recovered=True)
-            if cursor == 0:
-                break
+        try:
+            while self.is_leader:
+                cursor, found = await self.redis.hscan(self.keys.fires_pending, cursor,
+                                                       count=self.batch_size)
+                if found:
+                    self.log.warning("queueing %d fire(s) marked but not queued before",
+                                     len(found))
+                    total += await self._queue_fires([unpack(b) for b in found.values()],
+                                                     self.token, recovered=True)
+                if cursor == 0:
+                    break
+        except Exception:  # not all were looked at: look again next pass
+            self._pending = True
+            raise
         return total
 
     # --- loop ----------------------------------------------------------------------------
@@ -332,8 +341,10 @@ class Scheduler:
         if timeout < SHORT_WAIT:
             await asyncio.sleep(timeout)  # cheaper than waiting on the stop event; short anyway
             return
-        # end the BLPOP a little early: Redis may time it out up to ~100 ms late
-        if await self.redis.blpop([self.keys.scheduler_wake], timeout=timeout - 0.15):
+        # end the BLPOP a little early: Redis may time it out up to ~100 ms late; a longer
+        # wait is several BLPOPs (a pass between them costs one read of the index head)
+        timeout = min(timeout - 0.15, LONGEST_BLOCK)
+        if await self.redis.blpop([self.keys.scheduler_wake], timeout=timeout):
             await self.redis.delete(self.keys.scheduler_wake)  # tokens pushed later stay
 
     async def run(self) -> None:

@@ -62,3 +62,21 @@ def test_a_worker_whose_clock_steps_back_mid_job_records_its_real_duration(make_
     job = c.wait_job("long")
     assert job["status"] == "succeeded", c.logs()
     assert 1.5 <= job["duration"] < 60, job
+
+
+def test_a_master_whose_clock_is_ahead_accepts_a_cron_that_ends_tomorrow(make_cluster):
+    """A submitted batch was checked with parse_trigger on the master's own clock: a master
+    two days ahead refused a cron ending tomorrow as "in the past; never fires", though by
+    Redis's clock, which the job store and scheduler use, it has a day of fires left."""
+    lib = faketime_lib()
+    if lib is None:
+        pytest.skip("needs the libfaketime package (pip install -e .[test])")
+    c = make_cluster()
+    c.env.update(LD_PRELOAD=lib, FAKETIME="+172800")
+    c.start_master()
+    end = time.time() + 86400
+    reply = c.client.submit_job(Echo.spec(["hourly"], job_id="hourly", trigger={
+        "type": "cron", "crontab": "0 * * * *", "end_date": end}))
+    assert reply["status"] == "scheduled", reply
+    job = c.client.get_job("hourly")
+    assert job["status"] == "scheduled" and time.time() < job["next_run_time"] < end, job

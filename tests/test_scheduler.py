@@ -631,3 +631,85 @@ def test_follower_stops_promptly(redis_url):
         await lead.stop()
         await tasks[0]
     run(redis_url, body, t=None)
+
+
+def test_fires_marked_by_a_fire_script_whose_reply_was_lost_are_queued_by_the_next_pass(redis_url):
+    """The connection drops after Redis ran the fire script but before its reply came back:
+    the fire is marked and pending, its next run time moved on. The leader's next pass used
+    to see nothing due and leave that fire pending until another master took the lease."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    async def body(env):
+        a = env.sched
+        await env.store.add(spec())
+        await a.tick()
+        env.clock.t = T0 + 60
+        fire = a._fire_s
+
+        async def reply_lost(**kw):
+            a._fire_s = fire
+            await fire(**kw)
+            raise RedisConnectionError("Connection closed by server.")
+        a._fire_s = reply_lost
+        with pytest.raises(RedisConnectionError):
+            await a.tick()
+        assert await env.r.hlen(env.keys.fires_pending) == 1 and env.rec.specs == []
+        assert a.is_leader
+        assert await a.tick() == 1 and env.rec.times == [T0 + 60]
+        assert not await env.r.exists(env.keys.fires_pending)
+    run(redis_url, body)
+
+
+def test_pending_fires_are_queued_after_a_redis_error_while_looking_for_them(redis_url):
+    """A new leader looks for the fires its predecessor marked but did not queue; Redis
+    failing that HSCAN (a restart, a dropped connection) used to end the looking for good
+    while this master led, so those fires stayed pending."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    async def body(env):
+        async def dies(specs, token, recovered=False):
+            raise Fenced("the old leader is gone")
+        old = env.scheduler("m0", dies)
+        await env.store.add(spec())
+        await old.tick()
+        env.clock.t = T0 + 60
+        assert await old.tick() == 0
+        assert await env.r.hlen(env.keys.fires_pending) == 1
+        await env.r.delete(env.keys.scheduler_lease)
+
+        a, hscan = env.sched, env.r.hscan
+
+        async def fails_once(*args, **kw):
+            env.r.hscan = hscan
+            raise RedisConnectionError("Connection closed by server.")
+        env.r.hscan = fails_once
+        with pytest.raises(RedisConnectionError):
+            await a.tick()
+        assert a.is_leader and env.rec.specs == []
+        assert await a.tick() == 1 and env.rec.times == [T0 + 60]
+        assert not await env.r.exists(env.keys.fires_pending)
+    run(redis_url, body)
+
+
+def test_a_long_lease_does_not_make_the_idle_wait_outlast_the_socket_timeout(redis_url, caplog):
+    """Masters connect with a 5 s socket timeout; with SCHEDULER_LEASE 30 the leader's idle
+    BLPOP lasted up to 10 s, so it failed with TimeoutError on every idle wait: a warning
+    each time, and a backoff of up to 10 s during which due fires waited."""
+    from elric.retry import REDIS_CLIENT_OPTIONS
+
+    async def body(env):
+        r = aioredis.Redis.from_url(redis_url, **REDIS_CLIENT_OPTIONS)
+        sched = Scheduler(r, env.keys, env.store, env.rec, master_id="m1", lease_seconds=30.0)
+        due = time.time() + 6.5
+        await env.store.add(spec(trigger={"type": "date", "run_date": due}))
+        task = asyncio.create_task(sched.run())
+        try:
+            await wait_async(lambda: _true(env.rec.specs), 15, "the fire")
+            assert env.rec.times == [pytest.approx(due, abs=1e-6)]
+            assert "scheduler pass failed" not in caplog.text
+            assert not sched.health.in_trouble
+        finally:
+            await sched.stop()
+            await task
+            await r.aclose()
+    run(redis_url, body, t=None)
