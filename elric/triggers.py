@@ -377,12 +377,16 @@ def parse_trigger(data: dict, *, now: float | None = None) -> tuple[BaseTrigger,
 
     An interval without start_date starts one interval after ``now`` (default: the wall
     clock), like APScheduler's; that start is stored so every master computes the same fire
-    times. A cron that never fires after ``now`` is refused. Normalized data parses to itself.
+    times. A cron or interval that never fires after ``now`` is refused (it would be stored
+    finished, and never run). Normalized data parses to itself.
     """
     now = time.time() if now is None else now
     trigger, normalized = _parse(data, now)
     if isinstance(trigger, _CronTrigger) and next_fire(trigger, now, first=True) is None:
         raise _never_fires(trigger, data, now)
+    if isinstance(trigger, _IntervalTrigger) and next_fire(trigger, now, first=True) is None:
+        raise TriggerError("trigger.end_date", f"{trigger.end_date.isoformat()} comes before "
+                                               "the next fire; this interval never fires")
     return trigger, normalized
 
 

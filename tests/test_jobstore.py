@@ -225,16 +225,14 @@ def test_get_shows_runs_with_outcome_and_duration(redis_url):
     run(redis_url, body)
 
 
-def test_finished_date_job(redis_url):
+def test_a_trigger_that_never_fires_is_refused_not_stored_finished(redis_url):
+    """An interval whose end_date comes before its next fire was stored finished and
+    answered as if scheduled: a schedule that silently never ran."""
     async def body(store, r, keys, clock):
-        out = await store.add(spec("once", {"type": "interval", "minutes": 1, "end_date": "2020-01-01T00:00:00Z",
-                                            "start_date": "2019-01-01T00:00:00Z"}))
-        assert out["next_run_time"] is None
-        job = await store.get("once")
-        assert job["status"] == "finished" and await store.count() == 0
-        assert 0 < await r.ttl(keys.schedule("once")) <= 86400
-        with pytest.raises(ScheduleError, match="already exists"):
-            await store.add(spec("once", {"type": "date", "run_date": "2030-01-01T00:00:00Z"}))
-        await store.add(spec("once", {"type": "date", "run_date": "2030-01-01T00:00:00Z"}), replace_existing=True)
-        assert await r.ttl(keys.schedule("once")) == -1 and await store.count() == 1
+        with pytest.raises(TriggerError, match="trigger.end_date: 2020-01-01T00:00:00"
+                                               "[+]00:00 comes before the next fire"):
+            await store.add(spec("once", {"type": "interval", "minutes": 1,
+                                          "start_date": "2019-01-01T00:00:00Z",
+                                          "end_date": "2020-01-01T00:00:00Z"}))
+        assert await store.get("once") is None and await store.count() == 0
     run(redis_url, body)

@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 
 from elric.clock import RedisClock
 from elric.codec import unpack
-from elric.jobstore import RedisJobStore
+from elric.jobstore import RedisJobStore, ScheduleError
 from elric.keys import Keys
 from elric.queue import Fenced, Submitted
 from elric.scheduler import Scheduler, fire_id
@@ -215,6 +215,14 @@ def test_misfire_outside_grace_runs_nothing(redis_url):
         assert [r["outcome"] for r in await env.runs()] == ["missed"]
         job = await env.store.get("site")
         assert job["status"] == "finished" and await env.store.count() == 0
+        # a finished job keeps its id for a day; replacing it schedules it again
+        assert 0 < await env.r.ttl(env.keys.schedule("site")) <= 86400
+        again = spec(trigger={"type": "date", "run_date": T0 + 1000})
+        with pytest.raises(ScheduleError, match="already exists"):
+            await env.store.add(again)
+        await env.store.add(again, replace_existing=True)
+        assert await env.r.ttl(env.keys.schedule("site")) == -1
+        assert await env.store.count() == 1
     run(redis_url, body)
 
 

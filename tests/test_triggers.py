@@ -73,7 +73,8 @@ def test_interval_start_is_fixed_at_parse_time():
 
 def test_interval_with_dates_and_jitter():
     _, data = parse_trigger({"type": "interval", "hours": 1, "start_date": "2026-01-01T00:00:00",
-                             "end_date": "2026-01-02", "timezone": "Europe/Berlin", "jitter": 5})
+                             "end_date": "2026-01-02", "timezone": "Europe/Berlin", "jitter": 5},
+                            now=utc(2025, 12, 31).timestamp())
     assert data["start_date"] == "2026-01-01T00:00:00+01:00"
     assert data["end_date"] == "2026-01-02T00:00:00+01:00"
     assert data["jitter"] == 5
