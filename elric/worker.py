@@ -101,6 +101,8 @@ class Worker:
         self._finished = asyncio.Event()
         self._waiting: asyncio.Task | None = None   # a fetch waiting in Redis for a wake token
         self._waiting_since = 0.0
+        self._wait_refused: Exception | None = None   # the last wait for work met an outage
+        self._wait_backoff = Backoff()
         self._renew_now = asyncio.Event()   # a claim's lease may be over: ask Redis now
         self._cancelling: set[str] = set()   # jobs cancel_job asked this worker to stop
         self._margin = min(1.0, self.lease / 10)   # a lease this close to its end is not relied on
@@ -234,6 +236,14 @@ class Worker:
             self.pool.kill_overdue()
             await self._take_woken()
             self._dispatch()
+            if self._wait_refused is not None:
+                # a fetch without a wait may pass (it writes nothing when there is no work):
+                # back off here, or the refused waits would follow each other at once
+                exc, self._wait_refused = self._wait_refused, None
+                delay = self._wait_backoff.next()
+                log.warning("worker: Redis unavailable (%s); retrying in %.1fs", exc, delay)
+                await self._wait(delay)
+                continue
             want = self._fetch_size()
             if self._waiting is not None:   # a fetch is out already: it brings the work
                 await self._wait(1.0)
@@ -293,8 +303,8 @@ class Worker:
 
     async def _take_woken(self) -> None:
         """The claims of a waiting fetch that came back join the buffer. Redis being away
-        (or its scripts flushed) is left to the next fetch, which meets it too, logs and
-        backs off (or loads the script again)."""
+        or refusing is noted for the loop to back off; scripts flushed are left to the next
+        fetch, which loads them again."""
         task = self._waiting
         if task is None or not task.done():
             return
@@ -303,9 +313,13 @@ class Worker:
             return
         exc = task.exception()
         if exc is not None:
-            if is_outage(exc) or isinstance(exc, NoScriptError):
+            if is_outage(exc):
+                self._wait_refused = exc
+                return
+            if isinstance(exc, NoScriptError):
                 return
             raise exc
+        self._wait_backoff.reset()
         claims = task.result().claims
         for claim in claims:
             claim.held_until = self._waiting_since + self.lease
