@@ -24,6 +24,7 @@ from functools import partial
 
 import redis.asyncio as aioredis
 from redis.exceptions import AuthenticationError as RedisAuthenticationError, NoScriptError
+from redis.exceptions import ResponseError
 
 import elric
 from elric import codec, runner
@@ -62,6 +63,13 @@ def _log_outcome(claim: Claim, record: Outcome) -> None:
     else:
         job_log.error("job %s %s: failed at attempt %d\n%s", claim.job_id, claim.func,
                       claim.attempt, str(record.payload).rstrip(), extra=fields)
+
+
+def _unblocked(exc: BaseException) -> bool:
+    """Redis ended a BLPOP with an error: it became a replica (a failover; what follows
+    is refused as an outage) or an operator ran CLIENT UNBLOCK ... ERROR."""
+    return isinstance(exc, ResponseError) and str(exc).startswith("UNBLOCKED")
+
 
 class ChildTooBig(Exception):
     """A child job's spec does not fit in one RPC message: no call can send it."""
@@ -303,8 +311,8 @@ class Worker:
 
     async def _take_woken(self) -> None:
         """The claims of a waiting fetch that came back join the buffer. Redis being away
-        or refusing is noted for the loop to back off; scripts flushed are left to the next
-        fetch, which loads them again."""
+        or refusing is noted for the loop to back off; scripts flushed, or a wait Redis
+        ended with an error, are left to the next fetch (which loads the scripts again)."""
         task = self._waiting
         if task is None or not task.done():
             return
@@ -316,7 +324,7 @@ class Worker:
             if is_outage(exc):
                 self._wait_refused = exc
                 return
-            if isinstance(exc, NoScriptError):
+            if isinstance(exc, NoScriptError) or _unblocked(exc):
                 return
             raise exc
         self._wait_backoff.reset()
