@@ -77,6 +77,7 @@ class ChildTooBig(Exception):
 
 CHUNK_SECONDS = 0.02  # fast sync jobs go to a pool process in batches about this long
 WARN_EVERY = 5.0  # seconds between warnings while waiting for Redis or the master
+GIVE_BACK_SECONDS = 5.0  # how long a stopping worker tries to give jobs back to Redis
 
 
 class Worker:
@@ -678,10 +679,22 @@ class Worker:
 
     # --- shutdown ---------------------------------------------------------------------
     async def _give_back(self, claims: list[Claim]) -> int:
+        """Give claims back to the queue, trying for GIVE_BACK_SECONDS: with Redis away a
+        SIGTERM must still stop the worker, and the jobs are redelivered when their leases
+        run out."""
         if not claims:
             return 0
-        return await self._retry_redis(self.queue.release, self.worker_id,
-                                       [(c.job_id, c.attempt) for c in claims])
+        try:
+            return await retry(partial(self.queue.release, self.worker_id,
+                                       [(c.job_id, c.attempt) for c in claims]),
+                               what="worker: Redis unavailable", log=log,
+                               deadline=time.monotonic() + GIVE_BACK_SECONDS)
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
+            log.warning("worker: could not give %d job(s) back (%s); they run again once "
+                        "their leases run out", len(claims), exc)
+            return 0
 
     async def _shutdown(self, recorder: asyncio.Task) -> None:
         """Give prefetched jobs back, let running ones finish within SHUTDOWN_GRACE, then
