@@ -256,7 +256,13 @@ class RedisQueue:
             pipe = wake_on.conn.pipeline(transaction=False)
             pipe.blpop(wake_on.lists, wake_on.timeout)
             pipe.evalsha(self._fetch.sha, len(keys), *keys, *args)
-            _, (rows, wait_ms) = await pipe.execute()
+            # errors as Redis sent them: a pipeline prefixes their text, which hides the
+            # code a refusal is told by (NOREPLICAS, MISCONF, BUSY)
+            replies = await pipe.execute(raise_on_error=False)
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
+            rows, wait_ms = replies[1]
         claims = [Claim(_s(r[0]), int(r[1]), _s(r[2]), r[3], r[4],
                         float(r[5]) if r[5] else None, int(r[6]), _s(r[7]), _s(r[8]) or None,
                         _s(r[9]) or "", _s(r[10]) or None, _s(r[11]) or None) for r in rows]

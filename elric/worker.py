@@ -24,6 +24,7 @@ from functools import partial
 
 import redis.asyncio as aioredis
 from redis.exceptions import AuthenticationError as RedisAuthenticationError, NoScriptError
+from redis.exceptions import ResponseError
 
 import elric
 from elric import codec, runner
@@ -63,12 +64,20 @@ def _log_outcome(claim: Claim, record: Outcome) -> None:
         job_log.error("job %s %s: failed at attempt %d\n%s", claim.job_id, claim.func,
                       claim.attempt, str(record.payload).rstrip(), extra=fields)
 
+
+def _unblocked(exc: BaseException) -> bool:
+    """Redis ended a BLPOP with an error: it became a replica (a failover; what follows
+    is refused as an outage) or an operator ran CLIENT UNBLOCK ... ERROR."""
+    return isinstance(exc, ResponseError) and str(exc).startswith("UNBLOCKED")
+
+
 class ChildTooBig(Exception):
     """A child job's spec does not fit in one RPC message: no call can send it."""
 
 
 CHUNK_SECONDS = 0.02  # fast sync jobs go to a pool process in batches about this long
 WARN_EVERY = 5.0  # seconds between warnings while waiting for Redis or the master
+GIVE_BACK_SECONDS = 5.0  # how long a stopping worker tries to give jobs back to Redis
 
 
 class Worker:
@@ -101,6 +110,8 @@ class Worker:
         self._finished = asyncio.Event()
         self._waiting: asyncio.Task | None = None   # a fetch waiting in Redis for a wake token
         self._waiting_since = 0.0
+        self._wait_refused: Exception | None = None   # the last wait for work met an outage
+        self._wait_backoff = Backoff()
         self._renew_now = asyncio.Event()   # a claim's lease may be over: ask Redis now
         self._cancelling: set[str] = set()   # jobs cancel_job asked this worker to stop
         self._margin = min(1.0, self.lease / 10)   # a lease this close to its end is not relied on
@@ -234,6 +245,14 @@ class Worker:
             self.pool.kill_overdue()
             await self._take_woken()
             self._dispatch()
+            if self._wait_refused is not None:
+                # a fetch without a wait may pass (it writes nothing when there is no work):
+                # back off here, or the refused waits would follow each other at once
+                exc, self._wait_refused = self._wait_refused, None
+                delay = self._wait_backoff.next()
+                log.warning("worker: Redis unavailable (%s); retrying in %.1fs", exc, delay)
+                await self._wait(delay)
+                continue
             want = self._fetch_size()
             if self._waiting is not None:   # a fetch is out already: it brings the work
                 await self._wait(1.0)
@@ -293,8 +312,8 @@ class Worker:
 
     async def _take_woken(self) -> None:
         """The claims of a waiting fetch that came back join the buffer. Redis being away
-        (or its scripts flushed) is left to the next fetch, which meets it too, logs and
-        backs off (or loads the script again)."""
+        or refusing is noted for the loop to back off; scripts flushed, or a wait Redis
+        ended with an error, are left to the next fetch (which loads the scripts again)."""
         task = self._waiting
         if task is None or not task.done():
             return
@@ -303,9 +322,13 @@ class Worker:
             return
         exc = task.exception()
         if exc is not None:
-            if is_outage(exc) or isinstance(exc, NoScriptError):
+            if is_outage(exc):
+                self._wait_refused = exc
+                return
+            if isinstance(exc, NoScriptError) or _unblocked(exc):
                 return
             raise exc
+        self._wait_backoff.reset()
         claims = task.result().claims
         for claim in claims:
             claim.held_until = self._waiting_since + self.lease
@@ -656,10 +679,22 @@ class Worker:
 
     # --- shutdown ---------------------------------------------------------------------
     async def _give_back(self, claims: list[Claim]) -> int:
+        """Give claims back to the queue, trying for GIVE_BACK_SECONDS: with Redis away a
+        SIGTERM must still stop the worker, and the jobs are redelivered when their leases
+        run out."""
         if not claims:
             return 0
-        return await self._retry_redis(self.queue.release, self.worker_id,
-                                       [(c.job_id, c.attempt) for c in claims])
+        try:
+            return await retry(partial(self.queue.release, self.worker_id,
+                                       [(c.job_id, c.attempt) for c in claims]),
+                               what="worker: Redis unavailable", log=log,
+                               deadline=time.monotonic() + GIVE_BACK_SECONDS)
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
+            log.warning("worker: could not give %d job(s) back (%s); they run again once "
+                        "their leases run out", len(claims), exc)
+            return 0
 
     async def _shutdown(self, recorder: asyncio.Task) -> None:
         """Give prefetched jobs back, let running ones finish within SHUTDOWN_GRACE, then

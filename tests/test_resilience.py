@@ -355,6 +355,44 @@ def test_sigterm_past_shutdown_grace_returns_the_running_job(make_cluster, tmp_p
     wait_for(lambda: len(lines(marks)) == 2, timeout=30, what="another worker ran it again")
 
 
+def test_sigterm_while_redis_is_away_stops_the_worker_and_loses_no_job(tmp_path):
+    """A stopping worker gives back its prefetched jobs, then those still running past
+    SHUTDOWN_GRACE. With Redis away it retried that for as long as Redis stayed away: a
+    SIGTERM did not stop it. It gives up after a few seconds; the jobs' leases run out and
+    they are redelivered once Redis is back."""
+    server = RedisServer(appendonly=True).start()   # ours alone: it is stopped
+    c = Cluster(server.url, tmp_path, SHUTDOWN_GRACE=1, LEASE_SECONDS=3)
+    marks, pool = tmp_path / "runs.txt", []
+    try:
+        c.start_master()
+        worker = c.start_worker("--concurrency", "1")
+        pool = descendants(worker.pid)
+        c.client.submit_jobs([MarkSleep.spec([str(marks), 8], job_id=f"p{i}")
+                              for i in range(3)])
+        wait_for(lambda: lines(marks), what="the first job started")
+        wait_for(lambda: len([j for j in c.client.list_jobs(status="running")
+                              if worker_pid(j) == worker.pid]) == 2,
+                 what="one job running and one prefetched")
+        server.stop()
+        worker.signal(signal.SIGTERM)
+        try:
+            code = worker.wait(timeout=30)   # before the fix: until Redis came back
+        except subprocess.TimeoutExpired:
+            raise AssertionError("the worker did not stop:\n" + worker.log()) from None
+        assert code == 0, worker.log()
+        assert "could not give" in worker.log()
+        wait_for(lambda: gone(pool), timeout=20, what="the pool processes exit")
+        server.start()
+        c.start_worker("--concurrency", "3")
+        for i in range(3):
+            job = c.wait_job(f"p{i}", timeout=60)
+            assert job["status"] == "succeeded", job
+    finally:
+        reap(pool)
+        c.close()
+        server.cleanup()
+
+
 # --- 7. Redis stopped and started again under load ----------------------------------------
 
 class Submitter(threading.Thread):

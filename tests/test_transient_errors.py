@@ -195,3 +195,78 @@ def test_a_worker_waits_out_redis_short_of_replicas_or_cut_off_from_its_master(t
         asyncio.run(main())
     finally:
         server.cleanup()
+
+
+def test_a_worker_whose_wait_for_work_is_unblocked_with_an_error_goes_on(cluster):
+    """An idle worker waits for work in a BLPOP. Redis ends such a wait with an UNBLOCKED
+    error when it turns into a replica (a failover) or on CLIENT UNBLOCK ... ERROR. That
+    error was raised as a bug: the worker stopped. It passes like an outage: the worker
+    fetches again and runs what comes."""
+    import psutil
+    import redis
+
+    from tests.conftest import wait_for
+    from tests.jobs import Add
+
+    worker = cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job(Add.spec([1, 2], job_id="before"))
+    assert cluster.wait_job("before")["result"] == 3
+    r = redis.Redis.from_url(cluster.redis_url)
+    try:
+        def blocked_wait():   # the worker's connection that waits in BLPOP
+            ports = {c.laddr.port for c in psutil.Process(worker.pid).net_connections("tcp")
+                     if c.raddr}
+            return next((c["id"] for c in r.client_list() if c["cmd"] == "blpop"
+                         and int(c["addr"].rsplit(":", 1)[1]) in ports), None)
+        client_id = wait_for(blocked_wait, what="the worker waiting for work")
+        assert r.execute_command("CLIENT", "UNBLOCK", client_id, "ERROR") == 1
+    finally:
+        r.close()
+    cluster.client.submit_job(Add.spec([2, 3], job_id="after"))
+    wait_for(lambda: not worker.alive() or cluster.client.get_job("after")["status"]
+             == "succeeded", what="the job run, or the worker gone")
+    assert worker.alive(), worker.log()
+    assert cluster.client.get_job("after")["result"] == 5
+
+
+def test_a_worker_waiting_for_work_rides_out_redis_short_of_replicas(tmp_path):
+    """An idle worker's fetch waits behind a BLPOP in one pipeline, and a pipeline puts
+    "Command # 1 (...) of pipeline caused error:" before an error's text. A refusal told by
+    its code (NOREPLICAS, MISCONF, BUSY) was then not recognised: a Redis short of the
+    replicas min-replicas-to-write asks for stopped every idle worker. It passes like a
+    full Redis: the worker waits, then runs what comes."""
+    import redis
+
+    from elric.redis_server import RedisServer
+    from tests.conftest import Cluster, wait_for
+    from tests.jobs import Add
+
+    server = RedisServer().start()   # ours alone: it is made to refuse
+    c = Cluster(server.url, tmp_path)
+    r = redis.Redis.from_url(server.url)
+    try:
+        c.start_master()
+        worker = c.start_worker("--concurrency", "1")
+        c.client.submit_job(Add.spec([1, 2], job_id="before"))
+        assert c.wait_job("before")["result"] == 3
+        r.config_set("min-replicas-to-write", 1)
+        def refused_waits() -> int:
+            stats = r.info("commandstats").get("cmdstat_blpop", {})
+            return stats.get("rejected_calls", 0)
+        wait_for(lambda: not worker.alive() or refused_waits() >= 3,
+                 what="the worker's waits for work refused")
+        assert worker.alive(), worker.log()
+        # and it backs off between them, as between fetches: no waits sent back to back
+        assert refused_waits() < 10, refused_waits()
+        assert worker.alive(), worker.log()
+        r.config_set("min-replicas-to-write", 0)
+        c.client.submit_job(Add.spec([2, 3], job_id="after"))
+        wait_for(lambda: not worker.alive() or (c.client.get_job("after") or {}).get(
+            "status") == "succeeded", what="the job run, or the worker gone")
+        assert worker.alive(), worker.log()
+        assert c.client.get_job("after")["result"] == 5
+    finally:
+        r.config_set("min-replicas-to-write", 0)
+        r.close()
+        c.close()
+        server.cleanup()
