@@ -77,7 +77,7 @@ class ChildTooBig(Exception):
 
 CHUNK_SECONDS = 0.02  # fast sync jobs go to a pool process in batches about this long
 WARN_EVERY = 5.0  # seconds between warnings while waiting for Redis or the master
-GIVE_BACK_SECONDS = 5.0  # how long a stopping worker tries to give jobs back to Redis
+GIVE_BACK_SECONDS = 5.0  # how long a stopping worker tries to give jobs back or record them
 
 
 class Worker:
@@ -707,24 +707,35 @@ class Worker:
         if waiting:
             log.info("worker: gave %d prefetched job(s) back to the queue",
                      await self._give_back(waiting))
-        deadline = time.monotonic() + self.settings.SHUTDOWN_GRACE
-        while (self.pool.claims() or self.finished or self.recording) and \
-                time.monotonic() < deadline and not recorder.done():
-            self._changed.clear()
-            self.pool.kill_overdue()
-            try:
-                await asyncio.wait_for(self._changed.wait(), 0.5)
-            except asyncio.TimeoutError:
-                pass
+        await self._wait_while(lambda: self.pool.claims() or self.finished or self.recording,
+                               self.settings.SHUTDOWN_GRACE, recorder)
         left = self.pool.claims()
         if left:
             log.warning("worker: %d job(s) still running after SHUTDOWN_GRACE; stopping "
                         "them and returning them to the queue", len(left))
         self.pool.kill_all()
         self.pool.shutdown(wait=True, cancel_futures=True)
+        if (self.finished or self.recording) and not recorder.done():
+            # jobs that ended: cut off now, they would run again once their leases end
+            log.warning("worker: still recording the outcomes of %d job(s) after "
+                        "SHUTDOWN_GRACE; waiting up to %gs more", len(self.finished)
+                        + len(self.recording), GIVE_BACK_SECONDS)
+            await self._wait_while(lambda: self.finished or self.recording,
+                                   GIVE_BACK_SECONDS, recorder)
         recorder.cancel()
         # jobs still running, and those whose process died while we waited: back in line
         await self._give_back([*left, *self.buffer, *self.suspects])
+
+    async def _wait_while(self, busy, seconds: float, recorder: asyncio.Task) -> None:
+        """While ``busy()``, for up to ``seconds``, unless the recorder ended."""
+        deadline = time.monotonic() + seconds
+        while busy() and time.monotonic() < deadline and not recorder.done():
+            self._changed.clear()
+            self.pool.kill_overdue()
+            try:
+                await asyncio.wait_for(self._changed.wait(), 0.5)
+            except asyncio.TimeoutError:
+                pass
 
     async def _close(self) -> None:
         try:

@@ -59,6 +59,20 @@ class Spawn(Job):
         return {"children": ids}
 
 
+class SpawnWhenGateOpens(Job):
+    """Waits for the file `gate`, submits one child, then notes its end in `marks` (a line
+    per run)."""
+
+    def run(self, gate, marks):
+        deadline = time.monotonic() + 60
+        while not os.path.exists(gate) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        Add.submit(1, 1)
+        with open(marks, "a") as f:
+            f.write("ended\n")
+        return "spawned"
+
+
 class NotAJob:
     def run(self):
         return 1

@@ -29,7 +29,7 @@ from elric.redis_server import RedisServer, find_redis_server, free_port
 from elric.rpc import Client, RemoteError, RPCConnectionError, RPCError, RPCTimeoutError
 from tests.conftest import ROOT, Cluster, batches_form, wait_for
 from tests.jobs import (Add, FailNamingFile, FailUnlessFile, MarkSleep, SelfAlarm, Sleep,
-                        SpawnPadded)
+                        SpawnPadded, SpawnWhenGateOpens)
 from tests.jobs_faults import Crash, Flaky, IgnoreAlarm, Mark, count_lines
 
 KEYS = Keys("elric")
@@ -1088,3 +1088,31 @@ def test_a_stray_alarm_in_a_job_without_a_timeout_leaves_its_process_working(clu
     cluster.client.submit_job(Add.spec([1, 2], job_id="after"))
     assert cluster.wait_job("after")["result"] == 3, cluster.logs()
     assert worker.alive()
+
+
+def test_a_stopping_worker_records_a_job_that_ended_while_its_master_was_slow(
+        make_cluster, tmp_path):
+    """A job ended, and its worker was sending its children to a master that did not answer
+    (stopped here; busy or far away in life) when a SIGTERM's SHUTDOWN_GRACE ran out: the
+    outcome was dropped unrecorded, and the job ran again once its lease ran out."""
+    gate, marks = tmp_path / "gate", tmp_path / "marks"
+    c = make_cluster(SHUTDOWN_GRACE=1, LEASE_SECONDS=5)
+    master = c.start_master()
+    worker = c.start_worker("--concurrency", "1")
+    c.client.submit_job(SpawnWhenGateOpens.spec([str(gate), str(marks)], job_id="parent"))
+    wait_for(lambda: c.client.get_job("parent")["status"] == "running", what="parent runs")
+    os.kill(master.pid, signal.SIGSTOP)
+    try:
+        gate.write_text("")
+        wait_for(lambda: marks.exists(), what="the parent's run ended")
+        worker.signal(signal.SIGTERM)
+        wait_for(lambda: "still recording" in worker.log() or not worker.alive(),
+                 what="the worker waits for its recording, or stops")
+    finally:
+        os.kill(master.pid, signal.SIGCONT)
+    assert worker.wait(timeout=30) == 0, worker.log()
+    c.start_worker("--concurrency", "1")
+    parent = c.wait_job("parent", timeout=60)
+    assert (parent["status"], parent["attempts"]) == ("succeeded", 1), parent
+    wait_for(lambda: c.client.stats()["by_status"]["succeeded"] == 2, what="the child ran")
+    assert marks.read_text() == "ended\n"   # it ran once
