@@ -461,7 +461,8 @@ class Worker:
                     self._changed.set()
 
     async def _record(self, batch: list[tuple[Claim, runner.Ran]]) -> None:
-        sync = [ran for _, ran in batch if not ran.is_async]
+        # a cancelled job may have been dropped before it started: its time says nothing
+        sync = [r for _, r in batch if not r.is_async and r.job_id not in self._cancelling]
         if sync:
             per_job = sum(r.finished_at - r.started_at for r in sync) / len(sync)
             self.avg_job_seconds = 0.7 * self.avg_job_seconds + 0.3 * per_job
