@@ -23,8 +23,8 @@ from collections import deque
 from functools import partial
 
 import redis.asyncio as aioredis
-from redis.exceptions import AuthenticationError as RedisAuthenticationError, NoScriptError
-from redis.exceptions import ResponseError
+from redis.exceptions import (AuthenticationError as RedisAuthenticationError, NoScriptError,
+                              ResponseError)
 
 import elric
 from elric import codec, runner
