@@ -366,7 +366,7 @@ class RedisQueue:
         except ResponseError as exc:
             if _error_code(exc) == "RUNNING":
                 raise Refused(f"job {job_id!r} is running; cancel it (cancel_job) and "
-                                 "remove it once it has stopped") from None
+                              "remove it once it has stopped") from None
             raise
 
     async def cancel(self, job_id: str) -> str | None:
@@ -391,7 +391,7 @@ class RedisQueue:
                 raise NotFound(f"no job {job_id!r}") from None
             if _error_code(exc) == "LIVE":
                 raise Refused(f"job {job_id!r} is {str(exc).split()[-1]}; only a finished "
-                                 "job can be rerun") from None
+                              "job can be rerun") from None
             raise
 
     # --- reads -----------------------------------------------------------------------
