@@ -188,3 +188,20 @@ def test_an_attempt_asked_to_stop_is_not_retried_and_the_request_ends_with_it(re
         [claim] = (await q.fetch("w", ["default"], 1, 30)).claims
         assert (await q.heartbeat("w", [claim], 30)).cancel == set()
     asyncio.run(with_queue(redis_url, body))
+
+
+def test_a_fetch_that_empties_a_line_takes_its_wake_tokens_with_it(redis_url):
+    """An enqueue of n jobs pushes up to 16 wake tokens, one per worker it may wake. Once a
+    fetch has taken the whole line, each token left would wake a worker to find nothing;
+    while jobs wait in line, the tokens stay for the other workers."""
+    async def body(q, r):
+        await q.enqueue(specs(5))
+        assert await r.llen(KEYS.wake("default")) == 5
+        assert len((await q.fetch("w1", ["default"], 2, 30)).claims) == 2
+        assert await r.llen(KEYS.wake("default")) == 5    # three wait: wake the others
+        assert len((await q.fetch("w1", ["default"], 10, 30)).claims) == 3
+        assert await r.llen(KEYS.wake("default")) == 0
+        await q.enqueue(specs(1, queue="other"))         # another line keeps its own
+        await q.fetch("w1", ["default"], 10, 30)
+        assert await r.llen(KEYS.wake("other")) == 1
+    asyncio.run(with_queue(redis_url, body))

@@ -172,6 +172,12 @@ while #out < limit and budget > 0 do
   end
 end
 
+-- A queue whose line this call emptied needs no wake tokens: left there, each would wake
+-- a worker to find nothing (an enqueue of n jobs pushes up to 16, for as many workers).
+for i = FIRST_QUEUE, #ARGV do
+  if redis.call('EXISTS', qp .. ARGV[i]) == 0 then redis.call('DEL', wp .. ARGV[i]) end
+end
+
 if started > 0 then
   redis.call('HINCRBY', KEYS[6], 'started', started)
   redis.call('HINCRBY', KEYS[6], 'start_latency_ms', waited)
