@@ -17,8 +17,10 @@ Scrapy a line per page at DEBUG, to a file) or both at WARNING (--logs quiet).
 and prints for each: pages/s (pages over the time from the site's first to its last page
 request), CPU ms per page of each process, memory (summed PSS, the worker and its pool
 processes for elric, sampled through the crawl, the peak), and whether every page was
-requested exactly once; then the ratio of the medians. This machine is shared and noisy:
-compare the ratio measured in one run, not figures across runs.
+requested exactly once; then the ratio of the medians, and the ceiling: the rate of a
+crawler that costs nothing, with the same 64 requests at once on the same site. This
+machine is shared and noisy: compare the ratio measured in one run, not figures across
+runs.
 
 --scaling serves --hosts loopback addresses (127.0.0.2, ...) at 1 s per page and crawls
 them with one worker, then with two, each `--concurrency 1 --async-concurrency
@@ -291,6 +293,34 @@ def scrapy_cpu(fn, *args) -> Crawled:
     return crawled
 
 
+def ceiling(pages: int, latency: float, at_once: int) -> float:
+    """Pages/s, measured as a crawl is, of a crawler with no cost of its own: every request
+    takes ``latency``, a page's links are queued the moment it is answered, and a new
+    request starts the moment one of ``at_once`` ends. Below at_once / latency because the
+    crawl starts from one page and widens a level per request."""
+    import collections
+    import heapq
+
+    from bench.site_server import links
+
+    seen, line, free, starts = {0}, collections.deque([0]), at_once, []
+    answers: list[tuple[float, int]] = []
+    now = 0.0
+    while True:
+        while free and line:
+            free -= 1
+            starts.append(now)
+            heapq.heappush(answers, (now + latency, line.popleft()))
+        if not answers:
+            return (len(starts) - 1) / (starts[-1] - starts[0])
+        now, k = heapq.heappop(answers)
+        free += 1
+        for link in links(k, pages):
+            if link not in seen:
+                seen.add(link)
+                line.append(link)
+
+
 def compare(args) -> None:
     scrapy = ensure_scrapy()
     host = "127.0.0.1"
@@ -313,6 +343,10 @@ def compare(args) -> None:
     rate = {name: statistics.median(c.rate for c in runs) for name, runs in results.items()}
     print(f"median pages/s: elric {rate['elric']:.1f}, Scrapy {rate['scrapy']:.1f}; "
           f"elric/Scrapy = {rate['elric'] / rate['scrapy']:.2f}x")
+    best = ceiling(args.pages, args.latency, 64)
+    print(f"ceiling of this site at 64 requests at once: {best:.0f} pages/s (elric at "
+          f"{rate['elric'] / best:.0%} of it); elric can reach 2x only while Scrapy is "
+          f"below {best / 2:.0f}")
 
 
 def scaling(args) -> None:

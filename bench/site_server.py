@@ -22,8 +22,13 @@ import time
 LINKS = 15
 
 
+def links(k: int, pages: int) -> list[int]:
+    """The pages ``/p/k`` links to."""
+    return sorted({(k + 1) % pages, *((k * 7 + i * 13 + 1) % pages for i in range(LINKS - 1))})
+
+
 def page(k: int, pages: int) -> bytes:
-    targets = sorted({(k + 1) % pages, *((k * 7 + i * 13 + 1) % pages for i in range(LINKS - 1))})
+    targets = links(k, pages)
     items = "".join(f'<li><a href="/p/{t}">page {t}: a link worth following</a></li>\n'
                     for t in targets)
     return (f"<html><head><title>page {k}</title></head><body><h1>page {k}</h1>\n"
