@@ -486,12 +486,17 @@ class Worker:
             records.append(Outcome(o.job_id, o.attempt, o.ok, o.payload,
                                    int((o.finished_at - o.started_at) * 1000), retry_ms,
                                    cancelled))
-        await self._retry_redis(self.queue.finish, self.worker_id, records)
+        statuses = await self._retry_redis(self.queue.finish, self.worker_id, records)
         self._cancelling.difference_update(o.job_id for o in records)
-        self.processed += len(records)
-        self.done += sum(r.ok for r in records)
-        self.failed += sum(not r.ok and not r.cancelled for r in records)
-        for (claim, _), record in zip(batch, records):
+        for (claim, _), record, status in zip(batch, records, statuses):
+            if status == "stale":   # its lease ran out and another attempt took it over
+                job_log.warning("job %s %s: attempt %d ended after its lease was lost; "
+                                "its outcome is dropped", claim.job_id, claim.func,
+                                claim.attempt, extra=_job_fields(claim))
+                continue
+            self.processed += 1
+            self.done += record.ok
+            self.failed += not record.ok and not record.cancelled
             _log_outcome(claim, record)
 
     def _backoff_ms(self, attempt: int) -> int:

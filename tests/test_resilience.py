@@ -859,8 +859,15 @@ def test_a_worker_paused_past_its_lease_does_not_start_the_jobs_it_prefetched(
     # it has had every chance (it may also have lost "second" with a fetch cut by the pause)
     wait_for(lambda: seen_since(resumed + 2.5), what="the paused worker back at work")
     assert marks.read_text().split() == ["second"], c.logs()   # it ran once, on `other`
-    assert c.wait_job("first")["status"] == "succeeded"
+    first = c.wait_job("first")
+    assert first["status"] == "succeeded"
     assert paused.alive(), paused.log()
+    # its own run of "first" ended after the lease was lost: neither recorded nor counted
+    assert "job first tests.jobs:Sleep: attempt 1 ended after its lease was lost" in \
+        paused.log()
+    counted = [w for w in c.client.stats()["workers"] if w.get("pid") == paused.pid][0]
+    ran_again_here = worker_pid(first) == paused.pid
+    assert (counted["done"], counted["failed"]) == (int(ran_again_here), 0), counted
 
 
 def test_shutdown_with_cancel_futures_settles_the_futures_of_jobs_still_running():
