@@ -167,6 +167,35 @@ def test_parked_jobs_going_back_to_another_workers_queue_wake_that_worker(redis_
     asyncio.run(body())
 
 
+def test_parked_jobs_going_back_to_another_of_the_workers_queues_wake_it(redis_url):
+    """A worker of queues qa and qb: a run of key k in qa ends, and k's parked job of qb goes
+    back in line. A fetch that takes no jobs (the worker's waiting fetch is out) leaves a
+    token on qb, not on qa, whose line is empty: the waiting fetch takes the job at once."""
+    keys = Keys("elrictest")
+
+    async def body():
+        r = aredis.Redis.from_url(redis_url)
+        try:
+            q = RedisQueue(r, keys)
+            await limits.publish(r, keys, limits.parse_rules({"k": {"concurrency": 1}}))
+            await q.enqueue([normalize_spec({"func": "tests.jobs:Echo", "queue": queue,
+                                             "limit_key": "k", "job_id": j})
+                             for j, queue in (("j1", "qa"), ("j2", "qb"))])
+            first = (await q.fetch("w", ["qa", "qb"], 10, 30)).claims
+            assert [c.job_id for c in first] == ["j1"]      # j2 is parked: k is full
+            await r.delete(keys.wake("qa"), keys.wake("qb"))
+            freed = await q.fetch("w", ["qa", "qb"], 0, 30, [("j1", 1)])
+            assert freed.claims == [] and await r.zcard(keys.queue("qb")) == 1
+            assert (await r.llen(keys.wake("qa")), await r.llen(keys.wake("qb"))) == (0, 1)
+            again = await q.fetch("w", ["qa", "qb"], 10, 30)
+            assert [c.job_id for c in again.claims] == ["j2"]
+            assert await r.llen(keys.wake("qb")) == 0          # its line is empty again
+        finally:
+            await r.aclose()
+
+    asyncio.run(body())
+
+
 def test_a_run_that_ended_frees_its_slot_before_its_outcome_is_recorded(redis_url):
     """A crawl job's children go through the master before its outcome is recorded; its
     host's slot is free from the end of its run: the worker's next fetch names the run and

@@ -85,6 +85,7 @@ if limited then
 end
 
 -- Keys whose parked jobs are due: as many as may start go back in line.
+local refilled = {}   -- this worker's queues that parked jobs went back to
 for _, lk in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', clock, 'LIMIT', 0, DUE_BATCH)) do
   local n, when = SCAN_BUDGET, clock + RECHECK_MS   -- no limit any more: all go back
   local r = rules[lk] or rules['*']
@@ -109,6 +110,8 @@ for _, lk in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', clock, 'LIMIT',
         if not mine[queue] then   -- back in a line this worker does not serve: wake one
           redis.call('LPUSH', wp .. queue, '1')
           redis.call('LTRIM', wp .. queue, 0, 15)
+        else
+          refilled[queue] = true
         end
       end
     end
@@ -172,10 +175,16 @@ while #out < limit and budget > 0 do
   end
 end
 
--- A queue whose line this call emptied needs no wake tokens: left there, each would wake
--- a worker to find nothing (an enqueue of n jobs pushes up to 16, for as many workers).
+-- Wake tokens follow the lines. One this call emptied needs none: left there, each would
+-- wake a worker to find nothing (an enqueue of n jobs pushes up to 16). One that parked
+-- jobs went back to and still holds jobs gets a token, for whoever waits on it (this
+-- worker's own waiting fetch, when this call takes none).
 for i = FIRST_QUEUE, #ARGV do
-  if redis.call('EXISTS', qp .. ARGV[i]) == 0 then redis.call('DEL', wp .. ARGV[i]) end
+  local q = ARGV[i]
+  if redis.call('EXISTS', qp .. q) == 0 then redis.call('DEL', wp .. q)
+  elseif refilled[q] and redis.call('EXISTS', wp .. q) == 0 then
+    redis.call('LPUSH', wp .. q, '1')
+  end
 end
 
 if started > 0 then
