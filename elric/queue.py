@@ -274,7 +274,7 @@ class RedisQueue:
         argv: list[Any] = [k.job(""), k.batch(""), k.dedupe_set(""), self.result_ttl,
                            self.failed_ttl, "1" if self.release_keys_on_failure else "0",
                            k.limit_running(""), k.wake(""), k.round(""), k.func(""),
-                           k.minute(""), jobstats.MINUTE_TTL]
+                           k.minute(""), jobstats.MINUTE_TTL, worker_id]
         for o in outcomes:
             argv += [o.job_id, o.attempt,
                      "ok" if o.ok else "cancel" if o.cancelled else "err", o.payload,

@@ -205,3 +205,19 @@ def test_a_fetch_that_empties_a_line_takes_its_wake_tokens_with_it(redis_url):
         await q.fetch("w1", ["default"], 10, 30)
         assert await r.llen(KEYS.wake("other")) == 1
     asyncio.run(with_queue(redis_url, body))
+
+
+def test_a_finish_sent_again_answers_what_it_recorded_and_counts_once(redis_url):
+    """A finish whose reply was lost is sent again (by redis-py or the worker's retry): the
+    second run finds the outcome recorded and answers its status, not 'stale', which would
+    make the worker drop the job from its counts and warn of a lost lease."""
+    async def body(q, r):
+        await q.enqueue(specs(1, job_id="once"))
+        assert len((await q.fetch("w1", ["default"], 1, 30)).claims) == 1
+        done = [Outcome("once", 1, True, b"\xc0", 5)]
+        assert await q.finish("w1", done) == ["succeeded"]
+        assert await q.finish("w1", done) == ["succeeded"]
+        assert await r.hget(KEYS.counters, "succeeded") == b"1"
+        assert await q.finish("w2", done) == ["stale"]   # another worker never held it
+        assert await q.finish("w1", [Outcome("once", 2, True, b"\xc0", 5)]) == ["stale"]
+    asyncio.run(with_queue(redis_url, body))

@@ -835,12 +835,12 @@ def test_a_worker_paused_past_its_lease_does_not_start_the_jobs_it_prefetched(
     c = make_cluster(LEASE_SECONDS=2)
     c.start_master()
     paused = c.start_worker("--concurrency", "1")
-    marks = tmp_path / "marks"
-    c.client.submit_jobs([Sleep.spec([3], job_id="first"),
+    marks, first_marks = tmp_path / "marks", tmp_path / "first"
+    c.client.submit_jobs([MarkSleep.spec([str(first_marks), 3], job_id="first"),
                           MarkSleep.spec([str(marks), 0], job_id="second")])
     # one process: "first" runs, "second" waits in the worker's buffer under its lease
-    wait_for(lambda: set(statuses(c.redis_url, ["first", "second"]).values()) == {"running"},
-             what="both claimed by the first worker")
+    wait_for(lambda: set(statuses(c.redis_url, ["first", "second"]).values()) == {"running"}
+             and first_marks.exists(), what="both claimed by the first worker, first started")
     os.kill(paused.pid, signal.SIGSTOP)
     try:
         wait_for(lambda: c.client.stats()["totals"]["redelivered"] == 2,
@@ -863,11 +863,15 @@ def test_a_worker_paused_past_its_lease_does_not_start_the_jobs_it_prefetched(
     assert first["status"] == "succeeded"
     assert paused.alive(), paused.log()
     # its own run of "first" ended after the lease was lost: neither recorded nor counted
-    assert "job first tests.jobs:Sleep: attempt 1 ended after its lease was lost" in \
+    assert "job first tests.jobs:MarkSleep: attempt 1 ended after its lease was lost" in \
         paused.log()
-    counted = [w for w in c.client.stats()["workers"] if w.get("pid") == paused.pid][0]
+
+    def counted():   # as its last heartbeat told
+        return [(w["done"], w["failed"]) for w in c.client.stats()["workers"]
+                if w.get("pid") == paused.pid]
     ran_again_here = worker_pid(first) == paused.pid
-    assert (counted["done"], counted["failed"]) == (int(ran_again_here), 0), counted
+    wait_for(lambda: counted() == [(int(ran_again_here), 0)],
+             what="its counts leaving out the outcome Redis dropped")
 
 
 def test_shutdown_with_cancel_futures_settles_the_futures_of_jobs_still_running():

@@ -3,13 +3,14 @@
 --       retrying index, the worker's hash, limits due, cancelled index
 -- ARGV: job prefix, batch stats prefix, dedupe set prefix, result ttl (s),
 --       failed ttl (s), release keys ('1' | '0'), limit running prefix, wake prefix,
---       round prefix, func stats prefix, minute stats prefix, minute ttl (s), then per
---       job: job_id, attempt, outcome ('ok' | 'err' | 'cancel': stopped by cancel.lua's
+--       round prefix, func stats prefix, minute stats prefix, minute ttl (s), worker id,
+--       then per job: job_id, attempt, outcome ('ok' | 'err' | 'cancel': stopped by cancel.lua's
 --       request), payload (result bytes | traceback), duration (ms), the histogram field
 --       that duration counts in ('le:{ms}', from elric/jobstats.py), retry delay (ms;
 --       -1: no retry)
 -- Returns per job its new status, or 'stale' for a job this worker no longer holds (it was
--- redelivered elsewhere or removed): that outcome is dropped.
+-- redelivered elsewhere or removed): that outcome is dropped. A call sent again (its reply
+-- was lost) answers the status its first run recorded.
 -- Invariant: only the attempt that holds the job records it. With release keys, a job that
 -- failed for good gives its dedupe key back to an exact filter in the same step. A job
 -- with a limit key frees its slot; that key's parked jobs are due at once and an idle
@@ -23,6 +24,7 @@ local jp, bp, dp, now = ARGV[1], ARGV[2], ARGV[3], now_ms()
 local result_ttl, failed_ttl, release_keys = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6] == '1'
 local rp, wp, roundp, fp = ARGV[7], ARGV[8], ARGV[9], ARGV[10]
 local minute, minute_ttl = ARGV[11] .. math.floor(now / 60000), ARGV[12]
+local worker = ARGV[13]
 local out, done, failed = {}, 0, 0
 -- increments summed per hash and field, written once per call (a call holds a chunk of
 -- jobs, mostly of one func and batch)
@@ -38,15 +40,17 @@ local function add_timed(key, status, duration, bucket)
   add(key, bucket, 1)
   touched[key] = true
 end
-for i = 13, #ARGV, 7 do
+for i = 14, #ARGV, 7 do
   local id, attempt, outcome, payload = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local duration, bucket, retry = tonumber(ARGV[i + 4]), ARGV[i + 5], tonumber(ARGV[i + 6])
   local jk = jp .. id
   local f = redis.call('HMGET', jk, 'status', 'attempts', 'queue', 'batch', 'max_retries',
                        'error', 'dedupe_key', 'dedupe_scope', 'limit_key', 'round', 'func',
-                       'cancel')
+                       'cancel', 'worker')
   if f[1] ~= 'running' or f[2] ~= attempt then
-    out[#out + 1] = 'stale'
+    -- recorded by this call's first run; a requeued job has no worker
+    local replay = f[2] == attempt and f[13] == worker and f[1] ~= 'queued'
+    out[#out + 1] = replay and f[1] or 'stale'
   else
     if f[12] then
       redis.call('HDEL', jk, 'cancel')
