@@ -254,19 +254,15 @@ class Worker:
                 await self._wait(delay)
                 continue
             want = self._fetch_size()
-            waiting = self._waiting is not None   # a fetch is out already: it brings the work
-            if waiting and not self.ended:
+            if self._waiting is not None:   # a fetch is out already: it brings the work
                 await self._wait(1.0)
                 continue
             if (want > 0 or self.ended) and not self.suspects:
                 try:
                     asked = time.monotonic()
                     ended, self.ended = self.ended, []
-                    # beside a waiting fetch, this one only frees the ended runs' slots now,
-                    # not after their outcomes are recorded; its wake token brings the jobs
                     fetched = await self.queue.fetch(self.worker_id, self.queues,
-                                                     0 if waiting else max(want, 0),
-                                                     self.lease, ended)
+                                                     max(want, 0), self.lease, ended)
                     backoff.reset()
                     for claim in fetched.claims:
                         claim.held_until = asked + self.lease
