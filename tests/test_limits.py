@@ -169,8 +169,8 @@ def test_parked_jobs_going_back_to_another_workers_queue_wake_that_worker(redis_
 
 def test_parked_jobs_going_back_to_another_of_the_workers_queues_wake_it(redis_url):
     """A worker of queues qa and qb: a run of key k in qa ends, and k's parked job of qb goes
-    back in line. A fetch that takes no jobs (the worker's waiting fetch is out) leaves a
-    token on qb, not on qa, whose line is empty: the waiting fetch takes the job at once."""
+    back in line. A fetch that takes no jobs (the worker has no room) leaves a token on
+    qb, not on qa, whose line is empty: a worker waiting on qb takes the job at once."""
     keys = Keys("elrictest")
 
     async def body():

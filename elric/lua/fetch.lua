@@ -177,8 +177,8 @@ end
 
 -- Wake tokens follow the lines. One this call emptied needs none: left there, each would
 -- wake a worker to find nothing (an enqueue of n jobs pushes up to 16). One that parked
--- jobs went back to and still holds jobs gets a token, for whoever waits on it (this
--- worker's own waiting fetch, when this call takes none).
+-- jobs went back to and still holds jobs gets a token, for the workers that wait on it
+-- (this one may have taken none: a fetch of limit 0 frees slots only).
 for i = FIRST_QUEUE, #ARGV do
   local q = ARGV[i]
   if redis.call('EXISTS', qp .. q) == 0 then redis.call('DEL', wp .. q)
