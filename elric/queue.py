@@ -180,15 +180,15 @@ class RedisQueue:
         self.release_keys_on_failure = release_keys_on_failure
         self._enqueue = lua.load(redis, "enqueue", "clock_fn")
         self._fetch = lua.load(redis, "fetch", "clock_fn")
-        self._finish = lua.load(redis, "finish", "clock_fn")
+        self._finish = lua.load(redis, "finish", "clock_fn", "slot_fn")
         self._heartbeat = lua.load(redis, "heartbeat", "clock_fn")
         self._remove = lua.load(redis, "remove", "jobstats_fn")
         self._cancel = lua.load(redis, "cancel", "clock_fn", "jobstats_fn")
         self._statuses = lua.load(redis, "statuses")
         self._release = lua.load(redis, "release", "clock_fn", "requeue_fn", "jobstats_fn",
-                                 "cancel_end_fn")
+                                 "slot_fn", "cancel_end_fn")
         self._requeue_due = lua.load(redis, "requeue_due", "clock_fn", "requeue_fn",
-                                     "jobstats_fn", "cancel_end_fn")
+                                     "jobstats_fn", "slot_fn", "cancel_end_fn")
         self._rerun = lua.load(redis, "rerun", "clock_fn", "requeue_fn", "jobstats_fn")
 
     @property

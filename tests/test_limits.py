@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -223,6 +224,33 @@ def test_a_run_that_ended_frees_its_slot_before_its_outcome_is_recorded(redis_ur
             assert (await q.fetch("w1", ["q"], 0, 30, ended=[("j2", 1)])).claims == []
             assert await r.llen(keys.wake("q")) == 1
             assert [c.job_id for c in (await q.fetch("w2", ["q"], 10, 30)).claims] == ["j3"]
+        finally:
+            await r.aclose()
+
+    asyncio.run(body())
+
+
+def test_a_run_given_back_or_redelivered_frees_its_slot_at_once(redis_url):
+    """A stopping worker gives back the jobs it holds; a job whose worker died is queued
+    again when its lease runs out. Either way its run leaves its key's running set, so
+    the key's next job starts at the next fetch, not after the parked jobs' recheck."""
+    keys = Keys("elrictest")
+
+    async def body():
+        r = aredis.Redis.from_url(redis_url)
+        try:
+            q = await one_at_a_time(r, keys, "q", ["j1", "j2"])
+            [j1] = (await q.fetch("w1", ["q"], 10, 30)).claims   # j2 is parked
+            assert await q.release("w1", [(j1.job_id, j1.attempt)]) == 1
+            assert await r.smembers(keys.limit_running("k")) == set()
+            [again] = (await q.fetch("w2", ["q"], 10, 0.05)).claims   # a 50 ms lease
+            assert again.job_id == "j1"   # back in its old place, ahead of j2
+            deadline = time.monotonic() + 10
+            while not (await q.recover())[0]:   # w2 died: its lease runs out
+                assert time.monotonic() < deadline, "the lease never ran out"
+                await asyncio.sleep(0.01)
+            assert await r.smembers(keys.limit_running("k")) == set()
+            assert [c.job_id for c in (await q.fetch("w3", ["q"], 10, 30)).claims] == ["j1"]
         finally:
             await r.aclose()
 

@@ -1,6 +1,6 @@
 -- A function shared by the scripts that take a running job from a worker that will record
--- no outcome for it (release, requeue_due); lua.load prepends it to them, after clock_fn
--- and jobstats_fn.
+-- no outcome for it (release, requeue_due); lua.load prepends it to them, after clock_fn,
+-- jobstats_fn and slot_fn.
 -- end_cancelled(jk, id, why, c): the job hash jk, which cancel.lua asked to stop (`cancel`
 -- set), ends cancelled instead of going back in line, where it would run again until a
 -- heartbeat stopped it. It is recorded as finish.lua records a cancel (status, error with
@@ -17,12 +17,7 @@ local function end_cancelled(jk, id, why, c)
   local f = redis.call('HMGET', jk, 'attempts', 'queue', 'batch', 'error', 'limit_key',
                        'round', 'func')
   redis.call('HDEL', jk, 'cancel')
-  local lk = f[5]
-  if lk and redis.call('SREM', c.rp .. lk, id) == 1 and redis.call('ZSCORE', c.due, lk) then
-    redis.call('ZADD', c.due, 0, lk)
-    redis.call('LPUSH', c.wp .. f[2], '1')
-    redis.call('LTRIM', c.wp .. f[2], 0, 15)
-  end
+  free_slot(id, f[5], f[2], c.rp, c.due, c.wp)
   local err = (f[4] or '') .. '--- attempt ' .. (f[1] or '0') .. ' ---\n' .. why .. '\n'
   redis.call('HSET', jk, 'status', 'cancelled', 'error', err, 'finished_at', now)
   redis.call('EXPIRE', jk, c.ttl)

@@ -58,12 +58,7 @@ for i = 14, #ARGV, 7 do
     end
     redis.call('ZREM', KEYS[1], id)
     redis.call('ZREM', KEYS[2], id)
-    local lk = f[9]
-    if lk and redis.call('SREM', rp .. lk, id) == 1 and redis.call('ZSCORE', KEYS[9], lk) then
-      redis.call('ZADD', KEYS[9], 0, lk)
-      redis.call('LPUSH', wp .. f[3], '1')
-      redis.call('LTRIM', wp .. f[3], 0, 15)
-    end
+    free_slot(id, f[9], f[3], rp, KEYS[9], wp)
     local status, index
     if outcome == 'ok' then
       status, index = 'succeeded', KEYS[3]

@@ -9,8 +9,9 @@
 --       reason, failed ttl (s), limit running prefix, round prefix, batch stats prefix,
 --       func stats prefix, then pairs job_id, attempt
 -- Returns how many jobs went back (those cancelled do not count).
--- Invariant: only the worker holding that attempt gives a job back; a job handed back
--- with a reason keeps it (`not_run`), so a job no worker can run is visible.
+-- Invariant: only the worker holding that attempt gives a job back, and its limit key's
+-- slot with it; a job handed back with a reason keeps it (`not_run`), so a job no worker
+-- can run is visible.
 local jp, qp, wp, worker = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local delay, reason, now = tonumber(ARGV[5]), ARGV[6], now_ms()
 local ends = {cancelled = KEYS[7], counters = KEYS[6], due = KEYS[8], ttl = tonumber(ARGV[7]),
@@ -19,7 +20,8 @@ local n = 0
 for i = 12, #ARGV, 2 do
   local id = ARGV[i]
   local jk = jp .. id
-  local f = redis.call('HMGET', jk, 'status', 'attempts', 'worker', 'cancel')
+  local f = redis.call('HMGET', jk, 'status', 'attempts', 'worker', 'cancel', 'limit_key',
+                       'queue')
   if f[1] == 'running' and f[2] == ARGV[i + 1] and f[3] == worker and f[4] then
     redis.call('ZREM', KEYS[1], id)
     redis.call('ZREM', KEYS[2], id)
@@ -29,6 +31,7 @@ for i = 12, #ARGV, 2 do
     redis.call('HINCRBY', jk, 'attempts', -1)
     redis.call('ZREM', KEYS[1], id)
     redis.call('ZREM', KEYS[2], id)
+    free_slot(id, f[5], f[6], ends.rp, ends.due, wp)
     if delay then
       redis.call('HSET', jk, 'status', 'retrying', 'retry_at', now + delay, 'not_run',
                  worker .. ': ' .. reason)

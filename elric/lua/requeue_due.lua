@@ -10,7 +10,7 @@
 --       prefix
 -- Returns {ids put back, ids cancelled}.
 -- Invariant: a job leaves the due set once, and is queued only if it still has the status
--- and no request to cancel it.
+-- and no request to cancel it; a run whose lease ran out gives up its limit key's slot.
 local jp, qp, wp, now, limit = ARGV[1], ARGV[2], ARGV[3], now_ms(), ARGV[4]
 local status, keep, counter = ARGV[5], ARGV[6] == '1', ARGV[7]
 local ends = {cancelled = KEYS[5], counters = KEYS[4], due = KEYS[6], ttl = tonumber(ARGV[8]),
@@ -21,12 +21,13 @@ for _, id in ipairs(ids) do
   redis.call('ZREM', KEYS[1], id)
   redis.call('ZREM', KEYS[2], id)
   local jk = jp .. id
-  local f = redis.call('HMGET', jk, 'status', 'cancel')
+  local f = redis.call('HMGET', jk, 'status', 'cancel', 'limit_key', 'queue')
   if f[1] == status and f[2] then
     end_cancelled(jk, id, 'Cancelled: its worker stopped renewing its lease (it died or ' ..
                   'was cut off) before it stopped the job', ends)
     cancelled[#cancelled + 1] = id
   elseif f[1] == status then
+    free_slot(id, f[3], f[4], ends.rp, ends.due, wp)
     requeue(jk, id, qp, wp, KEYS[3], keep)
     if counter ~= '' then redis.call('HINCRBY', KEYS[4], counter, 1) end
     out[#out + 1] = id
