@@ -9,6 +9,7 @@ drives its coroutine with asyncio.run.
 from __future__ import annotations
 
 import asyncio
+import time
 
 import msgpack
 import redis.asyncio as aredis
@@ -220,4 +221,14 @@ def test_a_finish_sent_again_answers_what_it_recorded_and_counts_once(redis_url)
         assert await r.hget(KEYS.counters, "succeeded") == b"1"
         assert await q.finish("w2", done) == ["stale"]   # another worker never held it
         assert await q.finish("w1", [Outcome("once", 2, True, b"\xc0", 5)]) == ["stale"]
+        # asked to stop while its worker was cut off: its lease ran out and Redis ended it
+        # cancelled, keeping the worker's name; that worker's late outcome is not recorded
+        await q.enqueue(specs(1, job_id="cut"))
+        assert len((await q.fetch("w1", ["default"], 1, 0.05)).claims) == 1
+        assert await q.cancel("cut") == "running"
+        deadline = time.monotonic() + 10
+        while (await q.recover())[1] != ["cut"]:
+            assert time.monotonic() < deadline, "the lease never ran out"
+            await asyncio.sleep(0.01)
+        assert await q.finish("w1", [Outcome("cut", 1, True, b"\xc0", 5)]) == ["stale"]
     asyncio.run(with_queue(redis_url, body))

@@ -48,8 +48,10 @@ for i = 14, #ARGV, 7 do
                        'error', 'dedupe_key', 'dedupe_scope', 'limit_key', 'round', 'func',
                        'cancel', 'worker')
   if f[1] ~= 'running' or f[2] ~= attempt then
-    -- recorded by this call's first run; a requeued job has no worker
-    local replay = f[2] == attempt and f[13] == worker and f[1] ~= 'queued'
+    -- recorded by this call's first run (a requeued job has no worker; one that
+    -- requeue_due ended cancelled keeps its worker, who recorded nothing)
+    local replay = f[2] == attempt and f[13] == worker
+                   and (f[1] == 'succeeded' or f[1] == 'failed' or f[1] == 'retrying')
     out[#out + 1] = replay and f[1] or 'stale'
   else
     if f[12] then
