@@ -114,6 +114,23 @@ def test_a_process_submits_each_link_once_per_scope_and_bounds_what_it_remembers
     assert p.first_time("round-1", "http://a/p/1")       # forgotten: the master drops it
 
 
+def test_a_link_resolved_once_per_host_is_the_link_of_every_page():
+    """A root-relative or absolute href is parsed once per host; a relative one still
+    depends on the page it is on."""
+    from elric.demo.crawler import _Process
+
+    p = _Process()
+    assert p.resolve("http://A:8/p/1", "/p/2#top") == ("http://a:8/p/2", "a:8")
+    assert p.resolve("http://A:8/d/e/f?x=1", "/p/2#top") == ("http://a:8/p/2", "a:8")
+    assert len(p.resolved) == 1                            # one parse for both pages
+    assert p.resolve("https://A:8/p/1", "/p/2") == ("https://a:8/p/2", "a:8")  # not http
+    assert p.resolve("http://a:8/p/1", "q") == ("http://a:8/p/q", "a:8")
+    assert p.resolve("http://a:8/d/e", "q") == ("http://a:8/d/q", "a:8")
+    assert p.resolve("http://a:8", "/../x/./y") == ("http://a:8/x/y", "a:8")
+    assert p.resolve("http://a:8/p/1", "HTTPS://B/z") == ("https://b/z", "b")
+    assert p.resolve("https://a:8/p/1", "//b/z") == ("https://b/z", "b")
+
+
 @pytest.mark.parametrize("body", [b"", b"   ", b"\x00\xff<<<", b"<html><body>no links"])
 def test_a_page_lxml_cannot_read_or_without_links_gives_none(body):
     assert Crawl()._submit_links("http://a/", "http://a/", body, "") == 0

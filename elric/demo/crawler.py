@@ -46,6 +46,7 @@ class _Process:
         self.session: aiohttp.ClientSession | None = None
         self.robots: dict[tuple[str, str], asyncio.Future] = {}
         self.submitted: dict[str | None, set[str]] = {}   # links sent, per dedupe scope
+        self.resolved: dict[tuple[str, str], tuple[str, str]] = {}   # see resolve()
 
     def first_time(self, scope: str | None, link: str) -> bool:
         """Whether this process has not yet submitted ``link`` in ``scope``. Most links
@@ -59,6 +60,24 @@ class _Process:
             seen = self.submitted[scope] = set()
         seen.add(link)
         return True
+
+    def resolve(self, base: str, href: str) -> tuple[str, str]:
+        """The normalized URL ``href`` leads to from page ``base``, and its host. A site's
+        pages share most links (its menus), and parsing them took a quarter of a page's
+        CPU: an href that starts at the root, or names its host, means the same from every
+        page of a host, so it is parsed once per process."""
+        key = (base, href)
+        if href.startswith(("/", "http://", "https://")):
+            path_at = base.find("/", base.find("//") + 2)
+            key = (base if path_at < 0 else base[:path_at], href)   # scheme://host:port
+        found = self.resolved.get(key)
+        if found is None:
+            link = normalize_url(urljoin(base, href))
+            found = (link, urlparse(link).netloc)
+            if len(self.resolved) >= 100_000:   # bound the memory
+                self.resolved.clear()
+            self.resolved[key] = found
+        return found
 
     def http(self, timeout: float) -> aiohttp.ClientSession:
         if self.session is None or self.session.closed:
@@ -146,8 +165,8 @@ class Crawl(Job):
         host = urlparse(normalize_url(url)).netloc
         found: set[str] = set()
         for href in hrefs:
-            link = normalize_url(urljoin(base, href))
-            if urlparse(link).netloc != host or link in found:
+            link, link_host = _process.resolve(base, href)
+            if link_host != host or link in found:
                 continue   # another host, or seen on this page
             found.add(link)
             if _process.first_time(self.dedupe_scope, link):
