@@ -21,6 +21,7 @@ from elric.contract import STATUSES, NotFound, Refused, Status
 from elric.keys import Keys
 
 HAND_BACK_SECONDS = 5.0   # a job no worker here can run waits this long between tries
+STALE = "stale"   # finish's answer for an outcome that is no longer its worker's to record
 MAX_RUNNING_SPLIT = 10_000   # running jobs stats() reads to split live jobs into running/queued
 
 
@@ -269,7 +270,7 @@ class RedisQueue:
         return Fetched(claims, None if wait_ms < 0 else wait_ms / 1000.0)
 
     async def finish(self, worker_id: str, outcomes: list[Outcome]) -> list[str]:
-        """Record outcomes; returns each job's new status ('stale': no longer ours)."""
+        """Record outcomes; returns each job's new status (STALE: no longer ours)."""
         k = self.keys
         argv: list[Any] = [k.job(""), k.batch(""), k.dedupe_set(""), self.result_ttl,
                            self.failed_ttl, "1" if self.release_keys_on_failure else "0",

@@ -34,7 +34,7 @@ from elric.contract import MAX_BATCH, ErrorCode
 from elric.keys import Keys
 from elric.loading import JobModules
 from elric.pool import Pool, ProcessDied
-from elric.queue import Claim, Outcome, RedisQueue, WakeOn, WorkerControl
+from elric.queue import STALE, Claim, Outcome, RedisQueue, WakeOn, WorkerControl
 from elric.retry import (REDIS_CLIENT_OPTIONS, REDIS_ERRORS, REDIS_REFUSED, Backoff, is_outage,
                          retry)
 from elric.rpc import AsyncClient, RemoteError, RPCConnectionError, RPCError
@@ -485,7 +485,7 @@ class Worker:
         statuses = await self._retry_redis(self.queue.finish, self.worker_id, records)
         self._cancelling.difference_update(o.job_id for o in records)
         for (claim, _), record, status in zip(batch, records, statuses):
-            if status == "stale":   # its lease ran out and another attempt took it over
+            if status == STALE:   # its lease ran out: queued again, or removed
                 job_log.warning("job %s %s: attempt %d ended after its lease was lost; "
                                 "its outcome is dropped", claim.job_id, claim.func,
                                 claim.attempt, extra=_job_fields(claim))
