@@ -10,7 +10,6 @@ import asyncio
 import itertools
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -81,16 +80,7 @@ def _client(args: argparse.Namespace):
 
 
 def _print(value) -> None:
-    print(json.dumps(_json_safe(value), indent=2, sort_keys=True, default=str))
-
-
-def _json_safe(value):
-    """JSON has no infinity (a p95 beyond the last duration bucket): it prints as "inf"."""
-    if isinstance(value, float) and math.isinf(value):
-        return "inf" if value > 0 else "-inf"
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    return [_json_safe(v) for v in value] if isinstance(value, list) else value
+    print(views.json_text(value, indent=2, sort_keys=True))
 
 
 def _argument(text: str):
@@ -331,7 +321,7 @@ def _results(client, args: argparse.Namespace) -> int:
                     if job is not None and job["status"] == Status.SUCCEEDED]
             if jsonl:
                 for row in rows:
-                    print(json.dumps(row, default=str))
+                    print(views.json_text(row))
             else:
                 views.results(rows, first=first)
             first = False

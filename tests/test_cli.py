@@ -304,3 +304,15 @@ def test_jobs_status_filtered_prints_the_counts_per_scope(cluster):
     as_json = elric(cluster, "jobs", "--status", "filtered", "--json")
     assert as_json.returncode == 0
     assert json.loads(as_json.stdout)["pages"]["filtered"] == 1
+
+
+def test_jobs_with_any_msgpack_arguments_show_as_tables_and_json(cluster):
+    # bytes, maps with int and str keys together, bytes keys: the contract takes them all
+    cluster.client.submit_job({"func": "tests.jobs:Echo", "job_id": "odd",
+                               "args": [b"raw", {1: "one", "two": 2}, {b"k": float("nan")}]})
+    for args in (("job", "odd"), ("job", "odd", "--json"), ("jobs", "--json")):
+        proc = elric(cluster, *args)
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr, (args, proc.stderr)
+        assert '"two": 2' in proc.stdout, proc.stdout
+    assert json.loads(elric(cluster, "job", "odd", "--json").stdout)["args"] == [
+        "b'raw'", {"1": "one", "two": 2}, {"b'k'": "nan"}]   # strict JSON: no NaN

@@ -223,3 +223,16 @@ def test_a_login_redirects_only_within_the_dashboard():
     assert _local_path("/jobs?status=failed") == "/jobs?status=failed"
     for elsewhere in ("//evil.example/", "/\\evil.example/", "https://evil.example/", ""):
         assert _local_path(elsewhere) == "/"
+
+
+def test_a_job_page_shows_any_arguments_the_contract_accepts(make_cluster):
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}")
+    cluster.start_master()
+    # bytes, and maps with int and str keys together, or bytes keys: all msgpack values
+    cluster.client.submit_job({"func": "tests.jobs:Echo", "job_id": "odd",
+                               "args": [b"\x00raw", {1: "one", "two": 2}, {b"k": 3}],
+                               "kwargs": {"flag": b"x"}})
+    status, html = get(f"http://127.0.0.1:{port}/jobs/odd")
+    assert status == 200, html
+    assert "&#34;1&#34;: &#34;one&#34;" in html and "x00raw" in html, html

@@ -20,7 +20,7 @@ from elric.dashboard import metrics
 from elric.dashboard.access import COOKIE, SESSION_SECONDS, Access
 from elric.retry import REDIS_ERRORS
 from elric.rpc import RequestError
-from elric.views import mib, percent, when
+from elric.views import json_text, mib, percent, when
 
 log = logging.getLogger("elric.dashboard")
 
@@ -74,6 +74,8 @@ class Dashboard:
         self.templates.filters["quote_id"] = lambda text: quote(text, safe="")
         self.templates.filters["mib"] = mib
         self.templates.filters["percent"] = percent
+        # not tojson: a job's maps may have bytes keys, or int and str keys it cannot sort
+        self.templates.filters["json"] = lambda value: json_text(value, indent=1, sort_keys=True)
         self.app = web.Application(middlewares=[self._guard])
         self.app.add_routes([
             web.get("/", self.overview), web.get("/workers", self.workers),
