@@ -168,9 +168,11 @@ def cmd_call(args: argparse.Namespace) -> int:
             return _results(client, args)
         elif command == "submit":
             reply = client.submit_job(_submit_spec(args))
-            if not args.wait or reply["status"] != "queued":   # filtered: it never runs
+            # filtered: it never runs (scheduled: each fire is a job of its own); any other
+            # status is of the job that has this id (a submission sent again): waited for
+            if not args.wait or reply["status"] in (Status.FILTERED, Status.SCHEDULED):
                 (show or (lambda r: print(f"{r['job_id']} {r['status']}")))(reply)
-                return 0 if reply["status"] == "queued" or not args.wait else 1
+                return 1 if args.wait else 0
             job = _wait(client, reply["job_id"], args.timeout)
             (show or views.job)(job)
             return 0 if job["status"] == Status.SUCCEEDED else 1

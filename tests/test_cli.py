@@ -316,3 +316,14 @@ def test_jobs_with_any_msgpack_arguments_show_as_tables_and_json(cluster):
         assert '"two": 2' in proc.stdout, proc.stdout
     assert json.loads(elric(cluster, "job", "odd", "--json").stdout)["args"] == [
         "b'raw'", {"1": "one", "two": 2}, {"b'k'": "nan"}]   # strict JSON: no NaN
+
+
+def test_submit_wait_sent_again_follows_the_job_that_has_the_id(cluster):
+    cluster.start_worker("--concurrency", "1")
+    # retrying a submission is safe: sent again, --wait follows the job the id names
+    cluster.client.submit_job(Sleep.spec([1], job_id="nap"))
+    cluster.wait_job("nap", statuses=("running",))
+    running = elric(cluster, "submit", "tests.jobs:Sleep", "1", "--job-id", "nap", "--wait")
+    assert running.returncode == 0 and "succeeded" in running.stdout, running.stdout
+    again = elric(cluster, "submit", "tests.jobs:Sleep", "1", "--job-id", "nap", "--wait")
+    assert again.returncode == 0 and "succeeded" in again.stdout, again.stdout
