@@ -236,3 +236,28 @@ def test_a_job_page_shows_any_arguments_the_contract_accepts(make_cluster):
     status, html = get(f"http://127.0.0.1:{port}/jobs/odd")
     assert status == 200, html
     assert "&#34;1&#34;: &#34;one&#34;" in html and "x00raw" in html, html
+
+
+def test_an_action_that_did_nothing_is_not_counted_done(make_cluster):
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}", DASHBOARD_PASSWORD=PASSWORD)
+    cluster.start_master()
+    for job_id in ("j1", "j2"):
+        cluster.client.submit_job({"func": "tests.jobs:Add", "args": [1, 2], "job_id": job_id,
+                                   "queue": "nobody"})
+    cluster.client.cancel_job("j2")
+    base = f"http://127.0.0.1:{port}"
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor())
+    opener.open(base + "/login", data=urllib.parse.urlencode({"password": PASSWORD}).encode())
+    html = opener.open(base + "/jobs").read().decode()
+    token = re.search(r'name="csrf" value="([0-9a-f]+)"', html).group(1)
+
+    def act(kind: str, action: str, *ids: str) -> str:
+        data = urllib.parse.urlencode([("kind", kind), ("action", action), ("csrf", token),
+                                       *(("id", i) for i in ids)]).encode()
+        return opener.open(base + "/act", data=data).read().decode()
+
+    # the bulk form sends what is ticked: an ended job is not cancelled again
+    assert "cancel: 1 of 2 done; j2: had ended (cancelled)" in act("job", "cancel", "j1", "j2")
+    assert "delete: 0 of 1 done; gone: not found" in act("job", "delete", "gone")
+    assert "pause: 0 of 1 done; gone: not found" in act("schedule", "pause", "gone")

@@ -15,7 +15,7 @@ from urllib.parse import parse_qsl, quote, urlencode
 import jinja2
 from aiohttp import web
 
-from elric.contract import ErrorCode, STATUSES
+from elric.contract import ErrorCode, STATUSES, Status
 from elric.dashboard import metrics
 from elric.dashboard.access import COOKIE, SESSION_SECONDS, Access
 from elric.retry import REDIS_ERRORS
@@ -231,10 +231,18 @@ class Dashboard:
         done, errors = 0, []
         for one in ids:
             try:
-                await (handler(one) if value is None else handler(one, str(value)))
-                done += 1
+                reply = await (handler(one) if value is None else handler(one, str(value)))
             except RequestError as exc:
                 errors.append(f"{one}: {exc}")
+                continue
+            # delete, pause and resume answer False for no such job; a cancel of a job that
+            # had ended leaves it alone: neither is done
+            if reply is False:
+                errors.append(f"{one}: not found")
+            elif action == "cancel" and not Status(reply["was"]).live:
+                errors.append(f"{one}: had ended ({reply['was']})")
+            else:
+                done += 1
         log.info("dashboard: %s %s: %d of %d done", kind, action, done, len(ids))
         note = f"{action}: {done} of {len(ids)} done" + "".join(f"; {e}" for e in errors[:3])
         path, _, query = _local_path(str(form.get("next", "/"))).partition("?")
