@@ -93,7 +93,8 @@ class Bulk:
     def __init__(self, queue, admission, redis, keys) -> None:
         self.queue, self.admission, self.redis, self.keys = queue, admission, redis, keys
 
-    async def _indexes(self, f: JobFilter) -> list[tuple[tuple[int, str], str, bool]]:
+    async def _indexes(self, f: JobFilter,
+                       live_only: bool) -> list[tuple[tuple[int, str], str, bool]]:
         """The indexes to walk, in a stable order: (place, key, whether its members carry
         a sequence prefix). Queued jobs wait in their queue, or parked by their limit key."""
         k, out = self.keys, []
@@ -103,15 +104,16 @@ class Bulk:
             out += [((1, _s(lk)), k.limit_parked(_s(lk)), True)
                     for lk in await self.redis.zrange(k.limits_due, 0, -1)]
         out += [((2, f"{n}"), k.status(s), False) for n, s in enumerate(_INDEXED)
-                if f.status in (None, s)]
+                if f.status in (None, s) and (Status(s).live or not live_only)]
         return sorted(out)
 
-    async def walk(self, f: JobFilter, cursor: str = "",
-                   fresh_only: bool = False) -> tuple[list[str], str]:
+    async def walk(self, f: JobFilter, cursor: str = "", fresh_only: bool = False,
+                   live_only: bool = False) -> tuple[list[str], str]:
         """Look at up to STEP jobs from ``cursor`` on: the ids of those ``f`` picks, and the
         cursor to go on from ("" when the walk is over). The cursor keeps when the walk
         began: with ``fresh_only`` a job queued since then (a job this walk rerun or made)
-        is passed over, so no job is done twice."""
+        is passed over, so no job is done twice. With ``live_only`` the indexes of ended
+        jobs are not walked: a cancel would meet the jobs it cancelled there again."""
         if not cursor:   # "began (ms):kind of index:scan cursor:index name"
             seconds, micros = await self.redis.time()
             cursor = f"{seconds * 1000 + micros // 1000}:0:0:"
@@ -127,7 +129,7 @@ class Bulk:
             chosen = await self._matching(f, f.ids[at:at + STEP], before)
             return chosen, f"{began}:0:{at + STEP}:" if at + STEP < len(f.ids) else ""
         place, scan = (int(kind), name), int(scan)
-        indexes = [i for i in await self._indexes(f) if i[0] >= place]
+        indexes = [i for i in await self._indexes(f, live_only) if i[0] >= place]
         if indexes and indexes[0][0] != place:
             scan = 0   # that index is gone (a parked set emptied): the next one from its start
         looked, chosen = 0, []
@@ -158,7 +160,8 @@ class Bulk:
             raise SpecError(f"unknown bulk action {action!r}; one of {', '.join(ACTIONS)}")
         if action == "copy" and not op:
             raise SpecError("copy needs an operation id (op) to name the copies by")
-        chosen, next_cursor = await self.walk(f, cursor, fresh_only=action in ("rerun", "copy"))
+        chosen, next_cursor = await self.walk(f, cursor, fresh_only=action in ("rerun", "copy"),
+                                              live_only=action == "cancel")
         step = Step(cursor=next_cursor)
         if action == "find":
             step.ids, step.touched = chosen, len(chosen)

@@ -127,3 +127,12 @@ def test_a_copy_whose_new_id_is_too_long_is_skipped_and_the_others_are_made(redi
             assert long_id in step["errors"][0] and "200" in step["errors"][0]
             assert (await m.get_job("short~op1"))["status"] == "queued"
     asyncio.run(main())
+
+
+def test_a_cancel_bigger_than_one_step_counts_each_job_once(cluster):
+    n = 4500   # several steps: the jobs it cancels land in the cancelled index it would walk
+    cluster.client.submit_jobs([{"func": "tests.jobs:Add", "args": [i, 1], "queue": "nobody",
+                                 "batch": "many", "job_id": f"j{i}"} for i in range(n)])
+    out = elric(cluster, "cancel", "--batch", "many", "--json")
+    assert json.loads(out.stdout) == {"touched": n, "skipped": 0, "errors": []}, out.stdout
+    assert cluster.client.stats()["by_status"]["cancelled"] == n
