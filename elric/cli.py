@@ -249,7 +249,7 @@ def _bulk(client, args: argparse.Namespace, show) -> int:
         print(f"{args.command}: {total['touched']} jobs done, {total['skipped']} skipped")
         for error in total["errors"]:
             print(f"  skipped: {error}")
-    return 0
+    return 1 if total["skipped"] and not total["touched"] else 0   # it did nothing asked
 
 
 def _top(client, args: argparse.Namespace) -> int:

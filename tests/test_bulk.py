@@ -136,3 +136,16 @@ def test_a_cancel_bigger_than_one_step_counts_each_job_once(cluster):
     out = elric(cluster, "cancel", "--batch", "many", "--json")
     assert json.loads(out.stdout) == {"touched": n, "skipped": 0, "errors": []}, out.stdout
     assert cluster.client.stats()["by_status"]["cancelled"] == n
+
+
+def test_ids_that_are_no_job_are_said_and_a_command_that_did_nothing_exits_1(cluster):
+    cluster.client.submit_job({"func": "tests.jobs:Add", "args": [1, 1], "queue": "nobody",
+                               "job_id": "there"})
+    out = elric(cluster, "cancel", "there", "typo")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "cancel: 1 jobs done, 1 skipped" in out.stdout and "no job 'typo'" in out.stdout
+    for command in ("delete", "rerun", "cancel", "copy"):
+        out = elric(cluster, command, "typo", "typo2", "--json")
+        assert out.returncode == 1, (command, out.stdout, out.stderr)
+        assert json.loads(out.stdout) == {"touched": 0, "skipped": 2, "errors": [
+            "no job 'typo'", "no job 'typo2'"]}, (command, out.stdout)
