@@ -158,9 +158,11 @@ def cmd_call(args: argparse.Namespace) -> int:
             # a filtered submission is dropped, never stored: there are counts, not jobs
             (show or views.filtered)(client.stats()["filters"])
         elif command == "jobs":
+            # (--limit 0 goes to the master, which refuses it, rather than shows 100 jobs)
             query = {k: v for k, v in (("status", args.status), ("queue", args.queue),
                                        ("func", args.by_func), ("batch", args.batch),
-                                       ("offset", args.offset), ("limit", args.limit)) if v}
+                                       ("offset", args.offset), ("limit", args.limit))
+                     if v not in (None, "")}
             (show or views.jobs)(client.list_jobs(**query))
         elif command == "schedules":
             return _schedules(client, args, show)

@@ -327,3 +327,8 @@ def test_submit_wait_sent_again_follows_the_job_that_has_the_id(cluster):
     assert running.returncode == 0 and "succeeded" in running.stdout, running.stdout
     again = elric(cluster, "submit", "tests.jobs:Sleep", "1", "--job-id", "nap", "--wait")
     assert again.returncode == 0 and "succeeded" in again.stdout, again.stdout
+
+
+def test_jobs_limit_0_is_refused_not_ignored(cluster):
+    cluster.client.submit_job(Echo.spec(job_id="one", queue="nobody"))
+    one_line_error(elric(cluster, "jobs", "--limit", "0"), 2, "limit 1..1000")
