@@ -261,3 +261,19 @@ def test_an_action_that_did_nothing_is_not_counted_done(make_cluster):
     assert "cancel: 1 of 2 done; j2: had ended (cancelled)" in act("job", "cancel", "j1", "j2")
     assert "delete: 0 of 1 done; gone: not found" in act("job", "delete", "gone")
     assert "pause: 0 of 1 done; gone: not found" in act("schedule", "pause", "gone")
+
+
+def test_a_page_offset_or_a_pool_size_that_is_no_number_is_no_crash(make_cluster):
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}", DASHBOARD_PASSWORD=PASSWORD)
+    cluster.start_master()
+    base = f"http://127.0.0.1:{port}"
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor())
+    opener.open(base + "/login", data=urllib.parse.urlencode({"password": PASSWORD}).encode())
+    for path in ("/jobs?offset=%C2%B2", "/schedules?offset=%C2%B2"):   # "²" is a digit
+        assert opener.open(base + path).status == 200
+    html = opener.open(base + "/jobs").read().decode()
+    token = re.search(r'name="csrf" value="([0-9a-f]+)"', html).group(1)
+    data = urllib.parse.urlencode({"kind": "worker", "action": "processes", "id": "w1",
+                                   "value": "²", "csrf": token}).encode()
+    assert "processes: 0 of 1 done" in opener.open(base + "/act", data=data).read().decode()

@@ -41,7 +41,7 @@ def _actions(master) -> dict:
         return lambda worker_id: master.control_worker(worker_id, action)
 
     def processes(worker_id, value):   # a number, or the text the master will refuse
-        value = int(value) if value.lstrip("-").isdigit() else value
+        value = int(value) if value.lstrip("-").isdecimal() else value
         return master.control_worker(worker_id, "set", None, value)
 
     def queues(worker_id, value):
@@ -251,7 +251,8 @@ class Dashboard:
 
 
 def _int(value, default: int) -> int:
-    return int(value) if value and value.isdigit() else default
+    # isdecimal, not isdigit: int() refuses digits such as "²" (a 500)
+    return int(value) if value and value.isdecimal() else default
 
 
 def _chart(minutes: list[dict]) -> dict:
