@@ -277,3 +277,17 @@ def test_a_page_offset_or_a_pool_size_that_is_no_number_is_no_crash(make_cluster
     data = urllib.parse.urlencode({"kind": "worker", "action": "processes", "id": "w1",
                                    "value": "²", "csrf": token}).encode()
     assert "processes: 0 of 1 done" in opener.open(base + "/act", data=data).read().decode()
+
+
+def test_a_huge_error_is_cut_in_the_job_list_and_whole_on_its_page(make_cluster):
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}")
+    cluster.start_master()
+    cluster.start_worker("--concurrency", "1")
+    message = "x" * 300_000   # one line: the list shows an error's last line
+    cluster.client.submit_job({"func": "tests.jobs:Fail", "args": [message], "job_id": "big"})
+    assert cluster.wait_job("big")["status"] == "failed"
+    base = f"http://127.0.0.1:{port}"
+    status, html = get(base + "/jobs?status=failed")   # refreshed every 2 s: kept small
+    assert status == 200 and "big" in html and len(html) < 20_000, len(html)
+    assert message in get(base + "/jobs/big")[1]
