@@ -17,7 +17,7 @@ from datetime import datetime
 
 from elric import views
 from elric.config import SettingsError, load_settings
-from elric.contract import NotFound, Status
+from elric.contract import NotFound, SpecError, Status
 
 
 class JsonLines(logging.Formatter):
@@ -495,7 +495,9 @@ def main(argv: list[str] | None = None) -> int:
     except RemoteError as exc:
         return _fail(exc, {"not_found": 1, "internal": 1,
                            "redis_unavailable": UNAVAILABLE}.get(exc.code, 2))
-    except (SettingsError, UsageError, RPCError) as exc:   # (RPCError: after its subclasses)
+    # (RPCError: after its subclasses; SpecError: a Job class's spec refused here, e.g. its
+    # dedupe_key_for given the wrong arguments)
+    except (SettingsError, UsageError, RPCError, SpecError) as exc:
         return _fail(exc, 2)
     except (NotFound, Failed, TimeoutError) as exc:
         return _fail(exc, 1)

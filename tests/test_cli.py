@@ -332,3 +332,9 @@ def test_submit_wait_sent_again_follows_the_job_that_has_the_id(cluster):
 def test_jobs_limit_0_is_refused_not_ignored(cluster):
     cluster.client.submit_job(Echo.spec(job_id="one", queue="nobody"))
     one_line_error(elric(cluster, "jobs", "--limit", "0"), 2, "limit 1..1000")
+
+
+def test_submit_arguments_a_job_class_refuses_are_a_usage_error(cluster):
+    # Crawl derives its dedupe key from its url: with none, its spec is refused here
+    one_line_error(elric(cluster, "submit", "elric.demo.crawler:Crawl"), 2,
+                   "dedupe_key_for(args, kwargs) raised TypeError")
