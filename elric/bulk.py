@@ -185,8 +185,8 @@ class Bulk:
             try:
                 was = await one(job_id)
                 if action == "cancel" and (was is None or not Status(was).live):
-                    step.skipped += 1   # it had ended already: left alone
-                    return
+                    raise Refused(f"job {job_id!r} had ended ({was}): left alone" if was
+                                  else f"no job {job_id!r}")
                 step.touched += 1
             except (Refused, NotFound) as exc:   # e.g. running, or not finished
                 step.skipped += 1

@@ -144,6 +144,8 @@ def test_ids_that_are_no_job_are_said_and_a_command_that_did_nothing_exits_1(clu
     out = elric(cluster, "cancel", "there", "typo")
     assert out.returncode == 0, out.stdout + out.stderr
     assert "cancel: 1 jobs done, 1 skipped" in out.stdout and "no job 'typo'" in out.stdout
+    out = elric(cluster, "cancel", "there", "typo")   # an ended job's skip says why too
+    assert "skipped: job 'there' had ended (cancelled)" in out.stdout, out.stdout
     for command in ("delete", "rerun", "cancel", "copy"):
         out = elric(cluster, command, "typo", "typo2", "--json")
         assert out.returncode == 1, (command, out.stdout, out.stderr)
