@@ -291,3 +291,17 @@ def test_a_huge_error_is_cut_in_the_job_list_and_whole_on_its_page(make_cluster)
     status, html = get(base + "/jobs?status=failed")   # refreshed every 2 s: kept small
     assert status == 200 and "big" in html and len(html) < 20_000, len(html)
     assert message in get(base + "/jobs/big")[1]
+
+
+def test_without_a_password_any_loopback_name_with_or_without_a_port_is_served():
+    from aiohttp.test_utils import make_mocked_request
+
+    from elric.dashboard.access import Access
+
+    def ok(host: str) -> bool:
+        return Access(None).host_ok(make_mocked_request("GET", "/", headers={"Host": host}))
+
+    for host in ("[::1]:7532", "[::1]", "127.0.0.1:7532", "localhost", "localhost:7532"):
+        assert ok(host), host
+    for host in ("rebound.example:7532", "[2001:db8::1]:7532", "10.0.0.1"):
+        assert not ok(host), host
