@@ -277,6 +277,12 @@ def test_a_page_offset_or_a_pool_size_that_is_no_number_is_no_crash(make_cluster
     data = urllib.parse.urlencode({"kind": "worker", "action": "processes", "id": "w1",
                                    "value": "²", "csrf": token}).encode()
     assert "processes: 0 of 1 done" in opener.open(base + "/act", data=data).read().decode()
+    # a value sent to an action that takes none, or none to one that does: refused, no 500
+    for action, value in (("pause", {"value": "3"}), ("processes", {})):
+        data = urllib.parse.urlencode({"kind": "worker", "action": action, "id": "w1",
+                                       "csrf": token, **value}).encode()
+        assert f"{action}: 0 of 1 done; w1: " in opener.open(base + "/act", data=data).read(
+            ).decode()
 
 
 def test_a_huge_error_is_cut_in_the_job_list_and_whole_on_its_page(make_cluster):

@@ -34,6 +34,9 @@ PAGES = (("/", "overview"), ("/workers", "workers"), ("/schedules", "schedules")
          ("/redis", "redis"))
 
 
+VALUED = {("worker", "processes"), ("worker", "queues")}   # the actions whose form sends a value
+
+
 def _actions(master) -> dict:
     """(kind, action) -> the master's RPC handler that does it to one id (``value``: what
     the form gave, for the actions that take one)."""
@@ -227,11 +230,14 @@ class Dashboard:
         handler = self.actions.get((kind, action))
         if handler is None or not ids:
             raise web.HTTPBadRequest(text=f"unknown action {kind!r} {action!r}, or no id")
-        value = form.get("value")
+        # by the action, not by what the form sent: a value where none is taken (or none
+        # where one is) was a TypeError and a 500
+        value = str(form.get("value", ""))
         done, errors = 0, []
         for one in ids:
             try:
-                reply = await (handler(one) if value is None else handler(one, str(value)))
+                reply = await (handler(one, value) if (kind, action) in VALUED
+                               else handler(one))
             except RequestError as exc:
                 errors.append(f"{one}: {exc}")
                 continue
