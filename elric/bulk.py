@@ -166,6 +166,7 @@ class Bulk:
             raise SpecError("copy needs an operation id (op) to name the copies by")
         chosen, next_cursor, missing = await self.walk(
             f, cursor, fresh_only=action in ("rerun", "copy"), live_only=action == "cancel")
+        chosen = list(dict.fromkeys(chosen))   # an id given twice, or met twice by ZSCAN: once
         # an id given that is no job (mistyped, or its record expired) is said, not passed over
         step = Step(cursor=next_cursor, skipped=len(missing),
                     errors=[f"no job {job_id!r}" for job_id in missing[:5]])
@@ -187,6 +188,8 @@ class Bulk:
                 if action == "cancel" and (was is None or not Status(was).live):
                     raise Refused(f"job {job_id!r} had ended ({was}): left alone" if was
                                   else f"no job {job_id!r}")
+                if action == "delete" and not was:   # gone meanwhile: not done by this one
+                    raise NotFound(f"no job {job_id!r}")
                 step.touched += 1
             except (Refused, NotFound) as exc:   # e.g. running, or not finished
                 step.skipped += 1

@@ -151,3 +151,13 @@ def test_ids_that_are_no_job_are_said_and_a_command_that_did_nothing_exits_1(clu
         assert out.returncode == 1, (command, out.stdout, out.stderr)
         assert json.loads(out.stdout) == {"touched": 0, "skipped": 2, "errors": [
             "no job 'typo'", "no job 'typo2'"]}, (command, out.stdout)
+
+
+def test_an_id_given_twice_is_done_and_counted_once(cluster):
+    cluster.client.submit_jobs([{"func": "tests.jobs:Add", "args": [1, 1], "queue": "nobody",
+                                 "job_id": job_id} for job_id in ("a", "b")])
+    for command, job_id in (("copy", "a"), ("delete", "b")):
+        out = elric(cluster, command, job_id, job_id, "--json")
+        assert json.loads(out.stdout) == {"touched": 1, "skipped": 0, "errors": []}, (
+            command, out.stdout, out.stderr)
+    assert [j["job_id"] for j in cluster.client.list_jobs(queue="nobody")][1:] == ["a"]
