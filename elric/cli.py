@@ -69,6 +69,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from elric.demo import run_demo
 
+    if args.pages < 1:   # the site links page n to pages n+1 and 7n+3 modulo their number
+        raise UsageError(f"--pages takes 1 or more, got {args.pages}")
     return run_demo(settings_path=args.settings, pages=args.pages, keep=args.keep)
 
 

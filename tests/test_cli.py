@@ -338,3 +338,9 @@ def test_submit_arguments_a_job_class_refuses_are_a_usage_error(cluster):
     # Crawl derives its dedupe key from its url: with none, its spec is refused here
     one_line_error(elric(cluster, "submit", "elric.demo.crawler:Crawl"), 2,
                    "dedupe_key_for(args, kwargs) raised TypeError")
+
+
+def test_demo_without_pages_is_a_usage_error(redis_url, tmp_path):
+    for pages in ("0", "-3"):
+        one_line_error(elric(Cluster(redis_url, tmp_path), "demo", "--pages", pages), 2,
+                       "--pages takes 1 or more")
