@@ -10,6 +10,7 @@ import asyncio
 import itertools
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -204,7 +205,8 @@ BULK = {"rerun": "rerun", "copy": "copy", "cancel": "cancel", "remove": "delete"
 def _when(text: str) -> float:
     """Epoch seconds, or an ISO 8601 time (local time when it names no zone)."""
     try:
-        return float(text)
+        if math.isfinite(float(text)):   # "nan" and "inf" parse, and match no job
+            return float(text)
     except ValueError:
         pass
     try:

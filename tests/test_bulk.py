@@ -66,8 +66,9 @@ def test_purge_walks_a_queue_bigger_than_one_step_and_an_empty_filter_is_refused
 
     refused = elric(cluster, "delete")
     assert refused.returncode == 2 and "empty filter" in refused.stderr, refused.stderr
-    bad = elric(cluster, "cancel", "--since", "yesterday")
-    assert bad.returncode == 2 and "ISO 8601" in bad.stderr, bad.stderr
+    for when in ("yesterday", "nan", "inf"):   # (nan and inf: numbers that match no job)
+        bad = elric(cluster, "cancel", "--since", when)
+        assert bad.returncode == 2 and "ISO 8601" in bad.stderr, bad.stdout + bad.stderr
 
 
 def test_a_copy_over_a_queue_it_grows_copies_each_job_once(cluster):
