@@ -172,7 +172,11 @@ def cmd_call(args: argparse.Namespace) -> int:
         elif command == "results":
             return _results(client, args)
         elif command == "submit":
-            reply = client.submit_job(_submit_spec(args))
+            spec = _submit_spec(args)
+            try:
+                reply = client.submit_job(spec)
+            except TypeError as exc:   # nothing sent: an argument msgpack cannot carry
+                raise UsageError(f"{exc} (integers take 64 bits, text UTF-8)") from None
             # filtered: it never runs (scheduled: each fire is a job of its own); any other
             # status is of the job that has this id (a submission sent again): waited for
             if not args.wait or reply["status"] in (Status.FILTERED, Status.SCHEDULED):

@@ -344,3 +344,9 @@ def test_demo_without_pages_is_a_usage_error(redis_url, tmp_path):
     for pages in ("0", "-3"):
         one_line_error(elric(Cluster(redis_url, tmp_path), "demo", "--pages", pages), 2,
                        "--pages takes 1 or more")
+
+
+def test_submit_arguments_msgpack_cannot_carry_are_a_usage_error(cluster):
+    for argument in (str(2**70), '"\\ud800"'):   # over 64 bits; a lone surrogate
+        one_line_error(elric(cluster, "submit", "tests.jobs:Echo", argument), 2,
+                       "cannot send 'submit_job' arguments")
