@@ -287,6 +287,10 @@ def _control_worker(args: argparse.Namespace) -> int:
     queues = [q.strip() for q in (args.queues or "").split(",") if q.strip()]
     if action == "set" and not queues and args.concurrency is None:
         raise UsageError("elric worker set ID takes --queues a,b, --concurrency N or both")
+    if action != "set" and (args.queues is not None or args.concurrency is not None):
+        # the master would ignore them: "pause asked" for what was meant as a set
+        raise UsageError(f"elric worker {action} takes no --queues or --concurrency; "
+                         "elric worker set ID does")
     with _client(args) as client:
         reply = client.control_worker(ids[0], action, queues or None,
                                       args.concurrency if action == "set" else None)

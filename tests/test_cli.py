@@ -350,3 +350,10 @@ def test_submit_arguments_msgpack_cannot_carry_are_a_usage_error(cluster):
     for argument in (str(2**70), '"\\ud800"'):   # over 64 bits; a lone surrogate
         one_line_error(elric(cluster, "submit", "tests.jobs:Echo", argument), 2,
                        "cannot send 'submit_job' arguments")
+
+
+def test_worker_pause_resume_or_stop_with_set_options_is_a_usage_error(redis_url, tmp_path):
+    c = Cluster(redis_url, tmp_path)   # refused before any call: no master needed
+    for action, option in (("pause", "--queues=b"), ("stop", "--concurrency=3")):
+        one_line_error(elric(c, "worker", action, "w1", option), 2,
+                       f"elric worker {action} takes no --queues or --concurrency")
