@@ -93,7 +93,8 @@ class Bulk:
     def __init__(self, queue, admission, redis, keys) -> None:
         self.queue, self.admission, self.redis, self.keys = queue, admission, redis, keys
 
-    async def _indexes(self, f: JobFilter) -> list[tuple[tuple[int, str], str, bool]]:
+    async def _indexes(self, f: JobFilter,
+                       live_only: bool) -> list[tuple[tuple[int, str], str, bool]]:
         """The indexes to walk, in a stable order: (place, key, whether its members carry
         a sequence prefix). Queued jobs wait in their queue, or parked by their limit key."""
         k, out = self.keys, []
@@ -103,15 +104,17 @@ class Bulk:
             out += [((1, _s(lk)), k.limit_parked(_s(lk)), True)
                     for lk in await self.redis.zrange(k.limits_due, 0, -1)]
         out += [((2, f"{n}"), k.status(s), False) for n, s in enumerate(_INDEXED)
-                if f.status in (None, s)]
+                if f.status in (None, s) and (Status(s).live or not live_only)]
         return sorted(out)
 
-    async def walk(self, f: JobFilter, cursor: str = "",
-                   fresh_only: bool = False) -> tuple[list[str], str]:
-        """Look at up to STEP jobs from ``cursor`` on: the ids of those ``f`` picks, and the
-        cursor to go on from ("" when the walk is over). The cursor keeps when the walk
-        began: with ``fresh_only`` a job queued since then (a job this walk rerun or made)
-        is passed over, so no job is done twice."""
+    async def walk(self, f: JobFilter, cursor: str = "", fresh_only: bool = False,
+                   live_only: bool = False) -> tuple[list[str], str, list[str]]:
+        """Look at up to STEP jobs from ``cursor`` on: the ids of those ``f`` picks, the
+        cursor to go on from ("" when the walk is over), and the ids given that are no job.
+        The cursor keeps when the walk began: with ``fresh_only`` a job queued since then (a
+        job this walk rerun or made) is passed over, so no job is done twice. With
+        ``live_only`` the indexes of ended jobs are not walked: a cancel would meet the jobs
+        it cancelled there again."""
         if not cursor:   # "began (ms):kind of index:scan cursor:index name"
             seconds, micros = await self.redis.time()
             cursor = f"{seconds * 1000 + micros // 1000}:0:0:"
@@ -124,10 +127,10 @@ class Bulk:
         before = int(began) if fresh_only else None
         if f.ids:   # the walk goes along the list; scan is the position in it
             at = int(scan)
-            chosen = await self._matching(f, f.ids[at:at + STEP], before)
-            return chosen, f"{began}:0:{at + STEP}:" if at + STEP < len(f.ids) else ""
+            chosen, missing = await self._matching(f, f.ids[at:at + STEP], before)
+            return chosen, f"{began}:0:{at + STEP}:" if at + STEP < len(f.ids) else "", missing
         place, scan = (int(kind), name), int(scan)
-        indexes = [i for i in await self._indexes(f) if i[0] >= place]
+        indexes = [i for i in await self._indexes(f, live_only) if i[0] >= place]
         if indexes and indexes[0][0] != place:
             scan = 0   # that index is gone (a parked set emptied): the next one from its start
         looked, chosen = 0, []
@@ -136,30 +139,37 @@ class Bulk:
             scan, members = await self.redis.zscan(key, scan, count=SCAN)
             ids = [m.decode()[17:] if prefixed else m.decode() for m, _ in members]
             looked += len(ids)
-            chosen += await self._matching(f, ids, before)
+            chosen += (await self._matching(f, ids, before))[0]   # (gone since: passed over)
             if scan == 0:
                 indexes.pop(0)
                 if indexes:
                     place = indexes[0][0]
-        return chosen, f"{began}:{place[0]}:{scan}:{place[1]}" if indexes else ""
+        return chosen, f"{began}:{place[0]}:{scan}:{place[1]}" if indexes else "", []
 
-    async def _matching(self, f: JobFilter, ids: list[str], before: int | None) -> list[str]:
+    async def _matching(self, f: JobFilter, ids: list[str],
+                        before: int | None) -> tuple[list[str], list[str]]:
+        """Those of ``ids`` that ``f`` picks, and those that are no job."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for job_id in ids:
                 pipe.hmget(self.keys.job(job_id), *_FIELDS)
             rows = await pipe.execute()
+        missing = [job_id for job_id, values in zip(ids, rows) if values[0] is None]
         return [job_id for job_id, values in zip(ids, rows)
                 if values[0] is not None and f.matches([v.decode() if v else None
                                                         for v in values])
-                and (before is None or int(values[-1] or 0) < before)]
+                and (before is None or int(values[-1] or 0) < before)], missing
 
     async def run(self, action: str, f: JobFilter, cursor: str = "", op: str = "") -> Step:
         if action not in ACTIONS:
             raise SpecError(f"unknown bulk action {action!r}; one of {', '.join(ACTIONS)}")
         if action == "copy" and not op:
             raise SpecError("copy needs an operation id (op) to name the copies by")
-        chosen, next_cursor = await self.walk(f, cursor, fresh_only=action in ("rerun", "copy"))
-        step = Step(cursor=next_cursor)
+        chosen, next_cursor, missing = await self.walk(
+            f, cursor, fresh_only=action in ("rerun", "copy"), live_only=action == "cancel")
+        chosen = list(dict.fromkeys(chosen))   # an id given twice, or met twice by ZSCAN: once
+        # an id given that is no job (mistyped, or its record expired) is said, not passed over
+        step = Step(cursor=next_cursor, skipped=len(missing),
+                    errors=[f"no job {job_id!r}" for job_id in missing[:5]])
         if action == "find":
             step.ids, step.touched = chosen, len(chosen)
         elif action == "copy":
@@ -176,8 +186,10 @@ class Bulk:
             try:
                 was = await one(job_id)
                 if action == "cancel" and (was is None or not Status(was).live):
-                    step.skipped += 1   # it had ended already: left alone
-                    return
+                    raise Refused(f"job {job_id!r} had ended ({was}): left alone" if was
+                                  else f"no job {job_id!r}")
+                if action == "delete" and not was:   # gone meanwhile: not done by this one
+                    raise NotFound(f"no job {job_id!r}")
                 step.touched += 1
             except (Refused, NotFound) as exc:   # e.g. running, or not finished
                 step.skipped += 1

@@ -18,7 +18,7 @@ from datetime import datetime
 
 from elric import views
 from elric.config import SettingsError, load_settings
-from elric.contract import NotFound, Status
+from elric.contract import NotFound, SpecError, Status
 
 
 class JsonLines(logging.Formatter):
@@ -70,6 +70,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from elric.demo import run_demo
 
+    if args.pages < 1:   # the site links page n to pages n+1 and 7n+3 modulo their number
+        raise UsageError(f"--pages takes 1 or more, got {args.pages}")
     return run_demo(settings_path=args.settings, pages=args.pages, keep=args.keep)
 
 
@@ -81,16 +83,7 @@ def _client(args: argparse.Namespace):
 
 
 def _print(value) -> None:
-    print(json.dumps(_json_safe(value), indent=2, sort_keys=True, default=str))
-
-
-def _json_safe(value):
-    """JSON has no infinity (a p95 beyond the last duration bucket): it prints as "inf"."""
-    if isinstance(value, float) and math.isinf(value):
-        return "inf" if value > 0 else "-inf"
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    return [_json_safe(v) for v in value] if isinstance(value, list) else value
+    print(views.json_text(value, indent=2, sort_keys=True))
 
 
 def _argument(text: str):
@@ -168,19 +161,27 @@ def cmd_call(args: argparse.Namespace) -> int:
             # a filtered submission is dropped, never stored: there are counts, not jobs
             (show or views.filtered)(client.stats()["filters"])
         elif command == "jobs":
+            # (--limit 0 goes to the master, which refuses it, rather than shows 100 jobs)
             query = {k: v for k, v in (("status", args.status), ("queue", args.queue),
                                        ("func", args.by_func), ("batch", args.batch),
-                                       ("offset", args.offset), ("limit", args.limit)) if v}
+                                       ("offset", args.offset), ("limit", args.limit))
+                     if v not in (None, "")}
             (show or views.jobs)(client.list_jobs(**query))
         elif command == "schedules":
             return _schedules(client, args, show)
         elif command == "results":
             return _results(client, args)
         elif command == "submit":
-            reply = client.submit_job(_submit_spec(args))
-            if not args.wait or reply["status"] != "queued":   # filtered: it never runs
+            spec = _submit_spec(args)
+            try:
+                reply = client.submit_job(spec)
+            except TypeError as exc:   # nothing sent: an argument msgpack cannot carry
+                raise UsageError(f"{exc} (integers take 64 bits, text UTF-8)") from None
+            # filtered: it never runs (scheduled: each fire is a job of its own); any other
+            # status is of the job that has this id (a submission sent again): waited for
+            if not args.wait or reply["status"] in (Status.FILTERED, Status.SCHEDULED):
                 (show or (lambda r: print(f"{r['job_id']} {r['status']}")))(reply)
-                return 0 if reply["status"] == "queued" or not args.wait else 1
+                return 1 if args.wait else 0
             job = _wait(client, reply["job_id"], args.timeout)
             (show or views.job)(job)
             return 0 if job["status"] == Status.SUCCEEDED else 1
@@ -208,7 +209,8 @@ BULK = {"rerun": "rerun", "copy": "copy", "cancel": "cancel", "remove": "delete"
 def _when(text: str) -> float:
     """Epoch seconds, or an ISO 8601 time (local time when it names no zone)."""
     try:
-        return float(text)
+        if math.isfinite(float(text)):   # "nan" and "inf" parse, and match no job
+            return float(text)
     except ValueError:
         pass
     try:
@@ -257,7 +259,7 @@ def _bulk(client, args: argparse.Namespace, show) -> int:
         print(f"{args.command}: {total['touched']} jobs done, {total['skipped']} skipped")
         for error in total["errors"]:
             print(f"  skipped: {error}")
-    return 0
+    return 1 if total["skipped"] and not total["touched"] else 0   # it did nothing asked
 
 
 def _top(client, args: argparse.Namespace) -> int:
@@ -285,6 +287,10 @@ def _control_worker(args: argparse.Namespace) -> int:
     queues = [q.strip() for q in (args.queues or "").split(",") if q.strip()]
     if action == "set" and not queues and args.concurrency is None:
         raise UsageError("elric worker set ID takes --queues a,b, --concurrency N or both")
+    if action != "set" and (args.queues is not None or args.concurrency is not None):
+        # the master would ignore them: "pause asked" for what was meant as a set
+        raise UsageError(f"elric worker {action} takes no --queues or --concurrency; "
+                         "elric worker set ID does")
     with _client(args) as client:
         reply = client.control_worker(ids[0], action, queues or None,
                                       args.concurrency if action == "set" else None)
@@ -331,7 +337,7 @@ def _results(client, args: argparse.Namespace) -> int:
                     if job is not None and job["status"] == Status.SUCCEEDED]
             if jsonl:
                 for row in rows:
-                    print(json.dumps(row, default=str))
+                    print(views.json_text(row))
             else:
                 views.results(rows, first=first)
             first = False
@@ -501,7 +507,9 @@ def main(argv: list[str] | None = None) -> int:
     except RemoteError as exc:
         return _fail(exc, {"not_found": 1, "internal": 1,
                            "redis_unavailable": UNAVAILABLE}.get(exc.code, 2))
-    except (SettingsError, UsageError, RPCError) as exc:   # (RPCError: after its subclasses)
+    # (RPCError: after its subclasses; SpecError: a Job class's spec refused here, e.g. its
+    # dedupe_key_for given the wrong arguments)
+    except (SettingsError, UsageError, RPCError, SpecError) as exc:
         return _fail(exc, 2)
     except (NotFound, Failed, TimeoutError) as exc:
         return _fail(exc, 1)

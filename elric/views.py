@@ -4,6 +4,7 @@ Scripts use ``--json``, which prints the RPC replies as they are."""
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from datetime import datetime
@@ -14,6 +15,22 @@ from rich.text import Text
 
 # a pipe or a file gets whole lines, not a table cut to 80 columns
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 400)
+
+
+def json_safe(value):
+    """``value`` as JSON can hold it: a job's maps may have integer or bytes keys (mixed,
+    which sort_keys cannot order), and JSON has no infinity or NaN (a p95 beyond the last
+    duration bucket prints as "inf")."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k if isinstance(k, str) else str(k): json_safe(v) for k, v in value.items()}
+    return [json_safe(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def json_text(value, **options) -> str:
+    """JSON for people and scripts; bytes print as their repr."""
+    return json.dumps(json_safe(value), default=str, **options)
 
 
 def when(seconds: float | None) -> str:
@@ -62,7 +79,7 @@ def jobs(rows: list[dict]) -> None:
     _rows(rows, "no jobs", ("job id", "status", "func", "args", "queue", "attempts",
                             "finished", "error"),
           lambda j: (j["job_id"], j.get("status", ""), j.get("func", ""),
-                     json.dumps(j.get("args", []), default=str)[1:-1][:80], j.get("queue", ""),
+                     json_text(j.get("args", []))[1:-1][:80], j.get("queue", ""),
                      j.get("attempts", ""), when(j.get("finished_at")),
                      (j.get("error") or "")[:60]))
 
@@ -71,7 +88,7 @@ def results(rows: list[dict], first: bool) -> None:
     """One page of ``elric results``; only the first has a header (or says there are none)."""
     _rows(rows, "no results" if first else "", ("job id", "func", "finished", "result"),
           lambda r: (r["job_id"], r["func"], when(r["finished_at"]),
-                     json.dumps(r["result"], default=str)[:200]), header=first)
+                     json_text(r["result"])[:200]), header=first)
 
 
 def filtered(filters: dict) -> None:
@@ -87,7 +104,7 @@ def job(j: dict) -> None:
                                        "round", "not_run") if j.get(key) not in (None, "")]
     pairs += [(key, when(j[key])) for key in ("enqueued_at", "started_at", "finished_at")
               if j.get(key)]
-    pairs += [(key, json.dumps(j[key], default=str)[:2000]) for key in ("args", "kwargs",
+    pairs += [(key, json_text(j[key])[:2000]) for key in ("args", "kwargs",
                                                                         "result")
               if j.get(key) not in (None, [], {})]
     if j.get("trigger_text"):

@@ -66,8 +66,9 @@ def test_purge_walks_a_queue_bigger_than_one_step_and_an_empty_filter_is_refused
 
     refused = elric(cluster, "delete")
     assert refused.returncode == 2 and "empty filter" in refused.stderr, refused.stderr
-    bad = elric(cluster, "cancel", "--since", "yesterday")
-    assert bad.returncode == 2 and "ISO 8601" in bad.stderr, bad.stderr
+    for when in ("yesterday", "nan", "inf"):   # (nan and inf: numbers that match no job)
+        bad = elric(cluster, "cancel", "--since", when)
+        assert bad.returncode == 2 and "ISO 8601" in bad.stderr, bad.stdout + bad.stderr
 
 
 def test_a_copy_over_a_queue_it_grows_copies_each_job_once(cluster):
@@ -127,3 +128,37 @@ def test_a_copy_whose_new_id_is_too_long_is_skipped_and_the_others_are_made(redi
             assert long_id in step["errors"][0] and "200" in step["errors"][0]
             assert (await m.get_job("short~op1"))["status"] == "queued"
     asyncio.run(main())
+
+
+def test_a_cancel_bigger_than_one_step_counts_each_job_once(cluster):
+    n = 4500   # several steps: the jobs it cancels land in the cancelled index it would walk
+    cluster.client.submit_jobs([{"func": "tests.jobs:Add", "args": [i, 1], "queue": "nobody",
+                                 "batch": "many", "job_id": f"j{i}"} for i in range(n)])
+    out = elric(cluster, "cancel", "--batch", "many", "--json")
+    assert json.loads(out.stdout) == {"touched": n, "skipped": 0, "errors": []}, out.stdout
+    assert cluster.client.stats()["by_status"]["cancelled"] == n
+
+
+def test_ids_that_are_no_job_are_said_and_a_command_that_did_nothing_exits_1(cluster):
+    cluster.client.submit_job({"func": "tests.jobs:Add", "args": [1, 1], "queue": "nobody",
+                               "job_id": "there"})
+    out = elric(cluster, "cancel", "there", "typo")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "cancel: 1 jobs done, 1 skipped" in out.stdout and "no job 'typo'" in out.stdout
+    out = elric(cluster, "cancel", "there", "typo")   # an ended job's skip says why too
+    assert "skipped: job 'there' had ended (cancelled)" in out.stdout, out.stdout
+    for command in ("delete", "rerun", "cancel", "copy"):
+        out = elric(cluster, command, "typo", "typo2", "--json")
+        assert out.returncode == 1, (command, out.stdout, out.stderr)
+        assert json.loads(out.stdout) == {"touched": 0, "skipped": 2, "errors": [
+            "no job 'typo'", "no job 'typo2'"]}, (command, out.stdout)
+
+
+def test_an_id_given_twice_is_done_and_counted_once(cluster):
+    cluster.client.submit_jobs([{"func": "tests.jobs:Add", "args": [1, 1], "queue": "nobody",
+                                 "job_id": job_id} for job_id in ("a", "b")])
+    for command, job_id in (("copy", "a"), ("delete", "b")):
+        out = elric(cluster, command, job_id, job_id, "--json")
+        assert json.loads(out.stdout) == {"touched": 1, "skipped": 0, "errors": []}, (
+            command, out.stdout, out.stderr)
+    assert [j["job_id"] for j in cluster.client.list_jobs(queue="nobody")][1:] == ["a"]

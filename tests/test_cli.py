@@ -304,3 +304,56 @@ def test_jobs_status_filtered_prints_the_counts_per_scope(cluster):
     as_json = elric(cluster, "jobs", "--status", "filtered", "--json")
     assert as_json.returncode == 0
     assert json.loads(as_json.stdout)["pages"]["filtered"] == 1
+
+
+def test_jobs_with_any_msgpack_arguments_show_as_tables_and_json(cluster):
+    # bytes, maps with int and str keys together, bytes keys: the contract takes them all
+    cluster.client.submit_job({"func": "tests.jobs:Echo", "job_id": "odd",
+                               "args": [b"raw", {1: "one", "two": 2}, {b"k": float("nan")}]})
+    for args in (("job", "odd"), ("job", "odd", "--json"), ("jobs", "--json")):
+        proc = elric(cluster, *args)
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr, (args, proc.stderr)
+        assert '"two": 2' in proc.stdout, proc.stdout
+    assert json.loads(elric(cluster, "job", "odd", "--json").stdout)["args"] == [
+        "b'raw'", {"1": "one", "two": 2}, {"b'k'": "nan"}]   # strict JSON: no NaN
+
+
+def test_submit_wait_sent_again_follows_the_job_that_has_the_id(cluster):
+    cluster.start_worker("--concurrency", "1")
+    # retrying a submission is safe: sent again, --wait follows the job the id names
+    cluster.client.submit_job(Sleep.spec([1], job_id="nap"))
+    cluster.wait_job("nap", statuses=("running",))
+    running = elric(cluster, "submit", "tests.jobs:Sleep", "1", "--job-id", "nap", "--wait")
+    assert running.returncode == 0 and "succeeded" in running.stdout, running.stdout
+    again = elric(cluster, "submit", "tests.jobs:Sleep", "1", "--job-id", "nap", "--wait")
+    assert again.returncode == 0 and "succeeded" in again.stdout, again.stdout
+
+
+def test_jobs_limit_0_is_refused_not_ignored(cluster):
+    cluster.client.submit_job(Echo.spec(job_id="one", queue="nobody"))
+    one_line_error(elric(cluster, "jobs", "--limit", "0"), 2, "limit 1..1000")
+
+
+def test_submit_arguments_a_job_class_refuses_are_a_usage_error(cluster):
+    # Crawl derives its dedupe key from its url: with none, its spec is refused here
+    one_line_error(elric(cluster, "submit", "elric.demo.crawler:Crawl"), 2,
+                   "dedupe_key_for(args, kwargs) raised TypeError")
+
+
+def test_demo_without_pages_is_a_usage_error(redis_url, tmp_path):
+    for pages in ("0", "-3"):
+        one_line_error(elric(Cluster(redis_url, tmp_path), "demo", "--pages", pages), 2,
+                       "--pages takes 1 or more")
+
+
+def test_submit_arguments_msgpack_cannot_carry_are_a_usage_error(cluster):
+    for argument in (str(2**70), '"\\ud800"'):   # over 64 bits; a lone surrogate
+        one_line_error(elric(cluster, "submit", "tests.jobs:Echo", argument), 2,
+                       "cannot send 'submit_job' arguments")
+
+
+def test_worker_pause_resume_or_stop_with_set_options_is_a_usage_error(redis_url, tmp_path):
+    c = Cluster(redis_url, tmp_path)   # refused before any call: no master needed
+    for action, option in (("pause", "--queues=b"), ("stop", "--concurrency=3")):
+        one_line_error(elric(c, "worker", action, "w1", option), 2,
+                       f"elric worker {action} takes no --queues or --concurrency")

@@ -223,3 +223,91 @@ def test_a_login_redirects_only_within_the_dashboard():
     assert _local_path("/jobs?status=failed") == "/jobs?status=failed"
     for elsewhere in ("//evil.example/", "/\\evil.example/", "https://evil.example/", ""):
         assert _local_path(elsewhere) == "/"
+
+
+def test_a_job_page_shows_any_arguments_the_contract_accepts(make_cluster):
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}")
+    cluster.start_master()
+    # bytes, and maps with int and str keys together, or bytes keys: all msgpack values
+    cluster.client.submit_job({"func": "tests.jobs:Echo", "job_id": "odd",
+                               "args": [b"\x00raw", {1: "one", "two": 2}, {b"k": 3}],
+                               "kwargs": {"flag": b"x"}})
+    status, html = get(f"http://127.0.0.1:{port}/jobs/odd")
+    assert status == 200, html
+    assert "&#34;1&#34;: &#34;one&#34;" in html and "x00raw" in html, html
+
+
+def test_an_action_that_did_nothing_is_not_counted_done(make_cluster):
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}", DASHBOARD_PASSWORD=PASSWORD)
+    cluster.start_master()
+    for job_id in ("j1", "j2"):
+        cluster.client.submit_job({"func": "tests.jobs:Add", "args": [1, 2], "job_id": job_id,
+                                   "queue": "nobody"})
+    cluster.client.cancel_job("j2")
+    base = f"http://127.0.0.1:{port}"
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor())
+    opener.open(base + "/login", data=urllib.parse.urlencode({"password": PASSWORD}).encode())
+    html = opener.open(base + "/jobs").read().decode()
+    token = re.search(r'name="csrf" value="([0-9a-f]+)"', html).group(1)
+
+    def act(kind: str, action: str, *ids: str) -> str:
+        data = urllib.parse.urlencode([("kind", kind), ("action", action), ("csrf", token),
+                                       *(("id", i) for i in ids)]).encode()
+        return opener.open(base + "/act", data=data).read().decode()
+
+    # the bulk form sends what is ticked: an ended job is not cancelled again
+    assert "cancel: 1 of 2 done; j2: had ended (cancelled)" in act("job", "cancel", "j1", "j2")
+    assert "delete: 0 of 1 done; gone: not found" in act("job", "delete", "gone")
+    assert "pause: 0 of 1 done; gone: not found" in act("schedule", "pause", "gone")
+
+
+def test_a_page_offset_or_a_pool_size_that_is_no_number_is_no_crash(make_cluster):
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}", DASHBOARD_PASSWORD=PASSWORD)
+    cluster.start_master()
+    base = f"http://127.0.0.1:{port}"
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor())
+    opener.open(base + "/login", data=urllib.parse.urlencode({"password": PASSWORD}).encode())
+    for path in ("/jobs?offset=%C2%B2", "/schedules?offset=%C2%B2"):   # "²" is a digit
+        assert opener.open(base + path).status == 200
+    html = opener.open(base + "/jobs").read().decode()
+    token = re.search(r'name="csrf" value="([0-9a-f]+)"', html).group(1)
+    data = urllib.parse.urlencode({"kind": "worker", "action": "processes", "id": "w1",
+                                   "value": "²", "csrf": token}).encode()
+    assert "processes: 0 of 1 done" in opener.open(base + "/act", data=data).read().decode()
+    # a value sent to an action that takes none, or none to one that does: refused, no 500
+    for action, value in (("pause", {"value": "3"}), ("processes", {})):
+        data = urllib.parse.urlencode({"kind": "worker", "action": action, "id": "w1",
+                                       "csrf": token, **value}).encode()
+        assert f"{action}: 0 of 1 done; w1: " in opener.open(base + "/act", data=data).read(
+            ).decode()
+
+
+def test_a_huge_error_is_cut_in_the_job_list_and_whole_on_its_page(make_cluster):
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}")
+    cluster.start_master()
+    cluster.start_worker("--concurrency", "1")
+    message = "x" * 300_000   # one line: the list shows an error's last line
+    cluster.client.submit_job({"func": "tests.jobs:Fail", "args": [message], "job_id": "big"})
+    assert cluster.wait_job("big")["status"] == "failed"
+    base = f"http://127.0.0.1:{port}"
+    status, html = get(base + "/jobs?status=failed")   # refreshed every 2 s: kept small
+    assert status == 200 and "big" in html and len(html) < 20_000, len(html)
+    assert message in get(base + "/jobs/big")[1]
+
+
+def test_without_a_password_any_loopback_name_with_or_without_a_port_is_served():
+    from aiohttp.test_utils import make_mocked_request
+
+    from elric.dashboard.access import Access
+
+    def ok(host: str) -> bool:
+        return Access(None).host_ok(make_mocked_request("GET", "/", headers={"Host": host}))
+
+    for host in ("[::1]:7532", "[::1]", "127.0.0.1:7532", "localhost", "localhost:7532"):
+        assert ok(host), host
+    for host in ("rebound.example:7532", "[2001:db8::1]:7532", "10.0.0.1"):
+        assert not ok(host), host

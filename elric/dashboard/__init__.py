@@ -15,12 +15,12 @@ from urllib.parse import parse_qsl, quote, urlencode
 import jinja2
 from aiohttp import web
 
-from elric.contract import ErrorCode, STATUSES
+from elric.contract import ErrorCode, STATUSES, Status
 from elric.dashboard import metrics
 from elric.dashboard.access import COOKIE, SESSION_SECONDS, Access
 from elric.retry import REDIS_ERRORS
 from elric.rpc import RequestError
-from elric.views import mib, percent, when
+from elric.views import json_text, mib, percent, when
 
 log = logging.getLogger("elric.dashboard")
 
@@ -34,6 +34,9 @@ PAGES = (("/", "overview"), ("/workers", "workers"), ("/schedules", "schedules")
          ("/redis", "redis"))
 
 
+VALUED = {("worker", "processes"), ("worker", "queues")}   # the actions whose form sends a value
+
+
 def _actions(master) -> dict:
     """(kind, action) -> the master's RPC handler that does it to one id (``value``: what
     the form gave, for the actions that take one)."""
@@ -41,7 +44,7 @@ def _actions(master) -> dict:
         return lambda worker_id: master.control_worker(worker_id, action)
 
     def processes(worker_id, value):   # a number, or the text the master will refuse
-        value = int(value) if value.lstrip("-").isdigit() else value
+        value = int(value) if value.lstrip("-").isdecimal() else value
         return master.control_worker(worker_id, "set", None, value)
 
     def queues(worker_id, value):
@@ -74,6 +77,8 @@ class Dashboard:
         self.templates.filters["quote_id"] = lambda text: quote(text, safe="")
         self.templates.filters["mib"] = mib
         self.templates.filters["percent"] = percent
+        # not tojson: a job's maps may have bytes keys, or int and str keys it cannot sort
+        self.templates.filters["json"] = lambda value: json_text(value, indent=1, sort_keys=True)
         self.app = web.Application(middlewares=[self._guard])
         self.app.add_routes([
             web.get("/", self.overview), web.get("/workers", self.workers),
@@ -225,14 +230,25 @@ class Dashboard:
         handler = self.actions.get((kind, action))
         if handler is None or not ids:
             raise web.HTTPBadRequest(text=f"unknown action {kind!r} {action!r}, or no id")
-        value = form.get("value")
+        # by the action, not by what the form sent: a value where none is taken (or none
+        # where one is) was a TypeError and a 500
+        value = str(form.get("value", ""))
         done, errors = 0, []
         for one in ids:
             try:
-                await (handler(one) if value is None else handler(one, str(value)))
-                done += 1
+                reply = await (handler(one, value) if (kind, action) in VALUED
+                               else handler(one))
             except RequestError as exc:
                 errors.append(f"{one}: {exc}")
+                continue
+            # delete, pause and resume answer False for no such job; a cancel of a job that
+            # had ended leaves it alone: neither is done
+            if reply is False:
+                errors.append(f"{one}: not found")
+            elif action == "cancel" and not Status(reply["was"]).live:
+                errors.append(f"{one}: had ended ({reply['was']})")
+            else:
+                done += 1
         log.info("dashboard: %s %s: %d of %d done", kind, action, done, len(ids))
         note = f"{action}: {done} of {len(ids)} done" + "".join(f"; {e}" for e in errors[:3])
         path, _, query = _local_path(str(form.get("next", "/"))).partition("?")
@@ -241,7 +257,8 @@ class Dashboard:
 
 
 def _int(value, default: int) -> int:
-    return int(value) if value and value.isdigit() else default
+    # isdecimal, not isdigit: int() refuses digits such as "²" (a 500)
+    return int(value) if value and value.isdecimal() else default
 
 
 def _chart(minutes: list[dict]) -> dict:

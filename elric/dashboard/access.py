@@ -83,9 +83,12 @@ class Access:
         cannot reach it by pointing its own name at 127.0.0.1 (DNS rebinding)."""
         if self.login_required:
             return True
-        host = request.host.rpartition(":")[0] if request.host.count(":") == 1 \
-            else request.host
-        return is_loopback(host.strip("[]"))
+        host = request.host
+        if host.startswith("["):         # [::1]:7532 (strip("[]") left "::1]:7532")
+            host = host[1:].partition("]")[0]
+        elif host.count(":") == 1:       # 127.0.0.1:7532, localhost:7532
+            host = host.rpartition(":")[0]
+        return is_loopback(host)
 
     def may_read(self, request: web.Request) -> bool:
         if not self.login_required or request.path in OPEN_PATHS:
