@@ -75,6 +75,10 @@ def _rpc(handler):
 def _job_id(job_id) -> str:
     if not isinstance(job_id, str) or not job_id:
         raise SpecError(f"job_id must be a non-empty string, got {job_id!r}")
+    try:   # bytes that are not UTF-8 arrive as lone surrogates, which Redis cannot be sent
+        job_id.encode()
+    except UnicodeEncodeError:
+        raise SpecError(f"job_id {job_id!r} is not UTF-8 text; no job has it") from None
     return job_id
 
 
