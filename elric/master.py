@@ -359,6 +359,10 @@ class Master:
             raise SpecError(f"list_jobs: scan_limit must be 1..{MAX_SCAN}")
         status = filter.get("status")
         if status == Status.SCHEDULED:
+            if any(filter.get(key) is not None for key in ("queue", "func", "batch")):
+                # else every schedule would be listed, as if they all matched
+                raise SpecError("list_jobs: periodic jobs (status 'scheduled') are listed "
+                                "whole, not by queue, func or batch; leave those out")
             return await self.store.list(offset=offset, limit=limit)
         if status is not None and status not in contract.STATUSES:
             raise SpecError(f"list_jobs: unknown status {status!r}; "

@@ -311,6 +311,8 @@ BAD_REQUESTS = [
     (("list_jobs", {"status": "done"}), "unknown status 'done'"),
     (("list_jobs", {"colour": "red"}), "unknown filter key(s)"),
     (("list_jobs", {"limit": 0}), "limit 1..1000"),
+    (("list_jobs", {"status": "scheduled", "func": "tests.jobs:Echo"}),
+     "periodic jobs (status 'scheduled') are listed whole"),
     (("rerun_job", "no-such-job"), "no job 'no-such-job'"),
 ]
 
