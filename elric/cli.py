@@ -428,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
              ("workers", "the workers, alive and lost"), ("job", "show one job"),
              ("top", "a live view of jobs, queues, funcs and workers, every second"),
              ("jobs", "list jobs, newest first"),
-             ("results", "stream the results of succeeded jobs, newest first"),
+             ("results", "stream the results of succeeded jobs, in no set order"),
              ("schedules", "list periodic jobs, or pause|resume|run-now|remove one"),
              ("submit", "submit a job by name; --wait for its outcome"),
              ("rerun", "run finished jobs again (same ids)"),
