@@ -282,7 +282,7 @@ class RedisQueue:
                      int(o.duration_ms), jobstats.bucket(o.duration_ms), int(o.retry_ms)]
         keys = [k.inflight, k.status(Status.RUNNING), k.status(Status.SUCCEEDED),
                 k.status(Status.FAILED), k.delayed, k.counters, k.status(Status.RETRYING),
-                k.worker(worker_id), k.limits_due, k.status(Status.CANCELLED)]
+                k.limits_due, k.status(Status.CANCELLED)]
         return [_s(s) for s in await self._finish(keys=keys, args=argv)]
 
     async def release(self, worker_id: str, claims: list[tuple[str, int]], *,

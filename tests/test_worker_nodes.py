@@ -76,6 +76,7 @@ def test_a_worker_registers_and_heartbeats_its_load(cluster):
     w = wait_for(lambda: (lambda w: w if w["done"] == 6 else None)(_me(cluster, wid)),
                  what="six jobs done")   # Spin, the two MarkSleep jobs and three Adds
     assert (w["failed"], w["processed"]) == (2, 8)
+    assert "succeeded" not in w   # the worker's counts come from the worker alone
 
     shown = run_elric(cluster, "workers")
     assert shown.returncode == 0, shown.stderr

@@ -1,6 +1,6 @@
 -- Record the outcomes of jobs a worker ran.
 -- KEYS: inflight, running index, succeeded index, failed index, delayed, counters,
---       retrying index, the worker's hash, limits due, cancelled index
+--       retrying index, limits due, cancelled index
 -- ARGV: job prefix, batch stats prefix, dedupe set prefix, result ttl (s),
 --       failed ttl (s), release keys ('1' | '0'), limit running prefix, wake prefix,
 --       round prefix, func stats prefix, minute stats prefix, minute ttl (s), worker id,
@@ -25,7 +25,7 @@ local result_ttl, failed_ttl, release_keys = tonumber(ARGV[4]), tonumber(ARGV[5]
 local rp, wp, roundp, fp = ARGV[7], ARGV[8], ARGV[9], ARGV[10]
 local minute, minute_ttl = ARGV[11] .. math.floor(now / 60000), ARGV[12]
 local worker = ARGV[13]
-local out, done, failed = {}, 0, 0
+local out = {}
 -- increments summed per hash and field, written once per call (a call holds a chunk of
 -- jobs, mostly of one func and batch)
 local sums, touched = {}, {}
@@ -60,18 +60,17 @@ for i = 14, #ARGV, 7 do
     end
     redis.call('ZREM', KEYS[1], id)
     redis.call('ZREM', KEYS[2], id)
-    free_slot(id, f[9], f[3], rp, KEYS[9], wp)
+    free_slot(id, f[9], f[3], rp, KEYS[8], wp)
     local status, index
     if outcome == 'ok' then
       status, index = 'succeeded', KEYS[3]
       redis.call('HSET', jk, 'status', status, 'result', payload, 'finished_at', now,
                  'duration_ms', duration)
       redis.call('EXPIRE', jk, result_ttl)
-      done = done + 1
     else
       local err = (f[6] or '') .. '--- attempt ' .. attempt .. ' ---\n' .. payload .. '\n'
       if outcome == 'cancel' then
-        status, index = 'cancelled', KEYS[10]
+        status, index = 'cancelled', KEYS[9]
         redis.call('HSET', jk, 'status', status, 'error', err, 'finished_at', now,
                    'duration_ms', duration)
         redis.call('EXPIRE', jk, failed_ttl)
@@ -85,7 +84,6 @@ for i = 14, #ARGV, 7 do
         redis.call('HSET', jk, 'status', status, 'error', err, 'finished_at', now,
                    'duration_ms', duration)
         redis.call('EXPIRE', jk, failed_ttl)
-        failed = failed + 1
         if release_keys and f[7] then
           local fk = dp .. (f[8] or 'global')
           local kind = redis.call('TYPE', fk)['ok']
@@ -112,10 +110,8 @@ for key, h in pairs(sums) do
 end
 for key in pairs(touched) do redis.call('HSET', key, 'last_at', now) end
 if sums[minute] then redis.call('EXPIRE', minute, minute_ttl) end
-if done > 0 then redis.call('HINCRBY', KEYS[8], 'succeeded', done) end
-if failed > 0 then redis.call('HINCRBY', KEYS[8], 'failed', failed) end
 -- finished jobs' hashes expire; their index entries go on the same schedule
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - result_ttl * 1000)
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - failed_ttl * 1000)
-redis.call('ZREMRANGEBYSCORE', KEYS[10], '-inf', now - failed_ttl * 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[9], '-inf', now - failed_ttl * 1000)
 return out
