@@ -57,6 +57,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     if args.modules and args.modules[0] in WORKER_ACTIONS:   # elric worker pause ID, ...
         return _control_worker(args)
+    for name in args.modules:   # a mistyped action (elric worker Pause ID) starts no worker
+        if not all(part.isidentifier() for part in name.split(".")):
+            raise UsageError(f"{name!r} is not a module name; to steer a running worker: "
+                             f"elric worker {'|'.join(WORKER_ACTIONS)} ID")
 
     queues = [q.strip() for q in args.queues.split(",") if q.strip()] if args.queues else None
     settings = load_settings(args.settings, overrides=dict(

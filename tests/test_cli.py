@@ -354,6 +354,8 @@ def test_submit_arguments_msgpack_cannot_carry_are_a_usage_error(cluster):
 
 def test_worker_pause_resume_or_stop_with_set_options_is_a_usage_error(redis_url, tmp_path):
     c = Cluster(redis_url, tmp_path)   # refused before any call: no master needed
+    one_line_error(elric(c, "worker", "Pause", "vm:41:abc123"), 2,
+                   "'vm:41:abc123' is not a module name; to steer a running worker")
     for action, option in (("pause", "--queues=b"), ("stop", "--concurrency=3")):
         one_line_error(elric(c, "worker", action, "w1", option), 2,
                        f"elric worker {action} takes no --queues or --concurrency")
