@@ -316,6 +316,8 @@ class _CronTrigger(CronTrigger):
     def get_next_fire_time(self, previous_fire_time, now):
         if previous_fire_time is not None:  # strictly after the previous fire
             s = math.floor(previous_fire_time.timestamp()) + 1
+            if self.start_date is not None:  # a fire run early (run_job) keeps start_date
+                s = max(s, math.ceil(self.start_date.timestamp()))
         else:
             start = max(now, self.start_date) if self.start_date else now
             s = math.ceil(start.timestamp())

@@ -308,6 +308,19 @@ def test_paused_job_does_not_fire(redis_url):
     run(redis_url, body)
 
 
+def test_run_now_before_start_date_keeps_the_cron_from_firing_before_it(redis_url):
+    async def body(env):
+        start = T0 + 86400  # tomorrow; hourly from then on
+        await env.store.add(spec(trigger={"type": "cron", "crontab": "0 * * * *", "start_date": start}))
+        first = (await env.store.get("site"))["next_run_time"]
+        assert first == datetime(2026, 5, 29, 21, tzinfo=UTC).timestamp()  # start is 20:26:40
+        await env.store.run_now("site")
+        assert await env.sched.tick() == 1 and env.rec.times == [T0]
+        # the run asked for does not start the calendar early: the next fire is still that
+        assert (await env.store.get("site"))["next_run_time"] == first
+    run(redis_url, body)
+
+
 def test_modify_between_read_and_fire_is_not_overwritten(redis_url):
     async def body(env):
         await env.store.add(spec())
