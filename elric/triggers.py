@@ -86,7 +86,10 @@ def _datetime(data: dict, name: str, tz: tzinfo) -> datetime | None:
         except ValueError:
             raise TriggerError(field, f"not an ISO 8601 date-time: {value!r}") from None
     elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-        dt = datetime.fromtimestamp(value, UTC)
+        try:
+            dt = datetime.fromtimestamp(value, UTC)
+        except (OverflowError, OSError, ValueError):
+            raise TriggerError(field, f"{value!r} is out of range (years 1 to 9999)") from None
     else:
         raise TriggerError(field, "expected an ISO 8601 string or epoch seconds, "
                                   f"got {type(value).__name__}")
@@ -384,6 +387,11 @@ def parse_trigger(data: dict, *, now: float | None = None) -> tuple[BaseTrigger,
     """
     now = time.time() if now is None else now
     trigger, normalized = _parse(data, now)
+    try:  # jittered fire times must still be dates (checked here: stored ones still build)
+        datetime.fromtimestamp(now + (getattr(trigger, "jitter", None) or 0), UTC)
+    except (OverflowError, OSError, ValueError):
+        raise TriggerError("trigger.jitter", f"{trigger.jitter!r} is out of range: fires "
+                                             "would come after the year 9999") from None
     if isinstance(trigger, _CronTrigger) and next_fire(trigger, now, first=True) is None:
         raise _never_fires(trigger, data, now)
     if isinstance(trigger, _IntervalTrigger) and next_fire(trigger, now, first=True) is None:
@@ -409,15 +417,24 @@ def _parse(data: dict, now: float) -> tuple[BaseTrigger, dict]:
     if kind == "date":
         if (run_date := _datetime(data, "run_date", tz)) is None:
             raise TriggerError("trigger.run_date", "required (ISO 8601 date-time)")
+        try:  # a fire time is shown and named in UTC
+            run_date.astimezone(UTC)
+        except OverflowError:
+            raise TriggerError("trigger.run_date", f"{data['run_date']!r} is out of range "
+                                                   "(years 1 to 9999 in UTC)") from None
         trigger, fields = DateTrigger(run_date=run_date, timezone=tz), {"run_date": run_date}
     elif kind == "interval":
         fields = {u: _number(data, u) for u in INTERVAL_UNITS if data.get(u) is not None}
-        length = timedelta(**fields)
+        try:
+            length = timedelta(**fields)
+            if start is None:  # APScheduler's default, made explicit so it survives restarts
+                start = (datetime.fromtimestamp(now, UTC) + length).astimezone(tz)
+        except OverflowError:
+            raise TriggerError("trigger.interval", "too long: its fires would come after the "
+                                                   "year 9999") from None
         if length.total_seconds() <= 0:
             raise TriggerError("trigger.interval",
                                "weeks + days + hours + minutes + seconds must be more than zero")
-        if start is None:  # APScheduler's default, made explicit so it survives restarts
-            start = (datetime.fromtimestamp(now, UTC) + length).astimezone(tz)
         trigger = _IntervalTrigger(**fields, start_date=start, end_date=end, timezone=tz,
                                    jitter=jitter)
     else:

@@ -132,6 +132,16 @@ def test_date():
     ({"type": "interval", "days": 1, "start_date": "2026-02-01", "end_date": "2026-01-01"}, "trigger.end_date"),
     ({"type": "date"}, "trigger.run_date"),
     ({"type": "date", "run_date": "soon"}, "trigger.run_date"),
+    # out of the calendar (years 1-9999): refused, not an OverflowError (an internal error)
+    ({"type": "date", "run_date": 1e20}, "trigger.run_date"),
+    ({"type": "date", "run_date": -1e12}, "trigger.run_date"),
+    ({"type": "date", "run_date": "9999-12-31T23:00:00-05:00"}, "trigger.run_date"),
+    ({"type": "cron", "start_date": 2**63}, "trigger.start_date"),
+    ({"type": "interval", "seconds": 1e300}, "trigger.interval"),
+    ({"type": "interval", "days": 10**9}, "trigger.interval"),
+    ({"type": "interval", "weeks": 10**6}, "trigger.interval"),
+    ({"type": "cron", "jitter": 1e18}, "trigger.jitter"),
+    ({"type": "interval", "minutes": 5, "jitter": 1e12}, "trigger.jitter"),
 ])
 def test_invalid_triggers_name_the_field(data, field):
     with pytest.raises(TriggerError) as err:
@@ -139,6 +149,13 @@ def test_invalid_triggers_name_the_field(data, field):
     assert err.value.field == field
     assert str(err.value).startswith(field + ": ")
     assert isinstance(err.value, ValueError)
+
+
+def test_a_far_end_date_is_still_taken():
+    # "9999-12-31" as "never" is past the year 9999 in UTC west of it; stored ones must build
+    for kind in ({"type": "cron", "hour": 1}, {"type": "interval", "hours": 1}):
+        _, data = parse_trigger({**kind, "end_date": "9999-12-31T23:00:00", "timezone": "America/New_York"})
+        assert build_trigger(data).end_date.year == 9999
 
 
 @pytest.mark.parametrize("data", [
