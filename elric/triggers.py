@@ -277,7 +277,12 @@ class _CronTrigger(CronTrigger):
                 return t if end is None or t < end else None
             if w.date() == date.max:
                 return None
-            w = datetime.combine(w.date() + timedelta(days=1), dtime())
+            nxt = datetime.combine(w.date() + timedelta(days=1), dtime())
+            if not self.day_or:  # day ANDed: skip to its next value (none: the month's end)
+                day = self._by_name["day"]
+                nxt = nxt.replace(day=day.get_next_value(nxt) or day.get_max(nxt))
+            years += nxt.year != w.year  # a year left day by day counts too
+            w = nxt
         return None
 
     def _resolve(self, w: datetime) -> int | None:

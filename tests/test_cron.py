@@ -218,3 +218,15 @@ def test_master_refuses_at_submit_naming_the_field(cluster):
         reply = c.submit_job(Echo.spec([], job_id=f"ok{i}", trigger={
             "type": "cron", "crontab": expr, "timezone": "Europe/Berlin"}))
         assert reply["status"] == "scheduled"
+
+
+def test_a_cron_that_never_fires_is_searched_400_years_at_most(monkeypatch):
+    # week 2 never holds a 31st: refused after the calendar's 400-year cycle, without
+    # looking at every day up to the year 9999 (seconds of a master's loop, twice per submit)
+    from elric.triggers import _CronTrigger
+    seen, day_ok = [], _CronTrigger._day_ok
+    monkeypatch.setattr(_CronTrigger, "_day_ok", lambda self, w: seen.append(w) or day_ok(self, w))
+    with pytest.raises(TriggerError) as err:
+        parse_trigger({"type": "cron", "week": 2, "day": 31}, now=T0)
+    assert err.value.field == "trigger"
+    assert seen and seen[-1].year <= 2026 + 401 and len(seen) <= 401 * 12
