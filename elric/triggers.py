@@ -347,6 +347,16 @@ def _never_fires(trigger: _CronTrigger, data: dict, now: float) -> TriggerError:
     if str(f["year"]) != "*" and f["year"].get_next_value(
             datetime.fromtimestamp(now, trigger.timezone).replace(tzinfo=None)) is None:
         return TriggerError("trigger.year", f"{f['year']} is in the past; this cron never fires")
+    start = trigger.start_date
+    if end is not None and (t := trigger.next_instant(math.ceil(max(
+            now, start.timestamp() if start else now)))) is not None:  # it fires, after end
+        nxt = datetime.fromtimestamp(t, trigger.timezone).isoformat()
+        return TriggerError("trigger.end_date", f"{end.isoformat()} comes before the next fire "
+                                                f"({nxt}); this cron never fires")
+    if start is not None and start.timestamp() > now and trigger.next_instant(math.ceil(now)) \
+            is not None:  # the fields match times, but none from start_date on
+        return TriggerError("trigger.start_date", f"{start.isoformat()} comes after the last "
+                                                  "fire; this cron never fires")
     days_only = all(type(e) in (RangeExpression, AllExpression) for e in f["day"].expressions)
     if days_only and (not trigger.day_or or str(f["day_of_week"]) == "*"):
         months = [m for m in range(1, 13) if _matches(f["month"], datetime(2000, m, 1))]

@@ -134,10 +134,16 @@ def test_bad_crontabs_are_refused(expr):
     ({"year": 2020}, "trigger.year", "2020 is in the past"),
     ({"hour": 1, "end_date": "2020-01-01"}, "trigger.end_date", "is in the past"),
     ({"day": "30", "month": 2, "day_of_week": "fri"}, "trigger.day", "February has no day 30"),
+    # the fields fire, but not between start_date and end_date: the date is named, not them
+    ({"crontab": "0 0 29 2 *", "end_date": "2027-12-31"}, "trigger.end_date",
+     "comes before the next fire (2028-02-29T00:00:00+00:00)"),
+    ({"crontab": "0 0 1 1 *", "start_date": "2027-02-01", "end_date": "2027-12-31"},
+     "trigger.end_date", "comes before the next fire (2028-01-01T00:00:00+00:00)"),
+    ({"year": 2027, "start_date": "2028-01-01"}, "trigger.start_date", "comes after the last fire"),
 ])
 def test_crons_that_never_fire_are_refused_naming_the_field(data, field, message):
     with pytest.raises(TriggerError) as err:
-        parse_trigger({"type": "cron", **data})
+        parse_trigger({"type": "cron", **data}, now=T0)
     assert err.value.field == field and message in str(err.value)
     assert str(err.value).startswith(field + ": ")
 
