@@ -296,8 +296,11 @@ class RedisJobStore:
 
     async def pause(self, job_id: str) -> bool:
         """Stop firing until resumed; True if the job exists."""
-        job = await self._update(job_id, lambda job: dataclasses.replace(job, paused=True))
-        return job is not None
+        def change(job: StoredJob) -> StoredJob | None:
+            if job.next_run_time is None:  # finished: paused, it would be listed and kept forever
+                return None
+            return dataclasses.replace(job, paused=True)
+        return await self._update(job_id, change) is not None
 
     async def resume(self, job_id: str) -> bool:
         """Fire again from now on (fires due while paused are dropped); True if it exists."""

@@ -9,7 +9,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from elric.codec import pack
-from elric.jobstore import Coalesce, RedisJobStore, ScheduleError
+from elric.jobstore import FINISHED_TTL, Coalesce, RedisJobStore, ScheduleError
 from elric.keys import Keys
 from elric.triggers import TriggerError
 
@@ -134,6 +134,21 @@ def test_pause_resume(redis_url):
         job = await store.get("site")
         assert job["paused"] is False and job["next_run_time"] == T0 + 900 * 4
         assert await store.pause("nope") is False and await store.resume("nope") is False
+    run(redis_url, body)
+
+
+def test_pausing_a_finished_job_leaves_it_finished(redis_url):
+    async def body(store, r, keys, clock):
+        await store.add(spec("once", {"type": "date", "run_date": T0 + 30}))
+        # as the scheduler leaves it after its one fire: out of the index, expiring
+        await r.hset(keys.schedule("once"), "next_run_time", "")
+        await r.zrem(keys.schedules, "once")
+        await r.expire(keys.schedule("once"), FINISHED_TTL)
+        assert await store.pause("once") is True
+        assert (await store.get("once"))["status"] == "finished"
+        # not listed, counted nor kept forever as a paused job with no fire left
+        assert await store.count() == 0 and await store.list() == []
+        assert 0 < await r.ttl(keys.schedule("once")) <= FINISHED_TTL
     run(redis_url, body)
 
 
