@@ -486,6 +486,8 @@ def next_fire(trigger: BaseTrigger, t: float, *, first: bool = False) -> float |
 
 
 def _plain(value: Any) -> Any:
+    if isinstance(value, ZoneInfo):  # taken by _zone, but a spec must be msgpack data
+        return value.key
     return value.isoformat() if isinstance(value, datetime) else value
 
 

@@ -204,6 +204,10 @@ def test_sugar():
     assert cron(hour=2, minute=30) == {"type": "cron", "hour": 2, "minute": 30}
     assert at(datetime(2026, 5, 1, 8, tzinfo=UTC)) == {"type": "date", "run_date": "2026-05-01T08:00:00+00:00"}
     assert at("2026-05-01 08:00", timezone="Europe/Berlin")["timezone"] == "Europe/Berlin"
+    # a ZoneInfo is taken as its name: the trigger must still go over the wire as msgpack
+    for trigger in (cron("0 * * * *", timezone=BERLIN), every(hours=1, timezone=BERLIN),
+                    at("2026-05-01 08:00", timezone=BERLIN)):
+        assert unpack(pack(trigger))["timezone"] == "Europe/Berlin"
     with pytest.raises(TriggerError, match="trigger.interval"):
         every()
     with pytest.raises(TriggerError, match="trigger.crontab"):
