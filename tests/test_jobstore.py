@@ -249,5 +249,9 @@ def test_a_trigger_that_never_fires_is_refused_not_stored_finished(redis_url):
             await store.add(spec("once", {"type": "interval", "minutes": 1,
                                           "start_date": "2019-01-01T00:00:00Z",
                                           "end_date": "2020-01-01T00:00:00Z"}))
+        # without a start_date too: its first fire, one interval from now, is after end_date
+        # (it named a start_date the user never gave: "is before start_date ...")
+        with pytest.raises(TriggerError, match="trigger.end_date: .* comes before the next fire"):
+            await store.add(spec("once", {"type": "interval", "minutes": 1, "end_date": T0 + 30}))
         assert await store.get("once") is None and await store.count() == 0
     run(redis_url, body)
