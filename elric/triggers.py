@@ -134,7 +134,7 @@ def _crontab_values(name: str, expr: str) -> list[int]:
     def number(text: str) -> int:
         if text.lower() in names:
             return names.index(text.lower()) + base
-        if not text.isdigit() or not lo <= int(text) <= hi:
+        if not text.isdecimal() or not lo <= int(text) <= hi:   # "²".isdigit() is true
             raise ValueError(f"{text!r} is not in {lo}-{hi}" + (" or a name" if names else ""))
         return int(text)
 

@@ -125,6 +125,11 @@ def test_bad_crontabs_are_refused(expr):
     assert err.value.field == "trigger.crontab"
 
 
+def test_a_crontab_digit_int_cannot_read_is_refused_naming_its_range():
+    with pytest.raises(TriggerError, match=r"minute '²': '²' is not in 0-59"):
+        parse_trigger({"type": "cron", "crontab": "² * * * *"})
+
+
 # --- triggers that can never fire -----------------------------------------------------------
 
 @pytest.mark.parametrize("data, field, message", [
