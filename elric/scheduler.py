@@ -68,10 +68,14 @@ def _trigger(blob: bytes):
 def _last_until(trigger, after: float, now: float) -> float | None:
     """The last fire time in (after, now], found by probing back from now in doubling steps
     (O(log backlog)) instead of stepping through the whole backlog."""
+    end = getattr(trigger, "end_date", None)   # no fire after it: probe back from there
+    now = now if end is None else min(now, end.timestamp())
     span = 1.0
     while True:
         start = max(after, now - span)
-        probe = next_fire(trigger, start, first=True)
+        # from `after` itself, the fire after it: a first fire from there is `after`
+        probe = next_fire(trigger, after) if start <= after else \
+            next_fire(trigger, start, first=True)
         if probe is not None and after < probe <= now:
             while (nxt := next_fire(trigger, probe)) is not None and nxt <= now:
                 probe = nxt  # few steps: nothing fires in the last span/2

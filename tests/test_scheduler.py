@@ -283,6 +283,21 @@ def test_max_instances_skips_while_a_previous_fire_is_queued(redis_url):
     run(redis_url, body, status="queued")
 
 
+def test_a_backlog_past_the_catchup_limit_that_ends_coalesces_into_one_fire(redis_url):
+    """1,500 fires of a schedule that has ended are due, more than one pass takes fire by
+    fire: "latest" runs the last of them, once, and the schedule is finished."""
+    async def body(env):
+        await env.store.add(spec(trigger={"type": "interval", "seconds": 1,
+                                          "end_date": T0 + 1500},
+                                 misfire_grace_time=None, coalesce="latest"))
+        env.clock.t = T0 + 5000
+        assert await env.sched.tick() == 1
+        assert await env.sched.tick() == 0
+        assert env.rec.times == [T0 + 1500]
+        assert (await env.store.get("site"))["status"] == "finished"
+    run(redis_url, body)
+
+
 def test_max_instances_two_and_all(redis_url):
     async def body(env):
         await env.store.add(spec(max_instances=2, coalesce="all", misfire_grace_time=None))
