@@ -419,7 +419,7 @@ def _parse(data: dict, now: float) -> tuple[BaseTrigger, dict]:
     if not isinstance(data, dict):
         raise TriggerError("trigger", f"expected a map with a 'type', got {type(data).__name__}")
     kind = data.get("type")
-    if kind not in ALLOWED:
+    if not isinstance(kind, str) or kind not in ALLOWED:   # (a list or map would not hash)
         raise TriggerError("trigger.type", f"expected 'cron', 'interval' or 'date', got {kind!r}")
     if unknown := sorted(str(k) for k in data if k not in ALLOWED[kind]):
         known = ", ".join(sorted(ALLOWED[kind] - {"type"}))

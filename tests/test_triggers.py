@@ -100,6 +100,8 @@ def test_date():
     ("cron", "trigger"),
     ({}, "trigger.type"),
     ({"type": "weekly"}, "trigger.type"),
+    ({"type": ["cron"]}, "trigger.type"),
+    ({"type": {"cron": 1}}, "trigger.type"),
     ({"type": "cron", "minutes": 5}, "trigger.minutes"),          # unknown field (typo)
     ({"type": "interval", "minute": 5}, "trigger.minute"),
     ({"type": "date", "run_date": "2026-01-01", "jitter": 1}, "trigger.jitter"),
