@@ -86,7 +86,11 @@ def _pack(obj: Any) -> bytes:
 
 
 class _ProtocolError(Exception):
-    pass
+    """Input that is no msgpack-rpc; ``msgid`` is the request's when its start told it."""
+
+    def __init__(self, message: str, msgid: int | None = None) -> None:
+        super().__init__(message)
+        self.msgid = msgid
 
 
 class _TooLarge(_ProtocolError):
@@ -94,8 +98,8 @@ class _TooLarge(_ProtocolError):
     the request's when its start told it."""
 
     def __init__(self, size: str, limit: int, msgid: int | None) -> None:
-        super().__init__(f"message {size}, limit {limit}")
-        self.size, self.msgid = size, msgid
+        super().__init__(f"message {size}, limit {limit}", msgid)
+        self.size = size
 
 
 _HEAD = 16   # bytes enough to hold a request's array header, type and msgid
@@ -163,7 +167,11 @@ class _Decoder:
                 raise self._too_large(f"of over {self._fed - self._end} bytes", data,
                                       base) from None
             detail = f": {exc}" if str(exc) else ""
-            raise _ProtocolError(f"bad msgpack: {type(exc).__name__}{detail}") from None
+            if isinstance(exc, TypeError):   # unhashable: an array or map as a map key
+                detail += " (a map key is an array or a map; use strings or integers)"
+            # the request's start may still name its msgid, to answer it
+            raise _ProtocolError(f"bad msgpack: {type(exc).__name__}{detail}",
+                                 _request_msgid(self._start(data, base))) from None
         if self._fed - self._end > self.max:
             raise self._too_large(f"of over {self._fed - self._end} bytes", data, base)
         self._head = self._start(data, base)
@@ -342,6 +350,12 @@ class _Connection:
                 refused = True
         except _ProtocolError as exc:
             log.warning("closing connection from %s: %s", self.peer, exc)
+            if exc.msgid is not None and self.authed:
+                # the caller learns what is wrong rather than seeing the connection drop
+                await self._send(exc.msgid, _error(
+                    ErrorCode.BAD_REQUEST, f"request refused, {exc}; the master closes "
+                    "this connection"), None)
+                refused = True
         except ConnectionError:
             pass
         finally:

@@ -354,6 +354,27 @@ def test_a_request_over_the_limit_is_answered_with_the_limit_then_closed(case):
     arun(main())
 
 
+@pytest.mark.parametrize("payload", [
+    msgpack.packb([0, 9, "echo", [{(1, 2): "x"}]]),   # an array as a map key
+    msgpack.packb([0, 9, "echo", [{"k": {(1,): 2}}]]),
+    msgpack.packb([0, 9, "echo", [{frozenset(): 1}]], default=lambda o: {}),  # a map as a key
+], ids=["array_key", "nested_array_key", "map_key"])
+def test_a_request_that_cannot_be_decoded_is_answered_by_its_msgid_then_closed(payload):
+    """It was closed without an answer: the caller saw a lost connection, as if the
+    master had died, and could only resend the same request."""
+    async def main():
+        async with serving(max_message=4096) as server:
+            raw = await Raw.open(server.address)
+            raw.send(payload)
+            kind, answer = await raw.next()
+            assert kind == "msg" and answer[:2] == [1, 9] and answer[3] is None, answer
+            assert answer[2]["code"] == "bad_request", answer
+            assert "map key is an array or a map" in answer[2]["message"], answer
+            assert await raw.next() == ("closed", None)
+            raw.close()
+    arun(main())
+
+
 def test_clients_with_a_bigger_limit_are_told_the_servers():
     big = "x" * 200_000   # over the server's limit, sent in many reads
 
