@@ -370,6 +370,11 @@ class Master:
         for key in ("queue", "func", "batch"):
             if filter.get(key) is not None and not isinstance(filter[key], str):
                 raise SpecError(f"list_jobs: {key} must be a string")
+            try:   # bytes not UTF-8 arrive as lone surrogates, which Redis cannot be sent
+                (filter.get(key) or "").encode()
+            except UnicodeEncodeError:
+                raise SpecError(f"list_jobs: {key} {filter[key]!r} is not UTF-8 text; "
+                                "no job has it") from None
         return await self.queue.list_jobs(
             status=status, queue=filter.get("queue"), func=filter.get("func"),
             batch=filter.get("batch"), offset=offset, limit=limit, scan_limit=scan)

@@ -48,3 +48,24 @@ def test_a_lookup_error_from_a_bug_is_internal_and_a_missing_job_not_found(redis
             await client.close()
             await m.close()
     asyncio.run(main())
+
+
+def test_a_list_filter_that_is_not_utf8_is_bad_request(redis_url):
+    """A queue, func or batch sent as invalid UTF-8 (a lone surrogate once decoded) went to
+    Redis, which cannot take it: the caller got 'internal error: UnicodeEncodeError'."""
+    async def main():
+        m = Master(load_settings(env={}, overrides=dict(
+            REDIS_URL=redis_url, MASTER_ADDRESS=f"127.0.0.1:{free_port()}")))
+        host, port = (await m.start())[:2]
+        client = await AsyncClient.connect(host, port)
+        try:
+            for key in ("queue", "func", "batch"):
+                with pytest.raises(RemoteError) as info:
+                    await client.call("list_jobs", {key: "x\udcff"})
+                assert info.value.code == "bad_request", (key, str(info.value))
+                assert f"list_jobs: {key} " in str(info.value) and "UTF-8" in str(info.value)
+            assert await client.call("list_jobs", {"queue": "default"}) == []
+        finally:
+            await client.close()
+            await m.close()
+    asyncio.run(main())
