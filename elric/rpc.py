@@ -493,6 +493,10 @@ class _Caller:
         return RPCTimeoutError(f"no answer from {self._where} to {method} within {limit}s")
 
 
+def _too_large(answer: Any) -> bool:
+    return isinstance(answer, RemoteError) and answer.code == ErrorCode.TOO_LARGE
+
+
 def _responses(decoder: _Decoder, data: bytes):
     """Yield (msgid, RemoteError or None, result) for each response ``data`` completes."""
     for msg in decoder.feed(data):
@@ -664,20 +668,30 @@ class Client(_Caller):
     def _pipeline(self, method: str, calls: list[tuple], depth: int,
                   timeout: float | None) -> list[Any]:
         answers: dict[int, tuple] = {}   # read early: answered out of order
-        in_flight: deque[int] = deque()
-        out: list[Any] = []
+        in_flight: deque[tuple[int, int]] = deque()   # (msgid, index in calls)
+        todo = deque(range(len(calls)))
+        out: list[Any] = [None] * len(calls)
         try:
-            for params in calls:
-                if len(in_flight) == depth:
-                    out.append(self._answer(in_flight.popleft(), timeout, answers))
-                msgid, data = self._request(method, params)
-                self._sock.settimeout(timeout)
-                self._sock.sendall(data)
-                in_flight.append(msgid)
-            while in_flight:
-                out.append(self._answer(in_flight.popleft(), timeout, answers))
-            if any(isinstance(a, RemoteError) and a.code == ErrorCode.TOO_LARGE for a in out):
-                self._drop()   # the server ends the connection after it: the next call connects
+            while todo or in_flight:
+                # after a too_large answer the server reads nothing more on this connection
+                if todo and len(in_flight) < depth and not any(
+                        _too_large(e) for e, _ in answers.values()):
+                    msgid, data = self._request(method, calls[todo[0]])
+                    self._sock.settimeout(timeout)
+                    self._sock.sendall(data)
+                    in_flight.append((msgid, todo.popleft()))
+                    continue
+                msgid, i = in_flight.popleft()
+                out[i] = self._answer(msgid, timeout, answers)
+                if _too_large(out[i]):
+                    # the calls sent after it were dropped unread, never run: they go
+                    # again on a new connection, as those not sent yet do
+                    todo.extendleft(reversed([j for _, j in in_flight]))
+                    in_flight.clear()
+                    answers.clear()
+                    self._drop()
+                    if todo:
+                        self._ensure_connected()
             return out
         except TimeoutError:
             self._drop()  # a late answer must not be read as the next call's

@@ -208,6 +208,25 @@ def test_blocking_client_pipelines_calls_and_keeps_their_order():
         assert c.call("echo", "after") == "after"
 
 
+def test_blocking_client_pipeline_goes_on_after_a_call_over_the_servers_limit():
+    """The server reads nothing after a too_large request on that connection: the next
+    call, already sent, was never answered and call_many raised a lost connection, hiding
+    the answers of the calls that ran (split submit_jobs: batches queued, or not?)."""
+    ran = []
+
+    def echo(x):
+        ran.append(x)
+        return x
+
+    with ServerThread(basic_handlers(echo=echo), max_message=4096) as st, \
+            Client(*st.address) as c:
+        out = c.call_many("echo", [("a",), ("x" * 5000,), ("b",), ("c",)], depth=2)
+        assert out[0] == "a" and out[2:] == ["b", "c"], out
+        assert isinstance(out[1], RemoteError) and out[1].code == "too_large", out
+        assert ran == ["a", "b", "c"]   # each once: those dropped unread went again
+        assert c.call("echo", "next") == "next"
+
+
 def test_notifications_run_the_handler_and_get_no_answer():
     async def main():
         seen = []
