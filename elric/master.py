@@ -75,11 +75,16 @@ def _rpc(handler):
 def _job_id(job_id) -> str:
     if not isinstance(job_id, str) or not job_id:
         raise SpecError(f"job_id must be a non-empty string, got {job_id!r}")
-    try:   # bytes that are not UTF-8 arrive as lone surrogates, which Redis cannot be sent
-        job_id.encode()
-    except UnicodeEncodeError:
-        raise SpecError(f"job_id {job_id!r} is not UTF-8 text; no job has it") from None
+    _utf8("job_id", job_id)
     return job_id
+
+
+def _utf8(name: str, text: str) -> None:
+    """Bytes that are not UTF-8 arrive as lone surrogates, which Redis cannot be sent."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise SpecError(f"{name} {text!r} is not UTF-8 text; no job has it") from None
 
 
 class Master:
@@ -370,11 +375,7 @@ class Master:
         for key in ("queue", "func", "batch"):
             if filter.get(key) is not None and not isinstance(filter[key], str):
                 raise SpecError(f"list_jobs: {key} must be a string")
-            try:   # bytes not UTF-8 arrive as lone surrogates, which Redis cannot be sent
-                (filter.get(key) or "").encode()
-            except UnicodeEncodeError:
-                raise SpecError(f"list_jobs: {key} {filter[key]!r} is not UTF-8 text; "
-                                "no job has it") from None
+            _utf8(f"list_jobs: {key}", filter.get(key) or "")
         return await self.queue.list_jobs(
             status=status, queue=filter.get("queue"), func=filter.get("func"),
             batch=filter.get("batch"), offset=offset, limit=limit, scan_limit=scan)

@@ -23,49 +23,48 @@ async def answer(client: AsyncClient, method: str, *params) -> str:
     return info.value.code
 
 
-def test_a_lookup_error_from_a_bug_is_internal_and_a_missing_job_not_found(redis_url):
-    """Any LookupError a handler raised was answered not_found: a KeyError from a bug told
-    the client that the job did not exist, so it gave up instead of reporting the bug."""
+def with_master(redis_url, body) -> None:
+    """Run ``body(master, client)`` against a master started in this process."""
     async def main():
         m = Master(load_settings(env={}, overrides=dict(
             REDIS_URL=redis_url, MASTER_ADDRESS=f"127.0.0.1:{free_port()}")))
         host, port = (await m.start())[:2]
         client = await AsyncClient.connect(host, port)
         try:
-            for method, params in (("cancel_job", ["nope"]), ("rerun_job", ["nope"]),
-                                   ("run_job", ["nope"]), ("control_worker", ["nope", "stop"])):
-                assert await answer(client, method, *params) == "not_found", method
-
-            async def key_error(job_id):
-                return {}["status"]   # a bug in reading a job
-
-            async def index_error(job_id):
-                return [][0]
-            m.queue.get_job, m.queue.cancel = key_error, index_error
-            assert await answer(client, "get_job", "some") == "internal"
-            assert await answer(client, "cancel_job", "some") == "internal"
+            await body(m, client)
         finally:
             await client.close()
             await m.close()
     asyncio.run(main())
+
+
+def test_a_lookup_error_from_a_bug_is_internal_and_a_missing_job_not_found(redis_url):
+    """Any LookupError a handler raised was answered not_found: a KeyError from a bug told
+    the client that the job did not exist, so it gave up instead of reporting the bug."""
+    async def body(m, client):
+        for method, params in (("cancel_job", ["nope"]), ("rerun_job", ["nope"]),
+                               ("run_job", ["nope"]), ("control_worker", ["nope", "stop"])):
+            assert await answer(client, method, *params) == "not_found", method
+
+        async def key_error(job_id):
+            return {}["status"]   # a bug in reading a job
+
+        async def index_error(job_id):
+            return [][0]
+        m.queue.get_job, m.queue.cancel = key_error, index_error
+        assert await answer(client, "get_job", "some") == "internal"
+        assert await answer(client, "cancel_job", "some") == "internal"
+    with_master(redis_url, body)
 
 
 def test_a_list_filter_that_is_not_utf8_is_bad_request(redis_url):
     """A queue, func or batch sent as invalid UTF-8 (a lone surrogate once decoded) went to
     Redis, which cannot take it: the caller got 'internal error: UnicodeEncodeError'."""
-    async def main():
-        m = Master(load_settings(env={}, overrides=dict(
-            REDIS_URL=redis_url, MASTER_ADDRESS=f"127.0.0.1:{free_port()}")))
-        host, port = (await m.start())[:2]
-        client = await AsyncClient.connect(host, port)
-        try:
-            for key in ("queue", "func", "batch"):
-                with pytest.raises(RemoteError) as info:
-                    await client.call("list_jobs", {key: "x\udcff"})
-                assert info.value.code == "bad_request", (key, str(info.value))
-                assert f"list_jobs: {key} " in str(info.value) and "UTF-8" in str(info.value)
-            assert await client.call("list_jobs", {"queue": "default"}) == []
-        finally:
-            await client.close()
-            await m.close()
-    asyncio.run(main())
+    async def body(m, client):
+        for key in ("queue", "func", "batch"):
+            with pytest.raises(RemoteError) as info:
+                await client.call("list_jobs", {key: "x\udcff"})
+            assert info.value.code == "bad_request", (key, str(info.value))
+            assert f"list_jobs: {key} " in str(info.value) and "UTF-8" in str(info.value)
+        assert await client.call("list_jobs", {"queue": "default"}) == []
+    with_master(redis_url, body)
