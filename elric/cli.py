@@ -200,9 +200,21 @@ def cmd_call(args: argparse.Namespace) -> int:
                 raise NotFound(f"no job {args.job_ids[0]!r}")
             (show or (lambda r: print(f"job {args.job_ids[0]}: removed")))(True)
         elif command == "cancel":
-            (show or (lambda r: print(f"job {r['job_id']}: {r['status']} (was {r['was']})")))(
-                client.cancel_job(args.job_ids[0]))
+            reply = client.cancel_job(args.job_ids[0])
+            if show:
+                show(reply)
+            if not Status(reply["was"]).live:   # nothing done: exit 1, as a bulk cancel
+                raise Failed(_not_cancelled(reply["job_id"], reply["was"]))
+            if not show:
+                print(f"job {reply['job_id']}: {reply['status']} (was {reply['was']})")
     return 0
+
+
+def _not_cancelled(job_id: str, was: str) -> str:
+    if was == Status.SCHEDULED:
+        return (f"job {job_id!r} is periodic: elric schedules pause|remove {job_id} "
+                "stops it")
+    return f"job {job_id!r} had ended ({was}): left alone"
 
 
 # command -> the bulk_jobs action it runs on a filter (purge: delete a queue's waiting jobs)

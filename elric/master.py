@@ -261,6 +261,8 @@ class Master:
     async def cancel_job(self, job_id) -> dict:
         """Stop a job: queued or retrying ones at once, a running one through its worker."""
         was = await self.queue.cancel(_job_id(job_id))
+        if was is None and await self.store.get(job_id) is not None:
+            was = Status.SCHEDULED   # a periodic job: left alone (pause or remove stops it)
         if was is None:
             raise NotFound(f"no job {job_id!r}")
         now = {Status.QUEUED: Status.CANCELLED, Status.RETRYING: Status.CANCELLED,

@@ -359,3 +359,18 @@ def test_worker_pause_resume_or_stop_with_set_options_is_a_usage_error(redis_url
     for action, option in (("pause", "--queues=b"), ("stop", "--concurrency=3")):
         one_line_error(elric(c, "worker", action, "w1", option), 2,
                        f"elric worker {action} takes no --queues or --concurrency")
+
+
+def test_cancel_of_one_job_that_cannot_be_cancelled_says_why_and_exits_1(cluster):
+    # as a cancel of many: a job that ended, or a periodic job, is left alone, and exit 1
+    cluster.client.submit_job({"func": "tests.jobs:Add", "args": [1, 1], "queue": "nobody",
+                               "job_id": "waiting"})
+    cluster.client.submit_job(Echo.spec(job_id="tick", trigger=every(hours=1)))
+    out = elric(cluster, "cancel", "waiting")
+    assert out.returncode == 0 and "cancelled (was queued)" in out.stdout, out.stderr
+    one_line_error(elric(cluster, "cancel", "waiting"), 1,
+                   "job 'waiting' had ended (cancelled): left alone")
+    one_line_error(elric(cluster, "cancel", "tick"), 1, "elric schedules pause|remove tick")
+    assert cluster.client.get_job("tick")["status"] == "scheduled"
+    out = elric(cluster, "cancel", "waiting", "--json")
+    assert out.returncode == 1 and json.loads(out.stdout)["was"] == "cancelled", out.stdout
