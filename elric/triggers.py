@@ -224,7 +224,10 @@ class _CronTrigger(CronTrigger):
         self._time_fields = [self._by_name[n] for n in ("hour", "minute", "second")]
 
     def __str__(self) -> str:
-        return super().__str__() if self.crontab is None else f"cron[crontab='{self.crontab}']"
+        # the zone says when the calendar's times are (the next run is shown in local time)
+        fields = (super().__str__()[5:-1] if self.crontab is None
+                  else f"crontab='{self.crontab}'")
+        return f"cron[{fields}, timezone='{self.timezone}']"
 
     def _day_ok(self, w: datetime) -> bool:
         dom, dow = _matches(self._by_name["day"], w), _matches(self._by_name["day_of_week"], w)

@@ -38,11 +38,14 @@ def test_cron_fields():
     assert data == {"type": "cron", "hour": "2", "minute": "30", "timezone": "Europe/Berlin"}
     nxt = trigger.get_next_fire_time(None, utc(2026, 6, 1, 12))
     assert nxt.astimezone(BERLIN).replace(tzinfo=None) == datetime(2026, 6, 2, 2, 30)
+    # the text operators see names the zone its times are in
+    assert str(trigger) == "cron[hour='2', minute='30', timezone='Europe/Berlin']"
 
 
 def test_crontab_and_default_timezone_utc():
     trigger, data = parse_trigger({"type": "cron", "crontab": "*/15 * * * *"})
     assert data == {"type": "cron", "crontab": "*/15 * * * *", "timezone": "UTC"}
+    assert str(trigger) == "cron[crontab='*/15 * * * *', timezone='UTC']"
     got = fires(trigger, utc(2026, 1, 1, 10, 1), utc(2026, 1, 1, 11, 1))
     assert got == [utc(2026, 1, 1, 10, m) for m in (15, 30, 45)] + [utc(2026, 1, 1, 11, 0)]
 
