@@ -1,11 +1,12 @@
 """Sample elric settings: every key with its default (a test checks that none is missing).
 Copy and edit, or override any key with an environment variable ELRIC_<KEY> (lists:
-comma-separated; FILTER_SCOPES: scope=backend,...). Unknown upper-case names here are an
-error, so a typo cannot silently fall back to a default.
+comma-separated; FILTER_SCOPES: scope=backend,...; LIMITS: JSON). Unknown upper-case names
+here, a setting's name in lower case, and unknown ELRIC_ variables are errors, so a typo
+cannot silently fall back to a default.
 """
 
 # Redis holding queues, results and the job store. Passwords, ACL users and TLS go in the
-# URL: redis://user:password@host:6379/0, rediss://host:6380/0.
+# URL: redis://user:password@host:6379/0, rediss://host:6380/0, unix:///path/redis.sock.
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
 # Prefix of every Redis key, so several deployments can share one Redis.
@@ -24,7 +25,8 @@ DASHBOARD_ADDRESS = None
 # serves only a loopback address.
 DASHBOARD_PASSWORD = None
 
-# Largest RPC message in bytes; larger frames close the connection.
+# Largest RPC message in bytes, either way; a larger request is answered too_large and
+# its connection closed.
 RPC_MAX_MESSAGE = 8 * 1024 * 1024
 
 # Worker pool processes; None means the machine's CPU count.
@@ -41,28 +43,29 @@ RESULT_TTL = 86400
 # means RPC_MAX_MESSAGE / 8 (1 MiB); at most RPC_MAX_MESSAGE / 2.
 RESULT_MAX_BYTES = None
 
-# Seconds a failed job stays in the failed-jobs registry.
+# Seconds a failed or cancelled job stays in the failed-jobs registry.
 FAILED_TTL = 7 * 86400
 
 # Retries after a failed attempt, unless the job class or the submission says otherwise.
 MAX_RETRIES = 0
 
-# First retry delay in seconds; it doubles each retry (with jitter) up to RETRY_BACKOFF_MAX.
+# First retry delay in seconds; it doubles each retry up to RETRY_BACKOFF_MAX, and each
+# delay is jittered to 50-100% of that.
 RETRY_BACKOFF = 1.0
 RETRY_BACKOFF_MAX = 300.0
 
 # Seconds an attempt may run, unless the job class or the submission says otherwise.
 JOB_TIMEOUT = None
 
-# A worker renews the leases of its jobs every LEASE_SECONDS / 3; the jobs of a worker that
-# died are redelivered once its leases run out.
+# A worker renews the leases of its jobs every LEASE_SECONDS / 3 (at least once a second);
+# the jobs of a worker that died are redelivered once its leases run out.
 LEASE_SECONDS = 30.0
 
 # Seconds running jobs get to finish after a worker is told to stop (SIGTERM, Ctrl-C).
 SHUTDOWN_GRACE = 30.0
 
-# Most jobs handed to one pool process at once. Fast jobs go in chunks (throughput); jobs
-# slower than a few milliseconds go one by one.
+# Most sync jobs handed to one pool process at once. A chunk holds about 20 ms of work
+# (throughput), so jobs that take 20 ms or more go one by one.
 WORKER_CHUNK = 64
 
 # Jobs whose run is `async def` run many at once on each pool process's event loop: at most
@@ -88,19 +91,20 @@ LIMITS = {}
 JOB_MODULES = []
 
 # DEBUG, INFO, WARNING or ERROR. Workers log each job on the logger elric.jobs: started
-# (DEBUG), succeeded with its duration (INFO), retried (WARNING), failed with its
-# traceback (ERROR).
+# (DEBUG), succeeded with its duration (INFO), retried or cancelled (WARNING), failed
+# with its traceback (ERROR).
 LOG_LEVEL = "INFO"
 
-# "text", or "json": one JSON object per line (time, level, logger, message, and job_id
-# and func for job events); `--log-format` on the command line.
+# "text", or "json": one JSON object per line (time, level, logger, message, and job_id,
+# func and attempt for job events); `--log-format` on the command line.
 LOG_FORMAT = "text"
 
 # Seconds within which a dead scheduling master is replaced by another (its lease).
 SCHEDULER_LEASE = 10.0
 
 # Shortest interval trigger accepted, in seconds: a shorter one is refused at submit
-# (an interval of 0.001 s would fire ~300 times a second and starve every other job).
+# (an interval of 0.001 s would fire as fast as the scheduler can and starve every other
+# job).
 MIN_INTERVAL = 1.0
 
 # Dedupe filter: "set" (exact, a Redis set per scope), "bloom" (a Bloom filter in one
@@ -119,8 +123,9 @@ DEDUPE_RELEASE_ON_FAILURE = False
 # Seconds the dedupe scope of one fire of a periodic job ("@fire") is kept.
 DEDUPE_ROUND_TTL = 86400
 
-# Bloom filters: items one stage holds, and the false-positive rate kept overall (a new
-# key wrongly called seen, and its job dropped, with this probability).
+# Bloom filters: items the first stage holds (each next stage twice as many), and the
+# false-positive rate kept overall (a new key wrongly called seen, and its job dropped,
+# with this probability).
 BLOOM_CAPACITY = 1_000_000
 BLOOM_ERROR_RATE = 0.001
 

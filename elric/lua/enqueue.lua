@@ -9,9 +9,9 @@
 -- Invariant: a queued job is its hash (status queued, `member`) plus that member in its
 -- queue's sorted set (score -priority; members sort FIFO by sequence number). With a fence
 -- token nothing is written unless the token is current (the scheduler's lease), and each
--- job, queued or found, leaves the pending fires in the same step. A job of a round counts
--- in the round's `submitted`; a queued job counts in its batch's and its func's
--- `submitted`, and the label is in `batches` / `funcs`.
+-- job, queued or found, leaves the pending fires in the same step. A queued job counts in
+-- its round's, its batch's and its func's `submitted` (and its queue's in the counters), and
+-- the label is in `batches` / `funcs`.
 local jp, qp, wp, bp, fp = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local rp, round_ttl, now, token = ARGV[6], ARGV[7], now_ms(), ARGV[8]
 if token ~= '' and redis.call('GET', KEYS[5]) ~= token then

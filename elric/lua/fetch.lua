@@ -6,7 +6,7 @@
 --       job_id, attempt (claims of this worker whose run has ended), then queues...
 -- Returns {jobs, wait}: per job {job_id, attempt, func, args, kwargs, timeout, max_retries,
 --   queue, dedupe_scope, batch, round, limit_key}; wait: ms until parked jobs are looked at
---   again (-1: none parked).
+--   again (-1: none parked; 0: more in line than one call looks at).
 -- Invariant: a claimed job is running under this worker, with a lease in inflight that
 -- the worker renews; its attempt counter counts the claim. A job whose limit key is at its
 -- limit is parked (out of its queue, still queued) so it never holds back other keys; its

@@ -10,14 +10,15 @@
 --       -1: no retry)
 -- Returns per job its new status, or 'stale' for a job this worker no longer holds (it was
 -- redelivered elsewhere or removed): that outcome is dropped. A call sent again (its reply
--- was lost) answers the status its first run recorded.
+-- was lost) answers the status its first run recorded, but `stale` for one it cancelled.
 -- Invariant: only the attempt that holds the job records it. With release keys, a job that
 -- failed for good gives its dedupe key back to an exact filter in the same step. A job
 -- with a limit key frees its slot; that key's parked jobs are due at once and an idle
--- worker of the queue is woken to start one. A job of a round that ends (succeeded or
--- failed for good) counts in the round's hash. A recorded attempt counts, by the status
--- it led to, in the counters, its func's and its batch's stats hashes (with its duration
--- in their sum and histogram, and `last_at`) and the hash of the current minute. A job
+-- worker of the queue is woken to start one. A job of a round that ends counts in the
+-- round's hash (succeeded, failed; cancelled as `removed`). A recorded attempt counts, by
+-- the status it led to, in the counters (also per queue), its func's and its batch's stats
+-- hashes (with its duration in their sum and histogram, and `last_at`) and, unless
+-- cancelled, the hash of the current minute. A job
 -- cancel.lua asked to stop that failed is cancelled, not retried, and a recorded job keeps
 -- no such request (a rerun of it must run).
 local jp, bp, dp, now = ARGV[1], ARGV[2], ARGV[3], now_ms()

@@ -2,8 +2,8 @@
 -- state and load.
 -- KEYS: inflight, workers, the worker's hash
 -- ARGV: job prefix, lease (ms), worker id, n, then n field/value pairs for the worker's hash
---       (state, processed, done, failed, in_flight, cpu_percent, rss_bytes), then per job:
---       job id, attempt
+--       (the whole of it: host, pid, queues, concurrency, version, state, counters, load),
+--       then per job: job id, attempt
 -- Returns {lost, cancel, control}: the ids of the jobs the worker no longer holds at that
 --   attempt (redelivered, removed, finished), which it must not start; of those it holds
 --   that cancel.lua asked to stop; and what an operator asked of the worker (the hash's

@@ -8,7 +8,8 @@
 -- ARGV: job prefix, queue prefix, wake prefix, worker id, delay (ms; '' = at once),
 --       reason, failed ttl (s), limit running prefix, round prefix, batch stats prefix,
 --       func stats prefix, then pairs job_id, attempt
--- Returns how many jobs went back (those cancelled do not count).
+-- Returns how many jobs went back (those cancelled do not count); with a delay they count
+--   in the counters' `handed_back`.
 -- Invariant: only the worker holding that attempt gives a job back, and its limit key's
 -- slot with it; a job handed back with a reason keeps it (`not_run`), so a job no worker
 -- can run is visible.

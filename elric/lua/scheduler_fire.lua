@@ -4,10 +4,11 @@
 -- ARGV: master id, fence token, runs kept, finished ttl, job count, then per job: job_id,
 --       version read, index score ("" = finished), next_run_time, next_run_iso, recent
 --       (msgpack fire ids), entry count, then per entry: kind ("f" fire; record only: "m"
---       missed, "s" skipped; each counted in the fire stats),
---       fire id, fire mark ttl, run record (msgpack), fire spec (msgpack; "" for "r").
--- Returns {0} when the fence moved (nothing written), else {1, head score of the index
---   afterwards (false: empty), fire ids accepted for enqueueing...}.
+--       missed, "s" skipped, each counted in the fire stats; the scheduler counts "fired"),
+--       fire id, fire mark ttl, run record (msgpack), fire spec (msgpack; "" for "m", "s").
+-- Returns {0} when the lease or the fence is not this master's (nothing written), else
+--   {1, head score of the index afterwards (false: empty), fire ids accepted for
+--   enqueueing...}.
 -- Invariants: only the current lease holder writes; each fire is marked once (SET NX), so
 -- it is accepted at most once by any master, and an accepted fire's spec stays in the
 -- pending fires until enqueue.lua queues it, so a master dying in between loses nothing;
