@@ -232,3 +232,16 @@ def test_a_finish_sent_again_answers_what_it_recorded_and_counts_once(redis_url)
             await asyncio.sleep(0.01)
         assert await q.finish("w1", [Outcome("cut", 1, True, b"\xc0", 5)]) == ["stale"]
     asyncio.run(with_queue(redis_url, body))
+
+
+def test_a_cancelled_job_removed_counts_once_in_its_round(redis_url):
+    # the round counts a cancel as `removed`; a delete after it must not count again, or
+    # the round looks ended while a job of it still waits (max_instances lets a fire by)
+    async def body(q, r):
+        first, second = specs(2, round="R")
+        await q.enqueue([first, second])
+        assert await q.cancel(first["job_id"]) == "queued"
+        assert await q.remove(first["job_id"])
+        counts = {k.decode(): int(v) for k, v in (await r.hgetall(KEYS.round("R"))).items()}
+        assert counts == {"submitted": 2, "removed": 1}
+    asyncio.run(with_queue(redis_url, body))

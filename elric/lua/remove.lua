@@ -14,10 +14,8 @@ if f[2] and f[3] then redis.call('ZREM', ARGV[1] .. f[2], f[3]) end
 if f[4] and f[3] and redis.call('ZREM', ARGV[4] .. f[4], f[3]) == 1 then
   redis.call('HINCRBY', KEYS[4], f[2], -1)   -- it was parked by its limit key
 end
-if f[5] and f[1] ~= 'succeeded' and f[1] ~= 'failed' then
-  redis.call('HINCRBY', ARGV[5] .. f[5], 'removed', 1)
-end
-if f[1] == 'queued' or f[1] == 'retrying' then
+if f[1] == 'queued' or f[1] == 'retrying' then   -- an ended job was counted when it ended
+  if f[5] then redis.call('HINCRBY', ARGV[5] .. f[5], 'removed', 1) end
   count_in_stats(ARGV[6], ARGV[7], f[6], f[7], 'removed')
 end
 redis.call('ZREM', KEYS[2], ARGV[3])
