@@ -180,8 +180,9 @@ def _check(key: str, value: Any, where: str) -> Any:
         raise bad(f"must be a finite number, got {value!r}")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         positive = key in ("CONCURRENCY", "WORKER_CHUNK", "LEASE_SECONDS", "ASYNC_CONCURRENCY",
-                           "RESULT_TTL", "RESULT_MAX_BYTES", "RPC_MAX_MESSAGE", "JOB_TIMEOUT",
-                           "SCHEDULER_LEASE", "BLOOM_CAPACITY", "DEDUPE_TTL", "DEDUPE_ROUND_TTL")
+                           "RESULT_TTL", "FAILED_TTL", "RESULT_MAX_BYTES", "RPC_MAX_MESSAGE",
+                           "JOB_TIMEOUT", "SCHEDULER_LEASE", "BLOOM_CAPACITY", "DEDUPE_TTL",
+                           "DEDUPE_ROUND_TTL")
         if value < 0 or (value == 0 and positive):
             raise bad(f"must be {'positive' if positive else '0 or more'}, got {value!r}")
     if key == "JOB_TIMEOUT" and value > MAX_TIMEOUT:   # the default of every spec's timeout

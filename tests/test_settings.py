@@ -86,6 +86,8 @@ def test_file_then_env_then_command_line(no_settings_file):
                                       "number"),
     ({"ELRIC_WORKER_CHUNK": "0"}, "WORKER_CHUNK (from ELRIC_WORKER_CHUNK): must be positive"),
     ({"ELRIC_MAX_RETRIES": "-1"}, "MAX_RETRIES (from ELRIC_MAX_RETRIES): must be 0 or more"),
+    # 0 would expire a round's counts as they are written: max_instances would not see it
+    ({"ELRIC_FAILED_TTL": "0"}, "FAILED_TTL (from ELRIC_FAILED_TTL): must be positive"),
     # a default every spec takes: refused here, not as each submit's "bad timeout"
     ({"ELRIC_JOB_TIMEOUT": "0"}, "JOB_TIMEOUT (from ELRIC_JOB_TIMEOUT): must be positive"),
     ({"ELRIC_JOB_TIMEOUT": "3e9"}, "JOB_TIMEOUT (from ELRIC_JOB_TIMEOUT): must be at most "
