@@ -458,10 +458,12 @@ class RedisQueue:
         listed: set[str] = set()   # a job that moves on while we read shows up once
         scanned = 0
         for st in statuses:
-            if st == Status.QUEUED:  # indexed by the queues' own sorted sets
+            if st == Status.QUEUED:  # the queues' own sorted sets, then parked jobs' sets
                 names = [queue] if queue else sorted(
                     _s(q) for q in await self.redis.smembers(self.keys.queues))
-                indexes = [(self.keys.queue(q), True) for q in names]
+                indexes = [(self.keys.queue(q), True) for q in names] + [
+                    (self.keys.limit_parked(_s(lk)), True)
+                    for lk in await self.redis.zrange(self.keys.limits_due, 0, -1)]
             else:
                 indexes = [(self.keys.status(st), False)]
             for index, in_line in indexes:

@@ -91,6 +91,10 @@ def test_parked_jobs_count_as_queued_and_can_be_removed(make_cluster):
     stats = c.client.stats()
     assert stats["by_status"]["queued"] == 3 and stats["by_queue"]["default"]["queued"] == 3
     parked = [m.decode()[17:] for m in r.zrange(keys.limit_parked("one.test"), 0, -1)]
+    # listed as the counts count them (elric jobs --status queued, the dashboard)
+    for f in ({"status": "queued"}, {"status": "queued", "queue": "default"}, {}):
+        listed = [j["job_id"] for j in c.client.list_jobs(**f) if j["status"] == "queued"]
+        assert sorted(listed) == sorted(parked), (f, listed)
     assert c.client.remove_job(parked[0])
     stats = c.client.stats()
     assert stats["by_status"]["queued"] == 2 and r.zcard(keys.limit_parked("one.test")) == 2
