@@ -20,7 +20,7 @@ import socket
 import uuid
 
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
+from redis.exceptions import ResponseError, TimeoutError as RedisTimeoutError
 
 from elric import contract, limits
 from elric.admission import Admission
@@ -65,8 +65,11 @@ def _rpc(handler):
                                    ErrorCode.REDIS_UNAVAILABLE) from None
             if isinstance(exc, ResponseError):
                 raise  # a command Redis found wrong: a bug, answered as an internal error
-            raise RequestError(f"master cannot reach Redis right now ({exc}); nothing was "
-                               f"{changed}, try again", ErrorCode.REDIS_UNAVAILABLE) from None
+            outcome = (f"it may have been {changed}: send it again" if
+                       isinstance(exc, RedisTimeoutError)   # its reply was lost, not its call
+                       else f"nothing was {changed}, try again")
+            raise RequestError(f"master cannot reach Redis right now ({exc}); {outcome}",
+                               ErrorCode.REDIS_UNAVAILABLE) from None
 
     changed = "queued" if handler.__name__.startswith("submit_") else "changed"
     return call

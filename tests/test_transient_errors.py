@@ -270,3 +270,32 @@ def test_a_worker_waiting_for_work_rides_out_redis_short_of_replicas(tmp_path):
         r.close()
         c.close()
         server.cleanup()
+
+
+def test_a_call_whose_redis_reply_was_lost_is_not_said_to_have_changed_nothing(redis_url):
+    """A Redis timeout loses the reply, not the call: the script may have queued the job.
+    The master must not tell the caller that nothing was queued."""
+    from redis.exceptions import ConnectionError, TimeoutError
+
+    from elric.contract import ErrorCode
+    from elric.rpc import RequestError
+
+    async def main():
+        async with master(redis_url) as m:
+            real = m.queue.enqueue
+
+            async def lost(exc, *a, **kw):
+                await real(*a, **kw)
+                raise exc
+            for exc, says in ((TimeoutError("Timeout reading from socket"),
+                               "it may have been queued: send it again"),
+                              (ConnectionError("Connection refused"),
+                               "nothing was queued, try again")):
+                m.queue.enqueue = lambda *a, exc=exc, **kw: lost(exc, *a, **kw)
+                try:
+                    await m.submit_job({"func": "tests.jobs:Echo"})
+                except RequestError as err:
+                    assert err.code == ErrorCode.REDIS_UNAVAILABLE and says in str(err), err
+                else:
+                    raise AssertionError("no error")
+    asyncio.run(main())
