@@ -101,8 +101,9 @@ class DedupeGate:
 
     def filter_for(self, scope: str) -> DedupeFilter:
         scopes = self.settings.FILTER_SCOPES
-        backend = scopes.get(scope) or scopes.get(scope.split("@", 1)[0]) \
-            or self.settings.FILTER_BACKEND
+        # a fire's scope is "{job_id}@{time}", and a job id may hold '@' itself
+        backend = scopes.get(scope) or scopes.get(scope.rsplit("@", 1)[0]) \
+            or scopes.get(scope.split("@", 1)[0]) or self.settings.FILTER_BACKEND
         return self.filters[backend]
 
     async def give_back_unheld(self, specs: list[dict], *, if_unknown: bool) -> None:

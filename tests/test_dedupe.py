@@ -657,3 +657,21 @@ def test_registry_entries_of_ttl_scopes_expire_with_them_without_stats(redis_url
         await f.check_and_add("later", ["a"])
         assert await registered(r) == {b"later"}
     run(with_filter(redis_url, "set", body, set_ttl=0.2))
+
+
+# --- which backend a scope goes to ------------------------------------------------------------
+
+def test_filter_scopes_cover_the_rounds_of_a_periodic_job_whose_id_has_an_at_sign():
+    """A fire's scope is ``{job_id}@{time}``, and a job id may hold '@' itself: the
+    periodic job's entry in FILTER_SCOPES must still pick its rounds' backend."""
+    from elric.config import load_settings
+    from elric.reservation import DedupeGate
+    from elric.scheduler import fire_id
+
+    s = load_settings(env={}, overrides=dict(
+        FILTER_SCOPES={"digest@ops.example": "redis-bloom", "site": "bloom"}))
+    gate = DedupeGate(s, {b: b for b in BACKENDS}, queue=None)
+    assert gate.filter_for(fire_id("digest@ops.example", 1893456000.0)) == "redis-bloom"
+    assert gate.filter_for(fire_id("site", 1893456000.0)) == "bloom"
+    assert gate.filter_for("site@eu") == "bloom"       # as before: a scope named after it
+    assert gate.filter_for("digest@ops") == "set"
