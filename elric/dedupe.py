@@ -32,6 +32,10 @@ __all__ = ["DedupeError", "DedupeFilter", "SetFilter", "BloomFilter", "RedisBloo
 
 BACKENDS = ("set", "bloom", "redis-bloom")
 
+# How long a job id stays recorded as the taker of its key (`owned`) when no DEDUPE_TTL
+# bounds it: a resend after a master died between filter and queue must come within it.
+TAKING_TTL_MS = 86_400_000
+
 # Each stage holds GROWTH times the last (memory stays within 2x of the need); r = 1/8
 # leaves the first stage most of the error budget, so a filter that never grows is small.
 GROWTH = 2
@@ -67,13 +71,22 @@ class DedupeFilter(ABC):
         self._warned: set[str] = set()
 
     @abstractmethod
-    async def check_and_add(self, scope: str, keys: list[str]) -> list[bool]:
+    async def check_and_add(self, scope: str, keys: list[str],
+                            owners: list[str] | None = None) -> list[bool]:
         """True = key is new in scope (it is now added; let the job through);
         False = seen before. Duplicates inside one call: only the first is True.
-        One call costs O(1) round trips to Redis, never one per key."""
+        One call costs O(1) round trips to Redis, never one per key. ``owners``: per key
+        the job id taking it ("" for none), recorded by exact filters (see ``owned``)."""
 
-    async def release(self, scope: str, keys: list[str]) -> None:
-        """Forget ``keys`` in ``scope`` so that they are new again (exact backends only)."""
+    async def owned(self, scope: str, keys: list[str], owners: list[str]) -> list[bool]:
+        """Per key: whether ``check_and_add`` let it through for that owner, and neither
+        the owner's job was queued since nor the key given back (exact backends only)."""
+        return [False] * len(keys)
+
+    async def release(self, scope: str, keys: list[str],
+                      owners: list[str] | None = None) -> None:
+        """Forget ``keys`` in ``scope`` so that they are new again (exact backends only),
+        and that ``owners`` took them."""
         raise DedupeError(
             f"the {self.name!r} dedupe backend cannot release keys: a Bloom filter "
             "cannot remove a key without removing bits other keys share (use the "
@@ -155,19 +168,38 @@ class SetFilter(DedupeFilter):
                 f"it was written with the other set_ttl setting. drop_scope() it or keep "
                 f"the setting ({exc})") from None
 
-    async def check_and_add(self, scope: str, keys: list[str]) -> list[bool]:
+    async def check_and_add(self, scope: str, keys: list[str],
+                            owners: list[str] | None = None) -> list[bool]:
         if not keys:
             return []
-        args = [scope, *keys] if self._ttl_ms is None else [self._ttl_ms, scope, *keys]
+        named = owners is not None and any(owners)
+        args = [scope, self.keys.dedupe_taking("") if named else ""]
+        args = [*args, TAKING_TTL_MS] if self._ttl_ms is None else [self._ttl_ms, *args]
+        args += [*keys, *owners] if named else keys
         res = await self._typed(scope, self._script(
             keys=[self.keys.dedupe_set(scope), self.keys.dedupe_stats(scope),
                   self.keys.dedupe_scopes], args=args))
         return [r == 1 for r in res]
 
-    async def release(self, scope: str, keys: list[str]) -> None:
+    @staticmethod
+    def _taking(scope: str, key: str) -> bytes:
+        return f"{len(scope.encode())}:{scope}{key}".encode()
+
+    async def owned(self, scope: str, keys: list[str], owners: list[str]) -> list[bool]:
+        if not keys:
+            return []
+        got = await self.redis.mget([self.keys.dedupe_taking(o) for o in owners])
+        return [g == self._taking(scope, k) for g, k in zip(got, keys)]
+
+    async def release(self, scope: str, keys: list[str],
+                      owners: list[str] | None = None) -> None:
         if keys:
-            remove = self.redis.srem if self.set_ttl is None else self.redis.zrem
-            await self._typed(scope, remove(self.keys.dedupe_set(scope), *keys))
+            pipe = self.redis.pipeline(transaction=True)
+            if owners:
+                pipe.delete(*map(self.keys.dedupe_taking, owners))
+            remove = pipe.srem if self.set_ttl is None else pipe.zrem
+            remove(self.keys.dedupe_set(scope), *keys)
+            await self._typed(scope, pipe.execute())
 
     async def stats(self) -> dict[str, dict]:
         mine = await self._scopes()
@@ -363,7 +395,8 @@ class BloomFilter(DedupeFilter):
             self._filters[scope] = f
         return f
 
-    async def check_and_add(self, scope: str, keys: list[str]) -> list[bool]:
+    async def check_and_add(self, scope: str, keys: list[str],
+                            owners: list[str] | None = None) -> list[bool]:
         if not keys:
             return []
         f = await self._filter(scope)
@@ -425,7 +458,8 @@ class RedisBloomFilter(DedupeFilter):
             i += 1
         return i
 
-    async def check_and_add(self, scope: str, keys: list[str]) -> list[bool]:
+    async def check_and_add(self, scope: str, keys: list[str],
+                            owners: list[str] | None = None) -> list[bool]:
         if not keys:
             return []
         h = rbloom.hash_keys([k.encode("utf-8", "surrogatepass") for k in keys])
