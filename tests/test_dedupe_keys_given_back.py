@@ -371,3 +371,23 @@ def test_a_key_given_back_by_a_failed_call_is_not_claimed_by_its_resend_once_ret
             assert await m.submit_jobs([spec]) == [{"job_id": "J", "status": "filtered"}]
             assert await queued(m) == 1
     asyncio.run(main())
+
+
+def test_a_job_failing_after_its_key_expired_leaves_the_next_holder_its_key(redis_url):
+    """DEDUPE_TTL: A waited in line past the TTL, so B got the same key. A then fails for
+    good and gives its key back: that must not be B's, or a third copy passes while B
+    holds the key."""
+    async def main():
+        async with master(redis_url, DEDUPE_TTL=3600, DEDUPE_RELEASE_ON_FAILURE=True) as m:
+            spec = {"func": E, "job_id": "A", "dedupe_key": "K", "dedupe_scope": "s"}
+            assert (await m.submit_jobs([spec]))[0]["status"] == "queued"
+            # A's key was let through more than DEDUPE_TTL ago
+            assert await m.redis.zadd(m.keys.dedupe_set("s"), {"K": 1}, xx=True, ch=True)
+            assert (await m.submit_jobs([{**spec, "job_id": "B"}]))[0]["status"] == "queued"
+            worker = RedisQueue(m.redis, m.keys, release_keys_on_failure=True)
+            [job] = (await worker.fetch("w1", ["default"], 1, 30)).claims
+            assert job.job_id == "A"
+            assert await worker.finish("w1", [Outcome("A", job.attempt, False, "boom", 1)]) \
+                == ["failed"]
+            assert (await m.submit_jobs([{**spec, "job_id": "C"}]))[0]["status"] == "filtered"
+    asyncio.run(main())
