@@ -391,3 +391,27 @@ def test_a_job_failing_after_its_key_expired_leaves_the_next_holder_its_key(redi
                 == ["failed"]
             assert (await m.submit_jobs([{**spec, "job_id": "C"}]))[0]["status"] == "filtered"
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("ttl", [None, 3600])
+def test_a_rerun_job_failing_again_does_not_give_back_a_key_it_gave_back_before(redis_url,
+                                                                                ttl):
+    """A failed for good and gave its key back; B took it. An operator reruns A, and it
+    fails again: the key is B's now, and a third copy must still be filtered."""
+    async def main():
+        async with master(redis_url, DEDUPE_TTL=ttl, DEDUPE_RELEASE_ON_FAILURE=True) as m:
+            worker = RedisQueue(m.redis, m.keys, release_keys_on_failure=True)
+
+            async def fail(job_id):
+                claims = (await worker.fetch("w1", ["default"], 10, 30)).claims
+                [attempt] = [c.attempt for c in claims if c.job_id == job_id]
+                assert await worker.finish("w1", [Outcome(job_id, attempt, False, "boom", 1)]) \
+                    == ["failed"]
+            spec = {"func": E, "job_id": "A", "dedupe_key": "K"}
+            assert (await m.submit_jobs([spec]))[0]["status"] == "queued"
+            await fail("A")
+            assert (await m.submit_jobs([{**spec, "job_id": "B"}]))[0]["status"] == "queued"
+            await m.rerun_job("A")
+            await fail("A")                 # (B is claimed too, and left running)
+            assert (await m.submit_jobs([{**spec, "job_id": "C"}]))[0]["status"] == "filtered"
+    asyncio.run(main())
