@@ -56,6 +56,15 @@ def _as_str(x) -> str:
     return x.decode() if isinstance(x, bytes) else str(x)
 
 
+def _other_backend(scope: str, other: str, mine: str) -> DedupeError:
+    # (FILTER_BACKEND changed, or masters whose FILTER_SCOPES differ)
+    return DedupeError(
+        f"dedupe scope {scope!r} was filled by the {other!r} backend, and this master "
+        f"uses {mine!r} for it: it would start the scope empty and let every key seen "
+        "before through again. Give every master the same FILTER_BACKEND and "
+        "FILTER_SCOPES, or drop_scope it")
+
+
 class DedupeFilter(ABC):
     """Atomic check-and-add of dedupe keys, per scope. Every scope with a stats hash
     is listed in the registry ``keys.dedupe_scopes``, so nothing scans the keyspace."""
@@ -160,6 +169,8 @@ class SetFilter(DedupeFilter):
         try:
             return await call
         except ResponseError as exc:
+            if str(exc).startswith("BACKEND "):
+                raise _other_backend(scope, str(exc).split()[1], self.name) from None
             if "WRONGTYPE" not in str(exc):
                 raise
             kind = "sorted set (set_ttl)" if self.set_ttl is not None else "set (no set_ttl)"
@@ -375,7 +386,12 @@ class BloomFilter(DedupeFilter):
         async with self._load_locks.setdefault(scope, asyncio.Lock()):
             if scope in self._filters:
                 return self._filters[scope]
-            data = await self.redis.get(self.keys.dedupe_bloom(scope))
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.get(self.keys.dedupe_bloom(scope))
+            pipe.hget(self.keys.dedupe_stats(scope), "backend")
+            data, other = await pipe.execute()
+            if other is not None and _as_str(other) != self.name:
+                raise _other_backend(scope, _as_str(other), self.name)
             if not data:
                 f = _StagedBloom(self.capacity, self.error_rate)
             else:
@@ -480,6 +496,8 @@ class RedisBloomFilter(DedupeFilter):
                     keys=[self.keys.dedupe_stats(scope), self.keys.dedupe_scopes], args=args)
             except ResponseError as exc:
                 theirs = str(exc).partition(" ")
+                if theirs[0] == "BACKEND":
+                    raise _other_backend(scope, theirs[2].split()[0], self.name) from None
                 if theirs[0] != "PARAMS":
                     raise
                 raise DedupeError(

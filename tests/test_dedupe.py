@@ -362,9 +362,10 @@ def test_bloom_corrupt_snapshot_is_refused(redis_url):
 
 def test_capacity_warning_logged_once_per_scope(redis_url, caplog):
     async def body(f, r):
+        scope = f"s-{f.name}"    # a scope belongs to one backend
         for _ in range(3):
-            await f.check_and_add("s", [f"k{i}" for i in range(60)])
-            await f.check_and_add("s", urls(80, tag=str(random.random())))
+            await f.check_and_add(scope, [f"k{i}" for i in range(60)])
+            await f.check_and_add(scope, urls(80, tag=str(random.random())))
     for backend in ["bloom", "redis-bloom"]:
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="elric.dedupe"):
@@ -675,3 +676,18 @@ def test_filter_scopes_cover_the_rounds_of_a_periodic_job_whose_id_has_an_at_sig
     assert gate.filter_for(fire_id("site", 1893456000.0)) == "bloom"
     assert gate.filter_for("site@eu") == "bloom"       # as before: a scope named after it
     assert gate.filter_for("digest@ops") == "set"
+
+
+@pytest.mark.parametrize("first, then", [(a, b) for a in BACKENDS for b in BACKENDS if a != b])
+def test_a_scope_filled_by_one_backend_is_refused_by_another(redis_url, first, then):
+    """FILTER_BACKEND changed, or two masters with different FILTER_SCOPES: the other
+    backend would start the scope empty and let every key seen before through again."""
+    async def fill(f, r):
+        assert await f.check_and_add("s", ["seen"]) == [True]
+    run(with_filter(redis_url, first, fill, snapshot_interval=0))   # (bloom: snapshot)
+
+    async def ask(f, r):
+        with pytest.raises(DedupeError, match=f"filled by the '{first}' backend"):
+            await f.check_and_add("s", ["seen"])
+        assert await f.check_and_add("other", ["seen"]) == [True]
+    run(with_filter(redis_url, then, ask, snapshot_interval=0))

@@ -3,13 +3,16 @@
 -- ARGV[1] the scope, ARGV[2] the prefix of the keys that name the job taking a key ('':
 --   none), ARGV[3] how long those are kept (ms), ARGV[4..] the dedupe keys, then (with a
 --   prefix) as many job ids, one per key ('': that key's job is not named)
--- Returns per key 1 (new, now added) or 0 (seen before, or earlier in this batch).
+-- Returns per key 1 (new, now added) or 0 (seen before, or earlier in this batch); error
+--   'BACKEND <name>' if another backend filled the scope.
 -- Invariant: a key is new exactly once; the scope is registered with its stats hash; a
 -- named job that takes a key is recorded as its taker (`{len(scope)}:{scope}{key}`) in
 -- the same step, so a master that dies before queueing it leaves the key claimable by a
 -- resend of that job.
 -- SADD per key rather than one unpack: a batch of any size fits in the Lua stack.
 local scope, tp, tttl = ARGV[1], ARGV[2], ARGV[3]
+local other = redis.call('HGET', KEYS[2], 'backend')
+if other and other ~= 'set' then return redis.error_reply('BACKEND ' .. other) end
 local n = tp == '' and #ARGV - 3 or (#ARGV - 3) / 2
 local out = {}
 local filtered = 0

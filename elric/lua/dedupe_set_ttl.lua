@@ -5,10 +5,13 @@
 -- ARGV[1] ttl in ms, ARGV[2] the scope, ARGV[3] the prefix of the keys that name the job
 --   taking a key ('': none), ARGV[4..] the dedupe keys, then (with a prefix) as many job
 --   ids, one per key ('': that key's job is not named)
--- Returns per key 1 (new, now added) or 0 (seen within ttl, or earlier in this batch).
+-- Returns per key 1 (new, now added) or 0 (seen within ttl, or earlier in this batch);
+--   error 'BACKEND <name>' if another backend filled the scope.
 -- Invariants: "now" is the server's TIME, so every master agrees; expired members,
 -- idle scopes and their registry entries go, so memory stays bounded. A named job that
 -- takes a key is recorded as its taker for ttl, as in dedupe_set.lua.
+local other = redis.call('HGET', KEYS[2], 'backend')
+if other and other ~= 'set' then return redis.error_reply('BACKEND ' .. other) end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[1])
