@@ -18,6 +18,7 @@ import io
 import logging
 import math
 import struct
+import time
 from abc import ABC, abstractmethod
 
 from pybloom_live import BloomFilter as _PyBloom
@@ -35,6 +36,9 @@ BACKENDS = ("set", "bloom", "redis-bloom")
 # How long a job id stays recorded as the taker of its key (`owned`) when no DEDUPE_TTL
 # bounds it: a resend after a master died between filter and queue must come within it.
 TAKING_TTL_MS = 86_400_000
+
+# Seconds a stopping master tries to write the last snapshot of its 'bloom' scopes.
+LAST_SNAPSHOT_WAIT = 10.0
 
 # Each stage holds GROWTH times the last (memory stays within 2x of the need); r = 1/8
 # leaves the first stage most of the error budget, so a filter that never grows is small.
@@ -346,7 +350,9 @@ class BloomFilter(DedupeFilter):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        await self.snapshot()
+        # the keys since the last snapshot are only here: a Redis blip must not lose them
+        await retry(self.snapshot, what="dedupe: last Bloom snapshot", log=self.log,
+                    backoff=Backoff(0.1, 1.0), deadline=time.monotonic() + LAST_SNAPSHOT_WAIT)
 
     async def _snapshot_loop(self) -> None:
         # any error is retried: one Redis blip must not end snapshots for good

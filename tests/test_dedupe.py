@@ -691,3 +691,32 @@ def test_a_scope_filled_by_one_backend_is_refused_by_another(redis_url, first, t
             await f.check_and_add("s", ["seen"])
         assert await f.check_and_add("other", ["seen"]) == [True]
     run(with_filter(redis_url, then, ask, snapshot_interval=0))
+
+
+def test_bloom_final_snapshot_goes_through_a_redis_blip(redis_url):
+    """The last snapshot, on shutdown, is all a 'bloom' scope keeps of the keys since the
+    one before (all of them with BLOOM_SNAPSHOT_INTERVAL 0): one failed write must not
+    forget them."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    async def main():
+        r = client(redis_url)
+        f = make_filter("bloom", r, KEYS, snapshot_interval=0)
+        await f.start()
+        assert await f.check_and_add("s", ["a", "b"]) == [True, True]
+        real, calls = r.pipeline, []
+
+        def blip(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 1:
+                raise RedisConnectionError("Connection reset by peer")
+            return real(*args, **kwargs)
+        r.pipeline = blip
+        await f.close()
+        r.pipeline = real
+        g = make_filter("bloom", r, KEYS, snapshot_interval=0)
+        await g.start()
+        assert await g.check_and_add("s", ["a", "b", "c"]) == [False, False, True]
+        await g.close()
+        await r.aclose()
+    run(main())
