@@ -434,6 +434,7 @@ class BloomFilter(DedupeFilter):
     async def drop_scope(self, scope: str) -> None:
         async with self._io_lock:
             self._filters.pop(scope, None)
+            self._load_locks.pop(scope, None)
             self._dirty.discard(scope)
             await self._drop_keys(scope, self.keys.dedupe_bloom(scope))
 

@@ -338,6 +338,8 @@ def test_bloom_drop_scope_removes_snapshot(redis_url):
         assert not await r.exists(KEYS.dedupe_bloom("s"), KEYS.dedupe_stats("s"))
         assert await f.snapshot() == 0
         assert not await r.exists(KEYS.dedupe_bloom("s"))
+        # nothing of it stays in the master: a round scope per fire would pile up
+        assert "s" not in f._load_locks and "s" not in f._filters
     run(with_filter(redis_url, "bloom", body, capacity=100))
 
 
