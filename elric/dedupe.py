@@ -443,6 +443,7 @@ class BloomFilter(DedupeFilter):
 
 _BITCOUNT_LIMIT = 64 << 20   # stats(): BITCOUNT the shards only up to this many bytes
 _MAX_KEYS = 10_000           # keys per script call: Redis is blocked ~60 ms at most
+_ITEMS_CACHE = 10_000        # scopes whose item count a master remembers (a hint)
 
 
 class RedisBloomFilter(DedupeFilter):
@@ -512,6 +513,8 @@ class RedisBloomFilter(DedupeFilter):
                     f"than this master's ({self.params}): it was created with "
                     f"{theirs[2]}. Every master must use the same capacity and "
                     f"error_rate for a scope (or drop_scope it).") from None
+            if scope not in self._items and len(self._items) >= _ITEMS_CACHE:
+                self._items.clear()   # scopes other masters dropped would pile up here
             self._items[scope] = items  # short of keys: a stage was missing, send the rest
             verdicts += got
         self._note_growth(scope, self._items[scope], self.capacity, self.error_rate)

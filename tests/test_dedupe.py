@@ -722,3 +722,17 @@ def test_bloom_final_snapshot_goes_through_a_redis_blip(redis_url):
         await g.close()
         await r.aclose()
     run(main())
+
+
+def test_redis_bloom_remembers_a_bounded_number_of_scopes(redis_url, monkeypatch):
+    """Item counts are a per-master hint; a master that never drops the scopes another
+    master drops (fire rounds) must not keep one per scope for good."""
+    from elric import dedupe
+    monkeypatch.setattr(dedupe, "_ITEMS_CACHE", 3)
+
+    async def body(f, r):
+        for n in range(8):
+            assert await f.check_and_add(f"round-{n}", ["k", "k"]) == [True, False]
+        assert len(f._items) <= 3
+        assert await f.check_and_add("round-0", ["k", "new"]) == [False, True]
+    run(with_filter(redis_url, "redis-bloom", body, capacity=100))
