@@ -99,7 +99,7 @@ class DedupeFilter(ABC):
     async def release(self, scope: str, keys: list[str],
                       owners: list[str] | None = None) -> None:
         """Forget ``keys`` in ``scope`` so that they are new again (exact backends only),
-        and that ``owners`` took them."""
+        and the notes that ``owners`` (their job ids) took them."""
         raise DedupeError(
             f"the {self.name!r} dedupe backend cannot release keys: a Bloom filter "
             "cannot remove a key without removing bits other keys share (use the "
