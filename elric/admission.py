@@ -93,13 +93,16 @@ class Admission:
 
     async def _admit(self, specs: list[dict], chosen: set[str]) -> list[Submitted]:
         """Dedupe and queue jobs; a call that fails gives back the keys it took."""
-        reservation = Reservation(self.gate, specs)
+        reservation = Reservation(self.gate, specs, chosen=chosen)
         try:
             await reservation.check()
             # A resent submission (same job_id, same key) is not a duplicate of itself:
-            # report the status of the job it already is. Only chosen ids can exist.
+            # report the status of the job it already is. Only chosen ids can exist. One
+            # that does not may have had its key taken by a call whose master died.
             resent = [s["job_id"] for s in reservation.filtered if s["job_id"] in chosen]
             statuses = dict(zip(resent, await self.queue.get_statuses(resent))) if resent else {}
+            await reservation.reclaim([s for s in reservation.filtered if s["job_id"] in
+                                       statuses and statuses[s["job_id"]] is None])
             submitted = await self.queue.enqueue(reservation.passed)
         except BaseException as exc:
             await self._clean_up(reservation.cancel(), exc)
