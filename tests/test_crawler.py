@@ -4,6 +4,10 @@ page over the size cap cut off."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
 import pytest
 
 from examples.crawler import Crawl
@@ -134,3 +138,85 @@ def test_a_link_resolved_once_per_host_is_the_link_of_every_page():
 @pytest.mark.parametrize("body", [b"", b"   ", b"\x00\xff<<<", b"<html><body>no links"])
 def test_a_page_lxml_cannot_read_or_without_links_gives_none(body):
     assert Crawl()._submit_links("http://a/", "http://a/", body, "") == 0
+
+
+# --- one page at a time, in this process, against a site served here on 127.0.0.1 ---
+
+
+class Site:
+    """Answers each path with its route: ``(status, headers, body)``, or a function given
+    the request handler; any other path is a 404."""
+
+    def __init__(self, routes: dict) -> None:
+        self.hits: dict[str, int] = {}
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 (http.server's naming)
+                site.hits[self.path] = site.hits.get(self.path, 0) + 1
+                route = routes.get(self.path, (404, {}, b""))
+                if callable(route):
+                    return route(self)
+                status, headers, body = route
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        site = self
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def __enter__(self) -> "Site":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def children(monkeypatch):
+    """Crawl jobs run here as in a pool process (a process state of their own); the links
+    they submit land in the list this returns."""
+    from elric.demo import crawler
+    from elric.job import _current, _RunContext
+
+    monkeypatch.setattr(crawler, "_process", crawler._Process())
+    ctx = _RunContext("parent", {})
+    token = _current.set(ctx)
+    yield ctx.children
+    _current.reset(token)
+
+
+def fetch(job, url: str) -> dict:
+    """``job.run(url)`` on an event loop of its own, as one crawl job."""
+    from elric.demo import crawler
+
+    async def run():
+        try:
+            return await job.run(url, "b")
+        finally:
+            if crawler._process.session is not None:
+                await crawler._process.session.close()
+
+    return asyncio.run(run())
+
+
+def links(children) -> list[str]:
+    return [spec["args"][0] for spec in children]
+
+
+def test_a_link_that_does_not_parse_is_skipped_not_the_page(children):
+    page = b'<html><body><a href="http://[oops/">bad</a><a href="/a">a</a></body></html>'
+    assert Crawl()._submit_links("http://h/", "http://h/", page, "b") == 1
+    assert links(children) == ["http://h/a"]
+    with Site({"/": (200, {"Content-Type": "text/html"}, page)}) as site:
+        assert CrawlSync().run(site.url + "/")["links"] == 1
+    assert links(children)[1:] == [site.url + "/a"]

@@ -16,7 +16,7 @@ a 404 or other 4xx is a result, not an error, and at most ``max_bytes`` of a pag
 from __future__ import annotations
 
 import asyncio
-from urllib.parse import urljoin, urlparse
+from urllib.parse import urlparse
 from urllib.robotparser import RobotFileParser
 
 try:
@@ -28,7 +28,7 @@ except ImportError:  # pragma: no cover - depends on the install
                       "pip install 'elric[crawl]'") from None
 
 from elric import Job
-from elric.demo.crawler_sync import normalize_url
+from elric.demo.crawler_sync import link_of, normalize_url
 
 USER_AGENT = "elric-crawler/0.1"
 CHUNK = 64 * 1024
@@ -62,18 +62,19 @@ class _Process:
         return True
 
     def resolve(self, base: str, href: str) -> tuple[str, str]:
-        """The normalized URL ``href`` leads to from page ``base``, and its host. A site's
-        pages share most links (its menus), and parsing them took a quarter of a page's
-        CPU: an href that starts at the root, or names its host, means the same from every
-        page of a host, so it is parsed once per process."""
+        """The normalized URL ``href`` leads to from page ``base``, and its host (both ""
+        when it leads nowhere: it does not parse). A site's pages share most links (its
+        menus), and parsing them took a quarter of a page's CPU: an href that starts at the
+        root, or names its host, means the same from every page of a host, so it is parsed
+        once per process."""
         key = (base, href)
         if href.startswith(("/", "http://", "https://")):
             path_at = base.find("/", base.find("//") + 2)
             key = (base if path_at < 0 else base[:path_at], href)   # scheme://host:port
         found = self.resolved.get(key)
         if found is None:
-            link = normalize_url(urljoin(base, href))
-            found = (link, urlparse(link).netloc)
+            link = link_of(base, href)
+            found = ("", "") if link is None else (link, urlparse(link).netloc)
             if len(self.resolved) >= 100_000:   # bound the memory
                 self.resolved.clear()
             self.resolved[key] = found

@@ -38,6 +38,15 @@ def normalize_url(url: str) -> str:
     return f"{parts.scheme.lower()}://{parts.netloc.lower()}{path}{query}"
 
 
+def link_of(base: str, href: str) -> str | None:
+    """The normalized URL ``href`` on page ``base`` leads to; None if it does not parse
+    (``http://[oops``): one bad link on a page, not a failed page."""
+    try:
+        return normalize_url(urljoin(base, href))
+    except ValueError:
+        return None
+
+
 class CrawlSync(Job):
     queue = "crawl"
     max_retries = 2
@@ -59,8 +68,8 @@ class CrawlSync(Job):
         host = urlparse(url).netloc
         found = []
         for href in parser.links:
-            link = normalize_url(urljoin(url, href))
-            if urlparse(link).netloc != host or link in found:
+            link = link_of(url, href)
+            if link is None or urlparse(link).netloc != host or link in found:
                 continue
             found.append(link)
             # most links were seen before; the master's dedupe filter drops those
