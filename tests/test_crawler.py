@@ -220,3 +220,13 @@ def test_a_link_that_does_not_parse_is_skipped_not_the_page(children):
     with Site({"/": (200, {"Content-Type": "text/html"}, page)}) as site:
         assert CrawlSync().run(site.url + "/")["links"] == 1
     assert links(children)[1:] == [site.url + "/a"]
+
+
+def test_whitespace_around_an_href_is_not_part_of_the_link(children):
+    """As browsers read it: a trailing space was sent as /a%20, a 404."""
+    page = b'<html><body><a href="/a ">a</a><a href=" /b\t">b</a></body></html>'
+    assert Crawl()._submit_links("http://h/", "http://h/", page, "b") == 2
+    assert links(children) == ["http://h/a", "http://h/b"]
+    with Site({"/": (200, {"Content-Type": "text/html"}, page)}) as site:
+        assert CrawlSync().run(site.url + "/")["links"] == 2
+    assert links(children)[2:] == [site.url + "/a", site.url + "/b"]
