@@ -230,3 +230,18 @@ def test_whitespace_around_an_href_is_not_part_of_the_link(children):
     with Site({"/": (200, {"Content-Type": "text/html"}, page)}) as site:
         assert CrawlSync().run(site.url + "/")["links"] == 2
     assert links(children)[2:] == [site.url + "/a", site.url + "/b"]
+
+
+def test_only_http_links_are_followed(children):
+    """An ftp: or ws: link to the crawl's host was submitted, and failed in aiohttp."""
+    def page(host):
+        return (f'<html><body><a href="ftp://{host}/f">f</a><a href="ws://{host}/w">w</a>'
+                f'<a href="mailto:a@{host}">m</a><a href="javascript:go()">j</a>'
+                f'<a href="HTTPS://{host}/s">s</a></body></html>').encode()
+
+    assert Crawl()._submit_links("http://h/", "http://h/", page("h"), "b") == 1
+    assert links(children) == ["https://h/s"]
+    routes = {}
+    with Site(routes) as site:
+        routes["/"] = (200, {"Content-Type": "text/html"}, page(site.url.split("/")[2]))
+        assert CrawlSync().run(site.url + "/")["links"] == 1

@@ -39,12 +39,14 @@ def normalize_url(url: str) -> str:
 
 
 def link_of(base: str, href: str) -> str | None:
-    """The normalized URL ``href`` on page ``base`` leads to; None if it does not parse
-    (``http://[oops``): one bad link on a page, not a failed page."""
+    """The normalized http(s) URL ``href`` on page ``base`` leads to; None for another
+    scheme (ftp:, mailto:) or one that does not parse (``http://[oops``): one bad link on
+    a page, not a failed page."""
     try:   # without the whitespace around it, as browsers read an href
-        return normalize_url(urljoin(base, href.strip(" \t\n\r\f")))
+        link = normalize_url(urljoin(base, href.strip(" \t\n\r\f")))
     except ValueError:
         return None
+    return link if link.startswith(("http://", "https://")) else None
 
 
 class CrawlSync(Job):
