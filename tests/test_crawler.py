@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from examples.crawler import Crawl
+from examples.crawler import Crawl, normalize_url
 from examples.crawler_sync import CrawlSync
 from examples.site import DemoSite
 from tests.conftest import wait_for
@@ -245,3 +245,12 @@ def test_only_http_links_are_followed(children):
     with Site(routes) as site:
         routes["/"] = (200, {"Content-Type": "text/html"}, page(site.url.split("/")[2]))
         assert CrawlSync().run(site.url + "/")["links"] == 1
+
+
+def test_a_default_port_is_no_other_host_nor_another_page(children):
+    """http://h:80/a was a link to another host (not followed) and another dedupe key."""
+    page = b'<html><body><a href="http://h:80/a">a</a><a href="https://H:443/b">b</a></body>'
+    assert Crawl()._submit_links("http://h:80/", "http://h:80/", page, "b") == 2
+    assert links(children) == ["http://h/a", "https://h/b"]
+    assert Crawl.dedupe_key_for("HTTP://h:80/a#x") == Crawl.dedupe_key_for("http://h/a")
+    assert normalize_url("https://h:80/") == "https://h:80/"   # not https's default

@@ -30,12 +30,17 @@ class Links(HTMLParser):
 
 
 def normalize_url(url: str) -> str:
-    """One spelling per page: no fragment, lower-case scheme and host, a path."""
+    """One spelling per page: no fragment, lower-case scheme and host, no default port, a
+    path."""
     url = urldefrag(url)[0]
     parts = urlparse(url)
+    scheme, netloc = parts.scheme.lower(), parts.netloc.lower()
+    default = ":80" if scheme == "http" else ":443" if scheme == "https" else None
+    if default and netloc.endswith(default):   # http://h:80/ is http://h/, the same host
+        netloc = netloc[:-len(default)]
     path = parts.path or "/"
     query = f"?{parts.query}" if parts.query else ""
-    return f"{parts.scheme.lower()}://{parts.netloc.lower()}{path}{query}"
+    return f"{scheme}://{netloc}{path}{query}"
 
 
 def link_of(base: str, href: str) -> str | None:
@@ -67,7 +72,7 @@ class CrawlSync(Job):
             html = response.read().decode("utf-8", "replace")
         parser = Links()
         parser.feed(html)
-        host = urlparse(url).netloc
+        host = urlparse(normalize_url(url)).netloc   # as its links are spelled
         found = []
         for href in parser.links:
             link = link_of(url, href)
