@@ -254,3 +254,20 @@ def test_a_default_port_is_no_other_host_nor_another_page(children):
     assert links(children) == ["http://h/a", "https://h/b"]
     assert Crawl.dedupe_key_for("HTTP://h:80/a#x") == Crawl.dedupe_key_for("http://h/a")
     assert normalize_url("https://h:80/") == "https://h:80/"   # not https's default
+
+
+@pytest.mark.parametrize("charset", ["utf-8", "windows-1252"])
+def test_a_page_is_read_in_the_charset_its_content_type_names(children, charset):
+    """Without a <meta> charset lxml read UTF-8 as Latin-1: /café became /cafÃ©, a 404."""
+    page = '<html><body><a href="/café">c</a></body></html>'.encode(charset)
+    kind = {"Content-Type": f"text/html; charset={charset}"}
+    with Site({"/": (200, kind, page)}) as site:
+        assert fetch(Crawl(), site.url + "/")["links"] == 1
+        assert CrawlSync().run(site.url + "/")["links"] == 1
+    assert links(children) == [site.url + "/café"] * 2
+
+
+def test_a_charset_lxml_does_not_know_reads_as_none(children):
+    page = b'<html><body><a href="/a">a</a></body></html>'
+    assert Crawl()._submit_links("http://h/", "http://h/", page, "b", "x-no-such") == 1
+    assert links(children) == ["http://h/a"]

@@ -113,6 +113,23 @@ class _Process:
 
 
 _process = _Process()
+_parsers: dict[str, lxml.html.HTMLParser | None] = {}
+
+
+def _parser(charset: str | None) -> lxml.html.HTMLParser | None:
+    """An lxml parser reading ``charset``, the one the Content-Type names (without it lxml
+    goes by a <meta> charset, else Latin-1: UTF-8 links came out garbled); None: lxml's."""
+    if charset is None:
+        return None
+    parser = _parsers.get(charset)
+    if parser is None and charset not in _parsers:
+        try:
+            parser = lxml.html.HTMLParser(encoding=charset)
+        except LookupError:
+            pass   # a charset lxml does not know: it reads the page as without one
+        if len(_parsers) < 100:   # a site may name any charset: bound the memory
+            _parsers[charset] = parser
+    return parser
 
 
 class Crawl(Job):
@@ -139,13 +156,14 @@ class Crawl(Job):
                 raise ServerError(f"{url}: HTTP {response.status}")
             body, truncated = await self._read(response)
             html = "html" in response.headers.get("Content-Type", "")
+            charset = response.charset
             final_url = str(response.url)
         result = {"url": url, "status": response.status, "links": 0, "bytes": len(body)}
         if truncated:
             result["truncated"] = True
         if response.status >= 400 or not html:
             return result   # a 404 is an answer: nothing to retry, no links to follow
-        result["links"] = self._submit_links(url, final_url, body, batch)
+        result["links"] = self._submit_links(url, final_url, body, batch, charset)
         return result
 
     async def _read(self, response: aiohttp.ClientResponse) -> tuple[bytes, bool]:
@@ -156,11 +174,13 @@ class Crawl(Job):
                 return bytes(body[:self.max_bytes]), True
         return bytes(body), False
 
-    def _submit_links(self, url: str, base: str, html: bytes, batch: str) -> int:
-        """Submit the links of ``html`` (relative to ``base``, where a redirect led) that
-        stay on ``url``'s host; returns how many."""
+    def _submit_links(self, url: str, base: str, html: bytes, batch: str,
+                      charset: str | None = None) -> int:
+        """Submit the links of ``html`` (in ``charset``; relative to ``base``, where a
+        redirect led) that stay on ``url``'s host; returns how many."""
         try:   # lxml, in C: a tenth of the CPU of html.parser, which the sync crawler uses
-            hrefs = lxml.html.fromstring(html).xpath("//a/@href") if html.strip() else []
+            hrefs = lxml.html.fromstring(html, parser=_parser(charset)).xpath("//a/@href") \
+                if html.strip() else []
         except (lxml.etree.ParserError, ValueError):
             hrefs = []   # not a document lxml can read: no links
         host = urlparse(normalize_url(url)).netloc

@@ -69,7 +69,12 @@ class CrawlSync(Job):
 
     def run(self, url: str, batch: str = "") -> dict:
         with urllib.request.urlopen(url, timeout=10) as response:
-            html = response.read().decode("utf-8", "replace")
+            body = response.read()
+            charset = response.headers.get_content_charset() or "utf-8"
+        try:
+            html = body.decode(charset, "replace")   # in the charset its Content-Type names
+        except LookupError:   # one Python does not know
+            html = body.decode("utf-8", "replace")
         parser = Links()
         parser.feed(html)
         host = urlparse(normalize_url(url)).netloc   # as its links are spelled
