@@ -271,3 +271,10 @@ def test_a_charset_lxml_does_not_know_reads_as_none(children):
     page = b'<html><body><a href="/a">a</a></body></html>'
     assert Crawl()._submit_links("http://h/", "http://h/", page, "b", "x-no-such") == 1
     assert links(children) == ["http://h/a"]
+
+
+def test_a_content_type_in_capitals_is_html_still(children):
+    """Media types are case-insensitive: a Text/HTML page was taken for no HTML."""
+    page = b'<html><body><a href="/a">a</a></body></html>'
+    with Site({"/": (200, {"Content-Type": "Text/HTML; Charset=UTF-8"}, page)}) as site:
+        assert fetch(Crawl(), site.url + "/")["links"] == 1

@@ -155,7 +155,7 @@ class Crawl(Job):
             if response.status >= 500 or response.status == 429:
                 raise ServerError(f"{url}: HTTP {response.status}")
             body, truncated = await self._read(response)
-            html = "html" in response.headers.get("Content-Type", "")
+            html = "html" in response.content_type   # lower-case, as aiohttp parsed it
             charset = response.charset
             final_url = str(response.url)
         result = {"url": url, "status": response.status, "links": 0, "bytes": len(body)}
