@@ -278,3 +278,13 @@ def test_a_content_type_in_capitals_is_html_still(children):
     page = b'<html><body><a href="/a">a</a></body></html>'
     with Site({"/": (200, {"Content-Type": "Text/HTML; Charset=UTF-8"}, page)}) as site:
         assert fetch(Crawl(), site.url + "/")["links"] == 1
+
+
+def test_links_are_relative_to_a_base_href(children):
+    """A page's links were resolved against its own URL, not its <base href>: 404s."""
+    page = (b'<html><head><base href="/docs/v2/"></head><body><a href="intro">i</a>'
+            b'<a href="/top">t</a></body></html>')
+    with Site({"/docs/": (200, {"Content-Type": "text/html"}, page)}) as site:
+        assert fetch(Crawl(), site.url + "/docs/")["links"] == 2
+        assert CrawlSync().run(site.url + "/docs/")["links"] == 2
+    assert links(children) == [site.url + "/docs/v2/intro", site.url + "/top"] * 2

@@ -21,12 +21,15 @@ class Links(HTMLParser):
     def __init__(self) -> None:
         super().__init__()
         self.links: list[str] = []
+        self.base: str | None = None   # the first <base href>: links are relative to it
 
     def handle_starttag(self, tag, attrs):
-        if tag == "a":
-            for name, value in attrs:
-                if name == "href" and value:
-                    self.links.append(value)
+        if tag == "a" or tag == "base":
+            href = next((value for name, value in attrs if name == "href" and value), None)
+            if href is not None and tag == "a":
+                self.links.append(href)
+            elif href is not None and self.base is None:
+                self.base = href
 
 
 def normalize_url(url: str) -> str:
@@ -79,8 +82,9 @@ class CrawlSync(Job):
         parser.feed(html)
         host = urlparse(normalize_url(url)).netloc   # as its links are spelled
         found = []
+        base = parser.base and link_of(url, parser.base) or url
         for href in parser.links:
-            link = link_of(url, href)
+            link = link_of(base, href)
             if link is None or urlparse(link).netloc != host or link in found:
                 continue
             found.append(link)
