@@ -288,3 +288,30 @@ def test_links_are_relative_to_a_base_href(children):
         assert fetch(Crawl(), site.url + "/docs/")["links"] == 2
         assert CrawlSync().run(site.url + "/docs/")["links"] == 2
     assert links(children) == [site.url + "/docs/v2/intro", site.url + "/top"] * 2
+
+
+class QuickCrawl(Crawl):
+    request_timeout = 3.0
+
+
+def endless_robots(handler):
+    """A robots.txt that never ends (until the crawler hangs up)."""
+    handler.send_response(200)
+    handler.send_header("Content-Type", "text/plain")
+    handler.end_headers()
+    try:
+        handler.wfile.write(b"User-agent: *\nDisallow: /private\n")
+        while True:
+            handler.wfile.write(b"# " + b"x" * 2045 + b"\n")
+    except OSError:   # the crawler hung up
+        pass
+
+
+def test_a_huge_robots_txt_is_read_up_to_a_cap(children):
+    """robots.txt was read whole: one that never ended timed out, and every page of its
+    host failed with it."""
+    page = b'<html><body><a href="/a">a</a></body></html>'
+    routes = {"/robots.txt": endless_robots, "/": (200, {"Content-Type": "text/html"}, page)}
+    with Site(routes) as site:
+        assert fetch(QuickCrawl(), site.url + "/")["links"] == 1
+        assert fetch(QuickCrawl(), site.url + "/private")["robots"] == "disallowed"

@@ -32,6 +32,7 @@ from elric.demo.crawler_sync import link_of, normalize_url
 
 USER_AGENT = "elric-crawler/0.1"
 CHUNK = 64 * 1024
+ROBOTS_MAX_BYTES = 512 * 1024   # RFC 9309: parse at least 500 KiB of a robots.txt
 _BASE_HREF = lxml.etree.XPath("//base/@href")   # compiled once
 
 
@@ -109,11 +110,24 @@ class _Process:
             if response.status >= 400:
                 rules.parse([])   # no robots.txt: everything is allowed
             else:
-                rules.parse((await response.text(errors="replace")).splitlines())
+                body, _ = await _read(response, ROBOTS_MAX_BYTES)   # not all of a huge one
+                rules.parse(body.decode("utf-8", "replace").splitlines())
         return rules
 
 
 _process = _Process()
+
+
+async def _read(response: aiohttp.ClientResponse, limit: int) -> tuple[bytes, bool]:
+    """At most ``limit`` bytes of the body, and whether there was more."""
+    body = bytearray()
+    async for chunk in response.content.iter_chunked(CHUNK):
+        body += chunk
+        if len(body) > limit:
+            return bytes(body[:limit]), True
+    return bytes(body), False
+
+
 _parsers: dict[str, lxml.html.HTMLParser | None] = {}
 
 
@@ -155,7 +169,7 @@ class Crawl(Job):
         async with session.get(url) as response:
             if response.status >= 500 or response.status == 429:
                 raise ServerError(f"{url}: HTTP {response.status}")
-            body, truncated = await self._read(response)
+            body, truncated = await _read(response, self.max_bytes)
             html = "html" in response.content_type   # lower-case, as aiohttp parsed it
             charset = response.charset
             final_url = str(response.url)
@@ -166,14 +180,6 @@ class Crawl(Job):
             return result   # a 404 is an answer: nothing to retry, no links to follow
         result["links"] = self._submit_links(url, final_url, body, batch, charset)
         return result
-
-    async def _read(self, response: aiohttp.ClientResponse) -> tuple[bytes, bool]:
-        body = bytearray()
-        async for chunk in response.content.iter_chunked(CHUNK):
-            body += chunk
-            if len(body) > self.max_bytes:
-                return bytes(body[:self.max_bytes]), True
-        return bytes(body), False
 
     def _submit_links(self, url: str, base: str, html: bytes, batch: str,
                       charset: str | None = None) -> int:
