@@ -315,3 +315,15 @@ def test_a_huge_robots_txt_is_read_up_to_a_cap(children):
     with Site(routes) as site:
         assert fetch(QuickCrawl(), site.url + "/")["links"] == 1
         assert fetch(QuickCrawl(), site.url + "/private")["robots"] == "disallowed"
+
+
+@pytest.mark.parametrize("name, value", [
+    ("request_timeout", 0), ("request_timeout", -1.0), ("request_timeout", "20"),
+    ("request_timeout", float("nan")), ("request_timeout", None),
+    ("max_bytes", 0), ("max_bytes", -1), ("max_bytes", "2MB"), ("max_bytes", 1e6),
+    ("max_bytes", True)])
+def test_a_crawl_given_a_bad_size_or_timeout_says_so_where_it_is_defined(name, value):
+    """A timeout of 0 meant none at all, a size of "2MB" failed every page when read."""
+    with pytest.raises(ValueError, match=f"^Bad.{name} must be .*, not {value!r}"):
+        type("Bad", (Crawl,), {name: value})
+    type("Good", (Crawl,), {"request_timeout": 5, "max_bytes": 1024})

@@ -16,6 +16,7 @@ a 404 or other 4xx is a result, not an error, and at most ``max_bytes`` of a pag
 from __future__ import annotations
 
 import asyncio
+import math
 from urllib.parse import urlparse
 from urllib.robotparser import RobotFileParser
 
@@ -153,6 +154,19 @@ class Crawl(Job):
     timeout = 60
     request_timeout = 20.0          # one HTTP request, robots.txt included
     max_bytes = 2 * 1024 * 1024     # read at most this much of a page
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        # said here, where the class is defined: a timeout of 0 meant none at all, and a
+        # size of "2MB" failed every page of the crawl
+        super().__init_subclass__(**kwargs)
+        timeout, size = cls.request_timeout, cls.max_bytes
+        if not (isinstance(timeout, (int, float)) and not isinstance(timeout, bool)
+                and 0 < timeout < math.inf):
+            raise ValueError(f"{cls.__name__}.request_timeout must be a number of seconds "
+                             f"over 0, not {timeout!r}")
+        if not (isinstance(size, int) and not isinstance(size, bool) and size > 0):
+            raise ValueError(f"{cls.__name__}.max_bytes must be a whole number of bytes "
+                             f"over 0, not {size!r}")
 
     @classmethod
     def dedupe_key_for(cls, url: str, batch: str = "") -> str:
