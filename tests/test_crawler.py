@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -327,3 +328,27 @@ def test_a_crawl_given_a_bad_size_or_timeout_says_so_where_it_is_defined(name, v
     with pytest.raises(ValueError, match=f"^Bad.{name} must be .*, not {value!r}"):
         type("Bad", (Crawl,), {name: value})
     type("Good", (Crawl,), {"request_timeout": 5, "max_bytes": 1024})
+
+
+def test_each_crawl_class_keeps_its_own_request_timeout(children):
+    """The process's HTTP session took the request_timeout of the first class to use it."""
+    from elric.demo import crawler
+
+    answer = threading.Event()
+    page = (200, {"Content-Type": "text/html"}, b"<html><body>hi</body></html>")
+    with Site({"/": page, "/slow": lambda handler: answer.wait(30)}) as site:
+        async def run():
+            try:
+                await Crawl().run(site.url + "/", "b")   # 20 s, and the session made
+                t0 = time.monotonic()
+                with pytest.raises(TimeoutError):
+                    await asyncio.wait_for(QuickCrawl().run(site.url + "/slow", "b"), 10)
+                return time.monotonic() - t0
+            finally:
+                await crawler._process.session.close()
+
+        try:
+            elapsed = asyncio.run(run())
+        finally:
+            answer.set()
+    assert elapsed < QuickCrawl.request_timeout + 2

@@ -83,11 +83,11 @@ class _Process:
             self.resolved[key] = found
         return found
 
-    def http(self, timeout: float) -> aiohttp.ClientSession:
+    def http(self) -> aiohttp.ClientSession:
+        """The session; each request names its timeout (its job class's, not the first's)."""
         if self.session is None or self.session.closed:
             self.session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
-                timeout=aiohttp.ClientTimeout(total=timeout),
                 headers={"User-Agent": USER_AGENT})
         return self.session
 
@@ -105,7 +105,8 @@ class _Process:
 
     async def _read_robots(self, origin: str, timeout: float) -> RobotFileParser:
         rules = RobotFileParser()
-        async with self.http(timeout).get(origin + "/robots.txt") as response:
+        async with self.http().get(origin + "/robots.txt",
+                                   timeout=aiohttp.ClientTimeout(total=timeout)) as response:
             if response.status >= 500 or response.status == 429:
                 raise ServerError(f"{origin}/robots.txt: HTTP {response.status}")
             if response.status >= 400:
@@ -179,8 +180,8 @@ class Crawl(Job):
     async def run(self, url: str, batch: str = "") -> dict:
         if not await _process.allowed(url, self.dedupe_scope or batch, self.request_timeout):
             return {"url": url, "status": None, "links": 0, "bytes": 0, "robots": "disallowed"}
-        session = _process.http(self.request_timeout)
-        async with session.get(url) as response:
+        timeout = aiohttp.ClientTimeout(total=self.request_timeout)
+        async with _process.http().get(url, timeout=timeout) as response:
             if response.status >= 500 or response.status == 429:
                 raise ServerError(f"{url}: HTTP {response.status}")
             body, truncated = await _read(response, self.max_bytes)
