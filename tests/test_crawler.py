@@ -352,3 +352,18 @@ def test_each_crawl_class_keeps_its_own_request_timeout(children):
         finally:
             answer.set()
     assert elapsed < QuickCrawl.request_timeout + 2
+
+
+def test_a_server_that_does_not_answer_fails_the_attempt_saying_what_and_how_long(children):
+    """The error recorded was a bare TimeoutError: neither the URL nor the time it had."""
+    answer = threading.Event()
+    routes = {"/robots.txt": lambda handler: answer.wait(30)}
+    with Site(routes) as site:
+        try:
+            with pytest.raises(TimeoutError, match="^http://.*/robots.txt: no answer in 3.0 s$"):
+                fetch(QuickCrawl(), site.url + "/slow")
+            routes["/slow"] = routes.pop("/robots.txt")   # robots.txt: 404, the page hangs
+            with pytest.raises(TimeoutError, match="^http://.*/slow: no answer in 3.0 s$"):
+                fetch(QuickCrawl(), site.url + "/slow")
+        finally:
+            answer.set()

@@ -104,20 +104,28 @@ class _Process:
         return (await asyncio.shield(rules)).can_fetch(USER_AGENT, url)
 
     async def _read_robots(self, origin: str, timeout: float) -> RobotFileParser:
-        rules = RobotFileParser()
-        async with self.http().get(origin + "/robots.txt",
-                                   timeout=aiohttp.ClientTimeout(total=timeout)) as response:
-            if response.status >= 500 or response.status == 429:
-                raise ServerError(f"{origin}/robots.txt: HTTP {response.status}")
-            if response.status >= 400:
-                rules.parse([])   # no robots.txt: everything is allowed
-            else:
-                body, _ = await _read(response, ROBOTS_MAX_BYTES)   # not all of a huge one
-                rules.parse(body.decode("utf-8", "replace").splitlines())
+        rules, url = RobotFileParser(), origin + "/robots.txt"
+        try:
+            async with self.http().get(url, timeout=aiohttp.ClientTimeout(total=timeout)) \
+                    as response:
+                if response.status >= 500 or response.status == 429:
+                    raise ServerError(f"{url}: HTTP {response.status}")
+                if response.status >= 400:
+                    rules.parse([])   # no robots.txt: everything is allowed
+                else:
+                    body, _ = await _read(response, ROBOTS_MAX_BYTES)   # not all of a huge one
+                    rules.parse(body.decode("utf-8", "replace").splitlines())
+        except TimeoutError:
+            raise _no_answer(url, timeout) from None
         return rules
 
 
 _process = _Process()
+
+
+def _no_answer(url: str, timeout: float) -> TimeoutError:
+    # aiohttp's TimeoutError says nothing: the error recorded says what and how long
+    return TimeoutError(f"{url}: no answer in {timeout} s")
 
 
 async def _read(response: aiohttp.ClientResponse, limit: int) -> tuple[bytes, bool]:
@@ -181,13 +189,16 @@ class Crawl(Job):
         if not await _process.allowed(url, self.dedupe_scope or batch, self.request_timeout):
             return {"url": url, "status": None, "links": 0, "bytes": 0, "robots": "disallowed"}
         timeout = aiohttp.ClientTimeout(total=self.request_timeout)
-        async with _process.http().get(url, timeout=timeout) as response:
-            if response.status >= 500 or response.status == 429:
-                raise ServerError(f"{url}: HTTP {response.status}")
-            body, truncated = await _read(response, self.max_bytes)
-            html = "html" in response.content_type   # lower-case, as aiohttp parsed it
-            charset = response.charset
-            final_url = str(response.url)
+        try:
+            async with _process.http().get(url, timeout=timeout) as response:
+                if response.status >= 500 or response.status == 429:
+                    raise ServerError(f"{url}: HTTP {response.status}")
+                body, truncated = await _read(response, self.max_bytes)
+                html = "html" in response.content_type   # lower-case, as aiohttp parsed it
+                charset = response.charset
+                final_url = str(response.url)
+        except TimeoutError:
+            raise _no_answer(url, self.request_timeout) from None
         result = {"url": url, "status": response.status, "links": 0, "bytes": len(body)}
         if truncated:
             result["truncated"] = True
