@@ -367,3 +367,20 @@ def test_a_server_that_does_not_answer_fails_the_attempt_saying_what_and_how_lon
                 fetch(QuickCrawl(), site.url + "/slow")
         finally:
             answer.set()
+
+
+def redirect(to: str, status: int = 302):
+    return (status, {"Location": to}, b"")
+
+
+def test_redirects_are_followed_and_a_loop_is_an_answer_not_an_error(children):
+    """A redirect loop raised TooManyRedirects ("0, message=''"), retried to no end."""
+    page = b'<html><body><a href="a">a</a></body></html>'
+    routes = {"/old": redirect("new/", 301), "/new/": (200, {"Content-Type": "text/html"}, page),
+              "/loop": redirect("/loop")}
+    with Site(routes) as site:
+        assert fetch(Crawl(), site.url + "/old")["links"] == 1
+        assert links(children) == [site.url + "/new/a"]   # relative to where it led
+        result = fetch(Crawl(), site.url + "/loop")
+    assert result == {"url": site.url + "/loop", "status": 302, "links": 0, "bytes": 0,
+                      "error": "too many redirects"}

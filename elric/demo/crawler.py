@@ -10,7 +10,8 @@ is its host, so setting ``LIMITS`` keeps a crawl polite across all workers, e.g.
 
 As a crawler should: robots.txt is obeyed (read once per host and round in each process),
 5xx answers, timeouts and broken connections are retried with backoff (``max_retries``),
-a 404 or other 4xx is a result, not an error, and at most ``max_bytes`` of a page are read.
+a 404 or other 4xx is a result, not an error (as is a redirect loop), and at most
+``max_bytes`` of a page are read.
 """
 
 from __future__ import annotations
@@ -199,6 +200,10 @@ class Crawl(Job):
                 final_url = str(response.url)
         except TimeoutError:
             raise _no_answer(url, self.request_timeout) from None
+        except aiohttp.TooManyRedirects as exc:   # a loop, most likely: no retry mends it
+            status = exc.history[-1].status if exc.history else None
+            return {"url": url, "status": status, "links": 0, "bytes": 0,
+                    "error": "too many redirects"}
         result = {"url": url, "status": response.status, "links": 0, "bytes": len(body)}
         if truncated:
             result["truncated"] = True
