@@ -10,9 +10,11 @@ per round, and again next round. Links that leave the start page's host are not 
 
 from __future__ import annotations
 
+import re
+import string
 import urllib.request
 from html.parser import HTMLParser
-from urllib.parse import urldefrag, urljoin, urlparse
+from urllib.parse import quote, urldefrag, urljoin, urlparse
 
 from elric import Job
 
@@ -34,7 +36,7 @@ class Links(HTMLParser):
 
 def normalize_url(url: str) -> str:
     """One spelling per page: no fragment, lower-case scheme and host, no default port, a
-    path."""
+    path, and escapes as a browser sends them (UTF-8, upper-case, none for ``~``)."""
     url = urldefrag(url)[0]
     parts = urlparse(url)
     scheme, netloc = parts.scheme.lower(), parts.netloc.lower()
@@ -43,7 +45,27 @@ def normalize_url(url: str) -> str:
         netloc = netloc[:-len(default)]
     path = parts.path or "/"
     query = f"?{parts.query}" if parts.query else ""
-    return f"{scheme}://{netloc}{path}{query}"
+    if url.isascii() and "%" not in url and " " not in url:   # nothing to escape
+        return f"{scheme}://{netloc}{path}{query}"
+    try:   # an international domain name, as DNS knows it
+        netloc = netloc.encode("idna").decode("ascii")
+    except UnicodeError:
+        pass
+    return f"{scheme}://{netloc}{_requote(path)}{_requote(query)}"
+
+
+_ESCAPE = re.compile("%[0-9A-Fa-f]{2}")
+_UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")
+
+
+def _requote(text: str) -> str:
+    # escapes what is not printable ASCII; other escapes stay (%2F is no /, %26 no &)
+    return _ESCAPE.sub(_escape, quote(text, safe=string.punctuation))
+
+
+def _escape(match: re.Match) -> str:
+    char = chr(int(match.group()[1:], 16))
+    return char if char in _UNRESERVED else match.group().upper()
 
 
 def link_of(base: str, href: str) -> str | None:
