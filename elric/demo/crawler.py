@@ -11,7 +11,9 @@ is its host, so setting ``LIMITS`` keeps a crawl polite across all workers, e.g.
 As a crawler should: robots.txt is obeyed (read once per host and round in each process),
 5xx answers, timeouts and broken connections are retried with backoff (``max_retries``),
 a 404 or other 4xx is a result, not an error (as is a redirect loop), and at most
-``max_bytes`` of a page are read.
+``max_bytes`` of a page are read. robots.txt's ``Crawl-delay`` is not read: a pause between
+requests to a host is a ``LIMITS`` rule, kept across all workers, e.g.
+``{"example.com": {"interval": 10}}``.
 """
 
 from __future__ import annotations
