@@ -404,3 +404,10 @@ def test_a_page_has_one_spelling_whatever_its_escapes_and_the_sync_crawler_fetch
         assert CrawlSync().run(site.url + "/")["links"] == 1
         assert links(children) == [site.url + "/caf%C3%A9"]
         assert CrawlSync().run(links(children)[0])["bytes"] > 0
+
+
+def test_a_robots_txt_that_redirects_in_a_loop_is_no_robots_txt(children):
+    """As RFC 9309 has it; it raised TooManyRedirects, and every page of the host failed."""
+    page = (200, {"Content-Type": "text/html"}, b'<html><body><a href="/a">a</a></body></html>')
+    with Site({"/robots.txt": redirect("/robots.txt"), "/": page}) as site:
+        assert fetch(Crawl(), site.url + "/")["links"] == 1

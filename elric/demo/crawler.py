@@ -120,6 +120,8 @@ class _Process:
                     rules.parse(body.decode("utf-8", "replace").splitlines())
         except TimeoutError:
             raise _no_answer(url, timeout) from None
+        except aiohttp.TooManyRedirects:   # RFC 9309: as if there were none
+            rules.parse([])
         return rules
 
 
