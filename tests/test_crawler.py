@@ -411,3 +411,14 @@ def test_a_robots_txt_that_redirects_in_a_loop_is_no_robots_txt(children):
     page = (200, {"Content-Type": "text/html"}, b'<html><body><a href="/a">a</a></body></html>')
     with Site({"/robots.txt": redirect("/robots.txt"), "/": page}) as site:
         assert fetch(Crawl(), site.url + "/")["links"] == 1
+
+
+def test_the_sync_crawler_takes_a_404_for_an_answer_and_retries_a_503(children):
+    """A broken link raised HTTPError: retried twice, then a failed job."""
+    import urllib.error
+
+    with Site({"/busy": (503, {}, b"")}) as site:
+        assert CrawlSync().run(site.url + "/gone") == {
+            "url": site.url + "/gone", "status": 404, "links": 0, "bytes": 0}
+        with pytest.raises(urllib.error.HTTPError, match="503"):
+            CrawlSync().run(site.url + "/busy")

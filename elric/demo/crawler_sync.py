@@ -6,12 +6,14 @@ Every page is fetched once per crawl: each job's dedupe key is its normalized UR
 master drops a job whose key it has seen in the job's dedupe scope. Children inherit their
 parent's scope, so a periodic crawl with ``dedupe_scope="@fire"`` fetches every page once
 per round, and again next round. Links that leave the start page's host are not followed.
+A 5xx answer is retried; a 404 or other 4xx is a result.
 """
 
 from __future__ import annotations
 
 import re
 import string
+import urllib.error
 import urllib.request
 from html.parser import HTMLParser
 from urllib.parse import quote, urldefrag, urljoin, urlparse
@@ -93,9 +95,14 @@ class CrawlSync(Job):
         return urlparse(url).netloc.lower()   # politeness (setting LIMITS) is per host
 
     def run(self, url: str, batch: str = "") -> dict:
-        with urllib.request.urlopen(url, timeout=10) as response:
-            body = response.read()
-            charset = response.headers.get_content_charset() or "utf-8"
+        try:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                body = response.read()
+                charset = response.headers.get_content_charset() or "utf-8"
+        except urllib.error.HTTPError as exc:
+            if exc.code >= 500 or exc.code == 429:
+                raise   # worth another attempt, after a backoff
+            return {"url": url, "status": exc.code, "links": 0, "bytes": 0}   # a 404: an answer
         try:
             html = body.decode(charset, "replace")   # in the charset its Content-Type names
         except LookupError:   # one Python does not know
