@@ -422,3 +422,63 @@ def test_the_sync_crawler_takes_a_404_for_an_answer_and_retries_a_503(children):
             "url": site.url + "/gone", "status": 404, "links": 0, "bytes": 0}
         with pytest.raises(urllib.error.HTTPError, match="503"):
             CrawlSync().run(site.url + "/busy")
+
+
+ROBOTS = """# a robots.txt as sites write them
+User-agent: *
+Disallow: /*.pdf$
+Disallow: /*?session=
+Disallow: /private
+Allow: /private/public
+Disallow:
+
+User-agent: Elric-Crawler
+User-agent: other
+Disallow: /mine-only   # a comment
+Crawl-delay: 3
+
+User-agent: nobody
+Disallow: /
+"""
+
+
+@pytest.mark.parametrize("path, allowed", [
+    ("/", True), ("/a.pdf", False), ("/a.pdf?x=1", True), ("/p?session=1", False),
+    ("/p?q=1&session=1", True), ("/private/x", False), ("/private/public/y", True),
+    ("/robots.txt", True)])
+def test_robots_txt_rules_as_rfc_9309_reads_them(path, allowed):
+    """urllib's RobotFileParser knows no * nor $ (Disallow: /*.pdf$ kept nothing out) and
+    takes the first rule that matches, not the longest (Allow: /private/public lost)."""
+    from elric.demo.crawler import Robots
+
+    assert Robots(ROBOTS.splitlines(), "other-bot/2").allows(path) is allowed
+    assert Robots(ROBOTS.splitlines(), "elric-crawler/0.1").allows(path) is True
+    assert Robots([], "elric-crawler/0.1").allows(path) is True
+
+
+def test_robots_txt_groups_for_the_crawler_by_name_are_its_rules_alone():
+    from elric.demo.crawler import Robots
+
+    mine = Robots(ROBOTS.splitlines(), "elric-crawler/0.1")
+    assert not mine.allows("/mine-only/x") and mine.allows("/private")
+    nobody = Robots(ROBOTS.splitlines(), "Nobody/1.0")
+    assert not nobody.allows("/") and not nobody.allows("/private/public")
+
+
+def test_a_crawl_obeys_a_wildcard_in_robots_txt(children):
+    robots = (200, {"Content-Type": "text/plain"}, b"User-agent: *\nDisallow: /*.pdf$\n")
+    with Site({"/robots.txt": robots}) as site:
+        assert fetch(Crawl(), site.url + "/files/a.pdf")["robots"] == "disallowed"
+    assert "/files/a.pdf" not in site.hits
+
+
+def test_a_robots_txt_rule_made_to_backtrack_costs_no_time():
+    """As a regex, /*a*a*a*a*b took 40 s on a path of 300 a's, stalling the process."""
+    from elric.demo.crawler import Robots
+
+    rules = Robots(["User-agent: *", "Disallow: /*a*a*a*a*a*a*b", "Disallow: /*x*y$"], "e")
+    t0 = time.monotonic()
+    assert rules.allows("/" + "a" * 5000)
+    assert not rules.allows("/" + "a" * 5000 + "b") and not rules.allows("/x/y")
+    assert rules.allows("/x/y/") and rules.allows("/y/x")
+    assert time.monotonic() - t0 < 1

@@ -20,8 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from urllib.parse import urlparse
-from urllib.robotparser import RobotFileParser
+from urllib.parse import urlparse, urlsplit
 
 try:
     import aiohttp
@@ -32,7 +31,7 @@ except ImportError:  # pragma: no cover - depends on the install
                       "pip install 'elric[crawl]'") from None
 
 from elric import Job
-from elric.demo.crawler_sync import link_of, normalize_url
+from elric.demo.crawler_sync import link_of, normalize_url, requote
 
 USER_AGENT = "elric-crawler/0.1"
 CHUNK = 64 * 1024
@@ -95,7 +94,7 @@ class _Process:
         return self.session
 
     async def allowed(self, url: str, round_: str, timeout: float) -> bool:
-        parts = urlparse(url)
+        parts = urlsplit(url)
         key = (f"{parts.scheme}://{parts.netloc}", round_)
         rules = self.robots.get(key)
         if rules is None or (rules.done() and rules.exception() is not None):
@@ -104,25 +103,93 @@ class _Process:
             # one fetch per host and round; the jobs that ask meanwhile wait for it
             rules = self.robots[key] = asyncio.ensure_future(
                 self._read_robots(key[0], timeout))
-        return (await asyncio.shield(rules)).can_fetch(USER_AGENT, url)
+        path = f"{parts.path or '/'}?{parts.query}" if parts.query else parts.path or "/"
+        return (await asyncio.shield(rules)).allows(path)
 
-    async def _read_robots(self, origin: str, timeout: float) -> RobotFileParser:
-        rules, url = RobotFileParser(), origin + "/robots.txt"
+    async def _read_robots(self, origin: str, timeout: float) -> Robots:
+        rules, url = Robots([], USER_AGENT), origin + "/robots.txt"
         try:
             async with self.http().get(url, timeout=aiohttp.ClientTimeout(total=timeout)) \
                     as response:
                 if response.status >= 500 or response.status == 429:
                     raise ServerError(f"{url}: HTTP {response.status}")
-                if response.status >= 400:
-                    rules.parse([])   # no robots.txt: everything is allowed
-                else:
+                if response.status < 400:   # else no robots.txt: everything is allowed
                     body, _ = await _read(response, ROBOTS_MAX_BYTES)   # not all of a huge one
-                    rules.parse(body.decode("utf-8", "replace").splitlines())
+                    rules = Robots(body.decode("utf-8", "replace").splitlines(), USER_AGENT)
         except TimeoutError:
             raise _no_answer(url, timeout) from None
-        except aiohttp.TooManyRedirects:   # RFC 9309: as if there were none
-            rules.parse([])
+        except aiohttp.TooManyRedirects:
+            pass   # RFC 9309: as if there were none
         return rules
+
+
+class Robots:
+    """A robots.txt as RFC 9309 reads it: the rules of the groups naming this crawler, else
+    of ``*``; of those, the longest that matches a path (``*``: anything; a final ``$``: the
+    end), Allow on a tie. urllib's RobotFileParser knew no ``*`` nor ``$`` (``Disallow:
+    /*.pdf$`` kept nothing out) and took the first rule that matched."""
+
+    def __init__(self, lines: list[str], agent: str) -> None:
+        token = agent.split("/")[0].lower()
+        groups: list[tuple[list[str], list[tuple[str, bool]]]] = []
+        in_rules = True   # the next User-agent line starts a group
+        for line in lines:
+            key, colon, value = line.split("#", 1)[0].partition(":")
+            key, value = key.strip().lower(), value.strip()
+            if not colon or key == "sitemap":
+                continue
+            if key == "user-agent":
+                if in_rules:
+                    groups.append(([], []))
+                    in_rules = False
+                groups[-1][0].append(value.split("/")[0].lower())
+            elif groups:
+                in_rules = True
+                if key in ("allow", "disallow") and value:   # "Disallow:" keeps nothing out
+                    groups[-1][1].append((requote(value), key == "allow"))
+        named = [rules for agents, rules in groups if token in agents]   # case-insensitive
+        chosen = named or [rules for agents, rules in groups if "*" in agents]
+        rules = sorted({rule for group in chosen for rule in group},
+                       key=lambda rule: (-len(rule[0]), not rule[1]))
+        self.rules = [(pattern, _glob(pattern), allow) for pattern, allow in rules]
+
+    def allows(self, path: str) -> bool:
+        """Whether the crawler may fetch ``path`` (with its query)."""
+        if path == "/robots.txt":
+            return True
+        for prefix, glob, allow in self.rules:   # the longest first; on a tie Allow
+            if path.startswith(prefix) if glob is None else _matches(glob, path):
+                return allow
+        return True
+
+
+def _glob(pattern: str) -> tuple[list[str], bool] | None:
+    """A rule with ``*`` or a final ``$``: its parts between the ``*``, and whether it ends
+    with ``$``; None for a plain prefix."""
+    end = pattern.endswith("$")
+    if "*" not in pattern and not end:
+        return None
+    return (pattern[:-1] if end else pattern).split("*"), end
+
+
+def _matches(glob: tuple[list[str], bool], path: str) -> bool:
+    # each part at the first place it fits: linear, where a regex (.*a.*a.*a.*b) could
+    # take a minute on a path a site chose, stalling every job of the process
+    parts, end = glob
+    if not path.startswith(parts[0]):
+        return False
+    at = len(parts[0])
+    if len(parts) == 1:
+        return not end or at == len(path)
+    for part in parts[1:-1]:
+        at = path.find(part, at)
+        if at < 0:
+            return False
+        at += len(part)
+    last = parts[-1]
+    if end:
+        return len(path) - len(last) >= at and path.endswith(last)
+    return path.find(last, at) >= 0
 
 
 _process = _Process()

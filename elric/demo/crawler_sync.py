@@ -53,14 +53,14 @@ def normalize_url(url: str) -> str:
         netloc = netloc.encode("idna").decode("ascii")
     except UnicodeError:
         pass
-    return f"{scheme}://{netloc}{_requote(path)}{_requote(query)}"
+    return f"{scheme}://{netloc}{requote(path)}{requote(query)}"
 
 
 _ESCAPE = re.compile("%[0-9A-Fa-f]{2}")
 _UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")
 
 
-def _requote(text: str) -> str:
+def requote(text: str) -> str:
     # escapes what is not printable ASCII; other escapes stay (%2F is no /, %26 no &)
     return _ESCAPE.sub(_escape, quote(text, safe=string.punctuation))
 
