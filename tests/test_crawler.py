@@ -482,3 +482,14 @@ def test_a_robots_txt_rule_made_to_backtrack_costs_no_time():
     assert not rules.allows("/" + "a" * 5000 + "b") and not rules.allows("/x/y")
     assert rules.allows("/x/y/") and rules.allows("/y/x")
     assert time.monotonic() - t0 < 1
+
+
+def test_the_sync_crawler_reads_a_page_up_to_a_cap_and_parses_html_only(children):
+    """It read a page whole, however big, and parsed a PDF or an image for links."""
+    big = b"<html><body>" + b"x" * BIG + b"</body></html>"
+    links_in = b'<html><body><a href="/a">a</a></body></html>'
+    with Site({"/big": (200, {"Content-Type": "text/html"}, big),
+               "/file.pdf": (200, {"Content-Type": "application/pdf"}, links_in)}) as site:
+        result = CrawlSync().run(site.url + "/big")
+        assert (result["bytes"], result["truncated"]) == (CrawlSync.max_bytes, True)
+        assert CrawlSync().run(site.url + "/file.pdf")["links"] == 0

@@ -6,7 +6,8 @@ Every page is fetched once per crawl: each job's dedupe key is its normalized UR
 master drops a job whose key it has seen in the job's dedupe scope. Children inherit their
 parent's scope, so a periodic crawl with ``dedupe_scope="@fire"`` fetches every page once
 per round, and again next round. Links that leave the start page's host are not followed.
-A 5xx answer is retried; a 404 or other 4xx is a result.
+A 5xx answer is retried; a 404 or other 4xx is a result. At most ``max_bytes`` of a page
+are read, and only HTML is parsed for links.
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ class CrawlSync(Job):
     queue = "crawl"
     max_retries = 2
     timeout = 30
+    max_bytes = 2 * 1024 * 1024     # read at most this much of a page
 
     @classmethod
     def dedupe_key_for(cls, url: str, batch: str = "") -> str:
@@ -97,18 +99,24 @@ class CrawlSync(Job):
     def run(self, url: str, batch: str = "") -> dict:
         try:
             with urllib.request.urlopen(url, timeout=10) as response:
-                body = response.read()
+                body = response.read(self.max_bytes + 1)   # not all of a huge one
+                html = "html" in response.headers.get_content_type()
                 charset = response.headers.get_content_charset() or "utf-8"
         except urllib.error.HTTPError as exc:
             if exc.code >= 500 or exc.code == 429:
                 raise   # worth another attempt, after a backoff
             return {"url": url, "status": exc.code, "links": 0, "bytes": 0}   # a 404: an answer
+        result = {"url": url, "links": 0, "bytes": min(len(body), self.max_bytes)}
+        if len(body) > self.max_bytes:
+            body, result["truncated"] = body[:self.max_bytes], True
+        if not html:
+            return result   # a PDF, an image: no links to follow
         try:
-            html = body.decode(charset, "replace")   # in the charset its Content-Type names
+            text = body.decode(charset, "replace")   # in the charset its Content-Type names
         except LookupError:   # one Python does not know
-            html = body.decode("utf-8", "replace")
+            text = body.decode("utf-8", "replace")
         parser = Links()
-        parser.feed(html)
+        parser.feed(text)
         host = urlparse(normalize_url(url)).netloc   # as its links are spelled
         found = []
         base = parser.base and link_of(url, parser.base) or url
@@ -119,4 +127,5 @@ class CrawlSync(Job):
             found.append(link)
             # most links were seen before; the master's dedupe filter drops those
             CrawlSync.submit_with(args=[link, batch], **({"batch": batch} if batch else {}))
-        return {"url": url, "links": len(found), "bytes": len(html)}
+        result["links"] = len(found)
+        return result
