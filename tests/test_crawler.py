@@ -493,3 +493,15 @@ def test_the_sync_crawler_reads_a_page_up_to_a_cap_and_parses_html_only(children
         result = CrawlSync().run(site.url + "/big")
         assert (result["bytes"], result["truncated"]) == (CrawlSync.max_bytes, True)
         assert CrawlSync().run(site.url + "/file.pdf")["links"] == 0
+
+
+def test_a_redirect_into_what_robots_txt_forbids_is_not_followed(children):
+    """aiohttp followed redirects on its own: robots.txt was asked about the first URL only."""
+    robots = (200, {"Content-Type": "text/plain"}, b"User-agent: *\nDisallow: /private\n")
+    page = (200, {"Content-Type": "text/html"}, b"<html><body>secret</body></html>")
+    with Site({"/robots.txt": robots, "/go": redirect("/private/x"), "/private/x": page}) \
+            as site:
+        result = fetch(Crawl(), site.url + "/go")
+    assert result == {"url": site.url + "/go", "status": 302, "links": 0, "bytes": 0,
+                      "robots": "disallowed"}
+    assert "/private/x" not in site.hits

@@ -9,11 +9,11 @@ is its host, so setting ``LIMITS`` keeps a crawl polite across all workers, e.g.
 ``{"*": {"concurrency": 8}}``.
 
 As a crawler should: robots.txt is obeyed (read once per host and round in each process),
-5xx answers, timeouts and broken connections are retried with backoff (``max_retries``),
-a 404 or other 4xx is a result, not an error (as is a redirect loop), and at most
-``max_bytes`` of a page are read. robots.txt's ``Crawl-delay`` is not read: a pause between
-requests to a host is a ``LIMITS`` rule, kept across all workers, e.g.
-``{"example.com": {"interval": 10}}``.
+by every URL a redirect leads to too; 5xx answers, timeouts and broken connections are
+retried with backoff (``max_retries``); a 404 or other 4xx is a result, not an error (as is
+a redirect loop); and at most ``max_bytes`` of a page are read. robots.txt's
+``Crawl-delay`` is not read: a pause between requests to a host is a ``LIMITS`` rule, kept
+across all workers, e.g. ``{"example.com": {"interval": 10}}``.
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ from elric.demo.crawler_sync import link_of, normalize_url, requote
 USER_AGENT = "elric-crawler/0.1"
 CHUNK = 64 * 1024
 ROBOTS_MAX_BYTES = 512 * 1024   # RFC 9309: parse at least 500 KiB of a robots.txt
+MAX_REDIRECTS = 10
+_REDIRECTS = frozenset((301, 302, 303, 307, 308))
 _BASE_HREF = lxml.etree.XPath("//base/@href")   # compiled once
 
 
@@ -258,29 +260,40 @@ class Crawl(Job):
         return urlparse(url).netloc.lower()
 
     async def run(self, url: str, batch: str = "") -> dict:
-        if not await _process.allowed(url, self.dedupe_scope or batch, self.request_timeout):
-            return {"url": url, "status": None, "links": 0, "bytes": 0, "robots": "disallowed"}
         timeout = aiohttp.ClientTimeout(total=self.request_timeout)
-        try:
-            async with _process.http().get(url, timeout=timeout) as response:
-                if response.status >= 500 or response.status == 429:
-                    raise ServerError(f"{url}: HTTP {response.status}")
-                body, truncated = await _read(response, self.max_bytes)
-                html = "html" in response.content_type   # lower-case, as aiohttp parsed it
-                charset = response.charset
-                final_url = str(response.url)
-        except TimeoutError:
-            raise _no_answer(url, self.request_timeout) from None
-        except aiohttp.TooManyRedirects as exc:   # a loop, most likely: no retry mends it
-            status = exc.history[-1].status if exc.history else None
-            return {"url": url, "status": status, "links": 0, "bytes": 0,
-                    "error": "too many redirects"}
-        result = {"url": url, "status": response.status, "links": 0, "bytes": len(body)}
+        target, status, hops = url, None, 0
+        while True:   # redirects followed here: robots.txt is asked about each URL
+            if not await _process.allowed(target, self.dedupe_scope or batch,
+                                          self.request_timeout):
+                return {"url": url, "status": status, "links": 0, "bytes": 0,
+                        "robots": "disallowed"}
+            try:
+                async with _process.http().get(target, timeout=timeout,
+                                               allow_redirects=False) as response:
+                    status = response.status
+                    if status >= 500 or status == 429:
+                        raise ServerError(f"{target}: HTTP {status}")
+                    location = response.headers.get("Location") \
+                        if status in _REDIRECTS else None
+                    if location is None:
+                        body, truncated = await _read(response, self.max_bytes)
+                        html = "html" in response.content_type   # lower-case, as parsed
+                        charset = response.charset
+            except TimeoutError:
+                raise _no_answer(target, self.request_timeout) from None
+            if location is None:
+                break
+            target, hops = link_of(target, location), hops + 1
+            if target is None or hops > MAX_REDIRECTS:
+                # a loop, most likely, or a Location that is no web page: no retry mends it
+                error = "too many redirects" if target else "a redirect to no web page"
+                return {"url": url, "status": status, "links": 0, "bytes": 0, "error": error}
+        result = {"url": url, "status": status, "links": 0, "bytes": len(body)}
         if truncated:
             result["truncated"] = True
-        if response.status >= 400 or not html:
+        if status >= 400 or not html:
             return result   # a 404 is an answer: nothing to retry, no links to follow
-        result["links"] = self._submit_links(url, final_url, body, batch, charset)
+        result["links"] = self._submit_links(url, target, body, batch, charset)
         return result
 
     def _submit_links(self, url: str, base: str, html: bytes, batch: str,
