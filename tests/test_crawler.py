@@ -505,3 +505,15 @@ def test_a_redirect_into_what_robots_txt_forbids_is_not_followed(children):
     assert result == {"url": site.url + "/go", "status": 302, "links": 0, "bytes": 0,
                       "robots": "disallowed"}
     assert "/private/x" not in site.hits
+
+
+@pytest.mark.parametrize("job_class", [Crawl, CrawlSync], ids=["async", "sync"])
+def test_a_start_url_that_is_no_web_page_is_refused_at_submit(job_class):
+    """"example.com" was queued, and failed every attempt in aiohttp or urllib (a periodic
+    crawl: every round)."""
+    from elric import SpecError
+
+    for url in ("example.com", "ftp://h/", "/p/1"):
+        with pytest.raises(SpecError, match=f"{url!r} is no http"):
+            job_class.spec([url])
+    assert job_class.spec(["HTTPS://h/"])["dedupe_key"] == "https://h/"

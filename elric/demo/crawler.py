@@ -31,7 +31,7 @@ except ImportError:  # pragma: no cover - depends on the install
                       "pip install 'elric[crawl]'") from None
 
 from elric import Job
-from elric.demo.crawler_sync import link_of, normalize_url, requote
+from elric.demo.crawler_sync import link_of, normalize_url, page_key, requote
 
 USER_AGENT = "elric-crawler/0.1"
 CHUNK = 64 * 1024
@@ -253,7 +253,7 @@ class Crawl(Job):
 
     @classmethod
     def dedupe_key_for(cls, url: str, batch: str = "") -> str:
-        return normalize_url(url)
+        return page_key(url)
 
     @classmethod
     def limit_key_for(cls, url: str, batch: str = "") -> str:

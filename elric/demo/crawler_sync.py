@@ -71,6 +71,15 @@ def _escape(match: re.Match) -> str:
     return char if char in _UNRESERVED else match.group().upper()
 
 
+def page_key(url: str) -> str:
+    """A page job's dedupe key, its normalized URL; a URL that is no http(s) URL is refused
+    at submit (queued, it failed every attempt, and every round of a periodic crawl)."""
+    key = normalize_url(url)
+    if not key.startswith(("http://", "https://")):
+        raise ValueError(f"{url!r} is no http(s) URL")
+    return key
+
+
 def link_of(base: str, href: str) -> str | None:
     """The normalized http(s) URL ``href`` on page ``base`` leads to; None for another
     scheme (ftp:, mailto:) or one that does not parse (``http://[oops``): one bad link on
@@ -90,7 +99,7 @@ class CrawlSync(Job):
 
     @classmethod
     def dedupe_key_for(cls, url: str, batch: str = "") -> str:
-        return normalize_url(url)
+        return page_key(url)
 
     @classmethod
     def limit_key_for(cls, url: str, batch: str = "") -> str:
