@@ -517,3 +517,12 @@ def test_a_start_url_that_is_no_web_page_is_refused_at_submit(job_class):
         with pytest.raises(SpecError, match=f"{url!r} is no http"):
             job_class.spec([url])
     assert job_class.spec(["HTTPS://h/"])["dedupe_key"] == "https://h/"
+
+
+def test_a_robots_txt_that_starts_with_a_byte_order_mark_is_obeyed(children):
+    """Saved by a Windows editor: its first line read as "\\ufeffuser-agent", no group."""
+    robots = (200, {"Content-Type": "text/plain"},
+              "\ufeffUser-agent: *\nDisallow: /x\n".encode("utf-8"))
+    with Site({"/robots.txt": robots}) as site:
+        assert fetch(Crawl(), site.url + "/x")["robots"] == "disallowed"
+    assert "/x" not in site.hits

@@ -117,7 +117,8 @@ class _Process:
                     raise ServerError(f"{url}: HTTP {response.status}")
                 if response.status < 400:   # else no robots.txt: everything is allowed
                     body, _ = await _read(response, ROBOTS_MAX_BYTES)   # not all of a huge one
-                    rules = Robots(body.decode("utf-8", "replace").splitlines(), USER_AGENT)
+                    text = body.decode("utf-8-sig", "replace")   # without a byte order mark
+                    rules = Robots(text.splitlines(), USER_AGENT)
         except TimeoutError:
             raise _no_answer(url, timeout) from None
         except aiohttp.TooManyRedirects:
