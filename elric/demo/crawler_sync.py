@@ -7,7 +7,8 @@ master drops a job whose key it has seen in the job's dedupe scope. Children inh
 parent's scope, so a periodic crawl with ``dedupe_scope="@fire"`` fetches every page once
 per round, and again next round. Links that leave the start page's host are not followed.
 A 5xx answer is retried; a 404 or other 4xx is a result. At most ``max_bytes`` of a page
-are read, and only HTML is parsed for links.
+are read, and only HTML is parsed for links. It does not read robots.txt: crawl sites that
+are not your own with the async crawler, which obeys it.
 """
 
 from __future__ import annotations
