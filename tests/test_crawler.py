@@ -526,3 +526,11 @@ def test_a_robots_txt_that_starts_with_a_byte_order_mark_is_obeyed(children):
     with Site({"/robots.txt": robots}) as site:
         assert fetch(Crawl(), site.url + "/x")["robots"] == "disallowed"
     assert "/x" not in site.hits
+
+
+@pytest.mark.parametrize("job_class", [Crawl, CrawlSync], ids=["async", "sync"])
+def test_a_pages_limit_key_is_its_host_as_its_links_spell_it(job_class):
+    """A start URL spelled http://Example.com:80/ had limit key "example.com:80", its pages
+    "example.com": LIMITS for example.com did not hold it."""
+    assert job_class.spec(["http://Example.COM:80/"])["limit_key"] == "example.com"
+    assert job_class.spec(["http://Bücher.example/"])["limit_key"] == "xn--bcher-kva.example"

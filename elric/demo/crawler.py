@@ -258,7 +258,7 @@ class Crawl(Job):
 
     @classmethod
     def limit_key_for(cls, url: str, batch: str = "") -> str:
-        return urlparse(url).netloc.lower()
+        return urlparse(normalize_url(url)).netloc   # the host as the crawl's links spell it
 
     async def run(self, url: str, batch: str = "") -> dict:
         timeout = aiohttp.ClientTimeout(total=self.request_timeout)

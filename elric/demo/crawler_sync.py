@@ -104,7 +104,8 @@ class CrawlSync(Job):
 
     @classmethod
     def limit_key_for(cls, url: str, batch: str = "") -> str:
-        return urlparse(url).netloc.lower()   # politeness (setting LIMITS) is per host
+        # politeness (setting LIMITS) is per host, as the crawl's links spell it
+        return urlparse(normalize_url(url)).netloc
 
     def run(self, url: str, batch: str = "") -> dict:
         try:
