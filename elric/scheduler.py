@@ -184,7 +184,8 @@ class Scheduler:
             self.log.debug("scheduler pass %d at %s", self.passes, iso(now))
             args = [repr(now * 1000.0), self.batch_size, self.keys.schedule(""), self.keys.job(""),
                     self.keys.round(""), *FIRE_FIELDS]
-            reply = await self._due_s(keys=[self.keys.schedules], args=args)
+            reply = await self._due_s(keys=[self.keys.schedules, self.keys.fires_pending],
+                                      args=args)
             if len(reply) == 1:  # nothing due: the reply is the head score
                 return total, _score(reply[0])
             rows = [reply[i:i + 3] for i in range(1, len(reply), 3)]

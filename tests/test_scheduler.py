@@ -749,3 +749,30 @@ def test_a_long_lease_does_not_make_the_idle_wait_outlast_the_socket_timeout(red
             await task
             await r.aclose()
     run(redis_url, body, t=None)
+
+
+def test_max_instances_counts_a_fire_marked_but_not_yet_queued(redis_url):
+    """A fire whose enqueue failed waits in the pending fires with no job hash yet; the due
+    read saw no status for it, so max_instances=1 let the next fire be queued as well, and
+    the pending one queued after it: two runs at once."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    async def body(env):
+        async def fails_twice():  # Redis refuses the first fire's enqueue and its retry
+            if env.rec.fail:
+                env.rec.fail -= 1
+                raise RedisConnectionError("Connection refused")
+        env.rec.fail, env.rec.before = 2, fails_twice
+        await env.store.add(spec())
+        await env.sched.tick()
+        env.clock.t = T0 + 60
+        assert await env.sched.tick() == 0      # marked, not queued
+        env.clock.t = T0 + 120
+        assert await env.sched.tick() == 0      # the retry fails too; T0+120 must not run
+        env.clock.t = T0 + 121
+        assert await env.sched.tick() == 1      # the pending fire, at last
+        assert env.rec.times == [T0 + 60]
+        runs = await env.runs()
+        assert [(r["fire_time"], r["outcome"], r.get("reason")) for r in runs] == [
+            (T0 + 60, "enqueued", None), (T0 + 120, "skipped", "max_instances")]
+    run(redis_url, body, status="queued")
