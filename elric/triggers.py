@@ -298,6 +298,12 @@ class _CronTrigger(CronTrigger):
 
     def next_instant(self, s: int) -> int | None:
         """The first fire time at or after whole second ``s`` (epoch), without jitter."""
+        try:
+            return self._next_instant(s)
+        except (OverflowError, ValueError):  # a wall time late in 9999 is in 10000 in UTC
+            return None
+
+    def _next_instant(self, s: int) -> int | None:
         tz = self.timezone
         local = datetime.fromtimestamp(s, tz)
         w = local.replace(tzinfo=None)
@@ -484,7 +490,10 @@ def next_fire(trigger: BaseTrigger, t: float, *, first: bool = False) -> float |
     """The fire time after a fire at ``t`` (``first``: the first fire at or after ``t``), in
     epoch seconds; None: none left."""
     dt = datetime.fromtimestamp(t, UTC)
-    nxt = trigger.get_next_fire_time(None if first else dt, dt)
+    try:
+        nxt = trigger.get_next_fire_time(None if first else dt, dt)
+    except (OverflowError, OSError, ValueError):  # its next fire (an interval's, a jittered
+        return None                                  # one) is past the year 9999
     return None if nxt is None else nxt.timestamp()
 
 

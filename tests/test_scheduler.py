@@ -776,3 +776,22 @@ def test_max_instances_counts_a_fire_marked_but_not_yet_queued(redis_url):
         assert [(r["fire_time"], r["outcome"], r.get("reason")) for r in runs] == [
             (T0 + 60, "enqueued", None), (T0 + 120, "skipped", "max_instances")]
     run(redis_url, body, status="queued")
+
+
+@pytest.mark.parametrize("trigger", [
+    {"type": "cron", "crontab": "0 23 31 12 *", "timezone": "America/New_York"},
+    {"type": "interval", "weeks": 53, "start_date": "9998-12-31T23:00:00-05:00"},
+])
+def test_a_schedule_whose_next_fire_is_past_the_year_9999_finishes(redis_url, caplog, trigger):
+    """Its next fire after 9998-12-31 23:00 New York time is in the year 10000 in UTC: the
+    pass raised OverflowError and retried the job every 60 s forever instead of finishing it."""
+    last = datetime(9998, 12, 31, 23, tzinfo=ZoneInfo("America/New_York")).timestamp()
+
+    async def body(env):
+        await env.store.add(spec(trigger=trigger))
+        env.clock.t = last + 1
+        assert await env.sched.tick() == 1 and env.rec.times == [last]
+        assert (await env.store.get("site"))["status"] == "finished"
+        assert not await env.r.zscore(env.keys.schedules, "site")
+    run(redis_url, body, t=last - 3600)
+    assert "cannot compute its fires" not in caplog.text
