@@ -200,6 +200,15 @@ def _offset_change(lo: int, hi: int, tz: tzinfo) -> int:
     return hi
 
 
+def _existing(dt: datetime) -> datetime:
+    """``dt``, or for a wall time a DST gap skips, the jump (the first instant after the gap),
+    where a fixed-time cron job runs too (docs/CRON.md). A repeated time is its first pass."""
+    if dt.astimezone(UTC).astimezone(dt.tzinfo).replace(tzinfo=None) == dt.replace(tzinfo=None):
+        return dt
+    lo, hi = sorted((dt.replace(fold=1).timestamp(), dt.replace(fold=0).timestamp()))
+    return datetime.fromtimestamp(_offset_change(int(lo), math.ceil(hi), dt.tzinfo), dt.tzinfo)
+
+
 class _CronTrigger(CronTrigger):
     """APScheduler's cron fields and validation, with fire times computed here: on wall-clock
     fields in the zone, then resolved to an instant as cron does across DST (see docs/CRON.md).
@@ -443,6 +452,7 @@ def _parse(data: dict, now: float) -> tuple[BaseTrigger, dict]:
         except OverflowError:
             raise TriggerError("trigger.run_date", f"{data['run_date']!r} is out of range "
                                                    "(years 1 to 9999 in UTC)") from None
+        run_date = _existing(run_date)
         trigger, fields = DateTrigger(run_date=run_date, timezone=tz), {"run_date": run_date}
     elif kind == "interval":
         fields = {u: _number(data, u) for u in INTERVAL_UNITS if data.get(u) is not None}
