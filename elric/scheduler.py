@@ -45,7 +45,7 @@ class FirePlan:
     version: bytes              # as read; scheduler_fire.lua applies the plan only if unchanged
     next: float | None          # its next run time after this pass (None: finished)
     options: Options = field(default_factory=Options)
-    spec: bytes = b""           # the job spec (msgpack) every fire gets
+    spec: dict = field(default_factory=dict)  # the job spec every fire gets
     # (fire time, outcome, runs record extras), oldest first; max_instances may skip ENQUEUED
     fires: list[tuple[float, Outcome, dict]] = field(default_factory=list)
 
@@ -200,6 +200,9 @@ class Scheduler:
         h = dict(zip(FIRE_FIELDS, row))
         if h["spec"] is None:  # an index entry without its hash: scheduler_fire.lua drops it
             return FirePlan(job_id, b"", None)
+        spec = unpack(h["spec"])  # read here, where bad stored data is caught
+        if not isinstance(spec, dict):
+            raise ValueError(f"its stored spec is a {type(spec).__name__}, not a map")
         options, trigger = Options.from_hash(h), _trigger(h["trigger"])
         grace, policy = options.misfire_grace_time, options.coalesce
         horizon = -math.inf if grace is None else now - grace
@@ -232,7 +235,7 @@ class Scheduler:
             fires.append((due[-1], Outcome.ENQUEUED, {"coalesced": len(due) - 1}))
         else:
             fires += [(d, Outcome.ENQUEUED, {}) for d in due]
-        return FirePlan(job_id, h["version"], t, options, h["spec"], fires)
+        return FirePlan(job_id, h["version"], t, options, spec, fires)
 
     def _job_args(self, plan: FirePlan, live: list[str], now: float, specs: dict):
         """The keys and argv scheduler_fire.lua takes for one plan (see its header). A fire
@@ -248,7 +251,7 @@ class Scheduler:
                        else max(60, math.ceil(t + grace + FIRE_MARK_MARGIN - now)))
                 live.append(fid)
                 keys.append(self.keys.fire(fid))
-                specs[fid] = {**unpack(plan.spec), "job_id": fid, "schedule": job_id,
+                specs[fid] = {**plan.spec, "job_id": fid, "schedule": job_id,
                               "fire_time": t}
             record = {"fire_time": t, "job_id": fid, "outcome": outcome, "at": now, **extra}
             kind = {Outcome.ENQUEUED: "f", Outcome.MISSED: "m", Outcome.SKIPPED: "s"}[outcome]

@@ -376,6 +376,20 @@ def test_unreadable_job_is_retried_later_without_stalling_the_others(redis_url):
     run(redis_url, body)
 
 
+@pytest.mark.parametrize("bad", [b"\xc1", b"\x05"])  # not msgpack; not a map
+def test_a_job_spec_that_cannot_be_read_does_not_stall_the_others(redis_url, bad):
+    """The spec was read only while the fires' arguments were built, outside the guard
+    for bad stored data: every pass raised, and no periodic job fired any more."""
+    async def body(env):
+        await env.store.add(spec("bad"))
+        await env.store.add(spec("good"))
+        await env.r.hset(env.keys.schedule("bad"), "spec", bad)
+        env.clock.t = T0 + 60
+        assert await env.sched.tick() == 1 and env.rec.specs[0]["schedule"] == "good"
+        assert await env.r.zscore(env.keys.schedules, "bad") == (T0 + 120) * 1000
+    run(redis_url, body)
+
+
 def test_batches_fire_every_due_job_in_one_tick(redis_url):
     async def body(env):
         env.sched.batch_size = 100
