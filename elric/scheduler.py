@@ -30,6 +30,7 @@ from elric.triggers import build_trigger, next_fire
 CATCHUP_LIMIT = 1000        # fires of one job handled per pass when catching up a backlog
 FIRE_MARK_MARGIN = 600      # fire marks outlive the grace window by this (clock skew, slow masters)
 FIRE_MARK_TTL_NO_GRACE = 86400
+FIRE_MARK_TTL_MAX = 366 * 86400  # a huge grace must not make Redis refuse the mark's ttl
 SHORT_WAIT = 0.25           # Redis times out BLPOP only ~10x/s: shorter waits use asyncio.sleep
 LONGEST_BLOCK = 2.0         # a BLPOP must answer well inside the clients' socket_timeout (5 s)
 FIRE_FIELDS = ("spec", "trigger", "next_run_time", "version", "misfire_grace_time", "coalesce",
@@ -248,7 +249,8 @@ class Scheduler:
                 outcome, extra = Outcome.SKIPPED, {"reason": "max_instances"}
             elif outcome is Outcome.ENQUEUED:
                 ttl = (FIRE_MARK_TTL_NO_GRACE if grace is None
-                       else max(60, math.ceil(t + grace + FIRE_MARK_MARGIN - now)))
+                       else max(60, min(FIRE_MARK_TTL_MAX,
+                                        math.ceil(t + grace + FIRE_MARK_MARGIN - now))))
                 live.append(fid)
                 keys.append(self.keys.fire(fid))
                 specs[fid] = {**plan.spec, "job_id": fid, "schedule": job_id,

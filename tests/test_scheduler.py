@@ -404,6 +404,19 @@ def test_a_job_spec_that_cannot_be_read_does_not_stall_the_others(redis_url, bad
     run(redis_url, body)
 
 
+def test_a_huge_misfire_grace_time_does_not_stall_the_scheduler(redis_url):
+    """The fire mark's ttl grows with the grace: 1e300 s (accepted at submit) made Redis
+    refuse the fire script's SET EX, so every pass failed and no periodic job fired."""
+    async def body(env):
+        await env.store.add(spec("patient", misfire_grace_time=1e300))
+        await env.store.add(spec("good"))
+        env.clock.t = T0 + 60
+        assert await env.sched.tick() == 2
+        assert sorted(s["schedule"] for s in env.rec.specs) == ["good", "patient"]
+        assert await env.r.ttl(env.keys.fire(fire_id("patient", T0 + 60))) > 86400
+    run(redis_url, body)
+
+
 def test_batches_fire_every_due_job_in_one_tick(redis_url):
     async def body(env):
         env.sched.batch_size = 100
