@@ -427,6 +427,10 @@ def parse_trigger(data: dict, *, now: float | None = None) -> tuple[BaseTrigger,
     if isinstance(trigger, _CronTrigger) and next_fire(trigger, now, first=True) is None:
         raise _never_fires(trigger, data, now)
     if isinstance(trigger, _IntervalTrigger) and next_fire(trigger, now, first=True) is None:
+        if trigger.end_date is None:  # no end: its first fire is past the year 9999 in UTC
+            raise TriggerError("trigger.start_date", f"{trigger.start_date.isoformat()} is out "
+                                                     "of range: the first fire would come after "
+                                                     "the year 9999 in UTC")
         raise TriggerError("trigger.end_date", f"{trigger.end_date.isoformat()} comes before "
                                                "the next fire; this interval never fires")
     return trigger, normalized
