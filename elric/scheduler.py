@@ -316,10 +316,10 @@ class Scheduler:
         except Fenced:
             self._step_down("enqueue refused the fence token")
             return 0
-        except Exception:  # Redis away past retries: the next pass queues them
+        except Exception as exc:  # Redis away past retries: the next pass queues them
             self._pending = True
-            self.log.exception("queueing %d fire(s) failed; they stay pending and are tried "
-                               "again", len(fires))
+            self._log_failure(f"queueing {len(fires)} fire(s) failed; they stay pending and "
+                              "are tried again", exc)
             return 0
         # what the dedupe filter dropped never reached enqueue.lua: no longer pending either
         if dropped := [s.job_id for s in queued if s.status == Status.FILTERED]:

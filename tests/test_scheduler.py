@@ -836,3 +836,24 @@ def test_a_schedule_whose_next_fire_is_past_the_year_9999_finishes(redis_url, ca
         assert not await env.r.zscore(env.keys.schedules, "site")
     run(redis_url, body, t=last - 3600)
     assert "cannot compute its fires" not in caplog.text
+
+
+def test_an_enqueue_failing_for_a_redis_outage_logs_one_line(redis_url, caplog):
+    """Redis away is expected weather (one warning line, as for a failed pass); the fires'
+    enqueue logged a full traceback for it, as for a bug."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    async def body(env):
+        async def away():
+            env.rec.before = None
+            raise RedisConnectionError("Connection refused")
+        await env.store.add(spec())
+        await env.sched.tick()
+        env.clock.t = T0 + 60
+        env.rec.before = away
+        assert await env.sched.tick() == 0
+        assert await env.sched.tick() == 1    # queued by the next pass
+    run(redis_url, body)
+    [failed] = [r for r in caplog.records if "queueing 1 fire(s) failed" in r.getMessage()]
+    assert failed.levelname == "WARNING" and failed.exc_info is None
+    assert "Connection refused" in failed.getMessage()
