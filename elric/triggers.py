@@ -49,11 +49,9 @@ class TriggerError(ValueError):
 class _IntervalTrigger(IntervalTrigger):
     """IntervalTrigger whose jitter does not accumulate: APScheduler 3.x adds the interval to
     the previous (jittered) fire time, so it drifts; here each fire is jittered from its grid
-    point. A fire before start_date (run_job) is followed by the first fire at start_date."""
+    point."""
 
     def get_next_fire_time(self, previous_fire_time, now):
-        if previous_fire_time is not None and previous_fire_time < self.start_date:
-            previous_fire_time = None  # a fire run early (run_job) does not start it early
         if previous_fire_time is None or not self.jitter:
             return super().get_next_fire_time(previous_fire_time, now)
         start = self.start_date.timestamp()

@@ -336,20 +336,6 @@ def test_run_now_before_start_date_keeps_the_cron_from_firing_before_it(redis_ur
     run(redis_url, body)
 
 
-@pytest.mark.parametrize("jitter", [None, 5])
-def test_run_now_before_start_date_keeps_the_interval_from_firing_before_it(redis_url, jitter):
-    """As for cron: an interval's next fire after a run asked for before its start_date was
-    that run plus the interval, so it fired every minute from then on, before its start."""
-    async def body(env):
-        start = T0 + 86400
-        await env.store.add(spec(trigger={"type": "interval", "minutes": 1, "start_date": start,
-                                          **({"jitter": jitter} if jitter else {})}))
-        await env.store.run_now("site")
-        assert await env.sched.tick() == 1 and env.rec.times == [T0]
-        assert start <= (await env.store.get("site"))["next_run_time"] <= start + (jitter or 0)
-    run(redis_url, body)
-
-
 def test_modify_between_read_and_fire_is_not_overwritten(redis_url):
     async def body(env):
         await env.store.add(spec())
