@@ -226,7 +226,7 @@ class RedisJobStore:
             argv = [job_id, job.version, score, "1" if cur is None else "0", FINISHED_TTL,
                     *itertools.chain.from_iterable(job.to_hash(self.clock()).items())]
             keys = [self.keys.schedule(job_id), self.keys.schedule_runs(job_id),
-                    self.keys.schedules, self.keys.scheduler_wake]
+                    self.keys.schedules, self.keys.scheduler_wake, self.keys.seq]
             if await self._put(keys=keys, args=argv) != -1:
                 return job
         raise ScheduleError(f"job {job_id!r} is being changed concurrently; try again")

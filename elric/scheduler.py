@@ -267,7 +267,7 @@ class Scheduler:
         """Plan, mark and enqueue the fires of ``rows`` (job_id, hash fields, its recent fires
         with their statuses); returns (fires enqueued, index head score in ms)."""
         keys = [*self._lease_keys, self.keys.schedules, self.keys.fires_pending,
-                self.keys.fire_stats]
+                self.keys.fire_stats, self.keys.seq]
         token = self.token   # the lease may be lost while this pass awaits Redis
         if token is None:
             return 0, math.inf

@@ -354,6 +354,27 @@ def test_modify_between_read_and_fire_is_not_overwritten(redis_url):
     run(redis_url, body)
 
 
+def test_remove_and_add_again_between_read_and_fire_is_not_overwritten(redis_url):
+    """A job added anew got version 1 again: a plan read from the removed job (also at
+    version 1) was applied to the new one, queueing a fire with the old spec and moving
+    the new job's next run time by the old trigger."""
+    async def body(env):
+        await env.store.add(spec())
+        env.clock.t = T0 + 60
+        real = env.sched._fire_s
+
+        async def replace_first(keys, args):  # a user removes the job and adds it again
+            await env.store.remove("site")
+            await env.store.add(spec(args=["new"], trigger={"type": "interval", "minutes": 7}))
+            env.sched._fire_s = real
+            return await real(keys=keys, args=args)
+        env.sched._fire_s = replace_first
+        assert await env.sched.tick() == 0 and env.rec.specs == []  # the stale plan is dropped
+        job = await env.store.get("site")
+        assert job["next_run_time"] == T0 + 60 + 420 and job["runs"] == []
+    run(redis_url, body)
+
+
 def test_orphan_index_entries_are_dropped(redis_url):
     async def body(env):
         await env.store.add(spec())
