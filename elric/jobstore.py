@@ -148,7 +148,7 @@ class RedisJobStore:
                  min_interval: float = 1.0) -> None:
         self.redis, self.keys, self.clock, self.runs_kept = redis, keys, clock, runs_kept
         self.min_interval = min_interval  # settings.MIN_INTERVAL: shortest interval accepted
-        self._put = lua.load(redis, "jobstore_put")
+        self._put = lua.load(redis, "jobstore_put", "version_fn")
 
     # --- reading -------------------------------------------------------------------------
     async def _load(self, job_id: str) -> StoredJob | None:

@@ -106,9 +106,9 @@ class Scheduler:
         self._lease_ms = max(1, int(lease_seconds * 1000))
         self.is_leader, self.token = False, None  # token: the fence token while leading
         self._lease_keys = [keys.scheduler_lease, keys.scheduler_fence]
-        self._acquire_s, self._renew_s, self._release_s, self._due_s, self._fire_s = (
-            lua.load(redis, f"scheduler_{name}")
-            for name in ("acquire", "renew", "release", "due", "fire"))
+        self._acquire_s, self._renew_s, self._release_s, self._due_s = (
+            lua.load(redis, f"scheduler_{name}") for name in ("acquire", "renew", "release", "due"))
+        self._fire_s = lua.load(redis, "scheduler_fire", "version_fn")
         self._stop, self._leader, self._done = asyncio.Event(), asyncio.Event(), asyncio.Event()
         self._done.set()  # run() is not running (each run makes fresh events)
         self._lease_wait = lease_seconds / 3  # shorter when the holder's lease runs out sooner

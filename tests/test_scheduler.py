@@ -375,6 +375,26 @@ def test_remove_and_add_again_between_read_and_fire_is_not_overwritten(redis_url
     run(redis_url, body)
 
 
+def test_a_version_stored_before_the_counter_is_never_given_again(redis_url):
+    """A job stored when versions counted up per job may hold one the counter has not
+    reached: a modify must still write a new one, or the stale plan is applied over it."""
+    async def body(env):
+        await env.store.add(spec())
+        await env.r.hset(env.keys.schedule("site"), "version", "7")
+        await env.r.set(env.keys.seq, 6)
+        env.clock.t = T0 + 60
+        real = env.sched._fire_s
+
+        async def modify_first(keys, args):
+            await env.store.modify("site", {"args": ["changed"]})
+            env.sched._fire_s = real
+            return await real(keys=keys, args=args)
+        env.sched._fire_s = modify_first
+        assert await env.sched.tick() == 0
+        assert await env.sched.tick() == 1 and env.rec.specs[0]["args"] == ["changed"]
+    run(redis_url, body)
+
+
 def test_orphan_index_entries_are_dropped(redis_url):
     async def body(env):
         await env.store.add(spec())

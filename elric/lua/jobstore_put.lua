@@ -13,7 +13,7 @@ local cur = redis.call('HGET', KEYS[1], 'version') or ''
 if cur ~= ARGV[2] then return -1 end
 redis.call('PERSIST', KEYS[1])
 if ARGV[4] == '1' then redis.call('DEL', KEYS[2]) end
-local version = redis.call('INCR', KEYS[5])
+local version = next_version(KEYS[5], cur)
 redis.call('HSET', KEYS[1], 'version', version, unpack(ARGV, 6))
 if ARGV[3] == '' then
   redis.call('ZREM', KEYS[3], ARGV[1])

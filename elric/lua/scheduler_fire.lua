@@ -44,7 +44,7 @@ for _ = 1, tonumber(ARGV[5]) do
   if ok then
     if pushed then redis.call('LTRIM', runs, 0, keep - 1) end
     redis.call('HSET', hash, 'next_run_time', nrt, 'next_run_iso', nri, 'recent', recent,
-               'version', redis.call('INCR', KEYS[6]))
+               'version', next_version(KEYS[6], cur))
     if score == '' then
       redis.call('ZREM', KEYS[3], job_id)
       redis.call('EXPIRE', hash, ARGV[4])
