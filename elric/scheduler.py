@@ -293,6 +293,8 @@ class Scheduler:
             self._pending = True
             raise
         if result[0] == 0:
+            if self.token != token:  # took again by this master (look again now), or lost
+                return 0, 0.0
             self._step_down("fence moved on: another master holds the lease")
             return 0, math.inf
         head, accepted = _score(result[1]), [specs[f.decode()] for f in result[2:]]
@@ -313,8 +315,9 @@ class Scheduler:
             return 0
         try:
             queued = await self.enqueue(fires, token, recovered=recovered)
-        except Fenced:
-            self._step_down("enqueue refused the fence token")
+        except Fenced:  # they stay pending; a token of this master's own queues them
+            if self.token == token:
+                self._step_down("enqueue refused the fence token")
             return 0
         except Exception as exc:  # Redis away past retries: the next pass queues them
             self._pending = True

@@ -495,6 +495,42 @@ def test_two_masters_one_leader_no_double_fire_and_handover(redis_url):
     run(redis_url, body)
 
 
+@pytest.mark.parametrize("where", ["fire script", "enqueue"])
+def test_a_pass_fenced_by_this_masters_own_new_token_keeps_it_leading(redis_url, where):
+    """The lease ran out mid-pass (a stall) and the lease loop took it again, with a new
+    token: the pass, fenced under its old token, stepped the master down though it held
+    the lease, and nobody scheduled until its lease loop looked again."""
+    async def body(env):
+        a = env.sched
+        await env.store.add(spec())
+        await a.tick()
+        env.clock.t = T0 + 60
+        real = a._fire_s
+
+        async def take_again():
+            await env.r.delete(env.keys.scheduler_lease)
+            assert await a._acquire()       # what _lease_loop does after a failed renew
+
+        async def lease_taken_again(keys, args):
+            a._fire_s = real
+            await take_again()
+            return await real(keys=keys, args=args)
+
+        async def once():
+            env.rec.before = None
+            await take_again()
+        if where == "enqueue":
+            env.rec.before = once
+        else:
+            a._fire_s = lease_taken_again
+        old = a.token
+        assert await a.tick() == 0
+        assert a.is_leader and a.token == old + 1
+        assert await a.tick() == 1 and env.rec.tokens == [old + 1]
+        assert env.rec.times == [T0 + 60]
+    run(redis_url, body)
+
+
 def test_stale_leader_is_fenced(redis_url):
     async def body(env):
         rec_b = Recorder(env.r, env.keys)
