@@ -513,8 +513,8 @@ def next_fire(trigger: BaseTrigger, t: float, *, first: bool = False) -> float |
     dt = datetime.fromtimestamp(t, UTC)
     try:
         nxt = trigger.get_next_fire_time(None if first else dt, dt)
-    except (OverflowError, OSError, ValueError):  # its next fire (an interval's, a jittered
-        return None                                  # one) is past the year 9999
+    except (OverflowError, OSError, ValueError):  # past the year 9999 (an interval, jitter)
+        return None
     return None if nxt is None else nxt.timestamp()
 
 
