@@ -52,6 +52,12 @@ class _IntervalTrigger(IntervalTrigger):
     point."""
 
     def get_next_fire_time(self, previous_fire_time, now):
+        try:
+            return self._next(previous_fire_time, now)
+        except (OverflowError, OSError, ValueError):  # fromtimestamp: past the year 9999
+            return None
+
+    def _next(self, previous_fire_time, now):
         if previous_fire_time is None or not self.jitter:
             return super().get_next_fire_time(previous_fire_time, now)
         start = self.start_date.timestamp()
@@ -122,6 +128,7 @@ MACROS = {"@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *", "@monthly": "0 0 1 *
           "@hourly": "0 * * * *"}
 _SEARCH_YEARS = 401  # the Gregorian calendar (weekdays included) repeats every 400 years
 _SECOND = timedelta(seconds=1)
+_END = 253402300800  # 10000-01-01T00:00:00Z: no fire time from here on
 
 
 def _crontab_values(name: str, expr: str) -> list[int]:
@@ -312,9 +319,11 @@ class _CronTrigger(CronTrigger):
 
     def next_instant(self, s: int) -> int | None:
         """The first fire time at or after whole second ``s`` (epoch), without jitter."""
+        if s >= _END:
+            return None
         try:
             return self._next_instant(s)
-        except (OverflowError, ValueError):  # a wall time late in 9999 is in 10000 in UTC
+        except OverflowError:  # a time late in 9999 that is in 10000 in UTC or in the zone
             return None
 
     def _next_instant(self, s: int) -> int | None:
@@ -513,7 +522,7 @@ def next_fire(trigger: BaseTrigger, t: float, *, first: bool = False) -> float |
     dt = datetime.fromtimestamp(t, UTC)
     try:
         nxt = trigger.get_next_fire_time(None if first else dt, dt)
-    except (OverflowError, OSError, ValueError):  # past the year 9999 (an interval, jitter)
+    except OverflowError:  # a jittered fire past the year 9999
         return None
     return None if nxt is None else nxt.timestamp()
 
