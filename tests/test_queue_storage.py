@@ -245,3 +245,18 @@ def test_a_cancelled_job_removed_counts_once_in_its_round(redis_url):
         counts = {k.decode(): int(v) for k, v in (await r.hgetall(KEYS.round("R"))).items()}
         assert counts == {"submitted": 2, "removed": 1}
     asyncio.run(with_queue(redis_url, body))
+
+
+def test_max_retries_past_2_to_the_53_is_kept_exactly_and_retries(redis_url):
+    """Lua numbers are doubles, but max_retries travels and is stored as text: the value a
+    worker and get_job see is the one sent, and a failed attempt is retried."""
+    async def body(q, r):
+        for n in (2**53 + 1, 2**63, 2**64 - 1):
+            [spec] = specs(1, job_id=f"j{n}", max_retries=n)
+            await q.enqueue([spec])
+            [claim] = (await q.fetch("w", ["default"], 1, 30)).claims
+            assert claim.max_retries == n
+            assert await q.finish("w", [Outcome(claim.job_id, claim.attempt, False, "boom", 5,
+                                                retry_ms=0)]) == ["retrying"]
+            assert (await q.get_job(f"j{n}"))["max_retries"] == n
+    asyncio.run(with_queue(redis_url, body))
