@@ -303,7 +303,8 @@ class RedisJobStore:
         return await self._update(job_id, change) is not None
 
     async def resume(self, job_id: str) -> bool:
-        """Fire again from now on (fires due while paused are dropped); True if it exists."""
+        """Fire again from now on (fires due while paused are dropped, but not a date job's
+        one fire: misfire_grace_time judges it); True if it exists."""
         def change(job: StoredJob) -> StoredJob | None:
             if not job.paused:
                 return None
