@@ -134,6 +134,12 @@ def test_pause_resume(redis_url):
         job = await store.get("site")
         assert job["paused"] is False and job["next_run_time"] == T0 + 900 * 4
         assert await store.pause("nope") is False and await store.resume("nope") is False
+        # a date job's one fire is kept: misfire_grace_time then judges it, as a late fire
+        await store.add(spec("once", trigger={"type": "date", "run_date": T0 + 3600}))
+        assert await store.pause("once") is True
+        clock.t = T0 + 7200
+        assert await store.resume("once") is True
+        assert (await store.get("once"))["next_run_time"] == T0 + 3600
     run(redis_url, body)
 
 
