@@ -383,7 +383,7 @@ class RedisQueue:
         """Queue a finished job again; raises NotFound / Refused with the reason."""
         k = self.keys
         try:
-            return _s(await self._rerun(keys=[k.job(job_id), k.seq],
+            return _s(await self._rerun(keys=[k.job(job_id), k.seq, k.counters],
                                         args=[k.queue(""), k.wake(""), k.status(""), job_id,
                                               k.round(""), self.failed_ttl, k.batch(""),
                                               k.func("")]))

@@ -245,3 +245,22 @@ def test_a_cancelled_job_removed_counts_once_in_its_round(redis_url):
         counts = {k.decode(): int(v) for k, v in (await r.hgetall(KEYS.round("R"))).items()}
         assert counts == {"submitted": 2, "removed": 1}
     asyncio.run(with_queue(redis_url, body))
+
+
+def test_a_rerun_counts_as_submitted_in_the_totals_and_its_queue_as_in_its_func(redis_url):
+    # a rerun queues the job again: every count of submissions must see it, or a queue's
+    # (and the totals') succeeded outgrows its submitted while its func's does not
+    async def body(q, r):
+        await q.enqueue(specs(1, job_id="again", queue="qr"))
+        for _ in range(2):
+            claim, = (await q.fetch("w1", ["qr"], 1, 30)).claims
+            assert await q.finish("w1", [Outcome("again", claim.attempt, True, b"\xc0", 5)]) \
+                == ["succeeded"]
+            if _ == 0:
+                assert await q.rerun("again") == "succeeded"
+        stats = await q.stats()
+        assert stats["funcs"][FUNC]["submitted"] == 2
+        assert (stats["totals"]["submitted"], stats["totals"]["succeeded"]) == (2, 2)
+        assert (stats["by_queue"]["qr"]["submitted"], stats["by_queue"]["qr"]["succeeded"]) \
+            == (2, 2)
+    asyncio.run(with_queue(redis_url, body))
