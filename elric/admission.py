@@ -98,13 +98,15 @@ class Admission:
             await reservation.check()
             # A resent submission (same job_id, same key) is not a duplicate of itself:
             # report the status of the job it already is. Only chosen ids can exist.
-            resent = [s["job_id"] for s in reservation.filtered if s["job_id"] in chosen]
-            statuses = dict(zip(resent, await self.queue.get_statuses(resent))) if resent else {}
+            resent = [s for s in reservation.filtered if s["job_id"] in chosen]
+            holds = await self.queue.get_holds([s["job_id"] for s in resent]) if resent else []
+            statuses = {s["job_id"]: h.status for s, h in zip(resent, holds) if h}
             submitted = await self.queue.enqueue(reservation.passed)
         except BaseException as exc:
             await self._clean_up(reservation.cancel(), exc)
             raise
         await reservation.settle(submitted)
+        await self.gate.uncount_resent(list(zip(resent, holds)))
         out = {id(s): r for s, r in zip(reservation.passed, submitted)}
         for s in reservation.filtered:
             out[id(s)] = Submitted(s["job_id"], statuses.get(s["job_id"]) or Status.FILTERED)

@@ -79,6 +79,11 @@ class DedupeFilter(ABC):
             "cannot remove a key without removing bits other keys share (use the "
             "'set' backend if jobs must be re-admitted after failure)")
 
+    async def uncount(self, scope: str, n: int) -> None:
+        """Take back ``n`` of the scope's ``filtered``: keys found seen that turned out to
+        be the same job sent again, not a duplicate dropped."""
+        await self.redis.hincrby(self.keys.dedupe_stats(scope), "filtered", -n)
+
     @abstractmethod
     async def stats(self) -> dict[str, dict]:
         """Per scope: backend, items, filtered, bytes (+ capacity, stages, fill_ratio,
@@ -371,6 +376,10 @@ class BloomFilter(DedupeFilter):
         self._dirty.add(scope)
         self._note_growth(scope, f.items, f.capacity, f.error_rate)
         return out
+
+    async def uncount(self, scope: str, n: int) -> None:
+        (await self._filter(scope)).filtered -= n   # the count is the filter's, in memory
+        self._dirty.add(scope)
 
     async def stats(self) -> dict[str, dict]:
         return {scope: {"backend": self.name, **f.stats()}

@@ -10,6 +10,7 @@ exact filters can give keys back; a Bloom filter keeps them.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 
 from elric.config import Settings
@@ -130,6 +131,20 @@ class DedupeGate:
                     await f.release(scope, keys)
                 except Exception as exc:
                     log.warning("could not give back dedupe keys of scope %r: %s", scope, exc)
+
+    async def uncount_resent(self, found: list[tuple[dict, Hold | None]]) -> None:
+        """Filtered specs (with the job found under each id): one whose job holds that very
+        key is that job sent again, not a duplicate dropped, so its filter's ``filtered``
+        takes it back (a failure is only logged)."""
+        by_scope = Counter(spec["dedupe_scope"] for spec, hold in found if hold is not None
+                           and (hold.dedupe_key, hold.dedupe_scope) == (spec["dedupe_key"],
+                                                                        spec["dedupe_scope"]))
+        for scope, n in by_scope.items():
+            try:
+                await self.filter_for(scope).uncount(scope, n)
+            except Exception as exc:
+                log.warning("could not uncount %d resent job(s) in dedupe scope %r: %s", n,
+                            scope, exc)
 
     def _holds(self, hold: Hold | None, spec: dict) -> bool:
         """Whether the job under a spec's id holds its key: a job with this very key and

@@ -332,3 +332,20 @@ def test_a_recovered_fire_whose_key_its_failed_leader_took_is_queued(redis_url):
             later = await m.submit_jobs([{"func": E, "job_id": "copy", "dedupe_key": "K1"}])
             assert later[0]["status"] == "filtered"   # the fire holds K1 again
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("backend", ["set", "bloom", "redis-bloom"])
+def test_a_resent_job_is_not_counted_filtered(redis_url, backend):
+    """A submission sent again (its reply was lost) answers the job it made: the filter
+    found its key, but no job was dropped, so `filtered` must not count it."""
+    async def main():
+        async with master(redis_url, FILTER_BACKEND=backend) as m:
+            spec = {"func": E, "job_id": "j1", "dedupe_key": "k", "dedupe_scope": "s"}
+            for _ in range(2):
+                assert await m.submit_jobs([spec]) == [{"job_id": "j1", "status": "queued"}]
+            assert (await m.stats())["by_status"]["filtered"] == 0
+            dup = await m.submit_jobs([{**spec, "job_id": "j2"}])   # another job, same key
+            assert dup == [{"job_id": "j2", "status": "filtered"}]
+            stats = await m.stats()
+            assert (stats["by_status"]["filtered"], stats["filters"]["s"]["filtered"]) == (1, 1)
+    asyncio.run(main())
