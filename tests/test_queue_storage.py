@@ -264,3 +264,18 @@ def test_a_rerun_counts_as_submitted_in_the_totals_and_its_queue_as_in_its_func(
         assert (stats["by_queue"]["qr"]["submitted"], stats["by_queue"]["qr"]["succeeded"]) \
             == (2, 2)
     asyncio.run(with_queue(redis_url, body))
+
+
+def test_a_job_cancelled_before_it_ran_counts_in_its_queues_cancelled(redis_url):
+    # the counters' per-queue fields sum to their totals, as for a job cancelled running
+    async def body(q, r):
+        await q.enqueue(specs(2, queue="qc"))
+        ids = [m.decode()[17:] for m in await r.zrange(KEYS.queue("qc"), 0, -1)]
+        assert await q.cancel(ids[0]) == "queued"
+        claim, = (await q.fetch("w1", ["qc"], 1, 30)).claims
+        assert await q.cancel(claim.job_id) == "running"
+        assert await q.finish("w1", [Outcome(claim.job_id, 1, False, "stopped", 5,
+                                             cancelled=True)]) == ["cancelled"]
+        counters = await r.hgetall(KEYS.counters)
+        assert (counters[b"cancelled"], counters[b"queue:qc:cancelled"]) == (b"2", b"2")
+    asyncio.run(with_queue(redis_url, body))

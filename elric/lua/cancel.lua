@@ -28,5 +28,6 @@ redis.call('EXPIRE', KEYS[1], ttl)
 redis.call('ZADD', KEYS[4], now, id)
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - ttl * 1000)
 redis.call('HINCRBY', KEYS[5], 'cancelled', 1)
+redis.call('HINCRBY', KEYS[5], 'queue:' .. f[2] .. ':cancelled', 1)
 count_in_stats(ARGV[7], ARGV[8], f[6], f[7], 'cancelled')
 return f[1]
