@@ -363,7 +363,7 @@ class RedisQueue:
                                                  k.limits_parked],
                                            args=[k.queue(""), k.status(""), job_id,
                                                  k.limit_parked(""), k.round(""),
-                                                 k.batch(""), k.func("")]))
+                                                 k.batch(""), k.func(""), self.failed_ttl]))
         except ResponseError as exc:
             if _error_code(exc) == "RUNNING":
                 raise Refused(f"job {job_id!r} is running; cancel it (cancel_job) and "

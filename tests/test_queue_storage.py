@@ -279,3 +279,21 @@ def test_a_job_cancelled_before_it_ran_counts_in_its_queues_cancelled(redis_url)
         counters = await r.hgetall(KEYS.counters)
         assert (counters[b"cancelled"], counters[b"queue:qc:cancelled"]) == (b"2", b"2")
     asyncio.run(with_queue(redis_url, body))
+
+
+def test_a_cancel_or_remove_keeps_its_rounds_counts_expiring(redis_url):
+    # a round's hash expires FAILED_TTL after its last change; a cancel or a delete is one,
+    # and must not leave it without an expiry (a round gone stale would then live forever)
+    async def body(q, r):
+        jobs = specs(3, round="R")
+        await q.enqueue(jobs)
+        await r.pexpire(KEYS.round("R"), 5000)   # about to expire...
+        assert await q.cancel(jobs[0]["job_id"]) == "queued"
+        assert await r.ttl(KEYS.round("R")) > 3600   # ...pushed back by the cancel
+        await r.pexpire(KEYS.round("R"), 5000)
+        assert await q.remove(jobs[1]["job_id"])
+        assert await r.ttl(KEYS.round("R")) > 3600
+        await r.delete(KEYS.round("R"))           # expired, with a job of it still queued
+        assert await q.cancel(jobs[2]["job_id"]) == "queued"
+        assert 0 < await r.ttl(KEYS.round("R"))
+    asyncio.run(with_queue(redis_url, body))
