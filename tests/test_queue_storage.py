@@ -297,3 +297,21 @@ def test_a_cancel_or_remove_keeps_its_rounds_counts_expiring(redis_url):
         assert await q.cancel(jobs[2]["job_id"]) == "queued"
         assert 0 < await r.ttl(KEYS.round("R"))
     asyncio.run(with_queue(redis_url, body))
+
+
+def test_a_rerun_is_its_funcs_and_batchs_last_submit(redis_url):
+    # last_at is a func's and a batch's last submit or record: a rerun is a submit
+    async def body(q, r):
+        await q.enqueue(specs(1, job_id="again", batch="B"))
+        claim, = (await q.fetch("w1", ["default"], 1, 30)).claims
+        assert await q.finish("w1", [Outcome("again", 1, True, b"\xc0", 5)]) == ["succeeded"]
+        recorded = int(await r.hget(KEYS.func(FUNC), "last_at"))
+        deadline = time.monotonic() + 10
+        while (lambda s, us: s * 1000 + us // 1000)(*await r.time()) <= recorded:
+            assert time.monotonic() < deadline, "Redis's clock stands still"
+            await asyncio.sleep(0.001)
+        assert await q.rerun("again") == "succeeded"
+        at = int(await r.hget(KEYS.job("again"), "enqueued_at"))
+        assert int(await r.hget(KEYS.func(FUNC), "last_at")) == at
+        assert int(await r.hget(KEYS.batch("B"), "last_at")) == at
+    asyncio.run(with_queue(redis_url, body))

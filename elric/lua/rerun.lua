@@ -6,7 +6,8 @@
 -- when it has not finished.
 -- Invariant: only a succeeded, failed or cancelled job is queued again; its result, error
 -- and timings go. A job of a round counts in the round again (its round is live again), and
--- as submitted again in its func's and batch's stats and in the counters (also its queue's).
+-- as submitted again in its func's and batch's stats (their last submit: `last_at`) and in
+-- the counters (also its queue's).
 local qp, wp, sp, now, id = ARGV[1], ARGV[2], ARGV[3], now_ms(), ARGV[4]
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return redis.error_reply('NOJOB') end
@@ -21,6 +22,8 @@ if round then
 end
 local job = redis.call('HMGET', KEYS[1], 'batch', 'func', 'queue')
 count_in_stats(ARGV[7], ARGV[8], job[1], job[2], 'submitted')
+if job[1] and job[1] ~= '' then redis.call('HSET', ARGV[7] .. job[1], 'last_at', now) end
+if job[2] then redis.call('HSET', ARGV[8] .. job[2], 'last_at', now) end
 redis.call('HINCRBY', KEYS[3], 'submitted', 1)
 redis.call('HINCRBY', KEYS[3], 'queue:' .. job[3] .. ':submitted', 1)
 redis.call('PERSIST', KEYS[1])
