@@ -81,8 +81,11 @@ class DedupeFilter(ABC):
 
     async def uncount(self, scope: str, n: int) -> None:
         """Take back ``n`` of the scope's ``filtered``: keys found seen that turned out to
-        be the same job sent again, not a duplicate dropped."""
-        await self.redis.hincrby(self.keys.dedupe_stats(scope), "filtered", -n)
+        be the same job sent again, not a duplicate dropped. A scope dropped meanwhile
+        stays gone."""
+        key = self.keys.dedupe_stats(scope)
+        if await self.redis.exists(key):
+            await self.redis.hincrby(key, "filtered", -n)
 
     @abstractmethod
     async def stats(self) -> dict[str, dict]:
@@ -378,8 +381,10 @@ class BloomFilter(DedupeFilter):
         return out
 
     async def uncount(self, scope: str, n: int) -> None:
-        (await self._filter(scope)).filtered -= n   # the count is the filter's, in memory
-        self._dirty.add(scope)
+        f = self._filters.get(scope)   # the count is the filter's, in memory
+        if f is not None:
+            f.filtered -= n
+            self._dirty.add(scope)
 
     async def stats(self) -> dict[str, dict]:
         return {scope: {"backend": self.name, **f.stats()}
