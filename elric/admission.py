@@ -93,20 +93,25 @@ class Admission:
 
     async def _admit(self, specs: list[dict], chosen: set[str]) -> list[Submitted]:
         """Dedupe and queue jobs; a call that fails gives back the keys it took."""
-        reservation = Reservation(self.gate, specs)
+        reservation = Reservation(self.gate, specs, chosen=chosen)
         try:
             await reservation.check()
             # A resent submission (same job_id, same key) is not a duplicate of itself:
-            # report the status of the job it already is. Only chosen ids can exist.
+            # report the status of the job it already is. Only chosen ids can exist. One
+            # that does not may have had its key taken by a call whose master died.
             resent = [s for s in reservation.filtered if s["job_id"] in chosen]
             holds = await self.queue.get_holds([s["job_id"] for s in resent]) if resent else []
-            statuses = {s["job_id"]: h.status for s, h in zip(resent, holds) if h}
+            statuses = {s["job_id"]: h and h.status for s, h in zip(resent, holds)}
+            await reservation.reclaim([s for s, h in zip(resent, holds) if h is None])
             submitted = await self.queue.enqueue(reservation.passed)
         except BaseException as exc:
             await self._clean_up(reservation.cancel(), exc)
             raise
         await reservation.settle(submitted)
-        await self.gate.uncount_resent(list(zip(resent, holds)))
+        # the filter found their keys seen, yet dropped none of them: the same job sent
+        # again, or one that reclaimed its key, is no duplicate
+        await self.gate.uncount([s for s, h in zip(resent, holds) if reservation.new.get(id(s))
+                                 or self.gate.same_key(h, s)])
         out = {id(s): r for s, r in zip(reservation.passed, submitted)}
         for s in reservation.filtered:
             out[id(s)] = Submitted(s["job_id"], statuses.get(s["job_id"]) or Status.FILTERED)

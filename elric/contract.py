@@ -253,6 +253,9 @@ def normalize_spec(
     out.update((key, value) for key, value in spec.items() if key not in out)
     if out.get("round") == "":
         raise SpecError("round '': leave it out (the master sets it for periodic fires)")
+    if out.get("dedupe_key") == "":
+        # (a job's hash keeps no empty field: the key would be taken, never given back)
+        raise SpecError("dedupe_key '': leave it out for no dedupe")
     if out.get("dedupe_scope") == "":
         # (a job's scope is passed on to its children only when it is not empty)
         raise SpecError("dedupe_scope '': name a scope, or leave it out for the global one")

@@ -18,6 +18,7 @@ import io
 import logging
 import math
 import struct
+import time
 from abc import ABC, abstractmethod
 
 from pybloom_live import BloomFilter as _PyBloom
@@ -31,6 +32,13 @@ __all__ = ["DedupeError", "DedupeFilter", "SetFilter", "BloomFilter", "RedisBloo
            "make_filter", "BACKENDS"]
 
 BACKENDS = ("set", "bloom", "redis-bloom")
+
+# How long a job id stays recorded as the taker of its key (`owned`) when no DEDUPE_TTL
+# bounds it: a resend after a master died between filter and queue must come within it.
+TAKING_TTL_MS = 86_400_000
+
+# Seconds a stopping master tries to write the last snapshot of its 'bloom' scopes.
+LAST_SNAPSHOT_WAIT = 10.0
 
 # Each stage holds GROWTH times the last (memory stays within 2x of the need); r = 1/8
 # leaves the first stage most of the error budget, so a filter that never grows is small.
@@ -52,6 +60,15 @@ def _as_str(x) -> str:
     return x.decode() if isinstance(x, bytes) else str(x)
 
 
+def _other_backend(scope: str, other: str, mine: str) -> DedupeError:
+    # (FILTER_BACKEND changed, or masters whose FILTER_SCOPES differ)
+    return DedupeError(
+        f"dedupe scope {scope!r} was filled by the {other!r} backend, and this master "
+        f"uses {mine!r} for it: it would start the scope empty and let every key seen "
+        "before through again. Give every master the same FILTER_BACKEND and "
+        "FILTER_SCOPES, or drop_scope it")
+
+
 class DedupeFilter(ABC):
     """Atomic check-and-add of dedupe keys, per scope. Every scope with a stats hash
     is listed in the registry ``keys.dedupe_scopes``, so nothing scans the keyspace."""
@@ -67,13 +84,22 @@ class DedupeFilter(ABC):
         self._warned: set[str] = set()
 
     @abstractmethod
-    async def check_and_add(self, scope: str, keys: list[str]) -> list[bool]:
+    async def check_and_add(self, scope: str, keys: list[str],
+                            owners: list[str] | None = None) -> list[bool]:
         """True = key is new in scope (it is now added; let the job through);
         False = seen before. Duplicates inside one call: only the first is True.
-        One call costs O(1) round trips to Redis, never one per key."""
+        One call costs O(1) round trips to Redis, never one per key. ``owners``: per key
+        the job id taking it ("" for none), recorded by exact filters (see ``owned``)."""
 
-    async def release(self, scope: str, keys: list[str]) -> None:
-        """Forget ``keys`` in ``scope`` so that they are new again (exact backends only)."""
+    async def owned(self, scope: str, keys: list[str], owners: list[str]) -> list[bool]:
+        """Per key: whether ``check_and_add`` let it through for that owner, and neither
+        the owner's job was queued since nor the key given back (exact backends only)."""
+        return [False] * len(keys)
+
+    async def release(self, scope: str, keys: list[str],
+                      owners: list[str] | None = None) -> None:
+        """Forget ``keys`` in ``scope`` so that they are new again (exact backends only),
+        and the notes that ``owners`` (their job ids) took them."""
         raise DedupeError(
             f"the {self.name!r} dedupe backend cannot release keys: a Bloom filter "
             "cannot remove a key without removing bits other keys share (use the "
@@ -155,6 +181,8 @@ class SetFilter(DedupeFilter):
         try:
             return await call
         except ResponseError as exc:
+            if str(exc).startswith("BACKEND "):
+                raise _other_backend(scope, str(exc).split()[1], self.name) from None
             if "WRONGTYPE" not in str(exc):
                 raise
             kind = "sorted set (set_ttl)" if self.set_ttl is not None else "set (no set_ttl)"
@@ -163,19 +191,38 @@ class SetFilter(DedupeFilter):
                 f"it was written with the other set_ttl setting. drop_scope() it or keep "
                 f"the setting ({exc})") from None
 
-    async def check_and_add(self, scope: str, keys: list[str]) -> list[bool]:
+    async def check_and_add(self, scope: str, keys: list[str],
+                            owners: list[str] | None = None) -> list[bool]:
         if not keys:
             return []
-        args = [scope, *keys] if self._ttl_ms is None else [self._ttl_ms, scope, *keys]
+        named = owners is not None and any(owners)
+        args = [scope, self.keys.dedupe_taking("") if named else ""]
+        args = [*args, TAKING_TTL_MS] if self._ttl_ms is None else [self._ttl_ms, *args]
+        args += [*keys, *owners] if named else keys
         res = await self._typed(scope, self._script(
             keys=[self.keys.dedupe_set(scope), self.keys.dedupe_stats(scope),
                   self.keys.dedupe_scopes], args=args))
         return [r == 1 for r in res]
 
-    async def release(self, scope: str, keys: list[str]) -> None:
+    @staticmethod
+    def _taking(scope: str, key: str) -> bytes:
+        return f"{len(scope.encode())}:{scope}{key}".encode()
+
+    async def owned(self, scope: str, keys: list[str], owners: list[str]) -> list[bool]:
+        if not keys:
+            return []
+        got = await self.redis.mget([self.keys.dedupe_taking(o) for o in owners])
+        return [g == self._taking(scope, k) for g, k in zip(got, keys)]
+
+    async def release(self, scope: str, keys: list[str],
+                      owners: list[str] | None = None) -> None:
         if keys:
-            remove = self.redis.srem if self.set_ttl is None else self.redis.zrem
-            await self._typed(scope, remove(self.keys.dedupe_set(scope), *keys))
+            pipe = self.redis.pipeline(transaction=True)
+            if owners:
+                pipe.delete(*map(self.keys.dedupe_taking, owners))
+            remove = pipe.srem if self.set_ttl is None else pipe.zrem
+            remove(self.keys.dedupe_set(scope), *keys)
+            await self._typed(scope, pipe.execute())
 
     async def stats(self) -> dict[str, dict]:
         mine = await self._scopes()
@@ -311,7 +358,9 @@ class BloomFilter(DedupeFilter):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        await self.snapshot()
+        # the keys since the last snapshot are only here: a Redis blip must not lose them
+        await retry(self.snapshot, what="dedupe: last Bloom snapshot", log=self.log,
+                    backoff=Backoff(0.1, 1.0), deadline=time.monotonic() + LAST_SNAPSHOT_WAIT)
 
     async def _snapshot_loop(self) -> None:
         # any error is retried: one Redis blip must not end snapshots for good
@@ -351,7 +400,12 @@ class BloomFilter(DedupeFilter):
         async with self._load_locks.setdefault(scope, asyncio.Lock()):
             if scope in self._filters:
                 return self._filters[scope]
-            data = await self.redis.get(self.keys.dedupe_bloom(scope))
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.get(self.keys.dedupe_bloom(scope))
+            pipe.hget(self.keys.dedupe_stats(scope), "backend")
+            data, other = await pipe.execute()
+            if other is not None and _as_str(other) != self.name:
+                raise _other_backend(scope, _as_str(other), self.name)
             if not data:
                 f = _StagedBloom(self.capacity, self.error_rate)
             else:
@@ -371,7 +425,8 @@ class BloomFilter(DedupeFilter):
             self._filters[scope] = f
         return f
 
-    async def check_and_add(self, scope: str, keys: list[str]) -> list[bool]:
+    async def check_and_add(self, scope: str, keys: list[str],
+                            owners: list[str] | None = None) -> list[bool]:
         if not keys:
             return []
         f = await self._filter(scope)
@@ -393,6 +448,7 @@ class BloomFilter(DedupeFilter):
     async def drop_scope(self, scope: str) -> None:
         async with self._io_lock:
             self._filters.pop(scope, None)
+            self._load_locks.pop(scope, None)
             self._dirty.discard(scope)
             await self._drop_keys(scope, self.keys.dedupe_bloom(scope))
 
@@ -401,6 +457,7 @@ class BloomFilter(DedupeFilter):
 
 _BITCOUNT_LIMIT = 64 << 20   # stats(): BITCOUNT the shards only up to this many bytes
 _MAX_KEYS = 10_000           # keys per script call: Redis is blocked ~60 ms at most
+_ITEMS_CACHE = 10_000        # scopes whose item count a master remembers (a hint)
 
 
 class RedisBloomFilter(DedupeFilter):
@@ -439,7 +496,8 @@ class RedisBloomFilter(DedupeFilter):
             i += 1
         return i
 
-    async def check_and_add(self, scope: str, keys: list[str]) -> list[bool]:
+    async def check_and_add(self, scope: str, keys: list[str],
+                            owners: list[str] | None = None) -> list[bool]:
         if not keys:
             return []
         h = rbloom.hash_keys([k.encode("utf-8", "surrogatepass") for k in keys])
@@ -460,6 +518,8 @@ class RedisBloomFilter(DedupeFilter):
                     keys=[self.keys.dedupe_stats(scope), self.keys.dedupe_scopes], args=args)
             except ResponseError as exc:
                 theirs = str(exc).partition(" ")
+                if theirs[0] == "BACKEND":
+                    raise _other_backend(scope, theirs[2].split()[0], self.name) from None
                 if theirs[0] != "PARAMS":
                     raise
                 raise DedupeError(
@@ -467,6 +527,8 @@ class RedisBloomFilter(DedupeFilter):
                     f"than this master's ({self.params}): it was created with "
                     f"{theirs[2]}. Every master must use the same capacity and "
                     f"error_rate for a scope (or drop_scope it).") from None
+            if scope not in self._items and len(self._items) >= _ITEMS_CACHE:
+                self._items.clear()   # scopes other masters dropped would pile up here
             self._items[scope] = items  # short of keys: a stage was missing, send the rest
             verdicts += got
         self._note_growth(scope, self._items[scope], self.capacity, self.error_rate)

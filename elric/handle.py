@@ -62,7 +62,9 @@ class JobHandle(str):
     def status(self) -> str | None:
         """The job's status now (None: no such job, or its record expired)."""
         job = self._client().get_job(self.id)
-        return None if job is None else job["status"]
+        if job is None:   # a filtered job leaves no record: its submit said what it is
+            return Status.FILTERED if self.submitted == Status.FILTERED else None
+        return job["status"]
 
     def result(self, timeout: float | None = None) -> Any:
         """Wait for the job to end and return its result; JobFailed when it failed or was

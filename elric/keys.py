@@ -84,6 +84,9 @@ Dedupe filters
     ``{p}:dedupe:rbloom:{scope}:{n}``   string shard ``n`` of a Bloom filter kept in Redis:
                                                the Bloom bits, then a zero byte
                                                (layout in elric/rbloom.py).
+    ``{p}:dedupe:taking:{job_id}``      string the scope and key an exact filter let
+                                               through for this (chosen) job id, until the
+                                               job is queued or the key given back; expires.
     ``{p}:dedupe:stats:{scope}``        hash   items added, filtered, params, backend,
                                                per scope.
     ``{p}:dedupe:scopes``               zset   every scope with a stats hash -> when it
@@ -188,6 +191,9 @@ class Keys:
 
     def dedupe_rbloom(self, scope: str, shard: int) -> str:
         return f"{self.prefix}:dedupe:rbloom:{scope}:{shard}"
+
+    def dedupe_taking(self, job_id: str) -> str:
+        return f"{self.prefix}:dedupe:taking:{job_id}"
 
     def dedupe_stats(self, scope: str) -> str:
         return f"{self.prefix}:dedupe:stats:{scope}"

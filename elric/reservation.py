@@ -43,6 +43,9 @@ class Reservation:
     new: dict[int, bool] = field(default_factory=dict)
     # the group whose filter call failed: its answer may be lost with the keys taken
     unsure: list[dict] = field(default_factory=list)
+    # ids a caller chose (None: all), so it may send them again: an exact filter records
+    # them as the takers of their keys (see ``reclaim``)
+    chosen: set[str] | None = None
 
     def __post_init__(self) -> None:
         for spec in self.specs:
@@ -67,15 +70,28 @@ class Reservation:
             if spec.get("dedupe_key") is not None and id(spec) not in self.new:
                 by_scope.setdefault(spec["dedupe_scope"], []).append(spec)
         for scope, group in by_scope.items():
+            owners = [s["job_id"] if self.chosen is None or s["job_id"] in self.chosen else ""
+                      for s in group]
             try:
                 verdicts = await self.gate.filter_for(scope).check_and_add(
-                    scope, [s["dedupe_key"] for s in group])
+                    scope, [s["dedupe_key"] for s in group], owners)
             except DedupeError as exc:
                 raise ScopeRefused(scope, exc) from None
             except BaseException:
                 self.unsure = group
                 raise
             self.new.update(zip(map(id, group), verdicts))
+
+    async def reclaim(self, specs: list[dict]) -> None:
+        """Filtered specs whose job does not exist: those whose key an earlier call took for
+        this very id (its master died before queueing it) pass now; their key is theirs."""
+        by_scope: dict[str, list[dict]] = {}
+        for spec in specs:
+            by_scope.setdefault(spec["dedupe_scope"], []).append(spec)
+        for scope, group in by_scope.items():
+            mine = await self.gate.filter_for(scope).owned(
+                scope, [s["dedupe_key"] for s in group], [s["job_id"] for s in group])
+            self.new.update((id(s), True) for s, m in zip(group, mine) if m)
 
     async def settle(self, submitted: list[Submitted]) -> None:
         """After an enqueue of ``passed``: an id that existed queued nothing, so its key goes
@@ -102,8 +118,9 @@ class DedupeGate:
 
     def filter_for(self, scope: str) -> DedupeFilter:
         scopes = self.settings.FILTER_SCOPES
-        backend = scopes.get(scope) or scopes.get(scope.split("@", 1)[0]) \
-            or self.settings.FILTER_BACKEND
+        # a fire's scope is "{job_id}@{time}", and a job id may hold '@' itself
+        backend = scopes.get(scope) or scopes.get(scope.rsplit("@", 1)[0]) \
+            or scopes.get(scope.split("@", 1)[0]) or self.settings.FILTER_BACKEND
         return self.filters[backend]
 
     async def give_back_unheld(self, specs: list[dict], *, if_unknown: bool) -> None:
@@ -120,37 +137,39 @@ class DedupeGate:
             if not if_unknown:
                 return
             holds = [None] * len(keyed)
-        by_scope: dict[str, list[str]] = {}
+        by_scope: dict[str, list[dict]] = {}
         for spec, hold in zip(keyed, holds):
             if not self._holds(hold, spec):
-                by_scope.setdefault(spec["dedupe_scope"], []).append(spec["dedupe_key"])
-        for scope, keys in by_scope.items():
+                by_scope.setdefault(spec["dedupe_scope"], []).append(spec)
+        for scope, group in by_scope.items():
             f = self.filter_for(scope)
             if f.can_release:
                 try:
-                    await f.release(scope, keys)
+                    await f.release(scope, [s["dedupe_key"] for s in group],
+                                    [s["job_id"] for s in group])
                 except Exception as exc:
                     log.warning("could not give back dedupe keys of scope %r: %s", scope, exc)
 
-    async def uncount_resent(self, found: list[tuple[dict, Hold | None]]) -> None:
-        """Filtered specs (with the job found under each id): one whose job holds that very
-        key is that job sent again, not a duplicate dropped, so its filter's ``filtered``
-        takes it back (a failure is only logged)."""
-        by_scope = Counter(spec["dedupe_scope"] for spec, hold in found if hold is not None
-                           and (hold.dedupe_key, hold.dedupe_scope) == (spec["dedupe_key"],
-                                                                        spec["dedupe_scope"]))
-        for scope, n in by_scope.items():
+    async def uncount(self, specs: list[dict]) -> None:
+        """Take ``specs`` back out of their filters' ``filtered``: found seen, but not
+        dropped (a failure is only logged)."""
+        for scope, n in Counter(spec["dedupe_scope"] for spec in specs).items():
             try:
                 await self.filter_for(scope).uncount(scope, n)
             except Exception as exc:
                 log.warning("could not uncount %d resent job(s) in dedupe scope %r: %s", n,
                             scope, exc)
 
+    @staticmethod
+    def same_key(hold: Hold | None, spec: dict) -> bool:
+        """Whether the job under a spec's id has that very dedupe key and scope."""
+        return hold is not None and (hold.dedupe_key, hold.dedupe_scope) == (
+            spec["dedupe_key"], spec["dedupe_scope"])
+
     def _holds(self, hold: Hold | None, spec: dict) -> bool:
         """Whether the job under a spec's id holds its key: a job with this very key and
         scope (this call made it, or it is the same job sent again), unless it failed for
         good and failed jobs give their keys back."""
-        if hold is None or (hold.dedupe_key, hold.dedupe_scope) != (
-                spec["dedupe_key"], spec["dedupe_scope"]):
+        if not self.same_key(hold, spec):
             return False
         return not (self.settings.DEDUPE_RELEASE_ON_FAILURE and hold.status == Status.FAILED)

@@ -120,6 +120,7 @@ def test_job_submit_returns_a_handle_that_waits_for_the_result(cluster):
         first = KeyFromBytes.submit_with([b"k"], job_id="c1", queue="nowhere")
         again = KeyFromBytes.submit_with([b"k"], job_id="c2", queue="nowhere")
         assert (first.submitted, again.submitted) == ("queued", "filtered")
+        assert (first.status(), again.status()) == ("queued", "filtered")
         with pytest.raises(ValueError, match="c2 was filtered: its dedupe key was seen"):
             again.result(timeout=5)
         cluster.client.cancel_job(first)

@@ -134,6 +134,9 @@ def test_func_is_checked_by_name_without_importing(monkeypatch):
     ({"func": "tests.jobs:Echo", "timeout": float("nan")}, "timeout nan: must be a positive"),
     ({"func": "tests.jobs:Echo", "timeout": float("inf")}, "timeout inf: must be a positive"),
     ({"func": "tests.jobs:Echo", "timeout": 1e300}, "leave it out for no timeout"),
+    # a key no job hash would record: never given back, and every later '' filtered
+    ({"func": "tests.jobs:Echo", "dedupe_key": ""}, "dedupe_key '': leave it out for no "
+                                                    "dedupe"),
 ])
 def test_refused_specs_name_what_is_wrong(spec, message):
     with pytest.raises(SpecError) as info:

@@ -4,9 +4,14 @@ page over the size cap cut off."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
 import pytest
 
-from examples.crawler import Crawl
+from examples.crawler import Crawl, normalize_url
 from examples.crawler_sync import CrawlSync
 from examples.site import DemoSite
 from tests.conftest import wait_for
@@ -134,3 +139,398 @@ def test_a_link_resolved_once_per_host_is_the_link_of_every_page():
 @pytest.mark.parametrize("body", [b"", b"   ", b"\x00\xff<<<", b"<html><body>no links"])
 def test_a_page_lxml_cannot_read_or_without_links_gives_none(body):
     assert Crawl()._submit_links("http://a/", "http://a/", body, "") == 0
+
+
+# --- one page at a time, in this process, against a site served here on 127.0.0.1 ---
+
+
+class Site:
+    """Answers each path with its route: ``(status, headers, body)``, or a function given
+    the request handler; any other path is a 404."""
+
+    def __init__(self, routes: dict) -> None:
+        self.hits: dict[str, int] = {}
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 (http.server's naming)
+                site.hits[self.path] = site.hits.get(self.path, 0) + 1
+                route = routes.get(self.path, (404, {}, b""))
+                if callable(route):
+                    return route(self)
+                status, headers, body = route
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        site = self
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def __enter__(self) -> "Site":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def children(monkeypatch):
+    """Crawl jobs run here as in a pool process (a process state of their own); the links
+    they submit land in the list this returns."""
+    from elric.demo import crawler
+    from elric.job import _current, _RunContext
+
+    monkeypatch.setattr(crawler, "_process", crawler._Process())
+    ctx = _RunContext("parent", {})
+    token = _current.set(ctx)
+    yield ctx.children
+    _current.reset(token)
+
+
+def fetch(job, url: str) -> dict:
+    """``job.run(url)`` on an event loop of its own, as one crawl job."""
+    from elric.demo import crawler
+
+    async def run():
+        try:
+            return await job.run(url, "b")
+        finally:
+            if crawler._process.session is not None:
+                await crawler._process.session.close()
+
+    return asyncio.run(run())
+
+
+def links(children) -> list[str]:
+    return [spec["args"][0] for spec in children]
+
+
+def test_a_link_that_does_not_parse_is_skipped_not_the_page(children):
+    page = b'<html><body><a href="http://[oops/">bad</a><a href="/a">a</a></body></html>'
+    assert Crawl()._submit_links("http://h/", "http://h/", page, "b") == 1
+    assert links(children) == ["http://h/a"]
+    with Site({"/": (200, {"Content-Type": "text/html"}, page)}) as site:
+        assert CrawlSync().run(site.url + "/")["links"] == 1
+    assert links(children)[1:] == [site.url + "/a"]
+
+
+def test_whitespace_around_an_href_is_not_part_of_the_link(children):
+    """As browsers read it: a trailing space was sent as /a%20, a 404."""
+    page = b'<html><body><a href="/a ">a</a><a href=" /b\t">b</a></body></html>'
+    assert Crawl()._submit_links("http://h/", "http://h/", page, "b") == 2
+    assert links(children) == ["http://h/a", "http://h/b"]
+    with Site({"/": (200, {"Content-Type": "text/html"}, page)}) as site:
+        assert CrawlSync().run(site.url + "/")["links"] == 2
+    assert links(children)[2:] == [site.url + "/a", site.url + "/b"]
+
+
+def test_only_http_links_are_followed(children):
+    """An ftp: or ws: link to the crawl's host was submitted, and failed in aiohttp."""
+    def page(host):
+        return (f'<html><body><a href="ftp://{host}/f">f</a><a href="ws://{host}/w">w</a>'
+                f'<a href="mailto:a@{host}">m</a><a href="javascript:go()">j</a>'
+                f'<a href="HTTPS://{host}/s">s</a></body></html>').encode()
+
+    assert Crawl()._submit_links("http://h/", "http://h/", page("h"), "b") == 1
+    assert links(children) == ["https://h/s"]
+    routes = {}
+    with Site(routes) as site:
+        routes["/"] = (200, {"Content-Type": "text/html"}, page(site.url.split("/")[2]))
+        assert CrawlSync().run(site.url + "/")["links"] == 1
+
+
+def test_a_default_port_is_no_other_host_nor_another_page(children):
+    """http://h:80/a was a link to another host (not followed) and another dedupe key."""
+    page = b'<html><body><a href="http://h:80/a">a</a><a href="https://H:443/b">b</a></body>'
+    assert Crawl()._submit_links("http://h:80/", "http://h:80/", page, "b") == 2
+    assert links(children) == ["http://h/a", "https://h/b"]
+    assert Crawl.dedupe_key_for("HTTP://h:80/a#x") == Crawl.dedupe_key_for("http://h/a")
+    assert normalize_url("https://h:80/") == "https://h:80/"   # not https's default
+
+
+@pytest.mark.parametrize("charset", ["utf-8", "windows-1252"])
+def test_a_page_is_read_in_the_charset_its_content_type_names(children, charset):
+    """Without a <meta> charset lxml read UTF-8 as Latin-1: /café became /cafÃ©, a 404."""
+    page = '<html><body><a href="/café">c</a></body></html>'.encode(charset)
+    kind = {"Content-Type": f"text/html; charset={charset}"}
+    with Site({"/": (200, kind, page)}) as site:
+        assert fetch(Crawl(), site.url + "/")["links"] == 1
+        assert CrawlSync().run(site.url + "/")["links"] == 1
+    assert links(children) == [site.url + "/caf%C3%A9"] * 2
+
+
+def test_a_charset_lxml_does_not_know_reads_as_none(children):
+    page = b'<html><body><a href="/a">a</a></body></html>'
+    assert Crawl()._submit_links("http://h/", "http://h/", page, "b", "x-no-such") == 1
+    assert links(children) == ["http://h/a"]
+
+
+def test_a_content_type_in_capitals_is_html_still(children):
+    """Media types are case-insensitive: a Text/HTML page was taken for no HTML."""
+    page = b'<html><body><a href="/a">a</a></body></html>'
+    with Site({"/": (200, {"Content-Type": "Text/HTML; Charset=UTF-8"}, page)}) as site:
+        assert fetch(Crawl(), site.url + "/")["links"] == 1
+
+
+def test_links_are_relative_to_a_base_href(children):
+    """A page's links were resolved against its own URL, not its <base href>: 404s."""
+    page = (b'<html><head><base href="/docs/v2/"></head><body><a href="intro">i</a>'
+            b'<a href="/top">t</a></body></html>')
+    with Site({"/docs/": (200, {"Content-Type": "text/html"}, page)}) as site:
+        assert fetch(Crawl(), site.url + "/docs/")["links"] == 2
+        assert CrawlSync().run(site.url + "/docs/")["links"] == 2
+    assert links(children) == [site.url + "/docs/v2/intro", site.url + "/top"] * 2
+
+
+class QuickCrawl(Crawl):
+    request_timeout = 3.0
+
+
+def endless_robots(handler):
+    """A robots.txt that never ends (until the crawler hangs up)."""
+    handler.send_response(200)
+    handler.send_header("Content-Type", "text/plain")
+    handler.end_headers()
+    try:
+        handler.wfile.write(b"User-agent: *\nDisallow: /private\n")
+        while True:
+            handler.wfile.write(b"# " + b"x" * 2045 + b"\n")
+    except OSError:   # the crawler hung up
+        pass
+
+
+def test_a_huge_robots_txt_is_read_up_to_a_cap(children):
+    """robots.txt was read whole: one that never ended timed out, and every page of its
+    host failed with it."""
+    page = b'<html><body><a href="/a">a</a></body></html>'
+    routes = {"/robots.txt": endless_robots, "/": (200, {"Content-Type": "text/html"}, page)}
+    with Site(routes) as site:
+        assert fetch(QuickCrawl(), site.url + "/")["links"] == 1
+        assert fetch(QuickCrawl(), site.url + "/private")["robots"] == "disallowed"
+
+
+@pytest.mark.parametrize("name, value", [
+    ("request_timeout", 0), ("request_timeout", -1.0), ("request_timeout", "20"),
+    ("request_timeout", float("nan")), ("request_timeout", None),
+    ("max_bytes", 0), ("max_bytes", -1), ("max_bytes", "2MB"), ("max_bytes", 1e6),
+    ("max_bytes", True)])
+def test_a_crawl_given_a_bad_size_or_timeout_says_so_where_it_is_defined(name, value):
+    """A timeout of 0 meant none at all, a size of "2MB" failed every page when read."""
+    with pytest.raises(ValueError, match=f"^Bad.{name} must be .*, not {value!r}"):
+        type("Bad", (Crawl,), {name: value})
+    type("Good", (Crawl,), {"request_timeout": 5, "max_bytes": 1024})
+
+
+def test_each_crawl_class_keeps_its_own_request_timeout(children):
+    """The process's HTTP session took the request_timeout of the first class to use it."""
+    from elric.demo import crawler
+
+    answer = threading.Event()
+    page = (200, {"Content-Type": "text/html"}, b"<html><body>hi</body></html>")
+    with Site({"/": page, "/slow": lambda handler: answer.wait(30)}) as site:
+        async def run():
+            try:
+                await Crawl().run(site.url + "/", "b")   # 20 s, and the session made
+                t0 = time.monotonic()
+                with pytest.raises(TimeoutError):
+                    await asyncio.wait_for(QuickCrawl().run(site.url + "/slow", "b"), 10)
+                return time.monotonic() - t0
+            finally:
+                await crawler._process.session.close()
+
+        try:
+            elapsed = asyncio.run(run())
+        finally:
+            answer.set()
+    assert elapsed < QuickCrawl.request_timeout + 2
+
+
+def test_a_server_that_does_not_answer_fails_the_attempt_saying_what_and_how_long(children):
+    """The error recorded was a bare TimeoutError: neither the URL nor the time it had."""
+    answer = threading.Event()
+    routes = {"/robots.txt": lambda handler: answer.wait(30)}
+    with Site(routes) as site:
+        try:
+            with pytest.raises(TimeoutError, match="^http://.*/robots.txt: no answer in 3.0 s$"):
+                fetch(QuickCrawl(), site.url + "/slow")
+            routes["/slow"] = routes.pop("/robots.txt")   # robots.txt: 404, the page hangs
+            with pytest.raises(TimeoutError, match="^http://.*/slow: no answer in 3.0 s$"):
+                fetch(QuickCrawl(), site.url + "/slow")
+        finally:
+            answer.set()
+
+
+def redirect(to: str, status: int = 302):
+    return (status, {"Location": to}, b"")
+
+
+def test_redirects_are_followed_and_a_loop_is_an_answer_not_an_error(children):
+    """A redirect loop raised TooManyRedirects ("0, message=''"), retried to no end."""
+    page = b'<html><body><a href="a">a</a></body></html>'
+    routes = {"/old": redirect("new/", 301), "/new/": (200, {"Content-Type": "text/html"}, page),
+              "/loop": redirect("/loop")}
+    with Site(routes) as site:
+        assert fetch(Crawl(), site.url + "/old")["links"] == 1
+        assert links(children) == [site.url + "/new/a"]   # relative to where it led
+        result = fetch(Crawl(), site.url + "/loop")
+    assert result == {"url": site.url + "/loop", "status": 302, "links": 0, "bytes": 0,
+                      "error": "too many redirects"}
+
+
+def test_a_page_has_one_spelling_whatever_its_escapes_and_the_sync_crawler_fetches_it(
+        children):
+    """/café, /caf%c3%a9 and /caf%C3%A9 were three pages to fetch (one a page the sync
+    crawler could not fetch at all: urllib sends ASCII only), %7e and ~ two."""
+    one = normalize_url("http://h/caf%C3%A9?q=%C3%A9")
+    assert normalize_url("http://h/café?q=é") == normalize_url("http://h/caf%c3%a9?q=%c3%a9") \
+        == one == "http://h/caf%C3%A9?q=%C3%A9"
+    assert normalize_url("http://h/%7euser/a%20b") == normalize_url("http://h/~user/a b") \
+        == "http://h/~user/a%20b"
+    assert normalize_url("http://h/a%2fb?x=%26") == "http://h/a%2Fb?x=%26"   # not / nor &
+    assert normalize_url("http://Bücher.example:8/") == "http://xn--bcher-kva.example:8/"
+    page = '<html><body><a href="/café">c</a></body></html>'.encode()
+    routes = {"/": (200, {"Content-Type": "text/html; charset=utf-8"}, page),
+              "/caf%C3%A9": (200, {"Content-Type": "text/html"}, b"<html>cafe</html>")}
+    with Site(routes) as site:
+        assert CrawlSync().run(site.url + "/")["links"] == 1
+        assert links(children) == [site.url + "/caf%C3%A9"]
+        assert CrawlSync().run(links(children)[0])["bytes"] > 0
+
+
+def test_a_robots_txt_that_redirects_in_a_loop_is_no_robots_txt(children):
+    """As RFC 9309 has it; it raised TooManyRedirects, and every page of the host failed."""
+    page = (200, {"Content-Type": "text/html"}, b'<html><body><a href="/a">a</a></body></html>')
+    with Site({"/robots.txt": redirect("/robots.txt"), "/": page}) as site:
+        assert fetch(Crawl(), site.url + "/")["links"] == 1
+
+
+def test_the_sync_crawler_takes_a_404_for_an_answer_and_retries_a_503(children):
+    """A broken link raised HTTPError: retried twice, then a failed job."""
+    import urllib.error
+
+    with Site({"/busy": (503, {}, b"")}) as site:
+        assert CrawlSync().run(site.url + "/gone") == {
+            "url": site.url + "/gone", "status": 404, "links": 0, "bytes": 0}
+        with pytest.raises(urllib.error.HTTPError, match="503"):
+            CrawlSync().run(site.url + "/busy")
+
+
+ROBOTS = """# a robots.txt as sites write them
+User-agent: *
+Disallow: /*.pdf$
+Disallow: /*?session=
+Disallow: /private
+Allow: /private/public
+Disallow:
+
+User-agent: Elric-Crawler
+User-agent: other
+Disallow: /mine-only   # a comment
+Crawl-delay: 3
+
+User-agent: nobody
+Disallow: /
+"""
+
+
+@pytest.mark.parametrize("path, allowed", [
+    ("/", True), ("/a.pdf", False), ("/a.pdf?x=1", True), ("/p?session=1", False),
+    ("/p?q=1&session=1", True), ("/private/x", False), ("/private/public/y", True),
+    ("/robots.txt", True)])
+def test_robots_txt_rules_as_rfc_9309_reads_them(path, allowed):
+    """urllib's RobotFileParser knows no * nor $ (Disallow: /*.pdf$ kept nothing out) and
+    takes the first rule that matches, not the longest (Allow: /private/public lost)."""
+    from elric.demo.crawler import Robots
+
+    assert Robots(ROBOTS.splitlines(), "other-bot/2").allows(path) is allowed
+    assert Robots(ROBOTS.splitlines(), "elric-crawler/0.1").allows(path) is True
+    assert Robots([], "elric-crawler/0.1").allows(path) is True
+
+
+def test_robots_txt_groups_for_the_crawler_by_name_are_its_rules_alone():
+    from elric.demo.crawler import Robots
+
+    mine = Robots(ROBOTS.splitlines(), "elric-crawler/0.1")
+    assert not mine.allows("/mine-only/x") and mine.allows("/private")
+    nobody = Robots(ROBOTS.splitlines(), "Nobody/1.0")
+    assert not nobody.allows("/") and not nobody.allows("/private/public")
+
+
+def test_a_crawl_obeys_a_wildcard_in_robots_txt(children):
+    robots = (200, {"Content-Type": "text/plain"}, b"User-agent: *\nDisallow: /*.pdf$\n")
+    with Site({"/robots.txt": robots}) as site:
+        assert fetch(Crawl(), site.url + "/files/a.pdf")["robots"] == "disallowed"
+    assert "/files/a.pdf" not in site.hits
+
+
+def test_a_robots_txt_rule_made_to_backtrack_costs_no_time():
+    """As a regex, /*a*a*a*a*b took 40 s on a path of 300 a's, stalling the process."""
+    from elric.demo.crawler import Robots
+
+    rules = Robots(["User-agent: *", "Disallow: /*a*a*a*a*a*a*b", "Disallow: /*x*y$"], "e")
+    t0 = time.monotonic()
+    assert rules.allows("/" + "a" * 5000)
+    assert not rules.allows("/" + "a" * 5000 + "b") and not rules.allows("/x/y")
+    assert rules.allows("/x/y/") and rules.allows("/y/x")
+    assert time.monotonic() - t0 < 1
+
+
+def test_the_sync_crawler_reads_a_page_up_to_a_cap_and_parses_html_only(children):
+    """It read a page whole, however big, and parsed a PDF or an image for links."""
+    big = b"<html><body>" + b"x" * BIG + b"</body></html>"
+    links_in = b'<html><body><a href="/a">a</a></body></html>'
+    with Site({"/big": (200, {"Content-Type": "text/html"}, big),
+               "/file.pdf": (200, {"Content-Type": "application/pdf"}, links_in)}) as site:
+        result = CrawlSync().run(site.url + "/big")
+        assert (result["bytes"], result["truncated"]) == (CrawlSync.max_bytes, True)
+        assert CrawlSync().run(site.url + "/file.pdf")["links"] == 0
+
+
+def test_a_redirect_into_what_robots_txt_forbids_is_not_followed(children):
+    """aiohttp followed redirects on its own: robots.txt was asked about the first URL only."""
+    robots = (200, {"Content-Type": "text/plain"}, b"User-agent: *\nDisallow: /private\n")
+    page = (200, {"Content-Type": "text/html"}, b"<html><body>secret</body></html>")
+    with Site({"/robots.txt": robots, "/go": redirect("/private/x"), "/private/x": page}) \
+            as site:
+        result = fetch(Crawl(), site.url + "/go")
+    assert result == {"url": site.url + "/go", "status": 302, "links": 0, "bytes": 0,
+                      "robots": "disallowed"}
+    assert "/private/x" not in site.hits
+
+
+@pytest.mark.parametrize("job_class", [Crawl, CrawlSync], ids=["async", "sync"])
+def test_a_start_url_that_is_no_web_page_is_refused_at_submit(job_class):
+    """"example.com" was queued, and failed every attempt in aiohttp or urllib (a periodic
+    crawl: every round)."""
+    from elric import SpecError
+
+    for url in ("example.com", "ftp://h/", "/p/1"):
+        with pytest.raises(SpecError, match=f"{url!r} is no http"):
+            job_class.spec([url])
+    assert job_class.spec(["HTTPS://h/"])["dedupe_key"] == "https://h/"
+
+
+def test_a_robots_txt_that_starts_with_a_byte_order_mark_is_obeyed(children):
+    """Saved by a Windows editor: its first line read as "\\ufeffuser-agent", no group."""
+    robots = (200, {"Content-Type": "text/plain"},
+              "\ufeffUser-agent: *\nDisallow: /x\n".encode("utf-8"))
+    with Site({"/robots.txt": robots}) as site:
+        assert fetch(Crawl(), site.url + "/x")["robots"] == "disallowed"
+    assert "/x" not in site.hits
+
+
+@pytest.mark.parametrize("job_class", [Crawl, CrawlSync], ids=["async", "sync"])
+def test_a_pages_limit_key_is_its_host_as_its_links_spell_it(job_class):
+    """A start URL spelled http://Example.com:80/ had limit key "example.com:80", its pages
+    "example.com": LIMITS for example.com did not hold it."""
+    assert job_class.spec(["http://Example.COM:80/"])["limit_key"] == "example.com"
+    assert job_class.spec(["http://Bücher.example/"])["limit_key"] == "xn--bcher-kva.example"

@@ -338,6 +338,8 @@ def test_bloom_drop_scope_removes_snapshot(redis_url):
         assert not await r.exists(KEYS.dedupe_bloom("s"), KEYS.dedupe_stats("s"))
         assert await f.snapshot() == 0
         assert not await r.exists(KEYS.dedupe_bloom("s"))
+        # nothing of it stays in the master: a round scope per fire would pile up
+        assert "s" not in f._load_locks and "s" not in f._filters
     run(with_filter(redis_url, "bloom", body, capacity=100))
 
 
@@ -362,9 +364,10 @@ def test_bloom_corrupt_snapshot_is_refused(redis_url):
 
 def test_capacity_warning_logged_once_per_scope(redis_url, caplog):
     async def body(f, r):
+        scope = f"s-{f.name}"    # a scope belongs to one backend
         for _ in range(3):
-            await f.check_and_add("s", [f"k{i}" for i in range(60)])
-            await f.check_and_add("s", urls(80, tag=str(random.random())))
+            await f.check_and_add(scope, [f"k{i}" for i in range(60)])
+            await f.check_and_add(scope, urls(80, tag=str(random.random())))
     for backend in ["bloom", "redis-bloom"]:
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="elric.dedupe"):
@@ -657,3 +660,79 @@ def test_registry_entries_of_ttl_scopes_expire_with_them_without_stats(redis_url
         await f.check_and_add("later", ["a"])
         assert await registered(r) == {b"later"}
     run(with_filter(redis_url, "set", body, set_ttl=0.2))
+
+
+# --- which backend a scope goes to ------------------------------------------------------------
+
+def test_filter_scopes_cover_the_rounds_of_a_periodic_job_whose_id_has_an_at_sign():
+    """A fire's scope is ``{job_id}@{time}``, and a job id may hold '@' itself: the
+    periodic job's entry in FILTER_SCOPES must still pick its rounds' backend."""
+    from elric.config import load_settings
+    from elric.reservation import DedupeGate
+    from elric.scheduler import fire_id
+
+    s = load_settings(env={}, overrides=dict(
+        FILTER_SCOPES={"digest@ops.example": "redis-bloom", "site": "bloom"}))
+    gate = DedupeGate(s, {b: b for b in BACKENDS}, queue=None)
+    assert gate.filter_for(fire_id("digest@ops.example", 1893456000.0)) == "redis-bloom"
+    assert gate.filter_for(fire_id("site", 1893456000.0)) == "bloom"
+    assert gate.filter_for("site@eu") == "bloom"       # as before: a scope named after it
+    assert gate.filter_for("digest@ops") == "set"
+
+
+@pytest.mark.parametrize("first, then", [(a, b) for a in BACKENDS for b in BACKENDS if a != b])
+def test_a_scope_filled_by_one_backend_is_refused_by_another(redis_url, first, then):
+    """FILTER_BACKEND changed, or two masters with different FILTER_SCOPES: the other
+    backend would start the scope empty and let every key seen before through again."""
+    async def fill(f, r):
+        assert await f.check_and_add("s", ["seen"]) == [True]
+    run(with_filter(redis_url, first, fill, snapshot_interval=0))   # (bloom: snapshot)
+
+    async def ask(f, r):
+        with pytest.raises(DedupeError, match=f"filled by the '{first}' backend"):
+            await f.check_and_add("s", ["seen"])
+        assert await f.check_and_add("other", ["seen"]) == [True]
+    run(with_filter(redis_url, then, ask, snapshot_interval=0))
+
+
+def test_bloom_final_snapshot_goes_through_a_redis_blip(redis_url):
+    """The last snapshot, on shutdown, is all a 'bloom' scope keeps of the keys since the
+    one before (all of them with BLOOM_SNAPSHOT_INTERVAL 0): one failed write must not
+    forget them."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    async def main():
+        r = client(redis_url)
+        f = make_filter("bloom", r, KEYS, snapshot_interval=0)
+        await f.start()
+        assert await f.check_and_add("s", ["a", "b"]) == [True, True]
+        real, calls = r.pipeline, []
+
+        def blip(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 1:
+                raise RedisConnectionError("Connection reset by peer")
+            return real(*args, **kwargs)
+        r.pipeline = blip
+        await f.close()
+        r.pipeline = real
+        g = make_filter("bloom", r, KEYS, snapshot_interval=0)
+        await g.start()
+        assert await g.check_and_add("s", ["a", "b", "c"]) == [False, False, True]
+        await g.close()
+        await r.aclose()
+    run(main())
+
+
+def test_redis_bloom_remembers_a_bounded_number_of_scopes(redis_url, monkeypatch):
+    """Item counts are a per-master hint; a master that never drops the scopes another
+    master drops (fire rounds) must not keep one per scope for good."""
+    from elric import dedupe
+    monkeypatch.setattr(dedupe, "_ITEMS_CACHE", 3)
+
+    async def body(f, r):
+        for n in range(8):
+            assert await f.check_and_add(f"round-{n}", ["k", "k"]) == [True, False]
+        assert len(f._items) <= 3
+        assert await f.check_and_add("round-0", ["k", "new"]) == [False, True]
+    run(with_filter(redis_url, "redis-bloom", body, capacity=100))

@@ -96,8 +96,8 @@ def test_a_dedupe_check_whose_reply_is_lost_gives_its_keys_back(redis_url):
             f = m.filters["set"]
             real = f.check_and_add
 
-            async def lost(scope, keys):
-                await real(scope, keys)
+            async def lost(scope, keys, owners=None):
+                await real(scope, keys, owners)
                 raise RedisConnectionError("Connection reset by peer")
             f.check_and_add = lost
             spec = {"func": E, "job_id": "crawl-x", "dedupe_key": "http://x/"}
@@ -284,13 +284,13 @@ def test_a_fire_retried_after_a_redis_error_in_a_later_scope_is_still_queued(red
             f = m.filters["set"]
             real, calls = f.check_and_add, []
 
-            async def flaky(scope, keys):
+            async def flaky(scope, keys, owners=None):
                 calls.append(scope)
                 if len(calls) == 2:
                     if lost == "after":
-                        await real(scope, keys)
+                        await real(scope, keys, owners)
                     raise RedisConnectionError("Connection reset by peer")
-                return await real(scope, keys)
+                return await real(scope, keys, owners)
             f.check_and_add = flaky
             specs = []
             for site in ("siteA", "siteB"):
@@ -348,4 +348,107 @@ def test_a_resent_job_is_not_counted_filtered(redis_url, backend):
             assert dup == [{"job_id": "j2", "status": "filtered"}]
             stats = await m.stats()
             assert (stats["by_status"]["filtered"], stats["filters"]["s"]["filtered"]) == (1, 1)
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("ttl", [None, 3600])
+def test_a_key_taken_for_a_job_never_queued_goes_to_that_jobs_resend_only(redis_url, ttl):
+    """A master took K for job J, then died before queueing J (no clean-up ran). J sent
+    again is queued; any other job with K is still filtered, and so is J once its job is
+    gone: only a J that was never queued gets K this way."""
+    async def main():
+        async with master(redis_url, DEDUPE_TTL=ttl) as m:
+            assert await m.filters["set"].check_and_add("s", ["K"], ["J"]) == [True]
+            spec = {"func": E, "job_id": "J", "dedupe_key": "K", "dedupe_scope": "s"}
+            assert (await m.submit_jobs([{**spec, "job_id": "L"}]))[0]["status"] == "filtered"
+            assert await m.submit_jobs([spec]) == [{"job_id": "J", "status": "queued"}]
+            assert await m.submit_jobs([spec]) == [{"job_id": "J", "status": "queued"}]
+            assert await queued(m) == 1
+            assert await m.remove_job("J")       # its id is new again, its key is not
+            assert (await m.submit_jobs([spec]))[0]["status"] == "filtered"
+    asyncio.run(main())
+
+
+def test_a_key_given_back_by_a_failed_call_is_not_claimed_by_its_resend_once_retaken(
+        redis_url):
+    """J's call failed and gave K back; L took K. J sent again is a duplicate of L."""
+    async def main():
+        async with master(redis_url) as m:
+            real = m.queue._enqueue
+
+            async def failing(keys, args):
+                raise RedisConnectionError("Connection reset by peer")
+            m.queue._enqueue = failing
+            spec = {"func": E, "job_id": "J", "dedupe_key": "K"}
+            with pytest.raises(RequestError, match="cannot reach Redis"):
+                await m.submit_jobs([spec])
+            m.queue._enqueue = real
+            assert await m.submit_jobs([{**spec, "job_id": "L"}]) == [
+                {"job_id": "L", "status": "queued"}]
+            assert await m.submit_jobs([spec]) == [{"job_id": "J", "status": "filtered"}]
+            assert await queued(m) == 1
+    asyncio.run(main())
+
+
+def test_a_job_failing_after_its_key_expired_leaves_the_next_holder_its_key(redis_url):
+    """DEDUPE_TTL: A waited in line past the TTL, so B got the same key. A then fails for
+    good and gives its key back: that must not be B's, or a third copy passes while B
+    holds the key."""
+    async def main():
+        async with master(redis_url, DEDUPE_TTL=3600, DEDUPE_RELEASE_ON_FAILURE=True) as m:
+            spec = {"func": E, "job_id": "A", "dedupe_key": "K", "dedupe_scope": "s"}
+            assert (await m.submit_jobs([spec]))[0]["status"] == "queued"
+            # A's key was let through more than DEDUPE_TTL ago
+            assert await m.redis.zadd(m.keys.dedupe_set("s"), {"K": 1}, xx=True, ch=True)
+            assert (await m.submit_jobs([{**spec, "job_id": "B"}]))[0]["status"] == "queued"
+            worker = RedisQueue(m.redis, m.keys, release_keys_on_failure=True)
+            [job] = (await worker.fetch("w1", ["default"], 1, 30)).claims
+            assert job.job_id == "A"
+            assert await worker.finish("w1", [Outcome("A", job.attempt, False, "boom", 1)]) \
+                == ["failed"]
+            assert (await m.submit_jobs([{**spec, "job_id": "C"}]))[0]["status"] == "filtered"
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("ttl", [None, 3600])
+def test_a_rerun_job_failing_again_does_not_give_back_a_key_it_gave_back_before(redis_url,
+                                                                                ttl):
+    """A failed for good and gave its key back; B took it. An operator reruns A, and it
+    fails again: the key is B's now, and a third copy must still be filtered."""
+    async def main():
+        async with master(redis_url, DEDUPE_TTL=ttl, DEDUPE_RELEASE_ON_FAILURE=True) as m:
+            worker = RedisQueue(m.redis, m.keys, release_keys_on_failure=True)
+
+            async def fail(job_id):
+                claims = (await worker.fetch("w1", ["default"], 10, 30)).claims
+                [attempt] = [c.attempt for c in claims if c.job_id == job_id]
+                assert await worker.finish("w1", [Outcome(job_id, attempt, False, "boom", 1)]) \
+                    == ["failed"]
+            spec = {"func": E, "job_id": "A", "dedupe_key": "K"}
+            assert (await m.submit_jobs([spec]))[0]["status"] == "queued"
+            await fail("A")
+            assert (await m.submit_jobs([{**spec, "job_id": "B"}]))[0]["status"] == "queued"
+            await m.rerun_job("A")
+            await fail("A")                 # (B is claimed too, and left running)
+            assert (await m.submit_jobs([{**spec, "job_id": "C"}]))[0]["status"] == "filtered"
+    asyncio.run(main())
+
+
+def test_a_job_that_reclaims_its_key_is_not_counted_filtered(redis_url):
+    """J's key was taken by a master that died before queueing J; J sent again reclaims it
+    and is queued: `filtered` counts only the jobs dropped (L, and J once it is gone)."""
+    async def main():
+        async with master(redis_url) as m:
+            assert await m.filters["set"].check_and_add("s", ["K"], ["J"]) == [True]
+            spec = {"func": E, "job_id": "J", "dedupe_key": "K", "dedupe_scope": "s"}
+
+            async def filtered():
+                return (await m.stats())["filters"]["s"]["filtered"]
+            assert (await m.submit_jobs([{**spec, "job_id": "L"}]))[0]["status"] == "filtered"
+            for _ in range(2):   # reclaimed, then sent again
+                assert await m.submit_jobs([spec]) == [{"job_id": "J", "status": "queued"}]
+                assert await filtered() == 1
+            assert await m.remove_job("J")
+            assert (await m.submit_jobs([spec]))[0]["status"] == "filtered"
+            assert await filtered() == 2
     asyncio.run(main())

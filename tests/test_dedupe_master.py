@@ -476,3 +476,90 @@ def test_keyed_batch_costs_o1_round_trips(make_cluster, redis_url, backend):
     # housekeeping runs meanwhile too: a few commands a second.)
     assert len(log.client_cmds) < 50, sorted(log.client_cmds)
     assert log.client_cmds.count("EVALSHA") <= 4, log.client_cmds
+
+
+# --- 9. a master killed between the filter and the queue -------------------------------------
+
+class HoldingProxy:
+    """TCP proxy to Redis that forwards everything until a client sends ``marker``; from
+    then on that connection's data is thrown away: the command never reaches Redis."""
+
+    def __init__(self, target_port: int, marker: bytes) -> None:
+        import socket
+        self.marker, self.port = marker, free_port()
+        self._listener = socket.create_server(("127.0.0.1", self.port))
+        self._socks = []
+        threading.Thread(target=self._accept, args=(target_port,), daemon=True).start()
+
+    def _accept(self, target_port: int) -> None:
+        import socket
+        while True:
+            try:
+                client, _ = self._listener.accept()
+                server = socket.create_connection(("127.0.0.1", target_port))
+            except OSError:
+                return
+            self._socks += [client, server]
+            held = threading.Event()
+            for src, dst, watch in ((client, server, True), (server, client, False)):
+                threading.Thread(target=self._pump, args=(src, dst, held, watch),
+                                 daemon=True).start()
+
+    def _pump(self, src, dst, held, watch) -> None:
+        try:
+            while data := src.recv(65536):
+                if watch and self.marker in data:
+                    held.set()
+                if not held.is_set():
+                    dst.sendall(data)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self._listener.close()
+        for s in self._socks:
+            s.close()
+
+
+def test_a_resend_after_the_master_died_between_filter_and_queue_is_queued(make_cluster,
+                                                                          redis_url):
+    """A master SIGKILLed after the filter took a job's key but before the job was queued
+    leaves the key taken by no job. The caller resends the same job (PROTOCOL: resending
+    with the same job_id is safe) to another master: it must be queued, not "filtered"
+    (a duplicate of a job that was never made: the job is lost)."""
+    import hashlib
+
+    from elric.lua import source
+
+    enqueue_sha = hashlib.sha1((source("clock_fn") + source("enqueue")).encode()).hexdigest()
+    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    proxy = HoldingProxy(port, enqueue_sha.encode())
+    r = redis.Redis.from_url(redis_url)
+    try:
+        c = make_cluster(REDIS_URL=f"redis://127.0.0.1:{proxy.port}/0")
+        doomed = c.start_master()
+        spec = Echo.spec(["p"], job_id="page-7", dedupe_key="http://x/7", dedupe_scope="crawl")
+        box = {}
+
+        def call():
+            try:
+                with MasterClient(c.address, timeout=30) as cl:
+                    box["reply"] = cl.submit_job(spec)
+            except Exception as exc:
+                box["reply"] = exc
+        t = threading.Thread(target=call, daemon=True)
+        t.start()
+        wait_for(lambda: r.sismember(f"{PREFIX}:dedupe:set:crawl", "http://x/7"),
+                 what="the filter took the key")
+        doomed.kill()
+        t.join(20)
+        assert isinstance(box.get("reply"), Exception), box
+        assert not r.exists(f"{PREFIX}:job:page-7")
+        other = make_cluster()          # straight to Redis
+        other.start_master()
+        assert other.client.submit_job(spec) == {"job_id": "page-7", "status": "queued"}
+        assert other.client.submit_job({**spec, "job_id": "page-8"})["status"] == "filtered"
+        assert other.client.submit_job(spec) == {"job_id": "page-7", "status": "queued"}
+    finally:
+        r.close()
+        proxy.close()

@@ -9,15 +9,18 @@ is its host, so setting ``LIMITS`` keeps a crawl polite across all workers, e.g.
 ``{"*": {"concurrency": 8}}``.
 
 As a crawler should: robots.txt is obeyed (read once per host and round in each process),
-5xx answers, timeouts and broken connections are retried with backoff (``max_retries``),
-a 404 or other 4xx is a result, not an error, and at most ``max_bytes`` of a page are read.
+by every URL a redirect leads to too; 5xx answers, timeouts and broken connections are
+retried with backoff (``max_retries``); a 404 or other 4xx is a result, not an error (as is
+a redirect loop); and at most ``max_bytes`` of a page are read. robots.txt's
+``Crawl-delay`` is not read: a pause between requests to a host is a ``LIMITS`` rule, kept
+across all workers, e.g. ``{"example.com": {"interval": 10}}``.
 """
 
 from __future__ import annotations
 
 import asyncio
-from urllib.parse import urljoin, urlparse
-from urllib.robotparser import RobotFileParser
+import math
+from urllib.parse import urlparse, urlsplit
 
 try:
     import aiohttp
@@ -28,10 +31,14 @@ except ImportError:  # pragma: no cover - depends on the install
                       "pip install 'elric[crawl]'") from None
 
 from elric import Job
-from elric.demo.crawler_sync import normalize_url
+from elric.demo.crawler_sync import link_of, normalize_url, page_key, requote
 
 USER_AGENT = "elric-crawler/0.1"
 CHUNK = 64 * 1024
+ROBOTS_MAX_BYTES = 512 * 1024   # RFC 9309: parse at least 500 KiB of a robots.txt
+MAX_REDIRECTS = 10
+_REDIRECTS = frozenset((301, 302, 303, 307, 308))
+_BASE_HREF = lxml.etree.XPath("//base/@href")   # compiled once
 
 
 class ServerError(Exception):
@@ -62,33 +69,34 @@ class _Process:
         return True
 
     def resolve(self, base: str, href: str) -> tuple[str, str]:
-        """The normalized URL ``href`` leads to from page ``base``, and its host. A site's
-        pages share most links (its menus), and parsing them took a quarter of a page's
-        CPU: an href that starts at the root, or names its host, means the same from every
-        page of a host, so it is parsed once per process."""
+        """The normalized URL ``href`` leads to from page ``base``, and its host (both ""
+        when it leads nowhere: it does not parse). A site's pages share most links (its
+        menus), and parsing them took a quarter of a page's CPU: an href that starts at the
+        root, or names its host, means the same from every page of a host, so it is parsed
+        once per process."""
         key = (base, href)
         if href.startswith(("/", "http://", "https://")):
             path_at = base.find("/", base.find("//") + 2)
             key = (base if path_at < 0 else base[:path_at], href)   # scheme://host:port
         found = self.resolved.get(key)
         if found is None:
-            link = normalize_url(urljoin(base, href))
-            found = (link, urlparse(link).netloc)
+            link = link_of(base, href)
+            found = ("", "") if link is None else (link, urlparse(link).netloc)
             if len(self.resolved) >= 100_000:   # bound the memory
                 self.resolved.clear()
             self.resolved[key] = found
         return found
 
-    def http(self, timeout: float) -> aiohttp.ClientSession:
+    def http(self) -> aiohttp.ClientSession:
+        """The session; each request names its timeout (its job class's, not the first's)."""
         if self.session is None or self.session.closed:
             self.session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
-                timeout=aiohttp.ClientTimeout(total=timeout),
                 headers={"User-Agent": USER_AGENT})
         return self.session
 
     async def allowed(self, url: str, round_: str, timeout: float) -> bool:
-        parts = urlparse(url)
+        parts = urlsplit(url)
         key = (f"{parts.scheme}://{parts.netloc}", round_)
         rules = self.robots.get(key)
         if rules is None or (rules.done() and rules.exception() is not None):
@@ -97,21 +105,131 @@ class _Process:
             # one fetch per host and round; the jobs that ask meanwhile wait for it
             rules = self.robots[key] = asyncio.ensure_future(
                 self._read_robots(key[0], timeout))
-        return (await asyncio.shield(rules)).can_fetch(USER_AGENT, url)
+        path = f"{parts.path or '/'}?{parts.query}" if parts.query else parts.path or "/"
+        return (await asyncio.shield(rules)).allows(path)
 
-    async def _read_robots(self, origin: str, timeout: float) -> RobotFileParser:
-        rules = RobotFileParser()
-        async with self.http(timeout).get(origin + "/robots.txt") as response:
-            if response.status >= 500 or response.status == 429:
-                raise ServerError(f"{origin}/robots.txt: HTTP {response.status}")
-            if response.status >= 400:
-                rules.parse([])   # no robots.txt: everything is allowed
-            else:
-                rules.parse((await response.text(errors="replace")).splitlines())
+    async def _read_robots(self, origin: str, timeout: float) -> Robots:
+        rules, url = Robots([], USER_AGENT), origin + "/robots.txt"
+        try:
+            async with self.http().get(url, timeout=aiohttp.ClientTimeout(total=timeout)) \
+                    as response:
+                if response.status >= 500 or response.status == 429:
+                    raise ServerError(f"{url}: HTTP {response.status}")
+                if response.status < 400:   # else no robots.txt: everything is allowed
+                    body, _ = await _read(response, ROBOTS_MAX_BYTES)   # not all of a huge one
+                    text = body.decode("utf-8-sig", "replace")   # without a byte order mark
+                    rules = Robots(text.splitlines(), USER_AGENT)
+        except TimeoutError:
+            raise _no_answer(url, timeout) from None
+        except aiohttp.TooManyRedirects:
+            pass   # RFC 9309: as if there were none
         return rules
 
 
+class Robots:
+    """A robots.txt as RFC 9309 reads it: the rules of the groups naming this crawler, else
+    of ``*``; of those, the longest that matches a path (``*``: anything; a final ``$``: the
+    end), Allow on a tie. urllib's RobotFileParser knew no ``*`` nor ``$`` (``Disallow:
+    /*.pdf$`` kept nothing out) and took the first rule that matched."""
+
+    def __init__(self, lines: list[str], agent: str) -> None:
+        token = agent.split("/")[0].lower()
+        groups: list[tuple[list[str], list[tuple[str, bool]]]] = []
+        in_rules = True   # the next User-agent line starts a group
+        for line in lines:
+            key, colon, value = line.split("#", 1)[0].partition(":")
+            key, value = key.strip().lower(), value.strip()
+            if not colon or key == "sitemap":
+                continue
+            if key == "user-agent":
+                if in_rules:
+                    groups.append(([], []))
+                    in_rules = False
+                groups[-1][0].append(value.split("/")[0].lower())
+            elif groups:
+                in_rules = True
+                if key in ("allow", "disallow") and value:   # "Disallow:" keeps nothing out
+                    groups[-1][1].append((requote(value), key == "allow"))
+        named = [rules for agents, rules in groups if token in agents]   # case-insensitive
+        chosen = named or [rules for agents, rules in groups if "*" in agents]
+        rules = sorted({rule for group in chosen for rule in group},
+                       key=lambda rule: (-len(rule[0]), not rule[1]))
+        self.rules = [(pattern, _glob(pattern), allow) for pattern, allow in rules]
+
+    def allows(self, path: str) -> bool:
+        """Whether the crawler may fetch ``path`` (with its query)."""
+        if path == "/robots.txt":
+            return True
+        for prefix, glob, allow in self.rules:   # the longest first; on a tie Allow
+            if path.startswith(prefix) if glob is None else _matches(glob, path):
+                return allow
+        return True
+
+
+def _glob(pattern: str) -> tuple[list[str], bool] | None:
+    """A rule with ``*`` or a final ``$``: its parts between the ``*``, and whether it ends
+    with ``$``; None for a plain prefix."""
+    end = pattern.endswith("$")
+    if "*" not in pattern and not end:
+        return None
+    return (pattern[:-1] if end else pattern).split("*"), end
+
+
+def _matches(glob: tuple[list[str], bool], path: str) -> bool:
+    # each part at the first place it fits: linear, where a regex (.*a.*a.*a.*b) could
+    # take a minute on a path a site chose, stalling every job of the process
+    parts, end = glob
+    if not path.startswith(parts[0]):
+        return False
+    at = len(parts[0])
+    if len(parts) == 1:
+        return not end or at == len(path)
+    for part in parts[1:-1]:
+        at = path.find(part, at)
+        if at < 0:
+            return False
+        at += len(part)
+    last = parts[-1]
+    if end:
+        return len(path) - len(last) >= at and path.endswith(last)
+    return path.find(last, at) >= 0
+
+
 _process = _Process()
+
+
+def _no_answer(url: str, timeout: float) -> TimeoutError:
+    # aiohttp's TimeoutError says nothing: the error recorded says what and how long
+    return TimeoutError(f"{url}: no answer in {timeout} s")
+
+
+async def _read(response: aiohttp.ClientResponse, limit: int) -> tuple[bytes, bool]:
+    """At most ``limit`` bytes of the body, and whether there was more."""
+    body = bytearray()
+    async for chunk in response.content.iter_chunked(CHUNK):
+        body += chunk
+        if len(body) > limit:
+            return bytes(body[:limit]), True
+    return bytes(body), False
+
+
+_parsers: dict[str, lxml.html.HTMLParser | None] = {}
+
+
+def _parser(charset: str | None) -> lxml.html.HTMLParser | None:
+    """An lxml parser reading ``charset``, the one the Content-Type names (without it lxml
+    goes by a <meta> charset, else Latin-1: UTF-8 links came out garbled); None: lxml's."""
+    if charset is None:
+        return None
+    parser = _parsers.get(charset)
+    if parser is None and charset not in _parsers:
+        try:
+            parser = lxml.html.HTMLParser(encoding=charset)
+        except LookupError:
+            pass   # a charset lxml does not know: it reads the page as without one
+        if len(_parsers) < 100:   # a site may name any charset: bound the memory
+            _parsers[charset] = parser
+    return parser
 
 
 class Crawl(Job):
@@ -121,47 +239,78 @@ class Crawl(Job):
     request_timeout = 20.0          # one HTTP request, robots.txt included
     max_bytes = 2 * 1024 * 1024     # read at most this much of a page
 
+    def __init_subclass__(cls, **kwargs) -> None:
+        # said here, where the class is defined: a timeout of 0 meant none at all, and a
+        # size of "2MB" failed every page of the crawl
+        super().__init_subclass__(**kwargs)
+        timeout, size = cls.request_timeout, cls.max_bytes
+        if not (isinstance(timeout, (int, float)) and not isinstance(timeout, bool)
+                and 0 < timeout < math.inf):
+            raise ValueError(f"{cls.__name__}.request_timeout must be a number of seconds "
+                             f"over 0, not {timeout!r}")
+        if not (isinstance(size, int) and not isinstance(size, bool) and size > 0):
+            raise ValueError(f"{cls.__name__}.max_bytes must be a whole number of bytes "
+                             f"over 0, not {size!r}")
+
     @classmethod
     def dedupe_key_for(cls, url: str, batch: str = "") -> str:
-        return normalize_url(url)
+        return page_key(url)
 
     @classmethod
     def limit_key_for(cls, url: str, batch: str = "") -> str:
-        return urlparse(url).netloc.lower()
+        return urlparse(normalize_url(url)).netloc   # the host as the crawl's links spell it
 
     async def run(self, url: str, batch: str = "") -> dict:
-        if not await _process.allowed(url, self.dedupe_scope or batch, self.request_timeout):
-            return {"url": url, "status": None, "links": 0, "bytes": 0, "robots": "disallowed"}
-        session = _process.http(self.request_timeout)
-        async with session.get(url) as response:
-            if response.status >= 500 or response.status == 429:
-                raise ServerError(f"{url}: HTTP {response.status}")
-            body, truncated = await self._read(response)
-            html = "html" in response.headers.get("Content-Type", "")
-            final_url = str(response.url)
-        result = {"url": url, "status": response.status, "links": 0, "bytes": len(body)}
+        timeout = aiohttp.ClientTimeout(total=self.request_timeout)
+        target, status, hops = url, None, 0
+        while True:   # redirects followed here: robots.txt is asked about each URL
+            if not await _process.allowed(target, self.dedupe_scope or batch,
+                                          self.request_timeout):
+                return {"url": url, "status": status, "links": 0, "bytes": 0,
+                        "robots": "disallowed"}
+            try:
+                async with _process.http().get(target, timeout=timeout,
+                                               allow_redirects=False) as response:
+                    status = response.status
+                    if status >= 500 or status == 429:
+                        raise ServerError(f"{target}: HTTP {status}")
+                    location = response.headers.get("Location") \
+                        if status in _REDIRECTS else None
+                    if location is None:
+                        body, truncated = await _read(response, self.max_bytes)
+                        html = "html" in response.content_type   # lower-case, as parsed
+                        charset = response.charset
+            except TimeoutError:
+                raise _no_answer(target, self.request_timeout) from None
+            if location is None:
+                break
+            target, hops = link_of(target, location), hops + 1
+            if target is None or hops > MAX_REDIRECTS:
+                # a loop, most likely, or a Location that is no web page: no retry mends it
+                error = "too many redirects" if target else "a redirect to no web page"
+                return {"url": url, "status": status, "links": 0, "bytes": 0, "error": error}
+        result = {"url": url, "status": status, "links": 0, "bytes": len(body)}
         if truncated:
             result["truncated"] = True
-        if response.status >= 400 or not html:
+        if status >= 400 or not html:
             return result   # a 404 is an answer: nothing to retry, no links to follow
-        result["links"] = self._submit_links(url, final_url, body, batch)
+        result["links"] = self._submit_links(url, target, body, batch, charset)
         return result
 
-    async def _read(self, response: aiohttp.ClientResponse) -> tuple[bytes, bool]:
-        body = bytearray()
-        async for chunk in response.content.iter_chunked(CHUNK):
-            body += chunk
-            if len(body) > self.max_bytes:
-                return bytes(body[:self.max_bytes]), True
-        return bytes(body), False
-
-    def _submit_links(self, url: str, base: str, html: bytes, batch: str) -> int:
-        """Submit the links of ``html`` (relative to ``base``, where a redirect led) that
-        stay on ``url``'s host; returns how many."""
+    def _submit_links(self, url: str, base: str, html: bytes, batch: str,
+                      charset: str | None = None) -> int:
+        """Submit the links of ``html`` (in ``charset``; relative to ``base``, where a
+        redirect led) that stay on ``url``'s host; returns how many."""
         try:   # lxml, in C: a tenth of the CPU of html.parser, which the sync crawler uses
-            hrefs = lxml.html.fromstring(html).xpath("//a/@href") if html.strip() else []
+            doc = lxml.html.fromstring(html, parser=_parser(charset)) if html.strip() else None
         except (lxml.etree.ParserError, ValueError):
-            hrefs = []   # not a document lxml can read: no links
+            doc = None   # not a document lxml can read: no links
+        if doc is None:
+            return 0
+        hrefs = doc.xpath("//a/@href")
+        given = _BASE_HREF(doc)
+        if given:   # <base href>: what the page's links are relative to
+            base = link_of(base, given[0]) or base
         host = urlparse(normalize_url(url)).netloc
         found: set[str] = set()
         for href in hrefs:

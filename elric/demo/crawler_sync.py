@@ -6,13 +6,19 @@ Every page is fetched once per crawl: each job's dedupe key is its normalized UR
 master drops a job whose key it has seen in the job's dedupe scope. Children inherit their
 parent's scope, so a periodic crawl with ``dedupe_scope="@fire"`` fetches every page once
 per round, and again next round. Links that leave the start page's host are not followed.
+A 5xx answer is retried; a 404 or other 4xx is a result. At most ``max_bytes`` of a page
+are read, and only HTML is parsed for links. It does not read robots.txt: crawl sites that
+are not your own with the async crawler, which obeys it.
 """
 
 from __future__ import annotations
 
+import re
+import string
+import urllib.error
 import urllib.request
 from html.parser import HTMLParser
-from urllib.parse import urldefrag, urljoin, urlparse
+from urllib.parse import quote, urldefrag, urljoin, urlparse
 
 from elric import Job
 
@@ -21,48 +27,116 @@ class Links(HTMLParser):
     def __init__(self) -> None:
         super().__init__()
         self.links: list[str] = []
+        self.base: str | None = None   # the first <base href>: links are relative to it
 
     def handle_starttag(self, tag, attrs):
-        if tag == "a":
-            for name, value in attrs:
-                if name == "href" and value:
-                    self.links.append(value)
+        if tag == "a" or tag == "base":
+            href = next((value for name, value in attrs if name == "href" and value), None)
+            if href is not None and tag == "a":
+                self.links.append(href)
+            elif href is not None and self.base is None:
+                self.base = href
 
 
 def normalize_url(url: str) -> str:
-    """One spelling per page: no fragment, lower-case scheme and host, a path."""
+    """One spelling per page: no fragment, lower-case scheme and host, no default port, a
+    path, and escapes as a browser sends them (UTF-8, upper-case, none for ``~``)."""
     url = urldefrag(url)[0]
     parts = urlparse(url)
+    scheme, netloc = parts.scheme.lower(), parts.netloc.lower()
+    default = ":80" if scheme == "http" else ":443" if scheme == "https" else None
+    if default and netloc.endswith(default):   # http://h:80/ is http://h/, the same host
+        netloc = netloc[:-len(default)]
     path = parts.path or "/"
     query = f"?{parts.query}" if parts.query else ""
-    return f"{parts.scheme.lower()}://{parts.netloc.lower()}{path}{query}"
+    if url.isascii() and "%" not in url and " " not in url:   # nothing to escape
+        return f"{scheme}://{netloc}{path}{query}"
+    try:   # an international domain name, as DNS knows it
+        netloc = netloc.encode("idna").decode("ascii")
+    except UnicodeError:
+        pass
+    return f"{scheme}://{netloc}{requote(path)}{requote(query)}"
+
+
+_ESCAPE = re.compile("%[0-9A-Fa-f]{2}")
+_UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")
+
+
+def requote(text: str) -> str:
+    # escapes what is not printable ASCII; other escapes stay (%2F is no /, %26 no &)
+    return _ESCAPE.sub(_escape, quote(text, safe=string.punctuation))
+
+
+def _escape(match: re.Match) -> str:
+    char = chr(int(match.group()[1:], 16))
+    return char if char in _UNRESERVED else match.group().upper()
+
+
+def page_key(url: str) -> str:
+    """A page job's dedupe key, its normalized URL; a URL that is no http(s) URL is refused
+    at submit (queued, it failed every attempt, and every round of a periodic crawl)."""
+    key = normalize_url(url)
+    if not key.startswith(("http://", "https://")):
+        raise ValueError(f"{url!r} is no http(s) URL")
+    return key
+
+
+def link_of(base: str, href: str) -> str | None:
+    """The normalized http(s) URL ``href`` on page ``base`` leads to; None for another
+    scheme (ftp:, mailto:) or one that does not parse (``http://[oops``): one bad link on
+    a page, not a failed page."""
+    try:   # without the whitespace around it, as browsers read an href
+        link = normalize_url(urljoin(base, href.strip(" \t\n\r\f")))
+    except ValueError:
+        return None
+    return link if link.startswith(("http://", "https://")) else None
 
 
 class CrawlSync(Job):
     queue = "crawl"
     max_retries = 2
     timeout = 30
+    max_bytes = 2 * 1024 * 1024     # read at most this much of a page
 
     @classmethod
     def dedupe_key_for(cls, url: str, batch: str = "") -> str:
-        return normalize_url(url)
+        return page_key(url)
 
     @classmethod
     def limit_key_for(cls, url: str, batch: str = "") -> str:
-        return urlparse(url).netloc.lower()   # politeness (setting LIMITS) is per host
+        # politeness (setting LIMITS) is per host, as the crawl's links spell it
+        return urlparse(normalize_url(url)).netloc
 
     def run(self, url: str, batch: str = "") -> dict:
-        with urllib.request.urlopen(url, timeout=10) as response:
-            html = response.read().decode("utf-8", "replace")
+        try:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                body = response.read(self.max_bytes + 1)   # not all of a huge one
+                html = "html" in response.headers.get_content_type()
+                charset = response.headers.get_content_charset() or "utf-8"
+        except urllib.error.HTTPError as exc:
+            if exc.code >= 500 or exc.code == 429:
+                raise   # worth another attempt, after a backoff
+            return {"url": url, "status": exc.code, "links": 0, "bytes": 0}   # a 404: an answer
+        result = {"url": url, "links": 0, "bytes": min(len(body), self.max_bytes)}
+        if len(body) > self.max_bytes:
+            body, result["truncated"] = body[:self.max_bytes], True
+        if not html:
+            return result   # a PDF, an image: no links to follow
+        try:
+            text = body.decode(charset, "replace")   # in the charset its Content-Type names
+        except LookupError:   # one Python does not know
+            text = body.decode("utf-8", "replace")
         parser = Links()
-        parser.feed(html)
-        host = urlparse(url).netloc
+        parser.feed(text)
+        host = urlparse(normalize_url(url)).netloc   # as its links are spelled
         found = []
+        base = parser.base and link_of(url, parser.base) or url
         for href in parser.links:
-            link = normalize_url(urljoin(url, href))
-            if urlparse(link).netloc != host or link in found:
+            link = link_of(base, href)
+            if link is None or urlparse(link).netloc != host or link in found:
                 continue
             found.append(link)
             # most links were seen before; the master's dedupe filter drops those
             CrawlSync.submit_with(args=[link, batch], **({"batch": batch} if batch else {}))
-        return {"url": url, "links": len(found), "bytes": len(html)}
+        result["links"] = len(found)
+        return result

@@ -9,13 +9,16 @@
 -- Returns {verdicts, items}: one byte per key decided, in order, '1' new (now added) or
 --      '0' seen; and the scope's item count after. Fewer verdicts than keys when the
 --      filter needs a stage that was not sent: the master sends the rest with more stages.
---      Error 'PARAMS <theirs>' if the scope was created with other parameters.
+--      Error 'PARAMS <theirs>' if the scope was created with other parameters, 'BACKEND
+--      <name>' if another backend filled it.
 -- Invariant: a key is added to the current stage (the first whose cumulative capacity is
 --      above items) only if no older stage holds all its bits; items counts keys added, so
 --      no stage takes more than its capacity. Shards are created at full size (SETRANGE
 --      of their last byte, never a Bloom bit) before a key goes in.
 local stats, registry = KEYS[1], KEYS[2]
 local scope, params, backend, prefix = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local other = redis.call('HGET', stats, 'backend')
+if other and other ~= backend then return redis.error_reply('BACKEND ' .. other) end
 local theirs = redis.call('HGET', stats, 'params')
 if theirs and theirs ~= params then return redis.error_reply('PARAMS ' .. theirs) end
 local items = tonumber(redis.call('HGET', stats, 'items') or 0)

@@ -4,14 +4,16 @@
 -- ARGV: job prefix, queue prefix, wake prefix, batch stats prefix, func stats prefix,
 --       round prefix, round ttl (s), fence token ('' = no fence), jobs: one flat msgpack
 --       array [n, then per job: job_id, queue, priority, batch, round, func, m, then m
---       hash fields and values]
+--       hash fields and values], the prefix of the keys naming the job that took a dedupe
+--       key (elric/lua/dedupe_set.lua), then the ids of the jobs with a dedupe key
 -- Returns: [position (1-based), status, ...] of the jobs that existed already.
 -- Invariant: a queued job is its hash (status queued, `member`) plus that member in its
 -- queue's sorted set (score -priority; members sort FIFO by sequence number). With a fence
 -- token nothing is written unless the token is current (the scheduler's lease), and each
 -- job, queued or found, leaves the pending fires in the same step. A queued job counts in
 -- its round's, its batch's and its func's `submitted` (and its queue's in the counters), and
--- the label is in `batches` / `funcs`.
+-- the label is in `batches` / `funcs`. A job with a dedupe key, queued or found, is no
+-- longer recorded as the taker of its key: it holds it now.
 local jp, qp, wp, bp, fp = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local rp, round_ttl, now, token = ARGV[6], ARGV[7], now_ms(), ARGV[8]
 if token ~= '' and redis.call('GET', KEYS[5]) ~= token then
@@ -72,4 +74,5 @@ for round, count in pairs(per_round) do
   redis.call('EXPIRE', rp .. round, round_ttl)
 end
 if added > 0 then redis.call('HINCRBY', KEYS[3], 'submitted', added) end
+for i = 11, #ARGV do redis.call('DEL', ARGV[10] .. ARGV[i]) end
 return out

@@ -12,7 +12,8 @@
 -- redelivered elsewhere or removed): that outcome is dropped. A call sent again (its reply
 -- was lost) answers the status its first run recorded, but `stale` for one it cancelled.
 -- Invariant: only the attempt that holds the job records it. With release keys, a job that
--- failed for good gives its dedupe key back to an exact filter in the same step. A job
+-- failed for good gives its dedupe key back to an exact filter in the same step, once
+-- (with DEDUPE_TTL, unless the key expired and a later job took it). A job
 -- with a limit key frees its slot; that key's parked jobs are due at once and an idle
 -- worker of the queue is woken to start one. A job of a round that ends counts in the
 -- round's hash (succeeded, failed; cancelled as `removed`). A recorded attempt counts, by
@@ -47,7 +48,7 @@ for i = 14, #ARGV, 7 do
   local jk = jp .. id
   local f = redis.call('HMGET', jk, 'status', 'attempts', 'queue', 'batch', 'max_retries',
                        'error', 'dedupe_key', 'dedupe_scope', 'limit_key', 'round', 'func',
-                       'cancel', 'worker')
+                       'cancel', 'worker', 'enqueued_at', 'key_given_back')
   if f[1] ~= 'running' or f[2] ~= attempt then
     -- recorded by this call's first run (a requeued job has no worker; one that
     -- requeue_due ended cancelled keeps its worker, who recorded nothing)
@@ -85,11 +86,17 @@ for i = 14, #ARGV, 7 do
         redis.call('HSET', jk, 'status', status, 'error', err, 'finished_at', now,
                    'duration_ms', duration)
         redis.call('EXPIRE', jk, failed_ttl)
-        if release_keys and f[7] then
+        -- a job run again (rerun) does not take its key again: give it back once only
+        if release_keys and f[7] and not f[15] then
+          redis.call('HSET', jk, 'key_given_back', '1')
           local fk = dp .. (f[8] or 'global')
           local kind = redis.call('TYPE', fk)['ok']
           if kind == 'set' then redis.call('SREM', fk, f[7])
-          elseif kind == 'zset' then redis.call('ZREM', fk, f[7]) end
+          elseif kind == 'zset' then
+            -- (DEDUPE_TTL) a key let through after this job was queued is another job's
+            local at = redis.call('ZSCORE', fk, f[7])
+            if at and tonumber(at) <= tonumber(f[14] or 0) then redis.call('ZREM', fk, f[7]) end
+          end
         end
       end
     end
