@@ -108,10 +108,10 @@ class Admission:
             await self._clean_up(reservation.cancel(), exc)
             raise
         await reservation.settle(submitted)
-        # the filter found their keys seen, yet dropped none of them: the same job sent
-        # again, or one that reclaimed its key, is no duplicate
-        await self.gate.uncount([s for s, h in zip(resent, holds) if reservation.new.get(id(s))
-                                 or self.gate.same_key(h, s)])
+        # the filter found their keys seen, yet dropped none of them: a job that exists
+        # (answered with its status) or that reclaimed its key is not counted filtered
+        await self.gate.uncount([s for s, h in zip(resent, holds)
+                                 if h is not None or reservation.new.get(id(s))])
         out = {id(s): r for s, r in zip(reservation.passed, submitted)}
         for s in reservation.filtered:
             out[id(s)] = Submitted(s["job_id"], statuses.get(s["job_id"]) or Status.FILTERED)

@@ -160,16 +160,11 @@ class DedupeGate:
                 log.warning("could not uncount %d resent job(s) in dedupe scope %r: %s", n,
                             scope, exc)
 
-    @staticmethod
-    def same_key(hold: Hold | None, spec: dict) -> bool:
-        """Whether the job under a spec's id has that very dedupe key and scope."""
-        return hold is not None and (hold.dedupe_key, hold.dedupe_scope) == (
-            spec["dedupe_key"], spec["dedupe_scope"])
-
     def _holds(self, hold: Hold | None, spec: dict) -> bool:
         """Whether the job under a spec's id holds its key: a job with this very key and
         scope (this call made it, or it is the same job sent again), unless it failed for
         good and failed jobs give their keys back."""
-        if not self.same_key(hold, spec):
+        if hold is None or (hold.dedupe_key, hold.dedupe_scope) != (
+                spec["dedupe_key"], spec["dedupe_scope"]):
             return False
         return not (self.settings.DEDUPE_RELEASE_ON_FAILURE and hold.status == Status.FAILED)

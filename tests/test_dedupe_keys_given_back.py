@@ -348,6 +348,11 @@ def test_a_resent_job_is_not_counted_filtered(redis_url, backend):
             assert dup == [{"job_id": "j2", "status": "filtered"}]
             stats = await m.stats()
             assert (stats["by_status"]["filtered"], stats["filters"]["s"]["filtered"]) == (1, 1)
+            # j1's id with another key, seen before: answered as j1, which it is; not dropped
+            await m.submit_jobs([{**spec, "job_id": "j3", "dedupe_key": "k3"}])
+            other = await m.submit_jobs([{**spec, "dedupe_key": "k3"}])
+            assert other == [{"job_id": "j1", "status": "queued"}]
+            assert (await m.stats())["by_status"]["filtered"] == 1
     asyncio.run(main())
 
 
