@@ -457,3 +457,33 @@ def test_a_job_that_reclaims_its_key_is_not_counted_filtered(redis_url):
             assert (await m.submit_jobs([spec]))[0]["status"] == "filtered"
             assert await filtered() == 2
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("backend", ["set", "bloom", "redis-bloom"])
+def test_filtered_counts_the_submissions_answered_filtered(redis_url, backend):
+    """Random submissions (fixed seeds): with and without a chosen id, keys seen or new,
+    resends, jobs removed; after each, stats' filtered is the number answered filtered."""
+    import random
+
+    async def walk(seed):
+        rng = random.Random(seed)
+        async with master(redis_url, FILTER_BACKEND=backend) as m:
+            answered = (await m.stats())["by_status"]["filtered"]   # earlier seeds'
+            for step in range(150):
+                if rng.random() < 0.2:
+                    await m.remove_job(f"j{seed}-{rng.randrange(8)}")
+                    continue
+                batch, ids = [], set()
+                for _ in range(rng.choice([1, 1, 2, 3])):
+                    spec = {"func": E, "dedupe_key": f"k{rng.randrange(6)}",
+                            "dedupe_scope": f"s{seed}"}
+                    job_id = f"j{seed}-{rng.randrange(8)}"
+                    if rng.random() < 0.7 and job_id not in ids:
+                        ids.add(job_id)
+                        spec["job_id"] = job_id
+                    batch.append(spec)
+                answered += sum(r["status"] == "filtered" for r in await m.submit_jobs(batch))
+                assert (await m.stats())["by_status"]["filtered"] == answered, (seed, step)
+
+    for seed in range(2):
+        asyncio.run(walk(seed))
