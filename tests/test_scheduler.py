@@ -354,6 +354,47 @@ def test_modify_between_read_and_fire_is_not_overwritten(redis_url):
     run(redis_url, body)
 
 
+def test_remove_and_add_again_between_read_and_fire_is_not_overwritten(redis_url):
+    """A job added anew got version 1 again: a plan read from the removed job (also at
+    version 1) was applied to the new one, queueing a fire with the old spec and moving
+    the new job's next run time by the old trigger."""
+    async def body(env):
+        await env.store.add(spec())
+        env.clock.t = T0 + 60
+        real = env.sched._fire_s
+
+        async def replace_first(keys, args):  # a user removes the job and adds it again
+            await env.store.remove("site")
+            await env.store.add(spec(args=["new"], trigger={"type": "interval", "minutes": 7}))
+            env.sched._fire_s = real
+            return await real(keys=keys, args=args)
+        env.sched._fire_s = replace_first
+        assert await env.sched.tick() == 0 and env.rec.specs == []  # the stale plan is dropped
+        job = await env.store.get("site")
+        assert job["next_run_time"] == T0 + 60 + 420 and job["runs"] == []
+    run(redis_url, body)
+
+
+def test_a_version_stored_before_the_counter_is_never_given_again(redis_url):
+    """A job stored when versions counted up per job may hold one the counter has not
+    reached: a modify must still write a new one, or the stale plan is applied over it."""
+    async def body(env):
+        await env.store.add(spec())
+        await env.r.hset(env.keys.schedule("site"), "version", "7")
+        await env.r.set(env.keys.seq, 6)
+        env.clock.t = T0 + 60
+        real = env.sched._fire_s
+
+        async def modify_first(keys, args):
+            await env.store.modify("site", {"args": ["changed"]})
+            env.sched._fire_s = real
+            return await real(keys=keys, args=args)
+        env.sched._fire_s = modify_first
+        assert await env.sched.tick() == 0
+        assert await env.sched.tick() == 1 and env.rec.specs[0]["args"] == ["changed"]
+    run(redis_url, body)
+
+
 def test_orphan_index_entries_are_dropped(redis_url):
     async def body(env):
         await env.store.add(spec())
@@ -373,6 +414,33 @@ def test_unreadable_job_is_retried_later_without_stalling_the_others(redis_url):
         env.clock.t = T0 + 60
         assert await env.sched.tick() == 1 and env.rec.specs[0]["schedule"] == "good"
         assert await env.r.zscore(env.keys.schedules, "bad") == (T0 + 120) * 1000
+    run(redis_url, body)
+
+
+@pytest.mark.parametrize("bad", [b"\xc1", b"\x05"])  # not msgpack; not a map
+def test_a_job_spec_that_cannot_be_read_does_not_stall_the_others(redis_url, bad):
+    """The spec was read only while the fires' arguments were built, outside the guard
+    for bad stored data: every pass raised, and no periodic job fired any more."""
+    async def body(env):
+        await env.store.add(spec("bad"))
+        await env.store.add(spec("good"))
+        await env.r.hset(env.keys.schedule("bad"), "spec", bad)
+        env.clock.t = T0 + 60
+        assert await env.sched.tick() == 1 and env.rec.specs[0]["schedule"] == "good"
+        assert await env.r.zscore(env.keys.schedules, "bad") == (T0 + 120) * 1000
+    run(redis_url, body)
+
+
+def test_a_huge_misfire_grace_time_does_not_stall_the_scheduler(redis_url):
+    """The fire mark's ttl grows with the grace: 1e300 s (accepted at submit) made Redis
+    refuse the fire script's SET EX, so every pass failed and no periodic job fired."""
+    async def body(env):
+        await env.store.add(spec("patient", misfire_grace_time=1e300))
+        await env.store.add(spec("good"))
+        env.clock.t = T0 + 60
+        assert await env.sched.tick() == 2
+        assert sorted(s["schedule"] for s in env.rec.specs) == ["good", "patient"]
+        assert await env.r.ttl(env.keys.fire(fire_id("patient", T0 + 60))) > 86400
     run(redis_url, body)
 
 
@@ -424,6 +492,42 @@ def test_two_masters_one_leader_no_double_fire_and_handover(redis_url):
                 t += 5 + i
         assert set(fired) == expected
         assert env.rec.specs and rec_b.specs  # both led at some point
+    run(redis_url, body)
+
+
+@pytest.mark.parametrize("where", ["fire script", "enqueue"])
+def test_a_pass_fenced_by_this_masters_own_new_token_keeps_it_leading(redis_url, where):
+    """The lease ran out mid-pass (a stall) and the lease loop took it again, with a new
+    token: the pass, fenced under its old token, stepped the master down though it held
+    the lease, and nobody scheduled until its lease loop looked again."""
+    async def body(env):
+        a = env.sched
+        await env.store.add(spec())
+        await a.tick()
+        env.clock.t = T0 + 60
+        real = a._fire_s
+
+        async def take_again():
+            await env.r.delete(env.keys.scheduler_lease)
+            assert await a._acquire()       # what _lease_loop does after a failed renew
+
+        async def lease_taken_again(keys, args):
+            a._fire_s = real
+            await take_again()
+            return await real(keys=keys, args=args)
+
+        async def once():
+            env.rec.before = None
+            await take_again()
+        if where == "enqueue":
+            env.rec.before = once
+        else:
+            a._fire_s = lease_taken_again
+        old = a.token
+        assert await a.tick() == 0
+        assert a.is_leader and a.token == old + 1
+        assert await a.tick() == 1 and env.rec.tokens == [old + 1]
+        assert env.rec.times == [T0 + 60]
     run(redis_url, body)
 
 
@@ -749,3 +853,70 @@ def test_a_long_lease_does_not_make_the_idle_wait_outlast_the_socket_timeout(red
             await task
             await r.aclose()
     run(redis_url, body, t=None)
+
+
+def test_max_instances_counts_a_fire_marked_but_not_yet_queued(redis_url):
+    """A fire whose enqueue failed waits in the pending fires with no job hash yet; the due
+    read saw no status for it, so max_instances=1 let the next fire be queued as well, and
+    the pending one queued after it: two runs at once."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    async def body(env):
+        async def fails_twice():  # Redis refuses the first fire's enqueue and its retry
+            if env.rec.fail:
+                env.rec.fail -= 1
+                raise RedisConnectionError("Connection refused")
+        env.rec.fail, env.rec.before = 2, fails_twice
+        await env.store.add(spec())
+        await env.sched.tick()
+        env.clock.t = T0 + 60
+        assert await env.sched.tick() == 0      # marked, not queued
+        env.clock.t = T0 + 120
+        assert await env.sched.tick() == 0      # the retry fails too; T0+120 must not run
+        env.clock.t = T0 + 121
+        assert await env.sched.tick() == 1      # the pending fire, at last
+        assert env.rec.times == [T0 + 60]
+        runs = await env.runs()
+        assert [(r["fire_time"], r["outcome"], r.get("reason")) for r in runs] == [
+            (T0 + 60, "enqueued", None), (T0 + 120, "skipped", "max_instances")]
+    run(redis_url, body, status="queued")
+
+
+@pytest.mark.parametrize("trigger", [
+    {"type": "cron", "crontab": "0 23 31 12 *", "timezone": "America/New_York"},
+    {"type": "interval", "weeks": 53, "start_date": "9998-12-31T23:00:00-05:00"},
+])
+def test_a_schedule_whose_next_fire_is_past_the_year_9999_finishes(redis_url, caplog, trigger):
+    """Its next fire after 9998-12-31 23:00 New York time is in the year 10000 in UTC: the
+    pass raised OverflowError and retried the job every 60 s forever instead of finishing it."""
+    last = datetime(9998, 12, 31, 23, tzinfo=ZoneInfo("America/New_York")).timestamp()
+
+    async def body(env):
+        await env.store.add(spec(trigger=trigger))
+        env.clock.t = last + 1
+        assert await env.sched.tick() == 1 and env.rec.times == [last]
+        assert (await env.store.get("site"))["status"] == "finished"
+        assert not await env.r.zscore(env.keys.schedules, "site")
+    run(redis_url, body, t=last - 3600)
+    assert "cannot compute its fires" not in caplog.text
+
+
+def test_an_enqueue_failing_for_a_redis_outage_logs_one_line(redis_url, caplog):
+    """Redis away is expected weather (one warning line, as for a failed pass); the fires'
+    enqueue logged a full traceback for it, as for a bug."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    async def body(env):
+        async def away():
+            env.rec.before = None
+            raise RedisConnectionError("Connection refused")
+        await env.store.add(spec())
+        await env.sched.tick()
+        env.clock.t = T0 + 60
+        env.rec.before = away
+        assert await env.sched.tick() == 0
+        assert await env.sched.tick() == 1    # queued by the next pass
+    run(redis_url, body)
+    [failed] = [r for r in caplog.records if "queueing 1 fire(s) failed" in r.getMessage()]
+    assert failed.levelname == "WARNING" and failed.exc_info is None
+    assert "Connection refused" in failed.getMessage()

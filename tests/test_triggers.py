@@ -147,6 +147,10 @@ def test_date():
     ({"type": "interval", "weeks": 10**6}, "trigger.interval"),
     ({"type": "cron", "jitter": 1e18}, "trigger.jitter"),
     ({"type": "interval", "minutes": 5, "jitter": 1e12}, "trigger.jitter"),
+    # the first fire comes after the year 9999 in UTC (an internal error, no field named)
+    ({"type": "interval", "seconds": 10, "start_date": "9999-12-31T23:59:59-05:00"}, "trigger.start_date"),
+    ({"type": "interval", "seconds": 10, "start_date": "9999-12-31T23:59:59.999999+00:00",
+      "jitter": 10}, "trigger.start_date"),  # (unless the jitter drawn is under 1 µs)
 ])
 def test_invalid_triggers_name_the_field(data, field):
     with pytest.raises(TriggerError) as err:
@@ -161,6 +165,20 @@ def test_a_far_end_date_is_still_taken():
     for kind in ({"type": "cron", "hour": 1}, {"type": "interval", "hours": 1}):
         _, data = parse_trigger({**kind, "end_date": "9999-12-31T23:00:00", "timezone": "America/New_York"})
         assert build_trigger(data).end_date.year == 9999
+
+
+def test_fires_past_the_year_9999_in_utc_are_none_left_not_an_overflow():
+    """9999-12-31 23:00 in New York is in the year 10000 in UTC: computing that fire raised
+    OverflowError, at submit (an internal error) and in the scheduler's pass."""
+    from elric.triggers import next_fire
+    ny = {"crontab": "0 23 31 12 *", "timezone": "America/New_York"}
+    with pytest.raises(TriggerError) as err:
+        parse_trigger({"type": "cron", **ny, "start_date": "9999-12-30T00:00"})
+    assert err.value.field == "trigger.start_date" and "never fires" in str(err.value)
+    last = datetime(9998, 12, 31, 23, tzinfo=ZoneInfo("America/New_York")).timestamp()
+    assert next_fire(build_trigger({"type": "cron", **ny}), last) is None
+    year = build_trigger({"type": "interval", "weeks": 52, "start_date": "9999-06-01T00:00:00+00:00"})
+    assert next_fire(year, datetime(9999, 6, 1, tzinfo=UTC).timestamp()) is None
 
 
 @pytest.mark.parametrize("data", [

@@ -9,11 +9,12 @@ is its host, so setting ``LIMITS`` keeps a crawl polite across all workers, e.g.
 ``{"*": {"concurrency": 8}}``.
 
 As a crawler should: robots.txt is obeyed (read once per host and round in each process),
-by every URL a redirect leads to too; 5xx answers, timeouts and broken connections are
-retried with backoff (``max_retries``); a 404 or other 4xx is a result, not an error (as is
-a redirect loop); and at most ``max_bytes`` of a page are read. robots.txt's
-``Crawl-delay`` is not read: a pause between requests to a host is a ``LIMITS`` rule, kept
-across all workers, e.g. ``{"example.com": {"interval": 10}}``.
+where a redirect leads too, since that page is a job of its own (deduped with the links to
+it); 5xx answers, timeouts and broken connections are retried with backoff
+(``max_retries``); a 404 or other 4xx is a result, not an error; and at most ``max_bytes``
+of a page are read. robots.txt's ``Crawl-delay`` is not read: a pause between requests to
+a host is a ``LIMITS`` rule, kept across all workers, e.g.
+``{"example.com": {"interval": 10}}``.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ from elric.demo.crawler_sync import link_of, normalize_url, page_key, requote
 USER_AGENT = "elric-crawler/0.1"
 CHUNK = 64 * 1024
 ROBOTS_MAX_BYTES = 512 * 1024   # RFC 9309: parse at least 500 KiB of a robots.txt
-MAX_REDIRECTS = 10
 _REDIRECTS = frozenset((301, 302, 303, 307, 308))
 _BASE_HREF = lxml.etree.XPath("//base/@href")   # compiled once
 
@@ -261,63 +261,65 @@ class Crawl(Job):
         return urlparse(normalize_url(url)).netloc   # the host as the crawl's links spell it
 
     async def run(self, url: str, batch: str = "") -> dict:
-        timeout = aiohttp.ClientTimeout(total=self.request_timeout)
-        target, status, hops = url, None, 0
-        while True:   # redirects followed here: robots.txt is asked about each URL
-            if not await _process.allowed(target, self.dedupe_scope or batch,
-                                          self.request_timeout):
-                return {"url": url, "status": status, "links": 0, "bytes": 0,
-                        "robots": "disallowed"}
-            try:
-                async with _process.http().get(target, timeout=timeout,
-                                               allow_redirects=False) as response:
-                    status = response.status
-                    if status >= 500 or status == 429:
-                        raise ServerError(f"{target}: HTTP {status}")
-                    location = response.headers.get("Location") \
-                        if status in _REDIRECTS else None
-                    if location is None:
-                        body, truncated = await _read(response, self.max_bytes)
-                        html = "html" in response.content_type   # lower-case, as parsed
-                        charset = response.charset
-            except TimeoutError:
-                raise _no_answer(target, self.request_timeout) from None
-            if location is None:
-                break
-            target, hops = link_of(target, location), hops + 1
-            if target is None or hops > MAX_REDIRECTS:
-                # a loop, most likely, or a Location that is no web page: no retry mends it
-                error = "too many redirects" if target else "a redirect to no web page"
-                return {"url": url, "status": status, "links": 0, "bytes": 0, "error": error}
-        result = {"url": url, "status": status, "links": 0, "bytes": len(body)}
+        if not await _process.allowed(url, self.dedupe_scope or batch, self.request_timeout):
+            return {"url": url, "status": None, "links": 0, "bytes": 0, "robots": "disallowed"}
+        try:
+            async with _process.http().get(
+                    url, timeout=aiohttp.ClientTimeout(total=self.request_timeout),
+                    allow_redirects=False) as response:
+                status = response.status
+                if status >= 500 or status == 429:
+                    raise ServerError(f"{url}: HTTP {status}")
+                location = response.headers.get("Location") if status in _REDIRECTS else None
+                if location is None:
+                    body, truncated = await _read(response, self.max_bytes)
+                    html = "html" in response.content_type   # lower-case, as parsed
+                    charset = response.charset
+        except TimeoutError:
+            raise _no_answer(url, self.request_timeout) from None
+        result = {"url": url, "status": status, "links": 0, "bytes": 0}
+        if location is not None:
+            # where it leads is a page job of its own: deduped with the links to that page
+            # (fetched once), its robots.txt rules asked, a loop ended by the dedupe filter
+            result["redirect"] = target = link_of(url, location)
+            if target is None:
+                result["error"] = "a redirect to no web page"
+            elif target != url:
+                result["links"] = self._submit(url, [(target, urlparse(target).netloc)],
+                                               batch)
+            return result
+        result["bytes"] = len(body)
         if truncated:
             result["truncated"] = True
         if status >= 400 or not html:
             return result   # a 404 is an answer: nothing to retry, no links to follow
-        result["links"] = self._submit_links(url, target, body, batch, charset)
+        result["links"] = self._submit(url, self._links(url, body, charset), batch)
         return result
 
-    def _submit_links(self, url: str, base: str, html: bytes, batch: str,
-                      charset: str | None = None) -> int:
-        """Submit the links of ``html`` (in ``charset``; relative to ``base``, where a
-        redirect led) that stay on ``url``'s host; returns how many."""
+    @staticmethod
+    def _links(base: str, html: bytes, charset: str | None) -> list[tuple[str, str]]:
+        """The links of ``html`` (in ``charset``), relative to ``base``: (URL, host)."""
         try:   # lxml, in C: a tenth of the CPU of html.parser, which the sync crawler uses
             doc = lxml.html.fromstring(html, parser=_parser(charset)) if html.strip() else None
         except (lxml.etree.ParserError, ValueError):
             doc = None   # not a document lxml can read: no links
         if doc is None:
-            return 0
-        hrefs = doc.xpath("//a/@href")
+            return []
         given = _BASE_HREF(doc)
         if given:   # <base href>: what the page's links are relative to
             base = link_of(base, given[0]) or base
+        # in the page's order, each once (a child's id follows its place: a rerun of the
+        # page, in any process, gives each link the id it had)
+        return list(dict.fromkeys(_process.resolve(base, href) for href in doc.xpath("//a/@href")))
+
+    def _submit(self, url: str, links: list[tuple[str, str]], batch: str) -> int:
+        """Submit the links, (URL, host), that stay on ``url``'s host; returns how many."""
         host = urlparse(normalize_url(url)).netloc
-        found: set[str] = set()
-        for href in hrefs:
-            link, link_host = _process.resolve(base, href)
-            if link_host != host or link in found:
-                continue   # another host, or seen on this page
-            found.add(link)
+        found = 0
+        for link, link_host in links:
+            if link_host != host:
+                continue   # another host (or no link: "")
+            found += 1
             if _process.first_time(self.dedupe_scope, link):
                 Crawl.submit_with(args=[link, batch], **({"batch": batch} if batch else {}))
-        return len(found)
+        return found

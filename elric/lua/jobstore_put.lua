@@ -1,16 +1,19 @@
 -- Store a periodic job's hash if its version is still the one the caller read.
--- KEYS: schedule hash, its runs list, the schedules index, the scheduler wake list.
+-- KEYS: schedule hash, its runs list, the schedules index, the scheduler wake list, the
+--       sequence counter (versions are drawn from it).
 -- ARGV: job_id, expected version ("" = must not exist yet), index score ("+inf" paused,
 --       "" finished, else ms), fresh ("1": drop old runs), finished ttl, field, value, ...
 -- Returns the new version, or -1 when the version moved (or the job exists and must not).
--- Invariant: every write bumps "version" (compare-and-set with the scheduler's fire script);
+-- Invariant: every write gives "version" a value never used before (compare-and-set with
+-- the scheduler's fire script; a job added anew must not match a plan read from the job
+-- removed before it);
 -- a job is in the index exactly while it has a next fire or is paused; fields a write does
 -- not name (the scheduler's "recent", "created_at") are kept.
 local cur = redis.call('HGET', KEYS[1], 'version') or ''
 if cur ~= ARGV[2] then return -1 end
 redis.call('PERSIST', KEYS[1])
 if ARGV[4] == '1' then redis.call('DEL', KEYS[2]) end
-local version = (tonumber(cur) or 0) + 1
+local version = next_version(KEYS[5], cur)
 redis.call('HSET', KEYS[1], 'version', version, unpack(ARGV, 6))
 if ARGV[3] == '' then
   redis.call('ZREM', KEYS[3], ARGV[1])

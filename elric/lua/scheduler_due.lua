@@ -1,12 +1,13 @@
 -- Read the due head of the schedules index, with what the scheduler needs to plan fires.
--- KEYS: the schedules index.
+-- KEYS: the schedules index, the pending fires.
 -- ARGV: now (ms), limit, schedule hash prefix (keys.schedule("")), job hash prefix
 --       (keys.job("")), round prefix (keys.round("")), then the hash fields to read.
 -- Returns {head score} when nothing is due (false: the index is empty), else
 --   {false, then per due job: job_id, {field values}, {fire id, its round's status, ...}
 --   for each fire id in its "recent" list (what max_instances counts)}. A round's status
 --   is 'running' while any job of it (the fire or a descendant) has not ended, else its
---   fire job's status ('' when gone).
+--   fire job's status ('' when gone; 'queued' while the fire is marked but not yet queued:
+--   it will run, so max_instances counts it).
 -- Invariant: reads only; hash keys are the given prefixes plus ids read from Redis.
 local limit = tonumber(ARGV[2])
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, limit)
@@ -25,7 +26,10 @@ for _, id in ipairs(ids) do
       for _, fid in ipairs(fires) do
         if type(fid) == 'string' then
           statuses[#statuses+1] = fid
-          local status = redis.call('HGET', ARGV[4] .. fid, 'status') or ''
+          local status = redis.call('HGET', ARGV[4] .. fid, 'status')
+          if not status then
+            status = redis.call('HEXISTS', KEYS[2], fid) == 1 and 'queued' or ''
+          end
           local n = redis.call('HMGET', ARGV[5] .. fid, 'submitted', 'succeeded', 'failed',
                                'removed')
           local live = (tonumber(n[1]) or 0) - (tonumber(n[2]) or 0) - (tonumber(n[3]) or 0)

@@ -1,5 +1,6 @@
 -- Apply one batch of fire plans: mark fires, record runs, move next run times.
--- KEYS: lease, fence, schedules index, pending fires, fire stats, then per job: its hash,
+-- KEYS: lease, fence, schedules index, pending fires, fire stats, sequence counter (new
+--       versions, as jobstore_put.lua draws them), then per job: its hash,
 --       its runs list, then one fire key per "f" entry of that job.
 -- ARGV: master id, fence token, runs kept, finished ttl, job count, then per job: job_id,
 --       version read, index score ("" = finished), next_run_time, next_run_iso, recent
@@ -15,7 +16,7 @@
 -- a job whose version moved since it was read is left alone (re-read next pass); an
 -- index entry whose hash is gone is dropped.
 if redis.call('GET', KEYS[1]) ~= ARGV[1] or redis.call('GET', KEYS[2]) ~= ARGV[2] then return {0} end
-local out, a, k, keep = {1, false}, 6, 6, tonumber(ARGV[3])
+local out, a, k, keep = {1, false}, 6, 7, tonumber(ARGV[3])
 for _ = 1, tonumber(ARGV[5]) do
   local job_id, version, score = ARGV[a], ARGV[a+1], ARGV[a+2]
   local nrt, nri, recent, n = ARGV[a+3], ARGV[a+4], ARGV[a+5], tonumber(ARGV[a+6])
@@ -44,7 +45,7 @@ for _ = 1, tonumber(ARGV[5]) do
   if ok then
     if pushed then redis.call('LTRIM', runs, 0, keep - 1) end
     redis.call('HSET', hash, 'next_run_time', nrt, 'next_run_iso', nri, 'recent', recent,
-               'version', tonumber(version) + 1)
+               'version', next_version(KEYS[6], cur))
     if score == '' then
       redis.call('ZREM', KEYS[3], job_id)
       redis.call('EXPIRE', hash, ARGV[4])
