@@ -99,15 +99,19 @@ class Admission:
             # A resent submission (same job_id, same key) is not a duplicate of itself:
             # report the status of the job it already is. Only chosen ids can exist. One
             # that does not may have had its key taken by a call whose master died.
-            resent = [s["job_id"] for s in reservation.filtered if s["job_id"] in chosen]
-            statuses = dict(zip(resent, await self.queue.get_statuses(resent))) if resent else {}
-            await reservation.reclaim([s for s in reservation.filtered if s["job_id"] in
-                                       statuses and statuses[s["job_id"]] is None])
+            resent = [s for s in reservation.filtered if s["job_id"] in chosen]
+            holds = await self.queue.get_holds([s["job_id"] for s in resent]) if resent else []
+            statuses = {s["job_id"]: h and h.status for s, h in zip(resent, holds)}
+            await reservation.reclaim([s for s, h in zip(resent, holds) if h is None])
             submitted = await self.queue.enqueue(reservation.passed)
         except BaseException as exc:
             await self._clean_up(reservation.cancel(), exc)
             raise
         await reservation.settle(submitted)
+        # the filter found their keys seen, yet dropped none of them: a job that exists
+        # (answered with its status) or that reclaimed its key is not counted filtered
+        await self.gate.uncount([s for s, h in zip(resent, holds)
+                                 if h is not None or reservation.new.get(id(s))])
         out = {id(s): r for s, r in zip(reservation.passed, submitted)}
         for s in reservation.filtered:
             out[id(s)] = Submitted(s["job_id"], statuses.get(s["job_id"]) or Status.FILTERED)

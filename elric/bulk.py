@@ -198,8 +198,9 @@ class Bulk:
         await asyncio.gather(*map(do, chosen))
 
     async def _copy(self, ids: list[str], op: str, step: Step) -> None:
-        """New jobs with the sources' func, arguments and options, ids ``{id}~{op}``; no
-        dedupe key (a copy is asked for on purpose)."""
+        """New jobs with the sources' func, arguments and options (its limit key too: a
+        copy makes the same requests), ids ``{id}~{op}``; no dedupe key (a copy is asked
+        for on purpose)."""
         specs = []
         for job_id, job in zip(ids, await asyncio.gather(*map(self.queue.get_job, ids))):
             if job is None:
@@ -207,7 +208,8 @@ class Bulk:
             spec = {"func": job["func"], "args": job["args"], "kwargs": job["kwargs"],
                     "queue": job["queue"], "priority": job["priority"],
                     "max_retries": job["max_retries"], "job_id": f"{job_id}~{op}",
-                    **{key: job[key] for key in ("batch", "timeout") if job[key]}}
+                    **{key: job[key] for key in ("batch", "timeout", "limit_key")
+                       if job.get(key)}}
             try:   # one refused copy (e.g. its id over 200 characters) must not stop the rest
                 self.admission.normalize(spec)
             except SpecError as exc:

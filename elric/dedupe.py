@@ -105,6 +105,14 @@ class DedupeFilter(ABC):
             "cannot remove a key without removing bits other keys share (use the "
             "'set' backend if jobs must be re-admitted after failure)")
 
+    async def uncount(self, scope: str, n: int) -> None:
+        """Take back ``n`` of the scope's ``filtered``: keys found seen that turned out to
+        be the same job sent again, not a duplicate dropped. A scope dropped meanwhile
+        stays gone."""
+        key = self.keys.dedupe_stats(scope)
+        if await self.redis.exists(key):
+            await self.redis.hincrby(key, "filtered", -n)
+
     @abstractmethod
     async def stats(self) -> dict[str, dict]:
         """Per scope: backend, items, filtered, bytes (+ capacity, stages, fill_ratio,
@@ -426,6 +434,12 @@ class BloomFilter(DedupeFilter):
         self._dirty.add(scope)
         self._note_growth(scope, f.items, f.capacity, f.error_rate)
         return out
+
+    async def uncount(self, scope: str, n: int) -> None:
+        f = self._filters.get(scope)   # the count is the filter's, in memory
+        if f is not None:
+            f.filtered -= n
+            self._dirty.add(scope)
 
     async def stats(self) -> dict[str, dict]:
         return {scope: {"backend": self.name, **f.stats()}

@@ -365,7 +365,7 @@ class RedisQueue:
                                                  k.limits_parked],
                                            args=[k.queue(""), k.status(""), job_id,
                                                  k.limit_parked(""), k.round(""),
-                                                 k.batch(""), k.func("")]))
+                                                 k.batch(""), k.func(""), self.failed_ttl]))
         except ResponseError as exc:
             if _error_code(exc) == "RUNNING":
                 raise Refused(f"job {job_id!r} is running; cancel it (cancel_job) and "
@@ -385,7 +385,7 @@ class RedisQueue:
         """Queue a finished job again; raises NotFound / Refused with the reason."""
         k = self.keys
         try:
-            return _s(await self._rerun(keys=[k.job(job_id), k.seq],
+            return _s(await self._rerun(keys=[k.job(job_id), k.seq, k.counters],
                                         args=[k.queue(""), k.wake(""), k.status(""), job_id,
                                               k.round(""), self.failed_ttl, k.batch(""),
                                               k.func("")]))

@@ -10,6 +10,7 @@ exact filters can give keys back; a Bloom filter keeps them.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 
 from elric.config import Settings
@@ -148,6 +149,16 @@ class DedupeGate:
                                     [s["job_id"] for s in group])
                 except Exception as exc:
                     log.warning("could not give back dedupe keys of scope %r: %s", scope, exc)
+
+    async def uncount(self, specs: list[dict]) -> None:
+        """Take ``specs`` back out of their filters' ``filtered``: found seen, but not
+        dropped (a failure is only logged)."""
+        for scope, n in Counter(spec["dedupe_scope"] for spec in specs).items():
+            try:
+                await self.filter_for(scope).uncount(scope, n)
+            except Exception as exc:
+                log.warning("could not uncount %d resent job(s) in dedupe scope %r: %s", n,
+                            scope, exc)
 
     def _holds(self, hold: Hold | None, spec: dict) -> bool:
         """Whether the job under a spec's id holds its key: a job with this very key and

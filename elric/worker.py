@@ -30,7 +30,7 @@ import elric
 from elric import codec, runner
 from elric.clock import redis_now
 from elric.config import Settings, SettingsError, redact_url
-from elric.contract import MAX_BATCH, ErrorCode
+from elric.contract import MAX_BATCH, ErrorCode, Status
 from elric.keys import Keys
 from elric.loading import JobModules
 from elric.pool import Pool, ProcessDied
@@ -490,6 +490,8 @@ class Worker:
                                 "its outcome is dropped", claim.job_id, claim.func,
                                 claim.attempt, extra=_job_fields(claim))
                 continue
+            # asked to stop before this worker heard: finish.lua recorded the failure cancelled
+            record.cancelled = record.cancelled or status == Status.CANCELLED
             self.processed += 1
             self.done += record.ok
             self.failed += not record.ok and not record.cancelled

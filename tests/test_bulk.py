@@ -162,3 +162,23 @@ def test_an_id_given_twice_is_done_and_counted_once(cluster):
         assert json.loads(out.stdout) == {"touched": 1, "skipped": 0, "errors": []}, (
             command, out.stdout, out.stderr)
     assert [j["job_id"] for j in cluster.client.list_jobs(queue="nobody")][1:] == ["a"]
+
+
+def test_a_copy_keeps_its_sources_limit_key(redis_url):
+    """A copy of a crawled page is still a request to its host: it keeps the source's
+    limit_key (LIMITS holds for it) as it keeps its batch and timeout."""
+    import asyncio
+
+    from tests.test_dedupe_keys_given_back import master
+
+    async def main():
+        async with master(redis_url) as m:
+            await m.submit_jobs([{"func": "tests.jobs:Echo", "job_id": "page",
+                                  "limit_key": "slow.test", "queue": "copyq"}])
+            queued_at = (await m.get_job("page"))["enqueued_at"]
+            while (lambda s, us: s + us / 1e6)(*await m.redis.time()) <= queued_at + 0.002:
+                await asyncio.sleep(0.01)   # a copy passes over jobs queued since it began
+            step = await m.bulk_jobs("copy", {"ids": ["page"]}, "", "op1")
+            assert step["touched"] == 1, step
+            assert (await m.get_job("page~op1"))["limit_key"] == "slow.test"
+    asyncio.run(main())

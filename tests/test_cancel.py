@@ -255,3 +255,33 @@ def test_a_job_ignoring_its_cancel_is_not_given_back_by_a_stopping_worker(make_c
     assert c.wait_job("after")["status"] == "succeeded"
     assert marks.read_text().split() == ["stubborn"], "it ran again"
     assert c.client.stats()["totals"]["cancelled"] == 1
+
+
+def test_a_failure_recorded_cancelled_counts_as_cancelled_in_its_workers_counts(redis_url):
+    """A job asked to stop that fails before its worker heard is recorded cancelled
+    (finish.lua): the worker's `failed` (in stats' workers) must not count it."""
+    import asyncio
+
+    import redis.asyncio as aredis
+
+    from elric.config import load_settings
+    from elric.contract import normalize_spec
+    from elric.queue import RedisQueue
+    from elric.runner import Ran
+    from elric.worker import Worker
+
+    async def main():
+        w = Worker(load_settings(env={"ELRIC_REDIS_URL": redis_url}))
+        w.redis = aredis.Redis.from_url(redis_url)
+        w.queue = RedisQueue(w.redis, w.keys)
+        try:
+            await w.queue.enqueue([normalize_spec({"func": "tests.jobs:Fail", "job_id": "j",
+                                                   "max_retries": 3})])
+            claim, = (await w.queue.fetch(w.worker_id, ["default"], 1, 30)).claims
+            assert await w.queue.cancel("j") == "running"   # before any heartbeat told it
+            await w._record([(claim, Ran("j", claim.attempt, False, "boom"))])
+            assert (await w.queue.get_job("j"))["status"] == "cancelled"
+            assert (w.processed, w.done, w.failed) == (1, 0, 0)
+        finally:
+            await w.redis.aclose()
+    asyncio.run(main())

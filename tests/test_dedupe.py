@@ -736,3 +736,16 @@ def test_redis_bloom_remembers_a_bounded_number_of_scopes(redis_url, monkeypatch
         assert len(f._items) <= 3
         assert await f.check_and_add("round-0", ["k", "new"]) == [False, True]
     run(with_filter(redis_url, "redis-bloom", body, capacity=100))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_uncount_takes_back_filtered_and_leaves_a_dropped_scope_gone(redis_url, backend):
+    async def body(f, r):
+        await f.check_and_add("s", ["a", "a", "a"])
+        await f.uncount("s", 1)   # one of the two was a resend
+        assert (await f.stats())["s"]["filtered"] == 1
+        await f.drop_scope("s")
+        await f.uncount("s", 1)   # its resend answered after the scope was dropped
+        assert "s" not in await f.stats()
+        assert not await r.exists(KEYS.dedupe_stats("s"))
+    run(with_filter(redis_url, backend, body))

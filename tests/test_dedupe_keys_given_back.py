@@ -334,6 +334,28 @@ def test_a_recovered_fire_whose_key_its_failed_leader_took_is_queued(redis_url):
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("backend", ["set", "bloom", "redis-bloom"])
+def test_a_resent_job_is_not_counted_filtered(redis_url, backend):
+    """A submission sent again (its reply was lost) answers the job it made: the filter
+    found its key, but no job was dropped, so `filtered` must not count it."""
+    async def main():
+        async with master(redis_url, FILTER_BACKEND=backend) as m:
+            spec = {"func": E, "job_id": "j1", "dedupe_key": "k", "dedupe_scope": "s"}
+            for _ in range(2):
+                assert await m.submit_jobs([spec]) == [{"job_id": "j1", "status": "queued"}]
+            assert (await m.stats())["by_status"]["filtered"] == 0
+            dup = await m.submit_jobs([{**spec, "job_id": "j2"}])   # another job, same key
+            assert dup == [{"job_id": "j2", "status": "filtered"}]
+            stats = await m.stats()
+            assert (stats["by_status"]["filtered"], stats["filters"]["s"]["filtered"]) == (1, 1)
+            # j1's id with another key, seen before: answered as j1, which it is; not dropped
+            await m.submit_jobs([{**spec, "job_id": "j3", "dedupe_key": "k3"}])
+            other = await m.submit_jobs([{**spec, "dedupe_key": "k3"}])
+            assert other == [{"job_id": "j1", "status": "queued"}]
+            assert (await m.stats())["by_status"]["filtered"] == 1
+    asyncio.run(main())
+
+
 @pytest.mark.parametrize("ttl", [None, 3600])
 def test_a_key_taken_for_a_job_never_queued_goes_to_that_jobs_resend_only(redis_url, ttl):
     """A master took K for job J, then died before queueing J (no clean-up ran). J sent
@@ -415,3 +437,53 @@ def test_a_rerun_job_failing_again_does_not_give_back_a_key_it_gave_back_before(
             await fail("A")                 # (B is claimed too, and left running)
             assert (await m.submit_jobs([{**spec, "job_id": "C"}]))[0]["status"] == "filtered"
     asyncio.run(main())
+
+
+def test_a_job_that_reclaims_its_key_is_not_counted_filtered(redis_url):
+    """J's key was taken by a master that died before queueing J; J sent again reclaims it
+    and is queued: `filtered` counts only the jobs dropped (L, and J once it is gone)."""
+    async def main():
+        async with master(redis_url) as m:
+            assert await m.filters["set"].check_and_add("s", ["K"], ["J"]) == [True]
+            spec = {"func": E, "job_id": "J", "dedupe_key": "K", "dedupe_scope": "s"}
+
+            async def filtered():
+                return (await m.stats())["filters"]["s"]["filtered"]
+            assert (await m.submit_jobs([{**spec, "job_id": "L"}]))[0]["status"] == "filtered"
+            for _ in range(2):   # reclaimed, then sent again
+                assert await m.submit_jobs([spec]) == [{"job_id": "J", "status": "queued"}]
+                assert await filtered() == 1
+            assert await m.remove_job("J")
+            assert (await m.submit_jobs([spec]))[0]["status"] == "filtered"
+            assert await filtered() == 2
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("backend", ["set", "bloom", "redis-bloom"])
+def test_filtered_counts_the_submissions_answered_filtered(redis_url, backend):
+    """Random submissions (fixed seeds): with and without a chosen id, keys seen or new,
+    resends, jobs removed; after each, stats' filtered is the number answered filtered."""
+    import random
+
+    async def walk(seed):
+        rng = random.Random(seed)
+        async with master(redis_url, FILTER_BACKEND=backend) as m:
+            answered = (await m.stats())["by_status"]["filtered"]   # earlier seeds'
+            for step in range(150):
+                if rng.random() < 0.2:
+                    await m.remove_job(f"j{seed}-{rng.randrange(8)}")
+                    continue
+                batch, ids = [], set()
+                for _ in range(rng.choice([1, 1, 2, 3])):
+                    spec = {"func": E, "dedupe_key": f"k{rng.randrange(6)}",
+                            "dedupe_scope": f"s{seed}"}
+                    job_id = f"j{seed}-{rng.randrange(8)}"
+                    if rng.random() < 0.7 and job_id not in ids:
+                        ids.add(job_id)
+                        spec["job_id"] = job_id
+                    batch.append(spec)
+                answered += sum(r["status"] == "filtered" for r in await m.submit_jobs(batch))
+                assert (await m.stats())["by_status"]["filtered"] == answered, (seed, step)
+
+    for seed in range(2):
+        asyncio.run(walk(seed))

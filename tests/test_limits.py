@@ -297,3 +297,27 @@ def test_an_idle_workers_fetch_claims_a_job_the_moment_it_is_queued(redis_url):
             await w.redis.aclose()
             await w.blocking_redis.aclose()
     asyncio.run(main())
+
+
+def test_jobs_running_before_their_key_got_a_limit_count_against_it(redis_url):
+    """LIMITS given a rule for a key while jobs of that key run (a master restarted with
+    it, or the rules published again): those runs hold its slots, so no more start than
+    the rule allows."""
+    keys = Keys("elrictest")
+
+    async def body():
+        r = aredis.Redis.from_url(redis_url)
+        try:
+            q = RedisQueue(r, keys)
+            await q.enqueue([normalize_spec({"func": "tests.jobs:Echo", "limit_key": "k",
+                                             "job_id": j}) for j in ("j1", "j2", "j3")])
+            assert len((await q.fetch("w1", ["default"], 2, 30)).claims) == 2   # no rule yet
+            await limits.publish(r, keys, limits.parse_rules({"k": {"concurrency": 2}}))
+            assert (await q.fetch("w2", ["default"], 10, 30)).claims == []   # j3 waits
+            await q.finish("w1", [Outcome("j1", 1, True, b"\xc0", 1)])
+            assert [c.job_id for c in (await q.fetch("w2", ["default"], 10, 30)).claims] \
+                == ["j3"]
+        finally:
+            await r.aclose()
+
+    asyncio.run(body())

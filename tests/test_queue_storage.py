@@ -247,6 +247,76 @@ def test_a_cancelled_job_removed_counts_once_in_its_round(redis_url):
     asyncio.run(with_queue(redis_url, body))
 
 
+def test_a_rerun_counts_as_submitted_in_the_totals_and_its_queue_as_in_its_func(redis_url):
+    # a rerun queues the job again: every count of submissions must see it, or a queue's
+    # (and the totals') succeeded outgrows its submitted while its func's does not
+    async def body(q, r):
+        await q.enqueue(specs(1, job_id="again", queue="qr"))
+        for _ in range(2):
+            claim, = (await q.fetch("w1", ["qr"], 1, 30)).claims
+            assert await q.finish("w1", [Outcome("again", claim.attempt, True, b"\xc0", 5)]) \
+                == ["succeeded"]
+            if _ == 0:
+                assert await q.rerun("again") == "succeeded"
+        stats = await q.stats()
+        assert stats["funcs"][FUNC]["submitted"] == 2
+        assert (stats["totals"]["submitted"], stats["totals"]["succeeded"]) == (2, 2)
+        assert (stats["by_queue"]["qr"]["submitted"], stats["by_queue"]["qr"]["succeeded"]) \
+            == (2, 2)
+    asyncio.run(with_queue(redis_url, body))
+
+
+def test_a_job_cancelled_before_it_ran_counts_in_its_queues_cancelled(redis_url):
+    # the counters' per-queue fields sum to their totals, as for a job cancelled running
+    async def body(q, r):
+        await q.enqueue(specs(2, queue="qc"))
+        ids = [m.decode()[17:] for m in await r.zrange(KEYS.queue("qc"), 0, -1)]
+        assert await q.cancel(ids[0]) == "queued"
+        claim, = (await q.fetch("w1", ["qc"], 1, 30)).claims
+        assert await q.cancel(claim.job_id) == "running"
+        assert await q.finish("w1", [Outcome(claim.job_id, 1, False, "stopped", 5,
+                                             cancelled=True)]) == ["cancelled"]
+        counters = await r.hgetall(KEYS.counters)
+        assert (counters[b"cancelled"], counters[b"queue:qc:cancelled"]) == (b"2", b"2")
+    asyncio.run(with_queue(redis_url, body))
+
+
+def test_a_cancel_or_remove_keeps_its_rounds_counts_expiring(redis_url):
+    # a round's hash expires FAILED_TTL after its last change; a cancel or a delete is one,
+    # and must not leave it without an expiry (a round gone stale would then live forever)
+    async def body(q, r):
+        jobs = specs(3, round="R")
+        await q.enqueue(jobs)
+        await r.pexpire(KEYS.round("R"), 5000)   # about to expire...
+        assert await q.cancel(jobs[0]["job_id"]) == "queued"
+        assert await r.ttl(KEYS.round("R")) > 3600   # ...pushed back by the cancel
+        await r.pexpire(KEYS.round("R"), 5000)
+        assert await q.remove(jobs[1]["job_id"])
+        assert await r.ttl(KEYS.round("R")) > 3600
+        await r.delete(KEYS.round("R"))           # expired, with a job of it still queued
+        assert await q.cancel(jobs[2]["job_id"]) == "queued"
+        assert 0 < await r.ttl(KEYS.round("R"))
+    asyncio.run(with_queue(redis_url, body))
+
+
+def test_a_rerun_is_its_funcs_and_batchs_last_submit(redis_url):
+    # last_at is a func's and a batch's last submit or record: a rerun is a submit
+    async def body(q, r):
+        await q.enqueue(specs(1, job_id="again", batch="B"))
+        claim, = (await q.fetch("w1", ["default"], 1, 30)).claims
+        assert await q.finish("w1", [Outcome("again", 1, True, b"\xc0", 5)]) == ["succeeded"]
+        recorded = int(await r.hget(KEYS.func(FUNC), "last_at"))
+        deadline = time.monotonic() + 10
+        while (lambda s, us: s * 1000 + us // 1000)(*await r.time()) <= recorded:
+            assert time.monotonic() < deadline, "Redis's clock stands still"
+            await asyncio.sleep(0.001)
+        assert await q.rerun("again") == "succeeded"
+        at = int(await r.hget(KEYS.job("again"), "enqueued_at"))
+        assert int(await r.hget(KEYS.func(FUNC), "last_at")) == at
+        assert int(await r.hget(KEYS.batch("B"), "last_at")) == at
+    asyncio.run(with_queue(redis_url, body))
+
+
 def test_max_retries_past_2_to_the_53_is_kept_exactly_and_retries(redis_url):
     """Lua numbers are doubles, but max_retries travels and is stored as text: the value a
     worker and get_job see is the one sent, and a failed attempt is retried."""

@@ -22,11 +22,15 @@ if f[4] and f[3] and redis.call('ZREM', ARGV[4] .. f[4], f[3]) == 1 then
 end
 redis.call('ZREM', KEYS[2], id)
 redis.call('ZREM', ARGV[2] .. f[1], id)
-if f[5] then redis.call('HINCRBY', ARGV[5] .. f[5], 'removed', 1) end
+if f[5] then
+  redis.call('HINCRBY', ARGV[5] .. f[5], 'removed', 1)
+  redis.call('EXPIRE', ARGV[5] .. f[5], ttl)   -- FAILED_TTL after its last change
+end
 redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', now)
 redis.call('EXPIRE', KEYS[1], ttl)
 redis.call('ZADD', KEYS[4], now, id)
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - ttl * 1000)
 redis.call('HINCRBY', KEYS[5], 'cancelled', 1)
+redis.call('HINCRBY', KEYS[5], 'queue:' .. f[2] .. ':cancelled', 1)
 count_in_stats(ARGV[7], ARGV[8], f[6], f[7], 'cancelled')
 return f[1]

@@ -150,9 +150,11 @@ while #out < limit and budget > 0 do
       if m and (m.free <= 0 or m.next > clock) then
         park(lk, m, score, member, queue)
       else
+        -- a run holds its key's slot whatever the rules say now: a rule given to the
+        -- key while it runs must count it
+        if f[11] then redis.call('SADD', rp .. f[11], id) end
         if m then
           m.free = m.free - 1
-          if m.rule[1] then redis.call('SADD', rp .. lk, id) end
           if m.rule[2] then
             m.next = clock + m.rule[2]
             redis.call('SET', np .. lk, m.next, 'PX', m.rule[2])

@@ -1,7 +1,7 @@
 -- Delete a job that is not running (a running one must be cancelled first).
 -- KEYS: the job's hash, inflight, delayed, parked counts
 -- ARGV: queue prefix, status index prefix, job_id, limit parked prefix, round prefix,
---       batch stats prefix, func stats prefix
+--       batch stats prefix, func stats prefix, round ttl (s)
 -- Returns the status the job had, or false when there was none; an error 'RUNNING' when
 --   it runs.
 -- Invariant: no index keeps an entry for a job that is gone; a round no longer waits for a
@@ -15,7 +15,10 @@ if f[4] and f[3] and redis.call('ZREM', ARGV[4] .. f[4], f[3]) == 1 then
   redis.call('HINCRBY', KEYS[4], f[2], -1)   -- it was parked by its limit key
 end
 if f[1] == 'queued' or f[1] == 'retrying' then   -- an ended job was counted when it ended
-  if f[5] then redis.call('HINCRBY', ARGV[5] .. f[5], 'removed', 1) end
+  if f[5] then
+    redis.call('HINCRBY', ARGV[5] .. f[5], 'removed', 1)
+    redis.call('EXPIRE', ARGV[5] .. f[5], ARGV[8])   -- FAILED_TTL after its last change
+  end
   count_in_stats(ARGV[6], ARGV[7], f[6], f[7], 'removed')
 end
 redis.call('ZREM', KEYS[2], ARGV[3])

@@ -1,12 +1,13 @@
 -- Run a finished job again, from attempt 0.
--- KEYS: the job's hash, seq
+-- KEYS: the job's hash, seq, counters
 -- ARGV: queue prefix, wake prefix, status index prefix, job_id, round prefix, round ttl (s),
 --       batch stats prefix, func stats prefix
 -- Returns the status the job had; an error 'NOJOB' when there is none, or 'LIVE <status>'
 -- when it has not finished.
 -- Invariant: only a succeeded, failed or cancelled job is queued again; its result, error
 -- and timings go. A job of a round counts in the round again (its round is live again), and
--- in its func's and batch's stats as submitted again.
+-- as submitted again in its func's and batch's stats (their last submit: `last_at`) and in
+-- the counters (also its queue's).
 local qp, wp, sp, now, id = ARGV[1], ARGV[2], ARGV[3], now_ms(), ARGV[4]
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return redis.error_reply('NOJOB') end
@@ -19,8 +20,12 @@ if round then
   redis.call('HINCRBY', ARGV[5] .. round, 'submitted', 1)
   redis.call('EXPIRE', ARGV[5] .. round, ARGV[6])
 end
-local job = redis.call('HMGET', KEYS[1], 'batch', 'func')
+local job = redis.call('HMGET', KEYS[1], 'batch', 'func', 'queue')
 count_in_stats(ARGV[7], ARGV[8], job[1], job[2], 'submitted')
+if job[1] and job[1] ~= '' then redis.call('HSET', ARGV[7] .. job[1], 'last_at', now) end
+if job[2] then redis.call('HSET', ARGV[8] .. job[2], 'last_at', now) end
+redis.call('HINCRBY', KEYS[3], 'submitted', 1)
+redis.call('HINCRBY', KEYS[3], 'queue:' .. job[3] .. ':submitted', 1)
 redis.call('PERSIST', KEYS[1])
 redis.call('HSET', KEYS[1], 'attempts', 0, 'enqueued_at', now)
 redis.call('HDEL', KEYS[1], 'started_at', 'finished_at', 'result', 'error', 'retry_at',
