@@ -37,7 +37,8 @@ def round_progress(counts: dict) -> dict:
     """A round's counters (a Redis hash) as jobs queued or running, succeeded, failed."""
     n = {k.decode(): int(v) for k, v in counts.items()}
     ended = n.get("succeeded", 0) + n.get("failed", 0) + n.get("removed", 0)
-    return {"submitted": n.get("submitted", 0), "live": n.get("submitted", 0) - ended,
+    # (a hash that expired and came back holds only later counts: never below 0 live)
+    return {"submitted": n.get("submitted", 0), "live": max(0, n.get("submitted", 0) - ended),
             "succeeded": n.get("succeeded", 0), "failed": n.get("failed", 0)}
 
 

@@ -261,3 +261,11 @@ def test_a_trigger_that_never_fires_is_refused_not_stored_finished(redis_url):
             await store.add(spec("once", {"type": "interval", "minutes": 1, "end_date": T0 + 30}))
         assert await store.get("once") is None and await store.count() == 0
     run(redis_url, body)
+
+
+def test_a_rounds_progress_never_shows_fewer_than_0_jobs_live():
+    """A round's hash expires FAILED_TTL after its last change; a job of it ending later
+    writes a hash of that count alone, which read as -1 jobs live."""
+    from elric.jobstore import round_progress
+    assert round_progress({b"succeeded": b"1"}) == {"submitted": 0, "live": 0,
+                                                    "succeeded": 1, "failed": 0}
