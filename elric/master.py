@@ -28,7 +28,7 @@ from elric.bulk import Bulk, JobFilter
 from elric.clock import RedisClock
 from elric.config import Settings, SettingsError, parse_address, redact_url
 from elric.contract import ErrorCode, NotFound, Refused, SpecError, Status
-from elric.dedupe import DedupeFilter, make_filter
+from elric.dedupe import DedupeError, DedupeFilter, make_filter
 from elric.housekeeping import Housekeeping
 from elric.jobstore import RedisJobStore
 from elric.keys import Keys
@@ -127,7 +127,10 @@ class Master:
                             error_rate=s.BLOOM_ERROR_RATE,
                             set_ttl=s.DEDUPE_TTL if backend == "set" else None,
                             snapshot_interval=s.BLOOM_SNAPSHOT_INTERVAL)
-            await f.start()
+            try:
+                await f.start()
+            except DedupeError as exc:   # e.g. an unreadable snapshot: the message says what to do
+                raise SettingsError(f"FILTER_BACKEND {backend}: {exc}") from None
             self.filters[backend] = f
         gate = DedupeGate(s, self.filters, self.queue)
         self.admission = Admission(s, self.queue, self.store, gate, self.redis, self.keys)

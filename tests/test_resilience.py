@@ -693,6 +693,21 @@ def test_wrong_redis_password_exits_2_with_one_clear_line(password_redis, role, 
     assert ("invalid" in line.lower() or "auth" in line.lower()), line
 
 
+def test_an_unreadable_bloom_snapshot_stops_a_master_with_one_clear_line(redis_url):
+    """It exited 1 with a traceback; the line that ended it says which key to delete."""
+    r, keys = redis.Redis.from_url(redis_url), Keys("elric")
+    r.set(keys.dedupe_bloom("global"), b"not a snapshot")
+    r.hset(keys.dedupe_stats("global"), "backend", "bloom")
+    r.zadd(keys.dedupe_scopes, {"global": "+inf"})
+    r.close()
+    proc = run_elric(["master"], REDIS_URL=redis_url, FILTER_BACKEND="bloom",
+                     MASTER_ADDRESS=f"127.0.0.1:{free_port()}")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("elric: FILTER_BACKEND bloom: ") and "delete that key" in last, last
+    assert "Traceback" not in proc.stderr
+
+
 @pytest.mark.parametrize("role", ["master"])  # a worker waits: tests/test_startup.py
 def test_redis_password_is_not_echoed_in_errors(role, tmp_path):
     url = f"redis://:pw-Zx81@127.0.0.1:{free_port()}/0"  # nobody listens: cannot connect
