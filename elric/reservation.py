@@ -13,6 +13,8 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 
+import redis
+
 from elric.config import Settings
 from elric.contract import Status
 from elric.dedupe import DedupeError, DedupeFilter
@@ -77,6 +79,10 @@ class Reservation:
                     scope, [s["dedupe_key"] for s in group], owners)
             except DedupeError as exc:
                 raise ScopeRefused(scope, exc) from None
+            except redis.exceptions.ResponseError:
+                # Redis answered (out of memory, loading, ...): the script took no key, and
+                # giving these back would free keys other jobs hold
+                raise
             except BaseException:
                 self.unsure = group
                 raise

@@ -102,3 +102,25 @@ def test_redis_refusal_recognises_each_refusal(exc, reason):
 
     got = redis_refusal(exc)
     assert got is None if reason is None else reason in got
+
+
+def test_a_submit_refused_for_memory_gives_back_no_key_another_job_holds(own_redis, tmp_path):
+    """The dedupe check refused for memory took no key: giving back its specs' keys freed
+    the one an earlier job holds, and the resent job ran as a second job of that key."""
+    c = Cluster(own_redis.url, tmp_path)
+    r = redis.Redis.from_url(own_redis.url)
+    try:
+        c.start_master()
+        assert c.client.submit_job(Add.spec([1, 2], job_id="first", dedupe_key="k"))[
+            "status"] == "queued"
+        fill_until_refused(r)
+        second = Add.spec([3, 4], job_id="second", dedupe_key="k")
+        with pytest.raises(RemoteError) as info:
+            c.client.submit_job(second)
+        assert info.value.code == "redis_unavailable", str(info.value)
+        r.config_set("maxmemory", 0)
+        assert c.client.submit_job(second)["status"] == "filtered"
+        assert c.client.get_job("second") is None
+    finally:
+        r.close()
+        c.close()
