@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
 import math
 import os
 import random
@@ -39,10 +40,11 @@ import redis
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.chaos_jobs import RUN_LOG, Logged  # noqa: E402
+from bench.chaos_jobs import RUN_LOG, Limited, Logged, Parent  # noqa: E402
 from elric.client import MasterClient  # noqa: E402
 from elric.codec import unpack  # noqa: E402
 from elric.contract import Status  # noqa: E402
+from elric.job import _child_job_id  # noqa: E402
 from elric.jobstore import Outcome  # noqa: E402
 from elric.keys import Keys  # noqa: E402
 from elric.launch import Proc, elric_env, faketime_lib, start_master, start_worker  # noqa: E402
@@ -57,6 +59,9 @@ ENDED = {s.value.encode() for s in Status if s.ended}   # as Redis gives them
 SETTINGS = {"JOB_MODULES": "bench.chaos_jobs", "LEASE_SECONDS": LEASE,
             "SCHEDULER_LEASE": LEASE, "RETRY_BACKOFF": 0.2, "RETRY_BACKOFF_MAX": 2,
             "LOG_LEVEL": "INFO"}
+# --mix: async jobs under these limit keys, and parents of children with dedupe keys
+LIMITS = {"ka": {"concurrency": 2}, "kb": {"concurrency": 2}, "kc": {"concurrency": 3}}
+SHARED_BY = 3   # parents in a row whose second child has one dedupe key: all but one filtered
 
 
 @dataclass
@@ -114,9 +119,11 @@ class Supervisor:
 class Load:
     """Submits one-off jobs in small batches; a batch is resent, same ids, until accepted."""
 
-    def __init__(self, addresses: list[str], rng: random.Random) -> None:
+    def __init__(self, addresses: list[str], rng: random.Random, mix: bool = False) -> None:
         self.clients = [MasterClient(a, timeout=5) for a in addresses]
-        self.rng, self.accepted, self.resent = rng, [], 0
+        self.rng, self.accepted, self.resent, self.mix = rng, [], 0, mix
+        self.children: dict[str, tuple[str, str]] = {}   # child id -> (parent, dedupe key)
+        self.parents = 0
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, daemon=True)
         self.error: BaseException | None = None
@@ -126,8 +133,11 @@ class Load:
         try:
             while not self._stop.is_set():
                 batch = [Logged.spec([self.rng.choice((0, 0.02, 0.1))], job_id=f"j{n + i:06d}")
-                         for i in range(5)]
+                         for i in range(3 if self.mix else 5)]
                 n += len(batch)
+                if self.mix:
+                    batch += self._mix(n)
+                    n += 3
                 while True:   # until a master answers: an accepted job is never given up
                     turn += 1
                     try:
@@ -144,6 +154,19 @@ class Load:
                 self._stop.wait(0.1)
         except BaseException as exc:   # reported by the checker: the run fails
             self.error = exc
+
+    def _mix(self, n: int) -> list[dict]:
+        """Two async jobs of a limit key and a parent of three children: one without a
+        dedupe key, one with a key SHARED_BY parents share, one with a key of its own."""
+        batch = [Limited.spec([self.rng.choice(sorted(LIMITS)),
+                               self.rng.choice((0.05, 0.2, 0.4))], job_id=f"l{n + i:06d}")
+                 for i in range(2)]
+        parent = f"p{n + 2:06d}"
+        keys = ["", f"shared{self.parents // SHARED_BY}", f"own{parent}"]
+        self.parents += 1
+        self.children.update({_child_job_id(parent, i): (parent, k)
+                              for i, k in enumerate(keys)})
+        return batch + [Parent.spec([keys], job_id=parent)]
 
     def stop(self) -> None:
         self._stop.set()
@@ -279,11 +302,21 @@ class Report:
     errors: collections.Counter = field(default_factory=collections.Counter)
     details: dict = field(default_factory=dict)   # lost job id -> its hash in Redis
     load_error: str = ""
+    mix: bool = False
+    children: int = 0                # children of succeeded parents
+    children_accepted: int = 0       # of them, with a record (the rest were filtered)
+    lost_children: list = field(default_factory=list)   # accepted and not ended, or a
+    # dedupe key taken with no child of it accepted
+    doubled_dedupe: list = field(default_factory=list)  # a dedupe key two children ran under
+    limit_breaches: list = field(default_factory=list)  # more jobs of a key at once than
+    # its limit, no fault explaining it
+    limit_explained: int = 0         # the same, beside an attempt whose lease was lost
 
     @property
     def passed(self) -> bool:
         return not (self.lost_jobs or self.lost_fires or self.doubled_fires or
-                    self.doubled_runs or self.phantoms or self.load_error)
+                    self.doubled_runs or self.phantoms or self.load_error or
+                    self.lost_children or self.doubled_dedupe or self.limit_breaches)
 
     def table(self) -> str:
         faults = ", ".join(f"{k} {v}" for k, v in sorted(self.faults.items()))
@@ -299,6 +332,17 @@ class Report:
             ("jobs run more than once", f"{self.run_twice} (after a kill, pause or outage)"),
             ("  one attempt run twice", len(self.doubled_runs)),
             ("succeeded without a run", len(self.phantoms)),
+        ]
+        if self.mix:
+            rows += [
+                ("children of succeeded parents", self.children),
+                ("  accepted (others filtered)", self.children_accepted),
+                ("  lost", len(self.lost_children)),
+                ("dedupe keys run twice", len(self.doubled_dedupe)),
+                ("limit exceeded, no fault", len(self.limit_breaches)),
+                ("  beside a lease-lost attempt", self.limit_explained),
+            ]
+        rows += [
             ("process restarts", self.restarts),
             ("ERROR lines in the logs", sum(self.errors.values())),
         ]
@@ -307,7 +351,10 @@ class Report:
         for what, ids in (("lost job", self.lost_jobs), ("lost fire", self.lost_fires),
                           ("doubled fire", self.doubled_fires),
                           ("attempt run twice", self.doubled_runs),
-                          ("succeeded without a run", self.phantoms)):
+                          ("succeeded without a run", self.phantoms),
+                          ("lost child", self.lost_children),
+                          ("dedupe key run twice", self.doubled_dedupe),
+                          ("limit exceeded", self.limit_breaches)):
             lines += [f"{what}: {i} {self.details.get(i, '')}" for i in ids[:20]]
         lines += [f"{n} x {text}" for text, n in self.errors.most_common(5)]
         if self.unasked_exits:
@@ -336,18 +383,96 @@ def _due_fires(starts: dict[str, float], until: float) -> dict[str, str]:
     return due
 
 
+def check_children(report: Report, status: dict, children: dict, run_log: str) -> None:
+    """Every child the master accepted ended; a dedupe key taken has one child of it
+    accepted, and only that one ran (reruns of its id aside)."""
+    groups = collections.defaultdict(list)   # dedupe key (or the child id) -> child ids
+    succeeded = set()
+    for cid, (parent, key) in children.items():
+        groups[key or cid].append(cid)
+        if status.get(parent) == b"succeeded":
+            succeeded.add(key or cid)
+    ran = collections.defaultdict(set)   # dedupe key -> child ids that ran to their end
+    with open(run_log, encoding="utf-8") as f:
+        for line in f:
+            kind, job_id, *rest = line.split()
+            if kind == "end" and len(rest) == 5 and rest[4].startswith("D=") \
+                    and rest[4] != "D=-":
+                ran[rest[4][2:]].add(job_id)
+    for key, ids in groups.items():
+        taken = [i for i in ids if status.get(i) is not None]
+        if key in succeeded:
+            report.children += len(ids)
+            report.children_accepted += len(taken)
+        if (key in succeeded and not taken) or any(status[i] not in ENDED for i in taken):
+            report.lost_children.append(key)
+        if len(set(taken) | ran[key]) > 1:
+            report.doubled_dedupe.append(key)
+
+
+def check_limits(report: Report, run_log: str, limits: dict) -> None:
+    """At no instant more runs of a limit key than its concurrency, by the monotonic times
+    of the run log, except beside an attempt whose lease was lost: one that was not its
+    job's last attempt, or never ended (its process was killed: it ends, at the latest,
+    when its job starts again). Its key's slot was given back when it was redelivered, so
+    others may rightly run beside it (docs/FAULT_RUN.md)."""
+    runs = {}   # (job, attempt, pid) -> [key, start, end]
+    last = collections.Counter()   # job -> its last attempt
+    starts = collections.defaultdict(list)   # job -> start times of its runs
+    with open(run_log, encoding="utf-8") as f:
+        for line in f:
+            kind, job_id, attempt, pid, _, *rest = line.split()
+            if len(rest) != 2 or not rest[1].startswith("L="):
+                continue
+            run = runs.setdefault((job_id, attempt, pid), [rest[1][2:], None, None])
+            run[1 if kind == "start" else 2] = float(rest[0])
+            last[job_id] = max(last[job_id], int(attempt))
+            if kind == "start":
+                starts[job_id].append(float(rest[0]))
+    events = collections.defaultdict(list)   # key -> (time, 0 end / 1 start, run id, fair)
+    for (job_id, attempt, pid), (key, start, end) in runs.items():
+        if start is None:
+            continue
+        fair = end is not None and int(attempt) == last[job_id]
+        if end is None:
+            end = min([t for t in starts[job_id] if t > start], default=math.inf)
+        run = (job_id, attempt, pid)
+        events[key] += [(start, 1, run, fair), (end, 0, run, fair)]
+    explained = set()   # lease-lost runs that ran while their key was over its limit
+    for key, evs in events.items():
+        limit = limits[key]["concurrency"]
+        running = {}
+        for t, starts, run, fair in sorted(evs):   # at one time, ends come before starts
+            if not starts:
+                running.pop(run, None)
+                continue
+            running[run] = fair
+            if len(running) > limit:
+                if sum(running.values()) > limit:
+                    report.limit_breaches.append(
+                        f"{key} at {t:.3f}: " + " ".join(f"{j}#{a}" for j, a, _ in running))
+                else:
+                    explained.update(r for r, f in running.items() if not f)
+    report.limit_explained = len(explained)
+
+
 def check(r: redis.Redis, keys: Keys, report: Report, accepted: list[str],
-          starts: dict[str, float], until: float, run_log: str, drain: float) -> None:
-    """Wait up to ``drain`` seconds for everything accepted and due to end, then count."""
+          starts: dict[str, float], until: float, run_log: str, drain: float,
+          children: dict | None = None, limits: dict | None = None) -> None:
+    """Wait up to ``drain`` seconds for everything accepted and due to end, then count.
+    ``children`` (id -> (parent, dedupe key)) and ``limits`` are checked too if given."""
     due = _due_fires(starts, until)
     everything = accepted + list(due)
+    children = children or {}
     deadline = time.monotonic() + drain
     while True:
         try:
-            status = _statuses(r, keys, everything)
+            status = _statuses(r, keys, everything + list(children))
         except redis.exceptions.RedisError:
             status = {}
-        open_ = [i for i in everything if status.get(i) not in ENDED]
+        # a filtered child has no record: wait for those the master accepted
+        open_ = [i for i in everything if status.get(i) not in ENDED] + \
+            [i for i in children if status.get(i) not in ENDED and status.get(i) is not None]
         if not open_ or time.monotonic() > deadline:
             break
         time.sleep(0.5)
@@ -388,10 +513,17 @@ def check(r: redis.Redis, keys: Keys, report: Report, accepted: list[str],
     # a redelivered job runs again under a new attempt; the same attempt twice is one claim
     # run twice, which only a bug does
     report.doubled_runs = [f"{j} attempt {a}" for (j, a), n in claims.items() if n > 1]
-    report.phantoms = [i for i in everything if status.get(i) == b"succeeded" and not ends[i]]
+    report.phantoms = [i for i in everything + list(children)
+                       if status.get(i) == b"succeeded" and not ends[i]]
+    if children:
+        report.mix = True
+        check_children(report, status, children, run_log)
+    if limits:
+        report.mix = True
+        check_limits(report, run_log, limits)
 
 
-def run(seconds: float, seed: int, drain: float, workdir: str) -> Report:
+def run(seconds: float, seed: int, drain: float, workdir: str, mix: bool = False) -> Report:
     rng = random.Random(seed)
     run_log = os.path.join(workdir, "runs.log")
     open(run_log, "w").close()
@@ -401,6 +533,8 @@ def run(seconds: float, seed: int, drain: float, workdir: str) -> Report:
     addresses = [f"127.0.0.1:{free_port()}" for _ in range(2)]
     base = elric_env(server.url, addresses[0], **SETTINGS)
     base[RUN_LOG] = run_log
+    if mix:
+        base["ELRIC_LIMITS"] = json.dumps(LIMITS)
     slots = [Slot("master", f"master-{i}", {**base, "ELRIC_MASTER_ADDRESS": a},
                   os.path.join(workdir, f"master-{i}.log")) for i, a in enumerate(addresses)]
     slots += [Slot("worker", f"worker-{i}", {**base, "ELRIC_MASTER_ADDRESS": addresses[i]},
@@ -435,7 +569,7 @@ def run(seconds: float, seed: int, drain: float, workdir: str) -> Report:
             starts[job_id] = start
         client.close()
         supervisor.thread.start()
-        load = Load(addresses, rng)
+        load = Load(addresses, rng, mix)
         load.thread.start()
         end = time.monotonic() + seconds
         while time.monotonic() < end:
@@ -446,7 +580,8 @@ def run(seconds: float, seed: int, drain: float, workdir: str) -> Report:
         load.stop()
         if load.error is not None:
             report.load_error = f"{type(load.error).__name__}: {load.error}"
-        check(r, keys, report, load.accepted, starts, until, run_log, drain)
+        check(r, keys, report, load.accepted, starts, until, run_log, drain,
+              load.children, LIMITS if mix else None)
     finally:
         if load is not None:
             load.stop()
@@ -473,12 +608,14 @@ def main(argv=None) -> int:
     parser.add_argument("--drain", type=float, default=120,
                         help="how long the checker waits for every job to end")
     parser.add_argument("--keep", metavar="DIR", help="keep logs in DIR (default: a temp dir)")
+    parser.add_argument("--mix", action="store_true", help="also async jobs under limit keys "
+                        "and parents of children with dedupe keys")
     args = parser.parse_args(argv)
     seed = random.randrange(2**32) if args.seed is None else args.seed
     workdir = args.keep or tempfile.mkdtemp(prefix="elric-chaos-")
     os.makedirs(workdir, exist_ok=True)
     print(f"fault run: seed {seed}, logs in {workdir}", flush=True)
-    report = run(args.seconds, seed, args.drain, workdir)
+    report = run(args.seconds, seed, args.drain, workdir, args.mix)
     print(report.table(), flush=True)
     return 0 if report.passed else 1
 

@@ -9,7 +9,7 @@ import sys
 
 import redis
 
-from bench.chaos import Report, check
+from bench.chaos import LIMITS, Report, check
 from elric.codec import pack
 from elric.keys import Keys
 from elric.scheduler import fire_id
@@ -47,6 +47,42 @@ def test_the_checker_finds_lost_jobs_lost_fires_and_doubled_fires(redis_url, tmp
     assert report.phantoms == [fire_id("tick1", start), fire_id("tick1", start + 2),
                                fire_id("tick3", start), fire_id("tick3", start + 3)]
     assert not report.passed and report.table().endswith("result: FAIL")
+    r.close()
+
+
+def test_the_mix_checker_finds_lost_children_keys_run_twice_and_limits_exceeded(
+        redis_url, tmp_path):
+    r = redis.Redis.from_url(redis_url)
+    for job_id in ("p1", "p2", "a1", "a2", "d1"):
+        r.hset(KEYS.job(job_id), "status", "succeeded")
+    r.hset(KEYS.job("b1"), "status", "running")            # accepted, never ends: lost
+    children = {"a1": ("p1", ""), "a2": ("p1", "s"),
+                "b1": ("p2", ""), "b2": ("p2", "s"),       # b2 filtered: s is a2's
+                "c1": ("p2", "t"),                         # t taken, no child of it: lost
+                "d1": ("p1", "u"), "d2": ("p2", "u")}      # d2 filtered, yet ran
+    lines = ["start p1 1 9 0 1.0 -", "end p1 1 9 0 1.1 -", "start p2 1 9 0 1.0 -",
+             "end p2 1 9 0 1.1 -"]
+    for job_id, key in (("a1", "-"), ("a2", "s"), ("d1", "u"), ("d2", "u")):
+        lines += [f"start {job_id} 1 9 0 2.0 D={key}", f"end {job_id} 1 9 0 2.1 D={key}"]
+    # ka (2 at once): three different jobs at 3.5, no fault: a breach
+    lines += ["start l1 1 9 0 3.0 L=ka", "start l2 1 9 0 3.2 L=ka", "start l3 1 9 0 3.5 L=ka",
+              "end l1 1 9 0 4.0 L=ka", "end l2 1 9 0 4.0 L=ka", "end l3 1 9 0 4.0 L=ka"]
+    # kb: m1's first attempt was killed (no end) and redelivered at 9.0; m2 and m3 beside
+    # it are explained, and nothing overlaps its second attempt
+    lines += ["start m1 1 9 0 5.0 L=kb", "start m2 1 9 0 6.0 L=kb", "start m3 1 9 0 6.5 L=kb",
+              "end m2 1 9 0 7.0 L=kb", "end m3 1 9 0 7.0 L=kb", "start m1 2 8 0 9.0 L=kb",
+              "end m1 2 8 0 9.5 L=kb"]
+    run_log = tmp_path / "runs.log"
+    run_log.write_text("\n".join(lines) + "\n")
+    report = Report(1, {})
+    check(r, KEYS, report, ["p1", "p2"], {}, 0, str(run_log), drain=0, children=children,
+          limits=LIMITS)
+    assert (report.children, report.children_accepted) == (7, 4)
+    assert sorted(report.lost_children) == ["b1", "t"]
+    assert report.doubled_dedupe == ["u"]
+    assert report.limit_breaches == ["ka at 3.500: l1#1 l2#1 l3#1"]
+    assert report.limit_explained == 1
+    assert report.phantoms == [] and not report.passed
     r.close()
 
 
