@@ -105,7 +105,7 @@ class Admission:
             await reservation.reclaim([s for s, h in zip(resent, holds) if h is None])
             submitted = await self.queue.enqueue(reservation.passed)
         except BaseException as exc:
-            await self._clean_up(reservation.cancel(), exc)
+            await self._clean_up(reservation.cancel(CLEANUP_WAIT), exc)
             raise
         await reservation.settle(submitted)
         # the filter found their keys seen, yet dropped none of them: a job that exists

@@ -10,6 +10,7 @@ exact filters can give keys back; a Bloom filter keeps them.
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -19,6 +20,7 @@ from elric.config import Settings
 from elric.contract import Status
 from elric.dedupe import DedupeError, DedupeFilter
 from elric.queue import Hold, RedisQueue, Submitted
+from elric.retry import retry
 
 log = logging.getLogger("elric.master")
 
@@ -106,11 +108,29 @@ class Reservation:
         if existed:
             await self.gate.give_back_unheld(existed, if_unknown=False)
 
-    async def cancel(self) -> None:
+    async def cancel(self, patience: float = 0.0) -> None:
         """After a failed call: keys of the passed (and unsure) specs whose job does not
         exist go back (the enqueue may have run with its reply lost, so each is looked up
-        first)."""
-        await self.gate.give_back_unheld(self.passed + self.unsure, if_unknown=True)
+        first), trying for up to ``patience`` seconds while Redis is away."""
+        deadline = time.monotonic() + patience
+        await self.gate.give_back_unheld(self.passed + await self._took(deadline),
+                                         if_unknown=True, patience=patience)
+
+    async def _took(self, deadline: float) -> list[dict]:
+        """The unsure specs (their check's reply was lost) whose keys that check took. A
+        named job took its key if the filter recorded it as the taker; one it found seen is
+        another job's, not to be freed. Unnamed ones: all, so that no job is lost."""
+        named = [s for s in self.unsure if self.chosen is None or s["job_id"] in self.chosen]
+        if not named:
+            return self.unsure
+        scope, unnamed = named[0]["dedupe_scope"], [s for s in self.unsure if s not in named]
+        try:
+            mine = await retry(lambda: self.gate.filter_for(scope).owned(
+                scope, [s["dedupe_key"] for s in named], [s["job_id"] for s in named]),
+                log=log, what="reading who took dedupe keys", deadline=deadline)
+        except Exception:
+            return self.unsure
+        return unnamed + [s for s, m in zip(named, mine) if m]
 
 
 class DedupeGate:
@@ -129,14 +149,20 @@ class DedupeGate:
             or scopes.get(scope.split("@", 1)[0]) or self.settings.FILTER_BACKEND
         return self.filters[backend]
 
-    async def give_back_unheld(self, specs: list[dict], *, if_unknown: bool) -> None:
+    async def give_back_unheld(self, specs: list[dict], *, if_unknown: bool,
+                               patience: float = 0.0) -> None:
         """Give back the keys of ``specs`` that no job holds (to exact filters; a failure is
-        only logged). When Redis cannot be asked: all of them if ``if_unknown``, else none."""
+        only logged). When Redis cannot be asked: all of them if ``if_unknown``, else none.
+        ``patience``: seconds to keep trying while Redis is away, since a key left taken
+        with no job filters the resend of its job, which is then lost."""
         keyed = [s for s in specs if s.get("dedupe_key") is not None]
         if not keyed:
             return
+        deadline = time.monotonic() + patience
         try:
-            holds = await self.queue.get_holds([s["job_id"] for s in keyed])
+            holds = await retry(lambda: self.queue.get_holds([s["job_id"] for s in keyed]),
+                                what="looking up the jobs of dedupe keys to give back",
+                                log=log, deadline=deadline)
         except Exception as exc:
             log.warning("could not look up the jobs of %d dedupe key(s) (%s); %s", len(keyed),
                         exc, "giving them back" if if_unknown else "keeping them")
@@ -151,8 +177,10 @@ class DedupeGate:
             f = self.filter_for(scope)
             if f.can_release:
                 try:
-                    await f.release(scope, [s["dedupe_key"] for s in group],
-                                    [s["job_id"] for s in group])
+                    await retry(lambda: f.release(scope, [s["dedupe_key"] for s in group],
+                                                  [s["job_id"] for s in group]),
+                                log=log, deadline=deadline,
+                                what=f"giving back dedupe keys of scope {scope!r}")
                 except Exception as exc:
                     log.warning("could not give back dedupe keys of scope %r: %s", scope, exc)
 

@@ -110,6 +110,60 @@ def test_a_dedupe_check_whose_reply_is_lost_gives_its_keys_back(redis_url):
     asyncio.run(main())
 
 
+def test_a_dedupe_check_whose_reply_is_lost_keeps_a_key_another_job_holds(redis_url):
+    """The lost check found the key seen (an earlier job holds it): giving it back as if
+    this call had taken it let the resend through, a second job of one key."""
+    async def main():
+        async with master(redis_url) as m:
+            first = {"func": E, "job_id": "first", "dedupe_key": "k"}
+            assert (await m.submit_jobs([first]))[0]["status"] == "queued"
+            f = m.filters["set"]
+            real = f.check_and_add
+
+            async def lost(*args):
+                await real(*args)
+                raise RedisConnectionError("Connection reset by peer")
+            f.check_and_add = lost
+            second = {"func": E, "job_id": "second", "dedupe_key": "k"}
+            with pytest.raises(RequestError, match="cannot reach Redis"):
+                await m.submit_jobs([second])
+            f.check_and_add = real
+            assert (await m.submit_jobs([second]))[0]["status"] == "filtered"
+            assert await queued(m) == 1
+    asyncio.run(main())
+
+
+def test_keys_of_a_failed_call_go_back_once_redis_answers_again(redis_url):
+    """Redis went away between the check and the enqueue, and was still away for the first
+    try to give the keys back: kept taken, the resend was "filtered" and its job lost."""
+    async def main():
+        async with master(redis_url) as m:
+            f = m.filters["set"]
+            real_enqueue, real_holds, real_release = m.queue._enqueue, m.queue.get_holds, \
+                f.release
+            down = {"holds": 1, "release": 1}   # calls that fail before Redis is back
+
+            async def away(keys, args):
+                raise RedisConnectionError("Connection refused")
+
+            def until_back(what, real):
+                async def call(*args):
+                    if down[what]:
+                        down[what] -= 1
+                        raise RedisConnectionError("Connection refused")
+                    return await real(*args)
+                return call
+            m.queue._enqueue = away
+            m.queue.get_holds = until_back("holds", real_holds)
+            f.release = until_back("release", real_release)
+            spec = {"func": E, "job_id": "page-1", "dedupe_key": "http://x/1"}
+            with pytest.raises(RequestError, match="cannot reach Redis"):
+                await m.submit_jobs([spec])
+            m.queue._enqueue = real_enqueue
+            assert await m.submit_jobs([spec]) == [{"job_id": "page-1", "status": "queued"}]
+    asyncio.run(main())
+
+
 def test_a_call_in_flight_when_the_master_stops_finishes(redis_url):
     """Stopping the master lets a submit_jobs under way finish (its keys taken, its job
     queued, its answer sent) rather than cutting it between the filter and the queue."""
