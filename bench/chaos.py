@@ -16,6 +16,10 @@ stop, and the checker waits for every accepted job and every due fire to end, re
 whole history (the jobs in Redis, the schedules' runs, the log each run writes) and prints
 a table. It exits 0 when no accepted job and no due fire was lost and no fire was doubled.
 
+``--mix`` adds async jobs under limit keys (LIMITS) and parents of children with dedupe
+keys; the checker then also proves every accepted child ended, no dedupe key ran two
+children and no limit was exceeded but beside an attempt whose lease was lost.
+
     .venv/bin/python bench/chaos.py --seconds 600      # ten minutes (docs/FAULT_RUN.md)
 """
 

@@ -88,13 +88,14 @@ def test_the_mix_checker_finds_lost_children_keys_run_twice_and_limits_exceeded(
 
 def test_a_short_fault_run_loses_nothing_and_doubles_no_fire(tmp_path):
     """60 s of faults against real masters, workers and Redis (the README runs it for ten
-    minutes)."""
+    minutes), with the mix: async jobs under limit keys, children with dedupe keys."""
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "bench", "chaos.py"), "--seconds", "60",
-         "--keep", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=400,
+         "--mix", "--keep", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=400,
         stdin=subprocess.DEVNULL)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "result: PASS" in out, out
     assert "lost job" not in out and "doubled fire:" not in out, out
+    assert "| dedupe keys run twice          |                                  0 |" in out, out
     faults = out.split("s of faults: ")[1].splitlines()[0]
     assert faults != "none", out
