@@ -162,8 +162,11 @@ class Load:
     def _mix(self, n: int) -> list[dict]:
         """Two async jobs of a limit key and a parent of three children: one without a
         dedupe key, one with a key SHARED_BY parents share, one with a key of its own."""
+        # now and then one outlasting a lease: a worker paused meanwhile loses it, and the
+        # job runs again beside it
         batch = [Limited.spec([self.rng.choice(sorted(LIMITS)),
-                               self.rng.choice((0.05, 0.2, 0.4))], job_id=f"l{n + i:06d}")
+                               self.rng.choice((0.05, 0.2, 0.4) * 20 + (LEASE + 2,))],
+                              job_id=f"l{n + i:06d}")
                  for i in range(2)]
         parent = f"p{n + 2:06d}"
         keys = ["", f"shared{self.parents // SHARED_BY}", f"own{parent}"]
