@@ -34,7 +34,7 @@ from elric.jobstore import RedisJobStore
 from elric.keys import Keys
 from elric.queue import RedisQueue
 from elric.reservation import DedupeGate, ScopeRefused
-from elric.retry import REDIS_CLIENT_OPTIONS, REDIS_ERRORS, redis_refusal
+from elric.retry import REDIS_CLIENT_OPTIONS, REDIS_ERRORS, redis_refusal, retry
 from elric.rpc import RequestError, Server
 from elric.scheduler import Scheduler, fire_id
 
@@ -120,7 +120,10 @@ class Master:
         await clock.sync()
         self.store = RedisJobStore(self.redis, self.keys, clock=clock, min_interval=s.MIN_INTERVAL)
         rules = limits.parse_rules(s.LIMITS)
-        await limits.publish(self.redis, self.keys, rules)
+        # a Redis that refuses writes for now (full, loading) is waited for, not a reason to
+        # exit: a supervisor would restart the master into the same refusal
+        await retry(lambda: limits.publish(self.redis, self.keys, rules), log=log,
+                    what="master: publishing LIMITS")
         self.filters: dict[str, DedupeFilter] = {}
         for backend in {s.FILTER_BACKEND, *s.FILTER_SCOPES.values()}:
             f = make_filter(backend, self.redis, self.keys, capacity=s.BLOOM_CAPACITY,

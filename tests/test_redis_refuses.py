@@ -3,10 +3,16 @@ caller, answered with code redis_unavailable and a clear message, not an interna
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
+
 import pytest
 import redis
 
-from elric.redis_server import RedisServer
+from elric.config import load_settings
+from elric.master import Master
+from elric.redis_server import RedisServer, free_port
 from elric.rpc import RemoteError
 from tests.conftest import Cluster, wait_for
 from tests.jobs import Add, Sleep
@@ -124,3 +130,41 @@ def test_a_submit_refused_for_memory_gives_back_no_key_another_job_holds(own_red
     finally:
         r.close()
         c.close()
+
+
+def test_a_master_with_limits_started_while_redis_is_full_waits(own_redis):
+    """Publishing LIMITS was the one write of a master's start not retried: started while
+    Redis refused writes, the master exited, and its supervisor restarted it into the same
+    refusal."""
+    r = redis.Redis.from_url(own_redis.url)
+    waited = []
+
+    class Seen(logging.Handler):
+        def emit(self, record):
+            waited.append(record.getMessage())
+
+    async def main():
+        m = Master(load_settings(env={}, overrides=dict(
+            REDIS_URL=own_redis.url, MASTER_ADDRESS=f"127.0.0.1:{free_port()}",
+            LIMITS={"host": {"concurrency": 1}})))
+        starting = asyncio.ensure_future(m.start())
+        deadline = time.monotonic() + 20
+        while not any("publishing LIMITS" in w for w in waited):
+            assert not starting.done(), starting.exception()
+            assert time.monotonic() < deadline, "the master never tried to publish LIMITS"
+            await asyncio.sleep(0.02)
+        r.config_set("maxmemory", 0)
+        await asyncio.wait_for(starting, 20)
+        try:
+            assert r.hgetall("elric:limits") == {b"host": b"1,"}
+        finally:
+            await m.close()
+
+    handler = Seen()
+    logging.getLogger("elric.master").addHandler(handler)
+    try:
+        fill_until_refused(r)
+        asyncio.run(main())
+    finally:
+        logging.getLogger("elric.master").removeHandler(handler)
+        r.close()
