@@ -79,6 +79,7 @@ class Slot:
     proc: Proc | None = None
     skew: str = ""            # FAKETIME for its next start ("+120s"), "" for the real clock
     paused: bool = False
+    pending: bool = False     # its last start failed: started again on the next round
     starts: int = 0
     exits: list[int] = field(default_factory=list)   # exit codes, in order
 
@@ -106,9 +107,15 @@ class Supervisor:
         while not self._stop.wait(0.5):
             with self.lock:
                 for slot in self.slots:
-                    if slot.proc is not None and not slot.proc.alive():
-                        slot.exits.append(slot.proc.popen.returncode)
-                        slot.start()
+                    if slot.pending or (slot.proc is not None and not slot.proc.alive()):
+                        if slot.proc is not None:
+                            slot.exits.append(slot.proc.popen.returncode)
+                        slot.proc, slot.pending = None, False
+                        try:
+                            slot.start()
+                        except RuntimeError as exc:   # it exited as it started: shown
+                            slot.pending = True
+                            slot.exits.append(str(exc).splitlines()[0])
 
     def stop(self) -> None:
         self._stop.set()
