@@ -456,8 +456,8 @@ def check_limits(report: Report, run_log: str, limits: dict) -> None:
     for key, evs in events.items():
         limit = limits[key]["concurrency"]
         running = {}
-        for t, starts, run, fair in sorted(evs):   # at one time, ends come before starts
-            if not starts:
+        for t, is_start, run, fair in sorted(evs):   # at one time, ends come before starts
+            if not is_start:
                 running.pop(run, None)
                 continue
             running[run] = fair
