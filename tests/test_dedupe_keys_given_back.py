@@ -457,7 +457,17 @@ def test_a_job_failing_after_its_key_expired_leaves_the_next_holder_its_key(redi
         async with master(redis_url, DEDUPE_TTL=3600, DEDUPE_RELEASE_ON_FAILURE=True) as m:
             spec = {"func": E, "job_id": "A", "dedupe_key": "K", "dedupe_scope": "s"}
             assert (await m.submit_jobs([spec]))[0]["status"] == "queued"
-            # A's key was let through more than DEDUPE_TTL ago
+            # A's key was let through more than DEDUPE_TTL ago, so B takes it later than A
+            # was queued: on Redis's clock, at least a millisecond later, as a TTL would be
+            queued_at = int(await m.redis.hget(m.keys.job("A"), "enqueued_at"))
+
+            async def redis_ms() -> int:
+                seconds, micros = await m.redis.time()
+                return seconds * 1000 + micros // 1000
+            deadline = asyncio.get_running_loop().time() + 5
+            while await redis_ms() <= queued_at:
+                assert asyncio.get_running_loop().time() < deadline, "Redis's clock stands"
+                await asyncio.sleep(0.001)
             assert await m.redis.zadd(m.keys.dedupe_set("s"), {"K": 1}, xx=True, ch=True)
             assert (await m.submit_jobs([{**spec, "job_id": "B"}]))[0]["status"] == "queued"
             worker = RedisQueue(m.redis, m.keys, release_keys_on_failure=True)
