@@ -74,8 +74,7 @@ class Reservation:
             if spec.get("dedupe_key") is not None and id(spec) not in self.new:
                 by_scope.setdefault(spec["dedupe_scope"], []).append(spec)
         for scope, group in by_scope.items():
-            owners = [s["job_id"] if self.chosen is None or s["job_id"] in self.chosen else ""
-                      for s in group]
+            owners = [s["job_id"] if self._named(s) else "" for s in group]
             try:
                 verdicts = await self.gate.filter_for(scope).check_and_add(
                     scope, [s["dedupe_key"] for s in group], owners)
@@ -116,14 +115,18 @@ class Reservation:
         await self.gate.give_back_unheld(self.passed + await self._took(deadline),
                                          if_unknown=True, patience=patience)
 
+    def _named(self, spec: dict) -> bool:
+        """Whether the caller chose the spec's id, so it may send it again."""
+        return self.chosen is None or spec["job_id"] in self.chosen
+
     async def _took(self, deadline: float) -> list[dict]:
         """The unsure specs (their check's reply was lost) whose keys that check took. A
         named job took its key if the filter recorded it as the taker; one it found seen is
         another job's, not to be freed. Unnamed ones: all, so that no job is lost."""
-        named = [s for s in self.unsure if self.chosen is None or s["job_id"] in self.chosen]
+        named = [s for s in self.unsure if self._named(s)]
         if not named:
             return self.unsure
-        scope, unnamed = named[0]["dedupe_scope"], [s for s in self.unsure if s not in named]
+        scope, unnamed = named[0]["dedupe_scope"], [s for s in self.unsure if not self._named(s)]
         try:
             mine = await retry(lambda: self.gate.filter_for(scope).owned(
                 scope, [s["dedupe_key"] for s in named], [s["job_id"] for s in named]),
