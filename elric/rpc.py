@@ -322,7 +322,7 @@ class _Connection:
 
     async def run(self) -> None:
         decoder = _Decoder(self.server.max_message)
-        refused = False   # a request over the limit was answered too_large
+        refused = False   # a bad request was answered; the rest of it may still come
         try:
             while True:
                 try:   # asyncio.timeout, not wait_for: no task per read
