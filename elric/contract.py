@@ -201,11 +201,6 @@ def _wire_names(types: tuple[type, ...]) -> str:
     return " or ".join(names)
 
 
-def new_job_id() -> str:
-    """128 random bits as 32 hex digits (unguessable: a client cannot predict the next)."""
-    return os.urandom(16).hex()
-
-
 def normalize_spec(
     spec: Any,
     *,
@@ -239,8 +234,10 @@ def normalize_spec(
         raise SpecError(f"job spec key {key!r} is for periodic jobs: give a 'trigger' "
                         "too, or leave it out")
     check_func(spec["func"], allowed_modules)
+    # a generated job_id is 128 random bits: a client cannot predict the next
     out = {"func": spec["func"], "args": list(spec.get("args", ())),
-           "kwargs": dict(spec.get("kwargs", {})), "job_id": spec.get("job_id") or new_job_id(),
+           "kwargs": dict(spec.get("kwargs", {})),
+           "job_id": spec.get("job_id") or os.urandom(16).hex(),
            "batch": spec.get("batch", ""), "parent": spec.get("parent", "")}
     # each default comes from the spec (Job.spec puts the class's there), else the settings
     for key, fallback in _DEFAULTS:

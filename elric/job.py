@@ -9,26 +9,25 @@ from __future__ import annotations
 
 import hashlib
 from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import Any
 
 from elric.contract import SpecError, func_path
 from elric.handle import JobHandle
 
 
+@dataclass
 class _RunContext:
     """What the worker's child process knows about the job it runs now."""
 
-    def __init__(self, job_id: str, spec: dict) -> None:
-        self.job_id, self.spec = job_id, spec
-        self.children: list[dict] = []
+    job_id: str
+    spec: dict
+    children: list[dict] = field(default_factory=list)
 
 
 # The job running now in this pool process: a context variable, since an async pool process
 # runs many jobs at once, each in its own task (and so its own context).
 _current: ContextVar[_RunContext | None] = ContextVar("elric_current_job", default=None)
-
-
-_CLASS_DEFAULTS = ("queue", "priority", "max_retries", "timeout")
 
 
 def _child_job_id(parent_id: str, n: int) -> str:
@@ -88,7 +87,7 @@ class Job:
         spec = {"func": path, "args": list(args), "kwargs": dict(kwargs or {})}
         # The class's defaults and hooks are applied here, where the class is: a master
         # checks names only and never imports project code.
-        for key in _CLASS_DEFAULTS:
+        for key in ("queue", "priority", "max_retries", "timeout"):
             if getattr(cls, key) is not None:
                 spec[key] = getattr(cls, key)
         for key in ("dedupe_key", "limit_key"):

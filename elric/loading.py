@@ -22,10 +22,6 @@ class ModuleBroken(Exception):
     """The job's module is one this worker was told to load, and importing it failed."""
 
 
-def _under(module: str, names: tuple[str, ...]) -> bool:
-    return any(module == n or module.startswith(n + ".") for n in names)
-
-
 @dataclass
 class JobModules:
     names: tuple[str, ...]
@@ -55,8 +51,8 @@ class JobModules:
         known = self._runs.get(func)
         if known is None:
             module = func.partition(":")[0]
-            known = self._runs[func] = module in self.broken or (
-                module in sys.modules and _under(module, self.names))
+            known = self._runs[func] = module in self.broken or (module in sys.modules and any(
+                (module + ".").startswith(n + ".") for n in self.names))
         return known
 
     def job_class(self, func: str) -> type:

@@ -81,25 +81,35 @@ def parse_address(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def _error(code: ErrorCode, message: str) -> dict:
+    return {"code": code, "message": message}
+
+
 def _pack(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True, unicode_errors="surrogateescape")
 
 
 class _ProtocolError(Exception):
-    """Input that is no msgpack-rpc; ``msgid`` is the request's when its start told it."""
+    """Input that is no msgpack-rpc; ``msgid`` is the request's when its start told it, and
+    ``answer`` the error a server sends it then: the caller learns what is wrong rather
+    than seeing the connection drop."""
 
     def __init__(self, message: str, msgid: int | None = None) -> None:
         super().__init__(message)
         self.msgid = msgid
+        self.answer = _error(ErrorCode.BAD_REQUEST, f"request refused, {message}; the master "
+                             "closes this connection")
 
 
 class _TooLarge(_ProtocolError):
-    """A message over the size limit; ``size`` says how big ("of 9000 bytes"), ``msgid`` is
-    the request's when its start told it."""
+    """A message over the size limit; ``size`` says how big ("of 9000 bytes"). Its answer
+    names the limit, so the caller can send less rather than send it again."""
 
     def __init__(self, size: str, limit: int, msgid: int | None) -> None:
         super().__init__(f"message {size}, limit {limit}", msgid)
-        self.size = size
+        self.answer = {**_error(ErrorCode.TOO_LARGE, f"request {size}: over this master's "
+                                f"limit of {limit} bytes (RPC_MAX_MESSAGE); send less per call"),
+                       "max_message": limit}
 
 
 _HEAD = 16   # bytes enough to hold a request's array header, type and msgid
@@ -147,13 +157,9 @@ class _Decoder:
         """Yield each message completed by ``data``; raise _ProtocolError on bad input
         (_TooLarge, knowing the request's msgid where it can, for one over the limit)."""
         base = self._fed   # where ``data`` starts in the stream
+        self._fed += len(data)
         try:
-            try:
-                self._unpacker.feed(data)
-            except msgpack.BufferFull:   # past the limit
-                raise self._too_large(f"of over {self._fed + len(data) - self._end} bytes",
-                                      data, base) from None
-            self._fed += len(data)
+            self._unpacker.feed(data)   # BufferFull past the limit
             for msg in self._unpacker:  # FormatError, StackError (deep nesting), limits...
                 end = self._unpacker.tell()
                 if end - self._end > self.max:
@@ -163,7 +169,7 @@ class _Decoder:
         except _ProtocolError:
             raise
         except Exception as exc:
-            if self._fed - self._end > self.max:   # e.g. a string over max_str_len
+            if self._fed - self._end > self.max:   # BufferFull, a string over max_str_len...
                 raise self._too_large(f"of over {self._fed - self._end} bytes", data,
                                       base) from None
             detail = f": {exc}" if str(exc) else ""
@@ -175,10 +181,6 @@ class _Decoder:
         if self._fed - self._end > self.max:
             raise self._too_large(f"of over {self._fed - self._end} bytes", data, base)
         self._head = self._start(data, base)
-
-
-def _error(code: ErrorCode, message: str) -> dict:
-    return {"code": code, "message": message}
 
 
 def _arity(fn: Callable) -> tuple[int, int | None, list[str]] | None:
@@ -239,7 +241,7 @@ class Server:
         self.idle_timeout, self.max_pending = idle_timeout, max_pending
         self.address: tuple[str, int] | None = None
         self._token = None if token is None else token.encode("utf-8")
-        self._arities: dict[str, tuple] = {}
+        self._arities = {name: _arity(fn) for name, fn in handlers.items()}
         self._listener: asyncio.AbstractServer | None = None
         self._connections: dict[asyncio.Task, _Connection] = {}
 
@@ -294,10 +296,8 @@ class Server:
         handler = self.handlers.get(method)
         if handler is None:  # the wording of the reference msgpack-rpc-python server
             raise RequestError(f"'{method}' method not found", ErrorCode.METHOD_NOT_FOUND)
-        cached = self._arities.get(method)
-        if cached is None or cached[0] is not handler:
-            cached = self._arities[method] = (handler, _arity(handler))
-        problem = cached[1] and _arity_problem(method, cached[1], len(params))
+        arity = self._arities.get(method)
+        problem = arity and _arity_problem(method, arity, len(params))
         if problem:
             raise RequestError(problem)
         result = handler(*params)
@@ -322,7 +322,7 @@ class _Connection:
 
     async def run(self) -> None:
         decoder = _Decoder(self.server.max_message)
-        refused = False   # a request over the limit was answered too_large
+        refused = False   # a bad request was answered; the rest of it may still come
         try:
             while True:
                 try:   # asyncio.timeout, not wait_for: no task per read
@@ -338,23 +338,10 @@ class _Connection:
                 for msg in decoder.feed(data):
                     if not await self._dispatch(msg):
                         return
-        except _TooLarge as exc:
-            log.warning("closing connection from %s: %s", self.peer, exc)
-            if exc.msgid is not None and self.authed:
-                # the caller learns the limit and can send less, rather than resend it
-                limit = self.server.max_message
-                await self._send(exc.msgid, {**_error(
-                    ErrorCode.TOO_LARGE, f"request {exc.size}: over this master's limit of "
-                    f"{limit} bytes (RPC_MAX_MESSAGE); send less per call"),
-                    "max_message": limit}, None)
-                refused = True
         except _ProtocolError as exc:
             log.warning("closing connection from %s: %s", self.peer, exc)
             if exc.msgid is not None and self.authed:
-                # the caller learns what is wrong rather than seeing the connection drop
-                await self._send(exc.msgid, _error(
-                    ErrorCode.BAD_REQUEST, f"request refused, {exc}; the master closes "
-                    "this connection"), None)
+                await self._send(exc.msgid, exc.answer, None)
                 refused = True
         except ConnectionError:
             pass
