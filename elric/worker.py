@@ -325,8 +325,8 @@ class Worker:
                 return
             raise exc
         self._wait_backoff.reset()
-        claims = task.result().claims
-        self.buffer.extend(await self._hand_back_others(claims, self._waiting_since))
+        mine = await self._hand_back_others(task.result().claims, self._waiting_since)
+        self.buffer.extend(mine)   # after the await: _dispatch may have put a new buffer in place
 
     async def _end_wait(self) -> None:
         """Make a waiting fetch run now, before what the worker was told (pause, new queues,
