@@ -24,6 +24,7 @@ import time
 import traceback
 from collections import deque
 from dataclasses import dataclass, field
+from functools import partial
 
 from elric import codec
 from elric import job as job_module
@@ -78,9 +79,7 @@ class Ran:
 
 @dataclass(slots=True)
 class _SyncJob:
-    instance: job_module.Job
-    args: list
-    kwargs: dict
+    run: partial   # the job's run, with its arguments
     ctx: job_module._RunContext
     out: Ran
     timeout: float | None
@@ -351,20 +350,20 @@ class _Runner:
             with self.outbox_lock:
                 self.new_kinds[item["func"]] = is_async
             self._flush_soon()
+        run = partial(instance.run, *args, **kwargs)
         if self.kinds[item["func"]]:
             out.is_async = True
-            task = self.loop.create_task(self._run_async(instance, args, kwargs, ctx, out,
-                                                          item.get("timeout")))
+            task = self.loop.create_task(self._run_async(run, ctx, out, item.get("timeout")))
             self.tasks[task] = out
             task.add_done_callback(self._task_done)
             return None
-        return _SyncJob(instance, args, kwargs, ctx, out, item.get("timeout"))
+        return _SyncJob(run, ctx, out, item.get("timeout"))
 
-    async def _run_async(self, instance, args, kwargs, ctx, out: Ran, timeout) -> None:
+    async def _run_async(self, run, ctx, out: Ran, timeout) -> None:
         job_module._current.set(ctx)  # this task's own context: one per job
         try:
             async with asyncio.timeout(timeout) as deadline:
-                result = await instance.run(*args, **kwargs)
+                result = await run()
             _succeeded(out, result, ctx)
         except TimeoutError as exc:
             if deadline.expired():
@@ -416,7 +415,7 @@ class _Runner:
                     signal.setitimer(signal.ITIMER_REAL, timeout)   # _on_alarm stops it
                 if out.key in self.cancels:   # asked after it left the queue, unsignalled
                     raise JobCancelled(CANCELLED)
-                result = job.instance.run(*job.args, **job.kwargs)
+                result = job.run()
             finally:
                 self.running, self.timer_set = None, False
                 if timeout:
