@@ -607,10 +607,8 @@ class Worker:
                 for claim in claims:
                     if claim.job_id not in renewed.lost:
                         claim.held_until = asked + self.lease
-                if renewed.lost:
-                    self._drop_lost(renewed.lost)
-                if renewed.cancel:
-                    self._stop_cancelled(renewed.cancel)
+                self._drop_lost(renewed.lost)
+                self._stop_cancelled(renewed.cancel)
                 await self._obey(renewed.control)
             except Exception as exc:   # never ends: leases are renewed again once Redis can
                 if is_outage(exc):
