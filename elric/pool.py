@@ -1,17 +1,15 @@
 """The worker's pool of processes: a ``concurrent.futures.Executor`` fed over one pipe each.
 
-Each pool process runs an event loop (``elric.runner``): async jobs share it, many at once;
-a sync job has its process to itself. Jobs go out and outcomes come back as msgpack
-batches, at most one message per process per turn of the worker's loop, so a fast job
-costs no round trip of its own. ``submit`` returns a future of the job's ``runner.Ran``;
-a process that dies resolves the futures of the jobs it held with ``ProcessDied``.
-``resize`` grows or shrinks the pool while it runs; no job is stopped to shrink it.
-``start`` is the same as ``submit`` with a callback in place of the future.
+Each pool process runs an event loop (``elric.runner``). Jobs go out and outcomes come back
+as msgpack batches, at most one message per process per turn of the worker's loop, so a
+fast job costs no round trip of its own. A process that dies settles the jobs it held with
+``ProcessDied``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -243,9 +241,7 @@ class Pool(Executor):
         return best[1] if best else None
 
     def how(self, claim: Claim, suspect: bool = False) -> tuple[bool, bool]:
-        """(is_async, alone) for a job: a class not seen yet may be sync, so it gets a
-        process to itself until that process says which kind it is; so does a sync job
-        with a timeout (its overrun kills its process) and a suspect of a crash."""
+        """(is_async, alone) for a job: see ``place`` for who goes alone."""
         kind = self.kinds.get(claim.func)
         alone = suspect or kind is None or (kind is False and claim.timeout is not None)
         return kind is True, alone
@@ -277,6 +273,9 @@ class Pool(Executor):
                             "func": claim.func, "args": claim.args, "kwargs": claim.kwargs,
                             "timeout": claim.timeout, "dedupe_scope": claim.dedupe_scope,
                             "batch": claim.batch, "round": claim.round})
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
         if not self._flush_soon:
             self._flush_soon = True
             self._loop.call_soon(self.flush)
@@ -297,10 +296,6 @@ class Pool(Executor):
     def claims(self) -> list[Claim]:
         return [h.claim for p in self._every() for h in p.held.values()]
 
-    def in_flight(self) -> int:
-        """Jobs sent to pool processes and not reported back yet."""
-        return sum(len(p.held) for p in self._every())
-
     def pids(self) -> list[int]:
         return [p.process.pid for p in self._every()]
 
@@ -312,16 +307,16 @@ class Pool(Executor):
         now = time.monotonic()
         for p in self._every():
             for job_id, h in p.held.items():
-                if h.claim.timeout and job_id not in p.timed_out and \
-                        now > h.sent_at + h.claim.timeout + KILL_GRACE:
-                    p.timed_out.add(job_id)
-                    log.warning("worker: job %s ignored its timeout; killing its process",
-                                job_id)
-                elif h.cancelled_at and job_id not in p.timed_out and \
-                        now > h.cancelled_at + KILL_GRACE:
-                    p.timed_out.add(job_id)
-                    log.warning("worker: job %s ignored its cancellation; killing its "
-                                "process", job_id)
+                if job_id in p.timed_out:
+                    continue
+                if h.claim.timeout and now > h.sent_at + h.claim.timeout + KILL_GRACE:
+                    ignored = "timeout"
+                elif h.cancelled_at and now > h.cancelled_at + KILL_GRACE:
+                    ignored = "cancellation"
+                else:
+                    continue
+                p.timed_out.add(job_id)
+                log.warning("worker: job %s ignored its %s; killing its process", job_id, ignored)
             if p.timed_out:
                 p.process.kill()
 
@@ -335,9 +330,7 @@ class Pool(Executor):
                 continue
             h.cancelled_at = time.monotonic()
             p.outbox.append({"cancel": job_id, "attempt": h.claim.attempt})
-            if not self._flush_soon:
-                self._flush_soon = True
-                self._loop.call_soon(self.flush)
+            self._schedule_flush()
             return True
         return False
 
@@ -356,15 +349,11 @@ class Pool(Executor):
                 for h in p.held.values():
                     if isinstance(h.done, _Settle):
                         h.done.future.set_exception(CancelledError("the pool shut down"))
-            try:
+            with contextlib.suppress(OSError, ValueError):
                 self._loop.remove_reader(p.conn.fileno())
-            except (OSError, ValueError):
-                pass
             p.conn.close()  # the process exits when it reads the end of its pipe
         if wait:
             for p in self._every():
                 p.process.join()
-        try:
+        with contextlib.suppress(OSError):
             os.rmdir(self._empty_dir)  # the fork server, already running, keeps working
-        except OSError:
-            pass

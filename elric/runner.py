@@ -1,11 +1,9 @@
 """What runs inside a worker's pool process: an event loop that runs jobs sent over a pipe.
 
-Jobs arrive from the worker as msgpack batches and their outcomes go back the same way.
-A job class whose ``run`` is ``async def`` runs as a task of the loop, many at once; a
-sync ``run`` blocks the loop while it runs, so the worker sends sync jobs only to a process
-that holds no async ones. The Job class is looked up here among the job modules the
-process loaded at start (``elric.loading``), never imported: Redis may have been written
-by someone other than a master.
+An ``async def run`` runs as a task of the loop, many at once; a sync ``run`` blocks the
+loop, so the worker sends sync jobs only to a process that holds no async ones. Job classes
+are looked up among the modules the process loaded at start (``elric.loading``), never
+imported: Redis may have been written by someone other than a master.
 
 cancel_job stops one job and spares the others of its process: an async job's task is
 cancelled; the pipe's reader thread drops a waiting sync job and reports it, and interrupts
@@ -15,6 +13,7 @@ a running one with SIGUSR1 to the main thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import os
@@ -25,6 +24,7 @@ import time
 import traceback
 from collections import deque
 from dataclasses import dataclass, field
+from functools import partial
 
 from elric import codec
 from elric import job as job_module
@@ -72,16 +72,14 @@ class Ran:
         return [getattr(self, name) for name in self.__slots__]
 
     @classmethod
-    def failure(cls, job_id: str, attempt: int, why: str) -> "Ran":
+    def failure(cls, job_id: str, attempt: int, why: str, is_async: bool = False) -> "Ran":
         now = time.monotonic()
-        return cls(job_id, attempt, False, why, [], now, now)
+        return cls(job_id, attempt, False, why, [], now, now, is_async=is_async)
 
 
 @dataclass(slots=True)
 class _SyncJob:
-    instance: job_module.Job
-    args: list
-    kwargs: dict
+    run: partial   # the job's run, with its arguments
     ctx: job_module._RunContext
     out: Ran
     timeout: float | None
@@ -135,12 +133,8 @@ def _exit_with_worker(pid: int) -> None:
     """Exit as soon as the worker is gone (SIGKILL, OOM killer). Pool processes are forked
     by the fork server, not the worker: nothing else would stop them. Their jobs are
     redelivered after the lease."""
-    try:
-        fd = os.pidfd_open(pid)  # Linux 5.3+: readable once the process has exited
-    except (AttributeError, OSError):
-        fd = None
-    if fd is not None:
-        select.select([fd], [], [])
+    with contextlib.suppress(AttributeError, OSError):
+        select.select([os.pidfd_open(pid)], [], [])  # Linux 5.3+: readable once it has exited
         os._exit(1)
     while True:  # elsewhere: poll (a zombie still counts as alive until it is reaped)
         time.sleep(1.0)
@@ -217,12 +211,9 @@ class _Runner:
         the sync queue; their requests are answered. Returns their outcomes."""
         dropped = [_cancelled(*_key(i), is_async=self.kinds.get(i["func"], False))
                    for i in self.inbox if _key(i) in cancels]
-        if dropped:
-            self.inbox = [i for i in self.inbox if _key(i) not in cancels]
-        if any(job.out.key in cancels for job in self.sync_jobs):
-            dropped += [_cancelled(*job.out.key) for job in self.sync_jobs
-                        if job.out.key in cancels]
-            self.sync_jobs = deque(job for job in self.sync_jobs if job.out.key not in cancels)
+        dropped += [_cancelled(*job.out.key) for job in self.sync_jobs if job.out.key in cancels]
+        self.inbox = [i for i in self.inbox if _key(i) not in cancels]
+        self.sync_jobs = deque(job for job in self.sync_jobs if job.out.key not in cancels)
         self.cancels.difference_update(out.key for out in dropped)
         return dropped
 
@@ -359,20 +350,20 @@ class _Runner:
             with self.outbox_lock:
                 self.new_kinds[item["func"]] = is_async
             self._flush_soon()
+        run = partial(instance.run, *args, **kwargs)
         if self.kinds[item["func"]]:
             out.is_async = True
-            task = self.loop.create_task(self._run_async(instance, args, kwargs, ctx, out,
-                                                          item.get("timeout")))
+            task = self.loop.create_task(self._run_async(run, ctx, out, item.get("timeout")))
             self.tasks[task] = out
             task.add_done_callback(self._task_done)
             return None
-        return _SyncJob(instance, args, kwargs, ctx, out, item.get("timeout"))
+        return _SyncJob(run, ctx, out, item.get("timeout"))
 
-    async def _run_async(self, instance, args, kwargs, ctx, out: Ran, timeout) -> None:
+    async def _run_async(self, run, ctx, out: Ran, timeout) -> None:
         job_module._current.set(ctx)  # this task's own context: one per job
         try:
             async with asyncio.timeout(timeout) as deadline:
-                result = await instance.run(*args, **kwargs)
+                result = await run()
             _succeeded(out, result, ctx)
         except TimeoutError as exc:
             if deadline.expired():
@@ -401,8 +392,7 @@ class _Runner:
         return asked
 
     def _drain_sync(self) -> None:
-        """Run the sync jobs that arrived, one after another (``_send_waiting`` reports
-        them meanwhile)."""
+        """Run the sync jobs that arrived in turn (``_send_waiting`` reports them meanwhile)."""
         while True:
             with self.inbox_lock:
                 if not self.sync_jobs:
@@ -425,7 +415,7 @@ class _Runner:
                     signal.setitimer(signal.ITIMER_REAL, timeout)   # _on_alarm stops it
                 if out.key in self.cancels:   # asked after it left the queue, unsignalled
                     raise JobCancelled(CANCELLED)
-                result = job.instance.run(*job.args, **job.kwargs)
+                result = job.run()
             finally:
                 self.running, self.timer_set = None, False
                 if timeout:
@@ -476,9 +466,7 @@ def _succeeded(out: Ran, result, ctx) -> None:
 
 
 def _cancelled(job_id: str, attempt: int, is_async: bool = False) -> Ran:
-    out = Ran.failure(job_id, attempt, CANCELLED + " before it started")
-    out.is_async = is_async
-    return out
+    return Ran.failure(job_id, attempt, CANCELLED + " before it started", is_async)
 
 
 def _failed(out: Ran, exc: BaseException) -> Ran:

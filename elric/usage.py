@@ -41,16 +41,13 @@ class LoadMeter:
         started since: the next reading counts it), one gone since counts no more. Asked
         again within MIN_INTERVAL (a heartbeat hurried to renew leases), the last reading
         stands."""
-        now, cpu, rss, seen = time.monotonic(), 0.0, 0, {}
+        now = time.monotonic()
         if now - self._at < MIN_INTERVAL and self._last is not None:
             return self._last
-        for pid in pids:
-            measured = usage(pid)
-            if measured is None:
-                continue
-            seen[pid] = measured[0]
-            cpu += measured[0] - self._cpu.get(pid, measured[0])
-            rss += measured[1]
-        elapsed, self._cpu, self._at = now - self._at, seen, now
+        seen = {pid: measured for pid in pids if (measured := usage(pid)) is not None}
+        cpu = sum(used - self._cpu.get(pid, used) for pid, (used, _) in seen.items())
+        rss = sum(rss for _, rss in seen.values())
+        elapsed, self._at = now - self._at, now
+        self._cpu = {pid: used for pid, (used, _) in seen.items()}
         self._last = (round(100.0 * cpu / max(elapsed, 1e-3), 1), rss) if seen else None
         return self._last

@@ -1,11 +1,9 @@
 """The worker: pull jobs with a lease, run them in a process pool, record outcomes.
 
-One asyncio loop does all the Redis and RPC work; jobs run in ``elric.pool``: async jobs
-many at once in every pool process, sync jobs one process each, fast sync jobs in
-batches. A worker fetches as many jobs as it has room for plus a small prefetch, extends
-the leases of what it holds (heartbeat), and gives prefetched jobs back at once when told
-to stop. Each heartbeat also records the worker's load in its hash, and picks up what an
-operator asked (pause, resume, stop, other queues or another number of processes).
+One asyncio loop does all the Redis and RPC work; jobs run in ``elric.pool``. A worker
+fetches what it has room for plus a small prefetch, renews the leases of what it holds
+(heartbeat), and gives prefetched jobs back at once when told to stop. Each heartbeat also
+records the worker's load and picks up what an operator asked (pause, resume, stop, set).
 """
 
 from __future__ import annotations
@@ -188,7 +186,7 @@ class Worker:
                          job_modules=s.JOB_MODULES, preload=self.modules.clean(),
                          log_level=s.LOG_LEVEL, lag_warn=s.LOOP_LAG_WARN,
                          result_max=s.result_max_bytes)
-        await self._register()
+        await self._retry_redis(self._register)   # Redis may refuse writes for a while
         heartbeat = asyncio.create_task(self._heartbeat_loop())
         recorder = asyncio.create_task(self._record_loop())
         recorder.add_done_callback(self._recorder_ended)
@@ -264,9 +262,7 @@ class Worker:
                     fetched = await self.queue.fetch(self.worker_id, self.queues,
                                                      max(want, 0), self.lease, ended)
                     backoff.reset()
-                    for claim in fetched.claims:
-                        claim.held_until = asked + self.lease
-                    fetched.claims = await self._hand_back_others(fetched.claims)
+                    fetched.claims = await self._hand_back_others(fetched.claims, asked)
                 except Exception as exc:   # Redis away, or full: wait it out, keep what we hold
                     if not is_outage(exc):
                         raise
@@ -329,10 +325,8 @@ class Worker:
                 return
             raise exc
         self._wait_backoff.reset()
-        claims = task.result().claims
-        for claim in claims:
-            claim.held_until = self._waiting_since + self.lease
-        self.buffer.extend(await self._hand_back_others(claims))
+        mine = await self._hand_back_others(task.result().claims, self._waiting_since)
+        self.buffer.extend(mine)   # after the await: _dispatch may have put a new buffer in place
 
     async def _end_wait(self) -> None:
         """Make a waiting fetch run now, before what the worker was told (pause, new queues,
@@ -377,12 +371,14 @@ class Worker:
         self.buffer = kept
         self.pool.flush()
 
-    async def _hand_back_others(self, claims: list[Claim]) -> list[Claim]:
+    async def _hand_back_others(self, claims: list[Claim], asked: float) -> list[Claim]:
         """Give back, without using an attempt, the jobs whose module this worker does not
-        load: they wait a few seconds for a worker that does. Returns the others."""
+        load: they wait a few seconds for a worker that does. Returns the others, whose
+        leases, asked for at ``asked``, last a lease from then."""
         mine: list[Claim] = []
         others: dict[str, list[Claim]] = {}
         for claim in claims:
+            claim.held_until = asked + self.lease
             if self.modules.runs(claim.func):
                 mine.append(claim)
             else:
@@ -413,16 +409,12 @@ class Worker:
 
     def _ran(self, claim: Claim, outcome: runner.Ran | ProcessDied) -> None:
         """A job came back from the pool (on this loop)."""
-        ran = outcome
-        if isinstance(outcome, ProcessDied):
-            ran = self._crashed(claim, outcome)
-            if ran is None:
-                self._changed.set()
-                return
-        if claim.limit_key is not None:
-            self.ended.append((claim.job_id, claim.attempt))   # its slot frees at the next fetch
-        self.finished.append((claim, ran))
-        self._finished.set()
+        ran = self._crashed(claim, outcome) if isinstance(outcome, ProcessDied) else outcome
+        if ran is not None:
+            if claim.limit_key is not None:   # its slot frees at the next fetch
+                self.ended.append((claim.job_id, claim.attempt))
+            self.finished.append((claim, ran))
+            self._finished.set()
         self._changed.set()
 
     def _crashed(self, claim: Claim, exc: ProcessDied) -> runner.Ran | None:
@@ -503,10 +495,8 @@ class Worker:
         return int(delay * random.uniform(0.5, 1.0) * 1000)
 
     async def _send_children(self, outcomes: list[runner.Ran]) -> dict[str, str]:
-        """Send child jobs to the master before their parents are acknowledged.
-
-        Returns {parent_id: error} for parents whose children the master refused.
-        """
+        """Send child jobs to the master before their parents are acknowledged. Returns
+        {parent_id: error} for parents whose children the master refused."""
         batch = [c for o in outcomes if o.ok for c in o.children]
         try:
             await self._submit_children(batch)
@@ -568,27 +558,23 @@ class Worker:
                 if exc.code != ErrorCode.REDIS_UNAVAILABLE:
                     raise
                 # not a refusal of the children: the same call again, once Redis is back
-                delay = backoff.next()
-                log.warning("worker: %s; retrying in %.1fs", exc, delay)
-                await asyncio.sleep(delay)
+                why, lost = str(exc), False
             except RPCConnectionError as exc:
-                delay = backoff.next()
-                log.warning("worker: master unreachable (%s); retrying in %.1fs", exc, delay)
-                await asyncio.sleep(delay)
+                why, lost = f"master unreachable ({exc})", True
+            delay = backoff.next()
+            log.warning("worker: %s; retrying in %.1fs", why, delay)
+            await asyncio.sleep(delay)
+            if lost:
                 await self.master.close()
-                try:
+                with contextlib.suppress(RPCError):
                     self.master = await self._connect_master()
-                except RPCError:
-                    continue
 
-    async def _retry_redis(self, fn, *args):
-        return await retry(lambda: fn(*args), what="worker: Redis unavailable", log=log)
+    async def _retry_redis(self, fn, *args, deadline: float | None = None):
+        return await retry(lambda: fn(*args), what="worker: Redis unavailable", log=log,
+                           deadline=deadline)
 
     # --- heartbeat, registration ------------------------------------------------------
     async def _register(self) -> None:
-        await self._retry_redis(self._register_once)   # Redis may refuse writes for a while
-
-    async def _register_once(self) -> None:
         self.started_at = int(await redis_now(self.redis) * 1000)
         await self.queue.heartbeat(self.worker_id, [], self.lease, self._hash_fields())
 
@@ -603,7 +589,7 @@ class Worker:
                   "started_at": self.started_at,
                   "state": "paused" if self.paused else "running",
                   "processed": self.processed, "done": self.done, "failed": self.failed,
-                  "in_flight": self.pool.in_flight()}
+                  "in_flight": len(self.pool.claims())}
         measured = self.load.read([os.getpid(), *self.pool.pids()])
         if measured is not None:   # None: no /proc here
             fields["cpu_percent"], fields["rss_bytes"] = measured
@@ -621,10 +607,8 @@ class Worker:
                 for claim in claims:
                     if claim.job_id not in renewed.lost:
                         claim.held_until = asked + self.lease
-                if renewed.lost:
-                    self._drop_lost(renewed.lost)
-                if renewed.cancel:
-                    self._stop_cancelled(renewed.cancel)
+                self._drop_lost(renewed.lost)
+                self._stop_cancelled(renewed.cancel)
                 await self._obey(renewed.control)
             except Exception as exc:   # never ends: leases are renewed again once Redis can
                 if is_outage(exc):
@@ -661,14 +645,20 @@ class Worker:
             log.info("worker %s: asked to stop", self.worker_id)
             self.request_stop()
 
+    def _unbuffer(self, job_ids: set[str]) -> list[Claim]:
+        """Take the claims of these jobs, not started yet, out of the buffer and suspects."""
+        taken = [c for c in (*self.buffer, *self.suspects) if c.job_id in job_ids]
+        if taken:
+            self.buffer = deque(c for c in self.buffer if c.job_id not in job_ids)
+            self.suspects = deque(c for c in self.suspects if c.job_id not in job_ids)
+        return taken
+
     def _drop_lost(self, lost: set[str]) -> None:
         """Claims whose lease went to another worker leave without running."""
-        for waiting in (self.buffer, self.suspects):
-            for claim in [c for c in waiting if c.job_id in lost]:
-                waiting.remove(claim)
-                log.warning("worker: job %s lost its lease before it started (this worker "
-                            "was paused or cut off from Redis); not starting it", claim.job_id)
-                self._changed.set()
+        for claim in self._unbuffer(lost):
+            log.warning("worker: job %s lost its lease before it started (this worker "
+                        "was paused or cut off from Redis); not starting it", claim.job_id)
+            self._changed.set()
 
     def _stop_cancelled(self, job_ids: set[str]) -> None:
         """cancel_job asked to stop these: a waiting one leaves unstarted, a running one is
@@ -676,13 +666,10 @@ class Worker:
         for job_id in job_ids - self._cancelling:
             self._cancelling.add(job_id)
             log.info("worker: job %s cancelled; stopping it", job_id)
-            for waiting in (self.buffer, self.suspects):
-                for claim in [c for c in waiting if c.job_id == job_id]:
-                    waiting.remove(claim)
-                    self.finished.append((claim, runner.Ran.failure(
-                        job_id, claim.attempt, "Cancelled: cancel_job stopped it before it "
-                                               "started")))
-                    self._finished.set()
+            for claim in self._unbuffer({job_id}):
+                self.finished.append((claim, runner.Ran.failure(
+                    job_id, claim.attempt, "Cancelled: cancel_job stopped it before it started")))
+                self._finished.set()
             self.pool.cancel(job_id)
 
     # --- shutdown ---------------------------------------------------------------------
@@ -693,10 +680,9 @@ class Worker:
         if not claims:
             return 0
         try:
-            return await retry(partial(self.queue.release, self.worker_id,
-                                       [(c.job_id, c.attempt) for c in claims]),
-                               what="worker: Redis unavailable", log=log,
-                               deadline=time.monotonic() + GIVE_BACK_SECONDS)
+            return await self._retry_redis(self.queue.release, self.worker_id,
+                                           [(c.job_id, c.attempt) for c in claims],
+                                           deadline=time.monotonic() + GIVE_BACK_SECONDS)
         except Exception as exc:
             if not is_outage(exc):
                 raise
@@ -740,10 +726,8 @@ class Worker:
         while busy() and time.monotonic() < deadline and not recorder.done():
             self._changed.clear()
             self.pool.kill_overdue()
-            try:
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), 0.5)
-            except asyncio.TimeoutError:
-                pass
 
     async def _close(self) -> None:
         try:

@@ -1142,3 +1142,42 @@ def test_a_stopping_worker_records_a_job_that_ended_while_its_master_was_slow(
     assert (parent["status"], parent["attempts"]) == ("succeeded", 1), parent
     wait_for(lambda: c.client.stats()["by_status"]["succeeded"] == 2, what="the child ran")
     assert marks.read_text() == "ended\n"   # it ran once
+
+
+def test_claims_woken_while_a_foreign_job_is_handed_back_reach_the_buffer():
+    """A woken fetch brought a job of a module this worker does not load and one it runs.
+    While the foreign one was handed back (a Redis call), the loop's ``_dispatch`` put a
+    new buffer in place: the claim it runs went into the old one, and sat unstarted and
+    unrenewed until its lease ran out."""
+    from types import SimpleNamespace
+
+    from elric.config import load_settings
+    from elric.loading import JobModules
+    from elric.queue import Claim, Fetched
+    from elric.worker import Worker
+
+    def claim(job_id: str, func: str) -> Claim:
+        return Claim(job_id, 1, func, msgpack.packb([]), msgpack.packb({}), None, 0,
+                     "default", None)
+
+    async def main():
+        w = Worker(load_settings(env={"ELRIC_JOB_MODULES": "tests.jobs"}))
+        w.modules = JobModules.load(["tests.jobs"])
+        w.pool = SimpleNamespace(flush=lambda: None)
+        handing_back, go_on = asyncio.Event(), asyncio.Event()
+
+        async def release(*args, **kwargs):
+            handing_back.set()
+            await go_on.wait()
+            return 1
+        w.queue = SimpleNamespace(release=release)
+        mine, foreign = claim("mine", "tests.jobs:Add"), claim("foreign", "elsewhere:Job")
+        w._waiting = asyncio.get_running_loop().create_future()
+        w._waiting.set_result(Fetched([mine, foreign], None))
+        taking = asyncio.create_task(w._take_woken())
+        await asyncio.wait_for(handing_back.wait(), 5)
+        w._dispatch()   # the loop runs meanwhile
+        go_on.set()
+        await asyncio.wait_for(taking, 5)
+        assert list(w.buffer) == [mine]
+    asyncio.run(main())
