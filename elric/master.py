@@ -56,8 +56,7 @@ def _rpc(handler):
         except (SpecError, Refused, ScopeRefused) as exc:
             raise RequestError(str(exc), ErrorCode.BAD_REQUEST) from None
         except NotFound as exc:   # (a KeyError from a bug is internal: not a missing job)
-            raise RequestError(str(exc.args[0] if exc.args else exc),
-                               ErrorCode.NOT_FOUND) from None
+            raise RequestError(str(exc), ErrorCode.NOT_FOUND) from None
         except REDIS_ERRORS + (ResponseError,) as exc:
             refusal = redis_refusal(exc)
             if refusal is not None:
@@ -316,11 +315,10 @@ class Master:
                                     "array of queue names")
                 fields["set_queues"] = ",".join(queues)
             if concurrency is not None:
-                top = contract.MAX_CONCURRENCY
                 if isinstance(concurrency, bool) or not isinstance(concurrency, int) or \
-                        not 1 <= concurrency <= top:
+                        not 1 <= concurrency <= contract.MAX_CONCURRENCY:
                     raise SpecError(f"control_worker set: concurrency {concurrency!r}: an "
-                                    f"integer from 1 to {top}")
+                                    f"integer from 1 to {contract.MAX_CONCURRENCY}")
                 fields["set_concurrency"] = str(concurrency)
             if not fields:
                 raise SpecError("control_worker set: give queues, concurrency or both")
