@@ -106,8 +106,7 @@ class Reservation:
         """After an enqueue of ``passed``: an id that existed queued nothing, so its key goes
         back unless that job holds it (a resend of the same job)."""
         existed = [spec for spec, s in zip(self.passed, submitted) if s.existed]
-        if existed:
-            await self.gate.give_back_unheld(existed, if_unknown=False)
+        await self.gate.give_back_unheld(existed, if_unknown=False)   # returns at once if none
 
     async def cancel(self, patience: float = 0.0) -> None:
         """After a failed call: keys of the passed (and unsure) specs whose job does not
