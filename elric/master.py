@@ -98,8 +98,6 @@ class Master:
         self.master_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self._stop = asyncio.Event()
         self.exit_code = 0   # 1 when a background task ended by itself
-        self.server: Server | None = None
-        self.dashboard = None
 
     # --- lifecycle --------------------------------------------------------------------
     async def start(self) -> tuple[str, int]:
@@ -211,8 +209,7 @@ class Master:
 
     async def close(self) -> None:
         log.info("master %s stopping", self.master_id)
-        if self.server is not None:
-            await self.server.close(grace=SHUTDOWN_GRACE)
+        await self.server.close(grace=SHUTDOWN_GRACE)
         if self.dashboard is not None:
             await self.dashboard.close()
         self._housekeeping.cancel()
