@@ -70,18 +70,16 @@ class Admission:
     async def submit(self, specs) -> list[Submitted]:
         normalized = self._check_batch(specs)
         chosen = {s["job_id"] for s in specs if isinstance(s, dict) and s.get("job_id")}
-        results: list[Submitted | None] = [None] * len(normalized)
+        results: dict[int, Submitted] = {}
         periodic = [i for i, n in enumerate(normalized) if "trigger" in n]
         for start in range(0, len(periodic), 32):  # concurrently, in bounded slices
             chunk = periodic[start:start + 32]
-            for i, r in zip(chunk, await asyncio.gather(
-                    *(self._schedule(normalized[i]) for i in chunk))):
-                results[i] = r
+            results.update(zip(chunk, await asyncio.gather(
+                *(self._schedule(normalized[i]) for i in chunk))))
         now = [i for i, n in enumerate(normalized) if "trigger" not in n]
         if now:
-            for i, r in zip(now, await self._admit([normalized[i] for i in now], chosen)):
-                results[i] = r
-        return results
+            results.update(zip(now, await self._admit([normalized[i] for i in now], chosen)))
+        return [results[i] for i in range(len(normalized))]
 
     async def _schedule(self, spec: dict) -> Submitted:
         try:

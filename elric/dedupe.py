@@ -28,8 +28,7 @@ from elric import lua, rbloom
 from elric.keys import Keys
 from elric.retry import Backoff, retry
 
-__all__ = ["DedupeError", "DedupeFilter", "SetFilter", "BloomFilter", "RedisBloomFilter",
-           "make_filter", "BACKENDS"]
+log = logging.getLogger("elric.dedupe")
 
 BACKENDS = ("set", "bloom", "redis-bloom")
 
@@ -76,10 +75,9 @@ class DedupeFilter(ABC):
     name: str
     can_release = False
 
-    def __init__(self, redis, keys: Keys, log: logging.Logger) -> None:
+    def __init__(self, redis, keys: Keys) -> None:
         self.redis = redis
         self.keys = keys
-        self.log = log
         self._forget_gone = lua.load(redis, "dedupe_forget_gone")
         self._warned: set[str] = set()
 
@@ -153,7 +151,7 @@ class DedupeFilter(ABC):
     def _note_growth(self, scope: str, items: int, capacity: int, error_rate: float) -> None:
         if items > capacity and scope not in self._warned:
             self._warned.add(scope)
-            self.log.warning(
+            log.warning(
                 "dedupe scope %r passed its Bloom capacity %d (now %d items): growing "
                 "into a new stage (false-positive rate stays <= %g, memory grows)",
                 scope, capacity, items, error_rate)
@@ -168,9 +166,8 @@ class SetFilter(DedupeFilter):
     name = "set"
     can_release = True
 
-    def __init__(self, redis, keys: Keys, *, set_ttl: float | None = None,
-                 log: logging.Logger) -> None:
-        super().__init__(redis, keys, log)
+    def __init__(self, redis, keys: Keys, *, set_ttl: float | None = None) -> None:
+        super().__init__(redis, keys)
         self.set_ttl = set_ttl
         self._ttl_ms = None if set_ttl is None else max(1, int(round(set_ttl * 1000)))
         self._script = lua.load(redis, "dedupe_set" if set_ttl is None else "dedupe_set_ttl")
@@ -333,8 +330,8 @@ class BloomFilter(DedupeFilter):
     name = "bloom"
 
     def __init__(self, redis, keys: Keys, *, capacity: int, error_rate: float,
-                 snapshot_interval: float, log: logging.Logger) -> None:
-        super().__init__(redis, keys, log)
+                 snapshot_interval: float) -> None:
+        super().__init__(redis, keys)
         self.capacity = capacity
         self.error_rate = error_rate
         self.snapshot_interval = snapshot_interval
@@ -359,7 +356,7 @@ class BloomFilter(DedupeFilter):
                 await self._task
             self._task = None
         # the keys since the last snapshot are only here: a Redis blip must not lose them
-        await retry(self.snapshot, what="dedupe: last Bloom snapshot", log=self.log,
+        await retry(self.snapshot, what="dedupe: last Bloom snapshot", log=log,
                     backoff=Backoff(0.1, 1.0), deadline=time.monotonic() + LAST_SNAPSHOT_WAIT)
 
     async def _snapshot_loop(self) -> None:
@@ -367,7 +364,7 @@ class BloomFilter(DedupeFilter):
         backoff = Backoff(min(1.0, self.snapshot_interval), self.snapshot_interval)
         while True:
             await asyncio.sleep(self.snapshot_interval)
-            await retry(self.snapshot, what="dedupe: Bloom snapshot", log=self.log,
+            await retry(self.snapshot, what="dedupe: Bloom snapshot", log=log,
                         errors=(Exception,), backoff=backoff)
             backoff.reset()
 
@@ -418,7 +415,7 @@ class BloomFilter(DedupeFilter):
                         f"{self.keys.dedupe_bloom(scope)} ({exc}); delete that key "
                         "to start the scope empty") from None
                 if (f.capacity, f.error_rate) != (self.capacity, self.error_rate):
-                    self.log.warning(
+                    log.warning(
                         "dedupe scope %r: snapshot has capacity=%d error_rate=%g, "
                         "configured %d/%g; keeping the snapshot's", scope,
                         f.capacity, f.error_rate, self.capacity, self.error_rate)
@@ -472,9 +469,8 @@ class RedisBloomFilter(DedupeFilter):
     name = "redis-bloom"
     VERSION = 4   # bump when the hashing, layout or stage plan changes
 
-    def __init__(self, redis, keys: Keys, *, capacity: int, error_rate: float,
-                 log: logging.Logger) -> None:
-        super().__init__(redis, keys, log)
+    def __init__(self, redis, keys: Keys, *, capacity: int, error_rate: float) -> None:
+        super().__init__(redis, keys)
         self.capacity = capacity
         self.error_rate = error_rate
         self.params = (f"v{self.VERSION} capacity={capacity} error_rate={error_rate!r} "
@@ -587,8 +583,7 @@ class RedisBloomFilter(DedupeFilter):
 
 def make_filter(backend: str, redis, keys: Keys, *, capacity: int = 1_000_000,
                 error_rate: float = 0.001, set_ttl: float | None = None,
-                snapshot_interval: float = 30.0,
-                log: logging.Logger = logging.getLogger("elric.dedupe")) -> DedupeFilter:
+                snapshot_interval: float = 30.0) -> DedupeFilter:
     """Build the dedupe filter named ``backend`` ("set", "bloom" or "redis-bloom").
 
     ``redis`` is a ``redis.asyncio.Redis`` (decode_responses=False). ``capacity`` and
@@ -610,8 +605,8 @@ def make_filter(backend: str, redis, keys: Keys, *, capacity: int = 1_000_000,
     if snapshot_interval < 0:
         raise DedupeError(f"snapshot_interval must be >= 0, got {snapshot_interval!r}")
     if backend == "set":
-        return SetFilter(redis, keys, set_ttl=set_ttl, log=log)
+        return SetFilter(redis, keys, set_ttl=set_ttl)
     if backend == "bloom":
         return BloomFilter(redis, keys, capacity=capacity, error_rate=error_rate,
-                           snapshot_interval=snapshot_interval, log=log)
-    return RedisBloomFilter(redis, keys, capacity=capacity, error_rate=error_rate, log=log)
+                           snapshot_interval=snapshot_interval)
+    return RedisBloomFilter(redis, keys, capacity=capacity, error_rate=error_rate)

@@ -2,7 +2,8 @@
 
 Every master runs it: jobs of workers whose lease ran out go back in line, retries whose
 backoff is over are queued again, per-fire dedupe scopes older than DEDUPE_ROUND_TTL are
-dropped, and the LIMITS rules are published again if Redis lost them. Each step is an atomic script, so several masters may run it at once.
+dropped, and the LIMITS rules are published again if Redis lost them. Each step is an
+atomic script, so several masters may run it at once.
 """
 
 from __future__ import annotations

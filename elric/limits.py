@@ -30,9 +30,7 @@ class Rule:
 
     def encoded(self) -> str:
         """As fetch.lua reads it: "concurrency,interval_ms", either may be empty."""
-        c = "" if self.concurrency is None else str(self.concurrency)
-        i = "" if self.interval_ms is None else str(self.interval_ms)
-        return f"{c},{i}"
+        return ",".join("" if v is None else str(v) for v in (self.concurrency, self.interval_ms))
 
 
 def _positive(value: Any) -> bool:
@@ -66,8 +64,7 @@ def parse_rules(value: Any, where: str = "LIMITS") -> dict[str, Rule]:
         if concurrency is not None and not isinstance(concurrency, int):
             raise SettingsError(f"{name}: concurrency must be a whole number, got "
                                 f"{concurrency!r}")
-        seconds = rule["interval"] if "interval" in rule else (
-            1.0 / rule["rate"] if "rate" in rule else None)
+        seconds = rule.get("interval") or (1.0 / rule["rate"] if "rate" in rule else None)
         rules[key] = Rule(concurrency, None if seconds is None else max(1, round(seconds * 1000)))
     return rules
 

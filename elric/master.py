@@ -56,8 +56,7 @@ def _rpc(handler):
         except (SpecError, Refused, ScopeRefused) as exc:
             raise RequestError(str(exc), ErrorCode.BAD_REQUEST) from None
         except NotFound as exc:   # (a KeyError from a bug is internal: not a missing job)
-            raise RequestError(str(exc.args[0] if exc.args else exc),
-                               ErrorCode.NOT_FOUND) from None
+            raise RequestError(str(exc), ErrorCode.NOT_FOUND) from None
         except REDIS_ERRORS + (ResponseError,) as exc:
             refusal = redis_refusal(exc)
             if refusal is not None:
@@ -75,19 +74,20 @@ def _rpc(handler):
     return call
 
 
-def _job_id(job_id) -> str:
-    if not isinstance(job_id, str) or not job_id:
-        raise SpecError(f"job_id must be a non-empty string, got {job_id!r}")
-    _utf8("job_id", job_id)
-    return job_id
+def _id(value, name: str = "job_id") -> str:
+    """A job's or a worker's id: a non-empty string of UTF-8 text."""
+    if not isinstance(value, str) or not value:
+        raise SpecError(f"{name} must be a non-empty string, got {value!r}")
+    _utf8(name, value, owner=name.removesuffix("_id"))
+    return value
 
 
-def _utf8(name: str, text: str) -> None:
+def _utf8(name: str, text: str, owner: str = "job") -> None:
     """Bytes that are not UTF-8 arrive as lone surrogates, which Redis cannot be sent."""
     try:
         text.encode()
     except UnicodeEncodeError:
-        raise SpecError(f"{name} {text!r} is not UTF-8 text; no job has it") from None
+        raise SpecError(f"{name} {text!r} is not UTF-8 text; no {owner} has it") from None
 
 
 class Master:
@@ -98,8 +98,6 @@ class Master:
         self.master_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self._stop = asyncio.Event()
         self.exit_code = 0   # 1 when a background task ended by itself
-        self.server: Server | None = None
-        self.dashboard = None
 
     # --- lifecycle --------------------------------------------------------------------
     async def start(self) -> tuple[str, int]:
@@ -211,8 +209,7 @@ class Master:
 
     async def close(self) -> None:
         log.info("master %s stopping", self.master_id)
-        if self.server is not None:
-            await self.server.close(grace=SHUTDOWN_GRACE)
+        await self.server.close(grace=SHUTDOWN_GRACE)
         if self.dashboard is not None:
             await self.dashboard.close()
         self._housekeeping.cancel()
@@ -258,18 +255,18 @@ class Master:
 
     @_rpc
     async def get_job(self, job_id) -> dict | None:
-        job = await self.queue.get_job(_job_id(job_id))
+        job = await self.queue.get_job(_id(job_id))
         return job if job is not None else await self.store.get(job_id)
 
     @_rpc
     async def remove_job(self, job_id) -> bool:
-        removed = await self.queue.remove(_job_id(job_id))
+        removed = await self.queue.remove(_id(job_id))
         return await self.store.remove(job_id) or removed
 
     @_rpc
     async def cancel_job(self, job_id) -> dict:
         """Stop a job: queued or retrying ones at once, a running one through its worker."""
-        was = await self.queue.cancel(_job_id(job_id))
+        was = await self.queue.cancel(_id(job_id))
         if was is None and await self.store.get(job_id) is not None:
             was = Status.SCHEDULED   # a periodic job: left alone (pause or remove stops it)
         if was is None:
@@ -280,17 +277,17 @@ class Master:
 
     @_rpc
     async def pause_job(self, job_id) -> bool:
-        return await self.store.pause(_job_id(job_id))
+        return await self.store.pause(_id(job_id))
 
     @_rpc
     async def resume_job(self, job_id) -> bool:
-        return await self.store.resume(_job_id(job_id))
+        return await self.store.resume(_id(job_id))
 
     @_rpc
     async def run_job(self, job_id) -> dict:
         """Fire a periodic job now; the scheduler fires it, so its rules hold."""
         try:
-            fire_time = await self.store.run_now(_job_id(job_id))
+            fire_time = await self.store.run_now(_id(job_id))
         except ValueError as exc:   # paused or finished
             raise SpecError(str(exc)) from None
         if fire_time is None:
@@ -302,8 +299,7 @@ class Master:
         """Pause, resume, stop a worker, or set its queues, its number of pool processes or
         both (``set`` with ``queues`` and/or ``concurrency``; nil: unchanged); it obeys at
         its next heartbeat, at most a second later."""
-        if not isinstance(worker_id, str) or not worker_id:
-            raise SpecError(f"worker_id must be a non-empty string, got {worker_id!r}")
+        worker_id = _id(worker_id, "worker_id")
         if action not in contract.WORKER_ACTIONS:
             raise SpecError(f"control_worker: unknown action {action!r}; one of "
                             f"{', '.join(contract.WORKER_ACTIONS)}")
@@ -316,11 +312,10 @@ class Master:
                                     "array of queue names")
                 fields["set_queues"] = ",".join(queues)
             if concurrency is not None:
-                top = contract.MAX_CONCURRENCY
                 if isinstance(concurrency, bool) or not isinstance(concurrency, int) or \
-                        not 1 <= concurrency <= top:
+                        not 1 <= concurrency <= contract.MAX_CONCURRENCY:
                     raise SpecError(f"control_worker set: concurrency {concurrency!r}: an "
-                                    f"integer from 1 to {top}")
+                                    f"integer from 1 to {contract.MAX_CONCURRENCY}")
                 fields["set_concurrency"] = str(concurrency)
             if not fields:
                 raise SpecError("control_worker set: give queues, concurrency or both")
@@ -334,7 +329,7 @@ class Master:
     @_rpc
     async def modify_job(self, job_id, changes) -> dict:
         """Change a periodic job's trigger, args or other spec keys."""
-        job_id = _job_id(job_id)
+        job_id = _id(job_id)
         if not isinstance(changes, dict):
             raise SpecError(f"modify_job takes a map of changes, got {type(changes).__name__}")
         current = await self.store.get(job_id)
@@ -354,7 +349,7 @@ class Master:
 
     @_rpc
     async def rerun_job(self, job_id) -> dict:
-        await self.queue.rerun(_job_id(job_id))
+        await self.queue.rerun(_id(job_id))
         return {"job_id": job_id, "status": Status.QUEUED}
 
     @_rpc

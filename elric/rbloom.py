@@ -22,9 +22,6 @@ from dataclasses import dataclass
 import numpy as np
 import xxhash
 
-__all__ = ["RStage", "stage_geometry", "hash_keys", "positions_array", "records",
-           "shard_plan", "probes_for"]
-
 # Bits per item may exceed the optimum by this much so that fewer bits are probed per
 # key: every probe is four more BITFIELD arguments for Redis to run.
 _MEMORY_SLACK = 1.06
@@ -44,12 +41,9 @@ def shard_plan(need_bytes: int) -> tuple[int, int]:
     if need_bytes + _RESERVED <= _SMALL_SHARD:
         return 1, need_bytes + _RESERVED
     cands = []
-    for j in range(12, 28):
-        for mult in (4, 5, 6, 7):
-            alloc = mult << j
-            size = alloc - _SDS_SLACK
-            if size > _MAX_SHARD_BYTES:
-                continue
+    for alloc in (mult << j for j in range(12, 28) for mult in (4, 5, 6, 7)):
+        size = alloc - _SDS_SLACK
+        if size <= _MAX_SHARD_BYTES:
             n = -(-need_bytes // (size - _RESERVED))
             cands.append((n * alloc, n, size))
     best = min(c[0] for c in cands)

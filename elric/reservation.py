@@ -27,6 +27,13 @@ log = logging.getLogger("elric.master")
 GLOBAL_SCOPE = "global"
 
 
+def _by_scope(specs) -> dict[str, list[dict]]:
+    groups: dict[str, list[dict]] = {}
+    for spec in specs:
+        groups.setdefault(spec["dedupe_scope"], []).append(spec)
+    return groups
+
+
 class ScopeRefused(Exception):
     """A filter refused a scope (DedupeError); the keys this call took before are back."""
 
@@ -69,11 +76,9 @@ class Reservation:
         if self.unsure:   # a retry: else it would find the keys it took "seen"
             await self.gate.give_back_unheld(self.unsure, if_unknown=True)
             self.unsure = []
-        by_scope: dict[str, list[dict]] = {}
-        for spec in self.specs:
-            if spec.get("dedupe_key") is not None and id(spec) not in self.new:
-                by_scope.setdefault(spec["dedupe_scope"], []).append(spec)
-        for scope, group in by_scope.items():
+        unanswered = (s for s in self.specs
+                      if s.get("dedupe_key") is not None and id(s) not in self.new)
+        for scope, group in _by_scope(unanswered).items():
             owners = [s["job_id"] if self._named(s) else "" for s in group]
             try:
                 verdicts = await self.gate.filter_for(scope).check_and_add(
@@ -92,10 +97,7 @@ class Reservation:
     async def reclaim(self, specs: list[dict]) -> None:
         """Filtered specs whose job does not exist: those whose key an earlier call took for
         this very id (its master died before queueing it) pass now; their key is theirs."""
-        by_scope: dict[str, list[dict]] = {}
-        for spec in specs:
-            by_scope.setdefault(spec["dedupe_scope"], []).append(spec)
-        for scope, group in by_scope.items():
+        for scope, group in _by_scope(specs).items():
             mine = await self.gate.filter_for(scope).owned(
                 scope, [s["dedupe_key"] for s in group], [s["job_id"] for s in group])
             self.new.update((id(s), True) for s, m in zip(group, mine) if m)
@@ -104,8 +106,7 @@ class Reservation:
         """After an enqueue of ``passed``: an id that existed queued nothing, so its key goes
         back unless that job holds it (a resend of the same job)."""
         existed = [spec for spec, s in zip(self.passed, submitted) if s.existed]
-        if existed:
-            await self.gate.give_back_unheld(existed, if_unknown=False)
+        await self.gate.give_back_unheld(existed, if_unknown=False)   # returns at once if none
 
     async def cancel(self, patience: float = 0.0) -> None:
         """After a failed call: keys of the passed (and unsure) specs whose job does not
@@ -136,14 +137,13 @@ class Reservation:
         return unnamed + [s for s, m in zip(named, mine) if m]
 
 
+@dataclass
 class DedupeGate:
     """The master's filters, one per backend, and the scope each spec goes to."""
 
-    def __init__(self, settings: Settings, filters: dict[str, DedupeFilter],
-                 queue: RedisQueue) -> None:
-        self.settings = settings
-        self.filters = filters
-        self.queue = queue
+    settings: Settings
+    filters: dict[str, DedupeFilter]
+    queue: RedisQueue
 
     def filter_for(self, scope: str) -> DedupeFilter:
         scopes = self.settings.FILTER_SCOPES
@@ -172,11 +172,8 @@ class DedupeGate:
             if not if_unknown:
                 return
             holds = [None] * len(keyed)
-        by_scope: dict[str, list[dict]] = {}
-        for spec, hold in zip(keyed, holds):
-            if not self._holds(hold, spec):
-                by_scope.setdefault(spec["dedupe_scope"], []).append(spec)
-        for scope, group in by_scope.items():
+        unheld = (s for s, hold in zip(keyed, holds) if not self._holds(hold, s))
+        for scope, group in _by_scope(unheld).items():
             f = self.filter_for(scope)
             if f.can_release:
                 try:

@@ -68,3 +68,14 @@ def test_a_list_filter_that_is_not_utf8_is_bad_request(redis_url):
             assert f"list_jobs: {key} " in str(info.value) and "UTF-8" in str(info.value)
         assert await client.call("list_jobs", {"queue": "default"}) == []
     with_master(redis_url, body)
+
+
+def test_a_worker_id_that_is_not_utf8_is_bad_request(redis_url):
+    """A worker_id sent as invalid UTF-8 went to Redis, which cannot take it: the caller got
+    'internal error: UnicodeEncodeError', as list_jobs's filters once did."""
+    async def body(m, client):
+        with pytest.raises(RemoteError) as info:
+            await client.call("control_worker", "w\udcff", "stop")
+        assert info.value.code == "bad_request", str(info.value)
+        assert "worker_id 'w\\udcff' is not UTF-8 text; no worker has it" in str(info.value)
+    with_master(redis_url, body)
