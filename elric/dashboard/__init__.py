@@ -73,12 +73,10 @@ class Dashboard:
         self.templates = jinja2.Environment(
             loader=jinja2.PackageLoader("elric", "dashboard/templates"),
             autoescape=True, trim_blocks=True, lstrip_blocks=True)
-        self.templates.filters["when"] = when
-        self.templates.filters["quote_id"] = lambda text: quote(text, safe="")
-        self.templates.filters["mib"] = mib
-        self.templates.filters["percent"] = percent
-        # not tojson: a job's maps may have bytes keys, or int and str keys it cannot sort
-        self.templates.filters["json"] = lambda value: json_text(value, indent=1, sort_keys=True)
+        # json, not tojson: a job's maps may have bytes keys, or int and str keys it cannot sort
+        self.templates.filters.update(
+            when=when, mib=mib, percent=percent, quote_id=lambda text: quote(text, safe=""),
+            json=lambda value: json_text(value, indent=1, sort_keys=True))
         self.app = web.Application(middlewares=[self._guard])
         self.app.add_routes([
             web.get("/", self.overview), web.get("/workers", self.workers),
@@ -134,7 +132,7 @@ class Dashboard:
         stats = await self.master.stats()
         health = await self.master.health()
         return self._render(request, "overview.html", stats=stats, health=health,
-                            chart=_chart(stats.get("throughput", [])))
+                            chart=_chart(stats["throughput"]))
 
     async def workers(self, request: web.Request):
         stats = await self.master.stats()
@@ -172,7 +170,7 @@ class Dashboard:
 
     async def stats(self, request: web.Request):
         stats = await self.master.stats()
-        return self._render(request, "stats.html", funcs=stats.get("funcs", {}),
+        return self._render(request, "stats.html", funcs=stats["funcs"],
                             batches=stats["batches"], filters=stats["filters"])
 
     async def redis_page(self, request: web.Request):
@@ -263,9 +261,7 @@ def _int(value, default: int) -> int:
 
 def _chart(minutes: list[dict]) -> dict:
     """Bars of succeeded and failed jobs per minute, scaled to the busiest minute."""
-    top = max([m.get("succeeded", 0) + m.get("failed", 0) for m in minutes] + [1])
+    top = max([m["succeeded"] + m["failed"] for m in minutes] + [1])
     return {"top": top, "bars": [
-        {"minute": m["minute"], "ok": m.get("succeeded", 0) / top * 100,
-         "failed": m.get("failed", 0) / top * 100,
-         "label": f"{m.get('succeeded', 0)} succeeded, {m.get('failed', 0)} failed"}
-        for m in minutes]}
+        {"minute": m["minute"], "ok": m["succeeded"] / top * 100, "failed": m["failed"] / top * 100,
+         "label": f"{m['succeeded']} succeeded, {m['failed']} failed"} for m in minutes]}

@@ -22,10 +22,8 @@ OPEN_PATHS = ("/login",)   # what a visitor who has not logged in may load
 
 
 def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
 
@@ -91,9 +89,8 @@ class Access:
         return is_loopback(host)
 
     def may_read(self, request: web.Request) -> bool:
-        if not self.login_required or request.path in OPEN_PATHS:
-            return True
-        if self.session(request) is not None:
+        if (not self.login_required or request.path in OPEN_PATHS
+                or self.session(request) is not None):
             return True
         # Prometheus sends the password as a bearer token
         bearer = request.headers.get("Authorization", "").removeprefix("Bearer ")
