@@ -4,6 +4,7 @@ master answers the same and a restart loses nothing."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
@@ -30,39 +31,44 @@ class _Snapshot:
     stats: dict
 
     def collect(self):
-        s, gauge, counter = self.stats, GaugeMetricFamily, CounterMetricFamily
-        yield _family(gauge, "elric_jobs", "Jobs by status now", ["status"],
+        s = self.stats
+        yield _family(GaugeMetricFamily, "elric_jobs", "Jobs by status now", ["status"],
                       [([status], n) for status, n in s["by_status"].items()])
-        yield _family(gauge, "elric_queue_depth", "Jobs waiting in a queue", ["queue"],
-                      [([queue], row["queued"]) for queue, row in s["by_queue"].items()])
-        yield _family(counter, "elric_queue_jobs", "Jobs of a queue by event",
-                      ["queue", "event"],
-                      [([queue, event], row.get(event, 0)) for queue, row in s["by_queue"].items()
-                       for event in ("submitted", "succeeded", "failed", "retrying")])
-        yield _family(counter, "elric_job_events", "Job events since the start", ["event"],
-                      [([event], n) for event, n in s["totals"].items()
-                       if event not in ("started", "start_latency_ms")])   # the latency summary's
+        queues = s["by_queue"].items()
+        yield _family(GaugeMetricFamily, "elric_queue_depth", "Jobs waiting in a queue",
+                      ["queue"], [([queue], row["queued"]) for queue, row in queues])
+        events = [([queue, event], row.get(event, 0)) for queue, row in queues
+                  for event in ("submitted", "succeeded", "failed", "retrying")]
+        yield _family(CounterMetricFamily, "elric_queue_jobs", "Jobs of a queue by event",
+                      ["queue", "event"], events)
+        events = [([event], n) for event, n in s["totals"].items()
+                  if event not in ("started", "start_latency_ms")]   # the latency summary's
+        yield _family(CounterMetricFamily, "elric_job_events", "Job events since the start",
+                      ["event"], events)
         alive = sum(1 for w in s["workers"] if w.get("alive"))
-        yield _family(gauge, "elric_workers", "Workers by state", ["state"],
+        yield _family(GaugeMetricFamily, "elric_workers", "Workers by state", ["state"],
                       [(["alive"], alive), (["lost"], len(s["workers"]) - alive)])
         yield GaugeMetricFamily("elric_jobs_in_flight", "Jobs running on workers now",
                                 value=s["by_status"].get("running", 0))
         yield from _workers(s["workers"])
         filters = s["filters"].items()
-        yield _family(counter, "elric_dedupe_checks", "Dedupe checks per scope", ["scope"],
-                      [([scope], f.get("items", 0) + f.get("filtered", 0)) for scope, f in filters])
-        yield _family(counter, "elric_dedupe_hits", "Submissions a dedupe filter dropped",
-                      ["scope"], [([scope], f.get("filtered", 0)) for scope, f in filters])
-        yield _family(gauge, "elric_dedupe_fill_ratio", "Fill of a Bloom filter", ["scope"],
-                      [([scope], f["fill_ratio"]) for scope, f in filters if "fill_ratio" in f])
+        checks = [([scope], f.get("items", 0) + f.get("filtered", 0)) for scope, f in filters]
+        hits = [([scope], f.get("filtered", 0)) for scope, f in filters]
+        fill = [([scope], f["fill_ratio"]) for scope, f in filters if "fill_ratio" in f]
+        yield _family(CounterMetricFamily, "elric_dedupe_checks", "Dedupe checks per scope",
+                      ["scope"], checks)
+        yield _family(CounterMetricFamily, "elric_dedupe_hits",
+                      "Submissions a dedupe filter dropped", ["scope"], hits)
+        yield _family(GaugeMetricFamily, "elric_dedupe_fill_ratio", "Fill of a Bloom filter",
+                      ["scope"], fill)
         yield from _funcs(s["funcs"])
         yield SummaryMetricFamily("elric_start_latency_seconds",
                                   "From queued to started, first attempts",
                                   count_value=s["totals"]["started"],
                                   sum_value=s["totals"]["start_latency_ms"] / 1000)
         fires = s["scheduler"]
-        yield _family(counter, "elric_fires", "Fires of periodic jobs by outcome", ["outcome"],
-                      [([outcome], fires[outcome]) for outcome in ("fired", "missed", "skipped")])
+        yield _family(CounterMetricFamily, "elric_fires", "Fires of periodic jobs by outcome",
+                      ["outcome"], [([o], fires[o]) for o in ("fired", "missed", "skipped")])
         yield SummaryMetricFamily("elric_fire_lateness_seconds",
                                   "From a fire's time to its job queued",
                                   count_value=fires["fired"], sum_value=fires["lateness_ms"] / 1000)
@@ -86,16 +92,16 @@ def _workers(workers: list[dict]):
 
 
 def _funcs(funcs: dict):
+    outcomes = [([func, outcome], row.get(outcome, 0)) for func, row in funcs.items()
+                for outcome in ("succeeded", "failed", "retried", "cancelled")]
     yield _family(CounterMetricFamily, "elric_func_jobs", "Jobs of a func by outcome",
-                  ["func", "outcome"],
-                  [([func, outcome], row.get(outcome, 0)) for func, row in funcs.items()
-                   for outcome in ("succeeded", "failed", "retried", "cancelled")])
+                  ["func", "outcome"], outcomes)
     durations = HistogramMetricFamily("elric_job_duration_seconds",
                                       "How long attempts of a func ran", labels=["func"])
     bounds = [str(b / 1000) for b in BOUNDS_MS] + ["+Inf"]
     for func, row in funcs.items():
-        cumulative = [sum(row["histogram"][:i + 1]) for i in range(len(bounds))]
-        durations.add_metric([func], list(zip(bounds, cumulative)), row["duration_ms"] / 1000)
+        buckets = list(zip(bounds, accumulate(row["histogram"])))   # cumulative, as Prometheus's
+        durations.add_metric([func], buckets, row["duration_ms"] / 1000)
     yield durations
 
 
