@@ -34,14 +34,14 @@ PAGES = (("/", "overview"), ("/workers", "workers"), ("/schedules", "schedules")
          ("/redis", "redis"))
 
 
-VALUED = {("worker", "processes"), ("worker", "queues")}   # the actions whose form sends a value
-
-
 def _actions(master) -> dict:
-    """(kind, action) -> the master's RPC handler that does it to one id (``value``: what
-    the form gave, for the actions that take one)."""
+    """(kind, action) -> a call of the master's RPC handler that does it to one id, given
+    the form's value (which only a worker's processes and queues take)."""
+    def by_id(handler):
+        return lambda one, value: handler(one)
+
     def worker(action):
-        return lambda worker_id: master.control_worker(worker_id, action)
+        return lambda worker_id, value: master.control_worker(worker_id, action)
 
     def processes(worker_id, value):   # a number, or the text the master will refuse
         value = int(value) if value.lstrip("-").isdecimal() else value
@@ -51,12 +51,13 @@ def _actions(master) -> dict:
         return master.control_worker(worker_id, "set", [q.strip() for q in value.split(",")])
     return {("worker", "pause"): worker("pause"), ("worker", "resume"): worker("resume"),
             ("worker", "stop"): worker("stop"), ("worker", "processes"): processes,
-            ("worker", "queues"): queues,
-            ("job", "retry"): master.rerun_job, ("job", "cancel"): master.cancel_job,
-            ("job", "delete"): master.remove_job,
-            ("schedule", "pause"): master.pause_job, ("schedule", "resume"): master.resume_job,
-            ("schedule", "run now"): master.run_job,
-            ("schedule", "remove"): master.remove_job}
+            ("worker", "queues"): queues, ("job", "retry"): by_id(master.rerun_job),
+            ("job", "cancel"): by_id(master.cancel_job),
+            ("job", "delete"): by_id(master.remove_job),
+            ("schedule", "pause"): by_id(master.pause_job),
+            ("schedule", "resume"): by_id(master.resume_job),
+            ("schedule", "run now"): by_id(master.run_job),
+            ("schedule", "remove"): by_id(master.remove_job)}
 
 
 def _local_path(value: str, fallback: str = "/") -> str:
@@ -228,14 +229,11 @@ class Dashboard:
         handler = self.actions.get((kind, action))
         if handler is None or not ids:
             raise web.HTTPBadRequest(text=f"unknown action {kind!r} {action!r}, or no id")
-        # by the action, not by what the form sent: a value where none is taken (or none
-        # where one is) was a TypeError and a 500
-        value = str(form.get("value", ""))
+        value = str(form.get("value", ""))   # every handler takes one: a stray one is no 500
         done, errors = 0, []
         for one in ids:
             try:
-                reply = await (handler(one, value) if (kind, action) in VALUED
-                               else handler(one))
+                reply = await handler(one, value)
             except RequestError as exc:
                 errors.append(f"{one}: {exc}")
                 continue
