@@ -124,16 +124,15 @@ class Bulk:
             cursor = f"{seconds * 1000 + micros // 1000}:0:0:"
         try:
             began, kind, scan, name = cursor.split(":", 3)
-            int(began), int(kind), int(scan)
+            began, kind, scan = int(began), int(kind), int(scan)
         except ValueError:
             raise SpecError(f"bad cursor {cursor!r}: pass back the one the last step "
                             "answered, or \"\" to begin") from None
-        before = int(began) if fresh_only else None
+        before = began if fresh_only else None
         if f.ids:   # the walk goes along the list; scan is the position in it
-            at = int(scan)
-            chosen, missing = await self._matching(f, f.ids[at:at + STEP], before)
-            return chosen, f"{began}:0:{at + STEP}:" if at + STEP < len(f.ids) else "", missing
-        place, scan = (int(kind), name), int(scan)
+            chosen, missing = await self._matching(f, f.ids[scan:scan + STEP], before)
+            return chosen, f"{began}:0:{scan + STEP}:" if scan + STEP < len(f.ids) else "", missing
+        place = (kind, name)
         indexes = [i for i in await self._indexes(f, live_only) if i[0] >= place]
         if indexes and indexes[0][0] != place:
             scan = 0   # that index is gone (a parked set emptied): the next one from its start
