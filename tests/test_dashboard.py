@@ -311,3 +311,23 @@ def test_without_a_password_any_loopback_name_with_or_without_a_port_is_served()
         assert ok(host), host
     for host in ("rebound.example:7532", "[2001:db8::1]:7532", "10.0.0.1"):
         assert not ok(host), host
+
+
+def test_a_cookie_or_csrf_token_with_non_ascii_text_is_refused_not_a_500():
+    from aiohttp.test_utils import make_mocked_request
+
+    from elric.dashboard.access import Access
+
+    access = Access("pw")
+
+    def request(cookie: str):
+        return make_mocked_request("POST", "/act", headers={"Cookie": f"elric_session={cookie}"})
+
+    # "²".isdigit() is true, but int() refuses it; compare_digest refuses non-ASCII str
+    for cookie in ("\u00b2.x", "9999999999.\u00e9"):
+        assert access.session(request(cookie)) is None
+        assert not access.may_read(request(cookie))
+    session = access.new_session()
+    assert access.session(request(session)) == session
+    assert access.may_act(request(session), {"csrf": "\u00e9"}) == \
+        "the form is stale or forged: reload the page and try again"
