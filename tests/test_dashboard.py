@@ -221,8 +221,9 @@ def test_a_login_redirects_only_within_the_dashboard():
     from elric.dashboard import _local_path
 
     assert _local_path("/jobs?status=failed") == "/jobs?status=failed"
-    for elsewhere in ("//evil.example/", "/\\evil.example/", "https://evil.example/", ""):
-        assert _local_path(elsewhere) == "/"
+    for elsewhere in ("//evil.example/", "/\\evil.example/", "https://evil.example/", "",
+                      "/\t/evil.example/", "/\n/evil.example/", "/\r/evil.example/"):
+        assert _local_path(elsewhere) == "/", repr(elsewhere)
 
 
 def test_a_job_page_shows_any_arguments_the_contract_accepts(make_cluster):

@@ -61,9 +61,10 @@ def _actions(master) -> dict:
 
 
 def _local_path(value: str, fallback: str = "/") -> str:
-    """A redirect target on this site only (no //host, no scheme; browsers read /\\ as //)."""
-    return value if value.startswith("/") and not value.startswith(("//", "/\\")) \
-        else fallback
+    """A redirect target on this site only (no //host, no scheme; browsers read /\\ as //,
+    and a URL drops tabs and newlines, so "/", a tab, "/host" is //host)."""
+    local = value.startswith("/") and not value.startswith(("//", "/\\"))
+    return value if local and value.isprintable() else fallback
 
 
 class Dashboard:
