@@ -115,7 +115,7 @@ def job(j: dict) -> None:
               if j.get(key) not in (None, [], {})]
     if j.get("trigger_text"):
         pairs += [("trigger", j["trigger_text"]), ("next run", when(j.get("next_run_time")))]
-    _rows(pairs, "", ("", ""), lambda key_value: key_value, header=False)
+    console.print(_table(("", ""), pairs, header=False))   # pairs: job_id at least
     if j.get("error"):
         console.print("[bold]error[/bold]")
         console.print(j["error"], markup=False)
