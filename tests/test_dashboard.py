@@ -275,9 +275,10 @@ def test_a_page_offset_or_a_pool_size_that_is_no_number_is_no_crash(make_cluster
         assert opener.open(base + path).status == 200
     html = opener.open(base + "/jobs").read().decode()
     token = re.search(r'name="csrf" value="([0-9a-f]+)"', html).group(1)
-    data = urllib.parse.urlencode({"kind": "worker", "action": "processes", "id": "w1",
-                                   "value": "²", "csrf": token}).encode()
-    assert "processes: 0 of 1 done" in opener.open(base + "/act", data=data).read().decode()
+    for bad in ("²", "--5"):   # "--5".lstrip("-") is decimal, but int() refuses it
+        data = urllib.parse.urlencode({"kind": "worker", "action": "processes", "id": "w1",
+                                       "value": bad, "csrf": token}).encode()
+        assert "processes: 0 of 1 done" in opener.open(base + "/act", data=data).read().decode()
     # a value sent to an action that takes none, or none to one that does: refused, no 500
     for action, value in (("pause", {"value": "3"}), ("processes", {})):
         data = urllib.parse.urlencode({"kind": "worker", "action": action, "id": "w1",

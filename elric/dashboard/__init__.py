@@ -44,7 +44,7 @@ def _actions(master) -> dict:
         return lambda worker_id, value: master.control_worker(worker_id, action)
 
     def processes(worker_id, value):   # a number, or the text the master will refuse
-        value = int(value) if value.lstrip("-").isdecimal() else value
+        value = int(value) if value.removeprefix("-").isdecimal() else value
         return master.control_worker(worker_id, "set", None, value)
 
     def queues(worker_id, value):
