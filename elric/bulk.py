@@ -64,11 +64,10 @@ class JobFilter:
         return cls(**{**raw, "ids": ids})
 
     def matches(self, values: list) -> bool:
-        status, queue, func, batch, worker, enqueued = values
-        for want, have in ((self.status, status), (self.queue, queue), (self.func, func),
-                           (self.batch, batch), (self.worker, worker)):
-            if want is not None and have != want:
-                return False
+        *fields, enqueued = values
+        wanted = (self.status, self.queue, self.func, self.batch, self.worker)
+        if any(want is not None and have != want for want, have in zip(wanted, fields)):
+            return False
         at = float(enqueued) / 1000 if enqueued else None
         return (self.since is None or (at is not None and at >= self.since)) and \
             (self.until is None or (at is not None and at < self.until))
@@ -83,6 +82,11 @@ class Step:
     cursor: str = ""
     errors: list[str] = field(default_factory=list)   # the first few reasons for skips
     ids: list[str] = field(default_factory=list)      # what "find" found
+
+    def skip(self, reason: str) -> None:
+        self.skipped += 1
+        if len(self.errors) < 5:
+            self.errors.append(reason)
 
 
 def _s(value: bytes | str) -> str:
@@ -120,16 +124,15 @@ class Bulk:
             cursor = f"{seconds * 1000 + micros // 1000}:0:0:"
         try:
             began, kind, scan, name = cursor.split(":", 3)
-            int(began), int(kind), int(scan)
+            began, kind, scan = int(began), int(kind), int(scan)
         except ValueError:
             raise SpecError(f"bad cursor {cursor!r}: pass back the one the last step "
                             "answered, or \"\" to begin") from None
-        before = int(began) if fresh_only else None
+        before = began if fresh_only else None
         if f.ids:   # the walk goes along the list; scan is the position in it
-            at = int(scan)
-            chosen, missing = await self._matching(f, f.ids[at:at + STEP], before)
-            return chosen, f"{began}:0:{at + STEP}:" if at + STEP < len(f.ids) else "", missing
-        place, scan = (int(kind), name), int(scan)
+            chosen, missing = await self._matching(f, f.ids[scan:scan + STEP], before)
+            return chosen, f"{began}:0:{scan + STEP}:" if scan + STEP < len(f.ids) else "", missing
+        place = (kind, name)
         indexes = [i for i in await self._indexes(f, live_only) if i[0] >= place]
         if indexes and indexes[0][0] != place:
             scan = 0   # that index is gone (a parked set emptied): the next one from its start
@@ -167,9 +170,10 @@ class Bulk:
         chosen, next_cursor, missing = await self.walk(
             f, cursor, fresh_only=action in ("rerun", "copy"), live_only=action == "cancel")
         chosen = list(dict.fromkeys(chosen))   # an id given twice, or met twice by ZSCAN: once
+        step = Step(cursor=next_cursor)
         # an id given that is no job (mistyped, or its record expired) is said, not passed over
-        step = Step(cursor=next_cursor, skipped=len(missing),
-                    errors=[f"no job {job_id!r}" for job_id in missing[:5]])
+        for job_id in missing:
+            step.skip(f"no job {job_id!r}")
         if action == "find":
             step.ids, step.touched = chosen, len(chosen)
         elif action == "copy":
@@ -192,9 +196,7 @@ class Bulk:
                     raise NotFound(f"no job {job_id!r}")
                 step.touched += 1
             except (Refused, NotFound) as exc:   # e.g. running, or not finished
-                step.skipped += 1
-                if len(step.errors) < 5:
-                    step.errors.append(str(exc))
+                step.skip(str(exc))
         await asyncio.gather(*map(do, chosen))
 
     async def _copy(self, ids: list[str], op: str, step: Step) -> None:
@@ -213,13 +215,10 @@ class Bulk:
             try:   # one refused copy (e.g. its id over 200 characters) must not stop the rest
                 self.admission.normalize(spec)
             except SpecError as exc:
-                step.skipped += 1
-                if len(step.errors) < 5:
-                    step.errors.append(f"copy of {job_id}: {exc}")
+                step.skip(f"copy of {job_id}: {exc}")
                 continue
             specs.append(spec)
-        for submitted in await self.admission.submit(specs) if specs else []:
-            if submitted.status == Status.QUEUED:
-                step.touched += 1
-            else:
-                step.skipped += 1
+        submitted = await self.admission.submit(specs) if specs else []
+        queued = sum(1 for one in submitted if one.status == Status.QUEUED)
+        step.touched += queued
+        step.skipped += len(submitted) - queued

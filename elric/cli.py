@@ -239,13 +239,10 @@ def _when(text: str) -> float:
 def _bulk_filter(args: argparse.Namespace) -> dict:
     if args.command == "purge":
         return {"status": "queued", "queue": args.queue_name}
-    f = {key: getattr(args, key) for key in ("status", "queue", "batch", "worker")
-         if getattr(args, key)}
-    if args.by_func:
-        f["func"] = args.by_func
-    f.update({key: _when(getattr(args, key)) for key in ("since", "until")
-              if getattr(args, key)})
-    return f
+    f = {"status": args.status, "queue": args.queue, "func": args.by_func, "batch": args.batch,
+         "worker": args.worker, "since": args.since and _when(args.since),
+         "until": args.until and _when(args.until)}
+    return {key: value for key, value in f.items() if value not in (None, "")}
 
 
 def _bulk(client, args: argparse.Namespace, show) -> int:

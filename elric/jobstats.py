@@ -54,9 +54,9 @@ class JobStats:
     @property
     def live(self) -> int:
         """Submitted and not yet ended (never below 0: counts from before a reset)."""
-        c = self.counters
-        return max(0, c.get("submitted", 0) - c.get("succeeded", 0) - c.get("failed", 0)
-                   - c.get("cancelled", 0) - c.get("removed", 0))
+        ended = ("succeeded", "failed", "cancelled", "removed")
+        return max(0, self.counters.get("submitted", 0)
+                   - sum(self.counters.get(name, 0) for name in ended))
 
     @property
     def mean_ms(self) -> float | None:
@@ -79,16 +79,15 @@ class JobStats:
                 "mean_ms": self.mean_ms, "p95_ms": self.p95_ms,
                 "first_at": self.first_at, "last_at": self.last_at}
 
-    def func_view(self, running: int = 0) -> dict:
-        """A func's row in stats(): every counter (0 when none), then the summary."""
-        c = self.counters
-        return {"submitted": c.get("submitted", 0), "succeeded": c.get("succeeded", 0),
-                "failed": c.get("failed", 0), "retried": c.get("retrying", 0),
-                "cancelled": c.get("cancelled", 0), "removed": c.get("removed", 0),
-                **self.summary(running),
-                "duration_ms": self.duration_ms, "histogram": self.histogram}
+    def func_view(self, running: int) -> dict:
+        """A func's row in stats(): every counter (0 when none; retrying as "retried"), then
+        the summary."""
+        counters = {("retried" if name == "retrying" else name): self.counters.get(name, 0)
+                    for name in COUNTERS}
+        return {**counters, **self.summary(running), "duration_ms": self.duration_ms,
+                "histogram": self.histogram}
 
-    def batch_view(self, running: int = 0) -> dict:
+    def batch_view(self, running: int) -> dict:
         """A batch's row in stats(): the counters it has, as before, then the summary."""
         return {**self.counters, **self.summary(running)}
 

@@ -58,21 +58,28 @@ def percent(x) -> str:
     return f"{x:.1f}" if isinstance(x, (int, float)) else "-"
 
 
-def _table(*columns: str) -> Table:
-    return Table(*columns, box=None, header_style="bold", pad_edge=False)
+def _table(columns: tuple[str, ...], rows=(), header: bool = True) -> Table:
+    table = Table(*columns, box=None, header_style="bold", pad_edge=False, show_header=header)
+    for row in rows:
+        table.add_row(*(Text(str(cell)) for cell in row))   # text, never markup
+    return table
 
 
 def _rows(rows: list, nothing: str, columns: tuple[str, ...], cells, header: bool = True) -> None:
     """A table of ``cells(row)`` for each row, or ``nothing`` (if not "") when there are none."""
-    if not rows:
-        if nothing:
-            console.print(nothing)
-        return
-    table = _table(*columns)
-    table.show_header = header
-    for row in rows:
-        table.add_row(*(Text(str(cell)) for cell in cells(row)))   # text, never markup
-    console.print(table)
+    if rows:
+        console.print(_table(columns, map(cells, rows), header))
+    elif nothing:
+        console.print(nothing)
+
+
+def _state(w: dict) -> str:
+    return w.get("state", "running") if w.get("alive") else "lost"
+
+
+def _master(h: dict) -> None:
+    console.print(f"master {h.get('master_id', '')}: "
+                  + ("ok" if h.get("ok") else "[red]NOT OK[/red]"))
 
 
 def jobs(rows: list[dict]) -> None:
@@ -104,12 +111,11 @@ def job(j: dict) -> None:
                                        "round", "not_run") if j.get(key) not in (None, "")]
     pairs += [(key, when(j[key])) for key in ("enqueued_at", "started_at", "finished_at")
               if j.get(key)]
-    pairs += [(key, json_text(j[key])[:2000]) for key in ("args", "kwargs",
-                                                                        "result")
+    pairs += [(key, json_text(j[key])[:2000]) for key in ("args", "kwargs", "result")
               if j.get(key) not in (None, [], {})]
     if j.get("trigger_text"):
         pairs += [("trigger", j["trigger_text"]), ("next run", when(j.get("next_run_time")))]
-    _rows(pairs, "", ("", ""), lambda key_value: key_value, header=False)
+    console.print(_table(("", ""), pairs, header=False))   # pairs: job_id at least
     if j.get("error"):
         console.print("[bold]error[/bold]")
         console.print(j["error"], markup=False)
@@ -132,34 +138,26 @@ def workers(rows: list[dict]) -> None:
                      w.get("queues", ""), w.get("concurrency", ""),
                      percent(w.get("cpu_percent")), mib(w.get("rss_bytes")),
                      w.get("in_flight", "-"), w.get("done", "-"), w.get("failed", "-"),
-                     when(w.get("last_seen")),
-                     w.get("state", "running") if w.get("alive") else "lost"))
+                     when(w.get("last_seen")), _state(w)))
 
 
 def status(stats: dict, health: dict) -> None:
-    totals = stats.get("totals", {})
-    console.print(f"master {health.get('master_id', '')}: "
-                  + ("ok" if health.get("ok") else "[red]NOT OK[/red]"))
+    _master(health)
     for name, task in sorted(health.get("tasks", {}).items()):
         console.print(f"  {name}: {task.get('state', '')}", markup=False)
-    table = _table("status", "jobs")
-    for name, n in sorted(stats.get("by_status", {}).items()):
-        table.add_row(name, str(n))
-    console.print(table)
-    console.print("totals: " + ", ".join(f"{k} {v}" for k, v in sorted(totals.items())))
+    console.print(_table(("status", "jobs"), sorted(stats.get("by_status", {}).items())))
+    totals = sorted(stats.get("totals", {}).items())
+    console.print("totals: " + ", ".join(f"{k} {v}" for k, v in totals))
     live = [w for w in stats.get("workers", []) if w.get("alive")]
     console.print(f"workers: {len(live)} alive, {len(stats.get('workers', [])) - len(live)} "
                   "lost")
 
 
 def health(h: dict) -> None:
-    console.print(f"master {h.get('master_id', '')}: "
-                  + ("ok" if h.get("ok") else "[red]NOT OK[/red]"))
-    table = _table("task", "ok", "state", "last progress")
-    for name, task in sorted(h.get("tasks", {}).items()):
-        table.add_row(name, "yes" if task.get("ok") else "NO",
-                      Text(task.get("state", "")), when(task.get("progress_at")))
-    console.print(table)
+    _master(h)
+    console.print(_table(("task", "ok", "state", "last progress"), [
+        (name, "yes" if task.get("ok") else "NO", task.get("state", ""),
+         when(task.get("progress_at"))) for name, task in sorted(h.get("tasks", {}).items())]))
 
 
 def top(stats: dict) -> Group:
@@ -170,23 +168,18 @@ def top(stats: dict) -> Group:
     minute = (stats.get("throughput") or [{}, {}])[-2]   # the last whole minute
     rate = Text(f"last minute: {minute.get('succeeded', 0)} succeeded, "
                 f"{minute.get('failed', 0)} failed, {minute.get('retried', 0)} retried")
-    queues = _table("queue", "waiting", "succeeded", "failed")
-    for name, q in sorted(stats["by_queue"].items()):
-        queues.add_row(Text(name), str(q["queued"]), str(q["succeeded"]), str(q["failed"]))
-    funcs = _table("func", "waiting", "running", "succeeded", "failed", "mean ms", "p95 ms")
+    queues = _table(("queue", "waiting", "succeeded", "failed"), [
+        (name, q["queued"], q["succeeded"], q["failed"])
+        for name, q in sorted(stats["by_queue"].items())])
     busiest = sorted(stats.get("funcs", {}).items(),
                      key=lambda kv: (kv[1]["live"], kv[1]["last_at"] or 0), reverse=True)
-    for name, f in busiest[:10]:
-        funcs.add_row(Text(name), str(f["waiting"]), str(f["running"]), str(f["succeeded"]),
-                      str(f["failed"]),
-                      "-" if f["mean_ms"] is None else f"{f['mean_ms']:.1f}",
-                      "-" if f["p95_ms"] is None else f"≤ {f['p95_ms']}")
-    workers = _table("worker", "state", "processes", "CPU %", "in flight", "done", "failed",
-                     "last seen")
-    for w in stats["workers"]:
-        workers.add_row(Text(w["worker_id"]), w.get("state", "running") if w.get("alive")
-                        else "lost", str(w.get("concurrency", "")),
-                        percent(w.get("cpu_percent")), str(w.get("in_flight", "-")),
-                        str(w.get("done", "-")), str(w.get("failed", "-")),
-                        when(w.get("last_seen")))
+    funcs = _table(("func", "waiting", "running", "succeeded", "failed", "mean ms", "p95 ms"), [
+        (name, f["waiting"], f["running"], f["succeeded"], f["failed"],
+         "-" if f["mean_ms"] is None else f"{f['mean_ms']:.1f}",
+         "-" if f["p95_ms"] is None else f"≤ {f['p95_ms']}") for name, f in busiest[:10]])
+    workers = _table(("worker", "state", "processes", "CPU %", "in flight", "done", "failed",
+                      "last seen"), [
+        (w["worker_id"], _state(w), w.get("concurrency", ""), percent(w.get("cpu_percent")),
+         w.get("in_flight", "-"), w.get("done", "-"), w.get("failed", "-"),
+         when(w.get("last_seen"))) for w in stats["workers"]])
     return Group(now, rate, queues, funcs, workers)

@@ -221,8 +221,9 @@ def test_a_login_redirects_only_within_the_dashboard():
     from elric.dashboard import _local_path
 
     assert _local_path("/jobs?status=failed") == "/jobs?status=failed"
-    for elsewhere in ("//evil.example/", "/\\evil.example/", "https://evil.example/", ""):
-        assert _local_path(elsewhere) == "/"
+    for elsewhere in ("//evil.example/", "/\\evil.example/", "https://evil.example/", "",
+                      "/\t/evil.example/", "/\n/evil.example/", "/\r/evil.example/"):
+        assert _local_path(elsewhere) == "/", repr(elsewhere)
 
 
 def test_a_job_page_shows_any_arguments_the_contract_accepts(make_cluster):
@@ -274,9 +275,10 @@ def test_a_page_offset_or_a_pool_size_that_is_no_number_is_no_crash(make_cluster
         assert opener.open(base + path).status == 200
     html = opener.open(base + "/jobs").read().decode()
     token = re.search(r'name="csrf" value="([0-9a-f]+)"', html).group(1)
-    data = urllib.parse.urlencode({"kind": "worker", "action": "processes", "id": "w1",
-                                   "value": "²", "csrf": token}).encode()
-    assert "processes: 0 of 1 done" in opener.open(base + "/act", data=data).read().decode()
+    for bad in ("²", "--5"):   # "--5".lstrip("-") is decimal, but int() refuses it
+        data = urllib.parse.urlencode({"kind": "worker", "action": "processes", "id": "w1",
+                                       "value": bad, "csrf": token}).encode()
+        assert "processes: 0 of 1 done" in opener.open(base + "/act", data=data).read().decode()
     # a value sent to an action that takes none, or none to one that does: refused, no 500
     for action, value in (("pause", {"value": "3"}), ("processes", {})):
         data = urllib.parse.urlencode({"kind": "worker", "action": action, "id": "w1",
@@ -311,3 +313,23 @@ def test_without_a_password_any_loopback_name_with_or_without_a_port_is_served()
         assert ok(host), host
     for host in ("rebound.example:7532", "[2001:db8::1]:7532", "10.0.0.1"):
         assert not ok(host), host
+
+
+def test_a_cookie_or_csrf_token_with_non_ascii_text_is_refused_not_a_500():
+    from aiohttp.test_utils import make_mocked_request
+
+    from elric.dashboard.access import Access
+
+    access = Access("pw")
+
+    def request(cookie: str):
+        return make_mocked_request("POST", "/act", headers={"Cookie": f"elric_session={cookie}"})
+
+    # "²".isdigit() is true, but int() refuses it; compare_digest refuses non-ASCII str
+    for cookie in ("\u00b2.x", "9999999999.\u00e9"):
+        assert access.session(request(cookie)) is None
+        assert not access.may_read(request(cookie))
+    session = access.new_session()
+    assert access.session(request(session)) == session
+    assert access.may_act(request(session), {"csrf": "\u00e9"}) == \
+        "the form is stale or forged: reload the page and try again"

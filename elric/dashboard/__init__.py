@@ -34,35 +34,37 @@ PAGES = (("/", "overview"), ("/workers", "workers"), ("/schedules", "schedules")
          ("/redis", "redis"))
 
 
-VALUED = {("worker", "processes"), ("worker", "queues")}   # the actions whose form sends a value
-
-
 def _actions(master) -> dict:
-    """(kind, action) -> the master's RPC handler that does it to one id (``value``: what
-    the form gave, for the actions that take one)."""
+    """(kind, action) -> a call of the master's RPC handler that does it to one id, given
+    the form's value (which only a worker's processes and queues take)."""
+    def by_id(handler):
+        return lambda one, value: handler(one)
+
     def worker(action):
-        return lambda worker_id: master.control_worker(worker_id, action)
+        return lambda worker_id, value: master.control_worker(worker_id, action)
 
     def processes(worker_id, value):   # a number, or the text the master will refuse
-        value = int(value) if value.lstrip("-").isdecimal() else value
+        value = int(value) if value.removeprefix("-").isdecimal() else value
         return master.control_worker(worker_id, "set", None, value)
 
     def queues(worker_id, value):
         return master.control_worker(worker_id, "set", [q.strip() for q in value.split(",")])
     return {("worker", "pause"): worker("pause"), ("worker", "resume"): worker("resume"),
             ("worker", "stop"): worker("stop"), ("worker", "processes"): processes,
-            ("worker", "queues"): queues,
-            ("job", "retry"): master.rerun_job, ("job", "cancel"): master.cancel_job,
-            ("job", "delete"): master.remove_job,
-            ("schedule", "pause"): master.pause_job, ("schedule", "resume"): master.resume_job,
-            ("schedule", "run now"): master.run_job,
-            ("schedule", "remove"): master.remove_job}
+            ("worker", "queues"): queues, ("job", "retry"): by_id(master.rerun_job),
+            ("job", "cancel"): by_id(master.cancel_job),
+            ("job", "delete"): by_id(master.remove_job),
+            ("schedule", "pause"): by_id(master.pause_job),
+            ("schedule", "resume"): by_id(master.resume_job),
+            ("schedule", "run now"): by_id(master.run_job),
+            ("schedule", "remove"): by_id(master.remove_job)}
 
 
 def _local_path(value: str, fallback: str = "/") -> str:
-    """A redirect target on this site only (no //host, no scheme; browsers read /\\ as //)."""
-    return value if value.startswith("/") and not value.startswith(("//", "/\\")) \
-        else fallback
+    """A redirect target on this site only (no //host, no scheme; browsers read /\\ as //,
+    and a URL drops tabs and newlines, so "/", a tab, "/host" is //host)."""
+    local = value.startswith("/") and not value.startswith(("//", "/\\"))
+    return value if local and value.isprintable() else fallback
 
 
 class Dashboard:
@@ -73,12 +75,10 @@ class Dashboard:
         self.templates = jinja2.Environment(
             loader=jinja2.PackageLoader("elric", "dashboard/templates"),
             autoescape=True, trim_blocks=True, lstrip_blocks=True)
-        self.templates.filters["when"] = when
-        self.templates.filters["quote_id"] = lambda text: quote(text, safe="")
-        self.templates.filters["mib"] = mib
-        self.templates.filters["percent"] = percent
-        # not tojson: a job's maps may have bytes keys, or int and str keys it cannot sort
-        self.templates.filters["json"] = lambda value: json_text(value, indent=1, sort_keys=True)
+        # json, not tojson: a job's maps may have bytes keys, or int and str keys it cannot sort
+        self.templates.filters.update(
+            when=when, mib=mib, percent=percent, quote_id=lambda text: quote(text, safe=""),
+            json=lambda value: json_text(value, indent=1, sort_keys=True))
         self.app = web.Application(middlewares=[self._guard])
         self.app.add_routes([
             web.get("/", self.overview), web.get("/workers", self.workers),
@@ -134,7 +134,7 @@ class Dashboard:
         stats = await self.master.stats()
         health = await self.master.health()
         return self._render(request, "overview.html", stats=stats, health=health,
-                            chart=_chart(stats.get("throughput", [])))
+                            chart=_chart(stats["throughput"]))
 
     async def workers(self, request: web.Request):
         stats = await self.master.stats()
@@ -172,7 +172,7 @@ class Dashboard:
 
     async def stats(self, request: web.Request):
         stats = await self.master.stats()
-        return self._render(request, "stats.html", funcs=stats.get("funcs", {}),
+        return self._render(request, "stats.html", funcs=stats["funcs"],
                             batches=stats["batches"], filters=stats["filters"])
 
     async def redis_page(self, request: web.Request):
@@ -230,14 +230,11 @@ class Dashboard:
         handler = self.actions.get((kind, action))
         if handler is None or not ids:
             raise web.HTTPBadRequest(text=f"unknown action {kind!r} {action!r}, or no id")
-        # by the action, not by what the form sent: a value where none is taken (or none
-        # where one is) was a TypeError and a 500
-        value = str(form.get("value", ""))
+        value = str(form.get("value", ""))   # every handler takes one: a stray one is no 500
         done, errors = 0, []
         for one in ids:
             try:
-                reply = await (handler(one, value) if (kind, action) in VALUED
-                               else handler(one))
+                reply = await handler(one, value)
             except RequestError as exc:
                 errors.append(f"{one}: {exc}")
                 continue
@@ -263,9 +260,7 @@ def _int(value, default: int) -> int:
 
 def _chart(minutes: list[dict]) -> dict:
     """Bars of succeeded and failed jobs per minute, scaled to the busiest minute."""
-    top = max([m.get("succeeded", 0) + m.get("failed", 0) for m in minutes] + [1])
+    top = max([m["succeeded"] + m["failed"] for m in minutes] + [1])
     return {"top": top, "bars": [
-        {"minute": m["minute"], "ok": m.get("succeeded", 0) / top * 100,
-         "failed": m.get("failed", 0) / top * 100,
-         "label": f"{m.get('succeeded', 0)} succeeded, {m.get('failed', 0)} failed"}
-        for m in minutes]}
+        {"minute": m["minute"], "ok": m["succeeded"] / top * 100, "failed": m["failed"] / top * 100,
+         "label": f"{m['succeeded']} succeeded, {m['failed']} failed"} for m in minutes]}

@@ -22,12 +22,15 @@ OPEN_PATHS = ("/login",)   # what a visitor who has not logged in may load
 
 
 def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _same(given: str, expected: str) -> bool:
+    """In constant time; compare_digest refuses str with non-ASCII text (a 500), not bytes."""
+    return hmac.compare_digest(given.encode(), expected.encode())
 
 
 class Access:
@@ -44,8 +47,7 @@ class Access:
         return hmac.new(self._key, text.encode(), hashlib.sha256).hexdigest()
 
     def password_ok(self, given: str) -> bool:
-        return self.login_required and hmac.compare_digest(given.encode(),
-                                                           self.password.encode())
+        return self.login_required and _same(given, self.password)
 
     def new_session(self) -> str:
         expires = str(int(time.time()) + SESSION_SECONDS)
@@ -55,9 +57,9 @@ class Access:
         """The request's session cookie when it is valid and not expired, else None."""
         value = request.cookies.get(COOKIE, "")
         expires, _, signature = value.partition(".")
-        if not (self.login_required and expires.isdigit() and int(expires) > time.time()):
+        if not (self.login_required and expires.isdecimal() and int(expires) > time.time()):
             return None
-        return value if hmac.compare_digest(signature, self._sign(expires)) else None
+        return value if _same(signature, self._sign(expires)) else None
 
     def csrf_token(self, request: web.Request) -> str:
         session = self.session(request)
@@ -74,7 +76,7 @@ class Access:
         origin = request.headers.get("Origin")   # (its host: a TLS proxy may change the scheme)
         if origin and origin.partition("://")[2] != request.host:
             return f"refused a request from another site ({origin})"
-        if not hmac.compare_digest(str(form.get("csrf", "")), self.csrf_token(request)):
+        if not _same(str(form.get("csrf", "")), self.csrf_token(request)):
             return "the form is stale or forged: reload the page and try again"
         return None
 
@@ -91,9 +93,8 @@ class Access:
         return is_loopback(host)
 
     def may_read(self, request: web.Request) -> bool:
-        if not self.login_required or request.path in OPEN_PATHS:
-            return True
-        if self.session(request) is not None:
+        if (not self.login_required or request.path in OPEN_PATHS
+                or self.session(request) is not None):
             return True
         # Prometheus sends the password as a bearer token
         bearer = request.headers.get("Authorization", "").removeprefix("Bearer ")

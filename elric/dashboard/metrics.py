@@ -3,9 +3,12 @@ master answers the same and a restart loses nothing."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from itertools import accumulate
+
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
-                                   HistogramMetricFamily, SummaryMetricFamily)
+                                    HistogramMetricFamily, SummaryMetricFamily)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST as CONTENT_TYPE
 
 from elric.jobstats import BOUNDS_MS
@@ -13,71 +16,62 @@ from elric.jobstats import BOUNDS_MS
 __all__ = ["CONTENT_TYPE", "render"]
 
 
+def _family(kind, name: str, doc: str, labels: list[str], samples):
+    """A metric family of ``kind`` with a sample per (label values, value) pair."""
+    family = kind(name, doc, labels=labels)
+    for values, value in samples:
+        family.add_metric(values, value)
+    return family
+
+
+@dataclass(eq=False)   # a registry keys its collectors by identity
 class _Snapshot:
     """A collector over one ``stats()`` reply."""
 
-    def __init__(self, stats: dict) -> None:
-        self.stats = stats
+    stats: dict
 
     def collect(self):
         s = self.stats
-        jobs = GaugeMetricFamily("elric_jobs", "Jobs by status now", labels=["status"])
-        for status, n in s["by_status"].items():
-            jobs.add_metric([status], n)
-        yield jobs
-        depth = GaugeMetricFamily("elric_queue_depth", "Jobs waiting in a queue",
-                                  labels=["queue"])
-        outcomes = CounterMetricFamily("elric_queue_jobs", "Jobs of a queue by event",
-                                       labels=["queue", "event"])
-        for queue, row in s["by_queue"].items():
-            depth.add_metric([queue], row["queued"])
-            for event in ("submitted", "succeeded", "failed", "retrying"):
-                outcomes.add_metric([queue, event], row.get(event, 0))
-        yield depth
-        yield outcomes
-        totals = CounterMetricFamily("elric_job_events", "Job events since the start",
-                                     labels=["event"])
-        for event, n in s["totals"].items():
-            if event not in ("started", "start_latency_ms"):   # the latency summary's
-                totals.add_metric([event], n)
-        yield totals
-        workers = GaugeMetricFamily("elric_workers", "Workers by state", labels=["state"])
+        yield _family(GaugeMetricFamily, "elric_jobs", "Jobs by status now", ["status"],
+                      [([status], n) for status, n in s["by_status"].items()])
+        queues = s["by_queue"].items()
+        yield _family(GaugeMetricFamily, "elric_queue_depth", "Jobs waiting in a queue",
+                      ["queue"], [([queue], row["queued"]) for queue, row in queues])
+        events = [([queue, event], row.get(event, 0)) for queue, row in queues
+                  for event in ("submitted", "succeeded", "failed", "retrying")]
+        yield _family(CounterMetricFamily, "elric_queue_jobs", "Jobs of a queue by event",
+                      ["queue", "event"], events)
+        events = [([event], n) for event, n in s["totals"].items()
+                  if event not in ("started", "start_latency_ms")]   # the latency summary's
+        yield _family(CounterMetricFamily, "elric_job_events", "Job events since the start",
+                      ["event"], events)
         alive = sum(1 for w in s["workers"] if w.get("alive"))
-        workers.add_metric(["alive"], alive)
-        workers.add_metric(["lost"], len(s["workers"]) - alive)
-        yield workers
+        yield _family(GaugeMetricFamily, "elric_workers", "Workers by state", ["state"],
+                      [(["alive"], alive), (["lost"], len(s["workers"]) - alive)])
         yield GaugeMetricFamily("elric_jobs_in_flight", "Jobs running on workers now",
                                 value=s["by_status"].get("running", 0))
         yield from _workers(s["workers"])
-        checks = CounterMetricFamily("elric_dedupe_checks", "Dedupe checks per scope",
-                                     labels=["scope"])
-        hits = CounterMetricFamily("elric_dedupe_hits", "Submissions a dedupe filter dropped",
-                                   labels=["scope"])
-        fill = GaugeMetricFamily("elric_dedupe_fill_ratio", "Fill of a Bloom filter",
-                                 labels=["scope"])
-        for scope, f in s["filters"].items():
-            checks.add_metric([scope], f.get("items", 0) + f.get("filtered", 0))
-            hits.add_metric([scope], f.get("filtered", 0))
-            if "fill_ratio" in f:
-                fill.add_metric([scope], f["fill_ratio"])
-        yield checks
-        yield hits
-        yield fill
+        filters = s["filters"].items()
+        checks = [([scope], f.get("items", 0) + f.get("filtered", 0)) for scope, f in filters]
+        hits = [([scope], f.get("filtered", 0)) for scope, f in filters]
+        fill = [([scope], f["fill_ratio"]) for scope, f in filters if "fill_ratio" in f]
+        yield _family(CounterMetricFamily, "elric_dedupe_checks", "Dedupe checks per scope",
+                      ["scope"], checks)
+        yield _family(CounterMetricFamily, "elric_dedupe_hits",
+                      "Submissions a dedupe filter dropped", ["scope"], hits)
+        yield _family(GaugeMetricFamily, "elric_dedupe_fill_ratio", "Fill of a Bloom filter",
+                      ["scope"], fill)
         yield from _funcs(s["funcs"])
-        totals = s["totals"]
         yield SummaryMetricFamily("elric_start_latency_seconds",
                                   "From queued to started, first attempts",
-                                  count_value=totals["started"],
-                                  sum_value=totals["start_latency_ms"] / 1000)
-        fires = CounterMetricFamily("elric_fires", "Fires of periodic jobs by outcome",
-                                    labels=["outcome"])
-        for outcome in ("fired", "missed", "skipped"):
-            fires.add_metric([outcome], s["scheduler"][outcome])
-        yield fires
+                                  count_value=s["totals"]["started"],
+                                  sum_value=s["totals"]["start_latency_ms"] / 1000)
+        fires = s["scheduler"]
+        yield _family(CounterMetricFamily, "elric_fires", "Fires of periodic jobs by outcome",
+                      ["outcome"], [([o], fires[o]) for o in ("fired", "missed", "skipped")])
         yield SummaryMetricFamily("elric_fire_lateness_seconds",
                                   "From a fire's time to its job queued",
-                                  count_value=s["scheduler"]["fired"],
-                                  sum_value=s["scheduler"]["lateness_ms"] / 1000)
+                                  count_value=fires["fired"], sum_value=fires["lateness_ms"] / 1000)
 
 
 def _workers(workers: list[dict]):
@@ -98,18 +92,16 @@ def _workers(workers: list[dict]):
 
 
 def _funcs(funcs: dict):
-    done = CounterMetricFamily("elric_func_jobs", "Jobs of a func by outcome",
-                               labels=["func", "outcome"])
-    for func, row in funcs.items():
-        for outcome in ("succeeded", "failed", "retried", "cancelled"):
-            done.add_metric([func, outcome], row.get(outcome, 0))
-    yield done
+    outcomes = [([func, outcome], row.get(outcome, 0)) for func, row in funcs.items()
+                for outcome in ("succeeded", "failed", "retried", "cancelled")]
+    yield _family(CounterMetricFamily, "elric_func_jobs", "Jobs of a func by outcome",
+                  ["func", "outcome"], outcomes)
     durations = HistogramMetricFamily("elric_job_duration_seconds",
                                       "How long attempts of a func ran", labels=["func"])
     bounds = [str(b / 1000) for b in BOUNDS_MS] + ["+Inf"]
     for func, row in funcs.items():
-        cumulative = [sum(row["histogram"][:i + 1]) for i in range(len(bounds))]
-        durations.add_metric([func], list(zip(bounds, cumulative)), row["duration_ms"] / 1000)
+        buckets = list(zip(bounds, accumulate(row["histogram"])))   # cumulative, as Prometheus's
+        durations.add_metric([func], buckets, row["duration_ms"] / 1000)
     yield durations
 
 
