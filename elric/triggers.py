@@ -508,11 +508,6 @@ def build_trigger(data: dict) -> BaseTrigger:
     return _parse(data, time.time())[0]
 
 
-def interval_seconds(trigger: BaseTrigger) -> float | None:
-    """An interval trigger's length in seconds (None for other triggers)."""
-    return trigger.interval_length if isinstance(trigger, IntervalTrigger) else None
-
-
 def next_fire(trigger: BaseTrigger, t: float, *, first: bool = False) -> float | None:
     """The fire time after a fire at ``t`` (``first``: the first fire at or after ``t``), in
     epoch seconds; None: none left."""
