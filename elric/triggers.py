@@ -114,9 +114,9 @@ def _number(data: dict, name: str) -> float | int | None:
 # --- cron: crontab(5) meaning, wall-clock arithmetic, DST resolution -----------------------
 # crontab counts weekdays from Sunday (0 and 7); APScheduler 3.x counts 0 as Monday.
 _CRONTAB_DAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat", "sun")
-_MONTHS = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
 _MONTH_NAMES = ("January", "February", "March", "April", "May", "June", "July", "August",
                 "September", "October", "November", "December")
+_MONTHS = tuple(m[:3].lower() for m in _MONTH_NAMES)  # crontab's names: jan, feb, ...
 _CRONTAB_RANGES = {"minute": (0, 59), "hour": (0, 23), "day": (1, 31), "month": (1, 12),
                    "day_of_week": (0, 7)}
 _CRONTAB_ITEM = re.compile(r"^(\*|\w+)(?:-(\w+))?(?:/(\d+))?$")
