@@ -21,7 +21,7 @@ from enum import StrEnum
 from elric import lua
 from elric.codec import pack, unpack
 from elric.contract import SPEC_KEYS, Status
-from elric.triggers import TriggerError, build_trigger, interval_seconds, next_fire, parse_trigger
+from elric.triggers import TriggerError, build_trigger, next_fire, parse_trigger
 
 FINISHED_TTL = 86400            # seconds a finished job (no next fire) stays visible to get()
 WRITE_RETRIES = 20
@@ -236,7 +236,8 @@ class RedisJobStore:
         """The StoredJob fields for a trigger as sent: validated, its schedule starting now."""
         raw, now = unpack(pack(raw)), self.clock()  # as it will read back (tuples as lists...)
         trigger, normalized = parse_trigger(raw, now=now)
-        if (length := interval_seconds(trigger)) is not None and length < self.min_interval:
+        length = getattr(trigger, "interval_length", None)  # None: not an interval
+        if length is not None and length < self.min_interval:
             raise TriggerError("trigger.interval", f"{length:g}s is shorter than MIN_INTERVAL "
                                                    f"({self.min_interval:g}s)")
         return {"trigger_input": raw, "trigger": normalized,

@@ -102,6 +102,13 @@ Dedupe filters
 from __future__ import annotations
 
 
+def _family(pattern: str):
+    """A Keys method: ``pattern`` (after the prefix) with the method's arguments put in."""
+    def key(self, *ids) -> str:
+        return f"{self.prefix}:{pattern.format(*ids)}"
+    return key
+
+
 class Keys:
     """Builds key names under one prefix. A method called with "" gives the prefix of that
     family of keys, which scripts append the ids they read to."""
@@ -132,69 +139,28 @@ class Keys:
         self.limits_parked = f"{p}:limits:parked"
 
     # jobs and queues
-    def job(self, job_id: str) -> str:
-        return f"{self.prefix}:job:{job_id}"
-
-    def queue(self, name: str) -> str:
-        return f"{self.prefix}:queue:{name}"
-
-    def wake(self, name: str) -> str:
-        return f"{self.prefix}:wake:{name}"
-
-    def status(self, status: str) -> str:
-        return f"{self.prefix}:status:{status}"
-
-    def batch(self, batch: str) -> str:
-        return f"{self.prefix}:stats:batch:{batch}"
-
-    def func(self, func: str) -> str:
-        return f"{self.prefix}:stats:func:{func}"
-
-    def minute(self, minute: int | str) -> str:
-        return f"{self.prefix}:stats:minute:{minute}"
-
-    def round(self, round_id: str) -> str:
-        return f"{self.prefix}:round:{round_id}"
-
+    job = _family("job:{}")
+    queue = _family("queue:{}")
+    wake = _family("wake:{}")
+    status = _family("status:{}")
+    batch = _family("stats:batch:{}")
+    func = _family("stats:func:{}")
+    minute = _family("stats:minute:{}")
+    round = _family("round:{}")
     # per-key limits
-    def limit_running(self, key: str) -> str:
-        return f"{self.prefix}:limit:running:{key}"
-
-    def limit_next(self, key: str) -> str:
-        return f"{self.prefix}:limit:next:{key}"
-
-    def limit_parked(self, key: str) -> str:
-        return f"{self.prefix}:limit:parked:{key}"
-
+    limit_running = _family("limit:running:{}")
+    limit_next = _family("limit:next:{}")
+    limit_parked = _family("limit:parked:{}")
     # workers
-    def worker(self, worker_id: str) -> str:
-        return f"{self.prefix}:worker:{worker_id}"
-
-    def worker_wake(self, worker_id: str) -> str:
-        return f"{self.prefix}:worker:{worker_id}:wake"
-
+    worker = _family("worker:{}")
+    worker_wake = _family("worker:{}:wake")
     # periodic jobs
-    def schedule(self, job_id: str) -> str:
-        return f"{self.prefix}:schedule:{job_id}"
-
-    def schedule_runs(self, job_id: str) -> str:
-        return f"{self.prefix}:schedule:{job_id}:runs"
-
-    def fire(self, fire_id: str) -> str:
-        return f"{self.prefix}:fire:{fire_id}"
-
+    schedule = _family("schedule:{}")
+    schedule_runs = _family("schedule:{}:runs")
+    fire = _family("fire:{}")
     # dedupe
-    def dedupe_set(self, scope: str) -> str:
-        return f"{self.prefix}:dedupe:set:{scope}"
-
-    def dedupe_bloom(self, scope: str) -> str:
-        return f"{self.prefix}:dedupe:bloom:{scope}"
-
-    def dedupe_rbloom(self, scope: str, shard: int) -> str:
-        return f"{self.prefix}:dedupe:rbloom:{scope}:{shard}"
-
-    def dedupe_taking(self, job_id: str) -> str:
-        return f"{self.prefix}:dedupe:taking:{job_id}"
-
-    def dedupe_stats(self, scope: str) -> str:
-        return f"{self.prefix}:dedupe:stats:{scope}"
+    dedupe_set = _family("dedupe:set:{}")
+    dedupe_bloom = _family("dedupe:bloom:{}")
+    dedupe_rbloom = _family("dedupe:rbloom:{}:{}")
+    dedupe_taking = _family("dedupe:taking:{}")
+    dedupe_stats = _family("dedupe:stats:{}")

@@ -150,34 +150,27 @@ _OPTIONAL_VIEW = {"schedule": _s, "dedupe_key": _s, "dedupe_scope": _s, "limit_k
 # What list_jobs reads of a job: all but its result, so a page of jobs stays small
 _SUMMARY_FIELDS = [name for name in (*_VIEW, *_OPTIONAL_VIEW) if name != "result"]
 
-# Spec keys kept in a job's hash besides those enqueue.lua writes itself. A field at its
-# default is not written: a missing field reads as its default.
-_NUMBER_FIELDS = ("priority", "max_retries", "timeout", "fire_time")
-_TEXT_FIELDS = ("func", "parent", "schedule", "dedupe_key", "dedupe_scope", "batch",
-                "limit_key", "round")
+# Spec keys kept in a job's hash besides those enqueue.lua writes itself, and how each is
+# written. A field at its default is not written: a missing field reads as its default.
+_WRITE = {**dict.fromkeys(("func", "parent", "schedule", "dedupe_key", "dedupe_scope", "batch",
+                           "limit_key", "round"), str),
+          "args": codec.pack, "kwargs": codec.pack,
+          **dict.fromkeys(("priority", "max_retries", "timeout", "fire_time"), repr)}
 
 
 def _fields(spec: dict) -> list:
     out: list = []
-    for name in _TEXT_FIELDS:
+    for name, write in _WRITE.items():
         if spec.get(name):
-            out += (name, spec[name])
-    for name in ("args", "kwargs"):
-        if spec.get(name):
-            out += (name, codec.pack(spec[name]))
-    for name in _NUMBER_FIELDS:
-        if spec.get(name):
-            out += (name, repr(spec[name]))
+            out += (name, write(spec[name]))
     return out
 
 
 class RedisQueue:
     def __init__(self, redis, keys: Keys, *, result_ttl: int = 86400,
                  failed_ttl: int = 7 * 86400, release_keys_on_failure: bool = False) -> None:
-        self.redis = redis
-        self.keys = keys
-        self.result_ttl = result_ttl
-        self.failed_ttl = failed_ttl
+        self.redis, self.keys = redis, keys
+        self.result_ttl, self.failed_ttl = result_ttl, failed_ttl
         self.release_keys_on_failure = release_keys_on_failure
         self._enqueue = lua.load(redis, "enqueue", "clock_fn")
         self._fetch = lua.load(redis, "fetch", "clock_fn")
@@ -185,7 +178,6 @@ class RedisQueue:
         self._heartbeat = lua.load(redis, "heartbeat", "clock_fn")
         self._remove = lua.load(redis, "remove", "jobstats_fn")
         self._cancel = lua.load(redis, "cancel", "clock_fn", "jobstats_fn")
-        self._statuses = lua.load(redis, "statuses")
         self._release = lua.load(redis, "release", "clock_fn", "requeue_fn", "jobstats_fn",
                                  "slot_fn", "cancel_end_fn")
         self._requeue_due = lua.load(redis, "requeue_due", "clock_fn", "requeue_fn",
@@ -444,9 +436,6 @@ class RedisQueue:
                 pipe.hmget(self.keys.job(job_id), "status", "dedupe_key", "dedupe_scope")
             rows = await pipe.execute()
         return [None if row[0] is None else Hold(*map(_s, row)) for row in rows]
-
-    async def get_statuses(self, job_ids: list[str]) -> list[str | None]:
-        return [_s(s) or None for s in await self._statuses(args=[self.keys.job(""), *job_ids])]
 
     async def list_jobs(self, *, status: str | None = None, queue: str | None = None,
                         func: str | None = None, batch: str | None = None, offset: int = 0,

@@ -29,7 +29,9 @@ REDIS_CLIENT_OPTIONS = {"socket_connect_timeout": 5, "socket_timeout": 5,
 # replicas min-replicas-to-write asks for): an outage too, not a bug. redis-py raises these
 # classes; MISCONF, BUSY and NOREPLICAS are plain ResponseErrors that ``redis_refusal``
 # recognises by their code.
-REDIS_REFUSED = (OutOfMemoryError, ReadOnlyError, BusyLoadingError, MasterDownError)
+_REFUSAL_CLASSES = {OutOfMemoryError: "OOM", ReadOnlyError: "READONLY",
+                    BusyLoadingError: "LOADING", MasterDownError: "MASTERDOWN"}
+REDIS_REFUSED = tuple(_REFUSAL_CLASSES)
 
 _REFUSALS = {
     "OOM": "Redis is out of memory (maxmemory)",
@@ -40,8 +42,6 @@ _REFUSALS = {
     "MASTERDOWN": "Redis is a replica that lost its master (MASTERDOWN)",
     "NOREPLICAS": "Redis has fewer good replicas than min-replicas-to-write (NOREPLICAS)",
 }
-_REFUSAL_CLASSES = {OutOfMemoryError: "OOM", ReadOnlyError: "READONLY",
-                    BusyLoadingError: "LOADING", MasterDownError: "MASTERDOWN"}
 
 
 def redis_refusal(exc: BaseException) -> str | None:
@@ -70,9 +70,6 @@ class Backoff:
     def next(self) -> float:
         delay, self.delay = self.delay, min(self.delay * 2, self.most)
         return delay
-
-    async def sleep(self) -> None:
-        await asyncio.sleep(self.next())
 
 
 async def retry(call: Callable[[], Awaitable[T]], *, what: str, log: logging.Logger,

@@ -53,18 +53,15 @@ class _IntervalTrigger(IntervalTrigger):
 
     def get_next_fire_time(self, previous_fire_time, now):
         try:
-            return self._next(previous_fire_time, now)
+            if previous_fire_time is None or not self.jitter:
+                return super().get_next_fire_time(previous_fire_time, now)
+            start = self.start_date.timestamp()
+            step = math.floor((previous_fire_time.timestamp() - start) / self.interval_length) + 1
+            nxt = start + step * self.interval_length + random.uniform(0, self.jitter)
+            if self.end_date is None or nxt <= self.end_date.timestamp():
+                return datetime.fromtimestamp(nxt, self.timezone)
         except (OverflowError, OSError, ValueError):  # fromtimestamp: past the year 9999
-            return None
-
-    def _next(self, previous_fire_time, now):
-        if previous_fire_time is None or not self.jitter:
-            return super().get_next_fire_time(previous_fire_time, now)
-        start = self.start_date.timestamp()
-        step = math.floor((previous_fire_time.timestamp() - start) / self.interval_length) + 1
-        nxt = start + step * self.interval_length + random.uniform(0, self.jitter)
-        if self.end_date is None or nxt <= self.end_date.timestamp():
-            return datetime.fromtimestamp(nxt, self.timezone)
+            pass
         return None
 
 
@@ -117,9 +114,9 @@ def _number(data: dict, name: str) -> float | int | None:
 # --- cron: crontab(5) meaning, wall-clock arithmetic, DST resolution -----------------------
 # crontab counts weekdays from Sunday (0 and 7); APScheduler 3.x counts 0 as Monday.
 _CRONTAB_DAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat", "sun")
-_MONTHS = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
 _MONTH_NAMES = ("January", "February", "March", "April", "May", "June", "July", "August",
                 "September", "October", "November", "December")
+_MONTHS = tuple(m[:3].lower() for m in _MONTH_NAMES)  # crontab's names: jan, feb, ...
 _CRONTAB_RANGES = {"minute": (0, 59), "hour": (0, 23), "day": (1, 31), "month": (1, 12),
                    "day_of_week": (0, 7)}
 _CRONTAB_ITEM = re.compile(r"^(\*|\w+)(?:-(\w+))?(?:/(\d+))?$")
@@ -325,35 +322,32 @@ class _CronTrigger(CronTrigger):
         if s >= _END:
             return None
         try:
-            return self._next_instant(s)
+            tz = self.timezone
+            local = datetime.fromtimestamp(s, tz)
+            w = local.replace(tzinfo=None)
+            before = datetime.fromtimestamp(s - 1, tz)
+            if before.utcoffset() < local.utcoffset():  # s is the jump out of a DST gap: the
+                w = before.replace(tzinfo=None) + _SECOND  # gap's wall times resolve to s
+            other = local.replace(fold=1 - local.fold)
+            if other.utcoffset() != local.utcoffset():  # s lies in a repeated hour
+                p0, p1 = sorted((int(local.timestamp()), int(other.timestamp())))
+                change = _offset_change(p0, p1, tz)
+                start = datetime.fromtimestamp(change, tz).replace(tzinfo=None)  # repeat begins
+                end = start + (p1 - p0) * _SECOND                                # repeat ends
+                if local.fold == 0:  # the rest of the first pass, then (wildcard) the second
+                    passes = [(w, 0), (start, 1)] if self.wild else [(w, 0)]
+                else:  # in the second pass only wildcard jobs fire
+                    passes = [(w, 1)] if self.wild else []
+                for begin, fold in passes:
+                    if (hit := self.next_wall(begin, end)) is not None:
+                        return int(hit.replace(tzinfo=tz, fold=fold).timestamp())
+                w = end
+            while (hit := self.next_wall(w)) is not None:
+                if (t := self._resolve(hit)) is not None:
+                    return t
+                w = hit + _SECOND
         except OverflowError:  # a time late in 9999 that is in 10000 in UTC or in the zone
-            return None
-
-    def _next_instant(self, s: int) -> int | None:
-        tz = self.timezone
-        local = datetime.fromtimestamp(s, tz)
-        w = local.replace(tzinfo=None)
-        before = datetime.fromtimestamp(s - 1, tz)
-        if before.utcoffset() < local.utcoffset():  # s is the jump out of a DST gap: the
-            w = before.replace(tzinfo=None) + _SECOND  # gap's wall times resolve to s
-        other = local.replace(fold=1 - local.fold)
-        if other.utcoffset() != local.utcoffset():  # s lies in a repeated hour
-            p0, p1 = sorted((int(local.timestamp()), int(other.timestamp())))
-            change = _offset_change(p0, p1, tz)
-            start = datetime.fromtimestamp(change, tz).replace(tzinfo=None)  # repeat begins
-            end = start + (p1 - p0) * _SECOND                                # repeat ends
-            if local.fold == 0:  # the rest of the first pass, then (wildcard) the second
-                passes = [(w, 0), (start, 1)] if self.wild else [(w, 0)]
-            else:  # in the second pass only wildcard jobs fire
-                passes = [(w, 1)] if self.wild else []
-            for begin, fold in passes:
-                if (hit := self.next_wall(begin, end)) is not None:
-                    return int(hit.replace(tzinfo=tz, fold=fold).timestamp())
-            w = end
-        while (hit := self.next_wall(w)) is not None:
-            if (t := self._resolve(hit)) is not None:
-                return t
-            w = hit + _SECOND
+            pass
         return None
 
     def get_next_fire_time(self, previous_fire_time, now):
@@ -442,9 +436,9 @@ def parse_trigger(data: dict, *, now: float | None = None) -> tuple[BaseTrigger,
     except (OverflowError, OSError, ValueError):
         raise TriggerError("trigger.jitter", f"{trigger.jitter!r} is out of range: fires "
                                              "would come after the year 9999") from None
-    if isinstance(trigger, _CronTrigger) and next_fire(trigger, now, first=True) is None:
-        raise _never_fires(trigger, data, now)
-    if isinstance(trigger, _IntervalTrigger) and next_fire(trigger, now, first=True) is None:
+    if not isinstance(trigger, DateTrigger) and next_fire(trigger, now, first=True) is None:
+        if isinstance(trigger, _CronTrigger):
+            raise _never_fires(trigger, data, now)
         if trigger.end_date is None:  # no end: its first fire is past the year 9999 in UTC
             raise TriggerError("trigger.start_date", f"{trigger.start_date.isoformat()} is out "
                                                      "of range: the first fire would come after "
@@ -512,11 +506,6 @@ def _parse(data: dict, now: float) -> tuple[BaseTrigger, dict]:
 def build_trigger(data: dict) -> BaseTrigger:
     """The trigger for a normalized (stored) dict; never refuses one that no longer fires."""
     return _parse(data, time.time())[0]
-
-
-def interval_seconds(trigger: BaseTrigger) -> float | None:
-    """An interval trigger's length in seconds (None for other triggers)."""
-    return trigger.interval_length if isinstance(trigger, IntervalTrigger) else None
 
 
 def next_fire(trigger: BaseTrigger, t: float, *, first: bool = False) -> float | None:
