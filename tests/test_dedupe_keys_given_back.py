@@ -220,7 +220,7 @@ def test_a_stopping_master_does_not_wait_forever_on_a_redis_that_does_not_answer
             async def hangs(*a, **kw):
                 entered.set()
                 await silent.wait()          # never set: Redis does not answer
-            m.queue.enqueue = m.queue.get_statuses = hangs
+            m.queue.enqueue = hangs
             client = asyncio.ensure_future(m.submit_jobs([{"func": E, "dedupe_key": "k"}]))
             await asyncio.wait_for(entered.wait(), 20)
             # the RPC server is not in this path: cut the call as its grace would
