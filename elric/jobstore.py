@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
+import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -81,7 +81,7 @@ class Options:
     def __post_init__(self) -> None:
         grace, n = self.misfire_grace_time, self.max_instances
         if grace is not None and (isinstance(grace, bool) or not isinstance(grace, (int, float))
-                                  or not math.isfinite(grace) or grace <= 0):
+                                  or not 0 < grace <= sys.float_info.max):
             raise ScheduleError(f"misfire_grace_time {grace!r}: must be a positive number of "
                                 "seconds, or nil to always run late fires")
         self.misfire_grace_time = None if grace is None else float(grace)

@@ -88,7 +88,7 @@ def _datetime(data: dict, name: str, tz: tzinfo) -> datetime | None:
             dt = datetime.fromisoformat(value)
         except ValueError:
             raise TriggerError(field, f"not an ISO 8601 date-time: {value!r}") from None
-    elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+    elif isinstance(value, (int, float)) and not isinstance(value, bool) and _finite(value):
         try:
             dt = datetime.fromtimestamp(value, UTC)
         except (OverflowError, OSError, ValueError):
@@ -99,12 +99,17 @@ def _datetime(data: dict, name: str, tz: tzinfo) -> datetime | None:
     return None if dt is None else _existing(dt if dt.tzinfo is not None else dt.replace(tzinfo=tz))
 
 
+def _finite(value: int | float) -> bool:
+    # an int is finite however large; math.isfinite raised OverflowError on 10**400
+    return isinstance(value, int) or math.isfinite(value)
+
+
 def _number(data: dict, name: str) -> float | int | None:
     """``data[name]`` as a number of 0 or more; None when absent."""
     value = data.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value):
         raise TriggerError(f"trigger.{name}", f"expected a number, got {value!r}")
     if value < 0:
         raise TriggerError(f"trigger.{name}", f"must not be negative, got {value!r}")

@@ -9,7 +9,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from elric.codec import pack
-from elric.jobstore import FINISHED_TTL, Coalesce, RedisJobStore, ScheduleError
+from elric.jobstore import FINISHED_TTL, Coalesce, Options, RedisJobStore, ScheduleError
 from elric.keys import Keys
 from elric.triggers import TriggerError
 
@@ -269,3 +269,11 @@ def test_a_rounds_progress_never_shows_fewer_than_0_jobs_live():
     from elric.jobstore import round_progress
     assert round_progress({b"succeeded": b"1"}) == {"submitted": 0, "live": 0,
                                                     "succeeded": 1, "failed": 0}
+
+
+@pytest.mark.parametrize("grace", [0, -1, math.nan, math.inf, 10**400, True, "60"])
+def test_a_grace_that_is_no_positive_float_is_refused_naming_it(grace):
+    # 10**400 (a Python caller's int past a float's range) raised a bare OverflowError
+    with pytest.raises(ScheduleError, match="misfire_grace_time"):
+        Options(misfire_grace_time=grace)
+    assert Options(misfire_grace_time=2**70).misfire_grace_time == float(2**70)

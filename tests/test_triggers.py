@@ -145,6 +145,10 @@ def test_date():
     ({"type": "interval", "seconds": 1e300}, "trigger.interval"),
     ({"type": "interval", "days": 10**9}, "trigger.interval"),
     ({"type": "interval", "weeks": 10**6}, "trigger.interval"),
+    # ints past a float's range (a Python caller's; msgpack stops at 64 bits)
+    ({"type": "date", "run_date": 10**400}, "trigger.run_date"),
+    ({"type": "interval", "seconds": 10**400}, "trigger.interval"),
+    ({"type": "cron", "jitter": 10**400}, "trigger.jitter"),
     ({"type": "cron", "jitter": 1e18}, "trigger.jitter"),
     ({"type": "interval", "minutes": 5, "jitter": 1e12}, "trigger.jitter"),
     # the first fire comes after the year 9999 in UTC (an internal error, no field named)
