@@ -265,14 +265,16 @@ class _Runner:
             except (TypeError, ValueError, OverflowError) as exc:
                 out.ok, out.children = False, []
                 out.payload = f"a child job's arguments are not msgpack values: {exc}"
-        if len(out.payload) > self.result_max:
+        size = len(out.payload.encode() if isinstance(out.payload, str) else out.payload)
+        if size > self.result_max:   # in bytes, as stored: an error text's too
             if out.ok:
                 out.ok, out.children = False, []
-                out.payload = (f"ResultTooLarge: the result is {len(out.payload):,} bytes, over "
+                out.payload = (f"ResultTooLarge: the result is {size:,} bytes, over "
                                f"RESULT_MAX_BYTES ({self.result_max:,}); return less, or store "
                                "it elsewhere (a file, an object store) and return where it is")
             else:   # a traceback that big: keep its end, where the exception is
-                out.payload = "[... cut ...]\n" + out.payload[-self.result_max:]
+                tail = out.payload.encode()[-self.result_max:]
+                out.payload = "[... cut ...]\n" + tail.decode("utf-8", "ignore")
         self._queue([out])
         self._flush_soon()
 

@@ -34,6 +34,13 @@ class Fail(Job):
         raise ValueError(message)
 
 
+class FailWide(Job):
+    """Fails with a message of ``n`` two-byte characters: twice as many bytes as characters."""
+
+    def run(self, n):
+        raise ValueError("\u00e9" * n)
+
+
 class FailNamingFile(Job):
     """Fails naming a file whose name is not UTF-8: os.fsdecode gives it a lone surrogate,
     as it does to every such name read from a directory."""

@@ -14,7 +14,7 @@ import pytest
 from elric.jobstats import COUNTERS
 from elric.rpc import RemoteError
 from tests.conftest import ROOT, wait_for
-from tests.jobs import (Add, Crash, Echo, FailUnlessFile, MarkSleep, OnQueueB, Record, Sized,
+from tests.jobs import (Add, Crash, Echo, FailUnlessFile, FailWide, MarkSleep, OnQueueB, Record, Sized,
                         Sleep, Spawn)
 from tests.legacy import SCRIPT_PRELUDE, legacy_python
 
@@ -334,6 +334,17 @@ def test_a_result_over_result_max_bytes_fails_its_attempt_and_every_job_stays_re
     assert "result" not in listed["fits"] and listed["fits"]["result_bytes"] == 900_005
     assert listed["huge"]["result_bytes"] == 0
     assert listed["huge"]["error"].startswith("ResultTooLarge: the result is 10,000,005 bytes")
+
+
+def test_an_error_text_over_result_max_bytes_is_cut_to_it_in_bytes(cluster):
+    """The cut counted characters: 700,000 two-byte ones (1.4 MB) passed a 1 MiB limit."""
+    c = cluster.client
+    cluster.start_worker("--concurrency", "1")
+    c.submit_job(FailWide.spec([700_000], job_id="wide"))
+    error = cluster.wait_job("wide")["error"]
+    assert error.startswith("--- attempt 1 ---\n[... cut ...]\n")
+    assert error.rstrip("\n").endswith("\u00e9" * 1000)   # the end, where the exception is
+    assert len(error.encode()) <= 100 + 1_048_576
 
 
 def test_result_max_bytes_must_fit_an_rpc_message():
