@@ -190,15 +190,16 @@ class Pool(Executor):
     def resize(self, size: int) -> None:
         """Grow or shrink to ``size`` processes while jobs run. The processes beyond the
         new size take no more jobs; each exits once it has reported those it holds, so no
-        job is stopped, lost or run twice."""
-        while len(self.processes) < size:
-            self.processes.append(self._start(len(self.processes)))
-        shrunk, self.processes = self.processes[size:], self.processes[:size]
+        job is stopped, lost or run twice. Processes are started as _refill starts them:
+        a fork that fails is tried again at the next turn, at the size asked."""
+        shrunk = [p for p in self.processes if p.slot >= size]
+        self.processes = [p for p in self.processes if p.slot < size]
         self.size = size
         for proc in shrunk:
             self.retiring.append(proc)
             if not proc.held:
                 self._retire(proc)
+        self._refill()
 
     def _retire(self, proc: _Process) -> None:
         """Let an idle process beyond the pool's size go: it exits when its pipe closes."""

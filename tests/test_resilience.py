@@ -1037,6 +1037,41 @@ def test_a_pool_process_that_cannot_be_replaced_still_settles_its_jobs():
     asyncio.run(main())
 
 
+def test_a_pool_grown_while_a_fork_fails_names_each_process_once_and_fills_up_later():
+    """Growing the pool started processes numbered by their count: after a failed
+    replacement left a gap, two processes had one name; a fork failing while growing was
+    raised to the heartbeat and the new size forgotten."""
+    import errno
+
+    from elric.pool import Pool
+
+    async def main():
+        pool = Pool(3, async_slots=1, sync_batch=lambda: 1, job_modules=["tests.jobs"])
+        start = pool._start
+        try:
+            def no_memory(slot):
+                raise OSError(errno.ENOMEM, "Cannot allocate memory")
+            pool._start = no_memory
+            [middle] = [p for p in pool.processes if p.slot == 1]
+            middle.process.kill()
+            deadline = time.monotonic() + 20
+            while middle in pool.processes:   # died and could not be replaced
+                assert time.monotonic() < deadline, "the dead process was never noticed"
+                await asyncio.sleep(0.02)
+            pool.resize(5)   # every fork fails: kept as the size to fill up to
+            assert sorted(p.slot for p in pool.processes) == [0, 2] and pool.size == 5
+            pool._start = start
+            pool.kill_overdue()   # the next turn of the worker's loop
+            assert sorted(p.slot for p in pool.processes) == [0, 1, 2, 3, 4]
+            pool.resize(2)
+            assert sorted(p.slot for p in pool.processes) == [0, 1]
+        finally:
+            pool._start = start
+            pool.kill_all()
+            pool.shutdown(wait=True, cancel_futures=True)
+    asyncio.run(main())
+
+
 # --- 14. a recorder that fails stops the worker ---------------------------------------------
 
 def test_a_worker_whose_recorder_fails_stops_and_exits_non_zero(cluster, caplog):
