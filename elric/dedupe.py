@@ -79,6 +79,7 @@ class DedupeFilter(ABC):
         self.redis = redis
         self.keys = keys
         self._forget_gone = lua.load(redis, "dedupe_forget_gone")
+        self._uncount = lua.load(redis, "dedupe_uncount")
         self._warned: set[str] = set()
 
     @abstractmethod
@@ -107,9 +108,7 @@ class DedupeFilter(ABC):
         """Take back ``n`` of the scope's ``filtered``: keys found seen that turned out to
         be the same job sent again, not a duplicate dropped. A scope dropped meanwhile
         stays gone."""
-        key = self.keys.dedupe_stats(scope)
-        if await self.redis.exists(key):
-            await self.redis.hincrby(key, "filtered", -n)
+        await self._uncount(keys=[self.keys.dedupe_stats(scope)], args=[n])
 
     @abstractmethod
     async def stats(self) -> dict[str, dict]:

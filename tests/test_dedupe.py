@@ -749,3 +749,23 @@ def test_uncount_takes_back_filtered_and_leaves_a_dropped_scope_gone(redis_url, 
         assert "s" not in await f.stats()
         assert not await r.exists(KEYS.dedupe_stats("s"))
     run(with_filter(redis_url, backend, body))
+
+
+@pytest.mark.parametrize("backend", ["set", "redis-bloom"])
+def test_uncount_racing_a_drop_leaves_no_stray_stats_hash(redis_url, backend):
+    """uncount checked the scope, then counted: a drop in between left a stats hash of
+    only ``filtered=-1``, with no backend, no expiry and in no registry."""
+    async def body(f, r):
+        await f.check_and_add("s", ["a", "a"])
+        exists = f.redis.exists
+
+        async def dropped_after_the_check(*keys):
+            found = await exists(*keys)
+            await r.delete(KEYS.dedupe_stats("s"))   # the scope dropped meanwhile
+            return found
+        f.redis.exists = dropped_after_the_check
+        await f.uncount("s", 1)
+        f.redis.exists = exists
+        left = await r.hgetall(KEYS.dedupe_stats("s"))   # gone, or whole: never a stray
+        assert not left or b"backend" in left, left
+    run(with_filter(redis_url, backend, body))
