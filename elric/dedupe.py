@@ -336,9 +336,8 @@ class BloomFilter(DedupeFilter):
         self.snapshot_interval = snapshot_interval
         self._filters: dict[str, _StagedBloom] = {}
         self._dirty: set[str] = set()
-        self._load_locks: dict[str, asyncio.Lock] = {}
-        # snapshot writes and drop_scope take turns: a snapshot in flight must not
-        # bring back a scope just dropped
+        # snapshot writes, loads and drop_scope take turns: neither a snapshot in flight
+        # nor a load that read before the drop may bring back a scope just dropped
         self._io_lock = asyncio.Lock()
         self._task: asyncio.Task | None = None
 
@@ -375,7 +374,8 @@ class BloomFilter(DedupeFilter):
             try:
                 for scope in sorted(dirty):
                     f = self._filters.get(scope)
-                    if f is None:
+                    if f is None:   # dropped after the keys were added: nothing to write
+                        dirty.discard(scope)
                         continue
                     # serialised with no await: nothing adds to it meanwhile, a consistent cut
                     data = f.to_bytes()
@@ -392,8 +392,13 @@ class BloomFilter(DedupeFilter):
             return written
 
     async def _filter(self, scope: str) -> _StagedBloom:
-        # an unlocked asyncio.Lock is taken without yielding: no cost for a loaded scope
-        async with self._load_locks.setdefault(scope, asyncio.Lock()):
+        f = self._filters.get(scope)
+        return f if f is not None else await self._load(scope)
+
+    async def _load(self, scope: str) -> _StagedBloom:
+        # loads take turns with snapshots and drop_scope: a snapshot read before a drop
+        # must not bring the dropped scope back, and a scope is read once
+        async with self._io_lock:
             if scope in self._filters:
                 return self._filters[scope]
             pipe = self.redis.pipeline(transaction=False)
@@ -419,7 +424,7 @@ class BloomFilter(DedupeFilter):
                         "configured %d/%g; keeping the snapshot's", scope,
                         f.capacity, f.error_rate, self.capacity, self.error_rate)
             self._filters[scope] = f
-        return f
+            return f
 
     async def check_and_add(self, scope: str, keys: list[str],
                             owners: list[str] | None = None) -> list[bool]:
@@ -444,7 +449,6 @@ class BloomFilter(DedupeFilter):
     async def drop_scope(self, scope: str) -> None:
         async with self._io_lock:
             self._filters.pop(scope, None)
-            self._load_locks.pop(scope, None)
             self._dirty.discard(scope)
             await self._drop_keys(scope, self.keys.dedupe_bloom(scope))
 
