@@ -373,10 +373,7 @@ class BloomFilter(DedupeFilter):
             written = 0
             try:
                 for scope in sorted(dirty):
-                    f = self._filters.get(scope)
-                    if f is None:   # dropped after the keys were added: nothing to write
-                        dirty.discard(scope)
-                        continue
+                    f = self._filters[scope]   # drop_scope takes a scope out of _dirty
                     # serialised with no await: nothing adds to it meanwhile, a consistent cut
                     data = f.to_bytes()
                     pipe = self.redis.pipeline(transaction=True)

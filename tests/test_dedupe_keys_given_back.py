@@ -88,18 +88,25 @@ def test_an_enqueue_whose_reply_is_lost_gives_back_only_the_keys_of_jobs_not_que
     asyncio.run(main())
 
 
+def lose_the_replies(f):
+    """``f.check_and_add`` does its work, then fails as if its reply never came; returns
+    the real one, to put back."""
+    real = f.check_and_add
+
+    async def lost(*args):
+        await real(*args)
+        raise RedisConnectionError("Connection reset by peer")
+    f.check_and_add = lost
+    return real
+
+
 def test_a_dedupe_check_whose_reply_is_lost_gives_its_keys_back(redis_url):
     """The filter took the key, then the connection dropped before its answer: the
     caller gets an error, and its resend is queued, not "filtered" (the job was lost)."""
     async def main():
         async with master(redis_url) as m:
             f = m.filters["set"]
-            real = f.check_and_add
-
-            async def lost(scope, keys, owners=None):
-                await real(scope, keys, owners)
-                raise RedisConnectionError("Connection reset by peer")
-            f.check_and_add = lost
+            real = lose_the_replies(f)
             spec = {"func": E, "job_id": "crawl-x", "dedupe_key": "http://x/"}
             with pytest.raises(RequestError, match="cannot reach Redis"):
                 await m.submit_jobs([spec])
@@ -118,12 +125,7 @@ def test_a_dedupe_check_whose_reply_is_lost_keeps_a_key_another_job_holds(redis_
             first = {"func": E, "job_id": "first", "dedupe_key": "k"}
             assert (await m.submit_jobs([first]))[0]["status"] == "queued"
             f = m.filters["set"]
-            real = f.check_and_add
-
-            async def lost(*args):
-                await real(*args)
-                raise RedisConnectionError("Connection reset by peer")
-            f.check_and_add = lost
+            real = lose_the_replies(f)
             second = {"func": E, "job_id": "second", "dedupe_key": "k"}
             with pytest.raises(RequestError, match="cannot reach Redis"):
                 await m.submit_jobs([second])
