@@ -583,7 +583,8 @@ class AsyncClient(_Caller):
 
 class Client(_Caller):
     """Blocking client for scripts and threads: one call at a time per instance
-    (a lock makes it thread-safe), connecting lazily and again after a failure."""
+    (a lock makes it thread-safe), connecting lazily and again after a failure, and
+    afresh in a forked child (the parent's socket and lock are not the child's)."""
 
     def __init__(self, host: str, port: int, *, timeout: float | None = 10.0,
                  token: str | None = None, max_message: int = MAX_MESSAGE):
@@ -592,6 +593,7 @@ class Client(_Caller):
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
         self._decoder: _Decoder | None = None
+        self._pid = os.getpid()
 
     def call(self, method: str, *params: Any, timeout: float | None = None) -> Any:
         [answer] = self.call_many(method, [params], depth=1, timeout=timeout)
@@ -605,6 +607,9 @@ class Client(_Caller):
         in flight on this connection, so the master works on one while the next travels.
         Returns the results in order; a call the master refused is its RemoteError, in
         place: the calls after it still ran."""
+        if self._pid != os.getpid():   # forked: the parent's lock may be held, its socket shared
+            self._pid, self._lock = os.getpid(), threading.Lock()
+            self._drop()   # (closes the child's copy only: the parent's connection stays up)
         with self._lock:
             self._ensure_connected()
             return self._pipeline(method, calls, depth,

@@ -4,9 +4,12 @@ hostile input, limits, auth, and the legacy msgpack-rpc-python client."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import logging
+import os
+import signal
 import socket
 import textwrap
 import threading
@@ -762,3 +765,67 @@ def test_an_error_with_a_code_that_is_no_code_keeps_it_as_sent():
     assert RemoteError({"code": "not_found", "message": "m"}).code is ErrorCode.NOT_FOUND
     odd = RemoteError({"code": ["x"], "message": "no such job"})
     assert odd.code == ["x"] and str(odd) == "no such job"
+
+
+
+def _fork(fn) -> int:
+    """Run ``fn`` in a child forked from this process; its pid (exit status 1 if it raised)."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            fn()
+            code = 0
+        finally:
+            os._exit(code)
+    return pid
+
+
+def _exit_status(pid: int, timeout=DEADLINE) -> int:
+    """The child's exit status; -9 if it did not end within ``timeout`` and was killed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.02)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return -9
+
+
+def test_a_forked_child_gets_a_connection_of_its_own():
+    # A blocking client made before a fork (a prefork server, multiprocessing) must not
+    # share its socket with the child: both would read each other's answers.
+    with ServerThread() as st, Client(*st.address) as client:
+        assert client.call("ping") == "pong"
+
+        def child():
+            for i in range(300):
+                assert client.call("echo", ["child", i]) == ["child", i]
+
+        pid = _fork(child)
+        for i in range(300):
+            assert client.call("echo", ["parent", i]) == ["parent", i]
+        assert _exit_status(pid) == 0
+
+
+def test_a_child_forked_while_a_call_is_in_flight_can_call():
+    # The parent's lock was held at the fork: in the child it would stay held for good.
+    release = threading.Event()
+
+    async def slow():
+        await asyncio.get_running_loop().run_in_executor(None, release.wait, DEADLINE)
+        return "slow"
+
+    with ServerThread(basic_handlers(slow=slow)) as st, Client(*st.address) as client:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            in_flight = pool.submit(client.call, "slow")
+            wait_until = time.monotonic() + DEADLINE
+            while not client._lock.locked() and time.monotonic() < wait_until:
+                time.sleep(0.01)
+            try:
+                assert _exit_status(_fork(lambda: client.call("ping", timeout=5))) == 0
+            finally:
+                release.set()
+            assert in_flight.result(DEADLINE) == "slow"
