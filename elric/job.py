@@ -30,10 +30,12 @@ class _RunContext:
 _current: ContextVar[_RunContext | None] = ContextVar("elric_current_job", default=None)
 
 
-def _child_job_id(parent_id: str, n: int) -> str:
+def _child_job_id(parent_id: str, n: int, reruns: int = 0) -> str:
     # Deterministic, so a parent that runs again after a crash resubmits the same ids and
-    # the master's idempotent submit does not double its children.
-    digest = hashlib.blake2b(f"{parent_id}/{n}".encode(), digest_size=12).hexdigest()
+    # the master's idempotent submit does not double its children. A rerun is a new run:
+    # its children are new jobs.
+    name = f"{parent_id}/{n}" + (f"/{reruns}" if reruns else "")
+    digest = hashlib.blake2b(name.encode(), digest_size=12).hexdigest()
     return f"c{digest}"
 
 
@@ -125,7 +127,8 @@ class Job:
         ctx = _current.get()
         if ctx is not None:
             spec.setdefault("parent", ctx.job_id)
-            spec.setdefault("job_id", _child_job_id(ctx.job_id, len(ctx.children)))
+            spec.setdefault("job_id", _child_job_id(ctx.job_id, len(ctx.children),
+                                                    ctx.spec.get("reruns", 0)))
             # a child shares its parent's dedupe scope, batch and round unless it names its own
             for key in ("dedupe_scope", "batch", "round"):
                 if ctx.spec.get(key) and key not in options:

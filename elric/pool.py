@@ -273,7 +273,8 @@ class Pool(Executor):
         proc.outbox.append({"job_id": claim.job_id, "attempt": claim.attempt,
                             "func": claim.func, "args": claim.args, "kwargs": claim.kwargs,
                             "timeout": claim.timeout, "dedupe_scope": claim.dedupe_scope,
-                            "batch": claim.batch, "round": claim.round})
+                            "batch": claim.batch, "round": claim.round,
+                            "reruns": claim.reruns})
         self._schedule_flush()
 
     def _schedule_flush(self) -> None:

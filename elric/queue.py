@@ -62,6 +62,7 @@ class Claim:
     batch: str = ""
     round: str | None = None
     limit_key: str | None = None
+    reruns: int = 0   # times rerun asked for it again: a new run, whose children are new jobs
     held_until: float = 0.0   # time.monotonic() its lease surely lasts to (set by the worker)
 
 
@@ -260,7 +261,8 @@ class RedisQueue:
             rows, wait_ms = replies[1]
         claims = [Claim(_s(r[0]), int(r[1]), _s(r[2]), r[3], r[4],
                         float(r[5]) if r[5] else None, int(r[6]), _s(r[7]), _s(r[8]) or None,
-                        _s(r[9]) or "", _s(r[10]) or None, _s(r[11]) or None) for r in rows]
+                        _s(r[9]) or "", _s(r[10]) or None, _s(r[11]) or None, int(r[12]))
+                  for r in rows]
         return Fetched(claims, None if wait_ms < 0 else wait_ms / 1000.0)
 
     async def finish(self, worker_id: str, outcomes: list[Outcome]) -> list[str]:

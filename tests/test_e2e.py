@@ -66,6 +66,28 @@ def test_child_jobs_reach_the_master_and_run(cluster):
     wait_for(lambda: cluster.client.stats()["totals"]["succeeded"] == 6)
 
 
+
+def test_a_parent_rerun_runs_its_children_again(cluster):
+    # Child ids are deterministic so that a parent run again after a crash does not double
+    # them; a rerun asked for is a new run, and its children must run too.
+    cluster.start_worker("--concurrency", "2")
+    c = cluster.client
+    c.submit_job(Spawn.spec([3], job_id="rerun-parent"))
+    first = cluster.wait_job("rerun-parent")
+    for child_id in first["result"]["children"]:
+        assert cluster.wait_job(child_id)["status"] == "succeeded"
+    c.rerun_job("rerun-parent")
+    again = wait_for(lambda: (lambda j: j if j["status"] == "succeeded"
+                              and j["finished_at"] != first["finished_at"] else None)(
+        c.get_job("rerun-parent")), what="the parent run again")
+    assert not set(again["result"]["children"]) & set(first["result"]["children"])
+    for i, child_id in enumerate(again["result"]["children"]):
+        child = cluster.wait_job(child_id)
+        assert (child["status"], child["result"], child["parent"]) == (
+            "succeeded", 2 * i, "rerun-parent")
+    wait_for(lambda: c.stats()["totals"]["succeeded"] == 8, what="eight jobs succeeded")
+
+
 # --- helpers for subprocess scripts -----------------------------------------------------
 
 def script_env(**elric) -> dict:

@@ -5,7 +5,7 @@
 --       prefix, limit parked prefix, lease (ms), worker id, limit, n, then n pairs of
 --       job_id, attempt (claims of this worker whose run has ended), then queues...
 -- Returns {jobs, wait}: per job {job_id, attempt, func, args, kwargs, timeout, max_retries,
---   queue, dedupe_scope, batch, round, limit_key}; wait: ms until parked jobs are looked at
+--   queue, dedupe_scope, batch, round, limit_key, reruns}; wait: ms until parked jobs are looked at
 --   again (-1: none parked; 0: more in line than one call looks at).
 -- Invariant: a claimed job is running under this worker, with a lease in inflight that
 -- the worker renews; its attempt counter counts the claim. A job whose limit key is at its
@@ -143,7 +143,7 @@ while #out < limit and budget > 0 do
     local jk = jp .. id
     local f = redis.call('HMGET', jk, 'func', 'args', 'kwargs', 'timeout', 'max_retries',
                          'queue', 'dedupe_scope', 'batch', 'round', 'enqueued_at',
-                         'limit_key', 'attempts', 'started_at')
+                         'limit_key', 'attempts', 'started_at', 'reruns')
     if f[6] then   -- every job hash has its queue; with no hash, the job was removed
       local lk = limited and f[11]
       local m = lk and room(lk)
@@ -171,7 +171,7 @@ while #out < limit and budget > 0 do
           started, waited = started + 1, waited + math.max(0, clock - tonumber(f[10]))
         end
         out[#out + 1] = {id, attempt, f[1], f[2] or '', f[3] or '', f[4] or '', f[5] or '0',
-                         f[6], f[7] or '', f[8] or '', f[9] or '', f[11] or ''}
+                         f[6], f[7] or '', f[8] or '', f[9] or '', f[11] or '', f[14] or '0'}
       end
     end
   end

@@ -28,6 +28,7 @@ redis.call('HINCRBY', KEYS[3], 'submitted', 1)
 redis.call('HINCRBY', KEYS[3], 'queue:' .. job[3] .. ':submitted', 1)
 redis.call('PERSIST', KEYS[1])
 redis.call('HSET', KEYS[1], 'attempts', 0, 'enqueued_at', now)
+redis.call('HINCRBY', KEYS[1], 'reruns', 1)   -- its children are new jobs (see job.py)
 redis.call('HDEL', KEYS[1], 'started_at', 'finished_at', 'result', 'error', 'retry_at',
            'duration_ms')
 requeue(KEYS[1], id, qp, wp, KEYS[2], false)
