@@ -435,6 +435,58 @@ def test_the_sync_crawler_takes_a_404_for_an_answer_and_retries_a_503(children):
             CrawlSync().run(site.url + "/busy")
 
 
+def busy_first(status: int, retry_after: str, times: list[float]):
+    """A route that answers ``status`` with ``Retry-After`` once, then a page; ``times``
+    gets the time of each request."""
+    def route(handler):
+        times.append(time.monotonic())
+        busy = len(times) == 1
+        handler.send_response(status if busy else 200)
+        handler.send_header("Retry-After" if busy else "Content-Type",
+                            retry_after if busy else "text/html")
+        handler.send_header("Content-Length", "0")
+        handler.end_headers()
+    return route
+
+
+def test_a_429_or_503_error_carries_the_retry_after_it_asked_for(children):
+    """The job's error says how long the server asked to wait: a number or an HTTP date,
+    of a 429 or a 503 only."""
+    import urllib.error
+    from email.utils import formatdate
+
+    from elric.demo.crawler import ServerError
+
+    later = formatdate(time.time() + 30, usegmt=True)
+    routes = {"/many": (429, {"Retry-After": "7"}, b""), "/down": (503, {"Retry-After": later}, b""),
+              "/odd": (503, {"Retry-After": "soon"}, b""), "/bug": (500, {"Retry-After": "7"}, b"")}
+    with Site(routes) as site:
+        for path, at_least, at_most in [("/many", 7, 7), ("/down", 25, 30), ("/odd", 0, 0),
+                                        ("/bug", 0, 0)]:
+            with pytest.raises(ServerError) as error:
+                fetch(Crawl(), site.url + path)
+            with pytest.raises(urllib.error.HTTPError) as sync_error:
+                CrawlSync().run(site.url + path)
+            for after in error.value.retry_after, sync_error.value.retry_after:
+                assert at_least <= after <= at_most, path
+
+
+def test_a_retry_waits_what_retry_after_asks_up_to_the_longest_backoff(make_cluster):
+    """A 429's retry came after the worker's backoff (50 ms here), whatever the server asked;
+    a Retry-After of an hour waits RETRY_BACKOFF_MAX, not an hour."""
+    c = make_cluster(RETRY_BACKOFF=0.05, RETRY_BACKOFF_MAX=3)
+    c.start_master()
+    c.start_worker("--queues", "crawl", "--concurrency", "1")
+    many, down = [], []
+    with Site({"/many": busy_first(429, "2", many), "/down": busy_first(503, "3600", down)}) \
+            as site:
+        for path in "/many", "/down":
+            c.client.submit_job(Crawl.spec([site.url + path, "b"], job_id=path[1:]))
+        wait_for(lambda: all(c.client.get_job(j)["status"] == "succeeded"
+                             for j in ("many", "down")), timeout=30, what="both retried")
+    assert many[1] - many[0] >= 2 and 3 <= down[1] - down[0] < 10, c.logs()
+
+
 ROBOTS = """# a robots.txt as sites write them
 User-agent: *
 Disallow: /*.pdf$

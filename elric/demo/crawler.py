@@ -10,9 +10,10 @@ is its host, so setting ``LIMITS`` keeps a crawl polite across all workers, e.g.
 
 As a crawler should: robots.txt is obeyed (read once per host and round in each process),
 where a redirect leads too, since that page is a job of its own (deduped with the links to
-it); 5xx answers, timeouts and broken connections are retried with backoff
-(``max_retries``); a 404 or other 4xx is a result, not an error; and at most ``max_bytes``
-of a page are read. robots.txt's ``Crawl-delay`` is not read: a pause between requests to
+it); 5xx and 429 answers, timeouts and broken connections are retried with backoff
+(``max_retries``), no sooner than a Retry-After asks (up to RETRY_BACKOFF_MAX); a 404 or
+other 4xx is a result, not an error; and at most ``max_bytes`` of a page are read.
+robots.txt's ``Crawl-delay`` is not read: a pause between requests to
 a host is a ``LIMITS`` rule, kept across all workers, e.g.
 ``{"example.com": {"interval": 10}}``.
 """
@@ -32,7 +33,7 @@ except ImportError:  # pragma: no cover - depends on the install
                       "pip install 'elric[crawl]'") from None
 
 from elric import Job
-from elric.demo.crawler_sync import link_of, normalize_url, page_key, requote
+from elric.demo.crawler_sync import link_of, normalize_url, page_key, requote, retry_after
 
 USER_AGENT = "elric-crawler/0.1"
 CHUNK = 64 * 1024
@@ -42,7 +43,12 @@ _BASE_HREF = lxml.etree.XPath("//base/@href")   # compiled once
 
 
 class ServerError(Exception):
-    """A 5xx (or 429) answer: worth another attempt after a backoff."""
+    """A 5xx (or 429) answer: worth another attempt after a backoff, of at least
+    ``retry_after`` seconds when the answer asked for it."""
+
+    def __init__(self, url: str, response: aiohttp.ClientResponse) -> None:
+        super().__init__(f"{url}: HTTP {response.status}")
+        self.retry_after = retry_after(response.status, response.headers)
 
 
 class _Process:
@@ -114,7 +120,7 @@ class _Process:
             async with self.http().get(url, timeout=aiohttp.ClientTimeout(total=timeout)) \
                     as response:
                 if response.status >= 500 or response.status == 429:
-                    raise ServerError(f"{url}: HTTP {response.status}")
+                    raise ServerError(url, response)
                 if response.status < 400:   # else no robots.txt: everything is allowed
                     body, _ = await _read(response, ROBOTS_MAX_BYTES)   # not all of a huge one
                     text = body.decode("utf-8-sig", "replace")   # without a byte order mark
@@ -269,7 +275,7 @@ class Crawl(Job):
                     allow_redirects=False) as response:
                 status = response.status
                 if status >= 500 or status == 429:
-                    raise ServerError(f"{url}: HTTP {status}")
+                    raise ServerError(url, response)
                 location = response.headers.get("Location") if status in _REDIRECTS else None
                 if location is None:
                     body, truncated = await _read(response, self.max_bytes)

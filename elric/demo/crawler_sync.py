@@ -6,7 +6,7 @@ Every page is fetched once per crawl: each job's dedupe key is its normalized UR
 master drops a job whose key it has seen in the job's dedupe scope. Children inherit their
 parent's scope, so a periodic crawl with ``dedupe_scope="@fire"`` fetches every page once
 per round, and again next round. Links that leave the start page's host are not followed.
-A 5xx answer is retried; a 404 or other 4xx is a result. At most ``max_bytes`` of a page
+A 5xx or 429 answer is retried (after its Retry-After, if any); a 404 or other 4xx is a result. At most ``max_bytes`` of a page
 are read, and only HTML is parsed for links. It does not read robots.txt: crawl sites that
 are not your own with the async crawler, which obeys it.
 """
@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import re
 import string
+import time
 import urllib.error
 import urllib.request
+from email.utils import parsedate_to_datetime
 from html.parser import HTMLParser
 from urllib.parse import quote, urldefrag, urljoin, urlparse
 
@@ -72,6 +74,18 @@ def _escape(match: re.Match) -> str:
     return char if char in _UNRESERVED else match.group().upper()
 
 
+def retry_after(status: int, headers) -> float:
+    """The seconds a 429 or 503 asks to wait by its Retry-After (a number, or an HTTP date);
+    0 without one. A job's error carries it as ``retry_after``: its retry waits that long."""
+    value = headers.get("Retry-After", "").strip() if status in (429, 503) else ""
+    if value.isdigit():
+        return float(value)
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):   # none, or not a date
+        return 0.0
+
+
 def page_key(url: str) -> str:
     """A page job's dedupe key, its normalized URL; a URL that is no http(s) URL is refused
     at submit (queued, it failed every attempt, and every round of a periodic crawl)."""
@@ -115,6 +129,7 @@ class CrawlSync(Job):
                 charset = response.headers.get_content_charset() or "utf-8"
         except urllib.error.HTTPError as exc:
             if exc.code >= 500 or exc.code == 429:
+                exc.retry_after = retry_after(exc.code, exc.headers)
                 raise   # worth another attempt, after a backoff
             return {"url": url, "status": exc.code, "links": 0, "bytes": 0}   # a 404: an answer
         result = {"url": url, "links": 0, "bytes": min(len(body), self.max_bytes)}
