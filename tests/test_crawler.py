@@ -296,6 +296,22 @@ def test_links_are_relative_to_a_base_href(children):
     assert links(children) == [site.url + "/docs/v2/intro", site.url + "/top"] * 2
 
 
+@pytest.mark.parametrize("head, followed", [
+    (b'<meta name="robots" content="noindex">', 2),   # we index nothing: no change
+    (b'<meta name="Robots" content="noindex, NoFollow">', 0),
+    (b'<meta name="robots" content="none">', 0)])
+def test_links_marked_nofollow_are_not_followed(children, head, followed):
+    """rel="nofollow" and a robots <meta> saying nofollow (or none) were not read: every
+    link was followed."""
+    page = (b"<html><head>" + head + b'</head><body><a href="/a">a</a>'
+            b'<a rel="external  NOFOLLOW" href="/b">b</a><a rel="nofollowed" href="/c">c</a>'
+            b"</body></html>")
+    with Site({"/": (200, {"Content-Type": "text/html"}, page)}) as site:
+        assert fetch(Crawl(), site.url + "/")["links"] == followed
+        assert CrawlSync().run(site.url + "/")["links"] == followed
+    assert links(children) == [site.url + "/a", site.url + "/c"] * followed   # each crawler
+
+
 class QuickCrawl(Crawl):
     request_timeout = 3.0
 

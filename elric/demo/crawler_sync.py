@@ -5,7 +5,8 @@ submits each as a child job. A pool process runs one such job at a time; the asy
 Every page is fetched once per crawl: each job's dedupe key is its normalized URL, and the
 master drops a job whose key it has seen in the job's dedupe scope. Children inherit their
 parent's scope, so a periodic crawl with ``dedupe_scope="@fire"`` fetches every page once
-per round, and again next round. Links that leave the start page's host are not followed.
+per round, and again next round. Links that leave the start page's host, or are marked
+nofollow (``rel``, or the page's robots ``<meta>``), are not followed.
 A 5xx or 429 answer is retried (after its Retry-After, if any); a 404 or other 4xx is a result. At most ``max_bytes`` of a page
 are read, and only HTML is parsed for links. It does not read robots.txt: crawl sites that
 are not your own with the async crawler, which obeys it.
@@ -30,14 +31,22 @@ class Links(HTMLParser):
         super().__init__()
         self.links: list[str] = []
         self.base: str | None = None   # the first <base href>: links are relative to it
+        self.nofollow = False   # <meta name="robots" content="nofollow">: follow none
 
     def handle_starttag(self, tag, attrs):
-        if tag == "a" or tag == "base":
-            href = next((value for name, value in attrs if name == "href" and value), None)
-            if href is not None and tag == "a":
-                self.links.append(href)
-            elif href is not None and self.base is None:
-                self.base = href
+        attrs = {name: value or "" for name, value in reversed(attrs)}   # the first wins
+        href = attrs.get("href")
+        if tag == "a" and href and "nofollow" not in attrs.get("rel", "").lower().split():
+            self.links.append(href)
+        elif tag == "base" and href and self.base is None:
+            self.base = href
+        elif tag == "meta" and attrs.get("name", "").lower() == "robots":
+            self.nofollow = self.nofollow or nofollow(attrs.get("content", ""))
+
+
+def nofollow(content: str) -> bool:
+    """Whether a <meta name="robots">'s content says to follow no link of its page."""
+    return not {"nofollow", "none"}.isdisjoint(re.split(r"[\s,]+", content.lower()))
 
 
 def normalize_url(url: str) -> str:
@@ -143,6 +152,8 @@ class CrawlSync(Job):
             text = body.decode("utf-8", "replace")
         parser = Links()
         parser.feed(text)
+        if parser.nofollow:
+            parser.links = []
         host = urlparse(normalize_url(url)).netloc   # as its links are spelled
         found = []
         base = parser.base and link_of(url, parser.base) or url
