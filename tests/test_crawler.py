@@ -574,6 +574,27 @@ def test_the_sync_crawler_reads_a_page_up_to_a_cap_and_parses_html_only(children
         assert CrawlSync().run(site.url + "/file.pdf")["links"] == 0
 
 
+def test_what_is_not_html_is_not_read(children):
+    """A PDF was read up to max_bytes (2 MiB) to be thrown away: here one that never ends
+    kept each crawler until its request timed out."""
+    sent = threading.Event()
+
+    def endless_pdf(handler):
+        handler.send_response(200)
+        handler.send_header("Content-Type", "application/pdf")
+        handler.send_header("Content-Length", str(BIG))
+        handler.end_headers()
+        handler.wfile.write(b"%PDF-1.7\n")
+        sent.wait(30)   # the rest never comes
+
+    with Site({"/file.pdf": endless_pdf}) as site:
+        try:
+            assert fetch(QuickCrawl(), site.url + "/file.pdf")["bytes"] == 0
+            assert CrawlSync().run(site.url + "/file.pdf")["bytes"] == 0
+        finally:
+            sent.set()
+
+
 def test_a_redirect_into_what_robots_txt_forbids_is_not_followed(children):
     """aiohttp followed redirects on its own: robots.txt was asked about the first URL only.
     The page a redirect leads to is a job of its own, which asks robots.txt first."""

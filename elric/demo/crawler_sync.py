@@ -2,14 +2,14 @@
 submits each as a child job. A pool process runs one such job at a time; the async crawler
 (``elric.demo.crawler``) runs many and is the one to use; this one shows a plain sync job.
 
-Every page is fetched once per crawl: each job's dedupe key is its normalized URL, and the
-master drops a job whose key it has seen in the job's dedupe scope. Children inherit their
-parent's scope, so a periodic crawl with ``dedupe_scope="@fire"`` fetches every page once
-per round, and again next round. Links that leave the start page's host, or are marked
-nofollow (``rel``, or the page's robots ``<meta>``), are not followed.
-A 5xx or 429 answer is retried (after its Retry-After, if any); a 404 or other 4xx is a result. At most ``max_bytes`` of a page
-are read, and only HTML is parsed for links. It does not read robots.txt: crawl sites that
-are not your own with the async crawler, which obeys it.
+Every page is fetched once per crawl: each job's dedupe key is its normalized URL, and
+the master drops a job whose key it has seen in the job's dedupe scope. Children inherit
+their parent's scope, so a periodic crawl with ``dedupe_scope="@fire"`` fetches every
+page once per round, and again next round. Links that leave the start page's host, or are
+marked nofollow (``rel``, or the page's robots ``<meta>``), are not followed. A 5xx or
+429 answer is retried (after its Retry-After, if any); a 404 or other 4xx is a result. At
+most ``max_bytes`` of a page are read, and nothing of what is not HTML. It does not read
+robots.txt: crawl sites that are not your own with the async crawler, which obeys it.
 """
 
 from __future__ import annotations
@@ -133,8 +133,9 @@ class CrawlSync(Job):
     def run(self, url: str, batch: str = "") -> dict:
         try:
             with urllib.request.urlopen(url, timeout=10) as response:
-                body = response.read(self.max_bytes + 1)   # not all of a huge one
                 html = "html" in response.headers.get_content_type()
+                # not all of a huge page, nothing of a PDF or an image: no links in it
+                body = response.read(self.max_bytes + 1) if html else b""
                 charset = response.headers.get_content_charset() or "utf-8"
         except urllib.error.HTTPError as exc:
             if exc.code >= 500 or exc.code == 429:
@@ -145,7 +146,7 @@ class CrawlSync(Job):
         if len(body) > self.max_bytes:
             body, result["truncated"] = body[:self.max_bytes], True
         if not html:
-            return result   # a PDF, an image: no links to follow
+            return result
         try:
             text = body.decode(charset, "replace")   # in the charset its Content-Type names
         except LookupError:   # one Python does not know
