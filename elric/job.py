@@ -59,7 +59,8 @@ class Job:
         Stopping it: past ``timeout`` a sync run gets ``JobTimeout`` and an async one is
         cancelled; cancel_job raises ``JobCancelled`` (a BaseException) in a sync run and
         cancels an async one. Clean up in ``finally``; one that ignores these for 5 s
-        loses its process."""
+        loses its process. An exception with a ``retry_after`` attribute (seconds) waits
+        at least that long for its retry, up to RETRY_BACKOFF_MAX."""
         raise NotImplementedError(f"{type(self).__name__}.run is not implemented")
 
     @classmethod

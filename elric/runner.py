@@ -52,7 +52,8 @@ CANCELLED = "Cancelled: cancel_job stopped it"
 @dataclass(slots=True)
 class Ran:
     """How one attempt ended in a pool process; crosses back to the worker as a msgpack
-    array (``row``). ``final``: no retry, whatever max_retries says."""
+    array (``row``). ``final``: no retry, whatever max_retries says; ``retry_after``: the
+    failing exception's, the least seconds to wait before the retry (a Retry-After)."""
 
     job_id: str
     attempt: int
@@ -63,6 +64,7 @@ class Ran:
     finished_at: float = 0.0    # the wall clock (NTP) must not bend
     final: bool = False
     is_async: bool = False
+    retry_after: float = 0.0
 
     @property
     def key(self) -> tuple[str, int]:
@@ -473,6 +475,9 @@ def _cancelled(job_id: str, attempt: int, is_async: bool = False) -> Ran:
 
 def _failed(out: Ran, exc: BaseException) -> Ran:
     out.payload = "".join(traceback.format_exception(exc))
+    after = getattr(exc, "retry_after", None)
+    if isinstance(after, (int, float)) and after > 0:   # seconds (NaN is not > 0)
+        out.retry_after = float(after)
     if isinstance(exc, (SystemExit, KeyboardInterrupt, asyncio.CancelledError)):
         out.payload = f"{type(exc).__name__}: {exc}\n" + out.payload
     return out

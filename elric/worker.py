@@ -469,7 +469,7 @@ class Worker:
         for claim, o in batch:
             retry_ms = -1
             if not o.ok and not o.final and o.attempt <= claim.max_retries:
-                retry_ms = self._backoff_ms(o.attempt)
+                retry_ms = self._backoff_ms(o.attempt, o.retry_after)
             cancelled = not o.ok and o.job_id in self._cancelling
             records.append(Outcome(o.job_id, o.attempt, o.ok, o.payload,
                                    int((o.finished_at - o.started_at) * 1000), retry_ms,
@@ -489,10 +489,12 @@ class Worker:
             self.failed += not record.ok and not record.cancelled
             _log_outcome(claim, record)
 
-    def _backoff_ms(self, attempt: int) -> int:
+    def _backoff_ms(self, attempt: int, at_least: float = 0.0) -> int:
         s = self.settings
         delay = min(s.RETRY_BACKOFF_MAX, s.RETRY_BACKOFF * 2 ** (attempt - 1))
-        return int(delay * random.uniform(0.5, 1.0) * 1000)
+        # a job's retry_after is a floor, capped as any backoff: a server may ask for days
+        return int(max(delay * random.uniform(0.5, 1.0), min(at_least, s.RETRY_BACKOFF_MAX))
+                   * 1000)
 
     async def _send_children(self, outcomes: list[runner.Ran]) -> dict[str, str]:
         """Send child jobs to the master before their parents are acknowledged. Returns

@@ -296,6 +296,22 @@ def test_links_are_relative_to_a_base_href(children):
     assert links(children) == [site.url + "/docs/v2/intro", site.url + "/top"] * 2
 
 
+@pytest.mark.parametrize("head, followed", [
+    (b'<meta name="robots" content="noindex">', 2),   # we index nothing: no change
+    (b'<meta name="Robots" content="noindex, NoFollow">', 0),
+    (b'<meta name="robots" content="none">', 0)])
+def test_links_marked_nofollow_are_not_followed(children, head, followed):
+    """rel="nofollow" and a robots <meta> saying nofollow (or none) were not read: every
+    link was followed."""
+    page = (b"<html><head>" + head + b'</head><body><a href="/a">a</a>'
+            b'<a rel="external  NOFOLLOW" href="/b">b</a><a rel="nofollowed" href="/c">c</a>'
+            b"</body></html>")
+    with Site({"/": (200, {"Content-Type": "text/html"}, page)}) as site:
+        assert fetch(Crawl(), site.url + "/")["links"] == followed
+        assert CrawlSync().run(site.url + "/")["links"] == followed
+    assert links(children) == [site.url + "/a", site.url + "/c"] * followed   # each crawler
+
+
 class QuickCrawl(Crawl):
     request_timeout = 3.0
 
@@ -435,6 +451,58 @@ def test_the_sync_crawler_takes_a_404_for_an_answer_and_retries_a_503(children):
             CrawlSync().run(site.url + "/busy")
 
 
+def busy_first(status: int, retry_after: str, times: list[float]):
+    """A route that answers ``status`` with ``Retry-After`` once, then a page; ``times``
+    gets the time of each request."""
+    def route(handler):
+        times.append(time.monotonic())
+        busy = len(times) == 1
+        handler.send_response(status if busy else 200)
+        handler.send_header("Retry-After" if busy else "Content-Type",
+                            retry_after if busy else "text/html")
+        handler.send_header("Content-Length", "0")
+        handler.end_headers()
+    return route
+
+
+def test_a_429_or_503_error_carries_the_retry_after_it_asked_for(children):
+    """The job's error says how long the server asked to wait: a number or an HTTP date,
+    of a 429 or a 503 only."""
+    import urllib.error
+    from email.utils import formatdate
+
+    from elric.demo.crawler import ServerError
+
+    later = formatdate(time.time() + 30, usegmt=True)
+    routes = {"/many": (429, {"Retry-After": "7"}, b""), "/down": (503, {"Retry-After": later}, b""),
+              "/odd": (503, {"Retry-After": "soon"}, b""), "/bug": (500, {"Retry-After": "7"}, b"")}
+    with Site(routes) as site:
+        for path, at_least, at_most in [("/many", 7, 7), ("/down", 25, 30), ("/odd", 0, 0),
+                                        ("/bug", 0, 0)]:
+            with pytest.raises(ServerError) as error:
+                fetch(Crawl(), site.url + path)
+            with pytest.raises(urllib.error.HTTPError) as sync_error:
+                CrawlSync().run(site.url + path)
+            for after in error.value.retry_after, sync_error.value.retry_after:
+                assert at_least <= after <= at_most, path
+
+
+def test_a_retry_waits_what_retry_after_asks_up_to_the_longest_backoff(make_cluster):
+    """A 429's retry came after the worker's backoff (50 ms here), whatever the server asked;
+    a Retry-After of an hour waits RETRY_BACKOFF_MAX, not an hour."""
+    c = make_cluster(RETRY_BACKOFF=0.05, RETRY_BACKOFF_MAX=3)
+    c.start_master()
+    c.start_worker("--queues", "crawl", "--concurrency", "1")
+    many, down = [], []
+    with Site({"/many": busy_first(429, "2", many), "/down": busy_first(503, "3600", down)}) \
+            as site:
+        for path in "/many", "/down":
+            c.client.submit_job(Crawl.spec([site.url + path, "b"], job_id=path[1:]))
+        wait_for(lambda: all(c.client.get_job(j)["status"] == "succeeded"
+                             for j in ("many", "down")), timeout=30, what="both retried")
+    assert many[1] - many[0] >= 2 and 3 <= down[1] - down[0] < 10, c.logs()
+
+
 ROBOTS = """# a robots.txt as sites write them
 User-agent: *
 Disallow: /*.pdf$
@@ -504,6 +572,27 @@ def test_the_sync_crawler_reads_a_page_up_to_a_cap_and_parses_html_only(children
         result = CrawlSync().run(site.url + "/big")
         assert (result["bytes"], result["truncated"]) == (CrawlSync.max_bytes, True)
         assert CrawlSync().run(site.url + "/file.pdf")["links"] == 0
+
+
+def test_what_is_not_html_is_not_read(children):
+    """A PDF was read up to max_bytes (2 MiB) to be thrown away: here one that never ends
+    kept each crawler until its request timed out."""
+    sent = threading.Event()
+
+    def endless_pdf(handler):
+        handler.send_response(200)
+        handler.send_header("Content-Type", "application/pdf")
+        handler.send_header("Content-Length", str(BIG))
+        handler.end_headers()
+        handler.wfile.write(b"%PDF-1.7\n")
+        sent.wait(30)   # the rest never comes
+
+    with Site({"/file.pdf": endless_pdf}) as site:
+        try:
+            assert fetch(QuickCrawl(), site.url + "/file.pdf")["bytes"] == 0
+            assert CrawlSync().run(site.url + "/file.pdf")["bytes"] == 0
+        finally:
+            sent.set()
 
 
 def test_a_redirect_into_what_robots_txt_forbids_is_not_followed(children):

@@ -9,11 +9,13 @@ is its host, so setting ``LIMITS`` keeps a crawl polite across all workers, e.g.
 ``{"*": {"concurrency": 8}}``.
 
 As a crawler should: robots.txt is obeyed (read once per host and round in each process),
-where a redirect leads too, since that page is a job of its own (deduped with the links to
-it); 5xx answers, timeouts and broken connections are retried with backoff
-(``max_retries``); a 404 or other 4xx is a result, not an error; and at most ``max_bytes``
-of a page are read. robots.txt's ``Crawl-delay`` is not read: a pause between requests to
-a host is a ``LIMITS`` rule, kept across all workers, e.g.
+where a redirect leads too, since that page is a job of its own (deduped with the links
+to it); 5xx and 429 answers, timeouts and broken connections are retried with backoff
+(``max_retries``), no sooner than a Retry-After asks (up to RETRY_BACKOFF_MAX); a 404 or
+other 4xx is a result, not an error; a link marked ``rel="nofollow"``, or any of a page
+whose robots ``<meta>`` says nofollow, is not followed; and at most ``max_bytes`` of a
+page are read, and nothing of what is not HTML. robots.txt's ``Crawl-delay`` is not read:
+a pause between requests to a host is a ``LIMITS`` rule, kept across all workers, e.g.
 ``{"example.com": {"interval": 10}}``.
 """
 
@@ -32,17 +34,28 @@ except ImportError:  # pragma: no cover - depends on the install
                       "pip install 'elric[crawl]'") from None
 
 from elric import Job
-from elric.demo.crawler_sync import link_of, normalize_url, page_key, requote
+from elric.demo.crawler_sync import (link_of, nofollow, normalize_url, page_key, requote,
+                                    retry_after)
 
 USER_AGENT = "elric-crawler/0.1"
 CHUNK = 64 * 1024
 ROBOTS_MAX_BYTES = 512 * 1024   # RFC 9309: parse at least 500 KiB of a robots.txt
 _REDIRECTS = frozenset((301, 302, 303, 307, 308))
 _BASE_HREF = lxml.etree.XPath("//base/@href")   # compiled once
+_ROBOTS_META = lxml.etree.XPath(
+    "//meta[translate(@name, 'ROBTS', 'robts') = 'robots']/@content")
+# the hrefs of links whose rel has no token nofollow (in any case)
+_HREFS = lxml.etree.XPath("//a[not(contains(concat(' ', translate(normalize-space(@rel), "
+                          "'NOFLW', 'noflw'), ' '), ' nofollow '))]/@href")
 
 
 class ServerError(Exception):
-    """A 5xx (or 429) answer: worth another attempt after a backoff."""
+    """A 5xx (or 429) answer: worth another attempt after a backoff, of at least
+    ``retry_after`` seconds when the answer asked for it."""
+
+    def __init__(self, url: str, response: aiohttp.ClientResponse) -> None:
+        super().__init__(f"{url}: HTTP {response.status}")
+        self.retry_after = retry_after(response.status, response.headers)
 
 
 class _Process:
@@ -114,7 +127,7 @@ class _Process:
             async with self.http().get(url, timeout=aiohttp.ClientTimeout(total=timeout)) \
                     as response:
                 if response.status >= 500 or response.status == 429:
-                    raise ServerError(f"{url}: HTTP {response.status}")
+                    raise ServerError(url, response)
                 if response.status < 400:   # else no robots.txt: everything is allowed
                     body, _ = await _read(response, ROBOTS_MAX_BYTES)   # not all of a huge one
                     text = body.decode("utf-8-sig", "replace")   # without a byte order mark
@@ -269,11 +282,13 @@ class Crawl(Job):
                     allow_redirects=False) as response:
                 status = response.status
                 if status >= 500 or status == 429:
-                    raise ServerError(f"{url}: HTTP {status}")
+                    raise ServerError(url, response)
                 location = response.headers.get("Location") if status in _REDIRECTS else None
                 if location is None:
-                    body, truncated = await _read(response, self.max_bytes)
                     html = "html" in response.content_type   # lower-case, as parsed
+                    # a PDF, an image: no links in it, nothing to read
+                    body, truncated = await _read(response, self.max_bytes) if html \
+                        else (b"", False)
                     charset = response.charset
         except TimeoutError:
             raise _no_answer(url, self.request_timeout) from None
@@ -305,12 +320,14 @@ class Crawl(Job):
             doc = None   # not a document lxml can read: no links
         if doc is None:
             return []
+        if any(nofollow(content) for content in _ROBOTS_META(doc)):
+            return []
         given = _BASE_HREF(doc)
         if given:   # <base href>: what the page's links are relative to
             base = link_of(base, given[0]) or base
         # in the page's order, each once (a child's id follows its place: a rerun of the
         # page, in any process, gives each link the id it had)
-        return list(dict.fromkeys(_process.resolve(base, href) for href in doc.xpath("//a/@href")))
+        return list(dict.fromkeys(_process.resolve(base, href) for href in _HREFS(doc)))
 
     def _submit(self, url: str, links: list[tuple[str, str]], batch: str) -> int:
         """Submit the links, (URL, host), that stay on ``url``'s host; returns how many."""

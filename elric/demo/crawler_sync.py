@@ -2,21 +2,24 @@
 submits each as a child job. A pool process runs one such job at a time; the async crawler
 (``elric.demo.crawler``) runs many and is the one to use; this one shows a plain sync job.
 
-Every page is fetched once per crawl: each job's dedupe key is its normalized URL, and the
-master drops a job whose key it has seen in the job's dedupe scope. Children inherit their
-parent's scope, so a periodic crawl with ``dedupe_scope="@fire"`` fetches every page once
-per round, and again next round. Links that leave the start page's host are not followed.
-A 5xx answer is retried; a 404 or other 4xx is a result. At most ``max_bytes`` of a page
-are read, and only HTML is parsed for links. It does not read robots.txt: crawl sites that
-are not your own with the async crawler, which obeys it.
+Every page is fetched once per crawl: each job's dedupe key is its normalized URL, and
+the master drops a job whose key it has seen in the job's dedupe scope. Children inherit
+their parent's scope, so a periodic crawl with ``dedupe_scope="@fire"`` fetches every
+page once per round, and again next round. Links that leave the start page's host, or are
+marked nofollow (``rel``, or the page's robots ``<meta>``), are not followed. A 5xx or
+429 answer is retried (after its Retry-After, if any); a 404 or other 4xx is a result. At
+most ``max_bytes`` of a page are read, and nothing of what is not HTML. It does not read
+robots.txt: crawl sites that are not your own with the async crawler, which obeys it.
 """
 
 from __future__ import annotations
 
 import re
 import string
+import time
 import urllib.error
 import urllib.request
+from email.utils import parsedate_to_datetime
 from html.parser import HTMLParser
 from urllib.parse import quote, urldefrag, urljoin, urlparse
 
@@ -28,14 +31,22 @@ class Links(HTMLParser):
         super().__init__()
         self.links: list[str] = []
         self.base: str | None = None   # the first <base href>: links are relative to it
+        self.nofollow = False   # <meta name="robots" content="nofollow">: follow none
 
     def handle_starttag(self, tag, attrs):
-        if tag == "a" or tag == "base":
-            href = next((value for name, value in attrs if name == "href" and value), None)
-            if href is not None and tag == "a":
-                self.links.append(href)
-            elif href is not None and self.base is None:
-                self.base = href
+        attrs = {name: value or "" for name, value in reversed(attrs)}   # the first wins
+        href = attrs.get("href")
+        if tag == "a" and href and "nofollow" not in attrs.get("rel", "").lower().split():
+            self.links.append(href)
+        elif tag == "base" and href and self.base is None:
+            self.base = href
+        elif tag == "meta" and attrs.get("name", "").lower() == "robots":
+            self.nofollow = self.nofollow or nofollow(attrs.get("content", ""))
+
+
+def nofollow(content: str) -> bool:
+    """Whether a <meta name="robots">'s content says to follow no link of its page."""
+    return not {"nofollow", "none"}.isdisjoint(re.split(r"[\s,]+", content.lower()))
 
 
 def normalize_url(url: str) -> str:
@@ -70,6 +81,18 @@ def requote(text: str) -> str:
 def _escape(match: re.Match) -> str:
     char = chr(int(match.group()[1:], 16))
     return char if char in _UNRESERVED else match.group().upper()
+
+
+def retry_after(status: int, headers) -> float:
+    """The seconds a 429 or 503 asks to wait by its Retry-After (a number, or an HTTP date);
+    0 without one. A job's error carries it as ``retry_after``: its retry waits that long."""
+    value = headers.get("Retry-After", "").strip() if status in (429, 503) else ""
+    if value.isdigit():
+        return float(value)
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):   # none, or not a date
+        return 0.0
 
 
 def page_key(url: str) -> str:
@@ -110,24 +133,28 @@ class CrawlSync(Job):
     def run(self, url: str, batch: str = "") -> dict:
         try:
             with urllib.request.urlopen(url, timeout=10) as response:
-                body = response.read(self.max_bytes + 1)   # not all of a huge one
                 html = "html" in response.headers.get_content_type()
+                # not all of a huge page, nothing of a PDF or an image: no links in it
+                body = response.read(self.max_bytes + 1) if html else b""
                 charset = response.headers.get_content_charset() or "utf-8"
         except urllib.error.HTTPError as exc:
             if exc.code >= 500 or exc.code == 429:
+                exc.retry_after = retry_after(exc.code, exc.headers)
                 raise   # worth another attempt, after a backoff
             return {"url": url, "status": exc.code, "links": 0, "bytes": 0}   # a 404: an answer
         result = {"url": url, "links": 0, "bytes": min(len(body), self.max_bytes)}
         if len(body) > self.max_bytes:
             body, result["truncated"] = body[:self.max_bytes], True
         if not html:
-            return result   # a PDF, an image: no links to follow
+            return result
         try:
             text = body.decode(charset, "replace")   # in the charset its Content-Type names
         except LookupError:   # one Python does not know
             text = body.decode("utf-8", "replace")
         parser = Links()
         parser.feed(text)
+        if parser.nofollow:
+            parser.links = []
         host = urlparse(normalize_url(url)).netloc   # as its links are spelled
         found = []
         base = parser.base and link_of(url, parser.base) or url
