@@ -477,7 +477,7 @@ def _failed(out: Ran, exc: BaseException) -> Ran:
     out.payload = "".join(traceback.format_exception(exc))
     after = getattr(exc, "retry_after", None)
     if isinstance(after, (int, float)) and after > 0:   # seconds (NaN is not > 0)
-        out.retry_after = float(after)
+        out.retry_after = float(min(after, 1e9))   # (an int past a float's range)
     if isinstance(exc, (SystemExit, KeyboardInterrupt, asyncio.CancelledError)):
         out.payload = f"{type(exc).__name__}: {exc}\n" + out.payload
     return out
