@@ -17,7 +17,7 @@ import time
 from datetime import datetime
 
 from elric import views
-from elric.config import SettingsError, load_settings
+from elric.config import SettingsError, load_settings, names
 from elric.contract import NotFound, SpecError, Status
 
 
@@ -62,7 +62,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
             raise UsageError(f"{name!r} is not a module name; to steer a running worker: "
                              f"elric worker {'|'.join(WORKER_ACTIONS)} ID")
 
-    queues = [q.strip() for q in args.queues.split(",") if q.strip()] if args.queues else None
+    queues = names(args.queues, "--queues") if args.queues is not None else None
     settings = load_settings(args.settings, overrides=dict(
         MASTER_ADDRESS=args.master, REDIS_URL=args.redis_url, QUEUES=queues,
         CONCURRENCY=args.concurrency, ASYNC_CONCURRENCY=args.async_concurrency,
@@ -297,15 +297,15 @@ def _control_worker(args: argparse.Namespace) -> int:
     action, ids = args.modules[0], args.modules[1:]
     if len(ids) != 1:
         raise UsageError(f"elric worker {action} takes one worker id (see elric workers)")
-    queues = [q.strip() for q in (args.queues or "").split(",") if q.strip()]
-    if action == "set" and not queues and args.concurrency is None:
+    if action == "set" and args.queues is None and args.concurrency is None:
         raise UsageError("elric worker set ID takes --queues a,b, --concurrency N or both")
     if action != "set" and (args.queues is not None or args.concurrency is not None):
         # the master would ignore them: "pause asked" for what was meant as a set
         raise UsageError(f"elric worker {action} takes no --queues or --concurrency; "
                          "elric worker set ID does")
+    queues = names(args.queues, "--queues") if args.queues is not None else None
     with _client(args) as client:
-        reply = client.control_worker(ids[0], action, queues or None,
+        reply = client.control_worker(ids[0], action, queues,
                                       args.concurrency if action == "set" else None)
     if args.json:
         _print(reply)

@@ -360,6 +360,10 @@ def test_worker_pause_resume_or_stop_with_set_options_is_a_usage_error(redis_url
     for action, option in (("pause", "--queues=b"), ("stop", "--concurrency=3")):
         one_line_error(elric(c, "worker", action, "w1", option), 2,
                        f"elric worker {action} takes no --queues or --concurrency")
+    # a list naming no queue is refused, whether it starts a worker or moves one
+    for args in (("--queues", ","), ("set", "w1", "--queues", " , "),
+                 ("set", "w1", "--concurrency", "3", "--queues", ",")):
+        one_line_error(elric(c, "worker", *args), 2, "--queues: ")
 
 
 def test_cancel_of_one_job_that_cannot_be_cancelled_says_why_and_exits_1(cluster):

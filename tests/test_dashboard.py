@@ -285,6 +285,13 @@ def test_a_page_offset_or_a_pool_size_that_is_no_number_is_no_crash(make_cluster
                                        "csrf": token, **value}).encode()
         assert f"{action}: 0 of 1 done; w1: " in opener.open(base + "/act", data=data).read(
             ).decode()
+    # queues are read as the CLI reads them: blanks dropped ("no worker": the list passed),
+    # and a list naming none is said so
+    for value, said in (("a,,b", "no worker 'w1'"), (",", "queues: ',' names nothing")):
+        data = urllib.parse.urlencode({"kind": "worker", "action": "queues", "id": "w1",
+                                       "value": value, "csrf": token}).encode()
+        assert said in urllib.parse.unquote_plus(
+            opener.open(base + "/act", data=data).geturl()), value
 
 
 def test_a_huge_error_is_cut_in_the_job_list_and_whole_on_its_page(make_cluster):
