@@ -78,13 +78,21 @@ class Step:
             self.errors.append(reason)
 
 
+def left_alone(job_id: str, was: str | None) -> str:
+    """Why a cancel (of one job or many) did nothing to a job."""
+    if was == Status.SCHEDULED:
+        return f"job {job_id!r} is periodic: elric schedules pause|remove {job_id} stops it"
+    return f"job {job_id!r} had ended ({was}): left alone" if was else f"no job {job_id!r}"
+
+
 def _s(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
 class Bulk:
-    def __init__(self, queue, admission, redis, keys) -> None:
+    def __init__(self, queue, admission, redis, keys, store) -> None:
         self.queue, self.admission, self.redis, self.keys = queue, admission, redis, keys
+        self.store = store   # periodic jobs: no job record, but no typo either
 
     async def _indexes(self, f: JobFilter,
                        live_only: bool) -> list[tuple[tuple[int, str], str, bool]]:
@@ -160,9 +168,12 @@ class Bulk:
             f, cursor, fresh_only=action in ("rerun", "copy"), live_only=action == "cancel")
         chosen = list(dict.fromkeys(chosen))   # an id given twice, or met twice by ZSCAN: once
         step = Step(cursor=next_cursor)
-        # an id given that is no job (mistyped, or its record expired) is said, not passed over
-        for job_id in missing:
-            step.skip(f"no job {job_id!r}")
+        # an id given that is no job (mistyped, or its record expired) is said, not passed
+        # over; a cancel names a periodic job's as a cancel of one does
+        periodic = await asyncio.gather(*map(self.store.get, missing)) \
+            if action == "cancel" else [None] * len(missing)
+        for job_id, schedule in zip(missing, periodic):
+            step.skip(left_alone(job_id, schedule and Status.SCHEDULED))
         if action == "find":
             step.ids, step.touched = chosen, len(chosen)
         elif action == "copy":
@@ -179,8 +190,7 @@ class Bulk:
             try:
                 was = await one(job_id)
                 if action == "cancel" and (was is None or not Status(was).live):
-                    raise Refused(f"job {job_id!r} had ended ({was}): left alone" if was
-                                  else f"no job {job_id!r}")
+                    raise Refused(left_alone(job_id, was))
                 if action == "delete" and not was:   # gone meanwhile: not done by this one
                     raise NotFound(f"no job {job_id!r}")
                 step.touched += 1

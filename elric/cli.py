@@ -17,6 +17,7 @@ import time
 from datetime import datetime
 
 from elric import views
+from elric.bulk import left_alone
 from elric.config import SettingsError, load_settings, names
 from elric.contract import NotFound, SpecError, Status
 
@@ -204,17 +205,10 @@ def cmd_call(args: argparse.Namespace) -> int:
             if show:
                 show(reply)
             if not Status(reply["was"]).live:   # nothing done: exit 1, as a bulk cancel
-                raise Failed(_not_cancelled(reply["job_id"], reply["was"]))
+                raise Failed(left_alone(reply["job_id"], reply["was"]))
             if not show:
                 print(f"job {reply['job_id']}: {reply['status']} (was {reply['was']})")
     return 0
-
-
-def _not_cancelled(job_id: str, was: str) -> str:
-    if was == Status.SCHEDULED:
-        return (f"job {job_id!r} is periodic: elric schedules pause|remove {job_id} "
-                "stops it")
-    return f"job {job_id!r} had ended ({was}): left alone"
 
 
 # command -> the bulk_jobs action it runs on a filter (purge: delete a queue's waiting jobs)

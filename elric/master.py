@@ -154,7 +154,7 @@ class Master:
             self.filters[backend] = f
         gate = DedupeGate(s, self.filters, self.queue)
         self.admission = Admission(s, self.queue, self.store, gate, self.redis, self.keys)
-        self.bulk = Bulk(self.queue, self.admission, self.redis, self.keys)
+        self.bulk = Bulk(self.queue, self.admission, self.redis, self.keys, self.store)
         self.housekeeping = Housekeeping(self.queue, gate, self.redis, self.keys,
                                          s.DEDUPE_ROUND_TTL, rules)
         self.scheduler = Scheduler(self.redis, self.keys, self.store,

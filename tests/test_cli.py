@@ -377,5 +377,8 @@ def test_cancel_of_one_job_that_cannot_be_cancelled_says_why_and_exits_1(cluster
                    "job 'waiting' had ended (cancelled): left alone")
     one_line_error(elric(cluster, "cancel", "tick"), 1, "elric schedules pause|remove tick")
     assert cluster.client.get_job("tick")["status"] == "scheduled"
+    out = elric(cluster, "cancel", "tick", "waiting")   # a cancel of many names it the same
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "skipped: job 'tick' is periodic: elric schedules pause|remove tick" in out.stdout
     out = elric(cluster, "cancel", "waiting", "--json")
     assert out.returncode == 1 and json.loads(out.stdout)["was"] == "cancelled", out.stdout
