@@ -371,13 +371,13 @@ def _run_now(client, job_id: str, show) -> int:
     job = client.get_job(job_id) or {}   # again: get_job read the times before the runs
     if show:
         show({**reply, "run": run})
-    elif run is None:
-        print(f"periodic job {job_id}: {fire} asked for; not fired within {RUN_NOW_WAIT:g}s "
-              "(is a master scheduling? see elric health)")
-    elif run["outcome"] not in ("skipped", "missed"):
+    elif run is not None and run["outcome"] not in ("skipped", "missed"):
         print(f"periodic job {job_id}: fired {fire} ({run['outcome']}); next run "
               f"{views.when(job.get('next_run_time'))}")
-    if run is not None and run["outcome"] in ("skipped", "missed"):
+    if run is None:   # asked, but not seen to happen: no success
+        raise Failed(f"periodic job {job_id}: {fire} asked for; not fired within "
+                     f"{RUN_NOW_WAIT:g}s (is a master scheduling? see elric health)")
+    if run["outcome"] in ("skipped", "missed"):
         raise Failed(f"periodic job {job_id}: {fire} {run['outcome']} "
                      f"({run.get('reason', '')})")
     return 0

@@ -262,6 +262,22 @@ def test_schedules_run_now_fires_through_the_scheduler_by_its_rules(cluster):
     one_line_error(elric(cluster, "schedules", "run-now", "nope"), 1, "no periodic job 'nope'")
 
 
+def test_run_now_not_seen_to_fire_in_time_exits_1(cluster, monkeypatch, capsys):
+    from elric import cli
+
+    cluster.client.submit_job(Echo.spec(job_id="hourly", trigger=every(hours=1)))
+    for key, value in cluster.env.items():
+        if key.startswith("ELRIC_"):
+            monkeypatch.setenv(key, value)
+    monkeypatch.setattr(cli, "RUN_NOW_WAIT", 0)   # over before the fire can be seen
+    assert cli.main(["schedules", "run-now", "hourly"]) == 1
+    err = capsys.readouterr().err
+    assert "periodic job hourly: hourly@" in err and "not fired within 0s" in err, err
+    assert cli.main(["schedules", "run-now", "hourly", "--json"]) == 1   # what it has, too
+    out, err = capsys.readouterr()
+    assert json.loads(out)["run"] is None and "not fired within 0s" in err, (out, err)
+
+
 def test_results_streams_the_results_of_succeeded_jobs_page_by_page(cluster):
     from tests.jobs import Add, Fail
 
