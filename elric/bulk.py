@@ -35,18 +35,11 @@ class JobFilter:
     since: float | None = None    # submitted at or after (epoch seconds)
     until: float | None = None    # submitted before
     ids: list[str] = field(default_factory=list)
+    STATUSES = (Status.QUEUED, *_INDEXED)   # those a walk finds (queued: in their queues)
 
     @classmethod
-    def parse(cls, raw) -> JobFilter:
-        if not isinstance(raw, dict):
-            raise SpecError(f"filter must be a map, got {type(raw).__name__}")
-        unknown = set(raw) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise SpecError(f"unknown filter key(s) {sorted(map(str, unknown))}; known: "
-                            f"{', '.join(cls.__dataclass_fields__)}")
-        for key in ("status", "queue", "func", "batch", "worker"):
-            if raw.get(key) is not None and not isinstance(raw[key], str):
-                raise SpecError(f"filter {key} must be a string")
+    def parse(cls, raw: dict) -> JobFilter:
+        """A filter whose keys, names and status the master has checked (master._filter)."""
         for key in ("since", "until"):
             if raw.get(key) is not None and (isinstance(raw[key], bool)
                                              or not isinstance(raw[key], (int, float))):
@@ -54,10 +47,6 @@ class JobFilter:
         ids = raw.get("ids") or []
         if not isinstance(ids, list) or not all(isinstance(i, str) and i for i in ids):
             raise SpecError("filter ids must be an array of job ids")
-        status = raw.get("status")
-        if status is not None and status not in _INDEXED + [Status.QUEUED]:
-            raise SpecError(f"filter status {status!r}: one of queued, "
-                            f"{', '.join(_INDEXED)}")
         if not ids and not any(raw.get(k) is not None for k in _FIELDS[:5] + ("since", "until")):
             raise SpecError("an empty filter would touch every job: give at least one of "
                             "status, queue, func, batch, worker, since, until or ids")
@@ -89,13 +78,21 @@ class Step:
             self.errors.append(reason)
 
 
+def left_alone(job_id: str, was: str | None) -> str:
+    """Why a cancel (of one job or many) did nothing to a job."""
+    if was == Status.SCHEDULED:
+        return f"job {job_id!r} is periodic: elric schedules pause|remove {job_id} stops it"
+    return f"job {job_id!r} had ended ({was}): left alone" if was else f"no job {job_id!r}"
+
+
 def _s(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
 class Bulk:
-    def __init__(self, queue, admission, redis, keys) -> None:
+    def __init__(self, queue, admission, redis, keys, store) -> None:
         self.queue, self.admission, self.redis, self.keys = queue, admission, redis, keys
+        self.store = store   # periodic jobs: no job record, but no typo either
 
     async def _indexes(self, f: JobFilter,
                        live_only: bool) -> list[tuple[tuple[int, str], str, bool]]:
@@ -171,9 +168,12 @@ class Bulk:
             f, cursor, fresh_only=action in ("rerun", "copy"), live_only=action == "cancel")
         chosen = list(dict.fromkeys(chosen))   # an id given twice, or met twice by ZSCAN: once
         step = Step(cursor=next_cursor)
-        # an id given that is no job (mistyped, or its record expired) is said, not passed over
-        for job_id in missing:
-            step.skip(f"no job {job_id!r}")
+        # an id given that is no job (mistyped, or its record expired) is said, not passed
+        # over; a cancel names a periodic job's as a cancel of one does
+        periodic = await asyncio.gather(*map(self.store.get, missing)) \
+            if action == "cancel" else [None] * len(missing)
+        for job_id, schedule in zip(missing, periodic):
+            step.skip(left_alone(job_id, schedule and Status.SCHEDULED))
         if action == "find":
             step.ids, step.touched = chosen, len(chosen)
         elif action == "copy":
@@ -190,8 +190,7 @@ class Bulk:
             try:
                 was = await one(job_id)
                 if action == "cancel" and (was is None or not Status(was).live):
-                    raise Refused(f"job {job_id!r} had ended ({was}): left alone" if was
-                                  else f"no job {job_id!r}")
+                    raise Refused(left_alone(job_id, was))
                 if action == "delete" and not was:   # gone meanwhile: not done by this one
                     raise NotFound(f"no job {job_id!r}")
                 step.touched += 1

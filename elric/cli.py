@@ -17,7 +17,8 @@ import time
 from datetime import datetime
 
 from elric import views
-from elric.config import SettingsError, load_settings
+from elric.bulk import left_alone
+from elric.config import SettingsError, load_settings, names
 from elric.contract import NotFound, SpecError, Status
 
 
@@ -62,7 +63,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
             raise UsageError(f"{name!r} is not a module name; to steer a running worker: "
                              f"elric worker {'|'.join(WORKER_ACTIONS)} ID")
 
-    queues = [q.strip() for q in args.queues.split(",") if q.strip()] if args.queues else None
+    queues = names(args.queues, "--queues") if args.queues is not None else None
     settings = load_settings(args.settings, overrides=dict(
         MASTER_ADDRESS=args.master, REDIS_URL=args.redis_url, QUEUES=queues,
         CONCURRENCY=args.concurrency, ASYNC_CONCURRENCY=args.async_concurrency,
@@ -204,17 +205,10 @@ def cmd_call(args: argparse.Namespace) -> int:
             if show:
                 show(reply)
             if not Status(reply["was"]).live:   # nothing done: exit 1, as a bulk cancel
-                raise Failed(_not_cancelled(reply["job_id"], reply["was"]))
+                raise Failed(left_alone(reply["job_id"], reply["was"]))
             if not show:
                 print(f"job {reply['job_id']}: {reply['status']} (was {reply['was']})")
     return 0
-
-
-def _not_cancelled(job_id: str, was: str) -> str:
-    if was == Status.SCHEDULED:
-        return (f"job {job_id!r} is periodic: elric schedules pause|remove {job_id} "
-                "stops it")
-    return f"job {job_id!r} had ended ({was}): left alone"
 
 
 # command -> the bulk_jobs action it runs on a filter (purge: delete a queue's waiting jobs)
@@ -297,15 +291,15 @@ def _control_worker(args: argparse.Namespace) -> int:
     action, ids = args.modules[0], args.modules[1:]
     if len(ids) != 1:
         raise UsageError(f"elric worker {action} takes one worker id (see elric workers)")
-    queues = [q.strip() for q in (args.queues or "").split(",") if q.strip()]
-    if action == "set" and not queues and args.concurrency is None:
+    if action == "set" and args.queues is None and args.concurrency is None:
         raise UsageError("elric worker set ID takes --queues a,b, --concurrency N or both")
     if action != "set" and (args.queues is not None or args.concurrency is not None):
         # the master would ignore them: "pause asked" for what was meant as a set
         raise UsageError(f"elric worker {action} takes no --queues or --concurrency; "
                          "elric worker set ID does")
+    queues = names(args.queues, "--queues") if args.queues is not None else None
     with _client(args) as client:
-        reply = client.control_worker(ids[0], action, queues or None,
+        reply = client.control_worker(ids[0], action, queues,
                                       args.concurrency if action == "set" else None)
     if args.json:
         _print(reply)
@@ -377,13 +371,13 @@ def _run_now(client, job_id: str, show) -> int:
     job = client.get_job(job_id) or {}   # again: get_job read the times before the runs
     if show:
         show({**reply, "run": run})
-    elif run is None:
-        print(f"periodic job {job_id}: {fire} asked for; not fired within {RUN_NOW_WAIT:g}s "
-              "(is a master scheduling? see elric health)")
-    elif run["outcome"] not in ("skipped", "missed"):
+    elif run is not None and run["outcome"] not in ("skipped", "missed"):
         print(f"periodic job {job_id}: fired {fire} ({run['outcome']}); next run "
               f"{views.when(job.get('next_run_time'))}")
-    if run is not None and run["outcome"] in ("skipped", "missed"):
+    if run is None:   # asked, but not seen to happen: no success
+        raise Failed(f"periodic job {job_id}: {fire} asked for; not fired within "
+                     f"{RUN_NOW_WAIT:g}s (is a master scheduling? see elric health)")
+    if run["outcome"] in ("skipped", "missed"):
         raise Failed(f"periodic job {job_id}: {fire} {run['outcome']} "
                      f"({run.get('reason', '')})")
     return 0

@@ -200,13 +200,22 @@ def _check(key: str, value: Any, where: str) -> Any:
     return value
 
 
+def names(raw: str, field: str | None) -> list[str]:
+    """The one reading of a comma list, "a, b,,c" as a, b, c (env, CLI and dashboard);
+    with ``field``, one that names nothing (",") is an error naming it, not an empty list."""
+    found = [part.strip() for part in raw.split(",") if part.strip()]
+    if field and not found:
+        raise SettingsError(f"{field}: {raw!r} names nothing; give names such as a,b")
+    return found
+
+
 def _from_env(key: str, raw: str) -> Any:
     spec = KEYS[key]
     name = f"ELRIC_{key}"
     if spec.nullable and raw.strip().lower() in ("", "none", "null"):
         return None
     if list in spec.types:
-        return [part.strip() for part in raw.split(",") if part.strip()]
+        return names(raw, None if key == "JOB_MODULES" else f"{key} (from {name})")  # []: any
     if key == "LIMITS":
         try:
             return json.loads(raw)

@@ -90,6 +90,25 @@ def _utf8(name: str, text: str, owner: str = "job") -> None:
         raise SpecError(f"{name} {text!r} is not UTF-8 text; no {owner} has it") from None
 
 
+def _filter(raw, call: str, known, statuses) -> dict:
+    """The rules list_jobs and bulk_jobs filters share, one message each: a map of known
+    keys, whose names are strings of UTF-8 text and whose status is one the call walks."""
+    if not isinstance(raw, dict):
+        raise SpecError(f"{call}: filter must be a map, got {type(raw).__name__}")
+    unknown = set(raw) - set(known)
+    if unknown:
+        raise SpecError(f"{call}: unknown filter key(s) {sorted(map(str, unknown))}; "
+                        f"known: {', '.join(known)}")
+    for key in ("status", "queue", "func", "batch", "worker"):
+        if raw.get(key) is not None and not isinstance(raw[key], str):
+            raise SpecError(f"{call}: filter {key} must be a string")
+        _utf8(f"{call}: {key}", raw.get(key) or "")
+    if raw.get("status") not in (None, *statuses):
+        raise SpecError(f"{call}: unknown status {raw['status']!r}; "
+                        f"known: {', '.join(statuses)}")
+    return raw
+
+
 class Master:
     def __init__(self, settings: Settings, *, address: str | None = None) -> None:
         self.settings = settings
@@ -135,7 +154,7 @@ class Master:
             self.filters[backend] = f
         gate = DedupeGate(s, self.filters, self.queue)
         self.admission = Admission(s, self.queue, self.store, gate, self.redis, self.keys)
-        self.bulk = Bulk(self.queue, self.admission, self.redis, self.keys)
+        self.bulk = Bulk(self.queue, self.admission, self.redis, self.keys, self.store)
         self.housekeeping = Housekeeping(self.queue, gate, self.redis, self.keys,
                                          s.DEDUPE_ROUND_TTL, rules)
         self.scheduler = Scheduler(self.redis, self.keys, self.store,
@@ -354,13 +373,7 @@ class Master:
 
     @_rpc
     async def list_jobs(self, filter=None) -> list[dict]:
-        filter = filter or {}
-        if not isinstance(filter, dict):
-            raise SpecError(f"list_jobs takes a map filter, got {type(filter).__name__}")
-        unknown = set(filter) - set(LIST_FILTERS)
-        if unknown:
-            raise SpecError(f"list_jobs: unknown filter key(s) {sorted(map(str, unknown))}; "
-                            f"known: {sorted(LIST_FILTERS)}")
+        filter = _filter(filter or {}, "list_jobs", LIST_FILTERS, contract.STATUSES)
         offset, limit = filter.get("offset", 0), filter.get("limit", 100)
         scan = filter.get("scan_limit", MAX_SCAN)
         if not isinstance(offset, int) or not isinstance(limit, int) or offset < 0 \
@@ -375,13 +388,6 @@ class Master:
                 raise SpecError("list_jobs: periodic jobs (status 'scheduled') are listed "
                                 "whole, not by queue, func or batch; leave those out")
             return await self.store.list(offset=offset, limit=limit)
-        if status is not None and status not in contract.STATUSES:
-            raise SpecError(f"list_jobs: unknown status {status!r}; "
-                            f"known: {', '.join(contract.STATUSES)}")
-        for key in ("queue", "func", "batch"):
-            if filter.get(key) is not None and not isinstance(filter[key], str):
-                raise SpecError(f"list_jobs: {key} must be a string")
-            _utf8(f"list_jobs: {key}", filter.get(key) or "")
         return await self.queue.list_jobs(
             status=status, queue=filter.get("queue"), func=filter.get("func"),
             batch=filter.get("batch"), offset=offset, limit=limit, scan_limit=scan)
@@ -391,7 +397,9 @@ class Master:
         """One step of an operation on the jobs ``filter`` picks (elric/bulk.py)."""
         if not isinstance(cursor, str) or not isinstance(op, str):
             raise SpecError("bulk_jobs: cursor and op must be strings")
-        step = await self.bulk.run(action, JobFilter.parse(filter), cursor, op)
+        f = JobFilter.parse(_filter(filter, "bulk_jobs", JobFilter.__dataclass_fields__,
+                                   JobFilter.STATUSES))
+        step = await self.bulk.run(action, f, cursor, op)
         return dataclasses.asdict(step)
 
     @_rpc

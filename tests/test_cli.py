@@ -262,6 +262,22 @@ def test_schedules_run_now_fires_through_the_scheduler_by_its_rules(cluster):
     one_line_error(elric(cluster, "schedules", "run-now", "nope"), 1, "no periodic job 'nope'")
 
 
+def test_run_now_not_seen_to_fire_in_time_exits_1(cluster, monkeypatch, capsys):
+    from elric import cli
+
+    cluster.client.submit_job(Echo.spec(job_id="hourly", trigger=every(hours=1)))
+    for key, value in cluster.env.items():
+        if key.startswith("ELRIC_"):
+            monkeypatch.setenv(key, value)
+    monkeypatch.setattr(cli, "RUN_NOW_WAIT", 0)   # over before the fire can be seen
+    assert cli.main(["schedules", "run-now", "hourly"]) == 1
+    err = capsys.readouterr().err
+    assert "periodic job hourly: hourly@" in err and "not fired within 0s" in err, err
+    assert cli.main(["schedules", "run-now", "hourly", "--json"]) == 1   # what it has, too
+    out, err = capsys.readouterr()
+    assert json.loads(out)["run"] is None and "not fired within 0s" in err, (out, err)
+
+
 def test_results_streams_the_results_of_succeeded_jobs_page_by_page(cluster):
     from tests.jobs import Add, Fail
 
@@ -360,6 +376,10 @@ def test_worker_pause_resume_or_stop_with_set_options_is_a_usage_error(redis_url
     for action, option in (("pause", "--queues=b"), ("stop", "--concurrency=3")):
         one_line_error(elric(c, "worker", action, "w1", option), 2,
                        f"elric worker {action} takes no --queues or --concurrency")
+    # a list naming no queue is refused, whether it starts a worker or moves one
+    for args in (("--queues", ","), ("set", "w1", "--queues", " , "),
+                 ("set", "w1", "--concurrency", "3", "--queues", ",")):
+        one_line_error(elric(c, "worker", *args), 2, "--queues: ")
 
 
 def test_cancel_of_one_job_that_cannot_be_cancelled_says_why_and_exits_1(cluster):
@@ -373,5 +393,8 @@ def test_cancel_of_one_job_that_cannot_be_cancelled_says_why_and_exits_1(cluster
                    "job 'waiting' had ended (cancelled): left alone")
     one_line_error(elric(cluster, "cancel", "tick"), 1, "elric schedules pause|remove tick")
     assert cluster.client.get_job("tick")["status"] == "scheduled"
+    out = elric(cluster, "cancel", "tick", "waiting")   # a cancel of many names it the same
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "skipped: job 'tick' is periodic: elric schedules pause|remove tick" in out.stdout
     out = elric(cluster, "cancel", "waiting", "--json")
     assert out.returncode == 1 and json.loads(out.stdout)["was"] == "cancelled", out.stdout

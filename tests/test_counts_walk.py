@@ -18,6 +18,7 @@ import redis.asyncio as aredis
 from elric import limits
 from elric.bulk import Bulk, JobFilter
 from elric.contract import normalize_spec
+from elric.jobstore import RedisJobStore
 from elric.keys import Keys
 from elric.queue import Outcome, RedisQueue
 
@@ -134,7 +135,7 @@ async def walk(url, seed, steps, n_jobs=30):
     rng = random.Random(seed)
     r = aredis.Redis.from_url(url)
     q = RedisQueue(r, KEYS)
-    bulk = Bulk(q, _Admission(q), r, KEYS)
+    bulk = Bulk(q, _Admission(q), r, KEYS, RedisJobStore(r, KEYS))
     await limits.publish(r, KEYS, limits.parse_rules(RULES[0]))
     held = {w: {} for w in ("w1", "w2", "w3")}   # worker -> job_id -> attempt it holds
     ended = {w: [] for w in held}                # runs ended, not yet told to a fetch

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import socket
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -285,6 +286,13 @@ def test_a_page_offset_or_a_pool_size_that_is_no_number_is_no_crash(make_cluster
                                        "csrf": token, **value}).encode()
         assert f"{action}: 0 of 1 done; w1: " in opener.open(base + "/act", data=data).read(
             ).decode()
+    # queues are read as the CLI reads them: blanks dropped ("no worker": the list passed),
+    # and a list naming none is said so
+    for value, said in (("a,,b", "no worker 'w1'"), (",", "queues: ',' names nothing")):
+        data = urllib.parse.urlencode({"kind": "worker", "action": "queues", "id": "w1",
+                                       "value": value, "csrf": token}).encode()
+        assert said in urllib.parse.unquote_plus(
+            opener.open(base + "/act", data=data).geturl()), value
 
 
 def test_a_huge_error_is_cut_in_the_job_list_and_whole_on_its_page(make_cluster):
@@ -333,3 +341,21 @@ def test_a_cookie_or_csrf_token_with_non_ascii_text_is_refused_not_a_500():
     assert access.session(request(session)) == session
     assert access.may_act(request(session), {"csrf": "\u00e9"}) == \
         "the form is stale or forged: reload the page and try again"
+
+
+def test_a_cookie_or_bearer_token_that_is_not_utf8_is_refused_not_a_500(make_cluster):
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}", DASHBOARD_PASSWORD=PASSWORD)
+    cluster.start_master()
+
+    def status_line(header: bytes) -> bytes:   # raw bytes: urllib sends only Latin-1 text
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+                      + header + b"\r\n\r\n")
+            return s.makefile("rb").readline()
+
+    # the server reads a header's bytes that are not UTF-8 as lone surrogates
+    for header in (b"Authorization: Bearer \xff", b"Cookie: elric_session=9999999999.\xff"):
+        assert status_line(header).startswith(b"HTTP/1.1 303"), header   # to the login
+    assert status_line(b"Authorization: Bearer " + PASSWORD.encode()).startswith(
+        b"HTTP/1.1 200")

@@ -61,11 +61,18 @@ def test_a_list_filter_that_is_not_utf8_is_bad_request(redis_url):
     """A queue, func or batch sent as invalid UTF-8 (a lone surrogate once decoded) went to
     Redis, which cannot take it: the caller got 'internal error: UnicodeEncodeError'."""
     async def body(m, client):
-        for key in ("queue", "func", "batch"):
-            with pytest.raises(RemoteError) as info:
-                await client.call("list_jobs", {key: "x\udcff"})
-            assert info.value.code == "bad_request", (key, str(info.value))
-            assert f"list_jobs: {key} " in str(info.value) and "UTF-8" in str(info.value)
+        # bulk_jobs filters are checked by the same rules, with the same messages
+        for call, first in (("list_jobs", ()), ("bulk_jobs", ("find",))):
+            for key in ("queue", "func", "batch"):
+                with pytest.raises(RemoteError) as info:
+                    await client.call(call, *first, {key: "x\udcff"})
+                assert info.value.code == "bad_request", (key, str(info.value))
+                assert f"{call}: {key} " in str(info.value) and "UTF-8" in str(info.value)
+            for bad, said in (({"status": "done"}, "unknown status 'done'; known: "),
+                              ({"queue": 7}, "filter queue must be a string"),
+                              (["x"], "filter must be a map, got list")):
+                with pytest.raises(RemoteError, match=f"^{call}: {said}"):
+                    await client.call(call, *first, bad)
         assert await client.call("list_jobs", {"queue": "default"}) == []
     with_master(redis_url, body)
 

@@ -62,6 +62,9 @@ def test_env_overrides_have_the_types_of_their_keys(no_settings_file):
     assert s.master_host_port == ("127.0.0.1", 9999)
     assert s.REDIS_URL == "redis://h:1/2" and s.LOG_LEVEL == "debug"
     assert load_settings(env={"ELRIC_CONCURRENCY": ""}).CONCURRENCY is None  # nullable
+    assert load_settings(env={"ELRIC_JOB_MODULES": ""}).JOB_MODULES == []   # any
+    with pytest.raises(SettingsError, match=r"QUEUES \(from ELRIC_QUEUES\): ',' names nothing"):
+        load_settings(env={"ELRIC_QUEUES": ","})   # not a worker that pulls from no queue
 
 
 def test_file_then_env_then_command_line(no_settings_file):

@@ -15,6 +15,7 @@ from urllib.parse import parse_qsl, quote, urlencode
 import jinja2
 from aiohttp import web
 
+from elric.config import SettingsError, names
 from elric.contract import ErrorCode, STATUSES, Status
 from elric.dashboard import metrics
 from elric.dashboard.access import COOKIE, SESSION_SECONDS, Access
@@ -48,7 +49,7 @@ def _actions(master) -> dict:
         return master.control_worker(worker_id, "set", None, value)
 
     def queues(worker_id, value):
-        return master.control_worker(worker_id, "set", [q.strip() for q in value.split(",")])
+        return master.control_worker(worker_id, "set", names(value, "queues"))
     return {("worker", "pause"): worker("pause"), ("worker", "resume"): worker("resume"),
             ("worker", "stop"): worker("stop"), ("worker", "processes"): processes,
             ("worker", "queues"): queues, ("job", "retry"): by_id(master.rerun_job),
@@ -235,7 +236,7 @@ class Dashboard:
         for one in ids:
             try:
                 reply = await handler(one, value)
-            except RequestError as exc:
+            except (RequestError, SettingsError) as exc:   # SettingsError: a queue list
                 errors.append(f"{one}: {exc}")
                 continue
             # delete, pause and resume answer False for no such job; a cancel of a job that

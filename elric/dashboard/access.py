@@ -29,8 +29,10 @@ def is_loopback(host: str) -> bool:
 
 
 def _same(given: str, expected: str) -> bool:
-    """In constant time; compare_digest refuses str with non-ASCII text (a 500), not bytes."""
-    return hmac.compare_digest(given.encode(), expected.encode())
+    """In constant time; compare_digest refuses str with non-ASCII text (a 500), not bytes.
+    surrogatepass: a header's bytes that are not UTF-8 arrive as lone surrogates."""
+    return hmac.compare_digest(given.encode(errors="surrogatepass"),
+                               expected.encode(errors="surrogatepass"))
 
 
 class Access:
