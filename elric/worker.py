@@ -424,7 +424,7 @@ class Worker:
         culprit is unknown."""
         if claim.job_id in exc.culprits or len(exc.held) == 1:
             if claim.job_id in self._cancelling:
-                why = "Cancelled: cancel_job stopped it; its process was killed"
+                why = runner.CANCELLED + "; its process was killed"
             elif claim.job_id in exc.culprits:
                 why = (f"JobTimeout: ran past its timeout of {claim.timeout:g}s and its "
                        "process was killed")
@@ -672,8 +672,7 @@ class Worker:
             self._cancelling.add(job_id)
             log.info("worker: job %s cancelled; stopping it", job_id)
             for claim in self._unbuffer({job_id}):
-                self.finished.append((claim, runner.Ran.failure(
-                    job_id, claim.attempt, "Cancelled: cancel_job stopped it before it started")))
+                self.finished.append((claim, runner.cancelled_before_start(job_id, claim.attempt)))
                 self._finished.set()
             self.pool.cancel(job_id)
 
