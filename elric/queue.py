@@ -194,9 +194,10 @@ class RedisQueue:
     @property
     def _cancel_end(self) -> list:
         """What end_cancelled (cancel_end_fn.lua) needs besides KEYS: failed ttl, and the
-        limit running, round, batch stats and func stats prefixes."""
+        limit running, limit parked, round, batch stats and func stats prefixes."""
         k = self.keys
-        return [self.failed_ttl, k.limit_running(""), k.round(""), k.batch(""), k.func("")]
+        return [self.failed_ttl, k.limit_running(""), k.limit_parked(""), k.round(""),
+                k.batch(""), k.func("")]
 
     # --- writes ----------------------------------------------------------------------
     async def enqueue(self, specs: list[dict], *, fence: int | None = None) -> list[Submitted]:
@@ -271,7 +272,7 @@ class RedisQueue:
         argv: list[Any] = [k.job(""), k.batch(""), k.dedupe_set(""), self.result_ttl,
                            self.failed_ttl, "1" if self.release_keys_on_failure else "0",
                            k.limit_running(""), k.wake(""), k.round(""), k.func(""),
-                           k.minute(""), jobstats.MINUTE_TTL, worker_id]
+                           k.minute(""), jobstats.MINUTE_TTL, worker_id, k.limit_parked("")]
         for o in outcomes:
             argv += [o.job_id, o.attempt,
                      "ok" if o.ok else "cancel" if o.cancelled else "err", o.payload,

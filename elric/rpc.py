@@ -540,6 +540,11 @@ class AsyncClient(_Caller):
         finally:
             self._pending.pop(msgid, None)
 
+    @property
+    def closed(self) -> bool:
+        """The connection is gone: closed by either side, or lost."""
+        return self._lost is not None
+
     async def close(self) -> None:
         self._fail(f"connection to {self._where} closed by the client")
         self._writer.close()

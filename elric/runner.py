@@ -211,9 +211,10 @@ class _Runner:
     def _drop_waiting(self, cancels: set[tuple[str, int]]) -> list[Ran]:
         """Under inbox_lock: take the asked-for jobs that wait to start out of the inbox and
         the sync queue; their requests are answered. Returns their outcomes."""
-        dropped = [_cancelled(*_key(i), is_async=self.kinds.get(i["func"], False))
+        dropped = [cancelled_before_start(*_key(i), is_async=self.kinds.get(i["func"], False))
                    for i in self.inbox if _key(i) in cancels]
-        dropped += [_cancelled(*job.out.key) for job in self.sync_jobs if job.out.key in cancels]
+        dropped += [cancelled_before_start(*job.out.key) for job in self.sync_jobs
+                    if job.out.key in cancels]
         self.inbox = [i for i in self.inbox if _key(i) not in cancels]
         self.sync_jobs = deque(job for job in self.sync_jobs if job.out.key not in cancels)
         self.cancels.difference_update(out.key for out in dropped)
@@ -384,7 +385,7 @@ class _Runner:
         out = self.tasks.pop(task)
         if task.cancelled():   # cancelled before its first step: _run_async never ran
             self._asked(out)
-            self._report(_cancelled(*out.key, is_async=True))
+            self._report(cancelled_before_start(*out.key, is_async=True))
 
     def _asked(self, out: Ran) -> bool:
         """Whether cancel_job asked to stop this attempt; the request is answered now."""
@@ -469,7 +470,8 @@ def _succeeded(out: Ran, result, ctx) -> None:
     out.ok, out.children = True, ctx.children
 
 
-def _cancelled(job_id: str, attempt: int, is_async: bool = False) -> Ran:
+def cancelled_before_start(job_id: str, attempt: int, is_async: bool = False) -> Ran:
+    """The outcome of a job cancel_job stopped before it started (here or in the worker)."""
     return Ran.failure(job_id, attempt, CANCELLED + " before it started", is_async)
 
 

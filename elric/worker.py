@@ -114,8 +114,9 @@ class Worker:
         self._cancelling: set[str] = set()   # jobs cancel_job asked this worker to stop
         self._margin = min(1.0, self.lease / 10)   # a lease this close to its end is not relied on
         self._connecting: asyncio.Task | None = None
-        # the largest request the master takes: ours, until its too_large says less
-        self.max_message = settings.RPC_MAX_MESSAGE
+        # (connection, limit) a master's too_large told: it holds while that connection
+        # does, since a master started again may take more
+        self._told_limit: tuple[AsyncClient, int] | None = None
 
     # --- setup ------------------------------------------------------------------------
     async def _connect(self) -> None:
@@ -423,7 +424,7 @@ class Worker:
         culprit is unknown."""
         if claim.job_id in exc.culprits or len(exc.held) == 1:
             if claim.job_id in self._cancelling:
-                why = "Cancelled: cancel_job stopped it; its process was killed"
+                why = runner.CANCELLED + "; its process was killed"
             elif claim.job_id in exc.culprits:
                 why = (f"JobTimeout: ran past its timeout of {claim.timeout:g}s and its "
                        "process was killed")
@@ -521,17 +522,21 @@ class Worker:
         that fit it. Child ids are fixed, so calls that passed before one is refused are
         harmless when sent again."""
         while True:
+            told = self._told_limit
+            limit = told[1] if told and told[0] is self.master and not self.master.closed \
+                else self.settings.RPC_MAX_MESSAGE
             try:
-                return await self._submit_children_in(specs, self.max_message)
+                return await self._submit_children_in(specs, limit)
             except RemoteError as exc:
-                # each round lowers the limit: this ends
+                # each round lowers the limit, unless the master changed: this ends
                 if exc.code != ErrorCode.TOO_LARGE or not exc.max_message or \
-                        exc.max_message >= self.max_message:
+                        exc.max_message >= limit:
                     raise
                 log.warning("worker: the master takes RPC messages of at most %d bytes (this "
                             "worker's RPC_MAX_MESSAGE is %d); sending child jobs in smaller "
                             "calls", exc.max_message, self.settings.RPC_MAX_MESSAGE)
-                self.max_message = exc.max_message
+                await self._call_master("ping")   # on a new connection: too_large closed it
+                self._told_limit = (self.master, exc.max_message)
 
     async def _submit_children_in(self, specs: list[dict], limit: int) -> None:
         most = limit - 64   # room for the request around the specs
@@ -669,8 +674,7 @@ class Worker:
             self._cancelling.add(job_id)
             log.info("worker: job %s cancelled; stopping it", job_id)
             for claim in self._unbuffer({job_id}):
-                self.finished.append((claim, runner.Ran.failure(
-                    job_id, claim.attempt, "Cancelled: cancel_job stopped it before it started")))
+                self.finished.append((claim, runner.cancelled_before_start(job_id, claim.attempt)))
                 self._finished.set()
             self.pool.cancel(job_id)
 

@@ -201,6 +201,38 @@ def test_parked_jobs_going_back_to_another_of_the_workers_queues_wake_it(redis_u
     asyncio.run(body())
 
 
+def test_a_freed_slot_wakes_the_queue_its_keys_parked_job_goes_back_to(redis_url):
+    """A run of key k that is recorded or given back frees k's slot and wakes a worker to
+    put k's parked jobs back in line. The token went to the queue of the run that ended:
+    with k's parked job in another queue, a worker there found nothing, and the parked
+    job's workers waited for the next recheck. It goes to the parked job's queue."""
+    keys = Keys("elrictest")
+
+    async def body():
+        r = aredis.Redis.from_url(redis_url)
+        try:
+            q = RedisQueue(r, keys)
+            await limits.publish(r, keys, limits.parse_rules({"k": {"concurrency": 1}}))
+            await q.enqueue([normalize_spec({"func": "tests.jobs:Echo", "queue": queue,
+                                             "limit_key": "k", "job_id": j})
+                             for j, queue in (("j1", "qa"), ("j2", "qb"), ("j3", "qa"))])
+            [j1] = (await q.fetch("wA", ["qa"], 10, 30)).claims   # j3 is parked
+            assert (await q.fetch("wB", ["qb"], 10, 30)).claims == []   # so is j2, first
+            wakes = (keys.wake("qa"), keys.wake("qb"))
+            await r.delete(*wakes)
+            await q.finish("wA", [Outcome("j1", 1, True, b"\xc0", 1)])
+            assert [await r.llen(w) for w in wakes] == [0, 1]
+            [j2] = (await q.fetch("wB", ["qb"], 10, 30)).claims
+            assert j2.job_id == "j2"
+            await r.delete(*wakes)
+            assert await q.release("wB", [("j2", 1)]) == 1   # j2 back in qb, j3 due in qa
+            assert [await r.llen(w) for w in wakes] == [1, 1]
+        finally:
+            await r.aclose()
+
+    asyncio.run(body())
+
+
 def test_a_run_that_ended_frees_its_slot_before_its_outcome_is_recorded(redis_url):
     """A crawl job's children go through the master before its outcome is recorded; its
     host's slot is free from the end of its run: the worker's next fetch names the run and

@@ -975,6 +975,27 @@ def test_children_too_big_for_one_message_are_sent_in_several_and_the_worker_goe
     assert worker.alive()
 
 
+def test_a_worker_forgets_a_masters_smaller_limit_when_the_master_starts_again(make_cluster):
+    """A worker kept the limit a master's too_large told it for good: after the master
+    started again with a bigger RPC_MAX_MESSAGE, children that fit it still failed their
+    parent ("over the RPC message limit (65,536 bytes"). The limit holds while the
+    connection it came on does."""
+    c = make_cluster()
+    master = c.start_master(RPC_MAX_MESSAGE=64 * 1024)
+    worker = c.start_worker("--concurrency", "1", RPC_MAX_MESSAGE=8 * 1024 * 1024)
+    c.client.submit_job(SpawnPadded.spec([4, 20_000], job_id="learn"))
+    assert c.wait_job("learn")["status"] == "succeeded", c.logs()
+    assert "the master takes RPC messages of at most 65536 bytes" in worker.log()
+    assert master.stop() == 0, master.log()
+    c.client.close()   # its connection died with the master
+    c.start_master()   # RPC_MAX_MESSAGE back to its default, 8 MiB
+    for big in ("big", "big-on-the-new-connection"):
+        c.client.submit_job(SpawnPadded.spec([1, 100_000], job_id=big, max_retries=0))
+        job = c.wait_job(big)
+        assert job["status"] == "succeeded", (job["error"], c.logs())
+        assert c.wait_job(job["result"][0])["result"] == 100_000
+
+
 # --- 14. a submission sent again: its handle waits for the job that has the id ------------
 
 def test_the_handle_of_a_submission_sent_again_waits_for_the_job(cluster):

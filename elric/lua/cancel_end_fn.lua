@@ -10,14 +10,14 @@
 -- it without a time, as cancel.lua does. The caller has taken it out of inflight and its
 -- status index.
 -- c: {cancelled = cancelled index, counters = counters, due = limits due, ttl = failed ttl
---     (s), rp = limit running prefix, wp = wake prefix, roundp = round prefix,
+--     (s), and free_slot's jp, rp, pp, wp (slot_fn.lua), roundp = round prefix,
 --     bp = batch stats prefix, fp = func stats prefix}
 local function end_cancelled(jk, id, why, c)
   local now = now_ms()
   local f = redis.call('HMGET', jk, 'attempts', 'queue', 'batch', 'error', 'limit_key',
                        'round', 'func')
   redis.call('HDEL', jk, 'cancel')
-  free_slot(id, f[5], f[2], c.rp, c.due, c.wp)
+  free_slot(id, f[5], c)
   local err = (f[4] or '') .. '--- attempt ' .. (f[1] or '0') .. ' ---\n' .. why .. '\n'
   redis.call('HSET', jk, 'status', 'cancelled', 'error', err, 'finished_at', now)
   redis.call('EXPIRE', jk, c.ttl)

@@ -4,29 +4,28 @@
 -- ARGV: job prefix, batch stats prefix, dedupe set prefix, result ttl (s),
 --       failed ttl (s), release keys ('1' | '0'), limit running prefix, wake prefix,
 --       round prefix, func stats prefix, minute stats prefix, minute ttl (s), worker id,
---       then per job: job_id, attempt, outcome ('ok' | 'err' | 'cancel': stopped by cancel.lua's
---       request), payload (result bytes | traceback), duration (ms), the histogram field
---       that duration counts in ('le:{ms}', from elric/jobstats.py), retry delay (ms;
---       -1: no retry)
+--       limit parked prefix, then per job: job_id, attempt, outcome ('ok' | 'err' |
+--       'cancel': stopped by cancel.lua's request), payload (result bytes | traceback),
+--       duration (ms), the histogram field that duration counts in ('le:{ms}', from
+--       elric/jobstats.py), retry delay (ms; -1: no retry)
 -- Returns per job its new status, or 'stale' for a job this worker no longer holds (it was
 -- redelivered elsewhere or removed): that outcome is dropped. A call sent again (its reply
 -- was lost) answers the status its first run recorded, but `stale` for one it cancelled.
 -- Invariant: only the attempt that holds the job records it. With release keys, a job that
 -- failed for good gives its dedupe key back to an exact filter in the same step, once
--- (with DEDUPE_TTL, unless the key expired and a later job took it). A job
--- with a limit key frees its slot; that key's parked jobs are due at once and an idle
--- worker of the queue is woken to start one. A job of a round that ends counts in the
--- round's hash (succeeded, failed; cancelled as `removed`). A recorded attempt counts, by
--- the status it led to, in the counters (also per queue), its func's and its batch's stats
--- hashes (with its duration in their sum and histogram, and `last_at`) and, unless
--- cancelled, the hash of the current minute. A job
--- cancel.lua asked to stop that failed is cancelled, not retried, and a recorded job keeps
--- no such request (a rerun of it must run).
+-- (with DEDUPE_TTL, unless the key expired and a later job took it). A job with a limit
+-- key frees its slot (slot_fn.lua). A job of a round that ends counts in the round's hash
+-- (succeeded, failed; cancelled as `removed`). A recorded attempt counts, by the status it
+-- led to, in the counters (also per queue), its func's and its batch's stats hashes (with
+-- its duration in their sum and histogram, and `last_at`) and, unless cancelled, the hash
+-- of the current minute. A job cancel.lua asked to stop that failed is cancelled, not
+-- retried, and a recorded job keeps no such request (a rerun of it must run).
 local jp, bp, dp, now = ARGV[1], ARGV[2], ARGV[3], now_ms()
 local result_ttl, failed_ttl, release_keys = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6] == '1'
 local rp, wp, roundp, fp = ARGV[7], ARGV[8], ARGV[9], ARGV[10]
 local minute, minute_ttl = ARGV[11] .. math.floor(now / 60000), ARGV[12]
 local worker = ARGV[13]
+local slots = {jp = jp, rp = rp, pp = ARGV[14], due = KEYS[8], wp = wp}
 local out = {}
 -- increments summed per hash and field, written once per call (a call holds a chunk of
 -- jobs, mostly of one func and batch)
@@ -42,7 +41,7 @@ local function add_timed(key, status, duration, bucket)
   add(key, bucket, 1)
   touched[key] = true
 end
-for i = 14, #ARGV, 7 do
+for i = 15, #ARGV, 7 do
   local id, attempt, outcome, payload = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local duration, bucket, retry = tonumber(ARGV[i + 4]), ARGV[i + 5], tonumber(ARGV[i + 6])
   local jk = jp .. id
@@ -62,7 +61,7 @@ for i = 14, #ARGV, 7 do
     end
     redis.call('ZREM', KEYS[1], id)
     redis.call('ZREM', KEYS[2], id)
-    free_slot(id, f[9], f[3], rp, KEYS[8], wp)
+    free_slot(id, f[9], slots)
     local status, index
     if outcome == 'ok' then
       status, index = 'succeeded', KEYS[3]

@@ -6,8 +6,8 @@
 -- KEYS: inflight, running index, seq, delayed, retrying index, counters, cancelled index,
 --       limits due
 -- ARGV: job prefix, queue prefix, wake prefix, worker id, delay (ms; '' = at once),
---       reason, failed ttl (s), limit running prefix, round prefix, batch stats prefix,
---       func stats prefix, then pairs job_id, attempt
+--       reason, failed ttl (s), limit running prefix, limit parked prefix, round prefix,
+--       batch stats prefix, func stats prefix, then pairs job_id, attempt
 -- Returns how many jobs went back (those cancelled do not count); with a delay they count
 --   in the counters' `handed_back`.
 -- Invariant: only the worker holding that attempt gives a job back, and its limit key's
@@ -16,9 +16,10 @@
 local jp, qp, wp, worker = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local delay, reason, now = tonumber(ARGV[5]), ARGV[6], now_ms()
 local ends = {cancelled = KEYS[7], counters = KEYS[6], due = KEYS[8], ttl = tonumber(ARGV[7]),
-              rp = ARGV[8], wp = wp, roundp = ARGV[9], bp = ARGV[10], fp = ARGV[11]}
+              jp = jp, rp = ARGV[8], pp = ARGV[9], wp = wp, roundp = ARGV[10], bp = ARGV[11],
+              fp = ARGV[12]}
 local n = 0
-for i = 12, #ARGV, 2 do
+for i = 13, #ARGV, 2 do
   local id = ARGV[i]
   local jk = jp .. id
   local f = redis.call('HMGET', jk, 'status', 'attempts', 'worker', 'cancel', 'limit_key',
@@ -32,7 +33,7 @@ for i = 12, #ARGV, 2 do
     redis.call('HINCRBY', jk, 'attempts', -1)
     redis.call('ZREM', KEYS[1], id)
     redis.call('ZREM', KEYS[2], id)
-    free_slot(id, f[5], f[6], ends.rp, ends.due, wp)
+    free_slot(id, f[5], ends)
     if delay then
       redis.call('HSET', jk, 'status', 'retrying', 'retry_at', now + delay, 'not_run',
                  worker .. ': ' .. reason)

@@ -6,15 +6,16 @@
 -- ARGV: job prefix, queue prefix, wake prefix, limit, the status the jobs must
 --       still have, keep place ('1': a redelivered job keeps its place in line; '0': a
 --       retry waits behind its priority, like a new job), counter to count them in ('' none),
---       failed ttl (s), limit running prefix, round prefix, batch stats prefix, func stats
---       prefix
+--       failed ttl (s), limit running prefix, limit parked prefix, round prefix, batch
+--       stats prefix, func stats prefix
 -- Returns {ids put back, ids cancelled}.
 -- Invariant: a job leaves the due set once, and is queued only if it still has the status
 -- and no request to cancel it; a run whose lease ran out gives up its limit key's slot.
 local jp, qp, wp, now, limit = ARGV[1], ARGV[2], ARGV[3], now_ms(), ARGV[4]
 local status, keep, counter = ARGV[5], ARGV[6] == '1', ARGV[7]
 local ends = {cancelled = KEYS[5], counters = KEYS[4], due = KEYS[6], ttl = tonumber(ARGV[8]),
-              rp = ARGV[9], wp = wp, roundp = ARGV[10], bp = ARGV[11], fp = ARGV[12]}
+              jp = jp, rp = ARGV[9], pp = ARGV[10], wp = wp, roundp = ARGV[11], bp = ARGV[12],
+              fp = ARGV[13]}
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, limit)
 local out, cancelled = {}, {}
 for _, id in ipairs(ids) do
@@ -27,7 +28,7 @@ for _, id in ipairs(ids) do
                   'was cut off) before it stopped the job', ends)
     cancelled[#cancelled + 1] = id
   elseif f[1] == status then
-    free_slot(id, f[3], f[4], ends.rp, ends.due, wp)
+    free_slot(id, f[3], ends)
     requeue(jk, id, qp, wp, KEYS[3], keep)
     if counter ~= '' then redis.call('HINCRBY', KEYS[4], counter, 1) end
     out[#out + 1] = id
