@@ -13,6 +13,7 @@ import pytest
 
 from examples.crawler import Crawl, normalize_url
 from examples.crawler_sync import CrawlSync
+from elric.demo.crawler_sync import retry_after
 from examples.site import DemoSite
 from tests.conftest import wait_for
 
@@ -574,20 +575,23 @@ def test_the_sync_crawler_reads_a_page_up_to_a_cap_and_parses_html_only(children
         assert CrawlSync().run(site.url + "/file.pdf")["links"] == 0
 
 
+def endless(status: int, content_type: str, start: bytes, sent: threading.Event):
+    """A route that sends ``start`` of a big body and then nothing until ``sent`` is set."""
+    def route(handler):
+        handler.send_response(status)
+        handler.send_header("Content-Type", content_type)
+        handler.send_header("Content-Length", str(BIG))
+        handler.end_headers()
+        handler.wfile.write(start)
+        sent.wait(30)   # the rest never comes
+    return route
+
+
 def test_what_is_not_html_is_not_read(children):
     """A PDF was read up to max_bytes (2 MiB) to be thrown away: here one that never ends
     kept each crawler until its request timed out."""
     sent = threading.Event()
-
-    def endless_pdf(handler):
-        handler.send_response(200)
-        handler.send_header("Content-Type", "application/pdf")
-        handler.send_header("Content-Length", str(BIG))
-        handler.end_headers()
-        handler.wfile.write(b"%PDF-1.7\n")
-        sent.wait(30)   # the rest never comes
-
-    with Site({"/file.pdf": endless_pdf}) as site:
+    with Site({"/file.pdf": endless(200, "application/pdf", b"%PDF-1.7\n", sent)}) as site:
         try:
             assert fetch(QuickCrawl(), site.url + "/file.pdf")["bytes"] == 0
             assert CrawlSync().run(site.url + "/file.pdf")["bytes"] == 0
@@ -650,3 +654,30 @@ def test_a_jobs_retry_after_is_read_as_seconds_whatever_it_holds(given, kept):
         retry_after = given
 
     assert _failed(Ran("j", 1, False, ""), Busy("busy")).retry_after == kept
+
+
+def test_a_retry_after_date_without_a_zone_is_utc(monkeypatch):
+    """RFC 5322's -0000 is UTC with no zone said; Python reads it as a naive time, which
+    .timestamp() took for local time: hours off wherever the machine is not on UTC."""
+    from email.utils import formatdate
+
+    monkeypatch.setenv("TZ", "Pacific/Auckland")
+    time.tzset()
+    try:
+        later = formatdate(time.time() + 30).replace("+0000", "-0000")
+        assert 25 <= retry_after(503, {"Retry-After": later}) <= 30
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
+def test_an_error_page_is_not_read(children):
+    """A 404's body has no links to follow: it was read up to max_bytes and thrown away,
+    and one that streamed slowly held the job until its request timed out."""
+    sent = threading.Event()
+    with Site({"/gone": endless(404, "text/html", b"<html><body>not here", sent)}) as site:
+        try:
+            assert fetch(QuickCrawl(), site.url + "/gone") == {
+                "url": site.url + "/gone", "status": 404, "links": 0, "bytes": 0}
+        finally:
+            sent.set()

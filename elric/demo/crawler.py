@@ -12,7 +12,7 @@ As a crawler should: robots.txt is obeyed (read once per host and round in each 
 where a redirect leads too, since that page is a job of its own (deduped with the links
 to it); 5xx and 429 answers, timeouts and broken connections are retried with backoff
 (``max_retries``), no sooner than a Retry-After asks (up to RETRY_BACKOFF_MAX); a 404 or
-other 4xx is a result, not an error; a link marked ``rel="nofollow"``, or any of a page
+other 4xx is a result, not an error, and its body is not read; a link marked ``rel="nofollow"``, or any of a page
 whose robots ``<meta>`` says nofollow, is not followed; and at most ``max_bytes`` of a
 page are read, and nothing of what is not HTML. robots.txt's ``Crawl-delay`` is not read:
 a pause between requests to a host is a ``LIMITS`` rule, kept across all workers, e.g.
@@ -285,8 +285,8 @@ class Crawl(Job):
                     raise ServerError(url, response)
                 location = response.headers.get("Location") if status in _REDIRECTS else None
                 if location is None:
-                    html = "html" in response.content_type   # lower-case, as parsed
-                    # a PDF, an image: no links in it, nothing to read
+                    html = "html" in response.content_type and status < 400   # lower-case
+                    # a PDF, an image, an error page: no links to follow, nothing to read
                     body, truncated = await _read(response, self.max_bytes) if html \
                         else (b"", False)
                     charset = response.charset

@@ -19,6 +19,7 @@ import string
 import time
 import urllib.error
 import urllib.request
+from datetime import UTC
 from email.utils import parsedate_to_datetime
 from html.parser import HTMLParser
 from urllib.parse import quote, urldefrag, urljoin, urlparse
@@ -90,7 +91,8 @@ def retry_after(status: int, headers) -> float:
     if value.isdigit():
         return float(value)
     try:
-        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+        when = parsedate_to_datetime(value)   # naive for -0000: UTC, no zone said (RFC 5322)
+        return max(0.0, when.replace(tzinfo=when.tzinfo or UTC).timestamp() - time.time())
     except (TypeError, ValueError):   # none, or not a date
         return 0.0
 
