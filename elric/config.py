@@ -176,6 +176,8 @@ def _check(key: str, value: Any, where: str) -> Any:
         raise bad(f"must be between 0 and 1, got {value!r}")
     if isinstance(value, list) and not all(isinstance(v, str) and v for v in value):
         raise bad(f"expected a list of names, got {value!r}")
+    if key == "QUEUES" and not value:   # (JOB_MODULES may be empty: any module)
+        raise bad("names no queue, and a worker would run nothing; give one at least")
     if isinstance(value, float) and not math.isfinite(value):
         raise bad(f"must be a finite number, got {value!r}")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -215,7 +217,7 @@ def _from_env(key: str, raw: str) -> Any:
     if spec.nullable and raw.strip().lower() in ("", "none", "null"):
         return None
     if list in spec.types:
-        return names(raw, None if key == "JOB_MODULES" else f"{key} (from {name})")  # []: any
+        return names(raw, None)   # an empty QUEUES is refused by _check, wherever it is from
     if key == "LIMITS":
         try:
             return json.loads(raw)
