@@ -17,7 +17,7 @@ import runpy
 from dataclasses import dataclass
 from typing import Any
 
-from elric.contract import MAX_TIMEOUT
+from elric.contract import MAX_TIMEOUT, is_text
 
 
 class SettingsError(Exception):
@@ -158,6 +158,10 @@ def _check(key: str, value: Any, where: str) -> Any:
         value = list(value)
     if isinstance(value, bool) and bool not in spec.types or not isinstance(value, spec.types):
         raise bad(f"expected {' or '.join(t.__name__ for t in spec.types)}, got {value!r}")
+    # bytes that are not UTF-8 (the environment keeps them as lone surrogates) reach no
+    # browser, Redis or RPC peer as such; not shown, as the value may be a secret
+    if isinstance(value, str) and not is_text(value):
+        raise bad("holds bytes that are not UTF-8 text; give it in UTF-8")
     if key == "LIMITS":
         from elric.limits import parse_rules
 

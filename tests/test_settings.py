@@ -218,6 +218,12 @@ CASES = {
     "master: MASTER_ADDRESS without a port": lambda d, r: (
         ["master"], {"MASTER_ADDRESS": "127.0.0.1"},
         "MASTER_ADDRESS: '127.0.0.1' is not host:port"),
+    # refused, not a crash in the dashboard at start (the environment keeps b"\xff" as "\udcff")
+    "master: a DASHBOARD_PASSWORD that is not UTF-8": lambda d, r: (
+        ["master", "--redis-url", r], {"MASTER_ADDRESS": unused_address(),
+                                       "DASHBOARD_ADDRESS": unused_address(),
+                                       "DASHBOARD_PASSWORD": "s3cret\udcff"},
+        "DASHBOARD_PASSWORD (from ELRIC_DASHBOARD_PASSWORD): holds bytes that are not UTF-8"),
     "worker: --master without a port": lambda d, r: (
         ["worker", "--master", "127.0.0.1"], {"REDIS_URL": r},
         "MASTER_ADDRESS: '127.0.0.1' is not host:port"),
@@ -238,3 +244,4 @@ def test_bad_settings_exit_2_with_one_clear_line(case, tmp_path, redis_url):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and proc.stdout == "", output
     assert lines[0].startswith("elric: ") and message in lines[0], output
+    assert "s3cret" not in output, output   # a secret is not shown
