@@ -78,10 +78,16 @@ class Step:
             self.errors.append(reason)
 
 
-def left_alone(job_id: str, was: str | None) -> str:
-    """Why a cancel (of one job or many) did nothing to a job."""
+# what does to a periodic job what an action would: it has no job record of its own
+_PERIODIC = {"cancel": "pause|remove {} stops it", "delete": "remove {} removes it",
+             "rerun": "run-now {} fires it now"}
+
+
+def left_alone(job_id: str, was: str | None, action: str = "cancel") -> str:
+    """Why a cancel (of one job or many), or a bulk delete or rerun, did nothing to a job."""
     if was == Status.SCHEDULED:
-        return f"job {job_id!r} is periodic: elric schedules pause|remove {job_id} stops it"
+        return f"job {job_id!r} is periodic: elric schedules " + \
+            _PERIODIC[action].format(job_id)
     return f"job {job_id!r} had ended ({was}): left alone" if was else f"no job {job_id!r}"
 
 
@@ -169,11 +175,11 @@ class Bulk:
         chosen = list(dict.fromkeys(chosen))   # an id given twice, or met twice by ZSCAN: once
         step = Step(cursor=next_cursor)
         # an id given that is no job (mistyped, or its record expired) is said, not passed
-        # over; a cancel names a periodic job's as a cancel of one does
+        # over; a periodic job's says what does that to it
         periodic = await asyncio.gather(*map(self.store.get, missing)) \
-            if action == "cancel" else [None] * len(missing)
+            if action in _PERIODIC else [None] * len(missing)
         for job_id, schedule in zip(missing, periodic):
-            step.skip(left_alone(job_id, schedule and Status.SCHEDULED))
+            step.skip(left_alone(job_id, schedule and Status.SCHEDULED, action))
         if action == "find":
             step.ids, step.touched = chosen, len(chosen)
         elif action == "copy":

@@ -17,7 +17,7 @@ import runpy
 from dataclasses import dataclass
 from typing import Any
 
-from elric.contract import MAX_TIMEOUT
+from elric.contract import MAX_TIMEOUT, is_text
 
 
 class SettingsError(Exception):
@@ -158,6 +158,10 @@ def _check(key: str, value: Any, where: str) -> Any:
         value = list(value)
     if isinstance(value, bool) and bool not in spec.types or not isinstance(value, spec.types):
         raise bad(f"expected {' or '.join(t.__name__ for t in spec.types)}, got {value!r}")
+    # bytes that are not UTF-8 (the environment keeps them as lone surrogates) reach no
+    # browser, Redis or RPC peer as such; not shown, as the value may be a secret
+    if isinstance(value, str) and not is_text(value):
+        raise bad("holds bytes that are not UTF-8 text; give it in UTF-8")
     if key == "LIMITS":
         from elric.limits import parse_rules
 
@@ -176,6 +180,8 @@ def _check(key: str, value: Any, where: str) -> Any:
         raise bad(f"must be between 0 and 1, got {value!r}")
     if isinstance(value, list) and not all(isinstance(v, str) and v for v in value):
         raise bad(f"expected a list of names, got {value!r}")
+    if key == "QUEUES" and not value:   # (JOB_MODULES may be empty: any module)
+        raise bad("names no queue, and a worker would run nothing; give one at least")
     if isinstance(value, float) and not math.isfinite(value):
         raise bad(f"must be a finite number, got {value!r}")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -215,7 +221,7 @@ def _from_env(key: str, raw: str) -> Any:
     if spec.nullable and raw.strip().lower() in ("", "none", "null"):
         return None
     if list in spec.types:
-        return names(raw, None if key == "JOB_MODULES" else f"{key} (from {name})")  # []: any
+        return names(raw, None)   # an empty QUEUES is refused by _check, wherever it is from
     if key == "LIMITS":
         try:
             return json.loads(raw)

@@ -151,14 +151,16 @@ MAX_LIMIT_KEY = 200  # characters: a limit key names Redis keys
 _DEFAULTS = (("queue", "default"), ("priority", 0), ("max_retries", 0), ("timeout", None))
 
 
-def _is_text(value: str) -> bool:
+def is_text(value: str) -> bool:
     """Whether a str is valid Unicode text (no lone surrogate): encodable as UTF-8."""
     return value.isascii() or _LONE_SURROGATE.search(value) is None
 
 
-def _not_text(what: str, value: str) -> SpecError:
-    return SpecError(f"{what} {value!r} is not valid UTF-8: send text as UTF-8 and binary "
-                     "data as msgpack bin")
+def check_text(what: str, value: str) -> None:
+    """The one refusal of text that is not UTF-8, in a spec, a filter or an id."""
+    if not is_text(value):
+        raise SpecError(f"{what} {value!r} is not valid UTF-8: send text as UTF-8 and binary "
+                        "data as msgpack bin")
 
 
 def _check_msgpack_value(value: Any, where: str, depth: int = 0) -> None:
@@ -169,8 +171,7 @@ def _check_msgpack_value(value: Any, where: str, depth: int = 0) -> None:
                         "allowed; send plain values (nil, bool, numbers, strings, bytes, "
                         "arrays, maps)")
     if isinstance(value, str):
-        if not _is_text(value):
-            raise _not_text(where, value)
+        check_text(where, value)
     elif isinstance(value, int):
         if not -(2**63) <= value < 2**64:   # (a bool is 0 or 1)
             raise SpecError(f"{where}: integer {value} does not fit in 64 bits")
@@ -181,8 +182,8 @@ def _check_msgpack_value(value: Any, where: str, depth: int = 0) -> None:
         for k, v in value.items():
             if not isinstance(k, (str, int, bytes)):
                 raise SpecError(f"{where}: map key {k!r} is not a string or integer")
-            if isinstance(k, str) and not _is_text(k):
-                raise _not_text(f"{where}: map key", k)
+            if isinstance(k, str):
+                check_text(f"{where}: map key", k)
             _check_msgpack_value(v, f"{where}[{k!r}]", depth + 1)
     elif not (value is None or isinstance(value, (float, bytes))):
         raise SpecError(f"{where}: {type(value).__name__} is not a msgpack value")
@@ -227,8 +228,8 @@ def normalize_spec(
                 value is True or value is False) and bool not in types:
             raise SpecError(f"job spec key {key!r} must be {_wire_names(types)}, "
                             f"got {_WIRE_NAMES.get(type(value), type(value).__name__)}")
-        if isinstance(value, str) and not _is_text(value):
-            raise _not_text(key, value)
+        if isinstance(value, str):
+            check_text(key, value)
     if "trigger" not in spec and spec.keys() & _PERIODIC_KEYS:
         key = next(k for k in _PERIODIC_KEYS if k in spec)
         raise SpecError(f"job spec key {key!r} is for periodic jobs: give a 'trigger' "

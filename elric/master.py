@@ -27,7 +27,7 @@ from elric.admission import Admission
 from elric.bulk import Bulk, JobFilter
 from elric.clock import RedisClock
 from elric.config import Settings, SettingsError, parse_address, redact_url
-from elric.contract import ErrorCode, NotFound, Refused, SpecError, Status
+from elric.contract import ErrorCode, NotFound, Refused, SpecError, Status, check_text
 from elric.dedupe import DedupeError, DedupeFilter, make_filter
 from elric.housekeeping import Housekeeping
 from elric.jobstore import RedisJobStore
@@ -78,16 +78,8 @@ def _id(value, name: str = "job_id") -> str:
     """A job's or a worker's id: a non-empty string of UTF-8 text."""
     if not isinstance(value, str) or not value:
         raise SpecError(f"{name} must be a non-empty string, got {value!r}")
-    _utf8(name, value, owner=name.removesuffix("_id"))
+    check_text(name, value)   # bytes that are not UTF-8: lone surrogates Redis cannot take
     return value
-
-
-def _utf8(name: str, text: str, owner: str = "job") -> None:
-    """Bytes that are not UTF-8 arrive as lone surrogates, which Redis cannot be sent."""
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        raise SpecError(f"{name} {text!r} is not UTF-8 text; no {owner} has it") from None
 
 
 def _filter(raw, call: str, known, statuses) -> dict:
@@ -102,7 +94,7 @@ def _filter(raw, call: str, known, statuses) -> dict:
     for key in ("status", "queue", "func", "batch", "worker"):
         if raw.get(key) is not None and not isinstance(raw[key], str):
             raise SpecError(f"{call}: filter {key} must be a string")
-        _utf8(f"{call}: {key}", raw.get(key) or "")
+        check_text(f"{call}: {key}", raw.get(key) or "")
     if raw.get("status") not in (None, *statuses):
         raise SpecError(f"{call}: unknown status {raw['status']!r}; "
                         f"known: {', '.join(statuses)}")

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 
+from elric.triggers import every
 from tests.conftest import wait_for
+from tests.jobs import Echo
 from tests.test_cli import elric
 
 
@@ -152,6 +154,18 @@ def test_ids_that_are_no_job_are_said_and_a_command_that_did_nothing_exits_1(clu
         assert out.returncode == 1, (command, out.stdout, out.stderr)
         assert json.loads(out.stdout) == {"touched": 0, "skipped": 2, "errors": [
             "no job 'typo'", "no job 'typo2'"]}, (command, out.stdout)
+
+
+def test_a_periodic_id_given_to_delete_or_rerun_says_what_does_that_to_it(cluster):
+    """A periodic job has no job record: a delete or rerun of many named it "no job"."""
+    cluster.client.submit_job(Echo.spec(job_id="tick", trigger=every(hours=1)))
+    for command, does in (("delete", "remove tick removes it"),
+                          ("rerun", "run-now tick fires it now")):
+        out = elric(cluster, command, "tick", "typo", "--json")
+        assert out.returncode == 1, (command, out.stdout, out.stderr)
+        assert json.loads(out.stdout)["errors"] == [
+            f"job 'tick' is periodic: elric schedules {does}", "no job 'typo'"], out.stdout
+    assert cluster.client.get_job("tick")["status"] == "scheduled"   # left alone
 
 
 def test_an_id_given_twice_is_done_and_counted_once(cluster):

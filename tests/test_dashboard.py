@@ -10,11 +10,14 @@ import socket
 import urllib.error
 import urllib.parse
 import urllib.request
+from html import unescape
 
 import pytest
 
 from elric.redis_server import free_port
+from elric.triggers import every
 from tests.conftest import wait_for
+from tests.jobs import Echo
 
 PASSWORD = "correct horse"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -248,6 +251,7 @@ def test_an_action_that_did_nothing_is_not_counted_done(make_cluster):
         cluster.client.submit_job({"func": "tests.jobs:Add", "args": [1, 2], "job_id": job_id,
                                    "queue": "nobody"})
     cluster.client.cancel_job("j2")
+    cluster.client.submit_job(Echo.spec(job_id="tick", trigger=every(hours=1)))
     base = f"http://127.0.0.1:{port}"
     opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor())
     opener.open(base + "/login", data=urllib.parse.urlencode({"password": PASSWORD}).encode())
@@ -257,10 +261,14 @@ def test_an_action_that_did_nothing_is_not_counted_done(make_cluster):
     def act(kind: str, action: str, *ids: str) -> str:
         data = urllib.parse.urlencode([("kind", kind), ("action", action), ("csrf", token),
                                        *(("id", i) for i in ids)]).encode()
-        return opener.open(base + "/act", data=data).read().decode()
+        return unescape(opener.open(base + "/act", data=data).read().decode())
 
-    # the bulk form sends what is ticked: an ended job is not cancelled again
-    assert "cancel: 1 of 2 done; j2: had ended (cancelled)" in act("job", "cancel", "j1", "j2")
+    # the bulk form sends what is ticked: an ended job is not cancelled again; the reasons
+    # are the CLI's (a periodic job's says how to stop it)
+    assert "cancel: 1 of 2 done; job 'j2' had ended (cancelled): left alone" in act(
+        "job", "cancel", "j1", "j2")
+    assert "cancel: 0 of 1 done; job 'tick' is periodic: elric schedules pause|remove tick" \
+        in act("job", "cancel", "tick")
     assert "delete: 0 of 1 done; gone: not found" in act("job", "delete", "gone")
     assert "pause: 0 of 1 done; gone: not found" in act("schedule", "pause", "gone")
 

@@ -329,7 +329,7 @@ BAD_REQUESTS = [
     (("submit_jobs", [Echo.spec([1], job_id="dup"), Echo.spec([2], job_id="dup")]),
      "the same job_id appears twice"),
     (("get_job", 42), "job_id must be a non-empty string"),
-    (("get_job", "\udcff"), "job_id '\\udcff' is not UTF-8 text"),   # b"\xff" from a shell
+    (("get_job", "\udcff"), "job_id '\\udcff' is not valid UTF-8"),   # b"\xff" from a shell
     (("list_jobs", {"status": "done"}), "unknown status 'done'"),
     (("list_jobs", {"colour": "red"}), "unknown filter key(s)"),
     (("list_jobs", {"limit": 0}), "limit 1..1000"),

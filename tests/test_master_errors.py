@@ -81,8 +81,16 @@ def test_a_worker_id_that_is_not_utf8_is_bad_request(redis_url):
     """A worker_id sent as invalid UTF-8 went to Redis, which cannot take it: the caller got
     'internal error: UnicodeEncodeError', as list_jobs's filters once did."""
     async def body(m, client):
-        with pytest.raises(RemoteError) as info:
-            await client.call("control_worker", "w\udcff", "stop")
-        assert info.value.code == "bad_request", str(info.value)
-        assert "worker_id 'w\\udcff' is not UTF-8 text; no worker has it" in str(info.value)
+        # an id, a filter and a spec are refused by one rule, in one message
+        not_text = "'w\\udcff' is not valid UTF-8: send text as UTF-8 and binary data as " \
+            "msgpack bin"
+        for call, params, what in (("control_worker", ("w\udcff", "stop"), "worker_id"),
+                                   ("get_job", ("w\udcff",), "job_id"),
+                                   ("list_jobs", ({"queue": "w\udcff"},), "list_jobs: queue"),
+                                   ("submit_job", ({"func": "tests.jobs:Echo",
+                                                    "job_id": "w\udcff"},), "job_id")):
+            with pytest.raises(RemoteError) as info:
+                await client.call(call, *params)
+            assert info.value.code == "bad_request", str(info.value)
+            assert str(info.value) == f"{what} {not_text}", (call, str(info.value))
     with_master(redis_url, body)

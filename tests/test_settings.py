@@ -63,8 +63,11 @@ def test_env_overrides_have_the_types_of_their_keys(no_settings_file):
     assert s.REDIS_URL == "redis://h:1/2" and s.LOG_LEVEL == "debug"
     assert load_settings(env={"ELRIC_CONCURRENCY": ""}).CONCURRENCY is None  # nullable
     assert load_settings(env={"ELRIC_JOB_MODULES": ""}).JOB_MODULES == []   # any
-    with pytest.raises(SettingsError, match=r"QUEUES \(from ELRIC_QUEUES\): ',' names nothing"):
-        load_settings(env={"ELRIC_QUEUES": ","})   # not a worker that pulls from no queue
+    # not a worker that pulls from no queue, wherever the empty list is from
+    for where, settings in (("ELRIC_QUEUES", {"env": {"ELRIC_QUEUES": ","}}),
+                            ("command line", {"env": {}, "overrides": {"QUEUES": []}})):
+        with pytest.raises(SettingsError, match=rf"^QUEUES \(from {where}\): names no queue"):
+            load_settings(**settings)
 
 
 def test_file_then_env_then_command_line(no_settings_file):
@@ -123,6 +126,7 @@ def test_bad_env_values_name_the_key(no_settings_file, env, message):
     ("CONCURRENCY = True\n", "CONCURRENCY (from {path}): expected int, got True"),
     ("QUEUES = 'a,b'\n", "QUEUES (from {path}): expected list, got 'a,b'"),
     ("QUEUES = ['a', '']\n", "QUEUES (from {path}): expected a list of names"),
+    ("QUEUES = []\n", "QUEUES (from {path}): names no queue, and a worker would run nothing"),
     ("raise RuntimeError('nope')\n", "failed to load: RuntimeError: nope"),
 ])
 def test_bad_settings_files_name_the_key(no_settings_file, body, message):
@@ -214,6 +218,12 @@ CASES = {
     "master: MASTER_ADDRESS without a port": lambda d, r: (
         ["master"], {"MASTER_ADDRESS": "127.0.0.1"},
         "MASTER_ADDRESS: '127.0.0.1' is not host:port"),
+    # refused, not a crash in the dashboard at start (the environment keeps b"\xff" as "\udcff")
+    "master: a DASHBOARD_PASSWORD that is not UTF-8": lambda d, r: (
+        ["master", "--redis-url", r], {"MASTER_ADDRESS": unused_address(),
+                                       "DASHBOARD_ADDRESS": unused_address(),
+                                       "DASHBOARD_PASSWORD": "s3cret\udcff"},
+        "DASHBOARD_PASSWORD (from ELRIC_DASHBOARD_PASSWORD): holds bytes that are not UTF-8"),
     "worker: --master without a port": lambda d, r: (
         ["worker", "--master", "127.0.0.1"], {"REDIS_URL": r},
         "MASTER_ADDRESS: '127.0.0.1' is not host:port"),
@@ -234,3 +244,4 @@ def test_bad_settings_exit_2_with_one_clear_line(case, tmp_path, redis_url):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and proc.stdout == "", output
     assert lines[0].startswith("elric: ") and message in lines[0], output
+    assert "s3cret" not in output, output   # a secret is not shown

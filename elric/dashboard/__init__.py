@@ -15,6 +15,7 @@ from urllib.parse import parse_qsl, quote, urlencode
 import jinja2
 from aiohttp import web
 
+from elric.bulk import left_alone
 from elric.config import SettingsError, names
 from elric.contract import ErrorCode, STATUSES, Status
 from elric.dashboard import metrics
@@ -240,11 +241,11 @@ class Dashboard:
                 errors.append(f"{one}: {exc}")
                 continue
             # delete, pause and resume answer False for no such job; a cancel of a job that
-            # had ended leaves it alone: neither is done
+            # had ended, or of a periodic one, leaves it alone: neither is done
             if reply is False:
                 errors.append(f"{one}: not found")
             elif action == "cancel" and not Status(reply["was"]).live:
-                errors.append(f"{one}: had ended ({reply['was']})")
+                errors.append(left_alone(one, reply["was"]))
             else:
                 done += 1
         log.info("dashboard: %s %s: %d of %d done", kind, action, done, len(ids))
