@@ -127,7 +127,8 @@ class Master:
             f = make_filter(backend, self.redis, self.keys, capacity=s.BLOOM_CAPACITY,
                             error_rate=s.BLOOM_ERROR_RATE,
                             set_ttl=s.DEDUPE_TTL if backend == "set" else None,
-                            snapshot_interval=s.BLOOM_SNAPSHOT_INTERVAL)
+                            snapshot_interval=s.BLOOM_SNAPSHOT_INTERVAL,
+                            takeover_after=s.DEDUPE_TAKEOVER_AFTER)
             try:
                 await f.start()
             except DedupeError as exc:   # e.g. an unreadable snapshot: the message says what to do

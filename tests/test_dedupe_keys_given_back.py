@@ -430,6 +430,30 @@ def test_a_key_taken_for_a_job_never_queued_goes_to_that_jobs_resend_only(redis_
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("ttl", [None, 3600])
+def test_a_key_whose_job_was_never_queued_goes_to_the_next_job_past_the_grace(redis_url, ttl):
+    """K2 was taken for J, never queued, and not given back (a master died, or Redis was
+    away longer than the give-back): within DEDUPE_TAKEOVER_AFTER (a slow call may still
+    queue J) another job is filtered; past it the next job takes K2, and J is a duplicate.
+    A key whose job was queued stays taken however old."""
+    async def main():
+        async with master(redis_url, DEDUPE_TTL=ttl, DEDUPE_TAKEOVER_AFTER=1) as m:
+            spec = {"func": E, "dedupe_key": "K", "dedupe_scope": "s"}
+            assert (await m.submit_jobs([spec]))[0]["status"] == "queued"
+            assert await m.filters["set"].check_and_add("s", ["K2"], ["J"]) == [True]
+            other = {**spec, "dedupe_key": "K2"}
+            assert (await m.submit_jobs([other]))[0]["status"] == "filtered"
+            deadline = asyncio.get_running_loop().time() + 20
+            while (await m.submit_jobs([other]))[0]["status"] != "queued":
+                assert asyncio.get_running_loop().time() < deadline, "K2 never taken over"
+                await asyncio.sleep(0.1)
+            assert (await m.submit_jobs([other]))[0]["status"] == "filtered"
+            assert (await m.submit_jobs([{**other, "job_id": "J"}]))[0]["status"] == "filtered"
+            assert (await m.submit_jobs([spec]))[0]["status"] == "filtered"
+            assert await queued(m) == 2
+    asyncio.run(main())
+
+
 def test_a_key_given_back_by_a_failed_call_is_not_claimed_by_its_resend_once_retaken(
         redis_url):
     """J's call failed and gave K back; L took K. J sent again is a duplicate of L."""
