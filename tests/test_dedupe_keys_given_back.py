@@ -20,7 +20,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from elric import contract
 from elric.client import MasterClient
-from elric.config import load_settings
+from elric.config import SettingsError, load_settings
 from elric.master import Master
 from elric.queue import Outcome, RedisQueue
 from elric.redis_server import free_port
@@ -232,6 +232,35 @@ def test_a_stopping_master_does_not_wait_forever_on_a_redis_that_does_not_answer
             assert len(m.admission._cleanups) == 1       # the clean-up goes on, waiting on Redis
             await asyncio.wait_for(m.close(), 20)
             m.close = _noop
+    asyncio.run(main())
+
+
+def test_a_master_that_cannot_listen_closes_what_its_start_made(redis_url):
+    """Master.start failing at its RPC port (taken) left its Redis connections open and
+    its Bloom filter's snapshot task running, in a process that goes on (a test, an
+    embedding program)."""
+    import socket
+
+    import redis
+
+    from tests.conftest import wait_for
+
+    async def main():
+        taken = socket.create_server(("127.0.0.1", 0))
+        r = redis.Redis.from_url(redis_url)
+        before = len(r.client_list())
+        m = Master(load_settings(env={}, overrides=dict(
+            REDIS_URL=redis_url, MASTER_ADDRESS=f"127.0.0.1:{taken.getsockname()[1]}",
+            FILTER_BACKEND="bloom")))
+        try:
+            with pytest.raises(SettingsError, match="cannot listen"):
+                await m.start()
+            assert [t.get_name() for t in asyncio.all_tasks()
+                    if t is not asyncio.current_task()] == []
+            wait_for(lambda: len(r.client_list()) == before, what="its connections closed")
+        finally:
+            r.close()
+            taken.close()
     asyncio.run(main())
 
 
