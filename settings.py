@@ -123,6 +123,11 @@ DEDUPE_RELEASE_ON_FAILURE = False
 # Seconds the dedupe scope of one fire of a periodic job ("@fire") is kept.
 DEDUPE_ROUND_TTL = 86400
 
+# "set" backend: seconds after which a key taken for a job that was never queued (its call
+# failed and could not give the key back) goes to the next job with it. Keep it well above
+# the longest a submit can take.
+DEDUPE_TAKEOVER_AFTER = 600
+
 # Bloom filters: items the first stage holds (each next stage twice as many), and the
 # false-positive rate kept overall (a new key wrongly called seen, and its job dropped,
 # with this probability).

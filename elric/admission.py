@@ -91,7 +91,7 @@ class Admission:
 
     async def _admit(self, specs: list[dict], chosen: set[str]) -> list[Submitted]:
         """Dedupe and queue jobs; a call that fails gives back the keys it took."""
-        reservation = Reservation(self.gate, specs, chosen=chosen)
+        reservation = Reservation(self.gate, specs)
         try:
             await reservation.check()
             # A resent submission (same job_id, same key) is not a duplicate of itself:

@@ -77,6 +77,8 @@ KEYS: dict[str, Key] = {
     "DEDUPE_RELEASE_ON_FAILURE": Key(False, (bool,), "release the key of a job that failed for "
                                                      "good (set backend only)"),
     "DEDUPE_ROUND_TTL": Key(86400, (int,), "seconds a per-fire dedupe scope is kept"),
+    "DEDUPE_TAKEOVER_AFTER": Key(600, (int, float), "set backend: seconds after which a key "
+                                 "taken for a job never queued goes to the next job with it"),
     "BLOOM_CAPACITY": Key(1_000_000, (int,), "items a Bloom filter is sized for"),
     "BLOOM_ERROR_RATE": Key(0.001, (float,), "false-positive rate a Bloom filter keeps"),
     "BLOOM_SNAPSHOT_INTERVAL": Key(30.0, (int, float),
@@ -188,7 +190,7 @@ def _check(key: str, value: Any, where: str) -> Any:
         positive = key in ("CONCURRENCY", "WORKER_CHUNK", "LEASE_SECONDS", "ASYNC_CONCURRENCY",
                            "RESULT_TTL", "FAILED_TTL", "RESULT_MAX_BYTES", "RPC_MAX_MESSAGE",
                            "JOB_TIMEOUT", "SCHEDULER_LEASE", "BLOOM_CAPACITY", "DEDUPE_TTL",
-                           "DEDUPE_ROUND_TTL")
+                           "DEDUPE_ROUND_TTL", "DEDUPE_TAKEOVER_AFTER")
         if value < 0 or (value == 0 and positive):
             raise bad(f"must be {'positive' if positive else '0 or more'}, got {value!r}")
     # JOB_TIMEOUT: the default of every spec's timeout; DEDUPE_TTL: the dedupe scripts'

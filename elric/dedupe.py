@@ -35,6 +35,8 @@ BACKENDS = ("set", "bloom", "redis-bloom")
 # How long a job id stays recorded as the taker of its key (`owned`) when no DEDUPE_TTL
 # bounds it: a resend after a master died between filter and queue must come within it.
 TAKING_TTL_MS = 86_400_000
+# Seconds after which a key taken for a job never queued goes to the next job with it.
+TAKEOVER_AFTER = 600.0
 
 # Seconds a stopping master tries to write the last snapshot of its 'bloom' scopes.
 LAST_SNAPSHOT_WAIT = 10.0
@@ -95,10 +97,9 @@ class DedupeFilter(ABC):
         the owner's job was queued since nor the key given back (exact backends only)."""
         return [False] * len(keys)
 
-    async def release(self, scope: str, keys: list[str],
-                      owners: list[str] | None = None) -> None:
+    async def release(self, scope: str, keys: list[str]) -> None:
         """Forget ``keys`` in ``scope`` so that they are new again (exact backends only),
-        and the notes that ``owners`` (their job ids) took them."""
+        and which jobs took them."""
         raise DedupeError(
             f"the {self.name!r} dedupe backend cannot release keys: a Bloom filter "
             "cannot remove a key without removing bits other keys share (use the "
@@ -165,11 +166,14 @@ class SetFilter(DedupeFilter):
     name = "set"
     can_release = True
 
-    def __init__(self, redis, keys: Keys, *, set_ttl: float | None = None) -> None:
+    def __init__(self, redis, keys: Keys, *, set_ttl: float | None = None,
+                 takeover_after: float = TAKEOVER_AFTER) -> None:
         super().__init__(redis, keys)
         self.set_ttl = set_ttl
         self._ttl_ms = None if set_ttl is None else max(1, int(round(set_ttl * 1000)))
-        self._script = lua.load(redis, "dedupe_set" if set_ttl is None else "dedupe_set_ttl")
+        self._takeover_ms = int(takeover_after * 1000)
+        self._script = lua.load(redis, "dedupe_set" if set_ttl is None else "dedupe_set_ttl",
+                                "dedupe_taker_fn")
 
     async def _typed(self, scope: str, call):
         """``await call``, a WRONGTYPE reply (the scope was written with the other
@@ -191,31 +195,26 @@ class SetFilter(DedupeFilter):
                             owners: list[str] | None = None) -> list[bool]:
         if not keys:
             return []
-        named = owners is not None and any(owners)
-        args = [scope, self.keys.dedupe_taking("") if named else ""]
-        args = [*args, TAKING_TTL_MS] if self._ttl_ms is None else [self._ttl_ms, *args]
-        args += [*keys, *owners] if named else keys
         res = await self._typed(scope, self._script(
             keys=[self.keys.dedupe_set(scope), self.keys.dedupe_stats(scope),
-                  self.keys.dedupe_scopes], args=args))
+                  self.keys.dedupe_scopes], args=[
+                      scope, "" if owners is None else self.keys.dedupe_taking(""),
+                      self._ttl_ms or TAKING_TTL_MS, self._takeover_ms, *keys, *(owners or ())]))
         return [r == 1 for r in res]
 
-    @staticmethod
-    def _taking(scope: str, key: str) -> bytes:
-        return f"{len(scope.encode())}:{scope}{key}".encode()
+    def _notes(self, scope: str, keys: list[str]) -> list[str]:
+        return [self.keys.dedupe_taking(Keys.taker_note(scope, k)) for k in keys]
 
     async def owned(self, scope: str, keys: list[str], owners: list[str]) -> list[bool]:
         if not keys:
             return []
-        got = await self.redis.mget([self.keys.dedupe_taking(o) for o in owners])
-        return [g == self._taking(scope, k) for g, k in zip(got, keys)]
+        got = await self.redis.mget(self._notes(scope, keys))
+        return [g == o.encode() for g, o in zip(got, owners)]
 
-    async def release(self, scope: str, keys: list[str],
-                      owners: list[str] | None = None) -> None:
+    async def release(self, scope: str, keys: list[str]) -> None:
         if keys:
             pipe = self.redis.pipeline(transaction=True)
-            if owners:
-                pipe.delete(*map(self.keys.dedupe_taking, owners))
+            pipe.delete(*self._notes(scope, keys))   # a key given back has no taker
             remove = pipe.srem if self.set_ttl is None else pipe.zrem
             remove(self.keys.dedupe_set(scope), *keys)
             await self._typed(scope, pipe.execute())
@@ -583,7 +582,8 @@ class RedisBloomFilter(DedupeFilter):
 
 def make_filter(backend: str, redis, keys: Keys, *, capacity: int = 1_000_000,
                 error_rate: float = 0.001, set_ttl: float | None = None,
-                snapshot_interval: float = 30.0) -> DedupeFilter:
+                snapshot_interval: float = 30.0,
+                takeover_after: float = TAKEOVER_AFTER) -> DedupeFilter:
     """Build the dedupe filter named ``backend`` ("set", "bloom" or "redis-bloom").
 
     ``redis`` is a ``redis.asyncio.Redis`` (decode_responses=False). ``capacity`` and
@@ -605,7 +605,7 @@ def make_filter(backend: str, redis, keys: Keys, *, capacity: int = 1_000_000,
     if snapshot_interval < 0:
         raise DedupeError(f"snapshot_interval must be >= 0, got {snapshot_interval!r}")
     if backend == "set":
-        return SetFilter(redis, keys, set_ttl=set_ttl)
+        return SetFilter(redis, keys, set_ttl=set_ttl, takeover_after=takeover_after)
     if backend == "bloom":
         return BloomFilter(redis, keys, capacity=capacity, error_rate=error_rate,
                            snapshot_interval=snapshot_interval)

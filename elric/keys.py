@@ -85,9 +85,10 @@ Dedupe filters
     ``{p}:dedupe:rbloom:{scope}:{n}``   string shard ``n`` of a Bloom filter kept in Redis:
                                                the Bloom bits, then a zero byte
                                                (layout in elric/rbloom.py).
-    ``{p}:dedupe:taking:{job_id}``      string the scope and key an exact filter let
-                                               through for this (chosen) job id, until the
-                                               job is queued or the key given back; expires.
+    ``{p}:dedupe:taking:{n}:{scope}{key}`` string the job an exact filter let ``key``
+                                               through for (``n``: the scope's length in
+                                               bytes), until the job is queued or the key
+                                               given back; expires.
     ``{p}:dedupe:stats:{scope}``        hash   items added, filtered, params, backend,
                                                per scope.
     ``{p}:dedupe:scopes``               zset   every scope with a stats hash -> when it
@@ -164,3 +165,8 @@ class Keys:
     dedupe_rbloom = _family("dedupe:rbloom:{}:{}")
     dedupe_taking = _family("dedupe:taking:{}")
     dedupe_stats = _family("dedupe:stats:{}")
+
+    @staticmethod
+    def taker_note(scope: str, key: str) -> str:
+        """What follows ``dedupe_taking("")`` for ``key`` in ``scope`` (as Lua builds it)."""
+        return f"{len(scope.encode())}:{scope}{key}"

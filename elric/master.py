@@ -10,6 +10,7 @@ make is an atomic script.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import gc
@@ -112,12 +113,19 @@ class Master:
 
     # --- lifecycle --------------------------------------------------------------------
     async def start(self) -> tuple[str, int]:
+        async with contextlib.AsyncExitStack() as made:   # closed if start fails partway
+            bound = await self._start(made)
+            made.pop_all()
+        return bound
+
+    async def _start(self, made: contextlib.AsyncExitStack) -> tuple[str, int]:
         s = self.settings
         # Many RPC calls run at once; a blocking pool makes them wait for a connection
-        # instead of failing with "Too many connections".
-        self.redis = aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool.from_url(
+        # instead of failing with "Too many connections". (from_pool: aclose closes it too)
+        self.redis = aioredis.Redis.from_pool(aioredis.BlockingConnectionPool.from_url(
             s.REDIS_URL, max_connections=MAX_REDIS_CONNECTIONS, timeout=30,
             **REDIS_CLIENT_OPTIONS))
+        made.push_async_callback(self.redis.aclose)
         try:
             await self.redis.ping()
         except Exception as exc:
@@ -138,12 +146,14 @@ class Master:
             f = make_filter(backend, self.redis, self.keys, capacity=s.BLOOM_CAPACITY,
                             error_rate=s.BLOOM_ERROR_RATE,
                             set_ttl=s.DEDUPE_TTL if backend == "set" else None,
-                            snapshot_interval=s.BLOOM_SNAPSHOT_INTERVAL)
+                            snapshot_interval=s.BLOOM_SNAPSHOT_INTERVAL,
+                            takeover_after=s.DEDUPE_TAKEOVER_AFTER)
             try:
                 await f.start()
             except DedupeError as exc:   # e.g. an unreadable snapshot: the message says what to do
                 raise SettingsError(f"FILTER_BACKEND {backend}: {exc}") from None
             self.filters[backend] = f
+            made.push_async_callback(f.close)
         gate = DedupeGate(s, self.filters, self.queue)
         self.admission = Admission(s, self.queue, self.store, gate, self.redis, self.keys)
         self.bulk = Bulk(self.queue, self.admission, self.redis, self.keys, self.store)
@@ -166,6 +176,7 @@ class Master:
         except OSError as exc:
             raise SettingsError(f"MASTER_ADDRESS {self.address}: cannot listen "
                                 f"({exc.strerror or exc})") from None
+        made.push_async_callback(self.server.close)
         self.dashboard = await self._start_dashboard() if s.DASHBOARD_ADDRESS else None
         self._housekeeping = asyncio.create_task(self.housekeeping.run())
         self._scheduling = asyncio.create_task(self.scheduler.run())

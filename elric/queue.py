@@ -221,7 +221,8 @@ class RedisQueue:
                 args=[*self._line, k.batch(""), k.func(""), k.round(""), self.failed_ttl,
                       "" if fence is None else fence, codec.pack_for_lua(jobs),
                       k.dedupe_taking(""),
-                      *(s["job_id"] for s in specs if s.get("dedupe_key") is not None)])
+                      *(k.taker_note(s["dedupe_scope"], s["dedupe_key"])
+                        for s in specs if s.get("dedupe_key") is not None)])
         except ResponseError as exc:
             if _error_code(exc) == "FENCED":
                 raise Fenced(str(exc)) from None

@@ -54,9 +54,6 @@ class Reservation:
     new: dict[int, bool] = field(default_factory=dict)
     # the group whose filter call failed: its answer may be lost with the keys taken
     unsure: list[dict] = field(default_factory=list)
-    # ids a caller chose (None: all), so it may send them again: an exact filter records
-    # them as the takers of their keys (see ``reclaim``)
-    chosen: set[str] | None = None
 
     def __post_init__(self) -> None:
         for spec in self.specs:
@@ -79,10 +76,9 @@ class Reservation:
         unanswered = (s for s in self.specs
                       if s.get("dedupe_key") is not None and id(s) not in self.new)
         for scope, group in _by_scope(unanswered).items():
-            owners = [s["job_id"] if self._named(s) else "" for s in group]
-            try:
+            try:   # an exact filter notes each key's taker (see ``reclaim``, ``_took``)
                 verdicts = await self.gate.filter_for(scope).check_and_add(
-                    scope, [s["dedupe_key"] for s in group], owners)
+                    scope, [s["dedupe_key"] for s in group], [s["job_id"] for s in group])
             except DedupeError as exc:
                 raise ScopeRefused(scope, exc) from None
             except redis.exceptions.ResponseError:
@@ -116,25 +112,20 @@ class Reservation:
         await self.gate.give_back_unheld(self.passed + await self._took(deadline),
                                          if_unknown=True, patience=patience)
 
-    def _named(self, spec: dict) -> bool:
-        """Whether the caller chose the spec's id, so it may send it again."""
-        return self.chosen is None or spec["job_id"] in self.chosen
-
     async def _took(self, deadline: float) -> list[dict]:
-        """The unsure specs (their check's reply was lost) whose keys that check took. A
-        named job took its key if the filter recorded it as the taker; one it found seen is
-        another job's, not to be freed. Unnamed ones: all, so that no job is lost."""
-        named = [s for s in self.unsure if self._named(s)]
-        if not named:
-            return self.unsure
-        scope, unnamed = named[0]["dedupe_scope"], [s for s in self.unsure if not self._named(s)]
+        """The unsure specs (their check's reply was lost) whose keys that check took: a job
+        took its key if the filter recorded it as the taker; one it found seen is another
+        job's, not to be freed."""
+        if not self.unsure:
+            return []
+        scope, unsure = self.unsure[0]["dedupe_scope"], self.unsure
         try:
             mine = await retry(lambda: self.gate.filter_for(scope).owned(
-                scope, [s["dedupe_key"] for s in named], [s["job_id"] for s in named]),
+                scope, [s["dedupe_key"] for s in unsure], [s["job_id"] for s in unsure]),
                 log=log, what="reading who took dedupe keys", deadline=deadline)
         except Exception:
             return self.unsure
-        return unnamed + [s for s, m in zip(named, mine) if m]
+        return [s for s, m in zip(unsure, mine) if m]
 
 
 @dataclass
@@ -177,8 +168,7 @@ class DedupeGate:
             f = self.filter_for(scope)
             if f.can_release:
                 try:
-                    await retry(lambda: f.release(scope, [s["dedupe_key"] for s in group],
-                                                  [s["job_id"] for s in group]),
+                    await retry(lambda: f.release(scope, [s["dedupe_key"] for s in group]),
                                 log=log, deadline=deadline,
                                 what=f"giving back dedupe keys of scope {scope!r}")
                 except Exception as exc:

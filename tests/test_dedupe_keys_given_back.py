@@ -20,7 +20,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from elric import contract
 from elric.client import MasterClient
-from elric.config import load_settings
+from elric.config import SettingsError, load_settings
 from elric.master import Master
 from elric.queue import Outcome, RedisQueue
 from elric.redis_server import free_port
@@ -235,6 +235,35 @@ def test_a_stopping_master_does_not_wait_forever_on_a_redis_that_does_not_answer
     asyncio.run(main())
 
 
+def test_a_master_that_cannot_listen_closes_what_its_start_made(redis_url):
+    """Master.start failing at its RPC port (taken) left its Redis connections open and
+    its Bloom filter's snapshot task running, in a process that goes on (a test, an
+    embedding program)."""
+    import socket
+
+    import redis
+
+    from tests.conftest import wait_for
+
+    async def main():
+        taken = socket.create_server(("127.0.0.1", 0))
+        r = redis.Redis.from_url(redis_url)
+        before = len(r.client_list())
+        m = Master(load_settings(env={}, overrides=dict(
+            REDIS_URL=redis_url, MASTER_ADDRESS=f"127.0.0.1:{taken.getsockname()[1]}",
+            FILTER_BACKEND="bloom")))
+        try:
+            with pytest.raises(SettingsError, match="cannot listen"):
+                await m.start()
+            assert [t.get_name() for t in asyncio.all_tasks()
+                    if t is not asyncio.current_task()] == []
+            wait_for(lambda: len(r.client_list()) == before, what="its connections closed")
+        finally:
+            r.close()
+            taken.close()
+    asyncio.run(main())
+
+
 @pytest.mark.parametrize("chosen", [False, True])
 def test_a_job_this_call_queued_and_that_ended_before_a_replay_keeps_its_key(redis_url,
                                                                              chosen):
@@ -427,6 +456,30 @@ def test_a_key_taken_for_a_job_never_queued_goes_to_that_jobs_resend_only(redis_
             assert await queued(m) == 1
             assert await m.remove_job("J")       # its id is new again, its key is not
             assert (await m.submit_jobs([spec]))[0]["status"] == "filtered"
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("ttl", [None, 3600])
+def test_a_key_whose_job_was_never_queued_goes_to_the_next_job_past_the_grace(redis_url, ttl):
+    """K2 was taken for J, never queued, and not given back (a master died, or Redis was
+    away longer than the give-back): within DEDUPE_TAKEOVER_AFTER (a slow call may still
+    queue J) another job is filtered; past it the next job takes K2, and J is a duplicate.
+    A key whose job was queued stays taken however old."""
+    async def main():
+        async with master(redis_url, DEDUPE_TTL=ttl, DEDUPE_TAKEOVER_AFTER=1) as m:
+            spec = {"func": E, "dedupe_key": "K", "dedupe_scope": "s"}
+            assert (await m.submit_jobs([spec]))[0]["status"] == "queued"
+            assert await m.filters["set"].check_and_add("s", ["K2"], ["J"]) == [True]
+            other = {**spec, "dedupe_key": "K2"}
+            assert (await m.submit_jobs([other]))[0]["status"] == "filtered"
+            deadline = asyncio.get_running_loop().time() + 20
+            while (await m.submit_jobs([other]))[0]["status"] != "queued":
+                assert asyncio.get_running_loop().time() < deadline, "K2 never taken over"
+                await asyncio.sleep(0.1)
+            assert (await m.submit_jobs([other]))[0]["status"] == "filtered"
+            assert (await m.submit_jobs([{**other, "job_id": "J"}]))[0]["status"] == "filtered"
+            assert (await m.submit_jobs([spec]))[0]["status"] == "filtered"
+            assert await queued(m) == 2
     asyncio.run(main())
 
 

@@ -482,13 +482,16 @@ def test_keyed_batch_costs_o1_round_trips(make_cluster, redis_url, backend):
 
 class HoldingProxy:
     """TCP proxy to Redis that forwards everything until a client sends ``marker``; from
-    then on that connection's data is thrown away: the command never reaches Redis."""
+    then on that connection's data is thrown away: the command never reaches Redis. With
+    ``cut_all``, Redis is gone instead until ``restore``: every connection is closed with
+    that command unsent, and new ones are closed at once (the first ``marker`` only)."""
 
-    def __init__(self, target_port: int, marker: bytes) -> None:
+    def __init__(self, target_port: int, marker: bytes, cut_all: bool = False) -> None:
         import socket
-        self.marker, self.port = marker, free_port()
+        self.marker, self.port, self.cut_all = marker, free_port(), cut_all
         self._listener = socket.create_server(("127.0.0.1", self.port))
         self._socks = []
+        self.cut = threading.Event()
         threading.Thread(target=self._accept, args=(target_port,), daemon=True).start()
 
     def _accept(self, target_port: int) -> None:
@@ -496,6 +499,9 @@ class HoldingProxy:
         while True:
             try:
                 client, _ = self._listener.accept()
+                if self.cut.is_set():
+                    client.close()
+                    continue
                 server = socket.create_connection(("127.0.0.1", target_port))
             except OSError:
                 return
@@ -508,17 +514,32 @@ class HoldingProxy:
     def _pump(self, src, dst, held, watch) -> None:
         try:
             while data := src.recv(65536):
-                if watch and self.marker in data:
+                if watch and self.marker and self.marker in data:
                     held.set()
+                    if self.cut_all:   # once: the commands after restore pass
+                        self.cut.set()
+                        self.marker = self.cut_all = None
+                        for s in self._socks:
+                            s.close()
                 if not held.is_set():
                     dst.sendall(data)
         except OSError:
             pass
 
+    def restore(self) -> None:
+        self.cut.clear()
+
     def close(self) -> None:
         self._listener.close()
         for s in self._socks:
             s.close()
+
+
+def enqueue_sha() -> bytes:
+    import hashlib
+
+    from elric.lua import source
+    return hashlib.sha1((source("clock_fn") + source("enqueue")).encode()).hexdigest().encode()
 
 
 def test_a_resend_after_the_master_died_between_filter_and_queue_is_queued(make_cluster,
@@ -527,13 +548,8 @@ def test_a_resend_after_the_master_died_between_filter_and_queue_is_queued(make_
     leaves the key taken by no job. The caller resends the same job (PROTOCOL: resending
     with the same job_id is safe) to another master: it must be queued, not "filtered"
     (a duplicate of a job that was never made: the job is lost)."""
-    import hashlib
-
-    from elric.lua import source
-
-    enqueue_sha = hashlib.sha1((source("clock_fn") + source("enqueue")).encode()).hexdigest()
     port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
-    proxy = HoldingProxy(port, enqueue_sha.encode())
+    proxy = HoldingProxy(port, enqueue_sha())
     r = redis.Redis.from_url(redis_url)
     try:
         c = make_cluster(REDIS_URL=f"redis://127.0.0.1:{proxy.port}/0")
@@ -560,6 +576,45 @@ def test_a_resend_after_the_master_died_between_filter_and_queue_is_queued(make_
         assert other.client.submit_job(spec) == {"job_id": "page-7", "status": "queued"}
         assert other.client.submit_job({**spec, "job_id": "page-8"})["status"] == "filtered"
         assert other.client.submit_job(spec) == {"job_id": "page-7", "status": "queued"}
+    finally:
+        r.close()
+        proxy.close()
+
+
+def test_a_key_whose_job_was_never_queued_goes_to_a_resend_without_an_id(make_cluster,
+                                                                         redis_url):
+    """Redis went away between the filter and the queue, and stayed away past the ~10 s
+    the failed call gives its keys back for: the key stayed taken by no job. A resend
+    without a job_id (a fresh id) was "filtered" for good, and the job was lost. Past
+    DEDUPE_TAKEOVER_AFTER the next job with that key takes it, once."""
+    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    proxy = HoldingProxy(port, enqueue_sha(), cut_all=True)
+    r = redis.Redis.from_url(redis_url)
+    try:
+        c = make_cluster(REDIS_URL=f"redis://127.0.0.1:{proxy.port}/0", DEDUPE_TAKEOVER_AFTER=1)
+        master = c.start_master()
+        spec = Echo.spec(["p"], dedupe_key="http://x/9")      # no job_id: a fresh one each time
+        with MasterClient(c.address, timeout=60) as cl:
+            with pytest.raises(RemoteError) as info:
+                cl.submit_job(spec)
+        assert info.value.code == "redis_unavailable", str(info.value)
+        wait_for(lambda: "could not give back dedupe keys" in master.log(),
+                 what="the give-back given up")
+        assert r.sismember(f"{PREFIX}:dedupe:set:global", "http://x/9")
+        proxy.restore()
+
+        def resend():   # a pooled connection the cut closed may fail a first call
+            try:
+                got = c.client.submit_job(spec)
+            except RemoteError as exc:
+                assert exc.code == "redis_unavailable", str(exc)
+                return None
+            return got if got["status"] == "queued" else None
+        first = wait_for(resend, what="a resend queued")
+        assert c.client.submit_job(spec)["status"] == "filtered"
+        c.start_worker(REDIS_URL=redis_url)   # not through the proxy, which outlives the test
+        assert c.wait_job(first["job_id"])["status"] == "succeeded"
+        assert [j["job_id"] for j in c.client.list_jobs()] == [first["job_id"]]
     finally:
         r.close()
         proxy.close()

@@ -2,38 +2,36 @@
 -- through; seeing it again as a duplicate does not extend that.
 -- KEYS[1] the scope's zset (key -> ms let through), KEYS[2] its stats hash,
 -- KEYS[3] the scope registry (zset: scope -> ms it expires)
--- ARGV[1] ttl in ms, ARGV[2] the scope, ARGV[3] the prefix of the keys that name the job
---   taking a key ('': none), ARGV[4..] the dedupe keys, then (with a prefix) as many job
---   ids, one per key ('': that key's job is not named)
+-- ARGV[1] the scope, ARGV[2] the prefix of the keys that name the job taking a key ('':
+--   none), ARGV[3] ttl in ms, ARGV[4] after how long (ms) a key whose job was never queued
+--   goes to the next job (dedupe_taker_fn.lua), ARGV[5..] the dedupe keys, then (with a
+--   prefix) as many job ids, one per key
 -- Returns per key 1 (new, now added) or 0 (seen within ttl, or earlier in this batch);
 --   error 'BACKEND <name>' if another backend filled the scope.
 -- Invariants: "now" is the server's TIME, so every master agrees; expired members,
--- idle scopes and their registry entries go, so memory stays bounded. A named job that
--- takes a key is recorded as its taker for ttl, as in dedupe_set.lua.
+-- idle scopes and their registry entries go, so memory stays bounded. A job that takes a
+-- key is recorded as its taker for ttl, as in dedupe_set.lua.
 local other = redis.call('HGET', KEYS[2], 'backend')
 if other and other ~= 'set' then return redis.error_reply('BACKEND ' .. other) end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local ttl = tonumber(ARGV[1])
-local scope, tp = ARGV[2], ARGV[3]
-local n = tp == '' and #ARGV - 3 or (#ARGV - 3) / 2
+local scope, tp, ttl, grace = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local n = tp == '' and #ARGV - 4 or (#ARGV - 4) / 2
 local cutoff = now - ttl
 local nows = string.format('%d', now)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', string.format('%d', cutoff))
 local out = {}
 local filtered = 0
 for i = 1, n do
-  local key = ARGV[3 + i]
+  local key = ARGV[4 + i]
   local s = redis.call('ZSCORE', KEYS[1], key)
-  if s and tonumber(s) > cutoff then
+  if s and tonumber(s) > cutoff and not orphaned(tp, scope, key, ttl, grace) then
     out[i] = 0
     filtered = filtered + 1
   else
     redis.call('ZADD', KEYS[1], nows, key)
     out[i] = 1
-    if tp ~= '' and ARGV[3 + n + i] ~= '' then
-      redis.call('SET', tp .. ARGV[3 + n + i], #scope .. ':' .. scope .. key, 'PX', ARGV[1])
-    end
+    note_taker(tp, scope, key, ARGV[4 + n + i], ttl)
   end
 end
 redis.call('HSET', KEYS[2], 'backend', 'set')

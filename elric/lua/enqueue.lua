@@ -5,7 +5,7 @@
 --       round prefix, round ttl (s), fence token ('' = no fence), jobs: one flat msgpack
 --       array [n, then per job: job_id, queue, priority, batch, round, func, m, then m
 --       hash fields and values], the prefix of the keys naming the job that took a dedupe
---       key (elric/lua/dedupe_set.lua), then the ids of the jobs with a dedupe key
+--       key (dedupe_taker_fn.lua), then per job with a dedupe key its key's suffix
 -- Returns: [position (1-based), status, ...] of the jobs that existed already.
 -- Invariant: a queued job is its hash (status queued, `member`) plus that member in its
 -- queue's sorted set (score -priority; members sort FIFO by sequence number). With a fence
