@@ -25,7 +25,7 @@ from redis.exceptions import ResponseError, TimeoutError as RedisTimeoutError
 
 from elric import contract, limits
 from elric.admission import Admission
-from elric.bulk import Bulk, JobFilter
+from elric.bulk import Bulk, JobFilter, left_alone
 from elric.clock import RedisClock
 from elric.config import Settings, SettingsError, parse_address, redact_url
 from elric.contract import ErrorCode, NotFound, Refused, SpecError, Status, check_text
@@ -371,7 +371,12 @@ class Master:
 
     @_rpc
     async def rerun_job(self, job_id) -> dict:
-        await self.queue.rerun(_id(job_id))
+        try:
+            await self.queue.rerun(_id(job_id))
+        except NotFound:   # a periodic job has no job record to run again
+            if await self.store.get(job_id) is None:
+                raise
+            raise Refused(left_alone(job_id, Status.SCHEDULED, "rerun")) from None
         return {"job_id": job_id, "status": Status.QUEUED}
 
     @_rpc
