@@ -76,3 +76,15 @@ def test_every_method_answers_the_shape_and_codes_the_protocol_gives(redis_url):
         assert set(stats["by_status"]) == set(STATUSES)
     with_master(redis_url, body)
 
+
+def test_a_one_off_job_sent_with_a_periodic_jobs_id_changes_nothing(redis_url):
+    """A one-off spec naming a periodic job's id was queued beside it: get_job then showed
+    the one-off job and hid the periodic one, and remove_job deleted both. An id that
+    exists changes nothing, whichever kind of job has it."""
+    async def body(m, client):
+        stored = await client.call("submit_job", {"func": ADD, "job_id": "site",
+                                                  "trigger": HOURLY})
+        assert await client.call("submit_job", {"func": ADD, "job_id": "site"}) == stored
+        assert (await client.call("get_job", "site"))["status"] == "scheduled"
+        assert (await client.call("stats"))["totals"]["submitted"] == 0
+    with_master(redis_url, body)
