@@ -88,3 +88,16 @@ def test_a_one_off_job_sent_with_a_periodic_jobs_id_changes_nothing(redis_url):
         assert (await client.call("get_job", "site"))["status"] == "scheduled"
         assert (await client.call("stats"))["totals"]["submitted"] == 0
     with_master(redis_url, body)
+
+
+def test_modify_job_refuses_a_new_job_id(redis_url):
+    """modify_job answered OK to {"job_id": "other"} and kept the old id: the rename the
+    caller asked for was dropped in silence."""
+    async def body(m, client):
+        await client.call("submit_job", {"func": ADD, "job_id": "p", "trigger": HOURLY})
+        with pytest.raises(RemoteError, match="a job_id cannot change") as info:
+            await client.call("modify_job", "p", {"job_id": "other", "args": [1]})
+        assert info.value.code == "bad_request"
+        assert (await client.call("get_job", "p"))["args"] == []
+        assert (await client.call("modify_job", "p", {"job_id": "p", "args": [1]}))["args"] == [1]
+    with_master(redis_url, body)
