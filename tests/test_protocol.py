@@ -36,6 +36,8 @@ def test_every_method_answers_the_shape_and_codes_the_protocol_gives(redis_url):
         with pytest.raises(RemoteError, match="^spec 1: ") as info:
             await call("submit_jobs", [{"func": ADD, "job_id": "b"}, {"func": ADD, "x": 1}])
         assert info.value.code == "bad_request" and await call("get_job", "b") is None
+        with pytest.raises(RemoteError, match="10001 specs in one call; at most 10000"):
+            await call("submit_jobs", [{"func": ADD}] * 10_001)
 
         assert await call("cancel_job", "a") == {"job_id": "a", "was": "queued",
                                                  "status": "cancelled"}
