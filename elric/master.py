@@ -354,6 +354,9 @@ class Master:
         job_id = _id(job_id)
         if not isinstance(changes, dict):
             raise SpecError(f"modify_job takes a map of changes, got {type(changes).__name__}")
+        if changes.get("job_id", job_id) != job_id:   # (the merge below would drop it silently)
+            raise SpecError(f"modify_job {job_id!r}: a job_id cannot change; submit the job "
+                            "under the new id and remove this one")
         current = await self.store.get(job_id)
         if current is None:
             raise SpecError(f"no periodic job {job_id!r}; only periodic jobs can be modified")

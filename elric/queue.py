@@ -220,7 +220,7 @@ class RedisQueue:
                       k.fires_pending, k.funcs],
                 args=[*self._line, k.batch(""), k.func(""), k.round(""), self.failed_ttl,
                       "" if fence is None else fence, codec.pack_for_lua(jobs),
-                      k.dedupe_taking(""),
+                      k.dedupe_taking(""), k.schedule(""),
                       *(k.taker_note(s["dedupe_scope"], s["dedupe_key"])
                         for s in specs if s.get("dedupe_key") is not None)])
         except ResponseError as exc:
@@ -231,6 +231,9 @@ class RedisQueue:
         for i in range(0, len(existing), 2):
             row = out[int(existing[i]) - 1]
             row.status, row.existed = _s(existing[i + 1]), True
+            if row.status == Status.SCHEDULED:   # a periodic job has the id: its next fire
+                score = await self.redis.zscore(k.schedules, row.job_id)
+                row.next_run_time = score / 1000 if score and score != float("inf") else None
         return out
 
     async def fetch(self, worker_id: str, queues: Iterable[str], limit: int,

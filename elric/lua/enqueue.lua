@@ -1,11 +1,12 @@
 -- Queue new jobs. A job_id that exists already is left as it is and its status returned, so
--- a resubmitted (or resent) call queues nothing twice.
+-- a resubmitted (or resent) call queues nothing twice; a periodic job's id answers scheduled.
 -- KEYS: seq, queues, counters, batches, fence, pending fires, funcs
 -- ARGV: job prefix, queue prefix, wake prefix, batch stats prefix, func stats prefix,
 --       round prefix, round ttl (s), fence token ('' = no fence), jobs: one flat msgpack
 --       array [n, then per job: job_id, queue, priority, batch, round, func, m, then m
 --       hash fields and values], the prefix of the keys naming the job that took a dedupe
---       key (dedupe_taker_fn.lua), then per job with a dedupe key its key's suffix
+--       key (dedupe_taker_fn.lua), the periodic jobs' prefix, then per job with a dedupe
+--       key its key's suffix
 -- Returns: [position (1-based), status, ...] of the jobs that existed already.
 -- Invariant: a queued job is its hash (status queued, `member`) plus that member in its
 -- queue's sorted set (score -priority; members sort FIFO by sequence number). With a fence
@@ -30,6 +31,7 @@ for i = 1, n do
   local jk = jp .. id
   if token ~= '' then redis.call('HDEL', KEYS[6], id) end
   local status = redis.call('HGET', jk, 'status')
+  if not status and redis.call('EXISTS', ARGV[11] .. id) == 1 then status = 'scheduled' end
   if status then
     out[#out + 1] = i
     out[#out + 1] = status
@@ -74,5 +76,5 @@ for round, count in pairs(per_round) do
   redis.call('EXPIRE', rp .. round, round_ttl)
 end
 if added > 0 then redis.call('HINCRBY', KEYS[3], 'submitted', added) end
-for i = 11, #ARGV do redis.call('DEL', ARGV[10] .. ARGV[i]) end
+for i = 12, #ARGV do redis.call('DEL', ARGV[10] .. ARGV[i]) end
 return out
