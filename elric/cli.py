@@ -18,7 +18,7 @@ from datetime import datetime
 
 from elric import views
 from elric.bulk import left_alone
-from elric.config import SettingsError, load_settings, names
+from elric.config import SettingsError, Unreachable, load_settings, names
 from elric.contract import NotFound, SpecError, Status
 
 
@@ -211,7 +211,7 @@ def cmd_call(args: argparse.Namespace) -> int:
     return 0
 
 
-# command -> the bulk_jobs action it runs on a filter (purge: delete a queue's waiting jobs)
+# command -> the bulk_jobs action it runs on a filter (purge: delete a queue's queued jobs)
 BULK = {"rerun": "rerun", "copy": "copy", "cancel": "cancel", "remove": "delete",
         "delete": "delete", "purge": "delete"}
 
@@ -442,7 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
              ("copy", "submit copies of jobs (new ids)"),
              ("cancel", "stop jobs: they never run, or stop running"),
              ("delete", "delete jobs that are not running"), ("remove", "the same as delete"),
-             ("purge", "delete every job waiting in a queue"))
+             ("purge", "delete every queued job of a queue"))
     for name, help_text in calls:
         p = add_parser(name, help=help_text)
         p.add_argument("--master", help="master host:port (MASTER_ADDRESS)")
@@ -509,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except RPCConnectionError as exc:   # the master is not there: try again later
+    except (RPCConnectionError, Unreachable) as exc:   # the master or Redis: try again later
         return _fail(exc, UNAVAILABLE)
     except RemoteError as exc:
         return _fail(exc, {"not_found": 1, "internal": 1,

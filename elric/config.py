@@ -24,6 +24,10 @@ class SettingsError(Exception):
     """A bad setting; the message is one line naming the key and what is wrong."""
 
 
+class Unreachable(SettingsError):
+    """What a setting names cannot be reached now (a Redis not up yet): try again."""
+
+
 @dataclass(frozen=True)
 class Key:
     default: Any

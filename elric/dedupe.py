@@ -67,7 +67,7 @@ def _other_backend(scope: str, other: str, mine: str) -> DedupeError:
         f"dedupe scope {scope!r} was filled by the {other!r} backend, and this master "
         f"uses {mine!r} for it: it would start the scope empty and let every key seen "
         "before through again. Give every master the same FILTER_BACKEND and "
-        "FILTER_SCOPES, or drop_scope it")
+        "FILTER_SCOPES, or drop the scope (docs/DEDUPE.md, 'To switch a scope's backend')")
 
 
 class DedupeFilter(ABC):
@@ -188,8 +188,8 @@ class SetFilter(DedupeFilter):
             kind = "sorted set (set_ttl)" if self.set_ttl is not None else "set (no set_ttl)"
             raise DedupeError(
                 f"dedupe scope {scope!r}: key {self.keys.dedupe_set(scope)} is not a {kind}; "
-                f"it was written with the other set_ttl setting. drop_scope() it or keep "
-                f"the setting ({exc})") from None
+                f"it was written with the other set_ttl setting. Keep the setting, or drop "
+                f"the scope (docs/DEDUPE.md, 'To switch a scope's backend') ({exc})") from None
 
     async def check_and_add(self, scope: str, keys: list[str],
                             owners: list[str] | None = None) -> list[bool]:

@@ -21,13 +21,14 @@ import socket
 import uuid
 
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError, TimeoutError as RedisTimeoutError
+from redis.exceptions import (AuthenticationError, ConnectionError as RedisConnectionError,
+                              ResponseError, TimeoutError as RedisTimeoutError)
 
 from elric import contract, limits
 from elric.admission import Admission
 from elric.bulk import Bulk, JobFilter, left_alone
 from elric.clock import RedisClock
-from elric.config import Settings, SettingsError, parse_address, redact_url
+from elric.config import Settings, SettingsError, Unreachable, parse_address, redact_url
 from elric.contract import ErrorCode, NotFound, Refused, SpecError, Status, check_text
 from elric.dedupe import DedupeError, DedupeFilter, make_filter
 from elric.housekeeping import Housekeeping
@@ -128,9 +129,11 @@ class Master:
         made.push_async_callback(self.redis.aclose)
         try:
             await self.redis.ping()
-        except Exception as exc:
-            raise SettingsError(f"REDIS_URL {redact_url(s.REDIS_URL)}: cannot connect "
-                                f"({exc})") from None
+        except Exception as exc:   # a refused password is a setting to fix, not to retry
+            down = isinstance(exc, (RedisConnectionError, RedisTimeoutError)) and \
+                not isinstance(exc, AuthenticationError)
+            raise (Unreachable if down else SettingsError)(
+                f"REDIS_URL {redact_url(s.REDIS_URL)}: cannot connect ({exc})") from None
         self.queue = RedisQueue(self.redis, self.keys, result_ttl=s.RESULT_TTL,
                                 failed_ttl=s.FAILED_TTL)
         clock = RedisClock(self.redis)

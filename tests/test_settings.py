@@ -188,9 +188,6 @@ CASES = {
     "wrong type on the command line": lambda d, r: (
         ["worker", "--concurrency", "0"], {}, "CONCURRENCY (from command line): must be "
                                               "positive"),
-    "master: Redis unreachable": lambda d, r: (
-        ["master"], {"REDIS_URL": d["dead_redis"], "MASTER_ADDRESS": unused_address()},
-        f"REDIS_URL {d['dead_redis']}: cannot connect"),
     # a worker waits for an unreachable Redis or master instead (tests/test_startup.py),
     # but not for a password that Redis refuses
     "worker: wrong Redis password": lambda d, r: (
@@ -245,3 +242,12 @@ def test_bad_settings_exit_2_with_one_clear_line(case, tmp_path, redis_url):
     assert len(lines) == 1 and proc.stdout == "", output
     assert lines[0].startswith("elric: ") and message in lines[0], output
     assert "s3cret" not in output, output   # a secret is not shown
+
+
+def test_a_master_whose_redis_is_not_up_exits_3_try_again(tmp_path):
+    """README: exit status 3 is "unreachable (try again)"; a master whose Redis is not up
+    exited 2, as for a setting to fix (a refused password still is: test_resilience)."""
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    proc = run_elric(["master"], tmp_path, REDIS_URL=dead, MASTER_ADDRESS=unused_address())
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert proc.stderr.strip().startswith(f"elric: REDIS_URL {dead}: cannot connect"), proc.stderr
