@@ -14,7 +14,7 @@ import time
 
 from elric.config import Settings
 from elric.contract import MAX_BATCH, SpecError, Status, normalize_spec
-from elric.jobstore import RedisJobStore, schedule_options
+from elric.jobstore import IdTaken, RedisJobStore, schedule_options
 from elric.queue import RedisQueue, Submitted
 from elric.reservation import DedupeGate, Reservation
 from elric.retry import Backoff, retry
@@ -86,6 +86,8 @@ class Admission:
             stored = await self.store.add(spec)   # it reads replace_existing from the spec
         except ValueError as exc:  # TriggerError, ScheduleError: they name the field
             raise SpecError(f"job {spec['job_id']!r}: {exc}") from None
+        except IdTaken as taken:   # a one-off job has the id: it changes nothing
+            return Submitted(spec["job_id"], taken.status, existed=True)
         return Submitted(stored["job_id"], stored["status"],
                          next_run_time=stored["next_run_time"])
 

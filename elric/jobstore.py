@@ -62,6 +62,15 @@ class ScheduleError(ValueError):
     """A refused job-store operation; the message says what to change."""
 
 
+class IdTaken(Exception):
+    """A one-off job has the id a new periodic job was given: nothing is stored, and the
+    id is answered with that job's ``status``, as for any id that exists."""
+
+    def __init__(self, status: str) -> None:
+        super().__init__(status)
+        self.status = status
+
+
 def iso(ts: float | None) -> str:
     return "" if ts is None else datetime.fromtimestamp(ts, timezone.utc).isoformat()
 
@@ -227,8 +236,12 @@ class RedisJobStore:
             argv = [job_id, job.version, score, "1" if cur is None else "0", FINISHED_TTL,
                     *itertools.chain.from_iterable(job.to_hash(self.clock()).items())]
             keys = [self.keys.schedule(job_id), self.keys.schedule_runs(job_id),
-                    self.keys.schedules, self.keys.scheduler_wake, self.keys.seq]
-            if await self._put(keys=keys, args=argv) != -1:
+                    self.keys.schedules, self.keys.scheduler_wake, self.keys.seq,
+                    self.keys.job(job_id)]
+            written = await self._put(keys=keys, args=argv)
+            if isinstance(written, bytes):
+                raise IdTaken(written.decode())
+            if written != -1:
                 return job
         raise ScheduleError(f"job {job_id!r} is being changed concurrently; try again")
 

@@ -92,6 +92,21 @@ def test_a_one_off_job_sent_with_a_periodic_jobs_id_changes_nothing(redis_url):
     with_master(redis_url, body)
 
 
+def test_a_periodic_job_sent_with_a_one_off_jobs_id_changes_nothing(redis_url):
+    """The other way round: the schedule was stored beside the queued job, and get_job
+    showed the one-off job and hid it."""
+    async def body(m, client):
+        queued = await client.call("submit_job", {"func": ADD, "job_id": "once"})
+        for replace in (False, True):
+            again = await client.call("submit_job", {"func": ADD, "job_id": "once",
+                                                     "trigger": HOURLY,
+                                                     "replace_existing": replace})
+            assert (again["job_id"], again["status"]) == ("once", queued["status"])
+        assert await client.call("list_jobs", {"status": "scheduled"}) == []
+        assert (await client.call("get_job", "once"))["status"] == "queued"
+    with_master(redis_url, body)
+
+
 def test_modify_job_refuses_a_new_job_id(redis_url):
     """modify_job answered OK to {"job_id": "other"} and kept the old id: the rename the
     caller asked for was dropped in silence."""

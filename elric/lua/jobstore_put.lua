@@ -1,9 +1,10 @@
 -- Store a periodic job's hash if its version is still the one the caller read.
 -- KEYS: schedule hash, its runs list, the schedules index, the scheduler wake list, the
---       sequence counter (versions are drawn from it).
+--       sequence counter (versions are drawn from it), the hash of a one-off job of that id.
 -- ARGV: job_id, expected version ("" = must not exist yet), index score ("+inf" paused,
 --       "" finished, else ms), fresh ("1": drop old runs), finished ttl, field, value, ...
--- Returns the new version, or -1 when the version moved (or the job exists and must not).
+-- Returns the new version, or -1 when the version moved (or the job exists and must not);
+-- a new periodic job whose id a one-off job has gets that job's status, and is not stored.
 -- Invariant: every write gives "version" a value never used before (compare-and-set with
 -- the scheduler's fire script; a job added anew must not match a plan read from the job
 -- removed before it);
@@ -11,6 +12,8 @@
 -- not name (the scheduler's "recent", "created_at") are kept.
 local cur = redis.call('HGET', KEYS[1], 'version') or ''
 if cur ~= ARGV[2] then return -1 end
+local taken = cur == '' and redis.call('HGET', KEYS[6], 'status')
+if taken then return taken end
 redis.call('PERSIST', KEYS[1])
 if ARGV[4] == '1' then redis.call('DEL', KEYS[2]) end
 local version = next_version(KEYS[5], cur)
