@@ -172,6 +172,15 @@ def test_parked_jobs_going_back_to_another_workers_queue_wake_that_worker(redis_
     asyncio.run(body())
 
 
+async def one_at_a_time_key(r, keys, jobs) -> RedisQueue:
+    """A queue whose key k runs one job at a time, with ``jobs`` (id, queue) of key k."""
+    q = RedisQueue(r, keys)
+    await limits.publish(r, keys, limits.parse_rules({"k": {"concurrency": 1}}))
+    await q.enqueue([normalize_spec({"func": "tests.jobs:Echo", "queue": queue,
+                                     "limit_key": "k", "job_id": j}) for j, queue in jobs])
+    return q
+
+
 def test_parked_jobs_going_back_to_another_of_the_workers_queues_wake_it(redis_url):
     """A worker of queues qa and qb: a run of key k in qa ends, and k's parked job of qb goes
     back in line. A fetch that takes no jobs (the worker has no room) leaves a token on
@@ -181,11 +190,7 @@ def test_parked_jobs_going_back_to_another_of_the_workers_queues_wake_it(redis_u
     async def body():
         r = aredis.Redis.from_url(redis_url)
         try:
-            q = RedisQueue(r, keys)
-            await limits.publish(r, keys, limits.parse_rules({"k": {"concurrency": 1}}))
-            await q.enqueue([normalize_spec({"func": "tests.jobs:Echo", "queue": queue,
-                                             "limit_key": "k", "job_id": j})
-                             for j, queue in (("j1", "qa"), ("j2", "qb"))])
+            q = await one_at_a_time_key(r, keys, (("j1", "qa"), ("j2", "qb")))
             first = (await q.fetch("w", ["qa", "qb"], 10, 30)).claims
             assert [c.job_id for c in first] == ["j1"]      # j2 is parked: k is full
             await r.delete(keys.wake("qa"), keys.wake("qb"))
@@ -211,11 +216,7 @@ def test_a_freed_slot_wakes_the_queue_its_keys_parked_job_goes_back_to(redis_url
     async def body():
         r = aredis.Redis.from_url(redis_url)
         try:
-            q = RedisQueue(r, keys)
-            await limits.publish(r, keys, limits.parse_rules({"k": {"concurrency": 1}}))
-            await q.enqueue([normalize_spec({"func": "tests.jobs:Echo", "queue": queue,
-                                             "limit_key": "k", "job_id": j})
-                             for j, queue in (("j1", "qa"), ("j2", "qb"), ("j3", "qa"))])
+            q = await one_at_a_time_key(r, keys, (("j1", "qa"), ("j2", "qb"), ("j3", "qa")))
             [j1] = (await q.fetch("wA", ["qa"], 10, 30)).claims   # j3 is parked
             assert (await q.fetch("wB", ["qb"], 10, 30)).claims == []   # so is j2, first
             wakes = (keys.wake("qa"), keys.wake("qb"))
