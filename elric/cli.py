@@ -19,7 +19,7 @@ from datetime import datetime
 from elric import views
 from elric.bulk import left_alone
 from elric.config import SettingsError, Unreachable, load_settings, names
-from elric.contract import NotFound, SpecError, Status
+from elric.contract import ErrorCode, NotFound, SpecError, Status
 
 
 class JsonLines(logging.Formatter):
@@ -195,9 +195,9 @@ def cmd_call(args: argparse.Namespace) -> int:
             return _bulk(client, args, show)
         elif command == "rerun":
             (show or (lambda r: print(f"job {r['job_id']}: {r['status']}")))(
-                client.rerun_job(args.job_ids[0]))
+                _on_one_job(client.rerun_job, args.job_ids[0]))
         elif command in ("remove", "delete"):
-            if not client.remove_job(args.job_ids[0]):
+            if not _on_one_job(client.remove_job, args.job_ids[0]):
                 raise NotFound(f"no job {args.job_ids[0]!r}")
             (show or (lambda r: print(f"job {args.job_ids[0]}: removed")))(True)
         elif command == "cancel":
@@ -209,6 +209,18 @@ def cmd_call(args: argparse.Namespace) -> int:
             if not show:
                 print(f"job {reply['job_id']}: {reply['status']} (was {reply['was']})")
     return 0
+
+
+def _on_one_job(call, job_id: str):
+    """``call(job_id)``; the master refusing it for the job's state (running, periodic)
+    fails the command (exit 1), as the same command on many jobs does, not as a usage error."""
+    from elric.rpc import RemoteError
+    try:
+        return call(job_id)
+    except RemoteError as exc:
+        if exc.code == ErrorCode.BAD_REQUEST:
+            raise Failed(str(exc)) from None
+        raise
 
 
 # command -> the bulk_jobs action it runs on a filter (purge: delete a queue's queued jobs)

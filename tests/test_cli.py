@@ -75,6 +75,9 @@ def test_commands_show_tables_and_json_and_exit_by_outcome(cluster):
     one_line_error(elric(cluster, "remove", "nope"), 1, "no job 'nope'")
     one_line_error(elric(cluster, "rerun", "nope"), 1, "no job 'nope'")
     one_line_error(elric(cluster, "schedules", "pause", "nope"), 1, "no periodic job 'nope'")
+    # 1: refused for the job's state, as the same command on many jobs (it exited 2, usage)
+    cluster.client.submit_job(Echo.spec(job_id="waits", queue="nobody"))
+    one_line_error(elric(cluster, "rerun", "waits"), 1, "only a finished job can be rerun")
     # 2: usage
     one_line_error(elric(cluster, "submit", "os:system", "ls"), 2, "not allowed by JOB_MODULES")
     one_line_error(elric(cluster, "schedules", "pause"), 2, "takes the periodic job's id")
