@@ -44,9 +44,10 @@ _REDIRECTS = frozenset((301, 302, 303, 307, 308))
 _BASE_HREF = lxml.etree.XPath("//base/@href")   # compiled once
 _ROBOTS_META = lxml.etree.XPath(
     "//meta[translate(@name, 'ROBTS', 'robts') = 'robots']/@content")
-# the hrefs of links whose rel has no token nofollow (in any case)
-_HREFS = lxml.etree.XPath("//a[not(contains(concat(' ', translate(normalize-space(@rel), "
-                          "'NOFLW', 'noflw'), ' '), ' nofollow '))]/@href")
+# the hrefs of links whose rel has no token nofollow (in any case); most have no rel, and
+# not(@rel) first spares them the string work (a third of the query's time on the bench site)
+_HREFS = lxml.etree.XPath("//a[not(@rel) or not(contains(concat(' ', translate(normalize-space("
+                          "@rel), 'NOFLW', 'noflw'), ' '), ' nofollow '))]/@href")
 
 
 class ServerError(Exception):
