@@ -520,7 +520,7 @@ class HoldingProxy:
                         self.cut.set()
                         self.marker = self.cut_all = None
                         for s in self._socks:
-                            s.close()
+                            _end(s)
                 if not held.is_set():
                     dst.sendall(data)
         except OSError:
@@ -530,9 +530,19 @@ class HoldingProxy:
         self.cut.clear()
 
     def close(self) -> None:
-        self._listener.close()
-        for s in self._socks:
-            s.close()
+        for s in [self._listener, *self._socks]:
+            _end(s)
+
+
+def _end(sock) -> None:
+    """Close ``sock`` and wake a thread blocked on it: close() alone does not, on Linux, and
+    a pump went on relaying after its test (into the next test's Redis)."""
+    import socket
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:   # not connected (any more)
+        pass
+    sock.close()
 
 
 def enqueue_sha() -> bytes:
