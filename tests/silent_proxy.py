@@ -48,10 +48,7 @@ class SilentProxy:
             pass
         if not silent.is_set():   # a silenced connection is never closed by the proxy
             for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+                shut(s)
 
     def silence(self) -> int:
         """Make every open connection go silent; returns how many there were."""
@@ -62,8 +59,15 @@ class SilentProxy:
 
     def close(self) -> None:
         self._closed = True
-        self._listener.close()
         with self._lock:
-            for client, server, _ in self._pairs:
-                client.close()
-                server.close()
+            for s in [self._listener, *(s for pair in self._pairs for s in pair[:2])]:
+                shut(s)   # close() alone wakes no thread blocked on it, on Linux
+                s.close()
+
+
+def shut(sock: socket.socket) -> None:
+    """Shut ``sock`` down both ways, which wakes a thread blocked reading or accepting."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:   # not connected (any more)
+        pass

@@ -26,6 +26,7 @@ from examples.crawler import Crawl
 from examples.site import DemoSite
 from tests.conftest import TEST_JOB_MODULES, wait_for
 from tests.jobs import Echo, Fail, MarkSleep
+from tests.silent_proxy import shut
 
 PREFIX = "elric"  # the clusters here keep the default KEY_PREFIX
 
@@ -537,11 +538,7 @@ class HoldingProxy:
 def _end(sock) -> None:
     """Close ``sock`` and wake a thread blocked on it: close() alone does not, on Linux, and
     a pump went on relaying after its test (into the next test's Redis)."""
-    import socket
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:   # not connected (any more)
-        pass
+    shut(sock)
     sock.close()
 
 
