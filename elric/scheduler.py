@@ -198,6 +198,8 @@ class Scheduler:
 
     def _plan(self, job_id: str, row: list, now: float) -> FirePlan:
         """Which due fire times of one job are missed, run, coalesced or skipped."""
+        if not isinstance(row, list):  # scheduler_due.lua could not read a key of it
+            raise ValueError(row.decode(errors="replace"))
         h = dict(zip(FIRE_FIELDS, row))
         if h["spec"] is None:  # an index entry without its hash: scheduler_fire.lua drops it
             return FirePlan(job_id, b"", None)
@@ -283,7 +285,8 @@ class Scheduler:
             except Exception:  # bad stored data must not stall every other job
                 self.log.exception("periodic job %s: cannot compute its fires; retrying in 60s",
                                    job_id)
-                plan = FirePlan(job_id, row[FIRE_FIELDS.index("version")], now + 60)
+                version = row[FIRE_FIELDS.index("version")] if isinstance(row, list) else b""
+                plan = FirePlan(job_id, version, now + 60)
             job_keys, job_argv = self._job_args(plan, live, now, specs)
             keys += job_keys
             argv += job_argv

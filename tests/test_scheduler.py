@@ -431,6 +431,33 @@ def test_a_job_spec_that_cannot_be_read_does_not_stall_the_others(redis_url, bad
     run(redis_url, body)
 
 
+@pytest.mark.parametrize("overwritten", ["hash", "fire_job", "fire_round", "runs"])
+def test_a_key_of_one_job_overwritten_with_another_type_does_not_stall_the_others(
+        redis_url, caplog, overwritten):
+    """An operator SET one job's key: each pass met WRONGTYPE and no periodic job fired any
+    more. Its keys are named in the log and it is looked at again in 60 s; a runs list of
+    another type only goes without its history."""
+    async def body(env):
+        for job_id in ("bad", "good"):
+            await env.store.add(spec(job_id))
+        env.clock.t = T0 + 60
+        assert await env.sched.tick() == 2
+        fid = fire_id("bad", T0 + 60)
+        key = {"hash": env.keys.schedule("bad"), "runs": env.keys.schedule_runs("bad"),
+               "fire_job": env.keys.job(fid), "fire_round": env.keys.round(fid)}[overwritten]
+        await env.r.delete(key)
+        await env.r.set(key, "overwritten")
+        env.clock.t = T0 + 120
+        if overwritten == "runs":
+            assert await env.sched.tick() == 2
+            assert await env.r.zscore(env.keys.schedules, "bad") == (T0 + 180) * 1000
+            return
+        assert await env.sched.tick() == 1 and env.rec.specs[2]["schedule"] == "good"
+        assert await env.r.zscore(env.keys.schedules, "bad") == (T0 + 180) * 1000
+        assert f"{key}: WRONGTYPE" in caplog.text
+    run(redis_url, body)
+
+
 def test_a_huge_misfire_grace_time_does_not_stall_the_scheduler(redis_url):
     """The fire mark's ttl grows with the grace: 1e300 s (accepted at submit) made Redis
     refuse the fire script's SET EX, so every pass failed and no periodic job fired."""
