@@ -16,7 +16,7 @@ import redis.asyncio as aredis
 
 from elric.contract import normalize_spec
 from elric.keys import Keys
-from elric.queue import Outcome, RedisQueue
+from elric.queue import STALE, Outcome, RedisQueue
 
 KEYS = Keys("elrictest")
 FUNC = "tests.jobs:Echo"
@@ -329,4 +329,52 @@ def test_max_retries_past_2_to_the_53_is_kept_exactly_and_retries(redis_url):
             assert await q.finish("w", [Outcome(claim.job_id, claim.attempt, False, "boom", 5,
                                                 retry_ms=0)]) == ["retrying"]
             assert (await q.get_job(f"j{n}"))["max_retries"] == n
+    asyncio.run(with_queue(redis_url, body))
+
+
+def test_outcomes_are_recorded_beside_a_key_an_operator_overwrote_with_another_type(
+        redis_url, caplog):
+    """One stats, round or job hash SET to a string made finish.lua fail with WRONGTYPE: the
+    worker's recorder stopped, the worker exited, and so did every worker its jobs went to
+    next. The outcomes of the other jobs are recorded; the key is named in the log, once."""
+    async def body(q, r):
+        await q.enqueue([normalize_spec({"func": FUNC, "job_id": "in-batch", "batch": "b"}),
+                         normalize_spec({"func": FUNC, "job_id": "in-round", "round": "r"}),
+                         normalize_spec({"func": FUNC, "job_id": "overwritten"}),
+                         normalize_spec({"func": FUNC, "job_id": "plain"})])
+        claims = (await q.fetch("w1", ["default"], 10, 30)).claims
+        assert len(claims) == 4
+        broken = [KEYS.batch("b"), KEYS.round("r"), KEYS.job("overwritten")]
+        for key in broken:
+            await r.delete(key)
+            await r.set(key, "overwritten")
+        outcomes = [Outcome(c.job_id, c.attempt, True, b"\xc0", 1) for c in claims]
+        statuses = await q.finish("w1", outcomes)
+        assert dict(zip([c.job_id for c in claims], statuses)) == {
+            "in-batch": "succeeded", "in-round": "succeeded", "overwritten": STALE,
+            "plain": "succeeded"}
+        assert int(await r.hget(KEYS.counters, "succeeded")) == 3
+        assert [await r.get(key) for key in broken] == [b"overwritten"] * 3
+        assert await q.finish("w1", outcomes) == statuses   # sent again: its reply was lost
+        assert caplog.text.count("hold(s) another type") == 1
+        assert all(key in caplog.text for key in broken), caplog.text
+    asyncio.run(with_queue(redis_url, body))
+
+
+def test_a_fetch_passes_over_a_queue_or_job_an_operator_overwrote_with_another_type(
+        redis_url, caplog):
+    """One queue or job hash SET to a string made fetch.lua fail with WRONGTYPE: the worker
+    exited, and no queue of it was served."""
+    async def body(q, r):
+        await q.enqueue([normalize_spec({"func": FUNC, "job_id": j, "queue": queue})
+                         for j, queue in (("a", "default"), ("b", "default"), ("c", "other"))])
+        broken = [KEYS.queue("other"), KEYS.job("a")]
+        for key in broken:
+            await r.delete(key)
+            await r.set(key, "overwritten")
+        fetched = await q.fetch("w1", ["other", "default"], 10, 30)
+        assert [c.job_id for c in fetched.claims] == ["b"]
+        assert all(key in caplog.text for key in broken), caplog.text
+        assert (await q.fetch("w1", ["other", "default"], 10, 30)).claims == []
+        assert caplog.text.count("hold(s) another type") == 1
     asyncio.run(with_queue(redis_url, body))
