@@ -324,10 +324,12 @@ class RedisQueue:
         held = [x for c in claims for x in (c.job_id, c.attempt)]
         pairs = [x for item in (fields or {}).items() for x in item]
         k = self.keys
-        lost, cancel, (paused, stop, queues, concurrency) = await self._heartbeat(
+        reply = await self._heartbeat(
             keys=[k.inflight, k.workers, k.worker(worker_id)],
             args=[k.job(""), int(lease_seconds * 1000), worker_id, len(pairs) // 2, *pairs,
                   *held])
+        self._tell_broken("heartbeat", reply[3:])
+        lost, cancel, (paused, stop, queues, concurrency) = reply[:3]
         return Renewed({_s(i) for i in lost}, {_s(i) for i in cancel},
                        WorkerControl(paused == b"1", stop == b"1",
                                      [q for q in _s(queues).split(",") if q],

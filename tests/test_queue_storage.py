@@ -378,3 +378,24 @@ def test_a_fetch_passes_over_a_queue_or_job_an_operator_overwrote_with_another_t
         assert (await q.fetch("w1", ["other", "default"], 10, 30)).claims == []
         assert caplog.text.count("hold(s) another type") == 1
     asyncio.run(with_queue(redis_url, body))
+
+
+def test_a_heartbeat_renews_the_other_leases_beside_a_key_an_operator_overwrote(
+        redis_url, caplog):
+    """A job's or the worker's hash SET to a string made heartbeat.lua fail with WRONGTYPE
+    each second: the leases after that job's were not renewed (their jobs ran twice), and
+    an operator's pause or stop was never read."""
+    async def body(q, r):
+        await q.enqueue([normalize_spec({"func": FUNC, "job_id": j}) for j in "ab"])
+        claims = (await q.fetch("w1", ["default"], 10, 30)).claims
+        broken = [KEYS.job("a"), KEYS.worker("w1")]
+        for key in broken:
+            await r.delete(key)
+            await r.set(key, "overwritten")
+        before = await r.zscore(KEYS.inflight, "b")
+        renewed = await q.heartbeat("w1", claims, 60, {"state": "running"})
+        assert renewed.lost == {"a"} and not renewed.control.stop
+        assert await r.zscore(KEYS.inflight, "b") > before
+        assert await r.get(KEYS.worker("w1")) == b"overwritten"
+        assert all(key in caplog.text for key in broken), caplog.text
+    asyncio.run(with_queue(redis_url, body))
