@@ -16,7 +16,7 @@ from elric.clock import redis_now
 from elric.health import TaskHealth
 from elric.queue import RedisQueue
 from elric.reservation import DedupeGate
-from elric.retry import REDIS_ERRORS, Backoff
+from elric.retry import REDIS_ERRORS, Backoff, Outage
 
 log = logging.getLogger("elric.master")
 
@@ -30,24 +30,21 @@ class Housekeeping:
 
     async def run(self) -> None:
         """Until cancelled; any error is logged and retried, never the end of the loop."""
-        backoff = Backoff(0.5, 5.0)
+        backoff, outage = Backoff(0.5, 5.0), Outage(log, "housekeeping failed")
         while True:
             try:
                 await self.pass_once()
                 self.health.progress("redelivering, promoting retries")
+                outage.passed()
                 backoff.reset()
                 due = await self.queue.next_delayed()
                 await asyncio.sleep(min(1.0, due if due is not None else 1.0))
-            except REDIS_ERRORS as exc:
-                delay = backoff.next()
-                self.health.trouble(f"Redis unreachable ({exc}); retrying")
-                log.warning("housekeeping: Redis unreachable (%s); retrying in %.1fs", exc, delay)
-                await asyncio.sleep(delay)
-            except Exception as exc:   # a refused write (OOM, MISCONF), a bug: never stop
-                delay = backoff.next()
-                self.health.trouble(f"failing ({type(exc).__name__}: {exc}); retrying")
-                log.exception("housekeeping failed; retrying in %.1fs", delay)
-                await asyncio.sleep(delay)
+            except Exception as exc:   # Redis away or refusing, a bug: never stop
+                self.health.trouble(f"Redis unreachable ({exc}); retrying"
+                                    if isinstance(exc, REDIS_ERRORS) else
+                                    f"failing ({type(exc).__name__}: {exc}); retrying")
+                outage.failed(exc)
+                await asyncio.sleep(backoff.next())
 
     async def pass_once(self) -> None:
         recovered, cancelled = await self.queue.recover()

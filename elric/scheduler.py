@@ -24,7 +24,7 @@ from elric.health import TaskHealth
 from elric.contract import Status
 from elric.jobstore import FINISHED_TTL, Coalesce, Options, Outcome, RedisJobStore, iso
 from elric.queue import Fenced
-from elric.retry import Backoff, is_outage
+from elric.retry import Backoff, Outage, is_outage
 from elric.triggers import build_trigger, next_fire
 
 CATCHUP_LIMIT = 1000        # fires of one job handled per pass when catching up a backlog
@@ -146,6 +146,7 @@ class Scheduler:
         self._step_down("released the lease", logging.INFO)
 
     async def _lease_loop(self) -> None:
+        outage = Outage(self.log, "scheduler lease: renew/acquire failed")
         while not self._stop.is_set():
             try:
                 if self.is_leader and not await self._renew():
@@ -153,11 +154,12 @@ class Scheduler:
                 if not self.is_leader:
                     await self._acquire()
                 await self.clock.sync()   # this machine's clock may have jumped
+                outage.passed()
                 if not self.is_leader:
                     self.health.progress("following: another master schedules")
             except Exception as exc:  # Redis hiccup: the fence still guards every fire
                 self.health.trouble(f"lease: {type(exc).__name__}: {exc}; retrying")
-                self._log_failure("scheduler lease: renew/acquire failed", exc)
+                outage.failed(exc)
             await _wait(self._stop, self._lease_wait)
 
     def _log_failure(self, what: str, exc: Exception) -> None:
@@ -368,6 +370,7 @@ class Scheduler:
         self._stop, self._leader, self._done = asyncio.Event(), asyncio.Event(), asyncio.Event()
         lease_task = asyncio.create_task(self._lease_loop())
         backoff = Backoff(0.1, max(0.1, self.lease_seconds / 3))
+        outage = Outage(self.log, "scheduler pass failed")
         try:
             while not self._stop.is_set():
                 if not self.is_leader:
@@ -376,13 +379,14 @@ class Scheduler:
                 try:
                     _, head = await self._fire_due()
                     self.health.progress(f"scheduling (fence token {self.token})")
+                    outage.passed()
                     delay = head / 1000.0 - self.clock()
                     if delay > 0 and not self._stop.is_set() and self.is_leader:
                         await self._sleep(min(delay, self.lease_seconds / 3))
                     backoff.reset()
                 except Exception as exc:  # Redis away: try again soon, less often meanwhile
                     self.health.trouble(f"pass: {type(exc).__name__}: {exc}; retrying")
-                    self._log_failure("scheduler pass failed", exc)
+                    outage.failed(exc)
                     await _wait(self._stop, backoff.next())
         finally:
             lease_task.cancel()

@@ -33,8 +33,8 @@ from elric.keys import Keys
 from elric.loading import JobModules
 from elric.pool import Pool, ProcessDied
 from elric.queue import STALE, Claim, Outcome, RedisQueue, WakeOn, WorkerControl
-from elric.retry import (REDIS_CLIENT_OPTIONS, REDIS_ERRORS, REDIS_REFUSED, Backoff, is_outage,
-                         retry)
+from elric.retry import (REDIS_CLIENT_OPTIONS, REDIS_ERRORS, REDIS_REFUSED, Backoff, Outage,
+                         is_outage, retry)
 from elric.rpc import AsyncClient, RemoteError, RPCConnectionError, RPCError
 from elric.usage import LoadMeter
 
@@ -110,6 +110,7 @@ class Worker:
         self._waiting_since = 0.0
         self._wait_refused: Exception | None = None   # the last wait for work met an outage
         self._wait_backoff = Backoff()
+        self._fetch_outage = Outage(log, "worker: fetching jobs failed")
         self._renew_now = asyncio.Event()   # a claim's lease may be over: ask Redis now
         self._cancelling: set[str] = set()   # jobs cancel_job asked this worker to stop
         self._margin = min(1.0, self.lease / 10)   # a lease this close to its end is not relied on
@@ -248,9 +249,8 @@ class Worker:
                 # a fetch without a wait may pass (it writes nothing when there is no work):
                 # back off here, or the refused waits would follow each other at once
                 exc, self._wait_refused = self._wait_refused, None
-                delay = self._wait_backoff.next()
-                log.warning("worker: Redis unavailable (%s); retrying in %.1fs", exc, delay)
-                await self._wait(delay)
+                self._fetch_outage.failed(exc)
+                await self._wait(self._wait_backoff.next())
                 continue
             want = self._fetch_size()
             if self._waiting is not None:   # a fetch is out already: it brings the work
@@ -263,14 +263,14 @@ class Worker:
                     fetched = await self.queue.fetch(self.worker_id, self.queues,
                                                      max(want, 0), self.lease, ended)
                     backoff.reset()
+                    self._fetch_outage.passed()
                     fetched.claims = await self._hand_back_others(fetched.claims, asked)
                 except Exception as exc:   # Redis away, or full: wait it out, keep what we hold
                     if not is_outage(exc):
                         raise
                     self.ended = ended + self.ended
-                    delay = backoff.next()
-                    log.warning("worker: Redis unavailable (%s); retrying in %.1fs", exc, delay)
-                    await self._wait(delay)
+                    self._fetch_outage.failed(exc)
+                    await self._wait(backoff.next())
                     continue
                 if fetched.claims:
                     self.buffer.extend(fetched.claims)
@@ -326,6 +326,7 @@ class Worker:
                 return
             raise exc
         self._wait_backoff.reset()
+        self._fetch_outage.passed()
         mine = await self._hand_back_others(task.result().claims, self._waiting_since)
         self.buffer.extend(mine)   # after the await: _dispatch may have put a new buffer in place
 
@@ -577,7 +578,7 @@ class Worker:
                     self.master = await self._connect_master()
 
     async def _retry_redis(self, fn, *args, deadline: float | None = None):
-        return await retry(lambda: fn(*args), what="worker: Redis unavailable", log=log,
+        return await retry(lambda: fn(*args), what="worker", log=log,
                            deadline=deadline)
 
     # --- heartbeat, registration ------------------------------------------------------
@@ -603,6 +604,7 @@ class Worker:
         return fields
 
     async def _heartbeat_loop(self) -> None:
+        outage = Outage(log, "worker: heartbeat failed")
         while True:
             with contextlib.suppress(asyncio.TimeoutError):   # at least once a second: cancels
                 await asyncio.wait_for(self._renew_now.wait(), min(1.0, self.lease / 3))
@@ -617,11 +619,9 @@ class Worker:
                 self._drop_lost(renewed.lost)
                 self._stop_cancelled(renewed.cancel)
                 await self._obey(renewed.control)
+                outage.passed()
             except Exception as exc:   # never ends: leases are renewed again once Redis can
-                if is_outage(exc):
-                    log.warning("worker: heartbeat failed (%s)", exc)
-                else:
-                    log.exception("worker: heartbeat failed")
+                outage.failed(exc)
 
     async def _obey(self, control: WorkerControl) -> None:
         """Do what an operator asked (elric worker pause|resume|stop|set), without a restart."""
