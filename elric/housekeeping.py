@@ -16,7 +16,7 @@ from elric.clock import redis_now
 from elric.health import TaskHealth
 from elric.queue import RedisQueue
 from elric.reservation import DedupeGate
-from elric.retry import REDIS_ERRORS, Backoff, Outage
+from elric.retry import REDIS_ERRORS, Backoff, Outage, is_outage
 
 log = logging.getLogger("elric.master")
 
@@ -47,6 +47,22 @@ class Housekeeping:
                 await asyncio.sleep(backoff.next())
 
     async def pass_once(self) -> None:
+        """Each step even if one before failed for a key of another type (an operator's
+        WRONGTYPE): one such key must not stop redelivery, retries or LIMITS. Redis away
+        ends the pass."""
+        failed = None
+        for step in (self._redeliver, self.queue.promote, self._drop_old_rounds,
+                     self._restore_limits):
+            try:
+                await step()
+            except Exception as exc:
+                if is_outage(exc):
+                    raise
+                failed = failed or exc
+        if failed is not None:
+            raise failed
+
+    async def _redeliver(self) -> None:
         recovered, cancelled = await self.queue.recover()
         if recovered:
             log.warning("redelivered %d job(s) whose worker stopped renewing its lease",
@@ -54,8 +70,8 @@ class Housekeeping:
         if cancelled:
             log.warning("cancelled %d job(s) whose worker stopped renewing its lease while "
                         "they were being cancelled: %s", len(cancelled), ", ".join(cancelled))
-        await self.queue.promote()
-        await self._drop_old_rounds()
+
+    async def _restore_limits(self) -> None:
         if await limits.restore(self.redis, self.keys, self.rules):
             log.warning("LIMITS were gone from Redis (restarted without persistence? "
                         "flushed?): published again")

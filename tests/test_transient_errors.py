@@ -299,3 +299,21 @@ def test_a_call_whose_redis_reply_was_lost_is_not_said_to_have_changed_nothing(r
                 else:
                     raise AssertionError("no error")
     asyncio.run(main())
+
+
+def test_housekeeping_goes_on_with_its_other_steps_past_a_key_of_another_type(redis_url):
+    """The dedupe rounds index SET to a string made each pass fail before it published
+    LIMITS again: Redis that lost them ran every limited host at full speed. The pass
+    still fails (health shows it), after its other steps."""
+    async def main():
+        async with master(redis_url, LIMITS={"slow.test": {"concurrency": 1}}) as m:
+            await m.redis.set(m.keys.dedupe_rounds, "overwritten")
+            await m.redis.delete(m.keys.limits)
+            deadline = asyncio.get_running_loop().time() + 30
+            while not await m.redis.exists(m.keys.limits):
+                assert asyncio.get_running_loop().time() < deadline, "LIMITS never restored"
+                await asyncio.sleep(0.05)
+            while not m.housekeeping.health.in_trouble:
+                assert asyncio.get_running_loop().time() < deadline, "trouble not shown"
+                await asyncio.sleep(0.05)
+    asyncio.run(main())
