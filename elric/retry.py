@@ -31,7 +31,6 @@ REDIS_CLIENT_OPTIONS = {"socket_connect_timeout": 5, "socket_timeout": 5,
 # recognises by their code.
 _REFUSAL_CLASSES = {OutOfMemoryError: "OOM", ReadOnlyError: "READONLY",
                     BusyLoadingError: "LOADING", MasterDownError: "MASTERDOWN"}
-REDIS_REFUSED = tuple(_REFUSAL_CLASSES)
 
 _REFUSALS = {
     "OOM": "Redis is out of memory (maxmemory)",

@@ -33,8 +33,7 @@ from elric.keys import Keys
 from elric.loading import JobModules
 from elric.pool import Pool, ProcessDied
 from elric.queue import STALE, Claim, Outcome, RedisQueue, WakeOn, WorkerControl
-from elric.retry import (REDIS_CLIENT_OPTIONS, REDIS_ERRORS, REDIS_REFUSED, Backoff, Outage,
-                         is_outage, retry)
+from elric.retry import REDIS_CLIENT_OPTIONS, Backoff, Outage, is_outage, retry
 from elric.rpc import AsyncClient, RemoteError, RPCConnectionError, RPCError
 from elric.usage import LoadMeter
 
@@ -142,12 +141,14 @@ class Worker:
                     raise
                 self.master = master
                 break
-            except RedisAuthenticationError as exc:  # before REDIS_ERRORS: it is one of them
+            except RedisAuthenticationError as exc:  # before outages: a ConnectionError too
                 raise SettingsError(f"REDIS_URL {redact_url(s.REDIS_URL)}: cannot connect "
                                     f"({exc})") from None
             except RemoteError as exc:  # the master answered: no, e.g. a wrong RPC_TOKEN
                 raise SettingsError(f"MASTER_ADDRESS {s.MASTER_ADDRESS}: {exc}") from None
-            except REDIS_ERRORS + REDIS_REFUSED + (RPCConnectionError,) as exc:
+            except Exception as exc:   # Redis away or refusing (BUSY, LOADING), no master
+                if not is_outage(exc) and not isinstance(exc, RPCConnectionError):
+                    raise
                 if time.monotonic() >= next_warning:
                     reason = str(exc).removeprefix(f"cannot reach {what}: ")
                     log.warning("worker: cannot reach %s; retrying (%s)", what, reason)

@@ -15,6 +15,7 @@ from redis.exceptions import ResponseError
 
 from elric.contract import normalize_spec
 from elric.queue import RedisQueue
+from tests.conftest import wait_for
 from tests.test_dedupe_keys_given_back import master
 
 
@@ -317,3 +318,41 @@ def test_housekeeping_goes_on_with_its_other_steps_past_a_key_of_another_type(re
                 assert asyncio.get_running_loop().time() < deadline, "trouble not shown"
                 await asyncio.sleep(0.05)
     asyncio.run(main())
+
+
+def test_a_worker_started_while_redis_runs_a_long_script_waits_for_it(cluster):
+    """PING answers BUSY while a script runs past busy-reply-threshold: a worker starting
+    then died with the error's traceback instead of waiting, as it does for Redis away."""
+    import threading
+
+    import redis
+
+    r = redis.Redis.from_url(cluster.redis_url)
+    r.config_set("busy-reply-threshold", 100)
+    busy = threading.Thread(target=r.eval, args=(
+        "local stop = redis.call('TIME')[1] + 5 "
+        "while tonumber(redis.call('TIME')[1]) < stop do end", 0))
+    probe = redis.Redis.from_url(cluster.redis_url)
+    try:
+        busy.start()
+
+        def refused() -> bool:
+            try:
+                probe.ping()
+                return False
+            except redis.exceptions.ResponseError as exc:
+                return str(exc).startswith("BUSY")
+        wait_for(refused, what="Redis busy with the script")
+        worker = cluster.start_worker("--concurrency", "1", wait=False)
+        wait_for(lambda: "busy" in worker.log().lower() or not worker.alive(), timeout=30,
+                 what="the worker meeting BUSY")
+        busy.join(30)
+        wait_for(lambda: not worker.alive() or any(
+            w.get("pid") == worker.pid for w in cluster.client.stats()["workers"]),
+            what="the worker registered")
+        assert worker.alive(), worker.log()
+    finally:
+        busy.join(30)
+        r.config_set("busy-reply-threshold", 5000)
+        r.close()
+        probe.close()
