@@ -73,8 +73,8 @@ class Housekeeping:
 
     async def _restore_limits(self) -> None:
         if await limits.restore(self.redis, self.keys, self.rules):
-            log.warning("LIMITS were gone from Redis (restarted without persistence? "
-                        "flushed?): published again")
+            log.warning("LIMITS were gone from Redis or overwritten (restarted without "
+                        "persistence? flushed?): published again")
 
     async def _drop_old_rounds(self) -> None:
         cutoff = (await redis_now(self.redis) - self.round_ttl) * 1000

@@ -399,3 +399,18 @@ def test_a_heartbeat_renews_the_other_leases_beside_a_key_an_operator_overwrote(
         assert await r.get(KEYS.worker("w1")) == b"overwritten"
         assert all(key in caplog.text for key in broken), caplog.text
     asyncio.run(with_queue(redis_url, body))
+
+
+def test_a_fetch_claims_nothing_while_the_limits_hash_holds_another_type(redis_url, caplog):
+    """The limits hash SET to a string made every fetch fail with WRONGTYPE: each worker
+    exited. Without its rules a fetch takes nothing (it might break a limit), looks again
+    in a second and names the key; a master publishes the rules over it."""
+    async def body(q, r):
+        await q.enqueue(specs(1))
+        await r.set(KEYS.limits, "overwritten")
+        fetched = await q.fetch("w1", ["default"], 10, 30)
+        assert fetched.claims == [] and fetched.limited_wait == 1.0
+        assert KEYS.limits in caplog.text
+        await r.delete(KEYS.limits)
+        assert len((await q.fetch("w1", ["default"], 10, 30)).claims) == 1
+    asyncio.run(with_queue(redis_url, body))

@@ -356,3 +356,17 @@ def test_a_worker_started_while_redis_runs_a_long_script_waits_for_it(cluster):
         r.config_set("busy-reply-threshold", 5000)
         r.close()
         probe.close()
+
+
+def test_housekeeping_publishes_limits_over_a_key_of_another_type(redis_url):
+    """Every fetch fails on a limits hash an operator SET to a string; housekeeping took
+    any key there for the rules and left it."""
+    async def main():
+        async with master(redis_url, LIMITS={"slow.test": {"concurrency": 1}}) as m:
+            await m.redis.set(m.keys.limits, "overwritten")
+            deadline = asyncio.get_running_loop().time() + 30
+            while await m.redis.type(m.keys.limits) != b"hash":
+                assert asyncio.get_running_loop().time() < deadline, "LIMITS never published"
+                await asyncio.sleep(0.05)
+            assert await m.redis.hget(m.keys.limits, "slow.test") == b"1,"
+    asyncio.run(main())

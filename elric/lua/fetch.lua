@@ -28,7 +28,9 @@ for i = FIRST_QUEUE, #ARGV do mine[ARGV[i]] = true end
 local rules = {}   -- limit key (or '*') -> {concurrency or nil, interval ms or nil}
 local limited = redis.call('EXISTS', KEYS[3]) == 1
 if limited then
-  local h = redis.call('HGETALL', KEYS[3])
+  local read, h = pcall(redis.call, 'HGETALL', KEYS[3])
+  -- of another type: claim nothing, named; a master publishes the rules over it
+  if not read then return {{}, RECHECK_MS, KEYS[3]} end
   for i = 1, #h, 2 do
     local c, iv = string.match(h[i + 1], '^(%d*),(%d*)$')
     rules[h[i]] = {tonumber(c), tonumber(iv)}
