@@ -458,6 +458,16 @@ def test_a_key_of_one_job_overwritten_with_another_type_does_not_stall_the_other
     run(redis_url, body)
 
 
+def test_fire_stats_overwritten_with_another_type_do_not_stall_the_scheduler(redis_url):
+    """Counting a skipped fire in the fire stats SET to a string failed the fire script
+    mid-batch, each pass again: that job and every one after it never moved on."""
+    async def body(env):
+        await env.r.set(env.keys.fire_stats, "overwritten")
+        assert await _missed_setup("skip", 1000)(env) == 0
+        assert (await env.store.get("site"))["next_run_time"] == T0 + 360
+    run(redis_url, body)
+
+
 def test_a_huge_misfire_grace_time_does_not_stall_the_scheduler(redis_url):
     """The fire mark's ttl grows with the grace: 1e300 s (accepted at submit) made Redis
     refuse the fire script's SET EX, so every pass failed and no periodic job fired."""

@@ -15,8 +15,8 @@
 -- pending fires until enqueue.lua queues it, so a master dying in between loses nothing;
 -- a job whose version moved since it was read is left alone (re-read next pass); an
 -- index entry whose hash is gone is dropped; one whose keys could not be read (version "")
--- gets only its new score; a runs list of another type is not recorded to, not an error
--- that stops every job's fires.
+-- gets only its new score; a runs list or fire stats of another type are not recorded to,
+-- not an error that stops every job's fires.
 if redis.call('GET', KEYS[1]) ~= ARGV[1] or redis.call('GET', KEYS[2]) ~= ARGV[2] then return {0} end
 local out, a, k, keep = {1, false}, 6, 7, tonumber(ARGV[3])
 for _ = 1, tonumber(ARGV[5]) do
@@ -44,7 +44,7 @@ for _ = 1, tonumber(ARGV[5]) do
       k = k + 1
     elseif ok then
       pcall(redis.call, 'LPUSH', runs, ARGV[a+3])
-      redis.call('HINCRBY', KEYS[5], ARGV[a] == 'm' and 'missed' or 'skipped', 1)
+      pcall(redis.call, 'HINCRBY', KEYS[5], ARGV[a] == 'm' and 'missed' or 'skipped', 1)
       pushed = true
     end
     a = a + 5
