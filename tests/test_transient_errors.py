@@ -370,3 +370,25 @@ def test_housekeeping_publishes_limits_over_a_key_of_another_type(redis_url):
                 await asyncio.sleep(0.05)
             assert await m.redis.hget(m.keys.limits, "slow.test") == b"1,"
     asyncio.run(main())
+
+
+def test_scripts_flushed_from_redis_are_loaded_again(cluster):
+    """SCRIPT FLUSH (or a Redis that restarted) answers NOSCRIPT to each EVALSHA: the
+    master's scripts and the worker's, also the one it sends in a pipeline behind its wait
+    for work (redis-py loads a script again only outside a pipeline), are loaded again."""
+    import redis
+
+    from tests.jobs import Echo
+
+    cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job(Echo.spec([0], job_id="before"))
+    assert cluster.wait_job("before")["status"] == "succeeded"
+    r = redis.Redis.from_url(cluster.redis_url)
+    try:
+        for i in range(3):   # the worker waits for work: flushed under its waiting fetch
+            r.script_flush()
+            cluster.client.submit_job(Echo.spec([i], job_id=f"after-{i}"))
+            assert cluster.wait_job(f"after-{i}")["status"] == "succeeded"
+        assert all(p.alive() for p in cluster.procs), cluster.logs()
+    finally:
+        r.close()
