@@ -110,6 +110,7 @@ class Worker:
         self._wait_refused: Exception | None = None   # the last wait for work met an outage
         self._wait_backoff = Backoff()
         self._fetch_outage = Outage(log, "worker: fetching jobs failed")
+        self._wait_outage = Outage(log, "worker: waiting for work failed")
         self._renew_now = asyncio.Event()   # a claim's lease may be over: ask Redis now
         self._cancelling: set[str] = set()   # jobs cancel_job asked this worker to stop
         self._margin = min(1.0, self.lease / 10)   # a lease this close to its end is not relied on
@@ -250,7 +251,7 @@ class Worker:
                 # a fetch without a wait may pass (it writes nothing when there is no work):
                 # back off here, or the refused waits would follow each other at once
                 exc, self._wait_refused = self._wait_refused, None
-                self._fetch_outage.failed(exc)
+                self._wait_outage.failed(exc)
                 await self._wait(self._wait_backoff.next())
                 continue
             want = self._fetch_size()
@@ -310,8 +311,9 @@ class Worker:
 
     async def _take_woken(self) -> None:
         """The claims of a waiting fetch that came back join the buffer. Redis being away
-        or refusing is noted for the loop to back off; scripts flushed, or a wait Redis
-        ended with an error, are left to the next fetch (which loads the scripts again)."""
+        or refusing, or a wake list of another type (an operator's WRONGTYPE), is noted for
+        the loop to back off; scripts flushed, or a wait Redis ended with an error, are
+        left to the next fetch (which loads the scripts again)."""
         task = self._waiting
         if task is None or not task.done():
             return
@@ -320,14 +322,14 @@ class Worker:
             return
         exc = task.exception()
         if exc is not None:
-            if is_outage(exc):
-                self._wait_refused = exc
-                return
             if isinstance(exc, NoScriptError) or _unblocked(exc):
+                return
+            if is_outage(exc) or isinstance(exc, ResponseError):
+                self._wait_refused = exc
                 return
             raise exc
         self._wait_backoff.reset()
-        self._fetch_outage.passed()
+        self._wait_outage.passed()
         mine = await self._hand_back_others(task.result().claims, self._waiting_since)
         self.buffer.extend(mine)   # after the await: _dispatch may have put a new buffer in place
 

@@ -79,7 +79,8 @@ def test_an_outage_is_logged_once_by_each_loop_not_at_each_retry(tmp_path):
                  what="the loops working again")
         c.client.submit_job(Echo.spec([1], job_id="after"))
         assert c.wait_job("after")["status"] == "succeeded"
-        for proc, loops in ((worker, ("heartbeat failed", "fetching jobs failed")),
+        for proc, loops in ((worker, ("heartbeat failed", "fetching jobs failed",
+                                     "waiting for work failed")),
                             (master, ("housekeeping failed", "scheduler pass failed",
                                       "scheduler lease: renew/acquire failed"))):
             text = proc.log()

@@ -392,3 +392,26 @@ def test_scripts_flushed_from_redis_are_loaded_again(cluster):
         assert all(p.alive() for p in cluster.procs), cluster.logs()
     finally:
         r.close()
+
+
+def test_a_worker_whose_wake_list_holds_another_type_goes_on(cluster):
+    """Its own wake list SET to a string made every wait for work fail with WRONGTYPE: the
+    worker exited. It backs off (logged once) and fetches between the waits."""
+    import redis
+
+    from elric.keys import Keys
+    from tests.jobs import Echo
+
+    worker = cluster.start_worker("--concurrency", "1")
+    [worker_id] = [w["worker_id"] for w in cluster.client.stats()["workers"]]
+    r = redis.Redis.from_url(cluster.redis_url)
+    try:
+        r.set(Keys("elric").worker_wake(worker_id), "overwritten")
+        wait_for(lambda: "WRONGTYPE" in worker.log(), what="a wait for work refused")
+        for i in range(2):
+            cluster.client.submit_job(Echo.spec([i], job_id=f"job-{i}"))
+            assert cluster.wait_job(f"job-{i}")["status"] == "succeeded"
+        assert worker.alive() and worker.log().count("waiting for work failed") == 1, \
+            worker.log()
+    finally:
+        r.close()
