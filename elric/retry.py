@@ -67,8 +67,8 @@ class Outage:
         self.since = 0.0
 
     def failed(self, exc: BaseException) -> None:
-        refusal = redis_refusal(exc)
-        kind = refusal or ("Redis unreachable" if isinstance(exc, REDIS_ERRORS) else None)
+        kind = redis_refusal(exc) or ("Redis unreachable" if isinstance(exc, REDIS_ERRORS)
+                                      else None)
         if (kind or type(exc).__name__) == self.kind:
             return
         if self.kind is None:
@@ -81,7 +81,8 @@ class Outage:
 
     def passed(self) -> None:
         if self.kind is not None:
-            self.log.info("%s: works again after %.1fs", self.what, time.monotonic() - self.since)
+            self.log.info("%s: works again after %.1fs", self.what,
+                          time.monotonic() - self.since)
             self.kind = None
 
 

@@ -107,7 +107,7 @@ class Worker:
         self._finished = asyncio.Event()
         self._waiting: asyncio.Task | None = None   # a fetch waiting in Redis for a wake token
         self._waiting_since = 0.0
-        self._wait_refused: Exception | None = None   # the last wait for work met an outage
+        self._wait_refused: Exception | None = None   # what the last wait for work met
         self._wait_backoff = Backoff()
         self._fetch_outage = Outage(log, "worker: fetching jobs failed")
         self._wait_outage = Outage(log, "worker: waiting for work failed")

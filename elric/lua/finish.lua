@@ -10,8 +10,9 @@
 --       elric/jobstats.py), retry delay (ms; -1: no retry)
 -- Returns per job its new status, or 'stale' for a job this worker no longer holds (it was
 -- redelivered elsewhere or removed): that outcome is dropped; then the keys it left alone
--- for holding another type (a job's hash: its outcome is dropped; a stats or round hash). A call sent again (its reply
--- was lost) answers the status its first run recorded, but `stale` for one it cancelled.
+-- for holding another type (a job's hash: its outcome is dropped; a stats or round hash).
+-- A call sent again (its reply was lost) answers the status its first run recorded, but
+-- `stale` for one it cancelled.
 -- Invariant: only the attempt that holds the job records it. With release keys, a job that
 -- failed for good gives its dedupe key back to an exact filter in the same step, once
 -- (with DEDUPE_TTL, unless the key expired and a later job took it). A job with a limit
