@@ -35,9 +35,9 @@ class Housekeeping:
             try:
                 await self.pass_once()
                 self.health.progress("redelivering, promoting retries")
-                outage.passed()
                 backoff.reset()
                 due = await self.queue.next_delayed()
+                outage.passed()   # after all it asks Redis: else a failing step logs each pass
                 await asyncio.sleep(min(1.0, due if due is not None else 1.0))
             except Exception as exc:   # Redis away or refusing, a bug: never stop
                 self.health.trouble(f"Redis unreachable ({exc}); retrying"

@@ -379,11 +379,11 @@ class Scheduler:
                 try:
                     _, head = await self._fire_due()
                     self.health.progress(f"scheduling (fence token {self.token})")
-                    outage.passed()
                     delay = head / 1000.0 - self.clock()
                     if delay > 0 and not self._stop.is_set() and self.is_leader:
                         await self._sleep(min(delay, self.lease_seconds / 3))
                     backoff.reset()
+                    outage.passed()   # after the wait too: a pass and its wait are one try
                 except Exception as exc:  # Redis away: try again soon, less often meanwhile
                     self.health.trouble(f"pass: {type(exc).__name__}: {exc}; retrying")
                     outage.failed(exc)

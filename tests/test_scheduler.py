@@ -756,6 +756,24 @@ def test_run_wakes_up_for_a_sooner_job(redis_url):
     run(redis_url, body, t=None)
 
 
+def test_a_wake_list_of_another_type_is_logged_once_while_fires_go_on(redis_url, caplog):
+    """Its wait for a wake token failed after every pass that fired: each such pass was
+    logged with a traceback, as a new trouble, the pass before counting as a success."""
+    async def body(env):
+        await env.store.add(spec(trigger={"type": "interval", "seconds": 1}))
+        await env.r.delete(env.keys.scheduler_wake)
+        await env.r.set(env.keys.scheduler_wake, "overwritten")
+        task = asyncio.create_task(env.sched.run())
+        try:
+            await wait_async(lambda: _true(len(env.rec.specs) >= 3), 30, "three fires")
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        assert caplog.text.count("scheduler pass failed") == 1, caplog.text
+    run(redis_url, body, t=None)
+
+
 def test_run_takeover_after_the_leader_dies(redis_url):
     async def body(env):
         a = env.scheduler("m1", env.rec, lease_seconds=0.6)
