@@ -16,7 +16,7 @@ from elric.clock import redis_now
 from elric.health import TaskHealth
 from elric.queue import RedisQueue
 from elric.reservation import DedupeGate
-from elric.retry import REDIS_ERRORS, Backoff
+from elric.retry import REDIS_ERRORS, Backoff, Outage, is_outage
 
 log = logging.getLogger("elric.master")
 
@@ -30,26 +30,39 @@ class Housekeeping:
 
     async def run(self) -> None:
         """Until cancelled; any error is logged and retried, never the end of the loop."""
-        backoff = Backoff(0.5, 5.0)
+        backoff, outage = Backoff(0.5, 5.0), Outage(log, "housekeeping failed")
         while True:
             try:
                 await self.pass_once()
                 self.health.progress("redelivering, promoting retries")
                 backoff.reset()
                 due = await self.queue.next_delayed()
+                outage.passed()   # after all it asks Redis: else a failing step logs each pass
                 await asyncio.sleep(min(1.0, due if due is not None else 1.0))
-            except REDIS_ERRORS as exc:
-                delay = backoff.next()
-                self.health.trouble(f"Redis unreachable ({exc}); retrying")
-                log.warning("housekeeping: Redis unreachable (%s); retrying in %.1fs", exc, delay)
-                await asyncio.sleep(delay)
-            except Exception as exc:   # a refused write (OOM, MISCONF), a bug: never stop
-                delay = backoff.next()
-                self.health.trouble(f"failing ({type(exc).__name__}: {exc}); retrying")
-                log.exception("housekeeping failed; retrying in %.1fs", delay)
-                await asyncio.sleep(delay)
+            except Exception as exc:   # Redis away or refusing, a bug: never stop
+                self.health.trouble(f"Redis unreachable ({exc}); retrying"
+                                    if isinstance(exc, REDIS_ERRORS) else
+                                    f"failing ({type(exc).__name__}: {exc}); retrying")
+                outage.failed(exc)
+                await asyncio.sleep(backoff.next())
 
     async def pass_once(self) -> None:
+        """Each step even if one before failed for a key of another type (an operator's
+        WRONGTYPE): one such key must not stop redelivery, retries or LIMITS. Redis away
+        ends the pass."""
+        failed = None
+        for step in (self._redeliver, self.queue.promote, self._drop_old_rounds,
+                     self._restore_limits):
+            try:
+                await step()
+            except Exception as exc:
+                if is_outage(exc):
+                    raise
+                failed = failed or exc
+        if failed is not None:
+            raise failed
+
+    async def _redeliver(self) -> None:
         recovered, cancelled = await self.queue.recover()
         if recovered:
             log.warning("redelivered %d job(s) whose worker stopped renewing its lease",
@@ -57,11 +70,11 @@ class Housekeeping:
         if cancelled:
             log.warning("cancelled %d job(s) whose worker stopped renewing its lease while "
                         "they were being cancelled: %s", len(cancelled), ", ".join(cancelled))
-        await self.queue.promote()
-        await self._drop_old_rounds()
+
+    async def _restore_limits(self) -> None:
         if await limits.restore(self.redis, self.keys, self.rules):
-            log.warning("LIMITS were gone from Redis (restarted without persistence? "
-                        "flushed?): published again")
+            log.warning("LIMITS were gone from Redis or overwritten (restarted without "
+                        "persistence? flushed?): published again")
 
     async def _drop_old_rounds(self) -> None:
         cutoff = (await redis_now(self.redis) - self.round_ttl) * 1000

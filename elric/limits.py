@@ -80,8 +80,10 @@ async def publish(redis, keys, rules: dict[str, Rule]) -> None:
 
 async def restore(redis, keys, rules: dict[str, Rule]) -> bool:
     """Publish ``rules`` again if Redis lost them, or every host would be crawled without
-    its limit until a master restarts. True if it did."""
-    if not rules or await redis.exists(keys.limits):
+    its limit until a master restarts; also over a key of another type, on which every
+    fetch would fail. True if it did."""
+    kind = await redis.type(keys.limits)
+    if kind == b"hash" or kind == b"none" and not rules:
         return False
     await publish(redis, keys, rules)
     return True

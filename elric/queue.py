@@ -9,6 +9,7 @@ nothing is pickled.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -19,6 +20,8 @@ from elric import codec, jobstats, lua
 from elric.clock import redis_now
 from elric.contract import STATUSES, NotFound, Refused, Status
 from elric.keys import Keys
+
+log = logging.getLogger("elric.queue")
 
 HAND_BACK_SECONDS = 5.0   # a job no worker here can run waits this long between tries
 STALE = "stale"   # finish's answer for an outcome that is no longer its worker's to record
@@ -173,6 +176,7 @@ class RedisQueue:
         self.redis, self.keys = redis, keys
         self.result_ttl, self.failed_ttl = result_ttl, failed_ttl
         self.release_keys_on_failure = release_keys_on_failure
+        self._told_broken: set[str] = set()   # keys of another type a script passed over, logged
         self._enqueue = lua.load(redis, "enqueue", "clock_fn")
         self._fetch = lua.load(redis, "fetch", "clock_fn")
         self._finish = lua.load(redis, "finish", "clock_fn", "slot_fn")
@@ -252,7 +256,7 @@ class RedisQueue:
         args = [*self._line, k.limit_running(""), k.limit_next(""), k.limit_parked(""),
                 int(lease_seconds * 1000), worker_id, limit, len(ended) // 2, *ended, *queues]
         if wake_on is None:
-            rows, wait_ms = await self._fetch(keys=keys, args=args)
+            reply = await self._fetch(keys=keys, args=args)
         else:   # the script was loaded by this worker's first fetch, which never waits
             pipe = wake_on.conn.pipeline(transaction=False)
             pipe.blpop(wake_on.lists, wake_on.timeout)
@@ -263,7 +267,9 @@ class RedisQueue:
             for reply in replies:
                 if isinstance(reply, Exception):
                     raise reply
-            rows, wait_ms = replies[1]
+            reply = replies[1]
+        rows, wait_ms = reply[:2]
+        self._tell_broken("fetch", reply[2:])
         claims = [Claim(_s(r[0]), int(r[1]), _s(r[2]), r[3], r[4],
                         float(r[5]) if r[5] else None, int(r[6]), _s(r[7]), _s(r[8]) or None,
                         _s(r[9]) or "", _s(r[10]) or None, _s(r[11]) or None, int(r[12]))
@@ -284,7 +290,18 @@ class RedisQueue:
         keys = [k.inflight, k.status(Status.RUNNING), k.status(Status.SUCCEEDED),
                 k.status(Status.FAILED), k.delayed, k.counters, k.status(Status.RETRYING),
                 k.limits_due, k.status(Status.CANCELLED)]
-        return [_s(s) for s in await self._finish(keys=keys, args=argv)]
+        reply = await self._finish(keys=keys, args=argv)
+        self._tell_broken("finish", reply[len(outcomes):])
+        return [_s(s) for s in reply[:len(outcomes)]]
+
+    def _tell_broken(self, what: str, keys: list) -> None:
+        """Log, once each, the keys a script left alone for holding another type than elric
+        writes: an operator's mistake that must not stop the work on every other key."""
+        if broken := {_s(k) for k in keys} - self._told_broken:
+            self._told_broken |= broken   # every fetch, every outcome of a batch meets it
+            log.warning("%s: %s hold(s) another type than elric writes (overwritten?): "
+                        "passed over, nothing read from or written to them; delete them", what,
+                        ", ".join(sorted(broken)))
 
     async def release(self, worker_id: str, claims: list[tuple[str, int]], *,
                       reason: str | None = None) -> int:
@@ -311,10 +328,12 @@ class RedisQueue:
         held = [x for c in claims for x in (c.job_id, c.attempt)]
         pairs = [x for item in (fields or {}).items() for x in item]
         k = self.keys
-        lost, cancel, (paused, stop, queues, concurrency) = await self._heartbeat(
+        reply = await self._heartbeat(
             keys=[k.inflight, k.workers, k.worker(worker_id)],
             args=[k.job(""), int(lease_seconds * 1000), worker_id, len(pairs) // 2, *pairs,
                   *held])
+        self._tell_broken("heartbeat", reply[3:])
+        lost, cancel, (paused, stop, queues, concurrency) = reply[:3]
         return Renewed({_s(i) for i in lost}, {_s(i) for i in cancel},
                        WorkerControl(paused == b"1", stop == b"1",
                                      [q for q in _s(queues).split(",") if q],

@@ -31,7 +31,6 @@ REDIS_CLIENT_OPTIONS = {"socket_connect_timeout": 5, "socket_timeout": 5,
 # recognises by their code.
 _REFUSAL_CLASSES = {OutOfMemoryError: "OOM", ReadOnlyError: "READONLY",
                     BusyLoadingError: "LOADING", MasterDownError: "MASTERDOWN"}
-REDIS_REFUSED = tuple(_REFUSAL_CLASSES)
 
 _REFUSALS = {
     "OOM": "Redis is out of memory (maxmemory)",
@@ -57,6 +56,36 @@ def is_outage(exc: BaseException) -> bool:
     return isinstance(exc, REDIS_ERRORS) or redis_refusal(exc) is not None
 
 
+class Outage:
+    """What a retrying loop logs: its trouble when it starts or changes kind (unreachable,
+    each refusal, each other error), not at each retry, and that it passed. An hour of
+    Redis away is two lines, not one a second."""
+
+    def __init__(self, log: logging.Logger, what: str) -> None:
+        self.log, self.what = log, what
+        self.kind: str | None = None   # None: no trouble
+        self.since = 0.0
+
+    def failed(self, exc: BaseException) -> None:
+        kind = redis_refusal(exc) or ("Redis unreachable" if isinstance(exc, REDIS_ERRORS)
+                                      else None)
+        if (kind or type(exc).__name__) == self.kind:
+            return
+        if self.kind is None:
+            self.since = time.monotonic()
+        self.kind = kind or type(exc).__name__
+        if kind:   # expected weather: one line
+            self.log.warning("%s: %s (%s); retrying", self.what, kind, exc)
+        else:      # a bug, or a key of another type: its traceback
+            self.log.error("%s; retrying", self.what, exc_info=exc)
+
+    def passed(self) -> None:
+        if self.kind is not None:
+            self.log.info("%s: works again after %.1fs", self.what,
+                          time.monotonic() - self.since)
+            self.kind = None
+
+
 class Backoff:
     """Delays that double from ``first`` up to ``most``; ``reset()`` after a success."""
 
@@ -76,19 +105,20 @@ async def retry(call: Callable[[], Awaitable[T]], *, what: str, log: logging.Log
                 errors: tuple[type[BaseException], ...] = REDIS_ERRORS,
                 backoff: Backoff | None = None, deadline: float | None = None) -> T:
     """``await call()`` until it does not raise one of ``errors`` or a refusal of Redis's
-    (``redis_refusal``), logging each failure.
+    (``redis_refusal``), logging the trouble once (``Outage``).
 
     ``deadline`` (a ``time.monotonic()`` value) bounds the retrying: past it, the last
     error is raised."""
-    backoff = backoff or Backoff()
+    backoff, outage = backoff or Backoff(), Outage(log, what)
     while True:
         try:
-            return await call()
+            result = await call()
+            outage.passed()
+            return result
         except Exception as exc:
             if not isinstance(exc, errors) and redis_refusal(exc) is None:
                 raise
             if deadline is not None and time.monotonic() >= deadline:
                 raise
-            delay = backoff.next()
-            log.warning("%s: %s; retrying in %.1fs", what, exc, delay)
-            await asyncio.sleep(delay)
+            outage.failed(exc)
+            await asyncio.sleep(backoff.next())

@@ -24,7 +24,7 @@ from elric.health import TaskHealth
 from elric.contract import Status
 from elric.jobstore import FINISHED_TTL, Coalesce, Options, Outcome, RedisJobStore, iso
 from elric.queue import Fenced
-from elric.retry import Backoff, is_outage
+from elric.retry import Backoff, Outage, is_outage
 from elric.triggers import build_trigger, next_fire
 
 CATCHUP_LIMIT = 1000        # fires of one job handled per pass when catching up a backlog
@@ -146,6 +146,7 @@ class Scheduler:
         self._step_down("released the lease", logging.INFO)
 
     async def _lease_loop(self) -> None:
+        outage = Outage(self.log, "scheduler lease: renew/acquire failed")
         while not self._stop.is_set():
             try:
                 if self.is_leader and not await self._renew():
@@ -153,11 +154,12 @@ class Scheduler:
                 if not self.is_leader:
                     await self._acquire()
                 await self.clock.sync()   # this machine's clock may have jumped
+                outage.passed()
                 if not self.is_leader:
                     self.health.progress("following: another master schedules")
             except Exception as exc:  # Redis hiccup: the fence still guards every fire
                 self.health.trouble(f"lease: {type(exc).__name__}: {exc}; retrying")
-                self._log_failure("scheduler lease: renew/acquire failed", exc)
+                outage.failed(exc)
             await _wait(self._stop, self._lease_wait)
 
     def _log_failure(self, what: str, exc: Exception) -> None:
@@ -198,6 +200,8 @@ class Scheduler:
 
     def _plan(self, job_id: str, row: list, now: float) -> FirePlan:
         """Which due fire times of one job are missed, run, coalesced or skipped."""
+        if not isinstance(row, list):  # scheduler_due.lua could not read a key of it
+            raise ValueError(row.decode(errors="replace"))
         h = dict(zip(FIRE_FIELDS, row))
         if h["spec"] is None:  # an index entry without its hash: scheduler_fire.lua drops it
             return FirePlan(job_id, b"", None)
@@ -283,7 +287,8 @@ class Scheduler:
             except Exception:  # bad stored data must not stall every other job
                 self.log.exception("periodic job %s: cannot compute its fires; retrying in 60s",
                                    job_id)
-                plan = FirePlan(job_id, row[FIRE_FIELDS.index("version")], now + 60)
+                version = row[FIRE_FIELDS.index("version")] if isinstance(row, list) else b""
+                plan = FirePlan(job_id, version, now + 60)
             job_keys, job_argv = self._job_args(plan, live, now, specs)
             keys += job_keys
             argv += job_argv
@@ -365,6 +370,7 @@ class Scheduler:
         self._stop, self._leader, self._done = asyncio.Event(), asyncio.Event(), asyncio.Event()
         lease_task = asyncio.create_task(self._lease_loop())
         backoff = Backoff(0.1, max(0.1, self.lease_seconds / 3))
+        outage = Outage(self.log, "scheduler pass failed")
         try:
             while not self._stop.is_set():
                 if not self.is_leader:
@@ -377,9 +383,10 @@ class Scheduler:
                     if delay > 0 and not self._stop.is_set() and self.is_leader:
                         await self._sleep(min(delay, self.lease_seconds / 3))
                     backoff.reset()
+                    outage.passed()   # after the wait too: a pass and its wait are one try
                 except Exception as exc:  # Redis away: try again soon, less often meanwhile
                     self.health.trouble(f"pass: {type(exc).__name__}: {exc}; retrying")
-                    self._log_failure("scheduler pass failed", exc)
+                    outage.failed(exc)
                     await _wait(self._stop, backoff.next())
         finally:
             lease_task.cancel()

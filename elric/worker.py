@@ -33,8 +33,7 @@ from elric.keys import Keys
 from elric.loading import JobModules
 from elric.pool import Pool, ProcessDied
 from elric.queue import STALE, Claim, Outcome, RedisQueue, WakeOn, WorkerControl
-from elric.retry import (REDIS_CLIENT_OPTIONS, REDIS_ERRORS, REDIS_REFUSED, Backoff, is_outage,
-                         retry)
+from elric.retry import REDIS_CLIENT_OPTIONS, Backoff, Outage, is_outage, retry
 from elric.rpc import AsyncClient, RemoteError, RPCConnectionError, RPCError
 from elric.usage import LoadMeter
 
@@ -108,8 +107,10 @@ class Worker:
         self._finished = asyncio.Event()
         self._waiting: asyncio.Task | None = None   # a fetch waiting in Redis for a wake token
         self._waiting_since = 0.0
-        self._wait_refused: Exception | None = None   # the last wait for work met an outage
+        self._wait_refused: Exception | None = None   # what the last wait for work met
         self._wait_backoff = Backoff()
+        self._fetch_outage = Outage(log, "worker: fetching jobs failed")
+        self._wait_outage = Outage(log, "worker: waiting for work failed")
         self._renew_now = asyncio.Event()   # a claim's lease may be over: ask Redis now
         self._cancelling: set[str] = set()   # jobs cancel_job asked this worker to stop
         self._margin = min(1.0, self.lease / 10)   # a lease this close to its end is not relied on
@@ -141,12 +142,14 @@ class Worker:
                     raise
                 self.master = master
                 break
-            except RedisAuthenticationError as exc:  # before REDIS_ERRORS: it is one of them
+            except RedisAuthenticationError as exc:  # before outages: a ConnectionError too
                 raise SettingsError(f"REDIS_URL {redact_url(s.REDIS_URL)}: cannot connect "
                                     f"({exc})") from None
             except RemoteError as exc:  # the master answered: no, e.g. a wrong RPC_TOKEN
                 raise SettingsError(f"MASTER_ADDRESS {s.MASTER_ADDRESS}: {exc}") from None
-            except REDIS_ERRORS + REDIS_REFUSED + (RPCConnectionError,) as exc:
+            except Exception as exc:   # Redis away or refusing (BUSY, LOADING), no master
+                if not is_outage(exc) and not isinstance(exc, RPCConnectionError):
+                    raise
                 if time.monotonic() >= next_warning:
                     reason = str(exc).removeprefix(f"cannot reach {what}: ")
                     log.warning("worker: cannot reach %s; retrying (%s)", what, reason)
@@ -248,9 +251,8 @@ class Worker:
                 # a fetch without a wait may pass (it writes nothing when there is no work):
                 # back off here, or the refused waits would follow each other at once
                 exc, self._wait_refused = self._wait_refused, None
-                delay = self._wait_backoff.next()
-                log.warning("worker: Redis unavailable (%s); retrying in %.1fs", exc, delay)
-                await self._wait(delay)
+                self._wait_outage.failed(exc)
+                await self._wait(self._wait_backoff.next())
                 continue
             want = self._fetch_size()
             if self._waiting is not None:   # a fetch is out already: it brings the work
@@ -263,14 +265,14 @@ class Worker:
                     fetched = await self.queue.fetch(self.worker_id, self.queues,
                                                      max(want, 0), self.lease, ended)
                     backoff.reset()
+                    self._fetch_outage.passed()
                     fetched.claims = await self._hand_back_others(fetched.claims, asked)
                 except Exception as exc:   # Redis away, or full: wait it out, keep what we hold
                     if not is_outage(exc):
                         raise
                     self.ended = ended + self.ended
-                    delay = backoff.next()
-                    log.warning("worker: Redis unavailable (%s); retrying in %.1fs", exc, delay)
-                    await self._wait(delay)
+                    self._fetch_outage.failed(exc)
+                    await self._wait(backoff.next())
                     continue
                 if fetched.claims:
                     self.buffer.extend(fetched.claims)
@@ -309,8 +311,9 @@ class Worker:
 
     async def _take_woken(self) -> None:
         """The claims of a waiting fetch that came back join the buffer. Redis being away
-        or refusing is noted for the loop to back off; scripts flushed, or a wait Redis
-        ended with an error, are left to the next fetch (which loads the scripts again)."""
+        or refusing, or a wake list of another type (an operator's WRONGTYPE), is noted for
+        the loop to back off; scripts flushed, or a wait Redis ended with an error, are
+        left to the next fetch (which loads the scripts again)."""
         task = self._waiting
         if task is None or not task.done():
             return
@@ -319,13 +322,14 @@ class Worker:
             return
         exc = task.exception()
         if exc is not None:
-            if is_outage(exc):
-                self._wait_refused = exc
-                return
             if isinstance(exc, NoScriptError) or _unblocked(exc):
+                return
+            if is_outage(exc) or isinstance(exc, ResponseError):
+                self._wait_refused = exc
                 return
             raise exc
         self._wait_backoff.reset()
+        self._wait_outage.passed()
         mine = await self._hand_back_others(task.result().claims, self._waiting_since)
         self.buffer.extend(mine)   # after the await: _dispatch may have put a new buffer in place
 
@@ -577,7 +581,7 @@ class Worker:
                     self.master = await self._connect_master()
 
     async def _retry_redis(self, fn, *args, deadline: float | None = None):
-        return await retry(lambda: fn(*args), what="worker: Redis unavailable", log=log,
+        return await retry(lambda: fn(*args), what="worker", log=log,
                            deadline=deadline)
 
     # --- heartbeat, registration ------------------------------------------------------
@@ -603,6 +607,7 @@ class Worker:
         return fields
 
     async def _heartbeat_loop(self) -> None:
+        outage = Outage(log, "worker: heartbeat failed")
         while True:
             with contextlib.suppress(asyncio.TimeoutError):   # at least once a second: cancels
                 await asyncio.wait_for(self._renew_now.wait(), min(1.0, self.lease / 3))
@@ -617,11 +622,9 @@ class Worker:
                 self._drop_lost(renewed.lost)
                 self._stop_cancelled(renewed.cancel)
                 await self._obey(renewed.control)
+                outage.passed()
             except Exception as exc:   # never ends: leases are renewed again once Redis can
-                if is_outage(exc):
-                    log.warning("worker: heartbeat failed (%s)", exc)
-                else:
-                    log.exception("worker: heartbeat failed")
+                outage.failed(exc)
 
     async def _obey(self, control: WorkerControl) -> None:
         """Do what an operator asked (elric worker pause|resume|stop|set), without a restart."""

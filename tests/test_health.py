@@ -61,6 +61,36 @@ def test_health_and_scheduling_ride_out_a_redis_restart(tmp_path):
         server.cleanup()
 
 
+def test_an_outage_is_logged_once_by_each_loop_not_at_each_retry(tmp_path):
+    """Each loop logged every retry: a worker's heartbeat a line a second, housekeeping and
+    the scheduler one per backoff, for as long as Redis was away. Now: a line when it
+    starts, one when it is over."""
+    server = RedisServer().start()
+    c = Cluster(server.url, tmp_path)
+    try:
+        master = c.start_master()
+        worker = c.start_worker("--concurrency", "1")
+        server.stop()
+        down = time.monotonic()   # 4 s down: what is tested, not a wait for something
+        wait_for(lambda: time.monotonic() - down >= 4, interval=0.1, what="4 s of outage")
+        server.start()
+        wait_for(lambda: "heartbeat failed: works again" in worker.log()
+                 and "housekeeping failed: works again" in master.log(), timeout=30,
+                 what="the loops working again")
+        c.client.submit_job(Echo.spec([1], job_id="after"))
+        assert c.wait_job("after")["status"] == "succeeded"
+        for proc, loops in ((worker, ("heartbeat failed", "fetching jobs failed",
+                                     "waiting for work failed")),
+                            (master, ("housekeeping failed", "scheduler pass failed",
+                                      "scheduler lease: renew/acquire failed"))):
+            text = proc.log()
+            assert text.count("heartbeat failed: Redis unreachable") == (proc is worker)
+            assert all(text.count(f"{loop}: Redis unreachable") <= 1 for loop in loops), text
+    finally:
+        c.close()
+        server.cleanup()
+
+
 def test_a_background_task_that_ends_takes_its_master_down_non_zero(redis_url, monkeypatch):
     from elric.config import load_settings
     from elric.housekeeping import Housekeeping

@@ -16,7 +16,7 @@ import redis.asyncio as aredis
 
 from elric.contract import normalize_spec
 from elric.keys import Keys
-from elric.queue import Outcome, RedisQueue
+from elric.queue import STALE, Outcome, RedisQueue
 
 KEYS = Keys("elrictest")
 FUNC = "tests.jobs:Echo"
@@ -329,4 +329,88 @@ def test_max_retries_past_2_to_the_53_is_kept_exactly_and_retries(redis_url):
             assert await q.finish("w", [Outcome(claim.job_id, claim.attempt, False, "boom", 5,
                                                 retry_ms=0)]) == ["retrying"]
             assert (await q.get_job(f"j{n}"))["max_retries"] == n
+    asyncio.run(with_queue(redis_url, body))
+
+
+def test_outcomes_are_recorded_beside_a_key_an_operator_overwrote_with_another_type(
+        redis_url, caplog):
+    """One stats, round or job hash SET to a string made finish.lua fail with WRONGTYPE: the
+    worker's recorder stopped, the worker exited, and so did every worker its jobs went to
+    next. The outcomes of the other jobs are recorded; the key is named in the log, once."""
+    async def body(q, r):
+        await q.enqueue([normalize_spec({"func": FUNC, "job_id": "in-batch", "batch": "b"}),
+                         normalize_spec({"func": FUNC, "job_id": "in-round", "round": "r"}),
+                         normalize_spec({"func": FUNC, "job_id": "overwritten"}),
+                         normalize_spec({"func": FUNC, "job_id": "plain"})])
+        claims = (await q.fetch("w1", ["default"], 10, 30)).claims
+        assert len(claims) == 4
+        broken = [KEYS.batch("b"), KEYS.round("r"), KEYS.job("overwritten")]
+        for key in broken:
+            await r.delete(key)
+            await r.set(key, "overwritten")
+        outcomes = [Outcome(c.job_id, c.attempt, True, b"\xc0", 1) for c in claims]
+        statuses = await q.finish("w1", outcomes)
+        assert dict(zip([c.job_id for c in claims], statuses)) == {
+            "in-batch": "succeeded", "in-round": "succeeded", "overwritten": STALE,
+            "plain": "succeeded"}
+        assert int(await r.hget(KEYS.counters, "succeeded")) == 3
+        assert [await r.get(key) for key in broken] == [b"overwritten"] * 3
+        assert await q.finish("w1", outcomes) == statuses   # sent again: its reply was lost
+        assert caplog.text.count("hold(s) another type") == 1
+        assert all(key in caplog.text for key in broken), caplog.text
+    asyncio.run(with_queue(redis_url, body))
+
+
+def test_a_fetch_passes_over_a_queue_or_job_an_operator_overwrote_with_another_type(
+        redis_url, caplog):
+    """One queue or job hash SET to a string made fetch.lua fail with WRONGTYPE: the worker
+    exited, and no queue of it was served."""
+    async def body(q, r):
+        await q.enqueue([normalize_spec({"func": FUNC, "job_id": j, "queue": queue})
+                         for j, queue in (("a", "default"), ("b", "default"), ("c", "other"))])
+        broken = [KEYS.queue("other"), KEYS.job("a")]
+        for key in broken:
+            await r.delete(key)
+            await r.set(key, "overwritten")
+        fetched = await q.fetch("w1", ["other", "default"], 10, 30)
+        assert [c.job_id for c in fetched.claims] == ["b"]
+        assert all(key in caplog.text for key in broken), caplog.text
+        assert (await q.fetch("w1", ["other", "default"], 10, 30)).claims == []
+        assert caplog.text.count("hold(s) another type") == 1
+    asyncio.run(with_queue(redis_url, body))
+
+
+def test_a_heartbeat_renews_the_other_leases_beside_a_key_an_operator_overwrote(
+        redis_url, caplog):
+    """A job's or the worker's hash SET to a string made heartbeat.lua fail with WRONGTYPE
+    each second: the leases after that job's were not renewed (their jobs ran twice), and
+    an operator's pause or stop was never read."""
+    async def body(q, r):
+        await q.enqueue([normalize_spec({"func": FUNC, "job_id": j}) for j in "ab"])
+        claims = (await q.fetch("w1", ["default"], 10, 30)).claims
+        broken = [KEYS.job("a"), KEYS.worker("w1")]
+        for key in broken:
+            await r.delete(key)
+            await r.set(key, "overwritten")
+        before = await r.zscore(KEYS.inflight, "b")
+        renewed = await q.heartbeat("w1", claims, 60, {"state": "running"})
+        assert renewed.lost == {"a"} and not renewed.control.stop
+        assert await r.zscore(KEYS.inflight, "b") > before
+        assert await r.get(KEYS.worker("w1")) == b"overwritten"
+        assert all(key in caplog.text for key in broken), caplog.text
+    asyncio.run(with_queue(redis_url, body))
+
+
+def test_a_fetch_claims_nothing_while_the_limits_hash_holds_another_type(redis_url, caplog):
+    """The limits hash SET to a string made every fetch fail with WRONGTYPE: each worker
+    exited. Without its rules a fetch takes nothing (it might break a limit), looks again
+    in a second and names the key; a master publishes the rules over it."""
+    async def body(q, r):
+        await q.enqueue(specs(1))
+        await r.set(KEYS.limits, "overwritten")
+        fetched = await q.fetch("w1", ["default"], 10, 30)
+        assert fetched.claims == [] and fetched.limited_wait == 1.0
+        assert KEYS.limits in caplog.text
+        await r.delete(KEYS.limits)
+        assert len((await q.fetch("w1", ["default"], 10, 30)).claims) == 1
     asyncio.run(with_queue(redis_url, body))

@@ -474,7 +474,7 @@ def test_redis_outage_under_load_master_and_worker_carry_on(tmp_path):
         for _, kind, message in errors:
             assert kind == "RemoteError", (kind, message)  # an answer, not a timeout or a drop
             assert "master cannot reach Redis right now" in message, message
-        assert "Redis unavailable" in worker.log()
+        assert "Redis unreachable" in worker.log()
         assert "Redis unreachable" in master.log()
     finally:
         if submitter is not None:

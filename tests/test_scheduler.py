@@ -431,6 +431,43 @@ def test_a_job_spec_that_cannot_be_read_does_not_stall_the_others(redis_url, bad
     run(redis_url, body)
 
 
+@pytest.mark.parametrize("overwritten", ["hash", "fire_job", "fire_round", "runs"])
+def test_a_key_of_one_job_overwritten_with_another_type_does_not_stall_the_others(
+        redis_url, caplog, overwritten):
+    """An operator SET one job's key: each pass met WRONGTYPE and no periodic job fired any
+    more. Its keys are named in the log and it is looked at again in 60 s; a runs list of
+    another type only goes without its history."""
+    async def body(env):
+        for job_id in ("bad", "good"):
+            await env.store.add(spec(job_id))
+        env.clock.t = T0 + 60
+        assert await env.sched.tick() == 2
+        fid = fire_id("bad", T0 + 60)
+        key = {"hash": env.keys.schedule("bad"), "runs": env.keys.schedule_runs("bad"),
+               "fire_job": env.keys.job(fid), "fire_round": env.keys.round(fid)}[overwritten]
+        await env.r.delete(key)
+        await env.r.set(key, "overwritten")
+        env.clock.t = T0 + 120
+        if overwritten == "runs":
+            assert await env.sched.tick() == 2
+            assert await env.r.zscore(env.keys.schedules, "bad") == (T0 + 180) * 1000
+            return
+        assert await env.sched.tick() == 1 and env.rec.specs[2]["schedule"] == "good"
+        assert await env.r.zscore(env.keys.schedules, "bad") == (T0 + 180) * 1000
+        assert f"{key}: WRONGTYPE" in caplog.text
+    run(redis_url, body)
+
+
+def test_fire_stats_overwritten_with_another_type_do_not_stall_the_scheduler(redis_url):
+    """Counting a skipped fire in the fire stats SET to a string failed the fire script
+    mid-batch, each pass again: that job and every one after it never moved on."""
+    async def body(env):
+        await env.r.set(env.keys.fire_stats, "overwritten")
+        assert await _missed_setup("skip", 1000)(env) == 0
+        assert (await env.store.get("site"))["next_run_time"] == T0 + 360
+    run(redis_url, body)
+
+
 def test_a_huge_misfire_grace_time_does_not_stall_the_scheduler(redis_url):
     """The fire mark's ttl grows with the grace: 1e300 s (accepted at submit) made Redis
     refuse the fire script's SET EX, so every pass failed and no periodic job fired."""
@@ -716,6 +753,24 @@ def test_run_wakes_up_for_a_sooner_job(redis_url):
             await sched.stop()
             await task
         assert await env.r.get(env.keys.scheduler_lease) is None  # released on stop
+    run(redis_url, body, t=None)
+
+
+def test_a_wake_list_of_another_type_is_logged_once_while_fires_go_on(redis_url, caplog):
+    """Its wait for a wake token failed after every pass that fired: each such pass was
+    logged with a traceback, as a new trouble, the pass before counting as a success."""
+    async def body(env):
+        await env.store.add(spec(trigger={"type": "interval", "seconds": 1}))
+        await env.r.delete(env.keys.scheduler_wake)
+        await env.r.set(env.keys.scheduler_wake, "overwritten")
+        task = asyncio.create_task(env.sched.run())
+        try:
+            await wait_async(lambda: _true(len(env.rec.specs) >= 3), 30, "three fires")
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        assert caplog.text.count("scheduler pass failed") == 1, caplog.text
     run(redis_url, body, t=None)
 
 

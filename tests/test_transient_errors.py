@@ -15,6 +15,7 @@ from redis.exceptions import ResponseError
 
 from elric.contract import normalize_spec
 from elric.queue import RedisQueue
+from tests.conftest import wait_for
 from tests.test_dedupe_keys_given_back import master
 
 
@@ -299,3 +300,118 @@ def test_a_call_whose_redis_reply_was_lost_is_not_said_to_have_changed_nothing(r
                 else:
                     raise AssertionError("no error")
     asyncio.run(main())
+
+
+def test_housekeeping_goes_on_with_its_other_steps_past_a_key_of_another_type(redis_url):
+    """The dedupe rounds index SET to a string made each pass fail before it published
+    LIMITS again: Redis that lost them ran every limited host at full speed. The pass
+    still fails (health shows it), after its other steps."""
+    async def main():
+        async with master(redis_url, LIMITS={"slow.test": {"concurrency": 1}}) as m:
+            await m.redis.set(m.keys.dedupe_rounds, "overwritten")
+            await m.redis.delete(m.keys.limits)
+            deadline = asyncio.get_running_loop().time() + 30
+            while not await m.redis.exists(m.keys.limits):
+                assert asyncio.get_running_loop().time() < deadline, "LIMITS never restored"
+                await asyncio.sleep(0.05)
+            while not m.housekeeping.health.in_trouble:
+                assert asyncio.get_running_loop().time() < deadline, "trouble not shown"
+                await asyncio.sleep(0.05)
+    asyncio.run(main())
+
+
+def test_a_worker_started_while_redis_runs_a_long_script_waits_for_it(cluster):
+    """PING answers BUSY while a script runs past busy-reply-threshold: a worker starting
+    then died with the error's traceback instead of waiting, as it does for Redis away."""
+    import threading
+
+    import redis
+
+    r = redis.Redis.from_url(cluster.redis_url)
+    r.config_set("busy-reply-threshold", 100)
+    busy = threading.Thread(target=r.eval, args=(
+        "local stop = redis.call('TIME')[1] + 5 "
+        "while tonumber(redis.call('TIME')[1]) < stop do end", 0))
+    probe = redis.Redis.from_url(cluster.redis_url)
+    try:
+        busy.start()
+
+        def refused() -> bool:
+            try:
+                probe.ping()
+                return False
+            except redis.exceptions.ResponseError as exc:
+                return str(exc).startswith("BUSY")
+        wait_for(refused, what="Redis busy with the script")
+        worker = cluster.start_worker("--concurrency", "1", wait=False)
+        wait_for(lambda: "busy" in worker.log().lower() or not worker.alive(), timeout=30,
+                 what="the worker meeting BUSY")
+        busy.join(30)
+        wait_for(lambda: not worker.alive() or any(
+            w.get("pid") == worker.pid for w in cluster.client.stats()["workers"]),
+            what="the worker registered")
+        assert worker.alive(), worker.log()
+    finally:
+        busy.join(30)
+        r.config_set("busy-reply-threshold", 5000)
+        r.close()
+        probe.close()
+
+
+def test_housekeeping_publishes_limits_over_a_key_of_another_type(redis_url):
+    """Every fetch fails on a limits hash an operator SET to a string; housekeeping took
+    any key there for the rules and left it."""
+    async def main():
+        async with master(redis_url, LIMITS={"slow.test": {"concurrency": 1}}) as m:
+            await m.redis.set(m.keys.limits, "overwritten")
+            deadline = asyncio.get_running_loop().time() + 30
+            while await m.redis.type(m.keys.limits) != b"hash":
+                assert asyncio.get_running_loop().time() < deadline, "LIMITS never published"
+                await asyncio.sleep(0.05)
+            assert await m.redis.hget(m.keys.limits, "slow.test") == b"1,"
+    asyncio.run(main())
+
+
+def test_scripts_flushed_from_redis_are_loaded_again(cluster):
+    """SCRIPT FLUSH (or a Redis that restarted) answers NOSCRIPT to each EVALSHA: the
+    master's scripts and the worker's, also the one it sends in a pipeline behind its wait
+    for work (redis-py loads a script again only outside a pipeline), are loaded again."""
+    import redis
+
+    from tests.jobs import Echo
+
+    cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job(Echo.spec([0], job_id="before"))
+    assert cluster.wait_job("before")["status"] == "succeeded"
+    r = redis.Redis.from_url(cluster.redis_url)
+    try:
+        for i in range(3):   # the worker waits for work: flushed under its waiting fetch
+            r.script_flush()
+            cluster.client.submit_job(Echo.spec([i], job_id=f"after-{i}"))
+            assert cluster.wait_job(f"after-{i}")["status"] == "succeeded"
+        assert all(p.alive() for p in cluster.procs), cluster.logs()
+    finally:
+        r.close()
+
+
+def test_a_worker_whose_wake_list_holds_another_type_goes_on(cluster):
+    """Its own wake list SET to a string made every wait for work fail with WRONGTYPE: the
+    worker exited. It backs off (logged once) and fetches between the waits."""
+    import redis
+
+    from elric.keys import Keys
+    from tests.jobs import Echo
+
+    worker = cluster.start_worker("--concurrency", "1")
+    [worker_id] = [w["worker_id"] for w in cluster.client.stats()["workers"]]
+    r = redis.Redis.from_url(cluster.redis_url)
+    try:
+        r.set(Keys("elric").worker_wake(worker_id), "overwritten")
+        wait_for(lambda: "WRONGTYPE" in worker.log(), what="a wait for work refused")
+        for i in range(2):
+            cluster.client.submit_job(Echo.spec([i], job_id=f"job-{i}"))
+            assert cluster.wait_job(f"job-{i}")["status"] == "succeeded"
+        assert worker.alive() and worker.log().count("waiting for work failed") == 1, \
+            worker.log()
+    finally:
+        r.close()

@@ -6,7 +6,8 @@
 --       job_id, attempt (claims of this worker whose run has ended), then queues...
 -- Returns {jobs, wait}: per job {job_id, attempt, func, args, kwargs, timeout, max_retries,
 --   queue, dedupe_scope, batch, round, limit_key, reruns}; wait: ms until parked jobs are looked at
---   again (-1: none parked; 0: more in line than one call looks at).
+--   again (-1: none parked; 0: more in line than one call looks at); then the keys passed
+--   over for holding another type (a queue: its jobs wait; a job's hash: out of its line).
 -- Invariant: a claimed job is running under this worker, with a lease in inflight that
 -- the worker renews; its attempt counter counts the claim. A job whose limit key is at its
 -- limit is parked (out of its queue, still queued) so it never holds back other keys; its
@@ -27,7 +28,9 @@ for i = FIRST_QUEUE, #ARGV do mine[ARGV[i]] = true end
 local rules = {}   -- limit key (or '*') -> {concurrency or nil, interval ms or nil}
 local limited = redis.call('EXISTS', KEYS[3]) == 1
 if limited then
-  local h = redis.call('HGETALL', KEYS[3])
+  local read, h = pcall(redis.call, 'HGETALL', KEYS[3])
+  -- of another type: claim nothing, named; a master publishes the rules over it
+  if not read then return {{}, RECHECK_MS, KEYS[3]} end
   for i = 1, #h, 2 do
     local c, iv = string.match(h[i + 1], '^(%d*),(%d*)$')
     rules[h[i]] = {tonumber(c), tonumber(iv)}
@@ -121,10 +124,13 @@ for _, lk in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', clock, 'LIMIT',
 end
 
 local out, budget = {}, SCAN_BUDGET
+local broken = {}   -- keys of another type (an operator overwrote them): named in the reply
 while #out < limit and budget > 0 do
   local cands = {}
   for i = FIRST_QUEUE, #ARGV do
-    local r = redis.call('ZRANGE', qp .. ARGV[i], 0, limit - #out - 1, 'WITHSCORES')
+    local read, r = pcall(redis.call, 'ZRANGE', qp .. ARGV[i], 0, limit - #out - 1,
+                          'WITHSCORES')
+    if not read then broken[qp .. ARGV[i]], r = true, {} end
     for j = 1, #r, 2 do cands[#cands + 1] = {tonumber(r[j + 1]), r[j], ARGV[i]} end
   end
   if #cands == 0 then break end
@@ -141,9 +147,10 @@ while #out < limit and budget > 0 do
     redis.call('ZREM', qp .. queue, member)
     local id = string.sub(member, 18)   -- member: {seq:016x}:{job_id}
     local jk = jp .. id
-    local f = redis.call('HMGET', jk, 'func', 'args', 'kwargs', 'timeout', 'max_retries',
-                         'queue', 'dedupe_scope', 'batch', 'round', 'enqueued_at',
-                         'limit_key', 'attempts', 'started_at', 'reruns')
+    local read, f = pcall(redis.call, 'HMGET', jk, 'func', 'args', 'kwargs', 'timeout',
+                          'max_retries', 'queue', 'dedupe_scope', 'batch', 'round',
+                          'enqueued_at', 'limit_key', 'attempts', 'started_at', 'reruns')
+    if not read then broken[jk], f = true, {} end   -- gone from its line, like a removed job
     if f[6] then   -- every job hash has its queue; with no hash, the job was removed
       local lk = limited and f[11]
       local m = lk and room(lk)
@@ -199,4 +206,6 @@ else
   local first = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
   if #first > 0 then wait = math.max(0, tonumber(first[2]) - clock) end
 end
-return {out, wait}
+local reply = {out, wait}
+for key in pairs(broken) do reply[#reply + 1] = key end
+return reply

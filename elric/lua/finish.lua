@@ -9,8 +9,10 @@
 --       duration (ms), the histogram field that duration counts in ('le:{ms}', from
 --       elric/jobstats.py), retry delay (ms; -1: no retry)
 -- Returns per job its new status, or 'stale' for a job this worker no longer holds (it was
--- redelivered elsewhere or removed): that outcome is dropped. A call sent again (its reply
--- was lost) answers the status its first run recorded, but `stale` for one it cancelled.
+-- redelivered elsewhere or removed): that outcome is dropped; then the keys it left alone
+-- for holding another type (a job's hash: its outcome is dropped; a stats or round hash).
+-- A call sent again (its reply was lost) answers the status its first run recorded, but
+-- `stale` for one it cancelled.
 -- Invariant: only the attempt that holds the job records it. With release keys, a job that
 -- failed for good gives its dedupe key back to an exact filter in the same step, once
 -- (with DEDUPE_TTL, unless the key expired and a later job took it). A job with a limit
@@ -30,6 +32,10 @@ local out = {}
 -- increments summed per hash and field, written once per call (a call holds a chunk of
 -- jobs, mostly of one func and batch)
 local sums, touched = {}, {}
+local broken = {}   -- keys of another type (an operator overwrote them): named in the reply
+local function write(...)   -- must not stop the other jobs' outcomes
+  if not pcall(redis.call, ...) then broken[select(2, ...)] = true end
+end
 local function add(key, field, n)
   local h = sums[key]
   if not h then h = {}; sums[key] = h end
@@ -45,9 +51,10 @@ for i = 15, #ARGV, 7 do
   local id, attempt, outcome, payload = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local duration, bucket, retry = tonumber(ARGV[i + 4]), ARGV[i + 5], tonumber(ARGV[i + 6])
   local jk = jp .. id
-  local f = redis.call('HMGET', jk, 'status', 'attempts', 'queue', 'batch', 'max_retries',
-                       'error', 'dedupe_key', 'dedupe_scope', 'limit_key', 'round', 'func',
-                       'cancel', 'worker', 'enqueued_at', 'key_given_back')
+  local read, f = pcall(redis.call, 'HMGET', jk, 'status', 'attempts', 'queue', 'batch',
+                       'max_retries', 'error', 'dedupe_key', 'dedupe_scope', 'limit_key',
+                       'round', 'func', 'cancel', 'worker', 'enqueued_at', 'key_given_back')
+  if not read then broken[jk], f = true, {} end
   if f[1] ~= 'running' or f[2] ~= attempt then
     -- recorded by this call's first run (a requeued job has no worker; one that
     -- requeue_due ended cancelled keeps its worker, who recorded nothing)
@@ -106,19 +113,20 @@ for i = 15, #ARGV, 7 do
     if f[4] and f[4] ~= '' then add_timed(bp .. f[4], status, duration, bucket) end
     if f[11] then add_timed(fp .. f[11], status, duration, bucket) end
     if f[10] and status ~= 'retrying' then
-      redis.call('HINCRBY', roundp .. f[10], status == 'cancelled' and 'removed' or status, 1)
+      write('HINCRBY', roundp .. f[10], status == 'cancelled' and 'removed' or status, 1)
       redis.call('EXPIRE', roundp .. f[10], failed_ttl)
     end
     out[#out + 1] = status
   end
 end
 for key, h in pairs(sums) do
-  for field, n in pairs(h) do redis.call('HINCRBY', key, field, n) end
+  for field, n in pairs(h) do write('HINCRBY', key, field, n) end
 end
-for key in pairs(touched) do redis.call('HSET', key, 'last_at', now) end
+for key in pairs(touched) do write('HSET', key, 'last_at', now) end
 if sums[minute] then redis.call('EXPIRE', minute, minute_ttl) end
 -- finished jobs' hashes expire; their index entries go on the same schedule
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - result_ttl * 1000)
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - failed_ttl * 1000)
 redis.call('ZREMRANGEBYSCORE', KEYS[9], '-inf', now - failed_ttl * 1000)
+for key in pairs(broken) do out[#out + 1] = key end
 return out

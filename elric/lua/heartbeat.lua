@@ -7,14 +7,19 @@
 -- Returns {lost, cancel, control}: the ids of the jobs the worker no longer holds at that
 --   attempt (redelivered, removed, finished), which it must not start; of those it holds
 --   that cancel.lua asked to stop; and what an operator asked of the worker (the hash's
---   paused, stop, set_queues and set_concurrency fields, as control_worker wrote them).
+--   paused, stop, set_queues and set_concurrency fields, as control_worker wrote them);
+--   then the keys passed over for holding another type (a job's hash: that job is lost;
+--   the worker's hash: nothing written to it, no control read).
 -- Invariant: a lease is extended only for the worker, and attempt, that holds the job.
 local now = now_ms()
 local jp, deadline, worker = ARGV[1], now + tonumber(ARGV[2]), ARGV[3]
 local n = tonumber(ARGV[4])
 local lost, cancel = {}, {}
+local broken = {}   -- keys of another type (an operator overwrote them): named in the reply
 for i = 5 + 2 * n, #ARGV, 2 do
-  local f = redis.call('HMGET', jp .. ARGV[i], 'status', 'worker', 'attempts', 'cancel')
+  local read, f = pcall(redis.call, 'HMGET', jp .. ARGV[i], 'status', 'worker', 'attempts',
+                        'cancel')
+  if not read then broken[#broken + 1], f = jp .. ARGV[i], {} end   -- lost, as if removed
   if f[1] == 'running' and f[2] == worker and f[3] == ARGV[i + 1] then
     redis.call('ZADD', KEYS[1], 'XX', deadline, ARGV[i])
     if f[4] then cancel[#cancel + 1] = ARGV[i] end
@@ -23,9 +28,13 @@ for i = 5 + 2 * n, #ARGV, 2 do
   end
 end
 redis.call('ZADD', KEYS[2], now, worker)
-if n > 0 then
-  redis.call('HSET', KEYS[3], unpack(ARGV, 5, 4 + 2 * n))
+local read, control = pcall(redis.call, 'HMGET', KEYS[3], 'paused', 'stop', 'set_queues',
+                            'set_concurrency')
+if read then
+  if n > 0 then redis.call('HSET', KEYS[3], unpack(ARGV, 5, 4 + 2 * n)) end
+  redis.call('EXPIRE', KEYS[3], 86400)
+else
+  broken[#broken + 1], control = KEYS[3], {}
 end
-redis.call('EXPIRE', KEYS[3], 86400)
-local control = redis.call('HMGET', KEYS[3], 'paused', 'stop', 'set_queues', 'set_concurrency')
-return {lost, cancel, {control[1] or '', control[2] or '', control[3] or '', control[4] or ''}}
+return {lost, cancel, {control[1] or '', control[2] or '', control[3] or '', control[4] or ''},
+        unpack(broken)}

@@ -14,7 +14,9 @@
 -- it is accepted at most once by any master, and an accepted fire's spec stays in the
 -- pending fires until enqueue.lua queues it, so a master dying in between loses nothing;
 -- a job whose version moved since it was read is left alone (re-read next pass); an
--- index entry whose hash is gone is dropped.
+-- index entry whose hash is gone is dropped; one whose keys could not be read (version "")
+-- gets only its new score; a runs list or fire stats of another type are not recorded to,
+-- not an error that stops every job's fires.
 if redis.call('GET', KEYS[1]) ~= ARGV[1] or redis.call('GET', KEYS[2]) ~= ARGV[2] then return {0} end
 local out, a, k, keep = {1, false}, 6, 7, tonumber(ARGV[3])
 for _ = 1, tonumber(ARGV[5]) do
@@ -22,8 +24,13 @@ for _ = 1, tonumber(ARGV[5]) do
   local nrt, nri, recent, n = ARGV[a+3], ARGV[a+4], ARGV[a+5], tonumber(ARGV[a+6])
   local hash, runs = KEYS[k], KEYS[k+1]
   a, k = a + 7, k + 2
-  local cur = redis.call('HGET', hash, 'version')
-  if not cur then redis.call('ZREM', KEYS[3], job_id) end
+  local cur = false
+  if version == '' and score ~= '' then  -- a key of it could not be read: look again later
+    redis.call('ZADD', KEYS[3], score, job_id)
+  else
+    cur = redis.call('HGET', hash, 'version')
+    if not cur then redis.call('ZREM', KEYS[3], job_id) end
+  end
   local ok = cur == version
   local pushed = false
   for _ = 1, n do
@@ -31,19 +38,19 @@ for _ = 1, tonumber(ARGV[5]) do
       if ok and redis.call('SET', KEYS[k], '1', 'NX', 'EX', ARGV[a+2]) then
         out[#out+1] = ARGV[a+1]
         redis.call('HSET', KEYS[4], ARGV[a+1], ARGV[a+4])
-        redis.call('LPUSH', runs, ARGV[a+3])
+        pcall(redis.call, 'LPUSH', runs, ARGV[a+3])
         pushed = true
       end
       k = k + 1
     elseif ok then
-      redis.call('LPUSH', runs, ARGV[a+3])
-      redis.call('HINCRBY', KEYS[5], ARGV[a] == 'm' and 'missed' or 'skipped', 1)
+      pcall(redis.call, 'LPUSH', runs, ARGV[a+3])
+      pcall(redis.call, 'HINCRBY', KEYS[5], ARGV[a] == 'm' and 'missed' or 'skipped', 1)
       pushed = true
     end
     a = a + 5
   end
   if ok then
-    if pushed then redis.call('LTRIM', runs, 0, keep - 1) end
+    if pushed then pcall(redis.call, 'LTRIM', runs, 0, keep - 1) end
     redis.call('HSET', hash, 'next_run_time', nrt, 'next_run_iso', nri, 'recent', recent,
                'version', next_version(KEYS[6], cur))
     if score == '' then
