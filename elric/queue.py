@@ -235,8 +235,10 @@ class RedisQueue:
         for i in range(0, len(existing), 2):
             row = out[int(existing[i]) - 1]
             row.status, row.existed = _s(existing[i + 1]), True
-            if row.status == Status.SCHEDULED:   # a periodic job has the id: its next fire
-                score = await self.redis.zscore(k.schedules, row.job_id)
+        periodic = [row for row in out if row.status == Status.SCHEDULED]
+        if periodic:   # periodic jobs have these ids: their next fires, in one call
+            scores = await self.redis.zmscore(k.schedules, [row.job_id for row in periodic])
+            for row, score in zip(periodic, scores):
                 row.next_run_time = score / 1000 if score and score != float("inf") else None
         return out
 

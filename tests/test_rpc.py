@@ -20,6 +20,7 @@ import pytest
 
 from elric.rpc import (AsyncClient, Client, RemoteError, RequestError, RPCConnectionError,
                        RPCError, RPCTimeoutError, Server, parse_address)
+from tests.conftest import wait_for
 from tests.legacy import SCRIPT_PRELUDE, legacy_python
 
 DEADLINE = 10.0
@@ -821,9 +822,7 @@ def test_a_child_forked_while_a_call_is_in_flight_can_call():
     with ServerThread(basic_handlers(slow=slow)) as st, Client(*st.address) as client:
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             in_flight = pool.submit(client.call, "slow")
-            wait_until = time.monotonic() + DEADLINE
-            while not client._lock.locked() and time.monotonic() < wait_until:
-                time.sleep(0.01)
+            wait_for(client._lock.locked, DEADLINE, what="the slow call holding the lock")
             try:
                 assert _exit_status(_fork(lambda: client.call("ping", timeout=5))) == 0
             finally:
