@@ -127,8 +127,8 @@ class Master:
             s.REDIS_URL, max_connections=MAX_REDIS_CONNECTIONS, timeout=30,
             **REDIS_CLIENT_OPTIONS))
         made.push_async_callback(self.redis.aclose)
-        try:
-            await self.redis.ping()
+        try:   # a Redis loading its data or running a long script is waited for
+            await retry(self.redis.ping, errors=(), log=log, what="master: starting")
         except Exception as exc:   # a refused password is a setting to fix, not to retry
             down = isinstance(exc, (RedisConnectionError, RedisTimeoutError)) and \
                 not isinstance(exc, AuthenticationError)

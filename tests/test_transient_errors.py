@@ -9,6 +9,7 @@ master cannot reach Redis sends its children again instead of failing their pare
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 from redis.exceptions import ResponseError
@@ -320,19 +321,20 @@ def test_housekeeping_goes_on_with_its_other_steps_past_a_key_of_another_type(re
     asyncio.run(main())
 
 
-def test_a_worker_started_while_redis_runs_a_long_script_waits_for_it(cluster):
-    """PING answers BUSY while a script runs past busy-reply-threshold: a worker starting
-    then died with the error's traceback instead of waiting, as it does for Redis away."""
+@contextlib.contextmanager
+def redis_running_a_long_script(url: str):
+    """Redis answers BUSY to everything while a script runs past busy-reply-threshold:
+    yields once a probe sees BUSY; leaves when the script has ended."""
     import threading
 
     import redis
 
-    r = redis.Redis.from_url(cluster.redis_url)
+    r = redis.Redis.from_url(url)
     r.config_set("busy-reply-threshold", 100)
     busy = threading.Thread(target=r.eval, args=(
         "local stop = redis.call('TIME')[1] + 5 "
         "while tonumber(redis.call('TIME')[1]) < stop do end", 0))
-    probe = redis.Redis.from_url(cluster.redis_url)
+    probe = redis.Redis.from_url(url)
     try:
         busy.start()
 
@@ -343,19 +345,37 @@ def test_a_worker_started_while_redis_runs_a_long_script_waits_for_it(cluster):
             except redis.exceptions.ResponseError as exc:
                 return str(exc).startswith("BUSY")
         wait_for(refused, what="Redis busy with the script")
-        worker = cluster.start_worker("--concurrency", "1", wait=False)
-        wait_for(lambda: "busy" in worker.log().lower() or not worker.alive(), timeout=30,
-                 what="the worker meeting BUSY")
-        busy.join(30)
-        wait_for(lambda: not worker.alive() or any(
-            w.get("pid") == worker.pid for w in cluster.client.stats()["workers"]),
-            what="the worker registered")
-        assert worker.alive(), worker.log()
+        yield busy
     finally:
         busy.join(30)
         r.config_set("busy-reply-threshold", 5000)
         r.close()
         probe.close()
+
+
+def test_a_worker_started_while_redis_runs_a_long_script_waits_for_it(cluster):
+    """A worker starting then died with the error's traceback instead of waiting, as it
+    does for Redis away."""
+    with redis_running_a_long_script(cluster.redis_url) as busy:
+        worker = cluster.start_worker("--concurrency", "1", wait=False)
+        wait_for(lambda: "busy" in worker.log().lower() or not worker.alive(), timeout=30,
+                 what="the worker meeting BUSY")
+        busy.join(30)
+    wait_for(lambda: not worker.alive() or any(
+        w.get("pid") == worker.pid for w in cluster.client.stats()["workers"]),
+        what="the worker registered")
+    assert worker.alive(), worker.log()
+
+
+def test_a_master_started_while_redis_runs_a_long_script_waits_for_it(make_cluster):
+    """A master starting then exited 2, "a setting to fix", so a supervisor that restarts
+    only on 3 left the cluster without a master."""
+    cluster = make_cluster()
+    with redis_running_a_long_script(cluster.redis_url):
+        master = cluster.start_master()   # returns once it listens
+        assert "busy" in master.log().lower(), master.log()
+    assert cluster.client.stats()["workers"] == [], master.log()
+    assert master.alive(), master.log()
 
 
 def test_housekeeping_publishes_limits_over_a_key_of_another_type(redis_url):
