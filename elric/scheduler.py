@@ -17,6 +17,8 @@ import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+from redis.exceptions import ResponseError
+
 from elric import lua
 from elric.clock import RedisClock
 from elric.codec import pack, unpack
@@ -362,7 +364,15 @@ class Scheduler:
         # end the BLPOP a little early: Redis may time it out up to ~100 ms late; a longer
         # wait is several BLPOPs (a pass between them costs one read of the index head)
         timeout = min(timeout - 0.15, LONGEST_BLOCK)
-        if await self.redis.blpop([self.keys.scheduler_wake], timeout=timeout):
+        try:
+            woke = await self.redis.blpop([self.keys.scheduler_wake], timeout=timeout)
+        except ResponseError as exc:   # it holds only tokens: one of another type is replaced
+            if "WRONGTYPE" not in str(exc):
+                raise
+            self.log.warning("scheduler: %s was overwritten with another type; deleted it",
+                             self.keys.scheduler_wake)
+            woke = True
+        if woke:
             await self.redis.delete(self.keys.scheduler_wake)  # tokens pushed later stay
 
     async def run(self) -> None:
