@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 
+import pytest
 from redis.exceptions import ResponseError
 
 from elric.contract import normalize_spec
@@ -435,3 +436,40 @@ def test_a_worker_whose_wake_list_holds_another_type_goes_on(cluster):
             worker.log()
     finally:
         r.close()
+
+
+BATCH = [{"func": "tests.jobs:Echo", "job_id": "j1", "batch": "b", "dedupe_key": "page-1"},
+         {"func": "tests.jobs:Echo", "job_id": "j2", "batch": "b"}]
+
+
+@pytest.mark.parametrize("overwritten", ["queue", "batch", "second job"])
+def test_a_submit_into_a_key_of_another_type_writes_nothing_and_says_which(redis_url,
+                                                                            overwritten):
+    """The enqueue script wrote the job hashes, then failed on a queue (or stats hash) an
+    operator had SET to a string: every resend then found the jobs "queued", though they
+    were in no queue, and they never ran."""
+    async def main():
+        async with master(redis_url) as m:
+            k = m.keys
+            bad = {"queue": k.queue("default"), "batch": k.batch("b"),
+                   "second job": k.job("j2")}[overwritten]
+            await m.redis.set(bad, "overwritten")
+            with pytest.raises(ResponseError, match=f"WRONGTYPE {bad} is a string where elric "
+                                                    f"keeps a .*; delete or rename it"):
+                await m.submit_jobs(BATCH)
+            assert not await m.redis.exists(k.job("j1"))
+            await m.redis.delete(bad)
+            assert [r["status"] for r in await m.submit_jobs(BATCH)] == ["queued", "queued"]
+            claims = (await m.queue.fetch("w", ["default"], 10, 30)).claims
+            assert sorted(c.job_id for c in claims) == ["j1", "j2"]
+    asyncio.run(main())
+
+
+def test_a_wake_list_of_another_type_is_replaced_by_a_submit(redis_url):
+    """It holds only tokens, so a submit replaces it rather than refusing the jobs."""
+    async def main():
+        async with master(redis_url) as m:
+            await m.redis.set(m.keys.wake("default"), "overwritten")
+            assert [r["status"] for r in await m.submit_jobs(BATCH)] == ["queued", "queued"]
+            assert await m.redis.type(m.keys.wake("default")) == b"list"
+    asyncio.run(main())

@@ -23,22 +23,33 @@ end
 local jobs = cmsgpack.unpack(ARGV[9])
 local n = jobs[1]
 local base = redis.call('INCRBY', KEYS[1], n) - n
-local out, lines, per_batch, per_func, per_round, added = {}, {}, {}, {}, {}, 0
+-- Nothing is written until every key the call writes is known to be of its type: a job
+-- hash written before its queue failed to take the member would read as queued to every
+-- resend, and never run. A key overwritten outside elric fails the call, named.
+local function expect(key, kind)
+  local t = redis.call('TYPE', key).ok
+  if t ~= 'none' and t ~= kind then
+    error(redis.error_reply('WRONGTYPE ' .. key .. ' is a ' .. t .. ' where elric keeps a ' ..
+          kind .. ': it was written outside elric; delete or rename it. Nothing was queued'))
+  end
+end
+local out, new, fired, lines, per_batch, per_func, per_round = {}, {}, {}, {}, {}, {}, {}
 local p = 2
 for i = 1, n do
   local id, q, prio, batch, round = jobs[p], jobs[p + 1], jobs[p + 2], jobs[p + 3], jobs[p + 4]
-  local func, m = jobs[p + 5], jobs[p + 6]
+  local func = jobs[p + 5]
   local jk = jp .. id
-  if token ~= '' then redis.call('HDEL', KEYS[6], id) end
-  local status = redis.call('HGET', jk, 'status')
+  if token ~= '' then fired[#fired + 1] = id end
+  local read, status = pcall(redis.call, 'HGET', jk, 'status')
+  if not read then expect(jk, 'hash') end
   if not status and redis.call('EXISTS', ARGV[11] .. id) == 1 then status = 'scheduled' end
   if status then
     out[#out + 1] = i
     out[#out + 1] = status
   else
     local member = string.format('%016x', base + i) .. ':' .. id
-    redis.call('HSET', jk, 'status', 'queued', 'queue', q, 'enqueued_at', now,
-               'member', member, unpack(jobs, p + 7, p + 6 + m))
+    new[#new + 1] = p
+    new[#new + 1] = member
     local line = lines[q]
     if not line then line = {}; lines[q] = line end
     line[#line + 1] = -tonumber(prio)
@@ -46,9 +57,27 @@ for i = 1, n do
     if batch ~= '' then per_batch[batch] = (per_batch[batch] or 0) + 1 end
     if round ~= '' then per_round[round] = (per_round[round] or 0) + 1 end
     if func ~= '' then per_func[func] = (per_func[func] or 0) + 1 end
-    added = added + 1
   end
-  p = p + 7 + m
+  p = p + 7 + jobs[p + 6]
+end
+local added = #new / 2
+if token ~= '' then expect(KEYS[6], 'hash') end
+if added > 0 then
+  expect(KEYS[2], 'set'); expect(KEYS[3], 'hash'); expect(KEYS[4], 'set'); expect(KEYS[7], 'set')
+  for q in pairs(lines) do
+    expect(qp .. q, 'zset')
+    local t = redis.call('TYPE', wp .. q).ok   -- it holds only tokens: replaced, not refused
+    if t ~= 'none' and t ~= 'list' then redis.call('DEL', wp .. q) end
+  end
+  for name in pairs(per_batch) do expect(bp .. name, 'hash') end
+  for name in pairs(per_func) do expect(fp .. name, 'hash') end
+  for name in pairs(per_round) do expect(rp .. name, 'hash') end
+end
+for _, id in ipairs(fired) do redis.call('HDEL', KEYS[6], id) end
+for j = 1, #new, 2 do
+  local at = new[j]
+  redis.call('HSET', jp .. jobs[at], 'status', 'queued', 'queue', jobs[at + 1], 'enqueued_at',
+             now, 'member', new[j + 1], unpack(jobs, at + 7, at + 6 + jobs[at + 6]))
 end
 for q, line in pairs(lines) do
   for s = 1, #line, 4000 do   -- unpack() takes at most ~8000 values
