@@ -80,11 +80,12 @@ class Step:
 
 # what does to a periodic job what an action would: it has no job record of its own
 _PERIODIC = {"cancel": "pause|remove {} stops it", "delete": "remove {} removes it",
-             "rerun": "run-now {} fires it now"}
+             "rerun": "run-now {} fires it now", "copy": "run-now {} fires it now"}
 
 
 def left_alone(job_id: str, was: str | None, action: str = "cancel") -> str:
-    """Why a cancel (of one job or many), or a bulk delete or rerun, did nothing to a job."""
+    """Why a cancel (of one job or many), or a bulk delete, rerun or copy, did nothing to a
+    job."""
     if was == Status.SCHEDULED:
         return f"job {job_id!r} is periodic: elric schedules " + \
             _PERIODIC[action].format(job_id)

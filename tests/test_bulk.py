@@ -156,11 +156,12 @@ def test_ids_that_are_no_job_are_said_and_a_command_that_did_nothing_exits_1(clu
             "no job 'typo'", "no job 'typo2'"]}, (command, out.stdout)
 
 
-def test_a_periodic_id_given_to_delete_or_rerun_says_what_does_that_to_it(cluster):
-    """A periodic job has no job record: a delete or rerun of many named it "no job"."""
+def test_a_periodic_id_given_to_delete_rerun_or_copy_says_what_does_that_to_it(cluster):
+    """A periodic job has no job record: a delete, rerun or copy of many named it "no job"."""
     cluster.client.submit_job(Echo.spec(job_id="tick", trigger=every(hours=1)))
     for command, does in (("delete", "remove tick removes it"),
-                          ("rerun", "run-now tick fires it now")):
+                          ("rerun", "run-now tick fires it now"),
+                          ("copy", "run-now tick fires it now")):
         out = elric(cluster, command, "tick", "typo", "--json")
         assert out.returncode == 1, (command, out.stdout, out.stderr)
         assert json.loads(out.stdout)["errors"] == [
