@@ -41,7 +41,7 @@ for i = 1, n do
   local jk = jp .. id
   if token ~= '' then fired[#fired + 1] = id end
   local read, status = pcall(redis.call, 'HGET', jk, 'status')
-  if not read then expect(jk, 'hash') end
+  if not read then expect(jk, 'hash'); error(status) end
   if not status and redis.call('EXISTS', ARGV[11] .. id) == 1 then status = 'scheduled' end
   if status then
     out[#out + 1] = i
