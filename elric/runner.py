@@ -462,7 +462,7 @@ class _Runner:
 
 def _succeeded(out: Ran, result, ctx) -> None:
     try:
-        out.payload = codec.pack(result)
+        out.payload = codec.pack_readable(result)
     except (TypeError, ValueError, OverflowError) as exc:
         out.payload = (f"TypeError: the job returned {type(result).__name__}, which is not a "
                        f"msgpack value ({exc}); return plain data (dict, list, str, numbers)")

@@ -180,3 +180,12 @@ class SpawnPadded(Job):
 
     def run(self, n, size):
         return [PadLength.submit("x" * size) for _ in range(n)]
+
+
+class TupleKeys(Job):
+    """Returns a map whose key is a tuple: msgpack packs it as an array, which no map key
+    can be when it is read back."""
+
+    def run(self, nested=False):
+        value = {(1, 2): "pair"}
+        return {"deep": [value]} if nested else value

@@ -15,7 +15,7 @@ from elric.jobstats import COUNTERS
 from elric.rpc import RemoteError
 from tests.conftest import ROOT, wait_for
 from tests.jobs import (Add, Crash, Echo, FailUnlessFile, FailWide, MarkSleep, OnQueueB, Record, Sized,
-                        Sleep, Spawn)
+                        Sleep, Spawn, TupleKeys)
 from tests.legacy import SCRIPT_PRELUDE, legacy_python
 
 
@@ -356,6 +356,21 @@ def test_a_result_over_result_max_bytes_fails_its_attempt_and_every_job_stays_re
     assert "result" not in listed["fits"] and listed["fits"]["result_bytes"] == 900_005
     assert listed["huge"]["result_bytes"] == 0
     assert listed["huge"]["error"].startswith("ResultTooLarge: the result is 10,000,005 bytes")
+
+
+def test_a_result_with_a_tuple_map_key_fails_its_attempt_and_the_job_stays_readable(cluster):
+    """msgpack packs a tuple key as an array, which no map key can be when read back: the
+    job was recorded succeeded, and then every get_job of it (its handle's result, elric
+    job, the dashboard) failed with an internal error until the record expired."""
+    c = cluster.client
+    cluster.start_worker("--concurrency", "1")
+    c.submit_jobs([TupleKeys.spec([], job_id="tuple-key"),
+                   TupleKeys.spec([True], job_id="tuple-key-deep")])
+    for job_id in ("tuple-key", "tuple-key-deep"):
+        job = cluster.wait_job(job_id)
+        assert (job["status"], job["result"]) == ("failed", None), job
+        assert "TypeError: the job returned dict, which is not a msgpack value" in job["error"]
+        assert "a map key is an array" in job["error"]
 
 
 def test_an_error_text_over_result_max_bytes_is_cut_to_it_in_bytes(cluster):
