@@ -23,7 +23,8 @@ class JobFailed(Exception):
 def wait(client, job_id: str, timeout: float | None = None,
          on_status: Callable[[dict], None] | None = None) -> dict:
     """Poll until the job ends and return its record; TimeoutError after ``timeout`` s,
-    NotFound (a LookupError) when there is no such job. Polls often at first, then once a second."""
+    NotFound (a LookupError) when there is no such job, ValueError for a periodic one.
+    Polls often at first, then once a second."""
     deadline = None if timeout is None else time.monotonic() + timeout
     delay = 0.02
     while True:
@@ -32,6 +33,9 @@ def wait(client, job_id: str, timeout: float | None = None,
             raise NotFound(f"no job {job_id!r}")
         if job["status"] in ENDED:
             return job
+        if "trigger" in job:   # scheduled, paused or finished: no status of it ever ends
+            raise ValueError(f"job {job_id} is a periodic job ({job['status']}): each fire "
+                             "is a job of its own")
         if on_status is not None:
             on_status(job)
         if deadline is not None and time.monotonic() + delay > deadline:

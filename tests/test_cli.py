@@ -135,6 +135,27 @@ def test_job_submit_returns_a_handle_that_waits_for_the_result(cluster):
         set_default_client(None)
 
 
+def test_waiting_on_a_periodic_job_id_says_why_it_never_ends(cluster):
+    """A handle rebuilt from a stored id, or wait() on one, polled a periodic job for ever:
+    its status (scheduled, paused, finished) is none that ends; with a timeout it said only
+    that the job was "still scheduled"."""
+    from elric import JobHandle
+    from elric.client import set_default_client
+    from elric.handle import wait
+
+    cluster.client.submit_job(Echo.spec(job_id="every-hour", trigger=every(hours=1)))
+    cluster.client.pause_job("every-hour")
+    set_default_client(cluster.client)
+    try:
+        for waiting in (lambda: JobHandle("every-hour").result(timeout=5),
+                        lambda: wait(cluster.client, "every-hour")):
+            with pytest.raises(ValueError, match="every-hour is a periodic job .paused.: "
+                                                 "each fire is a job of its own"):
+                waiting()
+    finally:
+        set_default_client(None)
+
+
 def test_a_worker_logs_each_job_event_with_its_id_and_func_as_json_lines(make_cluster):
     from tests.jobs import Add, Fail
 
