@@ -28,6 +28,9 @@ class _RunContext:
 # The job running now in this pool process: a context variable, since an async pool process
 # runs many jobs at once, each in its own task (and so its own context).
 _current: ContextVar[_RunContext | None] = ContextVar("elric_current_job", default=None)
+# Set in pool processes, which never talk to a master: a submit there without a job's
+# context (from a thread the job started) would queue a job of no parent, again each retry
+in_pool_process = False
 
 
 def _child_job_id(parent_id: str, n: int, reruns: int = 0) -> str:
@@ -136,6 +139,10 @@ class Job:
                     spec[key] = ctx.spec[key]
             ctx.children.append(spec)
             return JobHandle(spec["job_id"], "child")
+        if in_pool_process:
+            raise RuntimeError(f"{cls.__name__}.submit in a thread a job started, which has "
+                               "not the job's context: submit child jobs from the job's own "
+                               "thread (or its tasks)")
         from elric.client import default_client  # only a script needs the client and settings
         reply = default_client().submit_job(spec)
         return JobHandle(reply["job_id"], reply["status"])

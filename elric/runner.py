@@ -98,6 +98,7 @@ def serve(conn, job_modules: tuple[str, ...], worker_pid: int, log_level: str,
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
     _start_thread(_exit_with_worker, worker_pid)
+    job_module.in_pool_process = True
     # Ctrl-C reaches the whole process group, and so does SIGTERM from systemd, docker or
     # `kill -- -PGID`: running jobs must be allowed to finish. The worker stops its pool
     # processes itself (shutdown, or SIGKILL past a timeout or SHUTDOWN_GRACE).

@@ -189,3 +189,13 @@ class TupleKeys(Job):
     def run(self, nested=False):
         value = {(1, 2): "pair"}
         return {"deep": [value]} if nested else value
+
+
+class SpawnFromThread(Job):
+    """Submits a child Add job from a thread it starts, which has not the job's context."""
+
+    def run(self):
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(1) as pool:
+            return pool.submit(Add.submit, 1, 1).result()

@@ -15,7 +15,7 @@ from elric.jobstats import COUNTERS
 from elric.rpc import RemoteError
 from tests.conftest import ROOT, wait_for
 from tests.jobs import (Add, Crash, Echo, FailUnlessFile, FailWide, MarkSleep, OnQueueB, Record, Sized,
-                        Sleep, Spawn, TupleKeys)
+                        Sleep, Spawn, SpawnFromThread, TupleKeys)
 from tests.legacy import SCRIPT_PRELUDE, legacy_python
 
 
@@ -86,6 +86,18 @@ def test_a_parent_rerun_runs_its_children_again(cluster):
         assert (child["status"], child["result"], child["parent"]) == (
             "succeeded", 2 * i, "rerun-parent")
     wait_for(lambda: c.stats()["totals"]["succeeded"] == 8, what="eight jobs succeeded")
+
+
+def test_a_child_submitted_from_a_thread_the_job_started_is_refused_there(cluster):
+    """A thread the job starts has not its context: its submit went to the master the
+    pool process's settings named, as a job of its own, with no parent, scope or round
+    and a random id, so every retry of the parent queued it again."""
+    cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job(SpawnFromThread.spec(job_id="threaded"))
+    job = cluster.wait_job("threaded")
+    assert job["status"] == "failed", job
+    assert "submit child jobs from the job's own thread" in job["error"]
+    assert [j["job_id"] for j in cluster.client.list_jobs()] == ["threaded"]
 
 
 # --- helpers for subprocess scripts -----------------------------------------------------
