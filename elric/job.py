@@ -90,6 +90,10 @@ class Job:
             raise SpecError(f"{path}: a Job class must be defined at module level")
         if "func" in options:
             raise SpecError("submit_with() takes no 'func': it is the class itself")
+        if not isinstance(args, (list, tuple)) or not isinstance(kwargs or {}, dict):
+            # list() would split a string into characters and dict() take a list of pairs
+            raise SpecError(f"{cls.__name__}: args must be a list or tuple and kwargs a dict, "
+                            f"got {type(args).__name__} and {type(kwargs).__name__}")
         spec = {"func": path, "args": list(args), "kwargs": dict(kwargs or {})}
         # The class's defaults and hooks are applied here, where the class is: a master
         # checks names only and never imports project code.

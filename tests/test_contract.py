@@ -195,6 +195,20 @@ def test_job_spec_builds_a_valid_spec_and_refuses_what_cannot_work():
         Add.spec([1, 2], func="tests.jobs:Echo")
 
 
+def test_job_spec_refuses_args_that_are_no_list_rather_than_split_them():
+    """args="http://a/" became a list of its characters: the job was queued, ran with
+    nine arguments and failed on the worker, far from the mistake (its dedupe key too was
+    derived from the characters); kwargs as a list of pairs passed as a map."""
+    for args, kwargs in (("http://a/", None), (b"ab", None), ({"url": "x"}, None),
+                         ([1], [("k", "v")]), ([1], "k")):
+        with pytest.raises(SpecError, match="Echo: args must be a list or tuple and kwargs "
+                                            "a dict"):
+            Echo.spec(args, kwargs)
+        with pytest.raises(SpecError, match="Echo: args must be"):
+            Echo.submit_with(args=args, kwargs=kwargs)
+    assert Echo.spec((1, 2), {"k": 1})["args"] == [1, 2]
+
+
 def test_a_dedupe_hook_that_raises_is_a_spec_error():
     from examples.crawler import Crawl
 
