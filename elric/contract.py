@@ -94,7 +94,7 @@ SPEC_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
 
 QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,100}$")
 JOB_ID = re.compile(r"^[^\s]{1,200}$")
-FUNC_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+FUNC_PATH = re.compile(r"^[^\W\d][\w.]*:[^\W\d][\w.]*$")   # a Python name: any letter or _ first
 MAX_PRIORITY = 2**31
 MAX_BATCH = 10_000   # specs one submit_jobs call takes
 MAX_TIMEOUT = 2**31  # seconds; also refuses nan and inf, which setitimer cannot take

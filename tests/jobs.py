@@ -199,3 +199,10 @@ class SpawnFromThread(Job):
 
         with ThreadPoolExecutor(1) as pool:
             return pool.submit(Add.submit, 1, 1).result()
+
+
+class Écrire(Job):
+    """A class named as Python allows: a letter outside ASCII first."""
+
+    def run(self, text):
+        return text

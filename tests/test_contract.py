@@ -165,6 +165,18 @@ def test_func_path():
     assert func_path(Echo) == "tests.jobs:Echo" and func_path(OnQueueB) == "tests.jobs:OnQueueB"
 
 
+def test_a_class_or_module_named_with_letters_outside_ascii_is_a_func():
+    """Python names may start with any letter; such a class was refused as no
+    "package.module:ClassName" at all."""
+    from tests.jobs import Écrire
+
+    assert normalize_spec(Écrire.spec(["x"]))["func"] == "tests.jobs:Écrire"
+    assert normalize_spec({"func": "tâches.été:Tâche_2"})["func"] == "tâches.été:Tâche_2"
+    for bad in ("tests.jobs:2Add", "2tests:Add", "tests.jobs:Add-x", "tests jobs:Add"):
+        with pytest.raises(SpecError, match='expected "package.module:ClassName"'):
+            normalize_spec({"func": bad})
+
+
 def test_dedupe_key_from_the_class_hook():
     from examples.crawler import Crawl
 

@@ -51,6 +51,15 @@ def test_maps_with_integer_keys_go_through_every_step(cluster):
     assert cluster.client.get_job("int-keys-p")["kwargs"] == kwargs
 
 
+def test_a_job_class_named_with_a_letter_outside_ascii_runs(cluster):
+    from tests.jobs import Écrire
+
+    cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job(Écrire.spec(["é"], job_id="écrit"))
+    assert cluster.wait_job("écrit")["result"] == "é"
+    assert cluster.client.stats()["funcs"]["tests.jobs:Écrire"]["succeeded"] == 1
+
+
 def test_child_jobs_reach_the_master_and_run(cluster):
     cluster.start_worker("--concurrency", "2")
     cluster.client.submit_job(Spawn.spec([5], job_id="parent"))
