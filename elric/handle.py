@@ -60,6 +60,9 @@ class JobHandle(str):
         return str(self)
 
     def _client(self):
+        if self.submitted == "child":   # its handle lives in a pool process: no master
+            raise ValueError(f"job {self.id} was child: a child job is sent when its "
+                             "parent ends; ask about it from outside the job")
         from elric.client import default_client
         return default_client()
 
@@ -76,9 +79,8 @@ class JobHandle(str):
         # any other answer is the status of the job that has this id (a submission sent
         # again): there is a job to wait for
         why = {"filtered": "its dedupe key was seen, so it never runs",
-               "scheduled": "a periodic job; each fire is a job of its own",
-               "child": "a child job is sent when its parent ends; wait for it "
-                        "from outside the job"}.get(self.submitted)
+               "scheduled": "a periodic job; each fire is a job of its own"}.get(
+                   self.submitted)
         if why is not None:
             raise ValueError(f"job {self.id} was {self.submitted}: {why}")
         job = wait(self._client(), self.id, timeout)

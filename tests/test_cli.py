@@ -156,6 +156,24 @@ def test_waiting_on_a_periodic_job_id_says_why_it_never_ends(cluster):
         set_default_client(None)
 
 
+def test_a_child_handle_asks_no_master_about_a_job_not_sent_yet():
+    """A child's handle lives in the job that submitted it, before the child is sent:
+    status() asked the master the pool process's settings named, and said None (no such
+    job) of a job about to be queued."""
+    from elric import JobHandle
+    from elric.client import MasterClient, set_default_client
+
+    set_default_client(MasterClient(f"127.0.0.1:{free_port()}"))   # nothing listens
+    try:
+        child = JobHandle("c0123", "child")
+        for ask in (child.status, child.result):
+            with pytest.raises(ValueError, match="job c0123 was child: a child job is "
+                                                 "sent when its parent ends"):
+                ask()
+    finally:
+        set_default_client(None)
+
+
 def test_a_worker_logs_each_job_event_with_its_id_and_func_as_json_lines(make_cluster):
     from tests.jobs import Add, Fail
 
