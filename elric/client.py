@@ -73,8 +73,9 @@ class MasterClient:
                           f"batch(es) of {SPLIT_BATCH} and queued the other {queued} of "
                           f"{len(specs)} specs (see .replies)", replies)
 
-    def get_job(self, job_id: str) -> dict | None:
-        return self.call("get_job", job_id)
+    def get_job(self, job_id: str, timeout: float | None = None) -> dict | None:
+        """``timeout``: seconds to wait for the answer (None: the client's)."""
+        return self.rpc.call("get_job", job_id, timeout=timeout)
 
     def remove_job(self, job_id: str) -> bool:
         return self.call("remove_job", job_id)

@@ -6,6 +6,7 @@ import time
 from typing import Any, Callable
 
 from elric.contract import NotFound, Status
+from elric.rpc import RPCTimeoutError
 
 ENDED = tuple(s for s in Status if s.ended)   # a periodic job's "paused" is no Status
 
@@ -28,7 +29,13 @@ def wait(client, job_id: str, timeout: float | None = None,
     deadline = None if timeout is None else time.monotonic() + timeout
     delay = 0.02
     while True:
-        job = client.get_job(job_id)
+        left = None if deadline is None else max(deadline - time.monotonic(), 0.01)
+        try:   # a master gone silent holds no poll past the deadline
+            job = client.get_job(job_id, timeout=left)
+        except RPCTimeoutError as exc:
+            if deadline is None:
+                raise
+            raise TimeoutError(str(exc)) from None
         if job is None:
             raise NotFound(f"no job {job_id!r}")
         if job["status"] in ENDED:

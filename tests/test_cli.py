@@ -156,6 +156,24 @@ def test_waiting_on_a_periodic_job_id_says_why_it_never_ends(cluster):
         set_default_client(None)
 
 
+def test_a_wait_with_a_timeout_is_not_held_past_it_by_a_master_that_never_answers():
+    """Each poll took the client's own timeout (30 s) from a master gone silent, and then
+    raised RPCTimeoutError, which is no TimeoutError: result(timeout=0.5) waited a minute
+    and raised what the caller's except TimeoutError did not catch."""
+    import socket
+
+    from elric.client import MasterClient
+    from elric.handle import wait
+
+    with socket.create_server(("127.0.0.1", 0)) as silent:   # connects, never answers
+        client = MasterClient(f"127.0.0.1:{silent.getsockname()[1]}", timeout=30)
+        try:
+            with pytest.raises(TimeoutError, match="no answer from elric master at "):
+                wait(client, "any", timeout=0.5)
+        finally:
+            client.close()
+
+
 def test_a_child_handle_asks_no_master_about_a_job_not_sent_yet():
     """A child's handle lives in the job that submitted it, before the child is sent:
     status() asked the master the pool process's settings named, and said None (no such
