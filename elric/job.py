@@ -8,9 +8,10 @@ with the parent's id) and sent to the master in a batch when the parent finishes
 from __future__ import annotations
 
 import hashlib
+import itertools
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 from elric.contract import SpecError, func_path
 from elric.handle import JobHandle
@@ -23,6 +24,9 @@ class _RunContext:
     job_id: str
     spec: dict
     children: list[dict] = field(default_factory=list)
+    # numbers the children: next() is atomic, so threads holding the job's context (from
+    # asyncio.to_thread) never number two alike, as reading len(children) could
+    numbers: Iterator[int] = field(default_factory=itertools.count)
 
 
 # The job running now in this pool process: a context variable, since an async pool process
@@ -135,7 +139,7 @@ class Job:
         ctx = _current.get()
         if ctx is not None:
             spec.setdefault("parent", ctx.job_id)
-            spec.setdefault("job_id", _child_job_id(ctx.job_id, len(ctx.children),
+            spec.setdefault("job_id", _child_job_id(ctx.job_id, next(ctx.numbers),
                                                     ctx.spec.get("reruns", 0)))
             # a child shares its parent's dedupe scope, batch and round unless it names its own
             for key in ("dedupe_scope", "batch", "round"):

@@ -221,6 +221,34 @@ def test_job_spec_refuses_args_that_are_no_list_rather_than_split_them():
     assert Echo.spec((1, 2), {"k": 1})["args"] == [1, 2]
 
 
+def test_children_submitted_from_threads_with_the_jobs_context_get_ids_of_their_own():
+    """asyncio.to_thread (what a job blocking its loop is told to use) copies the job's
+    context, so threads submit children together: two could read the same count of
+    children before either added its own, take one id, and the master kept one job."""
+    import contextvars
+    import sys
+    import threading
+
+    from elric import job as job_module
+
+    ctx = job_module._RunContext("parent", {"job_id": "parent"})
+    token = job_module._current.set(ctx)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)   # threads switch all the time: the race shows
+    try:
+        threads = [threading.Thread(target=contextvars.copy_context().run,
+                                    args=(lambda: [Add.submit(i, i) for i in range(500)],))
+                   for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+        job_module._current.reset(token)
+    assert len({c["job_id"] for c in ctx.children}) == len(ctx.children) == 4000
+
+
 def test_a_dedupe_hook_that_raises_is_a_spec_error():
     from examples.crawler import Crawl
 
