@@ -204,6 +204,23 @@ def test_a_list_longer_than_one_call_takes_goes_in_batches_and_says_what_was_que
     assert c.stats()["by_status"]["queued"] == 12_500 + 9_000
 
 
+def test_a_split_list_with_a_batch_that_cannot_be_sent_says_what_was_queued(cluster):
+    """A batch msgpack cannot carry (a set among its arguments) raised TypeError from
+    the middle of the list: the batches before it were queued, with ids the master made
+    up, and nothing said which, so sending the list again doubled them."""
+    from elric.client import SubmitError
+
+    specs = [Echo.spec([n]) for n in range(10_001)]
+    specs[5_678]["args"] = [{1, 2}]
+    with pytest.raises(SubmitError, match=r"^specs 5000-5999: cannot send 'submit_jobs' "
+                                          "arguments: .*set.*refused 1 batch.es. of 1000 "
+                                          "and queued the other 9001 of 10001 specs") as info:
+        cluster.client.submit_jobs(specs)
+    got = info.value.replies
+    assert [n for n, r in enumerate(got) if r is None] == list(range(5_000, 6_000))
+    assert cluster.client.stats()["by_status"]["queued"] == 9_001
+
+
 def test_priority_order_then_fifo_within_a_priority(cluster):
     priorities = [0, 5, 0, 10, 5, -1, 10, 0, 5, 3, -1, 10]
     specs = [Record.spec([i], job_id=f"r{i}", priority=p) for i, p in enumerate(priorities)]
