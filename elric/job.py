@@ -34,6 +34,7 @@ class _RunContext:
 _current: ContextVar[_RunContext | None] = ContextVar("elric_current_job", default=None)
 # Set in pool processes, which never talk to a master: a submit there without a job's
 # context (from a thread the job started) would queue a job of no parent, again each retry
+# (on import, once per pool process started)
 in_pool_process = False
 
 
@@ -148,9 +149,9 @@ class Job:
             ctx.children.append(spec)
             return JobHandle(spec["job_id"], "child")
         if in_pool_process:
-            raise RuntimeError(f"{cls.__name__}.submit in a thread a job started, which has "
-                               "not the job's context: submit child jobs from the job's own "
-                               "thread (or its tasks)")
+            raise RuntimeError(f"{cls.__name__}.submit in a pool process but not from a "
+                               "running job (from a thread it started, or on import): submit "
+                               "child jobs from the job's own thread (or its tasks)")
         from elric.client import default_client  # only a script needs the client and settings
         reply = default_client().submit_job(spec)
         return JobHandle(reply["job_id"], reply["status"])
