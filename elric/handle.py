@@ -11,6 +11,11 @@ from elric.rpc import RPCTimeoutError
 ENDED = tuple(s for s in Status if s.ended)   # a periodic job's "paused" is no Status
 
 
+class _Unanswered(RPCTimeoutError, TimeoutError):
+    """The master did not answer before a wait's deadline: the TimeoutError a wait
+    promises, and still a connection error (elric exits 3: try again)."""
+
+
 class JobFailed(Exception):
     """The job ended without succeeding; ``job`` is its record (status, error, attempts)."""
 
@@ -35,7 +40,7 @@ def wait(client, job_id: str, timeout: float | None = None,
         except RPCTimeoutError as exc:
             if deadline is None:
                 raise
-            raise TimeoutError(str(exc)) from None
+            raise _Unanswered(str(exc)) from None
         if job is None:
             raise NotFound(f"no job {job_id!r}")
         if job["status"] in ENDED:
