@@ -20,8 +20,9 @@ class SubmitError(RemoteError):
     msgpack values, too big); the others were queued. ``replies``: one per spec, in
     order, None where its batch was refused."""
 
-    def __init__(self, code, message: str, replies: list[dict | None]) -> None:
-        super().__init__({"code": code, "message": message})
+    def __init__(self, code, message: str, replies: list[dict | None],
+                 max_message: int | None = None) -> None:
+        super().__init__({"code": code, "message": message, "max_message": max_message})
         self.replies = replies
 
 
@@ -73,7 +74,8 @@ class MasterClient:
         queued = sum(r is not None for r in replies)
         raise SubmitError(getattr(first, "code", None), f"{message}; refused {len(refused)} "
                           f"batch(es) of {SPLIT_BATCH} and queued the other {queued} of "
-                          f"{len(specs)} specs (see .replies)", replies)
+                          f"{len(specs)} specs (see .replies)", replies,
+                          getattr(first, "max_message", None))
 
     def get_job(self, job_id: str, timeout: float | None = None) -> dict | None:
         """``timeout``: seconds to wait for the answer (None: the client's)."""

@@ -221,6 +221,20 @@ def test_a_split_list_with_a_batch_that_cannot_be_sent_says_what_was_queued(clus
     assert cluster.client.stats()["by_status"]["queued"] == 9_001
 
 
+def test_a_split_list_over_the_masters_message_limit_is_told_that_limit(make_cluster):
+    """SubmitError said too_large but dropped the limit the master's answer carried
+    (max_message None), which a caller needs to send the batches again in calls that fit."""
+    from elric.client import SubmitError
+
+    c = make_cluster()
+    c.start_master(RPC_MAX_MESSAGE=64 * 1024)
+    with pytest.raises(SubmitError) as info:
+        c.client.submit_jobs([Echo.spec(["x" * 100]) for _ in range(10_001)])
+    assert (info.value.code, info.value.max_message) == ("too_large", 64 * 1024)
+    replies = info.value.replies   # the last batch, one spec, fits
+    assert replies[:10_000] == [None] * 10_000 and replies[10_000]["status"] == "queued"
+
+
 def test_priority_order_then_fifo_within_a_priority(cluster):
     priorities = [0, 5, 0, 10, 5, -1, 10, 0, 5, 3, -1, 10]
     specs = [Record.spec([i], job_id=f"r{i}", priority=p) for i, p in enumerate(priorities)]
