@@ -202,6 +202,17 @@ def _wire_names(types: tuple[type, ...]) -> str:
     return " or ".join(names)
 
 
+def check_type(key: str, value: Any) -> None:
+    """Refuse a value of the wrong type for spec key ``key``, or text that is not UTF-8."""
+    types = SPEC_KEYS[key][0]
+    if not isinstance(value, types) or isinstance(value, ExtType) or (
+            value is True or value is False) and bool not in types:
+        raise SpecError(f"job spec key {key!r} must be {_wire_names(types)}, "
+                        f"got {_WIRE_NAMES.get(type(value), type(value).__name__)}")
+    if isinstance(value, str):
+        check_text(key, value)
+
+
 def normalize_spec(
     spec: Any,
     *,
@@ -223,13 +234,7 @@ def normalize_spec(
     if "func" not in spec:
         raise SpecError("job spec is missing 'func' (\"package.module:ClassName\")")
     for key, value in spec.items():
-        types = SPEC_KEYS[key][0]
-        if not isinstance(value, types) or isinstance(value, ExtType) or (
-                value is True or value is False) and bool not in types:
-            raise SpecError(f"job spec key {key!r} must be {_wire_names(types)}, "
-                            f"got {_WIRE_NAMES.get(type(value), type(value).__name__)}")
-        if isinstance(value, str):
-            check_text(key, value)
+        check_type(key, value)
     if "trigger" not in spec and spec.keys() & _PERIODIC_KEYS:
         key = next(k for k in _PERIODIC_KEYS if k in spec)
         raise SpecError(f"job spec key {key!r} is for periodic jobs: give a 'trigger' "

@@ -13,7 +13,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from elric.contract import SpecError, func_path
+from elric.contract import SpecError, check_type, func_path
 from elric.handle import JobHandle
 
 
@@ -103,8 +103,12 @@ class Job:
         # The class's defaults and hooks are applied here, where the class is: a master
         # checks names only and never imports project code.
         for key in ("queue", "priority", "max_retries", "timeout"):
-            if getattr(cls, key) is not None:
-                spec[key] = getattr(cls, key)
+            if (value := getattr(cls, key)) is not None:
+                try:   # here, naming the attribute: sent, it failed as a value or argument
+                    check_type(key, value)
+                except SpecError as exc:
+                    raise SpecError(f"{cls.__qualname__}.{key} = {value!r}: {exc}") from None
+                spec[key] = value
         for key in ("dedupe_key", "limit_key"):
             if key not in options:
                 derived = cls._derive(key, spec["args"], spec["kwargs"])

@@ -249,6 +249,31 @@ def test_children_submitted_from_threads_with_the_jobs_context_get_ids_of_their_
     assert len({c["job_id"] for c in ctx.children}) == len(ctx.children) == 4000
 
 
+def test_a_class_default_of_the_wrong_type_is_refused_naming_the_attribute():
+    """A class's timeout = timedelta(...) or queue = an Enum reached the wire: a script got
+    "cannot send 'submit_job' arguments" and a parent "a child job's arguments are not
+    msgpack values", naming neither the class nor the attribute."""
+    import enum
+    from datetime import timedelta
+
+    class Where(enum.Enum):
+        CRAWL = "crawl"
+
+    for key, value, message in (
+            ("timeout", timedelta(seconds=30), "Bad.timeout = datetime.timedelta(seconds=30): "
+                                               "job spec key 'timeout' must be number, got "
+                                               "timedelta"),
+            ("queue", Where.CRAWL, "Bad.queue = <Where.CRAWL: 'crawl'>: job spec key 'queue' "
+                                   "must be string, got Where"),
+            ("priority", True, "Bad.priority = True: job spec key 'priority' must be integer, "
+                               "got boolean")):
+        Bad = type("Bad", (Echo,), {key: value, "__module__": "tests.jobs"})
+        with pytest.raises(SpecError) as info:
+            Bad.spec([1])
+        assert str(info.value) == message
+    assert type("Fine", (Echo,), {"timeout": 5, "__module__": "tests.jobs"}).spec()["timeout"] == 5
+
+
 def test_a_dedupe_hook_that_raises_is_a_spec_error():
     from examples.crawler import Crawl
 
