@@ -78,7 +78,9 @@ class MasterClient:
                           getattr(first, "max_message", None))
 
     def get_job(self, job_id: str, timeout: float | None = None) -> dict | None:
-        """``timeout``: seconds to wait for the answer (None: the client's)."""
+        """``timeout``: the most seconds to wait for the answer, never over the client's."""
+        if timeout is not None and self.rpc.timeout is not None:
+            timeout = min(timeout, self.rpc.timeout)
         return self.rpc.call("get_job", job_id, timeout=timeout)
 
     def remove_job(self, job_id: str) -> bool:

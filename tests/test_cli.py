@@ -174,6 +174,10 @@ def test_a_wait_with_a_timeout_is_not_held_past_it_by_a_master_that_never_answer
             assert isinstance(info.value, RPCConnectionError)   # elric exits 3: try again
         finally:
             client.close()
+        # a poll waits no longer than the client's own timeout either
+        with MasterClient(f"127.0.0.1:{silent.getsockname()[1]}", timeout=0.5) as client:
+            with pytest.raises(TimeoutError, match="get_job within 0.5s"):
+                wait(client, "any", timeout=60)
 
 
 def test_a_child_handle_asks_no_master_about_a_job_not_sent_yet():
