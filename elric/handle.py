@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
-from elric.contract import NotFound, Status
-from elric.rpc import RPCTimeoutError
+from elric.contract import ErrorCode, NotFound, Status
+from elric.rpc import RemoteError, RPCTimeoutError
 
 ENDED = tuple(s for s in Status if s.ended)   # a periodic job's "paused" is no Status
 
@@ -30,28 +30,33 @@ def wait(client, job_id: str, timeout: float | None = None,
          on_status: Callable[[dict], None] | None = None) -> dict:
     """Poll until the job ends and return its record; TimeoutError after ``timeout`` s,
     NotFound (a LookupError) when there is no such job, ValueError for a periodic one.
-    Polls often at first, then once a second."""
+    Polls often at first, then once a second, and on while the master says Redis is away."""
     deadline = None if timeout is None else time.monotonic() + timeout
     delay = 0.02
     while True:
         left = None if deadline is None else max(deadline - time.monotonic(), 0.01)
         try:   # a master gone silent holds no poll past the deadline
             job = client.get_job(job_id, timeout=left)
+            state = job and job["status"]
         except RPCTimeoutError as exc:
             if deadline is None:
                 raise
             raise _Unanswered(str(exc)) from None
+        except RemoteError as exc:   # Redis away: the same call again, as PROTOCOL says
+            if exc.code != ErrorCode.REDIS_UNAVAILABLE:
+                raise
+            job, state = {}, f"unknown ({exc})"
         if job is None:
             raise NotFound(f"no job {job_id!r}")
-        if job["status"] in ENDED:
+        if state in ENDED:
             return job
         if "trigger" in job:   # scheduled, paused or finished: no status of it ever ends
-            raise ValueError(f"job {job_id} is a periodic job ({job['status']}): each fire "
+            raise ValueError(f"job {job_id} is a periodic job ({state}): each fire "
                              "is a job of its own")
-        if on_status is not None:
+        if on_status is not None and job:
             on_status(job)
         if deadline is not None and time.monotonic() + delay > deadline:
-            raise TimeoutError(f"job {job_id} still {job['status']} after {timeout:g}s")
+            raise TimeoutError(f"job {job_id} still {state} after {timeout:g}s")
         time.sleep(delay)
         delay = min(1.0, delay * 1.5)
 

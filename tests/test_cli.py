@@ -156,6 +156,60 @@ def test_waiting_on_a_periodic_job_id_says_why_it_never_ends(cluster):
         set_default_client(None)
 
 
+def test_a_wait_rides_out_redis_away_as_the_protocol_tells_callers(tmp_path):
+    """redis_unavailable means "send the same call again, with backoff", but wait() (so
+    result() and elric submit --wait) raised it: a Redis failover of a few seconds ended
+    an hour's wait for a job that was fine."""
+    import threading
+
+    from elric.handle import wait
+    from elric.rpc import RemoteError
+
+    class Seen:   # the client wait() polls with, noting the refusals it met
+        def __init__(self, client):
+            self.client, self.refused = client, []
+
+        def get_job(self, job_id, timeout=None):
+            try:
+                return self.client.get_job(job_id, timeout=timeout)
+            except RemoteError as exc:
+                self.refused.append(exc.code)
+                raise
+
+    server = RedisServer(appendonly=True).start()
+    c = Cluster(server.url, tmp_path)
+    try:
+        c.start_master()
+        c.client.submit_job(Echo.spec([1], job_id="w", queue="nowhere"))
+        seen, outcome = Seen(c.client), {}
+
+        def waiting():
+            try:
+                outcome["job"] = wait(seen, "w", timeout=120)
+            except Exception as exc:
+                outcome["error"] = exc
+        thread = threading.Thread(target=waiting, daemon=True)
+        thread.start()
+        server.stop()
+        wait_for(lambda: seen.refused or outcome, what="a poll while Redis is away")
+        server.start()
+        wait_for(lambda: not isinstance(_try(lambda: c.client.cancel_job("w")), Exception),
+                 what="the job cancelled once Redis is back")
+        thread.join(60)
+        assert "redis_unavailable" in seen.refused
+        assert outcome.get("job", {}).get("status") == "cancelled", outcome
+    finally:
+        c.close()
+        server.cleanup()
+
+
+def _try(call):
+    try:
+        return call()
+    except Exception as exc:
+        return exc
+
+
 def test_a_wait_with_a_timeout_is_not_held_past_it_by_a_master_that_never_answers():
     """Each poll took the client's own timeout (30 s) from a master gone silent, and then
     raised RPCTimeoutError, which is no TimeoutError: result(timeout=0.5) waited a minute
