@@ -144,8 +144,9 @@ class Job:
         ctx = _current.get()
         if ctx is not None:
             spec.setdefault("parent", ctx.job_id)
-            spec.setdefault("job_id", _child_job_id(ctx.job_id, next(ctx.numbers),
-                                                    ctx.spec.get("reruns", 0)))
+            n = next(ctx.numbers)
+            if not spec.get("job_id"):   # "" or None: a master would make up a random id
+                spec["job_id"] = _child_job_id(ctx.job_id, n, ctx.spec.get("reruns", 0))
             # a child shares its parent's dedupe scope, batch and round unless it names its own
             for key in ("dedupe_scope", "batch", "round"):
                 if ctx.spec.get(key) and key not in options:

@@ -274,6 +274,22 @@ def test_a_class_default_of_the_wrong_type_is_refused_naming_the_attribute():
     assert type("Fine", (Echo,), {"timeout": 5, "__module__": "tests.jobs"}).spec()["timeout"] == 5
 
 
+def test_a_child_given_an_empty_or_no_job_id_gets_its_derived_one():
+    """A master reads job_id "" (or nil) as none given and makes up a random id: a child
+    sent so was queued again by every retry of its parent, and its handle read "None"."""
+    from elric import job as job_module
+
+    ctx = job_module._RunContext("parent", {"job_id": "parent"})
+    token = job_module._current.set(ctx)
+    try:
+        handles = [Add.submit_with([1, 1], job_id=given) for given in ("", None, "mine")]
+    finally:
+        job_module._current.reset(token)
+    assert handles == [job_module._child_job_id("parent", 0),
+                       job_module._child_job_id("parent", 1), "mine"]
+    assert [c["job_id"] for c in ctx.children] == handles
+
+
 def test_a_dedupe_hook_that_raises_is_a_spec_error():
     from examples.crawler import Crawl
 
