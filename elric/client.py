@@ -16,11 +16,13 @@ SPLIT_BATCH = 1000
 
 
 class SubmitError(RemoteError):
-    """The master refused some batches of a split ``submit_jobs``; the others were
-    queued. ``replies``: one per spec, in order, None where its batch was refused."""
+    """Some batches of a split ``submit_jobs`` were refused (by the master, or here: not
+    msgpack values, too big); the others were queued. ``replies``: one per spec, in
+    order, None where its batch was refused."""
 
-    def __init__(self, code, message: str, replies: list[dict | None]) -> None:
-        super().__init__({"code": code, "message": message})
+    def __init__(self, code, message: str, replies: list[dict | None],
+                 max_message: int | None = None) -> None:
+        super().__init__({"code": code, "message": message, "max_message": max_message})
         self.replies = replies
 
 
@@ -57,8 +59,9 @@ class MasterClient:
         batches = [specs[i:i + SPLIT_BATCH] for i in starts]
         answers = self.rpc.call_many("submit_jobs", [(batch,) for batch in batches])
         replies = [reply for batch, a in zip(batches, answers)
-                   for reply in ([None] * len(batch) if isinstance(a, RemoteError) else a)]
-        refused = [(i, a) for i, a in zip(starts, answers) if isinstance(a, RemoteError)]
+                   for reply in ([None] * len(batch) if isinstance(a, Exception) else a)]
+        # refused by the master (RemoteError), or here: msgpack cannot carry it, too big
+        refused = [(i, a) for i, a in zip(starts, answers) if isinstance(a, Exception)]
         if not refused:
             return replies
         start, first = refused[0]
@@ -69,12 +72,16 @@ class MasterClient:
                    else f"spec {start}: {message}" if start == last
                    else f"specs {start}-{last}: {message}")
         queued = sum(r is not None for r in replies)
-        raise SubmitError(first.code, f"{message}; the master refused {len(refused)} "
+        raise SubmitError(getattr(first, "code", None), f"{message}; refused {len(refused)} "
                           f"batch(es) of {SPLIT_BATCH} and queued the other {queued} of "
-                          f"{len(specs)} specs (see .replies)", replies)
+                          f"{len(specs)} specs (see .replies)", replies,
+                          getattr(first, "max_message", None))
 
-    def get_job(self, job_id: str) -> dict | None:
-        return self.call("get_job", job_id)
+    def get_job(self, job_id: str, timeout: float | None = None) -> dict | None:
+        """``timeout``: the most seconds to wait for the answer, never over the client's."""
+        if timeout is not None and self.rpc.timeout is not None:
+            timeout = min(timeout, self.rpc.timeout)
+        return self.rpc.call("get_job", job_id, timeout=timeout)
 
     def remove_job(self, job_id: str) -> bool:
         return self.call("remove_job", job_id)

@@ -15,6 +15,17 @@ def pack(value: Any) -> bytes:
     return msgpack.packb(value, use_bin_type=True)
 
 
+def pack_readable(value: Any) -> bytes:
+    """``pack(value)``, or TypeError if it would not unpack: a tuple packs as an array,
+    which no map key read back can be (a job recorded so could never be shown)."""
+    data = pack(value)
+    try:
+        unpack(data)
+    except TypeError:
+        raise TypeError("a map key is an array (a tuple?); use strings or integers") from None
+    return data
+
+
 def unpack(data: bytes | None) -> Any:
     """The value of ``data``; None for None or empty bytes (a missing Redis field)."""
     if not data:

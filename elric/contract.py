@@ -94,7 +94,7 @@ SPEC_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
 
 QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,100}$")
 JOB_ID = re.compile(r"^[^\s]{1,200}$")
-FUNC_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+FUNC_PATH = re.compile(r"^[^\W\d][\w.]*:[^\W\d][\w.]*$")   # a Python name: any letter or _ first
 MAX_PRIORITY = 2**31
 MAX_BATCH = 10_000   # specs one submit_jobs call takes
 MAX_TIMEOUT = 2**31  # seconds; also refuses nan and inf, which setitimer cannot take
@@ -202,6 +202,17 @@ def _wire_names(types: tuple[type, ...]) -> str:
     return " or ".join(names)
 
 
+def check_type(key: str, value: Any) -> None:
+    """Refuse a value of the wrong type for spec key ``key``, or text that is not UTF-8."""
+    types = SPEC_KEYS[key][0]
+    if not isinstance(value, types) or isinstance(value, ExtType) or (
+            value is True or value is False) and bool not in types:
+        raise SpecError(f"job spec key {key!r} must be {_wire_names(types)}, "
+                        f"got {_WIRE_NAMES.get(type(value), type(value).__name__)}")
+    if isinstance(value, str):
+        check_text(key, value)
+
+
 def normalize_spec(
     spec: Any,
     *,
@@ -223,13 +234,7 @@ def normalize_spec(
     if "func" not in spec:
         raise SpecError("job spec is missing 'func' (\"package.module:ClassName\")")
     for key, value in spec.items():
-        types = SPEC_KEYS[key][0]
-        if not isinstance(value, types) or isinstance(value, ExtType) or (
-                value is True or value is False) and bool not in types:
-            raise SpecError(f"job spec key {key!r} must be {_wire_names(types)}, "
-                            f"got {_WIRE_NAMES.get(type(value), type(value).__name__)}")
-        if isinstance(value, str):
-            check_text(key, value)
+        check_type(key, value)
     if "trigger" not in spec and spec.keys() & _PERIODIC_KEYS:
         key = next(k for k in _PERIODIC_KEYS if k in spec)
         raise SpecError(f"job spec key {key!r} is for periodic jobs: give a 'trigger' "

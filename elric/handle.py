@@ -5,9 +5,15 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
-from elric.contract import NotFound, Status
+from elric.contract import ErrorCode, NotFound, Status
+from elric.rpc import RemoteError, RPCTimeoutError
 
 ENDED = tuple(s for s in Status if s.ended)   # a periodic job's "paused" is no Status
+
+
+class _Unanswered(RPCTimeoutError, TimeoutError):
+    """The master did not answer before a wait's deadline: the TimeoutError a wait
+    promises, and still a connection error (elric exits 3: try again)."""
 
 
 class JobFailed(Exception):
@@ -23,19 +29,34 @@ class JobFailed(Exception):
 def wait(client, job_id: str, timeout: float | None = None,
          on_status: Callable[[dict], None] | None = None) -> dict:
     """Poll until the job ends and return its record; TimeoutError after ``timeout`` s,
-    NotFound (a LookupError) when there is no such job. Polls often at first, then once a second."""
+    NotFound (a LookupError) when there is no such job, ValueError for a periodic one.
+    Polls often at first, then once a second, and on while the master says Redis is away."""
     deadline = None if timeout is None else time.monotonic() + timeout
     delay = 0.02
     while True:
-        job = client.get_job(job_id)
+        left = None if deadline is None else max(deadline - time.monotonic(), 0.01)
+        try:   # a master gone silent holds no poll past the deadline
+            job = client.get_job(job_id, timeout=left)
+            state = job and job["status"]
+        except RPCTimeoutError as exc:
+            if deadline is None:
+                raise
+            raise _Unanswered(str(exc)) from None
+        except RemoteError as exc:   # Redis away: the same call again, as PROTOCOL says
+            if exc.code != ErrorCode.REDIS_UNAVAILABLE:
+                raise
+            job, state = {}, f"unknown ({exc})"
         if job is None:
             raise NotFound(f"no job {job_id!r}")
-        if job["status"] in ENDED:
+        if state in ENDED:
             return job
-        if on_status is not None:
+        if "trigger" in job:   # scheduled, paused or finished: no status of it ever ends
+            raise ValueError(f"job {job_id} is a periodic job ({state}): each fire "
+                             "is a job of its own")
+        if on_status is not None and job:
             on_status(job)
         if deadline is not None and time.monotonic() + delay > deadline:
-            raise TimeoutError(f"job {job_id} still {job['status']} after {timeout:g}s")
+            raise TimeoutError(f"job {job_id} still {state} after {timeout:g}s")
         time.sleep(delay)
         delay = min(1.0, delay * 1.5)
 
@@ -56,6 +77,9 @@ class JobHandle(str):
         return str(self)
 
     def _client(self):
+        if self.submitted == "child":   # its handle lives in a pool process: no master
+            raise ValueError(f"job {self.id} was child: a child job is sent when its "
+                             "parent ends; ask about it from outside the job")
         from elric.client import default_client
         return default_client()
 
@@ -72,9 +96,8 @@ class JobHandle(str):
         # any other answer is the status of the job that has this id (a submission sent
         # again): there is a job to wait for
         why = {"filtered": "its dedupe key was seen, so it never runs",
-               "scheduled": "a periodic job; each fire is a job of its own",
-               "child": "a child job is sent when its parent ends; wait for it "
-                        "from outside the job"}.get(self.submitted)
+               "scheduled": "a periodic job; each fire is a job of its own"}.get(
+                   self.submitted)
         if why is not None:
             raise ValueError(f"job {self.id} was {self.submitted}: {why}")
         job = wait(self._client(), self.id, timeout)

@@ -8,11 +8,12 @@ with the parent's id) and sent to the master in a batch when the parent finishes
 from __future__ import annotations
 
 import hashlib
+import itertools
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
-from elric.contract import SpecError, func_path
+from elric.contract import SpecError, check_type, func_path
 from elric.handle import JobHandle
 
 
@@ -23,11 +24,18 @@ class _RunContext:
     job_id: str
     spec: dict
     children: list[dict] = field(default_factory=list)
+    # numbers the children: next() is atomic, so threads holding the job's context (from
+    # asyncio.to_thread) never number two alike, as reading len(children) could
+    numbers: Iterator[int] = field(default_factory=itertools.count)
 
 
 # The job running now in this pool process: a context variable, since an async pool process
 # runs many jobs at once, each in its own task (and so its own context).
 _current: ContextVar[_RunContext | None] = ContextVar("elric_current_job", default=None)
+# Set in pool processes, which never talk to a master: a submit there without a job's
+# context (from a thread the job started) would queue a job of no parent, again each retry
+# (on import, once per pool process started)
+in_pool_process = False
 
 
 def _child_job_id(parent_id: str, n: int, reruns: int = 0) -> str:
@@ -87,12 +95,20 @@ class Job:
             raise SpecError(f"{path}: a Job class must be defined at module level")
         if "func" in options:
             raise SpecError("submit_with() takes no 'func': it is the class itself")
+        if not isinstance(args, (list, tuple)) or not isinstance(kwargs or {}, dict):
+            # list() would split a string into characters and dict() take a list of pairs
+            raise SpecError(f"{cls.__name__}: args must be a list or tuple and kwargs a dict, "
+                            f"got {type(args).__name__} and {type(kwargs).__name__}")
         spec = {"func": path, "args": list(args), "kwargs": dict(kwargs or {})}
         # The class's defaults and hooks are applied here, where the class is: a master
         # checks names only and never imports project code.
         for key in ("queue", "priority", "max_retries", "timeout"):
-            if getattr(cls, key) is not None:
-                spec[key] = getattr(cls, key)
+            if (value := getattr(cls, key)) is not None:
+                try:   # here, naming the attribute: sent, it failed as a value or argument
+                    check_type(key, value)
+                except SpecError as exc:
+                    raise SpecError(f"{cls.__qualname__}.{key} = {value!r}: {exc}") from None
+                spec[key] = value
         for key in ("dedupe_key", "limit_key"):
             if key not in options:
                 derived = cls._derive(key, spec["args"], spec["kwargs"])
@@ -128,14 +144,19 @@ class Job:
         ctx = _current.get()
         if ctx is not None:
             spec.setdefault("parent", ctx.job_id)
-            spec.setdefault("job_id", _child_job_id(ctx.job_id, len(ctx.children),
-                                                    ctx.spec.get("reruns", 0)))
+            n = next(ctx.numbers)
+            if not spec.get("job_id"):   # "" or None: a master would make up a random id
+                spec["job_id"] = _child_job_id(ctx.job_id, n, ctx.spec.get("reruns", 0))
             # a child shares its parent's dedupe scope, batch and round unless it names its own
             for key in ("dedupe_scope", "batch", "round"):
                 if ctx.spec.get(key) and key not in options:
                     spec[key] = ctx.spec[key]
             ctx.children.append(spec)
             return JobHandle(spec["job_id"], "child")
+        if in_pool_process:
+            raise RuntimeError(f"{cls.__name__}.submit in a pool process but not from a "
+                               "running job (from a thread it started, or on import): submit "
+                               "child jobs from the job's own thread (or its tasks)")
         from elric.client import default_client  # only a script needs the client and settings
         reply = default_client().submit_job(spec)
         return JobHandle(reply["job_id"], reply["status"])

@@ -602,7 +602,7 @@ class Client(_Caller):
 
     def call(self, method: str, *params: Any, timeout: float | None = None) -> Any:
         [answer] = self.call_many(method, [params], depth=1, timeout=timeout)
-        if isinstance(answer, RemoteError):
+        if isinstance(answer, Exception):
             raise answer
         return answer
 
@@ -611,7 +611,8 @@ class Client(_Caller):
         """Call ``method`` once per params tuple in ``calls``, keeping up to ``depth`` calls
         in flight on this connection, so the master works on one while the next travels.
         Returns the results in order; a call the master refused is its RemoteError, in
-        place: the calls after it still ran."""
+        place, and one that cannot be sent (TypeError, or RPCError: too big) is that
+        error: the calls after it still ran."""
         if self._pid != os.getpid():   # forked: the parent's lock may be held, its socket shared
             self._pid, self._lock = os.getpid(), threading.Lock()
             self._drop()   # (closes the child's copy only: the parent's connection stays up)
@@ -673,7 +674,11 @@ class Client(_Caller):
                 # after a too_large answer the server reads nothing more on this connection
                 if todo and len(in_flight) < depth and not any(
                         _too_large(e) for e, _ in answers.values()):
-                    msgid, data = self._request(method, calls[todo[0]])
+                    try:
+                        msgid, data = self._request(method, calls[todo[0]])
+                    except (TypeError, RPCError) as exc:   # nothing sent: in place
+                        out[todo.popleft()] = exc
+                        continue
                     self._sock.settimeout(timeout)
                     self._sock.sendall(data)
                     in_flight.append((msgid, todo.popleft()))

@@ -98,6 +98,7 @@ def serve(conn, job_modules: tuple[str, ...], worker_pid: int, log_level: str,
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
     _start_thread(_exit_with_worker, worker_pid)
+    job_module.in_pool_process = True
     # Ctrl-C reaches the whole process group, and so does SIGTERM from systemd, docker or
     # `kill -- -PGID`: running jobs must be allowed to finish. The worker stops its pool
     # processes itself (shutdown, or SIGKILL past a timeout or SHUTDOWN_GRACE).
@@ -462,7 +463,7 @@ class _Runner:
 
 def _succeeded(out: Ran, result, ctx) -> None:
     try:
-        out.payload = codec.pack(result)
+        out.payload = codec.pack_readable(result)
     except (TypeError, ValueError, OverflowError) as exc:
         out.payload = (f"TypeError: the job returned {type(result).__name__}, which is not a "
                        f"msgpack value ({exc}); return plain data (dict, list, str, numbers)")

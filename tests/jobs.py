@@ -180,3 +180,29 @@ class SpawnPadded(Job):
 
     def run(self, n, size):
         return [PadLength.submit("x" * size) for _ in range(n)]
+
+
+class TupleKeys(Job):
+    """Returns a map whose key is a tuple: msgpack packs it as an array, which no map key
+    can be when it is read back."""
+
+    def run(self, nested=False):
+        value = {(1, 2): "pair"}
+        return {"deep": [value]} if nested else value
+
+
+class SpawnFromThread(Job):
+    """Submits a child Add job from a thread it starts, which has not the job's context."""
+
+    def run(self):
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(1) as pool:
+            return pool.submit(Add.submit, 1, 1).result()
+
+
+class Écrire(Job):
+    """A class named as Python allows: a letter outside ASCII first."""
+
+    def run(self, text):
+        return text

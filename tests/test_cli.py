@@ -135,6 +135,123 @@ def test_job_submit_returns_a_handle_that_waits_for_the_result(cluster):
         set_default_client(None)
 
 
+def test_waiting_on_a_periodic_job_id_says_why_it_never_ends(cluster):
+    """A handle rebuilt from a stored id, or wait() on one, polled a periodic job for ever:
+    its status (scheduled, paused, finished) is none that ends; with a timeout it said only
+    that the job was "still scheduled"."""
+    from elric import JobHandle
+    from elric.client import set_default_client
+    from elric.handle import wait
+
+    cluster.client.submit_job(Echo.spec(job_id="every-hour", trigger=every(hours=1)))
+    cluster.client.pause_job("every-hour")
+    set_default_client(cluster.client)
+    try:
+        for waiting in (lambda: JobHandle("every-hour").result(timeout=5),
+                        lambda: wait(cluster.client, "every-hour")):
+            with pytest.raises(ValueError, match="every-hour is a periodic job .paused.: "
+                                                 "each fire is a job of its own"):
+                waiting()
+    finally:
+        set_default_client(None)
+
+
+def test_a_wait_rides_out_redis_away_as_the_protocol_tells_callers(tmp_path):
+    """redis_unavailable means "send the same call again, with backoff", but wait() (so
+    result() and elric submit --wait) raised it: a Redis failover of a few seconds ended
+    an hour's wait for a job that was fine."""
+    import threading
+
+    from elric.handle import wait
+    from elric.rpc import RemoteError
+
+    class Seen:   # the client wait() polls with, noting the refusals it met
+        def __init__(self, client):
+            self.client, self.refused = client, []
+
+        def get_job(self, job_id, timeout=None):
+            try:
+                return self.client.get_job(job_id, timeout=timeout)
+            except RemoteError as exc:
+                self.refused.append(exc.code)
+                raise
+
+    server = RedisServer(appendonly=True).start()
+    c = Cluster(server.url, tmp_path)
+    try:
+        c.start_master()
+        c.client.submit_job(Echo.spec([1], job_id="w", queue="nowhere"))
+        seen, outcome = Seen(c.client), {}
+
+        def waiting():
+            try:
+                outcome["job"] = wait(seen, "w", timeout=120)
+            except Exception as exc:
+                outcome["error"] = exc
+        thread = threading.Thread(target=waiting, daemon=True)
+        thread.start()
+        server.stop()
+        wait_for(lambda: seen.refused or outcome, what="a poll while Redis is away")
+        server.start()
+        wait_for(lambda: not isinstance(_try(lambda: c.client.cancel_job("w")), Exception),
+                 what="the job cancelled once Redis is back")
+        thread.join(60)
+        assert "redis_unavailable" in seen.refused
+        assert outcome.get("job", {}).get("status") == "cancelled", outcome
+    finally:
+        c.close()
+        server.cleanup()
+
+
+def _try(call):
+    try:
+        return call()
+    except Exception as exc:
+        return exc
+
+
+def test_a_wait_with_a_timeout_is_not_held_past_it_by_a_master_that_never_answers():
+    """Each poll took the client's own timeout (30 s) from a master gone silent, and then
+    raised RPCTimeoutError, which is no TimeoutError: result(timeout=0.5) waited a minute
+    and raised what the caller's except TimeoutError did not catch."""
+    import socket
+
+    from elric.client import MasterClient
+    from elric.handle import wait
+    from elric.rpc import RPCConnectionError
+
+    with socket.create_server(("127.0.0.1", 0)) as silent:   # connects, never answers
+        client = MasterClient(f"127.0.0.1:{silent.getsockname()[1]}", timeout=30)
+        try:
+            with pytest.raises(TimeoutError, match="no answer from elric master at ") as info:
+                wait(client, "any", timeout=0.5)
+            assert isinstance(info.value, RPCConnectionError)   # elric exits 3: try again
+        finally:
+            client.close()
+        # a poll waits no longer than the client's own timeout either
+        with MasterClient(f"127.0.0.1:{silent.getsockname()[1]}", timeout=0.5) as client:
+            with pytest.raises(TimeoutError, match="get_job within 0.5s"):
+                wait(client, "any", timeout=60)
+
+
+def test_a_child_handle_asks_no_master_about_a_job_not_sent_yet():
+    """A child's handle lives in the job that submitted it, before the child is sent:
+    status() asked the master the pool process's settings named, and said None (no such
+    job) of a job about to be queued."""
+    from elric import JobHandle
+    from elric.client import MasterClient, set_default_client
+
+    set_default_client(MasterClient(f"127.0.0.1:{free_port()}"))   # nothing listens
+    try:
+        child = JobHandle("c0123", "child")
+        for ask in (child.status, child.result):
+            with pytest.raises(ValueError, match="job c0123 was child: a child job is "
+                                                 "sent when its parent ends"):
+                ask()
+    finally:
+        set_default_client(None)
+
+
 def test_a_worker_logs_each_job_event_with_its_id_and_func_as_json_lines(make_cluster):
     from tests.jobs import Add, Fail
 

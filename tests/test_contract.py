@@ -165,6 +165,18 @@ def test_func_path():
     assert func_path(Echo) == "tests.jobs:Echo" and func_path(OnQueueB) == "tests.jobs:OnQueueB"
 
 
+def test_a_class_or_module_named_with_letters_outside_ascii_is_a_func():
+    """Python names may start with any letter; such a class was refused as no
+    "package.module:ClassName" at all."""
+    from tests.jobs import Écrire
+
+    assert normalize_spec(Écrire.spec(["x"]))["func"] == "tests.jobs:Écrire"
+    assert normalize_spec({"func": "tâches.été:Tâche_2"})["func"] == "tâches.été:Tâche_2"
+    for bad in ("tests.jobs:2Add", "2tests:Add", "tests.jobs:Add-x", "tests jobs:Add"):
+        with pytest.raises(SpecError, match='expected "package.module:ClassName"'):
+            normalize_spec({"func": bad})
+
+
 def test_dedupe_key_from_the_class_hook():
     from examples.crawler import Crawl
 
@@ -193,6 +205,89 @@ def test_job_spec_builds_a_valid_spec_and_refuses_what_cannot_work():
         Local.spec()
     with pytest.raises(SpecError, match="takes no 'func'"):
         Add.spec([1, 2], func="tests.jobs:Echo")
+
+
+def test_job_spec_refuses_args_that_are_no_list_rather_than_split_them():
+    """args="http://a/" became a list of its characters: the job was queued, ran with
+    nine arguments and failed on the worker, far from the mistake (its dedupe key too was
+    derived from the characters); kwargs as a list of pairs passed as a map."""
+    for args, kwargs in (("http://a/", None), (b"ab", None), ({"url": "x"}, None),
+                         ([1], [("k", "v")]), ([1], "k")):
+        with pytest.raises(SpecError, match="Echo: args must be a list or tuple and kwargs "
+                                            "a dict"):
+            Echo.spec(args, kwargs)
+        with pytest.raises(SpecError, match="Echo: args must be"):
+            Echo.submit_with(args=args, kwargs=kwargs)
+    assert Echo.spec((1, 2), {"k": 1})["args"] == [1, 2]
+
+
+def test_children_submitted_from_threads_with_the_jobs_context_get_ids_of_their_own():
+    """asyncio.to_thread (what a job blocking its loop is told to use) copies the job's
+    context, so threads submit children together: two could read the same count of
+    children before either added its own, take one id, and the master kept one job."""
+    import contextvars
+    import sys
+    import threading
+
+    from elric import job as job_module
+
+    ctx = job_module._RunContext("parent", {"job_id": "parent"})
+    token = job_module._current.set(ctx)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)   # threads switch all the time: the race shows
+    try:
+        threads = [threading.Thread(target=contextvars.copy_context().run,
+                                    args=(lambda: [Add.submit(i, i) for i in range(500)],))
+                   for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+        job_module._current.reset(token)
+    assert len({c["job_id"] for c in ctx.children}) == len(ctx.children) == 4000
+
+
+def test_a_class_default_of_the_wrong_type_is_refused_naming_the_attribute():
+    """A class's timeout = timedelta(...) or queue = an Enum reached the wire: a script got
+    "cannot send 'submit_job' arguments" and a parent "a child job's arguments are not
+    msgpack values", naming neither the class nor the attribute."""
+    import enum
+    from datetime import timedelta
+
+    class Where(enum.Enum):
+        CRAWL = "crawl"
+
+    for key, value, message in (
+            ("timeout", timedelta(seconds=30), "Bad.timeout = datetime.timedelta(seconds=30): "
+                                               "job spec key 'timeout' must be number, got "
+                                               "timedelta"),
+            ("queue", Where.CRAWL, "Bad.queue = <Where.CRAWL: 'crawl'>: job spec key 'queue' "
+                                   "must be string, got Where"),
+            ("priority", True, "Bad.priority = True: job spec key 'priority' must be integer, "
+                               "got boolean")):
+        Bad = type("Bad", (Echo,), {key: value, "__module__": "tests.jobs"})
+        with pytest.raises(SpecError) as info:
+            Bad.spec([1])
+        assert str(info.value) == message
+    assert type("Fine", (Echo,), {"timeout": 5, "__module__": "tests.jobs"}).spec()["timeout"] == 5
+
+
+def test_a_child_given_an_empty_or_no_job_id_gets_its_derived_one():
+    """A master reads job_id "" (or nil) as none given and makes up a random id: a child
+    sent so was queued again by every retry of its parent, and its handle read "None"."""
+    from elric import job as job_module
+
+    ctx = job_module._RunContext("parent", {"job_id": "parent"})
+    token = job_module._current.set(ctx)
+    try:
+        handles = [Add.submit_with([1, 1], job_id=given) for given in ("", None, "mine")]
+    finally:
+        job_module._current.reset(token)
+    assert handles == [job_module._child_job_id("parent", 0),
+                       job_module._child_job_id("parent", 1), "mine"]
+    assert [c["job_id"] for c in ctx.children] == handles
 
 
 def test_a_dedupe_hook_that_raises_is_a_spec_error():

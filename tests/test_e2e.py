@@ -15,7 +15,7 @@ from elric.jobstats import COUNTERS
 from elric.rpc import RemoteError
 from tests.conftest import ROOT, wait_for
 from tests.jobs import (Add, Crash, Echo, FailUnlessFile, FailWide, MarkSleep, OnQueueB, Record, Sized,
-                        Sleep, Spawn)
+                        Sleep, Spawn, SpawnFromThread, TupleKeys)
 from tests.legacy import SCRIPT_PRELUDE, legacy_python
 
 
@@ -49,6 +49,15 @@ def test_maps_with_integer_keys_go_through_every_step(cluster):
     assert cluster.client.submit_job(periodic)["status"] == "scheduled"
     assert cluster.client.submit_job(periodic)["status"] == "scheduled"   # the same again
     assert cluster.client.get_job("int-keys-p")["kwargs"] == kwargs
+
+
+def test_a_job_class_named_with_a_letter_outside_ascii_runs(cluster):
+    from tests.jobs import Écrire
+
+    cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job(Écrire.spec(["é"], job_id="écrit"))
+    assert cluster.wait_job("écrit")["result"] == "é"
+    assert cluster.client.stats()["funcs"]["tests.jobs:Écrire"]["succeeded"] == 1
 
 
 def test_child_jobs_reach_the_master_and_run(cluster):
@@ -86,6 +95,18 @@ def test_a_parent_rerun_runs_its_children_again(cluster):
         assert (child["status"], child["result"], child["parent"]) == (
             "succeeded", 2 * i, "rerun-parent")
     wait_for(lambda: c.stats()["totals"]["succeeded"] == 8, what="eight jobs succeeded")
+
+
+def test_a_child_submitted_from_a_thread_the_job_started_is_refused_there(cluster):
+    """A thread the job starts has not its context: its submit went to the master the
+    pool process's settings named, as a job of its own, with no parent, scope or round
+    and a random id, so every retry of the parent queued it again."""
+    cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job(SpawnFromThread.spec(job_id="threaded"))
+    job = cluster.wait_job("threaded")
+    assert job["status"] == "failed", job
+    assert "submit child jobs from the job's own thread" in job["error"]
+    assert [j["job_id"] for j in cluster.client.list_jobs()] == ["threaded"]
 
 
 # --- helpers for subprocess scripts -----------------------------------------------------
@@ -181,6 +202,37 @@ def test_a_list_longer_than_one_call_takes_goes_in_batches_and_says_what_was_que
     assert all(r["job_id"] == f"more-{n}" and r["status"] == "queued"
                for n, r in enumerate(got) if n not in bad)
     assert c.stats()["by_status"]["queued"] == 12_500 + 9_000
+
+
+def test_a_split_list_with_a_batch_that_cannot_be_sent_says_what_was_queued(cluster):
+    """A batch msgpack cannot carry (a set among its arguments) raised TypeError from
+    the middle of the list: the batches before it were queued, with ids the master made
+    up, and nothing said which, so sending the list again doubled them."""
+    from elric.client import SubmitError
+
+    specs = [Echo.spec([n]) for n in range(10_001)]
+    specs[5_678]["args"] = [{1, 2}]
+    with pytest.raises(SubmitError, match=r"^specs 5000-5999: cannot send 'submit_jobs' "
+                                          "arguments: .*set.*refused 1 batch.es. of 1000 "
+                                          "and queued the other 9001 of 10001 specs") as info:
+        cluster.client.submit_jobs(specs)
+    got = info.value.replies
+    assert [n for n, r in enumerate(got) if r is None] == list(range(5_000, 6_000))
+    assert cluster.client.stats()["by_status"]["queued"] == 9_001
+
+
+def test_a_split_list_over_the_masters_message_limit_is_told_that_limit(make_cluster):
+    """SubmitError said too_large but dropped the limit the master's answer carried
+    (max_message None), which a caller needs to send the batches again in calls that fit."""
+    from elric.client import SubmitError
+
+    c = make_cluster()
+    c.start_master(RPC_MAX_MESSAGE=64 * 1024)
+    with pytest.raises(SubmitError) as info:
+        c.client.submit_jobs([Echo.spec(["x" * 100]) for _ in range(10_001)])
+    assert (info.value.code, info.value.max_message) == ("too_large", 64 * 1024)
+    replies = info.value.replies   # the last batch, one spec, fits
+    assert replies[:10_000] == [None] * 10_000 and replies[10_000]["status"] == "queued"
 
 
 def test_priority_order_then_fifo_within_a_priority(cluster):
@@ -356,6 +408,21 @@ def test_a_result_over_result_max_bytes_fails_its_attempt_and_every_job_stays_re
     assert "result" not in listed["fits"] and listed["fits"]["result_bytes"] == 900_005
     assert listed["huge"]["result_bytes"] == 0
     assert listed["huge"]["error"].startswith("ResultTooLarge: the result is 10,000,005 bytes")
+
+
+def test_a_result_with_a_tuple_map_key_fails_its_attempt_and_the_job_stays_readable(cluster):
+    """msgpack packs a tuple key as an array, which no map key can be when read back: the
+    job was recorded succeeded, and then every get_job of it (its handle's result, elric
+    job, the dashboard) failed with an internal error until the record expired."""
+    c = cluster.client
+    cluster.start_worker("--concurrency", "1")
+    c.submit_jobs([TupleKeys.spec([], job_id="tuple-key"),
+                   TupleKeys.spec([True], job_id="tuple-key-deep")])
+    for job_id in ("tuple-key", "tuple-key-deep"):
+        job = cluster.wait_job(job_id)
+        assert (job["status"], job["result"]) == ("failed", None), job
+        assert "TypeError: the job returned dict, which is not a msgpack value" in job["error"]
+        assert "a map key is an array" in job["error"]
 
 
 def test_an_error_text_over_result_max_bytes_is_cut_to_it_in_bytes(cluster):

@@ -207,8 +207,13 @@ def test_blocking_client_pipelines_calls_and_keeps_their_order():
         assert out[:3] == [0, 10, 20] and out[4:] == [40, 50]
         assert isinstance(out[3], RemoteError) and "three is refused" in str(out[3])
         assert c.call("echo", "next") == "next"   # no answer left over on the connection
-        with pytest.raises(RPCError, match="over the"):   # cannot go: nothing left half-read
-            c.call_many("echo", [("x",), ("y" * (9 * 1024 * 1024),)])
+        # one that cannot go is its error in place, the one before it answered (a split
+        # submit_jobs says which batches were queued); nothing is left half-read
+        out = c.call_many("echo", [("x",), ("y" * (9 * 1024 * 1024),), ("z",)])
+        assert out[0::2] == ["x", "z"] and isinstance(out[1], RPCError), out[0::2]
+        assert "over the" in str(out[1])
+        with pytest.raises(RPCError, match="over the"):
+            c.call("echo", "y" * (9 * 1024 * 1024))
         assert c.call("echo", "after") == "after"
 
 
