@@ -367,3 +367,22 @@ def test_a_cookie_or_bearer_token_that_is_not_utf8_is_refused_not_a_500(make_clu
         assert status_line(header).startswith(b"HTTP/1.1 303"), header   # to the login
     assert status_line(b"Authorization: Bearer " + PASSWORD.encode()).startswith(
         b"HTTP/1.1 200")
+
+
+def test_a_key_of_the_wrong_type_is_an_error_page_that_names_it(make_cluster, redis_url):
+    import redis
+
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}")
+    cluster.start_master()
+    base = f"http://127.0.0.1:{port}"
+    with redis.Redis.from_url(redis_url) as r:
+        r.set("elric:workers", "an operator's mistake")   # stats() reads it: WRONGTYPE
+    # the page says what the RPC says (elric status prints it), not a bare "500 Internal
+    # Server Error"; the live refresh keeps the last good page (a 500 is not r.ok)
+    for path in ("/", "/workers", "/stats"):
+        status, html = get(base + path)
+        assert status == 500 and "internal error: ResponseError" in html, html
+        assert "(ZRANGE elric:workers 0 -1 WITHSCORES)" in html and "WRONGTYPE" in html
+    assert "Internal error" in html and "<nav>" in html
+    assert get(base + "/jobs")[0] == 200   # pages that read no worker still work

@@ -119,6 +119,12 @@ class Dashboard:
         except RequestError as exc:
             response = self._render(request, "error.html", status=HTTP_STATUS.get(exc.code, 500),
                                     message=str(exc), code=exc.code)
+        except web.HTTPException:   # a redirect, or a refusal with its own text
+            raise
+        except Exception as exc:   # a bug, or a key an operator gave another type: say so,
+            log.exception("dashboard: %s failed", request.path)   # as the RPC would
+            response = self._render(request, "error.html", status=500, code=ErrorCode.INTERNAL,
+                                    message=f"internal error: {type(exc).__name__}: {exc}")
         response.headers["X-Frame-Options"] = "DENY"   # no clickjacking of the buttons
         response.headers["Cache-Control"] = "no-store"
         return response
