@@ -17,7 +17,7 @@ import pytest
 from elric.redis_server import free_port
 from elric.triggers import every
 from tests.conftest import wait_for
-from tests.jobs import Echo
+from tests.jobs import Echo, Fail
 
 PASSWORD = "correct horse"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -391,3 +391,25 @@ def test_a_key_of_the_wrong_type_is_an_error_page_that_names_it(make_cluster, re
         assert "(ZRANGE elric:workers 0 -1 WITHSCORES)" in html and "WRONGTYPE" in html
     assert "Internal error" in html and "<nav>" in html
     assert get(base + "/jobs")[0] == 200   # pages that read no worker still work
+
+
+def test_no_counter_in_metrics_goes_down_when_a_dedupe_key_is_given_back(make_cluster):
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}",
+                           DEDUPE_RELEASE_ON_FAILURE=True)
+    cluster.start_master()
+
+    def counters() -> dict[str, float]:
+        text = get(f"http://127.0.0.1:{port}/metrics")[1]
+        return {m[1]: float(m[2]) for m in re.finditer(r"^(\w+_total(?:\{.*\})?) (\S+)$",
+                                                        text, re.M)} | {"text": text}
+
+    cluster.client.submit_job(Fail.spec(job_id="f1", dedupe_key="k"))
+    before = counters()
+    assert re.search(r'^elric_dedupe_keys\{scope="\w+"\} 1\.0$', before["text"], re.M)
+    cluster.start_worker("--concurrency", "1")
+    assert cluster.wait_job("f1")["status"] == "failed"   # its key is given back
+    after = counters()
+    # Prometheus reads a counter that went down as a restart: rate() would show a burst
+    assert [k for k in before if k != "text" and after.get(k, 0) < before[k]] == []
+    assert re.search(r'^elric_dedupe_keys\{scope="\w+"\} 0\.0$', after["text"], re.M)

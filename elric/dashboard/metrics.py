@@ -52,11 +52,12 @@ class _Snapshot:
                                 value=s["by_status"].get("running", 0))
         yield from _workers(s["workers"])
         filters = s["filters"].items()
-        checks = [([scope], f.get("items", 0) + f.get("filtered", 0)) for scope, f in filters]
+        # keys held now, a gauge: they go when they expire or a failed job gives its key back
+        keys = [([scope], f.get("items", 0)) for scope, f in filters]
         hits = [([scope], f.get("filtered", 0)) for scope, f in filters]
         fill = [([scope], f["fill_ratio"]) for scope, f in filters if "fill_ratio" in f]
-        yield _family(CounterMetricFamily, "elric_dedupe_checks", "Dedupe checks per scope",
-                      ["scope"], checks)
+        yield _family(GaugeMetricFamily, "elric_dedupe_keys", "Keys a dedupe scope holds now",
+                      ["scope"], keys)
         yield _family(CounterMetricFamily, "elric_dedupe_hits",
                       "Submissions a dedupe filter dropped", ["scope"], hits)
         yield _family(GaugeMetricFamily, "elric_dedupe_fill_ratio", "Fill of a Bloom filter",
