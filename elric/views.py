@@ -34,9 +34,10 @@ def json_text(value, **options) -> str:
 
 
 def when(seconds: float | None) -> str:
-    """An epoch time as local time, with how long ago or ahead it is."""
-    if not seconds:
-        return "-"
+    """An epoch time as local time, with how long ago or ahead it is; a value that is no
+    number (a worker's hash someone edited: stats() keeps it as it is) as it is."""
+    if not seconds or not isinstance(seconds, (int, float)):
+        return str(seconds or "-")
     delta = seconds - time.time()
     ago = f"in {_span(delta)}" if delta > 0 else f"{_span(-delta)} ago"
     return f"{datetime.fromtimestamp(seconds):%Y-%m-%d %H:%M:%S} ({ago})"

@@ -413,3 +413,21 @@ def test_no_counter_in_metrics_goes_down_when_a_dedupe_key_is_given_back(make_cl
     # Prometheus reads a counter that went down as a restart: rate() would show a burst
     assert [k for k in before if k != "text" and after.get(k, 0) < before[k]] == []
     assert re.search(r'^elric_dedupe_keys\{scope="\w+"\} 0\.0$', after["text"], re.M)
+
+
+def test_a_worker_field_that_is_no_number_is_shown_not_a_broken_page(make_cluster, redis_url):
+    import time
+
+    import redis
+
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}")
+    cluster.start_master()
+    with redis.Redis.from_url(redis_url) as r:   # a worker's hash an operator edited
+        r.zadd("elric:workers", {"w1": int(time.time() * 1000)})
+        r.hset("elric:worker:w1", mapping={"host": "h", "pid": "7", "queues": "default",
+                                           "state": "running", "started_at": "1.5e12"})
+    # stats() keeps a value it cannot read as it is; the page shows it, and the workers
+    # beside it with their buttons
+    status, html = get(f"http://127.0.0.1:{port}/workers")
+    assert status == 200 and "<td>1.5e12</td>" in html and "set processes" in html, html
