@@ -431,3 +431,18 @@ def test_a_worker_field_that_is_no_number_is_shown_not_a_broken_page(make_cluste
     # beside it with their buttons
     status, html = get(f"http://127.0.0.1:{port}/workers")
     assert status == 200 and "<td>1.5e12</td>" in html and "set processes" in html, html
+
+
+def test_metrics_count_as_jobs_only_the_jobs_redis_holds(make_cluster):
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}")
+    cluster.start_master()
+    for job_id in ("first", "again"):   # the second is a duplicate: dropped, not stored
+        cluster.client.submit_job(Echo.spec(job_id=job_id, dedupe_key="k", queue="nobody"))
+    assert cluster.client.get_job("again") is None
+    text = get(f"http://127.0.0.1:{port}/metrics")[1]
+    jobs = re.findall(r'^elric_jobs\{status="(\w+)"\} (\S+)$', text, re.M)
+    # "Jobs by status now": sum(elric_jobs) is how many jobs there are; the drops are
+    # elric_dedupe_hits_total's
+    assert sum(float(n) for _, n in jobs) == 1 and "filtered" not in dict(jobs), jobs
+    assert re.search(r'^elric_dedupe_hits_total\{scope="\w+"\} 1\.0$', text, re.M), text

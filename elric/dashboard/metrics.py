@@ -32,8 +32,10 @@ class _Snapshot:
 
     def collect(self):
         s = self.stats
+        # filtered submissions are no jobs: their count is elric_dedupe_hits_total's
         yield _family(GaugeMetricFamily, "elric_jobs", "Jobs by status now", ["status"],
-                      [([status], n) for status, n in s["by_status"].items()])
+                      [([status], n) for status, n in s["by_status"].items()
+                       if status != "filtered"])
         queues = s["by_queue"].items()
         yield _family(GaugeMetricFamily, "elric_queue_depth", "Jobs waiting in a queue",
                       ["queue"], [([queue], row["queued"]) for queue, row in queues])
