@@ -446,3 +446,20 @@ def test_metrics_count_as_jobs_only_the_jobs_redis_holds(make_cluster):
     # elric_dedupe_hits_total's
     assert sum(float(n) for _, n in jobs) == 1 and "filtered" not in dict(jobs), jobs
     assert re.search(r'^elric_dedupe_hits_total\{scope="\w+"\} 1\.0$', text, re.M), text
+
+
+def test_an_empty_password_is_no_password_read_only_and_loopback_only():
+    from aiohttp.test_utils import make_mocked_request
+
+    from elric.dashboard.access import Access
+
+    # RPC_TOKEN = "" in a settings module: the master took it for no password (it allows
+    # loopback only, and logs "read-only, no login"), but an empty login then opened every
+    # action, to any Host: another site's page rebound to 127.0.0.1 could log in and act
+    access = Access("")
+    assert not access.password_ok("")
+    rebound = make_mocked_request("POST", "/act", headers={"Host": "rebound.example:7532"})
+    assert not access.host_ok(rebound)
+    session = make_mocked_request("POST", "/act", headers={
+        "Host": "127.0.0.1:7532", "Cookie": f"elric_session={access.new_session()}"})
+    assert "read-only" in access.may_act(session, {"csrf": access.csrf_token(session)})
