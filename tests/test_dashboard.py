@@ -17,6 +17,7 @@ import pytest
 from elric.redis_server import free_port
 from elric.triggers import every
 from tests.conftest import wait_for
+from tests.test_cli import elric
 from tests.jobs import Echo, Fail
 
 PASSWORD = "correct horse"
@@ -463,3 +464,30 @@ def test_an_empty_password_is_no_password_read_only_and_loopback_only():
     session = make_mocked_request("POST", "/act", headers={
         "Host": "127.0.0.1:7532", "Cookie": f"elric_session={access.new_session()}"})
     assert "read-only" in access.may_act(session, {"csrf": access.csrf_token(session)})
+
+
+def test_a_worker_that_stopped_is_shown_stopped_not_lost(make_cluster, redis_url):
+    import time
+
+    import redis
+
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}")
+    cluster.start_master()
+    stopped, killed = (cluster.start_worker("--concurrency", "1") for _ in range(2))
+    ids = {w["pid"]: w["worker_id"] for w in cluster.client.stats()["workers"]}
+    assert stopped.stop() == 0   # SIGTERM: it says goodbye (state "stopped")
+    killed.kill()                # no goodbye: lost
+    with redis.Redis.from_url(redis_url) as r:   # 60 s of silence, without the wait
+        r.zadd("elric:workers", {wid: (time.time() - 61) * 1000 for wid in ids.values()})
+    base = f"http://127.0.0.1:{port}"
+    html = get(base + "/workers")[1]
+    for proc, state in ((stopped, "stopped"), (killed, "lost")):
+        row = re.search(rf'data-id="{ids[proc.pid]}">.*?class="state \w*">(\w+)<', html, re.S)
+        assert row and row.group(1) == state, (state, html)
+    # an alert on lost workers does not fire for one stopped on purpose (a deploy)
+    text = get(base + "/metrics")[1]
+    for state, n in (("alive", 0), ("lost", 1), ("stopped", 1)):
+        assert f'elric_workers{{state="{state}"}} {n}.0' in text, text
+    assert ">1 lost<" in get(base + "/")[1]
+    assert "workers: 0 alive, 1 lost, 1 stopped" in elric(cluster, "status").stdout

@@ -22,7 +22,7 @@ from elric.dashboard import metrics
 from elric.dashboard.access import COOKIE, SESSION_SECONDS, Access
 from elric.retry import REDIS_ERRORS
 from elric.rpc import RequestError
-from elric.views import json_text, mib, percent, when
+from elric.views import json_text, mib, percent, when, worker_counts, worker_state
 
 log = logging.getLogger("elric.dashboard")
 
@@ -80,6 +80,7 @@ class Dashboard:
         # json, not tojson: a job's maps may have bytes keys, or int and str keys it cannot sort
         self.templates.filters.update(
             when=when, mib=mib, percent=percent, quote_id=lambda text: quote(text, safe=""),
+            worker_state=worker_state, worker_counts=worker_counts,
             json=lambda value: json_text(value, indent=1, sort_keys=True))
         self.app = web.Application(middlewares=[self._guard])
         self.app.add_routes([

@@ -12,6 +12,7 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
 from prometheus_client.exposition import CONTENT_TYPE_LATEST as CONTENT_TYPE
 
 from elric.jobstats import BOUNDS_MS
+from elric.views import worker_counts
 
 __all__ = ["CONTENT_TYPE", "render"]
 
@@ -47,9 +48,8 @@ class _Snapshot:
                   if event not in ("started", "start_latency_ms")]   # the latency summary's
         yield _family(CounterMetricFamily, "elric_job_events", "Job events since the start",
                       ["event"], events)
-        alive = sum(1 for w in s["workers"] if w.get("alive"))
         yield _family(GaugeMetricFamily, "elric_workers", "Workers by state", ["state"],
-                      [(["alive"], alive), (["lost"], len(s["workers"]) - alive)])
+                      [([state], n) for state, n in worker_counts(s["workers"]).items()])
         yield GaugeMetricFamily("elric_jobs_in_flight", "Jobs running on workers now",
                                 value=s["by_status"].get("running", 0))
         yield from _workers(s["workers"])
