@@ -511,3 +511,25 @@ def test_a_worker_silent_longer_than_its_record_lives_is_forgotten(make_cluster,
     html = get(f"http://127.0.0.1:{port}/workers")[1]
     assert "old:1:abc" not in html and html.count('class="worker"') == 1, html
     assert 'elric_workers{state="lost"} 0.0' in get(f"http://127.0.0.1:{port}/metrics")[1]
+
+
+def test_a_job_deleted_from_its_page_says_it_was_deleted(make_cluster):
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}", DASHBOARD_PASSWORD=PASSWORD)
+    cluster.start_master()
+    cluster.client.submit_job({"func": "tests.jobs:Add", "args": [1, 2], "job_id": "j1",
+                               "queue": "nobody"})
+    base = f"http://127.0.0.1:{port}"
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor())
+    opener.open(base + "/login", data=urllib.parse.urlencode({"password": PASSWORD}).encode())
+    html = opener.open(base + "/jobs/j1").read().decode()
+    token = re.search(r'name="csrf" value="([0-9a-f]+)"', html).group(1)
+    data = urllib.parse.urlencode({"kind": "job", "action": "delete", "id": "j1",
+                                   "csrf": token, "next": "/jobs/j1"}).encode()
+    # the page's delete button comes back to the job's page, which is gone now: it says
+    # the delete was done, not only "Not found" as if it had failed
+    with pytest.raises(urllib.error.HTTPError) as gone:
+        opener.open(base + "/act", data=data)
+    html = gone.value.read().decode()
+    assert gone.value.code == 404 and "delete: 1 of 1 done" in html, html
+    assert cluster.client.get_job("j1") is None
