@@ -533,3 +533,20 @@ def test_a_job_deleted_from_its_page_says_it_was_deleted(make_cluster):
     html = gone.value.read().decode()
     assert gone.value.code == 404 and "delete: 1 of 1 done" in html, html
     assert cluster.client.get_job("j1") is None
+
+
+def test_the_jobs_an_operator_ticked_stay_ticked_when_the_list_refreshes(make_cluster, browser):
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}")
+    cluster.start_master()
+    cluster.client.submit_job({"func": "tests.jobs:Add", "args": [1, 2], "job_id": "j1",
+                               "queue": "nobody"})
+    page = browser.new_page()
+    page.goto(f"http://127.0.0.1:{port}/jobs?status=queued")
+    page.locator("tr.job[data-id=j1] input[type=checkbox]").check()
+    page.locator("h1").click()   # reading the page: the focus leaves the form
+    cluster.client.submit_job({"func": "tests.jobs:Add", "args": [1, 2], "job_id": "j2",
+                               "queue": "nobody"})
+    page.wait_for_selector("tr.job[data-id=j2]")   # the list refreshed
+    # else a bulk retry, cancel or delete then acted on nothing of what was ticked
+    assert page.locator("tr.job[data-id=j1] input[type=checkbox]").is_checked()
