@@ -272,6 +272,9 @@ def test_an_action_that_did_nothing_is_not_counted_done(make_cluster):
         in act("job", "cancel", "tick")
     assert "delete: 0 of 1 done; gone: not found" in act("job", "delete", "gone")
     assert "pause: 0 of 1 done; gone: not found" in act("schedule", "pause", "gone")
+    # a bulk button pressed with nothing ticked: back to the list, not a 400 page saying
+    # the action is unknown
+    assert "retry: 0 of 0 done" in act("job", "retry")
 
 
 def test_a_page_offset_or_a_pool_size_that_is_no_number_is_no_crash(make_cluster):

@@ -237,8 +237,8 @@ class Dashboard:
             raise web.HTTPForbidden(text=refused)
         kind, action, ids = form.get("kind"), form.get("action"), form.getall("id", [])
         handler = self.actions.get((kind, action))
-        if handler is None or not ids:
-            raise web.HTTPBadRequest(text=f"unknown action {kind!r} {action!r}, or no id")
+        if handler is None:   # (no id: a bulk button with nothing ticked, "0 of 0 done")
+            raise web.HTTPBadRequest(text=f"unknown action {kind!r} {action!r}")
         value = str(form.get("value", ""))   # every handler takes one: a stray one is no 500
         done, errors = 0, []
         for one in ids:
