@@ -168,6 +168,10 @@ def test_without_a_password_it_is_read_only_and_serves_loopback_only(make_cluste
     assert 'href="/jobs/a%2Fb%3Fc%23d"' in html
     status, html = get(base + "/jobs/a%2Fb%3Fc%23d")
     assert status == 200 and "a/b?c#d" in html
+    # the id box: a pasted id's blanks go; blanks alone are no id (was a bare 404)
+    assert "tests.jobs:Add" in get(base + "/jobs?id=+j1%0A")[1]
+    status, html = get(base + "/jobs?id=+&status=queued")
+    assert status == 200 and 'data-id="j1"' in html
     # another site's page, under a name it pointed at 127.0.0.1, is refused (DNS rebinding)
     assert get(base + "/jobs/j1", Host=f"rebound.example:{port}")[0] == 403
 

@@ -160,7 +160,7 @@ class Dashboard:
 
     async def jobs(self, request: web.Request):
         q = request.query
-        if q.get("id"):
+        if q.get("id", "").strip():   # (blanks alone: "/jobs/" was a bare 404)
             raise web.HTTPSeeOther(f"/jobs/{quote(q['id'].strip(), safe='')}")
         filters = {k: q[k] for k in ("status", "queue", "func", "batch") if q.get(k)}
         offset = _int(q.get("offset"), 0)
