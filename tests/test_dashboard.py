@@ -392,7 +392,7 @@ def test_a_key_of_the_wrong_type_is_an_error_page_that_names_it(make_cluster, re
     with redis.Redis.from_url(redis_url) as r:
         r.set("elric:workers", "an operator's mistake")   # stats() reads it: WRONGTYPE
     # the page says what the RPC says (elric status prints it), not a bare "500 Internal
-    # Server Error"; the live refresh keeps the last good page (a 500 is not r.ok)
+    # Server Error"
     for path in ("/", "/workers", "/stats"):
         status, html = get(base + path)
         assert status == 500 and "internal error: ResponseError" in html, html
@@ -557,3 +557,34 @@ def test_the_jobs_an_operator_ticked_stay_ticked_when_the_list_refreshes(make_cl
     page.wait_for_selector("tr.job[data-id=j2]")   # the list refreshed
     # else a bulk retry, cancel or delete then acted on nothing of what was ticked
     assert page.locator("tr.job[data-id=j1] input[type=checkbox]").is_checked()
+
+
+def test_a_page_that_cannot_refresh_says_so_instead_of_freezing(make_cluster, browser,
+                                                                   redis_url):
+    import redis
+
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}", DASHBOARD_PASSWORD=PASSWORD)
+    master = cluster.start_master()
+    page = browser.new_page()
+    page.goto(f"http://127.0.0.1:{port}/login?next=/")
+    page.fill("input[name=password]", PASSWORD)
+    page.press("input[name=password]", "Enter")
+    page.wait_for_selector("#count-queued")
+    # the figures cannot be read: the page shows why, then the figures once they can be
+    with redis.Redis.from_url(redis_url) as r:
+        r.set("elric:workers", "an operator's mistake")
+        page.wait_for_selector("text=Internal error")
+        r.delete("elric:workers")
+    page.wait_for_selector("#count-queued")
+    # the session ended (expired, or the password changed): the login, not frozen figures
+    cookies = page.context.cookies()
+    page.context.clear_cookies()
+    page.wait_for_url(re.compile(r"/login\?next=/$"))
+    page.context.add_cookies(cookies)
+    page.goto(f"http://127.0.0.1:{port}/")
+    # the master went away: the figures are marked as old
+    master.stop()
+    page.wait_for_selector("#stale")
+    assert "cannot be reached" in page.locator("#stale").inner_text()
+    assert page.locator("#count-queued").count() == 1   # the last figures stay, marked
