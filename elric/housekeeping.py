@@ -2,8 +2,8 @@
 
 Every master runs it: jobs of workers whose lease ran out go back in line, retries whose
 backoff is over are queued again, per-fire dedupe scopes older than DEDUPE_ROUND_TTL are
-dropped, and the LIMITS rules are published again if Redis lost them. Each step is an
-atomic script, so several masters may run it at once.
+dropped, the LIMITS rules are published again if Redis lost them, and workers silent for a
+day are forgotten. Each step is an atomic script, so several masters may run it at once.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ class Housekeeping:
         ends the pass."""
         failed = None
         for step in (self._redeliver, self.queue.promote, self._drop_old_rounds,
-                     self._restore_limits):
+                     self._restore_limits, self.queue.forget_old_workers):
             try:
                 await step()
             except Exception as exc:

@@ -195,7 +195,8 @@ class RedisJobStore:
 
     async def list(self, *, offset: int = 0, limit: int = 100) -> list[dict]:
         """A page of periodic jobs, soonest next run first (paused ones last)."""
-        offset, limit = max(0, int(offset)), max(1, min(int(limit), 1000))
+        # ZRANGE takes signed 64-bit indexes: an offset beyond them lists none, as past the end
+        offset, limit = min(max(0, int(offset)), 2**62), max(1, min(int(limit), 1000))
         rows = await self.redis.zrange(self.keys.schedules, offset, offset + limit - 1)
         pipe = self.redis.pipeline(transaction=False)
         fields = (b"func", b"queue", b"trigger", b"trigger_text", b"next_run_time", b"paused")

@@ -26,6 +26,7 @@ log = logging.getLogger("elric.queue")
 HAND_BACK_SECONDS = 5.0   # a job no worker here can run waits this long between tries
 STALE = "stale"   # finish's answer for an outcome that is no longer its worker's to record
 MAX_RUNNING_SPLIT = 10_000   # running jobs stats() reads to split live jobs into running/queued
+WORKER_KEPT = 86400   # s a silent worker stays listed: heartbeat.lua's expiry of its hash
 
 
 class Fenced(Exception):
@@ -350,6 +351,12 @@ class RedisQueue:
             return False
         await self.redis.hset(k.worker(worker_id), mapping=fields)
         return True
+
+    async def forget_old_workers(self) -> None:
+        """Every start has a new id: a worker silent past its hash's life leaves the list,
+        which else grew by each worker ever started, shown lost and read by every stats()."""
+        cutoff = (await redis_now(self.redis) - WORKER_KEPT) * 1000
+        await self.redis.zremrangebyscore(self.keys.workers, "-inf", f"({cutoff:.0f}")
 
     async def recover(self, limit: int = 1000) -> tuple[list[str], list[str]]:
         """Queue again, in their old place, the jobs whose lease ran out; those being

@@ -34,9 +34,10 @@ def json_text(value, **options) -> str:
 
 
 def when(seconds: float | None) -> str:
-    """An epoch time as local time, with how long ago or ahead it is."""
-    if not seconds:
-        return "-"
+    """An epoch time as local time, with how long ago or ahead it is; a value that is no
+    number (a worker's hash someone edited: stats() keeps it as it is) as it is."""
+    if not seconds or not isinstance(seconds, (int, float)):
+        return str(seconds or "-")
     delta = seconds - time.time()
     ago = f"in {_span(delta)}" if delta > 0 else f"{_span(-delta)} ago"
     return f"{datetime.fromtimestamp(seconds):%Y-%m-%d %H:%M:%S} ({ago})"
@@ -73,8 +74,18 @@ def _rows(rows: list, nothing: str, columns: tuple[str, ...], cells, header: boo
         console.print(nothing)
 
 
-def _state(w: dict) -> str:
-    return w.get("state", "running") if w.get("alive") else "lost"
+def worker_state(w: dict) -> str:
+    """running, paused or stopped; lost: silent for 60 s (stats' alive) without stopping."""
+    return w.get("state", "running") if w.get("alive") or w.get("state") == "stopped" \
+        else "lost"
+
+
+def worker_counts(workers: list[dict]) -> dict[str, int]:
+    """Workers alive (running or paused), lost and stopped: one stopped on purpose (a
+    deploy) is not lost."""
+    states = [worker_state(w) for w in workers]
+    lost, stopped = states.count("lost"), states.count("stopped")
+    return {"alive": len(states) - lost - stopped, "lost": lost, "stopped": stopped}
 
 
 def _master(h: dict) -> None:
@@ -138,7 +149,7 @@ def workers(rows: list[dict]) -> None:
                      w.get("queues", ""), w.get("concurrency", ""),
                      percent(w.get("cpu_percent")), mib(w.get("rss_bytes")),
                      w.get("in_flight", "-"), w.get("done", "-"), w.get("failed", "-"),
-                     when(w.get("last_seen")), _state(w)))
+                     when(w.get("last_seen")), worker_state(w)))
 
 
 def status(stats: dict, health: dict) -> None:
@@ -148,9 +159,8 @@ def status(stats: dict, health: dict) -> None:
     console.print(_table(("status", "jobs"), sorted(stats.get("by_status", {}).items())))
     totals = sorted(stats.get("totals", {}).items())
     console.print("totals: " + ", ".join(f"{k} {v}" for k, v in totals))
-    live = [w for w in stats.get("workers", []) if w.get("alive")]
-    console.print(f"workers: {len(live)} alive, {len(stats.get('workers', [])) - len(live)} "
-                  "lost")
+    console.print("workers: " + ", ".join(
+        f"{n} {state}" for state, n in worker_counts(stats.get("workers", [])).items()))
 
 
 def health(h: dict) -> None:
@@ -179,7 +189,7 @@ def top(stats: dict) -> Group:
          "-" if f["p95_ms"] is None else f"≤ {f['p95_ms']}") for name, f in busiest[:10]])
     workers = _table(("worker", "state", "processes", "CPU %", "in flight", "done", "failed",
                       "last seen"), [
-        (w["worker_id"], _state(w), w.get("concurrency", ""), percent(w.get("cpu_percent")),
+        (w["worker_id"], worker_state(w), w.get("concurrency", ""), percent(w.get("cpu_percent")),
          w.get("in_flight", "-"), w.get("done", "-"), w.get("failed", "-"),
          when(w.get("last_seen"))) for w in stats["workers"]])
     return Group(now, rate, queues, funcs, workers)

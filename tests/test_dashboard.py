@@ -17,7 +17,8 @@ import pytest
 from elric.redis_server import free_port
 from elric.triggers import every
 from tests.conftest import wait_for
-from tests.jobs import Echo
+from tests.test_cli import elric
+from tests.jobs import Echo, Fail
 
 PASSWORD = "correct horse"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -167,6 +168,10 @@ def test_without_a_password_it_is_read_only_and_serves_loopback_only(make_cluste
     assert 'href="/jobs/a%2Fb%3Fc%23d"' in html
     status, html = get(base + "/jobs/a%2Fb%3Fc%23d")
     assert status == 200 and "a/b?c#d" in html
+    # the id box: a pasted id's blanks go; blanks alone are no id (was a bare 404)
+    assert "tests.jobs:Add" in get(base + "/jobs?id=+j1%0A")[1]
+    status, html = get(base + "/jobs?id=+&status=queued")
+    assert status == 200 and 'data-id="j1"' in html
     # another site's page, under a name it pointed at 127.0.0.1, is refused (DNS rebinding)
     assert get(base + "/jobs/j1", Host=f"rebound.example:{port}")[0] == 403
 
@@ -271,6 +276,9 @@ def test_an_action_that_did_nothing_is_not_counted_done(make_cluster):
         in act("job", "cancel", "tick")
     assert "delete: 0 of 1 done; gone: not found" in act("job", "delete", "gone")
     assert "pause: 0 of 1 done; gone: not found" in act("schedule", "pause", "gone")
+    # a bulk button pressed with nothing ticked: back to the list, not a 400 page saying
+    # the action is unknown
+    assert "retry: 0 of 0 done" in act("job", "retry")
 
 
 def test_a_page_offset_or_a_pool_size_that_is_no_number_is_no_crash(make_cluster):
@@ -282,6 +290,11 @@ def test_a_page_offset_or_a_pool_size_that_is_no_number_is_no_crash(make_cluster
     opener.open(base + "/login", data=urllib.parse.urlencode({"password": PASSWORD}).encode())
     for path in ("/jobs?offset=%C2%B2", "/schedules?offset=%C2%B2"):   # "²" is a digit
         assert opener.open(base + path).status == 200
+    # past what Redis's ZRANGE takes (a signed 64-bit index): an empty page, as past the end
+    for offset in (2**63, 2**63 - 10, 10**30):
+        for path in ("/jobs", "/schedules"):
+            html = opener.open(f"{base}{path}?offset={offset}").read().decode()
+            assert "No job matches." in html or "No periodic job." in html, (path, offset)
     html = opener.open(base + "/jobs").read().decode()
     token = re.search(r'name="csrf" value="([0-9a-f]+)"', html).group(1)
     for bad in ("²", "--5"):   # "--5".lstrip("-") is decimal, but int() refuses it
@@ -367,3 +380,211 @@ def test_a_cookie_or_bearer_token_that_is_not_utf8_is_refused_not_a_500(make_clu
         assert status_line(header).startswith(b"HTTP/1.1 303"), header   # to the login
     assert status_line(b"Authorization: Bearer " + PASSWORD.encode()).startswith(
         b"HTTP/1.1 200")
+
+
+def test_a_key_of_the_wrong_type_is_an_error_page_that_names_it(make_cluster, redis_url):
+    import redis
+
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}")
+    cluster.start_master()
+    base = f"http://127.0.0.1:{port}"
+    with redis.Redis.from_url(redis_url) as r:
+        r.set("elric:workers", "an operator's mistake")   # stats() reads it: WRONGTYPE
+    # the page says what the RPC says (elric status prints it), not a bare "500 Internal
+    # Server Error"
+    for path in ("/", "/workers", "/stats"):
+        status, html = get(base + path)
+        assert status == 500 and "internal error: ResponseError" in html, html
+        assert " elric:workers " in html and "WRONGTYPE" in html   # the key it names
+    assert "Internal error" in html and "<nav>" in html
+    assert get(base + "/jobs")[0] == 200   # pages that read no worker still work
+
+
+def test_no_counter_in_metrics_goes_down_when_a_dedupe_key_is_given_back(make_cluster):
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}",
+                           DEDUPE_RELEASE_ON_FAILURE=True)
+    cluster.start_master()
+
+    def counters() -> dict[str, float]:
+        text = get(f"http://127.0.0.1:{port}/metrics")[1]
+        return {m[1]: float(m[2]) for m in re.finditer(r"^(\w+_total(?:\{.*\})?) (\S+)$",
+                                                        text, re.M)} | {"text": text}
+
+    cluster.client.submit_job(Fail.spec(job_id="f1", dedupe_key="k"))
+    before = counters()
+    assert re.search(r'^elric_dedupe_keys\{scope="\w+"\} 1\.0$', before["text"], re.M)
+    cluster.start_worker("--concurrency", "1")
+    assert cluster.wait_job("f1")["status"] == "failed"   # its key is given back
+    after = counters()
+    # Prometheus reads a counter that went down as a restart: rate() would show a burst
+    assert [k for k in before if k != "text" and after.get(k, 0) < before[k]] == []
+    assert re.search(r'^elric_dedupe_keys\{scope="\w+"\} 0\.0$', after["text"], re.M)
+
+
+def test_a_worker_field_that_is_no_number_is_shown_not_a_broken_page(make_cluster, redis_url):
+    import time
+
+    import redis
+
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}")
+    cluster.start_master()
+    with redis.Redis.from_url(redis_url) as r:   # a worker's hash an operator edited
+        r.zadd("elric:workers", {"w1": int(time.time() * 1000)})
+        r.hset("elric:worker:w1", mapping={"host": "h", "pid": "7", "queues": "default",
+                                           "state": "running", "started_at": "1.5e12"})
+    # stats() keeps a value it cannot read as it is; the page shows it, and the workers
+    # beside it with their buttons
+    status, html = get(f"http://127.0.0.1:{port}/workers")
+    assert status == 200 and "<td>1.5e12</td>" in html and "set processes" in html, html
+
+
+def test_metrics_count_as_jobs_only_the_jobs_redis_holds(make_cluster):
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}")
+    cluster.start_master()
+    for job_id in ("first", "again"):   # the second is a duplicate: dropped, not stored
+        cluster.client.submit_job(Echo.spec(job_id=job_id, dedupe_key="k", queue="nobody"))
+    assert cluster.client.get_job("again") is None
+    text = get(f"http://127.0.0.1:{port}/metrics")[1]
+    jobs = re.findall(r'^elric_jobs\{status="(\w+)"\} (\S+)$', text, re.M)
+    # "Jobs by status now": sum(elric_jobs) is how many jobs there are; the drops are
+    # elric_dedupe_hits_total's
+    assert sum(float(n) for _, n in jobs) == 1 and "filtered" not in dict(jobs), jobs
+    assert re.search(r'^elric_dedupe_hits_total\{scope="\w+"\} 1\.0$', text, re.M), text
+
+
+def test_an_empty_password_is_no_password_read_only_and_loopback_only():
+    from aiohttp.test_utils import make_mocked_request
+
+    from elric.dashboard.access import Access
+
+    # RPC_TOKEN = "" in a settings module: the master took it for no password (it allows
+    # loopback only, and logs "read-only, no login"), but an empty login then opened every
+    # action, to any Host: another site's page rebound to 127.0.0.1 could log in and act
+    access = Access("")
+    assert not access.password_ok("")
+    rebound = make_mocked_request("POST", "/act", headers={"Host": "rebound.example:7532"})
+    assert not access.host_ok(rebound)
+    session = make_mocked_request("POST", "/act", headers={
+        "Host": "127.0.0.1:7532", "Cookie": f"elric_session={access.new_session()}"})
+    assert "read-only" in access.may_act(session, {"csrf": access.csrf_token(session)})
+
+
+def test_a_worker_that_stopped_is_shown_stopped_not_lost(make_cluster, redis_url):
+    import time
+
+    import redis
+
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}")
+    cluster.start_master()
+    stopped, killed = (cluster.start_worker("--concurrency", "1") for _ in range(2))
+    ids = {w["pid"]: w["worker_id"] for w in cluster.client.stats()["workers"]}
+    assert stopped.stop() == 0   # SIGTERM: it says goodbye (state "stopped")
+    killed.kill()                # no goodbye: lost
+    with redis.Redis.from_url(redis_url) as r:   # 60 s of silence, without the wait
+        r.zadd("elric:workers", {wid: (time.time() - 61) * 1000 for wid in ids.values()})
+    base = f"http://127.0.0.1:{port}"
+    html = get(base + "/workers")[1]
+    for proc, state in ((stopped, "stopped"), (killed, "lost")):
+        row = re.search(rf'data-id="{ids[proc.pid]}">.*?class="state \w*">(\w+)<', html, re.S)
+        assert row and row.group(1) == state, (state, html)
+    # an alert on lost workers does not fire for one stopped on purpose (a deploy)
+    text = get(base + "/metrics")[1]
+    for state, n in (("alive", 0), ("lost", 1), ("stopped", 1)):
+        assert f'elric_workers{{state="{state}"}} {n}.0' in text, text
+    assert ">1 lost<" in get(base + "/")[1]
+    assert "workers: 0 alive, 1 lost, 1 stopped" in elric(cluster, "status").stdout
+
+
+def test_a_worker_silent_longer_than_its_record_lives_is_forgotten(make_cluster, redis_url):
+    import time
+
+    import redis
+
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}")
+    cluster.start_master()
+    cluster.start_worker("--concurrency", "1")
+    # a worker of two days ago: its hash expired a day after its last heartbeat; every
+    # start has a new id, so such rows piled up for good, as lost, read at every refresh
+    with redis.Redis.from_url(redis_url) as r:
+        r.zadd("elric:workers", {"old:1:abc": (time.time() - 2 * 86400) * 1000})
+        wait_for(lambda: r.zscore("elric:workers", "old:1:abc") is None,
+                 what="housekeeping forgets the worker")   # (a pass a second)
+    html = get(f"http://127.0.0.1:{port}/workers")[1]
+    assert "old:1:abc" not in html and html.count('class="worker"') == 1, html
+    assert 'elric_workers{state="lost"} 0.0' in get(f"http://127.0.0.1:{port}/metrics")[1]
+
+
+def test_a_job_deleted_from_its_page_says_it_was_deleted(make_cluster):
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}", DASHBOARD_PASSWORD=PASSWORD)
+    cluster.start_master()
+    cluster.client.submit_job({"func": "tests.jobs:Add", "args": [1, 2], "job_id": "j1",
+                               "queue": "nobody"})
+    base = f"http://127.0.0.1:{port}"
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor())
+    opener.open(base + "/login", data=urllib.parse.urlencode({"password": PASSWORD}).encode())
+    html = opener.open(base + "/jobs/j1").read().decode()
+    token = re.search(r'name="csrf" value="([0-9a-f]+)"', html).group(1)
+    data = urllib.parse.urlencode({"kind": "job", "action": "delete", "id": "j1",
+                                   "csrf": token, "next": "/jobs/j1"}).encode()
+    # the page's delete button comes back to the job's page, which is gone now: it says
+    # the delete was done, not only "Not found" as if it had failed
+    with pytest.raises(urllib.error.HTTPError) as gone:
+        opener.open(base + "/act", data=data)
+    html = gone.value.read().decode()
+    assert gone.value.code == 404 and "delete: 1 of 1 done" in html, html
+    assert cluster.client.get_job("j1") is None
+
+
+def test_the_jobs_an_operator_ticked_stay_ticked_when_the_list_refreshes(make_cluster, browser):
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}")
+    cluster.start_master()
+    cluster.client.submit_job({"func": "tests.jobs:Add", "args": [1, 2], "job_id": "j1",
+                               "queue": "nobody"})
+    page = browser.new_page()
+    page.goto(f"http://127.0.0.1:{port}/jobs?status=queued")
+    page.locator("tr.job[data-id=j1] input[type=checkbox]").check()
+    page.locator("h1").click()   # reading the page: the focus leaves the form
+    cluster.client.submit_job({"func": "tests.jobs:Add", "args": [1, 2], "job_id": "j2",
+                               "queue": "nobody"})
+    page.wait_for_selector("tr.job[data-id=j2]")   # the list refreshed
+    # else a bulk retry, cancel or delete then acted on nothing of what was ticked
+    assert page.locator("tr.job[data-id=j1] input[type=checkbox]").is_checked()
+
+
+def test_a_page_that_cannot_refresh_says_so_instead_of_freezing(make_cluster, browser,
+                                                                   redis_url):
+    import redis
+
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}", DASHBOARD_PASSWORD=PASSWORD)
+    master = cluster.start_master()
+    page = browser.new_page()
+    page.goto(f"http://127.0.0.1:{port}/login?next=/")
+    page.fill("input[name=password]", PASSWORD)
+    page.press("input[name=password]", "Enter")
+    page.wait_for_selector("#count-queued")
+    # the figures cannot be read: the page shows why, then the figures once they can be
+    with redis.Redis.from_url(redis_url) as r:
+        r.set("elric:workers", "an operator's mistake")
+        page.wait_for_selector("text=Internal error")
+        r.delete("elric:workers")
+    page.wait_for_selector("#count-queued")
+    # the session ended (expired, or the password changed): the login, not frozen figures
+    cookies = page.context.cookies()
+    page.context.clear_cookies()
+    page.wait_for_url(re.compile(r"/login\?next=/$"))
+    page.context.add_cookies(cookies)
+    page.goto(f"http://127.0.0.1:{port}/")
+    # the master went away: the figures are marked as old
+    master.stop()
+    page.wait_for_selector("#stale")
+    assert "cannot be reached" in page.locator("#stale").inner_text()
+    assert page.locator("#count-queued").count() == 1   # the last figures stay, marked

@@ -22,7 +22,7 @@ from elric.dashboard import metrics
 from elric.dashboard.access import COOKIE, SESSION_SECONDS, Access
 from elric.retry import REDIS_ERRORS
 from elric.rpc import RequestError
-from elric.views import json_text, mib, percent, when
+from elric.views import json_text, mib, percent, when, worker_counts, worker_state
 
 log = logging.getLogger("elric.dashboard")
 
@@ -80,6 +80,7 @@ class Dashboard:
         # json, not tojson: a job's maps may have bytes keys, or int and str keys it cannot sort
         self.templates.filters.update(
             when=when, mib=mib, percent=percent, quote_id=lambda text: quote(text, safe=""),
+            worker_state=worker_state, worker_counts=worker_counts,
             json=lambda value: json_text(value, indent=1, sort_keys=True))
         self.app = web.Application(middlewares=[self._guard])
         self.app.add_routes([
@@ -119,6 +120,12 @@ class Dashboard:
         except RequestError as exc:
             response = self._render(request, "error.html", status=HTTP_STATUS.get(exc.code, 500),
                                     message=str(exc), code=exc.code)
+        except web.HTTPException:   # a redirect, or a refusal with its own text
+            raise
+        except Exception as exc:   # a bug, or a key an operator gave another type: say so,
+            log.exception("dashboard: %s failed", request.path)   # as the RPC would
+            response = self._render(request, "error.html", status=500, code=ErrorCode.INTERNAL,
+                                    message=f"internal error: {type(exc).__name__}: {exc}")
         response.headers["X-Frame-Options"] = "DENY"   # no clickjacking of the buttons
         response.headers["Cache-Control"] = "no-store"
         return response
@@ -153,7 +160,7 @@ class Dashboard:
 
     async def jobs(self, request: web.Request):
         q = request.query
-        if q.get("id"):
+        if q.get("id", "").strip():   # (blanks alone: "/jobs/" was a bare 404)
             raise web.HTTPSeeOther(f"/jobs/{quote(q['id'].strip(), safe='')}")
         filters = {k: q[k] for k in ("status", "queue", "func", "batch") if q.get(k)}
         offset = _int(q.get("offset"), 0)
@@ -230,8 +237,8 @@ class Dashboard:
             raise web.HTTPForbidden(text=refused)
         kind, action, ids = form.get("kind"), form.get("action"), form.getall("id", [])
         handler = self.actions.get((kind, action))
-        if handler is None or not ids:
-            raise web.HTTPBadRequest(text=f"unknown action {kind!r} {action!r}, or no id")
+        if handler is None:   # (no id: a bulk button with nothing ticked, "0 of 0 done")
+            raise web.HTTPBadRequest(text=f"unknown action {kind!r} {action!r}")
         value = str(form.get("value", ""))   # every handler takes one: a stray one is no 500
         done, errors = 0, []
         for one in ids:

@@ -37,7 +37,7 @@ def _same(given: str, expected: str) -> bool:
 
 class Access:
     def __init__(self, password: str | None) -> None:
-        self.password = password
+        self.password = password or None   # "" (RPC_TOKEN = ""): none, as the master reads it
         self._key = hashlib.sha256(b"elric-dashboard\0" + password.encode()).digest() \
             if password else b""
 

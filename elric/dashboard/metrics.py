@@ -12,6 +12,7 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
 from prometheus_client.exposition import CONTENT_TYPE_LATEST as CONTENT_TYPE
 
 from elric.jobstats import BOUNDS_MS
+from elric.views import worker_counts
 
 __all__ = ["CONTENT_TYPE", "render"]
 
@@ -32,8 +33,10 @@ class _Snapshot:
 
     def collect(self):
         s = self.stats
+        # filtered submissions are no jobs: their count is elric_dedupe_hits_total's
         yield _family(GaugeMetricFamily, "elric_jobs", "Jobs by status now", ["status"],
-                      [([status], n) for status, n in s["by_status"].items()])
+                      [([status], n) for status, n in s["by_status"].items()
+                       if status != "filtered"])
         queues = s["by_queue"].items()
         yield _family(GaugeMetricFamily, "elric_queue_depth", "Jobs waiting in a queue",
                       ["queue"], [([queue], row["queued"]) for queue, row in queues])
@@ -45,18 +48,18 @@ class _Snapshot:
                   if event not in ("started", "start_latency_ms")]   # the latency summary's
         yield _family(CounterMetricFamily, "elric_job_events", "Job events since the start",
                       ["event"], events)
-        alive = sum(1 for w in s["workers"] if w.get("alive"))
         yield _family(GaugeMetricFamily, "elric_workers", "Workers by state", ["state"],
-                      [(["alive"], alive), (["lost"], len(s["workers"]) - alive)])
+                      [([state], n) for state, n in worker_counts(s["workers"]).items()])
         yield GaugeMetricFamily("elric_jobs_in_flight", "Jobs running on workers now",
                                 value=s["by_status"].get("running", 0))
         yield from _workers(s["workers"])
         filters = s["filters"].items()
-        checks = [([scope], f.get("items", 0) + f.get("filtered", 0)) for scope, f in filters]
+        # keys held now, a gauge: they go when they expire or a failed job gives its key back
+        keys = [([scope], f.get("items", 0)) for scope, f in filters]
         hits = [([scope], f.get("filtered", 0)) for scope, f in filters]
         fill = [([scope], f["fill_ratio"]) for scope, f in filters if "fill_ratio" in f]
-        yield _family(CounterMetricFamily, "elric_dedupe_checks", "Dedupe checks per scope",
-                      ["scope"], checks)
+        yield _family(GaugeMetricFamily, "elric_dedupe_keys", "Keys a dedupe scope holds now",
+                      ["scope"], keys)
         yield _family(CounterMetricFamily, "elric_dedupe_hits",
                       "Submissions a dedupe filter dropped", ["scope"], hits)
         yield _family(GaugeMetricFamily, "elric_dedupe_fill_ratio", "Fill of a Bloom filter",
