@@ -417,6 +417,30 @@ def test_unreadable_job_is_retried_later_without_stalling_the_others(redis_url):
     run(redis_url, body)
 
 
+def test_a_job_that_cannot_be_planned_keeps_its_fire_times_when_it_can_again(redis_url):
+    """Its retry time, 60 s on, was written as its next run time: once readable again (its
+    data fixed, or read by a master that can) it fired then, off its schedule, and an
+    interval kept that shifted phase for good."""
+    async def body(env):
+        await env.store.add(spec(trigger={"type": "interval", "hours": 1}))
+        await env.r.hset(env.keys.schedule("site"), "coalesce", "sometimes")
+        env.clock.t = T0 + 3600
+        assert await env.sched.tick() == 0
+        assert await env.r.zscore(env.keys.schedules, "site") == (T0 + 3660) * 1000
+        assert float(await env.r.hget(env.keys.schedule("site"), "next_run_time")) == T0 + 3600
+        await env.r.hset(env.keys.schedule("site"), "coalesce", "latest")
+        env.clock.t = T0 + 3660
+        assert await env.sched.tick() == 1 and env.rec.times == [T0 + 3600]
+        assert (await env.store.get("site"))["next_run_time"] == T0 + 7200
+        # a next run time that is no number is the one thing the retry time replaces
+        await env.r.hset(env.keys.schedule("site"), "next_run_time", "soon")
+        await env.r.zadd(env.keys.schedules, {"site": (T0 + 3660) * 1000})
+        assert await env.sched.tick() == 0
+        env.clock.t = T0 + 3720
+        assert await env.sched.tick() == 1 and env.rec.times[-1] == T0 + 3720
+    run(redis_url, body)
+
+
 @pytest.mark.parametrize("bad", [b"\xc1", b"\x05"])  # not msgpack; not a map
 def test_a_job_spec_that_cannot_be_read_does_not_stall_the_others(redis_url, bad):
     """The spec was read only while the fires' arguments were built, outside the guard
