@@ -681,7 +681,8 @@ def test_fires_a_failed_enqueue_left_marked_are_queued_by_the_next_pass(redis_ur
 
 def test_a_leader_dying_between_marking_and_queueing_loses_no_fire(redis_url):
     """The leader marks a batch of fires, then dies before queueing them; the master that
-    takes over queues every one of them, once."""
+    takes over queues every one of them, once, and each is counted fired once (the dead
+    leader never counted them, and recovering them counted nothing)."""
     async def body(env):
         died = asyncio.Event()
 
@@ -706,6 +707,7 @@ def test_a_leader_dying_between_marking_and_queueing_loses_no_fire(redis_url):
                 sorted((int(s["schedule"][4:]), s) for s in rec_b.specs))
             assert len({s["job_id"] for s in rec_b.specs}) == 20
             assert not await env.r.exists(env.keys.fires_pending)
+            assert (await env.store.fire_stats())["fired"] == 20
         finally:
             await b.stop()
             await tb
