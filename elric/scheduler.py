@@ -280,6 +280,7 @@ class Scheduler:
         argv: list = [self.master_id, token, self.store.runs_kept, FINISHED_TTL, len(rows)]
         specs: dict[str, dict] = {}
         for job_id, row, statuses in rows:
+            await asyncio.sleep(0)  # a backlog's plans take long: the lease renews meanwhile
             job_id = job_id.decode()
             # its recent rounds with a job still queued or running: what max_instances counts
             live = [statuses[i].decode() for i in range(0, len(statuses), 2)

@@ -827,6 +827,33 @@ def test_run_takeover_after_the_leader_dies(redis_url):
     run(redis_url, body, t=None)
 
 
+def test_planning_a_pass_lets_the_lease_renew_between_jobs(redis_url):
+    """Planning a pass's due jobs held the event loop: 200 every-minute crons 1000 fires
+    behind with no grace took longer than a 3 s lease, which no renewal could extend
+    meanwhile, so the fire script was refused, the lease taken again, the same pass planned
+    again: no periodic job fired any more (a master's RPC calls waited all that time too).
+    Other tasks now run between two jobs' plans."""
+    async def body(env):
+        for n in range(3):
+            await env.store.add(spec(f"site{n}"))
+        ran, seen = [0], []
+
+        async def other_task():   # the lease loop, an RPC call
+            while True:
+                ran[0] += 1
+                await asyncio.sleep(0)
+        plan = env.sched._plan
+        env.sched._plan = lambda *a: seen.append(ran[0]) or plan(*a)
+        other = asyncio.create_task(other_task())
+        env.clock.t = T0 + 60
+        try:
+            assert await env.sched.tick() == 3
+        finally:
+            other.cancel()
+        assert len(seen) == 3 and seen[0] < seen[1] < seen[2]
+    run(redis_url, body)
+
+
 async def _true(value) -> bool:
     return bool(value)
 
