@@ -312,11 +312,7 @@ class Scheduler:
             self._step_down("fence moved on: another master holds the lease")
             return 0, math.inf
         head, accepted = _score(result[1]), [specs[f.decode()] for f in result[2:]]
-        queued = await self._queue_fires(accepted, token)
-        if accepted:   # how late the fires are queued: what a user of a schedule waits for
-            late_ms = sum(max(0, now - spec["fire_time"]) for spec in accepted) * 1000
-            await self.redis.hincrby(self.keys.fire_stats, "lateness_ms", int(late_ms))
-        return queued, head
+        return await self._queue_fires(accepted, token), head
 
     async def _queue_fires(self, fires: list[dict], token: int | None,
                            recovered: bool = False) -> int:

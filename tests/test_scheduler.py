@@ -207,6 +207,22 @@ def test_misfire_grace_time_default_records_missed(redis_url):
     run(redis_url, body)
 
 
+def test_a_fire_is_counted_with_its_lateness_when_its_leader_dies_before_queueing(redis_url):
+    """The leader counted a pass's lateness after queueing its fires: one that died between
+    marking and queueing left fired counted (as the fire script marks) but not how late,
+    so the mean lateness shown came out too low."""
+    async def body(env):
+        async def dies(specs, token, recovered=False):
+            raise asyncio.CancelledError   # the process is gone
+        await env.store.add(spec())
+        env.clock.t = T0 + 65
+        with pytest.raises(asyncio.CancelledError):
+            await env.scheduler("m1", dies).tick()
+        assert await env.store.fire_stats() == {"fired": 1, "missed": 0, "skipped": 0,
+                                                "lateness_ms": 5_000}
+    run(redis_url, body)
+
+
 def test_misfire_outside_grace_runs_nothing(redis_url):
     async def body(env):
         await env.store.add(spec(trigger={"type": "date", "run_date": T0 + 10}))
