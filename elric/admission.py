@@ -72,20 +72,24 @@ class Admission:
         chosen = {s["job_id"] for s in specs if isinstance(s, dict) and s.get("job_id")}
         results: dict[int, Submitted] = {}
         periodic = [i for i, n in enumerate(normalized) if "trigger" in n]
-        for start in range(0, len(periodic), 32):  # concurrently, in bounded slices
-            chunk = periodic[start:start + 32]
-            results.update(zip(chunk, await asyncio.gather(
-                *(self._schedule(normalized[i]) for i in chunk))))
+        where = "" if len(normalized) == 1 else "spec {}: "
+        # what only the store tells (a past date, MIN_INTERVAL, an id taken) refuses the
+        # call before any is stored
+        for check in (True, False):
+            for start in range(0, len(periodic), 32):  # concurrently, in bounded slices
+                chunk = periodic[start:start + 32]
+                results.update(zip(chunk, await asyncio.gather(
+                    *(self._schedule(normalized[i], check, where.format(i)) for i in chunk))))
         now = [i for i, n in enumerate(normalized) if "trigger" not in n]
         if now:
             results.update(zip(now, await self._admit([normalized[i] for i in now], chosen)))
         return [results[i] for i in range(len(normalized))]
 
-    async def _schedule(self, spec: dict) -> Submitted:
-        try:
-            stored = await self.store.add(spec)   # it reads replace_existing from the spec
+    async def _schedule(self, spec: dict, check: bool, where: str) -> Submitted:
+        try:   # (the store reads replace_existing from the spec)
+            stored = await self.store.add(spec, check=check)
         except ValueError as exc:  # TriggerError, ScheduleError: they name the field
-            raise SpecError(f"job {spec['job_id']!r}: {exc}") from None
+            raise SpecError(f"{where}job {spec['job_id']!r}: {exc}") from None
         except IdTaken as taken:   # a one-off job has the id: it changes nothing
             return Submitted(spec["job_id"], taken.status, existed=True)
         return Submitted(stored["job_id"], stored["status"],

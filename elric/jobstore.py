@@ -224,14 +224,15 @@ class RedisJobStore:
         return await self.redis.zcard(self.keys.schedules)
 
     # --- writing -------------------------------------------------------------------------
-    async def _update(self, job_id: str, change, new=None) -> StoredJob | None:
+    async def _update(self, job_id: str, change, new=None, write=True) -> StoredJob | None:
         """Write ``change(stored job)`` (None: write nothing), or ``new()`` when none is
-        stored, retrying on conflicts; returns the job written, else the stored one (or None)."""
+        stored, retrying on conflicts; returns the job written (``write`` False: the one it
+        would write, as checked), else the stored one (or None)."""
         for _ in range(WRITE_RETRIES):
             cur = await self._load(job_id)
             job = (new() if new else None) if cur is None else change(cur)
-            if job is None:
-                return cur
+            if job is None or not write:
+                return cur if job is None else job
             nrt = job.next_run_time
             score = "+inf" if job.paused else ("" if nrt is None else repr(nrt * 1000.0))
             argv = [job_id, job.version, score, "1" if cur is None else "0", FINISHED_TTL,
@@ -266,8 +267,10 @@ class RedisJobStore:
             raise TriggerError("trigger.run_date", f"{run_date} is in the past (more than "
                                                    f"misfire_grace_time {grace:g}s ago)")
 
-    async def add(self, spec: dict, *, replace_existing: bool = False) -> dict:
-        """Store a periodic job; ``spec`` holds "trigger" (raw dict) and "job_id".
+    async def add(self, spec: dict, *, replace_existing: bool = False,
+                  check: bool = False) -> dict:
+        """Store a periodic job (``check``: only refuse it as storing would); ``spec`` holds
+        "trigger" (raw dict) and "job_id".
 
         The same job sent again (a retried call) is answered as stored. replace_existing keeps
         the runs, an operator's pause and, for the same trigger, the next run time, so a
@@ -299,7 +302,7 @@ class RedisJobStore:
             self._check_not_past(new_trigger, options)
             return StoredJob(job_id, job_spec, options, **new_trigger)
 
-        job = await self._update(job_id, change, new=new)
+        job = await self._update(job_id, change, new=new, write=not check)
         return {"job_id": job_id, "status": Status.SCHEDULED,
                 "next_run_time": None if job.paused else job.next_run_time}
 

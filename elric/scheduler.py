@@ -51,6 +51,7 @@ class FirePlan:
     spec: dict = field(default_factory=dict)  # the job spec every fire gets
     # (fire time, outcome, runs record extras), oldest first; max_instances may skip ENQUEUED
     fires: list[tuple[float, Outcome, dict]] = field(default_factory=list)
+    retry_at: float | None = None  # not planned: due again then; its next run time is kept
 
 
 def _score(raw) -> float:
@@ -265,7 +266,8 @@ class Scheduler:
             kind = {Outcome.ENQUEUED: "f", Outcome.MISSED: "m", Outcome.SKIPPED: "s"}[outcome]
             entries += [kind, fid, ttl, pack(record),
                         pack(specs[fid]) if outcome is Outcome.ENQUEUED else ""]
-        return keys, [job_id, plan.version, "" if nxt is None else repr(nxt * 1000.0),
+        due = nxt if plan.retry_at is None else plan.retry_at
+        return keys, [job_id, plan.version, "" if due is None else repr(due * 1000.0),
                       "" if nxt is None else repr(nxt), iso(nxt), pack(live), len(plan.fires),
                       *entries]
 
@@ -280,6 +282,7 @@ class Scheduler:
         argv: list = [self.master_id, token, self.store.runs_kept, FINISHED_TTL, len(rows)]
         specs: dict[str, dict] = {}
         for job_id, row, statuses in rows:
+            await asyncio.sleep(0)  # a backlog's plans take long: the lease renews meanwhile
             job_id = job_id.decode()
             # its recent rounds with a job still queued or running: what max_instances counts
             live = [statuses[i].decode() for i in range(0, len(statuses), 2)
@@ -289,8 +292,14 @@ class Scheduler:
             except Exception:  # bad stored data must not stall every other job
                 self.log.exception("periodic job %s: cannot compute its fires; retrying in 60s",
                                    job_id)
-                version = row[FIRE_FIELDS.index("version")] if isinstance(row, list) else b""
-                plan = FirePlan(job_id, version, now + 60)
+                # its schedule, not the retry, says when it fires (version "", a key it could
+                # not read: only the index moves; a next run time that is no number: the retry)
+                version, kept = b"", now + 60
+                with contextlib.suppress(KeyError, TypeError, ValueError):
+                    h = dict(zip(FIRE_FIELDS, row)) if isinstance(row, list) else {}
+                    version = h["version"]
+                    kept = float(h["next_run_time"])
+                plan = FirePlan(job_id, version, kept, retry_at=now + 60)
             job_keys, job_argv = self._job_args(plan, live, now, specs)
             keys += job_keys
             argv += job_argv
@@ -305,14 +314,7 @@ class Scheduler:
             self._step_down("fence moved on: another master holds the lease")
             return 0, math.inf
         head, accepted = _score(result[1]), [specs[f.decode()] for f in result[2:]]
-        queued = await self._queue_fires(accepted, token)
-        if accepted:   # how late the fires are queued: what a user of a schedule waits for
-            late_ms = sum(max(0, now - spec["fire_time"]) for spec in accepted) * 1000
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.hincrby(self.keys.fire_stats, "fired", len(accepted))
-                pipe.hincrby(self.keys.fire_stats, "lateness_ms", int(late_ms))
-                await pipe.execute()
-        return queued, head
+        return await self._queue_fires(accepted, token), head
 
     async def _queue_fires(self, fires: list[dict], token: int | None,
                            recovered: bool = False) -> int:

@@ -53,15 +53,29 @@ class _IntervalTrigger(IntervalTrigger):
 
     def get_next_fire_time(self, previous_fire_time, now):
         try:
-            if previous_fire_time is None or not self.jitter:
+            if not self.jitter:
                 return super().get_next_fire_time(previous_fire_time, now)
-            start = self.start_date.timestamp()
-            step = math.floor((previous_fire_time.timestamp() - start) / self.interval_length) + 1
-            nxt = start + step * self.interval_length + random.uniform(0, self.jitter)
-            if self.end_date is None or nxt <= self.end_date.timestamp():
-                return datetime.fromtimestamp(nxt, self.timezone)
         except (OverflowError, OSError, ValueError):  # fromtimestamp: past the year 9999
-            pass
+            return None
+        start, length = self.start_date.timestamp(), self.interval_length
+        if previous_fire_time is None:  # as APScheduler: start, or the grid's next point
+            step = max(0, math.ceil((now.timestamp() - start) / length))
+        else:
+            step = math.floor((previous_fire_time.timestamp() - start) / length) + 1
+        return _jittered(self, start + step * length)
+
+
+def _jittered(trigger, t: float) -> datetime | None:
+    """Fire time ``t`` (epoch) plus the trigger's jitter, added in seconds (on the zone's wall
+    clock it moved a fire an hour across a DST change) and never past end_date: jitter must
+    not decide whether a fire exists. None: ``t`` is past end_date or the year 9999."""
+    end = math.inf if trigger.end_date is None else trigger.end_date.timestamp()
+    if t > end:
+        return None
+    try:
+        return datetime.fromtimestamp(min(end, t + random.uniform(0, trigger.jitter or 0)),
+                                      trigger.timezone)
+    except (OverflowError, OSError, ValueError):
         return None
 
 
@@ -364,12 +378,7 @@ class _CronTrigger(CronTrigger):
             start = max(now, self.start_date) if self.start_date else now
             s = math.ceil(start.timestamp())
         t = self.next_instant(s)
-        if t is None:
-            return None
-        nxt = datetime.fromtimestamp(t, self.timezone)
-        if self.end_date is not None and nxt > self.end_date:
-            return None
-        return self._apply_jitter(nxt, self.jitter, now)
+        return None if t is None else _jittered(self, t)
 
 
 def _never_fires(trigger: _CronTrigger, data: dict, now: float) -> TriggerError:

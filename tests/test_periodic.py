@@ -390,6 +390,28 @@ def test_a_batch_with_one_bad_trigger_stores_nothing(cluster):
     assert cluster.client.list_jobs(status="scheduled") == []
 
 
+@pytest.mark.parametrize("bad, error", [
+    ({"trigger": {"type": "date", "run_date": "2020-01-01T00:00:00Z"}}, "trigger.run_date"),
+    ({"trigger": {"type": "interval", "seconds": 0.5}}, "MIN_INTERVAL"),
+    ({"job_id": "kept", "args": [2, 2]}, "already exists"),
+])
+def test_a_batch_refused_by_the_job_store_stores_nothing_either(cluster, bad, error):
+    """What only the job store checks (a past date, MIN_INTERVAL, an id taken) refused the
+    call after the batch's other periodic jobs were stored: the caller, told nothing was
+    done, left a schedule firing."""
+    from elric.rpc import RemoteError
+    from tests.jobs import Add
+
+    hourly = {"type": "interval", "hours": 1}
+    cluster.client.submit_job(Add.spec([1, 1], job_id="kept", trigger=hourly))
+    good = Add.spec([1, 1], job_id="good", trigger=hourly)
+    bad = {**Add.spec([1, 1], job_id="bad", trigger=hourly), **bad}
+    with pytest.raises(RemoteError, match=rf"spec 1: job '{bad['job_id']}': .*{error}"):
+        cluster.client.submit_jobs([good, bad])
+    assert cluster.client.get_job("good") is None
+    assert [j["job_id"] for j in cluster.client.list_jobs(status="scheduled")] == ["kept"]
+
+
 def test_a_large_batch_of_periodic_jobs_is_stored_whole(cluster):
     # Stored concurrently: more at once than redis-py's default pool of 100 connections.
     from tests.jobs import Add

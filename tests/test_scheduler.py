@@ -207,6 +207,22 @@ def test_misfire_grace_time_default_records_missed(redis_url):
     run(redis_url, body)
 
 
+def test_a_fire_is_counted_with_its_lateness_when_its_leader_dies_before_queueing(redis_url):
+    """The leader counted a pass's lateness after queueing its fires: one that died between
+    marking and queueing left fired counted (as the fire script marks) but not how late,
+    so the mean lateness shown came out too low."""
+    async def body(env):
+        async def dies(specs, token, recovered=False):
+            raise asyncio.CancelledError   # the process is gone
+        await env.store.add(spec())
+        env.clock.t = T0 + 65
+        with pytest.raises(asyncio.CancelledError):
+            await env.scheduler("m1", dies).tick()
+        assert await env.store.fire_stats() == {"fired": 1, "missed": 0, "skipped": 0,
+                                                "lateness_ms": 5_000}
+    run(redis_url, body)
+
+
 def test_misfire_outside_grace_runs_nothing(redis_url):
     async def body(env):
         await env.store.add(spec(trigger={"type": "date", "run_date": T0 + 10}))
@@ -414,6 +430,30 @@ def test_unreadable_job_is_retried_later_without_stalling_the_others(redis_url):
         env.clock.t = T0 + 60
         assert await env.sched.tick() == 1 and env.rec.specs[0]["schedule"] == "good"
         assert await env.r.zscore(env.keys.schedules, "bad") == (T0 + 120) * 1000
+    run(redis_url, body)
+
+
+def test_a_job_that_cannot_be_planned_keeps_its_fire_times_when_it_can_again(redis_url):
+    """Its retry time, 60 s on, was written as its next run time: once readable again (its
+    data fixed, or read by a master that can) it fired then, off its schedule, and an
+    interval kept that shifted phase for good."""
+    async def body(env):
+        await env.store.add(spec(trigger={"type": "interval", "hours": 1}))
+        await env.r.hset(env.keys.schedule("site"), "coalesce", "sometimes")
+        env.clock.t = T0 + 3600
+        assert await env.sched.tick() == 0
+        assert await env.r.zscore(env.keys.schedules, "site") == (T0 + 3660) * 1000
+        assert float(await env.r.hget(env.keys.schedule("site"), "next_run_time")) == T0 + 3600
+        await env.r.hset(env.keys.schedule("site"), "coalesce", "latest")
+        env.clock.t = T0 + 3660
+        assert await env.sched.tick() == 1 and env.rec.times == [T0 + 3600]
+        assert (await env.store.get("site"))["next_run_time"] == T0 + 7200
+        # a next run time that is no number is the one thing the retry time replaces
+        await env.r.hset(env.keys.schedule("site"), "next_run_time", "soon")
+        await env.r.zadd(env.keys.schedules, {"site": (T0 + 3660) * 1000})
+        assert await env.sched.tick() == 0
+        env.clock.t = T0 + 3720
+        assert await env.sched.tick() == 1 and env.rec.times[-1] == T0 + 3720
     run(redis_url, body)
 
 
@@ -657,7 +697,8 @@ def test_fires_a_failed_enqueue_left_marked_are_queued_by_the_next_pass(redis_ur
 
 def test_a_leader_dying_between_marking_and_queueing_loses_no_fire(redis_url):
     """The leader marks a batch of fires, then dies before queueing them; the master that
-    takes over queues every one of them, once."""
+    takes over queues every one of them, once, and each is counted fired once (the dead
+    leader never counted them, and recovering them counted nothing)."""
     async def body(env):
         died = asyncio.Event()
 
@@ -682,6 +723,7 @@ def test_a_leader_dying_between_marking_and_queueing_loses_no_fire(redis_url):
                 sorted((int(s["schedule"][4:]), s) for s in rec_b.specs))
             assert len({s["job_id"] for s in rec_b.specs}) == 20
             assert not await env.r.exists(env.keys.fires_pending)
+            assert (await env.store.fire_stats())["fired"] == 20
         finally:
             await b.stop()
             await tb
@@ -801,6 +843,33 @@ def test_run_takeover_after_the_leader_dies(redis_url):
         with pytest.raises(asyncio.CancelledError):
             await ta
     run(redis_url, body, t=None)
+
+
+def test_planning_a_pass_lets_the_lease_renew_between_jobs(redis_url):
+    """Planning a pass's due jobs held the event loop: 200 every-minute crons 1000 fires
+    behind with no grace took longer than a 3 s lease, which no renewal could extend
+    meanwhile, so the fire script was refused, the lease taken again, the same pass planned
+    again: no periodic job fired any more (a master's RPC calls waited all that time too).
+    Other tasks now run between two jobs' plans."""
+    async def body(env):
+        for n in range(3):
+            await env.store.add(spec(f"site{n}"))
+        ran, seen = [0], []
+
+        async def other_task():   # the lease loop, an RPC call
+            while True:
+                ran[0] += 1
+                await asyncio.sleep(0)
+        plan = env.sched._plan
+        env.sched._plan = lambda *a: seen.append(ran[0]) or plan(*a)
+        other = asyncio.create_task(other_task())
+        env.clock.t = T0 + 60
+        try:
+            assert await env.sched.tick() == 3
+        finally:
+            other.cancel()
+        assert len(seen) == 3 and seen[0] < seen[1] < seen[2]
+    run(redis_url, body)
 
 
 async def _true(value) -> bool:

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from elric.codec import pack, unpack
-from elric.triggers import TriggerError, at, build_trigger, cron, every, parse_trigger
+from elric.triggers import TriggerError, at, build_trigger, cron, every, next_fire, parse_trigger
 
 UTC = timezone.utc
 BERLIN = ZoneInfo("Europe/Berlin")
@@ -83,8 +83,33 @@ def test_interval_with_dates_and_jitter():
     assert data["jitter"] == 5
     trigger = build_trigger(data)
     got = fires(trigger, utc(2025, 12, 31), utc(2026, 1, 3))
-    assert len(got) == 24
+    assert len(got) == 25 and got[-1] == utc(2026, 1, 1, 23)  # as without jitter: end_date's
     assert all(0 <= (d - utc(2025, 12, 31, 23) - timedelta(hours=i)).total_seconds() <= 5 for i, d in enumerate(got))
+
+
+def test_cron_jitter_keeps_fires_in_order_through_the_repeated_hour():
+    """Jitter was added to the zone's wall clock: a fire in the second pass of a repeated
+    hour became one in the first pass, an hour earlier, and the whole pass fired again."""
+    trigger, _ = parse_trigger({"type": "cron", "crontab": "* * * * *",
+                                "timezone": "Europe/Berlin", "jitter": 30})
+    start = datetime(2027, 10, 31, 2, 55, tzinfo=BERLIN).timestamp()  # first pass, +02:00
+    t = next_fire(trigger, start, first=True)
+    for minute in range(70):  # 02:55 CEST to 03:04 CET: every real minute, once, in order
+        assert 0 <= t - (start + 60 * minute) <= 30
+        t = next_fire(trigger, t)
+
+
+@pytest.mark.parametrize("kind", [{"type": "interval", "minutes": 1},
+                                  {"type": "cron", "crontab": "* * * * *"}])
+def test_jitter_neither_decides_whether_a_fire_exists_nor_moves_it_past_end_date(kind):
+    """The fire before end_date was dropped when its jitter landed after it (interval), so the
+    same trigger was refused or stored finished at random; a cron's fired after end_date."""
+    now = utc(2026, 1, 1, 0, 0, 10)
+    for _ in range(40):
+        trigger, _ = parse_trigger({**kind, "jitter": 60, "start_date": "2026-01-01T00:01:00Z",
+                                    "end_date": "2026-01-01T00:01:30Z"}, now=now.timestamp())
+        got = fires(trigger, now, utc(2026, 1, 2))
+        assert len(got) == 1 and utc(2026, 1, 1, 0, 1) <= got[0] <= utc(2026, 1, 1, 0, 1, 30)
 
 
 def test_date():
@@ -174,7 +199,6 @@ def test_a_far_end_date_is_still_taken():
 def test_fires_past_the_year_9999_in_utc_are_none_left_not_an_overflow():
     """9999-12-31 23:00 in New York is in the year 10000 in UTC: computing that fire raised
     OverflowError, at submit (an internal error) and in the scheduler's pass."""
-    from elric.triggers import next_fire
     ny = {"crontab": "0 23 31 12 *", "timezone": "America/New_York"}
     with pytest.raises(TriggerError) as err:
         parse_trigger({"type": "cron", **ny, "start_date": "9999-12-30T00:00"})

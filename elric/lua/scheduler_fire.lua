@@ -5,7 +5,8 @@
 -- ARGV: master id, fence token, runs kept, finished ttl, job count, then per job: job_id,
 --       version read, index score ("" = finished), next_run_time, next_run_iso, recent
 --       (msgpack fire ids), entry count, then per entry: kind ("f" fire; record only: "m"
---       missed, "s" skipped, each counted in the fire stats; the scheduler counts "fired"),
+--       missed, "s" skipped; each counted in the fire stats, a fire with its lateness as
+--       it is marked, so once whichever master queues it),
 --       fire id, fire mark ttl, run record (msgpack), fire spec (msgpack; "" for "m", "s").
 -- Returns {0} when the lease or the fence is not this master's (nothing written), else
 --   {1, head score of the index afterwards (false: empty), fire ids accepted for
@@ -39,6 +40,10 @@ for _ = 1, tonumber(ARGV[5]) do
         out[#out+1] = ARGV[a+1]
         redis.call('HSET', KEYS[4], ARGV[a+1], ARGV[a+4])
         pcall(redis.call, 'LPUSH', runs, ARGV[a+3])
+        pcall(redis.call, 'HINCRBY', KEYS[5], 'fired', 1)
+        local r = cmsgpack.unpack(ARGV[a+3])  -- how late: what a user of a schedule waits for
+        pcall(redis.call, 'HINCRBY', KEYS[5], 'lateness_ms',
+              math.floor(math.max(0, r.at - r.fire_time) * 1000 + 0.5))
         pushed = true
       end
       k = k + 1
