@@ -26,7 +26,8 @@ from redis.exceptions import ResponseError
 
 from elric import lua, rbloom
 from elric.keys import Keys
-from elric.retry import Backoff, retry
+from elric.health import TaskHealth
+from elric.retry import Backoff, Outage, is_outage, retry
 
 log = logging.getLogger("elric.dedupe")
 
@@ -122,6 +123,10 @@ class DedupeFilter(ABC):
 
     async def start(self) -> None:
         """Prepare (load snapshots, start background work)."""
+
+    def health_view(self) -> dict | None:
+        """Its background task's ``TaskHealth.view``, if it has one."""
+        return None
 
     async def close(self) -> None:
         """Finish (final snapshot). Does not close the Redis client: the caller owns it."""
@@ -339,6 +344,7 @@ class BloomFilter(DedupeFilter):
         # nor a load that read before the drop may bring back a scope just dropped
         self._io_lock = asyncio.Lock()
         self._task: asyncio.Task | None = None
+        self.health = TaskHealth(stale_after=2 * snapshot_interval + 30)
 
     async def start(self) -> None:
         for scope, _ in await self._scopes():
@@ -356,20 +362,34 @@ class BloomFilter(DedupeFilter):
         await retry(self.snapshot, what="dedupe: last Bloom snapshot", log=log,
                     backoff=Backoff(0.1, 1.0), deadline=time.monotonic() + LAST_SNAPSHOT_WAIT)
 
+    def health_view(self) -> dict | None:
+        return None if self._task is None else self.health.view(not self._task.done())
+
     async def _snapshot_loop(self) -> None:
         # any error is retried: one Redis blip must not end snapshots for good
         backoff = Backoff(min(1.0, self.snapshot_interval), self.snapshot_interval)
+        outage, delay = Outage(log, "dedupe: Bloom snapshot"), self.snapshot_interval
+        every = f"writing snapshots every {self.snapshot_interval:g}s"
+        self.health.progress(every)
         while True:
-            await asyncio.sleep(self.snapshot_interval)
-            await retry(self.snapshot, what="dedupe: Bloom snapshot", log=log,
-                        errors=(Exception,), backoff=backoff)
+            await asyncio.sleep(delay)
+            try:
+                await self.snapshot()
+            except Exception as exc:   # health shows it: a restart would lose the keys
+                outage.failed(exc)
+                self.health.trouble(f"{type(exc).__name__}: {exc}; retrying")
+                delay = backoff.next()
+                continue
+            outage.passed()
             backoff.reset()
+            self.health.progress(every)
+            delay = self.snapshot_interval
 
     async def snapshot(self) -> int:
         """Write the scopes changed since the last snapshot; returns how many."""
         async with self._io_lock:
             dirty, self._dirty = self._dirty, set()
-            written = 0
+            written, failed = 0, None
             try:
                 for scope in sorted(dirty):
                     f = self._filters[scope]   # drop_scope takes a scope out of _dirty
@@ -380,11 +400,21 @@ class BloomFilter(DedupeFilter):
                     pipe.hset(self.keys.dedupe_stats(scope), mapping={
                         "backend": self.name, "items": f.items, "filtered": f.filtered})
                     pipe.zadd(self.keys.dedupe_scopes, {scope: float("inf")})
-                    await pipe.execute()
+                    try:
+                        await pipe.execute()
+                    except Exception as exc:
+                        if is_outage(exc):
+                            raise
+                        # one scope's key of another type must not hold back the others
+                        failed = failed or DedupeError(
+                            f"dedupe scope {scope!r}: Bloom snapshot not written ({exc})")
+                        continue
                     written += 1
                     dirty.discard(scope)
             finally:
                 self._dirty |= dirty  # not written (error, cancelled): next time
+            if failed is not None:
+                raise failed
             return written
 
     async def _filter(self, scope: str) -> _StagedBloom:

@@ -811,3 +811,21 @@ def test_a_bloom_scope_dropped_while_it_loads_stays_dropped(redis_url):
         await first.close()
         await r.aclose()
     run(main())
+
+
+def test_a_bloom_scope_whose_snapshot_fails_does_not_hold_back_the_others(redis_url):
+    """Snapshots were written in scope order and the first error ended the pass: one
+    scope whose stats hash an operator overwrote with another type kept every scope after
+    it from being written, for good (a restart then forgot their keys)."""
+    async def body(f, r):
+        await f.check_and_add("a", ["k"])
+        await f.check_and_add("b", ["k"])
+        await r.set(KEYS.dedupe_stats("a"), "not a hash")
+        with pytest.raises(DedupeError, match="'a'"):   # the error names the scope
+            await f.snapshot()
+        assert await r.exists(KEYS.dedupe_bloom("b"))
+        assert await r.hget(KEYS.dedupe_stats("b"), "items") == b"1"
+        assert f._dirty == {"a"}                         # tried again next time
+        await r.delete(KEYS.dedupe_stats("a"))           # the operator's fix
+        assert await f.snapshot() == 1
+    run(with_filter(redis_url, "bloom", body, capacity=100, snapshot_interval=0))
