@@ -25,6 +25,7 @@ from pybloom_live import BloomFilter as _PyBloom
 from redis.exceptions import ResponseError
 
 from elric import lua, rbloom
+from elric.config import KEYS as SETTINGS
 from elric.keys import Keys
 from elric.health import TaskHealth
 from elric.retry import Backoff, Outage, is_outage, retry
@@ -37,7 +38,7 @@ BACKENDS = ("set", "bloom", "redis-bloom")
 # bounds it: a resend after a master died between filter and queue must come within it.
 TAKING_TTL_MS = 86_400_000
 # Seconds after which a key taken for a job never queued goes to the next job with it.
-TAKEOVER_AFTER = 600.0
+TAKEOVER_AFTER = SETTINGS["DEDUPE_TAKEOVER_AFTER"].default
 
 # Seconds a stopping master tries to write the last snapshot of its 'bloom' scopes.
 LAST_SNAPSHOT_WAIT = 10.0
@@ -610,9 +611,11 @@ class RedisBloomFilter(DedupeFilter):
         self._items.pop(scope, None)
 
 
-def make_filter(backend: str, redis, keys: Keys, *, capacity: int = 1_000_000,
-                error_rate: float = 0.001, set_ttl: float | None = None,
-                snapshot_interval: float = 30.0,
+def make_filter(backend: str, redis, keys: Keys, *,
+                capacity: int = SETTINGS["BLOOM_CAPACITY"].default,
+                error_rate: float = SETTINGS["BLOOM_ERROR_RATE"].default,
+                set_ttl: float | None = None,
+                snapshot_interval: float = SETTINGS["BLOOM_SNAPSHOT_INTERVAL"].default,
                 takeover_after: float = TAKEOVER_AFTER) -> DedupeFilter:
     """Build the dedupe filter named ``backend`` ("set", "bloom" or "redis-bloom").
 
