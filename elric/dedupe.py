@@ -85,6 +85,7 @@ class DedupeFilter(ABC):
         self._forget_gone = lua.load(redis, "dedupe_forget_gone")
         self._uncount = lua.load(redis, "dedupe_uncount")
         self._warned: set[str] = set()
+        self._unreadable: set[str] = set()   # scopes whose stats key is not a hash: warned
 
     @abstractmethod
     async def check_and_add(self, scope: str, keys: list[str],
@@ -139,13 +140,19 @@ class DedupeFilter(ABC):
         pipe = self.redis.pipeline(transaction=False)
         for scope in scopes:
             pipe.hgetall(self.keys.dedupe_stats(scope))
-        hashes = await pipe.execute() if scopes else []
+        # one key of another type (an operator's) must not fail every scope's stats
+        hashes = await pipe.execute(raise_on_error=False) if scopes else []
+        for scope, h in zip(scopes, hashes):
+            if isinstance(h, Exception) and scope not in self._unreadable:
+                self._unreadable.add(scope)
+                log.warning("dedupe scope %r is left out of stats: %s is not a hash (%s); "
+                            "delete that key", scope, self.keys.dedupe_stats(scope), h)
         gone = [scope for scope, h in zip(scopes, hashes) if not h]
         if gone:
             await self._forget_gone(keys=[self.keys.dedupe_scopes,
                                           *map(self.keys.dedupe_stats, gone)], args=gone)
-        return [(scope, h) for scope, h in zip(scopes, hashes)
-                if _as_str(h.get(b"backend", b"")) == self.name]
+        return [(scope, h) for scope, h in zip(scopes, hashes) if isinstance(h, dict)
+                and _as_str(h.get(b"backend", b"")) == self.name]
 
     async def _drop_keys(self, scope: str, *names: str) -> None:
         self._warned.discard(scope)

@@ -829,3 +829,25 @@ def test_a_bloom_scope_whose_snapshot_fails_does_not_hold_back_the_others(redis_
         await r.delete(KEYS.dedupe_stats("a"))           # the operator's fix
         assert await f.snapshot() == 1
     run(with_filter(redis_url, "bloom", body, capacity=100, snapshot_interval=0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_stats_key_of_another_type_spoils_only_its_own_scope(redis_url, backend, caplog):
+    """One scope's stats hash overwritten with another type made every stats() call fail
+    (elric stats, status, the dashboard) and a 'bloom' master fail to start."""
+    async def main():
+        r = client(redis_url)
+        first = make_filter(backend, r, KEYS, capacity=100, snapshot_interval=0)
+        await first.check_and_add("good", ["a"])
+        await first.check_and_add("bad", ["a"])
+        await first.close()
+        await r.set(KEYS.dedupe_stats("bad"), "an operator's string")
+        with caplog.at_level(logging.WARNING, logger="elric.dedupe"):
+            f = make_filter(backend, r, KEYS, capacity=100, snapshot_interval=0)
+            await f.start()
+            for _ in range(2):
+                assert list(await f.stats()) == ["good"]
+        said = [m.getMessage() for m in caplog.records if KEYS.dedupe_stats("bad") in m.getMessage()]
+        assert len(said) == 1, said                      # once, naming the key
+        await r.aclose()
+    run(main())
