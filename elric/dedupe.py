@@ -154,6 +154,14 @@ class DedupeFilter(ABC):
         return [(scope, h) for scope, h in zip(scopes, hashes) if isinstance(h, dict)
                 and _as_str(h.get(b"backend", b"")) == self.name]
 
+    async def _blame_stats_key(self, scope: str, exc: Exception) -> None:
+        """On WRONGTYPE, a DedupeError naming the scope's stats key if that is the key of
+        another type (an operator's): not a setting to change, nor a scope to drop."""
+        key = self.keys.dedupe_stats(scope)
+        if "WRONGTYPE" in str(exc) and _as_str(await self.redis.type(key)) not in ("hash", "none"):
+            raise DedupeError(f"dedupe scope {scope!r}: {key} is not a hash; delete that key "
+                              "(a redis-bloom scope kept its state there: drop it)") from None
+
     async def _drop_keys(self, scope: str, *names: str) -> None:
         self._warned.discard(scope)
         pipe = self.redis.pipeline(transaction=True)
@@ -198,6 +206,7 @@ class SetFilter(DedupeFilter):
                 raise _other_backend(scope, str(exc).split()[1], self.name) from None
             if "WRONGTYPE" not in str(exc):
                 raise
+            await self._blame_stats_key(scope, exc)
             kind = "sorted set (set_ttl)" if self.set_ttl is not None else "set (no set_ttl)"
             raise DedupeError(
                 f"dedupe scope {scope!r}: key {self.keys.dedupe_set(scope)} is not a {kind}; "
@@ -438,7 +447,11 @@ class BloomFilter(DedupeFilter):
             pipe = self.redis.pipeline(transaction=False)
             pipe.get(self.keys.dedupe_bloom(scope))
             pipe.hget(self.keys.dedupe_stats(scope), "backend")
-            data, other = await pipe.execute()
+            try:
+                data, other = await pipe.execute()
+            except ResponseError as exc:
+                await self._blame_stats_key(scope, exc)
+                raise
             if other is not None and _as_str(other) != self.name:
                 raise _other_backend(scope, _as_str(other), self.name)
             if not data:
@@ -554,6 +567,7 @@ class RedisBloomFilter(DedupeFilter):
                 if theirs[0] == "BACKEND":
                     raise _other_backend(scope, theirs[2].split()[0], self.name) from None
                 if theirs[0] != "PARAMS":
+                    await self._blame_stats_key(scope, exc)
                     raise
                 raise DedupeError(
                     f"dedupe scope {scope!r} is a redis-bloom filter with other parameters "

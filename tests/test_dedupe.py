@@ -851,3 +851,15 @@ def test_a_stats_key_of_another_type_spoils_only_its_own_scope(redis_url, backen
         assert len(said) == 1, said                      # once, naming the key
         await r.aclose()
     run(main())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_stats_key_of_another_type_is_named_when_its_scope_is_used(redis_url, backend):
+    """'set' blamed its set key and the set_ttl setting and advised dropping the scope
+    (every key in it new again); the Bloom backends raised a bare WRONGTYPE."""
+    async def body(f, r):
+        await r.set(KEYS.dedupe_stats("bad"), "an operator's string")
+        with pytest.raises(DedupeError) as got:
+            await f.check_and_add("bad", ["k"])
+        assert KEYS.dedupe_stats("bad") in str(got.value) and "set_ttl" not in str(got.value)
+    run(with_filter(redis_url, backend, body, snapshot_interval=0))
