@@ -623,10 +623,15 @@ class RedisBloomFilter(DedupeFilter):
                 "error_rate": self.error_rate, "bytes": sum(int(r or 0) for r in sizes)}
 
     async def drop_scope(self, scope: str) -> None:
-        items = int(await self.redis.hget(self.keys.dedupe_stats(scope), "items") or 0)
+        items, params = await self.redis.hmget(self.keys.dedupe_stats(scope), "items", "params")
+        cut = self   # the scope's shards were cut by the parameters it was made with
+        if params is not None and _as_str(params) != self.params:
+            made = dict(kv.split("=", 1) for kv in _as_str(params).split()[1:])
+            cut = RedisBloomFilter(self.redis, self.keys, capacity=int(made["capacity"]),
+                                   error_rate=float(made["error_rate"]))
         # shards exist up to the current stage; one more covers a master that grew it
-        # between the HGET and the DEL
-        last = self.stage(self.stage_of(items) + 1)
+        # between the HMGET and the DEL
+        last = cut.stage(cut.stage_of(int(items or 0)) + 1)
         await self._drop_keys(scope, *(self.keys.dedupe_rbloom(scope, g)
                                        for g in range(last.first_shard + last.shards)))
         self._items.pop(scope, None)

@@ -863,3 +863,21 @@ def test_a_stats_key_of_another_type_is_named_when_its_scope_is_used(redis_url, 
             await f.check_and_add("bad", ["k"])
         assert KEYS.dedupe_stats("bad") in str(got.value) and "set_ttl" not in str(got.value)
     run(with_filter(redis_url, backend, body, snapshot_interval=0))
+
+
+def test_redis_bloom_drop_scope_deletes_the_shards_of_a_scope_made_with_other_params(redis_url):
+    """drop_scope cut the shard range with the dropping master's BLOOM_CAPACITY, not the
+    scope's: after a capacity change (what the params error tells to drop for) shards were
+    left behind, and the scope made again grew into their old bits (keys seen for good)."""
+    async def main():
+        r = client(redis_url)
+        old = make_filter("redis-bloom", r, KEYS, capacity=100)
+        await old.check_and_add("s", urls(3000, "old"))          # stages of 100..1600
+        new = make_filter("redis-bloom", r, KEYS, capacity=10_000)
+        await new.drop_scope("s")
+        assert await r.keys(KEYS.dedupe_rbloom("s", 0)[:-1] + "*") == []
+        again = make_filter("redis-bloom", r, KEYS, capacity=100)
+        await again.check_and_add("s", urls(3000, "fill"))
+        assert sum(await again.check_and_add("s", urls(3000, "old"))) > 2900  # new again
+        await r.aclose()
+    run(main())
