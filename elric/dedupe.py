@@ -403,8 +403,12 @@ class BloomFilter(DedupeFilter):
             delay = self.snapshot_interval
 
     async def snapshot(self) -> int:
-        """Write the scopes changed since the last snapshot; returns how many."""
+        """Write the scopes changed since the last snapshot, and those Redis lost (it came
+        back empty: their keys are only here now); returns how many."""
         async with self._io_lock:
+            if self._filters:
+                listed = await self.redis.zmscore(self.keys.dedupe_scopes, list(self._filters))
+                self._dirty.update(s for s, at in zip(self._filters, listed) if at is None)
             dirty, self._dirty = self._dirty, set()
             written, failed = 0, None
             try:

@@ -881,3 +881,21 @@ def test_redis_bloom_drop_scope_deletes_the_shards_of_a_scope_made_with_other_pa
         assert sum(await again.check_and_add("s", urls(3000, "old"))) > 2900  # new again
         await r.aclose()
     run(main())
+
+
+def test_bloom_scopes_redis_lost_are_snapshotted_again(redis_url):
+    """Only scopes changed since the last snapshot were written: after Redis came back
+    empty (restarted without persistence, flushed) the scopes no new key went to were
+    never written again, and the master's next restart let all their keys through."""
+    async def body(f, r):
+        await f.check_and_add("quiet", ["a", "b"])
+        await f.check_and_add("busy", ["a"])
+        await f.snapshot()
+        await r.flushdb()                      # our private server: Redis lost its data
+        await f.check_and_add("busy", ["b"])
+        assert await f.snapshot() == 2
+        g = make_filter("bloom", r, KEYS, capacity=100, snapshot_interval=0)
+        await g.start()
+        assert await g.check_and_add("quiet", ["a", "b", "c"]) == [False, False, True]
+        assert await f.snapshot() == 0         # nothing lost, nothing changed: no writes
+    run(with_filter(redis_url, "bloom", body, capacity=100, snapshot_interval=0))
