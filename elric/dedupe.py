@@ -474,6 +474,13 @@ class BloomFilter(DedupeFilter):
                         "dedupe scope %r: snapshot has capacity=%d error_rate=%g, "
                         "configured %d/%g; keeping the snapshot's", scope,
                         f.capacity, f.error_rate, self.capacity, self.error_rate)
+            if other is None:   # claimed now, not at its first snapshot: others refuse it
+                pipe = self.redis.pipeline(transaction=True)
+                pipe.hsetnx(self.keys.dedupe_stats(scope), "backend", self.name)
+                pipe.zadd(self.keys.dedupe_scopes, {scope: float("inf")})
+                if not (await pipe.execute())[0]:   # another backend's, since the read
+                    theirs = await self.redis.hget(self.keys.dedupe_stats(scope), "backend")
+                    raise _other_backend(scope, _as_str(theirs), self.name)
             self._filters[scope] = f
             return f
 

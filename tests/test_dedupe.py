@@ -899,3 +899,16 @@ def test_bloom_scopes_redis_lost_are_snapshotted_again(redis_url):
         assert await g.check_and_add("quiet", ["a", "b", "c"]) == [False, False, True]
         assert await f.snapshot() == 0         # nothing lost, nothing changed: no writes
     run(with_filter(redis_url, "bloom", body, capacity=100, snapshot_interval=0))
+
+
+@pytest.mark.parametrize("then", ["set", "redis-bloom"])
+def test_a_bloom_scope_is_refused_by_another_backend_before_its_first_snapshot(redis_url, then):
+    """A 'bloom' scope named its backend only in its snapshots: until the first one (with
+    BLOOM_SNAPSHOT_INTERVAL 0, until its master stopped) a master with another backend
+    for it filled it too, letting through every key the bloom master had seen."""
+    async def body(f, r):
+        assert await f.check_and_add("s", ["seen"]) == [True]
+        other = make_filter(then, r, KEYS)
+        with pytest.raises(DedupeError, match="filled by the 'bloom' backend"):
+            await other.check_and_add("s", ["seen"])
+    run(with_filter(redis_url, "bloom", body, snapshot_interval=0))
