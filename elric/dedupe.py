@@ -28,7 +28,7 @@ from elric import lua, rbloom
 from elric.config import KEYS as SETTINGS
 from elric.keys import Keys
 from elric.health import TaskHealth
-from elric.retry import Backoff, Outage, is_outage, retry
+from elric.retry import Backoff, Outage, each, retry
 
 log = logging.getLogger("elric.dedupe")
 
@@ -410,33 +410,24 @@ class BloomFilter(DedupeFilter):
                 listed = await self.redis.zmscore(self.keys.dedupe_scopes, list(self._filters))
                 self._dirty.update(s for s, at in zip(self._filters, listed) if at is None)
             dirty, self._dirty = self._dirty, set()
-            written, failed = 0, None
-            try:
-                for scope in sorted(dirty):
-                    f = self._filters[scope]   # drop_scope takes a scope out of _dirty
-                    # serialised with no await: nothing adds to it meanwhile, a consistent cut
-                    data = f.to_bytes()
-                    pipe = self.redis.pipeline(transaction=True)
-                    pipe.set(self.keys.dedupe_bloom(scope), data)
-                    pipe.hset(self.keys.dedupe_stats(scope), mapping={
-                        "backend": self.name, "items": f.items, "filtered": f.filtered})
-                    pipe.zadd(self.keys.dedupe_scopes, {scope: float("inf")})
-                    try:
-                        await pipe.execute()
-                    except Exception as exc:
-                        if is_outage(exc):
-                            raise
-                        # one scope's key of another type must not hold back the others
-                        failed = failed or DedupeError(
-                            f"dedupe scope {scope!r}: Bloom snapshot not written ({exc})")
-                        continue
-                    written += 1
-                    dirty.discard(scope)
+
+            async def write(scope: str) -> None:
+                f = self._filters[scope]   # drop_scope takes a scope out of _dirty
+                # serialised with no await: nothing adds to it meanwhile, a consistent cut
+                data = f.to_bytes()
+                pipe = self.redis.pipeline(transaction=True)
+                pipe.set(self.keys.dedupe_bloom(scope), data)
+                pipe.hset(self.keys.dedupe_stats(scope), mapping={
+                    "backend": self.name, "items": f.items, "filtered": f.filtered})
+                pipe.zadd(self.keys.dedupe_scopes, {scope: float("inf")})
+                await pipe.execute()
+                dirty.discard(scope)
+            todo = sorted(dirty)
+            try:   # one scope's key of another type must not hold back the others
+                await each(todo, write)
             finally:
                 self._dirty |= dirty  # not written (error, cancelled): next time
-            if failed is not None:
-                raise failed
-            return written
+            return len(todo)
 
     async def _filter(self, scope: str) -> _StagedBloom:
         f = self._filters.get(scope)

@@ -821,7 +821,7 @@ def test_a_bloom_scope_whose_snapshot_fails_does_not_hold_back_the_others(redis_
         await f.check_and_add("a", ["k"])
         await f.check_and_add("b", ["k"])
         await r.set(KEYS.dedupe_stats("a"), "not a hash")
-        with pytest.raises(DedupeError, match="'a'"):   # the error names the scope
+        with pytest.raises(redis.ResponseError, match="dedupe:stats:a "):   # names the key
             await f.snapshot()
         assert await r.exists(KEYS.dedupe_bloom("b"))
         assert await r.hget(KEYS.dedupe_stats("b"), "items") == b"1"
@@ -912,3 +912,23 @@ def test_a_bloom_scope_is_refused_by_another_backend_before_its_first_snapshot(r
         with pytest.raises(DedupeError, match="filled by the 'bloom' backend"):
             await other.check_and_add("s", ["seen"])
     run(with_filter(redis_url, "bloom", body, snapshot_interval=0))
+
+
+def test_a_round_whose_drop_fails_does_not_keep_the_others(redis_url):
+    """Housekeeping dropped old rounds in order and stopped at the first error: one round
+    scope whose stats key an operator overwrote (redis-bloom reads it to drop) kept every
+    later round in Redis for good."""
+    from tests.test_dedupe_keys_given_back import master
+
+    async def main():
+        async with master(redis_url, FILTER_BACKEND="redis-bloom", DEDUPE_ROUND_TTL=1) as m:
+            r, keys, f = m.redis, m.keys, m.filters["redis-bloom"]
+            for scope in ("a@1", "b@2"):
+                await f.check_and_add(scope, ["k"])
+            await r.set(keys.dedupe_stats("a@1"), "an operator's string")
+            await r.zadd(keys.dedupe_rounds, {"a@1": 0, "b@2": 0})
+            with pytest.raises(redis.ResponseError):
+                await m.housekeeping._drop_old_rounds()
+            assert await r.zrange(keys.dedupe_rounds, 0, -1) == [b"a@1"]
+            assert not await r.exists(keys.dedupe_stats("b@2"), keys.dedupe_rbloom("b@2", 0))
+    run(main())

@@ -423,7 +423,7 @@ def test_bloom_snapshots_in_trouble_show_in_health(make_cluster, redis_url):
         c.client.submit_job(Echo.spec([2], job_id="b", dedupe_key="b", dedupe_scope="urls"))
         wait_for(lambda: not c.client.health()["ok"], what="health showing the failure")
         task = c.client.health()["tasks"]["dedupe snapshots"]
-        assert "'urls'" in task["state"] and "retrying" in task["state"], task
+        assert stats in task["state"] and "retrying" in task["state"], task
         r.delete(stats)
         wait_for(lambda: c.client.health()["ok"], what="health ok again")
         assert r.hget(stats, "items") == b"2"
