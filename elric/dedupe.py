@@ -143,6 +143,8 @@ class DedupeFilter(ABC):
         # one key of another type (an operator's) must not fail every scope's stats
         hashes = await pipe.execute(raise_on_error=False) if scopes else []
         for scope, h in zip(scopes, hashes):
+            if isinstance(h, Exception) and "WRONGTYPE" not in str(h):
+                raise h   # Redis refusing (loading, ...): not this scope's fault
             if isinstance(h, Exception) and scope not in self._unreadable:
                 self._unreadable.add(scope)
                 log.warning("dedupe scope %r is left out of stats: %s is not a hash (%s); "

@@ -932,3 +932,23 @@ def test_a_round_whose_drop_fails_does_not_keep_the_others(redis_url):
             assert await r.zrange(keys.dedupe_rounds, 0, -1) == [b"a@1"]
             assert not await r.exists(keys.dedupe_stats("b@2"), keys.dedupe_rbloom("b@2", 0))
     run(main())
+
+
+def test_stats_raise_a_refusal_of_redis_rather_than_call_scopes_unreadable(redis_url):
+    """Only a key of another type leaves a scope out of stats: a reply such as LOADING
+    is Redis's trouble, raised (retried, shown), not each scope's."""
+    async def body(f, r):
+        await f.check_and_add("s", ["k"])
+        pipeline = r.pipeline
+
+        def loading(**kw):
+            pipe = pipeline(**kw)
+            pipe.execute = lambda raise_on_error=True: asyncio.sleep(
+                0, [redis.BusyLoadingError("Redis is loading the dataset in memory")])
+            return pipe
+        r.pipeline = loading
+        with pytest.raises(redis.BusyLoadingError):
+            await f.stats()
+        r.pipeline = pipeline
+        assert list(await f.stats()) == ["s"]
+    run(with_filter(redis_url, "set", body))
