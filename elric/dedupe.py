@@ -405,12 +405,16 @@ class BloomFilter(DedupeFilter):
             delay = self.snapshot_interval
 
     async def snapshot(self) -> int:
-        """Write the scopes changed since the last snapshot, and those Redis lost (it came
-        back empty: their keys are only here now); returns how many."""
+        """Write the scopes changed since the last snapshot, and those Redis lost or holds
+        older (it came back empty, or from an older save: the keys are only here now);
+        returns how many."""
         async with self._io_lock:
-            if self._filters:
-                listed = await self.redis.zmscore(self.keys.dedupe_scopes, list(self._filters))
-                self._dirty.update(s for s, at in zip(self._filters, listed) if at is None)
+            pipe = self.redis.pipeline(transaction=False)
+            for scope in self._filters:
+                pipe.hget(self.keys.dedupe_stats(scope), "items")
+            held = await pipe.execute(raise_on_error=False) if self._filters else []
+            self._dirty.update(scope for (scope, f), n in zip(self._filters.items(), held)
+                               if n != str(f.items).encode())
             dirty, self._dirty = self._dirty, set()
 
             async def write(scope: str) -> None:

@@ -898,6 +898,15 @@ def test_bloom_scopes_redis_lost_are_snapshotted_again(redis_url):
         await g.start()
         assert await g.check_and_add("quiet", ["a", "b", "c"]) == [False, False, True]
         assert await f.snapshot() == 0         # nothing lost, nothing changed: no writes
+        # Redis came back from a save older than the last snapshot
+        old = await r.dump(KEYS.dedupe_bloom("quiet")), await r.dump(KEYS.dedupe_stats("quiet"))
+        await f.check_and_add("quiet", ["d"])
+        assert await f.snapshot() == 1
+        for name, value in zip((KEYS.dedupe_bloom("quiet"), KEYS.dedupe_stats("quiet")), old):
+            await r.restore(name, 0, value, replace=True)
+        assert await f.snapshot() == 1
+        g = make_filter("bloom", r, KEYS, capacity=100, snapshot_interval=0)
+        assert await g.check_and_add("quiet", ["d"]) == [False]
     run(with_filter(redis_url, "bloom", body, capacity=100, snapshot_interval=0))
 
 
