@@ -418,7 +418,7 @@ def test_bloom_snapshots_in_trouble_show_in_health(make_cluster, redis_url):
         wait_for(lambda: c.client.health()["ok"], what="health ok")
         assert "dedupe snapshots" in c.client.health()["tasks"]
         c.client.submit_job(Echo.spec([1], job_id="a", dedupe_key="a", dedupe_scope="urls"))
-        wait_for(lambda: r.exists(stats), what="a periodic snapshot")
+        wait_for(lambda: r.hget(stats, "items"), what="a periodic snapshot")
         r.set(stats, "an operator's string")
         c.client.submit_job(Echo.spec([2], job_id="b", dedupe_key="b", dedupe_scope="urls"))
         wait_for(lambda: not c.client.health()["ok"], what="health showing the failure")
