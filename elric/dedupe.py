@@ -363,6 +363,7 @@ class BloomFilter(DedupeFilter):
         # nor a load that read before the drop may bring back a scope just dropped
         self._io_lock = asyncio.Lock()
         self._task: asyncio.Task | None = None
+        self._stop = asyncio.Event()
         self.health = TaskHealth(stale_after=2 * snapshot_interval + 30)
 
     async def start(self) -> None:
@@ -373,9 +374,11 @@ class BloomFilter(DedupeFilter):
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            # asked to stop, not cancelled: redis-py may swallow a cancellation that lands
+            # in a call (8.2 does in pipelines), and the task would go on for good
+            self._stop.set()
+            await asyncio.wait({self._task}, timeout=LAST_SNAPSHOT_WAIT)
+            self._task.cancel()   # still in a call to a Redis that does not answer
             self._task = None
         # the keys since the last snapshot are only here: a Redis blip must not lose them
         await retry(self.snapshot, what="dedupe: last Bloom snapshot", log=log,
@@ -391,7 +394,10 @@ class BloomFilter(DedupeFilter):
         every = f"writing snapshots every {self.snapshot_interval:g}s"
         self.health.progress(every)
         while True:
-            await asyncio.sleep(delay)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), delay)
+            if self._stop.is_set():
+                return
             try:
                 await self.snapshot()
             except Exception as exc:   # health shows it: a restart would lose the keys
