@@ -144,8 +144,8 @@ class Admission:
         lease would have run out (enqueue is idempotent per fire id). ``recovered``: fires
         a leader marked, and may have checked, before it failed; in a fire's own scope
         only its own key can be seen, so they skip the check that would drop them. In
-        another scope a key no job holds goes back before the check (it may be the one
-        that leader took): a duplicate rather than a lost fire."""
+        another scope a key the filter notes that leader took for the fire goes back
+        before the check; one another job holds stays its."""
         rounds, unchecked, checking = {}, [], []
         for spec in specs:
             spec["round"] = spec["job_id"]   # the fire and its descendants: one round

@@ -25,8 +25,10 @@ from pybloom_live import BloomFilter as _PyBloom
 from redis.exceptions import ResponseError
 
 from elric import lua, rbloom
+from elric.config import KEYS as SETTINGS
 from elric.keys import Keys
-from elric.retry import Backoff, retry
+from elric.health import TaskHealth
+from elric.retry import Backoff, Outage, each, retry
 
 log = logging.getLogger("elric.dedupe")
 
@@ -36,7 +38,7 @@ BACKENDS = ("set", "bloom", "redis-bloom")
 # bounds it: a resend after a master died between filter and queue must come within it.
 TAKING_TTL_MS = 86_400_000
 # Seconds after which a key taken for a job never queued goes to the next job with it.
-TAKEOVER_AFTER = 600.0
+TAKEOVER_AFTER = SETTINGS["DEDUPE_TAKEOVER_AFTER"].default
 
 # Seconds a stopping master tries to write the last snapshot of its 'bloom' scopes.
 LAST_SNAPSHOT_WAIT = 10.0
@@ -83,6 +85,7 @@ class DedupeFilter(ABC):
         self._forget_gone = lua.load(redis, "dedupe_forget_gone")
         self._uncount = lua.load(redis, "dedupe_uncount")
         self._warned: set[str] = set()
+        self._unreadable: set[str] = set()   # scopes whose stats key is not a hash: warned
 
     @abstractmethod
     async def check_and_add(self, scope: str, keys: list[str],
@@ -123,6 +126,10 @@ class DedupeFilter(ABC):
     async def start(self) -> None:
         """Prepare (load snapshots, start background work)."""
 
+    def health_view(self) -> dict | None:
+        """Its background task's ``TaskHealth.view``, if it has one."""
+        return None
+
     async def close(self) -> None:
         """Finish (final snapshot). Does not close the Redis client: the caller owns it."""
 
@@ -133,13 +140,29 @@ class DedupeFilter(ABC):
         pipe = self.redis.pipeline(transaction=False)
         for scope in scopes:
             pipe.hgetall(self.keys.dedupe_stats(scope))
-        hashes = await pipe.execute() if scopes else []
+        # one key of another type (an operator's) must not fail every scope's stats
+        hashes = await pipe.execute(raise_on_error=False) if scopes else []
+        for scope, h in zip(scopes, hashes):
+            if isinstance(h, Exception) and "WRONGTYPE" not in str(h):
+                raise h   # Redis refusing (loading, ...): not this scope's fault
+            if isinstance(h, Exception) and scope not in self._unreadable:
+                self._unreadable.add(scope)
+                log.warning("dedupe scope %r is left out of stats: %s is not a hash (%s); "
+                            "delete that key", scope, self.keys.dedupe_stats(scope), h)
         gone = [scope for scope, h in zip(scopes, hashes) if not h]
         if gone:
             await self._forget_gone(keys=[self.keys.dedupe_scopes,
                                           *map(self.keys.dedupe_stats, gone)], args=gone)
-        return [(scope, h) for scope, h in zip(scopes, hashes)
-                if _as_str(h.get(b"backend", b"")) == self.name]
+        return [(scope, h) for scope, h in zip(scopes, hashes) if isinstance(h, dict)
+                and _as_str(h.get(b"backend", b"")) == self.name]
+
+    async def _blame_stats_key(self, scope: str, exc: Exception) -> None:
+        """On WRONGTYPE, a DedupeError naming the scope's stats key if that is the key of
+        another type (an operator's): not a setting to change, nor a scope to drop."""
+        key = self.keys.dedupe_stats(scope)
+        if "WRONGTYPE" in str(exc) and _as_str(await self.redis.type(key)) not in ("hash", "none"):
+            raise DedupeError(f"dedupe scope {scope!r}: {key} is not a hash; delete that key "
+                              "(a redis-bloom scope kept its state there: drop it)") from None
 
     async def _drop_keys(self, scope: str, *names: str) -> None:
         self._warned.discard(scope)
@@ -185,6 +208,7 @@ class SetFilter(DedupeFilter):
                 raise _other_backend(scope, str(exc).split()[1], self.name) from None
             if "WRONGTYPE" not in str(exc):
                 raise
+            await self._blame_stats_key(scope, exc)
             kind = "sorted set (set_ttl)" if self.set_ttl is not None else "set (no set_ttl)"
             raise DedupeError(
                 f"dedupe scope {scope!r}: key {self.keys.dedupe_set(scope)} is not a {kind}; "
@@ -339,6 +363,8 @@ class BloomFilter(DedupeFilter):
         # nor a load that read before the drop may bring back a scope just dropped
         self._io_lock = asyncio.Lock()
         self._task: asyncio.Task | None = None
+        self._stop = asyncio.Event()
+        self.health = TaskHealth(stale_after=2 * snapshot_interval + 30)
 
     async def start(self) -> None:
         for scope, _ in await self._scopes():
@@ -348,44 +374,72 @@ class BloomFilter(DedupeFilter):
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            # asked to stop, not cancelled: redis-py may swallow a cancellation that lands
+            # in a call (8.2 does in pipelines), and the task would go on for good
+            self._stop.set()
+            await asyncio.wait({self._task}, timeout=LAST_SNAPSHOT_WAIT)
+            self._task.cancel()   # still in a call to a Redis that does not answer
             self._task = None
         # the keys since the last snapshot are only here: a Redis blip must not lose them
         await retry(self.snapshot, what="dedupe: last Bloom snapshot", log=log,
                     backoff=Backoff(0.1, 1.0), deadline=time.monotonic() + LAST_SNAPSHOT_WAIT)
 
+    def health_view(self) -> dict | None:
+        return None if self._task is None else self.health.view(not self._task.done())
+
     async def _snapshot_loop(self) -> None:
         # any error is retried: one Redis blip must not end snapshots for good
         backoff = Backoff(min(1.0, self.snapshot_interval), self.snapshot_interval)
+        outage, delay = Outage(log, "dedupe: Bloom snapshot"), self.snapshot_interval
+        every = f"writing snapshots every {self.snapshot_interval:g}s"
+        self.health.progress(every)
         while True:
-            await asyncio.sleep(self.snapshot_interval)
-            await retry(self.snapshot, what="dedupe: Bloom snapshot", log=log,
-                        errors=(Exception,), backoff=backoff)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), delay)
+            if self._stop.is_set():
+                return
+            try:
+                await self.snapshot()
+            except Exception as exc:   # health shows it: a restart would lose the keys
+                outage.failed(exc)
+                self.health.trouble(f"{type(exc).__name__}: {exc}; retrying")
+                delay = backoff.next()
+                continue
+            outage.passed()
             backoff.reset()
+            self.health.progress(every)
+            delay = self.snapshot_interval
 
     async def snapshot(self) -> int:
-        """Write the scopes changed since the last snapshot; returns how many."""
+        """Write the scopes changed since the last snapshot, and those Redis lost or holds
+        older (it came back empty, or from an older save: the keys are only here now);
+        returns how many."""
         async with self._io_lock:
+            pipe = self.redis.pipeline(transaction=False)
+            for scope in self._filters:
+                pipe.hget(self.keys.dedupe_stats(scope), "items")
+            held = await pipe.execute(raise_on_error=False) if self._filters else []
+            self._dirty.update(scope for (scope, f), n in zip(self._filters.items(), held)
+                               if n != str(f.items).encode())
             dirty, self._dirty = self._dirty, set()
-            written = 0
-            try:
-                for scope in sorted(dirty):
-                    f = self._filters[scope]   # drop_scope takes a scope out of _dirty
-                    # serialised with no await: nothing adds to it meanwhile, a consistent cut
-                    data = f.to_bytes()
-                    pipe = self.redis.pipeline(transaction=True)
-                    pipe.set(self.keys.dedupe_bloom(scope), data)
-                    pipe.hset(self.keys.dedupe_stats(scope), mapping={
-                        "backend": self.name, "items": f.items, "filtered": f.filtered})
-                    pipe.zadd(self.keys.dedupe_scopes, {scope: float("inf")})
-                    await pipe.execute()
-                    written += 1
-                    dirty.discard(scope)
+
+            async def write(scope: str) -> None:
+                f = self._filters[scope]   # drop_scope takes a scope out of _dirty
+                # serialised with no await: nothing adds to it meanwhile, a consistent cut
+                data = f.to_bytes()
+                pipe = self.redis.pipeline(transaction=True)
+                pipe.set(self.keys.dedupe_bloom(scope), data)
+                pipe.hset(self.keys.dedupe_stats(scope), mapping={
+                    "backend": self.name, "items": f.items, "filtered": f.filtered})
+                pipe.zadd(self.keys.dedupe_scopes, {scope: float("inf")})
+                await pipe.execute()
+                dirty.discard(scope)
+            todo = sorted(dirty)
+            try:   # one scope's key of another type must not hold back the others
+                await each(todo, write)
             finally:
                 self._dirty |= dirty  # not written (error, cancelled): next time
-            return written
+            return len(todo)
 
     async def _filter(self, scope: str) -> _StagedBloom:
         f = self._filters.get(scope)
@@ -400,7 +454,11 @@ class BloomFilter(DedupeFilter):
             pipe = self.redis.pipeline(transaction=False)
             pipe.get(self.keys.dedupe_bloom(scope))
             pipe.hget(self.keys.dedupe_stats(scope), "backend")
-            data, other = await pipe.execute()
+            try:
+                data, other = await pipe.execute()
+            except ResponseError as exc:
+                await self._blame_stats_key(scope, exc)
+                raise
             if other is not None and _as_str(other) != self.name:
                 raise _other_backend(scope, _as_str(other), self.name)
             if not data:
@@ -419,6 +477,13 @@ class BloomFilter(DedupeFilter):
                         "dedupe scope %r: snapshot has capacity=%d error_rate=%g, "
                         "configured %d/%g; keeping the snapshot's", scope,
                         f.capacity, f.error_rate, self.capacity, self.error_rate)
+            if other is None:   # claimed now, not at its first snapshot: others refuse it
+                pipe = self.redis.pipeline(transaction=True)
+                pipe.hsetnx(self.keys.dedupe_stats(scope), "backend", self.name)
+                pipe.zadd(self.keys.dedupe_scopes, {scope: float("inf")})
+                if not (await pipe.execute())[0]:   # another backend's, since the read
+                    theirs = await self.redis.hget(self.keys.dedupe_stats(scope), "backend")
+                    raise _other_backend(scope, _as_str(theirs), self.name)
             self._filters[scope] = f
             return f
 
@@ -516,6 +581,7 @@ class RedisBloomFilter(DedupeFilter):
                 if theirs[0] == "BACKEND":
                     raise _other_backend(scope, theirs[2].split()[0], self.name) from None
                 if theirs[0] != "PARAMS":
+                    await self._blame_stats_key(scope, exc)
                     raise
                 raise DedupeError(
                     f"dedupe scope {scope!r} is a redis-bloom filter with other parameters "
@@ -571,18 +637,25 @@ class RedisBloomFilter(DedupeFilter):
                 "error_rate": self.error_rate, "bytes": sum(int(r or 0) for r in sizes)}
 
     async def drop_scope(self, scope: str) -> None:
-        items = int(await self.redis.hget(self.keys.dedupe_stats(scope), "items") or 0)
+        items, params = await self.redis.hmget(self.keys.dedupe_stats(scope), "items", "params")
+        cut = self   # the scope's shards were cut by the parameters it was made with
+        if params is not None and _as_str(params) != self.params:
+            made = dict(kv.split("=", 1) for kv in _as_str(params).split()[1:])
+            cut = RedisBloomFilter(self.redis, self.keys, capacity=int(made["capacity"]),
+                                   error_rate=float(made["error_rate"]))
         # shards exist up to the current stage; one more covers a master that grew it
-        # between the HGET and the DEL
-        last = self.stage(self.stage_of(items) + 1)
+        # between the HMGET and the DEL
+        last = cut.stage(cut.stage_of(int(items or 0)) + 1)
         await self._drop_keys(scope, *(self.keys.dedupe_rbloom(scope, g)
                                        for g in range(last.first_shard + last.shards)))
         self._items.pop(scope, None)
 
 
-def make_filter(backend: str, redis, keys: Keys, *, capacity: int = 1_000_000,
-                error_rate: float = 0.001, set_ttl: float | None = None,
-                snapshot_interval: float = 30.0,
+def make_filter(backend: str, redis, keys: Keys, *,
+                capacity: int = SETTINGS["BLOOM_CAPACITY"].default,
+                error_rate: float = SETTINGS["BLOOM_ERROR_RATE"].default,
+                set_ttl: float | None = None,
+                snapshot_interval: float = SETTINGS["BLOOM_SNAPSHOT_INTERVAL"].default,
                 takeover_after: float = TAKEOVER_AFTER) -> DedupeFilter:
     """Build the dedupe filter named ``backend`` ("set", "bloom" or "redis-bloom").
 

@@ -16,7 +16,7 @@ from elric.clock import redis_now
 from elric.health import TaskHealth
 from elric.queue import RedisQueue
 from elric.reservation import DedupeGate
-from elric.retry import REDIS_ERRORS, Backoff, Outage, is_outage
+from elric.retry import REDIS_ERRORS, Backoff, Outage, each
 
 log = logging.getLogger("elric.master")
 
@@ -50,17 +50,8 @@ class Housekeeping:
         """Each step even if one before failed for a key of another type (an operator's
         WRONGTYPE): one such key must not stop redelivery, retries or LIMITS. Redis away
         ends the pass."""
-        failed = None
-        for step in (self._redeliver, self.queue.promote, self._drop_old_rounds,
-                     self._restore_limits, self.queue.forget_old_workers):
-            try:
-                await step()
-            except Exception as exc:
-                if is_outage(exc):
-                    raise
-                failed = failed or exc
-        if failed is not None:
-            raise failed
+        await each((self._redeliver, self.queue.promote, self._drop_old_rounds,
+                    self._restore_limits, self.queue.forget_old_workers), lambda step: step())
 
     async def _redeliver(self) -> None:
         recovered, cancelled = await self.queue.recover()
@@ -80,7 +71,9 @@ class Housekeeping:
         cutoff = (await redis_now(self.redis) - self.round_ttl) * 1000
         old = await self.redis.zrangebyscore(self.keys.dedupe_rounds, "-inf", cutoff,
                                              start=0, num=100)
-        for raw in old:
+
+        async def drop(raw: bytes) -> None:
             scope = raw.decode()
             await self.gate.filter_for(scope).drop_scope(scope)
             await self.redis.zrem(self.keys.dedupe_rounds, raw)
+        await each(old, drop)   # one round's key of another type must not keep the others

@@ -265,6 +265,9 @@ class Master:
         """What each background task is doing and when it last got something done."""
         tasks = {"scheduler": self.scheduler.health.view(not self._scheduling.done()),
                  "housekeeping": self.housekeeping.health.view(not self._housekeeping.done())}
+        for f in self.filters.values():
+            if (view := f.health_view()) is not None:   # the 'bloom' backend's snapshots
+                tasks["dedupe snapshots"] = view
         return {"master_id": self.master_id, "ok": all(t["ok"] for t in tasks.values()),
                 "tasks": tasks}
 

@@ -71,7 +71,7 @@ class Reservation:
     async def check(self) -> None:
         """Ask each scope's filter about its keyed specs, one call per scope."""
         if self.unsure:   # a retry: else it would find the keys it took "seen"
-            await self.gate.give_back_unheld(self.unsure, if_unknown=True)
+            await self.gate.give_back_unheld(await self._took(self.unsure), if_unknown=True)
             self.unsure = []
         unanswered = (s for s in self.specs
                       if s.get("dedupe_key") is not None and id(s) not in self.new)
@@ -93,10 +93,7 @@ class Reservation:
     async def reclaim(self, specs: list[dict]) -> None:
         """Filtered specs whose job does not exist: those whose key an earlier call took for
         this very id (its master died before queueing it) pass now; their key is theirs."""
-        for scope, group in _by_scope(specs).items():
-            mine = await self.gate.filter_for(scope).owned(
-                scope, [s["dedupe_key"] for s in group], [s["job_id"] for s in group])
-            self.new.update((id(s), True) for s, m in zip(group, mine) if m)
+        self.new.update((id(s), True) for s in await self._took(specs))
 
     async def settle(self, submitted: list[Submitted]) -> None:
         """After an enqueue of ``passed``: an id that existed queued nothing, so its key goes
@@ -109,23 +106,23 @@ class Reservation:
         exist go back (the enqueue may have run with its reply lost, so each is looked up
         first), trying for up to ``patience`` seconds while Redis is away."""
         deadline = time.monotonic() + patience
-        await self.gate.give_back_unheld(self.passed + await self._took(deadline),
-                                         if_unknown=True, patience=patience)
-
-    async def _took(self, deadline: float) -> list[dict]:
-        """The unsure specs (their check's reply was lost) whose keys that check took: a job
-        took its key if the filter recorded it as the taker; one it found seen is another
-        job's, not to be freed."""
-        if not self.unsure:
-            return []
-        scope, unsure = self.unsure[0]["dedupe_scope"], self.unsure
-        try:
-            mine = await retry(lambda: self.gate.filter_for(scope).owned(
-                scope, [s["dedupe_key"] for s in unsure], [s["job_id"] for s in unsure]),
-                log=log, what="reading who took dedupe keys", deadline=deadline)
+        try:   # the unsure specs (their check's reply was lost) whose keys that check took
+            took = await retry(lambda: self._took(self.unsure), log=log, deadline=deadline,
+                               what="reading who took dedupe keys")
         except Exception:
-            return self.unsure
-        return [s for s, m in zip(unsure, mine) if m]
+            took = self.unsure
+        await self.gate.give_back_unheld(self.passed + took, if_unknown=True, patience=patience)
+
+    async def _took(self, specs: list[dict]) -> list[dict]:
+        """The keyed ``specs`` whose key a check took for their very job id, not queued
+        since: the filter recorded it as the taker. One a check found seen is another
+        job's, not to be freed (nor one a Bloom filter holds: it records no takers)."""
+        took = []
+        for scope, group in _by_scope(s for s in specs if s.get("dedupe_key") is not None).items():
+            mine = await self.gate.filter_for(scope).owned(
+                scope, [s["dedupe_key"] for s in group], [s["job_id"] for s in group])
+            took += [s for s, m in zip(group, mine) if m]
+        return took
 
 
 @dataclass

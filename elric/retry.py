@@ -56,6 +56,22 @@ def is_outage(exc: BaseException) -> bool:
     return isinstance(exc, REDIS_ERRORS) or redis_refusal(exc) is not None
 
 
+async def each(items, call: Callable[[T], Awaitable]) -> None:
+    """``await call(item)`` for every item, even after one failed for other than an outage
+    (a key of another type, an operator's): the first such error is raised after the rest.
+    An outage (``is_outage``) ends it at once."""
+    failed = None
+    for item in items:
+        try:
+            await call(item)
+        except Exception as exc:
+            if is_outage(exc):
+                raise
+            failed = failed or exc
+    if failed is not None:
+        raise failed
+
+
 class Outage:
     """What a retrying loop logs: its trouble when it starts or changes kind (unreachable,
     each refusal, each other error), not at each retry, and that it passed. An hour of

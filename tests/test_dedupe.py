@@ -811,3 +811,173 @@ def test_a_bloom_scope_dropped_while_it_loads_stays_dropped(redis_url):
         await first.close()
         await r.aclose()
     run(main())
+
+
+def test_a_bloom_scope_whose_snapshot_fails_does_not_hold_back_the_others(redis_url):
+    """Snapshots were written in scope order and the first error ended the pass: one
+    scope whose stats hash an operator overwrote with another type kept every scope after
+    it from being written, for good (a restart then forgot their keys)."""
+    async def body(f, r):
+        await f.check_and_add("a", ["k"])
+        await f.check_and_add("b", ["k"])
+        await r.set(KEYS.dedupe_stats("a"), "not a hash")
+        with pytest.raises(redis.ResponseError, match="dedupe:stats:a "):   # names the key
+            await f.snapshot()
+        assert await r.exists(KEYS.dedupe_bloom("b"))
+        assert await r.hget(KEYS.dedupe_stats("b"), "items") == b"1"
+        assert f._dirty == {"a"}                         # tried again next time
+        await r.delete(KEYS.dedupe_stats("a"))           # the operator's fix
+        assert await f.snapshot() == 1
+    run(with_filter(redis_url, "bloom", body, capacity=100, snapshot_interval=0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_stats_key_of_another_type_spoils_only_its_own_scope(redis_url, backend, caplog):
+    """One scope's stats hash overwritten with another type made every stats() call fail
+    (elric stats, status, the dashboard) and a 'bloom' master fail to start."""
+    async def main():
+        r = client(redis_url)
+        first = make_filter(backend, r, KEYS, capacity=100, snapshot_interval=0)
+        await first.check_and_add("good", ["a"])
+        await first.check_and_add("bad", ["a"])
+        await first.close()
+        await r.set(KEYS.dedupe_stats("bad"), "an operator's string")
+        with caplog.at_level(logging.WARNING, logger="elric.dedupe"):
+            f = make_filter(backend, r, KEYS, capacity=100, snapshot_interval=0)
+            await f.start()
+            for _ in range(2):
+                assert list(await f.stats()) == ["good"]
+        said = [m.getMessage() for m in caplog.records
+                if KEYS.dedupe_stats("bad") in m.getMessage()]
+        assert len(said) == 1, said                      # once, naming the key
+        await r.aclose()
+    run(main())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_stats_key_of_another_type_is_named_when_its_scope_is_used(redis_url, backend):
+    """'set' blamed its set key and the set_ttl setting and advised dropping the scope
+    (every key in it new again); the Bloom backends raised a bare WRONGTYPE."""
+    async def body(f, r):
+        await r.set(KEYS.dedupe_stats("bad"), "an operator's string")
+        with pytest.raises(DedupeError) as got:
+            await f.check_and_add("bad", ["k"])
+        assert KEYS.dedupe_stats("bad") in str(got.value) and "set_ttl" not in str(got.value)
+    run(with_filter(redis_url, backend, body, snapshot_interval=0))
+
+
+def test_redis_bloom_drop_scope_deletes_the_shards_of_a_scope_made_with_other_params(redis_url):
+    """drop_scope cut the shard range with the dropping master's BLOOM_CAPACITY, not the
+    scope's: after a capacity change (what the params error tells to drop for) shards were
+    left behind, and the scope made again grew into their old bits (keys seen for good)."""
+    async def main():
+        r = client(redis_url)
+        old = make_filter("redis-bloom", r, KEYS, capacity=100)
+        await old.check_and_add("s", urls(3000, "old"))          # stages of 100..1600
+        new = make_filter("redis-bloom", r, KEYS, capacity=10_000)
+        await new.drop_scope("s")
+        assert await r.keys(KEYS.dedupe_rbloom("s", 0)[:-1] + "*") == []
+        again = make_filter("redis-bloom", r, KEYS, capacity=100)
+        await again.check_and_add("s", urls(3000, "fill"))
+        assert sum(await again.check_and_add("s", urls(3000, "old"))) > 2900  # new again
+        await r.aclose()
+    run(main())
+
+
+def test_bloom_scopes_redis_lost_are_snapshotted_again(redis_url):
+    """Only scopes changed since the last snapshot were written: after Redis came back
+    empty (restarted without persistence, flushed) the scopes no new key went to were
+    never written again, and the master's next restart let all their keys through."""
+    async def body(f, r):
+        await f.check_and_add("quiet", ["a", "b"])
+        await f.check_and_add("busy", ["a"])
+        await f.snapshot()
+        await r.flushdb()                      # our private server: Redis lost its data
+        await f.check_and_add("busy", ["b"])
+        assert await f.snapshot() == 2
+        g = make_filter("bloom", r, KEYS, capacity=100, snapshot_interval=0)
+        await g.start()
+        assert await g.check_and_add("quiet", ["a", "b", "c"]) == [False, False, True]
+        assert await f.snapshot() == 0         # nothing lost, nothing changed: no writes
+        # Redis came back from a save older than the last snapshot
+        old = await r.dump(KEYS.dedupe_bloom("quiet")), await r.dump(KEYS.dedupe_stats("quiet"))
+        await f.check_and_add("quiet", ["d"])
+        assert await f.snapshot() == 1
+        for name, value in zip((KEYS.dedupe_bloom("quiet"), KEYS.dedupe_stats("quiet")), old):
+            await r.restore(name, 0, value, replace=True)
+        assert await f.snapshot() == 1
+        g = make_filter("bloom", r, KEYS, capacity=100, snapshot_interval=0)
+        assert await g.check_and_add("quiet", ["d"]) == [False]
+    run(with_filter(redis_url, "bloom", body, capacity=100, snapshot_interval=0))
+
+
+@pytest.mark.parametrize("then", ["set", "redis-bloom"])
+def test_a_bloom_scope_is_refused_by_another_backend_before_its_first_snapshot(redis_url, then):
+    """A 'bloom' scope named its backend only in its snapshots: until the first one (with
+    BLOOM_SNAPSHOT_INTERVAL 0, until its master stopped) a master with another backend
+    for it filled it too, letting through every key the bloom master had seen."""
+    async def body(f, r):
+        assert await f.check_and_add("s", ["seen"]) == [True]
+        other = make_filter(then, r, KEYS)
+        with pytest.raises(DedupeError, match="filled by the 'bloom' backend"):
+            await other.check_and_add("s", ["seen"])
+    run(with_filter(redis_url, "bloom", body, snapshot_interval=0))
+
+
+def test_a_round_whose_drop_fails_does_not_keep_the_others(redis_url):
+    """Housekeeping dropped old rounds in order and stopped at the first error: one round
+    scope whose stats key an operator overwrote (redis-bloom reads it to drop) kept every
+    later round in Redis for good."""
+    from tests.test_dedupe_keys_given_back import master
+
+    async def main():
+        async with master(redis_url, FILTER_BACKEND="redis-bloom", DEDUPE_ROUND_TTL=1) as m:
+            r, keys, f = m.redis, m.keys, m.filters["redis-bloom"]
+            for scope in ("a@1", "b@2"):
+                await f.check_and_add(scope, ["k"])
+            await r.set(keys.dedupe_stats("a@1"), "an operator's string")
+            await r.zadd(keys.dedupe_rounds, {"a@1": 0, "b@2": 0})
+            with pytest.raises(redis.ResponseError):
+                await m.housekeeping._drop_old_rounds()
+            assert await r.zrange(keys.dedupe_rounds, 0, -1) == [b"a@1"]
+            assert not await r.exists(keys.dedupe_stats("b@2"), keys.dedupe_rbloom("b@2", 0))
+    run(main())
+
+
+def test_stats_raise_a_refusal_of_redis_rather_than_call_scopes_unreadable(redis_url):
+    """Only a key of another type leaves a scope out of stats: a reply such as LOADING
+    is Redis's trouble, raised (retried, shown), not each scope's."""
+    async def body(f, r):
+        await f.check_and_add("s", ["k"])
+        pipeline = r.pipeline
+
+        def loading(**kw):
+            pipe = pipeline(**kw)
+            pipe.execute = lambda raise_on_error=True: asyncio.sleep(
+                0, [redis.BusyLoadingError("Redis is loading the dataset in memory")])
+            return pipe
+        r.pipeline = loading
+        with pytest.raises(redis.BusyLoadingError):
+            await f.stats()
+        r.pipeline = pipeline
+        assert list(await f.stats()) == ["s"]
+    run(with_filter(redis_url, "set", body))
+
+
+def test_a_bloom_filter_closes_while_a_snapshot_is_in_a_redis_call(redis_url):
+    """close cancelled the snapshot task and waited for it to end; a cancellation that
+    lands in a redis-py pipeline call can be swallowed (redis-py 8.2), the task went on
+    snapshotting, and the master's shutdown hung."""
+    async def main():
+        r = client(redis_url)
+        for i in range(30):
+            f = make_filter("bloom", r, KEYS, capacity=1000, snapshot_interval=0.001)
+            await f.start()
+            for n in range(20):   # snapshots in flight, one after the other
+                await f.check_and_add("s", [f"{i}-{n}"])
+                await asyncio.sleep(0.001)
+            closing = asyncio.ensure_future(f.close())
+            done, _ = await asyncio.wait({closing}, timeout=20)   # a deadline for a hang
+            assert done, f"close hung (round {i})"
+        await r.aclose()
+    run(main())

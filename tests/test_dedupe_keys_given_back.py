@@ -391,13 +391,37 @@ def test_a_fire_retried_after_a_redis_error_in_a_later_scope_is_still_queued(red
     asyncio.run(main())
 
 
+def test_a_fire_retried_after_a_lost_check_keeps_a_key_another_job_holds(redis_url):
+    """The check found the fire's key seen (another job holds it) and its answer was
+    lost: the retry gave the key back as if the check had taken it, the fire went
+    through, and two jobs of one key ran."""
+    async def main():
+        async with master(redis_url) as m:
+            token = await play_scheduler(m)
+            first = {"func": E, "job_id": "first", "dedupe_key": "K"}
+            assert (await m.submit_jobs([first]))[0]["status"] == "queued"
+            f = m.filters["set"]
+            real, calls = f.check_and_add, []
+
+            async def lost(scope, keys, owners=None):
+                calls.append(scope)
+                got = await real(scope, keys, owners)
+                if len(calls) == 1:
+                    raise RedisConnectionError("Connection reset by peer")
+                return got
+            f.check_and_add = lost
+            n = contract.normalize_spec({"func": E, "job_id": "home@1", "dedupe_key": "K"})
+            n.update(schedule="home", fire_time=1893456000.0)
+            out = await m.admission.enqueue_fires([n], token)
+            assert [o.status for o in out] == ["filtered"] and len(calls) == 2
+            assert await queued(m) == 1
+    asyncio.run(main())
+
 def test_a_recovered_fire_whose_key_its_failed_leader_took_is_queued(redis_url):
     """A leader that checked a fire's key in a shared scope, then failed before queueing
     it, leaves the key taken with no job: the fire queued again by the next leader (or
     by the next pass) was dropped as a duplicate of itself, and that run never happened.
-    (A key no job holds cannot be told from one that leader took; one taken by another
-    job's id can't either: the recovered fire then runs beside that job, a duplicate over
-    a lost run.)"""
+    The filter noted which job took the key: one another job holds stays its."""
     async def main():
         async with master(redis_url) as m:
             token = await play_scheduler(m)
@@ -408,12 +432,16 @@ def test_a_recovered_fire_whose_key_its_failed_leader_took_is_queued(redis_url):
                 return n
             [done] = await m.admission.enqueue_fires([fire("K2", "home@2")], token)
             assert done.status == "queued"   # the failed leader queued this one
-            assert await m.filters["set"].check_and_add("global", ["K1"]) == [True]
+            # the failed leader's check, as Reservation.check makes it
+            assert await m.filters["set"].check_and_add("global", ["K1"], ["home@1"]) == [True]
+            assert (await m.submit_jobs([{"func": E, "job_id": "other", "dedupe_key": "K3"}]
+                                        ))[0]["status"] == "queued"
             out = await m.admission.enqueue_fires(
-                [fire("K1", "home@1"), fire("K2", "home@2")], token, recovered=True)
-            assert [(o.job_id, o.status) for o in out] == [("home@1", "queued"),
-                                                           ("home@2", "filtered")]
-            assert await queued(m) == 2
+                [fire("K1", "home@1"), fire("K2", "home@2"), fire("K3", "home@3")], token,
+                recovered=True)
+            assert [(o.job_id, o.status) for o in out] == [
+                ("home@1", "queued"), ("home@2", "filtered"), ("home@3", "filtered")]
+            assert await queued(m) == 3
             later = await m.submit_jobs([{"func": E, "job_id": "copy", "dedupe_key": "K1"}])
             assert later[0]["status"] == "filtered"   # the fire holds K1 again
     asyncio.run(main())

@@ -406,6 +406,30 @@ def test_bloom_survives_a_master_restart(make_cluster, redis_url, how):
                                          dedupe_scope="urls"))["status"] == "queued"
 
 
+
+def test_bloom_snapshots_in_trouble_show_in_health(make_cluster, redis_url):
+    """The snapshot loop retried a failing snapshot for good, and only its log said so:
+    health called the master ok while a restart would forget the scope's keys."""
+    c = make_cluster(FILTER_BACKEND="bloom", BLOOM_SNAPSHOT_INTERVAL=0.2)
+    c.start_master()
+    stats = f"{PREFIX}:dedupe:stats:urls"
+    r = redis.Redis.from_url(redis_url)
+    try:
+        wait_for(lambda: c.client.health()["ok"], what="health ok")
+        assert "dedupe snapshots" in c.client.health()["tasks"]
+        c.client.submit_job(Echo.spec([1], job_id="a", dedupe_key="a", dedupe_scope="urls"))
+        wait_for(lambda: r.hget(stats, "items"), what="a periodic snapshot")
+        r.set(stats, "an operator's string")
+        c.client.submit_job(Echo.spec([2], job_id="b", dedupe_key="b", dedupe_scope="urls"))
+        wait_for(lambda: not c.client.health()["ok"], what="health showing the failure")
+        task = c.client.health()["tasks"]["dedupe snapshots"]
+        assert stats in task["state"] and "retrying" in task["state"], task
+        r.delete(stats)
+        wait_for(lambda: c.client.health()["ok"], what="health ok again")
+        assert r.hget(stats, "items") == b"2"
+    finally:
+        r.close()
+
 # --- 8. a keyed batch costs O(1) round trips to Redis -------------------------------------
 
 class CommandLog:
