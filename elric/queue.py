@@ -237,10 +237,12 @@ class RedisQueue:
             row = out[int(existing[i]) - 1]
             row.status, row.existed = _s(existing[i + 1]), True
         periodic = [row for row in out if row.status == Status.SCHEDULED]
-        if periodic:   # periodic jobs have these ids: their next fires, in one call
-            scores = await self.redis.zmscore(k.schedules, [row.job_id for row in periodic])
-            for row, score in zip(periodic, scores):
-                row.next_run_time = score / 1000 if score and score != float("inf") else None
+        if periodic:   # periodic jobs have these ids: their next fires, as the store has them
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for row in periodic:
+                    pipe.hmget(k.schedule(row.job_id), "next_run_time", "paused")
+                for row, (nrt, paused) in zip(periodic, await pipe.execute()):
+                    row.next_run_time = float(nrt) if nrt and paused != b"1" else None
         return out
 
     async def fetch(self, worker_id: str, queues: Iterable[str], limit: int,

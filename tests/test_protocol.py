@@ -90,6 +90,12 @@ def test_a_one_off_job_sent_with_a_periodic_jobs_id_changes_nothing(redis_url):
         assert await client.call("submit_job", {"func": ADD, "job_id": "site"}) == stored
         assert (await client.call("get_job", "site"))["status"] == "scheduled"
         assert (await client.call("stats"))["totals"]["submitted"] == 0
+        # a time whose index score (ms) read back is not the same float: the reply's is
+        # the stored one, not one digit off
+        when = {"type": "date", "run_date": 1900119807.942459}
+        stored = await client.call("submit_job", {"func": ADD, "job_id": "d", "trigger": when})
+        assert stored["next_run_time"] == 1900119807.942459
+        assert await client.call("submit_job", {"func": ADD, "job_id": "d"}) == stored
     with_master(redis_url, body)
 
 
