@@ -477,9 +477,13 @@ def cancelled_before_start(job_id: str, attempt: int, is_async: bool = False) ->
 
 def _failed(out: Ran, exc: BaseException) -> Ran:
     out.payload = "".join(traceback.format_exception(exc))
-    after = getattr(exc, "retry_after", None)
-    if isinstance(after, (int, float)) and after > 0:   # seconds (NaN is not > 0)
-        out.retry_after = float(min(after, 1e9))   # (an int past a float's range)
     if isinstance(exc, (SystemExit, KeyboardInterrupt, asyncio.CancelledError)):
-        out.payload = f"{type(exc).__name__}: {exc}\n" + out.payload
+        # format_exception_only survives a str() that raises (sys.exit(obj))
+        out.payload = traceback.format_exception_only(exc)[-1] + out.payload
+    try:   # the job's own code: raising here, it would leave the job never reported
+        after = getattr(exc, "retry_after", None)
+        if isinstance(after, (int, float)) and after > 0:   # seconds (NaN is not > 0)
+            out.retry_after = float(min(after, 1e9))   # (an int past a float's range)
+    except Exception as bad:
+        out.payload += f"\n(its retry_after could not be read: {type(bad).__name__})"
     return out

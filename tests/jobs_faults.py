@@ -5,6 +5,7 @@ Each one leaves a trace in a file when asked to, so a test can count how often i
 
 import os
 import signal
+import sys
 import time
 
 from elric import Job
@@ -76,3 +77,37 @@ class Mark(Job):
             time.sleep(seconds)
         append_line(path, self.job_id)
         return self.job_id
+
+
+class _Unprintable:
+    """A value whose str() raises, as a broken __str__ of some library's object may."""
+
+    def __str__(self):
+        raise RuntimeError("this value has no text")
+
+    __repr__ = __str__
+
+
+class ExitUnprintable(Job):
+    """Calls sys.exit with a value whose str() raises."""
+
+    def run(self):
+        sys.exit(_Unprintable())
+
+
+class AsyncExitUnprintable(Job):
+    async def run(self):
+        sys.exit(_Unprintable())
+
+
+class _BadRetryAfter(Exception):
+    @property
+    def retry_after(self):
+        raise RuntimeError("retry_after is broken")
+
+
+class FailBadRetryAfter(Job):
+    """Fails with an exception whose retry_after property raises."""
+
+    def run(self):
+        raise _BadRetryAfter("failed")

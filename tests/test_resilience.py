@@ -30,7 +30,8 @@ from elric.rpc import Client, RemoteError, RPCConnectionError, RPCError, RPCTime
 from tests.conftest import ROOT, Cluster, batches_form, wait_for
 from tests.jobs import (Add, FailNamingFile, FailUnlessFile, MarkSleep, SelfAlarm, Sleep,
                         SpawnPadded, SpawnWhenGateOpens)
-from tests.jobs_faults import Crash, Flaky, IgnoreAlarm, Mark, count_lines
+from tests.jobs_faults import (AsyncExitUnprintable, Crash, ExitUnprintable, FailBadRetryAfter,
+                               Flaky, IgnoreAlarm, Mark, count_lines)
 
 KEYS = Keys("elric")
 
@@ -1156,6 +1157,25 @@ def test_a_job_whose_error_text_is_not_unicode_is_recorded_and_its_batch_too(clu
     assert cluster.wait_job("after")["result"] == 3
     cluster.client.submit_job(Add.spec([2, 2], job_id="later"))
     assert cluster.wait_job("later")["result"] == 4, cluster.logs()
+    assert worker.alive()
+
+
+@pytest.mark.parametrize("func, named", [(ExitUnprintable, "SystemExit: <exception str() failed>"),
+                                         (AsyncExitUnprintable, "SystemExit: <exception str("),
+                                         (FailBadRetryAfter, "_BadRetryAfter: failed")])
+def test_a_job_whose_exception_cannot_be_described_fails_and_its_process_goes_on(cluster,
+                                                                                  func, named):
+    """sys.exit(value) whose str() raises, or an exception whose retry_after raises: the
+    error was raised again while the failure was being written, so the job was never
+    reported (running under lease forever) and its process ran no other job."""
+    worker = cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job(func.spec([], job_id="odd"))
+    odd = cluster.wait_job("odd")
+    assert odd["status"] == "failed" and named in odd["error"], odd
+    cluster.client.submit_job(func.spec([], job_id="again"))
+    cluster.client.submit_job(Add.spec([1, 2], job_id="after"))
+    assert cluster.wait_job("again")["status"] == "failed"
+    assert cluster.wait_job("after")["result"] == 3, cluster.logs()
     assert worker.alive()
 
 
