@@ -172,17 +172,26 @@ class _Runner:
         self.kinds: dict[str, bool] = {}       # func -> its run is async, as resolved here
         self.new_kinds: dict[str, bool] = {}   # not yet told to the worker
         self.flushing = False
+        self.forked = False   # this is the child of a job's os.fork()
         self.last_tick = time.monotonic()
 
     def run(self) -> None:
         signal.signal(signal.SIGALRM, self._on_alarm)   # a sync job's timeout
         signal.signal(signal.SIGUSR1, self._on_cancel)
+        os.register_at_fork(after_in_child=self._forked)
         _start_thread(self._read)
         _start_thread(self._send_waiting)
         if self.lag_warn:
             self.loop.call_soon(self._tick)
             _start_thread(self._watch_lag)
         self.loop.run_forever()
+
+    def _forked(self) -> None:
+        """In the child of a job's os.fork(): a child that comes back here (no os._exit, no
+        exec) would run on as a second runner on this pipe and loop; it exits instead, at
+        its report or when its loop next turns."""
+        self.forked = True
+        self.loop.stop()
 
     # --- the pipe ---------------------------------------------------------------------
     def _read(self) -> None:
@@ -258,6 +267,8 @@ class _Runner:
             raise JobTimeout("job ran past its timeout")
 
     def _report(self, out: Ran) -> None:
+        if self.forked:
+            os._exit(0)
         out.finished_at = time.monotonic()
         if isinstance(out.payload, str):   # an error text may hold a lone surrogate (a
             # file name decoded with surrogateescape), which msgpack cannot send

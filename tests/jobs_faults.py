@@ -3,6 +3,7 @@
 Each one leaves a trace in a file when asked to, so a test can count how often it really ran.
 """
 
+import asyncio
 import os
 import signal
 import sys
@@ -111,3 +112,21 @@ class FailBadRetryAfter(Job):
 
     def run(self):
         raise _BadRetryAfter("failed")
+
+
+class ForkReturns(Job):
+    """Forks, and the child returns from run() too, as code that forgets os._exit does;
+    each writes its pid and role to ``path``."""
+
+    def run(self, path):
+        role = "parent" if os.fork() else "child"
+        append_line(path, f"{os.getpid()} {role}")
+        return role
+
+
+class AsyncForkReturns(Job):
+    async def run(self, path):
+        role = "parent" if os.fork() else "child"
+        append_line(path, f"{os.getpid()} {role}")
+        await asyncio.sleep(0.05)
+        return role

@@ -30,8 +30,9 @@ from elric.rpc import Client, RemoteError, RPCConnectionError, RPCError, RPCTime
 from tests.conftest import ROOT, Cluster, batches_form, wait_for
 from tests.jobs import (Add, FailNamingFile, FailUnlessFile, MarkSleep, SelfAlarm, Sleep,
                         SpawnPadded, SpawnWhenGateOpens)
-from tests.jobs_faults import (AsyncExitUnprintable, Crash, ExitUnprintable, FailBadRetryAfter,
-                               Flaky, IgnoreAlarm, Mark, count_lines)
+from tests.jobs_faults import (AsyncExitUnprintable, AsyncForkReturns, Crash, ExitUnprintable,
+                               FailBadRetryAfter, Flaky, ForkReturns, IgnoreAlarm, Mark,
+                               count_lines)
 
 KEYS = Keys("elric")
 
@@ -1177,6 +1178,31 @@ def test_a_job_whose_exception_cannot_be_described_fails_and_its_process_goes_on
     assert cluster.wait_job("again")["status"] == "failed"
     assert cluster.wait_job("after")["result"] == 3, cluster.logs()
     assert worker.alive()
+
+
+@pytest.mark.parametrize("func", [ForkReturns, AsyncForkReturns])
+def test_a_forked_child_returning_from_run_exits_and_its_parent_goes_on(cluster, tmp_path,
+                                                                        func):
+    """A job's os.fork() whose child returned from run() (no os._exit) went on as a second
+    runner on its process's pipe and event loop: the child's outcome could be recorded as
+    the job's, the parent's loop lost its wake-ups to the child's, so no job sent to the
+    process after it ran, and the child lived on after the worker."""
+    path = tmp_path / "forked"
+    worker = cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job(func.spec([str(path)], job_id="forks"))
+    roles = {role: int(pid) for pid, role in (line.split() for line in wait_for(
+        lambda: count_lines(path) == 2 and path.read_text().splitlines(), what="both ran"))}
+    child = psutil.Process(roles["child"])
+    try:
+        job = cluster.wait_job("forks")
+        assert (job["status"], job["result"]) == ("succeeded", "parent"), job
+        cluster.client.submit_jobs([Add.spec([1, i], job_id=f"after-{i}") for i in range(5)])
+        for i in range(5):
+            assert cluster.wait_job(f"after-{i}")["result"] == 1 + i, cluster.logs()
+        wait_for(lambda: gone([child]), what="the forked child exited")
+        assert worker.alive()
+    finally:
+        reap([child])
 
 
 def test_a_stray_alarm_in_a_job_without_a_timeout_leaves_its_process_working(cluster):
