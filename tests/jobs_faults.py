@@ -130,3 +130,16 @@ class AsyncForkReturns(Job):
         append_line(path, f"{os.getpid()} {role}")
         await asyncio.sleep(0.05)
         return role
+
+
+class ForkThenCrash(Job):
+    """Leaves a forked child running, which holds its process's pipe open, and kills its
+    process; the child's pid goes to ``path``."""
+
+    def run(self, path, seconds):
+        pid = os.fork()
+        if pid == 0:
+            time.sleep(seconds)
+            os._exit(0)
+        append_line(path, str(pid))
+        os._exit(1)

@@ -31,8 +31,8 @@ from tests.conftest import ROOT, Cluster, batches_form, wait_for
 from tests.jobs import (Add, FailNamingFile, FailUnlessFile, MarkSleep, SelfAlarm, Sleep,
                         SpawnPadded, SpawnWhenGateOpens)
 from tests.jobs_faults import (AsyncExitUnprintable, AsyncForkReturns, Crash, ExitUnprintable,
-                               FailBadRetryAfter, Flaky, ForkReturns, IgnoreAlarm, Mark,
-                               count_lines)
+                               FailBadRetryAfter, Flaky, ForkReturns, ForkThenCrash, IgnoreAlarm,
+                               Mark, count_lines)
 
 KEYS = Keys("elric")
 
@@ -1200,6 +1200,24 @@ def test_a_forked_child_returning_from_run_exits_and_its_parent_goes_on(cluster,
         for i in range(5):
             assert cluster.wait_job(f"after-{i}")["result"] == 1 + i, cluster.logs()
         wait_for(lambda: gone([child]), what="the forked child exited")
+        assert worker.alive()
+    finally:
+        reap([child])
+
+
+def test_a_pool_process_whose_pipe_a_forked_child_holds_open_is_seen_to_die(cluster, tmp_path):
+    """The worker learnt that a pool process died only from the end of its pipe. A child
+    the job forked (a daemon, a multiprocessing helper) holds the pipe open: the job stayed
+    running under lease forever and the dead process kept its place in the pool."""
+    path = tmp_path / "forked"
+    worker = cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job(ForkThenCrash.spec([str(path), 120], job_id="crashes"))
+    child = psutil.Process(int(wait_for(lambda: path.exists() and path.read_text().strip())))
+    try:
+        job = cluster.wait_job("crashes")
+        assert job["status"] == "failed" and "process died" in job["error"], job
+        cluster.client.submit_job(Add.spec([1, 2], job_id="after"))
+        assert cluster.wait_job("after")["result"] == 3, cluster.logs()
         assert worker.alive()
     finally:
         reap([child])
