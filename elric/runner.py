@@ -35,6 +35,7 @@ log = logging.getLogger("elric.runner")
 
 FLUSH_SECONDS = 0.02  # an outcome waits at most about this long while sync jobs run
 MAIN_ONLY = {signal.SIGALRM, signal.SIGUSR1}   # a job's alarm and cancel: they interrupt it
+IGNORED = (signal.SIGINT, signal.SIGTERM)   # sent to the worker's whole process group
 
 
 class JobTimeout(Exception):
@@ -101,8 +102,8 @@ def serve(conn, job_modules: tuple[str, ...], worker_pid: int, log_level: str,
     # Ctrl-C reaches the whole process group, and so does SIGTERM from systemd, docker or
     # `kill -- -PGID`: running jobs must be allowed to finish. The worker stops its pool
     # processes itself (shutdown, or SIGKILL past a timeout or SHUTDOWN_GRACE).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for sig in IGNORED:
+        signal.signal(sig, signal.SIG_IGN)
     try:
         import uvloop
         loop = uvloop.new_event_loop()
@@ -178,6 +179,7 @@ class _Runner:
     def run(self) -> None:
         signal.signal(signal.SIGALRM, self._on_alarm)   # a sync job's timeout
         signal.signal(signal.SIGUSR1, self._on_cancel)
+        self.handlers = {sig: signal.getsignal(sig) for sig in (*MAIN_ONLY, *IGNORED)}
         os.register_at_fork(after_in_child=self._forked)
         _start_thread(self._read)
         _start_thread(self._send_waiting)
@@ -269,6 +271,11 @@ class _Runner:
     def _report(self, out: Ran) -> None:
         if self.forked:
             os._exit(0)
+        # a job (or its library) may have set its own handlers, or SIG_DFL: the next jobs'
+        # timeouts and cancels would kill the process, and so would a SIGTERM to the group
+        for sig, handler in self.handlers.items():
+            if signal.getsignal(sig) is not handler:
+                signal.signal(sig, handler)
         out.finished_at = time.monotonic()
         if isinstance(out.payload, str):   # an error text may hold a lone surrogate (a
             # file name decoded with surrogateescape), which msgpack cannot send

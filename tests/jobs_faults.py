@@ -143,3 +143,13 @@ class ForkThenCrash(Job):
             os._exit(0)
         append_line(path, str(pid))
         os._exit(1)
+
+
+class ResetSignals(Job):
+    """Sets SIGALRM, SIGUSR1, SIGTERM and SIGINT back to their defaults, as a library that
+    installs handlers of its own and "restores" SIG_DFL may."""
+
+    def run(self):
+        for sig in (signal.SIGALRM, signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_DFL)
+        return "reset"

@@ -32,7 +32,7 @@ from tests.jobs import (Add, FailNamingFile, FailUnlessFile, MarkSleep, SelfAlar
                         SpawnPadded, SpawnWhenGateOpens)
 from tests.jobs_faults import (AsyncExitUnprintable, AsyncForkReturns, Crash, ExitUnprintable,
                                FailBadRetryAfter, Flaky, ForkReturns, ForkThenCrash, IgnoreAlarm,
-                               Mark, count_lines)
+                               Mark, ResetSignals, count_lines)
 
 KEYS = Keys("elric")
 
@@ -1221,6 +1221,29 @@ def test_a_pool_process_whose_pipe_a_forked_child_holds_open_is_seen_to_die(clus
         assert worker.alive()
     finally:
         reap([child])
+
+
+def test_signal_handlers_a_job_changed_are_put_back_for_the_jobs_after_it(cluster, tmp_path):
+    """A job (or a library it calls) that set SIGALRM, SIGUSR1 or SIGTERM back to their
+    defaults left them so for the next jobs of its process: a timeout killed the process
+    instead of stopping the job, and a SIGTERM to the worker's process group killed the
+    running jobs it should let finish."""
+    worker = cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job(ResetSignals.spec([], job_id="resets"))
+    assert cluster.wait_job("resets")["result"] == "reset"
+    cluster.client.submit_job(Sleep.spec([30], job_id="slow", timeout=1))
+    slow = cluster.wait_job("slow")
+    assert slow["status"] == "failed", slow
+    assert "JobTimeout: ran past its timeout of 1s\n" in slow["error"], slow["error"]
+    cluster.client.submit_job(ResetSignals.spec([], job_id="resets-again"))
+    assert cluster.wait_job("resets-again")["result"] == "reset"
+    marks = tmp_path / "marks"
+    cluster.client.submit_job(MarkSleep.spec([str(marks), 2], job_id="calm"))
+    wait_for(lambda: cluster.client.get_job("calm")["status"] == "running")
+    for p in descendants(worker.pid):
+        p.send_signal(signal.SIGTERM)
+    assert cluster.wait_job("calm")["status"] == "succeeded", cluster.logs()
+    assert worker.alive()
 
 
 def test_a_stray_alarm_in_a_job_without_a_timeout_leaves_its_process_working(cluster):
