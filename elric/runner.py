@@ -388,15 +388,16 @@ class _Runner:
             async with asyncio.timeout(timeout) as deadline:
                 result = await run()
             _succeeded(out, result, ctx)
-        except TimeoutError as exc:
-            if deadline.expired():
-                out.payload = f"JobTimeout: ran past its timeout of {timeout:g}s (cancelled)"
-            else:
-                _failed(out, exc)
         except BaseException as exc:  # a job's SystemExit or CancelledError fails it too
             _failed(out, exc)
             if isinstance(exc, asyncio.CancelledError) and self._asked(out):
                 out.payload = CANCELLED + "\n" + out.payload
+        if timeout is not None and self.loop.time() >= deadline.when():
+            # stopped by its timeout, or ended past it all the same: it swallowed the
+            # cancellation, or blocked its loop without awaiting until it returned
+            out.ok, out.children = False, []
+            out.payload = f"JobTimeout: ran past its timeout of {timeout:g}s" + (
+                " (cancelled)" if deadline.expired() else "")
         self._report(out)
 
     def _task_done(self, task: asyncio.Task) -> None:

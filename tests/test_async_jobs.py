@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import signal
 
+import pytest
+
 from tests.conftest import wait_for
 from tests.jobs import Add
 from tests.jobs_faults import count_lines
 from tests.jobs_async import (AsyncBlock, AsyncCrash, AsyncFail, AsyncFlaky, AsyncSleep,
-                              AsyncSpawn, SyncSpan)
+                              AsyncSpawn, AsyncStubborn, SyncSpan)
 from tests.test_resilience import descendants, lines, reap, worker_pid
 
 
@@ -66,6 +68,21 @@ def test_an_async_job_past_its_timeout_is_cancelled_and_its_neighbours_go_on(clu
     beside = cluster.wait_job("beside", timeout=30)
     assert (beside["status"], beside["attempts"]) == ("succeeded", 1)
     assert beside["result"]["pid"] == worker_pid_of(cluster, "beside")
+    assert worker.alive()
+
+
+@pytest.mark.parametrize("func", [AsyncBlock, AsyncStubborn])
+def test_an_async_job_that_ends_past_its_timeout_fails_with_it(cluster, func):
+    """An async job that blocked its loop past its timeout without awaiting, or swallowed
+    the cancellation its timeout sent, and then returned was recorded succeeded: the
+    timeout, which stops a sync job at its alarm, did not hold for it."""
+    worker = cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job(func.spec([2.5], job_id="late", timeout=1))
+    late = cluster.wait_job("late")
+    assert late["status"] == "failed", late
+    assert "JobTimeout: ran past its timeout of 1s" in late["error"], late["error"]
+    cluster.client.submit_job(func.spec([0], job_id="in-time", timeout=30))
+    assert cluster.wait_job("in-time")["status"] == "succeeded"
     assert worker.alive()
 
 
