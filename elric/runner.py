@@ -417,14 +417,20 @@ class _Runner:
 
     def _drain_sync(self) -> None:
         """Run the sync jobs that arrived in turn (``_send_waiting`` reports them meanwhile)."""
-        while True:
-            with self.inbox_lock:
-                if not self.sync_jobs:
-                    break
-                job = self.sync_jobs.popleft()
-            self._run_sync(job)
-            self._asked(job.out)   # answered: its request, if any, is forgotten
-            self._report(job.out)
+        # not running for them: a sync job may run a loop of its own (asyncio.run), which
+        # refuses to start inside a running one
+        asyncio._set_running_loop(None)
+        try:
+            while True:
+                with self.inbox_lock:
+                    if not self.sync_jobs:
+                        break
+                    job = self.sync_jobs.popleft()
+                self._run_sync(job)
+                self._asked(job.out)   # answered: its request, if any, is forgotten
+                self._report(job.out)
+        finally:
+            asyncio._set_running_loop(self.loop)
         self.draining = False
         self._flush()
 

@@ -120,3 +120,14 @@ class AsyncStubborn(Job):
             except asyncio.CancelledError:
                 pass
         return "outlasted"
+
+
+class SyncRunsAsyncio(Job):
+    """A sync job that runs a coroutine with asyncio.run, as a sync wrapper of an async
+    library does."""
+
+    def run(self, x):
+        async def double():
+            await asyncio.sleep(0)
+            return 2 * x
+        return asyncio.run(double())

@@ -12,7 +12,7 @@ from tests.conftest import wait_for
 from tests.jobs import Add
 from tests.jobs_faults import count_lines
 from tests.jobs_async import (AsyncBlock, AsyncCrash, AsyncFail, AsyncFlaky, AsyncSleep,
-                              AsyncSpawn, AsyncStubborn, SyncSpan)
+                              AsyncSpawn, AsyncStubborn, SyncRunsAsyncio, SyncSpan)
 from tests.test_resilience import descendants, lines, reap, worker_pid
 
 
@@ -83,6 +83,20 @@ def test_an_async_job_that_ends_past_its_timeout_fails_with_it(cluster, func):
     assert "JobTimeout: ran past its timeout of 1s" in late["error"], late["error"]
     cluster.client.submit_job(func.spec([0], job_id="in-time", timeout=30))
     assert cluster.wait_job("in-time")["status"] == "succeeded"
+    assert worker.alive()
+
+
+def test_a_sync_job_may_run_its_own_event_loop(cluster):
+    """A sync job runs on its pool process's loop thread, where that loop was seen as
+    running: asyncio.run (or run_until_complete on a loop of its own) raised RuntimeError
+    in every sync job that used an async library through a sync wrapper."""
+    worker = cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_jobs([SyncRunsAsyncio.spec([i], job_id=f"own-loop-{i}")
+                                for i in range(3)] + [AsyncSleep.spec([0], job_id="async")])
+    for i in range(3):
+        job = cluster.wait_job(f"own-loop-{i}")
+        assert (job["status"], job["result"]) == ("succeeded", 2 * i), job.get("error")
+    assert cluster.wait_job("async")["status"] == "succeeded"
     assert worker.alive()
 
 
