@@ -88,7 +88,8 @@ class Pool(Executor):
         called after a process reported, so the caller can place more jobs; ``preload``:
         job modules known to import cleanly (a preload that raises kills the fork server)."""
         self.size, self.async_slots, self.sync_batch = size, async_slots, sync_batch
-        self._args = (tuple(job_modules), os.getpid(), log_level, lag_warn, result_max)
+        self._args = (tuple(job_modules), os.getpid(), os.getcwd(), log_level, lag_warn,
+                      result_max)
         # imported once by the fork server, so each process it forks has them already
         self._preload = ["elric.runner", *preload]
         self._loop = asyncio.get_running_loop()

@@ -93,9 +93,12 @@ def _key(item: dict) -> tuple[str, int]:
     return item.get("job_id") or item["cancel"], item["attempt"]
 
 
-def serve(conn, job_modules: tuple[str, ...], worker_pid: int, log_level: str,
+def serve(conn, job_modules: tuple[str, ...], worker_pid: int, cwd: str, log_level: str,
           lag_warn: float, result_max: int) -> None:
-    """A pool process's life: run the jobs that arrive on ``conn`` until the worker goes."""
+    """A pool process's life: run the jobs that arrive on ``conn`` until the worker goes.
+    ``cwd``: the worker's directory, where jobs run (not the fork server's empty one)."""
+    with contextlib.suppress(OSError):   # gone since: the job's relative paths fail alone
+        os.chdir(cwd)
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
     _start_thread(_exit_with_worker, worker_pid)

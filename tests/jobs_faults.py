@@ -153,3 +153,12 @@ class ResetSignals(Job):
         for sig in (signal.SIGALRM, signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_DFL)
         return "reset"
+
+
+class WhereAmI(Job):
+    """Its working directory; with ``chdir``, it moves there first."""
+
+    def run(self, chdir=None):
+        if chdir:
+            os.chdir(chdir)
+        return os.getcwd()

@@ -32,7 +32,7 @@ from tests.jobs import (Add, FailNamingFile, FailUnlessFile, MarkSleep, SelfAlar
                         SpawnPadded, SpawnWhenGateOpens)
 from tests.jobs_faults import (AsyncExitUnprintable, AsyncForkReturns, Crash, ExitUnprintable,
                                FailBadRetryAfter, Flaky, ForkReturns, ForkThenCrash, IgnoreAlarm,
-                               Mark, ResetSignals, count_lines)
+                               Mark, ResetSignals, WhereAmI, count_lines)
 
 KEYS = Keys("elric")
 
@@ -1243,6 +1243,16 @@ def test_signal_handlers_a_job_changed_are_put_back_for_the_jobs_after_it(cluste
     for p in descendants(worker.pid):
         p.send_signal(signal.SIGTERM)
     assert cluster.wait_job("calm")["status"] == "succeeded", cluster.logs()
+    assert worker.alive()
+
+
+def test_jobs_run_in_the_directory_their_worker_was_started_in(cluster):
+    """Pool processes are forked by the fork server, which runs in an empty directory of
+    its own: every job ran there, so a relative path (a config file, an output folder)
+    named nothing of the project's, and what a job wrote there was left in /tmp."""
+    worker = cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job(WhereAmI.spec([], job_id="where"))
+    assert cluster.wait_job("where")["result"] == os.path.realpath(ROOT)
     assert worker.alive()
 
 
