@@ -177,6 +177,7 @@ class _Runner:
         self.new_kinds: dict[str, bool] = {}   # not yet told to the worker
         self.flushing = False
         self.forked = False   # this is the child of a job's os.fork()
+        self.cwd = os.open(".", os.O_RDONLY | os.O_DIRECTORY)   # where jobs start
         self.last_tick = time.monotonic()
 
     def run(self) -> None:
@@ -279,6 +280,8 @@ class _Runner:
         for sig, handler in self.handlers.items():
             if signal.getsignal(sig) is not handler:
                 signal.signal(sig, handler)
+        with contextlib.suppress(OSError):   # and its os.chdir would move the next jobs
+            os.fchdir(self.cwd)
         out.finished_at = time.monotonic()
         if isinstance(out.payload, str):   # an error text may hold a lone surrogate (a
             # file name decoded with surrogateescape), which msgpack cannot send

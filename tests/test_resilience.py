@@ -1256,6 +1256,17 @@ def test_jobs_run_in_the_directory_their_worker_was_started_in(cluster):
     assert worker.alive()
 
 
+def test_a_jobs_chdir_does_not_move_the_jobs_after_it(cluster, tmp_path):
+    """A job's os.chdir moved every later job of its pool process: their relative paths
+    then depended on which jobs that process had run before."""
+    worker = cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job(WhereAmI.spec([str(tmp_path)], job_id="moves"))
+    assert cluster.wait_job("moves")["result"] == os.path.realpath(tmp_path)
+    cluster.client.submit_job(WhereAmI.spec([], job_id="after"))
+    assert cluster.wait_job("after")["result"] == os.path.realpath(ROOT)
+    assert worker.alive()
+
+
 def test_a_stray_alarm_in_a_job_without_a_timeout_leaves_its_process_working(cluster):
     """SIGALRM is how a sync job's timeout stops it. One from elsewhere (here the job's own)
     during a job with no timeout was taken for a timeout it could not describe: the error
