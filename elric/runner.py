@@ -443,6 +443,7 @@ class _Runner:
     def _run_sync(self, job: _SyncJob) -> None:
         out, timeout = job.out, job.timeout
         token = job_module._current.set(job.ctx)
+        began, late = time.monotonic(), False
         try:
             try:
                 self.running = out.key   # from here on, the two signals may raise
@@ -458,13 +459,17 @@ class _Runner:
                     signal.setitimer(signal.ITIMER_REAL, 0)
             _succeeded(out, result, job.ctx)
         except JobTimeout:
-            out.payload = f"JobTimeout: ran past its timeout of {timeout:g}s"
+            late = True
         except JobCancelled:
             out.payload = CANCELLED
         except BaseException as exc:
             _failed(out, exc)
         finally:
             job_module._current.reset(token)
+        # however it ended: a job whose `except Exception` caught its JobTimeout ran on
+        if late or (timeout and time.monotonic() - began >= timeout):
+            out.ok, out.children = False, []
+            out.payload = f"JobTimeout: ran past its timeout of {timeout:g}s"
 
     # --- a blocked loop ---------------------------------------------------------------
     def _tick(self) -> None:

@@ -162,3 +162,17 @@ class WhereAmI(Job):
         if chdir:
             os.chdir(chdir)
         return os.getcwd()
+
+
+class SwallowTimeout(Job):
+    """Catches every Exception, its timeout's JobTimeout too, as a retry loop may, and
+    sleeps on."""
+
+    def run(self, seconds):
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                time.sleep(max(0.0, deadline - time.monotonic()))
+            except Exception:
+                pass
+        return "outlasted"
