@@ -497,6 +497,11 @@ class _Runner:
 
 
 def _succeeded(out: Ran, result, ctx) -> None:
+    if inspect.iscoroutine(result):   # its code never ran: say why, not "not msgpack"
+        result.close()   # (and no "never awaited" warning)
+        out.payload = ("TypeError: run returned a coroutine, which nothing awaited: make run "
+                       "itself `async def` (a decorator around it must be async too)")
+        return
     try:
         out.payload = codec.pack(result)
     except (TypeError, ValueError, OverflowError) as exc:

@@ -131,3 +131,16 @@ class SyncRunsAsyncio(Job):
             await asyncio.sleep(0)
             return 2 * x
         return asyncio.run(double())
+
+
+def _sync_wrapper(fn):
+    """A decorator that is not async itself: it hides the async def it wraps."""
+    def wrapper(*args, **kwargs):
+        return fn(*args, **kwargs)
+    return wrapper
+
+
+class HiddenAsync(Job):
+    @_sync_wrapper
+    async def run(self, x):
+        return x

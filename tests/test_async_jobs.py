@@ -12,7 +12,8 @@ from tests.conftest import wait_for
 from tests.jobs import Add
 from tests.jobs_faults import count_lines
 from tests.jobs_async import (AsyncBlock, AsyncCrash, AsyncFail, AsyncFlaky, AsyncSleep,
-                              AsyncSpawn, AsyncStubborn, SyncRunsAsyncio, SyncSpan)
+                              AsyncSpawn, AsyncStubborn, HiddenAsync, SyncRunsAsyncio,
+                              SyncSpan)
 from tests.test_resilience import descendants, lines, reap, worker_pid
 
 
@@ -97,6 +98,19 @@ def test_a_sync_job_may_run_its_own_event_loop(cluster):
         job = cluster.wait_job(f"own-loop-{i}")
         assert (job["status"], job["result"]) == ("succeeded", 2 * i), job.get("error")
     assert cluster.wait_job("async")["status"] == "succeeded"
+    assert worker.alive()
+
+
+def test_a_run_that_returns_a_coroutine_fails_saying_run_must_be_async(cluster):
+    """A sync decorator around `async def run` makes the class look sync: run returned a
+    coroutine that nothing awaited, the job's code never ran, and the error spoke of a
+    return value that is not msgpack."""
+    worker = cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job(HiddenAsync.spec([1], job_id="hidden"))
+    hidden = cluster.wait_job("hidden")
+    assert hidden["status"] == "failed", hidden
+    assert "returned a coroutine" in hidden["error"], hidden["error"]
+    assert "msgpack" not in hidden["error"], hidden["error"]
     assert worker.alive()
 
 
