@@ -88,7 +88,8 @@ class Pool(Executor):
         called after a process reported, so the caller can place more jobs; ``preload``:
         job modules known to import cleanly (a preload that raises kills the fork server)."""
         self.size, self.async_slots, self.sync_batch = size, async_slots, sync_batch
-        self._args = (tuple(job_modules), os.getpid(), log_level, lag_warn, result_max)
+        self._args = (tuple(job_modules), os.getpid(), os.getcwd(), log_level, lag_warn,
+                      result_max)
         # imported once by the fork server, so each process it forks has them already
         self._preload = ["elric.runner", *preload]
         self._loop = asyncio.get_running_loop()
@@ -128,7 +129,16 @@ class Pool(Executor):
         theirs.close()
         proc = _Process(slot, process, ours)
         self._loop.add_reader(ours.fileno(), self._readable, proc)
+        # its exit, too: a child a job forked may hold the pipe open after it has died
+        self._loop.add_reader(process.sentinel, self._exited, proc)
         return proc
+
+    def _exited(self, proc: _Process) -> None:
+        """Read what the process sent before it exited, then settle the jobs it held."""
+        while not proc.conn.closed and proc.conn.poll():
+            self._readable(proc)   # (at the end of the pipe, it settles them itself)
+        if not proc.conn.closed:
+            self._died(proc)
 
     def _readable(self, proc: _Process) -> None:
         try:
@@ -162,6 +172,7 @@ class Pool(Executor):
 
     def _died(self, proc: _Process) -> None:
         self._loop.remove_reader(proc.conn.fileno())
+        self._loop.remove_reader(proc.process.sentinel)
         proc.conn.close()
         proc.process.kill()
         proc.process.join()
@@ -353,6 +364,7 @@ class Pool(Executor):
                         h.done.future.set_exception(CancelledError("the pool shut down"))
             with contextlib.suppress(OSError, ValueError):
                 self._loop.remove_reader(p.conn.fileno())
+                self._loop.remove_reader(p.process.sentinel)
             p.conn.close()  # the process exits when it reads the end of its pipe
         if wait:
             for p in self._every():

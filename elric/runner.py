@@ -35,6 +35,7 @@ log = logging.getLogger("elric.runner")
 
 FLUSH_SECONDS = 0.02  # an outcome waits at most about this long while sync jobs run
 MAIN_ONLY = {signal.SIGALRM, signal.SIGUSR1}   # a job's alarm and cancel: they interrupt it
+IGNORED = (signal.SIGINT, signal.SIGTERM)   # sent to the worker's whole process group
 
 
 class JobTimeout(Exception):
@@ -92,9 +93,12 @@ def _key(item: dict) -> tuple[str, int]:
     return item.get("job_id") or item["cancel"], item["attempt"]
 
 
-def serve(conn, job_modules: tuple[str, ...], worker_pid: int, log_level: str,
+def serve(conn, job_modules: tuple[str, ...], worker_pid: int, cwd: str, log_level: str,
           lag_warn: float, result_max: int) -> None:
-    """A pool process's life: run the jobs that arrive on ``conn`` until the worker goes."""
+    """A pool process's life: run the jobs that arrive on ``conn`` until the worker goes.
+    ``cwd``: the worker's directory, where jobs run (not the fork server's empty one)."""
+    with contextlib.suppress(OSError):   # gone since: the job's relative paths fail alone
+        os.chdir(cwd)
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
     _start_thread(_exit_with_worker, worker_pid)
@@ -102,8 +106,8 @@ def serve(conn, job_modules: tuple[str, ...], worker_pid: int, log_level: str,
     # Ctrl-C reaches the whole process group, and so does SIGTERM from systemd, docker or
     # `kill -- -PGID`: running jobs must be allowed to finish. The worker stops its pool
     # processes itself (shutdown, or SIGKILL past a timeout or SHUTDOWN_GRACE).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for sig in IGNORED:
+        signal.signal(sig, signal.SIG_IGN)
     try:
         import uvloop
         loop = uvloop.new_event_loop()
@@ -173,17 +177,28 @@ class _Runner:
         self.kinds: dict[str, bool] = {}       # func -> its run is async, as resolved here
         self.new_kinds: dict[str, bool] = {}   # not yet told to the worker
         self.flushing = False
+        self.forked = False   # this is the child of a job's os.fork()
+        self.cwd = os.open(".", os.O_RDONLY | os.O_DIRECTORY)   # where jobs start
         self.last_tick = time.monotonic()
 
     def run(self) -> None:
         signal.signal(signal.SIGALRM, self._on_alarm)   # a sync job's timeout
         signal.signal(signal.SIGUSR1, self._on_cancel)
+        self.handlers = {sig: signal.getsignal(sig) for sig in (*MAIN_ONLY, *IGNORED)}
+        os.register_at_fork(after_in_child=self._forked)
         _start_thread(self._read)
         _start_thread(self._send_waiting)
         if self.lag_warn:
             self.loop.call_soon(self._tick)
             _start_thread(self._watch_lag)
         self.loop.run_forever()
+
+    def _forked(self) -> None:
+        """In the child of a job's os.fork(): a child that comes back here (no os._exit, no
+        exec) would run on as a second runner on this pipe and loop; it exits instead, at
+        its report or when its loop next turns."""
+        self.forked = True
+        self.loop.stop()
 
     # --- the pipe ---------------------------------------------------------------------
     def _read(self) -> None:
@@ -259,6 +274,15 @@ class _Runner:
             raise JobTimeout("job ran past its timeout")
 
     def _report(self, out: Ran) -> None:
+        if self.forked:
+            os._exit(0)
+        # a job (or its library) may have set its own handlers, or SIG_DFL: the next jobs'
+        # timeouts and cancels would kill the process, and so would a SIGTERM to the group
+        for sig, handler in self.handlers.items():
+            if signal.getsignal(sig) is not handler:
+                signal.signal(sig, handler)
+        with contextlib.suppress(OSError):   # and its os.chdir would move the next jobs
+            os.fchdir(self.cwd)
         out.finished_at = time.monotonic()
         if isinstance(out.payload, str):   # an error text may hold a lone surrogate (a
             # file name decoded with surrogateescape), which msgpack cannot send
@@ -371,15 +395,16 @@ class _Runner:
             async with asyncio.timeout(timeout) as deadline:
                 result = await run()
             _succeeded(out, result, ctx)
-        except TimeoutError as exc:
-            if deadline.expired():
-                out.payload = f"JobTimeout: ran past its timeout of {timeout:g}s (cancelled)"
-            else:
-                _failed(out, exc)
         except BaseException as exc:  # a job's SystemExit or CancelledError fails it too
             _failed(out, exc)
             if isinstance(exc, asyncio.CancelledError) and self._asked(out):
                 out.payload = CANCELLED + "\n" + out.payload
+        if timeout is not None and self.loop.time() >= deadline.when():
+            # stopped by its timeout, or ended past it all the same: it swallowed the
+            # cancellation, or blocked its loop without awaiting until it returned
+            out.ok, out.children = False, []
+            out.payload = f"JobTimeout: ran past its timeout of {timeout:g}s" + (
+                " (cancelled)" if deadline.expired() else "")
         self._report(out)
 
     def _task_done(self, task: asyncio.Task) -> None:
@@ -399,20 +424,27 @@ class _Runner:
 
     def _drain_sync(self) -> None:
         """Run the sync jobs that arrived in turn (``_send_waiting`` reports them meanwhile)."""
-        while True:
-            with self.inbox_lock:
-                if not self.sync_jobs:
-                    break
-                job = self.sync_jobs.popleft()
-            self._run_sync(job)
-            self._asked(job.out)   # answered: its request, if any, is forgotten
-            self._report(job.out)
+        # not running for them: a sync job may run a loop of its own (asyncio.run), which
+        # refuses to start inside a running one
+        asyncio._set_running_loop(None)
+        try:
+            while True:
+                with self.inbox_lock:
+                    if not self.sync_jobs:
+                        break
+                    job = self.sync_jobs.popleft()
+                self._run_sync(job)
+                self._asked(job.out)   # answered: its request, if any, is forgotten
+                self._report(job.out)
+        finally:
+            asyncio._set_running_loop(self.loop)
         self.draining = False
         self._flush()
 
     def _run_sync(self, job: _SyncJob) -> None:
         out, timeout = job.out, job.timeout
         token = job_module._current.set(job.ctx)
+        began, late = time.monotonic(), False
         try:
             try:
                 self.running = out.key   # from here on, the two signals may raise
@@ -428,13 +460,17 @@ class _Runner:
                     signal.setitimer(signal.ITIMER_REAL, 0)
             _succeeded(out, result, job.ctx)
         except JobTimeout:
-            out.payload = f"JobTimeout: ran past its timeout of {timeout:g}s"
+            late = True
         except JobCancelled:
             out.payload = CANCELLED
         except BaseException as exc:
             _failed(out, exc)
         finally:
             job_module._current.reset(token)
+        # however it ended: a job whose `except Exception` caught its JobTimeout ran on
+        if late or (timeout and time.monotonic() - began >= timeout):
+            out.ok, out.children = False, []
+            out.payload = f"JobTimeout: ran past its timeout of {timeout:g}s"
 
     # --- a blocked loop ---------------------------------------------------------------
     def _tick(self) -> None:
@@ -462,6 +498,11 @@ class _Runner:
 
 
 def _succeeded(out: Ran, result, ctx) -> None:
+    if inspect.iscoroutine(result):   # its code never ran: say why, not "not msgpack"
+        result.close()   # (and no "never awaited" warning)
+        out.payload = ("TypeError: run returned a coroutine, which nothing awaited: make run "
+                       "itself `async def` (a decorator around it must be async too)")
+        return
     try:
         out.payload = codec.pack_readable(result)
     except (TypeError, ValueError, OverflowError) as exc:
@@ -478,9 +519,13 @@ def cancelled_before_start(job_id: str, attempt: int, is_async: bool = False) ->
 
 def _failed(out: Ran, exc: BaseException) -> Ran:
     out.payload = "".join(traceback.format_exception(exc))
-    after = getattr(exc, "retry_after", None)
-    if isinstance(after, (int, float)) and after > 0:   # seconds (NaN is not > 0)
-        out.retry_after = float(min(after, 1e9))   # (an int past a float's range)
     if isinstance(exc, (SystemExit, KeyboardInterrupt, asyncio.CancelledError)):
-        out.payload = f"{type(exc).__name__}: {exc}\n" + out.payload
+        # format_exception_only survives a str() that raises (sys.exit(obj))
+        out.payload = traceback.format_exception_only(exc)[-1] + out.payload
+    try:   # the job's own code: raising here, it would leave the job never reported
+        after = getattr(exc, "retry_after", None)
+        if isinstance(after, (int, float)) and after > 0:   # seconds (NaN is not > 0)
+            out.retry_after = float(min(after, 1e9))   # (an int past a float's range)
+    except Exception as bad:
+        out.payload += f"\n(its retry_after could not be read: {type(bad).__name__})"
     return out

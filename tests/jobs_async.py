@@ -120,3 +120,27 @@ class AsyncStubborn(Job):
             except asyncio.CancelledError:
                 pass
         return "outlasted"
+
+
+class SyncRunsAsyncio(Job):
+    """A sync job that runs a coroutine with asyncio.run, as a sync wrapper of an async
+    library does."""
+
+    def run(self, x):
+        async def double():
+            await asyncio.sleep(0)
+            return 2 * x
+        return asyncio.run(double())
+
+
+def _sync_wrapper(fn):
+    """A decorator that is not async itself: it hides the async def it wraps."""
+    def wrapper(*args, **kwargs):
+        return fn(*args, **kwargs)
+    return wrapper
+
+
+class HiddenAsync(Job):
+    @_sync_wrapper
+    async def run(self, x):
+        return x

@@ -3,8 +3,10 @@
 Each one leaves a trace in a file when asked to, so a test can count how often it really ran.
 """
 
+import asyncio
 import os
 import signal
+import sys
 import time
 
 from elric import Job
@@ -76,3 +78,101 @@ class Mark(Job):
             time.sleep(seconds)
         append_line(path, self.job_id)
         return self.job_id
+
+
+class _Unprintable:
+    """A value whose str() raises, as a broken __str__ of some library's object may."""
+
+    def __str__(self):
+        raise RuntimeError("this value has no text")
+
+    __repr__ = __str__
+
+
+class ExitUnprintable(Job):
+    """Calls sys.exit with a value whose str() raises."""
+
+    def run(self):
+        sys.exit(_Unprintable())
+
+
+class AsyncExitUnprintable(Job):
+    async def run(self):
+        sys.exit(_Unprintable())
+
+
+class _BadRetryAfter(Exception):
+    @property
+    def retry_after(self):
+        raise RuntimeError("retry_after is broken")
+
+
+class FailBadRetryAfter(Job):
+    """Fails with an exception whose retry_after property raises."""
+
+    def run(self):
+        raise _BadRetryAfter("failed")
+
+
+class ForkReturns(Job):
+    """Forks, and the child returns from run() too, as code that forgets os._exit does;
+    each writes its pid and role to ``path``."""
+
+    def run(self, path):
+        role = "parent" if os.fork() else "child"
+        append_line(path, f"{os.getpid()} {role}")
+        return role
+
+
+class AsyncForkReturns(Job):
+    async def run(self, path):
+        role = "parent" if os.fork() else "child"
+        append_line(path, f"{os.getpid()} {role}")
+        await asyncio.sleep(0.05)
+        return role
+
+
+class ForkThenCrash(Job):
+    """Leaves a forked child running, which holds its process's pipe open, and kills its
+    process; the child's pid goes to ``path``."""
+
+    def run(self, path, seconds):
+        pid = os.fork()
+        if pid == 0:
+            time.sleep(seconds)
+            os._exit(0)
+        append_line(path, str(pid))
+        os._exit(1)
+
+
+class ResetSignals(Job):
+    """Sets SIGALRM, SIGUSR1, SIGTERM and SIGINT back to their defaults, as a library that
+    installs handlers of its own and "restores" SIG_DFL may."""
+
+    def run(self):
+        for sig in (signal.SIGALRM, signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_DFL)
+        return "reset"
+
+
+class WhereAmI(Job):
+    """Its working directory; with ``chdir``, it moves there first."""
+
+    def run(self, chdir=None):
+        if chdir:
+            os.chdir(chdir)
+        return os.getcwd()
+
+
+class SwallowTimeout(Job):
+    """Catches every Exception, its timeout's JobTimeout too, as a retry loop may, and
+    sleeps on."""
+
+    def run(self, seconds):
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                time.sleep(max(0.0, deadline - time.monotonic()))
+            except Exception:
+                pass
+        return "outlasted"

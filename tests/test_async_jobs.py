@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import signal
 
+import pytest
+
 from tests.conftest import wait_for
 from tests.jobs import Add
 from tests.jobs_faults import count_lines
 from tests.jobs_async import (AsyncBlock, AsyncCrash, AsyncFail, AsyncFlaky, AsyncSleep,
-                              AsyncSpawn, SyncSpan)
+                              AsyncSpawn, AsyncStubborn, HiddenAsync, SyncRunsAsyncio,
+                              SyncSpan)
 from tests.test_resilience import descendants, lines, reap, worker_pid
 
 
@@ -66,6 +69,48 @@ def test_an_async_job_past_its_timeout_is_cancelled_and_its_neighbours_go_on(clu
     beside = cluster.wait_job("beside", timeout=30)
     assert (beside["status"], beside["attempts"]) == ("succeeded", 1)
     assert beside["result"]["pid"] == worker_pid_of(cluster, "beside")
+    assert worker.alive()
+
+
+@pytest.mark.parametrize("func", [AsyncBlock, AsyncStubborn])
+def test_an_async_job_that_ends_past_its_timeout_fails_with_it(cluster, func):
+    """An async job that blocked its loop past its timeout without awaiting, or swallowed
+    the cancellation its timeout sent, and then returned was recorded succeeded: the
+    timeout, which stops a sync job at its alarm, did not hold for it."""
+    worker = cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job(func.spec([2.5], job_id="late", timeout=1))
+    late = cluster.wait_job("late")
+    assert late["status"] == "failed", late
+    assert "JobTimeout: ran past its timeout of 1s" in late["error"], late["error"]
+    cluster.client.submit_job(func.spec([0], job_id="in-time", timeout=30))
+    assert cluster.wait_job("in-time")["status"] == "succeeded"
+    assert worker.alive()
+
+
+def test_a_sync_job_may_run_its_own_event_loop(cluster):
+    """A sync job runs on its pool process's loop thread, where that loop was seen as
+    running: asyncio.run (or run_until_complete on a loop of its own) raised RuntimeError
+    in every sync job that used an async library through a sync wrapper."""
+    worker = cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_jobs([SyncRunsAsyncio.spec([i], job_id=f"own-loop-{i}")
+                                for i in range(3)] + [AsyncSleep.spec([0], job_id="async")])
+    for i in range(3):
+        job = cluster.wait_job(f"own-loop-{i}")
+        assert (job["status"], job["result"]) == ("succeeded", 2 * i), job.get("error")
+    assert cluster.wait_job("async")["status"] == "succeeded"
+    assert worker.alive()
+
+
+def test_a_run_that_returns_a_coroutine_fails_saying_run_must_be_async(cluster):
+    """A sync decorator around `async def run` makes the class look sync: run returned a
+    coroutine that nothing awaited, the job's code never ran, and the error spoke of a
+    return value that is not msgpack."""
+    worker = cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job(HiddenAsync.spec([1], job_id="hidden"))
+    hidden = cluster.wait_job("hidden")
+    assert hidden["status"] == "failed", hidden
+    assert "returned a coroutine" in hidden["error"], hidden["error"]
+    assert "msgpack" not in hidden["error"], hidden["error"]
     assert worker.alive()
 
 

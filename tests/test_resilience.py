@@ -30,7 +30,9 @@ from elric.rpc import Client, RemoteError, RPCConnectionError, RPCError, RPCTime
 from tests.conftest import ROOT, Cluster, batches_form, wait_for
 from tests.jobs import (Add, FailNamingFile, FailUnlessFile, MarkSleep, SelfAlarm, Sleep,
                         SpawnPadded, SpawnWhenGateOpens)
-from tests.jobs_faults import Crash, Flaky, IgnoreAlarm, Mark, count_lines
+from tests.jobs_faults import (AsyncExitUnprintable, AsyncForkReturns, Crash, ExitUnprintable,
+                               FailBadRetryAfter, Flaky, ForkReturns, ForkThenCrash, IgnoreAlarm,
+                               Mark, ResetSignals, SwallowTimeout, WhereAmI, count_lines)
 
 KEYS = Keys("elric")
 
@@ -185,6 +187,19 @@ def test_job_timeout_fails_the_job_and_the_worker_goes_on(make_cluster):
     job = c.wait_job("next")
     assert (job["status"], job["result"]) == ("succeeded", 5), c.logs()
     assert worker.alive() and worker_pid(job) == worker.pid
+
+
+def test_a_job_that_swallows_its_timeout_and_returns_fails_with_it(cluster):
+    """A job whose `except Exception` caught the JobTimeout its alarm raised, and that
+    then returned within the grace before its process is killed, was recorded succeeded."""
+    worker = cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job(SwallowTimeout.spec([2.5], job_id="late", timeout=1))
+    late = cluster.wait_job("late")
+    assert late["status"] == "failed", late
+    assert "JobTimeout: ran past its timeout of 1s" in late["error"], late["error"]
+    cluster.client.submit_job(SwallowTimeout.spec([0], job_id="in-time", timeout=30))
+    assert cluster.wait_job("in-time")["result"] == "outlasted"
+    assert worker.alive()
 
 
 def test_job_ignoring_its_alarm_is_killed_after_the_grace(make_cluster, tmp_path):
@@ -1156,6 +1171,112 @@ def test_a_job_whose_error_text_is_not_unicode_is_recorded_and_its_batch_too(clu
     assert cluster.wait_job("after")["result"] == 3
     cluster.client.submit_job(Add.spec([2, 2], job_id="later"))
     assert cluster.wait_job("later")["result"] == 4, cluster.logs()
+    assert worker.alive()
+
+
+@pytest.mark.parametrize("func, named", [(ExitUnprintable, "SystemExit: <exception str() failed>"),
+                                         (AsyncExitUnprintable, "SystemExit: <exception str("),
+                                         (FailBadRetryAfter, "_BadRetryAfter: failed")])
+def test_a_job_whose_exception_cannot_be_described_fails_and_its_process_goes_on(cluster,
+                                                                                  func, named):
+    """sys.exit(value) whose str() raises, or an exception whose retry_after raises: the
+    error was raised again while the failure was being written, so the job was never
+    reported (running under lease forever) and its process ran no other job."""
+    worker = cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job(func.spec([], job_id="odd"))
+    odd = cluster.wait_job("odd")
+    assert odd["status"] == "failed" and named in odd["error"], odd
+    cluster.client.submit_job(func.spec([], job_id="again"))
+    cluster.client.submit_job(Add.spec([1, 2], job_id="after"))
+    assert cluster.wait_job("again")["status"] == "failed"
+    assert cluster.wait_job("after")["result"] == 3, cluster.logs()
+    assert worker.alive()
+
+
+@pytest.mark.parametrize("func", [ForkReturns, AsyncForkReturns])
+def test_a_forked_child_returning_from_run_exits_and_its_parent_goes_on(cluster, tmp_path,
+                                                                        func):
+    """A job's os.fork() whose child returned from run() (no os._exit) went on as a second
+    runner on its process's pipe and event loop: the child's outcome could be recorded as
+    the job's, the parent's loop lost its wake-ups to the child's, so no job sent to the
+    process after it ran, and the child lived on after the worker."""
+    path = tmp_path / "forked"
+    worker = cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job(func.spec([str(path)], job_id="forks"))
+    roles = {role: int(pid) for pid, role in (line.split() for line in wait_for(
+        lambda: count_lines(path) == 2 and path.read_text().splitlines(), what="both ran"))}
+    child = psutil.Process(roles["child"])
+    try:
+        job = cluster.wait_job("forks")
+        assert (job["status"], job["result"]) == ("succeeded", "parent"), job
+        cluster.client.submit_jobs([Add.spec([1, i], job_id=f"after-{i}") for i in range(5)])
+        for i in range(5):
+            assert cluster.wait_job(f"after-{i}")["result"] == 1 + i, cluster.logs()
+        wait_for(lambda: gone([child]), what="the forked child exited")
+        assert worker.alive()
+    finally:
+        reap([child])
+
+
+def test_a_pool_process_whose_pipe_a_forked_child_holds_open_is_seen_to_die(cluster, tmp_path):
+    """The worker learnt that a pool process died only from the end of its pipe. A child
+    the job forked (a daemon, a multiprocessing helper) holds the pipe open: the job stayed
+    running under lease forever and the dead process kept its place in the pool."""
+    path = tmp_path / "forked"
+    worker = cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job(ForkThenCrash.spec([str(path), 120], job_id="crashes"))
+    child = psutil.Process(int(wait_for(lambda: path.exists() and path.read_text().strip())))
+    try:
+        job = cluster.wait_job("crashes")
+        assert job["status"] == "failed" and "process died" in job["error"], job
+        cluster.client.submit_job(Add.spec([1, 2], job_id="after"))
+        assert cluster.wait_job("after")["result"] == 3, cluster.logs()
+        assert worker.alive()
+    finally:
+        reap([child])
+
+
+def test_signal_handlers_a_job_changed_are_put_back_for_the_jobs_after_it(cluster, tmp_path):
+    """A job (or a library it calls) that set SIGALRM, SIGUSR1 or SIGTERM back to their
+    defaults left them so for the next jobs of its process: a timeout killed the process
+    instead of stopping the job, and a SIGTERM to the worker's process group killed the
+    running jobs it should let finish."""
+    worker = cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job(ResetSignals.spec([], job_id="resets"))
+    assert cluster.wait_job("resets")["result"] == "reset"
+    cluster.client.submit_job(Sleep.spec([30], job_id="slow", timeout=1))
+    slow = cluster.wait_job("slow")
+    assert slow["status"] == "failed", slow
+    assert "JobTimeout: ran past its timeout of 1s\n" in slow["error"], slow["error"]
+    cluster.client.submit_job(ResetSignals.spec([], job_id="resets-again"))
+    assert cluster.wait_job("resets-again")["result"] == "reset"
+    marks = tmp_path / "marks"
+    cluster.client.submit_job(MarkSleep.spec([str(marks), 2], job_id="calm"))
+    wait_for(lambda: cluster.client.get_job("calm")["status"] == "running")
+    for p in descendants(worker.pid):
+        p.send_signal(signal.SIGTERM)
+    assert cluster.wait_job("calm")["status"] == "succeeded", cluster.logs()
+    assert worker.alive()
+
+
+def test_jobs_run_in_the_directory_their_worker_was_started_in(cluster):
+    """Pool processes are forked by the fork server, which runs in an empty directory of
+    its own: every job ran there, so a relative path (a config file, an output folder)
+    named nothing of the project's, and what a job wrote there was left in /tmp."""
+    worker = cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job(WhereAmI.spec([], job_id="where"))
+    assert cluster.wait_job("where")["result"] == os.path.realpath(ROOT)
+    assert worker.alive()
+
+
+def test_a_jobs_chdir_does_not_move_the_jobs_after_it(cluster, tmp_path):
+    """A job's os.chdir moved every later job of its pool process: their relative paths
+    then depended on which jobs that process had run before."""
+    worker = cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job(WhereAmI.spec([str(tmp_path)], job_id="moves"))
+    assert cluster.wait_job("moves")["result"] == os.path.realpath(tmp_path)
+    cluster.client.submit_job(WhereAmI.spec([], job_id="after"))
+    assert cluster.wait_job("after")["result"] == os.path.realpath(ROOT)
     assert worker.alive()
 
 
