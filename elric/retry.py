@@ -83,6 +83,11 @@ class Outage:
         self.since = 0.0
 
     def failed(self, exc: BaseException) -> None:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            # cancelled inside a Redis call that turned the cancel into a connection error
+            # (redis-py does): retrying would keep a stopped loop alive for good
+            raise asyncio.CancelledError from exc
         kind = redis_refusal(exc) or ("Redis unreachable" if isinstance(exc, REDIS_ERRORS)
                                       else None)
         if (kind or type(exc).__name__) == self.kind:

@@ -473,3 +473,32 @@ def test_a_wake_list_of_another_type_is_replaced_by_a_submit(redis_url):
             assert [r["status"] for r in await m.submit_jobs(BATCH)] == ["queued", "queued"]
             assert await m.redis.type(m.keys.wake("default")) == b"list"
     asyncio.run(main())
+
+
+def test_a_loop_cancelled_inside_a_redis_call_that_swallows_it_stops(redis_url):
+    """redis-py may turn a cancel that lands inside a call into a ConnectionError: the
+    retrying loops took it for Redis away and retried for good, so a master's close left
+    housekeeping running and asyncio.run hung at exit (a test hung 300 s)."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from elric.retry import retry
+
+    async def swallowing() -> None:   # as redis-py's connection does
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            raise RedisConnectionError("Connection closed by the server before write")
+
+    async def main():
+        async with master(redis_url) as m:
+            m.housekeeping.pass_once = swallowing
+            loops = [asyncio.create_task(m.housekeeping.run()),
+                     asyncio.create_task(retry(swallowing, what="a call", log=logging.getLogger()))]
+            await asyncio.sleep(0.05)   # both inside the call
+            for task in loops:
+                task.cancel()
+            done, pending = await asyncio.wait(loops, timeout=10)
+            for task in pending:
+                task.cancel()
+            assert not pending and all(task.cancelled() for task in done)
+    asyncio.run(main())
