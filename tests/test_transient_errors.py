@@ -502,3 +502,16 @@ def test_a_loop_cancelled_inside_a_redis_call_that_swallows_it_stops(redis_url):
                 task.cancel()
             assert not pending and all(task.cancelled() for task in done)
     asyncio.run(main())
+
+
+def test_an_id_twice_in_one_enqueue_is_queued_once(redis_url):
+    """The script writes its job hashes after its checks: an id given twice in one call
+    (the master refuses it in a submit; a caller inside may not) must not be queued twice."""
+    async def main():
+        async with master(redis_url) as m:
+            spec = normalize_spec({"func": "tests.jobs:Echo", "job_id": "twice"})
+            rows = await m.queue.enqueue([spec, dict(spec)])
+            assert [(r.status, r.existed) for r in rows] == [("queued", False), ("queued", True)]
+            claims = (await m.queue.fetch("w", ["default"], 10, 30)).claims
+            assert [c.job_id for c in claims] == ["twice"]
+    asyncio.run(main())

@@ -33,7 +33,8 @@ local function expect(key, kind)
           kind .. ': it was written outside elric; delete or rename it. Nothing was queued'))
   end
 end
-local out, new, fired, lines, per_batch, per_func, per_round = {}, {}, {}, {}, {}, {}, {}
+local out, new, taken, fired, lines = {}, {}, {}, {}, {}
+local per_batch, per_func, per_round = {}, {}, {}
 local p = 2
 for i = 1, n do
   local id, q, prio, batch, round = jobs[p], jobs[p + 1], jobs[p + 2], jobs[p + 3], jobs[p + 4]
@@ -42,6 +43,7 @@ for i = 1, n do
   if token ~= '' then fired[#fired + 1] = id end
   local read, status = pcall(redis.call, 'HGET', jk, 'status')
   if not read then expect(jk, 'hash'); error(status) end
+  if taken[id] then status = 'queued' end   -- an id twice in one call: queued once
   if not status and redis.call('EXISTS', ARGV[11] .. id) == 1 then status = 'scheduled' end
   if status then
     out[#out + 1] = i
@@ -50,6 +52,7 @@ for i = 1, n do
     local member = string.format('%016x', base + i) .. ':' .. id
     new[#new + 1] = p
     new[#new + 1] = member
+    taken[id] = true
     local line = lines[q]
     if not line then line = {}; lines[q] = line end
     line[#line + 1] = -tonumber(prio)
