@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import _signal
 import os
 import select
 import signal
@@ -184,7 +185,7 @@ class _Runner:
     def run(self) -> None:
         signal.signal(signal.SIGALRM, self._on_alarm)   # a sync job's timeout
         signal.signal(signal.SIGUSR1, self._on_cancel)
-        self.handlers = {sig: signal.getsignal(sig) for sig in (*MAIN_ONLY, *IGNORED)}
+        self.handlers = {sig: _signal.getsignal(sig) for sig in (*MAIN_ONLY, *IGNORED)}
         os.register_at_fork(after_in_child=self._forked)
         _start_thread(self._read)
         _start_thread(self._send_waiting)
@@ -279,7 +280,9 @@ class _Runner:
         # a job (or its library) may have set its own handlers, or SIG_DFL: the next jobs'
         # timeouts and cancels would kill the process, and so would a SIGTERM to the group
         for sig, handler in self.handlers.items():
-            if signal.getsignal(sig) is not handler:
+            # _signal's: signal.getsignal's Handlers(value) raised and caught a ValueError
+            # for each of our own handlers, the most of a no-op job's time in a pool process
+            if _signal.getsignal(sig) is not handler:
                 signal.signal(sig, handler)
         with contextlib.suppress(OSError):   # and its os.chdir would move the next jobs
             os.fchdir(self.cwd)
