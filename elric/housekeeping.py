@@ -16,7 +16,7 @@ from elric.clock import redis_now
 from elric.health import TaskHealth
 from elric.queue import RedisQueue
 from elric.reservation import DedupeGate
-from elric.retry import REDIS_ERRORS, Backoff, Outage, each
+from elric.retry import REDIS_ERRORS, Backoff, Outage, cancel_pending, each
 
 log = logging.getLogger("elric.master")
 
@@ -31,7 +31,7 @@ class Housekeeping:
     async def run(self) -> None:
         """Until cancelled; any error is logged and retried, never the end of the loop."""
         backoff, outage = Backoff(0.5, 5.0), Outage(log, "housekeeping failed")
-        while True:
+        while not cancel_pending():
             try:
                 await self.pass_once()
                 self.health.progress("redelivering, promoting retries")
@@ -45,6 +45,7 @@ class Housekeeping:
                                     f"failing ({type(exc).__name__}: {exc}); retrying")
                 outage.failed(exc)
                 await asyncio.sleep(backoff.next())
+        raise asyncio.CancelledError
 
     async def pass_once(self) -> None:
         """Each step even if one before failed for a key of another type (an operator's

@@ -72,6 +72,15 @@ async def each(items, call: Callable[[T], Awaitable]) -> None:
         raise failed
 
 
+def cancel_pending() -> bool:
+    """The running task was asked to stop. A cancel that lands inside a Redis call may not
+    reach the caller: redis-py turns it into a connection error, or ends the call
+    normally. A loop that only waits for its CancelledError then runs for good, and keeps
+    its process from exiting."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 class Outage:
     """What a retrying loop logs: its trouble when it starts or changes kind (unreachable,
     each refusal, each other error), not at each retry, and that it passed. An hour of
@@ -83,10 +92,7 @@ class Outage:
         self.since = 0.0
 
     def failed(self, exc: BaseException) -> None:
-        task = asyncio.current_task()
-        if task is not None and task.cancelling():
-            # cancelled inside a Redis call that turned the cancel into a connection error
-            # (redis-py does): retrying would keep a stopped loop alive for good
+        if cancel_pending():   # the cancel came as this error: retrying would keep it alive
             raise asyncio.CancelledError from exc
         kind = redis_refusal(exc) or ("Redis unreachable" if isinstance(exc, REDIS_ERRORS)
                                       else None)

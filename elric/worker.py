@@ -33,7 +33,7 @@ from elric.keys import Keys
 from elric.loading import JobModules
 from elric.pool import Pool, ProcessDied
 from elric.queue import STALE, Claim, Outcome, RedisQueue, WakeOn, WorkerControl
-from elric.retry import REDIS_CLIENT_OPTIONS, Backoff, Outage, is_outage, retry
+from elric.retry import REDIS_CLIENT_OPTIONS, Backoff, Outage, cancel_pending, is_outage, retry
 from elric.rpc import AsyncClient, RemoteError, RPCConnectionError, RPCError
 from elric.usage import LoadMeter
 
@@ -608,7 +608,7 @@ class Worker:
 
     async def _heartbeat_loop(self) -> None:
         outage = Outage(log, "worker: heartbeat failed")
-        while True:
+        while not cancel_pending():
             with contextlib.suppress(asyncio.TimeoutError):   # at least once a second: cancels
                 await asyncio.wait_for(self._renew_now.wait(), min(1.0, self.lease / 3))
             self._renew_now.clear()
@@ -625,6 +625,7 @@ class Worker:
                 outage.passed()
             except Exception as exc:   # never ends: leases are renewed again once Redis can
                 outage.failed(exc)
+        raise asyncio.CancelledError
 
     async def _obey(self, control: WorkerControl) -> None:
         """Do what an operator asked (elric worker pause|resume|stop|set), without a restart."""

@@ -476,11 +476,13 @@ def test_a_wake_list_of_another_type_is_replaced_by_a_submit(redis_url):
 
 
 def test_a_loop_cancelled_inside_a_redis_call_that_swallows_it_stops(redis_url):
-    """redis-py may turn a cancel that lands inside a call into a ConnectionError: the
-    retrying loops took it for Redis away and retried for good, so a master's close left
-    housekeeping running and asyncio.run hung at exit (a test hung 300 s)."""
+    """redis-py may turn a cancel that lands inside a call into a ConnectionError, or end
+    the call as if answered: the retrying loops took the one for Redis away and never saw
+    the other, so a master's close left housekeeping running and asyncio.run hung at exit
+    (tests hung 300 s)."""
     from redis.exceptions import ConnectionError as RedisConnectionError
 
+    from elric.housekeeping import Housekeeping
     from elric.retry import retry
 
     async def swallowing() -> None:   # as redis-py's connection does
@@ -489,10 +491,17 @@ def test_a_loop_cancelled_inside_a_redis_call_that_swallows_it_stops(redis_url):
         except asyncio.CancelledError:
             raise RedisConnectionError("Connection closed by the server before write")
 
+    async def ending_normally() -> None:   # redis-py may also end the call as if answered
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(30)
+
     async def main():
         async with master(redis_url) as m:
             m.housekeeping.pass_once = swallowing
+            other = Housekeeping(m.queue, None, m.redis, m.keys, 60, {})
+            other.pass_once = ending_normally
             loops = [asyncio.create_task(m.housekeeping.run()),
+                     asyncio.create_task(other.run()),
                      asyncio.create_task(retry(swallowing, what="a call", log=logging.getLogger()))]
             await asyncio.sleep(0.05)   # both inside the call
             for task in loops:
