@@ -19,6 +19,8 @@ def pack_readable(value: Any) -> bytes:
     """``pack(value)``, or TypeError if it would not unpack: a tuple packs as an array,
     which no map key read back can be (a job recorded so could never be shown)."""
     data = pack(value)
+    if not isinstance(value, (dict, list, tuple)):   # no map inside: nothing to check
+        return data
     try:
         unpack(data)
     except TypeError:

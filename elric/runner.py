@@ -284,8 +284,10 @@ class _Runner:
             # for each of our own handlers, the most of a no-op job's time in a pool process
             if _signal.getsignal(sig) is not handler:
                 signal.signal(sig, handler)
-        with contextlib.suppress(OSError):   # and its os.chdir would move the next jobs
-            os.fchdir(self.cwd)
+        try:   # and its os.chdir would move the next jobs (no contextlib.suppress: per
+            os.fchdir(self.cwd)   # job, its object cost twice the call)
+        except OSError:
+            pass
         out.finished_at = time.monotonic()
         if isinstance(out.payload, str):   # an error text may hold a lone surrogate (a
             # file name decoded with surrogateescape), which msgpack cannot send
