@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import itertools
+import os
 import re
 import threading
+import time
 from typing import Any
 
 from elric.config import Settings, load_settings, parse_address
 from elric.contract import MAX_BATCH
-from elric.rpc import MAX_MESSAGE, Client, RemoteError
+from elric.retry import Backoff
+from elric.rpc import MAX_MESSAGE, Client, RemoteError, RPCConnectionError, RPCUnreachableError
 
 # A list longer than one call takes goes in calls of this many specs, two in flight: the
 # master checks one batch while Redis queues the one before.
@@ -47,17 +51,26 @@ class MasterClient:
         return self.call("ping")
 
     def submit_job(self, spec: dict) -> dict:
-        return self.call("submit_job", spec)
+        [answer] = self._until_known("submit_job", [(_with_id(spec),)])
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
 
     def submit_jobs(self, specs: list[dict]) -> list[dict]:
         """One reply map per spec, in order. Up to 10,000 specs go in one call: one bad
         spec refuses them all. A longer list goes in calls of SPLIT_BATCH specs, each all
         or nothing; SubmitError then names the refused spec and says which were queued."""
+        specs = [_with_id(spec) for spec in specs]
         if len(specs) <= MAX_BATCH:
-            return self.call("submit_jobs", specs)
+            [answer] = self._until_known("submit_jobs", [(specs,)])
+            if isinstance(answer, Exception):
+                raise answer
+            return answer
         starts = range(0, len(specs), SPLIT_BATCH)
         batches = [specs[i:i + SPLIT_BATCH] for i in starts]
-        answers = self.rpc.call_many("submit_jobs", [(batch,) for batch in batches])
+        answers = self._until_known("submit_jobs", [(batch,) for batch in batches])
+        if unknown := next((a for a in answers if isinstance(a, RPCConnectionError)), None):
+            raise unknown
         replies = [reply for batch, a in zip(batches, answers)
                    for reply in ([None] * len(batch) if isinstance(a, Exception) else a)]
         # refused by the master (RemoteError), or here: msgpack cannot carry it, too big
@@ -76,6 +89,34 @@ class MasterClient:
                           f"batch(es) of {SPLIT_BATCH} and queued the other {queued} of "
                           f"{len(specs)} specs (see .replies)", replies,
                           getattr(first, "max_message", None))
+
+    def _until_known(self, method: str, calls: list[tuple]) -> list[Any]:
+        """``call_many``, sending again the calls whose outcome is unknown (the connection
+        broke after they went) until answered or the client's timeout has passed: a master
+        restarting. Safe: their jobs have ids already, and an id is queued once."""
+        deadline = time.monotonic() + (self.rpc.timeout or 30.0)
+        backoff, answers, todo = Backoff(0.05, 2.0), [None] * len(calls), range(len(calls))
+        for attempt in itertools.count():
+            try:
+                got = self.rpc.call_many(method, [calls[i] for i in todo])
+            except RPCConnectionError as exc:
+                if attempt == 0 and isinstance(exc, RPCUnreachableError):
+                    raise   # nothing was sent: nothing to settle
+                got = [exc] * len(todo)
+            for i, answer in zip(todo, got):
+                answers[i] = answer
+            todo = [i for i in todo if isinstance(answers[i], RPCConnectionError)]
+            delay = backoff.next()
+            if not todo or time.monotonic() + delay > deadline:
+                break
+            time.sleep(delay)
+        for i in todo:   # say how to settle it
+            ids = [s.get("job_id") for s in _specs(calls[i]) if isinstance(s, dict)]
+            answers[i] = type(answers[i])(
+                f"{answers[i]}; whether job(s) {', '.join(map(str, ids[:3]))}"
+                f"{' ...' if len(ids) > 3 else ''} were queued is unknown: send them again "
+                "with the same job_id, which cannot queue one twice")
+        return answers
 
     def get_job(self, job_id: str, timeout: float | None = None) -> dict | None:
         """``timeout``: the most seconds to wait for the answer, never over the client's."""
@@ -136,6 +177,19 @@ class MasterClient:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _with_id(spec: Any) -> Any:
+    """The spec with a job_id chosen here if it has none (as the master would), so that
+    sending it again after a lost connection names the same job, not a second one."""
+    if isinstance(spec, dict) and "job_id" not in spec:
+        return {**spec, "job_id": os.urandom(16).hex()}
+    return spec
+
+
+def _specs(params: tuple) -> list:
+    """The specs of a submit_job or submit_jobs call's params."""
+    return params[0] if isinstance(params[0], list) else [params[0]]
 
 
 _default: MasterClient | None = None

@@ -68,6 +68,10 @@ class RPCConnectionError(RPCError):
     """The connection could not be made or broke; the call's outcome is unknown."""
 
 
+class RPCUnreachableError(RPCConnectionError):
+    """No connection could be made: nothing was sent."""
+
+
 class RPCTimeoutError(RPCConnectionError):
     """No answer in time; as with a broken connection, the call may have run."""
 
@@ -445,14 +449,14 @@ class _Connection:
             pass
 
 
-def _unreachable(host: str, port: int, exc: OSError) -> RPCConnectionError:
+def _unreachable(host: str, port: int, exc: OSError) -> RPCUnreachableError:
     if isinstance(exc, TimeoutError):
         reason = "timed out"
     elif exc.errno and exc.errno > 0:
         reason = os.strerror(exc.errno)  # asyncio's message also names the address
     else:  # a name that does not resolve, or several addresses that all failed
         reason = exc.strerror or str(exc) or type(exc).__name__
-    return RPCConnectionError(f"cannot reach elric master at {host}:{port}: {reason}")
+    return RPCUnreachableError(f"cannot reach elric master at {host}:{port}: {reason}")
 
 
 class _Caller:

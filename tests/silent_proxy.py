@@ -1,7 +1,8 @@
 """A TCP proxy on loopback that can make the connections through it go silent: what a
 peer that vanished without closing looks like (a host gone, a firewall or NAT that
 dropped the connection). Data sent into a silenced connection is read and thrown away,
-and nothing ever comes back; connections made afterwards pass normally."""
+and nothing ever comes back; connections made afterwards pass normally. It can also cut
+connections the moment the server answers: the request went, its answer never comes."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ class SilentProxy:
         self._lock = threading.Lock()
         self._pairs: list[tuple[socket.socket, socket.socket, threading.Event]] = []
         self._closed = False
+        self.cut_answers = 0   # how many of the next connections lose their first answer
+        self.connections = 0
         threading.Thread(target=self._accept, daemon=True).start()
 
     def url(self, db: int = 0) -> str:
@@ -34,14 +37,19 @@ class SilentProxy:
             silent = threading.Event()
             with self._lock:
                 self._pairs.append((client, server, silent))
-            for src, dst in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(src, dst, silent),
+                self.connections += 1
+                cut, self.cut_answers = self.cut_answers > 0, max(self.cut_answers - 1, 0)
+            for src, dst, cuts in ((client, server, False), (server, client, cut)):
+                threading.Thread(target=self._pump, args=(src, dst, silent, cuts),
                                  daemon=True).start()
 
     @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket, silent: threading.Event) -> None:
+    def _pump(src: socket.socket, dst: socket.socket, silent: threading.Event,
+              cut: bool = False) -> None:
         try:
             while data := src.recv(65536):
+                if cut:
+                    break
                 if not silent.is_set():
                     dst.sendall(data)
         except OSError:

@@ -1,0 +1,59 @@
+"""A submit whose answer is lost (the connection broke after the request went: a master
+restarting, a network blip) is sent again by the client, under job ids chosen before the
+first send, so it is queued exactly once and the caller gets its answer."""
+
+from __future__ import annotations
+
+import pytest
+
+from elric.client import MasterClient
+from elric.redis_server import free_port
+from elric.rpc import RPCConnectionError, RPCUnreachableError
+from tests.jobs import Add
+from tests.silent_proxy import SilentProxy
+
+
+@pytest.fixture
+def proxied(cluster):
+    """(cluster, proxy, client): the client reaches the master through the proxy."""
+    proxy = SilentProxy(int(cluster.address.rsplit(":", 1)[1]))
+    client = MasterClient(f"127.0.0.1:{proxy.port}", timeout=20)
+    yield cluster, proxy, client
+    client.close()
+    proxy.close()
+
+
+def test_a_submit_whose_answer_was_lost_is_sent_again_and_queued_once(proxied):
+    cluster, proxy, client = proxied
+    proxy.cut_answers = 1
+    reply = client.submit_job(Add.spec([1, 2]))   # no job_id: the client names it
+    assert reply["status"] == "queued" and proxy.connections == 2, (reply, proxy.connections)
+    assert cluster.client.stats()["totals"]["submitted"] == 1
+    assert cluster.client.get_job(reply["job_id"])["status"] == "queued"
+
+
+def test_a_batch_whose_answer_was_lost_is_queued_once(proxied):
+    cluster, proxy, client = proxied
+    proxy.cut_answers = 2   # and the first resend's too
+    replies = client.submit_jobs([Add.spec([i, i]) for i in range(3)])
+    assert [r["status"] for r in replies] == ["queued"] * 3 and proxy.connections == 3
+    assert len({r["job_id"] for r in replies}) == 3
+    assert cluster.client.stats()["totals"]["submitted"] == 3
+
+
+def test_a_submit_never_answered_says_how_to_settle_it_and_was_queued_once(proxied):
+    cluster, proxy, _ = proxied
+    proxy.cut_answers = 1000
+    with MasterClient(f"127.0.0.1:{proxy.port}", timeout=1) as client:
+        with pytest.raises(RPCConnectionError) as info:
+            client.submit_job(Add.spec([1, 2], job_id="mine"))
+    assert "whether job(s) mine were queued is unknown" in str(info.value), info.value
+    assert proxy.connections >= 2   # sent again meanwhile, under the same id: one job
+    assert cluster.client.stats()["totals"]["submitted"] == 1
+    assert cluster.client.get_job("mine")["status"] == "queued"
+
+
+def test_a_master_not_there_is_said_at_once():
+    with MasterClient(f"127.0.0.1:{free_port()}", timeout=20) as client:
+        with pytest.raises(RPCUnreachableError, match="cannot reach elric master"):
+            client.submit_job(Add.spec([1, 2]))
