@@ -2,8 +2,8 @@
 
 Every master runs it: jobs of workers whose lease ran out go back in line, retries whose
 backoff is over are queued again, per-fire dedupe scopes older than DEDUPE_ROUND_TTL are
-dropped, the LIMITS rules are published again if Redis lost them, and workers silent for a
-day are forgotten. Each step is an atomic script, so several masters may run it at once.
+dropped, the LIMITS rules are published again if Redis lost them, workers silent for a
+day are forgotten, and so are batch labels whose jobs all ended and expired. Each step is an atomic script, so several masters may run it at once.
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ class Housekeeping:
         WRONGTYPE): one such key must not stop redelivery, retries or LIMITS. Redis away
         ends the pass."""
         await each((self._redeliver, self.queue.promote, self._drop_old_rounds,
-                    self._restore_limits, self.queue.forget_old_workers), lambda step: step())
+                    self._restore_limits, self.queue.forget_old_workers,
+                    self.queue.forget_old_batches), lambda step: step())
 
     async def _redeliver(self) -> None:
         recovered, cancelled = await self.queue.recover()

@@ -31,7 +31,9 @@ Jobs and queues
                                            elric/jobstats.py), ``first_at`` (first
                                            submit) and ``last_at`` (last submit or
                                            record), ms on Redis's clock.
-    ``{p}:batches``                 set    every batch label used.
+    ``{p}:batches``                 set    every batch label used; one whose jobs all ended
+                                           leaves, with its hash, the longer of RESULT_TTL
+                                           and FAILED_TTL after its ``last_at``.
     ``{p}:stats:func:{func}``       hash   the same fields for one func (a job's
                                            ``func``, e.g. ``examples.crawler:Page``).
     ``{p}:funcs``                   set    every func submitted.

@@ -189,6 +189,8 @@ class RedisQueue:
         self._requeue_due = lua.load(redis, "requeue_due", "clock_fn", "requeue_fn",
                                      "jobstats_fn", "slot_fn", "cancel_end_fn")
         self._rerun = lua.load(redis, "rerun", "clock_fn", "requeue_fn", "jobstats_fn")
+        self._forget_batches = lua.load(redis, "forget_batches", "clock_fn")
+        self._batches_cursor = 0   # where forget_old_batches' walk of the labels goes on
 
     @property
     def _line(self) -> list[str]:
@@ -359,6 +361,15 @@ class RedisQueue:
         which else grew by each worker ever started, shown lost and read by every stats()."""
         cutoff = (await redis_now(self.redis) - WORKER_KEPT) * 1000
         await self.redis.zremrangebyscore(self.keys.workers, "-inf", f"({cutoff:.0f}")
+
+    async def forget_old_batches(self) -> None:
+        """A batch whose jobs have all ended leaves stats once they have surely expired (the
+        longer TTL after its last_at): labelled per run, rows else grew forever, each read by
+        every stats(). A page of labels a call."""
+        self._batches_cursor = int(await self._forget_batches(
+            keys=[self.keys.batches], args=[self.keys.batch(""),
+                                            max(self.result_ttl, self.failed_ttl),
+                                            self._batches_cursor]))
 
     async def recover(self, limit: int = 1000) -> tuple[list[str], list[str]]:
         """Queue again, in their old place, the jobs whose lease ran out; those being

@@ -151,3 +151,25 @@ def test_a_funcs_live_jobs_split_into_running_and_queued(cluster):
     for i in range(6):   # (the running one is stopped by its worker)
         c.cancel_job(f"s{i}")
     wait_for(lambda: c.stats()["funcs"]["tests.jobs:Sleep"]["live"] == 0, what="all cancelled")
+
+
+def test_housekeeping_forgets_a_batch_that_ended_past_its_jobs_life(cluster, redis_url):
+    """A label per crawl round (96 a day) added a row to stats(), the dashboard and /metrics
+    for good, each read by every stats(); a batch goes once its jobs have all ended and can
+    have expired: the longer of RESULT_TTL and FAILED_TTL (7 days here) after its last_at."""
+    c = cluster.client
+    c.submit_jobs([Add.spec([1, 1], job_id=b, queue="nobody", batch=b)
+                   for b in ("old", "old-live", "recent")])
+    c.cancel_job("old")
+    long_ago = int((time.time() - 8 * 86400) * 1000)
+    with redis.Redis.from_url(redis_url) as r:
+        for b in ("old", "old-live", "recent"):
+            r.hset(KEYS.batch(b), "last_at", long_ago)
+        c.cancel_job("recent")   # its last activity: now (it keeps the cancelled job's stats)
+        # one script call judges every label of this small set: once one is gone, all were
+        wait_for(lambda: not r.sismember(KEYS.batches, "old"),
+                 what="housekeeping forgets the old batch")   # (a pass a second)
+        assert not r.exists(KEYS.batch("old"))
+    assert sorted(c.stats()["batches"]) == ["old-live", "recent"]
+    c.submit_job(Add.spec([1, 1], queue="nobody", batch="old"))   # a new run of the label
+    assert c.stats()["batches"]["old"]["submitted"] == 1

@@ -6,7 +6,8 @@
 --   cancelled; a running one gets `cancel` set, and its worker stops it and records it
 --   cancelled (finish.lua); a finished job is left alone.
 -- Invariant: a cancelled job is in no queue, parked set or delayed set, so it never runs;
--- its round no longer waits for it, and its func and batch no longer count it live.
+-- its round no longer waits for it, and its func and batch no longer count it live; their
+-- last_at is now, so the batch's stats outlive the cancelled job (forget_batches.lua).
 local now, id, ttl = now_ms(), ARGV[3], tonumber(ARGV[6])
 local f = redis.call('HMGET', KEYS[1], 'status', 'queue', 'member', 'limit_key', 'round',
                      'batch', 'func')
@@ -32,5 +33,5 @@ redis.call('ZADD', KEYS[4], now, id)
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - ttl * 1000)
 redis.call('HINCRBY', KEYS[5], 'cancelled', 1)
 redis.call('HINCRBY', KEYS[5], 'queue:' .. f[2] .. ':cancelled', 1)
-count_in_stats(ARGV[7], ARGV[8], f[6], f[7], 'cancelled')
+count_in_stats(ARGV[7], ARGV[8], f[6], f[7], 'cancelled', now)
 return f[1]

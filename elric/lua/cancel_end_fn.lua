@@ -25,9 +25,7 @@ local function end_cancelled(jk, id, why, c)
   redis.call('ZREMRANGEBYSCORE', c.cancelled, '-inf', now - c.ttl * 1000)
   redis.call('HINCRBY', c.counters, 'cancelled', 1)
   redis.call('HINCRBY', c.counters, 'queue:' .. f[2] .. ':cancelled', 1)
-  count_in_stats(c.bp, c.fp, f[3], f[7], 'cancelled')
-  if f[3] and f[3] ~= '' then redis.call('HSET', c.bp .. f[3], 'last_at', now) end
-  if f[7] then redis.call('HSET', c.fp .. f[7], 'last_at', now) end
+  count_in_stats(c.bp, c.fp, f[3], f[7], 'cancelled', now)
   if f[6] then
     redis.call('HINCRBY', c.roundp .. f[6], 'removed', 1)
     redis.call('EXPIRE', c.roundp .. f[6], c.ttl)

@@ -21,9 +21,7 @@ if round then
   redis.call('EXPIRE', ARGV[5] .. round, ARGV[6])
 end
 local job = redis.call('HMGET', KEYS[1], 'batch', 'func', 'queue')
-count_in_stats(ARGV[7], ARGV[8], job[1], job[2], 'submitted')
-if job[1] and job[1] ~= '' then redis.call('HSET', ARGV[7] .. job[1], 'last_at', now) end
-if job[2] then redis.call('HSET', ARGV[8] .. job[2], 'last_at', now) end
+count_in_stats(ARGV[7], ARGV[8], job[1], job[2], 'submitted', now)
 redis.call('HINCRBY', KEYS[3], 'submitted', 1)
 redis.call('HINCRBY', KEYS[3], 'queue:' .. job[3] .. ':submitted', 1)
 redis.call('PERSIST', KEYS[1])
