@@ -3,7 +3,8 @@
 Every master runs it: jobs of workers whose lease ran out go back in line, retries whose
 backoff is over are queued again, per-fire dedupe scopes older than DEDUPE_ROUND_TTL are
 dropped, the LIMITS rules are published again if Redis lost them, workers silent for a
-day are forgotten, and so are batch labels whose jobs all ended and expired. Each step is an atomic script, so several masters may run it at once.
+day are forgotten, and so are batch labels whose jobs all ended and expired. Each step is
+an atomic script, so several masters may run it at once.
 """
 
 from __future__ import annotations
