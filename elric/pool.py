@@ -44,11 +44,12 @@ class _Settle:
 class ProcessDied(Exception):
     """The pool process that ran a job died before reporting it.
 
-    ``culprits``: the jobs that were killed for running past their timeout; ``held``: every
+    ``culprits``: the jobs killed for running past their timeout, or for blocking the loop
+    that held others past theirs, each with why ("": past its own); ``held``: every
     job the process had. With no culprit and other jobs beside it, any of them may be the
     cause (a crash in native code, ``os._exit``)."""
 
-    def __init__(self, exitcode, held: list[str], culprits: set[str]) -> None:
+    def __init__(self, exitcode, held: list[str], culprits: dict[str, str]) -> None:
         super().__init__(f"pool process died (exit code {exitcode})")
         self.held, self.culprits = held, culprits
 
@@ -71,7 +72,8 @@ class _Process:
     held: dict[str, _Held] = field(default_factory=dict)
     outbox: list[dict] = field(default_factory=list)
     alone: bool = False        # runs a job that must have the process to itself
-    timed_out: set[str] = field(default_factory=set)
+    timed_out: dict[str, str] = field(default_factory=dict)   # culprit -> why ("": overdue)
+    blocking: str | None = None   # the async job its process says blocks its loop now
     n_async: int = 0
     outbox_sync: bool = False  # its outbox holds sync jobs: fill it up in this turn
 
@@ -145,6 +147,7 @@ class Pool(Executor):
             message = codec.unpack(proc.conn.recv_bytes())
         except (EOFError, OSError):
             return self._died(proc)
+        proc.blocking = message["blocking"]
         for func, is_async in message["kinds"].items():
             self.kinds[func] = self.last_async = is_async
             if is_async:  # its job was sent alone, as of an unknown kind: others may join
@@ -180,7 +183,7 @@ class Pool(Executor):
             self.retiring.remove(proc)   # shrunk away: not started again
         else:
             self.processes.remove(proc)   # replaced below, or by _refill if that fails
-        error = ProcessDied(proc.process.exitcode, list(proc.held), set(proc.timed_out))
+        error = ProcessDied(proc.process.exitcode, list(proc.held), dict(proc.timed_out))
         held, proc.held = list(proc.held.values()), {}
         for h in held:
             h.done(error)
@@ -320,16 +323,21 @@ class Pool(Executor):
         now = time.monotonic()
         for p in self._every():
             for job_id, h in p.held.items():
-                if job_id in p.timed_out:
-                    continue
                 if h.claim.timeout and now > h.sent_at + h.claim.timeout + KILL_GRACE:
                     ignored = "timeout"
                 elif h.cancelled_at and now > h.cancelled_at + KILL_GRACE:
                     ignored = "cancellation"
                 else:
                     continue
-                p.timed_out.add(job_id)
-                log.warning("worker: job %s ignored its %s; killing its process", job_id, ignored)
+                # a job that blocks the loop held this one up: it is to blame, this one runs again
+                blocker = p.blocking if p.blocking in p.held else job_id
+                if blocker in p.timed_out:
+                    continue
+                p.timed_out[blocker] = "" if blocker == job_id else (
+                    f"JobTimeout: blocked its event loop, so that job {job_id} could not end "
+                    f"by its {ignored}; its process was killed")
+                log.warning("worker: job %s ignored its %s%s; killing its process", job_id,
+                            ignored, "" if blocker == job_id else f", held up by job {blocker}")
             if p.timed_out:
                 p.process.kill()
 

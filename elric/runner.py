@@ -178,6 +178,7 @@ class _Runner:
         self.kinds: dict[str, bool] = {}       # func -> its run is async, as resolved here
         self.new_kinds: dict[str, bool] = {}   # not yet told to the worker
         self.flushing = False
+        self.blocking: str | None = None   # the async job _watch_lag found blocking the loop
         self.forked = False   # this is the child of a job's os.fork()
         self.cwd = os.open(".", os.O_RDONLY | os.O_DIRECTORY)   # where jobs start
         self.last_tick = time.monotonic()
@@ -327,15 +328,17 @@ class _Runner:
         self.flushing = False
         self._send()
 
-    def _send(self) -> None:
-        """Send the outcomes and the kinds of job classes learnt since the last send."""
+    def _send(self, force: bool = False) -> None:
+        """Send the outcomes and the kinds of job classes learnt since the last send, and
+        which job blocks the loop now, if one does."""
         with self.send_lock:
             with self.outbox_lock:
-                if not self.outbox and not self.new_kinds:
+                if not self.outbox and not self.new_kinds and not force:
                     return
                 outs, kinds = self.outbox, self.new_kinds
                 self.outbox, self.new_kinds = [], {}
-            message = codec.pack({"ran": [o.row() for o in outs], "kinds": kinds})
+            message = codec.pack({"ran": [o.row() for o in outs], "kinds": kinds,
+                                  "blocking": self.blocking})
             try:
                 self.conn.send_bytes(message)
             except OSError:
@@ -484,17 +487,24 @@ class _Runner:
 
     def _watch_lag(self) -> None:
         """Name the async job that blocks the loop (time.sleep, a sync HTTP call): it holds
-        back every other job of this process. Sync jobs block it by design."""
+        back every other job of this process. Sync jobs block it by design. The worker is
+        told too: if it must kill the process, that job is to blame, not those held up."""
         warned = 0.0
         while True:
             time.sleep(0.1)
             stalled = time.monotonic() - self.last_tick
+            if self.blocking is not None and self.last_tick != warned:   # it turns again
+                self.blocking = None
+                self._send(force=True)
             if stalled < self.lag_warn or self.last_tick == warned or self.draining \
                     or not self.tasks:   # no async job in flight: a sync job blocks it
                 continue
             warned = self.last_tick
             task = getattr(asyncio.tasks, "_current_tasks", {}).get(self.loop)
             culprit = self.tasks.get(task) if task is not None else None
+            if culprit:
+                self.blocking = culprit.job_id
+                self._send(force=True)
             who = f"job {culprit.job_id}" if culprit else \
                 f"one of jobs {sorted(o.job_id for o in list(self.tasks.values()))}"
             log.warning("%s has blocked its event loop for %.1fs: an async run must not call "

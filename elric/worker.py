@@ -430,8 +430,9 @@ class Worker:
             if claim.job_id in self._cancelling:
                 why = runner.CANCELLED + "; its process was killed"
             elif claim.job_id in exc.culprits:
-                why = (f"JobTimeout: ran past its timeout of {claim.timeout:g}s and its "
-                       "process was killed")
+                why = exc.culprits[claim.job_id] or (f"JobTimeout: ran past its timeout of "
+                                                     f"{claim.timeout:g}s and its process was "
+                                                     "killed")
             else:
                 why = "the job's process died (os._exit, a signal or a crash in native code)"
             return runner.Ran.failure(claim.job_id, claim.attempt, why)

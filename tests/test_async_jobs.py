@@ -217,6 +217,28 @@ def test_an_async_job_blocking_past_its_timeout_is_killed_and_its_neighbours_run
     assert worker.alive() and "ignored its timeout" in worker.log()
 
 
+def test_a_job_held_up_past_its_timeout_by_a_blocked_loop_runs_again_and_the_blocker_fails(
+        make_cluster, tmp_path):
+    """The neighbour's deadline passes first: the process is killed for it, but the job the
+    process names as blocking its loop takes the blame; before, the neighbour failed with
+    JobTimeout, and the blocker ran again unblamed."""
+    c = make_cluster(LEASE_SECONDS=3)
+    c.start_master()
+    c.start_worker("--concurrency", "1")
+    c.client.submit_job(AsyncBlock.spec([0], job_id="warm-up"))   # learn its kind
+    assert c.wait_job("warm-up")["status"] == "succeeded"
+    marks = tmp_path / "started.txt"
+    c.client.submit_job(AsyncSleep.spec([1, str(marks)], job_id="innocent", timeout=2))
+    wait_for(lambda: lines(marks) == ["innocent"], what="the innocent job started")
+    c.client.submit_job(AsyncBlock.spec([60, str(marks)], job_id="blocker", timeout=30))
+    blocker = c.wait_job("blocker", timeout=40)
+    assert blocker["status"] == "failed", c.logs()
+    assert "blocked its event loop, so that job innocent could not end" in blocker["error"]
+    innocent = c.wait_job("innocent", timeout=40)
+    assert (innocent["status"], innocent["attempts"]) == ("succeeded", 1), c.logs()
+    assert lines(marks) == ["innocent", "blocker", "innocent"]
+
+
 def test_a_crash_among_async_jobs_is_found_by_running_the_suspects_apart(cluster, tmp_path):
     worker = cluster.start_worker("--concurrency", "1")
     cluster.client.submit_job(AsyncCrash.spec([], job_id="first"))  # learn its kind
