@@ -494,7 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "schedules":
             p.add_argument("action", nargs="?", choices=("pause", "resume", "run-now", "remove"),
                            help="run-now: fire it now, by its rules (max_instances may skip "
-                                "it); cron keeps its calendar, an interval restarts from now")
+                                "it); cron keeps its calendar, an interval restarts from now "
+                                "(before its start_date: begins then)")
             p.add_argument("job_id", nargs="?")
             p.add_argument("--limit", type=int, default=100)
         if name == "submit":
