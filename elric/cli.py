@@ -197,6 +197,8 @@ def cmd_call(args: argparse.Namespace) -> int:
             (show or (lambda r: print(f"job {r['job_id']}: {r['status']}")))(
                 _on_one_job(client.rerun_job, args.job_ids[0]))
         elif command in ("remove", "delete"):
+            if "trigger" in (client.get_job(args.job_ids[0]) or {}):   # as a delete of many
+                raise Failed(left_alone(args.job_ids[0], Status.SCHEDULED, "delete"))
             if not _on_one_job(client.remove_job, args.job_ids[0]):
                 raise NotFound(f"no job {args.job_ids[0]!r}")
             (show or (lambda r: print(f"job {args.job_ids[0]}: removed")))(True)
