@@ -330,6 +330,11 @@ def _schedules(client, args: argparse.Namespace, show) -> int:
         raise UsageError(f"elric schedules {args.action} takes the periodic job's id")
     if args.action == "run-now":
         return _run_now(client, args.job_id, show)
+    if args.action in ("pause", "resume") and \
+            (client.get_job(args.job_id) or {}).get("status") == "finished":
+        # pause_job and resume_job answer whether it exists: a finished job is left as it is
+        raise Failed(f"periodic job {args.job_id!r} has finished: no fires are left to "
+                     f"{args.action}")
     call = {"pause": client.pause_job, "resume": client.resume_job,
             "remove": client.remove_job}[args.action]
     if not call(args.job_id):
