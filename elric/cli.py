@@ -197,6 +197,8 @@ def cmd_call(args: argparse.Namespace) -> int:
             (show or (lambda r: print(f"job {r['job_id']}: {r['status']}")))(
                 _on_one_job(client.rerun_job, args.job_ids[0]))
         elif command in ("remove", "delete"):
+            if "trigger" in (client.get_job(args.job_ids[0]) or {}):   # as a delete of many
+                raise Failed(left_alone(args.job_ids[0], Status.SCHEDULED, "delete"))
             if not _on_one_job(client.remove_job, args.job_ids[0]):
                 raise NotFound(f"no job {args.job_ids[0]!r}")
             (show or (lambda r: print(f"job {args.job_ids[0]}: removed")))(True)
@@ -328,6 +330,11 @@ def _schedules(client, args: argparse.Namespace, show) -> int:
         raise UsageError(f"elric schedules {args.action} takes the periodic job's id")
     if args.action == "run-now":
         return _run_now(client, args.job_id, show)
+    if args.action in ("pause", "resume") and \
+            (client.get_job(args.job_id) or {}).get("status") == "finished":
+        # pause_job and resume_job answer whether it exists: a finished job is left as it is
+        raise Failed(f"periodic job {args.job_id!r} has finished: no fires are left to "
+                     f"{args.action}")
     call = {"pause": client.pause_job, "resume": client.resume_job,
             "remove": client.remove_job}[args.action]
     if not call(args.job_id):
@@ -494,7 +501,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "schedules":
             p.add_argument("action", nargs="?", choices=("pause", "resume", "run-now", "remove"),
                            help="run-now: fire it now, by its rules (max_instances may skip "
-                                "it); cron keeps its calendar, an interval restarts from now")
+                                "it); cron keeps its calendar, an interval restarts from now "
+                                "(before its start_date: begins then)")
             p.add_argument("job_id", nargs="?")
             p.add_argument("--limit", type=int, default=100)
         if name == "submit":

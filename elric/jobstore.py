@@ -75,6 +75,11 @@ def iso(ts: float | None) -> str:
     return "" if ts is None else datetime.fromtimestamp(ts, timezone.utc).isoformat()
 
 
+def fire_id(job_id: str, fire_time: float) -> str:
+    """``site@2026-03-29T00:30:00Z``: one id per periodic job and fire time."""
+    return f"{job_id}@{iso(fire_time).removesuffix('+00:00')}Z"
+
+
 def _float_or_none(raw: bytes | None) -> float | None:
     return None if raw in (None, b"") else float(raw)
 
@@ -258,12 +263,24 @@ class RedisJobStore:
         return {"trigger_input": raw, "trigger": normalized,
                 "next_run_time": next_fire(trigger, now, first=True)}
 
+    async def _unfired(self, job_id: str, new_trigger: dict) -> dict:
+        """``new_trigger``, but a run_date this id has fired at already (the job was removed
+        or replaced since) fires again now: that fire's id is marked, and may still be a job,
+        so a fire by it would be skipped."""
+        nrt = new_trigger["next_run_time"]
+        if "run_date" not in new_trigger["trigger"] or nrt > self.clock():
+            return new_trigger
+        fired = fire_id(job_id, nrt)
+        if not await self.redis.exists(self.keys.fire(fired), self.keys.job(fired)):
+            return new_trigger
+        return {**new_trigger, "next_run_time": self.clock()}
+
     def _check_not_past(self, new_trigger: dict, options: Options) -> None:
         """Refuse a date trigger whose run_date plus misfire grace is already past: it would
         be stored as scheduled and then finish without a run."""
         grace, run_date = options.misfire_grace_time, new_trigger["trigger"].get("run_date")
-        nrt = new_trigger["next_run_time"]
-        if run_date is not None and grace is not None and nrt + grace < self.clock():
+        if run_date is not None and grace is not None and \
+                datetime.fromisoformat(run_date).timestamp() + grace < self.clock():
             raise TriggerError("trigger.run_date", f"{run_date} is in the past (more than "
                                                    f"misfire_grace_time {grace:g}s ago)")
 
@@ -282,7 +299,8 @@ class RedisJobStore:
             raise ScheduleError("job_id: a periodic job needs a job_id (a non-empty string)")
         if spec.get("trigger") is None:
             raise TriggerError("trigger", "required for a periodic job")
-        options, new_trigger = schedule_options(spec), self._new_trigger(spec["trigger"])
+        options = schedule_options(spec)
+        new_trigger = await self._unfired(job_id, self._new_trigger(spec["trigger"]))
         job_spec = {k: v for k, v in spec.items() if k not in SCHEDULE_OPTIONS}
 
         def change(cur: StoredJob) -> StoredJob | None:
@@ -354,7 +372,8 @@ class RedisJobStore:
             raise ScheduleError(f"cannot modify unknown key(s) {', '.join(map(repr, unknown))}")
         if changes.get("job_id", job_id) != job_id:
             raise ScheduleError("job_id cannot be modified; remove the job and add it again")
-        new_trigger = self._new_trigger(changes["trigger"]) if "trigger" in changes else {}
+        new_trigger = await self._unfired(job_id, self._new_trigger(changes["trigger"])) \
+            if "trigger" in changes else {}
 
         def change(job: StoredJob) -> StoredJob:
             spec = {**job.spec, **{k: v for k, v in changes.items() if k not in SCHEDULE_OPTIONS}}

@@ -24,7 +24,7 @@ from elric.clock import RedisClock
 from elric.codec import pack, unpack
 from elric.health import TaskHealth
 from elric.contract import Status
-from elric.jobstore import FINISHED_TTL, Coalesce, Options, Outcome, RedisJobStore, iso
+from elric.jobstore import FINISHED_TTL, Coalesce, Options, Outcome, RedisJobStore, fire_id, iso
 from elric.queue import Fenced
 from elric.retry import Backoff, Outage, is_outage
 from elric.triggers import build_trigger, next_fire
@@ -57,11 +57,6 @@ class FirePlan:
 def _score(raw) -> float:
     """A zset score as a script returns it (a string; None: the index is empty)."""
     return math.inf if raw is None else float(raw)
-
-
-def fire_id(job_id: str, fire_time: float) -> str:
-    """``site@2026-03-29T00:30:00Z``: one id per periodic job and fire time."""
-    return f"{job_id}@{iso(fire_time).removesuffix('+00:00')}Z"
 
 
 @lru_cache(maxsize=10_000)  # stored triggers are few and rarely change: parse each once

@@ -52,6 +52,8 @@ class _IntervalTrigger(IntervalTrigger):
     point."""
 
     def get_next_fire_time(self, previous_fire_time, now):
+        if previous_fire_time is not None and previous_fire_time < self.start_date:
+            previous_fire_time, now = None, previous_fire_time  # run early (run_job): keep start
         try:
             if not self.jitter:
                 return super().get_next_fire_time(previous_fire_time, now)

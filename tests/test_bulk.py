@@ -170,6 +170,11 @@ def test_a_periodic_id_given_to_delete_rerun_or_copy_says_what_does_that_to_it(c
     one = elric(cluster, "rerun", "tick")   # one id: rerun_job, which said "no job" too
     assert (one.returncode, one.stderr.strip()) == (   # failed, as the rerun of many
         1, "elric: job 'tick' is periodic: elric schedules run-now tick fires it now")
+    for command in ("delete", "remove"):   # one id: remove_job, which removed the schedule
+        one = elric(cluster, command, "tick")
+        assert (one.returncode, one.stderr.strip()) == (
+            1, "elric: job 'tick' is periodic: elric schedules remove tick removes it")
+    assert cluster.client.get_job("tick")["status"] == "scheduled"
 
 
 def test_an_id_given_twice_is_done_and_counted_once(cluster):

@@ -352,6 +352,55 @@ def test_run_now_before_start_date_keeps_the_cron_from_firing_before_it(redis_ur
     run(redis_url, body)
 
 
+@pytest.mark.parametrize("jitter", [None, 10])
+def test_run_now_before_an_intervals_start_date_keeps_its_start_and_anchor(redis_url, jitter):
+    """The fire after a run asked for was the run's time plus the interval (jittered: a point
+    of its grid before start_date): the schedule began a day early, anchored on the run."""
+    async def body(env):
+        start = T0 + 86400
+        trigger = {"type": "interval", "hours": 1, "start_date": start, "jitter": jitter}
+        await env.store.add(spec(trigger={k: v for k, v in trigger.items() if v is not None}))
+        assert await env.store.run_now("site") == T0
+        assert await env.sched.tick() == 1 and env.rec.times == [T0]
+        assert start <= (await env.store.get("site"))["next_run_time"] <= start + (jitter or 0)
+        env.clock.t = start + 3600 * 2 + 60   # its usual fires, on the grid from start_date
+        await env.sched.tick()
+        assert env.rec.times[-1] == pytest.approx(start + 7200, abs=jitter or 0)
+        if not jitter:   # after its start, a run asked for restarts it, as documented
+            await env.store.run_now("site")
+            assert await env.sched.tick() == 1
+            assert (await env.store.get("site"))["next_run_time"] == env.clock.t + 3600
+    run(redis_url, body)
+
+
+def test_a_date_job_added_again_after_it_fired_fires_once_more(redis_url):
+    """A fire's id is its job's id and fire time: a date job removed after its fire and
+    added again with that run_date (within its misfire grace time) met the old fire's mark
+    (and job) under that id, and finished without a run. A new run date fired already."""
+    async def body(env):
+        date = {"type": "date", "run_date": T0 + 30}
+        await env.store.add(spec(trigger=date))
+        env.clock.t = T0 + 30
+        assert await env.sched.tick() == 1 and await env.sched.tick() == 0
+        await env.store.remove("site")
+        env.clock.t = T0 + 40
+        await env.store.add(spec(trigger=date))
+        assert await env.sched.tick() == 1 and await env.sched.tick() == 0
+        assert env.rec.times == [T0 + 30, T0 + 40]   # at once, under an id of its own
+        [again] = (await env.store.get("site"))["runs"]
+        assert again["job_id"] == fire_id("site", T0 + 40)
+        await env.store.add(spec(trigger={"type": "date", "run_date": T0 + 90}),
+                            replace_existing=True)   # a new date: fires then, once
+        env.clock.t = T0 + 90
+        assert await env.sched.tick() == 1 and await env.sched.tick() == 0
+        assert env.rec.times == [T0 + 30, T0 + 40, T0 + 90]
+        await env.store.remove("site")
+        env.clock.t = T0 + 91   # past its grace time: refused, as any past date
+        with pytest.raises(ValueError, match="in the past"):
+            await env.store.add(spec(trigger=date))
+    run(redis_url, body)
+
+
 def test_modify_between_read_and_fire_is_not_overwritten(redis_url):
     async def body(env):
         await env.store.add(spec())
