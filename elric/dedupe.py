@@ -539,7 +539,7 @@ class RedisBloomFilter(DedupeFilter):
         self.error_rate = error_rate
         self.params = (f"v{self.VERSION} capacity={capacity} error_rate={error_rate!r} "
                        f"growth={GROWTH} tightening={TIGHTENING}")
-        self._script = lua.load(redis, "dedupe_rbloom")
+        self._script = lua.load(redis, "dedupe_rbloom", "expect_fn")
         self._stages: list[rbloom.RStage] = []
         self._items: dict[str, int] = {}          # per scope: its item count last seen
 
