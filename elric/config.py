@@ -197,9 +197,9 @@ def _check(key: str, value: Any, where: str) -> Any:
                            "DEDUPE_ROUND_TTL", "DEDUPE_TAKEOVER_AFTER")
         if value < 0 or (value == 0 and positive):
             raise bad(f"must be {'positive' if positive else '0 or more'}, got {value!r}")
-    # JOB_TIMEOUT: the default of every spec's timeout; DEDUPE_TTL: the dedupe scripts'
-    # expiries, which Redis refuses far beyond it
-    if key in ("JOB_TIMEOUT", "DEDUPE_TTL") and value > MAX_TIMEOUT:
+    # JOB_TIMEOUT: the default of every spec's timeout; DEDUPE_TTL, DEDUPE_TAKEOVER_AFTER:
+    # the dedupe scripts' expiries, which Redis refuses far beyond it
+    if key in ("JOB_TIMEOUT", "DEDUPE_TTL", "DEDUPE_TAKEOVER_AFTER") and value > MAX_TIMEOUT:
         raise bad(f"must be at most {MAX_TIMEOUT} seconds, got {value!r}")
     if key in ("MASTER_ADDRESS", "DASHBOARD_ADDRESS"):
         parse_address(value, key)

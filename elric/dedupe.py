@@ -34,8 +34,9 @@ log = logging.getLogger("elric.dedupe")
 
 BACKENDS = ("set", "bloom", "redis-bloom")
 
-# How long a job id stays recorded as the taker of its key (`owned`) when no DEDUPE_TTL
-# bounds it: a resend after a master died between filter and queue must come within it.
+# How long a job id stays recorded as the taker of its key (`owned`) past the takeover age
+# when no DEDUPE_TTL bounds it: a resend after a master died between filter and queue must
+# come within it, and a takeover needs a note older than DEDUPE_TAKEOVER_AFTER.
 TAKING_TTL_MS = 86_400_000
 # Seconds after which a key taken for a job never queued goes to the next job with it.
 TAKEOVER_AFTER = SETTINGS["DEDUPE_TAKEOVER_AFTER"].default
@@ -223,7 +224,8 @@ class SetFilter(DedupeFilter):
             keys=[self.keys.dedupe_set(scope), self.keys.dedupe_stats(scope),
                   self.keys.dedupe_scopes], args=[
                       scope, "" if owners is None else self.keys.dedupe_taking(""),
-                      self._ttl_ms or TAKING_TTL_MS, self._takeover_ms, *keys, *(owners or ())]))
+                      self._ttl_ms or TAKING_TTL_MS + self._takeover_ms, self._takeover_ms,
+                      *keys, *(owners or ())]))
         return [r == 1 for r in res]
 
     def _notes(self, scope: str, keys: list[str]) -> list[str]:
@@ -539,7 +541,7 @@ class RedisBloomFilter(DedupeFilter):
         self.error_rate = error_rate
         self.params = (f"v{self.VERSION} capacity={capacity} error_rate={error_rate!r} "
                        f"growth={GROWTH} tightening={TIGHTENING}")
-        self._script = lua.load(redis, "dedupe_rbloom")
+        self._script = lua.load(redis, "dedupe_rbloom", "expect_fn")
         self._stages: list[rbloom.RStage] = []
         self._items: dict[str, int] = {}          # per scope: its item count last seen
 

@@ -21,6 +21,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from elric import contract
 from elric.client import MasterClient
 from elric.config import SettingsError, load_settings
+from elric.keys import Keys
 from elric.master import Master
 from elric.queue import Outcome, RedisQueue
 from elric.redis_server import free_port
@@ -508,6 +509,23 @@ def test_a_key_whose_job_was_never_queued_goes_to_the_next_job_past_the_grace(re
             assert (await m.submit_jobs([{**other, "job_id": "J"}]))[0]["status"] == "filtered"
             assert (await m.submit_jobs([spec]))[0]["status"] == "filtered"
             assert await queued(m) == 2
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("days", [1, 7])
+def test_a_takeover_after_a_day_or_more_takes_place(redis_url, days):
+    """Without DEDUPE_TTL the taker's note was kept a day: with DEDUPE_TAKEOVER_AFTER a day
+    or more it was never older than that, and the key of a job never queued stayed taken
+    for good. The note's age is faked by shortening its TTL (waiting days is no test)."""
+    async def main():
+        grace = days * 86400
+        async with master(redis_url, DEDUPE_TAKEOVER_AFTER=grace) as m:
+            assert await m.filters["set"].check_and_add("s", ["K"], ["J"]) == [True]
+            other = {"func": E, "dedupe_key": "K", "dedupe_scope": "s"}
+            assert (await m.submit_jobs([other]))[0]["status"] == "filtered"
+            note = m.keys.dedupe_taking(Keys.taker_note("s", "K"))
+            await m.redis.pexpire(note, await m.redis.pttl(note) - grace * 1000 - 1000)
+            assert (await m.submit_jobs([other]))[0]["status"] == "queued"
     asyncio.run(main())
 
 

@@ -570,7 +570,8 @@ def enqueue_sha() -> bytes:
     import hashlib
 
     from elric.lua import source
-    return hashlib.sha1((source("clock_fn") + source("enqueue")).encode()).hexdigest().encode()
+    text = "".join(map(source, ("clock_fn", "expect_fn", "enqueue")))   # as lua.load joins them
+    return hashlib.sha1(text.encode()).hexdigest().encode()
 
 
 def test_a_resend_after_the_master_died_between_filter_and_queue_is_queued(make_cluster,
@@ -590,7 +591,7 @@ def test_a_resend_after_the_master_died_between_filter_and_queue_is_queued(make_
 
         def call():
             try:
-                with MasterClient(c.address, timeout=30) as cl:
+                with MasterClient(c.address, timeout=10) as cl:   # resends until then
                     box["reply"] = cl.submit_job(spec)
             except Exception as exc:
                 box["reply"] = exc

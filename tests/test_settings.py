@@ -101,6 +101,8 @@ def test_file_then_env_then_command_line(no_settings_file):
     # Redis cannot expire a key that far out: every keyed submit would fail
     ({"ELRIC_DEDUPE_TTL": "1e14"}, "DEDUPE_TTL (from ELRIC_DEDUPE_TTL): must be at most "
                                    "2147483648 seconds"),
+    ({"ELRIC_DEDUPE_TAKEOVER_AFTER": "1e16"}, "DEDUPE_TAKEOVER_AFTER (from "
+                                              "ELRIC_DEDUPE_TAKEOVER_AFTER): must be at most"),
     ({"ELRIC_JOB_TIMEOUT": "inf"}, "JOB_TIMEOUT (from ELRIC_JOB_TIMEOUT): must be a finite "
                                    "number, got inf"),
     ({"ELRIC_LEASE_SECONDS": "nan"}, "LEASE_SECONDS (from ELRIC_LEASE_SECONDS): must be a "

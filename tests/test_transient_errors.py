@@ -465,6 +465,27 @@ def test_a_submit_into_a_key_of_another_type_writes_nothing_and_says_which(redis
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("overwritten", ["second stage's shard", "scope registry"])
+def test_a_redis_bloom_key_of_another_type_marks_nothing_and_says_which(redis_url, overwritten):
+    """The redis-bloom script set the bits of the keys before it met a shard (or the scope
+    registry) an operator had made a hash: the call failed, its jobs were not queued, and
+    their resend was filtered by the keys it had marked: the jobs were lost."""
+    async def main():
+        async with master(redis_url, FILTER_BACKEND="redis-bloom", BLOOM_CAPACITY=100) as m:
+            bad = {"second stage's shard": m.keys.dedupe_rbloom("global", 1),
+                   "scope registry": m.keys.dedupe_scopes}[overwritten]
+            await m.redis.delete(bad)
+            await m.redis.hset(bad, "an", "operator's")
+            specs = [{"func": "tests.jobs:Echo", "job_id": f"j{i}", "dedupe_key": f"page-{i}"}
+                     for i in range(150)]       # fills stage 0, then goes on in stage 1
+            with pytest.raises(ResponseError, match=f"WRONGTYPE {bad} is a hash where elric "
+                                                    f"keeps a .*; delete or rename it"):
+                await m.submit_jobs(specs)
+            await m.redis.delete(bad)
+            assert {r["status"] for r in await m.submit_jobs(specs)} == {"queued"}
+    asyncio.run(main())
+
+
 def test_a_wake_list_of_another_type_is_replaced_by_a_submit(redis_url):
     """It holds only tokens, so a submit replaces it rather than refusing the jobs."""
     async def main():

@@ -10,7 +10,8 @@
 --      '0' seen; and the scope's item count after. Fewer verdicts than keys when the
 --      filter needs a stage that was not sent: the master sends the rest with more stages.
 --      Error 'PARAMS <theirs>' if the scope was created with other parameters, 'BACKEND
---      <name>' if another backend filled it.
+--      <name>' if another backend filled it, 'WRONGTYPE <key> ...' if a shard or the
+--      registry is of another type (expect_fn.lua), with nothing written.
 -- Invariant: a key is added to the current stage (the first whose cumulative capacity is
 --      above items) only if no older stage holds all its bits; items counts keys added, so
 --      no stage takes more than its capacity. Shards are created at full size (SETRANGE
@@ -40,6 +41,10 @@ end
 local cur = 0
 while cur < sent and items >= cum[cur] do cur = cur + 1 end
 if cur == sent then return {'', items} end
+-- every shard a key may be read or set in, or a stage created in, is a string before any
+-- bit is set: bits set by a call that then fails filter the resend of jobs never queued
+for g = 0, first[sent - 1] + shards[sent - 1] - 1 do expect(prefix .. g, 'string') end
+expect(registry, 'zset')
 
 local function create(s)
   for g = first[s], first[s] + shards[s] - 1 do

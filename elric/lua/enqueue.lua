@@ -23,16 +23,7 @@ end
 local jobs = cmsgpack.unpack(ARGV[9])
 local n = jobs[1]
 local base = redis.call('INCRBY', KEYS[1], n) - n
--- Nothing is written until every key the call writes is known to be of its type: a job
--- hash written before its queue failed to take the member would read as queued to every
--- resend, and never run. A key overwritten outside elric fails the call, named.
-local function expect(key, kind)
-  local t = redis.call('TYPE', key).ok
-  if t ~= 'none' and t ~= kind then
-    error(redis.error_reply('WRONGTYPE ' .. key .. ' is a ' .. t .. ' where elric keeps a ' ..
-          kind .. ': it was written outside elric; delete or rename it. Nothing was queued'))
-  end
-end
+-- Nothing is written until every key the call writes is known to be of its type (expect_fn).
 local out, new, taken, fired, lines = {}, {}, {}, {}, {}
 local per_batch, per_func, per_round = {}, {}, {}
 local p = 2
