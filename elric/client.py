@@ -181,8 +181,9 @@ class MasterClient:
 
 def _with_id(spec: Any) -> Any:
     """The spec with a job_id chosen here if it has none (as the master would), so that
-    sending it again after a lost connection names the same job, not a second one."""
-    if isinstance(spec, dict) and "job_id" not in spec:
+    sending it again after a lost connection names the same job, not a second one. (A
+    periodic job's id is the user's to choose: the master asks for it.)"""
+    if isinstance(spec, dict) and "job_id" not in spec and "trigger" not in spec:
         return {**spec, "job_id": os.urandom(16).hex()}
     return spec
 

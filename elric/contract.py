@@ -72,7 +72,7 @@ SPEC_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "func": ((str,), '"package.module:ClassName" of a Job subclass (required)'),
     "args": ((list, tuple), "positional arguments (array)"),
     "kwargs": ((dict,), "keyword arguments (map of string to value)"),
-    "job_id": ((str,), "caller-chosen id; generated when absent"),
+    "job_id": ((str,), "caller-chosen id; generated when absent, but for a periodic job"),
     "queue": ((str,), 'queue name (default "default")'),
     "priority": ((int,), "higher runs first; FIFO within a priority"),
     "max_retries": ((int,), "retries after the first attempt"),
@@ -239,6 +239,9 @@ def normalize_spec(
         key = next(k for k in _PERIODIC_KEYS if k in spec)
         raise SpecError(f"job spec key {key!r} is for periodic jobs: give a 'trigger' "
                         "too, or leave it out")
+    if "trigger" in spec and not spec.get("job_id"):
+        raise SpecError("job_id: a periodic job needs one of your choosing, so that sending "
+                        "it again (a script run again) replaces it, not adds a second schedule")
     check_func(spec["func"], allowed_modules)
     # a generated job_id is 128 random bits: a client cannot predict the next
     out = {"func": spec["func"], "args": list(spec.get("args", ())),

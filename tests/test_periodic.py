@@ -164,6 +164,16 @@ def test_replace_existing_does_not_double_the_schedule(cluster):
     assert c.get_job("rep")["args"] == ["x"]
 
 
+def test_a_periodic_job_without_a_job_id_is_refused_not_scheduled_again_at_each_run(cluster):
+    """Each run of a submitting script got a schedule of its own under a fresh id: a crawl
+    every 15 minutes ran twice as often after the script ran twice."""
+    c = cluster.client
+    for _ in range(2):   # "running the submitting script again"
+        with pytest.raises(RemoteError, match="a periodic job needs one of your choosing"):
+            c.submit_job(Echo.spec(["x"], trigger=EVERY_SECOND))
+    assert c.list_jobs(status="scheduled") == []
+
+
 # --- 3. invalid triggers ------------------------------------------------------------------
 
 BAD = [
