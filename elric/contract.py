@@ -132,13 +132,14 @@ def check_func(path: Any, allowed: tuple[str, ...] | list[str] | None = None) ->
             f"func {path!r}: a Job class defined in __main__ cannot be imported by a worker; "
             "move it into a module and import it from there"
         )
+    if not allowed:
+        return
     module_name = path.partition(":")[0]
-    if allowed and not any((module_name + ".").startswith(prefix.rstrip(".") + ".")
-                           for prefix in allowed):
-        raise SpecError(
-            f"func {path!r}: module {module_name!r} is not allowed by JOB_MODULES "
-            f"({', '.join(allowed)})"
-        )
+    for prefix in allowed:   # the module itself, or one inside a package named
+        if (module_name + ".").startswith(prefix.rstrip(".") + "."):
+            return
+    raise SpecError(f"func {path!r}: module {module_name!r} is not allowed by JOB_MODULES "
+                    f"({', '.join(allowed)})")
 
 
 # A lone surrogate: what the RPC decoder makes of a msgpack string that is not valid
@@ -209,7 +210,7 @@ def check_type(key: str, value: Any) -> None:
             value is True or value is False) and bool not in types:
         raise SpecError(f"job spec key {key!r} must be {_wire_names(types)}, "
                         f"got {_WIRE_NAMES.get(type(value), type(value).__name__)}")
-    if isinstance(value, str):
+    if isinstance(value, str) and not value.isascii():   # (ASCII is text: no call per key)
         check_text(key, value)
 
 
@@ -226,7 +227,8 @@ def normalize_spec(
     """
     if not isinstance(spec, dict):
         raise SpecError(f"job spec must be a map, got {type(spec).__name__}")
-    if unknown := sorted(str(k) for k in spec.keys() - SPEC_KEYS.keys()):
+    if not spec.keys() <= SPEC_KEYS.keys():
+        unknown = sorted(str(k) for k in spec.keys() - SPEC_KEYS.keys())
         raise SpecError(
             f"unknown job spec key(s) {', '.join(map(repr, unknown))}; "
             f"known keys: {', '.join(SPEC_KEYS)}"
@@ -256,7 +258,9 @@ def normalize_spec(
         out[key] = fallback if value is None else value
     out["priority"], out["max_retries"] = int(out["priority"]), int(out["max_retries"])
     # the optional keys (trigger, dedupe, limit_key, round...) as given
-    out.update((key, value) for key, value in spec.items() if key not in out)
+    for key, value in spec.items():
+        if key not in out:
+            out[key] = value
     if out.get("round") == "":
         raise SpecError("round '': leave it out (the master sets it for periodic fires)")
     if out.get("dedupe_key") == "":
@@ -265,11 +269,13 @@ def normalize_spec(
     if out.get("dedupe_scope") == "":
         # (a job's scope is passed on to its children only when it is not empty)
         raise SpecError("dedupe_scope '': name a scope, or leave it out for the global one")
-    for k in out["kwargs"]:
-        if not isinstance(k, str):
-            raise SpecError(f"kwargs key {k!r} must be a string")
-    _check_msgpack_value(out["kwargs"], "kwargs")
-    _check_msgpack_value(out["args"], "args")
+    if out["kwargs"]:
+        for k in out["kwargs"]:
+            if not isinstance(k, str):
+                raise SpecError(f"kwargs key {k!r} must be a string")
+        _check_msgpack_value(out["kwargs"], "kwargs")
+    if out["args"]:
+        _check_msgpack_value(out["args"], "args")
     if out.get("limit_key") is not None and not 0 < len(out["limit_key"]) <= MAX_LIMIT_KEY:
         raise SpecError(f"limit_key {out['limit_key']!r}: 1-{MAX_LIMIT_KEY} characters, or "
                         "leave it out for no limit")

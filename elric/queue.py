@@ -158,7 +158,7 @@ _SUMMARY_FIELDS = [name for name in (*_VIEW, *_OPTIONAL_VIEW) if name != "result
 # Spec keys kept in a job's hash besides those enqueue.lua writes itself, and how each is
 # written. A field at its default is not written: a missing field reads as its default.
 _WRITE = {**dict.fromkeys(("func", "parent", "schedule", "dedupe_key", "dedupe_scope", "batch",
-                           "limit_key", "round"), str),
+                           "limit_key", "round")),   # text, as it is
           "args": codec.pack, "kwargs": codec.pack,
           **dict.fromkeys(("priority", "max_retries", "timeout", "fire_time"), repr)}
 
@@ -166,8 +166,8 @@ _WRITE = {**dict.fromkeys(("func", "parent", "schedule", "dedupe_key", "dedupe_s
 def _fields(spec: dict) -> list:
     out: list = []
     for name, write in _WRITE.items():
-        if spec.get(name):
-            out += (name, write(spec[name]))
+        if value := spec.get(name):
+            out += (name, value if write is None else write(value))
     return out
 
 
