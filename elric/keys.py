@@ -60,7 +60,8 @@ Per-key limits (a job's ``limit_key``: e.g. a crawled host)
 
 Workers
     ``{p}:workers``                 zset   worker_id -> last heartbeat (ms).
-    ``{p}:worker:{worker_id}``      hash   host, pid, queues, concurrency, counters.
+    ``{p}:worker:{worker_id}``      hash   host, pid, queues, concurrency, counters,
+                                           trouble (what its work is stuck on).
     ``{p}:worker:{worker_id}:wake`` list   a token that ends the worker's wait for work at
                                            once (paused, new queues, stopping).
 

@@ -91,11 +91,13 @@ class Outage:
         self.kind: str | None = None   # None: no trouble
         self.since = 0.0
 
-    def failed(self, exc: BaseException) -> None:
+    def failed(self, exc: BaseException, kind: str | None = None) -> None:
+        """``kind``: the caller's name for expected trouble that is no Redis's (a master
+        unreachable)."""
         if cancel_pending():   # the cancel came as this error: retrying would keep it alive
             raise asyncio.CancelledError from exc
-        kind = redis_refusal(exc) or ("Redis unreachable" if isinstance(exc, REDIS_ERRORS)
-                                      else None)
+        kind = kind or redis_refusal(exc) or (
+            "Redis unreachable" if isinstance(exc, REDIS_ERRORS) else None)
         if (kind or type(exc).__name__) == self.kind:
             return
         if self.kind is None:
@@ -111,6 +113,11 @@ class Outage:
             self.log.info("%s: works again after %.1fs", self.what,
                           time.monotonic() - self.since)
             self.kind = None
+
+    def trouble(self) -> str:
+        """The trouble and how long it lasts, for an operator; "" when none."""
+        return "" if self.kind is None else \
+            f"{self.kind} for {time.monotonic() - self.since:.0f}s"
 
 
 class Backoff:
@@ -130,13 +137,14 @@ class Backoff:
 
 async def retry(call: Callable[[], Awaitable[T]], *, what: str, log: logging.Logger,
                 errors: tuple[type[BaseException], ...] = REDIS_ERRORS,
-                backoff: Backoff | None = None, deadline: float | None = None) -> T:
+                backoff: Backoff | None = None, deadline: float | None = None,
+                outage: Outage | None = None) -> T:
     """``await call()`` until it does not raise one of ``errors`` or a refusal of Redis's
-    (``redis_refusal``), logging the trouble once (``Outage``).
+    (``redis_refusal``), logging the trouble once (``Outage``: pass one to show it as it lasts).
 
     ``deadline`` (a ``time.monotonic()`` value) bounds the retrying: past it, the last
     error is raised."""
-    backoff, outage = backoff or Backoff(), Outage(log, what)
+    backoff, outage = backoff or Backoff(), outage or Outage(log, what)
     while True:
         try:
             result = await call()

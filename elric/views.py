@@ -62,7 +62,7 @@ def percent(x) -> str:
 def _table(columns: tuple[str, ...], rows=(), header: bool = True) -> Table:
     table = Table(*columns, box=None, header_style="bold", pad_edge=False, show_header=header)
     for row in rows:
-        table.add_row(*(Text(str(cell)) for cell in row))   # text, never markup
+        table.add_row(*(c if isinstance(c, Text) else Text(str(c)) for c in row))   # no markup
     return table
 
 
@@ -141,15 +141,21 @@ def schedules(rows: list[dict]) -> None:
                      when(s.get("next_run_time")), "yes" if s.get("paused") else ""))
 
 
+def trouble(w: dict) -> Text:
+    """What a worker's work is stuck on (it retries), in red; "" when nothing."""
+    return Text(w.get("trouble") or "", style="bold red")
+
+
 def workers(rows: list[dict]) -> None:
     """Each worker with its load as of its last heartbeat (a lost one: its last)."""
     _rows(rows, "no workers", ("worker", "host", "pid", "queues", "processes", "CPU %",
-                               "RSS MiB", "in flight", "done", "failed", "last seen", "state"),
+                               "RSS MiB", "in flight", "done", "failed", "last seen", "state",
+                               "trouble"),
           lambda w: (w.get("worker_id", ""), w.get("host", ""), w.get("pid", ""),
                      w.get("queues", ""), w.get("concurrency", ""),
                      percent(w.get("cpu_percent")), mib(w.get("rss_bytes")),
                      w.get("in_flight", "-"), w.get("done", "-"), w.get("failed", "-"),
-                     when(w.get("last_seen")), worker_state(w)))
+                     when(w.get("last_seen")), worker_state(w), trouble(w)))
 
 
 def status(stats: dict, health: dict) -> None:
@@ -161,6 +167,11 @@ def status(stats: dict, health: dict) -> None:
     console.print("totals: " + ", ".join(f"{k} {v}" for k, v in totals))
     console.print("workers: " + ", ".join(
         f"{n} {state}" for state, n in worker_counts(stats.get("workers", [])).items()))
+    troubled = [w["worker_id"] for w in stats.get("workers", [])
+                if w.get("alive") and w.get("trouble")]
+    if troubled:
+        console.print(Text("workers in trouble (elric workers says what): "
+                           + ", ".join(troubled), style="bold red"))
 
 
 def health(h: dict) -> None:
@@ -188,8 +199,8 @@ def top(stats: dict) -> Group:
          "-" if f["mean_ms"] is None else f"{f['mean_ms']:.1f}",
          "-" if f["p95_ms"] is None else f"≤ {f['p95_ms']}") for name, f in busiest[:10]])
     workers = _table(("worker", "state", "processes", "CPU %", "in flight", "done", "failed",
-                      "last seen"), [
+                      "last seen", "trouble"), [
         (w["worker_id"], worker_state(w), w.get("concurrency", ""), percent(w.get("cpu_percent")),
          w.get("in_flight", "-"), w.get("done", "-"), w.get("failed", "-"),
-         when(w.get("last_seen"))) for w in stats["workers"]])
+         when(w.get("last_seen")), trouble(w)) for w in stats["workers"]])
     return Group(now, rate, queues, funcs, workers)

@@ -109,8 +109,10 @@ class Worker:
         self._waiting_since = 0.0
         self._wait_refused: Exception | None = None   # what the last wait for work met
         self._wait_backoff = Backoff()
-        self._fetch_outage = Outage(log, "worker: fetching jobs failed")
-        self._wait_outage = Outage(log, "worker: waiting for work failed")
+        # each retrying loop's trouble, which the heartbeat publishes for operators
+        self._outages = {doing: Outage(log, f"worker: {doing} failed") for doing in (
+            "fetching jobs", "waiting for work", "heartbeat", "recording outcomes",
+            "sending child jobs")}
         self._renew_now = asyncio.Event()   # a claim's lease may be over: ask Redis now
         self._cancelling: set[str] = set()   # jobs cancel_job asked this worker to stop
         self._margin = min(1.0, self.lease / 10)   # a lease this close to its end is not relied on
@@ -251,7 +253,7 @@ class Worker:
                 # a fetch without a wait may pass (it writes nothing when there is no work):
                 # back off here, or the refused waits would follow each other at once
                 exc, self._wait_refused = self._wait_refused, None
-                self._wait_outage.failed(exc)
+                self._outages["waiting for work"].failed(exc)
                 await self._wait(self._wait_backoff.next())
                 continue
             want = self._fetch_size()
@@ -265,13 +267,13 @@ class Worker:
                     fetched = await self.queue.fetch(self.worker_id, self.queues,
                                                      max(want, 0), self.lease, ended)
                     backoff.reset()
-                    self._fetch_outage.passed()
+                    self._outages["fetching jobs"].passed()
                     fetched.claims = await self._hand_back_others(fetched.claims, asked)
                 except Exception as exc:   # Redis away, or full: wait it out, keep what we hold
                     if not is_outage(exc):
                         raise
                     self.ended = ended + self.ended
-                    self._fetch_outage.failed(exc)
+                    self._outages["fetching jobs"].failed(exc)
                     await self._wait(backoff.next())
                     continue
                 if fetched.claims:
@@ -329,7 +331,7 @@ class Worker:
                 return
             raise exc
         self._wait_backoff.reset()
-        self._wait_outage.passed()
+        self._outages["waiting for work"].passed()
         mine = await self._hand_back_others(task.result().claims, self._waiting_since)
         self.buffer.extend(mine)   # after the await: _dispatch may have put a new buffer in place
 
@@ -480,7 +482,8 @@ class Worker:
             records.append(Outcome(o.job_id, o.attempt, o.ok, o.payload,
                                    int((o.finished_at - o.started_at) * 1000), retry_ms,
                                    cancelled))
-        statuses = await self._retry_redis(self.queue.finish, self.worker_id, records)
+        statuses = await self._retry_redis(self.queue.finish, self.worker_id, records,
+                                           outage=self._outages["recording outcomes"])
         self._cancelling.difference_update(o.job_id for o in records)
         for (claim, _), record, status in zip(batch, records, statuses):
             if status == STALE:   # its lease ran out: queued again, or removed
@@ -562,28 +565,32 @@ class Worker:
             await self._call_master("submit_jobs", call)
 
     async def _call_master(self, method: str, *params):
-        backoff = Backoff(0.2, 5.0)
+        backoff, outage = Backoff(0.2, 5.0), self._outages["sending child jobs"]
+        address = self.settings.MASTER_ADDRESS
         while True:
             try:
-                return await self.master.call(method, *params)
+                result = await self.master.call(method, *params)
+                outage.passed()
+                return result
             except RemoteError as exc:
                 if exc.code != ErrorCode.REDIS_UNAVAILABLE:
                     raise
                 # not a refusal of the children: the same call again, once Redis is back
-                why, lost = str(exc), False
+                outage.failed(exc, f"master {address} cannot use Redis")
+                lost = False
             except RPCConnectionError as exc:
-                why, lost = f"master unreachable ({exc})", True
-            delay = backoff.next()
-            log.warning("worker: %s; retrying in %.1fs", why, delay)
-            await asyncio.sleep(delay)
+                outage.failed(exc, f"master {address} unreachable")
+                lost = True
+            await asyncio.sleep(backoff.next())
             if lost:
                 await self.master.close()
                 with contextlib.suppress(RPCError):
                     self.master = await self._connect_master()
 
-    async def _retry_redis(self, fn, *args, deadline: float | None = None):
+    async def _retry_redis(self, fn, *args, deadline: float | None = None,
+                           outage: Outage | None = None):
         return await retry(lambda: fn(*args), what="worker", log=log,
-                           deadline=deadline)
+                           deadline=deadline, outage=outage)
 
     # --- heartbeat, registration ------------------------------------------------------
     async def _register(self) -> None:
@@ -601,14 +608,18 @@ class Worker:
                   "started_at": self.started_at,
                   "state": "paused" if self.paused else "running",
                   "processed": self.processed, "done": self.done, "failed": self.failed,
-                  "in_flight": len(self.pool.claims())}
+                  "in_flight": len(self.pool.claims()),
+                  # "" or what is stuck retrying, e.g. "sending child jobs: master ...
+                  # unreachable for 42s": the worker is alive but its work waits
+                  "trouble": "; ".join(f"{doing}: {o.trouble()}"
+                                       for doing, o in self._outages.items() if o.kind)}
         measured = self.load.read([os.getpid(), *self.pool.pids()])
         if measured is not None:   # None: no /proc here
             fields["cpu_percent"], fields["rss_bytes"] = measured
         return fields
 
     async def _heartbeat_loop(self) -> None:
-        outage = Outage(log, "worker: heartbeat failed")
+        outage = self._outages["heartbeat"]
         while not cancel_pending():
             with contextlib.suppress(asyncio.TimeoutError):   # at least once a second: cancels
                 await asyncio.wait_for(self._renew_now.wait(), min(1.0, self.lease / 3))

@@ -148,6 +148,40 @@ def _worker(client, pid: int) -> dict:
     return next(w for w in client.stats()["workers"] if w.get("pid") == pid)
 
 
+def test_a_worker_in_trouble_is_marked_on_the_workers_page_and_the_overview(
+        make_cluster, browser, redis_url):
+    """A worker whose work was stuck retrying showed running, in green, as any other: only
+    its own log said what was wrong."""
+    import redis
+
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}")
+    cluster.start_master()
+    worker = cluster.start_worker("--concurrency", "1")
+    base = f"http://127.0.0.1:{port}"
+    wake = f"elric:worker:{_worker(cluster.client, worker.pid)['worker_id']}:wake"
+    page = browser.new_page()
+    with redis.Redis.from_url(redis_url) as r:
+        r.set(wake, "an operator's mistake")   # each wait for work: WRONGTYPE
+        wait_for(lambda: _worker(cluster.client, worker.pid)["trouble"], what="its trouble")
+        page.goto(base + "/workers")
+        row = page.locator("tr.worker", has_text=str(worker.pid))
+        said = row.locator("td.trouble").inner_text()
+        assert said.startswith("waiting for work: ResponseError for "), said
+        assert "bad" in row.locator("td.state").get_attribute("class")
+        page.goto(base + "/")
+        assert page.locator("#troubled").inner_text() == "1 in trouble"
+        r.delete(wake)
+    wait_for(lambda: _worker(cluster.client, worker.pid)["trouble"] == "", timeout=30,
+             what="the trouble cleared")
+    page.goto(base + "/workers")
+    row = page.locator("tr.worker", has_text=str(worker.pid))
+    assert row.locator("td.trouble").inner_text() == ""
+    assert row.locator("td.state").get_attribute("class") == "state ok"
+    page.goto(base + "/")
+    assert page.locator("#troubled").count() == 0
+
+
 def test_without_a_password_it_is_read_only_and_serves_loopback_only(make_cluster):
     port = free_port()
     cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}")

@@ -14,7 +14,8 @@ import psutil
 import elric
 from elric.redis_server import free_port
 from tests.conftest import wait_for
-from tests.jobs import Add, Fail, MarkSleep, Sleep, Spin
+from elric.client import MasterClient
+from tests.jobs import Add, Fail, MarkSleep, Sleep, Spawn, Spin
 from tests.test_cli import elric as run_elric, one_line_error
 
 MIB = 2**20
@@ -39,7 +40,7 @@ def test_a_worker_registers_and_heartbeats_its_load(cluster):
     assert (w["concurrency"], w["async_concurrency"]) == (2, 100)
     assert w["version"] == elric.__version__
     assert before - 1 < w["started_at"] <= w["last_seen"] < time.time() + 1   # epoch seconds
-    assert w["alive"] is True and w["state"] == "running"
+    assert w["alive"] is True and w["state"] == "running" and w["trouble"] == ""
 
     # memory of the worker and its two pool processes, as psutil sees them
     w = wait_for(lambda: (lambda w: w if "rss_bytes" in w else None)(_me(cluster, wid)),
@@ -187,3 +188,46 @@ def test_the_dashboard_shows_each_workers_load(make_cluster):
     assert '<td class="n in-flight">0</td>' in row and str(worker.pid) in row
     rss = float(row.split('<td class="n rss">')[1].split("<")[0])
     assert rss > 10
+
+
+def test_a_worker_whose_master_is_gone_shows_its_trouble_until_the_master_is_back(make_cluster):
+    """A worker that could not send the child jobs of the jobs that ended (its master gone)
+    showed as running and alive, and those jobs as running, for as long as it lasted: only
+    its own log said why. Its heartbeat now tells, and every master shows it."""
+    port = free_port()
+    c = make_cluster()
+    a = c.start_master()   # the worker's MASTER_ADDRESS
+    b = f"127.0.0.1:{free_port()}"
+    c.start_master(address=b, DASHBOARD_ADDRESS=f"127.0.0.1:{port}")
+    c.start_worker("--concurrency", "1")
+    via_b = MasterClient(b)
+    [wid] = [w["worker_id"] for w in via_b.stats()["workers"]]
+    a.kill()
+    c.client.close()   # its connection died with the master
+
+    def trouble() -> str:
+        return next(w for w in via_b.stats()["workers"] if w["worker_id"] == wid)["trouble"]
+
+    def metric() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+            text = reply.read().decode()
+        return text.split(f'elric_worker_trouble{{worker="{wid}"}} ')[1].split()[0]
+
+    try:
+        via_b.submit_job(Spawn.spec([3], job_id="parent"))
+        said = wait_for(trouble, what="the worker's trouble, through master B")
+        assert said.startswith(f"sending child jobs: master {c.address} unreachable for "), said
+        assert via_b.get_job("parent")["status"] == "running"   # ended, not recorded
+        assert metric() == "1.0"
+        shown = run_elric(c, "workers", "--master", b)
+        assert f"master {c.address} unreachable" in shown.stdout, shown.stdout + shown.stderr
+        assert f"workers in trouble (elric workers says what): {wid}" in \
+            run_elric(c, "status", "--master", b).stdout
+
+        c.start_master()   # at the worker's MASTER_ADDRESS again
+        wait_for(lambda: trouble() == "", timeout=30, what="the trouble cleared")
+        wait_for(lambda: via_b.stats()["by_status"]["succeeded"] == 4,
+                 what="the parent recorded, its three children queued and run")
+        assert metric() == "0.0"
+    finally:
+        via_b.close()

@@ -78,16 +78,19 @@ class _Snapshot:
 
 
 def _workers(workers: list[dict]):
-    """Each live worker's load, as its last heartbeat recorded it."""
+    """Each live worker's load, and whether its work is stuck retrying (its ``trouble``), as
+    its last heartbeat recorded them."""
     load = {name: GaugeMetricFamily(f"elric_worker_{name}", doc, labels=["worker"])
             for name, doc in (("cpu_percent", "CPU % of a worker and its pool (100: a core)"),
                               ("rss_bytes", "Memory of a worker and its pool processes"),
                               ("in_flight", "Jobs a worker runs now"),
-                              ("processes", "A worker's pool processes"))}
+                              ("processes", "A worker's pool processes"),
+                              ("trouble", "1: a worker's work is stuck retrying (a master "
+                               "or Redis it cannot use); its trouble field says what"))}
     for w in workers:
         if not w.get("alive"):
             continue
-        values = {**w, "processes": w.get("concurrency")}
+        values = {**w, "processes": w.get("concurrency"), "trouble": int(bool(w.get("trouble")))}
         for name, family in load.items():
             if isinstance(values.get(name), (int, float)):
                 family.add_metric([w["worker_id"]], values[name])
