@@ -330,8 +330,12 @@ def _schedules(client, args: argparse.Namespace, show) -> int:
         raise UsageError(f"elric schedules {args.action} takes the periodic job's id")
     if args.action == "run-now":
         return _run_now(client, args.job_id, show)
-    if args.action in ("pause", "resume") and \
-            (client.get_job(args.job_id) or {}).get("status") == "finished":
+    job = client.get_job(args.job_id) or {}
+    if job and "trigger" not in job:   # remove_job would delete this one-off job
+        raise Failed(f"job {args.job_id!r} is not periodic: elric "
+                     f"{'delete' if args.action == 'remove' else 'cancel'} {args.job_id} "
+                     f"{'removes' if args.action == 'remove' else 'stops'} it")
+    if args.action in ("pause", "resume") and job.get("status") == "finished":
         # pause_job and resume_job answer whether it exists: a finished job is left as it is
         raise Failed(f"periodic job {args.job_id!r} has finished: no fires are left to "
                      f"{args.action}")

@@ -97,6 +97,17 @@ def test_pause_or_resume_of_a_finished_periodic_job_says_so_and_exits_1(cluster)
     assert c.get_job("once")["paused"] is False
 
 
+def test_schedules_remove_of_a_one_off_job_refuses_it_and_names_delete(cluster):
+    """`elric schedules remove ID` of a one-off job deleted it, and said "periodic job ID:
+    removed"; its sibling `elric delete ID` of a periodic id refuses, as this now does."""
+    cluster.client.submit_job(Echo.spec(job_id="plain", queue="nobody"))
+    for action, then in (("remove", "delete plain removes"), ("pause", "cancel plain stops"),
+                         ("resume", "cancel plain stops")):
+        one_line_error(elric(cluster, "schedules", action, "plain"), 1,
+                       f"job 'plain' is not periodic: elric {then} it")
+    assert cluster.client.get_job("plain")["status"] == "queued"
+
+
 def test_unavailable_master_or_redis_exits_3_with_one_line(redis_url, tmp_path):
     c = Cluster(redis_url, tmp_path)    # nothing listens at its address yet
     try:
