@@ -427,8 +427,9 @@ class Worker:
     def _crashed(self, claim: Claim, exc: ProcessDied) -> runner.Ran | None:
         """A pool process died holding this job: a failure when the job is known to be at
         fault; otherwise the job runs again, same attempt, apart from others when the
-        culprit is unknown."""
-        if claim.job_id in exc.culprits or len(exc.held) == 1:
+        culprit is unknown. A job asked to stop ends cancelled, whoever was to blame."""
+        if claim.job_id in exc.culprits or len(exc.held) == 1 or \
+                claim.job_id in self._cancelling:
             if claim.job_id in self._cancelling:
                 why = runner.CANCELLED + "; its process was killed"
             elif claim.job_id in exc.culprits:
@@ -574,6 +575,7 @@ class Worker:
                 return result
             except RemoteError as exc:
                 if exc.code != ErrorCode.REDIS_UNAVAILABLE:
+                    outage.passed()   # it answered: reachable, whatever it refused
                     raise
                 # not a refusal of the children: the same call again, once Redis is back
                 outage.failed(exc, f"master {address} cannot use Redis")

@@ -239,6 +239,26 @@ def test_a_job_held_up_past_its_timeout_by_a_blocked_loop_runs_again_and_the_blo
     assert lines(marks) == ["innocent", "blocker", "innocent"]
 
 
+def test_a_job_cancelled_while_a_blocked_loop_holds_it_ends_cancelled_not_run_again(
+        make_cluster, tmp_path):
+    """Its process is killed for it (it ignored the cancel for KILL_GRACE), but the blocker
+    takes the blame: as a bystander it ran again, to the end, and succeeded."""
+    c = make_cluster(LEASE_SECONDS=3)
+    c.start_master()
+    c.start_worker("--concurrency", "1")
+    c.client.submit_job(AsyncBlock.spec([0], job_id="warm-up"))   # learn its kind
+    assert c.wait_job("warm-up")["status"] == "succeeded"
+    marks = tmp_path / "started.txt"
+    c.client.submit_job(AsyncSleep.spec([6, str(marks)], job_id="asked"))
+    wait_for(lambda: lines(marks) == ["asked"], what="the job to cancel started")
+    c.client.submit_job(AsyncBlock.spec([40, str(marks)], job_id="blocker", timeout=60))
+    wait_for(lambda: lines(marks) == ["asked", "blocker"], what="the blocker started")
+    assert c.client.cancel_job("asked")["status"] == "cancelling"
+    asked = c.wait_job("asked", statuses=("succeeded", "failed", "cancelled"), timeout=40)
+    assert asked["status"] == "cancelled", (asked, lines(marks))
+    assert lines(marks)[:2] == ["asked", "blocker"] and "asked" not in lines(marks)[2:]
+
+
 def test_a_crash_among_async_jobs_is_found_by_running_the_suspects_apart(cluster, tmp_path):
     worker = cluster.start_worker("--concurrency", "1")
     cluster.client.submit_job(AsyncCrash.spec([], job_id="first"))  # learn its kind

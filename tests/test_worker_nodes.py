@@ -10,6 +10,7 @@ import time
 import urllib.request
 
 import psutil
+import pytest
 
 import elric
 from elric.redis_server import free_port
@@ -190,10 +191,13 @@ def test_the_dashboard_shows_each_workers_load(make_cluster):
     assert rss > 10
 
 
-def test_a_worker_whose_master_is_gone_shows_its_trouble_until_the_master_is_back(make_cluster):
+@pytest.mark.parametrize("back_refusing", [False, True])
+def test_a_worker_whose_master_is_gone_shows_its_trouble_until_the_master_is_back(
+        make_cluster, back_refusing):
     """A worker that could not send the child jobs of the jobs that ended (its master gone)
     showed as running and alive, and those jobs as running, for as long as it lasted: only
-    its own log said why. Its heartbeat now tells, and every master shows it."""
+    its own log said why. Its heartbeat now tells, and every master shows it. A master
+    back that refuses the children is reachable too: the trouble ends (it stayed)."""
     port = free_port()
     c = make_cluster()
     a = c.start_master()   # the worker's MASTER_ADDRESS
@@ -224,10 +228,14 @@ def test_a_worker_whose_master_is_gone_shows_its_trouble_until_the_master_is_bac
         assert f"workers in trouble (elric workers says what): {wid}" in \
             run_elric(c, "status", "--master", b).stdout
 
-        c.start_master()   # at the worker's MASTER_ADDRESS again
+        # at the worker's MASTER_ADDRESS again; refusing: it allows no tests.jobs children
+        c.start_master(**({"JOB_MODULES": "examples"} if back_refusing else {}))
         wait_for(lambda: trouble() == "", timeout=30, what="the trouble cleared")
-        wait_for(lambda: via_b.stats()["by_status"]["succeeded"] == 4,
-                 what="the parent recorded, its three children queued and run")
+        if back_refusing:
+            assert c.wait_job("parent")["status"] == "failed"
+        else:
+            wait_for(lambda: via_b.stats()["by_status"]["succeeded"] == 4,
+                     what="the parent recorded, its three children queued and run")
         assert metric() == "0.0"
     finally:
         via_b.close()
