@@ -51,9 +51,11 @@ class MasterClient:
         return self.call("ping")
 
     def submit_job(self, spec: dict) -> dict:
-        [answer] = self._until_known("submit_job", [(_with_id(spec),)])
+        """Raises RPCConnectionError with ``.job_ids`` when the outcome stays unknown."""
+        spec = _with_id(spec)
+        [answer] = self._until_known("submit_job", [(spec,)])
         if isinstance(answer, Exception):
-            raise answer
+            raise _unsettled(answer, [spec])
         return answer
 
     def submit_jobs(self, specs: list[dict]) -> list[dict]:
@@ -64,15 +66,15 @@ class MasterClient:
         if len(specs) <= MAX_BATCH:
             [answer] = self._until_known("submit_jobs", [(specs,)])
             if isinstance(answer, Exception):
-                raise answer
+                raise _unsettled(answer, specs)
             return answer
         starts = range(0, len(specs), SPLIT_BATCH)
         batches = [specs[i:i + SPLIT_BATCH] for i in starts]
         answers = self._until_known("submit_jobs", [(batch,) for batch in batches])
-        if unknown := next((a for a in answers if isinstance(a, RPCConnectionError)), None):
-            raise unknown
         replies = [reply for batch, a in zip(batches, answers)
                    for reply in ([None] * len(batch) if isinstance(a, Exception) else a)]
+        if unknown := next((a for a in answers if isinstance(a, RPCConnectionError)), None):
+            raise _unsettled(unknown, specs, replies)
         # refused by the master (RemoteError), or here: msgpack cannot carry it, too big
         refused = [(i, a) for i, a in zip(starts, answers) if isinstance(a, Exception)]
         if not refused:
@@ -110,12 +112,6 @@ class MasterClient:
             if not todo or time.monotonic() + delay > deadline:
                 break
             time.sleep(delay)
-        for i in todo:   # say how to settle it
-            ids = [s.get("job_id") for s in _specs(calls[i]) if isinstance(s, dict)]
-            answers[i] = type(answers[i])(
-                f"{answers[i]}; whether job(s) {', '.join(map(str, ids[:3]))}"
-                f"{' ...' if len(ids) > 3 else ''} were queued is unknown: send them again "
-                "with the same job_id, which cannot queue one twice")
         return answers
 
     def get_job(self, job_id: str, timeout: float | None = None) -> dict | None:
@@ -183,14 +179,23 @@ def _with_id(spec: Any) -> Any:
     """The spec with a job_id chosen here if it has none (as the master would), so that
     sending it again after a lost connection names the same job, not a second one. (A
     periodic job's id is the user's to choose: the master asks for it.)"""
-    if isinstance(spec, dict) and "job_id" not in spec and "trigger" not in spec:
+    if isinstance(spec, dict) and spec.get("job_id", "") == "" and "trigger" not in spec:
         return {**spec, "job_id": os.urandom(16).hex()}
     return spec
 
 
-def _specs(params: tuple) -> list:
-    """The specs of a submit_job or submit_jobs call's params."""
-    return params[0] if isinstance(params[0], list) else [params[0]]
+def _unsettled(exc: Exception, specs: list, replies: list | None = None) -> Exception:
+    """A submit's error; one whose outcome stayed unknown says how to settle it, with
+    ``job_ids`` (every spec's, in order: the same specs sent again with them cannot queue a
+    job twice) and ``replies`` (the answers known; None where unknown or refused)."""
+    if not isinstance(exc, RPCConnectionError):   # (refused, or never sent)
+        return exc
+    error = type(exc)(f"{exc}; whether the jobs were queued is unknown: send the same specs "
+                      "again with the job ids in this error's .job_ids (then none is queued "
+                      "twice)")
+    error.job_ids = [s.get("job_id") if isinstance(s, dict) else None for s in specs]
+    error.replies = replies or [None] * len(specs)
+    return error
 
 
 _default: MasterClient | None = None

@@ -47,13 +47,40 @@ def test_a_submit_never_answered_says_how_to_settle_it_and_was_queued_once(proxi
     with MasterClient(f"127.0.0.1:{proxy.port}", timeout=1) as client:
         with pytest.raises(RPCConnectionError) as info:
             client.submit_job(Add.spec([1, 2], job_id="mine"))
-    assert "whether job(s) mine were queued is unknown" in str(info.value), info.value
+    assert "whether the jobs were queued is unknown" in str(info.value), info.value
+    assert info.value.job_ids == ["mine"]
     assert proxy.connections >= 2   # sent again meanwhile, under the same id: one job
     assert cluster.client.stats()["totals"]["submitted"] == 1
     assert cluster.client.get_job("mine")["status"] == "queued"
 
 
+def test_a_long_list_never_answered_gives_the_ids_to_send_it_again_with(proxied):
+    """The ids are the client's: without them on the error, the caller could only send the
+    list again under new ones, queueing each job twice."""
+    cluster, proxy, _ = proxied
+    proxy.cut_answers = 1000
+    specs = [Add.spec([i, i]) for i in range(10_001)]   # split in calls of 1,000
+    with MasterClient(f"127.0.0.1:{proxy.port}", timeout=1) as client:
+        with pytest.raises(RPCConnectionError) as info:
+            client.submit_jobs(specs)
+    ids = info.value.job_ids
+    assert len(set(ids)) == len(specs) and info.value.replies == [None] * len(specs)
+    again = cluster.client.submit_jobs([{**s, "job_id": i} for s, i in zip(specs, ids)])
+    assert {r["status"] for r in again} == {"queued"}
+    assert cluster.client.stats()["totals"]["submitted"] == len(specs)   # each once
+
+
+def test_an_empty_job_id_is_named_by_the_client_too(proxied):
+    cluster, proxy, client = proxied
+    proxy.cut_answers = 1
+    reply = client.submit_job(Add.spec([1, 2], job_id=""))
+    assert reply["status"] == "queued" and reply["job_id"]
+    assert cluster.client.stats()["totals"]["submitted"] == 1
+
+
 def test_a_master_not_there_is_said_at_once():
+    """Nothing was sent: no resend, and nothing to settle."""
     with MasterClient(f"127.0.0.1:{free_port()}", timeout=20) as client:
-        with pytest.raises(RPCUnreachableError, match="cannot reach elric master"):
+        with pytest.raises(RPCUnreachableError, match="cannot reach elric master") as info:
             client.submit_job(Add.spec([1, 2]))
+    assert "unknown" not in str(info.value) and not hasattr(info.value, "job_ids")
