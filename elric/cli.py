@@ -332,9 +332,9 @@ def _schedules(client, args: argparse.Namespace, show) -> int:
         return _run_now(client, args.job_id, show)
     job = client.get_job(args.job_id) or {}
     if job and "trigger" not in job:   # remove_job would delete this one-off job
-        raise Failed(f"job {args.job_id!r} is not periodic: elric "
-                     f"{'delete' if args.action == 'remove' else 'cancel'} {args.job_id} "
-                     f"{'removes' if args.action == 'remove' else 'stops'} it")
+        raise Failed(f"job {args.job_id!r} is not periodic: " + (
+            f"elric delete {args.job_id} removes it" if args.action == "remove" else
+            f"only periodic jobs {args.action}"))
     if args.action in ("pause", "resume") and job.get("status") == "finished":
         # pause_job and resume_job answer whether it exists: a finished job is left as it is
         raise Failed(f"periodic job {args.job_id!r} has finished: no fires are left to "

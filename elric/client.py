@@ -99,8 +99,9 @@ class MasterClient:
         deadline = time.monotonic() + (self.rpc.timeout or 30.0)
         backoff, answers, todo = Backoff(0.05, 2.0), [None] * len(calls), range(len(calls))
         for attempt in itertools.count():
-            try:
-                got = self.rpc.call_many(method, [calls[i] for i in todo])
+            try:   # a resend waits only for what is left of the first call's time
+                got = self.rpc.call_many(method, [calls[i] for i in todo], timeout=None if
+                                         attempt == 0 else max(deadline - time.monotonic(), .1))
             except RPCConnectionError as exc:
                 if attempt == 0 and isinstance(exc, RPCUnreachableError):
                     raise   # nothing was sent: nothing to settle
@@ -185,16 +186,19 @@ def _with_id(spec: Any) -> Any:
 
 
 def _unsettled(exc: Exception, specs: list, replies: list | None = None) -> Exception:
-    """A submit's error; one whose outcome stayed unknown says how to settle it, with
-    ``job_ids`` (every spec's, in order: the same specs sent again with them cannot queue a
-    job twice) and ``replies`` (the answers known; None where unknown or refused)."""
-    if not isinstance(exc, RPCConnectionError):   # (refused, or never sent)
-        return exc
-    error = type(exc)(f"{exc}; whether the jobs were queued is unknown: send the same specs "
-                      "again with the job ids in this error's .job_ids (then none is queued "
-                      "twice)")
-    error.job_ids = [s.get("job_id") if isinstance(s, dict) else None for s in specs]
-    error.replies = replies or [None] * len(specs)
+    """A submit's error, with ``job_ids`` (every spec's, in order: sent again with them, the
+    same specs cannot queue a job twice) and ``replies`` (the answers known, else None).
+    One whose outcome stayed unknown (the connection broke after the call went) says so,
+    as an RPCConnectionError: never "unreachable", which means nothing was sent."""
+    ids = [s.get("job_id") if isinstance(s, dict) else None for s in specs]
+    error = exc
+    if isinstance(exc, RPCConnectionError):
+        shown = ", ".join(map(str, ids[:3])) + (f", ... ({len(ids)} in all)" if len(ids) > 3
+                                                else "")
+        error = RPCConnectionError(f"{exc}; whether job(s) {shown} were queued is unknown: "
+                                   "send the same specs again with these job ids (all in "
+                                   "this error's .job_ids), which cannot queue one twice")
+    error.job_ids, error.replies = ids, replies or [None] * len(specs)
     return error
 
 

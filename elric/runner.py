@@ -492,17 +492,18 @@ class _Runner:
         warned = 0.0
         while True:
             time.sleep(0.1)
-            stalled = time.monotonic() - self.last_tick
-            if self.blocking is not None and self.last_tick != warned:   # it turns again
+            tick = self.last_tick   # read once: the loop may turn meanwhile
+            stalled = time.monotonic() - tick
+            if self.blocking is not None and tick != warned:   # it turns again
                 self.blocking = None
                 self._send(force=True)
-            if stalled < self.lag_warn or self.last_tick == warned or self.draining \
+            if stalled < self.lag_warn or tick == warned or self.draining \
                     or not self.tasks:   # no async job in flight: a sync job blocks it
                 continue
-            warned = self.last_tick
+            warned = tick
             task = getattr(asyncio.tasks, "_current_tasks", {}).get(self.loop)
             culprit = self.tasks.get(task) if task is not None else None
-            if culprit:
+            if culprit and self.last_tick == tick:   # (still the same stall: it holds it)
                 self.blocking = culprit.job_id
                 self._send(force=True)
             who = f"job {culprit.job_id}" if culprit else \

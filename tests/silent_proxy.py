@@ -22,6 +22,7 @@ class SilentProxy:
         self._closed = False
         self.cut_answers = 0   # how many of the next connections lose their first answer
         self.connections = 0
+        self.refuse_after: int | None = None   # connections it takes before it closes
         threading.Thread(target=self._accept, daemon=True).start()
 
     def url(self, db: int = 0) -> str:
@@ -33,12 +34,16 @@ class SilentProxy:
                 client, _ = self._listener.accept()
                 server = socket.create_connection(("127.0.0.1", self.target_port))
             except OSError:
+                if self._listener.fileno() == -1:   # closed (refuse_after, close)
+                    return
                 continue
             silent = threading.Event()
             with self._lock:
                 self._pairs.append((client, server, silent))
                 self.connections += 1
                 cut, self.cut_answers = self.cut_answers > 0, max(self.cut_answers - 1, 0)
+                if self.connections == self.refuse_after:   # later ones are refused
+                    self._listener.close()
             for src, dst, cuts in ((client, server, False), (server, client, cut)):
                 threading.Thread(target=self._pump, args=(src, dst, silent, cuts),
                                  daemon=True).start()

@@ -101,10 +101,11 @@ def test_schedules_remove_of_a_one_off_job_refuses_it_and_names_delete(cluster):
     """`elric schedules remove ID` of a one-off job deleted it, and said "periodic job ID:
     removed"; its sibling `elric delete ID` of a periodic id refuses, as this now does."""
     cluster.client.submit_job(Echo.spec(job_id="plain", queue="nobody"))
-    for action, then in (("remove", "delete plain removes"), ("pause", "cancel plain stops"),
-                         ("resume", "cancel plain stops")):
+    for action, then in (("remove", "elric delete plain removes it"),
+                         ("pause", "only periodic jobs pause"),
+                         ("resume", "only periodic jobs resume")):
         one_line_error(elric(cluster, "schedules", action, "plain"), 1,
-                       f"job 'plain' is not periodic: elric {then} it")
+                       f"job 'plain' is not periodic: {then}")
     assert cluster.client.get_job("plain")["status"] == "queued"
 
 

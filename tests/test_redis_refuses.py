@@ -49,6 +49,7 @@ def test_a_submit_refused_for_lack_of_memory_is_redis_unavailable(own_redis, tmp
         assert info.value.code == "redis_unavailable", str(info.value)
         assert str(info.value) == ("Redis is out of memory (maxmemory): nothing was queued, "
                                    "try again")
+        assert info.value.job_ids == ["oom-1"]   # to send it again with
         assert c.client.ping() == "pong"
 
         r.config_set("maxmemory", 0)

@@ -47,11 +47,24 @@ def test_a_submit_never_answered_says_how_to_settle_it_and_was_queued_once(proxi
     with MasterClient(f"127.0.0.1:{proxy.port}", timeout=1) as client:
         with pytest.raises(RPCConnectionError) as info:
             client.submit_job(Add.spec([1, 2], job_id="mine"))
-    assert "whether the jobs were queued is unknown" in str(info.value), info.value
+    assert "whether job(s) mine were queued is unknown" in str(info.value), info.value
     assert info.value.job_ids == ["mine"]
     assert proxy.connections >= 2   # sent again meanwhile, under the same id: one job
     assert cluster.client.stats()["totals"]["submitted"] == 1
     assert cluster.client.get_job("mine")["status"] == "queued"
+
+
+def test_a_submit_sent_then_refused_is_unknown_not_unreachable(proxied):
+    """The first send went, then the master was gone: "unreachable" would say nothing was
+    sent, and a caller would submit again under a new id."""
+    cluster, proxy, client = proxied
+    proxy.cut_answers, proxy.refuse_after = 1, 1
+    client.rpc.timeout = 1
+    with pytest.raises(RPCConnectionError) as info:
+        client.submit_job(Add.spec([1, 2]))
+    assert not isinstance(info.value, RPCUnreachableError), repr(info.value)
+    [job_id] = info.value.job_ids
+    assert cluster.client.get_job(job_id)["status"] == "queued"   # it had gone
 
 
 def test_a_long_list_never_answered_gives_the_ids_to_send_it_again_with(proxied):
