@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import wait_for
 from tests.jobs import Add
-from tests.jobs_faults import count_lines
+from tests.jobs_faults import SwallowTimeout, count_lines
 from tests.jobs_async import (AsyncBlock, AsyncCrash, AsyncFail, AsyncFlaky, AsyncSleep,
                               AsyncSpawn, AsyncStubborn, HiddenAsync, SyncRunsAsyncio,
                               SyncSpan)
@@ -72,11 +72,12 @@ def test_an_async_job_past_its_timeout_is_cancelled_and_its_neighbours_go_on(clu
     assert worker.alive()
 
 
-@pytest.mark.parametrize("func", [AsyncBlock, AsyncStubborn])
-def test_an_async_job_that_ends_past_its_timeout_fails_with_it(cluster, func):
+@pytest.mark.parametrize("func", [AsyncBlock, AsyncStubborn, SwallowTimeout])
+def test_a_job_that_ends_past_its_timeout_fails_with_it(cluster, func):
     """An async job that blocked its loop past its timeout without awaiting, or swallowed
-    the cancellation its timeout sent, and then returned was recorded succeeded: the
-    timeout, which stops a sync job at its alarm, did not hold for it."""
+    the cancellation its timeout sent, or a sync job whose `except Exception` caught the
+    JobTimeout its alarm raised, and then returned (within the grace before its process is
+    killed) was recorded succeeded."""
     worker = cluster.start_worker("--concurrency", "1")
     cluster.client.submit_job(func.spec([2.5], job_id="late", timeout=1))
     late = cluster.wait_job("late")
@@ -195,14 +196,20 @@ def test_an_async_job_blocking_its_loop_is_named_in_the_log(cluster):
              what="the warning naming the job")
 
 
-def test_an_async_job_blocking_past_its_timeout_is_killed_and_its_neighbours_run_again(
-        make_cluster, tmp_path):
+def one_async_process(make_cluster):
+    """(cluster, worker): one pool process that has run an AsyncBlock (a class the worker
+    has not run yet gets a process to itself), and leases short enough to run out."""
     c = make_cluster(LEASE_SECONDS=3)
     c.start_master()
     worker = c.start_worker("--concurrency", "1")
-    # a class the worker has not run yet gets a process to itself: run it once first
     c.client.submit_job(AsyncBlock.spec([0], job_id="warm-up"))
     assert c.wait_job("warm-up")["status"] == "succeeded"
+    return c, worker
+
+
+def test_an_async_job_blocking_past_its_timeout_is_killed_and_its_neighbours_run_again(
+        make_cluster, tmp_path):
+    c, worker = one_async_process(make_cluster)
     marks = tmp_path / "started.txt"
     c.client.submit_job(AsyncSleep.spec([4, str(marks)], job_id="innocent"))
     wait_for(lambda: lines(marks) == ["innocent"], what="the innocent job started")
@@ -222,11 +229,7 @@ def test_a_job_held_up_past_its_timeout_by_a_blocked_loop_runs_again_and_the_blo
     """The neighbour's deadline passes first: the process is killed for it, but the job the
     process names as blocking its loop takes the blame; before, the neighbour failed with
     JobTimeout, and the blocker ran again unblamed."""
-    c = make_cluster(LEASE_SECONDS=3)
-    c.start_master()
-    c.start_worker("--concurrency", "1")
-    c.client.submit_job(AsyncBlock.spec([0], job_id="warm-up"))   # learn its kind
-    assert c.wait_job("warm-up")["status"] == "succeeded"
+    c, _ = one_async_process(make_cluster)
     marks = tmp_path / "started.txt"
     c.client.submit_job(AsyncSleep.spec([1, str(marks)], job_id="innocent", timeout=2))
     wait_for(lambda: lines(marks) == ["innocent"], what="the innocent job started")
@@ -243,11 +246,7 @@ def test_a_job_cancelled_while_a_blocked_loop_holds_it_ends_cancelled_not_run_ag
         make_cluster, tmp_path):
     """Its process is killed for it (it ignored the cancel for KILL_GRACE), but the blocker
     takes the blame: as a bystander it ran again, to the end, and succeeded."""
-    c = make_cluster(LEASE_SECONDS=3)
-    c.start_master()
-    c.start_worker("--concurrency", "1")
-    c.client.submit_job(AsyncBlock.spec([0], job_id="warm-up"))   # learn its kind
-    assert c.wait_job("warm-up")["status"] == "succeeded"
+    c, _ = one_async_process(make_cluster)
     marks = tmp_path / "started.txt"
     c.client.submit_job(AsyncSleep.spec([6, str(marks)], job_id="asked"))
     wait_for(lambda: lines(marks) == ["asked"], what="the job to cancel started")
