@@ -177,12 +177,7 @@ class Worker:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
-        self._connecting = asyncio.create_task(self._connect())
-        try:
-            await self._connecting
-        except asyncio.CancelledError:
-            if not self.stopping:
-                raise
+        if not await self._unless_stopped(self._connect()):
             await self.redis.aclose()  # told to stop before Redis and the master were there
             await self.blocking_redis.aclose()
             return 0
@@ -192,7 +187,13 @@ class Worker:
                          job_modules=s.JOB_MODULES, preload=self.modules.clean(),
                          log_level=s.LOG_LEVEL, lag_warn=s.LOOP_LAG_WARN,
                          result_max=s.result_max_bytes)
-        await self._retry_redis(self._register)   # Redis may refuse writes for a while
+        # Redis may be away or refuse writes for a while; a stop meanwhile ends the wait
+        if not await self._unless_stopped(self._retry_redis(self._register)):
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            await self.master.close()
+            await self.redis.aclose()
+            await self.blocking_redis.aclose()
+            return 0
         heartbeat = asyncio.create_task(self._heartbeat_loop())
         recorder = asyncio.create_task(self._record_loop())
         recorder.add_done_callback(self._recorder_ended)
@@ -213,6 +214,18 @@ class Worker:
             log.error("worker: recording outcomes failed; stopping", exc_info=task.exception())
             self.broken = True
             self.request_stop()
+
+    async def _unless_stopped(self, step) -> bool:
+        """Run a start-up step that may wait for Redis or the master for good; False if
+        the worker was told to stop meanwhile (request_stop cancels it)."""
+        self._connecting = asyncio.create_task(step)
+        try:
+            await self._connecting
+        except asyncio.CancelledError:
+            if not self.stopping:
+                raise
+            return False
+        return True
 
     def request_stop(self) -> None:
         if not self.stopping:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import time
 
 import pytest
@@ -87,6 +88,24 @@ def test_workers_ride_out_a_full_redis(own_redis, tmp_path):
         assert c.wait_job("later")["result"] == 3, c.logs()
         wait_for(lambda: len(c.client.stats()["workers"]) == 2, what="both registered")
         assert busy.alive() and late.alive(), c.logs()
+    finally:
+        r.close()
+        c.close()
+
+
+def test_a_worker_waiting_to_register_in_a_full_redis_stops_when_told(own_redis, tmp_path):
+    """A stop while its first heartbeat was refused went unheard: the worker waited for
+    Redis to take writes again, for good (seen when a test's Redis died under a worker)."""
+    c = Cluster(own_redis.url, tmp_path)
+    r = redis.Redis.from_url(own_redis.url)
+    try:
+        c.start_master()
+        fill_until_refused(r)
+        worker = c.start_worker("--concurrency", "1", wait=False)
+        wait_for(lambda: "Redis is out of memory" in worker.log(),
+                 what="the worker waiting to register")
+        worker.signal(signal.SIGTERM)
+        assert worker.wait(timeout=30) == 0, worker.log()
     finally:
         r.close()
         c.close()
