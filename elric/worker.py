@@ -116,7 +116,7 @@ class Worker:
         self._renew_now = asyncio.Event()   # a claim's lease may be over: ask Redis now
         self._cancelling: set[str] = set()   # jobs cancel_job asked this worker to stop
         self._margin = min(1.0, self.lease / 10)   # a lease this close to its end is not relied on
-        self._connecting: asyncio.Task | None = None
+        self._starting: asyncio.Task | None = None   # a start-up step a stop cancels
         # (connection, limit) a master's too_large told: it holds while that connection
         # does, since a master started again may take more
         self._told_limit: tuple[AsyncClient, int] | None = None
@@ -190,9 +190,7 @@ class Worker:
         # Redis may be away or refuse writes for a while; a stop meanwhile ends the wait
         if not await self._unless_stopped(self._retry_redis(self._register)):
             self.pool.shutdown(wait=True, cancel_futures=True)
-            await self.master.close()
-            await self.redis.aclose()
-            await self.blocking_redis.aclose()
+            await self._close(registered=False)
             return 0
         heartbeat = asyncio.create_task(self._heartbeat_loop())
         recorder = asyncio.create_task(self._record_loop())
@@ -218,9 +216,9 @@ class Worker:
     async def _unless_stopped(self, step) -> bool:
         """Run a start-up step that may wait for Redis or the master for good; False if
         the worker was told to stop meanwhile (request_stop cancels it)."""
-        self._connecting = asyncio.create_task(step)
+        self._starting = asyncio.create_task(step)
         try:
-            await self._connecting
+            await self._starting
         except asyncio.CancelledError:
             if not self.stopping:
                 raise
@@ -232,8 +230,8 @@ class Worker:
             log.info("worker %s: stopping; running jobs may finish", self.worker_id)
         self.stopping = True
         self._changed.set()
-        if self._connecting is not None and not self._connecting.done():
-            self._connecting.cancel()
+        if self._starting is not None and not self._starting.done():
+            self._starting.cancel()
 
     def _claims(self) -> list[Claim]:
         """Every job this worker holds a lease on."""
@@ -766,9 +764,10 @@ class Worker:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), 0.5)
 
-    async def _close(self) -> None:
+    async def _close(self, registered: bool = True) -> None:
         try:
-            await self.redis.hset(self.keys.worker(self.worker_id), "state", "stopped")
+            if registered:   # (else it has no hash to mark)
+                await self.redis.hset(self.keys.worker(self.worker_id), "state", "stopped")
         except Exception as exc:   # Redis away or full: its heartbeats stop, which says it too
             log.warning("worker: could not record that it stopped (%s)", exc)
         await self.master.close()
