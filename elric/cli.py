@@ -343,7 +343,12 @@ def _schedules(client, args: argparse.Namespace, show) -> int:
             "remove": client.remove_job}[args.action]
     if not call(args.job_id):
         raise NotFound(f"no periodic job {args.job_id!r}")
-    (show or (lambda _: print(f"periodic job {args.job_id}: {args.action}d")))(True)
+    said = f"{args.action}d"
+    if args.action != "remove" and job.get("paused") == (args.action == "pause"):
+        # pause_job and resume_job answer only whether it exists: the job read above says
+        # that nothing was to change
+        said = "already paused" if args.action == "pause" else "was not paused"
+    (show or (lambda _: print(f"periodic job {args.job_id}: {said}")))(True)
     return 0
 
 

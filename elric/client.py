@@ -103,9 +103,10 @@ class MasterClient:
                 got = self.rpc.call_many(method, [calls[i] for i in todo], timeout=None if
                                          attempt == 0 else max(deadline - time.monotonic(), .1))
             except RPCConnectionError as exc:
-                if attempt == 0 and isinstance(exc, RPCUnreachableError):
+                if attempt == 0 and isinstance(exc, RPCUnreachableError) and not exc.answered:
                     raise   # nothing was sent: nothing to settle
-                got = [exc] * len(todo)
+                # those answered before it broke are known: kept, not sent again
+                got = [exc.answered.get(k, exc) for k in range(len(todo))]
             for i, answer in zip(todo, got):
                 answers[i] = answer
             todo = [i for i in todo if isinstance(answers[i], RPCConnectionError)]

@@ -602,6 +602,10 @@ class RedisQueue:
                 row.pop(key, None)
             row.update(worker_id=_s(wid), last_seen=seen / 1000.0,
                        alive=bool(info) and now - seen / 1000.0 < 60)
+            if not row["alive"] or row.get("state") == "stopped":
+                # trouble is what a running worker's work is stuck on: a stopped or lost
+                # one's last heartbeat told of a wait that is over
+                row["trouble"] = ""
             workers.append(row)
         return {
             "by_status": by_status,

@@ -31,6 +31,7 @@ MAX_CONNECTIONS = 1024
 IDLE_TIMEOUT = 300.0
 MAX_PENDING = 128
 _CHUNK = 64 * 1024
+_UNANSWERED = object()   # a call_many slot no answer has filled (an answer may be nil)
 LINGER = 30.0   # seconds a connection refused for a too-big request reads on, discarding
 
 
@@ -65,7 +66,10 @@ class RemoteError(RPCError):
 
 
 class RPCConnectionError(RPCError):
-    """The connection could not be made or broke; the call's outcome is unknown."""
+    """The connection could not be made or broke; the call's outcome is unknown.
+    ``answered``: of a ``call_many``, the calls (by index) answered before it broke."""
+
+    answered: dict[int, Any] = {}
 
 
 class RPCUnreachableError(RPCConnectionError):
@@ -672,7 +676,13 @@ class Client(_Caller):
         answers: dict[int, tuple] = {}   # read early: answered out of order
         in_flight: deque[tuple[int, int]] = deque()   # (msgid, index in calls)
         todo = deque(range(len(calls)))
-        out: list[Any] = [None] * len(calls)
+        out: list[Any] = [_UNANSWERED] * len(calls)
+
+        def broke(exc: RPCConnectionError) -> RPCConnectionError:
+            # the calls answered so far ran: a caller sends again only the others
+            exc.answered = {i: a for i, a in enumerate(out) if a is not _UNANSWERED} | {
+                i: answers[m][0] or answers[m][1] for m, i in in_flight if m in answers}
+            return exc
         try:
             while todo or in_flight:
                 # after a too_large answer the server reads nothing more on this connection
@@ -701,10 +711,13 @@ class Client(_Caller):
             return out
         except TimeoutError:
             self._drop()  # a late answer must not be read as the next call's
-            raise self._timed_out(method, timeout) from None
+            raise broke(self._timed_out(method, timeout)) from None
         except (OSError, _ProtocolError) as exc:
             self._drop()
-            raise RPCConnectionError(f"connection to {self._where} lost: {exc}") from None
+            raise broke(RPCConnectionError(f"connection to {self._where} lost: {exc}")) from None
+        except RPCConnectionError as exc:   # closed by the server; or no new connection
+            self._drop()
+            raise broke(exc)
         except BaseException:
             if in_flight:   # answers still to come would be read as the next call's
                 self._drop()

@@ -167,8 +167,7 @@ def status(stats: dict, health: dict) -> None:
     console.print("totals: " + ", ".join(f"{k} {v}" for k, v in totals))
     console.print("workers: " + ", ".join(
         f"{n} {state}" for state, n in worker_counts(stats.get("workers", [])).items()))
-    troubled = [w["worker_id"] for w in stats.get("workers", [])
-                if w.get("alive") and w.get("trouble")]
+    troubled = [w["worker_id"] for w in stats.get("workers", []) if w.get("trouble")]
     if troubled:
         console.print(Text("workers in trouble (elric workers says what): "
                            + ", ".join(troubled), style="bold red"))

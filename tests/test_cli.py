@@ -97,6 +97,18 @@ def test_pause_or_resume_of_a_finished_periodic_job_says_so_and_exits_1(cluster)
     assert c.get_job("once")["paused"] is False
 
 
+def test_pause_of_a_paused_or_resume_of_a_running_periodic_job_says_nothing_changed(cluster):
+    """`elric schedules resume ID` of a job not paused said "resumed", and a second pause
+    "paused", as if each had changed something; nothing failed either: exit 0."""
+    cluster.client.submit_job(Echo.spec(job_id="tick", trigger=every(hours=1)))
+    for action, said, paused in (("resume", "was not paused", False), ("pause", "paused", True),
+                                 ("pause", "already paused", True), ("resume", "resumed", False)):
+        done = elric(cluster, "schedules", action, "tick")
+        assert (done.returncode, done.stdout) == (0, f"periodic job tick: {said}\n"), \
+            (action, done.stdout, done.stderr)
+        assert cluster.client.get_job("tick")["paused"] is paused
+
+
 def test_schedules_remove_of_a_one_off_job_refuses_it_and_names_delete(cluster):
     """`elric schedules remove ID` of a one-off job deleted it, and said "periodic job ID:
     removed"; its sibling `elric delete ID` of a periodic id refuses, as this now does."""

@@ -4,6 +4,10 @@ first send, so it is queued exactly once and the caller gets its answer."""
 
 from __future__ import annotations
 
+import socket
+import threading
+
+import msgpack
 import pytest
 
 from elric.client import MasterClient
@@ -81,6 +85,47 @@ def test_a_long_list_never_answered_gives_the_ids_to_send_it_again_with(proxied)
     again = cluster.client.submit_jobs([{**s, "job_id": i} for s, i in zip(specs, ids)])
     assert {r["status"] for r in again} == {"queued"}
     assert cluster.client.stats()["totals"]["submitted"] == len(specs)   # each once
+
+
+def _master_breaking_after(answers: int) -> tuple[str, list[tuple[int, str]]]:
+    """A stand-in master (threads) whose first connection answers ``answers`` submit_jobs
+    calls, then closes; later ones answer every call. Returns its address and the calls
+    it got: (connection, the batch's first job id), in order."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    got: list[tuple[int, str]] = []
+
+    def serve(conn: socket.socket, n: int) -> None:
+        unpacker, calls = msgpack.Unpacker(raw=False), 0
+        with conn:
+            while data := conn.recv(65536):
+                unpacker.feed(data)
+                for _, msgid, _, [specs] in unpacker:
+                    got.append((n, specs[0]["job_id"]))
+                    calls += 1
+                    if n == 0 and calls == answers + 1:   # after the answers sent: it breaks
+                        conn.shutdown(socket.SHUT_WR)
+                    if n > 0 or calls <= answers:
+                        conn.sendall(msgpack.packb([1, msgid, None, [
+                            {"job_id": s["job_id"], "status": "queued"} for s in specs]]))
+
+    def accept() -> None:
+        for n in range(2):
+            threading.Thread(target=serve, args=(listener.accept()[0], n), daemon=True).start()
+        listener.close()
+    threading.Thread(target=accept, daemon=True).start()
+    return f"127.0.0.1:{listener.getsockname()[1]}", got
+
+
+def test_a_long_list_whose_connection_broke_part_way_sends_again_only_what_was_unanswered():
+    """Every batch of a split submit_jobs was taken as unknown when the connection broke,
+    the four answered before it too: their answers were dropped and they went again."""
+    address, got = _master_breaking_after(4)
+    specs = [Add.spec([i, i]) for i in range(10_001)]   # split in calls of 1,000
+    with MasterClient(address, timeout=20) as client:
+        replies = client.submit_jobs(specs)
+    ids = [r["job_id"] for r in replies]
+    assert len(set(ids)) == len(specs) and {r["status"] for r in replies} == {"queued"}
+    assert [i for n, i in got if n == 1] == ids[4000::1000]   # the batches from the fifth
 
 
 def test_an_empty_job_id_is_named_by_the_client_too(proxied):

@@ -139,9 +139,9 @@ def test_concurrency_grows_and_shrinks_without_a_restart(cluster):
     finished = [cluster.wait_job(j) for j in long]
     assert [(j["status"], j["attempts"]) for j in finished] == [("succeeded", 1)] * 3
     assert sorted(marks.read_text().split()) == sorted(long)   # each ran once
-    gone = {j["result"]["pid"] for j in finished} - _pool_pids(worker.pid)
-    assert len(gone) == 2   # the processes beyond the new size exited after their jobs
+    # the processes beyond the new size exit after their jobs (not at once: waited for)
     wait_for(lambda: len(_pool_pids(worker.pid)) == 1, what="one pool process")
+    assert len({j["result"]["pid"] for j in finished} - _pool_pids(worker.pid)) == 2
 
     results = [cluster.wait_job(j)["result"] for j in after]
     assert len({r["pid"] for r in results}) == 1
@@ -237,5 +237,47 @@ def test_a_worker_whose_master_is_gone_shows_its_trouble_until_the_master_is_bac
             wait_for(lambda: via_b.stats()["by_status"]["succeeded"] == 4,
                      what="the parent recorded, its three children queued and run")
         assert metric() == "0.0"
+    finally:
+        via_b.close()
+
+
+@pytest.mark.parametrize("how", ["stopped", "lost"])
+def test_a_worker_that_stopped_or_is_lost_shows_no_trouble(make_cluster, how):
+    """A worker in trouble (its master gone) that then stopped, or went silent, kept showing
+    its last trouble in stats, elric workers and status, the workers page and the metric:
+    its work waits for nothing any more."""
+    import redis
+
+    port = free_port()
+    c = make_cluster()
+    a = c.start_master()   # the worker's MASTER_ADDRESS
+    b = f"127.0.0.1:{free_port()}"
+    c.start_master(address=b, DASHBOARD_ADDRESS=f"127.0.0.1:{port}")
+    worker = c.start_worker("--concurrency", "1", SHUTDOWN_GRACE=1)
+    via_b = MasterClient(b)
+    [wid] = [w["worker_id"] for w in via_b.stats()["workers"]]
+    a.kill()
+    c.client.close()   # its connection died with the master
+
+    def me() -> dict:
+        return next(w for w in via_b.stats()["workers"] if w["worker_id"] == wid)
+
+    try:
+        via_b.submit_job(Spawn.spec([3], job_id="parent"))
+        wait_for(lambda: me()["trouble"], what="the worker's trouble, through master B")
+        if how == "stopped":
+            assert worker.stop() == 0   # SIGTERM: it says goodbye (state "stopped")
+        else:
+            worker.kill()   # no goodbye; 60 s of silence is lost, without the wait
+            with redis.Redis.from_url(c.redis_url) as r:
+                r.zadd("elric:workers", {wid: (time.time() - 61) * 1000})
+        w = me()
+        assert (w["state"] if w["alive"] else "lost", w["trouble"]) == (how, ""), w
+        assert "unreachable" not in run_elric(c, "workers", "--master", b).stdout
+        assert "in trouble" not in run_elric(c, "status", "--master", b).stdout
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/workers", timeout=10) as reply:
+            assert "unreachable" not in reply.read().decode()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+            assert f'elric_worker_trouble{{worker="{wid}"}} 1' not in reply.read().decode()
     finally:
         via_b.close()
