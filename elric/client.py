@@ -31,7 +31,7 @@ class SubmitError(RemoteError):
 
 
 class MasterClient:
-    """The master's RPC methods as Python calls (see README, "RPC API")."""
+    """The master's RPC methods as Python calls (docs/PROTOCOL.md lists them)."""
 
     def __init__(self, address: str = "127.0.0.1:7531", *, token: str | None = None,
                  timeout: float = 30.0, max_message: int = MAX_MESSAGE) -> None:

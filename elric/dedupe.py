@@ -1,9 +1,10 @@
 """Dedupe filters: drop a job whose dedupe key was already seen in its scope.
 
 Before a job is queued the master asks a filter whether its ``dedupe_key`` is new in
-its ``dedupe_scope``. Check-and-add is atomic: two concurrent submissions of one key,
-on one master or several, let exactly one through. Backends: ``set`` (exact, can release
-keys), ``bloom`` (in one master) and ``redis-bloom`` (shared); docs/DEDUPE.md compares them.
+its ``dedupe_scope``. Check-and-add is atomic: two concurrent submissions of one key let
+exactly one through (across masters too, but with ``bloom``). Backends: ``set`` (exact,
+can release keys), ``bloom`` (in one master) and ``redis-bloom`` (shared); docs/DEDUPE.md
+compares them.
 
 The Bloom backends never call a seen key new, and call a new key seen with probability
 at most ``error_rate``: past ``capacity`` they grow in stages whose error rates shrink
@@ -589,7 +590,7 @@ class RedisBloomFilter(DedupeFilter):
                     f"dedupe scope {scope!r} is a redis-bloom filter with other parameters "
                     f"than this master's ({self.params}): it was created with "
                     f"{theirs[2]}. Every master must use the same capacity and "
-                    f"error_rate for a scope (or drop_scope it).") from None
+                    f"error_rate for a scope (or drop the scope: docs/DEDUPE.md).") from None
             if scope not in self._items and len(self._items) >= _ITEMS_CACHE:
                 self._items.clear()   # scopes other masters dropped would pile up here
             self._items[scope] = items  # short of keys: a stage was missing, send the rest

@@ -5,7 +5,8 @@ operator can inspect the whole state with ``redis-cli --scan --pattern 'elric:*'
 
 Jobs and queues
     ``{p}:job:{job_id}``            hash   one job: spec fields, status, result, timings.
-                                           Finished jobs expire after ``RESULT_TTL``.
+                                           Ended jobs expire: succeeded after ``RESULT_TTL``,
+                                           failed or cancelled after ``FAILED_TTL``.
     ``{p}:queue:{queue}``           zset   jobs ready to run. score = -priority,
                                            member = ``{seq:016x}:{job_id}`` so equal
                                            priorities pop in submission order (FIFO).
