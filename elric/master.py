@@ -24,7 +24,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import (AuthenticationError, ConnectionError as RedisConnectionError,
                               ResponseError, TimeoutError as RedisTimeoutError)
 
-from elric import contract, limits
+from elric import contract, limits, lua
 from elric.admission import Admission
 from elric.bulk import Bulk, JobFilter, left_alone
 from elric.clock import RedisClock
@@ -134,6 +134,8 @@ class Master:
                 not isinstance(exc, AuthenticationError)
             raise (Unreachable if down else SettingsError)(
                 f"REDIS_URL {redact_url(s.REDIS_URL)}: cannot connect ({exc})") from None
+        await retry(lambda: lua.require_redis(self.redis, redact_url(s.REDIS_URL)), log=log,
+                    what="master: starting")
         self.queue = RedisQueue(self.redis, self.keys, result_ttl=s.RESULT_TTL,
                                 failed_ttl=s.FAILED_TTL)
         clock = RedisClock(self.redis)

@@ -25,7 +25,7 @@ from redis.exceptions import (AuthenticationError as RedisAuthenticationError, N
                               ResponseError)
 
 import elric
-from elric import codec, runner
+from elric import codec, lua, runner
 from elric.clock import redis_now
 from elric.config import Settings, SettingsError, redact_url
 from elric.contract import MAX_BATCH, ErrorCode, Status
@@ -135,6 +135,7 @@ class Worker:
             what = f"Redis at {redact_url(s.REDIS_URL)}"
             try:
                 await self.redis.ping()
+                await lua.require_redis(self.redis, redact_url(s.REDIS_URL))
                 what = f"elric master at {s.MASTER_ADDRESS}"
                 master = await self._connect_master()
                 try:

@@ -3,10 +3,13 @@ directory that holds a folder named like the elric package."""
 
 from __future__ import annotations
 
+import re
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
 
@@ -111,3 +114,58 @@ def test_sigterm_while_waiting_exits_0_at_once(missing, make_cluster, redis_serv
     worker.signal(signal.SIGTERM)
     assert worker.wait(timeout=5) == 0, worker.log()
     assert "Traceback" not in worker.log() and "pw-Zx81" not in worker.log(), worker.log()
+
+
+class OldRedisProxy:
+    """The test's real Redis behind a loopback proxy that says, in INFO, it is Redis 6.0
+    (the same length as the real "7.0" or "6.2", so the reply stays well formed)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port, self.target_port = self.listener.getsockname()[1], target_port
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return   # closed
+            server = socket.create_connection(("127.0.0.1", self.target_port))
+            threading.Thread(target=self._pump, args=(client, server, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, True), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket, answers: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                if answers:
+                    data = re.sub(rb"redis_version:\d\.\d", b"redis_version:6.0", data)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                s.close()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.mark.parametrize("role", ["master", "worker"])
+def test_a_redis_older_than_6_2_is_refused_at_start_naming_it(role, redis_server, tmp_path):
+    """On Redis 6.0 the scripts' ZADD LT fails with a syntax error: a worker fetched no job
+    ever and logged the error at each try, with the master and the worker up and alive."""
+    proxy = OldRedisProxy(redis_server.port)
+    env = elric_env(f"redis://127.0.0.1:{proxy.port}/0", f"127.0.0.1:{free_port()}",
+                    JOB_MODULES="tests.jobs")
+    try:
+        done = subprocess.run([sys.executable, "-m", "elric", role], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=60,
+                              stdin=subprocess.DEVNULL)
+    finally:
+        proxy.close()
+    assert done.returncode == 2, done.stderr
+    assert re.search(r"REDIS_URL redis://127\.0\.0\.1:\d+/0: Redis 6\.0\.\d+ is too old; elric "
+                     r"needs Redis 6\.2 or later", done.stderr), done.stderr
+    assert "Traceback" not in done.stderr, done.stderr

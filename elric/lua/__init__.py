@@ -10,6 +10,11 @@ from __future__ import annotations
 from functools import cache
 from importlib import resources
 
+from redis.exceptions import ResponseError
+
+from elric.config import SettingsError
+from elric.retry import is_outage
+
 
 @cache
 def source(name: str) -> str:
@@ -21,3 +26,23 @@ def load(redis, name: str, *functions: str):
     """The script ``name`` registered on a redis-py client (sent by EVALSHA, loaded once),
     with the files named in ``functions`` (shared Lua functions) put before it."""
     return redis.register_script("".join(source(f) for f in (*functions, name)))
+
+
+# The oldest Redis the scripts run on: fetch.lua's ZADD LT, dedupe_rbloom.lua's BITFIELD_RO.
+MIN_REDIS = (6, 2)
+
+
+async def require_redis(redis, url: str) -> None:
+    """Refuse a Redis too old for the scripts, naming it: on 6.0 they would fail with a
+    syntax error in the middle of a job's life, not at start. A Redis whose INFO is renamed
+    away is not refused."""
+    try:
+        version = str((await redis.info("server")).get("redis_version", ""))
+    except ResponseError as exc:
+        if is_outage(exc):   # refusing for now (loading, busy): the caller waits
+            raise
+        return
+    got = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
+    if len(got) == 2 and got < MIN_REDIS:
+        raise SettingsError(f"REDIS_URL {url}: Redis {version} is too old; elric needs Redis "
+                            f"{'.'.join(map(str, MIN_REDIS))} or later")
