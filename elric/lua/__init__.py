@@ -28,7 +28,7 @@ def load(redis, name: str, *functions: str):
     return redis.register_script("".join(source(f) for f in (*functions, name)))
 
 
-# The oldest Redis the scripts run on: fetch.lua's ZADD LT, dedupe_rbloom.lua's BITFIELD_RO.
+# The oldest Redis the scripts run on: fetch.lua's ZADD LT came in 6.2.
 MIN_REDIS = (6, 2)
 
 
