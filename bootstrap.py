@@ -20,9 +20,9 @@ VENV = os.path.join(ROOT, ".venv")
 PY = os.path.join(VENV, "bin", "python")
 COMMANDS = {
     "demo": ["-m", "elric", "demo"],
-    # two test processes (most tests wait on real processes); the 15 slowest printed: CI
-    # has 15 minutes
-    "test": ["-m", "pytest", "tests", "-n", "2", "--durations=15"],
+    # three test processes on two cores: most tests wait on real processes; the 15 slowest
+    # printed: CI has 15 minutes
+    "test": ["-m", "pytest", "tests", "-n", "3", "--durations=15"],
     "bench": [os.path.join("bench", "bench_throughput.py")],
 }
 
