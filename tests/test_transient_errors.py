@@ -432,8 +432,11 @@ def test_a_worker_whose_wake_list_holds_another_type_goes_on(cluster):
         for i in range(2):
             cluster.client.submit_job(Echo.spec([i], job_id=f"job-{i}"))
             assert cluster.wait_job(f"job-{i}")["status"] == "succeeded"
-        assert worker.alive() and worker.log().count("waiting for work failed") == 1, \
-            worker.log()
+        # logged once for each time it starts: a wait that found a token in the queue's wake
+        # list before reaching the broken one did work (BLPOP looks at its lists in order)
+        log = worker.log()
+        assert worker.alive() and log.count("waiting for work failed;") == \
+            log.count("waiting for work failed: works again") + 1, log
     finally:
         r.close()
 
