@@ -193,9 +193,10 @@ def _unsettled(exc: Exception, specs: list, replies: list | None = None) -> Exce
     as an RPCConnectionError: never "unreachable", which means nothing was sent."""
     ids = [s.get("job_id") if isinstance(s, dict) else None for s in specs]
     error = exc
-    if isinstance(exc, RPCConnectionError):
-        shown = ", ".join(map(str, ids[:3])) + (f", ... ({len(ids)} in all)" if len(ids) > 3
-                                                else "")
+    if isinstance(exc, RPCConnectionError):   # named: those whose batch was not answered
+        unknown = [i for i, r in zip(ids, replies or [None] * len(ids)) if r is None]
+        shown = ", ".join(map(str, unknown[:3])) + (
+            f", ... ({len(unknown)} in all)" if len(unknown) > 3 else "")
         error = RPCConnectionError(f"{exc}; whether job(s) {shown} were queued is unknown: "
                                    "send the same specs again with these job ids (all in "
                                    "this error's .job_ids), which cannot queue one twice")

@@ -87,10 +87,12 @@ def test_a_long_list_never_answered_gives_the_ids_to_send_it_again_with(proxied)
     assert cluster.client.stats()["totals"]["submitted"] == len(specs)   # each once
 
 
-def _master_breaking_after(answers: int) -> tuple[str, list[tuple[int, str]]]:
+def _master_breaking_after(answers: int, connections: int = 2
+                           ) -> tuple[str, list[tuple[int, str]]]:
     """A stand-in master (threads) whose first connection answers ``answers`` submit_jobs
-    calls, then closes; later ones answer every call. Returns its address and the calls
-    it got: (connection, the batch's first job id), in order."""
+    calls, then closes; later ones (up to ``connections`` in all; then it is gone) answer
+    every call. Returns its address and the calls it got: (connection, the batch's first
+    job id), in order."""
     listener = socket.create_server(("127.0.0.1", 0))
     got: list[tuple[int, str]] = []
 
@@ -109,7 +111,7 @@ def _master_breaking_after(answers: int) -> tuple[str, list[tuple[int, str]]]:
                             {"job_id": s["job_id"], "status": "queued"} for s in specs]]))
 
     def accept() -> None:
-        for n in range(2):
+        for n in range(connections):
             threading.Thread(target=serve, args=(listener.accept()[0], n), daemon=True).start()
         listener.close()
     threading.Thread(target=accept, daemon=True).start()
@@ -126,6 +128,20 @@ def test_a_long_list_whose_connection_broke_part_way_sends_again_only_what_was_u
     ids = [r["job_id"] for r in replies]
     assert len(set(ids)) == len(specs) and {r["status"] for r in replies} == {"queued"}
     assert [i for n, i in got if n == 1] == ids[4000::1000]   # the batches from the fifth
+
+
+def test_a_long_list_whose_resend_fails_names_the_jobs_unknown_and_keeps_the_answers():
+    """The error named the first three specs of the list as unknown, which were answered
+    queued; it names the first of the batches left unanswered."""
+    address, _ = _master_breaking_after(4, connections=1)
+    specs = [Add.spec([i, i]) for i in range(10_001)]
+    with MasterClient(address, timeout=2) as client:
+        with pytest.raises(RPCConnectionError) as info:
+            client.submit_jobs(specs)
+    ids, replies = info.value.job_ids, info.value.replies
+    assert [r and r["status"] for r in replies] == ["queued"] * 4000 + [None] * 6001
+    assert f"whether job(s) {', '.join(ids[4000:4003])}, ... (6001 in all) were queued is " \
+        "unknown" in str(info.value), str(info.value)
 
 
 def test_an_empty_job_id_is_named_by_the_client_too(proxied):
