@@ -2,7 +2,7 @@
 
 Before a job is queued the master asks a filter whether its ``dedupe_key`` is new in
 its ``dedupe_scope``. Check-and-add is atomic: two concurrent submissions of one key let
-exactly one through (across masters too, but with ``bloom``). Backends: ``set`` (exact,
+exactly one through (across masters too, except with ``bloom``). Backends: ``set`` (exact,
 can release keys), ``bloom`` (in one master) and ``redis-bloom`` (shared); docs/DEDUPE.md
 compares them.
 

@@ -156,7 +156,8 @@ class Job:
         if in_pool_process:
             raise RuntimeError(f"{cls.__name__}.submit in a pool process but not from a "
                                "running job (from a thread it started, or on import): submit "
-                               "child jobs from the job's own thread (or its tasks)")
+                               "child jobs from the job's own thread, its tasks or "
+                               "asyncio.to_thread, which carry the job's context")
         from elric.client import default_client  # only a script needs the client and settings
         reply = default_client().submit_job(spec)
         return JobHandle(reply["job_id"], reply["status"])
