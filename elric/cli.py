@@ -389,7 +389,7 @@ RUN_NOW_WAIT = 15.0   # seconds to see the fire: a master taking over scheduling
 def _run_now(client, job_id: str, show) -> int:
     """Ask for a fire now, then wait for the scheduler to record what it did with it:
     max_instances may skip it, and that should not pass in silence (exit 1)."""
-    reply = client.run_job(job_id)
+    reply = _on_one_job(client.run_job, job_id)   # paused or finished: failed, not usage
     fire, deadline, run = reply["fire_id"], time.monotonic() + RUN_NOW_WAIT, None
     while run is None and time.monotonic() < deadline:
         runs = (client.get_job(job_id) or {}).get("runs", [])

@@ -414,9 +414,15 @@ def test_schedules_run_now_fires_through_the_scheduler_by_its_rules(cluster):
     one_line_error(elric(cluster, "schedules", "run-now", "slow"), 1, "skipped (max_instances)")
     c.cancel_job(first["job_id"])
 
+    # refused for its state (paused, finished): failed, exit 1, as pause of a finished job;
+    # exit 2 is for a command used wrongly
     assert elric(cluster, "schedules", "pause", "hourly").returncode == 0
-    one_line_error(elric(cluster, "schedules", "run-now", "hourly"), 2,
+    one_line_error(elric(cluster, "schedules", "run-now", "hourly"), 1,
                    "paused: resume it first")
+    c.submit_job(Echo.spec(job_id="once", trigger=at(time.time() + 3600)))
+    assert elric(cluster, "schedules", "run-now", "once").returncode == 0
+    one_line_error(elric(cluster, "schedules", "run-now", "once"), 1,
+                   "finished: no fires are left")
     one_line_error(elric(cluster, "schedules", "run-now", "nope"), 1, "no periodic job 'nope'")
 
 
