@@ -171,7 +171,9 @@ def cmd_call(args: argparse.Namespace) -> int:
                                        ("func", args.by_func), ("batch", args.batch),
                                        ("offset", args.offset), ("limit", args.limit))
                      if v not in (None, "")}
-            (show or views.jobs)(client.list_jobs(**query))
+            # periodic jobs are listed as short maps of their schedules: shown as schedules
+            view = views.schedules if args.status == Status.SCHEDULED else views.jobs
+            (show or view)(client.list_jobs(**query))
         elif command == "schedules":
             return _schedules(client, args, show)
         elif command == "results":

@@ -121,6 +121,16 @@ def test_schedules_remove_of_a_one_off_job_refuses_it_and_names_delete(cluster):
     assert cluster.client.get_job("plain")["status"] == "queued"
 
 
+def test_jobs_status_scheduled_shows_the_schedules(cluster):
+    """`elric jobs --status scheduled` drew the periodic jobs in the one-off jobs' table:
+    an empty status, no trigger, no next run, nothing saying which is paused."""
+    cluster.client.submit_job(Echo.spec(job_id="tick", trigger=every(hours=1)))
+    cluster.client.pause_job("tick")
+    listed = elric(cluster, "jobs", "--status", "scheduled")
+    assert listed.returncode == 0 and listed.stdout == elric(cluster, "schedules").stdout
+    assert "interval[1:00:00]" in listed.stdout and "paused" in listed.stdout, listed.stdout
+
+
 def test_unavailable_master_or_redis_exits_3_with_one_line(redis_url, tmp_path):
     c = Cluster(redis_url, tmp_path)    # nothing listens at its address yet
     try:
