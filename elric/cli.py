@@ -171,7 +171,9 @@ def cmd_call(args: argparse.Namespace) -> int:
                                        ("func", args.by_func), ("batch", args.batch),
                                        ("offset", args.offset), ("limit", args.limit))
                      if v not in (None, "")}
-            (show or views.jobs)(client.list_jobs(**query))
+            # periodic jobs are listed as short maps of their schedules: shown as schedules
+            view = views.schedules if args.status == Status.SCHEDULED else views.jobs
+            (show or view)(client.list_jobs(**query))
         elif command == "schedules":
             return _schedules(client, args, show)
         elif command == "results":
@@ -389,7 +391,7 @@ RUN_NOW_WAIT = 15.0   # seconds to see the fire: a master taking over scheduling
 def _run_now(client, job_id: str, show) -> int:
     """Ask for a fire now, then wait for the scheduler to record what it did with it:
     max_instances may skip it, and that should not pass in silence (exit 1)."""
-    reply = client.run_job(job_id)
+    reply = _on_one_job(client.run_job, job_id)   # paused or finished: failed, not usage
     fire, deadline, run = reply["fire_id"], time.monotonic() + RUN_NOW_WAIT, None
     while run is None and time.monotonic() < deadline:
         runs = (client.get_job(job_id) or {}).get("runs", [])

@@ -378,9 +378,15 @@ class RedisJobStore:
         def change(job: StoredJob) -> StoredJob:
             spec = {**job.spec, **{k: v for k, v in changes.items() if k not in SCHEDULE_OPTIONS}}
             options = schedule_options(changes, job.options)
-            if new_trigger:
+            # the trigger it has (as sent, or as get shows it) keeps its next run time, as
+            # with replace_existing: else a script modifying it on each run moved every fire
+            # away, and a date job that fired fired again
+            same = bool(new_trigger) and (new_trigger["trigger_input"] == job.trigger_input
+                                          or new_trigger["trigger"] == job.trigger)
+            if new_trigger and not same:
                 self._check_not_past(new_trigger, options)
-            return dataclasses.replace(job, spec=spec, options=options, **new_trigger)
+            return dataclasses.replace(job, spec=spec, options=options,
+                                       **({} if same else new_trigger))
 
         if await self._update(job_id, change) is None:
             raise ScheduleError(f"no periodic job {job_id!r}")

@@ -447,6 +447,12 @@ def parse_trigger(data: dict, *, now: float | None = None) -> tuple[BaseTrigger,
     """
     now = time.time() if now is None else now
     trigger, normalized = _parse(data, now)
+    length = getattr(trigger, "interval_length", None)
+    if length is not None and (trigger.jitter or 0) > length:
+        # the next fire is the grid point after the last one's jittered time: past the next
+        # point, it drops that point's fire
+        raise TriggerError("trigger.jitter", f"{trigger.jitter:g}s is longer than the interval "
+                                             f"({length:g}s): fires would be dropped")
     try:  # jittered fire times must still be dates (checked here: stored ones still build)
         datetime.fromtimestamp(now + (getattr(trigger, "jitter", None) or 0), UTC)
     except (OverflowError, OSError, ValueError):

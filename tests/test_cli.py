@@ -121,6 +121,16 @@ def test_schedules_remove_of_a_one_off_job_refuses_it_and_names_delete(cluster):
     assert cluster.client.get_job("plain")["status"] == "queued"
 
 
+def test_jobs_status_scheduled_shows_the_schedules(cluster):
+    """`elric jobs --status scheduled` drew the periodic jobs in the one-off jobs' table:
+    an empty status, no trigger, no next run, nothing saying which is paused."""
+    cluster.client.submit_job(Echo.spec(job_id="tick", trigger=every(hours=1)))
+    cluster.client.pause_job("tick")
+    listed = elric(cluster, "jobs", "--status", "scheduled")
+    assert listed.returncode == 0 and listed.stdout == elric(cluster, "schedules").stdout
+    assert "interval[1:00:00]" in listed.stdout and "paused" in listed.stdout, listed.stdout
+
+
 def test_unavailable_master_or_redis_exits_3_with_one_line(redis_url, tmp_path):
     c = Cluster(redis_url, tmp_path)    # nothing listens at its address yet
     try:
@@ -414,9 +424,15 @@ def test_schedules_run_now_fires_through_the_scheduler_by_its_rules(cluster):
     one_line_error(elric(cluster, "schedules", "run-now", "slow"), 1, "skipped (max_instances)")
     c.cancel_job(first["job_id"])
 
+    # refused for its state (paused, finished): failed, exit 1, as pause of a finished job;
+    # exit 2 is for a command used wrongly
     assert elric(cluster, "schedules", "pause", "hourly").returncode == 0
-    one_line_error(elric(cluster, "schedules", "run-now", "hourly"), 2,
+    one_line_error(elric(cluster, "schedules", "run-now", "hourly"), 1,
                    "paused: resume it first")
+    c.submit_job(Echo.spec(job_id="once", trigger=at(time.time() + 3600)))
+    assert elric(cluster, "schedules", "run-now", "once").returncode == 0
+    one_line_error(elric(cluster, "schedules", "run-now", "once"), 1,
+                   "finished: no fires are left")
     one_line_error(elric(cluster, "schedules", "run-now", "nope"), 1, "no periodic job 'nope'")
 
 

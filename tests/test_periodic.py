@@ -135,6 +135,30 @@ def test_modify_changes_args_and_trigger_and_remove_stops_it(cluster):
     assert c.remove_job("tick") is False
 
 
+def test_modify_with_the_trigger_it_has_keeps_its_next_run_and_does_not_fire_again(cluster):
+    """modify_job with the job's own trigger (a script sending its whole schedule with new
+    args) restarted it: an interval's next fire moved away on every call, and a date job
+    that had fired fired a second time."""
+    c = cluster.client
+    cluster.start_worker("--concurrency", "1")
+    hourly = {"type": "interval", "hours": 1}
+    planned = c.submit_job(Echo.spec(["v1"], job_id="hourly", trigger=hourly))["next_run_time"]
+    for trigger in (hourly, c.get_job("hourly")["trigger"]):   # as sent, or as shown
+        out = c.call("modify_job", "hourly", {"args": ["v2"], "trigger": trigger})
+        assert (out["args"], out["next_run_time"]) == (["v2"], planned)
+
+    date = {"type": "date", "run_date": time.time() + 1}
+    c.submit_job(Echo.spec(["d1"], job_id="once", trigger=date))
+    wait_for(lambda: c.get_job("once")["status"] == "finished", what="its one fire")
+    [fired] = c.get_job("once")["runs"]
+    out = c.call("modify_job", "once", {"args": ["d2"], "trigger": date})
+    assert (out["status"], out["args"], out["next_run_time"]) == ("finished", ["d2"], None)
+    assert [r["job_id"] for r in c.get_job("once")["runs"]] == [fired["job_id"]]
+    # another trigger is new: it restarts from now
+    out = c.call("modify_job", "hourly", {"trigger": {"type": "interval", "hours": 2}})
+    assert out["next_run_time"] > planned
+
+
 # --- 2. replace_existing -----------------------------------------------------------------
 
 def test_replace_existing_does_not_double_the_schedule(cluster):

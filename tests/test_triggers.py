@@ -275,3 +275,20 @@ def test_cron_round_trip_property(minute, hour, step, zone):
     got = fires(trigger, utc(2026, 3, 1), utc(2026, 3, 8))
     assert got == fires(again, utc(2026, 3, 1), utc(2026, 3, 8))
     assert got and all(d.astimezone(ZoneInfo(zone)).minute == minute for d in got)
+
+
+def test_an_interval_jitter_longer_than_the_interval_is_refused_not_dropping_fires():
+    """The fire after a jittered one is the grid point after its time: a jitter past the
+    next point dropped that point's fire (every second with 4 s of jitter fired about every
+    3 s). Up to the interval, each point fires once, in order."""
+    now = utc(2026, 1, 1).timestamp()
+    with pytest.raises(TriggerError) as err:
+        parse_trigger({"type": "interval", "seconds": 1, "jitter": 4}, now=now)
+    assert err.value.field == "trigger.jitter" and "longer than the interval (1s)" in str(err.value)
+    with pytest.raises(TriggerError, match="trigger.jitter"):
+        every(minutes=1, jitter=61)
+    trigger, _ = parse_trigger({"type": "interval", "seconds": 10, "jitter": 10,
+                                "start_date": now}, now=now)
+    got = fires(trigger, utc(2026, 1, 1), utc(2026, 1, 1, 0, 10))
+    assert len(got) == 60 and all(0 <= d.timestamp() - now - 10 * i <= 10
+                                  for i, d in enumerate(got))
