@@ -139,7 +139,7 @@ def cmd_call(args: argparse.Namespace) -> int:
     with _client(args) as client:
         command = args.command
         if command == "ping":
-            print(client.ping())
+            (show or print)(client.ping())   # --json: "pong", as JSON
         elif command == "health":
             health = client.health()
             (show or views.health)(health)

@@ -556,3 +556,13 @@ def test_cancel_of_one_job_that_cannot_be_cancelled_says_why_and_exits_1(cluster
     assert "skipped: job 'tick' is periodic: elric schedules pause|remove tick" in out.stdout
     out = elric(cluster, "cancel", "waiting", "--json")
     assert out.returncode == 1 and json.loads(out.stdout)["was"] == "cancelled", out.stdout
+
+
+def test_every_call_with_json_prints_json(cluster):
+    """`elric ping --json` printed pong, bare: a script's json.loads of it failed."""
+    for args in (("ping",), ("stats",), ("health",), ("status",), ("workers",), ("jobs",),
+                 ("schedules",), ("top",)):
+        out = elric(cluster, *args, "--json")
+        assert out.returncode == 0, (args, out.stderr)
+        json.loads(out.stdout)
+    assert json.loads(elric(cluster, "ping", "--json").stdout) == "pong"
