@@ -566,3 +566,12 @@ def test_every_call_with_json_prints_json(cluster):
         assert out.returncode == 0, (args, out.stderr)
         json.loads(out.stdout)
     assert json.loads(elric(cluster, "ping", "--json").stdout) == "pong"
+
+
+def test_a_number_msgpack_cannot_carry_is_a_usage_error_on_every_call(cluster):
+    """elric jobs --offset, --limit and elric worker set --concurrency past 64 bits ended in
+    a traceback (exit 1): the client raised a TypeError, which only submit caught."""
+    big = str(2**70)
+    for args in (("jobs", "--offset", big), ("jobs", "--limit", big),
+                 ("schedules", "--limit", big), ("worker", "set", "w1", "--concurrency", big)):
+        one_line_error(elric(cluster, *args), 2, "arguments: Integer value out of range")
