@@ -351,6 +351,9 @@ def test_a_worker_is_paused_resumed_moved_and_stopped_without_a_restart(cluster)
     assert elric(cluster, "worker", "stop", wid).returncode == 0
     wait_for(lambda: not worker.alive(), what="the worker stopping")
     assert worker.wait() == 0 and "asked to stop" in worker.log()
+    # a stopped worker obeys nothing: it said "asked; it obeys within a second", exit 0
+    for args in (("resume", wid), ("set", wid, "--concurrency", "2")):
+        one_line_error(elric(cluster, "worker", *args), 1, f"worker {wid!r} has stopped")
 
 
 def test_a_worker_is_shown_whole_again_after_redis_lost_its_record(cluster, redis_url):
