@@ -578,3 +578,17 @@ def test_a_number_msgpack_cannot_carry_is_a_usage_error_on_every_call(cluster):
     for args in (("jobs", "--offset", big), ("jobs", "--limit", big),
                  ("schedules", "--limit", big), ("worker", "set", "w1", "--concurrency", big)):
         one_line_error(elric(cluster, *args), 2, "arguments: Integer value out of range")
+
+
+def test_purge_of_a_queue_no_job_was_ever_queued_on_says_so_and_exits_1(cluster):
+    """`elric purge defualt` purged nothing and said "purge: 0 jobs done, 0 skipped", exit 0:
+    the typo passed for a purge done."""
+    cluster.client.submit_job(Echo.spec(job_id="waits", queue="nobody"))
+    for name in ("nobodi", ""):
+        one_line_error(elric(cluster, "purge", name, "--json"), 1,
+                       f"no queue {name!r}: no job was ever queued there (queues: nobody)")
+    assert cluster.client.get_job("waits")["status"] == "queued"
+    done = elric(cluster, "purge", "nobody")
+    assert (done.returncode, done.stdout) == (0, "purge: 1 jobs done, 0 skipped\n"), done
+    assert cluster.client.get_job("waits") is None
+    assert elric(cluster, "purge", "nobody").returncode == 0   # known, and empty: done
