@@ -93,10 +93,14 @@ def _print(value) -> None:
 
 def _argument(text: str):
     """A command-line job argument: JSON when it parses (7, true, [1], {"a": 1}), else text."""
-    try:
-        return json.loads(text)
+    try:   # (json.loads reads NaN and Infinity too, which are no JSON: they stay text)
+        return json.loads(text, parse_constant=_not_json)
     except ValueError:
         return text
+
+
+def _not_json(name: str):
+    raise ValueError(f"{name} is not JSON")
 
 
 def _wait(client, job_id: str, timeout: float | None) -> dict:

@@ -592,3 +592,12 @@ def test_purge_of_a_queue_no_job_was_ever_queued_on_says_so_and_exits_1(cluster)
     assert (done.returncode, done.stdout) == (0, "purge: 1 jobs done, 0 skipped\n"), done
     assert cluster.client.get_job("waits") is None
     assert elric(cluster, "purge", "nobody").returncode == 0   # known, and empty: done
+
+
+def test_submit_arguments_nan_and_infinity_are_text_as_json_has_no_such_values(cluster):
+    """"JSON or text": NaN and Infinity are no JSON, but json.loads reads them, so they
+    were sent as floats (the job got nan, not the text typed)."""
+    out = elric(cluster, "submit", "tests.jobs:Echo", "NaN", "Infinity", "[NaN]", "1.5",
+                "--queue", "nobody", "--job-id", "typed")
+    assert out.returncode == 0, out.stderr
+    assert cluster.client.get_job("typed")["args"] == ["NaN", "Infinity", "[NaN]", 1.5]
