@@ -190,7 +190,13 @@ def cmd_call(args: argparse.Namespace) -> int:
             # status is of the job that has this id (a submission sent again): waited for
             if not args.wait or reply["status"] in (Status.FILTERED, Status.SCHEDULED):
                 (show or (lambda r: print(f"{r['job_id']} {r['status']}")))(reply)
-                return 1 if args.wait else 0
+                if args.wait:   # nothing to wait for: say why (it exited 1 without a word)
+                    raise Failed(f"job {reply['job_id']} was {reply['status']}: " + (
+                        "its dedupe key was seen, so it never runs"
+                        if reply["status"] == Status.FILTERED else
+                        "the id of a periodic job, so nothing was queued; each fire is a "
+                        f"job of its own (elric job {reply['job_id']} lists them)"))
+                return 0
             job = _wait(client, reply["job_id"], args.timeout)
             (show or views.job)(job)
             return 0 if job["status"] == Status.SUCCEEDED else 1

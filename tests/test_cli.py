@@ -601,3 +601,17 @@ def test_submit_arguments_nan_and_infinity_are_text_as_json_has_no_such_values(c
                 "--queue", "nobody", "--job-id", "typed")
     assert out.returncode == 0, out.stderr
     assert cluster.client.get_job("typed")["args"] == ["NaN", "Infinity", "[NaN]", 1.5]
+
+
+def test_submit_wait_with_nothing_to_wait_for_says_why_it_exits_1(cluster):
+    """A filtered submission, or one naming a periodic job's id, exited 1 under --wait with
+    no word on stderr: only "ID filtered" on stdout."""
+    cluster.client.submit_job(Echo.spec(job_id="tick", trigger=every(hours=1)))
+    url = ("elric.demo.crawler:Crawl", "http://127.0.0.1:1/a", "--queue", "nobody")
+    assert elric(cluster, "submit", *url).returncode == 0
+    for args, why in ((url, "was filtered: its dedupe key was seen, so it never runs"),
+                      (("tests.jobs:Echo", "--job-id", "tick"),
+                       "tick was scheduled: the id of a periodic job, so nothing was queued")):
+        out = elric(cluster, "submit", *args, "--wait", "--json")
+        assert json.loads(out.stdout)["status"] in ("filtered", "scheduled"), out.stdout
+        one_line_error(out, 1, why)
