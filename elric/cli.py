@@ -93,10 +93,14 @@ def _print(value) -> None:
 
 def _argument(text: str):
     """A command-line job argument: JSON when it parses (7, true, [1], {"a": 1}), else text."""
-    try:
-        return json.loads(text)
+    try:   # (json.loads reads NaN and Infinity too, which are no JSON: they stay text)
+        return json.loads(text, parse_constant=_not_json)
     except ValueError:
         return text
+
+
+def _not_json(name: str):
+    raise ValueError(f"{name} is not JSON")
 
 
 def _wait(client, job_id: str, timeout: float | None) -> dict:
@@ -139,7 +143,7 @@ def cmd_call(args: argparse.Namespace) -> int:
     with _client(args) as client:
         command = args.command
         if command == "ping":
-            print(client.ping())
+            (show or print)(client.ping())   # --json: "pong", as JSON
         elif command == "health":
             health = client.health()
             (show or views.health)(health)
@@ -188,10 +192,22 @@ def cmd_call(args: argparse.Namespace) -> int:
             # status is of the job that has this id (a submission sent again): waited for
             if not args.wait or reply["status"] in (Status.FILTERED, Status.SCHEDULED):
                 (show or (lambda r: print(f"{r['job_id']} {r['status']}")))(reply)
-                return 1 if args.wait else 0
+                if args.wait:   # nothing to wait for: say why (it exited 1 without a word)
+                    raise Failed(f"job {reply['job_id']} was {reply['status']}: " + (
+                        "its dedupe key was seen, so it never runs"
+                        if reply["status"] == Status.FILTERED else
+                        "the id of a periodic job, so nothing was queued; each fire is a "
+                        f"job of its own (elric job {reply['job_id']} lists them)"))
+                return 0
             job = _wait(client, reply["job_id"], args.timeout)
             (show or views.job)(job)
             return 0 if job["status"] == Status.SUCCEEDED else 1
+        elif command == "purge" and args.queue_name not in (
+                queues := sorted(client.stats()["by_queue"])):
+            # (a mistyped name purged nothing, and said "0 jobs done": exit 0)
+            raise NotFound(f"no queue {args.queue_name!r}: no job was ever queued there "
+                           f"(queues: {', '.join(queues[:10]) or 'none'}"
+                           f"{', ...' if len(queues) > 10 else ''})")
         elif command in BULK and (command == "copy" or _bulk_filter(args) or
                                   len(args.job_ids) != 1):
             return _bulk(client, args, show)

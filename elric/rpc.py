@@ -80,6 +80,11 @@ class RPCTimeoutError(RPCConnectionError):
     """No answer in time; as with a broken connection, the call may have run."""
 
 
+class RPCArgumentError(RPCError, TypeError):
+    """Arguments msgpack cannot carry (an integer over 64 bits): nothing was sent. An
+    RPCError, so that ``elric`` says it in a line (exit 2), and a TypeError, as it was."""
+
+
 def parse_address(address: str) -> tuple[str, int]:
     """``"host:port"`` (``"[::1]:port"`` for IPv6) -> ``(host, port)``."""
     host, sep, port = str(address).strip().rpartition(":")
@@ -478,7 +483,7 @@ class _Caller:
         try:
             data = _pack([REQUEST, msgid, method, list(params)])
         except Exception as exc:
-            raise TypeError(f"cannot send {method!r} arguments: {exc}") from exc
+            raise RPCArgumentError(f"cannot send {method!r} arguments: {exc}") from exc
         if len(data) > self._max_message:
             raise RPCError(f"{method!r} request is {len(data)} bytes, "
                            f"over the {self._max_message}-byte limit")

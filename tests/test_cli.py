@@ -361,6 +361,9 @@ def test_a_worker_is_paused_resumed_moved_and_stopped_without_a_restart(cluster)
     assert elric(cluster, "worker", "stop", wid).returncode == 0
     wait_for(lambda: not worker.alive(), what="the worker stopping")
     assert worker.wait() == 0 and "asked to stop" in worker.log()
+    # a stopped worker obeys nothing: it said "asked; it obeys within a second", exit 0
+    for args in (("resume", wid), ("set", wid, "--concurrency", "2")):
+        one_line_error(elric(cluster, "worker", *args), 1, f"worker {wid!r} has stopped")
 
 
 def test_a_worker_is_shown_whole_again_after_redis_lost_its_record(cluster, redis_url):
@@ -572,3 +575,59 @@ def test_cancel_of_one_job_that_cannot_be_cancelled_says_why_and_exits_1(cluster
     assert "skipped: job 'tick' is periodic: elric schedules pause|remove tick" in out.stdout
     out = elric(cluster, "cancel", "waiting", "--json")
     assert out.returncode == 1 and json.loads(out.stdout)["was"] == "cancelled", out.stdout
+
+
+def test_every_call_with_json_prints_json(cluster):
+    """`elric ping --json` printed pong, bare: a script's json.loads of it failed."""
+    for args in (("ping",), ("stats",), ("health",), ("status",), ("workers",), ("jobs",),
+                 ("schedules",), ("top",)):
+        out = elric(cluster, *args, "--json")
+        assert out.returncode == 0, (args, out.stderr)
+        json.loads(out.stdout)
+    assert json.loads(elric(cluster, "ping", "--json").stdout) == "pong"
+
+
+def test_a_number_msgpack_cannot_carry_is_a_usage_error_on_every_call(cluster):
+    """elric jobs --offset, --limit and elric worker set --concurrency past 64 bits ended in
+    a traceback (exit 1): the client raised a TypeError, which only submit caught."""
+    big = str(2**70)
+    for args in (("jobs", "--offset", big), ("jobs", "--limit", big),
+                 ("schedules", "--limit", big), ("worker", "set", "w1", "--concurrency", big)):
+        one_line_error(elric(cluster, *args), 2, "arguments: Integer value out of range")
+
+
+def test_purge_of_a_queue_no_job_was_ever_queued_on_says_so_and_exits_1(cluster):
+    """`elric purge defualt` purged nothing and said "purge: 0 jobs done, 0 skipped", exit 0:
+    the typo passed for a purge done."""
+    cluster.client.submit_job(Echo.spec(job_id="waits", queue="nobody"))
+    for name in ("nobodi", ""):
+        one_line_error(elric(cluster, "purge", name, "--json"), 1,
+                       f"no queue {name!r}: no job was ever queued there (queues: nobody)")
+    assert cluster.client.get_job("waits")["status"] == "queued"
+    done = elric(cluster, "purge", "nobody")
+    assert (done.returncode, done.stdout) == (0, "purge: 1 jobs done, 0 skipped\n"), done
+    assert cluster.client.get_job("waits") is None
+    assert elric(cluster, "purge", "nobody").returncode == 0   # known, and empty: done
+
+
+def test_submit_arguments_nan_and_infinity_are_text_as_json_has_no_such_values(cluster):
+    """"JSON or text": NaN and Infinity are no JSON, but json.loads reads them, so they
+    were sent as floats (the job got nan, not the text typed)."""
+    out = elric(cluster, "submit", "tests.jobs:Echo", "NaN", "Infinity", "[NaN]", "1.5",
+                "--queue", "nobody", "--job-id", "typed")
+    assert out.returncode == 0, out.stderr
+    assert cluster.client.get_job("typed")["args"] == ["NaN", "Infinity", "[NaN]", 1.5]
+
+
+def test_submit_wait_with_nothing_to_wait_for_says_why_it_exits_1(cluster):
+    """A filtered submission, or one naming a periodic job's id, exited 1 under --wait with
+    no word on stderr: only "ID filtered" on stdout."""
+    cluster.client.submit_job(Echo.spec(job_id="tick", trigger=every(hours=1)))
+    url = ("elric.demo.crawler:Crawl", "http://127.0.0.1:1/a", "--queue", "nobody")
+    assert elric(cluster, "submit", *url).returncode == 0
+    for args, why in ((url, "was filtered: its dedupe key was seen, so it never runs"),
+                      (("tests.jobs:Echo", "--job-id", "tick"),
+                       "tick was scheduled: the id of a periodic job, so nothing was queued")):
+        out = elric(cluster, "submit", *args, "--wait", "--json")
+        assert json.loads(out.stdout)["status"] in ("filtered", "scheduled"), out.stdout
+        one_line_error(out, 1, why)
