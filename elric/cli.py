@@ -342,7 +342,11 @@ def _control_worker(args: argparse.Namespace) -> int:
 
 def _schedules(client, args: argparse.Namespace, show) -> int:
     if not args.action:
-        (show or views.schedules)(client.list_jobs(status="scheduled", limit=args.limit))
+        schedules = client.list_jobs(status="scheduled", offset=args.offset, limit=args.limit)
+        (show or views.schedules)(schedules)
+        if len(schedules) == args.limit and not show:   # there may be more: say how to see them
+            print(f"(the first {args.limit} from {args.offset}: --offset "
+                  f"{args.offset + args.limit} shows the next)")
         return 0
     if not args.job_id:
         raise UsageError(f"elric schedules {args.action} takes the periodic job's id")
@@ -531,6 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "it); cron keeps its calendar, an interval restarts from now "
                                 "(before its start_date: begins then)")
             p.add_argument("job_id", nargs="?")
+            p.add_argument("--offset", type=int, default=0)
             p.add_argument("--limit", type=int, default=100)
         if name == "submit":
             p.add_argument("func_path", metavar="FUNC", help='"package.module:ClassName"')

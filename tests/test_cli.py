@@ -631,3 +631,30 @@ def test_submit_wait_with_nothing_to_wait_for_says_why_it_exits_1(cluster):
         out = elric(cluster, "submit", *args, "--wait", "--json")
         assert json.loads(out.stdout)["status"] in ("filtered", "scheduled"), out.stdout
         one_line_error(out, 1, why)
+
+
+def test_schedules_pages_with_offset_and_says_when_there_may_be_more(cluster):
+    """`elric schedules` showed the first 100 with no sign of more, and had no --offset:
+    past --limit's most (1,000) the rest could not be seen at all."""
+    for i in range(3):
+        cluster.client.submit_job(Echo.spec(job_id=f"tick-{i}", trigger=every(hours=1)))
+    first = elric(cluster, "schedules", "--limit", "2")
+    assert first.returncode == 0, first.stderr
+    assert "--offset 2 shows the next" in first.stdout, first.stdout
+    rest = elric(cluster, "schedules", "--offset", "2", "--limit", "2")
+    assert rest.returncode == 0 and "shows the next" not in rest.stdout, rest.stdout
+    shown = [f"tick-{i}" for i in range(3) if f"tick-{i}" in first.stdout + rest.stdout]
+    assert shown == ["tick-0", "tick-1", "tick-2"], first.stdout + rest.stdout
+    assert not [t for t in shown if t in first.stdout and t in rest.stdout]
+
+
+def test_bulk_actions_on_scheduled_jobs_name_the_schedules_commands(cluster):
+    """`elric delete --status scheduled` said "unknown status 'scheduled'", a status it
+    knows; and deleting a running job named the RPC call, not the command."""
+    one_line_error(elric(cluster, "delete", "--status", "scheduled"), 2,
+                   "periodic jobs are not walked; pause_job or remove_job acts on one "
+                   "(elric schedules pause|remove ID)")
+    cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job(Sleep.spec([30], job_id="long"))
+    cluster.wait_job("long", statuses=("running",))
+    one_line_error(elric(cluster, "delete", "long"), 1, "cancel it (cancel_job, elric cancel ID)")
