@@ -97,6 +97,9 @@ def _filter(raw, call: str, known, statuses) -> dict:
         if raw.get(key) is not None and not isinstance(raw[key], str):
             raise SpecError(f"{call}: filter {key} must be a string")
         check_text(f"{call}: {key}", raw.get(key) or "")
+    if raw.get("status") == Status.SCHEDULED and Status.SCHEDULED not in statuses:
+        raise SpecError(f"{call}: periodic jobs are not walked; pause_job or remove_job acts "
+                        "on one (elric schedules pause|remove ID)")
     if raw.get("status") not in (None, *statuses):
         raise SpecError(f"{call}: unknown status {raw['status']!r}; "
                         f"known: {', '.join(statuses)}")

@@ -408,8 +408,8 @@ class RedisQueue:
                                                  k.batch(""), k.func(""), self.failed_ttl]))
         except ResponseError as exc:
             if _error_code(exc) == "RUNNING":
-                raise Refused(f"job {job_id!r} is running; cancel it (cancel_job) and "
-                              "remove it once it has stopped") from None
+                raise Refused(f"job {job_id!r} is running; cancel it (cancel_job, elric cancel "
+                              "ID) and remove it once it has stopped") from None
             raise
 
     async def cancel(self, job_id: str) -> str | None:
