@@ -24,6 +24,9 @@ from elric.contract import SPEC_KEYS, Status
 from elric.triggers import TriggerError, build_trigger, next_fire, parse_trigger
 
 FINISHED_TTL = 86400            # seconds a finished job (no next fire) stays visible to get()
+# seconds a removed job's rounds are kept for a job added again under its id to count
+# against max_instances (a round running longer than that after the removal is not)
+ROUNDS_LEFT_TTL = 7 * 86400
 WRITE_RETRIES = 20
 # Spec keys that configure the schedule rather than each fired job.
 SCHEDULE_OPTIONS = ("trigger", "replace_existing", "misfire_grace_time", "coalesce",
@@ -164,6 +167,7 @@ class RedisJobStore:
         self.redis, self.keys, self.clock, self.runs_kept = redis, keys, clock, runs_kept
         self.min_interval = min_interval  # settings.MIN_INTERVAL: shortest interval accepted
         self._put = lua.load(redis, "jobstore_put", "version_fn")
+        self._remove = lua.load(redis, "jobstore_remove")
 
     # --- reading -------------------------------------------------------------------------
     async def _load(self, job_id: str) -> StoredJob | None:
@@ -244,7 +248,7 @@ class RedisJobStore:
                     *itertools.chain.from_iterable(job.to_hash(self.clock()).items())]
             keys = [self.keys.schedule(job_id), self.keys.schedule_runs(job_id),
                     self.keys.schedules, self.keys.scheduler_wake, self.keys.seq,
-                    self.keys.job(job_id)]
+                    self.keys.job(job_id), self.keys.schedule_rounds_left(job_id)]
             written = await self._put(keys=keys, args=argv)
             if isinstance(written, bytes):
                 raise IdTaken(written.decode())
@@ -325,11 +329,10 @@ class RedisJobStore:
                 "next_run_time": None if job.paused else job.next_run_time}
 
     async def remove(self, job_id: str) -> bool:
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.delete(self.keys.schedule(job_id), self.keys.schedule_runs(job_id))
-        pipe.zrem(self.keys.schedules, job_id)
-        deleted, _ = await pipe.execute()
-        return deleted > 0
+        k = self.keys
+        return await self._remove(keys=[k.schedule(job_id), k.schedule_runs(job_id),
+                                        k.schedules, k.schedule_rounds_left(job_id)],
+                                  args=[job_id, ROUNDS_LEFT_TTL]) == 1
 
     async def pause(self, job_id: str) -> bool:
         """Stop firing until resumed; True if the job exists."""

@@ -71,6 +71,9 @@ Periodic jobs (job store and scheduler)
     ``{p}:schedules``               zset   job_id -> next run time (ms); paused jobs
                                            score +inf, so they are listed without a scan.
     ``{p}:schedule:{job_id}:runs``  list   the last runs of a periodic job (capped).
+    ``{p}:schedule:{job_id}:rounds_left`` string its recent rounds (msgpack fire ids),
+                                           left by its removal for a job added again
+                                           under the id to count (max_instances); expires.
     ``{p}:fire:{fire_id}``          string set once (SET NX) per fire: a fire is
                                            enqueued at most once.
     ``{p}:fires:pending``           hash   fire_id -> spec (msgpack) of a fire marked and
@@ -162,6 +165,7 @@ class Keys:
     # periodic jobs
     schedule = _family("schedule:{}")
     schedule_runs = _family("schedule:{}:runs")
+    schedule_rounds_left = _family("schedule:{}:rounds_left")
     fire = _family("fire:{}")
     # dedupe
     dedupe_set = _family("dedupe:set:{}")

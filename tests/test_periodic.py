@@ -455,3 +455,23 @@ def test_a_large_batch_of_periodic_jobs_is_stored_whole(cluster):
     replies = cluster.client.submit_jobs(specs)
     assert [r["status"] for r in replies] == ["scheduled"] * 500
     assert cluster.client.stats()["by_status"]["scheduled"] == 500
+
+
+def test_a_job_removed_while_its_round_runs_and_added_again_does_not_overlap_it(cluster):
+    """Removing a periodic job deleted the rounds it counted: added again under its id, it
+    fired while the removed one's round still ran, two at once despite max_instances 1."""
+    c = cluster.client
+    cluster.start_worker("--concurrency", "2")
+    spec = Sleep.spec([30], job_id="crawl", max_instances=1, trigger={"type": "interval",
+                                                                      "hours": 1})
+    c.submit_job(spec)
+    first = c.run_job("crawl")["fire_id"]
+    cluster.wait_job(first, statuses=("running",))
+    assert c.remove_job("crawl") is True
+    c.submit_job(spec)
+    second = c.run_job("crawl")["fire_id"]
+    runs = wait_for(lambda: c.get_job("crawl")["runs"] or None, what="the fire recorded")
+    assert [(r["job_id"], r["outcome"], r.get("reason")) for r in runs] == [
+        (second, "skipped", "max_instances")], runs
+    assert c.get_job(first)["status"] == "running"
+    assert c.remove_job("crawl") is True and c.remove_job("crawl") is False
