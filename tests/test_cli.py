@@ -658,3 +658,4 @@ def test_bulk_actions_on_scheduled_jobs_name_the_schedules_commands(cluster):
     cluster.client.submit_job(Sleep.spec([30], job_id="long"))
     cluster.wait_job("long", statuses=("running",))
     one_line_error(elric(cluster, "delete", "long"), 1, "cancel it (cancel_job, elric cancel ID)")
+    cluster.client.cancel_job("long")   # the worker's stop need not wait out its grace for it

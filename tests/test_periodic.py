@@ -475,3 +475,4 @@ def test_a_job_removed_while_its_round_runs_and_added_again_does_not_overlap_it(
         (second, "skipped", "max_instances")], runs
     assert c.get_job(first)["status"] == "running"
     assert c.remove_job("crawl") is True and c.remove_job("crawl") is False
+    c.cancel_job(first)   # the worker's stop need not wait out its grace for it
