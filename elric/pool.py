@@ -14,6 +14,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import struct
 import tempfile
 import time
 from concurrent.futures import CancelledError, Executor, Future
@@ -27,6 +28,7 @@ from elric.queue import Claim
 log = logging.getLogger("elric.pool")
 
 KILL_GRACE = 5.0  # seconds past its timeout before a job's process is killed
+READ_CHUNK = 1 << 16
 
 
 @dataclass(slots=True)
@@ -54,6 +56,24 @@ class ProcessDied(Exception):
         self.held, self.culprits = held, culprits
 
 
+
+def _messages(buffer: bytearray) -> list[bytes]:
+    """Take the whole messages out of ``buffer``, leaving the start of the next in it. The
+    framing is multiprocessing's, as the pool process sends with ``send_bytes``: a 4-byte
+    big-endian length, or -1 and then an 8-byte one."""
+    messages = []
+    while len(buffer) >= 4:
+        (size,), start = struct.unpack_from("!i", buffer), 4
+        if size == -1:
+            if len(buffer) < 12:
+                break
+            (size,), start = struct.unpack_from("!Q", buffer, 4), 12
+        if len(buffer) < start + size:
+            break
+        messages.append(bytes(buffer[start:start + size]))
+        del buffer[:start + size]
+    return messages
+
 @dataclass(slots=True)
 class _Held:
     claim: Claim
@@ -76,6 +96,7 @@ class _Process:
     blocking: str | None = None   # the async job its process says blocks its loop now
     n_async: int = 0
     outbox_sync: bool = False  # its outbox holds sync jobs: fill it up in this turn
+    received: bytearray = field(default_factory=bytearray)   # read, not yet a whole message
 
     @property
     def n_sync(self) -> int:
@@ -143,10 +164,22 @@ class Pool(Executor):
             self._died(proc)
 
     def _readable(self, proc: _Process) -> None:
+        """Read what the pipe holds now, and handle the messages it completes. Never more
+        than that: a process that died part-way through a message, while a child it forked
+        holds the pipe open, would block the worker's loop for good in a recv_bytes."""
         try:
-            message = codec.unpack(proc.conn.recv_bytes())
-        except (EOFError, OSError):
+            data = os.read(proc.conn.fileno(), READ_CHUNK)
+        except OSError:
+            data = b""
+        if not data:
             return self._died(proc)
+        proc.received += data
+        for message in _messages(proc.received):
+            if proc.conn.closed:   # retired by the message before: the rest is moot
+                return
+            self._handle(proc, codec.unpack(message))
+
+    def _handle(self, proc: _Process, message: dict) -> None:
         proc.blocking = message["blocking"]
         for func, is_async in message["kinds"].items():
             self.kinds[func] = self.last_async = is_async

@@ -134,14 +134,21 @@ class AsyncForkReturns(Job):
 
 class ForkThenCrash(Job):
     """Leaves a forked child running, which holds its process's pipe open, and kills its
-    process; the child's pid goes to ``path``."""
+    process; the child's pid goes to ``path``. ``half_message``: dies part-way through
+    sending a message to the worker, as a process killed in a big result's send does."""
 
-    def run(self, path, seconds):
+    def run(self, path, seconds, half_message=False):
         pid = os.fork()
         if pid == 0:
             time.sleep(seconds)
             os._exit(0)
         append_line(path, str(pid))
+        if half_message:
+            import gc
+            import struct
+            [runner] = [o for o in gc.get_objects() if type(o).__name__ == "_Runner"]
+            with runner.send_lock:   # not inside one of its own messages
+                os.write(runner.conn.fileno(), struct.pack("!i", 1000) + b"\x93\x01")
         os._exit(1)
 
 

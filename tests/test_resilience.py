@@ -1205,13 +1205,20 @@ def test_a_forked_child_returning_from_run_exits_and_its_parent_goes_on(cluster,
         reap([child])
 
 
-def test_a_pool_process_whose_pipe_a_forked_child_holds_open_is_seen_to_die(cluster, tmp_path):
+@pytest.mark.parametrize("half_message", [False, True], ids=["between-messages", "mid-message"])
+def test_a_pool_process_whose_pipe_a_forked_child_holds_open_is_seen_to_die(cluster, tmp_path,
+                                                                           half_message):
     """The worker learnt that a pool process died only from the end of its pipe. A child
     the job forked (a daemon, a multiprocessing helper) holds the pipe open: the job stayed
-    running under lease forever and the dead process kept its place in the pool."""
+    running under lease forever and the dead process kept its place in the pool.
+
+    mid-message: the process died part-way through a message. The worker's recv_bytes
+    waited for the rest, which the child holding the pipe never sends: the whole worker
+    hung (no heartbeat, no job started) until the child exited."""
     path = tmp_path / "forked"
     worker = cluster.start_worker("--concurrency", "1")
-    cluster.client.submit_job(ForkThenCrash.spec([str(path), 120], job_id="crashes"))
+    cluster.client.submit_job(ForkThenCrash.spec([str(path), 120, half_message],
+                                                 job_id="crashes"))
     child = psutil.Process(int(wait_for(lambda: path.exists() and path.read_text().strip())))
     try:
         job = cluster.wait_job("crashes")
