@@ -5,13 +5,10 @@ never makes a worker import anything, since whoever can write to Redis can write
 from __future__ import annotations
 
 import importlib
-import logging
 import sys
 from dataclasses import dataclass, field
 
 from elric.contract import SpecError
-
-log = logging.getLogger("elric.worker")
 
 
 class NotLoaded(Exception):
@@ -31,15 +28,13 @@ class JobModules:
 
     @classmethod
     def load(cls, names) -> "JobModules":
-        """Import each module named; one that fails is logged and its jobs fail."""
+        """Import each module named; one that fails is noted in ``broken`` (its jobs fail)."""
         modules = cls(tuple(names))
         for name in modules.names:
             try:
                 importlib.import_module(name)
             except Exception as exc:
                 modules.broken[name] = f"{type(exc).__name__}: {exc}"
-                log.error("cannot import job module %s (%s): its jobs fail until it imports",
-                          name, modules.broken[name])
         return modules
 
     def clean(self) -> list[str]:

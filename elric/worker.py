@@ -175,6 +175,14 @@ class Worker:
                                 "e.g. `elric worker myproject.jobs`, or JOB_MODULES = "
                                 "[\"myproject.jobs\"] in settings.py")
         self.modules = JobModules.load(self.settings.JOB_MODULES)
+        if not self.modules.clean():
+            raise SettingsError(
+                "no job module imports (" + "; ".join(f"{n}: {e}" for n, e in
+                                                     self.modules.broken.items()) +
+                f"): check the names, and that they import from {os.getcwd()} (PYTHONPATH)")
+        for name, error in self.modules.broken.items():   # the others' jobs run
+            log.error("cannot import job module %s (%s): its jobs fail until it imports",
+                      name, error)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)

@@ -201,6 +201,10 @@ CASES = {
         ["worker"], {"REDIS_URL": r, "MASTER_ADDRESS": unused_address()},
         "no job modules: name the modules your Job classes are in, e.g. `elric worker "
         "myproject.jobs`"),
+    "worker: no job module imports": lambda d, r: (
+        ["worker", "myproject.jobz"], {"REDIS_URL": r, "MASTER_ADDRESS": unused_address()},
+        "no job module imports (myproject.jobz: ModuleNotFoundError: No module named "
+        "'myproject'): check the names, and that they import from "),
     "master: a typo in an ELRIC_ variable": lambda d, r: (
         ["master", "--redis-url", r], {"REDIS_ULR": r, "MASTER_ADDRESS": unused_address()},
         "ELRIC_REDIS_ULR: unknown setting in the environment; did you mean ELRIC_REDIS_URL?"),
