@@ -548,11 +548,18 @@ def build_parser() -> argparse.ArgumentParser:
                            help="wait for the outcome; the exit status follows it")
             p.add_argument("--timeout", type=float, help="give up waiting after this long")
         p.set_defaults(func=cmd_call)
+    parser.commands = sub.choices
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser, argv = build_parser(), sys.argv[1:] if argv is None else argv
+    # a command's own parser, intermixed: positional arguments after options too (elric
+    # submit F --queue q 1 2 was refused: ARG... ends at the first option); the top
+    # parser cannot do it (argparse refuses intermixed with subcommands)
+    command = parser.commands.get(argv[0]) if argv else None
+    args = command.parse_intermixed_args(argv[1:], argparse.Namespace(command=argv[0])) \
+        if command else parser.parse_args(argv)
     # Job modules may live in the current directory, so it must be on sys.path; after the
     # installed packages, so that a folder there named like one (elric/) hides nothing.
     if os.getcwd() not in sys.path:

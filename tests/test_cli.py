@@ -659,3 +659,13 @@ def test_bulk_actions_on_scheduled_jobs_name_the_schedules_commands(cluster):
     cluster.wait_job("long", statuses=("running",))
     one_line_error(elric(cluster, "delete", "long"), 1, "cancel it (cancel_job, elric cancel ID)")
     cluster.client.cancel_job("long")   # the worker's stop need not wait out its grace for it
+
+
+def test_submit_takes_its_arguments_after_options_too(cluster):
+    """`elric submit F --queue q 1 2` was refused, "unrecognized arguments: 1 2": argparse
+    ends ARG... at the first option."""
+    out = elric(cluster, "submit", "tests.jobs:Echo", "--queue", "nobody", "1",
+                "--job-id", "mixed", "two", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["job_id"] == "mixed"
+    assert cluster.client.get_job("mixed")["args"] == [1, "two"]
