@@ -140,6 +140,9 @@ def cmd_call(args: argparse.Namespace) -> int:
     """The commands that ask a master: one RPC call (or a few), shown as a table, or as the
     reply itself with --json."""
     show = _print if args.json else None
+    if "" in (getattr(args, "job_ids", None) or [getattr(args, "job_id", None)]):
+        # the master's refusal of it is bad_request, which rerun reads as the job's state
+        raise UsageError("a job id cannot be empty")
     with _client(args) as client:
         command = args.command
         if command == "ping":

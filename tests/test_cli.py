@@ -669,3 +669,10 @@ def test_submit_takes_its_arguments_after_options_too(cluster):
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["job_id"] == "mixed"
     assert cluster.client.get_job("mixed")["args"] == [1, "two"]
+
+
+def test_an_empty_job_id_is_a_usage_error_for_every_command(cluster):
+    """`elric rerun ""` exited 1 (failed), where `elric cancel ""` exited 2 (usage)."""
+    for args in (("rerun", ""), ("cancel", ""), ("delete", ""), ("copy", ""), ("job", ""),
+                 ("cancel", "some", ""), ("schedules", "pause", "")):
+        one_line_error(elric(cluster, *args), 2, "a job id cannot be empty")
