@@ -205,3 +205,30 @@ def test_a_copy_keeps_its_sources_limit_key(redis_url):
             assert step["touched"] == 1, step
             assert (await m.get_job("page~op1"))["limit_key"] == "slow.test"
     asyncio.run(main())
+
+
+def test_a_copy_counts_a_source_gone_since_the_walk_met_it_as_skipped(redis_url):
+    """A job deleted between the walk that chose it and its copy was passed over in
+    silence: "copy: 1 jobs done, 0 skipped" of two jobs chosen."""
+    import asyncio
+
+    from tests.test_dedupe_keys_given_back import master
+
+    async def main():
+        async with master(redis_url) as m:
+            await m.submit_jobs([{"func": "tests.jobs:Echo", "job_id": i, "queue": "copyq"}
+                                 for i in ("stays", "goes")])
+            queued_at = (await m.get_job("goes"))["enqueued_at"]
+            while (lambda s, us: s + us / 1e6)(*await m.redis.time()) <= queued_at + 0.002:
+                await asyncio.sleep(0.01)   # a copy passes over jobs queued since it began
+            walk = m.bulk.walk
+
+            async def then_one_goes(*args, **kwargs):   # another operator's delete, meanwhile
+                chosen = await walk(*args, **kwargs)
+                assert await m.queue.remove("goes")
+                return chosen
+            m.bulk.walk = then_one_goes
+            step = await m.bulk_jobs("copy", {"queue": "copyq"}, "", "op1")
+            assert (step["touched"], step["skipped"], step["errors"]) == (
+                1, 1, ["no job 'goes'"]), step
+    asyncio.run(main())
