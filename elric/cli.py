@@ -282,19 +282,28 @@ def _bulk(client, args: argparse.Namespace, show) -> int:
     if getattr(args, "job_ids", None):
         f["ids"] = args.job_ids
     op = os.urandom(4).hex() if action == "copy" else ""
-    total = {"touched": 0, "skipped": 0, "errors": []}
-    cursor = ""
-    with Spinner(f"{args.command}: starting", console=views.console) as spinner:
+
+    def walk(kind: str) -> dict:
+        total, cursor = {"touched": 0, "skipped": 0, "errors": []}, ""
         while True:
-            step = client.bulk_jobs(action, f, cursor, op)
+            step = client.bulk_jobs(kind, f, cursor, op)
             total["touched"] += step["touched"]
             total["skipped"] += step["skipped"]
             total["errors"] += step["errors"][:5 - len(total["errors"])]
-            spinner.update(f"{args.command}: {total['touched']} done, "
-                           f"{total['skipped']} skipped")
+            spinner.update(f"{args.command}: {total['touched']} "
+                           f"{'found' if kind == 'find' else 'done'}, {total['skipped']} skipped")
             cursor = step["cursor"]
             if not cursor:
-                break
+                return total
+
+    with Spinner(f"{args.command}: starting", console=views.console) as spinner:
+        total = walk(action)
+        if action == "cancel" and not total["touched"] + total["skipped"]:
+            # a cancel walks live jobs only: it said "0 done", exit 0, of a filter that
+            # matched ended jobs alone; as a cancel of ended ids, they are skipped
+            if ended := walk("find")["touched"]:
+                total.update(skipped=ended, errors=[
+                    f"the {ended} jobs matching had already ended: nothing cancelled"])
     if show:
         show(total)
     else:

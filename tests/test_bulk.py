@@ -232,3 +232,22 @@ def test_a_copy_counts_a_source_gone_since_the_walk_met_it_as_skipped(redis_url)
             assert (step["touched"], step["skipped"], step["errors"]) == (
                 1, 1, ["no job 'goes'"]), step
     asyncio.run(main())
+
+
+def test_a_cancel_whose_filter_matches_only_ended_jobs_says_so_and_exits_1(cluster):
+    """It walks live jobs only, so it said "cancel: 0 jobs done, 0 skipped", exit 0, as if
+    it had nothing to do; a cancel of the same jobs by id skips them, exit 1."""
+    cluster.client.submit_jobs([{"func": "tests.jobs:Add", "args": [i, 1], "queue": "nobody",
+                                 "job_id": f"w{i}"} for i in range(3)])
+    for i in range(3):
+        cluster.client.cancel_job(f"w{i}")
+    said = "the 3 jobs matching had already ended: nothing cancelled"
+    for args in (("--queue", "nobody"), ("--status", "cancelled")):
+        out = elric(cluster, "cancel", *args)
+        assert out.returncode == 1, (args, out.stdout, out.stderr)
+        assert out.stdout == f"cancel: 0 jobs done, 3 skipped\n  skipped: {said}\n", out.stdout
+    out = elric(cluster, "cancel", "--queue", "nobody", "--json")
+    assert out.returncode == 1 and json.loads(out.stdout) == {
+        "touched": 0, "skipped": 3, "errors": [said]}, out.stdout
+    out = elric(cluster, "cancel", "--queue", "nobody", "--status", "failed")   # none match
+    assert (out.returncode, out.stdout) == (0, "cancel: 0 jobs done, 0 skipped\n"), out
