@@ -1,7 +1,8 @@
 """The ``elric`` command: master, worker, demo, and the operator's calls to a master.
 
 Exit status: 0 ok, 1 not found or failed, 2 usage or settings, 3 unavailable (the master or
-its Redis cannot be reached: try again)."""
+its Redis cannot be reached: try again). With --json an error is JSON on stdout too, unless
+the reply was printed: {"error": "not_found"|"failed"|"usage"|"unavailable", "message": ...}."""
 
 from __future__ import annotations
 
@@ -88,7 +89,16 @@ def _client(args: argparse.Namespace):
 
 
 def _print(value) -> None:
-    print(views.json_text(value, indent=2, sort_keys=True))
+    _json_out(views.json_text(value, indent=2, sort_keys=True))
+
+
+_json_shown = False   # a reply printed as JSON: an error after it prints no second object
+
+
+def _json_out(text: str) -> None:
+    global _json_shown
+    _json_shown = True
+    print(text)
 
 
 def _argument(text: str):
@@ -406,7 +416,7 @@ def _results(client, args: argparse.Namespace) -> int:
                     if job is not None and job["status"] == Status.SUCCEEDED]
             if jsonl:
                 for row in rows:
-                    print(views.json_text(row))
+                    _json_out(views.json_text(row))
             else:
                 views.results(rows, first=first)
             first = False
@@ -578,19 +588,21 @@ def main(argv: list[str] | None = None) -> int:
         sys.path.append(os.getcwd())
     from elric.rpc import RemoteError, RPCConnectionError, RPCError
 
+    global _json_shown
+    _json_shown, as_json = False, getattr(args, "json", False)
     try:
         return args.func(args)
     except (RPCConnectionError, Unreachable) as exc:   # the master or Redis: try again later
-        return _fail(exc, UNAVAILABLE)
+        return _fail(exc, UNAVAILABLE, as_json)
     except RemoteError as exc:
         return _fail(exc, {"not_found": 1, "internal": 1,
-                           "redis_unavailable": UNAVAILABLE}.get(exc.code, 2))
+                           "redis_unavailable": UNAVAILABLE}.get(exc.code, 2), as_json)
     # (RPCError: after its subclasses; SpecError: a Job class's spec refused here, e.g. its
     # dedupe_key_for given the wrong arguments)
     except (SettingsError, UsageError, RPCError, SpecError) as exc:
-        return _fail(exc, 2)
+        return _fail(exc, 2, as_json)
     except (NotFound, Failed, TimeoutError) as exc:
-        return _fail(exc, 1)
+        return _fail(exc, 1, as_json)
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:   # elric results | head: the reader has what it wanted
@@ -599,10 +611,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 UNAVAILABLE = 3   # the master or its Redis cannot be reached: try again
+ERRORS = {1: "failed", 2: "usage", UNAVAILABLE: "unavailable"}   # --json's error kinds
 
 
-def _fail(exc: Exception, status: int) -> int:
+def _fail(exc: Exception, status: int, as_json: bool) -> int:
     print(f"elric: {exc}", file=sys.stderr)
+    if as_json and not _json_shown:   # a script reads stdout as JSON (it was empty)
+        kind = "not_found" if isinstance(exc, NotFound) or \
+            getattr(exc, "code", None) == ErrorCode.NOT_FOUND else ERRORS[status]
+        _json_out(views.json_text({"error": kind, "message": str(exc)}))
     return status
 
 
