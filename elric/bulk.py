@@ -211,7 +211,8 @@ class Bulk:
         for on purpose)."""
         specs = []
         for job_id, job in zip(ids, await asyncio.gather(*map(self.queue.get_job, ids))):
-            if job is None:
+            if job is None:   # deleted, or its record expired, since the walk met it
+                step.skip(f"no job {job_id!r}")
                 continue
             spec = {"func": job["func"], "args": job["args"], "kwargs": job["kwargs"],
                     "queue": job["queue"], "priority": job["priority"],

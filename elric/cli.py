@@ -1,7 +1,8 @@
 """The ``elric`` command: master, worker, demo, and the operator's calls to a master.
 
 Exit status: 0 ok, 1 not found or failed, 2 usage or settings, 3 unavailable (the master or
-its Redis cannot be reached: try again)."""
+its Redis cannot be reached: try again). With --json an error is JSON on stdout too, unless
+the reply was printed: {"error": "not_found"|"failed"|"usage"|"unavailable", "message": ...}."""
 
 from __future__ import annotations
 
@@ -88,7 +89,16 @@ def _client(args: argparse.Namespace):
 
 
 def _print(value) -> None:
-    print(views.json_text(value, indent=2, sort_keys=True))
+    _json_out(views.json_text(value, indent=2, sort_keys=True))
+
+
+_json_shown = False   # a reply printed as JSON: an error after it prints no second object
+
+
+def _json_out(text: str) -> None:
+    global _json_shown
+    _json_shown = True
+    print(text)
 
 
 def _argument(text: str):
@@ -140,6 +150,9 @@ def cmd_call(args: argparse.Namespace) -> int:
     """The commands that ask a master: one RPC call (or a few), shown as a table, or as the
     reply itself with --json."""
     show = _print if args.json else None
+    if "" in (getattr(args, "job_ids", None) or [getattr(args, "job_id", None)]):
+        # the master's refusal of it is bad_request, which rerun reads as the job's state
+        raise UsageError("a job id cannot be empty")
     with _client(args) as client:
         command = args.command
         if command == "ping":
@@ -279,19 +292,28 @@ def _bulk(client, args: argparse.Namespace, show) -> int:
     if getattr(args, "job_ids", None):
         f["ids"] = args.job_ids
     op = os.urandom(4).hex() if action == "copy" else ""
-    total = {"touched": 0, "skipped": 0, "errors": []}
-    cursor = ""
-    with Spinner(f"{args.command}: starting", console=views.console) as spinner:
+
+    def walk(kind: str) -> dict:
+        total, cursor = {"touched": 0, "skipped": 0, "errors": []}, ""
         while True:
-            step = client.bulk_jobs(action, f, cursor, op)
+            step = client.bulk_jobs(kind, f, cursor, op)
             total["touched"] += step["touched"]
             total["skipped"] += step["skipped"]
             total["errors"] += step["errors"][:5 - len(total["errors"])]
-            spinner.update(f"{args.command}: {total['touched']} done, "
-                           f"{total['skipped']} skipped")
+            spinner.update(f"{args.command}: {total['touched']} "
+                           f"{'found' if kind == 'find' else 'done'}, {total['skipped']} skipped")
             cursor = step["cursor"]
             if not cursor:
-                break
+                return total
+
+    with Spinner(f"{args.command}: starting", console=views.console) as spinner:
+        total = walk(action)
+        if action == "cancel" and not total["touched"] + total["skipped"]:
+            # a cancel walks live jobs only: it said "0 done", exit 0, of a filter that
+            # matched ended jobs alone; as a cancel of ended ids, they are skipped
+            if ended := walk("find")["touched"]:
+                total.update(skipped=ended, errors=[
+                    f"the {ended} jobs matching had already ended: nothing cancelled"])
     if show:
         show(total)
     else:
@@ -394,7 +416,7 @@ def _results(client, args: argparse.Namespace) -> int:
                     if job is not None and job["status"] == Status.SUCCEEDED]
             if jsonl:
                 for row in rows:
-                    print(views.json_text(row))
+                    _json_out(views.json_text(row))
             else:
                 views.results(rows, first=first)
             first = False
@@ -548,30 +570,39 @@ def build_parser() -> argparse.ArgumentParser:
                            help="wait for the outcome; the exit status follows it")
             p.add_argument("--timeout", type=float, help="give up waiting after this long")
         p.set_defaults(func=cmd_call)
+    parser.commands = sub.choices
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser, argv = build_parser(), sys.argv[1:] if argv is None else argv
+    # a command's own parser, intermixed: positional arguments after options too (elric
+    # submit F --queue q 1 2 was refused: ARG... ends at the first option); the top
+    # parser cannot do it (argparse refuses intermixed with subcommands)
+    command = parser.commands.get(argv[0]) if argv else None
+    args = command.parse_intermixed_args(argv[1:], argparse.Namespace(command=argv[0])) \
+        if command else parser.parse_args(argv)
     # Job modules may live in the current directory, so it must be on sys.path; after the
     # installed packages, so that a folder there named like one (elric/) hides nothing.
     if os.getcwd() not in sys.path:
         sys.path.append(os.getcwd())
     from elric.rpc import RemoteError, RPCConnectionError, RPCError
 
+    global _json_shown
+    _json_shown, as_json = False, getattr(args, "json", False)
     try:
         return args.func(args)
     except (RPCConnectionError, Unreachable) as exc:   # the master or Redis: try again later
-        return _fail(exc, UNAVAILABLE)
+        return _fail(exc, UNAVAILABLE, as_json)
     except RemoteError as exc:
         return _fail(exc, {"not_found": 1, "internal": 1,
-                           "redis_unavailable": UNAVAILABLE}.get(exc.code, 2))
+                           "redis_unavailable": UNAVAILABLE}.get(exc.code, 2), as_json)
     # (RPCError: after its subclasses; SpecError: a Job class's spec refused here, e.g. its
     # dedupe_key_for given the wrong arguments)
     except (SettingsError, UsageError, RPCError, SpecError) as exc:
-        return _fail(exc, 2)
+        return _fail(exc, 2, as_json)
     except (NotFound, Failed, TimeoutError) as exc:
-        return _fail(exc, 1)
+        return _fail(exc, 1, as_json)
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:   # elric results | head: the reader has what it wanted
@@ -580,10 +611,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 UNAVAILABLE = 3   # the master or its Redis cannot be reached: try again
+ERRORS = {1: "failed", 2: "usage", UNAVAILABLE: "unavailable"}   # --json's error kinds
 
 
-def _fail(exc: Exception, status: int) -> int:
+def _fail(exc: Exception, status: int, as_json: bool) -> int:
     print(f"elric: {exc}", file=sys.stderr)
+    if as_json and not _json_shown:   # a script reads stdout as JSON (it was empty)
+        kind = "not_found" if isinstance(exc, NotFound) or \
+            getattr(exc, "code", None) == ErrorCode.NOT_FOUND else ERRORS[status]
+        _json_out(views.json_text({"error": kind, "message": str(exc)}))
     return status
 
 

@@ -205,3 +205,49 @@ def test_a_copy_keeps_its_sources_limit_key(redis_url):
             assert step["touched"] == 1, step
             assert (await m.get_job("page~op1"))["limit_key"] == "slow.test"
     asyncio.run(main())
+
+
+def test_a_copy_counts_a_source_gone_since_the_walk_met_it_as_skipped(redis_url):
+    """A job deleted between the walk that chose it and its copy was passed over in
+    silence: "copy: 1 jobs done, 0 skipped" of two jobs chosen."""
+    import asyncio
+
+    from tests.test_dedupe_keys_given_back import master
+
+    async def main():
+        async with master(redis_url) as m:
+            await m.submit_jobs([{"func": "tests.jobs:Echo", "job_id": i, "queue": "copyq"}
+                                 for i in ("stays", "goes")])
+            queued_at = (await m.get_job("goes"))["enqueued_at"]
+            while (lambda s, us: s + us / 1e6)(*await m.redis.time()) <= queued_at + 0.002:
+                await asyncio.sleep(0.01)   # a copy passes over jobs queued since it began
+            walk = m.bulk.walk
+
+            async def then_one_goes(*args, **kwargs):   # another operator's delete, meanwhile
+                chosen = await walk(*args, **kwargs)
+                assert await m.queue.remove("goes")
+                return chosen
+            m.bulk.walk = then_one_goes
+            step = await m.bulk_jobs("copy", {"queue": "copyq"}, "", "op1")
+            assert (step["touched"], step["skipped"], step["errors"]) == (
+                1, 1, ["no job 'goes'"]), step
+    asyncio.run(main())
+
+
+def test_a_cancel_whose_filter_matches_only_ended_jobs_says_so_and_exits_1(cluster):
+    """It walks live jobs only, so it said "cancel: 0 jobs done, 0 skipped", exit 0, as if
+    it had nothing to do; a cancel of the same jobs by id skips them, exit 1."""
+    cluster.client.submit_jobs([{"func": "tests.jobs:Add", "args": [i, 1], "queue": "nobody",
+                                 "job_id": f"w{i}"} for i in range(3)])
+    for i in range(3):
+        cluster.client.cancel_job(f"w{i}")
+    said = "the 3 jobs matching had already ended: nothing cancelled"
+    for args in (("--queue", "nobody"), ("--status", "cancelled")):
+        out = elric(cluster, "cancel", *args)
+        assert out.returncode == 1, (args, out.stdout, out.stderr)
+        assert out.stdout == f"cancel: 0 jobs done, 3 skipped\n  skipped: {said}\n", out.stdout
+    out = elric(cluster, "cancel", "--queue", "nobody", "--json")
+    assert out.returncode == 1 and json.loads(out.stdout) == {
+        "touched": 0, "skipped": 3, "errors": [said]}, out.stdout
+    out = elric(cluster, "cancel", "--queue", "nobody", "--status", "failed")   # none match
+    assert (out.returncode, out.stdout) == (0, "cancel: 0 jobs done, 0 skipped\n"), out

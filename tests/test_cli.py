@@ -659,3 +659,40 @@ def test_bulk_actions_on_scheduled_jobs_name_the_schedules_commands(cluster):
     cluster.wait_job("long", statuses=("running",))
     one_line_error(elric(cluster, "delete", "long"), 1, "cancel it (cancel_job, elric cancel ID)")
     cluster.client.cancel_job("long")   # the worker's stop need not wait out its grace for it
+
+
+def test_submit_takes_its_arguments_after_options_too(cluster):
+    """`elric submit F --queue q 1 2` was refused, "unrecognized arguments: 1 2": argparse
+    ends ARG... at the first option."""
+    out = elric(cluster, "submit", "tests.jobs:Echo", "--queue", "nobody", "1",
+                "--job-id", "mixed", "two", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["job_id"] == "mixed"
+    assert cluster.client.get_job("mixed")["args"] == [1, "two"]
+
+
+def test_an_empty_job_id_is_a_usage_error_for_every_command(cluster):
+    """`elric rerun ""` exited 1 (failed), where `elric cancel ""` exited 2 (usage)."""
+    for args in (("rerun", ""), ("cancel", ""), ("delete", ""), ("copy", ""), ("job", ""),
+                 ("cancel", "some", ""), ("schedules", "pause", "")):
+        one_line_error(elric(cluster, *args), 2, "a job id cannot be empty")
+
+
+def test_an_error_with_json_is_a_json_object_on_stdout_with_the_same_exit_status(cluster):
+    """With --json an error left stdout empty, one line on stderr: a script's json.loads
+    of the output failed on every error."""
+    cluster.client.submit_job(Echo.spec(job_id="waits", queue="nobody"))
+    for args, status, kind, text in (
+            (("job", "nope"), 1, "not_found", "no job 'nope'"),
+            (("rerun", "nope"), 1, "not_found", "no job 'nope'"),
+            (("rerun", "waits"), 1, "failed", "only a finished job can be rerun"),
+            (("schedules", "pause"), 2, "usage", "takes the periodic job's id"),
+            (("ping", "--master", f"127.0.0.1:{free_port()}"), 3, "unavailable", "cannot reach")):
+        out = elric(cluster, *args, "--json")
+        one_line_error(out, status, text)   # the line for people stays
+        error = json.loads(out.stdout)
+        assert error["error"] == kind and text in error["message"], (args, out.stdout)
+    # a reply printed already is the JSON: no second object after it
+    cluster.client.cancel_job("waits")
+    out = elric(cluster, "cancel", "waits", "--json")
+    assert out.returncode == 1 and json.loads(out.stdout)["was"] == "cancelled", out.stdout
