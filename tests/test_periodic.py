@@ -508,3 +508,21 @@ def test_fires_the_dedupe_filter_drops_are_recorded_filtered_and_logged_once(clu
     # run-now of it says the fire did not run
     proc = elric(cluster, "schedules", "run-now", "tick")
     assert proc.returncode == 1 and "filtered (dedupe_key)" in proc.stderr, proc
+
+
+def test_modify_refuses_parent_and_round_and_nil_removes_a_timeout(cluster):
+    """modify_job took `parent` and `round`, which only workers and masters set (every fire
+    then claimed a parent it did not have), and refused nil for `timeout`, so a periodic
+    job's timeout could not be removed but by removing the job."""
+    c = cluster.client
+    c.submit_job(Echo.spec(job_id="tick", trigger={"type": "interval", "hours": 1}, timeout=30))
+    for key in ("parent", "round"):
+        with pytest.raises(RemoteError) as err:
+            c.modify_job("tick", {key: "other"})
+        assert err.value.code == "bad_request" and f"{key!r} is elric's to set" in str(err.value)
+    job = c.get_job("tick")
+    assert job["parent"] == "" and "round" not in job and job["timeout"] == 30
+    assert c.modify_job("tick", {"parent": ""})["parent"] == ""   # as it is: no change
+    assert c.modify_job("tick", {"timeout": None})["timeout"] is None
+    fire = c.run_job("tick")["fire_id"]
+    assert cluster.wait_job(fire, statuses=("queued",))["timeout"] is None
