@@ -17,7 +17,7 @@ import time
 from datetime import datetime
 
 from elric import views
-from elric.bulk import left_alone
+from elric.bulk import left_alone, schedule_left_alone
 from elric.config import SettingsError, Unreachable, load_settings, names
 from elric.contract import ErrorCode, NotFound, SpecError, Status
 
@@ -357,19 +357,14 @@ def _schedules(client, args: argparse.Namespace, show) -> int:
         raise Failed(f"job {args.job_id!r} is not periodic: " + (
             f"elric delete {args.job_id} removes it" if args.action == "remove" else
             f"only periodic jobs {args.action}"))
-    if args.action in ("pause", "resume") and job.get("status") == "finished":
-        # pause_job and resume_job answer whether it exists: a finished job is left as it is
-        raise Failed(f"periodic job {args.job_id!r} has finished: no fires are left to "
-                     f"{args.action}")
+    unchanged = schedule_left_alone(job, args.action)
+    if job.get("status") == "finished" and unchanged:
+        raise Failed(f"periodic job {args.job_id!r} {unchanged}")
     call = {"pause": client.pause_job, "resume": client.resume_job,
             "remove": client.remove_job}[args.action]
     if not call(args.job_id):
         raise NotFound(f"no periodic job {args.job_id!r}")
-    said = f"{args.action}d"
-    if args.action != "remove" and job.get("paused") == (args.action == "pause"):
-        # pause_job and resume_job answer only whether it exists: the job read above says
-        # that nothing was to change
-        said = "already paused" if args.action == "pause" else "was not paused"
+    said = unchanged or f"{args.action}d"
     (show or (lambda _: print(f"periodic job {args.job_id}: {said}")))(True)
     return 0
 
