@@ -92,6 +92,18 @@ def left_alone(job_id: str, was: str | None, action: str = "cancel") -> str:
     return f"job {job_id!r} had ended ({was}): left alone" if was else f"no job {job_id!r}"
 
 
+def schedule_left_alone(job: dict | None, action: str) -> str | None:
+    """Why pause or resume leaves a periodic job, as get_job showed it just before, as it
+    is (pause_job and resume_job answer only whether it exists); None: it changes it."""
+    if not job or action not in ("pause", "resume"):
+        return None
+    if job.get("status") == "finished":
+        return f"has finished: no fires are left to {action}"
+    if job.get("paused") == (action == "pause"):
+        return "already paused" if action == "pause" else "was not paused"
+    return None
+
+
 def _s(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 

@@ -18,7 +18,7 @@ import time
 from datetime import datetime
 
 from elric import views
-from elric.bulk import left_alone
+from elric.bulk import left_alone, schedule_left_alone
 from elric.config import SettingsError, Unreachable, load_settings, names
 from elric.contract import ErrorCode, NotFound, SpecError, Status
 
@@ -379,19 +379,14 @@ def _schedules(client, args: argparse.Namespace, show) -> int:
         raise Failed(f"job {args.job_id!r} is not periodic: " + (
             f"elric delete {args.job_id} removes it" if args.action == "remove" else
             f"only periodic jobs {args.action}"))
-    if args.action in ("pause", "resume") and job.get("status") == "finished":
-        # pause_job and resume_job answer whether it exists: a finished job is left as it is
-        raise Failed(f"periodic job {args.job_id!r} has finished: no fires are left to "
-                     f"{args.action}")
+    unchanged = schedule_left_alone(job, args.action)
+    if job.get("status") == "finished" and unchanged:
+        raise Failed(f"periodic job {args.job_id!r} {unchanged}")
     call = {"pause": client.pause_job, "resume": client.resume_job,
             "remove": client.remove_job}[args.action]
     if not call(args.job_id):
         raise NotFound(f"no periodic job {args.job_id!r}")
-    said = f"{args.action}d"
-    if args.action != "remove" and job.get("paused") == (args.action == "pause"):
-        # pause_job and resume_job answer only whether it exists: the job read above says
-        # that nothing was to change
-        said = "already paused" if args.action == "pause" else "was not paused"
+    said = unchanged or f"{args.action}d"
     (show or (lambda _: print(f"periodic job {args.job_id}: {said}")))(True)
     return 0
 
@@ -428,6 +423,7 @@ def _results(client, args: argparse.Namespace) -> int:
 
 
 RUN_NOW_WAIT = 15.0   # seconds to see the fire: a master taking over scheduling may need ~10
+NOT_RUN = ("skipped", "missed", "filtered")   # a fire's outcomes that ran no job
 
 
 def _run_now(client, job_id: str, show) -> int:
@@ -435,21 +431,22 @@ def _run_now(client, job_id: str, show) -> int:
     max_instances may skip it, and that should not pass in silence (exit 1)."""
     reply = _on_one_job(client.run_job, job_id)   # paused or finished: failed, not usage
     fire, deadline, run = reply["fire_id"], time.monotonic() + RUN_NOW_WAIT, None
-    while run is None and time.monotonic() < deadline:
+    # "enqueued": marked, not queued yet (get_job shows a queued fire's status): the dedupe
+    # filter may still drop it
+    while (run is None or run["outcome"] == "enqueued") and time.monotonic() < deadline:
         runs = (client.get_job(job_id) or {}).get("runs", [])
         run = next((r for r in runs if r.get("job_id") == fire), None)
-        if run is None:
-            time.sleep(0.05)
+        time.sleep(0.05)   # (once more after it is seen: a CLI call, no matter)
     job = client.get_job(job_id) or {}   # again: get_job read the times before the runs
     if show:
         show({**reply, "run": run})
-    elif run is not None and run["outcome"] not in ("skipped", "missed"):
+    elif run is not None and run["outcome"] not in NOT_RUN:
         print(f"periodic job {job_id}: fired {fire} ({run['outcome']}); next run "
               f"{views.when(job.get('next_run_time'))}")
     if run is None:   # asked, but not seen to happen: no success
         raise Failed(f"periodic job {job_id}: {fire} asked for; not fired within "
                      f"{RUN_NOW_WAIT:g}s (is a master scheduling? see elric health)")
-    if run["outcome"] in ("skipped", "missed"):
+    if run["outcome"] in NOT_RUN:
         raise Failed(f"periodic job {job_id}: {fire} {run['outcome']} "
                      f"({run.get('reason', '')})")
     return 0

@@ -92,6 +92,8 @@ SPEC_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
                       "fire; children inherit it)"),
 }
 
+# the keys elric sets (the master for a fire, the worker forwarding a job's children)
+SET_BY_ELRIC = ("parent", "round")
 QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,100}$")
 JOB_ID = re.compile(r"^[^\s]{1,200}$")
 FUNC_PATH = re.compile(r"^[^\W\d][\w.]*:[^\W\d][\w.]*$")   # a Python name: any letter or _ first

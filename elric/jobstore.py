@@ -59,6 +59,7 @@ class Outcome(StrEnum):
     ENQUEUED = "enqueued"  # marked and queued; get() shows the queued job's status instead
     MISSED = "missed"      # later than the misfire grace time
     SKIPPED = "skipped"    # coalesced away (coalesce "skip") or over max_instances
+    FILTERED = "filtered"  # marked, then dropped by the dedupe filter: its key was seen
 
 
 class ScheduleError(ValueError):
@@ -222,11 +223,11 @@ class RedisJobStore:
         return out
 
     async def fire_stats(self) -> dict[str, int]:
-        """Fires fired, missed and skipped since the start, and the summed lateness (ms) of
-        those fired (written by the scheduler)."""
+        """Fires fired (of those, filtered: dropped by the dedupe filter), missed and skipped
+        since the start, and the summed lateness (ms) of those fired (by the scheduler)."""
         h = await self.redis.hgetall(self.keys.fire_stats)
         return {name: int(h.get(name.encode(), 0))
-                for name in ("fired", "missed", "skipped", "lateness_ms")}
+                for name in ("fired", "filtered", "missed", "skipped", "lateness_ms")}
 
     async def count(self) -> int:
         """Scheduled and paused periodic jobs (finished ones are not counted)."""

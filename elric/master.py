@@ -375,8 +375,14 @@ class Master:
         current = await self.store.get(job_id)
         if current is None:
             raise SpecError(f"no periodic job {job_id!r}; only periodic jobs can be modified")
+        if ours := [k for k in contract.SET_BY_ELRIC if k in changes and
+                    changes[k] != current.get(k)]:   # (sent back as it is: no change)
+            raise SpecError(f"modify_job {job_id!r}: {ours[0]!r} is elric's to set "
+                            f"({contract.SPEC_KEYS[ours[0]][1]}); leave it out")
         merged = {k: current[k] for k in contract.SPEC_KEYS if current.get(k) is not None}
         merged.update(changes, job_id=job_id)
+        if "timeout" in changes and changes["timeout"] is None:   # removed: the default's
+            del merged["timeout"]
         try:
             checked = self.admission.normalize(merged)
         except SpecError as exc:

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -38,6 +39,7 @@ LONGEST_BLOCK = 2.0         # a BLPOP must answer well inside the clients' socke
 FIRE_FIELDS = ("spec", "trigger", "next_run_time", "version", "misfire_grace_time", "coalesce",
                "max_instances")  # the schedule hash fields a pass reads
 LIVE = frozenset(s.encode() for s in Status if s.live)
+FILTERED_WARN_EVERY = 3600.0  # seconds between warnings that one job's fires are filtered
 
 
 @dataclass
@@ -107,6 +109,8 @@ class Scheduler:
         self._acquire_s, self._renew_s, self._release_s, self._due_s = (
             lua.load(redis, f"scheduler_{name}") for name in ("acquire", "renew", "release", "due"))
         self._fire_s = lua.load(redis, "scheduler_fire", "version_fn")
+        self._filtered_s = lua.load(redis, "scheduler_filtered")
+        self._warned: dict[str, float] = {}  # job_id -> when its filtered fires were logged
         self._stop, self._leader, self._done = asyncio.Event(), asyncio.Event(), asyncio.Event()
         self._done.set()  # run() is not running (each run makes fresh events)
         self._lease_wait = lease_seconds / 3  # shorter when the holder's lease runs out sooner
@@ -328,10 +332,41 @@ class Scheduler:
             self._log_failure(f"queueing {len(fires)} fire(s) failed; they stay pending and "
                               "are tried again", exc)
             return 0
-        # what the dedupe filter dropped never reached enqueue.lua: no longer pending either
-        if dropped := [s.job_id for s in queued if s.status == Status.FILTERED]:
-            await self.redis.hdel(self.keys.fires_pending, *dropped)
+        if dropped := {s.job_id for s in queued if s.status == Status.FILTERED}:
+            try:
+                await self._filtered([f for f in fires if f["job_id"] in dropped])
+            except Exception:   # still pending (max_instances counts them): look again
+                self._pending = True
+                raise
         return len(fires) - len(dropped)
+
+    async def _filtered(self, fires: list[dict]) -> None:
+        """Fires the dedupe filter dropped (never reaching enqueue.lua): no longer pending,
+        counted and recorded ``filtered``, and logged once an hour per job: a dedupe key its
+        fires share drops every fire after the first, and nothing else would say so."""
+        pipe = self.redis.pipeline(transaction=False)
+        for f in fires:
+            pipe.lrange(self.keys.schedule_runs(f["schedule"]), 0, -1)
+        keys, argv = [self.keys.fires_pending, self.keys.fire_stats], []
+        for f, runs in zip(fires, await pipe.execute(raise_on_error=False)):
+            old = next((r for r in runs if unpack(r).get("job_id") == f["job_id"]), b"") \
+                if isinstance(runs, list) else b""   # (an error: a key of another type)
+            keys.append(self.keys.schedule_runs(f["schedule"]))
+            argv += [f["job_id"], old, pack({**unpack(old), "outcome": Outcome.FILTERED,
+                                             "reason": "dedupe_key"}) if old else b""]
+        await self._filtered_s(keys=keys, args=argv)
+        now = time.monotonic()
+        for f in fires:
+            if now - self._warned.get(f["schedule"], -math.inf) < FILTERED_WARN_EVERY:
+                continue
+            if len(self._warned) >= 10_000:   # many jobs: bounded memory, more warnings
+                self._warned.clear()
+            self._warned[f["schedule"]] = now
+            self.log.warning("periodic job %s: fire %s filtered, not run: its dedupe_key %r "
+                             "was seen in scope %r; a key every fire shares drops them all "
+                             "(dedupe_scope \"@fire\" gives each fire a scope of its own). "
+                             "Logged once an hour per job", f["schedule"], f["job_id"],
+                             f.get("dedupe_key"), f.get("dedupe_scope"))
 
     async def _queue_pending(self) -> int:
         """Queue the fires marked by a leader that died or failed before queueing them."""

@@ -12,11 +12,13 @@ and day-field OR, refusal of crons that never fire, and jitter that does not acc
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import re
 import time
 from datetime import date, datetime, time as dtime, timedelta, timezone as dt_timezone, tzinfo
+from functools import lru_cache
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -31,6 +33,7 @@ CRON_FIELDS = CronTrigger.FIELD_NAMES  # year, month, day, week, day_of_week, ho
 CRONTAB_FIELDS = ("minute", "hour", "day", "month", "day_of_week")
 INTERVAL_UNITS = ("weeks", "days", "hours", "minutes", "seconds")
 COMMON = ("start_date", "end_date", "timezone", "jitter")
+CRON_GAP_FIRES = 61  # fires a cron's jitter is checked against: a cycle of a minute's 60
 ALLOWED = {
     "cron": frozenset(("type", "crontab") + CRON_FIELDS + COMMON),
     "interval": frozenset(("type",) + INTERVAL_UNITS + COMMON),
@@ -383,6 +386,24 @@ class _CronTrigger(CronTrigger):
         return None if t is None else _jittered(self, t)
 
 
+@lru_cache(maxsize=1024)   # many jobs share a crontab; jitter spreads them
+def _closest_fires(data: str, hour: int) -> tuple[int, int] | None:
+    """The two fires closest together among the first CRON_GAP_FIRES (without jitter, not
+    past end_date) from ``hour`` on, of the cron ``data`` (its normalized JSON): its
+    shortest gap, unless a shorter one comes later (after a cycle of its finest field)."""
+    trigger = _parse(json.loads(data), hour)[0]
+    start = trigger.start_date.timestamp() if trigger.start_date else hour
+    end = trigger.end_date.timestamp() if trigger.end_date else math.inf
+    t, best = trigger.next_instant(math.ceil(max(hour, start))), None
+    for _ in range(CRON_GAP_FIRES):
+        if t is None or (nxt := trigger.next_instant(t + 1)) is None or nxt > end:
+            break
+        if best is None or nxt - t < best[1] - best[0]:
+            best = (t, nxt)
+        t = nxt
+    return best
+
+
 def _never_fires(trigger: _CronTrigger, data: dict, now: float) -> TriggerError:
     """Why a cron trigger has no fire after ``now``, naming the field when one alone says."""
     end, f = trigger.end_date, trigger._by_name
@@ -458,6 +479,14 @@ def parse_trigger(data: dict, *, now: float | None = None) -> tuple[BaseTrigger,
     except (OverflowError, OSError, ValueError):
         raise TriggerError("trigger.jitter", f"{trigger.jitter!r} is out of range: fires "
                                              "would come after the year 9999") from None
+    if isinstance(trigger, _CronTrigger) and trigger.jitter and (gap := _closest_fires(json.dumps(
+            {**normalized, "jitter": 0}, sort_keys=True), int(now // 3600 * 3600))) \
+            and trigger.jitter > gap[1] - gap[0]:
+        # the next fire is the first time after the last one's jittered time: as interval's
+        a, b = (datetime.fromtimestamp(t, trigger.timezone).isoformat() for t in gap)
+        raise TriggerError("trigger.jitter", f"{trigger.jitter:g}s is longer than the shortest "
+                                             f"gap between its fires ({gap[1] - gap[0]}s, {a} "
+                                             f"to {b}): fires would be dropped")
     if not isinstance(trigger, DateTrigger) and next_fire(trigger, now, first=True) is None:
         if isinstance(trigger, _CronTrigger):
             raise _never_fires(trigger, data, now)

@@ -622,3 +622,32 @@ def test_a_page_that_cannot_refresh_says_so_instead_of_freezing(make_cluster, br
     page.wait_for_selector("#stale")
     assert "cannot be reached" in page.locator("#stale").inner_text()
     assert page.locator("#count-queued").count() == 1   # the last figures stay, marked
+
+
+def test_a_schedule_pause_or_resume_that_changes_nothing_says_why(make_cluster, browser):
+    """The schedules page counted the pause of a paused job (or the resume of one not
+    paused) as done, where the CLI says "already paused" / "was not paused"."""
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}", DASHBOARD_PASSWORD=PASSWORD)
+    cluster.start_master()
+    client = cluster.client
+    client.submit_job(Echo.spec(job_id="tick", trigger=every(hours=1)))
+    page = browser.new_page()
+    page.clock.install()   # no refresh: the page as a second tab, or operator, left it
+    page.goto(f"http://127.0.0.1:{port}/login?next=/schedules")
+    page.fill("input[name=password]", PASSWORD)
+    page.press("input[name=password]", "Enter")
+    page.wait_for_url(re.compile(r"/schedules"))
+
+    def click(action: str) -> None:
+        page.locator("tr", has_text="tick").locator("button", has_text=action).click()
+
+    assert client.pause_job("tick") is True     # paused elsewhere meanwhile
+    click("pause")
+    page.wait_for_selector("text=pause: 0 of 1 done; tick: already paused")
+    assert client.resume_job("tick") is True    # and resumed elsewhere
+    click("resume")
+    page.wait_for_selector("text=resume: 0 of 1 done; tick: was not paused")
+    click("pause")                              # one that changes it is done
+    page.wait_for_selector("text=pause: 1 of 1 done")
+    assert client.get_job("tick")["paused"] is True

@@ -18,6 +18,7 @@ from elric.redis_server import free_port
 from elric.rpc import RemoteError
 from tests.conftest import wait_for
 from tests.jobs import Echo, Sleep
+from tests.test_cli import elric
 
 EVERY_SECOND = {"type": "interval", "seconds": 1}
 
@@ -476,3 +477,52 @@ def test_a_job_removed_while_its_round_runs_and_added_again_does_not_overlap_it(
     assert c.get_job(first)["status"] == "running"
     assert c.remove_job("crawl") is True and c.remove_job("crawl") is False
     c.cancel_job(first)   # the worker's stop need not wait out its grace for it
+
+
+def test_fires_the_dedupe_filter_drops_are_recorded_filtered_and_logged_once(cluster):
+    """A dedupe key every fire shares (global scope, not "@fire") drops each fire after the
+    first: each was recorded "enqueued" and counted fired, and nothing told the operator
+    that nothing ran."""
+    c = cluster.client
+    # no worker: the first fire stays queued, holding the key (max_instances lets the
+    # others through to the filter)
+    c.submit_job(Echo.spec(job_id="tick", trigger=EVERY_SECOND, dedupe_key="same",
+                           max_instances=5))
+
+    def filtered():
+        runs = c.get_job("tick")["runs"]
+        return runs if sum(r["outcome"] == "filtered" for r in runs) >= 3 else None
+    runs = wait_for(filtered, what="three fires recorded filtered")
+    *later, first = runs   # newest first
+    assert first["outcome"] == "queued", runs
+    # (the newest may be marked and not through the filter yet)
+    assert {r["outcome"] for r in later[1:]} == {"filtered"}, runs
+    for r in later[1:]:
+        assert r["reason"] == "dedupe_key" and c.get_job(r["job_id"]) is None
+    fires = c.stats()["scheduler"]
+    assert fires["filtered"] >= 3 and fires["fired"] >= fires["filtered"] + 1, fires
+    # one warning names the job and its key, not one per fire
+    warned = [line for line in cluster.logs().splitlines()
+              if "periodic job tick: fire" in line and "filtered" in line]
+    assert len(warned) == 1 and "WARNING" in warned[0] and "'same'" in warned[0], warned
+    # run-now of it says the fire did not run
+    proc = elric(cluster, "schedules", "run-now", "tick")
+    assert proc.returncode == 1 and "filtered (dedupe_key)" in proc.stderr, proc
+
+
+def test_modify_refuses_parent_and_round_and_nil_removes_a_timeout(cluster):
+    """modify_job took `parent` and `round`, which only workers and masters set (every fire
+    then claimed a parent it did not have), and refused nil for `timeout`, so a periodic
+    job's timeout could not be removed but by removing the job."""
+    c = cluster.client
+    c.submit_job(Echo.spec(job_id="tick", trigger={"type": "interval", "hours": 1}, timeout=30))
+    for key in ("parent", "round"):
+        with pytest.raises(RemoteError) as err:
+            c.modify_job("tick", {key: "other"})
+        assert err.value.code == "bad_request" and f"{key!r} is elric's to set" in str(err.value)
+    job = c.get_job("tick")
+    assert job["parent"] == "" and "round" not in job and job["timeout"] == 30
+    assert c.modify_job("tick", {"parent": ""})["parent"] == ""   # as it is: no change
+    assert c.modify_job("tick", {"timeout": None})["timeout"] is None
+    fire = c.run_job("tick")["fire_id"]
+    assert cluster.wait_job(fire, statuses=("queued",))["timeout"] is None

@@ -202,7 +202,7 @@ def test_misfire_grace_time_default_records_missed(redis_url):
         assert [r["fire_time"] for r in runs[:4]] == [T0 + 60 * i for i in range(1, 5)]
         assert runs[0]["job_id"] == fire_id("site", T0 + 60)
         # counted for metrics: the one fired was queued 10 s after its time
-        assert await env.store.fire_stats() == {"fired": 1, "missed": 4, "skipped": 0,
+        assert await env.store.fire_stats() == {"fired": 1, "filtered": 0, "missed": 4, "skipped": 0,
                                                 "lateness_ms": 10_000}
     run(redis_url, body)
 
@@ -218,7 +218,7 @@ def test_a_fire_is_counted_with_its_lateness_when_its_leader_dies_before_queuein
         env.clock.t = T0 + 65
         with pytest.raises(asyncio.CancelledError):
             await env.scheduler("m1", dies).tick()
-        assert await env.store.fire_stats() == {"fired": 1, "missed": 0, "skipped": 0,
+        assert await env.store.fire_stats() == {"fired": 1, "filtered": 0, "missed": 0, "skipped": 0,
                                                 "lateness_ms": 5_000}
     run(redis_url, body)
 
@@ -1094,3 +1094,27 @@ def test_an_enqueue_failing_for_a_redis_outage_logs_one_line(redis_url, caplog):
     [failed] = [r for r in caplog.records if "queueing 1 fire(s) failed" in r.getMessage()]
     assert failed.levelname == "WARNING" and failed.exc_info is None
     assert "Connection refused" in failed.getMessage()
+
+
+def test_a_fire_the_dedupe_filter_drops_is_recorded_filtered_and_counted_once(redis_url, caplog):
+    """A fire whose dedupe key was seen stayed recorded "enqueued" with nothing queued."""
+    async def body(env):
+        async def filtering(specs, token, recovered=False):
+            return [Submitted(s["job_id"], "filtered") for s in specs]
+        sched = env.scheduler("m1", filtering)
+        await env.store.add(spec(dedupe_key="same"))
+        for i in (1, 2):
+            env.clock.t = T0 + 60 * i
+            assert await sched.tick() == 0
+        # dropped again when queued from the pending fires (a new leader): counted once
+        await sched._filtered([{"job_id": fire_id("site", T0 + 60), "schedule": "site"}])
+        runs = await env.runs()
+        assert [(r["outcome"], r["reason"]) for r in runs] == [("filtered", "dedupe_key")] * 2
+        assert runs[0]["fire_time"] == T0 + 60 and isinstance(runs[0]["fire_time"], float)
+        assert await env.r.hlen(env.keys.fires_pending) == 0
+        stats = await env.store.fire_stats()
+        assert (stats["fired"], stats["filtered"]) == (2, 2)
+    run(redis_url, body)
+    warned = [r for r in caplog.records if "filtered, not run" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].levelname == "WARNING"   # once for the job
+    assert "periodic job site" in warned[0].getMessage() and "'same'" in warned[0].getMessage()

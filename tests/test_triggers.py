@@ -277,6 +277,33 @@ def test_cron_round_trip_property(minute, hour, step, zone):
     assert got and all(d.astimezone(ZoneInfo(zone)).minute == minute for d in got)
 
 
+@pytest.mark.parametrize("crontab, jitter, gap", [
+    ("0 9,10 * * *", 7200, "3600s"),   # 9:00 and 10:00: the 10:00 fire was dropped daily
+    ("*/7 * * * *", 300, "240s"),      # :56 to the next hour's :00
+    ("0 0 1,2 * *", 2 * 86400, "86400s"),
+])
+def test_a_cron_jitter_longer_than_its_shortest_gap_is_refused_not_dropping_fires(
+        crontab, jitter, gap):
+    """The fire after a jittered one is the first time after its jittered time: a jitter
+    past the next fire time dropped that fire, silently (an interval's is refused). Up to
+    the shortest gap, each fire time fires once, in order."""
+    now = utc(2026, 1, 1).timestamp()
+    with pytest.raises(TriggerError) as err:
+        parse_trigger({"type": "cron", "crontab": crontab, "jitter": jitter}, now=now)
+    assert err.value.field == "trigger.jitter" and f"shortest gap between its fires ({gap}" \
+        in str(err.value) and "fires would be dropped" in str(err.value), err.value
+    with pytest.raises(TriggerError, match="trigger.jitter"):
+        cron(crontab, jitter=jitter)
+    shortest = int(gap[:-1])
+    plain, _ = parse_trigger({"type": "cron", "crontab": crontab}, now=now)
+    trigger, _ = parse_trigger({"type": "cron", "crontab": crontab, "jitter": shortest},
+                               now=now)
+    want = fires(plain, utc(2026, 1, 1), utc(2026, 3, 1))
+    got = fires(trigger, utc(2026, 1, 1), want[-1] + timedelta(seconds=shortest))
+    assert len(got) == len(want) and all(0 <= (g - w).total_seconds() <= shortest
+                                         for g, w in zip(got, want))
+
+
 def test_an_interval_jitter_longer_than_the_interval_is_refused_not_dropping_fires():
     """The fire after a jittered one is the grid point after its time: a jitter past the
     next point dropped that point's fire (every second with 4 s of jitter fired about every

@@ -15,7 +15,7 @@ from urllib.parse import parse_qsl, quote, urlencode
 import jinja2
 from aiohttp import web
 
-from elric.bulk import left_alone
+from elric.bulk import left_alone, schedule_left_alone
 from elric.config import SettingsError, names
 from elric.contract import ErrorCode, STATUSES, Status
 from elric.dashboard import metrics
@@ -243,6 +243,11 @@ class Dashboard:
         done, errors = 0, []
         for one in ids:
             try:
+                # the CLI's words for a pause or resume that changes nothing
+                if kind == "schedule" and (unchanged := schedule_left_alone(
+                        await self.master.get_job(one), action)):
+                    errors.append(f"{one}: {unchanged}")
+                    continue
                 reply = await handler(one, value)
             except (RequestError, SettingsError) as exc:   # SettingsError: a queue list
                 errors.append(f"{one}: {exc}")

@@ -72,6 +72,8 @@ class _Snapshot:
         fires = s["scheduler"]
         yield _family(CounterMetricFamily, "elric_fires", "Fires of periodic jobs by outcome",
                       ["outcome"], [([o], fires[o]) for o in ("fired", "missed", "skipped")])
+        yield CounterMetricFamily("elric_fires_filtered", "Fires the dedupe filter dropped "
+                                  "(of those fired)", value=fires["filtered"])
         yield SummaryMetricFamily("elric_fire_lateness_seconds",
                                   "From a fire's time to its job queued",
                                   count_value=fires["fired"], sum_value=fires["lateness_ms"] / 1000)
