@@ -681,3 +681,37 @@ def test_an_error_page_is_not_read(children):
                 "url": site.url + "/gone", "status": 404, "links": 0, "bytes": 0}
         finally:
             sent.set()
+
+
+# --- crawl classes of a user's own, run by real workers (they load this module) ----------
+
+class PoliteCrawl(Crawl):
+    """A crawl of settings of its own: every page it finds must be crawled with them."""
+    queue = "polite"
+    max_bytes = 64 * 1024
+
+
+class PoliteCrawlSync(CrawlSync):
+    queue = "polite"
+
+
+def own_classes_cluster(make_cluster, **settings):
+    from tests.conftest import TEST_JOB_MODULES
+
+    c = make_cluster(JOB_MODULES=f"{TEST_JOB_MODULES},tests.test_crawler", **settings)
+    c.start_master()
+    return c
+
+
+@pytest.mark.parametrize("job_class", [PoliteCrawl, PoliteCrawlSync], ids=["async", "sync"])
+def test_the_pages_a_crawl_class_of_ones_own_finds_are_crawled_by_that_class(make_cluster,
+                                                                             job_class):
+    """Every page but the first was a job of the stock class: its queue, timeouts, size
+    cap and retries, not those the crawl was started with."""
+    c = own_classes_cluster(make_cluster)
+    c.start_worker("--queues", "polite,crawl", "--concurrency", "2")
+    with DemoSite(pages=10) as site:
+        jobs = crawl(c, site, job_class)
+    assert set(jobs) == set(site.paths()), c.logs()
+    assert {(j["func"], j["queue"]) for j in jobs.values()} == {
+        (job_class.spec([site.url])["func"], "polite")}

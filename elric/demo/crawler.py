@@ -339,5 +339,5 @@ class Crawl(Job):
                 continue   # another host (or no link: "")
             found += 1
             if _process.first_time(self.dedupe_scope, link):
-                Crawl.submit_with(args=[link, batch], **({"batch": batch} if batch else {}))
+                type(self).submit_with(args=[link, batch], **({"batch": batch} if batch else {}))
         return found
