@@ -109,15 +109,16 @@ def test_a_process_submits_each_link_once_per_scope_and_bounds_what_it_remembers
     from elric.demo.crawler import _Process
 
     p = _Process()
-    assert p.first_time("round-1", "http://a/p/1")
-    assert not p.first_time("round-1", "http://a/p/1")   # the master never sees it again
-    assert p.first_time("round-2", "http://a/p/1")       # another round fetches it again
-    assert p.first_time(None, "http://a/p/1")
+    assert p.first_time("round-1", "http://a/p/1", "A")
+    assert not p.first_time("round-1", "http://a/p/1", "B")   # the master never sees it again
+    assert p.first_time("round-1", "http://a/p/1", "A")  # A again: that attempt may have failed
+    assert p.first_time("round-2", "http://a/p/1", "B")  # another round fetches it again
+    assert p.first_time(None, "http://a/p/1", "B")
     for n in range(100_000):
-        p.first_time("round-3", f"http://a/p/{n}")
-    assert p.first_time("round-3", "http://a/p/new")     # full: it forgot, and starts afresh
-    assert p.submitted == {"round-3": {"http://a/p/new"}}
-    assert p.first_time("round-1", "http://a/p/1")       # forgotten: the master drops it
+        p.first_time("round-3", f"http://a/p/{n}", "C")
+    assert p.first_time("round-3", "http://a/p/new", "C")  # full: it forgot, starts afresh
+    assert p.submitted == {"round-3": {"http://a/p/new": "C"}}
+    assert p.first_time("round-1", "http://a/p/1", "B")  # forgotten: the master drops it
 
 
 def test_a_link_resolved_once_per_host_is_the_link_of_every_page():
@@ -695,6 +696,17 @@ class PoliteCrawlSync(CrawlSync):
     queue = "polite"
 
 
+class SavedCrawl(Crawl):
+    """Saves each page after crawling it; the first save of the start page fails (the store
+    was away for a moment), so that attempt is retried, in the same pool process."""
+
+    async def run(self, url: str, batch: str = "") -> dict:
+        result = await super().run(url, batch)
+        if self.attempt == 1 and self.job_id.endswith("-start"):
+            raise ConnectionError("the page store did not answer")
+        return result
+
+
 def own_classes_cluster(make_cluster, **settings):
     from tests.conftest import TEST_JOB_MODULES
 
@@ -715,3 +727,16 @@ def test_the_pages_a_crawl_class_of_ones_own_finds_are_crawled_by_that_class(mak
     assert set(jobs) == set(site.paths()), c.logs()
     assert {(j["func"], j["queue"]) for j in jobs.values()} == {
         (job_class.spec([site.url])["func"], "polite")}
+
+
+def test_a_page_whose_attempt_failed_after_finding_its_links_submits_them_when_retried(
+        make_cluster):
+    """A pool process remembers the links it submitted, to spare the master's filter. The
+    children of a failed attempt are never sent, yet its retry in the same process took
+    its links for sent: the crawl ended at its first page."""
+    c = own_classes_cluster(make_cluster, RETRY_BACKOFF=0.05)
+    c.start_worker("--queues", "crawl", "--concurrency", "1")   # one pool process
+    with DemoSite(pages=10) as site:
+        jobs = crawl(c, site, SavedCrawl)
+    assert set(jobs) == set(site.paths()), c.logs()
+    assert jobs["/"]["attempts"] == 2 and "store did not answer" in jobs["/"]["error"]
