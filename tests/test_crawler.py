@@ -740,3 +740,19 @@ def test_a_page_whose_attempt_failed_after_finding_its_links_submits_them_when_r
         jobs = crawl(c, site, SavedCrawl)
     assert set(jobs) == set(site.paths()), c.logs()
     assert jobs["/"]["attempts"] == 2 and "store did not answer" in jobs["/"]["error"]
+
+
+def test_a_copy_of_a_crawled_page_is_still_of_its_crawl(cluster):
+    """A copy dropped the page's dedupe scope with its key: the links it found went to the
+    global scope, where every page was new, and the whole site was crawled again."""
+    cluster.start_worker("--queues", "crawl", "--concurrency", "2")
+    with DemoSite(pages=10) as site:
+        jobs = crawl(cluster, site, Crawl)
+        start = jobs["/"]["job_id"]
+        assert cluster.client.bulk_jobs("copy", {"ids": [start]}, "", "op1")["touched"] == 1
+        copy = cluster.wait_job(f"{start}~op1")
+        assert copy["status"] == "succeeded" and copy["result"]["links"] > 0, cluster.logs()
+        wait_for(lambda: not any(cluster.client.list_jobs(status=s) for s in
+                                 ("queued", "running", "retrying")), what="all ended")
+        assert site.hits["/"] == 2
+        assert all(site.hits[p] == 1 for p in site.paths() if p != "/"), site.hits
