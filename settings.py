@@ -117,7 +117,7 @@ FILTER_SCOPES = {}
 DEDUPE_TTL = None
 
 # Give the dedupe key of a job that failed for good back ("set" backend only), so the
-# same job can be submitted again.
+# same job can be submitted again. A master's setting: it notes it on each job it queues.
 DEDUPE_RELEASE_ON_FAILURE = False
 
 # Seconds the dedupe scope of one fire of a periodic job ("@fire") is kept.

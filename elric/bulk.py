@@ -220,7 +220,8 @@ class Bulk:
     async def _copy(self, ids: list[str], op: str, step: Step) -> None:
         """New jobs with the sources' func, arguments and options (its limit key too: a
         copy makes the same requests), ids ``{id}~{op}``; no dedupe key (a copy is asked
-        for on purpose)."""
+        for on purpose), but its scope: the jobs a copy submits are deduped with those of
+        its source's crawl, not all new in the global scope."""
         specs = []
         for job_id, job in zip(ids, await asyncio.gather(*map(self.queue.get_job, ids))):
             if job is None:   # deleted, or its record expired, since the walk met it
@@ -229,7 +230,7 @@ class Bulk:
             spec = {"func": job["func"], "args": job["args"], "kwargs": job["kwargs"],
                     "queue": job["queue"], "priority": job["priority"],
                     "max_retries": job["max_retries"], "job_id": f"{job_id}~{op}",
-                    **{key: job[key] for key in ("batch", "timeout", "limit_key")
+                    **{key: job[key] for key in ("batch", "timeout", "limit_key", "dedupe_scope")
                        if job.get(key)}}
             try:   # one refused copy (e.g. its id over 200 characters) must not stop the rest
                 self.admission.normalize(spec)

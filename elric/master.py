@@ -140,7 +140,8 @@ class Master:
         await retry(lambda: lua.require_redis(self.redis, redact_url(s.REDIS_URL)), log=log,
                     what="master: starting")
         self.queue = RedisQueue(self.redis, self.keys, result_ttl=s.RESULT_TTL,
-                                failed_ttl=s.FAILED_TTL)
+                                failed_ttl=s.FAILED_TTL,
+                                release_keys_on_failure=s.DEDUPE_RELEASE_ON_FAILURE)
         clock = RedisClock(self.redis)
         await clock.sync()
         self.store = RedisJobStore(self.redis, self.keys, clock=clock, min_interval=s.MIN_INTERVAL)

@@ -176,6 +176,8 @@ class RedisQueue:
                  failed_ttl: int = 7 * 86400, release_keys_on_failure: bool = False) -> None:
         self.redis, self.keys = redis, keys
         self.result_ttl, self.failed_ttl = result_ttl, failed_ttl
+        # (a master's) the jobs it queues with a dedupe key give it back if they fail for
+        # good: finish.lua reads that on the job, so a worker's settings have no say
         self.release_keys_on_failure = release_keys_on_failure
         self._told_broken: set[str] = set()   # keys of another type a script passed over, logged
         self._enqueue = lua.load(redis, "enqueue", "clock_fn", "expect_fn")
@@ -219,6 +221,8 @@ class RedisQueue:
         jobs: list = [len(specs)]   # flat: one Lua table for the whole batch
         for s in specs:
             fields = _fields(s)
+            if self.release_keys_on_failure and s.get("dedupe_key") is not None:
+                fields += ("release_key", "1")
             jobs += (s["job_id"], s["queue"], s["priority"], s.get("batch") or "",
                      s.get("round") or "", s.get("func") or "", len(fields), *fields)
         try:
@@ -287,9 +291,9 @@ class RedisQueue:
         """Record outcomes; returns each job's new status (STALE: no longer ours)."""
         k = self.keys
         argv: list[Any] = [k.job(""), k.batch(""), k.dedupe_set(""), self.result_ttl,
-                           self.failed_ttl, "1" if self.release_keys_on_failure else "0",
-                           k.limit_running(""), k.wake(""), k.round(""), k.func(""),
-                           k.minute(""), jobstats.MINUTE_TTL, worker_id, k.limit_parked("")]
+                           self.failed_ttl, k.limit_running(""), k.wake(""), k.round(""),
+                           k.func(""), k.minute(""), jobstats.MINUTE_TTL, worker_id,
+                           k.limit_parked("")]
         for o in outcomes:
             argv += [o.job_id, o.attempt,
                      "ok" if o.ok else "cancel" if o.cancelled else "err", o.payload,

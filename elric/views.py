@@ -131,8 +131,12 @@ def job(j: dict) -> None:
         console.print("[bold]error[/bold]")
         console.print(j["error"], markup=False)
     for run in j.get("runs", [])[:10]:   # the newest ten
+        # its fire's outcome says nothing of the jobs it submitted: a round's own progress
+        p = run.get("round") or {}
+        progress = f"  round: {p['live']} live, {p['succeeded']} succeeded, " \
+            f"{p['failed']} failed" if p.get("submitted") else ""
         console.print(f"  {when(run.get('fire_time'))}  {run.get('outcome', '')}"
-                      f"  {run.get('job_id', '')}", markup=False)
+                      f"  {run.get('job_id', '')}{progress}", markup=False)
 
 
 def schedules(rows: list[dict]) -> None:

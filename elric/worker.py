@@ -159,8 +159,7 @@ class Worker:
                     next_warning = time.monotonic() + WARN_EVERY
                 await asyncio.sleep(backoff.next())
         self.queue = RedisQueue(self.redis, self.keys, result_ttl=s.RESULT_TTL,
-                                failed_ttl=s.FAILED_TTL,
-                                release_keys_on_failure=s.DEDUPE_RELEASE_ON_FAILURE)
+                                failed_ttl=s.FAILED_TTL)
 
     async def _connect_master(self) -> AsyncClient:
         s = self.settings

@@ -109,15 +109,16 @@ def test_a_process_submits_each_link_once_per_scope_and_bounds_what_it_remembers
     from elric.demo.crawler import _Process
 
     p = _Process()
-    assert p.first_time("round-1", "http://a/p/1")
-    assert not p.first_time("round-1", "http://a/p/1")   # the master never sees it again
-    assert p.first_time("round-2", "http://a/p/1")       # another round fetches it again
-    assert p.first_time(None, "http://a/p/1")
+    assert p.first_time("round-1", "http://a/p/1", "A")
+    assert not p.first_time("round-1", "http://a/p/1", "B")   # the master never sees it again
+    assert p.first_time("round-1", "http://a/p/1", "A")  # A again: that attempt may have failed
+    assert p.first_time("round-2", "http://a/p/1", "B")  # another round fetches it again
+    assert p.first_time(None, "http://a/p/1", "B")
     for n in range(100_000):
-        p.first_time("round-3", f"http://a/p/{n}")
-    assert p.first_time("round-3", "http://a/p/new")     # full: it forgot, and starts afresh
-    assert p.submitted == {"round-3": {"http://a/p/new"}}
-    assert p.first_time("round-1", "http://a/p/1")       # forgotten: the master drops it
+        p.first_time("round-3", f"http://a/p/{n}", "C")
+    assert p.first_time("round-3", "http://a/p/new", "C")  # full: it forgot, starts afresh
+    assert p.submitted == {"round-3": {"http://a/p/new": "C"}}
+    assert p.first_time("round-1", "http://a/p/1", "B")  # forgotten: the master drops it
 
 
 def test_a_link_resolved_once_per_host_is_the_link_of_every_page():
@@ -681,3 +682,77 @@ def test_an_error_page_is_not_read(children):
                 "url": site.url + "/gone", "status": 404, "links": 0, "bytes": 0}
         finally:
             sent.set()
+
+
+# --- crawl classes of a user's own, run by real workers (they load this module) ----------
+
+class PoliteCrawl(Crawl):
+    """A crawl of settings of its own: every page it finds must be crawled with them."""
+    queue = "polite"
+    max_bytes = 64 * 1024
+
+
+class PoliteCrawlSync(CrawlSync):
+    queue = "polite"
+
+
+class SavedCrawl(Crawl):
+    """Saves each page after crawling it; the first save of the start page fails (the store
+    was away for a moment), so that attempt is retried, in the same pool process."""
+
+    async def run(self, url: str, batch: str = "") -> dict:
+        result = await super().run(url, batch)
+        if self.attempt == 1 and self.job_id.endswith("-start"):
+            raise ConnectionError("the page store did not answer")
+        return result
+
+
+def own_classes_cluster(make_cluster, **settings):
+    from tests.conftest import TEST_JOB_MODULES
+
+    c = make_cluster(JOB_MODULES=f"{TEST_JOB_MODULES},tests.test_crawler", **settings)
+    c.start_master()
+    return c
+
+
+@pytest.mark.parametrize("job_class", [PoliteCrawl, PoliteCrawlSync], ids=["async", "sync"])
+def test_the_pages_a_crawl_class_of_ones_own_finds_are_crawled_by_that_class(make_cluster,
+                                                                             job_class):
+    """Every page but the first was a job of the stock class: its queue, timeouts, size
+    cap and retries, not those the crawl was started with."""
+    c = own_classes_cluster(make_cluster)
+    c.start_worker("--queues", "polite,crawl", "--concurrency", "2")
+    with DemoSite(pages=10) as site:
+        jobs = crawl(c, site, job_class)
+    assert set(jobs) == set(site.paths()), c.logs()
+    assert {(j["func"], j["queue"]) for j in jobs.values()} == {
+        (job_class.spec([site.url])["func"], "polite")}
+
+
+def test_a_page_whose_attempt_failed_after_finding_its_links_submits_them_when_retried(
+        make_cluster):
+    """A pool process remembers the links it submitted, to spare the master's filter. The
+    children of a failed attempt are never sent, yet its retry in the same process took
+    its links for sent: the crawl ended at its first page."""
+    c = own_classes_cluster(make_cluster, RETRY_BACKOFF=0.05)
+    c.start_worker("--queues", "crawl", "--concurrency", "1")   # one pool process
+    with DemoSite(pages=10) as site:
+        jobs = crawl(c, site, SavedCrawl)
+    assert set(jobs) == set(site.paths()), c.logs()
+    assert jobs["/"]["attempts"] == 2 and "store did not answer" in jobs["/"]["error"]
+
+
+def test_a_copy_of_a_crawled_page_is_still_of_its_crawl(cluster):
+    """A copy dropped the page's dedupe scope with its key: the links it found went to the
+    global scope, where every page was new, and the whole site was crawled again."""
+    cluster.start_worker("--queues", "crawl", "--concurrency", "2")
+    with DemoSite(pages=10) as site:
+        jobs = crawl(cluster, site, Crawl)
+        start = jobs["/"]["job_id"]
+        assert cluster.client.bulk_jobs("copy", {"ids": [start]}, "", "op1")["touched"] == 1
+        copy = cluster.wait_job(f"{start}~op1")
+        assert copy["status"] == "succeeded" and copy["result"]["links"] > 0, cluster.logs()
+        wait_for(lambda: not any(cluster.client.list_jobs(status=s) for s in
+                                 ("queued", "running", "retrying")), what="all ended")
+        assert site.hits["/"] == 2
+        assert all(site.hits[p] == 1 for p in site.paths() if p != "/"), site.hits

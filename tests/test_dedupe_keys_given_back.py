@@ -335,7 +335,7 @@ def test_resubmitting_the_id_of_a_finished_job_does_not_take_its_key_again(redis
             spec = {"func": E, "job_id": "c0ffee", "dedupe_key": "http://x/p",
                     "dedupe_scope": "crawl"}
             assert (await m.submit_jobs([spec]))[0]["status"] == "queued"
-            worker = RedisQueue(m.redis, m.keys, release_keys_on_failure=True)
+            worker = RedisQueue(m.redis, m.keys)   # the master that queued says so
             [job] = (await worker.fetch("w1", ["default"], 1, 30)).claims
             assert await worker.finish("w1", [Outcome("c0ffee", job.attempt, False, "boom", 1)]) \
                 == ["failed"]
@@ -571,7 +571,7 @@ def test_a_job_failing_after_its_key_expired_leaves_the_next_holder_its_key(redi
                 await asyncio.sleep(0.001)
             assert await m.redis.zadd(m.keys.dedupe_set("s"), {"K": 1}, xx=True, ch=True)
             assert (await m.submit_jobs([{**spec, "job_id": "B"}]))[0]["status"] == "queued"
-            worker = RedisQueue(m.redis, m.keys, release_keys_on_failure=True)
+            worker = RedisQueue(m.redis, m.keys)   # the master that queued says so
             [job] = (await worker.fetch("w1", ["default"], 1, 30)).claims
             assert job.job_id == "A"
             assert await worker.finish("w1", [Outcome("A", job.attempt, False, "boom", 1)]) \
@@ -587,7 +587,7 @@ def test_a_rerun_job_failing_again_does_not_give_back_a_key_it_gave_back_before(
     fails again: the key is B's now, and a third copy must still be filtered."""
     async def main():
         async with master(redis_url, DEDUPE_TTL=ttl, DEDUPE_RELEASE_ON_FAILURE=True) as m:
-            worker = RedisQueue(m.redis, m.keys, release_keys_on_failure=True)
+            worker = RedisQueue(m.redis, m.keys)   # the master that queued says so
 
             async def fail(job_id):
                 claims = (await worker.fetch("w1", ["default"], 10, 30)).claims

@@ -347,6 +347,22 @@ def test_release_on_failure_frees_the_key(make_cluster, ttl):
         "filtered"
 
 
+@pytest.mark.parametrize("where", ["master", "worker"])
+def test_the_master_that_admitted_a_job_says_whether_its_key_goes_back(make_cluster, where):
+    """DEDUPE_RELEASE_ON_FAILURE is a dedupe setting, read by the master, which decides
+    about keys; the worker that recorded the failure decided instead, so set on the master
+    alone it gave back nothing, and set on a worker alone it gave back keys the master
+    meant to keep."""
+    c = make_cluster()
+    c.start_master(**({"DEDUPE_RELEASE_ON_FAILURE": True} if where == "master" else {}))
+    c.start_worker("--concurrency", "1",
+                   **({"DEDUPE_RELEASE_ON_FAILURE": True} if where == "worker" else {}))
+    c.client.submit_job(Fail.spec(job_id="f1", dedupe_key="bad"))
+    assert c.wait_job("f1")["status"] == "failed"
+    again = c.client.submit_job(Echo.spec(["again"], job_id="f2", dedupe_key="bad"))
+    assert again["status"] == ("queued" if where == "master" else "filtered"), c.logs()
+
+
 @pytest.mark.parametrize("backend", ["set", "redis-bloom"])
 def test_by_default_a_failed_jobs_key_stays(make_cluster, backend):
     c = make_cluster(FILTER_BACKEND=backend)

@@ -79,3 +79,34 @@ def test_a_cancelled_job_does_not_keep_its_round_running_forever(make_cluster):
     assert progress == [{"submitted": 3, "live": 0, "succeeded": 1, "failed": 0}], \
         c.get_job("stuck")["runs"]
     assert c.call("pause_job", "stuck") is True
+
+
+def test_a_periodic_job_shows_how_far_each_round_is(make_cluster):
+    """A run showed only its fire's status, in `elric job` and on the dashboard:
+    "succeeded" the moment a crawl's start page was fetched, its pages still to come."""
+    from elric.redis_server import free_port
+    from elric.triggers import every
+    from tests.test_cli import elric
+    from tests.test_dashboard import get
+
+    port = free_port()
+    cluster = make_cluster(SHUTDOWN_GRACE=1, DASHBOARD_ADDRESS=f"127.0.0.1:{port}")
+    cluster.start_master()
+    cluster.start_worker("--concurrency", "1")
+    c = cluster.client
+    c.submit_job(RoundRoot.spec([2, 600], job_id="crawl", trigger=every(hours=1)))
+    assert elric(cluster, "schedules", "run-now", "crawl").returncode == 0
+    [run] = c.get_job("crawl")["runs"]
+    cluster.wait_job(run["job_id"])
+    leaves = wait_for(lambda: [j for j in c.list_jobs(status="running")
+                               if j.get("round") == run["job_id"]], what="the round's pages")
+    out = elric(cluster, "job", "crawl")
+    assert out.returncode == 0, out.stderr
+    line = next(x for x in out.stdout.splitlines() if run["job_id"] in x)
+    assert "succeeded" in line and "round: 2 live, 1 succeeded, 0 failed" in line, out.stdout
+    assert "succeeded (2 live)" in get(f"http://127.0.0.1:{port}/schedules")[1]
+    for leaf in leaves:
+        c.cancel_job(leaf["job_id"])
+    wait_for(lambda: c.get_job("crawl")["runs"][0]["round"]["live"] == 0, what="round ended")
+    assert "round: 0 live, 1 succeeded, 0 failed" in elric(cluster, "job", "crawl").stdout
+    assert "succeeded</span>" in get(f"http://127.0.0.1:{port}/schedules")[1]

@@ -66,20 +66,23 @@ class _Process:
     def __init__(self) -> None:
         self.session: aiohttp.ClientSession | None = None
         self.robots: dict[tuple[str, str], asyncio.Future] = {}
-        self.submitted: dict[str | None, set[str]] = {}   # links sent, per dedupe scope
+        # per dedupe scope: link -> the job that submitted it
+        self.submitted: dict[str | None, dict[str, str]] = {}
         self.resolved: dict[tuple[str, str], tuple[str, str]] = {}   # see resolve()
 
-    def first_time(self, scope: str | None, link: str) -> bool:
-        """Whether this process has not yet submitted ``link`` in ``scope``. Most links
-        of a crawl were seen before; dropping them here spares the master's dedupe
-        filter that work (it still drops what other processes sent)."""
-        seen = self.submitted.setdefault(scope, set())
-        if link in seen:
+    def first_time(self, scope: str | None, link: str, job_id: str) -> bool:
+        """Whether this process has not yet submitted ``link`` in ``scope``, but from job
+        ``job_id`` itself: the children of an attempt that failed are never sent, so its
+        retry sends them again. Most links of a crawl were seen before; dropping them here
+        spares the master's dedupe filter that work (it still drops what other processes
+        sent)."""
+        seen = self.submitted.setdefault(scope, {})
+        if seen.get(link, job_id) != job_id:
             return False
         if len(seen) >= 100_000 or len(self.submitted) > 100:   # bound the memory
             self.submitted.clear()
-            seen = self.submitted[scope] = set()
-        seen.add(link)
+            seen = self.submitted[scope] = {}
+        seen[link] = job_id
         return True
 
     def resolve(self, base: str, href: str) -> tuple[str, str]:
@@ -338,6 +341,6 @@ class Crawl(Job):
             if link_host != host:
                 continue   # another host (or no link: "")
             found += 1
-            if _process.first_time(self.dedupe_scope, link):
-                Crawl.submit_with(args=[link, batch], **({"batch": batch} if batch else {}))
+            if _process.first_time(self.dedupe_scope, link, self.job_id):
+                type(self).submit_with(args=[link, batch], **({"batch": batch} if batch else {}))
         return found

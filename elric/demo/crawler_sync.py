@@ -166,6 +166,6 @@ class CrawlSync(Job):
                 continue
             found.append(link)
             # most links were seen before; the master's dedupe filter drops those
-            CrawlSync.submit_with(args=[link, batch], **({"batch": batch} if batch else {}))
+            type(self).submit_with(args=[link, batch], **({"batch": batch} if batch else {}))
         result["links"] = len(found)
         return result

@@ -2,7 +2,7 @@
 -- KEYS: inflight, running index, succeeded index, failed index, delayed, counters,
 --       retrying index, limits due, cancelled index
 -- ARGV: job prefix, batch stats prefix, dedupe set prefix, result ttl (s),
---       failed ttl (s), release keys ('1' | '0'), limit running prefix, wake prefix,
+--       failed ttl (s), limit running prefix, wake prefix,
 --       round prefix, func stats prefix, minute stats prefix, minute ttl (s), worker id,
 --       limit parked prefix, then per job: job_id, attempt, outcome ('ok' | 'err' |
 --       'cancel': stopped by cancel.lua's request), payload (result bytes | traceback),
@@ -13,9 +13,10 @@
 -- for holding another type (a job's hash: its outcome is dropped; a stats or round hash).
 -- A call sent again (its reply was lost) answers the status its first run recorded, but
 -- `stale` for one it cancelled.
--- Invariant: only the attempt that holds the job records it. With release keys, a job that
--- failed for good gives its dedupe key back to an exact filter in the same step, once
--- (with DEDUPE_TTL, unless the key expired and a later job took it). A job with a limit
+-- Invariant: only the attempt that holds the job records it. A job that failed for good
+-- gives its dedupe key back to an exact filter in the same step if the master that queued
+-- it said so (`release_key`: DEDUPE_RELEASE_ON_FAILURE), once (with DEDUPE_TTL, unless the
+-- key expired and a later job took it). A job with a limit
 -- key frees its slot (slot_fn.lua). A job of a round that ends counts in the round's hash
 -- (succeeded, failed; cancelled as `removed`). A recorded attempt counts, by the status it
 -- led to, in the counters (also per queue), its func's and its batch's stats hashes (with
@@ -23,11 +24,11 @@
 -- of the current minute. A job cancel.lua asked to stop that failed is cancelled, not
 -- retried, and a recorded job keeps no such request (a rerun of it must run).
 local jp, bp, dp, now = ARGV[1], ARGV[2], ARGV[3], now_ms()
-local result_ttl, failed_ttl, release_keys = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6] == '1'
-local rp, wp, roundp, fp = ARGV[7], ARGV[8], ARGV[9], ARGV[10]
-local minute, minute_ttl = ARGV[11] .. math.floor(now / 60000), ARGV[12]
-local worker = ARGV[13]
-local slots = {jp = jp, rp = rp, pp = ARGV[14], due = KEYS[8], wp = wp}
+local result_ttl, failed_ttl = tonumber(ARGV[4]), tonumber(ARGV[5])
+local rp, wp, roundp, fp = ARGV[6], ARGV[7], ARGV[8], ARGV[9]
+local minute, minute_ttl = ARGV[10] .. math.floor(now / 60000), ARGV[11]
+local worker = ARGV[12]
+local slots = {jp = jp, rp = rp, pp = ARGV[13], due = KEYS[8], wp = wp}
 local out = {}
 -- increments summed per hash and field, written once per call (a call holds a chunk of
 -- jobs, mostly of one func and batch)
@@ -47,13 +48,13 @@ local function add_timed(key, status, duration, bucket)
   add(key, bucket, 1)
   touched[key] = true
 end
-for i = 15, #ARGV, 7 do
+for i = 14, #ARGV, 7 do
   local id, attempt, outcome, payload = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local duration, bucket, retry = tonumber(ARGV[i + 4]), ARGV[i + 5], tonumber(ARGV[i + 6])
   local jk = jp .. id
   local read, f = pcall(redis.call, 'HMGET', jk, 'status', 'attempts', 'queue', 'batch',
                        'max_retries', 'error', 'dedupe_key', 'dedupe_scope', 'limit_key',
-                       'round', 'func', 'cancel', 'worker', 'enqueued_at', 'key_given_back')
+                       'round', 'func', 'cancel', 'worker', 'enqueued_at', 'release_key')
   if not read then broken[jk], f = true, {} end
   if f[1] ~= 'running' or f[2] ~= attempt then
     -- recorded by this call's first run (a requeued job has no worker; one that
@@ -93,8 +94,8 @@ for i = 15, #ARGV, 7 do
                    'duration_ms', duration)
         redis.call('EXPIRE', jk, failed_ttl)
         -- a job run again (rerun) does not take its key again: give it back once only
-        if release_keys and f[7] and not f[15] then
-          redis.call('HSET', jk, 'key_given_back', '1')
+        if f[15] and f[7] then
+          redis.call('HDEL', jk, 'release_key')
           local fk = dp .. (f[8] or 'global')
           local kind = redis.call('TYPE', fk)['ok']
           if kind == 'set' then redis.call('SREM', fk, f[7])
