@@ -74,10 +74,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from elric.demo import run_demo
+    from elric.redis_server import RedisServerError
 
     if args.pages < 1:   # the site links page n to pages n+1 and 7n+3 modulo their number
         raise UsageError(f"--pages takes 1 or more, got {args.pages}")
-    return run_demo(settings_path=args.settings, pages=args.pages, keep=args.keep)
+    try:
+        return run_demo(settings_path=args.settings, pages=args.pages, keep=args.keep)
+    except RedisServerError as exc:   # (it was a traceback) the demo's own Redis did not start
+        raise Failed(f"{exc}; or set ELRIC_REDIS_URL to a Redis of yours") from None
 
 
 def _client(args: argparse.Namespace):

