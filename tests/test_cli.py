@@ -673,3 +673,35 @@ def test_bulk_actions_on_scheduled_jobs_name_the_schedules_commands(cluster):
     cluster.wait_job("long", statuses=("running",))
     one_line_error(elric(cluster, "delete", "long"), 1, "cancel it (cancel_job, elric cancel ID)")
     cluster.client.cancel_job("long")   # the worker's stop need not wait out its grace for it
+
+
+def test_each_commands_help_says_what_it_does_and_what_status_takes():
+    """`elric rerun --help` (and every other command's) showed only its options, never what
+    the command does (`elric remove --help`: nothing said it is delete); --status listed no
+    status; `elric jobs` said "newest first" of a list grouped by status."""
+    import argparse
+
+    from elric.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, command in sub.choices.items():
+        said = next(a.help for a in sub._choices_actions if a.dest == name)
+        assert said and said in " ".join(command.format_help().split()), name
+    jobs = " ".join(sub.choices["jobs"].format_help().split())
+    assert "queued, running, succeeded, failed, retrying, scheduled, filtered, cancelled" in jobs
+    assert "by status (queued, running, succeeded, failed, retrying, cancelled)" in jobs
+    assert "queued, running, succeeded, failed, retrying, cancelled" in " ".join(
+        sub.choices["rerun"].format_help().split())
+
+
+def test_jobs_says_when_a_full_page_may_have_more(cluster):
+    """`elric jobs` shows 20 jobs, by status: past them (a failed job behind 20 succeeded
+    ones) nothing said there were more, nor how to see them."""
+    for i in range(3):
+        cluster.client.submit_job(Echo.spec(job_id=f"waits-{i}", queue="nobody"))
+    first = elric(cluster, "jobs", "--limit", "2")
+    assert first.returncode == 0 and "--offset 2 shows the next" in first.stdout, first
+    rest = elric(cluster, "jobs", "--offset", "2", "--limit", "2")
+    assert rest.returncode == 0 and "shows the next" not in rest.stdout, rest.stdout
+    assert "waits-0" in rest.stdout and "waits-0" not in first.stdout
+
