@@ -189,6 +189,9 @@ def cmd_call(args: argparse.Namespace) -> int:
         elif command == "results":
             return _results(client, args)
         elif command == "submit":
+            if args.timeout is not None and not args.wait:   # (it was ignored: no word)
+                raise UsageError("--timeout is how long --wait waits; a job's own time limit "
+                                 "is its class's timeout (or JOB_TIMEOUT)")
             spec = _submit_spec(args)
             try:
                 reply = client.submit_job(spec)

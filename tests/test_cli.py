@@ -705,3 +705,9 @@ def test_jobs_says_when_a_full_page_may_have_more(cluster):
     assert rest.returncode == 0 and "shows the next" not in rest.stdout, rest.stdout
     assert "waits-0" in rest.stdout and "waits-0" not in first.stdout
 
+
+def test_submit_timeout_without_wait_is_a_usage_error(cluster):
+    """--timeout reads like the job's time limit; without --wait it was ignored, no word."""
+    one_line_error(elric(cluster, "submit", "tests.jobs:Echo", "--timeout", "5"), 2,
+                   "--timeout is how long --wait waits")
+    assert cluster.client.list_jobs() == []
