@@ -99,8 +99,11 @@ def _check_env_names(env) -> None:
     names = [f"ELRIC_{key}" for key in KEYS]
     for name in sorted(env):
         if name.startswith("ELRIC_") and name not in names and name not in ENV_NOT_SETTINGS:
-            close = difflib.get_close_matches(name, names, n=1)
-            hint = f"; did you mean {close[0]}?" if close else ""
+            # (by the part after ELRIC_: with it, any name was "close", ELRIC_BAR to
+            # ELRIC_MAX_RETRIES; and ELRIC_SETTING is ELRIC_SETTINGS mistyped)
+            close = difflib.get_close_matches(name.removeprefix("ELRIC_"), [
+                n.removeprefix("ELRIC_") for n in (*names, *ENV_NOT_SETTINGS)], n=1)
+            hint = f"; did you mean ELRIC_{close[0]}?" if close else ""
             raise SettingsError(f"{name}: unknown setting in the environment{hint}")
 
 

@@ -144,11 +144,17 @@ def test_bad_settings_files_name_the_key(no_settings_file, body, message):
                                          "did you mean ELRIC_REDIS_URL?"),
     ({"ELRIC_CONCURENCY": "2"}, "did you mean ELRIC_CONCURRENCY?"),
     ({"ELRIC_NOTHING_LIKE_IT": "1"}, "ELRIC_NOTHING_LIKE_IT: unknown setting in the environment"),
+    # nothing like any setting: no guess (it said "did you mean ELRIC_MAX_RETRIES?", the
+    # ELRIC_ both share making any name look close); a variable elric reads that is no setting
+    ({"ELRIC_BAR": "1"}, "ELRIC_BAR: unknown setting in the environment"),
+    ({"ELRIC_SETTING": "s.py"}, "did you mean ELRIC_SETTINGS?"),
 ])
 def test_unknown_elric_variables_are_errors(no_settings_file, env, message):
     with pytest.raises(SettingsError) as info:
         load_settings(env=env)
     assert message in str(info.value) and "\n" not in str(info.value)
+    if "mean" not in message:
+        assert str(info.value).endswith(message)
     # variables read elsewhere (the settings path, the redis-server binary) are allowed
     load_settings(env={"ELRIC_REDIS_SERVER": "/usr/bin/redis-server"})
 
