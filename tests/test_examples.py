@@ -21,7 +21,11 @@ def script_env(**elric) -> dict:
 
 
 def test_hello_example_as_documented(cluster, tmp_path):
-    cluster.start_worker("--concurrency", "1")
+    """Its docstring's commands: it named no worker to start (one for the examples' module)."""
+    from examples import hello
+
+    [worker] = re.findall(r"^ *elric worker (.*?) &", hello.__doc__, re.M)
+    cluster.start_worker(*worker.split(), "--concurrency", "1")
     proc = subprocess.run(
         [sys.executable, "-c", "from examples.hello import Add; print(Add.submit(2, 3))"],
         cwd=str(tmp_path), env=script_env(MASTER_ADDRESS=cluster.address),
