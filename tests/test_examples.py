@@ -60,6 +60,22 @@ def test_elric_demo_command(tmp_path):
         raise AssertionError(f"the demo left pid {pid} running")
 
 
+def test_elric_demo_on_a_redis_of_yours_leaves_no_keys_behind(redis_url, tmp_path):
+    """With ELRIC_REDIS_URL the demo uses that Redis, under a prefix of its own: every run
+    left its keys there (queues, stats, workers, its dedupe set: for good)."""
+    import redis
+
+    env = script_env(REDIS_URL=redis_url)
+    env["TMPDIR"] = str(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "elric", "demo", "--pages", "3"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=120,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"using Redis at {redis_url}" in proc.stdout, proc.stdout
+    with redis.Redis.from_url(redis_url) as r:
+        assert r.keys("*") == []
+
+
 def test_elric_demo_runs_its_own_jobs_whatever_job_modules_a_local_settings_allows(tmp_path):
     (tmp_path / "settings.py").write_text('JOB_MODULES = ["myproject"]\n')
     env = script_env()
