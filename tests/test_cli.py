@@ -711,3 +711,16 @@ def test_submit_timeout_without_wait_is_a_usage_error(cluster):
     one_line_error(elric(cluster, "submit", "tests.jobs:Echo", "--timeout", "5"), 2,
                    "--timeout is how long --wait waits")
     assert cluster.client.list_jobs() == []
+
+
+def test_a_cut_value_in_a_table_ends_with_an_ellipsis(cluster):
+    """`elric jobs` cut args at 80 characters and errors at 60 with nothing to show it: an
+    error read "...ClientConnectorError: Cannot conne", as if that were all."""
+    cluster.client.submit_job(Echo.spec(["x" * 100], job_id="long", queue="nobody"))
+    cluster.client.submit_job(Echo.spec(["short"], job_id="short", queue="nobody"))
+    listed = elric(cluster, "jobs")
+    assert listed.returncode == 0, listed.stderr
+    [long] = [line for line in listed.stdout.splitlines() if line.startswith("long ")]
+    assert f'"{"x" * 78}…' in long, long   # 80 characters, the last one …
+    [short] = [line for line in listed.stdout.splitlines() if line.startswith("short ")]
+    assert '"short"' in short and "…" not in short
