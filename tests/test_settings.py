@@ -259,3 +259,15 @@ def test_a_master_whose_redis_is_not_up_exits_3_try_again(tmp_path):
     proc = run_elric(["master"], tmp_path, REDIS_URL=dead, MASTER_ADDRESS=unused_address())
     assert proc.returncode == 3, proc.stdout + proc.stderr
     assert proc.stderr.strip().startswith(f"elric: REDIS_URL {dead}: cannot connect"), proc.stderr
+
+
+def test_queues_a_job_cannot_be_queued_on_are_refused(no_settings_file):
+    """A worker started with --queues 'a b' (or ELRIC_QUEUES) served queue "a b", which no
+    submit takes (queue names are 1-100 letters, digits, '_', '-' or '.'): it waited for
+    nothing, with no word."""
+    for settings in ({"env": {"ELRIC_QUEUES": "crawl,a b"}},
+                     {"env": {}, "overrides": {"QUEUES": ["a b"]}}):
+        with pytest.raises(SettingsError) as info:
+            load_settings(**settings)
+        assert "queue 'a b': 1-100 letters, digits" in str(info.value), info.value
+    assert load_settings(env={"ELRIC_QUEUES": "crawl, a-b.c_1"}).QUEUES == ["crawl", "a-b.c_1"]
