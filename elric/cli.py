@@ -556,7 +556,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="schedules to show (1 to 1000)")
         if name == "submit":
             p.add_argument("func_path", metavar="FUNC", help='"package.module:ClassName"')
-            p.add_argument("arguments", nargs="*", metavar="ARG",
+            # (default: else argparse calls ARG required, beside a missing FUNC)
+            p.add_argument("arguments", nargs="*", metavar="ARG", default=[],
                            help="positional arguments: JSON where they parse, else text")
             p.add_argument("--queue")
             p.add_argument("--job-id")

@@ -724,3 +724,12 @@ def test_a_cut_value_in_a_table_ends_with_an_ellipsis(cluster):
     assert f'"{"x" * 78}…' in long, long   # 80 characters, the last one …
     [short] = [line for line in listed.stdout.splitlines() if line.startswith("short ")]
     assert '"short"' in short and "…" not in short
+
+
+def test_submit_without_func_names_only_what_is_missing():
+    """`elric submit` alone said "the following arguments are required: FUNC, ARG", though
+    a job may take no arguments (`elric submit tests.jobs:Echo` is whole)."""
+    done = subprocess.run([sys.executable, "-m", "elric", "submit"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert done.returncode == 2
+    assert done.stderr.splitlines()[-1].endswith("the following arguments are required: FUNC")
