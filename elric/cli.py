@@ -458,8 +458,8 @@ class UsageError(Exception):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="elric", description="elric job scheduler")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--settings", help="settings module path (default: ./settings.py or "
-                                           "$ELRIC_SETTINGS)")
+    common.add_argument("--settings", help="settings module path (default: $ELRIC_SETTINGS, "
+                                           "else ./settings.py where there is one)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add_parser(name: str, help: str) -> argparse.ArgumentParser:

@@ -11,6 +11,7 @@ import pytest
 
 from elric.config import KEYS, SettingsError, load_settings
 from elric.redis_server import free_port
+from tests.conftest import ROOT
 
 # --- unit level -------------------------------------------------------------------------
 
@@ -84,6 +85,12 @@ def test_file_then_env_then_command_line(no_settings_file):
     assert load_settings(env={"ELRIC_SETTINGS": str(path)}).KEY_PREFIX == "file"
     (no_settings_file / "settings.py").write_text("KEY_PREFIX = 'cwd'\n")
     assert load_settings(env={}).KEY_PREFIX == "cwd"
+    # ELRIC_SETTINGS before ./settings.py, as --help says (it said the other way round)
+    assert load_settings(env={"ELRIC_SETTINGS": str(path)}).KEY_PREFIX == "file"
+    ping = subprocess.run([sys.executable, "-m", "elric", "ping", "--help"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert "(default: $ELRIC_SETTINGS, else ./settings.py where there is one)" in " ".join(
+        ping.stdout.split()), ping.stdout
 
 
 @pytest.mark.parametrize("env, message", [
