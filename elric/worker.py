@@ -767,8 +767,11 @@ class Worker:
 
     async def _close(self, registered: bool = True) -> None:
         try:
-            if registered:   # (else it has no hash to mark)
-                await self.redis.hset(self.keys.worker(self.worker_id), "state", "stopped")
+            if registered:   # (else it has no hash to mark); with the jobs it finished after
+                # its last heartbeat: its record showed them in flight, not done, for good
+                await self.redis.hset(self.keys.worker(self.worker_id), mapping={
+                    "state": "stopped", "in_flight": 0, "processed": self.processed,
+                    "done": self.done, "failed": self.failed})
         except Exception as exc:   # Redis away or full: its heartbeats stop, which says it too
             log.warning("worker: could not record that it stopped (%s)", exc)
         await self.master.close()
