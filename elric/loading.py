@@ -38,8 +38,13 @@ class JobModules:
                 importlib.import_module(name)
             except Exception as exc:
                 modules.broken[name] = f"{type(exc).__name__}: {exc}"
-                log.error("cannot import job module %s (%s): its jobs fail until it imports",
-                          name, modules.broken[name])
+                # the module itself not found (not one it imports): where the worker started
+                where = isinstance(exc, ModuleNotFoundError) and exc.name is not None and (
+                    name + ".").startswith(exc.name + ".")
+                log.error("cannot import job module %s (%s): its jobs fail on this worker "
+                          "until it is started again where the module imports%s", name,
+                          modules.broken[name], " (from the folder that holds it, or with "
+                          "that folder on PYTHONPATH)" if where else "")
         return modules
 
     def clean(self) -> list[str]:

@@ -786,6 +786,25 @@ def test_job_modules_refuse_at_submit_and_a_worker_never_imports_what_a_job_name
     assert worker.alive()
 
 
+def test_a_job_module_not_found_says_where_to_start_the_worker(tmp_path, monkeypatch, caplog):
+    """`elric worker jobs` from a folder without jobs.py logged "No module named 'jobs'...
+    its jobs fail until it imports", as if it would retry: it says how it comes to import,
+    and where to start when the module itself was not found."""
+    from elric.loading import JobModules
+
+    (tmp_path / "needs_more.py").write_text("import no_such_dependency\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with caplog.at_level("ERROR", logger="elric.worker"):
+        modules = JobModules.load(["no_such_jobs", "no_such_pkg.jobs", "needs_more"])
+    assert modules.clean() == []
+    said = {r.args[0]: r.getMessage() for r in caplog.records}
+    for name in ("no_such_jobs", "no_such_pkg.jobs"):
+        assert "until it is started again where the module imports (from the folder that " \
+               "holds it, or with that folder on PYTHONPATH)" in said[name], said[name]
+    assert "No module named 'no_such_dependency'" in said["needs_more"]
+    assert "PYTHONPATH" not in said["needs_more"]   # found; what it imports is missing
+
+
 def test_a_job_module_that_fails_to_import_fails_its_jobs_attempt_by_attempt(
         make_cluster, redis_url):
     c = make_cluster(JOB_MODULES="tests.jobs,tests.no_such_jobs", RETRY_BACKOFF=0.05)
