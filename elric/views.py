@@ -132,12 +132,14 @@ def job(j: dict) -> None:
               if j.get(key) not in (None, [], {})]
     if j.get("trigger_text"):
         pairs += [("trigger", j["trigger_text"]), ("next run", when(j.get("next_run_time")))]
+        pairs += [("paused", "yes")] if j.get("paused") else []
     console.print(_table(("", ""), pairs, header=False))   # pairs: job_id at least
     if j.get("error"):
         console.print("[bold]error[/bold]")
         console.print(j["error"], markup=False)
-    for run in j.get("runs", [])[:10]:   # the newest ten
-        console.print(f"  {when(run.get('fire_time'))}  {run.get('outcome', '')}"
+    for run in j.get("runs", [])[:10]:   # the newest ten; why one was skipped or missed
+        why = f" ({run['reason']})" if run.get("reason") else ""
+        console.print(f"  {when(run.get('fire_time'))}  {run.get('outcome', '')}{why}"
                       f"  {run.get('job_id', '')}", markup=False)
 
 

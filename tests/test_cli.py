@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -426,11 +427,15 @@ def test_schedules_run_now_fires_through_the_scheduler_by_its_rules(cluster):
     [first] = c.get_job("slow")["runs"]
     cluster.wait_job(first["job_id"], statuses=("running",))
     one_line_error(elric(cluster, "schedules", "run-now", "slow"), 1, "skipped (max_instances)")
+    # elric job lists its runs: a skipped one said "skipped" and not why
+    shown = elric(cluster, "job", "slow").stdout
+    assert re.search(r"  skipped \(max_instances\)  slow@", shown), shown
     c.cancel_job(first["job_id"])
 
     # refused for its state (paused, finished): failed, exit 1, as pause of a finished job;
     # exit 2 is for a command used wrongly
     assert elric(cluster, "schedules", "pause", "hourly").returncode == 0
+    assert re.search(r"^paused +yes", elric(cluster, "job", "hourly").stdout, re.M)
     one_line_error(elric(cluster, "schedules", "run-now", "hourly"), 1,
                    "paused: resume it first")
     c.submit_job(Echo.spec(job_id="once", trigger=at(time.time() + 3600)))
