@@ -18,9 +18,9 @@ import time
 from datetime import datetime
 
 from elric import views
-from elric.bulk import left_alone, schedule_left_alone
+from elric.bulk import JobFilter, left_alone, schedule_left_alone
 from elric.config import SettingsError, Unreachable, load_settings, names
-from elric.contract import ErrorCode, NotFound, SpecError, Status
+from elric.contract import STATUSES, ErrorCode, NotFound, SpecError, Status
 
 
 class JsonLines(logging.Formatter):
@@ -75,10 +75,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from elric.demo import run_demo
+    from elric.redis_server import RedisServerError
 
     if args.pages < 1:   # the site links page n to pages n+1 and 7n+3 modulo their number
         raise UsageError(f"--pages takes 1 or more, got {args.pages}")
-    return run_demo(settings_path=args.settings, pages=args.pages, keep=args.keep)
+    try:
+        return run_demo(settings_path=args.settings, pages=args.pages, keep=args.keep)
+    except RedisServerError as exc:   # (it was a traceback) the demo's own Redis did not start
+        raise Failed(f"{exc}; or set ELRIC_REDIS_URL to a Redis of yours") from None
 
 
 def _client(args: argparse.Namespace):
@@ -190,12 +194,17 @@ def cmd_call(args: argparse.Namespace) -> int:
                      if v not in (None, "")}
             # periodic jobs are listed as short maps of their schedules: shown as schedules
             view = views.schedules if args.status == Status.SCHEDULED else views.jobs
-            (show or view)(client.list_jobs(**query))
+            rows = client.list_jobs(**query)
+            (show or view)(rows)
+            _more(rows, args, show)
         elif command == "schedules":
             return _schedules(client, args, show)
         elif command == "results":
             return _results(client, args)
         elif command == "submit":
+            if args.timeout is not None and not args.wait:   # (it was ignored: no word)
+                raise UsageError("--timeout is how long --wait waits; a job's own time limit "
+                                 "is its class's timeout (or JOB_TIMEOUT)")
             spec = _submit_spec(args)
             try:
                 reply = client.submit_job(spec)
@@ -362,13 +371,18 @@ def _control_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _more(rows: list, args: argparse.Namespace, show) -> None:
+    """A full page may have more after it: say how to see them (a table showed no sign)."""
+    if len(rows) == args.limit and not show:
+        print(f"(the first {args.limit} from {args.offset}: --offset "
+              f"{args.offset + args.limit} shows the next)")
+
+
 def _schedules(client, args: argparse.Namespace, show) -> int:
     if not args.action:
         schedules = client.list_jobs(status="scheduled", offset=args.offset, limit=args.limit)
         (show or views.schedules)(schedules)
-        if len(schedules) == args.limit and not show:   # there may be more: say how to see them
-            print(f"(the first {args.limit} from {args.offset}: --offset "
-                  f"{args.offset + args.limit} shows the next)")
+        _more(schedules, args, show)
         return 0
     if not args.job_id:
         raise UsageError(f"elric schedules {args.action} takes the periodic job's id")
@@ -463,17 +477,18 @@ class UsageError(Exception):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="elric", description="elric job scheduler")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--settings", help="settings module path (default: ./settings.py or "
-                                           "$ELRIC_SETTINGS)")
+    common.add_argument("--settings", help="settings module path (default: $ELRIC_SETTINGS, "
+                                           "else ./settings.py where there is one)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add_parser(name: str, help: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help, parents=[common])
+        # description: `elric NAME --help` says what the command does, as `elric --help` does
+        return sub.add_parser(name, help=help, description=help, parents=[common])
 
     p = add_parser("master", help="run a master")
     p.add_argument("--address", help="host:port to listen on (MASTER_ADDRESS)")
-    p.add_argument("--redis-url", help="REDIS_URL")
-    p.add_argument("--log-format", choices=("text", "json"), help="LOG_FORMAT")
+    p.add_argument("--redis-url", help="Redis URL (REDIS_URL)")
+    p.add_argument("--log-format", choices=("text", "json"), help="log lines (LOG_FORMAT)")
     p.set_defaults(func=cmd_master)
 
     p = add_parser("worker", help="run a worker; or pause|resume|stop|set ID one")
@@ -488,8 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--async-concurrency", type=int,
                    help="async jobs per pool process (ASYNC_CONCURRENCY)")
     p.add_argument("--master", help="master host:port (MASTER_ADDRESS)")
-    p.add_argument("--redis-url", help="REDIS_URL")
-    p.add_argument("--log-format", choices=("text", "json"), help="LOG_FORMAT")
+    p.add_argument("--redis-url", help="Redis URL (REDIS_URL)")
+    p.add_argument("--log-format", choices=("text", "json"), help="log lines (LOG_FORMAT)")
     p.set_defaults(func=cmd_worker)
 
     p = add_parser("demo", help="crawl a demo site on 127.0.0.1 with a master and a worker")
@@ -503,7 +518,8 @@ def build_parser() -> argparse.ArgumentParser:
              ("health", "what the master's tasks do (exit 1 if one is stuck or retrying)"),
              ("workers", "the workers, alive and lost"), ("job", "show one job"),
              ("top", "a live view of jobs, queues, funcs and workers, every second"),
-             ("jobs", "list jobs, newest first"),
+             ("jobs", "list jobs by status ({}), newest first within each".format(", ".join(
+                 s for s in STATUSES if s not in (Status.SCHEDULED, Status.FILTERED)))),
              ("results", "stream the results of succeeded jobs, in no set order"),
              ("schedules", "list periodic jobs, or pause|resume|run-now|remove one"),
              ("submit", "submit a job by name; --wait for its outcome"),
@@ -523,7 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("job_ids", nargs="*", metavar="ID",
                            help="job ids; or none, and a filter below")
         if bulk or name == "jobs":
-            p.add_argument("--status")
+            p.add_argument("--status", help=", ".join(JobFilter.STATUSES if bulk else STATUSES))
             p.add_argument("--queue")
             p.add_argument("--func", dest="by_func", help='"package.module:ClassName"')
             p.add_argument("--batch")
@@ -536,8 +552,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "purge":
             p.add_argument("queue_name", metavar="QUEUE")
         if name == "jobs":
-            p.add_argument("--offset", type=int)
-            p.add_argument("--limit", type=int, default=20)
+            p.add_argument("--offset", type=int, default=0, help="jobs to skip")
+            p.add_argument("--limit", type=int, default=20, help="jobs to show (1 to 1000)")
         if name == "results":
             p.add_argument("--func", dest="by_func", help='"package.module:ClassName"')
             p.add_argument("--batch")
@@ -553,19 +569,22 @@ def build_parser() -> argparse.ArgumentParser:
                            help="run-now: fire it now, by its rules (max_instances may skip "
                                 "it); cron keeps its calendar, an interval restarts from now "
                                 "(before its start_date: begins then)")
-            p.add_argument("job_id", nargs="?")
-            p.add_argument("--offset", type=int, default=0)
-            p.add_argument("--limit", type=int, default=100)
+            p.add_argument("job_id", nargs="?", help="the periodic job's id, with an action")
+            p.add_argument("--offset", type=int, default=0, help="schedules to skip")
+            p.add_argument("--limit", type=int, default=100,
+                           help="schedules to show (1 to 1000)")
         if name == "submit":
             p.add_argument("func_path", metavar="FUNC", help='"package.module:ClassName"')
-            p.add_argument("arguments", nargs="*", metavar="ARG",
+            # (default: else argparse calls ARG required, beside a missing FUNC)
+            p.add_argument("arguments", nargs="*", metavar="ARG", default=[],
                            help="positional arguments: JSON where they parse, else text")
             p.add_argument("--queue")
             p.add_argument("--job-id")
             p.add_argument("--batch")
             p.add_argument("--wait", action="store_true",
                            help="wait for the outcome; the exit status follows it")
-            p.add_argument("--timeout", type=float, help="give up waiting after this long")
+            p.add_argument("--timeout", type=float,
+                           help="with --wait: seconds to wait (the job goes on after)")
         p.set_defaults(func=cmd_call)
     parser.commands = sub.choices
     return parser

@@ -17,7 +17,7 @@ import runpy
 from dataclasses import dataclass
 from typing import Any
 
-from elric.contract import MAX_TIMEOUT, is_text
+from elric.contract import MAX_TIMEOUT, QUEUE_NAME, QUEUE_RULE, is_text
 
 
 class SettingsError(Exception):
@@ -99,8 +99,11 @@ def _check_env_names(env) -> None:
     names = [f"ELRIC_{key}" for key in KEYS]
     for name in sorted(env):
         if name.startswith("ELRIC_") and name not in names and name not in ENV_NOT_SETTINGS:
-            close = difflib.get_close_matches(name, names, n=1)
-            hint = f"; did you mean {close[0]}?" if close else ""
+            # (by the part after ELRIC_: with it, any name was "close", ELRIC_BAR to
+            # ELRIC_MAX_RETRIES; and ELRIC_SETTING is ELRIC_SETTINGS mistyped)
+            close = difflib.get_close_matches(name.removeprefix("ELRIC_"), [
+                n.removeprefix("ELRIC_") for n in (*names, *ENV_NOT_SETTINGS)], n=1)
+            hint = f"; did you mean ELRIC_{close[0]}?" if close else ""
             raise SettingsError(f"{name}: unknown setting in the environment{hint}")
 
 
@@ -188,6 +191,9 @@ def _check(key: str, value: Any, where: str) -> Any:
         raise bad(f"expected a list of names, got {value!r}")
     if key == "QUEUES" and not value:   # (JOB_MODULES may be empty: any module)
         raise bad("names no queue, and a worker would run nothing; give one at least")
+    for name in value if key == "QUEUES" else ():   # (a worker on "a b" waited for nothing:
+        if not QUEUE_NAME.fullmatch(name):            # no submit can queue a job there)
+            raise bad(f"queue {name!r}: {QUEUE_RULE}")
     if isinstance(value, float) and not math.isfinite(value):
         raise bad(f"must be a finite number, got {value!r}")
     if isinstance(value, (int, float)) and not isinstance(value, bool):

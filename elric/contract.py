@@ -95,6 +95,7 @@ SPEC_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
 # the keys elric sets (the master for a fire, the worker forwarding a job's children)
 SET_BY_ELRIC = ("parent", "round")
 QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,100}$")
+QUEUE_RULE = "1-100 letters, digits, '_', '-' or '.'"   # QUEUE_NAME in words, for errors
 JOB_ID = re.compile(r"^[^\s]{1,200}$")
 FUNC_PATH = re.compile(r"^[^\W\d][\w.]*:[^\W\d][\w.]*$")   # a Python name: any letter or _ first
 MAX_PRIORITY = 2**31
@@ -284,7 +285,7 @@ def normalize_spec(
     if not JOB_ID.fullmatch(out["job_id"]):
         raise SpecError(f"job_id {out['job_id']!r}: 1-200 characters without spaces")
     if not QUEUE_NAME.fullmatch(str(out["queue"])):
-        raise SpecError(f"queue {out['queue']!r}: 1-100 letters, digits, '_', '-' or '.'")
+        raise SpecError(f"queue {out['queue']!r}: {QUEUE_RULE}")
     if not -MAX_PRIORITY < out["priority"] < MAX_PRIORITY:
         raise SpecError(f"priority {out['priority']}: must be within ±2**31")
     if out["max_retries"] < 0:

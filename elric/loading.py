@@ -5,10 +5,15 @@ never makes a worker import anything, since whoever can write to Redis can write
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
 from dataclasses import dataclass, field
 
 from elric.contract import SpecError
+
+log = logging.getLogger("elric.worker")
+# how a worker comes to find a job module it did not
+WHERE = " (from the folder that holds it, or with that folder on PYTHONPATH)"
 
 
 class NotLoaded(Exception):
@@ -23,6 +28,7 @@ class ModuleBroken(Exception):
 class JobModules:
     names: tuple[str, ...]
     broken: dict[str, str] = field(default_factory=dict)   # module -> its import error
+    not_found: set[str] = field(default_factory=set)   # broken: itself, not what it imports
     _classes: dict[str, type] = field(default_factory=dict)   # func -> its class, as found
     _runs: dict[str, bool] = field(default_factory=dict)      # func -> runs(func)
 
@@ -35,7 +41,17 @@ class JobModules:
                 importlib.import_module(name)
             except Exception as exc:
                 modules.broken[name] = f"{type(exc).__name__}: {exc}"
+                if isinstance(exc, ModuleNotFoundError) and exc.name is not None and (
+                        name + ".").startswith(exc.name + "."):
+                    modules.not_found.add(name)
         return modules
+
+    def log_broken(self) -> None:
+        """The worker's one line for each module that did not import."""
+        for name, error in self.broken.items():
+            log.error("cannot import job module %s (%s): its jobs fail on this worker until it "
+                      "is started again where the module imports%s", name, error,
+                      WHERE if name in self.not_found else "")
 
     def clean(self) -> list[str]:
         """The modules that imported without an error."""

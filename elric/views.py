@@ -33,6 +33,12 @@ def json_text(value, **options) -> str:
     return json.dumps(json_safe(value), default=str, **options)
 
 
+def cut(text: str, most: int) -> str:
+    """``text`` in at most ``most`` characters, ending "…" where it was cut (a plain cut
+    passed for the whole: an error read "Cannot conne")."""
+    return text if len(text) <= most else text[:most - 1] + "…"
+
+
 def when(seconds: float | None) -> str:
     """An epoch time as local time, with how long ago or ahead it is; a value that is no
     number (a worker's hash someone edited: stats() keeps it as it is) as it is."""
@@ -97,16 +103,16 @@ def jobs(rows: list[dict]) -> None:
     _rows(rows, "no jobs", ("job id", "status", "func", "args", "queue", "attempts",
                             "finished", "error"),
           lambda j: (j["job_id"], j.get("status", ""), j.get("func", ""),
-                     json_text(j.get("args", []))[1:-1][:80], j.get("queue", ""),
+                     cut(json_text(j.get("args", []))[1:-1], 80), j.get("queue", ""),
                      j.get("attempts", ""), when(j.get("finished_at")),
-                     (j.get("error") or "")[:60]))
+                     cut(j.get("error") or "", 60)))
 
 
 def results(rows: list[dict], first: bool) -> None:
     """One page of ``elric results``; only the first has a header (or says there are none)."""
     _rows(rows, "no results" if first else "", ("job id", "func", "finished", "result"),
           lambda r: (r["job_id"], r["func"], when(r["finished_at"]),
-                     json_text(r["result"])[:200]), header=first)
+                     cut(json_text(r["result"]), 200)), header=first)
 
 
 def filtered(filters: dict) -> None:
@@ -122,20 +128,22 @@ def job(j: dict) -> None:
                                        "round", "not_run") if j.get(key) not in (None, "")]
     pairs += [(key, when(j[key])) for key in ("enqueued_at", "started_at", "finished_at")
               if j.get(key)]
-    pairs += [(key, json_text(j[key])[:2000]) for key in ("args", "kwargs", "result")
+    pairs += [(key, cut(json_text(j[key]), 2000)) for key in ("args", "kwargs", "result")
               if j.get(key) not in (None, [], {})]
     if j.get("trigger_text"):
         pairs += [("trigger", j["trigger_text"]), ("next run", when(j.get("next_run_time")))]
+        pairs += [("paused", "yes")] if j.get("paused") else []
     console.print(_table(("", ""), pairs, header=False))   # pairs: job_id at least
     if j.get("error"):
         console.print("[bold]error[/bold]")
         console.print(j["error"], markup=False)
-    for run in j.get("runs", [])[:10]:   # the newest ten
+    for run in j.get("runs", [])[:10]:   # the newest ten; why one was skipped or missed
+        why = f" ({run['reason']})" if run.get("reason") else ""
         # its fire's outcome says nothing of the jobs it submitted: a round's own progress
         p = run.get("round") or {}
         progress = f"  round: {p['live']} live, {p['succeeded']} succeeded, " \
             f"{p['failed']} failed" if p.get("submitted") else ""
-        console.print(f"  {when(run.get('fire_time'))}  {run.get('outcome', '')}"
+        console.print(f"  {when(run.get('fire_time'))}  {run.get('outcome', '')}{why}"
                       f"  {run.get('job_id', '')}{progress}", markup=False)
 
 

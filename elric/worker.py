@@ -179,9 +179,7 @@ class Worker:
                 "no job module imports (" + "; ".join(f"{n}: {e}" for n, e in
                                                      self.modules.broken.items()) +
                 f"): check the names, and that they import from {os.getcwd()} (PYTHONPATH)")
-        for name, error in self.modules.broken.items():   # the others' jobs run
-            log.error("cannot import job module %s (%s): its jobs fail until it imports",
-                      name, error)
+        self.modules.log_broken()   # the others' jobs run
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
@@ -774,8 +772,11 @@ class Worker:
 
     async def _close(self, registered: bool = True) -> None:
         try:
-            if registered:   # (else it has no hash to mark)
-                await self.redis.hset(self.keys.worker(self.worker_id), "state", "stopped")
+            if registered:   # (else it has no hash to mark); with the jobs it finished after
+                # its last heartbeat: its record showed them in flight, not done, for good
+                await self.redis.hset(self.keys.worker(self.worker_id), mapping={
+                    "state": "stopped", "in_flight": 0, "processed": self.processed,
+                    "done": self.done, "failed": self.failed})
         except Exception as exc:   # Redis away or full: its heartbeats stop, which says it too
             log.warning("worker: could not record that it stopped (%s)", exc)
         await self.master.close()

@@ -1,5 +1,6 @@
 """Crawl a site every 15 minutes: each round fetches every page once.
 
+    elric worker elric.demo.crawler --queues crawl &   # the module its jobs name
     python -m examples.periodic_crawl http://127.0.0.1:8000/
 
 Running this script again replaces the schedule (same job_id) instead of adding a copy.

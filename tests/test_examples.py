@@ -21,7 +21,11 @@ def script_env(**elric) -> dict:
 
 
 def test_hello_example_as_documented(cluster, tmp_path):
-    cluster.start_worker("--concurrency", "1")
+    """Its docstring's commands: it named no worker to start (one for the examples' module)."""
+    from examples import hello
+
+    [worker] = re.findall(r"^ *elric worker (.*?) &", hello.__doc__, re.M)
+    cluster.start_worker(*worker.split(), "--concurrency", "1")
     proc = subprocess.run(
         [sys.executable, "-c", "from examples.hello import Add; print(Add.submit(2, 3))"],
         cwd=str(tmp_path), env=script_env(MASTER_ADDRESS=cluster.address),
@@ -54,6 +58,22 @@ def test_elric_demo_command(tmp_path):
         except ProcessLookupError:
             continue
         raise AssertionError(f"the demo left pid {pid} running")
+
+
+def test_elric_demo_on_a_redis_of_yours_leaves_no_keys_behind(redis_url, tmp_path):
+    """With ELRIC_REDIS_URL the demo uses that Redis, under a prefix of its own: every run
+    left its keys there (queues, stats, workers, its dedupe set: for good)."""
+    import redis
+
+    env = script_env(REDIS_URL=redis_url)
+    env["TMPDIR"] = str(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "elric", "demo", "--pages", "3"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=120,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"using Redis at {redis_url}" in proc.stdout, proc.stdout
+    with redis.Redis.from_url(redis_url) as r:
+        assert r.keys("*") == []
 
 
 def test_elric_demo_runs_its_own_jobs_whatever_job_modules_a_local_settings_allows(tmp_path):

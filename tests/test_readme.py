@@ -1,18 +1,22 @@
 """The README's quick start runs as written: its files and commands, taken from the README
-itself, against a private Redis, a real master and worker, and the demo site."""
+itself, against a private Redis, a real master and worker, and the site its commands
+serve."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
+import socket
 import subprocess
 import sys
 
-from elric.demo.site import DemoSite
+from elric.redis_server import free_port
 from tests.conftest import ROOT, Cluster, wait_for
 
 README = os.path.join(ROOT, "README.md")
+URL = "http://127.0.0.1:8000/"
 
 
 def quick_start() -> tuple[dict[str, str], list[str]]:
@@ -31,39 +35,85 @@ def quick_start() -> tuple[dict[str, str], list[str]]:
 
 
 def test_the_quick_start_crawls_a_site_and_schedules_it(redis_url, tmp_path):
+    """Every step as written, from the folder that holds jobs.py: the site its commands
+    serve (port 8000 taken for a free one) is crawled, each page once and none failed,
+    links with fragments followed and pages that are no text (an image) fetched too."""
     files, commands = quick_start()
     assert set(files) == {"jobs.py", "schedule.py"}
+    folder = tmp_path / "site"   # the logs stay outside: the site serves this folder
+    folder.mkdir()
     for name, code in files.items():
-        (tmp_path / name).write_text(code)
+        (folder / name).write_text(code)
+    # pages a real site has: links with fragments (and back: a cycle), an image
+    (folder / "links.html").write_text('<a href="jobs.py#top">j</a> <a href="logo.png">i</a>'
+                                       ' <a href="./#list">back</a> <a href="#here">here</a>')
+    (folder / "logo.png").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00")
+    [pip] = [c for c in commands if c.startswith("pip install")]
+    assert "[crawl]" in pip and not pip.split()[2].startswith("'."), \
+        "the folder with jobs.py is no clone of elric: pip install needs the clone's path"
     assert any(c.startswith("elric master") for c in commands)
     worker = next(c for c in commands if c.startswith("elric worker"))
+    [serve] = [c for c in commands   # the site: the one command left running in the background
+               if c.startswith("python ") and "&" in shlex.split(c, comments=True)]
+    port = free_port()
+    url = URL.replace("8000", str(port))
+    argv = [a.replace("8000", str(port)) for a in shlex.split(serve, comments=True)[1:]
+            if a != "&"]
+    with open(tmp_path / "site.log", "w") as site_log:
+        site = subprocess.Popen([sys.executable, *argv], cwd=folder, stdout=site_log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     cluster = Cluster(redis_url, tmp_path, JOB_MODULES="")   # as the quick start: none set
-    with DemoSite(12) as site:
-        try:
-            # `elric master &` and `elric worker ...`, started from the folder with jobs.py
-            from elric.launch import start_master, start_worker
-            cluster.procs.append(start_master(cluster.env, str(tmp_path / "master.log"),
-                                              cwd=str(tmp_path)))
-            args = [a for a in shlex.split(worker, comments=True)[2:] if a != "&"]
-            cluster.procs.append(start_worker(cluster.env, str(tmp_path / "worker.log"),
-                                              cwd=str(tmp_path), extra=args))
-            for line in commands:
-                if not line.startswith("python "):
-                    continue
-                argv = [sys.executable] + [a.replace("http://127.0.0.1:8000/", site.url)
-                                           for a in shlex.split(line, comments=True)[1:]]
-                done = subprocess.run(argv, cwd=tmp_path, env=cluster.env, timeout=60,
-                                      capture_output=True, text=True)
-                assert done.returncode == 0, done.stderr
-            assert cluster.client.get_job("site")["status"] == "scheduled"
-            paths = site.paths()
-            wait_for(lambda: set(site.hits) == set(paths) and cluster.client.stats()[
-                "totals"]["succeeded"] >= len(paths), timeout=60,
-                what=f"every page crawled\n{cluster.logs()}")
-            assert all(n == 1 for n in site.hits.values()), site.hits
-            listed = subprocess.run([sys.executable, "-m", "elric", "jobs", "--status",
-                                     "succeeded"], cwd=tmp_path, env=cluster.env,
-                                    capture_output=True, text=True, timeout=60)
-            assert listed.returncode == 0 and site.url in listed.stdout, listed.stderr
-        finally:
-            cluster.close()
+    try:
+        wait_for(lambda: _answers(port), what=f"the quick start's site: {serve}")
+        # `elric master &` and `elric worker ...`, started from the folder with jobs.py
+        from elric.launch import start_master, start_worker
+        cluster.procs.append(start_master(cluster.env, str(tmp_path / "master.log"),
+                                          cwd=str(folder)))
+        args = [a for a in shlex.split(worker, comments=True)[2:] if a != "&"]
+        cluster.procs.append(start_worker(cluster.env, str(tmp_path / "worker.log"),
+                                          cwd=str(folder), extra=args))
+        for line in commands:
+            if not line.startswith("python ") or line == serve:
+                continue
+            argv = [sys.executable] + [a.replace(URL, url)
+                                       for a in shlex.split(line, comments=True)[1:]]
+            done = subprocess.run(argv, cwd=folder, env=cluster.env, timeout=60,
+                                  capture_output=True, text=True)
+            assert done.returncode == 0, done.stderr
+        assert cluster.client.get_job("site")["status"] == "scheduled"
+
+        def ended():
+            by_status = cluster.client.stats()["by_status"]
+            return by_status["succeeded"] + by_status["failed"] >= 5 and not any(
+                by_status[s] for s in ("queued", "running", "retrying"))
+        wait_for(ended, timeout=60, what=f"the crawl to end\n{cluster.logs()}")
+        jobs = cluster.client.list_jobs(limit=1000)
+        failed = [(j["args"], j.get("error")) for j in jobs if j["status"] != "succeeded"]
+        assert not failed, failed
+        hits: dict[str, int] = {}
+        for path in re.findall(r'"GET (\S+) HTTP', (tmp_path / "site.log").read_text()):
+            hits[path] = hits.get(path, 0) + 1
+        assert {"/", "/jobs.py", "/schedule.py", "/links.html", "/logo.png"} <= set(hits)
+        assert all(n == 1 for n in hits.values()), hits
+        [links] = [cluster.client.get_job(j["job_id"]) for j in jobs
+                   if j["args"] == [url + "links.html"]]
+        assert links["result"] == {"url": url + "links.html", "links": 3}, links
+        listed = subprocess.run([sys.executable, "-m", "elric", "jobs", "--status",
+                                 "succeeded", "--json"], cwd=folder, env=cluster.env,
+                                capture_output=True, text=True, timeout=60)
+        assert listed.returncode == 0, listed.stderr
+        assert url + "jobs.py" in {j["args"][0] for j in json.loads(listed.stdout)}
+    finally:
+        cluster.close()
+        site.terminate()
+        site.wait(timeout=20)
+
+
+def _answers(port: int) -> bool:
+    """Whether the site listens (a connection, not a GET: the crawl counts the GETs)."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        return True
+    except OSError:
+        return False
+

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -26,7 +27,7 @@ from elric.client import MasterClient
 from elric.keys import Keys
 from elric.launch import Proc, elric_env, wait_for_master
 from elric.redis_server import RedisServer, find_redis_server, free_port
-from elric.rpc import Client, RemoteError, RPCConnectionError, RPCError, RPCTimeoutError
+from elric.rpc import AUTH_FAILED, AUTH_REQUIRED, Client, RemoteError, RPCConnectionError, RPCError, RPCTimeoutError
 from tests.conftest import ROOT, Cluster, batches_form, wait_for
 from tests.jobs import (Add, FailNamingFile, FailUnlessFile, MarkSleep, SelfAlarm, Sleep,
                         SpawnPadded, SpawnWhenGateOpens)
@@ -554,16 +555,16 @@ def test_rpc_token(make_cluster, tmp_path):
     port = int(port)
 
     with Client(host, port, timeout=10) as anon:
-        with pytest.raises(RemoteError, match="^authentication required$"):
+        with pytest.raises(RemoteError, match=f"^{re.escape(AUTH_REQUIRED)}$"):
             anon.call("submit_job", Add.spec([1, 2], job_id="sneaky"))
     with Client(host, port, timeout=10, token="wrong") as wrong:
-        with pytest.raises(RemoteError, match="^authentication failed$"):
+        with pytest.raises(RemoteError, match=f"^{re.escape(AUTH_FAILED)}$"):
             wrong.call("ping")
     # the server answers once, then closes the connection (the recv sees EOF, no timeout)
     assert raw_call(port, [[0, 1, "submit_job", [Add.spec([1, 2], job_id="sneaky")]],
-                           [0, 2, "ping", []]]) == [[1, 1, {"code": "unauthorized", "message": "authentication required"}, None]]
+                           [0, 2, "ping", []]]) == [[1, 1, {"code": "unauthorized", "message": AUTH_REQUIRED}, None]]
     assert raw_call(port, [[0, 7, "auth", ["nope"]], [0, 8, "ping", []]]) == [
-        [1, 7, {"code": "unauthorized", "message": "authentication failed"}, None]]
+        [1, 7, {"code": "unauthorized", "message": AUTH_FAILED}, None]]
     assert c.client.get_job("sneaky") is None
 
     assert c.client.ping() == "pong"
@@ -577,7 +578,13 @@ def test_rpc_token(make_cluster, tmp_path):
                          text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert bad.returncode == 2, bad.stderr
     assert bad.stderr.strip().splitlines()[-1] == (
-        f"elric: MASTER_ADDRESS {c.address}: authentication failed"), bad.stderr
+        f"elric: MASTER_ADDRESS {c.address}: {AUTH_FAILED}"), bad.stderr
+    # it said "authentication required", and not what to set
+    anon = subprocess.run([sys.executable, "-m", "elric", "ping"], cwd=ROOT,
+                          env={k: v for k, v in c.env.items() if k != "ELRIC_RPC_TOKEN"},
+                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert (anon.returncode, anon.stderr) == (2, f"elric: {AUTH_REQUIRED}\n")
+    assert "ELRIC_RPC_TOKEN" in AUTH_REQUIRED
 
 
 def test_master_on_all_interfaces_without_token_warns_loudly(redis_url, tmp_path):
@@ -777,6 +784,26 @@ def test_job_modules_refuse_at_submit_and_a_worker_never_imports_what_a_job_name
     assert not proof.exists(), "a refused job ran"
     assert "Beautiful is better than ugly" not in worker.log(), "a job made it import `this`"
     assert worker.alive()
+
+
+def test_a_job_module_not_found_says_where_to_start_the_worker(tmp_path, monkeypatch, caplog):
+    """`elric worker jobs` from a folder without jobs.py logged "No module named 'jobs'...
+    its jobs fail until it imports", as if it would retry: it says how it comes to import,
+    and where to start when the module itself was not found."""
+    from elric.loading import JobModules
+
+    (tmp_path / "needs_more.py").write_text("import no_such_dependency\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with caplog.at_level("ERROR", logger="elric.worker"):
+        modules = JobModules.load(["no_such_jobs", "no_such_pkg.jobs", "needs_more"])
+        modules.log_broken()   # the worker's lines (when one module imports: else it exits 2)
+    assert modules.clean() == []
+    said = {r.args[0]: r.getMessage() for r in caplog.records}
+    for name in ("no_such_jobs", "no_such_pkg.jobs"):
+        assert "until it is started again where the module imports (from the folder that " \
+               "holds it, or with that folder on PYTHONPATH)" in said[name], said[name]
+    assert "No module named 'no_such_dependency'" in said["needs_more"]
+    assert "PYTHONPATH" not in said["needs_more"]   # found; what it imports is missing
 
 
 def test_a_job_module_that_fails_to_import_fails_its_jobs_attempt_by_attempt(

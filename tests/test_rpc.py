@@ -9,6 +9,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import textwrap
@@ -18,8 +19,9 @@ import time
 import msgpack
 import pytest
 
-from elric.rpc import (AsyncClient, Client, RemoteError, RequestError, RPCConnectionError,
-                       RPCError, RPCTimeoutError, Server, parse_address)
+from elric.rpc import (AUTH_FAILED, AUTH_REQUIRED, AsyncClient, Client, RemoteError,
+                       RequestError, RPCConnectionError, RPCError, RPCTimeoutError, Server,
+                       parse_address)
 from tests.conftest import wait_for
 from tests.legacy import SCRIPT_PRELUDE, legacy_python
 
@@ -516,11 +518,11 @@ def test_auth():
             assert await client.call("ping") == "pong"
             await client.close()
 
-            with pytest.raises(RemoteError, match="^authentication failed$"):
+            with pytest.raises(RemoteError, match=f"^{re.escape(AUTH_FAILED)}$"):
                 await AsyncClient.connect(*server.address, token="wrong")
 
             client = await AsyncClient.connect(*server.address)
-            with pytest.raises(RemoteError, match="^authentication required$"):
+            with pytest.raises(RemoteError, match=f"^{re.escape(AUTH_REQUIRED)}$"):
                 await client.call("ping")
             with pytest.raises(RPCConnectionError):
                 await client.call("ping")  # the server closed it

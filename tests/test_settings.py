@@ -11,6 +11,7 @@ import pytest
 
 from elric.config import KEYS, SettingsError, load_settings
 from elric.redis_server import free_port
+from tests.conftest import ROOT
 
 # --- unit level -------------------------------------------------------------------------
 
@@ -84,6 +85,12 @@ def test_file_then_env_then_command_line(no_settings_file):
     assert load_settings(env={"ELRIC_SETTINGS": str(path)}).KEY_PREFIX == "file"
     (no_settings_file / "settings.py").write_text("KEY_PREFIX = 'cwd'\n")
     assert load_settings(env={}).KEY_PREFIX == "cwd"
+    # ELRIC_SETTINGS before ./settings.py, as --help says (it said the other way round)
+    assert load_settings(env={"ELRIC_SETTINGS": str(path)}).KEY_PREFIX == "file"
+    ping = subprocess.run([sys.executable, "-m", "elric", "ping", "--help"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert "(default: $ELRIC_SETTINGS, else ./settings.py where there is one)" in " ".join(
+        ping.stdout.split()), ping.stdout
 
 
 @pytest.mark.parametrize("env, message", [
@@ -144,11 +151,17 @@ def test_bad_settings_files_name_the_key(no_settings_file, body, message):
                                          "did you mean ELRIC_REDIS_URL?"),
     ({"ELRIC_CONCURENCY": "2"}, "did you mean ELRIC_CONCURRENCY?"),
     ({"ELRIC_NOTHING_LIKE_IT": "1"}, "ELRIC_NOTHING_LIKE_IT: unknown setting in the environment"),
+    # nothing like any setting: no guess (it said "did you mean ELRIC_MAX_RETRIES?", the
+    # ELRIC_ both share making any name look close); a variable elric reads that is no setting
+    ({"ELRIC_BAR": "1"}, "ELRIC_BAR: unknown setting in the environment"),
+    ({"ELRIC_SETTING": "s.py"}, "did you mean ELRIC_SETTINGS?"),
 ])
 def test_unknown_elric_variables_are_errors(no_settings_file, env, message):
     with pytest.raises(SettingsError) as info:
         load_settings(env=env)
     assert message in str(info.value) and "\n" not in str(info.value)
+    if "mean" not in message:
+        assert str(info.value).endswith(message)
     # variables read elsewhere (the settings path, the redis-server binary) are allowed
     load_settings(env={"ELRIC_REDIS_SERVER": "/usr/bin/redis-server"})
 
@@ -257,3 +270,15 @@ def test_a_master_whose_redis_is_not_up_exits_3_try_again(tmp_path):
     proc = run_elric(["master"], tmp_path, REDIS_URL=dead, MASTER_ADDRESS=unused_address())
     assert proc.returncode == 3, proc.stdout + proc.stderr
     assert proc.stderr.strip().startswith(f"elric: REDIS_URL {dead}: cannot connect"), proc.stderr
+
+
+def test_queues_a_job_cannot_be_queued_on_are_refused(no_settings_file):
+    """A worker started with --queues 'a b' (or ELRIC_QUEUES) served queue "a b", which no
+    submit takes (queue names are 1-100 letters, digits, '_', '-' or '.'): it waited for
+    nothing, with no word."""
+    for settings in ({"env": {"ELRIC_QUEUES": "crawl,a b"}},
+                     {"env": {}, "overrides": {"QUEUES": ["a b"]}}):
+        with pytest.raises(SettingsError) as info:
+            load_settings(**settings)
+        assert "queue 'a b': 1-100 letters, digits" in str(info.value), info.value
+    assert load_settings(env={"ELRIC_QUEUES": "crawl, a-b.c_1"}).QUEUES == ["crawl", "a-b.c_1"]

@@ -281,3 +281,17 @@ def test_a_worker_that_stopped_or_is_lost_shows_no_trouble(make_cluster, how):
             assert f'elric_worker_trouble{{worker="{wid}"}} 1' not in reply.read().decode()
     finally:
         via_b.close()
+
+
+def test_a_worker_that_stopped_shows_the_jobs_it_finished_while_stopping(cluster):
+    """A worker told to stop while it ran a job finished the job (SHUTDOWN_GRACE), but its
+    record kept its last heartbeat's figures: stopped, 1 job in flight, 0 done, on elric
+    workers and the dashboard, for good."""
+    worker = cluster.start_worker("--concurrency", "1")
+    [wid] = [w["worker_id"] for w in cluster.client.stats()["workers"]]
+    cluster.client.submit_job(Sleep.spec([1.5], job_id="nap"))
+    wait_for(lambda: _me(cluster, wid)["in_flight"] == 1, what="the job running")
+    assert worker.stop() == 0
+    assert cluster.client.get_job("nap")["status"] == "succeeded"
+    w = _me(cluster, wid)
+    assert (w["state"], w["in_flight"], w["done"], w["processed"]) == ("stopped", 0, 1, 1), w

@@ -50,7 +50,8 @@ def run_demo(settings_path: str | None = None, pages: int = 25, timeout: float =
     dashboard = f"127.0.0.1:{free_port()}"
     # JOB_MODULES: the demo's worker loads only its crawler, whatever a settings.py here says
     # LIMITS: a polite crawl, at most 16 pages of one host in flight across the cluster
-    env = elric_env(redis_url, address, KEY_PREFIX=f"elric-demo-{os.getpid()}",
+    prefix = f"elric-demo-{os.getpid()}"
+    env = elric_env(redis_url, address, KEY_PREFIX=prefix,
                     LOG_LEVEL="WARNING", JOB_MODULES=Crawl.__module__,
                     LIMITS='{"*": {"concurrency": 16}}', DASHBOARD_ADDRESS=dashboard)
     site = DemoSite(pages).start()
@@ -109,7 +110,21 @@ def run_demo(settings_path: str | None = None, pages: int = 25, timeout: float =
         site.stop()
         if redis_server is not None:
             redis_server.cleanup()
+        else:   # a Redis of the user's: it kept the demo's keys (some for good) run after run
+            _drop_keys(redis_url, prefix)
         print("stopped everything the demo started")
+
+
+def _drop_keys(redis_url: str, prefix: str) -> None:
+    import redis
+
+    try:
+        with redis.Redis.from_url(redis_url) as r:
+            keys = list(r.scan_iter(match=f"{prefix}:*", count=1000))
+            for at in range(0, len(keys), 1000):
+                r.unlink(*keys[at:at + 1000])
+    except redis.RedisError as exc:
+        print(f"demo: could not delete its keys {prefix}:* ({exc})", file=sys.stderr)
 
 
 def _exit_on_signal(signum, frame):
