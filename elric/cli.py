@@ -137,6 +137,18 @@ def _submit_spec(args: argparse.Namespace) -> dict:
 
     options = {key: getattr(args, key) for key in ("queue", "job_id", "batch")
                if getattr(args, key)}
+    if args.spec is not None:
+        try:
+            more = json.loads(args.spec)
+        except ValueError as exc:
+            raise UsageError(f"--spec: not JSON ({exc})") from None
+        if not isinstance(more, dict):
+            raise UsageError("--spec: expected a JSON map of job spec keys, e.g. "
+                             '\'{"priority": 5, "max_retries": 3}\'')
+        if twice := sorted(more.keys() & {*options, "func", "args"}):
+            raise UsageError(f"--spec: {', '.join(twice)} go(es) as FUNC, ARG... or its own "
+                             "option, not in --spec")
+        options.update(more)   # the master checks each key, as any client's
     arguments = [_argument(a) for a in args.arguments]
     try:
         cls = pkgutil.resolve_name(args.func_path)   # "package.module:ClassName"
@@ -581,6 +593,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--queue")
             p.add_argument("--job-id")
             p.add_argument("--batch")
+            p.add_argument("--spec", metavar="JSON",
+                           help='more job spec keys (docs/PROTOCOL.md), e.g. \'{"priority": 5, '
+                           '"max_retries": 3, "timeout": 60, "dedupe_key": "k"}\'; with a '
+                           '"trigger" and --job-id, a periodic job')
             p.add_argument("--wait", action="store_true",
                            help="wait for the outcome; the exit status follows it")
             p.add_argument("--timeout", type=float,

@@ -775,3 +775,28 @@ def test_submit_without_func_names_only_what_is_missing():
                           capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert done.returncode == 2
     assert done.stderr.splitlines()[-1].endswith("the following arguments are required: FUNC")
+
+
+def test_submit_spec_sets_any_job_spec_key_and_a_trigger_makes_a_schedule(cluster):
+    """`elric submit` set a job's queue, id and batch only: no priority, retries, timeout,
+    dedupe key or trigger, which the Python API and every other client have."""
+    out = elric(cluster, "submit", "tests.jobs:Echo", "1", "--queue", "nobody", "--job-id",
+                "tuned", "--spec", '{"priority": 5, "max_retries": 3, "timeout": 60, '
+                '"dedupe_key": "k1", "kwargs": {"x": 2}}')
+    assert out.returncode == 0, out.stderr
+    job = cluster.client.get_job("tuned")
+    assert (job["priority"], job["max_retries"], job["timeout"], job["dedupe_key"],
+            job["kwargs"], job["queue"]) == (5, 3, 60, "k1", {"x": 2}, "nobody"), job
+    out = elric(cluster, "submit", "tests.jobs:Echo", "--job-id", "every-hour", "--spec",
+                '{"trigger": {"type": "interval", "hours": 1}}')
+    assert out.returncode == 0 and "every-hour scheduled" in out.stdout, out.stdout + out.stderr
+    assert "every-hour" in elric(cluster, "schedules").stdout
+    # bad input: one line, exit 2, nothing queued
+    one_line_error(elric(cluster, "submit", "tests.jobs:Echo", "--spec", "{priority: 5}"), 2,
+                   "--spec: not JSON")
+    one_line_error(elric(cluster, "submit", "tests.jobs:Echo", "--spec", "[1]"), 2,
+                   "--spec: expected a JSON map of job spec keys")
+    one_line_error(elric(cluster, "submit", "tests.jobs:Echo", "--queue", "a", "--spec",
+                         '{"queue": "b", "args": [1]}'), 2, "--spec: args, queue go(es) as")
+    one_line_error(elric(cluster, "submit", "tests.jobs:Echo", "--spec", '{"priority": "high"}'),
+                   2, "priority")
