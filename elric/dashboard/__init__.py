@@ -244,8 +244,8 @@ class Dashboard:
         for one in ids:
             try:
                 # the CLI's words for a pause or resume that changes nothing
-                if kind == "schedule" and (unchanged := schedule_left_alone(
-                        await self.master.get_job(one), action)):
+                if kind == "schedule" and action in ("pause", "resume") and (
+                        unchanged := schedule_left_alone(await self.master.get_job(one), action)):
                     errors.append(f"{one}: {unchanged}")
                     continue
                 reply = await handler(one, value)
