@@ -486,9 +486,17 @@ class UsageError(Exception):
     """A command given what it cannot take: exit status 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        # argparse's own exit printed nothing on stdout, so `--json` got no JSON from a
+        # bad option; main prints this one as it prints every usage error
+        self.print_usage(sys.stderr)
+        raise UsageError(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="elric", description="elric job scheduler")
-    common = argparse.ArgumentParser(add_help=False)
+    parser = _Parser(prog="elric", description="elric job scheduler")
+    common = _Parser(add_help=False)
     common.add_argument("--settings", help="settings module path (default: $ELRIC_SETTINGS, "
                                            "else ./settings.py where there is one)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -612,8 +620,11 @@ def main(argv: list[str] | None = None) -> int:
     # submit F --queue q 1 2 was refused: ARG... ends at the first option); the top
     # parser cannot do it (argparse refuses intermixed with subcommands)
     command = parser.commands.get(argv[0]) if argv else None
-    args = command.parse_intermixed_args(argv[1:], argparse.Namespace(command=argv[0])) \
-        if command else parser.parse_args(argv)
+    try:
+        args = command.parse_intermixed_args(argv[1:], argparse.Namespace(command=argv[0])) \
+            if command else parser.parse_args(argv)
+    except UsageError as exc:
+        return _fail(exc, 2, "--json" in argv)
     # Job modules may live in the current directory, so it must be on sys.path; after the
     # installed packages, so that a folder there named like one (elric/) hides nothing.
     if os.getcwd() not in sys.path:

@@ -717,6 +717,19 @@ def test_an_error_with_json_is_a_json_object_on_stdout_with_the_same_exit_status
     assert out.returncode == 1 and json.loads(out.stdout)["was"] == "cancelled", out.stdout
 
 
+def test_a_bad_option_with_json_is_a_json_usage_error_too():
+    """argparse's own errors (a value of the wrong type, an unknown command) left stdout
+    empty under --json, while every other error was a JSON object there."""
+    for args, text in ((("jobs", "--json", "--limit", "many"), "invalid int value: 'many'"),
+                       (("nope", "--json"), "invalid choice: 'nope'")):
+        out = subprocess.run([sys.executable, "-m", "elric", *args], cwd=ROOT,
+                             capture_output=True, text=True, timeout=60,
+                             stdin=subprocess.DEVNULL)
+        assert out.returncode == 2 and out.stderr.startswith("usage: "), out.stderr
+        assert out.stderr.splitlines()[-1] == f"elric: {json.loads(out.stdout)['message']}"
+        assert json.loads(out.stdout)["error"] == "usage" and text in out.stdout, out.stdout
+
+
 def test_each_commands_help_says_what_it_does_and_what_status_takes():
     """`elric rerun --help` (and every other command's) showed only its options, never what
     the command does (`elric remove --help`: nothing said it is delete); --status listed no
