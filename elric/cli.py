@@ -136,7 +136,7 @@ def _submit_spec(args: argparse.Namespace) -> dict:
     from elric.job import Job
 
     options = {key: getattr(args, key) for key in ("queue", "job_id", "batch")
-               if getattr(args, key)}
+               if getattr(args, key) is not None}
     if args.spec is not None:
         try:
             more = json.loads(args.spec)
@@ -162,6 +162,11 @@ def _submit_spec(args: argparse.Namespace) -> dict:
     return {"func": args.func_path, "args": arguments, **options}   # the master judges it
 
 
+_TEXT_OPTIONS = (("queue", "--queue"), ("by_func", "--func"), ("batch", "--batch"),
+                 ("status", "--status"), ("worker", "--worker"), ("since", "--since"),
+                 ("until", "--until"))
+
+
 def cmd_call(args: argparse.Namespace) -> int:
     """The commands that ask a master: one RPC call (or a few), shown as a table, or as the
     reply itself with --json."""
@@ -169,6 +174,11 @@ def cmd_call(args: argparse.Namespace) -> int:
     if "" in (getattr(args, "job_ids", None) or [getattr(args, "job_id", None)]):
         # the master's refusal of it is bad_request, which rerun reads as the job's state
         raise UsageError("a job id cannot be empty")
+    for dest, flag in _TEXT_OPTIONS:
+        if getattr(args, dest, None) == "":
+            # meant no filter at all: `elric delete --queue "$Q" --status failed`, with $Q
+            # unset, deleted the failed jobs of every queue
+            raise UsageError(f"{flag} '': give a value, or leave the option out")
     with _client(args) as client:
         command = args.command
         if command == "ping":

@@ -717,6 +717,18 @@ def test_an_error_with_json_is_a_json_object_on_stdout_with_the_same_exit_status
     assert out.returncode == 1 and json.loads(out.stdout)["was"] == "cancelled", out.stdout
 
 
+def test_an_empty_filter_or_queue_is_refused_not_taken_for_none(cluster):
+    """`--queue ""` (a script's unset variable) meant no filter: `elric delete --queue "$Q"`
+    deleted the jobs of every queue; `elric submit F --queue ""` sent to the default one."""
+    cluster.client.submit_job(Echo.spec(job_id="kept", queue="nobody"))
+    for args, flag in ((("delete", "--queue", ""), "--queue"),
+                       (("cancel", "--batch", "", "--status", "queued"), "--batch"),
+                       (("jobs", "--func", ""), "--func"),
+                       (("submit", "tests.jobs:Echo", "--queue", ""), "--queue")):
+        one_line_error(elric(cluster, *args), 2, f"{flag} '': give a value, or leave")
+    assert cluster.client.get_job("kept")["status"] == "queued"
+
+
 def test_a_bad_option_with_json_is_a_json_usage_error_too():
     """argparse's own errors (a value of the wrong type, an unknown command) left stdout
     empty under --json, while every other error was a JSON object there."""
