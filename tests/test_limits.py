@@ -354,3 +354,23 @@ def test_jobs_running_before_their_key_got_a_limit_count_against_it(redis_url):
             await r.aclose()
 
     asyncio.run(body())
+
+
+@pytest.mark.parametrize("new_limits", [{"slow.test": {"interval": 0.1}}, {}])
+def test_parked_jobs_follow_limits_changed_at_a_master_restart(make_cluster, new_limits):
+    """A key given a long interval by mistake: its parked jobs wait out that interval. The
+    master restarted with a shorter one (or none) must let them start under the new rule,
+    not after the old interval (they waited an hour for an hour's rule)."""
+    c = make_cluster(LIMITS=json.dumps({"slow.test": {"interval": 3600}}))
+    master = c.start_master()
+    c.start_worker("--concurrency", "1")
+    specs = [AsyncHostPage.spec(["slow.test", i, 0.01], job_id=f"slow-{i}") for i in range(3)]
+    c.client.submit_jobs(specs)
+    c.wait_job("slow-0")
+    r = redis.Redis.from_url(c.redis_url)
+    wait_for(lambda: r.zcard(Keys("elric").limit_parked("slow.test")) == 2, what="two parked")
+    r.close()
+    master.stop()
+    c.start_master(LIMITS=json.dumps(new_limits))
+    jobs = [c.wait_job(s["job_id"], timeout=20) for s in specs]
+    assert all(j["status"] == "succeeded" and j["attempts"] == 1 for j in jobs), c.logs()

@@ -45,7 +45,14 @@ local function room(lk)
   if not m then
     m = {free = math.huge, next = 0, rule = r}
     if r[1] then m.free = r[1] - redis.call('SCARD', rp .. lk) end
-    if r[2] then m.next = tonumber(redis.call('GET', np .. lk) or '0') end
+    if r[2] then
+      m.next = tonumber(redis.call('GET', np .. lk) or '0')
+      -- set under a longer rule (LIMITS changed since): one interval of this rule instead
+      if m.next > clock + r[2] then
+        m.next = clock + r[2]
+        redis.call('SET', np .. lk, m.next, 'PX', r[2])
+      end
+    end
     rooms[lk] = m
   end
   return m
