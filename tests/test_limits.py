@@ -374,3 +374,19 @@ def test_parked_jobs_follow_limits_changed_at_a_master_restart(make_cluster, new
     c.start_master(LIMITS=json.dumps(new_limits))
     jobs = [c.wait_job(s["job_id"], timeout=20) for s in specs]
     assert all(j["status"] == "succeeded" and j["attempts"] == 1 for j in jobs), c.logs()
+
+
+def test_a_keys_parked_jobs_start_at_its_rate_not_once_a_second(make_cluster):
+    """A rate above one a second, pages slower than its interval: the key's jobs park behind
+    the first, and go back in line one at a time. Each went back only at the parked jobs'
+    one-second recheck (or when a run ended), so a host allowed 10 pages a second got one."""
+    c = make_cluster(LIMITS=json.dumps({"fast.test": {"rate": 10}}))
+    c.start_master()
+    c.start_worker("--concurrency", "1")
+    specs = [AsyncHostPage.spec(["fast.test", i, 4.0], job_id=f"p{i}") for i in range(20)]
+    c.client.submit_jobs(specs)
+    jobs = [c.wait_job(s["job_id"], timeout=60) for s in specs]
+    assert all(j["status"] == "succeeded" and j["attempts"] == 1 for j in jobs), c.logs()
+    claims = sorted(j["started_at"] for j in jobs)
+    assert all(b - a >= 0.09 for a, b in zip(claims, claims[1:])), claims
+    assert claims[-1] - claims[0] < 19 * 0.1 + 2.0, claims   # one a second took 19 s

@@ -106,7 +106,10 @@ for _, lk in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', clock, 'LIMIT',
       m.free = r[1] - redis.call('SCARD', rp .. lk)
     end
     if m.next > clock then n, when = 0, m.next
-    elseif r[2] then n = math.min(1, m.free)
+    elseif r[2] then
+      n = math.min(1, m.free)
+      -- the one going back starts now: the next may start an interval on, not a recheck
+      if n > 0 then when = clock + r[2] end
     else n = math.max(0, m.free) end
   end
   if n > 0 then
