@@ -390,3 +390,23 @@ def test_a_keys_parked_jobs_start_at_its_rate_not_once_a_second(make_cluster):
     claims = sorted(j["started_at"] for j in jobs)
     assert all(b - a >= 0.09 for a, b in zip(claims, claims[1:])), claims
     assert claims[-1] - claims[0] < 19 * 0.1 + 2.0, claims   # one a second took 19 s
+
+
+def test_a_worker_busy_with_a_long_job_holds_no_slot_for_a_job_it_cannot_start(make_cluster):
+    """A worker's prefetch took a job of a limited key behind a long one: the claim held the
+    key's only slot while it waited in the buffer, and every job of the key waited for the
+    long one, with another worker idle. A worker claims a limited job only when it can
+    start it."""
+    from tests.jobs import Sleep
+
+    c = make_cluster(LIMITS=json.dumps({"k": {"concurrency": 1}}))
+    c.start_master()
+    c.start_worker("--concurrency", "1")
+    c.client.submit_jobs([Sleep.spec([15], job_id="long")])
+    wait_for(lambda: c.client.get_job("long")["status"] == "running", what="the long job")
+    keyed = [Sleep.spec([0.05], job_id=f"k{i}", limit_key="k") for i in range(4)]
+    c.client.submit_jobs(keyed)
+    c.start_worker("--concurrency", "1")
+    jobs = [c.wait_job(s["job_id"], timeout=30) for s in keyed]
+    assert all(j["status"] == "succeeded" for j in jobs), c.logs()
+    assert c.client.get_job("long")["status"] == "running", "the key's jobs waited for it"
