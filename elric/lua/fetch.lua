@@ -109,10 +109,7 @@ for _, lk in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', clock, 'LIMIT',
       m.free = r[1] - redis.call('SCARD', rp .. lk)
     end
     if m.next > clock then n, when = 0, m.next
-    elseif r[2] then
-      n = math.min(1, m.free)
-      -- the one going back starts now: the next may start an interval on, not a recheck
-      if n > 0 then when = clock + r[2] end
+    elseif r[2] then n = math.min(1, m.free)
     else n = math.max(0, m.free) end
   end
   if n > 0 then
@@ -184,6 +181,8 @@ while #out < limit and budget > 0 and not stop do
           if m.rule[2] then
             m.next = clock + m.rule[2]
             redis.call('SET', np .. lk, m.next, 'PX', m.rule[2])
+            -- its parked jobs may start from then: looked at again then, not at a recheck
+            redis.call('ZADD', KEYS[4], 'XX', 'LT', m.next, lk)
           end
         end
         local attempt = tonumber(f[12] or '0') + 1
