@@ -75,6 +75,8 @@ async def publish(redis, keys, rules: dict[str, Rule]) -> None:
         pipe.delete(keys.limits)
         if rules:
             pipe.hset(keys.limits, mapping={k: r.encoded() for k, r in rules.items()})
+        # parked jobs wait for a time the old rules set: every key is looked at again now
+        pipe.zunionstore(keys.limits_due, {keys.limits_due: 0})
         await pipe.execute()
 
 

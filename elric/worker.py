@@ -253,11 +253,19 @@ class Worker:
         started later still finds work. A paused worker fetches nothing."""
         if self.paused:
             return 0
-        if self.pool.last_async:
-            room, prefetch = self.concurrency * self.async_slots, self.concurrency
-        else:
-            room = prefetch = self.concurrency * self._chunk_size()
+        room, prefetch = self._room()
         return room + prefetch - len(self._claims())
+
+    def _room(self) -> tuple[int, int]:
+        """Jobs the pool can run now, and the prefetch beyond them."""
+        if self.pool.last_async:
+            return self.concurrency * self.async_slots, self.concurrency
+        return self.concurrency * self._chunk_size(), self.concurrency * self._chunk_size()
+
+    def _start_size(self) -> int:
+        """Of a fetch, the jobs it could start now: only those may be of a limited key, as a
+        claim holds its key's slot, and one waiting behind others would hold it idle."""
+        return max(0, self._room()[0] - len(self._claims()))
 
     async def _loop(self) -> None:
         backoff = Backoff()
@@ -282,7 +290,8 @@ class Worker:
                     asked = time.monotonic()
                     ended, self.ended = self.ended, []
                     fetched = await self.queue.fetch(self.worker_id, self.queues,
-                                                     max(want, 0), self.lease, ended)
+                                                     max(want, 0), self.lease, ended,
+                                                     start=self._start_size())
                     backoff.reset()
                     self._outages["fetching jobs"].passed()
                     fetched.claims = await self._hand_back_others(fetched.claims, asked)
@@ -317,7 +326,7 @@ class Worker:
                      self.keys.worker_wake(self.worker_id)]
             self._waiting_since = time.monotonic()
             self._waiting = asyncio.create_task(self.queue.fetch(
-                self.worker_id, self.queues, fetch, self.lease,
+                self.worker_id, self.queues, fetch, self.lease, start=self._start_size(),
                 wake_on=WakeOn(self.blocking_redis, lists, timeout)))
         waiters = [asyncio.ensure_future(self._changed.wait())]
         if self._waiting is not None:

@@ -354,3 +354,59 @@ def test_jobs_running_before_their_key_got_a_limit_count_against_it(redis_url):
             await r.aclose()
 
     asyncio.run(body())
+
+
+@pytest.mark.parametrize("new_limits", [{"slow.test": {"interval": 0.1}}, {}])
+def test_parked_jobs_follow_limits_changed_at_a_master_restart(make_cluster, new_limits):
+    """A key given a long interval by mistake: its parked jobs wait out that interval. The
+    master restarted with a shorter one (or none) must let them start under the new rule,
+    not after the old interval (they waited an hour for an hour's rule)."""
+    c = make_cluster(LIMITS=json.dumps({"slow.test": {"interval": 3600}}))
+    master = c.start_master()
+    c.start_worker("--concurrency", "1")
+    specs = [AsyncHostPage.spec(["slow.test", i, 0.01], job_id=f"slow-{i}") for i in range(3)]
+    c.client.submit_jobs(specs)
+    c.wait_job("slow-0")
+    r = redis.Redis.from_url(c.redis_url)
+    wait_for(lambda: r.zcard(Keys("elric").limit_parked("slow.test")) == 2, what="two parked")
+    r.close()
+    master.stop()
+    c.start_master(LIMITS=json.dumps(new_limits))
+    jobs = [c.wait_job(s["job_id"], timeout=20) for s in specs]
+    assert all(j["status"] == "succeeded" and j["attempts"] == 1 for j in jobs), c.logs()
+
+
+def test_a_keys_parked_jobs_start_at_its_rate_not_once_a_second(make_cluster):
+    """A rate above one a second, pages slower than its interval: the key's jobs park behind
+    the first, and go back in line one at a time. Each went back only at the parked jobs'
+    one-second recheck (or when a run ended), so a host allowed 10 pages a second got one."""
+    c = make_cluster(LIMITS=json.dumps({"fast.test": {"rate": 10}}))
+    c.start_master()
+    c.start_worker("--concurrency", "1")
+    specs = [AsyncHostPage.spec(["fast.test", i, 4.0], job_id=f"p{i}") for i in range(20)]
+    c.client.submit_jobs(specs)
+    jobs = [c.wait_job(s["job_id"], timeout=60) for s in specs]
+    assert all(j["status"] == "succeeded" and j["attempts"] == 1 for j in jobs), c.logs()
+    claims = sorted(j["started_at"] for j in jobs)
+    assert all(b - a >= 0.09 for a, b in zip(claims, claims[1:])), claims
+    assert claims[-1] - claims[0] < 19 * 0.1 + 2.0, claims   # one a second took 19 s
+
+
+def test_a_worker_busy_with_a_long_job_holds_no_slot_for_a_job_it_cannot_start(make_cluster):
+    """A worker's prefetch took a job of a limited key behind a long one: the claim held the
+    key's only slot while it waited in the buffer, and every job of the key waited for the
+    long one, with another worker idle. A worker claims a limited job only when it can
+    start it."""
+    from tests.jobs import Sleep
+
+    c = make_cluster(LIMITS=json.dumps({"k": {"concurrency": 1}}))
+    c.start_master()
+    c.start_worker("--concurrency", "1")
+    c.client.submit_jobs([Sleep.spec([15], job_id="long")])
+    wait_for(lambda: c.client.get_job("long")["status"] == "running", what="the long job")
+    keyed = [Sleep.spec([0.05], job_id=f"k{i}", limit_key="k") for i in range(4)]
+    c.client.submit_jobs(keyed)
+    c.start_worker("--concurrency", "1")
+    jobs = [c.wait_job(s["job_id"], timeout=30) for s in keyed]
+    assert all(j["status"] == "succeeded" for j in jobs), c.logs()
+    assert c.client.get_job("long")["status"] == "running", "the key's jobs waited for it"

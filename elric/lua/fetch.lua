@@ -2,8 +2,10 @@
 -- within a priority, within the limits of each job's limit key.
 -- KEYS: inflight, running index, limits, limits due, parked counts, counters
 -- ARGV: job prefix, queue prefix, wake prefix, limit running prefix, limit next-start
---       prefix, limit parked prefix, lease (ms), worker id, limit, n, then n pairs of
---       job_id, attempt (claims of this worker whose run has ended), then queues...
+--       prefix, limit parked prefix, lease (ms), worker id, limit, start (how many of
+--       them it can start now: a job of a limited key is claimed only within that, so a
+--       claim waiting behind others holds no slot), n, then n pairs of job_id, attempt
+--       (claims of this worker whose run has ended), then queues...
 -- Returns {jobs, wait}: per job {job_id, attempt, func, args, kwargs, timeout, max_retries,
 --   queue, dedupe_scope, batch, round, limit_key, reruns}; wait: ms until parked jobs are looked at
 --   again (-1: none parked; 0: more in line than one call looks at); then the keys passed
@@ -19,8 +21,9 @@
 local jp, qp, wp, rp, np, pp = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local clock = now_ms()
 local deadline, worker, limit = clock + tonumber(ARGV[7]), ARGV[8], tonumber(ARGV[9])
+local start_now = tonumber(ARGV[10])
 local RECHECK_MS, SCAN_BUDGET, DUE_BATCH = 1000, 1000, 100
-local FIRST_QUEUE = 11 + 2 * tonumber(ARGV[10])
+local FIRST_QUEUE = 12 + 2 * tonumber(ARGV[11])
 local started, waited = 0, 0   -- first attempts claimed, and their summed wait (ms)
 local mine = {}   -- the queues of this worker
 for i = FIRST_QUEUE, #ARGV do mine[ARGV[i]] = true end
@@ -45,7 +48,14 @@ local function room(lk)
   if not m then
     m = {free = math.huge, next = 0, rule = r}
     if r[1] then m.free = r[1] - redis.call('SCARD', rp .. lk) end
-    if r[2] then m.next = tonumber(redis.call('GET', np .. lk) or '0') end
+    if r[2] then
+      m.next = tonumber(redis.call('GET', np .. lk) or '0')
+      -- set under a longer rule (LIMITS changed since): one interval of this rule instead
+      if m.next > clock + r[2] then
+        m.next = clock + r[2]
+        redis.call('SET', np .. lk, m.next, 'PX', r[2])
+      end
+    end
     rooms[lk] = m
   end
   return m
@@ -71,7 +81,7 @@ end
 
 -- Runs that ended free their slots; their keys' parked jobs are due at once.
 if limited then
-  for i = 11, FIRST_QUEUE - 1, 2 do
+  for i = 12, FIRST_QUEUE - 1, 2 do
     local id = ARGV[i]
     local f = redis.call('HMGET', jp .. id, 'status', 'attempts', 'worker', 'limit_key',
                          'queue')
@@ -124,8 +134,9 @@ for _, lk in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', clock, 'LIMIT',
 end
 
 local out, budget = {}, SCAN_BUDGET
+local stop = false   -- a limited job the worker cannot start now: it takes no more
 local broken = {}   -- keys of another type (an operator overwrote them): named in the reply
-while #out < limit and budget > 0 do
+while #out < limit and budget > 0 and not stop do
   local cands = {}
   for i = FIRST_QUEUE, #ARGV do
     local read, r = pcall(redis.call, 'ZRANGE', qp .. ARGV[i], 0, limit - #out - 1,
@@ -144,16 +155,21 @@ while #out < limit and budget > 0 do
     if #out >= limit or budget == 0 then break end
     budget = budget - 1
     local score, member, queue = c[1], c[2], c[3]
-    redis.call('ZREM', qp .. queue, member)
     local id = string.sub(member, 18)   -- member: {seq:016x}:{job_id}
     local jk = jp .. id
     local read, f = pcall(redis.call, 'HMGET', jk, 'func', 'args', 'kwargs', 'timeout',
                           'max_retries', 'queue', 'dedupe_scope', 'batch', 'round',
                           'enqueued_at', 'limit_key', 'attempts', 'started_at', 'reruns')
     if not read then broken[jk], f = true, {} end   -- gone from its line, like a removed job
-    if f[6] then   -- every job hash has its queue; with no hash, the job was removed
-      local lk = limited and f[11]
-      local m = lk and room(lk)
+    local lk = f[6] and limited and f[11]
+    local m = lk and room(lk)
+    if m and #out >= start_now and m.free > 0 and m.next <= clock then
+      stop = true   -- it stays in line for a worker that can start it (its slot with it)
+      break
+    elseif not f[6] then   -- every job hash has its queue; with no hash, the job was removed
+      redis.call('ZREM', qp .. queue, member)
+    else
+      redis.call('ZREM', qp .. queue, member)
       if m and (m.free <= 0 or m.next > clock) then
         park(lk, m, score, member, queue)
       else
@@ -165,6 +181,8 @@ while #out < limit and budget > 0 do
           if m.rule[2] then
             m.next = clock + m.rule[2]
             redis.call('SET', np .. lk, m.next, 'PX', m.rule[2])
+            -- its parked jobs may start from then: looked at again then, not at a recheck
+            redis.call('ZADD', KEYS[4], 'XX', 'LT', m.next, lk)
           end
         end
         local attempt = tonumber(f[12] or '0') + 1
