@@ -411,7 +411,7 @@ def test_a_cookie_or_bearer_token_that_is_not_utf8_is_refused_not_a_500(make_clu
 
     # the server reads a header's bytes that are not UTF-8 as lone surrogates
     for header in (b"Authorization: Bearer \xff", b"Cookie: elric_session=9999999999.\xff"):
-        assert status_line(header).startswith(b"HTTP/1.1 303"), header   # to the login
+        assert status_line(header).startswith(b"HTTP/1.1 401"), header   # refused, no 500
     assert status_line(b"Authorization: Bearer " + PASSWORD.encode()).startswith(
         b"HTTP/1.1 200")
 
@@ -667,3 +667,24 @@ def test_a_schedule_pause_or_resume_that_changes_nothing_says_why(make_cluster, 
     click("pause")                              # one that changes it is done
     page.wait_for_selector("text=pause: 1 of 1 done")
     assert client.get_job("tick")["paused"] is True
+
+
+def test_metrics_without_the_right_token_is_a_401_that_says_what_to_send(make_cluster):
+    """A scraper without the token, or with a wrong one, got a 303 to the login page:
+    Prometheus followed it and reported an HTML parse error, not that it was refused."""
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}", DASHBOARD_PASSWORD=PASSWORD)
+    cluster.start_master()
+    base = f"http://127.0.0.1:{port}"
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic OnB3"}):
+        request = urllib.request.Request(base + "/metrics", headers=headers)
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=10)   # (urllib follows a 303)
+        assert refused.value.code == 401, (headers, refused.value.code)
+        assert refused.value.headers["WWW-Authenticate"].startswith("Bearer"), headers
+        body = refused.value.read().decode()
+        assert body.count("\n") == 1 and "Authorization: Bearer" in body, body
+    status, text = get(base + "/metrics", Authorization=f"Bearer {PASSWORD}")
+    assert status == 200 and "elric_jobs" in text
+    # a page, not a scraper: still the login
+    assert 'name="password"' in get(base + "/jobs")[1]

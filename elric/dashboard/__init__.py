@@ -109,6 +109,14 @@ class Dashboard:
             raise web.HTTPForbidden(text="this dashboard has no password: it answers only to "
                                          "a loopback address (localhost, 127.0.0.1, [::1])")
         if not self.access.may_read(request):
+            if request.path == "/metrics":   # a scraper: a login page would be a parse error
+                given = "Authorization" in request.headers
+                raise web.HTTPUnauthorized(
+                    headers={"WWW-Authenticate": 'Bearer realm="elric"'
+                             + (', error="invalid_token"' if given else "")},
+                    text=("the bearer token is wrong" if given else "no bearer token")
+                    + ": send the dashboard password (DASHBOARD_PASSWORD, else RPC_TOKEN) as "
+                    "the header Authorization: Bearer PASSWORD\n")
             if request.method == "GET":
                 raise web.HTTPSeeOther("/login?" + urlencode({"next": request.path_qs}))
             raise web.HTTPForbidden(text="log in first")
