@@ -688,3 +688,18 @@ def test_metrics_without_the_right_token_is_a_401_that_says_what_to_send(make_cl
     assert status == 200 and "elric_jobs" in text
     # a page, not a scraper: still the login
     assert 'name="password"' in get(base + "/jobs")[1]
+
+
+def test_a_job_page_shows_text_arguments_as_written_not_as_escapes(make_cluster, browser):
+    """The arguments of a crawl of a Japanese or German site showed as "\\u65e5\\u672c":
+    the page's JSON escaped every character outside ASCII."""
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}")
+    cluster.start_master()
+    text = "https://例え.jp/日本語?q=Müller €😀"
+    cluster.client.submit_job({"func": "tests.jobs:Echo", "job_id": "intl", "queue": "nobody",
+                               "args": [text], "kwargs": {"ü": '<b>"x"</b>'}})
+    page = browser.new_page()
+    page.goto(f"http://127.0.0.1:{port}/jobs/intl")
+    shown = page.locator("pre").first.inner_text()
+    assert text in shown and '"ü": "<b>\\"x\\"</b>"' in shown, shown   # and no markup

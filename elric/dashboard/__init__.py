@@ -77,11 +77,12 @@ class Dashboard:
         self.templates = jinja2.Environment(
             loader=jinja2.PackageLoader("elric", "dashboard/templates"),
             autoescape=True, trim_blocks=True, lstrip_blocks=True)
-        # json, not tojson: a job's maps may have bytes keys, or int and str keys it cannot sort
+        # json, not tojson: a job's maps may have bytes keys, or int and str keys it cannot sort;
+        # text as written (a page is UTF-8): "\u65e5" tells an operator nothing
         self.templates.filters.update(
             when=when, mib=mib, percent=percent, quote_id=lambda text: quote(text, safe=""),
             worker_state=worker_state, worker_counts=worker_counts,
-            json=lambda value: json_text(value, indent=1, sort_keys=True))
+            json=lambda value: json_text(value, indent=1, sort_keys=True, ensure_ascii=False))
         self.app = web.Application(middlewares=[self._guard])
         self.app.add_routes([
             web.get("/", self.overview), web.get("/workers", self.workers),
