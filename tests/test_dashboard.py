@@ -703,3 +703,31 @@ def test_a_job_page_shows_text_arguments_as_written_not_as_escapes(make_cluster,
     page.goto(f"http://127.0.0.1:{port}/jobs/intl")
     shown = page.locator("pre").first.inner_text()
     assert text in shown and '"ü": "<b>\\"x\\"</b>"' in shown, shown   # and no markup
+
+
+def test_a_bulk_delete_or_cancel_asks_first_as_the_one_job_buttons_do(make_cluster, browser):
+    """A job's own delete and cancel buttons ask "Delete this job?", but the bulk ones under
+    the list acted at once: a slip from "retry" to "delete" lost every ticked failed job,
+    tracebacks and all."""
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}", DASHBOARD_PASSWORD=PASSWORD)
+    cluster.start_master()
+    for i in range(3):
+        cluster.client.submit_job({"func": "tests.jobs:Add", "args": [i, 1], "job_id": f"j{i}",
+                                   "queue": "nobody"})
+    page = browser.new_page()
+    page.goto(f"http://127.0.0.1:{port}/login?next=/jobs%3Fstatus%3Dqueued")
+    page.fill("input[name=password]", PASSWORD)
+    page.press("input[name=password]", "Enter")
+    page.wait_for_selector("tr.job[data-id=j2]")
+    asked, yes = [], []
+    page.on("dialog", lambda d: (asked.append(d.message), d.accept() if yes else d.dismiss()))
+    page.get_by_role("button", name="select all on this page").click()
+    for n, action in enumerate(("delete", "cancel"), 1):
+        page.locator(f"#bulk button[value={action}]").click()
+        wait_for(lambda: len(asked) == n, what=f"the {action} button asks first")
+    assert all("3 jobs" in question for question in asked), asked   # says how many
+    assert [cluster.client.get_job(f"j{i}")["status"] for i in range(3)] == ["queued"] * 3
+    yes.append(True)   # a yes does it
+    page.locator("#bulk button[value=delete]").click()
+    page.wait_for_selector("text=delete: 3 of 3 done")
