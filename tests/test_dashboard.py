@@ -731,3 +731,25 @@ def test_a_bulk_delete_or_cancel_asks_first_as_the_one_job_buttons_do(make_clust
     yes.append(True)   # a yes does it
     page.locator("#bulk button[value=delete]").click()
     page.wait_for_selector("text=delete: 3 of 3 done")
+
+
+def test_a_schedules_failed_run_links_to_its_job_and_traceback(make_cluster, browser):
+    """The schedules page showed a fire's outcome ("failed") with its job id only in a
+    tooltip: an operator could not get from "last night's run failed" to why without
+    copying the id out by hand."""
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}")
+    cluster.start_master()
+    cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job(Fail.spec(["disk full <sda>"], job_id="nightly",
+                                        trigger=every(hours=24)))
+    fire = cluster.client.run_job("nightly")["fire_id"]
+    cluster.wait_job(fire)
+    page = browser.new_page()
+    page.goto(f"http://127.0.0.1:{port}/schedules")
+    link = page.locator("tr", has_text="nightly").get_by_role("link", name="failed")
+    wait_for(lambda: link.count() == 1, what="the failed run shown as a link")
+    link.click()
+    page.wait_for_selector("pre.bad")
+    assert "ValueError: disk full <sda>" in page.locator("pre.bad").inner_text()
+    assert fire in page.locator("h1").inner_text()
