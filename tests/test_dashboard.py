@@ -753,3 +753,27 @@ def test_a_schedules_failed_run_links_to_its_job_and_traceback(make_cluster, bro
     page.wait_for_selector("pre.bad")
     assert "ValueError: disk full <sda>" in page.locator("pre.bad").inner_text()
     assert fire in page.locator("h1").inner_text()
+
+
+def test_the_failed_list_shows_the_exception_not_a_traceback_s_last_line(make_cluster,
+                                                                         browser):
+    """The list showed an error's last line: of a message of many lines its tail alone
+    ("unexpected '<' at line 3", no exception), and of an async job failing in a TaskGroup
+    the group's closing frame, "+------------------------------------"."""
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}")
+    cluster.start_master()
+    cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job(Fail.spec(["could not parse page:\nunexpected '<' at line 3"],
+                                        job_id="parse"))
+    cluster.client.submit_job({"func": "tests.jobs_async:AsyncGroupFail", "args": ["gone"],
+                               "job_id": "group"})
+    for job_id in ("parse", "group"):
+        assert cluster.wait_job(job_id)["status"] == "failed"
+    page = browser.new_page()
+    page.goto(f"http://127.0.0.1:{port}/jobs?status=failed")
+    error = {job_id: page.locator(f"tr.job[data-id={job_id}] td.bad").last.inner_text()
+             for job_id in ("parse", "group")}
+    assert error["parse"] == "ValueError: could not parse page: unexpected '<' at line 3", error
+    assert error["group"].startswith("ExceptionGroup: unhandled errors in a TaskGroup") and \
+        error["group"].endswith(": ValueError: gone"), error
