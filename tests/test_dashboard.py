@@ -777,3 +777,24 @@ def test_the_failed_list_shows_the_exception_not_a_traceback_s_last_line(make_cl
     assert error["parse"] == "ValueError: could not parse page: unexpected '<' at line 3", error
     assert error["group"].startswith("ExceptionGroup: unhandled errors in a TaskGroup") and \
         error["group"].endswith(": ValueError: gone"), error
+
+
+def test_another_site_cannot_log_an_operator_out(make_cluster):
+    """/logout took any POST: a page on another site could end the operator's session (its
+    form's answer deletes the cookie), over and over, as every action checks the Origin."""
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}", DASHBOARD_PASSWORD=PASSWORD)
+    cluster.start_master()
+    base = f"http://127.0.0.1:{port}"
+    jar = urllib.request.HTTPCookieProcessor()
+    opener = urllib.request.build_opener(jar)
+    opener.open(base + "/login", data=urllib.parse.urlencode({"password": PASSWORD}).encode())
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        opener.open(urllib.request.Request(base + "/logout", data=b"",
+                                           headers={"Origin": "http://evil.example"}))
+    assert refused.value.code == 403 and b"evil.example" in refused.value.read()
+    assert [c.name for c in jar.cookiejar] == ["elric_session"]   # still logged in
+    assert opener.open(base + "/jobs").geturl() == base + "/jobs"   # (not the login)
+    # its own page's button logs out
+    opener.open(urllib.request.Request(base + "/logout", data=b"", headers={"Origin": base}))
+    assert list(jar.cookiejar) == []

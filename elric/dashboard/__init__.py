@@ -234,6 +234,8 @@ class Dashboard:
         return response
 
     async def logout(self, request: web.Request):
+        if refused := self.access.other_site(request):   # its form has no CSRF token
+            raise web.HTTPForbidden(text=refused)
         response = web.HTTPSeeOther("/login")
         response.del_cookie(COOKIE)
         return response

@@ -75,11 +75,17 @@ class Access:
         session = self.session(request)
         if session is None:
             return "log in first"
+        if refused := self.other_site(request):
+            return refused
+        if not _same(str(form.get("csrf", "")), self.csrf_token(request)):
+            return "the form is stale or forged: reload the page and try again"
+        return None
+
+    def other_site(self, request: web.Request) -> str | None:
+        """Why a POST from another site's page is refused, or None when it is this one's."""
         origin = request.headers.get("Origin")   # (its host: a TLS proxy may change the scheme)
         if origin and origin.partition("://")[2] != request.host:
             return f"refused a request from another site ({origin})"
-        if not _same(str(form.get("csrf", "")), self.csrf_token(request)):
-            return "the form is stale or forged: reload the page and try again"
         return None
 
     def host_ok(self, request: web.Request) -> bool:
