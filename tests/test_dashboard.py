@@ -798,3 +798,28 @@ def test_another_site_cannot_log_an_operator_out(make_cluster):
     # its own page's button logs out
     opener.open(urllib.request.Request(base + "/logout", data=b"", headers={"Origin": base}))
     assert list(jar.cookiejar) == []
+
+
+def test_a_failed_login_keeps_its_message_and_where_it_was_going(make_cluster, browser):
+    """The login page refreshed itself every 2 s as the live pages do: after a wrong
+    password (a POST to /login) it fetched /login, which wiped "wrong password" and the page
+    asked for (the next login went to the overview), once the focus left the box."""
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}", DASHBOARD_PASSWORD=PASSWORD)
+    cluster.start_master()
+    cluster.client.submit_job({"func": "tests.jobs:Add", "args": [1, 2], "job_id": "j1",
+                               "queue": "nobody"})
+    base = f"http://127.0.0.1:{port}"
+    page = browser.new_page()
+    page.clock.install()   # the page's timers run when the test says
+    page.goto(base + "/jobs/j1")
+    page.fill("input[name=password]", "wrong")
+    page.press("input[name=password]", "Enter")
+    page.wait_for_selector("text=wrong password")
+    page.locator("h1").click()   # reading the message: the focus leaves the box
+    page.clock.run_for(5000)     # two refreshes' time
+    page.wait_for_load_state("networkidle")
+    assert page.locator("text=wrong password").count() == 1
+    page.fill("input[name=password]", PASSWORD)
+    page.press("input[name=password]", "Enter")
+    page.wait_for_url(base + "/jobs/j1")
