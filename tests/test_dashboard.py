@@ -823,3 +823,26 @@ def test_a_failed_login_keeps_its_message_and_where_it_was_going(make_cluster, b
     page.fill("input[name=password]", PASSWORD)
     page.press("input[name=password]", "Enter")
     page.wait_for_url(base + "/jobs/j1")
+
+
+def test_a_page_read_while_redis_hangs_does_not_say_something_may_have_changed(
+        make_cluster, redis_server):
+    """A page read while Redis did not answer said "it may have been changed: send it
+    again", the words for a call that changes something and lost its reply: an operator
+    who had only looked at the overview was told to wonder what had changed."""
+    import signal
+
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}")
+    cluster.start_master()
+    base = f"http://127.0.0.1:{port}"
+    assert get(base + "/")[0] == 200
+    redis_server.proc.send_signal(signal.SIGSTOP)   # alive, but answering nothing
+    try:
+        said = {path: get(base + path) for path in ("/", "/jobs", "/jobs/j1")}
+    finally:
+        redis_server.proc.send_signal(signal.SIGCONT)
+    for path, (status, html) in said.items():
+        message = unescape(re.search(r'<div class="warn">(.*?)</div>', html, re.S).group(1))
+        assert status == 503 and "cannot reach Redis" in message, (path, message)
+        assert "changed" not in message and message.endswith("try again"), (path, message)
