@@ -846,3 +846,15 @@ def test_a_page_read_while_redis_hangs_does_not_say_something_may_have_changed(
         message = unescape(re.search(r'<div class="warn">(.*?)</div>', html, re.S).group(1))
         assert status == 503 and "cannot reach Redis" in message, (path, message)
         assert "changed" not in message and message.endswith("try again"), (path, message)
+
+
+def test_metrics_take_the_bearer_scheme_in_any_case(make_cluster):
+    """HTTP's auth scheme is case-insensitive (RFC 7235): "bearer PASSWORD", as some
+    clients and hand-written curl commands send it, was refused as a wrong token."""
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}", DASHBOARD_PASSWORD=PASSWORD)
+    cluster.start_master()
+    for scheme in ("bearer", "BEARER", "Bearer"):
+        status, text = get(f"http://127.0.0.1:{port}/metrics",
+                           Authorization=f"{scheme} {PASSWORD}")
+        assert status == 200 and "elric_jobs" in text, (scheme, status, text)

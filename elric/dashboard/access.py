@@ -104,6 +104,7 @@ class Access:
         if (not self.login_required or request.path in OPEN_PATHS
                 or self.session(request) is not None):
             return True
-        # Prometheus sends the password as a bearer token
-        bearer = request.headers.get("Authorization", "").removeprefix("Bearer ")
-        return request.path == "/metrics" and self.password_ok(bearer)
+        # Prometheus sends the password as a bearer token (the scheme in any case: RFC 7235)
+        scheme, _, bearer = request.headers.get("Authorization", "").partition(" ")
+        return request.path == "/metrics" and scheme.lower() == "bearer" and \
+            self.password_ok(bearer)
