@@ -858,3 +858,25 @@ def test_metrics_take_the_bearer_scheme_in_any_case(make_cluster):
         status, text = get(f"http://127.0.0.1:{port}/metrics",
                            Authorization=f"{scheme} {PASSWORD}")
         assert status == 200 and "elric_jobs" in text, (scheme, status, text)
+
+
+def test_an_action_refused_behind_a_proxy_that_rewrites_host_says_what_to_set(make_cluster):
+    """nginx passes Host on as the upstream's (127.0.0.1:7532) unless told otherwise: every
+    button behind it was refused "from another site (https://elric.example.com)", the
+    operator's own site, with nothing saying why or what to change."""
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}", DASHBOARD_PASSWORD=PASSWORD)
+    cluster.start_master()
+    base = f"http://127.0.0.1:{port}"
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor())
+    opener.open(base + "/login", data=urllib.parse.urlencode({"password": PASSWORD}).encode())
+    html = opener.open(base + "/jobs").read().decode()
+    token = re.search(r'name="csrf" value="([0-9a-f]+)"', html).group(1)
+    data = urllib.parse.urlencode({"kind": "job", "action": "delete", "id": "j1",
+                                   "csrf": token}).encode()
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        opener.open(urllib.request.Request(base + "/act", data=data, headers={
+            "Origin": "https://elric.example.com", "Host": f"127.0.0.1:{port}"}))
+    said = refused.value.read().decode()
+    assert refused.value.code == 403 and "https://elric.example.com" in said, said
+    assert f"127.0.0.1:{port}" in said and "proxy_set_header Host $host" in said, said

@@ -85,7 +85,10 @@ class Access:
         """Why a POST from another site's page is refused, or None when it is this one's."""
         origin = request.headers.get("Origin")   # (its host: a TLS proxy may change the scheme)
         if origin and origin.partition("://")[2] != request.host:
-            return f"refused a request from another site ({origin})"
+            # nginx passes on the upstream's own Host unless told: every button refused
+            return (f"refused a request from another site ({origin}, not {request.host}); "
+                    "behind a proxy, pass on the Host the browser sent (nginx: "
+                    "proxy_set_header Host $host)")
         return None
 
     def host_ok(self, request: web.Request) -> bool:
