@@ -49,6 +49,9 @@ LIST_FILTERS = ("status", "queue", "func", "batch", "offset", "limit", "scan_lim
 MAX_SCAN = 100_000   # jobs list_jobs looks at, at most, to fill a page
 
 
+_READS = ("ping", "health", "get_job", "list_jobs", "stats")   # RPC handlers that only read
+
+
 def _rpc(handler):
     """An RPC handler: what it raises becomes the RPC error a caller can act on."""
     @functools.wraps(handler)
@@ -69,6 +72,8 @@ def _rpc(handler):
             outcome = (f"it may have been {changed}: send it again" if
                        isinstance(exc, RedisTimeoutError)   # its reply was lost, not its call
                        else f"nothing was {changed}, try again")
+            if handler.__name__ in _READS:   # changes nothing, whatever became of it
+                outcome = "try again"
             raise RequestError(f"master cannot reach Redis right now ({exc}); {outcome}",
                                ErrorCode.REDIS_UNAVAILABLE) from None
 

@@ -9,6 +9,7 @@ nothing is pickled.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -153,6 +154,30 @@ _EMPTY = {"args": [], "kwargs": {}, "priority": 0, "attempts": 0, "max_retries":
 _OPTIONAL_VIEW = {"schedule": _s, "dedupe_key": _s, "dedupe_scope": _s, "limit_key": _s,
                   "round": _s, "fire_time": float, "not_run": _s}
 # What list_jobs reads of a job: all but its result, so a page of jobs stays small
+_TRACEBACKS = ("Traceback (most recent call last):",
+               "  + Exception Group Traceback (most recent call last):")
+
+
+def _exception(error: str) -> str:
+    """An error's last exception on one line, its message whole: the last line alone was a
+    message's tail ("  Field required"), or an exception group's frame ("+-----"), for a
+    TaskGroup's (then its first sub-exception's follows); not a traceback: its last line."""
+    lines = error.rstrip().split("\n")
+    start = max((i for i, line in enumerate(lines) if line in _TRACEBACKS), default=None)
+    if start is None:
+        return lines[-1]
+    body, sub = lines[start + 1:], []
+    if lines[start] != _TRACEBACKS[0]:   # a group: "  | " lines, then "  +-+---" and its first
+        own = [line[4:] for line in body if line.startswith("  | ")]
+        sub = [line[6:] for line in itertools.takewhile(
+            lambda line: not line.startswith("    +"), body[len(own) + 1:])]
+        body = own
+    # frames are indented; the exception starts at the first line that is not
+    text = " ".join(line.strip() for line in itertools.dropwhile(
+        lambda line: line.startswith(" "), body))
+    return f"{text}: {_exception(chr(10).join(sub))}" if sub else text
+
+
 _SUMMARY_FIELDS = [name for name in (*_VIEW, *_OPTIONAL_VIEW) if name != "result"]
 
 # Spec keys kept in a job's hash besides those enqueue.lua writes itself, and how each is
@@ -471,12 +496,12 @@ class RedisQueue:
 
     def summary_view(self, job_id: str, h: dict[bytes, bytes], result_bytes: int) -> dict:
         """A list_jobs row: the get_job map with the result's size instead of the result,
-        and of the error only its last line (the exception)."""
+        and of the error only its last exception, on one line."""
         view = self.job_view(job_id, h)
         del view["result"]
         view["result_bytes"] = result_bytes
         if view["error"]:
-            view["error"] = view["error"].rstrip().rsplit("\n", 1)[-1]
+            view["error"] = _exception(view["error"])
         return view
 
     async def get_job(self, job_id: str) -> dict | None:

@@ -33,6 +33,11 @@ def json_text(value, **options) -> str:
     return json.dumps(json_safe(value), default=str, **options)
 
 
+def shown(value) -> str:
+    """JSON for people: text as written ("\\u65e5" tells nobody anything)."""
+    return json_text(value, ensure_ascii=False)
+
+
 def cut(text: str, most: int) -> str:
     """``text`` in at most ``most`` characters, ending "…" where it was cut (a plain cut
     passed for the whole: an error read "Cannot conne")."""
@@ -103,7 +108,7 @@ def jobs(rows: list[dict]) -> None:
     _rows(rows, "no jobs", ("job id", "status", "func", "args", "queue", "attempts",
                             "finished", "error"),
           lambda j: (j["job_id"], j.get("status", ""), j.get("func", ""),
-                     cut(json_text(j.get("args", []))[1:-1], 80), j.get("queue", ""),
+                     cut(shown(j.get("args", []))[1:-1], 80), j.get("queue", ""),
                      j.get("attempts", ""), when(j.get("finished_at")),
                      cut(j.get("error") or "", 60)))
 
@@ -112,7 +117,7 @@ def results(rows: list[dict], first: bool) -> None:
     """One page of ``elric results``; only the first has a header (or says there are none)."""
     _rows(rows, "no results" if first else "", ("job id", "func", "finished", "result"),
           lambda r: (r["job_id"], r["func"], when(r["finished_at"]),
-                     cut(json_text(r["result"]), 200)), header=first)
+                     cut(shown(r["result"]), 200)), header=first)
 
 
 def filtered(filters: dict) -> None:
@@ -128,7 +133,7 @@ def job(j: dict) -> None:
                                        "round", "not_run") if j.get(key) not in (None, "")]
     pairs += [(key, when(j[key])) for key in ("enqueued_at", "started_at", "finished_at")
               if j.get(key)]
-    pairs += [(key, cut(json_text(j[key]), 2000)) for key in ("args", "kwargs", "result")
+    pairs += [(key, cut(shown(j[key]), 2000)) for key in ("args", "kwargs", "result")
               if j.get(key) not in (None, [], {})]
     if j.get("trigger_text"):
         pairs += [("trigger", j["trigger_text"]), ("next run", when(j.get("next_run_time")))]

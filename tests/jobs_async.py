@@ -144,3 +144,14 @@ class HiddenAsync(Job):
     @_sync_wrapper
     async def run(self, x):
         return x
+
+
+class AsyncGroupFail(Job):
+    """Fails in an asyncio.TaskGroup, as a page job fetching many links at once does."""
+
+    async def run(self, message):
+        async def fetch():
+            raise ValueError(message)
+
+        async with asyncio.TaskGroup() as group:
+            group.create_task(fetch())

@@ -827,3 +827,16 @@ def test_submit_spec_sets_any_job_spec_key_and_a_trigger_makes_a_schedule(cluste
                          '{"queue": "b", "args": [1]}'), 2, "--spec: args, queue go(es) as")
     one_line_error(elric(cluster, "submit", "tests.jobs:Echo", "--spec", '{"priority": "high"}'),
                    2, "priority")
+
+
+def test_job_tables_show_text_arguments_and_results_as_written(cluster):
+    """elric jobs, job and results showed a crawl of a Japanese site's URL as
+    "https://\\u4f8b\\u3048.jp/...": their JSON escaped every character outside ASCII
+    (--json keeps its escapes: scripts read it)."""
+    cluster.start_worker("--concurrency", "1")
+    url = "https://例え.jp/日本語?q=Müller"
+    cluster.client.submit_job({"func": "tests.jobs:Echo", "args": [url], "job_id": "intl"})
+    cluster.wait_job("intl")
+    for args in (("jobs", "--status", "succeeded"), ("job", "intl"), ("results",)):
+        shown = elric(cluster, *args)
+        assert shown.returncode == 0 and url in shown.stdout, (args, shown.stdout, shown.stderr)

@@ -411,7 +411,7 @@ def test_a_cookie_or_bearer_token_that_is_not_utf8_is_refused_not_a_500(make_clu
 
     # the server reads a header's bytes that are not UTF-8 as lone surrogates
     for header in (b"Authorization: Bearer \xff", b"Cookie: elric_session=9999999999.\xff"):
-        assert status_line(header).startswith(b"HTTP/1.1 303"), header   # to the login
+        assert status_line(header).startswith(b"HTTP/1.1 401"), header   # refused, no 500
     assert status_line(b"Authorization: Bearer " + PASSWORD.encode()).startswith(
         b"HTTP/1.1 200")
 
@@ -667,3 +667,216 @@ def test_a_schedule_pause_or_resume_that_changes_nothing_says_why(make_cluster, 
     click("pause")                              # one that changes it is done
     page.wait_for_selector("text=pause: 1 of 1 done")
     assert client.get_job("tick")["paused"] is True
+
+
+def test_metrics_without_the_right_token_is_a_401_that_says_what_to_send(make_cluster):
+    """A scraper without the token, or with a wrong one, got a 303 to the login page:
+    Prometheus followed it and reported an HTML parse error, not that it was refused."""
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}", DASHBOARD_PASSWORD=PASSWORD)
+    cluster.start_master()
+    base = f"http://127.0.0.1:{port}"
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic OnB3"}):
+        request = urllib.request.Request(base + "/metrics", headers=headers)
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=10)   # (urllib follows a 303)
+        assert refused.value.code == 401, (headers, refused.value.code)
+        assert refused.value.headers["WWW-Authenticate"].startswith("Bearer"), headers
+        body = refused.value.read().decode()
+        assert body.count("\n") == 1 and "Authorization: Bearer" in body, body
+    status, text = get(base + "/metrics", Authorization=f"Bearer {PASSWORD}")
+    assert status == 200 and "elric_jobs" in text
+    # a page, not a scraper: still the login
+    assert 'name="password"' in get(base + "/jobs")[1]
+
+
+def test_a_job_page_shows_text_arguments_as_written_not_as_escapes(make_cluster, browser):
+    """The arguments of a crawl of a Japanese or German site showed as "\\u65e5\\u672c":
+    the page's JSON escaped every character outside ASCII."""
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}")
+    cluster.start_master()
+    text = "https://例え.jp/日本語?q=Müller €😀"
+    cluster.client.submit_job({"func": "tests.jobs:Echo", "job_id": "intl", "queue": "nobody",
+                               "args": [text], "kwargs": {"ü": '<b>"x"</b>'}})
+    page = browser.new_page()
+    page.goto(f"http://127.0.0.1:{port}/jobs/intl")
+    shown = page.locator("pre").first.inner_text()
+    assert text in shown and '"ü": "<b>\\"x\\"</b>"' in shown, shown   # and no markup
+
+
+def test_a_bulk_delete_or_cancel_asks_first_as_the_one_job_buttons_do(make_cluster, browser):
+    """A job's own delete and cancel buttons ask "Delete this job?", but the bulk ones under
+    the list acted at once: a slip from "retry" to "delete" lost every ticked failed job,
+    tracebacks and all."""
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}", DASHBOARD_PASSWORD=PASSWORD)
+    cluster.start_master()
+    for i in range(3):
+        cluster.client.submit_job({"func": "tests.jobs:Add", "args": [i, 1], "job_id": f"j{i}",
+                                   "queue": "nobody"})
+    page = browser.new_page()
+    page.goto(f"http://127.0.0.1:{port}/login?next=/jobs%3Fstatus%3Dqueued")
+    page.fill("input[name=password]", PASSWORD)
+    page.press("input[name=password]", "Enter")
+    page.wait_for_selector("tr.job[data-id=j2]")
+    asked, yes = [], []
+    page.on("dialog", lambda d: (asked.append(d.message), d.accept() if yes else d.dismiss()))
+    page.get_by_role("button", name="select all on this page").click()
+    for n, action in enumerate(("delete", "cancel"), 1):
+        page.locator(f"#bulk button[value={action}]").click()
+        wait_for(lambda: len(asked) == n, what=f"the {action} button asks first")
+    assert all("3 jobs" in question for question in asked), asked   # says how many
+    assert [cluster.client.get_job(f"j{i}")["status"] for i in range(3)] == ["queued"] * 3
+    yes.append(True)   # a yes does it
+    page.locator("#bulk button[value=delete]").click()
+    page.wait_for_selector("text=delete: 3 of 3 done")
+
+
+def test_a_schedules_failed_run_links_to_its_job_and_traceback(make_cluster, browser):
+    """The schedules page showed a fire's outcome ("failed") with its job id only in a
+    tooltip: an operator could not get from "last night's run failed" to why without
+    copying the id out by hand."""
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}")
+    cluster.start_master()
+    cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job(Fail.spec(["disk full <sda>"], job_id="nightly",
+                                        trigger=every(hours=24)))
+    fire = cluster.client.run_job("nightly")["fire_id"]
+    cluster.wait_job(fire)
+    page = browser.new_page()
+    page.goto(f"http://127.0.0.1:{port}/schedules")
+    link = page.locator("tr", has_text="nightly").get_by_role("link", name="failed")
+    wait_for(lambda: link.count() == 1, what="the failed run shown as a link")
+    link.click()
+    page.wait_for_selector("pre.bad")
+    assert "ValueError: disk full <sda>" in page.locator("pre.bad").inner_text()
+    assert fire in page.locator("h1").inner_text()
+
+
+def test_the_failed_list_shows_the_exception_not_a_traceback_s_last_line(make_cluster,
+                                                                         browser):
+    """The list showed an error's last line: of a message of many lines its tail alone
+    ("unexpected '<' at line 3", no exception), and of an async job failing in a TaskGroup
+    the group's closing frame, "+------------------------------------"."""
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}")
+    cluster.start_master()
+    cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job(Fail.spec(["could not parse page:\nunexpected '<' at line 3"],
+                                        job_id="parse"))
+    cluster.client.submit_job({"func": "tests.jobs_async:AsyncGroupFail", "args": ["gone"],
+                               "job_id": "group"})
+    for job_id in ("parse", "group"):
+        assert cluster.wait_job(job_id)["status"] == "failed"
+    page = browser.new_page()
+    page.goto(f"http://127.0.0.1:{port}/jobs?status=failed")
+    error = {job_id: page.locator(f"tr.job[data-id={job_id}] td.bad").last.inner_text()
+             for job_id in ("parse", "group")}
+    assert error["parse"] == "ValueError: could not parse page: unexpected '<' at line 3", error
+    assert error["group"].startswith("ExceptionGroup: unhandled errors in a TaskGroup") and \
+        error["group"].endswith(": ValueError: gone"), error
+
+
+def test_another_site_cannot_log_an_operator_out(make_cluster):
+    """/logout took any POST: a page on another site could end the operator's session (its
+    form's answer deletes the cookie), over and over, as every action checks the Origin."""
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}", DASHBOARD_PASSWORD=PASSWORD)
+    cluster.start_master()
+    base = f"http://127.0.0.1:{port}"
+    jar = urllib.request.HTTPCookieProcessor()
+    opener = urllib.request.build_opener(jar)
+    opener.open(base + "/login", data=urllib.parse.urlencode({"password": PASSWORD}).encode())
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        opener.open(urllib.request.Request(base + "/logout", data=b"",
+                                           headers={"Origin": "http://evil.example"}))
+    assert refused.value.code == 403 and b"evil.example" in refused.value.read()
+    assert [c.name for c in jar.cookiejar] == ["elric_session"]   # still logged in
+    assert opener.open(base + "/jobs").geturl() == base + "/jobs"   # (not the login)
+    # its own page's button logs out
+    opener.open(urllib.request.Request(base + "/logout", data=b"", headers={"Origin": base}))
+    assert list(jar.cookiejar) == []
+
+
+def test_a_failed_login_keeps_its_message_and_where_it_was_going(make_cluster, browser):
+    """The login page refreshed itself every 2 s as the live pages do: after a wrong
+    password (a POST to /login) it fetched /login, which wiped "wrong password" and the page
+    asked for (the next login went to the overview), once the focus left the box."""
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}", DASHBOARD_PASSWORD=PASSWORD)
+    cluster.start_master()
+    cluster.client.submit_job({"func": "tests.jobs:Add", "args": [1, 2], "job_id": "j1",
+                               "queue": "nobody"})
+    base = f"http://127.0.0.1:{port}"
+    page = browser.new_page()
+    page.clock.install()   # the page's timers run when the test says
+    page.goto(base + "/jobs/j1")
+    page.fill("input[name=password]", "wrong")
+    page.press("input[name=password]", "Enter")
+    page.wait_for_selector("text=wrong password")
+    page.locator("h1").click()   # reading the message: the focus leaves the box
+    page.clock.run_for(5000)     # two refreshes' time
+    page.wait_for_load_state("networkidle")
+    assert page.locator("text=wrong password").count() == 1
+    page.fill("input[name=password]", PASSWORD)
+    page.press("input[name=password]", "Enter")
+    page.wait_for_url(base + "/jobs/j1")
+
+
+def test_a_page_read_while_redis_hangs_does_not_say_something_may_have_changed(
+        make_cluster, redis_server):
+    """A page read while Redis did not answer said "it may have been changed: send it
+    again", the words for a call that changes something and lost its reply: an operator
+    who had only looked at the overview was told to wonder what had changed."""
+    import signal
+
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}")
+    cluster.start_master()
+    base = f"http://127.0.0.1:{port}"
+    assert get(base + "/")[0] == 200
+    redis_server.proc.send_signal(signal.SIGSTOP)   # alive, but answering nothing
+    try:
+        said = {path: get(base + path) for path in ("/", "/jobs", "/jobs/j1")}
+    finally:
+        redis_server.proc.send_signal(signal.SIGCONT)
+    for path, (status, html) in said.items():
+        message = unescape(re.search(r'<div class="warn">(.*?)</div>', html, re.S).group(1))
+        assert status == 503 and "cannot reach Redis" in message, (path, message)
+        assert "changed" not in message and message.endswith("try again"), (path, message)
+
+
+def test_metrics_take_the_bearer_scheme_in_any_case(make_cluster):
+    """HTTP's auth scheme is case-insensitive (RFC 7235): "bearer PASSWORD", as some
+    clients and hand-written curl commands send it, was refused as a wrong token."""
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}", DASHBOARD_PASSWORD=PASSWORD)
+    cluster.start_master()
+    for scheme in ("bearer", "BEARER", "Bearer"):
+        status, text = get(f"http://127.0.0.1:{port}/metrics",
+                           Authorization=f"{scheme} {PASSWORD}")
+        assert status == 200 and "elric_jobs" in text, (scheme, status, text)
+
+
+def test_an_action_refused_behind_a_proxy_that_rewrites_host_says_what_to_set(make_cluster):
+    """nginx passes Host on as the upstream's (127.0.0.1:7532) unless told otherwise: every
+    button behind it was refused "from another site (https://elric.example.com)", the
+    operator's own site, with nothing saying why or what to change."""
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}", DASHBOARD_PASSWORD=PASSWORD)
+    cluster.start_master()
+    base = f"http://127.0.0.1:{port}"
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor())
+    opener.open(base + "/login", data=urllib.parse.urlencode({"password": PASSWORD}).encode())
+    html = opener.open(base + "/jobs").read().decode()
+    token = re.search(r'name="csrf" value="([0-9a-f]+)"', html).group(1)
+    data = urllib.parse.urlencode({"kind": "job", "action": "delete", "id": "j1",
+                                   "csrf": token}).encode()
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        opener.open(urllib.request.Request(base + "/act", data=data, headers={
+            "Origin": "https://elric.example.com", "Host": f"127.0.0.1:{port}"}))
+    said = refused.value.read().decode()
+    assert refused.value.code == 403 and "https://elric.example.com" in said, said
+    assert f"127.0.0.1:{port}" in said and "proxy_set_header Host $host" in said, said

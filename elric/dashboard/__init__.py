@@ -77,11 +77,12 @@ class Dashboard:
         self.templates = jinja2.Environment(
             loader=jinja2.PackageLoader("elric", "dashboard/templates"),
             autoescape=True, trim_blocks=True, lstrip_blocks=True)
-        # json, not tojson: a job's maps may have bytes keys, or int and str keys it cannot sort
+        # json, not tojson: a job's maps may have bytes keys, or int and str keys it cannot sort;
+        # text as written (a page is UTF-8): "\u65e5" tells an operator nothing
         self.templates.filters.update(
             when=when, mib=mib, percent=percent, quote_id=lambda text: quote(text, safe=""),
             worker_state=worker_state, worker_counts=worker_counts,
-            json=lambda value: json_text(value, indent=1, sort_keys=True))
+            json=lambda value: json_text(value, indent=1, sort_keys=True, ensure_ascii=False))
         self.app = web.Application(middlewares=[self._guard])
         self.app.add_routes([
             web.get("/", self.overview), web.get("/workers", self.workers),
@@ -109,6 +110,14 @@ class Dashboard:
             raise web.HTTPForbidden(text="this dashboard has no password: it answers only to "
                                          "a loopback address (localhost, 127.0.0.1, [::1])")
         if not self.access.may_read(request):
+            if request.path == "/metrics":   # a scraper: a login page would be a parse error
+                given = "Authorization" in request.headers
+                raise web.HTTPUnauthorized(
+                    headers={"WWW-Authenticate": 'Bearer realm="elric"'
+                             + (', error="invalid_token"' if given else "")},
+                    text=("the bearer token is wrong" if given else "no bearer token")
+                    + ": send the dashboard password (DASHBOARD_PASSWORD, else RPC_TOKEN) as "
+                    "the header Authorization: Bearer PASSWORD\n")
             if request.method == "GET":
                 raise web.HTTPSeeOther("/login?" + urlencode({"next": request.path_qs}))
             raise web.HTTPForbidden(text="log in first")
@@ -225,6 +234,8 @@ class Dashboard:
         return response
 
     async def logout(self, request: web.Request):
+        if refused := self.access.other_site(request):   # its form has no CSRF token
+            raise web.HTTPForbidden(text=refused)
         response = web.HTTPSeeOther("/login")
         response.del_cookie(COOKIE)
         return response

@@ -75,11 +75,20 @@ class Access:
         session = self.session(request)
         if session is None:
             return "log in first"
-        origin = request.headers.get("Origin")   # (its host: a TLS proxy may change the scheme)
-        if origin and origin.partition("://")[2] != request.host:
-            return f"refused a request from another site ({origin})"
+        if refused := self.other_site(request):
+            return refused
         if not _same(str(form.get("csrf", "")), self.csrf_token(request)):
             return "the form is stale or forged: reload the page and try again"
+        return None
+
+    def other_site(self, request: web.Request) -> str | None:
+        """Why a POST from another site's page is refused, or None when it is this one's."""
+        origin = request.headers.get("Origin")   # (its host: a TLS proxy may change the scheme)
+        if origin and origin.partition("://")[2] != request.host:
+            # nginx passes on the upstream's own Host unless told: every button refused
+            return (f"refused a request from another site ({origin}, not {request.host}); "
+                    "behind a proxy, pass on the Host the browser sent (nginx: "
+                    "proxy_set_header Host $host)")
         return None
 
     def host_ok(self, request: web.Request) -> bool:
@@ -98,6 +107,7 @@ class Access:
         if (not self.login_required or request.path in OPEN_PATHS
                 or self.session(request) is not None):
             return True
-        # Prometheus sends the password as a bearer token
-        bearer = request.headers.get("Authorization", "").removeprefix("Bearer ")
-        return request.path == "/metrics" and self.password_ok(bearer)
+        # Prometheus sends the password as a bearer token (the scheme in any case: RFC 7235)
+        scheme, _, bearer = request.headers.get("Authorization", "").partition(" ")
+        return request.path == "/metrics" and scheme.lower() == "bearer" and \
+            self.password_ok(bearer)
