@@ -687,6 +687,37 @@ def test_redis_password_in_the_url(password_redis, tmp_path):
         c.close()
 
 
+def test_a_redis_password_changed_under_a_running_worker_is_named_not_unreachable(
+        password_redis, tmp_path):
+    """Redis's password changed (CONFIG SET requirepass, ACL) while a worker ran: each loop
+    that opened a connection then said "Redis unreachable", sending an operator to the
+    network. It names the password; the worker goes on when the password is back."""
+    c = Cluster(password_redis.url(password_redis.password), tmp_path)
+    r = redis.Redis(host="127.0.0.1", port=password_redis.port,
+                    password=password_redis.password)
+    try:
+        c.start_master()
+        worker = c.start_worker("--concurrency", "1")
+        c.client.submit_job(Add.spec([3, 4], job_id="before"))
+        assert c.wait_job("before")["result"] == 7
+        r.config_set("requirepass", "rotated")
+        r.client_kill_filter(_type="normal", skipme=True)   # new connections need it
+        wait_for(lambda: "worker: heartbeat failed" in worker.log(), what="a heartbeat refused")
+        failed = [line for line in worker.log().splitlines() if "username-password" in line]
+        assert failed and all("REDIS_URL" in line and "password" in line
+                              and "unreachable" not in line for line in failed), worker.log()
+        r.config_set("requirepass", password_redis.password)
+        wait_for(lambda: "worker: heartbeat failed: works again" in worker.log(),
+                 what="the worker back")
+        c.client.submit_job(Add.spec([1, 1], job_id="after"))
+        assert c.wait_job("after")["result"] == 2, c.logs()
+        assert worker.alive(), worker.log()
+    finally:
+        r.config_set("requirepass", password_redis.password)
+        r.close()
+        c.close()
+
+
 @pytest.mark.parametrize("role", ["master", "worker"])
 @pytest.mark.parametrize("password", ["wrong-pw", None])
 def test_wrong_redis_password_exits_2_with_one_clear_line(password_redis, role, password):
