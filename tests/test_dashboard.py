@@ -667,3 +667,19 @@ def test_a_schedule_pause_or_resume_that_changes_nothing_says_why(make_cluster, 
     click("pause")                              # one that changes it is done
     page.wait_for_selector("text=pause: 1 of 1 done")
     assert client.get_job("tick")["paused"] is True
+
+
+def test_the_redis_page_while_redis_runs_a_long_script_is_unavailable_not_a_bug(make_cluster):
+    """The /redis page reads INFO itself, outside the RPC handlers. Redis busy with a long
+    script (or loading, or a replica cut off) answered it with a refusal that the page took
+    for a bug: a 500 and a traceback in the master's log at every refresh of a live page."""
+    from tests.test_transient_errors import redis_running_a_long_script
+
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}")
+    master = cluster.start_master()
+    with redis_running_a_long_script(cluster.redis_url):
+        status, html = get(f"http://127.0.0.1:{port}/redis")
+    assert status == 503 and "Redis is busy running a script" in html, html
+    assert "dashboard: /redis failed" not in master.log(), master.log()
+    assert get(f"http://127.0.0.1:{port}/redis")[0] == 200
