@@ -396,6 +396,39 @@ def test_sigterm_while_redis_is_away_stops_the_worker_and_loses_no_job(tmp_path)
         server.cleanup()
 
 
+def test_a_job_running_through_a_redis_outage_past_its_lease_is_not_run_again(tmp_path):
+    """Redis away past a job's lease: neither its worker's heartbeat nor the master's
+    redelivery could reach it, and the lease ran out. When Redis came back, whichever came
+    first won: the master's first pass took the job away from its live worker and it ran
+    twice. After a gap, housekeeping gives workers a heartbeat's time to renew first."""
+    server = RedisServer(appendonly=True).start()   # ours alone: it is stopped
+    c = Cluster(server.url, tmp_path, LEASE_SECONDS=2)
+    marks = tmp_path / "runs.txt"
+    r = redis.Redis.from_url(server.url)
+    try:
+        master = c.start_master()
+        worker = c.start_worker("--concurrency", "1")
+        c.client.submit_job(MarkSleep.spec([str(marks), 6], job_id="long"))
+        wait_for(lambda: lines(marks), what="the job started")
+        lease_end = r.zscore(KEYS.inflight, "long") / 1000
+        r.close()
+        server.stop()
+        worker.signal(signal.SIGSTOP)   # the race's worst order: the master comes back first
+        try:
+            wait_for(lambda: time.time() > lease_end + 1, what="the lease run out")
+            server.start()
+            wait_for(lambda: "housekeeping failed: works again" in master.log(),
+                     what="the master's first pass with Redis back")
+        finally:
+            worker.signal(signal.SIGCONT)
+        assert c.wait_job("long")["status"] == "succeeded", c.logs()
+        assert lines(marks) == ["long"], c.logs()   # it ran once
+        assert c.client.get_job("long")["attempts"] == 1, c.logs()
+    finally:
+        c.close()
+        server.cleanup()
+
+
 # --- 7. Redis stopped and started again under load ----------------------------------------
 
 class Submitter(threading.Thread):
