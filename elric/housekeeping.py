@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 
 from elric import limits
 from elric.clock import redis_now
@@ -21,6 +22,12 @@ from elric.retry import REDIS_ERRORS, Backoff, Outage, cancel_pending, each
 
 log = logging.getLogger("elric.master")
 
+# Redis time between two redelivery passes past which Redis was away, stalled or its clock
+# jumped; after such a gap no lease runs out for a while, long enough for a worker's
+# heartbeat (at least once a second) to renew the leases it could not meanwhile.
+REDELIVER_GAP = 3.0
+REDELIVER_HOLD = 2.0
+
 
 class Housekeeping:
     def __init__(self, queue: RedisQueue, gate: DedupeGate, redis, keys,
@@ -28,6 +35,8 @@ class Housekeeping:
         self.queue, self.gate, self.redis, self.keys = queue, gate, redis, keys
         self.round_ttl, self.rules = round_ttl, rules
         self.health = TaskHealth(stale_after=30)   # a pass at least once a second
+        self._redelivered_at = -math.inf   # Redis time of the last redelivery pass
+        self._hold_until = 0.0
 
     async def run(self) -> None:
         """Until cancelled; any error is logged and retried, never the end of the loop."""
@@ -57,6 +66,14 @@ class Housekeeping:
                     self.queue.forget_old_batches), lambda step: step())
 
     async def _redeliver(self) -> None:
+        now = await redis_now(self.redis)
+        if now - self._redelivered_at > REDELIVER_GAP:   # (and at start: Redis may be back)
+            # the leases that ran out meanwhile are also those of live workers, which could
+            # not renew them: they would run twice
+            self._hold_until = now + REDELIVER_HOLD
+        self._redelivered_at = now
+        if now < self._hold_until:
+            return
         recovered, cancelled = await self.queue.recover()
         if recovered:
             log.warning("redelivered %d job(s) whose worker stopped renewing its lease",

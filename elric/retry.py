@@ -7,8 +7,8 @@ import logging
 import time
 from typing import Awaitable, Callable, TypeVar
 
-from redis.exceptions import (BusyLoadingError, MasterDownError, OutOfMemoryError, ReadOnlyError,
-                              ResponseError)
+from redis.exceptions import (AuthenticationError, BusyLoadingError, MasterDownError,
+                              OutOfMemoryError, ReadOnlyError, ResponseError)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -97,7 +97,9 @@ class Outage:
         if cancel_pending():   # the cancel came as this error: retrying would keep it alive
             raise asyncio.CancelledError from exc
         kind = kind or redis_refusal(exc) or (
-            "Redis unreachable" if isinstance(exc, REDIS_ERRORS) else None)
+            # (a ConnectionError too: Redis is there, its password changed under us)
+            "Redis refuses the password in REDIS_URL" if isinstance(exc, AuthenticationError)
+            else "Redis unreachable" if isinstance(exc, REDIS_ERRORS) else None)
         if (kind or type(exc).__name__) == self.kind:
             return
         if self.kind is None:

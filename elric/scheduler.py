@@ -399,6 +399,10 @@ class Scheduler:
         try:
             woke = await self.redis.blpop([self.keys.scheduler_wake], timeout=timeout)
         except ResponseError as exc:   # it holds only tokens: one of another type is replaced
+            if str(exc).startswith("UNBLOCKED"):
+                # Redis ended the wait: it turned replica (a failover: the pass that follows
+                # meets the refusal) or CLIENT UNBLOCK ERROR. A wake, not a bug.
+                return
             if "WRONGTYPE" not in str(exc):
                 raise
             self.log.warning("scheduler: %s was overwritten with another type; deleted it",

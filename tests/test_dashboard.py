@@ -880,3 +880,19 @@ def test_an_action_refused_behind_a_proxy_that_rewrites_host_says_what_to_set(ma
     said = refused.value.read().decode()
     assert refused.value.code == 403 and "https://elric.example.com" in said, said
     assert f"127.0.0.1:{port}" in said and "proxy_set_header Host $host" in said, said
+
+
+def test_the_redis_page_while_redis_runs_a_long_script_is_unavailable_not_a_bug(make_cluster):
+    """The /redis page reads INFO itself, outside the RPC handlers. Redis busy with a long
+    script (or loading, or a replica cut off) answered it with a refusal that the page took
+    for a bug: a 500 and a traceback in the master's log at every refresh of a live page."""
+    from tests.test_transient_errors import redis_running_a_long_script
+
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}")
+    master = cluster.start_master()
+    with redis_running_a_long_script(cluster.redis_url):
+        status, html = get(f"http://127.0.0.1:{port}/redis")
+    assert status == 503 and "Redis is busy running a script" in html, html
+    assert "dashboard: /redis failed" not in master.log(), master.log()
+    assert get(f"http://127.0.0.1:{port}/redis")[0] == 200

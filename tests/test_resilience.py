@@ -396,6 +396,39 @@ def test_sigterm_while_redis_is_away_stops_the_worker_and_loses_no_job(tmp_path)
         server.cleanup()
 
 
+def test_a_job_running_through_a_redis_outage_past_its_lease_is_not_run_again(tmp_path):
+    """Redis away past a job's lease: neither its worker's heartbeat nor the master's
+    redelivery could reach it, and the lease ran out. When Redis came back, whichever came
+    first won: the master's first pass took the job away from its live worker and it ran
+    twice. After a gap, housekeeping gives workers a heartbeat's time to renew first."""
+    server = RedisServer(appendonly=True).start()   # ours alone: it is stopped
+    c = Cluster(server.url, tmp_path, LEASE_SECONDS=2)
+    marks = tmp_path / "runs.txt"
+    r = redis.Redis.from_url(server.url)
+    try:
+        master = c.start_master()
+        worker = c.start_worker("--concurrency", "1")
+        c.client.submit_job(MarkSleep.spec([str(marks), 6], job_id="long"))
+        wait_for(lambda: lines(marks), what="the job started")
+        lease_end = r.zscore(KEYS.inflight, "long") / 1000
+        r.close()
+        server.stop()
+        worker.signal(signal.SIGSTOP)   # the race's worst order: the master comes back first
+        try:
+            wait_for(lambda: time.time() > lease_end + 1, what="the lease run out")
+            server.start()
+            wait_for(lambda: "housekeeping failed: works again" in master.log(),
+                     what="the master's first pass with Redis back")
+        finally:
+            worker.signal(signal.SIGCONT)
+        assert c.wait_job("long")["status"] == "succeeded", c.logs()
+        assert lines(marks) == ["long"], c.logs()   # it ran once
+        assert c.client.get_job("long")["attempts"] == 1, c.logs()
+    finally:
+        c.close()
+        server.cleanup()
+
+
 # --- 7. Redis stopped and started again under load ----------------------------------------
 
 class Submitter(threading.Thread):
@@ -684,6 +717,37 @@ def test_redis_password_in_the_url(password_redis, tmp_path):
         job = c.wait_job("pw")
         assert (job["status"], job["result"]) == ("succeeded", 7), c.logs()
     finally:
+        c.close()
+
+
+def test_a_redis_password_changed_under_a_running_worker_is_named_not_unreachable(
+        password_redis, tmp_path):
+    """Redis's password changed (CONFIG SET requirepass, ACL) while a worker ran: each loop
+    that opened a connection then said "Redis unreachable", sending an operator to the
+    network. It names the password; the worker goes on when the password is back."""
+    c = Cluster(password_redis.url(password_redis.password), tmp_path)
+    r = redis.Redis(host="127.0.0.1", port=password_redis.port,
+                    password=password_redis.password)
+    try:
+        c.start_master()
+        worker = c.start_worker("--concurrency", "1")
+        c.client.submit_job(Add.spec([3, 4], job_id="before"))
+        assert c.wait_job("before")["result"] == 7
+        r.config_set("requirepass", "rotated")
+        r.client_kill_filter(_type="normal", skipme=True)   # new connections need it
+        wait_for(lambda: "worker: heartbeat failed" in worker.log(), what="a heartbeat refused")
+        failed = [line for line in worker.log().splitlines() if "username-password" in line]
+        assert failed and all("REDIS_URL" in line and "password" in line
+                              and "unreachable" not in line for line in failed), worker.log()
+        r.config_set("requirepass", password_redis.password)
+        wait_for(lambda: "worker: heartbeat failed: works again" in worker.log(),
+                 what="the worker back")
+        c.client.submit_job(Add.spec([1, 1], job_id="after"))
+        assert c.wait_job("after")["result"] == 2, c.logs()
+        assert worker.alive(), worker.log()
+    finally:
+        r.config_set("requirepass", password_redis.password)
+        r.close()
         c.close()
 
 

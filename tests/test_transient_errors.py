@@ -548,3 +548,35 @@ def test_an_id_twice_in_one_enqueue_is_queued_once(redis_url):
             claims = (await m.queue.fetch("w", ["default"], 10, 30)).claims
             assert [c.job_id for c in claims] == ["twice"]
     asyncio.run(main())
+
+
+def test_the_schedulers_wait_unblocked_with_an_error_is_no_bug(cluster):
+    """The scheduling master waits for the next fire in a BLPOP, which Redis ends with an
+    UNBLOCKED error when it turns into a replica (a failover) or on CLIENT UNBLOCK ...
+    ERROR. The scheduler logged that as a bug, an ERROR with its traceback; it is a wake."""
+    import time
+
+    import psutil
+    import redis
+
+    from tests.conftest import wait_for
+
+    master = cluster.procs[0]
+    wait_for(lambda: cluster.client.stats()["scheduler"]["this_master_schedules"],
+             what="the master schedules")
+    r = redis.Redis.from_url(cluster.redis_url)
+    try:
+        def blocked_wait():   # the scheduler's connection that waits in BLPOP
+            ports = {c.laddr.port for c in psutil.Process(master.pid).net_connections("tcp")
+                     if c.raddr}
+            return next((c["id"] for c in r.client_list() if c["cmd"] == "blpop"
+                         and int(c["addr"].rsplit(":", 1)[1]) in ports), None)
+        client_id = wait_for(blocked_wait, what="the scheduler waiting")
+        unblocked = time.time()
+        assert r.execute_command("CLIENT", "UNBLOCK", client_id, "ERROR") == 1
+    finally:
+        r.close()
+    wait_for(lambda: (cluster.client.health()["tasks"]["scheduler"]["progress_at"] or 0)
+             > unblocked, what="a scheduler pass after the wait")
+    assert "UNBLOCKED" not in master.log(), master.log()
+    assert cluster.client.health()["ok"], master.log()

@@ -20,7 +20,7 @@ from elric.config import SettingsError, names
 from elric.contract import ErrorCode, STATUSES, Status
 from elric.dashboard import metrics
 from elric.dashboard.access import COOKIE, SESSION_SECONDS, Access
-from elric.retry import REDIS_ERRORS
+from elric.retry import REDIS_ERRORS, redis_refusal
 from elric.rpc import RequestError
 from elric.views import json_text, mib, percent, when, worker_counts, worker_state
 
@@ -132,9 +132,14 @@ class Dashboard:
         except web.HTTPException:   # a redirect, or a refusal with its own text
             raise
         except Exception as exc:   # a bug, or a key an operator gave another type: say so,
-            log.exception("dashboard: %s failed", request.path)   # as the RPC would
-            response = self._render(request, "error.html", status=500, code=ErrorCode.INTERNAL,
-                                    message=f"internal error: {type(exc).__name__}: {exc}")
+            if (refusal := redis_refusal(exc)) is not None:   # /redis's INFO: busy, loading
+                response = self._render(request, "error.html", status=503,
+                                        code="redis_unavailable", message=f"{refusal}: try again")
+            else:
+                log.exception("dashboard: %s failed", request.path)   # as the RPC would
+                response = self._render(request, "error.html", status=500,
+                                        code=ErrorCode.INTERNAL,
+                                        message=f"internal error: {type(exc).__name__}: {exc}")
         response.headers["X-Frame-Options"] = "DENY"   # no clickjacking of the buttons
         response.headers["Cache-Control"] = "no-store"
         return response

@@ -12,6 +12,10 @@
 --   the worker's hash: nothing written to it, no control read).
 -- Invariant: a lease is extended only for the worker, and attempt, that holds the job.
 local now = now_ms()
+-- A registered worker's first write grows nothing (EXPIRE): Redis refuses a script under
+-- maxmemory only at a first write that may. Else a full Redis refuses every lease renewal
+-- while requeue_due.lua (a ZREM first) passes: running jobs are taken away, run again.
+if redis.call('TYPE', KEYS[3])['ok'] == 'hash' then redis.call('EXPIRE', KEYS[3], 86400) end
 local jp, deadline, worker = ARGV[1], now + tonumber(ARGV[2]), ARGV[3]
 local n = tonumber(ARGV[4])
 local lost, cancel = {}, {}
