@@ -285,6 +285,9 @@ class _Runner:
             # for each of our own handlers, the most of a no-op job's time in a pool process
             if _signal.getsignal(sig) is not handler:
                 signal.signal(sig, handler)
+        # and a mask it left (pthread_sigmask) would keep the next jobs' alarms and cancels
+        # from ever interrupting them: each would run on until its process was killed
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, MAIN_ONLY)
         try:   # and its os.chdir would move the next jobs (no contextlib.suppress: per
             os.fchdir(self.cwd)   # job, its object cost twice the call)
         except OSError:

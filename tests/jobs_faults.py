@@ -183,3 +183,12 @@ class SwallowTimeout(Job):
             except Exception:
                 pass
         return "outlasted"
+
+
+class BlockSignals(Job):
+    """Blocks SIGALRM and SIGUSR1 in its thread and leaves them blocked, as a library that
+    masks signals around a critical section and forgets to unmask may."""
+
+    def run(self):
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM, signal.SIGUSR1})
+        return "blocked"

@@ -33,7 +33,7 @@ from tests.jobs import (Add, FailNamingFile, FailUnlessFile, MarkSleep, SelfAlar
                         SpawnPadded, SpawnWhenGateOpens)
 from tests.jobs_faults import (AsyncExitUnprintable, AsyncForkReturns, Crash, ExitUnprintable,
                                FailBadRetryAfter, Flaky, ForkReturns, ForkThenCrash, IgnoreAlarm,
-                               Mark, ResetSignals, WhereAmI, count_lines)
+                               Mark, ResetSignals, WhereAmI, count_lines, BlockSignals)
 
 KEYS = Keys("elric")
 
@@ -1277,6 +1277,27 @@ def test_signal_handlers_a_job_changed_are_put_back_for_the_jobs_after_it(cluste
     for p in descendants(worker.pid):
         p.send_signal(signal.SIGTERM)
     assert cluster.wait_job("calm")["status"] == "succeeded", cluster.logs()
+    assert worker.alive()
+
+
+def test_signals_a_job_left_blocked_are_unblocked_for_the_jobs_after_it(cluster):
+    """A job that left SIGALRM and SIGUSR1 blocked (pthread_sigmask) left its process deaf to
+    the next jobs' timeouts and cancels: each ran on for KILL_GRACE and then lost its
+    process, recorded as killed."""
+    c = cluster.client
+    worker = cluster.start_worker("--concurrency", "1")
+    c.submit_job(BlockSignals.spec([], job_id="blocks"))
+    assert cluster.wait_job("blocks")["result"] == "blocked"
+    c.submit_job(Sleep.spec([30], job_id="slow", timeout=1))
+    slow = cluster.wait_job("slow")
+    assert slow["status"] == "failed", slow
+    assert "JobTimeout: ran past its timeout of 1s\n" in slow["error"], slow["error"]
+    assert "killed" not in slow["error"], slow["error"]
+    c.submit_job(Sleep.spec([30], job_id="stopped"))
+    wait_for(lambda: c.get_job("stopped")["status"] == "running", what="stopped started")
+    c.cancel_job("stopped")
+    stopped = cluster.wait_job("stopped", statuses=("cancelled",))
+    assert "killed" not in stopped["error"], stopped["error"]
     assert worker.alive()
 
 
