@@ -182,6 +182,7 @@ class _Runner:
         self.forked = False   # this is the child of a job's os.fork()
         self.cwd = os.open(".", os.O_RDONLY | os.O_DIRECTORY)   # where jobs start
         self.last_tick = time.monotonic()
+        self.sync_loop: asyncio.AbstractEventLoop | None = None   # get_event_loop's in sync jobs
 
     def run(self) -> None:
         signal.signal(signal.SIGALRM, self._on_alarm)   # a sync job's timeout
@@ -458,6 +459,12 @@ class _Runner:
         began, late = time.monotonic(), False
         try:
             try:
+                # get_event_loop() in a sync job must not give the loop running it, which
+                # refuses run_until_complete (and close): one of its own, new if one closed
+                # it (inside the try: with no fd left, that fails the job, not the process)
+                if self.sync_loop is None or self.sync_loop.is_closed():
+                    self.sync_loop = asyncio.new_event_loop()
+                asyncio.set_event_loop(self.sync_loop)
                 self.running = out.key   # from here on, the two signals may raise
                 if timeout:
                     self.timer_set = True
