@@ -159,7 +159,7 @@ class Worker:
                     next_warning = time.monotonic() + WARN_EVERY
                 await asyncio.sleep(backoff.next())
         self.queue = RedisQueue(self.redis, self.keys, result_ttl=s.RESULT_TTL,
-                                failed_ttl=s.FAILED_TTL)
+                                failed_ttl=s.FAILED_TTL, error_max=s.result_max_bytes)
 
     async def _connect_master(self) -> AsyncClient:
         s = self.settings

@@ -29,7 +29,7 @@ from elric.launch import Proc, elric_env, wait_for_master
 from elric.redis_server import RedisServer, find_redis_server, free_port
 from elric.rpc import AUTH_FAILED, AUTH_REQUIRED, Client, RemoteError, RPCConnectionError, RPCError, RPCTimeoutError
 from tests.conftest import ROOT, Cluster, batches_form, wait_for
-from tests.jobs import (Add, FailNamingFile, FailUnlessFile, MarkSleep, SelfAlarm, Sleep,
+from tests.jobs import (Add, Fail, FailNamingFile, FailUnlessFile, MarkSleep, SelfAlarm, Sleep,
                         SpawnPadded, SpawnWhenGateOpens)
 from tests.jobs_faults import (AsyncExitUnprintable, AsyncForkReturns, Crash, ExitUnprintable,
                                FailBadRetryAfter, Flaky, ForkReturns, ForkThenCrash, IgnoreAlarm,
@@ -1186,6 +1186,25 @@ def test_a_job_whose_error_text_is_not_unicode_is_recorded_and_its_batch_too(clu
     cluster.client.submit_job(Add.spec([2, 2], job_id="later"))
     assert cluster.wait_job("later")["result"] == 4, cluster.logs()
     assert worker.alive()
+
+
+def test_the_errors_of_many_big_failed_attempts_stay_small_enough_to_show(make_cluster):
+    """Each attempt's error is cut to RESULT_MAX_BYTES, but a job's record kept every
+    attempt's: a job retried with long errors (an exception naming a big response) grew
+    past RPC_MAX_MESSAGE, and get_job (elric job, the dashboard, a handle's result()) then
+    failed with an internal error for it, for good."""
+    cluster = make_cluster(RPC_MAX_MESSAGE=1 << 20, RETRY_BACKOFF=0.01,
+                           RETRY_BACKOFF_MAX=0.02)   # RESULT_MAX_BYTES: 128 KiB
+    cluster.start_master()
+    cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job(Fail.spec(["x" * 120_000 + " the end"], job_id="big",
+                                        max_retries=9))
+    big = cluster.wait_job("big", timeout=60)
+    assert (big["status"], big["attempts"]) == ("failed", 10), big["status"]
+    assert len(big["error"].encode()) <= 128 * 1024, len(big["error"])
+    assert big["error"].startswith("[... cut ...]\n--- attempt "), big["error"][:100]
+    assert big["error"].rstrip().endswith("ValueError: " + "x" * 120_000 + " the end")
+    assert "--- attempt 10 ---" in big["error"]
 
 
 @pytest.mark.parametrize("func, named", [(ExitUnprintable, "SystemExit: <exception str() failed>"),
