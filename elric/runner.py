@@ -37,6 +37,9 @@ log = logging.getLogger("elric.runner")
 FLUSH_SECONDS = 0.02  # an outcome waits at most about this long while sync jobs run
 MAIN_ONLY = {signal.SIGALRM, signal.SIGUSR1}   # a job's alarm and cancel: they interrupt it
 IGNORED = (signal.SIGINT, signal.SIGTERM)   # sent to the worker's whole process group
+# a job's change to these would reach the next jobs: SIGPIPE's default kills the process at
+# a write to a closed socket, and SIGCHLD ignored makes every subprocess seem to exit 0
+SHARED = (signal.SIGPIPE, signal.SIGCHLD)
 
 
 class JobTimeout(Exception):
@@ -187,7 +190,7 @@ class _Runner:
     def run(self) -> None:
         signal.signal(signal.SIGALRM, self._on_alarm)   # a sync job's timeout
         signal.signal(signal.SIGUSR1, self._on_cancel)
-        self.handlers = {sig: _signal.getsignal(sig) for sig in (*MAIN_ONLY, *IGNORED)}
+        self.handlers = {sig: _signal.getsignal(sig) for sig in (*MAIN_ONLY, *IGNORED, *SHARED)}
         os.register_at_fork(after_in_child=self._forked)
         _start_thread(self._read)
         _start_thread(self._send_waiting)
@@ -281,6 +284,7 @@ class _Runner:
             os._exit(0)
         # a job (or its library) may have set its own handlers, or SIG_DFL: the next jobs'
         # timeouts and cancels would kill the process, and so would a SIGTERM to the group
+        # (or SIGPIPE; see SHARED)
         for sig, handler in self.handlers.items():
             # _signal's: signal.getsignal's Handlers(value) raised and caught a ValueError
             # for each of our own handlers, the most of a no-op job's time in a pool process

@@ -192,3 +192,32 @@ class BlockSignals(Job):
     def run(self):
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM, signal.SIGUSR1})
         return "blocked"
+
+
+class LooseSignals(Job):
+    """Sets SIGPIPE back to its default (a script's idiom against BrokenPipeError) and
+    ignores SIGCHLD (a library's against zombies)."""
+
+    def run(self):
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+        signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+        return "loosened"
+
+
+class ChildAndPipe(Job):
+    """The exit status of a command that fails, and what writing to a closed socket raises."""
+
+    def run(self):
+        import socket
+        import subprocess
+        status = subprocess.run([sys.executable, "-c", "raise SystemExit(3)"]).returncode
+        ours, theirs = socket.socketpair()
+        theirs.close()
+        try:
+            ours.sendall(b"x" * 100_000)
+            wrote = "wrote"
+        except OSError as exc:
+            wrote = type(exc).__name__
+        finally:
+            ours.close()
+        return [status, wrote]

@@ -33,7 +33,8 @@ from tests.jobs import (Add, Fail, FailNamingFile, FailUnlessFile, MarkSleep, Se
                         SpawnPadded, SpawnWhenGateOpens)
 from tests.jobs_faults import (AsyncExitUnprintable, AsyncForkReturns, Crash, ExitUnprintable,
                                FailBadRetryAfter, Flaky, ForkReturns, ForkThenCrash, IgnoreAlarm,
-                               Mark, ResetSignals, WhereAmI, count_lines, BlockSignals)
+                               Mark, ResetSignals, WhereAmI, count_lines, BlockSignals,
+                               ChildAndPipe, LooseSignals)
 
 KEYS = Keys("elric")
 
@@ -1296,6 +1297,20 @@ def test_signal_handlers_a_job_changed_are_put_back_for_the_jobs_after_it(cluste
     for p in descendants(worker.pid):
         p.send_signal(signal.SIGTERM)
     assert cluster.wait_job("calm")["status"] == "succeeded", cluster.logs()
+    assert worker.alive()
+
+
+def test_sigpipe_and_sigchld_a_job_changed_are_put_back_for_the_jobs_after_it(cluster):
+    """A job that set SIGPIPE to its default (a script's idiom) or ignored SIGCHLD (against
+    zombies) left it so for the next jobs of its process: a write to a closed socket then
+    killed the process (the job failed as a crash, the jobs beside it ran again), and every
+    subprocess exited 0 whatever it returned, as its status could not be waited for."""
+    worker = cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job(LooseSignals.spec([], job_id="loosens"))
+    assert cluster.wait_job("loosens")["result"] == "loosened"
+    cluster.client.submit_job(ChildAndPipe.spec([], job_id="after"))
+    after = cluster.wait_job("after")
+    assert (after["status"], after["result"]) == ("succeeded", [3, "BrokenPipeError"]), after
     assert worker.alive()
 
 
