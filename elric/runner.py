@@ -20,6 +20,7 @@ import _signal
 import os
 import select
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -107,6 +108,10 @@ def serve(conn, job_modules: tuple[str, ...], worker_pid: int, cwd: str, log_lev
                         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
     _start_thread(_exit_with_worker, worker_pid)
     job_module.in_pool_process = True
+    # stdout to a file or a pipe (a service's log) is block-buffered: what a job printed
+    # would be lost when its process dies (a crash, a kill past its timeout)
+    with contextlib.suppress(AttributeError, ValueError):   # (replaced, or closed)
+        sys.stdout.reconfigure(line_buffering=True)
     # Ctrl-C reaches the whole process group, and so does SIGTERM from systemd, docker or
     # `kill -- -PGID`: running jobs must be allowed to finish. The worker stops its pool
     # processes itself (shutdown, or SIGKILL past a timeout or SHUTDOWN_GRACE).

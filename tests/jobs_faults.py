@@ -221,3 +221,11 @@ class ChildAndPipe(Job):
         finally:
             ours.close()
         return [status, wrote]
+
+
+class SayThenCrash(Job):
+    """Prints a line, as a job tells its progress, then its process dies."""
+
+    def run(self, text):
+        print(text)
+        os._exit(1)

@@ -34,7 +34,7 @@ from tests.jobs import (Add, Fail, FailNamingFile, FailUnlessFile, MarkSleep, Se
 from tests.jobs_faults import (AsyncExitUnprintable, AsyncForkReturns, Crash, ExitUnprintable,
                                FailBadRetryAfter, Flaky, ForkReturns, ForkThenCrash, IgnoreAlarm,
                                Mark, ResetSignals, WhereAmI, count_lines, BlockSignals,
-                               ChildAndPipe, LooseSignals)
+                               ChildAndPipe, LooseSignals, SayThenCrash)
 
 KEYS = Keys("elric")
 
@@ -254,6 +254,19 @@ def test_crashing_job_fails_alone_and_the_worker_survives(make_cluster, tmp_path
     assert c.wait_job("later")["result"] == 2
     stats = c.client.stats()
     assert stats["totals"]["failed"] == 1 and stats["totals"]["redelivered"] == 0
+
+
+def test_what_a_job_printed_before_its_process_died_is_in_the_worker_log(cluster):
+    """A pool process's stdout was block-buffered when the worker's output went to a file or
+    a pipe (a service's log): the lines a job printed before a crash, or before a kill past
+    its timeout, were lost with the process, just when they would tell what happened."""
+    cluster.env.pop("PYTHONUNBUFFERED", None)   # as a service runs: not set
+    worker = cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job(SayThenCrash.spec(["step 3 of 5: parsing"], job_id="says"))
+    assert cluster.wait_job("says")["status"] == "failed"
+    wait_for(lambda: "step 3 of 5: parsing" in worker.log(), timeout=5,
+             what="the job's line in the worker log")
+    assert worker.alive()
 
 
 def test_crashing_job_with_a_retry_is_retried_then_failed(make_cluster):
