@@ -345,6 +345,9 @@ class Pool(Executor):
     def claims(self) -> list[Claim]:
         return [h.claim for p in self._every() for h in p.held.values()]
 
+    def holds(self, job_id: str) -> bool:
+        return any(job_id in p.held for p in self._every())
+
     def pids(self) -> list[int]:
         return [p.process.pid for p in self._every()]
 

@@ -932,6 +932,35 @@ def test_a_worker_paused_past_its_lease_does_not_start_the_jobs_it_prefetched(
              what="its counts leaving out the outcome Redis dropped")
 
 
+def test_a_job_claimed_again_while_its_lost_attempt_runs_here_runs_twice_not_thrice(
+        make_cluster, tmp_path):
+    """A worker stopped past its lease (SIGSTOP here; a VM paused, Redis cut off) while a job
+    ran, then claimed the job again, redelivered, while that lost attempt still ran in its
+    pool: the pool kept one entry per job id, so the new attempt took the old one's place,
+    the old one's end was recorded for it (stale, dropped), and the new one's end for
+    nothing. Its lease then ran out, and the job ran a third time."""
+    c = make_cluster(LEASE_SECONDS=2)
+    c.start_master()
+    worker = c.start_worker("--concurrency", "1")
+    batches_form(c)   # its one process then takes sync jobs in batches
+    marks = tmp_path / "marks"
+    c.client.submit_job(MarkSleep.spec([str(marks), 6], job_id="long"))
+    wait_for(lambda: marks.exists(), what="long started")
+    os.kill(worker.pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: c.client.stats()["totals"]["redelivered"] == 1,
+                 what="long redelivered after the lease")
+    finally:
+        os.kill(worker.pid, signal.SIGCONT)
+    long = c.wait_job("long", timeout=40)
+    assert long["status"] == "succeeded", long
+    assert marks.read_text().split() == ["long", "long"], c.logs()   # the lost run, one more
+    assert long["attempts"] == 2, (long, c.logs())
+    c.client.submit_job(Add.spec([1, 2], job_id="after"))
+    assert c.wait_job("after")["result"] == 3
+    assert worker.alive()
+
+
 def test_shutdown_with_cancel_futures_settles_the_futures_of_jobs_still_running():
     """Pool is a concurrent.futures.Executor: a caller of submit must not wait forever for
     a job that shutdown stopped."""
