@@ -1090,6 +1090,23 @@ def test_the_handle_of_a_submission_sent_again_waits_for_the_job(cluster):
         set_default_client(None)
 
 
+def test_a_handles_wait_lasts_its_whole_timeout(cluster):
+    """result(timeout=T) gave up as soon as its next poll (up to a second away) would have
+    come after T: a job that ended in that last second raised TimeoutError, "still queued
+    after 3s", when less than that had passed."""
+    from elric.client import set_default_client
+
+    set_default_client(cluster.client)
+    try:
+        handle = Sleep.submit_with(args=[1], job_id="waits")   # no worker: it stays queued
+        began = time.monotonic()
+        with pytest.raises(TimeoutError, match="job waits still queued after 3s"):
+            handle.result(timeout=3)
+        assert 3.0 <= time.monotonic() - began < 4.5
+    finally:
+        set_default_client(None)
+
+
 def test_a_pool_process_that_cannot_be_replaced_still_settles_its_jobs():
     """A pool process killed under memory pressure (the OOM killer) is replaced at once,
     and that fork may fail too. The failure was raised before the dead process's jobs were
