@@ -97,6 +97,7 @@ class _Process:
     n_async: int = 0
     outbox_sync: bool = False  # its outbox holds sync jobs: fill it up in this turn
     received: bytearray = field(default_factory=bytearray)   # read, not yet a whole message
+    unsent: bytearray = field(default_factory=bytearray)   # framed, not yet taken by the pipe
 
     @property
     def n_sync(self) -> int:
@@ -150,6 +151,7 @@ class Pool(Executor):
             os.chdir(here)
             signal.signal(signal.SIGTERM, previous)
         theirs.close()
+        os.set_blocking(ours.fileno(), False)   # see _write
         proc = _Process(slot, process, ours)
         self._loop.add_reader(ours.fileno(), self._readable, proc)
         # its exit, too: a child a job forked may hold the pipe open after it has died
@@ -169,6 +171,8 @@ class Pool(Executor):
         holds the pipe open, would block the worker's loop for good in a recv_bytes."""
         try:
             data = os.read(proc.conn.fileno(), READ_CHUNK)
+        except BlockingIOError:
+            return
         except OSError:
             data = b""
         if not data:
@@ -208,6 +212,7 @@ class Pool(Executor):
 
     def _died(self, proc: _Process) -> None:
         self._loop.remove_reader(proc.conn.fileno())
+        self._loop.remove_writer(proc.conn.fileno())
         self._loop.remove_reader(proc.process.sentinel)
         proc.conn.close()
         proc.process.kill()
@@ -252,6 +257,7 @@ class Pool(Executor):
         """Let an idle process beyond the pool's size go: it exits when its pipe closes."""
         self.retiring.remove(proc)
         self._loop.remove_reader(proc.conn.fileno())
+        self._loop.remove_writer(proc.conn.fileno())
         proc.conn.close()
         sentinel = proc.process.sentinel   # readable once it has exited: reaped then,
         # without the worker's loop waiting for it; one stuck a second later is killed
@@ -336,10 +342,31 @@ class Pool(Executor):
         for proc in self._every():
             if proc.outbox:
                 data, proc.outbox, proc.outbox_sync = codec.pack(proc.outbox), [], False
-                try:
-                    proc.conn.send_bytes(data)
-                except OSError:
-                    pass  # it died: its reader sees the end of the pipe and settles its jobs
+                n = len(data)   # framed as Connection.send_bytes does, for its recv_bytes
+                proc.unsent += struct.pack("!i", n) if n <= 0x7FFFFFFF else \
+                    struct.pack("!iQ", -1, n)
+                proc.unsent += data
+                self._write(proc)
+
+    def _write(self, proc: _Process) -> None:
+        """Send what the pipe takes now, the rest once it takes more. Never wait: while a
+        job holds its process's GIL in native code, the thread that reads the pipe there
+        cannot, and a blocking send would hold up the worker's loop, heartbeats too, until
+        the job ends (past the lease: every job of the worker redelivered)."""
+        if proc.conn.closed:   # shut down: it takes nothing more
+            return proc.unsent.clear()
+        fd = proc.conn.fileno()
+        try:
+            sent = os.write(fd, proc.unsent)
+        except BlockingIOError:
+            sent = 0
+        except OSError:   # it died: its reader sees the end of the pipe and settles its jobs
+            sent = len(proc.unsent)
+        del proc.unsent[:sent]
+        if proc.unsent:
+            self._loop.add_writer(fd, self._write, proc)
+        else:
+            self._loop.remove_writer(fd)
 
     # --- what the worker sees and steers ----------------------------------------------
     def claims(self) -> list[Claim]:
@@ -408,6 +435,7 @@ class Pool(Executor):
                         h.done.future.set_exception(CancelledError("the pool shut down"))
             with contextlib.suppress(OSError, ValueError):
                 self._loop.remove_reader(p.conn.fileno())
+                self._loop.remove_writer(p.conn.fileno())
                 self._loop.remove_reader(p.process.sentinel)
             p.conn.close()  # the process exits when it reads the end of its pipe
         if wait:

@@ -229,3 +229,15 @@ class SayThenCrash(Job):
     def run(self, text):
         print(text)
         os._exit(1)
+
+
+class HoldGil(Job):
+    """Holds the GIL for ``seconds`` in native code, as a long regex match, a sort of a big
+    list or a C extension that never releases it does."""
+
+    def run(self, seconds, path=None):
+        import ctypes
+        if path:
+            append_line(path, self.job_id)
+        ctypes.PyDLL(None).sleep(int(seconds))
+        return "held"

@@ -29,12 +29,12 @@ from elric.launch import Proc, elric_env, wait_for_master
 from elric.redis_server import RedisServer, find_redis_server, free_port
 from elric.rpc import AUTH_FAILED, AUTH_REQUIRED, Client, RemoteError, RPCConnectionError, RPCError, RPCTimeoutError
 from tests.conftest import ROOT, Cluster, batches_form, wait_for
-from tests.jobs import (Add, Fail, FailNamingFile, FailUnlessFile, MarkSleep, SelfAlarm, Sleep,
-                        SpawnPadded, SpawnWhenGateOpens)
+from tests.jobs import (Add, Fail, FailNamingFile, FailUnlessFile, MarkSleep, PadLength,
+                        SelfAlarm, Sleep, SpawnPadded, SpawnWhenGateOpens)
 from tests.jobs_faults import (AsyncExitUnprintable, AsyncForkReturns, Crash, ExitUnprintable,
                                FailBadRetryAfter, Flaky, ForkReturns, ForkThenCrash, IgnoreAlarm,
                                Mark, ResetSignals, WhereAmI, count_lines, BlockSignals,
-                               ChildAndPipe, LooseSignals, SayThenCrash)
+                               ChildAndPipe, HoldGil, LooseSignals, SayThenCrash)
 
 KEYS = Keys("elric")
 
@@ -958,6 +958,30 @@ def test_a_job_claimed_again_while_its_lost_attempt_runs_here_runs_twice_not_thr
     assert long["attempts"] == 2, (long, c.logs())
     c.client.submit_job(Add.spec([1, 2], job_id="after"))
     assert c.wait_job("after")["result"] == 3
+    assert worker.alive()
+
+
+def test_a_job_holding_its_gil_does_not_stop_its_workers_heartbeats(make_cluster, tmp_path):
+    """A job held its process's GIL in native code (a long regex match, a C extension) while
+    the worker sent that process more jobs than the pipe holds: the process's reader thread
+    could not read, and the worker's send waited, its loop and heartbeats with it, until
+    the job ended. Past the lease every job of the worker was redelivered and ran again."""
+    c = make_cluster(LEASE_SECONDS=3)
+    c.start_master()
+    worker = c.start_worker("--concurrency", "1")
+    c.client.submit_jobs([HoldGil.spec([0], job_id="kind"),   # their kinds known: they
+                          PadLength.spec(["x"], job_id="kind-too")])   # are not sent alone
+    c.wait_job("kind")
+    c.wait_job("kind-too")
+    batches_form(c)   # its one process then takes sync jobs in batches
+    marks = tmp_path / "marks"
+    c.client.submit_job(HoldGil.spec([8, str(marks)], job_id="hog"))
+    wait_for(marks.exists, what="hog started")
+    c.client.submit_job(PadLength.spec(["x" * 2_000_000], job_id="big"))   # behind it
+    assert c.wait_job("big", timeout=40)["result"] == 2_000_000
+    hog = c.wait_job("hog")
+    assert (hog["status"], hog["attempts"]) == ("succeeded", 1), c.logs()
+    assert c.client.stats()["totals"]["redelivered"] == 0, c.logs()
     assert worker.alive()
 
 
