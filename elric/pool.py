@@ -49,11 +49,13 @@ class ProcessDied(Exception):
     ``culprits``: the jobs killed for running past their timeout, or for blocking the loop
     that held others past theirs, each with why ("": past its own); ``held``: every
     job the process had. With no culprit and other jobs beside it, any of them may be the
-    cause (a crash in native code, ``os._exit``)."""
+    cause (a crash in native code, ``os._exit``). ``sent_at``: when each was sent to it
+    (time.monotonic()), the start of a failed run's duration."""
 
-    def __init__(self, exitcode, held: list[str], culprits: dict[str, str]) -> None:
+    def __init__(self, exitcode, held: list[str], culprits: dict[str, str],
+                 sent_at: dict[str, float] | None = None) -> None:
         super().__init__(f"pool process died (exit code {exitcode})")
-        self.held, self.culprits = held, culprits
+        self.held, self.culprits, self.sent_at = held, culprits, sent_at or {}
 
 
 
@@ -221,7 +223,8 @@ class Pool(Executor):
             self.retiring.remove(proc)   # shrunk away: not started again
         else:
             self.processes.remove(proc)   # replaced below, or by _refill if that fails
-        error = ProcessDied(proc.process.exitcode, list(proc.held), dict(proc.timed_out))
+        error = ProcessDied(proc.process.exitcode, list(proc.held), dict(proc.timed_out),
+                            {job_id: h.sent_at for job_id, h in proc.held.items()})
         held, proc.held = list(proc.held.values()), {}
         for h in held:
             h.done(error)

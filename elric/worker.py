@@ -458,7 +458,10 @@ class Worker:
                                                      "killed")
             else:
                 why = "the job's process died (os._exit, a signal or a crash in native code)"
-            return runner.Ran.failure(claim.job_id, claim.attempt, why)
+            ran = runner.Ran.failure(claim.job_id, claim.attempt, why)
+            # it ran until then (past its timeout, say): its record's duration says so
+            ran.started_at = exc.sent_at.get(claim.job_id, ran.started_at)
+            return ran
         if exc.culprits:
             self.buffer.appendleft(claim)   # a bystander of a known culprit
             return None

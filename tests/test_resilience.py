@@ -204,6 +204,8 @@ def test_job_ignoring_its_alarm_is_killed_after_the_grace(make_cluster, tmp_path
     assert job["status"] == "failed", c.logs()
     assert job["result"] is None
     assert "JobTimeout" in job["error"] and "killed" in job["error"], job["error"]
+    # it ran until its process was killed: no duration of 0 (shown as none) in its record
+    assert job["duration"] is not None and job["duration"] >= 5, job["duration"]
     assert "ignored its timeout" in worker.log()
     c.client.submit_job(Add.spec([4, 5], job_id="after"))
     job = c.wait_job("after")
