@@ -109,13 +109,14 @@ class _Process:
 class Pool(Executor):
     def __init__(self, size: int, *, async_slots: int, sync_batch, on_news=lambda: None,
                  job_modules=(), preload=(), log_level: str = "INFO",
-                 lag_warn: float = 1.0, result_max: int = 1024 * 1024) -> None:
+                 lag_warn: float = 1.0, result_max: int = 1024 * 1024,
+                 log_format: str = "text") -> None:
         """``sync_batch()``: how many sync jobs a process may hold now; ``on_news()``:
         called after a process reported, so the caller can place more jobs; ``preload``:
         job modules known to import cleanly (a preload that raises kills the fork server)."""
         self.size, self.async_slots, self.sync_batch = size, async_slots, sync_batch
         self._args = (tuple(job_modules), os.getpid(), os.getcwd(), log_level, lag_warn,
-                      result_max)
+                      result_max, log_format)
         # imported once by the fork server, so each process it forks has them already
         self._preload = ["elric.runner", *preload]
         self._loop = asyncio.get_running_loop()

@@ -99,13 +99,20 @@ def _key(item: dict) -> tuple[str, int]:
 
 
 def serve(conn, job_modules: tuple[str, ...], worker_pid: int, cwd: str, log_level: str,
-          lag_warn: float, result_max: int) -> None:
+          lag_warn: float, result_max: int, log_format: str = "text") -> None:
     """A pool process's life: run the jobs that arrive on ``conn`` until the worker goes.
     ``cwd``: the worker's directory, where jobs run (not the fork server's empty one)."""
     with contextlib.suppress(OSError):   # gone since: the job's relative paths fail alone
         os.chdir(cwd)
+    handler = logging.StreamHandler()
+    if log_format == "json":   # as the worker logs: one format in its log, jobs' lines too
+        from elric.cli import JsonLines
+        handler.setFormatter(JsonLines())
+    else:
+        handler.setFormatter(logging.Formatter(
+            "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"))
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+                        handlers=[handler])
     _start_thread(_exit_with_worker, worker_pid)
     job_module.in_pool_process = True
     # stdout to a file or a pipe (a service's log) is block-buffered: what a job printed

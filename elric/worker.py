@@ -191,7 +191,8 @@ class Worker:
         self.pool = Pool(self.concurrency, async_slots=self.async_slots,
                          sync_batch=self._chunk_size, on_news=self._changed.set,
                          job_modules=s.JOB_MODULES, preload=self.modules.clean(),
-                         log_level=s.LOG_LEVEL, lag_warn=s.LOOP_LAG_WARN,
+                         log_level=s.LOG_LEVEL, log_format=s.LOG_FORMAT,
+                         lag_warn=s.LOOP_LAG_WARN,
                          result_max=s.result_max_bytes)
         # Redis may be away or refuse writes for a while; a stop meanwhile ends the wait
         if not await self._unless_stopped(self._retry_redis(self._register)):
