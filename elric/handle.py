@@ -32,7 +32,7 @@ def wait(client, job_id: str, timeout: float | None = None,
     NotFound (a LookupError) when there is no such job, ValueError for a periodic one.
     Polls often at first, then once a second, and on while the master says Redis is away."""
     deadline = None if timeout is None else time.monotonic() + timeout
-    delay = 0.02
+    delay, state = 0.02, None
     while True:
         left = None if deadline is None else max(deadline - time.monotonic(), 0.01)
         try:   # a master gone silent holds no poll past the deadline
@@ -41,6 +41,8 @@ def wait(client, job_id: str, timeout: float | None = None,
         except RPCTimeoutError as exc:
             if deadline is None:
                 raise
+            if state is not None and time.monotonic() >= deadline:   # the poll at the end:
+                raise TimeoutError(f"job {job_id} still {state} after {timeout:g}s") from None
             raise _Unanswered(str(exc)) from None
         except RemoteError as exc:   # Redis away: the same call again, as PROTOCOL says
             if exc.code != ErrorCode.REDIS_UNAVAILABLE:
@@ -55,8 +57,13 @@ def wait(client, job_id: str, timeout: float | None = None,
                              "is a job of its own")
         if on_status is not None and job:
             on_status(job)
-        if deadline is not None and time.monotonic() + delay > deadline:
-            raise TimeoutError(f"job {job_id} still {state} after {timeout:g}s")
+        if deadline is not None:
+            # the last poll is at the deadline, not at the last step before it (a second
+            # early): a job that ends in that second is waited for, as promised
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"job {job_id} still {state} after {timeout:g}s")
+            delay = min(delay, left)
         time.sleep(delay)
         delay = min(1.0, delay * 1.5)
 

@@ -49,11 +49,13 @@ class ProcessDied(Exception):
     ``culprits``: the jobs killed for running past their timeout, or for blocking the loop
     that held others past theirs, each with why ("": past its own); ``held``: every
     job the process had. With no culprit and other jobs beside it, any of them may be the
-    cause (a crash in native code, ``os._exit``)."""
+    cause (a crash in native code, ``os._exit``). ``sent_at``: when each was sent to it
+    (time.monotonic()), the start of a failed run's duration."""
 
-    def __init__(self, exitcode, held: list[str], culprits: dict[str, str]) -> None:
+    def __init__(self, exitcode, held: list[str], culprits: dict[str, str],
+                 sent_at: dict[str, float] | None = None) -> None:
         super().__init__(f"pool process died (exit code {exitcode})")
-        self.held, self.culprits = held, culprits
+        self.held, self.culprits, self.sent_at = held, culprits, sent_at or {}
 
 
 
@@ -97,6 +99,7 @@ class _Process:
     n_async: int = 0
     outbox_sync: bool = False  # its outbox holds sync jobs: fill it up in this turn
     received: bytearray = field(default_factory=bytearray)   # read, not yet a whole message
+    unsent: bytearray = field(default_factory=bytearray)   # framed, not yet taken by the pipe
 
     @property
     def n_sync(self) -> int:
@@ -106,13 +109,14 @@ class _Process:
 class Pool(Executor):
     def __init__(self, size: int, *, async_slots: int, sync_batch, on_news=lambda: None,
                  job_modules=(), preload=(), log_level: str = "INFO",
-                 lag_warn: float = 1.0, result_max: int = 1024 * 1024) -> None:
+                 lag_warn: float = 1.0, result_max: int = 1024 * 1024,
+                 log_format: str = "text") -> None:
         """``sync_batch()``: how many sync jobs a process may hold now; ``on_news()``:
         called after a process reported, so the caller can place more jobs; ``preload``:
         job modules known to import cleanly (a preload that raises kills the fork server)."""
         self.size, self.async_slots, self.sync_batch = size, async_slots, sync_batch
         self._args = (tuple(job_modules), os.getpid(), os.getcwd(), log_level, lag_warn,
-                      result_max)
+                      result_max, log_format)
         # imported once by the fork server, so each process it forks has them already
         self._preload = ["elric.runner", *preload]
         self._loop = asyncio.get_running_loop()
@@ -150,6 +154,7 @@ class Pool(Executor):
             os.chdir(here)
             signal.signal(signal.SIGTERM, previous)
         theirs.close()
+        os.set_blocking(ours.fileno(), False)   # see _write
         proc = _Process(slot, process, ours)
         self._loop.add_reader(ours.fileno(), self._readable, proc)
         # its exit, too: a child a job forked may hold the pipe open after it has died
@@ -169,6 +174,8 @@ class Pool(Executor):
         holds the pipe open, would block the worker's loop for good in a recv_bytes."""
         try:
             data = os.read(proc.conn.fileno(), READ_CHUNK)
+        except BlockingIOError:
+            return
         except OSError:
             data = b""
         if not data:
@@ -208,6 +215,7 @@ class Pool(Executor):
 
     def _died(self, proc: _Process) -> None:
         self._loop.remove_reader(proc.conn.fileno())
+        self._loop.remove_writer(proc.conn.fileno())
         self._loop.remove_reader(proc.process.sentinel)
         proc.conn.close()
         proc.process.kill()
@@ -216,7 +224,8 @@ class Pool(Executor):
             self.retiring.remove(proc)   # shrunk away: not started again
         else:
             self.processes.remove(proc)   # replaced below, or by _refill if that fails
-        error = ProcessDied(proc.process.exitcode, list(proc.held), dict(proc.timed_out))
+        error = ProcessDied(proc.process.exitcode, list(proc.held), dict(proc.timed_out),
+                            {job_id: h.sent_at for job_id, h in proc.held.items()})
         held, proc.held = list(proc.held.values()), {}
         for h in held:
             h.done(error)
@@ -252,6 +261,7 @@ class Pool(Executor):
         """Let an idle process beyond the pool's size go: it exits when its pipe closes."""
         self.retiring.remove(proc)
         self._loop.remove_reader(proc.conn.fileno())
+        self._loop.remove_writer(proc.conn.fileno())
         proc.conn.close()
         sentinel = proc.process.sentinel   # readable once it has exited: reaped then,
         # without the worker's loop waiting for it; one stuck a second later is killed
@@ -336,14 +346,38 @@ class Pool(Executor):
         for proc in self._every():
             if proc.outbox:
                 data, proc.outbox, proc.outbox_sync = codec.pack(proc.outbox), [], False
-                try:
-                    proc.conn.send_bytes(data)
-                except OSError:
-                    pass  # it died: its reader sees the end of the pipe and settles its jobs
+                n = len(data)   # framed as Connection.send_bytes does, for its recv_bytes
+                proc.unsent += struct.pack("!i", n) if n <= 0x7FFFFFFF else \
+                    struct.pack("!iQ", -1, n)
+                proc.unsent += data
+                self._write(proc)
+
+    def _write(self, proc: _Process) -> None:
+        """Send what the pipe takes now, the rest once it takes more. Never wait: while a
+        job holds its process's GIL in native code, the thread that reads the pipe there
+        cannot, and a blocking send would hold up the worker's loop, heartbeats too, until
+        the job ends (past the lease: every job of the worker redelivered)."""
+        if proc.conn.closed:   # shut down: it takes nothing more
+            return proc.unsent.clear()
+        fd = proc.conn.fileno()
+        try:
+            sent = os.write(fd, proc.unsent)
+        except BlockingIOError:
+            sent = 0
+        except OSError:   # it died: its reader sees the end of the pipe and settles its jobs
+            sent = len(proc.unsent)
+        del proc.unsent[:sent]
+        if proc.unsent:
+            self._loop.add_writer(fd, self._write, proc)
+        else:
+            self._loop.remove_writer(fd)
 
     # --- what the worker sees and steers ----------------------------------------------
     def claims(self) -> list[Claim]:
         return [h.claim for p in self._every() for h in p.held.values()]
+
+    def holds(self, job_id: str) -> bool:
+        return any(job_id in p.held for p in self._every())
 
     def pids(self) -> list[int]:
         return [p.process.pid for p in self._every()]
@@ -405,6 +439,7 @@ class Pool(Executor):
                         h.done.future.set_exception(CancelledError("the pool shut down"))
             with contextlib.suppress(OSError, ValueError):
                 self._loop.remove_reader(p.conn.fileno())
+                self._loop.remove_writer(p.conn.fileno())
                 self._loop.remove_reader(p.process.sentinel)
             p.conn.close()  # the process exits when it reads the end of its pipe
         if wait:

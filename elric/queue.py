@@ -198,8 +198,10 @@ def _fields(spec: dict) -> list:
 
 class RedisQueue:
     def __init__(self, redis, keys: Keys, *, result_ttl: int = 86400,
-                 failed_ttl: int = 7 * 86400, release_keys_on_failure: bool = False) -> None:
+                 failed_ttl: int = 7 * 86400, release_keys_on_failure: bool = False,
+                 error_max: int = 1 << 20) -> None:
         self.redis, self.keys = redis, keys
+        self.error_max = error_max   # (a worker's RESULT_MAX_BYTES) the most of a job's error
         self.result_ttl, self.failed_ttl = result_ttl, failed_ttl
         # (a master's) the jobs it queues with a dedupe key give it back if they fail for
         # good: finish.lua reads that on the job, so a worker's settings have no say
@@ -320,7 +322,7 @@ class RedisQueue:
         argv: list[Any] = [k.job(""), k.batch(""), k.dedupe_set(""), self.result_ttl,
                            self.failed_ttl, k.limit_running(""), k.wake(""), k.round(""),
                            k.func(""), k.minute(""), jobstats.MINUTE_TTL, worker_id,
-                           k.limit_parked("")]
+                           k.limit_parked(""), self.error_max]
         for o in outcomes:
             argv += [o.job_id, o.attempt,
                      "ok" if o.ok else "cancel" if o.cancelled else "err", o.payload,

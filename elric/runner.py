@@ -20,6 +20,7 @@ import _signal
 import os
 import select
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -37,6 +38,9 @@ log = logging.getLogger("elric.runner")
 FLUSH_SECONDS = 0.02  # an outcome waits at most about this long while sync jobs run
 MAIN_ONLY = {signal.SIGALRM, signal.SIGUSR1}   # a job's alarm and cancel: they interrupt it
 IGNORED = (signal.SIGINT, signal.SIGTERM)   # sent to the worker's whole process group
+# a job's change to these would reach the next jobs: SIGPIPE's default kills the process at
+# a write to a closed socket, and SIGCHLD ignored makes every subprocess seem to exit 0
+SHARED = (signal.SIGPIPE, signal.SIGCHLD)
 
 
 class JobTimeout(Exception):
@@ -95,15 +99,26 @@ def _key(item: dict) -> tuple[str, int]:
 
 
 def serve(conn, job_modules: tuple[str, ...], worker_pid: int, cwd: str, log_level: str,
-          lag_warn: float, result_max: int) -> None:
+          lag_warn: float, result_max: int, log_format: str = "text") -> None:
     """A pool process's life: run the jobs that arrive on ``conn`` until the worker goes.
     ``cwd``: the worker's directory, where jobs run (not the fork server's empty one)."""
     with contextlib.suppress(OSError):   # gone since: the job's relative paths fail alone
         os.chdir(cwd)
+    handler = logging.StreamHandler()
+    if log_format == "json":   # as the worker logs: one format in its log, jobs' lines too
+        from elric.cli import JsonLines
+        handler.setFormatter(JsonLines())
+    else:
+        handler.setFormatter(logging.Formatter(
+            "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"))
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+                        handlers=[handler])
     _start_thread(_exit_with_worker, worker_pid)
     job_module.in_pool_process = True
+    # stdout to a file or a pipe (a service's log) is block-buffered: what a job printed
+    # would be lost when its process dies (a crash, a kill past its timeout)
+    with contextlib.suppress(AttributeError, ValueError):   # (replaced, or closed)
+        sys.stdout.reconfigure(line_buffering=True)
     # Ctrl-C reaches the whole process group, and so does SIGTERM from systemd, docker or
     # `kill -- -PGID`: running jobs must be allowed to finish. The worker stops its pool
     # processes itself (shutdown, or SIGKILL past a timeout or SHUTDOWN_GRACE).
@@ -182,11 +197,12 @@ class _Runner:
         self.forked = False   # this is the child of a job's os.fork()
         self.cwd = os.open(".", os.O_RDONLY | os.O_DIRECTORY)   # where jobs start
         self.last_tick = time.monotonic()
+        self.sync_loop: asyncio.AbstractEventLoop | None = None   # get_event_loop's in sync jobs
 
     def run(self) -> None:
         signal.signal(signal.SIGALRM, self._on_alarm)   # a sync job's timeout
         signal.signal(signal.SIGUSR1, self._on_cancel)
-        self.handlers = {sig: _signal.getsignal(sig) for sig in (*MAIN_ONLY, *IGNORED)}
+        self.handlers = {sig: _signal.getsignal(sig) for sig in (*MAIN_ONLY, *IGNORED, *SHARED)}
         os.register_at_fork(after_in_child=self._forked)
         _start_thread(self._read)
         _start_thread(self._send_waiting)
@@ -280,11 +296,15 @@ class _Runner:
             os._exit(0)
         # a job (or its library) may have set its own handlers, or SIG_DFL: the next jobs'
         # timeouts and cancels would kill the process, and so would a SIGTERM to the group
+        # (or SIGPIPE; see SHARED)
         for sig, handler in self.handlers.items():
             # _signal's: signal.getsignal's Handlers(value) raised and caught a ValueError
             # for each of our own handlers, the most of a no-op job's time in a pool process
             if _signal.getsignal(sig) is not handler:
                 signal.signal(sig, handler)
+        # and a mask it left (pthread_sigmask) would keep the next jobs' alarms and cancels
+        # from ever interrupting them: each would run on until its process was killed
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, MAIN_ONLY)
         try:   # and its os.chdir would move the next jobs (no contextlib.suppress: per
             os.fchdir(self.cwd)   # job, its object cost twice the call)
         except OSError:
@@ -455,6 +475,12 @@ class _Runner:
         began, late = time.monotonic(), False
         try:
             try:
+                # get_event_loop() in a sync job must not give the loop running it, which
+                # refuses run_until_complete (and close): one of its own, new if one closed
+                # it (inside the try: with no fd left, that fails the job, not the process)
+                if self.sync_loop is None or self.sync_loop.is_closed():
+                    self.sync_loop = asyncio.new_event_loop()
+                asyncio.set_event_loop(self.sync_loop)
                 self.running = out.key   # from here on, the two signals may raise
                 if timeout:
                     self.timer_set = True

@@ -159,7 +159,7 @@ class Worker:
                     next_warning = time.monotonic() + WARN_EVERY
                 await asyncio.sleep(backoff.next())
         self.queue = RedisQueue(self.redis, self.keys, result_ttl=s.RESULT_TTL,
-                                failed_ttl=s.FAILED_TTL)
+                                failed_ttl=s.FAILED_TTL, error_max=s.result_max_bytes)
 
     async def _connect_master(self) -> AsyncClient:
         s = self.settings
@@ -191,7 +191,8 @@ class Worker:
         self.pool = Pool(self.concurrency, async_slots=self.async_slots,
                          sync_batch=self._chunk_size, on_news=self._changed.set,
                          job_modules=s.JOB_MODULES, preload=self.modules.clean(),
-                         log_level=s.LOG_LEVEL, lag_warn=s.LOOP_LAG_WARN,
+                         log_level=s.LOG_LEVEL, log_format=s.LOG_FORMAT,
+                         lag_warn=s.LOOP_LAG_WARN,
                          result_max=s.result_max_bytes)
         # Redis may be away or refuse writes for a while; a stop meanwhile ends the wait
         if not await self._unless_stopped(self._retry_redis(self._register)):
@@ -391,7 +392,10 @@ class Worker:
         while self.buffer:
             claim = self.buffer.popleft()
             how = self.pool.how(claim)
-            if self._held(claim) and how not in full:
+            # (not while a lost attempt of it still runs here: the pool holds one per job;
+            # a first attempt has none)
+            if self._held(claim) and how not in full and (
+                    claim.attempt == 1 or not self.pool.holds(claim.job_id)):
                 try:
                     self._send(claim)
                     continue
@@ -464,7 +468,10 @@ class Worker:
                                                      "killed")
             else:
                 why = "the job's process died (os._exit, a signal or a crash in native code)"
-            return runner.Ran.failure(claim.job_id, claim.attempt, why)
+            ran = runner.Ran.failure(claim.job_id, claim.attempt, why)
+            # it ran until then (past its timeout, say): its record's duration says so
+            ran.started_at = exc.sent_at.get(claim.job_id, ran.started_at)
+            return ran
         if exc.culprits:
             self.buffer.appendleft(claim)   # a bystander of a known culprit
             return None
@@ -653,13 +660,21 @@ class Worker:
                 await asyncio.wait_for(self._renew_now.wait(), min(1.0, self.lease / 3))
             self._renew_now.clear()
             try:
-                asked, claims = time.monotonic(), self._claims()
+                # a job claimed again while its lost attempt runs here: the lost one's "lost"
+                # (by job id) would drop the new claim, whose lease then ran out too
+                newest = {}
+                for claim in self._claims():
+                    if claim.attempt >= getattr(newest.get(claim.job_id), "attempt", 0):
+                        newest[claim.job_id] = claim
+                asked, claims = time.monotonic(), list(newest.values())
                 renewed = await self.queue.heartbeat(self.worker_id, claims, self.lease,
                                                      self._hash_fields())
                 for claim in claims:
                     if claim.job_id not in renewed.lost:
                         claim.held_until = asked + self.lease
-                self._drop_lost(renewed.lost)
+                # the attempts sent: a claim of the job fetched since then is not lost
+                self._drop_lost({(c.job_id, c.attempt) for c in claims
+                                 if c.job_id in renewed.lost})
                 self._stop_cancelled(renewed.cancel)
                 await self._obey(renewed.control)
                 outage.passed()
@@ -704,9 +719,10 @@ class Worker:
             self.suspects = deque(c for c in self.suspects if c.job_id not in job_ids)
         return taken
 
-    def _drop_lost(self, lost: set[str]) -> None:
-        """Claims whose lease went to another worker leave without running."""
-        for claim in self._unbuffer(lost):
+    def _drop_lost(self, lost: set[tuple[str, int]]) -> None:
+        """Claims (job_id, attempt) whose lease went to another worker leave without running."""
+        for claim in self._unbuffer({c.job_id for c in (*self.buffer, *self.suspects)
+                                     if (c.job_id, c.attempt) in lost}):
             log.warning("worker: job %s lost its lease before it started (this worker "
                         "was paused or cut off from Redis); not starting it", claim.job_id)
             self._changed.set()

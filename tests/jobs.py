@@ -206,3 +206,12 @@ class Écrire(Job):
 
     def run(self, text):
         return text
+
+
+class LogLine(Job):
+    """Logs ``text`` with the logging module, as a project's job does."""
+
+    def run(self, text):
+        import logging
+        logging.getLogger("myproject.jobs").warning(text)
+        return "logged"

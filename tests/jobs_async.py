@@ -155,3 +155,18 @@ class AsyncGroupFail(Job):
 
         async with asyncio.TaskGroup() as group:
             group.create_task(fetch())
+
+
+class SyncGetsEventLoop(Job):
+    """A sync job that runs a coroutine the pre-asyncio.run way: the thread's event loop
+    from get_event_loop, closed at the end, as older libraries and scripts do."""
+
+    def run(self, x):
+        async def double():
+            await asyncio.sleep(0)
+            return 2 * x
+        loop = asyncio.get_event_loop()
+        try:
+            return loop.run_until_complete(double())
+        finally:
+            loop.close()

@@ -183,3 +183,61 @@ class SwallowTimeout(Job):
             except Exception:
                 pass
         return "outlasted"
+
+
+class BlockSignals(Job):
+    """Blocks SIGALRM and SIGUSR1 in its thread and leaves them blocked, as a library that
+    masks signals around a critical section and forgets to unmask may."""
+
+    def run(self):
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM, signal.SIGUSR1})
+        return "blocked"
+
+
+class LooseSignals(Job):
+    """Sets SIGPIPE back to its default (a script's idiom against BrokenPipeError) and
+    ignores SIGCHLD (a library's against zombies)."""
+
+    def run(self):
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+        signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+        return "loosened"
+
+
+class ChildAndPipe(Job):
+    """The exit status of a command that fails, and what writing to a closed socket raises."""
+
+    def run(self):
+        import socket
+        import subprocess
+        status = subprocess.run([sys.executable, "-c", "raise SystemExit(3)"]).returncode
+        ours, theirs = socket.socketpair()
+        theirs.close()
+        try:
+            ours.sendall(b"x" * 100_000)
+            wrote = "wrote"
+        except OSError as exc:
+            wrote = type(exc).__name__
+        finally:
+            ours.close()
+        return [status, wrote]
+
+
+class SayThenCrash(Job):
+    """Prints a line, as a job tells its progress, then its process dies."""
+
+    def run(self, text):
+        print(text)
+        os._exit(1)
+
+
+class HoldGil(Job):
+    """Holds the GIL for ``seconds`` in native code, as a long regex match, a sort of a big
+    list or a C extension that never releases it does."""
+
+    def run(self, seconds, path=None):
+        import ctypes
+        if path:
+            append_line(path, self.job_id)
+        ctypes.PyDLL(None).sleep(int(seconds))
+        return "held"

@@ -12,8 +12,8 @@ from tests.conftest import wait_for
 from tests.jobs import Add
 from tests.jobs_faults import SwallowTimeout, count_lines
 from tests.jobs_async import (AsyncBlock, AsyncCrash, AsyncFail, AsyncFlaky, AsyncSleep,
-                              AsyncSpawn, AsyncStubborn, HiddenAsync, SyncRunsAsyncio,
-                              SyncSpan)
+                              AsyncSpawn, AsyncStubborn, HiddenAsync, SyncGetsEventLoop,
+                              SyncRunsAsyncio, SyncSpan)
 from tests.test_resilience import descendants, lines, reap, worker_pid
 
 
@@ -98,6 +98,21 @@ def test_a_sync_job_may_run_its_own_event_loop(cluster):
     for i in range(3):
         job = cluster.wait_job(f"own-loop-{i}")
         assert (job["status"], job["result"]) == ("succeeded", 2 * i), job.get("error")
+    assert cluster.wait_job("async")["status"] == "succeeded"
+    assert worker.alive()
+
+
+def test_a_sync_job_may_use_the_event_loop_get_event_loop_gives(cluster):
+    """A sync job's asyncio.get_event_loop() was its pool process's own loop, which runs it:
+    run_until_complete raised "this event loop is already running" in every sync job that
+    ran a coroutine the pre-asyncio.run way, and a job that closed that loop had the next
+    jobs find it closed."""
+    worker = cluster.start_worker("--concurrency", "1")
+    for i in range(3):   # one after another in one process: each closes its loop
+        cluster.client.submit_job(SyncGetsEventLoop.spec([i], job_id=f"legacy-{i}"))
+        job = cluster.wait_job(f"legacy-{i}")
+        assert (job["status"], job["result"]) == ("succeeded", 2 * i), job.get("error")
+    cluster.client.submit_job(AsyncSleep.spec([0], job_id="async"))
     assert cluster.wait_job("async")["status"] == "succeeded"
     assert worker.alive()
 

@@ -325,6 +325,26 @@ def test_a_worker_logs_each_job_event_with_its_id_and_func_as_json_lines(make_cl
     assert "Traceback" in failed["message"]
 
 
+def test_what_jobs_log_is_in_the_workers_log_format_too(make_cluster):
+    """Pool processes logged in text whatever LOG_FORMAT said: with json, what a job
+    logged (and elric's own lines from there: a blocked loop, a job class not found) came
+    as text lines among the JSON ones, which a log collector could not read."""
+    from tests.jobs import LogLine
+
+    c = make_cluster()
+    c.start_master()
+    worker = c.start_worker("--concurrency", "1", "--log-format", "json")
+    c.client.submit_job(LogLine.spec(["from the job"], job_id="logs"))
+    assert c.wait_job("logs")["result"] == "logged"
+
+    def logged():
+        return [line for line in worker.log().splitlines() if "from the job" in line]
+    [line] = wait_for(logged, timeout=5, what="the job's line")
+    event = json.loads(line)
+    assert (event["logger"], event["level"], event["message"]) == \
+        ("myproject.jobs", "WARNING", "from the job"), line
+
+
 def test_a_worker_is_paused_resumed_moved_and_stopped_without_a_restart(cluster):
     from tests.jobs import Add
 

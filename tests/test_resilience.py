@@ -29,11 +29,12 @@ from elric.launch import Proc, elric_env, wait_for_master
 from elric.redis_server import RedisServer, find_redis_server, free_port
 from elric.rpc import AUTH_FAILED, AUTH_REQUIRED, Client, RemoteError, RPCConnectionError, RPCError, RPCTimeoutError
 from tests.conftest import ROOT, Cluster, batches_form, wait_for
-from tests.jobs import (Add, FailNamingFile, FailUnlessFile, MarkSleep, SelfAlarm, Sleep,
-                        SpawnPadded, SpawnWhenGateOpens)
+from tests.jobs import (Add, Fail, FailNamingFile, FailUnlessFile, MarkSleep, PadLength,
+                        SelfAlarm, Sleep, SpawnPadded, SpawnWhenGateOpens)
 from tests.jobs_faults import (AsyncExitUnprintable, AsyncForkReturns, Crash, ExitUnprintable,
                                FailBadRetryAfter, Flaky, ForkReturns, ForkThenCrash, IgnoreAlarm,
-                               Mark, ResetSignals, WhereAmI, count_lines)
+                               Mark, ResetSignals, WhereAmI, count_lines, BlockSignals,
+                               ChildAndPipe, HoldGil, LooseSignals, SayThenCrash)
 
 KEYS = Keys("elric")
 
@@ -203,6 +204,8 @@ def test_job_ignoring_its_alarm_is_killed_after_the_grace(make_cluster, tmp_path
     assert job["status"] == "failed", c.logs()
     assert job["result"] is None
     assert "JobTimeout" in job["error"] and "killed" in job["error"], job["error"]
+    # it ran until its process was killed: no duration of 0 (shown as none) in its record
+    assert job["duration"] is not None and job["duration"] >= 5, job["duration"]
     assert "ignored its timeout" in worker.log()
     c.client.submit_job(Add.spec([4, 5], job_id="after"))
     job = c.wait_job("after")
@@ -253,6 +256,19 @@ def test_crashing_job_fails_alone_and_the_worker_survives(make_cluster, tmp_path
     assert c.wait_job("later")["result"] == 2
     stats = c.client.stats()
     assert stats["totals"]["failed"] == 1 and stats["totals"]["redelivered"] == 0
+
+
+def test_what_a_job_printed_before_its_process_died_is_in_the_worker_log(cluster):
+    """A pool process's stdout was block-buffered when the worker's output went to a file or
+    a pipe (a service's log): the lines a job printed before a crash, or before a kill past
+    its timeout, were lost with the process, just when they would tell what happened."""
+    cluster.env.pop("PYTHONUNBUFFERED", None)   # as a service runs: not set
+    worker = cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job(SayThenCrash.spec(["step 3 of 5: parsing"], job_id="says"))
+    assert cluster.wait_job("says")["status"] == "failed"
+    wait_for(lambda: "step 3 of 5: parsing" in worker.log(), timeout=5,
+             what="the job's line in the worker log")
+    assert worker.alive()
 
 
 def test_crashing_job_with_a_retry_is_retried_then_failed(make_cluster):
@@ -982,6 +998,59 @@ def test_a_worker_paused_past_its_lease_does_not_start_the_jobs_it_prefetched(
              what="its counts leaving out the outcome Redis dropped")
 
 
+def test_a_job_claimed_again_while_its_lost_attempt_runs_here_runs_twice_not_thrice(
+        make_cluster, tmp_path):
+    """A worker stopped past its lease (SIGSTOP here; a VM paused, Redis cut off) while a job
+    ran, then claimed the job again, redelivered, while that lost attempt still ran in its
+    pool: the pool kept one entry per job id, so the new attempt took the old one's place,
+    the old one's end was recorded for it (stale, dropped), and the new one's end for
+    nothing. Its lease then ran out, and the job ran a third time."""
+    c = make_cluster(LEASE_SECONDS=2)
+    c.start_master()
+    worker = c.start_worker("--concurrency", "1")
+    batches_form(c)   # its one process then takes sync jobs in batches
+    marks = tmp_path / "marks"
+    c.client.submit_job(MarkSleep.spec([str(marks), 6], job_id="long"))
+    wait_for(lambda: marks.exists(), what="long started")
+    os.kill(worker.pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: c.client.stats()["totals"]["redelivered"] == 1,
+                 what="long redelivered after the lease")
+    finally:
+        os.kill(worker.pid, signal.SIGCONT)
+    long = c.wait_job("long", timeout=40)
+    assert long["status"] == "succeeded", long
+    assert marks.read_text().split() == ["long", "long"], c.logs()   # the lost run, one more
+    assert long["attempts"] == 2, (long, c.logs())
+    c.client.submit_job(Add.spec([1, 2], job_id="after"))
+    assert c.wait_job("after")["result"] == 3
+    assert worker.alive()
+
+
+def test_a_job_holding_its_gil_does_not_stop_its_workers_heartbeats(make_cluster, tmp_path):
+    """A job held its process's GIL in native code (a long regex match, a C extension) while
+    the worker sent that process more jobs than the pipe holds: the process's reader thread
+    could not read, and the worker's send waited, its loop and heartbeats with it, until
+    the job ended. Past the lease every job of the worker was redelivered and ran again."""
+    c = make_cluster(LEASE_SECONDS=3)
+    c.start_master()
+    worker = c.start_worker("--concurrency", "1")
+    c.client.submit_jobs([HoldGil.spec([0], job_id="kind"),   # their kinds known: they
+                          PadLength.spec(["x"], job_id="kind-too")])   # are not sent alone
+    c.wait_job("kind")
+    c.wait_job("kind-too")
+    batches_form(c)   # its one process then takes sync jobs in batches
+    marks = tmp_path / "marks"
+    c.client.submit_job(HoldGil.spec([8, str(marks)], job_id="hog"))
+    wait_for(marks.exists, what="hog started")
+    c.client.submit_job(PadLength.spec(["x" * 2_000_000], job_id="big"))   # behind it
+    assert c.wait_job("big", timeout=40)["result"] == 2_000_000
+    hog = c.wait_job("hog")
+    assert (hog["status"], hog["attempts"]) == ("succeeded", 1), c.logs()
+    assert c.client.stats()["totals"]["redelivered"] == 0, c.logs()
+    assert worker.alive()
+
+
 def test_shutdown_with_cancel_futures_settles_the_futures_of_jobs_still_running():
     """Pool is a concurrent.futures.Executor: a caller of submit must not wait forever for
     a job that shutdown stopped."""
@@ -1107,6 +1176,23 @@ def test_the_handle_of_a_submission_sent_again_waits_for_the_job(cluster):
         assert again == first and again.submitted == "running"
         assert again.result(timeout=30)["tag"] == "once"
         assert Sleep.submit_with(args=[2, "once"], job_id="report").result()["tag"] == "once"
+    finally:
+        set_default_client(None)
+
+
+def test_a_handles_wait_lasts_its_whole_timeout(cluster):
+    """result(timeout=T) gave up as soon as its next poll (up to a second away) would have
+    come after T: a job that ended in that last second raised TimeoutError, "still queued
+    after 3s", when less than that had passed."""
+    from elric.client import set_default_client
+
+    set_default_client(cluster.client)
+    try:
+        handle = Sleep.submit_with(args=[1], job_id="waits")   # no worker: it stays queued
+        began = time.monotonic()
+        with pytest.raises(TimeoutError, match="job waits still queued after 3s"):
+            handle.result(timeout=3)
+        assert 3.0 <= time.monotonic() - began < 4.5
     finally:
         set_default_client(None)
 
@@ -1252,6 +1338,25 @@ def test_a_job_whose_error_text_is_not_unicode_is_recorded_and_its_batch_too(clu
     assert worker.alive()
 
 
+def test_the_errors_of_many_big_failed_attempts_stay_small_enough_to_show(make_cluster):
+    """Each attempt's error is cut to RESULT_MAX_BYTES, but a job's record kept every
+    attempt's: a job retried with long errors (an exception naming a big response) grew
+    past RPC_MAX_MESSAGE, and get_job (elric job, the dashboard, a handle's result()) then
+    failed with an internal error for it, for good."""
+    cluster = make_cluster(RPC_MAX_MESSAGE=1 << 20, RETRY_BACKOFF=0.01,
+                           RETRY_BACKOFF_MAX=0.02)   # RESULT_MAX_BYTES: 128 KiB
+    cluster.start_master()
+    cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job(Fail.spec(["x" * 120_000 + " the end"], job_id="big",
+                                        max_retries=9))
+    big = cluster.wait_job("big", timeout=60)
+    assert (big["status"], big["attempts"]) == ("failed", 10), big["status"]
+    assert len(big["error"].encode()) <= 128 * 1024, len(big["error"])
+    assert big["error"].startswith("[... cut ...]\n--- attempt "), big["error"][:100]
+    assert big["error"].rstrip().endswith("ValueError: " + "x" * 120_000 + " the end")
+    assert "--- attempt 10 ---" in big["error"]
+
+
 @pytest.mark.parametrize("func, named", [(ExitUnprintable, "SystemExit: <exception str() failed>"),
                                          (AsyncExitUnprintable, "SystemExit: <exception str("),
                                          (FailBadRetryAfter, "_BadRetryAfter: failed")])
@@ -1341,6 +1446,41 @@ def test_signal_handlers_a_job_changed_are_put_back_for_the_jobs_after_it(cluste
     for p in descendants(worker.pid):
         p.send_signal(signal.SIGTERM)
     assert cluster.wait_job("calm")["status"] == "succeeded", cluster.logs()
+    assert worker.alive()
+
+
+def test_sigpipe_and_sigchld_a_job_changed_are_put_back_for_the_jobs_after_it(cluster):
+    """A job that set SIGPIPE to its default (a script's idiom) or ignored SIGCHLD (against
+    zombies) left it so for the next jobs of its process: a write to a closed socket then
+    killed the process (the job failed as a crash, the jobs beside it ran again), and every
+    subprocess exited 0 whatever it returned, as its status could not be waited for."""
+    worker = cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job(LooseSignals.spec([], job_id="loosens"))
+    assert cluster.wait_job("loosens")["result"] == "loosened"
+    cluster.client.submit_job(ChildAndPipe.spec([], job_id="after"))
+    after = cluster.wait_job("after")
+    assert (after["status"], after["result"]) == ("succeeded", [3, "BrokenPipeError"]), after
+    assert worker.alive()
+
+
+def test_signals_a_job_left_blocked_are_unblocked_for_the_jobs_after_it(cluster):
+    """A job that left SIGALRM and SIGUSR1 blocked (pthread_sigmask) left its process deaf to
+    the next jobs' timeouts and cancels: each ran on for KILL_GRACE and then lost its
+    process, recorded as killed."""
+    c = cluster.client
+    worker = cluster.start_worker("--concurrency", "1")
+    c.submit_job(BlockSignals.spec([], job_id="blocks"))
+    assert cluster.wait_job("blocks")["result"] == "blocked"
+    c.submit_job(Sleep.spec([30], job_id="slow", timeout=1))
+    slow = cluster.wait_job("slow")
+    assert slow["status"] == "failed", slow
+    assert "JobTimeout: ran past its timeout of 1s\n" in slow["error"], slow["error"]
+    assert "killed" not in slow["error"], slow["error"]
+    c.submit_job(Sleep.spec([30], job_id="stopped"))
+    wait_for(lambda: c.get_job("stopped")["status"] == "running", what="stopped started")
+    c.cancel_job("stopped")
+    stopped = cluster.wait_job("stopped", statuses=("cancelled",))
+    assert "killed" not in stopped["error"], stopped["error"]
     assert worker.alive()
 
 

@@ -4,7 +4,7 @@
 -- ARGV: job prefix, batch stats prefix, dedupe set prefix, result ttl (s),
 --       failed ttl (s), limit running prefix, wake prefix,
 --       round prefix, func stats prefix, minute stats prefix, minute ttl (s), worker id,
---       limit parked prefix, then per job: job_id, attempt, outcome ('ok' | 'err' |
+--       limit parked prefix, the most bytes of a job's error (RESULT_MAX_BYTES), then per job: job_id, attempt, outcome ('ok' | 'err' |
 --       'cancel': stopped by cancel.lua's request), payload (result bytes | traceback),
 --       duration (ms), the histogram field that duration counts in ('le:{ms}', from
 --       elric/jobstats.py), retry delay (ms; -1: no retry)
@@ -29,6 +29,7 @@ local rp, wp, roundp, fp = ARGV[6], ARGV[7], ARGV[8], ARGV[9]
 local minute, minute_ttl = ARGV[10] .. math.floor(now / 60000), ARGV[11]
 local worker = ARGV[12]
 local slots = {jp = jp, rp = rp, pp = ARGV[13], due = KEYS[8], wp = wp}
+local error_max = tonumber(ARGV[14])
 local out = {}
 -- increments summed per hash and field, written once per call (a call holds a chunk of
 -- jobs, mostly of one func and batch)
@@ -48,7 +49,7 @@ local function add_timed(key, status, duration, bucket)
   add(key, bucket, 1)
   touched[key] = true
 end
-for i = 14, #ARGV, 7 do
+for i = 15, #ARGV, 7 do
   local id, attempt, outcome, payload = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local duration, bucket, retry = tonumber(ARGV[i + 4]), ARGV[i + 5], tonumber(ARGV[i + 6])
   local jk = jp .. id
@@ -77,7 +78,16 @@ for i = 14, #ARGV, 7 do
                  'duration_ms', duration)
       redis.call('EXPIRE', jk, result_ttl)
     else
-      local err = (f[6] or '') .. '--- attempt ' .. attempt .. ' ---\n' .. payload .. '\n'
+      local before, this = f[6] or '', '--- attempt ' .. attempt .. ' ---\n' .. payload .. '\n'
+      if before ~= '' and #before + #this > error_max then
+        -- every attempt's error adds up (each is cut to about error_max): keep this one and
+        -- the latest before it that fit, from an attempt's start, or the record outgrows
+        -- what get_job can send
+        local kept = string.sub(before, math.max(1, #before - (error_max - #this) + 1))
+        local at = #this < error_max and string.find(kept, '--- attempt ', 1, true)
+        before = '[... cut ...]\n' .. (at and string.sub(kept, at) or '')
+      end
+      local err = before .. this
       if outcome == 'cancel' then
         status, index = 'cancelled', KEYS[9]
         redis.call('HSET', jk, 'status', status, 'error', err, 'finished_at', now,
