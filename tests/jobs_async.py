@@ -155,3 +155,18 @@ class AsyncGroupFail(Job):
 
         async with asyncio.TaskGroup() as group:
             group.create_task(fetch())
+
+
+class AsyncNestedGroupFail(Job):
+    """Fails in a TaskGroup inside a task of another: a crawl of sites, each of many pages."""
+
+    async def run(self, message):
+        async def fetch():
+            raise ValueError(message)
+
+        async def site():
+            async with asyncio.TaskGroup() as pages:
+                pages.create_task(fetch())
+
+        async with asyncio.TaskGroup() as sites:
+            sites.create_task(site())
