@@ -69,7 +69,9 @@ class Housekeeping:
 
     async def _redeliver(self) -> None:
         now = await redis_now(self.redis)
-        if now - self._redelivered_at > REDELIVER_GAP:   # (and at start: Redis may be back)
+        # (and at start: Redis may be back); a step back too: a hold set before it would
+        # last as long as the step
+        if abs(now - self._redelivered_at) > REDELIVER_GAP:
             # the leases that ran out meanwhile are also those of live workers, which could
             # not renew them: they would run twice
             self._hold_until = now + REDELIVER_HOLD
