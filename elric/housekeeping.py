@@ -18,7 +18,7 @@ from elric.clock import redis_now
 from elric.health import TaskHealth
 from elric.queue import RedisQueue
 from elric.reservation import DedupeGate
-from elric.retry import REDIS_ERRORS, Backoff, Outage, cancel_pending, each
+from elric.retry import REDIS_ERRORS, Backoff, Outage, cancel_pending, each, is_outage
 
 log = logging.getLogger("elric.master")
 
@@ -54,7 +54,9 @@ class Housekeeping:
                                     if isinstance(exc, REDIS_ERRORS) else
                                     f"failing ({type(exc).__name__}: {exc}); retrying")
                 outage.failed(exc)
-                await asyncio.sleep(backoff.next())
+                # a step refused for its own key (not Redis away) still passes once a
+                # second: a longer wait would read as a gap and hold redelivery for good
+                await asyncio.sleep(backoff.next() if is_outage(exc) else 1.0)
         raise asyncio.CancelledError
 
     async def pass_once(self) -> None:
@@ -67,7 +69,9 @@ class Housekeeping:
 
     async def _redeliver(self) -> None:
         now = await redis_now(self.redis)
-        if now - self._redelivered_at > REDELIVER_GAP:   # (and at start: Redis may be back)
+        # (and at start: Redis may be back); a step back too: a hold set before it would
+        # last as long as the step
+        if abs(now - self._redelivered_at) > REDELIVER_GAP:
             # the leases that ran out meanwhile are also those of live workers, which could
             # not renew them: they would run twice
             self._hold_until = now + REDELIVER_HOLD

@@ -169,8 +169,15 @@ def _exception(error: str) -> str:
     body, sub = lines[start + 1:], []
     if lines[start] != _TRACEBACKS[0]:   # a group: "  | " lines, then "  +-+---" and its first
         own = [line[4:] for line in body if line.startswith("  | ")]
-        sub = [line[6:] for line in itertools.takewhile(
-            lambda line: not line.startswith("    +"), body[len(own) + 1:])]
+        # its first ends at "    +---" (a group inside it opens its own with "    +-+---")
+        sub = [line[4:] for line in itertools.takewhile(
+            lambda line: not line.startswith("    +") or line.startswith("    +-+"),
+            body[len(own) + 1:])]
+        if any(line.startswith("+-+") for line in sub):   # a group: as one at the top
+            sub = sub[1:] if sub[0] == "| " + _TRACEBACKS[1][4:] else sub   # (if raised)
+            sub = [_TRACEBACKS[1], *(f"  {line}" for line in sub)]
+        else:
+            sub = [line[2:] for line in sub]
         body = own
     # frames are indented; the exception starts at the first line that is not
     text = " ".join(line.strip() for line in itertools.dropwhile(

@@ -321,7 +321,10 @@ class Worker:
         Redis for a wake token of this worker's queues (at most ``timeout``). The room is
         taken now, with no await before the send, so a pause or new queues told meanwhile
         either apply to it or find it to end."""
-        fetch = 0 if self.buffer or self.suspects or not for_work else self._fetch_size()
+        # none when it can start nothing now: the token it took may be a limited job's, which
+        # it may not claim, and an idle worker would then wait its own timeout for the job
+        fetch = 0 if (self.buffer or self.suspects or not for_work
+                      or not self._start_size()) else self._fetch_size()
         if fetch > 0 and self._waiting is None:
             lists = [*(self.keys.wake(q) for q in self.queues),
                      self.keys.worker_wake(self.worker_id)]

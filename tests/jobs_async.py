@@ -170,3 +170,18 @@ class SyncGetsEventLoop(Job):
             return loop.run_until_complete(double())
         finally:
             loop.close()
+
+
+class AsyncNestedGroupFail(Job):
+    """Fails in a TaskGroup inside a task of another: a crawl of sites, each of many pages."""
+
+    async def run(self, message):
+        async def fetch():
+            raise ValueError(message)
+
+        async def site():
+            async with asyncio.TaskGroup() as pages:
+                pages.create_task(fetch())
+
+        async with asyncio.TaskGroup() as sites:
+            sites.create_task(site())

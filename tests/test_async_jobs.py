@@ -11,9 +11,9 @@ import pytest
 from tests.conftest import wait_for
 from tests.jobs import Add
 from tests.jobs_faults import SwallowTimeout, count_lines
-from tests.jobs_async import (AsyncBlock, AsyncCrash, AsyncFail, AsyncFlaky, AsyncSleep,
-                              AsyncSpawn, AsyncStubborn, HiddenAsync, SyncGetsEventLoop,
-                              SyncRunsAsyncio, SyncSpan)
+from tests.jobs_async import (AsyncBlock, AsyncCrash, AsyncFail, AsyncFlaky,
+                              AsyncNestedGroupFail, AsyncSleep, AsyncSpawn, AsyncStubborn,
+                              HiddenAsync, SyncGetsEventLoop, SyncRunsAsyncio, SyncSpan)
 from tests.test_resilience import descendants, lines, reap, worker_pid
 
 
@@ -45,6 +45,17 @@ def test_an_async_error_fails_with_its_traceback(cluster):
     assert job["status"] == "failed" and job["attempts"] == 1
     assert "ValueError: no such page" in job["error"]
     assert "Traceback" in job["error"] and "in run" in job["error"], job["error"]
+
+
+def test_a_job_list_names_the_error_of_a_task_group_inside_another(cluster):
+    """A TaskGroup in a task of another: the list showed the two groups' headers and not
+    the error inside ("ExceptionGroup: ... (1 sub-exception): ExceptionGroup: ...")."""
+    cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job(AsyncNestedGroupFail.spec(["gone\n  for good"], job_id="nest"))
+    assert cluster.wait_job("nest")["status"] == "failed"
+    [row] = cluster.client.list_jobs(status="failed")
+    assert row["error"].endswith("(1 sub-exception): ValueError: gone for good"), row["error"]
+    assert row["error"].count("ExceptionGroup: unhandled errors in a TaskGroup") == 2, row
 
 
 def test_an_async_job_is_retried_with_backoff_until_it_succeeds(make_cluster, tmp_path):

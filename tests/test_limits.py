@@ -410,3 +410,36 @@ def test_a_worker_busy_with_a_long_job_holds_no_slot_for_a_job_it_cannot_start(m
     jobs = [c.wait_job(s["job_id"], timeout=30) for s in keyed]
     assert all(j["status"] == "succeeded" for j in jobs), c.logs()
     assert c.client.get_job("long")["status"] == "running", "the key's jobs waited for it"
+
+
+def test_a_busy_workers_wait_leaves_a_limited_jobs_wake_token_to_an_idle_worker(redis_url):
+    """A worker whose pool is full may claim no limited job; its wait for work took the new
+    job's wake token all the same, claimed nothing, and an idle worker started the job
+    only at its own wait's timeout, a second later. A busy worker waits without a token."""
+    from elric.loading import JobModules
+    from elric.worker import Worker
+
+    async def main():
+        w = Worker(load_settings(env={"ELRIC_REDIS_URL": redis_url, "ELRIC_CONCURRENCY": "1"}))
+        w.redis = aredis.Redis.from_url(redis_url)
+        w.blocking_redis = aredis.Redis.from_url(redis_url)
+        w.queue, w.modules = RedisQueue(w.redis, w.keys), JobModules.load(["tests.jobs"])
+        running = SimpleNamespace(job_id="long")   # its one process runs a long job
+        w.pool = SimpleNamespace(last_async=False, claims=lambda: [running])
+        try:
+            await limits.publish(w.redis, w.keys, limits.parse_rules({"k": {"concurrency": 5}}))
+            assert w._start_size() == 0 and w._fetch_size() == 1
+            await w.queue.enqueue([normalize_spec({"func": "tests.jobs:Echo", "job_id": "j",
+                                                   "limit_key": "k"})])
+            assert await w.redis.llen(w.keys.wake("default")) == 1
+            await w._wait(0.2, for_work=True)
+            await w._take_woken()
+            assert not w.buffer
+            # the token is still there for a worker that can start the job
+            assert await w.redis.llen(w.keys.wake("default")) == 1
+        finally:
+            if w._waiting is not None:
+                w._waiting.cancel()
+            await w.redis.aclose()
+            await w.blocking_redis.aclose()
+    asyncio.run(main())

@@ -445,6 +445,33 @@ def test_a_job_running_through_a_redis_outage_past_its_lease_is_not_run_again(tm
         server.cleanup()
 
 
+def test_a_step_failing_every_pass_does_not_hold_redelivery_for_good(make_cluster, tmp_path):
+    """A key of another type (an operator's) fails a housekeeping step at every pass, and
+    the loop backs off up to 5 s between passes: that gap, taken for Redis away, held
+    redelivery again at every pass, so a dead worker's job stayed running for good."""
+    c = make_cluster(LEASE_SECONDS=2)
+    r = redis.Redis.from_url(c.redis_url)
+    r.set(KEYS.dedupe_rounds, "not a zset")   # dropping old rounds fails each pass
+    r.close()
+    marks = tmp_path / "runs.txt"
+    begun = time.monotonic()
+    master = c.start_master()
+    victim = c.start_worker("--concurrency", "1")
+    pool = descendants(victim.pid)
+    try:
+        c.client.submit_job(MarkSleep.spec([str(marks), 30], job_id="held"))
+        wait_for(lambda: lines(marks), what="the job started")
+        # failed passes back off 0.5, 1, 2, then 4 s: from 7.5 s on, passes are 4 s apart
+        wait_for(lambda: time.monotonic() > begun + 8, what="the passes backed off")
+        victim.kill()
+        assert "WRONGTYPE" in master.log(), c.logs()
+        c.start_worker("--concurrency", "1")
+        wait_for(lambda: len(lines(marks)) == 2, timeout=30, what="the job redelivered")
+        assert c.client.get_job("held")["attempts"] == 2, c.logs()
+    finally:
+        reap(pool)
+
+
 # --- 7. Redis stopped and started again under load ----------------------------------------
 
 class Submitter(threading.Thread):
