@@ -46,6 +46,23 @@ def get(url: str, **headers) -> tuple[int, str]:
         return exc.code, exc.read().decode()
 
 
+def logged_in(base: str) -> urllib.request.OpenerDirector:
+    """An opener that has logged in to the dashboard at ``base``: it keeps the cookie."""
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor())
+    opener.open(base + "/login", data=urllib.parse.urlencode({"password": PASSWORD}).encode())
+    return opener
+
+
+def dashboard_with_a_job(make_cluster, **settings):
+    """A master with its dashboard on a free port, and job j1 queued where no worker looks."""
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}", **settings)
+    cluster.start_master()
+    cluster.client.submit_job({"func": "tests.jobs:Add", "args": [1, 2], "job_id": "j1",
+                               "queue": "nobody"})
+    return cluster, port
+
+
 def counts(page) -> dict[str, str]:
     """The overview's job counts, as the page shows them."""
     return {card.get_attribute("id"): card.locator("b").inner_text()
@@ -225,8 +242,7 @@ def test_actions_need_the_session_token_and_metrics_need_the_password(make_clust
     assert 'name="password"' in html and "tests.jobs:Add" not in html   # a login instead
 
     # logged in, a POST without the form's token, or from another site, changes nothing
-    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor())
-    opener.open(base + "/login", data=urllib.parse.urlencode({"password": PASSWORD}).encode())
+    opener = logged_in(base)
     html = opener.open(base + "/jobs?status=queued").read().decode()
     token = re.search(r'name="csrf" value="([0-9a-f]+)"', html).group(1)
     for form, headers in (({}, {}), ({"csrf": token}, {"Origin": "http://evil.example"})):
@@ -292,8 +308,7 @@ def test_an_action_that_did_nothing_is_not_counted_done(make_cluster):
     cluster.client.cancel_job("j2")
     cluster.client.submit_job(Echo.spec(job_id="tick", trigger=every(hours=1)))
     base = f"http://127.0.0.1:{port}"
-    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor())
-    opener.open(base + "/login", data=urllib.parse.urlencode({"password": PASSWORD}).encode())
+    opener = logged_in(base)
     html = opener.open(base + "/jobs").read().decode()
     token = re.search(r'name="csrf" value="([0-9a-f]+)"', html).group(1)
 
@@ -320,8 +335,7 @@ def test_a_page_offset_or_a_pool_size_that_is_no_number_is_no_crash(make_cluster
     cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}", DASHBOARD_PASSWORD=PASSWORD)
     cluster.start_master()
     base = f"http://127.0.0.1:{port}"
-    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor())
-    opener.open(base + "/login", data=urllib.parse.urlencode({"password": PASSWORD}).encode())
+    opener = logged_in(base)
     for path in ("/jobs?offset=%C2%B2", "/schedules?offset=%C2%B2"):   # "²" is a digit
         assert opener.open(base + path).status == 200
     # past what Redis's ZRANGE takes (a signed 64-bit index): an empty page, as past the end
@@ -571,14 +585,9 @@ def test_a_worker_silent_longer_than_its_record_lives_is_forgotten(make_cluster,
 
 
 def test_a_job_deleted_from_its_page_says_it_was_deleted(make_cluster):
-    port = free_port()
-    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}", DASHBOARD_PASSWORD=PASSWORD)
-    cluster.start_master()
-    cluster.client.submit_job({"func": "tests.jobs:Add", "args": [1, 2], "job_id": "j1",
-                               "queue": "nobody"})
+    cluster, port = dashboard_with_a_job(make_cluster, DASHBOARD_PASSWORD=PASSWORD)
     base = f"http://127.0.0.1:{port}"
-    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor())
-    opener.open(base + "/login", data=urllib.parse.urlencode({"password": PASSWORD}).encode())
+    opener = logged_in(base)
     html = opener.open(base + "/jobs/j1").read().decode()
     token = re.search(r'name="csrf" value="([0-9a-f]+)"', html).group(1)
     data = urllib.parse.urlencode({"kind": "job", "action": "delete", "id": "j1",
@@ -593,11 +602,7 @@ def test_a_job_deleted_from_its_page_says_it_was_deleted(make_cluster):
 
 
 def test_the_jobs_an_operator_ticked_stay_ticked_when_the_list_refreshes(make_cluster, browser):
-    port = free_port()
-    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}")
-    cluster.start_master()
-    cluster.client.submit_job({"func": "tests.jobs:Add", "args": [1, 2], "job_id": "j1",
-                               "queue": "nobody"})
+    cluster, port = dashboard_with_a_job(make_cluster)
     page = browser.new_page()
     page.goto(f"http://127.0.0.1:{port}/jobs?status=queued")
     page.locator("tr.job[data-id=j1] input[type=checkbox]").check()
@@ -804,11 +809,7 @@ def test_a_failed_login_keeps_its_message_and_where_it_was_going(make_cluster, b
     """The login page refreshed itself every 2 s as the live pages do: after a wrong
     password (a POST to /login) it fetched /login, which wiped "wrong password" and the page
     asked for (the next login went to the overview), once the focus left the box."""
-    port = free_port()
-    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}", DASHBOARD_PASSWORD=PASSWORD)
-    cluster.start_master()
-    cluster.client.submit_job({"func": "tests.jobs:Add", "args": [1, 2], "job_id": "j1",
-                               "queue": "nobody"})
+    cluster, port = dashboard_with_a_job(make_cluster, DASHBOARD_PASSWORD=PASSWORD)
     base = f"http://127.0.0.1:{port}"
     page = browser.new_page()
     page.clock.install()   # the page's timers run when the test says
@@ -868,8 +869,7 @@ def test_an_action_refused_behind_a_proxy_that_rewrites_host_says_what_to_set(ma
     cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}", DASHBOARD_PASSWORD=PASSWORD)
     cluster.start_master()
     base = f"http://127.0.0.1:{port}"
-    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor())
-    opener.open(base + "/login", data=urllib.parse.urlencode({"password": PASSWORD}).encode())
+    opener = logged_in(base)
     html = opener.open(base + "/jobs").read().decode()
     token = re.search(r'name="csrf" value="([0-9a-f]+)"', html).group(1)
     data = urllib.parse.urlencode({"kind": "job", "action": "delete", "id": "j1",

@@ -25,6 +25,14 @@ from tests.test_async_jobs import most_at_once
 SLOW = {"concurrency": 2, "rate": 5}
 
 
+async def _close(worker) -> None:
+    """Close a worker a test built in its own process (no run: no stop to do it)."""
+    if worker._waiting is not None:
+        worker._waiting.cancel()
+    await worker.redis.aclose()
+    await worker.blocking_redis.aclose()
+
+
 def test_a_limited_host_keeps_its_limits_across_workers_while_others_run_at_full_speed(
         make_cluster):
     c = make_cluster(LIMITS=json.dumps({"slow.test": SLOW}))
@@ -325,10 +333,7 @@ def test_an_idle_workers_fetch_claims_a_job_the_moment_it_is_queued(redis_url):
             await asyncio.wait_for(w._end_wait(), 2)
             assert w._waiting is None
         finally:
-            if w._waiting is not None:
-                w._waiting.cancel()
-            await w.redis.aclose()
-            await w.blocking_redis.aclose()
+            await _close(w)
     asyncio.run(main())
 
 
@@ -438,8 +443,5 @@ def test_a_busy_workers_wait_leaves_a_limited_jobs_wake_token_to_an_idle_worker(
             # the token is still there for a worker that can start the job
             assert await w.redis.llen(w.keys.wake("default")) == 1
         finally:
-            if w._waiting is not None:
-                w._waiting.cancel()
-            await w.redis.aclose()
-            await w.blocking_redis.aclose()
+            await _close(w)
     asyncio.run(main())

@@ -21,6 +21,29 @@ from tests.conftest import wait_for
 from tests.test_dedupe_keys_given_back import master
 
 
+def unblock_its_wait(redis_url: str, pid: int, what: str) -> float:
+    """End, as Redis does in a failover (CLIENT UNBLOCK ... ERROR), the BLPOP that process
+    ``pid`` waits in; returns the time just before."""
+    import time
+
+    import psutil
+    import redis
+
+    r = redis.Redis.from_url(redis_url)
+    try:
+        def blocked_wait():   # the process's connection that waits in BLPOP
+            ports = {c.laddr.port for c in psutil.Process(pid).net_connections("tcp")
+                     if c.raddr}
+            return next((c["id"] for c in r.client_list() if c["cmd"] == "blpop"
+                         and int(c["addr"].rsplit(":", 1)[1]) in ports), None)
+        client_id = wait_for(blocked_wait, what=what)
+        unblocked = time.time()
+        assert r.execute_command("CLIENT", "UNBLOCK", client_id, "ERROR") == 1
+        return unblocked
+    finally:
+        r.close()
+
+
 def test_housekeeping_goes_on_after_an_error_it_does_not_know(redis_url):
     async def main():
         async with master(redis_url) as m:
@@ -205,26 +228,12 @@ def test_a_worker_whose_wait_for_work_is_unblocked_with_an_error_goes_on(cluster
     error when it turns into a replica (a failover) or on CLIENT UNBLOCK ... ERROR. That
     error was raised as a bug: the worker stopped. It passes like an outage: the worker
     fetches again and runs what comes."""
-    import psutil
-    import redis
-
-    from tests.conftest import wait_for
     from tests.jobs import Add
 
     worker = cluster.start_worker("--concurrency", "1")
     cluster.client.submit_job(Add.spec([1, 2], job_id="before"))
     assert cluster.wait_job("before")["result"] == 3
-    r = redis.Redis.from_url(cluster.redis_url)
-    try:
-        def blocked_wait():   # the worker's connection that waits in BLPOP
-            ports = {c.laddr.port for c in psutil.Process(worker.pid).net_connections("tcp")
-                     if c.raddr}
-            return next((c["id"] for c in r.client_list() if c["cmd"] == "blpop"
-                         and int(c["addr"].rsplit(":", 1)[1]) in ports), None)
-        client_id = wait_for(blocked_wait, what="the worker waiting for work")
-        assert r.execute_command("CLIENT", "UNBLOCK", client_id, "ERROR") == 1
-    finally:
-        r.close()
+    unblock_its_wait(cluster.redis_url, worker.pid, "the worker waiting for work")
     cluster.client.submit_job(Add.spec([2, 3], job_id="after"))
     wait_for(lambda: not worker.alive() or cluster.client.get_job("after")["status"]
              == "succeeded", what="the job run, or the worker gone")
@@ -554,28 +563,10 @@ def test_the_schedulers_wait_unblocked_with_an_error_is_no_bug(cluster):
     """The scheduling master waits for the next fire in a BLPOP, which Redis ends with an
     UNBLOCKED error when it turns into a replica (a failover) or on CLIENT UNBLOCK ...
     ERROR. The scheduler logged that as a bug, an ERROR with its traceback; it is a wake."""
-    import time
-
-    import psutil
-    import redis
-
-    from tests.conftest import wait_for
-
     master = cluster.procs[0]
     wait_for(lambda: cluster.client.stats()["scheduler"]["this_master_schedules"],
              what="the master schedules")
-    r = redis.Redis.from_url(cluster.redis_url)
-    try:
-        def blocked_wait():   # the scheduler's connection that waits in BLPOP
-            ports = {c.laddr.port for c in psutil.Process(master.pid).net_connections("tcp")
-                     if c.raddr}
-            return next((c["id"] for c in r.client_list() if c["cmd"] == "blpop"
-                         and int(c["addr"].rsplit(":", 1)[1]) in ports), None)
-        client_id = wait_for(blocked_wait, what="the scheduler waiting")
-        unblocked = time.time()
-        assert r.execute_command("CLIENT", "UNBLOCK", client_id, "ERROR") == 1
-    finally:
-        r.close()
+    unblocked = unblock_its_wait(cluster.redis_url, master.pid, "the scheduler waiting")
     wait_for(lambda: (cluster.client.health()["tasks"]["scheduler"]["progress_at"] or 0)
              > unblocked, what="a scheduler pass after the wait")
     assert "UNBLOCKED" not in master.log(), master.log()
