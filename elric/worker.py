@@ -248,25 +248,20 @@ class Worker:
     def _chunk_size(self) -> int:
         return max(1, min(self.max_chunk, int(CHUNK_SECONDS / max(self.avg_job_seconds, 1e-6))))
 
-    def _fetch_size(self) -> int:
+    def _sizes(self) -> tuple[int, int]:
         """Room for jobs: the slots of the kind of job this worker saw last, and a small
-        prefetch, less what it holds. Sized to what it can start now, so a worker
+        prefetch, less what it holds; and of that room, the jobs it could start now, the
+        only ones that may be of a limited key (a claim holds its key's slot: one waiting
+        behind others would hold it idle). Sized to what it can start now, so a worker
         started later still finds work. A paused worker fetches nothing."""
         if self.paused:
-            return 0
-        room, prefetch = self._room()
-        return room + prefetch - len(self._claims())
-
-    def _room(self) -> tuple[int, int]:
-        """Jobs the pool can run now, and the prefetch beyond them."""
+            return 0, 0
         if self.pool.last_async:
-            return self.concurrency * self.async_slots, self.concurrency
-        return self.concurrency * self._chunk_size(), self.concurrency * self._chunk_size()
-
-    def _start_size(self) -> int:
-        """Of a fetch, the jobs it could start now: only those may be of a limited key, as a
-        claim holds its key's slot, and one waiting behind others would hold it idle."""
-        return max(0, self._room()[0] - len(self._claims()))
+            slots, prefetch = self.concurrency * self.async_slots, self.concurrency
+        else:
+            slots = prefetch = self.concurrency * self._chunk_size()
+        held = len(self._claims())
+        return slots + prefetch - held, max(0, slots - held)
 
     async def _loop(self) -> None:
         backoff = Backoff()
@@ -282,7 +277,7 @@ class Worker:
                 self._outages["waiting for work"].failed(exc)
                 await self._wait(self._wait_backoff.next())
                 continue
-            want = self._fetch_size()
+            want, start = self._sizes()
             if self._waiting is not None:   # a fetch is out already: it brings the work
                 await self._wait(1.0)
                 continue
@@ -292,7 +287,7 @@ class Worker:
                     ended, self.ended = self.ended, []
                     fetched = await self.queue.fetch(self.worker_id, self.queues,
                                                      max(want, 0), self.lease, ended,
-                                                     start=self._start_size())
+                                                     start=start)
                     backoff.reset()
                     self._outages["fetching jobs"].passed()
                     fetched.claims = await self._hand_back_others(fetched.claims, asked)
@@ -323,14 +318,14 @@ class Worker:
         either apply to it or find it to end."""
         # none when it can start nothing now: the token it took may be a limited job's, which
         # it may not claim, and an idle worker would then wait its own timeout for the job
-        fetch = 0 if (self.buffer or self.suspects or not for_work
-                      or not self._start_size()) else self._fetch_size()
-        if fetch > 0 and self._waiting is None:
+        fetch, start = (0, 0) if self.buffer or self.suspects or not for_work else \
+            self._sizes()
+        if fetch > 0 and start > 0 and self._waiting is None:
             lists = [*(self.keys.wake(q) for q in self.queues),
                      self.keys.worker_wake(self.worker_id)]
             self._waiting_since = time.monotonic()
             self._waiting = asyncio.create_task(self.queue.fetch(
-                self.worker_id, self.queues, fetch, self.lease, start=self._start_size(),
+                self.worker_id, self.queues, fetch, self.lease, start=start,
                 wake_on=WakeOn(self.blocking_redis, lists, timeout)))
         waiters = [asyncio.ensure_future(self._changed.wait())]
         if self._waiting is not None:
@@ -708,7 +703,7 @@ class Worker:
             self.pool.resize(control.concurrency)
             log.info("worker %s: pool resized to %d processes (was %d)", self.worker_id,
                      control.concurrency, self.concurrency)
-            self.concurrency = control.concurrency   # _fetch_size fetches for this many
+            self.concurrency = control.concurrency   # _sizes fetches for this many
             self._changed.set()
         if control.stop and not self.stopping:
             log.info("worker %s: asked to stop", self.worker_id)

@@ -433,7 +433,7 @@ def test_a_busy_workers_wait_leaves_a_limited_jobs_wake_token_to_an_idle_worker(
         w.pool = SimpleNamespace(last_async=False, claims=lambda: [running])
         try:
             await limits.publish(w.redis, w.keys, limits.parse_rules({"k": {"concurrency": 5}}))
-            assert w._start_size() == 0 and w._fetch_size() == 1
+            assert w._sizes() == (1, 0)
             await w.queue.enqueue([normalize_spec({"func": "tests.jobs:Echo", "job_id": "j",
                                                    "limit_key": "k"})])
             assert await w.redis.llen(w.keys.wake("default")) == 1
