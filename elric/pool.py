@@ -358,7 +358,8 @@ class Pool(Executor):
         cannot, and a blocking send would hold up the worker's loop, heartbeats too, until
         the job ends (past the lease: every job of the worker redelivered)."""
         if proc.conn.closed:   # shut down: it takes nothing more
-            return proc.unsent.clear()
+            proc.unsent.clear()
+            return
         fd = proc.conn.fileno()
         try:
             sent = os.write(fd, proc.unsent)

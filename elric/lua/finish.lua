@@ -4,8 +4,9 @@
 -- ARGV: job prefix, batch stats prefix, dedupe set prefix, result ttl (s),
 --       failed ttl (s), limit running prefix, wake prefix,
 --       round prefix, func stats prefix, minute stats prefix, minute ttl (s), worker id,
---       limit parked prefix, the most bytes of a job's error (RESULT_MAX_BYTES), then per job: job_id, attempt, outcome ('ok' | 'err' |
---       'cancel': stopped by cancel.lua's request), payload (result bytes | traceback),
+--       limit parked prefix, the most bytes of a job's error (RESULT_MAX_BYTES), then
+--       per job: job_id, attempt, outcome ('ok' | 'err' | 'cancel': stopped by
+--       cancel.lua's request), payload (result bytes | traceback),
 --       duration (ms), the histogram field that duration counts in ('le:{ms}', from
 --       elric/jobstats.py), retry delay (ms; -1: no retry)
 -- Returns per job its new status, or 'stale' for a job this worker no longer holds (it was
