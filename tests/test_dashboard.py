@@ -760,6 +760,36 @@ def test_a_schedules_failed_run_links_to_its_job_and_traceback(make_cluster, bro
     assert fire in page.locator("h1").inner_text()
 
 
+def test_a_periodic_jobs_page_shows_its_runs_and_the_schedules_actions(make_cluster,
+                                                                       browser):
+    """A periodic job's own page showed its runs as raw Python maps, an empty "Result"
+    heading, and the buttons of a one-off job (delete) but not pause, resume or run now."""
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}", DASHBOARD_PASSWORD=PASSWORD)
+    cluster.start_master()
+    cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job(Fail.spec(["disk full"], job_id="nightly",
+                                        trigger=every(hours=24)))
+    fire = cluster.client.run_job("nightly")["fire_id"]
+    cluster.wait_job(fire)
+    page = browser.new_page()
+    page.goto(f"http://127.0.0.1:{port}/login?next=/jobs/nightly")
+    page.fill("input[name=password]", PASSWORD)
+    page.press("input[name=password]", "Enter")
+    page.wait_for_selector("h1:has-text('nightly')")
+    text = page.locator("main").inner_text()
+    assert "{'" not in text and "Result" not in text, text
+    assert page.get_by_role("link", name=fire).count() == 1, text
+    assert [b.inner_text() for b in page.locator("main form.inline button").all()] == [
+        "pause", "run now", "remove"]
+    page.get_by_role("button", name="pause").click()   # steered from here, back here
+    page.wait_for_selector("main form.inline button:has-text('resume')")
+    assert cluster.client.get_job("nightly")["paused"] is True
+    page.get_by_role("link", name=fire).click()   # the run's own page: why it failed
+    page.wait_for_selector("pre.bad")
+    assert "ValueError: disk full" in page.locator("pre.bad").inner_text()
+
+
 def test_the_failed_list_shows_the_exception_not_a_traceback_s_last_line(make_cluster,
                                                                          browser):
     """The list showed an error's last line: of a message of many lines its tail alone
