@@ -738,18 +738,25 @@ def test_a_bulk_delete_or_cancel_asks_first_as_the_one_job_buttons_do(make_clust
     page.wait_for_selector("text=delete: 3 of 3 done")
 
 
-def test_a_schedules_failed_run_links_to_its_job_and_traceback(make_cluster, browser):
-    """The schedules page showed a fire's outcome ("failed") with its job id only in a
-    tooltip: an operator could not get from "last night's run failed" to why without
-    copying the id out by hand."""
+def a_failed_nightly_run(make_cluster, **settings):
+    """A master with its dashboard, a worker, and periodic job "nightly" fired once: its run
+    failed ("disk full <sda>"). Returns the cluster, the dashboard's port, the run's id."""
     port = free_port()
-    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}")
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}", **settings)
     cluster.start_master()
     cluster.start_worker("--concurrency", "1")
     cluster.client.submit_job(Fail.spec(["disk full <sda>"], job_id="nightly",
                                         trigger=every(hours=24)))
     fire = cluster.client.run_job("nightly")["fire_id"]
     cluster.wait_job(fire)
+    return cluster, port, fire
+
+
+def test_a_schedules_failed_run_links_to_its_job_and_traceback(make_cluster, browser):
+    """The schedules page showed a fire's outcome ("failed") with its job id only in a
+    tooltip: an operator could not get from "last night's run failed" to why without
+    copying the id out by hand."""
+    cluster, port, fire = a_failed_nightly_run(make_cluster)
     page = browser.new_page()
     page.goto(f"http://127.0.0.1:{port}/schedules")
     link = page.locator("tr", has_text="nightly").get_by_role("link", name="failed")
@@ -764,14 +771,7 @@ def test_a_periodic_jobs_page_shows_its_runs_and_the_schedules_actions(make_clus
                                                                        browser):
     """A periodic job's own page showed its runs as raw Python maps, an empty "Result"
     heading, and the buttons of a one-off job (delete) but not pause, resume or run now."""
-    port = free_port()
-    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}", DASHBOARD_PASSWORD=PASSWORD)
-    cluster.start_master()
-    cluster.start_worker("--concurrency", "1")
-    cluster.client.submit_job(Fail.spec(["disk full"], job_id="nightly",
-                                        trigger=every(hours=24)))
-    fire = cluster.client.run_job("nightly")["fire_id"]
-    cluster.wait_job(fire)
+    cluster, port, fire = a_failed_nightly_run(make_cluster, DASHBOARD_PASSWORD=PASSWORD)
     page = browser.new_page()
     page.goto(f"http://127.0.0.1:{port}/login?next=/jobs/nightly")
     page.fill("input[name=password]", PASSWORD)
@@ -787,7 +787,7 @@ def test_a_periodic_jobs_page_shows_its_runs_and_the_schedules_actions(make_clus
     assert cluster.client.get_job("nightly")["paused"] is True
     page.get_by_role("link", name=fire).click()   # the run's own page: why it failed
     page.wait_for_selector("pre.bad")
-    assert "ValueError: disk full" in page.locator("pre.bad").inner_text()
+    assert "ValueError: disk full <sda>" in page.locator("pre.bad").inner_text()
 
 
 def test_the_failed_list_shows_the_exception_not_a_traceback_s_last_line(make_cluster,
