@@ -767,6 +767,17 @@ def test_a_schedules_failed_run_links_to_its_job_and_traceback(make_cluster, bro
     assert fire in page.locator("h1").inner_text()
 
 
+def test_the_job_list_of_status_scheduled_is_the_schedules_page(make_cluster):
+    """Picking "scheduled" in the job list's status filter showed the periodic jobs as rows
+    with a blank status and queue: they are listed where their triggers and runs show."""
+    cluster, port = dashboard_with_a_job(make_cluster)
+    cluster.client.submit_job(Fail.spec(["x"], job_id="nightly", trigger=every(hours=24)))
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/jobs?status=scheduled") as page:
+        html = page.read().decode()
+        assert page.url.endswith("/schedules"), page.url
+    assert "<h1>Schedules</h1>" in html and "<td>interval[1 day, 0:00:00]</td>" in html, html
+
+
 def test_a_periodic_jobs_page_shows_its_runs_and_the_schedules_actions(make_cluster,
                                                                        browser):
     """A periodic job's own page showed its runs as raw Python maps, an empty "Result"

@@ -176,6 +176,8 @@ class Dashboard:
         q = request.query
         if q.get("id", "").strip():   # (blanks alone: "/jobs/" was a bare 404)
             raise web.HTTPSeeOther(f"/jobs/{quote(q['id'].strip(), safe='')}")
+        if q.get("status") == Status.SCHEDULED:   # listed as schedules, they had no status
+            raise web.HTTPSeeOther("/schedules")   # (or queue) in this table's rows
         filters = {k: q[k] for k in ("status", "queue", "func", "batch") if q.get(k)}
         offset = _int(q.get("offset"), 0)
         unindexed = bool(filters.keys() & {"func", "batch"})   # these filters scan: bounded
