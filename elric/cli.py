@@ -10,38 +10,20 @@ import argparse
 import asyncio
 import itertools
 import json
-import logging
 import math
 import os
 import sys
 import time
 from datetime import datetime
 
-from elric import views
+from elric import logs, views
 from elric.bulk import JobFilter, left_alone, schedule_left_alone
 from elric.config import SettingsError, Unreachable, load_settings, names
 from elric.contract import STATUSES, ErrorCode, NotFound, SpecError, Status
 
 
-class JsonLines(logging.Formatter):
-    """LOG_FORMAT = "json": one object per line, for log collectors."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        line = {"time": record.created, "level": record.levelname, "logger": record.name,
-                "message": record.getMessage()}
-        for key in ("job_id", "func", "attempt"):   # set on job events (elric.jobs)
-            if hasattr(record, key):
-                line[key] = getattr(record, key)
-        if record.exc_info:
-            line["traceback"] = self.formatException(record.exc_info)
-        return json.dumps(line, default=str)
-
-
 def _logging(settings) -> None:
-    handler = logging.StreamHandler()
-    handler.setFormatter(JsonLines() if settings.LOG_FORMAT == "json" else logging.Formatter(
-        "%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=settings.LOG_LEVEL.upper(), handlers=[handler])
+    logs.configure(settings.LOG_LEVEL, settings.LOG_FORMAT)
 
 
 def cmd_master(args: argparse.Namespace) -> int:

@@ -28,7 +28,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from functools import partial
 
-from elric import codec
+from elric import codec, logs
 from elric import job as job_module
 from elric.contract import SpecError
 from elric.loading import JobModules, ModuleBroken
@@ -104,15 +104,7 @@ def serve(conn, job_modules: tuple[str, ...], worker_pid: int, cwd: str, log_lev
     ``cwd``: the worker's directory, where jobs run (not the fork server's empty one)."""
     with contextlib.suppress(OSError):   # gone since: the job's relative paths fail alone
         os.chdir(cwd)
-    handler = logging.StreamHandler()
-    if log_format == "json":   # as the worker logs: one format in its log, jobs' lines too
-        from elric.cli import JsonLines
-        handler.setFormatter(JsonLines())
-    else:
-        handler.setFormatter(logging.Formatter(
-            "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"))
-    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
-                        handlers=[handler])
+    logs.configure(log_level, log_format, name="%(name)s[%(process)d]")   # as the worker's
     _start_thread(_exit_with_worker, worker_pid)
     job_module.in_pool_process = True
     # stdout to a file or a pipe (a service's log) is block-buffered: what a job printed
