@@ -359,13 +359,17 @@ class RedisJobStore:
         """Make the job due now (Redis's clock), as APScheduler's modify(next_run_time=now):
         the scheduler, woken by the write, fires it by the usual rules (max_instances, runs,
         a "@fire" scope of its own) and then computes the next fire from this one. Returns
-        the fire time; None if there is no such job."""
+        the fire time; None if there is no such job. A fire already due and not yet fired
+        (an earlier run-now, no master scheduling for a moment) is the one answered: moved,
+        it would never fire, and whoever asked for it would wait for it in vain."""
         def change(job: StoredJob) -> StoredJob:
             if job.paused:
                 raise ScheduleError(f"periodic job {job_id!r} is paused: resume it first")
             if job.next_run_time is None:
                 raise ScheduleError(f"periodic job {job_id!r} is finished: no fires are left")
-            return dataclasses.replace(job, next_run_time=self.clock())
+            now, grace = self.clock(), job.options.misfire_grace_time
+            due = job.next_run_time <= now and (grace is None or job.next_run_time >= now - grace)
+            return dataclasses.replace(job, next_run_time=job.next_run_time if due else now)
         job = await self._update(job_id, change)
         return None if job is None else job.next_run_time
 
