@@ -183,6 +183,13 @@ class Bulk:
             raise SpecError(f"unknown bulk action {action!r}; one of {', '.join(ACTIONS)}")
         if action == "copy" and not op:
             raise SpecError("copy needs an operation id (op) to name the copies by")
+        if not cursor and f.queue is not None and \
+                not await self.redis.sismember(self.keys.queues, f.queue):
+            # (a mistyped name did nothing, and said "0 jobs done")
+            queues = sorted(_s(q) for q in await self.redis.smembers(self.keys.queues))
+            raise NotFound(f"no queue {f.queue!r}: no job was ever queued there (queues: "
+                           f"{', '.join(queues[:10]) or 'none'}"
+                           f"{', ...' if len(queues) > 10 else ''})")
         chosen, next_cursor, missing = await self.walk(
             f, cursor, fresh_only=action in ("rerun", "copy"), live_only=action == "cancel")
         chosen = list(dict.fromkeys(chosen))   # an id given twice, or met twice by ZSCAN: once

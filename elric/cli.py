@@ -228,12 +228,6 @@ def cmd_call(args: argparse.Namespace) -> int:
             job = _wait(client, reply["job_id"], args.timeout)
             (show or views.job)(job)
             return 0 if job["status"] == Status.SUCCEEDED else 1
-        elif command == "purge" and args.queue_name not in (
-                queues := sorted(client.stats()["by_queue"])):
-            # (a mistyped name purged nothing, and said "0 jobs done": exit 0)
-            raise NotFound(f"no queue {args.queue_name!r}: no job was ever queued there "
-                           f"(queues: {', '.join(queues[:10]) or 'none'}"
-                           f"{', ...' if len(queues) > 10 else ''})")
         elif command in BULK and (command == "copy" or _bulk_filter(args) or
                                   len(args.job_ids) != 1):
             return _bulk(client, args, show)

@@ -681,6 +681,21 @@ def test_purge_of_a_queue_no_job_was_ever_queued_on_says_so_and_exits_1(cluster)
     assert elric(cluster, "purge", "nobody").returncode == 0   # known, and empty: done
 
 
+def test_purge_does_not_read_every_stat_to_find_its_queue(make_cluster):
+    """purge looked its queue up in stats(): every batch's, func's and dedupe scope's
+    counters, in one reply. With many batches that reply outgrew RPC_MAX_MESSAGE and the
+    purge of a queue that has jobs failed ("internal error: response is ... bytes")."""
+    cluster = make_cluster(RPC_MAX_MESSAGE=65536)
+    cluster.start_master()
+    specs = [Echo.spec(job_id=f"w{i}", queue="nobody", batch=f"batch-{i}") for i in range(1000)]
+    for i in range(0, len(specs), 100):
+        cluster.client.submit_jobs(specs[i:i + 100])
+    done = elric(cluster, "purge", "nobody")
+    assert (done.returncode, done.stdout) == (0, "purge: 1000 jobs done, 0 skipped\n"), done
+    one_line_error(elric(cluster, "purge", "nobodi"), 1,
+                   "no queue 'nobodi': no job was ever queued there (queues: nobody)")
+
+
 def test_submit_arguments_nan_and_infinity_are_text_as_json_has_no_such_values(cluster):
     """"JSON or text": NaN and Infinity are no JSON, but json.loads reads them, so they
     were sent as floats (the job got nan, not the text typed)."""
