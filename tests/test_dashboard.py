@@ -330,6 +330,23 @@ def test_an_action_that_did_nothing_is_not_counted_done(make_cluster):
     assert "retry: 0 of 0 done" in act("job", "retry")
 
 
+def test_a_form_that_is_not_utf8_is_a_400_that_says_so(make_cluster):
+    """A POST (an action, a login) whose body is not UTF-8 was a 500 ("internal error:
+    UnicodeDecodeError")."""
+    cluster, port = dashboard_with_a_job(make_cluster, DASHBOARD_PASSWORD=PASSWORD)
+    base = f"http://127.0.0.1:{port}"
+    opener = logged_in(base)
+    html = opener.open(base + "/jobs").read().decode()
+    token = re.search(r'name="csrf" value="([0-9a-f]+)"', html).group(1)
+    for path, body in (("/act", b"kind=job&action=delete&id=j1\xff&csrf=" + token.encode()),
+                       ("/login", b"password=\xff")):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            opener.open(base + path, data=body)
+        assert refused.value.code == 400, path
+        assert "not UTF-8" in refused.value.read().decode(), path
+    assert cluster.client.get_job("j1")["status"] == "queued"
+
+
 def test_a_page_offset_or_a_pool_size_that_is_no_number_is_no_crash(make_cluster):
     port = free_port()
     cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}", DASHBOARD_PASSWORD=PASSWORD)

@@ -228,7 +228,7 @@ class Dashboard:
                             status=401 if error else 200)
 
     async def login(self, request: web.Request):
-        form = await request.post()
+        form = await _form(request)
         if not self.access.password_ok(str(form.get("password", ""))):
             log.warning("dashboard: a failed login from %s", request.remote)
             return await self.login_page(
@@ -249,7 +249,7 @@ class Dashboard:
 
     async def act(self, request: web.Request):
         """One action on one or many ids (a bulk retry sends every id it lists)."""
-        form = await request.post()
+        form = await _form(request)
         refused = self.access.may_act(request, form)
         if refused:
             raise web.HTTPForbidden(text=refused)
@@ -283,6 +283,17 @@ class Dashboard:
         path, _, query = _local_path(str(form.get("next", "/"))).partition("?")
         kept = [(k, v) for k, v in parse_qsl(query) if k != "note"]   # the last action's
         raise web.HTTPSeeOther(f"{path}?{urlencode([*kept, ('note', note)])}")
+
+
+async def _form(request: web.Request):
+    """The form POSTed; a body that is not UTF-8 (no page of ours sends one) is a 400
+    saying so, not a 500."""
+    try:
+        return await request.post()
+    except UnicodeDecodeError as exc:
+        raise web.HTTPBadRequest(text=f"the form is not UTF-8 text ({exc.reason} at byte "
+                                      f"{exc.start}): send it as the dashboard's pages do\n") \
+            from None
 
 
 def _int(value, default: int) -> int:
