@@ -347,6 +347,23 @@ def test_a_form_that_is_not_utf8_is_a_400_that_says_so(make_cluster):
     assert cluster.client.get_job("j1")["status"] == "queued"
 
 
+def test_an_id_sent_twice_in_one_bulk_action_is_done_and_counted_once(make_cluster):
+    """The same id twice in one bulk form (two rows of one job, a script) counted twice:
+    "cancel: 1 of 2 done; j1: had ended", or a delete's second "not found", for one job."""
+    cluster, port = dashboard_with_a_job(make_cluster, DASHBOARD_PASSWORD=PASSWORD)
+    cluster.client.submit_job({"func": "tests.jobs:Add", "args": [1, 2], "job_id": "j2",
+                               "queue": "nobody"})
+    base = f"http://127.0.0.1:{port}"
+    opener = logged_in(base)
+    html = opener.open(base + "/jobs").read().decode()
+    token = re.search(r'name="csrf" value="([0-9a-f]+)"', html).group(1)
+    for action, job_id in (("cancel", "j1"), ("delete", "j2")):
+        data = urllib.parse.urlencode([("kind", "job"), ("action", action), ("csrf", token),
+                                       ("id", job_id), ("id", job_id)]).encode()
+        note = urllib.parse.unquote_plus(opener.open(base + "/act", data=data).geturl())
+        assert note.endswith(f"note={action}: 1 of 1 done"), note
+
+
 def test_a_page_offset_or_a_pool_size_that_is_no_number_is_no_crash(make_cluster):
     port = free_port()
     cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}", DASHBOARD_PASSWORD=PASSWORD)

@@ -253,7 +253,9 @@ class Dashboard:
         refused = self.access.may_act(request, form)
         if refused:
             raise web.HTTPForbidden(text=refused)
-        kind, action, ids = form.get("kind"), form.get("action"), form.getall("id", [])
+        # an id sent twice (two rows of one job) is one job: done, and counted, once
+        kind, action = form.get("kind"), form.get("action")
+        ids = list(dict.fromkeys(form.getall("id", [])))
         handler = self.actions.get((kind, action))
         if handler is None:   # (no id: a bulk button with nothing ticked, "0 of 0 done")
             raise web.HTTPBadRequest(text=f"unknown action {kind!r} {action!r}")
