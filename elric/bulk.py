@@ -104,6 +104,21 @@ def schedule_left_alone(job: dict | None, action: str) -> str | None:
     return None
 
 
+NOT_RUN = ("skipped", "missed", "filtered")   # a fire's outcomes that ran no job
+
+
+def not_run(reply: dict, wait: float) -> str | None:
+    """Why a run-now (run_job's reply, having waited ``wait`` seconds) ran nothing, or was
+    not seen to; None: it queued a job."""
+    run, fire = reply["run"], reply["fire_id"]
+    if run is None:   # asked, but not seen to happen: no success
+        return (f"{fire} asked for; not fired within {wait:g}s (is a master scheduling? see "
+                "elric health)")
+    if run["outcome"] in NOT_RUN:
+        return f"{fire} {run['outcome']} ({run.get('reason', '')})"
+    return None
+
+
 def _s(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 

@@ -10,6 +10,7 @@ due, still listed); finished ones leave the index and their hash expires after
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import itertools
 import sys
@@ -372,6 +373,19 @@ class RedisJobStore:
             return dataclasses.replace(job, next_run_time=job.next_run_time if due else now)
         job = await self._update(job_id, change)
         return None if job is None else job.next_run_time
+
+    async def fire_run(self, job_id: str, fire: str, wait: float) -> dict | None:
+        """The run record of ``fire`` as ``get`` shows it, once the scheduler has decided it
+        (not "enqueued": marked, not yet queued, the dedupe filter may still drop it), or
+        as it is after ``wait`` seconds; None if it is not recorded by then."""
+        deadline = time.monotonic() + wait
+        while True:
+            runs = (await self.get(job_id) or {}).get("runs", [])
+            run = next((r for r in runs if r.get("job_id") == fire), None)
+            if (run is not None and run["outcome"] != Outcome.ENQUEUED) or \
+                    time.monotonic() >= deadline:
+                return run
+            await asyncio.sleep(0.05)
 
     async def modify(self, job_id: str, changes: dict) -> dict:
         """Change the trigger (restarting the schedule from now), misfire options or job spec

@@ -364,6 +364,26 @@ def test_an_id_sent_twice_in_one_bulk_action_is_done_and_counted_once(make_clust
         assert note.endswith(f"note={action}: 1 of 1 done"), note
 
 
+def test_a_run_now_the_scheduler_skips_is_not_counted_done(make_cluster):
+    """"run now: 1 of 1 done" of a schedule at its max_instances: the scheduler skipped the
+    fire, nothing ran, and only the schedule's page said so (the CLI's run-now exits 1)."""
+    cluster, port = dashboard_with_a_job(make_cluster, DASHBOARD_PASSWORD=PASSWORD)
+    cluster.client.submit_job(Echo.spec(job_id="tick", queue="nobody", trigger=every(hours=1)))
+    base = f"http://127.0.0.1:{port}"
+    opener = logged_in(base)
+    html = opener.open(base + "/schedules").read().decode()
+    token = re.search(r'name="csrf" value="([0-9a-f]+)"', html).group(1)
+    data = urllib.parse.urlencode({"kind": "schedule", "action": "run now", "id": "tick",
+                                   "csrf": token}).encode()
+    note = urllib.parse.unquote_plus(opener.open(base + "/act", data=data).geturl())
+    assert note.endswith("note=run now: 1 of 1 done"), note   # queued; no worker takes it
+    note = urllib.parse.unquote_plus(opener.open(base + "/act", data=data).geturl())
+    [skipped, queued] = cluster.client.get_job("tick")["runs"]
+    assert queued["outcome"] == "queued" and skipped["outcome"] == "skipped"
+    assert note.endswith(f"note=run now: 0 of 1 done; tick: {skipped['job_id']} skipped "
+                         "(max_instances)"), note
+
+
 def test_a_page_offset_or_a_pool_size_that_is_no_number_is_no_crash(make_cluster):
     port = free_port()
     cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}", DASHBOARD_PASSWORD=PASSWORD)

@@ -15,7 +15,7 @@ from urllib.parse import parse_qsl, quote, urlencode
 import jinja2
 from aiohttp import web
 
-from elric.bulk import left_alone, schedule_left_alone
+from elric.bulk import left_alone, not_run, schedule_left_alone
 from elric.config import SettingsError, names
 from elric.contract import ErrorCode, STATUSES, Status
 from elric.dashboard import metrics
@@ -31,6 +31,7 @@ SCAN = 10_000                  # jobs a page looks at, at most: it answers withi
 LIVE_HEADER = "X-Elric-Live"   # a refresh asks for the page's main part only
 HTTP_STATUS = {ErrorCode.NOT_FOUND: 404, ErrorCode.BAD_REQUEST: 400,
                ErrorCode.REDIS_UNAVAILABLE: 503}
+RUN_WAIT = 5.0                 # seconds a run now waits to say what became of its fire
 PAGES = (("/", "overview"), ("/workers", "workers"), ("/schedules", "schedules"),
          ("/jobs", "jobs"), ("/jobs?status=failed", "failed"), ("/stats", "statistics"),
          ("/redis", "redis"))
@@ -58,7 +59,7 @@ def _actions(master) -> dict:
             ("job", "delete"): by_id(master.remove_job),
             ("schedule", "pause"): by_id(master.pause_job),
             ("schedule", "resume"): by_id(master.resume_job),
-            ("schedule", "run now"): by_id(master.run_job),
+            ("schedule", "run now"): lambda one, value: master.run_job(one, RUN_WAIT),
             ("schedule", "remove"): by_id(master.remove_job)}
 
 
@@ -278,6 +279,8 @@ class Dashboard:
                 errors.append(f"{one}: not found")
             elif action == "cancel" and not Status(reply["was"]).live:
                 errors.append(left_alone(one, reply["was"]))
+            elif action == "run now" and (why := not_run(reply, RUN_WAIT)):
+                errors.append(f"{one}: {why}")   # e.g. skipped: max_instances are running
             else:
                 done += 1
         log.info("dashboard: %s %s: %d of %d done", kind, action, done, len(ids))
