@@ -418,6 +418,16 @@ def test_a_page_offset_or_a_pool_size_that_is_no_number_is_no_crash(make_cluster
             opener.open(base + "/act", data=data).geturl()), value
 
 
+def test_an_offset_of_thousands_of_digits_is_past_the_end_not_a_500(make_cluster):
+    """int() refuses a string of more than 4,300 digits: /schedules?offset=999... was a 500
+    ("internal error: ValueError: Exceeds the limit ... for integer string conversion")."""
+    cluster, port = dashboard_with_a_job(make_cluster)
+    cluster.client.submit_job(Echo.spec(job_id="tick", trigger=every(hours=1)))
+    for path, empty in (("/jobs", "No job matches."), ("/schedules", "No periodic job.")):
+        status, html = get(f"http://127.0.0.1:{port}{path}?offset={'9' * 5000}")
+        assert status == 200 and empty in html, (path, html[-500:])
+
+
 def test_a_huge_error_is_cut_in_the_job_list_and_whole_on_its_page(make_cluster):
     port = free_port()
     cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}")

@@ -302,8 +302,11 @@ async def _form(request: web.Request):
 
 
 def _int(value, default: int) -> int:
-    # isdecimal, not isdigit: int() refuses digits such as "²" (a 500)
-    return int(value) if value and value.isdecimal() else default
+    # isdecimal, not isdigit: int() refuses digits such as "²" (a 500); and over 4,300
+    # digits (a 500 too): such a number is past the end of any list, as 2**64 is
+    if not value or not value.isdecimal():
+        return default
+    return int(value) if len(value) <= 20 else 2**64
 
 
 def _chart(minutes: list[dict]) -> dict:
