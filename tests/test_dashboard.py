@@ -428,6 +428,19 @@ def test_an_offset_of_thousands_of_digits_is_past_the_end_not_a_500(make_cluster
         assert status == 200 and empty in html, (path, html[-500:])
 
 
+def test_a_pool_size_of_thousands_of_digits_is_refused_not_a_500(make_cluster):
+    cluster, port = dashboard_with_a_job(make_cluster, DASHBOARD_PASSWORD=PASSWORD)
+    base = f"http://127.0.0.1:{port}"
+    opener = logged_in(base)
+    html = opener.open(base + "/jobs").read().decode()
+    token = re.search(r'name="csrf" value="([0-9a-f]+)"', html).group(1)
+    for value in ("9" * 5000, "-" + "9" * 5000):
+        data = urllib.parse.urlencode({"kind": "worker", "action": "processes", "id": "w1",
+                                       "value": value, "csrf": token}).encode()
+        note = urllib.parse.unquote_plus(opener.open(base + "/act", data=data).geturl())
+        assert "processes: 0 of 1 done; w1: control_worker set: concurrency " in note, note
+
+
 def test_a_huge_error_is_cut_in_the_job_list_and_whole_on_its_page(make_cluster):
     port = free_port()
     cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}")

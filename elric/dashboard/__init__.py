@@ -47,7 +47,9 @@ def _actions(master) -> dict:
         return lambda worker_id, value: master.control_worker(worker_id, action)
 
     def processes(worker_id, value):   # a number, or the text the master will refuse
-        value = int(value) if value.removeprefix("-").isdecimal() else value
+        # (int() refuses over 4,300 digits: such a number is refused as text)
+        value = int(value) if value.removeprefix("-").isdecimal() and len(value) <= 20 \
+            else value
         return master.control_worker(worker_id, "set", None, value)
 
     def queues(worker_id, value):
