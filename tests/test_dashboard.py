@@ -507,6 +507,15 @@ def test_a_cookie_or_bearer_token_that_is_not_utf8_is_refused_not_a_500(make_clu
         b"HTTP/1.1 200")
 
 
+def test_a_session_cookie_of_thousands_of_digits_is_no_session_not_a_500(make_cluster):
+    """int() refuses over 4,300 digits: such a cookie was a bare 500 on every page."""
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}", DASHBOARD_PASSWORD=PASSWORD)
+    cluster.start_master()
+    status, html = get(f"http://127.0.0.1:{port}/jobs", Cookie=f"elric_session={'9' * 5000}.a")
+    assert status == 200 and 'name="password"' in html, html   # a login, as for no cookie
+
+
 def test_a_key_of_the_wrong_type_is_an_error_page_that_names_it(make_cluster, redis_url):
     import redis
 
