@@ -347,6 +347,33 @@ def test_a_form_that_is_not_utf8_is_a_400_that_says_so(make_cluster):
     assert cluster.client.get_job("j1")["status"] == "queued"
 
 
+def test_a_form_that_sends_a_file_is_a_400_that_says_so(make_cluster):
+    """A multipart POST whose kind, action or id was a file was a 500 ("internal error:
+    TypeError: unhashable type"): the dashboard's forms send text only."""
+    cluster, port = dashboard_with_a_job(make_cluster, DASHBOARD_PASSWORD=PASSWORD)
+    base = f"http://127.0.0.1:{port}"
+    opener = logged_in(base)
+    html = opener.open(base + "/jobs").read().decode()
+    token = re.search(r'name="csrf" value="([0-9a-f]+)"', html).group(1)
+
+    def part(name: str, value: str, file: bool = False) -> bytes:
+        named = f'name="{name}"' + (f'; filename="{name}.txt"' if file else "")
+        return f"--XX\r\nContent-Disposition: form-data; {named}\r\n\r\n{value}\r\n".encode()
+    for path, fields in (("/act", (("kind", "job", True), ("action", "delete", False),
+                                   ("id", "j1", False), ("csrf", token, False))),
+                         ("/act", (("kind", "job", False), ("action", "delete", False),
+                                   ("id", "j1", True), ("csrf", token, False))),
+                         ("/login", (("password", PASSWORD, True),))):
+        body = b"".join(part(*field) for field in fields) + b"--XX--\r\n"
+        request = urllib.request.Request(base + path, data=body, headers={
+            "Content-Type": "multipart/form-data; boundary=XX"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            opener.open(request)
+        assert refused.value.code == 400, (path, fields)
+        assert "sends a file" in refused.value.read().decode(), (path, fields)
+    assert cluster.client.get_job("j1")["status"] == "queued"
+
+
 def test_an_id_sent_twice_in_one_bulk_action_is_done_and_counted_once(make_cluster):
     """The same id twice in one bulk form (two rows of one job, a script) counted twice:
     "cancel: 1 of 2 done; j1: had ended", or a delete's second "not found", for one job."""

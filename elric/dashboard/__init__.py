@@ -293,14 +293,18 @@ class Dashboard:
 
 
 async def _form(request: web.Request):
-    """The form POSTed; a body that is not UTF-8 (no page of ours sends one) is a 400
-    saying so, not a 500."""
+    """The form POSTed; a body that is not UTF-8, or a field that is a file (no page of
+    ours sends either) is a 400 saying so, not a 500."""
     try:
-        return await request.post()
+        form = await request.post()
     except UnicodeDecodeError as exc:
         raise web.HTTPBadRequest(text=f"the form is not UTF-8 text ({exc.reason} at byte "
                                       f"{exc.start}): send it as the dashboard's pages do\n") \
             from None
+    if files := [name for name, value in form.items() if not isinstance(value, str)]:
+        raise web.HTTPBadRequest(text=f"the form sends a file ({files[0]}): the dashboard's "
+                                      "forms send text only\n")
+    return form
 
 
 def _int(value, default: int) -> int:
