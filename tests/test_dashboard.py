@@ -328,6 +328,11 @@ def test_an_action_that_did_nothing_is_not_counted_done(make_cluster):
     # a bulk button pressed with nothing ticked: back to the list, not a 400 page saying
     # the action is unknown
     assert "retry: 0 of 0 done" in act("job", "retry")
+    # a one-off job's id (a stale schedules page): it exists, and is not periodic, as the
+    # CLI says; it said "not found"
+    for action in ("pause", "resume"):
+        assert f"{action}: 0 of 1 done; j1: is not periodic: only periodic jobs {action}" in \
+            act("schedule", action, "j1")
 
 
 def test_a_form_that_is_not_utf8_is_a_400_that_says_so(make_cluster):
