@@ -93,14 +93,31 @@ def left_alone(job_id: str, was: str | None, action: str = "cancel") -> str:
 
 
 def schedule_left_alone(job: dict | None, action: str) -> str | None:
-    """Why pause or resume leaves a periodic job, as get_job showed it just before, as it
+    """Why pause or resume leaves a job, as get_job showed it just before, as it
     is (pause_job and resume_job answer only whether it exists); None: it changes it."""
     if not job or action not in ("pause", "resume"):
         return None
+    if "trigger" not in job:   # a one-off job of that id
+        return f"is not periodic: only periodic jobs {action}"
     if job.get("status") == "finished":
         return f"has finished: no fires are left to {action}"
     if job.get("paused") == (action == "pause"):
         return "already paused" if action == "pause" else "was not paused"
+    return None
+
+
+NOT_RUN = ("skipped", "missed", "filtered")   # a fire's outcomes that ran no job
+
+
+def not_run(reply: dict, wait: float) -> str | None:
+    """Why a run-now (run_job's reply, having waited ``wait`` seconds) ran nothing, or was
+    not seen to; None: it queued a job."""
+    run, fire = reply["run"], reply["fire_id"]
+    if run is None:   # asked, but not seen to happen: no success
+        return (f"{fire} asked for; not fired within {wait:g}s (is a master scheduling? see "
+                "elric health)")
+    if run["outcome"] in NOT_RUN:
+        return f"{fire} {run['outcome']} ({run.get('reason', '')})"
     return None
 
 
@@ -183,6 +200,13 @@ class Bulk:
             raise SpecError(f"unknown bulk action {action!r}; one of {', '.join(ACTIONS)}")
         if action == "copy" and not op:
             raise SpecError("copy needs an operation id (op) to name the copies by")
+        if not cursor and f.queue is not None and \
+                not await self.redis.sismember(self.keys.queues, f.queue):
+            # (a mistyped name did nothing, and said "0 jobs done")
+            queues = sorted(_s(q) for q in await self.redis.smembers(self.keys.queues))
+            raise NotFound(f"no queue {f.queue!r}: no job was ever queued there (queues: "
+                           f"{', '.join(queues[:10]) or 'none'}"
+                           f"{', ...' if len(queues) > 10 else ''})")
         chosen, next_cursor, missing = await self.walk(
             f, cursor, fresh_only=action in ("rerun", "copy"), live_only=action == "cancel")
         chosen = list(dict.fromkeys(chosen))   # an id given twice, or met twice by ZSCAN: once

@@ -17,7 +17,7 @@ import time
 from datetime import datetime
 
 from elric import logs, views
-from elric.bulk import JobFilter, left_alone, schedule_left_alone
+from elric.bulk import JobFilter, left_alone, not_run, schedule_left_alone
 from elric.config import SettingsError, Unreachable, load_settings, names
 from elric.contract import STATUSES, ErrorCode, NotFound, SpecError, Status
 
@@ -228,12 +228,6 @@ def cmd_call(args: argparse.Namespace) -> int:
             job = _wait(client, reply["job_id"], args.timeout)
             (show or views.job)(job)
             return 0 if job["status"] == Status.SUCCEEDED else 1
-        elif command == "purge" and args.queue_name not in (
-                queues := sorted(client.stats()["by_queue"])):
-            # (a mistyped name purged nothing, and said "0 jobs done": exit 0)
-            raise NotFound(f"no queue {args.queue_name!r}: no job was ever queued there "
-                           f"(queues: {', '.join(queues[:10]) or 'none'}"
-                           f"{', ...' if len(queues) > 10 else ''})")
         elif command in BULK and (command == "copy" or _bulk_filter(args) or
                                   len(args.job_ids) != 1):
             return _bulk(client, args, show)
@@ -441,32 +435,22 @@ def _results(client, args: argparse.Namespace) -> int:
 
 
 RUN_NOW_WAIT = 15.0   # seconds to see the fire: a master taking over scheduling may need ~10
-NOT_RUN = ("skipped", "missed", "filtered")   # a fire's outcomes that ran no job
 
 
 def _run_now(client, job_id: str, show) -> int:
-    """Ask for a fire now, then wait for the scheduler to record what it did with it:
-    max_instances may skip it, and that should not pass in silence (exit 1)."""
-    reply = _on_one_job(client.run_job, job_id)   # paused or finished: failed, not usage
-    fire, deadline, run = reply["fire_id"], time.monotonic() + RUN_NOW_WAIT, None
-    # "enqueued": marked, not queued yet (get_job shows a queued fire's status): the dedupe
-    # filter may still drop it
-    while (run is None or run["outcome"] == "enqueued") and time.monotonic() < deadline:
-        runs = (client.get_job(job_id) or {}).get("runs", [])
-        run = next((r for r in runs if r.get("job_id") == fire), None)
-        time.sleep(0.05)   # (once more after it is seen: a CLI call, no matter)
-    job = client.get_job(job_id) or {}   # again: get_job read the times before the runs
+    """Ask for a fire now, and for what the scheduler did with it: max_instances may skip
+    it, and that should not pass in silence (exit 1)."""
+    # paused or finished: failed, not usage
+    reply = _on_one_job(lambda one: client.run_job(one, RUN_NOW_WAIT), job_id)
+    job = client.get_job(job_id) or {}   # its next run time after the fire
+    why = not_run(reply, RUN_NOW_WAIT)
     if show:
-        show({**reply, "run": run})
-    elif run is not None and run["outcome"] not in NOT_RUN:
-        print(f"periodic job {job_id}: fired {fire} ({run['outcome']}); next run "
-              f"{views.when(job.get('next_run_time'))}")
-    if run is None:   # asked, but not seen to happen: no success
-        raise Failed(f"periodic job {job_id}: {fire} asked for; not fired within "
-                     f"{RUN_NOW_WAIT:g}s (is a master scheduling? see elric health)")
-    if run["outcome"] in NOT_RUN:
-        raise Failed(f"periodic job {job_id}: {fire} {run['outcome']} "
-                     f"({run.get('reason', '')})")
+        show(reply)
+    elif why is None:
+        print(f"periodic job {job_id}: fired {reply['fire_id']} ({reply['run']['outcome']}); "
+              f"next run {views.when(job.get('next_run_time'))}")
+    if why is not None:
+        raise Failed(f"periodic job {job_id}: {why}")
     return 0
 
 

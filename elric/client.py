@@ -149,9 +149,11 @@ class MasterClient:
     def resume_job(self, job_id: str) -> bool:
         return self.call("resume_job", job_id)
 
-    def run_job(self, job_id: str) -> dict:
-        """Fire a periodic job now, by its rules: ``{"job_id", "fire_id", "fire_time"}``."""
-        return self.call("run_job", job_id)
+    def run_job(self, job_id: str, wait: float = 0) -> dict:
+        """Fire a periodic job now, by its rules: ``{"job_id", "fire_id", "fire_time",
+        "run"}``; ``run`` is what the scheduler did with the fire, waited for up to ``wait``
+        seconds (None: not seen by then)."""
+        return self.call("run_job", job_id, wait)
 
     def modify_job(self, job_id: str, changes: dict) -> dict:
         return self.call("modify_job", job_id, changes)

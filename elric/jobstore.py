@@ -10,6 +10,7 @@ due, still listed); finished ones leave the index and their hash expires after
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import itertools
 import sys
@@ -359,15 +360,32 @@ class RedisJobStore:
         """Make the job due now (Redis's clock), as APScheduler's modify(next_run_time=now):
         the scheduler, woken by the write, fires it by the usual rules (max_instances, runs,
         a "@fire" scope of its own) and then computes the next fire from this one. Returns
-        the fire time; None if there is no such job."""
+        the fire time; None if there is no such job. A fire already due and not yet fired
+        (an earlier run-now, no master scheduling for a moment) is the one answered: moved,
+        it would never fire, and whoever asked for it would wait for it in vain."""
         def change(job: StoredJob) -> StoredJob:
             if job.paused:
                 raise ScheduleError(f"periodic job {job_id!r} is paused: resume it first")
             if job.next_run_time is None:
                 raise ScheduleError(f"periodic job {job_id!r} is finished: no fires are left")
-            return dataclasses.replace(job, next_run_time=self.clock())
+            now, grace = self.clock(), job.options.misfire_grace_time
+            due = job.next_run_time <= now and (grace is None or job.next_run_time >= now - grace)
+            return dataclasses.replace(job, next_run_time=job.next_run_time if due else now)
         job = await self._update(job_id, change)
         return None if job is None else job.next_run_time
+
+    async def fire_run(self, job_id: str, fire: str, wait: float) -> dict | None:
+        """The run record of ``fire`` as ``get`` shows it, once the scheduler has decided it
+        (not "enqueued": marked, not yet queued, the dedupe filter may still drop it), or
+        as it is after ``wait`` seconds; None if it is not recorded by then."""
+        deadline = time.monotonic() + wait
+        while True:
+            runs = (await self.get(job_id) or {}).get("runs", [])
+            run = next((r for r in runs if r.get("job_id") == fire), None)
+            if (run is not None and run["outcome"] != Outcome.ENQUEUED) or \
+                    time.monotonic() >= deadline:
+                return run
+            await asyncio.sleep(0.05)
 
     async def modify(self, job_id: str, changes: dict) -> dict:
         """Change the trigger (restarting the schedule from now), misfire options or job spec

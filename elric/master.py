@@ -47,6 +47,7 @@ MAX_PAGE = 1000
 MAX_REDIS_CONNECTIONS = 128
 LIST_FILTERS = ("status", "queue", "func", "batch", "offset", "limit", "scan_limit")
 MAX_SCAN = 100_000   # jobs list_jobs looks at, at most, to fill a page
+MAX_RUN_WAIT = 20.0  # seconds run_job may wait for its fire: well inside a client's timeout
 
 
 _READS = ("ping", "health", "get_job", "list_jobs", "stats")   # RPC handlers that only read
@@ -323,15 +324,21 @@ class Master:
         return await self.store.resume(_id(job_id))
 
     @_rpc
-    async def run_job(self, job_id) -> dict:
-        """Fire a periodic job now; the scheduler fires it, so its rules hold."""
+    async def run_job(self, job_id, wait=0) -> dict:
+        """Fire a periodic job now; the scheduler fires it, so its rules hold. ``wait``:
+        seconds to wait for what it did with the fire (``run``: its record, or nil)."""
+        if isinstance(wait, bool) or not isinstance(wait, (int, float)) or \
+                not 0 <= wait <= MAX_RUN_WAIT:
+            raise SpecError(f"run_job: wait must be 0..{MAX_RUN_WAIT:g} seconds")
         try:
             fire_time = await self.store.run_now(_id(job_id))
         except ValueError as exc:   # paused or finished
             raise SpecError(str(exc)) from None
         if fire_time is None:
             raise NotFound(f"no periodic job {job_id!r}")
-        return {"job_id": job_id, "fire_id": fire_id(job_id, fire_time), "fire_time": fire_time}
+        fire = fire_id(job_id, fire_time)
+        return {"job_id": job_id, "fire_id": fire, "fire_time": fire_time,
+                "run": await self.store.fire_run(job_id, fire, wait) if wait else None}
 
     @_rpc
     async def control_worker(self, worker_id, action, queues=None, concurrency=None) -> dict:

@@ -481,6 +481,36 @@ def test_run_now_not_seen_to_fire_in_time_exits_1(cluster, monkeypatch, capsys):
     assert json.loads(out)["run"] is None and "not fired within 0s" in err, (out, err)
 
 
+def test_run_now_while_one_is_due_and_not_yet_fired_answers_both_with_that_fire(cluster):
+    """A run-now while another run-now (or a fire) of the schedule was due and not yet fired
+    (no master scheduling for a moment, a long pass) moved it: the first fire never
+    happened, and its `elric schedules run-now` waited 15 s to say "not fired (is a master
+    scheduling?)". Both now get the one fire due."""
+    import redis
+
+    from elric.keys import Keys
+
+    c = cluster.client
+    c.submit_job(Echo.spec(job_id="hourly", trigger=every(hours=1)))
+    r = redis.Redis.from_url(cluster.redis_url)
+    r.set(Keys().scheduler_lease, "another-master", px=60_000)   # nobody fires meanwhile
+    first = subprocess.Popen([sys.executable, "-m", "elric", "schedules", "run-now", "hourly"],
+                             cwd=ROOT, env=cluster.env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: c.get_job("hourly")["next_run_time"] < time.time() + 60,
+                 what="the first run-now asked")
+        again = c.run_job("hourly")
+        r.delete(Keys().scheduler_lease)   # a master schedules again
+        out, err = first.communicate(timeout=30)
+    finally:
+        first.kill()
+        first.wait()
+        r.close()
+    assert first.returncode == 0 and f"fired {again['fire_id']} " in out, (out, err)
+    assert [run["job_id"] for run in c.get_job("hourly")["runs"]] == [again["fire_id"]]
+
+
 def test_results_streams_the_results_of_succeeded_jobs_page_by_page(cluster):
     from tests.jobs import Add, Fail
 
@@ -649,6 +679,21 @@ def test_purge_of_a_queue_no_job_was_ever_queued_on_says_so_and_exits_1(cluster)
     assert (done.returncode, done.stdout) == (0, "purge: 1 jobs done, 0 skipped\n"), done
     assert cluster.client.get_job("waits") is None
     assert elric(cluster, "purge", "nobody").returncode == 0   # known, and empty: done
+
+
+def test_purge_does_not_read_every_stat_to_find_its_queue(make_cluster):
+    """purge looked its queue up in stats(): every batch's, func's and dedupe scope's
+    counters, in one reply. With many batches that reply outgrew RPC_MAX_MESSAGE and the
+    purge of a queue that has jobs failed ("internal error: response is ... bytes")."""
+    cluster = make_cluster(RPC_MAX_MESSAGE=65536)
+    cluster.start_master()
+    specs = [Echo.spec(job_id=f"w{i}", queue="nobody", batch=f"batch-{i}") for i in range(1000)]
+    for i in range(0, len(specs), 100):
+        cluster.client.submit_jobs(specs[i:i + 100])
+    done = elric(cluster, "purge", "nobody")
+    assert (done.returncode, done.stdout) == (0, "purge: 1000 jobs done, 0 skipped\n"), done
+    one_line_error(elric(cluster, "purge", "nobodi"), 1,
+                   "no queue 'nobodi': no job was ever queued there (queues: nobody)")
 
 
 def test_submit_arguments_nan_and_infinity_are_text_as_json_has_no_such_values(cluster):

@@ -328,6 +328,92 @@ def test_an_action_that_did_nothing_is_not_counted_done(make_cluster):
     # a bulk button pressed with nothing ticked: back to the list, not a 400 page saying
     # the action is unknown
     assert "retry: 0 of 0 done" in act("job", "retry")
+    # a one-off job's id (a stale schedules page): it exists, and is not periodic, as the
+    # CLI says; it said "not found"
+    for action in ("pause", "resume"):
+        assert f"{action}: 0 of 1 done; j1: is not periodic: only periodic jobs {action}" in \
+            act("schedule", action, "j1")
+
+
+def test_a_form_that_is_not_utf8_is_a_400_that_says_so(make_cluster):
+    """A POST (an action, a login) whose body is not UTF-8 was a 500 ("internal error:
+    UnicodeDecodeError")."""
+    cluster, port = dashboard_with_a_job(make_cluster, DASHBOARD_PASSWORD=PASSWORD)
+    base = f"http://127.0.0.1:{port}"
+    opener = logged_in(base)
+    html = opener.open(base + "/jobs").read().decode()
+    token = re.search(r'name="csrf" value="([0-9a-f]+)"', html).group(1)
+    for path, body in (("/act", b"kind=job&action=delete&id=j1\xff&csrf=" + token.encode()),
+                       ("/login", b"password=\xff")):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            opener.open(base + path, data=body)
+        assert refused.value.code == 400, path
+        assert "not UTF-8" in refused.value.read().decode(), path
+    assert cluster.client.get_job("j1")["status"] == "queued"
+
+
+def test_a_form_that_sends_a_file_is_a_400_that_says_so(make_cluster):
+    """A multipart POST whose kind, action or id was a file was a 500 ("internal error:
+    TypeError: unhashable type"): the dashboard's forms send text only."""
+    cluster, port = dashboard_with_a_job(make_cluster, DASHBOARD_PASSWORD=PASSWORD)
+    base = f"http://127.0.0.1:{port}"
+    opener = logged_in(base)
+    html = opener.open(base + "/jobs").read().decode()
+    token = re.search(r'name="csrf" value="([0-9a-f]+)"', html).group(1)
+
+    def part(name: str, value: str, file: bool = False) -> bytes:
+        named = f'name="{name}"' + (f'; filename="{name}.txt"' if file else "")
+        return f"--XX\r\nContent-Disposition: form-data; {named}\r\n\r\n{value}\r\n".encode()
+    for path, fields in (("/act", (("kind", "job", True), ("action", "delete", False),
+                                   ("id", "j1", False), ("csrf", token, False))),
+                         ("/act", (("kind", "job", False), ("action", "delete", False),
+                                   ("id", "j1", True), ("csrf", token, False))),
+                         ("/login", (("password", PASSWORD, True),))):
+        body = b"".join(part(*field) for field in fields) + b"--XX--\r\n"
+        request = urllib.request.Request(base + path, data=body, headers={
+            "Content-Type": "multipart/form-data; boundary=XX"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            opener.open(request)
+        assert refused.value.code == 400, (path, fields)
+        assert "sends a file" in refused.value.read().decode(), (path, fields)
+    assert cluster.client.get_job("j1")["status"] == "queued"
+
+
+def test_an_id_sent_twice_in_one_bulk_action_is_done_and_counted_once(make_cluster):
+    """The same id twice in one bulk form (two rows of one job, a script) counted twice:
+    "cancel: 1 of 2 done; j1: had ended", or a delete's second "not found", for one job."""
+    cluster, port = dashboard_with_a_job(make_cluster, DASHBOARD_PASSWORD=PASSWORD)
+    cluster.client.submit_job({"func": "tests.jobs:Add", "args": [1, 2], "job_id": "j2",
+                               "queue": "nobody"})
+    base = f"http://127.0.0.1:{port}"
+    opener = logged_in(base)
+    html = opener.open(base + "/jobs").read().decode()
+    token = re.search(r'name="csrf" value="([0-9a-f]+)"', html).group(1)
+    for action, job_id in (("cancel", "j1"), ("delete", "j2")):
+        data = urllib.parse.urlencode([("kind", "job"), ("action", action), ("csrf", token),
+                                       ("id", job_id), ("id", job_id)]).encode()
+        note = urllib.parse.unquote_plus(opener.open(base + "/act", data=data).geturl())
+        assert note.endswith(f"note={action}: 1 of 1 done"), note
+
+
+def test_a_run_now_the_scheduler_skips_is_not_counted_done(make_cluster):
+    """"run now: 1 of 1 done" of a schedule at its max_instances: the scheduler skipped the
+    fire, nothing ran, and only the schedule's page said so (the CLI's run-now exits 1)."""
+    cluster, port = dashboard_with_a_job(make_cluster, DASHBOARD_PASSWORD=PASSWORD)
+    cluster.client.submit_job(Echo.spec(job_id="tick", queue="nobody", trigger=every(hours=1)))
+    base = f"http://127.0.0.1:{port}"
+    opener = logged_in(base)
+    html = opener.open(base + "/schedules").read().decode()
+    token = re.search(r'name="csrf" value="([0-9a-f]+)"', html).group(1)
+    data = urllib.parse.urlencode({"kind": "schedule", "action": "run now", "id": "tick",
+                                   "csrf": token}).encode()
+    note = urllib.parse.unquote_plus(opener.open(base + "/act", data=data).geturl())
+    assert note.endswith("note=run now: 1 of 1 done"), note   # queued; no worker takes it
+    note = urllib.parse.unquote_plus(opener.open(base + "/act", data=data).geturl())
+    [skipped, queued] = cluster.client.get_job("tick")["runs"]
+    assert queued["outcome"] == "queued" and skipped["outcome"] == "skipped"
+    assert note.endswith(f"note=run now: 0 of 1 done; tick: {skipped['job_id']} skipped "
+                         "(max_instances)"), note
 
 
 def test_a_page_offset_or_a_pool_size_that_is_no_number_is_no_crash(make_cluster):
@@ -362,6 +448,29 @@ def test_a_page_offset_or_a_pool_size_that_is_no_number_is_no_crash(make_cluster
                                        "value": value, "csrf": token}).encode()
         assert said in urllib.parse.unquote_plus(
             opener.open(base + "/act", data=data).geturl()), value
+
+
+def test_an_offset_of_thousands_of_digits_is_past_the_end_not_a_500(make_cluster):
+    """int() refuses a string of more than 4,300 digits: /schedules?offset=999... was a 500
+    ("internal error: ValueError: Exceeds the limit ... for integer string conversion")."""
+    cluster, port = dashboard_with_a_job(make_cluster)
+    cluster.client.submit_job(Echo.spec(job_id="tick", trigger=every(hours=1)))
+    for path, empty in (("/jobs", "No job matches."), ("/schedules", "No periodic job.")):
+        status, html = get(f"http://127.0.0.1:{port}{path}?offset={'9' * 5000}")
+        assert status == 200 and empty in html, (path, html[-500:])
+
+
+def test_a_pool_size_of_thousands_of_digits_is_refused_not_a_500(make_cluster):
+    cluster, port = dashboard_with_a_job(make_cluster, DASHBOARD_PASSWORD=PASSWORD)
+    base = f"http://127.0.0.1:{port}"
+    opener = logged_in(base)
+    html = opener.open(base + "/jobs").read().decode()
+    token = re.search(r'name="csrf" value="([0-9a-f]+)"', html).group(1)
+    for value in ("9" * 5000, "-" + "9" * 5000):
+        data = urllib.parse.urlencode({"kind": "worker", "action": "processes", "id": "w1",
+                                       "value": value, "csrf": token}).encode()
+        note = urllib.parse.unquote_plus(opener.open(base + "/act", data=data).geturl())
+        assert "processes: 0 of 1 done; w1: control_worker set: concurrency " in note, note
 
 
 def test_a_huge_error_is_cut_in_the_job_list_and_whole_on_its_page(make_cluster):
@@ -428,6 +537,15 @@ def test_a_cookie_or_bearer_token_that_is_not_utf8_is_refused_not_a_500(make_clu
         assert status_line(header).startswith(b"HTTP/1.1 401"), header   # refused, no 500
     assert status_line(b"Authorization: Bearer " + PASSWORD.encode()).startswith(
         b"HTTP/1.1 200")
+
+
+def test_a_session_cookie_of_thousands_of_digits_is_no_session_not_a_500(make_cluster):
+    """int() refuses over 4,300 digits: such a cookie was a bare 500 on every page."""
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}", DASHBOARD_PASSWORD=PASSWORD)
+    cluster.start_master()
+    status, html = get(f"http://127.0.0.1:{port}/jobs", Cookie=f"elric_session={'9' * 5000}.a")
+    assert status == 200 and 'name="password"' in html, html   # a login, as for no cookie
 
 
 def test_a_key_of_the_wrong_type_is_an_error_page_that_names_it(make_cluster, redis_url):

@@ -143,6 +143,37 @@ def test_pause_resume(redis_url):
     run(redis_url, body)
 
 
+def test_a_change_racing_between_its_read_and_its_write_is_not_lost_nor_resurrects(redis_url):
+    """pause and resume read the job, then write it: a remove, or another change, landing in
+    between must neither be undone nor bring a removed job back (the write is a
+    compare-and-set on the version read, retried on a fresh read)."""
+    async def body(store, r, keys, clock):
+        load, meddle = store._load, []
+
+        async def racing_load(job_id):   # each read is followed by a meddler's change
+            job = await load(job_id)
+            if meddle:
+                await meddle.pop(0)()
+            return job
+        store._load = racing_load
+        await store.add(spec())
+        await store.pause("site")
+        meddle.append(lambda: store.remove("site"))
+        assert await store.resume("site") is False   # removed meanwhile: no such job now
+        assert not await r.exists(keys.schedule("site")) and await store.count() == 0
+        await store.add(spec())
+        meddle.append(lambda: store.pause("site"))   # after a resume read it not paused:
+        assert await store.resume("site") is True    # the pause came last, and holds
+        assert (await store.get("site"))["paused"] is True
+        meddle.append(lambda: store.resume("site"))  # after a resume read it paused: one
+        assert await store.resume("site") is True    # resume, not a write of a stale read
+        assert (await store.get("site"))["paused"] is False
+        meddle.append(lambda: store.remove("site"))
+        assert await store.pause("site") is False
+        assert not await r.exists(keys.schedule("site")) and await store.count() == 0
+    run(redis_url, body)
+
+
 def test_pausing_a_finished_job_leaves_it_finished(redis_url):
     async def body(store, r, keys, clock):
         await store.add(spec("once", {"type": "date", "run_date": T0 + 30}))

@@ -57,7 +57,9 @@ def test_every_method_answers_the_shape_and_codes_the_protocol_gives(redis_url):
             assert await call(method, "nope") is False, method
 
         fire = await call("run_job", "p")
-        assert set(fire) == {"job_id", "fire_id", "fire_time"}
+        assert set(fire) == {"job_id", "fire_id", "fire_time", "run"} and fire["run"] is None
+        for wait in (-1, 21, "1", True, float("nan")):
+            assert await answer(client, "run_job", "p", wait) == "bad_request", wait
         assert fire["fire_id"].startswith("p@") and fire["fire_id"].endswith("Z")
         assert await call("pause_job", "p") is True
         assert await answer(client, "run_job", "p") == "bad_request"   # paused

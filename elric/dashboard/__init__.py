@@ -15,7 +15,7 @@ from urllib.parse import parse_qsl, quote, urlencode
 import jinja2
 from aiohttp import web
 
-from elric.bulk import left_alone, schedule_left_alone
+from elric.bulk import left_alone, not_run, schedule_left_alone
 from elric.config import SettingsError, names
 from elric.contract import ErrorCode, STATUSES, Status
 from elric.dashboard import metrics
@@ -31,6 +31,7 @@ SCAN = 10_000                  # jobs a page looks at, at most: it answers withi
 LIVE_HEADER = "X-Elric-Live"   # a refresh asks for the page's main part only
 HTTP_STATUS = {ErrorCode.NOT_FOUND: 404, ErrorCode.BAD_REQUEST: 400,
                ErrorCode.REDIS_UNAVAILABLE: 503}
+RUN_WAIT = 5.0                 # seconds a run now waits to say what became of its fire
 PAGES = (("/", "overview"), ("/workers", "workers"), ("/schedules", "schedules"),
          ("/jobs", "jobs"), ("/jobs?status=failed", "failed"), ("/stats", "statistics"),
          ("/redis", "redis"))
@@ -46,7 +47,9 @@ def _actions(master) -> dict:
         return lambda worker_id, value: master.control_worker(worker_id, action)
 
     def processes(worker_id, value):   # a number, or the text the master will refuse
-        value = int(value) if value.removeprefix("-").isdecimal() else value
+        # (int() refuses over 4,300 digits: such a number is refused as text)
+        value = int(value) if value.removeprefix("-").isdecimal() and len(value) <= 20 \
+            else value
         return master.control_worker(worker_id, "set", None, value)
 
     def queues(worker_id, value):
@@ -58,7 +61,7 @@ def _actions(master) -> dict:
             ("job", "delete"): by_id(master.remove_job),
             ("schedule", "pause"): by_id(master.pause_job),
             ("schedule", "resume"): by_id(master.resume_job),
-            ("schedule", "run now"): by_id(master.run_job),
+            ("schedule", "run now"): lambda one, value: master.run_job(one, RUN_WAIT),
             ("schedule", "remove"): by_id(master.remove_job)}
 
 
@@ -228,7 +231,7 @@ class Dashboard:
                             status=401 if error else 200)
 
     async def login(self, request: web.Request):
-        form = await request.post()
+        form = await _form(request)
         if not self.access.password_ok(str(form.get("password", ""))):
             log.warning("dashboard: a failed login from %s", request.remote)
             return await self.login_page(
@@ -249,11 +252,13 @@ class Dashboard:
 
     async def act(self, request: web.Request):
         """One action on one or many ids (a bulk retry sends every id it lists)."""
-        form = await request.post()
+        form = await _form(request)
         refused = self.access.may_act(request, form)
         if refused:
             raise web.HTTPForbidden(text=refused)
-        kind, action, ids = form.get("kind"), form.get("action"), form.getall("id", [])
+        # an id sent twice (two rows of one job) is one job: done, and counted, once
+        kind, action = form.get("kind"), form.get("action")
+        ids = list(dict.fromkeys(form.getall("id", [])))
         handler = self.actions.get((kind, action))
         if handler is None:   # (no id: a bulk button with nothing ticked, "0 of 0 done")
             raise web.HTTPBadRequest(text=f"unknown action {kind!r} {action!r}")
@@ -276,6 +281,8 @@ class Dashboard:
                 errors.append(f"{one}: not found")
             elif action == "cancel" and not Status(reply["was"]).live:
                 errors.append(left_alone(one, reply["was"]))
+            elif action == "run now" and (why := not_run(reply, RUN_WAIT)):
+                errors.append(f"{one}: {why}")   # e.g. skipped: max_instances are running
             else:
                 done += 1
         log.info("dashboard: %s %s: %d of %d done", kind, action, done, len(ids))
@@ -285,9 +292,27 @@ class Dashboard:
         raise web.HTTPSeeOther(f"{path}?{urlencode([*kept, ('note', note)])}")
 
 
+async def _form(request: web.Request):
+    """The form POSTed; a body that is not UTF-8, or a field that is a file (no page of
+    ours sends either) is a 400 saying so, not a 500."""
+    try:
+        form = await request.post()
+    except UnicodeDecodeError as exc:
+        raise web.HTTPBadRequest(text=f"the form is not UTF-8 text ({exc.reason} at byte "
+                                      f"{exc.start}): send it as the dashboard's pages do\n") \
+            from None
+    if files := [name for name, value in form.items() if not isinstance(value, str)]:
+        raise web.HTTPBadRequest(text=f"the form sends a file ({files[0]}): the dashboard's "
+                                      "forms send text only\n")
+    return form
+
+
 def _int(value, default: int) -> int:
-    # isdecimal, not isdigit: int() refuses digits such as "²" (a 500)
-    return int(value) if value and value.isdecimal() else default
+    # isdecimal, not isdigit: int() refuses digits such as "²" (a 500); and over 4,300
+    # digits (a 500 too): such a number is past the end of any list, as 2**64 is
+    if not value or not value.isdecimal():
+        return default
+    return int(value) if len(value) <= 20 else 2**64
 
 
 def _chart(minutes: list[dict]) -> dict:

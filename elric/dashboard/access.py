@@ -59,7 +59,9 @@ class Access:
         """The request's session cookie when it is valid and not expired, else None."""
         value = request.cookies.get(COOKIE, "")
         expires, _, signature = value.partition(".")
-        if not (self.login_required and expires.isdecimal() and int(expires) > time.time()):
+        # (int() refuses over 4,300 digits: no cookie of ours has over 20)
+        if not (self.login_required and expires.isdecimal() and len(expires) <= 20
+                and int(expires) > time.time()):
             return None
         return value if _same(signature, self._sign(expires)) else None
 
