@@ -396,23 +396,32 @@ def redirect(to: str, status: int = 302):
     return (status, {"Location": to}, b"")
 
 
-def test_where_a_redirect_leads_is_a_page_job_of_its_own(children):
+def run_page(job_class, url: str) -> dict:
+    """One page job of ``job_class``, async or not, run here."""
+    return fetch(job_class(), url) if issubclass(job_class, Crawl) else job_class().run(url, "b")
+
+
+@pytest.mark.parametrize("job_class", [Crawl, CrawlSync], ids=["async", "sync"])
+def test_where_a_redirect_leads_is_a_page_job_of_its_own(children, job_class):
     """A redirect was followed inside the job: a page that /old led to and a link also
     named was fetched twice, and a loop was retried to no end. Now the target is a child
-    job, which the master dedupes with the links to that page."""
+    job, which the master dedupes with the links to that page. The sync crawler (urllib)
+    went on following them: it fetched a page of another host (localhost is no
+    127.0.0.1), and read the links of where it landed as relative to the first URL."""
     page = b'<html><body><a href="a">a</a></body></html>'
     routes = {"/old": redirect("new/", 301), "/new/": (200, {"Content-Type": "text/html"}, page),
-              "/loop": redirect("/loop"), "/away": redirect("http://elsewhere.test/"),
-              "/odd": redirect("mailto:x@y")}
+              "/loop": redirect("/loop"), "/odd": redirect("mailto:x@y")}
     with Site(routes) as site:
-        assert fetch(Crawl(), site.url + "/old") == {
+        routes["/away"] = redirect(site.url.replace("127.0.0.1", "localhost") + "/new/")
+        assert run_page(job_class, site.url + "/old") == {
             "url": site.url + "/old", "status": 301, "links": 1, "bytes": 0,
             "redirect": site.url + "/new/"}
         assert links(children) == [site.url + "/new/"] and "/new/" not in site.hits
-        assert fetch(Crawl(), site.url + "/loop")["links"] == 0   # to itself: nothing new
-        assert fetch(Crawl(), site.url + "/away")["links"] == 0   # off the crawl's host
-        assert fetch(Crawl(), site.url + "/odd")["error"] == "a redirect to no web page"
+        assert run_page(job_class, site.url + "/loop")["links"] == 0   # to itself: nothing new
+        assert run_page(job_class, site.url + "/away")["links"] == 0   # off the crawl's host
+        assert run_page(job_class, site.url + "/odd")["error"] == "a redirect to no web page"
         assert links(children) == [site.url + "/new/"] and site.hits["/loop"] == 1
+        assert "/new/" not in site.hits
 
 
 def test_a_page_has_one_spelling_whatever_its_escapes_and_the_sync_crawler_fetches_it(

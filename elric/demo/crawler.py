@@ -34,13 +34,12 @@ except ImportError:  # pragma: no cover - depends on the install
                       "pip install 'elric[crawl]'") from None
 
 from elric import Job
-from elric.demo.crawler_sync import (link_of, nofollow, normalize_url, page_key, requote,
-                                    retry_after)
+from elric.demo.crawler_sync import (REDIRECTS, link_of, nofollow, normalize_url, page_key,
+                                    requote, retry_after)
 
 USER_AGENT = "elric-crawler/0.1"
 CHUNK = 64 * 1024
 ROBOTS_MAX_BYTES = 512 * 1024   # RFC 9309: parse at least 500 KiB of a robots.txt
-_REDIRECTS = frozenset((301, 302, 303, 307, 308))
 _BASE_HREF = lxml.etree.XPath("//base/@href")   # compiled once
 _ROBOTS_META = lxml.etree.XPath(
     "//meta[translate(@name, 'ROBTS', 'robts') = 'robots']/@content")
@@ -287,7 +286,7 @@ class Crawl(Job):
                 status = response.status
                 if status >= 500 or status == 429:
                     raise ServerError(url, response)
-                location = response.headers.get("Location") if status in _REDIRECTS else None
+                location = response.headers.get("Location") if status in REDIRECTS else None
                 if location is None:
                     html = "html" in response.content_type and status < 400   # lower-case
                     # a PDF, an image, an error page: no links to follow, nothing to read

@@ -6,9 +6,10 @@ Every page is fetched once per crawl: each job's dedupe key is its normalized UR
 the master drops a job whose key it has seen in the job's dedupe scope. Children inherit
 their parent's scope, so a periodic crawl with ``dedupe_scope="@fire"`` fetches every
 page once per round, and again next round. Links that leave the start page's host, or are
-marked nofollow (``rel``, or the page's robots ``<meta>``), are not followed. A 5xx or
-429 answer is retried (after its Retry-After, if any); a 404 or other 4xx is a result. At
-most ``max_bytes`` of a page are read, and nothing of what is not HTML. It does not read
+marked nofollow (``rel``, or the page's robots ``<meta>``), are not followed; where a
+redirect leads is a page job of its own, on the same host only. A 5xx or 429 answer is
+retried (after its Retry-After, if any); a 404 or other 4xx is a result. At most
+``max_bytes`` of a page are read, and nothing of what is not HTML. It does not read
 robots.txt: crawl sites that are not your own with the async crawler, which obeys it.
 """
 
@@ -117,6 +118,21 @@ def link_of(base: str, href: str) -> str | None:
     return link if link.startswith(("http://", "https://")) else None
 
 
+REDIRECTS = frozenset((301, 302, 303, 307, 308))
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """urllib follows redirects itself, off the crawl's host too, and the links of where it
+    landed were read as relative to the first URL: here a redirect is an answer (an
+    HTTPError), and the crawler makes where it leads a job of its own."""
+
+    def redirect_request(self, *args, **kwargs):
+        return None
+
+
+_opener = urllib.request.build_opener(_NoRedirects)
+
+
 class CrawlSync(Job):
     queue = "crawl"
     max_retries = 2
@@ -134,16 +150,27 @@ class CrawlSync(Job):
 
     def run(self, url: str, batch: str = "") -> dict:
         try:
-            with urllib.request.urlopen(url, timeout=10) as response:
+            with _opener.open(url, timeout=10) as response:
                 html = "html" in response.headers.get_content_type()
                 # not all of a huge page, nothing of a PDF or an image: no links in it
                 body = response.read(self.max_bytes + 1) if html else b""
                 charset = response.headers.get_content_charset() or "utf-8"
-        except urllib.error.HTTPError as exc:
+        except urllib.error.HTTPError as exc:   # a redirect, a 4xx or a 5xx
             if exc.code >= 500 or exc.code == 429:
                 exc.retry_after = retry_after(exc.code, exc.headers)
                 raise   # worth another attempt, after a backoff
-            return {"url": url, "status": exc.code, "links": 0, "bytes": 0}   # a 404: an answer
+            # a 404 is an answer: nothing to retry, no links to follow
+            result = {"url": url, "status": exc.code, "links": 0, "bytes": 0}
+            location = exc.headers.get("Location") if exc.code in REDIRECTS else None
+            if location is not None:
+                # where it leads is a page job of its own: deduped with the links to that
+                # page (fetched once), kept to the crawl's host, a loop ended by the dedupe
+                result["redirect"] = target = link_of(url, location)
+                if target is None:
+                    result["error"] = "a redirect to no web page"
+                elif target != url:
+                    result["links"] = self._submit(url, [target], batch)
+            return result
         result = {"url": url, "links": 0, "bytes": min(len(body), self.max_bytes)}
         if len(body) > self.max_bytes:
             body, result["truncated"] = body[:self.max_bytes], True
@@ -157,15 +184,17 @@ class CrawlSync(Job):
         parser.feed(text)
         if parser.nofollow:
             parser.links = []
-        host = urlparse(normalize_url(url)).netloc   # as its links are spelled
-        found = []
         base = parser.base and link_of(url, parser.base) or url
-        for href in parser.links:
-            link = link_of(base, href)
-            if link is None or urlparse(link).netloc != host or link in found:
-                continue
-            found.append(link)
+        result["links"] = self._submit(url, [link_of(base, href) for href in parser.links],
+                                       batch)
+        return result
+
+    def _submit(self, url: str, links: list[str | None], batch: str) -> int:
+        """Submit the links that stay on ``url``'s host, each once; returns how many."""
+        host = urlparse(normalize_url(url)).netloc   # as its links are spelled
+        found = [link for link in dict.fromkeys(links)
+                 if link is not None and urlparse(link).netloc == host]
+        for link in found:
             # most links were seen before; the master's dedupe filter drops those
             type(self).submit_with(args=[link, batch], **({"batch": batch} if batch else {}))
-        result["links"] = len(found)
-        return result
+        return len(found)
