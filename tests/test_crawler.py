@@ -264,6 +264,18 @@ def test_a_default_port_is_no_other_host_nor_another_page(children):
     assert normalize_url("https://h:80/") == "https://h:80/"   # not https's default
 
 
+def test_dot_segments_are_no_other_page(children):
+    """A link spelled with the host and a .. or . (http://h/x/../a) kept them: another dedupe
+    key for /a, fetched twice; a relative one was resolved (urljoin)."""
+    page = (b'<html><body><a href="/a">a</a><a href="http://h/x/../a">a</a>'
+            b'<a href="HTTP://H/./a">a</a><a href="http://h/b/c/..">b</a></body></html>')
+    assert submit_links("http://h/", page) == 2
+    assert links(children) == ["http://h/a", "http://h/b/"]
+    for url in ("http://h/x/../a", "http://h/%2e%2E/a", "http://h/./a?x=/../"):
+        assert Crawl.dedupe_key_for(url).split("?")[0] == "http://h/a", url
+    assert normalize_url("http://h/.well-known/a//b/") == "http://h/.well-known/a//b/"
+
+
 @pytest.mark.parametrize("charset", ["utf-8", "windows-1252"])
 def test_a_page_is_read_in_the_charset_its_content_type_names(children, charset):
     """Without a <meta> charset lxml read UTF-8 as Latin-1: /café became /cafÃ©, a 404."""

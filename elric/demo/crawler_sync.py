@@ -53,7 +53,8 @@ def nofollow(content: str) -> bool:
 
 def normalize_url(url: str) -> str:
     """One spelling per page: no fragment, lower-case scheme and host, no default port, a
-    path, and escapes as a browser sends them (UTF-8, upper-case, none for ``~``)."""
+    path without ``.`` and ``..`` segments, and escapes as a browser sends them (UTF-8,
+    upper-case, none for ``~``)."""
     url = urldefrag(url)[0]
     parts = urlparse(url)
     scheme, netloc = parts.scheme.lower(), parts.netloc.lower()
@@ -62,13 +63,29 @@ def normalize_url(url: str) -> str:
         netloc = netloc[:-len(default)]
     path = parts.path or "/"
     query = f"?{parts.query}" if parts.query else ""
-    if url.isascii() and "%" not in url and " " not in url:   # nothing to escape
-        return f"{scheme}://{netloc}{path}{query}"
-    try:   # an international domain name, as DNS knows it
-        netloc = netloc.encode("idna").decode("ascii")
-    except UnicodeError:
-        pass
-    return f"{scheme}://{netloc}{requote(path)}{requote(query)}"
+    if not (url.isascii() and "%" not in url and " " not in url):   # escapes to spell
+        try:   # an international domain name, as DNS knows it
+            netloc = netloc.encode("idna").decode("ascii")
+        except UnicodeError:
+            pass
+        path, query = requote(path), requote(query)
+    if "/." in path:   # /x/../a is /a, as urljoin makes a relative link's path
+        path = _without_dots(path)
+    return f"{scheme}://{netloc}{path}{query}"
+
+
+def _without_dots(path: str) -> str:
+    """``path`` without its ``.`` and ``..`` segments (RFC 3986's remove_dot_segments)."""
+    segments = path.split("/")[1:]
+    kept: list[str] = []
+    for segment in segments:
+        if segment == "..":
+            if kept:
+                kept.pop()
+        elif segment != ".":
+            kept.append(segment)
+    # /a/b/.. is the folder /a/
+    return "/" + "/".join(kept) + ("/" if kept and segments[-1] in (".", "..") else "")
 
 
 _ESCAPE = re.compile("%[0-9A-Fa-f]{2}")
