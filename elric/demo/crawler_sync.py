@@ -116,11 +116,17 @@ def retry_after(status: int, headers) -> float:
 
 
 def page_key(url: str) -> str:
-    """A page job's dedupe key, its normalized URL; a URL that is no http(s) URL is refused
-    at submit (queued, it failed every attempt, and every round of a periodic crawl)."""
+    """A page job's dedupe key, its normalized URL with the query's parameters in order of
+    name (``?b=2&a=1`` is ``?a=1&b=2``, fetched as first linked); a URL that is no http(s)
+    URL is refused at submit (queued, it failed every attempt, and every round of a
+    periodic crawl)."""
     key = normalize_url(url)
     if not key.startswith(("http://", "https://")):
         raise ValueError(f"{url!r} is no http(s) URL")
+    path, _, query = key.partition("?")
+    if "&" in query:   # a name given twice keeps its order: ?a=2&a=1 may be another page
+        params = sorted(query.split("&"), key=lambda param: param.partition("=")[0])
+        key = f"{path}?{'&'.join(params)}"
     return key
 
 
