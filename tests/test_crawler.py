@@ -301,6 +301,21 @@ def test_a_page_is_read_in_the_charset_its_content_type_names(children, charset)
     assert links(children) == [site.url + "/caf%C3%A9"] * 2
 
 
+@pytest.mark.parametrize("meta", [
+    '<meta charset="windows-1252">', "<META Charset=windows-1252 />",
+    '<meta http-equiv="Content-Type" content="text/html; charset=windows-1252">'])
+def test_a_page_without_a_charset_in_its_content_type_is_read_in_its_meta_charset(
+        children, meta):
+    """The sync crawler read such a page as UTF-8: /café in windows-1252 became /caf%EF%BF%BD
+    (a replacement character), a 404; lxml reads the <meta> itself."""
+    page = f'<html><head>{meta}</head><body><a href="/café">c</a></body></html>'
+    with Site({"/": (200, {"Content-Type": "text/html"}, page.encode("windows-1252"))}) \
+            as site:
+        assert fetch(Crawl(), site.url + "/")["links"] == 1
+        assert CrawlSync().run(site.url + "/")["links"] == 1
+    assert links(children) == [site.url + "/caf%C3%A9"] * 2
+
+
 def test_a_charset_lxml_does_not_know_reads_as_none(children):
     page = b'<html><body><a href="/a">a</a></body></html>'
     assert submit_links("http://h/", page, "x-no-such") == 1

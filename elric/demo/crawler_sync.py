@@ -141,6 +141,8 @@ def link_of(base: str, href: str) -> str | None:
     return link if link.startswith(("http://", "https://")) else None
 
 
+# <meta charset="x">, or <meta http-equiv="Content-Type" content="text/html; charset=x">
+_META_CHARSET = re.compile(rb"""<meta[^>]*?charset\s*=\s*["']?([-\w.:]+)""", re.IGNORECASE)
 REDIRECTS = frozenset((301, 302, 303, 307, 308))
 
 
@@ -177,7 +179,7 @@ class CrawlSync(Job):
                 html = "html" in response.headers.get_content_type()
                 # not all of a huge page, nothing of a PDF or an image: no links in it
                 body = response.read(self.max_bytes + 1) if html else b""
-                charset = response.headers.get_content_charset() or "utf-8"
+                charset = response.headers.get_content_charset()
         except urllib.error.HTTPError as exc:   # a redirect, a 4xx or a 5xx
             if exc.code >= 500 or exc.code == 429:
                 exc.retry_after = retry_after(exc.code, exc.headers)
@@ -199,6 +201,9 @@ class CrawlSync(Job):
             body, result["truncated"] = body[:self.max_bytes], True
         if not html:
             return result
+        if charset is None:   # then a <meta> in its first 1024 bytes names it, as browsers read
+            found = _META_CHARSET.search(body, 0, 1024)
+            charset = found.group(1).decode("ascii") if found else "utf-8"
         try:
             text = body.decode(charset, "replace")   # in the charset its Content-Type names
         except LookupError:   # one Python does not know
