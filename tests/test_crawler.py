@@ -359,6 +359,10 @@ class QuickCrawl(Crawl):
     request_timeout = 3.0
 
 
+class QuickCrawlSync(CrawlSync):
+    request_timeout = 1.5
+
+
 def endless_robots(handler):
     """A robots.txt that never ends (until the crawler hangs up)."""
     handler.send_response(200)
@@ -429,6 +433,9 @@ def test_a_server_that_does_not_answer_fails_the_attempt_saying_what_and_how_lon
             routes["/slow"] = routes.pop("/robots.txt")   # robots.txt: 404, the page hangs
             with pytest.raises(TimeoutError, match="^http://.*/slow: no answer in 3.0 s$"):
                 fetch(QuickCrawl(), site.url + "/slow")
+            # the sync crawler's said "timed out", and its 10 s were no setting of its class
+            with pytest.raises(TimeoutError, match="^http://.*/slow: no answer in 1.5 s$"):
+                QuickCrawlSync().run(site.url + "/slow")
         finally:
             answer.set()
 

@@ -162,6 +162,7 @@ class CrawlSync(Job):
     queue = "crawl"
     max_retries = 2
     timeout = 30
+    request_timeout = 10.0          # one HTTP request: waits for its answer, or a read
     max_bytes = 2 * 1024 * 1024     # read at most this much of a page
 
     @classmethod
@@ -175,11 +176,13 @@ class CrawlSync(Job):
 
     def run(self, url: str, batch: str = "") -> dict:
         try:
-            with _opener.open(url, timeout=10) as response:
+            with _opener.open(url, timeout=self.request_timeout) as response:
                 html = "html" in response.headers.get_content_type()
                 # not all of a huge page, nothing of a PDF or an image: no links in it
                 body = response.read(self.max_bytes + 1) if html else b""
                 charset = response.headers.get_content_charset()
+        except TimeoutError:   # urllib's says "timed out": the error recorded says what, how long
+            raise TimeoutError(f"{url}: no answer in {self.request_timeout} s") from None
         except urllib.error.HTTPError as exc:   # a redirect, a 4xx or a 5xx
             if exc.code >= 500 or exc.code == 429:
                 exc.retry_after = retry_after(exc.code, exc.headers)
