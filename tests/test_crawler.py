@@ -492,6 +492,18 @@ def test_a_page_has_one_spelling_whatever_its_escapes_and_the_sync_crawler_fetch
         assert CrawlSync().run(links(children)[0])["bytes"] > 0
 
 
+@pytest.mark.parametrize("job_class", [Crawl, CrawlSync], ids=["async", "sync"])
+def test_a_start_url_as_a_browser_shows_it_is_fetched(children, job_class):
+    """A start URL typed as the address bar shows it (/café, /a b) failed every attempt in
+    the sync crawler: urllib sends ASCII only, and no space."""
+    page = (200, {"Content-Type": "text/html"}, b"<html>here</html>")
+    with Site({"/caf%C3%A9": page, "/a%20b": page}) as site:
+        for path in "/café", "/a b#top":
+            assert run_page(job_class, site.url + path)["bytes"] > 0, path
+    assert site.hits == {"/robots.txt": 1, "/caf%C3%A9": 1, "/a%20b": 1} if job_class is Crawl \
+        else {"/caf%C3%A9": 1, "/a%20b": 1}
+
+
 def test_a_robots_txt_that_redirects_in_a_loop_is_no_robots_txt(children):
     """As RFC 9309 has it; it raised TooManyRedirects, and every page of the host failed."""
     page = (200, {"Content-Type": "text/html"}, b'<html><body><a href="/a">a</a></body></html>')

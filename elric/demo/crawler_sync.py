@@ -176,7 +176,9 @@ class CrawlSync(Job):
 
     def run(self, url: str, batch: str = "") -> dict:
         try:
-            with _opener.open(url, timeout=self.request_timeout) as response:
+            # normalized: a start URL may be typed as a browser shows it (/café), and
+            # urllib sends ASCII only
+            with _opener.open(normalize_url(url), timeout=self.request_timeout) as response:
                 html = "html" in response.headers.get_content_type()
                 # not all of a huge page, nothing of a PDF or an image: no links in it
                 body = response.read(self.max_bytes + 1) if html else b""
