@@ -504,6 +504,16 @@ def test_a_start_url_as_a_browser_shows_it_is_fetched(children, job_class):
         else {"/caf%C3%A9": 1, "/a%20b": 1}
 
 
+def test_both_crawlers_give_a_page_the_same_result(children):
+    """The sync crawler's result had no status for a page it read: code written for the
+    results of one crawler broke on the other's."""
+    page = (200, {"Content-Type": "text/html"}, b'<html><body><a href="/a">a</a></body></html>')
+    with Site({"/": page, "/file.pdf": (200, {"Content-Type": "application/pdf"}, b"%PDF")}) \
+            as site:
+        for path in "/", "/file.pdf", "/gone":
+            assert fetch(Crawl(), site.url + path) == CrawlSync().run(site.url + path), path
+
+
 def test_a_robots_txt_that_redirects_in_a_loop_is_no_robots_txt(children):
     """As RFC 9309 has it; it raised TooManyRedirects, and every page of the host failed."""
     page = (200, {"Content-Type": "text/html"}, b'<html><body><a href="/a">a</a></body></html>')

@@ -183,6 +183,7 @@ class CrawlSync(Job):
                 # not all of a huge page, nothing of a PDF or an image: no links in it
                 body = response.read(self.max_bytes + 1) if html else b""
                 charset = response.headers.get_content_charset()
+                status = response.status
         except TimeoutError:   # urllib's says "timed out": the error recorded says what, how long
             raise TimeoutError(f"{url}: no answer in {self.request_timeout} s") from None
         except urllib.error.HTTPError as exc:   # a redirect, a 4xx or a 5xx
@@ -201,7 +202,8 @@ class CrawlSync(Job):
                 elif target != url:
                     result["links"] = self._submit(url, [target], batch)
             return result
-        result = {"url": url, "links": 0, "bytes": min(len(body), self.max_bytes)}
+        result = {"url": url, "status": status, "links": 0,
+                  "bytes": min(len(body), self.max_bytes)}
         if len(body) > self.max_bytes:
             body, result["truncated"] = body[:self.max_bytes], True
         if not html:
