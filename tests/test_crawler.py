@@ -625,6 +625,18 @@ def test_robots_txt_groups_for_the_crawler_by_name_are_its_rules_alone():
     assert not nobody.allows("/") and not nobody.allows("/private/public")
 
 
+def test_a_robots_txt_group_ends_at_a_rule_not_at_a_crawl_delay():
+    """RFC 9309: a group's user-agent lines end at its first rule (Allow or Disallow). A
+    Crawl-delay (or any other line) ended them too: below, the crawler's group had no
+    rules, so it fetched /private, which the group it shares with * forbids."""
+    from elric.demo.crawler import Robots
+
+    lines = ["User-agent: elric-crawler", "Crawl-delay: 5", "User-agent: *",
+             "Disallow: /private", "", "User-agent: other", "Sitemap: /s.xml", "Disallow:"]
+    assert not Robots(lines, "elric-crawler/0.1").allows("/private/x")
+    assert Robots(lines, "other/1").allows("/private/x")   # "Disallow:" is a rule too
+
+
 def test_a_crawl_obeys_a_wildcard_in_robots_txt(children):
     robots = (200, {"Content-Type": "text/plain"}, b"User-agent: *\nDisallow: /*.pdf$\n")
     with Site({"/robots.txt": robots}) as site:

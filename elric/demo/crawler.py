@@ -155,16 +155,15 @@ class Robots:
         for line in lines:
             key, colon, value = line.split("#", 1)[0].partition(":")
             key, value = key.strip().lower(), value.strip()
-            if not colon or key == "sitemap":
-                continue
             if key == "user-agent":
                 if in_rules:
                     groups.append(([], []))
                     in_rules = False
                 groups[-1][0].append(value.split("/")[0].lower())
-            elif groups:
+            elif groups and key in ("allow", "disallow"):
+                # a rule ends the group's User-agent lines; a Crawl-delay or Sitemap does not
                 in_rules = True
-                if key in ("allow", "disallow") and value:   # "Disallow:" keeps nothing out
+                if value:   # "Disallow:" keeps nothing out
                     groups[-1][1].append((requote(value), key == "allow"))
         named = [rules for agents, rules in groups if token in agents]   # case-insensitive
         chosen = named or [rules for agents, rules in groups if "*" in agents]
