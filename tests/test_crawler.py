@@ -230,6 +230,22 @@ def test_a_link_that_does_not_parse_is_skipped_not_the_page(children):
     assert links(children)[1:] == [site.url + "/a"]
 
 
+def test_a_link_too_long_for_a_browser_is_not_followed(children):
+    """A link of 100,000 characters was a job (its URL stored twice, as argument and dedupe
+    key) that most servers answer 414; a site whose pages link to a longer URL each (href
+    "a/" on a page served at any path) made ever longer ones until they did. Browsers and
+    Scrapy stop at 2,083 characters."""
+    def page(*paths):
+        return "<html><body>{}</body></html>".format(
+            "".join(f'<a href="{path}">x</a>' for path in paths)).encode()
+
+    ok, long = "/" + "a" * (2083 - len("http://h/")), "/" + "a" * 2083
+    assert submit_links("http://h/", page(ok, long, "/b" * 50_000)) == 1
+    assert links(children) == ["http://h" + ok]
+    with Site({"/": (200, {"Content-Type": "text/html"}, page(long, "/c"))}) as site:
+        assert CrawlSync().run(site.url + "/")["links"] == 1
+
+
 def test_whitespace_around_an_href_is_not_part_of_the_link(children):
     """As browsers read it: a trailing space was sent as /a%20, a 404."""
     page = b'<html><body><a href="/a ">a</a><a href=" /b\t">b</a></body></html>'

@@ -130,15 +130,19 @@ def page_key(url: str) -> str:
     return key
 
 
+MAX_URL = 2083   # characters: browsers' (and Scrapy's) limit; most servers refuse more
+
+
 def link_of(base: str, href: str) -> str | None:
     """The normalized http(s) URL ``href`` on page ``base`` leads to; None for another
-    scheme (ftp:, mailto:) or one that does not parse (``http://[oops``): one bad link on
-    a page, not a failed page."""
+    scheme (ftp:, mailto:), one that does not parse (``http://[oops``), or one over
+    MAX_URL (a site that links each page to a longer URL would be crawled to no end): one
+    bad link on a page, not a failed page."""
     try:   # without the whitespace around it, as browsers read an href
         link = normalize_url(urljoin(base, href.strip(" \t\n\r\f")))
     except ValueError:
         return None
-    return link if link.startswith(("http://", "https://")) else None
+    return link if link.startswith(("http://", "https://")) and len(link) <= MAX_URL else None
 
 
 # <meta charset="x">, or <meta http-equiv="Content-Type" content="text/html; charset=x">
