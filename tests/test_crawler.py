@@ -660,6 +660,17 @@ def test_a_crawl_obeys_a_wildcard_in_robots_txt(children):
     assert "/files/a.pdf" not in site.hits
 
 
+def test_robots_txt_is_asked_about_a_start_url_as_its_links_are_spelled(children):
+    """A start URL typed as a browser shows it (/café, /x/../private) was matched against
+    robots.txt as typed: no rule matched, and the page it forbids was fetched."""
+    robots = (200, {"Content-Type": "text/plain"},
+              "User-agent: *\nDisallow: /café\nDisallow: /private\n".encode())
+    with Site({"/robots.txt": robots}) as site:
+        for path in "/café", "/x/../private", "/caf%c3%a9":
+            assert fetch(Crawl(), site.url + path)["robots"] == "disallowed", path
+    assert set(site.hits) == {"/robots.txt"}
+
+
 def test_a_robots_txt_rule_made_to_backtrack_costs_no_time():
     """As a regex, /*a*a*a*a*b took 40 s on a path of 300 a's, stalling the process."""
     from elric.demo.crawler import Robots

@@ -112,7 +112,7 @@ class _Process:
         return self.session
 
     async def allowed(self, url: str, round_: str, timeout: float) -> bool:
-        parts = urlsplit(url)
+        parts = urlsplit(normalize_url(url))   # a start URL as typed: spelled as rules are
         key = (f"{parts.scheme}://{parts.netloc}", round_)
         rules = self.robots.get(key)
         if rules is None or (rules.done() and rules.exception() is not None):
