@@ -332,6 +332,17 @@ def test_a_page_without_a_charset_in_its_content_type_is_read_in_its_meta_charse
     assert links(children) == [site.url + "/caf%C3%A9"] * 2
 
 
+def test_a_page_with_a_long_header_is_read(children):
+    """aiohttp refused a header line over 8 KiB (a large Content-Security-Policy or cookie,
+    which sites send and browsers read) with "400, Got more than 8190 bytes": the page
+    failed every attempt. urllib, in the sync crawler, reads up to 64 KiB."""
+    page = (200, {"Content-Type": "text/html", "Content-Security-Policy": "x" * 20_000,
+                  "Set-Cookie": "a=" + "b" * 9_000}, b'<html><body><a href="/a">a</a></body>')
+    with Site({"/": page}) as site:
+        assert fetch(Crawl(), site.url + "/")["links"] == 1
+        assert CrawlSync().run(site.url + "/")["links"] == 1
+
+
 def test_a_charset_lxml_does_not_know_reads_as_none(children):
     page = b'<html><body><a href="/a">a</a></body></html>'
     assert submit_links("http://h/", page, "x-no-such") == 1

@@ -39,6 +39,7 @@ from elric.demo.crawler_sync import (REDIRECTS, link_of, nofollow, normalize_url
 
 USER_AGENT = "elric-crawler/0.1"
 CHUNK = 64 * 1024
+HEADER_MAX_BYTES = 64 * 1024
 ROBOTS_MAX_BYTES = 512 * 1024   # RFC 9309: parse at least 500 KiB of a robots.txt
 _BASE_HREF = lxml.etree.XPath("//base/@href")   # compiled once
 _ROBOTS_META = lxml.etree.XPath(
@@ -108,7 +109,10 @@ class _Process:
         if self.session is None or self.session.closed:
             self.session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
-                headers={"User-Agent": USER_AGENT})
+                headers={"User-Agent": USER_AGENT},
+                # a header line of up to 64 KiB, as urllib reads: sites send a large
+                # Content-Security-Policy or cookie, and over aiohttp's 8 KiB the page failed
+                max_line_size=HEADER_MAX_BYTES, max_field_size=HEADER_MAX_BYTES)
         return self.session
 
     async def allowed(self, url: str, round_: str, timeout: float) -> bool:
