@@ -216,7 +216,7 @@ class CrawlSync(Job):
             found = _META_CHARSET.search(body, 0, 1024)
             charset = found.group(1).decode("ascii") if found else "utf-8"
         try:
-            text = body.decode(charset, "replace")   # in the charset its Content-Type names
+            text = body.decode(charset, "replace")
         except LookupError:   # one Python does not know
             text = body.decode("utf-8", "replace")
         parser = Links()
