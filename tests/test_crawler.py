@@ -230,6 +230,22 @@ def test_a_link_that_does_not_parse_is_skipped_not_the_page(children):
     assert links(children)[1:] == [site.url + "/a"]
 
 
+def test_a_link_too_long_for_a_browser_is_not_followed(children):
+    """A link of 100,000 characters was a job (its URL stored twice, as argument and dedupe
+    key) that most servers answer 414; a site whose pages link to a longer URL each (href
+    "a/" on a page served at any path) made ever longer ones until they did. Browsers and
+    Scrapy stop at 2,083 characters."""
+    def page(*paths):
+        return "<html><body>{}</body></html>".format(
+            "".join(f'<a href="{path}">x</a>' for path in paths)).encode()
+
+    ok, long = "/" + "a" * (2083 - len("http://h/")), "/" + "a" * 2083
+    assert submit_links("http://h/", page(ok, long, "/b" * 50_000)) == 1
+    assert links(children) == ["http://h" + ok]
+    with Site({"/": (200, {"Content-Type": "text/html"}, page(long, "/c"))}) as site:
+        assert CrawlSync().run(site.url + "/")["links"] == 1
+
+
 def test_whitespace_around_an_href_is_not_part_of_the_link(children):
     """As browsers read it: a trailing space was sent as /a%20, a 404."""
     page = b'<html><body><a href="/a ">a</a><a href=" /b\t">b</a></body></html>'
@@ -264,6 +280,32 @@ def test_a_default_port_is_no_other_host_nor_another_page(children):
     assert normalize_url("https://h:80/") == "https://h:80/"   # not https's default
 
 
+def test_dot_segments_are_no_other_page(children):
+    """A link spelled with the host and a .. or . (http://h/x/../a) kept them: another dedupe
+    key for /a, fetched twice; a relative one was resolved (urljoin)."""
+    page = (b'<html><body><a href="/a">a</a><a href="http://h/x/../a">a</a>'
+            b'<a href="HTTP://H/./a">a</a><a href="http://h/b/c/..">b</a></body></html>')
+    assert submit_links("http://h/", page) == 2
+    assert links(children) == ["http://h/a", "http://h/b/"]
+    for url in ("http://h/x/../a", "http://h/%2e%2E/a", "http://h/./a?x=/../"):
+        assert Crawl.dedupe_key_for(url).split("?")[0] == "http://h/a", url
+    assert normalize_url("http://h/.well-known/a//b/") == "http://h/.well-known/a//b/"
+
+
+@pytest.mark.parametrize("job_class", [Crawl, CrawlSync], ids=["async", "sync"])
+def test_a_query_in_another_order_is_the_same_page(job_class):
+    """?a=1&b=2 and ?b=2&a=1 were two dedupe keys: a site that builds its links' queries
+    in no fixed order (filters, facets) had each page fetched once per order. A name given
+    twice keeps its order (?a=1&a=2 may not be ?a=2&a=1)."""
+    def key(url):
+        return job_class.dedupe_key_for(url)
+
+    assert key("http://h/p?b=2&a=1&c") == key("http://h/p?a=1&b=2&c") == "http://h/p?a=1&b=2&c"
+    assert key("http://h/p?x=2&a=1&x=1") == "http://h/p?a=1&x=2&x=1" != key("http://h/p?x=1&x=2")
+    assert key("http://h/p?b&a") != key("http://h/p?b=&a")   # not even "b" is "b="
+    assert job_class.spec(["http://h/p?b=2&a=1"])["args"][0] == "http://h/p?b=2&a=1"
+
+
 @pytest.mark.parametrize("charset", ["utf-8", "windows-1252"])
 def test_a_page_is_read_in_the_charset_its_content_type_names(children, charset):
     """Without a <meta> charset lxml read UTF-8 as Latin-1: /café became /cafÃ©, a 404."""
@@ -273,6 +315,32 @@ def test_a_page_is_read_in_the_charset_its_content_type_names(children, charset)
         assert fetch(Crawl(), site.url + "/")["links"] == 1
         assert CrawlSync().run(site.url + "/")["links"] == 1
     assert links(children) == [site.url + "/caf%C3%A9"] * 2
+
+
+@pytest.mark.parametrize("meta", [
+    '<meta charset="windows-1252">', "<META Charset=windows-1252 />",
+    '<meta http-equiv="Content-Type" content="text/html; charset=windows-1252">'])
+def test_a_page_without_a_charset_in_its_content_type_is_read_in_its_meta_charset(
+        children, meta):
+    """The sync crawler read such a page as UTF-8: /café in windows-1252 became /caf%EF%BF%BD
+    (a replacement character), a 404; lxml reads the <meta> itself."""
+    page = f'<html><head>{meta}</head><body><a href="/café">c</a></body></html>'
+    with Site({"/": (200, {"Content-Type": "text/html"}, page.encode("windows-1252"))}) \
+            as site:
+        assert fetch(Crawl(), site.url + "/")["links"] == 1
+        assert CrawlSync().run(site.url + "/")["links"] == 1
+    assert links(children) == [site.url + "/caf%C3%A9"] * 2
+
+
+def test_a_page_with_a_long_header_is_read(children):
+    """aiohttp refused a header line over 8 KiB (a large Content-Security-Policy or cookie,
+    which sites send and browsers read) with "400, Got more than 8190 bytes": the page
+    failed every attempt. urllib, in the sync crawler, reads up to 64 KiB."""
+    page = (200, {"Content-Type": "text/html", "Content-Security-Policy": "x" * 20_000,
+                  "Set-Cookie": "a=" + "b" * 9_000}, b'<html><body><a href="/a">a</a></body>')
+    with Site({"/": page}) as site:
+        assert fetch(Crawl(), site.url + "/")["links"] == 1
+        assert CrawlSync().run(site.url + "/")["links"] == 1
 
 
 def test_a_charset_lxml_does_not_know_reads_as_none(children):
@@ -316,6 +384,10 @@ def test_links_marked_nofollow_are_not_followed(children, head, followed):
 
 class QuickCrawl(Crawl):
     request_timeout = 3.0
+
+
+class QuickCrawlSync(CrawlSync):
+    request_timeout = 1.5
 
 
 def endless_robots(handler):
@@ -388,6 +460,9 @@ def test_a_server_that_does_not_answer_fails_the_attempt_saying_what_and_how_lon
             routes["/slow"] = routes.pop("/robots.txt")   # robots.txt: 404, the page hangs
             with pytest.raises(TimeoutError, match="^http://.*/slow: no answer in 3.0 s$"):
                 fetch(QuickCrawl(), site.url + "/slow")
+            # the sync crawler's said "timed out", and its 10 s were no setting of its class
+            with pytest.raises(TimeoutError, match="^http://.*/slow: no answer in 1.5 s$"):
+                QuickCrawlSync().run(site.url + "/slow")
         finally:
             answer.set()
 
@@ -396,23 +471,32 @@ def redirect(to: str, status: int = 302):
     return (status, {"Location": to}, b"")
 
 
-def test_where_a_redirect_leads_is_a_page_job_of_its_own(children):
+def run_page(job_class, url: str) -> dict:
+    """One page job of ``job_class``, async or not, run here."""
+    return fetch(job_class(), url) if issubclass(job_class, Crawl) else job_class().run(url, "b")
+
+
+@pytest.mark.parametrize("job_class", [Crawl, CrawlSync], ids=["async", "sync"])
+def test_where_a_redirect_leads_is_a_page_job_of_its_own(children, job_class):
     """A redirect was followed inside the job: a page that /old led to and a link also
     named was fetched twice, and a loop was retried to no end. Now the target is a child
-    job, which the master dedupes with the links to that page."""
+    job, which the master dedupes with the links to that page. The sync crawler (urllib)
+    went on following them: it fetched a page of another host (localhost is no
+    127.0.0.1), and read the links of where it landed as relative to the first URL."""
     page = b'<html><body><a href="a">a</a></body></html>'
     routes = {"/old": redirect("new/", 301), "/new/": (200, {"Content-Type": "text/html"}, page),
-              "/loop": redirect("/loop"), "/away": redirect("http://elsewhere.test/"),
-              "/odd": redirect("mailto:x@y")}
+              "/loop": redirect("/loop"), "/odd": redirect("mailto:x@y")}
     with Site(routes) as site:
-        assert fetch(Crawl(), site.url + "/old") == {
+        routes["/away"] = redirect(site.url.replace("127.0.0.1", "localhost") + "/new/")
+        assert run_page(job_class, site.url + "/old") == {
             "url": site.url + "/old", "status": 301, "links": 1, "bytes": 0,
             "redirect": site.url + "/new/"}
         assert links(children) == [site.url + "/new/"] and "/new/" not in site.hits
-        assert fetch(Crawl(), site.url + "/loop")["links"] == 0   # to itself: nothing new
-        assert fetch(Crawl(), site.url + "/away")["links"] == 0   # off the crawl's host
-        assert fetch(Crawl(), site.url + "/odd")["error"] == "a redirect to no web page"
+        assert run_page(job_class, site.url + "/loop")["links"] == 0   # to itself: nothing new
+        assert run_page(job_class, site.url + "/away")["links"] == 0   # off the crawl's host
+        assert run_page(job_class, site.url + "/odd")["error"] == "a redirect to no web page"
         assert links(children) == [site.url + "/new/"] and site.hits["/loop"] == 1
+        assert "/new/" not in site.hits
 
 
 def test_a_page_has_one_spelling_whatever_its_escapes_and_the_sync_crawler_fetches_it(
@@ -433,6 +517,28 @@ def test_a_page_has_one_spelling_whatever_its_escapes_and_the_sync_crawler_fetch
         assert CrawlSync().run(site.url + "/")["links"] == 1
         assert links(children) == [site.url + "/caf%C3%A9"]
         assert CrawlSync().run(links(children)[0])["bytes"] > 0
+
+
+@pytest.mark.parametrize("job_class", [Crawl, CrawlSync], ids=["async", "sync"])
+def test_a_start_url_as_a_browser_shows_it_is_fetched(children, job_class):
+    """A start URL typed as the address bar shows it (/café, /a b) failed every attempt in
+    the sync crawler: urllib sends ASCII only, and no space."""
+    page = (200, {"Content-Type": "text/html"}, b"<html>here</html>")
+    with Site({"/caf%C3%A9": page, "/a%20b": page}) as site:
+        for path in "/café", "/a b#top":
+            assert run_page(job_class, site.url + path)["bytes"] > 0, path
+    assert site.hits == {"/robots.txt": 1, "/caf%C3%A9": 1, "/a%20b": 1} if job_class is Crawl \
+        else {"/caf%C3%A9": 1, "/a%20b": 1}
+
+
+def test_both_crawlers_give_a_page_the_same_result(children):
+    """The sync crawler's result had no status for a page it read: code written for the
+    results of one crawler broke on the other's."""
+    page = (200, {"Content-Type": "text/html"}, b'<html><body><a href="/a">a</a></body></html>')
+    with Site({"/": page, "/file.pdf": (200, {"Content-Type": "application/pdf"}, b"%PDF")}) \
+            as site:
+        for path in "/", "/file.pdf", "/gone":
+            assert fetch(Crawl(), site.url + path) == CrawlSync().run(site.url + path), path
 
 
 def test_a_robots_txt_that_redirects_in_a_loop_is_no_robots_txt(children):
@@ -546,11 +652,34 @@ def test_robots_txt_groups_for_the_crawler_by_name_are_its_rules_alone():
     assert not nobody.allows("/") and not nobody.allows("/private/public")
 
 
+def test_a_robots_txt_group_ends_at_a_rule_not_at_a_crawl_delay():
+    """RFC 9309: a group's user-agent lines end at its first rule (Allow or Disallow). A
+    Crawl-delay (or any other line) ended them too: below, the crawler's group had no
+    rules, so it fetched /private, which the group it shares with * forbids."""
+    from elric.demo.crawler import Robots
+
+    lines = ["User-agent: elric-crawler", "Crawl-delay: 5", "User-agent: *",
+             "Disallow: /private", "", "User-agent: other", "Sitemap: /s.xml", "Disallow:"]
+    assert not Robots(lines, "elric-crawler/0.1").allows("/private/x")
+    assert Robots(lines, "other/1").allows("/private/x")   # "Disallow:" is a rule too
+
+
 def test_a_crawl_obeys_a_wildcard_in_robots_txt(children):
     robots = (200, {"Content-Type": "text/plain"}, b"User-agent: *\nDisallow: /*.pdf$\n")
     with Site({"/robots.txt": robots}) as site:
         assert fetch(Crawl(), site.url + "/files/a.pdf")["robots"] == "disallowed"
     assert "/files/a.pdf" not in site.hits
+
+
+def test_robots_txt_is_asked_about_a_start_url_as_its_links_are_spelled(children):
+    """A start URL typed as a browser shows it (/café, /x/../private) was matched against
+    robots.txt as typed: no rule matched, and the page it forbids was fetched."""
+    robots = (200, {"Content-Type": "text/plain"},
+              "User-agent: *\nDisallow: /café\nDisallow: /private\n".encode())
+    with Site({"/robots.txt": robots}) as site:
+        for path in "/café", "/x/../private", "/caf%c3%a9":
+            assert fetch(Crawl(), site.url + path)["robots"] == "disallowed", path
+    assert set(site.hits) == {"/robots.txt"}
 
 
 def test_a_robots_txt_rule_made_to_backtrack_costs_no_time():

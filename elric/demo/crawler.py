@@ -34,13 +34,13 @@ except ImportError:  # pragma: no cover - depends on the install
                       "pip install 'elric[crawl]'") from None
 
 from elric import Job
-from elric.demo.crawler_sync import (link_of, nofollow, normalize_url, page_key, requote,
-                                    retry_after)
+from elric.demo.crawler_sync import (REDIRECTS, link_of, nofollow, normalize_url, page_key,
+                                    requote, retry_after)
 
 USER_AGENT = "elric-crawler/0.1"
 CHUNK = 64 * 1024
+HEADER_MAX_BYTES = 64 * 1024
 ROBOTS_MAX_BYTES = 512 * 1024   # RFC 9309: parse at least 500 KiB of a robots.txt
-_REDIRECTS = frozenset((301, 302, 303, 307, 308))
 _BASE_HREF = lxml.etree.XPath("//base/@href")   # compiled once
 _ROBOTS_META = lxml.etree.XPath(
     "//meta[translate(@name, 'ROBTS', 'robts') = 'robots']/@content")
@@ -109,11 +109,14 @@ class _Process:
         if self.session is None or self.session.closed:
             self.session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
-                headers={"User-Agent": USER_AGENT})
+                headers={"User-Agent": USER_AGENT},
+                # a header line of up to 64 KiB, as urllib reads: sites send a large
+                # Content-Security-Policy or cookie, and over aiohttp's 8 KiB the page failed
+                max_line_size=HEADER_MAX_BYTES, max_field_size=HEADER_MAX_BYTES)
         return self.session
 
     async def allowed(self, url: str, round_: str, timeout: float) -> bool:
-        parts = urlsplit(url)
+        parts = urlsplit(normalize_url(url))   # a start URL as typed: spelled as rules are
         key = (f"{parts.scheme}://{parts.netloc}", round_)
         rules = self.robots.get(key)
         if rules is None or (rules.done() and rules.exception() is not None):
@@ -156,16 +159,15 @@ class Robots:
         for line in lines:
             key, colon, value = line.split("#", 1)[0].partition(":")
             key, value = key.strip().lower(), value.strip()
-            if not colon or key == "sitemap":
-                continue
             if key == "user-agent":
                 if in_rules:
                     groups.append(([], []))
                     in_rules = False
                 groups[-1][0].append(value.split("/")[0].lower())
-            elif groups:
+            elif groups and key in ("allow", "disallow"):
+                # a rule ends the group's User-agent lines; a Crawl-delay or Sitemap does not
                 in_rules = True
-                if key in ("allow", "disallow") and value:   # "Disallow:" keeps nothing out
+                if value:   # "Disallow:" keeps nothing out
                     groups[-1][1].append((requote(value), key == "allow"))
         named = [rules for agents, rules in groups if token in agents]   # case-insensitive
         chosen = named or [rules for agents, rules in groups if "*" in agents]
@@ -287,7 +289,7 @@ class Crawl(Job):
                 status = response.status
                 if status >= 500 or status == 429:
                     raise ServerError(url, response)
-                location = response.headers.get("Location") if status in _REDIRECTS else None
+                location = response.headers.get("Location") if status in REDIRECTS else None
                 if location is None:
                     html = "html" in response.content_type and status < 400   # lower-case
                     # a PDF, an image, an error page: no links to follow, nothing to read

@@ -6,9 +6,10 @@ Every page is fetched once per crawl: each job's dedupe key is its normalized UR
 the master drops a job whose key it has seen in the job's dedupe scope. Children inherit
 their parent's scope, so a periodic crawl with ``dedupe_scope="@fire"`` fetches every
 page once per round, and again next round. Links that leave the start page's host, or are
-marked nofollow (``rel``, or the page's robots ``<meta>``), are not followed. A 5xx or
-429 answer is retried (after its Retry-After, if any); a 404 or other 4xx is a result. At
-most ``max_bytes`` of a page are read, and nothing of what is not HTML. It does not read
+marked nofollow (``rel``, or the page's robots ``<meta>``), are not followed; where a
+redirect leads is a page job of its own, on the same host only. A 5xx or 429 answer is
+retried (after its Retry-After, if any); a 404 or other 4xx is a result. At most
+``max_bytes`` of a page are read, and nothing of what is not HTML. It does not read
 robots.txt: crawl sites that are not your own with the async crawler, which obeys it.
 """
 
@@ -52,7 +53,8 @@ def nofollow(content: str) -> bool:
 
 def normalize_url(url: str) -> str:
     """One spelling per page: no fragment, lower-case scheme and host, no default port, a
-    path, and escapes as a browser sends them (UTF-8, upper-case, none for ``~``)."""
+    path without ``.`` and ``..`` segments, and escapes as a browser sends them (UTF-8,
+    upper-case, none for ``~``)."""
     url = urldefrag(url)[0]
     parts = urlparse(url)
     scheme, netloc = parts.scheme.lower(), parts.netloc.lower()
@@ -61,13 +63,29 @@ def normalize_url(url: str) -> str:
         netloc = netloc[:-len(default)]
     path = parts.path or "/"
     query = f"?{parts.query}" if parts.query else ""
-    if url.isascii() and "%" not in url and " " not in url:   # nothing to escape
-        return f"{scheme}://{netloc}{path}{query}"
-    try:   # an international domain name, as DNS knows it
-        netloc = netloc.encode("idna").decode("ascii")
-    except UnicodeError:
-        pass
-    return f"{scheme}://{netloc}{requote(path)}{requote(query)}"
+    if not (url.isascii() and "%" not in url and " " not in url):   # escapes to spell
+        try:   # an international domain name, as DNS knows it
+            netloc = netloc.encode("idna").decode("ascii")
+        except UnicodeError:
+            pass
+        path, query = requote(path), requote(query)
+    if "/." in path:   # /x/../a is /a, as urljoin makes a relative link's path
+        path = _without_dots(path)
+    return f"{scheme}://{netloc}{path}{query}"
+
+
+def _without_dots(path: str) -> str:
+    """``path`` without its ``.`` and ``..`` segments (RFC 3986's remove_dot_segments)."""
+    segments = path.split("/")[1:]
+    kept: list[str] = []
+    for segment in segments:
+        if segment == "..":
+            if kept:
+                kept.pop()
+        elif segment != ".":
+            kept.append(segment)
+    # /a/b/.. is the folder /a/
+    return "/" + "/".join(kept) + ("/" if kept and segments[-1] in (".", "..") else "")
 
 
 _ESCAPE = re.compile("%[0-9A-Fa-f]{2}")
@@ -98,29 +116,57 @@ def retry_after(status: int, headers) -> float:
 
 
 def page_key(url: str) -> str:
-    """A page job's dedupe key, its normalized URL; a URL that is no http(s) URL is refused
-    at submit (queued, it failed every attempt, and every round of a periodic crawl)."""
+    """A page job's dedupe key, its normalized URL with the query's parameters in order of
+    name (``?b=2&a=1`` is ``?a=1&b=2``, fetched as first linked); a URL that is no http(s)
+    URL is refused at submit (queued, it failed every attempt, and every round of a
+    periodic crawl)."""
     key = normalize_url(url)
     if not key.startswith(("http://", "https://")):
         raise ValueError(f"{url!r} is no http(s) URL")
+    path, _, query = key.partition("?")
+    if "&" in query:   # a name given twice keeps its order: ?a=2&a=1 may be another page
+        params = sorted(query.split("&"), key=lambda param: param.partition("=")[0])
+        key = f"{path}?{'&'.join(params)}"
     return key
+
+
+MAX_URL = 2083   # characters: browsers' (and Scrapy's) limit; most servers refuse more
 
 
 def link_of(base: str, href: str) -> str | None:
     """The normalized http(s) URL ``href`` on page ``base`` leads to; None for another
-    scheme (ftp:, mailto:) or one that does not parse (``http://[oops``): one bad link on
-    a page, not a failed page."""
+    scheme (ftp:, mailto:), one that does not parse (``http://[oops``), or one over
+    MAX_URL (a site that links each page to a longer URL would be crawled to no end): one
+    bad link on a page, not a failed page."""
     try:   # without the whitespace around it, as browsers read an href
         link = normalize_url(urljoin(base, href.strip(" \t\n\r\f")))
     except ValueError:
         return None
-    return link if link.startswith(("http://", "https://")) else None
+    return link if link.startswith(("http://", "https://")) and len(link) <= MAX_URL else None
+
+
+# <meta charset="x">, or <meta http-equiv="Content-Type" content="text/html; charset=x">
+_META_CHARSET = re.compile(rb"""<meta[^>]*?charset\s*=\s*["']?([-\w.:]+)""", re.IGNORECASE)
+REDIRECTS = frozenset((301, 302, 303, 307, 308))
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """urllib follows redirects itself, off the crawl's host too, and the links of where it
+    landed were read as relative to the first URL: here a redirect is an answer (an
+    HTTPError), and the crawler makes where it leads a job of its own."""
+
+    def redirect_request(self, *args, **kwargs):
+        return None
+
+
+_opener = urllib.request.build_opener(_NoRedirects)
 
 
 class CrawlSync(Job):
     queue = "crawl"
     max_retries = 2
     timeout = 30
+    request_timeout = 10.0          # one HTTP request: waits for its answer, or a read
     max_bytes = 2 * 1024 * 1024     # read at most this much of a page
 
     @classmethod
@@ -134,38 +180,60 @@ class CrawlSync(Job):
 
     def run(self, url: str, batch: str = "") -> dict:
         try:
-            with urllib.request.urlopen(url, timeout=10) as response:
+            # normalized: a start URL may be typed as a browser shows it (/café), and
+            # urllib sends ASCII only
+            with _opener.open(normalize_url(url), timeout=self.request_timeout) as response:
                 html = "html" in response.headers.get_content_type()
                 # not all of a huge page, nothing of a PDF or an image: no links in it
                 body = response.read(self.max_bytes + 1) if html else b""
-                charset = response.headers.get_content_charset() or "utf-8"
-        except urllib.error.HTTPError as exc:
+                charset = response.headers.get_content_charset()
+                status = response.status
+        except TimeoutError:   # urllib's says "timed out": the error recorded says what, how long
+            raise TimeoutError(f"{url}: no answer in {self.request_timeout} s") from None
+        except urllib.error.HTTPError as exc:   # a redirect, a 4xx or a 5xx
             if exc.code >= 500 or exc.code == 429:
                 exc.retry_after = retry_after(exc.code, exc.headers)
                 raise   # worth another attempt, after a backoff
-            return {"url": url, "status": exc.code, "links": 0, "bytes": 0}   # a 404: an answer
-        result = {"url": url, "links": 0, "bytes": min(len(body), self.max_bytes)}
+            # a 404 is an answer: nothing to retry, no links to follow
+            result = {"url": url, "status": exc.code, "links": 0, "bytes": 0}
+            location = exc.headers.get("Location") if exc.code in REDIRECTS else None
+            if location is not None:
+                # where it leads is a page job of its own: deduped with the links to that
+                # page (fetched once), kept to the crawl's host, a loop ended by the dedupe
+                result["redirect"] = target = link_of(url, location)
+                if target is None:
+                    result["error"] = "a redirect to no web page"
+                elif target != url:
+                    result["links"] = self._submit(url, [target], batch)
+            return result
+        result = {"url": url, "status": status, "links": 0,
+                  "bytes": min(len(body), self.max_bytes)}
         if len(body) > self.max_bytes:
             body, result["truncated"] = body[:self.max_bytes], True
         if not html:
             return result
+        if charset is None:   # then a <meta> in its first 1024 bytes names it, as browsers read
+            found = _META_CHARSET.search(body, 0, 1024)
+            charset = found.group(1).decode("ascii") if found else "utf-8"
         try:
-            text = body.decode(charset, "replace")   # in the charset its Content-Type names
+            text = body.decode(charset, "replace")
         except LookupError:   # one Python does not know
             text = body.decode("utf-8", "replace")
         parser = Links()
         parser.feed(text)
         if parser.nofollow:
             parser.links = []
-        host = urlparse(normalize_url(url)).netloc   # as its links are spelled
-        found = []
         base = parser.base and link_of(url, parser.base) or url
-        for href in parser.links:
-            link = link_of(base, href)
-            if link is None or urlparse(link).netloc != host or link in found:
-                continue
-            found.append(link)
+        result["links"] = self._submit(url, [link_of(base, href) for href in parser.links],
+                                       batch)
+        return result
+
+    def _submit(self, url: str, links: list[str | None], batch: str) -> int:
+        """Submit the links that stay on ``url``'s host, each once; returns how many."""
+        host = urlparse(normalize_url(url)).netloc   # as its links are spelled
+        found = [link for link in dict.fromkeys(links)
+                 if link is not None and urlparse(link).netloc == host]
+        for link in found:
             # most links were seen before; the master's dedupe filter drops those
             type(self).submit_with(args=[link, batch], **({"batch": batch} if batch else {}))
-        result["links"] = len(found)
-        return result
+        return len(found)
