@@ -150,6 +150,8 @@ def parse_address(value: str, key: str = "address") -> tuple[str, int]:
     from elric.rpc import parse_address as parse
 
     try:
+        if "://" in str(value):   # a URL parsed as host "http://h": unreachable, exit 3
+            raise ValueError
         return parse(value)
     except ValueError:
         raise SettingsError(f"{key}: {value!r} is not host:port (e.g. 127.0.0.1:7531)") from None

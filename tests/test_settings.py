@@ -240,6 +240,11 @@ CASES = {
                                        "DASHBOARD_ADDRESS": unused_address(),
                                        "DASHBOARD_PASSWORD": "s3cret\udcff"},
         "DASHBOARD_PASSWORD (from ELRIC_DASHBOARD_PASSWORD): holds bytes that are not UTF-8"),
+    # a URL where host:port belongs: taken as host "http://127.0.0.1", it exited 3,
+    # "cannot reach ... (try again)", as if the master were only down
+    "jobs: --master given as a URL": lambda d, r: (
+        ["jobs", "--master", "http://127.0.0.1:7531"], {},
+        "MASTER_ADDRESS: 'http://127.0.0.1:7531' is not host:port"),
     "worker: --master without a port": lambda d, r: (
         ["worker", "--master", "127.0.0.1"], {"REDIS_URL": r},
         "MASTER_ADDRESS: '127.0.0.1' is not host:port"),
