@@ -285,9 +285,11 @@ def load_settings(path: str | None = None, env: dict | None = None,
                                     f"did you mean {name.upper()}?")
             if not name.isupper() or name.startswith("_"):
                 continue
-            if name not in KEYS:
-                raise SettingsError(f"{source}: unknown setting {name} "
-                                    f"(known: {', '.join(KEYS)})")
+            if name not in KEYS:   # (a guess, as for ELRIC_ variables: not 36 names)
+                close = difflib.get_close_matches(name, KEYS, n=1)
+                raise SettingsError(f"{source}: unknown setting {name}" + (
+                    f"; did you mean {close[0]}?" if close else
+                    f" (known: {', '.join(KEYS)})"))
             values[name] = _check(name, value, source)
     for key in KEYS:
         raw = env.get(f"ELRIC_{key}")

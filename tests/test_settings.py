@@ -131,6 +131,9 @@ def test_bad_env_values_name_the_key(no_settings_file, env, message):
 
 @pytest.mark.parametrize("body, message", [
     ("COLOUR = 'red'\n", "unknown setting COLOUR (known: REDIS_URL,"),
+    # a typo: the key it is close to (it listed all 36 keys, as for COLOUR)
+    ("LIMIT = {'*': {'concurrency': 8}}\n", "unknown setting LIMIT; did you mean LIMITS?"),
+    ("JOBMODULES = ['jobs']\n", "unknown setting JOBMODULES; did you mean JOB_MODULES?"),
     ("CONCURRENCY = '4'\n", "CONCURRENCY (from {path}): expected int, got '4'"),
     ("CONCURRENCY = True\n", "CONCURRENCY (from {path}): expected int, got True"),
     ("QUEUES = 'a,b'\n", "QUEUES (from {path}): expected list, got 'a,b'"),
