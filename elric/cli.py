@@ -42,9 +42,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if args.modules and args.modules[0] in WORKER_ACTIONS:   # elric worker pause ID, ...
         return _control_worker(args)
     for name in args.modules:   # a mistyped action (elric worker Pause ID) starts no worker
-        if not all(part.isidentifier() for part in name.split(".")):
-            raise UsageError(f"{name!r} is not a module name; to steer a running worker: "
-                             f"elric worker {'|'.join(WORKER_ACTIONS)} ID")
+        if not _module_name(name) or name.endswith(".py") and os.path.isfile(name):
+            raise UsageError(_not_a_module(name, WORKER_ACTIONS))
 
     queues = names(args.queues, "--queues") if args.queues is not None else None
     settings = load_settings(args.settings, overrides=dict(
@@ -53,6 +52,25 @@ def cmd_worker(args: argparse.Namespace) -> int:
         JOB_MODULES=args.modules or None, LOG_FORMAT=args.log_format))
     _logging(settings)
     return asyncio.run(Worker(settings).run())
+
+
+def _module_name(name: str) -> bool:
+    return all(part.isidentifier() for part in name.split("."))
+
+
+def _not_a_module(name: str, actions) -> str:
+    """Why ``name`` starts no worker. A file (jobs.py, ./jobs) or a func (jobs:Crawl) is
+    answered with the module meant: the import error, or the hint to steer a running
+    worker, left a user who gave one no wiser."""
+    module, colon, attr = name.partition(":")
+    func = colon and _module_name(module) and _module_name(attr)   # (a worker id: host:pid:hex)
+    meant = module if func else name.removesuffix(".py").replace(os.sep, ".").strip(".")
+    if (func or name.endswith(".py") or os.sep in name) and meant and _module_name(meant):
+        return (f"{name!r} is {'a func' if func else 'a path'}, not a module name: "
+                f"elric worker {meant}, from the folder it imports from (a worker runs "
+                "every Job class of its modules)")
+    return (f"{name!r} is not a module name; to steer a running worker: "
+            f"elric worker {'|'.join(actions)} ID")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
