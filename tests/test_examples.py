@@ -105,7 +105,9 @@ def test_elric_demo_without_the_crawl_extra_crawls_with_the_sync_crawler(tmp_pat
     proc = subprocess.run([sys.executable, "-c", code], cwd=str(tmp_path), env=env,
                           capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "pip install 'elric[crawl]'; crawling with the synchronous crawler" in proc.stdout
+    # the README's install line: 'elric[crawl]' alone names a package on PyPI, not this one
+    assert "pip install '/path/to/elric[crawl]'; crawling with the synchronous crawler" \
+        in proc.stdout
     assert "crawled 4 pages (4 on the site, each fetched 1 time(s) at most)" in proc.stdout
 
 
