@@ -571,7 +571,8 @@ def build_parser() -> argparse.ArgumentParser:
         if bulk or name == "jobs":
             p.add_argument("--status", help=", ".join(JobFilter.STATUSES if bulk else STATUSES))
             p.add_argument("--queue")
-            p.add_argument("--func", dest="by_func", help='"package.module:ClassName"')
+            p.add_argument("--func", dest="by_func", metavar="FUNC",   # (it said BY_FUNC)
+                           help='"package.module:ClassName"')
             p.add_argument("--batch")
         if bulk:
             p.add_argument("--worker", help="the worker that ran it last")
@@ -585,7 +586,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--offset", type=int, default=0, help="jobs to skip")
             p.add_argument("--limit", type=int, default=20, help="jobs to show (1 to 1000)")
         if name == "results":
-            p.add_argument("--func", dest="by_func", help='"package.module:ClassName"')
+            p.add_argument("--func", dest="by_func", metavar="FUNC",   # (it said BY_FUNC)
+                           help='"package.module:ClassName"')
             p.add_argument("--batch")
             p.add_argument("--queue")
             p.add_argument("--format", choices=("table", "jsonl"), default="table",

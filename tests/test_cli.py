@@ -600,6 +600,14 @@ def test_worker_pause_resume_or_stop_with_set_options_is_a_usage_error(redis_url
         one_line_error(elric(c, "worker", *args), 2, "--queues: ")
 
 
+def test_help_names_the_func_option_as_it_is_typed():
+    for command in ("jobs", "results", "rerun"):
+        out = subprocess.run([sys.executable, "-m", "elric", command, "--help"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0 and "--func FUNC" in out.stdout, out.stdout
+        assert "BY_FUNC" not in out.stdout, out.stdout
+
+
 def test_a_worker_given_a_file_or_a_func_names_the_module_meant(redis_url, tmp_path):
     """`elric worker jobs.py` (or ./jobs, jobs:Crawl) said "no module named 'jobs.py'", or
     to steer a running worker: a new user's first try, answered with what to type."""
