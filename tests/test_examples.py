@@ -119,6 +119,31 @@ def test_elric_demo_whose_master_cannot_start_says_so_without_a_traceback(tmp_pa
     assert "cannot connect" in (logs / "master.log").read_text()
 
 
+def test_a_master_started_that_never_answers_is_not_left_running(redis_url, tmp_path):
+    """start_master gave up on a master that did not answer (the demo's, asking for the
+    RPC_TOKEN of a settings.py it did not know) and left it running, with no one to stop it."""
+    import socket
+
+    import pytest
+
+    from elric.launch import elric_env, start_master
+    from elric.redis_server import free_port
+
+    (tmp_path / "token.py").write_text('RPC_TOKEN = "s3cret"\n')
+    address = f"127.0.0.1:{free_port()}"
+    env = {**elric_env(redis_url, address), "ELRIC_SETTINGS": str(tmp_path / "token.py")}
+    with pytest.raises(RuntimeError, match="did not answer"):
+        start_master(env, str(tmp_path / "master.log"))
+
+    def refused() -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", int(address.split(":")[1])), 1).close()
+            return False
+        except OSError:
+            return True
+    wait_for(refused, timeout=10, what="the master that never answered stopped")
+
+
 def test_elric_demo_stopped_by_ctrl_c_leaves_no_log_folder(tmp_path):
     """Ctrl-C during the crawl stopped everything but left its temporary log folder, said
     nowhere (it keeps one only where it says so: a crawl that failed)."""
