@@ -81,7 +81,8 @@ LOOP_LAG_WARN = 1.0
 # jobs without a limit key are never limited. E.g.
 #   {"*": {"concurrency": 8}, "example.com": {"concurrency": 2, "rate": 5}}
 # (at most 2 running their code at once, at most 5 starts a second; or "interval": seconds between
-# two starts). A job held back waits without using a retry; other keys pass it.
+# two starts). A job held back waits without using a retry; other keys pass it. A master's
+# setting: it publishes the rules to Redis when it starts (restart it after a change).
 LIMITS = {}
 
 # The modules your Job classes are in, e.g. ["myproject.jobs"]. A worker imports these at

@@ -42,9 +42,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if args.modules and args.modules[0] in WORKER_ACTIONS:   # elric worker pause ID, ...
         return _control_worker(args)
     for name in args.modules:   # a mistyped action (elric worker Pause ID) starts no worker
-        if not all(part.isidentifier() for part in name.split(".")):
-            raise UsageError(f"{name!r} is not a module name; to steer a running worker: "
-                             f"elric worker {'|'.join(WORKER_ACTIONS)} ID")
+        if not _module_name(name) or name.endswith(".py") and os.path.isfile(name):
+            raise UsageError(_not_a_module(name, WORKER_ACTIONS))
 
     queues = names(args.queues, "--queues") if args.queues is not None else None
     settings = load_settings(args.settings, overrides=dict(
@@ -53,6 +52,25 @@ def cmd_worker(args: argparse.Namespace) -> int:
         JOB_MODULES=args.modules or None, LOG_FORMAT=args.log_format))
     _logging(settings)
     return asyncio.run(Worker(settings).run())
+
+
+def _module_name(name: str) -> bool:
+    return all(part.isidentifier() for part in name.split("."))
+
+
+def _not_a_module(name: str, actions) -> str:
+    """Why ``name`` starts no worker. A file (jobs.py, ./jobs) or a func (jobs:Crawl) is
+    answered with the module meant: the import error, or the hint to steer a running
+    worker, left a user who gave one no wiser."""
+    module, colon, attr = name.partition(":")
+    func = colon and _module_name(module) and _module_name(attr)   # (a worker id: host:pid:hex)
+    meant = module if func else name.removesuffix(".py").replace(os.sep, ".").strip(".")
+    if (func or name.endswith(".py") or os.sep in name) and meant and _module_name(meant):
+        return (f"{name!r} is {'a func' if func else 'a path'}, not a module name: "
+                f"elric worker {meant}, from the folder it imports from (a worker runs "
+                "every Job class of its modules)")
+    return (f"{name!r} is not a module name; to steer a running worker: "
+            f"elric worker {'|'.join(actions)} ID")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -537,7 +555,8 @@ def build_parser() -> argparse.ArgumentParser:
         if bulk or name == "jobs":
             p.add_argument("--status", help=", ".join(JobFilter.STATUSES if bulk else STATUSES))
             p.add_argument("--queue")
-            p.add_argument("--func", dest="by_func", help='"package.module:ClassName"')
+            p.add_argument("--func", dest="by_func", metavar="FUNC",   # (it said BY_FUNC)
+                           help='"package.module:ClassName"')
             p.add_argument("--batch")
         if bulk:
             p.add_argument("--worker", help="the worker that ran it last")
@@ -551,7 +570,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--offset", type=int, default=0, help="jobs to skip")
             p.add_argument("--limit", type=int, default=20, help="jobs to show (1 to 1000)")
         if name == "results":
-            p.add_argument("--func", dest="by_func", help='"package.module:ClassName"')
+            p.add_argument("--func", dest="by_func", metavar="FUNC",   # (it said BY_FUNC)
+                           help='"package.module:ClassName"')
             p.add_argument("--batch")
             p.add_argument("--queue")
             p.add_argument("--format", choices=("table", "jsonl"), default="table",

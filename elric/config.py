@@ -150,6 +150,8 @@ def parse_address(value: str, key: str = "address") -> tuple[str, int]:
     from elric.rpc import parse_address as parse
 
     try:
+        if "://" in str(value):   # a URL parsed as host "http://h": unreachable, exit 3
+            raise ValueError
         return parse(value)
     except ValueError:
         raise SettingsError(f"{key}: {value!r} is not host:port (e.g. 127.0.0.1:7531)") from None
@@ -283,9 +285,11 @@ def load_settings(path: str | None = None, env: dict | None = None,
                                     f"did you mean {name.upper()}?")
             if not name.isupper() or name.startswith("_"):
                 continue
-            if name not in KEYS:
-                raise SettingsError(f"{source}: unknown setting {name} "
-                                    f"(known: {', '.join(KEYS)})")
+            if name not in KEYS:   # (a guess, as for ELRIC_ variables: not 36 names)
+                close = difflib.get_close_matches(name, KEYS, n=1)
+                raise SettingsError(f"{source}: unknown setting {name}" + (
+                    f"; did you mean {close[0]}?" if close else
+                    f" (known: {', '.join(KEYS)})"))
             values[name] = _check(name, value, source)
     for key in KEYS:
         raw = env.get(f"ELRIC_{key}")

@@ -128,6 +128,9 @@ class Job:
         if derived is not None and key == "limit_key" and not isinstance(derived, str):
             raise SpecError(f"{cls.__name__}.{hook} must return a string or None, "
                             f"got {type(derived).__name__}")
+        if derived == "":   # (the master's refusal named a key the caller never gave)
+            raise SpecError(f"{cls.__name__}.{hook}(*{args!r:.80}) returned '': return None "
+                            f"for no {key}, or check the arguments")
         return None if derived is None else str(derived)
 
     @classmethod

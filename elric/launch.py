@@ -105,7 +105,12 @@ def wait_for_master(address: str, proc: Proc | None = None, timeout: float = 20.
 def start_master(env: dict, log_path: str | None = None, cwd: str | None = None,
                  extra: list[str] | None = None) -> Proc:
     proc = Proc(["master", *(extra or [])], env, log_path, cwd)
-    wait_for_master(env["ELRIC_MASTER_ADDRESS"], proc, token=env.get("ELRIC_RPC_TOKEN") or None)
+    try:
+        wait_for_master(env["ELRIC_MASTER_ADDRESS"], proc,
+                        token=env.get("ELRIC_RPC_TOKEN") or None)
+    except BaseException:   # never answered, or Ctrl-C: its caller has no handle to stop it
+        proc.stop()
+        raise
     return proc
 
 

@@ -47,11 +47,18 @@ class JobModules:
         return modules
 
     def log_broken(self) -> None:
-        """The worker's one line for each module that did not import."""
+        """The worker's one line for each module that did not import, or that imported but
+        defines no Job class (`elric worker json`, or a typo that names another module of
+        the project: the worker ran nothing, without a word)."""
         for name, error in self.broken.items():
             log.error("cannot import job module %s (%s): its jobs fail on this worker until it "
                       "is started again where the module imports%s", name, error,
                       WHERE if name in self.not_found else "")
+        for name in self.clean():
+            if not _defines_a_job(name):
+                log.warning("job module %s defines no Job class, so this worker runs none of "
+                            "its jobs (a class imported into it runs under its own module's "
+                            "name: load that module)", name)
 
     def clean(self) -> list[str]:
         """The modules that imported without an error."""
@@ -89,3 +96,16 @@ class JobModules:
             raise SpecError(f"func {func!r}: {obj!r} is not a subclass of elric.Job")
         self._classes[func] = obj
         return obj
+
+
+def _defines_a_job(module: str) -> bool:
+    """Whether a Job class of ``module`` (or of a module under it) is imported."""
+    from elric.job import Job
+
+    todo = Job.__subclasses__()
+    while todo:
+        cls = todo.pop()
+        if (cls.__module__ + ".").startswith(module + "."):
+            return True
+        todo += cls.__subclasses__()
+    return False

@@ -12,6 +12,7 @@ and day-field OR, refusal of crons that never fire, and jitter that does not acc
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import random
@@ -506,9 +507,12 @@ def _parse(data: dict, now: float) -> tuple[BaseTrigger, dict]:
     if not isinstance(kind, str) or kind not in ALLOWED:   # (a list or map would not hash)
         raise TriggerError("trigger.type", f"expected 'cron', 'interval' or 'date', got {kind!r}")
     if unknown := sorted(str(k) for k in data if k not in ALLOWED[kind]):
-        known = ", ".join(sorted(ALLOWED[kind] - {"type"}))
-        raise TriggerError(f"trigger.{unknown[0]}",
-                           f"unknown field for a {kind} trigger; known fields: {known}")
+        known = sorted(ALLOWED[kind] - {"type"})
+        close = difflib.get_close_matches(unknown[0], known, n=1)   # every(minute=15)
+        article = "an" if kind == "interval" else "a"
+        raise TriggerError(f"trigger.{unknown[0]}", f"unknown field for {article} {kind} "
+                           "trigger; " + (f"did you mean {close[0]}?" if close else
+                                          f"known fields: {', '.join(known)}"))
     zone_name, tz = _zone(data.get("timezone") or "UTC")
     start, end = _datetime(data, "start_date", tz), _datetime(data, "end_date", tz)
     jitter = _number(data, "jitter")

@@ -630,6 +630,24 @@ def test_worker_pause_resume_or_stop_with_set_options_is_a_usage_error(redis_url
         one_line_error(elric(c, "worker", *args), 2, "--queues: ")
 
 
+def test_help_names_the_func_option_as_it_is_typed():
+    for command in ("jobs", "results", "rerun"):
+        out = subprocess.run([sys.executable, "-m", "elric", command, "--help"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0 and "--func FUNC" in out.stdout, out.stdout
+        assert "BY_FUNC" not in out.stdout, out.stdout
+
+
+def test_a_worker_given_a_file_or_a_func_names_the_module_meant(redis_url, tmp_path):
+    """`elric worker jobs.py` (or ./jobs, jobs:Crawl) said "no module named 'jobs.py'", or
+    to steer a running worker: a new user's first try, answered with what to type."""
+    c = Cluster(redis_url, tmp_path)   # refused before any connection
+    for given in ("tests/jobs.py", "./tests/jobs", "tests.jobs:Echo"):
+        one_line_error(elric(c, "worker", given), 2,
+                       f"{given!r} is a {'func' if ':' in given else 'path'}, not a module "
+                       "name: elric worker tests.jobs, from the folder it imports from")
+
+
 def test_cancel_of_one_job_that_cannot_be_cancelled_says_why_and_exits_1(cluster):
     # as a cancel of many: a job that ended, or a periodic job, is left alone, and exit 1
     cluster.client.submit_job({"func": "tests.jobs:Add", "args": [1, 1], "queue": "nobody",

@@ -4,6 +4,7 @@ statuses, methods and spec keys, and what normalize_spec fills in and refuses. U
 from __future__ import annotations
 
 import re
+from urllib.parse import urlparse
 
 import msgpack
 import pytest
@@ -288,6 +289,25 @@ def test_a_child_given_an_empty_or_no_job_id_gets_its_derived_one():
     assert handles == [job_module._child_job_id("parent", 0),
                        job_module._child_job_id("parent", 1), "mine"]
     assert [c["job_id"] for c in ctx.children] == handles
+
+
+class Page(Job):   # as the README's Crawl
+    @classmethod
+    def limit_key_for(cls, url):
+        return urlparse(url).netloc
+
+    @classmethod
+    def dedupe_key_for(cls, url):
+        return url.split("#")[0]
+
+
+def test_a_hook_that_returns_an_empty_key_is_a_spec_error_naming_it():
+    """The README's crawler given "example.com" (no scheme): its limit_key_for, the URL's
+    netloc, is "", and the master's refusal named a limit_key the caller never gave."""
+    for args, hook in ((["example.com"], "limit_key_for"), (["#top"], "dedupe_key_for")):
+        with pytest.raises(SpecError, match=rf"Page.{hook}\(\*\[.*\]\) returned '': return "
+                                            "None for no"):
+            Page.spec(args)
 
 
 def test_a_dedupe_hook_that_raises_is_a_spec_error():

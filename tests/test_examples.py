@@ -89,6 +89,85 @@ def test_elric_demo_runs_its_own_jobs_whatever_job_modules_a_local_settings_allo
     assert "crawled 4 pages (4 on the site" in proc.stdout, proc.stdout
 
 
+def test_elric_demo_calls_its_master_with_the_rpc_token_a_local_settings_sets(tmp_path):
+    """A settings.py with RPC_TOKEN where the demo ran: its master asked for the token, the
+    demo waited 20 s for an answer without it, then printed a traceback and left its logs."""
+    (tmp_path / "settings.py").write_text('RPC_TOKEN = "s3cret"\n')
+    env = script_env()
+    env["TMPDIR"] = str(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "elric", "demo", "--pages", "3"],
+                          cwd=str(tmp_path), env=env, capture_output=True, text=True,
+                          timeout=120, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "crawled 4 pages (4 on the site" in proc.stdout, proc.stdout
+    assert not list(tmp_path.glob("elric-demo-*")), list(tmp_path.iterdir())
+
+
+def test_elric_demo_whose_master_cannot_start_says_so_without_a_traceback(tmp_path):
+    from elric.redis_server import free_port
+
+    env = script_env(REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")   # nobody there
+    env["TMPDIR"] = str(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "elric", "demo", "--pages", "3"],
+                          cwd=str(tmp_path), env=env, capture_output=True, text=True,
+                          timeout=120, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    [logs] = tmp_path.glob("elric-demo-*")   # kept, and said where
+    assert proc.stderr.startswith("demo: master exited with 3") and \
+        f"logs in {logs}" in proc.stderr, proc.stderr
+    assert "cannot connect" in (logs / "master.log").read_text()
+
+
+def test_a_master_started_that_never_answers_is_not_left_running(redis_url, tmp_path):
+    """start_master gave up on a master that did not answer (the demo's, asking for the
+    RPC_TOKEN of a settings.py it did not know) and left it running, with no one to stop it."""
+    import socket
+
+    import pytest
+
+    from elric.launch import elric_env, start_master
+    from elric.redis_server import free_port
+
+    (tmp_path / "token.py").write_text('RPC_TOKEN = "s3cret"\n')
+    address = f"127.0.0.1:{free_port()}"
+    env = {**elric_env(redis_url, address), "ELRIC_SETTINGS": str(tmp_path / "token.py")}
+    with pytest.raises(RuntimeError, match="did not answer"):
+        start_master(env, str(tmp_path / "master.log"))
+
+    def refused() -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", int(address.split(":")[1])), 1).close()
+            return False
+        except OSError:
+            return True
+    wait_for(refused, timeout=10, what="the master that never answered stopped")
+
+
+def test_elric_demo_stopped_by_ctrl_c_leaves_no_log_folder(tmp_path):
+    """Ctrl-C during the crawl stopped everything but left its temporary log folder, said
+    nowhere (it keeps one only where it says so: a crawl that failed)."""
+    env = script_env()
+    env["TMPDIR"] = str(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "elric", "demo", "--pages", "2000"],
+                            cwd=str(tmp_path), env=env, stdout=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        wait_for(lambda: any(line.startswith("crawling") for line in lines), timeout=120,
+                 what="the demo crawling")
+        assert list(tmp_path.glob("elric-demo-*"))   # its logs, while it runs
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 130
+        reader.join(10)
+        assert "stopped everything the demo started\n" in lines, lines
+        assert not list(tmp_path.glob("elric-demo-*")), list(tmp_path.iterdir())
+    finally:
+        proc.kill()
+
+
 def test_elric_demo_without_the_crawl_extra_crawls_with_the_sync_crawler(tmp_path):
     # aiohttp made unimportable in the demo's process, as after a plain `pip install .`
     code = ("import builtins, sys\n"
@@ -105,7 +184,9 @@ def test_elric_demo_without_the_crawl_extra_crawls_with_the_sync_crawler(tmp_pat
     proc = subprocess.run([sys.executable, "-c", code], cwd=str(tmp_path), env=env,
                           capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "pip install 'elric[crawl]'; crawling with the synchronous crawler" in proc.stdout
+    # the README's install line: 'elric[crawl]' alone names a package on PyPI, not this one
+    assert "pip install '/path/to/elric[crawl]'; crawling with the synchronous crawler" \
+        in proc.stdout
     assert "crawled 4 pages (4 on the site, each fetched 1 time(s) at most)" in proc.stdout
 
 

@@ -913,6 +913,21 @@ def test_a_job_module_not_found_says_where_to_start_the_worker(tmp_path, monkeyp
     assert "PYTHONPATH" not in said["needs_more"]   # found; what it imports is missing
 
 
+def test_a_job_module_that_defines_no_job_class_is_named_at_start(caplog):
+    """`elric worker json`, or examples.crawler (its Crawl runs as elric.demo.crawler:Crawl),
+    started a worker that ran none of their jobs, without a word."""
+    from elric.loading import JobModules
+
+    with caplog.at_level("WARNING", logger="elric.worker"):
+        modules = JobModules.load(["json", "examples.crawler", "tests.jobs", "elric.demo"])
+        modules.log_broken()
+    said = {r.args[0]: r.getMessage() for r in caplog.records}
+    assert set(said) == {"json", "examples.crawler"}, said   # a package: its submodules' count
+    assert said["json"] == ("job module json defines no Job class, so this worker runs none "
+                            "of its jobs (a class imported into it runs under its own "
+                            "module's name: load that module)")
+
+
 def test_a_job_module_that_fails_to_import_fails_its_jobs_attempt_by_attempt(
         make_cluster, redis_url):
     c = make_cluster(JOB_MODULES="tests.jobs,tests.no_such_jobs", RETRY_BACKOFF=0.05)

@@ -131,6 +131,9 @@ def test_bad_env_values_name_the_key(no_settings_file, env, message):
 
 @pytest.mark.parametrize("body, message", [
     ("COLOUR = 'red'\n", "unknown setting COLOUR (known: REDIS_URL,"),
+    # a typo: the key it is close to (it listed all 36 keys, as for COLOUR)
+    ("LIMIT = {'*': {'concurrency': 8}}\n", "unknown setting LIMIT; did you mean LIMITS?"),
+    ("JOBMODULES = ['jobs']\n", "unknown setting JOBMODULES; did you mean JOB_MODULES?"),
     ("CONCURRENCY = '4'\n", "CONCURRENCY (from {path}): expected int, got '4'"),
     ("CONCURRENCY = True\n", "CONCURRENCY (from {path}): expected int, got True"),
     ("QUEUES = 'a,b'\n", "QUEUES (from {path}): expected list, got 'a,b'"),
@@ -240,6 +243,11 @@ CASES = {
                                        "DASHBOARD_ADDRESS": unused_address(),
                                        "DASHBOARD_PASSWORD": "s3cret\udcff"},
         "DASHBOARD_PASSWORD (from ELRIC_DASHBOARD_PASSWORD): holds bytes that are not UTF-8"),
+    # a URL where host:port belongs: taken as host "http://127.0.0.1", it exited 3,
+    # "cannot reach ... (try again)", as if the master were only down
+    "jobs: --master given as a URL": lambda d, r: (
+        ["jobs", "--master", "http://127.0.0.1:7531"], {},
+        "MASTER_ADDRESS: 'http://127.0.0.1:7531' is not host:port"),
     "worker: --master without a port": lambda d, r: (
         ["worker", "--master", "127.0.0.1"], {"REDIS_URL": r},
         "MASTER_ADDRESS: '127.0.0.1' is not host:port"),

@@ -189,6 +189,18 @@ def test_invalid_triggers_name_the_field(data, field):
     assert isinstance(err.value, ValueError)
 
 
+def test_a_misspelled_field_is_answered_with_the_one_meant():
+    from elric import cron, every
+
+    with pytest.raises(TriggerError, match="trigger.minute: unknown field for an interval "
+                                           "trigger; did you mean minutes?"):
+        every(minute=15)   # it listed the nine fields, "for a interval trigger"
+    with pytest.raises(TriggerError, match="trigger.hours: .*; did you mean hour?"):
+        cron(hours=2)
+    with pytest.raises(TriggerError, match="trigger.colour: .*; known fields: days, end_date"):
+        every(colour=1)
+
+
 def test_a_far_end_date_is_still_taken():
     # "9999-12-31" as "never" is past the year 9999 in UTC west of it; stored ones must build
     for kind in ({"type": "cron", "hour": 1}, {"type": "interval", "hours": 1}):

@@ -54,10 +54,23 @@ def run_demo(settings_path: str | None = None, pages: int = 25, timeout: float =
     env = elric_env(redis_url, address, KEY_PREFIX=prefix,
                     LOG_LEVEL="WARNING", JOB_MODULES=Crawl.__module__,
                     LIMITS='{"*": {"concurrency": 16}}', DASHBOARD_ADDRESS=dashboard)
+    # its master and worker read the settings it read (--settings too), and it calls the
+    # master with their RPC_TOKEN: a settings.py here with one left it waiting 20 s for an
+    # answer, then a traceback
+    if settings.source is not None:
+        env["ELRIC_SETTINGS"] = os.path.abspath(settings.source)
+    if settings.RPC_TOKEN:   # (start_master waits for the master with it)
+        env["ELRIC_RPC_TOKEN"] = settings.RPC_TOKEN
     site = DemoSite(pages).start()
-    logdir, ok = tempfile.mkdtemp(prefix="elric-demo-"), False
+    # its logs are kept where it said so (a failure); else removed, after Ctrl-C too
+    logdir, ok, keep_logs = tempfile.mkdtemp(prefix="elric-demo-"), False, False
     try:
-        master = start_master(env, os.path.join(logdir, "master.log"))
+        try:
+            master = start_master(env, os.path.join(logdir, "master.log"))
+        except RuntimeError as exc:   # (it was a traceback) it exited, or never answered
+            print(f"demo: {exc}; logs in {logdir}", file=sys.stderr)
+            keep_logs = True
+            return 1
         started.append(master)
         print(f"started master (pid {master.pid}) on {address}; its dashboard: "
               f"http://{dashboard}/" + ("" if keep else " (add --keep to look at it after "
@@ -66,7 +79,7 @@ def run_demo(settings_path: str | None = None, pages: int = 25, timeout: float =
                               extra=["--queues", "crawl", "--concurrency", "2"])
         started.append(worker)
         print(f"started worker (pid {worker.pid}) with 2 processes")
-        client = MasterClient(address)
+        client = MasterClient(address, token=settings.RPC_TOKEN)
         t0 = time.monotonic()
         client.submit_job(Crawl.spec([site.url, "demo"], job_id="demo-start", batch="demo",
                                      dedupe_scope="demo"))
@@ -80,9 +93,11 @@ def run_demo(settings_path: str | None = None, pages: int = 25, timeout: float =
                 break
             if time.monotonic() - t0 > timeout:
                 print(f"demo: timed out; logs in {logdir}", file=sys.stderr)
+                keep_logs = True
                 return 1
             if not worker.alive() or not master.alive():
                 print(f"demo: a process exited early; logs in {logdir}", file=sys.stderr)
+                keep_logs = True
                 return 1
             time.sleep(0.1)
         elapsed = time.monotonic() - t0
@@ -99,6 +114,7 @@ def run_demo(settings_path: str | None = None, pages: int = 25, timeout: float =
         ok = len(jobs) == len(site.paths()) and failed == 0
         if not ok:
             print(f"demo: not every page was crawled; logs in {logdir}", file=sys.stderr)
+            keep_logs = True
         if keep:
             print(f"the dashboard stays at http://{dashboard}/ until you press Ctrl-C")
             try:
@@ -115,7 +131,7 @@ def run_demo(settings_path: str | None = None, pages: int = 25, timeout: float =
             redis_server.cleanup()
         else:   # a Redis of the user's: it kept the demo's keys (some for good) run after run
             _drop_keys(redis_url, prefix)
-        if ok:   # a failed run keeps its logs, and said where
+        if not keep_logs:
             shutil.rmtree(logdir, ignore_errors=True)
         print("stopped everything the demo started")
 

@@ -31,7 +31,7 @@ try:
     import lxml.html
 except ImportError:  # pragma: no cover - depends on the install
     raise ImportError("the async crawler needs the crawl extra: "
-                      "pip install 'elric[crawl]'") from None
+                      "pip install '/path/to/elric[crawl]'") from None
 
 from elric import Job
 from elric.demo.crawler_sync import (REDIRECTS, link_of, nofollow, normalize_url, page_key,
