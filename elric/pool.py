@@ -120,7 +120,6 @@ class Pool(Executor):
         # imported once by the fork server, so each process it forks has them already
         self._preload = ["elric.runner", *preload]
         self._loop = asyncio.get_running_loop()
-        self._empty_dir = tempfile.mkdtemp(prefix="elric-forkserver-")
         self._flush_soon = False
         self._closed = False
         self.kinds: dict[str, bool] = {}   # func -> its run is async, as a process found
@@ -138,20 +137,14 @@ class Pool(Executor):
         # a SIGTERM sent to the whole process group (systemd, docker, kill -- -PGID) then
         # stops only the worker, which lets running jobs finish.
         previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        here = os.getcwd()
         try:
-            # The fork server runs as `python -c`, whose sys.path starts with its current
-            # directory, where a folder named elric/ would stand in for the installed
-            # package: it starts in an empty directory that outlives it.
-            os.chdir(self._empty_dir)
-            forkserver.set_forkserver_preload(self._preload)
+            self._ensure_fork_server()
             ctx = multiprocessing.get_context("forkserver")
             ours, theirs = ctx.Pipe(duplex=True)
             process = ctx.Process(target=runner.serve, args=(theirs, *self._args),
                                   name=f"elric-pool-{slot}", daemon=False)
             process.start()
         finally:
-            os.chdir(here)
             signal.signal(signal.SIGTERM, previous)
         theirs.close()
         os.set_blocking(ours.fileno(), False)   # see _write
@@ -160,6 +153,20 @@ class Pool(Executor):
         # its exit, too: a child a job forked may hold the pipe open after it has died
         self._loop.add_reader(process.sentinel, self._exited, proc)
         return proc
+
+    def _ensure_fork_server(self) -> None:
+        """Start the fork server unless it runs. It runs as `python -c`, whose sys.path
+        starts with its current directory, where a folder named elric/ would stand in for
+        the installed package: it starts in an empty directory, removed at once, so a
+        killed worker leaves none behind (the processes it forks start in ours)."""
+        here, empty = os.getcwd(), tempfile.mkdtemp(prefix="elric-forkserver-")
+        try:
+            os.chdir(empty)
+            forkserver.set_forkserver_preload(self._preload)
+            forkserver.ensure_running()   # (at once if it runs)
+        finally:
+            os.chdir(here)
+            os.rmdir(empty)   # the fork server, running, keeps working in it
 
     def _exited(self, proc: _Process) -> None:
         """Read what the process sent before it exited, then settle the jobs it held."""
@@ -446,5 +453,3 @@ class Pool(Executor):
         if wait:
             for p in self._every():
                 p.process.join()
-        with contextlib.suppress(OSError):
-            os.rmdir(self._empty_dir)  # the fork server, already running, keeps working
