@@ -97,6 +97,7 @@ class Worker:
         self.ended: list[tuple[str, int]] = []   # runs ended that hold a limit key's slot
         self.pool: Pool | None = None
         self.stopping = False
+        self.forced = False   # told twice to stop (Ctrl-C): running jobs are not waited for
         self.paused = False   # an operator paused fetching (elric worker pause)
         self.avg_job_seconds = CHUNK_SECONDS    # start with batches of one
         self.processed = 0   # attempts recorded since start: done, failed or cancelled
@@ -181,8 +182,8 @@ class Worker:
                 f"): check the names, and that they import from {os.getcwd()} (PYTHONPATH)")
         self.modules.log_broken()   # the others' jobs run
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.request_stop)
+        loop.add_signal_handler(signal.SIGTERM, self.request_stop)
+        loop.add_signal_handler(signal.SIGINT, self.request_stop, True)
         if not await self._unless_stopped(self._connect()):
             await self.redis.aclose()  # told to stop before Redis and the master were there
             await self.blocking_redis.aclose()
@@ -232,9 +233,16 @@ class Worker:
             return False
         return True
 
-    def request_stop(self) -> None:
-        if not self.stopping:
-            log.info("worker %s: stopping; running jobs may finish", self.worker_id)
+    def request_stop(self, interactive: bool = False) -> None:
+        """Stop: running jobs may finish within SHUTDOWN_GRACE. A second Ctrl-C
+        (``interactive``) stops them now; they go back to the queue."""
+        if self.stopping and interactive and not self.forced:
+            log.warning("worker %s: stopping its running jobs now; they go back to the queue",
+                        self.worker_id)
+            self.forced = True
+        elif not self.stopping:
+            log.info("worker %s: stopping; running jobs may finish within %gs (Ctrl-C again "
+                     "to stop them now)", self.worker_id, self.settings.SHUTDOWN_GRACE)
         self.stopping = True
         self._changed.set()
         if self._starting is not None and not self._starting.done():
@@ -765,12 +773,15 @@ class Worker:
         if waiting:
             log.info("worker: gave %d prefetched job(s) back to the queue",
                      await self._give_back(waiting))
-        await self._wait_while(lambda: self.pool.claims() or self.finished or self.recording,
-                               self.settings.SHUTDOWN_GRACE, recorder)
+        # (a second Ctrl-C ends this wait: the outcomes of jobs that ended are still recorded)
+        await self._wait_while(lambda: not self.forced and (
+            self.pool.claims() or self.finished or self.recording),
+            self.settings.SHUTDOWN_GRACE, recorder)
         left = self.pool.claims()
         if left:
-            log.warning("worker: %d job(s) still running after SHUTDOWN_GRACE; stopping "
-                        "them and returning them to the queue", len(left))
+            log.warning("worker: %d job(s) still running %s; stopping them and returning "
+                        "them to the queue", len(left),
+                        "at a second Ctrl-C" if self.forced else "after SHUTDOWN_GRACE")
         self.pool.kill_all()
         self.pool.shutdown(wait=True, cancel_futures=True)
         if (self.finished or self.recording) and not recorder.done():

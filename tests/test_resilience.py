@@ -379,6 +379,33 @@ def test_sigterm_past_shutdown_grace_returns_the_running_job(make_cluster, tmp_p
     wait_for(lambda: len(lines(marks)) == 2, timeout=30, what="another worker ran it again")
 
 
+def test_a_second_ctrl_c_stops_the_running_jobs_now_and_returns_them(make_cluster, tmp_path):
+    """A user at a terminal who presses Ctrl-C twice is not kept waiting SHUTDOWN_GRACE
+    (the second was ignored); the running job goes back to the queue with no attempt used."""
+    c = make_cluster(SHUTDOWN_GRACE=600)
+    c.start_master()
+    marks = tmp_path / "runs.txt"
+    worker = c.start_worker("--concurrency", "2")
+    pool = descendants(worker.pid)
+    try:
+        c.client.submit_jobs([MarkSleep.spec([str(marks), 120], job_id="endless"),
+                              MarkSleep.spec([str(marks), 0], job_id="quick")])
+        wait_for(lambda: len(lines(marks)) == 2, what="both jobs started")
+        wait_for(lambda: c.client.get_job("quick")["status"] == "succeeded", what="quick done")
+        worker.signal(signal.SIGINT)
+        wait_for(lambda: "Ctrl-C again" in worker.log(), what="the worker says it stops")
+        assert worker.alive()
+        worker.signal(signal.SIGINT)
+        assert worker.wait(timeout=60) == 0, worker.log()
+        job = c.client.get_job("endless")
+        assert (job["status"], job["attempts"]) == ("queued", 0), job
+        assert c.client.get_job("quick")["attempts"] == 1
+        assert "still running at a second Ctrl-C" in worker.log()
+        wait_for(lambda: gone(pool), timeout=20, what="the pool processes exit")
+    finally:
+        reap(pool)
+
+
 def test_sigterm_while_redis_is_away_stops_the_worker_and_loses_no_job(tmp_path):
     """A stopping worker gives back its prefetched jobs, then those still running past
     SHUTDOWN_GRACE. With Redis away it retried that for as long as Redis stayed away: a
