@@ -150,9 +150,10 @@ def check_func(path: Any, allowed: tuple[str, ...] | list[str] | None = None) ->
 # a key: it is refused up front, before a dedupe filter takes its key.
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 _PERIODIC_KEYS = ("replace_existing", "misfire_grace_time", "coalesce", "max_instances")
+DEFAULT_QUEUE = "default"   # a job's queue when its spec and class name none
 MAX_LIMIT_KEY = 200  # characters: a limit key names Redis keys
 # keys whose default is the settings', else this (Job.spec fills in the class's)
-_DEFAULTS = (("queue", "default"), ("priority", 0), ("max_retries", 0), ("timeout", None))
+_DEFAULTS = (("queue", DEFAULT_QUEUE), ("priority", 0), ("max_retries", 0), ("timeout", None))
 
 
 def is_text(value: str) -> bool:

@@ -9,7 +9,7 @@ import logging
 import sys
 from dataclasses import dataclass, field
 
-from elric.contract import SpecError
+from elric.contract import DEFAULT_QUEUE, SpecError
 
 log = logging.getLogger("elric.worker")
 # how a worker comes to find a job module it did not
@@ -60,6 +60,17 @@ class JobModules:
                             "its jobs (a class imported into it runs under its own module's "
                             "name: load that module)", name)
 
+    def log_other_queues(self, queues: list[str]) -> None:
+        """A warning when every Job class loaded sends its jobs to queues this worker does
+        not take: it would sit idle while they wait (a worker started without --queues)."""
+        theirs = {cls.__name__: cls.queue or DEFAULT_QUEUE
+                  for name in self.clean() for cls in job_classes(name)}
+        if theirs and not set(theirs.values()) & set(queues):
+            log.warning("this worker takes queue(s) %s, and its Job classes send their jobs to "
+                        "%s: start it with --queues %s, or their jobs wait for another worker",
+                        ",".join(queues), ", ".join(f"{q} ({c})" for c, q in theirs.items()),
+                        ",".join(sorted(set(theirs.values()))))
+
     def clean(self) -> list[str]:
         """The modules that imported without an error."""
         return [n for n in self.names if n not in self.broken]
@@ -100,12 +111,16 @@ class JobModules:
 
 def _defines_a_job(module: str) -> bool:
     """Whether a Job class of ``module`` (or of a module under it) is imported."""
+    return any(True for _ in job_classes(module))
+
+
+def job_classes(module: str):
+    """The Job classes of ``module`` (and of the modules under it) imported so far."""
     from elric.job import Job
 
     todo = Job.__subclasses__()
     while todo:
         cls = todo.pop()
         if (cls.__module__ + ".").startswith(module + "."):
-            return True
+            yield cls
         todo += cls.__subclasses__()
-    return False

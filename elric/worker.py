@@ -181,6 +181,7 @@ class Worker:
                                                      self.modules.broken.items()) +
                 f"): check the names, and that they import from {os.getcwd()} (PYTHONPATH)")
         self.modules.log_broken()   # the others' jobs run
+        self.modules.log_other_queues(self.queues)
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.request_stop)
         loop.add_signal_handler(signal.SIGINT, self.request_stop, True)

@@ -960,6 +960,25 @@ def test_a_job_module_that_defines_no_job_class_is_named_at_start(caplog):
                             "module's name: load that module)")
 
 
+def test_a_worker_whose_job_classes_all_send_to_other_queues_says_so_at_start(caplog):
+    """`elric worker elric.demo.crawler` without --queues crawl sat idle, without a word,
+    while every Crawl job waited in queue crawl; a worker that takes one of its classes'
+    queues says nothing (workers per queue, loading one module, are a normal setup)."""
+    from elric.loading import JobModules
+
+    modules = JobModules.load(["elric.demo.crawler"])
+    with caplog.at_level("WARNING", logger="elric.worker"):
+        modules.log_other_queues(["default"])
+    assert [r.getMessage() for r in caplog.records] == [
+        "this worker takes queue(s) default, and its Job classes send their jobs to crawl "
+        "(Crawl): start it with --queues crawl, or their jobs wait for another worker"]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="elric.worker"):
+        modules.log_other_queues(["default", "crawl"])
+        JobModules.load(["tests.jobs"]).log_other_queues(["b"])   # OnQueueB's
+    assert caplog.records == []
+
+
 def test_a_job_module_that_fails_to_import_fails_its_jobs_attempt_by_attempt(
         make_cluster, redis_url):
     c = make_cluster(JOB_MODULES="tests.jobs,tests.no_such_jobs", RETRY_BACKOFF=0.05)
