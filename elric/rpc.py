@@ -9,6 +9,7 @@ connection is closed.
 from __future__ import annotations
 
 import asyncio
+import errno
 import hmac
 import inspect
 import logging
@@ -467,6 +468,8 @@ def _unreachable(host: str, port: int, exc: OSError) -> RPCUnreachableError:
         reason = "timed out"
     elif exc.errno and exc.errno > 0:
         reason = os.strerror(exc.errno)  # asyncio's message also names the address
+        if exc.errno == errno.ECONNREFUSED:   # nothing listens there: say what should
+            reason += " (is an elric master running there? clients find it by MASTER_ADDRESS)"
     else:  # a name that does not resolve, or several addresses that all failed
         reason = exc.strerror or str(exc) or type(exc).__name__
     return RPCUnreachableError(f"cannot reach elric master at {host}:{port}: {reason}")

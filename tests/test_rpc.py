@@ -652,7 +652,8 @@ def test_call_timeout():
 
 def test_not_listening():
     port = free_port()
-    expected = f"cannot reach elric master at 127.0.0.1:{port}: Connection refused"
+    expected = (f"cannot reach elric master at 127.0.0.1:{port}: Connection refused (is an "
+                "elric master running there? clients find it by MASTER_ADDRESS)")
 
     async def main():
         with pytest.raises(RPCConnectionError) as info:
