@@ -188,6 +188,11 @@ class _Runner:
         self.blocking: str | None = None   # the async job _watch_lag found blocking the loop
         self.forked = False   # this is the child of a job's os.fork()
         self.cwd = os.open(".", os.O_RDONLY | os.O_DIRECTORY)   # where jobs start
+        # the environment and umask jobs start with: _report puts back a job's changes.
+        # os.environ's own bytes dict (environb's too): compared without decoding a value
+        self.environ = dict(os.environ._data)
+        self.umask = os.umask(0o022)
+        os.umask(self.umask)
         self.last_tick = time.monotonic()
         self.sync_loop: asyncio.AbstractEventLoop | None = None   # get_event_loop's in sync jobs
 
@@ -301,6 +306,10 @@ class _Runner:
             os.fchdir(self.cwd)   # job, its object cost twice the call)
         except OSError:
             pass
+        # and what it set or removed in os.environ, and its umask, would be the next jobs'
+        os.umask(self.umask)
+        if os.environ._data != self.environ:
+            self._restore_environ()
         out.finished_at = time.monotonic()
         if isinstance(out.payload, str):   # an error text may hold a lone surrogate (a
             # file name decoded with surrogateescape), which msgpack cannot send
@@ -323,6 +332,17 @@ class _Runner:
                 out.payload = "[... cut ...]\n" + tail.decode("utf-8", "ignore")
         self._queue([out])
         self._flush_soon()
+
+    def _restore_environ(self) -> None:
+        now = os.environ._data
+        zone = now.get(b"TZ")
+        for key in now.keys() - self.environ.keys():
+            del os.environb[key]   # (unsetenv too, for subprocesses and C libraries)
+        for key, value in self.environ.items():
+            if now.get(key) != value:
+                os.environb[key] = value
+        if zone != self.environ.get(b"TZ"):   # the C library reads TZ at tzset() only
+            time.tzset()
 
     def _queue(self, outs: list[Ran]) -> None:
         with self.outbox_lock:

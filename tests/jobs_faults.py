@@ -241,3 +241,31 @@ class HoldGil(Job):
             append_line(path, self.job_id)
         ctypes.PyDLL(None).sleep(int(seconds))
         return "held"
+
+
+def process_state(leave):
+    """What a job sees of its process: its pid, an environment variable the worker was
+    started with and one it was not, its umask and its time zone. With ``leave``, it
+    changes them first and leaves them so, as code that exports a variable for a library,
+    tightens the umask for its files or sets TZ for its dates may."""
+    if leave:
+        os.environ.pop("ELRIC_LOG_LEVEL", None)
+        os.environ["ELRIC_TEST_LEFT"] = "left"
+        os.umask(0o077)
+        os.environ["TZ"] = "UTC+05"
+        time.tzset()
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return {"pid": os.getpid(), "log_level": os.environ.get("ELRIC_LOG_LEVEL"),
+            "left": os.environ.get("ELRIC_TEST_LEFT"), "umask": umask,
+            "zone": time.strftime("%z", time.localtime(0))}
+
+
+class ProcessState(Job):
+    def run(self, leave=False):
+        return process_state(leave)
+
+
+class AsyncProcessState(Job):
+    async def run(self, leave=False):
+        return process_state(leave)

@@ -34,7 +34,8 @@ from tests.jobs import (Add, Fail, FailNamingFile, FailUnlessFile, MarkSleep, Pa
 from tests.jobs_faults import (AsyncExitUnprintable, AsyncForkReturns, Crash, ExitUnprintable,
                                FailBadRetryAfter, Flaky, ForkReturns, ForkThenCrash, IgnoreAlarm,
                                Mark, ResetSignals, WhereAmI, count_lines, BlockSignals,
-                               ChildAndPipe, HoldGil, LooseSignals, SayThenCrash)
+                               ChildAndPipe, HoldGil, LooseSignals, ProcessState,
+                               AsyncProcessState, SayThenCrash)
 
 KEYS = Keys("elric")
 
@@ -1529,6 +1530,24 @@ def test_a_jobs_chdir_does_not_move_the_jobs_after_it(cluster, tmp_path):
     assert cluster.wait_job("moves")["result"] == os.path.realpath(tmp_path)
     cluster.client.submit_job(WhereAmI.spec([], job_id="after"))
     assert cluster.wait_job("after")["result"] == os.path.realpath(ROOT)
+    assert worker.alive()
+
+
+@pytest.mark.parametrize("job_class", [ProcessState, AsyncProcessState])
+def test_a_jobs_environment_and_umask_are_not_left_to_the_jobs_after_it(cluster, job_class):
+    """A job's os.environ changes (a variable set or removed, TZ) and its os.umask stayed
+    for every later job of its pool process: what those jobs read, the files they made
+    and the times they printed depended on which jobs that process had run before."""
+    worker = cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job(job_class.spec([], job_id="before"))
+    before = cluster.wait_job("before")["result"]
+    assert before["log_level"] == "INFO" and before["left"] is None, before
+    cluster.client.submit_job(job_class.spec([True], job_id="leaves"))
+    leaves = cluster.wait_job("leaves")["result"]
+    assert leaves["pid"] == before["pid"] and leaves["umask"] == 0o077, leaves
+    cluster.client.submit_job(job_class.spec([], job_id="after"))
+    after = cluster.wait_job("after")["result"]
+    assert after == before, (before, after)
     assert worker.alive()
 
 
