@@ -139,7 +139,9 @@ class Job:
     @classmethod
     def submit_with(cls, args: Any = (), kwargs: dict | None = None,
                     **options: Any) -> JobHandle:
-        """Submit with spec options (job_id, queue, priority, max_retries, timeout, ...)."""
+        """Submit with spec options (job_id, queue, priority, max_retries, timeout, ...);
+        None for one of the last four puts the class's aside: the settings' default applies
+        (JOB_TIMEOUT for timeout; none if unset)."""
         spec = cls.spec(args, kwargs, **options)
         ctx = _current.get()
         if ctx is not None:

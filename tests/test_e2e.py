@@ -32,6 +32,19 @@ def test_submit_runs_and_records_result(cluster):
     assert job["worker"]
 
 
+def test_a_job_submitted_with_timeout_none_runs_without_one(cluster):
+    """Job.spec(timeout=None), or the same key nil from another client, was refused: a
+    spec key must be a number, though None is how a class says "no timeout"."""
+    cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_jobs([Add.spec([2, 3], job_id="none", timeout=None),
+                                {"func": "tests.jobs:Add", "args": [1, 1], "job_id": "nil",
+                                 "timeout": None, "max_retries": None}])
+    for job_id, result in (("none", 5), ("nil", 2)):
+        job = cluster.wait_job(job_id)
+        assert (job["status"], job["result"]) == ("succeeded", result), job
+        assert job.get("timeout") is None, job
+
+
 def test_maps_with_integer_keys_go_through_every_step(cluster):
     """The contract accepts integer map keys in arguments: the worker unpacks them, the
     result keeps them, and get_job shows them, for a job and a periodic one (each step
@@ -357,7 +370,7 @@ BAD_REQUESTS = [
     (("submit_job", {"func": "tests.jobs:Add", "args": "2, 3"}),
      "job spec key 'args' must be array, got string"),
     (("submit_job", {"func": "tests.jobs:Add", "args": [1, 2], "priority": "high"}),
-     "job spec key 'priority' must be integer, got string"),
+     "job spec key 'priority' must be integer or nil, got string"),
     (("submit_job", {"args": [1, 2]}), "job spec is missing 'func'"),
     (("submit_job", {"func": "tests.nowhere:Add"}),
      "module 'tests.nowhere' is not allowed by JOB_MODULES"),
