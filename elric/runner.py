@@ -206,7 +206,14 @@ class _Runner:
         if self.lag_warn:
             self.loop.call_soon(self._tick)
             _start_thread(self._watch_lag)
-        self.loop.run_forever()
+        while True:
+            try:
+                self.loop.run_forever()
+                return   # stopped: in the child of a job's fork (_forked)
+            except (SystemExit, KeyboardInterrupt):
+                # raised in a task a job started: asyncio re-raises these out of the loop
+                # as well as into the task, whose awaiting job fails with it; others go on
+                pass
 
     def _forked(self) -> None:
         """In the child of a job's os.fork(): a child that comes back here (no os._exit, no

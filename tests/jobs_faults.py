@@ -269,3 +269,16 @@ class ProcessState(Job):
 class AsyncProcessState(Job):
     async def run(self, leave=False):
         return process_state(leave)
+
+
+class AsyncExitInTask(Job):
+    """Awaits a task of its own that calls sys.exit (``how``: or raises KeyboardInterrupt),
+    as a CLI entry point a job reuses does."""
+
+    async def run(self, how="exit"):
+        async def main():
+            await asyncio.sleep(0)
+            if how == "exit":
+                sys.exit(3)
+            raise KeyboardInterrupt
+        return await asyncio.create_task(main())

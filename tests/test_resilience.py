@@ -35,7 +35,7 @@ from tests.jobs_faults import (AsyncExitUnprintable, AsyncForkReturns, Crash, Ex
                                FailBadRetryAfter, Flaky, ForkReturns, ForkThenCrash, IgnoreAlarm,
                                Mark, ResetSignals, WhereAmI, count_lines, BlockSignals,
                                ChildAndPipe, HoldGil, LooseSignals, ProcessState,
-                               AsyncProcessState, SayThenCrash)
+                               AsyncProcessState, AsyncExitInTask, SayThenCrash)
 
 KEYS = Keys("elric")
 
@@ -1548,6 +1548,25 @@ def test_a_jobs_environment_and_umask_are_not_left_to_the_jobs_after_it(cluster,
     cluster.client.submit_job(job_class.spec([], job_id="after"))
     after = cluster.wait_job("after")["result"]
     assert after == before, (before, after)
+    assert worker.alive()
+
+
+@pytest.mark.parametrize("how, error", [("exit", "SystemExit: 3"),
+                                         ("interrupt", "KeyboardInterrupt")])
+def test_sys_exit_in_a_task_an_async_job_awaits_fails_that_job_alone(cluster, how, error):
+    """SystemExit or KeyboardInterrupt raised in a task an async job started went through
+    its pool process's event loop (asyncio re-raises both from a task's step): the process
+    ended, the job was recorded as a crash ("pool process died"), and every async job
+    beside it was stopped and run again."""
+    worker = cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job(AsyncProcessState.spec([], job_id="before"))
+    before = cluster.wait_job("before")["result"]
+    cluster.client.submit_job(AsyncExitInTask.spec([how], job_id="exits"))
+    exits = cluster.wait_job("exits")
+    assert exits["status"] == "failed", exits
+    assert f"\n{error}" in exits["error"] and "died" not in exits["error"], exits["error"]
+    cluster.client.submit_job(AsyncProcessState.spec([], job_id="after"))
+    assert cluster.wait_job("after")["result"]["pid"] == before["pid"], cluster.logs()
     assert worker.alive()
 
 
