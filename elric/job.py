@@ -13,6 +13,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+from elric import codec
 from elric.contract import SpecError, check_type, func_path
 from elric.handle import JobHandle
 
@@ -153,6 +154,11 @@ class Job:
             for key in ("dedupe_scope", "batch", "round"):
                 if ctx.spec.get(key) and key not in options:
                     spec[key] = ctx.spec[key]
+            try:   # a copy, sent as it is now, as from a script: the job may go on to
+                spec = codec.unpack(codec.pack(spec))   # change a list it passed
+            except (TypeError, ValueError, OverflowError) as exc:
+                raise SpecError(f"{cls.__name__}.submit: its arguments are not msgpack values "
+                                f"({exc}); pass plain data (dict, list, str, numbers)") from None
             ctx.children.append(spec)
             return JobHandle(spec["job_id"], "child")
         if in_pool_process:

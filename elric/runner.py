@@ -321,12 +321,6 @@ class _Runner:
         if isinstance(out.payload, str):   # an error text may hold a lone surrogate (a
             # file name decoded with surrogateescape), which msgpack cannot send
             out.payload = out.payload.encode("utf-8", "backslashreplace").decode("utf-8")
-        if out.children:
-            try:
-                codec.pack(out.children)
-            except (TypeError, ValueError, OverflowError) as exc:
-                out.ok, out.children = False, []
-                out.payload = f"a child job's arguments are not msgpack values: {exc}"
         size = len(out.payload.encode() if isinstance(out.payload, str) else out.payload)
         if size > self.result_max:   # in bytes, as stored: an error text's too
             if out.ok:

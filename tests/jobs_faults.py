@@ -282,3 +282,19 @@ class AsyncExitInTask(Job):
                 sys.exit(3)
             raise KeyboardInterrupt
         return await asyncio.create_task(main())
+
+
+class SpawnInBatches(Job):
+    """Submits an Echo child per ``size`` numbers of range(n), filling one list, submitting
+    it and clearing it, as a loop that batches its work through a buffer does."""
+
+    def run(self, n, size):
+        from tests.jobs import Echo
+        batch, ids = [], []
+        for i in range(n):
+            batch.append(i)
+            if len(batch) == size:
+                ids.append(Echo.submit(batch))
+                batch.clear()
+        return ids
+

@@ -314,6 +314,22 @@ def test_a_child_given_an_empty_or_no_job_id_gets_its_derived_one():
     assert [c["job_id"] for c in ctx.children] == handles
 
 
+def test_a_child_with_arguments_msgpack_cannot_carry_is_refused_at_its_submit():
+    """Such a child failed its parent only as the parent ended, whatever the parent did
+    with the error: it is refused where it is submitted, naming the class."""
+    from elric import job as job_module
+
+    ctx = job_module._RunContext("parent", {"job_id": "parent"})
+    token = job_module._current.set(ctx)
+    try:
+        for args in ([{1, 2}], [{(1, 2): "pair"}]):
+            with pytest.raises(SpecError, match=r"^Add.submit: its arguments are not msgpack"):
+                Add.submit(*args)
+    finally:
+        job_module._current.reset(token)
+    assert ctx.children == []
+
+
 def test_a_dedupe_hook_that_raises_is_a_spec_error():
     from examples.crawler import Crawl
 

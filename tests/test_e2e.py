@@ -16,6 +16,7 @@ from elric.rpc import RemoteError
 from tests.conftest import ROOT, wait_for
 from tests.jobs import (Add, Crash, Echo, FailUnlessFile, FailWide, MarkSleep, OnQueueB, Record, Sized,
                         Sleep, Spawn, SpawnFromThread, TupleKeys)
+from tests.jobs_faults import SpawnInBatches
 from tests.legacy import SCRIPT_PRELUDE, legacy_python
 
 
@@ -87,6 +88,16 @@ def test_child_jobs_reach_the_master_and_run(cluster):
         assert child["parent"] == "parent"
     wait_for(lambda: cluster.client.stats()["totals"]["succeeded"] == 6)
 
+
+
+def test_a_child_gets_its_arguments_as_they_were_at_its_submit(cluster):
+    """A child's spec kept the very list the job passed to submit, packed only when the job
+    ended: a job that submitted a buffer and then cleared it to fill it again sent every
+    child the buffer's last state (here, each an empty list)."""
+    cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job(SpawnInBatches.spec([4, 2], job_id="batches"))
+    ids = cluster.wait_job("batches")["result"]
+    assert [cluster.wait_job(i)["result"]["args"] for i in ids] == [[[0, 1]], [[2, 3]]]
 
 
 def test_a_parent_rerun_runs_its_children_again(cluster):
