@@ -28,6 +28,7 @@ class _RunContext:
     # numbers the children: next() is atomic, so threads holding the job's context (from
     # asyncio.to_thread) never number two alike, as reading len(children) could
     numbers: Iterator[int] = field(default_factory=itertools.count)
+    ended: bool = False   # its children were taken: a task or thread it left submits no more
 
 
 # The job running now in this pool process: a context variable, since an async pool process
@@ -146,6 +147,10 @@ class Job:
         spec = cls.spec(args, kwargs, **options)
         ctx = _current.get()
         if ctx is not None:
+            if ctx.ended:
+                raise RuntimeError(f"{cls.__name__}.submit after job {ctx.job_id} ended: its "
+                                   "children are sent as it ends; await the tasks and threads "
+                                   "that submit them before run returns")
             spec.setdefault("parent", ctx.job_id)
             n = next(ctx.numbers)
             if not spec.get("job_id"):   # "" or None: a master would make up a random id

@@ -440,6 +440,7 @@ class _Runner:
             _failed(out, exc)
             if isinstance(exc, asyncio.CancelledError) and self._asked(out):
                 out.payload = CANCELLED + "\n" + out.payload
+        ctx.ended = True
         if timeout is not None and self.loop.time() >= deadline.when():
             # stopped by its timeout, or ended past it all the same: it swallowed the
             # cancellation, or blocked its loop without awaiting until it returned
@@ -514,6 +515,7 @@ class _Runner:
             _failed(out, exc)
         finally:
             job_module._current.reset(token)
+            job.ctx.ended = True
         # however it ended: a job whose `except Exception` caught its JobTimeout ran on
         if late or (timeout and time.monotonic() - began >= timeout):
             out.ok, out.children = False, []

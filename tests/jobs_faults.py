@@ -298,3 +298,24 @@ class SpawnInBatches(Job):
                 batch.clear()
         return ids
 
+
+class AsyncSpawnLate(Job):
+    """Returns at once and leaves a task of its own behind that submits a child after
+    ``seconds``, as fire-and-forget code does; the task writes what its submit did."""
+
+    tasks = set()
+
+    async def run(self, seconds, path):
+        from tests.jobs import Add
+
+        async def later():
+            await asyncio.sleep(seconds)
+            try:
+                Add.submit(1, 1)
+                append_line(path, "submitted")
+            except RuntimeError as exc:
+                append_line(path, f"refused: {exc}")
+        task = asyncio.create_task(later())
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return "returned"

@@ -16,7 +16,7 @@ from elric.rpc import RemoteError
 from tests.conftest import ROOT, wait_for
 from tests.jobs import (Add, Crash, Echo, FailUnlessFile, FailWide, MarkSleep, OnQueueB, Record, Sized,
                         Sleep, Spawn, SpawnFromThread, TupleKeys)
-from tests.jobs_faults import SpawnInBatches
+from tests.jobs_faults import AsyncSpawnLate, SpawnInBatches
 from tests.legacy import SCRIPT_PRELUDE, legacy_python
 
 
@@ -98,6 +98,18 @@ def test_a_child_gets_its_arguments_as_they_were_at_its_submit(cluster):
     cluster.client.submit_job(SpawnInBatches.spec([4, 2], job_id="batches"))
     ids = cluster.wait_job("batches")["result"]
     assert [cluster.wait_job(i)["result"]["args"] for i in ids] == [[[0, 1]], [[2, 3]]]
+
+
+def test_a_child_submitted_after_its_parent_ended_is_refused_not_lost(cluster, tmp_path):
+    """A task an async job left behind (or a thread holding its context) could submit a
+    child after the job had ended: the child went into a list no one would send again, and
+    was lost without a word."""
+    cluster.start_worker("--concurrency", "1")
+    path = tmp_path / "late"
+    cluster.client.submit_job(AsyncSpawnLate.spec([0.3, str(path)], job_id="late"))
+    assert cluster.wait_job("late")["result"] == "returned"
+    said = wait_for(lambda: path.exists() and path.read_text(), what="the late submit")
+    assert said.startswith("refused: Add.submit after job late ended"), said
 
 
 def test_a_parent_rerun_runs_its_children_again(cluster):
