@@ -193,6 +193,7 @@ class _Runner:
         self.environ = dict(os.environ._data)
         self.umask = os.umask(0o022)
         os.umask(self.umask)
+        self.stdout, self.stderr = sys.stdout, sys.stderr
         self.last_tick = time.monotonic()
         self.sync_loop: asyncio.AbstractEventLoop | None = None   # get_event_loop's in sync jobs
 
@@ -317,6 +318,10 @@ class _Runner:
         os.umask(self.umask)
         if os.environ._data != self.environ:
             self._restore_environ()
+        # and sys.stdout or sys.stderr it closed or replaced: the next jobs' prints failed
+        if sys.stdout is not self.stdout or sys.stderr is not self.stderr or getattr(
+                self.stdout, "closed", False) or getattr(self.stderr, "closed", False):
+            self._restore_stdio()
         out.finished_at = time.monotonic()
         if isinstance(out.payload, str):   # an error text may hold a lone surrogate (a
             # file name decoded with surrogateescape), which msgpack cannot send
@@ -344,6 +349,19 @@ class _Runner:
                 os.environb[key] = value
         if zone != self.environ.get(b"TZ"):   # the C library reads TZ at tzset() only
             time.tzset()
+
+    def _restore_stdio(self) -> None:
+        for name, fd in (("stdout", 1), ("stderr", 2)):
+            ours = getattr(self, name)
+            if getattr(ours, "closed", False):   # its fd is open: Python's own are closefd=False
+                with contextlib.suppress(OSError):
+                    new = open(fd, "w", buffering=1, encoding=ours.encoding,
+                               errors=ours.errors, closefd=False)
+                    for handler in logging.getLogger().handlers:   # logs.configure's: this
+                        if getattr(handler, "stream", None) is ours:   # process's own lines
+                            handler.stream = new   # (not setStream: it flushes the closed one)
+                    setattr(self, name, new)
+            setattr(sys, name, getattr(self, name))
 
     def _queue(self, outs: list[Ran]) -> None:
         with self.outbox_lock:

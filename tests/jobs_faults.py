@@ -319,3 +319,16 @@ class AsyncSpawnLate(Job):
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
         return "returned"
+
+
+class Stdio(Job):
+    """Prints ``text`` to stdout and stderr; with ``close``, closes sys.stdout and sys.stderr
+    after, as code that wraps them in a ``with`` or a library's cleanup may."""
+
+    def run(self, text, close=False):
+        print(text)
+        print(text, file=sys.stderr)
+        if close:
+            sys.stdout.close()
+            sys.stderr.close()
+        return os.getpid()

@@ -35,7 +35,8 @@ from tests.jobs_faults import (AsyncExitUnprintable, AsyncForkReturns, Crash, Ex
                                FailBadRetryAfter, Flaky, ForkReturns, ForkThenCrash, IgnoreAlarm,
                                Mark, ResetSignals, WhereAmI, count_lines, BlockSignals,
                                ChildAndPipe, HoldGil, LooseSignals, ProcessState,
-                               AsyncProcessState, AsyncExitInTask, SayThenCrash)
+                               AsyncProcessState, AsyncExitInTask, SayThenCrash,
+                               Stdio)
 
 KEYS = Keys("elric")
 
@@ -1567,6 +1568,23 @@ def test_sys_exit_in_a_task_an_async_job_awaits_fails_that_job_alone(cluster, ho
     assert f"\n{error}" in exits["error"] and "died" not in exits["error"], exits["error"]
     cluster.client.submit_job(AsyncProcessState.spec([], job_id="after"))
     assert cluster.wait_job("after")["result"]["pid"] == before["pid"], cluster.logs()
+    assert worker.alive()
+
+
+def test_a_job_that_closes_stdout_and_stderr_leaves_them_open_for_the_jobs_after_it(cluster):
+    """A job that closed sys.stdout or sys.stderr left them closed for every later job of
+    its pool process: each print there failed its job (ValueError: I/O operation on closed
+    file), and the process's own log lines were lost."""
+    worker = cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job(Stdio.spec(["said-before", True], job_id="closes"))
+    pid = cluster.wait_job("closes")["result"]
+    cluster.client.submit_job(Stdio.spec(["said-after"], job_id="after"))
+    after = cluster.wait_job("after")
+    assert (after["status"], after["result"]) == ("succeeded", pid), after
+    wait_for(lambda: worker.log().count("said-after") == 2, what="both lines in the log")
+    cluster.client.submit_job({"func": "tests.jobs:NoSuchClass", "job_id": "nosuch"})
+    assert cluster.wait_job("nosuch")["error"].startswith("--- attempt 1 ---\nrefused")
+    wait_for(lambda: f"[{pid}]: job nosuch: " in worker.log(), what="the process's own line")
     assert worker.alive()
 
 
