@@ -504,7 +504,9 @@ class _Runner:
     def _run_sync(self, job: _SyncJob) -> None:
         out, timeout = job.out, job.timeout
         token = job_module._current.set(job.ctx)
-        began, late = time.monotonic(), False
+        # its start is now, not its batch's arrival: its duration is not the wait behind
+        began = out.started_at = time.monotonic()   # the jobs before it in its batch
+        late = False
         try:
             try:
                 # get_event_loop() in a sync job must not give the loop running it, which

@@ -1588,6 +1588,25 @@ def test_a_job_that_closes_stdout_and_stderr_leaves_them_open_for_the_jobs_after
     assert worker.alive()
 
 
+def test_a_sync_jobs_duration_is_its_run_not_its_wait_behind_its_batch(cluster):
+    """Sync jobs reach a pool process in batches, and each one's start was taken as its
+    batch arrived: a fast job behind a slow one was recorded as running as long as both
+    (its duration, and its func's mean and histogram), and the worker sized its next
+    batches by those times."""
+    cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job(Sleep.spec([0], job_id="known"))   # (a new class goes alone)
+    cluster.wait_job("known")
+    batches_form(cluster)
+    fast = [f"fast-{i}" for i in range(5)]
+    cluster.client.submit_jobs([Sleep.spec([1.0], job_id="slow")]
+                               + [Sleep.spec([0], job_id=j) for j in fast])
+    slow = cluster.wait_job("slow")
+    assert slow["duration"] >= 1.0, slow
+    for job in map(cluster.wait_job, fast):
+        assert job["result"]["at"] >= slow["result"]["at"], "it waited behind the slow one"
+        assert (job["duration"] or 0) < 0.5, job
+
+
 def test_a_stray_alarm_in_a_job_without_a_timeout_leaves_its_process_working(cluster):
     """SIGALRM is how a sync job's timeout stops it. One from elsewhere (here the job's own)
     during a job with no timeout was taken for a timeout it could not describe: the error
