@@ -72,7 +72,8 @@ SPEC_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "func": ((str,), '"package.module:ClassName" of a Job subclass (required)'),
     "args": ((list, tuple), "positional arguments (array)"),
     "kwargs": ((dict,), "keyword arguments (map of string to value)"),
-    "job_id": ((str,), "caller-chosen id; generated when absent, but for a periodic job"),
+    "job_id": ((str, type(None)), "caller-chosen id; generated when absent (or nil or \"\"), "
+                                  "but for a periodic job"),
     # these four: nil is the default, as a Job class's None is (see _DEFAULTS)
     "queue": ((str, type(None)), 'queue name (default "default")'),
     "priority": ((int, type(None)), "higher runs first; FIFO within a priority"),

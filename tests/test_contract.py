@@ -289,6 +289,9 @@ def test_a_key_with_a_default_given_as_none_takes_the_default():
         assert n["timeout"] == want, (spec, n)
         assert (n["queue"], n["priority"]) == ("default", 0), n
         assert n["max_retries"] == (defaults or {}).get("max_retries", 0), n
+    assert re.fullmatch(r"[0-9a-f]{32}", normalize_spec(Add.spec(job_id=None))["job_id"])
+    with pytest.raises(SpecError, match="job_id: a periodic job needs one of your choosing"):
+        normalize_spec(Add.spec(job_id=None, trigger={"cron": "* * * * *"}))
     # an explicit None beats the class's own: as modify_job's, it removes it
     timed = type("Timed", (Echo,), {"timeout": 5, "__module__": "tests.jobs"})
     assert normalize_spec(timed.spec(timeout=None))["timeout"] is None

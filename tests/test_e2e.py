@@ -46,6 +46,15 @@ def test_a_job_submitted_with_timeout_none_runs_without_one(cluster):
         assert job.get("timeout") is None, job
 
 
+def test_a_job_submitted_with_job_id_none_gets_one(cluster):
+    """Add.submit_with(args, job_id=None) from a script was refused ("'job_id' must be
+    string, got nil"), though in a running job and as "" it meant "choose one for me"."""
+    cluster.start_worker("--concurrency", "1")
+    reply = cluster.client.submit_job(Add.spec([2, 3], job_id=None))
+    assert re.fullmatch(r"[0-9a-f]{32}", reply["job_id"]), reply
+    assert cluster.wait_job(reply["job_id"])["result"] == 5
+
+
 def test_maps_with_integer_keys_go_through_every_step(cluster):
     """The contract accepts integer map keys in arguments: the worker unpacks them, the
     result keeps them, and get_job shows them, for a job and a periodic one (each step
