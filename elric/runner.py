@@ -190,7 +190,8 @@ class _Runner:
         self.cwd = os.open(".", os.O_RDONLY | os.O_DIRECTORY)   # where jobs start
         # the environment and umask jobs start with: _report puts back a job's changes.
         # os.environ's own bytes dict (environb's too): compared without decoding a value
-        self.environ = dict(os.environ._data)
+        self.env = os.environ
+        self.environ = dict(self.env._data)
         self.umask = os.umask(0o022)
         os.umask(self.umask)
         self.stdout, self.stderr = sys.stdout, sys.stderr
@@ -316,7 +317,7 @@ class _Runner:
             pass
         # and what it set or removed in os.environ, and its umask, would be the next jobs'
         os.umask(self.umask)
-        if os.environ._data != self.environ:
+        if os.environ is not self.env or self.env._data != self.environ:
             self._restore_environ()
         # and sys.stdout or sys.stderr it closed or replaced: the next jobs' prints failed
         if sys.stdout is not self.stdout or sys.stderr is not self.stderr or getattr(
@@ -340,7 +341,8 @@ class _Runner:
         self._flush_soon()
 
     def _restore_environ(self) -> None:
-        now = os.environ._data
+        os.environ = self.env   # (a job may have put a plain dict there)
+        now = self.env._data
         zone = now.get(b"TZ")
         for key in now.keys() - self.environ.keys():
             del os.environb[key]   # (unsetenv too, for subprocesses and C libraries)
@@ -355,8 +357,8 @@ class _Runner:
             ours = getattr(self, name)
             if getattr(ours, "closed", False):   # its fd is open: Python's own are closefd=False
                 with contextlib.suppress(OSError):
-                    new = open(fd, "w", buffering=1, encoding=ours.encoding,
-                               errors=ours.errors, closefd=False)
+                    new = open(fd, "w", buffering=1, encoding=getattr(ours, "encoding", None),
+                               errors=getattr(ours, "errors", None), closefd=False)
                     for handler in logging.getLogger().handlers:   # logs.configure's: this
                         if getattr(handler, "stream", None) is ours:   # process's own lines
                             handler.stream = new   # (not setStream: it flushes the closed one)

@@ -247,13 +247,15 @@ def process_state(leave):
     """What a job sees of its process: its pid, an environment variable the worker was
     started with and one it was not, its umask and its time zone. With ``leave``, it
     changes them first and leaves them so, as code that exports a variable for a library,
-    tightens the umask for its files or sets TZ for its dates may."""
+    tightens the umask for its files or sets TZ for its dates may, and puts a dict of its
+    own in os.environ."""
     if leave:
         os.environ.pop("ELRIC_LOG_LEVEL", None)
         os.environ["ELRIC_TEST_LEFT"] = "left"
         os.umask(0o077)
         os.environ["TZ"] = "UTC+05"
         time.tzset()
+        os.environ = dict(os.environ, ELRIC_TEST_LEFT="in a dict")   # a mapping of its own
     umask = os.umask(0o022)
     os.umask(umask)
     return {"pid": os.getpid(), "log_level": os.environ.get("ELRIC_LOG_LEVEL"),
