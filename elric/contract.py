@@ -72,11 +72,13 @@ SPEC_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "func": ((str,), '"package.module:ClassName" of a Job subclass (required)'),
     "args": ((list, tuple), "positional arguments (array)"),
     "kwargs": ((dict,), "keyword arguments (map of string to value)"),
-    "job_id": ((str,), "caller-chosen id; generated when absent, but for a periodic job"),
-    "queue": ((str,), 'queue name (default "default")'),
-    "priority": ((int,), "higher runs first; FIFO within a priority"),
-    "max_retries": ((int,), "retries after the first attempt"),
-    "timeout": ((int, float), "seconds an attempt may run"),
+    "job_id": ((str, type(None)), "caller-chosen id; generated when absent (or nil or \"\"), "
+                                  "but for a periodic job"),
+    # these four: nil is the default, as a Job class's None is (see _DEFAULTS)
+    "queue": ((str, type(None)), 'queue name (default "default")'),
+    "priority": ((int, type(None)), "higher runs first; FIFO within a priority"),
+    "max_retries": ((int, type(None)), "retries after the first attempt"),
+    "timeout": ((int, float, type(None)), "seconds an attempt may run"),
     "batch": ((str,), "a label for statistics"),
     "parent": ((str,), "id of the job that submitted this one"),
     "trigger": ((dict,), "periodic schedule (cron / interval / date)"),
@@ -151,7 +153,8 @@ def check_func(path: Any, allowed: tuple[str, ...] | list[str] | None = None) ->
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 _PERIODIC_KEYS = ("replace_existing", "misfire_grace_time", "coalesce", "max_instances")
 MAX_LIMIT_KEY = 200  # characters: a limit key names Redis keys
-# keys whose default is the settings', else this (Job.spec fills in the class's)
+# keys whose default is the settings', else this (Job.spec fills in the class's), when
+# left out or nil
 _DEFAULTS = (("queue", "default"), ("priority", 0), ("max_retries", 0), ("timeout", None))
 
 
@@ -293,6 +296,7 @@ def normalize_spec(
     if out["timeout"] is not None:
         if isinstance(out["timeout"], bool) or not 0 < out["timeout"] <= MAX_TIMEOUT:
             raise SpecError(f"timeout {out['timeout']!r}: must be a positive number of seconds "
-                            f"(at most {MAX_TIMEOUT}; leave it out for no timeout)")
+                            f"(at most {MAX_TIMEOUT}; nil or left out: JOB_TIMEOUT's, none "
+                            "if unset)")
         out["timeout"] = float(out["timeout"])
     return out

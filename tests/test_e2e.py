@@ -16,6 +16,7 @@ from elric.rpc import RemoteError
 from tests.conftest import ROOT, wait_for
 from tests.jobs import (Add, Crash, Echo, FailUnlessFile, FailWide, MarkSleep, OnQueueB, Record, Sized,
                         Sleep, Spawn, SpawnFromThread, TupleKeys)
+from tests.jobs_faults import AsyncSpawnLate, SpawnInBatches
 from tests.legacy import SCRIPT_PRELUDE, legacy_python
 
 
@@ -30,6 +31,28 @@ def test_submit_runs_and_records_result(cluster):
     assert job["func"] == "tests.jobs:Add"
     assert job["enqueued_at"] <= job["started_at"] <= job["finished_at"]
     assert job["worker"]
+
+
+def test_a_job_submitted_with_timeout_none_runs_without_one(cluster):
+    """Job.spec(timeout=None), or the same key nil from another client, was refused: a
+    spec key must be a number, though None is how a class says "no timeout"."""
+    cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_jobs([Add.spec([2, 3], job_id="none", timeout=None),
+                                {"func": "tests.jobs:Add", "args": [1, 1], "job_id": "nil",
+                                 "timeout": None, "max_retries": None}])
+    for job_id, result in (("none", 5), ("nil", 2)):
+        job = cluster.wait_job(job_id)
+        assert (job["status"], job["result"]) == ("succeeded", result), job
+        assert job.get("timeout") is None, job
+
+
+def test_a_job_submitted_with_job_id_none_gets_one(cluster):
+    """Add.submit_with(args, job_id=None) from a script was refused ("'job_id' must be
+    string, got nil"), though in a running job and as "" it meant "choose one for me"."""
+    cluster.start_worker("--concurrency", "1")
+    reply = cluster.client.submit_job(Add.spec([2, 3], job_id=None))
+    assert re.fullmatch(r"[0-9a-f]{32}", reply["job_id"]), reply
+    assert cluster.wait_job(reply["job_id"])["result"] == 5
 
 
 def test_maps_with_integer_keys_go_through_every_step(cluster):
@@ -74,6 +97,28 @@ def test_child_jobs_reach_the_master_and_run(cluster):
         assert child["parent"] == "parent"
     wait_for(lambda: cluster.client.stats()["totals"]["succeeded"] == 6)
 
+
+
+def test_a_child_gets_its_arguments_as_they_were_at_its_submit(cluster):
+    """A child's spec kept the very list the job passed to submit, packed only when the job
+    ended: a job that submitted a buffer and then cleared it to fill it again sent every
+    child the buffer's last state (here, each an empty list)."""
+    cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job(SpawnInBatches.spec([4, 2], job_id="batches"))
+    ids = cluster.wait_job("batches")["result"]
+    assert [cluster.wait_job(i)["result"]["args"] for i in ids] == [[[0, 1]], [[2, 3]]]
+
+
+def test_a_child_submitted_after_its_parent_ended_is_refused_not_lost(cluster, tmp_path):
+    """A task an async job left behind (or a thread holding its context) could submit a
+    child after the job had ended: the child went into a list no one would send again, and
+    was lost without a word."""
+    cluster.start_worker("--concurrency", "1")
+    path = tmp_path / "late"
+    cluster.client.submit_job(AsyncSpawnLate.spec([0.3, str(path)], job_id="late"))
+    assert cluster.wait_job("late")["result"] == "returned"
+    said = wait_for(lambda: path.exists() and path.read_text(), what="the late submit")
+    assert said.startswith("refused: Add.submit after job late ended"), said
 
 
 def test_a_parent_rerun_runs_its_children_again(cluster):
@@ -357,7 +402,7 @@ BAD_REQUESTS = [
     (("submit_job", {"func": "tests.jobs:Add", "args": "2, 3"}),
      "job spec key 'args' must be array, got string"),
     (("submit_job", {"func": "tests.jobs:Add", "args": [1, 2], "priority": "high"}),
-     "job spec key 'priority' must be integer, got string"),
+     "job spec key 'priority' must be integer or nil, got string"),
     (("submit_job", {"args": [1, 2]}), "job spec is missing 'func'"),
     (("submit_job", {"func": "tests.nowhere:Add"}),
      "module 'tests.nowhere' is not allowed by JOB_MODULES"),

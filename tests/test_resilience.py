@@ -34,7 +34,9 @@ from tests.jobs import (Add, Fail, FailNamingFile, FailUnlessFile, MarkSleep, Pa
 from tests.jobs_faults import (AsyncExitUnprintable, AsyncForkReturns, Crash, ExitUnprintable,
                                FailBadRetryAfter, Flaky, ForkReturns, ForkThenCrash, IgnoreAlarm,
                                Mark, ResetSignals, WhereAmI, count_lines, BlockSignals,
-                               ChildAndPipe, HoldGil, LooseSignals, SayThenCrash)
+                               ChildAndPipe, HoldGil, LooseSignals, ProcessState,
+                               AsyncProcessState, AsyncExitInTask, SayThenCrash,
+                               Stdio)
 
 KEYS = Keys("elric")
 
@@ -1545,6 +1547,79 @@ def test_a_jobs_chdir_does_not_move_the_jobs_after_it(cluster, tmp_path):
     cluster.client.submit_job(WhereAmI.spec([], job_id="after"))
     assert cluster.wait_job("after")["result"] == os.path.realpath(ROOT)
     assert worker.alive()
+
+
+@pytest.mark.parametrize("job_class", [ProcessState, AsyncProcessState])
+def test_a_jobs_environment_and_umask_are_not_left_to_the_jobs_after_it(cluster, job_class):
+    """A job's os.environ changes (a variable set or removed, TZ) and its os.umask stayed
+    for every later job of its pool process: what those jobs read, the files they made
+    and the times they printed depended on which jobs that process had run before."""
+    worker = cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job(job_class.spec([], job_id="before"))
+    before = cluster.wait_job("before")["result"]
+    assert before["log_level"] == "INFO" and before["left"] is None, before
+    cluster.client.submit_job(job_class.spec([True], job_id="leaves"))
+    leaves = cluster.wait_job("leaves")["result"]
+    assert leaves["pid"] == before["pid"] and leaves["umask"] == 0o077, leaves
+    cluster.client.submit_job(job_class.spec([], job_id="after"))
+    after = cluster.wait_job("after")["result"]
+    assert after == before, (before, after)
+    assert worker.alive()
+
+
+@pytest.mark.parametrize("how, error", [("exit", "SystemExit: 3"),
+                                         ("interrupt", "KeyboardInterrupt")])
+def test_sys_exit_in_a_task_an_async_job_awaits_fails_that_job_alone(cluster, how, error):
+    """SystemExit or KeyboardInterrupt raised in a task an async job started went through
+    its pool process's event loop (asyncio re-raises both from a task's step): the process
+    ended, the job was recorded as a crash ("pool process died"), and every async job
+    beside it was stopped and run again."""
+    worker = cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job(AsyncProcessState.spec([], job_id="before"))
+    before = cluster.wait_job("before")["result"]
+    cluster.client.submit_job(AsyncExitInTask.spec([how], job_id="exits"))
+    exits = cluster.wait_job("exits")
+    assert exits["status"] == "failed", exits
+    assert f"\n{error}" in exits["error"] and "died" not in exits["error"], exits["error"]
+    cluster.client.submit_job(AsyncProcessState.spec([], job_id="after"))
+    assert cluster.wait_job("after")["result"]["pid"] == before["pid"], cluster.logs()
+    assert worker.alive()
+
+
+def test_a_job_that_closes_stdout_and_stderr_leaves_them_open_for_the_jobs_after_it(cluster):
+    """A job that closed sys.stdout or sys.stderr left them closed for every later job of
+    its pool process: each print there failed its job (ValueError: I/O operation on closed
+    file), and the process's own log lines were lost."""
+    worker = cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job(Stdio.spec(["said-before", True], job_id="closes"))
+    pid = cluster.wait_job("closes")["result"]
+    cluster.client.submit_job(Stdio.spec(["said-after"], job_id="after"))
+    after = cluster.wait_job("after")
+    assert (after["status"], after["result"]) == ("succeeded", pid), after
+    wait_for(lambda: worker.log().count("said-after") == 2, what="both lines in the log")
+    cluster.client.submit_job({"func": "tests.jobs:NoSuchClass", "job_id": "nosuch"})
+    assert cluster.wait_job("nosuch")["error"].startswith("--- attempt 1 ---\nrefused")
+    wait_for(lambda: f"[{pid}]: job nosuch: " in worker.log(), what="the process's own line")
+    assert worker.alive()
+
+
+def test_a_sync_jobs_duration_is_its_run_not_its_wait_behind_its_batch(cluster):
+    """Sync jobs reach a pool process in batches, and each one's start was taken as its
+    batch arrived: a fast job behind a slow one was recorded as running as long as both
+    (its duration, and its func's mean and histogram), and the worker sized its next
+    batches by those times."""
+    cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job(Sleep.spec([0], job_id="known"))   # (a new class goes alone)
+    cluster.wait_job("known")
+    batches_form(cluster)
+    fast = [f"fast-{i}" for i in range(5)]
+    cluster.client.submit_jobs([Sleep.spec([1.0], job_id="slow")]
+                               + [Sleep.spec([0], job_id=j) for j in fast])
+    slow = cluster.wait_job("slow")
+    assert slow["duration"] >= 1.0, slow
+    for job in map(cluster.wait_job, fast):
+        assert job["result"]["at"] >= slow["result"]["at"], "it waited behind the slow one"
+        assert (job["duration"] or 0) < 0.5, job
 
 
 def test_a_stray_alarm_in_a_job_without_a_timeout_leaves_its_process_working(cluster):
