@@ -73,6 +73,7 @@ class ChildTooBig(Exception):
 
 
 CHUNK_SECONDS = 0.02  # fast sync jobs go to a pool process in batches about this long
+SLOW_RUN = 10 * CHUNK_SECONDS   # a sync run this long (past any report's delay): slow jobs
 WARN_EVERY = 5.0  # seconds between warnings while waiting for Redis or the master
 GIVE_BACK_SECONDS = 5.0  # how long a stopping worker tries to give jobs back or record them
 
@@ -277,6 +278,7 @@ class Worker:
                 self._outages["waiting for work"].failed(exc)
                 await self._wait(self._wait_backoff.next())
                 continue
+            await self._shed_slow()
             want, start = self._sizes()
             if self._waiting is not None:   # a fetch is out already: it brings the work
                 await self._wait(1.0)
@@ -330,9 +332,10 @@ class Worker:
         waiters = [asyncio.ensure_future(self._changed.wait())]
         if self._waiting is not None:
             waiters.append(self._waiting)
+        run = self.pool.longest_sync_run()   # until it would be slow, if it runs on
         try:
-            await asyncio.wait(waiters, timeout=timeout + 0.5,
-                               return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(waiters, timeout=SLOW_RUN - run if 0 < run < SLOW_RUN
+                               else timeout + 0.5, return_when=asyncio.FIRST_COMPLETED)
         finally:
             waiters[0].cancel()
 
@@ -406,6 +409,35 @@ class Worker:
         self.buffer = kept
         self.pool.flush()
 
+    async def _shed_slow(self) -> None:
+        """Once a sync run goes on past SLOW_RUN, the jobs held are slow: size for them now,
+        not when one ends, and keep only a prefetch of unstarted sync jobs. Those waiting in
+        pool processes come back (``_ran``); those beyond the prefetch go back to the queue,
+        without using an attempt, for workers with free slots."""
+        run = self.pool.longest_sync_run()
+        if run < SLOW_RUN:
+            return
+        self.avg_job_seconds = max(self.avg_job_seconds, run)
+        if not any(self.pool.kinds.get(c.func) for c in self.pool.claims()):
+            self.pool.last_async = False   # no async job runs: no room for them either
+        self.pool.withdraw_waiting()
+        # the prefetch _sizes allows for jobs this slow (batches of one); async ones stay
+        waiting = [c for c in self.buffer if self.pool.kinds.get(c.func) is not True]
+        surplus = waiting[self.concurrency:]
+        if not surplus:
+            return
+        gone = {id(c) for c in surplus}
+        self.buffer = deque(c for c in self.buffer if id(c) not in gone)
+        try:
+            n = await self.queue.release(self.worker_id, [(c.job_id, c.attempt) for c in surplus])
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
+            self.buffer.extend(surplus)   # kept, under lease: tried again at the next turn
+            return
+        log.info("worker: a job has run %.1fs: gave %d unstarted job(s) back to the queue, "
+                 "for workers with free slots", run, n)
+
     async def _hand_back_others(self, claims: list[Claim], asked: float) -> list[Claim]:
         """Give back, without using an attempt, the jobs whose module this worker does not
         load: they wait a few seconds for a worker that does. Returns the others, whose
@@ -445,6 +477,12 @@ class Worker:
     def _ran(self, claim: Claim, outcome: runner.Ran | ProcessDied) -> None:
         """A job came back from the pool (on this loop)."""
         ran = self._crashed(claim, outcome) if isinstance(outcome, ProcessDied) else outcome
+        if ran is not None and ran.withdrawn:   # unstarted: _shed_slow asked for it back
+            if claim.job_id not in self._cancelling:
+                self.buffer.appendleft(claim)   # first in line of what it holds
+                self._changed.set()
+                return
+            ran = runner.cancelled_before_start(claim.job_id, claim.attempt)
         if ran is not None:
             if claim.limit_key is not None:   # its slot frees at the next fetch
                 self.ended.append((claim.job_id, claim.attempt))
