@@ -7,7 +7,8 @@ imported: Redis may have been written by someone other than a master.
 
 cancel_job stops one job and spares the others of its process: an async job's task is
 cancelled; the pipe's reader thread drops a waiting sync job and reports it, and interrupts
-a running one with SIGUSR1 to the main thread.
+a running one with SIGUSR1 to the main thread. The worker may also ask for waiting sync jobs
+back (``withdraw``): those not started yet are reported withdrawn, the others run.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ class Ran:
     final: bool = False
     is_async: bool = False
     retry_after: float = 0.0
+    withdrawn: bool = False     # not started: the worker asked for it back
 
     @property
     def key(self) -> tuple[str, int]:
@@ -94,8 +96,8 @@ class _SyncJob:
 
 
 def _key(item: dict) -> tuple[str, int]:
-    """A job sent by the worker, or a cancel request: (job_id, attempt)."""
-    return item.get("job_id") or item["cancel"], item["attempt"]
+    """A job sent by the worker, or a cancel or withdraw request: (job_id, attempt)."""
+    return item.get("job_id") or item.get("cancel") or item["withdraw"], item["attempt"]
 
 
 def serve(conn, job_modules: tuple[str, ...], worker_pid: int, cwd: str, log_level: str,
@@ -235,12 +237,16 @@ class _Runner:
                 items = codec.unpack(self.conn.recv_bytes()) or []
             except (EOFError, OSError):
                 os._exit(0)  # the worker closed its end: it is done with this process
-            jobs = [i for i in items if "cancel" not in i]
+            jobs = [i for i in items if "job_id" in i]
             cancels = {_key(i) for i in items if "cancel" in i}
+            withdraws = {_key(i) for i in items if "withdraw" in i}
             with self.inbox_lock:
                 self.inbox.extend(jobs)
                 self.cancels |= cancels
                 dropped = self._drop_waiting(cancels) if cancels else []
+                for out in self._drop_waiting(withdraws) if withdraws else []:
+                    out.payload, out.withdrawn = "withdrawn before it started", True
+                    dropped.append(out)
             if dropped:
                 self._queue(dropped)
             # after `cancels` grew: _run_sync sets `running` before it looks at them

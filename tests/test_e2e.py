@@ -14,8 +14,9 @@ import pytest
 from elric.jobstats import COUNTERS
 from elric.rpc import RemoteError
 from tests.conftest import ROOT, wait_for
-from tests.jobs import (Add, Crash, Echo, FailUnlessFile, FailWide, MarkSleep, OnQueueB, Record, Sized,
-                        Sleep, Spawn, SpawnFromThread, TupleKeys)
+from tests.jobs import (Add, Crash, Echo, FailUnlessFile, FailWide, MarkSleep, MarkUntilGate,
+                        OnQueueB, Record, Sized, Sleep, Spawn, SpawnFromThread, TupleKeys)
+from tests.jobs_async import AsyncAdd
 from tests.jobs_faults import AsyncSpawnLate, SpawnInBatches
 from tests.legacy import SCRIPT_PRELUDE, legacy_python
 
@@ -667,3 +668,37 @@ def test_hundreds_of_concurrent_calls_wait_for_redis_instead_of_failing(cluster)
     errors = [r for r in results if isinstance(r, Exception)]
     assert errors == []
     assert cluster.client.ping() == "pong"
+
+
+# --- a worker that ran fast jobs holds no more slow ones than it can start ------------------
+
+@pytest.mark.parametrize("fast", [Echo, AsyncAdd])
+def test_slow_jobs_after_fast_ones_go_to_a_worker_started_later(cluster, tmp_path, fast):
+    """Fast jobs grew the first worker's fetches (sync ones its batches, async ones its
+    room for async jobs): it claimed every slow job queued next and held them, so a second
+    worker got none and they ran two at a time. Once it sees a run go on, it gives back what
+    it cannot start, without using an attempt; the second worker starts them while the first
+    two still run."""
+    c = cluster.client
+    marks, gate = tmp_path / "started.txt", tmp_path / "gate"
+    first = cluster.start_worker("--concurrency", "2")
+    c.submit_jobs([fast.spec([i, i], job_id=f"fast-{i}") for i in range(300)])
+    wait_for(lambda: c.stats()["by_status"]["succeeded"] == 300, what="the fast jobs done")
+    n = 12
+    c.submit_jobs([MarkUntilGate.spec([str(marks), str(gate)], job_id=f"slow-{i:02d}")
+                   for i in range(n)])
+
+    def started() -> list[str]:
+        return marks.read_text().split() if marks.exists() else []
+    wait_for(lambda: len(started()) == 2, what="the first worker running two slow jobs")
+    cluster.start_worker("--concurrency", "2")
+    # the first worker's two runs wait for the gate: any other start is the second's
+    wait_for(lambda: len(started()) >= 4, timeout=15, what="the second worker starting slow jobs")
+    gate.touch()
+    wait_for(lambda: c.stats()["by_status"]["succeeded"] == 300 + n, timeout=60,
+             what="every slow job done")
+    assert sorted(started()) == [f"slow-{i:02d}" for i in range(n)]   # each ran once
+    jobs = [c.get_job(f"slow-{i:02d}") for i in range(n)]
+    assert all(j["attempts"] == 1 for j in jobs), jobs
+    assert {worker_pid(j) for j in jobs} == {first.pid, cluster.procs[-1].pid}
+    assert c.stats()["totals"]["redelivered"] == 0

@@ -37,6 +37,7 @@ from tests.jobs_faults import (AsyncExitUnprintable, AsyncForkReturns, Crash, Ex
                                ChildAndPipe, HoldGil, LooseSignals, ProcessState,
                                AsyncProcessState, AsyncExitInTask, SayThenCrash,
                                Stdio)
+from tests.silent_proxy import SilentProxy
 
 KEYS = Keys("elric")
 
@@ -1700,3 +1701,47 @@ def test_claims_woken_while_a_foreign_job_is_handed_back_reach_the_buffer():
         await asyncio.wait_for(taking, 5)
         assert list(w.buffer) == [mine]
     asyncio.run(main())
+
+
+# --- 15. a fetch whose reply was lost costs no attempt ----------------------------------------
+
+def test_a_fetch_whose_reply_was_lost_costs_its_job_no_attempt(make_cluster, redis_url):
+    """The worker's connection to Redis went silent after its waiting fetch was sent: Redis
+    ran it and claimed a job, and the reply never came. The claim, unknown to the worker,
+    waited for its lease to run out and the job ran as a second attempt (redelivered). The
+    worker now asks Redis which claims it holds unknown to it, and gives them back."""
+    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    c = make_cluster(LEASE_SECONDS=15)
+    r = redis.Redis.from_url(redis_url)
+    proxies = []
+    try:
+        c.start_master()
+
+        def waiting():   # the worker's fetch, sent behind a BLPOP, waits in Redis
+            return any(cl["cmd"] == "blpop" and "b" in cl["flags"] for cl in r.client_list())
+
+        def claimed(job_id):   # ms from its enqueue to its claim
+            f = r.hmget(KEYS.job(job_id), "enqueued_at", "started_at")
+            return f[1] and int(f[1]) - int(f[0]) + 1
+        for i in range(3):
+            proxies.append(SilentProxy(port))
+            worker = c.start_worker("--concurrency", "1", REDIS_URL=proxies[-1].url())
+            wait_for(waiting, what="the worker's fetch waiting for work")
+            proxies[-1].silence()   # what Redis answers on its connections is thrown away
+            lost = f"lost-{i}"
+            if waiting():
+                c.client.submit_job(Add.spec([1, 2], job_id=lost))
+                if wait_for(lambda: claimed(lost), what="the job claimed") < 1000:
+                    break   # by the silenced fetch
+            # its wait ended just as it went silent: again, with a worker as idle
+            worker.stop(timeout=20)
+        job = c.wait_job(lost, timeout=60)
+        assert (job["status"], job["attempts"], job["result"]) == ("succeeded", 1, 3), \
+            c.logs()
+        assert c.client.stats()["totals"]["redelivered"] == 0
+        logs = c.logs()
+        assert "a fetch claimed whose reply was lost" in logs, logs
+    finally:
+        r.close()
+        for proxy in proxies:
+            proxy.close()
