@@ -73,16 +73,19 @@ class Admission:
         results: dict[int, Submitted] = {}
         periodic = [i for i, n in enumerate(normalized) if "trigger" in n]
         where = "" if len(normalized) == 1 else "spec {}: "
-        # what only the store tells (a past date, MIN_INTERVAL, an id taken) refuses the
-        # call before any is stored
-        for check in (True, False):
+
+        async def schedule(check: bool) -> None:
             for start in range(0, len(periodic), 32):  # concurrently, in bounded slices
                 chunk = periodic[start:start + 32]
                 results.update(zip(chunk, await asyncio.gather(
                     *(self._schedule(normalized[i], check, where.format(i)) for i in chunk))))
+        # what only the store tells (a past date, MIN_INTERVAL, an id taken) refuses the
+        # call before any is stored; and they are stored once the dedupe filters took the
+        # other jobs' keys, so a scope a filter refuses stores none either
+        await schedule(check=True)
         now = [i for i, n in enumerate(normalized) if "trigger" not in n]
-        if now:
-            results.update(zip(now, await self._admit([normalized[i] for i in now], chosen)))
+        results.update(zip(now, await self._admit([normalized[i] for i in now], chosen,
+                                                  before_enqueue=lambda: schedule(False))))
         return [results[i] for i in range(len(normalized))]
 
     async def _schedule(self, spec: dict, check: bool, where: str) -> Submitted:
@@ -95,8 +98,11 @@ class Admission:
         return Submitted(stored["job_id"], stored["status"],
                          next_run_time=stored["next_run_time"])
 
-    async def _admit(self, specs: list[dict], chosen: set[str]) -> list[Submitted]:
-        """Dedupe and queue jobs; a call that fails gives back the keys it took."""
+    async def _admit(self, specs: list[dict], chosen: set[str],
+                     before_enqueue) -> list[Submitted]:
+        """Dedupe and queue jobs; a call that fails gives back the keys it took.
+        ``before_enqueue``: what else the call writes (its periodic jobs), once the
+        filters passed it."""
         reservation = Reservation(self.gate, specs)
         try:
             await reservation.check()
@@ -107,6 +113,7 @@ class Admission:
             holds = await self.queue.get_holds([s["job_id"] for s in resent]) if resent else []
             statuses = {s["job_id"]: h and h.status for s, h in zip(resent, holds)}
             await reservation.reclaim([s for s, h in zip(resent, holds) if h is None])
+            await before_enqueue()
             submitted = await self.queue.enqueue(reservation.passed)
         except BaseException as exc:
             await self._clean_up(reservation.cancel(CLEANUP_WAIT), exc)

@@ -62,6 +62,23 @@ def test_a_batch_refused_by_its_second_scope_gives_the_first_scopes_keys_back(re
     asyncio.run(main())
 
 
+def test_a_batch_refused_by_a_scope_stores_none_of_its_periodic_jobs(redis_url):
+    """The batch's periodic jobs were stored before its other jobs met the filters: the
+    call was refused (bad_request: nothing done) and the schedule fired on for good."""
+    async def main():
+        async with master(redis_url) as m:
+            await m.submit_jobs([{"func": E, "dedupe_key": "x", "dedupe_scope": "old"}])
+        async with master(redis_url, DEDUPE_TTL=3600) as m:    # the scope's kind changed
+            batch = [{"func": E, "job_id": "hourly", "trigger": {"type": "interval",
+                                                                 "hours": 1}},
+                     {"func": E, "job_id": "j-old", "dedupe_key": "k", "dedupe_scope": "old"}]
+            with pytest.raises(RequestError, match="dedupe scope 'old'"):
+                await m.submit_jobs(batch)
+            assert await m.get_job("hourly") is None and await queued(m) == 1
+            assert (await m.submit_jobs(batch[:1]))[0]["status"] == "scheduled"
+    asyncio.run(main())
+
+
 @pytest.mark.parametrize("lost", ["before", "after"])
 def test_an_enqueue_whose_reply_is_lost_gives_back_only_the_keys_of_jobs_not_queued(
         redis_url, lost):
