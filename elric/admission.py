@@ -16,7 +16,7 @@ from elric.config import Settings
 from elric.contract import MAX_BATCH, SpecError, Status, normalize_spec
 from elric.jobstore import IdTaken, RedisJobStore, schedule_options
 from elric.queue import RedisQueue, Submitted
-from elric.reservation import DedupeGate, Reservation
+from elric.reservation import DedupeGate, Reservation, ScopeRefused
 from elric.retry import Backoff, retry
 from elric.triggers import parse_trigger
 
@@ -84,8 +84,13 @@ class Admission:
         # other jobs' keys, so a scope a filter refuses stores none either
         await schedule(check=True)
         now = [i for i, n in enumerate(normalized) if "trigger" not in n]
-        results.update(zip(now, await self._admit([normalized[i] for i in now], chosen,
-                                                  before_enqueue=lambda: schedule(False))))
+        try:
+            results.update(zip(now, await self._admit([normalized[i] for i in now], chosen,
+                                                      before_enqueue=lambda: schedule(False))))
+        except ScopeRefused as exc:   # named as any bad spec is, so a client can drop it
+            i = next(i for i in now if normalized[i].get("dedupe_key") is not None
+                     and normalized[i]["dedupe_scope"] == exc.scope)
+            raise SpecError(f"{where.format(i)}job {normalized[i]['job_id']!r}: {exc}") from None
         return [results[i] for i in range(len(normalized))]
 
     async def _schedule(self, spec: dict, check: bool, where: str) -> Submitted:

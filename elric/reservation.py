@@ -35,10 +35,12 @@ def _by_scope(specs) -> dict[str, list[dict]]:
 
 
 class ScopeRefused(Exception):
-    """A filter refused a scope (DedupeError); the keys this call took before are back."""
+    """A filter refused a scope (DedupeError, whose message names the scope); the keys
+    this call took before are back."""
 
     def __init__(self, scope: str, exc: Exception) -> None:
-        super().__init__(f"dedupe_scope {scope!r}: {exc}")
+        super().__init__(str(exc))
+        self.scope = scope
 
 
 @dataclass
