@@ -183,7 +183,11 @@ def _check(key: str, value: Any, where: str) -> Any:
             raise bad(f"{value!r} is not one of {choices}")
         if key == "FILTER_SCOPES":
             for scope, backend in value.items():
-                if not isinstance(scope, str) or backend not in BACKENDS:
+                # (no spec's scope is empty, and a fire's is named by its periodic job)
+                if not isinstance(scope, str) or scope in ("", "@fire"):
+                    raise bad(f"{scope!r} is no scope: name a dedupe_scope, or a periodic "
+                              "job's id for the scopes of its '@fire' rounds")
+                if backend not in BACKENDS:
                     raise bad(f"{scope!r}: {backend!r} is not one of {choices}")
     if key == "BLOOM_ERROR_RATE" and not 0 < value < 1:
         raise bad(f"must be between 0 and 1, got {value!r}")
@@ -244,7 +248,10 @@ def _from_env(key: str, raw: str) -> Any:
         pairs = [part.split("=", 1) for part in raw.split(",") if part.strip()]
         if any(len(p) != 2 for p in pairs):
             raise SettingsError(f"{key} (from {name}): expected scope=backend,..., got {raw!r}")
-        return {a.strip(): b.strip() for a, b in pairs}
+        out = {a.strip(): b.strip() for a, b in pairs}
+        if len(out) < len(pairs):   # the last would win, unsaid
+            raise SettingsError(f"{key} (from {name}): a scope is named twice in {raw!r}")
+        return out
     if bool in spec.types:
         if raw.strip().lower() in ("1", "true", "yes", "on"):
             return True

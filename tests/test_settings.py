@@ -115,6 +115,13 @@ def test_file_then_env_then_command_line(no_settings_file):
     ({"ELRIC_LEASE_SECONDS": "nan"}, "LEASE_SECONDS (from ELRIC_LEASE_SECONDS): must be a "
                                      "finite number"),
     ({"ELRIC_LOG_LEVEL": "loud"}, "LOG_LEVEL (from ELRIC_LOG_LEVEL): expected DEBUG"),
+    # entries that named no scope a job can have, or one twice, did nothing, unsaid
+    ({"ELRIC_FILTER_SCOPES": "crawl=bloom,=set"}, "FILTER_SCOPES (from ELRIC_FILTER_SCOPES): "
+                                                  "'' is no scope: name a dedupe_scope"),
+    ({"ELRIC_FILTER_SCOPES": "@fire=bloom"}, "'@fire' is no scope: name a dedupe_scope, or a "
+                                             "periodic job's id for the scopes of its"),
+    ({"ELRIC_FILTER_SCOPES": "a=set,a=bloom"}, "FILTER_SCOPES (from ELRIC_FILTER_SCOPES): a "
+                                               "scope is named twice in 'a=set,a=bloom'"),
     ({"ELRIC_REDIS_URL": "localhost:6379"}, "REDIS_URL (from ELRIC_REDIS_URL): "
                                             "'localhost:6379' is not a redis://"),
     ({"ELRIC_MASTER_ADDRESS": "127.0.0.1"}, "MASTER_ADDRESS: '127.0.0.1' is not host:port"),
@@ -136,6 +143,8 @@ def test_bad_env_values_name_the_key(no_settings_file, env, message):
     ("QUEUES = 'a,b'\n", "QUEUES (from {path}): expected list, got 'a,b'"),
     ("QUEUES = ['a', '']\n", "QUEUES (from {path}): expected a list of names"),
     ("QUEUES = []\n", "QUEUES (from {path}): names no queue, and a worker would run nothing"),
+    # it said "'set' is not one of set, bloom, redis-bloom"
+    ("FILTER_SCOPES = {1: 'set'}\n", "FILTER_SCOPES (from {path}): 1 is no scope"),
     ("raise RuntimeError('nope')\n", "failed to load: RuntimeError: nope"),
 ])
 def test_bad_settings_files_name_the_key(no_settings_file, body, message):
