@@ -53,8 +53,11 @@ class Admission:
                 out.append(self.normalize(spec))
         except SpecError as exc:
             raise SpecError(f"{where.format(len(out))}{exc}") from None
-        if len({n["job_id"] for n in out}) != len(out):
-            raise SpecError("submit_jobs: the same job_id appears twice in one batch")
+        first: dict[str, int] = {}
+        for i, n in enumerate(out):   # named, so that a client can find it in a long list
+            if first.setdefault(n["job_id"], i) != i:
+                raise SpecError(f"spec {i}: job_id {n['job_id']!r} appears twice in one "
+                                f"batch (spec {first[n['job_id']]} has it too)")
         for i, n in enumerate(out):
             if "trigger" in n:
                 try:

@@ -125,7 +125,7 @@ def test_a_mixed_batch_is_answered_in_place(make_cluster):
     with pytest.raises(RemoteError, match=r"spec 1: dedupe_scope '@fire' is for periodic"):
         cl.submit_jobs([{"func": echo, "dedupe_key": "n1"},
                         {"func": echo, "dedupe_key": "n2", "dedupe_scope": "@fire"}])
-    with pytest.raises(RemoteError, match="the same job_id appears twice"):
+    with pytest.raises(RemoteError, match="spec 1: job_id 'twice' appears twice"):
         cl.submit_jobs([{"func": echo, "dedupe_key": "n3", "job_id": "twice"},
                         {"func": echo, "args": [1], "job_id": "twice"}])
     with pytest.raises(RemoteError, match=r"spec 1: job spec key 'parent' must be"):
