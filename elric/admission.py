@@ -177,10 +177,17 @@ class Admission:
         async def attempt() -> list[Submitted]:
             if rounds:
                 await self.redis.zadd(self.keys.dedupe_rounds, rounds)
-            await reservation.check()
+            # one periodic job's refused scope must not hold back the fires due with it
+            await reservation.check(past_refusals=True)
             return await self.queue.enqueue(unchecked + reservation.passed, fence=fence_token)
 
         queued = await retry(attempt, what=f"queueing {len(specs)} fire(s)", log=log,
                              backoff=Backoff(0.1, 2.0),
                              deadline=time.monotonic() + self.settings.SCHEDULER_LEASE)
+        for scope, exc in reservation.refused.items():
+            ids = [s["job_id"] for s in checking
+                   if s.get("dedupe_key") is not None and s["dedupe_scope"] == scope]
+            log.error("fire(s) %s not queued: %s. They stay pending (and count for "
+                      "max_instances) until the next master to schedule queues them",
+                      ", ".join(ids), exc)
         return queued + [Submitted(s["job_id"], Status.FILTERED) for s in reservation.filtered]

@@ -56,6 +56,9 @@ class Reservation:
     new: dict[int, bool] = field(default_factory=dict)
     # the group whose filter call failed: its answer may be lost with the keys taken
     unsure: list[dict] = field(default_factory=list)
+    # scope -> why its filter refused it, for a check told to go on past a refused scope
+    # (its specs are neither passed nor filtered)
+    refused: dict[str, ScopeRefused] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for spec in self.specs:
@@ -70,8 +73,9 @@ class Reservation:
     def filtered(self) -> list[dict]:
         return [s for s in self.specs if self.new.get(id(s)) is False]
 
-    async def check(self) -> None:
-        """Ask each scope's filter about its keyed specs, one call per scope."""
+    async def check(self, *, past_refusals: bool = False) -> None:
+        """Ask each scope's filter about its keyed specs, one call per scope. A scope the
+        filter refuses raises ScopeRefused, or with ``past_refusals`` goes to ``refused``."""
         if self.unsure:   # a retry: else it would find the keys it took "seen"
             await self.gate.give_back_unheld(await self._took(self.unsure), if_unknown=True)
             self.unsure = []
@@ -82,7 +86,10 @@ class Reservation:
                 verdicts = await self.gate.filter_for(scope).check_and_add(
                     scope, [s["dedupe_key"] for s in group], [s["job_id"] for s in group])
             except DedupeError as exc:
-                raise ScopeRefused(scope, exc) from None
+                if not past_refusals:
+                    raise ScopeRefused(scope, exc) from None
+                self.refused[scope] = ScopeRefused(scope, exc)
+                continue
             except redis.exceptions.ResponseError:
                 # Redis answered (out of memory, loading, ...): the script took no key, and
                 # giving these back would free keys other jobs hold

@@ -672,3 +672,27 @@ def test_filtered_counts_the_submissions_answered_filtered(redis_url, backend):
 
     for seed in range(2):
         asyncio.run(walk(seed))
+
+
+def test_a_fire_in_a_scope_a_filter_refuses_holds_back_no_other_fire(redis_url, caplog):
+    """Fires due together are queued in one call: one whose scope the filter refuses
+    (here the scope's kind changed with DEDUPE_TTL) refused them all, and each retry
+    again, so every periodic job due with it stopped for good (its fire pending, counted
+    by max_instances). The others are queued; that one waits, said why."""
+    async def main():
+        async with master(redis_url) as m:      # scope "old" is an exact set, no TTL
+            await m.submit_jobs([{"func": E, "dedupe_key": "x", "dedupe_scope": "old"}])
+        async with master(redis_url, DEDUPE_TTL=3600) as m:
+            at = {"type": "date", "run_date": m.store.clock() + 1.0}
+            await m.submit_jobs([{"func": E, "job_id": "good", "trigger": at},
+                                 {"func": E, "job_id": "bad", "trigger": at,
+                                  "dedupe_key": "k", "dedupe_scope": "old"}])
+            deadline = asyncio.get_running_loop().time() + 20
+            while await queued(m) < 2:   # the first master's job, and the good fire
+                assert asyncio.get_running_loop().time() < deadline, "the good fire waits"
+                await asyncio.sleep(0.02)
+            pending = [f.decode() for f in await m.redis.hkeys(m.keys.fires_pending)]
+            assert [f.split("@")[0] for f in pending] == ["bad"]
+    asyncio.run(main())
+    assert any("bad@" in r.getMessage() and "dedupe scope 'old'" in r.getMessage()
+               for r in caplog.records if r.levelname == "ERROR")
