@@ -305,4 +305,11 @@ def load_settings(path: str | None = None, env: dict | None = None,
         raise SettingsError(f"RESULT_MAX_BYTES ({values['RESULT_MAX_BYTES']}) must be at most "
                             f"half of RPC_MAX_MESSAGE ({values['RPC_MAX_MESSAGE']}), or get_job "
                             "could not send such a result; raise RPC_MAX_MESSAGE too")
+    if "set" not in {values["FILTER_BACKEND"], *values["FILTER_SCOPES"].values()}:
+        for key in ("DEDUPE_TTL", "DEDUPE_RELEASE_ON_FAILURE"):   # they would do nothing
+            if values[key]:
+                raise SettingsError(f"{key} applies to the 'set' dedupe backend only, and no "
+                                    f"scope uses it (FILTER_BACKEND "
+                                    f"{values['FILTER_BACKEND']!r}): a Bloom filter cannot "
+                                    "forget a key; leave it out, or use 'set'")
     return Settings(values, source)

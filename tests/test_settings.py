@@ -122,6 +122,12 @@ def test_file_then_env_then_command_line(no_settings_file):
                                              "periodic job's id for the scopes of its"),
     ({"ELRIC_FILTER_SCOPES": "a=set,a=bloom"}, "FILTER_SCOPES (from ELRIC_FILTER_SCOPES): a "
                                                "scope is named twice in 'a=set,a=bloom'"),
+    # keys were never new again, and failed jobs kept theirs, unsaid
+    ({"ELRIC_FILTER_BACKEND": "bloom", "ELRIC_DEDUPE_TTL": "3600"}, "DEDUPE_TTL applies to "
+     "the 'set' dedupe backend only, and no scope uses it (FILTER_BACKEND 'bloom')"),
+    ({"ELRIC_FILTER_BACKEND": "redis-bloom", "ELRIC_FILTER_SCOPES": "a=bloom",
+      "ELRIC_DEDUPE_RELEASE_ON_FAILURE": "1"}, "DEDUPE_RELEASE_ON_FAILURE applies to the "
+                                               "'set' dedupe backend only"),
     ({"ELRIC_REDIS_URL": "localhost:6379"}, "REDIS_URL (from ELRIC_REDIS_URL): "
                                             "'localhost:6379' is not a redis://"),
     ({"ELRIC_MASTER_ADDRESS": "127.0.0.1"}, "MASTER_ADDRESS: '127.0.0.1' is not host:port"),
