@@ -81,7 +81,10 @@ class Reservation:
             self.unsure = []
         unanswered = (s for s in self.specs
                       if s.get("dedupe_key") is not None and id(s) not in self.new)
-        for scope, group in _by_scope(unanswered).items():
+        # exact scopes first: a refusal or an error after them gives their keys back, but a
+        # Bloom filter keeps the keys it took, and a call that fails would lose those jobs
+        for scope, group in sorted(_by_scope(unanswered).items(),
+                                   key=lambda g: not self.gate.filter_for(g[0]).can_release):
             try:   # an exact filter notes each key's taker (see ``reclaim``, ``_took``)
                 verdicts = await self.gate.filter_for(scope).check_and_add(
                     scope, [s["dedupe_key"] for s in group], [s["job_id"] for s in group])

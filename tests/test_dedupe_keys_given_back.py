@@ -82,6 +82,22 @@ def test_a_batch_refused_by_a_scope_stores_none_of_its_periodic_jobs(redis_url):
     asyncio.run(main())
 
 
+def test_a_batch_refused_by_an_exact_scope_takes_no_key_in_a_bloom_scope(redis_url):
+    """A Bloom filter cannot give a key back: the batch's Bloom scope was checked first,
+    the exact scope after it refused the call, and the fixed batch sent again found its
+    Bloom jobs "filtered", lost. Exact scopes are checked first."""
+    async def main():
+        async with master(redis_url) as m:      # scope "old" is an exact set, no TTL
+            await m.submit_jobs([{"func": E, "dedupe_key": "x", "dedupe_scope": "old"}])
+        async with master(redis_url, DEDUPE_TTL=3600, FILTER_SCOPES={"mem": "bloom"}) as m:
+            batch = [{"func": E, "job_id": "j-mem", "dedupe_key": "k1", "dedupe_scope": "mem"},
+                     {"func": E, "job_id": "j-old", "dedupe_key": "k2", "dedupe_scope": "old"}]
+            with pytest.raises(RequestError, match="spec 1: job 'j-old'"):
+                await m.submit_jobs(batch)
+            assert await m.submit_jobs(batch[:1]) == [{"job_id": "j-mem", "status": "queued"}]
+    asyncio.run(main())
+
+
 @pytest.mark.parametrize("lost", ["before", "after"])
 def test_an_enqueue_whose_reply_is_lost_gives_back_only_the_keys_of_jobs_not_queued(
         redis_url, lost):
