@@ -305,6 +305,16 @@ def load_settings(path: str | None = None, env: dict | None = None,
         raise SettingsError(f"RESULT_MAX_BYTES ({values['RESULT_MAX_BYTES']}) must be at most "
                             f"half of RPC_MAX_MESSAGE ({values['RPC_MAX_MESSAGE']}), or get_job "
                             "could not send such a result; raise RPC_MAX_MESSAGE too")
+    if "bloom" in {values["FILTER_BACKEND"], *values["FILTER_SCOPES"].values()}:
+        from elric.dedupe import MAX_SNAPSHOT, bloom_stage_bytes
+
+        need = bloom_stage_bytes(values["BLOOM_CAPACITY"], values["BLOOM_ERROR_RATE"])
+        if need > MAX_SNAPSHOT:   # never saved: a restart would forget every key
+            raise SettingsError(
+                f"BLOOM_CAPACITY {values['BLOOM_CAPACITY']} at BLOOM_ERROR_RATE "
+                f"{values['BLOOM_ERROR_RATE']:g}: a 'bloom' scope's snapshot would be "
+                f"{need >> 20} MiB, over the 512 MiB a Redis string holds, so it could never "
+                "be saved; use 'redis-bloom' for it, or a smaller BLOOM_CAPACITY")
     if "set" not in {values["FILTER_BACKEND"], *values["FILTER_SCOPES"].values()}:
         for key in ("DEDUPE_TTL", "DEDUPE_RELEASE_ON_FAILURE"):   # they would do nothing
             if values[key]:

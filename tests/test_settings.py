@@ -128,6 +128,11 @@ def test_file_then_env_then_command_line(no_settings_file):
     ({"ELRIC_FILTER_BACKEND": "redis-bloom", "ELRIC_FILTER_SCOPES": "a=bloom",
       "ELRIC_DEDUPE_RELEASE_ON_FAILURE": "1"}, "DEDUPE_RELEASE_ON_FAILURE applies to the "
                                                "'set' dedupe backend only"),
+    # its snapshots were refused by Redis, for good: a restart forgot every key
+    ({"ELRIC_FILTER_SCOPES": "big=bloom", "ELRIC_BLOOM_CAPACITY": "300000000"},
+     "BLOOM_CAPACITY 300000000 at BLOOM_ERROR_RATE 0.001: a 'bloom' scope's snapshot would "
+     "be 524 MiB, over the 512 MiB a Redis string holds, so it could never be saved; use "
+     "'redis-bloom' for it"),
     ({"ELRIC_REDIS_URL": "localhost:6379"}, "REDIS_URL (from ELRIC_REDIS_URL): "
                                             "'localhost:6379' is not a redis://"),
     ({"ELRIC_MASTER_ADDRESS": "127.0.0.1"}, "MASTER_ADDRESS: '127.0.0.1' is not host:port"),
@@ -188,6 +193,11 @@ def test_lower_case_key_in_a_settings_file_is_an_error(no_settings_file):
         load_settings(str(path), env={})
     assert str(info.value) == (f"{path}: redis_url: settings names are upper case: "
                                "did you mean REDIS_URL?")
+
+
+def test_a_bloom_capacity_over_a_snapshot_is_left_to_the_backends_without_one(no_settings_file):
+    env = {"ELRIC_FILTER_BACKEND": "redis-bloom", "ELRIC_BLOOM_CAPACITY": "300000000"}
+    assert load_settings(env=env).BLOOM_CAPACITY == 300_000_000
 
 
 def test_overrides_are_checked_like_the_settings_file(no_settings_file):
