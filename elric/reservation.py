@@ -116,14 +116,18 @@ class Reservation:
     async def cancel(self, patience: float = 0.0) -> None:
         """After a failed call: keys of the passed (and unsure) specs whose job does not
         exist go back (the enqueue may have run with its reply lost, so each is looked up
-        first), trying for up to ``patience`` seconds while Redis is away."""
+        first), trying for up to ``patience`` seconds while Redis is away. A key it cannot
+        tell is not another job's is kept: given back, it could let a duplicate in, while
+        kept, the filter's note of its taker gives it to that job's resend."""
         deadline = time.monotonic() + patience
         try:   # the unsure specs (their check's reply was lost) whose keys that check took
             took = await retry(lambda: self._took(self.unsure), log=log, deadline=deadline,
                                what="reading who took dedupe keys")
-        except Exception:
-            took = self.unsure
-        await self.gate.give_back_unheld(self.passed + took, if_unknown=True, patience=patience)
+        except Exception as exc:
+            log.warning("could not read who took %d dedupe key(s) (%s); keeping them",
+                        len(self.unsure), exc)
+            took = []
+        await self.gate.give_back_unheld(self.passed + took, if_unknown=False, patience=patience)
 
     async def _took(self, specs: list[dict]) -> list[dict]:
         """The keyed ``specs`` whose key a check took for their very job id, not queued

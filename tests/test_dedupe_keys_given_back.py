@@ -712,3 +712,46 @@ def test_a_fire_in_a_scope_a_filter_refuses_holds_back_no_other_fire(redis_url, 
     asyncio.run(main())
     assert any("bad@" in r.getMessage() and "dedupe scope 'old'" in r.getMessage()
                for r in caplog.records if r.levelname == "ERROR")
+
+
+@pytest.mark.parametrize("unknown", ["who took it", "whose job it is"])
+def test_a_failed_call_that_cannot_tell_whose_a_key_is_keeps_it(redis_url, monkeypatch,
+                                                                 unknown):
+    """Redis stayed away while a failed call's clean-up asked who took its keys ("who took
+    it": the check's reply was lost, and the key was another job's) or whether their jobs
+    were queued ("whose job it is": the enqueue ran, its reply lost), then came back: the
+    clean-up gave them back as its own, and a second job of one key was queued. A key
+    kept is no job lost: the filter notes its taker, whose resend reclaims it."""
+    from elric import admission
+    monkeypatch.setattr(admission, "CLEANUP_WAIT", 0.3)   # the time it tries for
+
+    async def away(*args, **kwargs):
+        raise RedisConnectionError("Connection refused")
+
+    async def main():
+        async with master(redis_url) as m:
+            f = m.filters["set"]
+            if unknown == "who took it":
+                await m.submit_jobs([{"func": E, "job_id": "holder", "dedupe_key": "k"}])
+                real = lose_the_replies(f)
+                f.owned = away
+            else:
+                real_enqueue = m.queue._enqueue
+
+                async def lost(keys, args):
+                    await real_enqueue(keys=keys, args=args)
+                    raise RedisTimeoutError("Timeout reading from socket")
+                m.queue._enqueue = lost
+                m.queue.get_holds = away
+            with pytest.raises(RequestError, match="cannot reach Redis"):
+                await m.submit_jobs([{"func": E, "job_id": "mine", "dedupe_key": "k"}])
+            await m.admission.close()   # the clean-up is over
+            if unknown == "who took it":
+                f.check_and_add = real
+            else:
+                m.queue._enqueue = real_enqueue
+            vars(m.queue).pop("get_holds", None)   # Redis is back
+            vars(f).pop("owned", None)
+            other = await m.submit_jobs([{"func": E, "job_id": "other", "dedupe_key": "k"}])
+            assert other[0]["status"] == "filtered" and await queued(m) == 1
+    asyncio.run(main())

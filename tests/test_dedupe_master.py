@@ -646,7 +646,7 @@ def test_a_key_whose_job_was_never_queued_goes_to_a_resend_without_an_id(make_cl
             with pytest.raises(RemoteError) as info:
                 cl.submit_job(spec)
         assert info.value.code == "redis_unavailable", str(info.value)
-        wait_for(lambda: "could not give back dedupe keys" in master.log(),
+        wait_for(lambda: "dedupe key(s)" in master.log() and "keeping them" in master.log(),
                  what="the give-back given up")
         assert r.sismember(f"{PREFIX}:dedupe:set:global", "http://x/9")
         proxy.restore()
