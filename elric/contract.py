@@ -11,7 +11,7 @@ import re
 from enum import StrEnum
 from typing import Any
 
-from msgpack import ExtType
+from msgpack import ExtType, Timestamp
 
 
 class Status(StrEnum):
@@ -173,10 +173,12 @@ def check_text(what: str, value: str) -> None:
 def _check_msgpack_value(value: Any, where: str, depth: int = 0) -> None:
     if depth > 64:
         raise SpecError(f"{where}: nested deeper than 64 levels")
-    if isinstance(value, ExtType):  # a namedtuple: check it before tuples
-        raise SpecError(f"{where}: a msgpack extension type (code {value.code}) is not "
+    if isinstance(value, (ExtType, Timestamp)):  # a namedtuple: check it before tuples
+        # (the decoder makes a Timestamp of extension type -1)
+        code = value.code if isinstance(value, ExtType) else "-1, a timestamp"
+        raise SpecError(f"{where}: a msgpack extension type (code {code}) is not "
                         "allowed; send plain values (nil, bool, numbers, strings, bytes, "
-                        "arrays, maps)")
+                        "arrays, maps; a time as epoch seconds)")
     if isinstance(value, str):
         check_text(where, value)
     elif isinstance(value, int):
@@ -199,7 +201,7 @@ def _check_msgpack_value(value: Any, where: str, depth: int = 0) -> None:
 # msgpack names for type errors: a client in another language knows no "list" or "str"
 _WIRE_NAMES = {type(None): "nil", bool: "boolean", int: "integer", float: "number",
                str: "string", bytes: "binary", list: "array", tuple: "array", dict: "map",
-               ExtType: "msgpack extension type"}
+               ExtType: "msgpack extension type", Timestamp: "msgpack timestamp"}
 
 
 def _wire_names(types: tuple[type, ...]) -> str:

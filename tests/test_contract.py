@@ -117,6 +117,11 @@ def test_func_is_checked_by_name_without_importing(monkeypatch):
     ({"func": "tests.jobs:Echo", "args": [msgpack.ExtType(5, b"x")]},
      "args[0]: a msgpack extension type (code 5) is not allowed"),
     ({"func": "tests.jobs:Echo", "args": [object()]}, "args[0]: object is not a msgpack value"),
+    # what the RPC decoder makes of extension type -1: it said "Timestamp is not a msgpack value"
+    ({"func": "tests.jobs:Echo", "kwargs": {"at": msgpack.Timestamp(5, 0)}},
+     "kwargs['at']: a msgpack extension type (code -1, a timestamp) is not allowed"),
+    ({"func": "tests.jobs:Add", "timeout": msgpack.Timestamp(5, 0)},
+     "job spec key 'timeout' must be number, got msgpack timestamp"),
     ({"func": "tests.jobs:Echo", "args": [{1.5: "x"}]},
      "args[0]: map key 1.5 is not a string or integer"),
     ({"func": "tests.jobs:Echo", "args": [2**64]}, "does not fit in 64 bits"),

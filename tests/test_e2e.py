@@ -425,7 +425,7 @@ BAD_REQUESTS = [
     (("submit_jobs", [Echo.spec([1], job_id="ok-0"), {"func": "tests.jobs:Add", "oops": 1},
                       Echo.spec([2], job_id="ok-2")]), "spec 1: unknown job spec key(s) 'oops'"),
     (("submit_jobs", [Echo.spec([1], job_id="dup"), Echo.spec([2], job_id="dup")]),
-     "the same job_id appears twice"),
+     "spec 1: job_id 'dup' appears twice in one batch (spec 0 has it too)"),
     (("get_job", 42), "job_id must be a non-empty string"),
     (("get_job", "\udcff"), "job_id '\\udcff' is not valid UTF-8"),   # b"\xff" from a shell
     (("list_jobs", {"status": "done"}), "unknown status 'done'"),
