@@ -16,7 +16,7 @@ from elric.config import Settings
 from elric.contract import MAX_BATCH, SpecError, Status, normalize_spec
 from elric.jobstore import IdTaken, RedisJobStore, schedule_options
 from elric.queue import RedisQueue, Submitted
-from elric.reservation import DedupeGate, Reservation
+from elric.reservation import DedupeGate, Reservation, ScopeRefused
 from elric.retry import Backoff, retry
 from elric.triggers import parse_trigger
 
@@ -53,8 +53,11 @@ class Admission:
                 out.append(self.normalize(spec))
         except SpecError as exc:
             raise SpecError(f"{where.format(len(out))}{exc}") from None
-        if len({n["job_id"] for n in out}) != len(out):
-            raise SpecError("submit_jobs: the same job_id appears twice in one batch")
+        first: dict[str, int] = {}
+        for i, n in enumerate(out):   # named, so that a client can find it in a long list
+            if first.setdefault(n["job_id"], i) != i:
+                raise SpecError(f"spec {i}: job_id {n['job_id']!r} appears twice in one "
+                                f"batch (spec {first[n['job_id']]} has it too)")
         for i, n in enumerate(out):
             if "trigger" in n:
                 try:
@@ -73,16 +76,24 @@ class Admission:
         results: dict[int, Submitted] = {}
         periodic = [i for i, n in enumerate(normalized) if "trigger" in n]
         where = "" if len(normalized) == 1 else "spec {}: "
-        # what only the store tells (a past date, MIN_INTERVAL, an id taken) refuses the
-        # call before any is stored
-        for check in (True, False):
+
+        async def schedule(check: bool) -> None:
             for start in range(0, len(periodic), 32):  # concurrently, in bounded slices
                 chunk = periodic[start:start + 32]
                 results.update(zip(chunk, await asyncio.gather(
                     *(self._schedule(normalized[i], check, where.format(i)) for i in chunk))))
+        # what only the store tells (a past date, MIN_INTERVAL, an id taken) refuses the
+        # call before any is stored; and they are stored once the dedupe filters took the
+        # other jobs' keys, so a scope a filter refuses stores none either
+        await schedule(check=True)
         now = [i for i, n in enumerate(normalized) if "trigger" not in n]
-        if now:
-            results.update(zip(now, await self._admit([normalized[i] for i in now], chosen)))
+        try:
+            results.update(zip(now, await self._admit([normalized[i] for i in now], chosen,
+                                                      before_enqueue=lambda: schedule(False))))
+        except ScopeRefused as exc:   # named as any bad spec is, so a client can drop it
+            i = next(i for i in now if normalized[i].get("dedupe_key") is not None
+                     and normalized[i]["dedupe_scope"] == exc.scope)
+            raise SpecError(f"{where.format(i)}job {normalized[i]['job_id']!r}: {exc}") from None
         return [results[i] for i in range(len(normalized))]
 
     async def _schedule(self, spec: dict, check: bool, where: str) -> Submitted:
@@ -95,8 +106,11 @@ class Admission:
         return Submitted(stored["job_id"], stored["status"],
                          next_run_time=stored["next_run_time"])
 
-    async def _admit(self, specs: list[dict], chosen: set[str]) -> list[Submitted]:
-        """Dedupe and queue jobs; a call that fails gives back the keys it took."""
+    async def _admit(self, specs: list[dict], chosen: set[str],
+                     before_enqueue) -> list[Submitted]:
+        """Dedupe and queue jobs; a call that fails gives back the keys it took.
+        ``before_enqueue``: what else the call writes (its periodic jobs), once the
+        filters passed it."""
         reservation = Reservation(self.gate, specs)
         try:
             await reservation.check()
@@ -107,6 +121,7 @@ class Admission:
             holds = await self.queue.get_holds([s["job_id"] for s in resent]) if resent else []
             statuses = {s["job_id"]: h and h.status for s, h in zip(resent, holds)}
             await reservation.reclaim([s for s, h in zip(resent, holds) if h is None])
+            await before_enqueue()
             submitted = await self.queue.enqueue(reservation.passed)
         except BaseException as exc:
             await self._clean_up(reservation.cancel(CLEANUP_WAIT), exc)
@@ -162,10 +177,17 @@ class Admission:
         async def attempt() -> list[Submitted]:
             if rounds:
                 await self.redis.zadd(self.keys.dedupe_rounds, rounds)
-            await reservation.check()
+            # one periodic job's refused scope must not hold back the fires due with it
+            await reservation.check(past_refusals=True)
             return await self.queue.enqueue(unchecked + reservation.passed, fence=fence_token)
 
         queued = await retry(attempt, what=f"queueing {len(specs)} fire(s)", log=log,
                              backoff=Backoff(0.1, 2.0),
                              deadline=time.monotonic() + self.settings.SCHEDULER_LEASE)
+        for scope, exc in reservation.refused.items():
+            ids = [s["job_id"] for s in checking
+                   if s.get("dedupe_key") is not None and s["dedupe_scope"] == scope]
+            log.error("fire(s) %s not queued: %s. They stay pending (and count for "
+                      "max_instances) until the next master to schedule queues them",
+                      ", ".join(ids), exc)
         return queued + [Submitted(s["job_id"], Status.FILTERED) for s in reservation.filtered]

@@ -183,7 +183,7 @@ def _with_id(spec: Any) -> Any:
     """The spec with a job_id chosen here if it has none (as the master would), so that
     sending it again after a lost connection names the same job, not a second one. (A
     periodic job's id is the user's to choose: the master asks for it.)"""
-    if isinstance(spec, dict) and spec.get("job_id", "") == "" and "trigger" not in spec:
+    if isinstance(spec, dict) and spec.get("job_id") in ("", None) and "trigger" not in spec:
         return {**spec, "job_id": os.urandom(16).hex()}
     return spec
 

@@ -185,7 +185,11 @@ def _check(key: str, value: Any, where: str) -> Any:
             raise bad(f"{value!r} is not one of {choices}")
         if key == "FILTER_SCOPES":
             for scope, backend in value.items():
-                if not isinstance(scope, str) or backend not in BACKENDS:
+                # (no spec's scope is empty, and a fire's is named by its periodic job)
+                if not isinstance(scope, str) or scope in ("", "@fire"):
+                    raise bad(f"{scope!r} is no scope: name a dedupe_scope, or a periodic "
+                              "job's id for the scopes of its '@fire' rounds")
+                if backend not in BACKENDS:
                     raise bad(f"{scope!r}: {backend!r} is not one of {choices}")
     if key == "BLOOM_ERROR_RATE" and not 0 < value < 1:
         raise bad(f"must be between 0 and 1, got {value!r}")
@@ -246,7 +250,10 @@ def _from_env(key: str, raw: str) -> Any:
         pairs = [part.split("=", 1) for part in raw.split(",") if part.strip()]
         if any(len(p) != 2 for p in pairs):
             raise SettingsError(f"{key} (from {name}): expected scope=backend,..., got {raw!r}")
-        return {a.strip(): b.strip() for a, b in pairs}
+        out = {a.strip(): b.strip() for a, b in pairs}
+        if len(out) < len(pairs):   # the last would win, unsaid
+            raise SettingsError(f"{key} (from {name}): a scope is named twice in {raw!r}")
+        return out
     if bool in spec.types:
         if raw.strip().lower() in ("1", "true", "yes", "on"):
             return True
@@ -302,4 +309,21 @@ def load_settings(path: str | None = None, env: dict | None = None,
         raise SettingsError(f"RESULT_MAX_BYTES ({values['RESULT_MAX_BYTES']}) must be at most "
                             f"half of RPC_MAX_MESSAGE ({values['RPC_MAX_MESSAGE']}), or get_job "
                             "could not send such a result; raise RPC_MAX_MESSAGE too")
+    if "bloom" in {values["FILTER_BACKEND"], *values["FILTER_SCOPES"].values()}:
+        from elric.dedupe import MAX_SNAPSHOT, bloom_stage_bytes
+
+        need = bloom_stage_bytes(values["BLOOM_CAPACITY"], values["BLOOM_ERROR_RATE"])
+        if need > MAX_SNAPSHOT:   # never saved: a restart would forget every key
+            raise SettingsError(
+                f"BLOOM_CAPACITY {values['BLOOM_CAPACITY']} at BLOOM_ERROR_RATE "
+                f"{values['BLOOM_ERROR_RATE']:g}: a 'bloom' scope's snapshot would be "
+                f"{need >> 20} MiB, over the 512 MiB a Redis string holds, so it could never "
+                "be saved; use 'redis-bloom' for it, or a smaller BLOOM_CAPACITY")
+    if "set" not in {values["FILTER_BACKEND"], *values["FILTER_SCOPES"].values()}:
+        for key in ("DEDUPE_TTL", "DEDUPE_RELEASE_ON_FAILURE"):   # they would do nothing
+            if values[key]:
+                raise SettingsError(f"{key} applies to the 'set' dedupe backend only, and no "
+                                    f"scope uses it (FILTER_BACKEND "
+                                    f"{values['FILTER_BACKEND']!r}): a Bloom filter cannot "
+                                    "forget a key; leave it out, or use 'set'")
     return Settings(values, source)

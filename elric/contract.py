@@ -11,7 +11,7 @@ import re
 from enum import StrEnum
 from typing import Any
 
-from msgpack import ExtType
+from msgpack import ExtType, Timestamp
 
 
 class Status(StrEnum):
@@ -72,11 +72,13 @@ SPEC_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "func": ((str,), '"package.module:ClassName" of a Job subclass (required)'),
     "args": ((list, tuple), "positional arguments (array)"),
     "kwargs": ((dict,), "keyword arguments (map of string to value)"),
-    "job_id": ((str,), "caller-chosen id; generated when absent, but for a periodic job"),
-    "queue": ((str,), 'queue name (default "default")'),
-    "priority": ((int,), "higher runs first; FIFO within a priority"),
-    "max_retries": ((int,), "retries after the first attempt"),
-    "timeout": ((int, float), "seconds an attempt may run"),
+    "job_id": ((str, type(None)), "caller-chosen id; generated when absent (or nil or \"\"), "
+                                  "but for a periodic job"),
+    # these four: nil is the default, as a Job class's None is (see _DEFAULTS)
+    "queue": ((str, type(None)), 'queue name (default "default")'),
+    "priority": ((int, type(None)), "higher runs first; FIFO within a priority"),
+    "max_retries": ((int, type(None)), "retries after the first attempt"),
+    "timeout": ((int, float, type(None)), "seconds an attempt may run"),
     "batch": ((str,), "a label for statistics"),
     "parent": ((str,), "id of the job that submitted this one"),
     "trigger": ((dict,), "periodic schedule (cron / interval / date)"),
@@ -152,7 +154,8 @@ _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 _PERIODIC_KEYS = ("replace_existing", "misfire_grace_time", "coalesce", "max_instances")
 DEFAULT_QUEUE = "default"   # a job's queue when its spec and class name none
 MAX_LIMIT_KEY = 200  # characters: a limit key names Redis keys
-# keys whose default is the settings', else this (Job.spec fills in the class's)
+# keys whose default is the settings', else this (Job.spec fills in the class's), when
+# left out or nil
 _DEFAULTS = (("queue", DEFAULT_QUEUE), ("priority", 0), ("max_retries", 0), ("timeout", None))
 
 
@@ -171,10 +174,12 @@ def check_text(what: str, value: str) -> None:
 def _check_msgpack_value(value: Any, where: str, depth: int = 0) -> None:
     if depth > 64:
         raise SpecError(f"{where}: nested deeper than 64 levels")
-    if isinstance(value, ExtType):  # a namedtuple: check it before tuples
-        raise SpecError(f"{where}: a msgpack extension type (code {value.code}) is not "
+    if isinstance(value, (ExtType, Timestamp)):  # a namedtuple: check it before tuples
+        # (the decoder makes a Timestamp of extension type -1)
+        code = value.code if isinstance(value, ExtType) else "-1, a timestamp"
+        raise SpecError(f"{where}: a msgpack extension type (code {code}) is not "
                         "allowed; send plain values (nil, bool, numbers, strings, bytes, "
-                        "arrays, maps)")
+                        "arrays, maps; a time as epoch seconds)")
     if isinstance(value, str):
         check_text(where, value)
     elif isinstance(value, int):
@@ -197,7 +202,7 @@ def _check_msgpack_value(value: Any, where: str, depth: int = 0) -> None:
 # msgpack names for type errors: a client in another language knows no "list" or "str"
 _WIRE_NAMES = {type(None): "nil", bool: "boolean", int: "integer", float: "number",
                str: "string", bytes: "binary", list: "array", tuple: "array", dict: "map",
-               ExtType: "msgpack extension type"}
+               ExtType: "msgpack extension type", Timestamp: "msgpack timestamp"}
 
 
 def _wire_names(types: tuple[type, ...]) -> str:
@@ -294,6 +299,7 @@ def normalize_spec(
     if out["timeout"] is not None:
         if isinstance(out["timeout"], bool) or not 0 < out["timeout"] <= MAX_TIMEOUT:
             raise SpecError(f"timeout {out['timeout']!r}: must be a positive number of seconds "
-                            f"(at most {MAX_TIMEOUT}; leave it out for no timeout)")
+                            f"(at most {MAX_TIMEOUT}; nil or left out: JOB_TIMEOUT's, none "
+                            "if unset)")
         out["timeout"] = float(out["timeout"])
     return out

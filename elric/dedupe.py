@@ -51,6 +51,18 @@ GROWTH = 2
 TIGHTENING = 0.125
 
 
+# A Redis string holds at most 512 MiB (proto-max-bulk-len): a 'bloom' snapshot is one
+MAX_SNAPSHOT = 512 << 20
+
+
+def bloom_stage_bytes(capacity: int, error_rate: float) -> int:
+    """Bytes of the bits of a 'bloom' scope's first stage (pybloom-live's sizing), reckoned
+    without allocating them."""
+    cap, p = _stage_params(capacity, error_rate, 0)
+    slices = math.ceil(math.log(1.0 / p, 2))
+    return slices * math.ceil(cap * abs(math.log(p)) / (slices * math.log(2) ** 2)) // 8
+
+
 class DedupeError(Exception):
     """A dedupe filter cannot do what was asked (release on a Bloom filter,
     mismatched parameters between masters, a wrong key type, bad settings)."""

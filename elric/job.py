@@ -13,6 +13,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+from elric import codec
 from elric.contract import SpecError, check_type, func_path
 from elric.handle import JobHandle
 
@@ -27,6 +28,7 @@ class _RunContext:
     # numbers the children: next() is atomic, so threads holding the job's context (from
     # asyncio.to_thread) never number two alike, as reading len(children) could
     numbers: Iterator[int] = field(default_factory=itertools.count)
+    ended: bool = False   # its children were taken: a task or thread it left submits no more
 
 
 # The job running now in this pool process: a context variable, since an async pool process
@@ -142,10 +144,16 @@ class Job:
     @classmethod
     def submit_with(cls, args: Any = (), kwargs: dict | None = None,
                     **options: Any) -> JobHandle:
-        """Submit with spec options (job_id, queue, priority, max_retries, timeout, ...)."""
+        """Submit with spec options (job_id, queue, priority, max_retries, timeout, ...);
+        None for one of the last four puts the class's aside: the settings' default applies
+        (JOB_TIMEOUT for timeout; none if unset)."""
         spec = cls.spec(args, kwargs, **options)
         ctx = _current.get()
         if ctx is not None:
+            if ctx.ended:
+                raise RuntimeError(f"{cls.__name__}.submit after job {ctx.job_id} ended: its "
+                                   "children are sent as it ends; await the tasks and threads "
+                                   "that submit them before run returns")
             spec.setdefault("parent", ctx.job_id)
             n = next(ctx.numbers)
             if not spec.get("job_id"):   # "" or None: a master would make up a random id
@@ -154,6 +162,11 @@ class Job:
             for key in ("dedupe_scope", "batch", "round"):
                 if ctx.spec.get(key) and key not in options:
                     spec[key] = ctx.spec[key]
+            try:   # a copy, sent as it is now, as from a script: the job may go on to
+                spec = codec.unpack(codec.pack(spec))   # change a list it passed
+            except (TypeError, ValueError, OverflowError) as exc:
+                raise SpecError(f"{cls.__name__}.submit: its arguments are not msgpack values "
+                                f"({exc}); pass plain data (dict, list, str, numbers)") from None
             ctx.children.append(spec)
             return JobHandle(spec["job_id"], "child")
         if in_pool_process:

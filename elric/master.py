@@ -393,9 +393,7 @@ class Master:
             raise SpecError(f"modify_job {job_id!r}: {ours[0]!r} is elric's to set "
                             f"({contract.SPEC_KEYS[ours[0]][1]}); leave it out")
         merged = {k: current[k] for k in contract.SPEC_KEYS if current.get(k) is not None}
-        merged.update(changes, job_id=job_id)
-        if "timeout" in changes and changes["timeout"] is None:   # removed: the default's
-            del merged["timeout"]
+        merged.update(changes, job_id=job_id)   # (timeout nil: the default's, as in a spec)
         try:
             checked = self.admission.normalize(merged)
         except SpecError as exc:

@@ -84,6 +84,7 @@ class _Held:
     sent_at: float
     suspect: bool = False   # of a crash: keeps its process to itself whatever its kind
     cancelled_at: float | None = None   # when cancel_job asked its process to stop it
+    withdrawing: bool = False   # the worker asked its process for it back, if not started
 
 
 @dataclass(eq=False)
@@ -100,6 +101,7 @@ class _Process:
     outbox_sync: bool = False  # its outbox holds sync jobs: fill it up in this turn
     received: bytearray = field(default_factory=bytearray)   # read, not yet a whole message
     unsent: bytearray = field(default_factory=bytearray)   # framed, not yet taken by the pipe
+    reported_at: float = 0.0   # time.monotonic() of its last outcome
 
     @property
     def n_sync(self) -> int:
@@ -205,6 +207,8 @@ class Pool(Executor):
                 if proc.n_async == len(proc.held) and \
                         not any(h.suspect for h in proc.held.values()):
                     proc.alone = False
+        if message["ran"]:
+            proc.reported_at = time.monotonic()
         for row in message["ran"]:
             ran = runner.Ran(*row)
             held = proc.held.pop(ran.job_id, None)
@@ -415,6 +419,29 @@ class Pool(Executor):
                             ignored, "" if blocker == job_id else f", held up by job {blocker}")
             if p.timed_out:
                 p.process.kill()
+
+    def longest_sync_run(self) -> float:
+        """How long the longest sync run going on has run, in seconds (0: none). A process
+        runs its sync jobs in the order sent, one after the other: the oldest it holds runs
+        since it was sent or since the process last reported, whichever came later."""
+        now, longest = time.monotonic(), 0.0
+        for p in self._every():
+            if p.held and not p.n_async:
+                oldest = next(iter(p.held.values()))
+                longest = max(longest, now - max(oldest.sent_at, p.reported_at))
+        return longest
+
+    def withdraw_waiting(self) -> None:
+        """Ask each process for the sync jobs it holds behind the one it runs: those not
+        started yet come back to ``done`` as a ``runner.Ran`` marked withdrawn."""
+        for p in self._every():
+            if p.n_async:
+                continue
+            for h in list(p.held.values())[1:]:
+                if not h.withdrawing:
+                    h.withdrawing = True
+                    p.outbox.append({"withdraw": h.claim.job_id, "attempt": h.claim.attempt})
+                    self._schedule_flush()
 
     def cancel(self, job_id: str) -> bool:
         """Stop a job; False when no process holds it. Its process stops it alone (an

@@ -220,6 +220,7 @@ class RedisQueue:
         self._heartbeat = lua.load(redis, "heartbeat", "clock_fn")
         self._remove = lua.load(redis, "remove", "jobstats_fn")
         self._cancel = lua.load(redis, "cancel", "clock_fn", "jobstats_fn")
+        self._claimed = lua.load(redis, "claimed")
         self._release = lua.load(redis, "release", "clock_fn", "requeue_fn", "jobstats_fn",
                                  "slot_fn", "cancel_end_fn")
         self._requeue_due = lua.load(redis, "requeue_due", "clock_fn", "requeue_fn",
@@ -367,6 +368,11 @@ class RedisQueue:
             keys=[k.inflight, k.status(Status.RUNNING), k.seq, k.delayed,
                   k.status(Status.RETRYING), k.counters, k.status(Status.CANCELLED),
                   k.limits_due], args=argv))
+
+    async def claimed(self, worker_id: str) -> list[tuple[str, int]]:
+        """The claims (job_id, attempt) Redis holds under this worker id."""
+        flat = await self._claimed(keys=[self.keys.inflight], args=[self.keys.job(""), worker_id])
+        return [(_s(flat[i]), int(flat[i + 1])) for i in range(0, len(flat), 2)]
 
     async def heartbeat(self, worker_id: str, claims: list[Claim], lease_seconds: float,
                         fields: dict | None = None) -> Renewed:

@@ -35,10 +35,12 @@ def _by_scope(specs) -> dict[str, list[dict]]:
 
 
 class ScopeRefused(Exception):
-    """A filter refused a scope (DedupeError); the keys this call took before are back."""
+    """A filter refused a scope (DedupeError, whose message names the scope); the keys
+    this call took before are back."""
 
     def __init__(self, scope: str, exc: Exception) -> None:
-        super().__init__(f"dedupe_scope {scope!r}: {exc}")
+        super().__init__(str(exc))
+        self.scope = scope
 
 
 @dataclass
@@ -54,6 +56,9 @@ class Reservation:
     new: dict[int, bool] = field(default_factory=dict)
     # the group whose filter call failed: its answer may be lost with the keys taken
     unsure: list[dict] = field(default_factory=list)
+    # scope -> why its filter refused it, for a check told to go on past a refused scope
+    # (its specs are neither passed nor filtered)
+    refused: dict[str, ScopeRefused] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for spec in self.specs:
@@ -68,19 +73,26 @@ class Reservation:
     def filtered(self) -> list[dict]:
         return [s for s in self.specs if self.new.get(id(s)) is False]
 
-    async def check(self) -> None:
-        """Ask each scope's filter about its keyed specs, one call per scope."""
+    async def check(self, *, past_refusals: bool = False) -> None:
+        """Ask each scope's filter about its keyed specs, one call per scope. A scope the
+        filter refuses raises ScopeRefused, or with ``past_refusals`` goes to ``refused``."""
         if self.unsure:   # a retry: else it would find the keys it took "seen"
             await self.gate.give_back_unheld(await self._took(self.unsure), if_unknown=True)
             self.unsure = []
         unanswered = (s for s in self.specs
                       if s.get("dedupe_key") is not None and id(s) not in self.new)
-        for scope, group in _by_scope(unanswered).items():
+        # exact scopes first: a refusal or an error after them gives their keys back, but a
+        # Bloom filter keeps the keys it took, and a call that fails would lose those jobs
+        for scope, group in sorted(_by_scope(unanswered).items(),
+                                   key=lambda g: not self.gate.filter_for(g[0]).can_release):
             try:   # an exact filter notes each key's taker (see ``reclaim``, ``_took``)
                 verdicts = await self.gate.filter_for(scope).check_and_add(
                     scope, [s["dedupe_key"] for s in group], [s["job_id"] for s in group])
             except DedupeError as exc:
-                raise ScopeRefused(scope, exc) from None
+                if not past_refusals:
+                    raise ScopeRefused(scope, exc) from None
+                self.refused[scope] = ScopeRefused(scope, exc)
+                continue
             except redis.exceptions.ResponseError:
                 # Redis answered (out of memory, loading, ...): the script took no key, and
                 # giving these back would free keys other jobs hold
@@ -104,14 +116,18 @@ class Reservation:
     async def cancel(self, patience: float = 0.0) -> None:
         """After a failed call: keys of the passed (and unsure) specs whose job does not
         exist go back (the enqueue may have run with its reply lost, so each is looked up
-        first), trying for up to ``patience`` seconds while Redis is away."""
+        first), trying for up to ``patience`` seconds while Redis is away. A key it cannot
+        tell is not another job's is kept: given back, it could let a duplicate in, while
+        kept, the filter's note of its taker gives it to that job's resend."""
         deadline = time.monotonic() + patience
         try:   # the unsure specs (their check's reply was lost) whose keys that check took
             took = await retry(lambda: self._took(self.unsure), log=log, deadline=deadline,
                                what="reading who took dedupe keys")
-        except Exception:
-            took = self.unsure
-        await self.gate.give_back_unheld(self.passed + took, if_unknown=True, patience=patience)
+        except Exception as exc:
+            log.warning("could not read who took %d dedupe key(s) (%s); keeping them",
+                        len(self.unsure), exc)
+            took = []
+        await self.gate.give_back_unheld(self.passed + took, if_unknown=False, patience=patience)
 
     async def _took(self, specs: list[dict]) -> list[dict]:
         """The keyed ``specs`` whose key a check took for their very job id, not queued

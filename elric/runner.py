@@ -7,7 +7,8 @@ imported: Redis may have been written by someone other than a master.
 
 cancel_job stops one job and spares the others of its process: an async job's task is
 cancelled; the pipe's reader thread drops a waiting sync job and reports it, and interrupts
-a running one with SIGUSR1 to the main thread.
+a running one with SIGUSR1 to the main thread. The worker may also ask for waiting sync jobs
+back (``withdraw``): those not started yet are reported withdrawn, the others run.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ class Ran:
     final: bool = False
     is_async: bool = False
     retry_after: float = 0.0
+    withdrawn: bool = False     # not started: the worker asked for it back
 
     @property
     def key(self) -> tuple[str, int]:
@@ -94,8 +96,8 @@ class _SyncJob:
 
 
 def _key(item: dict) -> tuple[str, int]:
-    """A job sent by the worker, or a cancel request: (job_id, attempt)."""
-    return item.get("job_id") or item["cancel"], item["attempt"]
+    """A job sent by the worker, or a cancel or withdraw request: (job_id, attempt)."""
+    return item.get("job_id") or item.get("cancel") or item["withdraw"], item["attempt"]
 
 
 def serve(conn, job_modules: tuple[str, ...], worker_pid: int, cwd: str, log_level: str,
@@ -188,6 +190,13 @@ class _Runner:
         self.blocking: str | None = None   # the async job _watch_lag found blocking the loop
         self.forked = False   # this is the child of a job's os.fork()
         self.cwd = os.open(".", os.O_RDONLY | os.O_DIRECTORY)   # where jobs start
+        # the environment and umask jobs start with: _report puts back a job's changes.
+        # os.environ's own bytes dict (environb's too): compared without decoding a value
+        self.env = os.environ
+        self.environ = dict(self.env._data)
+        self.umask = os.umask(0o022)
+        os.umask(self.umask)
+        self.stdout, self.stderr = sys.stdout, sys.stderr
         self.last_tick = time.monotonic()
         self.sync_loop: asyncio.AbstractEventLoop | None = None   # get_event_loop's in sync jobs
 
@@ -201,7 +210,14 @@ class _Runner:
         if self.lag_warn:
             self.loop.call_soon(self._tick)
             _start_thread(self._watch_lag)
-        self.loop.run_forever()
+        while True:
+            try:
+                self.loop.run_forever()
+                return   # stopped: in the child of a job's fork (_forked)
+            except (SystemExit, KeyboardInterrupt):
+                # raised in a task a job started: asyncio re-raises these out of the loop
+                # as well as into the task, whose awaiting job fails with it; others go on
+                pass
 
     def _forked(self) -> None:
         """In the child of a job's os.fork(): a child that comes back here (no os._exit, no
@@ -221,12 +237,16 @@ class _Runner:
                 items = codec.unpack(self.conn.recv_bytes()) or []
             except (EOFError, OSError):
                 os._exit(0)  # the worker closed its end: it is done with this process
-            jobs = [i for i in items if "cancel" not in i]
+            jobs = [i for i in items if "job_id" in i]
             cancels = {_key(i) for i in items if "cancel" in i}
+            withdraws = {_key(i) for i in items if "withdraw" in i}
             with self.inbox_lock:
                 self.inbox.extend(jobs)
                 self.cancels |= cancels
                 dropped = self._drop_waiting(cancels) if cancels else []
+                for out in self._drop_waiting(withdraws) if withdraws else []:
+                    out.payload, out.withdrawn = "withdrawn before it started", True
+                    dropped.append(out)
             if dropped:
                 self._queue(dropped)
             # after `cancels` grew: _run_sync sets `running` before it looks at them
@@ -301,16 +321,18 @@ class _Runner:
             os.fchdir(self.cwd)   # job, its object cost twice the call)
         except OSError:
             pass
+        # and what it set or removed in os.environ, and its umask, would be the next jobs'
+        os.umask(self.umask)
+        if os.environ is not self.env or self.env._data != self.environ:
+            self._restore_environ()
+        # and sys.stdout or sys.stderr it closed or replaced: the next jobs' prints failed
+        if sys.stdout is not self.stdout or sys.stderr is not self.stderr or getattr(
+                self.stdout, "closed", False) or getattr(self.stderr, "closed", False):
+            self._restore_stdio()
         out.finished_at = time.monotonic()
         if isinstance(out.payload, str):   # an error text may hold a lone surrogate (a
             # file name decoded with surrogateescape), which msgpack cannot send
             out.payload = out.payload.encode("utf-8", "backslashreplace").decode("utf-8")
-        if out.children:
-            try:
-                codec.pack(out.children)
-            except (TypeError, ValueError, OverflowError) as exc:
-                out.ok, out.children = False, []
-                out.payload = f"a child job's arguments are not msgpack values: {exc}"
         size = len(out.payload.encode() if isinstance(out.payload, str) else out.payload)
         if size > self.result_max:   # in bytes, as stored: an error text's too
             if out.ok:
@@ -323,6 +345,31 @@ class _Runner:
                 out.payload = "[... cut ...]\n" + tail.decode("utf-8", "ignore")
         self._queue([out])
         self._flush_soon()
+
+    def _restore_environ(self) -> None:
+        os.environ = self.env   # (a job may have put a plain dict there)
+        now = self.env._data
+        zone = now.get(b"TZ")
+        for key in now.keys() - self.environ.keys():
+            del os.environb[key]   # (unsetenv too, for subprocesses and C libraries)
+        for key, value in self.environ.items():
+            if now.get(key) != value:
+                os.environb[key] = value
+        if zone != self.environ.get(b"TZ"):   # the C library reads TZ at tzset() only
+            time.tzset()
+
+    def _restore_stdio(self) -> None:
+        for name, fd in (("stdout", 1), ("stderr", 2)):
+            ours = getattr(self, name)
+            if getattr(ours, "closed", False):   # its fd is open: Python's own are closefd=False
+                with contextlib.suppress(OSError):
+                    new = open(fd, "w", buffering=1, encoding=getattr(ours, "encoding", None),
+                               errors=getattr(ours, "errors", None), closefd=False)
+                    for handler in logging.getLogger().handlers:   # logs.configure's: this
+                        if getattr(handler, "stream", None) is ours:   # process's own lines
+                            handler.stream = new   # (not setStream: it flushes the closed one)
+                    setattr(self, name, new)
+            setattr(sys, name, getattr(self, name))
 
     def _queue(self, outs: list[Ran]) -> None:
         with self.outbox_lock:
@@ -419,6 +466,7 @@ class _Runner:
             _failed(out, exc)
             if isinstance(exc, asyncio.CancelledError) and self._asked(out):
                 out.payload = CANCELLED + "\n" + out.payload
+        ctx.ended = True
         if timeout is not None and self.loop.time() >= deadline.when():
             # stopped by its timeout, or ended past it all the same: it swallowed the
             # cancellation, or blocked its loop without awaiting until it returned
@@ -464,7 +512,9 @@ class _Runner:
     def _run_sync(self, job: _SyncJob) -> None:
         out, timeout = job.out, job.timeout
         token = job_module._current.set(job.ctx)
-        began, late = time.monotonic(), False
+        # its start is now, not its batch's arrival: its duration is not the wait behind
+        began = out.started_at = time.monotonic()   # the jobs before it in its batch
+        late = False
         try:
             try:
                 # get_event_loop() in a sync job must not give the loop running it, which
@@ -493,6 +543,7 @@ class _Runner:
             _failed(out, exc)
         finally:
             job_module._current.reset(token)
+            job.ctx.ended = True
         # however it ended: a job whose `except Exception` caught its JobTimeout ran on
         if late or (timeout and time.monotonic() - began >= timeout):
             out.ok, out.children = False, []

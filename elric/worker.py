@@ -73,6 +73,7 @@ class ChildTooBig(Exception):
 
 
 CHUNK_SECONDS = 0.02  # fast sync jobs go to a pool process in batches about this long
+SLOW_RUN = 10 * CHUNK_SECONDS   # a sync run this long (past any report's delay): slow jobs
 WARN_EVERY = 5.0  # seconds between warnings while waiting for Redis or the master
 GIVE_BACK_SECONDS = 5.0  # how long a stopping worker tries to give jobs back or record them
 
@@ -110,6 +111,11 @@ class Worker:
         self._waiting_since = 0.0
         self._wait_refused: Exception | None = None   # what the last wait for work met
         self._wait_backoff = Backoff()
+        # a fetch failed or was cut off: Redis may have run it, and its claims are this
+        # worker's, unknown to it (``_release_unknown``); _taking guards a fetch's claims
+        # on their way into the buffer
+        self._unsure = False
+        self._taking = asyncio.Lock()
         # each retrying loop's trouble, which the heartbeat publishes for operators
         self._outages = {doing: Outage(log, f"worker: {doing} failed") for doing in (
             "fetching jobs", "waiting for work", "heartbeat", "recording outcomes",
@@ -279,6 +285,8 @@ class Worker:
             self.pool.kill_overdue()
             await self._take_woken()
             self._dispatch()
+            if self._unsure and self._wait_refused is None:
+                await self._release_unknown()
             if self._wait_refused is not None:
                 # a fetch without a wait may pass (it writes nothing when there is no work):
                 # back off here, or the refused waits would follow each other at once
@@ -286,6 +294,7 @@ class Worker:
                 self._outages["waiting for work"].failed(exc)
                 await self._wait(self._wait_backoff.next())
                 continue
+            await self._shed_slow()
             want, start = self._sizes()
             if self._waiting is not None:   # a fetch is out already: it brings the work
                 await self._wait(1.0)
@@ -303,6 +312,7 @@ class Worker:
                 except Exception as exc:   # Redis away, or full: wait it out, keep what we hold
                     if not is_outage(exc):
                         raise
+                    self._unsure = True
                     self.ended = ended + self.ended
                     self._outages["fetching jobs"].failed(exc)
                     await self._wait(backoff.next())
@@ -339,9 +349,10 @@ class Worker:
         waiters = [asyncio.ensure_future(self._changed.wait())]
         if self._waiting is not None:
             waiters.append(self._waiting)
+        run = self.pool.longest_sync_run()   # until it would be slow, if it runs on
         try:
-            await asyncio.wait(waiters, timeout=timeout + 0.5,
-                               return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(waiters, timeout=SLOW_RUN - run if 0 < run < SLOW_RUN
+                               else timeout + 0.5, return_when=asyncio.FIRST_COMPLETED)
         finally:
             waiters[0].cancel()
 
@@ -353,21 +364,26 @@ class Worker:
         task = self._waiting
         if task is None or not task.done():
             return
-        self._waiting = None
-        if task.cancelled():
-            return
-        exc = task.exception()
-        if exc is not None:
-            if isinstance(exc, NoScriptError) or _unblocked(exc):
+        async with self._taking:   # (the heartbeat's _end_wait may take them too)
+            if self._waiting is not task:
                 return
-            if is_outage(exc) or isinstance(exc, ResponseError):
-                self._wait_refused = exc
+            self._waiting = None
+            if task.cancelled():
                 return
-            raise exc
-        self._wait_backoff.reset()
-        self._outages["waiting for work"].passed()
-        mine = await self._hand_back_others(task.result().claims, self._waiting_since)
-        self.buffer.extend(mine)   # after the await: _dispatch may have put a new buffer in place
+            exc = task.exception()
+            if exc is not None:
+                if isinstance(exc, NoScriptError) or _unblocked(exc):
+                    return
+                if is_outage(exc) or isinstance(exc, ResponseError):
+                    self._unsure = self._unsure or is_outage(exc)
+                    self._wait_refused = exc
+                    return
+                raise exc
+            self._wait_backoff.reset()
+            self._outages["waiting for work"].passed()
+            mine = await self._hand_back_others(task.result().claims, self._waiting_since)
+            # after the await: _dispatch may have put a new buffer in place
+            self.buffer.extend(mine)
 
     async def _end_wait(self) -> None:
         """Make a waiting fetch run now, before what the worker was told (pause, new queues,
@@ -382,6 +398,7 @@ class Worker:
             except Exception as exc:   # Redis gone: its connection and fetch are gone too
                 log.warning("worker: could not end its wait for work (%s)", exc)
                 task.cancel()
+                self._unsure = True   # it may have claimed jobs all the same
         await self._take_woken()
 
     def _dispatch(self) -> None:
@@ -414,6 +431,58 @@ class Worker:
         kept.extend(self.buffer)
         self.buffer = kept
         self.pool.flush()
+
+    async def _shed_slow(self) -> None:
+        """Once a sync run goes on past SLOW_RUN, the jobs held are slow: size for them now,
+        not when one ends, and keep only a prefetch of unstarted sync jobs. Those waiting in
+        pool processes come back (``_ran``); those beyond the prefetch go back to the queue,
+        without using an attempt, for workers with free slots."""
+        run = self.pool.longest_sync_run()
+        if run < SLOW_RUN:
+            return
+        self.avg_job_seconds = max(self.avg_job_seconds, run)
+        if not any(self.pool.kinds.get(c.func) for c in self.pool.claims()):
+            self.pool.last_async = False   # no async job runs: no room for them either
+        self.pool.withdraw_waiting()
+        # the prefetch _sizes allows for jobs this slow (batches of one); async ones stay
+        waiting = [c for c in self.buffer if self.pool.kinds.get(c.func) is not True]
+        surplus = waiting[self.concurrency:]
+        if not surplus:
+            return
+        gone = {id(c) for c in surplus}
+        self.buffer = deque(c for c in self.buffer if id(c) not in gone)
+        try:
+            n = await self.queue.release(self.worker_id, [(c.job_id, c.attempt) for c in surplus])
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
+            self.buffer.extend(surplus)   # kept, under lease: tried again at the next turn
+            return
+        log.info("worker: a job has run %.1fs: gave %d unstarted job(s) back to the queue, "
+                 "for workers with free slots", run, n)
+
+    async def _release_unknown(self) -> None:
+        """Give back, without using an attempt, the claims Redis holds under this worker
+        that it does not know: a fetch whose reply was lost made them. Unknown, they would
+        wait for their leases to run out and run again as a second attempt. Only this loop
+        and ``_take_woken`` fetch; with no fetch out, every claim made is known here (one
+        that ended meanwhile is not running, and release.lua passes it over)."""
+        if self._taking.locked() or self._waiting is not None:
+            return   # claims on their way in, or a fetch out that may bring some: later
+        async with self._taking:
+            try:
+                held = await self.queue.claimed(self.worker_id)
+                known = {(c.job_id, c.attempt) for c in self._claims()}
+                unknown = [claim for claim in held if claim not in known]
+                n = await self.queue.release(self.worker_id, unknown)
+            except Exception as exc:
+                if not is_outage(exc):
+                    raise
+                return   # looked at again at the next turn
+        self._unsure = False
+        if n:
+            log.warning("worker: gave back %d job(s) a fetch claimed whose reply was lost "
+                        "(its connection to Redis broke)", n)
 
     async def _hand_back_others(self, claims: list[Claim], asked: float) -> list[Claim]:
         """Give back, without using an attempt, the jobs whose module this worker does not
@@ -454,6 +523,12 @@ class Worker:
     def _ran(self, claim: Claim, outcome: runner.Ran | ProcessDied) -> None:
         """A job came back from the pool (on this loop)."""
         ran = self._crashed(claim, outcome) if isinstance(outcome, ProcessDied) else outcome
+        if ran is not None and ran.withdrawn:   # unstarted: _shed_slow asked for it back
+            if claim.job_id not in self._cancelling:
+                self.buffer.appendleft(claim)   # first in line of what it holds
+                self._changed.set()
+                return
+            ran = runner.cancelled_before_start(claim.job_id, claim.attempt)
         if ran is not None:
             if claim.limit_key is not None:   # its slot frees at the next fetch
                 self.ended.append((claim.job_id, claim.attempt))
@@ -768,6 +843,8 @@ class Worker:
         stop the rest and give them back too."""
         self.stopping = True
         await self._end_wait()
+        if self._unsure:
+            await self._release_unknown()
         waiting = [*self.buffer, *self.suspects]
         self.buffer.clear()
         self.suspects.clear()

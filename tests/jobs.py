@@ -215,3 +215,16 @@ class LogLine(Job):
         import logging
         logging.getLogger("myproject.jobs").warning(text)
         return "logged"
+
+
+class MarkUntilGate(Job):
+    """Appends its job id to ``path`` when it starts (one line per run), then waits for the
+    file ``gate`` (at most a minute): a slow job that holds its process as long as a test
+    needs."""
+
+    def run(self, path, gate):
+        MarkSleep.run(self, path, 0)
+        deadline = time.monotonic() + 60
+        while not os.path.exists(gate) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return "passed"

@@ -241,3 +241,96 @@ class HoldGil(Job):
             append_line(path, self.job_id)
         ctypes.PyDLL(None).sleep(int(seconds))
         return "held"
+
+
+def process_state(leave):
+    """What a job sees of its process: its pid, an environment variable the worker was
+    started with and one it was not, its umask and its time zone. With ``leave``, it
+    changes them first and leaves them so, as code that exports a variable for a library,
+    tightens the umask for its files or sets TZ for its dates may, and puts a dict of its
+    own in os.environ."""
+    if leave:
+        os.environ.pop("ELRIC_LOG_LEVEL", None)
+        os.environ["ELRIC_TEST_LEFT"] = "left"
+        os.umask(0o077)
+        os.environ["TZ"] = "UTC+05"
+        time.tzset()
+        os.environ = dict(os.environ, ELRIC_TEST_LEFT="in a dict")   # a mapping of its own
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return {"pid": os.getpid(), "log_level": os.environ.get("ELRIC_LOG_LEVEL"),
+            "left": os.environ.get("ELRIC_TEST_LEFT"), "umask": umask,
+            "zone": time.strftime("%z", time.localtime(0))}
+
+
+class ProcessState(Job):
+    def run(self, leave=False):
+        return process_state(leave)
+
+
+class AsyncProcessState(Job):
+    async def run(self, leave=False):
+        return process_state(leave)
+
+
+class AsyncExitInTask(Job):
+    """Awaits a task of its own that calls sys.exit (``how``: or raises KeyboardInterrupt),
+    as a CLI entry point a job reuses does."""
+
+    async def run(self, how="exit"):
+        async def main():
+            await asyncio.sleep(0)
+            if how == "exit":
+                sys.exit(3)
+            raise KeyboardInterrupt
+        return await asyncio.create_task(main())
+
+
+class SpawnInBatches(Job):
+    """Submits an Echo child per ``size`` numbers of range(n), filling one list, submitting
+    it and clearing it, as a loop that batches its work through a buffer does."""
+
+    def run(self, n, size):
+        from tests.jobs import Echo
+        batch, ids = [], []
+        for i in range(n):
+            batch.append(i)
+            if len(batch) == size:
+                ids.append(Echo.submit(batch))
+                batch.clear()
+        return ids
+
+
+class AsyncSpawnLate(Job):
+    """Returns at once and leaves a task of its own behind that submits a child after
+    ``seconds``, as fire-and-forget code does; the task writes what its submit did."""
+
+    tasks = set()
+
+    async def run(self, seconds, path):
+        from tests.jobs import Add
+
+        async def later():
+            await asyncio.sleep(seconds)
+            try:
+                Add.submit(1, 1)
+                append_line(path, "submitted")
+            except RuntimeError as exc:
+                append_line(path, f"refused: {exc}")
+        task = asyncio.create_task(later())
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return "returned"
+
+
+class Stdio(Job):
+    """Prints ``text`` to stdout and stderr; with ``close``, closes sys.stdout and sys.stderr
+    after, as code that wraps them in a ``with`` or a library's cleanup may."""
+
+    def run(self, text, close=False):
+        print(text)
+        print(text, file=sys.stderr)
+        if close:
+            sys.stdout.close()
+            sys.stderr.close()
+        return os.getpid()

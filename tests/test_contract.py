@@ -100,13 +100,13 @@ def test_func_is_checked_by_name_without_importing(monkeypatch):
     ({"func": "tests.jobs:Add", "args": None}, "job spec key 'args' must be array, got nil"),
     ({"func": "tests.jobs:Add", "kwargs": [1]}, "job spec key 'kwargs' must be map, got array"),
     ({"func": "tests.jobs:Add", "priority": "high"},
-     "job spec key 'priority' must be integer, got string"),
+     "job spec key 'priority' must be integer or nil, got string"),
     ({"func": "tests.jobs:Add", "priority": True},
-     "job spec key 'priority' must be integer, got boolean"),
+     "job spec key 'priority' must be integer or nil, got boolean"),
     ({"func": "tests.jobs:Add", "priority": 1.5},
-     "job spec key 'priority' must be integer, got number"),
+     "job spec key 'priority' must be integer or nil, got number"),
     ({"func": "tests.jobs:Add", "timeout": "10"},
-     "job spec key 'timeout' must be number, got string"),
+     "job spec key 'timeout' must be number or nil, got string"),
     ({"func": "tests.jobs:Add", "misfire_grace_time": "1"},
      "job spec key 'misfire_grace_time' must be number or nil, got string"),
     ({"func": "tests.jobs:Add", "args": msgpack.ExtType(1, b"x")},
@@ -117,6 +117,11 @@ def test_func_is_checked_by_name_without_importing(monkeypatch):
     ({"func": "tests.jobs:Echo", "args": [msgpack.ExtType(5, b"x")]},
      "args[0]: a msgpack extension type (code 5) is not allowed"),
     ({"func": "tests.jobs:Echo", "args": [object()]}, "args[0]: object is not a msgpack value"),
+    # what the RPC decoder makes of extension type -1: it said "Timestamp is not a msgpack value"
+    ({"func": "tests.jobs:Echo", "kwargs": {"at": msgpack.Timestamp(5, 0)}},
+     "kwargs['at']: a msgpack extension type (code -1, a timestamp) is not allowed"),
+    ({"func": "tests.jobs:Add", "timeout": msgpack.Timestamp(5, 0)},
+     "job spec key 'timeout' must be number, got msgpack timestamp"),
     ({"func": "tests.jobs:Echo", "args": [{1.5: "x"}]},
      "args[0]: map key 1.5 is not a string or integer"),
     ({"func": "tests.jobs:Echo", "args": [2**64]}, "does not fit in 64 bits"),
@@ -134,7 +139,7 @@ def test_func_is_checked_by_name_without_importing(monkeypatch):
     ({"func": "tests.jobs:Echo", "max_instances": 2}, "'max_instances' is for periodic jobs"),
     ({"func": "tests.jobs:Echo", "timeout": float("nan")}, "timeout nan: must be a positive"),
     ({"func": "tests.jobs:Echo", "timeout": float("inf")}, "timeout inf: must be a positive"),
-    ({"func": "tests.jobs:Echo", "timeout": 1e300}, "leave it out for no timeout"),
+    ({"func": "tests.jobs:Echo", "timeout": 1e300}, "at most 2147483648; nil or left out"),
     # a key no job hash would record: never given back, and every later '' filtered
     ({"func": "tests.jobs:Echo", "dedupe_key": ""}, "dedupe_key '': leave it out for no "
                                                     "dedupe"),
@@ -262,17 +267,44 @@ def test_a_class_default_of_the_wrong_type_is_refused_naming_the_attribute():
 
     for key, value, message in (
             ("timeout", timedelta(seconds=30), "Bad.timeout = datetime.timedelta(seconds=30): "
-                                               "job spec key 'timeout' must be number, got "
-                                               "timedelta"),
+                                               "job spec key 'timeout' must be number or nil, "
+                                               "got timedelta"),
             ("queue", Where.CRAWL, "Bad.queue = <Where.CRAWL: 'crawl'>: job spec key 'queue' "
-                                   "must be string, got Where"),
-            ("priority", True, "Bad.priority = True: job spec key 'priority' must be integer, "
-                               "got boolean")):
+                                   "must be string or nil, got Where"),
+            ("priority", True, "Bad.priority = True: job spec key 'priority' must be integer "
+                               "or nil, got boolean")):
         Bad = type("Bad", (Echo,), {key: value, "__module__": "tests.jobs"})
         with pytest.raises(SpecError) as info:
             Bad.spec([1])
         assert str(info.value) == message
     assert type("Fine", (Echo,), {"timeout": 5, "__module__": "tests.jobs"}).spec()["timeout"] == 5
+
+
+def test_a_key_with_a_default_given_as_none_takes_the_default():
+    """Job.spec(timeout=None) was refused ("'timeout' must be number, got nil"), though a
+    class's timeout = None means no timeout of its own, modify_job's timeout nil removes
+    one, and the refusal of a bad timeout said to "leave it out for no timeout"."""
+    settings = {"max_retries": 3, "timeout": 60}
+    for spec, defaults, want in (
+            (Add.spec([1, 2], timeout=None), None, None),   # no JOB_TIMEOUT: none
+            (Add.spec([1, 2], timeout=None), settings, 60.0),
+            (OnQueueB.spec(timeout=None, queue=None, priority=None, max_retries=None),
+             settings, 60.0),
+            ({"func": "tests.jobs:Add", "timeout": None}, settings, 60.0)):
+        n = normalize_spec(spec, defaults=defaults)
+        assert n["timeout"] == want, (spec, n)
+        assert (n["queue"], n["priority"]) == ("default", 0), n
+        assert n["max_retries"] == (defaults or {}).get("max_retries", 0), n
+    assert re.fullmatch(r"[0-9a-f]{32}", normalize_spec(Add.spec(job_id=None))["job_id"])
+    with pytest.raises(SpecError, match="job_id: a periodic job needs one of your choosing"):
+        normalize_spec(Add.spec(job_id=None, trigger={"cron": "* * * * *"}))
+    # an explicit None beats the class's own: as modify_job's, it removes it
+    timed = type("Timed", (Echo,), {"timeout": 5, "__module__": "tests.jobs"})
+    assert normalize_spec(timed.spec(timeout=None))["timeout"] is None
+    with pytest.raises(SpecError, match=r"must be number or nil, got string"):
+        normalize_spec({"func": "tests.jobs:Add", "timeout": "10"})
+    with pytest.raises(SpecError, match=r"nil or left out: JOB_TIMEOUT's"):
+        normalize_spec({"func": "tests.jobs:Add", "timeout": 0})
 
 
 def test_a_child_given_an_empty_or_no_job_id_gets_its_derived_one():
@@ -308,6 +340,22 @@ def test_a_hook_that_returns_an_empty_key_is_a_spec_error_naming_it():
         with pytest.raises(SpecError, match=rf"Page.{hook}\(\*\[.*\]\) returned '': return "
                                             "None for no"):
             Page.spec(args)
+
+
+def test_a_child_with_arguments_msgpack_cannot_carry_is_refused_at_its_submit():
+    """Such a child failed its parent only as the parent ended, whatever the parent did
+    with the error: it is refused where it is submitted, naming the class."""
+    from elric import job as job_module
+
+    ctx = job_module._RunContext("parent", {"job_id": "parent"})
+    token = job_module._current.set(ctx)
+    try:
+        for args in ([{1, 2}], [{(1, 2): "pair"}]):
+            with pytest.raises(SpecError, match=r"^Add.submit: its arguments are not msgpack"):
+                Add.submit(*args)
+    finally:
+        job_module._current.reset(token)
+    assert ctx.children == []
 
 
 def test_a_dedupe_hook_that_raises_is_a_spec_error():

@@ -52,13 +52,49 @@ def test_a_batch_refused_by_its_second_scope_gives_the_first_scopes_keys_back(re
         async with master(redis_url, DEDUPE_TTL=3600) as m:    # then TTL was turned on
             batch = [{"func": E, "job_id": "j-new", "dedupe_key": "k1", "dedupe_scope": "new"},
                      {"func": E, "job_id": "j-old", "dedupe_key": "k2", "dedupe_scope": "old"}]
-            with pytest.raises(RequestError, match="dedupe_scope 'old'"):
+            # named as any bad spec is (the client's SubmitError says which one), once
+            with pytest.raises(RequestError, match=r"^spec 1: job 'j-old': dedupe scope "
+                               r"'old': key \S+ is not a sorted set") as refused:
                 await m.submit_jobs(batch)
+            assert str(refused.value).count("'old'") == 1
             assert await queued(m) == 1            # the first master's job only
             # the client drops the spec of the bad scope and sends the good one again
             assert await m.submit_jobs([batch[0]]) == [{"job_id": "j-new", "status": "queued"}]
             assert (await m.submit_jobs([{**batch[0], "job_id": "j-2"}]))[0]["status"] == \
                 "filtered"
+    asyncio.run(main())
+
+
+def test_a_batch_refused_by_a_scope_stores_none_of_its_periodic_jobs(redis_url):
+    """The batch's periodic jobs were stored before its other jobs met the filters: the
+    call was refused (bad_request: nothing done) and the schedule fired on for good."""
+    async def main():
+        async with master(redis_url) as m:
+            await m.submit_jobs([{"func": E, "dedupe_key": "x", "dedupe_scope": "old"}])
+        async with master(redis_url, DEDUPE_TTL=3600) as m:    # the scope's kind changed
+            batch = [{"func": E, "job_id": "hourly", "trigger": {"type": "interval",
+                                                                 "hours": 1}},
+                     {"func": E, "job_id": "j-old", "dedupe_key": "k", "dedupe_scope": "old"}]
+            with pytest.raises(RequestError, match="dedupe scope 'old'"):
+                await m.submit_jobs(batch)
+            assert await m.get_job("hourly") is None and await queued(m) == 1
+            assert (await m.submit_jobs(batch[:1]))[0]["status"] == "scheduled"
+    asyncio.run(main())
+
+
+def test_a_batch_refused_by_an_exact_scope_takes_no_key_in_a_bloom_scope(redis_url):
+    """A Bloom filter cannot give a key back: the batch's Bloom scope was checked first,
+    the exact scope after it refused the call, and the fixed batch sent again found its
+    Bloom jobs "filtered", lost. Exact scopes are checked first."""
+    async def main():
+        async with master(redis_url) as m:      # scope "old" is an exact set, no TTL
+            await m.submit_jobs([{"func": E, "dedupe_key": "x", "dedupe_scope": "old"}])
+        async with master(redis_url, DEDUPE_TTL=3600, FILTER_SCOPES={"mem": "bloom"}) as m:
+            batch = [{"func": E, "job_id": "j-mem", "dedupe_key": "k1", "dedupe_scope": "mem"},
+                     {"func": E, "job_id": "j-old", "dedupe_key": "k2", "dedupe_scope": "old"}]
+            with pytest.raises(RequestError, match="spec 1: job 'j-old'"):
+                await m.submit_jobs(batch)
+            assert await m.submit_jobs(batch[:1]) == [{"job_id": "j-mem", "status": "queued"}]
     asyncio.run(main())
 
 
@@ -652,3 +688,70 @@ def test_filtered_counts_the_submissions_answered_filtered(redis_url, backend):
 
     for seed in range(2):
         asyncio.run(walk(seed))
+
+
+def test_a_fire_in_a_scope_a_filter_refuses_holds_back_no_other_fire(redis_url, caplog):
+    """Fires due together are queued in one call: one whose scope the filter refuses
+    (here the scope's kind changed with DEDUPE_TTL) refused them all, and each retry
+    again, so every periodic job due with it stopped for good (its fire pending, counted
+    by max_instances). The others are queued; that one waits, said why."""
+    async def main():
+        async with master(redis_url) as m:      # scope "old" is an exact set, no TTL
+            await m.submit_jobs([{"func": E, "dedupe_key": "x", "dedupe_scope": "old"}])
+        async with master(redis_url, DEDUPE_TTL=3600) as m:
+            at = {"type": "date", "run_date": m.store.clock() + 1.0}
+            await m.submit_jobs([{"func": E, "job_id": "good", "trigger": at},
+                                 {"func": E, "job_id": "bad", "trigger": at,
+                                  "dedupe_key": "k", "dedupe_scope": "old"}])
+            deadline = asyncio.get_running_loop().time() + 20
+            while await queued(m) < 2:   # the first master's job, and the good fire
+                assert asyncio.get_running_loop().time() < deadline, "the good fire waits"
+                await asyncio.sleep(0.02)
+            pending = [f.decode() for f in await m.redis.hkeys(m.keys.fires_pending)]
+            assert [f.split("@")[0] for f in pending] == ["bad"]
+    asyncio.run(main())
+    assert any("bad@" in r.getMessage() and "dedupe scope 'old'" in r.getMessage()
+               for r in caplog.records if r.levelname == "ERROR")
+
+
+@pytest.mark.parametrize("unknown", ["who took it", "whose job it is"])
+def test_a_failed_call_that_cannot_tell_whose_a_key_is_keeps_it(redis_url, monkeypatch,
+                                                                 unknown):
+    """Redis stayed away while a failed call's clean-up asked who took its keys ("who took
+    it": the check's reply was lost, and the key was another job's) or whether their jobs
+    were queued ("whose job it is": the enqueue ran, its reply lost), then came back: the
+    clean-up gave them back as its own, and a second job of one key was queued. A key
+    kept is no job lost: the filter notes its taker, whose resend reclaims it."""
+    from elric import admission
+    monkeypatch.setattr(admission, "CLEANUP_WAIT", 0.3)   # the time it tries for
+
+    async def away(*args, **kwargs):
+        raise RedisConnectionError("Connection refused")
+
+    async def main():
+        async with master(redis_url) as m:
+            f = m.filters["set"]
+            if unknown == "who took it":
+                await m.submit_jobs([{"func": E, "job_id": "holder", "dedupe_key": "k"}])
+                real = lose_the_replies(f)
+                f.owned = away
+            else:
+                real_enqueue = m.queue._enqueue
+
+                async def lost(keys, args):
+                    await real_enqueue(keys=keys, args=args)
+                    raise RedisTimeoutError("Timeout reading from socket")
+                m.queue._enqueue = lost
+                m.queue.get_holds = away
+            with pytest.raises(RequestError, match="cannot reach Redis"):
+                await m.submit_jobs([{"func": E, "job_id": "mine", "dedupe_key": "k"}])
+            await m.admission.close()   # the clean-up is over
+            if unknown == "who took it":
+                f.check_and_add = real
+            else:
+                m.queue._enqueue = real_enqueue
+            vars(m.queue).pop("get_holds", None)   # Redis is back
+            vars(f).pop("owned", None)
+            other = await m.submit_jobs([{"func": E, "job_id": "other", "dedupe_key": "k"}])
+            assert other[0]["status"] == "filtered" and await queued(m) == 1
+    asyncio.run(main())

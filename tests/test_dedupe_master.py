@@ -125,7 +125,7 @@ def test_a_mixed_batch_is_answered_in_place(make_cluster):
     with pytest.raises(RemoteError, match=r"spec 1: dedupe_scope '@fire' is for periodic"):
         cl.submit_jobs([{"func": echo, "dedupe_key": "n1"},
                         {"func": echo, "dedupe_key": "n2", "dedupe_scope": "@fire"}])
-    with pytest.raises(RemoteError, match="the same job_id appears twice"):
+    with pytest.raises(RemoteError, match="spec 1: job_id 'twice' appears twice"):
         cl.submit_jobs([{"func": echo, "dedupe_key": "n3", "job_id": "twice"},
                         {"func": echo, "args": [1], "job_id": "twice"}])
     with pytest.raises(RemoteError, match=r"spec 1: job spec key 'parent' must be"):
@@ -646,7 +646,7 @@ def test_a_key_whose_job_was_never_queued_goes_to_a_resend_without_an_id(make_cl
             with pytest.raises(RemoteError) as info:
                 cl.submit_job(spec)
         assert info.value.code == "redis_unavailable", str(info.value)
-        wait_for(lambda: "could not give back dedupe keys" in master.log(),
+        wait_for(lambda: "dedupe key(s)" in master.log() and "keeping them" in master.log(),
                  what="the give-back given up")
         assert r.sismember(f"{PREFIX}:dedupe:set:global", "http://x/9")
         proxy.restore()

@@ -14,8 +14,10 @@ import pytest
 from elric.jobstats import COUNTERS
 from elric.rpc import RemoteError
 from tests.conftest import ROOT, wait_for
-from tests.jobs import (Add, Crash, Echo, FailUnlessFile, FailWide, MarkSleep, OnQueueB, Record, Sized,
-                        Sleep, Spawn, SpawnFromThread, TupleKeys)
+from tests.jobs import (Add, Crash, Echo, FailUnlessFile, FailWide, MarkSleep, MarkUntilGate,
+                        OnQueueB, Record, Sized, Sleep, Spawn, SpawnFromThread, TupleKeys)
+from tests.jobs_async import AsyncAdd
+from tests.jobs_faults import AsyncSpawnLate, SpawnInBatches
 from tests.legacy import SCRIPT_PRELUDE, legacy_python
 
 
@@ -30,6 +32,28 @@ def test_submit_runs_and_records_result(cluster):
     assert job["func"] == "tests.jobs:Add"
     assert job["enqueued_at"] <= job["started_at"] <= job["finished_at"]
     assert job["worker"]
+
+
+def test_a_job_submitted_with_timeout_none_runs_without_one(cluster):
+    """Job.spec(timeout=None), or the same key nil from another client, was refused: a
+    spec key must be a number, though None is how a class says "no timeout"."""
+    cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_jobs([Add.spec([2, 3], job_id="none", timeout=None),
+                                {"func": "tests.jobs:Add", "args": [1, 1], "job_id": "nil",
+                                 "timeout": None, "max_retries": None}])
+    for job_id, result in (("none", 5), ("nil", 2)):
+        job = cluster.wait_job(job_id)
+        assert (job["status"], job["result"]) == ("succeeded", result), job
+        assert job.get("timeout") is None, job
+
+
+def test_a_job_submitted_with_job_id_none_gets_one(cluster):
+    """Add.submit_with(args, job_id=None) from a script was refused ("'job_id' must be
+    string, got nil"), though in a running job and as "" it meant "choose one for me"."""
+    cluster.start_worker("--concurrency", "1")
+    reply = cluster.client.submit_job(Add.spec([2, 3], job_id=None))
+    assert re.fullmatch(r"[0-9a-f]{32}", reply["job_id"]), reply
+    assert cluster.wait_job(reply["job_id"])["result"] == 5
 
 
 def test_maps_with_integer_keys_go_through_every_step(cluster):
@@ -74,6 +98,28 @@ def test_child_jobs_reach_the_master_and_run(cluster):
         assert child["parent"] == "parent"
     wait_for(lambda: cluster.client.stats()["totals"]["succeeded"] == 6)
 
+
+
+def test_a_child_gets_its_arguments_as_they_were_at_its_submit(cluster):
+    """A child's spec kept the very list the job passed to submit, packed only when the job
+    ended: a job that submitted a buffer and then cleared it to fill it again sent every
+    child the buffer's last state (here, each an empty list)."""
+    cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job(SpawnInBatches.spec([4, 2], job_id="batches"))
+    ids = cluster.wait_job("batches")["result"]
+    assert [cluster.wait_job(i)["result"]["args"] for i in ids] == [[[0, 1]], [[2, 3]]]
+
+
+def test_a_child_submitted_after_its_parent_ended_is_refused_not_lost(cluster, tmp_path):
+    """A task an async job left behind (or a thread holding its context) could submit a
+    child after the job had ended: the child went into a list no one would send again, and
+    was lost without a word."""
+    cluster.start_worker("--concurrency", "1")
+    path = tmp_path / "late"
+    cluster.client.submit_job(AsyncSpawnLate.spec([0.3, str(path)], job_id="late"))
+    assert cluster.wait_job("late")["result"] == "returned"
+    said = wait_for(lambda: path.exists() and path.read_text(), what="the late submit")
+    assert said.startswith("refused: Add.submit after job late ended"), said
 
 
 def test_a_parent_rerun_runs_its_children_again(cluster):
@@ -357,7 +403,7 @@ BAD_REQUESTS = [
     (("submit_job", {"func": "tests.jobs:Add", "args": "2, 3"}),
      "job spec key 'args' must be array, got string"),
     (("submit_job", {"func": "tests.jobs:Add", "args": [1, 2], "priority": "high"}),
-     "job spec key 'priority' must be integer, got string"),
+     "job spec key 'priority' must be integer or nil, got string"),
     (("submit_job", {"args": [1, 2]}), "job spec is missing 'func'"),
     (("submit_job", {"func": "tests.nowhere:Add"}),
      "module 'tests.nowhere' is not allowed by JOB_MODULES"),
@@ -379,7 +425,7 @@ BAD_REQUESTS = [
     (("submit_jobs", [Echo.spec([1], job_id="ok-0"), {"func": "tests.jobs:Add", "oops": 1},
                       Echo.spec([2], job_id="ok-2")]), "spec 1: unknown job spec key(s) 'oops'"),
     (("submit_jobs", [Echo.spec([1], job_id="dup"), Echo.spec([2], job_id="dup")]),
-     "the same job_id appears twice"),
+     "spec 1: job_id 'dup' appears twice in one batch (spec 0 has it too)"),
     (("get_job", 42), "job_id must be a non-empty string"),
     (("get_job", "\udcff"), "job_id '\\udcff' is not valid UTF-8"),   # b"\xff" from a shell
     (("list_jobs", {"status": "done"}), "unknown status 'done'"),
@@ -622,3 +668,37 @@ def test_hundreds_of_concurrent_calls_wait_for_redis_instead_of_failing(cluster)
     errors = [r for r in results if isinstance(r, Exception)]
     assert errors == []
     assert cluster.client.ping() == "pong"
+
+
+# --- a worker that ran fast jobs holds no more slow ones than it can start ------------------
+
+@pytest.mark.parametrize("fast", [Echo, AsyncAdd])
+def test_slow_jobs_after_fast_ones_go_to_a_worker_started_later(cluster, tmp_path, fast):
+    """Fast jobs grew the first worker's fetches (sync ones its batches, async ones its
+    room for async jobs): it claimed every slow job queued next and held them, so a second
+    worker got none and they ran two at a time. Once it sees a run go on, it gives back what
+    it cannot start, without using an attempt; the second worker starts them while the first
+    two still run."""
+    c = cluster.client
+    marks, gate = tmp_path / "started.txt", tmp_path / "gate"
+    first = cluster.start_worker("--concurrency", "2")
+    c.submit_jobs([fast.spec([i, i], job_id=f"fast-{i}") for i in range(300)])
+    wait_for(lambda: c.stats()["by_status"]["succeeded"] == 300, what="the fast jobs done")
+    n = 12
+    c.submit_jobs([MarkUntilGate.spec([str(marks), str(gate)], job_id=f"slow-{i:02d}")
+                   for i in range(n)])
+
+    def started() -> list[str]:
+        return marks.read_text().split() if marks.exists() else []
+    wait_for(lambda: len(started()) == 2, what="the first worker running two slow jobs")
+    cluster.start_worker("--concurrency", "2")
+    # the first worker's two runs wait for the gate: any other start is the second's
+    wait_for(lambda: len(started()) >= 4, timeout=15, what="the second worker starting slow jobs")
+    gate.touch()
+    wait_for(lambda: c.stats()["by_status"]["succeeded"] == 300 + n, timeout=60,
+             what="every slow job done")
+    assert sorted(started()) == [f"slow-{i:02d}" for i in range(n)]   # each ran once
+    jobs = [c.get_job(f"slow-{i:02d}") for i in range(n)]
+    assert all(j["attempts"] == 1 for j in jobs), jobs
+    assert {worker_pid(j) for j in jobs} == {first.pid, cluster.procs[-1].pid}
+    assert c.stats()["totals"]["redelivered"] == 0

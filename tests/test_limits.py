@@ -315,7 +315,8 @@ def test_an_idle_workers_fetch_claims_a_job_the_moment_it_is_queued(redis_url):
         w.redis = aredis.Redis.from_url(redis_url)
         w.blocking_redis = aredis.Redis.from_url(redis_url)
         w.queue, w.modules = RedisQueue(w.redis, w.keys), JobModules.load(["tests.jobs"])
-        w.pool = SimpleNamespace(last_async=False, claims=list)   # an idle pool
+        w.pool = SimpleNamespace(last_async=False, claims=list,   # an idle pool
+                                 longest_sync_run=lambda: 0.0)
         try:
             assert (await w.queue.fetch(w.worker_id, ["default"], 5, 30)).claims == []
             w._changed.set()                 # something else ends this wait...
@@ -430,7 +431,8 @@ def test_a_busy_workers_wait_leaves_a_limited_jobs_wake_token_to_an_idle_worker(
         w.blocking_redis = aredis.Redis.from_url(redis_url)
         w.queue, w.modules = RedisQueue(w.redis, w.keys), JobModules.load(["tests.jobs"])
         running = SimpleNamespace(job_id="long")   # its one process runs a long job
-        w.pool = SimpleNamespace(last_async=False, claims=lambda: [running])
+        w.pool = SimpleNamespace(last_async=False, claims=lambda: [running],
+                                 longest_sync_run=lambda: 0.0)
         try:
             await limits.publish(w.redis, w.keys, limits.parse_rules({"k": {"concurrency": 5}}))
             assert w._sizes() == (1, 0)

@@ -34,7 +34,10 @@ from tests.jobs import (Add, Fail, FailNamingFile, FailUnlessFile, MarkSleep, Pa
 from tests.jobs_faults import (AsyncExitUnprintable, AsyncForkReturns, Crash, ExitUnprintable,
                                FailBadRetryAfter, Flaky, ForkReturns, ForkThenCrash, IgnoreAlarm,
                                Mark, ResetSignals, WhereAmI, count_lines, BlockSignals,
-                               ChildAndPipe, HoldGil, LooseSignals, SayThenCrash)
+                               ChildAndPipe, HoldGil, LooseSignals, ProcessState,
+                               AsyncProcessState, AsyncExitInTask, SayThenCrash,
+                               Stdio)
+from tests.silent_proxy import SilentProxy
 
 KEYS = Keys("elric")
 
@@ -1598,6 +1601,79 @@ def test_a_jobs_chdir_does_not_move_the_jobs_after_it(cluster, tmp_path):
     assert worker.alive()
 
 
+@pytest.mark.parametrize("job_class", [ProcessState, AsyncProcessState])
+def test_a_jobs_environment_and_umask_are_not_left_to_the_jobs_after_it(cluster, job_class):
+    """A job's os.environ changes (a variable set or removed, TZ) and its os.umask stayed
+    for every later job of its pool process: what those jobs read, the files they made
+    and the times they printed depended on which jobs that process had run before."""
+    worker = cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job(job_class.spec([], job_id="before"))
+    before = cluster.wait_job("before")["result"]
+    assert before["log_level"] == "INFO" and before["left"] is None, before
+    cluster.client.submit_job(job_class.spec([True], job_id="leaves"))
+    leaves = cluster.wait_job("leaves")["result"]
+    assert leaves["pid"] == before["pid"] and leaves["umask"] == 0o077, leaves
+    cluster.client.submit_job(job_class.spec([], job_id="after"))
+    after = cluster.wait_job("after")["result"]
+    assert after == before, (before, after)
+    assert worker.alive()
+
+
+@pytest.mark.parametrize("how, error", [("exit", "SystemExit: 3"),
+                                         ("interrupt", "KeyboardInterrupt")])
+def test_sys_exit_in_a_task_an_async_job_awaits_fails_that_job_alone(cluster, how, error):
+    """SystemExit or KeyboardInterrupt raised in a task an async job started went through
+    its pool process's event loop (asyncio re-raises both from a task's step): the process
+    ended, the job was recorded as a crash ("pool process died"), and every async job
+    beside it was stopped and run again."""
+    worker = cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job(AsyncProcessState.spec([], job_id="before"))
+    before = cluster.wait_job("before")["result"]
+    cluster.client.submit_job(AsyncExitInTask.spec([how], job_id="exits"))
+    exits = cluster.wait_job("exits")
+    assert exits["status"] == "failed", exits
+    assert f"\n{error}" in exits["error"] and "died" not in exits["error"], exits["error"]
+    cluster.client.submit_job(AsyncProcessState.spec([], job_id="after"))
+    assert cluster.wait_job("after")["result"]["pid"] == before["pid"], cluster.logs()
+    assert worker.alive()
+
+
+def test_a_job_that_closes_stdout_and_stderr_leaves_them_open_for_the_jobs_after_it(cluster):
+    """A job that closed sys.stdout or sys.stderr left them closed for every later job of
+    its pool process: each print there failed its job (ValueError: I/O operation on closed
+    file), and the process's own log lines were lost."""
+    worker = cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job(Stdio.spec(["said-before", True], job_id="closes"))
+    pid = cluster.wait_job("closes")["result"]
+    cluster.client.submit_job(Stdio.spec(["said-after"], job_id="after"))
+    after = cluster.wait_job("after")
+    assert (after["status"], after["result"]) == ("succeeded", pid), after
+    wait_for(lambda: worker.log().count("said-after") == 2, what="both lines in the log")
+    cluster.client.submit_job({"func": "tests.jobs:NoSuchClass", "job_id": "nosuch"})
+    assert cluster.wait_job("nosuch")["error"].startswith("--- attempt 1 ---\nrefused")
+    wait_for(lambda: f"[{pid}]: job nosuch: " in worker.log(), what="the process's own line")
+    assert worker.alive()
+
+
+def test_a_sync_jobs_duration_is_its_run_not_its_wait_behind_its_batch(cluster):
+    """Sync jobs reach a pool process in batches, and each one's start was taken as its
+    batch arrived: a fast job behind a slow one was recorded as running as long as both
+    (its duration, and its func's mean and histogram), and the worker sized its next
+    batches by those times."""
+    cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job(Sleep.spec([0], job_id="known"))   # (a new class goes alone)
+    cluster.wait_job("known")
+    batches_form(cluster)
+    fast = [f"fast-{i}" for i in range(5)]
+    cluster.client.submit_jobs([Sleep.spec([1.0], job_id="slow")]
+                               + [Sleep.spec([0], job_id=j) for j in fast])
+    slow = cluster.wait_job("slow")
+    assert slow["duration"] >= 1.0, slow
+    for job in map(cluster.wait_job, fast):
+        assert job["result"]["at"] >= slow["result"]["at"], "it waited behind the slow one"
+        assert (job["duration"] or 0) < 0.5, job
+
+
 def test_a_stray_alarm_in_a_job_without_a_timeout_leaves_its_process_working(cluster):
     """SIGALRM is how a sync job's timeout stops it. One from elsewhere (here the job's own)
     during a job with no timeout was taken for a timeout it could not describe: the error
@@ -1676,3 +1752,47 @@ def test_claims_woken_while_a_foreign_job_is_handed_back_reach_the_buffer():
         await asyncio.wait_for(taking, 5)
         assert list(w.buffer) == [mine]
     asyncio.run(main())
+
+
+# --- 15. a fetch whose reply was lost costs no attempt ----------------------------------------
+
+def test_a_fetch_whose_reply_was_lost_costs_its_job_no_attempt(make_cluster, redis_url):
+    """The worker's connection to Redis went silent after its waiting fetch was sent: Redis
+    ran it and claimed a job, and the reply never came. The claim, unknown to the worker,
+    waited for its lease to run out and the job ran as a second attempt (redelivered). The
+    worker now asks Redis which claims it holds unknown to it, and gives them back."""
+    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    c = make_cluster(LEASE_SECONDS=15)
+    r = redis.Redis.from_url(redis_url)
+    proxies = []
+    try:
+        c.start_master()
+
+        def waiting():   # the worker's fetch, sent behind a BLPOP, waits in Redis
+            return any(cl["cmd"] == "blpop" and "b" in cl["flags"] for cl in r.client_list())
+
+        def claimed(job_id):   # ms from its enqueue to its claim
+            f = r.hmget(KEYS.job(job_id), "enqueued_at", "started_at")
+            return f[1] and int(f[1]) - int(f[0]) + 1
+        for i in range(3):
+            proxies.append(SilentProxy(port))
+            worker = c.start_worker("--concurrency", "1", REDIS_URL=proxies[-1].url())
+            wait_for(waiting, what="the worker's fetch waiting for work")
+            proxies[-1].silence()   # what Redis answers on its connections is thrown away
+            lost = f"lost-{i}"
+            if waiting():
+                c.client.submit_job(Add.spec([1, 2], job_id=lost))
+                if wait_for(lambda: claimed(lost), what="the job claimed") < 1000:
+                    break   # by the silenced fetch
+            # its wait ended just as it went silent: again, with a worker as idle
+            worker.stop(timeout=20)
+        job = c.wait_job(lost, timeout=60)
+        assert (job["status"], job["attempts"], job["result"]) == ("succeeded", 1, 3), \
+            c.logs()
+        assert c.client.stats()["totals"]["redelivered"] == 0
+        logs = c.logs()
+        assert "a fetch claimed whose reply was lost" in logs, logs
+    finally:
+        r.close()
+        for proxy in proxies:
+            proxy.close()

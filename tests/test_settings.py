@@ -115,6 +115,24 @@ def test_file_then_env_then_command_line(no_settings_file):
     ({"ELRIC_LEASE_SECONDS": "nan"}, "LEASE_SECONDS (from ELRIC_LEASE_SECONDS): must be a "
                                      "finite number"),
     ({"ELRIC_LOG_LEVEL": "loud"}, "LOG_LEVEL (from ELRIC_LOG_LEVEL): expected DEBUG"),
+    # entries that named no scope a job can have, or one twice, did nothing, unsaid
+    ({"ELRIC_FILTER_SCOPES": "crawl=bloom,=set"}, "FILTER_SCOPES (from ELRIC_FILTER_SCOPES): "
+                                                  "'' is no scope: name a dedupe_scope"),
+    ({"ELRIC_FILTER_SCOPES": "@fire=bloom"}, "'@fire' is no scope: name a dedupe_scope, or a "
+                                             "periodic job's id for the scopes of its"),
+    ({"ELRIC_FILTER_SCOPES": "a=set,a=bloom"}, "FILTER_SCOPES (from ELRIC_FILTER_SCOPES): a "
+                                               "scope is named twice in 'a=set,a=bloom'"),
+    # keys were never new again, and failed jobs kept theirs, unsaid
+    ({"ELRIC_FILTER_BACKEND": "bloom", "ELRIC_DEDUPE_TTL": "3600"}, "DEDUPE_TTL applies to "
+     "the 'set' dedupe backend only, and no scope uses it (FILTER_BACKEND 'bloom')"),
+    ({"ELRIC_FILTER_BACKEND": "redis-bloom", "ELRIC_FILTER_SCOPES": "a=bloom",
+      "ELRIC_DEDUPE_RELEASE_ON_FAILURE": "1"}, "DEDUPE_RELEASE_ON_FAILURE applies to the "
+                                               "'set' dedupe backend only"),
+    # its snapshots were refused by Redis, for good: a restart forgot every key
+    ({"ELRIC_FILTER_SCOPES": "big=bloom", "ELRIC_BLOOM_CAPACITY": "300000000"},
+     "BLOOM_CAPACITY 300000000 at BLOOM_ERROR_RATE 0.001: a 'bloom' scope's snapshot would "
+     "be 524 MiB, over the 512 MiB a Redis string holds, so it could never be saved; use "
+     "'redis-bloom' for it"),
     ({"ELRIC_REDIS_URL": "localhost:6379"}, "REDIS_URL (from ELRIC_REDIS_URL): "
                                             "'localhost:6379' is not a redis://"),
     ({"ELRIC_MASTER_ADDRESS": "127.0.0.1"}, "MASTER_ADDRESS: '127.0.0.1' is not host:port"),
@@ -139,6 +157,8 @@ def test_bad_env_values_name_the_key(no_settings_file, env, message):
     ("QUEUES = 'a,b'\n", "QUEUES (from {path}): expected list, got 'a,b'"),
     ("QUEUES = ['a', '']\n", "QUEUES (from {path}): expected a list of names"),
     ("QUEUES = []\n", "QUEUES (from {path}): names no queue, and a worker would run nothing"),
+    # it said "'set' is not one of set, bloom, redis-bloom"
+    ("FILTER_SCOPES = {1: 'set'}\n", "FILTER_SCOPES (from {path}): 1 is no scope"),
     ("raise RuntimeError('nope')\n", "failed to load: RuntimeError: nope"),
 ])
 def test_bad_settings_files_name_the_key(no_settings_file, body, message):
@@ -176,6 +196,11 @@ def test_lower_case_key_in_a_settings_file_is_an_error(no_settings_file):
         load_settings(str(path), env={})
     assert str(info.value) == (f"{path}: redis_url: settings names are upper case: "
                                "did you mean REDIS_URL?")
+
+
+def test_a_bloom_capacity_over_a_snapshot_is_left_to_the_backends_without_one(no_settings_file):
+    env = {"ELRIC_FILTER_BACKEND": "redis-bloom", "ELRIC_BLOOM_CAPACITY": "300000000"}
+    assert load_settings(env=env).BLOOM_CAPACITY == 300_000_000
 
 
 def test_overrides_are_checked_like_the_settings_file(no_settings_file):
