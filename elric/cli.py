@@ -231,7 +231,7 @@ def cmd_call(args: argparse.Namespace) -> int:
         elif command == "purge" and args.queue_name not in (
                 queues := sorted(client.stats()["by_queue"])):
             # (a mistyped name purged nothing, and said "0 jobs done": exit 0)
-            raise NotFound(f"no queue {args.queue_name!r}: no job was ever queued there "
+            raise NotFound(f"no queue {args.queue_name!r}: no job was queued there lately "
                            f"(queues: {', '.join(queues[:10]) or 'none'}"
                            f"{', ...' if len(queues) > 10 else ''})")
         elif command in BULK and (command == "copy" or _bulk_filter(args) or

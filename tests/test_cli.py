@@ -643,7 +643,7 @@ def test_purge_of_a_queue_no_job_was_ever_queued_on_says_so_and_exits_1(cluster)
     cluster.client.submit_job(Echo.spec(job_id="waits", queue="nobody"))
     for name in ("nobodi", ""):
         one_line_error(elric(cluster, "purge", name, "--json"), 1,
-                       f"no queue {name!r}: no job was ever queued there (queues: nobody)")
+                       f"no queue {name!r}: no job was queued there lately (queues: nobody)")
     assert cluster.client.get_job("waits")["status"] == "queued"
     done = elric(cluster, "purge", "nobody")
     assert (done.returncode, done.stdout) == (0, "purge: 1 jobs done, 0 skipped\n"), done
