@@ -112,13 +112,13 @@ class Admission:
             await self._clean_up(reservation.cancel(CLEANUP_WAIT), exc)
             raise
         await reservation.settle(submitted)
-        # the filter found their keys seen, yet dropped none of them: a job that exists
-        # (answered with its status) or that reclaimed its key is not counted filtered
-        await self.gate.uncount([s for s, h in zip(resent, holds)
-                                 if h is not None or reservation.new.get(id(s))])
         out = {id(s): r for s, r in zip(reservation.passed, submitted)}
         for s in reservation.filtered:
             out[id(s)] = Submitted(s["job_id"], statuses.get(s["job_id"]) or Status.FILTERED)
+        # counted once answered: a job that exists (answered with its status) or that
+        # reclaimed its key was found seen, yet not dropped
+        await self.gate.count([s for s in reservation.filtered
+                               if out[id(s)].status == Status.FILTERED])
         return [out[id(s)] for s in specs]
 
     async def _clean_up(self, coro, exc: BaseException) -> None:
@@ -168,4 +168,5 @@ class Admission:
         queued = await retry(attempt, what=f"queueing {len(specs)} fire(s)", log=log,
                              backoff=Backoff(0.1, 2.0),
                              deadline=time.monotonic() + self.settings.SCHEDULER_LEASE)
+        await self.gate.count(reservation.filtered)
         return queued + [Submitted(s["job_id"], Status.FILTERED) for s in reservation.filtered]
