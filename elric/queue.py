@@ -434,11 +434,12 @@ class RedisQueue:
     async def _due(self, due_set: str, status: Status, keep_place: bool, counter: str,
                    limit: int) -> tuple[list[str], list[str]]:
         k = self.keys
-        back, cancelled = await self._requeue_due(
+        back, cancelled, broken = await self._requeue_due(
             keys=[due_set, k.status(status), k.seq, k.counters, k.status(Status.CANCELLED),
                   k.limits_due],
             args=[*self._line, limit, status, "1" if keep_place else "0", counter,
                   *self._cancel_end])
+        self._tell_broken("redeliver" if keep_place else "retry", broken)
         return [_s(i) for i in back], [_s(i) for i in cancelled]
 
     async def next_delayed(self) -> float | None:
