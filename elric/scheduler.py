@@ -27,7 +27,7 @@ from elric.health import TaskHealth
 from elric.contract import Status
 from elric.jobstore import FINISHED_TTL, Coalesce, Options, Outcome, RedisJobStore, fire_id, iso
 from elric.queue import Fenced
-from elric.retry import Backoff, Outage, is_outage
+from elric.retry import Backoff, Outage
 from elric.triggers import build_trigger, next_fire
 
 CATCHUP_LIMIT = 1000        # fires of one job handled (or missed counted) per pass in a backlog
@@ -118,6 +118,10 @@ class Scheduler:
         self.passes = 0  # due-reads so far: a spinning scheduler shows here and in the debug log
         self.health = TaskHealth(stale_after=2 * lease_seconds + 5)
         self._pending = True  # fires marked but maybe not queued: look on taking the lease
+        # a Redis away or refusing writes is logged when it starts and when it passes, not
+        # at each pass that finds the fires still pending
+        self._queueing = Outage(self.log, "queueing fires failed; they stay pending and are "
+                                     "tried again")
 
     # --- lease ---------------------------------------------------------------------------
     async def _acquire(self) -> bool:
@@ -164,13 +168,6 @@ class Scheduler:
                 self.health.trouble(f"lease: {type(exc).__name__}: {exc}; retrying")
                 outage.failed(exc)
             await _wait(self._stop, self._lease_wait)
-
-    def _log_failure(self, what: str, exc: Exception) -> None:
-        # Redis away or refusing writes is expected weather: one line; anything else a bug
-        if is_outage(exc):
-            self.log.warning("%s: %s: %s; retrying", what, type(exc).__name__, exc)
-        else:
-            self.log.exception(what)
 
     # --- firing --------------------------------------------------------------------------
     async def tick(self) -> int:
@@ -333,9 +330,9 @@ class Scheduler:
             return 0
         except Exception as exc:  # Redis away past retries: the next pass queues them
             self._pending = True
-            self._log_failure(f"queueing {len(fires)} fire(s) failed; they stay pending and "
-                              "are tried again", exc)
+            self._queueing.failed(exc)
             return 0
+        self._queueing.passed()
         if dropped := {s.job_id for s in queued if s.status == Status.FILTERED}:
             try:
                 await self._filtered([f for f in fires if f["job_id"] in dropped])
@@ -380,8 +377,9 @@ class Scheduler:
                 cursor, found = await self.redis.hscan(self.keys.fires_pending, cursor,
                                                        count=self.batch_size)
                 if found:
-                    self.log.warning("queueing %d fire(s) marked but not queued before",
-                                     len(found))
+                    if self._queueing.kind is None:   # (else: said once, as its trouble)
+                        self.log.warning("queueing %d fire(s) marked but not queued before",
+                                         len(found))
                     total += await self._queue_fires([unpack(b) for b in found.values()],
                                                      self.token, recovered=True)
                 if cursor == 0:

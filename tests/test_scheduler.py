@@ -1124,9 +1124,34 @@ def test_an_enqueue_failing_for_a_redis_outage_logs_one_line(redis_url, caplog):
         assert await env.sched.tick() == 0
         assert await env.sched.tick() == 1    # queued by the next pass
     run(redis_url, body)
-    [failed] = [r for r in caplog.records if "queueing 1 fire(s) failed" in r.getMessage()]
+    [failed] = [r for r in caplog.records if "queueing fires failed" in r.getMessage()]
     assert failed.levelname == "WARNING" and failed.exc_info is None
     assert "Connection refused" in failed.getMessage()
+
+
+def test_fires_that_cannot_be_queued_pass_after_pass_log_one_line(redis_url, caplog):
+    """Redis refusing writes (full, read-only) while fires wait pending: each pass logged
+    the fires found pending and their enqueue failing, two warnings every few seconds for
+    as long as it lasted. Now one line when it starts, and one when it passes."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    caplog.set_level("INFO", "elric.scheduler")
+
+    async def body(env):
+        async def away():
+            raise RedisConnectionError("Connection refused")
+        await env.store.add(spec())
+        env.clock.t = T0 + 60
+        env.rec.before = away
+        for _ in range(5):
+            assert await env.sched.tick() == 0
+        env.rec.before = None
+        assert await env.sched.tick() == 1    # queued from the pending fires
+    run(redis_url, body)
+    warned = [r.getMessage() for r in caplog.records
+              if r.levelname == "WARNING" and "queueing" in r.getMessage()]
+    assert len(warned) == 1, warned
+    assert any("works again" in r.getMessage() for r in caplog.records)
 
 
 def test_a_fire_the_dedupe_filter_drops_is_recorded_filtered_and_counted_once(redis_url, caplog):
