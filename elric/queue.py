@@ -369,7 +369,7 @@ class RedisQueue:
         return int(await self._release(
             keys=[k.inflight, k.status(Status.RUNNING), k.seq, k.delayed,
                   k.status(Status.RETRYING), k.counters, k.status(Status.CANCELLED),
-                  k.limits_due], args=argv))
+                  k.limits_due, k.queues], args=argv))
 
     async def heartbeat(self, worker_id: str, claims: list[Claim], lease_seconds: float,
                         fields: dict | None = None) -> Renewed:
@@ -436,7 +436,7 @@ class RedisQueue:
         k = self.keys
         back, cancelled, broken = await self._requeue_due(
             keys=[due_set, k.status(status), k.seq, k.counters, k.status(Status.CANCELLED),
-                  k.limits_due],
+                  k.limits_due, k.queues],
             args=[*self._line, limit, status, "1" if keep_place else "0", counter,
                   *self._cancel_end])
         self._tell_broken("redeliver" if keep_place else "retry", broken)

@@ -400,6 +400,22 @@ def test_redelivery_and_retries_go_on_past_a_job_an_operator_overwrote(redis_url
     asyncio.run(with_queue(redis_url, body))
 
 
+def test_a_job_put_back_in_line_lists_its_queue_again(redis_url):
+    """Housekeeping forgets a queue that held no job for the whole retention; a job of it
+    retrying (or running) all that time went back into its line unlisted: stats, list_jobs
+    and bulk actions did not see it until it ended."""
+    async def body(q, r):
+        await q.enqueue([normalize_spec({"func": FUNC, "job_id": "a", "queue": "q-x",
+                                         "max_retries": 1})])
+        [claim] = (await q.fetch("w1", ["q-x"], 1, 30)).claims
+        await q.finish("w1", [Outcome("a", claim.attempt, False, "boom", 5, retry_ms=0)])
+        await r.srem(KEYS.queues, "q-x")   # as forget_queues.lua would have
+        assert await q.promote() == 1
+        assert await r.sismember(KEYS.queues, "q-x")
+        assert [j["job_id"] for j in await q.list_jobs(status="queued")] == ["a"]
+    asyncio.run(with_queue(redis_url, body))
+
+
 def test_a_heartbeat_renews_the_other_leases_beside_a_key_an_operator_overwrote(
         redis_url, caplog):
     """A job's or the worker's hash SET to a string made heartbeat.lua fail with WRONGTYPE

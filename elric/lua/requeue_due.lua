@@ -2,7 +2,7 @@
 -- ran out (their worker died or stalled), or retrying jobs whose backoff is over. A job
 -- cancel.lua asked to stop ends cancelled instead (end_cancelled): its worker never will.
 -- KEYS: the due set (inflight or delayed), the status index of those jobs, seq, counters,
---       cancelled index, limits due
+--       cancelled index, limits due, queues
 -- ARGV: job prefix, queue prefix, wake prefix, limit, the status the jobs must
 --       still have, keep place ('1': a redelivered job keeps its place in line; '0': a
 --       retry waits behind its priority, like a new job), counter to count them in ('' none),
@@ -32,7 +32,7 @@ for _, id in ipairs(ids) do
     cancelled[#cancelled + 1] = id
   elseif f[1] == status then
     free_slot(id, f[3], ends)
-    requeue(jk, id, qp, wp, KEYS[3], keep)
+    requeue(jk, id, qp, wp, KEYS[3], keep, KEYS[7])
     if counter ~= '' then redis.call('HINCRBY', KEYS[4], counter, 1) end
     out[#out + 1] = id
   end

@@ -25,11 +25,10 @@ count_in_stats(ARGV[7], ARGV[8], job[1], job[2], 'submitted', now)
 redis.call('HINCRBY', KEYS[3], 'submitted', 1)
 redis.call('HINCRBY', KEYS[3], 'queue:' .. job[3] .. ':submitted', 1)
 redis.call('HSET', KEYS[3], 'queue:' .. job[3] .. ':last_at', now)
-redis.call('SADD', KEYS[4], job[3])
 redis.call('PERSIST', KEYS[1])
 redis.call('HSET', KEYS[1], 'attempts', 0, 'enqueued_at', now)
 redis.call('HINCRBY', KEYS[1], 'reruns', 1)   -- its children are new jobs (see job.py)
 redis.call('HDEL', KEYS[1], 'started_at', 'finished_at', 'result', 'error', 'retry_at',
            'duration_ms')
-requeue(KEYS[1], id, qp, wp, KEYS[2], false)
+requeue(KEYS[1], id, qp, wp, KEYS[2], false, KEYS[4])
 return status
