@@ -127,13 +127,13 @@ class Admission:
             await self._clean_up(reservation.cancel(CLEANUP_WAIT), exc)
             raise
         await reservation.settle(submitted)
-        # the filter found their keys seen, yet dropped none of them: a job that exists
-        # (answered with its status) or that reclaimed its key is not counted filtered
-        await self.gate.uncount([s for s, h in zip(resent, holds)
-                                 if h is not None or reservation.new.get(id(s))])
         out = {id(s): r for s, r in zip(reservation.passed, submitted)}
         for s in reservation.filtered:
             out[id(s)] = Submitted(s["job_id"], statuses.get(s["job_id"]) or Status.FILTERED)
+        # counted once answered: a job that exists (answered with its status) or that
+        # reclaimed its key was found seen, yet not dropped
+        await self.gate.count([s for s in reservation.filtered
+                               if out[id(s)].status == Status.FILTERED])
         return [out[id(s)] for s in specs]
 
     async def _clean_up(self, coro, exc: BaseException) -> None:
@@ -190,4 +190,5 @@ class Admission:
             log.error("fire(s) %s not queued: %s. They stay pending (and count for "
                       "max_instances) until the next master to schedule queues them",
                       ", ".join(ids), exc)
+        await self.gate.count(reservation.filtered)
         return queued + [Submitted(s["job_id"], Status.FILTERED) for s in reservation.filtered]

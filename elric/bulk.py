@@ -204,7 +204,7 @@ class Bulk:
                 not await self.redis.sismember(self.keys.queues, f.queue):
             # (a mistyped name did nothing, and said "0 jobs done")
             queues = sorted(_s(q) for q in await self.redis.smembers(self.keys.queues))
-            raise NotFound(f"no queue {f.queue!r}: no job was ever queued there (queues: "
+            raise NotFound(f"no queue {f.queue!r}: no job was queued there lately (queues: "
                            f"{', '.join(queues[:10]) or 'none'}"
                            f"{', ...' if len(queues) > 10 else ''})")
         chosen, next_cursor, missing = await self.walk(

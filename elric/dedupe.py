@@ -97,7 +97,7 @@ class DedupeFilter(ABC):
         self.redis = redis
         self.keys = keys
         self._forget_gone = lua.load(redis, "dedupe_forget_gone")
-        self._uncount = lua.load(redis, "dedupe_uncount")
+        self._count = lua.load(redis, "dedupe_count")
         self._warned: set[str] = set()
         self._unreadable: set[str] = set()   # scopes whose stats key is not a hash: warned
 
@@ -107,7 +107,8 @@ class DedupeFilter(ABC):
         """True = key is new in scope (it is now added; let the job through);
         False = seen before. Duplicates inside one call: only the first is True.
         One call costs O(1) round trips to Redis, never one per key. ``owners``: per key
-        the job id taking it ("" for none), recorded by exact filters (see ``owned``)."""
+        the job id taking it ("" for none), recorded by exact filters (see ``owned``).
+        Nothing is counted ``filtered``: see ``count``."""
 
     async def owned(self, scope: str, keys: list[str], owners: list[str]) -> list[bool]:
         """Per key: whether ``check_and_add`` let it through for that owner, and neither
@@ -122,11 +123,11 @@ class DedupeFilter(ABC):
             "cannot remove a key without removing bits other keys share (use the "
             "'set' backend if jobs must be re-admitted after failure)")
 
-    async def uncount(self, scope: str, n: int) -> None:
-        """Take back ``n`` of the scope's ``filtered``: keys found seen that turned out to
-        be the same job sent again, not a duplicate dropped. A scope dropped meanwhile
-        stays gone."""
-        await self._uncount(keys=[self.keys.dedupe_stats(scope)], args=[n])
+    async def count(self, scope: str, n: int) -> None:
+        """Add ``n`` jobs dropped to the scope's ``filtered``. ``check_and_add`` counts
+        nothing: a key found seen may be the same job sent again, which the caller learns
+        after, and a count taken back would go down. A scope dropped meanwhile stays gone."""
+        await self._count(keys=[self.keys.dedupe_stats(scope)], args=[n])
 
     @abstractmethod
     async def stats(self) -> dict[str, dict]:
@@ -319,10 +320,8 @@ class _StagedBloom:
             if not seen:
                 stages.append(_PyBloom(*_stage_params(self.capacity, self.error_rate,
                                                       len(stages))))
-        if seen or stages[-1].add(key):   # add() is True when every bit was set already
-            self.filtered += 1
-            return False
-        return True
+        # add() is True when every bit was set already
+        return not (seen or stages[-1].add(key))
 
     def stats(self) -> dict:
         fills = [s.bitarray.count() / s.num_bits for s in self.stages]
@@ -512,10 +511,10 @@ class BloomFilter(DedupeFilter):
         self._note_growth(scope, f.items, f.capacity, f.error_rate)
         return out
 
-    async def uncount(self, scope: str, n: int) -> None:
+    async def count(self, scope: str, n: int) -> None:
         f = self._filters.get(scope)   # the count is the filter's, in memory
         if f is not None:
-            f.filtered -= n
+            f.filtered += n
             self._dirty.add(scope)
 
     async def stats(self) -> dict[str, dict]:

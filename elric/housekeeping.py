@@ -3,7 +3,8 @@
 Every master runs it: jobs of workers whose lease ran out go back in line, retries whose
 backoff is over are queued again, per-fire dedupe scopes older than DEDUPE_ROUND_TTL are
 dropped, the LIMITS rules are published again if Redis lost them, workers silent for a
-day are forgotten, and so are batch labels whose jobs all ended and expired. Each step is
+day are forgotten, and so are batches, funcs and queues that hold no job and whose last
+jobs expired. Each step is
 an atomic script, so several masters may run it at once.
 """
 
@@ -65,7 +66,7 @@ class Housekeeping:
         ends the pass."""
         await each((self._redeliver, self.queue.promote, self._drop_old_rounds,
                     self._restore_limits, self.queue.forget_old_workers,
-                    self.queue.forget_old_batches), lambda step: step())
+                    self.queue.forget_old_names), lambda step: step())
 
     async def _redeliver(self) -> None:
         now = await redis_now(self.redis)

@@ -10,7 +10,10 @@ Jobs and queues
     ``{p}:queue:{queue}``           zset   jobs ready to run. score = -priority,
                                            member = ``{seq:016x}:{job_id}`` so equal
                                            priorities pop in submission order (FIFO).
-    ``{p}:queues``                  set    names of every queue ever used.
+    ``{p}:queues``                  set    names of the queues used; one holding no job
+                                           leaves, with its counters and wake list, the
+                                           longer of RESULT_TTL and FAILED_TTL after
+                                           its last activity.
     ``{p}:seq``                     string counter behind the FIFO sequence numbers and
                                            periodic jobs' versions (never reused).
     ``{p}:wake:{queue}``            list   wake-up tokens; idle workers BLPOP on them.
@@ -22,7 +25,9 @@ Jobs and queues
                                            Not for ``queued``: a queued job's index is
                                            its queue's zset.
     ``{p}:stats:counters``          hash   cumulative counters (``submitted``,
-                                           ``succeeded``, ``failed``, ...).
+                                           ``succeeded``, ``failed``, ...); per queue
+                                           ``queue:{queue}:{event}`` and ``last_at``
+                                           (ms: a job submitted or recorded).
     ``{p}:stats:batch:{batch}``     hash   one batch label: counters named after the
                                            status a job reached (``submitted``,
                                            ``succeeded``, ``failed``, ``retrying``,
@@ -37,7 +42,8 @@ Jobs and queues
                                            and FAILED_TTL after its ``last_at``.
     ``{p}:stats:func:{func}``       hash   the same fields for one func (a job's
                                            ``func``, e.g. ``examples.crawler:Page``).
-    ``{p}:funcs``                   set    every func submitted.
+    ``{p}:funcs``                   set    every func submitted; one leaves as a batch
+                                           label does.
     ``{p}:stats:minute:{minute}``   hash   attempts recorded in that minute (epoch
                                            minutes, Redis's clock): ``succeeded``,
                                            ``failed``, ``retrying``. Expires after a day.

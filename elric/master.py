@@ -246,6 +246,7 @@ class Master:
 
     async def close(self) -> None:
         log.info("master %s stopping", self.master_id)
+        self._stop.set()   # the tasks ending now is no fault (_task_ended)
         await self.server.close(grace=SHUTDOWN_GRACE)
         if self.dashboard is not None:
             await self.dashboard.close()
@@ -255,6 +256,12 @@ class Master:
         except Exception as exc:
             log.warning("scheduler did not stop cleanly: %s", exc)
         self._scheduling.cancel()
+        # awaited, bounded: left running they would use the Redis client closed below
+        tasks = {self._housekeeping, self._scheduling}
+        _, running = await asyncio.wait(tasks, timeout=SHUTDOWN_GRACE)
+        for task in running:
+            log.warning("master %s: a background task did not stop in %gs", self.master_id,
+                        SHUTDOWN_GRACE)
         await self.admission.close()   # keys being given back by calls that failed
         for f in self.filters.values():
             try:

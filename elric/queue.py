@@ -21,6 +21,7 @@ from elric import codec, jobstats, lua
 from elric.clock import redis_now
 from elric.contract import STATUSES, NotFound, Refused, Status
 from elric.keys import Keys
+from elric.retry import each
 
 log = logging.getLogger("elric.queue")
 
@@ -226,8 +227,10 @@ class RedisQueue:
         self._requeue_due = lua.load(redis, "requeue_due", "clock_fn", "requeue_fn",
                                      "jobstats_fn", "slot_fn", "cancel_end_fn")
         self._rerun = lua.load(redis, "rerun", "clock_fn", "requeue_fn", "jobstats_fn")
-        self._forget_batches = lua.load(redis, "forget_batches", "clock_fn")
-        self._batches_cursor = 0   # where forget_old_batches' walk of the labels goes on
+        self._forget_labels = lua.load(redis, "forget_labels", "clock_fn")
+        self._forget_queues = lua.load(redis, "forget_queues", "clock_fn")
+        # where each walk of forget_old_names goes on: batches, funcs, queues
+        self._cursors = {"batches": 0, "funcs": 0, "queues": 0}
 
     @property
     def _line(self) -> list[str]:
@@ -337,7 +340,7 @@ class RedisQueue:
                      int(o.duration_ms), jobstats.bucket(o.duration_ms), int(o.retry_ms)]
         keys = [k.inflight, k.status(Status.RUNNING), k.status(Status.SUCCEEDED),
                 k.status(Status.FAILED), k.delayed, k.counters, k.status(Status.RETRYING),
-                k.limits_due, k.status(Status.CANCELLED)]
+                k.limits_due, k.status(Status.CANCELLED), k.queues]
         reply = await self._finish(keys=keys, args=argv)
         self._tell_broken("finish", reply[len(outcomes):])
         return [_s(s) for s in reply[:len(outcomes)]]
@@ -367,7 +370,7 @@ class RedisQueue:
         return int(await self._release(
             keys=[k.inflight, k.status(Status.RUNNING), k.seq, k.delayed,
                   k.status(Status.RETRYING), k.counters, k.status(Status.CANCELLED),
-                  k.limits_due], args=argv))
+                  k.limits_due, k.queues], args=argv))
 
     async def claimed(self, worker_id: str) -> list[tuple[str, int]]:
         """The claims (job_id, attempt) Redis holds under this worker id."""
@@ -408,14 +411,22 @@ class RedisQueue:
         cutoff = (await redis_now(self.redis) - WORKER_KEPT) * 1000
         await self.redis.zremrangebyscore(self.keys.workers, "-inf", f"({cutoff:.0f}")
 
-    async def forget_old_batches(self) -> None:
-        """A batch whose jobs have all ended leaves stats once they have surely expired (the
-        longer TTL after its last_at): labelled per run, rows else grew forever, each read by
-        every stats(). A page of labels a call."""
-        self._batches_cursor = int(await self._forget_batches(
-            keys=[self.keys.batches], args=[self.keys.batch(""),
-                                            max(self.result_ttl, self.failed_ttl),
-                                            self._batches_cursor]))
+    async def forget_old_names(self) -> None:
+        """A batch or func whose jobs have all ended, and a queue that holds none, leave
+        stats once their last jobs have surely expired (the longer TTL after their last
+        activity): labels per run, generated or mistyped names else added rows for good,
+        each read by every stats() and scrape. A page of each set a call."""
+        k, kept = self.keys, max(self.result_ttl, self.failed_ttl)
+        walks = {"batches": (self._forget_labels, [k.batches], [k.batch(""), kept]),
+                 "funcs": (self._forget_labels, [k.funcs], [k.func(""), kept]),
+                 "queues": (self._forget_queues, [k.queues, k.counters, k.limits_parked],
+                            [k.queue(""), k.wake(""), kept])}
+
+        async def walk(name: str) -> None:
+            script, keys, args = walks[name]
+            self._cursors[name] = int(await script(keys=keys,
+                                                   args=[*args, self._cursors[name]]))
+        await each(walks, walk)   # one set of another type must not stop the others
 
     async def recover(self, limit: int = 1000) -> tuple[list[str], list[str]]:
         """Queue again, in their old place, the jobs whose lease ran out; those being
@@ -429,11 +440,12 @@ class RedisQueue:
     async def _due(self, due_set: str, status: Status, keep_place: bool, counter: str,
                    limit: int) -> tuple[list[str], list[str]]:
         k = self.keys
-        back, cancelled = await self._requeue_due(
+        back, cancelled, broken = await self._requeue_due(
             keys=[due_set, k.status(status), k.seq, k.counters, k.status(Status.CANCELLED),
-                  k.limits_due],
+                  k.limits_due, k.queues],
             args=[*self._line, limit, status, "1" if keep_place else "0", counter,
                   *self._cancel_end])
+        self._tell_broken("redeliver" if keep_place else "retry", broken)
         return [_s(i) for i in back], [_s(i) for i in cancelled]
 
     async def next_delayed(self) -> float | None:
@@ -471,7 +483,7 @@ class RedisQueue:
         """Queue a finished job again; raises NotFound / Refused with the reason."""
         k = self.keys
         try:
-            return _s(await self._rerun(keys=[k.job(job_id), k.seq, k.counters],
+            return _s(await self._rerun(keys=[k.job(job_id), k.seq, k.counters, k.queues],
                                         args=[k.queue(""), k.wake(""), k.status(""), job_id,
                                               k.round(""), self.failed_ttl, k.batch(""),
                                               k.func("")]))

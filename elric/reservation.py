@@ -187,14 +187,14 @@ class DedupeGate:
                 except Exception as exc:
                     log.warning("could not give back dedupe keys of scope %r: %s", scope, exc)
 
-    async def uncount(self, specs: list[dict]) -> None:
-        """Take ``specs`` back out of their filters' ``filtered``: found seen, but not
-        dropped (a failure is only logged)."""
+    async def count(self, specs: list[dict]) -> None:
+        """Count ``specs`` in their filters' ``filtered``: jobs dropped as duplicates (a
+        failure is only logged: the jobs are answered, the count is behind)."""
         for scope, n in Counter(spec["dedupe_scope"] for spec in specs).items():
             try:
-                await self.filter_for(scope).uncount(scope, n)
+                await self.filter_for(scope).count(scope, n)
             except Exception as exc:
-                log.warning("could not uncount %d resent job(s) in dedupe scope %r: %s", n,
+                log.warning("could not count %d filtered job(s) in dedupe scope %r: %s", n,
                             scope, exc)
 
     def _holds(self, hold: Hold | None, spec: dict) -> bool:

@@ -27,10 +27,10 @@ from elric.health import TaskHealth
 from elric.contract import Status
 from elric.jobstore import FINISHED_TTL, Coalesce, Options, Outcome, RedisJobStore, fire_id, iso
 from elric.queue import Fenced
-from elric.retry import Backoff, Outage, is_outage
+from elric.retry import Backoff, Outage
 from elric.triggers import build_trigger, next_fire
 
-CATCHUP_LIMIT = 1000        # fires of one job handled per pass when catching up a backlog
+CATCHUP_LIMIT = 1000        # fires of one job handled (or missed counted) per pass in a backlog
 FIRE_MARK_MARGIN = 600      # fire marks outlive the grace window by this (clock skew, slow masters)
 FIRE_MARK_TTL_NO_GRACE = 86400
 FIRE_MARK_TTL_MAX = 366 * 86400  # a huge grace must not make Redis refuse the mark's ttl
@@ -54,6 +54,7 @@ class FirePlan:
     # (fire time, outcome, runs record extras), oldest first; max_instances may skip ENQUEUED
     fires: list[tuple[float, Outcome, dict]] = field(default_factory=list)
     retry_at: float | None = None  # not planned: due again then; its next run time is kept
+    unrecorded: int = 0  # missed fires past the runs kept: counted in the fire stats only
 
 
 def _score(raw) -> float:
@@ -117,6 +118,10 @@ class Scheduler:
         self.passes = 0  # due-reads so far: a spinning scheduler shows here and in the debug log
         self.health = TaskHealth(stale_after=2 * lease_seconds + 5)
         self._pending = True  # fires marked but maybe not queued: look on taking the lease
+        # a Redis away or refusing writes is logged when it starts and when it passes, not
+        # at each pass that finds the fires still pending
+        self._queueing = Outage(self.log, "queueing fires failed; they stay pending and are "
+                                     "tried again")
 
     # --- lease ---------------------------------------------------------------------------
     async def _acquire(self) -> bool:
@@ -164,13 +169,6 @@ class Scheduler:
                 outage.failed(exc)
             await _wait(self._stop, self._lease_wait)
 
-    def _log_failure(self, what: str, exc: Exception) -> None:
-        # Redis away or refusing writes is expected weather: one line; anything else a bug
-        if is_outage(exc):
-            self.log.warning("%s: %s: %s; retrying", what, type(exc).__name__, exc)
-        else:
-            self.log.exception(what)
-
     # --- firing --------------------------------------------------------------------------
     async def tick(self) -> int:
         """One pass: take the lease if free, fire everything due now; returns fires enqueued."""
@@ -213,14 +211,17 @@ class Scheduler:
         options, trigger = Options.from_hash(h), _trigger(h["trigger"])
         grace, policy = options.misfire_grace_time, options.coalesce
         horizon = -math.inf if grace is None else now - grace
-        t, more, missed = float(h["next_run_time"]), "", []
-        while t is not None and t < horizon:  # too late to run: recorded as missed
-            if len(missed) == self.store.runs_kept:  # enough to show; jump to the grace window
-                more = "more than "
+        t, more, missed, unrecorded = float(h["next_run_time"]), "", [], 0
+        while t is not None and t < horizon:  # too late to run: missed
+            if len(missed) + unrecorded == CATCHUP_LIMIT:  # counted enough; jump to the grace
+                more = "more than "                        # window
                 t = next_fire(trigger, horizon, first=True)
                 t = None if t is not None and t < horizon else t  # a date trigger's one fire
                 break
-            missed.append(t)
+            if len(missed) < self.store.runs_kept:  # recorded: the runs shown
+                missed.append(t)
+            else:   # counted (the metric of missed fires), not recorded
+                unrecorded += 1
             t = next_fire(trigger, t)
         due: list[float] = []
         while t is not None and t <= now and len(due) < CATCHUP_LIMIT:
@@ -234,7 +235,7 @@ class Scheduler:
                 t = next_fire(trigger, last)
         if missed:
             self.log.warning("periodic job %s: %s%d fire(s) missed the %ss misfire grace time",
-                             job_id, more, len(missed), grace)
+                             job_id, more, len(missed) + unrecorded, grace)
         fires = [(m, Outcome.MISSED, {"reason": "late"}) for m in missed]
         if len(due) > 1 and policy is Coalesce.SKIP:
             fires += [(d, Outcome.SKIPPED, {"reason": "coalesce"}) for d in due]
@@ -242,7 +243,7 @@ class Scheduler:
             fires.append((due[-1], Outcome.ENQUEUED, {"coalesced": len(due) - 1}))
         else:
             fires += [(d, Outcome.ENQUEUED, {}) for d in due]
-        return FirePlan(job_id, h["version"], t, options, spec, fires)
+        return FirePlan(job_id, h["version"], t, options, spec, fires, unrecorded=unrecorded)
 
     def _job_args(self, plan: FirePlan, live: list[str], now: float, specs: dict):
         """The keys and argv scheduler_fire.lua takes for one plan (see its header). A fire
@@ -267,8 +268,8 @@ class Scheduler:
                         pack(specs[fid]) if outcome is Outcome.ENQUEUED else ""]
         due = nxt if plan.retry_at is None else plan.retry_at
         return keys, [job_id, plan.version, "" if due is None else repr(due * 1000.0),
-                      "" if nxt is None else repr(nxt), iso(nxt), pack(live), len(plan.fires),
-                      *entries]
+                      "" if nxt is None else repr(nxt), iso(nxt), pack(live), plan.unrecorded,
+                      len(plan.fires), *entries]
 
     async def _fire_batch(self, rows: list[list], now: float) -> tuple[int, float]:
         """Plan, mark and enqueue the fires of ``rows`` (job_id, hash fields, its recent fires
@@ -329,9 +330,9 @@ class Scheduler:
             return 0
         except Exception as exc:  # Redis away past retries: the next pass queues them
             self._pending = True
-            self._log_failure(f"queueing {len(fires)} fire(s) failed; they stay pending and "
-                              "are tried again", exc)
+            self._queueing.failed(exc)
             return 0
+        self._queueing.passed()
         if dropped := {s.job_id for s in queued if s.status == Status.FILTERED}:
             try:
                 await self._filtered([f for f in fires if f["job_id"] in dropped])
@@ -376,8 +377,9 @@ class Scheduler:
                 cursor, found = await self.redis.hscan(self.keys.fires_pending, cursor,
                                                        count=self.batch_size)
                 if found:
-                    self.log.warning("queueing %d fire(s) marked but not queued before",
-                                     len(found))
+                    if self._queueing.kind is None:   # (else: said once, as its trouble)
+                        self.log.warning("queueing %d fire(s) marked but not queued before",
+                                         len(found))
                     total += await self._queue_fires([unpack(b) for b in found.values()],
                                                      self.token, recovered=True)
                 if cursor == 0:

@@ -691,7 +691,7 @@ def test_purge_of_a_queue_no_job_was_ever_queued_on_says_so_and_exits_1(cluster)
     cluster.client.submit_job(Echo.spec(job_id="waits", queue="nobody"))
     for name in ("nobodi", ""):
         one_line_error(elric(cluster, "purge", name, "--json"), 1,
-                       f"no queue {name!r}: no job was ever queued there (queues: nobody)")
+                       f"no queue {name!r}: no job was queued there lately (queues: nobody)")
     assert cluster.client.get_job("waits")["status"] == "queued"
     done = elric(cluster, "purge", "nobody")
     assert (done.returncode, done.stdout) == (0, "purge: 1 jobs done, 0 skipped\n"), done
@@ -711,7 +711,7 @@ def test_purge_does_not_read_every_stat_to_find_its_queue(make_cluster):
     done = elric(cluster, "purge", "nobody")
     assert (done.returncode, done.stdout) == (0, "purge: 1000 jobs done, 0 skipped\n"), done
     one_line_error(elric(cluster, "purge", "nobodi"), 1,
-                   "no queue 'nobodi': no job was ever queued there (queues: nobody)")
+                   "no queue 'nobodi': no job was queued there lately (queues: nobody)")
 
 
 def test_submit_arguments_nan_and_infinity_are_text_as_json_has_no_such_values(cluster):

@@ -96,7 +96,8 @@ def test_scopes_are_independent_and_drop_scope_forgets(redis_url, backend):
 def test_stats_fields(redis_url, backend):
     async def body(f, r):
         await f.check_and_add("s1", urls(500))
-        await f.check_and_add("s1", urls(200))          # 200 filtered
+        await f.check_and_add("s1", urls(200))          # 200 seen: the caller drops them
+        await f.count("s1", 200)
         await f.check_and_add("s2", ["one"])
         if backend == "bloom":
             await f.snapshot()
@@ -186,7 +187,7 @@ def test_set_ttl_does_not_expire_early(redis_url):
         for _ in range(5):
             assert await f.check_and_add("s", ["a"]) == [False]
         stats = await f.stats()
-        assert stats["s"]["items"] == 1 and stats["s"]["filtered"] == 5
+        assert stats["s"]["items"] == 1
     run(with_filter(redis_url, "set", body, set_ttl=3600))
 
 
@@ -288,6 +289,7 @@ def test_bloom_snapshot_on_close_and_reload_on_start(redis_url):
         admitted = sum(await f.check_and_add("s", keys))      # grows to a third stage
         assert admitted > 0.97 * len(keys)                    # 1% false positives allowed
         assert await f.check_and_add("s", keys[:10]) == [False] * 10
+        await f.count("s", 10)   # the snapshot keeps the count
         await f.check_and_add("other", ["x"])
         before = await f.stats()
         await f.close()
@@ -739,22 +741,26 @@ def test_redis_bloom_remembers_a_bounded_number_of_scopes(redis_url, monkeypatch
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_uncount_takes_back_filtered_and_leaves_a_dropped_scope_gone(redis_url, backend):
+def test_filtered_counts_what_the_caller_dropped_and_leaves_a_dropped_scope_gone(redis_url,
+                                                                                   backend):
+    """A key found seen is not counted: it may be a resend of its job (answered as that job,
+    not dropped), which the caller learns after; a count taken back went down."""
     async def body(f, r):
-        await f.check_and_add("s", ["a", "a", "a"])
-        await f.uncount("s", 1)   # one of the two was a resend
+        assert await f.check_and_add("s", ["a", "a", "a"]) == [True, False, False]
+        assert (await f.stats())["s"]["filtered"] == 0
+        await f.count("s", 1)   # one of the two was a resend
         assert (await f.stats())["s"]["filtered"] == 1
         await f.drop_scope("s")
-        await f.uncount("s", 1)   # its resend answered after the scope was dropped
+        await f.count("s", 1)   # its duplicate answered after the scope was dropped
         assert "s" not in await f.stats()
         assert not await r.exists(KEYS.dedupe_stats("s"))
     run(with_filter(redis_url, backend, body))
 
 
 @pytest.mark.parametrize("backend", ["set", "redis-bloom"])
-def test_uncount_racing_a_drop_leaves_no_stray_stats_hash(redis_url, backend):
-    """uncount checked the scope, then counted: a drop in between left a stats hash of
-    only ``filtered=-1``, with no backend, no expiry and in no registry."""
+def test_count_racing_a_drop_leaves_no_stray_stats_hash(redis_url, backend):
+    """count checked the scope, then counted: a drop in between left a stats hash of
+    only ``filtered=1``, with no backend, no expiry and in no registry."""
     async def body(f, r):
         await f.check_and_add("s", ["a", "a"])
         exists = f.redis.exists
@@ -764,7 +770,7 @@ def test_uncount_racing_a_drop_leaves_no_stray_stats_hash(redis_url, backend):
             await r.delete(KEYS.dedupe_stats("s"))   # the scope dropped meanwhile
             return found
         f.redis.exists = dropped_after_the_check
-        await f.uncount("s", 1)
+        await f.count("s", 1)
         f.redis.exists = exists
         left = await r.hgetall(KEYS.dedupe_stats("s"))   # gone, or whole: never a stray
         assert not left or b"backend" in left, left

@@ -506,6 +506,28 @@ def test_a_resent_job_is_not_counted_filtered(redis_url, backend):
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("backend", ["set", "bloom", "redis-bloom"])
+def test_dedupe_hits_never_go_down_between_scrapes(redis_url, backend):
+    """elric_dedupe_hits_total is a counter: a resend's key was counted filtered, then taken
+    back once the call found its job, and a scrape in between read a drop (a reset to
+    Prometheus). A scrape now, while the resend is being answered, reads no more than after."""
+    async def main():
+        async with master(redis_url, FILTER_BACKEND=backend) as m:
+            spec = {"func": E, "job_id": "j1", "dedupe_key": "k", "dedupe_scope": "s"}
+            await m.submit_jobs([spec])
+            seen = []
+            get_holds = m.queue.get_holds
+
+            async def scraped(job_ids):   # a scrape while the call looks at the job
+                seen.append((await m.stats())["filters"]["s"]["filtered"])
+                return await get_holds(job_ids)
+            m.queue.get_holds = scraped
+            assert await m.submit_jobs([spec]) == [{"job_id": "j1", "status": "queued"}]
+            after = (await m.stats())["filters"]["s"]["filtered"]
+            assert (seen, after) == ([0], 0)
+    asyncio.run(main())
+
+
 @pytest.mark.parametrize("ttl", [None, 3600])
 def test_a_key_taken_for_a_job_never_queued_goes_to_that_jobs_resend_only(redis_url, ttl):
     """A master took K for job J, then died before queueing J (no clean-up ran). J sent

@@ -104,6 +104,33 @@ def test_a_background_task_that_ends_takes_its_master_down_non_zero(redis_url, m
     assert asyncio.run(asyncio.wait_for(Master(settings).run(), 60)) == 1
 
 
+def test_close_waits_for_its_background_tasks_to_end(redis_url, monkeypatch):
+    """A closed master's housekeeping and scheduler have ended when close returns: they
+    were cancelled and left running, on a Redis client close had shut (an embedding
+    program's loop went on, or logged 'Task was destroyed but it is pending')."""
+    from elric.config import load_settings
+    from elric.housekeeping import Housekeeping
+    from elric.master import Master
+
+    async def pass_once(self):   # a step that ends what it does before it stops
+        try:
+            await asyncio.sleep(0.2)
+        except asyncio.CancelledError:
+            await asyncio.sleep(0.5)
+            raise
+    monkeypatch.setattr(Housekeeping, "pass_once", pass_once)
+
+    async def main():
+        m = Master(load_settings(env={"ELRIC_REDIS_URL": redis_url,
+                                      "ELRIC_MASTER_ADDRESS": f"127.0.0.1:{free_port()}"}))
+        await m.start()
+        await asyncio.sleep(0)   # both tasks have started
+        await m.close()
+        return m._housekeeping.done(), m._scheduling.done(), m.exit_code
+    # (and the scheduler's return on close is no background task ending: exit code 0)
+    assert asyncio.run(asyncio.wait_for(main(), 60)) == (True, True, 0)
+
+
 def test_master_and_worker_go_on_when_their_redis_connections_go_silent(redis_url, tmp_path):
     """A connection whose peer vanished without closing it (a host gone, a firewall that
     dropped it) never answers: a command waiting on it must fail in seconds, as an outage,

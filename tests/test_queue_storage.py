@@ -380,6 +380,42 @@ def test_a_fetch_passes_over_a_queue_or_job_an_operator_overwrote_with_another_t
     asyncio.run(with_queue(redis_url, body))
 
 
+def test_redelivery_and_retries_go_on_past_a_job_an_operator_overwrote(redis_url, caplog):
+    """A job hash SET to a string, with its lease run out (or its backoff over), made
+    requeue_due.lua fail with WRONGTYPE at every housekeeping pass: it heads the due set,
+    so no job after it was ever redelivered or retried again."""
+    async def body(q, r):
+        await q.enqueue([normalize_spec({"func": FUNC, "job_id": j}) for j in "abcd"])
+        await q.fetch("w1", ["default"], 4, 30)
+        for due_set, ids in ((KEYS.inflight, "ab"), (KEYS.delayed, "cd")):
+            await r.zadd(due_set, {ids[0]: 1, ids[1]: 2})   # both due, the broken one first
+            await r.delete(KEYS.job(ids[0]))
+            await r.set(KEYS.job(ids[0]), "overwritten")
+        await r.zrem(KEYS.inflight, "c", "d")
+        await r.hset(KEYS.job("d"), "status", "retrying")
+        assert (await q.recover())[0] == ["b"]
+        assert await q.promote() == 1
+        assert await r.zcard(KEYS.inflight) == await r.zcard(KEYS.delayed) == 0
+        assert all(KEYS.job(j) in caplog.text for j in "ac"), caplog.text
+    asyncio.run(with_queue(redis_url, body))
+
+
+def test_a_job_put_back_in_line_lists_its_queue_again(redis_url):
+    """Housekeeping forgets a queue that held no job for the whole retention; a job of it
+    retrying (or running) all that time went back into its line unlisted: stats, list_jobs
+    and bulk actions did not see it until it ended."""
+    async def body(q, r):
+        await q.enqueue([normalize_spec({"func": FUNC, "job_id": "a", "queue": "q-x",
+                                         "max_retries": 1})])
+        [claim] = (await q.fetch("w1", ["q-x"], 1, 30)).claims
+        await q.finish("w1", [Outcome("a", claim.attempt, False, "boom", 5, retry_ms=0)])
+        await r.srem(KEYS.queues, "q-x")   # as forget_queues.lua would have
+        assert await q.promote() == 1
+        assert await r.sismember(KEYS.queues, "q-x")
+        assert [j["job_id"] for j in await q.list_jobs(status="queued")] == ["a"]
+    asyncio.run(with_queue(redis_url, body))
+
+
 def test_a_heartbeat_renews_the_other_leases_beside_a_key_an_operator_overwrote(
         redis_url, caplog):
     """A job's or the worker's hash SET to a string made heartbeat.lua fail with WRONGTYPE

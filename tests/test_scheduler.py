@@ -267,6 +267,39 @@ def test_long_outage_records_capped_missed_and_jumps_to_the_grace_window(redis_u
     run(redis_url, body)
 
 
+@pytest.mark.parametrize("grace", [60, None])
+@pytest.mark.parametrize("coalesce", ["latest", "all", "skip"])
+def test_an_every_minute_cron_after_three_hours_down(redis_url, coalesce, grace):
+    """180 fires due at once (more than the runs kept, and than a cron's jitter is checked
+    against): with the default grace the 179 late ones are missed, all counted (the
+    metric; 20 recorded: the runs kept; it counted only those) and the one in the grace
+    window runs whatever the policy; with no grace, latest
+    runs the last with the rest coalesced, all runs each, skip none. Each in one pass, and
+    the schedule goes on from the next minute."""
+    async def body(env):
+        await env.store.add(spec(trigger={"type": "cron", "crontab": "* * * * *"},
+                                 coalesce=coalesce, misfire_grace_time=grace,
+                                 max_instances=1000))
+        first = (await env.store.get("site"))["next_run_time"]
+        env.clock.t = first + 179 * 60 + 5
+        fired = await env.sched.tick()
+        last = first + 179 * 60
+        runs = await env.runs()
+        if grace is not None:
+            assert (fired, env.rec.times) == (1, [last])
+            assert [r["outcome"] for r in runs] == ["missed"] * 19 + ["enqueued"]
+            assert (await env.store.fire_stats())["missed"] == 179
+        elif coalesce == "latest":
+            assert (fired, env.rec.times, runs[-1]["coalesced"]) == (1, [last], 179)
+        elif coalesce == "all":
+            assert env.rec.times == [first + 60 * i for i in range(180)]
+        else:
+            assert fired == 0 and (await env.store.fire_stats())["skipped"] == 180
+        assert await env.sched.tick() == 0
+        assert (await env.store.get("site"))["next_run_time"] == last + 60
+    run(redis_url, body)
+
+
 def test_no_grace_long_backlog_latest_runs_once(redis_url):
     async def body(env):
         await env.store.add(spec(trigger={"type": "interval", "seconds": 1}, misfire_grace_time=None))
@@ -1091,9 +1124,34 @@ def test_an_enqueue_failing_for_a_redis_outage_logs_one_line(redis_url, caplog):
         assert await env.sched.tick() == 0
         assert await env.sched.tick() == 1    # queued by the next pass
     run(redis_url, body)
-    [failed] = [r for r in caplog.records if "queueing 1 fire(s) failed" in r.getMessage()]
+    [failed] = [r for r in caplog.records if "queueing fires failed" in r.getMessage()]
     assert failed.levelname == "WARNING" and failed.exc_info is None
     assert "Connection refused" in failed.getMessage()
+
+
+def test_fires_that_cannot_be_queued_pass_after_pass_log_one_line(redis_url, caplog):
+    """Redis refusing writes (full, read-only) while fires wait pending: each pass logged
+    the fires found pending and their enqueue failing, two warnings every few seconds for
+    as long as it lasted. Now one line when it starts, and one when it passes."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    caplog.set_level("INFO", "elric.scheduler")
+
+    async def body(env):
+        async def away():
+            raise RedisConnectionError("Connection refused")
+        await env.store.add(spec())
+        env.clock.t = T0 + 60
+        env.rec.before = away
+        for _ in range(5):
+            assert await env.sched.tick() == 0
+        env.rec.before = None
+        assert await env.sched.tick() == 1    # queued from the pending fires
+    run(redis_url, body)
+    warned = [r.getMessage() for r in caplog.records
+              if r.levelname == "WARNING" and "queueing" in r.getMessage()]
+    assert len(warned) == 1, warned
+    assert any("works again" in r.getMessage() for r in caplog.records)
 
 
 def test_a_fire_the_dedupe_filter_drops_is_recorded_filtered_and_counted_once(redis_url, caplog):

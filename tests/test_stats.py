@@ -173,3 +173,55 @@ def test_housekeeping_forgets_a_batch_that_ended_past_its_jobs_life(cluster, red
     assert sorted(c.stats()["batches"]) == ["old-live", "recent"]
     c.submit_job(Add.spec([1, 1], queue="nobody", batch="old"))   # a new run of the label
     assert c.stats()["batches"]["old"]["submitted"] == 1
+
+
+def test_housekeeping_forgets_funcs_and_queues_that_ended_past_their_jobs_life(cluster,
+                                                                              redis_url):
+    """Generated or mistyped queue and func names stayed in stats(), the dashboard, elric
+    top and /metrics for good, each read by every stats() and scrape: a func goes as a
+    batch does, and a queue once it holds no job, the longer TTL after its last activity;
+    one of an older elric, with no last activity, starts its clock instead."""
+    c = cluster.client
+    c.submit_jobs([Add.spec([1, 1], job_id="old", queue="q-old"),
+                   Sleep.spec([0], job_id="live", queue="q-live"),
+                   Fail.spec([], job_id="recent", queue="q-recent"),
+                   MarkSleep.spec([0], job_id="legacy", queue="q-legacy")])
+    for job_id in ("old", "recent", "legacy"):
+        c.cancel_job(job_id)
+    long_ago = int((time.time() - 8 * 86400) * 1000)
+    with redis.Redis.from_url(redis_url) as r:
+        for q, func in (("q-old", "tests.jobs:Add"), ("q-live", "tests.jobs:Sleep")):
+            r.hset(KEYS.func(func), "last_at", long_ago)
+            r.hset(KEYS.counters, f"queue:{q}:last_at", long_ago)
+        r.hdel(KEYS.counters, "queue:q-legacy:last_at")
+        r.lpush(KEYS.wake("q-old"), "1")
+        wait_for(lambda: not r.sismember(KEYS.queues, "q-old")
+                 and not r.sismember(KEYS.funcs, "tests.jobs:Add"),
+                 what="housekeeping forgets the old queue and func")   # (a pass a second)
+        assert not r.exists(KEYS.func("tests.jobs:Add"), KEYS.wake("q-old"))
+        assert not [f for f in r.hkeys(KEYS.counters) if b"q-old" in f]
+        assert r.hget(KEYS.counters, "queue:q-legacy:last_at")
+    stats = c.stats()
+    assert sorted(stats["by_queue"]) == ["q-legacy", "q-live", "q-recent"]
+    assert sorted(stats["funcs"]) == ["tests.jobs:Fail", "tests.jobs:MarkSleep",
+                                      "tests.jobs:Sleep"]
+    c.submit_job(Add.spec([1, 1], queue="q-old"))   # used again: from nothing
+    stats = c.stats()
+    assert stats["by_queue"]["q-old"]["submitted"] == 1
+    assert stats["funcs"]["tests.jobs:Add"]["submitted"] == 1
+
+
+def test_a_job_that_outlived_its_forgotten_queue_lists_it_again(cluster, redis_url):
+    """A queue forgotten while a job of it ran (as if idle the whole TTL) is listed again,
+    with its last activity, when the job is recorded: its counters are not left behind
+    with no queue in stats to show or forget them."""
+    cluster.start_worker("--concurrency", "1", "--queues", "q-run")
+    c = cluster.client
+    c.submit_job(Sleep.spec([1], job_id="long", queue="q-run"))
+    wait_for(lambda: c.get_job("long")["status"] == "running", what="the job runs")
+    with redis.Redis.from_url(redis_url) as r:
+        r.srem(KEYS.queues, "q-run")   # what forget_queues.lua does to it
+        r.hdel(KEYS.counters, *[f for f in r.hkeys(KEYS.counters) if b":q-run:" in f])
+        cluster.wait_job("long")
+        assert r.hget(KEYS.counters, "queue:q-run:last_at")
+    assert c.stats()["by_queue"]["q-run"]["succeeded"] == 1

@@ -7,7 +7,7 @@
 --   cancelled (finish.lua); a finished job is left alone.
 -- Invariant: a cancelled job is in no queue, parked set or delayed set, so it never runs;
 -- its round no longer waits for it, and its func and batch no longer count it live; their
--- last_at is now, so the batch's stats outlive the cancelled job (forget_batches.lua).
+-- last_at is now, so the batch's stats outlive the cancelled job (forget_labels.lua).
 local now, id, ttl = now_ms(), ARGV[3], tonumber(ARGV[6])
 local f = redis.call('HMGET', KEYS[1], 'status', 'queue', 'member', 'limit_key', 'round',
                      'batch', 'func')

@@ -15,7 +15,8 @@
 -- Invariant: a key is added to the current stage (the first whose cumulative capacity is
 --      above items) only if no older stage holds all its bits; items counts keys added, so
 --      no stage takes more than its capacity. Shards are created at full size (SETRANGE
---      of their last byte, never a Bloom bit) before a key goes in.
+--      of their last byte, never a Bloom bit) before a key goes in. A key seen is not
+--      counted `filtered` here: the caller counts the jobs it drops (dedupe_count.lua).
 local stats, registry = KEYS[1], KEYS[2]
 local scope, params, backend, prefix = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local other = redis.call('HGET', stats, 'backend')
@@ -63,7 +64,7 @@ local function load(s, j, args, step, at)
   return name
 end
 
-local out, filtered = {}, 0
+local out = {}
 local n = #blob[0] / width[0]
 for j = 0, n - 1 do
   local seen = false
@@ -80,7 +81,6 @@ for j = 0, n - 1 do
   end
   if seen then
     out[j + 1] = '0'
-    filtered = filtered + 1
   else
     out[j + 1] = '1'
     items = items + 1
@@ -95,6 +95,5 @@ end
 redis.call('HSET', stats, 'items', items)
 redis.call('HSETNX', stats, 'params', params)
 redis.call('HSETNX', stats, 'backend', backend)
-if filtered > 0 then redis.call('HINCRBY', stats, 'filtered', filtered) end
 redis.call('ZADD', registry, '+inf', scope)
 return {table.concat(out), items}

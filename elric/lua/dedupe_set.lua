@@ -9,26 +9,21 @@
 -- Invariant: a key is new exactly once; the scope is registered with its stats hash; a
 -- job that takes a key is recorded as its taker in the same step, so a master that dies
 -- before queueing it leaves the key claimable by a resend of that job, and by any job once
--- the note is orphaned.
+-- the note is orphaned. A key seen is not counted `filtered` here: the caller counts the
+-- jobs it drops (dedupe_count.lua), once it knows a resend from a duplicate.
 -- SADD per key rather than one unpack: a batch of any size fits in the Lua stack.
 local scope, tp, tttl, grace = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local other = redis.call('HGET', KEYS[2], 'backend')
 if other and other ~= 'set' then return redis.error_reply('BACKEND ' .. other) end
 local n = tp == '' and #ARGV - 4 or (#ARGV - 4) / 2
 local out = {}
-local filtered = 0
 for i = 1, n do
   local key = ARGV[4 + i]
   local r = redis.call('SADD', KEYS[1], key)
   if r == 0 and orphaned(tp, scope, key, tttl, grace) then r = 1 end
   out[i] = r
-  if r == 0 then
-    filtered = filtered + 1
-  else
-    note_taker(tp, scope, key, ARGV[4 + n + i], tttl)
-  end
+  if r == 1 then note_taker(tp, scope, key, ARGV[4 + n + i], tttl) end
 end
 redis.call('HSET', KEYS[2], 'backend', 'set')
 redis.call('ZADD', KEYS[3], '+inf', scope)
-if filtered > 0 then redis.call('HINCRBY', KEYS[2], 'filtered', filtered) end
 return out

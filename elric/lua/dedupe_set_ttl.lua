@@ -10,7 +10,7 @@
 --   error 'BACKEND <name>' if another backend filled the scope.
 -- Invariants: "now" is the server's TIME, so every master agrees; expired members,
 -- idle scopes and their registry entries go, so memory stays bounded. A job that takes a
--- key is recorded as its taker for ttl, as in dedupe_set.lua.
+-- key is recorded as its taker for ttl, as in dedupe_set.lua; nothing counted `filtered`.
 local other = redis.call('HGET', KEYS[2], 'backend')
 if other and other ~= 'set' then return redis.error_reply('BACKEND ' .. other) end
 local t = redis.call('TIME')
@@ -21,13 +21,11 @@ local cutoff = now - ttl
 local nows = string.format('%d', now)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', string.format('%d', cutoff))
 local out = {}
-local filtered = 0
 for i = 1, n do
   local key = ARGV[4 + i]
   local s = redis.call('ZSCORE', KEYS[1], key)
   if s and tonumber(s) > cutoff and not orphaned(tp, scope, key, ttl, grace) then
     out[i] = 0
-    filtered = filtered + 1
   else
     redis.call('ZADD', KEYS[1], nows, key)
     out[i] = 1
@@ -37,7 +35,6 @@ end
 redis.call('HSET', KEYS[2], 'backend', 'set')
 redis.call('ZADD', KEYS[3], string.format('%d', now + ttl), scope)
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', nows)
-if filtered > 0 then redis.call('HINCRBY', KEYS[2], 'filtered', filtered) end
 if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('PEXPIRE', KEYS[1], ttl) end
 redis.call('PEXPIRE', KEYS[2], ttl)
 return out

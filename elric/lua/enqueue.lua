@@ -12,8 +12,8 @@
 -- queue's sorted set (score -priority; members sort FIFO by sequence number). With a fence
 -- token nothing is written unless the token is current (the scheduler's lease), and each
 -- job, queued or found, leaves the pending fires in the same step. A queued job counts in
--- its round's, its batch's and its func's `submitted` (and its queue's in the counters), and
--- the label is in `batches` / `funcs`. A job with a dedupe key, queued or found, is no
+-- its round's, its batch's and its func's `submitted` (and its queue's in the counters, with
+-- its `last_at`), and the label is in `batches` / `funcs`. A job with a dedupe key, queued or found, is no
 -- longer recorded as the taker of its key: it holds it now.
 local jp, qp, wp, bp, fp = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local rp, round_ttl, now, token = ARGV[6], ARGV[7], now_ms(), ARGV[8]
@@ -80,6 +80,7 @@ for q, line in pairs(lines) do
   local queued = #line / 2
   redis.call('SADD', KEYS[2], q)
   redis.call('HINCRBY', KEYS[3], 'queue:' .. q .. ':submitted', queued)
+  redis.call('HSET', KEYS[3], 'queue:' .. q .. ':last_at', now)   -- (forget_queues.lua)
   for _ = 1, math.min(queued, 16) do redis.call('LPUSH', wp .. q, '1') end
   redis.call('LTRIM', wp .. q, 0, 15)
 end

@@ -1,6 +1,6 @@
 -- Record the outcomes of jobs a worker ran.
 -- KEYS: inflight, running index, succeeded index, failed index, delayed, counters,
---       retrying index, limits due, cancelled index
+--       retrying index, limits due, cancelled index, queues
 -- ARGV: job prefix, batch stats prefix, dedupe set prefix, result ttl (s),
 --       failed ttl (s), limit running prefix, wake prefix,
 --       round prefix, func stats prefix, minute stats prefix, minute ttl (s), worker id,
@@ -22,7 +22,8 @@
 -- (succeeded, failed; cancelled as `removed`). A recorded attempt counts, by the status it
 -- led to, in the counters (also per queue), its func's and its batch's stats hashes (with
 -- its duration in their sum and histogram, and `last_at`) and, unless cancelled, the hash
--- of the current minute. A job cancel.lua asked to stop that failed is cancelled, not
+-- of the current minute; its queue's `last_at` is now, and the queue is listed (it may
+-- have been forgotten while the job ran: forget_queues.lua). A job cancel.lua asked to stop that failed is cancelled, not
 -- retried, and a recorded job keeps no such request (a rerun of it must run).
 local jp, bp, dp, now = ARGV[1], ARGV[2], ARGV[3], now_ms()
 local result_ttl, failed_ttl = tonumber(ARGV[4]), tonumber(ARGV[5])
@@ -34,7 +35,7 @@ local error_max = tonumber(ARGV[14])
 local out = {}
 -- increments summed per hash and field, written once per call (a call holds a chunk of
 -- jobs, mostly of one func and batch)
-local sums, touched = {}, {}
+local sums, touched, queues = {}, {}, {}
 local broken = {}   -- keys of another type (an operator overwrote them): named in the reply
 local function write(...)   -- must not stop the other jobs' outcomes
   if not pcall(redis.call, ...) then broken[select(2, ...)] = true end
@@ -121,6 +122,7 @@ for i = 15, #ARGV, 7 do
     redis.call('ZADD', index, now, id)
     add(KEYS[6], status, 1)
     add(KEYS[6], 'queue:' .. f[3] .. ':' .. status, 1)
+    queues[f[3]] = true
     if status ~= 'cancelled' then add(minute, status, 1) end
     if f[4] and f[4] ~= '' then add_timed(bp .. f[4], status, duration, bucket) end
     if f[11] then add_timed(fp .. f[11], status, duration, bucket) end
@@ -135,6 +137,10 @@ for key, h in pairs(sums) do
   for field, n in pairs(h) do write('HINCRBY', key, field, n) end
 end
 for key in pairs(touched) do write('HSET', key, 'last_at', now) end
+for q in pairs(queues) do
+  write('HSET', KEYS[6], 'queue:' .. q .. ':last_at', now)
+  write('SADD', KEYS[10], q)
+end
 if sums[minute] then redis.call('EXPIRE', minute, minute_ttl) end
 -- finished jobs' hashes expire; their index entries go on the same schedule
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - result_ttl * 1000)

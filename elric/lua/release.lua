@@ -4,7 +4,7 @@
 -- cancel.lua asked to stop ends cancelled instead (end_cancelled), using its attempt: it
 -- must not run again.
 -- KEYS: inflight, running index, seq, delayed, retrying index, counters, cancelled index,
---       limits due
+--       limits due, queues
 -- ARGV: job prefix, queue prefix, wake prefix, worker id, delay (ms; '' = at once),
 --       reason, failed ttl (s), limit running prefix, limit parked prefix, round prefix,
 --       batch stats prefix, func stats prefix, then pairs job_id, attempt
@@ -40,7 +40,7 @@ for i = 13, #ARGV, 2 do
       redis.call('ZADD', KEYS[4], now + delay, id)
       redis.call('ZADD', KEYS[5], now, id)
     else
-      requeue(jk, id, qp, wp, KEYS[3], true)
+      requeue(jk, id, qp, wp, KEYS[3], true, KEYS[9])
     end
     n = n + 1
   end

@@ -2,36 +2,39 @@
 -- ran out (their worker died or stalled), or retrying jobs whose backoff is over. A job
 -- cancel.lua asked to stop ends cancelled instead (end_cancelled): its worker never will.
 -- KEYS: the due set (inflight or delayed), the status index of those jobs, seq, counters,
---       cancelled index, limits due
+--       cancelled index, limits due, queues
 -- ARGV: job prefix, queue prefix, wake prefix, limit, the status the jobs must
 --       still have, keep place ('1': a redelivered job keeps its place in line; '0': a
 --       retry waits behind its priority, like a new job), counter to count them in ('' none),
 --       failed ttl (s), limit running prefix, limit parked prefix, round prefix, batch
 --       stats prefix, func stats prefix
--- Returns {ids put back, ids cancelled}.
+-- Returns {ids put back, ids cancelled, keys of another type passed over}.
 -- Invariant: a job leaves the due set once, and is queued only if it still has the status
--- and no request to cancel it; a run whose lease ran out gives up its limit key's slot.
+-- and no request to cancel it; a run whose lease ran out gives up its limit key's slot. A
+-- job key of another type (an operator's) leaves the due set too: at its head it held back
+-- every job after it, at each pass.
 local jp, qp, wp, now, limit = ARGV[1], ARGV[2], ARGV[3], now_ms(), ARGV[4]
 local status, keep, counter = ARGV[5], ARGV[6] == '1', ARGV[7]
 local ends = {cancelled = KEYS[5], counters = KEYS[4], due = KEYS[6], ttl = tonumber(ARGV[8]),
               jp = jp, rp = ARGV[9], pp = ARGV[10], wp = wp, roundp = ARGV[11], bp = ARGV[12],
               fp = ARGV[13]}
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, limit)
-local out, cancelled = {}, {}
+local out, cancelled, broken = {}, {}, {}
 for _, id in ipairs(ids) do
   redis.call('ZREM', KEYS[1], id)
   redis.call('ZREM', KEYS[2], id)
   local jk = jp .. id
-  local f = redis.call('HMGET', jk, 'status', 'cancel', 'limit_key', 'queue')
+  local read, f = pcall(redis.call, 'HMGET', jk, 'status', 'cancel', 'limit_key', 'queue')
+  if not read then broken[#broken + 1] = jk; f = {} end
   if f[1] == status and f[2] then
     end_cancelled(jk, id, 'Cancelled: its worker stopped renewing its lease (it died or ' ..
                   'was cut off) before it stopped the job', ends)
     cancelled[#cancelled + 1] = id
   elseif f[1] == status then
     free_slot(id, f[3], ends)
-    requeue(jk, id, qp, wp, KEYS[3], keep)
+    requeue(jk, id, qp, wp, KEYS[3], keep, KEYS[7])
     if counter ~= '' then redis.call('HINCRBY', KEYS[4], counter, 1) end
     out[#out + 1] = id
   end
 end
-return {out, cancelled}
+return {out, cancelled, broken}

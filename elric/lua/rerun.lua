@@ -1,5 +1,5 @@
 -- Run a finished job again, from attempt 0.
--- KEYS: the job's hash, seq, counters
+-- KEYS: the job's hash, seq, counters, queues
 -- ARGV: queue prefix, wake prefix, status index prefix, job_id, round prefix, round ttl (s),
 --       batch stats prefix, func stats prefix
 -- Returns the status the job had; an error 'NOJOB' when there is none, or 'LIVE <status>'
@@ -7,7 +7,7 @@
 -- Invariant: only a succeeded, failed or cancelled job is queued again; its result, error
 -- and timings go. A job of a round counts in the round again (its round is live again), and
 -- as submitted again in its func's and batch's stats (their last submit: `last_at`) and in
--- the counters (also its queue's).
+-- the counters (also its queue's, with its `last_at`; the queue is listed again).
 local qp, wp, sp, now, id = ARGV[1], ARGV[2], ARGV[3], now_ms(), ARGV[4]
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return redis.error_reply('NOJOB') end
@@ -24,10 +24,11 @@ local job = redis.call('HMGET', KEYS[1], 'batch', 'func', 'queue')
 count_in_stats(ARGV[7], ARGV[8], job[1], job[2], 'submitted', now)
 redis.call('HINCRBY', KEYS[3], 'submitted', 1)
 redis.call('HINCRBY', KEYS[3], 'queue:' .. job[3] .. ':submitted', 1)
+redis.call('HSET', KEYS[3], 'queue:' .. job[3] .. ':last_at', now)
 redis.call('PERSIST', KEYS[1])
 redis.call('HSET', KEYS[1], 'attempts', 0, 'enqueued_at', now)
 redis.call('HINCRBY', KEYS[1], 'reruns', 1)   -- its children are new jobs (see job.py)
 redis.call('HDEL', KEYS[1], 'started_at', 'finished_at', 'result', 'error', 'retry_at',
            'duration_ms')
-requeue(KEYS[1], id, qp, wp, KEYS[2], false)
+requeue(KEYS[1], id, qp, wp, KEYS[2], false, KEYS[4])
 return status

@@ -4,7 +4,8 @@
 --       its runs list, then one fire key per "f" entry of that job.
 -- ARGV: master id, fence token, runs kept, finished ttl, job count, then per job: job_id,
 --       version read, index score ("" = finished), next_run_time, next_run_iso, recent
---       (msgpack fire ids), entry count, then per entry: kind ("f" fire; record only: "m"
+--       (msgpack fire ids), missed fires counted but not recorded (past the runs kept),
+--       entry count, then per entry: kind ("f" fire; record only: "m"
 --       missed, "s" skipped; each counted in the fire stats, a fire with its lateness as
 --       it is marked, so once whichever master queues it),
 --       fire id, fire mark ttl, run record (msgpack), fire spec (msgpack; "" for "m", "s").
@@ -22,9 +23,10 @@ if redis.call('GET', KEYS[1]) ~= ARGV[1] or redis.call('GET', KEYS[2]) ~= ARGV[2
 local out, a, k, keep = {1, false}, 6, 7, tonumber(ARGV[3])
 for _ = 1, tonumber(ARGV[5]) do
   local job_id, version, score = ARGV[a], ARGV[a+1], ARGV[a+2]
-  local nrt, nri, recent, n = ARGV[a+3], ARGV[a+4], ARGV[a+5], tonumber(ARGV[a+6])
+  local nrt, nri, recent, n = ARGV[a+3], ARGV[a+4], ARGV[a+5], tonumber(ARGV[a+7])
+  local unrecorded = tonumber(ARGV[a+6])
   local hash, runs = KEYS[k], KEYS[k+1]
-  a, k = a + 7, k + 2
+  a, k = a + 8, k + 2
   local cur = false
   if version == '' and score ~= '' then  -- a key of it could not be read: look again later
     redis.call('ZADD', KEYS[3], score, job_id)
@@ -55,6 +57,7 @@ for _ = 1, tonumber(ARGV[5]) do
     a = a + 5
   end
   if ok then
+    if unrecorded > 0 then pcall(redis.call, 'HINCRBY', KEYS[5], 'missed', unrecorded) end
     if pushed then pcall(redis.call, 'LTRIM', runs, 0, keep - 1) end
     redis.call('HSET', hash, 'next_run_time', nrt, 'next_run_iso', nri, 'recent', recent,
                'version', next_version(KEYS[6], cur))

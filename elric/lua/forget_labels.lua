@@ -1,10 +1,10 @@
--- Forget the batch labels of one page of the batches set whose jobs have all ended and
--- whose last activity is older than a retention period.
--- KEYS: batches
--- ARGV: batch stats prefix, retention (s), the SSCAN cursor to go on from ('0': the start)
+-- Forget the labels (batches or funcs) of one page of their set whose jobs have all ended
+-- and whose last activity is older than a retention period.
+-- KEYS: the labels' set (batches or funcs)
+-- ARGV: their stats prefix, retention (s), the SSCAN cursor to go on from ('0': the start)
 -- Returns the next cursor ('0': the whole set was walked).
 -- Invariant: a label's hash and member go together, in the step that read them, so a job
--- of that batch submitted at the same moment finds either both or neither.
+-- of that label submitted at the same moment finds either both or neither.
 local bp, cutoff = ARGV[1], now_ms() - tonumber(ARGV[2]) * 1000
 local page = redis.call('SSCAN', KEYS[1], ARGV[3], 'COUNT', 100)
 for _, name in ipairs(page[2]) do
