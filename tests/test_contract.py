@@ -121,7 +121,7 @@ def test_func_is_checked_by_name_without_importing(monkeypatch):
     ({"func": "tests.jobs:Echo", "kwargs": {"at": msgpack.Timestamp(5, 0)}},
      "kwargs['at']: a msgpack extension type (code -1, a timestamp) is not allowed"),
     ({"func": "tests.jobs:Add", "timeout": msgpack.Timestamp(5, 0)},
-     "job spec key 'timeout' must be number, got msgpack timestamp"),
+     "job spec key 'timeout' must be number or nil, got msgpack timestamp"),
     ({"func": "tests.jobs:Echo", "args": [{1.5: "x"}]},
      "args[0]: map key 1.5 is not a string or integer"),
     ({"func": "tests.jobs:Echo", "args": [2**64]}, "does not fit in 64 bits"),
