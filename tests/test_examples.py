@@ -20,6 +20,14 @@ def script_env(**elric) -> dict:
     return env
 
 
+def demo_in(folder, env: dict) -> subprocess.CompletedProcess:
+    """`elric demo --pages 3` run in ``folder``, which is its temp folder too."""
+    env["TMPDIR"] = str(folder)
+    return subprocess.run([sys.executable, "-m", "elric", "demo", "--pages", "3"],
+                          cwd=str(folder), env=env, capture_output=True, text=True,
+                          timeout=120, stdin=subprocess.DEVNULL)
+
+
 def test_hello_example_as_documented(cluster, tmp_path):
     """Its docstring's commands: it named no worker to start (one for the examples' module)."""
     from examples import hello
@@ -80,11 +88,7 @@ def test_elric_demo_on_a_redis_of_yours_leaves_no_keys_behind(redis_url, tmp_pat
 
 def test_elric_demo_runs_its_own_jobs_whatever_job_modules_a_local_settings_allows(tmp_path):
     (tmp_path / "settings.py").write_text('JOB_MODULES = ["myproject"]\n')
-    env = script_env()
-    env["TMPDIR"] = str(tmp_path)
-    proc = subprocess.run([sys.executable, "-m", "elric", "demo", "--pages", "3"],
-                          cwd=str(tmp_path), env=env, capture_output=True, text=True,
-                          timeout=120, stdin=subprocess.DEVNULL)
+    proc = demo_in(tmp_path, script_env())
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "crawled 4 pages (4 on the site" in proc.stdout, proc.stdout
 
@@ -93,11 +97,7 @@ def test_elric_demo_calls_its_master_with_the_rpc_token_a_local_settings_sets(tm
     """A settings.py with RPC_TOKEN where the demo ran: its master asked for the token, the
     demo waited 20 s for an answer without it, then printed a traceback and left its logs."""
     (tmp_path / "settings.py").write_text('RPC_TOKEN = "s3cret"\n')
-    env = script_env()
-    env["TMPDIR"] = str(tmp_path)
-    proc = subprocess.run([sys.executable, "-m", "elric", "demo", "--pages", "3"],
-                          cwd=str(tmp_path), env=env, capture_output=True, text=True,
-                          timeout=120, stdin=subprocess.DEVNULL)
+    proc = demo_in(tmp_path, script_env())
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "crawled 4 pages (4 on the site" in proc.stdout, proc.stdout
     assert not list(tmp_path.glob("elric-demo-*")), list(tmp_path.iterdir())
@@ -106,11 +106,8 @@ def test_elric_demo_calls_its_master_with_the_rpc_token_a_local_settings_sets(tm
 def test_elric_demo_whose_master_cannot_start_says_so_without_a_traceback(tmp_path):
     from elric.redis_server import free_port
 
-    env = script_env(REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")   # nobody there
-    env["TMPDIR"] = str(tmp_path)
-    proc = subprocess.run([sys.executable, "-m", "elric", "demo", "--pages", "3"],
-                          cwd=str(tmp_path), env=env, capture_output=True, text=True,
-                          timeout=120, stdin=subprocess.DEVNULL)
+    nobody_there = f"redis://127.0.0.1:{free_port()}/0"
+    proc = demo_in(tmp_path, script_env(REDIS_URL=nobody_there))
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
     [logs] = tmp_path.glob("elric-demo-*")   # kept, and said where
