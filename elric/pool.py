@@ -19,7 +19,7 @@ import tempfile
 import time
 from concurrent.futures import CancelledError, Executor, Future
 from dataclasses import dataclass, field
-from multiprocessing import forkserver
+from multiprocessing import forkserver, resource_tracker
 from typing import Callable
 
 from elric import codec, runner
@@ -139,15 +139,18 @@ class Pool(Executor):
         # a SIGTERM sent to the whole process group (systemd, docker, kill -- -PGID) then
         # stops only the worker, which lets running jobs finish.
         previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        empty = None
         try:
-            self._ensure_fork_server()
+            empty = self._ensure_fork_server()
             ctx = multiprocessing.get_context("forkserver")
             ours, theirs = ctx.Pipe(duplex=True)
             process = ctx.Process(target=runner.serve, args=(theirs, *self._args),
                                   name=f"elric-pool-{slot}", daemon=False)
-            process.start()
+            process.start()   # returns once the fork server forked it: it is up
         finally:
             signal.signal(signal.SIGTERM, previous)
+            if empty is not None:   # a killed worker leaves none behind
+                os.rmdir(empty)
         theirs.close()
         os.set_blocking(ours.fileno(), False)   # see _write
         proc = _Process(slot, process, ours)
@@ -156,11 +159,13 @@ class Pool(Executor):
         self._loop.add_reader(process.sentinel, self._exited, proc)
         return proc
 
-    def _ensure_fork_server(self) -> None:
-        """Start the fork server unless it runs. It runs as `python -c`, whose sys.path
-        starts with its current directory, where a folder named elric/ would stand in for
-        the installed package: it starts in an empty directory, removed at once, so a
-        killed worker leaves none behind (the processes it forks start in ours)."""
+    def _ensure_fork_server(self) -> str:
+        """Start the fork server unless it runs, and return the empty folder it starts in,
+        to remove once a process started (Python cannot start in a removed folder). It runs
+        as `python -c`, whose sys.path starts with its current directory, where a folder
+        named elric/ would stand in for the installed package. The processes it forks start
+        in ours, and so does its resource tracker (which imports no elric)."""
+        resource_tracker.ensure_running()
         here, empty = os.getcwd(), tempfile.mkdtemp(prefix="elric-forkserver-")
         try:
             os.chdir(empty)
@@ -168,7 +173,7 @@ class Pool(Executor):
             forkserver.ensure_running()   # (at once if it runs)
         finally:
             os.chdir(here)
-            os.rmdir(empty)   # the fork server, running, keeps working in it
+        return empty
 
     def _exited(self, proc: _Process) -> None:
         """Read what the process sent before it exited, then settle the jobs it held."""

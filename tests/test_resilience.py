@@ -144,11 +144,12 @@ def test_sigkill_worker_under_load_every_job_succeeds(make_cluster):
         reap(pool)  # see the next test: they outlive the worker
 
 
-def test_a_killed_workers_pool_processes_do_not_outlive_it(make_cluster, tmp_path):
+def test_a_killed_workers_pool_processes_do_not_outlive_it(make_cluster):
     c = make_cluster(LEASE_SECONDS=2)
     c.start_master()
-    c.env["TMPDIR"] = str(tmp_path / "tmp")   # the worker's temp files, to look for
-    os.mkdir(c.env["TMPDIR"])
+    # the worker's temp files, to look for (short: the fork server's socket is in there)
+    tmp = tempfile.TemporaryDirectory(prefix="elric-test-")
+    c.env["TMPDIR"] = tmp.name
     victim = c.start_worker("--concurrency", "2")
     pool = descendants(victim.pid)
     try:
@@ -159,9 +160,10 @@ def test_a_killed_workers_pool_processes_do_not_outlive_it(make_cluster, tmp_pat
         wait_for(lambda: gone(pool), timeout=10, what="the dead worker's pool processes exit")
         # nor elric's temp folder: the fork server's empty one piled up, one per killed
         # worker (multiprocessing's own pymp-* is its to clean, at a clean exit)
-        assert [f for f in os.listdir(c.env["TMPDIR"]) if f.startswith("elric")] == []
+        assert [f for f in os.listdir(tmp.name) if f.startswith("elric")] == []
     finally:
         reap(pool)
+        tmp.cleanup()
 
 
 # --- 2. heartbeats: a job three times longer than the lease runs once ----------------------
