@@ -187,7 +187,6 @@ class Worker:
                                                      self.modules.broken.items()) +
                 f"): check the names, and that they import from {os.getcwd()} (PYTHONPATH)")
         self.modules.log_broken()   # the others' jobs run
-        self.modules.log_other_queues(self.queues)
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.request_stop)
         loop.add_signal_handler(signal.SIGINT, self.request_stop, True)
@@ -212,6 +211,7 @@ class Worker:
         recorder.add_done_callback(self._recorder_ended)
         log.info("worker %s: queues %s, %d processes, %d async jobs each", self.worker_id,
                  ",".join(self.queues), self.concurrency, self.async_slots)
+        self.modules.log_other_queues(self.queues)   # (once it runs: a refusal says only why)
         try:
             await self._loop()
         finally:
