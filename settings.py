@@ -61,7 +61,8 @@ JOB_TIMEOUT = None
 # the jobs of a worker that died are redelivered once its leases run out.
 LEASE_SECONDS = 30.0
 
-# Seconds running jobs get to finish after a worker is told to stop (SIGTERM, Ctrl-C).
+# Seconds running jobs get to finish after a worker is told to stop (SIGTERM, Ctrl-C); a
+# second Ctrl-C returns them to the queue at once.
 SHUTDOWN_GRACE = 30.0
 
 # Most sync jobs handed to one pool process at once. A chunk holds about 20 ms of work
