@@ -589,7 +589,9 @@ def test_redis_outage_under_load_master_and_worker_carry_on(tmp_path):
         assert refused >= 1 and errors, "no submission was refused during the outage"
         for _, kind, message in errors:
             assert kind == "RemoteError", (kind, message)  # an answer, not a timeout or a drop
-            assert "master cannot reach Redis right now" in message, message
+            # Redis away, or back and still loading its data (a submit may meet either)
+            assert message.startswith(("master cannot reach Redis right now",
+                                       "Redis is loading its data")), message
         assert "Redis unreachable" in worker.log()
         assert "Redis unreachable" in master.log()
     finally:
