@@ -137,12 +137,11 @@ def check_func(path: Any, allowed: tuple[str, ...] | list[str] | None = None) ->
             f"func {path!r}: a Job class defined in __main__ cannot be imported by a worker; "
             "move it into a module and import it from there"
         )
-    if not allowed:
-        return
     module_name = path.partition(":")[0]
-    for prefix in allowed:   # the module itself, or one inside a package named
-        if (module_name + ".").startswith(prefix.rstrip(".") + "."):
-            return
+    # the module itself, or one inside a package named
+    if not allowed or any((module_name + ".").startswith(prefix.rstrip(".") + ".")
+                          for prefix in allowed):
+        return
     raise SpecError(f"func {path!r}: module {module_name!r} is not allowed by JOB_MODULES "
                     f"({', '.join(allowed)})")
 
