@@ -531,7 +531,7 @@ class BloomFilter(DedupeFilter):
 # --- redis-bloom: Bloom filter as Redis bitmaps, shared by every master -----------------
 
 _BITCOUNT_LIMIT = 64 << 20   # stats(): BITCOUNT the shards only up to this many bytes
-_MAX_KEYS = 10_000           # keys per script call: Redis is blocked ~60 ms at most
+_MAX_KEYS = 10_000           # keys per script call: bounds how long one call blocks Redis
 _ITEMS_CACHE = 10_000        # scopes whose item count a master remembers (a hint)
 
 
