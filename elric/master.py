@@ -55,6 +55,8 @@ _READS = ("ping", "health", "get_job", "list_jobs", "stats")   # RPC handlers th
 
 def _rpc(handler):
     """An RPC handler: what it raises becomes the RPC error a caller can act on."""
+    changed = "queued" if handler.__name__.startswith("submit_") else "changed"
+
     @functools.wraps(handler)
     async def call(*params):
         try:
@@ -77,8 +79,6 @@ def _rpc(handler):
                 outcome = "try again"
             raise RequestError(f"master cannot reach Redis right now ({exc}); {outcome}",
                                ErrorCode.REDIS_UNAVAILABLE) from None
-
-    changed = "queued" if handler.__name__.startswith("submit_") else "changed"
     return call
 
 
