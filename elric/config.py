@@ -150,11 +150,11 @@ def parse_address(value: str, key: str = "address") -> tuple[str, int]:
     from elric.rpc import parse_address as parse
 
     try:
-        if "://" in str(value):   # a URL parsed as host "http://h": unreachable, exit 3
-            raise ValueError
-        return parse(value)
+        if "://" not in str(value):   # a URL parses as host "http://h": unreachable, exit 3
+            return parse(value)
     except ValueError:
-        raise SettingsError(f"{key}: {value!r} is not host:port (e.g. 127.0.0.1:7531)") from None
+        pass
+    raise SettingsError(f"{key}: {value!r} is not host:port (e.g. 127.0.0.1:7531)")
 
 
 def _check(key: str, value: Any, where: str) -> Any:
