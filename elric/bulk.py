@@ -128,7 +128,7 @@ def _s(value: bytes | str) -> str:
 class Bulk:
     def __init__(self, queue, admission, redis, keys, store) -> None:
         self.queue, self.admission, self.redis, self.keys = queue, admission, redis, keys
-        self.store = store   # periodic jobs: no job record, but no typo either
+        self.store = store   # tells a periodic job's id (no job record) from a mistyped one
 
     async def _indexes(self, f: JobFilter,
                        live_only: bool) -> list[tuple[tuple[int, str], str, bool]]:

@@ -150,11 +150,11 @@ def parse_address(value: str, key: str = "address") -> tuple[str, int]:
     from elric.rpc import parse_address as parse
 
     try:
-        if "://" in str(value):   # a URL parsed as host "http://h": unreachable, exit 3
-            raise ValueError
-        return parse(value)
+        if "://" not in str(value):   # a URL parses as host "http://h": unreachable, exit 3
+            return parse(value)
     except ValueError:
-        raise SettingsError(f"{key}: {value!r} is not host:port (e.g. 127.0.0.1:7531)") from None
+        pass
+    raise SettingsError(f"{key}: {value!r} is not host:port (e.g. 127.0.0.1:7531)")
 
 
 def _check(key: str, value: Any, where: str) -> Any:
@@ -195,11 +195,12 @@ def _check(key: str, value: Any, where: str) -> Any:
         raise bad(f"must be between 0 and 1, got {value!r}")
     if isinstance(value, list) and not all(isinstance(v, str) and v for v in value):
         raise bad(f"expected a list of names, got {value!r}")
-    if key == "QUEUES" and not value:   # (JOB_MODULES may be empty: any module)
-        raise bad("names no queue, and a worker would run nothing; give one at least")
-    for name in value if key == "QUEUES" else ():   # (a worker on "a b" waited for nothing:
-        if not QUEUE_NAME.fullmatch(name):            # no submit can queue a job there)
-            raise bad(f"queue {name!r}: {QUEUE_RULE}")
+    if key == "QUEUES":   # (JOB_MODULES may be empty: any module)
+        if not value:
+            raise bad("names no queue, and a worker would run nothing; give one at least")
+        for name in value:   # (a worker on "a b" waited for nothing: no submit queues there)
+            if not QUEUE_NAME.fullmatch(name):
+                raise bad(f"queue {name!r}: {QUEUE_RULE}")
     if isinstance(value, float) and not math.isfinite(value):
         raise bad(f"must be a finite number, got {value!r}")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -309,7 +310,8 @@ def load_settings(path: str | None = None, env: dict | None = None,
         raise SettingsError(f"RESULT_MAX_BYTES ({values['RESULT_MAX_BYTES']}) must be at most "
                             f"half of RPC_MAX_MESSAGE ({values['RPC_MAX_MESSAGE']}), or get_job "
                             "could not send such a result; raise RPC_MAX_MESSAGE too")
-    if "bloom" in {values["FILTER_BACKEND"], *values["FILTER_SCOPES"].values()}:
+    backends = {values["FILTER_BACKEND"], *values["FILTER_SCOPES"].values()}
+    if "bloom" in backends:
         from elric.dedupe import MAX_SNAPSHOT, bloom_stage_bytes
 
         need = bloom_stage_bytes(values["BLOOM_CAPACITY"], values["BLOOM_ERROR_RATE"])
@@ -319,7 +321,7 @@ def load_settings(path: str | None = None, env: dict | None = None,
                 f"{values['BLOOM_ERROR_RATE']:g}: a 'bloom' scope's snapshot would be "
                 f"{need >> 20} MiB, over the 512 MiB a Redis string holds, so it could never "
                 "be saved; use 'redis-bloom' for it, or a smaller BLOOM_CAPACITY")
-    if "set" not in {values["FILTER_BACKEND"], *values["FILTER_SCOPES"].values()}:
+    if "set" not in backends:
         for key in ("DEDUPE_TTL", "DEDUPE_RELEASE_ON_FAILURE"):   # they would do nothing
             if values[key]:
                 raise SettingsError(f"{key} applies to the 'set' dedupe backend only, and no "

@@ -137,12 +137,11 @@ def check_func(path: Any, allowed: tuple[str, ...] | list[str] | None = None) ->
             f"func {path!r}: a Job class defined in __main__ cannot be imported by a worker; "
             "move it into a module and import it from there"
         )
-    if not allowed:
-        return
     module_name = path.partition(":")[0]
-    for prefix in allowed:   # the module itself, or one inside a package named
-        if (module_name + ".").startswith(prefix.rstrip(".") + "."):
-            return
+    # the module itself, or one inside a package named
+    if not allowed or any((module_name + ".").startswith(prefix.rstrip(".") + ".")
+                          for prefix in allowed):
+        return
     raise SpecError(f"func {path!r}: module {module_name!r} is not allowed by JOB_MODULES "
                     f"({', '.join(allowed)})")
 
@@ -219,7 +218,7 @@ def check_type(key: str, value: Any) -> None:
             value is True or value is False) and bool not in types:
         raise SpecError(f"job spec key {key!r} must be {_wire_names(types)}, "
                         f"got {_WIRE_NAMES.get(type(value), type(value).__name__)}")
-    if isinstance(value, str) and not value.isascii():   # (ASCII is text: no call per key)
+    if isinstance(value, str):
         check_text(key, value)
 
 
@@ -278,13 +277,11 @@ def normalize_spec(
     if out.get("dedupe_scope") == "":
         # (a job's scope is passed on to its children only when it is not empty)
         raise SpecError("dedupe_scope '': name a scope, or leave it out for the global one")
-    if out["kwargs"]:
-        for k in out["kwargs"]:
-            if not isinstance(k, str):
-                raise SpecError(f"kwargs key {k!r} must be a string")
-        _check_msgpack_value(out["kwargs"], "kwargs")
-    if out["args"]:
-        _check_msgpack_value(out["args"], "args")
+    for k in out["kwargs"]:
+        if not isinstance(k, str):
+            raise SpecError(f"kwargs key {k!r} must be a string")
+    _check_msgpack_value(out["kwargs"], "kwargs")
+    _check_msgpack_value(out["args"], "args")
     if out.get("limit_key") is not None and not 0 < len(out["limit_key"]) <= MAX_LIMIT_KEY:
         raise SpecError(f"limit_key {out['limit_key']!r}: 1-{MAX_LIMIT_KEY} characters, or "
                         "leave it out for no limit")

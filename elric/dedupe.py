@@ -207,7 +207,6 @@ class SetFilter(DedupeFilter):
     def __init__(self, redis, keys: Keys, *, set_ttl: float | None = None,
                  takeover_after: float = TAKEOVER_AFTER) -> None:
         super().__init__(redis, keys)
-        self.set_ttl = set_ttl
         self._ttl_ms = None if set_ttl is None else max(1, int(round(set_ttl * 1000)))
         self._takeover_ms = int(takeover_after * 1000)
         self._script = lua.load(redis, "dedupe_set" if set_ttl is None else "dedupe_set_ttl",
@@ -224,7 +223,7 @@ class SetFilter(DedupeFilter):
             if "WRONGTYPE" not in str(exc):
                 raise
             await self._blame_stats_key(scope, exc)
-            kind = "sorted set (set_ttl)" if self.set_ttl is not None else "set (no set_ttl)"
+            kind = "sorted set (set_ttl)" if self._ttl_ms is not None else "set (no set_ttl)"
             raise DedupeError(
                 f"dedupe scope {scope!r}: key {self.keys.dedupe_set(scope)} is not a {kind}; "
                 f"it was written with the other set_ttl setting. Keep the setting, or drop "
@@ -255,7 +254,7 @@ class SetFilter(DedupeFilter):
         if keys:
             pipe = self.redis.pipeline(transaction=True)
             pipe.delete(*self._notes(scope, keys))   # a key given back has no taker
-            remove = pipe.srem if self.set_ttl is None else pipe.zrem
+            remove = pipe.srem if self._ttl_ms is None else pipe.zrem
             remove(self.keys.dedupe_set(scope), *keys)
             await self._typed(scope, pipe.execute())
 
@@ -531,7 +530,7 @@ class BloomFilter(DedupeFilter):
 # --- redis-bloom: Bloom filter as Redis bitmaps, shared by every master -----------------
 
 _BITCOUNT_LIMIT = 64 << 20   # stats(): BITCOUNT the shards only up to this many bytes
-_MAX_KEYS = 10_000           # keys per script call: Redis is blocked ~60 ms at most
+_MAX_KEYS = 10_000           # keys per script call: bounds how long one call blocks Redis
 _ITEMS_CACHE = 10_000        # scopes whose item count a master remembers (a hint)
 
 

@@ -55,7 +55,7 @@ class JobModules:
                       "is started again where the module imports%s", name, error,
                       WHERE if name in self.not_found else "")
         for name in self.clean():
-            if not _defines_a_job(name):
+            if not any(job_classes(name)):
                 log.warning("job module %s defines no Job class, so this worker runs none of "
                             "its jobs (a class imported into it runs under its own module's "
                             "name: load that module)", name)
@@ -107,11 +107,6 @@ class JobModules:
             raise SpecError(f"func {func!r}: {obj!r} is not a subclass of elric.Job")
         self._classes[func] = obj
         return obj
-
-
-def _defines_a_job(module: str) -> bool:
-    """Whether a Job class of ``module`` (or of a module under it) is imported."""
-    return any(True for _ in job_classes(module))
 
 
 def job_classes(module: str):

@@ -42,7 +42,7 @@ from elric.scheduler import Scheduler, fire_id
 
 log = logging.getLogger("elric.master")
 
-SHUTDOWN_GRACE = 10.0  # seconds a stopping master lets the calls in flight run
+STOP_GRACE = 10.0  # seconds a stopping master lets the calls in flight run
 MAX_PAGE = 1000
 MAX_REDIS_CONNECTIONS = 128
 LIST_FILTERS = ("status", "queue", "func", "batch", "offset", "limit", "scan_limit")
@@ -55,6 +55,8 @@ _READS = ("ping", "health", "get_job", "list_jobs", "stats")   # RPC handlers th
 
 def _rpc(handler):
     """An RPC handler: what it raises becomes the RPC error a caller can act on."""
+    changed = "queued" if handler.__name__.startswith("submit_") else "changed"
+
     @functools.wraps(handler)
     async def call(*params):
         try:
@@ -77,8 +79,6 @@ def _rpc(handler):
                 outcome = "try again"
             raise RequestError(f"master cannot reach Redis right now ({exc}); {outcome}",
                                ErrorCode.REDIS_UNAVAILABLE) from None
-
-    changed = "queued" if handler.__name__.startswith("submit_") else "changed"
     return call
 
 
@@ -247,7 +247,7 @@ class Master:
     async def close(self) -> None:
         log.info("master %s stopping", self.master_id)
         self._stop.set()   # the tasks ending now is no fault (_task_ended)
-        await self.server.close(grace=SHUTDOWN_GRACE)
+        await self.server.close(grace=STOP_GRACE)
         if self.dashboard is not None:
             await self.dashboard.close()
         self._housekeeping.cancel()
@@ -258,10 +258,10 @@ class Master:
         self._scheduling.cancel()
         # awaited, bounded: left running they would use the Redis client closed below
         tasks = {self._housekeeping, self._scheduling}
-        _, running = await asyncio.wait(tasks, timeout=SHUTDOWN_GRACE)
+        _, running = await asyncio.wait(tasks, timeout=STOP_GRACE)
         for task in running:
             log.warning("master %s: a background task did not stop in %gs", self.master_id,
-                        SHUTDOWN_GRACE)
+                        STOP_GRACE)
         await self.admission.close()   # keys being given back by calls that failed
         for f in self.filters.values():
             try:

@@ -588,7 +588,7 @@ class AsyncClient(_Caller):
         try:
             while data := await self._reader.read(decoder.chunk):
                 for msgid, error, result in _responses(decoder, data):
-                    if error is not None and error.code == ErrorCode.TOO_LARGE:
+                    if _too_large(error):
                         # the server ends this connection: no new call goes on it (those
                         # in flight may still be answered)
                         self._lost = self._lost or (f"connection to {self._where} closed "
