@@ -382,3 +382,10 @@ def test_protocol_md_has_a_row_for_each_method_code_spec_key_and_status():
     assert sorted(_protocol_rows("Errors")) == sorted(ErrorCode)
     assert sorted(_protocol_rows("Job spec")) == sorted(SPEC_KEYS)
     assert sorted(_protocol_rows("Statuses")) == sorted(STATUSES)
+
+
+def test_master_client_has_a_call_for_each_rpc_method():
+    """The README: MasterClient "is the whole RPC API in Python" (auth: its token)."""
+    from elric import MasterClient
+
+    assert [m for m in METHODS if not callable(getattr(MasterClient, m, None))] == ["auth"]
