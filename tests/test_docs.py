@@ -65,3 +65,18 @@ def test_architectures_key_table_lists_the_keys_keys_py_builds():
     assert not unlisted, f"keys Keys builds that keys.py's docstring does not list: {unlisted}"
     unbuilt = [p for p, r in patterns.items() if not any(r.fullmatch(k) for k in built)]
     assert not unbuilt, f"keys listed that Keys does not build: {unbuilt}"
+
+
+def test_architectures_module_list_names_every_module_of_elric():
+    """A contributor reads ARCHITECTURE.md's Modules for what each file of elric/ is for:
+    one added (or renamed) must be said there, and none named there be gone."""
+    with open(os.path.join(ROOT, "docs", "ARCHITECTURE.md"), encoding="utf-8") as f:
+        section = f.read().split("\n## Modules\n", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"`(\w+)\.py`", section)) | set(re.findall(r"`(\w+)/`", section))
+    top, every = set(), set()   # elric's modules and packages; and the packages' modules
+    for folder, _, files in os.walk(os.path.join(ROOT, "elric")):
+        if "__init__.py" in files:
+            mine = {f.removesuffix(".py") for f in files if re.fullmatch(r"[a-z]\w*\.py", f)}
+            top |= mine if folder.endswith("elric") else {os.path.basename(folder)}
+            every |= mine | {os.path.basename(folder)}
+    assert top <= named <= every, (top - named, named - every)
