@@ -57,8 +57,8 @@ RETRY_BACKOFF_MAX = 300.0
 # Seconds an attempt may run, unless the job class or the submission says otherwise.
 JOB_TIMEOUT = None
 
-# A worker renews the leases of its jobs every LEASE_SECONDS / 3 (at least once a second);
-# the jobs of a worker that died are redelivered once its leases run out.
+# A worker renews the leases of its jobs every second (every LEASE_SECONDS / 3 when that
+# is shorter); the jobs of a worker that died are redelivered once its leases run out.
 LEASE_SECONDS = 30.0
 
 # Seconds running jobs get to finish after a worker is told to stop (SIGTERM, Ctrl-C); a
@@ -74,7 +74,8 @@ WORKER_CHUNK = 64
 ASYNC_CONCURRENCY = 100
 
 # An async job that blocks its event loop (time.sleep, a sync HTTP call) holds back every
-# other job of its process: after this many seconds the worker logs it, naming the job.
+# other job of its process: after this many seconds the worker logs it, naming the job
+# (0: never).
 LOOP_LAG_WARN = 1.0
 
 # Limits per limit key (a job's limit_key: the crawler's is the page's host), enforced
@@ -111,11 +112,14 @@ MIN_INTERVAL = 1.0
 
 # Dedupe filter: "set" (exact, a Redis set per scope), "bloom" (a Bloom filter in one
 # master, snapshotted to Redis) or "redis-bloom" (a Bloom filter in Redis, shared by every
-# master). FILTER_SCOPES overrides it per scope: {"crawl": "redis-bloom"}.
+# master). FILTER_SCOPES overrides it per scope: {"crawl": "redis-bloom"}; a periodic job's
+# id there covers the scopes of its "@fire" rounds. A scope stays with the backend that
+# filled it: see docs/DEDUPE.md to switch.
 FILTER_BACKEND = "set"
 FILTER_SCOPES = {}
 
-# "set" backend: seconds after which a key is new again; None keeps keys for good.
+# "set" backend: seconds after which a key let through is new again (at most 2**31); None
+# keeps keys for good.
 DEDUPE_TTL = None
 
 # Give the dedupe key of a job that failed for good back ("set" backend only), so the
@@ -127,15 +131,16 @@ DEDUPE_ROUND_TTL = 86400
 
 # "set" backend: seconds after which a key taken for a job that was never queued (its call
 # failed and could not give the key back) goes to the next job with it. Keep it well above
-# the longest a submit can take.
+# the longest a submit can take (at most 2**31).
 DEDUPE_TAKEOVER_AFTER = 600
 
 # Bloom filters: items the first stage holds (each next stage twice as many), and the
 # false-positive rate kept overall (a new key wrongly called seen, and its job dropped,
-# with this probability).
+# with this probability), however far a scope grows. A "bloom" scope's snapshot is one
+# Redis string (at most 512 MiB): at 0.001 a capacity over ~290 million is refused at start.
 BLOOM_CAPACITY = 1_000_000
 BLOOM_ERROR_RATE = 0.001
 
 # Seconds between snapshots of the "bloom" backend's filter to Redis (a crash forgets at
-# most this much).
+# most this much); 0: only when the master stops.
 BLOOM_SNAPSHOT_INTERVAL = 30.0

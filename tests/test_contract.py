@@ -364,3 +364,28 @@ def test_a_dedupe_hook_that_raises_is_a_spec_error():
     with pytest.raises(SpecError, match=r"Crawl.dedupe_key_for\(args, kwargs\) raised "
                                         r"TypeError: .*missing 1 required positional"):
         Crawl.spec([])
+
+
+def _protocol_rows(section: str) -> list[str]:
+    """The first cell (`name(...)` or `name`) of each row of a docs/PROTOCOL.md table."""
+    from tests.conftest import ROOT
+
+    with open(f"{ROOT}/docs/PROTOCOL.md", encoding="utf-8") as f:
+        text = f.read().split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"^\| `(\w+)[(`]", text, re.M)
+
+
+def test_protocol_md_has_a_row_for_each_method_code_spec_key_and_status():
+    """docs/PROTOCOL.md is what a client in another language reads: a method, error code,
+    spec key or status added to contract.py (or dropped from it) must show in its table."""
+    assert sorted(_protocol_rows("Methods")) == sorted(METHODS)
+    assert sorted(_protocol_rows("Errors")) == sorted(ErrorCode)
+    assert sorted(_protocol_rows("Job spec")) == sorted(SPEC_KEYS)
+    assert sorted(_protocol_rows("Statuses")) == sorted(STATUSES)
+
+
+def test_master_client_has_a_call_for_each_rpc_method():
+    """The README: MasterClient "is the whole RPC API in Python" (auth: its token)."""
+    from elric import MasterClient
+
+    assert [m for m in METHODS if not callable(getattr(MasterClient, m, None))] == ["auth"]

@@ -117,3 +117,26 @@ def _answers(port: int) -> bool:
     except OSError:
         return False
 
+
+
+def test_the_readmes_settings_table_shows_each_keys_default():
+    """The README's table of the settings most deployments touch copies their defaults from
+    elric/config.py; a default changed there must not leave the README saying the old one."""
+    from elric.config import KEYS
+
+    def shown(key: str) -> str:
+        default = KEYS[key].default
+        if default is None:
+            return "CPU count" if key == "CONCURRENCY" else "none"
+        if isinstance(default, float) and default.is_integer():
+            return str(int(default))
+        return default if isinstance(default, str) else json.dumps(default)
+
+    with open(README, encoding="utf-8") as f:
+        section = f.read().split("## Settings", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| (`[A-Z_]+`(?:, `[A-Z_]+`)*) \| (.+?) \|", section, re.M)
+    assert len(rows) >= 10
+    for names, defaults in rows:
+        keys = re.findall(r"`([A-Z_]+)`", names)
+        values = [v.strip("`") for v in defaults.split(", ")]
+        assert values == [shown(k) for k in keys], names
