@@ -393,8 +393,11 @@ class Master:
             raise SpecError(f"modify_job {job_id!r}: a job_id cannot change; submit the job "
                             "under the new id and remove this one")
         current = await self.store.get(job_id)
-        if current is None:
-            raise SpecError(f"no periodic job {job_id!r}; only periodic jobs can be modified")
+        if current is None:   # a one-off job is there but the wrong kind; else nothing is
+            if await self.queue.get_job(job_id) is None:
+                raise NotFound(f"no periodic job {job_id!r}")
+            raise SpecError(f"{job_id!r} is not a periodic job; only periodic jobs can be "
+                            "modified")
         if ours := [k for k in contract.SET_BY_ELRIC if k in changes and
                     changes[k] != current.get(k)]:   # (sent back as it is: no change)
             raise SpecError(f"modify_job {job_id!r}: {ours[0]!r} is elric's to set "

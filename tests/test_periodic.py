@@ -123,8 +123,9 @@ def test_modify_changes_args_and_trigger_and_remove_stops_it(cluster):
     a, b = wait_fires(c, "tick", 2, after=retriggered_at)[:2]
     assert b["fire_time"] - a["fire_time"] == pytest.approx(2.0, abs=1e-3)
 
-    with pytest.raises(RemoteError, match="only periodic jobs can be modified"):
+    with pytest.raises(RemoteError, match="no periodic job 'no-such'") as info:
         c.call("modify_job", "no-such", {"args": []})
+    assert info.value.code == "not_found"
 
     c.submit_job(Echo.spec(["w"], job_id="witness", trigger=EVERY_SECOND))
     assert c.remove_job("tick") is True

@@ -50,9 +50,10 @@ def test_every_method_answers_the_shape_and_codes_the_protocol_gives(redis_url):
         assert await answer(client, "rerun_job", "a") == "bad_request"   # live
         for method in ("cancel_job", "rerun_job", "run_job"):
             assert await answer(client, method, "nope") == "not_found", method
+        assert await answer(client, "modify_job", "nope", {}) == "not_found"
+        assert await answer(client, "modify_job", "a", {}) == "bad_request"   # not periodic
         assert await answer(client, "control_worker", "nope", "stop") == "not_found"
         assert await answer(client, "control_worker", "nope", "reboot") == "bad_request"
-        assert await answer(client, "modify_job", "nope", {}) == "bad_request"
         for method in ("remove_job", "pause_job", "resume_job"):
             assert await call(method, "nope") is False, method
 
