@@ -5,6 +5,7 @@ page over the size cap cut off."""
 from __future__ import annotations
 
 import asyncio
+import html
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -364,6 +365,22 @@ def test_links_are_relative_to_a_base_href(children):
         assert fetch(Crawl(), site.url + "/docs/")["links"] == 2
         assert CrawlSync().run(site.url + "/docs/")["links"] == 2
     assert links(children) == [site.url + "/docs/v2/intro", site.url + "/top"] * 2
+
+
+@pytest.mark.parametrize("content, path", [
+    ("0; url=/moved", "/moved"), ("0;URL='/q uoted'", "/q%20uoted"), ('3, url="next"', "/d/next"),
+    ("0.5 /bare", "/bare"), ("5", None), ("0; url=http://localhost/off", None), ("", None)])
+def test_a_meta_refresh_leads_to_a_link_of_its_page(children, content, path):
+    """<meta http-equiv="refresh" content="0; url=..."> (a page that moved, said in HTML)
+    was not read: the page it leads to was never crawled. Its URL is a link of the page,
+    relative to it, on the crawl's host only; without one it reloads the page itself."""
+    page = (f'<html><head><meta http-equiv="Refresh" content="{html.escape(content)}">'
+            '</head><body>moved</body></html>').encode()
+    with Site({"/d/": (200, {"Content-Type": "text/html"}, page)}) as site:
+        expected = [] if path is None else [site.url + path]
+        assert fetch(Crawl(), site.url + "/d/")["links"] == len(expected)
+        assert CrawlSync().run(site.url + "/d/")["links"] == len(expected)
+    assert links(children) == expected * 2
 
 
 @pytest.mark.parametrize("head, followed", [

@@ -13,7 +13,8 @@ where a redirect leads too, since that page is a job of its own (deduped with th
 to it); 5xx and 429 answers, timeouts and broken connections are retried with backoff
 (``max_retries``), no sooner than a Retry-After asks (up to RETRY_BACKOFF_MAX); a 404 or
 other 4xx is a result, not an error, and its body is not read; a link marked ``rel="nofollow"``, or any of a page
-whose robots ``<meta>`` says nofollow, is not followed; and at most ``max_bytes`` of a
+whose robots ``<meta>`` says nofollow, is not followed; a ``<meta http-equiv="refresh">``
+URL is a link of its page; and at most ``max_bytes`` of a
 page are read, and nothing of what is not HTML. robots.txt's ``Crawl-delay`` is not read:
 a pause between requests to a host is a ``LIMITS`` rule, kept across all workers, e.g.
 ``{"example.com": {"interval": 10}}``.
@@ -35,7 +36,7 @@ except ImportError:  # pragma: no cover - depends on the install
 
 from elric import Job
 from elric.demo.crawler_sync import (REDIRECTS, link_of, nofollow, normalize_url, page_key,
-                                    requote, retry_after)
+                                    refresh_url, requote, retry_after)
 
 USER_AGENT = "elric-crawler/0.1"
 CHUNK = 64 * 1024
@@ -44,6 +45,8 @@ ROBOTS_MAX_BYTES = 512 * 1024   # RFC 9309: parse at least 500 KiB of a robots.t
 _BASE_HREF = lxml.etree.XPath("//base/@href")   # compiled once
 _ROBOTS_META = lxml.etree.XPath(
     "//meta[translate(@name, 'ROBTS', 'robts') = 'robots']/@content")
+_REFRESH = lxml.etree.XPath(
+    "//meta[translate(@http-equiv, 'REFSH', 'refsh') = 'refresh']/@content")
 # the hrefs of links whose rel has no token nofollow (in any case); most have no rel, and
 # not(@rel) first spares them the string work (a third of the query's time on the bench site)
 _HREFS = lxml.etree.XPath("//a[not(@rel) or not(contains(concat(' ', translate(normalize-space("
@@ -333,7 +336,8 @@ class Crawl(Job):
             base = link_of(base, given[0]) or base
         # in the page's order, each once (a child's id follows its place: a rerun of the
         # page, in any process, gives each link the id it had)
-        return list(dict.fromkeys(_process.resolve(base, href) for href in _HREFS(doc)))
+        hrefs = [*filter(None, map(refresh_url, _REFRESH(doc))), *_HREFS(doc)]
+        return list(dict.fromkeys(_process.resolve(base, href) for href in hrefs))
 
     def _submit(self, url: str, links: list[tuple[str, str]], batch: str) -> int:
         """Submit the links, (URL, host), that stay on ``url``'s host; returns how many."""

@@ -6,7 +6,8 @@ Every page is fetched once per crawl: each job's dedupe key is its normalized UR
 the master drops a job whose key it has seen in the job's dedupe scope. Children inherit
 their parent's scope, so a periodic crawl with ``dedupe_scope="@fire"`` fetches every
 page once per round, and again next round. Links that leave the start page's host, or are
-marked nofollow (``rel``, or the page's robots ``<meta>``), are not followed; where a
+marked nofollow (``rel``, or the page's robots ``<meta>``), are not followed (a
+``<meta http-equiv="refresh">`` URL is a link too); where a
 redirect leads is a page job of its own, on the same host only. A 5xx or 429 answer is
 retried (after its Retry-After, if any); a 404 or other 4xx is a result. At most
 ``max_bytes`` of a page are read, and nothing of what is not HTML. It does not read
@@ -44,6 +45,21 @@ class Links(HTMLParser):
             self.base = href
         elif tag == "meta" and attrs.get("name", "").lower() == "robots":
             self.nofollow = self.nofollow or nofollow(attrs.get("content", ""))
+        elif tag == "meta" and attrs.get("http-equiv", "").lower() == "refresh" and \
+                (target := refresh_url(attrs.get("content", ""))):
+            self.links.append(target)
+
+
+# "0; url=/next": the time, then ; or , or space, then the URL (the "url=" and quotes optional)
+_REFRESH = re.compile(r"""\s*[\d.]+(?:\s*[;,]\s*|\s+)(?:url\s*=\s*)?(?:"([^"]*)|'([^']*)|(.+))""",
+                      re.IGNORECASE | re.DOTALL)
+
+
+def refresh_url(content: str) -> str | None:
+    """Where a <meta http-equiv="refresh"> leads, as browsers read its content; None when it
+    reloads its own page. A page that moved says so this way as often as by a redirect."""
+    found = _REFRESH.match(content)
+    return found and next(url for url in found.groups() if url is not None) or None
 
 
 def nofollow(content: str) -> bool:
