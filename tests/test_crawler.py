@@ -399,6 +399,36 @@ def test_links_marked_nofollow_are_not_followed(children, head, followed):
     assert links(children) == [site.url + "/a", site.url + "/c"] * followed   # each crawler
 
 
+def test_a_page_is_fetched_without_the_cookies_other_pages_set(children):
+    """A pool process's one HTTP session kept every cookie a site set: each later request to
+    the host sent them (another crawl's, an earlier round's; a port is no other host to a
+    cookie), so what a page served hung on what that process fetched before, and the jar grew
+    with every host crawled. The sync crawler keeps none either."""
+    from elric.demo import crawler
+
+    sent = []
+
+    def check(handler):
+        sent.append(handler.headers.get("Cookie"))
+        handler.send_response(200)
+        handler.send_header("Content-Type", "text/html")
+        handler.send_header("Content-Length", "0")
+        handler.end_headers()
+
+    page = (200, {"Content-Type": "text/html", "Set-Cookie": "session=abc; Path=/"}, b"<html>")
+    with Site({"/set": page, "/check": check}) as first, Site({"/check": check}) as other:
+        async def run():
+            try:
+                for url in first.url + "/set", first.url + "/check", other.url + "/check":
+                    # localhost: aiohttp keeps no cookie of an IP address
+                    await Crawl().run(url.replace("127.0.0.1", "localhost"), "b")
+            finally:
+                await crawler._process.session.close()
+
+        asyncio.run(run())
+    assert sent == [None, None]
+
+
 class QuickCrawl(Crawl):
     request_timeout = 3.0
 

@@ -113,6 +113,9 @@ class _Process:
             self.session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
                 headers={"User-Agent": USER_AGENT},
+                # no cookies: a page's answer must not hang on what the process fetched
+                # before (another crawl's, another round's, a port is no other host to one)
+                cookie_jar=aiohttp.DummyCookieJar(),
                 # a header line of up to 64 KiB, as urllib reads: sites send a large
                 # Content-Security-Policy or cookie, and over aiohttp's 8 KiB the page failed
                 max_line_size=HEADER_MAX_BYTES, max_field_size=HEADER_MAX_BYTES)
