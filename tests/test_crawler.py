@@ -141,7 +141,10 @@ def test_a_link_resolved_once_per_host_is_the_link_of_every_page():
 
 def submit_links(url: str, html: bytes, charset: str | None = None) -> int:
     """What a crawl job does with a page it fetched: submit its links (on its host)."""
-    return Crawl()._submit(url, Crawl._links(url, html, charset), "b")
+    async def submit():
+        return await Crawl()._submit(url, await Crawl._links(url, html, charset), "b")
+
+    return asyncio.run(submit())
 
 
 @pytest.mark.parametrize("body", [b"", b"   ", b"\x00\xff<<<", b"<html><body>no links"])
@@ -427,6 +430,34 @@ def test_a_page_is_fetched_without_the_cookies_other_pages_set(children):
 
         asyncio.run(run())
     assert sent == [None, None]
+
+
+def test_other_jobs_of_the_process_go_on_while_a_page_of_many_links_is_read(children):
+    """A page of 10,000 links took a second or two of Python to resolve and submit its
+    links, and no other job of the pool process moved meanwhile (its fetches timed out, its
+    leases went unrenewed): here another task of the loop gets turns in between."""
+    from elric.demo import crawler
+
+    n = 10_000
+    page = "<html><body>{}</body></html>".format(
+        "".join(f'<a href="/p/{i}">{i}</a>' for i in range(n))).encode()
+    seen = set()   # (links resolved, links submitted) each time the other task ran
+
+    async def run(url):
+        job = asyncio.ensure_future(Crawl().run(url, "b"))
+        try:
+            while not job.done():
+                seen.add((len(crawler._process.resolved), len(children)))
+                await asyncio.sleep(0)
+            return job.result()
+        finally:
+            await crawler._process.session.close()
+
+    with Site({"/": (200, {"Content-Type": "text/html"}, page)}) as site:
+        assert asyncio.run(run(site.url + "/"))["links"] == n
+    assert len(children) == n
+    assert any(0 < resolved < n for resolved, _ in seen), "no turn while resolving"
+    assert any(0 < submitted < n for _, submitted in seen), "no turn while submitting"
 
 
 class QuickCrawl(Crawl):

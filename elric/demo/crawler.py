@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from typing import AsyncIterator, TypeVar
 from urllib.parse import urlparse, urlsplit
 
 try:
@@ -42,6 +43,7 @@ USER_AGENT = "elric-crawler/0.1"
 CHUNK = 64 * 1024
 HEADER_MAX_BYTES = 64 * 1024
 ROBOTS_MAX_BYTES = 512 * 1024   # RFC 9309: parse at least 500 KiB of a robots.txt
+TURN = 100   # links resolved or submitted between two turns of the process's other jobs
 _BASE_HREF = lxml.etree.XPath("//base/@href")   # compiled once
 _ROBOTS_META = lxml.etree.XPath(
     "//meta[translate(@name, 'ROBTS', 'robts') = 'robots']/@content")
@@ -221,6 +223,7 @@ def _matches(glob: tuple[list[str], bool], path: str) -> bool:
 
 
 _process = _Process()
+T = TypeVar("T")
 
 
 def _no_answer(url: str, timeout: float) -> TimeoutError:
@@ -236,6 +239,15 @@ async def _read(response: aiohttp.ClientResponse, limit: int) -> tuple[bytes, bo
         if len(body) > limit:
             return bytes(body[:limit]), True
     return bytes(body), False
+
+
+async def _in_turns(items: list[T]) -> AsyncIterator[T]:
+    """``items``, giving the process's other jobs a turn every TURN of them: resolving and
+    submitting the links of a page of 10,000 took a second or two, and stalled them all."""
+    for n, item in enumerate(items, 1):
+        yield item
+        if n % TURN == 0:
+            await asyncio.sleep(0)
 
 
 _parsers: dict[str, lxml.html.HTMLParser | None] = {}
@@ -312,19 +324,19 @@ class Crawl(Job):
             if target is None:
                 result["error"] = "a redirect to no web page"
             elif target != url:
-                result["links"] = self._submit(url, [(target, urlparse(target).netloc)],
-                                               batch)
+                result["links"] = await self._submit(
+                    url, [(target, urlparse(target).netloc)], batch)
             return result
         result["bytes"] = len(body)
         if truncated:
             result["truncated"] = True
         if status >= 400 or not html:
             return result   # a 404 is an answer: nothing to retry, no links to follow
-        result["links"] = self._submit(url, self._links(url, body, charset), batch)
+        result["links"] = await self._submit(url, await self._links(url, body, charset), batch)
         return result
 
     @staticmethod
-    def _links(base: str, html: bytes, charset: str | None) -> list[tuple[str, str]]:
+    async def _links(base: str, html: bytes, charset: str | None) -> list[tuple[str, str]]:
         """The links of ``html`` (in ``charset``), relative to ``base``: (URL, host)."""
         try:   # lxml, in C: a tenth of the CPU of html.parser, which the sync crawler uses
             doc = lxml.html.fromstring(html, parser=_parser(charset)) if html.strip() else None
@@ -340,13 +352,14 @@ class Crawl(Job):
         # in the page's order, each once (a child's id follows its place: a rerun of the
         # page, in any process, gives each link the id it had)
         hrefs = [*filter(None, map(refresh_url, _REFRESH(doc))), *_HREFS(doc)]
-        return list(dict.fromkeys(_process.resolve(base, href) for href in hrefs))
+        return list(dict.fromkeys([_process.resolve(base, href)
+                                   async for href in _in_turns(hrefs)]))
 
-    def _submit(self, url: str, links: list[tuple[str, str]], batch: str) -> int:
+    async def _submit(self, url: str, links: list[tuple[str, str]], batch: str) -> int:
         """Submit the links, (URL, host), that stay on ``url``'s host; returns how many."""
         host = urlparse(normalize_url(url)).netloc
         found = 0
-        for link, link_host in links:
+        async for link, link_host in _in_turns(links):
             if link_host != host:
                 continue   # another host (or no link: "")
             found += 1
