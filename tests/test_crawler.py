@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import html
+import json
 import threading
 import time
+import types
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -728,6 +730,43 @@ def test_robots_txt_groups_for_the_crawler_by_name_are_its_rules_alone():
     assert not mine.allows("/mine-only/x") and mine.allows("/private")
     nobody = Robots(ROBOTS.splitlines(), "Nobody/1.0")
     assert not nobody.allows("/") and not nobody.allows("/private/public")
+
+
+def test_robots_txt_crawl_delay_is_read_from_the_crawlers_groups():
+    from elric.demo.crawler import Robots
+
+    assert Robots(ROBOTS.splitlines(), "elric-crawler/0.1").delay == 3
+    assert Robots(ROBOTS.splitlines(), "other-bot/2").delay is None   # not in the * group
+    lines = ["User-agent: *", "Crawl-delay: 0.5", "Crawl-delay: soon", "Crawl-delay: -1",
+             "Crawl-delay: nan", "Disallow:"]
+    assert Robots(lines, "e").delay == 0.5
+    assert Robots(["User-agent: *", "Crawl-delay: 1e9"], "e").delay == 86_400
+
+
+@pytest.mark.parametrize("limits, least", [(None, 1.0), ({"*": {"concurrency": 8, "rate": 50}}, 1.0),
+                                           ({"*": {"interval": 1.5}}, 1.5)],
+                         ids=["no-limits", "shorter-rule", "longer-rule"])
+def test_a_crawl_keeps_the_crawl_delay_robots_txt_asks_across_workers(make_cluster, limits,
+                                                                      least):
+    """Crawl-delay was not read: a site asking for a second between requests had a page
+    of it fetched at once by every free slot of every worker. Now the pages a page links to
+    start that far apart, across all workers, unless LIMITS asks for longer."""
+    c = make_cluster(**({"LIMITS": json.dumps(limits)} if limits else {}))
+    c.start_master()
+    for _ in range(2):
+        c.start_worker("--queues", "crawl", "--concurrency", "2")
+    index = "".join(f'<a href="/{p}">{p}</a>' for p in "abc").encode()
+    routes = {"/robots.txt": (200, {"Content-Type": "text/plain"},
+                              b"User-agent: *\nCrawl-delay: 1\n"),
+              "/": (200, {"Content-Type": "text/html"}, index),
+              **{f"/{p}": (200, {"Content-Type": "text/html"}, b"<html>") for p in "abc"}}
+    with Site(routes) as site:
+        jobs = crawl(c, types.SimpleNamespace(url=site.url + "/"), Crawl)
+    assert set(jobs) == {"/", "/a", "/b", "/c"} and site.hits["/robots.txt"] <= 4, c.logs()
+    assert all(j["status"] == "succeeded" for j in jobs.values()), c.logs()
+    assert {jobs[p].get("limit_interval") for p in ("/a", "/b", "/c")} == {1.0}
+    starts = sorted(jobs[p]["started_at"] for p in ("/a", "/b", "/c"))
+    assert all(later - first >= least for first, later in zip(starts, starts[1:])), starts
 
 
 def test_a_robots_txt_group_ends_at_a_rule_not_at_a_crawl_delay():

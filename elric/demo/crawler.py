@@ -10,14 +10,15 @@ is its host, so setting ``LIMITS`` keeps a crawl polite across all workers, e.g.
 
 As a crawler should: robots.txt is obeyed (read once per host and round in each process),
 where a redirect leads too, since that page is a job of its own (deduped with the links
-to it); 5xx and 429 answers, timeouts and broken connections are retried with backoff
-(``max_retries``), no sooner than a Retry-After asks (up to RETRY_BACKOFF_MAX); a 404 or
-other 4xx is a result, not an error, and its body is not read; a link marked ``rel="nofollow"``, or any of a page
+to it); its ``Crawl-delay`` is the least time between two starts of its host's pages
+across all workers, where ``LIMITS`` gives less (e.g. ``{"example.com": {"interval":
+10}}``): the links a page submits carry it as their ``limit_interval``. 5xx and 429
+answers, timeouts and broken connections are retried with backoff (``max_retries``), no
+sooner than a Retry-After asks (up to RETRY_BACKOFF_MAX); a 404 or other 4xx is a result,
+not an error, and its body is not read. A link marked ``rel="nofollow"``, or any of a page
 whose robots ``<meta>`` says nofollow, is not followed; a ``<meta http-equiv="refresh">``
-URL is a link of its page; and at most ``max_bytes`` of a
-page are read, and nothing of what is not HTML. robots.txt's ``Crawl-delay`` is not read:
-a pause between requests to a host is a ``LIMITS`` rule, kept across all workers, e.g.
-``{"example.com": {"interval": 10}}``.
+URL is a link of its page. At most ``max_bytes`` of a page are read, and nothing of what
+is not HTML.
 """
 
 from __future__ import annotations
@@ -123,7 +124,8 @@ class _Process:
                 max_line_size=HEADER_MAX_BYTES, max_field_size=HEADER_MAX_BYTES)
         return self.session
 
-    async def allowed(self, url: str, round_: str, timeout: float) -> bool:
+    async def allowed(self, url: str, round_: str, timeout: float) -> Robots | None:
+        """The rules of ``url``'s robots.txt in this round if they allow it, else None."""
         parts = urlsplit(normalize_url(url))   # a start URL as typed: spelled as rules are
         key = (f"{parts.scheme}://{parts.netloc}", round_)
         rules = self.robots.get(key)
@@ -134,7 +136,8 @@ class _Process:
             rules = self.robots[key] = asyncio.ensure_future(
                 self._read_robots(key[0], timeout))
         path = f"{parts.path or '/'}?{parts.query}" if parts.query else parts.path or "/"
-        return (await asyncio.shield(rules)).allows(path)
+        rules = await asyncio.shield(rules)
+        return rules if rules.allows(path) else None
 
     async def _read_robots(self, origin: str, timeout: float) -> Robots:
         rules, url = Robots([], USER_AGENT), origin + "/robots.txt"
@@ -162,14 +165,14 @@ class Robots:
 
     def __init__(self, lines: list[str], agent: str) -> None:
         token = agent.split("/")[0].lower()
-        groups: list[tuple[list[str], list[tuple[str, bool]]]] = []
+        groups: list[tuple[list[str], list[tuple[str, bool]], list[float]]] = []
         in_rules = True   # the next User-agent line starts a group
         for line in lines:
             key, colon, value = line.split("#", 1)[0].partition(":")
             key, value = key.strip().lower(), value.strip()
             if key == "user-agent":
                 if in_rules:
-                    groups.append(([], []))
+                    groups.append(([], [], []))
                     in_rules = False
                 groups[-1][0].append(value.split("/")[0].lower())
             elif groups and key in ("allow", "disallow"):
@@ -177,9 +180,13 @@ class Robots:
                 in_rules = True
                 if value:   # "Disallow:" keeps nothing out
                     groups[-1][1].append((requote(value), key == "allow"))
-        named = [rules for agents, rules in groups if token in agents]   # case-insensitive
-        chosen = named or [rules for agents, rules in groups if "*" in agents]
-        rules = sorted({rule for group in chosen for rule in group},
+            elif groups and key == "crawl-delay" and _seconds(value):
+                groups[-1][2].append(min(float(value), 86_400.0))   # a day at most
+        named = [group for group in groups if token in group[0]]   # case-insensitive
+        chosen = named or [group for group in groups if "*" in group[0]]
+        # Crawl-delay, in no RFC but widely written: the least seconds between two requests
+        self.delay = max((delay for _, _, delays in chosen for delay in delays), default=None)
+        rules = sorted({rule for _, group, _ in chosen for rule in group},
                        key=lambda rule: (-len(rule[0]), not rule[1]))
         self.rules = [(pattern, _glob(pattern), allow) for pattern, allow in rules]
 
@@ -191,6 +198,13 @@ class Robots:
             if path.startswith(prefix) if glob is None else _matches(glob, path):
                 return allow
         return True
+
+
+def _seconds(value: str) -> bool:
+    try:
+        return 0 < float(value) < math.inf
+    except ValueError:
+        return False
 
 
 def _glob(pattern: str) -> tuple[list[str], bool] | None:
@@ -298,7 +312,8 @@ class Crawl(Job):
         return urlparse(normalize_url(url)).netloc   # the host as the crawl's links spell it
 
     async def run(self, url: str, batch: str = "") -> dict:
-        if not await _process.allowed(url, self.dedupe_scope or batch, self.request_timeout):
+        robots = await _process.allowed(url, self.dedupe_scope or batch, self.request_timeout)
+        if robots is None:
             return {"url": url, "status": None, "links": 0, "bytes": 0, "robots": "disallowed"}
         try:
             async with _process.http().get(
@@ -325,14 +340,15 @@ class Crawl(Job):
                 result["error"] = "a redirect to no web page"
             elif target != url:
                 result["links"] = await self._submit(
-                    url, [(target, urlparse(target).netloc)], batch)
+                    url, [(target, urlparse(target).netloc)], batch, robots.delay)
             return result
         result["bytes"] = len(body)
         if truncated:
             result["truncated"] = True
         if status >= 400 or not html:
             return result   # a 404 is an answer: nothing to retry, no links to follow
-        result["links"] = await self._submit(url, await self._links(url, body, charset), batch)
+        links = await self._links(url, body, charset)
+        result["links"] = await self._submit(url, links, batch, robots.delay)
         return result
 
     @staticmethod
@@ -355,14 +371,19 @@ class Crawl(Job):
         return list(dict.fromkeys([_process.resolve(base, href)
                                    async for href in _in_turns(hrefs)]))
 
-    async def _submit(self, url: str, links: list[tuple[str, str]], batch: str) -> int:
-        """Submit the links, (URL, host), that stay on ``url``'s host; returns how many."""
+    async def _submit(self, url: str, links: list[tuple[str, str]], batch: str,
+                      delay: float | None = None) -> int:
+        """Submit the links, (URL, host), that stay on ``url``'s host, as jobs that start
+        ``delay`` seconds apart at least (its robots.txt's Crawl-delay); returns how many."""
         host = urlparse(normalize_url(url)).netloc
+        options = {"batch": batch} if batch else {}
+        if delay:
+            options["limit_interval"] = delay
         found = 0
         async for link, link_host in _in_turns(links):
             if link_host != host:
                 continue   # another host (or no link: "")
             found += 1
             if _process.first_time(self.dedupe_scope, link, self.job_id):
-                type(self).submit_with(args=[link, batch], **({"batch": batch} if batch else {}))
+                type(self).submit_with(args=[link, batch], **options)
         return found
