@@ -338,6 +338,26 @@ def test_a_page_without_a_charset_in_its_content_type_is_read_in_its_meta_charse
     assert links(children) == [site.url + "/caf%C3%A9"] * 2
 
 
+@pytest.mark.parametrize("charset", ["utf-8", "windows-1252"])
+def test_a_page_that_names_no_charset_is_read_as_utf_8_if_it_is(children, charset):
+    """A page with no charset in its Content-Type nor a <meta> (nginx sends "text/html" as
+    it is): the async crawler read it as Latin-1, so UTF-8 links came out garbled
+    (/café as /cafÃ©, a 404), and the sync one as UTF-8 whatever it was (a windows-1252
+    /café became /caf%EF%BF%BD). As browsers guess: UTF-8 if it reads as such, else
+    windows-1252, a tail cut off mid-character (the size cap) still UTF-8."""
+    page = '<html><body><a href="/café">c</a>é</body></html>'.encode(charset)
+    with Site({"/": (200, {"Content-Type": "text/html"}, page),
+               "/cut": (200, {"Content-Type": "text/html"}, page + "é".encode(charset))}) \
+            as site:
+        assert fetch(Crawl(), site.url + "/")["links"] == 1
+        assert CrawlSync().run(site.url + "/")["links"] == 1
+        cut = len(page) + 1   # the first byte of the last é only, in UTF-8
+        assert fetch(type("Cut", (Crawl,), {"max_bytes": cut})(), site.url + "/cut")["links"] == 1
+        assert type("Cut", (CrawlSync,), {"max_bytes": cut})().run(site.url + "/cut")["links"] \
+            == 1
+    assert links(children) == [site.url + "/caf%C3%A9"] * 4
+
+
 def test_a_page_with_a_long_header_is_read(children):
     """aiohttp refused a header line over 8 KiB (a large Content-Security-Policy or cookie,
     which sites send and browsers read) with "400, Got more than 8190 bytes": the page

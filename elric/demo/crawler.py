@@ -37,8 +37,8 @@ except ImportError:  # pragma: no cover - depends on the install
                       "pip install '/path/to/elric[crawl]'") from None
 
 from elric import Job
-from elric.demo.crawler_sync import (REDIRECTS, link_of, nofollow, normalize_url, page_key,
-                                    refresh_url, requote, retry_after)
+from elric.demo.crawler_sync import (REDIRECTS, link_of, nofollow, normalize_url, page_charset,
+                                    page_key, refresh_url, requote, retry_after)
 
 USER_AGENT = "elric-crawler/0.1"
 CHUNK = 64 * 1024
@@ -267,11 +267,9 @@ async def _in_turns(items: list[T]) -> AsyncIterator[T]:
 _parsers: dict[str, lxml.html.HTMLParser | None] = {}
 
 
-def _parser(charset: str | None) -> lxml.html.HTMLParser | None:
-    """An lxml parser reading ``charset``, the one the Content-Type names (without it lxml
-    goes by a <meta> charset, else Latin-1: UTF-8 links came out garbled); None: lxml's."""
-    if charset is None:
-        return None
+def _parser(charset: str) -> lxml.html.HTMLParser | None:
+    """An lxml parser reading ``charset`` (without one lxml reads Latin-1 where no <meta>
+    names one: UTF-8 links came out garbled); None: lxml's."""
     parser = _parsers.get(charset)
     if parser is None and charset not in _parsers:
         try:
@@ -355,7 +353,8 @@ class Crawl(Job):
     async def _links(base: str, html: bytes, charset: str | None) -> list[tuple[str, str]]:
         """The links of ``html`` (in ``charset``), relative to ``base``: (URL, host)."""
         try:   # lxml, in C: a tenth of the CPU of html.parser, which the sync crawler uses
-            doc = lxml.html.fromstring(html, parser=_parser(charset)) if html.strip() else None
+            doc = lxml.html.fromstring(html, parser=_parser(page_charset(charset, html))) \
+                if html.strip() else None
         except (lxml.etree.ParserError, ValueError):
             doc = None   # not a document lxml can read: no links
         if doc is None:

@@ -16,6 +16,7 @@ robots.txt: crawl sites that are not your own with the async crawler, which obey
 
 from __future__ import annotations
 
+import codecs
 import re
 import string
 import time
@@ -163,6 +164,22 @@ def link_of(base: str, href: str) -> str | None:
 
 # <meta charset="x">, or <meta http-equiv="Content-Type" content="text/html; charset=x">
 _META_CHARSET = re.compile(rb"""<meta[^>]*?charset\s*=\s*["']?([-\w.:]+)""", re.IGNORECASE)
+
+
+def page_charset(declared: str | None, body: bytes) -> str:
+    """The charset to read a page in: its Content-Type's, else a <meta>'s in its first 1024
+    bytes (where browsers look), else UTF-8 if it reads as such (a tail cut mid-character
+    too), else windows-1252, as browsers guess."""
+    if declared:
+        return declared
+    found = _META_CHARSET.search(body, 0, 1024)
+    if found:
+        return found.group(1).decode("ascii")
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(body)   # not final: a cut tail reads
+        return "utf-8"
+    except UnicodeDecodeError:
+        return "windows-1252"
 REDIRECTS = frozenset((301, 302, 303, 307, 308))
 
 
@@ -228,11 +245,8 @@ class CrawlSync(Job):
             body, result["truncated"] = body[:self.max_bytes], True
         if not html:
             return result
-        if charset is None:   # then a <meta> in its first 1024 bytes names it, as browsers read
-            found = _META_CHARSET.search(body, 0, 1024)
-            charset = found.group(1).decode("ascii") if found else "utf-8"
         try:
-            text = body.decode(charset, "replace")
+            text = body.decode(page_charset(charset, body), "replace")
         except LookupError:   # one Python does not know
             text = body.decode("utf-8", "replace")
         parser = Links()
