@@ -620,6 +620,19 @@ def test_a_page_has_one_spelling_whatever_its_escapes_and_the_sync_crawler_fetch
 
 
 @pytest.mark.parametrize("job_class", [Crawl, CrawlSync], ids=["async", "sync"])
+def test_a_domain_name_with_a_sharp_s_is_the_domain_browsers_reach(job_class):
+    """Python's IDNA 2003 codec maps ß to ss and ς to σ: a crawl of straße.de fetched its
+    first page there (aiohttp is IDNA 2008, as browsers are) and every other page from
+    strasse.de, another domain and another site."""
+    import yarl
+
+    for url in "http://straße.de/a", "http://Faß.DE:8/", "http://τεςτ.gr/":
+        assert yarl.URL(normalize_url(url)).raw_host == yarl.URL(url).raw_host, url
+    assert job_class.spec(["http://straße.de/"])["limit_key"] == "xn--strae-oqa.de"
+    assert normalize_url("http://bücher.example/") == "http://xn--bcher-kva.example/"
+
+
+@pytest.mark.parametrize("job_class", [Crawl, CrawlSync], ids=["async", "sync"])
 def test_a_start_url_as_a_browser_shows_it_is_fetched(children, job_class):
     """A start URL typed as the address bar shows it (/café, /a b) failed every attempt in
     the sync crawler: urllib sends ASCII only, and no space."""

@@ -82,13 +82,25 @@ def normalize_url(url: str) -> str:
     query = f"?{parts.query}" if parts.query else ""
     if not (url.isascii() and "%" not in url and " " not in url):   # escapes to spell
         try:   # an international domain name, as DNS knows it
-            netloc = netloc.encode("idna").decode("ascii")
+            netloc = _ascii_host(netloc)
         except UnicodeError:
             pass
         path, query = requote(path), requote(query)
     if "/." in path:   # /x/../a is /a, as urljoin makes a relative link's path
         path = _without_dots(path)
     return f"{scheme}://{netloc}{path}{query}"
+
+
+def _ascii_host(netloc: str) -> str:
+    # Python's codec is IDNA 2003, which maps ß and ς away: straße.de became strasse.de,
+    # another domain than browsers (and aiohttp) reach, IDNA 2008's xn--strae-oqa.de
+    if _DEVIATIONS.isdisjoint(netloc):
+        return netloc.encode("idna").decode("ascii")
+    return ".".join(label if label.isascii() else "xn--" + label.encode("punycode").decode()
+                    for label in netloc.split("."))
+
+
+_DEVIATIONS = frozenset("ßς\u200c\u200d")
 
 
 def _without_dots(path: str) -> str:
