@@ -358,6 +358,18 @@ def test_a_page_that_names_no_charset_is_read_as_utf_8_if_it_is(children, charse
     assert links(children) == [site.url + "/caf%C3%A9"] * 4
 
 
+def test_a_meta_charset_after_the_first_kilobyte_is_heeded(children):
+    """Found in the first 1024 bytes only, a <meta> after a long <head> was missed: a
+    Shift_JIS page was read as windows-1252 (the async crawler read it with lxml's own
+    <meta> reading before the charset was picked for it)."""
+    page = (f'<html><head><!-- {"x" * 2000} --><meta charset="shift_jis"></head>'
+            '<body><a href="/日本">j</a></body></html>').encode("shift_jis")
+    with Site({"/": (200, {"Content-Type": "text/html"}, page)}) as site:
+        assert fetch(Crawl(), site.url + "/")["links"] == 1
+        assert CrawlSync().run(site.url + "/")["links"] == 1
+    assert links(children) == [site.url + "/%E6%97%A5%E6%9C%AC"] * 2
+
+
 def test_a_page_with_a_long_header_is_read(children):
     """aiohttp refused a header line over 8 KiB (a large Content-Security-Policy or cookie,
     which sites send and browsers read) with "400, Got more than 8190 bytes": the page

@@ -180,18 +180,18 @@ _META_CHARSET = re.compile(rb"""<meta[^>]*?charset\s*=\s*["']?([-\w.:]+)""", re.
 
 def page_charset(declared: str | None, body: bytes) -> str:
     """The charset to read a page in: its Content-Type's, else a <meta>'s in its first 1024
-    bytes (where browsers look), else UTF-8 if it reads as such (a tail cut mid-character
-    too), else windows-1252, as browsers guess."""
+    bytes (where browsers look first), else UTF-8 if it reads as such (a tail cut
+    mid-character too), else a later <meta>'s (browsers heed it too), else windows-1252."""
     if declared:
         return declared
     found = _META_CHARSET.search(body, 0, 1024)
-    if found:
-        return found.group(1).decode("ascii")
-    try:
-        codecs.getincrementaldecoder("utf-8")().decode(body)   # not final: a cut tail reads
-        return "utf-8"
-    except UnicodeDecodeError:
-        return "windows-1252"
+    if not found:
+        try:
+            codecs.getincrementaldecoder("utf-8")().decode(body)   # not final: a cut tail reads
+            return "utf-8"
+        except UnicodeDecodeError:
+            found = _META_CHARSET.search(body)
+    return found.group(1).decode("ascii") if found else "windows-1252"
 REDIRECTS = frozenset((301, 302, 303, 307, 308))
 
 
