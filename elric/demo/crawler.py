@@ -237,7 +237,6 @@ def _matches(glob: tuple[list[str], bool], path: str) -> bool:
 
 
 _process = _Process()
-T = TypeVar("T")
 
 
 def _no_answer(url: str, timeout: float) -> TimeoutError:
@@ -255,6 +254,9 @@ async def _read(response: aiohttp.ClientResponse, limit: int) -> tuple[bytes, bo
     return bytes(body), False
 
 
+T = TypeVar("T")
+
+
 async def _in_turns(items: list[T]) -> AsyncIterator[T]:
     """``items``, giving the process's other jobs a turn every TURN of them: resolving and
     submitting the links of a page of 10,000 took a second or two, and stalled them all."""
@@ -268,8 +270,7 @@ _parsers: dict[str, lxml.html.HTMLParser | None] = {}
 
 
 def _parser(charset: str) -> lxml.html.HTMLParser | None:
-    """An lxml parser reading ``charset`` (without one lxml reads Latin-1 where no <meta>
-    names one: UTF-8 links came out garbled); None: lxml's."""
+    """An lxml parser reading ``charset``; None: lxml's own, for one it does not know."""
     parser = _parsers.get(charset)
     if parser is None and charset not in _parsers:
         try:

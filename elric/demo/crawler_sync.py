@@ -192,6 +192,8 @@ def page_charset(declared: str | None, body: bytes) -> str:
         except UnicodeDecodeError:
             found = _META_CHARSET.search(body)
     return found.group(1).decode("ascii") if found else "windows-1252"
+
+
 REDIRECTS = frozenset((301, 302, 303, 307, 308))
 
 

@@ -16,7 +16,8 @@
 -- key is then in limits-due, and parked jobs go back to their queue's line in their old
 -- place when the key has room. A job holds its key's slot while its code runs: an ended
 -- run frees it here, before its outcome is recorded (children go through the master
--- first). Limit times use Redis's clock: workers' clocks disagree.
+-- first). Limit times use Redis's clock: workers' clocks disagree. A job's own
+-- limit_interval lengthens its key's least time between starts (or is its only rule).
 -- A job's first claim adds its wait since it was queued to the counters' start latency.
 local jp, qp, wp, rp, np, pp = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local clock = now_ms()
