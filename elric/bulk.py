@@ -254,8 +254,8 @@ class Bulk:
             spec = {"func": job["func"], "args": job["args"], "kwargs": job["kwargs"],
                     "queue": job["queue"], "priority": job["priority"],
                     "max_retries": job["max_retries"], "job_id": f"{job_id}~{op}",
-                    **{key: job[key] for key in ("batch", "timeout", "limit_key", "dedupe_scope")
-                       if job.get(key)}}
+                    **{key: job[key] for key in ("batch", "timeout", "limit_key", "limit_interval",
+                                                 "dedupe_scope") if job.get(key)}}
             try:   # one refused copy (e.g. its id over 200 characters) must not stop the rest
                 self.admission.normalize(spec)
             except SpecError as exc:

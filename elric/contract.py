@@ -90,6 +90,9 @@ SPEC_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "dedupe_scope": ((str,), "namespace of dedupe_key"),
     "limit_key": ((str,), "jobs sharing it share the limits setting LIMITS gives it "
                           "(a crawler: the host)"),
+    "limit_interval": ((int, float), "least seconds between two starts of jobs of its "
+                                     "limit_key where LIMITS gives less (a crawler: robots.txt's "
+                                     "Crawl-delay)"),
     "round": ((str,), "the periodic fire this job descends from (set by the master for a "
                       "fire; children inherit it)"),
 }
@@ -285,6 +288,9 @@ def normalize_spec(
     if out.get("limit_key") is not None and not 0 < len(out["limit_key"]) <= MAX_LIMIT_KEY:
         raise SpecError(f"limit_key {out['limit_key']!r}: 1-{MAX_LIMIT_KEY} characters, or "
                         "leave it out for no limit")
+    if "limit_interval" in out and not 0 < out["limit_interval"] <= MAX_TIMEOUT:
+        raise SpecError(f"limit_interval {out['limit_interval']!r}: must be a positive number "
+                        f"of seconds (at most {MAX_TIMEOUT})")
     if not JOB_ID.fullmatch(out["job_id"]):
         raise SpecError(f"job_id {out['job_id']!r}: 1-200 characters without spaces")
     if not QUEUE_NAME.fullmatch(str(out["queue"])):

@@ -8,7 +8,9 @@ Setting ``LIMITS`` maps a key, or ``"*"`` for every key without its own entry, t
               "example.com": {"concurrency": 2, "rate": 5}}   # 2 at once, 5 starts/s
 
 ``interval`` (seconds between two starts) and ``rate`` (starts per second) say the same
-thing; give one. Jobs without a limit key, or with a key no rule covers, are not limited.
+thing; give one. Jobs without a limit key, or with a key no rule covers, are not limited,
+but by their own ``limit_interval`` (a crawler's robots.txt Crawl-delay): the least time
+between two starts of their key where its rule gives less.
 The master publishes the rules to Redis when it starts, and again whenever Redis has lost
 them (restarted without persistence, flushed); fetch.lua enforces them.
 """

@@ -153,7 +153,7 @@ _VIEW = {"func": _s, "args": codec.unpack, "kwargs": codec.unpack, "queue": _s,
          "retry_at": _ms_to_s, "duration_ms": int}
 _EMPTY = {"args": [], "kwargs": {}, "priority": 0, "attempts": 0, "max_retries": 0}
 _OPTIONAL_VIEW = {"schedule": _s, "dedupe_key": _s, "dedupe_scope": _s, "limit_key": _s,
-                  "round": _s, "fire_time": float, "not_run": _s}
+                  "limit_interval": float, "round": _s, "fire_time": float, "not_run": _s}
 # What list_jobs reads of a job: all but its result, so a page of jobs stays small
 _TRACEBACKS = ("Traceback (most recent call last):",
                "  + Exception Group Traceback (most recent call last):")
@@ -193,7 +193,8 @@ _SUMMARY_FIELDS = [name for name in (*_VIEW, *_OPTIONAL_VIEW) if name != "result
 _WRITE = {**dict.fromkeys(("func", "parent", "schedule", "dedupe_key", "dedupe_scope", "batch",
                            "limit_key", "round")),   # text, as it is
           "args": codec.pack, "kwargs": codec.pack,
-          **dict.fromkeys(("priority", "max_retries", "timeout", "fire_time"), repr)}
+          **dict.fromkeys(("priority", "max_retries", "timeout", "fire_time", "limit_interval"),
+                          repr)}
 
 
 def _fields(spec: dict) -> list:

@@ -189,7 +189,8 @@ def test_an_id_given_twice_is_done_and_counted_once(cluster):
 
 def test_a_copy_keeps_its_sources_limit_key(redis_url):
     """A copy of a crawled page is still a request to its host: it keeps the source's
-    limit_key (LIMITS holds for it) as it keeps its batch and timeout."""
+    limit_key (LIMITS holds for it) and limit_interval (a robots.txt's Crawl-delay) as it
+    keeps its batch and timeout."""
     import asyncio
 
     from tests.test_dedupe_keys_given_back import master
@@ -197,13 +198,15 @@ def test_a_copy_keeps_its_sources_limit_key(redis_url):
     async def main():
         async with master(redis_url) as m:
             await m.submit_jobs([{"func": "tests.jobs:Echo", "job_id": "page",
-                                  "limit_key": "slow.test", "queue": "copyq"}])
+                                  "limit_key": "slow.test", "limit_interval": 2.5,
+                                  "queue": "copyq"}])
             queued_at = (await m.get_job("page"))["enqueued_at"]
             while (lambda s, us: s + us / 1e6)(*await m.redis.time()) <= queued_at + 0.002:
                 await asyncio.sleep(0.01)   # a copy passes over jobs queued since it began
             step = await m.bulk_jobs("copy", {"ids": ["page"]}, "", "op1")
             assert step["touched"] == 1, step
-            assert (await m.get_job("page~op1"))["limit_key"] == "slow.test"
+            copy = await m.get_job("page~op1")
+            assert (copy["limit_key"], copy["limit_interval"]) == ("slow.test", 2.5)
     asyncio.run(main())
 
 

@@ -38,7 +38,7 @@ def test_spec_key_names():
     assert tuple(SPEC_KEYS) == (
         "func", "args", "kwargs", "job_id", "queue", "priority", "max_retries", "timeout",
         "batch", "parent", "trigger", "replace_existing", "misfire_grace_time", "coalesce",
-        "max_instances", "dedupe_key", "dedupe_scope", "limit_key", "round")
+        "max_instances", "dedupe_key", "dedupe_scope", "limit_key", "limit_interval", "round")
     assert all(isinstance(doc, str) and doc for _, doc in SPEC_KEYS.values())
 
 
@@ -140,6 +140,11 @@ def test_func_is_checked_by_name_without_importing(monkeypatch):
     ({"func": "tests.jobs:Echo", "timeout": float("nan")}, "timeout nan: must be a positive"),
     ({"func": "tests.jobs:Echo", "timeout": float("inf")}, "timeout inf: must be a positive"),
     ({"func": "tests.jobs:Echo", "timeout": 1e300}, "at most 2147483648; nil or left out"),
+    ({"func": "tests.jobs:Echo", "limit_interval": 0}, "limit_interval 0: must be a positive"),
+    ({"func": "tests.jobs:Echo", "limit_interval": float("nan")}, "limit_interval nan: must be"),
+    ({"func": "tests.jobs:Echo", "limit_interval": 1e300}, "(at most 2147483648)"),
+    ({"func": "tests.jobs:Echo", "limit_interval": None},
+     "job spec key 'limit_interval' must be number, got nil"),
     # a key no job hash would record: never given back, and every later '' filtered
     ({"func": "tests.jobs:Echo", "dedupe_key": ""}, "dedupe_key '': leave it out for no "
                                                     "dedupe"),

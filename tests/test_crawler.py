@@ -5,8 +5,11 @@ page over the size cap cut off."""
 from __future__ import annotations
 
 import asyncio
+import html
+import json
 import threading
 import time
+import types
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -140,7 +143,10 @@ def test_a_link_resolved_once_per_host_is_the_link_of_every_page():
 
 def submit_links(url: str, html: bytes, charset: str | None = None) -> int:
     """What a crawl job does with a page it fetched: submit its links (on its host)."""
-    return Crawl()._submit(url, Crawl._links(url, html, charset), "b")
+    async def submit():
+        return await Crawl()._submit(url, await Crawl._links(url, html, charset), "b")
+
+    return asyncio.run(submit())
 
 
 @pytest.mark.parametrize("body", [b"", b"   ", b"\x00\xff<<<", b"<html><body>no links"])
@@ -332,6 +338,38 @@ def test_a_page_without_a_charset_in_its_content_type_is_read_in_its_meta_charse
     assert links(children) == [site.url + "/caf%C3%A9"] * 2
 
 
+@pytest.mark.parametrize("charset", ["utf-8", "windows-1252"])
+def test_a_page_that_names_no_charset_is_read_as_utf_8_if_it_is(children, charset):
+    """A page with no charset in its Content-Type nor a <meta> (nginx sends "text/html" as
+    it is): the async crawler read it as Latin-1, so UTF-8 links came out garbled
+    (/café as /cafÃ©, a 404), and the sync one as UTF-8 whatever it was (a windows-1252
+    /café became /caf%EF%BF%BD). As browsers guess: UTF-8 if it reads as such, else
+    windows-1252, a tail cut off mid-character (the size cap) still UTF-8."""
+    page = '<html><body><a href="/café">c</a>é</body></html>'.encode(charset)
+    with Site({"/": (200, {"Content-Type": "text/html"}, page),
+               "/cut": (200, {"Content-Type": "text/html"}, page + "é".encode(charset))}) \
+            as site:
+        assert fetch(Crawl(), site.url + "/")["links"] == 1
+        assert CrawlSync().run(site.url + "/")["links"] == 1
+        cut = len(page) + 1   # the first byte of the last é only, in UTF-8
+        assert fetch(type("Cut", (Crawl,), {"max_bytes": cut})(), site.url + "/cut")["links"] == 1
+        assert type("Cut", (CrawlSync,), {"max_bytes": cut})().run(site.url + "/cut")["links"] \
+            == 1
+    assert links(children) == [site.url + "/caf%C3%A9"] * 4
+
+
+def test_a_meta_charset_after_the_first_kilobyte_is_heeded(children):
+    """Found in the first 1024 bytes only, a <meta> after a long <head> was missed: a
+    Shift_JIS page was read as windows-1252 (the async crawler read it with lxml's own
+    <meta> reading before the charset was picked for it)."""
+    page = (f'<html><head><!-- {"x" * 2000} --><meta charset="shift_jis"></head>'
+            '<body><a href="/日本">j</a></body></html>').encode("shift_jis")
+    with Site({"/": (200, {"Content-Type": "text/html"}, page)}) as site:
+        assert fetch(Crawl(), site.url + "/")["links"] == 1
+        assert CrawlSync().run(site.url + "/")["links"] == 1
+    assert links(children) == [site.url + "/%E6%97%A5%E6%9C%AC"] * 2
+
+
 def test_a_page_with_a_long_header_is_read(children):
     """aiohttp refused a header line over 8 KiB (a large Content-Security-Policy or cookie,
     which sites send and browsers read) with "400, Got more than 8190 bytes": the page
@@ -366,6 +404,22 @@ def test_links_are_relative_to_a_base_href(children):
     assert links(children) == [site.url + "/docs/v2/intro", site.url + "/top"] * 2
 
 
+@pytest.mark.parametrize("content, path", [
+    ("0; url=/moved", "/moved"), ("0;URL='/q uoted'", "/q%20uoted"), ('3, url="next"', "/d/next"),
+    ("0.5 /bare", "/bare"), ("5", None), ("0; url=http://localhost/off", None), ("", None)])
+def test_a_meta_refresh_leads_to_a_link_of_its_page(children, content, path):
+    """<meta http-equiv="refresh" content="0; url=..."> (a page that moved, said in HTML)
+    was not read: the page it leads to was never crawled. Its URL is a link of the page,
+    relative to it, on the crawl's host only; without one it reloads the page itself."""
+    page = (f'<html><head><meta http-equiv="Refresh" content="{html.escape(content)}">'
+            '</head><body>moved</body></html>').encode()
+    with Site({"/d/": (200, {"Content-Type": "text/html"}, page)}) as site:
+        expected = [] if path is None else [site.url + path]
+        assert fetch(Crawl(), site.url + "/d/")["links"] == len(expected)
+        assert CrawlSync().run(site.url + "/d/")["links"] == len(expected)
+    assert links(children) == expected * 2
+
+
 @pytest.mark.parametrize("head, followed", [
     (b'<meta name="robots" content="noindex">', 2),   # we index nothing: no change
     (b'<meta name="Robots" content="noindex, NoFollow">', 0),
@@ -380,6 +434,64 @@ def test_links_marked_nofollow_are_not_followed(children, head, followed):
         assert fetch(Crawl(), site.url + "/")["links"] == followed
         assert CrawlSync().run(site.url + "/")["links"] == followed
     assert links(children) == [site.url + "/a", site.url + "/c"] * followed   # each crawler
+
+
+def test_a_page_is_fetched_without_the_cookies_other_pages_set(children):
+    """A pool process's one HTTP session kept every cookie a site set: each later request to
+    the host sent them (another crawl's, an earlier round's; a port is no other host to a
+    cookie), so what a page served hung on what that process fetched before, and the jar grew
+    with every host crawled. The sync crawler keeps none either."""
+    from elric.demo import crawler
+
+    sent = []
+
+    def check(handler):
+        sent.append(handler.headers.get("Cookie"))
+        handler.send_response(200)
+        handler.send_header("Content-Type", "text/html")
+        handler.send_header("Content-Length", "0")
+        handler.end_headers()
+
+    page = (200, {"Content-Type": "text/html", "Set-Cookie": "session=abc; Path=/"}, b"<html>")
+    with Site({"/set": page, "/check": check}) as first, Site({"/check": check}) as other:
+        async def run():
+            try:
+                for url in first.url + "/set", first.url + "/check", other.url + "/check":
+                    # localhost: aiohttp keeps no cookie of an IP address
+                    await Crawl().run(url.replace("127.0.0.1", "localhost"), "b")
+            finally:
+                await crawler._process.session.close()
+
+        asyncio.run(run())
+    assert sent == [None, None]
+
+
+def test_other_jobs_of_the_process_go_on_while_a_page_of_many_links_is_read(children):
+    """A page of 10,000 links took a second or two of Python to resolve and submit its
+    links, and no other job of the pool process moved meanwhile (its fetches timed out, its
+    leases went unrenewed): here another task of the loop gets turns in between."""
+    from elric.demo import crawler
+
+    n = 10_000
+    page = "<html><body>{}</body></html>".format(
+        "".join(f'<a href="/p/{i}">{i}</a>' for i in range(n))).encode()
+    seen = set()   # (links resolved, links submitted) each time the other task ran
+
+    async def run(url):
+        job = asyncio.ensure_future(Crawl().run(url, "b"))
+        try:
+            while not job.done():
+                seen.add((len(crawler._process.resolved), len(children)))
+                await asyncio.sleep(0)
+            return job.result()
+        finally:
+            await crawler._process.session.close()
+
+    with Site({"/": (200, {"Content-Type": "text/html"}, page)}) as site:
+        assert asyncio.run(run(site.url + "/"))["links"] == n
+    assert len(children) == n
+    assert any(0 < resolved < n for resolved, _ in seen), "no turn while resolving"
+    assert any(0 < submitted < n for _, submitted in seen), "no turn while submitting"
 
 
 class QuickCrawl(Crawl):
@@ -520,6 +632,19 @@ def test_a_page_has_one_spelling_whatever_its_escapes_and_the_sync_crawler_fetch
 
 
 @pytest.mark.parametrize("job_class", [Crawl, CrawlSync], ids=["async", "sync"])
+def test_a_domain_name_with_a_sharp_s_is_the_domain_browsers_reach(job_class):
+    """Python's IDNA 2003 codec maps ß to ss and ς to σ: a crawl of straße.de fetched its
+    first page there (aiohttp is IDNA 2008, as browsers are) and every other page from
+    strasse.de, another domain and another site."""
+    import yarl
+
+    for url in "http://straße.de/a", "http://Faß.DE:8/", "http://τεςτ.gr/":
+        assert yarl.URL(normalize_url(url)).raw_host == yarl.URL(url).raw_host, url
+    assert job_class.spec(["http://straße.de/"])["limit_key"] == "xn--strae-oqa.de"
+    assert normalize_url("http://bücher.example/") == "http://xn--bcher-kva.example/"
+
+
+@pytest.mark.parametrize("job_class", [Crawl, CrawlSync], ids=["async", "sync"])
 def test_a_start_url_as_a_browser_shows_it_is_fetched(children, job_class):
     """A start URL typed as the address bar shows it (/café, /a b) failed every attempt in
     the sync crawler: urllib sends ASCII only, and no space."""
@@ -650,6 +775,43 @@ def test_robots_txt_groups_for_the_crawler_by_name_are_its_rules_alone():
     assert not mine.allows("/mine-only/x") and mine.allows("/private")
     nobody = Robots(ROBOTS.splitlines(), "Nobody/1.0")
     assert not nobody.allows("/") and not nobody.allows("/private/public")
+
+
+def test_robots_txt_crawl_delay_is_read_from_the_crawlers_groups():
+    from elric.demo.crawler import Robots
+
+    assert Robots(ROBOTS.splitlines(), "elric-crawler/0.1").delay == 3
+    assert Robots(ROBOTS.splitlines(), "other-bot/2").delay is None   # not in the * group
+    lines = ["User-agent: *", "Crawl-delay: 0.5", "Crawl-delay: soon", "Crawl-delay: -1",
+             "Crawl-delay: nan", "Disallow:"]
+    assert Robots(lines, "e").delay == 0.5
+    assert Robots(["User-agent: *", "Crawl-delay: 1e9"], "e").delay == 86_400
+
+
+@pytest.mark.parametrize("limits, least", [(None, 1.0), ({"*": {"concurrency": 8, "rate": 50}}, 1.0),
+                                           ({"*": {"interval": 1.5}}, 1.5)],
+                         ids=["no-limits", "shorter-rule", "longer-rule"])
+def test_a_crawl_keeps_the_crawl_delay_robots_txt_asks_across_workers(make_cluster, limits,
+                                                                      least):
+    """Crawl-delay was not read: a site asking for a second between requests had a page
+    of it fetched at once by every free slot of every worker. Now the pages a page links to
+    start that far apart, across all workers, unless LIMITS asks for longer."""
+    c = make_cluster(**({"LIMITS": json.dumps(limits)} if limits else {}))
+    c.start_master()
+    for _ in range(2):
+        c.start_worker("--queues", "crawl", "--concurrency", "2")
+    index = "".join(f'<a href="/{p}">{p}</a>' for p in "abc").encode()
+    routes = {"/robots.txt": (200, {"Content-Type": "text/plain"},
+                              b"User-agent: *\nCrawl-delay: 1\n"),
+              "/": (200, {"Content-Type": "text/html"}, index),
+              **{f"/{p}": (200, {"Content-Type": "text/html"}, b"<html>") for p in "abc"}}
+    with Site(routes) as site:
+        jobs = crawl(c, types.SimpleNamespace(url=site.url + "/"), Crawl)
+    assert set(jobs) == {"/", "/a", "/b", "/c"} and site.hits["/robots.txt"] <= 4, c.logs()
+    assert all(j["status"] == "succeeded" for j in jobs.values()), c.logs()
+    assert {jobs[p].get("limit_interval") for p in ("/a", "/b", "/c")} == {1.0}
+    starts = sorted(jobs[p]["started_at"] for p in ("/a", "/b", "/c"))
+    assert all(later - first >= least for first, later in zip(starts, starts[1:])), starts
 
 
 def test_a_robots_txt_group_ends_at_a_rule_not_at_a_crawl_delay():

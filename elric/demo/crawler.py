@@ -10,19 +10,22 @@ is its host, so setting ``LIMITS`` keeps a crawl polite across all workers, e.g.
 
 As a crawler should: robots.txt is obeyed (read once per host and round in each process),
 where a redirect leads too, since that page is a job of its own (deduped with the links
-to it); 5xx and 429 answers, timeouts and broken connections are retried with backoff
-(``max_retries``), no sooner than a Retry-After asks (up to RETRY_BACKOFF_MAX); a 404 or
-other 4xx is a result, not an error, and its body is not read; a link marked ``rel="nofollow"``, or any of a page
-whose robots ``<meta>`` says nofollow, is not followed; and at most ``max_bytes`` of a
-page are read, and nothing of what is not HTML. robots.txt's ``Crawl-delay`` is not read:
-a pause between requests to a host is a ``LIMITS`` rule, kept across all workers, e.g.
-``{"example.com": {"interval": 10}}``.
+to it); its ``Crawl-delay`` is the least time between two starts of its host's pages
+across all workers, where ``LIMITS`` gives less (e.g. ``{"example.com": {"interval":
+10}}``): the links a page submits carry it as their ``limit_interval``. 5xx and 429
+answers, timeouts and broken connections are retried with backoff (``max_retries``), no
+sooner than a Retry-After asks (up to RETRY_BACKOFF_MAX); a 404 or other 4xx is a result,
+not an error, and its body is not read. A link marked ``rel="nofollow"``, or any of a page
+whose robots ``<meta>`` says nofollow, is not followed; a ``<meta http-equiv="refresh">``
+URL is a link of its page. At most ``max_bytes`` of a page are read, and nothing of what
+is not HTML.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+from typing import AsyncIterator, TypeVar
 from urllib.parse import urlparse, urlsplit
 
 try:
@@ -34,16 +37,19 @@ except ImportError:  # pragma: no cover - depends on the install
                       "pip install '/path/to/elric[crawl]'") from None
 
 from elric import Job
-from elric.demo.crawler_sync import (REDIRECTS, link_of, nofollow, normalize_url, page_key,
-                                    requote, retry_after)
+from elric.demo.crawler_sync import (REDIRECTS, link_of, nofollow, normalize_url, page_charset,
+                                    page_key, refresh_url, requote, retry_after)
 
 USER_AGENT = "elric-crawler/0.1"
 CHUNK = 64 * 1024
 HEADER_MAX_BYTES = 64 * 1024
 ROBOTS_MAX_BYTES = 512 * 1024   # RFC 9309: parse at least 500 KiB of a robots.txt
+TURN = 100   # links resolved or submitted between two turns of the process's other jobs
 _BASE_HREF = lxml.etree.XPath("//base/@href")   # compiled once
 _ROBOTS_META = lxml.etree.XPath(
     "//meta[translate(@name, 'ROBTS', 'robts') = 'robots']/@content")
+_REFRESH = lxml.etree.XPath(
+    "//meta[translate(@http-equiv, 'REFSH', 'refsh') = 'refresh']/@content")
 # the hrefs of links whose rel has no token nofollow (in any case); most have no rel, and
 # not(@rel) first spares them the string work (a third of the query's time on the bench site)
 _HREFS = lxml.etree.XPath("//a[not(@rel) or not(contains(concat(' ', translate(normalize-space("
@@ -110,12 +116,16 @@ class _Process:
             self.session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
                 headers={"User-Agent": USER_AGENT},
+                # no cookies: a page's answer must not hang on what the process fetched
+                # before (another crawl's, another round's, a port is no other host to one)
+                cookie_jar=aiohttp.DummyCookieJar(),
                 # a header line of up to 64 KiB, as urllib reads: sites send a large
                 # Content-Security-Policy or cookie, and over aiohttp's 8 KiB the page failed
                 max_line_size=HEADER_MAX_BYTES, max_field_size=HEADER_MAX_BYTES)
         return self.session
 
-    async def allowed(self, url: str, round_: str, timeout: float) -> bool:
+    async def allowed(self, url: str, round_: str, timeout: float) -> Robots | None:
+        """The rules of ``url``'s robots.txt in this round if they allow it, else None."""
         parts = urlsplit(normalize_url(url))   # a start URL as typed: spelled as rules are
         key = (f"{parts.scheme}://{parts.netloc}", round_)
         rules = self.robots.get(key)
@@ -126,7 +136,8 @@ class _Process:
             rules = self.robots[key] = asyncio.ensure_future(
                 self._read_robots(key[0], timeout))
         path = f"{parts.path or '/'}?{parts.query}" if parts.query else parts.path or "/"
-        return (await asyncio.shield(rules)).allows(path)
+        rules = await asyncio.shield(rules)
+        return rules if rules.allows(path) else None
 
     async def _read_robots(self, origin: str, timeout: float) -> Robots:
         rules, url = Robots([], USER_AGENT), origin + "/robots.txt"
@@ -154,14 +165,14 @@ class Robots:
 
     def __init__(self, lines: list[str], agent: str) -> None:
         token = agent.split("/")[0].lower()
-        groups: list[tuple[list[str], list[tuple[str, bool]]]] = []
+        groups: list[tuple[list[str], list[tuple[str, bool]], list[float]]] = []
         in_rules = True   # the next User-agent line starts a group
         for line in lines:
             key, colon, value = line.split("#", 1)[0].partition(":")
             key, value = key.strip().lower(), value.strip()
             if key == "user-agent":
                 if in_rules:
-                    groups.append(([], []))
+                    groups.append(([], [], []))
                     in_rules = False
                 groups[-1][0].append(value.split("/")[0].lower())
             elif groups and key in ("allow", "disallow"):
@@ -169,9 +180,13 @@ class Robots:
                 in_rules = True
                 if value:   # "Disallow:" keeps nothing out
                     groups[-1][1].append((requote(value), key == "allow"))
-        named = [rules for agents, rules in groups if token in agents]   # case-insensitive
-        chosen = named or [rules for agents, rules in groups if "*" in agents]
-        rules = sorted({rule for group in chosen for rule in group},
+            elif groups and key == "crawl-delay" and _seconds(value):
+                groups[-1][2].append(min(float(value), 86_400.0))   # a day at most
+        named = [group for group in groups if token in group[0]]   # case-insensitive
+        chosen = named or [group for group in groups if "*" in group[0]]
+        # Crawl-delay, in no RFC but widely written: the least seconds between two requests
+        self.delay = max((delay for _, _, delays in chosen for delay in delays), default=None)
+        rules = sorted({rule for _, group, _ in chosen for rule in group},
                        key=lambda rule: (-len(rule[0]), not rule[1]))
         self.rules = [(pattern, _glob(pattern), allow) for pattern, allow in rules]
 
@@ -183,6 +198,13 @@ class Robots:
             if path.startswith(prefix) if glob is None else _matches(glob, path):
                 return allow
         return True
+
+
+def _seconds(value: str) -> bool:
+    try:
+        return 0 < float(value) < math.inf
+    except ValueError:
+        return False
 
 
 def _glob(pattern: str) -> tuple[list[str], bool] | None:
@@ -232,14 +254,23 @@ async def _read(response: aiohttp.ClientResponse, limit: int) -> tuple[bytes, bo
     return bytes(body), False
 
 
+T = TypeVar("T")
+
+
+async def _in_turns(items: list[T]) -> AsyncIterator[T]:
+    """``items``, giving the process's other jobs a turn every TURN of them: resolving and
+    submitting the links of a page of 10,000 took a second or two, and stalled them all."""
+    for n, item in enumerate(items, 1):
+        yield item
+        if n % TURN == 0:
+            await asyncio.sleep(0)
+
+
 _parsers: dict[str, lxml.html.HTMLParser | None] = {}
 
 
-def _parser(charset: str | None) -> lxml.html.HTMLParser | None:
-    """An lxml parser reading ``charset``, the one the Content-Type names (without it lxml
-    goes by a <meta> charset, else Latin-1: UTF-8 links came out garbled); None: lxml's."""
-    if charset is None:
-        return None
+def _parser(charset: str) -> lxml.html.HTMLParser | None:
+    """An lxml parser reading ``charset``; None: lxml's own, for one it does not know."""
     parser = _parsers.get(charset)
     if parser is None and charset not in _parsers:
         try:
@@ -280,7 +311,8 @@ class Crawl(Job):
         return urlparse(normalize_url(url)).netloc   # the host as the crawl's links spell it
 
     async def run(self, url: str, batch: str = "") -> dict:
-        if not await _process.allowed(url, self.dedupe_scope or batch, self.request_timeout):
+        robots = await _process.allowed(url, self.dedupe_scope or batch, self.request_timeout)
+        if robots is None:
             return {"url": url, "status": None, "links": 0, "bytes": 0, "robots": "disallowed"}
         try:
             async with _process.http().get(
@@ -306,22 +338,24 @@ class Crawl(Job):
             if target is None:
                 result["error"] = "a redirect to no web page"
             elif target != url:
-                result["links"] = self._submit(url, [(target, urlparse(target).netloc)],
-                                               batch)
+                result["links"] = await self._submit(
+                    url, [(target, urlparse(target).netloc)], batch, robots.delay)
             return result
         result["bytes"] = len(body)
         if truncated:
             result["truncated"] = True
         if status >= 400 or not html:
             return result   # a 404 is an answer: nothing to retry, no links to follow
-        result["links"] = self._submit(url, self._links(url, body, charset), batch)
+        links = await self._links(url, body, charset)
+        result["links"] = await self._submit(url, links, batch, robots.delay)
         return result
 
     @staticmethod
-    def _links(base: str, html: bytes, charset: str | None) -> list[tuple[str, str]]:
+    async def _links(base: str, html: bytes, charset: str | None) -> list[tuple[str, str]]:
         """The links of ``html`` (in ``charset``), relative to ``base``: (URL, host)."""
         try:   # lxml, in C: a tenth of the CPU of html.parser, which the sync crawler uses
-            doc = lxml.html.fromstring(html, parser=_parser(charset)) if html.strip() else None
+            doc = lxml.html.fromstring(html, parser=_parser(page_charset(charset, html))) \
+                if html.strip() else None
         except (lxml.etree.ParserError, ValueError):
             doc = None   # not a document lxml can read: no links
         if doc is None:
@@ -333,16 +367,23 @@ class Crawl(Job):
             base = link_of(base, given[0]) or base
         # in the page's order, each once (a child's id follows its place: a rerun of the
         # page, in any process, gives each link the id it had)
-        return list(dict.fromkeys(_process.resolve(base, href) for href in _HREFS(doc)))
+        hrefs = [*filter(None, map(refresh_url, _REFRESH(doc))), *_HREFS(doc)]
+        return list(dict.fromkeys([_process.resolve(base, href)
+                                   async for href in _in_turns(hrefs)]))
 
-    def _submit(self, url: str, links: list[tuple[str, str]], batch: str) -> int:
-        """Submit the links, (URL, host), that stay on ``url``'s host; returns how many."""
+    async def _submit(self, url: str, links: list[tuple[str, str]], batch: str,
+                      delay: float | None = None) -> int:
+        """Submit the links, (URL, host), that stay on ``url``'s host, as jobs that start
+        ``delay`` seconds apart at least (its robots.txt's Crawl-delay); returns how many."""
         host = urlparse(normalize_url(url)).netloc
+        options = {"batch": batch} if batch else {}
+        if delay:
+            options["limit_interval"] = delay
         found = 0
-        for link, link_host in links:
+        async for link, link_host in _in_turns(links):
             if link_host != host:
                 continue   # another host (or no link: "")
             found += 1
             if _process.first_time(self.dedupe_scope, link, self.job_id):
-                type(self).submit_with(args=[link, batch], **({"batch": batch} if batch else {}))
+                type(self).submit_with(args=[link, batch], **options)
         return found

@@ -6,7 +6,8 @@ Every page is fetched once per crawl: each job's dedupe key is its normalized UR
 the master drops a job whose key it has seen in the job's dedupe scope. Children inherit
 their parent's scope, so a periodic crawl with ``dedupe_scope="@fire"`` fetches every
 page once per round, and again next round. Links that leave the start page's host, or are
-marked nofollow (``rel``, or the page's robots ``<meta>``), are not followed; where a
+marked nofollow (``rel``, or the page's robots ``<meta>``), are not followed (a
+``<meta http-equiv="refresh">`` URL is a link too); where a
 redirect leads is a page job of its own, on the same host only. A 5xx or 429 answer is
 retried (after its Retry-After, if any); a 404 or other 4xx is a result. At most
 ``max_bytes`` of a page are read, and nothing of what is not HTML. It does not read
@@ -15,6 +16,7 @@ robots.txt: crawl sites that are not your own with the async crawler, which obey
 
 from __future__ import annotations
 
+import codecs
 import re
 import string
 import time
@@ -44,6 +46,21 @@ class Links(HTMLParser):
             self.base = href
         elif tag == "meta" and attrs.get("name", "").lower() == "robots":
             self.nofollow = self.nofollow or nofollow(attrs.get("content", ""))
+        elif tag == "meta" and attrs.get("http-equiv", "").lower() == "refresh" and \
+                (target := refresh_url(attrs.get("content", ""))):
+            self.links.append(target)
+
+
+# "0; url=/next": the time, then ; or , or space, then the URL (the "url=" and quotes optional)
+_REFRESH = re.compile(r"""\s*[\d.]+(?:\s*[;,]\s*|\s+)(?:url\s*=\s*)?(?:"([^"]*)|'([^']*)|(.+))""",
+                      re.IGNORECASE | re.DOTALL)
+
+
+def refresh_url(content: str) -> str | None:
+    """Where a <meta http-equiv="refresh"> leads, as browsers read its content; None when it
+    reloads its own page. A page that moved says so this way as often as by a redirect."""
+    found = _REFRESH.match(content)
+    return found and next(url for url in found.groups() if url is not None) or None
 
 
 def nofollow(content: str) -> bool:
@@ -65,13 +82,25 @@ def normalize_url(url: str) -> str:
     query = f"?{parts.query}" if parts.query else ""
     if not (url.isascii() and "%" not in url and " " not in url):   # escapes to spell
         try:   # an international domain name, as DNS knows it
-            netloc = netloc.encode("idna").decode("ascii")
+            netloc = _ascii_host(netloc)
         except UnicodeError:
             pass
         path, query = requote(path), requote(query)
     if "/." in path:   # /x/../a is /a, as urljoin makes a relative link's path
         path = _without_dots(path)
     return f"{scheme}://{netloc}{path}{query}"
+
+
+def _ascii_host(netloc: str) -> str:
+    # Python's codec is IDNA 2003, which maps ß and ς away: straße.de became strasse.de,
+    # another domain than browsers (and aiohttp) reach, IDNA 2008's xn--strae-oqa.de
+    if _DEVIATIONS.isdisjoint(netloc):
+        return netloc.encode("idna").decode("ascii")
+    return ".".join(label if label.isascii() else "xn--" + label.encode("punycode").decode()
+                    for label in netloc.split("."))
+
+
+_DEVIATIONS = frozenset("ßς\u200c\u200d")
 
 
 def _without_dots(path: str) -> str:
@@ -147,6 +176,24 @@ def link_of(base: str, href: str) -> str | None:
 
 # <meta charset="x">, or <meta http-equiv="Content-Type" content="text/html; charset=x">
 _META_CHARSET = re.compile(rb"""<meta[^>]*?charset\s*=\s*["']?([-\w.:]+)""", re.IGNORECASE)
+
+
+def page_charset(declared: str | None, body: bytes) -> str:
+    """The charset to read a page in: its Content-Type's, else a <meta>'s in its first 1024
+    bytes (where browsers look first), else UTF-8 if it reads as such (a tail cut
+    mid-character too), else a later <meta>'s (browsers heed it too), else windows-1252."""
+    if declared:
+        return declared
+    found = _META_CHARSET.search(body, 0, 1024)
+    if not found:
+        try:
+            codecs.getincrementaldecoder("utf-8")().decode(body)   # not final: a cut tail reads
+            return "utf-8"
+        except UnicodeDecodeError:
+            found = _META_CHARSET.search(body)
+    return found.group(1).decode("ascii") if found else "windows-1252"
+
+
 REDIRECTS = frozenset((301, 302, 303, 307, 308))
 
 
@@ -212,11 +259,8 @@ class CrawlSync(Job):
             body, result["truncated"] = body[:self.max_bytes], True
         if not html:
             return result
-        if charset is None:   # then a <meta> in its first 1024 bytes names it, as browsers read
-            found = _META_CHARSET.search(body, 0, 1024)
-            charset = found.group(1).decode("ascii") if found else "utf-8"
         try:
-            text = body.decode(charset, "replace")
+            text = body.decode(page_charset(charset, body), "replace")
         except LookupError:   # one Python does not know
             text = body.decode("utf-8", "replace")
         parser = Links()

@@ -16,7 +16,8 @@
 -- key is then in limits-due, and parked jobs go back to their queue's line in their old
 -- place when the key has room. A job holds its key's slot while its code runs: an ended
 -- run frees it here, before its outcome is recorded (children go through the master
--- first). Limit times use Redis's clock: workers' clocks disagree.
+-- first). Limit times use Redis's clock: workers' clocks disagree. A job's own
+-- limit_interval lengthens its key's least time between starts (or is its only rule).
 -- A job's first claim adds its wait since it was queued to the counters' start latency.
 local jp, qp, wp, rp, np, pp = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local clock = now_ms()
@@ -29,6 +30,10 @@ local mine = {}   -- the queues of this worker
 for i = FIRST_QUEUE, #ARGV do mine[ARGV[i]] = true end
 
 local rules = {}   -- limit key (or '*') -> {concurrency or nil, interval ms or nil}
+local function interval(seconds)   -- a job's limit_interval field, in ms (nil: none)
+  seconds = tonumber(seconds or '')
+  return seconds and math.max(1, math.floor(seconds * 1000 + 0.5))
+end
 local limited = redis.call('EXISTS', KEYS[3]) == 1
 if limited then
   local read, h = pcall(redis.call, 'HGETALL', KEYS[3])
@@ -40,9 +45,17 @@ if limited then
   end
 end
 
-local rooms = {}   -- limit key -> {free = slots, next = earliest start (ms)}, this call
-local function room(lk)
+-- A key's rule: a job's own least interval between starts (ms: its limit_interval, a
+-- crawler's Crawl-delay) lengthens the rule's, or is the rule of a key LIMITS leaves free.
+local function rule(lk, iv)
   local r = rules[lk] or rules['*']
+  if iv and not (r and r[2] and r[2] >= iv) then return {r and r[1], iv} end
+  return r
+end
+
+local rooms = {}   -- limit key -> {free = slots, next = earliest start (ms)}, this call
+local function room(lk, iv)
+  local r = rule(lk, iv)
   if not r then return nil end
   local m = rooms[lk]
   if not m then
@@ -101,9 +114,11 @@ end
 local refilled = {}   -- this worker's queues that parked jobs went back to
 for _, lk in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', clock, 'LIMIT', 0, DUE_BATCH)) do
   local n, when = SCAN_BUDGET, clock + RECHECK_MS   -- no limit any more: all go back
-  local r = rules[lk] or rules['*']
+  local first = redis.call('ZRANGE', pp .. lk, 0, 0)[1]   -- its jobs' own interval, if any
+  local iv = first and interval(redis.call('HGET', jp .. string.sub(first, 18), 'limit_interval'))
+  local r = rule(lk, iv)
   if r then
-    local m = room(lk)
+    local m = room(lk, iv)
     if m.free <= 0 and r[1] then   -- full: unless some of its running jobs ended unseen
       prune(lk)
       m.free = r[1] - redis.call('SCARD', rp .. lk)
@@ -159,10 +174,12 @@ while #out < limit and budget > 0 and not stop do
     local jk = jp .. id
     local read, f = pcall(redis.call, 'HMGET', jk, 'func', 'args', 'kwargs', 'timeout',
                           'max_retries', 'queue', 'dedupe_scope', 'batch', 'round',
-                          'enqueued_at', 'limit_key', 'attempts', 'started_at', 'reruns')
+                          'enqueued_at', 'limit_key', 'attempts', 'started_at', 'reruns',
+                          'limit_interval')
     if not read then broken[jk], f = true, {} end   -- gone from its line, like a removed job
-    local lk = f[6] and limited and f[11]
-    local m = lk and room(lk)
+    local iv = interval(f[15])
+    local lk = f[6] and (limited or iv) and f[11]
+    local m = lk and room(lk, iv)
     if m and #out >= start_now and m.free > 0 and m.next <= clock then
       stop = true   -- it stays in line for a worker that can start it (its slot with it)
       break
