@@ -285,6 +285,7 @@ class Worker:
             self.pool.kill_overdue()
             await self._take_woken()
             self._dispatch()
+            run = self.pool.longest_sync_run()   # the same reading sheds and times the wait
             if self._unsure and self._wait_refused is None:
                 await self._release_unknown()
             if self._wait_refused is not None:
@@ -292,12 +293,12 @@ class Worker:
                 # back off here, or the refused waits would follow each other at once
                 exc, self._wait_refused = self._wait_refused, None
                 self._outages["waiting for work"].failed(exc)
-                await self._wait(self._wait_backoff.next())
+                await self._wait(self._wait_backoff.next(), run)
                 continue
-            await self._shed_slow()
+            await self._shed_slow(run)
             want, start = self._sizes()
             if self._waiting is not None:   # a fetch is out already: it brings the work
-                await self._wait(1.0)
+                await self._wait(1.0, run)
                 continue
             if (want > 0 or self.ended) and not self.suspects:
                 try:
@@ -315,7 +316,7 @@ class Worker:
                     self._unsure = True
                     self.ended = ended + self.ended
                     self._outages["fetching jobs"].failed(exc)
-                    await self._wait(backoff.next())
+                    await self._wait(backoff.next(), run)
                     continue
                 if fetched.claims:
                     self.buffer.extend(fetched.claims)
@@ -324,12 +325,12 @@ class Worker:
                     # jobs held back by their limit key: look again when they may start
                     # (or sooner, when a slot frees and a wake token comes)
                     if fetched.limited_wait > 0:
-                        await self._wait(max(0.01, min(1.0, fetched.limited_wait)),
+                        await self._wait(max(0.01, min(1.0, fetched.limited_wait)), run,
                                          for_work=True)
                     continue
-            await self._wait(1.0, for_work=True)
+            await self._wait(1.0, run, for_work=True)
 
-    async def _wait(self, timeout: float, for_work: bool = False) -> None:
+    async def _wait(self, timeout: float, run: float = 0.0, for_work: bool = False) -> None:
         """Until something changed (a job finished, stop), the waiting fetch came back, or
         timeout. ``for_work``: first send a fetch for the room there is, which waits in
         Redis for a wake token of this worker's queues (at most ``timeout``). The room is
@@ -349,8 +350,7 @@ class Worker:
         waiters = [asyncio.ensure_future(self._changed.wait())]
         if self._waiting is not None:
             waiters.append(self._waiting)
-        run = self.pool.longest_sync_run()   # until it would be slow, if it runs on
-        try:
+        try:   # until the longest sync run (``run`` s so far) would be slow, if it runs on
             await asyncio.wait(waiters, timeout=SLOW_RUN - run if 0 < run < SLOW_RUN
                                else timeout + 0.5, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -432,12 +432,11 @@ class Worker:
         self.buffer = kept
         self.pool.flush()
 
-    async def _shed_slow(self) -> None:
+    async def _shed_slow(self, run: float) -> None:
         """Once a sync run goes on past SLOW_RUN, the jobs held are slow: size for them now,
         not when one ends, and keep only a prefetch of unstarted sync jobs. Those waiting in
         pool processes come back (``_ran``); those beyond the prefetch go back to the queue,
         without using an attempt, for workers with free slots."""
-        run = self.pool.longest_sync_run()
         if run < SLOW_RUN:
             return
         self.avg_job_seconds = max(self.avg_job_seconds, run)
