@@ -111,10 +111,10 @@ class Worker:
         self._waiting_since = 0.0
         self._wait_refused: Exception | None = None   # what the last wait for work met
         self._wait_backoff = Backoff()
-        # a fetch failed or was cut off: Redis may have run it, and its claims are this
-        # worker's, unknown to it (``_release_unknown``); _taking guards a fetch's claims
-        # on their way into the buffer
-        self._unsure = False
+        # when (time.monotonic()) the first fetch that failed or was cut off was sent: Redis
+        # may have run it, and its claims are this worker's, unknown to it
+        # (``_release_unknown``); _taking guards a fetch's claims on their way into the buffer
+        self._unsure_since: float | None = None
         self._taking = asyncio.Lock()
         # each retrying loop's trouble, which the heartbeat publishes for operators
         self._outages = {doing: Outage(log, f"worker: {doing} failed") for doing in (
@@ -286,7 +286,7 @@ class Worker:
             await self._take_woken()
             self._dispatch()
             run = self.pool.longest_sync_run()   # the same reading sheds and times the wait
-            if self._unsure and self._wait_refused is None:
+            if self._unsure_since and self._wait_refused is None:
                 await self._release_unknown()
             if self._wait_refused is not None:
                 # a fetch without a wait may pass (it writes nothing when there is no work):
@@ -313,7 +313,7 @@ class Worker:
                 except Exception as exc:   # Redis away, or full: wait it out, keep what we hold
                     if not is_outage(exc):
                         raise
-                    self._unsure = True
+                    self._unsure_since = self._unsure_since or asked
                     self.ended = ended + self.ended
                     self._outages["fetching jobs"].failed(exc)
                     await self._wait(backoff.next(), run)
@@ -375,7 +375,8 @@ class Worker:
                 if isinstance(exc, NoScriptError) or _unblocked(exc):
                     return
                 if is_outage(exc) or isinstance(exc, ResponseError):
-                    self._unsure = self._unsure or is_outage(exc)
+                    if is_outage(exc):
+                        self._unsure_since = self._unsure_since or self._waiting_since
                     self._wait_refused = exc
                     return
                 raise exc
@@ -398,7 +399,8 @@ class Worker:
             except Exception as exc:   # Redis gone: its connection and fetch are gone too
                 log.warning("worker: could not end its wait for work (%s)", exc)
                 task.cancel()
-                self._unsure = True   # it may have claimed jobs all the same
+                # it may have claimed jobs all the same
+                self._unsure_since = self._unsure_since or self._waiting_since
         await self._take_woken()
 
     def _dispatch(self) -> None:
@@ -470,7 +472,10 @@ class Worker:
             return   # claims on their way in, or a fetch out that may bring some: later
         async with self._taking:
             try:
-                held = await self.queue.claimed(self.worker_id)
+                # a claim older than this has run out of its lease (unknown, none renewed
+                # it): it is being redelivered, whatever Redis's clock did meanwhile
+                held = await self.queue.claimed(
+                    self.worker_id, time.monotonic() - self._unsure_since + self.lease)
                 known = {(c.job_id, c.attempt) for c in self._claims()}
                 unknown = [claim for claim in held if claim not in known]
                 n = await self.queue.release(self.worker_id, unknown)
@@ -478,7 +483,7 @@ class Worker:
                 if not is_outage(exc):
                     raise
                 return   # looked at again at the next turn
-        self._unsure = False
+        self._unsure_since = None
         if n:
             log.warning("worker: gave back %d job(s) a fetch claimed whose reply was lost "
                         "(its connection to Redis broke)", n)
@@ -842,7 +847,7 @@ class Worker:
         stop the rest and give them back too."""
         self.stopping = True
         await self._end_wait()
-        if self._unsure:
+        if self._unsure_since:
             await self._release_unknown()
         waiting = [*self.buffer, *self.suspects]
         self.buffer.clear()
