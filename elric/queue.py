@@ -70,6 +70,7 @@ class Claim:
     limit_key: str | None = None
     reruns: int = 0   # times rerun asked for it again: a new run, whose children are new jobs
     held_until: float = 0.0   # time.monotonic() its lease surely lasts to (set by the worker)
+    cancelling: bool = False   # cancel_job asked to stop this run (a heartbeat told)
 
 
 @dataclass(slots=True)

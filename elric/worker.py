@@ -18,6 +18,7 @@ import socket
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from functools import partial
 
 import redis.asyncio as aioredis
@@ -121,7 +122,6 @@ class Worker:
             "fetching jobs", "waiting for work", "heartbeat", "recording outcomes",
             "sending child jobs")}
         self._renew_now = asyncio.Event()   # a claim's lease may be over: ask Redis now
-        self._cancelling: set[str] = set()   # jobs cancel_job asked this worker to stop
         self._margin = min(1.0, self.lease / 10)   # a lease this close to its end is not relied on
         self._starting: asyncio.Task | None = None   # a start-up step a stop cancels
         # (connection, limit) a master's too_large told: it holds while that connection
@@ -528,7 +528,7 @@ class Worker:
         """A job came back from the pool (on this loop)."""
         ran = self._crashed(claim, outcome) if isinstance(outcome, ProcessDied) else outcome
         if ran is not None and ran.withdrawn:   # unstarted: _shed_slow asked for it back
-            if claim.job_id not in self._cancelling:
+            if not claim.cancelling:
                 self.buffer.appendleft(claim)   # first in line of what it holds
                 self._changed.set()
                 return
@@ -545,8 +545,8 @@ class Worker:
         fault; otherwise the job runs again, same attempt, apart from others when the
         culprit is unknown. A job asked to stop ends cancelled, whoever was to blame."""
         if claim.job_id in exc.culprits or len(exc.held) == 1 or \
-                claim.job_id in self._cancelling:
-            if claim.job_id in self._cancelling:
+                claim.cancelling:
+            if claim.cancelling:
                 why = runner.CANCELLED + "; its process was killed"
             elif claim.job_id in exc.culprits:
                 why = exc.culprits[claim.job_id] or (f"JobTimeout: ran past its timeout of "
@@ -582,7 +582,7 @@ class Worker:
 
     async def _record(self, batch: list[tuple[Claim, runner.Ran]]) -> None:
         # a cancelled job may have been dropped before it started: its time says nothing
-        sync = [r for _, r in batch if not r.is_async and r.job_id not in self._cancelling]
+        sync = [r for c, r in batch if not r.is_async and not c.cancelling]
         if sync:
             per_job = sum(r.finished_at - r.started_at for r in sync) / len(sync)
             self.avg_job_seconds = 0.7 * self.avg_job_seconds + 0.3 * per_job
@@ -598,13 +598,12 @@ class Worker:
             retry_ms = -1
             if not o.ok and not o.final and o.attempt <= claim.max_retries:
                 retry_ms = self._backoff_ms(o.attempt, o.retry_after)
-            cancelled = not o.ok and o.job_id in self._cancelling
+            cancelled = not o.ok and claim.cancelling
             records.append(Outcome(o.job_id, o.attempt, o.ok, o.payload,
                                    int((o.finished_at - o.started_at) * 1000), retry_ms,
                                    cancelled))
         statuses = await self._retry_redis(self.queue.finish, self.worker_id, records,
                                            outage=self._outages["recording outcomes"])
-        self._cancelling.difference_update(o.job_id for o in records)
         for (claim, _), record, status in zip(batch, records, statuses):
             if status == STALE:   # its lease ran out: queued again, or removed
                 job_log.warning("job %s %s: attempt %d ended after its lease was lost; "
@@ -761,7 +760,7 @@ class Worker:
                 # the attempts sent: a claim of the job fetched since then is not lost
                 self._drop_lost({(c.job_id, c.attempt) for c in claims
                                  if c.job_id in renewed.lost})
-                self._stop_cancelled(renewed.cancel)
+                self._stop_cancelled([c for c in claims if c.job_id in renewed.cancel])
                 await self._obey(renewed.control)
                 outage.passed()
             except Exception as exc:   # never ends: leases are renewed again once Redis can
@@ -797,32 +796,33 @@ class Worker:
             log.info("worker %s: asked to stop", self.worker_id)
             self.request_stop()
 
-    def _unbuffer(self, job_ids: set[str]) -> list[Claim]:
-        """Take the claims of these jobs, not started yet, out of the buffer and suspects."""
-        taken = [c for c in (*self.buffer, *self.suspects) if c.job_id in job_ids]
+    def _unbuffer(self, which: Callable[[Claim], bool]) -> list[Claim]:
+        """Take the claims ``which`` picks, not started yet, out of the buffer and suspects."""
+        taken = [c for c in (*self.buffer, *self.suspects) if which(c)]
         if taken:
-            self.buffer = deque(c for c in self.buffer if c.job_id not in job_ids)
-            self.suspects = deque(c for c in self.suspects if c.job_id not in job_ids)
+            self.buffer = deque(c for c in self.buffer if not which(c))
+            self.suspects = deque(c for c in self.suspects if not which(c))
         return taken
 
     def _drop_lost(self, lost: set[tuple[str, int]]) -> None:
         """Claims (job_id, attempt) whose lease went to another worker leave without running."""
-        for claim in self._unbuffer({c.job_id for c in (*self.buffer, *self.suspects)
-                                     if (c.job_id, c.attempt) in lost}):
+        for claim in self._unbuffer(lambda c: (c.job_id, c.attempt) in lost):
             log.warning("worker: job %s lost its lease before it started (this worker "
                         "was paused or cut off from Redis); not starting it", claim.job_id)
             self._changed.set()
 
-    def _stop_cancelled(self, job_ids: set[str]) -> None:
-        """cancel_job asked to stop these: a waiting one leaves unstarted, a running one is
-        stopped by the pool (``Pool.cancel``); either is recorded cancelled."""
-        for job_id in job_ids - self._cancelling:
-            self._cancelling.add(job_id)
-            log.info("worker: job %s cancelled; stopping it", job_id)
-            for claim in self._unbuffer({job_id}):
-                self.finished.append((claim, runner.cancelled_before_start(job_id, claim.attempt)))
+    def _stop_cancelled(self, claims: list[Claim]) -> None:
+        """cancel_job asked to stop these claims' runs: a waiting one leaves unstarted, a
+        running one is stopped by the pool (``Pool.cancel``); either is recorded cancelled.
+        The mark is the claim's: a reply read after its run ended touches no later run."""
+        for claim in (c for c in claims if not c.cancelling):
+            claim.cancelling = True
+            log.info("worker: job %s cancelled; stopping it", claim.job_id)
+            for waiting in self._unbuffer(lambda c: c is claim):
+                self.finished.append((waiting, runner.cancelled_before_start(
+                    waiting.job_id, waiting.attempt)))
                 self._finished.set()
-            self.pool.cancel(job_id)
+            self.pool.cancel(claim)
 
     # --- shutdown ---------------------------------------------------------------------
     async def _give_back(self, claims: list[Claim]) -> int:
