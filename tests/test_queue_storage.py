@@ -253,6 +253,32 @@ def test_a_finish_sent_again_answers_what_it_recorded_and_counts_once(redis_url)
     asyncio.run(with_queue(redis_url, body))
 
 
+def test_a_lost_run_ending_during_a_rerun_on_another_worker_is_not_recorded(redis_url):
+    """A rerun starts again from attempt 1. A worker cut off past its lease went on with
+    its attempt 1 of the job; the job was redelivered, ended, was rerun, and another
+    worker held the rerun at attempt 1: the old run's outcome was recorded as the rerun's
+    (finish looked at the attempt only), and the rerun's own outcome was then dropped."""
+    async def body(q, r):
+        await q.enqueue(specs(1, job_id="x"))
+        assert len((await q.fetch("cut-off", ["default"], 1, 0.05)).claims) == 1
+        deadline = time.monotonic() + 10
+        while (await q.recover())[0] != ["x"]:   # its lease ran out: redelivered
+            assert time.monotonic() < deadline, "the lease never ran out"
+            await asyncio.sleep(0.01)
+        again, = (await q.fetch("w2", ["default"], 1, 30)).claims
+        assert await q.finish("w2", [Outcome("x", again.attempt, True, b"\xc0", 5)]) == \
+            ["succeeded"]
+        assert await q.rerun("x") == "succeeded"
+        rerun, = (await q.fetch("w3", ["default"], 1, 30)).claims
+        assert rerun.attempt == 1
+        old = Outcome("x", 1, True, msgpack.packb("old"), 5)
+        assert await q.finish("cut-off", [old]) == ["stale"]
+        assert await r.hmget(KEYS.job("x"), "status", "worker") == [b"running", b"w3"]
+        assert await q.finish("w3", [Outcome("x", 1, True, msgpack.packb("new"), 5)]) == \
+            ["succeeded"]
+    asyncio.run(with_queue(redis_url, body))
+
+
 def test_a_cancelled_job_removed_counts_once_in_its_round(redis_url):
     # the round counts a cancel as `removed`; a delete after it must not count again, or
     # the round looks ended while a job of it still waits (max_instances lets a fire by)
