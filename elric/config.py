@@ -17,7 +17,7 @@ import runpy
 from dataclasses import dataclass
 from typing import Any
 
-from elric.contract import MAX_TIMEOUT, QUEUE_NAME, QUEUE_RULE, is_text
+from elric.contract import MAX_CONCURRENCY, MAX_TIMEOUT, QUEUE_NAME, QUEUE_RULE, is_text
 
 
 class SettingsError(Exception):
@@ -214,6 +214,8 @@ def _check(key: str, value: Any, where: str) -> Any:
     # the dedupe scripts' expiries, which Redis refuses far beyond it
     if key in ("JOB_TIMEOUT", "DEDUPE_TTL", "DEDUPE_TAKEOVER_AFTER") and value > MAX_TIMEOUT:
         raise bad(f"must be at most {MAX_TIMEOUT} seconds, got {value!r}")
+    if key == "CONCURRENCY" and value > MAX_CONCURRENCY:   # each a process, forked at start
+        raise bad(f"must be at most {MAX_CONCURRENCY} pool processes, got {value!r}")
     if key in ("MASTER_ADDRESS", "DASHBOARD_ADDRESS"):
         parse_address(value, key)
     if key == "LOG_LEVEL" and value.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):

@@ -46,7 +46,7 @@ METHODS = (
     "control_worker", "run_job", "bulk_jobs",
 )
 WORKER_ACTIONS = ("pause", "resume", "stop", "set")   # control_worker's actions
-MAX_CONCURRENCY = 1024   # pool processes control_worker may set a worker to
+MAX_CONCURRENCY = 1024   # pool processes a worker may have (CONCURRENCY, control_worker)
 
 
 class ErrorCode(StrEnum):

@@ -448,16 +448,16 @@ class Pool(Executor):
                     p.outbox.append({"withdraw": h.claim.job_id, "attempt": h.claim.attempt})
                     self._schedule_flush()
 
-    def cancel(self, job_id: str) -> bool:
-        """Stop a job; False when no process holds it. Its process stops it alone (an
+    def cancel(self, claim: Claim) -> bool:
+        """Stop a claim's run; False when no process holds it. Its process stops it alone (an
         async job's task is cancelled, a sync job is dropped or interrupted), so the jobs
         beside it go on; the process is killed only if the job ignores that for KILL_GRACE."""
         for p in self._every():
-            h = p.held.get(job_id)
-            if h is None:
+            h = p.held.get(claim.job_id)
+            if h is None or h.claim is not claim:
                 continue
             h.cancelled_at = time.monotonic()
-            p.outbox.append({"cancel": job_id, "attempt": h.claim.attempt})
+            p.outbox.append({"cancel": claim.job_id, "attempt": claim.attempt})
             self._schedule_flush()
             return True
         return False

@@ -70,6 +70,7 @@ class Claim:
     limit_key: str | None = None
     reruns: int = 0   # times rerun asked for it again: a new run, whose children are new jobs
     held_until: float = 0.0   # time.monotonic() its lease surely lasts to (set by the worker)
+    cancelling: bool = False   # cancel_job asked to stop this run (a heartbeat told)
 
 
 @dataclass(slots=True)
@@ -222,7 +223,7 @@ class RedisQueue:
         self._heartbeat = lua.load(redis, "heartbeat", "clock_fn")
         self._remove = lua.load(redis, "remove", "jobstats_fn")
         self._cancel = lua.load(redis, "cancel", "clock_fn", "jobstats_fn")
-        self._claimed = lua.load(redis, "claimed")
+        self._claimed = lua.load(redis, "claimed", "clock_fn")
         self._release = lua.load(redis, "release", "clock_fn", "requeue_fn", "jobstats_fn",
                                  "slot_fn", "cancel_end_fn")
         self._requeue_due = lua.load(redis, "requeue_due", "clock_fn", "requeue_fn",
@@ -373,9 +374,11 @@ class RedisQueue:
                   k.status(Status.RETRYING), k.counters, k.status(Status.CANCELLED),
                   k.limits_due, k.queues], args=argv))
 
-    async def claimed(self, worker_id: str) -> list[tuple[str, int]]:
-        """The claims (job_id, attempt) Redis holds under this worker id."""
-        flat = await self._claimed(keys=[self.keys.inflight], args=[self.keys.job(""), worker_id])
+    async def claimed(self, worker_id: str, within: float) -> list[tuple[str, int]]:
+        """The claims (job_id, attempt) Redis holds under this worker id, made at most
+        ``within`` seconds ago."""
+        flat = await self._claimed(keys=[self.keys.status(Status.RUNNING)],
+                                   args=[self.keys.job(""), worker_id, int(within * 1000)])
         return [(_s(flat[i]), int(flat[i + 1])) for i in range(0, len(flat), 2)]
 
     async def heartbeat(self, worker_id: str, claims: list[Claim], lease_seconds: float,

@@ -18,6 +18,7 @@ import socket
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from functools import partial
 
 import redis.asyncio as aioredis
@@ -111,17 +112,16 @@ class Worker:
         self._waiting_since = 0.0
         self._wait_refused: Exception | None = None   # what the last wait for work met
         self._wait_backoff = Backoff()
-        # a fetch failed or was cut off: Redis may have run it, and its claims are this
-        # worker's, unknown to it (``_release_unknown``); _taking guards a fetch's claims
-        # on their way into the buffer
-        self._unsure = False
+        # when (time.monotonic()) the first fetch that failed or was cut off was sent: Redis
+        # may have run it, and its claims are this worker's, unknown to it
+        # (``_release_unknown``); _taking guards a fetch's claims on their way into the buffer
+        self._unsure_since: float | None = None
         self._taking = asyncio.Lock()
         # each retrying loop's trouble, which the heartbeat publishes for operators
         self._outages = {doing: Outage(log, f"worker: {doing} failed") for doing in (
             "fetching jobs", "waiting for work", "heartbeat", "recording outcomes",
             "sending child jobs")}
         self._renew_now = asyncio.Event()   # a claim's lease may be over: ask Redis now
-        self._cancelling: set[str] = set()   # jobs cancel_job asked this worker to stop
         self._margin = min(1.0, self.lease / 10)   # a lease this close to its end is not relied on
         self._starting: asyncio.Task | None = None   # a start-up step a stop cancels
         # (connection, limit) a master's too_large told: it holds while that connection
@@ -285,19 +285,20 @@ class Worker:
             self.pool.kill_overdue()
             await self._take_woken()
             self._dispatch()
-            if self._unsure and self._wait_refused is None:
+            run = self.pool.longest_sync_run()   # the same reading sheds and times the wait
+            if self._unsure_since and self._wait_refused is None:
                 await self._release_unknown()
             if self._wait_refused is not None:
                 # a fetch without a wait may pass (it writes nothing when there is no work):
                 # back off here, or the refused waits would follow each other at once
                 exc, self._wait_refused = self._wait_refused, None
                 self._outages["waiting for work"].failed(exc)
-                await self._wait(self._wait_backoff.next())
+                await self._wait(self._wait_backoff.next(), run)
                 continue
-            await self._shed_slow()
+            await self._shed_slow(run)
             want, start = self._sizes()
             if self._waiting is not None:   # a fetch is out already: it brings the work
-                await self._wait(1.0)
+                await self._wait(1.0, run)
                 continue
             if (want > 0 or self.ended) and not self.suspects:
                 try:
@@ -312,10 +313,10 @@ class Worker:
                 except Exception as exc:   # Redis away, or full: wait it out, keep what we hold
                     if not is_outage(exc):
                         raise
-                    self._unsure = True
+                    self._unsure_since = self._unsure_since or asked
                     self.ended = ended + self.ended
                     self._outages["fetching jobs"].failed(exc)
-                    await self._wait(backoff.next())
+                    await self._wait(backoff.next(), run)
                     continue
                 if fetched.claims:
                     self.buffer.extend(fetched.claims)
@@ -324,12 +325,12 @@ class Worker:
                     # jobs held back by their limit key: look again when they may start
                     # (or sooner, when a slot frees and a wake token comes)
                     if fetched.limited_wait > 0:
-                        await self._wait(max(0.01, min(1.0, fetched.limited_wait)),
+                        await self._wait(max(0.01, min(1.0, fetched.limited_wait)), run,
                                          for_work=True)
                     continue
-            await self._wait(1.0, for_work=True)
+            await self._wait(1.0, run, for_work=True)
 
-    async def _wait(self, timeout: float, for_work: bool = False) -> None:
+    async def _wait(self, timeout: float, run: float = 0.0, for_work: bool = False) -> None:
         """Until something changed (a job finished, stop), the waiting fetch came back, or
         timeout. ``for_work``: first send a fetch for the room there is, which waits in
         Redis for a wake token of this worker's queues (at most ``timeout``). The room is
@@ -349,8 +350,7 @@ class Worker:
         waiters = [asyncio.ensure_future(self._changed.wait())]
         if self._waiting is not None:
             waiters.append(self._waiting)
-        run = self.pool.longest_sync_run()   # until it would be slow, if it runs on
-        try:
+        try:   # until the longest sync run (``run`` s so far) would be slow, if it runs on
             await asyncio.wait(waiters, timeout=SLOW_RUN - run if 0 < run < SLOW_RUN
                                else timeout + 0.5, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -375,7 +375,8 @@ class Worker:
                 if isinstance(exc, NoScriptError) or _unblocked(exc):
                     return
                 if is_outage(exc) or isinstance(exc, ResponseError):
-                    self._unsure = self._unsure or is_outage(exc)
+                    if is_outage(exc):
+                        self._unsure_since = self._unsure_since or self._waiting_since
                     self._wait_refused = exc
                     return
                 raise exc
@@ -398,7 +399,8 @@ class Worker:
             except Exception as exc:   # Redis gone: its connection and fetch are gone too
                 log.warning("worker: could not end its wait for work (%s)", exc)
                 task.cancel()
-                self._unsure = True   # it may have claimed jobs all the same
+                # it may have claimed jobs all the same
+                self._unsure_since = self._unsure_since or self._waiting_since
         await self._take_woken()
 
     def _dispatch(self) -> None:
@@ -432,12 +434,11 @@ class Worker:
         self.buffer = kept
         self.pool.flush()
 
-    async def _shed_slow(self) -> None:
+    async def _shed_slow(self, run: float) -> None:
         """Once a sync run goes on past SLOW_RUN, the jobs held are slow: size for them now,
         not when one ends, and keep only a prefetch of unstarted sync jobs. Those waiting in
         pool processes come back (``_ran``); those beyond the prefetch go back to the queue,
         without using an attempt, for workers with free slots."""
-        run = self.pool.longest_sync_run()
         if run < SLOW_RUN:
             return
         self.avg_job_seconds = max(self.avg_job_seconds, run)
@@ -471,7 +472,10 @@ class Worker:
             return   # claims on their way in, or a fetch out that may bring some: later
         async with self._taking:
             try:
-                held = await self.queue.claimed(self.worker_id)
+                # a claim older than this has run out of its lease (unknown, none renewed
+                # it): it is being redelivered, whatever Redis's clock did meanwhile
+                held = await self.queue.claimed(
+                    self.worker_id, time.monotonic() - self._unsure_since + self.lease)
                 known = {(c.job_id, c.attempt) for c in self._claims()}
                 unknown = [claim for claim in held if claim not in known]
                 n = await self.queue.release(self.worker_id, unknown)
@@ -479,7 +483,7 @@ class Worker:
                 if not is_outage(exc):
                     raise
                 return   # looked at again at the next turn
-        self._unsure = False
+        self._unsure_since = None
         if n:
             log.warning("worker: gave back %d job(s) a fetch claimed whose reply was lost "
                         "(its connection to Redis broke)", n)
@@ -524,7 +528,7 @@ class Worker:
         """A job came back from the pool (on this loop)."""
         ran = self._crashed(claim, outcome) if isinstance(outcome, ProcessDied) else outcome
         if ran is not None and ran.withdrawn:   # unstarted: _shed_slow asked for it back
-            if claim.job_id not in self._cancelling:
+            if not claim.cancelling:
                 self.buffer.appendleft(claim)   # first in line of what it holds
                 self._changed.set()
                 return
@@ -541,8 +545,8 @@ class Worker:
         fault; otherwise the job runs again, same attempt, apart from others when the
         culprit is unknown. A job asked to stop ends cancelled, whoever was to blame."""
         if claim.job_id in exc.culprits or len(exc.held) == 1 or \
-                claim.job_id in self._cancelling:
-            if claim.job_id in self._cancelling:
+                claim.cancelling:
+            if claim.cancelling:
                 why = runner.CANCELLED + "; its process was killed"
             elif claim.job_id in exc.culprits:
                 why = exc.culprits[claim.job_id] or (f"JobTimeout: ran past its timeout of "
@@ -578,7 +582,7 @@ class Worker:
 
     async def _record(self, batch: list[tuple[Claim, runner.Ran]]) -> None:
         # a cancelled job may have been dropped before it started: its time says nothing
-        sync = [r for _, r in batch if not r.is_async and r.job_id not in self._cancelling]
+        sync = [r for c, r in batch if not r.is_async and not c.cancelling]
         if sync:
             per_job = sum(r.finished_at - r.started_at for r in sync) / len(sync)
             self.avg_job_seconds = 0.7 * self.avg_job_seconds + 0.3 * per_job
@@ -594,13 +598,12 @@ class Worker:
             retry_ms = -1
             if not o.ok and not o.final and o.attempt <= claim.max_retries:
                 retry_ms = self._backoff_ms(o.attempt, o.retry_after)
-            cancelled = not o.ok and o.job_id in self._cancelling
+            cancelled = not o.ok and claim.cancelling
             records.append(Outcome(o.job_id, o.attempt, o.ok, o.payload,
                                    int((o.finished_at - o.started_at) * 1000), retry_ms,
                                    cancelled))
         statuses = await self._retry_redis(self.queue.finish, self.worker_id, records,
                                            outage=self._outages["recording outcomes"])
-        self._cancelling.difference_update(o.job_id for o in records)
         for (claim, _), record, status in zip(batch, records, statuses):
             if status == STALE:   # its lease ran out: queued again, or removed
                 job_log.warning("job %s %s: attempt %d ended after its lease was lost; "
@@ -757,7 +760,7 @@ class Worker:
                 # the attempts sent: a claim of the job fetched since then is not lost
                 self._drop_lost({(c.job_id, c.attempt) for c in claims
                                  if c.job_id in renewed.lost})
-                self._stop_cancelled(renewed.cancel)
+                self._stop_cancelled([c for c in claims if c.job_id in renewed.cancel])
                 await self._obey(renewed.control)
                 outage.passed()
             except Exception as exc:   # never ends: leases are renewed again once Redis can
@@ -793,32 +796,33 @@ class Worker:
             log.info("worker %s: asked to stop", self.worker_id)
             self.request_stop()
 
-    def _unbuffer(self, job_ids: set[str]) -> list[Claim]:
-        """Take the claims of these jobs, not started yet, out of the buffer and suspects."""
-        taken = [c for c in (*self.buffer, *self.suspects) if c.job_id in job_ids]
+    def _unbuffer(self, which: Callable[[Claim], bool]) -> list[Claim]:
+        """Take the claims ``which`` picks, not started yet, out of the buffer and suspects."""
+        taken = [c for c in (*self.buffer, *self.suspects) if which(c)]
         if taken:
-            self.buffer = deque(c for c in self.buffer if c.job_id not in job_ids)
-            self.suspects = deque(c for c in self.suspects if c.job_id not in job_ids)
+            self.buffer = deque(c for c in self.buffer if not which(c))
+            self.suspects = deque(c for c in self.suspects if not which(c))
         return taken
 
     def _drop_lost(self, lost: set[tuple[str, int]]) -> None:
         """Claims (job_id, attempt) whose lease went to another worker leave without running."""
-        for claim in self._unbuffer({c.job_id for c in (*self.buffer, *self.suspects)
-                                     if (c.job_id, c.attempt) in lost}):
+        for claim in self._unbuffer(lambda c: (c.job_id, c.attempt) in lost):
             log.warning("worker: job %s lost its lease before it started (this worker "
                         "was paused or cut off from Redis); not starting it", claim.job_id)
             self._changed.set()
 
-    def _stop_cancelled(self, job_ids: set[str]) -> None:
-        """cancel_job asked to stop these: a waiting one leaves unstarted, a running one is
-        stopped by the pool (``Pool.cancel``); either is recorded cancelled."""
-        for job_id in job_ids - self._cancelling:
-            self._cancelling.add(job_id)
-            log.info("worker: job %s cancelled; stopping it", job_id)
-            for claim in self._unbuffer({job_id}):
-                self.finished.append((claim, runner.cancelled_before_start(job_id, claim.attempt)))
+    def _stop_cancelled(self, claims: list[Claim]) -> None:
+        """cancel_job asked to stop these claims' runs: a waiting one leaves unstarted, a
+        running one is stopped by the pool (``Pool.cancel``); either is recorded cancelled.
+        The mark is the claim's: a reply read after its run ended touches no later run."""
+        for claim in (c for c in claims if not c.cancelling):
+            claim.cancelling = True
+            log.info("worker: job %s cancelled; stopping it", claim.job_id)
+            for waiting in self._unbuffer(lambda c: c is claim):
+                self.finished.append((waiting, runner.cancelled_before_start(
+                    waiting.job_id, waiting.attempt)))
                 self._finished.set()
-            self.pool.cancel(job_id)
+            self.pool.cancel(claim)
 
     # --- shutdown ---------------------------------------------------------------------
     async def _give_back(self, claims: list[Claim]) -> int:
@@ -843,7 +847,7 @@ class Worker:
         stop the rest and give them back too."""
         self.stopping = True
         await self._end_wait()
-        if self._unsure:
+        if self._unsure_since:
             await self._release_unknown()
         waiting = [*self.buffer, *self.suspects]
         self.buffer.clear()

@@ -287,3 +287,74 @@ def test_a_failure_recorded_cancelled_counts_as_cancelled_in_its_workers_counts(
         finally:
             await w.redis.aclose()
     asyncio.run(main())
+
+
+def test_a_cancel_reply_that_came_after_the_job_ended_does_not_touch_its_rerun(redis_url):
+    """The worker heard 'stop job x' in a heartbeat whose script ran just before x's
+    outcome was recorded, and whose reply came after it: the worker's cancelling set kept x
+    for good. A rerun of x on that worker then ended cancelled when it failed (not failed),
+    and a real cancel of a rerun was never passed to its process. In process, against a
+    real Redis: the heartbeat's reply is held back to make that order certain."""
+    import asyncio
+    from types import SimpleNamespace
+
+    import redis.asyncio as aredis
+
+    from elric.config import load_settings
+    from elric.contract import normalize_spec
+    from elric.queue import RedisQueue
+    from elric.runner import Ran
+    from elric.worker import Worker
+
+    async def until(done, what):
+        deadline = time.monotonic() + 10
+        while not done():
+            assert time.monotonic() < deadline, what
+            await asyncio.sleep(0.01)
+
+    async def main():
+        w = Worker(load_settings(env={"ELRIC_REDIS_URL": redis_url}))
+        w.redis = aredis.Redis.from_url(redis_url)
+        w.queue = q = RedisQueue(w.redis, w.keys)
+        running, stopped = [], []   # the claims in the pool; what it was told to stop
+        w.pool = SimpleNamespace(claims=lambda: list(running), pids=list,
+                                 cancel=stopped.append)
+        sent, reply = [], asyncio.Event()
+        heartbeat = q.heartbeat
+
+        async def late(*args, **kwargs):   # the script runs now; its reply comes later
+            renewed = await heartbeat(*args, **kwargs)
+            sent.append(renewed)
+            await reply.wait()
+            return renewed
+
+        async def rerun():
+            assert await q.rerun("x") in ("succeeded", "failed")
+            claim, = (await q.fetch(w.worker_id, ["default"], 1, 30)).claims
+            return claim
+
+        q.heartbeat = late
+        spec = normalize_spec({"func": "tests.jobs:Fail", "job_id": "x", "max_retries": 0})
+        await q.enqueue([spec])
+        running[:] = (await q.fetch(w.worker_id, ["default"], 1, 30)).claims
+        assert await q.cancel("x") == "running"
+        beat = asyncio.create_task(w._heartbeat_loop())
+        try:
+            await until(lambda: sent, "a heartbeat sent")
+            assert sent[0].cancel == {"x"}
+            first = running.pop()   # it ended well before its process heard
+            await w._record([(first, Ran("x", first.attempt, True, b"\xc0"))])
+            reply.set()
+            await until(lambda: len(sent) > 1, "the late reply read")
+            again = await rerun()   # its failure is a failure
+            await w._record([(again, Ran.failure("x", again.attempt, "boom"))])
+            assert await w.redis.hget(w.keys.job("x"), "status") == b"failed"
+            running.append(await rerun())   # and a cancel stops it
+            told = len(stopped)
+            assert await q.cancel("x") == "running"
+            await until(lambda: running[0] in stopped[told:], "the rerun never stopped")
+        finally:
+            beat.cancel()
+            await w.redis.aclose()
+
+    asyncio.run(main())

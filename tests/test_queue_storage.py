@@ -208,6 +208,25 @@ def test_a_fetch_that_empties_a_line_takes_its_wake_tokens_with_it(redis_url):
     asyncio.run(with_queue(redis_url, body))
 
 
+def test_a_worker_asking_which_claims_it_holds_reads_only_the_recent_claims(redis_url):
+    """After a fetch whose reply may be lost, a worker asks Redis which claims it holds
+    unknown to it. That read every job in flight across the cluster (hours-long jobs of
+    every other worker) each time; it now reads only the claims made since that fetch."""
+    async def body(q, r):
+        await q.enqueue(specs(50, queue="long"))
+        assert len((await q.fetch("other", ["long"], 50, 3600)).claims) == 50
+        running = KEYS.status("running")
+        an_hour_ago = int(time.time() * 1000) - 3_600_000   # (the test's Redis is local)
+        await r.zadd(running, {m: an_hour_ago for m in await r.zrange(running, 0, -1)})
+        await q.enqueue(specs(1, job_id="mine"))
+        assert len((await q.fetch("w1", ["default"], 1, 30)).claims) == 1
+        await r.config_resetstat()
+        assert await q.claimed("w1", 60) == [("mine", 1)]
+        assert (await r.info("commandstats"))["cmdstat_hmget"]["calls"] == 1
+        assert await q.claimed("other", 60) == []   # claimed before the window
+    asyncio.run(with_queue(redis_url, body))
+
+
 def test_a_finish_sent_again_answers_what_it_recorded_and_counts_once(redis_url):
     """A finish whose reply was lost is sent again (by redis-py or the worker's retry): the
     second run finds the outcome recorded and answers its status, not 'stale', which would
@@ -231,6 +250,32 @@ def test_a_finish_sent_again_answers_what_it_recorded_and_counts_once(redis_url)
             assert time.monotonic() < deadline, "the lease never ran out"
             await asyncio.sleep(0.01)
         assert await q.finish("w1", [Outcome("cut", 1, True, b"\xc0", 5)]) == ["stale"]
+    asyncio.run(with_queue(redis_url, body))
+
+
+def test_a_lost_run_ending_during_a_rerun_on_another_worker_is_not_recorded(redis_url):
+    """A rerun starts again from attempt 1. A worker cut off past its lease went on with
+    its attempt 1 of the job; the job was redelivered, ended, was rerun, and another
+    worker held the rerun at attempt 1: the old run's outcome was recorded as the rerun's
+    (finish looked at the attempt only), and the rerun's own outcome was then dropped."""
+    async def body(q, r):
+        await q.enqueue(specs(1, job_id="x"))
+        assert len((await q.fetch("cut-off", ["default"], 1, 0.05)).claims) == 1
+        deadline = time.monotonic() + 10
+        while (await q.recover())[0] != ["x"]:   # its lease ran out: redelivered
+            assert time.monotonic() < deadline, "the lease never ran out"
+            await asyncio.sleep(0.01)
+        again, = (await q.fetch("w2", ["default"], 1, 30)).claims
+        assert await q.finish("w2", [Outcome("x", again.attempt, True, b"\xc0", 5)]) == \
+            ["succeeded"]
+        assert await q.rerun("x") == "succeeded"
+        rerun, = (await q.fetch("w3", ["default"], 1, 30)).claims
+        assert rerun.attempt == 1
+        old = Outcome("x", 1, True, msgpack.packb("old"), 5)
+        assert await q.finish("cut-off", [old]) == ["stale"]
+        assert await r.hmget(KEYS.job("x"), "status", "worker") == [b"running", b"w3"]
+        assert await q.finish("w3", [Outcome("x", 1, True, msgpack.packb("new"), 5)]) == \
+            ["succeeded"]
     asyncio.run(with_queue(redis_url, body))
 
 

@@ -133,6 +133,10 @@ def test_file_then_env_then_command_line(no_settings_file):
      "BLOOM_CAPACITY 300000000 at BLOOM_ERROR_RATE 0.001: a 'bloom' scope's snapshot would "
      "be 524 MiB, over the 512 MiB a Redis string holds, so it could never be saved; use "
      "'redis-bloom' for it"),
+    # a worker forked them all at start (the slip of a digit: a machine brought down),
+    # where control_worker's set refused as many
+    ({"ELRIC_CONCURRENCY": "5000"}, "CONCURRENCY (from ELRIC_CONCURRENCY): must be at most "
+                                    "1024 pool processes, got 5000"),
     ({"ELRIC_REDIS_URL": "localhost:6379"}, "REDIS_URL (from ELRIC_REDIS_URL): "
                                             "'localhost:6379' is not a redis://"),
     ({"ELRIC_MASTER_ADDRESS": "127.0.0.1"}, "MASTER_ADDRESS: '127.0.0.1' is not host:port"),

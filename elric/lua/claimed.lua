@@ -1,11 +1,15 @@
 -- The claims a worker holds in Redis: those of a fetch whose reply it never read (its
 -- connection broke after the script ran) are among them, unknown to it.
--- KEYS: inflight
--- ARGV: job prefix, worker id
--- Returns job_id, attempt, ... of every job in flight under that worker id.
--- Invariant: reads only; a job's key of another type (an operator's mistake) is passed over.
+-- KEYS: running index
+-- ARGV: job prefix, worker id, window (ms): claims made this long ago or since
+-- Returns job_id, attempt, ... of every job claimed within the window and still in flight
+--   under that worker id.
+-- Invariant: reads only the claims made in the window, not every job in flight (the
+-- index's score is the claim's time); a job's key of another type (an operator's
+-- mistake) is passed over.
 local out = {}
-for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+local since = now_ms() - tonumber(ARGV[3])
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], since, '+inf')) do
   local read, f = pcall(redis.call, 'HMGET', ARGV[1] .. id, 'status', 'worker', 'attempts')
   if read and f[1] == 'running' and f[2] == ARGV[2] then
     out[#out + 1] = id

@@ -14,7 +14,8 @@
 -- for holding another type (a job's hash: its outcome is dropped; a stats or round hash).
 -- A call sent again (its reply was lost) answers the status its first run recorded, but
 -- `stale` for one it cancelled.
--- Invariant: only the attempt that holds the job records it. A job that failed for good
+-- Invariant: only the worker and attempt that hold the job record it (a rerun counts its
+-- attempts from 1 again: a lost run of an earlier one has the same attempt). A job that failed for good
 -- gives its dedupe key back to an exact filter in the same step if the master that queued
 -- it said so (`release_key`: DEDUPE_RELEASE_ON_FAILURE), once (with DEDUPE_TTL, unless the
 -- key expired and a later job took it). A job with a limit
@@ -59,7 +60,7 @@ for i = 15, #ARGV, 7 do
                        'max_retries', 'error', 'dedupe_key', 'dedupe_scope', 'limit_key',
                        'round', 'func', 'cancel', 'worker', 'enqueued_at', 'release_key')
   if not read then broken[jk], f = true, {} end
-  if f[1] ~= 'running' or f[2] ~= attempt then
+  if f[1] ~= 'running' or f[2] ~= attempt or f[13] ~= worker then
     -- recorded by this call's first run (a requeued job has no worker; one that
     -- requeue_due ended cancelled keeps its worker, who recorded nothing)
     local replay = f[2] == attempt and f[13] == worker
