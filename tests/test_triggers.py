@@ -189,6 +189,14 @@ def test_invalid_triggers_name_the_field(data, field):
     assert isinstance(err.value, ValueError)
 
 
+
+def test_the_hosts_own_zone_is_refused_naming_a_zone_to_give():
+    """'localtime' (on Debian a link to the host's /etc/localtime) was taken: a cron fired at
+    another hour once a master on a host in another zone scheduled, and a master on a host
+    without /etc/localtime (a container) could not read the schedule at all."""
+    with pytest.raises(TriggerError, match=r"^trigger.timezone: .*own zone.*'Europe/Berlin'"):
+        parse_trigger({"type": "cron", "crontab": "0 3 * * *", "timezone": "localtime"})
+
 def test_a_misspelled_field_is_answered_with_the_one_meant():
     from elric import cron, every
 
