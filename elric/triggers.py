@@ -21,7 +21,7 @@ import time
 from datetime import date, datetime, time as dtime, timedelta, timezone as dt_timezone, tzinfo
 from functools import lru_cache
 from typing import Any
-from zoneinfo import ZoneInfo
+from zoneinfo import ZoneInfo, available_timezones
 
 from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.cron import CronTrigger
@@ -94,7 +94,16 @@ def _zone(value: Any) -> tuple[str, tzinfo]:
     try:
         return value, ZoneInfo(value)
     except (KeyError, ValueError, OSError):  # ZoneInfoNotFoundError is a KeyError
-        raise TriggerError("trigger.timezone", f"unknown time zone {value!r}") from None
+        names = _zone_names()   # pytz took 'utc' (APScheduler 3's zones): zoneinfo does not
+        close = difflib.get_close_matches(value.strip().lower(), names, n=1, cutoff=0.9)
+        raise TriggerError("trigger.timezone", f"unknown time zone {value!r}" + (
+            f"; did you mean {names[close[0]]!r}?" if close else
+            "; give an IANA name like 'Europe/Berlin' (CEST, PST: no zones)")) from None
+
+
+@lru_cache(maxsize=1)   # read from disk: once
+def _zone_names() -> dict[str, str]:
+    return {z.lower(): z for z in available_timezones() if z != "localtime"}
 
 
 def _datetime(data: dict, name: str, tz: tzinfo) -> datetime | None:

@@ -197,6 +197,16 @@ def test_the_hosts_own_zone_is_refused_naming_a_zone_to_give():
     with pytest.raises(TriggerError, match=r"^trigger.timezone: .*own zone.*'Europe/Berlin'"):
         parse_trigger({"type": "cron", "crontab": "0 3 * * *", "timezone": "localtime"})
 
+
+@pytest.mark.parametrize("zone, meant", [("utc", "UTC"), ("europe/berlin", "Europe/Berlin"),
+                                         ("Europe/Berln", "Europe/Berlin"),
+                                         (" Europe/Berlin", "Europe/Berlin")])
+def test_a_misspelled_zone_is_answered_with_the_one_meant(zone, meant):
+    """pytz (APScheduler 3's zones) took 'utc'; zoneinfo on Linux does not, and 'unknown
+    time zone' left the user to find the spelling in the tz database."""
+    with pytest.raises(TriggerError, match=rf"unknown time zone '{zone}'; did you mean '{meant}'"):
+        parse_trigger({"type": "cron", "crontab": "0 3 * * *", "timezone": zone})
+
 def test_a_misspelled_field_is_answered_with_the_one_meant():
     from elric import cron, every
 
