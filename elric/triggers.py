@@ -121,7 +121,8 @@ def _datetime(data: dict, name: str, tz: tzinfo) -> datetime | None:
         try:
             dt = datetime.fromtimestamp(value, UTC)
         except (OverflowError, OSError, ValueError):
-            raise TriggerError(field, f"{value!r} is out of range (years 1 to 9999)") from None
+            raise TriggerError(field, f"{value!r} is out of range (years 1 to 9999 in epoch "
+                                      "seconds, not milliseconds)") from None
     else:
         raise TriggerError(field, "expected an ISO 8601 string or epoch seconds, "
                                   f"got {type(value).__name__}")

@@ -207,6 +207,14 @@ def test_a_misspelled_zone_is_answered_with_the_one_meant(zone, meant):
     with pytest.raises(TriggerError, match=rf"unknown time zone '{zone}'; did you mean '{meant}'"):
         parse_trigger({"type": "cron", "crontab": "0 3 * * *", "timezone": zone})
 
+
+def test_a_date_in_epoch_milliseconds_is_answered_as_such():
+    """A client in another language sends its clock's epoch milliseconds (JavaScript's
+    Date.now()): 'out of range (years 1 to 9999)' did not say which unit was meant."""
+    with pytest.raises(TriggerError, match=r"^trigger.run_date: 1780000000000 .*seconds, not "
+                                           r"milliseconds"):
+        parse_trigger({"type": "date", "run_date": 1780000000000})
+
 def test_a_misspelled_field_is_answered_with_the_one_meant():
     from elric import cron, every
 
