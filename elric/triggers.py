@@ -86,8 +86,9 @@ def _jittered(trigger, t: float) -> datetime | None:
 
 
 def _zone(value: Any) -> tuple[str, tzinfo]:
-    if isinstance(value, ZoneInfo):
-        value = value.key
+    # a ZoneInfo, a pytz zone (APScheduler 3's) or timezone.utc: by name
+    value = "UTC" if value is UTC else getattr(value, "key", None) or \
+        getattr(value, "zone", None) or value
     if not isinstance(value, str) or not value:
         raise TriggerError("trigger.timezone",
                            f"expected an IANA zone name like 'Europe/Berlin', got {value!r}")
@@ -588,8 +589,8 @@ def next_fire(trigger: BaseTrigger, t: float, *, first: bool = False) -> float |
 
 
 def _plain(value: Any) -> Any:
-    if isinstance(value, ZoneInfo):  # taken by _zone, but a spec must be msgpack data
-        return value.key
+    if isinstance(value, tzinfo):  # taken by _zone, but a spec must be msgpack data
+        return _zone(value)[0]
     return value.isoformat() if isinstance(value, datetime) else value
 
 

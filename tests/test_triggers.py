@@ -215,6 +215,19 @@ def test_a_date_in_epoch_milliseconds_is_answered_as_such():
                                            r"milliseconds"):
         parse_trigger({"type": "date", "run_date": 1780000000000})
 
+
+def test_the_helpers_take_a_zone_as_python_code_holds_one():
+    """cron(..., timezone=timezone.utc), or a pytz zone (APScheduler 3's), was refused
+    ('expected an IANA zone name'): only a ZoneInfo or a name was taken."""
+    pytz = pytest.importorskip("pytz")
+    for zone, name in ((timezone.utc, "UTC"), (pytz.utc, "UTC"),
+                       (pytz.timezone("Europe/Berlin"), "Europe/Berlin")):
+        assert cron("0 3 * * *", timezone=zone)["timezone"] == name
+        assert every(hours=1, timezone=zone)["timezone"] == name
+        assert at("2030-01-01T08:00", timezone=zone)["timezone"] == name
+    with pytest.raises(TriggerError, match="IANA zone name"):   # an offset has no DST rules
+        cron("0 3 * * *", timezone=timezone(timedelta(hours=2)))
+
 def test_a_misspelled_field_is_answered_with_the_one_meant():
     from elric import cron, every
 
