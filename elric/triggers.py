@@ -480,9 +480,10 @@ def parse_trigger(data: dict, *, now: float | None = None) -> tuple[BaseTrigger,
     """
     now = time.time() if now is None else now
     trigger, normalized = _parse(data, now)
-    if normalized["timezone"].lower() == "localtime":  # (stored ones still build)
-        raise TriggerError("trigger.timezone", "'localtime' is each host's own zone: masters "
-                                               "would disagree; name it, like 'Europe/Berlin'")
+    if _zone_names().get((zone := normalized["timezone"]).lower()) != zone:
+        # localtime: each host's own (masters would disagree); right/: leap seconds, misread
+        raise TriggerError("trigger.timezone", f"{zone!r} is no IANA zone, but a file beside "
+                                               "them; name one, like 'Europe/Berlin'")
     length = getattr(trigger, "interval_length", None)
     if length is not None and (trigger.jitter or 0) > length:
         # the next fire is the grid point after the last one's jittered time: past the next

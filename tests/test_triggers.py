@@ -190,12 +190,16 @@ def test_invalid_triggers_name_the_field(data, field):
 
 
 
-def test_the_hosts_own_zone_is_refused_naming_a_zone_to_give():
+@pytest.mark.parametrize("zone", ["localtime", "right/Europe/Berlin", "posixrules"])
+def test_a_zone_file_that_is_no_iana_zone_is_refused_naming_a_zone_to_give(zone):
     """'localtime' (on Debian a link to the host's /etc/localtime) was taken: a cron fired at
     another hour once a master on a host in another zone scheduled, and a master on a host
-    without /etc/localtime (a container) could not read the schedule at all."""
-    with pytest.raises(TriggerError, match=r"^trigger.timezone: .*own zone.*'Europe/Berlin'"):
-        parse_trigger({"type": "cron", "crontab": "0 3 * * *", "timezone": "localtime"})
+    without /etc/localtime (a container) could not read the schedule at all. The files
+    beside the zones were taken too: 'right/Europe/Berlin' (leap seconds) read as UTC+2 in
+    winter, a cron an hour early."""
+    with pytest.raises(TriggerError, match=rf"^trigger.timezone: '{zone}' is no IANA zone.*"
+                                           r"'Europe/Berlin'"):
+        parse_trigger({"type": "cron", "crontab": "0 3 * * *", "timezone": zone})
 
 
 @pytest.mark.parametrize("zone, meant", [("utc", "UTC"), ("europe/berlin", "Europe/Berlin"),
