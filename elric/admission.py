@@ -162,11 +162,12 @@ class Admission:
         another scope a key the filter notes that leader took for the fire goes back
         before the check; one another job holds stays its."""
         rounds, unchecked, checking = {}, [], []
+        began = int(self.store.clock() * 1000)   # not its fire time: a late fire's is old
         for spec in specs:
             spec["round"] = spec["job_id"]   # the fire and its descendants: one round
             if spec.get("dedupe_scope") == PER_FIRE:
                 spec["dedupe_scope"] = spec["job_id"]  # children inherit the fire's scope
-                rounds[spec["job_id"]] = int(spec.get("fire_time", 0) * 1000)
+                rounds[spec["job_id"]] = began
                 if recovered:
                     unchecked.append(spec)
                     continue

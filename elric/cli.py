@@ -417,6 +417,8 @@ def _schedules(client, args: argparse.Namespace, show) -> int:
     if not call(args.job_id):
         raise NotFound(f"no periodic job {args.job_id!r}")
     said = unchanged or f"{args.action}d"
+    if said == "resumed" and (client.get_job(args.job_id) or {}).get("status") == "finished":
+        said += ", and finished: no fires are left"   # (its end passed while paused)
     (show or (lambda _: print(f"periodic job {args.job_id}: {said}")))(True)
     return 0
 

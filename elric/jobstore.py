@@ -378,14 +378,17 @@ class RedisJobStore:
         """The run record of ``fire`` as ``get`` shows it, once the scheduler has decided it
         (not "enqueued": marked, not yet queued, the dedupe filter may still drop it), or
         as it is after ``wait`` seconds; None if it is not recorded by then."""
-        deadline = time.monotonic() + wait
+        deadline, pause = time.monotonic() + wait, 0.05
         while True:
             runs = (await self.get(job_id) or {}).get("runs", [])
             run = next((r for r in runs if r.get("job_id") == fire), None)
-            if (run is not None and run["outcome"] != Outcome.ENQUEUED) or \
-                    time.monotonic() >= deadline:
+            left = deadline - time.monotonic()
+            if (run is not None and run["outcome"] != Outcome.ENQUEUED) or left <= 0:
                 return run
-            await asyncio.sleep(0.05)
+            # polled: any master's fire script, enqueue or dedupe filter decides it (one
+            # taking over, seconds later): looking less often after the first ms is cheaper
+            await asyncio.sleep(min(pause, left))
+            pause = min(2 * pause, 0.5)
 
     async def modify(self, job_id: str, changes: dict) -> dict:
         """Change the trigger (restarting the schedule from now), misfire options or job spec

@@ -39,7 +39,7 @@ LONGEST_BLOCK = 2.0         # a BLPOP must answer well inside the clients' socke
 FIRE_FIELDS = ("spec", "trigger", "next_run_time", "version", "misfire_grace_time", "coalesce",
                "max_instances")  # the schedule hash fields a pass reads
 LIVE = frozenset(s.encode() for s in Status if s.live)
-FILTERED_WARN_EVERY = 3600.0  # seconds between warnings that one job's fires are filtered
+WARN_EVERY = 3600.0  # seconds between warnings that one job's fires are filtered, or skipped
 
 
 @dataclass
@@ -111,7 +111,7 @@ class Scheduler:
             lua.load(redis, f"scheduler_{name}") for name in ("acquire", "renew", "release", "due"))
         self._fire_s = lua.load(redis, "scheduler_fire", "version_fn")
         self._filtered_s = lua.load(redis, "scheduler_filtered")
-        self._warned: dict[str, float] = {}  # job_id -> when its filtered fires were logged
+        self._warned: dict[str, float] = {}  # job (and why) -> when its fires were logged
         self._stop, self._leader, self._done = asyncio.Event(), asyncio.Event(), asyncio.Event()
         self._done.set()  # run() is not running (each run makes fresh events)
         self._lease_wait = lease_seconds / 3  # shorter when the holder's lease runs out sooner
@@ -254,6 +254,11 @@ class Scheduler:
             fid, ttl = fire_id(job_id, t), 0
             if outcome is Outcome.ENQUEUED and len(live) >= plan.options.max_instances:
                 outcome, extra = Outcome.SKIPPED, {"reason": "max_instances"}
+                # a round no worker takes (its queue or module served by none) holds it
+                self._warn_hourly(f"{job_id} max_instances", "periodic job %s: fire %s "
+                                  "skipped: max_instances is %d, and these rounds are still "
+                                  "queued or running: %s", job_id, fid,
+                                  plan.options.max_instances, ", ".join(live))
             elif outcome is Outcome.ENQUEUED:
                 ttl = (FIRE_MARK_TTL_NO_GRACE if grace is None
                        else max(60, min(FIRE_MARK_TTL_MAX,
@@ -343,8 +348,8 @@ class Scheduler:
 
     async def _filtered(self, fires: list[dict]) -> None:
         """Fires the dedupe filter dropped (never reaching enqueue.lua): no longer pending,
-        counted and recorded ``filtered``, and logged once an hour per job: a dedupe key its
-        fires share drops every fire after the first, and nothing else would say so."""
+        counted and recorded ``filtered``, and logged: a dedupe key its fires share drops
+        every fire after the first."""
         pipe = self.redis.pipeline(transaction=False)
         for f in fires:
             pipe.lrange(self.keys.schedule_runs(f["schedule"]), 0, -1)
@@ -356,18 +361,23 @@ class Scheduler:
             argv += [f["job_id"], old, pack({**unpack(old), "outcome": Outcome.FILTERED,
                                              "reason": "dedupe_key"}) if old else b""]
         await self._filtered_s(keys=keys, args=argv)
-        now = time.monotonic()
         for f in fires:
-            if now - self._warned.get(f["schedule"], -math.inf) < FILTERED_WARN_EVERY:
-                continue
-            if len(self._warned) >= 10_000:   # many jobs: bounded memory, more warnings
-                self._warned.clear()
-            self._warned[f["schedule"]] = now
-            self.log.warning("periodic job %s: fire %s filtered, not run: its dedupe_key %r "
-                             "was seen in scope %r; a key every fire shares drops them all "
-                             "(dedupe_scope \"@fire\" gives each fire a scope of its own). "
-                             "Logged once an hour per job", f["schedule"], f["job_id"],
-                             f.get("dedupe_key"), f.get("dedupe_scope"))
+            self._warn_hourly(f["schedule"], "periodic job %s: fire %s filtered, not run: its "
+                              "dedupe_key %r was seen in scope %r; a key every fire shares "
+                              "drops them all (dedupe_scope \"@fire\" gives each fire a scope "
+                              "of its own)", f["schedule"], f["job_id"], f.get("dedupe_key"),
+                              f.get("dedupe_scope"))
+
+    def _warn_hourly(self, key: str, message: str, *args) -> None:
+        """Log a warning once an hour per ``key`` (a job's): due at every fire, it would
+        flood the log, and else nothing would say so."""
+        now = time.monotonic()
+        if now - self._warned.get(key, -math.inf) < WARN_EVERY:
+            return
+        if len(self._warned) >= 10_000:   # many jobs: bounded memory, more warnings
+            self._warned.clear()
+        self._warned[key] = now
+        self.log.warning(message + ". Logged once an hour per job", *args)
 
     async def _queue_pending(self) -> int:
         """Queue the fires marked by a leader that died or failed before queueing them."""

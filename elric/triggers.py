@@ -21,7 +21,7 @@ import time
 from datetime import date, datetime, time as dtime, timedelta, timezone as dt_timezone, tzinfo
 from functools import lru_cache
 from typing import Any
-from zoneinfo import ZoneInfo
+from zoneinfo import ZoneInfo, available_timezones
 
 from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.cron import CronTrigger
@@ -86,15 +86,25 @@ def _jittered(trigger, t: float) -> datetime | None:
 
 
 def _zone(value: Any) -> tuple[str, tzinfo]:
-    if isinstance(value, ZoneInfo):
-        value = value.key
+    # a ZoneInfo, a pytz zone (APScheduler 3's) or timezone.utc: by name
+    value = "UTC" if value is UTC else getattr(value, "key", None) or \
+        getattr(value, "zone", None) or value
     if not isinstance(value, str) or not value:
         raise TriggerError("trigger.timezone",
                            f"expected an IANA zone name like 'Europe/Berlin', got {value!r}")
     try:
         return value, ZoneInfo(value)
     except (KeyError, ValueError, OSError):  # ZoneInfoNotFoundError is a KeyError
-        raise TriggerError("trigger.timezone", f"unknown time zone {value!r}") from None
+        names = _zone_names()   # pytz took 'utc' (APScheduler 3's zones): zoneinfo does not
+        close = difflib.get_close_matches(value.strip().lower(), names, n=1, cutoff=0.9)
+        raise TriggerError("trigger.timezone", f"unknown time zone {value!r}" + (
+            f"; did you mean {names[close[0]]!r}?" if close else
+            "; give an IANA name like 'Europe/Berlin' (CEST, PST: no zones)")) from None
+
+
+@lru_cache(maxsize=1)   # read from disk: once
+def _zone_names() -> dict[str, str]:
+    return {z.lower(): z for z in available_timezones() if z != "localtime"}
 
 
 def _datetime(data: dict, name: str, tz: tzinfo) -> datetime | None:
@@ -112,7 +122,8 @@ def _datetime(data: dict, name: str, tz: tzinfo) -> datetime | None:
         try:
             dt = datetime.fromtimestamp(value, UTC)
         except (OverflowError, OSError, ValueError):
-            raise TriggerError(field, f"{value!r} is out of range (years 1 to 9999)") from None
+            raise TriggerError(field, f"{value!r} is out of range (years 1 to 9999 in epoch "
+                                      "seconds, not milliseconds)") from None
     else:
         raise TriggerError(field, "expected an ISO 8601 string or epoch seconds, "
                                   f"got {type(value).__name__}")
@@ -469,6 +480,10 @@ def parse_trigger(data: dict, *, now: float | None = None) -> tuple[BaseTrigger,
     """
     now = time.time() if now is None else now
     trigger, normalized = _parse(data, now)
+    if _zone_names().get((zone := normalized["timezone"]).lower()) != zone:
+        # localtime: each host's own (masters would disagree); right/: leap seconds, misread
+        raise TriggerError("trigger.timezone", f"{zone!r} is no IANA zone, but a file beside "
+                                               "them; name one, like 'Europe/Berlin'")
     length = getattr(trigger, "interval_length", None)
     if length is not None and (trigger.jitter or 0) > length:
         # the next fire is the grid point after the last one's jittered time: past the next
@@ -575,8 +590,8 @@ def next_fire(trigger: BaseTrigger, t: float, *, first: bool = False) -> float |
 
 
 def _plain(value: Any) -> Any:
-    if isinstance(value, ZoneInfo):  # taken by _zone, but a spec must be msgpack data
-        return value.key
+    if isinstance(value, tzinfo):  # taken by _zone, but a spec must be msgpack data
+        return _zone(value)[0]
     return value.isoformat() if isinstance(value, datetime) else value
 
 

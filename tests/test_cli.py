@@ -111,6 +111,19 @@ def test_pause_of_a_paused_or_resume_of_a_running_periodic_job_says_nothing_chan
         assert cluster.client.get_job("tick")["paused"] is paused
 
 
+
+def test_resume_of_a_job_whose_end_date_passed_while_paused_says_it_finished(cluster):
+    """`elric schedules resume ID` said "resumed" of a job whose end_date had passed while
+    it was paused: it had no fire left, finished, and left the list without a word."""
+    end = time.time() + 2
+    cluster.client.submit_job(Echo.spec(job_id="brief", trigger=every(seconds=1, end_date=end)))
+    cluster.client.pause_job("brief")
+    wait_for(lambda: time.time() > end + 0.5, what="its end_date past")
+    done = elric(cluster, "schedules", "resume", "brief")
+    assert (done.returncode, done.stdout) == (
+        0, "periodic job brief: resumed, and finished: no fires are left\n"), done
+    assert cluster.client.get_job("brief")["status"] == "finished"
+
 def test_schedules_remove_of_a_one_off_job_refuses_it_and_names_delete(cluster):
     """`elric schedules remove ID` of a one-off job deleted it, and said "periodic job ID:
     removed"; its sibling `elric delete ID` of a periodic id refuses, as this now does."""

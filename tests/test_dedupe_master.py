@@ -319,6 +319,28 @@ def test_old_fire_scopes_are_dropped_after_the_round_ttl(make_cluster, redis_url
         r.close()
 
 
+
+def test_a_late_fires_round_is_kept_the_round_ttl_from_when_it_is_queued(redis_url):
+    """A round's age was counted from its fire time: a fire run late (misfire_grace_time
+    nil, a master down over night) was older than DEDUPE_ROUND_TTL as it was queued, and
+    housekeeping dropped its scope while it ran: its children's keys, seen again, ran again,
+    and the scope they made anew was never dropped."""
+    import asyncio
+    from tests.test_dedupe_keys_given_back import master
+
+    async def main():
+        async with master(redis_url, DEDUPE_ROUND_TTL=3600) as m:
+            r, keys = m.redis, m.keys
+            late = (await r.time())[0] - 7200   # two hours ago
+            await m.submit_jobs([Echo.spec(job_id="nightly", dedupe_scope="@fire",
+                                           misfire_grace_time=None,
+                                           trigger={"type": "date", "run_date": late})])
+            while not (fires := await r.zrange(keys.dedupe_rounds, 0, -1)):
+                await asyncio.sleep(0.02)
+            await m.housekeeping._drop_old_rounds()
+            assert await r.zrange(keys.dedupe_rounds, 0, -1) == fires
+    asyncio.run(asyncio.wait_for(main(), 30))
+
 # --- 6. releasing the key of a job that failed for good ---------------------------------
 
 @pytest.mark.parametrize("ttl", [None, 3600])

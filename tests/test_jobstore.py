@@ -9,7 +9,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from elric.codec import pack
-from elric.jobstore import FINISHED_TTL, Coalesce, Options, RedisJobStore, ScheduleError
+from elric.jobstore import FINISHED_TTL, Coalesce, Options, RedisJobStore, ScheduleError, fire_id
 from elric.keys import Keys
 from elric.triggers import TriggerError
 
@@ -308,3 +308,18 @@ def test_a_grace_that_is_no_positive_float_is_refused_naming_it(grace):
     with pytest.raises(ScheduleError, match="misfire_grace_time"):
         Options(misfire_grace_time=grace)
     assert Options(misfire_grace_time=2**70).misfire_grace_time == float(2**70)
+
+
+def test_waiting_for_a_fire_no_master_decides_reads_it_a_few_times_not_every_50ms(redis_url):
+    """run-now waits up to 15 s for what the scheduler did with its fire; with no master
+    scheduling (one taking over) it read the whole job, runs and all, 20 times a second."""
+    async def body(store, r, keys, clock):
+        await store.add(spec())
+        fire = fire_id("site", await store.run_now("site"))
+
+        async def reads() -> int:   # each look reads its runs list once
+            return (await r.info("commandstats")).get("cmdstat_lrange", {}).get("calls", 0)
+        before = await reads()
+        assert await store.fire_run("site", fire, 2.0) is None
+        assert await reads() - before <= 12   # was 40
+    run(redis_url, body)

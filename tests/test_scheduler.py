@@ -332,6 +332,23 @@ def test_max_instances_skips_while_a_previous_fire_is_queued(redis_url):
     run(redis_url, body, status="queued")
 
 
+
+def test_fires_max_instances_skips_are_logged_once_an_hour_naming_the_rounds_in_the_way(
+        redis_url, caplog):
+    """A fire queued where no worker takes it (a queue no worker serves, a module none
+    loads) held max_instances for good: every later fire was skipped, and the master's log
+    said nothing, so nothing named the fire to delete."""
+    async def body(env):
+        await env.store.add(spec())
+        for minute in (1, 2, 3):
+            env.clock.t = T0 + 60 * minute
+            await env.sched.tick()
+        assert [r["outcome"] for r in await env.runs()] == ["enqueued", "skipped", "skipped"]
+    run(redis_url, body, status="queued")
+    warned = [r.getMessage() for r in caplog.records if "max_instances" in r.getMessage()]
+    assert len(warned) == 1, warned   # not at every fire
+    assert "periodic job site" in warned[0] and fire_id("site", T0 + 60) in warned[0]
+
 def test_a_backlog_past_the_catchup_limit_that_ends_coalesces_into_one_fire(redis_url):
     """1,500 fires of a schedule that has ended are due, more than one pass takes fire by
     fire: "latest" runs the last of them, once, and the schedule is finished."""

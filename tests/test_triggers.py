@@ -189,6 +189,49 @@ def test_invalid_triggers_name_the_field(data, field):
     assert isinstance(err.value, ValueError)
 
 
+
+@pytest.mark.parametrize("zone", ["localtime", "right/Europe/Berlin", "posixrules"])
+def test_a_zone_file_that_is_no_iana_zone_is_refused_naming_a_zone_to_give(zone):
+    """'localtime' (on Debian a link to the host's /etc/localtime) was taken: a cron fired at
+    another hour once a master on a host in another zone scheduled, and a master on a host
+    without /etc/localtime (a container) could not read the schedule at all. The files
+    beside the zones were taken too: 'right/Europe/Berlin' (leap seconds) read as UTC+2 in
+    winter, a cron an hour early."""
+    with pytest.raises(TriggerError, match=rf"^trigger.timezone: '{zone}' is no IANA zone.*"
+                                           r"'Europe/Berlin'"):
+        parse_trigger({"type": "cron", "crontab": "0 3 * * *", "timezone": zone})
+
+
+@pytest.mark.parametrize("zone, meant", [("utc", "UTC"), ("europe/berlin", "Europe/Berlin"),
+                                         ("Europe/Berln", "Europe/Berlin"),
+                                         (" Europe/Berlin", "Europe/Berlin")])
+def test_a_misspelled_zone_is_answered_with_the_one_meant(zone, meant):
+    """pytz (APScheduler 3's zones) took 'utc'; zoneinfo on Linux does not, and 'unknown
+    time zone' left the user to find the spelling in the tz database."""
+    with pytest.raises(TriggerError, match=rf"unknown time zone '{zone}'; did you mean '{meant}'"):
+        parse_trigger({"type": "cron", "crontab": "0 3 * * *", "timezone": zone})
+
+
+def test_a_date_in_epoch_milliseconds_is_answered_as_such():
+    """A client in another language sends its clock's epoch milliseconds (JavaScript's
+    Date.now()): 'out of range (years 1 to 9999)' did not say which unit was meant."""
+    with pytest.raises(TriggerError, match=r"^trigger.run_date: 1780000000000 .*seconds, not "
+                                           r"milliseconds"):
+        parse_trigger({"type": "date", "run_date": 1780000000000})
+
+
+def test_the_helpers_take_a_zone_as_python_code_holds_one():
+    """cron(..., timezone=timezone.utc), or a pytz zone (APScheduler 3's), was refused
+    ('expected an IANA zone name'): only a ZoneInfo or a name was taken."""
+    pytz = pytest.importorskip("pytz")
+    for zone, name in ((timezone.utc, "UTC"), (pytz.utc, "UTC"),
+                       (pytz.timezone("Europe/Berlin"), "Europe/Berlin")):
+        assert cron("0 3 * * *", timezone=zone)["timezone"] == name
+        assert every(hours=1, timezone=zone)["timezone"] == name
+        assert at("2030-01-01T08:00", timezone=zone)["timezone"] == name
+    with pytest.raises(TriggerError, match="IANA zone name"):   # an offset has no DST rules
+        cron("0 3 * * *", timezone=timezone(timedelta(hours=2)))
+
 def test_a_misspelled_field_is_answered_with_the_one_meant():
     from elric import cron, every
 
