@@ -76,8 +76,8 @@ Periodic jobs (job store and scheduler)
     ``{p}:schedule:{job_id}``       hash   a periodic job: spec, trigger (msgpack), state.
     ``{p}:schedules``               zset   job_id -> next run time (ms); paused jobs
                                            score +inf, so they are listed without a scan.
-    ``{p}:schedule:{job_id}:runs``  list   the last runs of a periodic job (capped).
-    ``{p}:schedule:{job_id}:rounds_left`` string its recent rounds (msgpack fire ids),
+    ``{p}:schedule_runs:{job_id}``  list   the last runs of a periodic job (capped).
+    ``{p}:schedule_rounds_left:{job_id}`` string its recent rounds (msgpack fire ids),
                                            left by its removal for a job added again
                                            under the id to count (max_instances); expires.
     ``{p}:fire:{fire_id}``          string set once (SET NX) per fire: a fire is
@@ -170,8 +170,9 @@ class Keys:
     worker_wake = _family("worker:{}:wake")
     # periodic jobs
     schedule = _family("schedule:{}")
-    schedule_runs = _family("schedule:{}:runs")
-    schedule_rounds_left = _family("schedule:{}:rounds_left")
+    # (not schedule:{}:runs: an id may hold ":", and "X:runs" is a periodic job's id too)
+    schedule_runs = _family("schedule_runs:{}")
+    schedule_rounds_left = _family("schedule_rounds_left:{}")
     fire = _family("fire:{}")
     # dedupe
     dedupe_set = _family("dedupe:set:{}")

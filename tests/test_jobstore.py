@@ -323,3 +323,16 @@ def test_waiting_for_a_fire_no_master_decides_reads_it_a_few_times_not_every_50m
         assert await store.fire_run("site", fire, 2.0) is None
         assert await reads() - before <= 12   # was 40
     run(redis_url, body)
+
+
+def test_a_periodic_job_named_like_anothers_runs_key_is_its_own(redis_url):
+    """Ids may hold ':' (a URL); the runs and rounds-left keys of "X" were
+    schedule:X:runs and schedule:X:rounds_left, the hash of periodic jobs "X:runs" and
+    "X:rounds_left": removing "X" deleted them."""
+    async def body(store, r, keys, clock):
+        for job_id in ("X", "X:runs", "X:rounds_left"):
+            await store.add(spec(job_id))
+        assert await store.remove("X") is True
+        for job_id in ("X:runs", "X:rounds_left"):
+            assert (await store.get(job_id))["status"] == "scheduled", job_id
+    run(redis_url, body)
