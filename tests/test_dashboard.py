@@ -321,18 +321,37 @@ def test_an_action_that_did_nothing_is_not_counted_done(make_cluster):
     # are the CLI's (a periodic job's says how to stop it)
     assert "cancel: 1 of 2 done; job 'j2' had ended (cancelled): left alone" in act(
         "job", "cancel", "j1", "j2")
-    assert "cancel: 0 of 1 done; job 'tick' is periodic: elric schedules pause|remove tick" \
-        in act("job", "cancel", "tick")
     assert "delete: 0 of 1 done; gone: not found" in act("job", "delete", "gone")
     assert "pause: 0 of 1 done; gone: not found" in act("schedule", "pause", "gone")
     # a bulk button pressed with nothing ticked: back to the list, not a 400 page saying
     # the action is unknown
     assert "retry: 0 of 0 done" in act("job", "retry")
-    # a one-off job's id (a stale schedules page): it exists, and is not periodic, as the
-    # CLI says; it said "not found"
-    for action in ("pause", "resume"):
-        assert f"{action}: 0 of 1 done; j1: is not periodic: only periodic jobs {action}" in \
-            act("schedule", action, "j1")
+
+
+def test_a_job_action_never_touches_a_schedule_nor_a_schedule_action_a_job(make_cluster):
+    """A hand-made POST of "job delete" with a schedule's id removed the schedule (the
+    CLI's delete refuses it): the kind is checked before anything is done."""
+    cluster, port = dashboard_with_a_job(make_cluster, DASHBOARD_PASSWORD=PASSWORD)
+    cluster.client.submit_job(Echo.spec(job_id="tick", queue="nobody", trigger=every(hours=1)))
+    base = f"http://127.0.0.1:{port}"
+    opener = logged_in(base)
+    html = opener.open(base + "/jobs").read().decode()
+    token = re.search(r'name="csrf" value="([0-9a-f]+)"', html).group(1)
+    for kind, action, ids, wrong in (
+            ("job", "delete", ["tick"], "'tick' is a periodic job"),
+            ("job", "cancel", ["tick"], "'tick' is a periodic job"),
+            ("job", "delete", ["j1", "tick"], "'tick' is a periodic job"),   # j1 too: kept
+            ("schedule", "remove", ["j1"], "'j1' is a one-off job"),
+            ("schedule", "pause", ["tick", "j1"], "'j1' is a one-off job")):
+        data = urllib.parse.urlencode([("kind", kind), ("action", action), ("csrf", token),
+                                       *(("id", i) for i in ids)]).encode()
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            opener.open(base + "/act", data=data)
+        text = refused.value.read().decode()
+        assert refused.value.code == 400 and wrong in text and "nothing was done" in text, \
+            (kind, action, ids, text)
+    tick, j1 = cluster.client.get_job("tick"), cluster.client.get_job("j1")
+    assert "trigger" in tick and not tick.get("paused") and j1["status"] == "queued"
 
 
 def test_a_form_that_is_not_utf8_is_a_400_that_says_so(make_cluster):
@@ -1006,6 +1025,32 @@ def test_a_page_read_while_redis_hangs_does_not_say_something_may_have_changed(
         message = unescape(re.search(r'<div class="warn">(.*?)</div>', html, re.S).group(1))
         assert status == 503 and "cannot reach Redis" in message, (path, message)
         assert "changed" not in message and message.endswith("try again"), (path, message)
+
+
+def test_an_action_while_redis_hangs_comes_back_with_why_it_was_not_done(make_cluster,
+                                                                         redis_server):
+    """An action's reason for each id it could not do is its note, on the page it came
+    from; while Redis does not answer that is why (it was an error page at /act, whose
+    refresh, a GET of /act, is no page at all)."""
+    import signal
+
+    cluster, port = dashboard_with_a_job(make_cluster, DASHBOARD_PASSWORD=PASSWORD)
+    base = f"http://127.0.0.1:{port}"
+    opener = logged_in(base)
+    html = opener.open(base + "/jobs").read().decode()
+    token = re.search(r'name="csrf" value="([0-9a-f]+)"', html).group(1)
+    data = urllib.parse.urlencode({"kind": "job", "action": "delete", "id": "j1",
+                                   "csrf": token, "next": "/jobs"}).encode()
+    redis_server.proc.send_signal(signal.SIGSTOP)   # alive, but answering nothing
+    try:
+        with pytest.raises(urllib.error.HTTPError) as failed:   # the list cannot load either
+            opener.open(base + "/act", data=data)
+    finally:
+        redis_server.proc.send_signal(signal.SIGCONT)
+    html = unescape(failed.value.read().decode())
+    assert failed.value.url.startswith(base + "/jobs?note="), failed.value.url
+    assert "delete: 0 of 1 done; j1: master cannot reach Redis" in html, html
+    assert cluster.client.get_job("j1")["status"] == "queued"
 
 
 def test_metrics_take_the_bearer_scheme_in_any_case(make_cluster):

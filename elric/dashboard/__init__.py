@@ -263,12 +263,21 @@ class Dashboard:
         if handler is None:   # (no id: a bulk button with nothing ticked, "0 of 0 done")
             raise web.HTTPBadRequest(text=f"unknown action {kind!r} {action!r}")
         value = str(form.get("value", ""))   # every handler takes one: a stray one is no 500
-        done, errors = 0, []
-        for one in ids:
+        done, errors, jobs = 0, [], {}
+        for one in ids if kind != "worker" else []:   # its kind, checked before any is done
+            try:   # (a job delete given a schedule's id removed the schedule)
+                jobs[one] = await self.master.get_job(one)
+            except RequestError as exc:   # Redis away, an id it refuses: left alone, said why
+                errors.append(f"{one}: {exc}")
+        if wrong := [one for one, job in jobs.items()
+                     if job and ("trigger" in job) != (kind == "schedule")]:
+            periodic = "a periodic" if kind == "job" else "a one-off"
+            raise web.HTTPBadRequest(text=f"{wrong[0]!r} is {periodic} job: the {kind} action "
+                                          f"{action!r} does not act on it; nothing was done\n")
+        for one in ids if kind == "worker" else jobs:
             try:
                 # the CLI's words for a pause or resume that changes nothing
-                if kind == "schedule" and action in ("pause", "resume") and (
-                        unchanged := schedule_left_alone(await self.master.get_job(one), action)):
+                if unchanged := schedule_left_alone(jobs.get(one), action):
                     errors.append(f"{one}: {unchanged}")
                     continue
                 reply = await handler(one, value)
