@@ -586,6 +586,23 @@ def test_a_key_of_the_wrong_type_is_an_error_page_that_names_it(make_cluster, re
     assert get(base + "/jobs")[0] == 200   # pages that read no worker still work
 
 
+def test_the_workers_page_reads_only_the_workers(make_cluster, redis_url):
+    """/workers read the whole of stats() (every func's, batch's and queue's counts): on
+    a big store slow, and failing whenever any of those could not be read."""
+    import redis
+
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}")
+    cluster.start_master()
+    worker = cluster.start_worker("--concurrency", "1")
+    with redis.Redis.from_url(redis_url) as r:   # a func's counts that cannot be read
+        r.sadd("elric:funcs", "broken")
+        r.set("elric:stats:func:broken", "an operator's mistake")
+    assert get(f"http://127.0.0.1:{port}/stats")[0] == 500   # what reads it says so
+    status, html = get(f"http://127.0.0.1:{port}/workers")
+    assert status == 200 and f"<td class=\"n\">{worker.pid}</td>" in html, html
+
+
 def test_no_counter_in_metrics_goes_down_when_a_dedupe_key_is_given_back(make_cluster):
     port = free_port()
     cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}",

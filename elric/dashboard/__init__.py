@@ -163,8 +163,8 @@ class Dashboard:
                             chart=_chart(stats["throughput"]))
 
     async def workers(self, request: web.Request):
-        stats = await self.master.stats()
-        return self._render(request, "workers.html", workers=stats["workers"])
+        # only the workers: stats() reads every func, batch and queue's counts too
+        return self._render(request, "workers.html", workers=await self.master.queue.workers())
 
     async def schedules(self, request: web.Request):
         offset = _int(request.query.get("offset"), 0)
