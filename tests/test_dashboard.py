@@ -603,6 +603,32 @@ def test_the_workers_page_reads_only_the_workers(make_cluster, redis_url):
     assert status == 200 and f"<td class=\"n\">{worker.pid}</td>" in html, html
 
 
+def test_how_long_ago_is_judged_by_redis_clock_not_the_masters(make_cluster):
+    """A master whose clock ran two hours ahead showed a worker that beat a second ago as
+    "last seen ... (2 h ago)" beside its state "running": the times are Redis's."""
+    from elric.launch import faketime_lib
+
+    if (lib := faketime_lib()) is None:
+        pytest.skip("needs the libfaketime package (pip install -e .[test])")
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}")
+    real_time = dict(cluster.env)
+    cluster.env.update(LD_PRELOAD=lib, FAKETIME="+7200")
+    cluster.start_master()
+    cluster.env = real_time
+    worker = cluster.start_worker("--concurrency", "1")
+    html = get(f"http://127.0.0.1:{port}/workers")[1]
+    row = re.search(rf'<tr class="worker".*?<td class="n">{worker.pid}</td>.*?</tr>', html,
+                    re.S).group(0)
+    assert "running" in row and re.search(r"\([\d.]+ s ago\)", row), row
+    # the master's own tasks too: their last progress is on the master's clock (the RPC
+    # health answers it on Redis's)
+    html = get(f"http://127.0.0.1:{port}/")[1]
+    tasks = re.search(r"<th>last progress</th>.*?</table>", html, re.S).group(0)
+    assert re.search(r"\([\d.]+ s ago\)", tasks) and " h ago" not in tasks and \
+        "(in " not in tasks, tasks
+
+
 def test_no_counter_in_metrics_goes_down_when_a_dedupe_key_is_given_back(make_cluster):
     port = free_port()
     cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}",

@@ -81,9 +81,11 @@ class Dashboard:
             loader=jinja2.PackageLoader("elric", "dashboard/templates"),
             autoescape=True, trim_blocks=True, lstrip_blocks=True)
         # json, not tojson: a job's maps may have bytes keys, or int and str keys it cannot sort;
-        # text as written (a page is UTF-8): "\u65e5" tells an operator nothing
+        # text as written (a page is UTF-8): "\u65e5" tells an operator nothing. "ago" is by
+        # Redis's clock, as every time shown: this machine's may be off
         self.templates.filters.update(
-            when=when, mib=mib, percent=percent, quote_id=lambda text: quote(text, safe=""),
+            when=lambda seconds: when(seconds, master.store.clock()), mib=mib, percent=percent,
+            quote_id=lambda text: quote(text, safe=""),
             worker_state=worker_state, worker_counts=worker_counts,
             json=lambda value: json_text(value, indent=1, sort_keys=True, ensure_ascii=False))
         self.app = web.Application(middlewares=[self._guard])
