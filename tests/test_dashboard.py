@@ -629,6 +629,18 @@ def test_how_long_ago_is_judged_by_redis_clock_not_the_masters(make_cluster):
         "(in " not in tasks, tasks
 
 
+def test_times_name_their_zone(make_cluster):
+    """Times were the master's local time with no zone: read in another zone (the
+    browser's, a second master's) as if they were its own, hours off."""
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}")
+    cluster.env["TZ"] = "XYZ-9"   # a POSIX zone nine hours east of UTC, named XYZ
+    cluster.start_master()
+    cluster.start_worker("--concurrency", "1")
+    html = get(f"http://127.0.0.1:{port}/workers")[1]
+    assert re.search(r"\d\d:\d\d:\d\d XYZ \(", html), html
+
+
 def test_no_counter_in_metrics_goes_down_when_a_dedupe_key_is_given_back(make_cluster):
     port = free_port()
     cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}",
