@@ -641,6 +641,27 @@ def test_times_name_their_zone(make_cluster):
     assert re.search(r"\d\d:\d\d:\d\d XYZ \(", html), html
 
 
+def test_a_queues_job_list_looks_at_no_more_jobs_than_a_func_filter_does(make_cluster):
+    """/jobs?queue=Q (each queue's link on the overview) has an index for Q's waiting jobs
+    only: for the rest it read up to 100,000 jobs of every queue at each load and each
+    refresh, every 2 s; it looks at as many as a func or batch filter does, and says so."""
+    from elric.dashboard import SCAN
+
+    cluster, port = dashboard_with_a_job(make_cluster)
+    client = cluster.client
+    client.submit_job({"func": "tests.jobs:Add", "args": [1, 2], "job_id": "old", "queue": "q"})
+    client.cancel_job("old")
+    client.submit_jobs([{"func": "tests.jobs:Add", "args": [1, 2], "queue": "other"}
+                        for _ in range(SCAN + 10)])
+    cursor = None
+    while cursor != "":   # cancelled after "old": the list meets them first
+        cursor = client.bulk_jobs("cancel", {"queue": "other"}, cursor or "")["cursor"]
+    html = get(f"http://127.0.0.1:{port}/jobs?queue=q")[1]
+    assert f"Looked at up to {SCAN:,} jobs" in html and 'data-id="old"' not in html, html
+    html = get(f"http://127.0.0.1:{port}/jobs?queue=nobody&status=queued")[1]
+    assert 'data-id="j1"' in html and "Looked at" not in html   # a queue's own index
+
+
 def test_no_counter_in_metrics_goes_down_when_a_dedupe_key_is_given_back(make_cluster):
     port = free_port()
     cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}",

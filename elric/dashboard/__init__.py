@@ -185,7 +185,9 @@ class Dashboard:
             raise web.HTTPSeeOther("/schedules")   # (or queue) in this table's rows
         filters = {k: q[k] for k in ("status", "queue", "func", "batch") if q.get(k)}
         offset = _int(q.get("offset"), 0)
-        unindexed = bool(filters.keys() & {"func", "batch"})   # these filters scan: bounded
+        # an index lists a status, or a queue's waiting jobs; any other filter scans: bounded
+        unindexed = bool(filters.keys() & {"func", "batch"}) or (
+            "queue" in filters and filters.get("status") != Status.QUEUED)
         rows = await self.master.list_jobs({**filters, "offset": offset, "limit": PAGE,
                                             **({"scan_limit": SCAN} if unindexed else {})})
         return self._render(request, "jobs.html", rows=rows, filters=filters, offset=offset,
