@@ -1059,6 +1059,26 @@ def test_another_site_cannot_log_an_operator_out(make_cluster):
     assert list(jar.cookiejar) == []
 
 
+def test_a_link_from_another_site_opens_the_page_for_an_operator_logged_in(make_cluster,
+                                                                           browser):
+    """The session cookie was SameSite=Strict: a link to a job from an alert, a chat or a
+    ticket (another site) came without it, and asked an operator logged in for the password
+    again. Every action needs its CSRF token (and its own site's Origin), so Lax is safe."""
+    cluster, port = dashboard_with_a_job(make_cluster, DASHBOARD_PASSWORD=PASSWORD)
+    base = f"http://127.0.0.1:{port}"
+    page = browser.new_page()
+    page.goto(base + "/login")
+    page.fill("input[name=password]", PASSWORD)
+    page.press("input[name=password]", "Enter")
+    page.wait_for_url(base + "/")
+    page.goto(f"http://localhost:{port}/login")   # another site: localhost is not 127.0.0.1
+    page.evaluate(f"document.body.insertAdjacentHTML('beforeend', "
+                  f"'<a id=out href=\"{base}/jobs/j1\">j1</a>')")
+    page.click("#out")
+    page.wait_for_url(re.compile(r".*/(jobs/j1|login\?.*)$"))
+    assert page.url == base + "/jobs/j1", page.url
+
+
 def test_a_failed_login_keeps_its_message_and_where_it_was_going(make_cluster, browser):
     """The login page refreshed itself every 2 s as the live pages do: after a wrong
     password (a POST to /login) it fetched /login, which wiped "wrong password" and the page

@@ -243,8 +243,10 @@ class Dashboard:
                 else "this dashboard has no password: it is read-only",
                 next=str(form.get("next", "/")))
         response = web.HTTPSeeOther(_local_path(str(form.get("next", "/"))))
+        # Lax: a link from another site (an alert) opens a page; every action needs its
+        # CSRF token, and this site's Origin, besides
         response.set_cookie(COOKIE, self.access.new_session(), max_age=SESSION_SECONDS,
-                            httponly=True, samesite="Strict")
+                            httponly=True, samesite="Lax")
         return response
 
     async def logout(self, request: web.Request):
