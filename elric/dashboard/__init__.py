@@ -2,7 +2,8 @@
 
 Server-rendered pages (aiohttp and Jinja2, no build step); each page refreshes its main
 part every two seconds. Every figure is read from Redis through the master's own RPC
-handlers, so a restarted dashboard, or two of them, show the same. Actions call the same
+handlers (/workers: the part of stats() it shows), so a restarted dashboard, or two of
+them, show the same. Actions call the same
 handlers as the RPC, with the same checks and errors. ``access.py`` says who may see what.
 """
 
