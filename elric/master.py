@@ -287,6 +287,9 @@ class Master:
         for f in self.filters.values():
             if (view := f.health_view()) is not None:   # the 'bloom' backend's snapshots
                 tasks["dedupe snapshots"] = view
+        for view in tasks.values():   # noted on this machine's clock: answered on Redis's
+            view["progress_at"] = view["progress_at"] and view["progress_at"] + \
+                self.store.clock.offset
         return {"master_id": self.master_id, "ok": all(t["ok"] for t in tasks.values()),
                 "tasks": tasks}
 

@@ -615,7 +615,6 @@ class RedisQueue:
                 pipe.hgetall(k.func(f))
             for m in minutes:
                 pipe.hgetall(k.minute(m))
-            pipe.zrange(k.workers, 0, -1, withscores=True)
             pipe.hgetall(k.limits_parked)
             pipe.zrange(k.status(Status.RUNNING), 0, MAX_RUNNING_SPLIT - 1)
             res = iter(await pipe.execute())
@@ -628,7 +627,6 @@ class RedisQueue:
         counters = {_s(a): int(b) for a, b in next(res).items()}
         batch_rows, func_rows = take(len(batches)), take(len(funcs))
         minute_rows = take(len(minutes))
-        workers_seen = next(res)
         parked = {_s(q): int(n) for q, n in next(res).items()}
         # what runs now, per func and batch (a job's func and batch never change): the rest
         # of their live jobs wait
@@ -644,6 +642,29 @@ class RedisQueue:
         by_queue = {q: {"queued": waiting[q], **{
             st: counters.get(f"queue:{q}:{st}", 0)
             for st in ("submitted", "succeeded", "failed", "retrying")}} for q in queues}
+        return {
+            "by_status": by_status,
+            "by_queue": by_queue,
+            "batches": {b: jobstats.JobStats.from_hash(row).batch_view(running_batches[b])
+                        for b, row in zip(batches, batch_rows)},
+            "funcs": {f: jobstats.JobStats.from_hash(row).func_view(running_funcs[f])
+                      for f, row in zip(funcs, func_rows)},
+            "throughput": [jobstats.throughput_row(m, row)
+                           for m, row in zip(minutes, minute_rows)],
+            "totals": {name: counters.get(name, 0) for name in
+                       ("submitted", "succeeded", "failed", "retrying", "redelivered",
+                        "handed_back", "cancelled", "started", "start_latency_ms")},
+            "workers": await self.workers(),
+        }
+
+    async def workers(self) -> list[dict]:
+        """Every worker's last heartbeat, alive or not (the workers page reads only this)."""
+        k = self.keys
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zrange(k.workers, 0, -1, withscores=True)
+            pipe.time()
+            workers_seen, (seconds, micros) = await pipe.execute()
+        now = seconds + micros / 1e6
         async with self.redis.pipeline(transaction=False) as pipe:
             for wid, _ in workers_seen:
                 pipe.hgetall(k.worker(_s(wid)))
@@ -669,17 +690,4 @@ class RedisQueue:
                 # one's last heartbeat told of a wait that is over
                 row["trouble"] = ""
             workers.append(row)
-        return {
-            "by_status": by_status,
-            "by_queue": by_queue,
-            "batches": {b: jobstats.JobStats.from_hash(row).batch_view(running_batches[b])
-                        for b, row in zip(batches, batch_rows)},
-            "funcs": {f: jobstats.JobStats.from_hash(row).func_view(running_funcs[f])
-                      for f, row in zip(funcs, func_rows)},
-            "throughput": [jobstats.throughput_row(m, row)
-                           for m, row in zip(minutes, minute_rows)],
-            "totals": {name: counters.get(name, 0) for name in
-                       ("submitted", "succeeded", "failed", "retrying", "redelivered",
-                        "handed_back", "cancelled", "started", "start_latency_ms")},
-            "workers": workers,
-        }
+        return workers

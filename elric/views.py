@@ -44,14 +44,15 @@ def cut(text: str, most: int) -> str:
     return text if len(text) <= most else text[:most - 1] + "…"
 
 
-def when(seconds: float | None) -> str:
-    """An epoch time as local time, with how long ago or ahead it is; a value that is no
-    number (a worker's hash someone edited: stats() keeps it as it is) as it is."""
+def when(seconds: float | None, now: float | None = None) -> str:
+    """An epoch time as local time, its zone named, with how long ago or ahead of ``now``
+    (Redis's clock where known) it is; a value that is no number (a worker's hash someone
+    edited: stats() keeps it as it is) as it is."""
     if not seconds or not isinstance(seconds, (int, float)):
         return str(seconds or "-")
-    delta = seconds - time.time()
+    delta = seconds - (now or time.time())
     ago = f"in {_span(delta)}" if delta > 0 else f"{_span(-delta)} ago"
-    return f"{datetime.fromtimestamp(seconds):%Y-%m-%d %H:%M:%S} ({ago})"
+    return f"{datetime.fromtimestamp(seconds).astimezone():%Y-%m-%d %H:%M:%S %Z} ({ago})"
 
 
 def _span(seconds: float) -> str:

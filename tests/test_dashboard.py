@@ -321,18 +321,37 @@ def test_an_action_that_did_nothing_is_not_counted_done(make_cluster):
     # are the CLI's (a periodic job's says how to stop it)
     assert "cancel: 1 of 2 done; job 'j2' had ended (cancelled): left alone" in act(
         "job", "cancel", "j1", "j2")
-    assert "cancel: 0 of 1 done; job 'tick' is periodic: elric schedules pause|remove tick" \
-        in act("job", "cancel", "tick")
     assert "delete: 0 of 1 done; gone: not found" in act("job", "delete", "gone")
     assert "pause: 0 of 1 done; gone: not found" in act("schedule", "pause", "gone")
     # a bulk button pressed with nothing ticked: back to the list, not a 400 page saying
     # the action is unknown
     assert "retry: 0 of 0 done" in act("job", "retry")
-    # a one-off job's id (a stale schedules page): it exists, and is not periodic, as the
-    # CLI says; it said "not found"
-    for action in ("pause", "resume"):
-        assert f"{action}: 0 of 1 done; j1: is not periodic: only periodic jobs {action}" in \
-            act("schedule", action, "j1")
+
+
+def test_a_job_action_never_touches_a_schedule_nor_a_schedule_action_a_job(make_cluster):
+    """A hand-made POST of "job delete" with a schedule's id removed the schedule (the
+    CLI's delete refuses it): the kind is checked before anything is done."""
+    cluster, port = dashboard_with_a_job(make_cluster, DASHBOARD_PASSWORD=PASSWORD)
+    cluster.client.submit_job(Echo.spec(job_id="tick", queue="nobody", trigger=every(hours=1)))
+    base = f"http://127.0.0.1:{port}"
+    opener = logged_in(base)
+    html = opener.open(base + "/jobs").read().decode()
+    token = re.search(r'name="csrf" value="([0-9a-f]+)"', html).group(1)
+    for kind, action, ids, wrong in (
+            ("job", "delete", ["tick"], "'tick' is a periodic job"),
+            ("job", "cancel", ["tick"], "'tick' is a periodic job"),
+            ("job", "delete", ["j1", "tick"], "'tick' is a periodic job"),   # j1 too: kept
+            ("schedule", "remove", ["j1"], "'j1' is a one-off job"),
+            ("schedule", "pause", ["tick", "j1"], "'j1' is a one-off job")):
+        data = urllib.parse.urlencode([("kind", kind), ("action", action), ("csrf", token),
+                                       *(("id", i) for i in ids)]).encode()
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            opener.open(base + "/act", data=data)
+        text = refused.value.read().decode()
+        assert refused.value.code == 400 and wrong in text and "nothing was done" in text, \
+            (kind, action, ids, text)
+    tick, j1 = cluster.client.get_job("tick"), cluster.client.get_job("j1")
+    assert "trigger" in tick and not tick.get("paused") and j1["status"] == "queued"
 
 
 def test_a_form_that_is_not_utf8_is_a_400_that_says_so(make_cluster):
@@ -565,6 +584,82 @@ def test_a_key_of_the_wrong_type_is_an_error_page_that_names_it(make_cluster, re
         assert " elric:workers " in html and "WRONGTYPE" in html   # the key it names
     assert "Internal error" in html and "<nav>" in html
     assert get(base + "/jobs")[0] == 200   # pages that read no worker still work
+
+
+def test_the_workers_page_reads_only_the_workers(make_cluster, redis_url):
+    """/workers read the whole of stats() (every func's, batch's and queue's counts): on
+    a big store slow, and failing whenever any of those could not be read."""
+    import redis
+
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}")
+    cluster.start_master()
+    worker = cluster.start_worker("--concurrency", "1")
+    with redis.Redis.from_url(redis_url) as r:   # a func's counts that cannot be read
+        r.sadd("elric:funcs", "broken")
+        r.set("elric:stats:func:broken", "an operator's mistake")
+    assert get(f"http://127.0.0.1:{port}/stats")[0] == 500   # what reads it says so
+    status, html = get(f"http://127.0.0.1:{port}/workers")
+    assert status == 200 and f"<td class=\"n\">{worker.pid}</td>" in html, html
+
+
+def test_how_long_ago_is_judged_by_redis_clock_not_the_masters(make_cluster):
+    """A master whose clock ran two hours ahead showed a worker that beat a second ago as
+    "last seen ... (2 h ago)" beside its state "running": the times are Redis's."""
+    from elric.launch import faketime_lib
+
+    if (lib := faketime_lib()) is None:
+        pytest.skip("needs the libfaketime package (pip install -e .[test])")
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}")
+    real_time = dict(cluster.env)
+    cluster.env.update(LD_PRELOAD=lib, FAKETIME="+7200")
+    cluster.start_master()
+    cluster.env = real_time
+    worker = cluster.start_worker("--concurrency", "1")
+    html = get(f"http://127.0.0.1:{port}/workers")[1]
+    row = re.search(rf'<tr class="worker".*?<td class="n">{worker.pid}</td>.*?</tr>', html,
+                    re.S).group(0)
+    assert "running" in row and re.search(r"\([\d.]+ s ago\)", row), row
+    # the master's own tasks too: their last progress is on the master's clock (the RPC
+    # health answers it on Redis's)
+    html = get(f"http://127.0.0.1:{port}/")[1]
+    tasks = re.search(r"<th>last progress</th>.*?</table>", html, re.S).group(0)
+    assert re.search(r"\([\d.]+ s ago\)", tasks) and " h ago" not in tasks and \
+        "(in " not in tasks, tasks
+
+
+def test_times_name_their_zone(make_cluster):
+    """Times were the master's local time with no zone: read in another zone (the
+    browser's, a second master's) as if they were its own, hours off."""
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}")
+    cluster.env["TZ"] = "XYZ-9"   # a POSIX zone nine hours east of UTC, named XYZ
+    cluster.start_master()
+    cluster.start_worker("--concurrency", "1")
+    html = get(f"http://127.0.0.1:{port}/workers")[1]
+    assert re.search(r"\d\d:\d\d:\d\d XYZ \(", html), html
+
+
+def test_a_queues_job_list_looks_at_no_more_jobs_than_a_func_filter_does(make_cluster):
+    """/jobs?queue=Q (each queue's link on the overview) has an index for Q's waiting jobs
+    only: for the rest it read up to 100,000 jobs of every queue at each load and each
+    refresh, every 2 s; it looks at as many as a func or batch filter does, and says so."""
+    from elric.dashboard import SCAN
+
+    cluster, port = dashboard_with_a_job(make_cluster)
+    client = cluster.client
+    client.submit_job({"func": "tests.jobs:Add", "args": [1, 2], "job_id": "old", "queue": "q"})
+    client.cancel_job("old")
+    client.submit_jobs([{"func": "tests.jobs:Add", "args": [1, 2], "queue": "other"}
+                        for _ in range(SCAN + 10)])
+    cursor = None
+    while cursor != "":   # cancelled after "old": the list meets them first
+        cursor = client.bulk_jobs("cancel", {"queue": "other"}, cursor or "")["cursor"]
+    html = get(f"http://127.0.0.1:{port}/jobs?queue=q")[1]
+    assert f"Looked at up to {SCAN:,} jobs" in html and 'data-id="old"' not in html, html
+    html = get(f"http://127.0.0.1:{port}/jobs?queue=nobody&status=queued")[1]
+    assert 'data-id="j1"' in html and "Looked at" not in html   # a queue's own index
 
 
 def test_no_counter_in_metrics_goes_down_when_a_dedupe_key_is_given_back(make_cluster):
@@ -964,6 +1059,26 @@ def test_another_site_cannot_log_an_operator_out(make_cluster):
     assert list(jar.cookiejar) == []
 
 
+def test_a_link_from_another_site_opens_the_page_for_an_operator_logged_in(make_cluster,
+                                                                           browser):
+    """The session cookie was SameSite=Strict: a link to a job from an alert, a chat or a
+    ticket (another site) came without it, and asked an operator logged in for the password
+    again. Every action needs its CSRF token (and its own site's Origin), so Lax is safe."""
+    cluster, port = dashboard_with_a_job(make_cluster, DASHBOARD_PASSWORD=PASSWORD)
+    base = f"http://127.0.0.1:{port}"
+    page = browser.new_page()
+    page.goto(base + "/login")
+    page.fill("input[name=password]", PASSWORD)
+    page.press("input[name=password]", "Enter")
+    page.wait_for_url(base + "/")
+    page.goto(f"http://localhost:{port}/login")   # another site: localhost is not 127.0.0.1
+    page.evaluate(f"document.body.insertAdjacentHTML('beforeend', "
+                  f"'<a id=out href=\"{base}/jobs/j1\">j1</a>')")
+    page.click("#out")
+    page.wait_for_url(re.compile(r".*/(jobs/j1|login\?.*)$"))
+    assert page.url == base + "/jobs/j1", page.url
+
+
 def test_a_failed_login_keeps_its_message_and_where_it_was_going(make_cluster, browser):
     """The login page refreshed itself every 2 s as the live pages do: after a wrong
     password (a POST to /login) it fetched /login, which wiped "wrong password" and the page
@@ -1006,6 +1121,32 @@ def test_a_page_read_while_redis_hangs_does_not_say_something_may_have_changed(
         message = unescape(re.search(r'<div class="warn">(.*?)</div>', html, re.S).group(1))
         assert status == 503 and "cannot reach Redis" in message, (path, message)
         assert "changed" not in message and message.endswith("try again"), (path, message)
+
+
+def test_an_action_while_redis_hangs_comes_back_with_why_it_was_not_done(make_cluster,
+                                                                         redis_server):
+    """An action's reason for each id it could not do is its note, on the page it came
+    from; while Redis does not answer that is why (it was an error page at /act, whose
+    refresh, a GET of /act, is no page at all)."""
+    import signal
+
+    cluster, port = dashboard_with_a_job(make_cluster, DASHBOARD_PASSWORD=PASSWORD)
+    base = f"http://127.0.0.1:{port}"
+    opener = logged_in(base)
+    html = opener.open(base + "/jobs").read().decode()
+    token = re.search(r'name="csrf" value="([0-9a-f]+)"', html).group(1)
+    data = urllib.parse.urlencode({"kind": "job", "action": "delete", "id": "j1",
+                                   "csrf": token, "next": "/jobs"}).encode()
+    redis_server.proc.send_signal(signal.SIGSTOP)   # alive, but answering nothing
+    try:
+        with pytest.raises(urllib.error.HTTPError) as failed:   # the list cannot load either
+            opener.open(base + "/act", data=data)
+    finally:
+        redis_server.proc.send_signal(signal.SIGCONT)
+    html = unescape(failed.value.read().decode())
+    assert failed.value.url.startswith(base + "/jobs?note="), failed.value.url
+    assert "delete: 0 of 1 done; j1: master cannot reach Redis" in html, html
+    assert cluster.client.get_job("j1")["status"] == "queued"
 
 
 def test_metrics_take_the_bearer_scheme_in_any_case(make_cluster):

@@ -2,7 +2,8 @@
 
 Server-rendered pages (aiohttp and Jinja2, no build step); each page refreshes its main
 part every two seconds. Every figure is read from Redis through the master's own RPC
-handlers, so a restarted dashboard, or two of them, show the same. Actions call the same
+handlers (/workers: the part of stats() it shows), so a restarted dashboard, or two of
+them, show the same. Actions call the same
 handlers as the RPC, with the same checks and errors. ``access.py`` says who may see what.
 """
 
@@ -81,9 +82,11 @@ class Dashboard:
             loader=jinja2.PackageLoader("elric", "dashboard/templates"),
             autoescape=True, trim_blocks=True, lstrip_blocks=True)
         # json, not tojson: a job's maps may have bytes keys, or int and str keys it cannot sort;
-        # text as written (a page is UTF-8): "\u65e5" tells an operator nothing
+        # text as written (a page is UTF-8): "\u65e5" tells an operator nothing. "ago" is by
+        # Redis's clock, as every time shown: this machine's may be off
         self.templates.filters.update(
-            when=when, mib=mib, percent=percent, quote_id=lambda text: quote(text, safe=""),
+            when=lambda seconds: when(seconds, master.store.clock()), mib=mib, percent=percent,
+            quote_id=lambda text: quote(text, safe=""),
             worker_state=worker_state, worker_counts=worker_counts,
             json=lambda value: json_text(value, indent=1, sort_keys=True, ensure_ascii=False))
         self.app = web.Application(middlewares=[self._guard])
@@ -163,8 +166,8 @@ class Dashboard:
                             chart=_chart(stats["throughput"]))
 
     async def workers(self, request: web.Request):
-        stats = await self.master.stats()
-        return self._render(request, "workers.html", workers=stats["workers"])
+        # only the workers: stats() reads every func, batch and queue's counts too
+        return self._render(request, "workers.html", workers=await self.master.queue.workers())
 
     async def schedules(self, request: web.Request):
         offset = _int(request.query.get("offset"), 0)
@@ -183,7 +186,9 @@ class Dashboard:
             raise web.HTTPSeeOther("/schedules")   # (or queue) in this table's rows
         filters = {k: q[k] for k in ("status", "queue", "func", "batch") if q.get(k)}
         offset = _int(q.get("offset"), 0)
-        unindexed = bool(filters.keys() & {"func", "batch"})   # these filters scan: bounded
+        # an index lists a status, or a queue's waiting jobs; any other filter scans: bounded
+        unindexed = bool(filters.keys() & {"func", "batch"}) or (
+            "queue" in filters and filters.get("status") != Status.QUEUED)
         rows = await self.master.list_jobs({**filters, "offset": offset, "limit": PAGE,
                                             **({"scan_limit": SCAN} if unindexed else {})})
         return self._render(request, "jobs.html", rows=rows, filters=filters, offset=offset,
@@ -239,8 +244,10 @@ class Dashboard:
                 else "this dashboard has no password: it is read-only",
                 next=str(form.get("next", "/")))
         response = web.HTTPSeeOther(_local_path(str(form.get("next", "/"))))
+        # Lax: a link from another site (an alert) opens a page; every action needs its
+        # CSRF token, and this site's Origin, besides
         response.set_cookie(COOKIE, self.access.new_session(), max_age=SESSION_SECONDS,
-                            httponly=True, samesite="Strict")
+                            httponly=True, samesite="Lax")
         return response
 
     async def logout(self, request: web.Request):
@@ -263,12 +270,21 @@ class Dashboard:
         if handler is None:   # (no id: a bulk button with nothing ticked, "0 of 0 done")
             raise web.HTTPBadRequest(text=f"unknown action {kind!r} {action!r}")
         value = str(form.get("value", ""))   # every handler takes one: a stray one is no 500
-        done, errors = 0, []
-        for one in ids:
+        done, errors, jobs = 0, [], {}
+        for one in ids if kind != "worker" else []:   # its kind, checked before any is done
+            try:   # (a job delete given a schedule's id removed the schedule)
+                jobs[one] = await self.master.get_job(one)
+            except RequestError as exc:   # Redis away, an id it refuses: left alone, said why
+                errors.append(f"{one}: {exc}")
+        if wrong := [one for one, job in jobs.items()
+                     if job and ("trigger" in job) != (kind == "schedule")]:
+            periodic = "a periodic" if kind == "job" else "a one-off"
+            raise web.HTTPBadRequest(text=f"{wrong[0]!r} is {periodic} job: the {kind} action "
+                                          f"{action!r} does not act on it; nothing was done\n")
+        for one in ids if kind == "worker" else jobs:
             try:
                 # the CLI's words for a pause or resume that changes nothing
-                if kind == "schedule" and action in ("pause", "resume") and (
-                        unchanged := schedule_left_alone(await self.master.get_job(one), action)):
+                if unchanged := schedule_left_alone(jobs.get(one), action):
                     errors.append(f"{one}: {unchanged}")
                     continue
                 reply = await handler(one, value)
