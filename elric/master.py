@@ -378,12 +378,13 @@ class Master:
         else:
             fields = {"pause": {"paused": "1"}, "resume": {"paused": "0"},
                       "stop": {"stop": "1"}}[action]
-        if await self.redis.hget(self.keys.worker(worker_id), "state") == b"stopped":
-            # it reads no more orders ("asked; it obeys within a second" would never come)
+        asked = await self.queue.control_worker(worker_id, **fields)
+        if asked == "stopped":   # it reads no more orders: "it obeys within a second" would lie
             raise NotFound(f"worker {worker_id!r} has stopped: it takes no orders (started "
                            "again, a worker has a new id: see elric workers)")
-        if not await self.queue.control_worker(worker_id, **fields):
-            raise NotFound(f"no worker {worker_id!r}")
+        if asked == "gone":
+            raise NotFound(f"no worker {worker_id!r} (or it is lost: it sent no heartbeat "
+                           "for so long that its state expired)")
         return {"worker_id": worker_id, "action": action}
 
     @_rpc

@@ -229,6 +229,7 @@ class RedisQueue:
         self._requeue_due = lua.load(redis, "requeue_due", "clock_fn", "requeue_fn",
                                      "jobstats_fn", "slot_fn", "cancel_end_fn")
         self._rerun = lua.load(redis, "rerun", "clock_fn", "requeue_fn", "jobstats_fn")
+        self._worker_order = lua.load(redis, "worker_order")
         self._forget_labels = lua.load(redis, "forget_labels", "clock_fn")
         self._forget_queues = lua.load(redis, "forget_queues", "clock_fn")
         # where each walk of forget_old_names goes on: batches, funcs, queues
@@ -399,15 +400,13 @@ class RedisQueue:
                                      [q for q in _s(queues).split(",") if q],
                                      int(concurrency) if concurrency.isdigit() else 0))
 
-    async def control_worker(self, worker_id: str, **fields: str) -> bool:
+    async def control_worker(self, worker_id: str, **fields: str) -> str:
         """Ask a worker, through its hash, to pause, resume, stop, serve other queues or run
         another number of processes; its next heartbeat (at most a second away) reads it.
-        False: no such worker."""
-        k = self.keys
-        if await self.redis.zscore(k.workers, worker_id) is None:
-            return False
-        await self.redis.hset(k.worker(worker_id), mapping=fields)
-        return True
+        'ok', or 'gone' (no such worker, or lost) or 'stopped': not asked."""
+        args = [worker_id, *(x for pair in fields.items() for x in pair)]
+        return _s(await self._worker_order(keys=[self.keys.workers, self.keys.worker(worker_id)],
+                                          args=args))
 
     async def forget_old_workers(self) -> None:
         """Every start has a new id: a worker silent past its hash's life leaves the list,

@@ -94,3 +94,16 @@ def test_a_worker_id_that_is_not_utf8_is_bad_request(redis_url):
             assert info.value.code == "bad_request", str(info.value)
             assert str(info.value) == f"{what} {not_text}", (call, str(info.value))
     with_master(redis_url, body)
+
+
+def test_an_order_to_a_worker_whose_hash_expired_is_not_found_and_writes_nothing(redis_url):
+    """A lost worker stays listed after its hash expired: an order to it wrote a new hash,
+    with no TTL, that stayed for good, and answered "it obeys within a second"."""
+    async def body(m, client):
+        seconds, _ = await m.redis.time()   # listed, seen a moment ago; its hash is gone
+        await m.redis.zadd(m.keys.workers, {"lost-1": seconds * 1000})
+        with pytest.raises(RemoteError, match="lost-1") as info:
+            await client.call("control_worker", "lost-1", "pause")
+        assert info.value.code == "not_found"
+        assert await m.redis.exists(m.keys.worker("lost-1")) == 0
+    with_master(redis_url, body)
