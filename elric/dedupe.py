@@ -107,13 +107,20 @@ class DedupeFilter(ABC):
         """True = key is new in scope (it is now added; let the job through);
         False = seen before. Duplicates inside one call: only the first is True.
         One call costs O(1) round trips to Redis, never one per key. ``owners``: per key
-        the job id taking it ("" for none), recorded by exact filters (see ``owned``).
+        the job id taking it ("" for none), noted by the filters in Redis (see ``owned``).
         Nothing is counted ``filtered``: see ``count``."""
+
+    def _notes(self, scope: str, keys: list[str]) -> list[str]:
+        return [self.keys.dedupe_taking(Keys.taker_note(scope, k)) for k in keys]
 
     async def owned(self, scope: str, keys: list[str], owners: list[str]) -> list[bool]:
         """Per key: whether ``check_and_add`` let it through for that owner, and neither
-        the owner's job was queued since nor the key given back (exact backends only)."""
-        return [False] * len(keys)
+        the owner's job was queued since nor the key given back (the backends in Redis,
+        which note each key's taker; never for ``bloom``)."""
+        if not keys:
+            return []
+        got = await self.redis.mget(self._notes(scope, keys))
+        return [g == o.encode() for g, o in zip(got, owners)]
 
     async def release(self, scope: str, keys: list[str]) -> None:
         """Forget ``keys`` in ``scope`` so that they are new again (exact backends only),
@@ -240,15 +247,6 @@ class SetFilter(DedupeFilter):
                       self._ttl_ms or TAKING_TTL_MS + self._takeover_ms, self._takeover_ms,
                       *keys, *(owners or ())]))
         return [r == 1 for r in res]
-
-    def _notes(self, scope: str, keys: list[str]) -> list[str]:
-        return [self.keys.dedupe_taking(Keys.taker_note(scope, k)) for k in keys]
-
-    async def owned(self, scope: str, keys: list[str], owners: list[str]) -> list[bool]:
-        if not keys:
-            return []
-        got = await self.redis.mget(self._notes(scope, keys))
-        return [g == o.encode() for g, o in zip(got, owners)]
 
     async def release(self, scope: str, keys: list[str]) -> None:
         if keys:
@@ -552,7 +550,7 @@ class RedisBloomFilter(DedupeFilter):
         self.error_rate = error_rate
         self.params = (f"v{self.VERSION} capacity={capacity} error_rate={error_rate!r} "
                        f"growth={GROWTH} tightening={TIGHTENING}")
-        self._script = lua.load(redis, "dedupe_rbloom", "expect_fn")
+        self._script = lua.load(redis, "dedupe_rbloom", "expect_fn", "dedupe_taker_fn")
         self._stages: list[rbloom.RStage] = []
         self._items: dict[str, int] = {}          # per scope: its item count last seen
 
@@ -574,7 +572,8 @@ class RedisBloomFilter(DedupeFilter):
         if not keys:
             return []
         h = rbloom.hash_keys([k.encode("utf-8", "surrogatepass") for k in keys])
-        head = [scope, self.params, self.name, self.keys.dedupe_rbloom(scope, 0)[:-1]]
+        head = [scope, self.params, self.name, self.keys.dedupe_rbloom(scope, 0)[:-1],
+                "" if owners is None else self.keys.dedupe_taking(""), TAKING_TTL_MS]
         verdicts = b""
         while len(verdicts) < len(keys):
             part = h[len(verdicts):len(verdicts) + _MAX_KEYS]
@@ -582,10 +581,13 @@ class RedisBloomFilter(DedupeFilter):
             last = self.stage_of(items)
             if self.stage(last).cum - items < len(part):
                 last += 1          # the batch may fill the current stage: send the next
-            args = list(head)
+            args = head + [last + 1]
             for st in map(self.stage, range(last + 1)):
                 args += [st.cum, st.k, st.first_shard, st.shards, st.shard_bytes,
                          rbloom.records(part, st)]
+            if owners is not None:   # noted as each key's taker
+                done = len(verdicts)
+                args += keys[done:done + len(part)] + owners[done:done + len(part)]
             try:
                 got, items = await self._script(
                     keys=[self.keys.dedupe_stats(scope), self.keys.dedupe_scopes], args=args)

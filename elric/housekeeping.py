@@ -11,8 +11,11 @@ an atomic script, so several masters may run it at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
+
+from redis.exceptions import ResponseError
 
 from elric import limits
 from elric.clock import redis_now
@@ -38,6 +41,7 @@ class Housekeeping:
         self.health = TaskHealth(stale_after=30)   # a pass at least once a second
         self._redelivered_at = -math.inf   # Redis time of the last redelivery pass
         self._hold_until = 0.0
+        self._saw_data = False   # whether data_since was there: its loss is then Redis's
 
     async def run(self) -> None:
         """Until cancelled; any error is logged and retried, never the end of the loop."""
@@ -66,7 +70,24 @@ class Housekeeping:
         ends the pass."""
         await each((self._redeliver, self.queue.promote, self._drop_old_rounds,
                     self._restore_limits, self.queue.forget_old_workers,
-                    self.queue.forget_old_names), lambda step: step())
+                    self.queue.forget_old_names, self._check_data), lambda step: step())
+
+    async def _check_data(self) -> None:
+        """Say it when Redis lost its data: the jobs went with it, and nothing else says so
+        (a worker whose jobs vanished thinks it was cut off)."""
+        if await self.redis.exists(self.keys.data_since):
+            self._saw_data = True
+            return
+        # a full Redis refuses the SET: tried again next pass, as an outage here would hold
+        # redelivery back (see REDELIVER_GAP)
+        with contextlib.suppress(ResponseError):
+            if await self.redis.set(self.keys.data_since,
+                                    int(await redis_now(self.redis) * 1000), nx=True) \
+                    and self._saw_data:
+                log.error("Redis lost elric's data (restarted without persistence, flushed, or "
+                          "its keys evicted): jobs, results and periodic jobs from before are "
+                          "gone; run Redis with appendonly yes and maxmemory-policy noeviction")
+            self._saw_data = True
 
     async def _redeliver(self) -> None:
         now = await redis_now(self.redis)

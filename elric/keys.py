@@ -14,6 +14,9 @@ Jobs and queues
                                            leaves, with its counters and wake list, the
                                            longer of RESULT_TTL and FAILED_TTL after
                                            its last activity.
+    ``{p}:data_since``              string when (ms, Redis's clock) a master first found
+                                           no such key: one gone later means Redis lost
+                                           its data, which that master then says.
     ``{p}:seq``                     string counter behind the FIFO sequence numbers and
                                            periodic jobs' versions (never reused).
     ``{p}:wake:{queue}``            list   wake-up tokens; idle workers BLPOP on them.
@@ -98,7 +101,7 @@ Dedupe filters
     ``{p}:dedupe:rbloom:{scope}:{n}``   string shard ``n`` of a Bloom filter kept in Redis:
                                                the Bloom bits, then a zero byte
                                                (layout in elric/rbloom.py).
-    ``{p}:dedupe:taking:{n}:{scope}{key}`` string the job an exact filter let ``key``
+    ``{p}:dedupe:taking:{n}:{scope}{key}`` string the job a filter in Redis let ``key``
                                                through for (``n``: the scope's length in
                                                bytes), until the job is queued or the key
                                                given back; expires.
@@ -134,6 +137,7 @@ class Keys:
         p = prefix
         self.queues = f"{p}:queues"
         self.seq = f"{p}:seq"
+        self.data_since = f"{p}:data_since"
         self.inflight = f"{p}:inflight"
         self.delayed = f"{p}:delayed"
         self.counters = f"{p}:stats:counters"

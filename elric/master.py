@@ -143,8 +143,12 @@ class Master:
                 not isinstance(exc, AuthenticationError)
             raise (Unreachable if down else SettingsError)(
                 f"REDIS_URL {redact_url(s.REDIS_URL)}: cannot connect ({exc})") from None
-        await retry(lambda: lua.require_redis(self.redis, redact_url(s.REDIS_URL)), log=log,
-                    what="master: starting")
+        policy = await retry(lambda: lua.require_redis(self.redis, redact_url(s.REDIS_URL)),
+                             log=log, what="master: starting")
+        if policy != "noeviction":   # a full Redis then drops keys, jobs among them, unsaid
+            log.warning("REDIS_URL %s: Redis evicts keys when it is full (maxmemory-policy "
+                        "%s): jobs it accepted may vanish; set maxmemory-policy noeviction",
+                        redact_url(s.REDIS_URL), policy)
         self.queue = RedisQueue(self.redis, self.keys, result_ttl=s.RESULT_TTL,
                                 failed_ttl=s.FAILED_TTL,
                                 release_keys_on_failure=s.DEDUPE_RELEASE_ON_FAILURE)

@@ -546,6 +546,25 @@ def test_a_key_taken_for_a_job_never_queued_goes_to_that_jobs_resend_only(redis_
     asyncio.run(main())
 
 
+def test_a_redis_bloom_key_taken_for_a_job_never_queued_goes_to_that_jobs_resend(redis_url):
+    """The same with redis-bloom, which cannot give a key back: a master SIGKILLed between
+    its check and its enqueue lost the whole batch, the client's resend to another master
+    answered 'filtered' for jobs that never existed."""
+    async def main():
+        async with master(redis_url, FILTER_BACKEND="redis-bloom") as m:
+            f = m.filters["redis-bloom"]
+            assert await f.check_and_add("s", ["K", "K2"], ["J", "J2"]) == [True, True]
+            spec = {"func": E, "job_id": "J", "dedupe_key": "K", "dedupe_scope": "s"}
+            assert (await m.submit_jobs([{**spec, "job_id": "L"}]))[0]["status"] == "filtered"
+            assert await m.submit_jobs([spec]) == [{"job_id": "J", "status": "queued"}]
+            assert await m.submit_jobs([spec]) == [{"job_id": "J", "status": "queued"}]
+            assert await queued(m) == 1
+            assert await m.remove_job("J")       # its id is new again, its key is not
+            assert (await m.submit_jobs([spec]))[0]["status"] == "filtered"
+            assert await f.owned("s", ["K2"], ["J2"]) == [True]   # J2 may still be resent
+    asyncio.run(main())
+
+
 @pytest.mark.parametrize("ttl", [None, 3600])
 def test_a_key_whose_job_was_never_queued_goes_to_the_next_job_past_the_grace(redis_url, ttl):
     """K2 was taken for J, never queued, and not given back (a master died, or Redis was

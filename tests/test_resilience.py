@@ -449,6 +449,30 @@ def test_sigterm_while_redis_is_away_stops_the_worker_and_loses_no_job(tmp_path)
         server.cleanup()
 
 
+def test_a_master_says_when_redis_comes_back_without_its_data(tmp_path):
+    """Redis restarted without persistence: the queued job was gone, and nothing said so
+    (a worker holding jobs logged only that it had been 'paused or cut off')."""
+    server = RedisServer(appendonly=False).start()   # ours alone: it is restarted empty
+    c = Cluster(server.url, tmp_path)
+    try:
+        master = c.start_master()
+        c.client.submit_job(Add.spec([1, 2], job_id="before"))
+        # housekeeping has seen elric's data (its passes are at least once a second)
+        wait_for(lambda: redis.Redis.from_url(server.url).exists(Keys("elric").data_since),
+                 what="the data marked")
+        assert "lost elric's data" not in master.log(), master.log()
+        server.stop(kill=True)
+        server.start()
+        wait_for(lambda: "lost elric's data" in master.log(), what="the loss said")
+        assert ("Redis lost elric's data (restarted without persistence, flushed, or its keys "
+                "evicted): jobs, results and periodic jobs from before are gone; run Redis "
+                "with appendonly yes and maxmemory-policy noeviction") in master.log()
+        assert c.client.get_job("before") is None
+    finally:
+        c.close()
+        server.cleanup()
+
+
 def test_a_job_running_through_a_redis_outage_past_its_lease_is_not_run_again(tmp_path):
     """Redis away past a job's lease: neither its worker's heartbeat nor the master's
     redelivery could reach it, and the lease ran out. When Redis came back, whichever came

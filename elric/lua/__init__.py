@@ -32,17 +32,19 @@ def load(redis, name: str, *functions: str):
 MIN_REDIS = (6, 2)
 
 
-async def require_redis(redis, url: str) -> None:
+async def require_redis(redis, url: str) -> str:
     """Refuse a Redis too old for the scripts, naming it: on 6.0 they would fail with a
     syntax error in the middle of a job's life, not at start. A Redis whose INFO is renamed
-    away is not refused."""
+    away is not refused. Returns its maxmemory-policy ("noeviction" if INFO does not say)."""
     try:
-        version = str((await redis.info("server")).get("redis_version", ""))
+        info = await redis.info()
     except ResponseError as exc:
         if is_outage(exc):   # refusing for now (loading, busy): the caller waits
             raise
-        return
+        return "noeviction"
+    version = str(info.get("redis_version", ""))
     got = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
     if len(got) == 2 and got < MIN_REDIS:
         raise SettingsError(f"REDIS_URL {url}: Redis {version} is too old; elric needs Redis "
                             f"{'.'.join(map(str, MIN_REDIS))} or later")
+    return str(info.get("maxmemory_policy", "noeviction"))

@@ -2,10 +2,13 @@
 -- KEYS[1] the scope's stats hash, KEYS[2] the scope registry (zset)
 -- ARGV[1] the scope, ARGV[2] the master's parameters, ARGV[3] the backend name,
 --      ARGV[4] the shard key prefix (a shard's key is the prefix and its number),
---      then per stage s = 0, 1, ... that the master sent, six items: cumulative capacity
---      (items of stage s and every earlier one), k, first shard, shards, shard bytes, and
+--      ARGV[5] the prefix of the keys that name the job taking a key ('': none), ARGV[6]
+--      how long those are kept (ms), ARGV[7] the number of stages sent, then per stage
+--      s = 0, 1, ... that the master sent, six items: cumulative capacity (items of
+--      stage s and every earlier one), k, first shard, shards, shard bytes, and
 --      the keys' records: per key 1 + k little-endian uint32s, its shard's number then
---      its k bit offsets in that shard (elric.rbloom.records).
+--      its k bit offsets in that shard (elric.rbloom.records); then (with a prefix) the
+--      keys, and as many job ids, one per key.
 -- Returns {verdicts, items}: one byte per key decided, in order, '1' new (now added) or
 --      '0' seen; and the scope's item count after. Fewer verdicts than keys when the
 --      filter needs a stage that was not sent: the master sends the rest with more stages.
@@ -17,18 +20,20 @@
 --      no stage takes more than its capacity. Shards are created at full size (SETRANGE
 --      of their last byte, never a Bloom bit) before a key goes in. A key seen is not
 --      counted `filtered` here: the caller counts the jobs it drops (dedupe_count.lua).
+--      A job that takes a key is noted as its taker in the same step (dedupe_taker_fn.lua):
+--      a master that dies before queueing it leaves the key to a resend of that job.
 local stats, registry = KEYS[1], KEYS[2]
 local scope, params, backend, prefix = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local tp, kept, sent = ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7])
 local other = redis.call('HGET', stats, 'backend')
 if other and other ~= backend then return redis.error_reply('BACKEND ' .. other) end
 local theirs = redis.call('HGET', stats, 'params')
 if theirs and theirs ~= params then return redis.error_reply('PARAMS ' .. theirs) end
 local items = tonumber(redis.call('HGET', stats, 'items') or 0)
 
-local sent = (#ARGV - 4) / 6
 local cum, first, shards, size, blob, fmt, width, get, set = {}, {}, {}, {}, {}, {}, {}, {}, {}
 for s = 0, sent - 1 do
-  local a = 4 + 6 * s
+  local a = 7 + 6 * s
   local k = tonumber(ARGV[a + 2])
   cum[s], first[s], shards[s] = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
   size[s], blob[s] = tonumber(ARGV[a + 5]), ARGV[a + 6]
@@ -66,6 +71,7 @@ end
 
 local out = {}
 local n = #blob[0] / width[0]
+local taken = 8 + 6 * sent   -- the first key's index, its job id's n later
 for j = 0, n - 1 do
   local seen = false
   for s = cur - 1, 0, -1 do          -- read the older stages, the largest first
@@ -84,6 +90,7 @@ for j = 0, n - 1 do
   else
     out[j + 1] = '1'
     items = items + 1
+    if tp ~= '' then note_taker(tp, scope, ARGV[taken + j], ARGV[taken + n + j], kept) end
     if items >= cum[cur] then        -- the stage is full: the next key goes to the next
       cur = cur + 1
       if cur == sent then break end
