@@ -249,7 +249,7 @@ def test_a_stopping_master_does_not_wait_forever_on_a_redis_that_does_not_answer
     """A call cut by the shutdown (its grace over) leaves its clean-up running; with
     Redis silent, that clean-up never ends, and the master must stop anyway."""
     from elric import admission, master as master_module
-    monkeypatch.setattr(master_module, "SHUTDOWN_GRACE", 0.2)
+    monkeypatch.setattr(master_module, "STOP_GRACE", 0.2)
     monkeypatch.setattr(admission, "CLEANUP_WAIT", 0.2)
 
     async def main():
