@@ -115,9 +115,12 @@ def serve(conn, job_modules: tuple[str, ...], worker_pid: int, cwd: str, log_lev
         sys.stdout.reconfigure(line_buffering=True)
     # Ctrl-C reaches the whole process group, and so does SIGTERM from systemd, docker or
     # `kill -- -PGID`: running jobs must be allowed to finish. The worker stops its pool
-    # processes itself (shutdown, or SIGKILL past a timeout or SHUTDOWN_GRACE).
+    # processes itself (shutdown, or SIGKILL past a timeout or SHUTDOWN_GRACE). A handler
+    # that does nothing, not SIG_IGN: exec keeps SIG_IGN, and a job's commands must stop at
+    # its Popen.terminate(); SA_RESTART, so native code's reads are not broken off (EINTR)
     for sig in IGNORED:
-        signal.signal(sig, signal.SIG_IGN)
+        signal.signal(sig, lambda signum, frame: None)
+        signal.siginterrupt(sig, False)
     try:
         import uvloop
         loop = uvloop.new_event_loop()
@@ -225,6 +228,9 @@ class _Runner:
         its report or when its loop next turns."""
         self.forked = True
         self.loop.stop()
+        # and it is the job's: it stops at SIGTERM and SIGINT (multiprocessing's terminate)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
     # --- the pipe ---------------------------------------------------------------------
     def _read(self) -> None:

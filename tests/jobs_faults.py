@@ -334,3 +334,54 @@ class Stdio(Job):
             sys.stdout.close()
             sys.stderr.close()
         return os.getpid()
+
+
+class StopCommand(Job):
+    """Starts a command and stops it with SIGTERM, then another with SIGINT, as a job that
+    runs a tool and stops it does; returns each one's return code (None: it ran on)."""
+
+    def run(self):
+        import subprocess
+        codes = []
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            command = subprocess.Popen(["sh", "-c", "echo up; exec sleep 30"],
+                                       stdout=subprocess.PIPE)
+            command.stdout.readline()   # it runs: the signal reaches it, not its fork
+            command.send_signal(sig)
+            try:
+                codes.append(command.wait(timeout=10))
+            except subprocess.TimeoutExpired:
+                command.kill()
+                command.wait()
+                codes.append(None)
+            command.stdout.close()
+        return codes
+
+
+def _say_up_then_sleep(conn):
+    conn.send("up")
+    time.sleep(30)
+
+
+class StopProcesses(Job):
+    """Starts a multiprocessing.Process and terminates it, then maps over a
+    multiprocessing.Pool in a ``with`` block (which terminates its workers), as a job that
+    spreads its work over cores does, with the start ``method`` given (None: the default).
+    Returns the Process's exit code (None: it ran on) and the map's result."""
+
+    def run(self, method=None):
+        import multiprocessing
+        context = multiprocessing.get_context(method)
+        ours, theirs = context.Pipe()
+        child = context.Process(target=_say_up_then_sleep, args=(theirs,))
+        child.start()
+        ours.recv()   # it runs: the signal reaches it, not the fork it starts from
+        child.terminate()
+        child.join(10)
+        code = child.exitcode
+        if code is None:
+            child.kill()
+            child.join()
+        with context.Pool(2) as pool:
+            mapped = pool.map(abs, [-1, -2])
+        return [code, mapped]

@@ -36,7 +36,7 @@ from tests.jobs_faults import (AsyncExitUnprintable, AsyncForkReturns, Crash, Ex
                                Mark, ResetSignals, WhereAmI, count_lines, BlockSignals,
                                ChildAndPipe, HoldGil, LooseSignals, ProcessState,
                                AsyncProcessState, AsyncExitInTask, SayThenCrash,
-                               Stdio)
+                               Stdio, StopCommand, StopProcesses)
 from tests.silent_proxy import SilentProxy
 
 KEYS = Keys("elric")
@@ -1546,6 +1546,32 @@ def test_signal_handlers_a_job_changed_are_put_back_for_the_jobs_after_it(cluste
     for p in descendants(worker.pid):
         p.send_signal(signal.SIGTERM)
     assert cluster.wait_job("calm")["status"] == "succeeded", cluster.logs()
+    assert worker.alive()
+
+
+def test_a_command_a_job_starts_can_be_stopped_with_sigterm_and_sigint(cluster):
+    """Pool processes ignore SIGTERM and SIGINT (a stop sent to the worker's process group
+    lets their jobs finish), and an ignored signal stays ignored across exec: every command
+    a job started ignored them too, so its Popen.terminate() did nothing and the command
+    ran on (the job's wait hung, or it left the command behind)."""
+    worker = cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job(StopCommand.spec([], job_id="stops"))
+    stops = cluster.wait_job("stops", timeout=60)
+    assert stops["result"] == [-signal.SIGTERM, -signal.SIGINT], stops
+    assert worker.alive()
+
+
+@pytest.mark.parametrize("method", [None, "fork"], ids=["default", "fork"])
+def test_the_processes_of_a_jobs_multiprocessing_can_be_terminated(cluster, method):
+    """The processes a job started with multiprocessing ignored SIGTERM as their pool
+    process does (inherited through fork, and through exec by the fork server of its own
+    that multiprocessing starts): Process.terminate() did nothing, and a ``with
+    multiprocessing.Pool()`` block, which terminates its workers, never ended (its workers
+    were left behind, stuck)."""
+    worker = cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job(StopProcesses.spec([method], job_id="stops", timeout=30))
+    stops = cluster.wait_job("stops", timeout=60)
+    assert stops["result"] == [-signal.SIGTERM, [1, 2]], stops
     assert worker.alive()
 
 
