@@ -535,7 +535,10 @@ class _Runner:
                     signal.setitimer(signal.ITIMER_REAL, timeout)   # _on_alarm stops it
                 if out.key in self.cancels:   # asked after it left the queue, unsignalled
                     raise JobCancelled(CANCELLED)
-                result = job.run()
+                try:
+                    result = job.run()
+                finally:   # (within its timeout: a task may hold out against its cancel)
+                    _end_tasks(self.sync_loop)
             finally:
                 self.running, self.timer_set = None, False
                 if timeout:
@@ -601,6 +604,16 @@ def _succeeded(out: Ran, result, ctx) -> None:
                        f"msgpack value ({exc}); return plain data (dict, list, str, numbers)")
         return
     out.ok, out.children = True, ctx.children
+
+
+def _end_tasks(loop: asyncio.AbstractEventLoop) -> None:
+    """Cancel the tasks a sync job left on its loop and let them end, as asyncio.run does:
+    else they would run inside the next sync job that runs the loop."""
+    tasks = asyncio.all_tasks(loop)
+    if tasks and not loop.is_running() and not loop.is_closed():
+        for task in tasks:
+            task.cancel()
+        loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
 
 
 def cancelled_before_start(job_id: str, attempt: int, is_async: bool = False) -> Ran:
