@@ -109,6 +109,10 @@ def serve(conn, job_modules: tuple[str, ...], worker_pid: int, cwd: str, log_lev
     logs.configure(log_level, log_format, name="%(name)s[%(process)d]")   # as the worker's
     _start_thread(_exit_with_worker, worker_pid)
     job_module.in_pool_process = True
+    # the fork server imported the job modules: numpy's global random state, seeded there,
+    # would give every pool process the same numbers (random's is seeded again at fork)
+    if "numpy.random" in sys.modules:
+        sys.modules["numpy.random"].seed()
     # stdout to a file or a pipe (a service's log) is block-buffered: what a job printed
     # would be lost when its process dies (a crash, a kill past its timeout)
     with contextlib.suppress(AttributeError, ValueError):   # (replaced, or closed)

@@ -31,6 +31,7 @@ from elric.rpc import AUTH_FAILED, AUTH_REQUIRED, Client, RemoteError, RPCConnec
 from tests.conftest import ROOT, Cluster, batches_form, wait_for
 from tests.jobs import (Add, Fail, FailNamingFile, FailUnlessFile, MarkSleep, PadLength,
                         SelfAlarm, Sleep, SpawnPadded, SpawnWhenGateOpens)
+from tests.jobs_numpy import FirstDraw
 from tests.jobs_faults import (AsyncExitUnprintable, AsyncForkReturns, Crash, ExitUnprintable,
                                FailBadRetryAfter, Flaky, ForkReturns, ForkThenCrash, IgnoreAlarm,
                                Mark, ResetSignals, WhereAmI, count_lines, BlockSignals,
@@ -1573,6 +1574,25 @@ def test_the_processes_of_a_jobs_multiprocessing_can_be_terminated(cluster, meth
     stops = cluster.wait_job("stops", timeout=60)
     assert stops["result"] == [-signal.SIGTERM, [1, 2]], stops
     assert worker.alive()
+
+
+def test_pool_processes_draw_different_numbers_from_numpys_global_random_state(
+        make_cluster):
+    """The fork server imports the job modules, so a module that imported numpy.random
+    (directly, or through pandas or scikit-learn) had it seeded once, there: every pool
+    process it forked, the replacements of those that died too, drew the same "random"
+    numbers from numpy's global state (Python's own random is seeded again at fork)."""
+    c = make_cluster(JOB_MODULES="tests.jobs_numpy")
+    c.start_master()
+    c.start_worker("--concurrency", "2")
+    draws: dict[int, int] = {}
+
+    def two_processes() -> bool:
+        handles = [c.client.submit_job(FirstDraw.spec([])) for _ in range(4)]
+        draws.update(c.wait_job(h["job_id"])["result"] for h in handles)
+        return len(draws) == 2
+    wait_for(two_processes, what="jobs run in both pool processes")
+    assert len(set(draws.values())) == 2, draws
 
 
 def test_sigpipe_and_sigchld_a_job_changed_are_put_back_for_the_jobs_after_it(cluster):
