@@ -113,6 +113,10 @@ def serve(conn, job_modules: tuple[str, ...], worker_pid: int, cwd: str, log_lev
     # would give every pool process the same numbers (random's is seeded again at fork)
     if "numpy.random" in sys.modules:
         sys.modules["numpy.random"].seed()
+    # stdin was the worker's (a terminal): the commands a job runs would wait for what is
+    # typed there; they read /dev/null, as the job's own sys.stdin does (multiprocessing's)
+    with contextlib.suppress(OSError), open(os.devnull) as null:
+        os.dup2(null.fileno(), 0)
     # stdout to a file or a pipe (a service's log) is block-buffered: what a job printed
     # would be lost when its process dies (a crash, a kill past its timeout)
     with contextlib.suppress(AttributeError, ValueError):   # (replaced, or closed)

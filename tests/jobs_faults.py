@@ -385,3 +385,13 @@ class StopProcesses(Job):
         with context.Pool(2) as pool:
             mapped = pool.map(abs, [-1, -2])
         return [code, mapped]
+
+
+class ReadStdin(Job):
+    """What a command it runs reads from its standard input, as a tool that reads stdin
+    when given no file, or asks a question there (overwrite? [y/N]), does."""
+
+    def run(self):
+        import subprocess
+        return subprocess.run([sys.executable, "-c", "import sys; print(repr(sys.stdin.read()))"],
+                              stdout=subprocess.PIPE, text=True, timeout=10).stdout.strip()

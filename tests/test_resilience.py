@@ -37,7 +37,7 @@ from tests.jobs_faults import (AsyncExitUnprintable, AsyncForkReturns, Crash, Ex
                                Mark, ResetSignals, WhereAmI, count_lines, BlockSignals,
                                ChildAndPipe, HoldGil, LooseSignals, ProcessState,
                                AsyncProcessState, AsyncExitInTask, SayThenCrash,
-                               Stdio, StopCommand, StopProcesses)
+                               Stdio, StopCommand, StopProcesses, ReadStdin)
 from tests.silent_proxy import SilentProxy
 
 KEYS = Keys("elric")
@@ -1593,6 +1593,25 @@ def test_pool_processes_draw_different_numbers_from_numpys_global_random_state(
         return len(draws) == 2
     wait_for(two_processes, what="jobs run in both pool processes")
     assert len(set(draws.values())) == 2, draws
+
+
+def test_a_command_a_job_runs_reads_nothing_from_its_workers_stdin(cluster, tmp_path):
+    """Pool processes kept their worker's standard input (a terminal, or a supervisor's
+    pipe), and so did each command a job ran: one that reads stdin, or asks a question
+    there, waited for what was typed at the worker, while under systemd or docker it read
+    an empty /dev/null at once."""
+    with open(tmp_path / "worker.log", "ab") as log:
+        worker = subprocess.Popen([sys.executable, "-m", "elric", "worker", "--concurrency", "1"],
+                                  env=cluster.env, cwd=ROOT, stdin=subprocess.PIPE, stdout=log,
+                                  stderr=subprocess.STDOUT)
+    try:
+        cluster.client.submit_job(ReadStdin.spec([], job_id="reads"))
+        reads = cluster.wait_job("reads", timeout=60)
+        assert (reads["status"], reads["result"]) == ("succeeded", "''"), reads
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+        worker.stdin.close()
 
 
 def test_sigpipe_and_sigchld_a_job_changed_are_put_back_for_the_jobs_after_it(cluster):
