@@ -21,6 +21,7 @@ import _signal
 import os
 import select
 import signal
+import socket
 import sys
 import threading
 import time
@@ -208,6 +209,12 @@ class _Runner:
         self.umask = os.umask(0o022)
         os.umask(self.umask)
         self.stdout, self.stderr = sys.stdout, sys.stderr
+        # process-wide settings a job may change for itself, each (read, write, value now)
+        root = logging.getLogger()
+        self.settings = [(read, write, read()) for read, write in (
+            (socket.getdefaulttimeout, socket.setdefaulttimeout),
+            (lambda: root.level, root.setLevel), (lambda: root.manager.disable, logging.disable),
+            (lambda: list(root.handlers), lambda value: setattr(root, "handlers", list(value))))]
         self.last_tick = time.monotonic()
         self.sync_loop: asyncio.AbstractEventLoop | None = None   # get_event_loop's in sync jobs
 
@@ -339,6 +346,11 @@ class _Runner:
         os.umask(self.umask)
         if os.environ is not self.env or self.env._data != self.environ:
             self._restore_environ()
+        # and its socket timeout and logging setup (see settings): the next jobs' sockets
+        # timed out, their lines and the process's own took its format and level
+        for read, write, value in self.settings:
+            if read() != value:
+                write(value)
         # and sys.stdout or sys.stderr it closed or replaced: the next jobs' prints failed
         if sys.stdout is not self.stdout or sys.stderr is not self.stderr or getattr(
                 self.stdout, "closed", False) or getattr(self.stderr, "closed", False):

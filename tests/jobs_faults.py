@@ -273,6 +273,33 @@ class AsyncProcessState(Job):
         return process_state(leave)
 
 
+def process_settings(leave):
+    """What a job sees of its process's settings: the default socket timeout and the root
+    logger (its level, handlers and logging.disable). With ``leave``, it changes them first
+    and leaves them so, as code that sets a timeout for its HTTP calls or sets up logging
+    for itself (basicConfig(force=True), a level to debug with, logging.disable) may."""
+    import logging
+    import socket
+    root = logging.getLogger()
+    if leave:
+        socket.setdefaulttimeout(3)
+        logging.basicConfig(level=logging.DEBUG, format="%(message)s", force=True)
+        logging.disable(logging.WARNING)
+    return {"pid": os.getpid(), "socket_timeout": socket.getdefaulttimeout(),
+            "level": root.level, "formats": [h.formatter._fmt for h in root.handlers],
+            "disabled": root.manager.disable}
+
+
+class ProcessSettings(Job):
+    def run(self, leave=False):
+        return process_settings(leave)
+
+
+class AsyncProcessSettings(Job):
+    async def run(self, leave=False):
+        return process_settings(leave)
+
+
 class AsyncExitInTask(Job):
     """Awaits a task of its own that calls sys.exit (``how``: or raises KeyboardInterrupt),
     as a CLI entry point a job reuses does."""

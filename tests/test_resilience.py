@@ -37,7 +37,8 @@ from tests.jobs_faults import (AsyncExitUnprintable, AsyncForkReturns, Crash, Ex
                                Mark, ResetSignals, WhereAmI, count_lines, BlockSignals,
                                ChildAndPipe, HoldGil, LooseSignals, ProcessState,
                                AsyncProcessState, AsyncExitInTask, SayThenCrash,
-                               Stdio, StopCommand, StopProcesses, ReadStdin)
+                               Stdio, StopCommand, StopProcesses, ReadStdin,
+                               ProcessSettings, AsyncProcessSettings)
 from tests.silent_proxy import SilentProxy
 
 KEYS = Keys("elric")
@@ -1682,6 +1683,26 @@ def test_a_jobs_environment_and_umask_are_not_left_to_the_jobs_after_it(cluster,
     cluster.client.submit_job(job_class.spec([True], job_id="leaves"))
     leaves = cluster.wait_job("leaves")["result"]
     assert leaves["pid"] == before["pid"] and leaves["umask"] == 0o077, leaves
+    cluster.client.submit_job(job_class.spec([], job_id="after"))
+    after = cluster.wait_job("after")["result"]
+    assert after == before, (before, after)
+    assert worker.alive()
+
+
+@pytest.mark.parametrize("job_class", [ProcessSettings, AsyncProcessSettings])
+def test_a_jobs_socket_timeout_and_logging_setup_are_not_left_to_the_jobs_after_it(
+        cluster, job_class):
+    """A job's socket.setdefaulttimeout and its logging setup (basicConfig(force=True), the
+    root logger's level, logging.disable) stayed for every later job of its pool process:
+    their sockets timed out (a long download, a blocking Redis read), their log lines and
+    the process's own took another format, or a level that flooded or silenced them."""
+    worker = cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job(job_class.spec([], job_id="before"))
+    before = cluster.wait_job("before")["result"]
+    assert before["socket_timeout"] is None and before["disabled"] == 0, before
+    cluster.client.submit_job(job_class.spec([True], job_id="leaves"))
+    leaves = cluster.wait_job("leaves")["result"]
+    assert leaves["pid"] == before["pid"] and leaves["formats"] == ["%(message)s"], leaves
     cluster.client.submit_job(job_class.spec([], job_id="after"))
     after = cluster.wait_job("after")["result"]
     assert after == before, (before, after)
