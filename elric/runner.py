@@ -213,6 +213,7 @@ class _Runner:
         root = logging.getLogger()
         self.settings = [(read, write, read()) for read, write in (
             (socket.getdefaulttimeout, socket.setdefaulttimeout),
+            (sys.getrecursionlimit, sys.setrecursionlimit),   # (raised: a runaway crashes)
             (lambda: root.level, root.setLevel), (lambda: root.manager.disable, logging.disable),
             (lambda: list(root.handlers), lambda value: setattr(root, "handlers", list(value))))]
         self.last_tick = time.monotonic()
@@ -346,8 +347,8 @@ class _Runner:
         os.umask(self.umask)
         if os.environ is not self.env or self.env._data != self.environ:
             self._restore_environ()
-        # and its socket timeout and logging setup (see settings): the next jobs' sockets
-        # timed out, their lines and the process's own took its format and level
+        # and its socket timeout, recursion limit and logging setup (see settings): the next
+        # jobs' sockets timed out, their lines and the process's own took its format and level
         for read, write, value in self.settings:
             if read() != value:
                 write(value)

@@ -274,18 +274,21 @@ class AsyncProcessState(Job):
 
 
 def process_settings(leave):
-    """What a job sees of its process's settings: the default socket timeout and the root
-    logger (its level, handlers and logging.disable). With ``leave``, it changes them first
-    and leaves them so, as code that sets a timeout for its HTTP calls or sets up logging
-    for itself (basicConfig(force=True), a level to debug with, logging.disable) may."""
+    """What a job sees of its process's settings: the default socket timeout, the recursion
+    limit and the root logger (its level, handlers and logging.disable). With ``leave``, it
+    changes them first and leaves them so, as code that sets a timeout for its HTTP calls,
+    raises the limit for a deep recursion or sets up logging for itself (basicConfig(force=
+    True), a level to debug with, logging.disable) may."""
     import logging
     import socket
     root = logging.getLogger()
     if leave:
         socket.setdefaulttimeout(3)
+        sys.setrecursionlimit(100_000)
         logging.basicConfig(level=logging.DEBUG, format="%(message)s", force=True)
         logging.disable(logging.WARNING)
     return {"pid": os.getpid(), "socket_timeout": socket.getdefaulttimeout(),
+            "recursion_limit": sys.getrecursionlimit(),
             "level": root.level, "formats": [h.formatter._fmt for h in root.handlers],
             "disabled": root.manager.disable}
 

@@ -1690,12 +1690,14 @@ def test_a_jobs_environment_and_umask_are_not_left_to_the_jobs_after_it(cluster,
 
 
 @pytest.mark.parametrize("job_class", [ProcessSettings, AsyncProcessSettings])
-def test_a_jobs_socket_timeout_and_logging_setup_are_not_left_to_the_jobs_after_it(
+def test_a_jobs_socket_timeout_recursion_limit_and_logging_are_not_left_to_the_next_jobs(
         cluster, job_class):
-    """A job's socket.setdefaulttimeout and its logging setup (basicConfig(force=True), the
-    root logger's level, logging.disable) stayed for every later job of its pool process:
-    their sockets timed out (a long download, a blocking Redis read), their log lines and
-    the process's own took another format, or a level that flooded or silenced them."""
+    """A job's socket.setdefaulttimeout, sys.setrecursionlimit and logging setup
+    (basicConfig(force=True), the root logger's level, logging.disable) stayed for every
+    later job of its pool process: their sockets timed out (a long download, a blocking
+    Redis read), a runaway recursion crashed the process instead of failing its job, their
+    log lines and the process's own took another format, or a level that flooded or
+    silenced them."""
     worker = cluster.start_worker("--concurrency", "1")
     cluster.client.submit_job(job_class.spec([], job_id="before"))
     before = cluster.wait_job("before")["result"]
@@ -1703,6 +1705,7 @@ def test_a_jobs_socket_timeout_and_logging_setup_are_not_left_to_the_jobs_after_
     cluster.client.submit_job(job_class.spec([True], job_id="leaves"))
     leaves = cluster.wait_job("leaves")["result"]
     assert leaves["pid"] == before["pid"] and leaves["formats"] == ["%(message)s"], leaves
+    assert leaves["recursion_limit"] == 100_000, leaves
     cluster.client.submit_job(job_class.spec([], job_id="after"))
     after = cluster.wait_job("after")["result"]
     assert after == before, (before, after)
