@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import inspect
 import logging
 import _signal
@@ -538,7 +539,10 @@ class _Runner:
 
     def _run_sync(self, job: _SyncJob) -> None:
         out, timeout = job.out, job.timeout
-        token = job_module._current.set(job.ctx)
+        # a context of its own, as a task's: what it sets there (decimal's precision, a
+        # logger's bound fields) would stay for the jobs after it in its batch
+        context = contextvars.copy_context()
+        context.run(job_module._current.set, job.ctx)
         # its start is now, not its batch's arrival: its duration is not the wait behind
         began = out.started_at = time.monotonic()   # the jobs before it in its batch
         late = False
@@ -557,7 +561,7 @@ class _Runner:
                 if out.key in self.cancels:   # asked after it left the queue, unsignalled
                     raise JobCancelled(CANCELLED)
                 try:
-                    result = job.run()
+                    result = context.run(job.run)
                 finally:   # (within its timeout: a task may hold out against its cancel)
                     _end_tasks(self.sync_loop)
             finally:
@@ -572,7 +576,6 @@ class _Runner:
         except BaseException as exc:
             _failed(out, exc)
         finally:
-            job_module._current.reset(token)
             job.ctx.ended = True
         # however it ended: a job whose `except Exception` caught its JobTimeout ran on
         if late or (timeout and time.monotonic() - began >= timeout):

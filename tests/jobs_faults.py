@@ -293,6 +293,18 @@ def process_settings(leave):
             "disabled": root.manager.disable}
 
 
+class Seventh(Job):
+    """1/7 in the job's decimal context; with ``precision``, it sets that context's precision
+    first and leaves it so, as money or science code does (decimal's context, numpy's
+    errstate, structlog's bound fields and OpenTelemetry's span are context variables)."""
+
+    def run(self, precision=None):
+        import decimal
+        if precision:
+            decimal.getcontext().prec = precision
+        return str(decimal.Decimal(1) / decimal.Decimal(7))
+
+
 class ProcessSettings(Job):
     def run(self, leave=False):
         return process_settings(leave)

@@ -38,7 +38,7 @@ from tests.jobs_faults import (AsyncExitUnprintable, AsyncForkReturns, Crash, Ex
                                ChildAndPipe, HoldGil, LooseSignals, ProcessState,
                                AsyncProcessState, AsyncExitInTask, SayThenCrash,
                                Stdio, StopCommand, StopProcesses, ReadStdin,
-                               ProcessSettings, AsyncProcessSettings)
+                               ProcessSettings, AsyncProcessSettings, Seventh)
 from tests.silent_proxy import SilentProxy
 
 KEYS = Keys("elric")
@@ -1709,6 +1709,25 @@ def test_a_jobs_socket_timeout_recursion_limit_and_logging_are_not_left_to_the_n
     cluster.client.submit_job(job_class.spec([], job_id="after"))
     after = cluster.wait_job("after")["result"]
     assert after == before, (before, after)
+    assert worker.alive()
+
+
+def test_context_variables_a_job_set_are_not_left_to_the_jobs_after_it(cluster):
+    """Sync jobs sent to a process together ran in one context: a context variable one set
+    stayed for those after it (decimal's precision, numpy's errstate, structlog's fields
+    bound to a job id, an OpenTelemetry span), so their sums were rounded as it rounded and
+    their log lines named its job, depending on how the worker batched them. Each runs in
+    a copy of the context, as a task does."""
+    worker = cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job(Seventh.spec([], job_id="before"))
+    before = cluster.wait_job("before")["result"]
+    assert len(before) == 30, before   # 0. and 28 digits: decimal's default
+    batches_form(cluster)
+    cluster.client.submit_jobs([Seventh.spec([6], job_id="leaves"),
+                                *(Seventh.spec([], job_id=f"after-{i}") for i in range(5))])
+    assert cluster.wait_job("leaves")["result"] == "0.142857"
+    for i in range(5):
+        assert cluster.wait_job(f"after-{i}")["result"] == before, i
     assert worker.alive()
 
 
