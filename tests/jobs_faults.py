@@ -408,14 +408,13 @@ def _say_up_then_sleep(conn):
 class StopProcesses(Job):
     """Starts a multiprocessing.Process and terminates it, then maps over a
     multiprocessing.Pool in a ``with`` block (which terminates its workers), as a job that
-    spreads its work over cores does, with the start ``method`` given (None: the default).
-    Returns the Process's exit code (None: it ran on) and the map's result."""
+    spreads its work over cores does. Returns the Process's exit code (None: it ran on)
+    and the map's result."""
 
-    def run(self, method=None):
+    def run(self):
         import multiprocessing
-        context = multiprocessing.get_context(method)
-        ours, theirs = context.Pipe()
-        child = context.Process(target=_say_up_then_sleep, args=(theirs,))
+        ours, theirs = multiprocessing.Pipe()
+        child = multiprocessing.Process(target=_say_up_then_sleep, args=(theirs,))
         child.start()
         ours.recv()   # it runs: the signal reaches it, not the fork it starts from
         child.terminate()
@@ -424,9 +423,35 @@ class StopProcesses(Job):
         if code is None:
             child.kill()
             child.join()
-        with context.Pool(2) as pool:
+        with multiprocessing.Pool(2) as pool:
             mapped = pool.map(abs, [-1, -2])
         return [code, mapped]
+
+
+class StopFork(Job):
+    """Forks a child that sleeps, as a job that does work in a child of its own does, and
+    stops it with SIGTERM; returns the signal that ended it (None: it ran on)."""
+
+    def run(self):
+        up, say_up = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.write(say_up, b"up")
+            time.sleep(30)
+            os._exit(0)
+        os.close(say_up)
+        os.read(up, 2)
+        os.close(up)
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                return os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
+            time.sleep(0.05)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        return None
 
 
 class ReadStdin(Job):

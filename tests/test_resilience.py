@@ -37,7 +37,7 @@ from tests.jobs_faults import (AsyncExitUnprintable, AsyncForkReturns, Crash, Ex
                                Mark, ResetSignals, WhereAmI, count_lines, BlockSignals,
                                ChildAndPipe, HoldGil, LooseSignals, ProcessState,
                                AsyncProcessState, AsyncExitInTask, SayThenCrash,
-                               Stdio, StopCommand, StopProcesses, ReadStdin,
+                               Stdio, StopCommand, StopProcesses, StopFork, ReadStdin,
                                ProcessSettings, AsyncProcessSettings, Seventh)
 from tests.silent_proxy import SilentProxy
 
@@ -1563,17 +1563,18 @@ def test_a_command_a_job_starts_can_be_stopped_with_sigterm_and_sigint(cluster):
     assert worker.alive()
 
 
-@pytest.mark.parametrize("method", [None, "fork"], ids=["default", "fork"])
-def test_the_processes_of_a_jobs_multiprocessing_can_be_terminated(cluster, method):
-    """The processes a job started with multiprocessing ignored SIGTERM as their pool
-    process does (inherited through fork, and through exec by the fork server of its own
-    that multiprocessing starts): Process.terminate() did nothing, and a ``with
-    multiprocessing.Pool()`` block, which terminates its workers, never ended (its workers
-    were left behind, stuck)."""
+@pytest.mark.parametrize("job_class, stopped", [(StopProcesses, [-signal.SIGTERM, [1, 2]]),
+                                               (StopFork, signal.SIGTERM)],
+                         ids=["multiprocessing", "fork"])
+def test_the_processes_a_job_starts_can_be_terminated(cluster, job_class, stopped):
+    """The processes a job started ignored SIGTERM as their pool process does (inherited
+    through fork, and through exec by the fork server of its own that multiprocessing
+    starts): Process.terminate() did nothing, and a ``with multiprocessing.Pool()`` block,
+    which terminates its workers, never ended (its workers were left behind, stuck)."""
     worker = cluster.start_worker("--concurrency", "1")
-    cluster.client.submit_job(StopProcesses.spec([method], job_id="stops", timeout=30))
+    cluster.client.submit_job(job_class.spec([], job_id="stops", timeout=30))
     stops = cluster.wait_job("stops", timeout=60)
-    assert stops["result"] == [-signal.SIGTERM, [1, 2]], stops
+    assert stops["result"] == stopped, stops.get("error")
     assert worker.alive()
 
 
