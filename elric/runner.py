@@ -219,6 +219,7 @@ class _Runner:
             (lambda: list(root.handlers), lambda value: setattr(root, "handlers", list(value))))]
         self.last_tick = time.monotonic()
         self.sync_loop: asyncio.AbstractEventLoop | None = None   # get_event_loop's in sync jobs
+        self.sync_tasks: list[asyncio.Task] = []   # made on it by the sync job running
 
     def run(self) -> None:
         signal.signal(signal.SIGALRM, self._on_alarm)   # a sync job's timeout
@@ -553,6 +554,7 @@ class _Runner:
                 # it (inside the try: with no fd left, that fails the job, not the process)
                 if self.sync_loop is None or self.sync_loop.is_closed():
                     self.sync_loop = asyncio.new_event_loop()
+                    self.sync_loop.set_task_factory(self._sync_task)
                 asyncio.set_event_loop(self.sync_loop)
                 self.running = out.key   # from here on, the two signals may raise
                 if timeout:
@@ -563,7 +565,8 @@ class _Runner:
                 try:
                     result = context.run(job.run)
                 finally:   # (within its timeout: a task may hold out against its cancel)
-                    _end_tasks(self.sync_loop)
+                    if self.sync_tasks:
+                        self._end_tasks()
             finally:
                 self.running, self.timer_set = None, False
                 if timeout:
@@ -581,6 +584,23 @@ class _Runner:
         if late or (timeout and time.monotonic() - began >= timeout):
             out.ok, out.children = False, []
             out.payload = f"JobTimeout: ran past its timeout of {timeout:g}s"
+
+    def _sync_task(self, loop, coro, **kwargs) -> asyncio.Task:
+        """The sync jobs' loop's task factory: notes each task (asyncio.all_tasks, per job,
+        would cost as much as the rest of a job's report)."""
+        task = asyncio.Task(coro, loop=loop, **kwargs)
+        self.sync_tasks.append(task)
+        return task
+
+    def _end_tasks(self) -> None:
+        """Cancel the tasks a sync job left on its loop and let them end, as asyncio.run does:
+        else they would run inside the next sync job that runs the loop."""
+        tasks, loop = [t for t in self.sync_tasks if not t.done()], self.sync_loop
+        self.sync_tasks.clear()
+        if tasks and not loop.is_running() and not loop.is_closed():
+            for task in tasks:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
 
     # --- a blocked loop ---------------------------------------------------------------
     def _tick(self) -> None:
@@ -628,16 +648,6 @@ def _succeeded(out: Ran, result, ctx) -> None:
                        f"msgpack value ({exc}); return plain data (dict, list, str, numbers)")
         return
     out.ok, out.children = True, ctx.children
-
-
-def _end_tasks(loop: asyncio.AbstractEventLoop) -> None:
-    """Cancel the tasks a sync job left on its loop and let them end, as asyncio.run does:
-    else they would run inside the next sync job that runs the loop."""
-    tasks = asyncio.all_tasks(loop)
-    if tasks and not loop.is_running() and not loop.is_closed():
-        for task in tasks:
-            task.cancel()
-        loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
 
 
 def cancelled_before_start(job_id: str, attempt: int, is_async: bool = False) -> Ran:
