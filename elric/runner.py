@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import inspect
 import logging
 import _signal
 import os
 import select
 import signal
+import socket
 import sys
 import threading
 import time
@@ -109,15 +111,26 @@ def serve(conn, job_modules: tuple[str, ...], worker_pid: int, cwd: str, log_lev
     logs.configure(log_level, log_format, name="%(name)s[%(process)d]")   # as the worker's
     _start_thread(_exit_with_worker, worker_pid)
     job_module.in_pool_process = True
+    # the fork server imported the job modules: numpy's global random state, seeded there,
+    # would give every pool process the same numbers (random's is seeded again at fork)
+    if "numpy.random" in sys.modules:
+        sys.modules["numpy.random"].seed()
+    # stdin was the worker's (a terminal): the commands a job runs would wait for what is
+    # typed there; they read /dev/null, as the job's own sys.stdin does (multiprocessing's)
+    with contextlib.suppress(OSError), open(os.devnull) as null:
+        os.dup2(null.fileno(), 0)
     # stdout to a file or a pipe (a service's log) is block-buffered: what a job printed
     # would be lost when its process dies (a crash, a kill past its timeout)
     with contextlib.suppress(AttributeError, ValueError):   # (replaced, or closed)
         sys.stdout.reconfigure(line_buffering=True)
     # Ctrl-C reaches the whole process group, and so does SIGTERM from systemd, docker or
     # `kill -- -PGID`: running jobs must be allowed to finish. The worker stops its pool
-    # processes itself (shutdown, or SIGKILL past a timeout or SHUTDOWN_GRACE).
+    # processes itself (shutdown, or SIGKILL past a timeout or SHUTDOWN_GRACE). A handler
+    # that does nothing, not SIG_IGN: exec keeps SIG_IGN, and a job's commands must stop at
+    # its Popen.terminate(); SA_RESTART, so native code's reads are not broken off (EINTR)
     for sig in IGNORED:
-        signal.signal(sig, signal.SIG_IGN)
+        signal.signal(sig, lambda signum, frame: None)
+        signal.siginterrupt(sig, False)
     try:
         import uvloop
         loop = uvloop.new_event_loop()
@@ -197,8 +210,16 @@ class _Runner:
         self.umask = os.umask(0o022)
         os.umask(self.umask)
         self.stdout, self.stderr = sys.stdout, sys.stderr
+        # process-wide settings a job may change for itself, each (read, write, value now)
+        root = logging.getLogger()
+        self.settings = [(read, write, read()) for read, write in (
+            (socket.getdefaulttimeout, socket.setdefaulttimeout),
+            (sys.getrecursionlimit, sys.setrecursionlimit),   # (raised: a runaway crashes)
+            (lambda: root.level, root.setLevel), (lambda: root.manager.disable, logging.disable),
+            (lambda: list(root.handlers), lambda value: setattr(root, "handlers", list(value))))]
         self.last_tick = time.monotonic()
         self.sync_loop: asyncio.AbstractEventLoop | None = None   # get_event_loop's in sync jobs
+        self.sync_tasks: list[asyncio.Task] = []   # made on it by the sync job running
 
     def run(self) -> None:
         signal.signal(signal.SIGALRM, self._on_alarm)   # a sync job's timeout
@@ -225,6 +246,9 @@ class _Runner:
         its report or when its loop next turns."""
         self.forked = True
         self.loop.stop()
+        # and it is the job's: it stops at SIGTERM and SIGINT (multiprocessing's terminate)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
     # --- the pipe ---------------------------------------------------------------------
     def _read(self) -> None:
@@ -325,6 +349,11 @@ class _Runner:
         os.umask(self.umask)
         if os.environ is not self.env or self.env._data != self.environ:
             self._restore_environ()
+        # and its socket timeout, recursion limit and logging setup (see settings): the next
+        # jobs' sockets timed out, their lines and the process's own took its format and level
+        for read, write, value in self.settings:
+            if read() != value:
+                write(value)
         # and sys.stdout or sys.stderr it closed or replaced: the next jobs' prints failed
         if sys.stdout is not self.stdout or sys.stderr is not self.stderr or getattr(
                 self.stdout, "closed", False) or getattr(self.stderr, "closed", False):
@@ -511,7 +540,10 @@ class _Runner:
 
     def _run_sync(self, job: _SyncJob) -> None:
         out, timeout = job.out, job.timeout
-        token = job_module._current.set(job.ctx)
+        # a context of its own, as a task's: what it sets there (decimal's precision, a
+        # logger's bound fields) would stay for the jobs after it in its batch
+        context = contextvars.copy_context()
+        context.run(job_module._current.set, job.ctx)
         # its start is now, not its batch's arrival: its duration is not the wait behind
         began = out.started_at = time.monotonic()   # the jobs before it in its batch
         late = False
@@ -522,6 +554,7 @@ class _Runner:
                 # it (inside the try: with no fd left, that fails the job, not the process)
                 if self.sync_loop is None or self.sync_loop.is_closed():
                     self.sync_loop = asyncio.new_event_loop()
+                    self.sync_loop.set_task_factory(self._sync_task)
                 asyncio.set_event_loop(self.sync_loop)
                 self.running = out.key   # from here on, the two signals may raise
                 if timeout:
@@ -529,7 +562,11 @@ class _Runner:
                     signal.setitimer(signal.ITIMER_REAL, timeout)   # _on_alarm stops it
                 if out.key in self.cancels:   # asked after it left the queue, unsignalled
                     raise JobCancelled(CANCELLED)
-                result = job.run()
+                try:
+                    result = context.run(job.run)
+                finally:   # (within its timeout: a task may hold out against its cancel)
+                    if self.sync_tasks:
+                        self._end_tasks()
             finally:
                 self.running, self.timer_set = None, False
                 if timeout:
@@ -542,12 +579,28 @@ class _Runner:
         except BaseException as exc:
             _failed(out, exc)
         finally:
-            job_module._current.reset(token)
             job.ctx.ended = True
         # however it ended: a job whose `except Exception` caught its JobTimeout ran on
         if late or (timeout and time.monotonic() - began >= timeout):
             out.ok, out.children = False, []
             out.payload = f"JobTimeout: ran past its timeout of {timeout:g}s"
+
+    def _sync_task(self, loop, coro, **kwargs) -> asyncio.Task:
+        """The sync jobs' loop's task factory: notes each task (asyncio.all_tasks, per job,
+        would cost as much as the rest of a job's report)."""
+        task = asyncio.Task(coro, loop=loop, **kwargs)
+        self.sync_tasks.append(task)
+        return task
+
+    def _end_tasks(self) -> None:
+        """Cancel the tasks a sync job left on its loop and let them end, as asyncio.run does:
+        else they would run inside the next sync job that runs the loop."""
+        tasks, loop = [t for t in self.sync_tasks if not t.done()], self.sync_loop
+        self.sync_tasks.clear()
+        if tasks and not loop.is_running() and not loop.is_closed():
+            for task in tasks:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
 
     # --- a blocked loop ---------------------------------------------------------------
     def _tick(self) -> None:

@@ -172,6 +172,28 @@ class SyncGetsEventLoop(Job):
             loop.close()
 
 
+class SyncLeavesTask(Job):
+    """Runs a coroutine on asyncio.get_event_loop(), as code written before asyncio.run
+    does, for ``seconds``; with ``leave``, the coroutine starts a task it does not await
+    (fire and forget), which writes to ``path`` whether it ran or was cancelled."""
+
+    def run(self, path, seconds, leave=False):
+        async def later():
+            try:
+                await asyncio.sleep(0.1)
+                append_line(path, "ran")
+            except asyncio.CancelledError:
+                append_line(path, "cancelled")
+                raise
+
+        async def main():
+            if leave:
+                asyncio.get_running_loop().create_task(later())
+            await asyncio.sleep(seconds)
+        asyncio.get_event_loop().run_until_complete(main())
+        return os.getpid()
+
+
 class AsyncNestedGroupFail(Job):
     """Fails in a TaskGroup inside a task of another: a crawl of sites, each of many pages."""
 

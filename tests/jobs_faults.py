@@ -273,6 +273,48 @@ class AsyncProcessState(Job):
         return process_state(leave)
 
 
+def process_settings(leave):
+    """What a job sees of its process's settings: the default socket timeout, the recursion
+    limit and the root logger (its level, handlers and logging.disable). With ``leave``, it
+    changes them first and leaves them so, as code that sets a timeout for its HTTP calls,
+    raises the limit for a deep recursion or sets up logging for itself (basicConfig(force=
+    True), a level to debug with, logging.disable) may."""
+    import logging
+    import socket
+    root = logging.getLogger()
+    if leave:
+        socket.setdefaulttimeout(3)
+        sys.setrecursionlimit(100_000)
+        logging.basicConfig(level=logging.DEBUG, format="%(message)s", force=True)
+        logging.disable(logging.WARNING)
+    return {"pid": os.getpid(), "socket_timeout": socket.getdefaulttimeout(),
+            "recursion_limit": sys.getrecursionlimit(),
+            "level": root.level, "formats": [h.formatter._fmt for h in root.handlers],
+            "disabled": root.manager.disable}
+
+
+class Seventh(Job):
+    """1/7 in the job's decimal context; with ``precision``, it sets that context's precision
+    first and leaves it so, as money or science code does (decimal's context, numpy's
+    errstate, structlog's bound fields and OpenTelemetry's span are context variables)."""
+
+    def run(self, precision=None):
+        import decimal
+        if precision:
+            decimal.getcontext().prec = precision
+        return str(decimal.Decimal(1) / decimal.Decimal(7))
+
+
+class ProcessSettings(Job):
+    def run(self, leave=False):
+        return process_settings(leave)
+
+
+class AsyncProcessSettings(Job):
+    async def run(self, leave=False):
+        return process_settings(leave)
+
+
 class AsyncExitInTask(Job):
     """Awaits a task of its own that calls sys.exit (``how``: or raises KeyboardInterrupt),
     as a CLI entry point a job reuses does."""
@@ -334,3 +376,89 @@ class Stdio(Job):
             sys.stdout.close()
             sys.stderr.close()
         return os.getpid()
+
+
+class StopCommand(Job):
+    """Starts a command and stops it with SIGTERM, then another with SIGINT, as a job that
+    runs a tool and stops it does; returns each one's return code (None: it ran on)."""
+
+    def run(self):
+        import subprocess
+        codes = []
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            command = subprocess.Popen(["sh", "-c", "echo up; exec sleep 30"],
+                                       stdout=subprocess.PIPE)
+            command.stdout.readline()   # it runs: the signal reaches it, not its fork
+            command.send_signal(sig)
+            try:
+                codes.append(command.wait(timeout=10))
+            except subprocess.TimeoutExpired:
+                command.kill()
+                command.wait()
+                codes.append(None)
+            command.stdout.close()
+        return codes
+
+
+def _say_up_then_sleep(conn):
+    conn.send("up")
+    time.sleep(30)
+
+
+class StopProcesses(Job):
+    """Starts a multiprocessing.Process and terminates it, then maps over a
+    multiprocessing.Pool in a ``with`` block (which terminates its workers), as a job that
+    spreads its work over cores does. Returns the Process's exit code (None: it ran on)
+    and the map's result."""
+
+    def run(self):
+        import multiprocessing
+        ours, theirs = multiprocessing.Pipe()
+        child = multiprocessing.Process(target=_say_up_then_sleep, args=(theirs,))
+        child.start()
+        ours.recv()   # it runs: the signal reaches it, not the fork it starts from
+        child.terminate()
+        child.join(10)
+        code = child.exitcode
+        if code is None:
+            child.kill()
+            child.join()
+        with multiprocessing.Pool(2) as pool:
+            mapped = pool.map(abs, [-1, -2])
+        return [code, mapped]
+
+
+class StopFork(Job):
+    """Forks a child that sleeps, as a job that does work in a child of its own does, and
+    stops it with SIGTERM; returns the signal that ended it (None: it ran on)."""
+
+    def run(self):
+        up, say_up = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.write(say_up, b"up")
+            time.sleep(30)
+            os._exit(0)
+        os.close(say_up)
+        os.read(up, 2)
+        os.close(up)
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                return os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
+            time.sleep(0.05)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        return None
+
+
+class ReadStdin(Job):
+    """What a command it runs reads from its standard input, as a tool that reads stdin
+    when given no file, or asks a question there (overwrite? [y/N]), does."""
+
+    def run(self):
+        import subprocess
+        return subprocess.run([sys.executable, "-c", "import sys; print(repr(sys.stdin.read()))"],
+                              stdout=subprocess.PIPE, text=True, timeout=10).stdout.strip()

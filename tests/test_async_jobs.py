@@ -13,7 +13,8 @@ from tests.jobs import Add
 from tests.jobs_faults import SwallowTimeout, count_lines
 from tests.jobs_async import (AsyncBlock, AsyncCrash, AsyncFail, AsyncFlaky,
                               AsyncNestedGroupFail, AsyncSleep, AsyncSpawn, AsyncStubborn,
-                              HiddenAsync, SyncGetsEventLoop, SyncRunsAsyncio, SyncSpan)
+                              HiddenAsync, SyncGetsEventLoop, SyncLeavesTask, SyncRunsAsyncio,
+                              SyncSpan)
 from tests.test_resilience import descendants, lines, reap, worker_pid
 
 
@@ -125,6 +126,21 @@ def test_a_sync_job_may_use_the_event_loop_get_event_loop_gives(cluster):
         assert (job["status"], job["result"]) == ("succeeded", 2 * i), job.get("error")
     cluster.client.submit_job(AsyncSleep.spec([0], job_id="async"))
     assert cluster.wait_job("async")["status"] == "succeeded"
+    assert worker.alive()
+
+
+def test_tasks_a_sync_job_left_on_its_event_loop_do_not_run_in_the_next_job(cluster, tmp_path):
+    """Sync jobs of a process share the loop asyncio.get_event_loop() gives them. A task
+    one left pending there (fire and forget) ran inside the next job that ran that loop,
+    in the middle of that job's work. They are cancelled as the job ends, as asyncio.run
+    cancels its own."""
+    path = tmp_path / "left"
+    worker = cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job(SyncLeavesTask.spec([str(path), 0, True], job_id="leaves"))
+    pid = cluster.wait_job("leaves")["result"]
+    cluster.client.submit_job(SyncLeavesTask.spec([str(path), 0.5], job_id="after"))
+    assert cluster.wait_job("after")["result"] == pid
+    assert path.read_text().split() == ["cancelled"]
     assert worker.alive()
 
 

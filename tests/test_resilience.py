@@ -31,12 +31,14 @@ from elric.rpc import AUTH_FAILED, AUTH_REQUIRED, Client, RemoteError, RPCConnec
 from tests.conftest import ROOT, Cluster, batches_form, wait_for
 from tests.jobs import (Add, Fail, FailNamingFile, FailUnlessFile, MarkSleep, PadLength,
                         SelfAlarm, Sleep, SpawnPadded, SpawnWhenGateOpens)
+from tests.jobs_numpy import FirstDraw
 from tests.jobs_faults import (AsyncExitUnprintable, AsyncForkReturns, Crash, ExitUnprintable,
                                FailBadRetryAfter, Flaky, ForkReturns, ForkThenCrash, IgnoreAlarm,
                                Mark, ResetSignals, WhereAmI, count_lines, BlockSignals,
                                ChildAndPipe, HoldGil, LooseSignals, ProcessState,
                                AsyncProcessState, AsyncExitInTask, SayThenCrash,
-                               Stdio)
+                               Stdio, StopCommand, StopProcesses, StopFork, ReadStdin,
+                               ProcessSettings, AsyncProcessSettings, Seventh)
 from tests.silent_proxy import SilentProxy
 
 KEYS = Keys("elric")
@@ -1573,6 +1575,71 @@ def test_signal_handlers_a_job_changed_are_put_back_for_the_jobs_after_it(cluste
     assert worker.alive()
 
 
+def test_a_command_a_job_starts_can_be_stopped_with_sigterm_and_sigint(cluster):
+    """Pool processes ignore SIGTERM and SIGINT (a stop sent to the worker's process group
+    lets their jobs finish), and an ignored signal stays ignored across exec: every command
+    a job started ignored them too, so its Popen.terminate() did nothing and the command
+    ran on (the job's wait hung, or it left the command behind)."""
+    worker = cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job(StopCommand.spec([], job_id="stops"))
+    stops = cluster.wait_job("stops", timeout=60)
+    assert stops["result"] == [-signal.SIGTERM, -signal.SIGINT], stops
+    assert worker.alive()
+
+
+@pytest.mark.parametrize("job_class, stopped", [(StopProcesses, [-signal.SIGTERM, [1, 2]]),
+                                               (StopFork, signal.SIGTERM)],
+                         ids=["multiprocessing", "fork"])
+def test_the_processes_a_job_starts_can_be_terminated(cluster, job_class, stopped):
+    """The processes a job started ignored SIGTERM as their pool process does (inherited
+    through fork, and through exec by the fork server of its own that multiprocessing
+    starts): Process.terminate() did nothing, and a ``with multiprocessing.Pool()`` block,
+    which terminates its workers, never ended (its workers were left behind, stuck)."""
+    worker = cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job(job_class.spec([], job_id="stops", timeout=30))
+    stops = cluster.wait_job("stops", timeout=60)
+    assert stops["result"] == stopped, stops.get("error")
+    assert worker.alive()
+
+
+def test_pool_processes_draw_different_numbers_from_numpys_global_random_state(
+        make_cluster):
+    """The fork server imports the job modules, so a module that imported numpy.random
+    (directly, or through pandas or scikit-learn) had it seeded once, there: every pool
+    process it forked, the replacements of those that died too, drew the same "random"
+    numbers from numpy's global state (Python's own random is seeded again at fork)."""
+    c = make_cluster(JOB_MODULES="tests.jobs_numpy")
+    c.start_master()
+    c.start_worker("--concurrency", "2")
+    draws: dict[int, int] = {}
+
+    def two_processes() -> bool:
+        handles = [c.client.submit_job(FirstDraw.spec([])) for _ in range(4)]
+        draws.update(c.wait_job(h["job_id"])["result"] for h in handles)
+        return len(draws) == 2
+    wait_for(two_processes, what="jobs run in both pool processes")
+    assert len(set(draws.values())) == 2, draws
+
+
+def test_a_command_a_job_runs_reads_nothing_from_its_workers_stdin(cluster, tmp_path):
+    """Pool processes kept their worker's standard input (a terminal, or a supervisor's
+    pipe), and so did each command a job ran: one that reads stdin, or asks a question
+    there, waited for what was typed at the worker, while under systemd or docker it read
+    an empty /dev/null at once."""
+    with open(tmp_path / "worker.log", "ab") as log:
+        worker = subprocess.Popen([sys.executable, "-m", "elric", "worker", "--concurrency", "1"],
+                                  env=cluster.env, cwd=ROOT, stdin=subprocess.PIPE, stdout=log,
+                                  stderr=subprocess.STDOUT)
+    try:
+        cluster.client.submit_job(ReadStdin.spec([], job_id="reads"))
+        reads = cluster.wait_job("reads", timeout=60)
+        assert (reads["status"], reads["result"]) == ("succeeded", "''"), reads
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+        worker.stdin.close()
+
+
 def test_sigpipe_and_sigchld_a_job_changed_are_put_back_for_the_jobs_after_it(cluster):
     """A job that set SIGPIPE to its default (a script's idiom) or ignored SIGCHLD (against
     zombies) left it so for the next jobs of its process: a write to a closed socket then
@@ -1644,6 +1711,48 @@ def test_a_jobs_environment_and_umask_are_not_left_to_the_jobs_after_it(cluster,
     cluster.client.submit_job(job_class.spec([], job_id="after"))
     after = cluster.wait_job("after")["result"]
     assert after == before, (before, after)
+    assert worker.alive()
+
+
+@pytest.mark.parametrize("job_class", [ProcessSettings, AsyncProcessSettings])
+def test_a_jobs_socket_timeout_recursion_limit_and_logging_are_not_left_to_the_next_jobs(
+        cluster, job_class):
+    """A job's socket.setdefaulttimeout, sys.setrecursionlimit and logging setup
+    (basicConfig(force=True), the root logger's level, logging.disable) stayed for every
+    later job of its pool process: their sockets timed out (a long download, a blocking
+    Redis read), a runaway recursion crashed the process instead of failing its job, their
+    log lines and the process's own took another format, or a level that flooded or
+    silenced them."""
+    worker = cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job(job_class.spec([], job_id="before"))
+    before = cluster.wait_job("before")["result"]
+    assert before["socket_timeout"] is None and before["disabled"] == 0, before
+    cluster.client.submit_job(job_class.spec([True], job_id="leaves"))
+    leaves = cluster.wait_job("leaves")["result"]
+    assert leaves["pid"] == before["pid"] and leaves["formats"] == ["%(message)s"], leaves
+    assert leaves["recursion_limit"] == 100_000, leaves
+    cluster.client.submit_job(job_class.spec([], job_id="after"))
+    after = cluster.wait_job("after")["result"]
+    assert after == before, (before, after)
+    assert worker.alive()
+
+
+def test_context_variables_a_job_set_are_not_left_to_the_jobs_after_it(cluster):
+    """Sync jobs sent to a process together ran in one context: a context variable one set
+    stayed for those after it (decimal's precision, numpy's errstate, structlog's fields
+    bound to a job id, an OpenTelemetry span), so their sums were rounded as it rounded and
+    their log lines named its job, depending on how the worker batched them. Each runs in
+    a copy of the context, as a task does."""
+    worker = cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job(Seventh.spec([], job_id="before"))
+    before = cluster.wait_job("before")["result"]
+    assert len(before) == 30, before   # 0. and 28 digits: decimal's default
+    batches_form(cluster)
+    cluster.client.submit_jobs([Seventh.spec([6], job_id="leaves"),
+                                *(Seventh.spec([], job_id=f"after-{i}") for i in range(5))])
+    assert cluster.wait_job("leaves")["result"] == "0.142857"
+    for i in range(5):
+        assert cluster.wait_job(f"after-{i}")["result"] == before, i
     assert worker.alive()
 
 
