@@ -69,6 +69,11 @@ def _unblocked(exc: BaseException) -> bool:
     return isinstance(exc, ResponseError) and str(exc).startswith("UNBLOCKED")
 
 
+def _begets(ran: runner.Ran) -> bool:
+    """Whether an outcome waits on the master: its children go there before it is recorded."""
+    return ran.ok and bool(ran.children)
+
+
 class ChildTooBig(Exception):
     """A child job's spec does not fit in one RPC message: no call can send it."""
 
@@ -569,16 +574,37 @@ class Worker:
 
     # --- recording outcomes -------------------------------------------------------------
     async def _record_loop(self) -> None:
-        while True:
-            await self._finished.wait()
-            self._finished.clear()
-            while self.finished:
-                self.recording, self.finished = self.finished, []
-                try:
-                    await self._record(self.recording)
-                finally:
-                    self.recording = []
-                    self._changed.set()
+        """Record outcomes as they come. A parent's waits for the master to take its
+        children: parents are recorded in a task of their own, so that while the master is
+        away the other outcomes are recorded still (and free their room)."""
+        parents: asyncio.Task | None = None
+        try:
+            while True:
+                await self._finished.wait()
+                self._finished.clear()
+                if parents is not None and parents.done():
+                    parents.result()   # (its error ends the recorder)
+                    parents = None
+                if parents is None and any(_begets(r) for _, r in self.finished):
+                    parents = asyncio.create_task(self._record_some(_begets))
+                    parents.add_done_callback(lambda _: self._finished.set())
+                await self._record_some(lambda r: not _begets(r))
+        finally:
+            if parents is not None:
+                parents.cancel()
+
+    async def _record_some(self, which: Callable[[runner.Ran], bool]) -> None:
+        batch = [x for x in self.finished if which(x[1])]
+        if not batch:
+            return
+        self.finished = [x for x in self.finished if not which(x[1])]
+        self.recording += batch
+        try:
+            await self._record(batch)
+        finally:
+            taken = {id(x) for x in batch}
+            self.recording = [x for x in self.recording if id(x) not in taken]
+            self._changed.set()
 
     async def _record(self, batch: list[tuple[Claim, runner.Ran]]) -> None:
         # a cancelled job may have been dropped before it started: its time says nothing

@@ -29,8 +29,8 @@ from elric.launch import Proc, elric_env, wait_for_master
 from elric.redis_server import RedisServer, find_redis_server, free_port
 from elric.rpc import AUTH_FAILED, AUTH_REQUIRED, Client, RemoteError, RPCConnectionError, RPCError, RPCTimeoutError
 from tests.conftest import ROOT, Cluster, batches_form, wait_for
-from tests.jobs import (Add, Fail, FailNamingFile, FailUnlessFile, MarkSleep, PadLength,
-                        SelfAlarm, Sleep, SpawnPadded, SpawnWhenGateOpens)
+from tests.jobs import (Add, Fail, FailNamingFile, FailUnlessFile, MarkSleep, MarkUntilGate,
+                        PadLength, SelfAlarm, Sleep, SpawnPadded, SpawnWhenGateOpens)
 from tests.jobs_faults import (AsyncExitUnprintable, AsyncForkReturns, Crash, ExitUnprintable,
                                FailBadRetryAfter, Flaky, ForkReturns, ForkThenCrash, IgnoreAlarm,
                                Mark, ResetSignals, WhereAmI, count_lines, BlockSignals,
@@ -1717,6 +1717,34 @@ def test_a_stopping_worker_records_a_job_that_ended_while_its_master_was_slow(
     assert (parent["status"], parent["attempts"]) == ("succeeded", 1), parent
     wait_for(lambda: c.client.stats()["by_status"]["succeeded"] == 2, what="the child ran")
     assert marks.read_text() == "ended\n"   # it ran once
+
+
+def test_outcomes_without_children_are_recorded_while_a_parents_children_wait(
+        make_cluster, tmp_path):
+    """A parent ended while its master was away (stopped here): its children wait for the
+    master, and so did every outcome that ended after it, children or not. The worker then
+    had no room to fetch, and a SIGTERM in the outage ran those finished jobs again."""
+    gate, marks, plain_gate = tmp_path / "gate", tmp_path / "marks", tmp_path / "plain"
+    c = make_cluster(LEASE_SECONDS=5)
+    master = c.start_master()
+    c.start_worker("--concurrency", "2")
+    c.client.submit_job(SpawnWhenGateOpens.spec([str(gate), str(marks)], job_id="parent"))
+    c.client.submit_job(MarkUntilGate.spec([str(tmp_path / "m"), str(plain_gate)],
+                                           job_id="plain"))
+    wait_for(lambda: statuses(c.redis_url, ["parent", "plain"]) ==
+             {"parent": "running", "plain": "running"}, what="both run")
+    os.kill(master.pid, signal.SIGSTOP)
+    try:
+        gate.write_text("")
+        wait_for(lambda: marks.exists(), what="the parent's run ended")
+        plain_gate.write_text("")
+        wait_for(lambda: statuses(c.redis_url, ["plain"])["plain"] == "succeeded",
+                 what="the plain job recorded while the master is away")
+        assert statuses(c.redis_url, ["parent"])["parent"] == "running"   # children first
+    finally:
+        os.kill(master.pid, signal.SIGCONT)
+    assert c.wait_job("parent")["status"] == "succeeded"
+    wait_for(lambda: c.client.stats()["by_status"]["succeeded"] == 3, what="the child ran")
 
 
 def test_claims_woken_while_a_foreign_job_is_handed_back_reach_the_buffer():
