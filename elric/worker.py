@@ -495,7 +495,8 @@ class Worker:
 
     async def _hand_back_others(self, claims: list[Claim], asked: float) -> list[Claim]:
         """Give back, without using an attempt, the jobs whose module this worker does not
-        load: they wait a few seconds for a worker that does. Returns the others, whose
+        load: they wait a few seconds for a worker that does (with Redis away, they go back
+        to their place in line once it returns). Returns the others, whose
         leases, asked for at ``asked``, last a lease from then."""
         mine: list[Claim] = []
         others: dict[str, list[Claim]] = {}
@@ -510,8 +511,13 @@ class Worker:
                       f"{', '.join(self.modules.names)}): start a worker that does")
             for claim in handed:
                 log.warning("worker: job %s: %s; handing it back", claim.job_id, reason)
-            await self._retry_redis(partial(self.queue.release, reason=reason), self.worker_id,
-                                    [(c.job_id, c.attempt) for c in handed])
+            try:   # once: the loop must not wait here for Redis (dispatch, timeouts, a stop)
+                await self.queue.release(self.worker_id, [(c.job_id, c.attempt) for c in handed],
+                                         reason=reason)
+            except Exception as exc:   # unknown here, _release_unknown gives them back
+                if not is_outage(exc):
+                    raise
+                self._unsure_since = self._unsure_since or asked
         return mine
 
     def _held(self, claim: Claim) -> bool:

@@ -24,6 +24,7 @@ import pytest
 import redis
 
 from elric.client import MasterClient
+from elric.contract import normalize_spec
 from elric.keys import Keys
 from elric.launch import Proc, elric_env, wait_for_master
 from elric.redis_server import RedisServer, find_redis_server, free_port
@@ -1783,6 +1784,48 @@ def test_claims_woken_while_a_foreign_job_is_handed_back_reach_the_buffer():
         go_on.set()
         await asyncio.wait_for(taking, 5)
         assert list(w.buffer) == [mine]
+    asyncio.run(main())
+
+
+def test_a_foreign_job_that_cannot_be_handed_back_does_not_hold_up_the_loop(redis_url):
+    """Redis went away right after a fetch that brought a job of a module this worker does
+    not load: handing it back was retried until Redis returned, and the loop (dispatch,
+    timeouts, a SIGTERM) waited with it. It is tried once; the claim, unknown to the worker,
+    is given back without using an attempt once Redis answers."""
+    from types import SimpleNamespace
+
+    import redis.asyncio as aredis
+
+    from elric.config import load_settings
+    from elric.loading import JobModules
+    from elric.queue import RedisQueue
+    from elric.worker import Worker
+
+    async def main():
+        r = aredis.Redis.from_url(redis_url)
+        gone = aredis.Redis.from_url(f"redis://127.0.0.1:{free_port()}")   # Redis away
+        try:
+            w = Worker(load_settings(env={"ELRIC_JOB_MODULES": "tests.jobs"}))
+            w.modules = JobModules.load(["tests.jobs"])
+            w.pool = SimpleNamespace(claims=lambda: [])
+            queue = RedisQueue(r, KEYS)
+            await queue.enqueue([normalize_spec({"func": "elsewhere:Job", "job_id": "far"}),
+                                 normalize_spec({"func": "tests.jobs:Add", "args": [1, 2],
+                                                 "job_id": "mine"})])
+            asked = time.monotonic()
+            fetched = await queue.fetch(w.worker_id, ["default"], 10, 30)
+            w.queue = RedisQueue(gone, KEYS)
+            mine = await asyncio.wait_for(w._hand_back_others(fetched.claims, asked), 15)
+            assert [c.job_id for c in mine] == ["mine"]
+            w.buffer.extend(mine)
+            w.queue = queue   # Redis is back
+            await w._release_unknown()
+            job = await queue.get_job("far")
+            assert (job["status"], job["attempts"]) == ("queued", 0), job
+            assert (await queue.get_job("mine"))["status"] == "running"
+        finally:
+            await r.aclose()
+            await gone.aclose()
     asyncio.run(main())
 
 
