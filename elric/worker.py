@@ -377,11 +377,12 @@ class Worker:
                 return
             exc = task.exception()
             if exc is not None:
+                # the fetch behind a BLPOP that failed ran all the same: its claims, if any,
+                # are unknown here (``_release_unknown``)
+                self._unsure_since = self._unsure_since or self._waiting_since
                 if isinstance(exc, NoScriptError) or _unblocked(exc):
                     return
                 if is_outage(exc) or isinstance(exc, ResponseError):
-                    if is_outage(exc):
-                        self._unsure_since = self._unsure_since or self._waiting_since
                     self._wait_refused = exc
                     return
                 raise exc

@@ -1829,6 +1829,52 @@ def test_a_foreign_job_that_cannot_be_handed_back_does_not_hold_up_the_loop(redi
     asyncio.run(main())
 
 
+def _in_process_worker():
+    """A Worker whose loop the test drives itself, with no pool processes."""
+    from types import SimpleNamespace
+
+    from elric.config import load_settings
+    from elric.loading import JobModules
+    from elric.worker import Worker
+
+    w = Worker(load_settings(env={"ELRIC_JOB_MODULES": "tests.jobs"}), concurrency=1)
+    w.modules = JobModules.load(["tests.jobs"])
+    w.pool = SimpleNamespace(claims=lambda: [], last_async=False, flush=lambda: None,
+                             pids=lambda: [], how=lambda claim: (False, False))
+    return w
+
+
+def test_the_claims_of_a_fetch_behind_a_failed_wait_are_given_back(redis_url):
+    """A wake list of another type (an operator's WRONGTYPE) failed the BLPOP a waiting fetch
+    was sent behind; the fetch ran all the same, and its claims were thrown away unknown:
+    the job waited out its lease and ran as a second attempt."""
+    import redis.asyncio as aredis
+
+    from elric.queue import RedisQueue
+
+    async def main():
+        r = aredis.Redis.from_url(redis_url)
+        try:
+            w = _in_process_worker()
+            w.queue, w.blocking_redis = RedisQueue(r, KEYS), r
+            await w.queue.fetch(w.worker_id, w.queues, 1, 30)   # loads the script
+            await w.queue.enqueue([normalize_spec({"func": "tests.jobs:Add", "args": [1, 2],
+                                                   "job_id": "woken"})])
+            await r.delete(KEYS.wake("default"))
+            await r.set(KEYS.wake("default"), "not a list")
+            await w._wait(1.0, for_work=True)
+            await asyncio.wait([w._waiting], timeout=10)
+            await w._take_woken()
+            assert w._wait_refused is not None and not w.buffer
+            if w._unsure_since:
+                await w._release_unknown()
+            job = await w.queue.get_job("woken")
+            assert (job["status"], job["attempts"]) == ("queued", 0), job
+        finally:
+            await r.aclose()
+    asyncio.run(main())
+
+
 # --- 15. a fetch whose reply was lost costs no attempt ----------------------------------------
 
 def test_a_fetch_whose_reply_was_lost_costs_its_job_no_attempt(make_cluster, redis_url):
