@@ -790,9 +790,9 @@ class Worker:
                 for claim in claims:
                     if claim.job_id not in renewed.lost:
                         claim.held_until = asked + self.lease
-                # the attempts sent: a claim of the job fetched since then is not lost
-                self._drop_lost({(c.job_id, c.attempt) for c in claims
-                                 if c.job_id in renewed.lost})
+                # the claims sent: one of the job fetched since (given back, fetched again at
+                # the same attempt) is not lost
+                self._drop_lost([c for c in claims if c.job_id in renewed.lost])
                 self._stop_cancelled([c for c in claims if c.job_id in renewed.cancel])
                 await self._obey(renewed.control)
                 outage.passed()
@@ -837,9 +837,10 @@ class Worker:
             self.suspects = deque(c for c in self.suspects if not which(c))
         return taken
 
-    def _drop_lost(self, lost: set[tuple[str, int]]) -> None:
-        """Claims (job_id, attempt) whose lease went to another worker leave without running."""
-        for claim in self._unbuffer(lambda c: (c.job_id, c.attempt) in lost):
+    def _drop_lost(self, lost: list[Claim]) -> None:
+        """Claims whose lease went to another worker leave without running."""
+        gone = {id(c) for c in lost}
+        for claim in self._unbuffer(lambda c: id(c) in gone):
             log.warning("worker: job %s lost its lease before it started (this worker "
                         "was paused or cut off from Redis); not starting it", claim.job_id)
             self._changed.set()

@@ -17,6 +17,7 @@ import sys
 import tempfile
 import threading
 import time
+from types import SimpleNamespace
 
 import msgpack
 import psutil
@@ -1792,8 +1793,6 @@ def test_a_foreign_job_that_cannot_be_handed_back_does_not_hold_up_the_loop(redi
     not load: handing it back was retried until Redis returned, and the loop (dispatch,
     timeouts, a SIGTERM) waited with it. It is tried once; the claim, unknown to the worker,
     is given back without using an attempt once Redis answers."""
-    from types import SimpleNamespace
-
     import redis.asyncio as aredis
 
     from elric.config import load_settings
@@ -1831,8 +1830,6 @@ def test_a_foreign_job_that_cannot_be_handed_back_does_not_hold_up_the_loop(redi
 
 def _in_process_worker():
     """A Worker whose loop the test drives itself, with no pool processes."""
-    from types import SimpleNamespace
-
     from elric.config import load_settings
     from elric.loading import JobModules
     from elric.worker import Worker
@@ -1870,6 +1867,49 @@ def test_the_claims_of_a_fetch_behind_a_failed_wait_are_given_back(redis_url):
                 await w._release_unknown()
             job = await w.queue.get_job("woken")
             assert (job["status"], job["attempts"]) == ("queued", 0), job
+        finally:
+            await r.aclose()
+    asyncio.run(main())
+
+
+def test_a_claim_fetched_again_after_a_give_back_is_not_dropped_as_lost(redis_url):
+    """A heartbeat was on its way with a claim when the worker gave the job back (a slow run
+    shed it) and fetched it again, at the same attempt: the heartbeat's "lost" for the claim
+    it sent dropped the new one, which was then never started, nor renewed."""
+    import redis.asyncio as aredis
+
+    from elric.queue import RedisQueue
+
+    async def main():
+        r = aredis.Redis.from_url(redis_url)
+        try:
+            w = _in_process_worker()
+            queue = RedisQueue(r, KEYS)
+            await queue.enqueue([normalize_spec({"func": "tests.jobs:Add", "args": [1, 2],
+                                                 "job_id": "again"})])
+            w.buffer.extend((await queue.fetch(w.worker_id, w.queues, 1, 30)).claims)
+            calls, twice = [], asyncio.Event()
+
+            async def heartbeat(worker_id, claims, *args):
+                calls.append(claims)
+                if len(calls) == 2:   # the first reply was applied
+                    twice.set()
+                if len(calls) > 1:
+                    return await queue.heartbeat(worker_id, claims, *args)
+                # the loop ran meanwhile: gave the claim back before Redis saw the heartbeat,
+                # and fetched the job again before its reply was read
+                gone = w.buffer.popleft()
+                await queue.release(worker_id, [(gone.job_id, gone.attempt)])
+                renewed = await queue.heartbeat(worker_id, claims, *args)
+                w.buffer.extend((await queue.fetch(worker_id, w.queues, 1, 30)).claims)
+                return renewed
+            w.queue = SimpleNamespace(heartbeat=heartbeat)
+            beating = asyncio.create_task(w._heartbeat_loop())
+            try:
+                await asyncio.wait_for(twice.wait(), 10)
+            finally:
+                beating.cancel()
+            assert [(c.job_id, c.attempt) for c in w.buffer] == [("again", 1)]
         finally:
             await r.aclose()
     asyncio.run(main())
