@@ -425,9 +425,9 @@ class Worker:
             claim = self.buffer.popleft()
             how = self.pool.how(claim)
             # (not while a lost attempt of it still runs here: the pool holds one per job;
-            # a first attempt has none)
+            # a first run's first attempt has none, a rerun's may: a lost run's attempt 1)
             if self._held(claim) and how not in full and (
-                    claim.attempt == 1 or not self.pool.holds(claim.job_id)):
+                    (claim.attempt, claim.reruns) == (1, 0) or not self.pool.holds(claim.job_id)):
                 try:
                     self._send(claim)
                     continue
@@ -634,7 +634,7 @@ class Worker:
             cancelled = not o.ok and claim.cancelling
             records.append(Outcome(o.job_id, o.attempt, o.ok, o.payload,
                                    int((o.finished_at - o.started_at) * 1000), retry_ms,
-                                   cancelled))
+                                   cancelled, claim.reruns))
         statuses = await self._retry_redis(self.queue.finish, self.worker_id, records,
                                            outage=self._outages["recording outcomes"])
         for (claim, _), record, status in zip(batch, records, statuses):
@@ -779,10 +779,12 @@ class Worker:
             self._renew_now.clear()
             try:
                 # a job claimed again while its lost attempt runs here: the lost one's "lost"
-                # (by job id) would drop the new claim, whose lease then ran out too
-                newest = {}
+                # (by job id) would drop the new claim, whose lease then ran out too; the
+                # claim sent is the newest run's newest attempt
+                newest: dict[str, Claim] = {}
                 for claim in self._claims():
-                    if claim.attempt >= getattr(newest.get(claim.job_id), "attempt", 0):
+                    old = newest.get(claim.job_id)
+                    if old is None or (claim.reruns, claim.attempt) >= (old.reruns, old.attempt):
                         newest[claim.job_id] = claim
                 asked, claims = time.monotonic(), list(newest.values())
                 renewed = await self.queue.heartbeat(self.worker_id, claims, self.lease,

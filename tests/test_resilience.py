@@ -27,6 +27,7 @@ import redis
 from elric.client import MasterClient
 from elric.contract import normalize_spec
 from elric.keys import Keys
+from elric.queue import Claim
 from elric.launch import Proc, elric_env, wait_for_master
 from elric.redis_server import RedisServer, find_redis_server, free_port
 from elric.rpc import AUTH_FAILED, AUTH_REQUIRED, Client, RemoteError, RPCConnectionError, RPCError, RPCTimeoutError
@@ -1839,6 +1840,42 @@ def _in_process_worker():
     w.pool = SimpleNamespace(claims=lambda: [], last_async=False, flush=lambda: None,
                              pids=lambda: [], how=lambda claim: (False, False))
     return w
+
+
+def test_a_reruns_first_attempt_waits_while_a_lost_run_of_the_job_runs_here():
+    """A lost attempt 1 of a job still ran in this worker's pool when the worker fetched
+    the job's rerun, at attempt 1 again: "a first attempt has no earlier run here" sent it
+    to the pool, which holds one run per job, and the old run's entry was overwritten."""
+    w = _in_process_worker()
+    started = []
+    w.pool.holds = lambda job_id: job_id == "x"   # the lost run
+    w.pool.start = lambda claim, done, suspect=False: started.append(claim)
+    rerun = Claim("x", 1, "tests.jobs:Add", msgpack.packb([1, 2]), msgpack.packb({}), None, 0,
+                  "default", None, reruns=1, held_until=time.monotonic() + 30)
+    w.buffer.append(rerun)
+    w._dispatch()
+    assert (started, list(w.buffer)) == ([], [rerun])
+    # its heartbeat renews the rerun's claim, which then starts, not the lost run's
+    lost = Claim("x", 1, "tests.jobs:Add", b"", b"", None, 0, "default", None)
+    w.pool.claims = lambda: [lost]
+    sent = []
+
+    async def beat():
+        beaten = asyncio.Event()
+
+        async def heartbeat(worker_id, claims, *args):
+            sent.append(claims)
+            beaten.set()
+            raise ConnectionError("one beat is enough")
+        w.queue = SimpleNamespace(heartbeat=heartbeat)
+        beating = asyncio.create_task(w._heartbeat_loop())
+        await asyncio.wait_for(beaten.wait(), 10)
+        beating.cancel()
+    asyncio.run(beat())
+    assert sent[0] == [rerun]
+    w.pool.holds = lambda job_id: False   # the lost run ended
+    w._dispatch()
+    assert (started, list(w.buffer)) == ([rerun], [])
 
 
 def test_the_claims_of_a_fetch_behind_a_failed_wait_are_given_back(redis_url):
