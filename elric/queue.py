@@ -103,6 +103,7 @@ class Outcome:
     duration_ms: int
     retry_ms: int = -1
     cancelled: bool = False   # stopped because cancel_job asked: recorded cancelled
+    reruns: int = 0   # the job's run (Claim.reruns): a lost run of an earlier one is stale
 
 
 @dataclass(slots=True)
@@ -340,7 +341,8 @@ class RedisQueue:
         for o in outcomes:
             argv += [o.job_id, o.attempt,
                      "ok" if o.ok else "cancel" if o.cancelled else "err", o.payload,
-                     int(o.duration_ms), jobstats.bucket(o.duration_ms), int(o.retry_ms)]
+                     int(o.duration_ms), jobstats.bucket(o.duration_ms), int(o.retry_ms),
+                     o.reruns]
         keys = [k.inflight, k.status(Status.RUNNING), k.status(Status.SUCCEEDED),
                 k.status(Status.FAILED), k.delayed, k.counters, k.status(Status.RETRYING),
                 k.limits_due, k.status(Status.CANCELLED), k.queues]

@@ -69,6 +69,11 @@ def _unblocked(exc: BaseException) -> bool:
     return isinstance(exc, ResponseError) and str(exc).startswith("UNBLOCKED")
 
 
+def _begets(ran: runner.Ran) -> bool:
+    """Whether an outcome waits on the master: its children go there before it is recorded."""
+    return ran.ok and bool(ran.children)
+
+
 class ChildTooBig(Exception):
     """A child job's spec does not fit in one RPC message: no call can send it."""
 
@@ -372,11 +377,12 @@ class Worker:
                 return
             exc = task.exception()
             if exc is not None:
+                # the fetch behind a BLPOP that failed ran all the same: its claims, if any,
+                # are unknown here (``_release_unknown``)
+                self._unsure_since = self._unsure_since or self._waiting_since
                 if isinstance(exc, NoScriptError) or _unblocked(exc):
                     return
                 if is_outage(exc) or isinstance(exc, ResponseError):
-                    if is_outage(exc):
-                        self._unsure_since = self._unsure_since or self._waiting_since
                     self._wait_refused = exc
                     return
                 raise exc
@@ -419,9 +425,9 @@ class Worker:
             claim = self.buffer.popleft()
             how = self.pool.how(claim)
             # (not while a lost attempt of it still runs here: the pool holds one per job;
-            # a first attempt has none)
+            # a first run's first attempt has none, a rerun's may: a lost run's attempt 1)
             if self._held(claim) and how not in full and (
-                    claim.attempt == 1 or not self.pool.holds(claim.job_id)):
+                    (claim.attempt, claim.reruns) == (1, 0) or not self.pool.holds(claim.job_id)):
                 try:
                     self._send(claim)
                     continue
@@ -490,7 +496,8 @@ class Worker:
 
     async def _hand_back_others(self, claims: list[Claim], asked: float) -> list[Claim]:
         """Give back, without using an attempt, the jobs whose module this worker does not
-        load: they wait a few seconds for a worker that does. Returns the others, whose
+        load: they wait a few seconds for a worker that does (with Redis away, they go back
+        to their place in line once it returns). Returns the others, whose
         leases, asked for at ``asked``, last a lease from then."""
         mine: list[Claim] = []
         others: dict[str, list[Claim]] = {}
@@ -505,8 +512,13 @@ class Worker:
                       f"{', '.join(self.modules.names)}): start a worker that does")
             for claim in handed:
                 log.warning("worker: job %s: %s; handing it back", claim.job_id, reason)
-            await self._retry_redis(partial(self.queue.release, reason=reason), self.worker_id,
-                                    [(c.job_id, c.attempt) for c in handed])
+            try:   # once: the loop must not wait here for Redis (dispatch, timeouts, a stop)
+                await self.queue.release(self.worker_id, [(c.job_id, c.attempt) for c in handed],
+                                         reason=reason)
+            except Exception as exc:   # unknown here, _release_unknown gives them back
+                if not is_outage(exc):
+                    raise
+                self._unsure_since = self._unsure_since or asked
         return mine
 
     def _held(self, claim: Claim) -> bool:
@@ -569,16 +581,37 @@ class Worker:
 
     # --- recording outcomes -------------------------------------------------------------
     async def _record_loop(self) -> None:
-        while True:
-            await self._finished.wait()
-            self._finished.clear()
-            while self.finished:
-                self.recording, self.finished = self.finished, []
-                try:
-                    await self._record(self.recording)
-                finally:
-                    self.recording = []
-                    self._changed.set()
+        """Record outcomes as they come. A parent's waits for the master to take its
+        children: parents are recorded in a task of their own, so that while the master is
+        away the other outcomes are recorded still (and free their room)."""
+        parents: asyncio.Task | None = None
+        try:
+            while True:
+                await self._finished.wait()
+                self._finished.clear()
+                if parents is not None and parents.done():
+                    parents.result()   # (its error ends the recorder)
+                    parents = None
+                if parents is None and any(_begets(r) for _, r in self.finished):
+                    parents = asyncio.create_task(self._record_some(_begets))
+                    parents.add_done_callback(lambda _: self._finished.set())
+                await self._record_some(lambda r: not _begets(r))
+        finally:
+            if parents is not None:
+                parents.cancel()
+
+    async def _record_some(self, which: Callable[[runner.Ran], bool]) -> None:
+        batch = [x for x in self.finished if which(x[1])]
+        if not batch:
+            return
+        self.finished = [x for x in self.finished if not which(x[1])]
+        self.recording += batch
+        try:
+            await self._record(batch)
+        finally:
+            taken = {id(x) for x in batch}
+            self.recording = [x for x in self.recording if id(x) not in taken]
+            self._changed.set()
 
     async def _record(self, batch: list[tuple[Claim, runner.Ran]]) -> None:
         # a cancelled job may have been dropped before it started: its time says nothing
@@ -601,7 +634,7 @@ class Worker:
             cancelled = not o.ok and claim.cancelling
             records.append(Outcome(o.job_id, o.attempt, o.ok, o.payload,
                                    int((o.finished_at - o.started_at) * 1000), retry_ms,
-                                   cancelled))
+                                   cancelled, claim.reruns))
         statuses = await self._retry_redis(self.queue.finish, self.worker_id, records,
                                            outage=self._outages["recording outcomes"])
         for (claim, _), record, status in zip(batch, records, statuses):
@@ -746,10 +779,12 @@ class Worker:
             self._renew_now.clear()
             try:
                 # a job claimed again while its lost attempt runs here: the lost one's "lost"
-                # (by job id) would drop the new claim, whose lease then ran out too
-                newest = {}
+                # (by job id) would drop the new claim, whose lease then ran out too; the
+                # claim sent is the newest run's newest attempt
+                newest: dict[str, Claim] = {}
                 for claim in self._claims():
-                    if claim.attempt >= getattr(newest.get(claim.job_id), "attempt", 0):
+                    old = newest.get(claim.job_id)
+                    if old is None or (claim.reruns, claim.attempt) >= (old.reruns, old.attempt):
                         newest[claim.job_id] = claim
                 asked, claims = time.monotonic(), list(newest.values())
                 renewed = await self.queue.heartbeat(self.worker_id, claims, self.lease,
@@ -757,9 +792,9 @@ class Worker:
                 for claim in claims:
                     if claim.job_id not in renewed.lost:
                         claim.held_until = asked + self.lease
-                # the attempts sent: a claim of the job fetched since then is not lost
-                self._drop_lost({(c.job_id, c.attempt) for c in claims
-                                 if c.job_id in renewed.lost})
+                # the claims sent: one of the job fetched since (given back, fetched again at
+                # the same attempt) is not lost
+                self._drop_lost([c for c in claims if c.job_id in renewed.lost])
                 self._stop_cancelled([c for c in claims if c.job_id in renewed.cancel])
                 await self._obey(renewed.control)
                 outage.passed()
@@ -804,9 +839,10 @@ class Worker:
             self.suspects = deque(c for c in self.suspects if not which(c))
         return taken
 
-    def _drop_lost(self, lost: set[tuple[str, int]]) -> None:
-        """Claims (job_id, attempt) whose lease went to another worker leave without running."""
-        for claim in self._unbuffer(lambda c: (c.job_id, c.attempt) in lost):
+    def _drop_lost(self, lost: list[Claim]) -> None:
+        """Claims whose lease went to another worker leave without running."""
+        gone = {id(c) for c in lost}
+        for claim in self._unbuffer(lambda c: id(c) in gone):
             log.warning("worker: job %s lost its lease before it started (this worker "
                         "was paused or cut off from Redis); not starting it", claim.job_id)
             self._changed.set()

@@ -137,7 +137,7 @@ async def walk(url, seed, steps, n_jobs=30):
     q = RedisQueue(r, KEYS)
     bulk = Bulk(q, _Admission(q), r, KEYS, RedisJobStore(r, KEYS))
     await limits.publish(r, KEYS, limits.parse_rules(RULES[0]))
-    held = {w: {} for w in ("w1", "w2", "w3")}   # worker -> job_id -> attempt it holds
+    held = {w: {} for w in ("w1", "w2", "w3")}   # worker -> job_id -> claim it holds
     ended = {w: [] for w in held}                # runs ended, not yet told to a fetch
     ids = [f"j{i}" for i in range(n_jobs)]
     rounds = ("r1", "r2")
@@ -174,18 +174,19 @@ async def walk(url, seed, steps, n_jobs=30):
                 got = await q.fetch(w, rng.choice([["qa"], ["qb"], ["qa", "qb"]]),
                                     rng.choice([0, 1, 2, 3]), 30, ended=told)
                 for c in got.claims:
-                    held[w][c.job_id] = c.attempt
+                    held[w][c.job_id] = c
                 desc = ("fetch", w, told, [(c.job_id, c.attempt) for c in got.claims])
             elif op in ("finish", "release", "hand_back") and held[w]:
                 picked = rng.sample(sorted(held[w]), min(len(held[w]), rng.choice([1, 1, 2, 3])))
-                claims = [(jid, held[w].pop(jid)) for jid in picked]
+                taken = [held[w].pop(jid) for jid in picked]
+                claims = [(c.job_id, c.attempt) for c in taken]
                 if op == "finish":
                     kinds = [rng.choice(["ok", "err", "err_retry", "cancel"]) for _ in claims]
-                    outcomes = [Outcome(jid, attempt, kind == "ok",
+                    outcomes = [Outcome(c.job_id, c.attempt, kind == "ok",
                                         b"\x01" if kind == "ok" else "boom", 5,
                                         0 if kind == "err_retry" else -1,
-                                        cancelled=kind == "cancel")
-                                for (jid, attempt), kind in zip(claims, kinds)]
+                                        cancelled=kind == "cancel", reruns=c.reruns)
+                                for c, kind in zip(taken, kinds)]
                     res = await q.finish(w, outcomes)
                     if rng.random() < 0.2:   # sent again: its reply was lost
                         res = (res, await q.finish(w, outcomes))

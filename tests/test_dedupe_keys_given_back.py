@@ -668,9 +668,9 @@ def test_a_rerun_job_failing_again_does_not_give_back_a_key_it_gave_back_before(
 
             async def fail(job_id):
                 claims = (await worker.fetch("w1", ["default"], 10, 30)).claims
-                [attempt] = [c.attempt for c in claims if c.job_id == job_id]
-                assert await worker.finish("w1", [Outcome(job_id, attempt, False, "boom", 1)]) \
-                    == ["failed"]
+                [claim] = [c for c in claims if c.job_id == job_id]
+                assert await worker.finish("w1", [Outcome(job_id, claim.attempt, False, "boom",
+                                                          1, reruns=claim.reruns)]) == ["failed"]
             spec = {"func": E, "job_id": "A", "dedupe_key": "K"}
             assert (await m.submit_jobs([spec]))[0]["status"] == "queued"
             await fail("A")

@@ -274,8 +274,35 @@ def test_a_lost_run_ending_during_a_rerun_on_another_worker_is_not_recorded(redi
         old = Outcome("x", 1, True, msgpack.packb("old"), 5)
         assert await q.finish("cut-off", [old]) == ["stale"]
         assert await r.hmget(KEYS.job("x"), "status", "worker") == [b"running", b"w3"]
-        assert await q.finish("w3", [Outcome("x", 1, True, msgpack.packb("new"), 5)]) == \
+        assert await q.finish("w3", [Outcome("x", 1, True, msgpack.packb("new"), 5,
+                                             reruns=rerun.reruns)]) == ["succeeded"]
+    asyncio.run(with_queue(redis_url, body))
+
+
+def test_a_lost_run_ending_during_a_rerun_on_its_own_worker_is_not_recorded(redis_url):
+    """As above, but the worker that went on with the lost attempt 1 fetched the rerun's
+    attempt 1 itself: the same worker and attempt, so the old run's outcome was recorded as
+    the rerun's. The claim is the job's run too (``reruns``)."""
+    async def body(q, r):
+        await q.enqueue(specs(1, job_id="x"))
+        lost, = (await q.fetch("w1", ["default"], 1, 0.05)).claims
+        deadline = time.monotonic() + 10
+        while (await q.recover())[0] != ["x"]:   # its lease ran out: redelivered
+            assert time.monotonic() < deadline, "the lease never ran out"
+            await asyncio.sleep(0.01)
+        again, = (await q.fetch("w2", ["default"], 1, 30)).claims
+        assert await q.finish("w2", [Outcome("x", again.attempt, True, b"\xc0", 5)]) == \
             ["succeeded"]
+        assert await q.rerun("x") == "succeeded"
+        rerun, = (await q.fetch("w1", ["default"], 1, 30)).claims
+        assert (rerun.attempt, rerun.reruns, lost.reruns) == (1, 1, 0)
+        old = Outcome("x", 1, True, msgpack.packb("old"), 5, reruns=lost.reruns)
+        assert await q.finish("w1", [old]) == ["stale"]
+        assert await r.hget(KEYS.job("x"), "status") == b"running"
+        new = Outcome("x", 1, True, msgpack.packb("new"), 5, reruns=rerun.reruns)
+        assert await q.finish("w1", [new]) == ["succeeded"]
+        assert await q.finish("w1", [new]) == ["succeeded"]   # sent again: its first reply
+        assert (await q.get_job("x"))["result"] == "new"
     asyncio.run(with_queue(redis_url, body))
 
 
@@ -299,8 +326,8 @@ def test_a_rerun_counts_as_submitted_in_the_totals_and_its_queue_as_in_its_func(
         await q.enqueue(specs(1, job_id="again", queue="qr"))
         for _ in range(2):
             claim, = (await q.fetch("w1", ["qr"], 1, 30)).claims
-            assert await q.finish("w1", [Outcome("again", claim.attempt, True, b"\xc0", 5)]) \
-                == ["succeeded"]
+            assert await q.finish("w1", [Outcome("again", claim.attempt, True, b"\xc0", 5,
+                                                 reruns=claim.reruns)]) == ["succeeded"]
             if _ == 0:
                 assert await q.rerun("again") == "succeeded"
         stats = await q.stats()

@@ -17,6 +17,7 @@ import sys
 import tempfile
 import threading
 import time
+from types import SimpleNamespace
 
 import msgpack
 import psutil
@@ -24,13 +25,15 @@ import pytest
 import redis
 
 from elric.client import MasterClient
+from elric.contract import normalize_spec
 from elric.keys import Keys
+from elric.queue import Claim
 from elric.launch import Proc, elric_env, wait_for_master
 from elric.redis_server import RedisServer, find_redis_server, free_port
 from elric.rpc import AUTH_FAILED, AUTH_REQUIRED, Client, RemoteError, RPCConnectionError, RPCError, RPCTimeoutError
 from tests.conftest import ROOT, Cluster, batches_form, wait_for
-from tests.jobs import (Add, Fail, FailNamingFile, FailUnlessFile, MarkSleep, PadLength,
-                        SelfAlarm, Sleep, SpawnPadded, SpawnWhenGateOpens)
+from tests.jobs import (Add, Fail, FailNamingFile, FailUnlessFile, MarkSleep, MarkUntilGate,
+                        PadLength, SelfAlarm, Sleep, SpawnPadded, SpawnWhenGateOpens)
 from tests.jobs_numpy import FirstDraw
 from tests.jobs_faults import (AsyncExitUnprintable, AsyncForkReturns, Crash, ExitUnprintable,
                                FailBadRetryAfter, Flaky, ForkReturns, ForkThenCrash, IgnoreAlarm,
@@ -1852,6 +1855,34 @@ def test_a_stopping_worker_records_a_job_that_ended_while_its_master_was_slow(
     assert marks.read_text() == "ended\n"   # it ran once
 
 
+def test_outcomes_without_children_are_recorded_while_a_parents_children_wait(
+        make_cluster, tmp_path):
+    """A parent ended while its master was away (stopped here): its children wait for the
+    master, and so did every outcome that ended after it, children or not. The worker then
+    had no room to fetch, and a SIGTERM in the outage ran those finished jobs again."""
+    gate, marks, plain_gate = tmp_path / "gate", tmp_path / "marks", tmp_path / "plain"
+    c = make_cluster(LEASE_SECONDS=5)
+    master = c.start_master()
+    c.start_worker("--concurrency", "2")
+    c.client.submit_job(SpawnWhenGateOpens.spec([str(gate), str(marks)], job_id="parent"))
+    c.client.submit_job(MarkUntilGate.spec([str(tmp_path / "m"), str(plain_gate)],
+                                           job_id="plain"))
+    wait_for(lambda: statuses(c.redis_url, ["parent", "plain"]) ==
+             {"parent": "running", "plain": "running"}, what="both run")
+    os.kill(master.pid, signal.SIGSTOP)
+    try:
+        gate.write_text("")
+        wait_for(lambda: marks.exists(), what="the parent's run ended")
+        plain_gate.write_text("")
+        wait_for(lambda: statuses(c.redis_url, ["plain"])["plain"] == "succeeded",
+                 what="the plain job recorded while the master is away")
+        assert statuses(c.redis_url, ["parent"])["parent"] == "running"   # children first
+    finally:
+        os.kill(master.pid, signal.SIGCONT)
+    assert c.wait_job("parent")["status"] == "succeeded"
+    wait_for(lambda: c.client.stats()["by_status"]["succeeded"] == 3, what="the child ran")
+
+
 def test_claims_woken_while_a_foreign_job_is_handed_back_reach_the_buffer():
     """A woken fetch brought a job of a module this worker does not load and one it runs.
     While the foreign one was handed back (a Redis call), the loop's ``_dispatch`` put a
@@ -1888,6 +1919,169 @@ def test_claims_woken_while_a_foreign_job_is_handed_back_reach_the_buffer():
         go_on.set()
         await asyncio.wait_for(taking, 5)
         assert list(w.buffer) == [mine]
+    asyncio.run(main())
+
+
+def test_a_foreign_job_that_cannot_be_handed_back_does_not_hold_up_the_loop(redis_url):
+    """Redis went away right after a fetch that brought a job of a module this worker does
+    not load: handing it back was retried until Redis returned, and the loop (dispatch,
+    timeouts, a SIGTERM) waited with it. It is tried once; the claim, unknown to the worker,
+    is given back without using an attempt once Redis answers."""
+    import redis.asyncio as aredis
+
+    from elric.config import load_settings
+    from elric.loading import JobModules
+    from elric.queue import RedisQueue
+    from elric.worker import Worker
+
+    async def main():
+        r = aredis.Redis.from_url(redis_url)
+        gone = aredis.Redis.from_url(f"redis://127.0.0.1:{free_port()}")   # Redis away
+        try:
+            w = Worker(load_settings(env={"ELRIC_JOB_MODULES": "tests.jobs"}))
+            w.modules = JobModules.load(["tests.jobs"])
+            w.pool = SimpleNamespace(claims=lambda: [])
+            queue = RedisQueue(r, KEYS)
+            await queue.enqueue([normalize_spec({"func": "elsewhere:Job", "job_id": "far"}),
+                                 normalize_spec({"func": "tests.jobs:Add", "args": [1, 2],
+                                                 "job_id": "mine"})])
+            asked = time.monotonic()
+            fetched = await queue.fetch(w.worker_id, ["default"], 10, 30)
+            w.queue = RedisQueue(gone, KEYS)
+            mine = await asyncio.wait_for(w._hand_back_others(fetched.claims, asked), 15)
+            assert [c.job_id for c in mine] == ["mine"]
+            w.buffer.extend(mine)
+            w.queue = queue   # Redis is back
+            await w._release_unknown()
+            job = await queue.get_job("far")
+            assert (job["status"], job["attempts"]) == ("queued", 0), job
+            assert (await queue.get_job("mine"))["status"] == "running"
+        finally:
+            await r.aclose()
+            await gone.aclose()
+    asyncio.run(main())
+
+
+def _in_process_worker():
+    """A Worker whose loop the test drives itself, with no pool processes."""
+    from elric.config import load_settings
+    from elric.loading import JobModules
+    from elric.worker import Worker
+
+    w = Worker(load_settings(env={"ELRIC_JOB_MODULES": "tests.jobs"}), concurrency=1)
+    w.modules = JobModules.load(["tests.jobs"])
+    w.pool = SimpleNamespace(claims=lambda: [], last_async=False, flush=lambda: None,
+                             pids=lambda: [], how=lambda claim: (False, False))
+    return w
+
+
+def test_a_reruns_first_attempt_waits_while_a_lost_run_of_the_job_runs_here():
+    """A lost attempt 1 of a job still ran in this worker's pool when the worker fetched
+    the job's rerun, at attempt 1 again: "a first attempt has no earlier run here" sent it
+    to the pool, which holds one run per job, and the old run's entry was overwritten."""
+    w = _in_process_worker()
+    started = []
+    w.pool.holds = lambda job_id: job_id == "x"   # the lost run
+    w.pool.start = lambda claim, done, suspect=False: started.append(claim)
+    rerun = Claim("x", 1, "tests.jobs:Add", msgpack.packb([1, 2]), msgpack.packb({}), None, 0,
+                  "default", None, reruns=1, held_until=time.monotonic() + 30)
+    w.buffer.append(rerun)
+    w._dispatch()
+    assert (started, list(w.buffer)) == ([], [rerun])
+    # its heartbeat renews the rerun's claim, which then starts, not the lost run's
+    lost = Claim("x", 1, "tests.jobs:Add", b"", b"", None, 0, "default", None)
+    w.pool.claims = lambda: [lost]
+    sent = []
+
+    async def beat():
+        beaten = asyncio.Event()
+
+        async def heartbeat(worker_id, claims, *args):
+            sent.append(claims)
+            beaten.set()
+            raise ConnectionError("one beat is enough")
+        w.queue = SimpleNamespace(heartbeat=heartbeat)
+        beating = asyncio.create_task(w._heartbeat_loop())
+        await asyncio.wait_for(beaten.wait(), 10)
+        beating.cancel()
+    asyncio.run(beat())
+    assert sent[0] == [rerun]
+    w.pool.holds = lambda job_id: False   # the lost run ended
+    w._dispatch()
+    assert (started, list(w.buffer)) == ([rerun], [])
+
+
+def test_the_claims_of_a_fetch_behind_a_failed_wait_are_given_back(redis_url):
+    """A wake list of another type (an operator's WRONGTYPE) failed the BLPOP a waiting fetch
+    was sent behind; the fetch ran all the same, and its claims were thrown away unknown:
+    the job waited out its lease and ran as a second attempt."""
+    import redis.asyncio as aredis
+
+    from elric.queue import RedisQueue
+
+    async def main():
+        r = aredis.Redis.from_url(redis_url)
+        try:
+            w = _in_process_worker()
+            w.queue, w.blocking_redis = RedisQueue(r, KEYS), r
+            await w.queue.fetch(w.worker_id, w.queues, 1, 30)   # loads the script
+            await w.queue.enqueue([normalize_spec({"func": "tests.jobs:Add", "args": [1, 2],
+                                                   "job_id": "woken"})])
+            await r.delete(KEYS.wake("default"))
+            await r.set(KEYS.wake("default"), "not a list")
+            await w._wait(1.0, for_work=True)
+            await asyncio.wait([w._waiting], timeout=10)
+            await w._take_woken()
+            assert w._wait_refused is not None and not w.buffer
+            if w._unsure_since:
+                await w._release_unknown()
+            job = await w.queue.get_job("woken")
+            assert (job["status"], job["attempts"]) == ("queued", 0), job
+        finally:
+            await r.aclose()
+    asyncio.run(main())
+
+
+def test_a_claim_fetched_again_after_a_give_back_is_not_dropped_as_lost(redis_url):
+    """A heartbeat was on its way with a claim when the worker gave the job back (a slow run
+    shed it) and fetched it again, at the same attempt: the heartbeat's "lost" for the claim
+    it sent dropped the new one, which was then never started, nor renewed."""
+    import redis.asyncio as aredis
+
+    from elric.queue import RedisQueue
+
+    async def main():
+        r = aredis.Redis.from_url(redis_url)
+        try:
+            w = _in_process_worker()
+            queue = RedisQueue(r, KEYS)
+            await queue.enqueue([normalize_spec({"func": "tests.jobs:Add", "args": [1, 2],
+                                                 "job_id": "again"})])
+            w.buffer.extend((await queue.fetch(w.worker_id, w.queues, 1, 30)).claims)
+            calls, twice = [], asyncio.Event()
+
+            async def heartbeat(worker_id, claims, *args):
+                calls.append(claims)
+                if len(calls) == 2:   # the first reply was applied
+                    twice.set()
+                if len(calls) > 1:
+                    return await queue.heartbeat(worker_id, claims, *args)
+                # the loop ran meanwhile: gave the claim back before Redis saw the heartbeat,
+                # and fetched the job again before its reply was read
+                gone = w.buffer.popleft()
+                await queue.release(worker_id, [(gone.job_id, gone.attempt)])
+                renewed = await queue.heartbeat(worker_id, claims, *args)
+                w.buffer.extend((await queue.fetch(worker_id, w.queues, 1, 30)).claims)
+                return renewed
+            w.queue = SimpleNamespace(heartbeat=heartbeat)
+            beating = asyncio.create_task(w._heartbeat_loop())
+            try:
+                await asyncio.wait_for(twice.wait(), 10)
+            finally:
+                beating.cancel()
+            assert [(c.job_id, c.attempt) for c in w.buffer] == [("again", 1)]
+        finally:
+            await r.aclose()
     asyncio.run(main())
 
 

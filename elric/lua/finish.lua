@@ -8,14 +8,16 @@
 --       per job: job_id, attempt, outcome ('ok' | 'err' | 'cancel': stopped by
 --       cancel.lua's request), payload (result bytes | traceback),
 --       duration (ms), the histogram field that duration counts in ('le:{ms}', from
---       elric/jobstats.py), retry delay (ms; -1: no retry)
+--       elric/jobstats.py), retry delay (ms; -1: no retry), the job's run (its reruns
+--       when it was fetched)
 -- Returns per job its new status, or 'stale' for a job this worker no longer holds (it was
 -- redelivered elsewhere or removed): that outcome is dropped; then the keys it left alone
 -- for holding another type (a job's hash: its outcome is dropped; a stats or round hash).
 -- A call sent again (its reply was lost) answers the status its first run recorded, but
 -- `stale` for one it cancelled.
--- Invariant: only the worker and attempt that hold the job record it (a rerun counts its
--- attempts from 1 again: a lost run of an earlier one has the same attempt). A job that failed for good
+-- Invariant: only the worker, run and attempt that hold the job record it (a rerun counts
+-- its attempts from 1 again: a lost run of an earlier one has the same attempt, maybe on the
+-- same worker). A job that failed for good
 -- gives its dedupe key back to an exact filter in the same step if the master that queued
 -- it said so (`release_key`: DEDUPE_RELEASE_ON_FAILURE), once (with DEDUPE_TTL, unless the
 -- key expired and a later job took it). A job with a limit
@@ -52,19 +54,21 @@ local function add_timed(key, status, duration, bucket)
   add(key, bucket, 1)
   touched[key] = true
 end
-for i = 15, #ARGV, 7 do
+for i = 15, #ARGV, 8 do
   local id, attempt, outcome, payload = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local run = ARGV[i + 7]
   local duration, bucket, retry = tonumber(ARGV[i + 4]), ARGV[i + 5], tonumber(ARGV[i + 6])
   local jk = jp .. id
   local read, f = pcall(redis.call, 'HMGET', jk, 'status', 'attempts', 'queue', 'batch',
                        'max_retries', 'error', 'dedupe_key', 'dedupe_scope', 'limit_key',
-                       'round', 'func', 'cancel', 'worker', 'enqueued_at', 'release_key')
+                       'round', 'func', 'cancel', 'worker', 'enqueued_at', 'release_key',
+                       'reruns')
   if not read then broken[jk], f = true, {} end
-  if f[1] ~= 'running' or f[2] ~= attempt or f[13] ~= worker then
+  local ours = f[2] == attempt and f[13] == worker and (f[16] or '0') == run
+  if f[1] ~= 'running' or not ours then
     -- recorded by this call's first run (a requeued job has no worker; one that
     -- requeue_due ended cancelled keeps its worker, who recorded nothing)
-    local replay = f[2] == attempt and f[13] == worker
-                   and (f[1] == 'succeeded' or f[1] == 'failed' or f[1] == 'retrying')
+    local replay = ours and (f[1] == 'succeeded' or f[1] == 'failed' or f[1] == 'retrying')
     out[#out + 1] = replay and f[1] or 'stale'
   else
     if f[12] then
