@@ -144,7 +144,7 @@ def test_a_link_resolved_once_per_host_is_the_link_of_every_page():
 def submit_links(url: str, html: bytes, charset: str | None = None) -> int:
     """What a crawl job does with a page it fetched: submit its links (on its host)."""
     async def submit():
-        return await Crawl()._submit(url, await Crawl._links(url, html, charset), "b")
+        return await Crawl()._submit(url, await Crawl._links(url, html, charset), "b", 1)
 
     return asyncio.run(submit())
 
@@ -209,13 +209,13 @@ def children(monkeypatch):
     _current.reset(token)
 
 
-def fetch(job, url: str) -> dict:
+def fetch(job, url: str, depth: int = 0) -> dict:
     """``job.run(url)`` on an event loop of its own, as one crawl job."""
     from elric.demo import crawler
 
     async def run():
         try:
-            return await job.run(url, "b")
+            return await job.run(url, "b", depth)
         finally:
             if crawler._process.session is not None:
                 await crawler._process.session.close()
@@ -583,9 +583,10 @@ def redirect(to: str, status: int = 302):
     return (status, {"Location": to}, b"")
 
 
-def run_page(job_class, url: str) -> dict:
-    """One page job of ``job_class``, async or not, run here."""
-    return fetch(job_class(), url) if issubclass(job_class, Crawl) else job_class().run(url, "b")
+def run_page(job_class, url: str, depth: int = 0) -> dict:
+    """One page job of ``job_class``, async or not, run here (0: a start page)."""
+    return fetch(job_class(), url, depth) if issubclass(job_class, Crawl) \
+        else job_class().run(url, "b", depth)
 
 
 @pytest.mark.parametrize("job_class", [Crawl, CrawlSync], ids=["async", "sync"])
@@ -605,7 +606,7 @@ def test_where_a_redirect_leads_is_a_page_job_of_its_own(children, job_class):
             "redirect": site.url + "/new/"}
         assert links(children) == [site.url + "/new/"] and "/new/" not in site.hits
         assert run_page(job_class, site.url + "/loop")["links"] == 0   # to itself: nothing new
-        assert run_page(job_class, site.url + "/away")["links"] == 0   # off the crawl's host
+        assert run_page(job_class, site.url + "/away", 1)["links"] == 0   # off the crawl's host
         assert run_page(job_class, site.url + "/odd")["error"] == "a redirect to no web page"
         assert links(children) == [site.url + "/new/"] and site.hits["/loop"] == 1
         assert "/new/" not in site.hits
@@ -991,8 +992,8 @@ class SavedCrawl(Crawl):
     """Saves each page after crawling it; the first save of the start page fails (the store
     was away for a moment), so that attempt is retried, in the same pool process."""
 
-    async def run(self, url: str, batch: str = "") -> dict:
-        result = await super().run(url, batch)
+    async def run(self, url: str, *args) -> dict:   # its batch and depth: the crawl's
+        result = await super().run(url, *args)
         if self.attempt == 1 and self.job_id.endswith("-start"):
             raise ConnectionError("the page store did not answer")
         return result
@@ -1047,3 +1048,25 @@ def test_a_copy_of_a_crawled_page_is_still_of_its_crawl(cluster):
                                  ("queued", "running", "retrying")), what="all ended")
         assert site.hits["/"] == 2
         assert all(site.hits[p] == 1 for p in site.paths() if p != "/"), site.hits
+
+
+def test_a_crawl_goes_on_at_the_host_its_start_page_redirects_to(cluster):
+    """Most sites send their start URL elsewhere (http://example.com/ to
+    https://www.example.com/): a redirect was followed on its page's host only, and the crawl
+    ended at its first page. Here a second port is the other host; a redirect found further
+    in stays on its host, and so does a link."""
+    cluster.start_worker("--queues", "crawl", "--concurrency", "2")
+    page = (200, {"Content-Type": "text/html"}, b'<html><body><a href="/a">a</a></body></html>')
+    routes, bare_routes = {"/": page}, {"/elsewhere": page}
+    with Site(routes) as www, Site(bare_routes) as bare:
+        bare_routes["/"] = redirect(www.url + "/", 301)
+        routes["/a"] = (200, {"Content-Type": "text/html"}, f'<a href="{bare.url}/elsewhere">'
+                        '</a><a href="/away">a</a>'.encode())
+        routes["/away"] = redirect(bare.url + "/elsewhere")
+        for job_class, batch in (Crawl, "async"), (CrawlSync, "sync"):
+            jobs = crawl(cluster, types.SimpleNamespace(url=bare.url + "/"), job_class, batch)
+            assert set(jobs) == {"/", www.url + "/", www.url + "/a", www.url + "/away"}, \
+                cluster.logs()
+            assert all(j["status"] == "succeeded" for j in jobs.values()), cluster.logs()
+            assert jobs[www.url + "/"]["limit_key"] == www.url.split("/")[2]
+        assert www.hits["/"] == www.hits["/a"] == 2 and "/elsewhere" not in bare.hits

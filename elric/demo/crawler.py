@@ -1,5 +1,7 @@
 """The crawler: each job fetches one page with aiohttp, extracts its links and submits
-each link on the same host as a child job.
+each link on the same host as a child job; a start page (submitted, not found) that
+redirects to another host (http://example.com/ to https://www.example.com/) moves the crawl
+there.
 
 Its ``run`` is ``async def``, so every pool process fetches many pages at once. Every page
 is fetched once per crawl: a job's dedupe key is its normalized URL, and the master drops a
@@ -303,14 +305,14 @@ class Crawl(Job):
                              f"over 0, not {size!r}")
 
     @classmethod
-    def dedupe_key_for(cls, url: str, batch: str = "") -> str:
+    def dedupe_key_for(cls, url: str, batch: str = "", depth: int = 0) -> str:
         return page_key(url)
 
     @classmethod
-    def limit_key_for(cls, url: str, batch: str = "") -> str:
+    def limit_key_for(cls, url: str, batch: str = "", depth: int = 0) -> str:
         return urlparse(normalize_url(url)).netloc   # the host as the crawl's links spell it
 
-    async def run(self, url: str, batch: str = "") -> dict:
+    async def run(self, url: str, batch: str = "", depth: int = 0) -> dict:
         robots = await _process.allowed(url, self.dedupe_scope or batch, self.request_timeout)
         if robots is None:
             return {"url": url, "status": None, "links": 0, "bytes": 0, "robots": "disallowed"}
@@ -337,9 +339,10 @@ class Crawl(Job):
             result["redirect"] = target = link_of(url, location)
             if target is None:
                 result["error"] = "a redirect to no web page"
-            elif target != url:
+            elif target != url:   # no step deeper; from the start page, to any host
                 result["links"] = await self._submit(
-                    url, [(target, urlparse(target).netloc)], batch, robots.delay)
+                    url, [(target, urlparse(target).netloc)], batch, depth, robots.delay,
+                    anywhere=depth == 0)
             return result
         result["bytes"] = len(body)
         if truncated:
@@ -347,7 +350,7 @@ class Crawl(Job):
         if status >= 400 or not html:
             return result   # a 404 is an answer: nothing to retry, no links to follow
         links = await self._links(url, body, charset)
-        result["links"] = await self._submit(url, links, batch, robots.delay)
+        result["links"] = await self._submit(url, links, batch, depth + 1, robots.delay)
         return result
 
     @staticmethod
@@ -371,19 +374,20 @@ class Crawl(Job):
         return list(dict.fromkeys([_process.resolve(base, href)
                                    async for href in _in_turns(hrefs)]))
 
-    async def _submit(self, url: str, links: list[tuple[str, str]], batch: str,
-                      delay: float | None = None) -> int:
-        """Submit the links, (URL, host), that stay on ``url``'s host, as jobs that start
-        ``delay`` seconds apart at least (its robots.txt's Crawl-delay); returns how many."""
-        host = urlparse(normalize_url(url)).netloc
+    async def _submit(self, url: str, links: list[tuple[str, str]], batch: str, depth: int,
+                      delay: float | None = None, anywhere: bool = False) -> int:
+        """Submit the links, (URL, host), that stay on ``url``'s host (``anywhere``: on any),
+        as jobs at ``depth`` that start ``delay`` seconds apart at least (its robots.txt's
+        Crawl-delay); returns how many."""
+        host = None if anywhere else urlparse(normalize_url(url)).netloc
         options = {"batch": batch} if batch else {}
         if delay:
             options["limit_interval"] = delay
         found = 0
         async for link, link_host in _in_turns(links):
-            if link_host != host:
+            if not link_host or host not in (None, link_host):
                 continue   # another host (or no link: "")
             found += 1
             if _process.first_time(self.dedupe_scope, link, self.job_id):
-                type(self).submit_with(args=[link, batch], **options)
+                type(self).submit_with(args=[link, batch, depth], **options)
         return found

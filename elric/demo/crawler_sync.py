@@ -8,7 +8,8 @@ their parent's scope, so a periodic crawl with ``dedupe_scope="@fire"`` fetches 
 page once per round, and again next round. Links that leave the start page's host, or are
 marked nofollow (``rel``, or the page's robots ``<meta>``), are not followed (a
 ``<meta http-equiv="refresh">`` URL is a link too); where a
-redirect leads is a page job of its own, on the same host only. A 5xx or 429 answer is
+redirect leads is a page job of its own, on the same host only but from a start page
+(submitted, not found), whose redirect moves the crawl to its host. A 5xx or 429 answer is
 retried (after its Retry-After, if any); a 404 or other 4xx is a result. At most
 ``max_bytes`` of a page are read, and nothing of what is not HTML. It does not read
 robots.txt: crawl sites that are not your own with the async crawler, which obeys it.
@@ -217,15 +218,15 @@ class CrawlSync(Job):
     max_bytes = 2 * 1024 * 1024     # read at most this much of a page
 
     @classmethod
-    def dedupe_key_for(cls, url: str, batch: str = "") -> str:
+    def dedupe_key_for(cls, url: str, batch: str = "", depth: int = 0) -> str:
         return page_key(url)
 
     @classmethod
-    def limit_key_for(cls, url: str, batch: str = "") -> str:
+    def limit_key_for(cls, url: str, batch: str = "", depth: int = 0) -> str:
         # politeness (setting LIMITS) is per host, as the crawl's links spell it
         return urlparse(normalize_url(url)).netloc
 
-    def run(self, url: str, batch: str = "") -> dict:
+    def run(self, url: str, batch: str = "", depth: int = 0) -> dict:
         try:
             # normalized: a start URL may be typed as a browser shows it (/café), and
             # urllib sends ASCII only
@@ -246,12 +247,13 @@ class CrawlSync(Job):
             location = exc.headers.get("Location") if exc.code in REDIRECTS else None
             if location is not None:
                 # where it leads is a page job of its own: deduped with the links to that
-                # page (fetched once), kept to the crawl's host, a loop ended by the dedupe
+                # page (fetched once), kept to the crawl's host (the start page's to any:
+                # the crawl goes on there), a loop ended by the dedupe; no step deeper
                 result["redirect"] = target = link_of(url, location)
                 if target is None:
                     result["error"] = "a redirect to no web page"
                 elif target != url:
-                    result["links"] = self._submit(url, [target], batch)
+                    result["links"] = self._submit(url, [target], batch, depth, depth == 0)
             return result
         result = {"url": url, "status": status, "links": 0,
                   "bytes": min(len(body), self.max_bytes)}
@@ -269,15 +271,18 @@ class CrawlSync(Job):
             parser.links = []
         base = parser.base and link_of(url, parser.base) or url
         result["links"] = self._submit(url, [link_of(base, href) for href in parser.links],
-                                       batch)
+                                       batch, depth + 1)
         return result
 
-    def _submit(self, url: str, links: list[str | None], batch: str) -> int:
-        """Submit the links that stay on ``url``'s host, each once; returns how many."""
+    def _submit(self, url: str, links: list[str | None], batch: str, depth: int,
+                anywhere: bool = False) -> int:
+        """Submit the links that stay on ``url``'s host (``anywhere``: on any), each once,
+        as jobs at ``depth``; returns how many."""
         host = urlparse(normalize_url(url)).netloc   # as its links are spelled
         found = [link for link in dict.fromkeys(links)
-                 if link is not None and urlparse(link).netloc == host]
+                 if link is not None and (anywhere or urlparse(link).netloc == host)]
         for link in found:
             # most links were seen before; the master's dedupe filter drops those
-            type(self).submit_with(args=[link, batch], **({"batch": batch} if batch else {}))
+            type(self).submit_with(args=[link, batch, depth],
+                                   **({"batch": batch} if batch else {}))
         return len(found)
