@@ -529,12 +529,13 @@ def test_a_huge_robots_txt_is_read_up_to_a_cap(children):
     ("request_timeout", 0), ("request_timeout", -1.0), ("request_timeout", "20"),
     ("request_timeout", float("nan")), ("request_timeout", None),
     ("max_bytes", 0), ("max_bytes", -1), ("max_bytes", "2MB"), ("max_bytes", 1e6),
-    ("max_bytes", True)])
+    ("max_bytes", True), ("max_depth", -1), ("max_depth", "3"), ("max_depth", 2.0),
+    ("max_depth", True)])
 def test_a_crawl_given_a_bad_size_or_timeout_says_so_where_it_is_defined(name, value):
     """A timeout of 0 meant none at all, a size of "2MB" failed every page when read."""
     with pytest.raises(ValueError, match=f"^Bad.{name} must be .*, not {value!r}"):
         type("Bad", (Crawl,), {name: value})
-    type("Good", (Crawl,), {"request_timeout": 5, "max_bytes": 1024})
+    type("Good", (Crawl,), {"request_timeout": 5, "max_bytes": 1024, "max_depth": 0})
 
 
 def test_each_crawl_class_keeps_its_own_request_timeout(children):
@@ -1070,3 +1071,35 @@ def test_a_crawl_goes_on_at_the_host_its_start_page_redirects_to(cluster):
             assert all(j["status"] == "succeeded" for j in jobs.values()), cluster.logs()
             assert jobs[www.url + "/"]["limit_key"] == www.url.split("/")[2]
         assert www.hits["/"] == www.hits["/a"] == 2 and "/elsewhere" not in bare.hits
+
+
+class ShallowCrawl(Crawl):
+    max_depth = 3
+
+
+class ShallowCrawlSync(CrawlSync):
+    max_depth = 3
+
+
+def test_a_crawl_goes_no_deeper_than_its_max_depth(make_cluster):
+    """A calendar's "next month" (or a link with a new session id on every page) is a site
+    of no end, and a crawl of it never ended. A crawl class's max_depth stops it that many
+    links from its start page; a redirect is no step further."""
+    c = own_classes_cluster(make_cluster)
+    c.start_worker("--queues", "crawl", "--concurrency", "2")
+    routes = {f"/{n}": (200, {"Content-Type": "text/html"},
+                        f'<html><body><a href="/{n + 1}">next</a></body></html>'.encode())
+              for n in range(1, 30)}
+    routes["/"] = routes.pop("/1")
+    routes["/2"] = (200, {"Content-Type": "text/html"}, b'<a href="/3">next</a>')
+    routes["/3"] = redirect("/3/")
+    routes["/3/"] = (200, {"Content-Type": "text/html"}, b'<a href="/4">next</a>')
+    with Site(routes) as site:
+        for job_class, batch in (ShallowCrawl, "async"), (ShallowCrawlSync, "sync"):
+            jobs = crawl(c, types.SimpleNamespace(url=site.url + "/"), job_class, batch)
+            assert set(jobs) == {"/", "/2", "/3", "/3/", "/4"}, c.logs()
+            assert [jobs[p]["args"][2:] for p in ("/", "/2", "/3", "/3/", "/4")] == \
+                [[], [1], [2], [2], [3]]
+            assert jobs["/4"]["result"] == {"url": site.url + "/4", "status": 200, "links": 0,
+                                            "bytes": len(routes["/4"][2]), "max_depth": True}
+    assert site.hits["/4"] == 2 and "/5" not in site.hits

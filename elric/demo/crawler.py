@@ -20,7 +20,9 @@ sooner than a Retry-After asks (up to RETRY_BACKOFF_MAX); a 404 or other 4xx is 
 not an error, and its body is not read. A link marked ``rel="nofollow"``, or any of a page
 whose robots ``<meta>`` says nofollow, is not followed; a ``<meta http-equiv="refresh">``
 URL is a link of its page. At most ``max_bytes`` of a page are read, and nothing of what
-is not HTML.
+is not HTML. ``max_depth`` caps the links followed from a start page (on the path that
+found a page first; a redirect is none), for sites of no end (a calendar's "next month");
+None, the default, caps nothing.
 """
 
 from __future__ import annotations
@@ -290,6 +292,7 @@ class Crawl(Job):
     timeout = 60
     request_timeout = 20.0          # one HTTP request, robots.txt included
     max_bytes = 2 * 1024 * 1024     # read at most this much of a page
+    max_depth: int | None = None    # follow at most this many links from a start page
 
     def __init_subclass__(cls, **kwargs) -> None:
         # said here, where the class is defined: a timeout of 0 meant none at all, and a
@@ -303,6 +306,9 @@ class Crawl(Job):
         if not (isinstance(size, int) and not isinstance(size, bool) and size > 0):
             raise ValueError(f"{cls.__name__}.max_bytes must be a whole number of bytes "
                              f"over 0, not {size!r}")
+        if not (cls.max_depth is None or type(cls.max_depth) is int and cls.max_depth >= 0):
+            raise ValueError(f"{cls.__name__}.max_depth must be a whole number of links or "
+                             f"None, not {cls.max_depth!r}")
 
     @classmethod
     def dedupe_key_for(cls, url: str, batch: str = "", depth: int = 0) -> str:
@@ -349,6 +355,9 @@ class Crawl(Job):
             result["truncated"] = True
         if status >= 400 or not html:
             return result   # a 404 is an answer: nothing to retry, no links to follow
+        if self.max_depth is not None and depth >= self.max_depth:
+            result["max_depth"] = True   # its links are a step too far: not followed
+            return result
         links = await self._links(url, body, charset)
         result["links"] = await self._submit(url, links, batch, depth + 1, robots.delay)
         return result

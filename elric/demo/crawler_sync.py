@@ -11,7 +11,8 @@ marked nofollow (``rel``, or the page's robots ``<meta>``), are not followed (a
 redirect leads is a page job of its own, on the same host only but from a start page
 (submitted, not found), whose redirect moves the crawl to its host. A 5xx or 429 answer is
 retried (after its Retry-After, if any); a 404 or other 4xx is a result. At most
-``max_bytes`` of a page are read, and nothing of what is not HTML. It does not read
+``max_bytes`` of a page are read, and nothing of what is not HTML; ``max_depth`` caps the
+links followed from a start page (a redirect is none; None: no cap). It does not read
 robots.txt: crawl sites that are not your own with the async crawler, which obeys it.
 """
 
@@ -216,6 +217,7 @@ class CrawlSync(Job):
     timeout = 30
     request_timeout = 10.0          # one HTTP request: waits for its answer, or a read
     max_bytes = 2 * 1024 * 1024     # read at most this much of a page
+    max_depth: int | None = None    # follow at most this many links from a start page
 
     @classmethod
     def dedupe_key_for(cls, url: str, batch: str = "", depth: int = 0) -> str:
@@ -260,6 +262,9 @@ class CrawlSync(Job):
         if len(body) > self.max_bytes:
             body, result["truncated"] = body[:self.max_bytes], True
         if not html:
+            return result
+        if self.max_depth is not None and depth >= self.max_depth:
+            result["max_depth"] = True   # its links are a step too far: not followed
             return result
         try:
             text = body.decode(page_charset(charset, body), "replace")
