@@ -1103,3 +1103,47 @@ def test_a_crawl_goes_no_deeper_than_its_max_depth(make_cluster):
             assert jobs["/4"]["result"] == {"url": site.url + "/4", "status": 200, "links": 0,
                                             "bytes": len(routes["/4"][2]), "max_depth": True}
     assert site.hits["/4"] == 2 and "/5" not in site.hits
+
+
+def test_the_sync_crawlers_request_timeout_is_a_deadline_for_the_whole_request(children):
+    """urllib's timeout is for each wait: a page dripped a byte a second was read for as long
+    as it took (the job's own timeout ended it, if any), and a connection that did not open
+    in time failed as a bare URLError. The async crawler's is for the whole request."""
+    import socket
+
+    stop = threading.Event()
+
+    def drip(handler):
+        handler.send_response(200)
+        handler.send_header("Content-Type", "text/html")
+        handler.end_headers()
+        try:
+            for _ in range(20):   # the server's pace: 5 bytes a second, for 4 s
+                if stop.wait(0.2):
+                    return
+                handler.wfile.write(b"x")
+                handler.wfile.flush()
+        except OSError:   # the crawler hung up
+            pass
+
+    with Site({"/drip": drip}) as site, socket.socket() as full:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        waiting = []   # connections that fill its backlog: one more gets no answer
+        try:
+            with pytest.raises(TimeoutError, match="^http://.*/drip: no answer in 1.5 s$"):
+                QuickCrawlSync().run(site.url + "/drip")
+            while True:
+                waiting.append(socket.socket())
+                waiting[-1].settimeout(0.5)
+                try:
+                    waiting[-1].connect(full.getsockname())
+                except TimeoutError:
+                    break
+            url = "http://127.0.0.1:%d/" % full.getsockname()[1]
+            with pytest.raises(TimeoutError, match=f"^{url}: no answer in 1.5 s$"):
+                QuickCrawlSync().run(url)
+        finally:
+            stop.set()
+            for sock in waiting:
+                sock.close()

@@ -41,11 +41,11 @@ except ImportError:  # pragma: no cover - depends on the install
                       "pip install '/path/to/elric[crawl]'") from None
 
 from elric import Job
-from elric.demo.crawler_sync import (REDIRECTS, link_of, nofollow, normalize_url, page_charset,
-                                    page_key, refresh_url, requote, retry_after)
+from elric.demo.crawler_sync import (CHUNK, REDIRECTS, link_of, no_answer, nofollow,
+                                    normalize_url, page_charset, page_key, refresh_url,
+                                    requote, retry_after)
 
 USER_AGENT = "elric-crawler/0.1"
-CHUNK = 64 * 1024
 HEADER_MAX_BYTES = 64 * 1024
 ROBOTS_MAX_BYTES = 512 * 1024   # RFC 9309: parse at least 500 KiB of a robots.txt
 TURN = 100   # links resolved or submitted between two turns of the process's other jobs
@@ -155,7 +155,7 @@ class _Process:
                     text = body.decode("utf-8-sig", "replace")   # without a byte order mark
                     rules = Robots(text.splitlines(), USER_AGENT)
         except TimeoutError:
-            raise _no_answer(url, timeout) from None
+            raise no_answer(url, timeout) from None
         except aiohttp.TooManyRedirects:
             pass   # RFC 9309: as if there were none
         return rules
@@ -241,11 +241,6 @@ def _matches(glob: tuple[list[str], bool], path: str) -> bool:
 
 
 _process = _Process()
-
-
-def _no_answer(url: str, timeout: float) -> TimeoutError:
-    # aiohttp's TimeoutError says nothing: the error recorded says what and how long
-    return TimeoutError(f"{url}: no answer in {timeout} s")
 
 
 async def _read(response: aiohttp.ClientResponse, limit: int) -> tuple[bytes, bool]:
@@ -337,7 +332,7 @@ class Crawl(Job):
                         else (b"", False)
                     charset = response.charset
         except TimeoutError:
-            raise _no_answer(url, self.request_timeout) from None
+            raise no_answer(url, self.request_timeout) from None
         result = {"url": url, "status": status, "links": 0, "bytes": 0}
         if location is not None:
             # where it leads is a page job of its own: deduped with the links to that page

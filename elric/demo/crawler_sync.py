@@ -197,6 +197,24 @@ def page_charset(declared: str | None, body: bytes) -> str:
 
 
 REDIRECTS = frozenset((301, 302, 303, 307, 308))
+CHUNK = 64 * 1024
+
+
+def no_answer(url: str, timeout: float) -> TimeoutError:
+    # urllib's and aiohttp's say "timed out" or nothing: the error recorded says what, how long
+    return TimeoutError(f"{url}: no answer in {timeout} s")
+
+
+def _read(response, limit: int, deadline: float) -> bytes:
+    """At most ``limit`` bytes of the body by ``deadline`` (a wait begun by then lasts the
+    request's timeout at most): urllib's timeout is for each wait, and a server that
+    dripped a page held the job for as long as it took."""
+    body = bytearray()
+    while len(body) < limit and (chunk := response.read1(min(CHUNK, limit - len(body)))):
+        body += chunk
+        if time.monotonic() > deadline:
+            raise TimeoutError
+    return bytes(body)
 
 
 class _NoRedirects(urllib.request.HTTPRedirectHandler):
@@ -215,7 +233,7 @@ class CrawlSync(Job):
     queue = "crawl"
     max_retries = 2
     timeout = 30
-    request_timeout = 10.0          # one HTTP request: waits for its answer, or a read
+    request_timeout = 10.0          # one HTTP request, its page read by then
     max_bytes = 2 * 1024 * 1024     # read at most this much of a page
     max_depth: int | None = None    # follow at most this many links from a start page
 
@@ -229,17 +247,18 @@ class CrawlSync(Job):
         return urlparse(normalize_url(url)).netloc
 
     def run(self, url: str, batch: str = "", depth: int = 0) -> dict:
+        deadline = time.monotonic() + self.request_timeout
         try:
             # normalized: a start URL may be typed as a browser shows it (/café), and
             # urllib sends ASCII only
             with _opener.open(normalize_url(url), timeout=self.request_timeout) as response:
                 html = "html" in response.headers.get_content_type()
                 # not all of a huge page, nothing of a PDF or an image: no links in it
-                body = response.read(self.max_bytes + 1) if html else b""
+                body = _read(response, self.max_bytes + 1, deadline) if html else b""
                 charset = response.headers.get_content_charset()
                 status = response.status
-        except TimeoutError:   # urllib's says "timed out": the error recorded says what, how long
-            raise TimeoutError(f"{url}: no answer in {self.request_timeout} s") from None
+        except TimeoutError:
+            raise no_answer(url, self.request_timeout) from None
         except urllib.error.HTTPError as exc:   # a redirect, a 4xx or a 5xx
             if exc.code >= 500 or exc.code == 429:
                 exc.retry_after = retry_after(exc.code, exc.headers)
@@ -257,6 +276,10 @@ class CrawlSync(Job):
                 elif target != url:
                     result["links"] = self._submit(url, [target], batch, depth, depth == 0)
             return result
+        except urllib.error.URLError as exc:   # a connection not made in time too
+            if not isinstance(exc.reason, TimeoutError):
+                raise
+            raise no_answer(url, self.request_timeout) from None
         result = {"url": url, "status": status, "links": 0,
                   "bytes": min(len(body), self.max_bytes)}
         if len(body) > self.max_bytes:
