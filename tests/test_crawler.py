@@ -144,7 +144,7 @@ def test_a_link_resolved_once_per_host_is_the_link_of_every_page():
 def submit_links(url: str, html: bytes, charset: str | None = None) -> int:
     """What a crawl job does with a page it fetched: submit its links (on its host)."""
     async def submit():
-        return await Crawl()._submit(url, await Crawl._links(url, html, charset), "b")
+        return await Crawl()._submit(url, await Crawl._links(url, html, charset), "b", 1)
 
     return asyncio.run(submit())
 
@@ -209,13 +209,13 @@ def children(monkeypatch):
     _current.reset(token)
 
 
-def fetch(job, url: str) -> dict:
+def fetch(job, url: str, depth: int = 0) -> dict:
     """``job.run(url)`` on an event loop of its own, as one crawl job."""
     from elric.demo import crawler
 
     async def run():
         try:
-            return await job.run(url, "b")
+            return await job.run(url, "b", depth)
         finally:
             if crawler._process.session is not None:
                 await crawler._process.session.close()
@@ -529,12 +529,13 @@ def test_a_huge_robots_txt_is_read_up_to_a_cap(children):
     ("request_timeout", 0), ("request_timeout", -1.0), ("request_timeout", "20"),
     ("request_timeout", float("nan")), ("request_timeout", None),
     ("max_bytes", 0), ("max_bytes", -1), ("max_bytes", "2MB"), ("max_bytes", 1e6),
-    ("max_bytes", True)])
+    ("max_bytes", True), ("max_depth", -1), ("max_depth", "3"), ("max_depth", 2.0),
+    ("max_depth", True)])
 def test_a_crawl_given_a_bad_size_or_timeout_says_so_where_it_is_defined(name, value):
     """A timeout of 0 meant none at all, a size of "2MB" failed every page when read."""
     with pytest.raises(ValueError, match=f"^Bad.{name} must be .*, not {value!r}"):
         type("Bad", (Crawl,), {name: value})
-    type("Good", (Crawl,), {"request_timeout": 5, "max_bytes": 1024})
+    type("Good", (Crawl,), {"request_timeout": 5, "max_bytes": 1024, "max_depth": 0})
 
 
 def test_each_crawl_class_keeps_its_own_request_timeout(children):
@@ -583,9 +584,10 @@ def redirect(to: str, status: int = 302):
     return (status, {"Location": to}, b"")
 
 
-def run_page(job_class, url: str) -> dict:
-    """One page job of ``job_class``, async or not, run here."""
-    return fetch(job_class(), url) if issubclass(job_class, Crawl) else job_class().run(url, "b")
+def run_page(job_class, url: str, depth: int = 0) -> dict:
+    """One page job of ``job_class``, async or not, run here (0: a start page)."""
+    return fetch(job_class(), url, depth) if issubclass(job_class, Crawl) \
+        else job_class().run(url, "b", depth)
 
 
 @pytest.mark.parametrize("job_class", [Crawl, CrawlSync], ids=["async", "sync"])
@@ -605,7 +607,7 @@ def test_where_a_redirect_leads_is_a_page_job_of_its_own(children, job_class):
             "redirect": site.url + "/new/"}
         assert links(children) == [site.url + "/new/"] and "/new/" not in site.hits
         assert run_page(job_class, site.url + "/loop")["links"] == 0   # to itself: nothing new
-        assert run_page(job_class, site.url + "/away")["links"] == 0   # off the crawl's host
+        assert run_page(job_class, site.url + "/away", 1)["links"] == 0   # off the crawl's host
         assert run_page(job_class, site.url + "/odd")["error"] == "a redirect to no web page"
         assert links(children) == [site.url + "/new/"] and site.hits["/loop"] == 1
         assert "/new/" not in site.hits
@@ -991,8 +993,8 @@ class SavedCrawl(Crawl):
     """Saves each page after crawling it; the first save of the start page fails (the store
     was away for a moment), so that attempt is retried, in the same pool process."""
 
-    async def run(self, url: str, batch: str = "") -> dict:
-        result = await super().run(url, batch)
+    async def run(self, url: str, *args) -> dict:   # its batch and depth: the crawl's
+        result = await super().run(url, *args)
         if self.attempt == 1 and self.job_id.endswith("-start"):
             raise ConnectionError("the page store did not answer")
         return result
@@ -1047,3 +1049,101 @@ def test_a_copy_of_a_crawled_page_is_still_of_its_crawl(cluster):
                                  ("queued", "running", "retrying")), what="all ended")
         assert site.hits["/"] == 2
         assert all(site.hits[p] == 1 for p in site.paths() if p != "/"), site.hits
+
+
+def test_a_crawl_goes_on_at_the_host_its_start_page_redirects_to(cluster):
+    """Most sites send their start URL elsewhere (http://example.com/ to
+    https://www.example.com/): a redirect was followed on its page's host only, and the crawl
+    ended at its first page. Here a second port is the other host; a redirect found further
+    in stays on its host, and so does a link."""
+    cluster.start_worker("--queues", "crawl", "--concurrency", "2")
+    page = (200, {"Content-Type": "text/html"}, b'<html><body><a href="/a">a</a></body></html>')
+    routes, bare_routes = {"/": page}, {"/elsewhere": page}
+    with Site(routes) as www, Site(bare_routes) as bare:
+        bare_routes["/"] = redirect(www.url + "/", 301)
+        routes["/a"] = (200, {"Content-Type": "text/html"}, f'<a href="{bare.url}/elsewhere">'
+                        '</a><a href="/away">a</a>'.encode())
+        routes["/away"] = redirect(bare.url + "/elsewhere")
+        for job_class, batch in (Crawl, "async"), (CrawlSync, "sync"):
+            jobs = crawl(cluster, types.SimpleNamespace(url=bare.url + "/"), job_class, batch)
+            assert set(jobs) == {"/", www.url + "/", www.url + "/a", www.url + "/away"}, \
+                cluster.logs()
+            assert all(j["status"] == "succeeded" for j in jobs.values()), cluster.logs()
+            assert jobs[www.url + "/"]["limit_key"] == www.url.split("/")[2]
+        assert www.hits["/"] == www.hits["/a"] == 2 and "/elsewhere" not in bare.hits
+
+
+class ShallowCrawl(Crawl):
+    max_depth = 3
+
+
+class ShallowCrawlSync(CrawlSync):
+    max_depth = 3
+
+
+def test_a_crawl_goes_no_deeper_than_its_max_depth(make_cluster):
+    """A calendar's "next month" (or a link with a new session id on every page) is a site
+    of no end, and a crawl of it never ended. A crawl class's max_depth stops it that many
+    links from its start page; a redirect is no step further."""
+    c = own_classes_cluster(make_cluster)
+    c.start_worker("--queues", "crawl", "--concurrency", "2")
+    routes = {f"/{n}": (200, {"Content-Type": "text/html"},
+                        f'<html><body><a href="/{n + 1}">next</a></body></html>'.encode())
+              for n in range(1, 30)}
+    routes["/"] = routes.pop("/1")
+    routes["/2"] = (200, {"Content-Type": "text/html"}, b'<a href="/3">next</a>')
+    routes["/3"] = redirect("/3/")
+    routes["/3/"] = (200, {"Content-Type": "text/html"}, b'<a href="/4">next</a>')
+    with Site(routes) as site:
+        for job_class, batch in (ShallowCrawl, "async"), (ShallowCrawlSync, "sync"):
+            jobs = crawl(c, types.SimpleNamespace(url=site.url + "/"), job_class, batch)
+            assert set(jobs) == {"/", "/2", "/3", "/3/", "/4"}, c.logs()
+            assert [jobs[p]["args"][2:] for p in ("/", "/2", "/3", "/3/", "/4")] == \
+                [[], [1], [2], [2], [3]]
+            assert jobs["/4"]["result"] == {"url": site.url + "/4", "status": 200, "links": 0,
+                                            "bytes": len(routes["/4"][2]), "max_depth": True}
+    assert site.hits["/4"] == 2 and "/5" not in site.hits
+
+
+def test_the_sync_crawlers_request_timeout_is_a_deadline_for_the_whole_request(children):
+    """urllib's timeout is for each wait: a page dripped a byte a second was read for as long
+    as it took (the job's own timeout ended it, if any), and a connection that did not open
+    in time failed as a bare URLError. The async crawler's is for the whole request."""
+    import socket
+
+    stop = threading.Event()
+
+    def drip(handler):
+        handler.send_response(200)
+        handler.send_header("Content-Type", "text/html")
+        handler.end_headers()
+        try:
+            for _ in range(20):   # the server's pace: 5 bytes a second, for 4 s
+                if stop.wait(0.2):
+                    return
+                handler.wfile.write(b"x")
+                handler.wfile.flush()
+        except OSError:   # the crawler hung up
+            pass
+
+    with Site({"/drip": drip}) as site, socket.socket() as full:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        waiting = []   # connections that fill its backlog: one more gets no answer
+        try:
+            with pytest.raises(TimeoutError, match="^http://.*/drip: no answer in 1.5 s$"):
+                QuickCrawlSync().run(site.url + "/drip")
+            while True:
+                waiting.append(socket.socket())
+                waiting[-1].settimeout(0.5)
+                try:
+                    waiting[-1].connect(full.getsockname())
+                except TimeoutError:
+                    break
+            url = "http://127.0.0.1:%d/" % full.getsockname()[1]
+            with pytest.raises(TimeoutError, match=f"^{url}: no answer in 1.5 s$"):
+                QuickCrawlSync().run(url)
+        finally:
+            stop.set()
+            for sock in waiting:
+                sock.close()

@@ -1,5 +1,7 @@
 """The crawler: each job fetches one page with aiohttp, extracts its links and submits
-each link on the same host as a child job.
+each link on the same host as a child job; a start page (submitted, not found) that
+redirects to another host (http://example.com/ to https://www.example.com/) moves the crawl
+there.
 
 Its ``run`` is ``async def``, so every pool process fetches many pages at once. Every page
 is fetched once per crawl: a job's dedupe key is its normalized URL, and the master drops a
@@ -18,7 +20,9 @@ sooner than a Retry-After asks (up to RETRY_BACKOFF_MAX); a 404 or other 4xx is 
 not an error, and its body is not read. A link marked ``rel="nofollow"``, or any of a page
 whose robots ``<meta>`` says nofollow, is not followed; a ``<meta http-equiv="refresh">``
 URL is a link of its page. At most ``max_bytes`` of a page are read, and nothing of what
-is not HTML.
+is not HTML. ``max_depth`` caps the links followed from a start page (on the path that
+found a page first; a redirect is none), for sites of no end (a calendar's "next month");
+None, the default, caps nothing.
 """
 
 from __future__ import annotations
@@ -37,11 +41,11 @@ except ImportError:  # pragma: no cover - depends on the install
                       "pip install '/path/to/elric[crawl]'") from None
 
 from elric import Job
-from elric.demo.crawler_sync import (REDIRECTS, link_of, nofollow, normalize_url, page_charset,
-                                    page_key, refresh_url, requote, retry_after)
+from elric.demo.crawler_sync import (CHUNK, REDIRECTS, link_of, no_answer, nofollow,
+                                    normalize_url, page_charset, page_key, refresh_url,
+                                    requote, retry_after)
 
 USER_AGENT = "elric-crawler/0.1"
-CHUNK = 64 * 1024
 HEADER_MAX_BYTES = 64 * 1024
 ROBOTS_MAX_BYTES = 512 * 1024   # RFC 9309: parse at least 500 KiB of a robots.txt
 TURN = 100   # links resolved or submitted between two turns of the process's other jobs
@@ -151,7 +155,7 @@ class _Process:
                     text = body.decode("utf-8-sig", "replace")   # without a byte order mark
                     rules = Robots(text.splitlines(), USER_AGENT)
         except TimeoutError:
-            raise _no_answer(url, timeout) from None
+            raise no_answer(url, timeout) from None
         except aiohttp.TooManyRedirects:
             pass   # RFC 9309: as if there were none
         return rules
@@ -239,11 +243,6 @@ def _matches(glob: tuple[list[str], bool], path: str) -> bool:
 _process = _Process()
 
 
-def _no_answer(url: str, timeout: float) -> TimeoutError:
-    # aiohttp's TimeoutError says nothing: the error recorded says what and how long
-    return TimeoutError(f"{url}: no answer in {timeout} s")
-
-
 async def _read(response: aiohttp.ClientResponse, limit: int) -> tuple[bytes, bool]:
     """At most ``limit`` bytes of the body, and whether there was more."""
     body = bytearray()
@@ -288,6 +287,7 @@ class Crawl(Job):
     timeout = 60
     request_timeout = 20.0          # one HTTP request, robots.txt included
     max_bytes = 2 * 1024 * 1024     # read at most this much of a page
+    max_depth: int | None = None    # follow at most this many links from a start page
 
     def __init_subclass__(cls, **kwargs) -> None:
         # said here, where the class is defined: a timeout of 0 meant none at all, and a
@@ -301,16 +301,19 @@ class Crawl(Job):
         if not (isinstance(size, int) and not isinstance(size, bool) and size > 0):
             raise ValueError(f"{cls.__name__}.max_bytes must be a whole number of bytes "
                              f"over 0, not {size!r}")
+        if not (cls.max_depth is None or type(cls.max_depth) is int and cls.max_depth >= 0):
+            raise ValueError(f"{cls.__name__}.max_depth must be a whole number of links or "
+                             f"None, not {cls.max_depth!r}")
 
     @classmethod
-    def dedupe_key_for(cls, url: str, batch: str = "") -> str:
+    def dedupe_key_for(cls, url: str, batch: str = "", depth: int = 0) -> str:
         return page_key(url)
 
     @classmethod
-    def limit_key_for(cls, url: str, batch: str = "") -> str:
+    def limit_key_for(cls, url: str, batch: str = "", depth: int = 0) -> str:
         return urlparse(normalize_url(url)).netloc   # the host as the crawl's links spell it
 
-    async def run(self, url: str, batch: str = "") -> dict:
+    async def run(self, url: str, batch: str = "", depth: int = 0) -> dict:
         robots = await _process.allowed(url, self.dedupe_scope or batch, self.request_timeout)
         if robots is None:
             return {"url": url, "status": None, "links": 0, "bytes": 0, "robots": "disallowed"}
@@ -329,7 +332,7 @@ class Crawl(Job):
                         else (b"", False)
                     charset = response.charset
         except TimeoutError:
-            raise _no_answer(url, self.request_timeout) from None
+            raise no_answer(url, self.request_timeout) from None
         result = {"url": url, "status": status, "links": 0, "bytes": 0}
         if location is not None:
             # where it leads is a page job of its own: deduped with the links to that page
@@ -337,17 +340,21 @@ class Crawl(Job):
             result["redirect"] = target = link_of(url, location)
             if target is None:
                 result["error"] = "a redirect to no web page"
-            elif target != url:
+            elif target != url:   # no step deeper; from the start page, to any host
                 result["links"] = await self._submit(
-                    url, [(target, urlparse(target).netloc)], batch, robots.delay)
+                    url, [(target, urlparse(target).netloc)], batch, depth, robots.delay,
+                    anywhere=depth == 0)
             return result
         result["bytes"] = len(body)
         if truncated:
             result["truncated"] = True
         if status >= 400 or not html:
             return result   # a 404 is an answer: nothing to retry, no links to follow
+        if self.max_depth is not None and depth >= self.max_depth:
+            result["max_depth"] = True   # its links are a step too far: not followed
+            return result
         links = await self._links(url, body, charset)
-        result["links"] = await self._submit(url, links, batch, robots.delay)
+        result["links"] = await self._submit(url, links, batch, depth + 1, robots.delay)
         return result
 
     @staticmethod
@@ -371,19 +378,20 @@ class Crawl(Job):
         return list(dict.fromkeys([_process.resolve(base, href)
                                    async for href in _in_turns(hrefs)]))
 
-    async def _submit(self, url: str, links: list[tuple[str, str]], batch: str,
-                      delay: float | None = None) -> int:
-        """Submit the links, (URL, host), that stay on ``url``'s host, as jobs that start
-        ``delay`` seconds apart at least (its robots.txt's Crawl-delay); returns how many."""
-        host = urlparse(normalize_url(url)).netloc
+    async def _submit(self, url: str, links: list[tuple[str, str]], batch: str, depth: int,
+                      delay: float | None = None, anywhere: bool = False) -> int:
+        """Submit the links, (URL, host), that stay on ``url``'s host (``anywhere``: on any),
+        as jobs at ``depth`` that start ``delay`` seconds apart at least (its robots.txt's
+        Crawl-delay); returns how many."""
+        host = None if anywhere else urlparse(normalize_url(url)).netloc
         options = {"batch": batch} if batch else {}
         if delay:
             options["limit_interval"] = delay
         found = 0
         async for link, link_host in _in_turns(links):
-            if link_host != host:
+            if not link_host or host not in (None, link_host):
                 continue   # another host (or no link: "")
             found += 1
             if _process.first_time(self.dedupe_scope, link, self.job_id):
-                type(self).submit_with(args=[link, batch], **options)
+                type(self).submit_with(args=[link, batch, depth], **options)
         return found

@@ -8,9 +8,11 @@ their parent's scope, so a periodic crawl with ``dedupe_scope="@fire"`` fetches 
 page once per round, and again next round. Links that leave the start page's host, or are
 marked nofollow (``rel``, or the page's robots ``<meta>``), are not followed (a
 ``<meta http-equiv="refresh">`` URL is a link too); where a
-redirect leads is a page job of its own, on the same host only. A 5xx or 429 answer is
+redirect leads is a page job of its own, on the same host only but from a start page
+(submitted, not found), whose redirect moves the crawl to its host. A 5xx or 429 answer is
 retried (after its Retry-After, if any); a 404 or other 4xx is a result. At most
-``max_bytes`` of a page are read, and nothing of what is not HTML. It does not read
+``max_bytes`` of a page are read, and nothing of what is not HTML; ``max_depth`` caps the
+links followed from a start page (a redirect is none; None: no cap). It does not read
 robots.txt: crawl sites that are not your own with the async crawler, which obeys it.
 """
 
@@ -195,6 +197,24 @@ def page_charset(declared: str | None, body: bytes) -> str:
 
 
 REDIRECTS = frozenset((301, 302, 303, 307, 308))
+CHUNK = 64 * 1024
+
+
+def no_answer(url: str, timeout: float) -> TimeoutError:
+    # urllib's and aiohttp's say "timed out" or nothing: the error recorded says what, how long
+    return TimeoutError(f"{url}: no answer in {timeout} s")
+
+
+def _read(response, limit: int, deadline: float) -> bytes:
+    """At most ``limit`` bytes of the body by ``deadline`` (a wait begun by then lasts the
+    request's timeout at most): urllib's timeout is for each wait, and a server that
+    dripped a page held the job for as long as it took."""
+    body = bytearray()
+    while len(body) < limit and (chunk := response.read1(min(CHUNK, limit - len(body)))):
+        body += chunk
+        if time.monotonic() > deadline:
+            raise TimeoutError
+    return bytes(body)
 
 
 class _NoRedirects(urllib.request.HTTPRedirectHandler):
@@ -213,30 +233,32 @@ class CrawlSync(Job):
     queue = "crawl"
     max_retries = 2
     timeout = 30
-    request_timeout = 10.0          # one HTTP request: waits for its answer, or a read
+    request_timeout = 10.0          # one HTTP request, its page read by then
     max_bytes = 2 * 1024 * 1024     # read at most this much of a page
+    max_depth: int | None = None    # follow at most this many links from a start page
 
     @classmethod
-    def dedupe_key_for(cls, url: str, batch: str = "") -> str:
+    def dedupe_key_for(cls, url: str, batch: str = "", depth: int = 0) -> str:
         return page_key(url)
 
     @classmethod
-    def limit_key_for(cls, url: str, batch: str = "") -> str:
+    def limit_key_for(cls, url: str, batch: str = "", depth: int = 0) -> str:
         # politeness (setting LIMITS) is per host, as the crawl's links spell it
         return urlparse(normalize_url(url)).netloc
 
-    def run(self, url: str, batch: str = "") -> dict:
+    def run(self, url: str, batch: str = "", depth: int = 0) -> dict:
+        deadline = time.monotonic() + self.request_timeout
         try:
             # normalized: a start URL may be typed as a browser shows it (/café), and
             # urllib sends ASCII only
             with _opener.open(normalize_url(url), timeout=self.request_timeout) as response:
                 html = "html" in response.headers.get_content_type()
                 # not all of a huge page, nothing of a PDF or an image: no links in it
-                body = response.read(self.max_bytes + 1) if html else b""
+                body = _read(response, self.max_bytes + 1, deadline) if html else b""
                 charset = response.headers.get_content_charset()
                 status = response.status
-        except TimeoutError:   # urllib's says "timed out": the error recorded says what, how long
-            raise TimeoutError(f"{url}: no answer in {self.request_timeout} s") from None
+        except TimeoutError:
+            raise no_answer(url, self.request_timeout) from None
         except urllib.error.HTTPError as exc:   # a redirect, a 4xx or a 5xx
             if exc.code >= 500 or exc.code == 429:
                 exc.retry_after = retry_after(exc.code, exc.headers)
@@ -246,18 +268,26 @@ class CrawlSync(Job):
             location = exc.headers.get("Location") if exc.code in REDIRECTS else None
             if location is not None:
                 # where it leads is a page job of its own: deduped with the links to that
-                # page (fetched once), kept to the crawl's host, a loop ended by the dedupe
+                # page (fetched once), kept to the crawl's host (the start page's to any:
+                # the crawl goes on there), a loop ended by the dedupe; no step deeper
                 result["redirect"] = target = link_of(url, location)
                 if target is None:
                     result["error"] = "a redirect to no web page"
                 elif target != url:
-                    result["links"] = self._submit(url, [target], batch)
+                    result["links"] = self._submit(url, [target], batch, depth, depth == 0)
             return result
+        except urllib.error.URLError as exc:   # a connection not made in time too
+            if not isinstance(exc.reason, TimeoutError):
+                raise
+            raise no_answer(url, self.request_timeout) from None
         result = {"url": url, "status": status, "links": 0,
                   "bytes": min(len(body), self.max_bytes)}
         if len(body) > self.max_bytes:
             body, result["truncated"] = body[:self.max_bytes], True
         if not html:
+            return result
+        if self.max_depth is not None and depth >= self.max_depth:
+            result["max_depth"] = True   # its links are a step too far: not followed
             return result
         try:
             text = body.decode(page_charset(charset, body), "replace")
@@ -269,15 +299,18 @@ class CrawlSync(Job):
             parser.links = []
         base = parser.base and link_of(url, parser.base) or url
         result["links"] = self._submit(url, [link_of(base, href) for href in parser.links],
-                                       batch)
+                                       batch, depth + 1)
         return result
 
-    def _submit(self, url: str, links: list[str | None], batch: str) -> int:
-        """Submit the links that stay on ``url``'s host, each once; returns how many."""
+    def _submit(self, url: str, links: list[str | None], batch: str, depth: int,
+                anywhere: bool = False) -> int:
+        """Submit the links that stay on ``url``'s host (``anywhere``: on any), each once,
+        as jobs at ``depth``; returns how many."""
         host = urlparse(normalize_url(url)).netloc   # as its links are spelled
         found = [link for link in dict.fromkeys(links)
-                 if link is not None and urlparse(link).netloc == host]
+                 if link is not None and (anywhere or urlparse(link).netloc == host)]
         for link in found:
             # most links were seen before; the master's dedupe filter drops those
-            type(self).submit_with(args=[link, batch], **({"batch": batch} if batch else {}))
+            type(self).submit_with(args=[link, batch, depth],
+                                   **({"batch": batch} if batch else {}))
         return len(found)
