@@ -215,6 +215,9 @@ def top(stats: dict) -> Group:
         (name, f["waiting"], f["running"], f["succeeded"], f["failed"],
          "-" if f["mean_ms"] is None else f"{f['mean_ms']:.1f}",
          "-" if f["p95_ms"] is None else f"≤ {f['p95_ms']}") for name, f in busiest[:10]])
+    # (stats() holds the latest funcs only, and counts the rest)
+    if more := max(0, len(busiest) - 10) + stats.get("more", {}).get("funcs", 0):
+        funcs = Group(funcs, Text(f"and {more} more funcs"))
     workers = _table(("worker", "state", "processes", "CPU %", "in flight", "done", "failed",
                       "last seen", "trouble"), [
         (w["worker_id"], worker_state(w), w.get("concurrency", ""), percent(w.get("cpu_percent")),

@@ -205,7 +205,7 @@ class Dashboard:
 
     async def stats(self, request: web.Request):
         stats = await self.master.stats()
-        return self._render(request, "stats.html", funcs=stats["funcs"],
+        return self._render(request, "stats.html", funcs=stats["funcs"], more=stats["more"],
                             batches=stats["batches"], filters=stats["filters"])
 
     async def redis_page(self, request: web.Request):
