@@ -661,6 +661,7 @@ class RedisQueue:
             "more": {"batches": len(every_batch) - len(batches),
                      "funcs": len(every_func) - len(funcs)},
             "workers": await self.workers(),
+            "now": now,   # for "ago": the caller's clock may be off
         }
 
     async def _latest(self, names: list[str], stats_key) -> list[str]:
