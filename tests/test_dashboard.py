@@ -1196,3 +1196,33 @@ def test_the_redis_page_while_redis_runs_a_long_script_is_unavailable_not_a_bug(
     assert status == 503 and "Redis is busy running a script" in html, html
     assert "dashboard: /redis failed" not in master.log(), master.log()
     assert get(f"http://127.0.0.1:{port}/redis")[0] == 200
+
+
+
+def test_a_password_cannot_be_guessed_at_full_speed(make_cluster):
+    """The login took a guess as fast as a client could send them: a few failures from one
+    address now make it wait (a 429 that says for how long, whatever the password), and
+    another address is not held up."""
+    import http.client
+
+    from elric.dashboard.access import LOGIN_TRIES
+
+    cluster, port = dashboard_with_a_job(make_cluster, DASHBOARD_PASSWORD=PASSWORD)
+
+    def login(source: str, password: str) -> http.client.HTTPResponse:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10,
+                                                source_address=(source, 0))
+        connection.request("POST", "/login", urllib.parse.urlencode(
+            {"password": password, "next": "/jobs/j1"}),
+            {"Content-Type": "application/x-www-form-urlencoded"})
+        return connection.getresponse()
+
+    for _ in range(LOGIN_TRIES):
+        assert login("127.0.0.1", "guess").status == 401
+    for password in ("guess", PASSWORD):
+        refused = login("127.0.0.1", password)
+        html = refused.read().decode()
+        assert refused.status == 429 and int(refused.headers["Retry-After"]) > 0, html
+        assert "too many failed logins" in html and 'name="password"' in html, html
+    other = login("127.0.0.2", PASSWORD)   # another client
+    assert other.status == 303 and other.headers["Location"] == "/jobs/j1"
