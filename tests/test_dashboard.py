@@ -1226,3 +1226,23 @@ def test_a_password_cannot_be_guessed_at_full_speed(make_cluster):
         assert "too many failed logins" in html and 'name="password"' in html, html
     other = login("127.0.0.2", PASSWORD)   # another client
     assert other.status == 303 and other.headers["Location"] == "/jobs/j1"
+
+
+def test_an_action_after_the_session_ended_is_the_login_that_leads_back(make_cluster):
+    """A button pressed after the session expired got a bare "log in first" text page,
+    with no way back but typing the address: it is the login page, which then goes back to
+    the page the button was on. The action is not done."""
+    cluster, port = dashboard_with_a_job(make_cluster, DASHBOARD_PASSWORD=PASSWORD)
+    base = f"http://127.0.0.1:{port}"
+    expired = urllib.request.build_opener(urllib.request.HTTPCookieProcessor())
+    data = urllib.parse.urlencode({"kind": "job", "action": "delete", "id": "j1",
+                                   "csrf": "0" * 64, "next": "/jobs?status=queued"}).encode()
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        expired.open(base + "/act", data=data)
+    html = refused.value.read().decode()
+    assert refused.value.code == 401 and "log in" in html, html
+    back = unescape(re.search(r'name="next" value="([^"]*)"', html).group(1))
+    assert back == "/jobs?status=queued"
+    assert cluster.client.get_job("j1")["status"] == "queued"
+    login = urllib.parse.urlencode({"password": PASSWORD, "next": back}).encode()
+    assert expired.open(base + "/login", data=login).geturl() == base + back

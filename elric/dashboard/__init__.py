@@ -127,7 +127,7 @@ class Dashboard:
                     "the header Authorization: Bearer PASSWORD\n")
             if request.method == "GET":
                 raise web.HTTPSeeOther("/login?" + urlencode({"next": request.path_qs}))
-            raise web.HTTPForbidden(text="log in first")
+            handler = self.session_ended
         try:
             response = await handler(request)
         except REDIS_ERRORS as exc:   # a page reading Redis outside an RPC handler
@@ -236,6 +236,13 @@ class Dashboard:
         return self._render(request, "login.html", error=error,
                             next=_local_path(next or request.query.get("next", "/")),
                             status=status if error else 200)
+
+    async def session_ended(self, request: web.Request):
+        """A form sent without a session (it expired): nothing is done; the login, which
+        goes back to the page the form was on (a bare "log in first" had no way back)."""
+        form = await _form(request)
+        return await self.login_page(request, "your session has ended: log in, then do it "
+                                     "again", next=str(form.get("next", "/")))
 
     async def login(self, request: web.Request):
         form, address = await _form(request), request.remote or ""
