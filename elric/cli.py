@@ -199,7 +199,8 @@ def cmd_call(args: argparse.Namespace) -> int:
         elif command == "top":
             return _top(client, args)
         elif command == "workers":
-            (show or views.workers)(client.stats()["workers"])
+            stats = client.stats()
+            show(stats["workers"]) if show else views.workers(stats["workers"], stats.get("now"))
         elif command == "job":
             job = client.get_job(args.job_id)
             if job is None:

@@ -295,7 +295,7 @@ class Master:
             view["progress_at"] = view["progress_at"] and view["progress_at"] + \
                 self.store.clock.offset
         return {"master_id": self.master_id, "ok": all(t["ok"] for t in tasks.values()),
-                "tasks": tasks}
+                "tasks": tasks, "now": self.store.clock()}
 
     @_rpc
     async def submit_job(self, spec) -> dict:

@@ -9,6 +9,7 @@ nothing is pickled.
 from __future__ import annotations
 
 import contextlib
+import heapq
 import itertools
 import logging
 from collections import Counter
@@ -28,6 +29,7 @@ log = logging.getLogger("elric.queue")
 HAND_BACK_SECONDS = 5.0   # a job no worker here can run waits this long between tries
 STALE = "stale"   # finish's answer for an outcome that is no longer its worker's to record
 MAX_RUNNING_SPLIT = 10_000   # running jobs stats() reads to split live jobs into running/queued
+STATS_ROWS = 100   # batches, and funcs, stats() holds: a label per run is tens of thousands
 WORKER_KEPT = 86400   # s a silent worker stays listed: heartbeat.lua's expiry of its hash
 
 
@@ -598,7 +600,10 @@ class RedisQueue:
             pipe.smembers(k.funcs)
             pipe.time()
             *names, (seconds, micros) = await pipe.execute()
-        queues, batches, funcs = (sorted(_s(x) for x in group) for group in names)
+        queues, every_batch, every_func = ([_s(x) for x in group] for group in names)
+        queues = sorted(queues)
+        batches, funcs = await self._latest(every_batch, k.batch), \
+            await self._latest(every_func, k.func)
         now = seconds + micros / 1e6   # Redis's clock, as the scripts'
         last = int(now // 60)
         minutes = range(last - jobstats.THROUGHPUT_MINUTES + 1, last + 1)
@@ -655,8 +660,22 @@ class RedisQueue:
             "totals": {name: counters.get(name, 0) for name in
                        ("submitted", "succeeded", "failed", "retrying", "redelivered",
                         "handed_back", "cancelled", "started", "start_latency_ms")},
+            "more": {"batches": len(every_batch) - len(batches),
+                     "funcs": len(every_func) - len(funcs)},
             "workers": await self.workers(),
+            "now": now,   # for "ago": the caller's clock may be off
         }
+
+    async def _latest(self, names: list[str], stats_key) -> list[str]:
+        """The STATS_ROWS of ``names`` (batches or funcs) whose stats hash ``stats_key(name)``
+        was last active, in name order."""
+        if len(names) > STATS_ROWS:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for name in names:
+                    pipe.hget(stats_key(name), "last_at")
+                last = [int(at or 0) for at in await pipe.execute()]
+            names = [name for _, name in heapq.nlargest(STATS_ROWS, zip(last, names))]
+        return sorted(names)
 
     async def workers(self) -> list[dict]:
         """Every worker's last heartbeat, alive or not (the workers page reads only this)."""

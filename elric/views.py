@@ -164,8 +164,9 @@ def trouble(w: dict) -> Text:
     return Text(w.get("trouble") or "", style="bold red")
 
 
-def workers(rows: list[dict]) -> None:
-    """Each worker with its load as of its last heartbeat (a lost one: its last)."""
+def workers(rows: list[dict], now: float | None = None) -> None:
+    """Each worker with its load as of its last heartbeat (a lost one: its last); ``now``:
+    Redis's, which stats() answers."""
     _rows(rows, "no workers", ("worker", "host", "pid", "queues", "processes", "CPU %",
                                "RSS MiB", "in flight", "done", "failed", "last seen", "state",
                                "trouble"),
@@ -173,7 +174,7 @@ def workers(rows: list[dict]) -> None:
                      w.get("queues", ""), w.get("concurrency", ""),
                      percent(w.get("cpu_percent")), mib(w.get("rss_bytes")),
                      w.get("in_flight", "-"), w.get("done", "-"), w.get("failed", "-"),
-                     when(w.get("last_seen")), worker_state(w), trouble(w)))
+                     when(w.get("last_seen"), now), worker_state(w), trouble(w)))
 
 
 def status(stats: dict, health: dict) -> None:
@@ -195,7 +196,8 @@ def health(h: dict) -> None:
     _master(h)
     console.print(_table(("task", "ok", "state", "last progress"), [
         (name, "yes" if task.get("ok") else "NO", task.get("state", ""),
-         when(task.get("progress_at"))) for name, task in sorted(h.get("tasks", {}).items())]))
+         when(task.get("progress_at"), h.get("now")))
+        for name, task in sorted(h.get("tasks", {}).items())]))
 
 
 def top(stats: dict) -> Group:
@@ -215,9 +217,12 @@ def top(stats: dict) -> Group:
         (name, f["waiting"], f["running"], f["succeeded"], f["failed"],
          "-" if f["mean_ms"] is None else f"{f['mean_ms']:.1f}",
          "-" if f["p95_ms"] is None else f"≤ {f['p95_ms']}") for name, f in busiest[:10]])
+    # (stats() holds the latest funcs only, and counts the rest)
+    if more := max(0, len(busiest) - 10) + stats.get("more", {}).get("funcs", 0):
+        funcs = Group(funcs, Text(f"and {more} more funcs"))
     workers = _table(("worker", "state", "processes", "CPU %", "in flight", "done", "failed",
                       "last seen", "trouble"), [
         (w["worker_id"], worker_state(w), w.get("concurrency", ""), percent(w.get("cpu_percent")),
          w.get("in_flight", "-"), w.get("done", "-"), w.get("failed", "-"),
-         when(w.get("last_seen")), trouble(w)) for w in stats["workers"]])
+         when(w.get("last_seen"), stats.get("now")), trouble(w)) for w in stats["workers"]])
     return Group(now, rate, queues, funcs, workers)

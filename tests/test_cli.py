@@ -936,3 +936,22 @@ def test_job_tables_show_text_arguments_and_results_as_written(cluster):
     for args in (("jobs", "--status", "succeeded"), ("job", "intl"), ("results",)):
         shown = elric(cluster, *args)
         assert shown.returncode == 0 and url in shown.stdout, (args, shown.stdout, shown.stderr)
+
+
+def test_how_long_ago_is_judged_by_redis_clock_not_the_cli_machines(cluster):
+    """`elric workers` on a laptop whose clock ran two hours ahead showed a worker that beat
+    a second ago as "last seen ... (2 h ago)" beside its state "running": the replies that
+    carry times carry Redis's now, and "ago" is judged by it."""
+    from elric.launch import faketime_lib
+
+    if (lib := faketime_lib()) is None:
+        pytest.skip("needs the libfaketime package (pip install -e .[test])")
+    worker = cluster.start_worker("--concurrency", "1")
+    cluster.env.update(LD_PRELOAD=lib, FAKETIME="+7200")
+    for command in (["workers"], ["top", "--iterations", "1"], ["health"]):
+        shown = elric(cluster, *command)
+        lines = [line for line in shown.stdout.splitlines()
+                 if str(worker.pid) in line or command == ["health"] and " ago)" in line]
+        assert shown.returncode == 0 and lines, (command, shown.stdout, shown.stderr)
+        for line in lines:
+            assert re.search(r"\([\d.]+ s ago\)", line), (command, line)

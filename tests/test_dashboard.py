@@ -1196,3 +1196,53 @@ def test_the_redis_page_while_redis_runs_a_long_script_is_unavailable_not_a_bug(
     assert status == 503 and "Redis is busy running a script" in html, html
     assert "dashboard: /redis failed" not in master.log(), master.log()
     assert get(f"http://127.0.0.1:{port}/redis")[0] == 200
+
+
+
+def test_a_password_cannot_be_guessed_at_full_speed(make_cluster):
+    """The login took a guess as fast as a client could send them: a few failures from one
+    address now make it wait (a 429 that says for how long, whatever the password), and
+    another address is not held up."""
+    import http.client
+
+    from elric.dashboard.access import LOGIN_TRIES
+
+    cluster, port = dashboard_with_a_job(make_cluster, DASHBOARD_PASSWORD=PASSWORD)
+
+    def login(source: str, password: str) -> http.client.HTTPResponse:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10,
+                                                source_address=(source, 0))
+        connection.request("POST", "/login", urllib.parse.urlencode(
+            {"password": password, "next": "/jobs/j1"}),
+            {"Content-Type": "application/x-www-form-urlencoded"})
+        return connection.getresponse()
+
+    for _ in range(LOGIN_TRIES):
+        assert login("127.0.0.1", "guess").status == 401
+    for password in ("guess", PASSWORD):
+        refused = login("127.0.0.1", password)
+        html = refused.read().decode()
+        assert refused.status == 429 and int(refused.headers["Retry-After"]) > 0, html
+        assert "too many failed logins" in html and 'name="password"' in html, html
+    other = login("127.0.0.2", PASSWORD)   # another client
+    assert other.status == 303 and other.headers["Location"] == "/jobs/j1"
+
+
+def test_an_action_after_the_session_ended_is_the_login_that_leads_back(make_cluster):
+    """A button pressed after the session expired got a bare "log in first" text page,
+    with no way back but typing the address: it is the login page, which then goes back to
+    the page the button was on. The action is not done."""
+    cluster, port = dashboard_with_a_job(make_cluster, DASHBOARD_PASSWORD=PASSWORD)
+    base = f"http://127.0.0.1:{port}"
+    expired = urllib.request.build_opener(urllib.request.HTTPCookieProcessor())
+    data = urllib.parse.urlencode({"kind": "job", "action": "delete", "id": "j1",
+                                   "csrf": "0" * 64, "next": "/jobs?status=queued"}).encode()
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        expired.open(base + "/act", data=data)
+    html = refused.value.read().decode()
+    assert refused.value.code == 401 and "log in" in html, html
+    back = unescape(re.search(r'name="next" value="([^"]*)"', html).group(1))
+    assert back == "/jobs?status=queued"
+    assert cluster.client.get_job("j1")["status"] == "queued"
+    login = urllib.parse.urlencode({"password": PASSWORD, "next": back}).encode()
+    assert expired.open(base + "/login", data=login).geturl() == base + back

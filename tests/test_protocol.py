@@ -21,7 +21,7 @@ def test_every_method_answers_the_shape_and_codes_the_protocol_gives(redis_url):
         assert await answer(client, "no_such_method") == "method_not_found"
 
         health = await call("health")
-        assert set(health) == {"master_id", "ok", "tasks"}
+        assert set(health) == {"master_id", "ok", "tasks", "now"}
         assert set(health["tasks"]) == {"scheduler", "housekeeping"}
         assert all(set(t) == {"state", "progress_at", "ok"} for t in health["tasks"].values())
 
@@ -77,7 +77,7 @@ def test_every_method_answers_the_shape_and_codes_the_protocol_gives(redis_url):
         assert step == {"touched": 1, "skipped": 0, "cursor": "", "errors": [], "ids": ["a"]}
         assert await answer(client, "bulk_jobs", "find", {}) == "bad_request"
         stats = await call("stats")
-        assert {"by_status", "by_queue", "totals", "batches", "funcs", "throughput",
+        assert {"by_status", "by_queue", "totals", "batches", "funcs", "more", "now", "throughput",
                 "workers", "filters", "scheduler"} <= set(stats)
         assert set(stats["by_status"]) == set(STATUSES)
     with_master(redis_url, body)

@@ -225,3 +225,49 @@ def test_a_job_that_outlived_its_forgotten_queue_lists_it_again(cluster, redis_u
         cluster.wait_job("long")
         assert r.hget(KEYS.counters, "queue:q-run:last_at")
     assert c.stats()["by_queue"]["q-run"]["succeeded"] == 1
+
+
+
+def test_stats_hold_the_latest_batches_and_funcs_however_many_there_are(make_cluster,
+                                                                        redis_url):
+    """A batch label per crawl round, kept a week, is tens of thousands of labels: stats()
+    answered a row for each, over the 8 MiB RPC_MAX_MESSAGE, and `elric workers`, `status`,
+    `top` and `stats` failed. It holds the most recently active of each, and counts the
+    rest, which `elric top` and the dashboard name."""
+    import json
+
+    from elric.queue import STATS_ROWS
+    from elric.redis_server import free_port
+    from tests.test_cli import elric
+    from tests.test_dashboard import get
+
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}")
+    cluster.start_master()
+    labels, funcs = 30_000, STATS_ROWS + 50
+    long_ago = int((time.time() - 86400) * 1000)
+    with redis.Redis.from_url(redis_url) as r, r.pipeline(transaction=False) as pipe:
+        for i in range(labels):
+            name = f"round-{i:05d}-" + "x" * 300   # 300 bytes: a URL, say
+            pipe.sadd(KEYS.batches, name)
+            pipe.hset(KEYS.batch(name), mapping={"submitted": 1, "succeeded": 1,
+                                                 "first_at": long_ago, "last_at": long_ago + i})
+        for i in range(funcs):
+            pipe.sadd(KEYS.funcs, f"gen.f{i}")
+            pipe.hset(KEYS.func(f"gen.f{i}"), mapping={"submitted": 1, "last_at": long_ago + i})
+        pipe.execute()
+    cluster.client.submit_job(Add.spec([1, 1], queue="nobody", batch="now"))
+    for command in (["workers"], ["status"], ["stats"]):
+        shown = elric(cluster, *command)
+        assert shown.returncode == 0, (command, shown.stderr)
+    stats = json.loads(shown.stdout)
+    latest = ["now"] + [f"round-{i:05d}-" + "x" * 300
+                        for i in range(labels - 1, labels - STATS_ROWS, -1)]
+    assert sorted(stats["batches"]) == sorted(latest)
+    assert "tests.jobs:Add" in stats["funcs"] and "gen.f51" in stats["funcs"] and \
+        "gen.f50" not in stats["funcs"]
+    assert stats["more"] == {"batches": labels + 1 - STATS_ROWS, "funcs": funcs + 1 - STATS_ROWS}
+    top = elric(cluster, "top", "--iterations", "1")
+    assert top.returncode == 0 and f"and {funcs + 1 - 10} more funcs" in top.stdout, top.stderr
+    html = get(f"http://127.0.0.1:{port}/stats")[1]
+    assert f"and {labels + 1 - STATS_ROWS} more, less recently active" in html

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from urllib.parse import parse_qsl, quote, urlencode
 
 import jinja2
@@ -126,7 +127,7 @@ class Dashboard:
                     "the header Authorization: Bearer PASSWORD\n")
             if request.method == "GET":
                 raise web.HTTPSeeOther("/login?" + urlencode({"next": request.path_qs}))
-            raise web.HTTPForbidden(text="log in first")
+            handler = self.session_ended
         try:
             response = await handler(request)
         except REDIS_ERRORS as exc:   # a page reading Redis outside an RPC handler
@@ -205,7 +206,7 @@ class Dashboard:
 
     async def stats(self, request: web.Request):
         stats = await self.master.stats()
-        return self._render(request, "stats.html", funcs=stats["funcs"],
+        return self._render(request, "stats.html", funcs=stats["funcs"], more=stats["more"],
                             batches=stats["batches"], filters=stats["filters"])
 
     async def redis_page(self, request: web.Request):
@@ -230,15 +231,32 @@ class Dashboard:
         return web.Response(body=body, headers={"Content-Type": metrics.CONTENT_TYPE})
 
     # --- login and actions ------------------------------------------------------------
-    async def login_page(self, request: web.Request, error: str = "", next: str = ""):
+    async def login_page(self, request: web.Request, error: str = "", next: str = "",
+                         status: int = 401):
         return self._render(request, "login.html", error=error,
                             next=_local_path(next or request.query.get("next", "/")),
-                            status=401 if error else 200)
+                            status=status if error else 200)
+
+    async def session_ended(self, request: web.Request):
+        """A form sent without a session (it expired): nothing is done; the login, which
+        goes back to the page the form was on (a bare "log in first" had no way back)."""
+        form = await _form(request)
+        return await self.login_page(request, "your session has ended: log in, then do it "
+                                     "again", next=str(form.get("next", "/")))
 
     async def login(self, request: web.Request):
-        form = await _form(request)
-        if not self.access.password_ok(str(form.get("password", ""))):
-            log.warning("dashboard: a failed login from %s", request.remote)
+        form, address = await _form(request), request.remote or ""
+        if wait := math.ceil(self.access.login_wait(address)):   # whatever the password:
+            response = await self.login_page(   # else a guess goes on as fast as before
+                request, f"too many failed logins from {address}: try again in {wait} s",
+                next=str(form.get("next", "/")), status=429)
+            response.headers["Retry-After"] = str(wait)
+            return response
+        ok = self.access.password_ok(str(form.get("password", "")))
+        if self.access.login_required:
+            self.access.login_tried(address, ok)
+        if not ok:
+            log.warning("dashboard: a failed login from %s", address)
             return await self.login_page(
                 request, "wrong password" if self.access.login_required
                 else "this dashboard has no password: it is read-only",

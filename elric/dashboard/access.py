@@ -5,6 +5,10 @@ serves only a loopback address, read-only. With one (``DASHBOARD_PASSWORD``, els
 ``RPC_TOKEN``) every page needs a login, and every action a CSRF token bound to the
 session. The session cookie is signed with a key derived from the password, so every
 dashboard of the cluster accepts it and a changed password ends every session.
+
+A few failed logins in a row from one address make it wait before its next try, longer
+after each. Each master counts in its own memory: behind a balancer over M masters, M
+times the tries; behind a proxy every client is the proxy's address, and waits together.
 """
 
 from __future__ import annotations
@@ -13,12 +17,31 @@ import hashlib
 import hmac
 import ipaddress
 import time
+from dataclasses import dataclass
 
 from aiohttp import web
 
 COOKIE = "elric_session"
 SESSION_SECONDS = 12 * 3600
 OPEN_PATHS = ("/login",)   # what a visitor who has not logged in may load
+LOGIN_TRIES = 5          # failed logins in a row from one address before it must wait
+LOGIN_WAIT = 10.0        # s it then waits, twice as long after each further failure,
+LOGIN_WAIT_MOST = 600.0  # up to this; an hour without a failure forgets them
+LOGIN_ADDRESSES = 10_000  # addresses whose failures are kept: those that failed last
+
+
+@dataclass(slots=True)
+class _Failures:
+    """Failed logins in a row from one address; monotonic times: a wait on this master."""
+
+    count: int
+    last: float
+
+    @property
+    def until(self) -> float:
+        over = self.count - LOGIN_TRIES
+        wait = 0.0 if over < 0 else min(LOGIN_WAIT_MOST, LOGIN_WAIT * 2 ** min(over, 10))
+        return self.last + wait
 
 
 def is_loopback(host: str) -> bool:
@@ -40,6 +63,7 @@ class Access:
         self.password = password or None   # "" (RPC_TOKEN = ""): none, as the master reads it
         self._key = hashlib.sha256(b"elric-dashboard\0" + password.encode()).digest() \
             if password else b""
+        self._failed: dict[str, _Failures] = {}   # by address, the latest failure last
 
     @property
     def login_required(self) -> bool:
@@ -50,6 +74,19 @@ class Access:
 
     def password_ok(self, given: str) -> bool:
         return self.login_required and _same(given, self.password)
+
+    def login_wait(self, address: str) -> float:
+        """Seconds before ``address`` may try a password again (0: now)."""
+        failed = self._failed.get(address)
+        return max(0.0, failed.until - time.monotonic()) if failed else 0.0
+
+    def login_tried(self, address: str, ok: bool) -> None:
+        failed, now = self._failed.pop(address, None), time.monotonic()
+        if not ok:
+            count = failed.count if failed and now - failed.last < 3600 else 0
+            self._failed[address] = _Failures(count + 1, now)
+            if len(self._failed) > LOGIN_ADDRESSES:   # the one that failed longest ago
+                del self._failed[next(iter(self._failed))]
 
     def new_session(self) -> str:
         expires = str(int(time.time()) + SESSION_SECONDS)
