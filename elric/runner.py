@@ -123,11 +123,13 @@ def serve(conn, job_modules: tuple[str, ...], worker_pid: int, cwd: str, log_lev
     # would be lost when its process dies (a crash, a kill past its timeout)
     with contextlib.suppress(AttributeError, ValueError):   # (replaced, or closed)
         sys.stdout.reconfigure(line_buffering=True)
-    # Ctrl-C reaches the whole process group, and so does SIGTERM from systemd, docker or
-    # `kill -- -PGID`: running jobs must be allowed to finish. The worker stops its pool
-    # processes itself (shutdown, or SIGKILL past a timeout or SHUTDOWN_GRACE). A handler
-    # that does nothing, not SIG_IGN: exec keeps SIG_IGN, and a job's commands must stop at
-    # its Popen.terminate(); SA_RESTART, so native code's reads are not broken off (EINTR)
+    # Ctrl-C and `kill -- -PGID` reach the worker's whole process group: a group of its own
+    # keeps them from this process and from the commands its jobs run, which may finish.
+    # SIGTERM from systemd or docker may still come: a handler that does nothing (not
+    # SIG_IGN, which exec keeps: a job's Popen.terminate() did nothing), with SA_RESTART so
+    # native code's reads are not broken off (EINTR). The worker stops its pool processes
+    # itself (shutdown, or SIGKILL past a timeout or SHUTDOWN_GRACE).
+    os.setpgid(0, 0)
     for sig in IGNORED:
         signal.signal(sig, lambda signum, frame: None)
         signal.siginterrupt(sig, False)

@@ -462,3 +462,19 @@ class ReadStdin(Job):
         import subprocess
         return subprocess.run([sys.executable, "-c", "import sys; print(repr(sys.stdin.read()))"],
                               stdout=subprocess.PIPE, text=True, timeout=10).stdout.strip()
+
+
+class CommandUntilGate(Job):
+    """Runs a command that waits for the file ``gate`` (at most a minute) and returns its
+    exit code, as a job running a tool does; ``marks`` gets a line once the command runs."""
+
+    def run(self, gate, marks):
+        import subprocess
+        command = subprocess.Popen(
+            ["sh", "-c", 'echo up; n=0; while [ ! -e "$1" ] && [ $n -lt 1200 ]; do '
+                         'sleep 0.05; n=$((n+1)); done', "sh", gate], stdout=subprocess.PIPE)
+        command.stdout.readline()
+        append_line(marks, "running")
+        code = command.wait()
+        command.stdout.close()
+        return code

@@ -35,7 +35,7 @@ from tests.conftest import ROOT, Cluster, batches_form, wait_for
 from tests.jobs import (Add, Fail, FailNamingFile, FailUnlessFile, MarkSleep, MarkUntilGate,
                         PadLength, SelfAlarm, Sleep, SpawnPadded, SpawnWhenGateOpens)
 from tests.jobs_numpy import FirstDraw
-from tests.jobs_faults import (AsyncExitUnprintable, AsyncForkReturns, Crash, ExitUnprintable,
+from tests.jobs_faults import (AsyncExitUnprintable, CommandUntilGate, AsyncForkReturns, Crash, ExitUnprintable,
                                FailBadRetryAfter, Flaky, ForkReturns, ForkThenCrash, IgnoreAlarm,
                                Mark, ResetSignals, WhereAmI, count_lines, BlockSignals,
                                ChildAndPipe, HoldGil, LooseSignals, ProcessState,
@@ -1588,6 +1588,30 @@ def test_a_command_a_job_starts_can_be_stopped_with_sigterm_and_sigint(cluster):
     stops = cluster.wait_job("stops", timeout=60)
     assert stops["result"] == [-signal.SIGTERM, -signal.SIGINT], stops
     assert worker.alive()
+
+
+def test_a_ctrl_c_lets_the_commands_a_job_runs_finish(cluster, tmp_path):
+    """Ctrl-C reaches the terminal's whole process group: the commands a job ran were in it
+    and stopped at once (the job failed), though the first Ctrl-C lets running jobs finish.
+    Pool processes have a group of their own; the worker stops them itself."""
+    gate, marks = tmp_path / "gate", tmp_path / "marks"
+    with open(tmp_path / "worker.log", "ab") as log:   # its own group, as in a terminal
+        worker = subprocess.Popen([sys.executable, "-m", "elric", "worker", "--concurrency",
+                                   "1"], env=cluster.env, cwd=ROOT, stdout=log, stderr=log,
+                                  stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        cluster.client.submit_job(CommandUntilGate.spec([str(gate), str(marks)], job_id="tool"))
+        wait_for(lambda: count_lines(marks) == 1, what="the job's command running")
+        os.killpg(worker.pid, signal.SIGINT)   # Ctrl-C
+        wait_for(lambda: "stopping" in (tmp_path / "worker.log").read_text(),
+                 what="the worker stopping")
+        gate.touch()
+        assert cluster.wait_job("tool", timeout=60)["result"] == 0
+        assert worker.wait(timeout=60) == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
 
 
 @pytest.mark.parametrize("job_class, stopped", [(StopProcesses, [-signal.SIGTERM, [1, 2]]),
