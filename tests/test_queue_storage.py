@@ -12,6 +12,7 @@ import asyncio
 import time
 
 import msgpack
+import pytest
 import redis.asyncio as aredis
 
 from elric.contract import normalize_spec
@@ -253,36 +254,13 @@ def test_a_finish_sent_again_answers_what_it_recorded_and_counts_once(redis_url)
     asyncio.run(with_queue(redis_url, body))
 
 
-def test_a_lost_run_ending_during_a_rerun_on_another_worker_is_not_recorded(redis_url):
-    """A rerun starts again from attempt 1. A worker cut off past its lease went on with
-    its attempt 1 of the job; the job was redelivered, ended, was rerun, and another
-    worker held the rerun at attempt 1: the old run's outcome was recorded as the rerun's
-    (finish looked at the attempt only), and the rerun's own outcome was then dropped."""
-    async def body(q, r):
-        await q.enqueue(specs(1, job_id="x"))
-        assert len((await q.fetch("cut-off", ["default"], 1, 0.05)).claims) == 1
-        deadline = time.monotonic() + 10
-        while (await q.recover())[0] != ["x"]:   # its lease ran out: redelivered
-            assert time.monotonic() < deadline, "the lease never ran out"
-            await asyncio.sleep(0.01)
-        again, = (await q.fetch("w2", ["default"], 1, 30)).claims
-        assert await q.finish("w2", [Outcome("x", again.attempt, True, b"\xc0", 5)]) == \
-            ["succeeded"]
-        assert await q.rerun("x") == "succeeded"
-        rerun, = (await q.fetch("w3", ["default"], 1, 30)).claims
-        assert rerun.attempt == 1
-        old = Outcome("x", 1, True, msgpack.packb("old"), 5)
-        assert await q.finish("cut-off", [old]) == ["stale"]
-        assert await r.hmget(KEYS.job("x"), "status", "worker") == [b"running", b"w3"]
-        assert await q.finish("w3", [Outcome("x", 1, True, msgpack.packb("new"), 5,
-                                             reruns=rerun.reruns)]) == ["succeeded"]
-    asyncio.run(with_queue(redis_url, body))
-
-
-def test_a_lost_run_ending_during_a_rerun_on_its_own_worker_is_not_recorded(redis_url):
-    """As above, but the worker that went on with the lost attempt 1 fetched the rerun's
-    attempt 1 itself: the same worker and attempt, so the old run's outcome was recorded as
-    the rerun's. The claim is the job's run too (``reruns``)."""
+@pytest.mark.parametrize("holder", ["w3", "w1"], ids=["on another worker", "on its own"])
+def test_a_lost_run_ending_during_a_rerun_is_not_recorded(redis_url, holder):
+    """A rerun starts again from attempt 1. A worker (w1) cut off past its lease went on
+    with its attempt 1 of the job; the job was redelivered, ended, was rerun, and a worker
+    held the rerun at attempt 1: the old run's outcome was recorded as the rerun's (finish
+    looked at the attempt only; on w1 itself, worker and attempt were the same), and the
+    rerun's own outcome was then dropped. The claim is the job's run too (``reruns``)."""
     async def body(q, r):
         await q.enqueue(specs(1, job_id="x"))
         lost, = (await q.fetch("w1", ["default"], 1, 0.05)).claims
@@ -294,14 +272,14 @@ def test_a_lost_run_ending_during_a_rerun_on_its_own_worker_is_not_recorded(redi
         assert await q.finish("w2", [Outcome("x", again.attempt, True, b"\xc0", 5)]) == \
             ["succeeded"]
         assert await q.rerun("x") == "succeeded"
-        rerun, = (await q.fetch("w1", ["default"], 1, 30)).claims
+        rerun, = (await q.fetch(holder, ["default"], 1, 30)).claims
         assert (rerun.attempt, rerun.reruns, lost.reruns) == (1, 1, 0)
         old = Outcome("x", 1, True, msgpack.packb("old"), 5, reruns=lost.reruns)
         assert await q.finish("w1", [old]) == ["stale"]
-        assert await r.hget(KEYS.job("x"), "status") == b"running"
+        assert await r.hmget(KEYS.job("x"), "status", "worker") == [b"running", holder.encode()]
         new = Outcome("x", 1, True, msgpack.packb("new"), 5, reruns=rerun.reruns)
-        assert await q.finish("w1", [new]) == ["succeeded"]
-        assert await q.finish("w1", [new]) == ["succeeded"]   # sent again: its first reply
+        assert await q.finish(holder, [new]) == ["succeeded"]
+        assert await q.finish(holder, [new]) == ["succeeded"]   # sent again: its first reply
         assert (await q.get_job("x"))["result"] == "new"
     asyncio.run(with_queue(redis_url, body))
 
