@@ -436,6 +436,34 @@ def test_links_marked_nofollow_are_not_followed(children, head, followed):
     assert links(children) == [site.url + "/a", site.url + "/c"] * followed   # each crawler
 
 
+def tagged(tags: list[str], page: bytes):
+    """A route that answers ``page`` with an X-Robots-Tag header for each of ``tags``."""
+    def route(handler):
+        handler.send_response(200)
+        for name, value in [("Content-Type", "text/html"), *[("X-Robots-Tag", t) for t in tags],
+                            ("Content-Length", str(len(page)))]:
+            handler.send_header(name, value)
+        handler.end_headers()
+        handler.wfile.write(page)
+    return route
+
+
+@pytest.mark.parametrize("tags, followed", [
+    (["noindex"], 2), (["noindex, NoFollow"], 0), (["none"], 0), (["otherbot: nofollow"], 2),
+    (["Elric-Crawler: nofollow"], 0), (["elric-crawler: noindex", "elric-crawler:none"], 0),
+    (["unavailable_after: 25 Jun 2010 15:00:00 PST", "nofollow"], 0),
+    (["max-snippet:20, nofollow"], 0)])
+def test_a_page_whose_x_robots_tag_says_nofollow_has_its_links_not_followed(children, tags,
+                                                                            followed):
+    """The X-Robots-Tag header (a robots <meta> said in HTTP, for any page, or for the
+    crawler it names) was not read: every link of a page it marked nofollow was followed."""
+    page = b'<html><body><a href="/a">a</a><a href="/c">c</a></body></html>'
+    with Site({"/": tagged(tags, page)}) as site:
+        assert fetch(Crawl(), site.url + "/")["links"] == followed
+        assert CrawlSync().run(site.url + "/")["links"] == followed
+    assert links(children) == [site.url + "/a", site.url + "/c"] * followed   # each crawler
+
+
 def test_a_page_is_fetched_without_the_cookies_other_pages_set(children):
     """A pool process's one HTTP session kept every cookie a site set: each later request to
     the host sent them (another crawl's, an earlier round's; a port is no other host to a

@@ -18,8 +18,8 @@ across all workers, where ``LIMITS`` gives less (e.g. ``{"example.com": {"interv
 answers, timeouts and broken connections are retried with backoff (``max_retries``), no
 sooner than a Retry-After asks (up to RETRY_BACKOFF_MAX); a 404 or other 4xx is a result,
 not an error, and its body is not read. A link marked ``rel="nofollow"``, or any of a page
-whose robots ``<meta>`` says nofollow, is not followed; a ``<meta http-equiv="refresh">``
-URL is a link of its page. At most ``max_bytes`` of a page are read, and nothing of what
+whose robots ``<meta>`` or X-Robots-Tag header says nofollow, is not followed; a ``<meta
+http-equiv="refresh">`` URL is a link of its page. At most ``max_bytes`` of a page are read, and nothing of what
 is not HTML. ``max_depth`` caps the links followed from a start page (on the path that
 found a page first; a redirect is none), for sites of no end (a calendar's "next month");
 None, the default, caps nothing.
@@ -41,11 +41,11 @@ except ImportError:  # pragma: no cover - depends on the install
                       "pip install '/path/to/elric[crawl]'") from None
 
 from elric import Job
-from elric.demo.crawler_sync import (CHUNK, REDIRECTS, link_of, no_answer, nofollow,
-                                    normalize_url, page_charset, page_key, refresh_url,
+from elric.demo.crawler_sync import (CHUNK, REDIRECTS, ROBOTS_NAME, link_of, no_answer,
+                                    nofollow, normalize_url, page_charset, page_key, refresh_url,
                                     requote, retry_after)
 
-USER_AGENT = "elric-crawler/0.1"
+USER_AGENT = f"{ROBOTS_NAME}/0.1"
 HEADER_MAX_BYTES = 64 * 1024
 ROBOTS_MAX_BYTES = 512 * 1024   # RFC 9309: parse at least 500 KiB of a robots.txt
 TURN = 100   # links resolved or submitted between two turns of the process's other jobs
@@ -331,6 +331,7 @@ class Crawl(Job):
                     body, truncated = await _read(response, self.max_bytes) if html \
                         else (b"", False)
                     charset = response.charset
+                    tags = response.headers.getall("X-Robots-Tag", [])
         except TimeoutError:
             raise no_answer(url, self.request_timeout) from None
         result = {"url": url, "status": status, "links": 0, "bytes": 0}
@@ -353,7 +354,8 @@ class Crawl(Job):
         if self.max_depth is not None and depth >= self.max_depth:
             result["max_depth"] = True   # its links are a step too far: not followed
             return result
-        links = await self._links(url, body, charset)
+        # the robots <meta> said in HTTP: its links are not followed
+        links = [] if any(map(nofollow, tags)) else await self._links(url, body, charset)
         result["links"] = await self._submit(url, links, batch, depth + 1, robots.delay)
         return result
 

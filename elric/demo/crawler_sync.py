@@ -6,7 +6,7 @@ Every page is fetched once per crawl: each job's dedupe key is its normalized UR
 the master drops a job whose key it has seen in the job's dedupe scope. Children inherit
 their parent's scope, so a periodic crawl with ``dedupe_scope="@fire"`` fetches every
 page once per round, and again next round. Links that leave the start page's host, or are
-marked nofollow (``rel``, or the page's robots ``<meta>``), are not followed (a
+marked nofollow (``rel``, the page's robots ``<meta>`` or X-Robots-Tag), are not followed (a
 ``<meta http-equiv="refresh">`` URL is a link too); where a
 redirect leads is a page job of its own, on the same host only but from a start page
 (submitted, not found), whose redirect moves the crawl to its host. A 5xx or 429 answer is
@@ -65,8 +65,19 @@ def refresh_url(content: str) -> str | None:
     return found and next(url for url in found.groups() if url is not None) or None
 
 
+ROBOTS_NAME = "elric-crawler"   # the name robots.txt and X-Robots-Tag address this crawler by
+# "name: nofollow" in an X-Robots-Tag is for the crawler named; these are directives instead
+_VALUED = {"unavailable_after", "max-snippet", "max-image-preview", "max-video-preview"}
+
+
 def nofollow(content: str) -> bool:
-    """Whether a <meta name="robots">'s content says to follow no link of its page."""
+    """Whether a <meta name="robots">'s content, or an X-Robots-Tag header's, says to follow
+    no link of its page (a header for another crawler by name says nothing to this one)."""
+    name, colon, rest = content.partition(":")
+    if colon and re.fullmatch(r"\s*[\w-]+\s*", name) and name.strip().lower() not in _VALUED:
+        if name.strip().lower() != ROBOTS_NAME:
+            return False
+        content = rest
     return not {"nofollow", "none"}.isdisjoint(re.split(r"[\s,]+", content.lower()))
 
 
@@ -256,6 +267,7 @@ class CrawlSync(Job):
                 # not all of a huge page, nothing of a PDF or an image: no links in it
                 body = _read(response, self.max_bytes + 1, deadline) if html else b""
                 charset = response.headers.get_content_charset()
+                tags = response.headers.get_all("X-Robots-Tag") or []
                 status = response.status
         except TimeoutError:
             raise no_answer(url, self.request_timeout) from None
@@ -295,7 +307,7 @@ class CrawlSync(Job):
             text = body.decode("utf-8", "replace")
         parser = Links()
         parser.feed(text)
-        if parser.nofollow:
+        if parser.nofollow or any(map(nofollow, tags)):
             parser.links = []
         base = parser.base and link_of(url, parser.base) or url
         result["links"] = self._submit(url, [link_of(base, href) for href in parser.links],
