@@ -874,6 +874,30 @@ def test_robots_txt_is_asked_about_a_start_url_as_its_links_are_spelled(children
     assert set(site.hits) == {"/robots.txt"}
 
 
+def test_robots_txt_is_read_again_when_a_day_old(children, monkeypatch):
+    """robots.txt was read once per host and round in a process and never again: a round
+    that ran for days kept the rules its site had since changed. RFC 9309: a robots.txt is
+    cached for 24 hours at most (the age, lowered here, is a module constant)."""
+    from elric.demo import crawler
+
+    rules = [b"User-agent: *\nDisallow:\n"]
+
+    def robots(handler):
+        handler.send_response(200)
+        handler.send_header("Content-Length", str(len(rules[0])))
+        handler.end_headers()
+        handler.wfile.write(rules[0])
+
+    with Site({"/robots.txt": robots, "/x": (200, {"Content-Type": "text/html"}, b"x")}) as site:
+        assert fetch(Crawl(), site.url + "/x")["status"] == 200
+        rules[0] = b"User-agent: *\nDisallow: /x\n"
+        assert fetch(Crawl(), site.url + "/x")["status"] == 200   # within the day: as read
+        assert site.hits["/robots.txt"] == 1
+        monkeypatch.setattr(crawler, "ROBOTS_MAX_AGE", 0.0)
+        assert fetch(Crawl(), site.url + "/x")["robots"] == "disallowed"
+    assert site.hits == {"/robots.txt": 2, "/x": 2}
+
+
 def test_a_robots_txt_rule_made_to_backtrack_costs_no_time():
     """As a regex, /*a*a*a*a*b took 40 s on a path of 300 a's, stalling the process."""
     from elric.demo.crawler import Robots

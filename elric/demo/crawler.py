@@ -10,25 +10,26 @@ crawl with ``dedupe_scope="@fire"`` fetches every page once per round). A job's 
 is its host, so setting ``LIMITS`` keeps a crawl polite across all workers, e.g.
 ``{"*": {"concurrency": 8}}``.
 
-As a crawler should: robots.txt is obeyed (read once per host and round in each process),
-where a redirect leads too, since that page is a job of its own (deduped with the links
-to it); its ``Crawl-delay`` is the least time between two starts of its host's pages
-across all workers, where ``LIMITS`` gives less (e.g. ``{"example.com": {"interval":
-10}}``): the links a page submits carry it as their ``limit_interval``. 5xx and 429
-answers, timeouts and broken connections are retried with backoff (``max_retries``), no
-sooner than a Retry-After asks (up to RETRY_BACKOFF_MAX); a 404 or other 4xx is a result,
-not an error, and its body is not read. A link marked ``rel="nofollow"``, or any of a page
-whose robots ``<meta>`` or X-Robots-Tag header says nofollow, is not followed; a ``<meta
-http-equiv="refresh">`` URL is a link of its page. At most ``max_bytes`` of a page are read, and nothing of what
-is not HTML. ``max_depth`` caps the links followed from a start page (on the path that
-found a page first; a redirect is none), for sites of no end (a calendar's "next month");
-None, the default, caps nothing.
+As a crawler should: robots.txt is obeyed (read once per host and round in each process,
+and again once a day old), where a redirect leads too, since that page is a job of its own
+(deduped with the links to it); its ``Crawl-delay`` is the least time between two starts
+of its host's pages across all workers, where ``LIMITS`` gives less (e.g.
+``{"example.com": {"interval": 10}}``): the links a page submits carry it as their
+``limit_interval``. 5xx and 429 answers, timeouts and broken connections are retried with
+backoff (``max_retries``), no sooner than a Retry-After asks (up to RETRY_BACKOFF_MAX); a
+404 or other 4xx is a result, not an error, and its body is not read. A link marked
+``rel="nofollow"``, or any of a page whose robots ``<meta>`` or X-Robots-Tag header says
+nofollow, is not followed; a ``<meta http-equiv="refresh">`` URL is a link of its page. At
+most ``max_bytes`` of a page are read, and nothing of what is not HTML. ``max_depth`` caps
+the links followed from a start page (on the path that found a page first; a redirect is
+none), for sites of no end (a calendar's "next month"); None, the default, caps nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+import time
 from typing import AsyncIterator, TypeVar
 from urllib.parse import urlparse, urlsplit
 
@@ -48,6 +49,7 @@ from elric.demo.crawler_sync import (CHUNK, REDIRECTS, ROBOTS_NAME, link_of, no_
 USER_AGENT = f"{ROBOTS_NAME}/0.1"
 HEADER_MAX_BYTES = 64 * 1024
 ROBOTS_MAX_BYTES = 512 * 1024   # RFC 9309: parse at least 500 KiB of a robots.txt
+ROBOTS_MAX_AGE = 24 * 3600.0    # RFC 9309: seconds a robots.txt read is used at most
 TURN = 100   # links resolved or submitted between two turns of the process's other jobs
 _BASE_HREF = lxml.etree.XPath("//base/@href")   # compiled once
 _ROBOTS_META = lxml.etree.XPath(
@@ -133,7 +135,8 @@ class _Process:
         parts = urlsplit(normalize_url(url))   # a start URL as typed: spelled as rules are
         key = (f"{parts.scheme}://{parts.netloc}", round_)
         rules = self.robots.get(key)
-        if rules is None or (rules.done() and rules.exception() is not None):
+        if rules is None or rules.done() and (rules.exception() is not None or
+                time.monotonic() - rules.result().read_at >= ROBOTS_MAX_AGE):
             if len(self.robots) > 10_000:   # many rounds and hosts: start afresh
                 self.robots.clear()
             # one fetch per host and round; the jobs that ask meanwhile wait for it
@@ -168,6 +171,7 @@ class Robots:
     /*.pdf$`` kept nothing out) and took the first rule that matched."""
 
     def __init__(self, lines: list[str], agent: str) -> None:
+        self.read_at = time.monotonic()   # a round that runs for days reads it again
         token = agent.split("/")[0].lower()
         groups: list[tuple[list[str], list[tuple[str, bool]], list[float]]] = []
         in_rules = True   # the next User-agent line starts a group
