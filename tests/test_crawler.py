@@ -464,6 +464,23 @@ def test_a_page_whose_x_robots_tag_says_nofollow_has_its_links_not_followed(chil
     assert links(children) == [site.url + "/a", site.url + "/c"] * followed   # each crawler
 
 
+def test_image_map_areas_and_frames_are_links_of_their_page(children):
+    """An image map's <area href> was not followed, nor a <frame> or <iframe>'s src: the
+    pages only they lead to were never crawled. Each is a link, in the page's order."""
+    page = (b'<html><body><img usemap="#m" src="/m.png"><map name="m"><area href="/area" '
+            b'alt="x"><area rel="nofollow" href="/no" alt="x"></map><iframe src="/iframe">'
+            b'</iframe><a href="/a">a</a></body></html>')
+    frames = (b'<html><head></head><frameset cols="50%,50%"><frame src="/f1"><frame src="/f2">'
+              b'</frameset></html>')
+    with Site({"/": (200, {"Content-Type": "text/html"}, page),
+               "/frames": (200, {"Content-Type": "text/html"}, frames)}) as site:
+        for path, found in ("/", ["/area", "/iframe", "/a"]), ("/frames", ["/f1", "/f2"]):
+            assert fetch(Crawl(), site.url + path)["links"] == len(found)
+            assert CrawlSync().run(site.url + path)["links"] == len(found)
+            assert links(children) == [site.url + link for link in found] * 2
+            children.clear()
+
+
 def test_a_page_is_fetched_without_the_cookies_other_pages_set(children):
     """A pool process's one HTTP session kept every cookie a site set: each later request to
     the host sent them (another crawl's, an earlier round's; a port is no other host to a

@@ -2,17 +2,17 @@
 submits each as a child job. A pool process runs one such job at a time; the async crawler
 (``elric.demo.crawler``) runs many and is the one to use; this one shows a plain sync job.
 
-Every page is fetched once per crawl: each job's dedupe key is its normalized URL, and
-the master drops a job whose key it has seen in the job's dedupe scope. Children inherit
-their parent's scope, so a periodic crawl with ``dedupe_scope="@fire"`` fetches every
-page once per round, and again next round. Links that leave the start page's host, or are
-marked nofollow (``rel``, the page's robots ``<meta>`` or X-Robots-Tag), are not followed (a
-``<meta http-equiv="refresh">`` URL is a link too); where a
-redirect leads is a page job of its own, on the same host only but from a start page
-(submitted, not found), whose redirect moves the crawl to its host. A 5xx or 429 answer is
-retried (after its Retry-After, if any); a 404 or other 4xx is a result. At most
-``max_bytes`` of a page are read, and nothing of what is not HTML; ``max_depth`` caps the
-links followed from a start page (a redirect is none; None: no cap). It does not read
+Every page is fetched once per crawl: each job's dedupe key is its normalized URL, and the
+master drops a job whose key it has seen in the job's dedupe scope. Children inherit their
+parent's scope, so a periodic crawl with ``dedupe_scope="@fire"`` fetches every page once
+per round, and again next round. Links that leave the start page's host, or are marked
+nofollow (``rel``, the page's robots ``<meta>`` or X-Robots-Tag), are not followed (a
+``<meta http-equiv="refresh">`` URL, an ``<area href>`` and a (i)frame's src are links
+too); where a redirect leads is a page job of its own, on the same host only but from a
+start page (submitted, not found), whose redirect moves the crawl to its host. A 5xx or
+429 answer is retried (after its Retry-After, if any); a 404 or other 4xx is a result. At
+most ``max_bytes`` of a page are read, and nothing of what is not HTML; ``max_depth`` caps
+the links followed from a start page (a redirect is none; None: no cap). It does not read
 robots.txt: crawl sites that are not your own with the async crawler, which obeys it.
 """
 
@@ -42,8 +42,10 @@ class Links(HTMLParser):
     def handle_starttag(self, tag, attrs):
         attrs = {name: value or "" for name, value in reversed(attrs)}   # the first wins
         href = attrs.get("href")
-        if tag == "a" and href and "nofollow" not in attrs.get("rel", "").lower().split():
+        if tag in ("a", "area") and href and "nofollow" not in attrs.get("rel", "").lower().split():
             self.links.append(href)
+        elif tag in ("frame", "iframe") and attrs.get("src"):   # a page of its own: a link
+            self.links.append(attrs["src"])
         elif tag == "base" and href and self.base is None:
             self.base = href
         elif tag == "meta" and attrs.get("name", "").lower() == "robots":
