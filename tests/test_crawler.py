@@ -436,6 +436,51 @@ def test_links_marked_nofollow_are_not_followed(children, head, followed):
     assert links(children) == [site.url + "/a", site.url + "/c"] * followed   # each crawler
 
 
+def tagged(tags: list[str], page: bytes):
+    """A route that answers ``page`` with an X-Robots-Tag header for each of ``tags``."""
+    def route(handler):
+        handler.send_response(200)
+        for name, value in [("Content-Type", "text/html"), *[("X-Robots-Tag", t) for t in tags],
+                            ("Content-Length", str(len(page)))]:
+            handler.send_header(name, value)
+        handler.end_headers()
+        handler.wfile.write(page)
+    return route
+
+
+@pytest.mark.parametrize("tags, followed", [
+    (["noindex"], 2), (["noindex, NoFollow"], 0), (["none"], 0), (["otherbot: nofollow"], 2),
+    (["Elric-Crawler: nofollow"], 0), (["elric-crawler: noindex", "elric-crawler:none"], 0),
+    (["unavailable_after: 25 Jun 2010 15:00:00 PST", "nofollow"], 0),
+    (["max-snippet:20, nofollow"], 0)])
+def test_a_page_whose_x_robots_tag_says_nofollow_has_its_links_not_followed(children, tags,
+                                                                            followed):
+    """The X-Robots-Tag header (a robots <meta> said in HTTP, for any page, or for the
+    crawler it names) was not read: every link of a page it marked nofollow was followed."""
+    page = b'<html><body><a href="/a">a</a><a href="/c">c</a></body></html>'
+    with Site({"/": tagged(tags, page)}) as site:
+        assert fetch(Crawl(), site.url + "/")["links"] == followed
+        assert CrawlSync().run(site.url + "/")["links"] == followed
+    assert links(children) == [site.url + "/a", site.url + "/c"] * followed   # each crawler
+
+
+def test_image_map_areas_and_frames_are_links_of_their_page(children):
+    """An image map's <area href> was not followed, nor a <frame> or <iframe>'s src: the
+    pages only they lead to were never crawled. Each is a link, in the page's order."""
+    page = (b'<html><body><img usemap="#m" src="/m.png"><map name="m"><area href="/area" '
+            b'alt="x"><area rel="nofollow" href="/no" alt="x"></map><iframe src="/iframe">'
+            b'</iframe><a href="/a">a</a></body></html>')
+    frames = (b'<html><head></head><frameset cols="50%,50%"><frame src="/f1"><frame src="/f2">'
+              b'</frameset></html>')
+    with Site({"/": (200, {"Content-Type": "text/html"}, page),
+               "/frames": (200, {"Content-Type": "text/html"}, frames)}) as site:
+        for path, found in ("/", ["/area", "/iframe", "/a"]), ("/frames", ["/f1", "/f2"]):
+            assert fetch(Crawl(), site.url + path)["links"] == len(found)
+            assert CrawlSync().run(site.url + path)["links"] == len(found)
+            assert links(children) == [site.url + link for link in found] * 2
+            children.clear()
+
+
 def test_a_page_is_fetched_without_the_cookies_other_pages_set(children):
     """A pool process's one HTTP session kept every cookie a site set: each later request to
     the host sent them (another crawl's, an earlier round's; a port is no other host to a
@@ -844,6 +889,30 @@ def test_robots_txt_is_asked_about_a_start_url_as_its_links_are_spelled(children
         for path in "/café", "/x/../private", "/caf%c3%a9":
             assert fetch(Crawl(), site.url + path)["robots"] == "disallowed", path
     assert set(site.hits) == {"/robots.txt"}
+
+
+def test_robots_txt_is_read_again_when_a_day_old(children, monkeypatch):
+    """robots.txt was read once per host and round in a process and never again: a round
+    that ran for days kept the rules its site had since changed. RFC 9309: a robots.txt is
+    cached for 24 hours at most (the age, lowered here, is a module constant)."""
+    from elric.demo import crawler
+
+    rules = [b"User-agent: *\nDisallow:\n"]
+
+    def robots(handler):
+        handler.send_response(200)
+        handler.send_header("Content-Length", str(len(rules[0])))
+        handler.end_headers()
+        handler.wfile.write(rules[0])
+
+    with Site({"/robots.txt": robots, "/x": (200, {"Content-Type": "text/html"}, b"x")}) as site:
+        assert fetch(Crawl(), site.url + "/x")["status"] == 200
+        rules[0] = b"User-agent: *\nDisallow: /x\n"
+        assert fetch(Crawl(), site.url + "/x")["status"] == 200   # within the day: as read
+        assert site.hits["/robots.txt"] == 1
+        monkeypatch.setattr(crawler, "ROBOTS_MAX_AGE", 0.0)
+        assert fetch(Crawl(), site.url + "/x")["robots"] == "disallowed"
+    assert site.hits == {"/robots.txt": 2, "/x": 2}
 
 
 def test_a_robots_txt_rule_made_to_backtrack_costs_no_time():

@@ -10,25 +10,27 @@ crawl with ``dedupe_scope="@fire"`` fetches every page once per round). A job's 
 is its host, so setting ``LIMITS`` keeps a crawl polite across all workers, e.g.
 ``{"*": {"concurrency": 8}}``.
 
-As a crawler should: robots.txt is obeyed (read once per host and round in each process),
-where a redirect leads too, since that page is a job of its own (deduped with the links
-to it); its ``Crawl-delay`` is the least time between two starts of its host's pages
-across all workers, where ``LIMITS`` gives less (e.g. ``{"example.com": {"interval":
-10}}``): the links a page submits carry it as their ``limit_interval``. 5xx and 429
-answers, timeouts and broken connections are retried with backoff (``max_retries``), no
-sooner than a Retry-After asks (up to RETRY_BACKOFF_MAX); a 404 or other 4xx is a result,
-not an error, and its body is not read. A link marked ``rel="nofollow"``, or any of a page
-whose robots ``<meta>`` says nofollow, is not followed; a ``<meta http-equiv="refresh">``
-URL is a link of its page. At most ``max_bytes`` of a page are read, and nothing of what
-is not HTML. ``max_depth`` caps the links followed from a start page (on the path that
-found a page first; a redirect is none), for sites of no end (a calendar's "next month");
-None, the default, caps nothing.
+As a crawler should: robots.txt is obeyed (read once per host and round in each process,
+and again once a day old), where a redirect leads too, since that page is a job of its own
+(deduped with the links to it); its ``Crawl-delay`` is the least time between two starts
+of its host's pages across all workers, where ``LIMITS`` gives less (e.g.
+``{"example.com": {"interval": 10}}``): the links a page submits carry it as their
+``limit_interval``. 5xx and 429 answers, timeouts and broken connections are retried with
+backoff (``max_retries``), no sooner than a Retry-After asks (up to RETRY_BACKOFF_MAX); a
+404 or other 4xx is a result, not an error, and its body is not read. A link marked
+``rel="nofollow"``, or any of a page whose robots ``<meta>`` or X-Robots-Tag header says
+nofollow, is not followed; a ``<meta http-equiv="refresh">`` URL, an image map's ``<area
+href>`` and a (i)frame's src (a page of the site) are links of its page. At most
+``max_bytes`` of a page are read, and nothing of what is not HTML. ``max_depth`` caps the
+links followed from a start page (on the path that found a page first; a redirect is
+none), for sites of no end (a calendar's "next month"); None, the default, caps nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+import time
 from typing import AsyncIterator, TypeVar
 from urllib.parse import urlparse, urlsplit
 
@@ -41,23 +43,26 @@ except ImportError:  # pragma: no cover - depends on the install
                       "pip install '/path/to/elric[crawl]'") from None
 
 from elric import Job
-from elric.demo.crawler_sync import (CHUNK, REDIRECTS, link_of, no_answer, nofollow,
-                                    normalize_url, page_charset, page_key, refresh_url,
+from elric.demo.crawler_sync import (CHUNK, REDIRECTS, ROBOTS_NAME, link_of, no_answer,
+                                    nofollow, normalize_url, page_charset, page_key, refresh_url,
                                     requote, retry_after)
 
-USER_AGENT = "elric-crawler/0.1"
+USER_AGENT = f"{ROBOTS_NAME}/0.1"
 HEADER_MAX_BYTES = 64 * 1024
 ROBOTS_MAX_BYTES = 512 * 1024   # RFC 9309: parse at least 500 KiB of a robots.txt
+ROBOTS_MAX_AGE = 24 * 3600.0    # RFC 9309: seconds a robots.txt read is used at most
 TURN = 100   # links resolved or submitted between two turns of the process's other jobs
 _BASE_HREF = lxml.etree.XPath("//base/@href")   # compiled once
 _ROBOTS_META = lxml.etree.XPath(
     "//meta[translate(@name, 'ROBTS', 'robts') = 'robots']/@content")
 _REFRESH = lxml.etree.XPath(
     "//meta[translate(@http-equiv, 'REFSH', 'refsh') = 'refresh']/@content")
-# the hrefs of links whose rel has no token nofollow (in any case); most have no rel, and
+# the hrefs of links (<a>, <area>) whose rel has no token nofollow (in any case), and the src
+# of frames (a page of its own: a link), in the page's order; most links have no rel, and
 # not(@rel) first spares them the string work (a third of the query's time on the bench site)
-_HREFS = lxml.etree.XPath("//a[not(@rel) or not(contains(concat(' ', translate(normalize-space("
-                          "@rel), 'NOFLW', 'noflw'), ' '), ' nofollow '))]/@href")
+_HREFS = lxml.etree.XPath("(//a | //area)[not(@rel) or not(contains(concat(' ', translate("
+                          "normalize-space(@rel), 'NOFLW', 'noflw'), ' '), ' nofollow '))]"
+                          "/@href | //frame/@src | //iframe/@src")
 
 
 class ServerError(Exception):
@@ -133,7 +138,8 @@ class _Process:
         parts = urlsplit(normalize_url(url))   # a start URL as typed: spelled as rules are
         key = (f"{parts.scheme}://{parts.netloc}", round_)
         rules = self.robots.get(key)
-        if rules is None or (rules.done() and rules.exception() is not None):
+        if rules is None or rules.done() and (rules.exception() is not None or
+                time.monotonic() - rules.result().read_at >= ROBOTS_MAX_AGE):
             if len(self.robots) > 10_000:   # many rounds and hosts: start afresh
                 self.robots.clear()
             # one fetch per host and round; the jobs that ask meanwhile wait for it
@@ -168,6 +174,7 @@ class Robots:
     /*.pdf$`` kept nothing out) and took the first rule that matched."""
 
     def __init__(self, lines: list[str], agent: str) -> None:
+        self.read_at = time.monotonic()   # a round that runs for days reads it again
         token = agent.split("/")[0].lower()
         groups: list[tuple[list[str], list[tuple[str, bool]], list[float]]] = []
         in_rules = True   # the next User-agent line starts a group
@@ -331,6 +338,7 @@ class Crawl(Job):
                     body, truncated = await _read(response, self.max_bytes) if html \
                         else (b"", False)
                     charset = response.charset
+                    tags = response.headers.getall("X-Robots-Tag", [])
         except TimeoutError:
             raise no_answer(url, self.request_timeout) from None
         result = {"url": url, "status": status, "links": 0, "bytes": 0}
@@ -353,7 +361,8 @@ class Crawl(Job):
         if self.max_depth is not None and depth >= self.max_depth:
             result["max_depth"] = True   # its links are a step too far: not followed
             return result
-        links = await self._links(url, body, charset)
+        # the robots <meta> said in HTTP: its links are not followed
+        links = [] if any(map(nofollow, tags)) else await self._links(url, body, charset)
         result["links"] = await self._submit(url, links, batch, depth + 1, robots.delay)
         return result
 

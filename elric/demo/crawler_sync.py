@@ -2,17 +2,17 @@
 submits each as a child job. A pool process runs one such job at a time; the async crawler
 (``elric.demo.crawler``) runs many and is the one to use; this one shows a plain sync job.
 
-Every page is fetched once per crawl: each job's dedupe key is its normalized URL, and
-the master drops a job whose key it has seen in the job's dedupe scope. Children inherit
-their parent's scope, so a periodic crawl with ``dedupe_scope="@fire"`` fetches every
-page once per round, and again next round. Links that leave the start page's host, or are
-marked nofollow (``rel``, or the page's robots ``<meta>``), are not followed (a
-``<meta http-equiv="refresh">`` URL is a link too); where a
-redirect leads is a page job of its own, on the same host only but from a start page
-(submitted, not found), whose redirect moves the crawl to its host. A 5xx or 429 answer is
-retried (after its Retry-After, if any); a 404 or other 4xx is a result. At most
-``max_bytes`` of a page are read, and nothing of what is not HTML; ``max_depth`` caps the
-links followed from a start page (a redirect is none; None: no cap). It does not read
+Every page is fetched once per crawl: each job's dedupe key is its normalized URL, and the
+master drops a job whose key it has seen in the job's dedupe scope. Children inherit their
+parent's scope, so a periodic crawl with ``dedupe_scope="@fire"`` fetches every page once
+per round, and again next round. Links that leave the start page's host, or are marked
+nofollow (``rel``, the page's robots ``<meta>`` or X-Robots-Tag), are not followed (a
+``<meta http-equiv="refresh">`` URL, an ``<area href>`` and a (i)frame's src are links
+too); where a redirect leads is a page job of its own, on the same host only but from a
+start page (submitted, not found), whose redirect moves the crawl to its host. A 5xx or
+429 answer is retried (after its Retry-After, if any); a 404 or other 4xx is a result. At
+most ``max_bytes`` of a page are read, and nothing of what is not HTML; ``max_depth`` caps
+the links followed from a start page (a redirect is none; None: no cap). It does not read
 robots.txt: crawl sites that are not your own with the async crawler, which obeys it.
 """
 
@@ -42,8 +42,10 @@ class Links(HTMLParser):
     def handle_starttag(self, tag, attrs):
         attrs = {name: value or "" for name, value in reversed(attrs)}   # the first wins
         href = attrs.get("href")
-        if tag == "a" and href and "nofollow" not in attrs.get("rel", "").lower().split():
+        if tag in ("a", "area") and href and "nofollow" not in attrs.get("rel", "").lower().split():
             self.links.append(href)
+        elif tag in ("frame", "iframe") and attrs.get("src"):   # a page of its own: a link
+            self.links.append(attrs["src"])
         elif tag == "base" and href and self.base is None:
             self.base = href
         elif tag == "meta" and attrs.get("name", "").lower() == "robots":
@@ -65,8 +67,19 @@ def refresh_url(content: str) -> str | None:
     return found and next(url for url in found.groups() if url is not None) or None
 
 
+ROBOTS_NAME = "elric-crawler"   # the name robots.txt and X-Robots-Tag address this crawler by
+# "name: nofollow" in an X-Robots-Tag is for the crawler named; these are directives instead
+_VALUED = {"unavailable_after", "max-snippet", "max-image-preview", "max-video-preview"}
+
+
 def nofollow(content: str) -> bool:
-    """Whether a <meta name="robots">'s content says to follow no link of its page."""
+    """Whether a <meta name="robots">'s content, or an X-Robots-Tag header's, says to follow
+    no link of its page (a header for another crawler by name says nothing to this one)."""
+    name, colon, rest = content.partition(":")
+    if colon and re.fullmatch(r"\s*[\w-]+\s*", name) and name.strip().lower() not in _VALUED:
+        if name.strip().lower() != ROBOTS_NAME:
+            return False
+        content = rest
     return not {"nofollow", "none"}.isdisjoint(re.split(r"[\s,]+", content.lower()))
 
 
@@ -256,6 +269,7 @@ class CrawlSync(Job):
                 # not all of a huge page, nothing of a PDF or an image: no links in it
                 body = _read(response, self.max_bytes + 1, deadline) if html else b""
                 charset = response.headers.get_content_charset()
+                tags = response.headers.get_all("X-Robots-Tag") or []
                 status = response.status
         except TimeoutError:
             raise no_answer(url, self.request_timeout) from None
@@ -295,7 +309,7 @@ class CrawlSync(Job):
             text = body.decode("utf-8", "replace")
         parser = Links()
         parser.feed(text)
-        if parser.nofollow:
+        if parser.nofollow or any(map(nofollow, tags)):
             parser.links = []
         base = parser.base and link_of(url, parser.base) or url
         result["links"] = self._submit(url, [link_of(base, href) for href in parser.links],
