@@ -296,9 +296,9 @@ class RedisQueue:
         return out
 
     async def fetch(self, worker_id: str, queues: Iterable[str], limit: int,
-                    lease_seconds: float, ended: Iterable[tuple[str, int]] = (),
+                    lease_seconds: float, ended: Iterable[tuple[str, int, int]] = (),
                     wake_on: WakeOn | None = None, start: int | None = None) -> Fetched:
-        """Claim up to ``limit`` jobs; ``ended``: (job_id, attempt) of claims whose run
+        """Claim up to ``limit`` jobs; ``ended``: (job_id, attempt, reruns) of claims whose run
         ended, which free their limit keys' slots first; ``start``: how many of them the
         worker can start now (None: all), the most that may be of a limited key.
 
@@ -306,12 +306,12 @@ class RedisQueue:
         it as soon as a token comes (or the wait times out), so a woken worker gets its
         jobs without a second round trip."""
         k = self.keys
-        ended = [x for pair in ended for x in pair]
+        ended = [x for run in ended for x in run]
         keys = [k.inflight, k.status(Status.RUNNING), k.limits, k.limits_due, k.limits_parked,
                 k.counters]
         args = [*self._line, k.limit_running(""), k.limit_next(""), k.limit_parked(""),
                 int(lease_seconds * 1000), worker_id, limit, limit if start is None else start,
-                len(ended) // 2, *ended, *queues]
+                len(ended) // 3, *ended, *queues]
         if wake_on is None:
             reply = await self._fetch(keys=keys, args=args)
         else:   # the script was loaded by this worker's first fetch, which never waits

@@ -101,7 +101,7 @@ class Worker:
         self.suspects: deque[Claim] = deque()    # jobs of a process that died, to run apart
         self.finished: list[tuple[Claim, runner.Ran]] = []   # ran, not yet recorded
         self.recording: list[tuple[Claim, runner.Ran]] = []
-        self.ended: list[tuple[str, int]] = []   # runs ended that hold a limit key's slot
+        self.ended: list[tuple[str, int, int]] = []   # runs ended that hold a limit key's slot
         self.pool: Pool | None = None
         self.stopping = False
         self.forced = False   # told twice to stop (Ctrl-C): running jobs are not waited for
@@ -547,7 +547,7 @@ class Worker:
             ran = runner.cancelled_before_start(claim.job_id, claim.attempt)
         if ran is not None:
             if claim.limit_key is not None:   # its slot frees at the next fetch
-                self.ended.append((claim.job_id, claim.attempt))
+                self.ended.append((claim.job_id, claim.attempt, claim.reruns))
             self.finished.append((claim, ran))
             self._finished.set()
         self._changed.set()

@@ -196,7 +196,7 @@ async def walk(url, seed, steps, n_jobs=30):
                                         reason="no module" if op == "hand_back" else None)
                     desc = (op, w, claims, n)
                 if rng.random() < 0.5:
-                    ended[w] += claims
+                    ended[w] += [(c.job_id, c.attempt, c.reruns) for c in taken]
             elif op == "expire":
                 await r.zadd(KEYS.inflight, {job_id: 0}, xx=True)
                 desc = ("expire+recover", job_id, await q.recover())
