@@ -179,7 +179,7 @@ async def walk(url, seed, steps, n_jobs=30):
             elif op in ("finish", "release", "hand_back") and held[w]:
                 picked = rng.sample(sorted(held[w]), min(len(held[w]), rng.choice([1, 1, 2, 3])))
                 taken = [held[w].pop(jid) for jid in picked]
-                claims = [(c.job_id, c.attempt) for c in taken]
+                claims = [c.run for c in taken]
                 if op == "finish":
                     kinds = [rng.choice(["ok", "err", "err_retry", "cancel"]) for _ in claims]
                     outcomes = [Outcome(c.job_id, c.attempt, kind == "ok",
@@ -196,7 +196,7 @@ async def walk(url, seed, steps, n_jobs=30):
                                         reason="no module" if op == "hand_back" else None)
                     desc = (op, w, claims, n)
                 if rng.random() < 0.5:
-                    ended[w] += [(c.job_id, c.attempt, c.reruns) for c in taken]
+                    ended[w] += claims
             elif op == "expire":
                 await r.zadd(KEYS.inflight, {job_id: 0}, xx=True)
                 desc = ("expire+recover", job_id, await q.recover())

@@ -234,7 +234,7 @@ def test_a_freed_slot_wakes_the_queue_its_keys_parked_job_goes_back_to(redis_url
             [j2] = (await q.fetch("wB", ["qb"], 10, 30)).claims
             assert j2.job_id == "j2"
             await r.delete(*wakes)
-            assert await q.release("wB", [("j2", 1)]) == 1   # j2 back in qb, j3 due in qa
+            assert await q.release("wB", [("j2", 1, 0)]) == 1   # j2 back in qb, j3 due in qa
             assert [await r.llen(w) for w in wakes] == [1, 1]
         finally:
             await r.aclose()
@@ -314,7 +314,7 @@ def test_a_run_given_back_or_redelivered_frees_its_slot_at_once(redis_url):
         try:
             q = await one_at_a_time(r, keys, "q", ["j1", "j2"])
             [j1] = (await q.fetch("w1", ["q"], 10, 30)).claims   # j2 is parked
-            assert await q.release("w1", [(j1.job_id, j1.attempt)]) == 1
+            assert await q.release("w1", [j1.run]) == 1
             assert await r.smembers(keys.limit_running("k")) == set()
             [again] = (await q.fetch("w2", ["q"], 10, 0.05)).claims   # a 50 ms lease
             assert again.job_id == "j1"   # back in its old place, ahead of j2
