@@ -74,6 +74,11 @@ class Claim:
     held_until: float = 0.0   # time.monotonic() its lease surely lasts to (set by the worker)
     cancelling: bool = False   # cancel_job asked to stop this run (a heartbeat told)
 
+    @property
+    def run(self) -> tuple[str, int, int]:
+        """What names this run to the scripts: a rerun counts its attempts from 1 again."""
+        return self.job_id, self.attempt, self.reruns
+
 
 @dataclass(slots=True)
 class Fetched:
@@ -296,9 +301,9 @@ class RedisQueue:
         return out
 
     async def fetch(self, worker_id: str, queues: Iterable[str], limit: int,
-                    lease_seconds: float, ended: Iterable[tuple[str, int]] = (),
+                    lease_seconds: float, ended: Iterable[tuple[str, int, int]] = (),
                     wake_on: WakeOn | None = None, start: int | None = None) -> Fetched:
-        """Claim up to ``limit`` jobs; ``ended``: (job_id, attempt) of claims whose run
+        """Claim up to ``limit`` jobs; ``ended``: the ``Claim.run`` of claims whose run
         ended, which free their limit keys' slots first; ``start``: how many of them the
         worker can start now (None: all), the most that may be of a limited key.
 
@@ -306,12 +311,12 @@ class RedisQueue:
         it as soon as a token comes (or the wait times out), so a woken worker gets its
         jobs without a second round trip."""
         k = self.keys
-        ended = [x for pair in ended for x in pair]
+        ended = [x for run in ended for x in run]
         keys = [k.inflight, k.status(Status.RUNNING), k.limits, k.limits_due, k.limits_parked,
                 k.counters]
         args = [*self._line, k.limit_running(""), k.limit_next(""), k.limit_parked(""),
                 int(lease_seconds * 1000), worker_id, limit, limit if start is None else start,
-                len(ended) // 2, *ended, *queues]
+                len(ended) // 3, *ended, *queues]
         if wake_on is None:
             reply = await self._fetch(keys=keys, args=args)
         else:   # the script was loaded by this worker's first fetch, which never waits
@@ -361,9 +366,9 @@ class RedisQueue:
                         "passed over, nothing read from or written to them; delete them", what,
                         ", ".join(sorted(broken)))
 
-    async def release(self, worker_id: str, claims: list[tuple[str, int]], *,
+    async def release(self, worker_id: str, claims: list[tuple[str, int, int]], *,
                       reason: str | None = None) -> int:
-        """Give back claims (job_id, attempt) without using an attempt: to their place in
+        """Give back claims (their ``Claim.run``) without using an attempt: to their place in
         line at once, or with a ``reason`` (this worker cannot run them) as retrying in
         HAND_BACK_SECONDS. A claim being cancelled ends cancelled instead (not counted)."""
         if not claims:
@@ -372,19 +377,18 @@ class RedisQueue:
         argv: list[Any] = [*self._line, worker_id,
                            "" if reason is None else int(HAND_BACK_SECONDS * 1000), reason or "",
                            *self._cancel_end]
-        for job_id, attempt in claims:
-            argv += [job_id, attempt]
+        argv += [x for claim in claims for x in claim]
         return int(await self._release(
             keys=[k.inflight, k.status(Status.RUNNING), k.seq, k.delayed,
                   k.status(Status.RETRYING), k.counters, k.status(Status.CANCELLED),
                   k.limits_due, k.queues], args=argv))
 
-    async def claimed(self, worker_id: str, within: float) -> list[tuple[str, int]]:
-        """The claims (job_id, attempt) Redis holds under this worker id, made at most
+    async def claimed(self, worker_id: str, within: float) -> list[tuple[str, int, int]]:
+        """The claims (as ``Claim.run``) Redis holds under this worker id, made at most
         ``within`` seconds ago."""
         flat = await self._claimed(keys=[self.keys.status(Status.RUNNING)],
                                    args=[self.keys.job(""), worker_id, int(within * 1000)])
-        return [(_s(flat[i]), int(flat[i + 1])) for i in range(0, len(flat), 2)]
+        return [(_s(flat[i]), int(flat[i + 1]), int(flat[i + 2])) for i in range(0, len(flat), 3)]
 
     async def heartbeat(self, worker_id: str, claims: list[Claim], lease_seconds: float,
                         fields: dict | None = None) -> Renewed:

@@ -101,7 +101,7 @@ class Worker:
         self.suspects: deque[Claim] = deque()    # jobs of a process that died, to run apart
         self.finished: list[tuple[Claim, runner.Ran]] = []   # ran, not yet recorded
         self.recording: list[tuple[Claim, runner.Ran]] = []
-        self.ended: list[tuple[str, int]] = []   # runs ended that hold a limit key's slot
+        self.ended: list[tuple[str, int, int]] = []   # runs ended that hold a limit key's slot
         self.pool: Pool | None = None
         self.stopping = False
         self.forced = False   # told twice to stop (Ctrl-C): running jobs are not waited for
@@ -459,7 +459,7 @@ class Worker:
         gone = {id(c) for c in surplus}
         self.buffer = deque(c for c in self.buffer if id(c) not in gone)
         try:
-            n = await self.queue.release(self.worker_id, [(c.job_id, c.attempt) for c in surplus])
+            n = await self.queue.release(self.worker_id, [c.run for c in surplus])
         except Exception as exc:
             if not is_outage(exc):
                 raise
@@ -482,7 +482,7 @@ class Worker:
                 # it): it is being redelivered, whatever Redis's clock did meanwhile
                 held = await self.queue.claimed(
                     self.worker_id, time.monotonic() - self._unsure_since + self.lease)
-                known = {(c.job_id, c.attempt) for c in self._claims()}
+                known = {c.run for c in self._claims()}
                 unknown = [claim for claim in held if claim not in known]
                 n = await self.queue.release(self.worker_id, unknown)
             except Exception as exc:
@@ -513,7 +513,7 @@ class Worker:
             for claim in handed:
                 log.warning("worker: job %s: %s; handing it back", claim.job_id, reason)
             try:   # once: the loop must not wait here for Redis (dispatch, timeouts, a stop)
-                await self.queue.release(self.worker_id, [(c.job_id, c.attempt) for c in handed],
+                await self.queue.release(self.worker_id, [c.run for c in handed],
                                          reason=reason)
             except Exception as exc:   # unknown here, _release_unknown gives them back
                 if not is_outage(exc):
@@ -547,7 +547,7 @@ class Worker:
             ran = runner.cancelled_before_start(claim.job_id, claim.attempt)
         if ran is not None:
             if claim.limit_key is not None:   # its slot frees at the next fetch
-                self.ended.append((claim.job_id, claim.attempt))
+                self.ended.append(claim.run)
             self.finished.append((claim, ran))
             self._finished.set()
         self._changed.set()
@@ -869,7 +869,7 @@ class Worker:
             return 0
         try:
             return await self._retry_redis(self.queue.release, self.worker_id,
-                                           [(c.job_id, c.attempt) for c in claims],
+                                           [c.run for c in claims],
                                            deadline=time.monotonic() + GIVE_BACK_SECONDS)
         except Exception as exc:
             if not is_outage(exc):

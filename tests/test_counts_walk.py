@@ -179,7 +179,7 @@ async def walk(url, seed, steps, n_jobs=30):
             elif op in ("finish", "release", "hand_back") and held[w]:
                 picked = rng.sample(sorted(held[w]), min(len(held[w]), rng.choice([1, 1, 2, 3])))
                 taken = [held[w].pop(jid) for jid in picked]
-                claims = [(c.job_id, c.attempt) for c in taken]
+                claims = [c.run for c in taken]
                 if op == "finish":
                     kinds = [rng.choice(["ok", "err", "err_retry", "cancel"]) for _ in claims]
                     outcomes = [Outcome(c.job_id, c.attempt, kind == "ok",

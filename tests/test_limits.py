@@ -202,7 +202,7 @@ def test_parked_jobs_going_back_to_another_of_the_workers_queues_wake_it(redis_u
             first = (await q.fetch("w", ["qa", "qb"], 10, 30)).claims
             assert [c.job_id for c in first] == ["j1"]      # j2 is parked: k is full
             await r.delete(keys.wake("qa"), keys.wake("qb"))
-            freed = await q.fetch("w", ["qa", "qb"], 0, 30, [("j1", 1)])
+            freed = await q.fetch("w", ["qa", "qb"], 0, 30, [("j1", 1, 0)])
             assert freed.claims == [] and await r.zcard(keys.queue("qb")) == 1
             assert (await r.llen(keys.wake("qa")), await r.llen(keys.wake("qb"))) == (0, 1)
             again = await q.fetch("w", ["qa", "qb"], 10, 30)
@@ -234,7 +234,7 @@ def test_a_freed_slot_wakes_the_queue_its_keys_parked_job_goes_back_to(redis_url
             [j2] = (await q.fetch("wB", ["qb"], 10, 30)).claims
             assert j2.job_id == "j2"
             await r.delete(*wakes)
-            assert await q.release("wB", [("j2", 1)]) == 1   # j2 back in qb, j3 due in qa
+            assert await q.release("wB", [("j2", 1, 0)]) == 1   # j2 back in qb, j3 due in qa
             assert [await r.llen(w) for w in wakes] == [1, 1]
         finally:
             await r.aclose()
@@ -255,9 +255,9 @@ def test_a_run_that_ended_frees_its_slot_before_its_outcome_is_recorded(redis_ur
             [j1] = (await q.fetch("w1", ["q"], 10, 30)).claims
             assert (j1.job_id, j1.limit_key) == ("j1", "k")
             # not the holder, or not its attempt: the slot stays taken
-            assert (await q.fetch("w2", ["q"], 10, 30, ended=[("j1", 1)])).claims == []
-            assert (await q.fetch("w1", ["q"], 10, 30, ended=[("j1", 2)])).claims == []
-            [j2] = (await q.fetch("w1", ["q"], 10, 30, ended=[("j1", 1)])).claims
+            assert (await q.fetch("w2", ["q"], 10, 30, ended=[("j1", 1, 0)])).claims == []
+            assert (await q.fetch("w1", ["q"], 10, 30, ended=[("j1", 2, 0)])).claims == []
+            [j2] = (await q.fetch("w1", ["q"], 10, 30, ended=[("j1", 1, 0)])).claims
             assert j2.job_id == "j2"
             assert (await r.hget(keys.job("j1"), "status")) == b"running"   # not recorded
             assert await r.smembers(keys.limit_running("k")) == {b"j2"}
@@ -266,9 +266,37 @@ def test_a_run_that_ended_frees_its_slot_before_its_outcome_is_recorded(redis_ur
             assert (await q.fetch("w1", ["q"], 10, 30)).claims == []
             # a worker with no room frees the slot and wakes another worker of the queue
             await r.delete(keys.wake("q"))
-            assert (await q.fetch("w1", ["q"], 0, 30, ended=[("j2", 1)])).claims == []
+            assert (await q.fetch("w1", ["q"], 0, 30, ended=[("j2", 1, 0)])).claims == []
             assert await r.llen(keys.wake("q")) == 1
             assert [c.job_id for c in (await q.fetch("w2", ["q"], 10, 30)).claims] == ["j3"]
+        finally:
+            await r.aclose()
+
+    asyncio.run(body())
+
+
+def test_a_lost_run_ending_beside_the_jobs_rerun_frees_no_slot(redis_url):
+    """A rerun counts its attempts from 1 again. A lost run of a job ended on the worker
+    that held the job's rerun, at the same attempt: it freed the slot the rerun held, and
+    one more job of the key ran at once than its limit."""
+    keys = Keys("elrictest")
+
+    async def body():
+        r = aredis.Redis.from_url(redis_url)
+        try:
+            q = await one_at_a_time(r, keys, "q", ["j1"])
+            [lost] = (await q.fetch("w1", ["q"], 10, 30)).claims
+            await q.finish("w1", [Outcome("j1", 1, True, b"\xc0", 1)])   # (as if run elsewhere)
+            await q.rerun("j1")
+            await q.enqueue([normalize_spec({"func": "tests.jobs:Echo", "queue": "q",
+                                             "limit_key": "k", "job_id": "j2"})])
+            [rerun] = (await q.fetch("w1", ["q"], 10, 30)).claims   # j2 is parked
+            assert (rerun.job_id, rerun.attempt, rerun.reruns) == ("j1", 1, 1)
+            ended = [(lost.job_id, lost.attempt, lost.reruns)]
+            assert (await q.fetch("w1", ["q"], 10, 30, ended=ended)).claims == []
+            ended = [(rerun.job_id, rerun.attempt, rerun.reruns)]
+            [j2] = (await q.fetch("w1", ["q"], 10, 30, ended=ended)).claims
+            assert j2.job_id == "j2"
         finally:
             await r.aclose()
 
@@ -286,7 +314,7 @@ def test_a_run_given_back_or_redelivered_frees_its_slot_at_once(redis_url):
         try:
             q = await one_at_a_time(r, keys, "q", ["j1", "j2"])
             [j1] = (await q.fetch("w1", ["q"], 10, 30)).claims   # j2 is parked
-            assert await q.release("w1", [(j1.job_id, j1.attempt)]) == 1
+            assert await q.release("w1", [j1.run]) == 1
             assert await r.smembers(keys.limit_running("k")) == set()
             [again] = (await q.fetch("w2", ["q"], 10, 0.05)).claims   # a 50 ms lease
             assert again.job_id == "j1"   # back in its old place, ahead of j2

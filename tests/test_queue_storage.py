@@ -53,7 +53,7 @@ def test_fields_at_their_default_are_not_written_and_read_as_the_default(redis_u
         got = (await q.fetch("w1", ["default"], 10, 30)).claims
         assert [g.job_id for g in got] == ["ranked", plain["job_id"]]
         assert [g.attempt for g in got] == [1, 1]
-        assert await q.release("w1", [(g.job_id, g.attempt) for g in got]) == 2
+        assert await q.release("w1", [g.run for g in got]) == 2
         line = await r.zrange(KEYS.queue("default"), 0, -1, withscores=True)
         assert [(m.decode()[17:], s) for m, s in line] == [("ranked", -5.0),
                                                           (plain["job_id"], 0.0)]
@@ -222,7 +222,7 @@ def test_a_worker_asking_which_claims_it_holds_reads_only_the_recent_claims(redi
         await q.enqueue(specs(1, job_id="mine"))
         assert len((await q.fetch("w1", ["default"], 1, 30)).claims) == 1
         await r.config_resetstat()
-        assert await q.claimed("w1", 60) == [("mine", 1)]
+        assert await q.claimed("w1", 60) == [("mine", 1, 0)]
         assert (await r.info("commandstats"))["cmdstat_hmget"]["calls"] == 1
         assert await q.claimed("other", 60) == []   # claimed before the window
     asyncio.run(with_queue(redis_url, body))

@@ -2035,6 +2035,35 @@ def test_a_reruns_first_attempt_waits_while_a_lost_run_of_the_job_runs_here():
     assert (started, list(w.buffer)) == ([rerun], [])
 
 
+def test_a_reruns_claim_a_lost_fetch_made_is_given_back_beside_a_lost_run(redis_url):
+    """A lost run of a job still ran here when a fetch whose reply was lost claimed the job's
+    rerun, at attempt 1 again: taken as the lost run's claim, it was known, and waited out
+    its lease to run as a second attempt."""
+    import redis.asyncio as aredis
+
+    from elric.queue import Outcome, RedisQueue
+
+    async def main():
+        r = aredis.Redis.from_url(redis_url)
+        try:
+            w = _in_process_worker()
+            w.queue = RedisQueue(r, KEYS)
+            await w.queue.enqueue([normalize_spec({"func": "tests.jobs:Add", "args": [1, 2],
+                                                   "job_id": "x"})])
+            [lost] = (await w.queue.fetch(w.worker_id, w.queues, 1, 30)).claims
+            await w.queue.finish(w.worker_id, [Outcome("x", 1, True, b"\x03", 1)])
+            await w.queue.rerun("x")
+            w.pool.claims = lambda: [lost]   # the lost run goes on in the pool
+            w._unsure_since = time.monotonic()
+            await w.queue.fetch(w.worker_id, w.queues, 1, 30)   # its reply was lost
+            await w._release_unknown()
+            job = await w.queue.get_job("x")
+            assert (job["status"], job["attempts"]) == ("queued", 0), job
+        finally:
+            await r.aclose()
+    asyncio.run(main())
+
+
 def test_the_claims_of_a_fetch_behind_a_failed_wait_are_given_back(redis_url):
     """A wake list of another type (an operator's WRONGTYPE) failed the BLPOP a waiting fetch
     was sent behind; the fetch ran all the same, and its claims were thrown away unknown:
@@ -2093,7 +2122,7 @@ def test_a_claim_fetched_again_after_a_give_back_is_not_dropped_as_lost(redis_ur
                 # the loop ran meanwhile: gave the claim back before Redis saw the heartbeat,
                 # and fetched the job again before its reply was read
                 gone = w.buffer.popleft()
-                await queue.release(worker_id, [(gone.job_id, gone.attempt)])
+                await queue.release(worker_id, [gone.run])
                 renewed = await queue.heartbeat(worker_id, claims, *args)
                 w.buffer.extend((await queue.fetch(worker_id, w.queues, 1, 30)).claims)
                 return renewed

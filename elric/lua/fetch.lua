@@ -4,8 +4,8 @@
 -- ARGV: job prefix, queue prefix, wake prefix, limit running prefix, limit next-start
 --       prefix, limit parked prefix, lease (ms), worker id, limit, start (how many of
 --       them it can start now: a job of a limited key is claimed only within that, so a
---       claim waiting behind others holds no slot), n, then n pairs of job_id, attempt
---       (claims of this worker whose run has ended), then queues...
+--       claim waiting behind others holds no slot), n, then n triples of job_id, attempt,
+--       reruns (claims of this worker whose run has ended), then queues...
 -- Returns {jobs, wait}: per job {job_id, attempt, func, args, kwargs, timeout, max_retries,
 --   queue, dedupe_scope, batch, round, limit_key, reruns}; wait: ms until parked jobs are looked at
 --   again (-1: none parked; 0: more in line than one call looks at); then the keys passed
@@ -24,7 +24,7 @@ local clock = now_ms()
 local deadline, worker, limit = clock + tonumber(ARGV[7]), ARGV[8], tonumber(ARGV[9])
 local start_now = tonumber(ARGV[10])
 local RECHECK_MS, SCAN_BUDGET, DUE_BATCH = 1000, 1000, 100
-local FIRST_QUEUE = 12 + 2 * tonumber(ARGV[11])
+local FIRST_QUEUE = 12 + 3 * tonumber(ARGV[11])
 local started, waited = 0, 0   -- first attempts claimed, and their summed wait (ms)
 local mine = {}   -- the queues of this worker
 for i = FIRST_QUEUE, #ARGV do mine[ARGV[i]] = true end
@@ -92,13 +92,15 @@ local function park(lk, m, score, member, queue)
   redis.call('ZADD', KEYS[4], 'LT', when, lk)
 end
 
--- Runs that ended free their slots; their keys' parked jobs are due at once.
+-- Runs that ended free their slots; their keys' parked jobs are due at once. A run is its
+-- attempt and reruns: a lost run of a job may end here while this worker holds its rerun.
 if limited then
-  for i = 12, FIRST_QUEUE - 1, 2 do
+  for i = 12, FIRST_QUEUE - 1, 3 do
     local id = ARGV[i]
     local f = redis.call('HMGET', jp .. id, 'status', 'attempts', 'worker', 'limit_key',
-                         'queue')
-    if f[1] == 'running' and f[2] == ARGV[i + 1] and f[3] == worker and f[4]
+                         'queue', 'reruns')
+    if f[1] == 'running' and f[2] == ARGV[i + 1] and (f[6] or '0') == ARGV[i + 2]
+        and f[3] == worker and f[4]
         and redis.call('SREM', rp .. f[4], id) == 1
         and redis.call('ZSCORE', KEYS[4], f[4]) then
       redis.call('ZADD', KEYS[4], 0, f[4])

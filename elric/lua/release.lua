@@ -7,10 +7,10 @@
 --       limits due, queues
 -- ARGV: job prefix, queue prefix, wake prefix, worker id, delay (ms; '' = at once),
 --       reason, failed ttl (s), limit running prefix, limit parked prefix, round prefix,
---       batch stats prefix, func stats prefix, then pairs job_id, attempt
+--       batch stats prefix, func stats prefix, then triples job_id, attempt, reruns
 -- Returns how many jobs went back (those cancelled do not count); with a delay they count
 --   in the counters' `handed_back`.
--- Invariant: only the worker holding that attempt gives a job back, and its limit key's
+-- Invariant: only the worker holding that run and attempt gives a job back, and its limit key's
 -- slot with it; a job handed back with a reason keeps it (`not_run`), so a job no worker
 -- can run is visible.
 local jp, qp, wp, worker = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
@@ -19,17 +19,18 @@ local ends = {cancelled = KEYS[7], counters = KEYS[6], due = KEYS[8], ttl = tonu
               jp = jp, rp = ARGV[8], pp = ARGV[9], wp = wp, roundp = ARGV[10], bp = ARGV[11],
               fp = ARGV[12]}
 local n = 0
-for i = 13, #ARGV, 2 do
+for i = 13, #ARGV, 3 do
   local id = ARGV[i]
   local jk = jp .. id
   local f = redis.call('HMGET', jk, 'status', 'attempts', 'worker', 'cancel', 'limit_key',
-                       'queue')
-  if f[1] == 'running' and f[2] == ARGV[i + 1] and f[3] == worker and f[4] then
+                       'queue', 'reruns')
+  local ours = f[2] == ARGV[i + 1] and (f[7] or '0') == ARGV[i + 2] and f[3] == worker
+  if f[1] == 'running' and ours and f[4] then
     redis.call('ZREM', KEYS[1], id)
     redis.call('ZREM', KEYS[2], id)
     end_cancelled(jk, id, 'Cancelled: its worker ' .. worker .. ' gave it back (stopping, ' ..
                   'or not running it) before it stopped the job', ends)
-  elseif f[1] == 'running' and f[2] == ARGV[i + 1] and f[3] == worker then
+  elseif f[1] == 'running' and ours then
     redis.call('HINCRBY', jk, 'attempts', -1)
     redis.call('ZREM', KEYS[1], id)
     redis.call('ZREM', KEYS[2], id)
