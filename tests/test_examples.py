@@ -150,7 +150,10 @@ def test_elric_demo_stopped_by_ctrl_c_leaves_no_log_folder(tmp_path):
     # machine the Ctrl-C came after the crawl had ended (exit 1: the listing shows 1,000)
     proc = subprocess.Popen([sys.executable, "-m", "elric", "demo", "--pages", "20000"],
                             cwd=str(tmp_path), env=env, stdout=subprocess.PIPE, text=True,
-                            stdin=subprocess.DEVNULL)
+                            stdin=subprocess.DEVNULL,
+                            # as from a terminal: tests started in the background inherit
+                            # SIGINT ignored, and the demo then ran on through the Ctrl-C
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
     reader.start()
