@@ -464,6 +464,25 @@ def test_a_page_whose_x_robots_tag_says_nofollow_has_its_links_not_followed(chil
     assert links(children) == [site.url + "/a", site.url + "/c"] * followed   # each crawler
 
 
+@pytest.mark.parametrize("tags, followed", [
+    (["googlebot: nofollow, otherbot: noindex"], 2), (["googlebot: nofollow", "otherbot: none"], 2),
+    (["googlebot: noindex, elric-crawler: nofollow"], 0),
+    (["elric-crawler: noindex, otherbot: nofollow"], 2), (["otherbot: noindex, nofollow"], 2),
+    (["otherbot: noindex", "nofollow"], 0), (["elric-crawler: nofollow, otherbot: noindex"], 0),
+    (["unavailable_after: Wednesday, 03-Nov-2027 15:00:00 PST, otherbot: nofollow"], 2)])
+def test_an_x_robots_tag_naming_crawlers_holds_for_each_until_the_next_name(children, tags,
+                                                                           followed):
+    """As Google reads it: a crawler's name applies to the directives after it, up to the
+    next name. Only the first name of a line was read, its directives the rest of the line:
+    "elric-crawler: noindex, otherbot: nofollow" kept this crawler from every link, and
+    "googlebot: noindex, elric-crawler: nofollow" let it follow them all."""
+    page = b'<html><body><a href="/a">a</a><a href="/c">c</a></body></html>'
+    with Site({"/": tagged(tags, page)}) as site:
+        assert fetch(Crawl(), site.url + "/")["links"] == followed
+        assert CrawlSync().run(site.url + "/")["links"] == followed
+    assert links(children) == [site.url + "/a", site.url + "/c"] * followed   # each crawler
+
+
 def test_image_map_areas_and_frames_are_links_of_their_page(children):
     """An image map's <area href> was not followed, nor a <frame> or <iframe>'s src: the
     pages only they lead to were never crawled. Each is a link, in the page's order."""

@@ -74,13 +74,17 @@ _VALUED = {"unavailable_after", "max-snippet", "max-image-preview", "max-video-p
 
 def nofollow(content: str) -> bool:
     """Whether a <meta name="robots">'s content, or an X-Robots-Tag header's, says to follow
-    no link of its page (a header for another crawler by name says nothing to this one)."""
-    name, colon, rest = content.partition(":")
-    if colon and re.fullmatch(r"\s*[\w-]+\s*", name) and name.strip().lower() not in _VALUED:
-        if name.strip().lower() != ROBOTS_NAME:
-            return False
-        content = rest
-    return not {"nofollow", "none"}.isdisjoint(re.split(r"[\s,]+", content.lower()))
+    no link of its page. As Google reads a header: a crawler's name ("otherbot: noindex,
+    nofollow") holds for the directives after it up to the next name, in one line folded
+    from two too; those before any name are for every crawler, others' say nothing here."""
+    agent = None
+    for part in content.lower().split(","):
+        name, colon, rest = part.partition(":")
+        if colon and re.fullmatch(r"\s*[\w-]+\s*", name) and name.strip() not in _VALUED:
+            agent, part = name.strip(), rest
+        if agent in (None, ROBOTS_NAME) and not {"nofollow", "none"}.isdisjoint(part.split()):
+            return True
+    return False
 
 
 def normalize_url(url: str) -> str:
