@@ -423,10 +423,14 @@ def test_a_meta_refresh_leads_to_a_link_of_its_page(children, content, path):
 @pytest.mark.parametrize("head, followed", [
     (b'<meta name="robots" content="noindex">', 2),   # we index nothing: no change
     (b'<meta name="Robots" content="noindex, NoFollow">', 0),
-    (b'<meta name="robots" content="none">', 0)])
+    (b'<meta name="robots" content="none">', 0),
+    (b'<meta name="Elric-Crawler" content="nofollow">', 0),   # its own name: for it alone
+    (b'<meta name="elric-crawler" content="noindex"><meta name="robots" content="nofollow">',
+     0),
+    (b'<meta name="googlebot" content="nofollow">', 2)])
 def test_links_marked_nofollow_are_not_followed(children, head, followed):
     """rel="nofollow" and a robots <meta> saying nofollow (or none) were not read: every
-    link was followed."""
+    link was followed; nor was a <meta> that names the crawler (as name="googlebot" does)."""
     page = (b"<html><head>" + head + b'</head><body><a href="/a">a</a>'
             b'<a rel="external  NOFOLLOW" href="/b">b</a><a rel="nofollowed" href="/c">c</a>'
             b"</body></html>")

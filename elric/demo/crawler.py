@@ -53,8 +53,11 @@ ROBOTS_MAX_BYTES = 512 * 1024   # RFC 9309: parse at least 500 KiB of a robots.t
 ROBOTS_MAX_AGE = 24 * 3600.0    # RFC 9309: seconds a robots.txt read is used at most
 TURN = 100   # links resolved or submitted between two turns of the process's other jobs
 _BASE_HREF = lxml.etree.XPath("//base/@href")   # compiled once
+# <meta name="robots">, or its own name (as name="googlebot" is Google's), in any case
 _ROBOTS_META = lxml.etree.XPath(
-    "//meta[translate(@name, 'ROBTS', 'robts') = 'robots']/@content")
+    "//meta[translate(@name, 'ABCDEFGHIJKLMNOPQRSTUVWXYZ', 'abcdefghijklmnopqrstuvwxyz')"
+    f" = 'robots' or translate(@name, 'ABCDEFGHIJKLMNOPQRSTUVWXYZ', "
+    f"'abcdefghijklmnopqrstuvwxyz') = '{ROBOTS_NAME}']/@content")
 _REFRESH = lxml.etree.XPath(
     "//meta[translate(@http-equiv, 'REFSH', 'refsh') = 'refresh']/@content")
 # the hrefs of links (<a>, <area>) whose rel has no token nofollow (in any case), and the src

@@ -37,7 +37,8 @@ class Links(HTMLParser):
         super().__init__()
         self.links: list[str] = []
         self.base: str | None = None   # the first <base href>: links are relative to it
-        self.nofollow = False   # <meta name="robots" content="nofollow">: follow none
+        # <meta name="robots" (or its own name) content="nofollow">: follow none
+        self.nofollow = False
 
     def handle_starttag(self, tag, attrs):
         attrs = {name: value or "" for name, value in reversed(attrs)}   # the first wins
@@ -48,7 +49,7 @@ class Links(HTMLParser):
             self.links.append(attrs["src"])
         elif tag == "base" and href and self.base is None:
             self.base = href
-        elif tag == "meta" and attrs.get("name", "").lower() == "robots":
+        elif tag == "meta" and attrs.get("name", "").lower() in ("robots", ROBOTS_NAME):
             self.nofollow = self.nofollow or nofollow(attrs.get("content", ""))
         elif tag == "meta" and attrs.get("http-equiv", "").lower() == "refresh" and \
                 (target := refresh_url(attrs.get("content", ""))):
@@ -67,7 +68,7 @@ def refresh_url(content: str) -> str | None:
     return found and next(url for url in found.groups() if url is not None) or None
 
 
-ROBOTS_NAME = "elric-crawler"   # the name robots.txt and X-Robots-Tag address this crawler by
+ROBOTS_NAME = "elric-crawler"   # its name in robots.txt, X-Robots-Tag and a robots <meta>
 # "name: nofollow" in an X-Robots-Tag is for the crawler named; these are directives instead
 _VALUED = {"unavailable_after", "max-snippet", "max-image-preview", "max-video-preview"}
 
