@@ -209,13 +209,13 @@ def children(monkeypatch):
     _current.reset(token)
 
 
-def fetch(job, url: str, depth: int = 0) -> dict:
+def fetch(job, url: str, depth: int = 0, *more) -> dict:
     """``job.run(url)`` on an event loop of its own, as one crawl job."""
     from elric.demo import crawler
 
     async def run():
         try:
-            return await job.run(url, "b", depth)
+            return await job.run(url, "b", depth, *more)
         finally:
             if crawler._process.session is not None:
                 await crawler._process.session.close()
@@ -598,7 +598,7 @@ def test_a_huge_robots_txt_is_read_up_to_a_cap(children):
     ("request_timeout", float("nan")), ("request_timeout", None),
     ("max_bytes", 0), ("max_bytes", -1), ("max_bytes", "2MB"), ("max_bytes", 1e6),
     ("max_bytes", True), ("max_depth", -1), ("max_depth", "3"), ("max_depth", 2.0),
-    ("max_depth", True)])
+    ("max_depth", True), ("max_redirects", -1), ("max_redirects", None)])
 def test_a_crawl_given_a_bad_size_or_timeout_says_so_where_it_is_defined(name, value):
     """A timeout of 0 meant none at all, a size of "2MB" failed every page when read."""
     with pytest.raises(ValueError, match=f"^Bad.{name} must be .*, not {value!r}"):
@@ -652,10 +652,10 @@ def redirect(to: str, status: int = 302):
     return (status, {"Location": to}, b"")
 
 
-def run_page(job_class, url: str, depth: int = 0) -> dict:
+def run_page(job_class, url: str, depth: int = 0, *more) -> dict:
     """One page job of ``job_class``, async or not, run here (0: a start page)."""
-    return fetch(job_class(), url, depth) if issubclass(job_class, Crawl) \
-        else job_class().run(url, "b", depth)
+    return fetch(job_class(), url, depth, *more) if issubclass(job_class, Crawl) \
+        else job_class().run(url, "b", depth, *more)
 
 
 @pytest.mark.parametrize("job_class", [Crawl, CrawlSync], ids=["async", "sync"])
@@ -1191,10 +1191,41 @@ def test_a_crawl_goes_no_deeper_than_its_max_depth(make_cluster):
             jobs = crawl(c, types.SimpleNamespace(url=site.url + "/"), job_class, batch)
             assert set(jobs) == {"/", "/2", "/3", "/3/", "/4"}, c.logs()
             assert [jobs[p]["args"][2:] for p in ("/", "/2", "/3", "/3/", "/4")] == \
-                [[], [1], [2], [2], [3]]
+                [[], [1], [2], [2, 1], [3]]   # /3/: a redirect led to it
             assert jobs["/4"]["result"] == {"url": site.url + "/4", "status": 200, "links": 0,
                                             "bytes": len(routes["/4"][2]), "max_depth": True}
     assert site.hits["/4"] == 2 and "/5" not in site.hits
+
+
+@pytest.mark.parametrize("job_class, shallow", [(Crawl, ShallowCrawl),
+                                               (CrawlSync, ShallowCrawlSync)],
+                         ids=["async", "sync"])
+def test_a_chain_of_redirects_is_followed_twenty_times_at_most(children, job_class, shallow):
+    """Each redirect is a page job of its own at its page's depth: a site that redirected
+    /r/0 to /r/1 to /r/2 ... (a new URL each time, none deduped) was followed to no end,
+    max_depth or not. A job carries the redirects that led to it; the 21st is not followed
+    (browsers and Scrapy stop at 20), and a link found after them starts afresh."""
+    page = (200, {"Content-Type": "text/html"}, b'<html><body><a href="/a">a</a></body></html>')
+    routes = {f"/r/{n}": redirect(f"/r/{n + 1}") for n in range(40)}
+    routes["/to-page"], routes["/page"] = redirect("/page"), page
+    with Site(routes) as site:
+        jobs, args = [], [site.url + "/r/0", "b", 0]
+        while args and len(jobs) < 40:
+            jobs.append(run_page(job_class, args[0], *args[2:]))
+            args = children.pop()["args"] if children else None
+        assert len(jobs) == 21 and not children
+        assert [job.get("redirects", 0) for job in jobs] == list(range(21))
+        assert jobs[-1]["error"] == "over 20 redirects in a row" and jobs[-1]["links"] == 0
+        # max_depth holds after a redirect: the page it leads to is as deep as it was
+        assert run_page(shallow, site.url + "/to-page", 3)["links"] == 1
+        [spec] = children
+        assert spec["args"][1:] == ["b", 3, 1]
+        assert run_page(shallow, spec["args"][0], *spec["args"][2:]) == {
+            "url": site.url + "/page", "status": 200, "links": 0, "bytes": len(page[2]),
+            "redirects": 1, "max_depth": True}
+        children.clear()
+        assert run_page(job_class, site.url + "/page", 0, 5)["links"] == 1
+        assert children[0]["args"][1:] == ["b", 1]   # a link: no redirect before it
 
 
 def test_the_sync_crawlers_request_timeout_is_a_deadline_for_the_whole_request(children):

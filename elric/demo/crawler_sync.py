@@ -12,7 +12,8 @@ too); where a redirect leads is a page job of its own, on the same host only but
 start page (submitted, not found), whose redirect moves the crawl to its host. A 5xx or
 429 answer is retried (after its Retry-After, if any); a 404 or other 4xx is a result. At
 most ``max_bytes`` of a page are read, and nothing of what is not HTML; ``max_depth`` caps
-the links followed from a start page (a redirect is none; None: no cap). It does not read
+the links followed from a start page (a redirect is none; None: no cap), ``max_redirects``
+(20) the redirects followed in a row. It does not read
 robots.txt: crawl sites that are not your own with the async crawler, which obeys it.
 """
 
@@ -215,6 +216,7 @@ def page_charset(declared: str | None, body: bytes) -> str:
 
 
 REDIRECTS = frozenset((301, 302, 303, 307, 308))
+MAX_REDIRECTS = 20   # in a row, as browsers (and Scrapy) follow at most
 CHUNK = 64 * 1024
 
 
@@ -254,17 +256,21 @@ class CrawlSync(Job):
     request_timeout = 10.0          # one HTTP request, its page read by then
     max_bytes = 2 * 1024 * 1024     # read at most this much of a page
     max_depth: int | None = None    # follow at most this many links from a start page
+    max_redirects = MAX_REDIRECTS   # follow at most this many redirects in a row
 
     @classmethod
-    def dedupe_key_for(cls, url: str, batch: str = "", depth: int = 0) -> str:
+    def dedupe_key_for(cls, url: str, batch: str = "", depth: int = 0, redirects: int = 0) -> str:
         return page_key(url)
 
     @classmethod
-    def limit_key_for(cls, url: str, batch: str = "", depth: int = 0) -> str:
+    def limit_key_for(cls, url: str, batch: str = "", depth: int = 0,
+                      redirects: int = 0) -> str:
         # politeness (setting LIMITS) is per host, as the crawl's links spell it
         return urlparse(normalize_url(url)).netloc
 
-    def run(self, url: str, batch: str = "", depth: int = 0) -> dict:
+    def run(self, url: str, batch: str = "", depth: int = 0, redirects: int = 0) -> dict:
+        """Crawl page ``url``, ``depth`` links from its start page, reached by ``redirects``
+        redirects in a row."""
         deadline = time.monotonic() + self.request_timeout
         try:
             # normalized: a start URL may be typed as a browser shows it (/café), and
@@ -284,16 +290,22 @@ class CrawlSync(Job):
                 raise   # worth another attempt, after a backoff
             # a 404 is an answer: nothing to retry, no links to follow
             result = {"url": url, "status": exc.code, "links": 0, "bytes": 0}
+            if redirects:
+                result["redirects"] = redirects
             location = exc.headers.get("Location") if exc.code in REDIRECTS else None
             if location is not None:
                 # where it leads is a page job of its own: deduped with the links to that
                 # page (fetched once), kept to the crawl's host (the start page's to any:
-                # the crawl goes on there), a loop ended by the dedupe; no step deeper
+                # the crawl goes on there), a loop ended by the dedupe and a chain of new
+                # URLs by max_redirects; no step deeper
                 result["redirect"] = target = link_of(url, location)
                 if target is None:
                     result["error"] = "a redirect to no web page"
+                elif redirects >= self.max_redirects:
+                    result["error"] = f"over {self.max_redirects} redirects in a row"
                 elif target != url:
-                    result["links"] = self._submit(url, [target], batch, depth, depth == 0)
+                    result["links"] = self._submit(url, [target], batch, depth, depth == 0,
+                                                   redirects + 1)
             return result
         except urllib.error.URLError as exc:   # a connection not made in time too
             if not isinstance(exc.reason, TimeoutError):
@@ -301,6 +313,8 @@ class CrawlSync(Job):
             raise no_answer(url, self.request_timeout) from None
         result = {"url": url, "status": status, "links": 0,
                   "bytes": min(len(body), self.max_bytes)}
+        if redirects:
+            result["redirects"] = redirects
         if len(body) > self.max_bytes:
             body, result["truncated"] = body[:self.max_bytes], True
         if not html:
@@ -322,14 +336,15 @@ class CrawlSync(Job):
         return result
 
     def _submit(self, url: str, links: list[str | None], batch: str, depth: int,
-                anywhere: bool = False) -> int:
+                anywhere: bool = False, redirects: int = 0) -> int:
         """Submit the links that stay on ``url``'s host (``anywhere``: on any), each once,
-        as jobs at ``depth``; returns how many."""
+        as jobs at ``depth`` (after ``redirects`` redirects in a row); returns how many."""
+        args = [batch, depth, redirects] if redirects else [batch, depth]
         host = urlparse(normalize_url(url)).netloc   # as its links are spelled
         found = [link for link in dict.fromkeys(links)
                  if link is not None and (anywhere or urlparse(link).netloc == host)]
         for link in found:
             # most links were seen before; the master's dedupe filter drops those
-            type(self).submit_with(args=[link, batch, depth],
+            type(self).submit_with(args=[link, *args],
                                    **({"batch": batch} if batch else {}))
         return len(found)
