@@ -262,6 +262,23 @@ def test_whitespace_around_an_href_is_not_part_of_the_link(children):
     assert links(children)[2:] == [site.url + "/a", site.url + "/b"]
 
 
+def test_a_backslash_in_a_links_path_is_a_slash_as_browsers_read_it(children):
+    """A Windows-made href="sub\\page.html" was fetched with its backslash (nginx: a 404,
+    and /docs/sub/page.html another dedupe key); browsers read a backslash in an http(s)
+    URL's path as a slash (WHATWG URL), "\\\\host\\x" as another host; the query keeps it."""
+    from elric.demo.crawler_sync import link_of
+
+    page = (b'<html><body><a href="sub\\page.html">a</a><a href="\\top\\b?q=a\\b">b</a>'
+            b'<a href="\\\\elsewhere\\x">c</a></body></html>')
+    assert link_of("http://h/docs/", "\\\\elsewhere\\x") == "http://elsewhere/x"
+    assert submit_links("http://h/docs/", page) == 2
+    assert links(children) == ["http://h/docs/sub/page.html", "http://h/top/b?q=a\\b"]
+    children.clear()
+    with Site({"/docs/": (200, {"Content-Type": "text/html"}, page)}) as site:
+        assert CrawlSync().run(site.url + "/docs/")["links"] == 2
+    assert links(children) == [site.url + "/docs/sub/page.html", site.url + "/top/b?q=a\\b"]
+
+
 def test_only_http_links_are_followed(children):
     """An ftp: or ws: link to the crawl's host was submitted, and failed in aiohttp."""
     def page(host):

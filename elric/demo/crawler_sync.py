@@ -191,8 +191,12 @@ def link_of(base: str, href: str) -> str | None:
     scheme (ftp:, mailto:), one that does not parse (``http://[oops``), or one over
     MAX_URL (a site that links each page to a longer URL would be crawled to no end): one
     bad link on a page, not a failed page."""
-    try:   # without the whitespace around it, as browsers read an href
-        link = normalize_url(urljoin(base, href.strip(" \t\n\r\f")))
+    href = href.strip(" \t\n\r\f")   # without the whitespace around it, as browsers read it
+    if "\\" in href:   # a backslash before the query is a slash to browsers (WHATWG URL)
+        path, mark, query = href.partition("?")
+        href = path.replace("\\", "/") + mark + query
+    try:
+        link = normalize_url(urljoin(base, href))
     except ValueError:
         return None
     return link if link.startswith(("http://", "https://")) and len(link) <= MAX_URL else None
