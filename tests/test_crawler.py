@@ -411,6 +411,22 @@ def test_a_content_type_in_capitals_is_html_still(children):
         assert fetch(Crawl(), site.url + "/")["links"] == 1
 
 
+def test_a_page_served_without_a_content_type_is_html_if_it_starts_as_html(children):
+    """A server that sent no Content-Type (a CGI script's, a misconfigured one's) had its
+    pages taken for no HTML: none of their links was followed, and the crawl ended there.
+    Browsers sniff such a body (the MIME Sniffing Standard): HTML if it starts with a tag."""
+    page = b'\n  <!DOCTYPE html><html><body><a href="/a">a</a></body></html>'
+    routes = {"/": (200, {}, page), "/div": (200, {}, b'<DIV><a href="/a">a</a></DIV>'),
+              "/png": (200, {}, b'\x89PNG\r\n\x1a\n<a href="/a">'),
+              "/text": (200, {}, b'links: <a href="/a">a</a>')}
+    with Site(routes) as site:
+        for path, found in ("/", 1), ("/div", 1), ("/png", 0), ("/text", 0):
+            for result in fetch(Crawl(), site.url + path), CrawlSync().run(site.url + path):
+                assert result["links"] == found, path
+                assert result["bytes"] == (len(routes[path][2]) if found else 0), path
+    assert links(children) == [site.url + "/a"] * 4
+
+
 def test_links_are_relative_to_a_base_href(children):
     """A page's links were resolved against its own URL, not its <base href>: 404s."""
     page = (b'<html><head><base href="/docs/v2/"></head><body><a href="intro">i</a>'

@@ -45,9 +45,8 @@ except ImportError:  # pragma: no cover - depends on the install
 
 from elric import Job
 from elric.demo.crawler_sync import (CHUNK, MAX_REDIRECTS, REDIRECTS, ROBOTS_NAME, link_of,
-                                    no_answer,
-                                    nofollow, normalize_url, page_charset, page_key, refresh_url,
-                                    requote, retry_after)
+                                    no_answer, nofollow, normalize_url, page_charset, page_key,
+                                    refresh_url, requote, retry_after, sniffed_html)
 
 USER_AGENT = f"{ROBOTS_NAME}/0.1"
 HEADER_MAX_BYTES = 64 * 1024
@@ -345,10 +344,16 @@ class Crawl(Job):
                     raise ServerError(url, response)
                 location = response.headers.get("Location") if status in REDIRECTS else None
                 if location is None:
-                    html = "html" in response.content_type and status < 400   # lower-case
+                    # content_type is lower-case; none said: read, HTML if it starts as HTML
+                    # (browsers sniff it)
+                    html = status < 400 and ("html" in response.content_type
+                                             if response.headers.get("Content-Type") else None)
                     # a PDF, an image, an error page: no links to follow, nothing to read
-                    body, truncated = await _read(response, self.max_bytes) if html \
-                        else (b"", False)
+                    body, truncated = await _read(response, self.max_bytes) \
+                        if html is not False else (b"", False)
+                    if html is None:
+                        html = sniffed_html(body)
+                        body, truncated = (body, truncated) if html else (b"", False)
                     charset = response.charset
                     tags = response.headers.getall("X-Robots-Tag", [])
         except TimeoutError:

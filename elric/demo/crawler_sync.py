@@ -222,6 +222,16 @@ def page_charset(declared: str | None, body: bytes) -> str:
     return found.group(1).decode("ascii") if found else "windows-1252"
 
 
+# the MIME Sniffing Standard's HTML patterns: after whitespace, a tag ending in " " or ">"
+_HTML_START = re.compile(rb"[\t\n\x0c\r ]*<(?:!doctype html|html|head|script|iframe|h1|div|font|"
+                         rb"table|a|style|title|b|body|br|p|!--)[ >]", re.IGNORECASE)
+
+
+def sniffed_html(body: bytes) -> bool:
+    """Whether a body that came without a Content-Type is HTML, as browsers sniff it."""
+    return _HTML_START.match(body) is not None
+
+
 REDIRECTS = frozenset((301, 302, 303, 307, 308))
 MAX_REDIRECTS = 20   # in a row, as browsers (and Scrapy) follow at most
 CHUNK = 64 * 1024
@@ -369,9 +379,15 @@ class CrawlSync(Job):
             # urllib sends ASCII only
             with deadline, _opener.open(normalize_url(url), timeout=self.request_timeout) \
                     as response:
-                html = "html" in response.headers.get_content_type()
+                # none said: read, HTML if it starts as HTML (browsers sniff it)
+                html = "html" in response.headers.get_content_type() \
+                    if response.headers.get("Content-Type") else None
                 # not all of a huge page, nothing of a PDF or an image: no links in it
-                body = _read(response, self.max_bytes + 1, deadline) if html else b""
+                body = _read(response, self.max_bytes + 1, deadline) if html is not False \
+                    else b""
+                if html is None:
+                    html = sniffed_html(body)
+                    body = body if html else b""
                 charset = response.headers.get_content_charset()
                 tags = response.headers.get_all("X-Robots-Tag") or []
                 status = response.status
