@@ -209,13 +209,13 @@ def children(monkeypatch):
     _current.reset(token)
 
 
-def fetch(job, url: str, depth: int = 0) -> dict:
+def fetch(job, url: str, depth: int = 0, *more) -> dict:
     """``job.run(url)`` on an event loop of its own, as one crawl job."""
     from elric.demo import crawler
 
     async def run():
         try:
-            return await job.run(url, "b", depth)
+            return await job.run(url, "b", depth, *more)
         finally:
             if crawler._process.session is not None:
                 await crawler._process.session.close()
@@ -260,6 +260,23 @@ def test_whitespace_around_an_href_is_not_part_of_the_link(children):
     with Site({"/": (200, {"Content-Type": "text/html"}, page)}) as site:
         assert CrawlSync().run(site.url + "/")["links"] == 2
     assert links(children)[2:] == [site.url + "/a", site.url + "/b"]
+
+
+def test_a_backslash_in_a_links_path_is_a_slash_as_browsers_read_it(children):
+    """A Windows-made href="sub\\page.html" was fetched with its backslash (nginx: a 404,
+    and /docs/sub/page.html another dedupe key); browsers read a backslash in an http(s)
+    URL's path as a slash (WHATWG URL), "\\\\host\\x" as another host; the query keeps it."""
+    from elric.demo.crawler_sync import link_of
+
+    page = (b'<html><body><a href="sub\\page.html">a</a><a href="\\top\\b?q=a\\b">b</a>'
+            b'<a href="\\\\elsewhere\\x">c</a></body></html>')
+    assert link_of("http://h/docs/", "\\\\elsewhere\\x") == "http://elsewhere/x"
+    assert submit_links("http://h/docs/", page) == 2
+    assert links(children) == ["http://h/docs/sub/page.html", "http://h/top/b?q=a\\b"]
+    children.clear()
+    with Site({"/docs/": (200, {"Content-Type": "text/html"}, page)}) as site:
+        assert CrawlSync().run(site.url + "/docs/")["links"] == 2
+    assert links(children) == [site.url + "/docs/sub/page.html", site.url + "/top/b?q=a\\b"]
 
 
 def test_only_http_links_are_followed(children):
@@ -394,6 +411,22 @@ def test_a_content_type_in_capitals_is_html_still(children):
         assert fetch(Crawl(), site.url + "/")["links"] == 1
 
 
+def test_a_page_served_without_a_content_type_is_html_if_it_starts_as_html(children):
+    """A server that sent no Content-Type (a CGI script's, a misconfigured one's) had its
+    pages taken for no HTML: none of their links was followed, and the crawl ended there.
+    Browsers sniff such a body (the MIME Sniffing Standard): HTML if it starts with a tag."""
+    page = b'\n  <!DOCTYPE html><html><body><a href="/a">a</a></body></html>'
+    routes = {"/": (200, {}, page), "/div": (200, {}, b'<DIV><a href="/a">a</a></DIV>'),
+              "/png": (200, {}, b'\x89PNG\r\n\x1a\n<a href="/a">'),
+              "/text": (200, {}, b'links: <a href="/a">a</a>')}
+    with Site(routes) as site:
+        for path, found in ("/", 1), ("/div", 1), ("/png", 0), ("/text", 0):
+            for result in fetch(Crawl(), site.url + path), CrawlSync().run(site.url + path):
+                assert result["links"] == found, path
+                assert result["bytes"] == (len(routes[path][2]) if found else 0), path
+    assert links(children) == [site.url + "/a"] * 4
+
+
 def test_links_are_relative_to_a_base_href(children):
     """A page's links were resolved against its own URL, not its <base href>: 404s."""
     page = (b'<html><head><base href="/docs/v2/"></head><body><a href="intro">i</a>'
@@ -423,10 +456,14 @@ def test_a_meta_refresh_leads_to_a_link_of_its_page(children, content, path):
 @pytest.mark.parametrize("head, followed", [
     (b'<meta name="robots" content="noindex">', 2),   # we index nothing: no change
     (b'<meta name="Robots" content="noindex, NoFollow">', 0),
-    (b'<meta name="robots" content="none">', 0)])
+    (b'<meta name="robots" content="none">', 0),
+    (b'<meta name="Elric-Crawler" content="nofollow">', 0),   # its own name: for it alone
+    (b'<meta name="elric-crawler" content="noindex"><meta name="robots" content="nofollow">',
+     0),
+    (b'<meta name="googlebot" content="nofollow">', 2)])
 def test_links_marked_nofollow_are_not_followed(children, head, followed):
     """rel="nofollow" and a robots <meta> saying nofollow (or none) were not read: every
-    link was followed."""
+    link was followed; nor was a <meta> that names the crawler (as name="googlebot" does)."""
     page = (b"<html><head>" + head + b'</head><body><a href="/a">a</a>'
             b'<a rel="external  NOFOLLOW" href="/b">b</a><a rel="nofollowed" href="/c">c</a>'
             b"</body></html>")
@@ -457,6 +494,25 @@ def test_a_page_whose_x_robots_tag_says_nofollow_has_its_links_not_followed(chil
                                                                             followed):
     """The X-Robots-Tag header (a robots <meta> said in HTTP, for any page, or for the
     crawler it names) was not read: every link of a page it marked nofollow was followed."""
+    page = b'<html><body><a href="/a">a</a><a href="/c">c</a></body></html>'
+    with Site({"/": tagged(tags, page)}) as site:
+        assert fetch(Crawl(), site.url + "/")["links"] == followed
+        assert CrawlSync().run(site.url + "/")["links"] == followed
+    assert links(children) == [site.url + "/a", site.url + "/c"] * followed   # each crawler
+
+
+@pytest.mark.parametrize("tags, followed", [
+    (["googlebot: nofollow, otherbot: noindex"], 2), (["googlebot: nofollow", "otherbot: none"], 2),
+    (["googlebot: noindex, elric-crawler: nofollow"], 0),
+    (["elric-crawler: noindex, otherbot: nofollow"], 2), (["otherbot: noindex, nofollow"], 2),
+    (["otherbot: noindex", "nofollow"], 0), (["elric-crawler: nofollow, otherbot: noindex"], 0),
+    (["unavailable_after: Wednesday, 03-Nov-2027 15:00:00 PST, otherbot: nofollow"], 2)])
+def test_an_x_robots_tag_naming_crawlers_holds_for_each_until_the_next_name(children, tags,
+                                                                           followed):
+    """As Google reads it: a crawler's name applies to the directives after it, up to the
+    next name. Only the first name of a line was read, its directives the rest of the line:
+    "elric-crawler: noindex, otherbot: nofollow" kept this crawler from every link, and
+    "googlebot: noindex, elric-crawler: nofollow" let it follow them all."""
     page = b'<html><body><a href="/a">a</a><a href="/c">c</a></body></html>'
     with Site({"/": tagged(tags, page)}) as site:
         assert fetch(Crawl(), site.url + "/")["links"] == followed
@@ -575,7 +631,7 @@ def test_a_huge_robots_txt_is_read_up_to_a_cap(children):
     ("request_timeout", float("nan")), ("request_timeout", None),
     ("max_bytes", 0), ("max_bytes", -1), ("max_bytes", "2MB"), ("max_bytes", 1e6),
     ("max_bytes", True), ("max_depth", -1), ("max_depth", "3"), ("max_depth", 2.0),
-    ("max_depth", True)])
+    ("max_depth", True), ("max_redirects", -1), ("max_redirects", None)])
 def test_a_crawl_given_a_bad_size_or_timeout_says_so_where_it_is_defined(name, value):
     """A timeout of 0 meant none at all, a size of "2MB" failed every page when read."""
     with pytest.raises(ValueError, match=f"^Bad.{name} must be .*, not {value!r}"):
@@ -629,10 +685,10 @@ def redirect(to: str, status: int = 302):
     return (status, {"Location": to}, b"")
 
 
-def run_page(job_class, url: str, depth: int = 0) -> dict:
+def run_page(job_class, url: str, depth: int = 0, *more) -> dict:
     """One page job of ``job_class``, async or not, run here (0: a start page)."""
-    return fetch(job_class(), url, depth) if issubclass(job_class, Crawl) \
-        else job_class().run(url, "b", depth)
+    return fetch(job_class(), url, depth, *more) if issubclass(job_class, Crawl) \
+        else job_class().run(url, "b", depth, *more)
 
 
 @pytest.mark.parametrize("job_class", [Crawl, CrawlSync], ids=["async", "sync"])
@@ -1046,6 +1102,64 @@ def test_an_error_page_is_not_read(children):
             sent.set()
 
 
+def test_the_sync_crawlers_deadline_holds_while_a_server_drips_its_headers(children):
+    """urllib's timeout is for each wait, and its deadline was checked while reading the
+    body only: a server that sent a byte of its headers now and then held the job for as
+    long as it went on (here 4 s, then an empty page: a result, for a timeout of 1.5 s)."""
+    stop = threading.Event()
+
+    def drip(handler):
+        try:
+            handler.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nX-Drip: ")
+            for _ in range(40):
+                if stop.wait(0.1):
+                    return
+                handler.wfile.write(b"x")
+            handler.wfile.write(b"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        except OSError:   # the crawler hung up
+            pass
+
+    with Site({"/drip": drip}) as site:
+        try:
+            with pytest.raises(TimeoutError, match="^http://.*/drip: no answer in 1.5 s$"):
+                QuickCrawlSync().run(site.url + "/drip")
+        finally:
+            stop.set()
+
+
+class DeadlineCrawlSync(CrawlSync):
+    request_timeout = 2.0
+
+
+def test_the_sync_crawlers_deadline_holds_for_a_read_begun_just_before_it(children):
+    """A read begun just before the deadline waited its whole timeout: a page whose server
+    sent a byte then and nothing more failed a request_timeout late (2 s here, 4 s in all).
+    Now the request ends at its deadline, within a margin kept wide for a loaded machine."""
+    stop = threading.Event()
+
+    def late(handler):
+        handler.send_response(200)
+        handler.send_header("Content-Type", "text/html")
+        handler.end_headers()
+        try:
+            handler.wfile.write(b"<html>")
+            if not stop.wait(DeadlineCrawlSync.request_timeout - 0.3):
+                handler.wfile.write(b"x")   # just before the crawler's deadline
+                stop.wait(30)   # and nothing more
+        except OSError:   # the crawler hung up
+            pass
+
+    with Site({"/late": late}) as site:
+        t0 = time.monotonic()
+        try:
+            with pytest.raises(TimeoutError, match="^http://.*/late: no answer in 2.0 s$"):
+                DeadlineCrawlSync().run(site.url + "/late")
+            elapsed = time.monotonic() - t0
+        finally:
+            stop.set()
+    assert elapsed < DeadlineCrawlSync.request_timeout + 1.0
+
+
 # --- crawl classes of a user's own, run by real workers (they load this module) ----------
 
 class PoliteCrawl(Crawl):
@@ -1168,10 +1282,41 @@ def test_a_crawl_goes_no_deeper_than_its_max_depth(make_cluster):
             jobs = crawl(c, types.SimpleNamespace(url=site.url + "/"), job_class, batch)
             assert set(jobs) == {"/", "/2", "/3", "/3/", "/4"}, c.logs()
             assert [jobs[p]["args"][2:] for p in ("/", "/2", "/3", "/3/", "/4")] == \
-                [[], [1], [2], [2], [3]]
+                [[], [1], [2], [2, 1], [3]]   # /3/: a redirect led to it
             assert jobs["/4"]["result"] == {"url": site.url + "/4", "status": 200, "links": 0,
                                             "bytes": len(routes["/4"][2]), "max_depth": True}
     assert site.hits["/4"] == 2 and "/5" not in site.hits
+
+
+@pytest.mark.parametrize("job_class, shallow", [(Crawl, ShallowCrawl),
+                                               (CrawlSync, ShallowCrawlSync)],
+                         ids=["async", "sync"])
+def test_a_chain_of_redirects_is_followed_twenty_times_at_most(children, job_class, shallow):
+    """Each redirect is a page job of its own at its page's depth: a site that redirected
+    /r/0 to /r/1 to /r/2 ... (a new URL each time, none deduped) was followed to no end,
+    max_depth or not. A job carries the redirects that led to it; the 21st is not followed
+    (browsers and Scrapy stop at 20), and a link found after them starts afresh."""
+    page = (200, {"Content-Type": "text/html"}, b'<html><body><a href="/a">a</a></body></html>')
+    routes = {f"/r/{n}": redirect(f"/r/{n + 1}") for n in range(40)}
+    routes["/to-page"], routes["/page"] = redirect("/page"), page
+    with Site(routes) as site:
+        jobs, args = [], [site.url + "/r/0", "b", 0]
+        while args and len(jobs) < 40:
+            jobs.append(run_page(job_class, args[0], *args[2:]))
+            args = children.pop()["args"] if children else None
+        assert len(jobs) == 21 and not children
+        assert [job.get("redirects", 0) for job in jobs] == list(range(21))
+        assert jobs[-1]["error"] == "over 20 redirects in a row" and jobs[-1]["links"] == 0
+        # max_depth holds after a redirect: the page it leads to is as deep as it was
+        assert run_page(shallow, site.url + "/to-page", 3)["links"] == 1
+        [spec] = children
+        assert spec["args"][1:] == ["b", 3, 1]
+        assert run_page(shallow, spec["args"][0], *spec["args"][2:]) == {
+            "url": site.url + "/page", "status": 200, "links": 0, "bytes": len(page[2]),
+            "redirects": 1, "max_depth": True}
+        children.clear()
+        assert run_page(job_class, site.url + "/page", 0, 5)["links"] == 1
+        assert children[0]["args"][1:] == ["b", 1]   # a link: no redirect before it
 
 
 def test_the_sync_crawlers_request_timeout_is_a_deadline_for_the_whole_request(children):

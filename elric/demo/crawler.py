@@ -24,6 +24,7 @@ href>`` and a (i)frame's src (a page of the site) are links of its page. At most
 ``max_bytes`` of a page are read, and nothing of what is not HTML. ``max_depth`` caps the
 links followed from a start page (on the path that found a page first; a redirect is
 none), for sites of no end (a calendar's "next month"); None, the default, caps nothing.
+``max_redirects`` (20, as browsers and Scrapy) caps a chain of redirects in a row.
 """
 
 from __future__ import annotations
@@ -43,9 +44,9 @@ except ImportError:  # pragma: no cover - depends on the install
                       "pip install '/path/to/elric[crawl]'") from None
 
 from elric import Job
-from elric.demo.crawler_sync import (CHUNK, REDIRECTS, ROBOTS_NAME, link_of, no_answer,
-                                    nofollow, normalize_url, page_charset, page_key, refresh_url,
-                                    requote, retry_after)
+from elric.demo.crawler_sync import (CHUNK, MAX_REDIRECTS, REDIRECTS, ROBOTS_NAME, link_of,
+                                    no_answer, nofollow, normalize_url, page_charset, page_key,
+                                    refresh_url, requote, retry_after, sniffed_html)
 
 USER_AGENT = f"{ROBOTS_NAME}/0.1"
 HEADER_MAX_BYTES = 64 * 1024
@@ -53,8 +54,11 @@ ROBOTS_MAX_BYTES = 512 * 1024   # RFC 9309: parse at least 500 KiB of a robots.t
 ROBOTS_MAX_AGE = 24 * 3600.0    # RFC 9309: seconds a robots.txt read is used at most
 TURN = 100   # links resolved or submitted between two turns of the process's other jobs
 _BASE_HREF = lxml.etree.XPath("//base/@href")   # compiled once
+# <meta name="robots">, or its own name (as name="googlebot" is Google's), in any case
 _ROBOTS_META = lxml.etree.XPath(
-    "//meta[translate(@name, 'ROBTS', 'robts') = 'robots']/@content")
+    "//meta[translate(@name, 'ABCDEFGHIJKLMNOPQRSTUVWXYZ', 'abcdefghijklmnopqrstuvwxyz')"
+    f" = 'robots' or translate(@name, 'ABCDEFGHIJKLMNOPQRSTUVWXYZ', "
+    f"'abcdefghijklmnopqrstuvwxyz') = '{ROBOTS_NAME}']/@content")
 _REFRESH = lxml.etree.XPath(
     "//meta[translate(@http-equiv, 'REFSH', 'refsh') = 'refresh']/@content")
 # the hrefs of links (<a>, <area>) whose rel has no token nofollow (in any case), and the src
@@ -295,6 +299,7 @@ class Crawl(Job):
     request_timeout = 20.0          # one HTTP request, robots.txt included
     max_bytes = 2 * 1024 * 1024     # read at most this much of a page
     max_depth: int | None = None    # follow at most this many links from a start page
+    max_redirects = MAX_REDIRECTS   # follow at most this many redirects in a row
 
     def __init_subclass__(cls, **kwargs) -> None:
         # said here, where the class is defined: a timeout of 0 meant none at all, and a
@@ -311,16 +316,22 @@ class Crawl(Job):
         if not (cls.max_depth is None or type(cls.max_depth) is int and cls.max_depth >= 0):
             raise ValueError(f"{cls.__name__}.max_depth must be a whole number of links or "
                              f"None, not {cls.max_depth!r}")
+        if not (type(cls.max_redirects) is int and cls.max_redirects >= 0):
+            raise ValueError(f"{cls.__name__}.max_redirects must be a whole number of "
+                             f"redirects, not {cls.max_redirects!r}")
 
     @classmethod
-    def dedupe_key_for(cls, url: str, batch: str = "", depth: int = 0) -> str:
+    def dedupe_key_for(cls, url: str, batch: str = "", depth: int = 0, redirects: int = 0) -> str:
         return page_key(url)
 
     @classmethod
-    def limit_key_for(cls, url: str, batch: str = "", depth: int = 0) -> str:
+    def limit_key_for(cls, url: str, batch: str = "", depth: int = 0,
+                      redirects: int = 0) -> str:
         return urlparse(normalize_url(url)).netloc   # the host as the crawl's links spell it
 
-    async def run(self, url: str, batch: str = "", depth: int = 0) -> dict:
+    async def run(self, url: str, batch: str = "", depth: int = 0, redirects: int = 0) -> dict:
+        """Crawl page ``url``, ``depth`` links from its start page, reached by ``redirects``
+        redirects in a row."""
         robots = await _process.allowed(url, self.dedupe_scope or batch, self.request_timeout)
         if robots is None:
             return {"url": url, "status": None, "links": 0, "bytes": 0, "robots": "disallowed"}
@@ -333,25 +344,36 @@ class Crawl(Job):
                     raise ServerError(url, response)
                 location = response.headers.get("Location") if status in REDIRECTS else None
                 if location is None:
-                    html = "html" in response.content_type and status < 400   # lower-case
+                    # content_type is lower-case; none said: read, HTML if it starts as HTML
+                    # (browsers sniff it)
+                    html = status < 400 and ("html" in response.content_type
+                                             if response.headers.get("Content-Type") else None)
                     # a PDF, an image, an error page: no links to follow, nothing to read
-                    body, truncated = await _read(response, self.max_bytes) if html \
-                        else (b"", False)
+                    body, truncated = await _read(response, self.max_bytes) \
+                        if html is not False else (b"", False)
+                    if html is None:
+                        html = sniffed_html(body)
+                        body, truncated = (body, truncated) if html else (b"", False)
                     charset = response.charset
                     tags = response.headers.getall("X-Robots-Tag", [])
         except TimeoutError:
             raise no_answer(url, self.request_timeout) from None
         result = {"url": url, "status": status, "links": 0, "bytes": 0}
+        if redirects:
+            result["redirects"] = redirects
         if location is not None:
             # where it leads is a page job of its own: deduped with the links to that page
             # (fetched once), its robots.txt rules asked, a loop ended by the dedupe filter
+            # and a chain of new URLs by max_redirects
             result["redirect"] = target = link_of(url, location)
             if target is None:
                 result["error"] = "a redirect to no web page"
+            elif redirects >= self.max_redirects:
+                result["error"] = f"over {self.max_redirects} redirects in a row"
             elif target != url:   # no step deeper; from the start page, to any host
                 result["links"] = await self._submit(
                     url, [(target, urlparse(target).netloc)], batch, depth, robots.delay,
-                    anywhere=depth == 0)
+                    anywhere=depth == 0, redirects=redirects + 1)
             return result
         result["bytes"] = len(body)
         if truncated:
@@ -388,10 +410,12 @@ class Crawl(Job):
                                    async for href in _in_turns(hrefs)]))
 
     async def _submit(self, url: str, links: list[tuple[str, str]], batch: str, depth: int,
-                      delay: float | None = None, anywhere: bool = False) -> int:
+                      delay: float | None = None, anywhere: bool = False,
+                      redirects: int = 0) -> int:
         """Submit the links, (URL, host), that stay on ``url``'s host (``anywhere``: on any),
-        as jobs at ``depth`` that start ``delay`` seconds apart at least (its robots.txt's
-        Crawl-delay); returns how many."""
+        as jobs at ``depth`` (after ``redirects`` redirects in a row) that start ``delay``
+        seconds apart at least (its robots.txt's Crawl-delay); returns how many."""
+        args = [batch, depth, redirects] if redirects else [batch, depth]
         host = None if anywhere else urlparse(normalize_url(url)).netloc
         options = {"batch": batch} if batch else {}
         if delay:
@@ -402,5 +426,5 @@ class Crawl(Job):
                 continue   # another host (or no link: "")
             found += 1
             if _process.first_time(self.dedupe_scope, link, self.job_id):
-                type(self).submit_with(args=[link, batch, depth], **options)
+                type(self).submit_with(args=[link, *args], **options)
         return found

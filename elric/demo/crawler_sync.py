@@ -12,15 +12,19 @@ too); where a redirect leads is a page job of its own, on the same host only but
 start page (submitted, not found), whose redirect moves the crawl to its host. A 5xx or
 429 answer is retried (after its Retry-After, if any); a 404 or other 4xx is a result. At
 most ``max_bytes`` of a page are read, and nothing of what is not HTML; ``max_depth`` caps
-the links followed from a start page (a redirect is none; None: no cap). It does not read
+the links followed from a start page (a redirect is none; None: no cap), ``max_redirects``
+(20) the redirects followed in a row. It does not read
 robots.txt: crawl sites that are not your own with the async crawler, which obeys it.
 """
 
 from __future__ import annotations
 
 import codecs
+import http.client
 import re
+import socket
 import string
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -37,7 +41,8 @@ class Links(HTMLParser):
         super().__init__()
         self.links: list[str] = []
         self.base: str | None = None   # the first <base href>: links are relative to it
-        self.nofollow = False   # <meta name="robots" content="nofollow">: follow none
+        # <meta name="robots" (or its own name) content="nofollow">: follow none
+        self.nofollow = False
 
     def handle_starttag(self, tag, attrs):
         attrs = {name: value or "" for name, value in reversed(attrs)}   # the first wins
@@ -48,7 +53,7 @@ class Links(HTMLParser):
             self.links.append(attrs["src"])
         elif tag == "base" and href and self.base is None:
             self.base = href
-        elif tag == "meta" and attrs.get("name", "").lower() == "robots":
+        elif tag == "meta" and attrs.get("name", "").lower() in ("robots", ROBOTS_NAME):
             self.nofollow = self.nofollow or nofollow(attrs.get("content", ""))
         elif tag == "meta" and attrs.get("http-equiv", "").lower() == "refresh" and \
                 (target := refresh_url(attrs.get("content", ""))):
@@ -67,20 +72,24 @@ def refresh_url(content: str) -> str | None:
     return found and next(url for url in found.groups() if url is not None) or None
 
 
-ROBOTS_NAME = "elric-crawler"   # the name robots.txt and X-Robots-Tag address this crawler by
+ROBOTS_NAME = "elric-crawler"   # its name in robots.txt, X-Robots-Tag and a robots <meta>
 # "name: nofollow" in an X-Robots-Tag is for the crawler named; these are directives instead
 _VALUED = {"unavailable_after", "max-snippet", "max-image-preview", "max-video-preview"}
 
 
 def nofollow(content: str) -> bool:
     """Whether a <meta name="robots">'s content, or an X-Robots-Tag header's, says to follow
-    no link of its page (a header for another crawler by name says nothing to this one)."""
-    name, colon, rest = content.partition(":")
-    if colon and re.fullmatch(r"\s*[\w-]+\s*", name) and name.strip().lower() not in _VALUED:
-        if name.strip().lower() != ROBOTS_NAME:
-            return False
-        content = rest
-    return not {"nofollow", "none"}.isdisjoint(re.split(r"[\s,]+", content.lower()))
+    no link of its page. As Google reads a header: a crawler's name ("otherbot: noindex,
+    nofollow") holds for the directives after it up to the next name, in one line folded
+    from two too; those before any name are for every crawler, others' say nothing here."""
+    agent = None
+    for part in content.lower().split(","):
+        name, colon, rest = part.partition(":")
+        if colon and re.fullmatch(r"\s*[\w-]+\s*", name) and name.strip() not in _VALUED:
+            agent, part = name.strip(), rest
+        if agent in (None, ROBOTS_NAME) and not {"nofollow", "none"}.isdisjoint(part.split()):
+            return True
+    return False
 
 
 def normalize_url(url: str) -> str:
@@ -182,8 +191,12 @@ def link_of(base: str, href: str) -> str | None:
     scheme (ftp:, mailto:), one that does not parse (``http://[oops``), or one over
     MAX_URL (a site that links each page to a longer URL would be crawled to no end): one
     bad link on a page, not a failed page."""
-    try:   # without the whitespace around it, as browsers read an href
-        link = normalize_url(urljoin(base, href.strip(" \t\n\r\f")))
+    href = href.strip(" \t\n\r\f")   # without the whitespace around it, as browsers read it
+    if "\\" in href:   # a backslash before the query is a slash to browsers (WHATWG URL)
+        path, mark, query = href.partition("?")
+        href = path.replace("\\", "/") + mark + query
+    try:
+        link = normalize_url(urljoin(base, href))
     except ValueError:
         return None
     return link if link.startswith(("http://", "https://")) and len(link) <= MAX_URL else None
@@ -209,7 +222,18 @@ def page_charset(declared: str | None, body: bytes) -> str:
     return found.group(1).decode("ascii") if found else "windows-1252"
 
 
+# the MIME Sniffing Standard's HTML patterns: after whitespace, a tag ending in " " or ">"
+_HTML_START = re.compile(rb"[\t\n\x0c\r ]*<(?:!doctype html|html|head|script|iframe|h1|div|font|"
+                         rb"table|a|style|title|b|body|br|p|!--)[ >]", re.IGNORECASE)
+
+
+def sniffed_html(body: bytes) -> bool:
+    """Whether a body that came without a Content-Type is HTML, as browsers sniff it."""
+    return _HTML_START.match(body) is not None
+
+
 REDIRECTS = frozenset((301, 302, 303, 307, 308))
+MAX_REDIRECTS = 20   # in a row, as browsers (and Scrapy) follow at most
 CHUNK = 64 * 1024
 
 
@@ -218,15 +242,100 @@ def no_answer(url: str, timeout: float) -> TimeoutError:
     return TimeoutError(f"{url}: no answer in {timeout} s")
 
 
-def _read(response, limit: int, deadline: float) -> bytes:
-    """At most ``limit`` bytes of the body by ``deadline`` (a wait begun by then lasts the
-    request's timeout at most): urllib's timeout is for each wait, and a server that
-    dripped a page held the job for as long as it took."""
+_request = threading.local()   # the _Deadline of the request this thread makes, if any
+
+
+class _Deadline:
+    """The deadline of one request, its socket shut down when it passes, which ends a wait
+    begun before it. urllib's timeout is for each wait: a read begun just before the
+    deadline went on a whole timeout past it, and a server that dripped its headers held
+    the job for as long as it dripped."""
+
+    def __init__(self, seconds: float) -> None:
+        self.at = time.monotonic() + seconds
+        self._sock: socket.socket | None = None
+        self._over = False   # the request ended: its socket is not to be touched
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._shut)
+        self._timer.daemon = True
+
+    @property
+    def passed(self) -> bool:
+        return time.monotonic() >= self.at
+
+    def __enter__(self) -> "_Deadline":
+        _request.deadline = self
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+        _request.deadline = None
+
+    def stop(self) -> None:
+        """Forget the socket: it is closed next (and its number may be another's)."""
+        with self._lock:
+            self._over, self._sock = True, None
+        self._timer.cancel()
+
+    def watch(self, sock: socket.socket) -> None:
+        """The request's socket, connected: shut down at the deadline, at once if past."""
+        with self._lock:
+            if not self._over:
+                self._sock = sock
+        if self.passed:
+            self._shut()
+
+    def _shut(self) -> None:
+        with self._lock:
+            if self._sock is not None:
+                try:   # the plain socket's: an SSL socket's own drops its state under a read
+                    socket.socket.shutdown(self._sock, socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+class _Connection(http.client.HTTPConnection):
+    def connect(self):
+        super().connect()
+        _watch(self.sock)
+
+
+class _HTTPHandler(urllib.request.HTTPHandler):
+    def http_open(self, req):
+        return self.do_open(_Connection, req)
+
+
+def _watch(sock: socket.socket) -> None:
+    """Give a connection's socket to the deadline of the request this thread makes."""
+    deadline = getattr(_request, "deadline", None)
+    if deadline is not None:
+        deadline.watch(sock)
+
+
+_handlers: list[type] = [_HTTPHandler]
+if hasattr(http.client, "HTTPSConnection"):   # Python built with ssl
+    class _TLSConnection(http.client.HTTPSConnection):
+        def connect(self):   # its handshake's waits: the request's timeout each
+            super().connect()
+            _watch(self.sock)
+
+    class _HTTPSHandler(urllib.request.HTTPSHandler):
+        def https_open(self, req):
+            return self.do_open(_TLSConnection, req)
+
+    _handlers.append(_HTTPSHandler)
+
+
+def _read(response, limit: int, deadline: _Deadline) -> bytes:
+    """At most ``limit`` bytes of the body by ``deadline``."""
     body = bytearray()
     while len(body) < limit and (chunk := response.read1(min(CHUNK, limit - len(body)))):
         body += chunk
-        if time.monotonic() > deadline:
+        if deadline.passed:
             raise TimeoutError
+    if deadline.passed:   # the end may be its socket shut down: not the whole body
+        raise TimeoutError
     return bytes(body)
 
 
@@ -239,7 +348,7 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
         return None
 
 
-_opener = urllib.request.build_opener(_NoRedirects)
+_opener = urllib.request.build_opener(_NoRedirects, *_handlers)
 
 
 class CrawlSync(Job):
@@ -249,28 +358,40 @@ class CrawlSync(Job):
     request_timeout = 10.0          # one HTTP request, its page read by then
     max_bytes = 2 * 1024 * 1024     # read at most this much of a page
     max_depth: int | None = None    # follow at most this many links from a start page
+    max_redirects = MAX_REDIRECTS   # follow at most this many redirects in a row
 
     @classmethod
-    def dedupe_key_for(cls, url: str, batch: str = "", depth: int = 0) -> str:
+    def dedupe_key_for(cls, url: str, batch: str = "", depth: int = 0, redirects: int = 0) -> str:
         return page_key(url)
 
     @classmethod
-    def limit_key_for(cls, url: str, batch: str = "", depth: int = 0) -> str:
+    def limit_key_for(cls, url: str, batch: str = "", depth: int = 0,
+                      redirects: int = 0) -> str:
         # politeness (setting LIMITS) is per host, as the crawl's links spell it
         return urlparse(normalize_url(url)).netloc
 
-    def run(self, url: str, batch: str = "", depth: int = 0) -> dict:
-        deadline = time.monotonic() + self.request_timeout
+    def run(self, url: str, batch: str = "", depth: int = 0, redirects: int = 0) -> dict:
+        """Crawl page ``url``, ``depth`` links from its start page, reached by ``redirects``
+        redirects in a row."""
+        deadline = _Deadline(self.request_timeout)
         try:
             # normalized: a start URL may be typed as a browser shows it (/café), and
             # urllib sends ASCII only
-            with _opener.open(normalize_url(url), timeout=self.request_timeout) as response:
-                html = "html" in response.headers.get_content_type()
+            with deadline, _opener.open(normalize_url(url), timeout=self.request_timeout) \
+                    as response:
+                # none said: read, HTML if it starts as HTML (browsers sniff it)
+                html = "html" in response.headers.get_content_type() \
+                    if response.headers.get("Content-Type") else None
                 # not all of a huge page, nothing of a PDF or an image: no links in it
-                body = _read(response, self.max_bytes + 1, deadline) if html else b""
+                body = _read(response, self.max_bytes + 1, deadline) if html is not False \
+                    else b""
+                if html is None:
+                    html = sniffed_html(body)
+                    body = body if html else b""
                 charset = response.headers.get_content_charset()
                 tags = response.headers.get_all("X-Robots-Tag") or []
                 status = response.status
+                deadline.stop()   # before the response closes its socket
         except TimeoutError:
             raise no_answer(url, self.request_timeout) from None
         except urllib.error.HTTPError as exc:   # a redirect, a 4xx or a 5xx
@@ -279,23 +400,35 @@ class CrawlSync(Job):
                 raise   # worth another attempt, after a backoff
             # a 404 is an answer: nothing to retry, no links to follow
             result = {"url": url, "status": exc.code, "links": 0, "bytes": 0}
+            if redirects:
+                result["redirects"] = redirects
             location = exc.headers.get("Location") if exc.code in REDIRECTS else None
             if location is not None:
                 # where it leads is a page job of its own: deduped with the links to that
                 # page (fetched once), kept to the crawl's host (the start page's to any:
-                # the crawl goes on there), a loop ended by the dedupe; no step deeper
+                # the crawl goes on there), a loop ended by the dedupe and a chain of new
+                # URLs by max_redirects; no step deeper
                 result["redirect"] = target = link_of(url, location)
                 if target is None:
                     result["error"] = "a redirect to no web page"
+                elif redirects >= self.max_redirects:
+                    result["error"] = f"over {self.max_redirects} redirects in a row"
                 elif target != url:
-                    result["links"] = self._submit(url, [target], batch, depth, depth == 0)
+                    result["links"] = self._submit(url, [target], batch, depth, depth == 0,
+                                                   redirects + 1)
             return result
         except urllib.error.URLError as exc:   # a connection not made in time too
-            if not isinstance(exc.reason, TimeoutError):
+            if not (isinstance(exc.reason, TimeoutError) or deadline.passed):
                 raise
             raise no_answer(url, self.request_timeout) from None
+        except (OSError, http.client.HTTPException):
+            if not deadline.passed:
+                raise
+            raise no_answer(url, self.request_timeout) from None   # its socket shut down
         result = {"url": url, "status": status, "links": 0,
                   "bytes": min(len(body), self.max_bytes)}
+        if redirects:
+            result["redirects"] = redirects
         if len(body) > self.max_bytes:
             body, result["truncated"] = body[:self.max_bytes], True
         if not html:
@@ -317,14 +450,15 @@ class CrawlSync(Job):
         return result
 
     def _submit(self, url: str, links: list[str | None], batch: str, depth: int,
-                anywhere: bool = False) -> int:
+                anywhere: bool = False, redirects: int = 0) -> int:
         """Submit the links that stay on ``url``'s host (``anywhere``: on any), each once,
-        as jobs at ``depth``; returns how many."""
+        as jobs at ``depth`` (after ``redirects`` redirects in a row); returns how many."""
+        args = [batch, depth, redirects] if redirects else [batch, depth]
         host = urlparse(normalize_url(url)).netloc   # as its links are spelled
         found = [link for link in dict.fromkeys(links)
                  if link is not None and (anywhere or urlparse(link).netloc == host)]
         for link in found:
             # most links were seen before; the master's dedupe filter drops those
-            type(self).submit_with(args=[link, batch, depth],
+            type(self).submit_with(args=[link, *args],
                                    **({"batch": batch} if batch else {}))
         return len(found)
