@@ -1102,64 +1102,6 @@ def test_an_error_page_is_not_read(children):
             sent.set()
 
 
-def test_the_sync_crawlers_deadline_holds_while_a_server_drips_its_headers(children):
-    """urllib's timeout is for each wait, and its deadline was checked while reading the
-    body only: a server that sent a byte of its headers now and then held the job for as
-    long as it went on (here 4 s, then an empty page: a result, for a timeout of 1.5 s)."""
-    stop = threading.Event()
-
-    def drip(handler):
-        try:
-            handler.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nX-Drip: ")
-            for _ in range(40):
-                if stop.wait(0.1):
-                    return
-                handler.wfile.write(b"x")
-            handler.wfile.write(b"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-        except OSError:   # the crawler hung up
-            pass
-
-    with Site({"/drip": drip}) as site:
-        try:
-            with pytest.raises(TimeoutError, match="^http://.*/drip: no answer in 1.5 s$"):
-                QuickCrawlSync().run(site.url + "/drip")
-        finally:
-            stop.set()
-
-
-class DeadlineCrawlSync(CrawlSync):
-    request_timeout = 2.0
-
-
-def test_the_sync_crawlers_deadline_holds_for_a_read_begun_just_before_it(children):
-    """A read begun just before the deadline waited its whole timeout: a page whose server
-    sent a byte then and nothing more failed a request_timeout late (2 s here, 4 s in all).
-    Now the request ends at its deadline, within a margin kept wide for a loaded machine."""
-    stop = threading.Event()
-
-    def late(handler):
-        handler.send_response(200)
-        handler.send_header("Content-Type", "text/html")
-        handler.end_headers()
-        try:
-            handler.wfile.write(b"<html>")
-            if not stop.wait(DeadlineCrawlSync.request_timeout - 0.3):
-                handler.wfile.write(b"x")   # just before the crawler's deadline
-                stop.wait(30)   # and nothing more
-        except OSError:   # the crawler hung up
-            pass
-
-    with Site({"/late": late}) as site:
-        t0 = time.monotonic()
-        try:
-            with pytest.raises(TimeoutError, match="^http://.*/late: no answer in 2.0 s$"):
-                DeadlineCrawlSync().run(site.url + "/late")
-            elapsed = time.monotonic() - t0
-        finally:
-            stop.set()
-    assert elapsed < DeadlineCrawlSync.request_timeout + 1.0
-
-
 # --- crawl classes of a user's own, run by real workers (they load this module) ----------
 
 class PoliteCrawl(Crawl):

@@ -20,11 +20,8 @@ robots.txt: crawl sites that are not your own with the async crawler, which obey
 from __future__ import annotations
 
 import codecs
-import http.client
 import re
-import socket
 import string
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -242,100 +239,15 @@ def no_answer(url: str, timeout: float) -> TimeoutError:
     return TimeoutError(f"{url}: no answer in {timeout} s")
 
 
-_request = threading.local()   # the _Deadline of the request this thread makes, if any
-
-
-class _Deadline:
-    """The deadline of one request, its socket shut down when it passes, which ends a wait
-    begun before it. urllib's timeout is for each wait: a read begun just before the
-    deadline went on a whole timeout past it, and a server that dripped its headers held
-    the job for as long as it dripped."""
-
-    def __init__(self, seconds: float) -> None:
-        self.at = time.monotonic() + seconds
-        self._sock: socket.socket | None = None
-        self._over = False   # the request ended: its socket is not to be touched
-        self._lock = threading.Lock()
-        self._timer = threading.Timer(seconds, self._shut)
-        self._timer.daemon = True
-
-    @property
-    def passed(self) -> bool:
-        return time.monotonic() >= self.at
-
-    def __enter__(self) -> "_Deadline":
-        _request.deadline = self
-        self._timer.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-        _request.deadline = None
-
-    def stop(self) -> None:
-        """Forget the socket: it is closed next (and its number may be another's)."""
-        with self._lock:
-            self._over, self._sock = True, None
-        self._timer.cancel()
-
-    def watch(self, sock: socket.socket) -> None:
-        """The request's socket, connected: shut down at the deadline, at once if past."""
-        with self._lock:
-            if not self._over:
-                self._sock = sock
-        if self.passed:
-            self._shut()
-
-    def _shut(self) -> None:
-        with self._lock:
-            if self._sock is not None:
-                try:   # the plain socket's: an SSL socket's own drops its state under a read
-                    socket.socket.shutdown(self._sock, socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-
-class _Connection(http.client.HTTPConnection):
-    def connect(self):
-        super().connect()
-        _watch(self.sock)
-
-
-class _HTTPHandler(urllib.request.HTTPHandler):
-    def http_open(self, req):
-        return self.do_open(_Connection, req)
-
-
-def _watch(sock: socket.socket) -> None:
-    """Give a connection's socket to the deadline of the request this thread makes."""
-    deadline = getattr(_request, "deadline", None)
-    if deadline is not None:
-        deadline.watch(sock)
-
-
-_handlers: list[type] = [_HTTPHandler]
-if hasattr(http.client, "HTTPSConnection"):   # Python built with ssl
-    class _TLSConnection(http.client.HTTPSConnection):
-        def connect(self):   # its handshake's waits: the request's timeout each
-            super().connect()
-            _watch(self.sock)
-
-    class _HTTPSHandler(urllib.request.HTTPSHandler):
-        def https_open(self, req):
-            return self.do_open(_TLSConnection, req)
-
-    _handlers.append(_HTTPSHandler)
-
-
-def _read(response, limit: int, deadline: _Deadline) -> bytes:
-    """At most ``limit`` bytes of the body by ``deadline``."""
+def _read(response, limit: int, deadline: float) -> bytes:
+    """At most ``limit`` bytes of the body by ``deadline`` (a wait begun by then lasts the
+    request's timeout at most): urllib's timeout is for each wait, and a server that
+    dripped a page held the job for as long as it took."""
     body = bytearray()
     while len(body) < limit and (chunk := response.read1(min(CHUNK, limit - len(body)))):
         body += chunk
-        if deadline.passed:
+        if time.monotonic() > deadline:
             raise TimeoutError
-    if deadline.passed:   # the end may be its socket shut down: not the whole body
-        raise TimeoutError
     return bytes(body)
 
 
@@ -348,7 +260,7 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
         return None
 
 
-_opener = urllib.request.build_opener(_NoRedirects, *_handlers)
+_opener = urllib.request.build_opener(_NoRedirects)
 
 
 class CrawlSync(Job):
@@ -373,12 +285,11 @@ class CrawlSync(Job):
     def run(self, url: str, batch: str = "", depth: int = 0, redirects: int = 0) -> dict:
         """Crawl page ``url``, ``depth`` links from its start page, reached by ``redirects``
         redirects in a row."""
-        deadline = _Deadline(self.request_timeout)
+        deadline = time.monotonic() + self.request_timeout
         try:
             # normalized: a start URL may be typed as a browser shows it (/café), and
             # urllib sends ASCII only
-            with deadline, _opener.open(normalize_url(url), timeout=self.request_timeout) \
-                    as response:
+            with _opener.open(normalize_url(url), timeout=self.request_timeout) as response:
                 # none said: read, HTML if it starts as HTML (browsers sniff it)
                 html = "html" in response.headers.get_content_type() \
                     if response.headers.get("Content-Type") else None
@@ -391,7 +302,6 @@ class CrawlSync(Job):
                 charset = response.headers.get_content_charset()
                 tags = response.headers.get_all("X-Robots-Tag") or []
                 status = response.status
-                deadline.stop()   # before the response closes its socket
         except TimeoutError:
             raise no_answer(url, self.request_timeout) from None
         except urllib.error.HTTPError as exc:   # a redirect, a 4xx or a 5xx
@@ -418,13 +328,9 @@ class CrawlSync(Job):
                                                    redirects + 1)
             return result
         except urllib.error.URLError as exc:   # a connection not made in time too
-            if not (isinstance(exc.reason, TimeoutError) or deadline.passed):
+            if not isinstance(exc.reason, TimeoutError):
                 raise
             raise no_answer(url, self.request_timeout) from None
-        except (OSError, http.client.HTTPException):
-            if not deadline.passed:
-                raise
-            raise no_answer(url, self.request_timeout) from None   # its socket shut down
         result = {"url": url, "status": status, "links": 0,
                   "bytes": min(len(body), self.max_bytes)}
         if redirects:
