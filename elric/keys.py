@@ -101,7 +101,7 @@ Dedupe filters
     ``{p}:dedupe:rbloom:{scope}:{n}``   string shard ``n`` of a Bloom filter kept in Redis:
                                                the Bloom bits, then a zero byte
                                                (layout in elric/rbloom.py).
-    ``{p}:dedupe:taking:{n}:{scope}{key}`` string the job a filter in Redis let ``key``
+    ``{p}:dedupe:taking:{n}:{scope}{key}`` string the job a filter let ``key``
                                                through for (``n``: the scope's length in
                                                bytes), until the job is queued or the key
                                                given back; expires.
