@@ -563,8 +563,10 @@ class RedisBloomFilter(DedupeFilter):
     name = "redis-bloom"
     VERSION = 4   # bump when the hashing, layout or stage plan changes
 
-    def __init__(self, redis, keys: Keys, *, capacity: int, error_rate: float) -> None:
+    def __init__(self, redis, keys: Keys, *, capacity: int, error_rate: float,
+                 takeover_after: float = TAKEOVER_AFTER) -> None:
         super().__init__(redis, keys)
+        self._takeover_ms = int(takeover_after * 1000)
         self.capacity = capacity
         self.error_rate = error_rate
         self.params = (f"v{self.VERSION} capacity={capacity} error_rate={error_rate!r} "
@@ -592,7 +594,8 @@ class RedisBloomFilter(DedupeFilter):
             return []
         h = rbloom.hash_keys([k.encode("utf-8", "surrogatepass") for k in keys])
         head = [scope, self.params, self.name, self.keys.dedupe_rbloom(scope, 0)[:-1],
-                "" if owners is None else self.keys.dedupe_taking(""), TAKING_TTL_MS]
+                "" if owners is None else self.keys.dedupe_taking(""),
+                TAKING_TTL_MS + self._takeover_ms, self._takeover_ms]
         verdicts = b""
         while len(verdicts) < len(keys):
             part = h[len(verdicts):len(verdicts) + _MAX_KEYS]
@@ -716,4 +719,5 @@ def make_filter(backend: str, redis, keys: Keys, *,
     if backend == "bloom":
         return BloomFilter(redis, keys, capacity=capacity, error_rate=error_rate,
                            snapshot_interval=snapshot_interval)
-    return RedisBloomFilter(redis, keys, capacity=capacity, error_rate=error_rate)
+    return RedisBloomFilter(redis, keys, capacity=capacity, error_rate=error_rate,
+                            takeover_after=takeover_after)
