@@ -107,7 +107,7 @@ class DedupeFilter(ABC):
         """True = key is new in scope (it is now added; let the job through);
         False = seen before. Duplicates inside one call: only the first is True.
         One call costs O(1) round trips to Redis, never one per key. ``owners``: per key
-        the job id taking it ("" for none), noted by the filters in Redis (see ``owned``).
+        the job id taking it ("" for none), noted in Redis by every backend (see ``owned``).
         Nothing is counted ``filtered``: see ``count``."""
 
     def _notes(self, scope: str, keys: list[str]) -> list[str]:
@@ -115,8 +115,8 @@ class DedupeFilter(ABC):
 
     async def owned(self, scope: str, keys: list[str], owners: list[str]) -> list[bool]:
         """Per key: whether ``check_and_add`` let it through for that owner, and neither
-        the owner's job was queued since nor the key given back (the backends in Redis,
-        which note each key's taker; never for ``bloom``)."""
+        the owner's job was queued since nor the key given back (every backend notes each
+        key's taker in Redis; ``bloom`` before its keys go into its memory)."""
         if not keys:
             return []
         got = await self.redis.mget(self._notes(scope, keys))
@@ -307,18 +307,16 @@ class _StagedBloom:
     def items(self) -> int:
         return sum(s.count for s in self.stages)
 
-    def add(self, key: str) -> bool:
-        """Add ``key``; True if it was new."""
-        stages = self.stages
-        # older stages are full: only read; the last one is added to until it is full
-        seen = any(key in s for s in stages[:-1])
-        if not seen and stages[-1].count >= stages[-1].capacity:
-            seen = key in stages[-1]
-            if not seen:
-                stages.append(_PyBloom(*_stage_params(self.capacity, self.error_rate,
-                                                      len(stages))))
-        # add() is True when every bit was set already
-        return not (seen or stages[-1].add(key))
+    def __contains__(self, key: str) -> bool:
+        return any(key in s for s in self.stages)
+
+    def put(self, key: str) -> None:
+        """Add ``key``, which its caller found new (not ``in``), into the last stage, or a
+        next one if that is full."""
+        if self.stages[-1].count >= self.stages[-1].capacity:
+            self.stages.append(_PyBloom(*_stage_params(self.capacity, self.error_rate,
+                                                       len(self.stages))))
+        self.stages[-1].add(key, skip_check=True)   # counted: its job was let through
 
     def stats(self) -> dict:
         fills = [s.bitarray.count() / s.num_bits for s in self.stages]
@@ -370,6 +368,9 @@ class BloomFilter(DedupeFilter):
         self.snapshot_interval = snapshot_interval
         self._filters: dict[str, _StagedBloom] = {}
         self._dirty: set[str] = set()
+        # per scope, the keys a check found new and is noting the takers of: seen meanwhile
+        self._taking: dict[str, set[str]] = {}
+        self._note = lua.load(redis, "dedupe_note_takers", "dedupe_taker_fn")
         # snapshot writes, loads and drop_scope take turns: neither a snapshot in flight
         # nor a load that read before the drop may bring back a scope just dropped
         self._io_lock = asyncio.Lock()
@@ -503,7 +504,25 @@ class BloomFilter(DedupeFilter):
         if not keys:
             return []
         f = await self._filter(scope)
-        out = [f.add(k) for k in keys]   # no await: atomic for every other coroutine
+        taking = self._taking.setdefault(scope, set())
+        out = []
+        for k in keys:   # no await: atomic for every other coroutine
+            out.append(k not in taking and k not in f)
+            if out[-1]:
+                taking.add(k)
+        took = [k for k, new in zip(keys, out) if new]
+        try:
+            if owners is not None and took:
+                # noted before they go in: a snapshot holds no key whose taker is unknown, so
+                # the resend of a job whose master died before queueing it is not filtered
+                await self._note(args=[self.keys.dedupe_taking(""), TAKING_TTL_MS, scope,
+                                       *took, *(o for o, new in zip(owners, out) if new)])
+            for k in took:
+                f.put(k)
+        finally:
+            taking.difference_update(took)
+            if not taking:
+                self._taking.pop(scope, None)
         self._dirty.add(scope)
         self._note_growth(scope, f.items, f.capacity, f.error_rate)
         return out
@@ -544,8 +563,10 @@ class RedisBloomFilter(DedupeFilter):
     name = "redis-bloom"
     VERSION = 4   # bump when the hashing, layout or stage plan changes
 
-    def __init__(self, redis, keys: Keys, *, capacity: int, error_rate: float) -> None:
+    def __init__(self, redis, keys: Keys, *, capacity: int, error_rate: float,
+                 takeover_after: float = TAKEOVER_AFTER) -> None:
         super().__init__(redis, keys)
+        self._takeover_ms = int(takeover_after * 1000)
         self.capacity = capacity
         self.error_rate = error_rate
         self.params = (f"v{self.VERSION} capacity={capacity} error_rate={error_rate!r} "
@@ -573,7 +594,8 @@ class RedisBloomFilter(DedupeFilter):
             return []
         h = rbloom.hash_keys([k.encode("utf-8", "surrogatepass") for k in keys])
         head = [scope, self.params, self.name, self.keys.dedupe_rbloom(scope, 0)[:-1],
-                "" if owners is None else self.keys.dedupe_taking(""), TAKING_TTL_MS]
+                "" if owners is None else self.keys.dedupe_taking(""),
+                TAKING_TTL_MS + self._takeover_ms, self._takeover_ms]
         verdicts = b""
         while len(verdicts) < len(keys):
             part = h[len(verdicts):len(verdicts) + _MAX_KEYS]
@@ -697,4 +719,5 @@ def make_filter(backend: str, redis, keys: Keys, *,
     if backend == "bloom":
         return BloomFilter(redis, keys, capacity=capacity, error_rate=error_rate,
                            snapshot_interval=snapshot_interval)
-    return RedisBloomFilter(redis, keys, capacity=capacity, error_rate=error_rate)
+    return RedisBloomFilter(redis, keys, capacity=capacity, error_rate=error_rate,
+                            takeover_after=takeover_after)

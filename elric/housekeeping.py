@@ -42,6 +42,7 @@ class Housekeeping:
         self._redelivered_at = -math.inf   # Redis time of the last redelivery pass
         self._hold_until = 0.0
         self._saw_data = False   # whether data_since was there: its loss is then Redis's
+        self._epoch = 0          # the data_epoch this master last wrote: Redis stays above it
 
     async def run(self) -> None:
         """Until cancelled; any error is logged and retried, never the end of the loop."""
@@ -74,10 +75,22 @@ class Housekeeping:
 
     async def _check_data(self) -> None:
         """Say it when Redis lost its data: the jobs went with it, and nothing else says so
-        (a worker whose jobs vanished thinks it was cut off)."""
+        (a worker whose jobs vanished thinks it was cut off). Or that it went back to older
+        data: an older snapshot still holds data_since, but a data_epoch below this
+        master's last write."""
         if await self.redis.exists(self.keys.data_since):
             self._saw_data = True
+            with contextlib.suppress(ResponseError):   # a full Redis: next pass
+                epoch, last = await self.redis.incr(self.keys.data_epoch), self._epoch
+                self._epoch = epoch
+                if epoch <= last:
+                    log.error("Redis went back to older data (restarted from an older RDB "
+                              "snapshot or AOF, or a replica behind was promoted): what elric "
+                              "wrote since is gone; jobs accepted then are lost, and jobs "
+                              "ended then may run again; only appendonly yes with appendfsync "
+                              "always keeps every write through a Redis crash")
             return
+        self._epoch = 0   # gone with the rest: said below, not again as older data
         # a full Redis refuses the SET: tried again next pass, as an outage here would hold
         # redelivery back (see REDELIVER_GAP)
         with contextlib.suppress(ResponseError):

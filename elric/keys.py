@@ -17,6 +17,9 @@ Jobs and queues
     ``{p}:data_since``              string when (ms, Redis's clock) a master first found
                                            no such key: one gone later means Redis lost
                                            its data, which that master then says.
+    ``{p}:data_epoch``              string counter each master raises every pass; one
+                                           below what it last wrote means Redis went back
+                                           to older data, which that master then says.
     ``{p}:seq``                     string counter behind the FIFO sequence numbers and
                                            periodic jobs' versions (never reused).
     ``{p}:wake:{queue}``            list   wake-up tokens; idle workers BLPOP on them.
@@ -101,7 +104,7 @@ Dedupe filters
     ``{p}:dedupe:rbloom:{scope}:{n}``   string shard ``n`` of a Bloom filter kept in Redis:
                                                the Bloom bits, then a zero byte
                                                (layout in elric/rbloom.py).
-    ``{p}:dedupe:taking:{n}:{scope}{key}`` string the job a filter in Redis let ``key``
+    ``{p}:dedupe:taking:{n}:{scope}{key}`` string the job a filter let ``key``
                                                through for (``n``: the scope's length in
                                                bytes), until the job is queued or the key
                                                given back; expires.
@@ -138,6 +141,7 @@ class Keys:
         self.queues = f"{p}:queues"
         self.seq = f"{p}:seq"
         self.data_since = f"{p}:data_since"
+        self.data_epoch = f"{p}:data_epoch"
         self.inflight = f"{p}:inflight"
         self.delayed = f"{p}:delayed"
         self.counters = f"{p}:stats:counters"

@@ -85,7 +85,7 @@ class Reservation:
         # Bloom filter keeps the keys it took, and a call that fails would lose those jobs
         for scope, group in sorted(_by_scope(unanswered).items(),
                                    key=lambda g: not self.gate.filter_for(g[0]).can_release):
-            try:   # a filter in Redis notes each key's taker (see ``reclaim``, ``_took``)
+            try:   # each filter notes each key's taker (see ``reclaim``, ``_took``)
                 verdicts = await self.gate.filter_for(scope).check_and_add(
                     scope, [s["dedupe_key"] for s in group], [s["job_id"] for s in group])
             except DedupeError as exc:
@@ -132,7 +132,7 @@ class Reservation:
     async def _took(self, specs: list[dict]) -> list[dict]:
         """The keyed ``specs`` whose key a check took for their very job id, not queued
         since: the filter recorded it as the taker. One a check found seen is another
-        job's, not to be freed (nor one the in-master `bloom` holds: it notes no takers)."""
+        job's, not to be freed."""
         took = []
         for scope, group in _by_scope(s for s in specs if s.get("dedupe_key") is not None).items():
             mine = await self.gate.filter_for(scope).owned(

@@ -688,3 +688,87 @@ def test_a_key_whose_job_was_never_queued_goes_to_a_resend_without_an_id(make_cl
     finally:
         r.close()
         proxy.close()
+
+
+def test_a_bloom_batch_whose_master_died_before_queueing_it_is_queued_on_resend(make_cluster,
+                                                                               redis_url):
+    """`bloom`: the master took the batch's keys in its memory, a periodic snapshot wrote
+    them to Redis while the enqueue was under way, and the master was SIGKILLed before
+    queueing. The client sent the batch again (same ids) to the restarted master, which
+    loaded the snapshot: every job was answered "filtered" and none existed, the batch lost.
+    A resend of the same jobs must be queued, and a new job with a key of it filtered."""
+    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    proxy = HoldingProxy(port, enqueue_sha())
+    r = redis.Redis.from_url(redis_url)
+    try:
+        c = make_cluster(REDIS_URL=f"redis://127.0.0.1:{proxy.port}/0", FILTER_BACKEND="bloom",
+                         BLOOM_SNAPSHOT_INTERVAL=0.2)
+        doomed = c.start_master()
+        specs = [Echo.spec([i], job_id=f"page-{i}", dedupe_key=f"http://x/{i}",
+                           dedupe_scope="crawl") for i in range(5)]
+        box = {}
+
+        def call():
+            try:
+                with MasterClient(c.address, timeout=5) as cl:
+                    box["reply"] = cl.submit_jobs(specs)
+            except Exception as exc:
+                box["reply"] = exc
+        t = threading.Thread(target=call, daemon=True)
+        t.start()
+        wait_for(lambda: r.hget(f"{PREFIX}:dedupe:stats:crawl", "items") == b"5",
+                 what="a snapshot holding the batch's keys")
+        doomed.kill()
+        t.join(20)
+        assert isinstance(box.get("reply"), Exception), box
+        assert not r.exists(f"{PREFIX}:job:page-0")
+        other = make_cluster(FILTER_BACKEND="bloom")   # straight to Redis
+        other.start_master()
+        assert statuses(other.client.submit_jobs(specs)) == ["queued"] * 5
+        assert other.client.submit_job({**specs[0], "job_id": "dup"})["status"] == "filtered"
+        assert statuses(other.client.submit_jobs(specs)) == ["queued"] * 5   # (they exist)
+        assert len(other.client.list_jobs()) == 5
+    finally:
+        r.close()
+        proxy.close()
+
+
+def test_a_redis_bloom_key_whose_job_was_never_queued_goes_to_a_resend_under_a_new_id(
+        make_cluster, redis_url):
+    """`redis-bloom`: a master SIGKILLed between the filter and the queue left the key
+    taken for a job that never existed. A resend under a new job_id (a client that lets the
+    master or `Job.submit` pick ids, as a rerun parent's children do) was "filtered" for
+    good: the job was lost. As with `set`, past DEDUPE_TAKEOVER_AFTER the next job with the
+    key takes it over, once."""
+    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    proxy = HoldingProxy(port, enqueue_sha())
+    r = redis.Redis.from_url(redis_url)
+    try:
+        c = make_cluster(REDIS_URL=f"redis://127.0.0.1:{proxy.port}/0",
+                         FILTER_BACKEND="redis-bloom", DEDUPE_TAKEOVER_AFTER=1)
+        doomed = c.start_master()
+        spec = Echo.spec(["p"], dedupe_key="http://x/9")      # no job_id: a fresh one each time
+        box = {}
+
+        def call():
+            try:
+                with MasterClient(c.address, timeout=5) as cl:
+                    box["reply"] = cl.submit_job(spec)
+            except Exception as exc:
+                box["reply"] = exc
+        t = threading.Thread(target=call, daemon=True)
+        t.start()
+        wait_for(lambda: r.hget(f"{PREFIX}:dedupe:stats:global", "items") == b"1",
+                 what="the filter took the key")
+        doomed.kill()
+        t.join(20)
+        assert isinstance(box.get("reply"), Exception), box
+        other = make_cluster(FILTER_BACKEND="redis-bloom", DEDUPE_TAKEOVER_AFTER=1)
+        other.start_master()
+        first = wait_for(lambda: (lambda got: got if got["status"] == "queued" else None)(
+            other.client.submit_job(spec)), what="a resend queued")
+        assert other.client.submit_job(spec)["status"] == "filtered"
+        assert [j["job_id"] for j in other.client.list_jobs()] == [first["job_id"]]
+    finally:
+        r.close()
+        proxy.close()

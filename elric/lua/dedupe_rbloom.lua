@@ -3,7 +3,9 @@
 -- ARGV[1] the scope, ARGV[2] the master's parameters, ARGV[3] the backend name,
 --      ARGV[4] the shard key prefix (a shard's key is the prefix and its number),
 --      ARGV[5] the prefix of the keys that name the job taking a key ('': none), ARGV[6]
---      how long those are kept (ms), ARGV[7] the number of stages sent, then per stage
+--      how long those are kept (ms), ARGV[7] after how long (ms) a key whose job was never
+--      queued goes to the next job (dedupe_taker_fn.lua), ARGV[8] the number of stages
+--      sent, then per stage
 --      s = 0, 1, ... that the master sent, six items: cumulative capacity (items of
 --      stage s and every earlier one), k, first shard, shards, shard bytes, and
 --      the keys' records: per key 1 + k little-endian uint32s, its shard's number then
@@ -21,10 +23,11 @@
 --      of their last byte, never a Bloom bit) before a key goes in. A key seen is not
 --      counted `filtered` here: the caller counts the jobs it drops (dedupe_count.lua).
 --      A job that takes a key is noted as its taker in the same step (dedupe_taker_fn.lua):
---      a master that dies before queueing it leaves the key to a resend of that job.
+--      a master that dies before queueing it leaves the key to a resend of that job, and to
+--      any job once the note is orphaned (taken over: its bits are set, nothing counted).
 local stats, registry = KEYS[1], KEYS[2]
 local scope, params, backend, prefix = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local tp, kept, sent = ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7])
+local tp, kept, grace, sent = ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
 local other = redis.call('HGET', stats, 'backend')
 if other and other ~= backend then return redis.error_reply('BACKEND ' .. other) end
 local theirs = redis.call('HGET', stats, 'params')
@@ -33,7 +36,7 @@ local items = tonumber(redis.call('HGET', stats, 'items') or 0)
 
 local cum, first, shards, size, blob, fmt, width, get, set = {}, {}, {}, {}, {}, {}, {}, {}, {}
 for s = 0, sent - 1 do
-  local a = 7 + 6 * s
+  local a = 8 + 6 * s
   local k = tonumber(ARGV[a + 2])
   cum[s], first[s], shards[s] = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
   size[s], blob[s] = tonumber(ARGV[a + 5]), ARGV[a + 6]
@@ -71,7 +74,7 @@ end
 
 local out = {}
 local n = #blob[0] / width[0]
-local taken = 8 + 6 * sent   -- the first key's index, its job id's n later
+local taken = 9 + 6 * sent   -- the first key's index, its job id's n later
 for j = 0, n - 1 do
   local seen = false
   for s = cur - 1, 0, -1 do          -- read the older stages, the largest first
@@ -85,7 +88,10 @@ for j = 0, n - 1 do
     seen = true
     for i = 1, #old do if old[i] == 0 then seen = false break end end
   end
-  if seen then
+  if seen and orphaned(tp, scope, ARGV[taken + j], kept, grace) then
+    out[j + 1] = '1'
+    note_taker(tp, scope, ARGV[taken + j], ARGV[taken + n + j], kept)
+  elseif seen then
     out[j + 1] = '0'
   else
     out[j + 1] = '1'
