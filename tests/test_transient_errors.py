@@ -332,19 +332,41 @@ def test_housekeeping_goes_on_with_its_other_steps_past_a_key_of_another_type(re
 
 
 @contextlib.contextmanager
-def redis_running_a_long_script(url: str):
+def redis_running_a_long_script(url: str, until=None):
     """Redis answers BUSY to everything while a script runs past busy-reply-threshold:
-    yields once a probe sees BUSY; leaves when the script has ended."""
+    yields once a probe sees BUSY. The script runs until ``until()`` holds (polled from a
+    thread; else until the block ends), then SCRIPT KILL ends it: a script of a fixed
+    length had ended before a process slow to start on a loaded machine reached Redis."""
     import threading
 
     import redis
 
-    r = redis.Redis.from_url(url)
+    r = redis.Redis.from_url(url, socket_timeout=300)   # the script's reply waits
     r.config_set("busy-reply-threshold", 100)
-    busy = threading.Thread(target=r.eval, args=(
-        "local stop = redis.call('TIME')[1] + 5 "
-        "while tonumber(redis.call('TIME')[1]) < stop do end", 0))
+
+    def run_script() -> None:
+        with contextlib.suppress(redis.exceptions.ResponseError):   # killed
+            r.eval("local stop = redis.call('TIME')[1] + 120 "
+                   "while tonumber(redis.call('TIME')[1]) < stop do end", 0)
+
+    busy = threading.Thread(target=run_script)
     probe = redis.Redis.from_url(url)
+
+    def end() -> None:
+        while True:   # until Redis says no script runs
+            try:
+                probe.script_kill()
+            except redis.exceptions.ResponseError as exc:
+                if str(exc).startswith("NOTBUSY"):
+                    break
+                raise
+        busy.join(30)
+
+    def end_when_until() -> None:
+        with contextlib.suppress(AssertionError):   # not by the deadline: ended all the same
+            wait_for(until, timeout=60, what="the condition to end the script")
+        end()
+
     try:
         busy.start()
 
@@ -355,10 +377,20 @@ def redis_running_a_long_script(url: str):
             except redis.exceptions.ResponseError as exc:
                 return str(exc).startswith("BUSY")
         wait_for(refused, what="Redis busy with the script")
-        yield busy
+        if until is not None:
+            threading.Thread(target=end_when_until, daemon=True).start()
+        yield
     finally:
-        busy.join(30)
-        r.config_set("busy-reply-threshold", 5000)
+        end()
+
+        def restored() -> bool:   # a script of the processes' may run past 100 ms on a
+            try:                  # loaded machine, and be answered BUSY meanwhile too
+                return r.config_set("busy-reply-threshold", 5000)
+            except redis.exceptions.ResponseError as exc:
+                if not str(exc).startswith("BUSY"):
+                    raise
+                return False
+        wait_for(restored, what="busy-reply-threshold restored")
         r.close()
         probe.close()
 
@@ -366,11 +398,10 @@ def redis_running_a_long_script(url: str):
 def test_a_worker_started_while_redis_runs_a_long_script_waits_for_it(cluster):
     """A worker starting then died with the error's traceback instead of waiting, as it
     does for Redis away."""
-    with redis_running_a_long_script(cluster.redis_url) as busy:
+    with redis_running_a_long_script(cluster.redis_url):
         worker = cluster.start_worker("--concurrency", "1", wait=False)
-        wait_for(lambda: "busy" in worker.log().lower() or not worker.alive(), timeout=30,
+        wait_for(lambda: "busy" in worker.log().lower() or not worker.alive(), timeout=60,
                  what="the worker meeting BUSY")
-        busy.join(30)
     wait_for(lambda: not worker.alive() or any(
         w.get("pid") == worker.pid for w in cluster.client.stats()["workers"]),
         what="the worker registered")
@@ -381,8 +412,10 @@ def test_a_master_started_while_redis_runs_a_long_script_waits_for_it(make_clust
     """A master starting then exited 2, "a setting to fix", so a supervisor that restarts
     only on 3 left the cluster without a master."""
     cluster = make_cluster()
-    with redis_running_a_long_script(cluster.redis_url):
-        master = cluster.start_master()   # returns once it listens
+    log = cluster.tmp_path / f"master-{len(cluster.procs)}.log"   # start_master's
+    with redis_running_a_long_script(
+            cluster.redis_url, until=lambda: log.exists() and "busy" in log.read_text().lower()):
+        master = cluster.start_master()   # returns once it listens: the script ended
         assert "busy" in master.log().lower(), master.log()
     assert cluster.client.stats()["workers"] == [], master.log()
     assert master.alive(), master.log()
