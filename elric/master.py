@@ -58,9 +58,9 @@ def _rpc(handler):
     changed = "queued" if handler.__name__.startswith("submit_") else "changed"
 
     @functools.wraps(handler)
-    async def call(*params):
+    async def call(*params, **options):   # options: the dashboard's; the RPC sends none
         try:
-            return await handler(*params)
+            return await handler(*params, **options)
         except (SpecError, Refused, ScopeRefused) as exc:
             raise RequestError(str(exc), ErrorCode.BAD_REQUEST) from None
         except NotFound as exc:   # (a KeyError from a bug is internal: not a missing job)
@@ -464,8 +464,10 @@ class Master:
         return dataclasses.asdict(step)
 
     @_rpc
-    async def stats(self) -> dict:
-        stats = await self.queue.stats()
+    async def stats(self, *, all_funcs: bool = False) -> dict:
+        """``all_funcs`` (not for the RPC, whose reply stays bounded): /metrics's, every
+        func's row."""
+        stats = await self.queue.stats(all_funcs=all_funcs)
         stats["by_status"][Status.SCHEDULED] = await self.store.count()
         filters = {}
         for f in self.filters.values():

@@ -684,6 +684,43 @@ def test_no_counter_in_metrics_goes_down_when_a_dedupe_key_is_given_back(make_cl
     assert re.search(r'^elric_dedupe_keys\{scope="\w+"\} 0\.0$', after["text"], re.M)
 
 
+def test_metrics_count_every_func_not_only_the_latest_that_stats_holds(make_cluster,
+                                                                         redis_url):
+    """/metrics read stats(), which holds the 100 funcs last active: past 100 funcs, an
+    older func's counters left the scrape until it ran again (past 100 busy ones, funcs
+    left and came back scrape by scrape): gaps in its graphs, a sum over funcs that fell
+    and rose again (a reset to rate()), and what it did in a gap longer than rate()'s
+    window never counted."""
+    import time
+
+    import redis
+
+    from elric.keys import Keys
+    from elric.queue import STATS_ROWS
+
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}")
+    cluster.start_master()
+    keys, funcs, now_ms = Keys("elric"), STATS_ROWS + 20, int(time.time() * 1000)
+    with redis.Redis.from_url(redis_url) as r, r.pipeline(transaction=False) as pipe:
+        for i in range(funcs):   # gen.f0 last active the longest ago
+            pipe.sadd(keys.funcs, f"gen.f{i}")
+            pipe.hset(keys.func(f"gen.f{i}"), mapping={
+                "submitted": i + 3, "succeeded": i + 1, "failed": 1, "le:1": i + 2,
+                "duration_ms": 7 * (i + 2), "last_at": now_ms - (funcs - i) * 1000})
+        pipe.execute()
+    assert len(cluster.client.stats()["funcs"]) == STATS_ROWS   # the RPC reply stays bounded
+    text = get(f"http://127.0.0.1:{port}/metrics")[1]
+    succeeded = dict(re.findall(r'^elric_func_jobs_total\{func="([^"]+)",outcome="succeeded"'
+                                r'\} (\S+)$', text, re.M))
+    assert succeeded == {f"gen.f{i}": f"{i + 1}.0" for i in range(funcs)}, succeeded
+    for i in (0, funcs - 1):   # the oldest's figures as the newest's: its own
+        assert f'elric_func_jobs_total{{func="gen.f{i}",outcome="failed"}} 1.0' in text
+        assert f'elric_job_duration_seconds_count{{func="gen.f{i}"}} {i + 2}.0' in text
+        assert f'elric_job_duration_seconds_sum{{func="gen.f{i}"}} {7 * (i + 2) / 1000}' \
+            in text
+
+
 def test_a_worker_field_that_is_no_number_is_shown_not_a_broken_page(make_cluster, redis_url):
     import time
 
@@ -1246,3 +1283,4 @@ def test_an_action_after_the_session_ended_is_the_login_that_leads_back(make_clu
     assert cluster.client.get_job("j1")["status"] == "queued"
     login = urllib.parse.urlencode({"password": PASSWORD, "next": back}).encode()
     assert expired.open(base + "/login", data=login).geturl() == base + back
+

@@ -227,7 +227,9 @@ class Dashboard:
                             warnings=warnings)
 
     async def metrics(self, request: web.Request):
-        body = metrics.render(await self.master.stats())
+        # every func: one that left the scrape (stats() holds the latest) left gaps in its
+        # graphs, and sums over funcs that fell and rose
+        body = metrics.render(await self.master.stats(all_funcs=True))
         return web.Response(body=body, headers={"Content-Type": metrics.CONTENT_TYPE})
 
     # --- login and actions ------------------------------------------------------------
