@@ -50,7 +50,8 @@ MAX_SCAN = 100_000   # jobs list_jobs looks at, at most, to fill a page
 MAX_RUN_WAIT = 20.0  # seconds run_job may wait for its fire: well inside a client's timeout
 
 
-_READS = ("ping", "health", "get_job", "list_jobs", "stats")   # RPC handlers that only read
+# RPC handlers that only read (job_kind: the dashboard's)
+_READS = ("ping", "health", "get_job", "list_jobs", "stats", "job_kind")
 
 
 def _rpc(handler):
@@ -311,6 +312,17 @@ class Master:
     async def get_job(self, job_id) -> dict | None:
         job = await self.queue.get_job(_id(job_id))
         return job if job is not None else await self.store.get(job_id)
+
+    @_rpc
+    async def job_kind(self, job_id) -> dict | None:
+        """What the dashboard's actions check before acting, read alone (get_job reads a
+        job's result, a periodic job's runs): ``{"periodic": False, "status"}``, ``{"periodic":
+        True, "status", "paused"}``, or None when there is no such job. Not an RPC method."""
+        [hold] = await self.queue.get_holds([_id(job_id)])
+        if hold is not None:   # as get_job: a one-off job before a periodic one
+            return {"periodic": False, "status": hold.status}
+        state = await self.store.state(job_id)
+        return state and {"periodic": True, **state}
 
     @_rpc
     async def remove_job(self, job_id) -> bool:

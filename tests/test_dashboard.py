@@ -1284,3 +1284,69 @@ def test_an_action_after_the_session_ended_is_the_login_that_leads_back(make_clu
     login = urllib.parse.urlencode({"password": PASSWORD, "next": back}).encode()
     assert expired.open(base + "/login", data=login).geturl() == base + back
 
+
+def test_an_action_checks_its_targets_kind_without_reading_results_or_runs(make_cluster,
+                                                                            browser,
+                                                                            redis_url):
+    """Before acting, an action read each target whole (get_job) to tell a one-off job from
+    a periodic one: a job's result (megabytes make the click slow), a periodic job's spec
+    and runs with their rounds. It reads the fields it checks, and nothing more."""
+    import threading
+
+    import redis
+
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}", DASHBOARD_PASSWORD=PASSWORD)
+    cluster.start_master()
+    cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job(Echo.spec(["x" * 900_000], job_id="big"))
+    assert cluster.wait_job("big")["status"] == "succeeded"
+    cluster.client.submit_job(Echo.spec(job_id="tick", queue="nobody", trigger=every(hours=1)))
+    page = browser.new_page()
+    page.clock.install()   # no refresh: only the action reads
+    page.goto(f"http://127.0.0.1:{port}/login?next=/jobs%3Fstatus%3Dsucceeded")
+    page.fill("input[name=password]", PASSWORD)
+    page.press("input[name=password]", "Enter")
+    page.wait_for_selector("tr.job[data-id=big]")
+    marks = redis.Redis.from_url(redis_url)
+
+    def through(route):   # the action's own reads lie between two marks, the page after
+        marks.echo("act-start")
+        response = route.fetch(max_redirects=0)
+        marks.echo("act-done")
+        route.fulfill(response=response)
+    page.route("**/act", through)
+
+    def read_by(click) -> list[str]:
+        """What the dashboard asked Redis itself (not its scripts) while it acted."""
+        seen, ready = [], threading.Event()
+
+        def watch():
+            with redis.Redis.from_url(redis_url).monitor() as m:
+                ready.set()
+                for command in m.listen():
+                    seen.append(command)
+                    if command["command"] == "ECHO act-done":
+                        return
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        assert ready.wait(10)
+        click()
+        watcher.join(30)
+        assert not watcher.is_alive(), seen
+        start = [c["command"] for c in seen].index("ECHO act-start")
+        return [c["command"] for c in seen[start:] if c["client_type"] != "lua"]
+
+    reads = read_by(lambda: page.locator("tr.job[data-id=big] button.retry").click())
+    page.wait_for_selector("text=retry: 1 of 1 done")
+    assert not [c for c in reads if c.startswith("HGETALL elric:job:big") or
+                c.startswith(("HGET ", "HMGET ")) and " result" in c], reads
+    page.goto(f"http://127.0.0.1:{port}/schedules")
+    page.wait_for_selector("tr:has-text('tick')")
+    reads = read_by(lambda: page.locator("tr", has_text="tick").locator(
+        "button", has_text="pause").click())
+    page.wait_for_selector("text=pause: 1 of 1 done")
+    # the pause reads the schedule once, to change it; its runs are read by no one
+    assert reads.count("HGETALL elric:schedule:tick") == 1 and not [
+        c for c in reads if c.startswith("LRANGE")], reads
+    assert cluster.client.get_job("tick")["paused"] is True

@@ -293,11 +293,11 @@ class Dashboard:
         done, errors, jobs = 0, [], {}
         for one in ids if kind != "worker" else []:   # its kind, checked before any is done
             try:   # (a job delete given a schedule's id removed the schedule)
-                jobs[one] = await self.master.get_job(one)
+                jobs[one] = await self.master.job_kind(one)
             except RequestError as exc:   # Redis away, an id it refuses: left alone, said why
                 errors.append(f"{one}: {exc}")
         if wrong := [one for one, job in jobs.items()
-                     if job and ("trigger" in job) != (kind == "schedule")]:
+                     if job and job["periodic"] != (kind == "schedule")]:
             periodic = "a periodic" if kind == "job" else "a one-off"
             raise web.HTTPBadRequest(text=f"{wrong[0]!r} is {periodic} job: the {kind} action "
                                           f"{action!r} does not act on it; nothing was done\n")
