@@ -89,6 +89,12 @@ def _float_or_none(raw: bytes | None) -> float | None:
     return None if raw in (None, b"") else float(raw)
 
 
+def _status(paused: bool, next_run_time: float | None) -> str:
+    """A periodic job's status: paused, scheduled, or finished (no fire is left)."""
+    return "paused" if paused else (Status.SCHEDULED if next_run_time is not None
+                                    else "finished")
+
+
 @dataclass
 class Options:
     """How a periodic job's fires are run when some are late or still running (checked)."""
@@ -176,6 +182,16 @@ class RedisJobStore:
         raw = await self.redis.hgetall(self.keys.schedule(job_id))
         return StoredJob.from_hash(job_id, raw) if raw else None
 
+    async def state(self, job_id: str) -> dict | None:
+        """A periodic job's ``status`` and ``paused`` as ``get`` answers them, read alone
+        (not its spec, runs and rounds); None when there is no such job."""
+        nrt, paused = await self.redis.hmget(self.keys.schedule(job_id), "next_run_time",
+                                             "paused")
+        if paused is None:
+            return None
+        return {"status": _status(paused == b"1", _float_or_none(nrt)),
+                "paused": paused == b"1"}
+
     async def get(self, job_id: str) -> dict | None:
         """The job spec plus trigger, next_run_time, paused, status and its last runs, each
         fired one with the progress of its round (the fire and its descendants)."""
@@ -199,7 +215,7 @@ class RedisJobStore:
             elif started and finished:
                 r["duration"] = (float(finished) - float(started)) / 1000.0
         nrt = None if job.paused else job.next_run_time
-        status = "paused" if job.paused else (Status.SCHEDULED if nrt is not None else "finished")
+        status = _status(job.paused, nrt)
         return {**job.spec, "trigger": job.trigger, "trigger_text": str(build_trigger(job.trigger)),
                 "status": status, "paused": job.paused, "next_run_time": nrt,
                 "next_run_iso": iso(nrt), **dataclasses.asdict(job.options), "runs": runs}

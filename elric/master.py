@@ -50,7 +50,8 @@ MAX_SCAN = 100_000   # jobs list_jobs looks at, at most, to fill a page
 MAX_RUN_WAIT = 20.0  # seconds run_job may wait for its fire: well inside a client's timeout
 
 
-_READS = ("ping", "health", "get_job", "list_jobs", "stats")   # RPC handlers that only read
+# RPC handlers that only read (job_kind: the dashboard's)
+_READS = ("ping", "health", "get_job", "list_jobs", "stats", "job_kind")
 
 
 def _rpc(handler):
@@ -58,9 +59,9 @@ def _rpc(handler):
     changed = "queued" if handler.__name__.startswith("submit_") else "changed"
 
     @functools.wraps(handler)
-    async def call(*params):
+    async def call(*params, **options):   # options: the dashboard's; the RPC sends none
         try:
-            return await handler(*params)
+            return await handler(*params, **options)
         except (SpecError, Refused, ScopeRefused) as exc:
             raise RequestError(str(exc), ErrorCode.BAD_REQUEST) from None
         except NotFound as exc:   # (a KeyError from a bug is internal: not a missing job)
@@ -313,6 +314,17 @@ class Master:
         return job if job is not None else await self.store.get(job_id)
 
     @_rpc
+    async def job_kind(self, job_id) -> dict | None:
+        """What the dashboard's actions check before acting, read alone (get_job reads a
+        job's result, a periodic job's runs): ``{"periodic": False, "status"}``, ``{"periodic":
+        True, "status", "paused"}``, or None when there is no such job. Not an RPC method."""
+        [hold] = await self.queue.get_holds([_id(job_id)])
+        if hold is not None:   # as get_job: a one-off job before a periodic one
+            return {"periodic": False, "status": hold.status}
+        state = await self.store.state(job_id)
+        return state and {"periodic": True, **state}
+
+    @_rpc
     async def remove_job(self, job_id) -> bool:
         removed = await self.queue.remove(_id(job_id))
         return await self.store.remove(job_id) or removed
@@ -464,8 +476,10 @@ class Master:
         return dataclasses.asdict(step)
 
     @_rpc
-    async def stats(self) -> dict:
-        stats = await self.queue.stats()
+    async def stats(self, *, all_funcs: bool = False) -> dict:
+        """``all_funcs`` (not for the RPC, whose reply stays bounded): /metrics's, every
+        func's row."""
+        stats = await self.queue.stats(all_funcs=all_funcs)
         stats["by_status"][Status.SCHEDULED] = await self.store.count()
         filters = {}
         for f in self.filters.values():

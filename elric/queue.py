@@ -596,7 +596,9 @@ class RedisQueue:
                         await self.redis.zrem(index, *gone)
         return out[offset:offset + limit]
 
-    async def stats(self) -> dict:
+    async def stats(self, *, all_funcs: bool = False) -> dict:
+        """``all_funcs``: every func's row, not the STATS_ROWS last active (/metrics: a
+        counter must not leave a scrape and come back)."""
         k = self.keys
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.smembers(k.queues)
@@ -606,8 +608,8 @@ class RedisQueue:
             *names, (seconds, micros) = await pipe.execute()
         queues, every_batch, every_func = ([_s(x) for x in group] for group in names)
         queues = sorted(queues)
-        batches, funcs = await self._latest(every_batch, k.batch), \
-            await self._latest(every_func, k.func)
+        batches = await self._latest(every_batch, k.batch)
+        funcs = sorted(every_func) if all_funcs else await self._latest(every_func, k.func)
         now = seconds + micros / 1e6   # Redis's clock, as the scripts'
         last = int(now // 60)
         minutes = range(last - jobstats.THROUGHPUT_MINUTES + 1, last + 1)

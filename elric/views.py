@@ -44,13 +44,23 @@ def cut(text: str, most: int) -> str:
     return text if len(text) <= most else text[:most - 1] + "…"
 
 
+_offset = 0.0   # Redis's clock minus this machine's, once use_clock has been told it
+
+
+def use_clock(now: float) -> None:
+    """Judge every "ago" from here on by ``now``, Redis's clock as a reply answered it, run
+    on as time passes (a stream of pages too): this machine's clock may be hours off."""
+    global _offset
+    _offset = now - time.time()
+
+
 def when(seconds: float | None, now: float | None = None) -> str:
     """An epoch time as local time, its zone named, with how long ago or ahead of ``now``
-    (Redis's clock where known) it is; a value that is no number (a worker's hash someone
-    edited: stats() keeps it as it is) as it is."""
+    (default: Redis's clock as use_clock was told it) it is; a value that is no number (a
+    worker's hash someone edited: stats() keeps it as it is) as it is."""
     if not seconds or not isinstance(seconds, (int, float)):
         return str(seconds or "-")
-    delta = seconds - (now or time.time())
+    delta = seconds - (now or time.time() + _offset)
     ago = f"in {_span(delta)}" if delta > 0 else f"{_span(-delta)} ago"
     return f"{datetime.fromtimestamp(seconds).astimezone():%Y-%m-%d %H:%M:%S %Z} ({ago})"
 

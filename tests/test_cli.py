@@ -955,3 +955,26 @@ def test_how_long_ago_is_judged_by_redis_clock_not_the_cli_machines(cluster):
         assert shown.returncode == 0 and lines, (command, shown.stdout, shown.stderr)
         for line in lines:
             assert re.search(r"\([\d.]+ s ago\)", line), (command, line)
+
+
+def test_how_long_ago_a_job_or_a_schedule_shows_is_judged_by_redis_clock(cluster):
+    """`elric job`, `jobs`, `results` and `schedules` judged "... ago" by the clock of the
+    machine they ran on: one two hours ahead showed a job that ended a second ago as ended
+    "(2 h ago)", and an hourly job's next run, an hour ahead, as "(1 h ago)"."""
+    from elric.launch import faketime_lib
+
+    if (lib := faketime_lib()) is None:
+        pytest.skip("needs the libfaketime package (pip install -e .[test])")
+    cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job(Echo.spec(["hi"], job_id="done"))
+    cluster.wait_job("done")
+    cluster.client.submit_job(Echo.spec(job_id="tick", queue="nobody", trigger=every(hours=1)))
+    cluster.env.update(LD_PRELOAD=lib, FAKETIME="+7200")
+    ended, next_run = re.compile(r"\([\d.]+ s ago\)"), re.compile(r"\(in (59|60) min\)")
+    for command, wanted in ((["job", "done"], ended), (["jobs", "--status", "succeeded"], ended),
+                            (["results"], ended), (["schedules"], next_run),
+                            (["job", "tick"], next_run)):
+        shown = elric(cluster, *command)
+        assert shown.returncode == 0, (command, shown.stdout, shown.stderr)
+        assert wanted.search(shown.stdout) and " h ago" not in shown.stdout, \
+            (command, shown.stdout)

@@ -684,6 +684,43 @@ def test_no_counter_in_metrics_goes_down_when_a_dedupe_key_is_given_back(make_cl
     assert re.search(r'^elric_dedupe_keys\{scope="\w+"\} 0\.0$', after["text"], re.M)
 
 
+def test_metrics_count_every_func_not_only_the_latest_that_stats_holds(make_cluster,
+                                                                         redis_url):
+    """/metrics read stats(), which holds the 100 funcs last active: past 100 funcs, an
+    older func's counters left the scrape until it ran again (past 100 busy ones, funcs
+    left and came back scrape by scrape): gaps in its graphs, a sum over funcs that fell
+    and rose again (a reset to rate()), and what it did in a gap longer than rate()'s
+    window never counted."""
+    import time
+
+    import redis
+
+    from elric.keys import Keys
+    from elric.queue import STATS_ROWS
+
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}")
+    cluster.start_master()
+    keys, funcs, now_ms = Keys("elric"), STATS_ROWS + 20, int(time.time() * 1000)
+    with redis.Redis.from_url(redis_url) as r, r.pipeline(transaction=False) as pipe:
+        for i in range(funcs):   # gen.f0 last active the longest ago
+            pipe.sadd(keys.funcs, f"gen.f{i}")
+            pipe.hset(keys.func(f"gen.f{i}"), mapping={
+                "submitted": i + 3, "succeeded": i + 1, "failed": 1, "le:1": i + 2,
+                "duration_ms": 7 * (i + 2), "last_at": now_ms - (funcs - i) * 1000})
+        pipe.execute()
+    assert len(cluster.client.stats()["funcs"]) == STATS_ROWS   # the RPC reply stays bounded
+    text = get(f"http://127.0.0.1:{port}/metrics")[1]
+    succeeded = dict(re.findall(r'^elric_func_jobs_total\{func="([^"]+)",outcome="succeeded"'
+                                r'\} (\S+)$', text, re.M))
+    assert succeeded == {f"gen.f{i}": f"{i + 1}.0" for i in range(funcs)}, succeeded
+    for i in (0, funcs - 1):   # the oldest's figures as the newest's: its own
+        assert f'elric_func_jobs_total{{func="gen.f{i}",outcome="failed"}} 1.0' in text
+        assert f'elric_job_duration_seconds_count{{func="gen.f{i}"}} {i + 2}.0' in text
+        assert f'elric_job_duration_seconds_sum{{func="gen.f{i}"}} {7 * (i + 2) / 1000}' \
+            in text
+
+
 def test_a_worker_field_that_is_no_number_is_shown_not_a_broken_page(make_cluster, redis_url):
     import time
 
@@ -1246,3 +1283,70 @@ def test_an_action_after_the_session_ended_is_the_login_that_leads_back(make_clu
     assert cluster.client.get_job("j1")["status"] == "queued"
     login = urllib.parse.urlencode({"password": PASSWORD, "next": back}).encode()
     assert expired.open(base + "/login", data=login).geturl() == base + back
+
+
+def test_an_action_checks_its_targets_kind_without_reading_results_or_runs(make_cluster,
+                                                                            browser,
+                                                                            redis_url):
+    """Before acting, an action read each target whole (get_job) to tell a one-off job from
+    a periodic one: a job's result (megabytes make the click slow), a periodic job's spec
+    and runs with their rounds. It reads the fields it checks, and nothing more."""
+    import threading
+
+    import redis
+
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}", DASHBOARD_PASSWORD=PASSWORD)
+    cluster.start_master()
+    cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job(Echo.spec(["x" * 900_000], job_id="big"))
+    assert cluster.wait_job("big")["status"] == "succeeded"
+    cluster.client.submit_job(Echo.spec(job_id="tick", queue="nobody", trigger=every(hours=1)))
+    page = browser.new_page()
+    page.clock.install()   # no refresh: only the action reads
+    page.goto(f"http://127.0.0.1:{port}/login?next=/jobs%3Fstatus%3Dsucceeded")
+    page.fill("input[name=password]", PASSWORD)
+    page.press("input[name=password]", "Enter")
+    page.wait_for_selector("tr.job[data-id=big]")
+    marks = redis.Redis.from_url(redis_url)
+
+    def through(route):   # the action's own reads lie between two marks, the page after
+        marks.echo("act-start")
+        response = route.fetch(max_redirects=0)
+        marks.echo("act-done")
+        route.fulfill(response=response)
+    page.route("**/act", through)
+
+    def read_by(click) -> list[str]:
+        """What the dashboard asked Redis itself (not its scripts) while it acted."""
+        seen, ready = [], threading.Event()
+
+        def watch():
+            with redis.Redis.from_url(redis_url).monitor() as m:
+                ready.set()
+                for command in m.listen():
+                    seen.append(command)
+                    if command["command"] == "ECHO act-done":
+                        return
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        assert ready.wait(10)
+        click()
+        watcher.join(30)
+        assert not watcher.is_alive(), seen
+        start = [c["command"] for c in seen].index("ECHO act-start")
+        return [c["command"] for c in seen[start:] if c["client_type"] != "lua"]
+
+    reads = read_by(lambda: page.locator("tr.job[data-id=big] button.retry").click())
+    page.wait_for_selector("text=retry: 1 of 1 done")
+    assert not [c for c in reads if c.startswith("HGETALL elric:job:big") or
+                c.startswith(("HGET ", "HMGET ")) and " result" in c], reads
+    page.goto(f"http://127.0.0.1:{port}/schedules")
+    page.wait_for_selector("tr:has-text('tick')")
+    reads = read_by(lambda: page.locator("tr", has_text="tick").locator(
+        "button", has_text="pause").click())
+    page.wait_for_selector("text=pause: 1 of 1 done")
+    # the pause reads the schedule once, to change it; its runs are read by no one
+    assert reads.count("HGETALL elric:schedule:tick") == 1 and not [
+        c for c in reads if c.startswith("LRANGE")], reads
+    assert cluster.client.get_job("tick")["paused"] is True

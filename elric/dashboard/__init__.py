@@ -227,7 +227,9 @@ class Dashboard:
                             warnings=warnings)
 
     async def metrics(self, request: web.Request):
-        body = metrics.render(await self.master.stats())
+        # every func: one that left the scrape (stats() holds the latest) left gaps in its
+        # graphs, and sums over funcs that fell and rose
+        body = metrics.render(await self.master.stats(all_funcs=True))
         return web.Response(body=body, headers={"Content-Type": metrics.CONTENT_TYPE})
 
     # --- login and actions ------------------------------------------------------------
@@ -291,11 +293,11 @@ class Dashboard:
         done, errors, jobs = 0, [], {}
         for one in ids if kind != "worker" else []:   # its kind, checked before any is done
             try:   # (a job delete given a schedule's id removed the schedule)
-                jobs[one] = await self.master.get_job(one)
+                jobs[one] = await self.master.job_kind(one)
             except RequestError as exc:   # Redis away, an id it refuses: left alone, said why
                 errors.append(f"{one}: {exc}")
         if wrong := [one for one, job in jobs.items()
-                     if job and ("trigger" in job) != (kind == "schedule")]:
+                     if job and job["periodic"] != (kind == "schedule")]:
             periodic = "a periodic" if kind == "job" else "a one-off"
             raise web.HTTPBadRequest(text=f"{wrong[0]!r} is {periodic} job: the {kind} action "
                                           f"{action!r} does not act on it; nothing was done\n")
