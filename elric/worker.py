@@ -556,14 +556,12 @@ class Worker:
         """A pool process died holding this job: a failure when the job is known to be at
         fault; otherwise the job runs again, same attempt, apart from others when the
         culprit is unknown. A job asked to stop ends cancelled, whoever was to blame."""
-        if claim.job_id in exc.culprits or len(exc.held) == 1 or \
-                claim.cancelling:
+        if claim.job_id in exc.culprits or len(exc.held) == 1 or claim.cancelling:
             if claim.cancelling:
                 why = runner.CANCELLED + "; its process was killed"
             elif claim.job_id in exc.culprits:
-                why = exc.culprits[claim.job_id] or (f"JobTimeout: ran past its timeout of "
-                                                     f"{claim.timeout:g}s and its process was "
-                                                     "killed")
+                why = exc.culprits[claim.job_id] or \
+                    runner.past_timeout(claim.timeout) + " and its process was killed"
             else:
                 why = "the job's process died (os._exit, a signal or a crash in native code)"
             ran = runner.Ran.failure(claim.job_id, claim.attempt, why)
