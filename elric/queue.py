@@ -22,7 +22,7 @@ from elric import codec, jobstats, lua
 from elric.clock import redis_now
 from elric.contract import STATUSES, NotFound, Refused, Status
 from elric.keys import Keys
-from elric.retry import each
+from elric.retry import each, error_code
 
 log = logging.getLogger("elric.queue")
 
@@ -139,11 +139,6 @@ class Hold:
     status: str
     dedupe_key: str | None
     dedupe_scope: str | None
-
-
-def _error_code(exc: ResponseError) -> str:
-    """The code of a Redis error reply: its first word, by Redis's own convention."""
-    return str(exc).split(" ", 1)[0]
 
 
 def _s(value: bytes | None) -> str | None:
@@ -284,7 +279,7 @@ class RedisQueue:
                       *(k.taker_note(s["dedupe_scope"], s["dedupe_key"])
                         for s in specs if s.get("dedupe_key") is not None)])
         except ResponseError as exc:
-            if _error_code(exc) == "FENCED":
+            if error_code(exc) == "FENCED":
                 raise Fenced(str(exc)) from None
             raise
         out = [Submitted(s["job_id"], Status.QUEUED) for s in specs]
@@ -476,7 +471,7 @@ class RedisQueue:
                                                  k.limit_parked(""), k.round(""),
                                                  k.batch(""), k.func(""), self.failed_ttl]))
         except ResponseError as exc:
-            if _error_code(exc) == "RUNNING":
+            if error_code(exc) == "RUNNING":
                 raise Refused(f"job {job_id!r} is running; cancel it (cancel_job, elric cancel "
                               "ID) and remove it once it has stopped") from None
             raise
@@ -499,9 +494,9 @@ class RedisQueue:
                                               k.round(""), self.failed_ttl, k.batch(""),
                                               k.func("")]))
         except ResponseError as exc:
-            if _error_code(exc) == "NOJOB":
+            if error_code(exc) == "NOJOB":
                 raise NotFound(f"no job {job_id!r}") from None
-            if _error_code(exc) == "LIVE":
+            if error_code(exc) == "LIVE":
                 raise Refused(f"job {job_id!r} is {str(exc).split()[-1]}; only a finished "
                               "job can be rerun") from None
             raise

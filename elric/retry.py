@@ -43,11 +43,22 @@ _REFUSALS = {
 }
 
 
+def error_code(exc: BaseException) -> str:
+    """The code of a Redis error reply: its first word, by Redis's own convention."""
+    return str(exc).split(" ", 1)[0]   # "OOM command not allowed when ..."
+
+
+def unblocked(exc: BaseException) -> bool:
+    """Redis ended a BLPOP with an error: it became a replica (a failover; what follows
+    is refused as an outage) or an operator ran CLIENT UNBLOCK ... ERROR. A wake."""
+    return isinstance(exc, ResponseError) and error_code(exc) == "UNBLOCKED"
+
+
 def redis_refusal(exc: BaseException) -> str | None:
     """What Redis refused for, if ``exc`` is such a refusal; else None."""
     code = next((c for cls, c in _REFUSAL_CLASSES.items() if isinstance(exc, cls)), None)
     if code is None and isinstance(exc, ResponseError):
-        code = str(exc).split(" ", 1)[0]  # "OOM command not allowed when ..."
+        code = error_code(exc)
     return _REFUSALS.get(code)
 
 

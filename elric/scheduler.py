@@ -27,7 +27,7 @@ from elric.health import TaskHealth
 from elric.contract import Status
 from elric.jobstore import FINISHED_TTL, Coalesce, Options, Outcome, RedisJobStore, fire_id, iso
 from elric.queue import Fenced
-from elric.retry import Backoff, Outage
+from elric.retry import Backoff, Outage, unblocked
 from elric.triggers import build_trigger, next_fire
 
 CATCHUP_LIMIT = 1000        # fires of one job handled (or missed counted) per pass in a backlog
@@ -411,9 +411,7 @@ class Scheduler:
         try:
             woke = await self.redis.blpop([self.keys.scheduler_wake], timeout=timeout)
         except ResponseError as exc:   # it holds only tokens: one of another type is replaced
-            if str(exc).startswith("UNBLOCKED"):
-                # Redis ended the wait: it turned replica (a failover: the pass that follows
-                # meets the refusal) or CLIENT UNBLOCK ERROR. A wake, not a bug.
+            if unblocked(exc):   # (a failover: the pass that follows meets the refusal)
                 return
             if "WRONGTYPE" not in str(exc):
                 raise

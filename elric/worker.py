@@ -34,7 +34,8 @@ from elric.keys import Keys
 from elric.loading import JobModules
 from elric.pool import Pool, ProcessDied
 from elric.queue import STALE, Claim, Outcome, RedisQueue, WakeOn, WorkerControl
-from elric.retry import REDIS_CLIENT_OPTIONS, Backoff, Outage, cancel_pending, is_outage, retry
+from elric.retry import (REDIS_CLIENT_OPTIONS, Backoff, Outage, cancel_pending, is_outage,
+                         retry, unblocked)
 from elric.rpc import AsyncClient, RemoteError, RPCConnectionError, RPCError
 from elric.usage import LoadMeter
 
@@ -61,12 +62,6 @@ def _log_outcome(claim: Claim, record: Outcome) -> None:
     else:
         job_log.error("job %s %s: failed at attempt %d\n%s", claim.job_id, claim.func,
                       claim.attempt, str(record.payload).rstrip(), extra=fields)
-
-
-def _unblocked(exc: BaseException) -> bool:
-    """Redis ended a BLPOP with an error: it became a replica (a failover; what follows
-    is refused as an outage) or an operator ran CLIENT UNBLOCK ... ERROR."""
-    return isinstance(exc, ResponseError) and str(exc).startswith("UNBLOCKED")
 
 
 def _begets(ran: runner.Ran) -> bool:
@@ -380,7 +375,7 @@ class Worker:
                 # the fetch behind a BLPOP that failed ran all the same: its claims, if any,
                 # are unknown here (``_release_unknown``)
                 self._unsure_since = self._unsure_since or self._waiting_since
-                if isinstance(exc, NoScriptError) or _unblocked(exc):
+                if isinstance(exc, NoScriptError) or unblocked(exc):
                     return
                 if is_outage(exc) or isinstance(exc, ResponseError):
                     self._wait_refused = exc
