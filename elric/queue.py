@@ -145,20 +145,15 @@ def _s(value: bytes | None) -> str | None:
     return None if value is None else value.decode("utf-8", "replace")
 
 
-def _ms_to_s(value: bytes | None) -> float | None:
-    return None if value in (None, b"") else int(value) / 1000.0
-
-
 # How each field of a job's hash reads in get_job; a missing field reads as _EMPTY's value
 _VIEW = {"func": _s, "args": codec.unpack, "kwargs": codec.unpack, "queue": _s,
          "priority": int, "status": _s, "result": codec.unpack, "error": _s, "attempts": int,
          "max_retries": int, "timeout": float, "worker": _s, "batch": _s, "parent": _s,
-         "enqueued_at": _ms_to_s, "started_at": _ms_to_s, "finished_at": _ms_to_s,
-         "retry_at": _ms_to_s, "duration_ms": int}
+         **dict.fromkeys(("enqueued_at", "started_at", "finished_at", "retry_at"),
+                         jobstats.ms_to_s), "duration_ms": int}
 _EMPTY = {"args": [], "kwargs": {}, "priority": 0, "attempts": 0, "max_retries": 0}
 _OPTIONAL_VIEW = {"schedule": _s, "dedupe_key": _s, "dedupe_scope": _s, "limit_key": _s,
                   "limit_interval": float, "round": _s, "fire_time": float, "not_run": _s}
-# What list_jobs reads of a job: all but its result, so a page of jobs stays small
 _TRACEBACKS = ("Traceback (most recent call last):",
                "  + Exception Group Traceback (most recent call last):")
 
@@ -190,6 +185,7 @@ def _exception(error: str) -> str:
     return f"{text}: {_exception(chr(10).join(sub))}" if sub else text
 
 
+# What list_jobs reads of a job: all but its result, so a page of jobs stays small
 _SUMMARY_FIELDS = [name for name in (*_VIEW, *_OPTIONAL_VIEW) if name != "result"]
 
 # Spec keys kept in a job's hash besides those enqueue.lua writes itself, and how each is
