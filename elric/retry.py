@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Awaitable, Callable, TypeVar
@@ -81,6 +82,12 @@ async def each(items, call: Callable[[T], Awaitable]) -> None:
             failed = failed or exc
     if failed is not None:
         raise failed
+
+
+async def until(event: asyncio.Event, timeout: float) -> None:
+    """Wait for ``event``, or for ``timeout`` seconds to pass: whichever comes first."""
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(event.wait(), max(0.0, timeout))
 
 
 def cancel_pending() -> bool:

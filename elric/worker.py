@@ -35,7 +35,7 @@ from elric.loading import JobModules
 from elric.pool import Pool, ProcessDied
 from elric.queue import STALE, Claim, Outcome, RedisQueue, WakeOn, WorkerControl
 from elric.retry import (REDIS_CLIENT_OPTIONS, Backoff, Outage, cancel_pending, is_outage,
-                         retry, unblocked)
+                         retry, unblocked, until)
 from elric.rpc import AsyncClient, RemoteError, RPCConnectionError, RPCError
 from elric.usage import LoadMeter
 
@@ -767,8 +767,8 @@ class Worker:
     async def _heartbeat_loop(self) -> None:
         outage = self._outages["heartbeat"]
         while not cancel_pending():
-            with contextlib.suppress(asyncio.TimeoutError):   # at least once a second: cancels
-                await asyncio.wait_for(self._renew_now.wait(), min(1.0, self.lease / 3))
+            # at least once a second: cancels, pauses and lost claims are heard soon
+            await until(self._renew_now, min(1.0, self.lease / 3))
             self._renew_now.clear()
             try:
                 # a job claimed again while its lost attempt runs here: the lost one's "lost"
@@ -912,8 +912,7 @@ class Worker:
         while busy() and time.monotonic() < deadline and not recorder.done():
             self._changed.clear()
             self.pool.kill_overdue()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), 0.5)
+            await until(self._changed, 0.5)
 
     async def _close(self, registered: bool = True) -> None:
         try:
