@@ -22,16 +22,12 @@ from elric.config import SettingsError, Unreachable, load_settings, names
 from elric.contract import STATUSES, ErrorCode, NotFound, SpecError, Status
 
 
-def _logging(settings) -> None:
-    logs.configure(settings.LOG_LEVEL, settings.LOG_FORMAT)
-
-
 def cmd_master(args: argparse.Namespace) -> int:
     from elric.master import Master
 
     settings = load_settings(args.settings, overrides=dict(
         MASTER_ADDRESS=args.address, REDIS_URL=args.redis_url, LOG_FORMAT=args.log_format))
-    _logging(settings)
+    logs.configure(settings.LOG_LEVEL, settings.LOG_FORMAT)
     return asyncio.run(Master(settings).run())
 
 
@@ -50,7 +46,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         MASTER_ADDRESS=args.master, REDIS_URL=args.redis_url, QUEUES=queues,
         CONCURRENCY=args.concurrency, ASYNC_CONCURRENCY=args.async_concurrency,
         JOB_MODULES=args.modules or None, LOG_FORMAT=args.log_format))
-    _logging(settings)
+    logs.configure(settings.LOG_LEVEL, settings.LOG_FORMAT)
     return asyncio.run(Worker(settings).run())
 
 

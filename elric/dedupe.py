@@ -14,7 +14,6 @@ geometrically (p_i = p * (1 - r) * r**i, summing to p). They cannot release a ke
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
 import logging
 import math
@@ -29,7 +28,7 @@ from elric import lua, rbloom
 from elric.config import KEYS as SETTINGS
 from elric.keys import Keys
 from elric.health import TaskHealth
-from elric.retry import Backoff, Outage, each, retry
+from elric.retry import Backoff, Outage, each, retry, until
 
 log = logging.getLogger("elric.dedupe")
 
@@ -406,8 +405,7 @@ class BloomFilter(DedupeFilter):
         every = f"writing snapshots every {self.snapshot_interval:g}s"
         self.health.progress(every)
         while True:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), delay)
+            await until(self._stop, delay)
             if self._stop.is_set():
                 return
             try:

@@ -29,7 +29,8 @@ def bucket(duration_ms: int) -> str:
     return BUCKETS[bisect_left(BOUNDS_MS, duration_ms)]
 
 
-def _ms_to_s(value: bytes | None) -> float | None:
+def ms_to_s(value: bytes | None) -> float | None:
+    """A time Redis holds in ms ("" or missing: none), in seconds."""
     return None if not value else int(value) / 1000.0
 
 
@@ -49,7 +50,7 @@ class JobStats:
                     if name.decode() in COUNTERS}
         return cls(counters, int(h.get(b"duration_ms", 0)),
                    [int(h.get(name.encode(), 0)) for name in BUCKETS],
-                   _ms_to_s(h.get(b"first_at")), _ms_to_s(h.get(b"last_at")))
+                   ms_to_s(h.get(b"first_at")), ms_to_s(h.get(b"last_at")))
 
     @property
     def live(self) -> int:

@@ -22,7 +22,7 @@ from elric import codec, jobstats, lua
 from elric.clock import redis_now
 from elric.contract import STATUSES, NotFound, Refused, Status
 from elric.keys import Keys
-from elric.retry import each
+from elric.retry import each, error_code
 
 log = logging.getLogger("elric.queue")
 
@@ -141,29 +141,19 @@ class Hold:
     dedupe_scope: str | None
 
 
-def _error_code(exc: ResponseError) -> str:
-    """The code of a Redis error reply: its first word, by Redis's own convention."""
-    return str(exc).split(" ", 1)[0]
-
-
 def _s(value: bytes | None) -> str | None:
     return None if value is None else value.decode("utf-8", "replace")
-
-
-def _ms_to_s(value: bytes | None) -> float | None:
-    return None if value in (None, b"") else int(value) / 1000.0
 
 
 # How each field of a job's hash reads in get_job; a missing field reads as _EMPTY's value
 _VIEW = {"func": _s, "args": codec.unpack, "kwargs": codec.unpack, "queue": _s,
          "priority": int, "status": _s, "result": codec.unpack, "error": _s, "attempts": int,
          "max_retries": int, "timeout": float, "worker": _s, "batch": _s, "parent": _s,
-         "enqueued_at": _ms_to_s, "started_at": _ms_to_s, "finished_at": _ms_to_s,
-         "retry_at": _ms_to_s, "duration_ms": int}
+         **dict.fromkeys(("enqueued_at", "started_at", "finished_at", "retry_at"),
+                         jobstats.ms_to_s), "duration_ms": int}
 _EMPTY = {"args": [], "kwargs": {}, "priority": 0, "attempts": 0, "max_retries": 0}
 _OPTIONAL_VIEW = {"schedule": _s, "dedupe_key": _s, "dedupe_scope": _s, "limit_key": _s,
                   "limit_interval": float, "round": _s, "fire_time": float, "not_run": _s}
-# What list_jobs reads of a job: all but its result, so a page of jobs stays small
 _TRACEBACKS = ("Traceback (most recent call last):",
                "  + Exception Group Traceback (most recent call last):")
 
@@ -195,6 +185,7 @@ def _exception(error: str) -> str:
     return f"{text}: {_exception(chr(10).join(sub))}" if sub else text
 
 
+# What list_jobs reads of a job: all but its result, so a page of jobs stays small
 _SUMMARY_FIELDS = [name for name in (*_VIEW, *_OPTIONAL_VIEW) if name != "result"]
 
 # Spec keys kept in a job's hash besides those enqueue.lua writes itself, and how each is
@@ -284,7 +275,7 @@ class RedisQueue:
                       *(k.taker_note(s["dedupe_scope"], s["dedupe_key"])
                         for s in specs if s.get("dedupe_key") is not None)])
         except ResponseError as exc:
-            if _error_code(exc) == "FENCED":
+            if error_code(exc) == "FENCED":
                 raise Fenced(str(exc)) from None
             raise
         out = [Submitted(s["job_id"], Status.QUEUED) for s in specs]
@@ -476,7 +467,7 @@ class RedisQueue:
                                                  k.limit_parked(""), k.round(""),
                                                  k.batch(""), k.func(""), self.failed_ttl]))
         except ResponseError as exc:
-            if _error_code(exc) == "RUNNING":
+            if error_code(exc) == "RUNNING":
                 raise Refused(f"job {job_id!r} is running; cancel it (cancel_job, elric cancel "
                               "ID) and remove it once it has stopped") from None
             raise
@@ -499,9 +490,9 @@ class RedisQueue:
                                               k.round(""), self.failed_ttl, k.batch(""),
                                               k.func("")]))
         except ResponseError as exc:
-            if _error_code(exc) == "NOJOB":
+            if error_code(exc) == "NOJOB":
                 raise NotFound(f"no job {job_id!r}") from None
-            if _error_code(exc) == "LIVE":
+            if error_code(exc) == "LIVE":
                 raise Refused(f"job {job_id!r} is {str(exc).split()[-1]}; only a finished "
                               "job can be rerun") from None
             raise

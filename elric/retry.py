@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Awaitable, Callable, TypeVar
@@ -43,11 +44,22 @@ _REFUSALS = {
 }
 
 
+def error_code(exc: BaseException) -> str:
+    """The code of a Redis error reply: its first word, by Redis's own convention."""
+    return str(exc).split(" ", 1)[0]   # "OOM command not allowed when ..."
+
+
+def unblocked(exc: BaseException) -> bool:
+    """Redis ended a BLPOP with an error: it became a replica (a failover; what follows
+    is refused as an outage) or an operator ran CLIENT UNBLOCK ... ERROR. A wake."""
+    return isinstance(exc, ResponseError) and error_code(exc) == "UNBLOCKED"
+
+
 def redis_refusal(exc: BaseException) -> str | None:
     """What Redis refused for, if ``exc`` is such a refusal; else None."""
     code = next((c for cls, c in _REFUSAL_CLASSES.items() if isinstance(exc, cls)), None)
     if code is None and isinstance(exc, ResponseError):
-        code = str(exc).split(" ", 1)[0]  # "OOM command not allowed when ..."
+        code = error_code(exc)
     return _REFUSALS.get(code)
 
 
@@ -70,6 +82,12 @@ async def each(items, call: Callable[[T], Awaitable]) -> None:
             failed = failed or exc
     if failed is not None:
         raise failed
+
+
+async def until(event: asyncio.Event, timeout: float) -> None:
+    """Wait for ``event``, or for ``timeout`` seconds to pass: whichever comes first."""
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(event.wait(), max(0.0, timeout))
 
 
 def cancel_pending() -> bool:

@@ -58,6 +58,10 @@ class JobCancelled(BaseException):
 CANCELLED = "Cancelled: cancel_job stopped it"
 
 
+def past_timeout(timeout: float) -> str:
+    return f"JobTimeout: ran past its timeout of {timeout:g}s"
+
+
 @dataclass(slots=True)
 class Ran:
     """How one attempt ended in a pool process; crosses back to the worker as a msgpack
@@ -82,6 +86,9 @@ class Ran:
 
     def row(self) -> list:
         return [getattr(self, name) for name in self.__slots__]
+
+    def fail(self, why: str) -> None:   # ended too late, or too big: no result, no children
+        self.ok, self.children, self.payload = False, [], why
 
     @classmethod
     def failure(cls, job_id: str, attempt: int, why: str, is_async: bool = False) -> "Ran":
@@ -367,10 +374,9 @@ class _Runner:
         size = len(out.payload.encode() if isinstance(out.payload, str) else out.payload)
         if size > self.result_max:   # in bytes, as stored: an error text's too
             if out.ok:
-                out.ok, out.children = False, []
-                out.payload = (f"ResultTooLarge: the result is {size:,} bytes, over "
-                               f"RESULT_MAX_BYTES ({self.result_max:,}); return less, or store "
-                               "it elsewhere (a file, an object store) and return where it is")
+                out.fail(f"ResultTooLarge: the result is {size:,} bytes, over "
+                         f"RESULT_MAX_BYTES ({self.result_max:,}); return less, or store it "
+                         "elsewhere (a file, an object store) and return where it is")
             else:   # a traceback that big: keep its end, where the exception is
                 tail = out.payload.encode()[-self.result_max:]
                 out.payload = "[... cut ...]\n" + tail.decode("utf-8", "ignore")
@@ -501,9 +507,7 @@ class _Runner:
         if timeout is not None and self.loop.time() >= deadline.when():
             # stopped by its timeout, or ended past it all the same: it swallowed the
             # cancellation, or blocked its loop without awaiting until it returned
-            out.ok, out.children = False, []
-            out.payload = f"JobTimeout: ran past its timeout of {timeout:g}s" + (
-                " (cancelled)" if deadline.expired() else "")
+            out.fail(past_timeout(timeout) + (" (cancelled)" if deadline.expired() else ""))
         self._report(out)
 
     def _task_done(self, task: asyncio.Task) -> None:
@@ -584,8 +588,7 @@ class _Runner:
             job.ctx.ended = True
         # however it ended: a job whose `except Exception` caught its JobTimeout ran on
         if late or (timeout and time.monotonic() - began >= timeout):
-            out.ok, out.children = False, []
-            out.payload = f"JobTimeout: ran past its timeout of {timeout:g}s"
+            out.fail(past_timeout(timeout))
 
     def _sync_task(self, loop, coro, **kwargs) -> asyncio.Task:
         """The sync jobs' loop's task factory: notes each task (asyncio.all_tasks, per job,

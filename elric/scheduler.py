@@ -27,7 +27,7 @@ from elric.health import TaskHealth
 from elric.contract import Status
 from elric.jobstore import FINISHED_TTL, Coalesce, Options, Outcome, RedisJobStore, fire_id, iso
 from elric.queue import Fenced
-from elric.retry import Backoff, Outage
+from elric.retry import Backoff, Outage, unblocked, until
 from elric.triggers import build_trigger, next_fire
 
 CATCHUP_LIMIT = 1000        # fires of one job handled (or missed counted) per pass in a backlog
@@ -85,11 +85,6 @@ def _last_until(trigger, after: float, now: float) -> float | None:
         if start <= after:
             return None
         span *= 2
-
-
-async def _wait(event: asyncio.Event, timeout: float) -> None:
-    with contextlib.suppress(asyncio.TimeoutError):
-        await asyncio.wait_for(event.wait(), max(0.0, timeout))
 
 
 class Scheduler:
@@ -167,7 +162,7 @@ class Scheduler:
             except Exception as exc:  # Redis hiccup: the fence still guards every fire
                 self.health.trouble(f"lease: {type(exc).__name__}: {exc}; retrying")
                 outage.failed(exc)
-            await _wait(self._stop, self._lease_wait)
+            await until(self._stop, self._lease_wait)
 
     # --- firing --------------------------------------------------------------------------
     async def tick(self) -> int:
@@ -411,9 +406,7 @@ class Scheduler:
         try:
             woke = await self.redis.blpop([self.keys.scheduler_wake], timeout=timeout)
         except ResponseError as exc:   # it holds only tokens: one of another type is replaced
-            if str(exc).startswith("UNBLOCKED"):
-                # Redis ended the wait: it turned replica (a failover: the pass that follows
-                # meets the refusal) or CLIENT UNBLOCK ERROR. A wake, not a bug.
+            if unblocked(exc):   # (a failover: the pass that follows meets the refusal)
                 return
             if "WRONGTYPE" not in str(exc):
                 raise
@@ -432,7 +425,7 @@ class Scheduler:
         try:
             while not self._stop.is_set():
                 if not self.is_leader:
-                    await _wait(self._leader, self.lease_seconds / 3)
+                    await until(self._leader, self.lease_seconds / 3)
                     continue
                 try:
                     _, head = await self._fire_due()
@@ -445,7 +438,7 @@ class Scheduler:
                 except Exception as exc:  # Redis away: try again soon, less often meanwhile
                     self.health.trouble(f"pass: {type(exc).__name__}: {exc}; retrying")
                     outage.failed(exc)
-                    await _wait(self._stop, backoff.next())
+                    await until(self._stop, backoff.next())
         finally:
             lease_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -463,4 +456,4 @@ class Scheduler:
         self._leader.set()  # a follower waiting for leadership looks at the stop flag now
         if self.is_leader:  # our own BLPOP is the one waiting: end it now
             await self.redis.lpush(self.keys.scheduler_wake, b"stop")
-        await _wait(self._done, self.lease_seconds)
+        await until(self._done, self.lease_seconds)

@@ -34,7 +34,8 @@ from elric.keys import Keys
 from elric.loading import JobModules
 from elric.pool import Pool, ProcessDied
 from elric.queue import STALE, Claim, Outcome, RedisQueue, WakeOn, WorkerControl
-from elric.retry import REDIS_CLIENT_OPTIONS, Backoff, Outage, cancel_pending, is_outage, retry
+from elric.retry import (REDIS_CLIENT_OPTIONS, Backoff, Outage, cancel_pending, is_outage,
+                         retry, unblocked, until)
 from elric.rpc import AsyncClient, RemoteError, RPCConnectionError, RPCError
 from elric.usage import LoadMeter
 
@@ -61,12 +62,6 @@ def _log_outcome(claim: Claim, record: Outcome) -> None:
     else:
         job_log.error("job %s %s: failed at attempt %d\n%s", claim.job_id, claim.func,
                       claim.attempt, str(record.payload).rstrip(), extra=fields)
-
-
-def _unblocked(exc: BaseException) -> bool:
-    """Redis ended a BLPOP with an error: it became a replica (a failover; what follows
-    is refused as an outage) or an operator ran CLIENT UNBLOCK ... ERROR."""
-    return isinstance(exc, ResponseError) and str(exc).startswith("UNBLOCKED")
 
 
 def _begets(ran: runner.Ran) -> bool:
@@ -208,7 +203,7 @@ class Worker:
                          result_max=s.result_max_bytes)
         # Redis may be away or refuse writes for a while; a stop meanwhile ends the wait
         if not await self._unless_stopped(self._retry_redis(self._register)):
-            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool.shutdown()
             await self._close(registered=False)
             return 0
         heartbeat = asyncio.create_task(self._heartbeat_loop())
@@ -380,7 +375,7 @@ class Worker:
                 # the fetch behind a BLPOP that failed ran all the same: its claims, if any,
                 # are unknown here (``_release_unknown``)
                 self._unsure_since = self._unsure_since or self._waiting_since
-                if isinstance(exc, NoScriptError) or _unblocked(exc):
+                if isinstance(exc, NoScriptError) or unblocked(exc):
                     return
                 if is_outage(exc) or isinstance(exc, ResponseError):
                     self._wait_refused = exc
@@ -556,14 +551,12 @@ class Worker:
         """A pool process died holding this job: a failure when the job is known to be at
         fault; otherwise the job runs again, same attempt, apart from others when the
         culprit is unknown. A job asked to stop ends cancelled, whoever was to blame."""
-        if claim.job_id in exc.culprits or len(exc.held) == 1 or \
-                claim.cancelling:
+        if claim.job_id in exc.culprits or len(exc.held) == 1 or claim.cancelling:
             if claim.cancelling:
                 why = runner.CANCELLED + "; its process was killed"
             elif claim.job_id in exc.culprits:
-                why = exc.culprits[claim.job_id] or (f"JobTimeout: ran past its timeout of "
-                                                     f"{claim.timeout:g}s and its process was "
-                                                     "killed")
+                why = exc.culprits[claim.job_id] or \
+                    runner.past_timeout(claim.timeout) + " and its process was killed"
             else:
                 why = "the job's process died (os._exit, a signal or a crash in native code)"
             ran = runner.Ran.failure(claim.job_id, claim.attempt, why)
@@ -774,8 +767,8 @@ class Worker:
     async def _heartbeat_loop(self) -> None:
         outage = self._outages["heartbeat"]
         while not cancel_pending():
-            with contextlib.suppress(asyncio.TimeoutError):   # at least once a second: cancels
-                await asyncio.wait_for(self._renew_now.wait(), min(1.0, self.lease / 3))
+            # at least once a second: cancels, pauses and lost claims are heard soon
+            await until(self._renew_now, min(1.0, self.lease / 3))
             self._renew_now.clear()
             try:
                 # a job claimed again while its lost attempt runs here: the lost one's "lost"
@@ -901,7 +894,7 @@ class Worker:
                         "them to the queue", len(left),
                         "at a second Ctrl-C" if self.forced else "after SHUTDOWN_GRACE")
         self.pool.kill_all()
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.pool.shutdown()
         if (self.finished or self.recording) and not recorder.done():
             # jobs that ended: cut off now, they would run again once their leases end
             log.warning("worker: still recording the outcomes of %d job(s) after "
@@ -919,8 +912,7 @@ class Worker:
         while busy() and time.monotonic() < deadline and not recorder.done():
             self._changed.clear()
             self.pool.kill_overdue()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), 0.5)
+            await until(self._changed, 0.5)
 
     async def _close(self, registered: bool = True) -> None:
         try:
