@@ -1,4 +1,4 @@
-"""The worker's pool of processes, fed over one pipe each.
+"""The worker's pool of processes: a ``concurrent.futures.Executor`` fed over one pipe each.
 
 Each pool process runs an event loop (``elric.runner``). Jobs go out and outcomes come back
 as msgpack batches, at most one message per process per turn of the worker's loop, so a
@@ -17,6 +17,7 @@ import signal
 import struct
 import tempfile
 import time
+from concurrent.futures import CancelledError, Executor, Future
 from dataclasses import dataclass, field
 from multiprocessing import forkserver, resource_tracker
 from typing import Callable
@@ -28,6 +29,18 @@ log = logging.getLogger("elric.pool")
 
 KILL_GRACE = 5.0  # seconds past its timeout before a job's process is killed
 READ_CHUNK = 1 << 16
+
+
+@dataclass(slots=True)
+class _Settle:
+    """``submit``'s callback for ``start``: settles its future (``shutdown`` may cancel it)."""
+    future: Future
+
+    def __call__(self, outcome) -> None:
+        if isinstance(outcome, ProcessDied):
+            self.future.set_exception(outcome)
+        else:
+            self.future.set_result(outcome)
 
 
 class ProcessDied(Exception):
@@ -43,6 +56,7 @@ class ProcessDied(Exception):
                  sent_at: dict[str, float] | None = None) -> None:
         super().__init__(f"pool process died (exit code {exitcode})")
         self.held, self.culprits, self.sent_at = held, culprits, sent_at or {}
+
 
 
 def _messages(buffer: bytearray) -> list[bytes]:
@@ -61,7 +75,6 @@ def _messages(buffer: bytearray) -> list[bytes]:
         messages.append(bytes(buffer[start:start + size]))
         del buffer[:start + size]
     return messages
-
 
 @dataclass(slots=True)
 class _Held:
@@ -95,7 +108,7 @@ class _Process:
         return len(self.held) - self.n_async
 
 
-class Pool:
+class Pool(Executor):
     def __init__(self, size: int, *, async_slots: int, sync_batch, on_news=lambda: None,
                  job_modules=(), preload=(), log_level: str = "INFO",
                  lag_warn: float = 1.0, result_max: int = 1024 * 1024,
@@ -307,10 +320,19 @@ class Pool:
         alone = suspect or kind is None or (kind is False and claim.timeout is not None)
         return kind is True, alone
 
+    def submit(self, claim: Claim, /, *, suspect: bool = False) -> Future:
+        """``start`` as an Executor does it: a future of the job's ``runner.Ran``, or of
+        ``ProcessDied``."""
+        future: Future = Future()
+        future.set_running_or_notify_cancel()
+        self.start(claim, _Settle(future), suspect=suspect)
+        return future
+
     def start(self, claim: Claim, done: Callable[[runner.Ran | ProcessDied], None], *,
               suspect: bool = False) -> None:
         """Send a job to a process with room (``place``); ``done`` gets its ``runner.Ran``,
-        or ``ProcessDied``, on this event loop. Raises LookupError when no process has room."""
+        or ``ProcessDied``, on this event loop. Raises LookupError when no process has room.
+        The worker uses this: a Future per job (a lock and a condition) was its biggest cost."""
         if self._closed:
             raise RuntimeError("the pool is shut down")
         is_async, alone = self.how(claim, suspect)
@@ -444,15 +466,22 @@ class Pool:
         for p in self._every():
             p.process.kill()
 
-    def shutdown(self) -> None:
-        """Close the pipes and wait for the processes to exit: jobs still held never report
-        (``start``'s callers hold the claims and give them back themselves)."""
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Close the pipes: the processes exit, and jobs still held never report. With
+        ``cancel_futures``, ``submit``'s futures of those jobs raise CancelledError (they
+        are running: ``Future.cancel`` would refuse); ``start``'s callers hold the claims
+        and give them back themselves."""
         self._closed = True
         for p in self._every():
+            if cancel_futures:
+                for h in p.held.values():
+                    if isinstance(h.done, _Settle):
+                        h.done.future.set_exception(CancelledError("the pool shut down"))
             with contextlib.suppress(OSError, ValueError):
                 self._loop.remove_reader(p.conn.fileno())
                 self._loop.remove_writer(p.conn.fileno())
                 self._loop.remove_reader(p.process.sentinel)
             p.conn.close()  # the process exits when it reads the end of its pipe
-        for p in self._every():
-            p.process.join()
+        if wait:
+            for p in self._every():
+                p.process.join()

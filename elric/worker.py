@@ -203,7 +203,7 @@ class Worker:
                          result_max=s.result_max_bytes)
         # Redis may be away or refuse writes for a while; a stop meanwhile ends the wait
         if not await self._unless_stopped(self._retry_redis(self._register)):
-            self.pool.shutdown()
+            self.pool.shutdown(wait=True, cancel_futures=True)
             await self._close(registered=False)
             return 0
         heartbeat = asyncio.create_task(self._heartbeat_loop())
@@ -894,7 +894,7 @@ class Worker:
                         "them to the queue", len(left),
                         "at a second Ctrl-C" if self.forced else "after SHUTDOWN_GRACE")
         self.pool.kill_all()
-        self.pool.shutdown()
+        self.pool.shutdown(wait=True, cancel_futures=True)
         if (self.finished or self.recording) and not recorder.done():
             # jobs that ended: cut off now, they would run again once their leases end
             log.warning("worker: still recording the outcomes of %d job(s) after "

@@ -351,5 +351,5 @@ def test_a_suspect_keeps_its_process_to_itself_once_its_kind_is_reported():
             assert pool.place(True, False) is None, "an async job may join the suspect"
         finally:
             pool.kill_all()
-            pool.shutdown()
+            pool.shutdown(wait=True, cancel_futures=True)
     asyncio.run(main())

@@ -1210,6 +1210,27 @@ def test_a_job_holding_its_gil_does_not_stop_its_workers_heartbeats(make_cluster
     assert worker.alive()
 
 
+def test_shutdown_with_cancel_futures_settles_the_futures_of_jobs_still_running():
+    """Pool is a concurrent.futures.Executor: a caller of submit must not wait forever for
+    a job that shutdown stopped."""
+    from concurrent.futures import CancelledError
+
+    from elric.pool import Pool
+    from elric.queue import Claim
+
+    async def main():
+        pool = Pool(1, async_slots=1, sync_batch=lambda: 1, job_modules=["tests.jobs"])
+        pool.kinds["tests.jobs:Sleep"] = False
+        future = pool.submit(Claim("slow", 1, "tests.jobs:Sleep", msgpack.packb([30]),
+                                   msgpack.packb({}), None, 0, "default", None))
+        pool.flush()
+        pool.shutdown(wait=True, cancel_futures=True)
+        assert future.done()
+        with pytest.raises(CancelledError):
+            future.result()
+    asyncio.run(main())
+
+
 def test_a_claim_waiting_for_its_lease_check_stays_in_the_buffer_once(redis_url):
     """A buffered claim whose lease is not surely held waits for the heartbeat's answer.
     Each pass of the loop used to add it to the buffer again (1, 2, 4, 8 copies while
@@ -1237,7 +1258,7 @@ def test_a_claim_waiting_for_its_lease_check_stays_in_the_buffer_once(redis_url)
             assert w._renew_now.is_set()    # the heartbeat is asked to check it now
             assert [c.job_id for c in w.pool.claims()] == ["held"]
         finally:
-            w.pool.shutdown()
+            w.pool.shutdown(wait=True, cancel_futures=True)
     asyncio.run(main())
 
 
@@ -1371,7 +1392,7 @@ def test_a_pool_process_that_cannot_be_replaced_still_settles_its_jobs():
             assert len(pool.processes) == 2 and all(p.process.is_alive() for p in pool.processes)
         finally:
             pool.kill_all()
-            pool.shutdown()
+            pool.shutdown(wait=True, cancel_futures=True)
     asyncio.run(main())
 
 
@@ -1406,7 +1427,7 @@ def test_a_pool_grown_while_a_fork_fails_names_each_process_once_and_fills_up_la
         finally:
             pool._start = start
             pool.kill_all()
-            pool.shutdown()
+            pool.shutdown(wait=True, cancel_futures=True)
     asyncio.run(main())
 
 
