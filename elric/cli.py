@@ -156,10 +156,13 @@ def _submit_spec(args: argparse.Namespace) -> dict:
         print(f"elric: {args.func_path} is not importable here ({type(exc).__name__}: "
               f"{exc}): sent by name, without its class's defaults (queue, retries, dedupe "
               "and limit keys)", file=sys.stderr)
-        cls = None
-    if isinstance(cls, type) and issubclass(cls, Job):
-        return cls.spec(arguments, **options)
-    return {"func": args.func_path, "args": arguments, **options}   # the master judges it
+        return {"func": args.func_path, "args": arguments, **options}   # the master judges it
+    if not (isinstance(cls, type) and issubclass(cls, Job)) or cls is Job:
+        # (it was queued, to be handed back or refused by every worker: none runs it)
+        what = "elric.Job itself" if cls is Job else f"a {type(cls).__name__}"
+        raise UsageError(f"{args.func_path} is {what}, not a Job class: FUNC names a "
+                         "subclass of elric.Job, as \"package.module:ClassName\"")
+    return cls.spec(arguments, **options)
 
 
 _TEXT_OPTIONS = (("queue", "--queue"), ("by_func", "--func"), ("batch", "--batch"),
