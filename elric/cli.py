@@ -128,6 +128,20 @@ def _wait(client, job_id: str, timeout: float | None) -> dict:
             f"job {job_id}: {job['status']} (attempt {job.get('attempts', 0)})"))
 
 
+def _say_if_no_worker_takes(client, job_id: str) -> None:
+    """A note when no live worker takes the job's queue: --wait waited there without a word
+    (a spinner on a terminal), however long no worker came."""
+    job = client.get_job(job_id) or {}
+    queue = job.get("queue")
+    if job.get("status") not in (Status.QUEUED, Status.RETRYING) or not queue:
+        return
+    takers = [w for w in client.stats()["workers"] if w.get("alive") and
+              w.get("state") != "stopped" and queue in str(w.get("queues", "")).split(",")]
+    if not takers:
+        print(f"elric: no live worker takes queue {queue!r} (elric workers): job {job_id} "
+              f"waits until one does (elric worker MODULE --queues {queue})", file=sys.stderr)
+
+
 def _submit_spec(args: argparse.Namespace) -> dict:
     """The spec ``elric submit`` sends: built by the Job class (its queue, retries, timeout,
     dedupe and limit keys) when the class imports here, else the name alone."""
@@ -247,6 +261,7 @@ def cmd_call(args: argparse.Namespace) -> int:
                         "the id of a periodic job, so nothing was queued; each fire is a "
                         f"job of its own (elric job {reply['job_id']} lists them)"))
                 return 0
+            _say_if_no_worker_takes(client, reply["job_id"])
             job = _wait(client, reply["job_id"], args.timeout)
             (show or views.job)(job)
             return 0 if job["status"] == Status.SUCCEEDED else 1

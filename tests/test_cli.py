@@ -643,6 +643,18 @@ def test_submit_of_a_name_that_imports_as_no_job_class_is_a_usage_error(redis_ur
                        f"{func} is {what}, not a Job class: FUNC names a subclass of elric.Job")
 
 
+def test_submit_wait_says_when_no_live_worker_takes_the_jobs_queue(cluster):
+    """`elric submit ... --queue nobody --wait` waited without a word (off a terminal) for
+    as long as no worker took that queue."""
+    note = "elric: no live worker takes queue 'nobody' (elric workers): job "
+    alone = elric(cluster, "submit", "tests.jobs:Echo", "1", "--queue", "nobody", "--wait",
+                  "--timeout", "1")
+    assert alone.returncode == 1 and note in alone.stderr, alone.stderr
+    cluster.start_worker("--queues", "default,nobody")
+    served = elric(cluster, "submit", "tests.jobs:Echo", "2", "--queue", "nobody", "--wait")
+    assert served.returncode == 0 and "no live worker" not in served.stderr, served.stderr
+
+
 def test_worker_pause_resume_or_stop_with_set_options_is_a_usage_error(redis_url, tmp_path):
     c = Cluster(redis_url, tmp_path)   # refused before any call: no master needed
     one_line_error(elric(c, "worker", "Pause", "vm:41:abc123"), 2,
