@@ -124,6 +124,20 @@ def _wait(client, job_id: str, timeout: float | None) -> dict:
             f"job {job_id}: {job['status']} (attempt {job.get('attempts', 0)})"))
 
 
+def _say_if_no_worker_takes(client, job_id: str) -> None:
+    """A note when no live worker takes the job's queue: --wait waited there without a word
+    (a spinner on a terminal), however long no worker came."""
+    job = client.get_job(job_id) or {}
+    queue = job.get("queue")
+    if job.get("status") not in (Status.QUEUED, Status.RETRYING) or not queue:
+        return
+    takers = [w for w in client.stats()["workers"] if w.get("alive") and
+              w.get("state") != "stopped" and queue in str(w.get("queues", "")).split(",")]
+    if not takers:
+        print(f"elric: no live worker takes queue {queue!r} (elric workers): job {job_id} "
+              f"waits until one does (elric worker MODULE --queues {queue})", file=sys.stderr)
+
+
 def _submit_spec(args: argparse.Namespace) -> dict:
     """The spec ``elric submit`` sends: built by the Job class (its queue, retries, timeout,
     dedupe and limit keys) when the class imports here, else the name alone."""
@@ -152,10 +166,13 @@ def _submit_spec(args: argparse.Namespace) -> dict:
         print(f"elric: {args.func_path} is not importable here ({type(exc).__name__}: "
               f"{exc}): sent by name, without its class's defaults (queue, retries, dedupe "
               "and limit keys)", file=sys.stderr)
-        cls = None
-    if isinstance(cls, type) and issubclass(cls, Job):
-        return cls.spec(arguments, **options)
-    return {"func": args.func_path, "args": arguments, **options}   # the master judges it
+        return {"func": args.func_path, "args": arguments, **options}   # the master judges it
+    if not (isinstance(cls, type) and issubclass(cls, Job)) or cls is Job:
+        # (it was queued, to be handed back or refused by every worker: none runs it)
+        what = "elric.Job itself" if cls is Job else f"a {type(cls).__name__}"
+        raise UsageError(f"{args.func_path} is {what}, not a Job class: FUNC names a "
+                         "subclass of elric.Job, as \"package.module:ClassName\"")
+    return cls.spec(arguments, **options)
 
 
 _TEXT_OPTIONS = (("queue", "--queue"), ("by_func", "--func"), ("batch", "--batch"),
@@ -242,6 +259,7 @@ def cmd_call(args: argparse.Namespace) -> int:
                         "the id of a periodic job, so nothing was queued; each fire is a "
                         f"job of its own (elric job {reply['job_id']} lists them)"))
                 return 0
+            _say_if_no_worker_takes(client, reply["job_id"])
             job = _wait(client, reply["job_id"], args.timeout)
             (show or views.job)(job)
             return 0 if job["status"] == Status.SUCCEEDED else 1

@@ -136,6 +136,15 @@ class Job:
         return None if derived is None else str(derived)
 
     @classmethod
+    def _plain(cls, spec: dict) -> dict:
+        """``spec`` as msgpack carries it (a copy), or SpecError naming the class."""
+        try:
+            return codec.unpack(codec.pack(spec))
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise SpecError(f"{cls.__name__}.submit: its arguments are not msgpack values "
+                            f"({exc}); pass plain data (dict, list, str, numbers)") from None
+
+    @classmethod
     def submit(cls, *args: Any, **kwargs: Any) -> JobHandle:
         """Submit this job with these arguments; returns its id, a ``JobHandle``
         (``.status()``, ``.result(timeout=...)``)."""
@@ -162,12 +171,8 @@ class Job:
             for key in ("dedupe_scope", "batch", "round"):
                 if ctx.spec.get(key) and key not in options:
                     spec[key] = ctx.spec[key]
-            try:   # a copy, sent as it is now, as from a script: the job may go on to
-                spec = codec.unpack(codec.pack(spec))   # change a list it passed
-            except (TypeError, ValueError, OverflowError) as exc:
-                raise SpecError(f"{cls.__name__}.submit: its arguments are not msgpack values "
-                                f"({exc}); pass plain data (dict, list, str, numbers)") from None
-            ctx.children.append(spec)
+            # a copy, sent as it is now, as from a script: the job may go on to change a
+            ctx.children.append(cls._plain(spec))   # list it passed
             return JobHandle(spec["job_id"], "child")
         if in_pool_process:
             raise RuntimeError(f"{cls.__name__}.submit in a pool process but not from a "
@@ -175,5 +180,6 @@ class Job:
                                "child jobs from the job's own thread, its tasks or "
                                "asyncio.to_thread, which carry the job's context")
         from elric.client import default_client  # only a script needs the client and settings
-        reply = default_client().submit_job(spec)
+        # checked here too: the client's refusal named neither the class nor what to pass
+        reply = default_client().submit_job(cls._plain(spec))
         return JobHandle(reply["job_id"], reply["status"])

@@ -507,7 +507,8 @@ class RedisQueue:
             value = h.get(name.encode())
             view[name] = read(value) if value else _EMPTY.get(name)
         duration = view.pop("duration_ms")
-        view["duration"] = duration / 1000.0 if duration else None
+        # 0: a job done within its first millisecond (it ran: not None, as if it had not)
+        view["duration"] = None if duration is None else duration / 1000.0
         for name, read in _OPTIONAL_VIEW.items():
             if h.get(name.encode()):
                 view[name] = read(h[name.encode()])

@@ -483,6 +483,7 @@ class _Caller:
         self._where = f"elric master at {host}:{port}"
         self._max_message = max_message
         self._msgid = 0
+        self._heard = False   # any bytes from the peer on this connection
 
     def _request(self, method: str, params: tuple) -> tuple[int, bytes]:
         """-> (msgid, request bytes); raises, with nothing sent, if they cannot go."""
@@ -497,7 +498,12 @@ class _Caller:
         return msgid, data
 
     def _timed_out(self, method: str, limit: float | None) -> RPCTimeoutError:
-        return RPCTimeoutError(f"no answer from {self._where} to {method} within {limit}s")
+        # a Redis or web server at MASTER_ADDRESS waits for a line end that never comes
+        hint = "" if self._heard else f"; nothing has answered on this connection: {_WRONG}"
+        return RPCTimeoutError(f"no answer from {self._where} to {method} within {limit}s{hint}")
+
+
+_WRONG = "is MASTER_ADDRESS an elric master's address (not, say, Redis's)?"
 
 
 def _too_large(answer: Any) -> bool:
@@ -507,8 +513,10 @@ def _too_large(answer: Any) -> bool:
 def _responses(decoder: _Decoder, data: bytes):
     """Yield (msgid, RemoteError or None, result) for each response ``data`` completes."""
     for msg in decoder.feed(data):
-        if isinstance(msg, list) and len(msg) == 4 and msg[0] == RESPONSE:
-            yield msg[1], None if msg[2] is None else RemoteError(msg[2]), msg[3]
+        if not (isinstance(msg, list) and len(msg) == 4 and msg[0] == RESPONSE):
+            # a master sends responses only; text from another server reads as small ints
+            raise _ProtocolError(f"it sent {data[:40]!r}, no msgpack-rpc response: {_WRONG}")
+        yield msg[1], None if msg[2] is None else RemoteError(msg[2]), msg[3]
 
 
 class AsyncClient(_Caller):
@@ -587,6 +595,7 @@ class AsyncClient(_Caller):
         decoder, reason = _Decoder(self._max_message), "closed by the server"
         try:
             while data := await self._reader.read(decoder.chunk):
+                self._heard = True
                 for msgid, error, result in _responses(decoder, data):
                     if _too_large(error):
                         # the server ends this connection: no new call goes on it (those
@@ -673,7 +682,7 @@ class Client(_Caller):
         except OSError as exc:
             raise _unreachable(self.host, self.port, exc) from None
         self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._decoder = _Decoder(self._max_message)
+        self._decoder, self._heard = _Decoder(self._max_message), False
         if self._token is not None:
             try:
                 [answer] = self._pipeline("auth", [(self._token,)], 1, self.timeout)
@@ -743,6 +752,7 @@ class Client(_Caller):
             if deadline is not None:
                 self._sock.settimeout(max(deadline - time.monotonic(), 0.001))
             chunk = self._sock.recv(self._decoder.chunk)
+            self._heard = self._heard or bool(chunk)
             if not chunk:
                 self._drop()
                 raise RPCConnectionError(f"connection to {self._where} closed by the server")

@@ -96,9 +96,12 @@ def _zone(value: Any) -> tuple[str, tzinfo]:
         return value, ZoneInfo(value)
     except (KeyError, ValueError, OSError):  # ZoneInfoNotFoundError is a KeyError
         names = _zone_names()   # pytz took 'utc' (APScheduler 3's zones): zoneinfo does not
-        close = difflib.get_close_matches(value.strip().lower(), names, n=1, cutoff=0.9)
+        close = [names[z] for z in difflib.get_close_matches(value.strip().lower(), names,
+                                                             n=1, cutoff=0.9)]
+        city = value.strip().lower().replace(" ", "_")   # 'Berlin', 'new york': the city alone
+        close = close or sorted(z for low, z in names.items() if low.endswith(f"/{city}"))
         raise TriggerError("trigger.timezone", f"unknown time zone {value!r}" + (
-            f"; did you mean {names[close[0]]!r}?" if close else
+            f"; did you mean {' or '.join(map(repr, close[:2]))}?" if close else
             "; give an IANA name like 'Europe/Berlin' (CEST, PST: no zones)")) from None
 
 

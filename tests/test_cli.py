@@ -82,7 +82,8 @@ def test_commands_show_tables_and_json_and_exit_by_outcome(cluster):
     cluster.client.submit_job(Echo.spec(job_id="waits", queue="nobody"))
     one_line_error(elric(cluster, "rerun", "waits"), 1, "only a finished job can be rerun")
     # 2: usage
-    one_line_error(elric(cluster, "submit", "os:system", "ls"), 2, "not allowed by JOB_MODULES")
+    one_line_error(elric(cluster, "submit", "tests.jobs_numpy:FirstDraw"), 2,
+                   "not allowed by JOB_MODULES")
     one_line_error(elric(cluster, "schedules", "pause"), 2, "takes the periodic job's id")
 
 
@@ -628,6 +629,30 @@ def test_submit_arguments_msgpack_cannot_carry_are_a_usage_error(cluster):
     for argument in (str(2**70), '"\\ud800"'):   # over 64 bits; a lone surrogate
         one_line_error(elric(cluster, "submit", "tests.jobs:Echo", argument), 2,
                        "cannot send 'submit_job' arguments")
+
+
+def test_submit_of_a_name_that_imports_as_no_job_class_is_a_usage_error(redis_url, tmp_path):
+    """`elric submit os:system "echo hi"` (or a module, a function, elric.Job itself) was
+    queued without a word, though it imports here as no Job class: every worker handed it
+    back or refused it, and it never ran."""
+    c = Cluster(redis_url, tmp_path)   # refused before any call: no master needed
+    for func, what in (("os:system", "a builtin_function_or_method"),
+                       ("tests.jobs:os", "a module"), ("elric:Job", "elric.Job itself"),
+                       ("tests.jobs.Add.run", "a function")):
+        one_line_error(elric(c, "submit", func, "echo hi"), 2,
+                       f"{func} is {what}, not a Job class: FUNC names a subclass of elric.Job")
+
+
+def test_submit_wait_says_when_no_live_worker_takes_the_jobs_queue(cluster):
+    """`elric submit ... --queue nobody --wait` waited without a word (off a terminal) for
+    as long as no worker took that queue."""
+    note = "elric: no live worker takes queue 'nobody' (elric workers): job "
+    alone = elric(cluster, "submit", "tests.jobs:Echo", "1", "--queue", "nobody", "--wait",
+                  "--timeout", "1")
+    assert alone.returncode == 1 and note in alone.stderr, alone.stderr
+    cluster.start_worker("--queues", "default,nobody")
+    served = elric(cluster, "submit", "tests.jobs:Echo", "2", "--queue", "nobody", "--wait")
+    assert served.returncode == 0 and "no live worker" not in served.stderr, served.stderr
 
 
 def test_worker_pause_resume_or_stop_with_set_options_is_a_usage_error(redis_url, tmp_path):

@@ -363,6 +363,24 @@ def test_a_child_with_arguments_msgpack_cannot_carry_is_refused_at_its_submit():
     assert ctx.children == []
 
 
+def test_a_script_submit_with_arguments_msgpack_cannot_carry_is_refused_as_a_child_is():
+    """From a script, Add.submit(datetime.now()) raised the client's "cannot send
+    'submit_job' arguments: can not serialize ...", naming neither the class nor what to
+    pass (a child's submit did), or, with no master up, only that none was reachable."""
+    from datetime import datetime
+
+    from elric.client import MasterClient, set_default_client
+
+    set_default_client(MasterClient("127.0.0.1:1"))   # nothing listens: nothing may be sent
+    try:
+        for args in ([datetime.now()], [{1, 2}], [object()], [2**70], [{(1, 2): "pair"}]):
+            with pytest.raises(SpecError, match=r"^Add.submit: its arguments are not msgpack "
+                                                r"values \(.+\); pass plain data"):
+                Add.submit(*args)
+    finally:
+        set_default_client(None)
+
+
 def test_a_dedupe_hook_that_raises_is_a_spec_error():
     from examples.crawler import Crawl
 

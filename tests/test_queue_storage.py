@@ -500,3 +500,12 @@ def test_a_fetch_claims_nothing_while_the_limits_hash_holds_another_type(redis_u
         await r.delete(KEYS.limits)
         assert len((await q.fetch("w1", ["default"], 10, 30)).claims) == 1
     asyncio.run(with_queue(redis_url, body))
+
+
+def test_a_job_done_within_a_millisecond_has_a_duration_of_zero_not_none():
+    """A job that returned within its first millisecond (duration_ms 0) showed
+    "duration": null in get_job and elric job --json, as a job that never ran does."""
+    done = RedisQueue.job_view("j", {b"status": b"succeeded", b"duration_ms": b"0",
+                                     b"started_at": b"1000", b"finished_at": b"1000"})
+    assert done["duration"] == 0.0
+    assert RedisQueue.job_view("j", {b"status": b"queued"})["duration"] is None

@@ -665,6 +665,66 @@ def test_not_listening():
     assert str(info.value) == expected
 
 
+def test_an_address_that_is_no_elric_masters_is_named_as_the_likely_mistake(redis_url):
+    """MASTER_ADDRESS set to Redis's address (or a web server's): a CLI command waited its
+    30 s, then said only "no answer from elric master at ... to ping"; text a server sent
+    back read as small ints and was dropped, so that too ended only in a timeout."""
+    from urllib.parse import urlparse
+
+    hint = "is MASTER_ADDRESS an elric master's address (not, say, Redis's)?"
+    redis_port = urlparse(redis_url).port   # Redis waits for a line end: no answer at all
+
+    async def main():
+        client = await AsyncClient.connect("127.0.0.1", redis_port)
+        with pytest.raises(RPCTimeoutError) as info:
+            await client.call("ping", timeout=0.5)
+        await client.close()
+        return info.value
+    with Client("127.0.0.1", redis_port, timeout=0.5) as client, \
+            pytest.raises(RPCTimeoutError) as info:
+        client.call("ping")
+    for error in (arun(main()), info.value):
+        assert str(error) == (f"no answer from elric master at 127.0.0.1:{redis_port} to ping "
+                              f"within 0.5s; nothing has answered on this connection: {hint}")
+
+    with socket.create_server(("127.0.0.1", 0)) as web:   # a server that answers in text
+        def answer_in_text():
+            for _ in range(2):
+                conn, _ = web.accept()
+                with conn:
+                    conn.recv(1024)
+                    conn.sendall(b"HTTP/1.0 400 Bad request\r\n\r\n")
+        threading.Thread(target=answer_in_text, daemon=True).start()
+        port = web.getsockname()[1]
+
+        async def main():
+            client = await AsyncClient.connect("127.0.0.1", port, timeout=DEADLINE)
+            with pytest.raises(RPCConnectionError) as info:
+                await client.call("ping")
+            await client.close()
+            return info.value
+        with Client("127.0.0.1", port, timeout=DEADLINE) as client, \
+                pytest.raises(RPCConnectionError) as info:
+            client.call("ping")
+        for error in (info.value, arun(main())):
+            assert str(error) == (f"connection to elric master at 127.0.0.1:{port} lost: it "
+                                  "sent b'HTTP/1.0 400 Bad request\\r\\n\\r\\n', no msgpack-rpc "
+                                  f"response: {hint}")
+
+    async def answered_then_hung():   # a master that answered: a plain timeout, no hint
+        async def hang():
+            await asyncio.Event().wait()
+
+        async with serving(basic_handlers(hang=hang)) as server:
+            client = await AsyncClient.connect(*server.address)
+            assert await client.call("ping") == "pong"
+            with pytest.raises(RPCTimeoutError) as info:
+                await client.call("hang", timeout=0.1)
+            await client.close()
+            assert "nothing has answered" not in str(info.value)
+    arun(answered_then_hung())
+
+
 def test_blocking_client_fails_on_broken_connection_then_reconnects():
     started = threading.Event()
 

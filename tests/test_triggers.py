@@ -204,7 +204,13 @@ def test_a_zone_file_that_is_no_iana_zone_is_refused_naming_a_zone_to_give(zone)
 
 @pytest.mark.parametrize("zone, meant", [("utc", "UTC"), ("europe/berlin", "Europe/Berlin"),
                                          ("Europe/Berln", "Europe/Berlin"),
-                                         (" Europe/Berlin", "Europe/Berlin")])
+                                         (" Europe/Berlin", "Europe/Berlin"),
+                                         # the city alone was answered only "give an IANA
+                                         # name like 'Europe/Berlin'"
+                                         ("Berlin", "Europe/Berlin"),
+                                         ("new york", "America/New_York"),
+                                         ("Indianapolis", "America/Indiana/Indianapolis' "
+                                                          "or 'America/Indianapolis")])
 def test_a_misspelled_zone_is_answered_with_the_one_meant(zone, meant):
     """pytz (APScheduler 3's zones) took 'utc'; zoneinfo on Linux does not, and 'unknown
     time zone' left the user to find the spelling in the tz database."""
