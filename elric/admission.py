@@ -13,7 +13,7 @@ import logging
 import time
 
 from elric.config import Settings
-from elric.contract import MAX_BATCH, SpecError, Status, normalize_spec
+from elric.contract import FIRE_ID, FIRE_ID_RULE, MAX_BATCH, SpecError, Status, normalize_spec
 from elric.jobstore import IdTaken, RedisJobStore, schedule_options
 from elric.queue import RedisQueue, Submitted
 from elric.reservation import DedupeGate, Reservation, ScopeRefused
@@ -50,7 +50,10 @@ class Admission:
         out = []
         try:
             for spec in specs:
-                out.append(self.normalize(spec))
+                n = self.normalize(spec)
+                if FIRE_ID.fullmatch(n["job_id"]):   # (modify_job keeps an id stored before)
+                    raise SpecError(f"job_id {n['job_id']!r}: {FIRE_ID_RULE}")
+                out.append(n)
         except SpecError as exc:
             raise SpecError(f"{where.format(len(out))}{exc}") from None
         first: dict[str, int] = {}
