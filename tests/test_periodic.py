@@ -568,3 +568,26 @@ def test_every_fire_id_is_refused_as_a_submitted_job_id():
     for ok in ("tick", "digest@ops.example", "home@1", "@", "a@2026-05-28T20:26:40",
                "a@2026-05-28T20:26:40Zz"):
         assert not FIRE_ID.fullmatch(ok), ok
+
+
+def test_a_one_off_job_cannot_take_a_key_in_a_fires_scope(cluster):
+    """A fire with dedupe_scope "@fire" dedupes in a scope named by its fire id: a one-off
+    job submitted into that scope (dedupe_scope 'tick@<time>Z') with the fire's key took
+    it first, and the fire was dropped as a duplicate, never run. Jobs of the fire's round
+    (its children inherit the scope and the round) still go in."""
+    c = cluster.client
+    cluster.start_worker("--concurrency", "1")
+    at = aligned_start(3.0)
+    fid = f"tick@{iso_z(at)}"
+    with pytest.raises(RemoteError) as err:
+        c.submit_job(Echo.spec(job_id="sneaky", dedupe_key="K", dedupe_scope=fid))
+    assert err.value.code == "bad_request" and f"dedupe_scope {fid!r}" in str(err.value)
+    assert c.get_job("sneaky") is None
+    c.submit_job(Echo.spec(["periodic"], job_id="tick", dedupe_key="K", dedupe_scope="@fire",
+                           trigger={"type": "date", "run_date": at}))
+    done = cluster.wait_job(fid)
+    assert (done["status"], done["result"]["args"]) == ("succeeded", ["periodic"]), done
+    # one of its round (as its children are sent) may use the scope
+    child = Echo.spec(job_id="child", dedupe_key="K2", dedupe_scope=fid, round=fid,
+                      parent=fid)
+    assert c.submit_job(child)["status"] == "queued"
