@@ -62,6 +62,18 @@ def _score(raw) -> float:
     return math.inf if raw is None else float(raw)
 
 
+def _fire_time(raw) -> float:
+    """A stored next run time; ValueError if it is no date (written by hand or restored
+    badly: nan, inf, past the year 9999), which would fail the fire script's arguments of
+    every job in the pass."""
+    t = float(raw)
+    try:
+        iso(t)   # (ValueError for nan)
+    except (OverflowError, OSError):
+        raise ValueError(f"next_run_time {t!r} is no date") from None
+    return t
+
+
 @lru_cache(maxsize=10_000)  # stored triggers are few and rarely change: parse each once
 def _trigger(blob: bytes):
     return build_trigger(unpack(blob))
@@ -211,7 +223,7 @@ class Scheduler:
         options, trigger = Options.from_hash(h), _trigger(h["trigger"])
         grace, policy = options.misfire_grace_time, options.coalesce
         horizon = -math.inf if grace is None else now - grace
-        t, more, missed, unrecorded = float(h["next_run_time"]), "", [], 0
+        t, more, missed, unrecorded = _fire_time(h["next_run_time"]), "", [], 0
         while t is not None and t < horizon:  # too late to run: missed
             if len(missed) + unrecorded == CATCHUP_LIMIT:  # counted enough; jump to the grace
                 more = "more than "                        # window
@@ -303,7 +315,7 @@ class Scheduler:
                 with contextlib.suppress(KeyError, TypeError, ValueError):
                     h = dict(zip(FIRE_FIELDS, row)) if isinstance(row, list) else {}
                     version = h["version"]
-                    kept = float(h["next_run_time"])
+                    kept = _fire_time(h["next_run_time"])
                 plan = FirePlan(job_id, version, kept, retry_at=now + 60)
             job_keys, job_argv = self._job_args(plan, live, now, specs)
             keys += job_keys
