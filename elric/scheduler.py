@@ -402,7 +402,7 @@ class Scheduler:
                     if self._queueing.kind is None:   # (else: said once, as its trouble)
                         self.log.warning("queueing %d fire(s) marked but not queued before",
                                          len(found))
-                    total += await self._queue_fires([unpack(b) for b in found.values()],
+                    total += await self._queue_fires(await self._readable(found),
                                                      self.token, recovered=True)
                 if cursor == 0:
                     break
@@ -410,6 +410,27 @@ class Scheduler:
             self._pending = True
             raise
         return total
+
+    async def _readable(self, found: dict) -> list[dict]:
+        """The fire specs among pending entries; one that is no fire spec (written by hand,
+        restored badly) is dropped, naming it: it raised before any fire was planned, or
+        failed the enqueue of every fire beside it, pass after pass."""
+        specs, bad = [], []
+        for fid, raw in found.items():
+            try:
+                spec = unpack(raw)
+                if not isinstance(spec, dict) or spec.get("job_id") != fid.decode():
+                    raise ValueError("not the spec of this fire")
+            except Exception as exc:
+                self.log.error("fire %s pending in %s cannot be read (%s); dropped, it does "
+                               "not run", fid.decode(errors="replace"), self.keys.fires_pending,
+                               exc or type(exc).__name__)
+                bad.append(fid)
+                continue
+            specs.append(spec)
+        if bad:
+            await self.redis.hdel(self.keys.fires_pending, *bad)
+        return specs
 
     # --- loop ----------------------------------------------------------------------------
     async def _sleep(self, timeout: float) -> None:

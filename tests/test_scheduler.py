@@ -575,6 +575,31 @@ def test_a_next_run_time_that_is_no_date_does_not_stall_the_others(redis_url, ba
     run(redis_url, body)
 
 
+def test_a_pending_fire_that_cannot_be_read_does_not_stall_the_others(redis_url, caplog):
+    """A leader queues the fires marked but not queued before each pass (fires:pending):
+    one entry there that is not msgpack raised before any fire was planned, every pass,
+    and one that is no fire spec failed the enqueue of every fire pending beside it. No
+    periodic job fired any more. Such an entry is dropped, naming it, and the rest go on."""
+    from elric.codec import pack
+
+    async def body(env):
+        await env.store.add(spec("good"))
+        marked = fire_id("good", T0 - 30)   # a leader marked it, then died
+        await env.r.hset(env.keys.fires_pending, mapping={
+            marked: pack({**spec("good"), "job_id": marked, "schedule": "good",
+                          "fire_time": T0 - 30}),
+            "junk@2026-01-01T00:00:00Z": b"\xc1", "five@2026-01-01T00:00:00Z": b"\x05",
+            "other@2026-01-01T00:00:00Z": pack({"job_id": "not-this"})})
+        env.clock.t = T0 + 60
+        assert await env.sched.tick() == 2
+        assert [s["job_id"] for s in env.rec.specs] == [marked, fire_id("good", T0 + 60)]
+        assert await env.r.hlen(env.keys.fires_pending) == 0
+        for junk in ("junk", "five", "other"):
+            assert any(f"{junk}@2026-01-01T00:00:00Z" in r.message and r.levelname == "ERROR"
+                       for r in caplog.records), junk
+    run(redis_url, body)
+
+
 @pytest.mark.parametrize("bad", [b"\xc1", b"\x05"])  # not msgpack; not a map
 def test_a_job_spec_that_cannot_be_read_does_not_stall_the_others(redis_url, bad):
     """The spec was read only while the fires' arguments were built, outside the guard
