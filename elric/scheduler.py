@@ -121,7 +121,7 @@ class Scheduler:
         self._lease_keys = [keys.scheduler_lease, keys.scheduler_fence]
         self._acquire_s, self._renew_s, self._release_s, self._due_s = (
             lua.load(redis, f"scheduler_{name}") for name in ("acquire", "renew", "release", "due"))
-        self._fire_s = lua.load(redis, "scheduler_fire", "version_fn")
+        self._fire_s = lua.load(redis, "scheduler_fire", "version_fn", "expect_fn")
         self._filtered_s = lua.load(redis, "scheduler_filtered")
         self._warned: dict[str, float] = {}  # job (and why) -> when its fires were logged
         self._stop, self._leader, self._done = asyncio.Event(), asyncio.Event(), asyncio.Event()
@@ -396,8 +396,18 @@ class Scheduler:
         self._pending, total, cursor = False, 0, 0
         try:
             while self.is_leader:
-                cursor, found = await self.redis.hscan(self.keys.fires_pending, cursor,
-                                                       count=self.batch_size)
+                try:
+                    cursor, found = await self.redis.hscan(self.keys.fires_pending, cursor,
+                                                           count=self.batch_size)
+                except ResponseError as exc:
+                    if "WRONGTYPE" not in str(exc):
+                        raise
+                    # it holds no fire of elric's, and the fire script refuses to mark
+                    # fires it cannot keep there: every periodic job would stop
+                    self.log.error("scheduler: %s was overwritten with another type; deleted "
+                                   "it", self.keys.fires_pending)
+                    await self.redis.delete(self.keys.fires_pending)
+                    break
                 if found:
                     if self._queueing.kind is None:   # (else: said once, as its trouble)
                         self.log.warning("queueing %d fire(s) marked but not queued before",

@@ -600,6 +600,29 @@ def test_a_pending_fire_that_cannot_be_read_does_not_stall_the_others(redis_url,
     run(redis_url, body)
 
 
+def test_pending_fires_overwritten_with_another_type_lose_no_fire(redis_url, caplog):
+    """fires:pending SET to a string: the leader's look at it raised each pass and no
+    periodic job fired any more; and the fire script marked a fire before failing to keep
+    it pending, so the pass after that skipped the marked fire: it never ran. The script
+    now writes nothing then, and the leader deletes the key (it holds no fire of elric's)."""
+    from redis.exceptions import ResponseError
+
+    async def body(env):
+        await env.store.add(spec("good"))
+        await env.r.set(env.keys.fires_pending, "overwritten")   # before it leads
+        env.clock.t = T0 + 60
+        assert await env.sched.tick() == 1
+        await env.r.set(env.keys.fires_pending, "overwritten")   # while it leads
+        env.clock.t = T0 + 120
+        with pytest.raises(ResponseError, match=env.keys.fires_pending):
+            await env.sched.tick()
+        assert await env.sched.tick() == 1
+        assert env.rec.times == [T0 + 60, T0 + 120]
+        assert [r.levelname for r in caplog.records
+                if "was overwritten with another type" in r.message] == ["ERROR"] * 2
+    run(redis_url, body)
+
+
 @pytest.mark.parametrize("bad", [b"\xc1", b"\x05"])  # not msgpack; not a map
 def test_a_job_spec_that_cannot_be_read_does_not_stall_the_others(redis_url, bad):
     """The spec was read only while the fires' arguments were built, outside the guard
