@@ -13,7 +13,7 @@ import logging
 import time
 
 from elric.config import Settings
-from elric.contract import MAX_BATCH, SpecError, Status, normalize_spec
+from elric.contract import FIRE_ID, FIRE_ID_RULE, MAX_BATCH, SpecError, Status, normalize_spec
 from elric.jobstore import IdTaken, RedisJobStore, schedule_options
 from elric.queue import RedisQueue, Submitted
 from elric.reservation import DedupeGate, Reservation, ScopeRefused
@@ -50,7 +50,16 @@ class Admission:
         out = []
         try:
             for spec in specs:
-                out.append(self.normalize(spec))
+                n = self.normalize(spec)
+                if FIRE_ID.fullmatch(n["job_id"]):   # (modify_job keeps an id stored before)
+                    raise SpecError(f"job_id {n['job_id']!r}: {FIRE_ID_RULE}")
+                scope = n.get("dedupe_scope")
+                if scope and FIRE_ID.fullmatch(scope) and n.get("round") != scope:
+                    # a fire's "@fire" scope: a key taken there first drops the fire
+                    raise SpecError(f"dedupe_scope {scope!r}: a periodic job's fire dedupes "
+                                    "in a scope named by its id; only jobs of its round (its "
+                                    "children: round the same) may use it")
+                out.append(n)
         except SpecError as exc:
             raise SpecError(f"{where.format(len(out))}{exc}") from None
         first: dict[str, int] = {}

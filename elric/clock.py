@@ -5,6 +5,15 @@ from __future__ import annotations
 
 import time
 
+# Between syncs, Redis's time goes on by a clock no one steps: this machine's wall clock
+# plus an offset was off by a whole NTP step until the next sync. BOOTTIME counts a suspend
+# too (Linux); elsewhere, monotonic.
+_CLOCK = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
+
+
+def _ticks() -> float:
+    return time.clock_gettime(_CLOCK)
+
 
 async def redis_now(redis) -> float:
     """Redis's clock (TIME), in seconds."""
@@ -13,18 +22,24 @@ async def redis_now(redis) -> float:
 
 
 class RedisClock:
-    """Redis's clock for code that reads the time often: this machine's clock plus the
-    offset measured by the last ``sync``."""
+    """Redis's clock for code that reads the time often: Redis's time at the last ``sync``
+    plus the time elapsed since on a clock that does not step."""
 
     def __init__(self, redis) -> None:
-        self.redis, self.offset = redis, 0.0
+        self.redis = redis
+        self._base, self._at = time.time(), _ticks()   # this machine's, until a sync
 
     async def sync(self) -> float:
-        """Measure the offset again; returns the time now."""
-        before = time.time()
+        """Read Redis's time again; returns the time now."""
+        before = _ticks()
         now = await redis_now(self.redis)
-        self.offset = now - (before + time.time()) / 2
+        self._base, self._at = now, (before + _ticks()) / 2
         return now
 
+    @property
+    def offset(self) -> float:
+        """Redis's time less this machine's, now: for times noted on this machine's clock."""
+        return self() - time.time()
+
     def __call__(self) -> float:
-        return time.time() + self.offset
+        return self._base + (_ticks() - self._at)

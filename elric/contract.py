@@ -102,6 +102,11 @@ SET_BY_ELRIC = ("parent", "round")
 QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,100}$")
 QUEUE_RULE = "1-100 letters, digits, '_', '-' or '.'"   # QUEUE_NAME in words, for errors
 JOB_ID = re.compile(r"^[^\s]{1,200}$")
+# a periodic job's fire: `{job_id}@{fire time, ISO UTC}Z` (jobstore.fire_id). No submitted
+# job may take such an id, or the fire at that time would find it taken and never run
+FIRE_ID = re.compile(r"^.+@\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$", re.DOTALL)
+FIRE_ID_RULE = ("ids ending in '@' and a UTC time with 'Z' (as 'site@2026-03-29T00:30:00Z') "
+                "are reserved for the fires of periodic jobs; choose another")
 FUNC_PATH = re.compile(r"^[^\W\d][\w.]*:[^\W\d][\w.]*$")   # a Python name: any letter or _ first
 MAX_PRIORITY = 2**31
 MAX_BATCH = 10_000   # specs one submit_jobs call takes

@@ -62,6 +62,18 @@ def _score(raw) -> float:
     return math.inf if raw is None else float(raw)
 
 
+def _fire_time(raw) -> float:
+    """A stored next run time; ValueError if it is no date (written by hand or restored
+    badly: nan, inf, past the year 9999), which would fail the fire script's arguments of
+    every job in the pass."""
+    t = float(raw)
+    try:
+        iso(t)   # (ValueError for nan)
+    except (OverflowError, OSError):
+        raise ValueError(f"next_run_time {t!r} is no date") from None
+    return t
+
+
 @lru_cache(maxsize=10_000)  # stored triggers are few and rarely change: parse each once
 def _trigger(blob: bytes):
     return build_trigger(unpack(blob))
@@ -104,7 +116,7 @@ class Scheduler:
         self._lease_keys = [keys.scheduler_lease, keys.scheduler_fence]
         self._acquire_s, self._renew_s, self._release_s, self._due_s = (
             lua.load(redis, f"scheduler_{name}") for name in ("acquire", "renew", "release", "due"))
-        self._fire_s = lua.load(redis, "scheduler_fire", "version_fn")
+        self._fire_s = lua.load(redis, "scheduler_fire", "version_fn", "expect_fn")
         self._filtered_s = lua.load(redis, "scheduler_filtered")
         self._warned: dict[str, float] = {}  # job (and why) -> when its fires were logged
         self._stop, self._leader, self._done = asyncio.Event(), asyncio.Event(), asyncio.Event()
@@ -206,7 +218,7 @@ class Scheduler:
         options, trigger = Options.from_hash(h), _trigger(h["trigger"])
         grace, policy = options.misfire_grace_time, options.coalesce
         horizon = -math.inf if grace is None else now - grace
-        t, more, missed, unrecorded = float(h["next_run_time"]), "", [], 0
+        t, more, missed, unrecorded = _fire_time(h["next_run_time"]), "", [], 0
         while t is not None and t < horizon:  # too late to run: missed
             if len(missed) + unrecorded == CATCHUP_LIMIT:  # counted enough; jump to the grace
                 more = "more than "                        # window
@@ -298,7 +310,7 @@ class Scheduler:
                 with contextlib.suppress(KeyError, TypeError, ValueError):
                     h = dict(zip(FIRE_FIELDS, row)) if isinstance(row, list) else {}
                     version = h["version"]
-                    kept = float(h["next_run_time"])
+                    kept = _fire_time(h["next_run_time"])
                 plan = FirePlan(job_id, version, kept, retry_at=now + 60)
             job_keys, job_argv = self._job_args(plan, live, now, specs)
             keys += job_keys
@@ -379,13 +391,23 @@ class Scheduler:
         self._pending, total, cursor = False, 0, 0
         try:
             while self.is_leader:
-                cursor, found = await self.redis.hscan(self.keys.fires_pending, cursor,
-                                                       count=self.batch_size)
+                try:
+                    cursor, found = await self.redis.hscan(self.keys.fires_pending, cursor,
+                                                           count=self.batch_size)
+                except ResponseError as exc:
+                    if "WRONGTYPE" not in str(exc):
+                        raise
+                    # it holds no fire of elric's, and the fire script refuses to mark
+                    # fires it cannot keep there: every periodic job would stop
+                    self.log.error("scheduler: %s was overwritten with another type; deleted "
+                                   "it", self.keys.fires_pending)
+                    await self.redis.delete(self.keys.fires_pending)
+                    break
                 if found:
                     if self._queueing.kind is None:   # (else: said once, as its trouble)
                         self.log.warning("queueing %d fire(s) marked but not queued before",
                                          len(found))
-                    total += await self._queue_fires([unpack(b) for b in found.values()],
+                    total += await self._queue_fires(await self._readable(found),
                                                      self.token, recovered=True)
                 if cursor == 0:
                     break
@@ -393,6 +415,27 @@ class Scheduler:
             self._pending = True
             raise
         return total
+
+    async def _readable(self, found: dict) -> list[dict]:
+        """The fire specs among pending entries; one that is no fire spec (written by hand,
+        restored badly) is dropped, naming it: it raised before any fire was planned, or
+        failed the enqueue of every fire beside it, pass after pass."""
+        specs, bad = [], []
+        for fid, raw in found.items():
+            try:
+                spec = unpack(raw)
+                if not isinstance(spec, dict) or spec.get("job_id") != fid.decode():
+                    raise ValueError("not the spec of this fire")
+            except Exception as exc:
+                self.log.error("fire %s pending in %s cannot be read (%s); dropped, it does "
+                               "not run", fid.decode(errors="replace"), self.keys.fires_pending,
+                               exc or type(exc).__name__)
+                bad.append(fid)
+                continue
+            specs.append(spec)
+        if bad:
+            await self.redis.hdel(self.keys.fires_pending, *bad)
+        return specs
 
     # --- loop ----------------------------------------------------------------------------
     async def _sleep(self, timeout: float) -> None:

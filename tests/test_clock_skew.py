@@ -125,3 +125,44 @@ def test_a_redis_clock_stepped_forward_then_back_does_not_hold_redelivery_for_an
         r.close()
         c.close()
         server.cleanup()
+
+
+def test_a_master_whose_clock_steps_reads_redis_time_at_once(make_cluster, tmp_path):
+    """The masters read Redis's time as their own clock plus the offset their last sync
+    measured, every few seconds (a third of SCHEDULER_LEASE on a master not scheduling):
+    right after an NTP step of this machine's clock they were off by the step. An interval
+    submitted then started an hour late for good, and run_job an hour back was recorded
+    missed, never run."""
+    from elric.client import MasterClient
+    from elric.redis_server import free_port
+
+    lib = faketime_lib()
+    if lib is None:
+        pytest.skip("needs the libfaketime package (pip install -e .[test])")
+    c = make_cluster(SCHEDULER_LEASE=60)   # the other master syncs every 20 s
+    c.start_master()
+    wait_for(lambda: c.client.stats()["scheduler"]["this_master_schedules"],
+             what="the first master schedules")
+    offset, address = tmp_path / "offset", f"127.0.0.1:{free_port()}"
+    offset.write_text("+0\n")
+    c.env.update(LD_PRELOAD=lib, FAKETIME_TIMESTAMP_FILE=str(offset), FAKETIME_NO_CACHE="1",
+                 FAKETIME_DONT_FAKE_MONOTONIC="1")   # the wall clock steps, as NTP steps it
+    c.start_master(address)
+    other = MasterClient(address)
+    try:
+        wait_for(lambda: other.health()["tasks"]["scheduler"]["progress_at"],
+                 what="the other master follows")
+        c.client.submit_job(Echo.spec(job_id="daily", trigger={"type": "cron",
+                                                               "crontab": "0 3 * * *"}))
+        offset.write_text("+3600\n")
+        reply = other.submit_job(Echo.spec(job_id="tick", trigger={"type": "interval",
+                                                                   "minutes": 5}))
+        assert abs(reply["next_run_time"] - (time.time() + 300)) < 60, reply
+        offset.write_text("-3600\n")
+        fire = other.run_job("daily")
+        assert abs(fire["fire_time"] - time.time()) < 60, fire
+        run = wait_for(lambda: next((r for r in c.client.get_job("daily")["runs"]
+                                     if r["job_id"] == fire["fire_id"]), None), what="its run")
+        assert run["outcome"] != "missed", run
+    finally:
+        other.close()

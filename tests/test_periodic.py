@@ -527,3 +527,67 @@ def test_modify_refuses_parent_and_round_and_nil_removes_a_timeout(cluster):
     assert c.modify_job("tick", {"timeout": None})["timeout"] is None
     fire = c.run_job("tick")["fire_id"]
     assert cluster.wait_job(fire, statuses=("queued",))["timeout"] is None
+
+
+def test_a_one_off_job_cannot_take_a_fires_id(cluster):
+    """A one-off job submitted under an id shaped like a periodic job's fire id
+    (``tick@<time>Z``) was accepted, and the fire at that time found the id taken: it never
+    ran, and the job's runs showed the one-off's status as the fire's."""
+    c = cluster.client
+    cluster.start_worker("--concurrency", "1")
+    at = aligned_start(3.0)
+    fid = f"tick@{iso_z(at)}"
+    for taker in (Echo.spec(["one-off"], job_id=fid),   # as a one-off, a periodic, a batch
+                  Echo.spec(job_id=fid, trigger={"type": "interval", "hours": 1})):
+        with pytest.raises(RemoteError) as err:
+            c.submit_job(taker)
+        assert err.value.code == "bad_request", err.value
+        assert repr(fid) in str(err.value) and "reserved for the fires" in str(err.value)
+    with pytest.raises(RemoteError, match="spec 1: job_id"):
+        c.submit_jobs([Echo.spec(job_id="fine"), Echo.spec(job_id=f"x@{iso_z(at)}")])
+    assert c.get_job("fine") is None   # the batch is refused whole
+    c.submit_job(Echo.spec(["periodic"], job_id="tick", trigger={"type": "date",
+                                                                 "run_date": at}))
+    done = cluster.wait_job(fid)
+    assert (done["status"], done["schedule"], done["result"]["args"]) == (
+        "succeeded", "tick", ["periodic"])
+    assert [(r["job_id"], r["outcome"]) for r in c.get_job("tick")["runs"]] == [
+        (fid, "succeeded")]
+    # an '@' alone is no fire id: such ids are taken as before
+    for ok in ("digest@ops.example", "home@1", "a@2026-05-28", "a@2026-05-28T20:26:40"):
+        assert c.submit_job(Echo.spec(job_id=ok))["status"] == "queued", ok
+
+
+def test_every_fire_id_is_refused_as_a_submitted_job_id():
+    from elric.contract import FIRE_ID
+    from elric.jobstore import fire_id
+
+    for t in (0.0, 1_780_000_000.0, 1_780_000_000.25, 1_780_000_000.000001, 253402300799.0):
+        for job in ("tick", "a@b", "x@2026-01-01T00:00:00Z"):
+            assert FIRE_ID.fullmatch(fire_id(job, t)), fire_id(job, t)
+    for ok in ("tick", "digest@ops.example", "home@1", "@", "a@2026-05-28T20:26:40",
+               "a@2026-05-28T20:26:40Zz"):
+        assert not FIRE_ID.fullmatch(ok), ok
+
+
+def test_a_one_off_job_cannot_take_a_key_in_a_fires_scope(cluster):
+    """A fire with dedupe_scope "@fire" dedupes in a scope named by its fire id: a one-off
+    job submitted into that scope (dedupe_scope 'tick@<time>Z') with the fire's key took
+    it first, and the fire was dropped as a duplicate, never run. Jobs of the fire's round
+    (its children inherit the scope and the round) still go in."""
+    c = cluster.client
+    cluster.start_worker("--concurrency", "1")
+    at = aligned_start(3.0)
+    fid = f"tick@{iso_z(at)}"
+    with pytest.raises(RemoteError) as err:
+        c.submit_job(Echo.spec(job_id="sneaky", dedupe_key="K", dedupe_scope=fid))
+    assert err.value.code == "bad_request" and f"dedupe_scope {fid!r}" in str(err.value)
+    assert c.get_job("sneaky") is None
+    c.submit_job(Echo.spec(["periodic"], job_id="tick", dedupe_key="K", dedupe_scope="@fire",
+                           trigger={"type": "date", "run_date": at}))
+    done = cluster.wait_job(fid)
+    assert (done["status"], done["result"]["args"]) == ("succeeded", ["periodic"]), done
+    # one of its round (as its children are sent) may use the scope
+    child = Echo.spec(job_id="child", dedupe_key="K2", dedupe_scope=fid, round=fid,
+                      parent=fid)
+    assert c.submit_job(child)["status"] == "queued"

@@ -556,6 +556,73 @@ def test_a_job_that_cannot_be_planned_keeps_its_fire_times_when_it_can_again(red
     run(redis_url, body)
 
 
+@pytest.mark.parametrize("bad", ["nan", "inf", "-inf", "1e300", "-1e300"])
+def test_a_next_run_time_that_is_no_date_does_not_stall_the_others(redis_url, bad):
+    """A stored next run time that is a number but no date (written by hand, or a bad
+    restore) raised while the fire script's arguments were built, outside the guard for
+    bad stored data: every pass failed, and no periodic job fired any more."""
+    async def body(env):
+        await env.store.add(spec("bad"))
+        await env.store.add(spec("good"))
+        await env.r.hset(env.keys.schedule("bad"), "next_run_time", bad)
+        env.clock.t = T0 + 60
+        assert await env.sched.tick() == 1 and env.rec.specs[0]["schedule"] == "good"
+        # the retry time replaces it, as one that is no number
+        assert await env.r.zscore(env.keys.schedules, "bad") == (T0 + 120) * 1000
+        env.clock.t = T0 + 120
+        assert await env.sched.tick() == 2
+        assert sorted(s["schedule"] for s in env.rec.specs[1:]) == ["bad", "good"]
+    run(redis_url, body)
+
+
+def test_a_pending_fire_that_cannot_be_read_does_not_stall_the_others(redis_url, caplog):
+    """A leader queues the fires marked but not queued before each pass (fires:pending):
+    one entry there that is not msgpack raised before any fire was planned, every pass,
+    and one that is no fire spec failed the enqueue of every fire pending beside it. No
+    periodic job fired any more. Such an entry is dropped, naming it, and the rest go on."""
+    from elric.codec import pack
+
+    async def body(env):
+        await env.store.add(spec("good"))
+        marked = fire_id("good", T0 - 30)   # a leader marked it, then died
+        await env.r.hset(env.keys.fires_pending, mapping={
+            marked: pack({**spec("good"), "job_id": marked, "schedule": "good",
+                          "fire_time": T0 - 30}),
+            "junk@2026-01-01T00:00:00Z": b"\xc1", "five@2026-01-01T00:00:00Z": b"\x05",
+            "other@2026-01-01T00:00:00Z": pack({"job_id": "not-this"})})
+        env.clock.t = T0 + 60
+        assert await env.sched.tick() == 2
+        assert [s["job_id"] for s in env.rec.specs] == [marked, fire_id("good", T0 + 60)]
+        assert await env.r.hlen(env.keys.fires_pending) == 0
+        for junk in ("junk", "five", "other"):
+            assert any(f"{junk}@2026-01-01T00:00:00Z" in r.message and r.levelname == "ERROR"
+                       for r in caplog.records), junk
+    run(redis_url, body)
+
+
+def test_pending_fires_overwritten_with_another_type_lose_no_fire(redis_url, caplog):
+    """fires:pending SET to a string: the leader's look at it raised each pass and no
+    periodic job fired any more; and the fire script marked a fire before failing to keep
+    it pending, so the pass after that skipped the marked fire: it never ran. The script
+    now writes nothing then, and the leader deletes the key (it holds no fire of elric's)."""
+    from redis.exceptions import ResponseError
+
+    async def body(env):
+        await env.store.add(spec("good"))
+        await env.r.set(env.keys.fires_pending, "overwritten")   # before it leads
+        env.clock.t = T0 + 60
+        assert await env.sched.tick() == 1
+        await env.r.set(env.keys.fires_pending, "overwritten")   # while it leads
+        env.clock.t = T0 + 120
+        with pytest.raises(ResponseError, match=env.keys.fires_pending):
+            await env.sched.tick()
+        assert await env.sched.tick() == 1
+        assert env.rec.times == [T0 + 60, T0 + 120]
+        assert [r.levelname for r in caplog.records
+                if "was overwritten with another type" in r.message] == ["ERROR"] * 2
+    run(redis_url, body)
+
+
 @pytest.mark.parametrize("bad", [b"\xc1", b"\x05"])  # not msgpack; not a map
 def test_a_job_spec_that_cannot_be_read_does_not_stall_the_others(redis_url, bad):
     """The spec was read only while the fires' arguments were built, outside the guard

@@ -18,8 +18,10 @@
 -- a job whose version moved since it was read is left alone (re-read next pass); an
 -- index entry whose hash is gone is dropped; one whose keys could not be read (version "")
 -- gets only its new score; a runs list or fire stats of another type are not recorded to,
--- not an error that stops every job's fires.
+-- not an error that stops every job's fires; pending fires of another type fail the call
+-- before anything is written (a fire marked and not kept would never run).
 if redis.call('GET', KEYS[1]) ~= ARGV[1] or redis.call('GET', KEYS[2]) ~= ARGV[2] then return {0} end
+expect(KEYS[4], 'hash')
 local out, a, k, keep = {1, false}, 6, 7, tonumber(ARGV[3])
 for _ = 1, tonumber(ARGV[5]) do
   local job_id, version, score = ARGV[a], ARGV[a+1], ARGV[a+2]
