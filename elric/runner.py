@@ -567,7 +567,8 @@ class _Runner:
                 try:
                     result = context.run(job.run)
                 finally:   # (within its timeout: a task may hold out against its cancel)
-                    if self.sync_tasks:
+                    loop = self.sync_loop
+                    if self.sync_tasks or loop is not None and (loop._ready or loop._asyncgens):
                         self._end_tasks()
             finally:
                 self.running, self.timer_set = None, False
@@ -595,14 +596,28 @@ class _Runner:
         return task
 
     def _end_tasks(self) -> None:
-        """Cancel the tasks a sync job left on its loop and let them end, as asyncio.run does:
-        else they would run inside the next sync job that runs the loop."""
+        """Cancel the tasks a sync job left on its loop and let them end, then close the async
+        generators it left unfinished, as asyncio.run does: else they would run inside the
+        next sync job that runs the loop (a generator's ``finally``, or never)."""
         tasks, loop = [t for t in self.sync_tasks if not t.done()], self.sync_loop
         self.sync_tasks.clear()
-        if tasks and not loop.is_running() and not loop.is_closed():
+        if loop.is_running() or loop.is_closed():
+            return
+        if tasks:
             for task in tasks:
                 task.cancel()
             loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        # those still held (by a traceback) are closed here; those dropped already have
+        # their aclose waiting in _ready (the loop's finalizer), made a task as this runs
+        gens = list(loop._asyncgens)
+        if gens or loop._ready:
+            loop._asyncgens.difference_update(gens)
+            loop.run_until_complete(asyncio.gather(*(g.aclose() for g in gens),
+                                                   return_exceptions=True))
+            closing = [t for t in self.sync_tasks if not t.done()]
+            self.sync_tasks.clear()
+            if closing:
+                loop.run_until_complete(asyncio.gather(*closing, return_exceptions=True))
 
     # --- a blocked loop ---------------------------------------------------------------
     def _tick(self) -> None:

@@ -478,3 +478,38 @@ class CommandUntilGate(Job):
         code = command.wait()
         command.stdout.close()
         return code
+
+
+class LeaveAsyncGenerator(Job):
+    """A sync job that reads an async stream (an async generator) an item at a time on its
+    loop (get_event_loop), as sync code over an async client does, and stops after the
+    first; the generator's ``finally`` (closing a connection, say) appends to ``path``.
+    With ``fail``, it raises then, its traceback holding the generator."""
+
+    def run(self, path, fail=False):
+        async def stream():
+            try:
+                yield 1
+                yield 2
+            finally:
+                append_line(path, "closed")
+
+        async def next_item(items):
+            return await items.__anext__()
+        items = stream()
+        first = asyncio.get_event_loop().run_until_complete(next_item(items))
+        if fail:
+            raise ValueError("failed after its first item")
+        return first
+
+
+class RunLoopOnce(Job):
+    """A sync job that runs its loop (get_event_loop) for one step, and says what ``path``
+    held before and after."""
+
+    def run(self, path):
+        def read():
+            return open(path).read().split() if os.path.exists(path) else []
+        before = read()
+        asyncio.get_event_loop().run_until_complete(asyncio.sleep(0))
+        return {"before": before, "after": read()}

@@ -41,7 +41,9 @@ from tests.jobs_faults import (AsyncExitUnprintable, CommandUntilGate, AsyncFork
                                ChildAndPipe, HoldGil, LooseSignals, ProcessState,
                                AsyncProcessState, AsyncExitInTask, SayThenCrash,
                                Stdio, StopCommand, StopProcesses, StopFork, ReadStdin,
-                               ProcessSettings, AsyncProcessSettings, Seventh)
+                               ProcessSettings, AsyncProcessSettings, Seventh,
+                               LeaveAsyncGenerator,
+                               RunLoopOnce)
 from tests.silent_proxy import SilentProxy
 
 KEYS = Keys("elric")
@@ -1761,6 +1763,24 @@ def test_a_jobs_socket_timeout_recursion_limit_and_logging_are_not_left_to_the_n
     cluster.client.submit_job(job_class.spec([], job_id="after"))
     after = cluster.wait_job("after")["result"]
     assert after == before, (before, after)
+    assert worker.alive()
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_an_async_generator_a_sync_job_left_is_closed_when_that_job_ends(cluster, tmp_path,
+                                                                        fail):
+    """An async generator a sync job left unfinished on its loop was closed only when a
+    later job ran that loop: its ``finally`` (closing a connection, releasing a lock) ran
+    inside that other job, or never, if no later job ran the loop."""
+    path = str(tmp_path / "closed")
+    worker = cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job(LeaveAsyncGenerator.spec([path, fail], job_id="leaves",
+                                                        max_retries=0))
+    leaves = cluster.wait_job("leaves")
+    assert leaves["status"] == ("failed" if fail else "succeeded"), leaves
+    cluster.client.submit_job(RunLoopOnce.spec([path], job_id="after"))
+    after = cluster.wait_job("after")["result"]
+    assert after == {"before": ["closed"], "after": ["closed"]}, after
     assert worker.alive()
 
 
