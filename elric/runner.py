@@ -27,6 +27,7 @@ import sys
 import threading
 import time
 import traceback
+import warnings
 from collections import deque
 from dataclasses import dataclass, field
 from functools import partial
@@ -219,6 +220,10 @@ class _Runner:
             (sys.getrecursionlimit, sys.setrecursionlimit),   # (raised: a runaway crashes)
             (lambda: root.level, root.setLevel), (lambda: root.manager.disable, logging.disable),
             (lambda: list(root.handlers), lambda value: setattr(root, "handlers", list(value))))]
+        # and its warnings filters (simplefilter("error") raised the next jobs' warnings):
+        # compared as a copy, since a filter is added in place
+        self.settings.append((lambda: warnings.filters, _set_warning_filters,
+                              list(warnings.filters)))
         self.last_tick = time.monotonic()
         self.sync_loop: asyncio.AbstractEventLoop | None = None   # get_event_loop's in sync jobs
         self.sync_tasks: list[asyncio.Task] = []   # made on it by the sync job running
@@ -650,6 +655,11 @@ class _Runner:
             log.warning("%s has blocked its event loop for %.1fs: an async run must not call "
                         "blocking code (time.sleep, a sync HTTP client); await instead, or "
                         "use asyncio.to_thread", who, stalled)
+
+
+def _set_warning_filters(filters: list) -> None:
+    warnings.filters = list(filters)
+    warnings._filters_mutated()   # (as catch_warnings does: drops the cached decisions)
 
 
 def _succeeded(out: Ran, result, ctx) -> None:

@@ -480,6 +480,31 @@ class CommandUntilGate(Job):
         return code
 
 
+def warning_state(leave):
+    """What a job's warnings do: whether a UserWarning raises. With ``leave``, it first
+    turns warnings into errors and leaves them so, as a job that wants to catch every
+    deprecation (warnings.simplefilter("error")) may."""
+    import warnings
+    if leave:
+        warnings.simplefilter("error")
+    try:
+        warnings.warn("a job's warning", UserWarning, stacklevel=1)
+        raised = False
+    except UserWarning:
+        raised = True
+    return {"pid": os.getpid(), "raises": raised}
+
+
+class WarningState(Job):
+    def run(self, leave=False):
+        return warning_state(leave)
+
+
+class AsyncWarningState(Job):
+    async def run(self, leave=False):
+        return warning_state(leave)
+
+
 class LeaveAsyncGenerator(Job):
     """A sync job that reads an async stream (an async generator) an item at a time on its
     loop (get_event_loop), as sync code over an async client does, and stops after the

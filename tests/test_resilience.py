@@ -42,7 +42,7 @@ from tests.jobs_faults import (AsyncExitUnprintable, CommandUntilGate, AsyncFork
                                AsyncProcessState, AsyncExitInTask, SayThenCrash,
                                Stdio, StopCommand, StopProcesses, StopFork, ReadStdin,
                                ProcessSettings, AsyncProcessSettings, Seventh,
-                               LeaveAsyncGenerator,
+                               WarningState, AsyncWarningState, LeaveAsyncGenerator,
                                RunLoopOnce)
 from tests.silent_proxy import SilentProxy
 
@@ -1763,6 +1763,24 @@ def test_a_jobs_socket_timeout_recursion_limit_and_logging_are_not_left_to_the_n
     cluster.client.submit_job(job_class.spec([], job_id="after"))
     after = cluster.wait_job("after")["result"]
     assert after == before, (before, after)
+    assert worker.alive()
+
+
+@pytest.mark.parametrize("job_class", [WarningState, AsyncWarningState])
+def test_a_jobs_warnings_filters_are_not_left_to_the_next_jobs(cluster, job_class):
+    """A job's warnings.simplefilter("error") stayed for every later job of its pool
+    process: a deprecation warning deep in a library failed those jobs, depending on which
+    jobs that process had run before."""
+    worker = cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job(job_class.spec([], job_id="before"))
+    before = cluster.wait_job("before")["result"]
+    assert before["raises"] is False, before
+    cluster.client.submit_job(job_class.spec([True], job_id="leaves"))
+    leaves = cluster.wait_job("leaves")["result"]
+    assert leaves["pid"] == before["pid"] and leaves["raises"] is True, leaves
+    cluster.client.submit_job(job_class.spec([], job_id="after"))
+    after = cluster.wait_job("after")
+    assert (after["status"], after["result"]) == ("succeeded", before), after
     assert worker.alive()
 
 
