@@ -2102,6 +2102,56 @@ def test_a_reruns_claim_a_lost_fetch_made_is_given_back_beside_a_lost_run(redis_
     asyncio.run(main())
 
 
+def test_a_claim_the_jobs_rerun_took_over_is_lost_to_the_heartbeat(redis_url):
+    """A claim waited here past its lease (the worker cut off): its job ran elsewhere and
+    was rerun, and a fetch whose reply was lost claimed the rerun here, at attempt 1 again.
+    The heartbeat, which named the claim by (job_id, attempt), renewed the rerun's lease in
+    the old claim's name: the old claim, lost, started, beside the rerun given back."""
+    import redis.asyncio as aredis
+
+    from elric.queue import Outcome, RedisQueue
+
+    async def main():
+        r = aredis.Redis.from_url(redis_url)
+        try:
+            w = _in_process_worker()
+            q = w.queue = RedisQueue(r, KEYS)
+            await q.enqueue([normalize_spec({"func": "tests.jobs:Add", "args": [1, 2],
+                                             "job_id": "x"})])
+            [old] = (await q.fetch(w.worker_id, w.queues, 1, 30)).claims
+            w.buffer.append(old)   # waits here; its lease runs out
+            await r.zadd(KEYS.inflight, {"x": 0}, xx=True)
+            await q.recover()
+            [elsewhere] = (await q.fetch("other", w.queues, 1, 30)).claims
+            await q.finish("other", [Outcome("x", elsewhere.attempt, True, b"\x03", 1)])
+            await q.rerun("x")
+            [rerun] = (await q.fetch(w.worker_id, w.queues, 1, 30)).claims   # reply lost
+            assert (rerun.attempt, rerun.reruns) == (old.attempt, 1)
+            w._unsure_since = time.monotonic()
+            calls, twice = [], asyncio.Event()
+
+            async def heartbeat(worker_id, claims, *args):
+                calls.append(claims)
+                if len(calls) == 2:   # the first reply was applied
+                    twice.set()
+                return await q.heartbeat(worker_id, claims, *args)
+            w.queue = SimpleNamespace(heartbeat=heartbeat)
+            beating = asyncio.create_task(w._heartbeat_loop())
+            try:
+                await asyncio.wait_for(twice.wait(), 10)
+            finally:
+                beating.cancel()
+            assert calls[0] == [old] and list(w.buffer) == [], (calls, w.buffer)
+            started = []
+            w.pool.holds = lambda job_id: False
+            w.pool.start = lambda claim, done, suspect=False: started.append(claim)
+            w._dispatch()
+            assert started == []
+        finally:
+            await r.aclose()
+    asyncio.run(main())
+
+
 def test_the_claims_of_a_fetch_behind_a_failed_wait_are_given_back(redis_url):
     """A wake list of another type (an operator's WRONGTYPE) failed the BLPOP a waiting fetch
     was sent behind; the fetch ran all the same, and its claims were thrown away unknown:
