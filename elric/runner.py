@@ -76,10 +76,12 @@ class Ran:
     is_async: bool = False
     retry_after: float = 0.0
     withdrawn: bool = False     # not started: the worker asked for it back
+    reruns: int = 0
 
     @property
-    def key(self) -> tuple[str, int]:
-        return self.job_id, self.attempt
+    def key(self) -> tuple[str, int, int]:
+        """The run it is (Claim.run): a rerun counts its attempts from 1 again."""
+        return self.job_id, self.attempt, self.reruns
 
     def row(self) -> list:
         return [getattr(self, name) for name in self.__slots__]
@@ -98,9 +100,10 @@ class _SyncJob:
     timeout: float | None
 
 
-def _key(item: dict) -> tuple[str, int]:
-    """A job sent by the worker, or a cancel or withdraw request: (job_id, attempt)."""
-    return item.get("job_id") or item.get("cancel") or item["withdraw"], item["attempt"]
+def _key(item: dict) -> tuple[str, int, int]:
+    """A job sent by the worker, or a cancel or withdraw request: the run (Claim.run)."""
+    return (item.get("job_id") or item.get("cancel") or item["withdraw"], item["attempt"],
+            item["reruns"])
 
 
 def serve(conn, job_modules: tuple[str, ...], worker_pid: int, cwd: str, log_level: str,
@@ -190,8 +193,8 @@ class _Runner:
         self.inbox_lock = threading.Lock()
         self.inbox: list[dict] = []               # jobs taken off the pipe, not started
         self.sync_jobs: deque[_SyncJob] = deque()   # started, waiting for the loop
-        self.cancels: set[tuple[str, int]] = set()   # (job_id, attempt) asked to stop
-        self.running: tuple[str, int] | None = None   # the sync job inside its run()
+        self.cancels: set[tuple[str, int, int]] = set()   # runs (Ran.key) asked to stop
+        self.running: tuple[str, int, int] | None = None   # the sync job inside its run()
         self.timer_set = False   # its timeout is armed (SIGALRM)
         # outbox and new_kinds are swapped out under outbox_lock, held only for that, so
         # the reader never waits on a send blocked by a full pipe; send_lock keeps the
@@ -457,7 +460,8 @@ class _Runner:
     # --- running jobs -----------------------------------------------------------------
     def _start(self, item: dict) -> _SyncJob | None:
         """Start an async job; a sync one is returned, to wait for the loop."""
-        out = Ran(item["job_id"], item["attempt"], False, "", started_at=time.monotonic())
+        out = Ran(item["job_id"], item["attempt"], False, "", started_at=time.monotonic(),
+                  reruns=item["reruns"])
         try:
             cls = self.modules.job_class(item["func"])
             args = codec.unpack(item["args"]) or []
@@ -677,9 +681,12 @@ def _succeeded(out: Ran, result, ctx) -> None:
     out.ok, out.children = True, ctx.children
 
 
-def cancelled_before_start(job_id: str, attempt: int, is_async: bool = False) -> Ran:
+def cancelled_before_start(job_id: str, attempt: int, reruns: int = 0,
+                           is_async: bool = False) -> Ran:
     """The outcome of a job cancel_job stopped before it started (here or in the worker)."""
-    return Ran.failure(job_id, attempt, CANCELLED + " before it started", is_async)
+    out = Ran.failure(job_id, attempt, CANCELLED + " before it started", is_async)
+    out.reruns = reruns
+    return out
 
 
 def _failed(out: Ran, exc: BaseException) -> Ran:

@@ -1203,6 +1203,62 @@ def test_shutdown_with_cancel_futures_settles_the_futures_of_jobs_still_running(
     asyncio.run(main())
 
 
+def test_a_cancel_of_a_run_that_had_ended_does_not_stop_its_jobs_rerun(tmp_path):
+    """cancel_job reached a pool process just after a job's run there had ended (its report
+    on its way), while a long sync job held the process's loop; the job's rerun, at attempt
+    1 again, came to the same process: the request, named by (job_id, attempt), was taken
+    as the rerun's, and the rerun failed "Cancelled" though no one cancelled it."""
+    from elric.pool import Pool
+
+    marks, gate = tmp_path / "marks", tmp_path / "gate"
+
+    def claim(job_id, func, args, reruns=0):
+        return Claim(job_id, 1, func, msgpack.packb(args), msgpack.packb({}), None, 0,
+                     "default", None, reruns=reruns)
+
+    async def main():
+        pool = Pool(1, async_slots=1, sync_batch=lambda: 10,
+                    job_modules=["tests.jobs", "tests.jobs_faults"])
+        mark, hold = "tests.jobs_faults:Mark", "tests.jobs:MarkUntilGate"
+        pool.kinds.update({mark: False, hold: False})   # known sync: sent in one batch
+        outcomes, came = {}, asyncio.Event()
+
+        def done(name):
+            def settle(outcome):
+                outcomes[name] = outcome
+                came.set()
+            return settle
+
+        async def outcome(name):
+            while name not in outcomes:
+                came.clear()
+                await asyncio.wait_for(came.wait(), 30)
+            return outcomes[name]
+        try:
+            lost = claim("x", mark, [str(marks)])
+            pool.start(lost, done("lost"))
+            pool.start(claim("y", hold, [str(marks), str(gate)]), done("y"))
+            pool.start(claim("z", mark, [str(marks)]), done("z"))
+            pool.flush()
+            # (this loop waits unturned: the process's report of x stays unread)
+            wait_for(lambda: marks.exists() and marks.read_text().split() == ["x", "y"],
+                     what="x ran, y holds the process")
+            assert pool.cancel(lost)   # the worker has not read x's report yet
+            assert (await outcome("lost")).ok
+            rerun = claim("x", mark, [str(marks)], reruns=1)
+            pool.withdraw_waiting()   # z, sent with the rerun: once z is back, the rerun is
+            pool.start(rerun, done("rerun"))   # in the process, behind y
+            pool.flush()
+            assert (await outcome("z")).withdrawn
+            gate.write_text("open")
+            ran = await outcome("rerun")
+            assert ran.ok and msgpack.unpackb(ran.payload) == "x", ran
+        finally:
+            pool.kill_all()
+            pool.shutdown(wait=True, cancel_futures=True)
+    asyncio.run(main())
+
+
 def test_a_claim_waiting_for_its_lease_check_stays_in_the_buffer_once(redis_url):
     """A buffered claim whose lease is not surely held waits for the heartbeat's answer.
     Each pass of the loop used to add it to the buffer again (1, 2, 4, 8 copies while
