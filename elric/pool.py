@@ -445,7 +445,8 @@ class Pool(Executor):
             for h in list(p.held.values())[1:]:
                 if not h.withdrawing:
                     h.withdrawing = True
-                    p.outbox.append({"withdraw": h.claim.job_id, "attempt": h.claim.attempt})
+                    p.outbox.append({"withdraw": h.claim.job_id, "attempt": h.claim.attempt,
+                                     "reruns": h.claim.reruns})
                     self._schedule_flush()
 
     def cancel(self, claim: Claim) -> bool:
@@ -457,7 +458,9 @@ class Pool(Executor):
             if h is None or h.claim is not claim:
                 continue
             h.cancelled_at = time.monotonic()
-            p.outbox.append({"cancel": claim.job_id, "attempt": claim.attempt})
+            # named by its run: one of the job's that ended here may be cancelled too late
+            p.outbox.append({"cancel": claim.job_id, "attempt": claim.attempt,
+                             "reruns": claim.reruns})
             self._schedule_flush()
             return True
         return False

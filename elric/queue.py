@@ -385,7 +385,7 @@ class RedisQueue:
                         fields: dict | None = None) -> Renewed:
         """Renew the leases of ``claims`` and mark the worker seen, on Redis's clock; write
         ``fields`` (its state and load) into its hash; learn what an operator asked of it."""
-        held = [x for c in claims for x in (c.job_id, c.attempt)]
+        held = [x for c in claims for x in c.run]
         pairs = [x for item in (fields or {}).items() for x in item]
         k = self.keys
         reply = await self._heartbeat(

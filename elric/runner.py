@@ -27,6 +27,7 @@ import sys
 import threading
 import time
 import traceback
+import warnings
 from collections import deque
 from dataclasses import dataclass, field
 from functools import partial
@@ -79,10 +80,12 @@ class Ran:
     is_async: bool = False
     retry_after: float = 0.0
     withdrawn: bool = False     # not started: the worker asked for it back
+    reruns: int = 0
 
     @property
-    def key(self) -> tuple[str, int]:
-        return self.job_id, self.attempt
+    def key(self) -> tuple[str, int, int]:
+        """The run it is (Claim.run): a rerun counts its attempts from 1 again."""
+        return self.job_id, self.attempt, self.reruns
 
     def row(self) -> list:
         return [getattr(self, name) for name in self.__slots__]
@@ -104,9 +107,10 @@ class _SyncJob:
     timeout: float | None
 
 
-def _key(item: dict) -> tuple[str, int]:
-    """A job sent by the worker, or a cancel or withdraw request: (job_id, attempt)."""
-    return item.get("job_id") or item.get("cancel") or item["withdraw"], item["attempt"]
+def _key(item: dict) -> tuple[str, int, int]:
+    """A job sent by the worker, or a cancel or withdraw request: the run (Claim.run)."""
+    return (item.get("job_id") or item.get("cancel") or item["withdraw"], item["attempt"],
+            item["reruns"])
 
 
 def serve(conn, job_modules: tuple[str, ...], worker_pid: int, cwd: str, log_level: str,
@@ -196,8 +200,8 @@ class _Runner:
         self.inbox_lock = threading.Lock()
         self.inbox: list[dict] = []               # jobs taken off the pipe, not started
         self.sync_jobs: deque[_SyncJob] = deque()   # started, waiting for the loop
-        self.cancels: set[tuple[str, int]] = set()   # (job_id, attempt) asked to stop
-        self.running: tuple[str, int] | None = None   # the sync job inside its run()
+        self.cancels: set[tuple[str, int, int]] = set()   # runs (Ran.key) asked to stop
+        self.running: tuple[str, int, int] | None = None   # the sync job inside its run()
         self.timer_set = False   # its timeout is armed (SIGALRM)
         # outbox and new_kinds are swapped out under outbox_lock, held only for that, so
         # the reader never waits on a send blocked by a full pipe; send_lock keeps the
@@ -226,6 +230,10 @@ class _Runner:
             (sys.getrecursionlimit, sys.setrecursionlimit),   # (raised: a runaway crashes)
             (lambda: root.level, root.setLevel), (lambda: root.manager.disable, logging.disable),
             (lambda: list(root.handlers), lambda value: setattr(root, "handlers", list(value))))]
+        # and its warnings filters (simplefilter("error") raised the next jobs' warnings):
+        # compared as a copy, since a filter is added in place
+        self.settings.append((lambda: warnings.filters, _set_warning_filters,
+                              list(warnings.filters)))
         self.last_tick = time.monotonic()
         self.sync_loop: asyncio.AbstractEventLoop | None = None   # get_event_loop's in sync jobs
         self.sync_tasks: list[asyncio.Task] = []   # made on it by the sync job running
@@ -458,7 +466,8 @@ class _Runner:
     # --- running jobs -----------------------------------------------------------------
     def _start(self, item: dict) -> _SyncJob | None:
         """Start an async job; a sync one is returned, to wait for the loop."""
-        out = Ran(item["job_id"], item["attempt"], False, "", started_at=time.monotonic())
+        out = Ran(item["job_id"], item["attempt"], False, "", started_at=time.monotonic(),
+                  reruns=item["reruns"])
         try:
             cls = self.modules.job_class(item["func"])
             args = codec.unpack(item["args"]) or []
@@ -571,7 +580,8 @@ class _Runner:
                 try:
                     result = context.run(job.run)
                 finally:   # (within its timeout: a task may hold out against its cancel)
-                    if self.sync_tasks:
+                    loop = self.sync_loop
+                    if self.sync_tasks or loop is not None and (loop._ready or loop._asyncgens):
                         self._end_tasks()
             finally:
                 self.running, self.timer_set = None, False
@@ -598,14 +608,28 @@ class _Runner:
         return task
 
     def _end_tasks(self) -> None:
-        """Cancel the tasks a sync job left on its loop and let them end, as asyncio.run does:
-        else they would run inside the next sync job that runs the loop."""
+        """Cancel the tasks a sync job left on its loop and let them end, then close the async
+        generators it left unfinished, as asyncio.run does: else they would run inside the
+        next sync job that runs the loop (a generator's ``finally``, or never)."""
         tasks, loop = [t for t in self.sync_tasks if not t.done()], self.sync_loop
         self.sync_tasks.clear()
-        if tasks and not loop.is_running() and not loop.is_closed():
+        if loop.is_running() or loop.is_closed():
+            return
+        if tasks:
             for task in tasks:
                 task.cancel()
             loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        # those still held (by a traceback) are closed here; those dropped already have
+        # their aclose waiting in _ready (the loop's finalizer), made a task as this runs
+        gens = list(loop._asyncgens)
+        if gens or loop._ready:
+            loop._asyncgens.difference_update(gens)
+            loop.run_until_complete(asyncio.gather(*(g.aclose() for g in gens),
+                                                   return_exceptions=True))
+            closing = [t for t in self.sync_tasks if not t.done()]
+            self.sync_tasks.clear()
+            if closing:
+                loop.run_until_complete(asyncio.gather(*closing, return_exceptions=True))
 
     # --- a blocked loop ---------------------------------------------------------------
     def _tick(self) -> None:
@@ -640,6 +664,11 @@ class _Runner:
                         "use asyncio.to_thread", who, stalled)
 
 
+def _set_warning_filters(filters: list) -> None:
+    warnings.filters = list(filters)
+    warnings._filters_mutated()   # (as catch_warnings does: drops the cached decisions)
+
+
 def _succeeded(out: Ran, result, ctx) -> None:
     if inspect.iscoroutine(result):   # its code never ran: say why, not "not msgpack"
         result.close()   # (and no "never awaited" warning)
@@ -655,9 +684,12 @@ def _succeeded(out: Ran, result, ctx) -> None:
     out.ok, out.children = True, ctx.children
 
 
-def cancelled_before_start(job_id: str, attempt: int, is_async: bool = False) -> Ran:
+def cancelled_before_start(job_id: str, attempt: int, reruns: int = 0,
+                           is_async: bool = False) -> Ran:
     """The outcome of a job cancel_job stopped before it started (here or in the worker)."""
-    return Ran.failure(job_id, attempt, CANCELLED + " before it started", is_async)
+    out = Ran.failure(job_id, attempt, CANCELLED + " before it started", is_async)
+    out.reruns = reruns
+    return out
 
 
 def _failed(out: Ran, exc: BaseException) -> Ran:

@@ -539,7 +539,7 @@ class Worker:
                 self.buffer.appendleft(claim)   # first in line of what it holds
                 self._changed.set()
                 return
-            ran = runner.cancelled_before_start(claim.job_id, claim.attempt)
+            ran = runner.cancelled_before_start(*claim.run)
         if ran is not None:
             if claim.limit_key is not None:   # its slot frees at the next fetch
                 self.ended.append(claim.run)
@@ -848,8 +848,7 @@ class Worker:
             claim.cancelling = True
             log.info("worker: job %s cancelled; stopping it", claim.job_id)
             for waiting in self._unbuffer(lambda c: c is claim):
-                self.finished.append((waiting, runner.cancelled_before_start(
-                    waiting.job_id, waiting.attempt)))
+                self.finished.append((waiting, runner.cancelled_before_start(*waiting.run)))
                 self._finished.set()
             self.pool.cancel(claim)
 

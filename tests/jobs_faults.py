@@ -478,3 +478,63 @@ class CommandUntilGate(Job):
         code = command.wait()
         command.stdout.close()
         return code
+
+
+def warning_state(leave):
+    """What a job's warnings do: whether a UserWarning raises. With ``leave``, it first
+    turns warnings into errors and leaves them so, as a job that wants to catch every
+    deprecation (warnings.simplefilter("error")) may."""
+    import warnings
+    if leave:
+        warnings.simplefilter("error")
+    try:
+        warnings.warn("a job's warning", UserWarning, stacklevel=1)
+        raised = False
+    except UserWarning:
+        raised = True
+    return {"pid": os.getpid(), "raises": raised}
+
+
+class WarningState(Job):
+    def run(self, leave=False):
+        return warning_state(leave)
+
+
+class AsyncWarningState(Job):
+    async def run(self, leave=False):
+        return warning_state(leave)
+
+
+class LeaveAsyncGenerator(Job):
+    """A sync job that reads an async stream (an async generator) an item at a time on its
+    loop (get_event_loop), as sync code over an async client does, and stops after the
+    first; the generator's ``finally`` (closing a connection, say) appends to ``path``.
+    With ``fail``, it raises then, its traceback holding the generator."""
+
+    def run(self, path, fail=False):
+        async def stream():
+            try:
+                yield 1
+                yield 2
+            finally:
+                append_line(path, "closed")
+
+        async def next_item(items):
+            return await items.__anext__()
+        items = stream()
+        first = asyncio.get_event_loop().run_until_complete(next_item(items))
+        if fail:
+            raise ValueError("failed after its first item")
+        return first
+
+
+class RunLoopOnce(Job):
+    """A sync job that runs its loop (get_event_loop) for one step, and says what ``path``
+    held before and after."""
+
+    def run(self, path):
+        def read():
+            return open(path).read().split() if os.path.exists(path) else []
+        before = read()
+        asyncio.get_event_loop().run_until_complete(asyncio.sleep(0))
+        return {"before": before, "after": read()}

@@ -41,7 +41,9 @@ from tests.jobs_faults import (AsyncExitUnprintable, CommandUntilGate, AsyncFork
                                ChildAndPipe, HoldGil, LooseSignals, ProcessState,
                                AsyncProcessState, AsyncExitInTask, SayThenCrash,
                                Stdio, StopCommand, StopProcesses, StopFork, ReadStdin,
-                               ProcessSettings, AsyncProcessSettings, Seventh)
+                               ProcessSettings, AsyncProcessSettings, Seventh,
+                               WarningState, AsyncWarningState, LeaveAsyncGenerator,
+                               RunLoopOnce)
 from tests.silent_proxy import SilentProxy
 
 KEYS = Keys("elric")
@@ -1231,6 +1233,62 @@ def test_shutdown_with_cancel_futures_settles_the_futures_of_jobs_still_running(
     asyncio.run(main())
 
 
+def test_a_cancel_of_a_run_that_had_ended_does_not_stop_its_jobs_rerun(tmp_path):
+    """cancel_job reached a pool process just after a job's run there had ended (its report
+    on its way), while a long sync job held the process's loop; the job's rerun, at attempt
+    1 again, came to the same process: the request, named by (job_id, attempt), was taken
+    as the rerun's, and the rerun failed "Cancelled" though no one cancelled it."""
+    from elric.pool import Pool
+
+    marks, gate = tmp_path / "marks", tmp_path / "gate"
+
+    def claim(job_id, func, args, reruns=0):
+        return Claim(job_id, 1, func, msgpack.packb(args), msgpack.packb({}), None, 0,
+                     "default", None, reruns=reruns)
+
+    async def main():
+        pool = Pool(1, async_slots=1, sync_batch=lambda: 10,
+                    job_modules=["tests.jobs", "tests.jobs_faults"])
+        mark, hold = "tests.jobs_faults:Mark", "tests.jobs:MarkUntilGate"
+        pool.kinds.update({mark: False, hold: False})   # known sync: sent in one batch
+        outcomes, came = {}, asyncio.Event()
+
+        def done(name):
+            def settle(outcome):
+                outcomes[name] = outcome
+                came.set()
+            return settle
+
+        async def outcome(name):
+            while name not in outcomes:
+                came.clear()
+                await asyncio.wait_for(came.wait(), 30)
+            return outcomes[name]
+        try:
+            lost = claim("x", mark, [str(marks)])
+            pool.start(lost, done("lost"))
+            pool.start(claim("y", hold, [str(marks), str(gate)]), done("y"))
+            pool.start(claim("z", mark, [str(marks)]), done("z"))
+            pool.flush()
+            # (this loop waits unturned: the process's report of x stays unread)
+            wait_for(lambda: marks.exists() and marks.read_text().split() == ["x", "y"],
+                     what="x ran, y holds the process")
+            assert pool.cancel(lost)   # the worker has not read x's report yet
+            assert (await outcome("lost")).ok
+            rerun = claim("x", mark, [str(marks)], reruns=1)
+            pool.withdraw_waiting()   # z, sent with the rerun: once z is back, the rerun is
+            pool.start(rerun, done("rerun"))   # in the process, behind y
+            pool.flush()
+            assert (await outcome("z")).withdrawn
+            gate.write_text("open")
+            ran = await outcome("rerun")
+            assert ran.ok and msgpack.unpackb(ran.payload) == "x", ran
+        finally:
+            pool.kill_all()
+            pool.shutdown(wait=True, cancel_futures=True)
+    asyncio.run(main())
+
+
 def test_a_claim_waiting_for_its_lease_check_stays_in_the_buffer_once(redis_url):
     """A buffered claim whose lease is not surely held waits for the heartbeat's answer.
     Each pass of the loop used to add it to the buffer again (1, 2, 4, 8 copies while
@@ -1794,6 +1852,42 @@ def test_a_jobs_socket_timeout_recursion_limit_and_logging_are_not_left_to_the_n
     assert worker.alive()
 
 
+@pytest.mark.parametrize("job_class", [WarningState, AsyncWarningState])
+def test_a_jobs_warnings_filters_are_not_left_to_the_next_jobs(cluster, job_class):
+    """A job's warnings.simplefilter("error") stayed for every later job of its pool
+    process: a deprecation warning deep in a library failed those jobs, depending on which
+    jobs that process had run before."""
+    worker = cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job(job_class.spec([], job_id="before"))
+    before = cluster.wait_job("before")["result"]
+    assert before["raises"] is False, before
+    cluster.client.submit_job(job_class.spec([True], job_id="leaves"))
+    leaves = cluster.wait_job("leaves")["result"]
+    assert leaves["pid"] == before["pid"] and leaves["raises"] is True, leaves
+    cluster.client.submit_job(job_class.spec([], job_id="after"))
+    after = cluster.wait_job("after")
+    assert (after["status"], after["result"]) == ("succeeded", before), after
+    assert worker.alive()
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_an_async_generator_a_sync_job_left_is_closed_when_that_job_ends(cluster, tmp_path,
+                                                                        fail):
+    """An async generator a sync job left unfinished on its loop was closed only when a
+    later job ran that loop: its ``finally`` (closing a connection, releasing a lock) ran
+    inside that other job, or never, if no later job ran the loop."""
+    path = str(tmp_path / "closed")
+    worker = cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job(LeaveAsyncGenerator.spec([path, fail], job_id="leaves",
+                                                        max_retries=0))
+    leaves = cluster.wait_job("leaves")
+    assert leaves["status"] == ("failed" if fail else "succeeded"), leaves
+    cluster.client.submit_job(RunLoopOnce.spec([path], job_id="after"))
+    after = cluster.wait_job("after")["result"]
+    assert after == {"before": ["closed"], "after": ["closed"]}, after
+    assert worker.alive()
+
+
 def test_context_variables_a_job_set_are_not_left_to_the_jobs_after_it(cluster):
     """Sync jobs sent to a process together ran in one context: a context variable one set
     stayed for those after it (decimal's precision, numpy's errstate, structlog's fields
@@ -2089,6 +2183,56 @@ def test_a_reruns_claim_a_lost_fetch_made_is_given_back_beside_a_lost_run(redis_
             await w._release_unknown()
             job = await w.queue.get_job("x")
             assert (job["status"], job["attempts"]) == ("queued", 0), job
+        finally:
+            await r.aclose()
+    asyncio.run(main())
+
+
+def test_a_claim_the_jobs_rerun_took_over_is_lost_to_the_heartbeat(redis_url):
+    """A claim waited here past its lease (the worker cut off): its job ran elsewhere and
+    was rerun, and a fetch whose reply was lost claimed the rerun here, at attempt 1 again.
+    The heartbeat, which named the claim by (job_id, attempt), renewed the rerun's lease in
+    the old claim's name: the old claim, lost, started, beside the rerun given back."""
+    import redis.asyncio as aredis
+
+    from elric.queue import Outcome, RedisQueue
+
+    async def main():
+        r = aredis.Redis.from_url(redis_url)
+        try:
+            w = _in_process_worker()
+            q = w.queue = RedisQueue(r, KEYS)
+            await q.enqueue([normalize_spec({"func": "tests.jobs:Add", "args": [1, 2],
+                                             "job_id": "x"})])
+            [old] = (await q.fetch(w.worker_id, w.queues, 1, 30)).claims
+            w.buffer.append(old)   # waits here; its lease runs out
+            await r.zadd(KEYS.inflight, {"x": 0}, xx=True)
+            await q.recover()
+            [elsewhere] = (await q.fetch("other", w.queues, 1, 30)).claims
+            await q.finish("other", [Outcome("x", elsewhere.attempt, True, b"\x03", 1)])
+            await q.rerun("x")
+            [rerun] = (await q.fetch(w.worker_id, w.queues, 1, 30)).claims   # reply lost
+            assert (rerun.attempt, rerun.reruns) == (old.attempt, 1)
+            w._unsure_since = time.monotonic()
+            calls, twice = [], asyncio.Event()
+
+            async def heartbeat(worker_id, claims, *args):
+                calls.append(claims)
+                if len(calls) == 2:   # the first reply was applied
+                    twice.set()
+                return await q.heartbeat(worker_id, claims, *args)
+            w.queue = SimpleNamespace(heartbeat=heartbeat)
+            beating = asyncio.create_task(w._heartbeat_loop())
+            try:
+                await asyncio.wait_for(twice.wait(), 10)
+            finally:
+                beating.cancel()
+            assert calls[0] == [old] and list(w.buffer) == [], (calls, w.buffer)
+            started = []
+            w.pool.holds = lambda job_id: False
+            w.pool.start = lambda claim, done, suspect=False: started.append(claim)
+            w._dispatch()
+            assert started == []
         finally:
             await r.aclose()
     asyncio.run(main())
