@@ -42,6 +42,7 @@ from tests.jobs_faults import (AsyncExitUnprintable, CommandUntilGate, AsyncFork
                                AsyncProcessState, AsyncExitInTask, SayThenCrash,
                                Stdio, StopCommand, StopProcesses, StopFork, ReadStdin,
                                ProcessSettings, AsyncProcessSettings, Seventh)
+from tests.procs import group
 from tests.silent_proxy import SilentProxy
 
 KEYS = Keys("elric")
@@ -1595,11 +1596,11 @@ def test_a_ctrl_c_lets_the_commands_a_job_runs_finish(cluster, tmp_path):
     and stopped at once (the job failed), though the first Ctrl-C lets running jobs finish.
     Pool processes have a group of their own; the worker stops them itself."""
     gate, marks = tmp_path / "gate", tmp_path / "marks"
-    with open(tmp_path / "worker.log", "ab") as log:   # its own group, as in a terminal
-        worker = subprocess.Popen([sys.executable, "-m", "elric", "worker", "--concurrency",
-                                   "1"], env=cluster.env, cwd=ROOT, stdout=log, stderr=log,
-                                  stdin=subprocess.DEVNULL, start_new_session=True)
-    try:
+    # its own group, as in a terminal; on a failure the job's command in it goes too
+    with open(tmp_path / "worker.log", "ab") as log, \
+            group([sys.executable, "-m", "elric", "worker", "--concurrency", "1"],
+                  env=cluster.env, cwd=ROOT, stdout=log, stderr=log,
+                  stdin=subprocess.DEVNULL) as worker:
         cluster.client.submit_job(CommandUntilGate.spec([str(gate), str(marks)], job_id="tool"))
         wait_for(lambda: count_lines(marks) == 1, what="the job's command running")
         os.killpg(worker.pid, signal.SIGINT)   # Ctrl-C
@@ -1608,10 +1609,6 @@ def test_a_ctrl_c_lets_the_commands_a_job_runs_finish(cluster, tmp_path):
         gate.touch()
         assert cluster.wait_job("tool", timeout=60)["result"] == 0
         assert worker.wait(timeout=60) == 0
-    finally:
-        if worker.poll() is None:
-            worker.kill()
-            worker.wait()
 
 
 @pytest.mark.parametrize("job_class, stopped", [(StopProcesses, [-signal.SIGTERM, [1, 2]]),
