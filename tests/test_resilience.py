@@ -8,6 +8,7 @@ ELRICTEST_REDIS_OUTAGE seconds (default 5; the issue's scenario is 30).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -98,6 +99,20 @@ def reap(procs: list[psutil.Process]) -> None:
             p.kill()
         except psutil.NoSuchProcess:
             pass
+
+
+@contextlib.contextmanager
+def one_worker(make_cluster, concurrency: int, **settings):
+    """A master and a worker of ``concurrency`` processes: (cluster, worker, its pool
+    processes), the last killed after (a killed worker's may outlive it)."""
+    c = make_cluster(**settings)
+    c.start_master()
+    worker = c.start_worker("--concurrency", str(concurrency))
+    pool = descendants(worker.pid)
+    try:
+        yield c, worker, pool
+    finally:
+        reap(pool)
 
 
 def statuses(url: str, ids) -> dict[str, str | None]:
@@ -370,12 +385,8 @@ def test_sigterm_requeues_prefetched_jobs_before_the_running_one_ends(make_clust
 
 
 def test_sigterm_past_shutdown_grace_returns_the_running_job(make_cluster, tmp_path):
-    c = make_cluster(SHUTDOWN_GRACE=1)
-    c.start_master()
     marks = tmp_path / "runs.txt"
-    worker = c.start_worker("--concurrency", "1")
-    pool = descendants(worker.pid)
-    try:
+    with one_worker(make_cluster, 1, SHUTDOWN_GRACE=1) as (c, worker, pool):
         c.client.submit_job(MarkSleep.spec([str(marks), 120], job_id="endless"))
         wait_for(lambda: lines(marks), what="the job started")
         worker.signal(signal.SIGTERM)
@@ -384,8 +395,6 @@ def test_sigterm_past_shutdown_grace_returns_the_running_job(make_cluster, tmp_p
         assert (job["status"], job["attempts"]) == ("queued", 0), job
         assert "still running after SHUTDOWN_GRACE" in worker.log()
         wait_for(lambda: gone(pool), timeout=20, what="the pool processes exit")
-    finally:
-        reap(pool)
     c.start_worker("--concurrency", "1")
     wait_for(lambda: len(lines(marks)) == 2, timeout=30, what="another worker ran it again")
 
@@ -393,12 +402,8 @@ def test_sigterm_past_shutdown_grace_returns_the_running_job(make_cluster, tmp_p
 def test_a_second_ctrl_c_stops_the_running_jobs_now_and_returns_them(make_cluster, tmp_path):
     """A user at a terminal who presses Ctrl-C twice is not kept waiting SHUTDOWN_GRACE
     (the second was ignored); the running job goes back to the queue with no attempt used."""
-    c = make_cluster(SHUTDOWN_GRACE=600)
-    c.start_master()
     marks = tmp_path / "runs.txt"
-    worker = c.start_worker("--concurrency", "2")
-    pool = descendants(worker.pid)
-    try:
+    with one_worker(make_cluster, 2, SHUTDOWN_GRACE=600) as (c, worker, pool):
         c.client.submit_jobs([MarkSleep.spec([str(marks), 120], job_id="endless"),
                               MarkSleep.spec([str(marks), 0], job_id="quick")])
         wait_for(lambda: len(lines(marks)) == 2, what="both jobs started")
@@ -413,8 +418,6 @@ def test_a_second_ctrl_c_stops_the_running_jobs_now_and_returns_them(make_cluste
         assert c.client.get_job("quick")["attempts"] == 1
         assert "still running at a second Ctrl-C" in worker.log()
         wait_for(lambda: gone(pool), timeout=20, what="the pool processes exit")
-    finally:
-        reap(pool)
 
 
 def test_sigterm_while_redis_is_away_stops_the_worker_and_loses_no_job(tmp_path):
