@@ -678,9 +678,7 @@ def test_a_pass_fenced_by_this_masters_own_new_token_keeps_it_leading(redis_url,
     the lease, and nobody scheduled until its lease loop looked again."""
     async def body(env):
         a = env.sched
-        await env.store.add(spec())
-        await a.tick()
-        env.clock.t = T0 + 60
+        await fired_once(env)
         real = a._fire_s
 
         async def take_again():
@@ -728,9 +726,7 @@ def test_fence_moving_between_script_and_enqueue_refuses_the_enqueue(redis_url):
     async def body(env):
         a, rec_b = env.sched, Recorder(env.r, env.keys)
         b = env.scheduler("m2", rec_b)
-        await env.store.add(spec())
-        await a.tick()
-        env.clock.t = T0 + 60
+        await fired_once(env)
 
         async def takeover():  # another master takes the lease right after a's script ran
             env.rec.before = None
@@ -754,9 +750,7 @@ def test_a_lease_lost_while_a_pass_reads_what_is_due_ends_the_pass_quietly(redis
     async def body(env):
         a, rec_b = env.sched, Recorder(env.r, env.keys)
         b = env.scheduler("m2", rec_b)
-        await env.store.add(spec())
-        await a.tick()
-        env.clock.t = T0 + 60
+        await fired_once(env)
         due = a._due_s
 
         async def due_then_lose_the_lease(**kw):
@@ -833,6 +827,13 @@ def test_a_leader_dying_between_marking_and_queueing_loses_no_fire(redis_url):
 
 async def _nothing():
     pass
+
+
+async def fired_once(env, sched=None) -> None:
+    """spec()'s job added and fired by ``sched`` (env.sched); the clock then at its next fire."""
+    await env.store.add(spec())
+    await (sched or env.sched).tick()
+    env.clock.t = T0 + 60
 
 
 def test_lease_release_and_renew_only_own(redis_url):
@@ -1032,9 +1033,7 @@ def test_fires_marked_by_a_fire_script_whose_reply_was_lost_are_queued_by_the_ne
 
     async def body(env):
         a = env.sched
-        await env.store.add(spec())
-        await a.tick()
-        env.clock.t = T0 + 60
+        await fired_once(env)
         fire = a._fire_s
 
         async def reply_lost(**kw):
@@ -1061,9 +1060,7 @@ def test_pending_fires_are_queued_after_a_redis_error_while_looking_for_them(red
         async def dies(specs, token, recovered=False):
             raise Fenced("the old leader is gone")
         old = env.scheduler("m0", dies)
-        await env.store.add(spec())
-        await old.tick()
-        env.clock.t = T0 + 60
+        await fired_once(env, old)
         assert await old.tick() == 0
         assert await env.r.hlen(env.keys.fires_pending) == 1
         await env.r.delete(env.keys.scheduler_lease)
@@ -1118,9 +1115,7 @@ def test_max_instances_counts_a_fire_marked_but_not_yet_queued(redis_url):
                 env.rec.fail -= 1
                 raise RedisConnectionError("Connection refused")
         env.rec.fail, env.rec.before = 2, fails_twice
-        await env.store.add(spec())
-        await env.sched.tick()
-        env.clock.t = T0 + 60
+        await fired_once(env)
         assert await env.sched.tick() == 0      # marked, not queued
         env.clock.t = T0 + 120
         assert await env.sched.tick() == 0      # the retry fails too; T0+120 must not run
@@ -1161,9 +1156,7 @@ def test_an_enqueue_failing_for_a_redis_outage_logs_one_line(redis_url, caplog):
         async def away():
             env.rec.before = None
             raise RedisConnectionError("Connection refused")
-        await env.store.add(spec())
-        await env.sched.tick()
-        env.clock.t = T0 + 60
+        await fired_once(env)
         env.rec.before = away
         assert await env.sched.tick() == 0
         assert await env.sched.tick() == 1    # queued by the next pass
