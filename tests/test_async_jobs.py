@@ -15,7 +15,7 @@ from tests.jobs_async import (AsyncBlock, AsyncCrash, AsyncFail, AsyncFlaky,
                               AsyncNestedGroupFail, AsyncSleep, AsyncSpawn, AsyncStubborn,
                               HiddenAsync, SyncGetsEventLoop, SyncLeavesTask, SyncRunsAsyncio,
                               SyncSpan)
-from tests.test_resilience import descendants, lines, reap, worker_pid
+from tests.test_resilience import lines, one_worker, worker_pid
 
 
 def most_at_once(spans) -> int:
@@ -186,12 +186,8 @@ def test_sigterm_lets_every_async_job_in_flight_finish(cluster, tmp_path):
 
 
 def test_sigkill_redelivers_every_async_job_in_flight(make_cluster, tmp_path):
-    c = make_cluster(LEASE_SECONDS=2)
-    c.start_master()
     marks = tmp_path / "started.txt"
-    victim = c.start_worker("--concurrency", "1")
-    pool = descendants(victim.pid)
-    try:
+    with one_worker(make_cluster, 1, LEASE_SECONDS=2) as (c, victim, pool):
         ids = [f"k{i:02d}" for i in range(20)]
         c.client.submit_jobs([AsyncSleep.spec([30, str(marks)], job_id=i) for i in ids[:10]] +
                              [AsyncSleep.spec([0.5, str(marks)], job_id=i) for i in ids[10:]])
@@ -207,8 +203,6 @@ def test_sigkill_redelivers_every_async_job_in_flight(make_cluster, tmp_path):
             job = c.client.get_job(i)
             assert (job["status"], job["attempts"]) == ("running", 2), job
             assert worker_pid(job) != victim.pid
-    finally:
-        reap(pool)
 
 
 def test_sync_and_async_jobs_in_one_worker_never_share_a_process(cluster):

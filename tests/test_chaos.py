@@ -4,7 +4,6 @@ made by hand, so a checker that misses a lost job or a doubled fire fails here."
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 import redis
@@ -14,6 +13,7 @@ from elric.codec import pack
 from elric.keys import Keys
 from elric.scheduler import fire_id
 from tests.conftest import ROOT
+from tests.procs import run_group
 
 KEYS = Keys("elric")
 
@@ -89,10 +89,10 @@ def test_the_mix_checker_finds_lost_children_keys_run_twice_and_limits_exceeded(
 def test_a_short_fault_run_loses_nothing_and_doubles_no_fire(tmp_path):
     """60 s of faults against real masters, workers and Redis (the README runs it for ten
     minutes), with the mix: async jobs under limit keys, children with dedupe keys."""
-    proc = subprocess.run(
+    # a group of its own: on a timeout its redis-servers, masters and workers go with it
+    proc = run_group(
         [sys.executable, os.path.join(ROOT, "bench", "chaos.py"), "--seconds", "60",
-         "--mix", "--keep", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=400,
-        stdin=subprocess.DEVNULL)
+         "--mix", "--keep", str(tmp_path)], timeout=400, cwd=ROOT)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "result: PASS" in out, out
     assert "lost job" not in out and "doubled fire:" not in out, out

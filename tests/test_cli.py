@@ -16,6 +16,7 @@ import pytest
 from elric.redis_server import RedisServer, free_port
 from elric.triggers import at, every
 from tests.conftest import ROOT, Cluster, wait_for
+from tests.procs import run_group
 from tests.jobs import Echo, Sleep
 
 
@@ -618,8 +619,7 @@ def test_demo_without_a_redis_server_says_what_to_install(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("ELRIC_")}
     env.update(PATH=str(tmp_path), PYTHONPATH=os.pathsep.join([str(tmp_path), ROOT]),
                TMPDIR=str(tmp_path))
-    demo = subprocess.run([sys.executable, "-m", "elric", "demo"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    demo = run_group([sys.executable, "-m", "elric", "demo"], timeout=60, cwd=tmp_path, env=env)
     one_line_error(demo, 1, "no redis-server found")
     assert "[server]" in demo.stderr and "ELRIC_REDIS_URL" in demo.stderr, demo.stderr
     assert not list(tmp_path.glob("elric-demo-*"))   # an empty log folder, said nowhere

@@ -137,17 +137,25 @@ def lose_the_replies(f):
     return real
 
 
+async def submit_with_the_replies_lost(m, spec: dict) -> None:
+    """Submit ``spec`` while the set filter's replies are lost: the caller is told Redis
+    cannot be reached; the filter answers again after."""
+    f = m.filters["set"]
+    real = lose_the_replies(f)
+    try:
+        with pytest.raises(RequestError, match="cannot reach Redis"):
+            await m.submit_jobs([spec])
+    finally:
+        f.check_and_add = real
+
+
 def test_a_dedupe_check_whose_reply_is_lost_gives_its_keys_back(redis_url):
     """The filter took the key, then the connection dropped before its answer: the
     caller gets an error, and its resend is queued, not "filtered" (the job was lost)."""
     async def main():
         async with master(redis_url) as m:
-            f = m.filters["set"]
-            real = lose_the_replies(f)
             spec = {"func": E, "job_id": "crawl-x", "dedupe_key": "http://x/"}
-            with pytest.raises(RequestError, match="cannot reach Redis"):
-                await m.submit_jobs([spec])
-            f.check_and_add = real
+            await submit_with_the_replies_lost(m, spec)
             assert await m.submit_jobs([spec]) == [{"job_id": "crawl-x", "status": "queued"}]
             assert (await m.submit_jobs([{**spec, "job_id": "other"}]))[0]["status"] == \
                 "filtered"
@@ -161,12 +169,8 @@ def test_a_dedupe_check_whose_reply_is_lost_keeps_a_key_another_job_holds(redis_
         async with master(redis_url) as m:
             first = {"func": E, "job_id": "first", "dedupe_key": "k"}
             assert (await m.submit_jobs([first]))[0]["status"] == "queued"
-            f = m.filters["set"]
-            real = lose_the_replies(f)
             second = {"func": E, "job_id": "second", "dedupe_key": "k"}
-            with pytest.raises(RequestError, match="cannot reach Redis"):
-                await m.submit_jobs([second])
-            f.check_and_add = real
+            await submit_with_the_replies_lost(m, second)
             assert (await m.submit_jobs([second]))[0]["status"] == "filtered"
             assert await queued(m) == 1
     asyncio.run(main())

@@ -385,26 +385,26 @@ def test_the_master_that_admitted_a_job_says_whether_its_key_goes_back(make_clus
     assert again["status"] == ("queued" if where == "master" else "filtered"), c.logs()
 
 
-@pytest.mark.parametrize("backend", ["set", "redis-bloom"])
-def test_by_default_a_failed_jobs_key_stays(make_cluster, backend):
-    c = make_cluster(FILTER_BACKEND=backend)
+def a_failed_jobs_key_again(make_cluster, scope: str, **settings) -> str:
+    """Job f1 with key "bad" in ``scope`` fails; what a second job with that key gets."""
+    c = make_cluster(**settings)
     c.start_master()
     c.start_worker("--concurrency", "1")
-    c.client.submit_job(Fail.spec(job_id="f1", dedupe_key="bad", dedupe_scope="s"))
+    c.client.submit_job(Fail.spec(job_id="f1", dedupe_key="bad", dedupe_scope=scope))
     assert c.wait_job("f1")["status"] == "failed"
-    assert c.client.submit_job(Fail.spec(job_id="f2", dedupe_key="bad",
-                                         dedupe_scope="s"))["status"] == "filtered"
+    return c.client.submit_job(Fail.spec(job_id="f2", dedupe_key="bad",
+                                         dedupe_scope=scope))["status"]
+
+
+@pytest.mark.parametrize("backend", ["set", "redis-bloom"])
+def test_by_default_a_failed_jobs_key_stays(make_cluster, backend):
+    assert a_failed_jobs_key_again(make_cluster, "s", FILTER_BACKEND=backend) == "filtered"
 
 
 def test_release_on_failure_leaves_bloom_scopes_alone(make_cluster):
     # release applies to the set backend; a redis-bloom scope keeps the key (no error)
-    c = make_cluster(DEDUPE_RELEASE_ON_FAILURE=True, FILTER_SCOPES="rb=redis-bloom")
-    c.start_master()
-    c.start_worker("--concurrency", "1")
-    c.client.submit_job(Fail.spec(job_id="f1", dedupe_key="bad", dedupe_scope="rb"))
-    assert c.wait_job("f1")["status"] == "failed"
-    assert c.client.submit_job(Fail.spec(job_id="f2", dedupe_key="bad",
-                                         dedupe_scope="rb"))["status"] == "filtered"
+    assert a_failed_jobs_key_again(make_cluster, "rb", DEDUPE_RELEASE_ON_FAILURE=True,
+                                   FILTER_SCOPES="rb=redis-bloom") == "filtered"
 
 
 # --- 7. the in-master Bloom filter across a restart ---------------------------------------

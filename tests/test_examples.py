@@ -11,6 +11,7 @@ import sys
 import threading
 
 from tests.conftest import ROOT, wait_for
+from tests.procs import group, run_group
 
 
 def script_env(**elric) -> dict:
@@ -23,9 +24,8 @@ def script_env(**elric) -> dict:
 def demo_in(folder, env: dict) -> subprocess.CompletedProcess:
     """`elric demo --pages 3` run in ``folder``, which is its temp folder too."""
     env["TMPDIR"] = str(folder)
-    return subprocess.run([sys.executable, "-m", "elric", "demo", "--pages", "3"],
-                          cwd=str(folder), env=env, capture_output=True, text=True,
-                          timeout=120, stdin=subprocess.DEVNULL)
+    return run_group([sys.executable, "-m", "elric", "demo", "--pages", "3"], timeout=120,
+                     cwd=str(folder), env=env)
 
 
 def test_hello_example_as_documented(cluster, tmp_path):
@@ -47,9 +47,8 @@ def test_elric_demo_command(tmp_path):
     # `elric demo` starts its own redis-server, master and worker, and stops them again
     env = script_env()
     env["TMPDIR"] = str(tmp_path)
-    proc = subprocess.run([sys.executable, "-m", "elric", "demo", "--pages", "10"], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=120,
-                          stdin=subprocess.DEVNULL)
+    proc = run_group([sys.executable, "-m", "elric", "demo", "--pages", "10"], timeout=120,
+                     cwd=ROOT, env=env)
     out = proc.stdout
     assert proc.returncode == 0, out + proc.stderr
     assert "crawled 11 pages (11 on the site, each fetched 1 time(s) at most)" in out, out
@@ -77,9 +76,8 @@ def test_elric_demo_on_a_redis_of_yours_leaves_no_keys_behind(redis_url, tmp_pat
 
     env = script_env(REDIS_URL=redis_url)
     env["TMPDIR"] = str(tmp_path)
-    proc = subprocess.run([sys.executable, "-m", "elric", "demo", "--pages", "3"], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=120,
-                          stdin=subprocess.DEVNULL)
+    proc = run_group([sys.executable, "-m", "elric", "demo", "--pages", "3"], timeout=120,
+                     cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"using Redis at {redis_url}" in proc.stdout, proc.stdout
     with redis.Redis.from_url(redis_url) as r:
@@ -148,16 +146,17 @@ def test_elric_demo_stopped_by_ctrl_c_leaves_no_log_folder(tmp_path):
     env["TMPDIR"] = str(tmp_path)
     # a site the crawl takes a minute or more over: 2,000 pages took 5 s, and on a loaded
     # machine the Ctrl-C came after the crawl had ended (exit 1: the listing shows 1,000)
-    proc = subprocess.Popen([sys.executable, "-m", "elric", "demo", "--pages", "20000"],
-                            cwd=str(tmp_path), env=env, stdout=subprocess.PIPE, text=True,
-                            stdin=subprocess.DEVNULL,
-                            # as from a terminal: tests started in the background inherit
-                            # SIGINT ignored, and the demo then ran on through the Ctrl-C
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
-    reader.start()
-    try:
+    # its own session: on a failure the whole group is killed, its redis-server, master and
+    # worker too (they ran on after a kill of the demo alone)
+    with group([sys.executable, "-m", "elric", "demo", "--pages", "20000"],
+               cwd=str(tmp_path), env=env, stdout=subprocess.PIPE, text=True,
+               stdin=subprocess.DEVNULL,
+               # as from a terminal: tests started in the background inherit SIGINT
+               # ignored, and the demo then ran on through the Ctrl-C
+               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) as proc:
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+        reader.start()
         wait_for(lambda: any(line.startswith("crawling") for line in lines), timeout=120,
                  what="the demo crawling")
         assert list(tmp_path.glob("elric-demo-*"))   # its logs, while it runs
@@ -166,8 +165,6 @@ def test_elric_demo_stopped_by_ctrl_c_leaves_no_log_folder(tmp_path):
         reader.join(10)
         assert "stopped everything the demo started\n" in lines, lines
         assert not list(tmp_path.glob("elric-demo-*")), list(tmp_path.iterdir())
-    finally:
-        proc.kill()
 
 
 def test_elric_demo_without_the_crawl_extra_crawls_with_the_sync_crawler(tmp_path):
@@ -183,8 +180,7 @@ def test_elric_demo_without_the_crawl_extra_crawls_with_the_sync_crawler(tmp_pat
             "sys.exit(run_demo(pages=3))\n")
     env = script_env()
     env["TMPDIR"] = str(tmp_path)
-    proc = subprocess.run([sys.executable, "-c", code], cwd=str(tmp_path), env=env,
-                          capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    proc = run_group([sys.executable, "-c", code], timeout=120, cwd=str(tmp_path), env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     # the README's install line: 'elric[crawl]' alone names a package on PyPI, not this one
     assert "pip install '/path/to/elric[crawl]'; crawling with the synchronous crawler" \
@@ -197,14 +193,12 @@ def test_elric_demo_stopped_by_sigterm_stops_what_it_started(tmp_path):
     master and worker ran on."""
     env = script_env()
     env["TMPDIR"] = str(tmp_path)
-    proc = subprocess.Popen([sys.executable, "-m", "elric", "demo", "--pages", "3", "--keep"],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True,
-                            stdin=subprocess.DEVNULL)
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
-    reader.start()
-    pids: list[int] = []
-    try:
+    with group([sys.executable, "-m", "elric", "demo", "--pages", "3", "--keep"],
+               cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True,
+               stdin=subprocess.DEVNULL) as proc:
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+        reader.start()
         wait_for(lambda: any("the dashboard stays" in line for line in lines), timeout=120,
                  what="the demo crawled and waits")
         pids = [int(p) for p in re.findall(r"\(pid (\d+)\)", "".join(lines))]
@@ -215,10 +209,6 @@ def test_elric_demo_stopped_by_sigterm_stops_what_it_started(tmp_path):
         assert "stopped everything the demo started\n" in lines, lines
         wait_for(lambda: not any(_alive(pid) for pid in pids), timeout=30,
                  what="the demo's processes gone")
-    finally:
-        proc.kill()
-        for pid in filter(_alive, pids):   # left running by the demo: ours to end
-            os.kill(pid, signal.SIGKILL)
 
 
 def _alive(pid: int) -> bool:

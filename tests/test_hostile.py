@@ -3,6 +3,7 @@ connections; and no pickle (or its kin) anywhere in elric's sources."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import resource
@@ -236,7 +237,10 @@ def raise_nofile(n: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (n, hard))
 
 
-def test_a_thousand_idle_connections_and_another_client_is_served(redis_url, tmp_path):
+@contextlib.contextmanager
+def master_and_idle_connections(redis_url, tmp_path):
+    """A master that may hold 4096 files, its port, a client that pinged it, and a list for
+    idle connections: closed, with the master, after."""
     raise_nofile(4096)  # before the master starts: it inherits the limit
     c = Cluster(redis_url, tmp_path, LOG_LEVEL="WARNING")
     idle: list[socket.socket] = []
@@ -245,6 +249,15 @@ def test_a_thousand_idle_connections_and_another_client_is_served(redis_url, tmp
         port = int(c.address.rsplit(":", 1)[1])
         control = Client("127.0.0.1", port, timeout=IO_TIMEOUT)
         assert control.call("ping") == "pong"
+        yield c, port, control, idle
+    finally:
+        for s in idle:
+            s.close()
+        c.close()
+
+
+def test_a_thousand_idle_connections_and_another_client_is_served(redis_url, tmp_path):
+    with master_and_idle_connections(redis_url, tmp_path) as (c, port, control, idle):
         for _ in range(1000):
             idle.append(socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT))
         # served while a thousand connections sit there
@@ -275,23 +288,12 @@ def test_a_thousand_idle_connections_and_another_client_is_served(redis_url, tmp
         assert control.call("ping") == "pong"
         control.close()
         assert c.procs[0].alive()
-    finally:
-        for s in idle:
-            s.close()
-        c.close()
 
 
 def test_connections_past_the_limit_are_closed_and_others_served(redis_url, tmp_path):
-    raise_nofile(4096)
     from elric.rpc import MAX_CONNECTIONS
 
-    c = Cluster(redis_url, tmp_path, LOG_LEVEL="WARNING")
-    idle: list[socket.socket] = []
-    try:
-        c.start_master()
-        port = int(c.address.rsplit(":", 1)[1])
-        control = Client("127.0.0.1", port, timeout=IO_TIMEOUT)
-        assert control.call("ping") == "pong"
+    with master_and_idle_connections(redis_url, tmp_path) as (c, port, control, idle):
         for _ in range(MAX_CONNECTIONS - 1):
             idle.append(socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT))
         assert control.call("ping") == "pong"  # all accepted before this answer
@@ -315,10 +317,6 @@ def test_connections_past_the_limit_are_closed_and_others_served(redis_url, tmp_
         wait_for(served, timeout=20, what="a freed slot is served")
         control.close()
         assert c.procs[0].alive()
-    finally:
-        for s in idle:
-            s.close()
-        c.close()
 
 
 # --- no pickle ------------------------------------------------------------------------

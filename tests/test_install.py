@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import sysconfig
@@ -19,6 +18,7 @@ import zipfile
 import pytest
 
 from tests.conftest import ROOT
+from tests.procs import run_group
 
 
 def clean_env(tmp_path) -> dict:
@@ -31,16 +31,7 @@ def clean_env(tmp_path) -> dict:
 
 def run(args, env, cwd, timeout=120) -> subprocess.CompletedProcess:
     # its own session, so a timeout can stop the demo's redis-server, master and worker too
-    proc = subprocess.Popen(args, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        raise AssertionError(f"{args} timed out after {timeout}s:\n{out}\n{err}") from None
-    return subprocess.CompletedProcess(args, proc.returncode, out, err)
+    return run_group(args, timeout, cwd=cwd, env=env)
 
 
 def build_wheel(tmp_path, env) -> str:

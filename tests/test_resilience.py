@@ -8,6 +8,7 @@ ELRICTEST_REDIS_OUTAGE seconds (default 5; the issue's scenario is 30).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -44,6 +45,7 @@ from tests.jobs_faults import (AsyncExitUnprintable, CommandUntilGate, AsyncFork
                                ProcessSettings, AsyncProcessSettings, Seventh,
                                WarningState, AsyncWarningState, LeaveAsyncGenerator,
                                RunLoopOnce)
+from tests.procs import group
 from tests.silent_proxy import SilentProxy
 
 KEYS = Keys("elric")
@@ -99,6 +101,20 @@ def reap(procs: list[psutil.Process]) -> None:
             p.kill()
         except psutil.NoSuchProcess:
             pass
+
+
+@contextlib.contextmanager
+def one_worker(make_cluster, concurrency: int, **settings):
+    """A master and a worker of ``concurrency`` processes: (cluster, worker, its pool
+    processes), the last killed after (a killed worker's may outlive it)."""
+    c = make_cluster(**settings)
+    c.start_master()
+    worker = c.start_worker("--concurrency", str(concurrency))
+    pool = descendants(worker.pid)
+    try:
+        yield c, worker, pool
+    finally:
+        reap(pool)
 
 
 def statuses(url: str, ids) -> dict[str, str | None]:
@@ -371,12 +387,8 @@ def test_sigterm_requeues_prefetched_jobs_before_the_running_one_ends(make_clust
 
 
 def test_sigterm_past_shutdown_grace_returns_the_running_job(make_cluster, tmp_path):
-    c = make_cluster(SHUTDOWN_GRACE=1)
-    c.start_master()
     marks = tmp_path / "runs.txt"
-    worker = c.start_worker("--concurrency", "1")
-    pool = descendants(worker.pid)
-    try:
+    with one_worker(make_cluster, 1, SHUTDOWN_GRACE=1) as (c, worker, pool):
         c.client.submit_job(MarkSleep.spec([str(marks), 120], job_id="endless"))
         wait_for(lambda: lines(marks), what="the job started")
         worker.signal(signal.SIGTERM)
@@ -385,8 +397,6 @@ def test_sigterm_past_shutdown_grace_returns_the_running_job(make_cluster, tmp_p
         assert (job["status"], job["attempts"]) == ("queued", 0), job
         assert "still running after SHUTDOWN_GRACE" in worker.log()
         wait_for(lambda: gone(pool), timeout=20, what="the pool processes exit")
-    finally:
-        reap(pool)
     c.start_worker("--concurrency", "1")
     wait_for(lambda: len(lines(marks)) == 2, timeout=30, what="another worker ran it again")
 
@@ -394,12 +404,8 @@ def test_sigterm_past_shutdown_grace_returns_the_running_job(make_cluster, tmp_p
 def test_a_second_ctrl_c_stops_the_running_jobs_now_and_returns_them(make_cluster, tmp_path):
     """A user at a terminal who presses Ctrl-C twice is not kept waiting SHUTDOWN_GRACE
     (the second was ignored); the running job goes back to the queue with no attempt used."""
-    c = make_cluster(SHUTDOWN_GRACE=600)
-    c.start_master()
     marks = tmp_path / "runs.txt"
-    worker = c.start_worker("--concurrency", "2")
-    pool = descendants(worker.pid)
-    try:
+    with one_worker(make_cluster, 2, SHUTDOWN_GRACE=600) as (c, worker, pool):
         c.client.submit_jobs([MarkSleep.spec([str(marks), 120], job_id="endless"),
                               MarkSleep.spec([str(marks), 0], job_id="quick")])
         wait_for(lambda: len(lines(marks)) == 2, what="both jobs started")
@@ -414,8 +420,6 @@ def test_a_second_ctrl_c_stops_the_running_jobs_now_and_returns_them(make_cluste
         assert c.client.get_job("quick")["attempts"] == 1
         assert "still running at a second Ctrl-C" in worker.log()
         wait_for(lambda: gone(pool), timeout=20, what="the pool processes exit")
-    finally:
-        reap(pool)
 
 
 def test_sigterm_while_redis_is_away_stops_the_worker_and_loses_no_job(tmp_path):
@@ -1683,11 +1687,11 @@ def test_a_ctrl_c_lets_the_commands_a_job_runs_finish(cluster, tmp_path):
     and stopped at once (the job failed), though the first Ctrl-C lets running jobs finish.
     Pool processes have a group of their own; the worker stops them itself."""
     gate, marks = tmp_path / "gate", tmp_path / "marks"
-    with open(tmp_path / "worker.log", "ab") as log:   # its own group, as in a terminal
-        worker = subprocess.Popen([sys.executable, "-m", "elric", "worker", "--concurrency",
-                                   "1"], env=cluster.env, cwd=ROOT, stdout=log, stderr=log,
-                                  stdin=subprocess.DEVNULL, start_new_session=True)
-    try:
+    # its own group, as in a terminal; on a failure the job's command in it goes too
+    with open(tmp_path / "worker.log", "ab") as log, \
+            group([sys.executable, "-m", "elric", "worker", "--concurrency", "1"],
+                  env=cluster.env, cwd=ROOT, stdout=log, stderr=log,
+                  stdin=subprocess.DEVNULL) as worker:
         cluster.client.submit_job(CommandUntilGate.spec([str(gate), str(marks)], job_id="tool"))
         wait_for(lambda: count_lines(marks) == 1, what="the job's command running")
         os.killpg(worker.pid, signal.SIGINT)   # Ctrl-C
@@ -1696,10 +1700,6 @@ def test_a_ctrl_c_lets_the_commands_a_job_runs_finish(cluster, tmp_path):
         gate.touch()
         assert cluster.wait_job("tool", timeout=60)["result"] == 0
         assert worker.wait(timeout=60) == 0
-    finally:
-        if worker.poll() is None:
-            worker.kill()
-            worker.wait()
 
 
 @pytest.mark.parametrize("job_class, stopped", [(StopProcesses, [-signal.SIGTERM, [1, 2]]),
@@ -2036,21 +2036,14 @@ def test_claims_woken_while_a_foreign_job_is_handed_back_reach_the_buffer():
     While the foreign one was handed back (a Redis call), the loop's ``_dispatch`` put a
     new buffer in place: the claim it runs went into the old one, and sat unstarted and
     unrenewed until its lease ran out."""
-    from types import SimpleNamespace
-
-    from elric.config import load_settings
-    from elric.loading import JobModules
-    from elric.queue import Claim, Fetched
-    from elric.worker import Worker
+    from elric.queue import Fetched
 
     def claim(job_id: str, func: str) -> Claim:
         return Claim(job_id, 1, func, msgpack.packb([]), msgpack.packb({}), None, 0,
                      "default", None)
 
     async def main():
-        w = Worker(load_settings(env={"ELRIC_JOB_MODULES": "tests.jobs"}))
-        w.modules = JobModules.load(["tests.jobs"])
-        w.pool = SimpleNamespace(flush=lambda: None)
+        w = _in_process_worker()
         handing_back, go_on = asyncio.Event(), asyncio.Event()
 
         async def release(*args, **kwargs):
@@ -2077,18 +2070,11 @@ def test_a_foreign_job_that_cannot_be_handed_back_does_not_hold_up_the_loop(redi
     is given back without using an attempt once Redis answers."""
     import redis.asyncio as aredis
 
-    from elric.config import load_settings
-    from elric.loading import JobModules
     from elric.queue import RedisQueue
-    from elric.worker import Worker
 
-    async def main():
-        r = aredis.Redis.from_url(redis_url)
+    async def body(w, r):
         gone = aredis.Redis.from_url(f"redis://127.0.0.1:{free_port()}")   # Redis away
         try:
-            w = Worker(load_settings(env={"ELRIC_JOB_MODULES": "tests.jobs"}))
-            w.modules = JobModules.load(["tests.jobs"])
-            w.pool = SimpleNamespace(claims=lambda: [])
             queue = RedisQueue(r, KEYS)
             await queue.enqueue([normalize_spec({"func": "elsewhere:Job", "job_id": "far"}),
                                  normalize_spec({"func": "tests.jobs:Add", "args": [1, 2],
@@ -2105,9 +2091,8 @@ def test_a_foreign_job_that_cannot_be_handed_back_does_not_hold_up_the_loop(redi
             assert (job["status"], job["attempts"]) == ("queued", 0), job
             assert (await queue.get_job("mine"))["status"] == "running"
         finally:
-            await r.aclose()
             await gone.aclose()
-    asyncio.run(main())
+    _run_in_process_worker(redis_url, body)
 
 
 def _in_process_worker():
@@ -2121,6 +2106,20 @@ def _in_process_worker():
     w.pool = SimpleNamespace(claims=lambda: [], last_async=False, flush=lambda: None,
                              pids=lambda: [], how=lambda claim: (False, False))
     return w
+
+
+def _run_in_process_worker(redis_url, body) -> None:
+    """``await body(w, r)``: an in-process worker (``_in_process_worker``) and a client of
+    the test's Redis, closed after."""
+    import redis.asyncio as aredis
+
+    async def main():
+        r = aredis.Redis.from_url(redis_url)
+        try:
+            await body(_in_process_worker(), r)
+        finally:
+            await r.aclose()
+    asyncio.run(main())
 
 
 def test_a_reruns_first_attempt_waits_while_a_lost_run_of_the_job_runs_here():
@@ -2163,29 +2162,22 @@ def test_a_reruns_claim_a_lost_fetch_made_is_given_back_beside_a_lost_run(redis_
     """A lost run of a job still ran here when a fetch whose reply was lost claimed the job's
     rerun, at attempt 1 again: taken as the lost run's claim, it was known, and waited out
     its lease to run as a second attempt."""
-    import redis.asyncio as aredis
-
     from elric.queue import Outcome, RedisQueue
 
-    async def main():
-        r = aredis.Redis.from_url(redis_url)
-        try:
-            w = _in_process_worker()
-            w.queue = RedisQueue(r, KEYS)
-            await w.queue.enqueue([normalize_spec({"func": "tests.jobs:Add", "args": [1, 2],
-                                                   "job_id": "x"})])
-            [lost] = (await w.queue.fetch(w.worker_id, w.queues, 1, 30)).claims
-            await w.queue.finish(w.worker_id, [Outcome("x", 1, True, b"\x03", 1)])
-            await w.queue.rerun("x")
-            w.pool.claims = lambda: [lost]   # the lost run goes on in the pool
-            w._unsure_since = time.monotonic()
-            await w.queue.fetch(w.worker_id, w.queues, 1, 30)   # its reply was lost
-            await w._release_unknown()
-            job = await w.queue.get_job("x")
-            assert (job["status"], job["attempts"]) == ("queued", 0), job
-        finally:
-            await r.aclose()
-    asyncio.run(main())
+    async def body(w, r):
+        w.queue = RedisQueue(r, KEYS)
+        await w.queue.enqueue([normalize_spec({"func": "tests.jobs:Add", "args": [1, 2],
+                                               "job_id": "x"})])
+        [lost] = (await w.queue.fetch(w.worker_id, w.queues, 1, 30)).claims
+        await w.queue.finish(w.worker_id, [Outcome("x", 1, True, b"\x03", 1)])
+        await w.queue.rerun("x")
+        w.pool.claims = lambda: [lost]   # the lost run goes on in the pool
+        w._unsure_since = time.monotonic()
+        await w.queue.fetch(w.worker_id, w.queues, 1, 30)   # its reply was lost
+        await w._release_unknown()
+        job = await w.queue.get_job("x")
+        assert (job["status"], job["attempts"]) == ("queued", 0), job
+    _run_in_process_worker(redis_url, body)
 
 
 def test_a_claim_the_jobs_rerun_took_over_is_lost_to_the_heartbeat(redis_url):
@@ -2242,74 +2234,60 @@ def test_the_claims_of_a_fetch_behind_a_failed_wait_are_given_back(redis_url):
     """A wake list of another type (an operator's WRONGTYPE) failed the BLPOP a waiting fetch
     was sent behind; the fetch ran all the same, and its claims were thrown away unknown:
     the job waited out its lease and ran as a second attempt."""
-    import redis.asyncio as aredis
-
     from elric.queue import RedisQueue
 
-    async def main():
-        r = aredis.Redis.from_url(redis_url)
-        try:
-            w = _in_process_worker()
-            w.queue, w.blocking_redis = RedisQueue(r, KEYS), r
-            await w.queue.fetch(w.worker_id, w.queues, 1, 30)   # loads the script
-            await w.queue.enqueue([normalize_spec({"func": "tests.jobs:Add", "args": [1, 2],
-                                                   "job_id": "woken"})])
-            await r.delete(KEYS.wake("default"))
-            await r.set(KEYS.wake("default"), "not a list")
-            await w._wait(1.0, for_work=True)
-            await asyncio.wait([w._waiting], timeout=10)
-            await w._take_woken()
-            assert w._wait_refused is not None and not w.buffer
-            if w._unsure_since:
-                await w._release_unknown()
-            job = await w.queue.get_job("woken")
-            assert (job["status"], job["attempts"]) == ("queued", 0), job
-        finally:
-            await r.aclose()
-    asyncio.run(main())
+    async def body(w, r):
+        w.queue, w.blocking_redis = RedisQueue(r, KEYS), r
+        await w.queue.fetch(w.worker_id, w.queues, 1, 30)   # loads the script
+        await w.queue.enqueue([normalize_spec({"func": "tests.jobs:Add", "args": [1, 2],
+                                               "job_id": "woken"})])
+        await r.delete(KEYS.wake("default"))
+        await r.set(KEYS.wake("default"), "not a list")
+        await w._wait(1.0, for_work=True)
+        await asyncio.wait([w._waiting], timeout=10)
+        await w._take_woken()
+        assert w._wait_refused is not None and not w.buffer
+        if w._unsure_since:
+            await w._release_unknown()
+        job = await w.queue.get_job("woken")
+        assert (job["status"], job["attempts"]) == ("queued", 0), job
+    _run_in_process_worker(redis_url, body)
 
 
 def test_a_claim_fetched_again_after_a_give_back_is_not_dropped_as_lost(redis_url):
     """A heartbeat was on its way with a claim when the worker gave the job back (a slow run
     shed it) and fetched it again, at the same attempt: the heartbeat's "lost" for the claim
     it sent dropped the new one, which was then never started, nor renewed."""
-    import redis.asyncio as aredis
-
     from elric.queue import RedisQueue
 
-    async def main():
-        r = aredis.Redis.from_url(redis_url)
-        try:
-            w = _in_process_worker()
-            queue = RedisQueue(r, KEYS)
-            await queue.enqueue([normalize_spec({"func": "tests.jobs:Add", "args": [1, 2],
-                                                 "job_id": "again"})])
-            w.buffer.extend((await queue.fetch(w.worker_id, w.queues, 1, 30)).claims)
-            calls, twice = [], asyncio.Event()
+    async def body(w, r):
+        queue = RedisQueue(r, KEYS)
+        await queue.enqueue([normalize_spec({"func": "tests.jobs:Add", "args": [1, 2],
+                                             "job_id": "again"})])
+        w.buffer.extend((await queue.fetch(w.worker_id, w.queues, 1, 30)).claims)
+        calls, twice = [], asyncio.Event()
 
-            async def heartbeat(worker_id, claims, *args):
-                calls.append(claims)
-                if len(calls) == 2:   # the first reply was applied
-                    twice.set()
-                if len(calls) > 1:
-                    return await queue.heartbeat(worker_id, claims, *args)
-                # the loop ran meanwhile: gave the claim back before Redis saw the heartbeat,
-                # and fetched the job again before its reply was read
-                gone = w.buffer.popleft()
-                await queue.release(worker_id, [gone.run])
-                renewed = await queue.heartbeat(worker_id, claims, *args)
-                w.buffer.extend((await queue.fetch(worker_id, w.queues, 1, 30)).claims)
-                return renewed
-            w.queue = SimpleNamespace(heartbeat=heartbeat)
-            beating = asyncio.create_task(w._heartbeat_loop())
-            try:
-                await asyncio.wait_for(twice.wait(), 10)
-            finally:
-                beating.cancel()
-            assert [(c.job_id, c.attempt) for c in w.buffer] == [("again", 1)]
+        async def heartbeat(worker_id, claims, *args):
+            calls.append(claims)
+            if len(calls) == 2:   # the first reply was applied
+                twice.set()
+            if len(calls) > 1:
+                return await queue.heartbeat(worker_id, claims, *args)
+            # the loop ran meanwhile: gave the claim back before Redis saw the heartbeat,
+            # and fetched the job again before its reply was read
+            gone = w.buffer.popleft()
+            await queue.release(worker_id, [gone.run])
+            renewed = await queue.heartbeat(worker_id, claims, *args)
+            w.buffer.extend((await queue.fetch(worker_id, w.queues, 1, 30)).claims)
+            return renewed
+        w.queue = SimpleNamespace(heartbeat=heartbeat)
+        beating = asyncio.create_task(w._heartbeat_loop())
+        try:
+            await asyncio.wait_for(twice.wait(), 10)
         finally:
-            await r.aclose()
-    asyncio.run(main())
+            beating.cancel()
+        assert [(c.job_id, c.attempt) for c in w.buffer] == [("again", 1)]
+    _run_in_process_worker(redis_url, body)
 
 
 # --- 15. a fetch whose reply was lost costs no attempt ----------------------------------------

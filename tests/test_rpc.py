@@ -584,15 +584,22 @@ class Slow:
         return "done"
 
 
+@contextlib.asynccontextmanager
+async def a_slow_call_running():
+    """A server running a client's call of Slow: (slow, server, client, the call's task)."""
+    slow = Slow()
+    async with serving(basic_handlers(slow=slow)) as server:
+        client = await AsyncClient.connect(*server.address, timeout=60)
+        call = asyncio.create_task(client.call("slow"))
+        await asyncio.wait_for(slow.started.wait(), DEADLINE)
+        yield slow, server, client, call
+
+
 def test_close_lets_calls_in_flight_finish_and_answer():
     """A closing server reads no new request, but a call already running finishes and
     its answer is sent: cutting it short could leave its state half-written."""
     async def main():
-        slow = Slow()
-        async with serving(basic_handlers(slow=slow)) as server:
-            client = await AsyncClient.connect(*server.address, timeout=60)
-            call = asyncio.create_task(client.call("slow"))
-            await asyncio.wait_for(slow.started.wait(), DEADLINE)
+        async with a_slow_call_running() as (slow, server, client, call):
             closing = asyncio.create_task(server.close())
             await asyncio.sleep(0)            # let close() stop the reading first
             later = asyncio.create_task(client.call("ping"))
@@ -612,11 +619,7 @@ def test_close_lets_a_call_finish_whose_client_has_gone():
     """A client that gave up (closed its connection) leaves its call running; the server
     closing then still lets it finish rather than cutting it half-way."""
     async def main():
-        slow = Slow()
-        async with serving(basic_handlers(slow=slow)) as server:
-            client = await AsyncClient.connect(*server.address, timeout=60)
-            call = asyncio.create_task(client.call("slow"))
-            await asyncio.wait_for(slow.started.wait(), DEADLINE)
+        async with a_slow_call_running() as (slow, server, client, call):
             await client.close()
             with pytest.raises(RPCConnectionError):
                 await call

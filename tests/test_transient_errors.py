@@ -551,13 +551,17 @@ def test_a_loop_cancelled_inside_a_redis_call_that_swallows_it_stops(redis_url):
     from elric.housekeeping import Housekeeping
     from elric.retry import retry
 
+    inside: set[asyncio.Task] = set()   # the tasks in a call now
+
     async def swallowing() -> None:   # as redis-py's connection does
+        inside.add(asyncio.current_task())
         try:
             await asyncio.sleep(30)
         except asyncio.CancelledError:
             raise RedisConnectionError("Connection closed by the server before write")
 
     async def ending_normally() -> None:   # redis-py may also end the call as if answered
+        inside.add(asyncio.current_task())
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.sleep(30)
 
@@ -569,7 +573,10 @@ def test_a_loop_cancelled_inside_a_redis_call_that_swallows_it_stops(redis_url):
             loops = [asyncio.create_task(m.housekeeping.run()),
                      asyncio.create_task(other.run()),
                      asyncio.create_task(retry(swallowing, what="a call", log=logging.getLogger()))]
-            await asyncio.sleep(0.05)   # both inside the call
+            deadline = asyncio.get_running_loop().time() + 30
+            while not inside.issuperset(loops):   # each inside the call
+                assert asyncio.get_running_loop().time() < deadline, "a loop never called"
+                await asyncio.sleep(0.01)
             for task in loops:
                 task.cancel()
             done, pending = await asyncio.wait(loops, timeout=10)
