@@ -27,7 +27,7 @@ from elric.health import TaskHealth
 from elric.contract import Status
 from elric.jobstore import FINISHED_TTL, Coalesce, Options, Outcome, RedisJobStore, fire_id, iso
 from elric.queue import Fenced
-from elric.retry import Backoff, Outage, unblocked, until
+from elric.retry import Backoff, Outage, cancel_pending, unblocked, until
 from elric.triggers import build_trigger, next_fire
 
 CATCHUP_LIMIT = 1000        # fires of one job handled (or missed counted) per pass in a backlog
@@ -162,6 +162,7 @@ class Scheduler:
     async def _lease_loop(self) -> None:
         outage = Outage(self.log, "scheduler lease: renew/acquire failed")
         while not self._stop.is_set():
+            _raise_if_cancelled()
             try:
                 if self.is_leader and not await self._renew():
                     self._step_down("lease taken over")
@@ -467,6 +468,7 @@ class Scheduler:
         outage = Outage(self.log, "scheduler pass failed")
         try:
             while not self._stop.is_set():
+                _raise_if_cancelled()
                 if not self.is_leader:
                     await until(self._leader, self.lease_seconds / 3)
                     continue
@@ -500,3 +502,10 @@ class Scheduler:
         if self.is_leader:  # our own BLPOP is the one waiting: end it now
             await self.redis.lpush(self.keys.scheduler_wake, b"stop")
         await until(self._done, self.lease_seconds)
+
+
+def _raise_if_cancelled() -> None:
+    """End a loop whose task's cancel a redis-py call swallowed (it ended the call normally):
+    it would run for good, and its master never exit."""
+    if cancel_pending():
+        raise asyncio.CancelledError

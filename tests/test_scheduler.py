@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import random
 import time
 from collections import Counter
@@ -1280,3 +1281,41 @@ def test_a_fire_the_dedupe_filter_drops_is_recorded_filtered_and_counted_once(re
     warned = [r for r in caplog.records if "filtered, not run" in r.getMessage()]
     assert len(warned) == 1 and warned[0].levelname == "WARNING"   # once for the job
     assert "periodic job site" in warned[0].getMessage() and "'same'" in warned[0].getMessage()
+
+
+async def _absorbing_a_cancel(entered: asyncio.Event, result):
+    """A Redis call as redis-py may end one its task's cancel landed in: normally."""
+    entered.set()
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.sleep(30)
+    return result
+
+
+@pytest.mark.parametrize("where", ["pass", "lease"])
+def test_a_cancel_a_redis_call_swallowed_still_ends_the_scheduler(redis_url, where):
+    """A master's stop cancels its scheduler; a cancel that a redis-py call swallowed (it
+    ended the call normally) left the pass loop, or the lease loop run() waits for at its
+    end, running for good: the master never exited, and led on meanwhile."""
+    async def body(env):
+        s = env.scheduler("m1", env.rec, lease_seconds=0.6)
+        entered = asyncio.Event()
+        if where == "pass":
+            s._fire_due = lambda: _absorbing_a_cancel(entered, (0, math.inf))
+        task = asyncio.create_task(s.run())
+        await wait_async(lambda: _true(s.is_leader), 30, "the scheduler to lead")
+        if where == "lease":
+            s._renew = lambda: _absorbing_a_cancel(entered, True)
+        await wait_async(lambda: _true(entered.is_set()), 30, "a call under way")
+        task.cancel()
+        try:
+            await wait_async(lambda: _true(task.done()), 30, "the scheduler to end")
+        finally:   # else asyncio.run would wait for it for good
+            s._stop.set()
+
+            async def ended() -> bool:
+                task.cancel()
+                await asyncio.sleep(0)
+                return task.done()
+            await wait_async(ended, 30, "the scheduler to end at last")
+        assert task.cancelled()
+    run(redis_url, body, t=None)
