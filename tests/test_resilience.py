@@ -556,15 +556,20 @@ def test_a_step_failing_every_pass_does_not_hold_redelivery_for_good(make_cluste
     r.set(KEYS.dedupe_rounds, "not a zset")   # dropping old rounds fails each pass
     r.close()
     marks = tmp_path / "runs.txt"
-    begun = time.monotonic()
     master = c.start_master()
     victim = c.start_worker("--concurrency", "1")
     pool = descendants(victim.pid)
+
+    def passes():   # every pass ends with _check_data, which counts it in data_epoch
+        with redis.Redis.from_url(c.redis_url) as rc:
+            return int(rc.get(KEYS.data_epoch) or 0)
     try:
         c.client.submit_job(MarkSleep.spec([str(marks), 30], job_id="held"))
         wait_for(lambda: lines(marks), what="the job started")
-        # failed passes back off 0.5, 1, 2, then 4 s: from 7.5 s on, passes are 4 s apart
-        wait_for(lambda: time.monotonic() > begun + 8, what="the passes backed off")
+        # five failed passes: backing off 0.5, 1, 2, then 4 s, the fifth came 4 s after the
+        # fourth, a gap past the lease
+        first = passes()
+        wait_for(lambda: passes() >= first + 5, timeout=30, what="five failed passes")
         victim.kill()
         assert "WRONGTYPE" in master.log(), c.logs()
         c.start_worker("--concurrency", "1")
