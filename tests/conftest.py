@@ -46,6 +46,18 @@ def wait_for(predicate, timeout=20.0, interval=0.02, what="condition"):
         time.sleep(interval)
 
 
+async def redis_clock_past(r, past: float, timeout: float = 10.0, interval: float = 0.01) -> None:
+    """Until Redis's clock (TIME) reads past ``past`` (seconds); ``r`` a redis.asyncio client."""
+    import asyncio
+
+    deadline = time.monotonic() + timeout
+    while (lambda s, us: s + us / 1e6)(*await r.time()) <= past:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for Redis's clock to "
+                                 f"pass {past:.6f}")
+        await asyncio.sleep(interval)
+
+
 def batches_form(cluster) -> None:
     """Run fast jobs first: the worker then sends sync jobs to a pool process in batches."""
     from tests.jobs import Echo

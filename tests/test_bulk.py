@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from elric.triggers import every
-from tests.conftest import wait_for
+from tests.conftest import redis_clock_past, wait_for
 from tests.jobs import Echo
 from tests.test_cli import elric
 
@@ -123,8 +123,8 @@ def test_a_copy_whose_new_id_is_too_long_is_skipped_and_the_others_are_made(redi
             await m.submit_jobs([{"func": "tests.jobs:Echo", "job_id": i, "queue": "copyq"}
                                  for i in ("short", long_id)])
             queued_at = (await m.get_job("short"))["enqueued_at"]
-            while (lambda s, us: s + us / 1e6)(*await m.redis.time()) <= queued_at + 0.002:
-                await asyncio.sleep(0.01)   # a copy passes over jobs queued since it began
+            # a copy passes over jobs queued since it began
+            await redis_clock_past(m.redis, queued_at + 0.002)
             step = await m.bulk_jobs("copy", {"ids": ["short", long_id]}, "", "op1")
             assert (step["touched"], step["skipped"]) == (1, 1), step
             assert long_id in step["errors"][0] and "200" in step["errors"][0]
@@ -201,8 +201,8 @@ def test_a_copy_keeps_its_sources_limit_key(redis_url):
                                   "limit_key": "slow.test", "limit_interval": 2.5,
                                   "queue": "copyq"}])
             queued_at = (await m.get_job("page"))["enqueued_at"]
-            while (lambda s, us: s + us / 1e6)(*await m.redis.time()) <= queued_at + 0.002:
-                await asyncio.sleep(0.01)   # a copy passes over jobs queued since it began
+            # a copy passes over jobs queued since it began
+            await redis_clock_past(m.redis, queued_at + 0.002)
             step = await m.bulk_jobs("copy", {"ids": ["page"]}, "", "op1")
             assert step["touched"] == 1, step
             copy = await m.get_job("page~op1")
@@ -222,8 +222,8 @@ def test_a_copy_counts_a_source_gone_since_the_walk_met_it_as_skipped(redis_url)
             await m.submit_jobs([{"func": "tests.jobs:Echo", "job_id": i, "queue": "copyq"}
                                  for i in ("stays", "goes")])
             queued_at = (await m.get_job("goes"))["enqueued_at"]
-            while (lambda s, us: s + us / 1e6)(*await m.redis.time()) <= queued_at + 0.002:
-                await asyncio.sleep(0.01)   # a copy passes over jobs queued since it began
+            # a copy passes over jobs queued since it began
+            await redis_clock_past(m.redis, queued_at + 0.002)
             walk = m.bulk.walk
 
             async def then_one_goes(*args, **kwargs):   # another operator's delete, meanwhile

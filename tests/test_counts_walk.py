@@ -21,6 +21,7 @@ from elric.contract import normalize_spec
 from elric.jobstore import RedisJobStore
 from elric.keys import Keys
 from elric.queue import Outcome, RedisQueue
+from tests.conftest import redis_clock_past
 
 KEYS = Keys("elrictest")
 FUNCS = ("tests.jobs:Echo", "tests.jobs:Add")
@@ -45,11 +46,6 @@ class _Admission:
 
     async def submit(self, specs):
         return await self.queue.enqueue(specs)
-
-
-async def now_ms(r) -> int:
-    seconds, micros = await r.time()
-    return seconds * 1000 + micros // 1000
 
 
 async def truth(r):
@@ -225,8 +221,8 @@ async def walk(url, seed, steps, n_jobs=30):
                 # a copy passes over jobs queued since it began: let Redis's clock pass them
                 times = [int(t) for t in [await r.hget(KEYS.job(i), "enqueued_at")
                                           for i in pick] if t]
-                while times and await now_ms(r) <= max(times):
-                    await asyncio.sleep(0.001)
+                if times:   # (its ms clock past the last: a µs past the next ms)
+                    await redis_clock_past(r, (max(times) + 1) / 1000, interval=0.001)
                 step = await bulk.run("copy", JobFilter(ids=pick), "", f"op{ops}")
                 desc = ("copy", pick, step.touched)
             elif op in ("delete_batch", "cancel_batch"):

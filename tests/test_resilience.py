@@ -556,15 +556,20 @@ def test_a_step_failing_every_pass_does_not_hold_redelivery_for_good(make_cluste
     r.set(KEYS.dedupe_rounds, "not a zset")   # dropping old rounds fails each pass
     r.close()
     marks = tmp_path / "runs.txt"
-    begun = time.monotonic()
     master = c.start_master()
     victim = c.start_worker("--concurrency", "1")
     pool = descendants(victim.pid)
+
+    def passes():   # every pass ends with _check_data, which counts it in data_epoch
+        with redis.Redis.from_url(c.redis_url) as rc:
+            return int(rc.get(KEYS.data_epoch) or 0)
     try:
         c.client.submit_job(MarkSleep.spec([str(marks), 30], job_id="held"))
         wait_for(lambda: lines(marks), what="the job started")
-        # failed passes back off 0.5, 1, 2, then 4 s: from 7.5 s on, passes are 4 s apart
-        wait_for(lambda: time.monotonic() > begun + 8, what="the passes backed off")
+        # five failed passes: backing off 0.5, 1, 2, then 4 s, the fifth came 4 s after the
+        # fourth, a gap past the lease
+        first = passes()
+        wait_for(lambda: passes() >= first + 5, timeout=30, what="five failed passes")
         victim.kill()
         assert "WRONGTYPE" in master.log(), c.logs()
         c.start_worker("--concurrency", "1")
@@ -2307,21 +2312,26 @@ def test_a_fetch_whose_reply_was_lost_costs_its_job_no_attempt(make_cluster, red
         def waiting():   # the worker's fetch, sent behind a BLPOP, waits in Redis
             return any(cl["cmd"] == "blpop" and "b" in cl["flags"] for cl in r.client_list())
 
-        def claimed(job_id):   # ms from its enqueue to its claim
-            f = r.hmget(KEYS.job(job_id), "enqueued_at", "started_at")
-            return f[1] and int(f[1]) - int(f[0]) + 1
-        for i in range(3):
+        def claimed(job_id):
+            return r.hget(KEYS.job(job_id), "started_at")
+        for i in range(5):
             proxies.append(SilentProxy(port))
             worker = c.start_worker("--concurrency", "1", REDIS_URL=proxies[-1].url())
             wait_for(waiting, what="the worker's fetch waiting for work")
-            proxies[-1].silence()   # what Redis answers on its connections is thrown away
+            # what Redis answers on its connections is thrown away, and nothing sent on them
+            # reaches it any more
+            silenced = proxies[-1].silence()
             lost = f"lost-{i}"
             if waiting():
                 c.client.submit_job(Add.spec([1, 2], job_id=lost))
-                if wait_for(lambda: claimed(lost), what="the job claimed") < 1000:
-                    break   # by the silenced fetch
-            # its wait ended just as it went silent: again, with a worker as idle
+                wait_for(lambda: claimed(lost), timeout=30, what="the job claimed")
+                if proxies[-1].connections == silenced:
+                    break   # by the silenced fetch: no request on a new connection came before
+            # its wait for work (a second) ended in Redis before the job came, and a fetch on
+            # a new connection claimed it: again, with a worker as idle
             worker.stop(timeout=20)
+        else:
+            pytest.fail("no job was claimed by a silenced fetch in 5 tries\n" + c.logs())
         job = c.wait_job(lost, timeout=60)
         assert (job["status"], job["attempts"], job["result"]) == ("succeeded", 1, 3), \
             c.logs()
