@@ -690,6 +690,26 @@ def test_a_key_whose_job_was_never_queued_goes_to_a_resend_without_an_id(make_cl
         proxy.close()
 
 
+def submit_as_its_master_dies(c, submit, taken, what: str) -> None:
+    """``submit(client)`` to a master of ``c`` started now (its enqueue held by a
+    HoldingProxy), SIGKILLed once ``taken()`` holds: the call fails, nothing queued."""
+    doomed = c.start_master()
+    box = {}
+
+    def call():
+        try:
+            with MasterClient(c.address, timeout=5) as cl:
+                box["reply"] = submit(cl)
+        except Exception as exc:
+            box["reply"] = exc
+    t = threading.Thread(target=call, daemon=True)
+    t.start()
+    wait_for(taken, what=what)
+    doomed.kill()
+    t.join(20)
+    assert isinstance(box.get("reply"), Exception), box
+
+
 def test_a_bloom_batch_whose_master_died_before_queueing_it_is_queued_on_resend(make_cluster,
                                                                                redis_url):
     """`bloom`: the master took the batch's keys in its memory, a periodic snapshot wrote
@@ -703,24 +723,12 @@ def test_a_bloom_batch_whose_master_died_before_queueing_it_is_queued_on_resend(
     try:
         c = make_cluster(REDIS_URL=f"redis://127.0.0.1:{proxy.port}/0", FILTER_BACKEND="bloom",
                          BLOOM_SNAPSHOT_INTERVAL=0.2)
-        doomed = c.start_master()
         specs = [Echo.spec([i], job_id=f"page-{i}", dedupe_key=f"http://x/{i}",
                            dedupe_scope="crawl") for i in range(5)]
-        box = {}
-
-        def call():
-            try:
-                with MasterClient(c.address, timeout=5) as cl:
-                    box["reply"] = cl.submit_jobs(specs)
-            except Exception as exc:
-                box["reply"] = exc
-        t = threading.Thread(target=call, daemon=True)
-        t.start()
-        wait_for(lambda: r.hget(f"{PREFIX}:dedupe:stats:crawl", "items") == b"5",
-                 what="a snapshot holding the batch's keys")
-        doomed.kill()
-        t.join(20)
-        assert isinstance(box.get("reply"), Exception), box
+        submit_as_its_master_dies(
+            c, lambda cl: cl.submit_jobs(specs),
+            lambda: r.hget(f"{PREFIX}:dedupe:stats:crawl", "items") == b"5",
+            "a snapshot holding the batch's keys")
         assert not r.exists(f"{PREFIX}:job:page-0")
         other = make_cluster(FILTER_BACKEND="bloom")   # straight to Redis
         other.start_master()
@@ -746,23 +754,11 @@ def test_a_redis_bloom_key_whose_job_was_never_queued_goes_to_a_resend_under_a_n
     try:
         c = make_cluster(REDIS_URL=f"redis://127.0.0.1:{proxy.port}/0",
                          FILTER_BACKEND="redis-bloom", DEDUPE_TAKEOVER_AFTER=1)
-        doomed = c.start_master()
         spec = Echo.spec(["p"], dedupe_key="http://x/9")      # no job_id: a fresh one each time
-        box = {}
-
-        def call():
-            try:
-                with MasterClient(c.address, timeout=5) as cl:
-                    box["reply"] = cl.submit_job(spec)
-            except Exception as exc:
-                box["reply"] = exc
-        t = threading.Thread(target=call, daemon=True)
-        t.start()
-        wait_for(lambda: r.hget(f"{PREFIX}:dedupe:stats:global", "items") == b"1",
-                 what="the filter took the key")
-        doomed.kill()
-        t.join(20)
-        assert isinstance(box.get("reply"), Exception), box
+        submit_as_its_master_dies(
+            c, lambda cl: cl.submit_job(spec),
+            lambda: r.hget(f"{PREFIX}:dedupe:stats:global", "items") == b"1",
+            "the filter took the key")
         other = make_cluster(FILTER_BACKEND="redis-bloom", DEDUPE_TAKEOVER_AFTER=1)
         other.start_master()
         first = wait_for(lambda: (lambda got: got if got["status"] == "queued" else None)(

@@ -2218,12 +2218,7 @@ def test_a_claim_the_jobs_rerun_took_over_is_lost_to_the_heartbeat(redis_url):
                 if len(calls) == 2:   # the first reply was applied
                     twice.set()
                 return await q.heartbeat(worker_id, claims, *args)
-            w.queue = SimpleNamespace(heartbeat=heartbeat)
-            beating = asyncio.create_task(w._heartbeat_loop())
-            try:
-                await asyncio.wait_for(twice.wait(), 10)
-            finally:
-                beating.cancel()
+            await _beat_until(w, heartbeat, twice)
             assert calls[0] == [old] and list(w.buffer) == [], (calls, w.buffer)
             started = []
             w.pool.holds = lambda job_id: False
@@ -2259,6 +2254,17 @@ def test_the_claims_of_a_fetch_behind_a_failed_wait_are_given_back(redis_url):
     _run_in_process_worker(redis_url, body)
 
 
+async def _beat_until(w, heartbeat, done: asyncio.Event) -> None:
+    """Run ``w``'s heartbeat loop, its queue's heartbeat replaced by ``heartbeat``, until
+    ``done`` is set."""
+    w.queue = SimpleNamespace(heartbeat=heartbeat)
+    beating = asyncio.create_task(w._heartbeat_loop())
+    try:
+        await asyncio.wait_for(done.wait(), 10)
+    finally:
+        beating.cancel()
+
+
 def test_a_claim_fetched_again_after_a_give_back_is_not_dropped_as_lost(redis_url):
     """A heartbeat was on its way with a claim when the worker gave the job back (a slow run
     shed it) and fetched it again, at the same attempt: the heartbeat's "lost" for the claim
@@ -2285,12 +2291,7 @@ def test_a_claim_fetched_again_after_a_give_back_is_not_dropped_as_lost(redis_ur
             renewed = await queue.heartbeat(worker_id, claims, *args)
             w.buffer.extend((await queue.fetch(worker_id, w.queues, 1, 30)).claims)
             return renewed
-        w.queue = SimpleNamespace(heartbeat=heartbeat)
-        beating = asyncio.create_task(w._heartbeat_loop())
-        try:
-            await asyncio.wait_for(twice.wait(), 10)
-        finally:
-            beating.cancel()
+        await _beat_until(w, heartbeat, twice)
         assert [(c.job_id, c.attempt) for c in w.buffer] == [("again", 1)]
     _run_in_process_worker(redis_url, body)
 

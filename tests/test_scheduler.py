@@ -557,19 +557,24 @@ def test_a_job_that_cannot_be_planned_keeps_its_fire_times_when_it_can_again(red
     run(redis_url, body)
 
 
+async def good_fires_bad_waits(env, field: str, bad) -> None:
+    """Jobs "bad" (``field`` stored as ``bad``) and "good", due: "good" fires, and "bad" is
+    tried again in a minute (as one whose next run time is no number)."""
+    await env.store.add(spec("bad"))
+    await env.store.add(spec("good"))
+    await env.r.hset(env.keys.schedule("bad"), field, bad)
+    env.clock.t = T0 + 60
+    assert await env.sched.tick() == 1 and env.rec.specs[0]["schedule"] == "good"
+    assert await env.r.zscore(env.keys.schedules, "bad") == (T0 + 120) * 1000
+
+
 @pytest.mark.parametrize("bad", ["nan", "inf", "-inf", "1e300", "-1e300"])
 def test_a_next_run_time_that_is_no_date_does_not_stall_the_others(redis_url, bad):
     """A stored next run time that is a number but no date (written by hand, or a bad
     restore) raised while the fire script's arguments were built, outside the guard for
     bad stored data: every pass failed, and no periodic job fired any more."""
     async def body(env):
-        await env.store.add(spec("bad"))
-        await env.store.add(spec("good"))
-        await env.r.hset(env.keys.schedule("bad"), "next_run_time", bad)
-        env.clock.t = T0 + 60
-        assert await env.sched.tick() == 1 and env.rec.specs[0]["schedule"] == "good"
-        # the retry time replaces it, as one that is no number
-        assert await env.r.zscore(env.keys.schedules, "bad") == (T0 + 120) * 1000
+        await good_fires_bad_waits(env, "next_run_time", bad)   # the retry time replaces it
         env.clock.t = T0 + 120
         assert await env.sched.tick() == 2
         assert sorted(s["schedule"] for s in env.rec.specs[1:]) == ["bad", "good"]
@@ -628,14 +633,7 @@ def test_pending_fires_overwritten_with_another_type_lose_no_fire(redis_url, cap
 def test_a_job_spec_that_cannot_be_read_does_not_stall_the_others(redis_url, bad):
     """The spec was read only while the fires' arguments were built, outside the guard
     for bad stored data: every pass raised, and no periodic job fired any more."""
-    async def body(env):
-        await env.store.add(spec("bad"))
-        await env.store.add(spec("good"))
-        await env.r.hset(env.keys.schedule("bad"), "spec", bad)
-        env.clock.t = T0 + 60
-        assert await env.sched.tick() == 1 and env.rec.specs[0]["schedule"] == "good"
-        assert await env.r.zscore(env.keys.schedules, "bad") == (T0 + 120) * 1000
-    run(redis_url, body)
+    run(redis_url, lambda env: good_fires_bad_waits(env, "spec", bad))
 
 
 @pytest.mark.parametrize("overwritten", ["hash", "fire_job", "fire_round", "runs"])
