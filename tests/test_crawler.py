@@ -714,6 +714,19 @@ def test_where_a_redirect_leads_is_a_page_job_of_its_own(children, job_class):
         assert "/new/" not in site.hits
 
 
+@pytest.mark.parametrize("job_class", [Crawl, CrawlSync], ids=["async", "sync"])
+def test_a_redirect_without_a_location_is_an_answer_with_no_links(children, job_class):
+    """A 3xx that says nowhere to go is a final answer, as Scrapy takes it: the sync crawler
+    read none of it, the async one followed the links of its body."""
+    head, body = {"Content-Type": "text/html"}, b'<html><body><a href="/a">a</a></body></html>'
+    routes = {"/moved": (302, head, body), "/choose": (300, {**head, "Location": "/a"}, body)}
+    with Site(routes) as site:
+        for path, status in ("/moved", 302), ("/choose", 300):
+            assert run_page(job_class, site.url + path) == {
+                "url": site.url + path, "status": status, "links": 0, "bytes": 0}, path
+    assert not children
+
+
 def test_a_page_has_one_spelling_whatever_its_escapes_and_the_sync_crawler_fetches_it(
         children):
     """/café, /caf%c3%a9 and /caf%C3%A9 were three pages to fetch (one a page the sync

@@ -17,12 +17,12 @@ of its host's pages across all workers, where ``LIMITS`` gives less (e.g.
 ``{"example.com": {"interval": 10}}``): the links a page submits carry it as their
 ``limit_interval``. 5xx and 429 answers, timeouts and broken connections are retried with
 backoff (``max_retries``), no sooner than a Retry-After asks (up to RETRY_BACKOFF_MAX); a
-404 or other 4xx is a result, not an error, and its body is not read. A link marked
-``rel="nofollow"``, or any of a page whose robots ``<meta>`` or X-Robots-Tag header says
-nofollow, is not followed; a ``<meta http-equiv="refresh">`` URL, an image map's ``<area
-href>`` and a (i)frame's src (a page of the site) are links of its page. At most
-``max_bytes`` of a page are read, and nothing of what is not HTML. ``max_depth`` caps the
-links followed from a start page (on the path that found a page first; a redirect is
+4xx, or a 3xx that leads nowhere, is a result, not an error, and its body is not read. A
+link marked ``rel="nofollow"``, or any of a page whose robots ``<meta>`` or X-Robots-Tag
+header says nofollow, is not followed; a ``<meta http-equiv="refresh">`` URL, an image
+map's ``<area href>`` and a (i)frame's src (a page of the site) are links of its page. At
+most ``max_bytes`` of a page are read, and nothing of what is not HTML. ``max_depth`` caps
+the links followed from a start page (on the path that found a page first; a redirect is
 none), for sites of no end (a calendar's "next month"); None, the default, caps nothing.
 ``max_redirects`` (20, as browsers and Scrapy) caps a chain of redirects in a row.
 """
@@ -346,9 +346,10 @@ class Crawl(Job):
                 if location is None:
                     # content_type is lower-case; none said: read, HTML if it starts as HTML
                     # (browsers sniff it)
-                    html = status < 400 and ("html" in response.content_type
+                    html = status < 300 and ("html" in response.content_type
                                              if response.headers.get("Content-Type") else None)
-                    # a PDF, an image, an error page: no links to follow, nothing to read
+                    # a PDF, an image, an error page, a 3xx to nowhere (final, as Scrapy
+                    # takes it): no links to follow, nothing to read
                     body, truncated = await _read(response, self.max_bytes) \
                         if html is not False else (b"", False)
                     if html is None:
@@ -378,7 +379,7 @@ class Crawl(Job):
         result["bytes"] = len(body)
         if truncated:
             result["truncated"] = True
-        if status >= 400 or not html:
+        if not html:
             return result   # a 404 is an answer: nothing to retry, no links to follow
         if self.max_depth is not None and depth >= self.max_depth:
             result["max_depth"] = True   # its links are a step too far: not followed
