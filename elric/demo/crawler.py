@@ -44,9 +44,9 @@ except ImportError:  # pragma: no cover - depends on the install
                       "pip install '/path/to/elric[crawl]'") from None
 
 from elric import Job
-from elric.demo.crawler_sync import (CHUNK, MAX_REDIRECTS, REDIRECTS, ROBOTS_NAME, link_of,
-                                    no_answer, nofollow, normalize_url, page_charset, page_key,
-                                    refresh_url, requote, retry_after, sniffed_html)
+from elric.demo.crawler_sync import (CHUNK, MAX_REDIRECTS, REDIRECTS, ROBOTS_NAME, PageKeys,
+                                    link_of, no_answer, nofollow, normalize_url, page_charset,
+                                    refresh_url, requote, result_of, retry_after, sniffed_html)
 
 USER_AGENT = f"{ROBOTS_NAME}/0.1"
 HEADER_MAX_BYTES = 64 * 1024
@@ -292,7 +292,7 @@ def _parser(charset: str) -> lxml.html.HTMLParser | None:
     return parser
 
 
-class Crawl(Job):
+class Crawl(PageKeys, Job):
     queue = "crawl"
     max_retries = 3
     timeout = 60
@@ -319,15 +319,6 @@ class Crawl(Job):
         if not (type(cls.max_redirects) is int and cls.max_redirects >= 0):
             raise ValueError(f"{cls.__name__}.max_redirects must be a whole number of "
                              f"redirects, not {cls.max_redirects!r}")
-
-    @classmethod
-    def dedupe_key_for(cls, url: str, batch: str = "", depth: int = 0, redirects: int = 0) -> str:
-        return page_key(url)
-
-    @classmethod
-    def limit_key_for(cls, url: str, batch: str = "", depth: int = 0,
-                      redirects: int = 0) -> str:
-        return urlparse(normalize_url(url)).netloc   # the host as the crawl's links spell it
 
     async def run(self, url: str, batch: str = "", depth: int = 0, redirects: int = 0) -> dict:
         """Crawl page ``url``, ``depth`` links from its start page, reached by ``redirects``
@@ -359,19 +350,9 @@ class Crawl(Job):
                     tags = response.headers.getall("X-Robots-Tag", [])
         except TimeoutError:
             raise no_answer(url, self.request_timeout) from None
-        result = {"url": url, "status": status, "links": 0, "bytes": 0}
-        if redirects:
-            result["redirects"] = redirects
+        result, target = result_of(url, status, redirects, location, self.max_redirects)
         if location is not None:
-            # where it leads is a page job of its own: deduped with the links to that page
-            # (fetched once), its robots.txt rules asked, a loop ended by the dedupe filter
-            # and a chain of new URLs by max_redirects
-            result["redirect"] = target = link_of(url, location)
-            if target is None:
-                result["error"] = "a redirect to no web page"
-            elif redirects >= self.max_redirects:
-                result["error"] = f"over {self.max_redirects} redirects in a row"
-            elif target != url:   # no step deeper; from the start page, to any host
+            if target is not None:   # no step deeper; from the start page, to any host
                 result["links"] = await self._submit(
                     url, [(target, urlparse(target).netloc)], batch, depth, robots.delay,
                     anywhere=depth == 0, redirects=redirects + 1)
