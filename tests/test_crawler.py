@@ -904,6 +904,25 @@ def test_robots_txt_crawl_delay_is_read_from_the_crawlers_groups():
     assert Robots(["User-agent: *", "Crawl-delay: 1e9"], "e").delay == 86_400
 
 
+@pytest.mark.parametrize("job_class", [Crawl, CrawlSync], ids=["async", "sync"])
+def test_a_429s_retry_after_holds_back_the_other_pages_of_its_host(cluster, job_class):
+    """A 429's Retry-After delayed that page's retry only: the host's other pages went on
+    at full rate while it asked to slow down. Now they wait as long; other hosts do not
+    (localhost is no 127.0.0.1)."""
+    cluster.start_worker("--queues", "crawl", "--concurrency", "2")
+    page = (200, {"Content-Type": "text/html"}, b"<html>")
+    with Site({"/busy": (429, {"Retry-After": "60"}, b""), "/a": page, "/b": page}) as site:
+        elsewhere = site.url.replace("127.0.0.1", "localhost")
+        submit = cluster.client.submit_job
+        submit(job_class.spec([site.url + "/busy"], job_id="busy"))
+        cluster.wait_job("busy", statuses=("retrying",))
+        submit(job_class.spec([site.url + "/a"], job_id="held"))
+        submit(job_class.spec([elsewhere + "/b"], job_id="elsewhere"))
+        assert cluster.wait_job("elsewhere")["status"] == "succeeded", cluster.logs()
+        assert cluster.client.get_job("held")["status"] == "queued"
+        assert "/a" not in site.hits
+
+
 @pytest.mark.parametrize("limits, least", [(None, 1.0), ({"*": {"concurrency": 8, "rate": 50}}, 1.0),
                                            ({"*": {"interval": 1.5}}, 1.5)],
                          ids=["no-limits", "shorter-rule", "longer-rule"])

@@ -16,14 +16,15 @@ and again once a day old), where a redirect leads too, since that page is a job 
 of its host's pages across all workers, where ``LIMITS`` gives less (e.g.
 ``{"example.com": {"interval": 10}}``): the links a page submits carry it as their
 ``limit_interval``. 5xx and 429 answers, timeouts and broken connections are retried with
-backoff (``max_retries``), no sooner than a Retry-After asks (up to RETRY_BACKOFF_MAX); a
-4xx, or a 3xx that leads nowhere, is a result, not an error, and its body is not read. A
-link marked ``rel="nofollow"``, or any of a page whose robots ``<meta>`` or X-Robots-Tag
-header says nofollow, is not followed; a ``<meta http-equiv="refresh">`` URL, an image
-map's ``<area href>`` and a (i)frame's src (a page of the site) are links of its page. At
-most ``max_bytes`` of a page are read, and nothing of what is not HTML. ``max_depth`` caps
-the links followed from a start page (on the path that found a page first; a redirect is
-none), for sites of no end (a calendar's "next month"); None, the default, caps nothing.
+backoff (``max_retries``), no sooner than a Retry-After asks (up to RETRY_BACKOFF_MAX; the
+host's other pages wait as long); a 4xx, or a 3xx that leads nowhere, is a result, not an
+error, and its body is not read. A link marked ``rel="nofollow"``, or any of a page whose
+robots ``<meta>`` or X-Robots-Tag header says nofollow, is not followed; a ``<meta
+http-equiv="refresh">`` URL, an image map's ``<area href>`` and a (i)frame's src (a page of
+the site) are links of its page. At most ``max_bytes`` of a page are read, and nothing of
+what is not HTML. ``max_depth`` caps the links followed from a start page (on the path that
+found a page first; a redirect is none), for sites of no end (a calendar's "next month");
+None, the default, caps nothing.
 ``max_redirects`` (20, as browsers and Scrapy) caps a chain of redirects in a row.
 """
 
