@@ -111,6 +111,7 @@ class Outcome:
     retry_ms: int = -1
     cancelled: bool = False   # stopped because cancel_job asked: recorded cancelled
     reruns: int = 0   # the job's run (Claim.reruns): a lost run of an earlier one is stale
+    hold_ms: int = 0   # its limit key's other jobs wait this long (a server's Retry-After)
 
 
 @dataclass(slots=True)
@@ -306,8 +307,8 @@ class RedisQueue:
         keys = [k.inflight, k.status(Status.RUNNING), k.limits, k.limits_due, k.limits_parked,
                 k.counters]
         args = [*self._line, k.limit_running(""), k.limit_next(""), k.limit_parked(""),
-                int(lease_seconds * 1000), worker_id, limit, limit if start is None else start,
-                len(ended) // 3, *ended, *queues]
+                k.limit_hold(""), int(lease_seconds * 1000), worker_id, limit,
+                limit if start is None else start, len(ended) // 3, *ended, *queues]
         if wake_on is None:
             reply = await self._fetch(keys=keys, args=args)
         else:   # the script was loaded by this worker's first fetch, which never waits
@@ -335,12 +336,12 @@ class RedisQueue:
         argv: list[Any] = [k.job(""), k.batch(""), k.dedupe_set(""), self.result_ttl,
                            self.failed_ttl, k.limit_running(""), k.wake(""), k.round(""),
                            k.func(""), k.minute(""), jobstats.MINUTE_TTL, worker_id,
-                           k.limit_parked(""), self.error_max]
+                           k.limit_parked(""), self.error_max, k.limit_hold("")]
         for o in outcomes:
             argv += [o.job_id, o.attempt,
                      "ok" if o.ok else "cancel" if o.cancelled else "err", o.payload,
                      int(o.duration_ms), jobstats.bucket(o.duration_ms), int(o.retry_ms),
-                     o.reruns]
+                     o.reruns, int(o.hold_ms)]
         keys = [k.inflight, k.status(Status.RUNNING), k.status(Status.SUCCEEDED),
                 k.status(Status.FAILED), k.delayed, k.counters, k.status(Status.RETRYING),
                 k.limits_due, k.status(Status.CANCELLED), k.queues]

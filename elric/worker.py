@@ -625,9 +625,11 @@ class Worker:
             if not o.ok and not o.final and o.attempt <= claim.max_retries:
                 retry_ms = self._backoff_ms(o.attempt, o.retry_after)
             cancelled = not o.ok and claim.cancelling
+            # a server that asked to wait (Retry-After) holds back its key's jobs (its host's)
+            hold_ms = int(min(o.retry_after, self.settings.RETRY_BACKOFF_MAX) * 1000)
             records.append(Outcome(o.job_id, o.attempt, o.ok, o.payload,
                                    int((o.finished_at - o.started_at) * 1000), retry_ms,
-                                   cancelled, claim.reruns))
+                                   cancelled, claim.reruns, hold_ms))
         statuses = await self._retry_redis(self.queue.finish, self.worker_id, records,
                                            outage=self._outages["recording outcomes"])
         for (claim, _), record, status in zip(batch, records, statuses):
