@@ -85,7 +85,12 @@ def _client(args: argparse.Namespace):
     from elric.client import MasterClient
 
     settings = load_settings(args.settings, overrides={"MASTER_ADDRESS": args.master})
-    return MasterClient.from_settings(settings)
+    return MasterClient.from_settings(settings, handshake=HANDSHAKE)
+
+
+# seconds a master has to answer a new connection: a peer that accepts and never answers
+# (Redis, a web server) is told at once, not after a call's 30 s
+HANDSHAKE = 5.0
 
 
 def _print(value) -> None:

@@ -299,6 +299,24 @@ def test_a_wait_with_a_timeout_is_not_held_past_it_by_a_master_that_never_answer
                 wait(client, "any", timeout=60)
 
 
+def test_an_address_where_no_master_answers_is_told_in_seconds_not_after_30(redis_url):
+    """`elric` pointed at a peer that accepts and never answers (Redis waits for a line
+    end, or a server that says nothing) waited its call's 30 s before the hint; a submit
+    then sent again until its 30 s were up."""
+    import socket
+    from urllib.parse import urlparse
+
+    hint = "nothing has answered on this connection: is MASTER_ADDRESS an elric master's"
+    with socket.create_server(("127.0.0.1", 0)) as silent:   # connects, never answers
+        for port, args in ((silent.getsockname()[1], ["jobs"]),
+                           (urlparse(redis_url).port, ["submit", "tests.jobs:Echo"])):
+            # well below the call's 30 s: a CLI still waiting for it fails the test
+            one_line_error(subprocess.run(
+                [sys.executable, "-m", "elric", *args, "--master", f"127.0.0.1:{port}"],
+                cwd=ROOT, capture_output=True, text=True, timeout=20,
+                stdin=subprocess.DEVNULL), 3, hint)
+
+
 def test_a_child_handle_asks_no_master_about_a_job_not_sent_yet():
     """A child's handle lives in the job that submitted it, before the child is sent:
     status() asked the master the pool process's settings named, and said None (no such
