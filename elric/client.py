@@ -126,6 +126,10 @@ class MasterClient:
             timeout = min(timeout, self.rpc.timeout)
         return self.rpc.call("get_job", job_id, timeout=timeout)
 
+    def job_kind(self, job_id: str) -> dict | None:
+        """A job's kind and status, not its result or runs (docs/PROTOCOL.md)."""
+        return self.call("job_kind", job_id)
+
     def remove_job(self, job_id: str) -> bool:
         return self.call("remove_job", job_id)
 
