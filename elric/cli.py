@@ -525,8 +525,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="elric", description="elric job scheduler")
     common = _Parser(add_help=False)
-    common.add_argument("--settings", help="settings module path (default: $ELRIC_SETTINGS, "
-                                           "else ./settings.py where there is one)")
+    common.add_argument("--settings", help="settings file, or a folder with a settings.py "
+                        "(default: $ELRIC_SETTINGS, else ./settings.py where there is one)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add_parser(name: str, help: str) -> argparse.ArgumentParser:
