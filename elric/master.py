@@ -476,10 +476,10 @@ class Master:
         return dataclasses.asdict(step)
 
     @_rpc
-    async def stats(self, *, all_funcs: bool = False) -> dict:
-        """``all_funcs`` (not for the RPC, whose reply stays bounded): /metrics's, every
-        func's row."""
-        stats = await self.queue.stats(all_funcs=all_funcs)
+    async def stats(self, *, for_metrics: bool = False) -> dict:
+        """``for_metrics`` (not for the RPC, whose reply stays bounded): /metrics's reading,
+        every func's row and no batch or minute (it shows neither)."""
+        stats = await self.queue.stats(for_metrics=for_metrics)
         stats["by_status"][Status.SCHEDULED] = await self.store.count()
         filters = {}
         for f in self.filters.values():
