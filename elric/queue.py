@@ -589,23 +589,24 @@ class RedisQueue:
                         await self.redis.zrem(index, *gone)
         return out[offset:offset + limit]
 
-    async def stats(self, *, all_funcs: bool = False) -> dict:
-        """``all_funcs``: every func's row, not the STATS_ROWS last active (/metrics: a
-        counter must not leave a scrape and come back)."""
+    async def stats(self, *, for_metrics: bool = False) -> dict:
+        """``for_metrics``: every func's row, not the STATS_ROWS last active (a counter must
+        not leave a scrape and come back), and no batch or minute row (/metrics shows none)."""
         k = self.keys
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.smembers(k.queues)
-            pipe.smembers(k.batches)
             pipe.smembers(k.funcs)
             pipe.time()
-            *names, (seconds, micros) = await pipe.execute()
-        queues, every_batch, every_func = ([_s(x) for x in group] for group in names)
-        queues = sorted(queues)
+            if not for_metrics:
+                pipe.smembers(k.batches)
+            queues, every_func, (seconds, micros), *every_batch = await pipe.execute()
+        queues, every_func = sorted(map(_s, queues)), [_s(f) for f in every_func]
+        every_batch = [_s(b) for group in every_batch for b in group]
         batches = await self._latest(every_batch, k.batch)
-        funcs = sorted(every_func) if all_funcs else await self._latest(every_func, k.func)
+        funcs = sorted(every_func) if for_metrics else await self._latest(every_func, k.func)
         now = seconds + micros / 1e6   # Redis's clock, as the scripts'
         last = int(now // 60)
-        minutes = range(last - jobstats.THROUGHPUT_MINUTES + 1, last + 1)
+        minutes = () if for_metrics else range(last - jobstats.THROUGHPUT_MINUTES + 1, last + 1)
         # one snapshot (MULTI): the running jobs split per func and batch are the ones the
         # counts call running, however many start or end meanwhile
         async with self.redis.pipeline(transaction=True) as pipe:
