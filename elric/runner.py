@@ -231,9 +231,10 @@ class _Runner:
             (lambda: root.level, root.setLevel), (lambda: root.manager.disable, logging.disable),
             (lambda: list(root.handlers), lambda value: setattr(root, "handlers", list(value))))]
         # and its warnings filters (simplefilter("error") raised the next jobs' warnings):
-        # compared as a copy, since a filter is added in place
-        self.settings.append((lambda: warnings.filters, _set_warning_filters,
-                              list(warnings.filters)))
+        # compared as a copy, since a filter is added in place; and who shows and formats
+        # them, with logging's record of it (else captureWarnings no-ops in the next jobs)
+        self.settings += [(lambda: warnings.filters, _set_warning_filters, list(warnings.filters)),
+                          (_warning_hooks, _set_warning_hooks, _warning_hooks())]
         self.last_tick = time.monotonic()
         self.sync_loop: asyncio.AbstractEventLoop | None = None   # get_event_loop's in sync jobs
         self.sync_tasks: list[asyncio.Task] = []   # made on it by the sync job running
@@ -667,6 +668,14 @@ class _Runner:
 def _set_warning_filters(filters: list) -> None:
     warnings.filters = list(filters)
     warnings._filters_mutated()   # (as catch_warnings does: drops the cached decisions)
+
+
+def _warning_hooks() -> tuple:
+    return warnings.showwarning, warnings.formatwarning, logging._warnings_showwarning
+
+
+def _set_warning_hooks(hooks: tuple) -> None:
+    warnings.showwarning, warnings.formatwarning, logging._warnings_showwarning = hooks
 
 
 def _succeeded(out: Ran, result, ctx) -> None:
