@@ -94,9 +94,10 @@ class Ran:
         self.ok, self.children, self.payload = False, [], why
 
     @classmethod
-    def failure(cls, job_id: str, attempt: int, why: str, is_async: bool = False) -> "Ran":
-        now = time.monotonic()
-        return cls(job_id, attempt, False, why, [], now, now, is_async=is_async)
+    def failure(cls, run: tuple[str, int, int], why: str, is_async: bool = False) -> "Ran":
+        """``run`` (Claim.run, Ran.key) failed, now."""
+        (job_id, attempt, reruns), now = run, time.monotonic()
+        return cls(job_id, attempt, False, why, [], now, now, is_async=is_async, reruns=reruns)
 
 
 @dataclass(slots=True)
@@ -299,9 +300,9 @@ class _Runner:
     def _drop_waiting(self, cancels: set[tuple[str, int]]) -> list[Ran]:
         """Under inbox_lock: take the asked-for jobs that wait to start out of the inbox and
         the sync queue; their requests are answered. Returns their outcomes."""
-        dropped = [cancelled_before_start(*_key(i), is_async=self.kinds.get(i["func"], False))
+        dropped = [cancelled_before_start(_key(i), is_async=self.kinds.get(i["func"], False))
                    for i in self.inbox if _key(i) in cancels]
-        dropped += [cancelled_before_start(*job.out.key) for job in self.sync_jobs
+        dropped += [cancelled_before_start(job.out.key) for job in self.sync_jobs
                     if job.out.key in cancels]
         self.inbox = [i for i in self.inbox if _key(i) not in cancels]
         self.sync_jobs = deque(job for job in self.sync_jobs if job.out.key not in cancels)
@@ -524,7 +525,7 @@ class _Runner:
         out = self.tasks.pop(task)
         if task.cancelled():   # cancelled before its first step: _run_async never ran
             self._asked(out)
-            self._report(cancelled_before_start(*out.key, is_async=True))
+            self._report(cancelled_before_start(out.key, True))
 
     def _asked(self, out: Ran) -> bool:
         """Whether cancel_job asked to stop this attempt; the request is answered now."""
@@ -693,12 +694,9 @@ def _succeeded(out: Ran, result, ctx) -> None:
     out.ok, out.children = True, ctx.children
 
 
-def cancelled_before_start(job_id: str, attempt: int, reruns: int = 0,
-                           is_async: bool = False) -> Ran:
+def cancelled_before_start(run: tuple[str, int, int], is_async: bool = False) -> Ran:
     """The outcome of a job cancel_job stopped before it started (here or in the worker)."""
-    out = Ran.failure(job_id, attempt, CANCELLED + " before it started", is_async)
-    out.reruns = reruns
-    return out
+    return Ran.failure(run, CANCELLED + " before it started", is_async)
 
 
 def _failed(out: Ran, exc: BaseException) -> Ran:
