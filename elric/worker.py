@@ -539,7 +539,7 @@ class Worker:
                 self.buffer.appendleft(claim)   # first in line of what it holds
                 self._changed.set()
                 return
-            ran = runner.cancelled_before_start(*claim.run)
+            ran = runner.cancelled_before_start(claim.run)
         if ran is not None:
             if claim.limit_key is not None:   # its slot frees at the next fetch
                 self.ended.append(claim.run)
@@ -559,7 +559,7 @@ class Worker:
                     runner.past_timeout(claim.timeout) + " and its process was killed"
             else:
                 why = "the job's process died (os._exit, a signal or a crash in native code)"
-            ran = runner.Ran.failure(claim.job_id, claim.attempt, why)
+            ran = runner.Ran.failure(claim.run, why)
             # it ran until then (past its timeout, say): its record's duration says so
             ran.started_at = exc.sent_at.get(claim.job_id, ran.started_at)
             return ran
@@ -850,7 +850,7 @@ class Worker:
             claim.cancelling = True
             log.info("worker: job %s cancelled; stopping it", claim.job_id)
             for waiting in self._unbuffer(lambda c: c is claim):
-                self.finished.append((waiting, runner.cancelled_before_start(*waiting.run)))
+                self.finished.append((waiting, runner.cancelled_before_start(waiting.run)))
                 self._finished.set()
             self.pool.cancel(claim)
 
