@@ -79,12 +79,32 @@ class Admission:
                                 "jobs (with a trigger); name a scope instead")
         return out
 
+    async def _check_rounds(self, specs: list[dict], where: str) -> None:
+        """A round that is a fire id is counted by its schedule's max_instances while any
+        job of it is live: a one-off job naming it would hold the schedule's fires back.
+        Only a job whose parent is of that round (a fire's children, theirs) may name it."""
+        claims = [(i, n) for i, n in enumerate(specs) if FIRE_ID.fullmatch(n.get("round", ""))]
+        if not claims:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        parents = list({n["parent"] for _, n in claims} - {""})
+        for parent in parents:
+            pipe.hget(self.keys.job(parent), "round")
+        rounds = dict(zip(parents, await pipe.execute(raise_on_error=False)))
+        for i, n in claims:
+            if rounds.get(n["parent"]) != n["round"].encode():
+                raise SpecError(f"{where.format(i)}round {n['round']!r}: a periodic fire's "
+                                "round, counted by its schedule's max_instances; only jobs "
+                                "descending from that fire (their parent of its round) take "
+                                "it. Leave it out, or name a round that is no fire id")
+
     async def submit(self, specs) -> list[Submitted]:
         normalized = self._check_batch(specs)
         chosen = {s["job_id"] for s in specs if isinstance(s, dict) and s.get("job_id")}
         results: dict[int, Submitted] = {}
         periodic = [i for i, n in enumerate(normalized) if "trigger" in n]
         where = "" if len(normalized) == 1 else "spec {}: "
+        await self._check_rounds(normalized, where)
 
         async def schedule(check: bool) -> None:
             for start in range(0, len(periodic), 32):  # concurrently, in bounded slices

@@ -93,7 +93,7 @@ def left_alone(job_id: str, was: str | None, action: str = "cancel") -> str:
 
 
 def schedule_left_alone(job: dict | None, action: str) -> str | None:
-    """Why pause or resume leaves a periodic job, as get_job showed it just before, as it
+    """Why pause or resume leaves a periodic job, as job_kind showed it just before, as it
     is (pause_job and resume_job answer only whether it exists); None: it changes it."""
     if not job or action not in ("pause", "resume"):
         return None

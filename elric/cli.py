@@ -85,7 +85,12 @@ def _client(args: argparse.Namespace):
     from elric.client import MasterClient
 
     settings = load_settings(args.settings, overrides={"MASTER_ADDRESS": args.master})
-    return MasterClient.from_settings(settings)
+    return MasterClient.from_settings(settings, handshake=HANDSHAKE)
+
+
+# seconds a master has to answer a new connection: a peer that accepts and never answers
+# (Redis, a web server) is told at once, not after a call's 30 s
+HANDSHAKE = 5.0
 
 
 def _print(value) -> None:
@@ -270,7 +275,7 @@ def cmd_call(args: argparse.Namespace) -> int:
             (show or (lambda r: print(f"job {r['job_id']}: {r['status']}")))(
                 _on_one_job(client.rerun_job, args.job_ids[0]))
         elif command in ("remove", "delete"):
-            if "trigger" in (client.get_job(args.job_ids[0]) or {}):   # as a delete of many
+            if (client.job_kind(args.job_ids[0]) or {}).get("periodic"):   # as a delete of many
                 raise Failed(left_alone(args.job_ids[0], Status.SCHEDULED, "delete"))
             if not _on_one_job(client.remove_job, args.job_ids[0]):
                 raise NotFound(f"no job {args.job_ids[0]!r}")
@@ -431,8 +436,8 @@ def _schedules(client, args: argparse.Namespace, show) -> int:
         raise UsageError(f"elric schedules {args.action} takes the periodic job's id")
     if args.action == "run-now":
         return _run_now(client, args.job_id, show)
-    job = client.get_job(args.job_id) or {}
-    if job and "trigger" not in job:   # remove_job would delete this one-off job
+    job = client.job_kind(args.job_id) or {}
+    if job and not job["periodic"]:   # remove_job would delete this one-off job
         raise Failed(f"job {args.job_id!r} is not periodic: " + (
             f"elric delete {args.job_id} removes it" if args.action == "remove" else
             f"only periodic jobs {args.action}"))
@@ -444,7 +449,7 @@ def _schedules(client, args: argparse.Namespace, show) -> int:
     if not call(args.job_id):
         raise NotFound(f"no periodic job {args.job_id!r}")
     said = unchanged or f"{args.action}d"
-    if said == "resumed" and (client.get_job(args.job_id) or {}).get("status") == "finished":
+    if said == "resumed" and (client.job_kind(args.job_id) or {}).get("status") == "finished":
         said += ", and finished: no fires are left"   # (its end passed while paused)
     (show or (lambda _: print(f"periodic job {args.job_id}: {said}")))(True)
     return 0
@@ -520,8 +525,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="elric", description="elric job scheduler")
     common = _Parser(add_help=False)
-    common.add_argument("--settings", help="settings module path (default: $ELRIC_SETTINGS, "
-                                           "else ./settings.py where there is one)")
+    common.add_argument("--settings", help="settings file, or a folder with a settings.py "
+                        "(default: $ELRIC_SETTINGS, else ./settings.py where there is one)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add_parser(name: str, help: str) -> argparse.ArgumentParser:

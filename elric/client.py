@@ -34,15 +34,19 @@ class MasterClient:
     """The master's RPC methods as Python calls (docs/PROTOCOL.md lists them)."""
 
     def __init__(self, address: str = "127.0.0.1:7531", *, token: str | None = None,
-                 timeout: float = 30.0, max_message: int = MAX_MESSAGE) -> None:
+                 timeout: float = 30.0, max_message: int = MAX_MESSAGE,
+                 handshake: float | None = None) -> None:
+        """``handshake``: seconds a new connection has to connect and answer its first
+        call (auth, else a ping), the client's ``timeout`` holding for the calls after."""
         host, port = parse_address(address, "MASTER_ADDRESS")
         self.address = address
-        self.rpc = Client(host, port, timeout=timeout, token=token, max_message=max_message)
+        self.rpc = Client(host, port, timeout=timeout, token=token, max_message=max_message,
+                          handshake=handshake)
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> MasterClient:
+    def from_settings(cls, settings: Settings, **options: Any) -> MasterClient:
         return cls(settings.MASTER_ADDRESS, token=settings.RPC_TOKEN,
-                   max_message=settings.RPC_MAX_MESSAGE)
+                   max_message=settings.RPC_MAX_MESSAGE, **options)
 
     def call(self, method: str, *params: Any) -> Any:
         return self.rpc.call(method, *params)
@@ -121,6 +125,10 @@ class MasterClient:
         if timeout is not None and self.rpc.timeout is not None:
             timeout = min(timeout, self.rpc.timeout)
         return self.rpc.call("get_job", job_id, timeout=timeout)
+
+    def job_kind(self, job_id: str) -> dict | None:
+        """A job's kind and status, not its result or runs (docs/PROTOCOL.md)."""
+        return self.call("job_kind", job_id)
 
     def remove_job(self, job_id: str) -> bool:
         return self.call("remove_job", job_id)

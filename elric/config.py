@@ -282,6 +282,11 @@ def load_settings(path: str | None = None, env: dict | None = None,
     if source is None and os.path.exists("settings.py"):
         source = "settings.py"
     if source is not None:
+        if os.path.isdir(source):   # a project's folder: the settings.py in it
+            if not os.path.isfile(os.path.join(source, "settings.py")):
+                raise SettingsError(f"settings folder {source!r} holds no settings.py: give "
+                                    "the settings file's path, or a folder that holds one")
+            source = os.path.join(source, "settings.py")
         if not os.path.isfile(source):
             raise SettingsError(f"settings file {source!r} does not exist")
         try:

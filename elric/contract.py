@@ -43,7 +43,7 @@ STATUSES = tuple(Status)
 METHODS = (
     "ping", "auth", "health", "submit_job", "submit_jobs", "get_job", "remove_job",
     "cancel_job", "list_jobs", "stats", "rerun_job", "pause_job", "resume_job", "modify_job",
-    "control_worker", "run_job", "bulk_jobs",
+    "control_worker", "run_job", "bulk_jobs", "job_kind",
 )
 WORKER_ACTIONS = ("pause", "resume", "stop", "set")   # control_worker's actions
 MAX_CONCURRENCY = 1024   # pool processes a worker may have (CONCURRENCY, control_worker)

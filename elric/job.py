@@ -70,7 +70,8 @@ class Job:
         cancelled; cancel_job raises ``JobCancelled`` (a BaseException) in a sync run and
         cancels an async one. Clean up in ``finally``; one that ignores these for 5 s
         loses its process. An exception with a ``retry_after`` attribute (seconds) waits
-        at least that long for its retry, up to RETRY_BACKOFF_MAX."""
+        at least that long for its retry, up to RETRY_BACKOFF_MAX, and so do the other jobs
+        of its limit key (a server's Retry-After is for all its pages)."""
         raise NotImplementedError(f"{type(self).__name__}.run is not implemented")
 
     @classmethod

@@ -64,6 +64,8 @@ Per-key limits (a job's ``limit_key``: e.g. a crawled host)
     ``{p}:limit:running:{key}``     set    ids of the jobs of that key claimed by workers.
     ``{p}:limit:next:{key}``        string earliest time (ms, Redis clock) the key's next
                                            job may start; expires then.
+    ``{p}:limit:hold:{key}``        string the same, set by a failed run whose server asked
+                                           to wait (Retry-After), whatever the key's rule.
     ``{p}:limit:parked:{key}``      zset   that key's queued jobs that met its limit, moved
                                            out of their queue so jobs of other keys pass
                                            (score and member as in the queue).
@@ -172,6 +174,7 @@ class Keys:
     # per-key limits
     limit_running = _family("limit:running:{}")
     limit_next = _family("limit:next:{}")
+    limit_hold = _family("limit:hold:{}")
     limit_parked = _family("limit:parked:{}")
     # workers
     worker = _family("worker:{}")

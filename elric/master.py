@@ -50,7 +50,7 @@ MAX_SCAN = 100_000   # jobs list_jobs looks at, at most, to fill a page
 MAX_RUN_WAIT = 20.0  # seconds run_job may wait for its fire: well inside a client's timeout
 
 
-# RPC handlers that only read (job_kind: the dashboard's)
+# RPC handlers that only read
 _READS = ("ping", "health", "get_job", "list_jobs", "stats", "job_kind")
 
 
@@ -315,9 +315,9 @@ class Master:
 
     @_rpc
     async def job_kind(self, job_id) -> dict | None:
-        """What the dashboard's actions check before acting, read alone (get_job reads a
-        job's result, a periodic job's runs): ``{"periodic": False, "status"}``, ``{"periodic":
-        True, "status", "paused"}``, or None when there is no such job. Not an RPC method."""
+        """What the dashboard's actions and the CLI's check before acting, read alone
+        (get_job reads a job's result, a periodic job's runs): ``{"periodic": False,
+        "status"}``, ``{"periodic": True, "status", "paused"}``, or None: no such job."""
         [hold] = await self.queue.get_holds([_id(job_id)])
         if hold is not None:   # as get_job: a one-off job before a periodic one
             return {"periodic": False, "status": hold.status}
@@ -476,10 +476,10 @@ class Master:
         return dataclasses.asdict(step)
 
     @_rpc
-    async def stats(self, *, all_funcs: bool = False) -> dict:
-        """``all_funcs`` (not for the RPC, whose reply stays bounded): /metrics's, every
-        func's row."""
-        stats = await self.queue.stats(all_funcs=all_funcs)
+    async def stats(self, *, for_metrics: bool = False) -> dict:
+        """``for_metrics`` (not for the RPC, whose reply stays bounded): /metrics's reading,
+        every func's row and no batch or minute (it shows neither)."""
+        stats = await self.queue.stats(for_metrics=for_metrics)
         stats["by_status"][Status.SCHEDULED] = await self.store.count()
         filters = {}
         for f in self.filters.values():

@@ -112,6 +112,7 @@ class Outcome:
     retry_ms: int = -1
     cancelled: bool = False   # stopped because cancel_job asked: recorded cancelled
     member: str = ""   # the job's run (Claim.member): a lost run of an earlier one is stale
+    hold_ms: int = 0   # its limit key's other jobs wait this long (a server's Retry-After)
 
 
 @dataclass(slots=True)
@@ -307,8 +308,8 @@ class RedisQueue:
         keys = [k.inflight, k.status(Status.RUNNING), k.limits, k.limits_due, k.limits_parked,
                 k.counters]
         args = [*self._line, k.limit_running(""), k.limit_next(""), k.limit_parked(""),
-                int(lease_seconds * 1000), worker_id, limit, limit if start is None else start,
-                len(ended) // 3, *ended, *queues]
+                k.limit_hold(""), int(lease_seconds * 1000), worker_id, limit,
+                limit if start is None else start, len(ended) // 3, *ended, *queues]
         if wake_on is None:
             reply = await self._fetch(keys=keys, args=args)
         else:   # the script was loaded by this worker's first fetch, which never waits
@@ -336,12 +337,12 @@ class RedisQueue:
         argv: list[Any] = [k.job(""), k.batch(""), k.dedupe_set(""), self.result_ttl,
                            self.failed_ttl, k.limit_running(""), k.wake(""), k.round(""),
                            k.func(""), k.minute(""), jobstats.MINUTE_TTL, worker_id,
-                           k.limit_parked(""), self.error_max]
+                           k.limit_parked(""), self.error_max, k.limit_hold("")]
         for o in outcomes:
             argv += [o.job_id, o.attempt,
                      "ok" if o.ok else "cancel" if o.cancelled else "err", o.payload,
                      int(o.duration_ms), jobstats.bucket(o.duration_ms), int(o.retry_ms),
-                     o.member]
+                     o.member, int(o.hold_ms)]
         keys = [k.inflight, k.status(Status.RUNNING), k.status(Status.SUCCEEDED),
                 k.status(Status.FAILED), k.delayed, k.counters, k.status(Status.RETRYING),
                 k.limits_due, k.status(Status.CANCELLED), k.queues]
@@ -589,23 +590,24 @@ class RedisQueue:
                         await self.redis.zrem(index, *gone)
         return out[offset:offset + limit]
 
-    async def stats(self, *, all_funcs: bool = False) -> dict:
-        """``all_funcs``: every func's row, not the STATS_ROWS last active (/metrics: a
-        counter must not leave a scrape and come back)."""
+    async def stats(self, *, for_metrics: bool = False) -> dict:
+        """``for_metrics``: every func's row, not the STATS_ROWS last active (a counter must
+        not leave a scrape and come back), and no batch or minute row (/metrics shows none)."""
         k = self.keys
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.smembers(k.queues)
-            pipe.smembers(k.batches)
             pipe.smembers(k.funcs)
             pipe.time()
-            *names, (seconds, micros) = await pipe.execute()
-        queues, every_batch, every_func = ([_s(x) for x in group] for group in names)
-        queues = sorted(queues)
+            if not for_metrics:
+                pipe.smembers(k.batches)
+            queues, every_func, (seconds, micros), *every_batch = await pipe.execute()
+        queues, every_func = sorted(map(_s, queues)), [_s(f) for f in every_func]
+        every_batch = [_s(b) for group in every_batch for b in group]
         batches = await self._latest(every_batch, k.batch)
-        funcs = sorted(every_func) if all_funcs else await self._latest(every_func, k.func)
+        funcs = sorted(every_func) if for_metrics else await self._latest(every_func, k.func)
         now = seconds + micros / 1e6   # Redis's clock, as the scripts'
         last = int(now // 60)
-        minutes = range(last - jobstats.THROUGHPUT_MINUTES + 1, last + 1)
+        minutes = () if for_metrics else range(last - jobstats.THROUGHPUT_MINUTES + 1, last + 1)
         # one snapshot (MULTI): the running jobs split per func and batch are the ones the
         # counts call running, however many start or end meanwhile
         async with self.redis.pipeline(transaction=True) as pipe:

@@ -621,9 +621,10 @@ class Client(_Caller):
     afresh in a forked child (the parent's socket and lock are not the child's)."""
 
     def __init__(self, host: str, port: int, *, timeout: float | None = 10.0,
-                 token: str | None = None, max_message: int = MAX_MESSAGE):
+                 token: str | None = None, max_message: int = MAX_MESSAGE,
+                 handshake: float | None = None):
         super().__init__(host, port, timeout, max_message)
-        self._token = token
+        self._token, self.handshake = token, handshake
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
         self._decoder: _Decoder | None = None
@@ -677,17 +678,26 @@ class Client(_Caller):
             except OSError:
                 pass
             self._drop()
+        limit = self.handshake or self.timeout
         try:
-            self._sock = socket.create_connection((self.host, self.port), self.timeout)
+            self._sock = socket.create_connection((self.host, self.port), limit)
         except OSError as exc:
             raise _unreachable(self.host, self.port, exc) from None
         self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._decoder, self._heard = _Decoder(self._max_message), False
-        if self._token is not None:
+        if self._token is not None or self.handshake:
+            # with a handshake, a first answer within it tells a master from a peer that
+            # accepts and never answers (Redis waits for a line end) before a long call
             try:
-                [answer] = self._pipeline("auth", [(self._token,)], 1, self.timeout)
+                [answer] = self._pipeline(*(("auth", [(self._token,)]) if self._token
+                                            is not None else ("ping", [()])), 1, limit)
                 if isinstance(answer, RemoteError):
                     raise answer
+            except RPCConnectionError as exc:
+                self._drop()
+                if not self.handshake:
+                    raise
+                raise RPCUnreachableError(str(exc)) from None   # the call itself was not sent
             except BaseException:
                 self._drop()   # a connection that did not authenticate is never used
                 raise

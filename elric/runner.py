@@ -94,9 +94,10 @@ class Ran:
         self.ok, self.children, self.payload = False, [], why
 
     @classmethod
-    def failure(cls, job_id: str, attempt: int, why: str, is_async: bool = False) -> "Ran":
-        now = time.monotonic()
-        return cls(job_id, attempt, False, why, [], now, now, is_async=is_async)
+    def failure(cls, run: tuple[str, int, str], why: str, is_async: bool = False) -> "Ran":
+        """``run`` (Claim.run, Ran.key) failed, now."""
+        (job_id, attempt, member), now = run, time.monotonic()
+        return cls(job_id, attempt, False, why, [], now, now, is_async=is_async, member=member)
 
 
 @dataclass(slots=True)
@@ -231,9 +232,10 @@ class _Runner:
             (lambda: root.level, root.setLevel), (lambda: root.manager.disable, logging.disable),
             (lambda: list(root.handlers), lambda value: setattr(root, "handlers", list(value))))]
         # and its warnings filters (simplefilter("error") raised the next jobs' warnings):
-        # compared as a copy, since a filter is added in place
-        self.settings.append((lambda: warnings.filters, _set_warning_filters,
-                              list(warnings.filters)))
+        # compared as a copy, since a filter is added in place; and who shows and formats
+        # them, with logging's record of it (else captureWarnings no-ops in the next jobs)
+        self.settings += [(lambda: warnings.filters, _set_warning_filters, list(warnings.filters)),
+                          (_warning_hooks, _set_warning_hooks, _warning_hooks())]
         self.last_tick = time.monotonic()
         self.sync_loop: asyncio.AbstractEventLoop | None = None   # get_event_loop's in sync jobs
         self.sync_tasks: list[asyncio.Task] = []   # made on it by the sync job running
@@ -298,9 +300,9 @@ class _Runner:
     def _drop_waiting(self, cancels: set[tuple[str, int]]) -> list[Ran]:
         """Under inbox_lock: take the asked-for jobs that wait to start out of the inbox and
         the sync queue; their requests are answered. Returns their outcomes."""
-        dropped = [cancelled_before_start(*_key(i), is_async=self.kinds.get(i["func"], False))
+        dropped = [cancelled_before_start(_key(i), is_async=self.kinds.get(i["func"], False))
                    for i in self.inbox if _key(i) in cancels]
-        dropped += [cancelled_before_start(*job.out.key) for job in self.sync_jobs
+        dropped += [cancelled_before_start(job.out.key) for job in self.sync_jobs
                     if job.out.key in cancels]
         self.inbox = [i for i in self.inbox if _key(i) not in cancels]
         self.sync_jobs = deque(job for job in self.sync_jobs if job.out.key not in cancels)
@@ -523,7 +525,7 @@ class _Runner:
         out = self.tasks.pop(task)
         if task.cancelled():   # cancelled before its first step: _run_async never ran
             self._asked(out)
-            self._report(cancelled_before_start(*out.key, is_async=True))
+            self._report(cancelled_before_start(out.key, True))
 
     def _asked(self, out: Ran) -> bool:
         """Whether cancel_job asked to stop this attempt; the request is answered now."""
@@ -669,6 +671,14 @@ def _set_warning_filters(filters: list) -> None:
     warnings._filters_mutated()   # (as catch_warnings does: drops the cached decisions)
 
 
+def _warning_hooks() -> tuple:
+    return warnings.showwarning, warnings.formatwarning, logging._warnings_showwarning
+
+
+def _set_warning_hooks(hooks: tuple) -> None:
+    warnings.showwarning, warnings.formatwarning, logging._warnings_showwarning = hooks
+
+
 def _succeeded(out: Ran, result, ctx) -> None:
     if inspect.iscoroutine(result):   # its code never ran: say why, not "not msgpack"
         result.close()   # (and no "never awaited" warning)
@@ -684,12 +694,9 @@ def _succeeded(out: Ran, result, ctx) -> None:
     out.ok, out.children = True, ctx.children
 
 
-def cancelled_before_start(job_id: str, attempt: int, member: str = "",
-                           is_async: bool = False) -> Ran:
+def cancelled_before_start(run: tuple[str, int, str], is_async: bool = False) -> Ran:
     """The outcome of a job cancel_job stopped before it started (here or in the worker)."""
-    out = Ran.failure(job_id, attempt, CANCELLED + " before it started", is_async)
-    out.member = member
-    return out
+    return Ran.failure(run, CANCELLED + " before it started", is_async)
 
 
 def _failed(out: Ran, exc: BaseException) -> Ran:

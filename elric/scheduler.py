@@ -195,8 +195,13 @@ class Scheduler:
             self.log.debug("scheduler pass %d at %s", self.passes, iso(now))
             args = [repr(now * 1000.0), self.batch_size, self.keys.schedule(""), self.keys.job(""),
                     self.keys.round(""), *FIRE_FIELDS]
-            reply = await self._due_s(keys=[self.keys.schedules, self.keys.fires_pending],
-                                      args=args)
+            try:
+                reply = await self._due_s(keys=[self.keys.schedules, self.keys.fires_pending],
+                                          args=args)
+            except ResponseError as exc:   # (its reads of one job's keys are guarded)
+                if "WRONGTYPE" not in str(exc) or not await self._reindex():
+                    raise
+                continue
             if len(reply) == 1:  # nothing due: the reply is the head score
                 return total, _score(reply[0])
             rows = [reply[i:i + 3] for i in range(1, len(reply), 3)]
@@ -386,6 +391,38 @@ class Scheduler:
             self._warned.clear()
         self._warned[key] = now
         self.log.warning(message + ". Logged once an hour per job", *args)
+
+    async def _reindex(self) -> bool:
+        """Rebuild the schedules index, of another type (an operator's write), from the
+        periodic jobs' hashes, which hold all it does; False if its type is right. Else no
+        periodic job would fire again, nor could one be added."""
+        kind = (await self.redis.type(self.keys.schedules)).decode()
+        if kind in ("zset", "none"):
+            return False
+        await self.redis.delete(self.keys.schedules)
+        prefix, cursor, n = self.keys.schedule(""), None, 0
+        match = "".join("\\" + c if c in "*?[]\\" else c for c in prefix) + "*"
+        while cursor != 0:
+            cursor, found = await self.redis.scan(cursor or 0, match=match,
+                                                  count=self.batch_size, _type="hash")
+            pipe = self.redis.pipeline(transaction=False)
+            for key in found:
+                pipe.hmget(key, "paused", "next_run_time")
+            index = {}
+            for key, row in zip(found, await pipe.execute(raise_on_error=False)):
+                if not isinstance(row, list) or not row[1]:   # gone, or finished
+                    continue
+                try:
+                    score = math.inf if row[0] == b"1" else _fire_time(row[1]) * 1000.0
+                except ValueError:   # no date: due now, where the pass names it
+                    score = 0.0
+                index[key[len(prefix.encode()):]] = score
+            if index:   # NX: a job the store wrote since has its score already
+                n += await self.redis.zadd(self.keys.schedules, index, nx=True)
+        self.log.error("scheduler: %s was overwritten with a %s (elric keeps a zset there: "
+                       "find what wrote it); deleted it and rebuilt it from the %d periodic "
+                       "jobs' hashes", self.keys.schedules, kind, n)
+        return True
 
     async def _queue_pending(self) -> int:
         """Queue the fires marked by a leader that died or failed before queueing them."""

@@ -538,7 +538,7 @@ class Worker:
                 self.buffer.appendleft(claim)   # first in line of what it holds
                 self._changed.set()
                 return
-            ran = runner.cancelled_before_start(*claim.run)
+            ran = runner.cancelled_before_start(claim.run)
         if ran is not None:
             if claim.limit_key is not None:   # its slot frees at the next fetch
                 self.ended.append(claim.run)
@@ -558,7 +558,7 @@ class Worker:
                     runner.past_timeout(claim.timeout) + " and its process was killed"
             else:
                 why = "the job's process died (os._exit, a signal or a crash in native code)"
-            ran = runner.Ran.failure(claim.job_id, claim.attempt, why)
+            ran = runner.Ran.failure(claim.run, why)
             # it ran until then (past its timeout, say): its record's duration says so
             ran.started_at = exc.sent_at.get(claim.job_id, ran.started_at)
             return ran
@@ -624,9 +624,11 @@ class Worker:
             if not o.ok and not o.final and o.attempt <= claim.max_retries:
                 retry_ms = self._backoff_ms(o.attempt, o.retry_after)
             cancelled = not o.ok and claim.cancelling
+            # a server that asked to wait (Retry-After) holds back its key's jobs (its host's)
+            hold_ms = int(min(o.retry_after, self.settings.RETRY_BACKOFF_MAX) * 1000)
             records.append(Outcome(o.job_id, o.attempt, o.ok, o.payload,
                                    int((o.finished_at - o.started_at) * 1000), retry_ms,
-                                   cancelled, claim.member))
+                                   cancelled, claim.member, hold_ms))
         statuses = await self._retry_redis(self.queue.finish, self.worker_id, records,
                                            outage=self._outages["recording outcomes"])
         for (claim, _), record, status in zip(batch, records, statuses):
@@ -847,7 +849,7 @@ class Worker:
             claim.cancelling = True
             log.info("worker: job %s cancelled; stopping it", claim.job_id)
             for waiting in self._unbuffer(lambda c: c is claim):
-                self.finished.append((waiting, runner.cancelled_before_start(*waiting.run)))
+                self.finished.append((waiting, runner.cancelled_before_start(waiting.run)))
                 self._finished.set()
             self.pool.cancel(claim)
 

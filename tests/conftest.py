@@ -34,11 +34,12 @@ def redis_url(redis_server):
     return redis_server.url
 
 
-def outcome(claim, ok=True, payload=b"\xc0", attempt=None, retry_ms=-1, cancelled=False):
+def outcome(claim, ok=True, payload=b"\xc0", attempt=None, retry_ms=-1, cancelled=False,
+            hold_ms=0):
     """The Outcome a worker sends for ``claim``'s run (``Claim.run`` names it)."""
     from elric.queue import Outcome
     job_id, at, run = claim.run
-    return Outcome(job_id, attempt or at, ok, payload, 5, retry_ms, cancelled, run)
+    return Outcome(job_id, attempt or at, ok, payload, 5, retry_ms, cancelled, run, hold_ms)
 
 
 async def lost_run_and_next(q, r, again_by, lost_by="w1", holder="w1"):

@@ -481,18 +481,25 @@ class CommandUntilGate(Job):
 
 
 def warning_state(leave):
-    """What a job's warnings do: whether a UserWarning raises. With ``leave``, it first
-    turns warnings into errors and leaves them so, as a job that wants to catch every
-    deprecation (warnings.simplefilter("error")) may."""
+    """What a job's warnings do: whether a UserWarning raises, who shows and formats them,
+    and whether logging.captureWarnings takes them. With ``leave``, it first turns warnings
+    into errors, sends them to logging and formats them its own way, and leaves them so, as
+    a job that wants to catch every deprecation (warnings.simplefilter("error")) may."""
+    import logging
     import warnings
+    hooks = [warnings.showwarning.__qualname__, warnings.formatwarning.__qualname__]
     if leave:
         warnings.simplefilter("error")
+        logging.captureWarnings(True)
+        warnings.formatwarning = lambda *args, **kwargs: "a job's format\n"
     try:
         warnings.warn("a job's warning", UserWarning, stacklevel=1)
         raised = False
     except UserWarning:
         raised = True
-    return {"pid": os.getpid(), "raises": raised}
+    logging.captureWarnings(True)   # (a no-op if an earlier job's capture stayed in logging)
+    captures = warnings.showwarning.__module__ == "logging"
+    return {"pid": os.getpid(), "raises": raised, "hooks": hooks, "captures": captures}
 
 
 class WarningState(Job):

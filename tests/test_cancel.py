@@ -347,7 +347,7 @@ def test_a_cancel_reply_that_came_after_the_job_ended_does_not_touch_its_rerun(r
             reply.set()
             await until(lambda: len(sent) > 1, "the late reply read")
             again = await rerun()   # its failure is a failure
-            await w._record([(again, Ran.failure("x", again.attempt, "boom"))])
+            await w._record([(again, Ran.failure(again.run, "boom"))])
             assert await w.redis.hget(w.keys.job("x"), "status") == b"failed"
             running.append(await rerun())   # and a cancel stops it
             told = len(stopped)

@@ -138,6 +138,30 @@ def test_schedules_remove_of_a_one_off_job_refuses_it_and_names_delete(cluster):
     assert cluster.client.get_job("plain")["status"] == "queued"
 
 
+def test_delete_and_schedule_actions_read_a_jobs_kind_not_the_whole_job(cluster):
+    """`elric delete ID` and `elric schedules pause|resume|remove ID` read the whole job
+    (get_job: its arguments, result, runs) only to tell its kind: a job over the CLI's
+    RPC_MAX_MESSAGE could not be deleted. They read job_kind, as the dashboard's do."""
+    big = "x" * 200_000
+    cluster.client.submit_job(Echo.spec([big], job_id="plain", queue="nobody"))
+    cluster.client.submit_job(Echo.spec([big], job_id="tick", trigger=every(hours=1)))
+    small = {**cluster.env, "ELRIC_RPC_MAX_MESSAGE": "65536"}   # get_job of either: over it
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "elric", *args], cwd=ROOT, env=small,
+                              capture_output=True, text=True, timeout=60,
+                              stdin=subprocess.DEVNULL)
+    one_line_error(cli("delete", "tick"), 1, "job 'tick' is periodic: elric schedules")
+    one_line_error(cli("schedules", "pause", "plain"), 1, "job 'plain' is not periodic")
+    for args, said in ((("schedules", "pause", "tick"), "periodic job tick: paused"),
+                       (("schedules", "resume", "tick"), "periodic job tick: resumed"),
+                       (("schedules", "remove", "tick"), "periodic job tick: removed"),
+                       (("delete", "plain"), "job plain: removed")):
+        done = cli(*args)
+        assert (done.returncode, done.stdout) == (0, said + "\n"), (args, done.stderr)
+    assert cluster.client.get_job("plain") is None and cluster.client.get_job("tick") is None
+
+
 def test_jobs_status_scheduled_shows_the_schedules(cluster):
     """`elric jobs --status scheduled` drew the periodic jobs in the one-off jobs' table:
     an empty status, no trigger, no next run, nothing saying which is paused."""
@@ -297,6 +321,24 @@ def test_a_wait_with_a_timeout_is_not_held_past_it_by_a_master_that_never_answer
         with MasterClient(f"127.0.0.1:{silent.getsockname()[1]}", timeout=0.5) as client:
             with pytest.raises(TimeoutError, match="get_job within 0.5s"):
                 wait(client, "any", timeout=60)
+
+
+def test_an_address_where_no_master_answers_is_told_in_seconds_not_after_30(redis_url):
+    """`elric` pointed at a peer that accepts and never answers (Redis waits for a line
+    end, or a server that says nothing) waited its call's 30 s before the hint; a submit
+    then sent again until its 30 s were up."""
+    import socket
+    from urllib.parse import urlparse
+
+    hint = "nothing has answered on this connection: is MASTER_ADDRESS an elric master's"
+    with socket.create_server(("127.0.0.1", 0)) as silent:   # connects, never answers
+        for port, args in ((silent.getsockname()[1], ["jobs"]),
+                           (urlparse(redis_url).port, ["submit", "tests.jobs:Echo"])):
+            # well below the call's 30 s: a CLI still waiting for it fails the test
+            one_line_error(subprocess.run(
+                [sys.executable, "-m", "elric", *args, "--master", f"127.0.0.1:{port}"],
+                cwd=ROOT, capture_output=True, text=True, timeout=20,
+                stdin=subprocess.DEVNULL), 3, hint)
 
 
 def test_a_child_handle_asks_no_master_about_a_job_not_sent_yet():

@@ -714,6 +714,19 @@ def test_where_a_redirect_leads_is_a_page_job_of_its_own(children, job_class):
         assert "/new/" not in site.hits
 
 
+@pytest.mark.parametrize("job_class", [Crawl, CrawlSync], ids=["async", "sync"])
+def test_a_redirect_without_a_location_is_an_answer_with_no_links(children, job_class):
+    """A 3xx that says nowhere to go is a final answer, as Scrapy takes it: the sync crawler
+    read none of it, the async one followed the links of its body."""
+    head, body = {"Content-Type": "text/html"}, b'<html><body><a href="/a">a</a></body></html>'
+    routes = {"/moved": (302, head, body), "/choose": (300, {**head, "Location": "/a"}, body)}
+    with Site(routes) as site:
+        for path, status in ("/moved", 302), ("/choose", 300):
+            assert run_page(job_class, site.url + path) == {
+                "url": site.url + path, "status": status, "links": 0, "bytes": 0}, path
+    assert not children
+
+
 def test_a_page_has_one_spelling_whatever_its_escapes_and_the_sync_crawler_fetches_it(
         children):
     """/café, /caf%c3%a9 and /caf%C3%A9 were three pages to fetch (one a page the sync
@@ -889,6 +902,25 @@ def test_robots_txt_crawl_delay_is_read_from_the_crawlers_groups():
              "Crawl-delay: nan", "Disallow:"]
     assert Robots(lines, "e").delay == 0.5
     assert Robots(["User-agent: *", "Crawl-delay: 1e9"], "e").delay == 86_400
+
+
+@pytest.mark.parametrize("job_class", [Crawl, CrawlSync], ids=["async", "sync"])
+def test_a_429s_retry_after_holds_back_the_other_pages_of_its_host(cluster, job_class):
+    """A 429's Retry-After delayed that page's retry only: the host's other pages went on
+    at full rate while it asked to slow down. Now they wait as long; other hosts do not
+    (localhost is no 127.0.0.1)."""
+    cluster.start_worker("--queues", "crawl", "--concurrency", "2")
+    page = (200, {"Content-Type": "text/html"}, b"<html>")
+    with Site({"/busy": (429, {"Retry-After": "60"}, b""), "/a": page, "/b": page}) as site:
+        elsewhere = site.url.replace("127.0.0.1", "localhost")
+        submit = cluster.client.submit_job
+        submit(job_class.spec([site.url + "/busy"], job_id="busy"))
+        cluster.wait_job("busy", statuses=("retrying",))
+        submit(job_class.spec([site.url + "/a"], job_id="held"))
+        submit(job_class.spec([elsewhere + "/b"], job_id="elsewhere"))
+        assert cluster.wait_job("elsewhere")["status"] == "succeeded", cluster.logs()
+        assert cluster.client.get_job("held")["status"] == "queued"
+        assert "/a" not in site.hits
 
 
 @pytest.mark.parametrize("limits, least", [(None, 1.0), ({"*": {"concurrency": 8, "rate": 50}}, 1.0),

@@ -705,6 +705,32 @@ def test_metrics_count_every_func_not_only_the_latest_that_stats_holds(make_clus
             in text
 
 
+def test_a_scrape_reads_no_batch_or_minute_it_does_not_show(make_cluster, redis_url):
+    """/metrics read stats() whole: the batch labels and their rows, and an hour of minute
+    rows, on every scrape, for no metric."""
+    import redis
+
+    from elric.dashboard.metrics import render
+
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}")
+    cluster.start_master()
+    cluster.client.submit_job(Echo.spec(job_id="j", queue="nobody", batch="b1"))
+    with redis.Redis.from_url(redis_url, socket_timeout=10) as r, r.monitor() as monitor:
+        text = get(f"http://127.0.0.1:{port}/metrics")[1]
+        r.echo("scraped")   # (another connection of the pool): the scrape's commands end
+        seen = []
+        while "scraped" not in (seen or [""])[-1]:
+            c = monitor.next_command()
+            if c["client_type"] != "lua" and not c["command"].upper().startswith("EVAL"):
+                seen.append(c["command"])   # (housekeeping's scripts name batches too)
+    assert any(c.lower() == "smembers elric:funcs" for c in seen), seen   # it was watched
+    assert [c for c in seen if re.search(r"elric:(batches|stats:(batch|minute):)", c)] == []
+    # what it shows is as before: stats() rendered (while it holds every func)
+    assert 'elric_queue_depth{queue="nobody"} 1.0' in text
+    assert text == render(cluster.client.stats()).decode()
+
+
 def test_a_worker_field_that_is_no_number_is_shown_not_a_broken_page(make_cluster, redis_url):
     import time
 

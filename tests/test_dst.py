@@ -187,14 +187,14 @@ def test_real_master_every_minute_across_the_2027_autumn_change(tmp_path, monkey
         # hour (waiting for it to fire would take another real minute of this test)
         following = dst.cluster.client.get_job("tick")["next_run_time"]
         assert datetime.fromtimestamp(following, BERLIN).strftime("%H:%M%z") == "02:01+0100"
-        # scheduler wake-ups from 02:59 CEST to 20 s into the repeated hour, against an
-        # ordinary day (main's master spun through the repeated hour)
-        until = last + 20
+        # scheduler wake-ups from 02:59 CEST to 10 s into the repeated hour, against an
+        # ordinary day (main's master spun through the repeated hour: any 10 s of it show it)
+        until = last + 10
         wait_for(lambda: dst.now() > until + 1 and plain.now() > until - week + 1, timeout=60,
-                 what="20 s into the repeated hour")
+                 what="10 s into the repeated hour")
         dst_passes = dst.passes(first, until)
         plain_passes = plain.passes(first - week, until - week)
-        print(f"passes 02:59 CEST-02:00:20 CET: {dst_passes}; ordinary day: {plain_passes}")
+        print(f"passes 02:59 CEST-02:00:10 CET: {dst_passes}; ordinary day: {plain_passes}")
         assert 0 < dst_passes <= plain_passes + 3, (dst_passes, plain_passes)
         # and no spinning master (main's spun at 55-80 % CPU)
         cpu = [sum(psutil.Process(c.master.pid).cpu_times()[:2]) for c in (dst, plain)]

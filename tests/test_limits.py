@@ -18,7 +18,7 @@ from elric.config import SettingsError, load_settings
 from elric.contract import SpecError, normalize_spec
 from elric.keys import Keys
 from elric.queue import RedisQueue
-from tests.conftest import outcome, wait_for
+from tests.conftest import outcome, redis_clock_past, wait_for
 from tests.jobs_async import AsyncHostPage
 from tests.test_async_jobs import most_at_once
 
@@ -368,6 +368,43 @@ def test_an_idle_workers_fetch_claims_a_job_the_moment_it_is_queued(redis_url):
         finally:
             await _close(w)
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("rules", [{}, {"*": {"interval": 0.05}}, {"*": {"concurrency": 8}}],
+                         ids=["no-rule", "short-interval", "concurrency"])
+def test_a_failed_runs_retry_after_holds_back_every_job_of_its_key(redis_url, rules):
+    """A 429's Retry-After delayed that page's retry only: the host's other pages went on
+    at full rate while it asked to slow down. Now the failed run holds its key's jobs back
+    that long, whatever the key's rule (a shorter interval does not cut it short), and
+    jobs of other keys pass; when the hold ends, the key's parked jobs start."""
+    keys = Keys("elrictest")
+
+    async def body():
+        r = aredis.Redis.from_url(redis_url)
+        try:
+            q = RedisQueue(r, keys)
+            await limits.publish(r, keys, limits.parse_rules(rules))
+            await q.enqueue([normalize_spec({"func": "tests.jobs:Echo", "limit_key": key,
+                                             "job_id": key + n, "max_retries": 1})
+                             for n in "12" for key in ("host", "short")] +
+                            [normalize_spec({"func": "tests.jobs:Echo", "limit_key": "other",
+                                             "job_id": "other"})])
+            claims = (await q.fetch("w", ["default"], 2, 30)).claims
+            assert [c.job_id for c in claims] == ["host1", "short1"]
+            assert await q.finish("w", [outcome(c, False, "HTTP 429", retry_ms=60_000,
+                                                 hold_ms=hold)
+                                        for c, hold in zip(claims, (60_000, 300))]) \
+                == ["retrying", "retrying"]
+            assert [c.job_id for c in (await q.fetch("w", ["default"], 10, 30)).claims] \
+                == ["other"]   # host2 and short2 wait
+            assert 59_000 < await r.pttl(keys.limit_hold("host")) <= 60_000
+            await redis_clock_past(r, int(await r.get(keys.limit_hold("short"))) / 1000)
+            assert [c.job_id for c in (await q.fetch("w", ["default"], 10, 30)).claims] \
+                == ["short2"]
+        finally:
+            await r.aclose()
+
+    asyncio.run(body())
 
 
 def test_jobs_running_before_their_key_got_a_limit_count_against_it(redis_url):

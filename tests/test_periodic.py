@@ -591,3 +591,26 @@ def test_a_one_off_job_cannot_take_a_key_in_a_fires_scope(cluster):
     child = Echo.spec(job_id="child", dedupe_key="K2", dedupe_scope=fid, round=fid,
                       parent=fid)
     assert c.submit_job(child)["status"] == "queued"
+
+
+def test_a_one_off_job_cannot_join_a_fires_round(cluster):
+    """max_instances counts a fire's round while any job of it is live: a one-off job
+    submitted with round 'tick@<time>Z' joined it, and held every later fire of that
+    schedule back for as long as it waited or ran. Only a job whose parent is of the round
+    (a fire's children, theirs) may name it; a round that is no fire id is counted by no
+    schedule, and goes as before."""
+    c = cluster.client   # no worker: the fire stays queued, its round live
+    at = aligned_start(1.0)
+    fid = f"tick@{iso_z(at)}"
+    c.submit_job(Echo.spec(job_id="tick", trigger={"type": "date", "run_date": at}))
+    wait_for(lambda: c.get_job(fid), what="the fire queued")
+    for parent in ({}, {"parent": "nobody"}, {"parent": "tick"}):
+        with pytest.raises(RemoteError) as err:
+            c.submit_jobs([Echo.spec(job_id="fine"), Echo.spec(job_id="sneaky", round=fid,
+                                                               **parent)])
+        assert err.value.code == "bad_request" and f"spec 1: round {fid!r}" in str(err.value)
+        assert c.get_job("sneaky") is None and c.get_job("fine") is None
+    assert c.submit_job(Echo.spec(job_id="child", round=fid, parent=fid))["status"] == "queued"
+    assert c.submit_job(Echo.spec(job_id="grandchild", round=fid,
+                                  parent="child"))["status"] == "queued"
+    assert c.submit_job(Echo.spec(job_id="mine", round="crawl-7"))["status"] == "queued"

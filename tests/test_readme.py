@@ -14,6 +14,7 @@ import sys
 
 from elric.redis_server import free_port
 from tests.conftest import ROOT, Cluster, wait_for
+from tests.procs import kill_group, run_group
 
 README = os.path.join(ROOT, "README.md")
 URL = "http://127.0.0.1:8000/"
@@ -61,7 +62,8 @@ def test_the_quick_start_crawls_a_site_and_schedules_it(redis_url, tmp_path):
             if a != "&"]
     with open(tmp_path / "site.log", "w") as site_log:
         site = subprocess.Popen([sys.executable, *argv], cwd=folder, stdout=site_log,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
     cluster = Cluster(redis_url, tmp_path, JOB_MODULES="")   # as the quick start: none set
     try:
         wait_for(lambda: _answers(port), what=f"the quick start's site: {serve}")
@@ -77,8 +79,7 @@ def test_the_quick_start_crawls_a_site_and_schedules_it(redis_url, tmp_path):
                 continue
             argv = [sys.executable] + [a.replace(URL, url)
                                        for a in shlex.split(line, comments=True)[1:]]
-            done = subprocess.run(argv, cwd=folder, env=cluster.env, timeout=60,
-                                  capture_output=True, text=True)
+            done = run_group(argv, timeout=60, cwd=folder, env=cluster.env)
             assert done.returncode == 0, done.stderr
         assert cluster.client.get_job("site")["status"] == "scheduled"
 
@@ -98,15 +99,13 @@ def test_the_quick_start_crawls_a_site_and_schedules_it(redis_url, tmp_path):
         [links] = [cluster.client.get_job(j["job_id"]) for j in jobs
                    if j["args"] == [url + "links.html"]]
         assert links["result"] == {"url": url + "links.html", "links": 3}, links
-        listed = subprocess.run([sys.executable, "-m", "elric", "jobs", "--status",
-                                 "succeeded", "--json"], cwd=folder, env=cluster.env,
-                                capture_output=True, text=True, timeout=60)
+        listed = run_group([sys.executable, "-m", "elric", "jobs", "--status", "succeeded",
+                            "--json"], timeout=60, cwd=folder, env=cluster.env)
         assert listed.returncode == 0, listed.stderr
         assert url + "jobs.py" in {j["args"][0] for j in json.loads(listed.stdout)}
     finally:
         cluster.close()
-        site.terminate()
-        site.wait(timeout=20)
+        kill_group(site)
 
 
 def _answers(port: int) -> bool:

@@ -1862,14 +1862,17 @@ def test_a_jobs_socket_timeout_recursion_limit_and_logging_are_not_left_to_the_n
 def test_a_jobs_warnings_filters_are_not_left_to_the_next_jobs(cluster, job_class):
     """A job's warnings.simplefilter("error") stayed for every later job of its pool
     process: a deprecation warning deep in a library failed those jobs, depending on which
-    jobs that process had run before."""
+    jobs that process had run before. So did its warnings.showwarning and formatwarning
+    (logging.captureWarnings(True) sent the next jobs' warnings to logging, and kept their
+    own captureWarnings from taking)."""
     worker = cluster.start_worker("--concurrency", "1")
     cluster.client.submit_job(job_class.spec([], job_id="before"))
     before = cluster.wait_job("before")["result"]
-    assert before["raises"] is False, before
+    assert before["raises"] is False and before["captures"] is True, before
     cluster.client.submit_job(job_class.spec([True], job_id="leaves"))
     leaves = cluster.wait_job("leaves")["result"]
     assert leaves["pid"] == before["pid"] and leaves["raises"] is True, leaves
+    assert leaves["hooks"] == before["hooks"] and leaves["captures"] is True, leaves
     cluster.client.submit_job(job_class.spec([], job_id="after"))
     after = cluster.wait_job("after")
     assert (after["status"], after["result"]) == ("succeeded", before), after

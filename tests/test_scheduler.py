@@ -629,6 +629,35 @@ def test_pending_fires_overwritten_with_another_type_lose_no_fire(redis_url, cap
     run(redis_url, body)
 
 
+def test_the_schedules_index_overwritten_with_another_type_is_rebuilt(redis_url, caplog):
+    """The schedules index SET to a string: every pass raised WRONGTYPE and no periodic
+    job fired any more. The index holds only what each job's hash holds (next run time,
+    paused): the leader rebuilds it from them, naming the key, and firing goes on, for a
+    job added meanwhile too (its hash was written before the index refused it)."""
+    from redis.exceptions import ResponseError
+
+    async def body(env):
+        for job_id in ("good", "paused"):
+            await env.store.add(spec(job_id))
+        await env.store.add(spec("once", {"type": "date", "run_date": T0 + 30}))
+        await env.store.pause("paused")
+        env.clock.t = T0 + 60
+        assert await env.sched.tick() == 2   # "once" fired: finished, not indexed
+        await env.r.delete(env.keys.schedules)
+        await env.r.set(env.keys.schedules, "overwritten")
+        with pytest.raises(ResponseError):
+            await env.store.add(spec("late"))   # first fire at T0 + 120
+        env.clock.t = T0 + 120
+        assert await env.sched.tick() == 2 and env.sched.is_leader
+        assert sorted(s["schedule"] for s in env.rec.specs[2:]) == ["good", "late"]
+        index = dict(await env.r.zrange(env.keys.schedules, 0, -1, withscores=True))
+        assert index == {b"good": (T0 + 180) * 1000, b"late": (T0 + 180) * 1000,
+                         b"paused": math.inf}
+        assert [r.levelname for r in caplog.records
+                if env.keys.schedules in r.getMessage()] == ["ERROR"]
+    run(redis_url, body)
+
+
 @pytest.mark.parametrize("bad", [b"\xc1", b"\x05"])  # not msgpack; not a map
 def test_a_job_spec_that_cannot_be_read_does_not_stall_the_others(redis_url, bad):
     """The spec was read only while the fires' arguments were built, outside the guard

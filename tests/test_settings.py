@@ -207,6 +207,11 @@ def test_a_bloom_capacity_over_a_snapshot_is_left_to_the_backends_without_one(no
     assert load_settings(env=env).BLOOM_CAPACITY == 300_000_000
 
 
+def test_settings_may_name_the_folder_that_holds_a_settings_py(tmp_path):
+    (tmp_path / "settings.py").write_text("CONCURRENCY = 3\n")
+    assert load_settings(str(tmp_path), env={}).CONCURRENCY == 3
+
+
 def test_overrides_are_checked_like_the_settings_file(no_settings_file):
     assert load_settings(env={}, overrides={"CONCURRENCY": 2}).CONCURRENCY == 2
     with pytest.raises(SettingsError, match="WORKER_CHUNK .* expected int"):
@@ -263,6 +268,11 @@ CASES = {
     "worker: nonexistent --settings": lambda d, r: (
         ["worker", "--settings", "/nonexistent/settings.py"], {},
         "settings file '/nonexistent/settings.py' does not exist"),
+    # a folder: "does not exist" of one that does, and no word of the settings.py it lacks
+    "jobs: --settings a folder with no settings.py": lambda d, r: (
+        ["jobs", "--settings", d["folder"]], {},
+        f"settings folder {d['folder']!r} holds no settings.py: give the settings file's "
+        "path, or a folder that holds one"),
     "master: MASTER_ADDRESS without a port": lambda d, r: (
         ["master"], {"MASTER_ADDRESS": "127.0.0.1"},
         "MASTER_ADDRESS: '127.0.0.1' is not host:port"),
@@ -288,7 +298,7 @@ def test_bad_settings_exit_2_with_one_clear_line(case, tmp_path, redis_url):
     (tmp_path / "bad.py").write_text("COLOUR = 'red'\n")
     (tmp_path / "lower.py").write_text("redis_url = 'redis://127.0.0.1:1/0'\n")
     where = {"bad.py": str(tmp_path / "bad.py"), "lower.py": str(tmp_path / "lower.py"), "dead_master": unused_address(),
-             "dead_redis": f"redis://127.0.0.1:{free_port()}/0"}
+             "dead_redis": f"redis://127.0.0.1:{free_port()}/0", "folder": str(tmp_path)}
     args, env, message = CASES[case](where, redis_url)
     proc = run_elric(args, tmp_path, **env)
     output = proc.stdout + proc.stderr

@@ -16,6 +16,7 @@ import pytest
 from elric.launch import elric_env, wait_for_master
 from elric.redis_server import free_port
 from tests.conftest import ROOT, wait_for
+from tests.procs import kill_group, run_group
 
 # Like `pip install -e .`: elric is found by a finder placed after sys.path's own, so any
 # folder named elric/ on sys.path, even an empty one, would win over it.
@@ -64,7 +65,8 @@ def test_a_folder_named_elric_in_the_current_directory_hides_nothing(redis_url, 
             names = ["greetings"] if role == "worker" else []   # its job module, named
             procs.append(subprocess.Popen([sys.executable, str(bin_dir / "elric"), role, *names],
                                           cwd=project, env=env, stdout=log,
-                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
+                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                          start_new_session=True))
             log.close()
             if role == "master":
                 wait_for_master(address)
@@ -78,9 +80,8 @@ def test_a_folder_named_elric_in_the_current_directory_hides_nothing(redis_url, 
         assert job["status"] == "succeeded", (job, logs)
         assert job["result"] == "hello you"
     finally:
-        for p in procs:
-            p.terminate()
-            p.wait(timeout=30)
+        for p in procs:   # (the group: a worker's pool processes, one that ignores SIGTERM)
+            kill_group(p)
 
 
 # --- a worker waits for Redis and its master ---------------------------------------------
@@ -160,9 +161,7 @@ def test_a_redis_older_than_6_2_is_refused_at_start_naming_it(role, redis_server
     env = elric_env(f"redis://127.0.0.1:{proxy.port}/0", f"127.0.0.1:{free_port()}",
                     JOB_MODULES="tests.jobs")
     try:
-        done = subprocess.run([sys.executable, "-m", "elric", role], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=60,
-                              stdin=subprocess.DEVNULL)
+        done = run_group([sys.executable, "-m", "elric", role], timeout=60, cwd=ROOT, env=env)
     finally:
         proxy.close()
     assert done.returncode == 2, done.stderr

@@ -229,7 +229,7 @@ class Dashboard:
     async def metrics(self, request: web.Request):
         # every func: one that left the scrape (stats() holds the latest) left gaps in its
         # graphs, and sums over funcs that fell and rose
-        body = metrics.render(await self.master.stats(all_funcs=True))
+        body = metrics.render(await self.master.stats(for_metrics=True))
         return web.Response(body=body, headers={"Content-Type": metrics.CONTENT_TYPE})
 
     # --- login and actions ------------------------------------------------------------

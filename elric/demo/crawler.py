@@ -16,14 +16,15 @@ and again once a day old), where a redirect leads too, since that page is a job 
 of its host's pages across all workers, where ``LIMITS`` gives less (e.g.
 ``{"example.com": {"interval": 10}}``): the links a page submits carry it as their
 ``limit_interval``. 5xx and 429 answers, timeouts and broken connections are retried with
-backoff (``max_retries``), no sooner than a Retry-After asks (up to RETRY_BACKOFF_MAX); a
-404 or other 4xx is a result, not an error, and its body is not read. A link marked
-``rel="nofollow"``, or any of a page whose robots ``<meta>`` or X-Robots-Tag header says
-nofollow, is not followed; a ``<meta http-equiv="refresh">`` URL, an image map's ``<area
-href>`` and a (i)frame's src (a page of the site) are links of its page. At most
-``max_bytes`` of a page are read, and nothing of what is not HTML. ``max_depth`` caps the
-links followed from a start page (on the path that found a page first; a redirect is
-none), for sites of no end (a calendar's "next month"); None, the default, caps nothing.
+backoff (``max_retries``), no sooner than a Retry-After asks (up to RETRY_BACKOFF_MAX; the
+host's other pages wait as long); a 4xx, or a 3xx that leads nowhere, is a result, not an
+error, and its body is not read. A link marked ``rel="nofollow"``, or any of a page whose
+robots ``<meta>`` or X-Robots-Tag header says nofollow, is not followed; a ``<meta
+http-equiv="refresh">`` URL, an image map's ``<area href>`` and a (i)frame's src (a page of
+the site) are links of its page. At most ``max_bytes`` of a page are read, and nothing of
+what is not HTML. ``max_depth`` caps the links followed from a start page (on the path that
+found a page first; a redirect is none), for sites of no end (a calendar's "next month");
+None, the default, caps nothing.
 ``max_redirects`` (20, as browsers and Scrapy) caps a chain of redirects in a row.
 """
 
@@ -44,9 +45,9 @@ except ImportError:  # pragma: no cover - depends on the install
                       "pip install '/path/to/elric[crawl]'") from None
 
 from elric import Job
-from elric.demo.crawler_sync import (CHUNK, MAX_REDIRECTS, REDIRECTS, ROBOTS_NAME, link_of,
-                                    no_answer, nofollow, normalize_url, page_charset, page_key,
-                                    refresh_url, requote, retry_after, sniffed_html)
+from elric.demo.crawler_sync import (CHUNK, MAX_REDIRECTS, REDIRECTS, ROBOTS_NAME, PageKeys,
+                                    link_of, no_answer, nofollow, normalize_url, page_charset,
+                                    refresh_url, requote, result_of, retry_after, sniffed_html)
 
 USER_AGENT = f"{ROBOTS_NAME}/0.1"
 HEADER_MAX_BYTES = 64 * 1024
@@ -292,7 +293,7 @@ def _parser(charset: str) -> lxml.html.HTMLParser | None:
     return parser
 
 
-class Crawl(Job):
+class Crawl(PageKeys, Job):
     queue = "crawl"
     max_retries = 3
     timeout = 60
@@ -320,15 +321,6 @@ class Crawl(Job):
             raise ValueError(f"{cls.__name__}.max_redirects must be a whole number of "
                              f"redirects, not {cls.max_redirects!r}")
 
-    @classmethod
-    def dedupe_key_for(cls, url: str, batch: str = "", depth: int = 0, redirects: int = 0) -> str:
-        return page_key(url)
-
-    @classmethod
-    def limit_key_for(cls, url: str, batch: str = "", depth: int = 0,
-                      redirects: int = 0) -> str:
-        return urlparse(normalize_url(url)).netloc   # the host as the crawl's links spell it
-
     async def run(self, url: str, batch: str = "", depth: int = 0, redirects: int = 0) -> dict:
         """Crawl page ``url``, ``depth`` links from its start page, reached by ``redirects``
         redirects in a row."""
@@ -346,9 +338,10 @@ class Crawl(Job):
                 if location is None:
                     # content_type is lower-case; none said: read, HTML if it starts as HTML
                     # (browsers sniff it)
-                    html = status < 400 and ("html" in response.content_type
+                    html = status < 300 and ("html" in response.content_type
                                              if response.headers.get("Content-Type") else None)
-                    # a PDF, an image, an error page: no links to follow, nothing to read
+                    # a PDF, an image, an error page, a 3xx to nowhere (final, as Scrapy
+                    # takes it): no links to follow, nothing to read
                     body, truncated = await _read(response, self.max_bytes) \
                         if html is not False else (b"", False)
                     if html is None:
@@ -358,19 +351,9 @@ class Crawl(Job):
                     tags = response.headers.getall("X-Robots-Tag", [])
         except TimeoutError:
             raise no_answer(url, self.request_timeout) from None
-        result = {"url": url, "status": status, "links": 0, "bytes": 0}
-        if redirects:
-            result["redirects"] = redirects
+        result, target = result_of(url, status, redirects, location, self.max_redirects)
         if location is not None:
-            # where it leads is a page job of its own: deduped with the links to that page
-            # (fetched once), its robots.txt rules asked, a loop ended by the dedupe filter
-            # and a chain of new URLs by max_redirects
-            result["redirect"] = target = link_of(url, location)
-            if target is None:
-                result["error"] = "a redirect to no web page"
-            elif redirects >= self.max_redirects:
-                result["error"] = f"over {self.max_redirects} redirects in a row"
-            elif target != url:   # no step deeper; from the start page, to any host
+            if target is not None:   # no step deeper; from the start page, to any host
                 result["links"] = await self._submit(
                     url, [(target, urlparse(target).netloc)], batch, depth, robots.delay,
                     anywhere=depth == 0, redirects=redirects + 1)
@@ -378,7 +361,7 @@ class Crawl(Job):
         result["bytes"] = len(body)
         if truncated:
             result["truncated"] = True
-        if status >= 400 or not html:
+        if not html:
             return result   # a 404 is an answer: nothing to retry, no links to follow
         if self.max_depth is not None and depth >= self.max_depth:
             result["max_depth"] = True   # its links are a step too far: not followed

@@ -234,6 +234,27 @@ MAX_REDIRECTS = 20   # in a row, as browsers (and Scrapy) follow at most
 CHUNK = 64 * 1024
 
 
+def result_of(url: str, status: int, redirects: int, location: str | None = None,
+              max_redirects: int = MAX_REDIRECTS) -> tuple[dict, str | None]:
+    """Page ``url``'s result, no links nor bytes yet, and where its redirect to ``location``
+    leads if it is to be followed: a page job of its own, deduped with the links to that
+    page (fetched once), a loop ended by the dedupe and a chain of new URLs by
+    ``max_redirects``."""
+    result = {"url": url, "status": status, "links": 0, "bytes": 0}
+    if redirects:
+        result["redirects"] = redirects
+    if location is None:
+        return result, None
+    result["redirect"] = target = link_of(url, location)
+    if target is None:
+        result["error"] = "a redirect to no web page"
+    elif redirects >= max_redirects:
+        result["error"] = f"over {max_redirects} redirects in a row"
+    elif target != url:
+        return result, target
+    return result, None
+
+
 def no_answer(url: str, timeout: float) -> TimeoutError:
     # urllib's and aiohttp's say "timed out" or nothing: the error recorded says what, how long
     return TimeoutError(f"{url}: no answer in {timeout} s")
@@ -263,14 +284,9 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
 _opener = urllib.request.build_opener(_NoRedirects)
 
 
-class CrawlSync(Job):
-    queue = "crawl"
-    max_retries = 2
-    timeout = 30
-    request_timeout = 10.0          # one HTTP request, its page read by then
-    max_bytes = 2 * 1024 * 1024     # read at most this much of a page
-    max_depth: int | None = None    # follow at most this many links from a start page
-    max_redirects = MAX_REDIRECTS   # follow at most this many redirects in a row
+class PageKeys:
+    """Both crawlers' page jobs' keys: a page's dedupe key is page_key's, its limit key its
+    host as the crawl's links spell it (politeness, setting LIMITS, is per host)."""
 
     @classmethod
     def dedupe_key_for(cls, url: str, batch: str = "", depth: int = 0, redirects: int = 0) -> str:
@@ -279,8 +295,17 @@ class CrawlSync(Job):
     @classmethod
     def limit_key_for(cls, url: str, batch: str = "", depth: int = 0,
                       redirects: int = 0) -> str:
-        # politeness (setting LIMITS) is per host, as the crawl's links spell it
         return urlparse(normalize_url(url)).netloc
+
+
+class CrawlSync(PageKeys, Job):
+    queue = "crawl"
+    max_retries = 2
+    timeout = 30
+    request_timeout = 10.0          # one HTTP request, its page read by then
+    max_bytes = 2 * 1024 * 1024     # read at most this much of a page
+    max_depth: int | None = None    # follow at most this many links from a start page
+    max_redirects = MAX_REDIRECTS   # follow at most this many redirects in a row
 
     def run(self, url: str, batch: str = "", depth: int = 0, redirects: int = 0) -> dict:
         """Crawl page ``url``, ``depth`` links from its start page, reached by ``redirects``
@@ -309,32 +334,20 @@ class CrawlSync(Job):
                 exc.retry_after = retry_after(exc.code, exc.headers)
                 raise   # worth another attempt, after a backoff
             # a 404 is an answer: nothing to retry, no links to follow
-            result = {"url": url, "status": exc.code, "links": 0, "bytes": 0}
-            if redirects:
-                result["redirects"] = redirects
             location = exc.headers.get("Location") if exc.code in REDIRECTS else None
-            if location is not None:
-                # where it leads is a page job of its own: deduped with the links to that
-                # page (fetched once), kept to the crawl's host (the start page's to any:
-                # the crawl goes on there), a loop ended by the dedupe and a chain of new
-                # URLs by max_redirects; no step deeper
-                result["redirect"] = target = link_of(url, location)
-                if target is None:
-                    result["error"] = "a redirect to no web page"
-                elif redirects >= self.max_redirects:
-                    result["error"] = f"over {self.max_redirects} redirects in a row"
-                elif target != url:
-                    result["links"] = self._submit(url, [target], batch, depth, depth == 0,
-                                                   redirects + 1)
+            result, target = result_of(url, exc.code, redirects, location, self.max_redirects)
+            if target is not None:
+                # kept to the crawl's host (the start page's to any: the crawl goes on
+                # there); no step deeper
+                result["links"] = self._submit(url, [target], batch, depth, depth == 0,
+                                               redirects + 1)
             return result
         except urllib.error.URLError as exc:   # a connection not made in time too
             if not isinstance(exc.reason, TimeoutError):
                 raise
             raise no_answer(url, self.request_timeout) from None
-        result = {"url": url, "status": status, "links": 0,
-                  "bytes": min(len(body), self.max_bytes)}
-        if redirects:
-            result["redirects"] = redirects
+        result, _ = result_of(url, status, redirects)
+        result["bytes"] = min(len(body), self.max_bytes)
         if len(body) > self.max_bytes:
             body, result["truncated"] = body[:self.max_bytes], True
         if not html:

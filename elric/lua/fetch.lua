@@ -2,10 +2,11 @@
 -- within a priority, within the limits of each job's limit key.
 -- KEYS: inflight, running index, limits, limits due, parked counts, counters
 -- ARGV: job prefix, queue prefix, wake prefix, limit running prefix, limit next-start
---       prefix, limit parked prefix, lease (ms), worker id, limit, start (how many of
---       them it can start now: a job of a limited key is claimed only within that, so a
---       claim waiting behind others holds no slot), n, then n triples of job_id, attempt,
---       member (Claim.run: claims of this worker whose run has ended), then queues...
+--       prefix, limit parked prefix, limit hold prefix, lease (ms), worker id, limit, start
+--       (how many of them it can start now: a job of a limited key is claimed only within
+--       that, so a claim waiting behind others holds no slot), n, then n triples of
+--       job_id, attempt, member (Claim.run: claims of this worker whose run has ended),
+--       then queues...
 -- Returns {jobs, wait}: per job {job_id, attempt, func, args, kwargs, timeout, max_retries,
 --   queue, dedupe_scope, batch, round, limit_key, reruns, member (its queue member: new at
 --   each enqueue, it names the run)}; wait: ms until parked jobs are looked at
@@ -18,14 +19,16 @@
 -- place when the key has room. A job holds its key's slot while its code runs: an ended
 -- run frees it here, before its outcome is recorded (children go through the master
 -- first). Limit times use Redis's clock: workers' clocks disagree. A job's own
--- limit_interval lengthens its key's least time between starts (or is its only rule).
+-- limit_interval lengthens its key's least time between starts (or is its only rule). A
+-- key's hold (finish.lua: a server asked to wait) parks its jobs until then, rule or none.
 -- A job's first claim adds its wait since it was queued to the counters' start latency.
 local jp, qp, wp, rp, np, pp = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local hp = ARGV[7]
 local clock = now_ms()
-local deadline, worker, limit = clock + tonumber(ARGV[7]), ARGV[8], tonumber(ARGV[9])
-local start_now = tonumber(ARGV[10])
+local deadline, worker, limit = clock + tonumber(ARGV[8]), ARGV[9], tonumber(ARGV[10])
+local start_now = tonumber(ARGV[11])
 local RECHECK_MS, SCAN_BUDGET, DUE_BATCH = 1000, 1000, 100
-local FIRST_QUEUE = 12 + 3 * tonumber(ARGV[11])
+local FIRST_QUEUE = 13 + 3 * tonumber(ARGV[12])
 local started, waited = 0, 0   -- first attempts claimed, and their summed wait (ms)
 local mine = {}   -- the queues of this worker
 for i = FIRST_QUEUE, #ARGV do mine[ARGV[i]] = true end
@@ -54,25 +57,26 @@ local function rule(lk, iv)
   return r
 end
 
-local rooms = {}   -- limit key -> {free = slots, next = earliest start (ms)}, this call
+-- limit key -> {free = slots, next = earliest start (ms), rule}, this call (false: free)
+local rooms = {}
 local function room(lk, iv)
-  local r = rule(lk, iv)
-  if not r then return nil end
   local m = rooms[lk]
-  if not m then
-    m = {free = math.huge, next = 0, rule = r}
-    if r[1] then m.free = r[1] - redis.call('SCARD', rp .. lk) end
-    if r[2] then
-      m.next = tonumber(redis.call('GET', np .. lk) or '0')
+  if m == nil then
+    local r, hold = rule(lk, iv), tonumber(redis.call('GET', hp .. lk) or '0')
+    m = (r or hold > clock) and {free = math.huge, next = hold, rule = r or {}}
+    if r and r[1] then m.free = r[1] - redis.call('SCARD', rp .. lk) end
+    if r and r[2] then
+      local at = tonumber(redis.call('GET', np .. lk) or '0')
       -- set under a longer rule (LIMITS changed since): one interval of this rule instead
-      if m.next > clock + r[2] then
-        m.next = clock + r[2]
-        redis.call('SET', np .. lk, m.next, 'PX', r[2])
+      if at > clock + r[2] then
+        at = clock + r[2]
+        redis.call('SET', np .. lk, at, 'PX', r[2])
       end
+      m.next = math.max(at, hold)
     end
     rooms[lk] = m
   end
-  return m
+  return m or nil
 end
 
 -- Jobs in a key's running set that no longer run there (their lease ran out, they were
@@ -96,7 +100,7 @@ end
 -- Runs that ended free their slots; their keys' parked jobs are due at once. A run is its
 -- attempt and member: a lost run may end here while this worker holds the job's next run.
 if limited then
-  for i = 12, FIRST_QUEUE - 1, 3 do
+  for i = 13, FIRST_QUEUE - 1, 3 do
     local id = ARGV[i]
     local f = redis.call('HMGET', jp .. id, 'status', 'attempts', 'worker', 'limit_key',
                          'queue', 'member')
@@ -119,16 +123,16 @@ for _, lk in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', clock, 'LIMIT',
   local n, when = SCAN_BUDGET, clock + RECHECK_MS   -- no limit any more: all go back
   local first = redis.call('ZRANGE', pp .. lk, 0, 0)[1]   -- its jobs' own interval, if any
   local iv = first and interval(redis.call('HGET', jp .. string.sub(first, 18), 'limit_interval'))
-  local r = rule(lk, iv)
-  if r then
-    local m = room(lk, iv)
+  local m = room(lk, iv)
+  if m then
+    local r = m.rule
     if m.free <= 0 and r[1] then   -- full: unless some of its running jobs ended unseen
       prune(lk)
       m.free = r[1] - redis.call('SCARD', rp .. lk)
     end
     if m.next > clock then n, when = 0, m.next
     elseif r[2] then n = math.min(1, m.free)
-    else n = math.max(0, m.free) end
+    elseif r[1] then n = math.max(0, m.free) end
   end
   if n > 0 then
     local back = redis.call('ZPOPMIN', pp .. lk, n)
@@ -181,7 +185,7 @@ while #out < limit and budget > 0 and not stop do
                           'limit_interval')
     if not read then broken[jk], f = true, {} end   -- gone from its line, like a removed job
     local iv = interval(f[15])
-    local lk = f[6] and (limited or iv) and f[11]
+    local lk = f[6] and f[11]
     local m = lk and room(lk, iv)
     if m and #out >= start_now and m.free > 0 and m.next <= clock then
       stop = true   -- it stays in line for a worker that can start it (its slot with it)

@@ -4,12 +4,12 @@
 -- ARGV: job prefix, batch stats prefix, dedupe set prefix, result ttl (s),
 --       failed ttl (s), limit running prefix, wake prefix,
 --       round prefix, func stats prefix, minute stats prefix, minute ttl (s), worker id,
---       limit parked prefix, the most bytes of a job's error (RESULT_MAX_BYTES), then
---       per job: job_id, attempt, outcome ('ok' | 'err' | 'cancel': stopped by
---       cancel.lua's request), payload (result bytes | traceback),
+--       limit parked prefix, the most bytes of a job's error (RESULT_MAX_BYTES), limit hold
+--       prefix, then per job: job_id, attempt, outcome ('ok' | 'err' | 'cancel': stopped
+--       by cancel.lua's request), payload (result bytes | traceback),
 --       duration (ms), the histogram field that duration counts in ('le:{ms}', from
 --       elric/jobstats.py), retry delay (ms; -1: no retry), the job's run (the queue
---       member it was fetched as)
+--       member it was fetched as), hold (ms its server asked to wait: Retry-After; 0: none)
 -- Returns per job its new status, or 'stale' for a job this worker no longer holds (it was
 -- redelivered elsewhere or removed): that outcome is dropped; then the keys it left alone
 -- for holding another type (a job's hash: its outcome is dropped; a stats or round hash).
@@ -21,7 +21,8 @@
 -- gives its dedupe key back to an exact filter in the same step if the master that queued
 -- it said so (`release_key`: DEDUPE_RELEASE_ON_FAILURE), once (with DEDUPE_TTL, unless the
 -- key expired and a later job took it). A job with a limit
--- key frees its slot (slot_fn.lua). A job of a round that ends counts in the round's hash
+-- key frees its slot (slot_fn.lua); a failed one's hold holds back the key's jobs (fetch.lua)
+-- that long, unless one ends later. A job of a round that ends counts in the round's hash
 -- (succeeded, failed; cancelled as `removed`). A recorded attempt counts, by the status it
 -- led to, in the counters (also per queue), its func's and its batch's stats hashes (with
 -- its duration in their sum and histogram, and `last_at`) and, unless cancelled, the hash
@@ -34,7 +35,7 @@ local rp, wp, roundp, fp = ARGV[6], ARGV[7], ARGV[8], ARGV[9]
 local minute, minute_ttl = ARGV[10] .. math.floor(now / 60000), ARGV[11]
 local worker = ARGV[12]
 local slots = {jp = jp, rp = rp, pp = ARGV[13], due = KEYS[8], wp = wp}
-local error_max = tonumber(ARGV[14])
+local error_max, hp = tonumber(ARGV[14]), ARGV[15]
 local out = {}
 -- increments summed per hash and field, written once per call (a call holds a chunk of
 -- jobs, mostly of one func and batch)
@@ -54,9 +55,9 @@ local function add_timed(key, status, duration, bucket)
   add(key, bucket, 1)
   touched[key] = true
 end
-for i = 15, #ARGV, 8 do
+for i = 16, #ARGV, 9 do
   local id, attempt, outcome, payload = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-  local run = ARGV[i + 7]
+  local run, hold = ARGV[i + 7], tonumber(ARGV[i + 8])
   local duration, bucket, retry = tonumber(ARGV[i + 4]), ARGV[i + 5], tonumber(ARGV[i + 6])
   local jk = jp .. id
   local read, f = pcall(redis.call, 'HMGET', jk, 'status', 'attempts', 'queue', 'batch',
@@ -78,6 +79,10 @@ for i = 15, #ARGV, 8 do
     redis.call('ZREM', KEYS[1], id)
     redis.call('ZREM', KEYS[2], id)
     free_slot(id, f[9], slots)
+    if outcome == 'err' and hold > 0 and f[9]
+        and now + hold > tonumber(redis.call('GET', hp .. f[9]) or '0') then
+      redis.call('SET', hp .. f[9], now + hold, 'PX', hold)
+    end
     local status, index
     if outcome == 'ok' then
       status, index = 'succeeded', KEYS[3]
