@@ -347,7 +347,7 @@ class Pool(Executor):
                             "func": claim.func, "args": claim.args, "kwargs": claim.kwargs,
                             "timeout": claim.timeout, "dedupe_scope": claim.dedupe_scope,
                             "batch": claim.batch, "round": claim.round,
-                            "reruns": claim.reruns})
+                            "reruns": claim.reruns, "member": claim.member})
         self._schedule_flush()
 
     def _schedule_flush(self) -> None:
@@ -446,7 +446,7 @@ class Pool(Executor):
                 if not h.withdrawing:
                     h.withdrawing = True
                     p.outbox.append({"withdraw": h.claim.job_id, "attempt": h.claim.attempt,
-                                     "reruns": h.claim.reruns})
+                                     "member": h.claim.member})
                     self._schedule_flush()
 
     def cancel(self, claim: Claim) -> bool:
@@ -460,7 +460,7 @@ class Pool(Executor):
             h.cancelled_at = time.monotonic()
             # named by its run: one of the job's that ended here may be cancelled too late
             p.outbox.append({"cancel": claim.job_id, "attempt": claim.attempt,
-                             "reruns": claim.reruns})
+                             "member": claim.member})
             self._schedule_flush()
             return True
         return False

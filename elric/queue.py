@@ -71,13 +71,14 @@ class Claim:
     round: str | None = None
     limit_key: str | None = None
     reruns: int = 0   # times rerun asked for it again: a new run, whose children are new jobs
+    member: str = ""   # its queue member, new at each enqueue (submit, rerun, retry)
     held_until: float = 0.0   # time.monotonic() its lease surely lasts to (set by the worker)
     cancelling: bool = False   # cancel_job asked to stop this run (a heartbeat told)
 
     @property
-    def run(self) -> tuple[str, int, int]:
-        """What names this run to the scripts: a rerun counts its attempts from 1 again."""
-        return self.job_id, self.attempt, self.reruns
+    def run(self) -> tuple[str, int, str]:
+        """What names this run to the scripts: a rerun (or a reused id) counts from 1 again."""
+        return self.job_id, self.attempt, self.member
 
 
 @dataclass(slots=True)
@@ -110,7 +111,7 @@ class Outcome:
     duration_ms: int
     retry_ms: int = -1
     cancelled: bool = False   # stopped because cancel_job asked: recorded cancelled
-    reruns: int = 0   # the job's run (Claim.reruns): a lost run of an earlier one is stale
+    member: str = ""   # the job's run (Claim.member): a lost run of an earlier one is stale
     hold_ms: int = 0   # its limit key's other jobs wait this long (a server's Retry-After)
 
 
@@ -293,7 +294,7 @@ class RedisQueue:
         return out
 
     async def fetch(self, worker_id: str, queues: Iterable[str], limit: int,
-                    lease_seconds: float, ended: Iterable[tuple[str, int, int]] = (),
+                    lease_seconds: float, ended: Iterable[tuple[str, int, str]] = (),
                     wake_on: WakeOn | None = None, start: int | None = None) -> Fetched:
         """Claim up to ``limit`` jobs; ``ended``: the ``Claim.run`` of claims whose run
         ended, which free their limit keys' slots first; ``start``: how many of them the
@@ -326,7 +327,7 @@ class RedisQueue:
         self._tell_broken("fetch", reply[2:])
         claims = [Claim(_s(r[0]), int(r[1]), _s(r[2]), r[3], r[4],
                         float(r[5]) if r[5] else None, int(r[6]), _s(r[7]), _s(r[8]) or None,
-                        _s(r[9]) or "", _s(r[10]) or None, _s(r[11]) or None, int(r[12]))
+                        _s(r[9]) or "", _s(r[10]) or None, _s(r[11]) or None, int(r[12]), _s(r[13]))
                   for r in rows]
         return Fetched(claims, None if wait_ms < 0 else wait_ms / 1000.0)
 
@@ -341,7 +342,7 @@ class RedisQueue:
             argv += [o.job_id, o.attempt,
                      "ok" if o.ok else "cancel" if o.cancelled else "err", o.payload,
                      int(o.duration_ms), jobstats.bucket(o.duration_ms), int(o.retry_ms),
-                     o.reruns, int(o.hold_ms)]
+                     o.member, int(o.hold_ms)]
         keys = [k.inflight, k.status(Status.RUNNING), k.status(Status.SUCCEEDED),
                 k.status(Status.FAILED), k.delayed, k.counters, k.status(Status.RETRYING),
                 k.limits_due, k.status(Status.CANCELLED), k.queues]
@@ -358,7 +359,7 @@ class RedisQueue:
                         "passed over, nothing read from or written to them; delete them", what,
                         ", ".join(sorted(broken)))
 
-    async def release(self, worker_id: str, claims: list[tuple[str, int, int]], *,
+    async def release(self, worker_id: str, claims: list[tuple[str, int, str]], *,
                       reason: str | None = None) -> int:
         """Give back claims (their ``Claim.run``) without using an attempt: to their place in
         line at once, or with a ``reason`` (this worker cannot run them) as retrying in
@@ -375,12 +376,12 @@ class RedisQueue:
                   k.status(Status.RETRYING), k.counters, k.status(Status.CANCELLED),
                   k.limits_due, k.queues], args=argv))
 
-    async def claimed(self, worker_id: str, within: float) -> list[tuple[str, int, int]]:
+    async def claimed(self, worker_id: str, within: float) -> list[tuple[str, int, str]]:
         """The claims (as ``Claim.run``) Redis holds under this worker id, made at most
         ``within`` seconds ago."""
         flat = await self._claimed(keys=[self.keys.status(Status.RUNNING)],
                                    args=[self.keys.job(""), worker_id, int(within * 1000)])
-        return [(_s(flat[i]), int(flat[i + 1]), int(flat[i + 2])) for i in range(0, len(flat), 3)]
+        return [(_s(flat[i]), int(flat[i + 1]), _s(flat[i + 2])) for i in range(0, len(flat), 3)]
 
     async def heartbeat(self, worker_id: str, claims: list[Claim], lease_seconds: float,
                         fields: dict | None = None) -> Renewed:

@@ -80,12 +80,12 @@ class Ran:
     is_async: bool = False
     retry_after: float = 0.0
     withdrawn: bool = False     # not started: the worker asked for it back
-    reruns: int = 0
+    member: str = ""
 
     @property
-    def key(self) -> tuple[str, int, int]:
+    def key(self) -> tuple[str, int, str]:
         """The run it is (Claim.run): a rerun counts its attempts from 1 again."""
-        return self.job_id, self.attempt, self.reruns
+        return self.job_id, self.attempt, self.member
 
     def row(self) -> list:
         return [getattr(self, name) for name in self.__slots__]
@@ -94,10 +94,10 @@ class Ran:
         self.ok, self.children, self.payload = False, [], why
 
     @classmethod
-    def failure(cls, run: tuple[str, int, int], why: str, is_async: bool = False) -> "Ran":
+    def failure(cls, run: tuple[str, int, str], why: str, is_async: bool = False) -> "Ran":
         """``run`` (Claim.run, Ran.key) failed, now."""
-        (job_id, attempt, reruns), now = run, time.monotonic()
-        return cls(job_id, attempt, False, why, [], now, now, is_async=is_async, reruns=reruns)
+        (job_id, attempt, member), now = run, time.monotonic()
+        return cls(job_id, attempt, False, why, [], now, now, is_async=is_async, member=member)
 
 
 @dataclass(slots=True)
@@ -108,10 +108,10 @@ class _SyncJob:
     timeout: float | None
 
 
-def _key(item: dict) -> tuple[str, int, int]:
+def _key(item: dict) -> tuple[str, int, str]:
     """A job sent by the worker, or a cancel or withdraw request: the run (Claim.run)."""
     return (item.get("job_id") or item.get("cancel") or item["withdraw"], item["attempt"],
-            item["reruns"])
+            item["member"])
 
 
 def serve(conn, job_modules: tuple[str, ...], worker_pid: int, cwd: str, log_level: str,
@@ -201,8 +201,8 @@ class _Runner:
         self.inbox_lock = threading.Lock()
         self.inbox: list[dict] = []               # jobs taken off the pipe, not started
         self.sync_jobs: deque[_SyncJob] = deque()   # started, waiting for the loop
-        self.cancels: set[tuple[str, int, int]] = set()   # runs (Ran.key) asked to stop
-        self.running: tuple[str, int, int] | None = None   # the sync job inside its run()
+        self.cancels: set[tuple[str, int, str]] = set()   # runs (Ran.key) asked to stop
+        self.running: tuple[str, int, str] | None = None   # the sync job inside its run()
         self.timer_set = False   # its timeout is armed (SIGALRM)
         # outbox and new_kinds are swapped out under outbox_lock, held only for that, so
         # the reader never waits on a send blocked by a full pipe; send_lock keeps the
@@ -469,7 +469,7 @@ class _Runner:
     def _start(self, item: dict) -> _SyncJob | None:
         """Start an async job; a sync one is returned, to wait for the loop."""
         out = Ran(item["job_id"], item["attempt"], False, "", started_at=time.monotonic(),
-                  reruns=item["reruns"])
+                  member=item["member"])
         try:
             cls = self.modules.job_class(item["func"])
             args = codec.unpack(item["args"]) or []
@@ -694,7 +694,7 @@ def _succeeded(out: Ran, result, ctx) -> None:
     out.ok, out.children = True, ctx.children
 
 
-def cancelled_before_start(run: tuple[str, int, int], is_async: bool = False) -> Ran:
+def cancelled_before_start(run: tuple[str, int, str], is_async: bool = False) -> Ran:
     """The outcome of a job cancel_job stopped before it started (here or in the worker)."""
     return Ran.failure(run, CANCELLED + " before it started", is_async)
 

@@ -419,10 +419,9 @@ class Worker:
         while self.buffer:
             claim = self.buffer.popleft()
             how = self.pool.how(claim)
-            # (not while a lost attempt of it still runs here: the pool holds one per job;
-            # a first run's first attempt has none, a rerun's may: a lost run's attempt 1)
-            if self._held(claim) and how not in full and (
-                    (claim.attempt, claim.reruns) == (1, 0) or not self.pool.holds(claim.job_id)):
+            # (not while a lost run of it still runs here: the pool holds one per job; even
+            # a first attempt may have one, of a rerun or of an earlier job of its id)
+            if self._held(claim) and how not in full and not self.pool.holds(claim.job_id):
                 try:
                     self._send(claim)
                     continue
@@ -629,7 +628,7 @@ class Worker:
             hold_ms = int(min(o.retry_after, self.settings.RETRY_BACKOFF_MAX) * 1000)
             records.append(Outcome(o.job_id, o.attempt, o.ok, o.payload,
                                    int((o.finished_at - o.started_at) * 1000), retry_ms,
-                                   cancelled, claim.reruns, hold_ms))
+                                   cancelled, claim.member, hold_ms))
         statuses = await self._retry_redis(self.queue.finish, self.worker_id, records,
                                            outage=self._outages["recording outcomes"])
         for (claim, _), record, status in zip(batch, records, statuses):
@@ -779,7 +778,7 @@ class Worker:
                 newest: dict[str, Claim] = {}
                 for claim in self._claims():
                     old = newest.get(claim.job_id)
-                    if old is None or (claim.reruns, claim.attempt) >= (old.reruns, old.attempt):
+                    if old is None or (claim.member, claim.attempt) >= (old.member, old.attempt):
                         newest[claim.job_id] = claim
                 asked, claims = time.monotonic(), list(newest.values())
                 renewed = await self.queue.heartbeat(self.worker_id, claims, self.lease,

@@ -34,6 +34,38 @@ def redis_url(redis_server):
     return redis_server.url
 
 
+def outcome(claim, ok=True, payload=b"\xc0", attempt=None, retry_ms=-1, cancelled=False,
+            hold_ms=0):
+    """The Outcome a worker sends for ``claim``'s run (``Claim.run`` names it)."""
+    from elric.queue import Outcome
+    job_id, at, run = claim.run
+    return Outcome(job_id, attempt or at, ok, payload, 5, retry_ms, cancelled, run, hold_ms)
+
+
+async def lost_run_and_next(q, r, again_by, lost_by="w1", holder="w1"):
+    """Job x's claim ``lost_by`` lost (its lease ran out; it went on running it) and
+    ``holder``'s claim of x's next run, at attempt 1 again: x ran elsewhere, then was rerun
+    (``again_by`` "rerun") or deleted and submitted again under its id ("resubmit")."""
+    from elric.contract import normalize_spec
+
+    def spec():
+        return normalize_spec({"func": "tests.jobs:Add", "args": [1, 2], "job_id": "x"})
+    await q.enqueue([spec()])
+    [lost] = (await q.fetch(lost_by, ["default"], 1, 30)).claims
+    await r.zadd(q.keys.inflight, {"x": 0}, xx=True)   # its lease ran out
+    assert (await q.recover())[0] == ["x"]
+    [elsewhere] = (await q.fetch("other", ["default"], 1, 30)).claims
+    assert await q.finish("other", [outcome(elsewhere)]) == ["succeeded"]
+    if again_by == "rerun":
+        assert await q.rerun("x") == "succeeded"
+    else:
+        assert await q.remove("x")
+        assert not (await q.enqueue([spec()]))[0].existed
+    [new] = (await q.fetch(holder, ["default"], 1, 30)).claims
+    assert new.attempt == lost.attempt == 1
+    return lost, new
+
+
 def wait_for(predicate, timeout=20.0, interval=0.02, what="condition"):
     """Poll ``predicate`` until it returns a truthy value or the deadline passes."""
     deadline = time.monotonic() + timeout

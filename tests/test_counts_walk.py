@@ -20,8 +20,8 @@ from elric.bulk import Bulk, JobFilter
 from elric.contract import normalize_spec
 from elric.jobstore import RedisJobStore
 from elric.keys import Keys
-from elric.queue import Outcome, RedisQueue
-from tests.conftest import redis_clock_past
+from elric.queue import RedisQueue
+from tests.conftest import outcome, redis_clock_past
 
 KEYS = Keys("elrictest")
 FUNCS = ("tests.jobs:Echo", "tests.jobs:Add")
@@ -178,10 +178,9 @@ async def walk(url, seed, steps, n_jobs=30):
                 claims = [c.run for c in taken]
                 if op == "finish":
                     kinds = [rng.choice(["ok", "err", "err_retry", "cancel"]) for _ in claims]
-                    outcomes = [Outcome(c.job_id, c.attempt, kind == "ok",
-                                        b"\x01" if kind == "ok" else "boom", 5,
-                                        0 if kind == "err_retry" else -1,
-                                        cancelled=kind == "cancel", reruns=c.reruns)
+                    outcomes = [outcome(c, kind == "ok", b"\x01" if kind == "ok" else "boom",
+                                        retry_ms=0 if kind == "err_retry" else -1,
+                                        cancelled=kind == "cancel")
                                 for c, kind in zip(taken, kinds)]
                     res = await q.finish(w, outcomes)
                     if rng.random() < 0.2:   # sent again: its reply was lost

@@ -23,9 +23,10 @@ from elric.client import MasterClient
 from elric.config import SettingsError, load_settings
 from elric.keys import Keys
 from elric.master import Master
-from elric.queue import Outcome, RedisQueue
+from elric.queue import RedisQueue
 from elric.redis_server import free_port
 from elric.rpc import RequestError, RPCError
+from tests.conftest import outcome
 
 E = "tests.jobs:Echo"
 
@@ -319,7 +320,7 @@ def test_a_job_this_call_queued_and_that_ended_before_a_replay_keeps_its_key(red
             async def replayed(keys, args):
                 await real(keys=keys, args=args)
                 [job] = (await m.queue.fetch("w1", ["default"], 10, 30)).claims  # a worker ran it
-                assert await m.queue.finish("w1", [Outcome(job.job_id, 1, True, b"\xc0", 1)]) \
+                assert await m.queue.finish("w1", [outcome(job)]) \
                     == ["succeeded"]
                 return await real(keys=keys, args=args)
             m.queue._enqueue = replayed
@@ -377,7 +378,7 @@ def test_resubmitting_the_id_of_a_finished_job_does_not_take_its_key_again(redis
             assert (await m.submit_jobs([spec]))[0]["status"] == "queued"
             worker = RedisQueue(m.redis, m.keys)   # the master that queued says so
             [job] = (await worker.fetch("w1", ["default"], 1, 30)).claims
-            assert await worker.finish("w1", [Outcome("c0ffee", job.attempt, False, "boom", 1)]) \
+            assert await worker.finish("w1", [outcome(job, False, "boom")]) \
                 == ["failed"]
             assert await m.submit_jobs([spec]) == [{"job_id": "c0ffee", "status": "failed"}]
             other = await m.submit_jobs([{**spec, "job_id": "other"}])
@@ -642,7 +643,7 @@ def test_a_job_failing_after_its_key_expired_leaves_the_next_holder_its_key(redi
             worker = RedisQueue(m.redis, m.keys)   # the master that queued says so
             [job] = (await worker.fetch("w1", ["default"], 1, 30)).claims
             assert job.job_id == "A"
-            assert await worker.finish("w1", [Outcome("A", job.attempt, False, "boom", 1)]) \
+            assert await worker.finish("w1", [outcome(job, False, "boom")]) \
                 == ["failed"]
             assert (await m.submit_jobs([{**spec, "job_id": "C"}]))[0]["status"] == "filtered"
     asyncio.run(main())
@@ -660,8 +661,7 @@ def test_a_rerun_job_failing_again_does_not_give_back_a_key_it_gave_back_before(
             async def fail(job_id):
                 claims = (await worker.fetch("w1", ["default"], 10, 30)).claims
                 [claim] = [c for c in claims if c.job_id == job_id]
-                assert await worker.finish("w1", [Outcome(job_id, claim.attempt, False, "boom",
-                                                          1, reruns=claim.reruns)]) == ["failed"]
+                assert await worker.finish("w1", [outcome(claim, False, "boom")]) == ["failed"]
             spec = {"func": E, "job_id": "A", "dedupe_key": "K"}
             assert (await m.submit_jobs([spec]))[0]["status"] == "queued"
             await fail("A")

@@ -17,8 +17,8 @@ from elric import limits
 from elric.config import SettingsError, load_settings
 from elric.contract import SpecError, normalize_spec
 from elric.keys import Keys
-from elric.queue import Outcome, RedisQueue
-from tests.conftest import redis_clock_past, wait_for
+from elric.queue import RedisQueue
+from tests.conftest import outcome, redis_clock_past, wait_for
 from tests.jobs_async import AsyncHostPage
 from tests.test_async_jobs import most_at_once
 
@@ -166,7 +166,7 @@ def test_parked_jobs_going_back_to_another_workers_queue_wake_that_worker(redis_
             first = (await q.fetch("wB", ["qb"], 10, 30)).claims
             assert [c.job_id for c in first] == ["j1"]      # j2 is parked: k is full
             assert await r.zcard(keys.limit_parked("k")) == 1
-            await q.finish("wB", [Outcome("j1", 1, True, b"\xc0", 1)])
+            await q.finish("wB", [outcome(first[0])])
             await r.delete(keys.wake("qb"))
             other = await q.fetch("wA", ["qa"], 10, 30)     # a worker of another queue
             assert other.claims == []
@@ -202,7 +202,7 @@ def test_parked_jobs_going_back_to_another_of_the_workers_queues_wake_it(redis_u
             first = (await q.fetch("w", ["qa", "qb"], 10, 30)).claims
             assert [c.job_id for c in first] == ["j1"]      # j2 is parked: k is full
             await r.delete(keys.wake("qa"), keys.wake("qb"))
-            freed = await q.fetch("w", ["qa", "qb"], 0, 30, [("j1", 1, 0)])
+            freed = await q.fetch("w", ["qa", "qb"], 0, 30, [first[0].run])
             assert freed.claims == [] and await r.zcard(keys.queue("qb")) == 1
             assert (await r.llen(keys.wake("qa")), await r.llen(keys.wake("qb"))) == (0, 1)
             again = await q.fetch("w", ["qa", "qb"], 10, 30)
@@ -229,12 +229,12 @@ def test_a_freed_slot_wakes_the_queue_its_keys_parked_job_goes_back_to(redis_url
             assert (await q.fetch("wB", ["qb"], 10, 30)).claims == []   # so is j2, first
             wakes = (keys.wake("qa"), keys.wake("qb"))
             await r.delete(*wakes)
-            await q.finish("wA", [Outcome("j1", 1, True, b"\xc0", 1)])
+            await q.finish("wA", [outcome(j1)])
             assert [await r.llen(w) for w in wakes] == [0, 1]
             [j2] = (await q.fetch("wB", ["qb"], 10, 30)).claims
             assert j2.job_id == "j2"
             await r.delete(*wakes)
-            assert await q.release("wB", [("j2", 1, 0)]) == 1   # j2 back in qb, j3 due in qa
+            assert await q.release("wB", [j2.run]) == 1   # j2 back in qb, j3 due in qa
             assert [await r.llen(w) for w in wakes] == [1, 1]
         finally:
             await r.aclose()
@@ -255,18 +255,18 @@ def test_a_run_that_ended_frees_its_slot_before_its_outcome_is_recorded(redis_ur
             [j1] = (await q.fetch("w1", ["q"], 10, 30)).claims
             assert (j1.job_id, j1.limit_key) == ("j1", "k")
             # not the holder, or not its attempt: the slot stays taken
-            assert (await q.fetch("w2", ["q"], 10, 30, ended=[("j1", 1, 0)])).claims == []
-            assert (await q.fetch("w1", ["q"], 10, 30, ended=[("j1", 2, 0)])).claims == []
-            [j2] = (await q.fetch("w1", ["q"], 10, 30, ended=[("j1", 1, 0)])).claims
+            assert (await q.fetch("w2", ["q"], 10, 30, ended=[j1.run])).claims == []
+            assert (await q.fetch("w1", ["q"], 10, 30, ended=[("j1", 2, j1.member)])).claims == []
+            [j2] = (await q.fetch("w1", ["q"], 10, 30, ended=[j1.run])).claims
             assert j2.job_id == "j2"
             assert (await r.hget(keys.job("j1"), "status")) == b"running"   # not recorded
             assert await r.smembers(keys.limit_running("k")) == {b"j2"}
             # recorded later: its slot is not freed twice
-            await q.finish("w1", [Outcome("j1", 1, True, b"\xc0", 1)])
+            await q.finish("w1", [outcome(j1)])
             assert (await q.fetch("w1", ["q"], 10, 30)).claims == []
             # a worker with no room frees the slot and wakes another worker of the queue
             await r.delete(keys.wake("q"))
-            assert (await q.fetch("w1", ["q"], 0, 30, ended=[("j2", 1, 0)])).claims == []
+            assert (await q.fetch("w1", ["q"], 0, 30, ended=[j2.run])).claims == []
             assert await r.llen(keys.wake("q")) == 1
             assert [c.job_id for c in (await q.fetch("w2", ["q"], 10, 30)).claims] == ["j3"]
         finally:
@@ -275,10 +275,12 @@ def test_a_run_that_ended_frees_its_slot_before_its_outcome_is_recorded(redis_ur
     asyncio.run(body())
 
 
-def test_a_lost_run_ending_beside_the_jobs_rerun_frees_no_slot(redis_url):
-    """A rerun counts its attempts from 1 again. A lost run of a job ended on the worker
-    that held the job's rerun, at the same attempt: it freed the slot the rerun held, and
-    one more job of the key ran at once than its limit."""
+@pytest.mark.parametrize("again_by", ["rerun", "resubmit"])
+def test_a_lost_run_ending_beside_its_jobs_next_run_frees_no_slot(redis_url, again_by):
+    """A rerun counts its attempts from 1 again, and so does a job submitted under an id
+    freed meanwhile. A lost run of a job ended on the worker that held the job's next run,
+    at the same attempt: it freed the slot the new run held, and one more job of the key
+    ran at once than its limit."""
     keys = Keys("elrictest")
 
     async def body():
@@ -286,16 +288,18 @@ def test_a_lost_run_ending_beside_the_jobs_rerun_frees_no_slot(redis_url):
         try:
             q = await one_at_a_time(r, keys, "q", ["j1"])
             [lost] = (await q.fetch("w1", ["q"], 10, 30)).claims
-            await q.finish("w1", [Outcome("j1", 1, True, b"\xc0", 1)])   # (as if run elsewhere)
-            await q.rerun("j1")
+            await q.finish("w1", [outcome(lost)])   # (as if run elsewhere)
+            if again_by == "rerun":
+                await q.rerun("j1")
+            else:
+                await q.remove("j1")
+                await one_at_a_time(r, keys, "q", ["j1"])
             await q.enqueue([normalize_spec({"func": "tests.jobs:Echo", "queue": "q",
                                              "limit_key": "k", "job_id": "j2"})])
-            [rerun] = (await q.fetch("w1", ["q"], 10, 30)).claims   # j2 is parked
-            assert (rerun.job_id, rerun.attempt, rerun.reruns) == ("j1", 1, 1)
-            ended = [(lost.job_id, lost.attempt, lost.reruns)]
-            assert (await q.fetch("w1", ["q"], 10, 30, ended=ended)).claims == []
-            ended = [(rerun.job_id, rerun.attempt, rerun.reruns)]
-            [j2] = (await q.fetch("w1", ["q"], 10, 30, ended=ended)).claims
+            [again] = (await q.fetch("w1", ["q"], 10, 30)).claims   # j2 is parked
+            assert (again.job_id, again.attempt) == ("j1", 1)
+            assert (await q.fetch("w1", ["q"], 10, 30, ended=[lost.run])).claims == []
+            [j2] = (await q.fetch("w1", ["q"], 10, 30, ended=[again.run])).claims
             assert j2.job_id == "j2"
         finally:
             await r.aclose()
@@ -387,8 +391,8 @@ def test_a_failed_runs_retry_after_holds_back_every_job_of_its_key(redis_url, ru
                                              "job_id": "other"})])
             claims = (await q.fetch("w", ["default"], 2, 30)).claims
             assert [c.job_id for c in claims] == ["host1", "short1"]
-            assert await q.finish("w", [Outcome(c.job_id, 1, False, "HTTP 429", 1, 60_000,
-                                                hold_ms=hold)
+            assert await q.finish("w", [outcome(c, False, "HTTP 429", retry_ms=60_000,
+                                                 hold_ms=hold)
                                         for c, hold in zip(claims, (60_000, 300))]) \
                 == ["retrying", "retrying"]
             assert [c.job_id for c in (await q.fetch("w", ["default"], 10, 30)).claims] \
@@ -415,10 +419,10 @@ def test_jobs_running_before_their_key_got_a_limit_count_against_it(redis_url):
             q = RedisQueue(r, keys)
             await q.enqueue([normalize_spec({"func": "tests.jobs:Echo", "limit_key": "k",
                                              "job_id": j}) for j in ("j1", "j2", "j3")])
-            assert len((await q.fetch("w1", ["default"], 2, 30)).claims) == 2   # no rule yet
+            j1, _ = (await q.fetch("w1", ["default"], 2, 30)).claims   # no rule yet
             await limits.publish(r, keys, limits.parse_rules({"k": {"concurrency": 2}}))
             assert (await q.fetch("w2", ["default"], 10, 30)).claims == []   # j3 waits
-            await q.finish("w1", [Outcome("j1", 1, True, b"\xc0", 1)])
+            await q.finish("w1", [outcome(j1)])
             assert [c.job_id for c in (await q.fetch("w2", ["default"], 10, 30)).claims] \
                 == ["j3"]
         finally:

@@ -17,7 +17,8 @@ import redis.asyncio as aredis
 
 from elric.contract import normalize_spec
 from elric.keys import Keys
-from elric.queue import STALE, Outcome, RedisQueue
+from elric.queue import STALE, RedisQueue
+from tests.conftest import lost_run_and_next, outcome
 
 KEYS = Keys("elrictest")
 FUNC = "tests.jobs:Echo"
@@ -168,8 +169,7 @@ def test_a_mixed_batch_is_queued_in_order_with_its_own_fields(redis_url):
                 last.max_retries, last.queue) == ([5], {"x": 1}, 3.0, 2, "qa")
         assert await r.hget(KEYS.batch("b1"), "submitted") == b"3"
         assert await r.hget(KEYS.counters, "queue:qa:submitted") == b"4"
-        assert await q.finish("w2", [Outcome(g.job_id, g.attempt, True, b"\xc0", 1)
-                                     for g in got]) == ["succeeded"] * 5
+        assert await q.finish("w2", [outcome(g) for g in got]) == ["succeeded"] * 5
         assert await r.hget(KEYS.batch("b1"), "succeeded") == b"3"
     asyncio.run(with_queue(redis_url, body))
 
@@ -183,8 +183,8 @@ def test_an_attempt_asked_to_stop_is_not_retried_and_the_request_ends_with_it(re
         await q.enqueue([spec])
         [claim] = (await q.fetch("w", ["default"], 1, 30)).claims
         assert await q.cancel("j") == "running"
-        assert await q.finish("w", [Outcome("j", claim.attempt, False, "boom", 5,
-                                            retry_ms=100)]) == ["cancelled"]
+        assert await q.finish("w", [outcome(claim, False, "boom", retry_ms=100)]) == \
+            ["cancelled"]
         assert await r.hget(KEYS.job("j"), "cancel") is None
         assert await q.rerun("j") == "cancelled"
         [claim] = (await q.fetch("w", ["default"], 1, 30)).claims
@@ -220,9 +220,9 @@ def test_a_worker_asking_which_claims_it_holds_reads_only_the_recent_claims(redi
         an_hour_ago = int(time.time() * 1000) - 3_600_000   # (the test's Redis is local)
         await r.zadd(running, {m: an_hour_ago for m in await r.zrange(running, 0, -1)})
         await q.enqueue(specs(1, job_id="mine"))
-        assert len((await q.fetch("w1", ["default"], 1, 30)).claims) == 1
+        [mine] = (await q.fetch("w1", ["default"], 1, 30)).claims
         await r.config_resetstat()
-        assert await q.claimed("w1", 60) == [("mine", 1, 0)]
+        assert await q.claimed("w1", 60) == [("mine", 1, mine.member)]
         assert (await r.info("commandstats"))["cmdstat_hmget"]["calls"] == 1
         assert await q.claimed("other", 60) == []   # claimed before the window
     asyncio.run(with_queue(redis_url, body))
@@ -234,50 +234,44 @@ def test_a_finish_sent_again_answers_what_it_recorded_and_counts_once(redis_url)
     make the worker drop the job from its counts and warn of a lost lease."""
     async def body(q, r):
         await q.enqueue(specs(1, job_id="once"))
-        assert len((await q.fetch("w1", ["default"], 1, 30)).claims) == 1
-        done = [Outcome("once", 1, True, b"\xc0", 5)]
+        claim, = (await q.fetch("w1", ["default"], 1, 30)).claims
+        done = [outcome(claim)]
         assert await q.finish("w1", done) == ["succeeded"]
         assert await q.finish("w1", done) == ["succeeded"]
         assert await r.hget(KEYS.counters, "succeeded") == b"1"
         assert await q.finish("w2", done) == ["stale"]   # another worker never held it
-        assert await q.finish("w1", [Outcome("once", 2, True, b"\xc0", 5)]) == ["stale"]
+        assert await q.finish("w1", [outcome(claim, attempt=2)]) == ["stale"]
         # asked to stop while its worker was cut off: its lease ran out and Redis ended it
         # cancelled, keeping the worker's name; that worker's late outcome is not recorded
         await q.enqueue(specs(1, job_id="cut"))
-        assert len((await q.fetch("w1", ["default"], 1, 0.05)).claims) == 1
+        claim, = (await q.fetch("w1", ["default"], 1, 0.05)).claims
         assert await q.cancel("cut") == "running"
         deadline = time.monotonic() + 10
         while (await q.recover())[1] != ["cut"]:
             assert time.monotonic() < deadline, "the lease never ran out"
             await asyncio.sleep(0.01)
-        assert await q.finish("w1", [Outcome("cut", 1, True, b"\xc0", 5)]) == ["stale"]
+        assert await q.finish("w1", [outcome(claim)]) == ["stale"]
     asyncio.run(with_queue(redis_url, body))
 
 
+@pytest.mark.parametrize("again_by", ["rerun", "resubmit"])
 @pytest.mark.parametrize("holder", ["w3", "w1"], ids=["on another worker", "on its own"])
-def test_a_lost_run_ending_during_a_rerun_is_not_recorded(redis_url, holder):
-    """A rerun starts again from attempt 1. A worker (w1) cut off past its lease went on
-    with its attempt 1 of the job; the job was redelivered, ended, was rerun, and a worker
-    held the rerun at attempt 1: the old run's outcome was recorded as the rerun's (finish
-    looked at the attempt only; on w1 itself, worker and attempt were the same), and the
-    rerun's own outcome was then dropped. The claim is the job's run too (``reruns``)."""
+def test_a_lost_run_ending_during_a_later_run_is_not_recorded(redis_url, holder, again_by):
+    """A rerun starts again from attempt 1, and so does a job submitted under an id freed
+    meanwhile (the job deleted, or its record expired). A worker (w1) cut off past its lease
+    went on with its attempt 1 of the job; the job ran elsewhere, was rerun or deleted and
+    submitted again, and a worker held the new run at attempt 1: the old run's outcome was
+    recorded as the new run's (on w1 itself worker and attempt were the same, and so were
+    the reruns of a job submitted again), its heartbeat renewed the new run's lease and its
+    release gave the new run back. A claim names its run by the queue member each enqueue
+    writes."""
     async def body(q, r):
-        await q.enqueue(specs(1, job_id="x"))
-        lost, = (await q.fetch("w1", ["default"], 1, 0.05)).claims
-        deadline = time.monotonic() + 10
-        while (await q.recover())[0] != ["x"]:   # its lease ran out: redelivered
-            assert time.monotonic() < deadline, "the lease never ran out"
-            await asyncio.sleep(0.01)
-        again, = (await q.fetch("w2", ["default"], 1, 30)).claims
-        assert await q.finish("w2", [Outcome("x", again.attempt, True, b"\xc0", 5)]) == \
-            ["succeeded"]
-        assert await q.rerun("x") == "succeeded"
-        rerun, = (await q.fetch(holder, ["default"], 1, 30)).claims
-        assert (rerun.attempt, rerun.reruns, lost.reruns) == (1, 1, 0)
-        old = Outcome("x", 1, True, msgpack.packb("old"), 5, reruns=lost.reruns)
-        assert await q.finish("w1", [old]) == ["stale"]
+        lost, new_run = await lost_run_and_next(q, r, again_by, holder=holder)
+        assert (await q.heartbeat("w1", [lost], 30)).lost == {"x"}
+        assert await q.release("w1", [lost.run]) == 0
+        assert await q.finish("w1", [outcome(lost, payload=msgpack.packb("old"))]) == ["stale"]
         assert await r.hmget(KEYS.job("x"), "status", "worker") == [b"running", holder.encode()]
-        new = Outcome("x", 1, True, msgpack.packb("new"), 5, reruns=rerun.reruns)
+        new = outcome(new_run, payload=msgpack.packb("new"))
         assert await q.finish(holder, [new]) == ["succeeded"]
         assert await q.finish(holder, [new]) == ["succeeded"]   # sent again: its first reply
         assert (await q.get_job("x"))["result"] == "new"
@@ -304,8 +298,7 @@ def test_a_rerun_counts_as_submitted_in_the_totals_and_its_queue_as_in_its_func(
         await q.enqueue(specs(1, job_id="again", queue="qr"))
         for _ in range(2):
             claim, = (await q.fetch("w1", ["qr"], 1, 30)).claims
-            assert await q.finish("w1", [Outcome("again", claim.attempt, True, b"\xc0", 5,
-                                                 reruns=claim.reruns)]) == ["succeeded"]
+            assert await q.finish("w1", [outcome(claim)]) == ["succeeded"]
             if _ == 0:
                 assert await q.rerun("again") == "succeeded"
         stats = await q.stats()
@@ -324,8 +317,8 @@ def test_a_job_cancelled_before_it_ran_counts_in_its_queues_cancelled(redis_url)
         assert await q.cancel(ids[0]) == "queued"
         claim, = (await q.fetch("w1", ["qc"], 1, 30)).claims
         assert await q.cancel(claim.job_id) == "running"
-        assert await q.finish("w1", [Outcome(claim.job_id, 1, False, "stopped", 5,
-                                             cancelled=True)]) == ["cancelled"]
+        assert await q.finish("w1", [outcome(claim, False, "stopped", cancelled=True)]) == \
+            ["cancelled"]
         counters = await r.hgetall(KEYS.counters)
         assert (counters[b"cancelled"], counters[b"queue:qc:cancelled"]) == (b"2", b"2")
     asyncio.run(with_queue(redis_url, body))
@@ -354,7 +347,7 @@ def test_a_rerun_is_its_funcs_and_batchs_last_submit(redis_url):
     async def body(q, r):
         await q.enqueue(specs(1, job_id="again", batch="B"))
         claim, = (await q.fetch("w1", ["default"], 1, 30)).claims
-        assert await q.finish("w1", [Outcome("again", 1, True, b"\xc0", 5)]) == ["succeeded"]
+        assert await q.finish("w1", [outcome(claim)]) == ["succeeded"]
         recorded = int(await r.hget(KEYS.func(FUNC), "last_at"))
         deadline = time.monotonic() + 10
         while (lambda s, us: s * 1000 + us // 1000)(*await r.time()) <= recorded:
@@ -376,8 +369,8 @@ def test_max_retries_past_2_to_the_53_is_kept_exactly_and_retries(redis_url):
             await q.enqueue([spec])
             [claim] = (await q.fetch("w", ["default"], 1, 30)).claims
             assert claim.max_retries == n
-            assert await q.finish("w", [Outcome(claim.job_id, claim.attempt, False, "boom", 5,
-                                                retry_ms=0)]) == ["retrying"]
+            assert await q.finish("w", [outcome(claim, False, "boom", retry_ms=0)]) == \
+                ["retrying"]
             assert (await q.get_job(f"j{n}"))["max_retries"] == n
     asyncio.run(with_queue(redis_url, body))
 
@@ -398,7 +391,7 @@ def test_outcomes_are_recorded_beside_a_key_an_operator_overwrote_with_another_t
         for key in broken:
             await r.delete(key)
             await r.set(key, "overwritten")
-        outcomes = [Outcome(c.job_id, c.attempt, True, b"\xc0", 1) for c in claims]
+        outcomes = [outcome(c) for c in claims]
         statuses = await q.finish("w1", outcomes)
         assert dict(zip([c.job_id for c in claims], statuses)) == {
             "in-batch": "succeeded", "in-round": "succeeded", "overwritten": STALE,
@@ -458,7 +451,7 @@ def test_a_job_put_back_in_line_lists_its_queue_again(redis_url):
         await q.enqueue([normalize_spec({"func": FUNC, "job_id": "a", "queue": "q-x",
                                          "max_retries": 1})])
         [claim] = (await q.fetch("w1", ["q-x"], 1, 30)).claims
-        await q.finish("w1", [Outcome("a", claim.attempt, False, "boom", 5, retry_ms=0)])
+        await q.finish("w1", [outcome(claim, False, "boom", retry_ms=0)])
         await r.srem(KEYS.queues, "q-x")   # as forget_queues.lua would have
         assert await q.promote() == 1
         assert await r.sismember(KEYS.queues, "q-x")

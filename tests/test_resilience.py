@@ -32,7 +32,7 @@ from elric.queue import Claim
 from elric.launch import Proc, elric_env, wait_for_master
 from elric.redis_server import RedisServer, find_redis_server, free_port
 from elric.rpc import AUTH_FAILED, AUTH_REQUIRED, Client, RemoteError, RPCConnectionError, RPCError, RPCTimeoutError
-from tests.conftest import ROOT, Cluster, batches_form, wait_for
+from tests.conftest import ROOT, Cluster, batches_form, lost_run_and_next, wait_for
 from tests.jobs import (Add, Fail, FailNamingFile, FailUnlessFile, MarkSleep, MarkUntilGate,
                         PadLength, SelfAlarm, Sleep, SpawnPadded, SpawnWhenGateOpens)
 from tests.jobs_numpy import FirstDraw
@@ -1246,14 +1246,15 @@ def test_a_cancel_of_a_run_that_had_ended_does_not_stop_its_jobs_rerun(tmp_path)
     """cancel_job reached a pool process just after a job's run there had ended (its report
     on its way), while a long sync job held the process's loop; the job's rerun, at attempt
     1 again, came to the same process: the request, named by (job_id, attempt), was taken
-    as the rerun's, and the rerun failed "Cancelled" though no one cancelled it."""
+    as the rerun's, and the rerun failed "Cancelled" though no one cancelled it. A run is
+    named by its queue member too, new at each enqueue."""
     from elric.pool import Pool
 
     marks, gate = tmp_path / "marks", tmp_path / "gate"
 
-    def claim(job_id, func, args, reruns=0):
+    def claim(job_id, func, args, member=""):
         return Claim(job_id, 1, func, msgpack.packb(args), msgpack.packb({}), None, 0,
-                     "default", None, reruns=reruns)
+                     "default", None, member=member)
 
     async def main():
         pool = Pool(1, async_slots=1, sync_batch=lambda: 10,
@@ -1284,7 +1285,7 @@ def test_a_cancel_of_a_run_that_had_ended_does_not_stop_its_jobs_rerun(tmp_path)
                      what="x ran, y holds the process")
             assert pool.cancel(lost)   # the worker has not read x's report yet
             assert (await outcome("lost")).ok
-            rerun = claim("x", mark, [str(marks)], reruns=1)
+            rerun = claim("x", mark, [str(marks)], member="0000000000000002:x")
             pool.withdraw_waiting()   # z, sent with the rerun: once z is back, the rerun is
             pool.start(rerun, done("rerun"))   # in the process, behind y
             pool.flush()
@@ -2130,107 +2131,91 @@ def _run_in_process_worker(redis_url, body) -> None:
     asyncio.run(main())
 
 
-def test_a_reruns_first_attempt_waits_while_a_lost_run_of_the_job_runs_here():
-    """A lost attempt 1 of a job still ran in this worker's pool when the worker fetched
-    the job's rerun, at attempt 1 again: "a first attempt has no earlier run here" sent it
-    to the pool, which holds one run per job, and the old run's entry was overwritten."""
-    w = _in_process_worker()
-    started = []
-    w.pool.holds = lambda job_id: job_id == "x"   # the lost run
-    w.pool.start = lambda claim, done, suspect=False: started.append(claim)
-    rerun = Claim("x", 1, "tests.jobs:Add", msgpack.packb([1, 2]), msgpack.packb({}), None, 0,
-                  "default", None, reruns=1, held_until=time.monotonic() + 30)
-    w.buffer.append(rerun)
-    w._dispatch()
-    assert (started, list(w.buffer)) == ([], [rerun])
-    # its heartbeat renews the rerun's claim, which then starts, not the lost run's
-    lost = Claim("x", 1, "tests.jobs:Add", b"", b"", None, 0, "default", None)
-    w.pool.claims = lambda: [lost]
-    sent = []
+AGAIN_BY = pytest.mark.parametrize("again_by", ["rerun", "resubmit"])
 
-    async def beat():
-        beaten = asyncio.Event()
+
+@AGAIN_BY
+def test_a_first_attempt_waits_while_a_lost_run_of_its_job_id_runs_here(redis_url, again_by):
+    """A lost attempt 1 of a job still ran in this worker's pool when the worker fetched
+    the job's rerun, or a job submitted since under its id, at attempt 1 again: "a first
+    attempt has no earlier run here" sent it to the pool, which holds one run per job, and
+    the old run's entry was overwritten."""
+    from elric.queue import RedisQueue
+
+    async def body(w, r):
+        lost, again = await lost_run_and_next(RedisQueue(r, KEYS), r, again_by,
+                                              w.worker_id, w.worker_id)
+        started = []
+        w.pool.holds = lambda job_id: job_id == "x"   # the lost run
+        w.pool.start = lambda claim, done, suspect=False: started.append(claim)
+        again.held_until = time.monotonic() + 30
+        w.buffer.append(again)
+        w._dispatch()
+        assert (started, list(w.buffer)) == ([], [again])
+        # its heartbeat renews the new run's claim, which then starts, not the lost run's
+        w.pool.claims = lambda: [lost]
+        sent, beaten = [], asyncio.Event()
 
         async def heartbeat(worker_id, claims, *args):
             sent.append(claims)
             beaten.set()
             raise ConnectionError("one beat is enough")
-        w.queue = SimpleNamespace(heartbeat=heartbeat)
-        beating = asyncio.create_task(w._heartbeat_loop())
-        await asyncio.wait_for(beaten.wait(), 10)
-        beating.cancel()
-    asyncio.run(beat())
-    assert sent[0] == [rerun]
-    w.pool.holds = lambda job_id: False   # the lost run ended
-    w._dispatch()
-    assert (started, list(w.buffer)) == ([rerun], [])
+        await _beat_until(w, heartbeat, beaten)
+        assert sent[0] == [again]
+        w.pool.holds = lambda job_id: False   # the lost run ended
+        w._dispatch()
+        assert (started, list(w.buffer)) == ([again], [])
+    _run_in_process_worker(redis_url, body)
 
 
-def test_a_reruns_claim_a_lost_fetch_made_is_given_back_beside_a_lost_run(redis_url):
+@AGAIN_BY
+def test_a_claim_a_lost_fetch_made_is_given_back_beside_a_lost_run_of_its_id(redis_url,
+                                                                            again_by):
     """A lost run of a job still ran here when a fetch whose reply was lost claimed the job's
-    rerun, at attempt 1 again: taken as the lost run's claim, it was known, and waited out
-    its lease to run as a second attempt."""
-    from elric.queue import Outcome, RedisQueue
+    rerun, or a job submitted since under its id, at attempt 1 again: taken as the lost
+    run's claim, it was known, and waited out its lease to run as a second attempt."""
+    from elric.queue import RedisQueue
 
     async def body(w, r):
         w.queue = RedisQueue(r, KEYS)
-        await w.queue.enqueue([normalize_spec({"func": "tests.jobs:Add", "args": [1, 2],
-                                               "job_id": "x"})])
-        [lost] = (await w.queue.fetch(w.worker_id, w.queues, 1, 30)).claims
-        await w.queue.finish(w.worker_id, [Outcome("x", 1, True, b"\x03", 1)])
-        await w.queue.rerun("x")
+        lost, _ = await lost_run_and_next(w.queue, r, again_by, w.worker_id, w.worker_id)
         w.pool.claims = lambda: [lost]   # the lost run goes on in the pool
-        w._unsure_since = time.monotonic()
-        await w.queue.fetch(w.worker_id, w.queues, 1, 30)   # its reply was lost
+        w._unsure_since = time.monotonic()   # the fetch's reply was lost
         await w._release_unknown()
         job = await w.queue.get_job("x")
         assert (job["status"], job["attempts"]) == ("queued", 0), job
     _run_in_process_worker(redis_url, body)
 
 
-def test_a_claim_the_jobs_rerun_took_over_is_lost_to_the_heartbeat(redis_url):
+@AGAIN_BY
+def test_a_claim_its_jobs_next_run_took_over_is_lost_to_the_heartbeat(redis_url, again_by):
     """A claim waited here past its lease (the worker cut off): its job ran elsewhere and
-    was rerun, and a fetch whose reply was lost claimed the rerun here, at attempt 1 again.
-    The heartbeat, which named the claim by (job_id, attempt), renewed the rerun's lease in
-    the old claim's name: the old claim, lost, started, beside the rerun given back."""
-    import redis.asyncio as aredis
+    was rerun, or deleted and submitted again under its id, and a fetch whose reply was lost
+    claimed the new run here, at attempt 1 again. The heartbeat, which named the claim by
+    (job_id, attempt), renewed the new run's lease in the old claim's name: the old claim,
+    lost, started, beside the new run given back."""
+    from elric.queue import RedisQueue
 
-    from elric.queue import Outcome, RedisQueue
+    async def body(w, r):
+        q = w.queue = RedisQueue(r, KEYS)
+        old, _ = await lost_run_and_next(q, r, again_by, w.worker_id, w.worker_id)
+        w.buffer.append(old)   # waited here; its lease ran out
+        w._unsure_since = time.monotonic()   # the new run's fetch reply was lost
+        calls, twice = [], asyncio.Event()
 
-    async def main():
-        r = aredis.Redis.from_url(redis_url)
-        try:
-            w = _in_process_worker()
-            q = w.queue = RedisQueue(r, KEYS)
-            await q.enqueue([normalize_spec({"func": "tests.jobs:Add", "args": [1, 2],
-                                             "job_id": "x"})])
-            [old] = (await q.fetch(w.worker_id, w.queues, 1, 30)).claims
-            w.buffer.append(old)   # waits here; its lease runs out
-            await r.zadd(KEYS.inflight, {"x": 0}, xx=True)
-            await q.recover()
-            [elsewhere] = (await q.fetch("other", w.queues, 1, 30)).claims
-            await q.finish("other", [Outcome("x", elsewhere.attempt, True, b"\x03", 1)])
-            await q.rerun("x")
-            [rerun] = (await q.fetch(w.worker_id, w.queues, 1, 30)).claims   # reply lost
-            assert (rerun.attempt, rerun.reruns) == (old.attempt, 1)
-            w._unsure_since = time.monotonic()
-            calls, twice = [], asyncio.Event()
-
-            async def heartbeat(worker_id, claims, *args):
-                calls.append(claims)
-                if len(calls) == 2:   # the first reply was applied
-                    twice.set()
-                return await q.heartbeat(worker_id, claims, *args)
-            await _beat_until(w, heartbeat, twice)
-            assert calls[0] == [old] and list(w.buffer) == [], (calls, w.buffer)
-            started = []
-            w.pool.holds = lambda job_id: False
-            w.pool.start = lambda claim, done, suspect=False: started.append(claim)
-            w._dispatch()
-            assert started == []
-        finally:
-            await r.aclose()
-    asyncio.run(main())
+        async def heartbeat(worker_id, claims, *args):
+            calls.append(claims)
+            if len(calls) == 2:   # the first reply was applied
+                twice.set()
+            return await q.heartbeat(worker_id, claims, *args)
+        await _beat_until(w, heartbeat, twice)
+        assert calls[0] == [old] and list(w.buffer) == [], (calls, w.buffer)
+        started = []
+        w.pool.holds = lambda job_id: False
+        w.pool.start = lambda claim, done, suspect=False: started.append(claim)
+        w._dispatch()
+        assert started == []
+    _run_in_process_worker(redis_url, body)
 
 
 def test_the_claims_of_a_fetch_behind_a_failed_wait_are_given_back(redis_url):

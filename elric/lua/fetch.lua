@@ -5,9 +5,11 @@
 --       prefix, limit parked prefix, limit hold prefix, lease (ms), worker id, limit, start
 --       (how many of them it can start now: a job of a limited key is claimed only within
 --       that, so a claim waiting behind others holds no slot), n, then n triples of
---       job_id, attempt, reruns (claims of this worker whose run has ended), then queues...
+--       job_id, attempt, member (Claim.run: claims of this worker whose run has ended),
+--       then queues...
 -- Returns {jobs, wait}: per job {job_id, attempt, func, args, kwargs, timeout, max_retries,
---   queue, dedupe_scope, batch, round, limit_key, reruns}; wait: ms until parked jobs are looked at
+--   queue, dedupe_scope, batch, round, limit_key, reruns, member (its queue member: new at
+--   each enqueue, it names the run)}; wait: ms until parked jobs are looked at
 --   again (-1: none parked; 0: more in line than one call looks at); then the keys passed
 --   over for holding another type (a queue: its jobs wait; a job's hash: out of its line).
 -- Invariant: a claimed job is running under this worker, with a lease in inflight that
@@ -96,13 +98,13 @@ local function park(lk, m, score, member, queue)
 end
 
 -- Runs that ended free their slots; their keys' parked jobs are due at once. A run is its
--- attempt and reruns: a lost run of a job may end here while this worker holds its rerun.
+-- attempt and member: a lost run may end here while this worker holds the job's next run.
 if limited then
   for i = 13, FIRST_QUEUE - 1, 3 do
     local id = ARGV[i]
     local f = redis.call('HMGET', jp .. id, 'status', 'attempts', 'worker', 'limit_key',
-                         'queue', 'reruns')
-    if f[1] == 'running' and f[2] == ARGV[i + 1] and (f[6] or '0') == ARGV[i + 2]
+                         'queue', 'member')
+    if f[1] == 'running' and f[2] == ARGV[i + 1] and f[6] == ARGV[i + 2]
         and f[3] == worker and f[4]
         and redis.call('SREM', rp .. f[4], id) == 1
         and redis.call('ZSCORE', KEYS[4], f[4]) then
@@ -218,7 +220,8 @@ while #out < limit and budget > 0 and not stop do
           started, waited = started + 1, waited + math.max(0, clock - tonumber(f[10]))
         end
         out[#out + 1] = {id, attempt, f[1], f[2] or '', f[3] or '', f[4] or '', f[5] or '0',
-                         f[6], f[7] or '', f[8] or '', f[9] or '', f[11] or '', f[14] or '0'}
+                         f[6], f[7] or '', f[8] or '', f[9] or '', f[11] or '', f[14] or '0',
+                         member}
       end
     end
   end

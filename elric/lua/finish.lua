@@ -8,16 +8,16 @@
 --       prefix, then per job: job_id, attempt, outcome ('ok' | 'err' | 'cancel': stopped
 --       by cancel.lua's request), payload (result bytes | traceback),
 --       duration (ms), the histogram field that duration counts in ('le:{ms}', from
---       elric/jobstats.py), retry delay (ms; -1: no retry), the job's run (its reruns
---       when it was fetched), hold (ms its server asked to wait: Retry-After; 0: none)
+--       elric/jobstats.py), retry delay (ms; -1: no retry), the job's run (the queue
+--       member it was fetched as), hold (ms its server asked to wait: Retry-After; 0: none)
 -- Returns per job its new status, or 'stale' for a job this worker no longer holds (it was
 -- redelivered elsewhere or removed): that outcome is dropped; then the keys it left alone
 -- for holding another type (a job's hash: its outcome is dropped; a stats or round hash).
 -- A call sent again (its reply was lost) answers the status its first run recorded, but
 -- `stale` for one it cancelled.
--- Invariant: only the worker, run and attempt that hold the job record it (a rerun counts
--- its attempts from 1 again: a lost run of an earlier one has the same attempt, maybe on the
--- same worker). A job that failed for good
+-- Invariant: only the worker, run and attempt that hold the job record it (a rerun, or a job
+-- of a reused id, counts its attempts from 1 again: a lost earlier run has the same attempt,
+-- maybe on the same worker, not the same queue member). A job that failed for good
 -- gives its dedupe key back to an exact filter in the same step if the master that queued
 -- it said so (`release_key`: DEDUPE_RELEASE_ON_FAILURE), once (with DEDUPE_TTL, unless the
 -- key expired and a later job took it). A job with a limit
@@ -63,9 +63,9 @@ for i = 16, #ARGV, 9 do
   local read, f = pcall(redis.call, 'HMGET', jk, 'status', 'attempts', 'queue', 'batch',
                        'max_retries', 'error', 'dedupe_key', 'dedupe_scope', 'limit_key',
                        'round', 'func', 'cancel', 'worker', 'enqueued_at', 'release_key',
-                       'reruns')
+                       'member')
   if not read then broken[jk], f = true, {} end
-  local ours = f[2] == attempt and f[13] == worker and (f[16] or '0') == run
+  local ours = f[2] == attempt and f[13] == worker and f[16] == run
   if f[1] ~= 'running' or not ours then
     -- recorded by this call's first run (a requeued job has no worker; one that
     -- requeue_due ended cancelled keeps its worker, who recorded nothing)

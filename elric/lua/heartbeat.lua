@@ -3,15 +3,16 @@
 -- KEYS: inflight, workers, the worker's hash
 -- ARGV: job prefix, lease (ms), worker id, n, then n field/value pairs for the worker's hash
 --       (the whole of it: host, pid, queues, concurrency, version, state, counters, load),
---       then per job: job id, attempt, reruns (Claim.run)
+--       then per job: job id, attempt, member (Claim.run)
 -- Returns {lost, cancel, control}: the ids of the jobs the worker no longer holds in that
 --   run (redelivered, removed, finished, rerun), which it must not start; of those it holds
 --   that cancel.lua asked to stop; and what an operator asked of the worker (the hash's
 --   paused, stop, set_queues and set_concurrency fields, as control_worker wrote them);
 --   then the keys passed over for holding another type (a job's hash: that job is lost;
 --   the worker's hash: nothing written to it, no control read).
--- Invariant: a lease is extended only for the worker, and run, that holds the job: a rerun
--- counts its attempts from 1 again, so a claim of an earlier run never renews it.
+-- Invariant: a lease is extended only for the worker, and run, that holds the job: a rerun,
+-- or a job of a reused id, counts its attempts from 1 again under a new queue member (each
+-- enqueue writes one), so a claim of an earlier run never renews it.
 local now = now_ms()
 -- A registered worker's first write grows nothing (EXPIRE): Redis refuses a script under
 -- maxmemory only at a first write that may. Else a full Redis refuses every lease renewal
@@ -23,10 +24,9 @@ local lost, cancel = {}, {}
 local broken = {}   -- keys of another type (an operator overwrote them): named in the reply
 for i = 5 + 2 * n, #ARGV, 3 do
   local read, f = pcall(redis.call, 'HMGET', jp .. ARGV[i], 'status', 'worker', 'attempts',
-                        'cancel', 'reruns')
+                        'cancel', 'member')
   if not read then broken[#broken + 1], f = jp .. ARGV[i], {} end   -- lost, as if removed
-  if f[1] == 'running' and f[2] == worker and f[3] == ARGV[i + 1] and
-      (f[5] or '0') == ARGV[i + 2] then
+  if f[1] == 'running' and f[2] == worker and f[3] == ARGV[i + 1] and f[5] == ARGV[i + 2] then
     redis.call('ZADD', KEYS[1], 'XX', deadline, ARGV[i])
     if f[4] then cancel[#cancel + 1] = ARGV[i] end
   else

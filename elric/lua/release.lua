@@ -7,7 +7,7 @@
 --       limits due, queues
 -- ARGV: job prefix, queue prefix, wake prefix, worker id, delay (ms; '' = at once),
 --       reason, failed ttl (s), limit running prefix, limit parked prefix, round prefix,
---       batch stats prefix, func stats prefix, then triples job_id, attempt, reruns
+--       batch stats prefix, func stats prefix, then Claim.run triples: job_id, attempt, member
 -- Returns how many jobs went back (those cancelled do not count); with a delay they count
 --   in the counters' `handed_back`.
 -- Invariant: only the worker holding that run and attempt gives a job back, and its limit key's
@@ -23,8 +23,8 @@ for i = 13, #ARGV, 3 do
   local id = ARGV[i]
   local jk = jp .. id
   local f = redis.call('HMGET', jk, 'status', 'attempts', 'worker', 'cancel', 'limit_key',
-                       'queue', 'reruns')
-  local ours = f[2] == ARGV[i + 1] and (f[7] or '0') == ARGV[i + 2] and f[3] == worker
+                       'queue', 'member')
+  local ours = f[2] == ARGV[i + 1] and f[7] == ARGV[i + 2] and f[3] == worker
   if f[1] == 'running' and ours and f[4] then
     redis.call('ZREM', KEYS[1], id)
     redis.call('ZREM', KEYS[2], id)
