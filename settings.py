@@ -129,7 +129,7 @@ DEDUPE_RELEASE_ON_FAILURE = False
 # Seconds the dedupe scope of one fire of a periodic job ("@fire") is kept.
 DEDUPE_ROUND_TTL = 86400
 
-# "set" and "redis-bloom" backends: seconds after which a key taken for a job that was never
+# Every backend: seconds after which a key taken for a job that was never
 # queued (its call failed, or its master died, and the key stayed taken) goes to the next
 # job with it. Keep it well above
 # the longest a submit can take (at most 2**31).

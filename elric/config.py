@@ -81,7 +81,7 @@ KEYS: dict[str, Key] = {
     "DEDUPE_RELEASE_ON_FAILURE": Key(False, (bool,), "release the key of a job that failed for "
                                                      "good (set backend only)"),
     "DEDUPE_ROUND_TTL": Key(86400, (int,), "seconds a per-fire dedupe scope is kept"),
-    "DEDUPE_TAKEOVER_AFTER": Key(600, (int, float), "set, redis-bloom: seconds after which a key "
+    "DEDUPE_TAKEOVER_AFTER": Key(600, (int, float), "seconds after which a key "
                                  "taken for a job never queued goes to the next job with it"),
     "BLOOM_CAPACITY": Key(1_000_000, (int,), "items a Bloom filter is sized for"),
     "BLOOM_ERROR_RATE": Key(0.001, (float,), "false-positive rate a Bloom filter keeps"),

@@ -110,7 +110,8 @@ class DedupeFilter(ABC):
         Nothing is counted ``filtered``: see ``count``."""
 
     def _notes(self, scope: str, keys: list[str]) -> list[str]:
-        return [self.keys.dedupe_taking(Keys.taker_note(scope, k)) for k in keys]
+        p = self.keys.dedupe_taking(Keys.taker_note(scope, ""))
+        return [p + k for k in keys]
 
     async def owned(self, scope: str, keys: list[str], owners: list[str]) -> list[bool]:
         """Per key: whether ``check_and_add`` let it through for that owner, and neither
@@ -360,8 +361,9 @@ class BloomFilter(DedupeFilter):
     name = "bloom"
 
     def __init__(self, redis, keys: Keys, *, capacity: int, error_rate: float,
-                 snapshot_interval: float) -> None:
+                 snapshot_interval: float, takeover_after: float = TAKEOVER_AFTER) -> None:
         super().__init__(redis, keys)
+        self._takeover_ms = int(takeover_after * 1000)
         self.capacity = capacity
         self.error_rate = error_rate
         self.snapshot_interval = snapshot_interval
@@ -510,11 +512,16 @@ class BloomFilter(DedupeFilter):
                 taking.add(k)
         took = [k for k, new in zip(keys, out) if new]
         try:
-            if owners is not None and took:
-                # noted before they go in: a snapshot holds no key whose taker is unknown, so
-                # the resend of a job whose master died before queueing it is not filtered
-                await self._note(args=[self.keys.dedupe_taking(""), TAKING_TTL_MS, scope,
-                                       *took, *(o for o, new in zip(owners, out) if new)])
+            # noted before they go in: a snapshot holds no key whose taker is unknown, so the
+            # resend of a job whose master died before queueing it is not filtered, nor past
+            # the takeover age one under another id. Seen keys nearly never have a note (their
+            # job was queued): a batch of them only asks whether any has, more cheaply
+            if owners is not None and (took or await self.redis.exists(
+                    *self._notes(scope, keys))):
+                got = await self._note(args=[
+                    self.keys.dedupe_taking(""), TAKING_TTL_MS + self._takeover_ms,
+                    self._takeover_ms, scope, bytes(48 + new for new in out), *keys, *owners])
+                out = [v == 49 for v in got]   # b"1"
             for k in took:
                 f.put(k)
         finally:
@@ -716,6 +723,6 @@ def make_filter(backend: str, redis, keys: Keys, *,
         return SetFilter(redis, keys, set_ttl=set_ttl, takeover_after=takeover_after)
     if backend == "bloom":
         return BloomFilter(redis, keys, capacity=capacity, error_rate=error_rate,
-                           snapshot_interval=snapshot_interval)
+                           snapshot_interval=snapshot_interval, takeover_after=takeover_after)
     return RedisBloomFilter(redis, keys, capacity=capacity, error_rate=error_rate,
                             takeover_after=takeover_after)

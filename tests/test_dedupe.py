@@ -78,6 +78,24 @@ def test_new_then_seen_and_duplicates_in_one_call(redis_url, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_a_key_whose_taker_note_is_past_the_takeover_age_goes_to_the_next_job_once(
+        redis_url, backend):
+    """A key taken for a job never queued (its note left) goes, past the takeover age, to
+    the next job asking for it, once: in a call of seen keys only and in one with new keys
+    (`bloom` kept it for good under a new id)."""
+    async def body(f, r):
+        assert await f.check_and_add("s", ["a", "b"], ["J", "K"]) == [True, True]
+        for k in ("a", "b"):   # aged past the takeover age: waiting is no test
+            note = KEYS.dedupe_taking(Keys.taker_note("s", k))
+            await r.pexpire(note, await r.pttl(note) - 61_000)
+        assert await f.check_and_add("s", ["a", "a"], ["L", "M"]) == [True, False]
+        assert await f.check_and_add("s", ["c", "b", "b"], ["N", "O", "P"]) == [True, True, False]
+        assert await f.owned("s", ["a", "b", "c"], ["L", "O", "N"]) == [True] * 3
+        assert await f.check_and_add("s", ["a", "b", "c"], ["Q", "R", "S"]) == [False] * 3
+    run(with_filter(redis_url, backend, body, capacity=1000, takeover_after=60))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_scopes_are_independent_and_drop_scope_forgets(redis_url, backend):
     async def body(f, r):
         assert await f.check_and_add("round-1", ["x", "y"]) == [True, True]

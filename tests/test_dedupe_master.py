@@ -741,25 +741,27 @@ def test_a_bloom_batch_whose_master_died_before_queueing_it_is_queued_on_resend(
         proxy.close()
 
 
-def test_a_redis_bloom_key_whose_job_was_never_queued_goes_to_a_resend_under_a_new_id(
-        make_cluster, redis_url):
-    """`redis-bloom`: a master SIGKILLed between the filter and the queue left the key
-    taken for a job that never existed. A resend under a new job_id (a client that lets the
-    master or `Job.submit` pick ids, as a rerun parent's children do) was "filtered" for
-    good: the job was lost. As with `set`, past DEDUPE_TAKEOVER_AFTER the next job with the
-    key takes it over, once."""
+@pytest.mark.parametrize("backend", ["redis-bloom", "bloom"])
+def test_a_bloom_key_whose_job_was_never_queued_goes_to_a_resend_under_a_new_id(
+        make_cluster, redis_url, backend):
+    """A master SIGKILLed between the filter and the queue left the key taken for a job
+    that never existed (`bloom`: in the snapshot the restarted master loads). A resend under
+    a new job_id (a client that lets the master or `Job.submit` pick ids, as a rerun
+    parent's children do) was "filtered" for good: the job was lost. As with `set`, past
+    DEDUPE_TAKEOVER_AFTER the next job with the key takes it over, once."""
     port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
     proxy = HoldingProxy(port, enqueue_sha())
     r = redis.Redis.from_url(redis_url)
+    settings = {"FILTER_BACKEND": backend, "DEDUPE_TAKEOVER_AFTER": 1}
     try:
         c = make_cluster(REDIS_URL=f"redis://127.0.0.1:{proxy.port}/0",
-                         FILTER_BACKEND="redis-bloom", DEDUPE_TAKEOVER_AFTER=1)
+                         BLOOM_SNAPSHOT_INTERVAL=0.2, **settings)
         spec = Echo.spec(["p"], dedupe_key="http://x/9")      # no job_id: a fresh one each time
         submit_as_its_master_dies(
             c, lambda cl: cl.submit_job(spec),
             lambda: r.hget(f"{PREFIX}:dedupe:stats:global", "items") == b"1",
             "the filter took the key")
-        other = make_cluster(FILTER_BACKEND="redis-bloom", DEDUPE_TAKEOVER_AFTER=1)
+        other = make_cluster(**settings)
         other.start_master()
         first = wait_for(lambda: (lambda got: got if got["status"] == "queued" else None)(
             other.client.submit_job(spec)), what="a resend queued")
