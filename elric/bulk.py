@@ -253,7 +253,9 @@ class Bulk:
                     "queue": job["queue"], "priority": job["priority"],
                     "max_retries": job["max_retries"], "job_id": f"{job_id}~{op}",
                     **{key: job[key] for key in ("batch", "timeout", "limit_key", "limit_interval",
-                                                 "dedupe_scope") if job.get(key)}}
+                                                 "dedupe_scope") if job.get(key)},
+                    # a fire's scope is its round's only: the copy joins it, as its child
+                    **({"round": job["round"], "parent": job_id} if job.get("round") else {})}
             try:   # one refused copy (e.g. its id over 200 characters) must not stop the rest
                 self.admission.normalize(spec)
             except SpecError as exc:

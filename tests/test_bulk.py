@@ -254,3 +254,29 @@ def test_a_cancel_whose_filter_matches_only_ended_jobs_says_so_and_exits_1(clust
         "touched": 0, "skipped": 3, "errors": [said]}, out.stdout
     out = elric(cluster, "cancel", "--queue", "nobody", "--status", "failed")   # none match
     assert (out.returncode, out.stdout) == (0, "cancel: 0 jobs done, 0 skipped\n"), out
+
+
+def test_a_copy_of_a_periodic_fires_jobs_is_of_its_round(redis_url):
+    """A copy keeps its source's dedupe scope; a fire's "@fire" scope is only for jobs of
+    its round, and the copy had none: every copy of a periodic crawl's page was refused,
+    and the whole copy with it (exit 2)."""
+    import asyncio
+
+    from tests.test_dedupe_keys_given_back import master
+
+    async def main():
+        async with master(redis_url) as m:
+            await m.submit_jobs([Echo.spec(job_id="tick", trigger=every(hours=1),
+                                           dedupe_scope="@fire", queue="copyq")])
+            fire = (await m.run_job("tick", 10))["fire_id"]
+            await m.submit_jobs([{"func": "tests.jobs:Echo", "job_id": "page", "parent": fire,
+                                  "round": fire, "dedupe_scope": fire, "queue": "copyq"}])
+            queued_at = (await m.get_job("page"))["enqueued_at"]
+            # a copy passes over jobs queued since it began
+            await redis_clock_past(m.redis, queued_at + 0.002)
+            step = await m.bulk_jobs("copy", {"ids": [fire, "page"]}, "", "op1")
+            assert step["touched"] == 2, step
+            for source in (fire, "page"):
+                copy = await m.get_job(f"{source}~op1")
+                assert (copy["dedupe_scope"], copy["round"]) == (fire, fire), copy
+    asyncio.run(main())
