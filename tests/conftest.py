@@ -147,7 +147,8 @@ class Cluster:
         if wait:
             wait_for(lambda: not proc.alive() or any(
                 w["worker_id"] not in before and w.get("pid") == proc.pid
-                for w in self.client.stats()["workers"]), what="worker registered")
+                for w in self.client.stats()["workers"]), timeout=60,   # its pool starts too
+                what="worker registered")
             assert proc.alive(), proc.log()
         return proc
 

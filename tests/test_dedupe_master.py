@@ -535,10 +535,13 @@ def test_keyed_batch_costs_o1_round_trips(make_cluster, redis_url, backend):
     if backend == "set":
         assert log.script_cmds.get("SADD", 0) >= 1000
     assert log.script_cmds.get("HSET", 0) >= 1000   # the job hashes, written by ENQUEUE
-    # ... but the master sent a handful of commands, not one per job. (The master's
-    # housekeeping runs meanwhile too: a few commands a second.)
-    assert len(log.client_cmds) < 50, sorted(log.client_cmds)
-    assert log.client_cmds.count("EVALSHA") <= 4, log.client_cmds
+    # ... but the master sent a handful of commands, not one per job. Its housekeeping
+    # runs meanwhile too, more passes the slower the machine: each raises data_epoch once
+    # (INCRBY) and sends at most 15 commands, 5 scripts among them (and one cut in two by
+    # the log's start or end)
+    passes = log.client_cmds.count("INCRBY") + 1
+    assert len(log.client_cmds) < 50 + 15 * passes, sorted(log.client_cmds)
+    assert log.client_cmds.count("EVALSHA") <= 4 + 5 * passes, log.client_cmds
 
 
 # --- 9. a master killed between the filter and the queue -------------------------------------
