@@ -40,11 +40,11 @@ _current: ContextVar[_RunContext | None] = ContextVar("elric_current_job", defau
 in_pool_process = False
 
 
-def _child_job_id(parent_id: str, n: int, reruns: int = 0) -> str:
-    # Deterministic, so a parent that runs again after a crash resubmits the same ids and
-    # the master's idempotent submit does not double its children. A rerun is a new run:
-    # its children are new jobs.
-    name = f"{parent_id}/{n}" + (f"/{reruns}" if reruns else "")
+def _child_job_id(parent_id: str, n: int, enqueued_at: int = 0) -> str:
+    # The same for every attempt of a submission, so a parent that runs again after a crash
+    # resubmits the same ids and the master's idempotent submit does not double its
+    # children; a rerun, or the id submitted again after a delete, makes new ones.
+    name = f"{parent_id}/{n}/{enqueued_at}"
     digest = hashlib.blake2b(name.encode(), digest_size=12).hexdigest()
     return f"c{digest}"
 
@@ -167,7 +167,7 @@ class Job:
             spec.setdefault("parent", ctx.job_id)
             n = next(ctx.numbers)
             if not spec.get("job_id"):   # "" or None: a master would make up a random id
-                spec["job_id"] = _child_job_id(ctx.job_id, n, ctx.spec.get("reruns", 0))
+                spec["job_id"] = _child_job_id(ctx.job_id, n, ctx.spec.get("enqueued_at", 0))
             # a child shares its parent's dedupe scope, batch and round unless it names its own
             for key in ("dedupe_scope", "batch", "round"):
                 if ctx.spec.get(key) and key not in options:

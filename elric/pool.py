@@ -347,7 +347,7 @@ class Pool(Executor):
                             "func": claim.func, "args": claim.args, "kwargs": claim.kwargs,
                             "timeout": claim.timeout, "dedupe_scope": claim.dedupe_scope,
                             "batch": claim.batch, "round": claim.round,
-                            "reruns": claim.reruns, "member": claim.member})
+                            "enqueued_at": claim.enqueued_at, "member": claim.member})
         self._schedule_flush()
 
     def _schedule_flush(self) -> None:

@@ -70,7 +70,7 @@ class Claim:
     batch: str = ""
     round: str | None = None
     limit_key: str | None = None
-    reruns: int = 0   # times rerun asked for it again: a new run, whose children are new jobs
+    enqueued_at: int = 0   # ms; set by a submit or rerun alone: it names their children
     member: str = ""   # its queue member, new at each enqueue (submit, rerun, retry)
     held_until: float = 0.0   # time.monotonic() its lease surely lasts to (set by the worker)
     cancelling: bool = False   # cancel_job asked to stop this run (a heartbeat told)

@@ -66,6 +66,19 @@ class Spawn(Job):
         return {"children": ids}
 
 
+class SpawnThenFailOnce(Job):
+    """Submits `n` child Add jobs, writes their ids to ``path`` (a line per attempt), and
+    fails its first attempt."""
+
+    def run(self, n, path):
+        ids = [Add.submit(i, i) for i in range(n)]
+        with open(path, "a") as f:
+            f.write(" ".join(ids) + "\n")
+        if self.attempt == 1:
+            raise RuntimeError("first attempt fails after its submits")
+        return {"children": ids}
+
+
 class SpawnWhenGateOpens(Job):
     """Waits for the file `gate`, submits one child, then notes its end in `marks` (a line
     per run)."""

@@ -15,7 +15,8 @@ from elric.jobstats import COUNTERS
 from elric.rpc import RemoteError
 from tests.conftest import ROOT, wait_for
 from tests.jobs import (Add, Crash, Echo, FailUnlessFile, FailWide, MarkSleep, MarkUntilGate,
-                        OnQueueB, Record, Sized, Sleep, Spawn, SpawnFromThread, TupleKeys)
+                        OnQueueB, Record, Sized, Sleep, Spawn, SpawnFromThread, SpawnThenFailOnce,
+                        TupleKeys)
 from tests.jobs_async import AsyncAdd
 from tests.jobs_faults import AsyncSpawnLate, SpawnInBatches
 from tests.legacy import SCRIPT_PRELUDE, legacy_python
@@ -141,6 +142,39 @@ def test_a_parent_rerun_runs_its_children_again(cluster):
         assert (child["status"], child["result"], child["parent"]) == (
             "succeeded", 2 * i, "rerun-parent")
     wait_for(lambda: c.stats()["totals"]["succeeded"] == 8, what="eight jobs succeeded")
+
+
+def test_a_job_id_submitted_again_after_its_delete_runs_its_children_again(cluster):
+    """Child ids came from the parent id alone: a chosen id submitted again after its job
+    was deleted gave its children the old children's ids, still kept (RESULT_TTL), so they
+    were answered "existed" and never ran."""
+    cluster.start_worker("--concurrency", "2")
+    c = cluster.client
+    c.submit_job(Spawn.spec([3], job_id="crawl"))
+    first = cluster.wait_job("crawl")["result"]["children"]
+    for child_id in first:
+        assert cluster.wait_job(child_id)["status"] == "succeeded"
+    assert c.remove_job("crawl")
+    c.submit_job(Spawn.spec([3], job_id="crawl"))
+    again = cluster.wait_job("crawl")["result"]["children"]
+    assert not set(again) & set(first)
+    for i, child_id in enumerate(again):
+        assert (cluster.wait_job(child_id)["result"], c.get_job(child_id)["parent"]) == (
+            2 * i, "crawl")
+
+
+def test_a_retried_parent_sends_the_same_child_ids_again(cluster, tmp_path):
+    # A parent run again after a failure (or a crash after its children were sent) must
+    # not double its children: every attempt names them alike.
+    cluster.start_worker("--concurrency", "2")
+    seen = tmp_path / "ids"
+    cluster.client.submit_job(SpawnThenFailOnce.spec([3, str(seen)], job_id="p",
+                                                     max_retries=1))
+    parent = cluster.wait_job("p")
+    assert (parent["status"], parent["attempts"]) == ("succeeded", 2), parent
+    first, second = seen.read_text().splitlines()
+    assert first == second == " ".join(parent["result"]["children"])
+    wait_for(lambda: cluster.client.stats()["totals"]["succeeded"] == 4, what="4 jobs ran")
 
 
 def test_a_child_submitted_from_a_thread_the_job_started_is_refused_there(cluster):

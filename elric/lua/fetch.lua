@@ -8,8 +8,9 @@
 --       job_id, attempt, member (Claim.run: claims of this worker whose run has ended),
 --       then queues...
 -- Returns {jobs, wait}: per job {job_id, attempt, func, args, kwargs, timeout, max_retries,
---   queue, dedupe_scope, batch, round, limit_key, reruns, member (its queue member: new at
---   each enqueue, it names the run)}; wait: ms until parked jobs are looked at
+--   queue, dedupe_scope, batch, round, limit_key, enqueued_at (set by a submit or rerun
+--   alone: it names the children), member (its queue member: new at each enqueue, it
+--   names the run)}; wait: ms until parked jobs are looked at
 --   again (-1: none parked; 0: more in line than one call looks at); then the keys passed
 --   over for holding another type (a queue: its jobs wait; a job's hash: out of its line).
 -- Invariant: a claimed job is running under this worker, with a lease in inflight that
@@ -181,10 +182,9 @@ while #out < limit and budget > 0 and not stop do
     local jk = jp .. id
     local read, f = pcall(redis.call, 'HMGET', jk, 'func', 'args', 'kwargs', 'timeout',
                           'max_retries', 'queue', 'dedupe_scope', 'batch', 'round',
-                          'enqueued_at', 'limit_key', 'attempts', 'started_at', 'reruns',
-                          'limit_interval')
+                          'enqueued_at', 'limit_key', 'attempts', 'started_at', 'limit_interval')
     if not read then broken[jk], f = true, {} end   -- gone from its line, like a removed job
-    local iv = interval(f[15])
+    local iv = interval(f[14])
     local lk = f[6] and f[11]
     local m = lk and room(lk, iv)
     if m and #out >= start_now and m.free > 0 and m.next <= clock then
@@ -220,7 +220,7 @@ while #out < limit and budget > 0 and not stop do
           started, waited = started + 1, waited + math.max(0, clock - tonumber(f[10]))
         end
         out[#out + 1] = {id, attempt, f[1], f[2] or '', f[3] or '', f[4] or '', f[5] or '0',
-                         f[6], f[7] or '', f[8] or '', f[9] or '', f[11] or '', f[14] or '0',
+                         f[6], f[7] or '', f[8] or '', f[9] or '', f[11] or '', f[10] or '0',
                          member}
       end
     end
