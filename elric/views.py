@@ -213,17 +213,20 @@ def health(h: dict) -> None:
 def top(stats: dict) -> Group:
     """``elric top``'s screen: jobs now, the last minute, queues, busiest funcs, workers."""
     by = stats["by_status"]
-    now = Text("  ".join(f"{s} {by.get(s, 0)}" for s in (
+    # jobs in each status now; the queue and func tables count ends since the start (a
+    # job run again counts each time it ends)
+    now = Text("now: " + "  ".join(f"{s} {by.get(s, 0)}" for s in (
         "queued", "running", "retrying", "succeeded", "failed", "cancelled", "scheduled")))
     minute = (stats.get("throughput") or [{}, {}])[-2]   # the last whole minute
     rate = Text(f"last minute: {minute.get('succeeded', 0)} succeeded, "
                 f"{minute.get('failed', 0)} failed, {minute.get('retried', 0)} retried")
-    queues = _table(("queue", "waiting", "succeeded", "failed"), [
+    ended = ("succeeded (all time)", "failed (all time)")
+    queues = _table(("queue", "waiting", *ended), [
         (name, q["queued"], q["succeeded"], q["failed"])
         for name, q in sorted(stats["by_queue"].items())])
     busiest = sorted(stats.get("funcs", {}).items(),
                      key=lambda kv: (kv[1]["live"], kv[1]["last_at"] or 0), reverse=True)
-    funcs = _table(("func", "waiting", "running", "succeeded", "failed", "mean ms", "p95 ms"), [
+    funcs = _table(("func", "waiting", "running", *ended, "mean ms", "p95 ms"), [
         (name, f["waiting"], f["running"], f["succeeded"], f["failed"],
          "-" if f["mean_ms"] is None else f"{f['mean_ms']:.1f}",
          "-" if f["p95_ms"] is None else f"≤ {f['p95_ms']}") for name, f in busiest[:10]])

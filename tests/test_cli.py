@@ -1045,3 +1045,30 @@ def test_how_long_ago_a_job_or_a_schedule_shows_is_judged_by_redis_clock(cluster
         assert shown.returncode == 0, (command, shown.stdout, shown.stderr)
         assert wanted.search(shown.stdout) and " h ago" not in shown.stdout, \
             (command, shown.stdout)
+
+
+def failed_twice(cluster: Cluster):
+    """Job f1 of tests.jobs:Fail, retried once (two failed attempts), run again and failed
+    again: one job failed now, two failed ends, four failed attempts. Returns the worker."""
+    worker = cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job({"func": "tests.jobs:Fail", "job_id": "f1", "max_retries": 1})
+    assert cluster.wait_job("f1")["status"] == "failed"
+    assert elric(cluster, "rerun", "f1").returncode == 0
+    wait_for(lambda: cluster.client.get_job("f1")["status"] == "failed", what="f1 failing again")
+    return worker
+
+
+def row(out: str, first: str) -> list[str]:
+    """The cells of the table row (or line) of ``out`` that starts with ``first``."""
+    return next(line.split() for line in out.splitlines() if line.startswith(first))
+
+
+def test_top_tells_jobs_failed_now_from_failed_ends_of_all_time(cluster):
+    """`elric top` showed failed 1 in its header and failed 2 in its queue and func tables,
+    nothing saying the one is jobs failed now, the other every failed end since the start."""
+    failed_twice(cluster)
+    out = elric(cluster, "top", "--iterations", "1").stdout
+    assert "failed 1" in " ".join(row(out, "now:")), out
+    assert "failed (all time)" in out and "succeeded (all time)" in out, out
+    assert row(out, "default")[1:] == ["0", "0", "2"], out   # waiting, succeeded, failed
+    assert row(out, "tests.jobs:Fail")[1:5] == ["0", "0", "0", "2"], out
