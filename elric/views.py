@@ -110,6 +110,12 @@ def worker_counts(workers: list[dict]) -> dict[str, int]:
     return {"alive": len(states) - lost - stopped, "lost": lost, "stopped": stopped}
 
 
+def mean_start_latency_ms(totals: dict) -> float | None:
+    """From queued to a first start, on average: fetch.lua adds each first start's wait to
+    ``start_latency_ms`` and counts it in ``started`` (None: none yet)."""
+    return totals["start_latency_ms"] / totals["started"] if totals.get("started") else None
+
+
 def _master(h: dict) -> None:
     console.print(f"master {h.get('master_id', '')}: "
                   + ("ok" if h.get("ok") else "[red]NOT OK[/red]"))
@@ -192,8 +198,14 @@ def status(stats: dict, health: dict) -> None:
     for name, task in sorted(health.get("tasks", {}).items()):
         console.print(f"  {name}: {task.get('state', '')}", markup=False)
     console.print(_table(("status", "jobs"), sorted(stats.get("by_status", {}).items())))
-    totals = sorted(stats.get("totals", {}).items())
-    console.print("totals: " + ", ".join(f"{k} {v}" for k, v in totals))
+    # counts since the start (retrying: retried attempts), and the mean of the latency sum
+    totals = {("retried" if k == "retrying" else k): v for k, v in
+              stats.get("totals", {}).items() if k != "start_latency_ms"}
+    mean = mean_start_latency_ms(stats.get("totals", {}))
+    console.print("totals (all time): " + ", ".join(f"{k} {v}" for k, v in totals.items())
+                  + "; mean start latency " + ("-" if mean is None else
+                                               f"{mean:.0f} ms" if mean < 1000 else
+                                               _span(mean / 1000)))
     console.print("workers: " + ", ".join(
         f"{n} {state}" for state, n in worker_counts(stats.get("workers", [])).items()))
     troubled = [w["worker_id"] for w in stats.get("workers", []) if w.get("trouble")]

@@ -1072,3 +1072,16 @@ def test_top_tells_jobs_failed_now_from_failed_ends_of_all_time(cluster):
     assert "failed (all time)" in out and "succeeded (all time)" in out, out
     assert row(out, "default")[1:] == ["0", "0", "2"], out   # waiting, succeeded, failed
     assert row(out, "tests.jobs:Fail")[1:5] == ["0", "0", "0", "2"], out
+
+
+def test_status_shows_the_mean_start_latency_not_a_sum_of_milliseconds(cluster):
+    """`elric status` printed `start_latency_ms 112743133`, the sum over every first start,
+    which tells a person nothing; --json keeps the counters for scripts."""
+    import redis
+
+    with redis.Redis.from_url(cluster.redis_url) as r:   # 4 first starts, 7.8 h apart each
+        r.hset("elric:stats:counters", mapping={"started": 4, "start_latency_ms": 112743133})
+    out = elric(cluster, "status").stdout
+    assert "mean start latency 8 h" in out and "start_latency_ms" not in out, out
+    totals = json.loads(elric(cluster, "status", "--json").stdout)["stats"]["totals"]
+    assert (totals["started"], totals["start_latency_ms"]) == (4, 112743133), totals
