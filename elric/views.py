@@ -184,8 +184,8 @@ def workers(rows: list[dict], now: float | None = None) -> None:
     """Each worker with its load as of its last heartbeat (a lost one: its last); ``now``:
     Redis's, which stats() answers."""
     _rows(rows, "no workers", ("worker", "host", "pid", "queues", "processes", "CPU %",
-                               "RSS MiB", "in flight", "done", "failed", "last seen", "state",
-                               "trouble"),
+                               "RSS MiB", "in flight", "done", "failed attempts", "last seen",
+                               "state", "trouble"),
           lambda w: (w.get("worker_id", ""), w.get("host", ""), w.get("pid", ""),
                      w.get("queues", ""), w.get("concurrency", ""),
                      percent(w.get("cpu_percent")), mib(w.get("rss_bytes")),
@@ -245,8 +245,8 @@ def top(stats: dict) -> Group:
     # (stats() holds the latest funcs only, and counts the rest)
     if more := max(0, len(busiest) - 10) + stats.get("more", {}).get("funcs", 0):
         funcs = Group(funcs, Text(f"and {more} more funcs"))
-    workers = _table(("worker", "state", "processes", "CPU %", "in flight", "done", "failed",
-                      "last seen", "trouble"), [
+    workers = _table(("worker", "state", "processes", "CPU %", "in flight", "done",
+                      "failed attempts", "last seen", "trouble"), [
         (w["worker_id"], worker_state(w), w.get("concurrency", ""), percent(w.get("cpu_percent")),
          w.get("in_flight", "-"), w.get("done", "-"), w.get("failed", "-"),
          when(w.get("last_seen"), stats.get("now")), trouble(w)) for w in stats["workers"]])

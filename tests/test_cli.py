@@ -1058,7 +1058,7 @@ def failed_twice(cluster: Cluster):
     return worker
 
 
-def row(out: str, first: str) -> list[str]:
+def cells(out: str, first: str) -> list[str]:
     """The cells of the table row (or line) of ``out`` that starts with ``first``."""
     return next(line.split() for line in out.splitlines() if line.startswith(first))
 
@@ -1068,10 +1068,10 @@ def test_top_tells_jobs_failed_now_from_failed_ends_of_all_time(cluster):
     nothing saying the one is jobs failed now, the other every failed end since the start."""
     failed_twice(cluster)
     out = elric(cluster, "top", "--iterations", "1").stdout
-    assert "failed 1" in " ".join(row(out, "now:")), out
+    assert "failed 1" in " ".join(cells(out, "now:")), out
     assert "failed (all time)" in out and "succeeded (all time)" in out, out
-    assert row(out, "default")[1:] == ["0", "0", "2"], out   # waiting, succeeded, failed
-    assert row(out, "tests.jobs:Fail")[1:5] == ["0", "0", "0", "2"], out
+    assert cells(out, "default")[1:] == ["0", "0", "2"], out   # waiting, succeeded, failed
+    assert cells(out, "tests.jobs:Fail")[1:5] == ["0", "0", "0", "2"], out
 
 
 def test_status_shows_the_mean_start_latency_not_a_sum_of_milliseconds(cluster):
@@ -1085,3 +1085,15 @@ def test_status_shows_the_mean_start_latency_not_a_sum_of_milliseconds(cluster):
     assert "mean start latency 8 h" in out and "start_latency_ms" not in out, out
     totals = json.loads(elric(cluster, "status", "--json").stdout)["stats"]["totals"]
     assert (totals["started"], totals["start_latency_ms"]) == (4, 112743133), totals
+
+
+def test_a_workers_failed_column_says_it_counts_attempts(cluster):
+    """`elric workers` showed failed 296 beside 94 jobs failed: it counts failed attempts,
+    each retry's too, under the word the job counts use."""
+    failed_twice(cluster)
+    [w] = wait_for(lambda: [w for w in cluster.client.stats()["workers"] if w["failed"] == 4],
+                   what="the worker's heartbeat counting four failed attempts")
+    for command, i in ((["workers"], 8), (["top", "--iterations", "1"], 5)):
+        out = elric(cluster, *command).stdout
+        assert "failed attempts" in out, out
+        assert cells(out, w["worker_id"])[i:i + 2] == ["0", "4"], out   # done, failed
