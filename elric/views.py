@@ -110,6 +110,12 @@ def worker_counts(workers: list[dict]) -> dict[str, int]:
     return {"alive": len(states) - lost - stopped, "lost": lost, "stopped": stopped}
 
 
+def mean_start_latency_ms(totals: dict) -> float | None:
+    """From queued to a first start, on average: fetch.lua adds each first start's wait to
+    ``start_latency_ms`` and counts it in ``started`` (None: none yet)."""
+    return totals["start_latency_ms"] / totals["started"] if totals.get("started") else None
+
+
 def _master(h: dict) -> None:
     console.print(f"master {h.get('master_id', '')}: "
                   + ("ok" if h.get("ok") else "[red]NOT OK[/red]"))
@@ -178,8 +184,8 @@ def workers(rows: list[dict], now: float | None = None) -> None:
     """Each worker with its load as of its last heartbeat (a lost one: its last); ``now``:
     Redis's, which stats() answers."""
     _rows(rows, "no workers", ("worker", "host", "pid", "queues", "processes", "CPU %",
-                               "RSS MiB", "in flight", "done", "failed", "last seen", "state",
-                               "trouble"),
+                               "RSS MiB", "in flight", "done", "failed attempts", "last seen",
+                               "state", "trouble"),
           lambda w: (w.get("worker_id", ""), w.get("host", ""), w.get("pid", ""),
                      w.get("queues", ""), w.get("concurrency", ""),
                      percent(w.get("cpu_percent")), mib(w.get("rss_bytes")),
@@ -192,8 +198,14 @@ def status(stats: dict, health: dict) -> None:
     for name, task in sorted(health.get("tasks", {}).items()):
         console.print(f"  {name}: {task.get('state', '')}", markup=False)
     console.print(_table(("status", "jobs"), sorted(stats.get("by_status", {}).items())))
-    totals = sorted(stats.get("totals", {}).items())
-    console.print("totals: " + ", ".join(f"{k} {v}" for k, v in totals))
+    # counts since the start (retrying: retried attempts), and the mean of the latency sum
+    totals = {("retried" if k == "retrying" else k): v for k, v in
+              stats.get("totals", {}).items() if k != "start_latency_ms"}
+    mean = mean_start_latency_ms(stats.get("totals", {}))
+    console.print("totals (all time): " + ", ".join(f"{k} {v}" for k, v in totals.items())
+                  + "; mean start latency " + ("-" if mean is None else
+                                               f"{mean:.0f} ms" if mean < 1000 else
+                                               _span(mean / 1000)))
     console.print("workers: " + ", ".join(
         f"{n} {state}" for state, n in worker_counts(stats.get("workers", [])).items()))
     troubled = [w["worker_id"] for w in stats.get("workers", []) if w.get("trouble")]
@@ -213,25 +225,28 @@ def health(h: dict) -> None:
 def top(stats: dict) -> Group:
     """``elric top``'s screen: jobs now, the last minute, queues, busiest funcs, workers."""
     by = stats["by_status"]
-    now = Text("  ".join(f"{s} {by.get(s, 0)}" for s in (
+    # jobs in each status now; the queue and func tables count ends since the start (a
+    # job run again counts each time it ends)
+    now = Text("now: " + "  ".join(f"{s} {by.get(s, 0)}" for s in (
         "queued", "running", "retrying", "succeeded", "failed", "cancelled", "scheduled")))
     minute = (stats.get("throughput") or [{}, {}])[-2]   # the last whole minute
     rate = Text(f"last minute: {minute.get('succeeded', 0)} succeeded, "
                 f"{minute.get('failed', 0)} failed, {minute.get('retried', 0)} retried")
-    queues = _table(("queue", "waiting", "succeeded", "failed"), [
+    ended = ("succeeded (all time)", "failed (all time)")
+    queues = _table(("queue", "waiting", *ended), [
         (name, q["queued"], q["succeeded"], q["failed"])
         for name, q in sorted(stats["by_queue"].items())])
     busiest = sorted(stats.get("funcs", {}).items(),
                      key=lambda kv: (kv[1]["live"], kv[1]["last_at"] or 0), reverse=True)
-    funcs = _table(("func", "waiting", "running", "succeeded", "failed", "mean ms", "p95 ms"), [
+    funcs = _table(("func", "waiting", "running", *ended, "mean ms", "p95 ms"), [
         (name, f["waiting"], f["running"], f["succeeded"], f["failed"],
          "-" if f["mean_ms"] is None else f"{f['mean_ms']:.1f}",
          "-" if f["p95_ms"] is None else f"≤ {f['p95_ms']}") for name, f in busiest[:10]])
     # (stats() holds the latest funcs only, and counts the rest)
     if more := max(0, len(busiest) - 10) + stats.get("more", {}).get("funcs", 0):
         funcs = Group(funcs, Text(f"and {more} more funcs"))
-    workers = _table(("worker", "state", "processes", "CPU %", "in flight", "done", "failed",
-                      "last seen", "trouble"), [
+    workers = _table(("worker", "state", "processes", "CPU %", "in flight", "done",
+                      "failed attempts", "last seen", "trouble"), [
         (w["worker_id"], worker_state(w), w.get("concurrency", ""), percent(w.get("cpu_percent")),
          w.get("in_flight", "-"), w.get("done", "-"), w.get("failed", "-"),
          when(w.get("last_seen"), stats.get("now")), trouble(w)) for w in stats["workers"]])

@@ -1045,3 +1045,55 @@ def test_how_long_ago_a_job_or_a_schedule_shows_is_judged_by_redis_clock(cluster
         assert shown.returncode == 0, (command, shown.stdout, shown.stderr)
         assert wanted.search(shown.stdout) and " h ago" not in shown.stdout, \
             (command, shown.stdout)
+
+
+def failed_twice(cluster: Cluster):
+    """Job f1 of tests.jobs:Fail, retried once (two failed attempts), run again and failed
+    again: one job failed now, two failed ends, four failed attempts. Returns the worker."""
+    worker = cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job({"func": "tests.jobs:Fail", "job_id": "f1", "max_retries": 1})
+    assert cluster.wait_job("f1")["status"] == "failed"
+    assert elric(cluster, "rerun", "f1").returncode == 0
+    wait_for(lambda: cluster.client.get_job("f1")["status"] == "failed", what="f1 failing again")
+    return worker
+
+
+def cells(out: str, first: str) -> list[str]:
+    """The cells of the table row (or line) of ``out`` that starts with ``first``."""
+    return next(line.split() for line in out.splitlines() if line.startswith(first))
+
+
+def test_top_tells_jobs_failed_now_from_failed_ends_of_all_time(cluster):
+    """`elric top` showed failed 1 in its header and failed 2 in its queue and func tables,
+    nothing saying the one is jobs failed now, the other every failed end since the start."""
+    failed_twice(cluster)
+    out = elric(cluster, "top", "--iterations", "1").stdout
+    assert "failed 1" in " ".join(cells(out, "now:")), out
+    assert "failed (all time)" in out and "succeeded (all time)" in out, out
+    assert cells(out, "default")[1:] == ["0", "0", "2"], out   # waiting, succeeded, failed
+    assert cells(out, "tests.jobs:Fail")[1:5] == ["0", "0", "0", "2"], out
+
+
+def test_status_shows_the_mean_start_latency_not_a_sum_of_milliseconds(cluster):
+    """`elric status` printed `start_latency_ms 112743133`, the sum over every first start,
+    which tells a person nothing; --json keeps the counters for scripts."""
+    import redis
+
+    with redis.Redis.from_url(cluster.redis_url) as r:   # 4 first starts, 7.8 h apart each
+        r.hset("elric:stats:counters", mapping={"started": 4, "start_latency_ms": 112743133})
+    out = elric(cluster, "status").stdout
+    assert "mean start latency 8 h" in out and "start_latency_ms" not in out, out
+    totals = json.loads(elric(cluster, "status", "--json").stdout)["stats"]["totals"]
+    assert (totals["started"], totals["start_latency_ms"]) == (4, 112743133), totals
+
+
+def test_a_workers_failed_column_says_it_counts_attempts(cluster):
+    """`elric workers` showed failed 296 beside 94 jobs failed: it counts failed attempts,
+    each retry's too, under the word the job counts use."""
+    failed_twice(cluster)
+    [w] = wait_for(lambda: [w for w in cluster.client.stats()["workers"] if w["failed"] == 4],
+                   what="the worker's heartbeat counting four failed attempts")
+    for command, i in ((["workers"], 8), (["top", "--iterations", "1"], 5)):
+        out = elric(cluster, *command).stdout
+        assert "failed attempts" in out, out
+        assert cells(out, w["worker_id"])[i:i + 2] == ["0", "4"], out   # done, failed

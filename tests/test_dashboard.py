@@ -17,7 +17,7 @@ import pytest
 from elric.redis_server import free_port
 from elric.triggers import every
 from tests.conftest import wait_for
-from tests.test_cli import elric
+from tests.test_cli import elric, failed_twice
 from tests.jobs import Echo, Fail
 
 PASSWORD = "correct horse"
@@ -1345,3 +1345,33 @@ def test_an_action_checks_its_targets_kind_without_reading_results_or_runs(make_
     assert reads.count("HGETALL elric:schedule:tick") == 1 and not [
         c for c in reads if c.startswith("LRANGE")], reads
     assert cluster.client.get_job("tick")["paused"] is True
+
+
+def dashboard_failed_twice(make_cluster):
+    """A master with its dashboard on a free port, after tests.test_cli's failed_twice."""
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}")
+    cluster.start_master()
+    failed_twice(cluster)
+    return cluster, port
+
+
+def test_jobs_failed_now_and_failed_ends_of_all_time_are_told_apart(make_cluster):
+    """The overview's failed card (jobs failed now) and its queue table's failed (every
+    failed end since the start) showed 1 and 2 under the same word, as `elric top` did."""
+    _, port = dashboard_failed_twice(make_cluster)
+    overview, stats = (get(f"http://127.0.0.1:{port}{path}")[1] for path in ("/", "/stats"))
+    assert "<h2>Jobs now</h2>" in overview and re.search(
+        r'id="count-failed"><span class="muted">failed</span><b>1<', overview), overview
+    for html in (overview, stats):
+        assert '<th class="n">failed (all time)</th>' in html, html
+        assert '<td class="n">0</td><td class="n">2</td>' in html, html   # succeeded, failed
+
+
+def test_a_workers_failed_column_says_it_counts_attempts(make_cluster):
+    """The workers page's failed (4: a job retried once, run again) sat beside 1 job
+    failed, and its note called them jobs."""
+    cluster, port = dashboard_failed_twice(make_cluster)
+    wait_for(lambda: cluster.client.stats()["workers"][0]["failed"] == 4, what="a heartbeat")
+    html = get(f"http://127.0.0.1:{port}/workers")[1]
+    assert '<th class="n">failed attempts</th>' in html and 'failed">4</td>' in html, html
