@@ -92,9 +92,10 @@ class DedupeFilter(ABC):
     name: str
     can_release = False
 
-    def __init__(self, redis, keys: Keys) -> None:
+    def __init__(self, redis, keys: Keys, takeover_after: float) -> None:
         self.redis = redis
         self.keys = keys
+        self._takeover_ms = int(takeover_after * 1000)   # dedupe_taker_fn.lua's grace
         self._forget_gone = lua.load(redis, "dedupe_forget_gone")
         self._count = lua.load(redis, "dedupe_count")
         self._warned: set[str] = set()
@@ -213,9 +214,8 @@ class SetFilter(DedupeFilter):
 
     def __init__(self, redis, keys: Keys, *, set_ttl: float | None = None,
                  takeover_after: float = TAKEOVER_AFTER) -> None:
-        super().__init__(redis, keys)
+        super().__init__(redis, keys, takeover_after)
         self._ttl_ms = None if set_ttl is None else max(1, int(round(set_ttl * 1000)))
-        self._takeover_ms = int(takeover_after * 1000)
         self._script = lua.load(redis, "dedupe_set" if set_ttl is None else "dedupe_set_ttl",
                                 "dedupe_taker_fn")
 
@@ -362,8 +362,7 @@ class BloomFilter(DedupeFilter):
 
     def __init__(self, redis, keys: Keys, *, capacity: int, error_rate: float,
                  snapshot_interval: float, takeover_after: float = TAKEOVER_AFTER) -> None:
-        super().__init__(redis, keys)
-        self._takeover_ms = int(takeover_after * 1000)
+        super().__init__(redis, keys, takeover_after)
         self.capacity = capacity
         self.error_rate = error_rate
         self.snapshot_interval = snapshot_interval
@@ -570,8 +569,7 @@ class RedisBloomFilter(DedupeFilter):
 
     def __init__(self, redis, keys: Keys, *, capacity: int, error_rate: float,
                  takeover_after: float = TAKEOVER_AFTER) -> None:
-        super().__init__(redis, keys)
-        self._takeover_ms = int(takeover_after * 1000)
+        super().__init__(redis, keys, takeover_after)
         self.capacity = capacity
         self.error_rate = error_rate
         self.params = (f"v{self.VERSION} capacity={capacity} error_rate={error_rate!r} "

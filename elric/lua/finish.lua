@@ -100,23 +100,19 @@ for i = 16, #ARGV, 9 do
         before = '[... cut ...]\n' .. (at and string.sub(kept, at) or '')
       end
       local err = before .. this
-      if outcome == 'cancel' then
-        status, index = 'cancelled', KEYS[9]
-        redis.call('HSET', jk, 'status', status, 'error', err, 'finished_at', now,
-                   'duration_ms', duration)
-        redis.call('EXPIRE', jk, failed_ttl)
-      elseif retry >= 0 and tonumber(attempt) <= tonumber(f[5] or '0') then
+      if outcome ~= 'cancel' and retry >= 0 and tonumber(attempt) <= tonumber(f[5] or '0') then
         status, index = 'retrying', KEYS[7]
         redis.call('HSET', jk, 'status', status, 'error', err, 'duration_ms', duration,
                    'retry_at', now + retry)
         redis.call('ZADD', KEYS[5], now + retry, id)
-      else
+      else   -- ended: failed, or cancelled (never retried)
         status, index = 'failed', KEYS[4]
+        if outcome == 'cancel' then status, index = 'cancelled', KEYS[9] end
         redis.call('HSET', jk, 'status', status, 'error', err, 'finished_at', now,
                    'duration_ms', duration)
         redis.call('EXPIRE', jk, failed_ttl)
         -- a job run again (rerun) does not take its key again: give it back once only
-        if f[15] and f[7] then
+        if status == 'failed' and f[15] and f[7] then
           redis.call('HDEL', jk, 'release_key')
           local fk = dp .. (f[8] or 'global')
           local kind = redis.call('TYPE', fk)['ok']
