@@ -478,7 +478,7 @@ class RedisQueue:
         """Cancel a job (cancel.lua); returns the status it had, None when there is none."""
         k = self.keys
         was = await self._cancel(keys=[k.job(job_id), k.delayed, k.limits_parked,
-                                       k.status(Status.CANCELLED), k.counters],
+                                       k.status(Status.CANCELLED), k.counters, k.queues],
                                  args=[k.queue(""), k.status(""), job_id, k.limit_parked(""),
                                        k.round(""), self.failed_ttl, k.batch(""), k.func("")])
         return _s(was) if was else None

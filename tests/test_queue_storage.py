@@ -459,6 +459,38 @@ def test_a_job_put_back_in_line_lists_its_queue_again(redis_url):
     asyncio.run(with_queue(redis_url, body))
 
 
+async def forget_idle(q, r, name):
+    """Housekeeping forgets queue ``name``, as if idle for its whole retention."""
+    await r.hset(KEYS.counters, f"queue:{name}:last_at", 1)
+    await q.forget_old_names()
+    assert not await r.sismember(KEYS.queues, name)
+    fields = await r.hkeys(KEYS.counters)
+    assert not [f for f in fields if f.startswith(f"queue:{name}:".encode())]
+
+
+def test_a_job_cancelled_after_its_queue_was_forgotten_lists_it_again(redis_url):
+    """A job retrying, or running, all through its queue's retention that was then cancelled
+    counted in `queue:<q>:cancelled` of a queue no longer listed: housekeeping, which walks
+    only the listed queues, never forgot that field."""
+    async def body(q, r):
+        await q.enqueue([normalize_spec({"func": FUNC, "job_id": j, "queue": f"q-{j}",
+                                         "max_retries": 1}) for j in ("wait", "run", "due")])
+        claims = {c.job_id: c for c in (await q.fetch("w1", ["q-wait", "q-run", "q-due"],
+                                                      3, 30)).claims}
+        await q.finish("w1", [outcome(claims["wait"], False, "boom", retry_ms=3_600_000)])
+        for j in ("wait", "run", "due"):
+            await forget_idle(q, r, f"q-{j}")
+        assert await q.cancel("wait") == "retrying"
+        assert await q.cancel("run") == await q.cancel("due") == "running"
+        assert await q.release("w1", [claims["run"].run]) == 0   # ends cancelled
+        await r.zadd(KEYS.inflight, {"due": 0}, xx=True)          # its lease ran out
+        assert (await q.recover())[1] == ["due"]
+        for j in ("wait", "run", "due"):
+            assert (await q.get_job(j))["status"] == "cancelled"
+            await forget_idle(q, r, f"q-{j}")
+    asyncio.run(with_queue(redis_url, body))
+
+
 def test_a_heartbeat_renews_the_other_leases_beside_a_key_an_operator_overwrote(
         redis_url, caplog):
     """A job's or the worker's hash SET to a string made heartbeat.lua fail with WRONGTYPE

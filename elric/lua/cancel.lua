@@ -1,5 +1,5 @@
 -- Cancel a job: a queued or retrying one at once, a running one by asking its worker.
--- KEYS: the job's hash, delayed, parked counts, cancelled index, counters
+-- KEYS: the job's hash, delayed, parked counts, cancelled index, counters, queues
 -- ARGV: queue prefix, status index prefix, job_id, limit parked prefix, round prefix,
 --       failed ttl (s), batch stats prefix, func stats prefix
 -- Returns the status the job had (false: no such job). A queued or retrying job is now
@@ -7,7 +7,8 @@
 --   cancelled (finish.lua); a finished job is left alone.
 -- Invariant: a cancelled job is in no queue, parked set or delayed set, so it never runs;
 -- its round no longer waits for it, and its func and batch no longer count it live; their
--- last_at is now, so the batch's stats outlive the cancelled job (forget_labels.lua).
+-- last_at is now, so the batch's stats outlive the cancelled job (forget_labels.lua), and
+-- so is its queue's, listed again (forget_queues.lua may have forgotten it meanwhile).
 local now, id, ttl = now_ms(), ARGV[3], tonumber(ARGV[6])
 local f = redis.call('HMGET', KEYS[1], 'status', 'queue', 'member', 'limit_key', 'round',
                      'batch', 'func')
@@ -33,5 +34,7 @@ redis.call('ZADD', KEYS[4], now, id)
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - ttl * 1000)
 redis.call('HINCRBY', KEYS[5], 'cancelled', 1)
 redis.call('HINCRBY', KEYS[5], 'queue:' .. f[2] .. ':cancelled', 1)
+redis.call('HSET', KEYS[5], 'queue:' .. f[2] .. ':last_at', now)
+redis.call('SADD', KEYS[6], f[2])
 count_in_stats(ARGV[7], ARGV[8], f[6], f[7], 'cancelled', now)
 return f[1]

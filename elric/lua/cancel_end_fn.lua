@@ -5,12 +5,12 @@
 -- set), ends cancelled instead of going back in line, where it would run again until a
 -- heartbeat stopped it. It is recorded as finish.lua records a cancel (status, error with
 -- the attempt and `why`, finished_at on Redis's clock, expiry, cancelled index, counters,
--- func and batch stats with last_at, its round's `removed`, its limit key's slot freed;
--- its dedupe key kept), but with no duration: no worker measured one, so the stats count
--- it without a time, as cancel.lua does. The caller has taken it out of inflight and its
--- status index.
--- c: {cancelled = cancelled index, counters = counters, due = limits due, ttl = failed ttl
---     (s), and free_slot's jp, rp, pp, wp (slot_fn.lua), roundp = round prefix,
+-- func and batch stats with last_at, its queue's last_at and listing as forget_queues.lua
+-- needs, its round's `removed`, its limit key's slot freed; its dedupe key kept), but with
+-- no duration: no worker measured one, so the stats count it without a time, as cancel.lua
+-- does. The caller has taken it out of inflight and its status index.
+-- c: {cancelled = cancelled index, counters = counters, queues = queues, due = limits due,
+--     ttl = failed ttl (s), and free_slot's jp, rp, pp, wp (slot_fn.lua), roundp = round prefix,
 --     bp = batch stats prefix, fp = func stats prefix}
 local function end_cancelled(jk, id, why, c)
   local now = now_ms()
@@ -25,6 +25,8 @@ local function end_cancelled(jk, id, why, c)
   redis.call('ZREMRANGEBYSCORE', c.cancelled, '-inf', now - c.ttl * 1000)
   redis.call('HINCRBY', c.counters, 'cancelled', 1)
   redis.call('HINCRBY', c.counters, 'queue:' .. f[2] .. ':cancelled', 1)
+  redis.call('HSET', c.counters, 'queue:' .. f[2] .. ':last_at', now)
+  redis.call('SADD', c.queues, f[2])
   count_in_stats(c.bp, c.fp, f[3], f[7], 'cancelled', now)
   if f[6] then
     redis.call('HINCRBY', c.roundp .. f[6], 'removed', 1)

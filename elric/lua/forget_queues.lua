@@ -8,7 +8,8 @@
 -- Returns the next cursor ('0': the whole set was walked).
 -- Invariant: a queue's member and counters go together, in the step that found it empty.
 -- A job of it that outlived all that (running or retrying the whole time) lists it again
--- when it is recorded (finish.lua) or put back in line (requeue_fn.lua).
+-- when it is recorded (finish.lua), put back in line (requeue_fn.lua) or cancelled
+-- (cancel.lua, cancel_end_fn.lua).
 local qp, wp, now = ARGV[1], ARGV[2], now_ms()
 local cutoff = now - tonumber(ARGV[3]) * 1000
 local page = redis.call('SSCAN', KEYS[1], ARGV[4], 'COUNT', 100)

@@ -15,9 +15,9 @@
 -- can run is visible.
 local jp, qp, wp, worker = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local delay, reason, now = tonumber(ARGV[5]), ARGV[6], now_ms()
-local ends = {cancelled = KEYS[7], counters = KEYS[6], due = KEYS[8], ttl = tonumber(ARGV[7]),
-              jp = jp, rp = ARGV[8], pp = ARGV[9], wp = wp, roundp = ARGV[10], bp = ARGV[11],
-              fp = ARGV[12]}
+local ends = {cancelled = KEYS[7], counters = KEYS[6], queues = KEYS[9], due = KEYS[8],
+              ttl = tonumber(ARGV[7]), jp = jp, rp = ARGV[8], pp = ARGV[9], wp = wp,
+              roundp = ARGV[10], bp = ARGV[11], fp = ARGV[12]}
 local n = 0
 for i = 13, #ARGV, 3 do
   local id = ARGV[i]

@@ -15,9 +15,9 @@
 -- every job after it, at each pass.
 local jp, qp, wp, now, limit = ARGV[1], ARGV[2], ARGV[3], now_ms(), ARGV[4]
 local status, keep, counter = ARGV[5], ARGV[6] == '1', ARGV[7]
-local ends = {cancelled = KEYS[5], counters = KEYS[4], due = KEYS[6], ttl = tonumber(ARGV[8]),
-              jp = jp, rp = ARGV[9], pp = ARGV[10], wp = wp, roundp = ARGV[11], bp = ARGV[12],
-              fp = ARGV[13]}
+local ends = {cancelled = KEYS[5], counters = KEYS[4], queues = KEYS[7], due = KEYS[6],
+              ttl = tonumber(ARGV[8]), jp = jp, rp = ARGV[9], pp = ARGV[10], wp = wp,
+              roundp = ARGV[11], bp = ARGV[12], fp = ARGV[13]}
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, limit)
 local out, cancelled, broken = {}, {}, {}
 for _, id in ipairs(ids) do
