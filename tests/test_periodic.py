@@ -634,7 +634,7 @@ def test_a_fires_child_sent_while_redis_is_busy_is_not_refused_for_good(cluster)
     threshold = r.config_get("busy-reply-threshold")["busy-reply-threshold"]
     r.config_set("busy-reply-threshold", 50)
     busy = threading.Thread(target=lambda: redis.Redis.from_url(cluster.redis_url).eval(
-        "local t = redis.call('TIME')[1] + 2 "
+        "local t = redis.call('TIME')[1] + 3 "
         "while tonumber(redis.call('TIME')[1]) < t do end", 0))
     busy.start()
     try:
