@@ -91,6 +91,9 @@ class Admission:
         for parent in parents:
             pipe.hget(self.keys.job(parent), "round")
         rounds = dict(zip(parents, await pipe.execute(raise_on_error=False)))
+        for got in rounds.values():   # Redis refusing (BUSY, ...) tells nothing of the spec
+            if isinstance(got, Exception) and "WRONGTYPE" not in str(got):
+                raise got
         for i, n in claims:
             if rounds.get(n["parent"]) != n["round"].encode():
                 raise SpecError(f"{where.format(i)}round {n['round']!r}: a periodic fire's "

@@ -399,8 +399,7 @@ class Scheduler:
         kind = (await self.redis.type(self.keys.schedules)).decode()
         if kind in ("zset", "none"):
             return False
-        await self.redis.delete(self.keys.schedules)
-        prefix, cursor, n = self.keys.schedule(""), None, 0
+        prefix, cursor, index = self.keys.schedule(""), None, {}
         match = "".join("\\" + c if c in "*?[]\\" else c for c in prefix) + "*"
         while cursor != 0:
             cursor, found = await self.redis.scan(cursor or 0, match=match,
@@ -408,20 +407,24 @@ class Scheduler:
             pipe = self.redis.pipeline(transaction=False)
             for key in found:
                 pipe.hmget(key, "paused", "next_run_time")
-            index = {}
-            for key, row in zip(found, await pipe.execute(raise_on_error=False)):
-                if not isinstance(row, list) or not row[1]:   # gone, or finished
+            for key, row in zip(found, await pipe.execute()):
+                if not row[1]:   # gone, or finished
                     continue
                 try:
                     score = math.inf if row[0] == b"1" else _fire_time(row[1]) * 1000.0
                 except ValueError:   # no date: due now, where the pass names it
                     score = 0.0
                 index[key[len(prefix.encode()):]] = score
-            if index:   # NX: a job the store wrote since has its score already
-                n += await self.redis.zadd(self.keys.schedules, index, nx=True)
+        # replaced in one step: a rebuild cut short (Redis away, the master killed) leaves
+        # the key of another type, rebuilt at a later pass, not a zset short of jobs for good
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(self.keys.schedules)
+            if index:
+                pipe.zadd(self.keys.schedules, index)
+            await pipe.execute()
         self.log.error("scheduler: %s was overwritten with a %s (elric keeps a zset there: "
                        "find what wrote it); deleted it and rebuilt it from the %d periodic "
-                       "jobs' hashes", self.keys.schedules, kind, n)
+                       "jobs' hashes", self.keys.schedules, kind, len(index))
         return True
 
     async def _queue_pending(self) -> int:

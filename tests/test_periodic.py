@@ -614,3 +614,42 @@ def test_a_one_off_job_cannot_join_a_fires_round(cluster):
     assert c.submit_job(Echo.spec(job_id="grandchild", round=fid,
                                   parent="child"))["status"] == "queued"
     assert c.submit_job(Echo.spec(job_id="mine", round="crawl-7"))["status"] == "queued"
+
+
+def test_a_fires_child_sent_while_redis_is_busy_is_not_refused_for_good(cluster):
+    """The round check read the parent's round with errors kept in place: Redis busy with a
+    long script (BUSY) made a fire's child a bad_request, so its worker failed the parent
+    for good ("a child job was refused") and its children were never queued. A refusal
+    that passes is redis_unavailable, which the worker sends again."""
+    import threading
+
+    import redis
+
+    c = cluster.client
+    at = aligned_start(1.0)
+    fid = f"tick@{iso_z(at)}"
+    c.submit_job(Echo.spec(job_id="tick", trigger={"type": "date", "run_date": at}))
+    wait_for(lambda: c.get_job(fid), what="the fire queued")
+    r = redis.Redis.from_url(cluster.redis_url)
+    threshold = r.config_get("busy-reply-threshold")["busy-reply-threshold"]
+    r.config_set("busy-reply-threshold", 50)
+    busy = threading.Thread(target=lambda: redis.Redis.from_url(cluster.redis_url).eval(
+        "local t = redis.call('TIME')[1] + 3 "
+        "while tonumber(redis.call('TIME')[1]) < t do end", 0))
+    busy.start()
+    try:
+        def refused() -> bool:
+            try:
+                r.ping()
+            except redis.exceptions.ResponseError as exc:
+                return str(exc).startswith("BUSY")
+            return False
+        wait_for(refused, what="Redis busy")
+        with pytest.raises(RemoteError) as err:
+            c.submit_job(Echo.spec(job_id="child", round=fid, parent=fid))
+        assert err.value.code == "redis_unavailable", str(err.value)
+    finally:
+        busy.join()
+        r.config_set("busy-reply-threshold", threshold)
+        r.close()
+    assert c.submit_job(Echo.spec(job_id="child", round=fid, parent=fid))["status"] == "queued"

@@ -658,6 +658,36 @@ def test_the_schedules_index_overwritten_with_another_type_is_rebuilt(redis_url,
     run(redis_url, body)
 
 
+def test_a_rebuild_of_the_schedules_index_cut_short_is_done_again(redis_url):
+    """The rebuild deleted the index first and added the jobs a SCAN page at a time: cut
+    short (Redis away, the master killed), it left a zset short of jobs, which no pass
+    rebuilt again (it is of the right type), so the jobs left out never fired again."""
+    from redis.exceptions import ConnectionError
+
+    async def body(env):
+        for job_id in ("a", "b", "c"):
+            await env.store.add(spec(job_id))
+        await env.r.delete(env.keys.schedules)
+        await env.r.set(env.keys.schedules, "overwritten")
+        env.sched.batch_size = 1   # a SCAN page per job (COUNT is a hint: at most 3 pages)
+        scan, pages = env.r.scan, []
+
+        async def cut_short(*args, **kwargs):
+            pages.append(1)
+            if len(pages) == 2:
+                raise ConnectionError("Redis went away")
+            return await scan(*args, **kwargs)
+        env.r.scan = cut_short
+        env.clock.t = T0 + 60
+        with pytest.raises(ConnectionError):
+            await env.sched.tick()
+        del env.r.scan
+        env.clock.t = T0 + 120
+        await env.sched.tick()
+        assert sorted(s["schedule"] for s in env.rec.specs) == ["a", "b", "c"]
+    run(redis_url, body)
+
+
 @pytest.mark.parametrize("bad", [b"\xc1", b"\x05"])  # not msgpack; not a map
 def test_a_job_spec_that_cannot_be_read_does_not_stall_the_others(redis_url, bad):
     """The spec was read only while the fires' arguments were built, outside the guard

@@ -9,7 +9,7 @@
 --       then queues...
 -- Returns {jobs, wait}: per job {job_id, attempt, func, args, kwargs, timeout, max_retries,
 --   queue, dedupe_scope, batch, round, limit_key, enqueued_at (set by a submit or rerun
---   alone: it names the children), member (its queue member: new at each enqueue, it
+--   alone: it names the children), member (its queue member: with the attempt, it
 --   names the run)}; wait: ms until parked jobs are looked at
 --   again (-1: none parked; 0: more in line than one call looks at); then the keys passed
 --   over for holding another type (a queue: its jobs wait; a job's hash: out of its line).
