@@ -133,7 +133,7 @@ class Load:
     def __init__(self, addresses: list[str], rng: random.Random, mix: bool = False) -> None:
         self.clients = [MasterClient(a, timeout=5) for a in addresses]
         self.rng, self.accepted, self.resent, self.mix = rng, [], 0, mix
-        self.children: dict[str, tuple[str, str]] = {}   # child id -> (parent, dedupe key)
+        self.children: dict[str, list[str]] = {}   # parent -> its children's dedupe keys
         self.parents = 0
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, daemon=True)
@@ -178,8 +178,7 @@ class Load:
         parent = f"p{n + 2:06d}"
         keys = ["", f"shared{self.parents // SHARED_BY}", f"own{parent}"]
         self.parents += 1
-        self.children.update({_child_job_id(parent, i): (parent, k)
-                              for i, k in enumerate(keys)})
+        self.children[parent] = keys
         return batch + [Parent.spec([keys], job_id=parent)]
 
     def stop(self) -> None:
@@ -330,7 +329,9 @@ class Report:
     def passed(self) -> bool:
         return not (self.lost_jobs or self.lost_fires or self.doubled_fires or
                     self.doubled_runs or self.phantoms or self.load_error or
-                    self.lost_children or self.doubled_dedupe or self.limit_breaches)
+                    self.lost_children or self.doubled_dedupe or self.limit_breaches or
+                    # no child seen is a checker that looked for the wrong ids
+                    (self.mix and not self.children_accepted))
 
     def table(self) -> str:
         faults = ", ".join(f"{k} {v}" for k, v in sorted(self.faults.items()))
@@ -384,6 +385,26 @@ def _statuses(r: redis.Redis, keys: Keys, ids: list[str]) -> dict[str, bytes | N
     for job_id in ids:
         pipe.hget(keys.job(job_id), "status")
     return dict(zip(ids, pipe.execute()))
+
+
+def children_of(r: redis.Redis, keys: Keys, parents: dict[str, list[str]],
+                deadline: float) -> dict[str, tuple[str, str]]:
+    """Child id -> (parent, dedupe key). A child's id names its parent's submission (the
+    parent's enqueued_at), known once the parent is queued; one never queued has none."""
+    while True:
+        try:
+            pipe = r.pipeline(transaction=False)
+            for parent in parents:
+                pipe.hget(keys.job(parent), "enqueued_at")
+            queued_at = pipe.execute()
+            break
+        except redis.exceptions.RedisError:   # back from a fault by now, or soon
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+    return {_child_job_id(parent, i, int(at)): (parent, key)
+            for (parent, dedupe_keys), at in zip(parents.items(), queued_at) if at is not None
+            for i, key in enumerate(dedupe_keys)}
 
 
 def _due_fires(starts: dict[str, float], until: float) -> dict[str, str]:
@@ -594,8 +615,9 @@ def run(seconds: float, seed: int, drain: float, workdir: str, mix: bool = False
         load.stop()
         if load.error is not None:
             report.load_error = f"{type(load.error).__name__}: {load.error}"
-        check(r, keys, report, load.accepted, starts, until, run_log, drain,
-              load.children, LIMITS if mix else None)
+        children = children_of(r, keys, load.children, time.monotonic() + drain)
+        check(r, keys, report, load.accepted, starts, until, run_log, drain, children,
+              LIMITS if mix else None)
     finally:
         if load is not None:
             load.stop()

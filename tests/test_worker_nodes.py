@@ -83,7 +83,7 @@ def test_a_worker_registers_and_heartbeats_its_load(cluster):
     shown = run_elric(cluster, "workers")
     assert shown.returncode == 0, shown.stderr
     header, row = shown.stdout.splitlines()[:2]
-    for column in ("CPU %", "RSS MiB", "in flight", "done", "failed"):
+    for column in ("CPU %", "RSS MiB", "in flight", "done", "failed attempts"):
         assert column in header
     # worker, host, pid, queues, processes, CPU %, RSS MiB, in flight, done, failed, ...
     assert row.split()[7:10] == ["0", "6", "2"], row
@@ -181,7 +181,7 @@ def test_the_dashboard_shows_each_workers_load(make_cluster):
 
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/workers", timeout=10) as reply:
         page = reply.read().decode()
-    for column in ("CPU %", "RSS (MiB)", "in flight", "done", "failed"):
+    for column in ("CPU %", "RSS (MiB)", "in flight", "done", "failed attempts"):
         assert f">{column}</th>" in page
     row = page[page.index(f'data-id="{w["worker_id"]}"'):]
     row = row[:row.index("</tr>")]
