@@ -191,8 +191,8 @@ class Admission:
         lease would have run out (enqueue is idempotent per fire id). ``recovered``: fires
         a leader marked, and may have checked, before it failed; in a fire's own scope
         only its own key can be seen, so they skip the check that would drop them. In
-        another scope a key the filter notes that leader took for the fire goes back
-        before the check; one another job holds stays its."""
+        another scope a key the filter notes that leader took for the fire is the fire's;
+        one another job holds stays its."""
         rounds, unchecked, checking = {}, [], []
         began = int(self.store.clock() * 1000)   # not its fire time: a late fire's is old
         for spec in specs:

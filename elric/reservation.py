@@ -76,8 +76,9 @@ class Reservation:
     async def check(self, *, past_refusals: bool = False) -> None:
         """Ask each scope's filter about its keyed specs, one call per scope. A scope the
         filter refuses raises ScopeRefused, or with ``past_refusals`` goes to ``refused``."""
-        if self.unsure:   # a retry: else it would find the keys it took "seen"
-            await self.gate.give_back_unheld(await self._took(self.unsure), if_unknown=True)
+        mine = set()   # a retry: the keys its lost check took for these very ids are theirs
+        if self.unsure:   # (a Bloom filter cannot give them back to be found new again)
+            mine = {id(s) for s in await self._took(self.unsure)}
             self.unsure = []
         unanswered = (s for s in self.specs
                       if s.get("dedupe_key") is not None and id(s) not in self.new)
@@ -100,7 +101,7 @@ class Reservation:
             except BaseException:
                 self.unsure = group
                 raise
-            self.new.update(zip(map(id, group), verdicts))
+            self.new.update((id(s), v or id(s) in mine) for s, v in zip(group, verdicts))
 
     async def reclaim(self, specs: list[dict]) -> None:
         """Filtered specs whose job does not exist: those whose key an earlier call took for
@@ -111,7 +112,7 @@ class Reservation:
         """After an enqueue of ``passed``: an id that existed queued nothing, so its key goes
         back unless that job holds it (a resend of the same job)."""
         existed = [spec for spec, s in zip(self.passed, submitted) if s.existed]
-        await self.gate.give_back_unheld(existed, if_unknown=False)   # returns at once if none
+        await self.gate.give_back_unheld(existed)   # returns at once if none
 
     async def cancel(self, patience: float = 0.0) -> None:
         """After a failed call: keys of the passed (and unsure) specs whose job does not
@@ -127,7 +128,7 @@ class Reservation:
             log.warning("could not read who took %d dedupe key(s) (%s); keeping them",
                         len(self.unsure), exc)
             took = []
-        await self.gate.give_back_unheld(self.passed + took, if_unknown=False, patience=patience)
+        await self.gate.give_back_unheld(self.passed + took, patience=patience)
 
     async def _took(self, specs: list[dict]) -> list[dict]:
         """The keyed ``specs`` whose key a check took for their very job id, not queued
@@ -156,10 +157,9 @@ class DedupeGate:
             or scopes.get(scope.split("@", 1)[0]) or self.settings.FILTER_BACKEND
         return self.filters[backend]
 
-    async def give_back_unheld(self, specs: list[dict], *, if_unknown: bool,
-                               patience: float = 0.0) -> None:
+    async def give_back_unheld(self, specs: list[dict], *, patience: float = 0.0) -> None:
         """Give back the keys of ``specs`` that no job holds (to exact filters; a failure is
-        only logged). When Redis cannot be asked: all of them if ``if_unknown``, else none.
+        only logged). When Redis cannot be asked: none of them.
         ``patience``: seconds to keep trying while Redis is away, since a key left taken
         with no job filters the resend of its job, which is then lost."""
         keyed = [s for s in specs if s.get("dedupe_key") is not None]
@@ -171,11 +171,9 @@ class DedupeGate:
                                 what="looking up the jobs of dedupe keys to give back",
                                 log=log, deadline=deadline)
         except Exception as exc:
-            log.warning("could not look up the jobs of %d dedupe key(s) (%s); %s", len(keyed),
-                        exc, "giving them back" if if_unknown else "keeping them")
-            if not if_unknown:
-                return
-            holds = [None] * len(keyed)
+            log.warning("could not look up the jobs of %d dedupe key(s) (%s); keeping them",
+                        len(keyed), exc)
+            return
         unheld = (s for s, hold in zip(keyed, holds) if not self._holds(hold, s))
         for scope, group in _by_scope(unheld).items():
             f = self.filter_for(scope)
