@@ -457,7 +457,11 @@ class Worker:
         except Exception as exc:
             if not is_outage(exc):
                 raise
-            self.buffer.extend(surplus)   # kept, under lease: tried again at the next turn
+            # kept, tried again at the next turn; Redis may have run it: none starts
+            # before the heartbeat has asked Redis whether it still holds them
+            for claim in surplus:
+                claim.held_until = 0.0
+            self.buffer.extend(surplus)
             return
         log.info("worker: a job has run %.1fs: gave %d unstarted job(s) back to the queue, "
                  "for workers with free slots", run, n)
