@@ -780,7 +780,8 @@ class Worker:
                 # (by job id) would drop the new claim, whose lease then ran out too; the
                 # claim sent is the newest run's newest attempt
                 newest: dict[str, Claim] = {}
-                for claim in self._claims():
+                held = self._claims()
+                for claim in held:
                     old = newest.get(claim.job_id)
                     if old is None or (claim.member, claim.attempt) >= (old.member, old.attempt):
                         newest[claim.job_id] = claim
@@ -791,8 +792,9 @@ class Worker:
                     if claim.job_id not in renewed.lost:
                         claim.held_until = asked + self.lease
                 # the claims sent: one of the job fetched since (given back, fetched again at
-                # the same attempt) is not lost
-                self._drop_lost([c for c in claims if c.job_id in renewed.lost])
+                # the same attempt) is not lost; one a newer claim of its job here replaced is
+                self._drop_lost([c for c in held if newest[c.job_id] is not c or
+                                 c.job_id in renewed.lost])
                 self._stop_cancelled([c for c in claims if c.job_id in renewed.cancel])
                 await self._obey(renewed.control)
                 outage.passed()
