@@ -457,7 +457,11 @@ class Worker:
         except Exception as exc:
             if not is_outage(exc):
                 raise
-            self.buffer.extend(surplus)   # kept, under lease: tried again at the next turn
+            # kept, tried again at the next turn; Redis may have run it: none starts
+            # before the heartbeat has asked Redis whether it still holds them
+            for claim in surplus:
+                claim.held_until = 0.0
+            self.buffer.extend(surplus)
             return
         log.info("worker: a job has run %.1fs: gave %d unstarted job(s) back to the queue, "
                  "for workers with free slots", run, n)
@@ -776,7 +780,8 @@ class Worker:
                 # (by job id) would drop the new claim, whose lease then ran out too; the
                 # claim sent is the newest run's newest attempt
                 newest: dict[str, Claim] = {}
-                for claim in self._claims():
+                held = self._claims()
+                for claim in held:
                     old = newest.get(claim.job_id)
                     if old is None or (claim.member, claim.attempt) >= (old.member, old.attempt):
                         newest[claim.job_id] = claim
@@ -787,8 +792,9 @@ class Worker:
                     if claim.job_id not in renewed.lost:
                         claim.held_until = asked + self.lease
                 # the claims sent: one of the job fetched since (given back, fetched again at
-                # the same attempt) is not lost
-                self._drop_lost([c for c in claims if c.job_id in renewed.lost])
+                # the same attempt) is not lost; one a newer claim of its job here replaced is
+                self._drop_lost([c for c in held if newest[c.job_id] is not c or
+                                 c.job_id in renewed.lost])
                 self._stop_cancelled([c for c in claims if c.job_id in renewed.cancel])
                 await self._obey(renewed.control)
                 outage.passed()

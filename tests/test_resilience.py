@@ -2284,6 +2284,78 @@ def test_a_claim_fetched_again_after_a_give_back_is_not_dropped_as_lost(redis_ur
     _run_in_process_worker(redis_url, body)
 
 
+def test_jobs_a_slow_run_gave_back_whose_reply_was_lost_wait_for_the_heartbeat(redis_url):
+    """A slow run shed the buffer's surplus: Redis gave the jobs back, and the reply was
+    lost (its connection broke). Kept in the buffer as if still held, a job another worker
+    had fetched meanwhile, at the same attempt, started here too: two runs at once."""
+    from elric.queue import RedisQueue
+    from elric.worker import SLOW_RUN
+
+    async def body(w, r):
+        queue = RedisQueue(r, KEYS)
+        await queue.enqueue([normalize_spec({"func": "tests.jobs:Add", "args": [1, 2],
+                                             "job_id": j}) for j in ("kept", "shed")])
+        asked = time.monotonic()
+        w.buffer.extend(await w._hand_back_others(
+            (await queue.fetch(w.worker_id, w.queues, 2, 30)).claims, asked))
+
+        async def release(*args, **kwargs):   # Redis ran it; the reply never came
+            await queue.release(*args, **kwargs)
+            raise redis.exceptions.ConnectionError("connection lost")
+        w.queue = SimpleNamespace(release=release)
+        w.pool.kinds, w.pool.withdraw_waiting = {}, lambda: None
+        await w._shed_slow(SLOW_RUN + 1)
+        other = (await queue.fetch("other", w.queues, 1, 30)).claims
+        assert [(c.job_id, c.attempt) for c in other] == [("shed", 1)]
+        assert [c.job_id for c in w.buffer if w._held(c)] == ["kept"], w.buffer
+        beaten = asyncio.Event()   # the heartbeat asks Redis, which says it is lost
+
+        async def heartbeat(*args):
+            try:
+                return await queue.heartbeat(*args)
+            finally:
+                beaten.set()
+        await _beat_until(w, heartbeat, beaten)
+        assert [c.job_id for c in w.buffer] == ["kept"], w.buffer
+    _run_in_process_worker(redis_url, body)
+
+
+def test_a_suspect_whose_job_was_fetched_here_again_does_not_hold_up_the_worker(redis_url):
+    """A lost run of job x (its lease ran out while the worker was cut off) was in a pool
+    process that died: it went to the suspects, while x's redelivery, fetched here, waited
+    in the buffer. The heartbeat sent only x's newest claim, so the suspect was never found
+    lost; unrenewed, it was never started, and the suspects held up the buffer and every
+    fetch: x stayed running here for good, and the worker took no other job."""
+    from elric.queue import RedisQueue
+
+    async def body(w, r):
+        q = RedisQueue(r, KEYS)
+        await q.enqueue([normalize_spec({"func": "tests.jobs:Add", "args": [1, 2],
+                                         "job_id": "x"})])
+        [lost] = (await q.fetch(w.worker_id, w.queues, 1, 30)).claims
+        await r.zadd(KEYS.inflight, {"x": 0}, xx=True)   # its lease ran out
+        assert (await q.recover())[0] == ["x"]
+        [again] = await w._hand_back_others((await q.fetch(w.worker_id, w.queues, 1, 30)
+                                             ).claims, time.monotonic())
+        w.suspects.append(lost)   # its process died beside another job
+        w.buffer.append(again)
+        calls, twice = [], asyncio.Event()
+
+        async def heartbeat(worker_id, claims, *args):
+            calls.append(claims)
+            if len(calls) == 2:   # the first reply was applied
+                twice.set()
+            return await q.heartbeat(worker_id, claims, *args)
+        await _beat_until(w, heartbeat, twice)
+        started = []
+        w.pool.place = lambda is_async, alone: SimpleNamespace()
+        w.pool.holds = lambda job_id: False
+        w.pool.start = lambda claim, done, suspect=False: started.append(claim)
+        w._dispatch()
+        assert (started, list(w.suspects)) == ([again], []), (started, w.suspects)
+    _run_in_process_worker(redis_url, body)
+
+
 # --- 15. a fetch whose reply was lost costs no attempt ----------------------------------------
 
 def test_a_fetch_whose_reply_was_lost_costs_its_job_no_attempt(make_cluster, redis_url):
