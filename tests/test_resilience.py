@@ -2201,14 +2201,7 @@ def test_a_claim_its_jobs_next_run_took_over_is_lost_to_the_heartbeat(redis_url,
         old, _ = await lost_run_and_next(q, r, again_by, w.worker_id, w.worker_id)
         w.buffer.append(old)   # waited here; its lease ran out
         w._unsure_since = time.monotonic()   # the new run's fetch reply was lost
-        calls, twice = [], asyncio.Event()
-
-        async def heartbeat(worker_id, claims, *args):
-            calls.append(claims)
-            if len(calls) == 2:   # the first reply was applied
-                twice.set()
-            return await q.heartbeat(worker_id, claims, *args)
-        await _beat_until(w, heartbeat, twice)
+        calls = await _two_beats(w, q)
         assert calls[0] == [old] and list(w.buffer) == [], (calls, w.buffer)
         started = []
         w.pool.holds = lambda job_id: False
@@ -2251,6 +2244,20 @@ async def _beat_until(w, heartbeat, done: asyncio.Event) -> None:
         await asyncio.wait_for(done.wait(), 10)
     finally:
         beating.cancel()
+
+
+async def _two_beats(w, q) -> list:
+    """Run ``w``'s heartbeat loop against ``q`` until its second beat (the first one's
+    reply applied); returns the claims each beat sent."""
+    calls, twice = [], asyncio.Event()
+
+    async def heartbeat(worker_id, claims, *args):
+        calls.append(claims)
+        if len(calls) == 2:
+            twice.set()
+        return await q.heartbeat(worker_id, claims, *args)
+    await _beat_until(w, heartbeat, twice)
+    return calls
 
 
 def test_a_claim_fetched_again_after_a_give_back_is_not_dropped_as_lost(redis_url):
@@ -2339,14 +2346,7 @@ def test_a_suspect_whose_job_was_fetched_here_again_does_not_hold_up_the_worker(
                                              ).claims, time.monotonic())
         w.suspects.append(lost)   # its process died beside another job
         w.buffer.append(again)
-        calls, twice = [], asyncio.Event()
-
-        async def heartbeat(worker_id, claims, *args):
-            calls.append(claims)
-            if len(calls) == 2:   # the first reply was applied
-                twice.set()
-            return await q.heartbeat(worker_id, claims, *args)
-        await _beat_until(w, heartbeat, twice)
+        await _two_beats(w, q)
         started = []
         w.pool.place = lambda is_async, alone: SimpleNamespace()
         w.pool.holds = lambda job_id: False
