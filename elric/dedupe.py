@@ -453,10 +453,8 @@ class BloomFilter(DedupeFilter):
             return len(todo)
 
     async def _filter(self, scope: str) -> _StagedBloom:
-        f = self._filters.get(scope)
-        return f if f is not None else await self._load(scope)
-
-    async def _load(self, scope: str) -> _StagedBloom:
+        if (f := self._filters.get(scope)) is not None:
+            return f
         # loads take turns with snapshots and drop_scope: a snapshot read before a drop
         # must not bring the dropped scope back, and a scope is read once
         async with self._io_lock:
