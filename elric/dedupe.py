@@ -695,12 +695,9 @@ def make_filter(backend: str, redis, keys: Keys, *,
                 set_ttl: float | None = None,
                 snapshot_interval: float = SETTINGS["BLOOM_SNAPSHOT_INTERVAL"].default,
                 takeover_after: float = TAKEOVER_AFTER) -> DedupeFilter:
-    """Build the dedupe filter named ``backend`` ("set", "bloom" or "redis-bloom").
-
-    ``redis`` is a ``redis.asyncio.Redis`` (decode_responses=False). ``capacity`` and
-    ``error_rate`` size the Bloom backends; ``set_ttl`` (seconds) makes a key new again
-    that long after it was let through (set backend only); ``snapshot_interval`` is
-    how often the in-master Bloom filter is written to Redis (0 = only on close)."""
+    """The dedupe filter named ``backend``, on a ``redis.asyncio.Redis`` (bytes replies).
+    ``set_ttl``: seconds after which a key is new again ('set' only); ``snapshot_interval``:
+    seconds between 'bloom' snapshots (0: only on close)."""
     if backend not in BACKENDS:
         raise DedupeError(f"unknown dedupe backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if not isinstance(capacity, int) or capacity <= 0:
