@@ -180,8 +180,10 @@ class DedupeFilter(ABC):
                 and _as_str(h.get(b"backend", b"")) == self.name]
 
     async def _blame_stats_key(self, scope: str, exc: Exception) -> None:
-        """On WRONGTYPE, a DedupeError naming the scope's stats key if that is the key of
-        another type (an operator's): not a setting to change, nor a scope to drop."""
+        """A DedupeError for a scope another backend filled (a script's BACKEND refusal), or
+        a WRONGTYPE from a stats key of another type (an operator's: no scope to drop)."""
+        if str(exc).startswith("BACKEND "):
+            raise _other_backend(scope, str(exc).split()[1], self.name) from None
         key = self.keys.dedupe_stats(scope)
         if "WRONGTYPE" in str(exc) and _as_str(await self.redis.type(key)) not in ("hash", "none"):
             raise DedupeError(f"dedupe scope {scope!r}: {key} is not a hash; delete that key "
@@ -225,11 +227,9 @@ class SetFilter(DedupeFilter):
         try:
             return await call
         except ResponseError as exc:
-            if str(exc).startswith("BACKEND "):
-                raise _other_backend(scope, str(exc).split()[1], self.name) from None
+            await self._blame_stats_key(scope, exc)
             if "WRONGTYPE" not in str(exc):
                 raise
-            await self._blame_stats_key(scope, exc)
             kind = "sorted set (set_ttl)" if self._ttl_ms is not None else "set (no set_ttl)"
             raise DedupeError(
                 f"dedupe scope {scope!r}: key {self.keys.dedupe_set(scope)} is not a {kind}; "
@@ -615,11 +615,9 @@ class RedisBloomFilter(DedupeFilter):
                 got, items = await self._script(
                     keys=[self.keys.dedupe_stats(scope), self.keys.dedupe_scopes], args=args)
             except ResponseError as exc:
+                await self._blame_stats_key(scope, exc)
                 theirs = str(exc).partition(" ")
-                if theirs[0] == "BACKEND":
-                    raise _other_backend(scope, theirs[2].split()[0], self.name) from None
                 if theirs[0] != "PARAMS":
-                    await self._blame_stats_key(scope, exc)
                     raise
                 raise DedupeError(
                     f"dedupe scope {scope!r} is a redis-bloom filter with other parameters "
