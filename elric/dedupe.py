@@ -38,7 +38,6 @@ BACKENDS = ("set", "bloom", "redis-bloom")
 # when no DEDUPE_TTL bounds it: a resend after a master died between filter and queue must
 # come within it, and a takeover needs a note older than DEDUPE_TAKEOVER_AFTER.
 TAKING_TTL_MS = 86_400_000
-# Seconds after which a key taken for a job never queued goes to the next job with it.
 TAKEOVER_AFTER = SETTINGS["DEDUPE_TAKEOVER_AFTER"].default
 
 # Seconds a stopping master tries to write the last snapshot of its 'bloom' scopes.
