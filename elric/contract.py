@@ -66,8 +66,7 @@ class ErrorCode(StrEnum):
 
 
 # --- job spec -------------------------------------------------------------------------
-# key -> (accepted python types, description). ``parent`` is set by the worker that
-# forwards a job's children.
+# key -> (accepted python types, description)
 SPEC_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "func": ((str,), '"package.module:ClassName" of a Job subclass (required)'),
     "args": ((list, tuple), "positional arguments (array)"),
@@ -236,11 +235,8 @@ def normalize_spec(
     defaults: dict | None = None,
     allowed_modules: tuple[str, ...] | list[str] | None = None,
 ) -> dict:
-    """Validate a submitted spec and fill in defaults (the settings'). The class's own
-    defaults and hooks were applied by ``Job.spec`` where the class lives.
-
-    Returns a new dict with every job key present. Raises SpecError naming the bad key.
-    """
+    """A new spec with every job key, the settings' ``defaults`` filled in (``Job.spec``
+    put the class's there); SpecError naming a bad key."""
     if not isinstance(spec, dict):
         raise SpecError(f"job spec must be a map, got {type(spec).__name__}")
     if not spec.keys() <= SPEC_KEYS.keys():

@@ -38,7 +38,6 @@ BACKENDS = ("set", "bloom", "redis-bloom")
 # when no DEDUPE_TTL bounds it: a resend after a master died between filter and queue must
 # come within it, and a takeover needs a note older than DEDUPE_TAKEOVER_AFTER.
 TAKING_TTL_MS = 86_400_000
-# Seconds after which a key taken for a job never queued goes to the next job with it.
 TAKEOVER_AFTER = SETTINGS["DEDUPE_TAKEOVER_AFTER"].default
 
 # Seconds a stopping master tries to write the last snapshot of its 'bloom' scopes.
@@ -180,8 +179,10 @@ class DedupeFilter(ABC):
                 and _as_str(h.get(b"backend", b"")) == self.name]
 
     async def _blame_stats_key(self, scope: str, exc: Exception) -> None:
-        """On WRONGTYPE, a DedupeError naming the scope's stats key if that is the key of
-        another type (an operator's): not a setting to change, nor a scope to drop."""
+        """A DedupeError for a scope another backend filled (a script's BACKEND refusal), or
+        a WRONGTYPE from a stats key of another type (an operator's: no scope to drop)."""
+        if str(exc).startswith("BACKEND "):
+            raise _other_backend(scope, str(exc).split()[1], self.name) from None
         key = self.keys.dedupe_stats(scope)
         if "WRONGTYPE" in str(exc) and _as_str(await self.redis.type(key)) not in ("hash", "none"):
             raise DedupeError(f"dedupe scope {scope!r}: {key} is not a hash; delete that key "
@@ -225,11 +226,9 @@ class SetFilter(DedupeFilter):
         try:
             return await call
         except ResponseError as exc:
-            if str(exc).startswith("BACKEND "):
-                raise _other_backend(scope, str(exc).split()[1], self.name) from None
+            await self._blame_stats_key(scope, exc)
             if "WRONGTYPE" not in str(exc):
                 raise
-            await self._blame_stats_key(scope, exc)
             kind = "sorted set (set_ttl)" if self._ttl_ms is not None else "set (no set_ttl)"
             raise DedupeError(
                 f"dedupe scope {scope!r}: key {self.keys.dedupe_set(scope)} is not a {kind}; "
@@ -453,10 +452,8 @@ class BloomFilter(DedupeFilter):
             return len(todo)
 
     async def _filter(self, scope: str) -> _StagedBloom:
-        f = self._filters.get(scope)
-        return f if f is not None else await self._load(scope)
-
-    async def _load(self, scope: str) -> _StagedBloom:
+        if (f := self._filters.get(scope)) is not None:
+            return f
         # loads take turns with snapshots and drop_scope: a snapshot read before a drop
         # must not bring the dropped scope back, and a scope is read once
         async with self._io_lock:
@@ -617,11 +614,9 @@ class RedisBloomFilter(DedupeFilter):
                 got, items = await self._script(
                     keys=[self.keys.dedupe_stats(scope), self.keys.dedupe_scopes], args=args)
             except ResponseError as exc:
+                await self._blame_stats_key(scope, exc)
                 theirs = str(exc).partition(" ")
-                if theirs[0] == "BACKEND":
-                    raise _other_backend(scope, theirs[2].split()[0], self.name) from None
                 if theirs[0] != "PARAMS":
-                    await self._blame_stats_key(scope, exc)
                     raise
                 raise DedupeError(
                     f"dedupe scope {scope!r} is a redis-bloom filter with other parameters "
@@ -697,12 +692,9 @@ def make_filter(backend: str, redis, keys: Keys, *,
                 set_ttl: float | None = None,
                 snapshot_interval: float = SETTINGS["BLOOM_SNAPSHOT_INTERVAL"].default,
                 takeover_after: float = TAKEOVER_AFTER) -> DedupeFilter:
-    """Build the dedupe filter named ``backend`` ("set", "bloom" or "redis-bloom").
-
-    ``redis`` is a ``redis.asyncio.Redis`` (decode_responses=False). ``capacity`` and
-    ``error_rate`` size the Bloom backends; ``set_ttl`` (seconds) makes a key new again
-    that long after it was let through (set backend only); ``snapshot_interval`` is
-    how often the in-master Bloom filter is written to Redis (0 = only on close)."""
+    """The dedupe filter named ``backend``, on a ``redis.asyncio.Redis`` (bytes replies).
+    ``set_ttl``: seconds after which a key is new again ('set' only); ``snapshot_interval``:
+    seconds between 'bloom' snapshots (0: only on close)."""
     if backend not in BACKENDS:
         raise DedupeError(f"unknown dedupe backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if not isinstance(capacity, int) or capacity <= 0:

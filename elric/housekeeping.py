@@ -4,8 +4,7 @@ Every master runs it: jobs of workers whose lease ran out go back in line, retri
 backoff is over are queued again, per-fire dedupe scopes older than DEDUPE_ROUND_TTL are
 dropped, the LIMITS rules are published again if Redis lost them, workers silent for a
 day are forgotten, and so are batches, funcs and queues that hold no job and whose last
-jobs expired. Each step is
-an atomic script, so several masters may run it at once.
+jobs expired. Each step is an atomic script, so several masters may run it at once.
 """
 
 from __future__ import annotations

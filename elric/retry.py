@@ -25,11 +25,8 @@ REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 REDIS_CLIENT_OPTIONS = {"socket_connect_timeout": 5, "socket_timeout": 5,
                         "socket_keepalive": True}
 
-# Redis is up but refuses writes for a while (maxmemory with noeviction, a read-only
-# replica, loading its data, a replica cut off from its master, a master short of the
-# replicas min-replicas-to-write asks for): an outage too, not a bug. redis-py raises these
-# classes; MISCONF, BUSY and NOREPLICAS are plain ResponseErrors that ``redis_refusal``
-# recognises by their code.
+# Redis is up but refuses writes for a while (each reason below): an outage too, not a bug.
+# redis-py raises these classes; the other codes come as plain ResponseErrors.
 _REFUSAL_CLASSES = {OutOfMemoryError: "OOM", ReadOnlyError: "READONLY",
                     BusyLoadingError: "LOADING", MasterDownError: "MASTERDOWN"}
 
@@ -159,11 +156,9 @@ async def retry(call: Callable[[], Awaitable[T]], *, what: str, log: logging.Log
                 errors: tuple[type[BaseException], ...] = REDIS_ERRORS,
                 backoff: Backoff | None = None, deadline: float | None = None,
                 outage: Outage | None = None) -> T:
-    """``await call()`` until it does not raise one of ``errors`` or a refusal of Redis's
-    (``redis_refusal``), logging the trouble once (``Outage``: pass one to show it as it lasts).
-
-    ``deadline`` (a ``time.monotonic()`` value) bounds the retrying: past it, the last
-    error is raised."""
+    """``await call()`` until it does not raise one of ``errors`` or a refusal of Redis's,
+    logging the trouble once (``Outage``: pass one to show it as it lasts); past
+    ``deadline`` (``time.monotonic()``) the last error is raised."""
     backoff, outage = backoff or Backoff(), outage or Outage(log, what)
     while True:
         try:

@@ -63,14 +63,18 @@ def run_demo(settings_path: str | None = None, pages: int = 25, timeout: float =
         env["ELRIC_RPC_TOKEN"] = settings.RPC_TOKEN
     site = DemoSite(pages).start()
     # its logs are kept where it said so (a failure); else removed, after Ctrl-C too
-    logdir, ok, keep_logs = tempfile.mkdtemp(prefix="elric-demo-"), False, False
+    logdir, keep_logs = tempfile.mkdtemp(prefix="elric-demo-"), False
+
+    def failed(why) -> int:
+        nonlocal keep_logs
+        print(f"demo: {why}; logs in {logdir}", file=sys.stderr)
+        keep_logs = True
+        return 1
     try:
         try:
             master = start_master(env, os.path.join(logdir, "master.log"))
         except RuntimeError as exc:   # (it was a traceback) it exited, or never answered
-            print(f"demo: {exc}; logs in {logdir}", file=sys.stderr)
-            keep_logs = True
-            return 1
+            return failed(exc)
         started.append(master)
         print(f"started master (pid {master.pid}) on {address}; its dashboard: "
               f"http://{dashboard}/" + ("" if keep else " (add --keep to look at it after "
@@ -92,13 +96,9 @@ def run_demo(settings_path: str | None = None, pages: int = 25, timeout: float =
                     done.get("succeeded", 0) + done.get("failed", 0) >= done["submitted"]:
                 break
             if time.monotonic() - t0 > timeout:
-                print(f"demo: timed out; logs in {logdir}", file=sys.stderr)
-                keep_logs = True
-                return 1
+                return failed("timed out")
             if not worker.alive() or not master.alive():
-                print(f"demo: a process exited early; logs in {logdir}", file=sys.stderr)
-                keep_logs = True
-                return 1
+                return failed("a process exited early")
             time.sleep(0.1)
         elapsed = time.monotonic() - t0
         jobs = [client.get_job(j["job_id"])   # a listing carries no results: read each
@@ -113,8 +113,7 @@ def run_demo(settings_path: str | None = None, pages: int = 25, timeout: float =
         client.close()
         ok = len(jobs) == len(site.paths()) and failed == 0
         if not ok:
-            print(f"demo: not every page was crawled; logs in {logdir}", file=sys.stderr)
-            keep_logs = True
+            failed("not every page was crawled")
         if keep:
             print(f"the dashboard stays at http://{dashboard}/ until you press Ctrl-C")
             try:

@@ -1,20 +1,11 @@
-"""The synchronous crawler: each job fetches one page with urllib, extracts its links and
-submits each as a child job. A pool process runs one such job at a time; the async crawler
-(``elric.demo.crawler``) runs many and is the one to use; this one shows a plain sync job.
+"""The synchronous crawler: each job fetches one page with urllib, one at a time per pool
+process, and submits its links as child jobs, as the async crawler (``elric.demo.crawler``,
+the one to use; this one shows a plain sync job) does: deduped per scope, on the start
+page's host, nofollow obeyed, redirects as page jobs of their own, 5xx and 429 retried,
+``max_bytes``, ``max_depth`` and ``max_redirects`` as there. It does not read robots.txt:
+crawl sites that are not your own with the async crawler, which obeys it.
 
-Every page is fetched once per crawl: each job's dedupe key is its normalized URL, and the
-master drops a job whose key it has seen in the job's dedupe scope. Children inherit their
-parent's scope, so a periodic crawl with ``dedupe_scope="@fire"`` fetches every page once
-per round, and again next round. Links that leave the start page's host, or are marked
-nofollow (``rel``, the page's robots ``<meta>`` or X-Robots-Tag), are not followed (a
-``<meta http-equiv="refresh">`` URL, an ``<area href>`` and a (i)frame's src are links
-too); where a redirect leads is a page job of its own, on the same host only but from a
-start page (submitted, not found), whose redirect moves the crawl to its host. A 5xx or
-429 answer is retried (after its Retry-After, if any); a 404 or other 4xx is a result. At
-most ``max_bytes`` of a page are read, and nothing of what is not HTML; ``max_depth`` caps
-the links followed from a start page (a redirect is none; None: no cap), ``max_redirects``
-(20) the redirects followed in a row. It does not read
-robots.txt: crawl sites that are not your own with the async crawler, which obeys it.
+Also the URL, link and page reading both crawlers share.
 """
 
 from __future__ import annotations
