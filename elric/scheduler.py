@@ -216,8 +216,10 @@ class Scheduler:
         if not isinstance(row, list):  # scheduler_due.lua could not read a key of it
             raise ValueError(row.decode(errors="replace"))
         h = dict(zip(FIRE_FIELDS, row))
-        if h["spec"] is None:  # an index entry without its hash: scheduler_fire.lua drops it
+        if all(v is None for v in row):  # an index entry without its hash: the script drops it
             return FirePlan(job_id, b"", None)
+        if missing := [name for name, v in h.items() if v is None]:  # HDEL, a partial restore
+            raise ValueError(f"its hash has no {', '.join(missing)}")
         spec = unpack(h["spec"])  # read here, where bad stored data is caught
         if not isinstance(spec, dict):
             raise ValueError(f"its stored spec is a {type(spec).__name__}, not a map")
@@ -315,7 +317,7 @@ class Scheduler:
                 version, kept = b"", now + 60
                 with contextlib.suppress(KeyError, TypeError, ValueError):
                     h = dict(zip(FIRE_FIELDS, row)) if isinstance(row, list) else {}
-                    version = h["version"]
+                    version = h["version"] or b""   # (none: as a key it could not read)
                     kept = _fire_time(h["next_run_time"])
                 plan = FirePlan(job_id, version, kept, retry_at=now + 60)
             job_keys, job_argv = self._job_args(plan, live, now, specs)

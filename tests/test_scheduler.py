@@ -695,6 +695,23 @@ def test_a_job_spec_that_cannot_be_read_does_not_stall_the_others(redis_url, bad
     run(redis_url, lambda env: good_fires_bad_waits(env, "spec", bad))
 
 
+@pytest.mark.parametrize("field", ["version", "spec", "trigger", "coalesce"])
+def test_a_job_hash_missing_a_field_does_not_stall_the_others(redis_url, caplog, field):
+    """A schedule hash without its version (HDEL, a partial restore) failed the fire
+    script's arguments (None) of every job in the pass: no periodic job fired any more.
+    One without its spec was taken for a hash that is gone and left due as it was: the
+    leader read it again at once, pass after pass (a busy loop), and named it nowhere."""
+    async def body(env):
+        await env.store.add(spec("bad"))
+        await env.store.add(spec("good"))
+        await env.r.hdel(env.keys.schedule("bad"), field)
+        env.clock.t = T0 + 60
+        assert await env.sched.tick() == 1 and env.rec.specs[0]["schedule"] == "good"
+        assert await env.r.zscore(env.keys.schedules, "bad") == (T0 + 120) * 1000
+        assert "periodic job bad: cannot compute its fires" in caplog.text
+    run(redis_url, body)
+
+
 @pytest.mark.parametrize("overwritten", ["hash", "fire_job", "fire_round", "runs"])
 def test_a_key_of_one_job_overwritten_with_another_type_does_not_stall_the_others(
         redis_url, caplog, overwritten):
