@@ -24,7 +24,7 @@ from elric import lua
 from elric.clock import RedisClock
 from elric.codec import pack, unpack
 from elric.health import TaskHealth
-from elric.contract import Status
+from elric.contract import Status, normalize_spec
 from elric.jobstore import FINISHED_TTL, Coalesce, Options, Outcome, RedisJobStore, fire_id, iso
 from elric.queue import Fenced
 from elric.retry import Backoff, Outage, cancel_pending, unblocked, until
@@ -220,9 +220,9 @@ class Scheduler:
             return FirePlan(job_id, b"", None)
         if missing := [name for name, v in h.items() if v is None]:  # HDEL, a partial restore
             raise ValueError(f"its hash has no {', '.join(missing)}")
-        spec = unpack(h["spec"])  # read here, where bad stored data is caught
-        if not isinstance(spec, dict):
-            raise ValueError(f"its stored spec is a {type(spec).__name__}, not a map")
+        # checked here, where bad stored data is caught: a map that is no job spec failed
+        # the enqueue of every fire queued or pending with its fire
+        spec = normalize_spec(unpack(h["spec"]))
         options, trigger = Options.from_hash(h), _trigger(h["trigger"])
         grace, policy = options.misfire_grace_time, options.coalesce
         horizon = -math.inf if grace is None else now - grace

@@ -712,6 +712,36 @@ def test_a_job_hash_missing_a_field_does_not_stall_the_others(redis_url, caplog,
     run(redis_url, body)
 
 
+@pytest.mark.parametrize("change", [{"priority": "high"}, {"queue": None}])
+def test_a_job_spec_that_cannot_be_queued_does_not_stall_the_others(redis_url, caplog, change):
+    """A stored spec that is a map but no job spec (written by hand, a bad restore) was
+    marked and then failed the enqueue of every fire queued with it, and of every fire
+    pending beside it at each pass after: those stayed pending for good, and max_instances
+    skipped every later fire of their jobs. It is checked where its fires are planned, as
+    at submit: a key left out is its default (queue "default"), a bad one waits, logged."""
+    from elric.codec import pack
+    from elric.queue import RedisQueue
+
+    async def body(env):
+        queue = RedisQueue(env.r, env.keys)
+        env.sched.enqueue = lambda specs, token, recovered=False: queue.enqueue(specs, fence=token)
+        await env.store.add(spec("bad"))
+        await env.store.add(spec("good"))
+        bad = unpack(await env.r.hget(env.keys.schedule("bad"), "spec"))
+        bad = {k: v for k, v in {**bad, **change}.items() if v is not None}
+        await env.r.hset(env.keys.schedule("bad"), "spec", pack(bad))
+        env.clock.t = T0 + 60
+        await env.sched.tick()
+        assert (await queue.get_job(fire_id("good", T0 + 60)))["status"] == "queued"
+        assert await env.r.hlen(env.keys.fires_pending) == 0
+        if "queue" in change:
+            assert (await queue.get_job(fire_id("bad", T0 + 60)))["queue"] == "default"
+            return
+        assert await env.r.zscore(env.keys.schedules, "bad") == (T0 + 120) * 1000
+        assert "periodic job bad: cannot compute its fires" in caplog.text
+    run(redis_url, body)
+
+
 @pytest.mark.parametrize("overwritten", ["hash", "fire_job", "fire_round", "runs"])
 def test_a_key_of_one_job_overwritten_with_another_type_does_not_stall_the_others(
         redis_url, caplog, overwritten):
