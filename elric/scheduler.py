@@ -375,8 +375,8 @@ class Scheduler:
             keys.append(self.keys.schedule_runs(f["schedule"]))
             argv += [f["job_id"], old, pack({**unpack(old), "outcome": Outcome.FILTERED,
                                              "reason": "dedupe_key"}) if old else b""]
-        await self._filtered_s(keys=keys, args=argv)
-        for f in fires:
+        taken = {f.decode() for f in await self._filtered_s(keys=keys, args=argv)}
+        for f in (f for f in fires if f["job_id"] in taken):   # (else: another master's)
             self._warn_hourly(f["schedule"], "periodic job %s: fire %s filtered, not run: its "
                               "dedupe_key %r was seen in scope %r; a key every fire shares "
                               "drops them all (dedupe_scope \"@fire\" gives each fire a scope "
