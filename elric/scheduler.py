@@ -469,6 +469,9 @@ class Scheduler:
                 spec = unpack(raw)
                 if not isinstance(spec, dict) or spec.get("job_id") != fid.decode():
                     raise ValueError("not the spec of this fire")
+                # a job spec (as _plan checks it) plus what _job_args adds for the fire
+                spec |= normalize_spec({k: v for k, v in spec.items()
+                                        if k not in ("schedule", "fire_time")})
             except Exception as exc:
                 self.log.error("fire %s pending in %s cannot be read (%s); dropped, it does "
                                "not run", fid.decode(errors="replace"), self.keys.fires_pending,

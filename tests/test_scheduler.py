@@ -742,6 +742,30 @@ def test_a_job_spec_that_cannot_be_queued_does_not_stall_the_others(redis_url, c
     run(redis_url, body)
 
 
+def test_a_pending_fire_that_cannot_be_queued_does_not_stall_the_others(redis_url, caplog):
+    """A fire pending (marked by a leader that died) whose spec is a map but no job spec
+    (written by hand, or marked before its job's spec was checked) failed the enqueue of
+    every fire pending beside it, pass after pass: none of them ran. It is dropped, named."""
+    from elric.codec import pack
+    from elric.queue import RedisQueue
+
+    async def body(env):
+        queue = RedisQueue(env.r, env.keys)
+        env.sched.enqueue = lambda specs, token, recovered=False: queue.enqueue(specs, fence=token)
+        await env.store.add(spec("good"))
+        good, bad = fire_id("good", T0 - 30), fire_id("bad", T0 - 30)
+        await env.r.hset(env.keys.fires_pending, mapping={
+            f: pack({**spec(f.split("@")[0]), "job_id": f, "schedule": f.split("@")[0],
+                     "fire_time": T0 - 30, **({"priority": "high"} if f == bad else {})})
+            for f in (good, bad)})
+        await env.sched.tick()
+        assert (await queue.get_job(good))["status"] == "queued"
+        assert await queue.get_job(bad) is None
+        assert await env.r.hlen(env.keys.fires_pending) == 0
+        assert f"fire {bad} pending in" in caplog.text
+    run(redis_url, body)
+
+
 @pytest.mark.parametrize("overwritten", ["hash", "fire_job", "fire_round", "runs"])
 def test_a_key_of_one_job_overwritten_with_another_type_does_not_stall_the_others(
         redis_url, caplog, overwritten):
