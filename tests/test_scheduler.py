@@ -766,6 +766,33 @@ def test_a_pending_fire_that_cannot_be_queued_does_not_stall_the_others(redis_ur
     run(redis_url, body)
 
 
+def test_a_job_paused_while_a_pass_could_not_read_it_stays_paused(redis_url):
+    """A job a pass could not read (a key of it of another type) has only its index entry
+    moved to a retry a minute on, whatever its version: paused meanwhile, its +inf there
+    was overwritten, and once it could be read again it fired while paused."""
+    async def body(env):
+        await env.store.add(spec())
+        env.clock.t = T0 + 60
+        assert await env.sched.tick() == 1
+        broken = env.keys.job(fire_id("site", T0 + 60))
+        await env.r.delete(broken)
+        await env.r.set(broken, "overwritten")
+        fire = env.sched._fire_s
+
+        async def paused_meanwhile(**kw):
+            assert await env.store.pause("site")
+            return await fire(**kw)
+        env.sched._fire_s = paused_meanwhile
+        env.clock.t = T0 + 120
+        assert await env.sched.tick() == 0
+        env.sched._fire_s = fire
+        assert await env.r.zscore(env.keys.schedules, "site") == math.inf
+        await env.r.delete(broken)   # readable again
+        env.clock.t = T0 + 240
+        assert await env.sched.tick() == 0 and len(env.rec.specs) == 1
+    run(redis_url, body)
+
+
 @pytest.mark.parametrize("overwritten", ["hash", "fire_job", "fire_round", "runs"])
 def test_a_key_of_one_job_overwritten_with_another_type_does_not_stall_the_others(
         redis_url, caplog, overwritten):
