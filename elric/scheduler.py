@@ -24,7 +24,7 @@ from elric import lua
 from elric.clock import RedisClock
 from elric.codec import pack, unpack
 from elric.health import TaskHealth
-from elric.contract import Status
+from elric.contract import Status, normalize_spec
 from elric.jobstore import FINISHED_TTL, Coalesce, Options, Outcome, RedisJobStore, fire_id, iso
 from elric.queue import Fenced
 from elric.retry import Backoff, Outage, cancel_pending, unblocked, until
@@ -216,11 +216,13 @@ class Scheduler:
         if not isinstance(row, list):  # scheduler_due.lua could not read a key of it
             raise ValueError(row.decode(errors="replace"))
         h = dict(zip(FIRE_FIELDS, row))
-        if h["spec"] is None:  # an index entry without its hash: scheduler_fire.lua drops it
+        if all(v is None for v in row):  # an index entry without its hash: the script drops it
             return FirePlan(job_id, b"", None)
-        spec = unpack(h["spec"])  # read here, where bad stored data is caught
-        if not isinstance(spec, dict):
-            raise ValueError(f"its stored spec is a {type(spec).__name__}, not a map")
+        if missing := [name for name, v in h.items() if v is None]:  # HDEL, a partial restore
+            raise ValueError(f"its hash has no {', '.join(missing)}")
+        # checked here, where bad stored data is caught: a map that is no job spec failed
+        # the enqueue of every fire queued or pending with its fire
+        spec = normalize_spec(unpack(h["spec"]))
         options, trigger = Options.from_hash(h), _trigger(h["trigger"])
         grace, policy = options.misfire_grace_time, options.coalesce
         horizon = -math.inf if grace is None else now - grace
@@ -315,7 +317,7 @@ class Scheduler:
                 version, kept = b"", now + 60
                 with contextlib.suppress(KeyError, TypeError, ValueError):
                     h = dict(zip(FIRE_FIELDS, row)) if isinstance(row, list) else {}
-                    version = h["version"]
+                    version = h["version"] or b""   # (none: as a key it could not read)
                     kept = _fire_time(h["next_run_time"])
                 plan = FirePlan(job_id, version, kept, retry_at=now + 60)
             job_keys, job_argv = self._job_args(plan, live, now, specs)
@@ -373,8 +375,8 @@ class Scheduler:
             keys.append(self.keys.schedule_runs(f["schedule"]))
             argv += [f["job_id"], old, pack({**unpack(old), "outcome": Outcome.FILTERED,
                                              "reason": "dedupe_key"}) if old else b""]
-        await self._filtered_s(keys=keys, args=argv)
-        for f in fires:
+        taken = {f.decode() for f in await self._filtered_s(keys=keys, args=argv)}
+        for f in (f for f in fires if f["job_id"] in taken):   # (else: another master's)
             self._warn_hourly(f["schedule"], "periodic job %s: fire %s filtered, not run: its "
                               "dedupe_key %r was seen in scope %r; a key every fire shares "
                               "drops them all (dedupe_scope \"@fire\" gives each fire a scope "
@@ -467,6 +469,9 @@ class Scheduler:
                 spec = unpack(raw)
                 if not isinstance(spec, dict) or spec.get("job_id") != fid.decode():
                     raise ValueError("not the spec of this fire")
+                # a job spec (as _plan checks it) plus what _job_args adds for the fire
+                spec |= normalize_spec({k: v for k, v in spec.items()
+                                        if k not in ("schedule", "fire_time")})
             except Exception as exc:
                 self.log.error("fire %s pending in %s cannot be read (%s); dropped, it does "
                                "not run", fid.decode(errors="replace"), self.keys.fires_pending,

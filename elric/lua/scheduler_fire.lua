@@ -17,8 +17,9 @@
 -- pending fires until enqueue.lua queues it, so a master dying in between loses nothing;
 -- a job whose version moved since it was read is left alone (re-read next pass); an
 -- index entry whose hash is gone is dropped; one whose keys could not be read (version "")
--- gets only its new score; a runs list or fire stats of another type are not recorded to,
--- not an error that stops every job's fires; pending fires of another type fail the call
+-- gets only its new score (none if paused or removed meanwhile: +inf or gone); a runs
+-- list or fire stats of another type are not recorded to, not an error that stops every
+-- job's fires; pending fires of another type fail the call
 -- before anything is written (a fire marked and not kept would never run).
 if redis.call('GET', KEYS[1]) ~= ARGV[1] or redis.call('GET', KEYS[2]) ~= ARGV[2] then return {0} end
 expect(KEYS[4], 'hash')
@@ -31,7 +32,8 @@ for _ = 1, tonumber(ARGV[5]) do
   a, k = a + 8, k + 2
   local cur = false
   if version == '' and score ~= '' then  -- a key of it could not be read: look again later
-    redis.call('ZADD', KEYS[3], score, job_id)
+    local was = redis.call('ZSCORE', KEYS[3], job_id)   -- (unless paused or removed since)
+    if was and was ~= 'inf' then redis.call('ZADD', KEYS[3], score, job_id) end
   else
     cur = redis.call('HGET', hash, 'version')
     if not cur then redis.call('ZREM', KEYS[3], job_id) end
