@@ -400,7 +400,9 @@ class Worker:
             except Exception as exc:   # Redis gone: its connection and fetch are gone too
                 log.warning("worker: could not end its wait for work (%s)", exc)
                 task.cancel()
-                # it may have claimed jobs all the same
+                # it may have claimed jobs all the same; once it has ended, _take_woken
+                # clears the wait, else _release_unknown (a stop's) would not look for them
+                await asyncio.wait([task])
                 self._unsure_since = self._unsure_since or self._waiting_since
         await self._take_woken()
 

@@ -2403,3 +2403,59 @@ def test_a_fetch_whose_reply_was_lost_costs_its_job_no_attempt(make_cluster, red
         r.close()
         for proxy in proxies:
             proxy.close()
+
+
+def test_a_stop_that_cannot_end_the_wait_for_work_gives_its_fetchs_claims_back(redis_url):
+    """A worker told to stop could not push the token that ends its fetch's wait in Redis
+    (its connection broke), while the fetch had claimed a job and its reply was not read
+    yet. The fetch, cancelled, was still taken for the wait going on, so the stop did not
+    ask Redis for the claims it knew nothing of: the job stayed running under a worker gone
+    until its lease ran out, and ran as a second attempt."""
+    import redis.asyncio as aredis
+
+    from elric.queue import RedisQueue
+    from elric.retry import REDIS_CLIENT_OPTIONS
+
+    async def body(w, r):
+        proxy = SilentProxy(int(redis_url.rsplit(":", 1)[1].split("/")[0]))
+        gone = aredis.Redis.from_url(f"redis://127.0.0.1:{free_port()}")   # Redis away
+        w.queue = RedisQueue(r, KEYS)
+        w.blocking_redis = aredis.Redis.from_url(proxy.url(), **REDIS_CLIENT_OPTIONS)
+        w.pool.kill_all = w.pool.kill_overdue = lambda: None
+        w.pool.shutdown = lambda **kwargs: None
+        recorder = asyncio.get_running_loop().create_future()
+        recorder.set_result(None)
+
+        async def until(what, condition):
+            deadline = time.monotonic() + 10
+            while not await condition():
+                assert time.monotonic() < deadline, f"timed out waiting for {what}"
+                await asyncio.sleep(0.02)
+
+        async def waiting():
+            return any(c["cmd"] == "blpop" and "b" in c["flags"] for c in await r.client_list())
+        try:
+            await w.queue.fetch(w.worker_id, w.queues, 1, 30)   # loads the script
+            w._changed.set()   # (the loop goes on, the fetch waits)
+            await w._wait(4.0, for_work=True)
+            await until("the fetch waiting in Redis", waiting)
+            proxy.silence()   # Redis runs the fetch; its reply never comes
+            await w.queue.enqueue([normalize_spec({"func": "tests.jobs:Add", "args": [1, 2],
+                                                   "job_id": "woken"})])
+
+            async def claimed():
+                return await r.hget(KEYS.job("woken"), "worker") == w.worker_id.encode()
+            await until("the job claimed by the waiting fetch", claimed)
+            assert not w._waiting.done()
+            w.redis = gone   # the token that ends the wait cannot be pushed
+            await asyncio.wait_for(w._shutdown(recorder), 30)
+            job = await w.queue.get_job("woken")
+            assert (job["status"], job["attempts"]) == ("queued", 0), job
+        finally:
+            if w._waiting is not None:
+                w._waiting.cancel()
+                await asyncio.wait([w._waiting])
+            await w.blocking_redis.aclose()
+            await gone.aclose()
+            proxy.close()
+    _run_in_process_worker(redis_url, body)
