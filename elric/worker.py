@@ -886,12 +886,7 @@ class Worker:
         await self._end_wait()
         if self._unsure_since:
             await self._release_unknown()
-        waiting = [*self.buffer, *self.suspects]
-        self.buffer.clear()
-        self.suspects.clear()
-        if waiting:
-            log.info("worker: gave %d prefetched job(s) back to the queue",
-                     await self._give_back(waiting))
+        await self._give_back_waiting()
         # (a second Ctrl-C ends this wait: the outcomes of jobs that ended are still recorded)
         await self._wait_while(lambda: not self.forced and (
             self.pool.claims() or self.finished or self.recording),
@@ -914,12 +909,24 @@ class Worker:
         # jobs still running, and those whose process died while we waited: back in line
         await self._give_back([*left, *self.buffer, *self.suspects])
 
+    async def _give_back_waiting(self) -> None:
+        """A stopping worker starts no job: those waiting here go back to the queue."""
+        waiting = [*self.buffer, *self.suspects]
+        self.buffer.clear()
+        self.suspects.clear()
+        if waiting:
+            log.info("worker: gave %d prefetched job(s) back to the queue",
+                     await self._give_back(waiting))
+
     async def _wait_while(self, busy, seconds: float, recorder: asyncio.Task) -> None:
         """While ``busy()``, for up to ``seconds``, unless the recorder ended."""
         deadline = time.monotonic() + seconds
         while busy() and time.monotonic() < deadline and not recorder.done():
             self._changed.clear()
             self.pool.kill_overdue()
+            # jobs back unstarted meanwhile (of a process that died, withdrawn), not held
+            # until the grace ends
+            await self._give_back_waiting()
             await until(self._changed, 0.5)
 
     async def _close(self, registered: bool = True) -> None:

@@ -35,6 +35,7 @@ from elric.rpc import AUTH_FAILED, AUTH_REQUIRED, Client, RemoteError, RPCConnec
 from tests.conftest import ROOT, Cluster, batches_form, lost_run_and_next, wait_for
 from tests.jobs import (Add, Fail, FailNamingFile, FailUnlessFile, MarkSleep, MarkUntilGate,
                         PadLength, SelfAlarm, Sleep, SpawnPadded, SpawnWhenGateOpens)
+from tests.jobs_async import AsyncCrashAtGate
 from tests.jobs_numpy import FirstDraw
 from tests.jobs_faults import (AsyncExitUnprintable, CommandUntilGate, AsyncForkReturns, Crash, ExitUnprintable,
                                FailBadRetryAfter, Flaky, ForkReturns, ForkThenCrash, IgnoreAlarm,
@@ -399,6 +400,33 @@ def test_sigterm_past_shutdown_grace_returns_the_running_job(make_cluster, tmp_p
         wait_for(lambda: gone(pool), timeout=20, what="the pool processes exit")
     c.start_worker("--concurrency", "1")
     wait_for(lambda: len(lines(marks)) == 2, timeout=30, what="another worker ran it again")
+
+
+def test_jobs_whose_process_died_in_shutdown_grace_go_back_at_once(make_cluster, tmp_path):
+    """A stopping worker's pool process died in SHUTDOWN_GRACE with two jobs (a crash in
+    native code, the OOM killer): run one by one no more, they waited unstarted, held and
+    renewed, until the worker's other running job ended or the grace ran out. They go back
+    to the queue at once, as prefetched jobs do."""
+    marks, crash, end = tmp_path / "runs.txt", tmp_path / "crash", tmp_path / "end"
+    with one_worker(make_cluster, 2, SHUTDOWN_GRACE=600) as (c, worker, pool):
+        c.client.submit_job(MarkUntilGate.spec([str(marks), str(end)], job_id="long"))
+        wait_for(lambda: lines(marks) == ["long"], what="the long job started")
+        # (the second joins the first in the other process once it told they are async)
+        c.client.submit_jobs([AsyncCrashAtGate.spec([str(marks), str(crash)], job_id=j)
+                              for j in ("a", "b")])
+        wait_for(lambda: sorted(lines(marks)) == ["a", "b", "long"], what="all three started")
+        worker.signal(signal.SIGTERM)
+        wait_for(lambda: "running jobs may finish" in worker.log(), what="the worker stopping")
+        crash.touch()
+        wait_for(lambda: statuses(c.redis_url, ["a", "b"]) == {"a": "queued", "b": "queued"},
+                 what="the jobs of the process that died back in line")
+        assert c.client.get_job("long")["status"] == "running"
+        end.touch()
+        assert worker.wait(timeout=60) == 0, worker.log()
+        for job_id in ("a", "b"):
+            job = c.client.get_job(job_id)
+            assert (job["status"], job["attempts"], job["worker"]) == ("queued", 0, None), job
+        assert c.client.get_job("long")["status"] == "succeeded"
 
 
 def test_a_second_ctrl_c_stops_the_running_jobs_now_and_returns_them(make_cluster, tmp_path):
