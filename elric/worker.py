@@ -468,27 +468,31 @@ class Worker:
         log.info("worker: a job has run %.1fs: gave %d unstarted job(s) back to the queue, "
                  "for workers with free slots", run, n)
 
-    async def _release_unknown(self) -> None:
+    async def _release_unknown(self, deadline: float | None = None) -> None:
         """Give back, without using an attempt, the claims Redis holds under this worker
         that it does not know: a fetch whose reply was lost made them. Unknown, they would
         wait for their leases to run out and run again as a second attempt. Only this loop
         and ``_take_woken`` fetch; with no fetch out, every claim made is known here (one
-        that ended meanwhile is not running, and release.lua passes it over)."""
+        that ended meanwhile is not running, and release.lua passes it over). Tried once
+        (the loop's next turn tries again), or till ``deadline``: a stop has no next turn."""
         if self._taking.locked() or self._waiting is not None:
             return   # claims on their way in, or a fetch out that may bring some: later
+
+        async def give_back() -> int:
+            # a claim older than this has run out of its lease (unknown, none renewed
+            # it): it is being redelivered, whatever Redis's clock did meanwhile
+            held = await self.queue.claimed(
+                self.worker_id, time.monotonic() - self._unsure_since + self.lease)
+            known = {c.run for c in self._claims()}
+            return await self.queue.release(self.worker_id,
+                                            [claim for claim in held if claim not in known])
         async with self._taking:
             try:
-                # a claim older than this has run out of its lease (unknown, none renewed
-                # it): it is being redelivered, whatever Redis's clock did meanwhile
-                held = await self.queue.claimed(
-                    self.worker_id, time.monotonic() - self._unsure_since + self.lease)
-                known = {c.run for c in self._claims()}
-                unknown = [claim for claim in held if claim not in known]
-                n = await self.queue.release(self.worker_id, unknown)
+                n = await self._retry_redis(give_back, deadline=deadline or time.monotonic())
             except Exception as exc:
                 if not is_outage(exc):
                     raise
-                return   # looked at again at the next turn
+                return
         self._unsure_since = None
         if n:
             log.warning("worker: gave back %d job(s) a fetch claimed whose reply was lost "
@@ -885,7 +889,7 @@ class Worker:
         self.stopping = True
         await self._end_wait()
         if self._unsure_since:
-            await self._release_unknown()
+            await self._release_unknown(time.monotonic() + GIVE_BACK_SECONDS)
         await self._give_back_waiting()
         # (a second Ctrl-C ends this wait: the outcomes of jobs that ended are still recorded)
         await self._wait_while(lambda: not self.forced and (

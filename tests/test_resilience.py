@@ -2449,10 +2449,6 @@ def test_a_stop_that_cannot_end_the_wait_for_work_gives_its_fetchs_claims_back(r
         gone = aredis.Redis.from_url(f"redis://127.0.0.1:{free_port()}")   # Redis away
         w.queue = RedisQueue(r, KEYS)
         w.blocking_redis = aredis.Redis.from_url(proxy.url(), **REDIS_CLIENT_OPTIONS)
-        w.pool.kill_all = w.pool.kill_overdue = lambda: None
-        w.pool.shutdown = lambda **kwargs: None
-        recorder = asyncio.get_running_loop().create_future()
-        recorder.set_result(None)
 
         async def until(what, condition):
             deadline = time.monotonic() + 10
@@ -2476,7 +2472,7 @@ def test_a_stop_that_cannot_end_the_wait_for_work_gives_its_fetchs_claims_back(r
             await until("the job claimed by the waiting fetch", claimed)
             assert not w._waiting.done()
             w.redis = gone   # the token that ends the wait cannot be pushed
-            await asyncio.wait_for(w._shutdown(recorder), 30)
+            await _stop(w)
             job = await w.queue.get_job("woken")
             assert (job["status"], job["attempts"]) == ("queued", 0), job
         finally:
@@ -2487,3 +2483,40 @@ def test_a_stop_that_cannot_end_the_wait_for_work_gives_its_fetchs_claims_back(r
             await gone.aclose()
             proxy.close()
     _run_in_process_worker(redis_url, body)
+
+
+def test_a_stop_in_a_short_outage_gives_back_the_claims_of_a_lost_fetch(redis_url):
+    """A fetch's reply was lost (Redis went away a moment) and the worker was told to stop
+    before Redis answered again. Its prefetched jobs are tried for a few seconds, but the
+    claims that fetch made, unknown to it, were asked of Redis once: the job waited out its
+    lease under a worker gone, and ran as a second attempt."""
+    from elric.queue import RedisQueue
+
+    async def body(w, r):
+        queue = RedisQueue(r, KEYS)
+        await queue.enqueue([normalize_spec({"func": "tests.jobs:Add", "args": [1, 2],
+                                             "job_id": "unknown"})])
+        w._unsure_since = time.monotonic()
+        await queue.fetch(w.worker_id, w.queues, 1, 30)   # its reply lost
+        asked = []
+
+        async def claimed(*args):
+            asked.append(args)
+            if len(asked) == 1:   # Redis is back at the next try
+                raise redis.exceptions.ConnectionError("Connection refused")
+            return await queue.claimed(*args)
+        w.queue = SimpleNamespace(claimed=claimed, release=queue.release)
+        await _stop(w)
+        job = await queue.get_job("unknown")
+        assert (job["status"], job["attempts"]) == ("queued", 0), job
+    _run_in_process_worker(redis_url, body)
+
+
+async def _stop(w) -> None:
+    """Stop the in-process worker ``w`` (``_in_process_worker``) as a SIGTERM does, with no
+    job running and its outcomes recorded."""
+    w.pool.kill_all = w.pool.kill_overdue = lambda: None
+    w.pool.shutdown = lambda **kwargs: None
+    recorder = asyncio.get_running_loop().create_future()
+    recorder.set_result(None)
+    await asyncio.wait_for(w._shutdown(recorder), 30)
