@@ -869,7 +869,8 @@ class Worker:
     async def _give_back(self, claims: list[Claim]) -> int:
         """Give claims back to the queue, trying for GIVE_BACK_SECONDS: with Redis away a
         SIGTERM must still stop the worker, and the jobs are redelivered when their leases
-        run out."""
+        run out. Another refusal (a job's key of another type) must not end the stop either:
+        its running jobs would go on unrecorded, and the worker never exit."""
         if not claims:
             return 0
         try:
@@ -877,10 +878,11 @@ class Worker:
                                            [c.run for c in claims],
                                            deadline=time.monotonic() + GIVE_BACK_SECONDS)
         except Exception as exc:
-            if not is_outage(exc):
-                raise
-            log.warning("worker: could not give %d job(s) back (%s); they run again once "
-                        "their leases run out", len(claims), exc)
+            outage = is_outage(exc)
+            self.broken = self.broken or not outage   # no retry helps: exit non-zero
+            log.log(logging.WARNING if outage else logging.ERROR,
+                    "worker: could not give %d job(s) back (%s); they run again once "
+                    "their leases run out", len(claims), exc)
             return 0
 
     async def _shutdown(self, recorder: asyncio.Task) -> None:

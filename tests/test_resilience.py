@@ -429,6 +429,36 @@ def test_jobs_whose_process_died_in_shutdown_grace_go_back_at_once(make_cluster,
         assert c.client.get_job("long")["status"] == "succeeded"
 
 
+def test_a_stop_whose_give_back_redis_refuses_lets_the_running_job_finish(make_cluster,
+                                                                         tmp_path):
+    """A prefetched job's hash was overwritten with a string (an operator's mistake): at a
+    SIGTERM, Redis refused to give the jobs back (WRONGTYPE), and the stop ended there. The
+    running job was neither waited for nor recorded, its pool process went on, and the
+    worker never exited: its job's lease ran out and it ran a second time elsewhere. The
+    stop goes on, and the worker exits non-zero."""
+    marks, end = tmp_path / "runs.txt", tmp_path / "end"
+    with one_worker(make_cluster, 1, SHUTDOWN_GRACE=600) as (c, worker, pool):
+        c.client.submit_jobs([MarkUntilGate.spec([str(marks), str(end)], job_id="long"),
+                              Add.spec([1, 2], job_id="held")])
+        wait_for(lambda: lines(marks) == ["long"], what="the long job started")
+        wait_for(lambda: statuses(c.redis_url, ["held"]) == {"held": "running"},
+                 what="the other job prefetched")
+        r = redis.Redis.from_url(c.redis_url)
+        try:
+            r.delete(KEYS.job("held"))
+            r.set(KEYS.job("held"), "overwritten")
+        finally:
+            r.close()
+        worker.signal(signal.SIGTERM)
+        wait_for(lambda: "could not give 1 job(s) back" in worker.log(),
+                 what="the give-back refused")
+        end.touch()
+        assert worker.wait(timeout=60) == 1, worker.log()
+        job = c.client.get_job("long")
+        assert (job["status"], job["attempts"]) == ("succeeded", 1), job
+        assert lines(marks) == ["long"]
+
+
 def test_a_second_ctrl_c_stops_the_running_jobs_now_and_returns_them(make_cluster, tmp_path):
     """A user at a terminal who presses Ctrl-C twice is not kept waiting SHUTDOWN_GRACE
     (the second was ignored); the running job goes back to the queue with no attempt used."""
