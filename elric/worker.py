@@ -400,7 +400,9 @@ class Worker:
             except Exception as exc:   # Redis gone: its connection and fetch are gone too
                 log.warning("worker: could not end its wait for work (%s)", exc)
                 task.cancel()
-                # it may have claimed jobs all the same
+                # it may have claimed jobs all the same; once it has ended, _take_woken
+                # clears the wait, else _release_unknown (a stop's) would not look for them
+                await asyncio.wait([task])
                 self._unsure_since = self._unsure_since or self._waiting_since
         await self._take_woken()
 
@@ -466,27 +468,31 @@ class Worker:
         log.info("worker: a job has run %.1fs: gave %d unstarted job(s) back to the queue, "
                  "for workers with free slots", run, n)
 
-    async def _release_unknown(self) -> None:
+    async def _release_unknown(self, deadline: float | None = None) -> None:
         """Give back, without using an attempt, the claims Redis holds under this worker
         that it does not know: a fetch whose reply was lost made them. Unknown, they would
         wait for their leases to run out and run again as a second attempt. Only this loop
         and ``_take_woken`` fetch; with no fetch out, every claim made is known here (one
-        that ended meanwhile is not running, and release.lua passes it over)."""
+        that ended meanwhile is not running, and release.lua passes it over). Tried once
+        (the loop's next turn tries again), or till ``deadline``: a stop has no next turn."""
         if self._taking.locked() or self._waiting is not None:
             return   # claims on their way in, or a fetch out that may bring some: later
+
+        async def give_back() -> int:
+            # a claim older than this has run out of its lease (unknown, none renewed
+            # it): it is being redelivered, whatever Redis's clock did meanwhile
+            held = await self.queue.claimed(
+                self.worker_id, time.monotonic() - self._unsure_since + self.lease)
+            known = {c.run for c in self._claims()}
+            return await self.queue.release(self.worker_id,
+                                            [claim for claim in held if claim not in known])
         async with self._taking:
             try:
-                # a claim older than this has run out of its lease (unknown, none renewed
-                # it): it is being redelivered, whatever Redis's clock did meanwhile
-                held = await self.queue.claimed(
-                    self.worker_id, time.monotonic() - self._unsure_since + self.lease)
-                known = {c.run for c in self._claims()}
-                unknown = [claim for claim in held if claim not in known]
-                n = await self.queue.release(self.worker_id, unknown)
+                n = await self._retry_redis(give_back, deadline=deadline or time.monotonic())
             except Exception as exc:
                 if not is_outage(exc):
                     raise
-                return   # looked at again at the next turn
+                return
         self._unsure_since = None
         if n:
             log.warning("worker: gave back %d job(s) a fetch claimed whose reply was lost "
@@ -863,7 +869,8 @@ class Worker:
     async def _give_back(self, claims: list[Claim]) -> int:
         """Give claims back to the queue, trying for GIVE_BACK_SECONDS: with Redis away a
         SIGTERM must still stop the worker, and the jobs are redelivered when their leases
-        run out."""
+        run out. Another refusal (a job's key of another type) must not end the stop either:
+        its running jobs would go on unrecorded, and the worker never exit."""
         if not claims:
             return 0
         try:
@@ -871,10 +878,11 @@ class Worker:
                                            [c.run for c in claims],
                                            deadline=time.monotonic() + GIVE_BACK_SECONDS)
         except Exception as exc:
-            if not is_outage(exc):
-                raise
-            log.warning("worker: could not give %d job(s) back (%s); they run again once "
-                        "their leases run out", len(claims), exc)
+            outage = is_outage(exc)
+            self.broken = self.broken or not outage   # no retry helps: exit non-zero
+            log.log(logging.WARNING if outage else logging.ERROR,
+                    "worker: could not give %d job(s) back (%s); they run again once "
+                    "their leases run out", len(claims), exc)
             return 0
 
     async def _shutdown(self, recorder: asyncio.Task) -> None:
@@ -883,13 +891,8 @@ class Worker:
         self.stopping = True
         await self._end_wait()
         if self._unsure_since:
-            await self._release_unknown()
-        waiting = [*self.buffer, *self.suspects]
-        self.buffer.clear()
-        self.suspects.clear()
-        if waiting:
-            log.info("worker: gave %d prefetched job(s) back to the queue",
-                     await self._give_back(waiting))
+            await self._release_unknown(time.monotonic() + GIVE_BACK_SECONDS)
+        await self._give_back_waiting()
         # (a second Ctrl-C ends this wait: the outcomes of jobs that ended are still recorded)
         await self._wait_while(lambda: not self.forced and (
             self.pool.claims() or self.finished or self.recording),
@@ -912,12 +915,24 @@ class Worker:
         # jobs still running, and those whose process died while we waited: back in line
         await self._give_back([*left, *self.buffer, *self.suspects])
 
+    async def _give_back_waiting(self) -> None:
+        """A stopping worker starts no job: those waiting here go back to the queue."""
+        waiting = [*self.buffer, *self.suspects]
+        self.buffer.clear()
+        self.suspects.clear()
+        if waiting:
+            log.info("worker: gave %d prefetched job(s) back to the queue",
+                     await self._give_back(waiting))
+
     async def _wait_while(self, busy, seconds: float, recorder: asyncio.Task) -> None:
         """While ``busy()``, for up to ``seconds``, unless the recorder ended."""
         deadline = time.monotonic() + seconds
         while busy() and time.monotonic() < deadline and not recorder.done():
             self._changed.clear()
             self.pool.kill_overdue()
+            # jobs back unstarted meanwhile (of a process that died, withdrawn), not held
+            # until the grace ends
+            await self._give_back_waiting()
             await until(self._changed, 0.5)
 
     async def _close(self, registered: bool = True) -> None:

@@ -79,6 +79,18 @@ class AsyncCrash(Job):
         os._exit(1)
 
 
+class AsyncCrashAtGate(Job):
+    """Says it started, then kills its own pool process once the file ``gate`` exists (at
+    most a minute on): a crash in native code a test sets off when it needs one."""
+
+    async def run(self, path, gate):
+        append_line(path, self.job_id)
+        deadline = time.monotonic() + 60
+        while not os.path.exists(gate) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        os._exit(1)
+
+
 class AsyncHostPage(Job):
     """A page of a host: the host is its limit key. Says when it ran."""
 

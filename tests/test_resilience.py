@@ -35,6 +35,7 @@ from elric.rpc import AUTH_FAILED, AUTH_REQUIRED, Client, RemoteError, RPCConnec
 from tests.conftest import ROOT, Cluster, batches_form, lost_run_and_next, wait_for
 from tests.jobs import (Add, Fail, FailNamingFile, FailUnlessFile, MarkSleep, MarkUntilGate,
                         PadLength, SelfAlarm, Sleep, SpawnPadded, SpawnWhenGateOpens)
+from tests.jobs_async import AsyncCrashAtGate
 from tests.jobs_numpy import FirstDraw
 from tests.jobs_faults import (AsyncExitUnprintable, CommandUntilGate, AsyncForkReturns, Crash, ExitUnprintable,
                                FailBadRetryAfter, Flaky, ForkReturns, ForkThenCrash, IgnoreAlarm,
@@ -399,6 +400,63 @@ def test_sigterm_past_shutdown_grace_returns_the_running_job(make_cluster, tmp_p
         wait_for(lambda: gone(pool), timeout=20, what="the pool processes exit")
     c.start_worker("--concurrency", "1")
     wait_for(lambda: len(lines(marks)) == 2, timeout=30, what="another worker ran it again")
+
+
+def test_jobs_whose_process_died_in_shutdown_grace_go_back_at_once(make_cluster, tmp_path):
+    """A stopping worker's pool process died in SHUTDOWN_GRACE with two jobs (a crash in
+    native code, the OOM killer): run one by one no more, they waited unstarted, held and
+    renewed, until the worker's other running job ended or the grace ran out. They go back
+    to the queue at once, as prefetched jobs do."""
+    marks, crash, end = tmp_path / "runs.txt", tmp_path / "crash", tmp_path / "end"
+    with one_worker(make_cluster, 2, SHUTDOWN_GRACE=600) as (c, worker, pool):
+        c.client.submit_job(MarkUntilGate.spec([str(marks), str(end)], job_id="long"))
+        wait_for(lambda: lines(marks) == ["long"], what="the long job started")
+        # (the second joins the first in the other process once it told they are async)
+        c.client.submit_jobs([AsyncCrashAtGate.spec([str(marks), str(crash)], job_id=j)
+                              for j in ("a", "b")])
+        wait_for(lambda: sorted(lines(marks)) == ["a", "b", "long"], what="all three started")
+        worker.signal(signal.SIGTERM)
+        wait_for(lambda: "running jobs may finish" in worker.log(), what="the worker stopping")
+        crash.touch()
+        wait_for(lambda: statuses(c.redis_url, ["a", "b"]) == {"a": "queued", "b": "queued"},
+                 what="the jobs of the process that died back in line")
+        assert c.client.get_job("long")["status"] == "running"
+        end.touch()
+        assert worker.wait(timeout=60) == 0, worker.log()
+        for job_id in ("a", "b"):
+            job = c.client.get_job(job_id)
+            assert (job["status"], job["attempts"], job["worker"]) == ("queued", 0, None), job
+        assert c.client.get_job("long")["status"] == "succeeded"
+
+
+def test_a_stop_whose_give_back_redis_refuses_lets_the_running_job_finish(make_cluster,
+                                                                         tmp_path):
+    """A prefetched job's hash was overwritten with a string (an operator's mistake): at a
+    SIGTERM, Redis refused to give the jobs back (WRONGTYPE), and the stop ended there. The
+    running job was neither waited for nor recorded, its pool process went on, and the
+    worker never exited: its job's lease ran out and it ran a second time elsewhere. The
+    stop goes on, and the worker exits non-zero."""
+    marks, end = tmp_path / "runs.txt", tmp_path / "end"
+    with one_worker(make_cluster, 1, SHUTDOWN_GRACE=600) as (c, worker, pool):
+        c.client.submit_jobs([MarkUntilGate.spec([str(marks), str(end)], job_id="long"),
+                              Add.spec([1, 2], job_id="held")])
+        wait_for(lambda: lines(marks) == ["long"], what="the long job started")
+        wait_for(lambda: statuses(c.redis_url, ["held"]) == {"held": "running"},
+                 what="the other job prefetched")
+        r = redis.Redis.from_url(c.redis_url)
+        try:
+            r.delete(KEYS.job("held"))
+            r.set(KEYS.job("held"), "overwritten")
+        finally:
+            r.close()
+        worker.signal(signal.SIGTERM)
+        wait_for(lambda: "could not give 1 job(s) back" in worker.log(),
+                 what="the give-back refused")
+        end.touch()
+        assert worker.wait(timeout=60) == 1, worker.log()
+        job = c.client.get_job("long")
+        assert (job["status"], job["attempts"]) == ("succeeded", 1), job
+        assert lines(marks) == ["long"]
 
 
 def test_a_second_ctrl_c_stops_the_running_jobs_now_and_returns_them(make_cluster, tmp_path):
@@ -2403,3 +2461,92 @@ def test_a_fetch_whose_reply_was_lost_costs_its_job_no_attempt(make_cluster, red
         r.close()
         for proxy in proxies:
             proxy.close()
+
+
+def test_a_stop_that_cannot_end_the_wait_for_work_gives_its_fetchs_claims_back(redis_url):
+    """A worker told to stop could not push the token that ends its fetch's wait in Redis
+    (its connection broke), while the fetch had claimed a job and its reply was not read
+    yet. The fetch, cancelled, was still taken for the wait going on, so the stop did not
+    ask Redis for the claims it knew nothing of: the job stayed running under a worker gone
+    until its lease ran out, and ran as a second attempt."""
+    import redis.asyncio as aredis
+
+    from elric.queue import RedisQueue
+    from elric.retry import REDIS_CLIENT_OPTIONS
+
+    async def body(w, r):
+        proxy = SilentProxy(int(redis_url.rsplit(":", 1)[1].split("/")[0]))
+        gone = aredis.Redis.from_url(f"redis://127.0.0.1:{free_port()}")   # Redis away
+        w.queue = RedisQueue(r, KEYS)
+        w.blocking_redis = aredis.Redis.from_url(proxy.url(), **REDIS_CLIENT_OPTIONS)
+
+        async def until(what, condition):
+            deadline = time.monotonic() + 10
+            while not await condition():
+                assert time.monotonic() < deadline, f"timed out waiting for {what}"
+                await asyncio.sleep(0.02)
+
+        async def waiting():
+            return any(c["cmd"] == "blpop" and "b" in c["flags"] for c in await r.client_list())
+        try:
+            await w.queue.fetch(w.worker_id, w.queues, 1, 30)   # loads the script
+            w._changed.set()   # (the loop goes on, the fetch waits)
+            await w._wait(4.0, for_work=True)
+            await until("the fetch waiting in Redis", waiting)
+            proxy.silence()   # Redis runs the fetch; its reply never comes
+            await w.queue.enqueue([normalize_spec({"func": "tests.jobs:Add", "args": [1, 2],
+                                                   "job_id": "woken"})])
+
+            async def claimed():
+                return await r.hget(KEYS.job("woken"), "worker") == w.worker_id.encode()
+            await until("the job claimed by the waiting fetch", claimed)
+            assert not w._waiting.done()
+            w.redis = gone   # the token that ends the wait cannot be pushed
+            await _stop(w)
+            job = await w.queue.get_job("woken")
+            assert (job["status"], job["attempts"]) == ("queued", 0), job
+        finally:
+            if w._waiting is not None:
+                w._waiting.cancel()
+                await asyncio.wait([w._waiting])
+            await w.blocking_redis.aclose()
+            await gone.aclose()
+            proxy.close()
+    _run_in_process_worker(redis_url, body)
+
+
+def test_a_stop_in_a_short_outage_gives_back_the_claims_of_a_lost_fetch(redis_url):
+    """A fetch's reply was lost (Redis went away a moment) and the worker was told to stop
+    before Redis answered again. Its prefetched jobs are tried for a few seconds, but the
+    claims that fetch made, unknown to it, were asked of Redis once: the job waited out its
+    lease under a worker gone, and ran as a second attempt."""
+    from elric.queue import RedisQueue
+
+    async def body(w, r):
+        queue = RedisQueue(r, KEYS)
+        await queue.enqueue([normalize_spec({"func": "tests.jobs:Add", "args": [1, 2],
+                                             "job_id": "unknown"})])
+        w._unsure_since = time.monotonic()
+        await queue.fetch(w.worker_id, w.queues, 1, 30)   # its reply lost
+        asked = []
+
+        async def claimed(*args):
+            asked.append(args)
+            if len(asked) == 1:   # Redis is back at the next try
+                raise redis.exceptions.ConnectionError("Connection refused")
+            return await queue.claimed(*args)
+        w.queue = SimpleNamespace(claimed=claimed, release=queue.release)
+        await _stop(w)
+        job = await queue.get_job("unknown")
+        assert (job["status"], job["attempts"]) == ("queued", 0), job
+    _run_in_process_worker(redis_url, body)
+
+
+async def _stop(w) -> None:
+    """Stop the in-process worker ``w`` (``_in_process_worker``) as a SIGTERM does, with no
+    job running and its outcomes recorded."""
+    w.pool.kill_all = w.pool.kill_overdue = lambda: None
+    w.pool.shutdown = lambda **kwargs: None
+    recorder = asyncio.get_running_loop().create_future()
+    recorder.set_result(None)
+    await asyncio.wait_for(w._shutdown(recorder), 30)
