@@ -858,3 +858,32 @@ def test_a_resend_running_while_its_first_send_fails_keeps_the_job(redis_url, ca
             assert (await m.submit_jobs([{**spec, "job_id": "L"}]))[0]["status"] == "filtered"
             assert await queued(m) == 1
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("ttl", [None, 3600])
+def test_a_key_an_existing_job_was_sent_with_and_not_given_back_is_taken_over(redis_url, ttl):
+    """J exists without K; J sent again with K takes K, queues nothing (the id exists), and
+    its give-back of K failed (Redis blinked). The enqueue had dropped K's note as if J held
+    K: no job held it, and no takeover could ever free it, so every later job with K was
+    filtered for good (without DEDUPE_TTL). Past the grace the next job takes it over."""
+    async def main():
+        async with master(redis_url, DEDUPE_TTL=ttl, DEDUPE_TAKEOVER_AFTER=1) as m:
+            assert (await m.submit_jobs([{"func": E, "job_id": "J"}]))[0]["status"] == "queued"
+            real, blinks = m.queue.get_holds, [1]
+
+            async def blinking(job_ids):
+                if blinks.pop() if blinks else 0:
+                    raise RedisConnectionError("Connection reset by peer")
+                return await real(job_ids)
+            m.queue.get_holds = blinking
+            spec = {"func": E, "job_id": "J", "dedupe_key": "K", "dedupe_scope": "s"}
+            assert await m.submit_jobs([spec]) == [{"job_id": "J", "status": "queued"}]
+            assert not blinks   # the give-back failed: K is kept
+            other = {**spec, "job_id": "L"}
+            deadline = asyncio.get_running_loop().time() + 20
+            while (await m.submit_jobs([other]))[0]["status"] != "queued":
+                assert asyncio.get_running_loop().time() < deadline, "K never taken over"
+                await asyncio.sleep(0.1)
+            assert (await m.submit_jobs([{**other, "job_id": "M"}]))[0]["status"] == "filtered"
+            assert await queued(m) == 2
+    asyncio.run(main())
