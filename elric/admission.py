@@ -155,7 +155,7 @@ class Admission:
         self._admitting.update(dict.fromkeys(ids, over))
 
         def done(_=None) -> None:
-            for i in ids:
+            for i in set(ids):   # (an id twice in one call: refused at submit, not inside)
                 del self._admitting[i]
             over.set_result(None)
         reservation = Reservation(self.gate, specs)
