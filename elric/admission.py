@@ -34,6 +34,7 @@ class Admission:
         self.redis, self.keys = redis, keys
         self.defaults = {"max_retries": settings.MAX_RETRIES, "timeout": settings.JOB_TIMEOUT}
         self._cleanups: set[asyncio.Task] = set()   # keys being given back by failed calls
+        self._admitting: dict[str, asyncio.Future] = {}   # job id -> done once its call ends
 
     def normalize(self, spec) -> dict:
         return normalize_spec(spec, defaults=self.defaults,
@@ -143,6 +144,20 @@ class Admission:
         """Dedupe and queue jobs; a call that fails gives back the keys it took.
         ``before_enqueue``: what else the call writes (its periodic jobs), once the
         filters passed it."""
+        ids = [s["job_id"] for s in specs]
+        # A resend of a call still running here (its reply lost) waits for it: run together,
+        # the one failing gives back keys the other took or found seen, its jobs lost or doubled
+        while busy := {self._admitting[i] for i in ids if i in self._admitting}:
+            log.debug("job(s) %s wait for a call still admitting them", ", ".join(
+                i for i in ids if i in self._admitting))
+            await asyncio.wait(busy)
+        over = asyncio.get_running_loop().create_future()
+        self._admitting.update(dict.fromkeys(ids, over))
+
+        def done(_=None) -> None:
+            for i in set(ids):   # (an id twice in one call: refused at submit, not inside)
+                del self._admitting[i]
+            over.set_result(None)
         reservation = Reservation(self.gate, specs)
         try:
             await reservation.check()
@@ -156,9 +171,12 @@ class Admission:
             await before_enqueue()
             submitted = await self.queue.enqueue(reservation.passed)
         except BaseException as exc:
-            await self._clean_up(reservation.cancel(CLEANUP_WAIT), exc)
+            await self._clean_up(reservation.cancel(CLEANUP_WAIT), exc, done)
             raise
-        await reservation.settle(submitted)
+        try:
+            await reservation.settle(submitted)
+        finally:
+            done()
         out = {id(s): r for s, r in zip(reservation.passed, submitted)}
         for s in reservation.filtered:
             out[id(s)] = Submitted(s["job_id"], statuses.get(s["job_id"]) or Status.FILTERED)
@@ -168,14 +186,15 @@ class Admission:
                                if out[id(s)].status == Status.FILTERED])
         return [out[id(s)] for s in specs]
 
-    async def _clean_up(self, coro, exc: BaseException) -> None:
-        """Run a failed call's clean-up to its end even if that call is being cancelled.
-        The call waits for it up to CLEANUP_WAIT seconds, and not at all when cancelled (a
-        stopping master: ``close`` waits, bounded too), so a Redis that does not answer
-        cannot hang the call or the shutdown."""
+    async def _clean_up(self, coro, exc: BaseException, then) -> None:
+        """Run a failed call's clean-up to its end even if that call is being cancelled,
+        then ``then``. The call waits for it up to CLEANUP_WAIT seconds, and not at all when
+        cancelled (a stopping master: ``close`` waits, bounded too), so a Redis that does
+        not answer cannot hang the call or the shutdown."""
         task = asyncio.ensure_future(coro)
         self._cleanups.add(task)
         task.add_done_callback(self._cleanups.discard)
+        task.add_done_callback(then)
         if not isinstance(exc, asyncio.CancelledError):
             await asyncio.wait({task}, timeout=CLEANUP_WAIT)
 

@@ -275,7 +275,7 @@ class RedisQueue:
                       "" if fence is None else fence, codec.pack_for_lua(jobs),
                       k.dedupe_taking(""), k.schedule(""),
                       *(k.taker_note(s["dedupe_scope"], s["dedupe_key"])
-                        for s in specs if s.get("dedupe_key") is not None)])
+                        if s.get("dedupe_key") is not None else "" for s in specs)])
         except ResponseError as exc:
             if error_code(exc) == "FENCED":
                 raise Fenced(str(exc)) from None

@@ -790,3 +790,100 @@ def test_a_failed_call_that_cannot_tell_whose_a_key_is_keeps_it(redis_url, monke
             other = await m.submit_jobs([{"func": E, "job_id": "other", "dedupe_key": "k"}])
             assert other[0]["status"] == "filtered" and await queued(m) == 1
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("resend_at", ["seen", "reclaimed"])
+def test_a_resend_running_while_its_first_send_fails_keeps_the_job(redis_url, caplog,
+                                                                   resend_at):
+    """Send A of job J took J's key K and stalled before queueing J; the client, its reply
+    lost, sent again (B). A then failed and gave K back while B ran: B had found K "seen"
+    and then not J's (A gave it back first): answered filtered, J was lost ("seen"); or
+    B had reclaimed K as J's, and queued J with K given back: a second job of K passed
+    ("reclaimed"). A resend waits for the send still admitting its ids."""
+    caplog.set_level("DEBUG", "elric.master")
+
+    async def main():
+        async with master(redis_url) as m:
+            f = m.filters["set"]
+            real_check, real_owned, real_release = f.check_and_add, f.owned, f.release
+            real_enqueue, enqueues = m.queue._enqueue, []
+            a_stalls, b_at, given_back = asyncio.Event(), asyncio.Event(), asyncio.Event()
+            checks = []
+
+            def b_waits() -> bool:   # the fix: B waits for A before its check
+                return b_at.is_set() or any("still admitting" in r.getMessage()
+                                            for r in caplog.records)
+
+            async def check(*args):
+                checks.append(args)
+                got = await real_check(*args)
+                if len(checks) == 2 and resend_at == "seen":
+                    b_at.set()   # B found K seen
+                return got
+
+            async def owned(*args):
+                if resend_at == "seen":
+                    await given_back.wait()
+                got = await real_owned(*args)
+                if resend_at == "reclaimed":
+                    b_at.set()   # B reclaimed K
+                return got
+
+            async def release(*args):
+                await real_release(*args)
+                given_back.set()
+
+            async def enqueue(keys, args):
+                enqueues.append(keys)
+                if len(enqueues) > 1:        # B's
+                    await given_back.wait()
+                    return await real_enqueue(keys=keys, args=args)
+                a_stalls.set()
+                deadline = asyncio.get_running_loop().time() + 20
+                while not b_waits():         # A stalls until B ran up to its step
+                    assert asyncio.get_running_loop().time() < deadline, "B never ran"
+                    await asyncio.sleep(0.01)
+                raise RedisConnectionError("Connection reset by peer")
+            f.check_and_add, f.owned, f.release = check, owned, release
+            m.queue._enqueue = enqueue
+            spec = {"func": E, "job_id": "J", "dedupe_key": "K"}
+            a = asyncio.ensure_future(m.submit_jobs([spec]))
+            await asyncio.wait_for(a_stalls.wait(), 20)   # A took K, and stalls
+            b = asyncio.ensure_future(m.submit_jobs([spec]))
+            with pytest.raises(RequestError, match="cannot reach Redis"):
+                await asyncio.wait_for(a, 20)
+            assert await asyncio.wait_for(b, 20) == [{"job_id": "J", "status": "queued"}]
+            f.check_and_add, f.owned, f.release = real_check, real_owned, real_release
+            m.queue._enqueue = real_enqueue
+            assert (await m.submit_jobs([{**spec, "job_id": "L"}]))[0]["status"] == "filtered"
+            assert await queued(m) == 1
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("ttl", [None, 3600])
+def test_a_key_an_existing_job_was_sent_with_and_not_given_back_is_taken_over(redis_url, ttl):
+    """J exists without K; J sent again with K takes K, queues nothing (the id exists), and
+    its give-back of K failed (Redis blinked). The enqueue had dropped K's note as if J held
+    K: no job held it, and no takeover could ever free it, so every later job with K was
+    filtered for good (without DEDUPE_TTL). Past the grace the next job takes it over."""
+    async def main():
+        async with master(redis_url, DEDUPE_TTL=ttl, DEDUPE_TAKEOVER_AFTER=1) as m:
+            assert (await m.submit_jobs([{"func": E, "job_id": "J"}]))[0]["status"] == "queued"
+            real, blinks = m.queue.get_holds, [1]
+
+            async def blinking(job_ids):
+                if blinks.pop() if blinks else 0:
+                    raise RedisConnectionError("Connection reset by peer")
+                return await real(job_ids)
+            m.queue.get_holds = blinking
+            spec = {"func": E, "job_id": "J", "dedupe_key": "K", "dedupe_scope": "s"}
+            assert await m.submit_jobs([spec]) == [{"job_id": "J", "status": "queued"}]
+            assert not blinks   # the give-back failed: K is kept
+            other = {**spec, "job_id": "L"}
+            deadline = asyncio.get_running_loop().time() + 20
+            while (await m.submit_jobs([other]))[0]["status"] != "queued":
+                assert asyncio.get_running_loop().time() < deadline, "K never taken over"
+                await asyncio.sleep(0.1)
+            assert (await m.submit_jobs([{**other, "job_id": "M"}]))[0]["status"] == "filtered"
+            assert await queued(m) == 2
+    asyncio.run(main())

@@ -5,16 +5,17 @@
 --       round prefix, round ttl (s), fence token ('' = no fence), jobs: one flat msgpack
 --       array [n, then per job: job_id, queue, priority, batch, round, func, m, then m
 --       hash fields and values], the prefix of the keys naming the job that took a dedupe
---       key (dedupe_taker_fn.lua), the periodic jobs' prefix, then per job with a dedupe
---       key its key's suffix
+--       key (dedupe_taker_fn.lua), the periodic jobs' prefix, then per job its key's
+--       suffix ('' without a key)
 -- Returns: [position (1-based), status, ...] of the jobs that existed already.
 -- Invariant: a queued job is its hash (status queued, `member`) plus that member in its
 -- queue's sorted set (score -priority; members sort FIFO by sequence number). With a fence
 -- token nothing is written unless the token is current (the scheduler's lease), and each
 -- job, queued or found, leaves the pending fires in the same step. A queued job counts in
 -- its round's, its batch's and its func's `submitted` (and its queue's in the counters, with
--- its `last_at`), and the label is in `batches` / `funcs`. A job with a dedupe key, queued or found, is no
--- longer recorded as the taker of its key: it holds it now.
+-- its `last_at`), and the label is in `batches` / `funcs`. A job queued with a dedupe key,
+-- or found holding it, is no longer recorded as the taker of its key. One found without it
+-- stays its taker: if giving the key back fails, a takeover past the grace frees it.
 local jp, qp, wp, bp, fp = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local rp, round_ttl, now, token = ARGV[6], ARGV[7], now_ms(), ARGV[8]
 if token ~= '' and redis.call('GET', KEYS[5]) ~= token then
@@ -24,7 +25,7 @@ local jobs = cmsgpack.unpack(ARGV[9])
 local n = jobs[1]
 local base = redis.call('INCRBY', KEYS[1], n) - n
 -- Nothing is written until every key the call writes is known to be of its type (expect_fn).
-local out, new, taken, fired, lines = {}, {}, {}, {}, {}
+local out, new, taken, fired, lines, held = {}, {}, {}, {}, {}, {}
 local per_batch, per_func, per_round = {}, {}, {}
 local p = 2
 for i = 1, n do
@@ -36,10 +37,18 @@ for i = 1, n do
   if not read then expect(jk, 'hash'); error(status) end
   if taken[id] then status = 'queued' end   -- an id twice in one call: queued once
   if not status and redis.call('EXISTS', ARGV[11] .. id) == 1 then status = 'scheduled' end
+  local note = ARGV[11 + i]
   if status then
     out[#out + 1] = i
     out[#out + 1] = status
+    if note ~= '' then
+      local own = redis.call('HMGET', jk, 'dedupe_key', 'dedupe_scope')
+      if own[1] and own[2] and #own[2] .. ':' .. own[2] .. own[1] == note then
+        held[#held + 1] = note
+      end
+    end
   else
+    if note ~= '' then held[#held + 1] = note end
     local member = string.format('%016x', base + i) .. ':' .. id
     new[#new + 1] = p
     new[#new + 1] = member
@@ -100,5 +109,5 @@ for round, count in pairs(per_round) do
   redis.call('EXPIRE', rp .. round, round_ttl)
 end
 if added > 0 then redis.call('HINCRBY', KEYS[3], 'submitted', added) end
-for i = 12, #ARGV do redis.call('DEL', ARGV[10] .. ARGV[i]) end
+for _, note in ipairs(held) do redis.call('DEL', ARGV[10] .. note) end
 return out
