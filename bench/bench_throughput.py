@@ -19,6 +19,11 @@ and prints:
                         job is waited for (get_job) before the next, then --gap of idle
                         time
 
+--round makes every job of phases 1 and 2 a child of a queued periodic fire (round and
+parent that fire's id), as a scheduled crawl's pages send theirs: the master checks each
+such call's round before it queues the jobs. With --batch 15 --clients 4, ~15 links a page
+and a few workers sending at once.
+
 Phase 2 also prints the CPU time per job of each process (redis-server, master, worker,
 its pool processes, this client) from /proc: unlike the rates it hardly moves when other
 work shares the machine, and its total bounds the rate the cores allow. --redis-stats adds
@@ -29,6 +34,7 @@ Every process it starts is stopped by its PID; every wait is bounded by --timeou
 
     python bench/bench_throughput.py                 # 20,000 jobs, 200 latency samples
     python bench/bench_throughput.py --jobs 5000
+    python bench/bench_throughput.py --round --batch 15 --clients 4 --latency-samples 1
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ import redis  # noqa: E402
 
 from elric.client import SPLIT_BATCH, MasterClient  # noqa: E402
 from elric.contract import MAX_BATCH  # noqa: E402
+from elric.jobstore import fire_id  # noqa: E402
 from elric.keys import Keys  # noqa: E402
 from elric.launch import elric_env, start_master, start_worker  # noqa: E402
 from elric.redis_server import RedisServer, free_port  # noqa: E402
@@ -115,10 +122,11 @@ def last_success(r: redis.Redis, keys: Keys) -> float:
     return top[0][1] / 1000.0 if top else time.time()
 
 
-def submit_batches(address: str, n: int, batch: int, clients: int = 1) -> tuple[float, float]:
+def submit_batches(address: str, n: int, batch: int, clients: int = 1,
+                   spec: dict | None = None) -> tuple[float, float]:
     """Submit ``n`` no-op jobs in batches from ``clients`` connections at once, each with
     one call in flight (as many workers sending children do); returns (start, end)."""
-    spec = {"func": FUNC, "args": [], "kwargs": {}}
+    spec = spec or {"func": FUNC, "args": [], "kwargs": {}}
     sizes = [min(batch, n - i) for i in range(0, n, batch)]
 
     def send(todo: list[int]) -> None:
@@ -259,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=1000, help="specs per submit_jobs call")
     ap.add_argument("--clients", type=int, default=1,
                     help="connections submitting at once in phase 1")
+    ap.add_argument("--round", action="store_true",
+                    help="phases 1 and 2 submit a queued periodic fire's children")
     ap.add_argument("--latency-samples", type=int, default=200)
     ap.add_argument("--concurrency", type=int, default=2, help="worker pool processes")
     ap.add_argument("--gap", type=float, default=0.02,
@@ -302,15 +312,24 @@ def main(argv: list[str] | None = None) -> int:
         # 1. submission rate, no worker yet (after one call that loads the job class and
         # the scripts, as any master that has served a call has)
         client.submit_jobs([{"func": FUNC}])
-        t0, t1 = submit_batches(address, args.jobs, args.batch, args.clients)
+        spec = {"func": FUNC, "args": [], "kwargs": {}}
+        if args.round:   # a fire, queued: its id is the round its children carry
+            at = float(int(time.time()) + 2)
+            client.submit_job({**spec, "job_id": "bench-round",
+                               "trigger": {"type": "date", "run_date": at}})
+            fid = fire_id("bench-round", at)
+            wait_until(lambda: client.get_job(fid), args.timeout, "the fire queued")
+            spec.update(round=fid, parent=fid)
+        t0, t1 = submit_batches(address, args.jobs, args.batch, args.clients, spec)
+        kind = ", a fire's children" if args.round else ""
         print(f"1. submit_jobs      {args.jobs:>7} jobs in batches of {args.batch}, "
-              f"{args.clients} client(s): {args.jobs / (t1 - t0):>9,.0f} jobs/s  "
-              f"({t1 - t0:.2f}s, no worker)")
+              f"{args.clients} client(s){kind}: "
+              f"{args.jobs / (t1 - t0):>9,.0f} jobs/s  ({t1 - t0:.2f}s, no worker)")
 
         # the same jobs in one call: the client splits the list, two batches in flight
         with MasterClient(address, timeout=60) as one:
             t0 = time.time()
-            replies = one.submit_jobs([{"func": FUNC, "args": [], "kwargs": {}}] * args.jobs)
+            replies = one.submit_jobs([spec] * args.jobs)
             t1 = time.time()
         if len(replies) != args.jobs or any(x["status"] != "queued" for x in replies):
             raise RuntimeError(f"submit_jobs answered {replies[:3]}...")
@@ -322,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         # worker starts; it drains what phase 1 queued (worker throughput alone)
         worker = start_worker(env, os.path.join(logdir, "worker.log"), cwd=ROOT)
         procs.append(worker)
-        wait_succeeded(r, keys, 2 * args.jobs, args.timeout)
+        wait_succeeded(r, keys, 2 * args.jobs + args.round, args.timeout)
         first = r.zrange(keys.status("succeeded"), 0, 0, withscores=True)[0][1] / 1000.0
         last = last_success(r, keys)
         if last > first:
@@ -343,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
                   "pool": _descendants(worker.pid), "client": [os.getpid()]}
         base = succeeded(r, keys)
         cpu0 = cpu_snapshot(groups)
-        t0, t1 = submit_batches(address, args.jobs, args.batch)
+        t0, t1 = submit_batches(address, args.jobs, args.batch, spec=spec)
         wait_succeeded(r, keys, base + args.jobs, args.timeout)
         end = last_success(r, keys)
         cpu1 = cpu_snapshot(groups)
