@@ -248,6 +248,9 @@ def cmd_call(args: argparse.Namespace) -> int:
             if args.timeout is not None and not args.wait:   # (it was ignored: no word)
                 raise UsageError("--timeout is how long --wait waits; a job's own time limit "
                                  "is its class's timeout (or JOB_TIMEOUT)")
+            if args.timeout is not None and not args.timeout > 0:   # (nan: a traceback)
+                raise UsageError(f"--timeout takes seconds above 0, got {args.timeout:g}; "
+                                 "leave it out to wait until the job ends")
             spec = _submit_spec(args)
             try:
                 reply = client.submit_job(spec)

@@ -1097,3 +1097,12 @@ def test_a_workers_failed_column_says_it_counts_attempts(cluster):
         out = elric(cluster, *command).stdout
         assert "failed attempts" in out, out
         assert cells(out, w["worker_id"])[i:i + 2] == ["0", "4"], out   # done, failed
+
+
+def test_submit_wait_timeout_that_is_no_positive_number_is_refused_before_submitting(cluster):
+    """--timeout nan ended in a traceback (the socket refused NaN) and -1 or 0 queued the job,
+    then timed out at once: each after the job was queued, where a usage error sends none."""
+    for value in ("nan", "-1", "0"):
+        one_line_error(elric(cluster, "submit", "tests.jobs:Echo", "--wait", "--timeout",
+                             value), 2, f"--timeout takes seconds above 0, got {value}")
+    assert cluster.client.list_jobs() == []
