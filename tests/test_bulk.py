@@ -280,3 +280,36 @@ def test_a_copy_of_a_periodic_fires_jobs_is_of_its_round(redis_url):
                 copy = await m.get_job(f"{source}~op1")
                 assert (copy["dedupe_scope"], copy["round"]) == (fire, fire), copy
     asyncio.run(main())
+
+
+def test_a_copy_whose_round_source_goes_as_it_is_submitted_copies_the_others(redis_url):
+    """A copy of a fire's job joins the round as its source's child; a source deleted
+    between its read and the copy's submit failed that check, which refused the whole step:
+    no job of it copied, and elric copy exited 2 with a round error naming no job."""
+    import asyncio
+
+    from tests.test_dedupe_keys_given_back import master
+
+    async def main():
+        async with master(redis_url) as m:
+            await m.submit_jobs([Echo.spec(job_id="tick", trigger=every(hours=1),
+                                           dedupe_scope="@fire", queue="copyq")])
+            fire = (await m.run_job("tick", 10))["fire_id"]
+            await m.submit_jobs([{"func": "tests.jobs:Echo", "job_id": i, "parent": fire,
+                                  "round": fire, "dedupe_scope": fire, "queue": "copyq"}
+                                 for i in ("stays", "goes")])
+            queued_at = (await m.get_job("goes"))["enqueued_at"]
+            # a copy passes over jobs queued since it began
+            await redis_clock_past(m.redis, queued_at + 0.002)
+            submit = m.bulk.admission.submit
+
+            async def after_one_goes(specs):   # another operator's delete, meanwhile
+                await m.queue.remove("goes")
+                return await submit(specs)
+            m.bulk.admission.submit = after_one_goes
+            step = await m.bulk_jobs("copy", {"ids": ["stays", "goes"]}, "", "op1")
+            assert (step["touched"], step["skipped"]) == (1, 1), step
+            assert "'goes'" in step["errors"][0], step
+            assert (await m.get_job("stays~op1"))["status"] == "queued"
+            assert await m.get_job("goes~op1") is None
+    asyncio.run(main())
