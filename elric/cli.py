@@ -260,12 +260,16 @@ def cmd_call(args: argparse.Namespace) -> int:
             # status is of the job that has this id (a submission sent again): waited for
             if not args.wait or reply["status"] in (Status.FILTERED, Status.SCHEDULED):
                 (show or (lambda r: print(f"{r['job_id']} {r['status']}")))(reply)
+                if reply["status"] == Status.FILTERED:   # it printed "ID filtered" alone
+                    from elric.handle import filtered
+                    why = filtered(reply["job_id"], spec)
+                    if not args.wait:
+                        print(f"elric: {why}", file=sys.stderr)
                 if args.wait:   # nothing to wait for: say why (it exited 1 without a word)
-                    raise Failed(f"job {reply['job_id']} was {reply['status']}: " + (
-                        "its dedupe key was seen, so it never runs"
-                        if reply["status"] == Status.FILTERED else
-                        "the id of a periodic job, so nothing was queued; each fire is a "
-                        f"job of its own (elric job {reply['job_id']} lists them)"))
+                    raise Failed(why if reply["status"] == Status.FILTERED else (
+                        f"job {reply['job_id']} was scheduled: the id of a periodic job, so "
+                        "nothing was queued; each fire is a job of its own (elric job "
+                        f"{reply['job_id']} lists them)"))
                 return 0
             _say_if_no_worker_takes(client, reply["job_id"])
             job = _wait(client, reply["job_id"], args.timeout)

@@ -210,7 +210,8 @@ def test_job_submit_returns_a_handle_that_waits_for_the_result(cluster):
         assert info.value.job["attempts"] == 1
         from tests.jobs import KeyFromBytes   # its dedupe key: its argument
         first = KeyFromBytes.submit_with([b"k"], job_id="c1", queue="nowhere")
-        again = KeyFromBytes.submit_with([b"k"], job_id="c2", queue="nowhere")
+        with pytest.warns(UserWarning, match="c2 was filtered: its dedupe key 'k' was seen"):
+            again = KeyFromBytes.submit_with([b"k"], job_id="c2", queue="nowhere")
         assert (first.submitted, again.submitted) == ("queued", "filtered")
         assert (first.status(), again.status()) == ("queued", "filtered")
         with pytest.raises(ValueError, match="c2 was filtered: its dedupe key was seen"):
@@ -809,7 +810,8 @@ def test_submit_wait_with_nothing_to_wait_for_says_why_it_exits_1(cluster):
     cluster.client.submit_job(Echo.spec(job_id="tick", trigger=every(hours=1)))
     url = ("elric.demo.crawler:Crawl", "http://127.0.0.1:1/a", "--queue", "nobody")
     assert elric(cluster, "submit", *url).returncode == 0
-    for args, why in ((url, "was filtered: its dedupe key was seen, so it never runs"),
+    for args, why in ((url, "was filtered: its dedupe key 'http://127.0.0.1:1/a' was seen "
+                             "in scope 'global', so it never runs"),
                       (("tests.jobs:Echo", "--job-id", "tick"),
                        "tick was scheduled: the id of a periodic job, so nothing was queued")):
         out = elric(cluster, "submit", *args, "--wait", "--json")
@@ -1106,3 +1108,28 @@ def test_submit_wait_timeout_that_is_no_positive_number_is_refused_before_submit
         one_line_error(elric(cluster, "submit", "tests.jobs:Echo", "--wait", "--timeout",
                              value), 2, f"--timeout takes seconds above 0, got {value}")
     assert cluster.client.list_jobs() == []
+
+
+def test_a_filtered_submit_says_its_key_was_seen_and_how_to_run_it_again(cluster):
+    """The quick start run a second time: its "now" submission was dropped by dedupe (the
+    first run took the page's key), and the script printed an id as if queued; elric submit
+    printed "ID filtered" alone. Neither said why nothing ran, or how to run it again."""
+    url = "http://127.0.0.1:1/a"
+    script = ("import sys; from elric.demo.crawler import Crawl; "
+              "print(Crawl.submit_with(args=[sys.argv[1]], queue='nobody', "
+              "dedupe_scope=sys.argv[2]) if sys.argv[2:] else Crawl.submit(sys.argv[1]))")
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-c", script, *args], cwd=ROOT, env=cluster.env,
+                              capture_output=True, text=True, timeout=60)
+    first, again = run(url), run(url)
+    assert first.returncode == again.returncode == 0, (first.stderr, again.stderr)
+    assert first.stderr == "", first.stderr
+    for said in (f"was filtered: its dedupe key {url!r} was seen in scope 'global'",
+                 "submit it with a new dedupe_scope"):
+        assert said in again.stderr, again.stderr
+    elsewhere = run(url, "again")   # what it says to do runs it
+    assert cluster.client.get_job(elsewhere.stdout.strip())["status"] == "queued", elsewhere
+    out = elric(cluster, "submit", "elric.demo.crawler:Crawl", url, "--queue", "nobody")
+    assert out.returncode == 0 and out.stdout.endswith(" filtered\n"), out
+    one_line_error(out, 0, f"its dedupe key {url!r} was seen in scope 'global'")
