@@ -271,8 +271,14 @@ def cmd_call(args: argparse.Namespace) -> int:
                         "nothing was queued; each fire is a job of its own (elric job "
                         f"{reply['job_id']} lists them)"))
                 return 0
-            _say_if_no_worker_takes(client, reply["job_id"])
-            job = _wait(client, reply["job_id"], args.timeout)
+            from elric.rpc import RPCConnectionError
+            try:
+                _say_if_no_worker_takes(client, reply["job_id"])
+                job = _wait(client, reply["job_id"], args.timeout)
+            except (RPCConnectionError, KeyboardInterrupt):   # its id was on the spinner alone
+                print(f"elric: stopped waiting for job {reply['job_id']}, which goes on: "
+                      f"elric job {reply['job_id']} shows it", file=sys.stderr)
+                raise
             (show or views.job)(job)
             return 0 if job["status"] == Status.SUCCEEDED else 1
         elif command in BULK and (command == "copy" or _bulk_filter(args) or

@@ -1133,3 +1133,31 @@ def test_a_filtered_submit_says_its_key_was_seen_and_how_to_run_it_again(cluster
     out = elric(cluster, "submit", "elric.demo.crawler:Crawl", url, "--queue", "nobody")
     assert out.returncode == 0 and out.stdout.endswith(" filtered\n"), out
     one_line_error(out, 0, f"its dedupe key {url!r} was seen in scope 'global'")
+
+
+def test_a_wait_cut_short_says_the_job_goes_on_and_how_to_see_it(cluster):
+    """Ctrl-C, or the master gone, ended submit --wait with the job's id on the spinner alone
+    (erased as it stopped): the job went on under an id the user never saw."""
+    import signal
+    import threading
+
+    for job_id, stop, status in (("w1", lambda proc: proc.send_signal(signal.SIGINT), 130),
+                                 ("w2", lambda proc: cluster.procs[0].stop(), 3)):
+        proc = subprocess.Popen([sys.executable, "-m", "elric", "submit", "tests.jobs:Echo",
+                                 "--queue", "nobody", "--job-id", job_id, "--wait"], cwd=ROOT,
+                                env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, stdin=subprocess.DEVNULL)
+        try:   # waiting once it said that no worker takes its queue
+            first: list[str] = []
+            threading.Thread(target=lambda: first.append(proc.stderr.readline()),
+                             daemon=True).start()
+            assert "no live worker takes queue 'nobody'" in wait_for(
+                lambda: first and first[0], what=f"{job_id} waited for"), first
+            stop(proc)
+            out, err = proc.communicate(timeout=30)
+        finally:
+            proc.kill()
+            proc.wait()
+        assert proc.returncode == status, (job_id, out, err)
+        assert f"elric: stopped waiting for job {job_id}, which goes on: elric job " \
+               f"{job_id} shows it" in err, err
