@@ -130,17 +130,18 @@ def _wait(client, job_id: str, timeout: float | None) -> dict:
 
 
 def _say_if_no_worker_takes(client, job_id: str) -> None:
-    """A note when no live worker takes the job's queue: --wait waited there without a word
-    (a spinner on a terminal), however long no worker came."""
+    """A note when no running worker takes the job's queue: --wait waited there without a
+    word (a spinner on a terminal), however long no worker came or a paused one stayed so."""
     job = client.get_job(job_id) or {}
     queue = job.get("queue")
     if job.get("status") not in (Status.QUEUED, Status.RETRYING) or not queue:
         return
-    takers = [w for w in client.stats()["workers"] if w.get("alive") and
-              w.get("state") != "stopped" and queue in str(w.get("queues", "")).split(",")]
+    takers = [w for w in client.stats()["workers"] if w.get("alive") and w.get(
+        "state", "running") == "running" and queue in str(w.get("queues", "")).split(",")]
     if not takers:
-        print(f"elric: no live worker takes queue {queue!r} (elric workers): job {job_id} "
-              f"waits until one does (elric worker MODULE --queues {queue})", file=sys.stderr)
+        print(f"elric: no running worker takes queue {queue!r} (elric workers; elric worker "
+              f"resume ID resumes a paused one): job {job_id} waits until one does (elric "
+              f"worker MODULE --queues {queue})", file=sys.stderr)
 
 
 def _submit_spec(args: argparse.Namespace) -> dict:

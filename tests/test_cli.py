@@ -689,13 +689,13 @@ def test_submit_of_a_name_that_imports_as_no_job_class_is_a_usage_error(redis_ur
 def test_submit_wait_says_when_no_live_worker_takes_the_jobs_queue(cluster):
     """`elric submit ... --queue nobody --wait` waited without a word (off a terminal) for
     as long as no worker took that queue."""
-    note = "elric: no live worker takes queue 'nobody' (elric workers): job "
+    note = "elric: no running worker takes queue 'nobody' (elric workers; "
     alone = elric(cluster, "submit", "tests.jobs:Echo", "1", "--queue", "nobody", "--wait",
                   "--timeout", "1")
     assert alone.returncode == 1 and note in alone.stderr, alone.stderr
     cluster.start_worker("--queues", "default,nobody")
     served = elric(cluster, "submit", "tests.jobs:Echo", "2", "--queue", "nobody", "--wait")
-    assert served.returncode == 0 and "no live worker" not in served.stderr, served.stderr
+    assert served.returncode == 0 and "no running worker" not in served.stderr, served.stderr
 
 
 def test_worker_pause_resume_or_stop_with_set_options_is_a_usage_error(redis_url, tmp_path):
@@ -1151,7 +1151,7 @@ def test_a_wait_cut_short_says_the_job_goes_on_and_how_to_see_it(cluster):
             first: list[str] = []
             threading.Thread(target=lambda: first.append(proc.stderr.readline()),
                              daemon=True).start()
-            assert "no live worker takes queue 'nobody'" in wait_for(
+            assert "no running worker takes queue 'nobody'" in wait_for(
                 lambda: first and first[0], what=f"{job_id} waited for"), first
             stop(proc)
             out, err = proc.communicate(timeout=30)
@@ -1161,3 +1161,18 @@ def test_a_wait_cut_short_says_the_job_goes_on_and_how_to_see_it(cluster):
         assert proc.returncode == status, (job_id, out, err)
         assert f"elric: stopped waiting for job {job_id}, which goes on: elric job " \
                f"{job_id} shows it" in err, err
+
+
+def test_submit_wait_says_when_the_only_workers_taking_the_queue_are_paused(cluster):
+    """A paused worker takes no job, yet it counted as one that takes the queue: the wait
+    went on without a word for as long as it stayed paused."""
+    cluster.start_worker("--queues", "nobody", "--concurrency", "1")
+    [w] = cluster.client.stats()["workers"]
+    cluster.client.control_worker(w["worker_id"], "pause")
+    wait_for(lambda: cluster.client.stats()["workers"][0]["state"] == "paused",
+             what="the worker paused")
+    out = elric(cluster, "submit", "tests.jobs:Echo", "--queue", "nobody", "--wait",
+                "--timeout", "1")
+    assert out.returncode == 1, out
+    assert "no running worker takes queue 'nobody' (elric workers; elric worker resume ID " \
+           "resumes a paused one): job " in out.stderr, out.stderr
