@@ -359,6 +359,8 @@ def _bulk(client, args: argparse.Namespace, show) -> int:
     """Run a bulk operation step by step, with a running count, until its cursor ends."""
     from rich.status import Status as Spinner
 
+    from elric.rpc import RPCError
+
     action, f = BULK[args.command], _bulk_filter(args)
     if getattr(args, "job_ids", None):
         f["ids"] = args.job_ids
@@ -367,7 +369,14 @@ def _bulk(client, args: argparse.Namespace, show) -> int:
     def walk(kind: str) -> dict:
         total, cursor = {"touched": 0, "skipped": 0, "errors": []}, ""
         while True:
-            step = client.bulk_jobs(kind, f, cursor, op)
+            try:
+                step = client.bulk_jobs(kind, f, cursor, op)
+            except RPCError as exc:   # its "nothing was changed" is this step's alone
+                if cursor:   # (a copy run again makes copies under new ids)
+                    again = "; run again, it copies them again" if action == "copy" else ""
+                    exc.args = (f"{args.command} stopped after {total['touched']} jobs done, "
+                                f"{total['skipped']} skipped (not undone{again}): {exc}",)
+                raise
             total["touched"] += step["touched"]
             total["skipped"] += step["skipped"]
             total["errors"] += step["errors"][:5 - len(total["errors"])]

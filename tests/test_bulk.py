@@ -313,3 +313,25 @@ def test_a_copy_whose_round_source_goes_as_it_is_submitted_copies_the_others(red
             assert (await m.get_job("stays~op1"))["status"] == "queued"
             assert await m.get_job("goes~op1") is None
     asyncio.run(main())
+
+
+def test_a_bulk_command_whose_later_step_fails_says_what_the_earlier_ones_did(monkeypatch,
+                                                                             capsys):
+    """A step refused after others had copied (Redis away, a master restarting) was told
+    as "nothing was changed, try again": run again, every copy made was made twice."""
+    from elric import cli
+    from elric.client import MasterClient
+    from elric.rpc import RemoteError
+
+    steps = iter([{"touched": 2000, "skipped": 1, "errors": ["no job 'x'"], "cursor": "c1"}])
+
+    def bulk_jobs(self, action, f, cursor="", op=""):
+        for step in steps:
+            return step
+        raise RemoteError({"code": "redis_unavailable", "message": "master cannot reach Redis "
+                           "right now (gone); nothing was changed, try again"})
+    monkeypatch.setattr(MasterClient, "bulk_jobs", bulk_jobs)
+    assert cli.main(["copy", "--batch", "b", "--master", "127.0.0.1:1"]) == cli.UNAVAILABLE
+    err = capsys.readouterr().err
+    assert err.startswith("elric: copy stopped after 2000 jobs done, 1 skipped (not undone; run "
+                          "again, it copies them again): master cannot reach Redis"), err
