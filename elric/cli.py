@@ -406,6 +406,8 @@ def _bulk(client, args: argparse.Namespace, show) -> int:
 def _top(client, args: argparse.Namespace) -> int:
     """A live view, read again every second, until Ctrl-C (or --iterations); with --json,
     the stats it shows, once."""
+    if args.iterations is not None and args.iterations < 1:   # (0 read as none: for good)
+        raise UsageError(f"--iterations takes 1 or more, got {args.iterations}")
     if args.json:
         _print(client.stats())
         return 0

@@ -1176,3 +1176,10 @@ def test_submit_wait_says_when_the_only_workers_taking_the_queue_are_paused(clus
     assert out.returncode == 1, out
     assert "no running worker takes queue 'nobody' (elric workers; elric worker resume ID " \
            "resumes a paused one): job " in out.stderr, out.stderr
+
+
+def test_top_iterations_below_1_is_a_usage_error(cluster):
+    """--iterations 0 read as none given: top ran until Ctrl-C (a script's, for good)."""
+    for value in ("0", "-1"):
+        one_line_error(elric(cluster, "top", "--iterations", value), 2,
+                       f"--iterations takes 1 or more, got {value}")
