@@ -244,7 +244,7 @@ class Bulk:
         copy makes the same requests), ids ``{id}~{op}``; no dedupe key (a copy is asked
         for on purpose), but its scope: the jobs a copy submits are deduped with those of
         its source's crawl, not all new in the global scope."""
-        specs = []
+        specs, sources = [], []
         for job_id, job in zip(ids, await asyncio.gather(*map(self.queue.get_job, ids))):
             if job is None:   # deleted, or its record expired, since the walk met it
                 step.skip(f"no job {job_id!r}")
@@ -262,7 +262,17 @@ class Bulk:
                 step.skip(f"copy of {job_id}: {exc}")
                 continue
             specs.append(spec)
-        submitted = await self.admission.submit(specs) if specs else []
+            sources.append(job_id)
+        try:
+            submitted = await self.admission.submit(specs) if specs else []
+        except SpecError:   # one copy refused refuses the batch (a round's copy whose source
+            submitted = []  # was deleted since it was read): each alone, the others are made
+            for job_id, spec in zip(sources, specs):
+                try:
+                    submitted += await self.admission.submit([spec])
+                except SpecError as exc:
+                    gone = not await self.redis.exists(self.keys.job(job_id))
+                    step.skip(f"no job {job_id!r}" if gone else f"copy of {job_id}: {exc}")
         queued = sum(1 for one in submitted if one.status == Status.QUEUED)
         step.touched += queued
         step.skipped += len(submitted) - queued

@@ -130,17 +130,18 @@ def _wait(client, job_id: str, timeout: float | None) -> dict:
 
 
 def _say_if_no_worker_takes(client, job_id: str) -> None:
-    """A note when no live worker takes the job's queue: --wait waited there without a word
-    (a spinner on a terminal), however long no worker came."""
+    """A note when no running worker takes the job's queue: --wait waited there without a
+    word (a spinner on a terminal), however long no worker came or a paused one stayed so."""
     job = client.get_job(job_id) or {}
     queue = job.get("queue")
     if job.get("status") not in (Status.QUEUED, Status.RETRYING) or not queue:
         return
-    takers = [w for w in client.stats()["workers"] if w.get("alive") and
-              w.get("state") != "stopped" and queue in str(w.get("queues", "")).split(",")]
+    takers = [w for w in client.stats()["workers"] if w.get("alive") and w.get(
+        "state", "running") == "running" and queue in str(w.get("queues", "")).split(",")]
     if not takers:
-        print(f"elric: no live worker takes queue {queue!r} (elric workers): job {job_id} "
-              f"waits until one does (elric worker MODULE --queues {queue})", file=sys.stderr)
+        print(f"elric: no running worker takes queue {queue!r} (elric workers; elric worker "
+              f"resume ID resumes a paused one): job {job_id} waits until one does (elric "
+              f"worker MODULE --queues {queue})", file=sys.stderr)
 
 
 def _submit_spec(args: argparse.Namespace) -> dict:
@@ -248,6 +249,9 @@ def cmd_call(args: argparse.Namespace) -> int:
             if args.timeout is not None and not args.wait:   # (it was ignored: no word)
                 raise UsageError("--timeout is how long --wait waits; a job's own time limit "
                                  "is its class's timeout (or JOB_TIMEOUT)")
+            if args.timeout is not None and not args.timeout > 0:   # (nan: a traceback)
+                raise UsageError(f"--timeout takes seconds above 0, got {args.timeout:g}; "
+                                 "leave it out to wait until the job ends")
             spec = _submit_spec(args)
             try:
                 reply = client.submit_job(spec)
@@ -257,15 +261,25 @@ def cmd_call(args: argparse.Namespace) -> int:
             # status is of the job that has this id (a submission sent again): waited for
             if not args.wait or reply["status"] in (Status.FILTERED, Status.SCHEDULED):
                 (show or (lambda r: print(f"{r['job_id']} {r['status']}")))(reply)
+                if reply["status"] == Status.FILTERED:   # it printed "ID filtered" alone
+                    from elric.handle import filtered
+                    why = filtered(reply["job_id"], spec)
+                    if not args.wait:
+                        print(f"elric: {why}", file=sys.stderr)
                 if args.wait:   # nothing to wait for: say why (it exited 1 without a word)
-                    raise Failed(f"job {reply['job_id']} was {reply['status']}: " + (
-                        "its dedupe key was seen, so it never runs"
-                        if reply["status"] == Status.FILTERED else
-                        "the id of a periodic job, so nothing was queued; each fire is a "
-                        f"job of its own (elric job {reply['job_id']} lists them)"))
+                    raise Failed(why if reply["status"] == Status.FILTERED else (
+                        f"job {reply['job_id']} was scheduled: the id of a periodic job, so "
+                        "nothing was queued; each fire is a job of its own (elric job "
+                        f"{reply['job_id']} lists them)"))
                 return 0
-            _say_if_no_worker_takes(client, reply["job_id"])
-            job = _wait(client, reply["job_id"], args.timeout)
+            from elric.rpc import RPCConnectionError
+            try:
+                _say_if_no_worker_takes(client, reply["job_id"])
+                job = _wait(client, reply["job_id"], args.timeout)
+            except (RPCConnectionError, KeyboardInterrupt):   # its id was on the spinner alone
+                print(f"elric: stopped waiting for job {reply['job_id']}, which goes on: "
+                      f"elric job {reply['job_id']} shows it", file=sys.stderr)
+                raise
             (show or views.job)(job)
             return 0 if job["status"] == Status.SUCCEEDED else 1
         elif command in BULK and (command == "copy" or _bulk_filter(args) or
@@ -345,6 +359,8 @@ def _bulk(client, args: argparse.Namespace, show) -> int:
     """Run a bulk operation step by step, with a running count, until its cursor ends."""
     from rich.status import Status as Spinner
 
+    from elric.rpc import RPCError
+
     action, f = BULK[args.command], _bulk_filter(args)
     if getattr(args, "job_ids", None):
         f["ids"] = args.job_ids
@@ -353,7 +369,14 @@ def _bulk(client, args: argparse.Namespace, show) -> int:
     def walk(kind: str) -> dict:
         total, cursor = {"touched": 0, "skipped": 0, "errors": []}, ""
         while True:
-            step = client.bulk_jobs(kind, f, cursor, op)
+            try:
+                step = client.bulk_jobs(kind, f, cursor, op)
+            except RPCError as exc:   # its "nothing was changed" is this step's alone
+                if cursor:   # (a copy run again makes copies under new ids)
+                    again = "; run again, it copies them again" if action == "copy" else ""
+                    exc.args = (f"{args.command} stopped after {total['touched']} jobs done, "
+                                f"{total['skipped']} skipped (not undone{again}): {exc}",)
+                raise
             total["touched"] += step["touched"]
             total["skipped"] += step["skipped"]
             total["errors"] += step["errors"][:5 - len(total["errors"])]
@@ -383,6 +406,8 @@ def _bulk(client, args: argparse.Namespace, show) -> int:
 def _top(client, args: argparse.Namespace) -> int:
     """A live view, read again every second, until Ctrl-C (or --iterations); with --json,
     the stats it shows, once."""
+    if args.iterations is not None and args.iterations < 1:   # (0 read as none: for good)
+        raise UsageError(f"--iterations takes 1 or more, got {args.iterations}")
     if args.json:
         _print(client.stats())
         return 0

@@ -68,6 +68,14 @@ def wait(client, job_id: str, timeout: float | None = None,
         delay = min(1.0, delay * 1.5)
 
 
+def filtered(job_id: str, spec: dict) -> str:
+    """What a submission the dedupe filter dropped is told: it printed an id as if queued,
+    and a rerun quick start then saw nothing happen, no word why."""
+    return (f"job {job_id} was filtered: its dedupe key {spec.get('dedupe_key')!r} was seen "
+            f"in scope {spec.get('dedupe_scope') or 'global'!r}, so it never runs; to run it "
+            "again, submit it with a new dedupe_scope (its child jobs dedupe there too)")
+
+
 class JobHandle(str):
     """A submitted job's id (a str: it prints, compares and stores as the id) that can also
     ask the master about the job. ``submitted``: what the submit answered (``queued``,

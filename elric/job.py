@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import sys
+import warnings
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from elric import codec
-from elric.contract import SpecError, check_type, func_path
-from elric.handle import JobHandle
+from elric.contract import SpecError, Status, check_type, func_path
+from elric.handle import JobHandle, filtered
 
 
 @dataclass
@@ -183,4 +185,9 @@ class Job:
         from elric.client import default_client  # only a script needs the client and settings
         # checked here too: the client's refusal named neither the class nor what to pass
         reply = default_client().submit_job(cls._plain(spec))
+        if reply["status"] == Status.FILTERED:   # (once per line of the caller that submits)
+            level = 2
+            while sys._getframe(level - 1).f_code.co_filename == __file__:   # (Job.submit)
+                level += 1
+            warnings.warn(filtered(reply["job_id"], spec), stacklevel=level)
         return JobHandle(reply["job_id"], reply["status"])

@@ -280,3 +280,58 @@ def test_a_copy_of_a_periodic_fires_jobs_is_of_its_round(redis_url):
                 copy = await m.get_job(f"{source}~op1")
                 assert (copy["dedupe_scope"], copy["round"]) == (fire, fire), copy
     asyncio.run(main())
+
+
+def test_a_copy_whose_round_source_goes_as_it_is_submitted_copies_the_others(redis_url):
+    """A copy of a fire's job joins the round as its source's child; a source deleted
+    between its read and the copy's submit failed that check, which refused the whole step:
+    no job of it copied, and elric copy exited 2 with a round error naming no job."""
+    import asyncio
+
+    from tests.test_dedupe_keys_given_back import master
+
+    async def main():
+        async with master(redis_url) as m:
+            await m.submit_jobs([Echo.spec(job_id="tick", trigger=every(hours=1),
+                                           dedupe_scope="@fire", queue="copyq")])
+            fire = (await m.run_job("tick", 10))["fire_id"]
+            await m.submit_jobs([{"func": "tests.jobs:Echo", "job_id": i, "parent": fire,
+                                  "round": fire, "dedupe_scope": fire, "queue": "copyq"}
+                                 for i in ("stays", "goes")])
+            queued_at = (await m.get_job("goes"))["enqueued_at"]
+            # a copy passes over jobs queued since it began
+            await redis_clock_past(m.redis, queued_at + 0.002)
+            submit = m.bulk.admission.submit
+
+            async def after_one_goes(specs):   # another operator's delete, meanwhile
+                await m.queue.remove("goes")
+                return await submit(specs)
+            m.bulk.admission.submit = after_one_goes
+            step = await m.bulk_jobs("copy", {"ids": ["stays", "goes"]}, "", "op1")
+            assert (step["touched"], step["skipped"]) == (1, 1), step
+            assert "'goes'" in step["errors"][0], step
+            assert (await m.get_job("stays~op1"))["status"] == "queued"
+            assert await m.get_job("goes~op1") is None
+    asyncio.run(main())
+
+
+def test_a_bulk_command_whose_later_step_fails_says_what_the_earlier_ones_did(monkeypatch,
+                                                                             capsys):
+    """A step refused after others had copied (Redis away, a master restarting) was told
+    as "nothing was changed, try again": run again, every copy made was made twice."""
+    from elric import cli
+    from elric.client import MasterClient
+    from elric.rpc import RemoteError
+
+    steps = iter([{"touched": 2000, "skipped": 1, "errors": ["no job 'x'"], "cursor": "c1"}])
+
+    def bulk_jobs(self, action, f, cursor="", op=""):
+        for step in steps:
+            return step
+        raise RemoteError({"code": "redis_unavailable", "message": "master cannot reach Redis "
+                           "right now (gone); nothing was changed, try again"})
+    monkeypatch.setattr(MasterClient, "bulk_jobs", bulk_jobs)
+    assert cli.main(["copy", "--batch", "b", "--master", "127.0.0.1:1"]) == cli.UNAVAILABLE
+    err = capsys.readouterr().err
+    assert err.startswith("elric: copy stopped after 2000 jobs done, 1 skipped (not undone; run "
+                          "again, it copies them again): master cannot reach Redis"), err

@@ -210,7 +210,8 @@ def test_job_submit_returns_a_handle_that_waits_for_the_result(cluster):
         assert info.value.job["attempts"] == 1
         from tests.jobs import KeyFromBytes   # its dedupe key: its argument
         first = KeyFromBytes.submit_with([b"k"], job_id="c1", queue="nowhere")
-        again = KeyFromBytes.submit_with([b"k"], job_id="c2", queue="nowhere")
+        with pytest.warns(UserWarning, match="c2 was filtered: its dedupe key 'k' was seen"):
+            again = KeyFromBytes.submit_with([b"k"], job_id="c2", queue="nowhere")
         assert (first.submitted, again.submitted) == ("queued", "filtered")
         assert (first.status(), again.status()) == ("queued", "filtered")
         with pytest.raises(ValueError, match="c2 was filtered: its dedupe key was seen"):
@@ -688,13 +689,13 @@ def test_submit_of_a_name_that_imports_as_no_job_class_is_a_usage_error(redis_ur
 def test_submit_wait_says_when_no_live_worker_takes_the_jobs_queue(cluster):
     """`elric submit ... --queue nobody --wait` waited without a word (off a terminal) for
     as long as no worker took that queue."""
-    note = "elric: no live worker takes queue 'nobody' (elric workers): job "
+    note = "elric: no running worker takes queue 'nobody' (elric workers; "
     alone = elric(cluster, "submit", "tests.jobs:Echo", "1", "--queue", "nobody", "--wait",
                   "--timeout", "1")
     assert alone.returncode == 1 and note in alone.stderr, alone.stderr
     cluster.start_worker("--queues", "default,nobody")
     served = elric(cluster, "submit", "tests.jobs:Echo", "2", "--queue", "nobody", "--wait")
-    assert served.returncode == 0 and "no live worker" not in served.stderr, served.stderr
+    assert served.returncode == 0 and "no running worker" not in served.stderr, served.stderr
 
 
 def test_worker_pause_resume_or_stop_with_set_options_is_a_usage_error(redis_url, tmp_path):
@@ -809,7 +810,8 @@ def test_submit_wait_with_nothing_to_wait_for_says_why_it_exits_1(cluster):
     cluster.client.submit_job(Echo.spec(job_id="tick", trigger=every(hours=1)))
     url = ("elric.demo.crawler:Crawl", "http://127.0.0.1:1/a", "--queue", "nobody")
     assert elric(cluster, "submit", *url).returncode == 0
-    for args, why in ((url, "was filtered: its dedupe key was seen, so it never runs"),
+    for args, why in ((url, "was filtered: its dedupe key 'http://127.0.0.1:1/a' was seen "
+                             "in scope 'global', so it never runs"),
                       (("tests.jobs:Echo", "--job-id", "tick"),
                        "tick was scheduled: the id of a periodic job, so nothing was queued")):
         out = elric(cluster, "submit", *args, "--wait", "--json")
@@ -1097,3 +1099,87 @@ def test_a_workers_failed_column_says_it_counts_attempts(cluster):
         out = elric(cluster, *command).stdout
         assert "failed attempts" in out, out
         assert cells(out, w["worker_id"])[i:i + 2] == ["0", "4"], out   # done, failed
+
+
+def test_submit_wait_timeout_that_is_no_positive_number_is_refused_before_submitting(cluster):
+    """--timeout nan ended in a traceback (the socket refused NaN) and -1 or 0 queued the job,
+    then timed out at once: each after the job was queued, where a usage error sends none."""
+    for value in ("nan", "-1", "0"):
+        one_line_error(elric(cluster, "submit", "tests.jobs:Echo", "--wait", "--timeout",
+                             value), 2, f"--timeout takes seconds above 0, got {value}")
+    assert cluster.client.list_jobs() == []
+
+
+def test_a_filtered_submit_says_its_key_was_seen_and_how_to_run_it_again(cluster):
+    """The quick start run a second time: its "now" submission was dropped by dedupe (the
+    first run took the page's key), and the script printed an id as if queued; elric submit
+    printed "ID filtered" alone. Neither said why nothing ran, or how to run it again."""
+    url = "http://127.0.0.1:1/a"
+    script = ("import sys; from elric.demo.crawler import Crawl; "
+              "print(Crawl.submit_with(args=[sys.argv[1]], queue='nobody', "
+              "dedupe_scope=sys.argv[2]) if sys.argv[2:] else Crawl.submit(sys.argv[1]))")
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-c", script, *args], cwd=ROOT, env=cluster.env,
+                              capture_output=True, text=True, timeout=60)
+    first, again = run(url), run(url)
+    assert first.returncode == again.returncode == 0, (first.stderr, again.stderr)
+    assert first.stderr == "", first.stderr
+    for said in (f"was filtered: its dedupe key {url!r} was seen in scope 'global'",
+                 "submit it with a new dedupe_scope"):
+        assert said in again.stderr, again.stderr
+    elsewhere = run(url, "again")   # what it says to do runs it
+    assert cluster.client.get_job(elsewhere.stdout.strip())["status"] == "queued", elsewhere
+    out = elric(cluster, "submit", "elric.demo.crawler:Crawl", url, "--queue", "nobody")
+    assert out.returncode == 0 and out.stdout.endswith(" filtered\n"), out
+    one_line_error(out, 0, f"its dedupe key {url!r} was seen in scope 'global'")
+
+
+def test_a_wait_cut_short_says_the_job_goes_on_and_how_to_see_it(cluster):
+    """Ctrl-C, or the master gone, ended submit --wait with the job's id on the spinner alone
+    (erased as it stopped): the job went on under an id the user never saw."""
+    import signal
+    import threading
+
+    for job_id, stop, status in (("w1", lambda proc: proc.send_signal(signal.SIGINT), 130),
+                                 ("w2", lambda proc: cluster.procs[0].stop(), 3)):
+        proc = subprocess.Popen([sys.executable, "-m", "elric", "submit", "tests.jobs:Echo",
+                                 "--queue", "nobody", "--job-id", job_id, "--wait"], cwd=ROOT,
+                                env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, stdin=subprocess.DEVNULL)
+        try:   # waiting once it said that no worker takes its queue
+            first: list[str] = []
+            threading.Thread(target=lambda: first.append(proc.stderr.readline()),
+                             daemon=True).start()
+            assert "no running worker takes queue 'nobody'" in wait_for(
+                lambda: first and first[0], what=f"{job_id} waited for"), first
+            stop(proc)
+            out, err = proc.communicate(timeout=30)
+        finally:
+            proc.kill()
+            proc.wait()
+        assert proc.returncode == status, (job_id, out, err)
+        assert f"elric: stopped waiting for job {job_id}, which goes on: elric job " \
+               f"{job_id} shows it" in err, err
+
+
+def test_submit_wait_says_when_the_only_workers_taking_the_queue_are_paused(cluster):
+    """A paused worker takes no job, yet it counted as one that takes the queue: the wait
+    went on without a word for as long as it stayed paused."""
+    cluster.start_worker("--queues", "nobody", "--concurrency", "1")
+    [w] = cluster.client.stats()["workers"]
+    cluster.client.control_worker(w["worker_id"], "pause")
+    wait_for(lambda: cluster.client.stats()["workers"][0]["state"] == "paused",
+             what="the worker paused")
+    out = elric(cluster, "submit", "tests.jobs:Echo", "--queue", "nobody", "--wait",
+                "--timeout", "1")
+    assert out.returncode == 1, out
+    assert "no running worker takes queue 'nobody' (elric workers; elric worker resume ID " \
+           "resumes a paused one): job " in out.stderr, out.stderr
+
+
+def test_top_iterations_below_1_is_a_usage_error(cluster):
+    """--iterations 0 read as none given: top ran until Ctrl-C (a script's, for good)."""
+    for value in ("0", "-1"):
+        one_line_error(elric(cluster, "top", "--iterations", value), 2,
+                       f"--iterations takes 1 or more, got {value}")
