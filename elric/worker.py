@@ -201,23 +201,36 @@ class Worker:
                          log_level=s.LOG_LEVEL, log_format=s.LOG_FORMAT,
                          lag_warn=s.LOOP_LAG_WARN,
                          result_max=s.result_max_bytes)
-        # Redis may be away or refuse writes for a while; a stop meanwhile ends the wait
-        if not await self._unless_stopped(self._retry_redis(self._register)):
-            self.pool.shutdown(wait=True, cancel_futures=True)
-            await self._close(registered=False)
-            return 0
-        heartbeat = asyncio.create_task(self._heartbeat_loop())
-        recorder = asyncio.create_task(self._record_loop())
-        recorder.add_done_callback(self._recorder_ended)
-        log.info("worker %s: queues %s, %d processes, %d async jobs each", self.worker_id,
-                 ",".join(self.queues), self.concurrency, self.async_slots)
-        self.modules.log_other_queues(self.queues)   # (once it runs: a refusal says only why)
+        heartbeat = recorder = None
         try:
-            await self._loop()
+            # Redis may be away or refuse writes for a while; a stop meanwhile ends the wait
+            if not await self._unless_stopped(self._retry_redis(self._register)):
+                return 0
+            heartbeat = asyncio.create_task(self._heartbeat_loop())
+            recorder = asyncio.create_task(self._record_loop())
+            recorder.add_done_callback(self._recorder_ended)
+            log.info("worker %s: queues %s, %d processes, %d async jobs each", self.worker_id,
+                     ",".join(self.queues), self.concurrency, self.async_slots)
+            self.modules.log_other_queues(self.queues)   # (once it runs: a refusal says why)
+            try:
+                await self._loop()
+            except Exception:   # (a refusal of Redis no retry helps, a bug)
+                log.critical("worker %s: failed; stopping", self.worker_id, exc_info=True)
+                self.broken = True
+            finally:
+                await self._shutdown(recorder)
+        except Exception:   # registering or the stop failed: nothing more to do
+            log.critical("worker %s: failed; exiting", self.worker_id, exc_info=True)
+            self.broken = True
         finally:
-            await self._shutdown(recorder)
-            heartbeat.cancel()
-            await self._close()
+            # (ended already, unless registering or the stop failed) Left running, Python
+            # would wait for them at exit: a worker registered, taking no work, for good
+            self.pool.kill_all()
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            for task in (heartbeat, recorder):
+                if task is not None:
+                    task.cancel()
+            await self._close(registered=heartbeat is not None)
         return 1 if self.broken else 0
 
     def _recorder_ended(self, task: asyncio.Task) -> None:

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from types import SimpleNamespace
 
 import msgpack
@@ -1583,6 +1584,73 @@ def test_a_worker_whose_recorder_fails_stops_and_exits_non_zero(cluster, caplog)
     assert "recording outcomes failed; stopping" in caplog.text
     cluster.start_worker("--concurrency", "1")
     assert cluster.wait_job("lost")["result"] == 3
+
+
+def marked(mark: str) -> list[psutil.Process]:
+    """The processes whose environment holds ELRICTEST_MARK=``mark``."""
+    found = []
+    for p in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if p.environ().get("ELRICTEST_MARK") == mark and \
+                    p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p)
+    return found
+
+
+def exit_status(proc, timeout: float) -> int | None:
+    """``proc``'s exit status, or None if it still runs after ``timeout`` seconds."""
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+def test_a_worker_whose_loop_and_stop_both_fail_exits_non_zero_and_ends_its_pool(
+        make_cluster):
+    """The index of running jobs overwritten with a string (an operator's mistake) while the
+    worker waited for work: the fetch behind its wait, woken by a job, was refused, then the
+    look for that fetch's claims, in its loop and again in its stop. The stop ended there:
+    its pool processes were never ended, and the worker never exited (Python waits for
+    them), registered, taking no work. It logs the error and exits 1 with its pool gone."""
+    with one_worker(make_cluster, 2) as (c, worker, pool):
+        def waiting() -> bool:
+            mine = {f"{a.laddr.ip}:{a.laddr.port}"
+                    for a in psutil.Process(worker.pid).net_connections("tcp")}
+            return any(x["cmd"] == "blpop" and x["addr"] in mine for x in r.client_list())
+        r = redis.Redis.from_url(c.redis_url)
+        try:
+            wait_for(waiting, what="the worker waiting for work")
+            running = KEYS.status("running")
+            r.delete(running)
+            r.set(running, "overwritten")
+        finally:
+            r.close()
+        c.client.submit_jobs([Add.spec([1, 2], job_id="woken")])
+        assert exit_status(worker, 30) == 1, worker.log()
+        wait_for(lambda: gone(pool), timeout=10, what="its pool processes end")
+        assert "WRONGTYPE" in worker.log()
+
+
+def test_a_worker_that_cannot_register_exits_non_zero_and_ends_its_pool(make_cluster):
+    """The list of workers overwritten with a string: registering, after the pool had
+    started, was refused, and the worker never exited: Python waits for the pool processes,
+    which nothing ended. It logs the error and exits 1 with its pool gone."""
+    c = make_cluster()
+    c.start_master()
+    r = redis.Redis.from_url(c.redis_url)
+    try:
+        r.set(KEYS.workers, "overwritten")
+    finally:
+        r.close()
+    # (its pool processes may outlive it, orphaned: told by this mark in their environment)
+    c.env["ELRICTEST_MARK"] = mark = uuid.uuid4().hex
+    worker = c.start_worker("--concurrency", "2", wait=False)
+    try:
+        assert exit_status(worker, 30) == 1, worker.log()
+        wait_for(lambda: not marked(mark), timeout=10, what="its pool processes end")
+        assert "WRONGTYPE" in worker.log()
+    finally:
+        reap(marked(mark))
 
 
 def test_jobs_that_end_before_a_long_one_of_their_batch_are_recorded_while_it_runs(
