@@ -15,9 +15,11 @@ import time
 from elric.config import Settings
 from elric.contract import FIRE_ID, FIRE_ID_RULE, MAX_BATCH, SpecError, Status, normalize_spec
 from elric.jobstore import IdTaken, RedisJobStore, schedule_options
+from elric.logs import Hourly
 from elric.queue import RedisQueue, Submitted
 from elric.reservation import DedupeGate, Reservation, ScopeRefused
 from elric.retry import Backoff, retry
+from elric.scheduler import RETRY_LATER
 from elric.triggers import parse_trigger
 
 log = logging.getLogger("elric.master")
@@ -35,6 +37,7 @@ class Admission:
         self.defaults = {"max_retries": settings.MAX_RETRIES, "timeout": settings.JOB_TIMEOUT}
         self._cleanups: set[asyncio.Task] = set()   # keys being given back by failed calls
         self._admitting: dict[str, asyncio.Future] = {}   # job id -> done once its call ends
+        self._warn_hourly = Hourly(log)   # fires refused, tried again every RETRY_LATER
 
     def normalize(self, spec) -> dict:
         return normalize_spec(spec, defaults=self.defaults,
@@ -236,11 +239,12 @@ class Admission:
         queued = await retry(attempt, what=f"queueing {len(specs)} fire(s)", log=log,
                              backoff=Backoff(0.1, 2.0),
                              deadline=time.monotonic() + self.settings.SCHEDULER_LEASE)
-        for scope, exc in reservation.refused.items():
-            ids = [s["job_id"] for s in checking
-                   if s.get("dedupe_key") is not None and s["dedupe_scope"] == scope]
-            log.error("fire(s) %s not queued: %s. They stay pending (and count for "
-                      "max_instances) until the next master to schedule queues them",
-                      ", ".join(ids), exc)
+        for s in checking:
+            if s.get("dedupe_key") is not None and s["dedupe_scope"] in reservation.refused:
+                self._warn_hourly(
+                    f"{s['schedule']} refused", "periodic job %s: fire %s not queued: %s. "
+                    "It stays pending, and counts for max_instances (its later fires may be "
+                    "skipped); the scheduler tries it again every %gs", s["schedule"], s["job_id"],
+                    reservation.refused[s["dedupe_scope"]], RETRY_LATER, level=logging.ERROR)
         await self.gate.count(reservation.filtered)
         return queued + [Submitted(s["job_id"], Status.FILTERED) for s in reservation.filtered]

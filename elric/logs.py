@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import time
 
 
 class JsonLines(logging.Formatter):
@@ -28,3 +30,20 @@ def configure(level: str, log_format: str, name: str = "%(name)s") -> None:
         f"%(asctime)s %(levelname)s {name}: %(message)s"))
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
                         handlers=[handler])
+
+
+class Hourly:
+    """Log a warning once an hour per key (a job's): due at every fire or pass, it would
+    flood the log, and else nothing would say so."""
+
+    def __init__(self, log: logging.Logger) -> None:
+        self.log, self._at = log, {}
+
+    def __call__(self, key: str, message: str, *args, level: int = logging.WARNING) -> None:
+        now = time.monotonic()
+        if now - self._at.get(key, -math.inf) < 3600.0:
+            return
+        if len(self._at) >= 10_000:   # many jobs: bounded memory, more warnings
+            self._at.clear()
+        self._at[key] = now
+        self.log.log(level, message + ". Logged once an hour per job", *args)

@@ -26,6 +26,7 @@ from elric.codec import pack, unpack
 from elric.health import TaskHealth
 from elric.contract import Status, normalize_spec
 from elric.jobstore import FINISHED_TTL, Coalesce, Options, Outcome, RedisJobStore, fire_id, iso
+from elric.logs import Hourly
 from elric.queue import Fenced
 from elric.retry import Backoff, Outage, cancel_pending, unblocked, until
 from elric.triggers import build_trigger, next_fire
@@ -39,7 +40,9 @@ LONGEST_BLOCK = 2.0         # a BLPOP must answer well inside the clients' socke
 FIRE_FIELDS = ("spec", "trigger", "next_run_time", "version", "misfire_grace_time", "coalesce",
                "max_instances")  # the schedule hash fields a pass reads
 LIVE = frozenset(s.encode() for s in Status if s.live)
-WARN_EVERY = 3600.0  # seconds between warnings that one job's fires are filtered, or skipped
+# seconds until what a pass could not do is tried again: a job whose stored data it could
+# not read, the fires pending in a dedupe scope the filter refused
+RETRY_LATER = 60.0
 
 
 @dataclass
@@ -118,13 +121,15 @@ class Scheduler:
             lua.load(redis, f"scheduler_{name}") for name in ("acquire", "renew", "release", "due"))
         self._fire_s = lua.load(redis, "scheduler_fire", "version_fn", "expect_fn")
         self._filtered_s = lua.load(redis, "scheduler_filtered")
-        self._warned: dict[str, float] = {}  # job (and why) -> when its fires were logged
+        self._warn_hourly = Hourly(self.log)   # (key: a job, and why)
         self._stop, self._leader, self._done = asyncio.Event(), asyncio.Event(), asyncio.Event()
         self._done.set()  # run() is not running (each run makes fresh events)
         self._lease_wait = lease_seconds / 3  # shorter when the holder's lease runs out sooner
         self.passes = 0  # due-reads so far: a spinning scheduler shows here and in the debug log
         self.health = TaskHealth(stale_after=2 * lease_seconds + 5)
         self._pending = True  # fires marked but maybe not queued: look on taking the lease
+        # (monotonic) when to look again at fires left pending by a scope the filter refused
+        self._retry_pending = math.inf
         # a Redis away or refusing writes is logged when it starts and when it passes, not
         # at each pass that finds the fires still pending
         self._queueing = Outage(self.log, "queueing fires failed; they stay pending and are "
@@ -187,7 +192,7 @@ class Scheduler:
     async def _fire_due(self) -> tuple[int, float]:
         """Fire everything due; returns (fires enqueued, index head score in ms)."""
         total, head = 0, math.inf
-        if self._pending and self.is_leader:
+        if (self._pending or time.monotonic() >= self._retry_pending) and self.is_leader:
             total += await self._queue_pending()
         while self.is_leader:
             now = await self.clock.sync()
@@ -310,16 +315,16 @@ class Scheduler:
             try:
                 plan = self._plan(job_id, row, now)
             except Exception:  # bad stored data must not stall every other job
-                self.log.exception("periodic job %s: cannot compute its fires; retrying in 60s",
-                                   job_id)
+                self.log.exception("periodic job %s: cannot compute its fires; retrying in "
+                                   "%gs", job_id, RETRY_LATER)
                 # its schedule, not the retry, says when it fires (version "", a key it could
                 # not read: only the index moves; a next run time that is no number: the retry)
-                version, kept = b"", now + 60
+                version, kept = b"", now + RETRY_LATER
                 with contextlib.suppress(KeyError, TypeError, ValueError):
                     h = dict(zip(FIRE_FIELDS, row)) if isinstance(row, list) else {}
                     version = h["version"] or b""   # (none: as a key it could not read)
                     kept = _fire_time(h["next_run_time"])
-                plan = FirePlan(job_id, version, kept, retry_at=now + 60)
+                plan = FirePlan(job_id, version, kept, retry_at=now + RETRY_LATER)
             job_keys, job_argv = self._job_args(plan, live, now, specs)
             keys += job_keys
             argv += job_argv
@@ -353,6 +358,9 @@ class Scheduler:
             self._queueing.failed(exc)
             return 0
         self._queueing.passed()
+        if len(queued) < len(fires):   # not answered: a scope the filter refused (they stay
+            # pending): tried again, so that they run once it is fixed, with no restart
+            self._retry_pending = min(self._retry_pending, time.monotonic() + RETRY_LATER)
         if dropped := {s.job_id for s in queued if s.status == Status.FILTERED}:
             try:
                 await self._filtered([f for f in fires if f["job_id"] in dropped])
@@ -382,17 +390,6 @@ class Scheduler:
                               "drops them all (dedupe_scope \"@fire\" gives each fire a scope "
                               "of its own)", f["schedule"], f["job_id"], f.get("dedupe_key"),
                               f.get("dedupe_scope"))
-
-    def _warn_hourly(self, key: str, message: str, *args) -> None:
-        """Log a warning once an hour per ``key`` (a job's): due at every fire, it would
-        flood the log, and else nothing would say so."""
-        now = time.monotonic()
-        if now - self._warned.get(key, -math.inf) < WARN_EVERY:
-            return
-        if len(self._warned) >= 10_000:   # many jobs: bounded memory, more warnings
-            self._warned.clear()
-        self._warned[key] = now
-        self.log.warning(message + ". Logged once an hour per job", *args)
 
     async def _reindex(self) -> bool:
         """Rebuild the schedules index, of another type (an operator's write), from the
@@ -431,7 +428,9 @@ class Scheduler:
 
     async def _queue_pending(self) -> int:
         """Queue the fires marked by a leader that died or failed before queueing them."""
-        self._pending, total, cursor = False, 0, 0
+        # a look again at fires a refused scope holds: their refusal was said (hourly)
+        said, self._pending, self._retry_pending = self._pending, False, math.inf
+        total, cursor = 0, 0
         try:
             while self.is_leader:
                 try:
@@ -447,7 +446,7 @@ class Scheduler:
                     await self.redis.delete(self.keys.fires_pending)
                     break
                 if found:
-                    if self._queueing.kind is None:   # (else: said once, as its trouble)
+                    if said and self._queueing.kind is None:   # (else: its trouble's)
                         self.log.warning("queueing %d fire(s) marked but not queued before",
                                          len(found))
                     total += await self._queue_fires(await self._readable(found),

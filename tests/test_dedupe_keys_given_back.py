@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 
 import pytest
@@ -747,6 +748,55 @@ def test_a_fire_in_a_scope_a_filter_refuses_holds_back_no_other_fire(redis_url, 
     asyncio.run(main())
     assert any("bad@" in r.getMessage() and "dedupe scope 'old'" in r.getMessage()
                for r in caplog.records if r.levelname == "ERROR")
+
+
+def test_a_fire_a_filter_refused_is_queued_once_its_scope_is_fixed(redis_url, caplog,
+                                                                   monkeypatch):
+    """The fire a refused scope left pending (above) was tried again only by the next
+    master to lead: while this one led, max_instances skipped its job's later fires, even
+    once the operator dropped the scope (no restart needed: the scope is made again with
+    this master's backend). It is tried again each minute (here 0.2 s), logged once per
+    hour, and queued once the scope is usable; queued, it is no longer pending."""
+    from elric import scheduler
+    monkeypatch.setattr(scheduler, "RETRY_LATER", 0.2, raising=False)
+
+    async def main():
+        async with master(redis_url) as m:      # scope "old" is an exact set, no TTL
+            await m.submit_jobs([{"func": E, "dedupe_key": "x", "dedupe_scope": "old"}])
+        # a pass every 0.5 s (SCHEDULER_LEASE / 3), not every 3.3 s
+        async with master(redis_url, DEDUPE_TTL=3600, SCHEDULER_LEASE=1.5) as m:
+            tries, enqueue = [], m.scheduler.enqueue
+
+            async def counted(specs, token, recovered=False):
+                tries.extend(s["job_id"] for s in specs if s["schedule"] == "bad")
+                return await enqueue(specs, token, recovered)
+            m.scheduler.enqueue = counted
+            at = {"type": "date", "run_date": m.store.clock() + 1.0}
+            await m.submit_jobs([{"func": E, "job_id": "good", "trigger": at},
+                                 {"func": E, "job_id": "bad", "trigger": at,
+                                  "dedupe_key": "k", "dedupe_scope": "old"}])
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 20
+            while len(tries) < 3:   # refused, then tried again twice
+                assert loop.time() < deadline, f"the refused fire is not tried again: {tries}"
+                await asyncio.sleep(0.02)
+            [fire] = set(tries)
+            assert await m.redis.hexists(m.keys.fires_pending, fire)
+            assert await queued(m) == 2     # the first master's job, and the good fire
+            await m.filters["set"].drop_scope("old")   # the operator's fix
+            while await m.redis.hexists(m.keys.fires_pending, fire):
+                assert loop.time() < deadline, "the fire stays pending, its scope fixed"
+                await asyncio.sleep(0.02)
+            assert await queued(m) == 3
+            [hold] = await m.queue.get_holds([fire])
+            assert (hold.status, hold.dedupe_key, hold.dedupe_scope) == ("queued", "k", "old")
+    asyncio.run(main())
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING
+            and r.name.startswith("elric")]
+    refused = [s for s in said if "bad@" in s]
+    assert len(refused) == 1, refused
+    assert "dedupe scope 'old'" in refused[0] and "drop the scope" in refused[0]
+    assert not [s for s in said if "marked but not queued before" in s]
 
 
 @pytest.mark.parametrize("unknown", ["who took it", "whose job it is"])
