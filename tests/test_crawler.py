@@ -316,6 +316,22 @@ def test_dot_segments_are_no_other_page(children):
 
 
 @pytest.mark.parametrize("job_class", [Crawl, CrawlSync], ids=["async", "sync"])
+def test_a_semicolon_in_a_links_last_segment_is_part_of_its_path(children, job_class):
+    """urlparse takes ";v=2" of a last segment for "params" apart from the path, and the
+    URL was rebuilt without them: /a;v=2 (a jsessionid, a matrix parameter, a file named
+    so) was fetched as /a, another page, and the page it named never."""
+    page = b'<html><body><a href="/a;v=2">a</a><a href="b;x?q=1">b</a></body></html>'
+    routes = {"/": (200, {"Content-Type": "text/html"}, page),
+              "/a;v=2": (200, {"Content-Type": "text/html"}, b"<html>v2</html>")}
+    with Site(routes) as site:
+        assert run_page(job_class, site.url + "/")["links"] == 2
+        assert links(children) == [site.url + "/a;v=2", site.url + "/b;x?q=1"]
+        assert run_page(job_class, links(children)[0], 1)["status"] == 200
+    assert "/a" not in site.hits and site.hits["/a;v=2"] == 1
+    assert job_class.dedupe_key_for("http://h/a;v=2") != job_class.dedupe_key_for("http://h/a")
+
+
+@pytest.mark.parametrize("job_class", [Crawl, CrawlSync], ids=["async", "sync"])
 def test_a_query_in_another_order_is_the_same_page(job_class):
     """?a=1&b=2 and ?b=2&a=1 were two dedupe keys: a site that builds its links' queries
     in no fixed order (filters, facets) had each page fetched once per order. A name given

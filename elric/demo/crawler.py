@@ -34,7 +34,7 @@ import asyncio
 import math
 import time
 from typing import AsyncIterator, TypeVar
-from urllib.parse import urlparse, urlsplit
+from urllib.parse import urlsplit
 
 try:
     import aiohttp
@@ -118,7 +118,7 @@ class _Process:
         found = self.resolved.get(key)
         if found is None:
             link = link_of(base, href)
-            found = ("", "") if link is None else (link, urlparse(link).netloc)
+            found = ("", "") if link is None else (link, urlsplit(link).netloc)
             if len(self.resolved) >= 100_000:   # bound the memory
                 self.resolved.clear()
             self.resolved[key] = found
@@ -355,7 +355,7 @@ class Crawl(PageKeys, Job):
         if location is not None:
             if target is not None:   # no step deeper; from the start page, to any host
                 result["links"] = await self._submit(
-                    url, [(target, urlparse(target).netloc)], batch, depth, robots.delay,
+                    url, [(target, urlsplit(target).netloc)], batch, depth, robots.delay,
                     anywhere=depth == 0, redirects=redirects + 1)
             return result
         result["bytes"] = len(body)
@@ -399,7 +399,7 @@ class Crawl(PageKeys, Job):
         as jobs at ``depth`` (after ``redirects`` redirects in a row) that start ``delay``
         seconds apart at least (its robots.txt's Crawl-delay); returns how many."""
         args = [batch, depth, redirects] if redirects else [batch, depth]
-        host = None if anywhere else urlparse(normalize_url(url)).netloc
+        host = None if anywhere else urlsplit(normalize_url(url)).netloc
         options = {"batch": batch} if batch else {}
         if delay:
             options["limit_interval"] = delay

@@ -19,7 +19,7 @@ import urllib.request
 from datetime import UTC
 from email.utils import parsedate_to_datetime
 from html.parser import HTMLParser
-from urllib.parse import quote, urldefrag, urljoin, urlparse
+from urllib.parse import quote, urldefrag, urljoin, urlsplit
 
 from elric import Job
 
@@ -85,7 +85,7 @@ def normalize_url(url: str) -> str:
     path without ``.`` and ``..`` segments, and escapes as a browser sends them (UTF-8,
     upper-case, none for ``~``)."""
     url = urldefrag(url)[0]
-    parts = urlparse(url)
+    parts = urlsplit(url)   # urlparse took a last segment's ";v=2" off its path
     scheme, netloc = parts.scheme.lower(), parts.netloc.lower()
     default = ":80" if scheme == "http" else ":443" if scheme == "https" else None
     if default and netloc.endswith(default):   # http://h:80/ is http://h/, the same host
@@ -286,7 +286,7 @@ class PageKeys:
     @classmethod
     def limit_key_for(cls, url: str, batch: str = "", depth: int = 0,
                       redirects: int = 0) -> str:
-        return urlparse(normalize_url(url)).netloc
+        return urlsplit(normalize_url(url)).netloc
 
 
 class CrawlSync(PageKeys, Job):
@@ -364,9 +364,9 @@ class CrawlSync(PageKeys, Job):
         """Submit the links that stay on ``url``'s host (``anywhere``: on any), each once,
         as jobs at ``depth`` (after ``redirects`` redirects in a row); returns how many."""
         args = [batch, depth, redirects] if redirects else [batch, depth]
-        host = urlparse(normalize_url(url)).netloc   # as its links are spelled
+        host = urlsplit(normalize_url(url)).netloc   # as its links are spelled
         found = [link for link in dict.fromkeys(links)
-                 if link is not None and (anywhere or urlparse(link).netloc == host)]
+                 if link is not None and (anywhere or urlsplit(link).netloc == host)]
         for link in found:
             # most links were seen before; the master's dedupe filter drops those
             type(self).submit_with(args=[link, *args],
