@@ -403,6 +403,27 @@ def test_a_meta_charset_after_the_first_kilobyte_is_heeded(children):
     assert links(children) == [site.url + "/%E6%97%A5%E6%9C%AC"] * 2
 
 
+@pytest.mark.parametrize("charset, bad", [("shift_jis", b"\x81 "), ("gbk", b"\xff"),
+                                          ("euc-kr", b"\xa1"), (None, b"\x81")],
+                         ids=["shift_jis", "gbk", "euc-kr", "none-said"])
+def test_links_after_a_byte_the_pages_charset_cannot_read_are_followed(children, charset, bad):
+    """lxml (libxml2) stops reading a page at the first byte sequence its charset cannot
+    read: one stray byte early in a Shift_JIS, GBK or EUC-KR page, or 0x81 in one that
+    names no charset (read as windows-1252, where 0x81 is none; a Shift_JIS lead byte), and
+    the async crawler followed none of the links after it. As browsers and the sync
+    crawler: the byte reads as U+FFFD, the rest of the page as it is."""
+    page = ('<html><body><a href="/a">a</a>{}<p>日本</p><a href="/b">b</a><a href="/日">c</a>'
+            '</body></html>').format if charset else \
+        '<html><body><a href="/a">a</a>{}<a href="/b">b</a><a href="/c">c</a></body></html>'.format
+    kind = f"text/html; charset={charset}" if charset else "text/html"
+    body = page("{}").encode(charset or "ascii").replace(b"{}", bad)
+    with Site({"/": (200, {"Content-Type": kind}, body)}) as site:
+        assert fetch(Crawl(), site.url + "/")["links"] == 3
+        assert CrawlSync().run(site.url + "/")["links"] == 3
+    assert links(children)[:3] == links(children)[3:]
+    assert links(children)[2] == site.url + ("/%E6%97%A5" if charset else "/c")
+
+
 def test_a_page_with_a_long_header_is_read(children):
     """aiohttp refused a header line over 8 KiB (a large Content-Security-Policy or cookie,
     which sites send and browsers read) with "400, Got more than 8190 bytes": the page

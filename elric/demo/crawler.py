@@ -46,7 +46,7 @@ except ImportError:  # pragma: no cover - depends on the install
 
 from elric import Job
 from elric.demo.crawler_sync import (CHUNK, MAX_REDIRECTS, REDIRECTS, ROBOTS_NAME, PageKeys,
-                                    link_of, no_answer, nofollow, normalize_url, page_charset,
+                                    link_of, no_answer, nofollow, normalize_url, page_text,
                                     refresh_url, requote, result_of, retry_after, sniffed_html)
 
 USER_AGENT = f"{ROBOTS_NAME}/0.1"
@@ -277,20 +277,8 @@ async def _in_turns(items: list[T]) -> AsyncIterator[T]:
             await asyncio.sleep(0)
 
 
-_parsers: dict[str, lxml.html.HTMLParser | None] = {}
-
-
-def _parser(charset: str) -> lxml.html.HTMLParser | None:
-    """An lxml parser reading ``charset``; None: lxml's own, for one it does not know."""
-    parser = _parsers.get(charset)
-    if parser is None and charset not in _parsers:
-        try:
-            parser = lxml.html.HTMLParser(encoding=charset)
-        except LookupError:
-            pass   # a charset lxml does not know: it reads the page as without one
-        if len(_parsers) < 100:   # a site may name any charset: bound the memory
-            _parsers[charset] = parser
-    return parser
+# the page as page_text reads it, handed to lxml in UTF-8 (its <meta> charset unheeded)
+_UTF8 = lxml.html.HTMLParser(encoding="utf-8")
 
 
 class Crawl(PageKeys, Job):
@@ -375,8 +363,8 @@ class Crawl(PageKeys, Job):
     async def _links(base: str, html: bytes, charset: str | None) -> list[tuple[str, str]]:
         """The links of ``html`` (in ``charset``), relative to ``base``: (URL, host)."""
         try:   # lxml, in C: a tenth of the CPU of html.parser, which the sync crawler uses
-            doc = lxml.html.fromstring(html, parser=_parser(page_charset(charset, html))) \
-                if html.strip() else None
+            doc = lxml.html.fromstring(page_text(charset, html).encode("utf-8", "replace"),
+                                       parser=_UTF8) if html.strip() else None
         except (lxml.etree.ParserError, ValueError):
             doc = None   # not a document lxml can read: no links
         if doc is None:

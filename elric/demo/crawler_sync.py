@@ -210,6 +210,16 @@ def page_charset(declared: str | None, body: bytes) -> str:
     return found.group(1).decode("ascii") if found else "windows-1252"
 
 
+def page_text(declared: str | None, body: bytes) -> str:
+    """The page read in page_charset's charset (UTF-8 for one Python does not know), a byte
+    it cannot read as U+FFFD, as browsers do: lxml stopped at the first such byte, and the
+    links after it were lost."""
+    try:
+        return body.decode(page_charset(declared, body), "replace")
+    except LookupError:
+        return body.decode("utf-8", "replace")
+
+
 # the MIME Sniffing Standard's HTML patterns: after whitespace, a tag ending in " " or ">"
 _HTML_START = re.compile(rb"[\t\n\x0c\r ]*<(?:!doctype html|html|head|script|iframe|h1|div|font|"
                          rb"table|a|style|title|b|body|br|p|!--)[ >]", re.IGNORECASE)
@@ -346,12 +356,8 @@ class CrawlSync(PageKeys, Job):
         if self.max_depth is not None and depth >= self.max_depth:
             result["max_depth"] = True   # its links are a step too far: not followed
             return result
-        try:
-            text = body.decode(page_charset(charset, body), "replace")
-        except LookupError:   # one Python does not know
-            text = body.decode("utf-8", "replace")
         parser = Links()
-        parser.feed(text)
+        parser.feed(page_text(charset, body))
         if parser.nofollow or any(map(nofollow, tags)):
             parser.links = []
         base = parser.base and link_of(url, parser.base) or url
