@@ -424,6 +424,24 @@ def test_links_after_a_byte_the_pages_charset_cannot_read_are_followed(children,
     assert links(children)[2] == site.url + ("/%E6%97%A5" if charset else "/c")
 
 
+@pytest.mark.parametrize("charset, codec, path", [
+    ("Shift_JIS", "cp932", "/髙①"), ("gb2312", "gbk", "/镕"), ("EUC-KR", "cp949", "/똠"),
+    ("windows-874", "cp874", "/ไทย"), ("tis-620", "cp874", "/ไทย"),
+    ("iso-8859-1", "cp1252", "/€")])
+def test_a_page_is_read_in_the_charset_browsers_read_for_its_label(children, charset, codec,
+                                                                    path):
+    """Sites label pages written in Windows' supersets by the older standard's name (Shift_JIS
+    for Windows-31J, gb2312 for GBK, EUC-KR for Windows-949, ISO-8859-1 for windows-1252), and
+    browsers read them so (the WHATWG Encoding Standard); Python's codecs are the strict ones:
+    a link with a character of the superset became another URL (a 404). windows-874 (Thai),
+    a name Python does not know, read as UTF-8: every Thai link garbled."""
+    page = f'<html><body><a href="{path}">x</a></body></html>'.encode(codec)
+    with Site({"/": (200, {"Content-Type": f"text/html; charset={charset}"}, page)}) as site:
+        assert fetch(Crawl(), site.url + "/")["links"] == 1
+        assert CrawlSync().run(site.url + "/")["links"] == 1
+    assert links(children) == [normalize_url(site.url + path)] * 2
+
+
 def test_a_page_with_a_long_header_is_read(children):
     """aiohttp refused a header line over 8 KiB (a large Content-Security-Policy or cookie,
     which sites send and browsers read) with "400, Got more than 8190 bytes": the page

@@ -210,12 +210,20 @@ def page_charset(declared: str | None, body: bytes) -> str:
     return found.group(1).decode("ascii") if found else "windows-1252"
 
 
+# labels browsers (the WHATWG Encoding Standard) read as Windows' superset, where Python's
+# codec of that name is the strict one, or one Python does not know (windows-874)
+_SUPERSETS = {"shift_jis": "cp932", "x-sjis": "cp932", "gb2312": "gbk", "euc-kr": "cp949",
+              "windows-874": "cp874", "iso-8859-1": "cp1252", "latin1": "cp1252",
+              "us-ascii": "cp1252", "ascii": "cp1252"}
+
+
 def page_text(declared: str | None, body: bytes) -> str:
-    """The page read in page_charset's charset (UTF-8 for one Python does not know), a byte
-    it cannot read as U+FFFD, as browsers do: lxml stopped at the first such byte, and the
-    links after it were lost."""
+    """The page read in page_charset's charset as browsers read its label (UTF-8 for one
+    Python does not know), a byte it cannot read as U+FFFD, as browsers do: lxml stopped
+    at the first such byte, and the links after it were lost."""
+    charset = page_charset(declared, body)
     try:
-        return body.decode(page_charset(declared, body), "replace")
+        return body.decode(_SUPERSETS.get(charset.lower(), charset), "replace")
     except LookupError:
         return body.decode("utf-8", "replace")
 
