@@ -855,6 +855,23 @@ def test_the_sync_crawler_takes_a_404_for_an_answer_and_retries_a_503(children):
             CrawlSync().run(site.url + "/busy")
 
 
+@pytest.mark.parametrize("job_class", [Crawl, CrawlSync], ids=["async", "sync"])
+def test_a_408_is_retried_as_scrapy_retries_it(make_cluster, job_class):
+    """A 408 (the server, or a load balancer before it, gave up waiting for the request: it
+    says nothing of the page) was a final result: the page was never crawled, nor its links.
+    Scrapy's RETRY_HTTP_CODES hold it; a 404 stays an answer."""
+    c = make_cluster(RETRY_BACKOFF=0.05)
+    c.start_master()
+    c.start_worker("--queues", "crawl", "--concurrency", "1")
+    times: list[float] = []
+    with Site({"/p": busy_first(408, "0", times)}) as site:
+        c.client.submit_job(job_class.spec([site.url + "/p", "b"], job_id="p"))
+        job = c.wait_job("p")
+    assert (job["status"], job["attempts"], job["result"]["status"]) == ("succeeded", 2, 200), \
+        c.logs()
+    assert "408" in job["error"] and len(times) == 2
+
+
 def busy_first(status: int, retry_after: str, times: list[float]):
     """A route that answers ``status`` with ``Retry-After`` once, then a page; ``times``
     gets the time of each request."""

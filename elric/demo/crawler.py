@@ -15,10 +15,10 @@ and again once a day old), where a redirect leads too, since that page is a job 
 (deduped with the links to it); its ``Crawl-delay`` is the least time between two starts
 of its host's pages across all workers, where ``LIMITS`` gives less (e.g.
 ``{"example.com": {"interval": 10}}``): the links a page submits carry it as their
-``limit_interval``. 5xx and 429 answers, timeouts and broken connections are retried with
-backoff (``max_retries``), no sooner than a Retry-After asks (up to RETRY_BACKOFF_MAX; the
-host's other pages wait as long); a 4xx, or a 3xx that leads nowhere, is a result, not an
-error, and its body is not read. A link marked ``rel="nofollow"``, or any of a page whose
+``limit_interval``. 5xx, 429 and 408 answers, timeouts and broken connections are retried
+with backoff (``max_retries``), no sooner than a Retry-After asks (up to RETRY_BACKOFF_MAX;
+the host's other pages wait as long); another 4xx, or a 3xx that leads nowhere, is a result,
+not an error, and its body is not read. A link marked ``rel="nofollow"``, or any of a page whose
 robots ``<meta>`` or X-Robots-Tag header says nofollow, is not followed; a ``<meta
 http-equiv="refresh">`` URL, an image map's ``<area href>`` and a (i)frame's src (a page of
 the site) are links of its page. At most ``max_bytes`` of a page are read, and nothing of
@@ -47,7 +47,8 @@ except ImportError:  # pragma: no cover - depends on the install
 from elric import Job
 from elric.demo.crawler_sync import (CHUNK, MAX_REDIRECTS, REDIRECTS, ROBOTS_NAME, PageKeys,
                                     link_of, no_answer, nofollow, normalize_url, page_text,
-                                    refresh_url, requote, result_of, retry_after, sniffed_html)
+                                    refresh_url, requote, result_of, retry_after, sniffed_html,
+                                    worth_retrying)
 
 USER_AGENT = f"{ROBOTS_NAME}/0.1"
 HEADER_MAX_BYTES = 64 * 1024
@@ -71,7 +72,7 @@ _HREFS = lxml.etree.XPath("(//a | //area)[not(@rel) or not(contains(concat(' ', 
 
 
 class ServerError(Exception):
-    """A 5xx (or 429) answer: worth another attempt after a backoff, of at least
+    """A 5xx (or 429 or 408) answer: worth another attempt after a backoff, of at least
     ``retry_after`` seconds when the answer asked for it."""
 
     def __init__(self, url: str, response: aiohttp.ClientResponse) -> None:
@@ -320,7 +321,7 @@ class Crawl(PageKeys, Job):
                     url, timeout=aiohttp.ClientTimeout(total=self.request_timeout),
                     allow_redirects=False) as response:
                 status = response.status
-                if status >= 500 or status == 429:
+                if worth_retrying(status):
                     raise ServerError(url, response)
                 location = response.headers.get("Location") if status in REDIRECTS else None
                 if location is None:

@@ -1,7 +1,7 @@
 """The synchronous crawler: each job fetches one page with urllib, one at a time per pool
 process, and submits its links as child jobs, as the async crawler (``elric.demo.crawler``,
 the one to use; this one shows a plain sync job) does: deduped per scope, on the start
-page's host, nofollow obeyed, redirects as page jobs of their own, 5xx and 429 retried,
+page's host, nofollow obeyed, redirects as page jobs of their own, 5xx, 429 and 408 retried,
 ``max_bytes``, ``max_depth`` and ``max_redirects`` as there. It does not read robots.txt:
 crawl sites that are not your own with the async crawler, which obeys it.
 
@@ -141,6 +141,12 @@ def requote(text: str) -> str:
 def _escape(match: re.Match) -> str:
     char = chr(int(match.group()[1:], 16))
     return char if char in _UNRESERVED else match.group().upper()
+
+
+def worth_retrying(status: int) -> bool:
+    """Whether an answer says nothing of the page, only that now was a bad time: a 5xx, a
+    429, or a 408 (the server gave up waiting for the request), as Scrapy retries them."""
+    return status >= 500 or status in (408, 429)
 
 
 def retry_after(status: int, headers) -> float:
@@ -339,7 +345,7 @@ class CrawlSync(PageKeys, Job):
         except TimeoutError:
             raise no_answer(url, self.request_timeout) from None
         except urllib.error.HTTPError as exc:   # a redirect, a 4xx or a 5xx
-            if exc.code >= 500 or exc.code == 429:
+            if worth_retrying(exc.code):
                 exc.retry_after = retry_after(exc.code, exc.headers)
                 raise   # worth another attempt, after a backoff
             # a 404 is an answer: nothing to retry, no links to follow
