@@ -316,6 +316,22 @@ def test_dot_segments_are_no_other_page(children):
 
 
 @pytest.mark.parametrize("job_class", [Crawl, CrawlSync], ids=["async", "sync"])
+def test_a_semicolon_in_a_links_last_segment_is_part_of_its_path(children, job_class):
+    """urlparse takes ";v=2" of a last segment for "params" apart from the path, and the
+    URL was rebuilt without them: /a;v=2 (a jsessionid, a matrix parameter, a file named
+    so) was fetched as /a, another page, and the page it named never."""
+    page = b'<html><body><a href="/a;v=2">a</a><a href="b;x?q=1">b</a></body></html>'
+    routes = {"/": (200, {"Content-Type": "text/html"}, page),
+              "/a;v=2": (200, {"Content-Type": "text/html"}, b"<html>v2</html>")}
+    with Site(routes) as site:
+        assert run_page(job_class, site.url + "/")["links"] == 2
+        assert links(children) == [site.url + "/a;v=2", site.url + "/b;x?q=1"]
+        assert run_page(job_class, links(children)[0], 1)["status"] == 200
+    assert "/a" not in site.hits and site.hits["/a;v=2"] == 1
+    assert job_class.dedupe_key_for("http://h/a;v=2") != job_class.dedupe_key_for("http://h/a")
+
+
+@pytest.mark.parametrize("job_class", [Crawl, CrawlSync], ids=["async", "sync"])
 def test_a_query_in_another_order_is_the_same_page(job_class):
     """?a=1&b=2 and ?b=2&a=1 were two dedupe keys: a site that builds its links' queries
     in no fixed order (filters, facets) had each page fetched once per order. A name given
@@ -385,6 +401,45 @@ def test_a_meta_charset_after_the_first_kilobyte_is_heeded(children):
         assert fetch(Crawl(), site.url + "/")["links"] == 1
         assert CrawlSync().run(site.url + "/")["links"] == 1
     assert links(children) == [site.url + "/%E6%97%A5%E6%9C%AC"] * 2
+
+
+@pytest.mark.parametrize("charset, bad", [("shift_jis", b"\x81 "), ("gbk", b"\xff"),
+                                          ("euc-kr", b"\xa1"), (None, b"\x81")],
+                         ids=["shift_jis", "gbk", "euc-kr", "none-said"])
+def test_links_after_a_byte_the_pages_charset_cannot_read_are_followed(children, charset, bad):
+    """lxml (libxml2) stops reading a page at the first byte sequence its charset cannot
+    read: one stray byte early in a Shift_JIS, GBK or EUC-KR page, or 0x81 in one that
+    names no charset (read as windows-1252, where 0x81 is none; a Shift_JIS lead byte), and
+    the async crawler followed none of the links after it. As browsers and the sync
+    crawler: the byte reads as U+FFFD, the rest of the page as it is."""
+    page = ('<html><body><a href="/a">a</a>{}<p>日本</p><a href="/b">b</a><a href="/日">c</a>'
+            '</body></html>').format if charset else \
+        '<html><body><a href="/a">a</a>{}<a href="/b">b</a><a href="/c">c</a></body></html>'.format
+    kind = f"text/html; charset={charset}" if charset else "text/html"
+    body = page("{}").encode(charset or "ascii").replace(b"{}", bad)
+    with Site({"/": (200, {"Content-Type": kind}, body)}) as site:
+        assert fetch(Crawl(), site.url + "/")["links"] == 3
+        assert CrawlSync().run(site.url + "/")["links"] == 3
+    assert links(children)[:3] == links(children)[3:]
+    assert links(children)[2] == site.url + ("/%E6%97%A5" if charset else "/c")
+
+
+@pytest.mark.parametrize("charset, codec, path", [
+    ("Shift_JIS", "cp932", "/髙①"), ("gb2312", "gbk", "/镕"), ("EUC-KR", "cp949", "/똠"),
+    ("windows-874", "cp874", "/ไทย"), ("tis-620", "cp874", "/ไทย"),
+    ("iso-8859-1", "cp1252", "/€")])
+def test_a_page_is_read_in_the_charset_browsers_read_for_its_label(children, charset, codec,
+                                                                    path):
+    """Sites label pages written in Windows' supersets by the older standard's name (Shift_JIS
+    for Windows-31J, gb2312 for GBK, EUC-KR for Windows-949, ISO-8859-1 for windows-1252), and
+    browsers read them so (the WHATWG Encoding Standard); Python's codecs are the strict ones:
+    a link with a character of the superset became another URL (a 404). windows-874 (Thai),
+    a name Python does not know, read as UTF-8: every Thai link garbled."""
+    page = f'<html><body><a href="{path}">x</a></body></html>'.encode(codec)
+    with Site({"/": (200, {"Content-Type": f"text/html; charset={charset}"}, page)}) as site:
+        assert fetch(Crawl(), site.url + "/")["links"] == 1
+        assert CrawlSync().run(site.url + "/")["links"] == 1
+    assert links(children) == [normalize_url(site.url + path)] * 2
 
 
 def test_a_page_with_a_long_header_is_read(children):
@@ -798,6 +853,23 @@ def test_the_sync_crawler_takes_a_404_for_an_answer_and_retries_a_503(children):
             "url": site.url + "/gone", "status": 404, "links": 0, "bytes": 0}
         with pytest.raises(urllib.error.HTTPError, match="503"):
             CrawlSync().run(site.url + "/busy")
+
+
+@pytest.mark.parametrize("job_class", [Crawl, CrawlSync], ids=["async", "sync"])
+def test_a_408_is_retried_as_scrapy_retries_it(make_cluster, job_class):
+    """A 408 (the server, or a load balancer before it, gave up waiting for the request: it
+    says nothing of the page) was a final result: the page was never crawled, nor its links.
+    Scrapy's RETRY_HTTP_CODES hold it; a 404 stays an answer."""
+    c = make_cluster(RETRY_BACKOFF=0.05)
+    c.start_master()
+    c.start_worker("--queues", "crawl", "--concurrency", "1")
+    times: list[float] = []
+    with Site({"/p": busy_first(408, "0", times)}) as site:
+        c.client.submit_job(job_class.spec([site.url + "/p", "b"], job_id="p"))
+        job = c.wait_job("p")
+    assert (job["status"], job["attempts"], job["result"]["status"]) == ("succeeded", 2, 200), \
+        c.logs()
+    assert "408" in job["error"] and len(times) == 2
 
 
 def busy_first(status: int, retry_after: str, times: list[float]):

@@ -15,10 +15,10 @@ and again once a day old), where a redirect leads too, since that page is a job 
 (deduped with the links to it); its ``Crawl-delay`` is the least time between two starts
 of its host's pages across all workers, where ``LIMITS`` gives less (e.g.
 ``{"example.com": {"interval": 10}}``): the links a page submits carry it as their
-``limit_interval``. 5xx and 429 answers, timeouts and broken connections are retried with
-backoff (``max_retries``), no sooner than a Retry-After asks (up to RETRY_BACKOFF_MAX; the
-host's other pages wait as long); a 4xx, or a 3xx that leads nowhere, is a result, not an
-error, and its body is not read. A link marked ``rel="nofollow"``, or any of a page whose
+``limit_interval``. 5xx, 429 and 408 answers, timeouts and broken connections are retried
+with backoff (``max_retries``), no sooner than a Retry-After asks (up to RETRY_BACKOFF_MAX;
+the host's other pages wait as long); another 4xx, or a 3xx that leads nowhere, is a result,
+not an error, and its body is not read. A link marked ``rel="nofollow"``, or any of a page whose
 robots ``<meta>`` or X-Robots-Tag header says nofollow, is not followed; a ``<meta
 http-equiv="refresh">`` URL, an image map's ``<area href>`` and a (i)frame's src (a page of
 the site) are links of its page. At most ``max_bytes`` of a page are read, and nothing of
@@ -34,7 +34,7 @@ import asyncio
 import math
 import time
 from typing import AsyncIterator, TypeVar
-from urllib.parse import urlparse, urlsplit
+from urllib.parse import urlsplit
 
 try:
     import aiohttp
@@ -46,8 +46,9 @@ except ImportError:  # pragma: no cover - depends on the install
 
 from elric import Job
 from elric.demo.crawler_sync import (CHUNK, MAX_REDIRECTS, REDIRECTS, ROBOTS_NAME, PageKeys,
-                                    link_of, no_answer, nofollow, normalize_url, page_charset,
-                                    refresh_url, requote, result_of, retry_after, sniffed_html)
+                                    link_of, no_answer, nofollow, normalize_url, page_text,
+                                    refresh_url, requote, result_of, retry_after, sniffed_html,
+                                    worth_retrying)
 
 USER_AGENT = f"{ROBOTS_NAME}/0.1"
 HEADER_MAX_BYTES = 64 * 1024
@@ -71,7 +72,7 @@ _HREFS = lxml.etree.XPath("(//a | //area)[not(@rel) or not(contains(concat(' ', 
 
 
 class ServerError(Exception):
-    """A 5xx (or 429) answer: worth another attempt after a backoff, of at least
+    """A 5xx (or 429 or 408) answer: worth another attempt after a backoff, of at least
     ``retry_after`` seconds when the answer asked for it."""
 
     def __init__(self, url: str, response: aiohttp.ClientResponse) -> None:
@@ -118,7 +119,7 @@ class _Process:
         found = self.resolved.get(key)
         if found is None:
             link = link_of(base, href)
-            found = ("", "") if link is None else (link, urlparse(link).netloc)
+            found = ("", "") if link is None else (link, urlsplit(link).netloc)
             if len(self.resolved) >= 100_000:   # bound the memory
                 self.resolved.clear()
             self.resolved[key] = found
@@ -277,20 +278,8 @@ async def _in_turns(items: list[T]) -> AsyncIterator[T]:
             await asyncio.sleep(0)
 
 
-_parsers: dict[str, lxml.html.HTMLParser | None] = {}
-
-
-def _parser(charset: str) -> lxml.html.HTMLParser | None:
-    """An lxml parser reading ``charset``; None: lxml's own, for one it does not know."""
-    parser = _parsers.get(charset)
-    if parser is None and charset not in _parsers:
-        try:
-            parser = lxml.html.HTMLParser(encoding=charset)
-        except LookupError:
-            pass   # a charset lxml does not know: it reads the page as without one
-        if len(_parsers) < 100:   # a site may name any charset: bound the memory
-            _parsers[charset] = parser
-    return parser
+# the page as page_text reads it, handed to lxml in UTF-8 (its <meta> charset unheeded)
+_UTF8 = lxml.html.HTMLParser(encoding="utf-8")
 
 
 class Crawl(PageKeys, Job):
@@ -332,7 +321,7 @@ class Crawl(PageKeys, Job):
                     url, timeout=aiohttp.ClientTimeout(total=self.request_timeout),
                     allow_redirects=False) as response:
                 status = response.status
-                if status >= 500 or status == 429:
+                if worth_retrying(status):
                     raise ServerError(url, response)
                 location = response.headers.get("Location") if status in REDIRECTS else None
                 if location is None:
@@ -355,7 +344,7 @@ class Crawl(PageKeys, Job):
         if location is not None:
             if target is not None:   # no step deeper; from the start page, to any host
                 result["links"] = await self._submit(
-                    url, [(target, urlparse(target).netloc)], batch, depth, robots.delay,
+                    url, [(target, urlsplit(target).netloc)], batch, depth, robots.delay,
                     anywhere=depth == 0, redirects=redirects + 1)
             return result
         result["bytes"] = len(body)
@@ -375,8 +364,8 @@ class Crawl(PageKeys, Job):
     async def _links(base: str, html: bytes, charset: str | None) -> list[tuple[str, str]]:
         """The links of ``html`` (in ``charset``), relative to ``base``: (URL, host)."""
         try:   # lxml, in C: a tenth of the CPU of html.parser, which the sync crawler uses
-            doc = lxml.html.fromstring(html, parser=_parser(page_charset(charset, html))) \
-                if html.strip() else None
+            doc = lxml.html.fromstring(page_text(charset, html).encode("utf-8", "replace"),
+                                       parser=_UTF8) if html.strip() else None
         except (lxml.etree.ParserError, ValueError):
             doc = None   # not a document lxml can read: no links
         if doc is None:
@@ -399,7 +388,7 @@ class Crawl(PageKeys, Job):
         as jobs at ``depth`` (after ``redirects`` redirects in a row) that start ``delay``
         seconds apart at least (its robots.txt's Crawl-delay); returns how many."""
         args = [batch, depth, redirects] if redirects else [batch, depth]
-        host = None if anywhere else urlparse(normalize_url(url)).netloc
+        host = None if anywhere else urlsplit(normalize_url(url)).netloc
         options = {"batch": batch} if batch else {}
         if delay:
             options["limit_interval"] = delay

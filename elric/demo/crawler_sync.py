@@ -1,7 +1,7 @@
 """The synchronous crawler: each job fetches one page with urllib, one at a time per pool
 process, and submits its links as child jobs, as the async crawler (``elric.demo.crawler``,
 the one to use; this one shows a plain sync job) does: deduped per scope, on the start
-page's host, nofollow obeyed, redirects as page jobs of their own, 5xx and 429 retried,
+page's host, nofollow obeyed, redirects as page jobs of their own, 5xx, 429 and 408 retried,
 ``max_bytes``, ``max_depth`` and ``max_redirects`` as there. It does not read robots.txt:
 crawl sites that are not your own with the async crawler, which obeys it.
 
@@ -19,7 +19,7 @@ import urllib.request
 from datetime import UTC
 from email.utils import parsedate_to_datetime
 from html.parser import HTMLParser
-from urllib.parse import quote, urldefrag, urljoin, urlparse
+from urllib.parse import quote, urldefrag, urljoin, urlsplit
 
 from elric import Job
 
@@ -85,7 +85,7 @@ def normalize_url(url: str) -> str:
     path without ``.`` and ``..`` segments, and escapes as a browser sends them (UTF-8,
     upper-case, none for ``~``)."""
     url = urldefrag(url)[0]
-    parts = urlparse(url)
+    parts = urlsplit(url)   # urlparse took a last segment's ";v=2" off its path
     scheme, netloc = parts.scheme.lower(), parts.netloc.lower()
     default = ":80" if scheme == "http" else ":443" if scheme == "https" else None
     if default and netloc.endswith(default):   # http://h:80/ is http://h/, the same host
@@ -141,6 +141,12 @@ def requote(text: str) -> str:
 def _escape(match: re.Match) -> str:
     char = chr(int(match.group()[1:], 16))
     return char if char in _UNRESERVED else match.group().upper()
+
+
+def worth_retrying(status: int) -> bool:
+    """Whether an answer says nothing of the page, only that now was a bad time: a 5xx, a
+    429, or a 408 (the server gave up waiting for the request), as Scrapy retries them."""
+    return status >= 500 or status in (408, 429)
 
 
 def retry_after(status: int, headers) -> float:
@@ -208,6 +214,24 @@ def page_charset(declared: str | None, body: bytes) -> str:
         except UnicodeDecodeError:
             found = _META_CHARSET.search(body)
     return found.group(1).decode("ascii") if found else "windows-1252"
+
+
+# labels browsers (the WHATWG Encoding Standard) read as Windows' superset, where Python's
+# codec of that name is the strict one, or one Python does not know (windows-874)
+_SUPERSETS = {"shift_jis": "cp932", "x-sjis": "cp932", "gb2312": "gbk", "euc-kr": "cp949",
+              "windows-874": "cp874", "iso-8859-1": "cp1252", "latin1": "cp1252",
+              "us-ascii": "cp1252", "ascii": "cp1252"}
+
+
+def page_text(declared: str | None, body: bytes) -> str:
+    """The page read in page_charset's charset as browsers read its label (UTF-8 for one
+    Python does not know), a byte it cannot read as U+FFFD, as browsers do: lxml stopped
+    at the first such byte, and the links after it were lost."""
+    charset = page_charset(declared, body)
+    try:
+        return body.decode(_SUPERSETS.get(charset.lower(), charset), "replace")
+    except LookupError:
+        return body.decode("utf-8", "replace")
 
 
 # the MIME Sniffing Standard's HTML patterns: after whitespace, a tag ending in " " or ">"
@@ -286,7 +310,7 @@ class PageKeys:
     @classmethod
     def limit_key_for(cls, url: str, batch: str = "", depth: int = 0,
                       redirects: int = 0) -> str:
-        return urlparse(normalize_url(url)).netloc
+        return urlsplit(normalize_url(url)).netloc
 
 
 class CrawlSync(PageKeys, Job):
@@ -321,7 +345,7 @@ class CrawlSync(PageKeys, Job):
         except TimeoutError:
             raise no_answer(url, self.request_timeout) from None
         except urllib.error.HTTPError as exc:   # a redirect, a 4xx or a 5xx
-            if exc.code >= 500 or exc.code == 429:
+            if worth_retrying(exc.code):
                 exc.retry_after = retry_after(exc.code, exc.headers)
                 raise   # worth another attempt, after a backoff
             # a 404 is an answer: nothing to retry, no links to follow
@@ -346,12 +370,8 @@ class CrawlSync(PageKeys, Job):
         if self.max_depth is not None and depth >= self.max_depth:
             result["max_depth"] = True   # its links are a step too far: not followed
             return result
-        try:
-            text = body.decode(page_charset(charset, body), "replace")
-        except LookupError:   # one Python does not know
-            text = body.decode("utf-8", "replace")
         parser = Links()
-        parser.feed(text)
+        parser.feed(page_text(charset, body))
         if parser.nofollow or any(map(nofollow, tags)):
             parser.links = []
         base = parser.base and link_of(url, parser.base) or url
@@ -364,9 +384,9 @@ class CrawlSync(PageKeys, Job):
         """Submit the links that stay on ``url``'s host (``anywhere``: on any), each once,
         as jobs at ``depth`` (after ``redirects`` redirects in a row); returns how many."""
         args = [batch, depth, redirects] if redirects else [batch, depth]
-        host = urlparse(normalize_url(url)).netloc   # as its links are spelled
+        host = urlsplit(normalize_url(url)).netloc   # as its links are spelled
         found = [link for link in dict.fromkeys(links)
-                 if link is not None and (anywhere or urlparse(link).netloc == host)]
+                 if link is not None and (anywhere or urlsplit(link).netloc == host)]
         for link in found:
             # most links were seen before; the master's dedupe filter drops those
             type(self).submit_with(args=[link, *args],
