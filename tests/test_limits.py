@@ -516,3 +516,31 @@ def test_a_busy_workers_wait_leaves_a_limited_jobs_wake_token_to_an_idle_worker(
         finally:
             await _close(w)
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("rules", [{}, {"*": {"concurrency": 8}}], ids=["no-rule", "concurrency"])
+def test_a_jobs_crawl_delay_holds_when_a_job_without_one_comes_first_in_a_fetch(redis_url,
+                                                                                 rules):
+    """One fetch met a host's job without a limit_interval (a start page, before robots.txt
+    was read) and then pages of it with their Crawl-delay: the host's state was kept as the
+    first job's, with no interval, so every page of it in that fetch started at once and
+    none set the time the next may start. Each job's own interval counts."""
+    keys = Keys("elrictest")
+
+    async def body():
+        r = aredis.Redis.from_url(redis_url)
+        try:
+            q = RedisQueue(r, keys)
+            await limits.publish(r, keys, limits.parse_rules(rules))
+            await q.enqueue([normalize_spec({"func": "tests.jobs:Echo", "limit_key": "h",
+                                             "job_id": j, **extra})
+                             for j, extra in (("start", {}), ("p1", {"limit_interval": 60}),
+                                              ("p2", {"limit_interval": 60}))])
+            claims = (await q.fetch("w", ["default"], 10, 30)).claims
+            assert [c.job_id for c in claims] == ["start", "p1"]   # p2 waits a minute
+            assert (await q.fetch("w", ["default"], 10, 30)).claims == []
+            assert await r.zcard(keys.limit_parked("h")) == 1
+        finally:
+            await r.aclose()
+
+    asyncio.run(body())
