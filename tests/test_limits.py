@@ -117,6 +117,10 @@ def test_parked_jobs_count_as_queued_and_can_be_removed(make_cluster):
     ({"h": {"rate": 2, "interval": 0.5}}, "not both"),
     ({"h": 3}, "expected a map"),
     ({"": {"rate": 1}}, "non-empty string"),
+    # more than limit_interval allows: Redis could not set the time, and every fetch that
+    # met the key failed, its job taken out of line for good
+    ({"h": {"rate": 1e-20}}, "at most 2147483648 seconds between starts"),
+    ({"h": {"interval": 1e15}}, "at most 2147483648 seconds between starts"),
 ])
 def test_bad_limits_are_refused_at_start(tmp_path, value, message):
     path = tmp_path / "settings.py"
