@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from elric.config import SettingsError
+from elric.contract import MAX_TIMEOUT
 
 RULE_NAMES = ("concurrency", "interval", "rate")
 
@@ -67,6 +68,9 @@ def parse_rules(value: Any, where: str = "LIMITS") -> dict[str, Rule]:
             raise SettingsError(f"{name}: concurrency must be a whole number, got "
                                 f"{concurrency!r}")
         seconds = rule.get("interval") or (1.0 / rule["rate"] if "rate" in rule else None)
+        if seconds is not None and seconds > MAX_TIMEOUT:   # a job's limit_interval's bound
+            raise SettingsError(f"{name}: at most {MAX_TIMEOUT} seconds between starts, "
+                                f"got {seconds:g}")
         rules[key] = Rule(concurrency, None if seconds is None else max(1, round(seconds * 1000)))
     return rules
 

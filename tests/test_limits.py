@@ -117,6 +117,10 @@ def test_parked_jobs_count_as_queued_and_can_be_removed(make_cluster):
     ({"h": {"rate": 2, "interval": 0.5}}, "not both"),
     ({"h": 3}, "expected a map"),
     ({"": {"rate": 1}}, "non-empty string"),
+    # more than limit_interval allows: Redis could not set the time, and every fetch that
+    # met the key failed, its job taken out of line for good
+    ({"h": {"rate": 1e-20}}, "at most 2147483648 seconds between starts"),
+    ({"h": {"interval": 1e15}}, "at most 2147483648 seconds between starts"),
 ])
 def test_bad_limits_are_refused_at_start(tmp_path, value, message):
     path = tmp_path / "settings.py"
@@ -516,3 +520,31 @@ def test_a_busy_workers_wait_leaves_a_limited_jobs_wake_token_to_an_idle_worker(
         finally:
             await _close(w)
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("rules", [{}, {"*": {"concurrency": 8}}], ids=["no-rule", "concurrency"])
+def test_a_jobs_crawl_delay_holds_when_a_job_without_one_comes_first_in_a_fetch(redis_url,
+                                                                                 rules):
+    """One fetch met a host's job without a limit_interval (a start page, before robots.txt
+    was read) and then pages of it with their Crawl-delay: the host's state was kept as the
+    first job's, with no interval, so every page of it in that fetch started at once and
+    none set the time the next may start. Each job's own interval counts."""
+    keys = Keys("elrictest")
+
+    async def body():
+        r = aredis.Redis.from_url(redis_url)
+        try:
+            q = RedisQueue(r, keys)
+            await limits.publish(r, keys, limits.parse_rules(rules))
+            await q.enqueue([normalize_spec({"func": "tests.jobs:Echo", "limit_key": "h",
+                                             "job_id": j, **extra})
+                             for j, extra in (("start", {}), ("p1", {"limit_interval": 60}),
+                                              ("p2", {"limit_interval": 60}))])
+            claims = (await q.fetch("w", ["default"], 10, 30)).claims
+            assert [c.job_id for c in claims] == ["start", "p1"]   # p2 waits a minute
+            assert (await q.fetch("w", ["default"], 10, 30)).claims == []
+            assert await r.zcard(keys.limit_parked("h")) == 1
+        finally:
+            await r.aclose()
+
+    asyncio.run(body())

@@ -58,26 +58,31 @@ local function rule(lk, iv)
   return r
 end
 
--- limit key -> {free = slots, next = earliest start (ms), rule}, this call (false: free)
+-- limit key -> {free = slots, hold, at = earliest start (ms; read once needed)}, this
+-- call. A job's room is its key's, with its rule in m.rule and m.next: its own interval
+-- counts, whichever job of the key this call met first (nil: the job is not limited).
 local rooms = {}
 local function room(lk, iv)
   local m = rooms[lk]
-  if m == nil then
-    local r, hold = rule(lk, iv), tonumber(redis.call('GET', hp .. lk) or '0')
-    m = (r or hold > clock) and {free = math.huge, next = hold, rule = r or {}}
-    if r and r[1] then m.free = r[1] - redis.call('SCARD', rp .. lk) end
-    if r and r[2] then
-      local at = tonumber(redis.call('GET', np .. lk) or '0')
-      -- set under a longer rule (LIMITS changed since): one interval of this rule instead
-      if at > clock + r[2] then
-        at = clock + r[2]
-        redis.call('SET', np .. lk, at, 'PX', r[2])
-      end
-      m.next = math.max(at, hold)
-    end
+  if not m then
+    local c = (rules[lk] or rules['*'] or {})[1]
+    m = {free = c and c - redis.call('SCARD', rp .. lk) or math.huge,
+         hold = tonumber(redis.call('GET', hp .. lk) or '0')}
     rooms[lk] = m
   end
-  return m or nil
+  local r = rule(lk, iv)
+  if not r and m.hold <= clock then return nil end
+  m.rule, m.next = r or {}, m.hold
+  if r and r[2] then
+    m.at = m.at or tonumber(redis.call('GET', np .. lk) or '0')
+    -- set under a longer rule (LIMITS changed since): one interval of this rule instead
+    if m.at > clock + r[2] then
+      m.at = clock + r[2]
+      redis.call('SET', np .. lk, m.at, 'PX', r[2])
+    end
+    m.next = math.max(m.at, m.hold)
+  end
+  return m
 end
 
 -- Jobs in a key's running set that no longer run there (their lease ran out, they were
@@ -203,10 +208,10 @@ while #out < limit and budget > 0 and not stop do
         if m then
           m.free = m.free - 1
           if m.rule[2] then
-            m.next = clock + m.rule[2]
-            redis.call('SET', np .. lk, m.next, 'PX', m.rule[2])
+            m.at = clock + m.rule[2]
+            redis.call('SET', np .. lk, m.at, 'PX', m.rule[2])
             -- its parked jobs may start from then: looked at again then, not at a recheck
-            redis.call('ZADD', KEYS[4], 'XX', 'LT', m.next, lk)
+            redis.call('ZADD', KEYS[4], 'XX', 'LT', m.at, lk)
           end
         end
         local attempt = tonumber(f[12] or '0') + 1
