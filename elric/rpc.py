@@ -513,7 +513,8 @@ def _too_large(answer: Any) -> bool:
 def _responses(decoder: _Decoder, data: bytes):
     """Yield (msgid, RemoteError or None, result) for each response ``data`` completes."""
     for msg in decoder.feed(data):
-        if not (isinstance(msg, list) and len(msg) == 4 and msg[0] == RESPONSE):
+        if not (isinstance(msg, list) and len(msg) == 4 and msg[0] == RESPONSE and
+                type(msg[1]) is int):
             # a master sends responses only; text from another server reads as small ints
             raise _ProtocolError(f"it sent {data[:40]!r}, no msgpack-rpc response: {_WRONG}")
         yield msg[1], None if msg[2] is None else RemoteError(msg[2]), msg[3]

@@ -728,6 +728,36 @@ def test_an_address_that_is_no_elric_masters_is_named_as_the_likely_mistake(redi
     arun(answered_then_hung())
 
 
+def test_a_response_whose_msgid_is_no_integer_is_a_lost_connection():
+    """A peer answering [1, [1], nil, x] (an array as msgid): the blocking client raised a
+    bare TypeError (unhashable type) and kept the connection, whose next answers were out
+    of step; the async client's reader died with it, logged as an unretrieved exception,
+    and its calls said "closed by the server"."""
+    with socket.create_server(("127.0.0.1", 0)) as fake:
+        def answer_badly():
+            for _ in range(2):
+                conn, _ = fake.accept()
+                with conn:
+                    conn.recv(1024)
+                    conn.sendall(msgpack.packb([1, [1], None, "pong"]))
+                    conn.recv(1024)   # until the client closes
+        threading.Thread(target=answer_badly, daemon=True).start()
+        port = fake.getsockname()[1]
+
+        async def main():
+            client = await AsyncClient.connect("127.0.0.1", port, timeout=DEADLINE)
+            with pytest.raises(RPCConnectionError) as info:
+                await client.call("ping")
+            await client.close()
+            return info.value
+        with Client("127.0.0.1", port, timeout=DEADLINE) as client, \
+                pytest.raises(RPCConnectionError) as info:
+            client.call("ping")
+        for error in (info.value, arun(main())):
+            assert "lost: it sent b'\\x94\\x01\\x91\\x01" in str(error), error
+            assert "no msgpack-rpc response" in str(error), error
+
+
 def test_blocking_client_fails_on_broken_connection_then_reconnects():
     started = threading.Event()
 
