@@ -146,14 +146,33 @@ def _request_msgid(head: bytes) -> int | None:
     return msgid if type(msgid) is int and 0 <= msgid <= 0xFFFFFFFF else None
 
 
+class _Containers:
+    """The unpacker's hook counting a message's arrays and maps: a byte each on the wire,
+    some 80 decoded, and held while the message is in progress. (Not a method of the
+    _Decoder: that would be a cycle, whose buffers only the master's rare full gc frees.)"""
+
+    def __init__(self, limit: int):
+        self.limit = self.left = limit
+
+    def __call__(self, container):
+        self.left -= 1
+        if self.left < 0:
+            raise ValueError(f"over {self.limit} arrays and maps in one message; "
+                             "send fewer per call")
+        return container
+
+
 class _Decoder:
     """Streaming unpacker with a size limit per message. Unpacker.tell() is only exact
-    after a complete message, so the one in progress is measured from the last one's end."""
+    after a complete message, so the one in progress is measured from the last one's end.
+    ``containers``: the arrays and maps a message may hold; None: no limit."""
 
-    def __init__(self, max_message: int):
+    def __init__(self, max_message: int, containers: int | None = None):
         self.max = max_message
         self.chunk = min(_CHUNK, max_message)
-        self._unpacker = msgpack.Unpacker(
+        self._count = containers and _Containers(containers)
+        hooks = {"object_hook": self._count, "list_hook": self._count} if self._count else {}
+        self._unpacker = msgpack.Unpacker(**hooks,
             # int map keys decode, so the contract can name them rather than drop the connection
             raw=False, unicode_errors="surrogateescape", strict_map_key=False,
             max_buffer_size=max_message + self.chunk,
@@ -183,6 +202,8 @@ class _Decoder:
                 if end - self._end > self.max:
                     raise self._too_large(f"of {end - self._end} bytes", data, base)
                 self._end = end
+                if self._count:
+                    self._count.left = self._count.limit
                 yield msg
         except _ProtocolError:
             raise
@@ -339,7 +360,7 @@ class _Connection:
         self.reader.feed_eof()
 
     async def run(self) -> None:
-        decoder = _Decoder(self.server.max_message)
+        decoder = _Decoder(self.server.max_message, self.server.max_message // 16)
         refused = False   # a bad request was answered; the rest of it may still come
         try:
             while True:

@@ -405,6 +405,34 @@ def test_a_request_that_cannot_be_decoded_is_answered_by_its_msgid_then_closed(p
     arun(main())
 
 
+def test_a_request_of_many_small_arrays_and_maps_is_refused_before_it_is_whole():
+    """Each empty map or array a request holds is one byte on the wire and some 80 bytes
+    decoded: a connection that sent 8 MB of them, short of the last byte, kept ~600 MB
+    in the master for as long as it stayed, and a few such connections took gigabytes.
+    A request may hold max_message // 16 of them: past that it is answered and closed,
+    what it built freed."""
+    limit = 64 * 1024
+    many = limit - 64   # empty maps, a byte each: within the size limit
+
+    async def main():
+        async with serving(max_message=limit) as server:
+            bystander = await AsyncClient.connect(*server.address)
+            raw = await Raw.open(server.address)
+            raw.send(b"\x94\x00\x05\xa4echo\x91\xdd" + many.to_bytes(4, "big") +
+                     b"\x80" * (many - 1))   # the last one never comes
+            kind, answer = await raw.next()
+            assert kind == "msg" and answer[:2] == [1, 5] and answer[3] is None, answer
+            assert answer[2]["code"] == "bad_request", answer
+            assert f"over {limit // 16} arrays and maps" in answer[2]["message"], answer
+            raw.close()
+            await eventually(lambda: server.connection_count == 1, "the refused one to go")
+            # as many in a request's arguments are served
+            assert await bystander.call("echo", [[]] * (limit // 16 - 3)) == \
+                [[]] * (limit // 16 - 3)
+            await bystander.close()
+    arun(main())
+
+
 def test_clients_with_a_bigger_limit_are_told_the_servers():
     big = "x" * 200_000   # over the server's limit, sent in many reads
 
