@@ -30,6 +30,7 @@ REQUEST, RESPONSE, NOTIFY = 0, 1, 2
 MAX_MESSAGE = 8 * 1024 * 1024
 MAX_CONNECTIONS = 1024
 IDLE_TIMEOUT = 300.0
+AUTH_TIMEOUT = 10.0   # seconds a connection has to authenticate, where a token is needed
 MAX_PENDING = 128
 _CHUNK = 64 * 1024
 _UNANSWERED = object()   # a call_many slot no answer has filled (an answer may be nil)
@@ -362,15 +363,20 @@ class _Connection:
     async def run(self) -> None:
         decoder = _Decoder(self.server.max_message, self.server.max_message // 16)
         refused = False   # a bad request was answered; the rest of it may still come
+        loop = asyncio.get_running_loop()
+        # a peer without the token may not hold a slot by sending a byte now and then
+        auth_by = loop.time() + AUTH_TIMEOUT
         try:
             while True:
                 try:   # asyncio.timeout, not wait_for: no task per read
-                    async with asyncio.timeout(self.server.idle_timeout):
+                    async with asyncio.timeout_at(loop.time() + self.server.idle_timeout
+                                                  if self.authed else auth_by):
                         data = await self.reader.read(decoder.chunk)
                 except TimeoutError:
                     if self.tasks:
                         continue  # a long request in flight is not idleness
-                    log.info("closing idle connection from %s", self.peer)
+                    log.info("closing %s connection from %s", "idle" if self.authed else
+                             "unauthenticated", self.peer)
                     return
                 if not data:
                     return

@@ -574,6 +574,33 @@ def test_auth_blocking_client():
                 client.call("ping")
 
 
+def test_a_peer_that_never_authenticates_is_closed_however_it_trickles(monkeypatch):
+    """With RPC_TOKEN set, a peer without it held a connection slot, and up to
+    RPC_MAX_MESSAGE of buffered input, for as long as it sent a byte every 299 s: a
+    thousand such peers locked every caller out. It has AUTH_TIMEOUT to authenticate."""
+    from elric import rpc
+    monkeypatch.setattr(rpc, "AUTH_TIMEOUT", 0.3, raising=False)
+
+    async def main():
+        async with serving(token="s3cret") as server:
+            bystander = await AsyncClient.connect(*server.address, token="s3cret")
+            raw = await Raw.open(server.address)
+            raw.send(b"\x94\x00\x01\xa4auth\x91\xdb\x00\x10\x00\x00")   # a 1 MB token...
+
+            async def trickle():
+                while not raw.writer.is_closing():
+                    raw.send(b"x")
+                    await asyncio.sleep(0.02)
+            sending = asyncio.create_task(trickle())
+            assert await raw.next() == ("closed", None)
+            sending.cancel()
+            raw.close()
+            await eventually(lambda: server.connection_count == 1, "the peer's slot freed")
+            assert await bystander.call("ping") == "pong"
+            await bystander.close()
+    arun(main())
+
+
 # -- connection loss ------------------------------------------------------------------
 
 def test_async_pending_call_fails_promptly_when_server_closes():
