@@ -16,6 +16,7 @@ import functools
 import gc
 import logging
 import os
+import resource
 import signal
 import socket
 import uuid
@@ -37,7 +38,7 @@ from elric.keys import Keys
 from elric.queue import RedisQueue
 from elric.reservation import DedupeGate, ScopeRefused
 from elric.retry import REDIS_CLIENT_OPTIONS, REDIS_ERRORS, redis_refusal, retry
-from elric.rpc import RequestError, Server
+from elric.rpc import MAX_CONNECTIONS, RequestError, Server
 from elric.scheduler import Scheduler, fire_id
 
 log = logging.getLogger("elric.master")
@@ -45,9 +46,27 @@ log = logging.getLogger("elric.master")
 STOP_GRACE = 10.0  # seconds a stopping master lets the calls in flight run
 MAX_PAGE = 1000
 MAX_REDIS_CONNECTIONS = 128
+SPARE_FILES = 64   # the listeners, logs, Bloom snapshots, the dashboard's connections
 LIST_FILTERS = ("status", "queue", "func", "batch", "offset", "limit", "scan_limit")
 MAX_SCAN = 100_000   # jobs list_jobs looks at, at most, to fill a page
 MAX_RUN_WAIT = 20.0  # seconds run_job may wait for its fire: well inside a client's timeout
+
+
+def _connections_that_fit(wanted: int) -> int:
+    """RPC connections the open-file limit leaves room for beside the Redis pool, raising
+    the soft limit (often 1024) toward the hard one first: at the limit, idle connections
+    left Redis no file, and every caller got redis_unavailable."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = wanted + MAX_REDIS_CONNECTIONS + SPARE_FILES
+    if soft != resource.RLIM_INFINITY and soft < need:
+        soft = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return wanted
+    fit = max(soft - MAX_REDIS_CONNECTIONS - SPARE_FILES, 1)
+    log.warning("RLIMIT_NOFILE's hard limit is %d: the master takes %d RPC connections, "
+                "not %d; raise it (ulimit -Hn) for more", hard, fit, wanted)
+    return fit
 
 
 # RPC handlers that only read
@@ -190,7 +209,8 @@ class Master:
         if host not in ("127.0.0.1", "localhost", "::1") and not s.RPC_TOKEN:
             log.warning("!!! master listens on %s without RPC_TOKEN: anyone who can reach this "
                         "port can submit jobs. Set RPC_TOKEN. !!!", self.address)
-        self.server = Server(self.handlers(), token=s.RPC_TOKEN, max_message=s.RPC_MAX_MESSAGE)
+        self.server = Server(self.handlers(), token=s.RPC_TOKEN, max_message=s.RPC_MAX_MESSAGE,
+                             max_connections=_connections_that_fit(MAX_CONNECTIONS))
         try:
             bound = await self.server.start(host, port)
         except OSError as exc:

@@ -30,6 +30,7 @@ REQUEST, RESPONSE, NOTIFY = 0, 1, 2
 MAX_MESSAGE = 8 * 1024 * 1024
 MAX_CONNECTIONS = 1024
 IDLE_TIMEOUT = 300.0
+AUTH_TIMEOUT = 10.0   # seconds a connection has to authenticate, where a token is needed
 MAX_PENDING = 128
 _CHUNK = 64 * 1024
 _UNANSWERED = object()   # a call_many slot no answer has filled (an answer may be nil)
@@ -146,14 +147,33 @@ def _request_msgid(head: bytes) -> int | None:
     return msgid if type(msgid) is int and 0 <= msgid <= 0xFFFFFFFF else None
 
 
+class _Containers:
+    """The unpacker's hook counting a message's arrays and maps: a byte each on the wire,
+    some 80 decoded, and held while the message is in progress. (Not a method of the
+    _Decoder: that would be a cycle, whose buffers only the master's rare full gc frees.)"""
+
+    def __init__(self, limit: int):
+        self.limit = self.left = limit
+
+    def __call__(self, container):
+        self.left -= 1
+        if self.left < 0:
+            raise ValueError(f"over {self.limit} arrays and maps in one message; "
+                             "send fewer per call")
+        return container
+
+
 class _Decoder:
     """Streaming unpacker with a size limit per message. Unpacker.tell() is only exact
-    after a complete message, so the one in progress is measured from the last one's end."""
+    after a complete message, so the one in progress is measured from the last one's end.
+    ``containers``: the arrays and maps a message may hold; None: no limit."""
 
-    def __init__(self, max_message: int):
+    def __init__(self, max_message: int, containers: int | None = None):
         self.max = max_message
         self.chunk = min(_CHUNK, max_message)
-        self._unpacker = msgpack.Unpacker(
+        self._count = containers and _Containers(containers)
+        hooks = {"object_hook": self._count, "list_hook": self._count} if self._count else {}
+        self._unpacker = msgpack.Unpacker(**hooks,
             # int map keys decode, so the contract can name them rather than drop the connection
             raw=False, unicode_errors="surrogateescape", strict_map_key=False,
             max_buffer_size=max_message + self.chunk,
@@ -183,6 +203,8 @@ class _Decoder:
                 if end - self._end > self.max:
                     raise self._too_large(f"of {end - self._end} bytes", data, base)
                 self._end = end
+                if self._count:
+                    self._count.left = self._count.limit
                 yield msg
         except _ProtocolError:
             raise
@@ -339,17 +361,22 @@ class _Connection:
         self.reader.feed_eof()
 
     async def run(self) -> None:
-        decoder = _Decoder(self.server.max_message)
+        decoder = _Decoder(self.server.max_message, self.server.max_message // 16)
         refused = False   # a bad request was answered; the rest of it may still come
+        loop = asyncio.get_running_loop()
+        # a peer without the token may not hold a slot by sending a byte now and then
+        auth_by = loop.time() + AUTH_TIMEOUT
         try:
             while True:
                 try:   # asyncio.timeout, not wait_for: no task per read
-                    async with asyncio.timeout(self.server.idle_timeout):
+                    async with asyncio.timeout_at(loop.time() + self.server.idle_timeout
+                                                  if self.authed else auth_by):
                         data = await self.reader.read(decoder.chunk)
                 except TimeoutError:
                     if self.tasks:
                         continue  # a long request in flight is not idleness
-                    log.info("closing idle connection from %s", self.peer)
+                    log.info("closing %s connection from %s", "idle" if self.authed else
+                             "unauthenticated", self.peer)
                     return
                 if not data:
                     return
@@ -513,7 +540,8 @@ def _too_large(answer: Any) -> bool:
 def _responses(decoder: _Decoder, data: bytes):
     """Yield (msgid, RemoteError or None, result) for each response ``data`` completes."""
     for msg in decoder.feed(data):
-        if not (isinstance(msg, list) and len(msg) == 4 and msg[0] == RESPONSE):
+        if not (isinstance(msg, list) and len(msg) == 4 and msg[0] == RESPONSE and
+                type(msg[1]) is int):
             # a master sends responses only; text from another server reads as small ints
             raise _ProtocolError(f"it sent {data[:40]!r}, no msgpack-rpc response: {_WRONG}")
         yield msg[1], None if msg[2] is None else RemoteError(msg[2]), msg[3]

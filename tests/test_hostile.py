@@ -319,6 +319,39 @@ def test_connections_past_the_limit_are_closed_and_others_served(redis_url, tmp_
         assert c.procs[0].alive()
 
 
+def test_idle_connections_leave_the_master_files_for_redis(redis_url, tmp_path):
+    """Under a soft RLIMIT_NOFILE of 1024 (a common default), idle connections short of
+    MAX_CONNECTIONS took every file the master had: its Redis pool could open no more
+    connections, so a connected client's calls failed with redis_unavailable ("Too many
+    open files") and the scheduler lost its lease. The master raises its soft limit
+    toward the hard one, enough for MAX_CONNECTIONS and the Redis pool."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2048:
+        pytest.skip(f"RLIMIT_NOFILE hard limit {hard} < 2048")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (300, hard))   # the master inherits it
+    c = Cluster(redis_url, tmp_path, LOG_LEVEL="WARNING")
+    try:
+        c.start_master()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    idle: list[socket.socket] = []
+    try:
+        port = int(c.address.rsplit(":", 1)[1])
+        control = Client("127.0.0.1", port, timeout=IO_TIMEOUT)
+        assert control.call("ping") == "pong"
+        for _ in range(350):   # past the 300 files, within the listen backlog beyond
+            idle.append(socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT))
+        # calls at once, each needing a Redis connection of its own
+        specs = [({"func": "tests.jobs:Add", "job_id": f"j{i}"},) for i in range(40)]
+        replies = control.call_many("submit_job", specs, depth=40)
+        assert replies == [{"job_id": f"j{i}", "status": "queued"} for i in range(40)]
+        control.close()
+        assert c.procs[0].alive()
+    finally:
+        for s in idle:
+            s.close()
+        c.close()
+
 # --- no pickle ------------------------------------------------------------------------
 
 FORBIDDEN = re.compile(r"^\s*(import|from)\s+(c?pickle|cloudpickle|dill|marshal|shelve|_pickle)"
@@ -343,3 +376,21 @@ def test_no_pickle_anywhere_in_elric():
     for bad in ("import pickle", "from pickle import loads", "x = pickle.loads(b)",
                 "import cloudpickle", "marshal.loads(data)", "import dill"):
         assert FORBIDDEN.search(bad), bad
+
+
+def test_a_low_hard_file_limit_lowers_the_connections_taken(monkeypatch, caplog):
+    """Where the hard limit leaves no room for MAX_CONNECTIONS beside the Redis pool, the
+    master takes fewer connections (and says so) rather than run out of files."""
+    from elric import master
+
+    limits = {resource.RLIMIT_NOFILE: (256, 512)}
+    monkeypatch.setattr(resource, "getrlimit", limits.__getitem__)
+    monkeypatch.setattr(resource, "setrlimit", limits.__setitem__)
+    fit = 512 - master.MAX_REDIS_CONNECTIONS - master.SPARE_FILES
+    assert master._connections_that_fit(1024) == fit
+    assert limits[resource.RLIMIT_NOFILE] == (512, 512)
+    assert f"takes {fit} RPC connections, not 1024" in caplog.text
+    limits[resource.RLIMIT_NOFILE] = (256, resource.RLIM_INFINITY)
+    assert master._connections_that_fit(1024) == 1024
+    assert limits[resource.RLIMIT_NOFILE] == (1024 + master.MAX_REDIS_CONNECTIONS
+                                              + master.SPARE_FILES, resource.RLIM_INFINITY)

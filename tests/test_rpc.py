@@ -405,6 +405,34 @@ def test_a_request_that_cannot_be_decoded_is_answered_by_its_msgid_then_closed(p
     arun(main())
 
 
+def test_a_request_of_many_small_arrays_and_maps_is_refused_before_it_is_whole():
+    """Each empty map or array a request holds is one byte on the wire and some 80 bytes
+    decoded: a connection that sent 8 MB of them, short of the last byte, kept ~600 MB
+    in the master for as long as it stayed, and a few such connections took gigabytes.
+    A request may hold max_message // 16 of them: past that it is answered and closed,
+    what it built freed."""
+    limit = 64 * 1024
+    many = limit - 64   # empty maps, a byte each: within the size limit
+
+    async def main():
+        async with serving(max_message=limit) as server:
+            bystander = await AsyncClient.connect(*server.address)
+            raw = await Raw.open(server.address)
+            raw.send(b"\x94\x00\x05\xa4echo\x91\xdd" + many.to_bytes(4, "big") +
+                     b"\x80" * (many - 1))   # the last one never comes
+            kind, answer = await raw.next()
+            assert kind == "msg" and answer[:2] == [1, 5] and answer[3] is None, answer
+            assert answer[2]["code"] == "bad_request", answer
+            assert f"over {limit // 16} arrays and maps" in answer[2]["message"], answer
+            raw.close()
+            await eventually(lambda: server.connection_count == 1, "the refused one to go")
+            # as many in a request's arguments are served
+            assert await bystander.call("echo", [[]] * (limit // 16 - 3)) == \
+                [[]] * (limit // 16 - 3)
+            await bystander.close()
+    arun(main())
+
+
 def test_clients_with_a_bigger_limit_are_told_the_servers():
     big = "x" * 200_000   # over the server's limit, sent in many reads
 
@@ -544,6 +572,33 @@ def test_auth_blocking_client():
         with Client(*st.address) as client:
             with pytest.raises(RemoteError, match="authentication required"):
                 client.call("ping")
+
+
+def test_a_peer_that_never_authenticates_is_closed_however_it_trickles(monkeypatch):
+    """With RPC_TOKEN set, a peer without it held a connection slot, and up to
+    RPC_MAX_MESSAGE of buffered input, for as long as it sent a byte every 299 s: a
+    thousand such peers locked every caller out. It has AUTH_TIMEOUT to authenticate."""
+    from elric import rpc
+    monkeypatch.setattr(rpc, "AUTH_TIMEOUT", 0.3, raising=False)
+
+    async def main():
+        async with serving(token="s3cret") as server:
+            bystander = await AsyncClient.connect(*server.address, token="s3cret")
+            raw = await Raw.open(server.address)
+            raw.send(b"\x94\x00\x01\xa4auth\x91\xdb\x00\x10\x00\x00")   # a 1 MB token...
+
+            async def trickle():
+                while not raw.writer.is_closing():
+                    raw.send(b"x")
+                    await asyncio.sleep(0.02)
+            sending = asyncio.create_task(trickle())
+            assert await raw.next() == ("closed", None)
+            sending.cancel()
+            raw.close()
+            await eventually(lambda: server.connection_count == 1, "the peer's slot freed")
+            assert await bystander.call("ping") == "pong"
+            await bystander.close()
+    arun(main())
 
 
 # -- connection loss ------------------------------------------------------------------
@@ -726,6 +781,36 @@ def test_an_address_that_is_no_elric_masters_is_named_as_the_likely_mistake(redi
             await client.close()
             assert "nothing has answered" not in str(info.value)
     arun(answered_then_hung())
+
+
+def test_a_response_whose_msgid_is_no_integer_is_a_lost_connection():
+    """A peer answering [1, [1], nil, x] (an array as msgid): the blocking client raised a
+    bare TypeError (unhashable type) and kept the connection, whose next answers were out
+    of step; the async client's reader died with it, logged as an unretrieved exception,
+    and its calls said "closed by the server"."""
+    with socket.create_server(("127.0.0.1", 0)) as fake:
+        def answer_badly():
+            for _ in range(2):
+                conn, _ = fake.accept()
+                with conn:
+                    conn.recv(1024)
+                    conn.sendall(msgpack.packb([1, [1], None, "pong"]))
+                    conn.recv(1024)   # until the client closes
+        threading.Thread(target=answer_badly, daemon=True).start()
+        port = fake.getsockname()[1]
+
+        async def main():
+            client = await AsyncClient.connect("127.0.0.1", port, timeout=DEADLINE)
+            with pytest.raises(RPCConnectionError) as info:
+                await client.call("ping")
+            await client.close()
+            return info.value
+        with Client("127.0.0.1", port, timeout=DEADLINE) as client, \
+                pytest.raises(RPCConnectionError) as info:
+            client.call("ping")
+        for error in (info.value, arun(main())):
+            assert "lost: it sent b'\\x94\\x01\\x91\\x01" in str(error), error
+            assert "no msgpack-rpc response" in str(error), error
 
 
 def test_blocking_client_fails_on_broken_connection_then_reconnects():
