@@ -1146,7 +1146,10 @@ def test_a_wait_cut_short_says_the_job_goes_on_and_how_to_see_it(cluster):
         proc = subprocess.Popen([sys.executable, "-m", "elric", "submit", "tests.jobs:Echo",
                                  "--queue", "nobody", "--job-id", job_id, "--wait"], cwd=ROOT,
                                 env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, stdin=subprocess.DEVNULL)
+                                text=True, stdin=subprocess.DEVNULL,
+                                # as from a terminal: tests started in the background
+                                # inherit SIGINT ignored
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:   # waiting once it said that no worker takes its queue
             first: list[str] = []
             threading.Thread(target=lambda: first.append(proc.stderr.readline()),
