@@ -569,3 +569,18 @@ def test_redelivery_loses_no_job_while_the_running_index_holds_another_type(redi
         assert await r.zscore(KEYS.inflight, claim.job_id) == 1
         assert KEYS.status("running") in caplog.text
     asyncio.run(with_queue(redis_url, body))
+
+
+def test_a_fetch_claims_nothing_while_inflight_holds_another_type(redis_url, caplog):
+    """inflight SET to a string made fetch.lua fail after it had taken a job out of its queue
+    and marked it running: with no lease, no redelivery ever found it. The fetch takes
+    nothing, looks again in a second and names the key."""
+    async def body(q, r):
+        await q.enqueue(specs(1))
+        await r.set(KEYS.inflight, "overwritten")
+        fetched = await q.fetch("w1", ["default"], 10, 30)
+        assert fetched.claims == [] and fetched.limited_wait == 1.0
+        assert KEYS.inflight in caplog.text
+        await r.delete(KEYS.inflight)
+        assert len((await q.fetch("w1", ["default"], 10, 30)).claims) == 1
+    asyncio.run(with_queue(redis_url, body))
