@@ -229,7 +229,7 @@ class RedisQueue:
                                  "slot_fn", "cancel_end_fn")
         self._requeue_due = lua.load(redis, "requeue_due", "clock_fn", "expect_fn",
                                      "requeue_fn", "jobstats_fn", "slot_fn", "cancel_end_fn")
-        self._rerun = lua.load(redis, "rerun", "clock_fn", "requeue_fn", "jobstats_fn")
+        self._rerun = lua.load(redis, "rerun", "clock_fn", "expect_fn", "requeue_fn", "jobstats_fn")
         self._worker_order = lua.load(redis, "worker_order")
         self._forget_labels = lua.load(redis, "forget_labels", "clock_fn")
         self._forget_queues = lua.load(redis, "forget_queues", "clock_fn")

@@ -584,3 +584,21 @@ def test_a_fetch_claims_nothing_while_inflight_holds_another_type(redis_url, cap
         await r.delete(KEYS.inflight)
         assert len((await q.fetch("w1", ["default"], 10, 30)).claims) == 1
     asyncio.run(with_queue(redis_url, body))
+
+
+def test_a_rerun_refused_for_a_queue_an_operator_overwrote_leaves_the_job_as_it_was(redis_url):
+    """A finished job's queue SET to a string made rerun.lua fail after it had marked the
+    job queued: in no queue, it never ran, and every later rerun was refused (LIVE queued).
+    The rerun is refused before any write, naming the key."""
+    async def body(q, r):
+        await q.enqueue([normalize_spec({"func": FUNC, "job_id": "a", "queue": "q-a"})])
+        [claim] = (await q.fetch("w1", ["q-a"], 1, 30)).claims
+        await q.finish("w1", [outcome(claim)])
+        await r.set(KEYS.queue("q-a"), "overwritten")
+        with pytest.raises(Exception, match=KEYS.queue("q-a")):
+            await q.rerun("a")
+        assert (await q.get_job("a"))["status"] == "succeeded"
+        await r.delete(KEYS.queue("q-a"))
+        assert await q.rerun("a") == "succeeded"
+        assert [c.job_id for c in (await q.fetch("w1", ["q-a"], 1, 30)).claims] == ["a"]
+    asyncio.run(with_queue(redis_url, body))
