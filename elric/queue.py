@@ -219,7 +219,7 @@ class RedisQueue:
         self.release_keys_on_failure = release_keys_on_failure
         self._told_broken: set[str] = set()   # keys of another type a script passed over, logged
         self._enqueue = lua.load(redis, "enqueue", "clock_fn", "expect_fn")
-        self._fetch = lua.load(redis, "fetch", "clock_fn")
+        self._fetch = lua.load(redis, "fetch", "clock_fn", "expect_fn")
         self._finish = lua.load(redis, "finish", "clock_fn", "slot_fn")
         self._heartbeat = lua.load(redis, "heartbeat", "clock_fn")
         self._remove = lua.load(redis, "remove", "jobstats_fn")
@@ -227,9 +227,9 @@ class RedisQueue:
         self._claimed = lua.load(redis, "claimed", "clock_fn")
         self._release = lua.load(redis, "release", "clock_fn", "requeue_fn", "jobstats_fn",
                                  "slot_fn", "cancel_end_fn")
-        self._requeue_due = lua.load(redis, "requeue_due", "clock_fn", "requeue_fn",
-                                     "jobstats_fn", "slot_fn", "cancel_end_fn")
-        self._rerun = lua.load(redis, "rerun", "clock_fn", "requeue_fn", "jobstats_fn")
+        self._requeue_due = lua.load(redis, "requeue_due", "clock_fn", "expect_fn",
+                                     "requeue_fn", "jobstats_fn", "slot_fn", "cancel_end_fn")
+        self._rerun = lua.load(redis, "rerun", "clock_fn", "expect_fn", "requeue_fn", "jobstats_fn")
         self._worker_order = lua.load(redis, "worker_order")
         self._forget_labels = lua.load(redis, "forget_labels", "clock_fn")
         self._forget_queues = lua.load(redis, "forget_queues", "clock_fn")

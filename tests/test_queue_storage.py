@@ -534,3 +534,71 @@ def test_a_job_done_within_a_millisecond_has_a_duration_of_zero_not_none():
                                      b"started_at": b"1000", b"finished_at": b"1000"})
     assert done["duration"] == 0.0
     assert RedisQueue.job_view("j", {b"status": b"queued"})["duration"] is None
+
+
+def test_redelivery_leaves_a_job_whose_queue_an_operator_overwrote_in_flight(redis_url, caplog):
+    """A job's queue SET to a string (its line was empty while it ran) made requeue_due.lua
+    fail after it had taken the job out of inflight and marked it queued: in no queue and
+    no due set, it was lost for good. It stays in flight, named, until the key is fixed."""
+    async def body(q, r):
+        await q.enqueue([normalize_spec({"func": FUNC, "job_id": j, "queue": f"q-{j}"})
+                         for j in "ab"])
+        await q.fetch("w1", ["q-a", "q-b"], 2, 30)
+        await r.zadd(KEYS.inflight, {"a": 1, "b": 2}, xx=True)   # their leases ran out
+        await r.set(KEYS.queue("q-a"), "overwritten")
+        assert (await q.recover())[0] == ["b"]
+        assert (await q.get_job("a"))["status"] == "running"
+        assert await r.zscore(KEYS.inflight, "a") is not None
+        assert KEYS.queue("q-a") in caplog.text
+        await r.delete(KEYS.queue("q-a"))
+        await r.zadd(KEYS.inflight, {"a": 1}, xx=True)
+        assert (await q.recover())[0] == ["a"]
+        assert [c.job_id for c in (await q.fetch("w2", ["q-a"], 1, 30)).claims] == ["a"]
+    asyncio.run(with_queue(redis_url, body))
+
+
+def test_redelivery_loses_no_job_while_the_running_index_holds_another_type(redis_url, caplog):
+    """The index of running jobs SET to a string made requeue_due.lua fail after taking a
+    job out of inflight, still marked running: no pass ever put it back. It stays due."""
+    async def body(q, r):
+        await q.enqueue(specs(1))
+        [claim] = (await q.fetch("w1", ["default"], 1, 30)).claims
+        await r.zadd(KEYS.inflight, {claim.job_id: 1}, xx=True)
+        await r.set(KEYS.status("running"), "overwritten")
+        assert (await q.recover())[0] == []
+        assert await r.zscore(KEYS.inflight, claim.job_id) == 1
+        assert KEYS.status("running") in caplog.text
+    asyncio.run(with_queue(redis_url, body))
+
+
+def test_a_fetch_claims_nothing_while_inflight_holds_another_type(redis_url, caplog):
+    """inflight SET to a string made fetch.lua fail after it had taken a job out of its queue
+    and marked it running: with no lease, no redelivery ever found it. The fetch takes
+    nothing, looks again in a second and names the key."""
+    async def body(q, r):
+        await q.enqueue(specs(1))
+        await r.set(KEYS.inflight, "overwritten")
+        fetched = await q.fetch("w1", ["default"], 10, 30)
+        assert fetched.claims == [] and fetched.limited_wait == 1.0
+        assert KEYS.inflight in caplog.text
+        await r.delete(KEYS.inflight)
+        assert len((await q.fetch("w1", ["default"], 10, 30)).claims) == 1
+    asyncio.run(with_queue(redis_url, body))
+
+
+def test_a_rerun_refused_for_a_queue_an_operator_overwrote_leaves_the_job_as_it_was(redis_url):
+    """A finished job's queue SET to a string made rerun.lua fail after it had marked the
+    job queued: in no queue, it never ran, and every later rerun was refused (LIVE queued).
+    The rerun is refused before any write, naming the key."""
+    async def body(q, r):
+        await q.enqueue([normalize_spec({"func": FUNC, "job_id": "a", "queue": "q-a"})])
+        [claim] = (await q.fetch("w1", ["q-a"], 1, 30)).claims
+        await q.finish("w1", [outcome(claim)])
+        await r.set(KEYS.queue("q-a"), "overwritten")
+        with pytest.raises(Exception, match=KEYS.queue("q-a")):
+            await q.rerun("a")
+        assert (await q.get_job("a"))["status"] == "succeeded"
+        await r.delete(KEYS.queue("q-a"))
+        assert await q.rerun("a") == "succeeded"
+        assert [c.job_id for c in (await q.fetch("w1", ["q-a"], 1, 30)).claims] == ["a"]
+    asyncio.run(with_queue(redis_url, body))

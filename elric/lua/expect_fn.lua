@@ -1,12 +1,18 @@
--- A function shared by the scripts that must write nothing unless every key they write is
--- of its type (enqueue, dedupe_rbloom, scheduler_fire): a script that fails halfway keeps
--- what it wrote (a job hash read as queued by every resend, bits marking keys of jobs never
--- queued, a fire marked and never kept to be queued).
--- lua.load prepends it to them. A key overwritten outside elric fails the call, named.
-local function expect(key, kind)
+-- Functions shared by the scripts that must write nothing unless every key they write is
+-- of its type (enqueue, dedupe_rbloom, scheduler_fire, requeue_due, fetch, rerun): a script that
+-- fails halfway keeps what it wrote (a job hash read as queued by every resend, bits marking
+-- keys of jobs never queued, a fire marked and never kept to be queued, a job out of its
+-- due set or queue that nothing puts back). lua.load prepends it to them.
+-- mistyped(key, kind): key holds another type (written outside elric).
+local function mistyped(key, kind)
   local t = redis.call('TYPE', key).ok
-  if t ~= 'none' and t ~= kind then
-    error(redis.error_reply('WRONGTYPE ' .. key .. ' is a ' .. t .. ' where elric keeps a ' ..
-          kind .. ': it was written outside elric; delete or rename it. Nothing was queued'))
+  return t ~= 'none' and t ~= kind
+end
+-- expect(key, kind): a key overwritten outside elric fails the call, named.
+local function expect(key, kind)
+  if mistyped(key, kind) then
+    error(redis.error_reply('WRONGTYPE ' .. key .. ' is a ' .. redis.call('TYPE', key).ok ..
+          ' where elric keeps a ' .. kind .. ': it was written outside elric; delete or ' ..
+          'rename it. Nothing was queued'))
   end
 end

@@ -12,7 +12,8 @@
 --   alone: it names the children), member (its queue member: with the attempt, it
 --   names the run)}; wait: ms until parked jobs are looked at
 --   again (-1: none parked; 0: more in line than one call looks at); then the keys passed
---   over for holding another type (a queue: its jobs wait; a job's hash: out of its line).
+--   over for holding another type (a queue: its jobs wait; a job's hash: out of its line;
+--   inflight: nothing claimed).
 -- Invariant: a claimed job is running under this worker, with a lease in inflight that
 -- the worker renews; its attempt counter counts the claim. A job whose limit key is at its
 -- limit is parked (out of its queue, still queued) so it never holds back other keys; its
@@ -29,6 +30,9 @@ local clock = now_ms()
 local deadline, worker, limit = clock + tonumber(ARGV[8]), ARGV[9], tonumber(ARGV[10])
 local start_now = tonumber(ARGV[11])
 local RECHECK_MS, SCAN_BUDGET, DUE_BATCH = 1000, 1000, 100
+-- inflight of another type (expect_fn): a claim, already out of its queue and running, would
+-- fail there with no lease, so no redelivery would find it. Claim nothing, named.
+if mistyped(KEYS[1], 'zset') then return {{}, RECHECK_MS, KEYS[1]} end
 local FIRST_QUEUE = 13 + 3 * tonumber(ARGV[12])
 local started, waited = 0, 0   -- first attempts claimed, and their summed wait (ms)
 local mine = {}   -- the queues of this worker

@@ -12,25 +12,36 @@
 -- Invariant: a job leaves the due set once, and is queued only if it still has the status
 -- and no request to cancel it; a run whose lease ran out gives up its limit key's slot. A
 -- job key of another type (an operator's) leaves the due set too: at its head it held back
--- every job after it, at each pass.
+-- every job after it, at each pass. A job whose queue or limit key's running set is of
+-- another type stays in it, due a minute later, named: put back, it would be in no queue.
 local jp, qp, wp, now, limit = ARGV[1], ARGV[2], ARGV[3], now_ms(), ARGV[4]
 local status, keep, counter = ARGV[5], ARGV[6] == '1', ARGV[7]
 local ends = {cancelled = KEYS[5], counters = KEYS[4], queues = KEYS[7], due = KEYS[6],
               ttl = tonumber(ARGV[8]), jp = jp, rp = ARGV[9], pp = ARGV[10], wp = wp,
               roundp = ARGV[11], bp = ARGV[12], fp = ARGV[13]}
+-- Keys of another type are looked for before a job's first write: a write to one fails
+-- the script, the job out of the due set and in no queue, never put back.
+if mistyped(KEYS[2], 'zset') then return {{}, {}, {KEYS[2]}} end
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, limit)
 local out, cancelled, broken = {}, {}, {}
 for _, id in ipairs(ids) do
-  redis.call('ZREM', KEYS[1], id)
-  redis.call('ZREM', KEYS[2], id)
   local jk = jp .. id
   local read, f = pcall(redis.call, 'HMGET', jk, 'status', 'cancel', 'limit_key', 'queue')
   if not read then broken[#broken + 1] = jk; f = {} end
-  if f[1] == status and f[2] then
+  local bad = f[1] == status and (f[4] and mistyped(qp .. f[4], 'zset') and qp .. f[4] or
+                                  f[3] and mistyped(ends.rp .. f[3], 'set') and ends.rp .. f[3])
+  if bad then   -- it stays, due again in a minute: it holds back no other job meanwhile
+    broken[#broken + 1] = bad
+    redis.call('ZADD', KEYS[1], 'XX', now + 60000, id)
+  else
+    redis.call('ZREM', KEYS[1], id)
+    redis.call('ZREM', KEYS[2], id)
+  end
+  if not bad and f[1] == status and f[2] then
     end_cancelled(jk, id, 'Cancelled: its worker stopped renewing its lease (it died or ' ..
                   'was cut off) before it stopped the job', ends)
     cancelled[#cancelled + 1] = id
-  elseif f[1] == status then
+  elseif not bad and f[1] == status then
     free_slot(id, f[3], ends)
     requeue(jk, id, qp, wp, KEYS[3], keep, KEYS[7])
     if counter ~= '' then redis.call('HINCRBY', KEYS[4], counter, 1) end

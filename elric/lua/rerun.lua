@@ -14,6 +14,8 @@ if not status then return redis.error_reply('NOJOB') end
 if status ~= 'failed' and status ~= 'succeeded' and status ~= 'cancelled' then
   return redis.error_reply('LIVE ' .. status)
 end
+-- its queue of another type would fail the requeue after the writes above it (expect_fn)
+expect(qp .. redis.call('HGET', KEYS[1], 'queue'), 'zset')
 redis.call('ZREM', sp .. status, id)
 local round = redis.call('HGET', KEYS[1], 'round')
 if round then
