@@ -1375,3 +1375,27 @@ def test_a_workers_failed_column_says_it_counts_attempts(make_cluster):
     wait_for(lambda: cluster.client.stats()["workers"][0]["failed"] == 4, what="a heartbeat")
     html = get(f"http://127.0.0.1:{port}/workers")[1]
     assert '<th class="n">failed attempts</th>' in html and 'failed">4</td>' in html, html
+
+
+def test_durations_on_the_statistics_page_are_in_units_that_fit_them(make_cluster, browser):
+    """A func whose jobs ran a second and a half showed a mean of "1503.2 ms" and a p95 of
+    "≤ 2000 ms" (a five-minute job: "≤ 300000 ms"): every duration was in milliseconds."""
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}")
+    cluster.start_master()
+    cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job({"func": "tests.jobs:Sleep", "args": [1.5], "job_id": "slow"})
+    cluster.client.submit_job({"func": "tests.jobs:Add", "args": [1, 2], "job_id": "quick"})
+    for job_id in ("slow", "quick"):
+        cluster.wait_job(job_id)
+    page = browser.new_page()
+    page.goto(f"http://127.0.0.1:{port}/stats")
+
+    def cells(func: str) -> tuple[str, str]:   # its mean and p95
+        row = page.locator("tr", has=page.locator(f"a:text-is('{func}')")).first
+        return tuple(row.locator("td").nth(n).inner_text() for n in (7, 8))
+
+    mean, p95 = cells("tests.jobs:Sleep")
+    assert re.fullmatch(r"1\.\d s", mean) and p95 == "≤ 2.0 s", (mean, p95)
+    mean, p95 = cells("tests.jobs:Add")   # under a second: still in ms
+    assert re.fullmatch(r"\d+\.\d ms", mean) and re.fullmatch(r"≤ \d+\.0 ms", p95), (mean, p95)
