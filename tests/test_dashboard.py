@@ -1427,3 +1427,23 @@ def test_a_deep_page_of_a_long_list_reads_one_page_of_jobs_not_every_job_before_
             assert ids == [f"d{i:05}" for i in range(49, -1, -1)], (path, ids)
             read = r.info("commandstats").get("cmdstat_hmget", {}).get("calls", 0)
             assert read <= 1000, (path, read)   # a few hundred summaries, not 10,000
+
+
+def test_metrics_label_no_series_with_a_fires_id(make_cluster):
+    """A periodic job with dedupe_scope "@fire" has a scope per fire, named by the fire's
+    id: each was a new series of elric_dedupe_keys, _hits_total and _fill_ratio, so a job
+    fired every minute made 1,440 a day, without end. Their keys are summed in one."""
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}")
+    cluster.start_master()
+    client = cluster.client
+    client.submit_job(Echo.spec(job_id="tick", trigger=every(hours=1), queue="nobody",
+                                dedupe_key="K", dedupe_scope="@fire", max_instances=2))
+    client.submit_job(Echo.spec(job_id="once", dedupe_key="K", queue="nobody"))
+    fires = {client.run_job("tick", 5)["fire_id"] for _ in range(2)}
+    assert len(fires) == 2 and all(client.get_job(f) for f in fires), fires
+    text = get(f"http://127.0.0.1:{port}/metrics")[1]
+    scopes = set(re.findall(r'scope="([^"]*)"', text))
+    assert not any("tick@" in scope for scope in scopes), scopes
+    assert re.search(r'^elric_dedupe_keys\{scope="@fire"\} 2\.0$', text, re.M), text
+    assert re.search(r'^elric_dedupe_keys\{scope="global"\} 1\.0$', text, re.M), text
