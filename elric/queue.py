@@ -558,7 +558,7 @@ class RedisQueue:
         wanted = {"queue": queue, "func": func, "batch": batch}
         out: list[dict] = []
         listed: set[str] = set()   # a job that moves on while we read shows up once
-        scanned = 0
+        scanned, skip = 0, offset   # skip: matching jobs still to pass over
         for st in statuses:
             if st == Status.QUEUED:  # the queues' own sorted sets, then parked jobs' sets
                 names = [queue] if queue else sorted(
@@ -570,7 +570,13 @@ class RedisQueue:
                 indexes = [(self.keys.status(st), False)]
             for index, in_line in indexes:
                 start = 0
-                while len(out) < limit + offset and scanned < scan_limit:
+                if skip and func is None and batch is None and (
+                        queue is None or index == self.keys.queue(queue)):
+                    # every job it holds matches: pass over them unread (reading them all
+                    # made a deep page take seconds, and empty past scan_limit)
+                    start = min(skip, await self.redis.zcard(index))
+                    skip -= start
+                while len(out) < limit and scanned < scan_limit:
                     members = await self.redis.zrevrange(index, start, start + 499)
                     if not members:
                         break
@@ -584,11 +590,14 @@ class RedisQueue:
                         elif h.get(b"status") == st.encode() and job_id not in listed:
                             view = self.summary_view(job_id, h, size)  # (else an index lagging)
                             if all(v is None or view[n] == v for n, v in wanted.items()):
-                                out.append(view)
+                                if skip:
+                                    skip -= 1
+                                else:
+                                    out.append(view)
                                 listed.add(job_id)
                     if gone and not in_line:  # expired results: their entries go too
                         await self.redis.zrem(index, *gone)
-        return out[offset:offset + limit]
+        return out[:limit]
 
     async def stats(self, *, for_metrics: bool = False) -> dict:
         """``for_metrics``: every func's row, not the STATS_ROWS last active (a counter must

@@ -72,6 +72,11 @@ def _span(seconds: float) -> str:
     return f"{seconds:.1f} s"
 
 
+def duration(ms: float) -> str:
+    """Milliseconds in a unit that fits: "12.5 ms", "1.5 s", "5 min" (not "300000 ms")."""
+    return f"{ms:.1f} ms" if ms < 1000 else _span(ms / 1000)
+
+
 def mib(n) -> str:
     """Bytes as MiB; "-" when not measured (a worker on a system without /proc)."""
     return f"{n / 2**20:.1f}" if isinstance(n, (int, float)) else "-"
@@ -203,9 +208,7 @@ def status(stats: dict, health: dict) -> None:
               stats.get("totals", {}).items() if k != "start_latency_ms"}
     mean = mean_start_latency_ms(stats.get("totals", {}))
     console.print("totals (all time): " + ", ".join(f"{k} {v}" for k, v in totals.items())
-                  + "; mean start latency " + ("-" if mean is None else
-                                               f"{mean:.0f} ms" if mean < 1000 else
-                                               _span(mean / 1000)))
+                  + "; mean start latency " + ("-" if mean is None else duration(mean)))
     console.print("workers: " + ", ".join(
         f"{n} {state}" for state, n in worker_counts(stats.get("workers", [])).items()))
     troubled = [w["worker_id"] for w in stats.get("workers", []) if w.get("trouble")]

@@ -1375,3 +1375,75 @@ def test_a_workers_failed_column_says_it_counts_attempts(make_cluster):
     wait_for(lambda: cluster.client.stats()["workers"][0]["failed"] == 4, what="a heartbeat")
     html = get(f"http://127.0.0.1:{port}/workers")[1]
     assert '<th class="n">failed attempts</th>' in html and 'failed">4</td>' in html, html
+
+
+def test_durations_on_the_statistics_page_are_in_units_that_fit_them(make_cluster, browser):
+    """A func whose jobs ran a second and a half showed a mean of "1503.2 ms" and a p95 of
+    "≤ 2000 ms" (a five-minute job: "≤ 300000 ms"): every duration was in milliseconds."""
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}")
+    cluster.start_master()
+    cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job({"func": "tests.jobs:Sleep", "args": [1.5], "job_id": "slow"})
+    cluster.client.submit_job({"func": "tests.jobs:Add", "args": [1, 2], "job_id": "quick"})
+    for job_id in ("slow", "quick"):
+        cluster.wait_job(job_id)
+    page = browser.new_page()
+    page.goto(f"http://127.0.0.1:{port}/stats")
+
+    def cells(func: str) -> tuple[str, str]:   # its mean and p95
+        row = page.locator("tr", has=page.locator(f"a:text-is('{func}')")).first
+        return tuple(row.locator("td").nth(n).inner_text() for n in (7, 8))
+
+    mean, p95 = cells("tests.jobs:Sleep")
+    assert re.fullmatch(r"1\.\d s", mean) and p95 == "≤ 2.0 s", (mean, p95)
+    mean, p95 = cells("tests.jobs:Add")   # under a second: still in ms
+    assert re.fullmatch(r"\d+\.\d ms", mean) and re.fullmatch(r"≤ \d+\.0 ms", p95), (mean, p95)
+
+
+def test_a_deep_page_of_a_long_list_reads_one_page_of_jobs_not_every_job_before_it(
+        make_cluster, browser, redis_url):
+    """The jobs list read every job before its offset: the last page of 10,000 queued jobs
+    read all 10,000 (seconds, again at each 2 s refresh), and past list_jobs' 100,000 jobs
+    looked at a page of a million was empty, its jobs out of reach."""
+    import redis
+
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}")
+    cluster.start_master()
+    for n in range(0, 10_000, 1000):
+        cluster.client.submit_jobs([{"func": "tests.jobs:Add", "args": [1, 2], "queue": "deep",
+                                     "job_id": f"d{i:05}"} for i in range(n, n + 1000)])
+    page = browser.new_page()
+    page.clock.install()   # no refresh while Redis's calls are counted
+    with redis.Redis.from_url(redis_url) as r:
+        for path in ("/jobs?status=queued&queue=deep&offset=9900", "/jobs?offset=9900"):
+            page.goto(f"http://127.0.0.1:{port}{path}")
+            r.config_resetstat()
+            page.get_by_role("link", name="next").click()   # the last page
+            page.wait_for_url(re.compile("offset=9950"))
+            ids = [row.get_attribute("data-id") for row in page.locator("tr.job").all()]
+            # the last in line last: the first 50 sent
+            assert ids == [f"d{i:05}" for i in range(49, -1, -1)], (path, ids)
+            read = r.info("commandstats").get("cmdstat_hmget", {}).get("calls", 0)
+            assert read <= 1000, (path, read)   # a few hundred summaries, not 10,000
+
+
+def test_metrics_label_no_series_with_a_fires_id(make_cluster):
+    """A periodic job with dedupe_scope "@fire" has a scope per fire, named by the fire's
+    id: each was a new series of elric_dedupe_keys, _hits_total and _fill_ratio, so a job
+    fired every minute made 1,440 a day, without end. Their keys are summed in one."""
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}")
+    cluster.start_master()
+    client = cluster.client
+    client.submit_job(Echo.spec(job_id="tick", trigger=every(hours=1), queue="nobody",
+                                dedupe_key="K", dedupe_scope="@fire", max_instances=2))
+    client.submit_job(Echo.spec(job_id="once", dedupe_key="K", queue="nobody"))
+    fires = {client.run_job("tick", 5)["fire_id"] for _ in range(2)}
+    assert len(fires) == 2 and all(client.get_job(f) for f in fires), fires
+    text = get(f"http://127.0.0.1:{port}/metrics")[1]
+    scopes = set(re.findall(r'scope="([^"]*)"', text))
+    assert not any("tick@" in scope for scope in scopes), scopes
+    assert re.search(r'^elric_dedupe_keys\{scope="@fire"\} 2\.0$', text, re.M), text
+    assert re.search(r'^elric_dedupe_keys\{scope="global"\} 1\.0$', text, re.M), text

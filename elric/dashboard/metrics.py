@@ -11,6 +11,8 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily, SummaryMetricFamily)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST as CONTENT_TYPE
 
+from elric.admission import PER_FIRE
+from elric.contract import FIRE_ID
 from elric.jobstats import BOUNDS_MS
 from elric.views import worker_counts
 
@@ -53,9 +55,15 @@ class _Snapshot:
         yield GaugeMetricFamily("elric_jobs_in_flight", "Jobs running on workers now",
                                 value=s["by_status"].get("running", 0))
         yield from _workers(s["workers"])
-        filters = s["filters"].items()
+        # a "@fire" scope per fire, named by its id, would be a new series at every fire:
+        # their keys are summed as "@fire"; their counts and fill are left out (a sum over
+        # scopes that expire would go down)
+        per_fire = [f for scope, f in s["filters"].items() if FIRE_ID.fullmatch(scope)]
+        filters = [(scope, f) for scope, f in s["filters"].items()
+                   if not FIRE_ID.fullmatch(scope)]
         # keys held now, a gauge: they go when they expire or a failed job gives its key back
-        keys = [([scope], f.get("items", 0)) for scope, f in filters]
+        keys = [([scope], f.get("items", 0)) for scope, f in filters] + (
+            [([PER_FIRE], sum(f.get("items", 0) for f in per_fire))] if per_fire else [])
         hits = [([scope], f.get("filtered", 0)) for scope, f in filters]
         fill = [([scope], f["fill_ratio"]) for scope, f in filters if "fill_ratio" in f]
         yield _family(GaugeMetricFamily, "elric_dedupe_keys", "Keys a dedupe scope holds now",
