@@ -249,6 +249,9 @@ class Bulk:
             if job is None:   # deleted, or its record expired, since the walk met it
                 step.skip(f"no job {job_id!r}")
                 continue
+            if job.get("unreadable"):   # copied, those fields would take their defaults
+                step.skip(f"job {job_id!r}: cannot read {job['unreadable']}")
+                continue
             spec = {"func": job["func"], "args": job["args"], "kwargs": job["kwargs"],
                     "queue": job["queue"], "priority": job["priority"],
                     "max_retries": job["max_retries"], "job_id": f"{job_id}~{op}",

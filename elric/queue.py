@@ -74,6 +74,7 @@ class Claim:
     member: str = ""   # its queue member, new at each enqueue (submit, rerun, retry)
     held_until: float = 0.0   # time.monotonic() its lease surely lasts to (set by the worker)
     cancelling: bool = False   # cancel_job asked to stop this run (a heartbeat told)
+    unreadable: str = ""   # fields elric did not write (an edit?): failed, never run
 
     @property
     def run(self) -> tuple[str, int, str]:
@@ -145,6 +146,29 @@ class Hold:
 
 def _s(value: bytes | None) -> str | None:
     return None if value is None else value.decode("utf-8", "replace")
+
+
+def _read(name: str, read, value: bytes, bad: list[str], default: Any = None) -> Any:
+    """``read(value)``, or ``default`` with the field named in ``bad``: a field elric did
+    not write (an operator's edit, a bad restore) must not stop a worker or a read."""
+    try:
+        return read(value)
+    except (ValueError, TypeError):
+        bad.append(f"{name} {_s(value)!r}")
+        return default
+
+
+def _claim(r: list) -> Claim:
+    """The claim of a fetch.lua row; what cannot be read is named in ``unreadable``."""
+    bad = [_s(r[14])] if r[14] else []
+    if not r[2]:
+        bad.append("no func")
+    return Claim(_s(r[0]), int(r[1]), _s(r[2]), r[3], r[4],
+                 _read("timeout", float, r[5], bad) if r[5] else None,
+                 _read("max_retries", int, r[6], bad, 0), _s(r[7]), _s(r[8]) or None,
+                 _s(r[9]) or "", _s(r[10]) or None, _s(r[11]) or None,
+                 _read("enqueued_at", int, r[12], bad, 0), _s(r[13]),
+                 unreadable=", ".join(bad))
 
 
 # How each field of a job's hash reads in get_job; a missing field reads as _EMPTY's value
@@ -325,11 +349,7 @@ class RedisQueue:
             reply = replies[1]
         rows, wait_ms = reply[:2]
         self._tell_broken("fetch", reply[2:])
-        claims = [Claim(_s(r[0]), int(r[1]), _s(r[2]), r[3], r[4],
-                        float(r[5]) if r[5] else None, int(r[6]), _s(r[7]), _s(r[8]) or None,
-                        _s(r[9]) or "", _s(r[10]) or None, _s(r[11]) or None, int(r[12]), _s(r[13]))
-                  for r in rows]
-        return Fetched(claims, None if wait_ms < 0 else wait_ms / 1000.0)
+        return Fetched([_claim(r) for r in rows], None if wait_ms < 0 else wait_ms / 1000.0)
 
     async def finish(self, worker_id: str, outcomes: list[Outcome]) -> list[str]:
         """Record outcomes; returns each job's new status (STALE: no longer ours)."""
@@ -503,17 +523,20 @@ class RedisQueue:
     @staticmethod
     def job_view(job_id: str, h: dict[bytes, bytes]) -> dict:
         """The ``get_job`` map of one job hash: each field read as _VIEW says; the
-        optional ones only when set."""
-        view = {"job_id": job_id}
+        optional ones only when set; those it cannot read are None, named in "unreadable"."""
+        view: dict = {"job_id": job_id}
+        bad: list[str] = []
         for name, read in _VIEW.items():
             value = h.get(name.encode())
-            view[name] = read(value) if value else _EMPTY.get(name)
+            view[name] = _read(name, read, value, bad) if value else _EMPTY.get(name)
         duration = view.pop("duration_ms")
         # 0: a job done within its first millisecond (it ran: not None, as if it had not)
         view["duration"] = None if duration is None else duration / 1000.0
         for name, read in _OPTIONAL_VIEW.items():
             if h.get(name.encode()):
-                view[name] = read(h[name.encode()])
+                view[name] = _read(name, read, h[name.encode()], bad)
+        if bad:
+            view["unreadable"] = ", ".join(bad)
         return view
 
     async def _summaries(self, job_ids: list[str]) -> list[tuple[dict, int]]:

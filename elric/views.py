@@ -152,7 +152,8 @@ def filtered(filters: dict) -> None:
 def job(j: dict) -> None:
     pairs = [(key, j[key]) for key in ("job_id", "status", "func", "queue", "priority",
                                        "attempts", "max_retries", "worker", "batch", "parent",
-                                       "round", "not_run") if j.get(key) not in (None, "")]
+                                       "round", "not_run", "unreadable")
+             if j.get(key) not in (None, "")]
     pairs += [(key, when(j[key])) for key in ("enqueued_at", "started_at", "finished_at")
               if j.get(key)]
     pairs += [(key, cut(shown(j[key]), 2000)) for key in ("args", "kwargs", "result")

@@ -514,13 +514,19 @@ class Worker:
     async def _hand_back_others(self, claims: list[Claim], asked: float) -> list[Claim]:
         """Give back, without using an attempt, the jobs whose module this worker does not
         load: they wait a few seconds for a worker that does (with Redis away, they go back
-        to their place in line once it returns). Returns the others, whose
+        to their place in line once it returns). A job with fields elric did not write fails
+        for good, unrun. Returns the others, whose
         leases, asked for at ``asked``, last a lease from then."""
         mine: list[Claim] = []
         others: dict[str, list[Claim]] = {}
         for claim in claims:
             claim.held_until = asked + self.lease
-            if self.modules.runs(claim.func):
+            if claim.unreadable:
+                ran = runner.Ran.failure(claim.run, f"unreadable job: {claim.unreadable} (not "
+                                         "what elric writes: fix it, then rerun the job)")
+                ran.final = True
+                self._ran(claim, ran)
+            elif self.modules.runs(claim.func):
                 mine.append(claim)
             else:
                 others.setdefault(claim.func.partition(":")[0], []).append(claim)

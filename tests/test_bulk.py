@@ -132,6 +132,31 @@ def test_a_copy_whose_new_id_is_too_long_is_skipped_and_the_others_are_made(redi
     asyncio.run(main())
 
 
+def test_a_job_whose_fields_cannot_be_read_is_not_copied_with_defaults(redis_url):
+    """get_job shows a field elric cannot read (an operator's edit) as None: a copy
+    must not make a job with its default in its place."""
+    import asyncio
+
+    import redis.asyncio as aredis
+
+    from tests.test_dedupe_keys_given_back import master
+
+    async def main():
+        async with master(redis_url) as m:
+            await m.submit_jobs([{"func": "tests.jobs:Echo", "job_id": i, "queue": "copyq",
+                                  "max_retries": 3} for i in ("good", "edited")])
+            async with aredis.Redis.from_url(redis_url) as r:
+                await r.hset(m.keys.job("edited"), "max_retries", "abc")
+            queued_at = (await m.get_job("good"))["enqueued_at"]
+            await redis_clock_past(m.redis, queued_at + 0.002)
+            step = await m.bulk_jobs("copy", {"ids": ["good", "edited"]}, "", "op1")
+            assert (step["touched"], step["skipped"]) == (1, 1), step
+            assert "max_retries 'abc'" in step["errors"][0], step
+            assert await m.get_job("edited~op1") is None
+            assert (await m.get_job("good~op1"))["max_retries"] == 3
+    asyncio.run(main())
+
+
 def test_a_cancel_bigger_than_one_step_counts_each_job_once(cluster):
     n = 4500   # several steps: the jobs it cancels land in the cancelled index it would walk
     cluster.client.submit_jobs([{"func": "tests.jobs:Add", "args": [i, 1], "queue": "nobody",

@@ -601,4 +601,26 @@ def test_a_rerun_refused_for_a_queue_an_operator_overwrote_leaves_the_job_as_it_
         await r.delete(KEYS.queue("q-a"))
         assert await q.rerun("a") == "succeeded"
         assert [c.job_id for c in (await q.fetch("w1", ["q-a"], 1, 30)).claims] == ["a"]
+
+
+def test_a_field_edited_while_its_job_ran_fails_that_job_not_the_whole_batch(redis_url):
+    """finish.lua read max_retries and enqueued_at as numbers: one edited to what elric does
+    not write while its job ran failed the whole call, the good outcomes of the batch with
+    it (their jobs ran again elsewhere once their leases ran out)."""
+    async def body(q, r):
+        q.release_keys_on_failure = True
+        await q.enqueue([normalize_spec({"func": FUNC, "args": [i], "job_id": job_id, **extra})
+                         for i, (job_id, extra) in enumerate((
+                             ("good", {}), ("edited", {"max_retries": 2}),
+                             ("dated", {"dedupe_key": "k", "dedupe_scope": "global"})))])
+        await r.zadd(KEYS.dedupe_set("global"), {"k": 1})   # (DEDUPE_TTL) taken at 1 ms
+        claims = {c.job_id: c for c in (await q.fetch("w1", ["default"], 10, 30)).claims}
+        await r.hset(KEYS.job("edited"), "max_retries", "abc")
+        await r.hset(KEYS.job("dated"), "enqueued_at", "soon")
+        assert await q.finish("w1", [outcome(claims["good"]),
+                                     outcome(claims["edited"], ok=False, retry_ms=1000),
+                                     outcome(claims["dated"], ok=False)]) == \
+            ["succeeded", "failed", "failed"]
+        # taken before or after this job was queued: unknown, so kept
+        assert await r.zscore(KEYS.dedupe_set("global"), "k") == 1
     asyncio.run(with_queue(redis_url, body))

@@ -671,6 +671,42 @@ class Submitter(threading.Thread):
         self.client.close()
 
 
+def test_a_job_of_unreadable_fields_fails_alone(cluster, redis_url):
+    """A field elric does not write in a queued job's hash (an operator's HSET, a bad
+    restore) failed the fetch that claimed it and the worker exited; the job went to the
+    next worker when its lease ran out and stopped it too. Now that job alone fails, for
+    good and once, naming the field; the others run, the worker stays up, and get_job
+    shows the job instead of an internal error (a job's key of another type is passed
+    over by the fetch, named in the log)."""
+    bad = {"max_retries": "abc", "timeout": "soon", "attempts": "x", "enqueued_at": "1.5e9"}
+    specs = []
+    for i, field in enumerate([*bad, "func", "type"]):   # among good jobs, fetched with them
+        specs += [Add.spec([i, 1], job_id=f"good-{i}"), Add.spec([i, 2], job_id=f"bad-{field}")]
+    cluster.client.submit_jobs(specs)
+    with redis.Redis.from_url(redis_url) as r:
+        for field, value in bad.items():
+            r.hset(KEYS.job(f"bad-{field}"), field, value)
+        r.hdel(KEYS.job("bad-func"), "func")
+        r.delete(KEYS.job("bad-type"))
+        r.set(KEYS.job("bad-type"), "a string")
+    shown = cluster.client.get_job("bad-max_retries")
+    assert shown["status"] == "queued" and shown["max_retries"] is None, shown
+    assert "max_retries 'abc'" in shown["unreadable"], shown
+
+    worker = cluster.start_worker("--concurrency", "2")
+    for i in range(len(specs) // 2):
+        job = cluster.wait_job(f"good-{i}")
+        assert (job["status"], job["result"]) == ("succeeded", i + 1), cluster.logs()
+    for field, value in [*bad.items(), ("func", None)]:
+        job = cluster.wait_job(f"bad-{field}")
+        assert job["status"] == "failed" and job["attempts"] == 1, (job, cluster.logs())
+        assert f"{field} '{value}'" in job["error"] if value else "no func" in job["error"]
+    assert worker.alive(), worker.log()
+    totals = cluster.client.stats()["totals"]
+    assert (totals["succeeded"], totals["failed"]) == (len(specs) // 2, len(bad) + 1), totals
+    assert "another type" in worker.log() and KEYS.job("bad-type") in worker.log()
+
+
 def test_redis_outage_under_load_master_and_worker_carry_on(tmp_path):
     outage = float(os.environ.get("ELRICTEST_REDIS_OUTAGE", "5"))
     server = RedisServer(appendonly=True).start()

@@ -10,7 +10,8 @@
 -- Returns {jobs, wait}: per job {job_id, attempt, func, args, kwargs, timeout, max_retries,
 --   queue, dedupe_scope, batch, round, limit_key, enqueued_at (set by a submit or rerun
 --   alone: it names the children), member (its queue member: with the attempt, it
---   names the run)}; wait: ms until parked jobs are looked at
+--   names the run), unreadable ('' or the attempts field, if not a count: the worker
+--   fails the job)}; wait: ms until parked jobs are looked at
 --   again (-1: none parked; 0: more in line than one call looks at); then the keys passed
 --   over for holding another type (a queue: its jobs wait; a job's hash: out of its line;
 --   inflight: nothing claimed).
@@ -218,19 +219,23 @@ while #out < limit and budget > 0 and not stop do
             redis.call('ZADD', KEYS[4], 'XX', 'LT', m.at, lk)
           end
         end
-        local attempt = tonumber(f[12] or '0') + 1
+        -- a field elric did not write (an operator's edit) is named, for the worker to
+        -- fail the job with: an error here would fail every fetch that meets it
+        local done = tonumber(string.match(f[12] or '0', '^%d+$'))
+        local bad = done and '' or "attempts '" .. f[12] .. "'"
+        local attempt = (done or 0) + 1
         -- its first claim ever (a job handed back comes to attempt 1 again, but has started)
         local first = attempt == 1 and not f[13]
         redis.call('HSET', jk, 'status', 'running', 'worker', worker, 'started_at', clock,
                    'attempts', attempt)
         redis.call('ZADD', KEYS[1], deadline, id)
         redis.call('ZADD', KEYS[2], clock, id)
-        if first and f[10] then
+        if first and tonumber(f[10]) then
           started, waited = started + 1, waited + math.max(0, clock - tonumber(f[10]))
         end
-        out[#out + 1] = {id, attempt, f[1], f[2] or '', f[3] or '', f[4] or '', f[5] or '0',
-                         f[6], f[7] or '', f[8] or '', f[9] or '', f[11] or '', f[10] or '0',
-                         member}
+        out[#out + 1] = {id, attempt, f[1] or '', f[2] or '', f[3] or '', f[4] or '',
+                         f[5] or '0', f[6], f[7] or '', f[8] or '', f[9] or '', f[11] or '',
+                         f[10] or '0', member, bad}
       end
     end
   end

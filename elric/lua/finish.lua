@@ -28,7 +28,8 @@
 -- its duration in their sum and histogram, and `last_at`) and, unless cancelled, the hash
 -- of the current minute; its queue's `last_at` is now, and the queue is listed (it may
 -- have been forgotten while the job ran: forget_queues.lua). A job cancel.lua asked to stop that failed is cancelled, not
--- retried, and a recorded job keeps no such request (a rerun of it must run).
+-- retried, and a recorded job keeps no such request (a rerun of it must run). A field that
+-- is not what elric writes (an operator's edit) fails no other job's outcome.
 local jp, bp, dp, now = ARGV[1], ARGV[2], ARGV[3], now_ms()
 local result_ttl, failed_ttl = tonumber(ARGV[4]), tonumber(ARGV[5])
 local rp, wp, roundp, fp = ARGV[6], ARGV[7], ARGV[8], ARGV[9]
@@ -100,7 +101,7 @@ for i = 16, #ARGV, 9 do
         before = '[... cut ...]\n' .. (at and string.sub(kept, at) or '')
       end
       local err = before .. this
-      if outcome ~= 'cancel' and retry >= 0 and tonumber(attempt) <= tonumber(f[5] or '0') then
+      if outcome ~= 'cancel' and retry >= 0 and tonumber(attempt) <= (tonumber(f[5]) or 0) then
         status, index = 'retrying', KEYS[7]
         redis.call('HSET', jk, 'status', status, 'error', err, 'duration_ms', duration,
                    'retry_at', now + retry)
@@ -120,7 +121,10 @@ for i = 16, #ARGV, 9 do
           elseif kind == 'zset' then
             -- (DEDUPE_TTL) a key let through after this job was queued is another job's
             local at = redis.call('ZSCORE', fk, f[7])
-            if at and tonumber(at) <= tonumber(f[14] or 0) then redis.call('ZREM', fk, f[7]) end
+            -- (an enqueued_at that is not a time, an operator's: unknown, the key is kept)
+            if at and tonumber(at) <= (tonumber(f[14]) or 0) then
+              redis.call('ZREM', fk, f[7])
+            end
           end
         end
       end
