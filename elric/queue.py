@@ -249,8 +249,8 @@ class RedisQueue:
         self._remove = lua.load(redis, "remove", "jobstats_fn")
         self._cancel = lua.load(redis, "cancel", "clock_fn", "jobstats_fn")
         self._claimed = lua.load(redis, "claimed", "clock_fn")
-        self._release = lua.load(redis, "release", "clock_fn", "requeue_fn", "jobstats_fn",
-                                 "slot_fn", "cancel_end_fn")
+        self._release = lua.load(redis, "release", "clock_fn", "expect_fn", "requeue_fn",
+                                 "jobstats_fn", "slot_fn", "cancel_end_fn")
         self._requeue_due = lua.load(redis, "requeue_due", "clock_fn", "expect_fn",
                                      "requeue_fn", "jobstats_fn", "slot_fn", "cancel_end_fn")
         self._rerun = lua.load(redis, "rerun", "clock_fn", "expect_fn", "requeue_fn", "jobstats_fn")
@@ -391,10 +391,12 @@ class RedisQueue:
                            "" if reason is None else int(HAND_BACK_SECONDS * 1000), reason or "",
                            *self._cancel_end]
         argv += [x for claim in claims for x in claim]
-        return int(await self._release(
+        reply = await self._release(
             keys=[k.inflight, k.status(Status.RUNNING), k.seq, k.delayed,
                   k.status(Status.RETRYING), k.counters, k.status(Status.CANCELLED),
-                  k.limits_due, k.queues], args=argv))
+                  k.limits_due, k.queues], args=argv)
+        self._tell_broken("release", reply[1:])
+        return int(reply[0])
 
     async def claimed(self, worker_id: str, within: float) -> list[tuple[str, int, str]]:
         """The claims (as ``Claim.run``) Redis holds under this worker id, made at most

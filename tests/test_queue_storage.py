@@ -624,3 +624,25 @@ def test_a_field_edited_while_its_job_ran_fails_that_job_not_the_whole_batch(red
         # taken before or after this job was queued: unknown, so kept
         assert await r.zscore(KEYS.dedupe_set("global"), "k") == 1
     asyncio.run(with_queue(redis_url, body))
+
+
+def test_release_leaves_a_job_whose_queue_an_operator_overwrote_claimed(redis_url, caplog):
+    """A job's queue SET to a string (its line was empty while it ran) made release.lua fail
+    after it had taken the job out of inflight and marked it queued: in no queue and no
+    inflight, it was lost for good. It stays claimed with its lease, named, so once the key
+    is fixed its lease running out puts it back."""
+    async def body(q, r):
+        await q.enqueue([normalize_spec({"func": FUNC, "job_id": j, "queue": f"q-{j}"})
+                         for j in "ab"])
+        claims = {c.job_id: c for c in (await q.fetch("w1", ["q-a", "q-b"], 2, 30)).claims}
+        await r.set(KEYS.queue("q-a"), "overwritten")
+        assert await q.release("w1", [claims["a"].run, claims["b"].run]) == 1
+        assert (await q.get_job("a"))["status"] == "running"
+        assert await r.zscore(KEYS.inflight, "a") is not None
+        assert KEYS.queue("q-a") in caplog.text
+        assert (await q.get_job("b"))["status"] == "queued"
+        await r.delete(KEYS.queue("q-a"))
+        await r.zadd(KEYS.inflight, {"a": 1}, xx=True)   # its lease ran out
+        assert (await q.recover())[0] == ["a"]
+        assert [c.job_id for c in (await q.fetch("w2", ["q-a"], 1, 30)).claims] == ["a"]
+    asyncio.run(with_queue(redis_url, body))

@@ -1,8 +1,9 @@
 -- Functions shared by the scripts that must write nothing unless every key they write is
--- of its type (enqueue, dedupe_rbloom, scheduler_fire, requeue_due, fetch, rerun): a script that
--- fails halfway keeps what it wrote (a job hash read as queued by every resend, bits marking
--- keys of jobs never queued, a fire marked and never kept to be queued, a job out of its
--- due set or queue that nothing puts back). lua.load prepends it to them.
+-- of its type (enqueue, dedupe_rbloom, scheduler_fire, requeue_due, fetch, rerun,
+-- release): a script that fails halfway keeps what it wrote (a job hash read as queued by
+-- every resend, bits marking keys of jobs never queued, a fire marked and never kept to be
+-- queued, a job out of its due set or queue that nothing puts back). lua.load prepends it
+-- to them.
 -- mistyped(key, kind): key holds another type (written outside elric).
 local function mistyped(key, kind)
   local t = redis.call('TYPE', key).ok

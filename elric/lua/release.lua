@@ -8,24 +8,35 @@
 -- ARGV: job prefix, queue prefix, wake prefix, worker id, delay (ms; '' = at once),
 --       reason, failed ttl (s), limit running prefix, limit parked prefix, round prefix,
 --       batch stats prefix, func stats prefix, then Claim.run triples: job_id, attempt, member
--- Returns how many jobs went back (those cancelled do not count); with a delay they count
---   in the counters' `handed_back`.
+-- Returns {how many jobs went back (those cancelled do not count), keys of another type
+--   passed over...}; with a delay they count in the counters' `handed_back`.
 -- Invariant: only the worker holding that run and attempt gives a job back, and its limit key's
 -- slot with it; a job handed back with a reason keeps it (`not_run`), so a job no worker
--- can run is visible.
+-- can run is visible. A job whose queue (or delayed set, or limit key's running set) is of
+-- another type stays claimed with its lease, named: put back, it would be in no queue.
 local jp, qp, wp, worker = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local delay, reason, now = tonumber(ARGV[5]), ARGV[6], now_ms()
 local ends = {cancelled = KEYS[7], counters = KEYS[6], queues = KEYS[9], due = KEYS[8],
               ttl = tonumber(ARGV[7]), jp = jp, rp = ARGV[8], pp = ARGV[9], wp = wp,
               roundp = ARGV[10], bp = ARGV[11], fp = ARGV[12]}
-local n = 0
+-- Keys of another type are looked for before a job's first write: a write to one fails
+-- the script, the job out of inflight and in no queue, never put back.
+local whole = mistyped(KEYS[1], 'zset') and KEYS[1] or mistyped(KEYS[2], 'zset') and KEYS[2]
+              or delay and mistyped(KEYS[4], 'zset') and KEYS[4]
+if whole then return {0, whole} end
+local n, broken = 0, {}
 for i = 13, #ARGV, 3 do
   local id = ARGV[i]
   local jk = jp .. id
   local f = redis.call('HMGET', jk, 'status', 'attempts', 'worker', 'cancel', 'limit_key',
                        'queue', 'member')
   local ours = f[2] == ARGV[i + 1] and f[7] == ARGV[i + 2] and f[3] == worker
-  if f[1] == 'running' and ours and f[4] then
+  local bad = f[1] == 'running' and ours and
+              (not delay and f[6] and mistyped(qp .. f[6], 'zset') and qp .. f[6] or
+               f[5] and mistyped(ends.rp .. f[5], 'set') and ends.rp .. f[5])
+  if bad then   -- it stays claimed: its lease running out puts it back once the key is fixed
+    broken[#broken + 1] = bad
+  elseif f[1] == 'running' and ours and f[4] then
     redis.call('ZREM', KEYS[1], id)
     redis.call('ZREM', KEYS[2], id)
     end_cancelled(jk, id, 'Cancelled: its worker ' .. worker .. ' gave it back (stopping, ' ..
@@ -47,4 +58,5 @@ for i = 13, #ARGV, 3 do
   end
 end
 if delay and n > 0 then redis.call('HINCRBY', KEYS[6], 'handed_back', n) end
-return n
+table.insert(broken, 1, n)
+return broken
