@@ -646,3 +646,46 @@ def test_release_leaves_a_job_whose_queue_an_operator_overwrote_claimed(redis_ur
         assert (await q.recover())[0] == ["a"]
         assert [c.job_id for c in (await q.fetch("w2", ["q-a"], 1, 30)).claims] == ["a"]
     asyncio.run(with_queue(redis_url, body))
+
+
+def test_a_job_whose_queue_field_was_deleted_while_it_ran_fails_alone(redis_url):
+    """finish.lua built the per-queue counter from the job's `queue`: one deleted (HDEL) while
+    its job ran failed the whole call, the good outcomes of the batch with it (their jobs
+    ran again elsewhere once their leases ran out). With no queue to go back to, it is not
+    retried: it fails, the error naming the field."""
+    async def body(q, r):
+        await q.enqueue([normalize_spec({"func": FUNC, "args": [i], "job_id": job_id,
+                                         "max_retries": 2})
+                         for i, job_id in enumerate(("good", "gone", "done"))])
+        claims = {c.job_id: c for c in (await q.fetch("w1", ["default"], 10, 30)).claims}
+        await r.hdel(KEYS.job("gone"), "queue")
+        await r.hdel(KEYS.job("done"), "queue")
+        assert await q.finish("w1", [outcome(claims["good"]),
+                                     outcome(claims["gone"], ok=False, retry_ms=1000),
+                                     outcome(claims["done"])]) == \
+            ["succeeded", "failed", "succeeded"]
+        assert "`queue`" in (await q.get_job("gone"))["error"]
+        assert not await r.zscore(KEYS.delayed, "gone")
+        assert await r.hget(KEYS.counters, "queue:default:succeeded") == b"1"
+    asyncio.run(with_queue(redis_url, body))
+
+
+def test_a_cancelled_job_whose_queue_field_was_deleted_ends_cancelled_alone(redis_url):
+    """end_cancelled (cancel_end_fn.lua) built the per-queue counter from the job's `queue`:
+    one deleted while its job ran failed a worker's give-back (release) and a pass of
+    recover, every other job of the call with it."""
+    async def body(q, r):
+        await q.enqueue([normalize_spec({"func": FUNC, "args": [i], "job_id": job_id})
+                         for i, job_id in enumerate(("back", "gone", "late", "dead"))])
+        claims = {c.job_id: c for c in (await q.fetch("w1", ["default"], 2, 30)).claims}
+        late = {c.job_id: c for c in (await q.fetch("w2", ["default"], 2, 0)).claims}
+        for job_id in ("gone", "dead"):
+            assert await q.cancel(job_id) == "running"
+            await r.hdel(KEYS.job(job_id), "queue")
+        assert await q.release("w1", [c.run for c in claims.values()]) == 1
+        assert (await q.get_job("back"))["status"] == "queued"
+        assert (await q.get_job("gone"))["status"] == "cancelled"
+        assert set(late) == {"late", "dead"}
+        assert await q.recover() == (["late"], ["dead"])
+        assert (await q.get_job("dead"))["status"] == "cancelled"
+    asyncio.run(with_queue(redis_url, body))

@@ -29,7 +29,8 @@
 -- of the current minute; its queue's `last_at` is now, and the queue is listed (it may
 -- have been forgotten while the job ran: forget_queues.lua). A job cancel.lua asked to stop that failed is cancelled, not
 -- retried, and a recorded job keeps no such request (a rerun of it must run). A field that
--- is not what elric writes (an operator's edit) fails no other job's outcome.
+-- is not what elric writes (an operator's edit) fails no other job's outcome; a job whose
+-- `queue` is gone is not retried and counts in no queue.
 local jp, bp, dp, now = ARGV[1], ARGV[2], ARGV[3], now_ms()
 local result_ttl, failed_ttl = tonumber(ARGV[4]), tonumber(ARGV[5])
 local rp, wp, roundp, fp = ARGV[6], ARGV[7], ARGV[8], ARGV[9]
@@ -101,7 +102,10 @@ for i = 16, #ARGV, 9 do
         before = '[... cut ...]\n' .. (at and string.sub(kept, at) or '')
       end
       local err = before .. this
-      if outcome ~= 'cancel' and retry >= 0 and tonumber(attempt) <= (tonumber(f[5]) or 0) then
+      -- (a `queue` deleted while it ran, an operator's: it has no line to go back to)
+      if not f[3] then err = err .. 'Not retried: its `queue` field is gone\n' end
+      if outcome ~= 'cancel' and retry >= 0 and f[3]
+          and tonumber(attempt) <= (tonumber(f[5]) or 0) then
         status, index = 'retrying', KEYS[7]
         redis.call('HSET', jk, 'status', status, 'error', err, 'duration_ms', duration,
                    'retry_at', now + retry)
@@ -131,8 +135,10 @@ for i = 16, #ARGV, 9 do
     end
     redis.call('ZADD', index, now, id)
     add(KEYS[6], status, 1)
-    add(KEYS[6], 'queue:' .. f[3] .. ':' .. status, 1)
-    queues[f[3]] = true
+    if f[3] then
+      add(KEYS[6], 'queue:' .. f[3] .. ':' .. status, 1)
+      queues[f[3]] = true
+    end
     if status ~= 'cancelled' then add(minute, status, 1) end
     if f[4] and f[4] ~= '' then add_timed(bp .. f[4], status, duration, bucket) end
     if f[11] then add_timed(fp .. f[11], status, duration, bucket) end
