@@ -548,3 +548,67 @@ def test_a_jobs_crawl_delay_holds_when_a_job_without_one_comes_first_in_a_fetch(
             await r.aclose()
 
     asyncio.run(body())
+
+
+@pytest.mark.parametrize("rules", [{}, {"k": {"concurrency": 2}}], ids=["no-rule", "concurrency"])
+def test_a_job_whose_keys_running_set_an_operator_overwrote_waits_in_line_named(redis_url,
+                                                                                caplog, rules):
+    """Key k's running set SET to a string: fetch.lua took k's job out of its line, then
+    failed adding it to that set (or failed every fetch reading it): in no queue, not
+    claimed, not parked, the job was lost for good. It waits in its place, named, once in a
+    fetch (no wait of 0: the scan budget is not spent on it), and holds back no job behind
+    it; once the key is deleted it is claimed."""
+    keys = Keys("elrictest")
+
+    async def body():
+        r = aredis.Redis.from_url(redis_url)
+        try:
+            q = RedisQueue(r, keys)
+            await limits.publish(r, keys, limits.parse_rules(rules))
+            await q.enqueue([normalize_spec({"func": "tests.jobs:Echo", "job_id": j, **extra})
+                             for j, extra in (("a", {"limit_key": "k"}), ("b", {}))])
+            await r.set(keys.limit_running("k"), "overwritten")
+            fetched = await q.fetch("w", ["default"], 10, 30)
+            assert [c.job_id for c in fetched.claims] == ["b"]
+            assert fetched.limited_wait is None
+            assert [m[17:] for m in await r.zrange(keys.queue("default"), 0, -1)] == [b"a"]
+            assert (await q.get_job("a"))["status"] == "queued"
+            assert keys.limit_running("k") in caplog.text
+            await r.delete(keys.limit_running("k"))
+            assert [c.job_id for c in (await q.fetch("w", ["default"], 10, 30)).claims] \
+                == ["a"]
+        finally:
+            await r.aclose()
+
+    asyncio.run(body())
+
+
+@pytest.mark.parametrize("overwritten", ["parked", "counts"])
+def test_a_job_parked_on_a_key_an_operator_overwrote_waits_in_line_named(redis_url, caplog,
+                                                                        overwritten):
+    """k runs one job at a time, so its second job is parked: with k's parked set (or the
+    parked counts) SET to a string, fetch.lua took that job out of its line, then failed
+    parking it: in no queue, not claimed, not parked, it was lost for good. It waits in its
+    place, named, holding back no job behind it; once the key is deleted it is parked."""
+    keys = Keys("elrictest")
+    bad = keys.limit_parked("k") if overwritten == "parked" else keys.limits_parked
+
+    async def body():
+        r = aredis.Redis.from_url(redis_url)
+        try:
+            q = await one_at_a_time(r, keys, "default", ["j1", "j2"])
+            await q.enqueue([normalize_spec({"func": "tests.jobs:Echo", "job_id": "b"})])
+            await r.set(bad, "overwritten")
+            fetched = await q.fetch("w", ["default"], 10, 30)
+            assert [c.job_id for c in fetched.claims] == ["j1", "b"]
+            assert [m[17:] for m in await r.zrange(keys.queue("default"), 0, -1)] == [b"j2"]
+            assert (await q.get_job("j2"))["status"] == "queued"
+            assert bad in caplog.text
+            await r.delete(bad)
+            assert (await q.fetch("w", ["default"], 10, 30)).claims == []
+            assert await r.zcard(keys.limit_parked("k")) == 1
+            assert await r.hget(keys.limits_parked, "default") == b"1"
+        finally:
+            await r.aclose()
+
+    asyncio.run(body())

@@ -14,7 +14,8 @@
 --   fails the job)}; wait: ms until parked jobs are looked at
 --   again (-1: none parked; 0: more in line than one call looks at); then the keys passed
 --   over for holding another type (a queue: its jobs wait; a job's hash: out of its line;
---   inflight: nothing claimed).
+--   inflight: nothing claimed; its limit key's running or parked set, or the parked
+--   counts, that its claim or parking writes: it waits in its place).
 -- Invariant: a claimed job is running under this worker, with a lease in inflight that
 -- the worker renews; its attempt counter counts the claim. A job whose limit key is at its
 -- limit is parked (out of its queue, still queued) so it never holds back other keys; its
@@ -169,10 +170,12 @@ end
 local out, budget = {}, SCAN_BUDGET
 local stop = false   -- a limited job the worker cannot start now: it takes no more
 local broken = {}   -- keys of another type (an operator overwrote them): named in the reply
+local skip = {}   -- queue -> jobs passed over at the head of its line (each is looked at once)
 while #out < limit and budget > 0 and not stop do
   local cands = {}
   for i = FIRST_QUEUE, #ARGV do
-    local read, r = pcall(redis.call, 'ZRANGE', qp .. ARGV[i], 0, limit - #out - 1,
+    local s = skip[ARGV[i]] or 0
+    local read, r = pcall(redis.call, 'ZRANGE', qp .. ARGV[i], s, s + limit - #out - 1,
                           'WITHSCORES')
     if not read then broken[qp .. ARGV[i]], r = true, {} end
     for j = 1, #r, 2 do cands[#cands + 1] = {tonumber(r[j + 1]), r[j], ARGV[i]} end
@@ -196,15 +199,23 @@ while #out < limit and budget > 0 and not stop do
     if not read then broken[jk], f = true, {} end   -- gone from its line, like a removed job
     local iv = interval(f[14])
     local lk = f[6] and f[11]
-    local m = lk and room(lk, iv)
-    if m and #out >= start_now and m.free > 0 and m.next <= clock then
+    -- a key its claim or parking writes of another type (expect_fn) would fail the call
+    -- with the job out of its line, lost: it waits in its place, named
+    local bad = lk and mistyped(rp .. lk, 'set') and rp .. lk
+    local m = lk and not bad and room(lk, iv)
+    local parks = m and (m.free <= 0 or m.next > clock)
+    bad = bad or parks and (mistyped(pp .. lk, 'zset') and pp .. lk
+                            or mistyped(KEYS[5], 'hash') and KEYS[5])
+    if bad then
+      broken[bad], skip[queue] = true, (skip[queue] or 0) + 1
+    elseif m and #out >= start_now and m.free > 0 and m.next <= clock then
       stop = true   -- it stays in line for a worker that can start it (its slot with it)
       break
     elseif not f[6] then   -- every job hash has its queue; with no hash, the job was removed
       redis.call('ZREM', qp .. queue, member)
     else
       redis.call('ZREM', qp .. queue, member)
-      if m and (m.free <= 0 or m.next > clock) then
+      if parks then
         park(lk, m, score, member, queue)
       else
         -- a run holds its key's slot whatever the rules say now: a rule given to the
