@@ -601,6 +601,7 @@ def test_a_rerun_refused_for_a_queue_an_operator_overwrote_leaves_the_job_as_it_
         await r.delete(KEYS.queue("q-a"))
         assert await q.rerun("a") == "succeeded"
         assert [c.job_id for c in (await q.fetch("w1", ["q-a"], 1, 30)).claims] == ["a"]
+    asyncio.run(with_queue(redis_url, body))
 
 
 def test_a_field_edited_while_its_job_ran_fails_that_job_not_the_whole_batch(redis_url):
