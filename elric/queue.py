@@ -372,11 +372,12 @@ class RedisQueue:
 
     def _tell_broken(self, what: str, keys: list) -> None:
         """Log, once each, the keys a script left alone for holding another type than elric
-        writes: an operator's mistake that must not stop the work on every other key."""
+        writes, or job keys with why (a field deleted): an operator's mistake that must not
+        stop the work on every other key."""
         if broken := {_s(k) for k in keys} - self._told_broken:
             self._told_broken |= broken   # every fetch, every outcome of a batch meets it
-            log.warning("%s: %s hold(s) another type than elric writes (overwritten?): "
-                        "passed over, nothing read from or written to them; delete them", what,
+            log.warning("%s: passed over, left as they are: %s (a key named alone holds "
+                        "another type than elric writes, overwritten?: delete it)", what,
                         ", ".join(sorted(broken)))
 
     async def release(self, worker_id: str, claims: list[tuple[str, int, str]], *,
@@ -519,6 +520,9 @@ class RedisQueue:
             if error_code(exc) == "LIVE":
                 raise Refused(f"job {job_id!r} is {str(exc).split()[-1]}; only a finished "
                               "job can be rerun") from None
+            if error_code(exc) == "NOQUEUE":
+                raise Refused(f"job {job_id!r} has no `queue` field (deleted outside elric): "
+                              "set it to rerun the job") from None
             raise
 
     # --- reads -----------------------------------------------------------------------

@@ -15,7 +15,7 @@ import msgpack
 import pytest
 import redis.asyncio as aredis
 
-from elric.contract import normalize_spec
+from elric.contract import Refused, normalize_spec
 from elric.keys import Keys
 from elric.queue import STALE, RedisQueue
 from tests.conftest import lost_run_and_next, outcome
@@ -399,7 +399,7 @@ def test_outcomes_are_recorded_beside_a_key_an_operator_overwrote_with_another_t
         assert int(await r.hget(KEYS.counters, "succeeded")) == 3
         assert [await r.get(key) for key in broken] == [b"overwritten"] * 3
         assert await q.finish("w1", outcomes) == statuses   # sent again: its reply was lost
-        assert caplog.text.count("hold(s) another type") == 1
+        assert caplog.text.count("holds another type") == 1
         assert all(key in caplog.text for key in broken), caplog.text
     asyncio.run(with_queue(redis_url, body))
 
@@ -419,7 +419,7 @@ def test_a_fetch_passes_over_a_queue_or_job_an_operator_overwrote_with_another_t
         assert [c.job_id for c in fetched.claims] == ["b"]
         assert all(key in caplog.text for key in broken), caplog.text
         assert (await q.fetch("w1", ["other", "default"], 10, 30)).claims == []
-        assert caplog.text.count("hold(s) another type") == 1
+        assert caplog.text.count("holds another type") == 1
     asyncio.run(with_queue(redis_url, body))
 
 
@@ -601,6 +601,7 @@ def test_a_rerun_refused_for_a_queue_an_operator_overwrote_leaves_the_job_as_it_
         await r.delete(KEYS.queue("q-a"))
         assert await q.rerun("a") == "succeeded"
         assert [c.job_id for c in (await q.fetch("w1", ["q-a"], 1, 30)).claims] == ["a"]
+    asyncio.run(with_queue(redis_url, body))
 
 
 def test_a_field_edited_while_its_job_ran_fails_that_job_not_the_whole_batch(redis_url):
@@ -688,4 +689,35 @@ def test_a_cancelled_job_whose_queue_field_was_deleted_ends_cancelled_alone(redi
         assert set(late) == {"late", "dead"}
         assert await q.recover() == (["late"], ["dead"])
         assert (await q.get_job("dead"))["status"] == "cancelled"
+    asyncio.run(with_queue(redis_url, body))
+
+
+def test_a_job_whose_queue_field_was_deleted_is_not_lost_going_back_in_line(redis_url, caplog):
+    """requeue_fn.lua built the queue key from the job's `queue`: one deleted (HDEL) while its
+    job ran failed the put-back after the job had left inflight (or, given back, its claim)
+    marked queued: in no queue, nothing ran or ended it. It stays due (or claimed), named,
+    and a rerun of a finished one is refused naming the field."""
+    async def body(q, r):
+        await q.enqueue([normalize_spec({"func": FUNC, "args": [i], "job_id": job_id})
+                         for i, job_id in enumerate(("late", "back", "kept", "done"))])
+        claims = {c.job_id: c for c in (await q.fetch("w1", ["default"], 4, 30)).claims}
+        await q.finish("w1", [outcome(claims["done"])])
+        for job_id in ("late", "kept", "done"):
+            await r.hdel(KEYS.job(job_id), "queue")
+        assert await q.release("w1", [claims["back"].run, claims["kept"].run]) == 1
+        assert (await q.get_job("kept"))["status"] == "running"
+        assert await r.zscore(KEYS.inflight, "kept") is not None
+        await r.zadd(KEYS.inflight, {"late": 1, "kept": 1}, xx=True)   # their leases ran out
+        assert (await q.recover())[0] == []
+        for job_id in ("late", "kept"):
+            assert (await q.get_job(job_id))["status"] == "running"
+            assert await r.zscore(KEYS.inflight, job_id) > 1   # due again later
+            assert KEYS.job(job_id) in caplog.text
+        assert "queue` field is missing" in caplog.text
+        with pytest.raises(Refused, match="`queue`"):
+            await q.rerun("done")
+        assert (await q.get_job("done"))["status"] == "succeeded"
+        await r.hset(KEYS.job("late"), "queue", "default")
+        await r.zadd(KEYS.inflight, {"late": 1}, xx=True)
+        assert (await q.recover())[0] == ["late"]
     asyncio.run(with_queue(redis_url, body))

@@ -9,11 +9,13 @@
 --       reason, failed ttl (s), limit running prefix, limit parked prefix, round prefix,
 --       batch stats prefix, func stats prefix, then Claim.run triples: job_id, attempt, member
 -- Returns {how many jobs went back (those cancelled do not count), keys of another type
---   passed over...}; with a delay they count in the counters' `handed_back`.
+--   (or job keys, with why) passed over...}; with a delay they count in the counters'
+--   `handed_back`.
 -- Invariant: only the worker holding that run and attempt gives a job back, and its limit key's
 -- slot with it; a job handed back with a reason keeps it (`not_run`), so a job no worker
 -- can run is visible. A job whose queue (or delayed set, or limit key's running set) is of
--- another type stays claimed with its lease, named: put back, it would be in no queue.
+-- another type, or (put back at once, not cancelled) with no `queue` field, stays claimed
+-- with its lease, named: put back, it would be in no queue.
 local jp, qp, wp, worker = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local delay, reason, now = tonumber(ARGV[5]), ARGV[6], now_ms()
 local ends = {cancelled = KEYS[7], counters = KEYS[6], queues = KEYS[9], due = KEYS[8],
@@ -33,6 +35,7 @@ for i = 13, #ARGV, 3 do
   local ours = f[2] == ARGV[i + 1] and f[7] == ARGV[i + 2] and f[3] == worker
   local bad = f[1] == 'running' and ours and
               (not delay and f[6] and mistyped(qp .. f[6], 'zset') and qp .. f[6] or
+               not delay and not f[6] and not f[4] and jk .. ': its `queue` field is missing' or
                f[5] and mistyped(ends.rp .. f[5], 'set') and ends.rp .. f[5])
   if bad then   -- it stays claimed: its lease running out puts it back once the key is fixed
     broken[#broken + 1] = bad

@@ -8,12 +8,14 @@
 --       retry waits behind its priority, like a new job), counter to count them in ('' none),
 --       failed ttl (s), limit running prefix, limit parked prefix, round prefix, batch
 --       stats prefix, func stats prefix
--- Returns {ids put back, ids cancelled, keys of another type passed over}.
+-- Returns {ids put back, ids cancelled, keys of another type (or job keys, with why)
+--   passed over}.
 -- Invariant: a job leaves the due set once, and is queued only if it still has the status
 -- and no request to cancel it; a run whose lease ran out gives up its limit key's slot. A
 -- job key of another type (an operator's) leaves the due set too: at its head it held back
 -- every job after it, at each pass. A job whose queue or limit key's running set is of
--- another type stays in it, due a minute later, named: put back, it would be in no queue.
+-- another type, or (not to be cancelled) with no `queue` field, stays in it, due a minute
+-- later, named: put back, it would be in no queue.
 local jp, qp, wp, now, limit = ARGV[1], ARGV[2], ARGV[3], now_ms(), ARGV[4]
 local status, keep, counter = ARGV[5], ARGV[6] == '1', ARGV[7]
 local ends = {cancelled = KEYS[5], counters = KEYS[4], queues = KEYS[7], due = KEYS[6],
@@ -28,8 +30,10 @@ for _, id in ipairs(ids) do
   local jk = jp .. id
   local read, f = pcall(redis.call, 'HMGET', jk, 'status', 'cancel', 'limit_key', 'queue')
   if not read then broken[#broken + 1] = jk; f = {} end
-  local bad = f[1] == status and (f[4] and mistyped(qp .. f[4], 'zset') and qp .. f[4] or
-                                  f[3] and mistyped(ends.rp .. f[3], 'set') and ends.rp .. f[3])
+  local bad = f[1] == status and
+              (f[4] and mistyped(qp .. f[4], 'zset') and qp .. f[4] or
+               not f[4] and not f[2] and jk .. ': its `queue` field is missing' or
+               f[3] and mistyped(ends.rp .. f[3], 'set') and ends.rp .. f[3])
   if bad then   -- it stays, due again in a minute: it holds back no other job meanwhile
     broken[#broken + 1] = bad
     redis.call('ZADD', KEYS[1], 'XX', now + 60000, id)

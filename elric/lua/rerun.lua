@@ -2,8 +2,8 @@
 -- KEYS: the job's hash, seq, counters, queues
 -- ARGV: queue prefix, wake prefix, status index prefix, job_id, round prefix, round ttl (s),
 --       batch stats prefix, func stats prefix
--- Returns the status the job had; an error 'NOJOB' when there is none, or 'LIVE <status>'
--- when it has not finished.
+-- Returns the status the job had; an error 'NOJOB' when there is none, 'LIVE <status>'
+-- when it has not finished, or 'NOQUEUE' when its `queue` field is missing.
 -- Invariant: only a succeeded, failed or cancelled job is queued again; its result, error
 -- and timings go. A job of a round counts in the round again (its round is live again), and
 -- as submitted again in its func's and batch's stats (their last submit: `last_at`) and in
@@ -14,8 +14,10 @@ if not status then return redis.error_reply('NOJOB') end
 if status ~= 'failed' and status ~= 'succeeded' and status ~= 'cancelled' then
   return redis.error_reply('LIVE ' .. status)
 end
--- its queue of another type would fail the requeue after the writes above it (expect_fn)
-expect(qp .. redis.call('HGET', KEYS[1], 'queue'), 'zset')
+-- no queue, or one of another type, would fail the requeue after the writes below (expect_fn)
+local queue = redis.call('HGET', KEYS[1], 'queue')
+if not queue then return redis.error_reply('NOQUEUE') end
+expect(qp .. queue, 'zset')
 redis.call('ZREM', sp .. status, id)
 local round = redis.call('HGET', KEYS[1], 'round')
 if round then
