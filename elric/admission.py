@@ -57,6 +57,9 @@ class Admission:
                 n = self.normalize(spec)
                 if FIRE_ID.fullmatch(n["job_id"]):   # (modify_job keeps an id stored before)
                     raise SpecError(f"job_id {n['job_id']!r}: {FIRE_ID_RULE}")
+                if n["job_id"] in (".", ".."):   # a browser reads /jobs/.. as / (%2e too)
+                    raise SpecError(f"job_id {n['job_id']!r}: may not be '.' or '..' (no "
+                                    "URL can name it)")
                 scope = n.get("dedupe_scope")
                 if scope and FIRE_ID.fullmatch(scope) and n.get("round") != scope:
                     # a fire's "@fire" scope: a key taken there first drops the fire

@@ -62,7 +62,12 @@ def when(seconds: float | None, now: float | None = None) -> str:
         return str(seconds or "-")
     delta = seconds - (now or time.time() + _offset)
     ago = f"in {_span(delta)}" if delta > 0 else f"{_span(-delta)} ago"
-    return f"{datetime.fromtimestamp(seconds).astimezone():%Y-%m-%d %H:%M:%S %Z} ({ago})"
+    return f"{stamp(seconds)} ({ago})"
+
+
+def stamp(seconds: float) -> str:
+    """An epoch time as local time, its zone named."""
+    return f"{datetime.fromtimestamp(seconds).astimezone():%Y-%m-%d %H:%M:%S %Z}"
 
 
 def _span(seconds: float) -> str:

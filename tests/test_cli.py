@@ -225,6 +225,34 @@ def test_job_submit_returns_a_handle_that_waits_for_the_result(cluster):
         set_default_client(None)
 
 
+def test_a_job_id_of_a_dot_or_two_is_refused_at_submit_as_the_dashboard_cannot_link_it(cluster):
+    """Job ids '.' and '..' were taken, but the dashboard's links to them (/jobs/. and
+    /jobs/.., percent-encoded or not) are read by every browser as /jobs/ (a 404) and / (the
+    overview): such a job could never be seen or controlled there."""
+    from elric.client import set_default_client
+    from elric.rpc import RemoteError
+
+    for dots in (".", ".."):
+        one_line_error(elric(cluster, "submit", "tests.jobs:Echo", "--job-id", dots), 2,
+                       f"job_id {dots!r}: may not be '.' or '..'")
+        with pytest.raises(RemoteError, match=r"job_id '\.+': may not be") as info:
+            cluster.client.submit_job(Echo.spec(job_id=dots))
+        assert info.value.code == "bad_request"
+        with pytest.raises(RemoteError, match="spec 1: job_id"):
+            cluster.client.submit_jobs([Echo.spec(job_id="fine"), Echo.spec(job_id=dots)])
+        set_default_client(cluster.client)
+        try:
+            with pytest.raises(RemoteError, match="may not be '.' or '..'"):
+                Echo.submit_with(job_id=dots)
+        finally:
+            set_default_client(None)
+        assert cluster.client.get_job(dots) is None
+    assert cluster.client.get_job("fine") is None   # the batch is refused whole
+    for ok in ("...", "./x", ".hidden", "a.."):   # only the two a browser rewrites
+        assert cluster.client.submit_job(Echo.spec(job_id=ok, queue="nobody"))["status"] == \
+            "queued", ok
+
+
 def test_waiting_on_a_periodic_job_id_says_why_it_never_ends(cluster):
     """A handle rebuilt from a stored id, or wait() on one, polled a periodic job for ever:
     its status (scheduled, paused, finished) is none that ends; with a timeout it said only

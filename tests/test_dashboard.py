@@ -10,6 +10,7 @@ import socket
 import urllib.error
 import urllib.parse
 import urllib.request
+from datetime import datetime
 from html import unescape
 
 import pytest
@@ -877,6 +878,8 @@ def test_a_page_that_cannot_refresh_says_so_instead_of_freezing(make_cluster, br
     cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}", DASHBOARD_PASSWORD=PASSWORD)
     master = cluster.start_master()
     page = browser.new_page()
+    # this browser's clock years off: the page's times are by Redis's clock, the banner's too
+    page.clock.set_fixed_time("2001-02-03T04:05:06Z")
     page.goto(f"http://127.0.0.1:{port}/login?next=/")
     page.fill("input[name=password]", PASSWORD)
     page.press("input[name=password]", "Enter")
@@ -896,7 +899,12 @@ def test_a_page_that_cannot_refresh_says_so_instead_of_freezing(make_cluster, br
     # the master went away: the figures are marked as old
     master.stop()
     page.wait_for_selector("#stale")
-    assert "cannot be reached" in page.locator("#stale").inner_text()
+    banner = page.locator("#stale").inner_text()
+    assert "cannot be reached" in banner
+    # it showed this browser's clock (04:05:06, or 2001) where every other time is Redis's
+    with redis.Redis.from_url(redis_url) as r:
+        year = datetime.fromtimestamp(r.time()[0]).year
+    assert re.search(rf"as of\s+{year}-\d\d-\d\d \d\d:\d\d:\d\d ", banner), banner
     assert page.locator("#count-queued").count() == 1   # the last figures stay, marked
 
 

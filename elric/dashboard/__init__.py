@@ -24,7 +24,7 @@ from elric.dashboard import metrics
 from elric.dashboard.access import COOKIE, SESSION_SECONDS, Access
 from elric.retry import REDIS_ERRORS, redis_refusal
 from elric.rpc import RequestError
-from elric.views import (duration, json_text, mib, percent, when, worker_counts,
+from elric.views import (duration, json_text, mib, percent, stamp, when, worker_counts,
                          worker_state)
 
 log = logging.getLogger("elric.dashboard")
@@ -158,7 +158,7 @@ class Dashboard:
             live=LIVE_HEADER in request.headers, path=request.path_qs, pages=PAGES,
             can_act=self.access.login_required,
             csrf=self.access.csrf_token(request), note=request.query.get("note", ""),
-            **context)
+            as_of=stamp(self.master.store.clock()), **context)
         return web.Response(text=html, status=status, content_type="text/html")
 
     # --- pages ------------------------------------------------------------------------
