@@ -298,8 +298,9 @@ class RedisQueue:
                 args=[*self._line, k.batch(""), k.func(""), k.round(""), self.failed_ttl,
                       "" if fence is None else fence, codec.pack_for_lua(jobs),
                       k.dedupe_taking(""), k.schedule(""),
-                      *(k.taker_note(s["dedupe_scope"], s["dedupe_key"])
-                        if s.get("dedupe_key") is not None else "" for s in specs)])
+                      # (only jobs with a key: an argument per job cost every call)
+                      *(x for i, s in enumerate(specs, 1) if s.get("dedupe_key") is not None
+                        for x in (i, k.taker_note(s["dedupe_scope"], s["dedupe_key"])))])
         except ResponseError as exc:
             if error_code(exc) == "FENCED":
                 raise Fenced(str(exc)) from None

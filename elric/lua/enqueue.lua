@@ -5,8 +5,8 @@
 --       round prefix, round ttl (s), fence token ('' = no fence), jobs: one flat msgpack
 --       array [n, then per job: job_id, queue, priority, batch, round, func, m, then m
 --       hash fields and values], the prefix of the keys naming the job that took a dedupe
---       key (dedupe_taker_fn.lua), the periodic jobs' prefix, then per job its key's
---       suffix ('' without a key)
+--       key (dedupe_taker_fn.lua), the periodic jobs' prefix, then per job with a dedupe
+--       key its position (1-based) and its key's suffix
 -- Returns: [position (1-based), status, ...] of the jobs that existed already.
 -- Invariant: a queued job is its hash (status queued, `member`) plus that member in its
 -- queue's sorted set (score -priority; members sort FIFO by sequence number). With a fence
@@ -22,6 +22,8 @@ if token ~= '' and redis.call('GET', KEYS[5]) ~= token then
   return redis.error_reply('FENCED the scheduler lease token is stale')
 end
 local jobs = cmsgpack.unpack(ARGV[9])
+local notes = {}   -- position -> its dedupe key's suffix
+for a = 12, #ARGV, 2 do notes[tonumber(ARGV[a])] = ARGV[a + 1] end
 local n = jobs[1]
 local base = redis.call('INCRBY', KEYS[1], n) - n
 -- Nothing is written until every key the call writes is known to be of its type (expect_fn).
@@ -37,18 +39,18 @@ for i = 1, n do
   if not read then expect(jk, 'hash'); error(status) end
   if taken[id] then status = 'queued' end   -- an id twice in one call: queued once
   if not status and redis.call('EXISTS', ARGV[11] .. id) == 1 then status = 'scheduled' end
-  local note = ARGV[11 + i]
+  local note = notes[i]
   if status then
     out[#out + 1] = i
     out[#out + 1] = status
-    if note ~= '' then
+    if note then
       local own = redis.call('HMGET', jk, 'dedupe_key', 'dedupe_scope')
       if own[1] and own[2] and #own[2] .. ':' .. own[2] .. own[1] == note then
         held[#held + 1] = note
       end
     end
   else
-    if note ~= '' then held[#held + 1] = note end
+    if note then held[#held + 1] = note end
     local member = string.format('%016x', base + i) .. ':' .. id
     new[#new + 1] = p
     new[#new + 1] = member
