@@ -39,6 +39,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -200,7 +201,7 @@ def crawl_with_elric(site: Site, workers: int, worker_args: list[str], limits: d
     env = elric_env(server.url, address, KEY_PREFIX="bench-crawl",
                     LIMITS=json.dumps(limits), JOB_MODULES=Crawl.__module__,
                     **({"LOG_LEVEL": "WARNING"} if quiet else {}))
-    procs, client = [], None
+    procs, client, keep_logs = [], None, True   # kept when the crawl fails or errs
     try:
         master = start_master(env, os.path.join(logdir, "master.log"), cwd=ROOT)
         procs.append(master)
@@ -236,7 +237,8 @@ def crawl_with_elric(site: Site, workers: int, worker_args: list[str], limits: d
                           for name, pids in groups.items()}
         failed = client.stats()["batches"]["bench"].get("failed", 0)
         if failed:
-            print(f"        ({failed} crawl jobs failed; logs in {logdir})")
+            print(f"        ({failed} crawl jobs failed)")
+        keep_logs = bool(failed)
         return crawled
     finally:
         if client is not None:
@@ -244,6 +246,10 @@ def crawl_with_elric(site: Site, workers: int, worker_args: list[str], limits: d
         for p in reversed(procs):
             p.stop(timeout=20)
         server.cleanup()
+        if keep_logs:
+            print(f"        (logs in {logdir})")
+        else:
+            shutil.rmtree(logdir, ignore_errors=True)
 
 
 def ensure_scrapy() -> str:
