@@ -910,6 +910,75 @@ def test_a_resend_running_while_its_first_send_fails_keeps_the_job(redis_url, ca
     asyncio.run(main())
 
 
+@pytest.mark.xfail(strict=True, reason="open: across masters nothing makes a resend wait for "
+                   "its first send (ARCHITECTURE 'Submit' step 4); a Redis marker per keyed "
+                   "job id cost ~30 % on keyed submits (h155 report)")
+@pytest.mark.parametrize("resend_at", ["seen", "reclaimed"])
+def test_a_resend_to_another_master_while_its_first_send_fails_keeps_the_job(
+        redis_url, caplog, resend_at):
+    """The same race across two masters (a master address behind a load balancer, or a
+    name for several masters): send A of J on master 1 took J's key K and stalled before
+    queueing J; the resend B went to master 2, whose calls know nothing of master 1's. A
+    failed and gave K back while B ran: J answered filtered and lost ("seen"), or queued
+    with K free, a second job of K let through ("reclaimed"). B waits for A."""
+    caplog.set_level("DEBUG", "elric.master")
+
+    async def main():
+        async with master(redis_url) as m1, master(redis_url) as m2:
+            f1, f2 = m1.filters["set"], m2.filters["set"]
+            real_check, real_owned, real_release = f2.check_and_add, f2.owned, f1.release
+            real_enqueue = {m: m.queue._enqueue for m in (m1, m2)}
+            a_stalls, b_at, given_back = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+            def b_waits() -> bool:   # the fix: B waits for A before its check
+                return b_at.is_set() or any("still admitting" in r.getMessage()
+                                            for r in caplog.records)
+
+            async def check(*args):   # master 2's: B's
+                got = await real_check(*args)
+                if resend_at == "seen":
+                    b_at.set()   # B found K seen
+                return got
+
+            async def owned(*args):
+                if resend_at == "seen":
+                    await given_back.wait()
+                got = await real_owned(*args)
+                if resend_at == "reclaimed":
+                    b_at.set()   # B reclaimed K
+                return got
+
+            async def release(*args):   # master 1's: A's clean-up
+                await real_release(*args)
+                given_back.set()
+
+            async def b_enqueue(keys, args):
+                await given_back.wait()
+                return await real_enqueue[m2](keys=keys, args=args)
+
+            async def a_enqueue(keys, args):
+                a_stalls.set()
+                deadline = asyncio.get_running_loop().time() + 20
+                while not b_waits():         # A stalls until B ran up to its step
+                    assert asyncio.get_running_loop().time() < deadline, "B never ran"
+                    await asyncio.sleep(0.01)
+                raise RedisConnectionError("Connection reset by peer")
+            f2.check_and_add, f2.owned, f1.release = check, owned, release
+            m1.queue._enqueue, m2.queue._enqueue = a_enqueue, b_enqueue
+            spec = {"func": E, "job_id": "J", "dedupe_key": "K"}
+            a = asyncio.ensure_future(m1.submit_jobs([spec]))
+            await asyncio.wait_for(a_stalls.wait(), 20)   # A took K, and stalls
+            b = asyncio.ensure_future(m2.submit_jobs([spec]))
+            with pytest.raises(RequestError, match="cannot reach Redis"):
+                await asyncio.wait_for(a, 20)
+            assert await asyncio.wait_for(b, 20) == [{"job_id": "J", "status": "queued"}]
+            f2.check_and_add, f2.owned, f1.release = real_check, real_owned, real_release
+            m1.queue._enqueue, m2.queue._enqueue = real_enqueue[m1], real_enqueue[m2]
+            assert (await m1.submit_jobs([{**spec, "job_id": "L"}]))[0]["status"] == "filtered"
+            assert await queued(m1) == 1
+    asyncio.run(main())
+
+
 @pytest.mark.parametrize("ttl", [None, 3600])
 def test_a_key_an_existing_job_was_sent_with_and_not_given_back_is_taken_over(redis_url, ttl):
     """J exists without K; J sent again with K takes K, queues nothing (the id exists), and
