@@ -1,0 +1,66 @@
+"""A worker's stop (SIGTERM): its running jobs' grace, outcomes it could not record, and
+the claims it gives back. Real Redis, master and pool processes; the worker runs in this
+process (``Worker.run``, its exit status returned) so a step of its stop can be made to fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from redis.exceptions import ResponseError
+
+from elric.config import load_settings
+from elric.queue import RedisQueue
+from tests.jobs import MarkUntilGate
+
+
+def _worker(cluster, **settings):
+    from elric.worker import Worker
+
+    env = {"ELRIC_REDIS_URL": cluster.redis_url, "ELRIC_MASTER_ADDRESS": cluster.address,
+           "ELRIC_JOB_MODULES": "tests.jobs", "ELRIC_CONCURRENCY": "1"}
+    env.update({f"ELRIC_{k}": str(v) for k, v in settings.items()})
+    return Worker(load_settings(env=env))
+
+
+async def _until(what: str, condition, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+def test_a_stop_whose_first_step_fails_still_gives_running_jobs_their_grace(
+        cluster, tmp_path, monkeypatch, caplog):
+    """A stop first looks for the claims of a fetch whose reply was lost. Redis refusing
+    that look (an error no retry helps; a stand-in here) ended the stop there: the running
+    job was killed at once, unrecorded, to run again once its lease ran out. The grace
+    still applies; the worker exits non-zero."""
+    marks, gate = tmp_path / "marks", tmp_path / "gate"
+    looked = []
+
+    async def refused(self, *args):
+        looked.append(args)
+        raise ResponseError("NOPERM this user has no permissions to run the 'evalsha' command")
+    monkeypatch.setattr(RedisQueue, "claimed", refused)
+
+    async def main():
+        w = _worker(cluster, SHUTDOWN_GRACE=600)
+        run = asyncio.create_task(w.run())
+        try:
+            await asyncio.to_thread(cluster.client.submit_job, MarkUntilGate.spec(
+                [str(marks), str(gate)], job_id="long"))
+            await _until("the job started", lambda: marks.exists())
+            w._unsure_since = time.monotonic()   # a fetch's reply was lost
+            w.request_stop()   # as a SIGTERM does
+            await _until("the look refused", lambda: looked)
+            gate.touch()
+            return await asyncio.wait_for(run, 30)
+        finally:
+            run.cancel()
+
+    assert asyncio.run(main()) == 1
+    job = cluster.client.get_job("long")
+    assert (job["status"], job["attempts"], job["result"]) == ("succeeded", 1, "passed"), job
+    assert "NOPERM" in caplog.text
