@@ -937,6 +937,11 @@ class Worker:
             await self._wait_while(lambda: self.finished or self.recording,
                                    GIVE_BACK_SECONDS, recorder)
         recorder.cancel()
+        for claim, _ in [*self.finished, *self.recording]:   # (the cancel has not landed yet)
+            log.error("worker: job %s: could not record the outcome of its attempt %d before "
+                      "stopping; it runs again once its lease ends", claim.job_id,
+                      claim.attempt, extra=_job_fields(claim))
+            self.broken = True
         # jobs still running, and those whose process died while we waited: back in line
         await self._give_back([*left, *self.buffer, *self.suspects])
 

@@ -64,3 +64,37 @@ def test_a_stop_whose_first_step_fails_still_gives_running_jobs_their_grace(
     job = cluster.client.get_job("long")
     assert (job["status"], job["attempts"], job["result"]) == ("succeeded", 1, "passed"), job
     assert "NOPERM" in caplog.text
+
+
+def test_outcomes_not_recorded_by_the_end_of_a_stop_are_named_and_it_exits_non_zero(
+        cluster, monkeypatch, caplog):
+    """A job ended while Redis was away, and stayed away past the grace: the stop ended
+    with its outcome unrecorded, said nothing of it and exited 0. Each such job is named
+    (it runs again once its lease ends) and the worker exits non-zero."""
+    import redis.exceptions
+
+    import elric.worker
+    from tests.jobs import Add
+
+    tried = []
+
+    async def away(self, *args):
+        tried.append(args)
+        raise redis.exceptions.ConnectionError("Connection refused")
+    monkeypatch.setattr(RedisQueue, "finish", away)
+    monkeypatch.setattr(elric.worker, "GIVE_BACK_SECONDS", 0.2)   # its wait past the grace
+
+    async def main():
+        w = _worker(cluster, SHUTDOWN_GRACE=0.2)
+        run = asyncio.create_task(w.run())
+        try:
+            await asyncio.to_thread(cluster.client.submit_job, Add.spec([1, 2], job_id="ended"))
+            await _until("its outcome tried", lambda: tried)
+            w.request_stop()
+            return await asyncio.wait_for(run, 30)
+        finally:
+            run.cancel()
+
+    assert asyncio.run(main()) == 1
+    named = [r for r in caplog.records if r.levelname == "ERROR" and "ended" in r.getMessage()]
+    assert named and "lease" in named[0].getMessage(), caplog.text
