@@ -98,3 +98,35 @@ def test_outcomes_not_recorded_by_the_end_of_a_stop_are_named_and_it_exits_non_z
     assert asyncio.run(main()) == 1
     named = [r for r in caplog.records if r.levelname == "ERROR" and "ended" in r.getMessage()]
     assert named and "lease" in named[0].getMessage(), caplog.text
+
+
+def test_a_give_back_passes_over_a_job_key_of_another_type_and_releases_the_others(
+        redis_url, caplog):
+    """A claimed job's hash overwritten with a string (an operator's mistake) failed the
+    whole give-back (WRONGTYPE): every other claim of that call, a stopping worker's
+    prefetched jobs say, was held until its lease ran out. The bad one is named, passed
+    over; the others go back to their place in line."""
+    import redis.asyncio as aredis
+
+    from elric.contract import normalize_spec
+    from elric.keys import Keys
+
+    keys = Keys("elrictest")
+
+    async def main():
+        r = aredis.Redis.from_url(redis_url)
+        try:
+            q = RedisQueue(r, keys)
+            await q.enqueue([normalize_spec({"func": "tests.jobs:Add", "args": [1, 2],
+                                             "job_id": j}) for j in "abc"])
+            claims = (await q.fetch("w1", ["default"], 3, 30)).claims
+            await r.delete(keys.job("b"))
+            await r.set(keys.job("b"), "overwritten")
+            assert await q.release("w1", [c.run for c in claims]) == 2
+            for job_id in "ac":
+                job = await q.get_job(job_id)
+                assert (job["status"], job["attempts"]) == ("queued", 0), job
+            assert keys.job("b") in caplog.text
+        finally:
+            await r.aclose()
+    asyncio.run(main())
