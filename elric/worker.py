@@ -908,9 +908,15 @@ class Worker:
         """Give prefetched jobs back, let running ones finish within SHUTDOWN_GRACE, then
         stop the rest and give them back too."""
         self.stopping = True
-        await self._end_wait()
-        if self._unsure_since:
-            await self._release_unknown(time.monotonic() + GIVE_BACK_SECONDS)
+        try:   # outages are retried inside; no other failure may cost running jobs the grace
+            await self._end_wait()
+            if self._unsure_since:
+                await self._release_unknown(time.monotonic() + GIVE_BACK_SECONDS)
+        except Exception:
+            log.error("worker: could not look for the jobs a lost fetch may have claimed "
+                      "(they run again once their leases run out); running jobs still get "
+                      "SHUTDOWN_GRACE", exc_info=True)
+            self.broken = True
         await self._give_back_waiting()
         # (a second Ctrl-C ends this wait: the outcomes of jobs that ended are still recorded)
         await self._wait_while(lambda: not self.forced and (
@@ -931,6 +937,11 @@ class Worker:
             await self._wait_while(lambda: self.finished or self.recording,
                                    GIVE_BACK_SECONDS, recorder)
         recorder.cancel()
+        for claim, _ in [*self.finished, *self.recording]:   # (the cancel has not landed yet)
+            log.error("worker: job %s: could not record the outcome of its attempt %d before "
+                      "stopping; it runs again once its lease ends", claim.job_id,
+                      claim.attempt, extra=_job_fields(claim))
+            self.broken = True
         # jobs still running, and those whose process died while we waited: back in line
         await self._give_back([*left, *self.buffer, *self.suspects])
 

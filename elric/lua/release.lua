@@ -15,7 +15,8 @@
 -- slot with it; a job handed back with a reason keeps it (`not_run`), so a job no worker
 -- can run is visible. A job whose queue (or delayed set, or limit key's running set) is of
 -- another type, or (put back at once, not cancelled) with no `queue` field, stays claimed
--- with its lease, named: put back, it would be in no queue.
+-- with its lease, named: put back, it would be in no queue. A job key of another type is
+-- passed over, named; the other jobs of the call go back.
 local jp, qp, wp, worker = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local delay, reason, now = tonumber(ARGV[5]), ARGV[6], now_ms()
 local ends = {cancelled = KEYS[7], counters = KEYS[6], queues = KEYS[9], due = KEYS[8],
@@ -30,8 +31,9 @@ local n, broken = 0, {}
 for i = 13, #ARGV, 3 do
   local id = ARGV[i]
   local jk = jp .. id
-  local f = redis.call('HMGET', jk, 'status', 'attempts', 'worker', 'cancel', 'limit_key',
-                       'queue', 'member')
+  local read, f = pcall(redis.call, 'HMGET', jk, 'status', 'attempts', 'worker', 'cancel',
+                        'limit_key', 'queue', 'member')
+  if not read then broken[#broken + 1], f = jk, {} end   -- not ours to touch: named
   local ours = f[2] == ARGV[i + 1] and f[7] == ARGV[i + 2] and f[3] == worker
   local bad = f[1] == 'running' and ours and
               (not delay and f[6] and mistyped(qp .. f[6], 'zset') and qp .. f[6] or

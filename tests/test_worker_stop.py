@@ -1,0 +1,132 @@
+"""A worker's stop (SIGTERM): its running jobs' grace, outcomes it could not record, and
+the claims it gives back. Real Redis, master and pool processes; the worker runs in this
+process (``Worker.run``, its exit status returned) so a step of its stop can be made to fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from redis.exceptions import ResponseError
+
+from elric.config import load_settings
+from elric.queue import RedisQueue
+from tests.jobs import MarkUntilGate
+
+
+def _worker(cluster, **settings):
+    from elric.worker import Worker
+
+    env = {"ELRIC_REDIS_URL": cluster.redis_url, "ELRIC_MASTER_ADDRESS": cluster.address,
+           "ELRIC_JOB_MODULES": "tests.jobs", "ELRIC_CONCURRENCY": "1"}
+    env.update({f"ELRIC_{k}": str(v) for k, v in settings.items()})
+    return Worker(load_settings(env=env))
+
+
+async def _until(what: str, condition, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+def test_a_stop_whose_first_step_fails_still_gives_running_jobs_their_grace(
+        cluster, tmp_path, monkeypatch, caplog):
+    """A stop first looks for the claims of a fetch whose reply was lost. Redis refusing
+    that look (an error no retry helps; a stand-in here) ended the stop there: the running
+    job was killed at once, unrecorded, to run again once its lease ran out. The grace
+    still applies; the worker exits non-zero."""
+    marks, gate = tmp_path / "marks", tmp_path / "gate"
+    looked = []
+
+    async def refused(self, *args):
+        looked.append(args)
+        raise ResponseError("NOPERM this user has no permissions to run the 'evalsha' command")
+    monkeypatch.setattr(RedisQueue, "claimed", refused)
+
+    async def main():
+        w = _worker(cluster, SHUTDOWN_GRACE=600)
+        run = asyncio.create_task(w.run())
+        try:
+            await asyncio.to_thread(cluster.client.submit_job, MarkUntilGate.spec(
+                [str(marks), str(gate)], job_id="long"))
+            await _until("the job started", lambda: marks.exists())
+            w._unsure_since = time.monotonic()   # a fetch's reply was lost
+            w.request_stop()   # as a SIGTERM does
+            await _until("the look refused", lambda: looked)
+            gate.touch()
+            return await asyncio.wait_for(run, 30)
+        finally:
+            run.cancel()
+
+    assert asyncio.run(main()) == 1
+    job = cluster.client.get_job("long")
+    assert (job["status"], job["attempts"], job["result"]) == ("succeeded", 1, "passed"), job
+    assert "NOPERM" in caplog.text
+
+
+def test_outcomes_not_recorded_by_the_end_of_a_stop_are_named_and_it_exits_non_zero(
+        cluster, monkeypatch, caplog):
+    """A job ended while Redis was away, and stayed away past the grace: the stop ended
+    with its outcome unrecorded, said nothing of it and exited 0. Each such job is named
+    (it runs again once its lease ends) and the worker exits non-zero."""
+    import redis.exceptions
+
+    import elric.worker
+    from tests.jobs import Add
+
+    tried = []
+
+    async def away(self, *args):
+        tried.append(args)
+        raise redis.exceptions.ConnectionError("Connection refused")
+    monkeypatch.setattr(RedisQueue, "finish", away)
+    monkeypatch.setattr(elric.worker, "GIVE_BACK_SECONDS", 0.2)   # its wait past the grace
+
+    async def main():
+        w = _worker(cluster, SHUTDOWN_GRACE=0.2)
+        run = asyncio.create_task(w.run())
+        try:
+            await asyncio.to_thread(cluster.client.submit_job, Add.spec([1, 2], job_id="ended"))
+            await _until("its outcome tried", lambda: tried)
+            w.request_stop()
+            return await asyncio.wait_for(run, 30)
+        finally:
+            run.cancel()
+
+    assert asyncio.run(main()) == 1
+    named = [r for r in caplog.records if r.levelname == "ERROR" and "ended" in r.getMessage()]
+    assert named and "lease" in named[0].getMessage(), caplog.text
+
+
+def test_a_give_back_passes_over_a_job_key_of_another_type_and_releases_the_others(
+        redis_url, caplog):
+    """A claimed job's hash overwritten with a string (an operator's mistake) failed the
+    whole give-back (WRONGTYPE): every other claim of that call, a stopping worker's
+    prefetched jobs say, was held until its lease ran out. The bad one is named, passed
+    over; the others go back to their place in line."""
+    import redis.asyncio as aredis
+
+    from elric.contract import normalize_spec
+    from elric.keys import Keys
+
+    keys = Keys("elrictest")
+
+    async def main():
+        r = aredis.Redis.from_url(redis_url)
+        try:
+            q = RedisQueue(r, keys)
+            await q.enqueue([normalize_spec({"func": "tests.jobs:Add", "args": [1, 2],
+                                             "job_id": j}) for j in "abc"])
+            claims = (await q.fetch("w1", ["default"], 3, 30)).claims
+            await r.delete(keys.job("b"))
+            await r.set(keys.job("b"), "overwritten")
+            assert await q.release("w1", [c.run for c in claims]) == 2
+            for job_id in "ac":
+                job = await q.get_job(job_id)
+                assert (job["status"], job["attempts"]) == ("queued", 0), job
+            assert keys.job("b") in caplog.text
+        finally:
+            await r.aclose()
+    asyncio.run(main())
