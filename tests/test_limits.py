@@ -612,3 +612,45 @@ def test_a_job_parked_on_a_key_an_operator_overwrote_waits_in_line_named(redis_u
             await r.aclose()
 
     asyncio.run(body())
+
+
+@pytest.mark.parametrize("overwritten", ["due", "hold", "next", "running"])
+def test_a_limits_key_an_operator_overwrote_holds_back_only_the_jobs_it_limits(redis_url,
+                                                                               caplog,
+                                                                               overwritten):
+    """The limits-due set, or key k's hold, next-start or running key, overwritten with
+    another type: every fetch failed (WRONGTYPE), every worker of every queue stopped. Now
+    only the jobs it limits wait (every limited job for the due set, which each one's end
+    writes; k's for k's keys), in their place or parked, named; other jobs are claimed, and
+    once the key is deleted k's jobs go on."""
+    keys = Keys("elrictest")
+    bad = {"due": keys.limits_due, "hold": keys.limit_hold("k"),
+           "next": keys.limit_next("k"), "running": keys.limit_running("k")}[overwritten]
+
+    async def body():
+        r = aredis.Redis.from_url(redis_url)
+        try:
+            q = RedisQueue(r, keys)
+            await limits.publish(r, keys, limits.parse_rules({"k": {"interval": 60}}))
+            spec = {"func": "tests.jobs:Echo", "limit_key": "k"}
+            await q.enqueue([normalize_spec({**spec, "job_id": j}) for j in ("k1", "k2")])
+            [k1] = (await q.fetch("w", ["default"], 10, 30)).claims   # k2 is parked
+            await r.zadd(keys.limits_due, {"k": 0})   # k's parked job is looked at now
+            await q.enqueue([normalize_spec({**spec, "job_id": "k3"}),
+                             normalize_spec({**spec, "job_id": "o", "limit_key": "other"}),
+                             normalize_spec({"func": "tests.jobs:Echo", "job_id": "b"})])
+            await r.delete(bad)
+            await r.rpush(bad, "overwritten")
+            fetched = await q.fetch("w", ["default"], 10, 30, ended=[k1.run])
+            assert [c.job_id for c in fetched.claims] == (["b"] if overwritten == "due"
+                                                          else ["o", "b"])
+            assert await r.zcard(keys.limit_parked("k")) == 1
+            assert bad in caplog.text
+            await r.delete(bad)
+            await r.zadd(keys.limits_due, {"k": 0})
+            await q.fetch("w", ["default"], 10, 30)
+            assert await r.zcard(keys.queue("default")) == 0   # claimed or parked
+        finally:
+            await r.aclose()
+
+    asyncio.run(body())
