@@ -654,3 +654,46 @@ def test_a_limits_key_an_operator_overwrote_holds_back_only_the_jobs_it_limits(r
             await r.aclose()
 
     asyncio.run(body())
+
+
+@pytest.mark.parametrize("overwritten", ["queue", "counts", "job"])
+def test_a_parked_job_whose_queue_an_operator_overwrote_stays_parked_named(redis_url, caplog,
+                                                                          overwritten):
+    """k's slot frees and its parked job of queue qb goes back in line, with qb (or the
+    parked counts) overwritten with another type: fetch.lua had popped the job from k's
+    parked set, then failed writing it back (ZADD, HINCRBY): out of both, it was lost, and
+    every fetch failed. It stays parked in its place, named; other jobs are claimed; once
+    the key is deleted it goes back in line when k is looked at again. A parked job whose
+    hash is of another type failed every fetch too: it leaves as a removed job, named."""
+    keys = Keys("elrictest")
+    bad = {"queue": keys.queue("qb"), "counts": keys.limits_parked,
+           "job": keys.job("k2")}[overwritten]
+
+    async def body():
+        r = aredis.Redis.from_url(redis_url)
+        try:
+            q = await one_at_a_time_key(r, keys, [("k1", "default"), ("k2", "qb")])
+            [k1] = (await q.fetch("w", ["default", "qb"], 10, 30)).claims   # k2 is parked
+            await q.finish("w", [outcome(k1)])   # k2 is due
+            await q.enqueue([normalize_spec({"func": "tests.jobs:Echo", "job_id": "b"})])
+            counts = await r.hgetall(keys.limits_parked)
+            await r.delete(bad)
+            await r.set(bad, "overwritten")
+            assert [c.job_id for c in (await q.fetch("w", ["default"], 10, 30)).claims] \
+                == ["b"]
+            assert bad in caplog.text
+            if overwritten == "job":
+                assert await r.zcard(keys.limit_parked("k")) == 0
+                return
+            assert await r.zcard(keys.limit_parked("k")) == 1
+            await r.delete(bad)
+            if counts and overwritten == "counts":
+                await r.hset(keys.limits_parked, mapping=counts)
+            await r.zadd(keys.limits_due, {"k": 0})   # (looked at again within a second)
+            await q.fetch("w", ["default"], 10, 30)
+            assert await r.zcard(keys.limit_parked("k")) == 0
+            assert [c.job_id for c in (await q.fetch("w", ["qb"], 10, 30)).claims] == ["k2"]
+        finally:
+            await r.aclose()
+
+    asyncio.run(body())

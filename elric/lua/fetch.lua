@@ -13,9 +13,10 @@
 --   names the run), unreadable ('' or the attempts field, if not a count: the worker
 --   fails the job)}; wait: ms until parked jobs are looked at
 --   again (-1: none parked; 0: more in line than one call looks at); then the keys passed
---   over for holding another type (a queue: its jobs wait; a job's hash: out of its line;
---   inflight: nothing claimed; its limit key's running, parked, hold or next-start key,
---   the parked counts its parking writes, or limits due (any limited job's): it waits).
+--   over for holding another type (a queue: its jobs wait, or stay parked; a job's hash:
+--   out of its line; inflight: nothing claimed; its limit key's running, parked, hold or
+--   next-start key, the parked counts its parking or put-back writes, or limits due (any
+--   limited job's): it waits).
 -- Invariant: a claimed job is running under this worker, with a lease in inflight that
 -- the worker renews; its attempt counter counts the claim. A job whose limit key is at its
 -- limit is parked (out of its queue, still queued) so it never holds back other keys; its
@@ -137,6 +138,14 @@ if limited then
   end
 end
 
+-- A job's field; a hash of another type (an operator's) reads as none, named: a parked job
+-- with no hash leaves its key's line as a removed one does.
+local function field(id, name)
+  local read, v = pcall(redis.call, 'HGET', jp .. id, name)
+  if read then return v end
+  broken[jp .. id] = true
+end
+
 -- Keys whose parked jobs are due: as many as may start go back in line.
 local refilled = {}   -- this worker's queues that parked jobs went back to
 local due = due_bad and {} or
@@ -145,7 +154,7 @@ for _, lk in ipairs(due) do
   local n, when = SCAN_BUDGET, clock + RECHECK_MS   -- no limit any more: all go back
   local bad = mistyped(pp .. lk, 'zset') and pp .. lk   -- (or room's m.bad): none go back
   local first = not bad and redis.call('ZRANGE', pp .. lk, 0, 0)[1]   -- its own interval
-  local iv = first and interval(redis.call('HGET', jp .. string.sub(first, 18), 'limit_interval'))
+  local iv = first and interval(field(string.sub(first, 18), 'limit_interval'))
   local m = room(lk, iv)
   bad = bad or m and m.bad
   if bad then broken[bad], n, m = true, 0, nil end
@@ -160,11 +169,16 @@ for _, lk in ipairs(due) do
     elseif r[1] then n = math.max(0, m.free) end
   end
   if n > 0 then
-    local back = redis.call('ZPOPMIN', pp .. lk, n)
+    local back = redis.call('ZRANGE', pp .. lk, 0, n - 1, 'WITHSCORES')
     for i = 1, #back, 2 do
       local member, score = back[i], back[i + 1]
-      local queue = redis.call('HGET', jp .. string.sub(member, 18), 'queue')
-      if queue then
+      local queue = field(string.sub(member, 18), 'queue')
+      -- its queue or the parked counts of another type (expect_fn) would fail the call
+      -- with it out of both, lost: it stays parked in its place, named
+      local bad = queue and (mistyped(qp .. queue, 'zset') and qp .. queue
+                             or mistyped(KEYS[5], 'hash') and KEYS[5])
+      if bad then broken[bad] = true else redis.call('ZREM', pp .. lk, member) end
+      if queue and not bad then
         redis.call('ZADD', qp .. queue, score, member)
         redis.call('HINCRBY', KEYS[5], queue, -1)
         if not mine[queue] then   -- back in a line this worker does not serve: wake one
