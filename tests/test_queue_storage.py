@@ -721,3 +721,33 @@ def test_a_job_whose_queue_field_was_deleted_is_not_lost_going_back_in_line(redi
         await r.zadd(KEYS.inflight, {"late": 1}, xx=True)
         assert (await q.recover())[0] == ["late"]
     asyncio.run(with_queue(redis_url, body))
+
+
+@pytest.mark.parametrize("overwritten", ["counters", "queues", "batch", "func", "round"])
+def test_a_cancelled_job_whose_stats_an_operator_overwrote_still_ends_cancelled(
+        redis_url, caplog, overwritten):
+    """end_cancelled (cancel_end_fn.lua) counted the job it ended in the counters, its
+    queue's listing, its batch's, func's and round's hashes unguarded: one overwritten
+    with another type failed the ending half written (the job already marked cancelled),
+    and with it a worker's give-back or a pass of recover, every job after it in the call
+    left as it was. That write is left out, named; the jobs end cancelled."""
+    bad = {"counters": KEYS.counters, "queues": KEYS.queues, "batch": KEYS.batch("b"),
+           "func": KEYS.func(FUNC), "round": KEYS.round("r")}[overwritten]
+
+    async def body(q, r):
+        await q.enqueue([normalize_spec({"func": FUNC, "args": [i], "job_id": job_id,
+                                         "batch": "b"})
+                         for i, job_id in enumerate(("gone", "gone2", "dead", "dead2"))])
+        claims = (await q.fetch("w1", ["default"], 2, 30)).claims
+        await q.fetch("w2", ["default"], 2, 0)   # their leases run out at once
+        for job_id in ("gone", "gone2", "dead", "dead2"):
+            assert await q.cancel(job_id) == "running"
+            await r.hset(KEYS.job(job_id), "round", "r")
+        await r.delete(bad)
+        await r.rpush(bad, "overwritten")
+        assert await q.release("w1", [c.run for c in claims]) == 0
+        assert await q.recover() == ([], ["dead", "dead2"])
+        for job_id in ("gone", "gone2", "dead", "dead2"):
+            assert (await q.get_job(job_id))["status"] == "cancelled"
+        assert bad in caplog.text
+    asyncio.run(with_queue(redis_url, body))
