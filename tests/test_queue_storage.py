@@ -751,3 +751,25 @@ def test_a_cancelled_job_whose_stats_an_operator_overwrote_still_ends_cancelled(
             assert (await q.get_job(job_id))["status"] == "cancelled"
         assert bad in caplog.text
     asyncio.run(with_queue(redis_url, body))
+
+
+def test_list_jobs_shows_a_job_whose_key_an_operator_overwrote_as_unreadable(redis_url):
+    """A job's key in a status index (or a queue) SET to a string failed list_jobs whole
+    (WRONGTYPE in its pipeline): the CLI's and the dashboard's job lists showed nothing.
+    That job is listed with its status, named unreadable; the rest as before."""
+    async def body(q, r):
+        await q.enqueue([normalize_spec({"func": FUNC, "args": [i], "job_id": job_id})
+                         for i, job_id in enumerate(("a", "b", "c", "w"))])
+        claims = (await q.fetch("w", ["default"], 3, 30)).claims
+        await q.finish("w", [outcome(c) for c in claims])
+        for job_id in ("b", "w"):
+            await r.set(KEYS.job(job_id), "overwritten")
+        rows = {row["job_id"]: row for row in await q.list_jobs()}
+        assert sorted(rows) == ["a", "b", "c", "w"]
+        assert (rows["b"]["status"], rows["w"]["status"]) == ("succeeded", "queued")
+        assert rows["b"]["unreadable"] and rows["w"]["unreadable"]
+        assert "unreadable" not in rows["a"]
+        assert [row["job_id"] for row in await q.list_jobs(status="succeeded", offset=1)] \
+            == ["b", "a"]
+        assert await r.zscore(KEYS.status("succeeded"), "b") is not None   # not dropped
+    asyncio.run(with_queue(redis_url, body))
