@@ -697,3 +697,33 @@ def test_a_parked_job_whose_queue_an_operator_overwrote_stays_parked_named(redis
             await r.aclose()
 
     asyncio.run(body())
+
+
+@pytest.mark.parametrize("overwritten", ["due", "running", "parked", "hold"])
+def test_a_run_ending_while_its_keys_limits_key_is_overwritten_is_recorded(redis_url,
+                                                                          overwritten):
+    """k1 of key k (its next job parked) ends while the limits-due set, or k's running,
+    parked or hold key, holds another type: finish.lua had taken k1 out of inflight and
+    the running index, then failed freeing its slot (or holding k back for its
+    Retry-After): left running with no lease, nothing redelivered or recorded it, and the
+    batch's other outcomes failed with it. It is recorded; what it would write there is
+    left out (fetch.lua names the key)."""
+    keys = Keys("elrictest")
+    bad = {"due": keys.limits_due, "running": keys.limit_running("k"),
+           "parked": keys.limit_parked("k"), "hold": keys.limit_hold("k")}[overwritten]
+
+    async def body():
+        r = aredis.Redis.from_url(redis_url)
+        try:
+            q = await one_at_a_time(r, keys, "default", ["k1", "k2"])
+            await q.enqueue([normalize_spec({"func": "tests.jobs:Echo", "job_id": "b"})])
+            k1, b = (await q.fetch("w", ["default"], 10, 30)).claims   # k2 is parked
+            await r.delete(bad)
+            await r.rpush(bad, "overwritten")
+            assert await q.finish("w", [outcome(k1, False, "HTTP 429", hold_ms=60_000),
+                                        outcome(b)]) == ["failed", "succeeded"]
+            assert await r.zscore(keys.inflight, "k1") is None
+        finally:
+            await r.aclose()
+
+    asyncio.run(body())
