@@ -773,3 +773,17 @@ def test_list_jobs_shows_a_job_whose_key_an_operator_overwrote_as_unreadable(red
             == ["b", "a"]
         assert await r.zscore(KEYS.status("succeeded"), "b") is not None   # not dropped
     asyncio.run(with_queue(redis_url, body))
+
+
+def test_a_fetch_claims_with_the_counters_an_operator_overwrote(redis_url, caplog):
+    """fetch.lua counted first starts in the counters hash after writing its claims: that
+    hash overwritten with another type failed every fetch that claimed a new job (claims
+    made, never returned: each ran only after its lease ran out), on every worker. The
+    claims are returned; the count is left out, named."""
+    async def body(q, r):
+        await q.enqueue(specs(2))
+        await r.delete(KEYS.counters)
+        await r.rpush(KEYS.counters, "overwritten")
+        assert len((await q.fetch("w", ["default"], 10, 30)).claims) == 2
+        assert KEYS.counters in caplog.text
+    asyncio.run(with_queue(redis_url, body))

@@ -16,7 +16,7 @@
 --   over for holding another type (a queue: its jobs wait, or stay parked; a job's hash:
 --   out of its line; inflight: nothing claimed; its limit key's running, parked, hold or
 --   next-start key, the parked counts its parking or put-back writes, or limits due (any
---   limited job's): it waits).
+--   limited job's): it waits; the counters: starts not counted).
 -- Invariant: a claimed job is running under this worker, with a lease in inflight that
 -- the worker renews; its attempt counter counts the claim. A job whose limit key is at its
 -- limit is parked (out of its queue, still queued) so it never holds back other keys; its
@@ -291,7 +291,9 @@ for i = FIRST_QUEUE, #ARGV do
   end
 end
 
-if started > 0 then
+-- (counters of another type, after the claims were written: left out, named)
+if started > 0 and mistyped(KEYS[6], 'hash') then broken[KEYS[6]] = true
+elseif started > 0 then
   redis.call('HINCRBY', KEYS[6], 'started', started)
   redis.call('HINCRBY', KEYS[6], 'start_latency_ms', waited)
 end
