@@ -547,13 +547,18 @@ class RedisQueue:
         return view
 
     async def _summaries(self, job_ids: list[str]) -> list[tuple[dict, int]]:
-        """Per job: its hash without the result (empty: no such job), and the result's size."""
+        """Per job: its hash without the result (empty: no such job; None: its key holds
+        another type, an operator's), and the result's size."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for job_id in job_ids:
                 pipe.hmget(self.keys.job(job_id), _SUMMARY_FIELDS)
                 pipe.hstrlen(self.keys.job(job_id), "result")
-            rows = await pipe.execute()
-        return [({name.encode(): v for name, v in zip(_SUMMARY_FIELDS, values) if v is not None},
+            rows = await pipe.execute(raise_on_error=False)
+        for reply in rows:   # (an outage, a refusal: every key's, raised as it came)
+            if isinstance(reply, Exception) and error_code(reply) != "WRONGTYPE":
+                raise reply
+        return [(None, 0) if isinstance(size, ResponseError) else
+                ({name.encode(): v for name, v in zip(_SUMMARY_FIELDS, values) if v is not None},
                  size) for values, size in zip(rows[::2], rows[1::2])]
 
     def summary_view(self, job_id: str, h: dict[bytes, bytes], result_bytes: int) -> dict:
@@ -615,10 +620,16 @@ class RedisQueue:
                     ids = [_s(m[17:] if in_line else m) for m in members]  # {seq:016x}:{id}
                     gone = []
                     for raw, job_id, (h, size) in zip(members, ids, await self._summaries(ids)):
+                        unread = h is None   # listed as its index has it, named
+                        if unread:
+                            h = {b"status": st.encode()}
                         if not h:
                             gone.append(raw)
                         elif h.get(b"status") == st.encode() and job_id not in listed:
                             view = self.summary_view(job_id, h, size)  # (else an index lagging)
+                            if unread:
+                                view["unreadable"] = view["error"] = (
+                                    f"{self.keys.job(job_id)} is not a hash (overwritten?)")
                             if all(v is None or view[n] == v for n, v in wanted.items()):
                                 if skip:
                                     skip -= 1

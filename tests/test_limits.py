@@ -612,3 +612,118 @@ def test_a_job_parked_on_a_key_an_operator_overwrote_waits_in_line_named(redis_u
             await r.aclose()
 
     asyncio.run(body())
+
+
+@pytest.mark.parametrize("overwritten", ["due", "hold", "next", "running"])
+def test_a_limits_key_an_operator_overwrote_holds_back_only_the_jobs_it_limits(redis_url,
+                                                                               caplog,
+                                                                               overwritten):
+    """The limits-due set, or key k's hold, next-start or running key, overwritten with
+    another type: every fetch failed (WRONGTYPE), every worker of every queue stopped. Now
+    only the jobs it limits wait (every limited job for the due set, which each one's end
+    writes; k's for k's keys), in their place or parked, named; other jobs are claimed, and
+    once the key is deleted k's jobs go on."""
+    keys = Keys("elrictest")
+    bad = {"due": keys.limits_due, "hold": keys.limit_hold("k"),
+           "next": keys.limit_next("k"), "running": keys.limit_running("k")}[overwritten]
+
+    async def body():
+        r = aredis.Redis.from_url(redis_url)
+        try:
+            q = RedisQueue(r, keys)
+            await limits.publish(r, keys, limits.parse_rules({"k": {"interval": 60}}))
+            spec = {"func": "tests.jobs:Echo", "limit_key": "k"}
+            await q.enqueue([normalize_spec({**spec, "job_id": j}) for j in ("k1", "k2")])
+            [k1] = (await q.fetch("w", ["default"], 10, 30)).claims   # k2 is parked
+            await r.zadd(keys.limits_due, {"k": 0})   # k's parked job is looked at now
+            await q.enqueue([normalize_spec({**spec, "job_id": "k3"}),
+                             normalize_spec({**spec, "job_id": "o", "limit_key": "other"}),
+                             normalize_spec({"func": "tests.jobs:Echo", "job_id": "b"})])
+            await r.delete(bad)
+            await r.rpush(bad, "overwritten")
+            fetched = await q.fetch("w", ["default"], 10, 30, ended=[k1.run])
+            assert [c.job_id for c in fetched.claims] == (["b"] if overwritten == "due"
+                                                          else ["o", "b"])
+            assert await r.zcard(keys.limit_parked("k")) == 1
+            assert bad in caplog.text
+            await r.delete(bad)
+            await r.zadd(keys.limits_due, {"k": 0})
+            await q.fetch("w", ["default"], 10, 30)
+            assert await r.zcard(keys.queue("default")) == 0   # claimed or parked
+        finally:
+            await r.aclose()
+
+    asyncio.run(body())
+
+
+@pytest.mark.parametrize("overwritten", ["queue", "counts", "job"])
+def test_a_parked_job_whose_queue_an_operator_overwrote_stays_parked_named(redis_url, caplog,
+                                                                          overwritten):
+    """k's slot frees and its parked job of queue qb goes back in line, with qb (or the
+    parked counts) overwritten with another type: fetch.lua had popped the job from k's
+    parked set, then failed writing it back (ZADD, HINCRBY): out of both, it was lost, and
+    every fetch failed. It stays parked in its place, named; other jobs are claimed; once
+    the key is deleted it goes back in line when k is looked at again. A parked job whose
+    hash is of another type failed every fetch too: it leaves as a removed job, named."""
+    keys = Keys("elrictest")
+    bad = {"queue": keys.queue("qb"), "counts": keys.limits_parked,
+           "job": keys.job("k2")}[overwritten]
+
+    async def body():
+        r = aredis.Redis.from_url(redis_url)
+        try:
+            q = await one_at_a_time_key(r, keys, [("k1", "default"), ("k2", "qb")])
+            [k1] = (await q.fetch("w", ["default", "qb"], 10, 30)).claims   # k2 is parked
+            await q.finish("w", [outcome(k1)])   # k2 is due
+            await q.enqueue([normalize_spec({"func": "tests.jobs:Echo", "job_id": "b"})])
+            counts = await r.hgetall(keys.limits_parked)
+            await r.delete(bad)
+            await r.set(bad, "overwritten")
+            assert [c.job_id for c in (await q.fetch("w", ["default"], 10, 30)).claims] \
+                == ["b"]
+            assert bad in caplog.text
+            if overwritten == "job":
+                assert await r.zcard(keys.limit_parked("k")) == 0
+                return
+            assert await r.zcard(keys.limit_parked("k")) == 1
+            await r.delete(bad)
+            if counts and overwritten == "counts":
+                await r.hset(keys.limits_parked, mapping=counts)
+            await r.zadd(keys.limits_due, {"k": 0})   # (looked at again within a second)
+            await q.fetch("w", ["default"], 10, 30)
+            assert await r.zcard(keys.limit_parked("k")) == 0
+            assert [c.job_id for c in (await q.fetch("w", ["qb"], 10, 30)).claims] == ["k2"]
+        finally:
+            await r.aclose()
+
+    asyncio.run(body())
+
+
+@pytest.mark.parametrize("overwritten", ["due", "running", "parked", "hold"])
+def test_a_run_ending_while_its_keys_limits_key_is_overwritten_is_recorded(redis_url,
+                                                                          overwritten):
+    """k1 of key k (its next job parked) ends while the limits-due set, or k's running,
+    parked or hold key, holds another type: finish.lua had taken k1 out of inflight and
+    the running index, then failed freeing its slot (or holding k back for its
+    Retry-After): left running with no lease, nothing redelivered or recorded it, and the
+    batch's other outcomes failed with it. It is recorded; what it would write there is
+    left out (fetch.lua names the key)."""
+    keys = Keys("elrictest")
+    bad = {"due": keys.limits_due, "running": keys.limit_running("k"),
+           "parked": keys.limit_parked("k"), "hold": keys.limit_hold("k")}[overwritten]
+
+    async def body():
+        r = aredis.Redis.from_url(redis_url)
+        try:
+            q = await one_at_a_time(r, keys, "default", ["k1", "k2"])
+            await q.enqueue([normalize_spec({"func": "tests.jobs:Echo", "job_id": "b"})])
+            k1, b = (await q.fetch("w", ["default"], 10, 30)).claims   # k2 is parked
+            await r.delete(bad)
+            await r.rpush(bad, "overwritten")
+            assert await q.finish("w", [outcome(k1, False, "HTTP 429", hold_ms=60_000),
+                                        outcome(b)]) == ["failed", "succeeded"]
+            assert await r.zscore(keys.inflight, "k1") is None
+        finally:
+            await r.aclose()
+
+    asyncio.run(body())

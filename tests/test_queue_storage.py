@@ -721,3 +721,69 @@ def test_a_job_whose_queue_field_was_deleted_is_not_lost_going_back_in_line(redi
         await r.zadd(KEYS.inflight, {"late": 1}, xx=True)
         assert (await q.recover())[0] == ["late"]
     asyncio.run(with_queue(redis_url, body))
+
+
+@pytest.mark.parametrize("overwritten", ["counters", "queues", "batch", "func", "round"])
+def test_a_cancelled_job_whose_stats_an_operator_overwrote_still_ends_cancelled(
+        redis_url, caplog, overwritten):
+    """end_cancelled (cancel_end_fn.lua) counted the job it ended in the counters, its
+    queue's listing, its batch's, func's and round's hashes unguarded: one overwritten
+    with another type failed the ending half written (the job already marked cancelled),
+    and with it a worker's give-back or a pass of recover, every job after it in the call
+    left as it was. That write is left out, named; the jobs end cancelled."""
+    bad = {"counters": KEYS.counters, "queues": KEYS.queues, "batch": KEYS.batch("b"),
+           "func": KEYS.func(FUNC), "round": KEYS.round("r")}[overwritten]
+
+    async def body(q, r):
+        await q.enqueue([normalize_spec({"func": FUNC, "args": [i], "job_id": job_id,
+                                         "batch": "b"})
+                         for i, job_id in enumerate(("gone", "gone2", "dead", "dead2"))])
+        claims = (await q.fetch("w1", ["default"], 2, 30)).claims
+        await q.fetch("w2", ["default"], 2, 0)   # their leases run out at once
+        for job_id in ("gone", "gone2", "dead", "dead2"):
+            assert await q.cancel(job_id) == "running"
+            await r.hset(KEYS.job(job_id), "round", "r")
+        await r.delete(bad)
+        await r.rpush(bad, "overwritten")
+        assert await q.release("w1", [c.run for c in claims]) == 0
+        assert await q.recover() == ([], ["dead", "dead2"])
+        for job_id in ("gone", "gone2", "dead", "dead2"):
+            assert (await q.get_job(job_id))["status"] == "cancelled"
+        assert bad in caplog.text
+    asyncio.run(with_queue(redis_url, body))
+
+
+def test_list_jobs_shows_a_job_whose_key_an_operator_overwrote_as_unreadable(redis_url):
+    """A job's key in a status index (or a queue) SET to a string failed list_jobs whole
+    (WRONGTYPE in its pipeline): the CLI's and the dashboard's job lists showed nothing.
+    That job is listed with its status, named unreadable; the rest as before."""
+    async def body(q, r):
+        await q.enqueue([normalize_spec({"func": FUNC, "args": [i], "job_id": job_id})
+                         for i, job_id in enumerate(("a", "b", "c", "w"))])
+        claims = (await q.fetch("w", ["default"], 3, 30)).claims
+        await q.finish("w", [outcome(c) for c in claims])
+        for job_id in ("b", "w"):
+            await r.set(KEYS.job(job_id), "overwritten")
+        rows = {row["job_id"]: row for row in await q.list_jobs()}
+        assert sorted(rows) == ["a", "b", "c", "w"]
+        assert (rows["b"]["status"], rows["w"]["status"]) == ("succeeded", "queued")
+        assert rows["b"]["unreadable"] and rows["w"]["unreadable"]
+        assert "unreadable" not in rows["a"]
+        assert [row["job_id"] for row in await q.list_jobs(status="succeeded", offset=1)] \
+            == ["b", "a"]
+        assert await r.zscore(KEYS.status("succeeded"), "b") is not None   # not dropped
+    asyncio.run(with_queue(redis_url, body))
+
+
+def test_a_fetch_claims_with_the_counters_an_operator_overwrote(redis_url, caplog):
+    """fetch.lua counted first starts in the counters hash after writing its claims: that
+    hash overwritten with another type failed every fetch that claimed a new job (claims
+    made, never returned: each ran only after its lease ran out), on every worker. The
+    claims are returned; the count is left out, named."""
+    async def body(q, r):
+        await q.enqueue(specs(2))
+        await r.delete(KEYS.counters)
+        await r.rpush(KEYS.counters, "overwritten")
+        assert len((await q.fetch("w", ["default"], 10, 30)).claims) == 2
+        assert KEYS.counters in caplog.text
+    asyncio.run(with_queue(redis_url, body))

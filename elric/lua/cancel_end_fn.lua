@@ -11,9 +11,14 @@
 -- does. The caller has taken it out of inflight and its status index.
 -- c: {cancelled = cancelled index, counters = counters, queues = queues, due = limits due,
 --     ttl = failed ttl (s), and free_slot's jp, rp, pp, wp (slot_fn.lua), roundp = round prefix,
---     bp = batch stats prefix, fp = func stats prefix}
+--     bp = batch stats prefix, fp = func stats prefix, broken = a list (or nil) it names
+--     the keys of another type it left alone in}
 local function end_cancelled(jk, id, why, c)
   local now = now_ms()
+  -- a count in a key an operator overwrote must not fail the ending (finish.lua's rule)
+  local function write(...)
+    if not pcall(redis.call, ...) then table.insert(c.broken or {}, (select(2, ...))) end
+  end
   local f = redis.call('HMGET', jk, 'attempts', 'queue', 'batch', 'error', 'limit_key',
                        'round', 'func')
   redis.call('HDEL', jk, 'cancel')
@@ -23,15 +28,15 @@ local function end_cancelled(jk, id, why, c)
   redis.call('EXPIRE', jk, c.ttl)
   redis.call('ZADD', c.cancelled, now, id)
   redis.call('ZREMRANGEBYSCORE', c.cancelled, '-inf', now - c.ttl * 1000)
-  redis.call('HINCRBY', c.counters, 'cancelled', 1)
+  write('HINCRBY', c.counters, 'cancelled', 1)
   if f[2] then   -- (its `queue` deleted while it ran, an operator's: it counts in none)
-    redis.call('HINCRBY', c.counters, 'queue:' .. f[2] .. ':cancelled', 1)
-    redis.call('HSET', c.counters, 'queue:' .. f[2] .. ':last_at', now)
-    redis.call('SADD', c.queues, f[2])
+    write('HINCRBY', c.counters, 'queue:' .. f[2] .. ':cancelled', 1)
+    write('HSET', c.counters, 'queue:' .. f[2] .. ':last_at', now)
+    write('SADD', c.queues, f[2])
   end
-  count_in_stats(c.bp, c.fp, f[3], f[7], 'cancelled', now)
+  count_in_stats(c.bp, c.fp, f[3], f[7], 'cancelled', now, write)
   if f[6] then
-    redis.call('HINCRBY', c.roundp .. f[6], 'removed', 1)
+    write('HINCRBY', c.roundp .. f[6], 'removed', 1)
     redis.call('EXPIRE', c.roundp .. f[6], c.ttl)
   end
 end

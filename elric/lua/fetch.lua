@@ -13,9 +13,10 @@
 --   names the run), unreadable ('' or the attempts field, if not a count: the worker
 --   fails the job)}; wait: ms until parked jobs are looked at
 --   again (-1: none parked; 0: more in line than one call looks at); then the keys passed
---   over for holding another type (a queue: its jobs wait; a job's hash: out of its line;
---   inflight: nothing claimed; its limit key's running or parked set, or the parked
---   counts, that its claim or parking writes: it waits in its place).
+--   over for holding another type (a queue: its jobs wait, or stay parked; a job's hash:
+--   out of its line; inflight: nothing claimed; its limit key's running, parked, hold or
+--   next-start key, the parked counts its parking or put-back writes, or limits due (any
+--   limited job's): it waits; the counters: starts not counted).
 -- Invariant: a claimed job is running under this worker, with a lease in inflight that
 -- the worker renews; its attempt counter counts the claim. A job whose limit key is at its
 -- limit is parked (out of its queue, still queued) so it never holds back other keys; its
@@ -35,6 +36,10 @@ local RECHECK_MS, SCAN_BUDGET, DUE_BATCH = 1000, 1000, 100
 -- inflight of another type (expect_fn): a claim, already out of its queue and running, would
 -- fail there with no lease, so no redelivery would find it. Claim nothing, named.
 if mistyped(KEYS[1], 'zset') then return {{}, RECHECK_MS, KEYS[1]} end
+local broken = {}   -- keys of another type (an operator overwrote them): named in the reply
+-- limits due of another type: every limited job waits (its claim, parking or end writes it)
+local due_bad = mistyped(KEYS[4], 'zset') and KEYS[4]
+if due_bad then broken[due_bad] = true end
 local FIRST_QUEUE = 13 + 3 * tonumber(ARGV[12])
 local started, waited = 0, 0   -- first attempts claimed, and their summed wait (ms)
 local mine = {}   -- the queues of this worker
@@ -71,11 +76,15 @@ local rooms = {}
 local function room(lk, iv)
   local m = rooms[lk]
   if not m then
+    -- (m.bad) a key of it of another type would fail every fetch meeting it: its jobs wait
+    local bad = mistyped(rp .. lk, 'set') and rp .. lk or mistyped(hp .. lk, 'string')
+      and hp .. lk or mistyped(np .. lk, 'string') and np .. lk
     local c = (rules[lk] or rules['*'] or {})[1]
-    m = {free = c and c - redis.call('SCARD', rp .. lk) or math.huge,
-         hold = tonumber(redis.call('GET', hp .. lk) or '0')}
+    m = bad and {bad = bad} or {free = c and c - redis.call('SCARD', rp .. lk) or math.huge,
+                               hold = tonumber(redis.call('GET', hp .. lk) or '0')}
     rooms[lk] = m
   end
+  if m.bad then return m end
   local r = rule(lk, iv)
   if not r and m.hold <= clock then return nil end
   m.rule, m.next = r or {}, m.hold
@@ -117,9 +126,9 @@ if limited then
     local f = redis.call('HMGET', jp .. id, 'status', 'attempts', 'worker', 'limit_key',
                          'queue', 'member')
     if f[1] == 'running' and f[2] == ARGV[i + 1] and f[6] == ARGV[i + 2]
-        and f[3] == worker and f[4]
+        and f[3] == worker and f[4] and not mistyped(rp .. f[4], 'set')
         and redis.call('SREM', rp .. f[4], id) == 1
-        and redis.call('ZSCORE', KEYS[4], f[4]) then
+        and not due_bad and redis.call('ZSCORE', KEYS[4], f[4]) then
       redis.call('ZADD', KEYS[4], 0, f[4])
       if limit == 0 then   -- this worker takes none: wake one that may
         redis.call('LPUSH', wp .. f[5], '1')
@@ -129,13 +138,26 @@ if limited then
   end
 end
 
+-- A job's field; a hash of another type (an operator's) reads as none, named: a parked job
+-- with no hash leaves its key's line as a removed one does.
+local function field(id, name)
+  local read, v = pcall(redis.call, 'HGET', jp .. id, name)
+  if read then return v end
+  broken[jp .. id] = true
+end
+
 -- Keys whose parked jobs are due: as many as may start go back in line.
 local refilled = {}   -- this worker's queues that parked jobs went back to
-for _, lk in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', clock, 'LIMIT', 0, DUE_BATCH)) do
+local due = due_bad and {} or
+  redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', clock, 'LIMIT', 0, DUE_BATCH)
+for _, lk in ipairs(due) do
   local n, when = SCAN_BUDGET, clock + RECHECK_MS   -- no limit any more: all go back
-  local first = redis.call('ZRANGE', pp .. lk, 0, 0)[1]   -- its jobs' own interval, if any
-  local iv = first and interval(redis.call('HGET', jp .. string.sub(first, 18), 'limit_interval'))
+  local bad = mistyped(pp .. lk, 'zset') and pp .. lk   -- (or room's m.bad): none go back
+  local first = not bad and redis.call('ZRANGE', pp .. lk, 0, 0)[1]   -- its own interval
+  local iv = first and interval(field(string.sub(first, 18), 'limit_interval'))
   local m = room(lk, iv)
+  bad = bad or m and m.bad
+  if bad then broken[bad], n, m = true, 0, nil end
   if m then
     local r = m.rule
     if m.free <= 0 and r[1] then   -- full: unless some of its running jobs ended unseen
@@ -147,11 +169,16 @@ for _, lk in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', clock, 'LIMIT',
     elseif r[1] then n = math.max(0, m.free) end
   end
   if n > 0 then
-    local back = redis.call('ZPOPMIN', pp .. lk, n)
+    local back = redis.call('ZRANGE', pp .. lk, 0, n - 1, 'WITHSCORES')
     for i = 1, #back, 2 do
       local member, score = back[i], back[i + 1]
-      local queue = redis.call('HGET', jp .. string.sub(member, 18), 'queue')
-      if queue then
+      local queue = field(string.sub(member, 18), 'queue')
+      -- its queue or the parked counts of another type (expect_fn) would fail the call
+      -- with it out of both, lost: it stays parked in its place, named
+      local bad = queue and (mistyped(qp .. queue, 'zset') and qp .. queue
+                             or mistyped(KEYS[5], 'hash') and KEYS[5])
+      if bad then broken[bad] = true else redis.call('ZREM', pp .. lk, member) end
+      if queue and not bad then
         redis.call('ZADD', qp .. queue, score, member)
         redis.call('HINCRBY', KEYS[5], queue, -1)
         if not mine[queue] then   -- back in a line this worker does not serve: wake one
@@ -169,7 +196,6 @@ end
 
 local out, budget = {}, SCAN_BUDGET
 local stop = false   -- a limited job the worker cannot start now: it takes no more
-local broken = {}   -- keys of another type (an operator overwrote them): named in the reply
 local skip = {}   -- queue -> jobs passed over at the head of its line (each is looked at once)
 while #out < limit and budget > 0 and not stop do
   local cands = {}
@@ -199,10 +225,11 @@ while #out < limit and budget > 0 and not stop do
     if not read then broken[jk], f = true, {} end   -- gone from its line, like a removed job
     local iv = interval(f[14])
     local lk = f[6] and f[11]
-    -- a key its claim or parking writes of another type (expect_fn) would fail the call
-    -- with the job out of its line, lost: it waits in its place, named
-    local bad = lk and mistyped(rp .. lk, 'set') and rp .. lk
-    local m = lk and not bad and room(lk, iv)
+    -- a key its claim, parking or end writes of another type (expect_fn) would fail the
+    -- call with the job out of its line, lost: it waits in its place, named
+    local m = lk and room(lk, iv)
+    local bad = lk and (due_bad or m and m.bad)
+    if bad then m = nil end
     local parks = m and (m.free <= 0 or m.next > clock)
     bad = bad or parks and (mistyped(pp .. lk, 'zset') and pp .. lk
                             or mistyped(KEYS[5], 'hash') and KEYS[5])
@@ -264,13 +291,15 @@ for i = FIRST_QUEUE, #ARGV do
   end
 end
 
-if started > 0 then
+-- (counters of another type, after the claims were written: left out, named)
+if started > 0 and mistyped(KEYS[6], 'hash') then broken[KEYS[6]] = true
+elseif started > 0 then
   redis.call('HINCRBY', KEYS[6], 'started', started)
   redis.call('HINCRBY', KEYS[6], 'start_latency_ms', waited)
 end
 local wait = -1
 if budget == 0 then wait = 0   -- more in line than one call looks at
-else
+elseif not due_bad then
   local first = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
   if #first > 0 then wait = math.max(0, tonumber(first[2]) - clock) end
 end

@@ -12,7 +12,8 @@
 --       member it was fetched as), hold (ms its server asked to wait: Retry-After; 0: none)
 -- Returns per job its new status, or 'stale' for a job this worker no longer holds (it was
 -- redelivered elsewhere or removed): that outcome is dropped; then the keys it left alone
--- for holding another type (a job's hash: its outcome is dropped; a stats or round hash).
+-- for holding another type (a job's hash: its outcome is dropped; a stats or round hash;
+-- its limit key's hold: not held).
 -- A call sent again (its reply was lost) answers the status its first run recorded, but
 -- `stale` for one it cancelled.
 -- Invariant: only the worker, run and attempt that hold the job record it (a rerun, or a job
@@ -81,9 +82,12 @@ for i = 16, #ARGV, 9 do
     redis.call('ZREM', KEYS[1], id)
     redis.call('ZREM', KEYS[2], id)
     free_slot(id, f[9], slots)
-    if outcome == 'err' and hold > 0 and f[9]
-        and now + hold > tonumber(redis.call('GET', hp .. f[9]) or '0') then
-      redis.call('SET', hp .. f[9], now + hold, 'PX', hold)
+    if outcome == 'err' and hold > 0 and f[9] then
+      local read, held = pcall(redis.call, 'GET', hp .. f[9])   -- (another type: named)
+      if not read then broken[hp .. f[9]] = true
+      elseif now + hold > tonumber(held or '0') then
+        redis.call('SET', hp .. f[9], now + hold, 'PX', hold)
+      end
     end
     local status, index
     if outcome == 'ok' then

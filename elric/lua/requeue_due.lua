@@ -26,6 +26,7 @@ local ends = {cancelled = KEYS[5], counters = KEYS[4], queues = KEYS[7], due = K
 if mistyped(KEYS[2], 'zset') then return {{}, {}, {KEYS[2]}} end
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, limit)
 local out, cancelled, broken = {}, {}, {}
+ends.broken = broken
 for _, id in ipairs(ids) do
   local jk = jp .. id
   local read, f = pcall(redis.call, 'HMGET', jk, 'status', 'cancel', 'limit_key', 'queue')
