@@ -232,13 +232,9 @@ def cmd_call(args: argparse.Namespace) -> int:
             (show or views.filtered)(client.stats()["filters"])
         elif command == "jobs":
             # (--limit 0 goes to the master, which refuses it, rather than shows 100 jobs)
-            query = {k: v for k, v in (("status", args.status), ("queue", args.queue),
-                                       ("func", args.by_func), ("batch", args.batch),
-                                       ("offset", args.offset), ("limit", args.limit))
-                     if v not in (None, "")}
+            rows = client.list_jobs(**_filter(args, offset=args.offset, limit=args.limit))
             # periodic jobs are listed as short maps of their schedules: shown as schedules
             view = views.schedules if args.status == Status.SCHEDULED else views.jobs
-            rows = client.list_jobs(**query)
             (show or view)(rows)
             _more(rows, args, show)
         elif command == "schedules":
@@ -346,13 +342,18 @@ def _when(text: str) -> float:
                          "2026-12-04T10:00") from None
 
 
+def _filter(args: argparse.Namespace, **more) -> dict:
+    """The job filter --status, --queue, --func and --batch give, with ``more``."""
+    f = {"status": getattr(args, "status", None), "queue": args.queue, "func": args.by_func,
+         "batch": args.batch, **more}
+    return {key: value for key, value in f.items() if value not in (None, "")}
+
+
 def _bulk_filter(args: argparse.Namespace) -> dict:
     if args.command == "purge":
         return {"status": "queued", "queue": args.queue_name}
-    f = {"status": args.status, "queue": args.queue, "func": args.by_func, "batch": args.batch,
-         "worker": args.worker, "since": args.since and _when(args.since),
-         "until": args.until and _when(args.until)}
-    return {key: value for key, value in f.items() if value not in (None, "")}
+    return _filter(args, worker=args.worker, since=args.since and _when(args.since),
+                   until=args.until and _when(args.until))
 
 
 def _bulk(client, args: argparse.Namespace, show) -> int:
@@ -486,8 +487,7 @@ def _results(client, args: argparse.Namespace) -> int:
     all, and every one is reached however many there are."""
     if not 1 <= args.page_size <= 1000:
         raise UsageError("--page-size takes 1 to 1000")
-    f = {k: v for k, v in (("status", Status.SUCCEEDED), ("queue", args.queue),
-                           ("func", args.by_func), ("batch", args.batch)) if v}
+    f = _filter(args, status=Status.SUCCEEDED)
     jsonl, cursor, first, pending = args.json or args.format == "jsonl", "", True, []
     while True:
         step = client.bulk_jobs("find", f, cursor)
@@ -613,6 +613,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="job ids; or none, and a filter below")
         if bulk or name == "jobs":
             p.add_argument("--status", help=", ".join(JobFilter.STATUSES if bulk else STATUSES))
+        if bulk or name in ("jobs", "results"):
             p.add_argument("--queue")
             p.add_argument("--func", dest="by_func", metavar="FUNC",   # (it said BY_FUNC)
                            help='"package.module:ClassName"')
@@ -629,10 +630,6 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--offset", type=int, default=0, help="jobs to skip")
             p.add_argument("--limit", type=int, default=20, help="jobs to show (1 to 1000)")
         if name == "results":
-            p.add_argument("--func", dest="by_func", metavar="FUNC",   # (it said BY_FUNC)
-                           help='"package.module:ClassName"')
-            p.add_argument("--batch")
-            p.add_argument("--queue")
             p.add_argument("--format", choices=("table", "jsonl"), default="table",
                            help="jsonl: one {job_id, func, result, finished_at} a line "
                                 "(as --json)")
