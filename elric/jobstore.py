@@ -22,6 +22,7 @@ from enum import StrEnum
 from elric import lua
 from elric.codec import pack, unpack
 from elric.contract import SPEC_KEYS, Status
+from elric.retry import Backoff
 from elric.triggers import TriggerError, build_trigger, next_fire, parse_trigger
 
 FINISHED_TTL = 86400            # seconds a finished job (no next fire) stays visible to get()
@@ -394,7 +395,7 @@ class RedisJobStore:
         """The run record of ``fire`` as ``get`` shows it, once the scheduler has decided it
         (not "enqueued": marked, not yet queued, the dedupe filter may still drop it), or
         as it is after ``wait`` seconds; None if it is not recorded by then."""
-        deadline, pause = time.monotonic() + wait, 0.05
+        deadline, backoff = time.monotonic() + wait, Backoff(0.05, 0.5)
         while True:
             runs = (await self.get(job_id) or {}).get("runs", [])
             run = next((r for r in runs if r.get("job_id") == fire), None)
@@ -403,8 +404,7 @@ class RedisJobStore:
                 return run
             # polled: any master's fire script, enqueue or dedupe filter decides it (one
             # taking over, seconds later): looking less often after the first ms is cheaper
-            await asyncio.sleep(min(pause, left))
-            pause = min(2 * pause, 0.5)
+            await asyncio.sleep(min(backoff.next(), left))
 
     async def modify(self, job_id: str, changes: dict) -> dict:
         """Change the trigger (restarting the schedule from now), misfire options or job spec
