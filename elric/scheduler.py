@@ -398,22 +398,21 @@ class Scheduler:
         kind = (await self.redis.type(self.keys.schedules)).decode()
         if kind in ("zset", "none"):
             return False
-        prefix, cursor, index = self.keys.schedule(""), None, {}
+        prefix, index = self.keys.schedule(""), {}
         match = "".join("\\" + c if c in "*?[]\\" else c for c in prefix) + "*"
-        while cursor != 0:
-            cursor, found = await self.redis.scan(cursor or 0, match=match,
-                                                  count=self.batch_size, _type="hash")
-            pipe = self.redis.pipeline(transaction=False)
-            for key in found:
-                pipe.hmget(key, "paused", "next_run_time")
-            for key, row in zip(found, await pipe.execute()):
-                if not row[1]:   # gone, or finished
-                    continue
-                try:
-                    score = math.inf if row[0] == b"1" else _fire_time(row[1]) * 1000.0
-                except ValueError:   # no date: due now, where the pass names it
-                    score = 0.0
-                index[key[len(prefix.encode()):]] = score
+        found = [key async for key in self.redis.scan_iter(match=match, count=self.batch_size,
+                                                            _type="hash")]
+        pipe = self.redis.pipeline(transaction=False)
+        for key in found:
+            pipe.hmget(key, "paused", "next_run_time")
+        for key, row in zip(found, await pipe.execute()):
+            if not row[1]:   # gone, or finished
+                continue
+            try:
+                score = math.inf if row[0] == b"1" else _fire_time(row[1]) * 1000.0
+            except ValueError:   # no date: due now, where the pass names it
+                score = 0.0
+            index[key[len(prefix.encode()):]] = score
         # replaced in one step: a rebuild cut short (Redis away, the master killed) leaves
         # the key of another type, rebuilt at a later pass, not a zset short of jobs for good
         async with self.redis.pipeline(transaction=True) as pipe:
