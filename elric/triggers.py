@@ -561,10 +561,7 @@ def _parse(data: dict, now: float) -> tuple[BaseTrigger, dict]:
         if crontab is not None:  # stored as written, not as APScheduler fields
             fields = {"crontab": crontab}
 
-    if start is not None and end is not None and end < start:
-        if data.get("start_date") is None:  # an interval's own start: the user gave none
-            raise TriggerError("trigger.end_date", f"{end.isoformat()} comes before the next "
-                                                   "fire; this interval never fires")
+    if data.get("start_date") is not None and end is not None and end < start:
         raise TriggerError("trigger.end_date",
                            f"{end.isoformat()} is before start_date {start.isoformat()}")
     out = {"type": kind, **fields, "start_date": start, "end_date": end, "timezone": zone_name,
