@@ -309,13 +309,10 @@ class RedisJobStore:
 
     async def add(self, spec: dict, *, replace_existing: bool = False,
                   check: bool = False) -> dict:
-        """Store a periodic job (``check``: only refuse it as storing would); ``spec`` holds
-        "trigger" (raw dict) and "job_id".
-
-        The same job sent again (a retried call) is answered as stored. replace_existing keeps
-        the runs, an operator's pause and, for the same trigger, the next run time, so a
-        re-run submitting script neither doubles nor shifts the schedule.
-        """
+        """Store the periodic job ``spec`` ("job_id", "trigger"); ``check``: only refuse it as
+        storing would. The same job sent again is answered as stored; replace_existing keeps
+        the runs, a pause and, for the same trigger, the next run time (a script run again
+        neither doubles nor shifts the schedule)."""
         replace = bool(replace_existing or spec.get("replace_existing"))
         job_id = spec.get("job_id")
         if not isinstance(job_id, str) or not job_id:
@@ -374,12 +371,9 @@ class RedisJobStore:
         return await self._update(job_id, change) is not None
 
     async def run_now(self, job_id: str) -> float | None:
-        """Make the job due now (Redis's clock), as APScheduler's modify(next_run_time=now):
-        the scheduler, woken by the write, fires it by the usual rules (max_instances, runs,
-        a "@fire" scope of its own) and then computes the next fire from this one. Returns
-        the fire time; None if there is no such job. A fire already due and not yet fired
-        (an earlier run-now, no master scheduling for a moment) is the one answered: moved,
-        it would never fire, and whoever asked for it would wait for it in vain."""
+        """Make the job due now (Redis's clock): the scheduler, woken, fires it by its usual
+        rules. Returns the fire time (None: no such job); a fire already due and not yet
+        fired is the one answered: moved, it would never fire, and its asker wait in vain."""
         def change(job: StoredJob) -> StoredJob:
             if job.paused:
                 raise ScheduleError(f"periodic job {job_id!r} is paused: resume it first")

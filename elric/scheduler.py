@@ -66,9 +66,8 @@ def _score(raw) -> float:
 
 
 def _fire_time(raw) -> float:
-    """A stored next run time; ValueError if it is no date (written by hand or restored
-    badly: nan, inf, past the year 9999), which would fail the fire script's arguments of
-    every job in the pass."""
+    """A stored next run time; ValueError if it is no date (nan, inf, past 9999: it would
+    fail the fire script's arguments of every job in the pass)."""
     t = float(raw)
     try:
         iso(t)   # (ValueError for nan)
@@ -130,8 +129,6 @@ class Scheduler:
         self._pending = True  # fires marked but maybe not queued: look on taking the lease
         # (monotonic) when to look again at fires left pending by a scope the filter refused
         self._retry_pending = math.inf
-        # a Redis away or refusing writes is logged when it starts and when it passes, not
-        # at each pass that finds the fires still pending
         self._queueing = Outage(self.log, "queueing fires failed; they stay pending and are "
                                      "tried again")
 
@@ -225,8 +222,7 @@ class Scheduler:
             return FirePlan(job_id, b"", None)
         if missing := [name for name, v in h.items() if v is None]:  # HDEL, a partial restore
             raise ValueError(f"its hash has no {', '.join(missing)}")
-        # checked here, where bad stored data is caught: a map that is no job spec failed
-        # the enqueue of every fire queued or pending with its fire
+        # checked here, where bad stored data is caught: else it fails every fire queued with it
         spec = normalize_spec(unpack(h["spec"]))
         options, trigger = Options.from_hash(h), _trigger(h["trigger"])
         grace, policy = options.misfire_grace_time, options.coalesce
