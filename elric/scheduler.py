@@ -107,10 +107,9 @@ class Scheduler:
     batch_size = 500  # due jobs read, planned and marked per Lua call
 
     def __init__(self, redis, keys, store: RedisJobStore, enqueue, *, master_id: str,
-                 lease_seconds: float = 10.0, clock: RedisClock | None = None,
-                 log=logging.getLogger("elric.scheduler")) -> None:
+                 lease_seconds: float = 10.0, clock: RedisClock | None = None) -> None:
         self.redis, self.keys, self.store, self.enqueue = redis, keys, store, enqueue
-        self.master_id, self.log = master_id, log
+        self.master_id, self.log = master_id, logging.getLogger("elric.scheduler")
         self.clock = clock or RedisClock(redis)  # what is due is judged by Redis's clock
         self.lease_seconds = lease_seconds
         self._lease_ms = max(1, int(lease_seconds * 1000))
