@@ -668,9 +668,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser, argv = build_parser(), sys.argv[1:] if argv is None else argv
-    # a command's own parser, intermixed: positional arguments after options too (elric
-    # submit F --queue q 1 2 was refused: ARG... ends at the first option); the top
-    # parser cannot do it (argparse refuses intermixed with subcommands)
+    # the command's own parser, intermixed, so ARG... may follow options (submit F --queue
+    # q 1 2); argparse refuses intermixed parsing with subcommands
     command = parser.commands.get(argv[0]) if argv else None
     try:
         args = command.parse_intermixed_args(argv[1:], argparse.Namespace(command=argv[0])) \

@@ -396,8 +396,7 @@ class RedisJobStore:
             left = deadline - time.monotonic()
             if (run is not None and run["outcome"] != Outcome.ENQUEUED) or left <= 0:
                 return run
-            # polled: any master's fire script, enqueue or dedupe filter decides it (one
-            # taking over, seconds later): looking less often after the first ms is cheaper
+            # polled: any master's fire script, enqueue or dedupe filter may decide it
             await asyncio.sleep(min(backoff.next(), left))
 
     async def modify(self, job_id: str, changes: dict) -> dict:
@@ -413,9 +412,8 @@ class RedisJobStore:
         def change(job: StoredJob) -> StoredJob:
             spec = {**job.spec, **{k: v for k, v in changes.items() if k not in SCHEDULE_OPTIONS}}
             options = schedule_options(changes, job.options)
-            # the trigger it has (as sent, or as get shows it) keeps its next run time, as
-            # with replace_existing: else a script modifying it on each run moved every fire
-            # away, and a date job that fired fired again
+            # the trigger it has (as sent, or as get shows it) keeps its next run time: a
+            # script modifying it on each run must not move every fire, or refire a date job
             same = bool(new_trigger) and (new_trigger["trigger_input"] == job.trigger_input
                                           or new_trigger["trigger"] == job.trigger)
             if new_trigger and not same:
