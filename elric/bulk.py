@@ -104,9 +104,6 @@ def schedule_left_alone(job: dict | None, action: str) -> str | None:
     return None
 
 
-NOT_RUN = ("skipped", "missed", "filtered")   # a fire's outcomes that ran no job
-
-
 def not_run(reply: dict, wait: float) -> str | None:
     """Why a run-now (run_job's reply, having waited ``wait`` seconds) ran nothing, or was
     not seen to; None: it queued a job."""
@@ -114,7 +111,7 @@ def not_run(reply: dict, wait: float) -> str | None:
     if run is None:   # asked, but not seen to happen: no success
         return (f"{fire} asked for; not fired within {wait:g}s (is a master scheduling? see "
                 "elric health)")
-    if run["outcome"] in NOT_RUN:
+    if run["outcome"] in ("skipped", "missed", "filtered"):   # it ran no job
         return f"{fire} {run['outcome']} ({run.get('reason', '')})"
     return None
 
