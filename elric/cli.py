@@ -181,11 +181,6 @@ def _submit_spec(args: argparse.Namespace) -> dict:
     return cls.spec(arguments, **options)
 
 
-_TEXT_OPTIONS = (("queue", "--queue"), ("by_func", "--func"), ("batch", "--batch"),
-                 ("status", "--status"), ("worker", "--worker"), ("since", "--since"),
-                 ("until", "--until"))
-
-
 def cmd_call(args: argparse.Namespace) -> int:
     """The commands that ask a master: one RPC call (or a few), shown as a table, or as the
     reply itself with --json."""
@@ -193,11 +188,12 @@ def cmd_call(args: argparse.Namespace) -> int:
     if "" in (getattr(args, "job_ids", None) or [getattr(args, "job_id", None)]):
         # the master's refusal of it is bad_request, which rerun reads as the job's state
         raise UsageError("a job id cannot be empty")
-    for dest, flag in _TEXT_OPTIONS:
+    for dest in ("queue", "by_func", "batch", "status", "worker", "since", "until"):
         if getattr(args, dest, None) == "":
             # meant no filter at all: `elric delete --queue "$Q" --status failed`, with $Q
             # unset, deleted the failed jobs of every queue
-            raise UsageError(f"{flag} '': give a value, or leave the option out")
+            raise UsageError(f"--{dest.removeprefix('by_')} '': give a value, or leave the "
+                             "option out")
     with _client(args) as client:
         command = args.command
         if not show and (command in _SHOWS_TIMES or command == "submit" and args.wait):
