@@ -196,8 +196,11 @@ def cmd_call(args: argparse.Namespace) -> int:
                              "option out")
     with _client(args) as client:
         command = args.command
-        if not show and (command in _SHOWS_TIMES or command == "submit" and args.wait):
-            _on_redis_clock(client)
+        # tables saying how long ago a time is judge it by Redis's clock, as the master does
+        # (this machine's may be hours off); health() answers it without reading every count
+        if not show and (command in ("job", "jobs", "results", "schedules")
+                         or command == "submit" and args.wait):
+            views.use_clock(client.health()["now"])
         if command == "ping":
             (show or print)(client.ping())   # --json: "pong", as JSON
         elif command == "health":
@@ -295,16 +298,6 @@ def cmd_call(args: argparse.Namespace) -> int:
             if not show:
                 print(f"job {reply['job_id']}: {reply['status']} (was {reply['was']})")
     return 0
-
-
-# commands whose tables say how long ago (or ahead) a job's or a fire's time is
-_SHOWS_TIMES = ("job", "jobs", "results", "schedules")   # and submit --wait
-
-
-def _on_redis_clock(client) -> None:
-    """Judge "... ago" by Redis's clock, which health() answers (stats() too, but it reads
-    every count), as the master judges every time: this machine's clock may be hours off."""
-    views.use_clock(client.health()["now"])
 
 
 def _on_one_job(call, job_id: str):
