@@ -104,9 +104,6 @@ def schedule_left_alone(job: dict | None, action: str) -> str | None:
     return None
 
 
-NOT_RUN = ("skipped", "missed", "filtered")   # a fire's outcomes that ran no job
-
-
 def not_run(reply: dict, wait: float) -> str | None:
     """Why a run-now (run_job's reply, having waited ``wait`` seconds) ran nothing, or was
     not seen to; None: it queued a job."""
@@ -114,13 +111,9 @@ def not_run(reply: dict, wait: float) -> str | None:
     if run is None:   # asked, but not seen to happen: no success
         return (f"{fire} asked for; not fired within {wait:g}s (is a master scheduling? see "
                 "elric health)")
-    if run["outcome"] in NOT_RUN:
+    if run["outcome"] in ("skipped", "missed", "filtered"):   # it ran no job
         return f"{fire} {run['outcome']} ({run.get('reason', '')})"
     return None
-
-
-def _s(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 class Bulk:
@@ -134,10 +127,11 @@ class Bulk:
         a sequence prefix). Queued jobs wait in their queue, or parked by their limit key."""
         k, out = self.keys, []
         if f.status in (None, Status.QUEUED):
-            names = [f.queue] if f.queue else await self.redis.smembers(k.queues)
-            out += [((0, _s(q)), k.queue(_s(q)), True) for q in names]
-            out += [((1, _s(lk)), k.limit_parked(_s(lk)), True)
-                    for lk in await self.redis.zrange(k.limits_due, 0, -1)]
+            names = [f.queue] if f.queue else \
+                [q.decode() for q in await self.redis.smembers(k.queues)]
+            out += [((0, q), k.queue(q), True) for q in names]
+            out += [((1, lk), k.limit_parked(lk), True)
+                    for lk in map(bytes.decode, await self.redis.zrange(k.limits_due, 0, -1))]
         out += [((2, f"{n}"), k.status(s), False) for n, s in enumerate(_INDEXED)
                 if f.status in (None, s) and (Status(s).live or not live_only)]
         return sorted(out)
@@ -201,7 +195,7 @@ class Bulk:
         if not cursor and f.queue is not None and \
                 not await self.redis.sismember(self.keys.queues, f.queue):
             # (a mistyped name did nothing, and said "0 jobs done")
-            queues = sorted(_s(q) for q in await self.redis.smembers(self.keys.queues))
+            queues = sorted(q.decode() for q in await self.redis.smembers(self.keys.queues))
             raise NotFound(f"no queue {f.queue!r}: no job was queued there lately (queues: "
                            f"{', '.join(queues[:10]) or 'none'}"
                            f"{', ...' if len(queues) > 10 else ''})")

@@ -181,11 +181,6 @@ def _submit_spec(args: argparse.Namespace) -> dict:
     return cls.spec(arguments, **options)
 
 
-_TEXT_OPTIONS = (("queue", "--queue"), ("by_func", "--func"), ("batch", "--batch"),
-                 ("status", "--status"), ("worker", "--worker"), ("since", "--since"),
-                 ("until", "--until"))
-
-
 def cmd_call(args: argparse.Namespace) -> int:
     """The commands that ask a master: one RPC call (or a few), shown as a table, or as the
     reply itself with --json."""
@@ -193,15 +188,19 @@ def cmd_call(args: argparse.Namespace) -> int:
     if "" in (getattr(args, "job_ids", None) or [getattr(args, "job_id", None)]):
         # the master's refusal of it is bad_request, which rerun reads as the job's state
         raise UsageError("a job id cannot be empty")
-    for dest, flag in _TEXT_OPTIONS:
+    for dest in ("queue", "by_func", "batch", "status", "worker", "since", "until"):
         if getattr(args, dest, None) == "":
             # meant no filter at all: `elric delete --queue "$Q" --status failed`, with $Q
             # unset, deleted the failed jobs of every queue
-            raise UsageError(f"{flag} '': give a value, or leave the option out")
+            raise UsageError(f"--{dest.removeprefix('by_')} '': give a value, or leave the "
+                             "option out")
     with _client(args) as client:
         command = args.command
-        if not show and (command in _SHOWS_TIMES or command == "submit" and args.wait):
-            _on_redis_clock(client)
+        # tables saying how long ago a time is judge it by Redis's clock, as the master does
+        # (this machine's may be hours off); health() answers it without reading every count
+        if not show and (command in ("job", "jobs", "results", "schedules")
+                         or command == "submit" and args.wait):
+            views.use_clock(client.health()["now"])
         if command == "ping":
             (show or print)(client.ping())   # --json: "pong", as JSON
         elif command == "health":
@@ -232,13 +231,9 @@ def cmd_call(args: argparse.Namespace) -> int:
             (show or views.filtered)(client.stats()["filters"])
         elif command == "jobs":
             # (--limit 0 goes to the master, which refuses it, rather than shows 100 jobs)
-            query = {k: v for k, v in (("status", args.status), ("queue", args.queue),
-                                       ("func", args.by_func), ("batch", args.batch),
-                                       ("offset", args.offset), ("limit", args.limit))
-                     if v not in (None, "")}
+            rows = client.list_jobs(**_filter(args, offset=args.offset, limit=args.limit))
             # periodic jobs are listed as short maps of their schedules: shown as schedules
             view = views.schedules if args.status == Status.SCHEDULED else views.jobs
-            rows = client.list_jobs(**query)
             (show or view)(rows)
             _more(rows, args, show)
         elif command == "schedules":
@@ -305,16 +300,6 @@ def cmd_call(args: argparse.Namespace) -> int:
     return 0
 
 
-# commands whose tables say how long ago (or ahead) a job's or a fire's time is
-_SHOWS_TIMES = ("job", "jobs", "results", "schedules")   # and submit --wait
-
-
-def _on_redis_clock(client) -> None:
-    """Judge "... ago" by Redis's clock, which health() answers (stats() too, but it reads
-    every count), as the master judges every time: this machine's clock may be hours off."""
-    views.use_clock(client.health()["now"])
-
-
 def _on_one_job(call, job_id: str):
     """``call(job_id)``; the master refusing it for the job's state (running, periodic)
     fails the command (exit 1), as the same command on many jobs does, not as a usage error."""
@@ -346,13 +331,18 @@ def _when(text: str) -> float:
                          "2026-12-04T10:00") from None
 
 
+def _filter(args: argparse.Namespace, **more) -> dict:
+    """The job filter --status, --queue, --func and --batch give, with ``more``."""
+    f = {"status": getattr(args, "status", None), "queue": args.queue, "func": args.by_func,
+         "batch": args.batch, **more}
+    return {key: value for key, value in f.items() if value not in (None, "")}
+
+
 def _bulk_filter(args: argparse.Namespace) -> dict:
     if args.command == "purge":
         return {"status": "queued", "queue": args.queue_name}
-    f = {"status": args.status, "queue": args.queue, "func": args.by_func, "batch": args.batch,
-         "worker": args.worker, "since": args.since and _when(args.since),
-         "until": args.until and _when(args.until)}
-    return {key: value for key, value in f.items() if value not in (None, "")}
+    return _filter(args, worker=args.worker, since=args.since and _when(args.since),
+                   until=args.until and _when(args.until))
 
 
 def _bulk(client, args: argparse.Namespace, show) -> int:
@@ -486,8 +476,7 @@ def _results(client, args: argparse.Namespace) -> int:
     all, and every one is reached however many there are."""
     if not 1 <= args.page_size <= 1000:
         raise UsageError("--page-size takes 1 to 1000")
-    f = {k: v for k, v in (("status", Status.SUCCEEDED), ("queue", args.queue),
-                           ("func", args.by_func), ("batch", args.batch)) if v}
+    f = _filter(args, status=Status.SUCCEEDED)
     jsonl, cursor, first, pending = args.json or args.format == "jsonl", "", True, []
     while True:
         step = client.bulk_jobs("find", f, cursor)
@@ -613,6 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="job ids; or none, and a filter below")
         if bulk or name == "jobs":
             p.add_argument("--status", help=", ".join(JobFilter.STATUSES if bulk else STATUSES))
+        if bulk or name in ("jobs", "results"):
             p.add_argument("--queue")
             p.add_argument("--func", dest="by_func", metavar="FUNC",   # (it said BY_FUNC)
                            help='"package.module:ClassName"')
@@ -629,10 +619,6 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--offset", type=int, default=0, help="jobs to skip")
             p.add_argument("--limit", type=int, default=20, help="jobs to show (1 to 1000)")
         if name == "results":
-            p.add_argument("--func", dest="by_func", metavar="FUNC",   # (it said BY_FUNC)
-                           help='"package.module:ClassName"')
-            p.add_argument("--batch")
-            p.add_argument("--queue")
             p.add_argument("--format", choices=("table", "jsonl"), default="table",
                            help="jsonl: one {job_id, func, result, finished_at} a line "
                                 "(as --json)")
@@ -671,9 +657,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser, argv = build_parser(), sys.argv[1:] if argv is None else argv
-    # a command's own parser, intermixed: positional arguments after options too (elric
-    # submit F --queue q 1 2 was refused: ARG... ends at the first option); the top
-    # parser cannot do it (argparse refuses intermixed with subcommands)
+    # the command's own parser, intermixed, so ARG... may follow options (submit F --queue
+    # q 1 2); argparse refuses intermixed parsing with subcommands
     command = parser.commands.get(argv[0]) if argv else None
     try:
         args = command.parse_intermixed_args(argv[1:], argparse.Namespace(command=argv[0])) \

@@ -37,14 +37,12 @@ class _RunContext:
 # runs many jobs at once, each in its own task (and so its own context).
 _current: ContextVar[_RunContext | None] = ContextVar("elric_current_job", default=None)
 # Set in pool processes, which never talk to a master: a submit there without a job's
-# context (from a thread the job started) would queue a job of no parent, again each retry
-# (on import, once per pool process started)
+# context (a thread the job started, an import) would queue a job of no parent each retry
 in_pool_process = False
 
 
 def _child_job_id(parent_id: str, n: int, enqueued_at: int = 0) -> str:
-    # The same for every attempt of a submission, so a parent that runs again after a crash
-    # resubmits the same ids and the master's idempotent submit does not double its
+    # The same for every attempt, so a parent run again after a crash does not double its
     # children; a rerun, or the id submitted again after a delete, makes new ones.
     name = f"{parent_id}/{n}/{enqueued_at}"
     digest = hashlib.blake2b(name.encode(), digest_size=12).hexdigest()

@@ -22,6 +22,7 @@ from enum import StrEnum
 from elric import lua
 from elric.codec import pack, unpack
 from elric.contract import SPEC_KEYS, Status
+from elric.retry import Backoff
 from elric.triggers import TriggerError, build_trigger, next_fire, parse_trigger
 
 FINISHED_TTL = 86400            # seconds a finished job (no next fire) stays visible to get()
@@ -308,13 +309,10 @@ class RedisJobStore:
 
     async def add(self, spec: dict, *, replace_existing: bool = False,
                   check: bool = False) -> dict:
-        """Store a periodic job (``check``: only refuse it as storing would); ``spec`` holds
-        "trigger" (raw dict) and "job_id".
-
-        The same job sent again (a retried call) is answered as stored. replace_existing keeps
-        the runs, an operator's pause and, for the same trigger, the next run time, so a
-        re-run submitting script neither doubles nor shifts the schedule.
-        """
+        """Store the periodic job ``spec`` ("job_id", "trigger"); ``check``: only refuse it as
+        storing would. The same job sent again is answered as stored; replace_existing keeps
+        the runs, a pause and, for the same trigger, the next run time (a script run again
+        neither doubles nor shifts the schedule)."""
         replace = bool(replace_existing or spec.get("replace_existing"))
         job_id = spec.get("job_id")
         if not isinstance(job_id, str) or not job_id:
@@ -373,12 +371,9 @@ class RedisJobStore:
         return await self._update(job_id, change) is not None
 
     async def run_now(self, job_id: str) -> float | None:
-        """Make the job due now (Redis's clock), as APScheduler's modify(next_run_time=now):
-        the scheduler, woken by the write, fires it by the usual rules (max_instances, runs,
-        a "@fire" scope of its own) and then computes the next fire from this one. Returns
-        the fire time; None if there is no such job. A fire already due and not yet fired
-        (an earlier run-now, no master scheduling for a moment) is the one answered: moved,
-        it would never fire, and whoever asked for it would wait for it in vain."""
+        """Make the job due now (Redis's clock): the scheduler, woken, fires it by its usual
+        rules. Returns the fire time (None: no such job); a fire already due and not yet
+        fired is the one answered: moved, it would never fire, and its asker wait in vain."""
         def change(job: StoredJob) -> StoredJob:
             if job.paused:
                 raise ScheduleError(f"periodic job {job_id!r} is paused: resume it first")
@@ -394,17 +389,15 @@ class RedisJobStore:
         """The run record of ``fire`` as ``get`` shows it, once the scheduler has decided it
         (not "enqueued": marked, not yet queued, the dedupe filter may still drop it), or
         as it is after ``wait`` seconds; None if it is not recorded by then."""
-        deadline, pause = time.monotonic() + wait, 0.05
+        deadline, backoff = time.monotonic() + wait, Backoff(0.05, 0.5)
         while True:
             runs = (await self.get(job_id) or {}).get("runs", [])
             run = next((r for r in runs if r.get("job_id") == fire), None)
             left = deadline - time.monotonic()
             if (run is not None and run["outcome"] != Outcome.ENQUEUED) or left <= 0:
                 return run
-            # polled: any master's fire script, enqueue or dedupe filter decides it (one
-            # taking over, seconds later): looking less often after the first ms is cheaper
-            await asyncio.sleep(min(pause, left))
-            pause = min(2 * pause, 0.5)
+            # polled: any master's fire script, enqueue or dedupe filter may decide it
+            await asyncio.sleep(min(backoff.next(), left))
 
     async def modify(self, job_id: str, changes: dict) -> dict:
         """Change the trigger (restarting the schedule from now), misfire options or job spec
@@ -419,9 +412,8 @@ class RedisJobStore:
         def change(job: StoredJob) -> StoredJob:
             spec = {**job.spec, **{k: v for k, v in changes.items() if k not in SCHEDULE_OPTIONS}}
             options = schedule_options(changes, job.options)
-            # the trigger it has (as sent, or as get shows it) keeps its next run time, as
-            # with replace_existing: else a script modifying it on each run moved every fire
-            # away, and a date job that fired fired again
+            # the trigger it has (as sent, or as get shows it) keeps its next run time: a
+            # script modifying it on each run must not move every fire, or refire a date job
             same = bool(new_trigger) and (new_trigger["trigger_input"] == job.trigger_input
                                           or new_trigger["trigger"] == job.trigger)
             if new_trigger and not same:

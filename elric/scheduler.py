@@ -66,9 +66,8 @@ def _score(raw) -> float:
 
 
 def _fire_time(raw) -> float:
-    """A stored next run time; ValueError if it is no date (written by hand or restored
-    badly: nan, inf, past the year 9999), which would fail the fire script's arguments of
-    every job in the pass."""
+    """A stored next run time; ValueError if it is no date (nan, inf, past 9999: it would
+    fail the fire script's arguments of every job in the pass)."""
     t = float(raw)
     try:
         iso(t)   # (ValueError for nan)
@@ -108,10 +107,9 @@ class Scheduler:
     batch_size = 500  # due jobs read, planned and marked per Lua call
 
     def __init__(self, redis, keys, store: RedisJobStore, enqueue, *, master_id: str,
-                 lease_seconds: float = 10.0, clock: RedisClock | None = None,
-                 log=logging.getLogger("elric.scheduler")) -> None:
+                 lease_seconds: float = 10.0, clock: RedisClock | None = None) -> None:
         self.redis, self.keys, self.store, self.enqueue = redis, keys, store, enqueue
-        self.master_id, self.log = master_id, log
+        self.master_id, self.log = master_id, logging.getLogger("elric.scheduler")
         self.clock = clock or RedisClock(redis)  # what is due is judged by Redis's clock
         self.lease_seconds = lease_seconds
         self._lease_ms = max(1, int(lease_seconds * 1000))
@@ -130,8 +128,6 @@ class Scheduler:
         self._pending = True  # fires marked but maybe not queued: look on taking the lease
         # (monotonic) when to look again at fires left pending by a scope the filter refused
         self._retry_pending = math.inf
-        # a Redis away or refusing writes is logged when it starts and when it passes, not
-        # at each pass that finds the fires still pending
         self._queueing = Outage(self.log, "queueing fires failed; they stay pending and are "
                                      "tried again")
 
@@ -225,8 +221,7 @@ class Scheduler:
             return FirePlan(job_id, b"", None)
         if missing := [name for name, v in h.items() if v is None]:  # HDEL, a partial restore
             raise ValueError(f"its hash has no {', '.join(missing)}")
-        # checked here, where bad stored data is caught: a map that is no job spec failed
-        # the enqueue of every fire queued or pending with its fire
+        # checked here, where bad stored data is caught: else it fails every fire queued with it
         spec = normalize_spec(unpack(h["spec"]))
         options, trigger = Options.from_hash(h), _trigger(h["trigger"])
         grace, policy = options.misfire_grace_time, options.coalesce
@@ -398,22 +393,21 @@ class Scheduler:
         kind = (await self.redis.type(self.keys.schedules)).decode()
         if kind in ("zset", "none"):
             return False
-        prefix, cursor, index = self.keys.schedule(""), None, {}
+        prefix, index = self.keys.schedule(""), {}
         match = "".join("\\" + c if c in "*?[]\\" else c for c in prefix) + "*"
-        while cursor != 0:
-            cursor, found = await self.redis.scan(cursor or 0, match=match,
-                                                  count=self.batch_size, _type="hash")
-            pipe = self.redis.pipeline(transaction=False)
-            for key in found:
-                pipe.hmget(key, "paused", "next_run_time")
-            for key, row in zip(found, await pipe.execute()):
-                if not row[1]:   # gone, or finished
-                    continue
-                try:
-                    score = math.inf if row[0] == b"1" else _fire_time(row[1]) * 1000.0
-                except ValueError:   # no date: due now, where the pass names it
-                    score = 0.0
-                index[key[len(prefix.encode()):]] = score
+        found = [key async for key in self.redis.scan_iter(match=match, count=self.batch_size,
+                                                            _type="hash")]
+        pipe = self.redis.pipeline(transaction=False)
+        for key in found:
+            pipe.hmget(key, "paused", "next_run_time")
+        for key, row in zip(found, await pipe.execute()):
+            if not row[1]:   # gone, or finished
+                continue
+            try:
+                score = math.inf if row[0] == b"1" else _fire_time(row[1]) * 1000.0
+            except ValueError:   # no date: due now, where the pass names it
+                score = 0.0
+            index[key[len(prefix.encode()):]] = score
         # replaced in one step: a rebuild cut short (Redis away, the master killed) leaves
         # the key of another type, rebuilt at a later pass, not a zset short of jobs for good
         async with self.redis.pipeline(transaction=True) as pipe:

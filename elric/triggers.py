@@ -12,6 +12,7 @@ and day-field OR, refusal of crons that never fire, and jitter that does not acc
 
 from __future__ import annotations
 
+import bisect
 import difflib
 import json
 import math
@@ -233,14 +234,9 @@ def _matches(field, w: datetime) -> bool:
 
 def _offset_change(lo: int, hi: int, tz: tzinfo) -> int:
     """The first whole second in (lo, hi] whose UTC offset differs from lo's (a transition)."""
-    before = datetime.fromtimestamp(lo, tz).utcoffset()
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if datetime.fromtimestamp(mid, tz).utcoffset() == before:
-            lo = mid
-        else:
-            hi = mid
-    return hi
+    before = datetime.fromtimestamp(lo, tz).utcoffset()   # (hi's is taken to differ)
+    return lo + 1 + bisect.bisect(range(lo + 1, hi), False,
+                                  key=lambda t: datetime.fromtimestamp(t, tz).utcoffset() != before)
 
 
 def _existing(dt: datetime) -> datetime:
@@ -565,10 +561,7 @@ def _parse(data: dict, now: float) -> tuple[BaseTrigger, dict]:
         if crontab is not None:  # stored as written, not as APScheduler fields
             fields = {"crontab": crontab}
 
-    if start is not None and end is not None and end < start:
-        if data.get("start_date") is None:  # an interval's own start: the user gave none
-            raise TriggerError("trigger.end_date", f"{end.isoformat()} comes before the next "
-                                                   "fire; this interval never fires")
+    if data.get("start_date") is not None and end is not None and end < start:
         raise TriggerError("trigger.end_date",
                            f"{end.isoformat()} is before start_date {start.isoformat()}")
     out = {"type": kind, **fields, "start_date": start, "end_date": end, "timezone": zone_name,

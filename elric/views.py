@@ -120,12 +120,6 @@ def worker_counts(workers: list[dict]) -> dict[str, int]:
     return {"alive": len(states) - lost - stopped, "lost": lost, "stopped": stopped}
 
 
-def mean_start_latency_ms(totals: dict) -> float | None:
-    """From queued to a first start, on average: fetch.lua adds each first start's wait to
-    ``start_latency_ms`` and counts it in ``started`` (None: none yet)."""
-    return totals["start_latency_ms"] / totals["started"] if totals.get("started") else None
-
-
 def _master(h: dict) -> None:
     console.print(f"master {h.get('master_id', '')}: "
                   + ("ok" if h.get("ok") else "[red]NOT OK[/red]"))
@@ -210,9 +204,11 @@ def status(stats: dict, health: dict) -> None:
         console.print(f"  {name}: {task.get('state', '')}", markup=False)
     console.print(_table(("status", "jobs"), sorted(stats.get("by_status", {}).items())))
     # counts since the start (retrying: retried attempts), and the mean of the latency sum
-    totals = {("retried" if k == "retrying" else k): v for k, v in
-              stats.get("totals", {}).items() if k != "start_latency_ms"}
-    mean = mean_start_latency_ms(stats.get("totals", {}))
+    # (fetch.lua adds each first start's wait to start_latency_ms and counts it in started)
+    t = stats.get("totals", {})
+    totals = {("retried" if k == "retrying" else k): v for k, v in t.items()
+              if k != "start_latency_ms"}
+    mean = t["start_latency_ms"] / t["started"] if t.get("started") else None
     console.print("totals (all time): " + ", ".join(f"{k} {v}" for k, v in totals.items())
                   + "; mean start latency " + ("-" if mean is None else duration(mean)))
     console.print("workers: " + ", ".join(
