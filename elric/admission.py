@@ -1,10 +1,6 @@
-"""Admission: how a submitted job gets into a queue — check, dedupe, enqueue.
-
-``submit`` serves the ``submit_job(s)`` calls: the batch is checked whole against the
-contract before anything is written (nothing half-applied), periodic jobs go to the job
-store, the others through the dedupe filters into their queues. ``enqueue_fires`` does the
-same for the scheduler's fires, retrying through Redis errors under its lease token.
-"""
+"""Admission: the only way into a queue from a master — check, dedupe, enqueue — for
+``submit_job(s)`` (a batch is checked whole before anything is written) and the scheduler's
+fires (``enqueue_fires``)."""
 
 from __future__ import annotations
 
@@ -50,40 +46,37 @@ class Admission:
                             f"{type(specs).__name__}")
         if len(specs) > MAX_BATCH:
             raise SpecError(f"submit_jobs: {len(specs)} specs in one call; at most {MAX_BATCH}")
-        where = "" if len(specs) == 1 else "spec {}: "
-        out = []
+        where, out = "" if len(specs) == 1 else "spec {}: ", []
+        first: dict[str, int] = {}   # job id -> its first spec's index, named in the error
         try:
             for spec in specs:
                 n = self.normalize(spec)
-                if FIRE_ID.fullmatch(n["job_id"]):   # (modify_job keeps an id stored before)
-                    raise SpecError(f"job_id {n['job_id']!r}: {FIRE_ID_RULE}")
-                if n["job_id"] in (".", ".."):   # a browser reads /jobs/.. as / (%2e too)
-                    raise SpecError(f"job_id {n['job_id']!r}: may not be '.' or '..' (no "
-                                    "URL can name it)")
-                scope = n.get("dedupe_scope")
+                job_id, scope = n["job_id"], n.get("dedupe_scope")
+                if FIRE_ID.fullmatch(job_id):   # (modify_job keeps an id stored before)
+                    raise SpecError(f"job_id {job_id!r}: {FIRE_ID_RULE}")
+                if job_id in (".", ".."):   # a browser reads /jobs/.. as / (%2e too)
+                    raise SpecError(f"job_id {job_id!r}: may not be '.' or '..' (no URL can "
+                                    "name it)")
                 if scope and FIRE_ID.fullmatch(scope) and n.get("round") != scope:
                     # a fire's "@fire" scope: a key taken there first drops the fire
                     raise SpecError(f"dedupe_scope {scope!r}: a periodic job's fire dedupes "
                                     "in a scope named by its id; only jobs of its round (its "
                                     "children: round the same) may use it")
+                if first.setdefault(job_id, len(out)) != len(out):
+                    raise SpecError(f"job_id {job_id!r} appears twice in one batch (spec "
+                                    f"{first[job_id]} has it too)")
+                if "trigger" in n:
+                    try:
+                        parse_trigger(n["trigger"], now=self.store.clock())  # Redis's clock
+                        schedule_options(n)
+                    except ValueError as exc:
+                        raise SpecError(f"job {job_id!r}: {exc}") from None
+                elif scope == PER_FIRE:
+                    raise SpecError(f"dedupe_scope {PER_FIRE!r} is for periodic jobs (with a "
+                                    "trigger); name a scope instead")
                 out.append(n)
         except SpecError as exc:
             raise SpecError(f"{where.format(len(out))}{exc}") from None
-        first: dict[str, int] = {}
-        for i, n in enumerate(out):   # named, so that a client can find it in a long list
-            if first.setdefault(n["job_id"], i) != i:
-                raise SpecError(f"spec {i}: job_id {n['job_id']!r} appears twice in one "
-                                f"batch (spec {first[n['job_id']]} has it too)")
-        for i, n in enumerate(out):
-            if "trigger" in n:
-                try:
-                    parse_trigger(n["trigger"], now=self.store.clock())  # Redis's clock
-                    schedule_options(n)
-                except ValueError as exc:
-                    raise SpecError(f"{where.format(i)}job {n['job_id']!r}: {exc}") from None
-            elif n.get("dedupe_scope") == PER_FIRE:
-                raise SpecError(f"{where.format(i)}dedupe_scope {PER_FIRE!r} is for periodic "
-                                "jobs (with a trigger); name a scope instead")
         return out
 
     async def _check_rounds(self, specs: list[dict], where: str) -> None:
@@ -193,10 +186,9 @@ class Admission:
         return [out[id(s)] for s in specs]
 
     async def _clean_up(self, coro, exc: BaseException, then) -> None:
-        """Run a failed call's clean-up to its end even if that call is being cancelled,
-        then ``then``. The call waits for it up to CLEANUP_WAIT seconds, and not at all when
-        cancelled (a stopping master: ``close`` waits, bounded too), so a Redis that does
-        not answer cannot hang the call or the shutdown."""
+        """Run a failed call's clean-up to its end, then ``then``, even if the call is
+        cancelled; waited for up to CLEANUP_WAIT, or not at all when cancelled (``close``
+        waits): a Redis that does not answer hangs neither the call nor the shutdown."""
         task = asyncio.ensure_future(coro)
         self._cleanups.add(task)
         task.add_done_callback(self._cleanups.discard)
@@ -210,14 +202,11 @@ class Admission:
 
     async def enqueue_fires(self, specs: list[dict], fence_token: int,
                             recovered: bool = False) -> list[Submitted]:
-        """The scheduler's callback: dedupe and queue fires under its lease token.
-
-        Fires are marked before they are queued; a Redis error here is retried until the
-        lease would have run out (enqueue is idempotent per fire id). ``recovered``: fires
-        a leader marked, and may have checked, before it failed; in a fire's own scope
-        only its own key can be seen, so they skip the check that would drop them. In
-        another scope a key the filter notes that leader took for the fire is the fire's;
-        one another job holds stays its."""
+        """The scheduler's callback: dedupe and queue marked fires under its lease token,
+        retried through Redis errors until the lease would run out (idempotent per fire id).
+        ``recovered``: fires a failed leader marked and may have checked; in a fire's own
+        scope they skip the check (only its own key can be there), in another a key the
+        filter notes that leader took for the fire is the fire's."""
         rounds, unchecked, checking = {}, [], []
         began = int(self.store.clock() * 1000)   # not its fire time: a late fire's is old
         for spec in specs:

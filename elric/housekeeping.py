@@ -1,11 +1,5 @@
-"""Housekeeping: what keeps jobs moving while no one submits anything.
-
-Every master runs it: jobs of workers whose lease ran out go back in line, retries whose
-backoff is over are queued again, per-fire dedupe scopes older than DEDUPE_ROUND_TTL are
-dropped, the LIMITS rules are published again if Redis lost them, workers silent for a
-day are forgotten, and so are batches, funcs and queues that hold no job and whose last
-jobs expired. Each step is an atomic script, so several masters may run it at once.
-"""
+"""Housekeeping: what keeps jobs moving while no one submits anything (its steps:
+``pass_once``). Every master runs it: each step is an atomic script."""
 
 from __future__ import annotations
 
@@ -25,9 +19,8 @@ from elric.retry import REDIS_ERRORS, Backoff, Outage, cancel_pending, each, is_
 
 log = logging.getLogger("elric.master")
 
-# Redis time between two redelivery passes past which Redis was away, stalled or its clock
-# jumped; after such a gap no lease runs out for a while, long enough for a worker's
-# heartbeat (at least once a second) to renew the leases it could not meanwhile.
+# A gap in Redis time between two redelivery passes (Redis away, stalled, its clock jumped)
+# past which no lease runs out for a while: workers' heartbeats renew theirs first.
 REDELIVER_GAP = 3.0
 REDELIVER_HOLD = 2.0
 
@@ -73,10 +66,8 @@ class Housekeeping:
                     self.queue.forget_old_names, self._check_data), lambda step: step())
 
     async def _check_data(self) -> None:
-        """Say it when Redis lost its data: the jobs went with it, and nothing else says so
-        (a worker whose jobs vanished thinks it was cut off). Or that it went back to older
-        data: an older snapshot still holds data_since, but a data_epoch below this
-        master's last write."""
+        """Say it when Redis lost its data (nothing else does) or went back to older data
+        (data_since is there, but data_epoch below this master's last write)."""
         if await self.redis.exists(self.keys.data_since):
             self._saw_data = True
             with contextlib.suppress(ResponseError):   # a full Redis: next pass
@@ -103,11 +94,9 @@ class Housekeeping:
 
     async def _redeliver(self) -> None:
         now = await redis_now(self.redis)
-        # (and at start: Redis may be back); a step back too: a hold set before it would
-        # last as long as the step
+        # (at start too); a step back as well, else a hold set before it would last as long.
+        # The leases that ran out meanwhile are also live workers': their jobs would run twice
         if abs(now - self._redelivered_at) > REDELIVER_GAP:
-            # the leases that ran out meanwhile are also those of live workers, which could
-            # not renew them: they would run twice
             self._hold_until = now + REDELIVER_HOLD
         self._redelivered_at = now
         if now < self._hold_until:

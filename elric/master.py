@@ -1,11 +1,5 @@
-"""The master: its lifecycle and its RPC handlers.
-
-A handler checks its arguments and hands the work on: submissions to ``Admission``,
-periodic jobs to the job store, everything else to the queue. Errors leave as RPC errors
-with a code (``ErrorCode``). In the background the master runs ``Housekeeping`` and a
-``Scheduler``. Any number of masters may run against one Redis: every state change they
-make is an atomic script.
-"""
+"""The master: its lifecycle, and RPC handlers that check their arguments and hand the
+work on (to ``Admission``, the job store or the queue); errors leave with an ``ErrorCode``."""
 
 from __future__ import annotations
 
@@ -53,9 +47,8 @@ MAX_RUN_WAIT = 20.0  # seconds run_job may wait for its fire: well inside a clie
 
 
 def _connections_that_fit(wanted: int) -> int:
-    """RPC connections the open-file limit leaves room for beside the Redis pool, raising
-    the soft limit (often 1024) toward the hard one first: at the limit, idle connections
-    left Redis no file, and every caller got redis_unavailable."""
+    """RPC connections the open-file limit leaves room for beside the Redis pool, raised
+    toward the hard limit first: at the limit, Redis got no file and every call failed."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     need = wanted + MAX_REDIS_CONNECTIONS + SPARE_FILES
     if soft != resource.RLIM_INFINITY and soft < need:
@@ -209,7 +202,8 @@ class Master:
         if host not in ("127.0.0.1", "localhost", "::1") and not s.RPC_TOKEN:
             log.warning("!!! master listens on %s without RPC_TOKEN: anyone who can reach this "
                         "port can submit jobs. Set RPC_TOKEN. !!!", self.address)
-        self.server = Server(self.handlers(), token=s.RPC_TOKEN, max_message=s.RPC_MAX_MESSAGE,
+        handlers = {name: getattr(self, name) for name in contract.METHODS if name != "auth"}
+        self.server = Server(handlers, token=s.RPC_TOKEN, max_message=s.RPC_MAX_MESSAGE,
                              max_connections=_connections_that_fit(MAX_CONNECTIONS))
         try:
             bound = await self.server.start(host, port)
@@ -282,11 +276,10 @@ class Master:
             log.warning("scheduler did not stop cleanly: %s", exc)
         self._scheduling.cancel()
         # awaited, bounded: left running they would use the Redis client closed below
-        tasks = {self._housekeeping, self._scheduling}
-        _, running = await asyncio.wait(tasks, timeout=STOP_GRACE)
-        for task in running:
-            log.warning("master %s: a background task did not stop in %gs", self.master_id,
-                        STOP_GRACE)
+        _, running = await asyncio.wait({self._housekeeping, self._scheduling}, timeout=STOP_GRACE)
+        if running:
+            log.warning("master %s: %d background task(s) did not stop in %gs", self.master_id,
+                        len(running), STOP_GRACE)
         await self.admission.close()   # keys being given back by calls that failed
         for f in self.filters.values():
             try:
@@ -295,11 +288,7 @@ class Master:
                 log.warning("dedupe filter %s did not close cleanly: %s", f.name, exc)
         await self.redis.aclose()
 
-    # --- RPC API ----------------------------------------------------------------------
-    def handlers(self) -> dict:
-        """One handler per method of the contract (``auth`` is the RPC layer's own)."""
-        return {name: getattr(self, name) for name in contract.METHODS if name != "auth"}
-
+    # --- RPC API: one handler per method of the contract (``auth`` is the RPC layer's) --
     @_rpc
     async def ping(self) -> str:
         return "pong"
@@ -335,9 +324,8 @@ class Master:
 
     @_rpc
     async def job_kind(self, job_id) -> dict | None:
-        """What the dashboard's actions and the CLI's check before acting, read alone
-        (get_job reads a job's result, a periodic job's runs): ``{"periodic": False,
-        "status"}``, ``{"periodic": True, "status", "paused"}``, or None: no such job."""
+        """What the dashboard and the CLI check before acting, without get_job's result or
+        runs: ``{"periodic", "status"}`` (and ``"paused"`` if periodic), or None."""
         [hold] = await self.queue.get_holds([_id(job_id)])
         if hold is not None:   # as get_job: a one-off job before a periodic one
             return {"periodic": False, "status": hold.status}
@@ -388,9 +376,8 @@ class Master:
 
     @_rpc
     async def control_worker(self, worker_id, action, queues=None, concurrency=None) -> dict:
-        """Pause, resume, stop a worker, or set its queues, its number of pool processes or
-        both (``set`` with ``queues`` and/or ``concurrency``; nil: unchanged); it obeys at
-        its next heartbeat, at most a second later."""
+        """Pause, resume, stop a worker, or ``set`` its queues and/or concurrency (nil:
+        unchanged); it obeys at its next heartbeat."""
         worker_id = _id(worker_id, "worker_id")
         if action not in contract.WORKER_ACTIONS:
             raise SpecError(f"control_worker: unknown action {action!r}; one of "

@@ -18,10 +18,8 @@ T = TypeVar("T")
 # What "Redis cannot be reached right now" looks like from redis-py.
 REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 
-# How masters and workers connect: a connection gone silent (its peer vanished without
-# closing it: a host gone, a firewall that dropped it) fails its command within seconds,
-# an outage their callers retry on a new connection, rather than hanging it for good.
-# (redis-py 8 has these defaults; earlier releases wait forever.)
+# How masters and workers connect: a silent connection (host gone, dropped by a firewall)
+# fails its command in seconds, retried as an outage, rather than hang (redis-py < 8 would).
 REDIS_CLIENT_OPTIONS = {"socket_connect_timeout": 5, "socket_timeout": 5,
                         "socket_keepalive": True}
 
@@ -88,18 +86,15 @@ async def until(event: asyncio.Event, timeout: float) -> None:
 
 
 def cancel_pending() -> bool:
-    """The running task was asked to stop. A cancel that lands inside a Redis call may not
-    reach the caller: redis-py turns it into a connection error, or ends the call
-    normally. A loop that only waits for its CancelledError then runs for good, and keeps
-    its process from exiting."""
+    """The running task was asked to stop: redis-py may turn a cancel inside a call into a
+    connection error or a normal return, and a loop waiting for CancelledError runs on."""
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
 
 
 class Outage:
-    """What a retrying loop logs: its trouble when it starts or changes kind (unreachable,
-    each refusal, each other error), not at each retry, and that it passed. An hour of
-    Redis away is two lines, not one a second."""
+    """What a retrying loop logs: its trouble when it starts or changes kind, and that it
+    passed, not each retry: an hour of Redis away is two lines."""
 
     def __init__(self, log: logging.Logger, what: str) -> None:
         self.log, self.what = log, what
