@@ -23,7 +23,8 @@ from elric import contract, limits, lua
 from elric.admission import Admission
 from elric.bulk import Bulk, JobFilter, left_alone
 from elric.clock import RedisClock
-from elric.config import Settings, SettingsError, Unreachable, parse_address, redact_url
+from elric.config import (Settings, SettingsError, Unreachable, is_loopback, parse_address,
+                          redact_url)
 from elric.contract import ErrorCode, NotFound, Refused, SpecError, Status, check_text
 from elric.dedupe import DedupeError, DedupeFilter, make_filter
 from elric.housekeeping import Housekeeping
@@ -199,7 +200,7 @@ class Master:
                         "name the modules your jobs are in, e.g. JOB_MODULES = "
                         "[\"myproject.jobs\"] in settings.py")
         host, port = parse_address(self.address, "MASTER_ADDRESS")
-        if host not in ("127.0.0.1", "localhost", "::1") and not s.RPC_TOKEN:
+        if not is_loopback(host) and not s.RPC_TOKEN:
             log.warning("!!! master listens on %s without RPC_TOKEN: anyone who can reach this "
                         "port can submit jobs. Set RPC_TOKEN. !!!", self.address)
         handlers = {name: getattr(self, name) for name in contract.METHODS if name != "auth"}
@@ -221,7 +222,6 @@ class Master:
 
     async def _start_dashboard(self):
         from elric.dashboard import Dashboard
-        from elric.dashboard.access import is_loopback
 
         s = self.settings
         host, port = parse_address(s.DASHBOARD_ADDRESS, "DASHBOARD_ADDRESS")

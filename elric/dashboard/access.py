@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import time
 from dataclasses import dataclass
 
 from aiohttp import web
+
+from elric.config import is_loopback
 
 COOKIE = "elric_session"
 SESSION_SECONDS = 12 * 3600
@@ -42,13 +43,6 @@ class _Failures:
         over = self.count - LOGIN_TRIES
         wait = 0.0 if over < 0 else min(LOGIN_WAIT_MOST, LOGIN_WAIT * 2 ** min(over, 10))
         return self.last + wait
-
-
-def is_loopback(host: str) -> bool:
-    try:
-        return host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _same(given: str, expected: str) -> bool:
