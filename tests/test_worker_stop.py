@@ -6,8 +6,12 @@ process (``Worker.run``, its exit status returned) so a step of its stop can be 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
+from types import SimpleNamespace
 
+import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from elric.config import load_settings
@@ -130,3 +134,28 @@ def test_a_give_back_passes_over_a_job_key_of_another_type_and_releases_the_othe
         finally:
             await r.aclose()
     asyncio.run(main())
+
+
+def test_a_retry_starts_no_try_past_its_deadline_and_its_last_pause_ends_there(monkeypatch):
+    """``retry`` looked at its deadline only after a failed try, then paused a whole
+    backoff: a try that failed just before the deadline was followed by one well past it
+    (a 5 s deadline lasted ~6.3 s with Redis refusing). Its last pause ends at the
+    deadline, with a last try there. (A clock of the test's: no time passes.)"""
+    import elric.retry
+    from elric.retry import Backoff, retry
+
+    now, tries = [100.0], []
+
+    async def sleep(seconds):
+        now[0] += seconds
+    monkeypatch.setattr(elric.retry, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    monkeypatch.setattr(elric.retry.asyncio, "sleep", sleep)
+
+    async def away():
+        tries.append(now[0])
+        raise RedisConnectionError("Connection refused")
+    with pytest.raises(RedisConnectionError):
+        asyncio.run(retry(away, what="test", log=logging.getLogger("test"),
+                          backoff=Backoff(1.0, 8.0), deadline=102.5))
+    assert tries == [100.0, 101.0, 102.5]
+
