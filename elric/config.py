@@ -61,7 +61,8 @@ KEYS: dict[str, Key] = {
     "JOB_TIMEOUT": Key(None, (int, float), "default seconds an attempt may run", True),
     "LEASE_SECONDS": Key(30.0, (int, float),
                          "a dead worker's jobs are redelivered after this long"),
-    "SHUTDOWN_GRACE": Key(30.0, (int, float), "seconds running jobs get to finish after SIGTERM"),
+    "SHUTDOWN_GRACE": Key(30.0, (int, float), "seconds running jobs get to finish after "
+                          "SIGTERM; a stop takes at most this + 10 s, Redis away or not"),
     "WORKER_CHUNK": Key(64, (int,), "most jobs handed to a pool process at once (fast jobs)"),
     "ASYNC_CONCURRENCY": Key(100, (int,), "async jobs each pool process runs at once"),
     "LOOP_LAG_WARN": Key(1.0, (int, float),

@@ -166,4 +166,6 @@ async def retry(call: Callable[[], Awaitable[T]], *, what: str, log: logging.Log
             if deadline is not None and time.monotonic() >= deadline:
                 raise
             outage.failed(exc)
-            await asyncio.sleep(backoff.next())
+            pause = backoff.next()   # (the last ends at the deadline: no try past it)
+            await asyncio.sleep(pause if deadline is None
+                                else min(pause, deadline - time.monotonic()))

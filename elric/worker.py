@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import random
 import signal
@@ -76,7 +77,7 @@ class ChildTooBig(Exception):
 CHUNK_SECONDS = 0.02  # fast sync jobs go to a pool process in batches about this long
 SLOW_RUN = 10 * CHUNK_SECONDS   # a sync run this long (past any report's delay): slow jobs
 WARN_EVERY = 5.0  # seconds between warnings while waiting for Redis or the master
-GIVE_BACK_SECONDS = 5.0  # how long a stopping worker tries to give jobs back or record them
+GIVE_BACK_SECONDS = 5.0  # how long past its grace a stopping worker gives jobs back, records them
 
 
 class Worker:
@@ -99,6 +100,8 @@ class Worker:
         self.ended: list[tuple[str, int, int]] = []   # runs ended that hold a limit key's slot
         self.pool: Pool | None = None
         self.stopping = False
+        self._stop_at: float | None = None   # when (time.monotonic()) it was told to stop
+        self._giving: list[asyncio.Task] = []   # a stop's give-backs, beside its grace
         self.forced = False   # told twice to stop (Ctrl-C): running jobs are not waited for
         self.paused = False   # an operator paused fetching (elric worker pause)
         self.avg_job_seconds = CHUNK_SECONDS    # start with batches of one
@@ -263,6 +266,7 @@ class Worker:
         elif not self.stopping:
             log.info("worker %s: stopping; running jobs may finish within %gs (Ctrl-C again "
                      "to stop them now)", self.worker_id, self.settings.SHUTDOWN_GRACE)
+            self._stop_at = time.monotonic()
         self.stopping = True
         self._changed.set()
         if self._starting is not None and not self._starting.done():
@@ -885,43 +889,37 @@ class Worker:
             self.pool.cancel(claim)
 
     # --- shutdown ---------------------------------------------------------------------
-    async def _give_back(self, claims: list[Claim]) -> int:
-        """Give claims back to the queue, trying for GIVE_BACK_SECONDS: with Redis away a
-        SIGTERM must still stop the worker, and the jobs are redelivered when their leases
-        run out. Another refusal (a job's key of another type) must not end the stop either:
-        its running jobs would go on unrecorded, and the worker never exit."""
-        if not claims:
-            return 0
+    async def _give_back(self, claims: list[Claim], kind: str) -> None:
+        """Give claims back to the queue, trying until the stop ends it (``_given``): with
+        Redis away a SIGTERM must still stop the worker, and the jobs are redelivered when
+        their leases run out. Another refusal (a job's key of another type) must not end the
+        stop either: its running jobs would go on unrecorded, and the worker never exit."""
         try:
-            return await self._retry_redis(self.queue.release, self.worker_id,
-                                           [c.run for c in claims],
-                                           deadline=time.monotonic() + GIVE_BACK_SECONDS)
-        except Exception as exc:
-            outage = is_outage(exc)
+            n = await self._retry_redis(self.queue.release, self.worker_id,
+                                        [c.run for c in claims])
+        except (Exception, asyncio.CancelledError) as exc:
+            outage = isinstance(exc, asyncio.CancelledError) or is_outage(exc)
             self.broken = self.broken or not outage   # no retry helps: exit non-zero
             log.log(logging.WARNING if outage else logging.ERROR,
                     "worker: could not give %d job(s) back (%s); they run again once "
-                    "their leases run out", len(claims), exc)
-            return 0
+                    "their leases run out", len(claims),
+                    str(exc) or "Redis away till the stop's end")
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return
+        log.info("worker: gave %d %s job(s) back to the queue", n, kind)
 
     async def _shutdown(self, recorder: asyncio.Task) -> None:
-        """Give prefetched jobs back, let running ones finish within SHUTDOWN_GRACE, then
-        stop the rest and give them back too."""
+        """Let running jobs finish within SHUTDOWN_GRACE of the stop, giving prefetched jobs
+        back beside them; then stop the rest and give them back too. A supervisor's stop
+        timeout (then SIGKILL) counts from its SIGTERM: so does the grace, and with Redis
+        away what it has not taken GIVE_BACK_SECONDS after the grace is left to the leases."""
         self.stopping = True
-        try:   # outages are retried inside; no other failure may cost running jobs the grace
-            await self._end_wait()
-            if self._unsure_since:
-                await self._release_unknown(time.monotonic() + GIVE_BACK_SECONDS)
-        except Exception:
-            log.error("worker: could not look for the jobs a lost fetch may have claimed "
-                      "(they run again once their leases run out); running jobs still get "
-                      "SHUTDOWN_GRACE", exc_info=True)
-            self.broken = True
-        await self._give_back_waiting()
+        grace_end = (self._stop_at or time.monotonic()) + self.settings.SHUTDOWN_GRACE
+        self._giving.append(asyncio.create_task(self._stop_fetching()))
         # (a second Ctrl-C ends this wait: the outcomes of jobs that ended are still recorded)
         await self._wait_while(lambda: not self.forced and (
-            self.pool.claims() or self.finished or self.recording),
-            self.settings.SHUTDOWN_GRACE, recorder)
+            self.pool.claims() or self.finished or self.recording), grace_end, recorder)
         left = self.pool.claims()
         if left:
             log.warning("worker: %d job(s) still running %s; stopping them and returning "
@@ -929,51 +927,80 @@ class Worker:
                         "at a second Ctrl-C" if self.forced else "after SHUTDOWN_GRACE")
         self.pool.kill_all()
         self.pool.shutdown(wait=True, cancel_futures=True)
+        end = time.monotonic() + GIVE_BACK_SECONDS
+        # jobs still running, and those whose process died while we waited: back in line
+        self._give_back_waiting(left)
         if (self.finished or self.recording) and not recorder.done():
             # jobs that ended: cut off now, they would run again once their leases end
             log.warning("worker: still recording the outcomes of %d job(s) after "
                         "SHUTDOWN_GRACE; waiting up to %gs more", len(self.finished)
                         + len(self.recording), GIVE_BACK_SECONDS)
-            await self._wait_while(lambda: self.finished or self.recording,
-                                   GIVE_BACK_SECONDS, recorder)
+            await self._wait_while(lambda: self.finished or self.recording, end, recorder)
         recorder.cancel()
         for claim, _ in [*self.finished, *self.recording]:   # (the cancel has not landed yet)
             log.error("worker: job %s: could not record the outcome of its attempt %d before "
                       "stopping; it runs again once its lease ends", claim.job_id,
                       claim.attempt, extra=_job_fields(claim))
             self.broken = True
-        # jobs still running, and those whose process died while we waited: back in line
-        await self._give_back([*left, *self.buffer, *self.suspects])
+        await self._given(end)
 
-    async def _give_back_waiting(self) -> None:
-        """A stopping worker starts no job: those waiting here go back to the queue."""
-        waiting = [*self.buffer, *self.suspects]
+    async def _stop_fetching(self) -> None:
+        """A stop's first steps, beside the grace: end the wait for work and look for the
+        claims of a fetch whose reply was lost; then give back what they brought."""
+        try:   # outages are retried inside; no other failure may cost running jobs the grace
+            await self._end_wait()
+            if self._unsure_since:
+                await self._release_unknown(math.inf)   # (till it passes or the stop ends)
+        except Exception:
+            log.error("worker: could not look for the jobs a lost fetch may have claimed "
+                      "(they run again once their leases run out); running jobs still get "
+                      "SHUTDOWN_GRACE", exc_info=True)
+            self.broken = True
+        self._give_back_waiting()
+
+    def _give_back_waiting(self, also: list[Claim] | None = None) -> None:
+        """A stopping worker starts no job: those waiting here (and ``also``) go back to the
+        queue, beside what the stop waits for."""
+        waiting = [*(also or ()), *self.buffer, *self.suspects]
         self.buffer.clear()
         self.suspects.clear()
         if waiting:
-            log.info("worker: gave %d prefetched job(s) back to the queue",
-                     await self._give_back(waiting))
+            self._giving.append(asyncio.create_task(
+                self._give_back(waiting, "stopped" if also else "prefetched")))
 
-    async def _wait_while(self, busy, seconds: float, recorder: asyncio.Task) -> None:
-        """While ``busy()``, for up to ``seconds``, unless the recorder ended."""
-        deadline = time.monotonic() + seconds
+    async def _given(self, end: float) -> None:
+        """Wait for the stop's give-backs till ``end``, then end them: with Redis away, their
+        jobs run again once their leases run out."""
+        while pending := [t for t in self._giving if not t.done()]:
+            if time.monotonic() >= end:
+                for task in pending:
+                    task.cancel()
+                await asyncio.wait(pending, timeout=1)   # (they say what they gave up)
+                return
+            await asyncio.wait(pending, timeout=end - time.monotonic())
+
+    async def _wait_while(self, busy, deadline: float, recorder: asyncio.Task) -> None:
+        """While ``busy()``, until ``deadline`` (``time.monotonic()``), unless the recorder
+        ended."""
         while busy() and time.monotonic() < deadline and not recorder.done():
             self._changed.clear()
             self.pool.kill_overdue()
             # jobs back unstarted meanwhile (of a process that died, withdrawn), not held
             # until the grace ends
-            await self._give_back_waiting()
-            await until(self._changed, 0.5)
+            self._give_back_waiting()
+            await until(self._changed, min(0.5, deadline - time.monotonic()))
 
     async def _close(self, registered: bool = True) -> None:
         try:
             if registered:   # (else it has no hash to mark); with the jobs it finished after
                 # its last heartbeat: its record showed them in flight, not done, for good
-                await self.redis.hset(self.keys.worker(self.worker_id), mapping={
+                mark = self.redis.hset(self.keys.worker(self.worker_id), mapping={
                     "state": "stopped", "in_flight": 0, "processed": self.processed,
                     "done": self.done, "failed": self.failed})
+                await asyncio.wait_for(mark, 1)   # (Redis frozen: a stop's time is bounded)
         except Exception as exc:   # Redis away or full: its heartbeats stop, which says it too
-            log.warning("worker: could not record that it stopped (%s)", exc)
+            log.warning("worker: could not record that it stopped (%s)",
+                        str(exc) or "no answer within a second")
         await self.master.close()
         await self.redis.aclose()
         await self.blocking_redis.aclose()

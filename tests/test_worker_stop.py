@@ -6,8 +6,14 @@ process (``Worker.run``, its exit status returned) so a step of its stop can be 
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
+import signal
 import time
+from types import SimpleNamespace
 
+import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from elric.config import load_settings
@@ -130,3 +136,84 @@ def test_a_give_back_passes_over_a_job_key_of_another_type_and_releases_the_othe
         finally:
             await r.aclose()
     asyncio.run(main())
+
+
+def test_a_retry_starts_no_try_past_its_deadline_and_its_last_pause_ends_there(monkeypatch):
+    """``retry`` looked at its deadline only after a failed try, then paused a whole
+    backoff: a try that failed just before the deadline was followed by one well past it
+    (a 5 s deadline lasted ~6.3 s with Redis refusing). Its last pause ends at the
+    deadline, with a last try there. (A clock of the test's: no time passes.)"""
+    import elric.retry
+    from elric.retry import Backoff, retry
+
+    now, tries = [100.0], []
+
+    async def sleep(seconds):
+        now[0] += seconds
+    monkeypatch.setattr(elric.retry, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    monkeypatch.setattr(elric.retry.asyncio, "sleep", sleep)
+
+    async def away():
+        tries.append(now[0])
+        raise RedisConnectionError("Connection refused")
+    with pytest.raises(RedisConnectionError):
+        asyncio.run(retry(away, what="test", log=logging.getLogger("test"),
+                          backoff=Backoff(1.0, 8.0), deadline=102.5))
+    assert tries == [100.0, 101.0, 102.5]
+
+
+def test_a_stop_with_redis_frozen_ends_within_its_grace_and_a_fixed_bound(
+        cluster, tmp_path, monkeypatch, caplog):
+    """Redis frozen (SIGSTOP: each call waits out its socket timeout), a SIGTERM gave the
+    prefetched job back before the running one's grace even began, gave the running one
+    back after it, then marked the worker stopped: each a timeout, SHUTDOWN_GRACE + ~15 s
+    in all, where a supervisor's stop timeout (Kubernetes' 30 s by default) SIGKILLs a
+    worker before its running jobs had their grace. The grace counts from the SIGTERM,
+    the give-backs run beside it, and what follows it is bounded: a stop takes at most
+    SHUTDOWN_GRACE + 10 s (its description in config.py says so). No job is lost."""
+    import redis.asyncio as aredis
+
+    import elric.worker
+    from elric.contract import normalize_spec
+    from elric.redis_server import RedisServer
+    from tests.jobs import Add
+
+    monkeypatch.setattr(elric.worker, "GIVE_BACK_SECONDS", 0.5)   # (the test's time)
+    marks, gate = tmp_path / "marks", tmp_path / "gate"
+    own = RedisServer().start()   # ours alone: it is frozen
+
+    async def main():
+        w = _worker(cluster, REDIS_URL=own.url, SHUTDOWN_GRACE=1)
+        r = aredis.Redis.from_url(own.url)
+        q = RedisQueue(r, w.keys)
+        run = asyncio.create_task(w.run())
+        try:
+            await q.enqueue([normalize_spec(MarkUntilGate.spec([str(marks), str(gate)],
+                                                               job_id="long"))])
+            await _until("the long job started", lambda: marks.exists())
+            await q.enqueue([normalize_spec(Add.spec([1, 2], job_id="held"))])
+            await _until("the other job prefetched", lambda: w.buffer)
+            os.kill(own.proc.pid, signal.SIGSTOP)
+            try:
+                asked = time.monotonic()
+                w.request_stop()   # as a SIGTERM does
+                code = await asyncio.wait_for(run, 60)
+                took = time.monotonic() - asked
+            finally:
+                os.kill(own.proc.pid, signal.SIGCONT)
+            assert took < 1 + 10, f"the stop took {took:.1f}s"
+            assert code == 0
+            assert "could not give" in caplog.text
+            for job_id in ("long", "held"):   # back in line, or held under a lease
+                job = await q.get_job(job_id)
+                assert job["status"] == "queued" or (
+                    job["status"] == "running" and
+                    await r.zscore(w.keys.inflight, job_id) is not None), job
+        finally:
+            run.cancel()
+            gate.touch()
+            await r.aclose()
+    try:
+        asyncio.run(main())
+    finally:
+        own.cleanup()
