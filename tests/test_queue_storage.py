@@ -787,3 +787,17 @@ def test_a_fetch_claims_with_the_counters_an_operator_overwrote(redis_url, caplo
         assert len((await q.fetch("w", ["default"], 10, 30)).claims) == 2
         assert KEYS.counters in caplog.text
     asyncio.run(with_queue(redis_url, body))
+
+
+def test_outcomes_are_recorded_while_the_running_index_holds_another_type(redis_url, caplog):
+    """The index of running jobs SET to a string made finish.lua fail taking each job out
+    of it (after inflight): every outcome of every worker failed, each job left running
+    with no lease, and the worker's recorder stopped. They are recorded, the key named."""
+    async def body(q, r):
+        await q.enqueue(specs(2))
+        claims = (await q.fetch("w1", ["default"], 2, 30)).claims
+        await r.set(KEYS.status("running"), "overwritten")
+        assert await q.finish("w1", [outcome(c) for c in claims]) == ["succeeded"] * 2
+        assert await r.zcard(KEYS.inflight) == 0
+        assert KEYS.status("running") in caplog.text
+    asyncio.run(with_queue(redis_url, body))

@@ -12,8 +12,8 @@
 --       member it was fetched as), hold (ms its server asked to wait: Retry-After; 0: none)
 -- Returns per job its new status, or 'stale' for a job this worker no longer holds (it was
 -- redelivered elsewhere or removed): that outcome is dropped; then the keys it left alone
--- for holding another type (a job's hash: its outcome is dropped; a stats or round hash;
--- its limit key's hold: not held).
+-- for holding another type (a job's hash: its outcome is dropped; a stats or round hash,
+-- inflight or the running index; its limit key's hold: not held).
 -- A call sent again (its reply was lost) answers the status its first run recorded, but
 -- `stale` for one it cancelled.
 -- Invariant: only the worker, run and attempt that hold the job record it (a rerun, or a job
@@ -79,8 +79,8 @@ for i = 16, #ARGV, 9 do
       redis.call('HDEL', jk, 'cancel')
       if outcome == 'err' then outcome = 'cancel' end   -- it ended before its worker heard
     end
-    redis.call('ZREM', KEYS[1], id)
-    redis.call('ZREM', KEYS[2], id)
+    write('ZREM', KEYS[1], id)   -- (of another type: it holds no entry; named)
+    write('ZREM', KEYS[2], id)
     free_slot(id, f[9], slots)
     if outcome == 'err' and hold > 0 and f[9] then
       local read, held = pcall(redis.call, 'GET', hp .. f[9])   -- (another type: named)
