@@ -801,3 +801,23 @@ def test_outcomes_are_recorded_while_the_running_index_holds_another_type(redis_
         assert await r.zcard(KEYS.inflight) == 0
         assert KEYS.status("running") in caplog.text
     asyncio.run(with_queue(redis_url, body))
+
+
+@pytest.mark.parametrize("overwritten", ["counters", "queues"])
+def test_redelivery_goes_on_while_the_counters_or_queues_hold_another_type(redis_url, caplog,
+                                                                          overwritten):
+    """The counters (HINCRBY redelivered) or the set of queues (SADD) SET to a string made
+    requeue_due.lua fail at every pass, after putting back one job: the others whose lease
+    ran out waited for good. They go back in line; the key is named."""
+    bad = getattr(KEYS, overwritten)
+
+    async def body(q, r):
+        await q.enqueue(specs(2))
+        claims = (await q.fetch("w1", ["default"], 2, 30)).claims
+        await r.zadd(KEYS.inflight, {c.job_id: 1 for c in claims}, xx=True)
+        await r.delete(bad)
+        await r.set(bad, "overwritten")
+        assert sorted((await q.recover())[0]) == sorted(c.job_id for c in claims)
+        assert await r.zcard(KEYS.queue("default")) == 2
+        assert bad in caplog.text
+    asyncio.run(with_queue(redis_url, body))
