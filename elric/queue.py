@@ -487,25 +487,28 @@ class RedisQueue:
         """Delete a job that is not running; raises ValueError for a running one."""
         k = self.keys
         try:
-            return bool(await self._remove(keys=[k.job(job_id), k.inflight, k.delayed,
-                                                 k.limits_parked],
-                                           args=[k.queue(""), k.status(""), job_id,
-                                                 k.limit_parked(""), k.round(""),
-                                                 k.batch(""), k.func(""), self.failed_ttl]))
+            reply = await self._remove(keys=[k.job(job_id), k.inflight, k.delayed,
+                                             k.limits_parked],
+                                       args=[k.queue(""), k.status(""), job_id,
+                                             k.limit_parked(""), k.round(""), k.batch(""),
+                                             k.func(""), self.failed_ttl])
         except ResponseError as exc:
             if error_code(exc) == "RUNNING":
                 raise Refused(f"job {job_id!r} is running; cancel it (cancel_job, elric cancel "
                               "ID) and remove it once it has stopped") from None
             raise
+        self._tell_broken("remove", reply[1:])
+        return bool(reply)
 
     async def cancel(self, job_id: str) -> str | None:
         """Cancel a job (cancel.lua); returns the status it had, None when there is none."""
         k = self.keys
-        was = await self._cancel(keys=[k.job(job_id), k.delayed, k.limits_parked,
-                                       k.status(Status.CANCELLED), k.counters, k.queues],
-                                 args=[k.queue(""), k.status(""), job_id, k.limit_parked(""),
-                                       k.round(""), self.failed_ttl, k.batch(""), k.func("")])
-        return _s(was) if was else None
+        reply = await self._cancel(keys=[k.job(job_id), k.delayed, k.limits_parked,
+                                         k.status(Status.CANCELLED), k.counters, k.queues],
+                                   args=[k.queue(""), k.status(""), job_id, k.limit_parked(""),
+                                         k.round(""), self.failed_ttl, k.batch(""), k.func("")])
+        self._tell_broken("cancel", reply[1:])
+        return _s(reply[0]) if reply else None
 
     async def rerun(self, job_id: str) -> str:
         """Queue a finished job again; raises NotFound / Refused with the reason."""

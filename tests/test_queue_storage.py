@@ -821,3 +821,31 @@ def test_redelivery_goes_on_while_the_counters_or_queues_hold_another_type(redis
         assert await r.zcard(KEYS.queue("default")) == 2
         assert bad in caplog.text
     asyncio.run(with_queue(redis_url, body))
+
+
+@pytest.mark.parametrize("overwritten", ["counters", "queues", "parked", "batch", "func",
+                                         "round"])
+def test_a_cancel_or_remove_goes_on_while_a_stats_key_holds_another_type(redis_url, caplog,
+                                                                         overwritten):
+    """The counters, the queues set, the parked counts, a batch's, func's or round's hash
+    SET to a string made cancel.lua (or remove.lua) fail halfway: every cancel or delete of
+    such a job failed (for the parked counts or a round, with the job out of its line and
+    still queued: lost). Each is cancelled or deleted; the count is left out, named."""
+    bad = {"counters": KEYS.counters, "queues": KEYS.queues, "parked": KEYS.limits_parked,
+           "batch": KEYS.batch("b"), "func": KEYS.func(FUNC), "round": KEYS.round("R")}
+    bad = bad[overwritten]
+
+    async def body(q, r):
+        await q.enqueue(specs(3, batch="b", round="R", limit_key="k"))
+        await r.hset(KEYS.limits, "k", "1,")   # k runs one job at once: two are parked
+        [claim] = (await q.fetch("w1", ["default"], 3, 30)).claims
+        parked = [m.decode()[17:] for m in await r.zrange(KEYS.limit_parked("k"), 0, -1)]
+        await r.delete(bad)
+        await r.set(bad, "overwritten")
+        assert await q.cancel(parked[0]) == "queued"
+        assert await q.remove(parked[1])
+        assert (await q.get_job(parked[0]))["status"] == "cancelled"
+        assert await q.get_job(parked[1]) is None
+        assert await r.zcard(KEYS.limit_parked("k")) == 0
+        assert bad in caplog.text
+    asyncio.run(with_queue(redis_url, body))
