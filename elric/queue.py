@@ -575,8 +575,18 @@ class RedisQueue:
         return view
 
     async def get_job(self, job_id: str) -> dict | None:
-        h = await self.redis.hgetall(self.keys.job(job_id))
+        try:
+            h = await self.redis.hgetall(self.keys.job(job_id))
+        except ResponseError as exc:   # its key holds another type (an operator's): named
+            if error_code(exc) != "WRONGTYPE":
+                raise
+            view = self.job_view(job_id, {})
+            view["unreadable"] = view["error"] = self._not_a_hash(job_id)
+            return view
         return self.job_view(job_id, h) if h else None
+
+    def _not_a_hash(self, job_id: str) -> str:
+        return f"{self.keys.job(job_id)} is not a hash (overwritten?)"
 
     async def get_holds(self, job_ids: list[str]) -> list[Hold | None]:
         """Per job: its status and dedupe key and scope, or None when there is no such job."""
@@ -631,8 +641,7 @@ class RedisQueue:
                         elif h.get(b"status") == st.encode() and job_id not in listed:
                             view = self.summary_view(job_id, h, size)  # (else an index lagging)
                             if unread:
-                                view["unreadable"] = view["error"] = (
-                                    f"{self.keys.job(job_id)} is not a hash (overwritten?)")
+                                view["unreadable"] = view["error"] = self._not_a_hash(job_id)
                             if all(v is None or view[n] == v for n, v in wanted.items()):
                                 if skip:
                                     skip -= 1

@@ -849,3 +849,17 @@ def test_a_cancel_or_remove_goes_on_while_a_stats_key_holds_another_type(redis_u
         assert await r.zcard(KEYS.limit_parked("k")) == 0
         assert bad in caplog.text
     asyncio.run(with_queue(redis_url, body))
+
+
+def test_get_job_shows_a_job_whose_key_an_operator_overwrote_as_unreadable(redis_url):
+    """A job's key SET to a string made get_job raise WRONGTYPE: `elric job ID` and the
+    dashboard's job page showed an internal error. It is shown unreadable, its key named,
+    as list_jobs shows it."""
+    async def body(q, r):
+        await q.enqueue(specs(1, job_id="x"))
+        await r.set(KEYS.job("x"), "overwritten")
+        view = await q.get_job("x")
+        assert view["job_id"] == "x" and view["status"] is None
+        assert KEYS.job("x") in view["unreadable"] and view["error"] == view["unreadable"]
+        assert await q.get_job("none") is None
+    asyncio.run(with_queue(redis_url, body))
