@@ -863,3 +863,17 @@ def test_get_job_shows_a_job_whose_key_an_operator_overwrote_as_unreadable(redis
         assert KEYS.job("x") in view["unreadable"] and view["error"] == view["unreadable"]
         assert await q.get_job("none") is None
     asyncio.run(with_queue(redis_url, body))
+
+
+def test_a_fetch_claims_while_the_running_index_holds_another_type(redis_url, caplog):
+    """The index of running jobs SET to a string made fetch.lua fail indexing its first
+    claim (marked running, leased, never returned): every fetch that claimed, on every
+    worker, failed. The claims are returned, not indexed; the key is named."""
+    async def body(q, r):
+        await q.enqueue(specs(2))
+        await r.set(KEYS.status("running"), "overwritten")
+        claims = (await q.fetch("w1", ["default"], 10, 30)).claims
+        assert len(claims) == 2
+        assert KEYS.status("running") in caplog.text
+        assert await q.finish("w1", [outcome(c) for c in claims]) == ["succeeded"] * 2
+    asyncio.run(with_queue(redis_url, body))

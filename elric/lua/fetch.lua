@@ -17,7 +17,7 @@
 --   out of its line, or a running one's keeps its limit slot; inflight: nothing claimed;
 --   its limit key's running, parked, hold or next-start key, the parked counts its parking
 --   or put-back writes, or limits due (any limited job's): it waits; the counters: starts
---   not counted).
+--   not counted; the running index: claims not indexed).
 -- Invariant: a claimed job is running under this worker, with a lease in inflight that
 -- the worker renews; its attempt counter counts the claim. A job whose limit key is at its
 -- limit is parked (out of its queue, still queued) so it never holds back other keys; its
@@ -272,7 +272,8 @@ while #out < limit and budget > 0 and not stop do
         redis.call('HSET', jk, 'status', 'running', 'worker', worker, 'started_at', clock,
                    'attempts', attempt)
         redis.call('ZADD', KEYS[1], deadline, id)
-        redis.call('ZADD', KEYS[2], clock, id)
+        -- (of another type: not indexed, named; the lease in inflight is what counts)
+        if not pcall(redis.call, 'ZADD', KEYS[2], clock, id) then broken[KEYS[2]] = true end
         if first and tonumber(f[10]) then
           started, waited = started + 1, waited + math.max(0, clock - tonumber(f[10]))
         end
