@@ -877,3 +877,22 @@ def test_a_fetch_claims_while_the_running_index_holds_another_type(redis_url, ca
         assert KEYS.status("running") in caplog.text
         assert await q.finish("w1", [outcome(c) for c in claims]) == ["succeeded"] * 2
     asyncio.run(with_queue(redis_url, body))
+
+
+@pytest.mark.parametrize("overwritten", ["succeeded", "failed", "cancelled"])
+def test_outcomes_are_recorded_while_an_ended_index_holds_another_type(redis_url, caplog,
+                                                                       overwritten):
+    """The index of succeeded, failed or cancelled jobs SET to a string made finish.lua fail
+    (the outcome's ZADD, or the trim every call makes): every outcome of every worker
+    failed, the recorder stopped. They are recorded, not indexed there; the key is named."""
+    bad = KEYS.status(overwritten)
+
+    async def body(q, r):
+        await q.enqueue(specs(2))
+        claims = (await q.fetch("w1", ["default"], 2, 30)).claims
+        await r.set(bad, "overwritten")
+        assert await q.finish("w1", [outcome(claims[0]), outcome(claims[1], False, "e")]) \
+            == ["succeeded", "failed"]
+        assert await r.zcard(KEYS.inflight) == 0
+        assert bad in caplog.text
+    asyncio.run(with_queue(redis_url, body))
