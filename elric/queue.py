@@ -487,25 +487,28 @@ class RedisQueue:
         """Delete a job that is not running; raises ValueError for a running one."""
         k = self.keys
         try:
-            return bool(await self._remove(keys=[k.job(job_id), k.inflight, k.delayed,
-                                                 k.limits_parked],
-                                           args=[k.queue(""), k.status(""), job_id,
-                                                 k.limit_parked(""), k.round(""),
-                                                 k.batch(""), k.func(""), self.failed_ttl]))
+            reply = await self._remove(keys=[k.job(job_id), k.inflight, k.delayed,
+                                             k.limits_parked],
+                                       args=[k.queue(""), k.status(""), job_id,
+                                             k.limit_parked(""), k.round(""), k.batch(""),
+                                             k.func(""), self.failed_ttl])
         except ResponseError as exc:
             if error_code(exc) == "RUNNING":
                 raise Refused(f"job {job_id!r} is running; cancel it (cancel_job, elric cancel "
                               "ID) and remove it once it has stopped") from None
             raise
+        self._tell_broken("remove", reply[1:])
+        return bool(reply)
 
     async def cancel(self, job_id: str) -> str | None:
         """Cancel a job (cancel.lua); returns the status it had, None when there is none."""
         k = self.keys
-        was = await self._cancel(keys=[k.job(job_id), k.delayed, k.limits_parked,
-                                       k.status(Status.CANCELLED), k.counters, k.queues],
-                                 args=[k.queue(""), k.status(""), job_id, k.limit_parked(""),
-                                       k.round(""), self.failed_ttl, k.batch(""), k.func("")])
-        return _s(was) if was else None
+        reply = await self._cancel(keys=[k.job(job_id), k.delayed, k.limits_parked,
+                                         k.status(Status.CANCELLED), k.counters, k.queues],
+                                   args=[k.queue(""), k.status(""), job_id, k.limit_parked(""),
+                                         k.round(""), self.failed_ttl, k.batch(""), k.func("")])
+        self._tell_broken("cancel", reply[1:])
+        return _s(reply[0]) if reply else None
 
     async def rerun(self, job_id: str) -> str:
         """Queue a finished job again; raises NotFound / Refused with the reason."""
@@ -572,8 +575,18 @@ class RedisQueue:
         return view
 
     async def get_job(self, job_id: str) -> dict | None:
-        h = await self.redis.hgetall(self.keys.job(job_id))
+        try:
+            h = await self.redis.hgetall(self.keys.job(job_id))
+        except ResponseError as exc:   # its key holds another type (an operator's): named
+            if error_code(exc) != "WRONGTYPE":
+                raise
+            view = self.job_view(job_id, {})
+            view["unreadable"] = view["error"] = self._not_a_hash(job_id)
+            return view
         return self.job_view(job_id, h) if h else None
+
+    def _not_a_hash(self, job_id: str) -> str:
+        return f"{self.keys.job(job_id)} is not a hash (overwritten?)"
 
     async def get_holds(self, job_ids: list[str]) -> list[Hold | None]:
         """Per job: its status and dedupe key and scope, or None when there is no such job."""
@@ -628,8 +641,7 @@ class RedisQueue:
                         elif h.get(b"status") == st.encode() and job_id not in listed:
                             view = self.summary_view(job_id, h, size)  # (else an index lagging)
                             if unread:
-                                view["unreadable"] = view["error"] = (
-                                    f"{self.keys.job(job_id)} is not a hash (overwritten?)")
+                                view["unreadable"] = view["error"] = self._not_a_hash(job_id)
                             if all(v is None or view[n] == v for n, v in wanted.items()):
                                 if skip:
                                     skip -= 1

@@ -727,3 +727,32 @@ def test_a_run_ending_while_its_keys_limits_key_is_overwritten_is_recorded(redis
             await r.aclose()
 
     asyncio.run(body())
+
+
+@pytest.mark.parametrize("ended", [False, True], ids=["prune", "ended"])
+def test_a_running_job_whose_hash_an_operator_overwrote_fails_no_fetch(redis_url, caplog,
+                                                                       ended):
+    """k runs one job at a time; its running job k1's hash SET to a string: a fetch told
+    k1's run ended (HMGET), or one finding k full with k2 parked and looking which of its
+    running jobs still run (HGET), failed, and so did every fetch after it, on every
+    worker. k1 keeps its slot (k2 stays parked), named; other jobs are claimed."""
+    keys = Keys("elrictest")
+
+    async def body():
+        r = aredis.Redis.from_url(redis_url)
+        try:
+            q = await one_at_a_time(r, keys, "default", ["k1", "k2"])
+            [k1] = (await q.fetch("w", ["default"], 10, 30)).claims   # k2 is parked
+            await q.enqueue([normalize_spec({"func": "tests.jobs:Echo", "job_id": "b"})])
+            await r.delete(keys.job("k1"))
+            await r.set(keys.job("k1"), "overwritten")
+            await r.zadd(keys.limits_due, {"k": 0})   # k's parked job is looked at now
+            fetched = await q.fetch("w", ["default"], 10, 30, ended=[k1.run] if ended else ())
+            assert [c.job_id for c in fetched.claims] == ["b"]
+            assert await r.zcard(keys.limit_parked("k")) == 1
+            assert await r.sismember(keys.limit_running("k"), "k1")
+            assert keys.job("k1") in caplog.text
+        finally:
+            await r.aclose()
+
+    asyncio.run(body())

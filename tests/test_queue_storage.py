@@ -787,3 +787,112 @@ def test_a_fetch_claims_with_the_counters_an_operator_overwrote(redis_url, caplo
         assert len((await q.fetch("w", ["default"], 10, 30)).claims) == 2
         assert KEYS.counters in caplog.text
     asyncio.run(with_queue(redis_url, body))
+
+
+def test_outcomes_are_recorded_while_the_running_index_holds_another_type(redis_url, caplog):
+    """The index of running jobs SET to a string made finish.lua fail taking each job out
+    of it (after inflight): every outcome of every worker failed, each job left running
+    with no lease, and the worker's recorder stopped. They are recorded, the key named."""
+    async def body(q, r):
+        await q.enqueue(specs(2))
+        claims = (await q.fetch("w1", ["default"], 2, 30)).claims
+        await r.set(KEYS.status("running"), "overwritten")
+        assert await q.finish("w1", [outcome(c) for c in claims]) == ["succeeded"] * 2
+        assert await r.zcard(KEYS.inflight) == 0
+        assert KEYS.status("running") in caplog.text
+    asyncio.run(with_queue(redis_url, body))
+
+
+@pytest.mark.parametrize("overwritten", ["counters", "queues"])
+def test_redelivery_goes_on_while_the_counters_or_queues_hold_another_type(redis_url, caplog,
+                                                                          overwritten):
+    """The counters (HINCRBY redelivered) or the set of queues (SADD) SET to a string made
+    requeue_due.lua fail at every pass, after putting back one job: the others whose lease
+    ran out waited for good. They go back in line; the key is named."""
+    bad = getattr(KEYS, overwritten)
+
+    async def body(q, r):
+        await q.enqueue(specs(2))
+        claims = (await q.fetch("w1", ["default"], 2, 30)).claims
+        await r.zadd(KEYS.inflight, {c.job_id: 1 for c in claims}, xx=True)
+        await r.delete(bad)
+        await r.set(bad, "overwritten")
+        assert sorted((await q.recover())[0]) == sorted(c.job_id for c in claims)
+        assert await r.zcard(KEYS.queue("default")) == 2
+        assert bad in caplog.text
+    asyncio.run(with_queue(redis_url, body))
+
+
+@pytest.mark.parametrize("overwritten", ["counters", "queues", "parked", "batch", "func",
+                                         "round"])
+def test_a_cancel_or_remove_goes_on_while_a_stats_key_holds_another_type(redis_url, caplog,
+                                                                         overwritten):
+    """The counters, the queues set, the parked counts, a batch's, func's or round's hash
+    SET to a string made cancel.lua (or remove.lua) fail halfway: every cancel or delete of
+    such a job failed (for the parked counts or a round, with the job out of its line and
+    still queued: lost). Each is cancelled or deleted; the count is left out, named."""
+    bad = {"counters": KEYS.counters, "queues": KEYS.queues, "parked": KEYS.limits_parked,
+           "batch": KEYS.batch("b"), "func": KEYS.func(FUNC), "round": KEYS.round("R")}
+    bad = bad[overwritten]
+
+    async def body(q, r):
+        await q.enqueue(specs(3, batch="b", round="R", limit_key="k"))
+        await r.hset(KEYS.limits, "k", "1,")   # k runs one job at once: two are parked
+        [claim] = (await q.fetch("w1", ["default"], 3, 30)).claims
+        parked = [m.decode()[17:] for m in await r.zrange(KEYS.limit_parked("k"), 0, -1)]
+        await r.delete(bad)
+        await r.set(bad, "overwritten")
+        assert await q.cancel(parked[0]) == "queued"
+        assert await q.remove(parked[1])
+        assert (await q.get_job(parked[0]))["status"] == "cancelled"
+        assert await q.get_job(parked[1]) is None
+        assert await r.zcard(KEYS.limit_parked("k")) == 0
+        assert bad in caplog.text
+    asyncio.run(with_queue(redis_url, body))
+
+
+def test_get_job_shows_a_job_whose_key_an_operator_overwrote_as_unreadable(redis_url):
+    """A job's key SET to a string made get_job raise WRONGTYPE: `elric job ID` and the
+    dashboard's job page showed an internal error. It is shown unreadable, its key named,
+    as list_jobs shows it."""
+    async def body(q, r):
+        await q.enqueue(specs(1, job_id="x"))
+        await r.set(KEYS.job("x"), "overwritten")
+        view = await q.get_job("x")
+        assert view["job_id"] == "x" and view["status"] is None
+        assert KEYS.job("x") in view["unreadable"] and view["error"] == view["unreadable"]
+        assert await q.get_job("none") is None
+    asyncio.run(with_queue(redis_url, body))
+
+
+def test_a_fetch_claims_while_the_running_index_holds_another_type(redis_url, caplog):
+    """The index of running jobs SET to a string made fetch.lua fail indexing its first
+    claim (marked running, leased, never returned): every fetch that claimed, on every
+    worker, failed. The claims are returned, not indexed; the key is named."""
+    async def body(q, r):
+        await q.enqueue(specs(2))
+        await r.set(KEYS.status("running"), "overwritten")
+        claims = (await q.fetch("w1", ["default"], 10, 30)).claims
+        assert len(claims) == 2
+        assert KEYS.status("running") in caplog.text
+        assert await q.finish("w1", [outcome(c) for c in claims]) == ["succeeded"] * 2
+    asyncio.run(with_queue(redis_url, body))
+
+
+@pytest.mark.parametrize("overwritten", ["succeeded", "failed", "cancelled"])
+def test_outcomes_are_recorded_while_an_ended_index_holds_another_type(redis_url, caplog,
+                                                                       overwritten):
+    """The index of succeeded, failed or cancelled jobs SET to a string made finish.lua fail
+    (the outcome's ZADD, or the trim every call makes): every outcome of every worker
+    failed, the recorder stopped. They are recorded, not indexed there; the key is named."""
+    bad = KEYS.status(overwritten)
+
+    async def body(q, r):
+        await q.enqueue(specs(2))
+        claims = (await q.fetch("w1", ["default"], 2, 30)).claims
+        await r.set(bad, "overwritten")
+        assert await q.finish("w1", [outcome(claims[0]), outcome(claims[1], False, "e")]) \
+            == ["succeeded", "failed"]
+        assert await r.zcard(KEYS.inflight) == 0
+        assert bad in caplog.text
+    asyncio.run(with_queue(redis_url, body))

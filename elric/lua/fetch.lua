@@ -14,9 +14,10 @@
 --   fails the job)}; wait: ms until parked jobs are looked at
 --   again (-1: none parked; 0: more in line than one call looks at); then the keys passed
 --   over for holding another type (a queue: its jobs wait, or stay parked; a job's hash:
---   out of its line; inflight: nothing claimed; its limit key's running, parked, hold or
---   next-start key, the parked counts its parking or put-back writes, or limits due (any
---   limited job's): it waits; the counters: starts not counted).
+--   out of its line, or a running one's keeps its limit slot; inflight: nothing claimed;
+--   its limit key's running, parked, hold or next-start key, the parked counts its parking
+--   or put-back writes, or limits due (any limited job's): it waits; the counters: starts
+--   not counted; the running index: claims not indexed).
 -- Invariant: a claimed job is running under this worker, with a lease in inflight that
 -- the worker renews; its attempt counter counts the claim. A job whose limit key is at its
 -- limit is parked (out of its queue, still queued) so it never holds back other keys; its
@@ -100,11 +101,22 @@ local function room(lk, iv)
   return m
 end
 
+-- A job's field; a hash of another type (an operator's) reads as false, named: a parked
+-- job with no hash leaves its key's line as a removed one does.
+local function field(id, name)
+  local read, v = pcall(redis.call, 'HGET', jp .. id, name)
+  if read then return v end
+  broken[jp .. id] = true
+  return false
+end
+
 -- Jobs in a key's running set that no longer run there (their lease ran out, they were
--- given back or removed) leave it; finish.lua removes the jobs that end.
+-- given back or removed) leave it; finish.lua removes the jobs that end. One whose hash
+-- is of another type keeps its slot until that key is deleted (it may still run).
 local function prune(lk)
   for _, id in ipairs(redis.call('SMEMBERS', rp .. lk)) do
-    if redis.call('HGET', jp .. id, 'status') ~= 'running' then
+    local status = field(id, 'status')
+    if status ~= 'running' and status ~= false then
       redis.call('SREM', rp .. lk, id)
     end
   end
@@ -123,8 +135,9 @@ end
 if limited then
   for i = 13, FIRST_QUEUE - 1, 3 do
     local id = ARGV[i]
-    local f = redis.call('HMGET', jp .. id, 'status', 'attempts', 'worker', 'limit_key',
-                         'queue', 'member')
+    local read, f = pcall(redis.call, 'HMGET', jp .. id, 'status', 'attempts', 'worker',
+                          'limit_key', 'queue', 'member')
+    if not read then broken[jp .. id], f = true, {} end   -- (its slot is kept: prune)
     if f[1] == 'running' and f[2] == ARGV[i + 1] and f[6] == ARGV[i + 2]
         and f[3] == worker and f[4] and not mistyped(rp .. f[4], 'set')
         and redis.call('SREM', rp .. f[4], id) == 1
@@ -136,14 +149,6 @@ if limited then
       end
     end
   end
-end
-
--- A job's field; a hash of another type (an operator's) reads as none, named: a parked job
--- with no hash leaves its key's line as a removed one does.
-local function field(id, name)
-  local read, v = pcall(redis.call, 'HGET', jp .. id, name)
-  if read then return v end
-  broken[jp .. id] = true
 end
 
 -- Keys whose parked jobs are due: as many as may start go back in line.
@@ -267,7 +272,8 @@ while #out < limit and budget > 0 and not stop do
         redis.call('HSET', jk, 'status', 'running', 'worker', worker, 'started_at', clock,
                    'attempts', attempt)
         redis.call('ZADD', KEYS[1], deadline, id)
-        redis.call('ZADD', KEYS[2], clock, id)
+        -- (of another type: not indexed, named; the lease in inflight is what counts)
+        if not pcall(redis.call, 'ZADD', KEYS[2], clock, id) then broken[KEYS[2]] = true end
         if first and tonumber(f[10]) then
           started, waited = started + 1, waited + math.max(0, clock - tonumber(f[10]))
         end

@@ -12,8 +12,8 @@
 --       member it was fetched as), hold (ms its server asked to wait: Retry-After; 0: none)
 -- Returns per job its new status, or 'stale' for a job this worker no longer holds (it was
 -- redelivered elsewhere or removed): that outcome is dropped; then the keys it left alone
--- for holding another type (a job's hash: its outcome is dropped; a stats or round hash;
--- its limit key's hold: not held).
+-- for holding another type (a job's hash: its outcome is dropped; a stats or round hash,
+-- inflight or a status index: not written; its limit key's hold: not held).
 -- A call sent again (its reply was lost) answers the status its first run recorded, but
 -- `stale` for one it cancelled.
 -- Invariant: only the worker, run and attempt that hold the job record it (a rerun, or a job
@@ -79,8 +79,8 @@ for i = 16, #ARGV, 9 do
       redis.call('HDEL', jk, 'cancel')
       if outcome == 'err' then outcome = 'cancel' end   -- it ended before its worker heard
     end
-    redis.call('ZREM', KEYS[1], id)
-    redis.call('ZREM', KEYS[2], id)
+    write('ZREM', KEYS[1], id)   -- (of another type: it holds no entry; named)
+    write('ZREM', KEYS[2], id)
     free_slot(id, f[9], slots)
     if outcome == 'err' and hold > 0 and f[9] then
       local read, held = pcall(redis.call, 'GET', hp .. f[9])   -- (another type: named)
@@ -137,7 +137,7 @@ for i = 16, #ARGV, 9 do
         end
       end
     end
-    redis.call('ZADD', index, now, id)
+    write('ZADD', index, now, id)   -- (of another type: not indexed, named)
     add(KEYS[6], status, 1)
     if f[3] then
       add(KEYS[6], 'queue:' .. f[3] .. ':' .. status, 1)
@@ -163,8 +163,8 @@ for q in pairs(queues) do
 end
 if sums[minute] then redis.call('EXPIRE', minute, minute_ttl) end
 -- finished jobs' hashes expire; their index entries go on the same schedule
-redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - result_ttl * 1000)
-redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - failed_ttl * 1000)
-redis.call('ZREMRANGEBYSCORE', KEYS[9], '-inf', now - failed_ttl * 1000)
+write('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - result_ttl * 1000)
+write('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - failed_ttl * 1000)
+write('ZREMRANGEBYSCORE', KEYS[9], '-inf', now - failed_ttl * 1000)
 for key in pairs(broken) do out[#out + 1] = key end
 return out

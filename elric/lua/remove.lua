@@ -2,27 +2,32 @@
 -- KEYS: the job's hash, inflight, delayed, parked counts
 -- ARGV: queue prefix, status index prefix, job_id, limit parked prefix, round prefix,
 --       batch stats prefix, func stats prefix, round ttl (s)
--- Returns the status the job had, or false when there was none; an error 'RUNNING' when
---   it runs.
+-- Returns {the status the job had, then the keys of another type its counts were left
+--   out of} ({}: there was none); an error 'RUNNING' when it runs.
 -- Invariant: no index keeps an entry for a job that is gone; a round no longer waits for a
 -- job of its own that was removed before it ended, nor its func and batch (`removed`).
 local f = redis.call('HMGET', KEYS[1], 'status', 'queue', 'member', 'limit_key', 'round',
                      'batch', 'func')
-if not f[1] then return false end
+if not f[1] then return {} end
 if f[1] == 'running' then return redis.error_reply('RUNNING') end
+-- a count in a key an operator overwrote must not fail the delete (finish.lua's rule)
+local broken = {f[1]}
+local function write(...)
+  if not pcall(redis.call, ...) then broken[#broken + 1] = (select(2, ...)) end
+end
 if f[2] and f[3] then redis.call('ZREM', ARGV[1] .. f[2], f[3]) end
 if f[4] and f[3] and redis.call('ZREM', ARGV[4] .. f[4], f[3]) == 1 then
-  redis.call('HINCRBY', KEYS[4], f[2], -1)   -- it was parked by its limit key
+  write('HINCRBY', KEYS[4], f[2], -1)   -- it was parked by its limit key
 end
 if f[1] == 'queued' or f[1] == 'retrying' then   -- an ended job was counted when it ended
   if f[5] then
-    redis.call('HINCRBY', ARGV[5] .. f[5], 'removed', 1)
+    write('HINCRBY', ARGV[5] .. f[5], 'removed', 1)
     redis.call('EXPIRE', ARGV[5] .. f[5], ARGV[8])   -- FAILED_TTL after its last change
   end
-  count_in_stats(ARGV[6], ARGV[7], f[6], f[7], 'removed')
+  count_in_stats(ARGV[6], ARGV[7], f[6], f[7], 'removed', nil, write)
 end
 redis.call('ZREM', KEYS[2], ARGV[3])
 redis.call('ZREM', KEYS[3], ARGV[3])
 redis.call('ZREM', ARGV[2] .. f[1], ARGV[3])
 redis.call('DEL', KEYS[1])
-return f[1]
+return broken

@@ -9,7 +9,7 @@
 --       failed ttl (s), limit running prefix, limit parked prefix, round prefix, batch
 --       stats prefix, func stats prefix
 -- Returns {ids put back, ids cancelled, keys of another type (or job keys, with why)
---   passed over}.
+--   passed over (the counters or queues: jobs go back, not counted or listed)}.
 -- Invariant: a job leaves the due set once, and is queued only if it still has the status
 -- and no request to cancel it; a run whose lease ran out gives up its limit key's slot. A
 -- job key of another type (an operator's) leaves the due set too: at its head it held back
@@ -27,6 +27,10 @@ if mistyped(KEYS[2], 'zset') then return {{}, {}, {KEYS[2]}} end
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, limit)
 local out, cancelled, broken = {}, {}, {}
 ends.broken = broken
+-- counters or queues of another type failed every pass: jobs go back uncounted, unlisted
+if counter ~= '' and mistyped(KEYS[4], 'hash') then broken[1], counter = KEYS[4], '' end
+local queues = not mistyped(KEYS[7], 'set') and KEYS[7]
+if not queues then broken[#broken + 1] = KEYS[7] end
 for _, id in ipairs(ids) do
   local jk = jp .. id
   local read, f = pcall(redis.call, 'HMGET', jk, 'status', 'cancel', 'limit_key', 'queue')
@@ -48,7 +52,7 @@ for _, id in ipairs(ids) do
     cancelled[#cancelled + 1] = id
   elseif not bad and f[1] == status then
     free_slot(id, f[3], ends)
-    requeue(jk, id, qp, wp, KEYS[3], keep, KEYS[7])
+    requeue(jk, id, qp, wp, KEYS[3], keep, queues)
     if counter ~= '' then redis.call('HINCRBY', KEYS[4], counter, 1) end
     out[#out + 1] = id
   end
