@@ -29,7 +29,8 @@ class JobFailed(Exception):
 def wait(client, job_id: str, timeout: float | None = None,
          on_status: Callable[[dict], None] | None = None) -> dict:
     """Poll until the job ends and return its record; TimeoutError after ``timeout`` s,
-    NotFound (a LookupError) when there is no such job, ValueError for a periodic one.
+    NotFound (a LookupError) when there is no such job, ValueError for a periodic one or
+    one whose key holds no job (an operator's overwrite).
     Polls often at first, then once a second, and on while the master says Redis is away."""
     deadline = None if timeout is None else time.monotonic() + timeout
     delay, state = 0.02, None
@@ -52,6 +53,9 @@ def wait(client, job_id: str, timeout: float | None = None,
             raise NotFound(f"no job {job_id!r}")
         if state in ENDED:
             return job
+        if job and state is None and job.get("unreadable"):   # its key overwritten: no status comes
+            raise ValueError(f"job {job_id} cannot be read: {job['error']}; delete that "
+                             "key in Redis and submit the job again")
         if "trigger" in job:   # scheduled, paused or finished: no status of it ever ends
             raise ValueError(f"job {job_id} is a periodic job ({state}): each fire "
                              "is a job of its own")

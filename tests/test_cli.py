@@ -274,6 +274,21 @@ def test_waiting_on_a_periodic_job_id_says_why_it_never_ends(cluster):
         set_default_client(None)
 
 
+def test_waiting_on_a_job_whose_key_an_operator_overwrote_says_so(cluster, redis_url):
+    """get_job shows such a job unreadable, with no status: wait() polled it until its
+    timeout (or for ever), though no status could ever come."""
+    import redis
+
+    from elric.handle import wait
+    from elric.keys import Keys
+
+    cluster.client.submit_job(Echo.spec(job_id="overwritten", queue="nobody-listens"))
+    with redis.Redis.from_url(redis_url) as r:
+        r.set(Keys().job("overwritten"), "an operator's")
+    with pytest.raises(ValueError, match="job overwritten cannot be read: .*not a hash"):
+        wait(cluster.client, "overwritten", timeout=30)
+
+
 def test_a_wait_rides_out_redis_away_as_the_protocol_tells_callers(tmp_path):
     """redis_unavailable means "send the same call again, with backoff", but wait() (so
     result() and elric submit --wait) raised it: a Redis failover of a few seconds ended
