@@ -20,15 +20,19 @@ import math
 import struct
 import time
 from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
 
 from pybloom_live import BloomFilter as _PyBloom
 from redis.exceptions import ResponseError
 
-from elric import lua, rbloom
+from elric import lua
 from elric.config import KEYS as SETTINGS
 from elric.keys import Keys
 from elric.health import TaskHealth
 from elric.retry import Backoff, Outage, each, retry, until
+
+if TYPE_CHECKING:   # numpy, which it loads, costs every master and CLI command ~0.1 s
+    from elric import rbloom
 
 log = logging.getLogger("elric.dedupe")
 
@@ -576,6 +580,8 @@ class RedisBloomFilter(DedupeFilter):
         self._items: dict[str, int] = {}          # per scope: its item count last seen
 
     def stage(self, i: int) -> rbloom.RStage:
+        from elric import rbloom
+
         for j in range(len(self._stages), i + 1):
             cap, p = _stage_params(self.capacity, self.error_rate, j)
             self._stages.append(rbloom.stage_geometry(
@@ -592,6 +598,8 @@ class RedisBloomFilter(DedupeFilter):
                             owners: list[str] | None = None) -> list[bool]:
         if not keys:
             return []
+        from elric import rbloom
+
         h = rbloom.hash_keys([k.encode("utf-8", "surrogatepass") for k in keys])
         head = [scope, self.params, self.name, self.keys.dedupe_rbloom(scope, 0)[:-1],
                 "" if owners is None else self.keys.dedupe_taking(""),
