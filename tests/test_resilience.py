@@ -1648,11 +1648,12 @@ def exit_status(proc, timeout: float) -> int | None:
 
 def test_a_worker_whose_loop_and_stop_both_fail_exits_non_zero_and_ends_its_pool(
         make_cluster):
-    """The index of running jobs overwritten with a string (an operator's mistake) while the
-    worker waited for work: the fetch behind its wait, woken by a job, was refused, then the
-    look for that fetch's claims, in its loop and again in its stop. The stop ended there:
-    its pool processes were never ended, and the worker never exited (Python waits for
-    them), registered, taking no work. It logs the error and exits 1 with its pool gone."""
+    """The worker's own wake list and the index of running jobs overwritten with strings
+    (an operator's mistake) while the worker waited for work: its next wait was refused,
+    then the look for the claims of the fetch behind it, in its loop and again in its
+    stop. The stop ended there: its pool processes were never ended, and the worker never
+    exited (Python waits for them), registered, taking no work. It logs the error and
+    exits 1 with its pool gone."""
     with one_worker(make_cluster, 2) as (c, worker, pool):
         def waiting() -> bool:
             mine = {f"{a.laddr.ip}:{a.laddr.port}"
@@ -1661,9 +1662,10 @@ def test_a_worker_whose_loop_and_stop_both_fail_exits_non_zero_and_ends_its_pool
         r = redis.Redis.from_url(c.redis_url)
         try:
             wait_for(waiting, what="the worker waiting for work")
-            running = KEYS.status("running")
-            r.delete(running)
-            r.set(running, "overwritten")
+            [wid] = [w["worker_id"] for w in c.client.stats()["workers"]]
+            for key in (KEYS.status("running"), KEYS.worker_wake(wid)):
+                r.delete(key)
+                r.set(key, "overwritten")
         finally:
             r.close()
         c.client.submit_jobs([Add.spec([1, 2], job_id="woken")])
