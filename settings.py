@@ -62,7 +62,8 @@ JOB_TIMEOUT = None
 LEASE_SECONDS = 30.0
 
 # Seconds running jobs get to finish after a worker is told to stop (SIGTERM, Ctrl-C); a
-# second Ctrl-C returns them to the queue at once.
+# second Ctrl-C returns them to the queue at once. A stop takes at most this + 10 s: give a
+# supervisor's stop timeout (systemd's TimeoutStopSec, Kubernetes' grace period) that much.
 SHUTDOWN_GRACE = 30.0
 
 # Most sync jobs handed to one pool process at once. A chunk holds about 20 ms of work
