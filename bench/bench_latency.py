@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -50,7 +51,7 @@ def elric_latencies(redis_url: str, samples: int, gap: float, timeout: float) ->
     address = f"127.0.0.1:{free_port()}"
     env = elric_env(redis_url, address, LOG_LEVEL="WARNING", KEY_PREFIX="bench-latency",
                     JOB_MODULES="bench.jobs")
-    procs, client = [], None
+    procs, client, keep_logs = [], None, True   # kept when a run fails
     try:
         procs.append(start_master(env, os.path.join(logdir, "master.log"), cwd=ROOT))
         procs.append(start_worker(env, os.path.join(logdir, "worker.log"), cwd=ROOT))
@@ -74,12 +75,15 @@ def elric_latencies(redis_url: str, samples: int, gap: float, timeout: float) ->
         for _ in range(samples):
             latencies.append(one())
             time.sleep(gap)
+        keep_logs = False
         return latencies
     finally:
         if client is not None:
             client.close()
         for p in reversed(procs):
             p.stop(timeout=20)
+        if not keep_logs:
+            shutil.rmtree(logdir, ignore_errors=True)
 
 
 def huey_latencies(redis_url: str, samples: int, gap: float, timeout: float) -> list[float]:
