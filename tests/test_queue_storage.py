@@ -896,3 +896,20 @@ def test_outcomes_are_recorded_while_an_ended_index_holds_another_type(redis_url
         assert await r.zcard(KEYS.inflight) == 0
         assert bad in caplog.text
     asyncio.run(with_queue(redis_url, body))
+
+
+def test_a_job_whose_key_an_operator_overwrote_can_be_deleted(redis_url):
+    """list_jobs and the dashboard show such a job unreadable, with a delete button, but
+    remove.lua read its fields first and raised WRONGTYPE: nothing but redis-cli could
+    clear it. The key goes, with its lease and delay; its line and indexes drop it."""
+    async def body(q, r):
+        batch = specs(2)
+        await q.enqueue(batch)
+        gone, kept = (s["job_id"] for s in batch)
+        await r.set(KEYS.job(gone), "overwritten")
+        assert await q.remove(gone) is True
+        assert not await r.exists(KEYS.job(gone))
+        assert [v["job_id"] for v in await q.list_jobs(status="queued")] == [kept]
+        claims = (await q.fetch("w1", ["default"], 10, 30)).claims
+        assert [c.job_id for c in claims] == [kept]
+    asyncio.run(with_queue(redis_url, body))

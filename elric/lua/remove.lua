@@ -2,12 +2,21 @@
 -- KEYS: the job's hash, inflight, delayed, parked counts
 -- ARGV: queue prefix, status index prefix, job_id, limit parked prefix, round prefix,
 --       batch stats prefix, func stats prefix, round ttl (s)
--- Returns {the status the job had, then the keys of another type its counts were left
---   out of} ({}: there was none); an error 'RUNNING' when it runs.
--- Invariant: no index keeps an entry for a job that is gone; a round no longer waits for a
--- job of its own that was removed before it ended, nor its func and batch (`removed`).
-local f = redis.call('HMGET', KEYS[1], 'status', 'queue', 'member', 'limit_key', 'round',
-                     'batch', 'func')
+-- Returns {the status the job had ('unreadable': its key held another type), then the keys
+--   of another type its counts were left out of} ({}: there was none); an error 'RUNNING'
+--   when it runs.
+-- Invariant: no index keeps an entry for a job that is gone (one whose key held another
+-- type: its line and index drop it where fetch or list_jobs meet it); a round no longer
+-- waits for a job of its own that was removed before it ended, nor its func and batch
+-- (`removed`).
+local read, f = pcall(redis.call, 'HMGET', KEYS[1], 'status', 'queue', 'member',
+                      'limit_key', 'round', 'batch', 'func')
+if not read then   -- an operator's overwrite: no fields tell its lines; it leaves them
+  redis.call('ZREM', KEYS[2], ARGV[3])   -- where they meet it, as a removed job does
+  redis.call('ZREM', KEYS[3], ARGV[3])
+  redis.call('DEL', KEYS[1])
+  return {'unreadable'}
+end
 if not f[1] then return {} end
 if f[1] == 'running' then return redis.error_reply('RUNNING') end
 -- a count in a key an operator overwrote must not fail the delete (finish.lua's rule)
