@@ -54,8 +54,8 @@ def wait(client, job_id: str, timeout: float | None = None,
         if state in ENDED:
             return job
         if job and state is None and job.get("unreadable"):   # its key overwritten: no status comes
-            raise ValueError(f"job {job_id} cannot be read: {job['error']}; delete that "
-                             "key in Redis and submit the job again")
+            raise ValueError(f"job {job_id} cannot be read: {job['error']}; delete it "
+                             f"(elric delete {job_id}) and submit it again")
         if "trigger" in job:   # scheduled, paused or finished: no status of it ever ends
             raise ValueError(f"job {job_id} is a periodic job ({state}): each fire "
                              "is a job of its own")

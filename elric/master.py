@@ -32,7 +32,7 @@ from elric.jobstore import RedisJobStore
 from elric.keys import Keys
 from elric.queue import RedisQueue
 from elric.reservation import DedupeGate, ScopeRefused
-from elric.retry import REDIS_CLIENT_OPTIONS, REDIS_ERRORS, redis_refusal, retry
+from elric.retry import REDIS_CLIENT_OPTIONS, REDIS_ERRORS, error_code, redis_refusal, retry
 from elric.rpc import MAX_CONNECTIONS, RequestError, Server
 from elric.scheduler import Scheduler, fire_id
 
@@ -326,7 +326,12 @@ class Master:
     async def job_kind(self, job_id) -> dict | None:
         """What the dashboard and the CLI check before acting, without get_job's result or
         runs: ``{"periodic", "status"}`` (and ``"paused"`` if periodic), or None."""
-        [hold] = await self.queue.get_holds([_id(job_id)])
+        try:
+            [hold] = await self.queue.get_holds([_id(job_id)])
+        except ResponseError as exc:   # its key overwritten (an operator's): a job to delete
+            if error_code(exc) != "WRONGTYPE":
+                raise
+            return {"periodic": False, "status": None}
         if hold is not None:   # as get_job: a one-off job before a periodic one
             return {"periodic": False, "status": hold.status}
         state = await self.store.state(job_id)

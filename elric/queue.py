@@ -593,7 +593,10 @@ class RedisQueue:
         async with self.redis.pipeline(transaction=False) as pipe:
             for job_id in job_ids:
                 pipe.hmget(self.keys.job(job_id), "status", "dedupe_key", "dedupe_scope")
-            rows = await pipe.execute()
+            rows = await pipe.execute(raise_on_error=False)
+        for row in rows:   # as Redis replied (error_code reads it), not as the pipeline words it
+            if isinstance(row, Exception):
+                raise row
         return [None if row[0] is None else Hold(*map(_s, row)) for row in rows]
 
     async def list_jobs(self, *, status: str | None = None, queue: str | None = None,
