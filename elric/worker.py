@@ -937,11 +937,13 @@ class Worker:
                         + len(self.recording), GIVE_BACK_SECONDS)
             await self._wait_while(lambda: self.finished or self.recording, end, recorder)
         recorder.cancel()
-        for claim, _ in [*self.finished, *self.recording]:   # (the cancel has not landed yet)
-            log.error("worker: job %s: could not record the outcome of its attempt %d before "
-                      "stopping; it runs again once its lease ends", claim.job_id,
-                      claim.attempt, extra=_job_fields(claim))
-            self.broken = True
+        for claims, sent in ((self.finished, ""), (self.recording, "unless Redis recorded it "
+                             "and only the reply was lost, ")):   # (the cancel has not landed)
+            for claim, _ in claims:
+                log.error("worker: job %s: could not record the outcome of its attempt %d "
+                          "before stopping; %sit runs again once its lease ends", claim.job_id,
+                          claim.attempt, sent, extra=_job_fields(claim))
+                self.broken = True
         await self._given(end)
 
     async def _stop_fetching(self) -> None:
