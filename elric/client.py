@@ -134,7 +134,8 @@ class MasterClient:
         return self.call("remove_job", job_id)
 
     def health(self) -> dict:
-        """``{"master_id", "ok", "tasks": {name: {"state", "progress_at", "ok"}}, "now"}``."""
+        """``{"master_id", "pid", "ok", "tasks": {name: {"state", "progress_at", "ok"}},
+        "now"}``."""
         return self.call("health")
 
     def cancel_job(self, job_id: str) -> dict:

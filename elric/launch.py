@@ -86,6 +86,7 @@ class Proc:
 
 def wait_for_master(address: str, proc: Proc | None = None, timeout: float = 20.0,
                     token: str | None = None) -> None:
+    """Until a master answers at ``address``: ``proc``, when given, and no other one."""
     host, port = parse_address(address)
     deadline = time.monotonic() + timeout
     while True:
@@ -93,10 +94,14 @@ def wait_for_master(address: str, proc: Proc | None = None, timeout: float = 20.
             raise RuntimeError(f"master exited with {proc.popen.returncode}:\n{proc.log()}")
         try:
             with Client(host, port, timeout=2, token=token) as client:
-                if client.call("ping") == "pong":
-                    return
+                pid = client.call("health").get("pid")
         except RPCError:
             pass
+        else:
+            if proc is None or pid == proc.pid:
+                return
+            raise RuntimeError(f"another master already listens at {address} (pid {pid}); "
+                               f"the one started (pid {proc.pid}) cannot")
         if time.monotonic() > deadline:
             raise RuntimeError(f"master at {address} did not answer within {timeout}s")
         time.sleep(0.05)

@@ -304,8 +304,9 @@ class Master:
         for view in tasks.values():   # noted on this machine's clock: answered on Redis's
             view["progress_at"] = view["progress_at"] and view["progress_at"] + \
                 self.store.clock.offset
-        return {"master_id": self.master_id, "ok": all(t["ok"] for t in tasks.values()),
-                "tasks": tasks, "now": self.store.clock()}
+        return {"master_id": self.master_id, "pid": os.getpid(),
+                "ok": all(t["ok"] for t in tasks.values()), "tasks": tasks,
+                "now": self.store.clock()}
 
     @_rpc
     async def submit_job(self, spec) -> dict:

@@ -3,6 +3,8 @@ reply shape and error codes, against an in-process master over real RPC."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from elric.contract import STATUSES
@@ -21,7 +23,8 @@ def test_every_method_answers_the_shape_and_codes_the_protocol_gives(redis_url):
         assert await answer(client, "no_such_method") == "method_not_found"
 
         health = await call("health")
-        assert set(health) == {"master_id", "ok", "tasks", "now"}
+        assert set(health) == {"master_id", "pid", "ok", "tasks", "now"}
+        assert health["pid"] == os.getpid()   # (a master in this process)
         assert set(health["tasks"]) == {"scheduler", "housekeeping"}
         assert all(set(t) == {"state", "progress_at", "ok"} for t in health["tasks"].values())
 

@@ -1,5 +1,5 @@
-"""Start-up with real processes: a worker started before its master, and a current
-directory that holds a folder named like the elric package."""
+"""Start-up with real processes: a worker started before its master, a master started where
+another listens, and a current directory that holds a folder named like the elric package."""
 
 from __future__ import annotations
 
@@ -99,6 +99,30 @@ def test_a_worker_started_before_its_master_waits_and_then_runs_jobs(make_cluste
     job = c.wait_job(job_id)
     assert job["status"] == "succeeded" and job["result"] == 5, c.logs()
     assert worker.alive()
+
+
+def test_a_master_started_where_another_listens_fails_at_once_naming_the_address(
+        make_cluster, monkeypatch):
+    """start_master took any master's pong for its own: it returned, the master it started
+    exited a moment later (cannot listen) and its caller talked to the other one."""
+    from elric import launch
+
+    c = make_cluster()
+    first = c.start_master()
+    started = []
+
+    class Recorded(launch.Proc):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            started.append(self)
+
+    monkeypatch.setattr(launch, "Proc", Recorded)
+    with pytest.raises(RuntimeError, match=re.escape(
+            f"another master already listens at {c.address} (pid {first.pid})")):
+        c.start_master()
+    (second,) = started
+    assert not second.alive()          # stopped, not left to exit on its own
+    assert c.client.health()["pid"] == first.pid
 
 
 @pytest.mark.parametrize("missing", ["redis", "master"])
