@@ -173,12 +173,13 @@ class _Decoder:
         self.chunk = min(_CHUNK, max_message)
         self._count = containers and _Containers(containers)
         hooks = {"object_hook": self._count, "list_hook": self._count} if self._count else {}
-        self._unpacker = msgpack.Unpacker(**hooks,
+        self._options = dict(**hooks,
             # int map keys decode, so the contract can name them rather than drop the connection
             raw=False, unicode_errors="surrogateescape", strict_map_key=False,
-            max_buffer_size=max_message + self.chunk,
+            max_buffer_size=max_message + self.chunk, read_size=self.chunk,  # (else 1 MiB)
             max_str_len=max_message, max_bin_len=max_message, max_ext_len=max_message,
             max_array_len=max_message, max_map_len=max_message // 2)
+        self._unpacker = msgpack.Unpacker(**self._options)
         self._fed = self._end = 0
         self._head = b""   # the first bytes of the message in progress (from _end)
 
@@ -221,6 +222,11 @@ class _Decoder:
         if self._fed - self._end > self.max:
             raise self._too_large(f"of over {self._fed - self._end} bytes", data, base)
         self._head = self._start(data, base)
+        if self._fed == self._end and self._end > self.chunk:
+            # between messages: a new unpacker, as one never shrinks the buffer a big
+            # message grew (a connection that sent one would keep up to max_message)
+            self._unpacker = msgpack.Unpacker(**self._options)
+            self._fed = self._end = 0
 
 
 def _arity(fn: Callable) -> tuple[int, int | None, list[str]] | None:
@@ -383,6 +389,7 @@ class _Connection:
                 for msg in decoder.feed(data):
                     if not await self._dispatch(msg):
                         return
+                msg = None   # (an idle connection would keep its last request)
         except _ProtocolError as exc:
             log.warning("closing connection from %s: %s", self.peer, exc)
             if exc.msgid is not None and self.authed:

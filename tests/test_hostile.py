@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from elric.contract import METHODS
-from elric.rpc import Client
+from elric.rpc import Client, RemoteError
 from tests.conftest import ROOT, Cluster, wait_for
 
 MAX_MESSAGE = 1 << 20  # the master under test: 1 MiB frames at most
@@ -227,6 +227,23 @@ def test_oversized_frame_closes_the_connection(master):
     assert rss(master.proc) < 2 * start_rss + 50 * 2**20
     assert "over the" in master.proc.log() or "limit" in master.proc.log()
     control.close()
+
+
+def test_connections_do_not_keep_their_last_large_request(master):
+    """An open connection kept its last request, and the buffer its decoder grew for it,
+    until it closed: 200 clients that had each sent 8 MiB held over 3 GB."""
+    clients = [Client("127.0.0.1", master.port, timeout=IO_TIMEOUT) for _ in range(48)]
+    try:
+        assert all(c.call("ping") == "pong" for c in clients)   # all connected
+        start = rss(master.proc)
+        for c in clients:   # one after another
+            with pytest.raises(RemoteError, match="ping takes 0 arguments, got 1"):
+                c.call("ping", b"x" * (MAX_MESSAGE - 64))
+        grown = rss(master.proc) - start
+        assert grown < 20 * MAX_MESSAGE, f"grew {grown >> 20} MiB"   # 48 MiB was sent
+    finally:
+        for c in clients:
+            c.close()
 
 
 def raise_nofile(n: int) -> None:
