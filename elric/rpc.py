@@ -32,6 +32,7 @@ MAX_CONNECTIONS = 1024
 IDLE_TIMEOUT = 300.0
 AUTH_TIMEOUT = 10.0   # seconds a connection has to authenticate, where a token is needed
 MAX_PENDING = 128
+HELD_MESSAGES = 4   # max_message of requests a server holds at once (and about one more)
 _CHUNK = 64 * 1024
 _UNANSWERED = object()   # a call_many slot no answer has filled (an answer may be nil)
 LINGER = 30.0   # seconds a connection refused for a too-big request reads on, discarding
@@ -173,13 +174,15 @@ class _Decoder:
         self.chunk = min(_CHUNK, max_message)
         self._count = containers and _Containers(containers)
         hooks = {"object_hook": self._count, "list_hook": self._count} if self._count else {}
-        self._unpacker = msgpack.Unpacker(**hooks,
+        self._options = dict(**hooks,
             # int map keys decode, so the contract can name them rather than drop the connection
             raw=False, unicode_errors="surrogateescape", strict_map_key=False,
-            max_buffer_size=max_message + self.chunk,
+            max_buffer_size=max_message + self.chunk, read_size=self.chunk,  # (else 1 MiB)
             max_str_len=max_message, max_bin_len=max_message, max_ext_len=max_message,
             max_array_len=max_message, max_map_len=max_message // 2)
+        self._unpacker = msgpack.Unpacker(**self._options)
         self._fed = self._end = 0
+        self.size = 0   # bytes of the message last yielded
         self._head = b""   # the first bytes of the message in progress (from _end)
 
     def _start(self, data: bytes, base: int) -> bytes:
@@ -202,7 +205,7 @@ class _Decoder:
                 end = self._unpacker.tell()
                 if end - self._end > self.max:
                     raise self._too_large(f"of {end - self._end} bytes", data, base)
-                self._end = end
+                self.size, self._end = end - self._end, end
                 if self._count:
                     self._count.left = self._count.limit
                 yield msg
@@ -221,6 +224,16 @@ class _Decoder:
         if self._fed - self._end > self.max:
             raise self._too_large(f"of over {self._fed - self._end} bytes", data, base)
         self._head = self._start(data, base)
+        if self._fed == self._end and self._end > self.chunk:
+            # between messages: a new unpacker, as one never shrinks the buffer a big
+            # message grew (a connection that sent one would keep up to max_message)
+            self._unpacker = msgpack.Unpacker(**self._options)
+            self._fed = self._end = 0
+
+    @property
+    def partial(self) -> int:
+        """Bytes fed of a message not complete yet."""
+        return self._fed - self._end
 
 
 def _arity(fn: Callable) -> tuple[int, int | None, list[str]] | None:
@@ -275,10 +288,18 @@ class Server:
 
     def __init__(self, handlers: dict[str, Callable], *, token: str | None = None,
                  max_message: int = MAX_MESSAGE, max_connections: int = MAX_CONNECTIONS,
-                 idle_timeout: float = IDLE_TIMEOUT, max_pending: int = MAX_PENDING):
+                 idle_timeout: float = IDLE_TIMEOUT, max_pending: int = MAX_PENDING,
+                 max_held: int | None = None):
         self.handlers = handlers
         self.max_message, self.max_connections = max_message, max_connections
         self.idle_timeout, self.max_pending = idle_timeout, max_pending
+        # Bytes of requests read and not yet answered, across connections. Past max_held,
+        # connections read no more (TCP holds their peers) until some are answered; but
+        # one part-way through a message reads on, else all such could wait on each other.
+        self.max_held = max_held or HELD_MESSAGES * max_message
+        self.held = 0
+        self._reading_on: _Connection | None = None   # the one that reads on
+        self._freed = asyncio.Event()
         self.address: tuple[str, int] | None = None
         self._token = None if token is None else token.encode("utf-8")
         self._arities = {name: _arity(fn) for name, fn in handlers.items()}
@@ -332,6 +353,11 @@ class Server:
         finally:
             del self._connections[task]
 
+    def _free(self, size: int) -> None:
+        self.held -= size
+        self._freed.set()   # (wakes its waiters; those that wait again wait on a new one)
+        self._freed = asyncio.Event()
+
     async def invoke(self, method: str, params: list) -> Any:
         handler = self.handlers.get(method)
         if handler is None:  # the wording of the reference msgpack-rpc-python server
@@ -351,14 +377,34 @@ class _Connection:
         self.server, self.reader, self.writer = server, reader, writer
         self.peer = writer.get_extra_info("peername")
         self.authed = server._token is None
-        self.tasks: set[asyncio.Task] = set()
+        self.tasks: dict[asyncio.Task, int] = {}   # each with its request's size
         self.slots = asyncio.Semaphore(server.max_pending)
+        self.held = 0   # bytes of its requests read and not yet answered
+        self.stopping = False
 
     def stop_reading(self) -> None:
         """Read no more requests (the server is closing): what arrived is still handled,
         then ``run`` sees the end of the stream, waits for its calls and closes."""
         self.writer.transport.pause_reading()  # (a no-op on a closing transport)
         self.reader.feed_eof()
+        self.stopping = True
+        self.server._free(0)   # (if it waits for room to read)
+
+    def _free(self, size: int) -> None:
+        self.held -= size
+        self.server._free(size)
+
+    async def _room(self, decoder: _Decoder) -> None:
+        """Wait until the server holds less than max_held, or this connection may read on."""
+        server = self.server
+        if server._reading_on is self and not decoder.partial:
+            server._reading_on = None   # its message is read: another may read on
+            server._free(0)
+        while server.held >= server.max_held and not self.stopping:
+            if decoder.partial and server._reading_on in (None, self):
+                server._reading_on = self
+                return
+            await server._freed.wait()
 
     async def run(self) -> None:
         decoder = _Decoder(self.server.max_message, self.server.max_message // 16)
@@ -368,6 +414,7 @@ class _Connection:
         auth_by = loop.time() + AUTH_TIMEOUT
         try:
             while True:
+                await self._room(decoder)
                 try:   # asyncio.timeout, not wait_for: no task per read
                     async with asyncio.timeout_at(loop.time() + self.server.idle_timeout
                                                   if self.authed else auth_by):
@@ -380,10 +427,14 @@ class _Connection:
                     return
                 if not data:
                     return
+                self.held += len(data)
+                self.server.held += len(data)
                 for msg in decoder.feed(data):
-                    if not await self._dispatch(msg):
+                    if not await self._dispatch(msg, decoder.size):
                         return
+                msg = None   # (an idle connection would keep its last request)
         except _ProtocolError as exc:
+            self._read_no_more()
             log.warning("closing connection from %s: %s", self.peer, exc)
             if exc.msgid is not None and self.authed:
                 await self._send(exc.msgid, exc.answer, None)
@@ -391,12 +442,19 @@ class _Connection:
         except ConnectionError:
             pass
         finally:
+            self._read_no_more()
             try:  # let handlers finish: cutting one short may leave state half-written
                 await asyncio.gather(*self.tasks, return_exceptions=True)
                 if refused:
                     await self._linger()
             finally:
                 self.writer.close()
+
+    def _read_no_more(self) -> None:
+        """Free the bytes of a message part-read (its calls free theirs when answered)."""
+        if self.server._reading_on is self:
+            self.server._reading_on = None
+        self._free(self.held - sum(self.tasks.values()))
 
     async def _linger(self) -> None:
         """End a connection whose peer may still be sending a refused request: the rest of
@@ -411,27 +469,30 @@ class _Connection:
         except (TimeoutError, OSError):
             pass
 
-    async def _dispatch(self, msg: Any) -> bool:
-        """Handle one message; False closes the connection."""
+    async def _dispatch(self, msg: Any, size: int) -> bool:
+        """Handle one message of ``size`` bytes, held until it is answered if it is a call;
+        False closes the connection (which frees all it holds)."""
         parsed = _parse(msg)
         if parsed is None:
             log.warning("closing connection from %s: not a request: %.200r", self.peer, msg)
             return False
         msgid, method, params = parsed
         if not self.authed or method == "auth":
+            self._free(size)
             return await self._auth(msgid, method, params)
         if method is None:
+            self._free(size)
             invalid = "invalid request: expected [0, msgid, method, params]"
             await self._send(msgid, _error(ErrorCode.BAD_REQUEST, invalid), None)
             return True
         await self.slots.acquire()  # at the limit, stop reading until a request finishes
         task = asyncio.create_task(self._handle(msgid, method, params))
-        self.tasks.add(task)
+        self.tasks[task] = size
         task.add_done_callback(self._finished)
         return True
 
     def _finished(self, task: asyncio.Task) -> None:
-        self.tasks.discard(task)
+        self._free(self.tasks.pop(task))
         self.slots.release()
 
     async def _auth(self, msgid, method, params) -> bool:

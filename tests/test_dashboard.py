@@ -252,6 +252,32 @@ def test_without_a_password_it_is_read_only_and_serves_loopback_only(make_cluste
         bad.start_master()   # (start_master raises with the log of a master that exited)
 
 
+def test_past_its_connection_limit_the_dashboard_answers_503_at_once(make_cluster):
+    """Each connection is a file of the master's, which Redis's connections need too:
+    the dashboard took any number. Past MAX_CONNECTIONS it answers 503 at once; a
+    connection closed makes room."""
+    from elric.dashboard import MAX_CONNECTIONS
+
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}")
+    cluster.start_master()
+    base = f"http://127.0.0.1:{port}"
+    assert get(base + "/stats")[0] == 200
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=10)
+            for _ in range(MAX_CONNECTIONS)]
+    try:
+        with pytest.raises(urllib.error.HTTPError) as busy:
+            urllib.request.urlopen(base + "/stats", timeout=10)
+        assert busy.value.code == 503 and busy.value.headers["Retry-After"] == "1"
+        assert b"too many connections" in busy.value.read()
+        assert cluster.client.ping() == "pong"   # the master itself is not held up
+        idle.pop().close()
+        wait_for(lambda: get(base + "/stats")[0] == 200, timeout=10, what="a free slot used")
+    finally:
+        for s in idle:
+            s.close()
+
+
 def test_actions_need_the_session_token_and_metrics_need_the_password(make_cluster):
     port = free_port()
     cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}", DASHBOARD_PASSWORD=PASSWORD)

@@ -3,6 +3,7 @@ connections; and no pickle (or its kin) anywhere in elric's sources."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
@@ -16,7 +17,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from elric.contract import METHODS
-from elric.rpc import Client
+from elric.rpc import AsyncClient, Client, RemoteError
 from tests.conftest import ROOT, Cluster, wait_for
 
 MAX_MESSAGE = 1 << 20  # the master under test: 1 MiB frames at most
@@ -227,6 +228,63 @@ def test_oversized_frame_closes_the_connection(master):
     assert rss(master.proc) < 2 * start_rss + 50 * 2**20
     assert "over the" in master.proc.log() or "limit" in master.proc.log()
     control.close()
+
+
+def test_connections_do_not_keep_their_last_large_request(master):
+    """An open connection kept its last request, and the buffer its decoder grew for it,
+    until it closed: 200 clients that had each sent 8 MiB held over 3 GB."""
+    clients = [Client("127.0.0.1", master.port, timeout=IO_TIMEOUT) for _ in range(48)]
+    try:
+        assert all(c.call("ping") == "pong" for c in clients)   # all connected
+        start = rss(master.proc)
+        for c in clients:   # one after another
+            with pytest.raises(RemoteError, match="ping takes 0 arguments, got 1"):
+                c.call("ping", b"x" * (MAX_MESSAGE - 64))
+        grown = rss(master.proc) - start
+        assert grown < 20 * MAX_MESSAGE, f"grew {grown >> 20} MiB"   # 48 MiB was sent
+    finally:
+        for c in clients:
+            c.close()
+
+
+def test_many_large_requests_at_once_stay_within_the_masters_budget(master):
+    """200 clients sending a 7 MiB request each at once made the master read them all at
+    once (1.4 GB, OOM-killed), and each connection's decoder kept its grown buffer after.
+    It holds a few messages' worth at a time (the others wait in TCP): all are answered,
+    and its peak memory grows by a small part of what was sent."""
+    status = f"/proc/{master.proc.pid}/status"
+    if not os.path.exists(status):
+        pytest.skip("needs Linux's /proc")
+
+    def peak() -> int:   # the master's peak resident memory, in bytes
+        with open(status) as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) << 10
+
+    clients = 128   # each sends one request just under RPC_MAX_MESSAGE: 128 MiB in all
+
+    async def main():
+        conns = [await AsyncClient.connect("127.0.0.1", master.port, timeout=IO_TIMEOUT)
+                 for _ in range(clients)]
+        try:
+            with open(f"/proc/{master.proc.pid}/clear_refs", "w") as f:
+                f.write("5")   # the peak starts again from now
+            start = peak()
+            payload = b"x" * (MAX_MESSAGE - 64)
+            answers = await asyncio.gather(*(c.call("ping", payload) for c in conns),
+                                           return_exceptions=True)
+            return start, answers
+        finally:
+            await asyncio.gather(*(c.close() for c in conns))
+
+    start, answers = asyncio.run(main())
+    grown = peak() - start
+    assert [str(a) if isinstance(a, RemoteError) else a for a in answers] == \
+        ["ping takes 0 arguments, got 1"] * clients   # every one read and answered
+    # what it may hold: 4 MiB, one message more and a chunk (64 KiB) per connection, each
+    # decoded too; and asyncio's read buffers. Some 36 MiB, of the 128 MiB sent at once
+    # (with no bound, over 100 MiB)
+    assert grown < 64 * MAX_MESSAGE, f"peak grew {grown >> 20} MiB"
+    assert master.proc.alive()
 
 
 def raise_nofile(n: int) -> None:

@@ -527,6 +527,38 @@ def test_max_pending_bounds_concurrent_requests_per_connection():
     arun(main())
 
 
+def test_what_a_server_holds_is_all_freed_and_a_tiny_budget_still_serves():
+    """The server counts the bytes of requests read and not yet answered, across
+    connections, and reads no more past max_held (bar one connection part-way through a
+    message): a count that leaked would stop it for good. Calls, answers in error,
+    notifications, bad requests, one too large, a peer gone mid-message: all freed."""
+    async def main():
+        async with serving(max_message=4096, max_held=1) as server:
+            client = await AsyncClient.connect(*server.address)
+            text = "x" * 3000   # most reads end part-way through the next request
+            assert await asyncio.gather(*(client.call("echo", text) for _ in range(20))) \
+                == [text] * 20
+            with pytest.raises(RemoteError, match="ZeroDivisionError"):
+                await client.call("crash")
+            raw = await Raw.open(server.address)
+            raw.send(msgpack.packb([2, "echo", [text]]) + msgpack.packb([0, 7, 1, []]))
+            assert (await raw.next())[1][:3] == [1, 7, {"code": "bad_request", "message":
+                                                 "invalid request: expected [0, msgid, "
+                                                 "method, params]"}]
+            raw.send(msgpack.packb([0, 8, "echo", [text]])[:2000])
+            await eventually(lambda: server.held >= 2000, "the part-read request held")
+            raw.close()
+            too_large = await Raw.open(server.address)
+            too_large.send(msgpack.packb([0, 9, "echo", ["y" * 5000]]))
+            assert (await too_large.next())[1][2]["code"] == "too_large"
+            too_large.close()
+            assert await client.call("echo", text) == text
+            await client.close()
+            await eventually(lambda: server.connection_count == 0, "all closed")
+            assert server.held == 0 and server._reading_on is None
+    arun(main())
+
+
 def test_idle_connection_is_closed_and_blocking_client_reconnects():
     with ServerThread(idle_timeout=0.2) as st, Client(*st.address) as client:
         assert client.call("ping") == "pong"

@@ -35,6 +35,14 @@ LIVE_HEADER = "X-Elric-Live"   # a refresh asks for the page's main part only
 HTTP_STATUS = {ErrorCode.NOT_FOUND: 404, ErrorCode.BAD_REQUEST: 400,
                ErrorCode.REDIS_UNAVAILABLE: 503}
 RUN_WAIT = 5.0                 # seconds a run now waits to say what became of its fire
+# Connections open at once (their files are among the master's SPARE_FILES): past it, a
+# new one is answered 503 at once, which a browser shows and a scraper counts as a failed
+# scrape, where one left waiting could not tell a busy dashboard from a hung master.
+MAX_CONNECTIONS = 32
+KEEPALIVE = 15.0               # seconds an idle connection is kept (aiohttp's: an hour)
+BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nConnection: close\r\n"
+        b"Content-Type: text/plain\r\nContent-Length: 47\r\n\r\n"
+        b"the dashboard has too many connections: retry\r\n")
 PAGES = (("/", "overview"), ("/workers", "workers"), ("/schedules", "schedules"),
          ("/jobs", "jobs"), ("/jobs?status=failed", "failed"), ("/stats", "statistics"),
          ("/redis", "redis"))
@@ -101,14 +109,25 @@ class Dashboard:
             web.get("/login", self.login_page), web.post("/login", self.login),
             web.post("/logout", self.logout), web.post("/act", self.act)])
         self.runner: web.AppRunner | None = None
+        self.listener: asyncio.Server | None = None
+        self.open = 0   # connections served now
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
-        self.runner = web.AppRunner(self.app, access_log=None)
+        self.runner = web.AppRunner(self.app, access_log=None, keepalive_timeout=KEEPALIVE)
         await self.runner.setup()
-        await web.TCPSite(self.runner, host, port).start()
-        return self.runner.addresses[0][:2]
+        self.listener = await asyncio.get_running_loop().create_server(
+            self._connection, host, port)
+        return self.listener.sockets[0].getsockname()[:2]
+
+    def _connection(self):
+        if self.open >= MAX_CONNECTIONS:
+            return _Busy()
+        self.open += 1
+        return _Counted(self.runner.server(), self)
 
     async def close(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
         if self.runner is not None:
             await self.runner.cleanup()
 
@@ -328,6 +347,33 @@ class Dashboard:
         path, _, query = _local_path(str(form.get("next", "/"))).partition("?")
         kept = [(k, v) for k, v in parse_qsl(query) if k != "note"]   # the last action's
         raise web.HTTPSeeOther(f"{path}?{urlencode([*kept, ('note', note)])}")
+
+
+class _Counted:
+    """aiohttp's handler of a connection, which counts it open until it is lost."""
+
+    def __init__(self, handler, dashboard: Dashboard) -> None:
+        self._handler, self._dashboard = handler, dashboard
+
+    def __getattr__(self, name):
+        return getattr(self._handler, name)
+
+    def connection_lost(self, exc) -> None:
+        self._dashboard.open -= 1
+        self._handler.connection_lost(exc)
+
+
+class _Busy(asyncio.Protocol):
+    """A connection past MAX_CONNECTIONS: answered 503 at once, and closed when the peer
+    closes, or after a second (closing with its request unread would reset the
+    connection, and the peer could lose the answer)."""
+
+    def connection_made(self, transport) -> None:
+        transport.write(BUSY)
+        asyncio.get_running_loop().call_later(1.0, transport.close)
+
+    def data_received(self, data) -> None:
+        pass
 
 
 async def _form(request: web.Request):
