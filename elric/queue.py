@@ -244,7 +244,7 @@ class RedisQueue:
         self._told_broken: set[str] = set()   # keys of another type a script passed over, logged
         self._enqueue = lua.load(redis, "enqueue", "clock_fn", "expect_fn")
         self._fetch = lua.load(redis, "fetch", "clock_fn", "expect_fn")
-        self._finish = lua.load(redis, "finish", "clock_fn", "slot_fn")
+        self._finish = lua.load(redis, "finish", "clock_fn", "slot_fn", "expect_fn")
         self._heartbeat = lua.load(redis, "heartbeat", "clock_fn")
         self._remove = lua.load(redis, "remove", "jobstats_fn")
         self._cancel = lua.load(redis, "cancel", "clock_fn", "jobstats_fn")

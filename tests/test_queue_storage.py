@@ -604,6 +604,31 @@ def test_a_rerun_refused_for_a_queue_an_operator_overwrote_leaves_the_job_as_it_
     asyncio.run(with_queue(redis_url, body))
 
 
+def test_a_retry_while_the_delayed_set_holds_another_type_fails_named_not_lost(redis_url,
+                                                                              caplog):
+    """The delayed set SET to a string made finish.lua fail at a retry's ZADD, after the job
+    was out of inflight and marked retrying: in no due set, it never ran again, and every
+    outcome call holding a retry failed. It fails, its error naming the key, and a rerun
+    runs it once the key is fixed; the other outcomes are recorded."""
+    async def body(q, r):
+        await q.enqueue(specs(3, max_retries=2))
+        claims = (await q.fetch("w1", ["default"], 3, 30)).claims
+        await r.set(KEYS.delayed, "overwritten")
+        outcomes = [outcome(claims[0], False, "boom", retry_ms=1000),
+                    outcome(claims[1], False, "final"), outcome(claims[2])]
+        assert await q.finish("w1", outcomes) == ["failed", "failed", "succeeded"]
+        assert await r.zcard(KEYS.inflight) == 0
+        view = await q.get_job(claims[0].job_id)
+        assert f"Not retried: {KEYS.delayed}" in view["error"]
+        assert "Not retried" not in (await q.get_job(claims[1].job_id))["error"]
+        assert KEYS.delayed in caplog.text
+        await r.delete(KEYS.delayed)
+        assert await q.rerun(claims[0].job_id) == "failed"
+        assert [c.job_id for c in (await q.fetch("w1", ["default"], 1, 30)).claims] == \
+            [claims[0].job_id]
+    asyncio.run(with_queue(redis_url, body))
+
+
 def test_a_field_edited_while_its_job_ran_fails_that_job_not_the_whole_batch(redis_url):
     """finish.lua read max_retries and enqueued_at as numbers: one edited to what elric does
     not write while its job ran failed the whole call, the good outcomes of the batch with
