@@ -37,6 +37,15 @@ class Fenced(Exception):
     """An enqueue guarded by a scheduler lease token that is no longer current."""
 
 
+class Unreadable(Exception):
+    """A job whose key holds another type than a hash (an operator overwrote it): it can
+    only be deleted."""
+
+    def __init__(self, job_id: str, message: str) -> None:
+        super().__init__(f"{message}: delete it (elric delete {job_id})")
+        self.job_id = job_id
+
+
 @dataclass(slots=True)
 class Submitted:
     """What became of one submitted job: queued now, stored as a periodic job, or the
@@ -589,12 +598,15 @@ class RedisQueue:
         return f"{self.keys.job(job_id)} is not a hash (overwritten?)"
 
     async def get_holds(self, job_ids: list[str]) -> list[Hold | None]:
-        """Per job: its status and dedupe key and scope, or None when there is no such job."""
+        """Per job: its status and dedupe key and scope, or None when there is no such job;
+        raises Unreadable naming the first job whose key holds another type."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for job_id in job_ids:
                 pipe.hmget(self.keys.job(job_id), "status", "dedupe_key", "dedupe_scope")
             rows = await pipe.execute(raise_on_error=False)
-        for row in rows:   # as Redis replied (error_code reads it), not as the pipeline words it
+        for job_id, row in zip(job_ids, rows):   # as Redis replied, not as the pipeline words it
+            if isinstance(row, Exception) and error_code(row) == "WRONGTYPE":
+                raise Unreadable(job_id, self._not_a_hash(job_id))
             if isinstance(row, Exception):
                 raise row
         return [None if row[0] is None else Hold(*map(_s, row)) for row in rows]
