@@ -128,7 +128,7 @@ class Admission:
             raise SpecError(f"{where.format(i)}job {normalized[i]['job_id']!r}: {exc}") from None
         except Unreadable as exc:   # a resend (its key seen) of a job an operator overwrote
             i = next(i for i in now if normalized[i]["job_id"] == exc.job_id)
-            raise SpecError(f"{where.format(i)}job {exc.job_id!r}: {exc}") from None
+            raise SpecError(f"{where.format(i)}{exc}") from None
         return [results[i] for i in range(len(normalized))]
 
     async def _schedule(self, spec: dict, check: bool, where: str) -> Submitted:

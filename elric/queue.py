@@ -37,12 +37,13 @@ class Fenced(Exception):
     """An enqueue guarded by a scheduler lease token that is no longer current."""
 
 
-class Unreadable(Exception):
+class Unreadable(Refused):
     """A job whose key holds another type than a hash (an operator overwrote it): it can
     only be deleted."""
 
-    def __init__(self, job_id: str, message: str) -> None:
-        super().__init__(f"{message}: delete it (elric delete {job_id})")
+    def __init__(self, job_id: str, key: str) -> None:
+        super().__init__(f"job {job_id!r} cannot be read: {key} is not a hash (overwritten?); "
+                         f"delete it (elric delete {job_id})")
         self.job_id = job_id
 
 
@@ -510,12 +511,19 @@ class RedisQueue:
         return bool(reply)
 
     async def cancel(self, job_id: str) -> str | None:
-        """Cancel a job (cancel.lua); returns the status it had, None when there is none."""
+        """Cancel a job (cancel.lua); returns the status it had, None when there is none;
+        raises Unreadable when its key holds another type."""
         k = self.keys
-        reply = await self._cancel(keys=[k.job(job_id), k.delayed, k.limits_parked,
-                                         k.status(Status.CANCELLED), k.counters, k.queues],
-                                   args=[k.queue(""), k.status(""), job_id, k.limit_parked(""),
-                                         k.round(""), self.failed_ttl, k.batch(""), k.func("")])
+        try:
+            reply = await self._cancel(keys=[k.job(job_id), k.delayed, k.limits_parked,
+                                             k.status(Status.CANCELLED), k.counters, k.queues],
+                                       args=[k.queue(""), k.status(""), job_id,
+                                             k.limit_parked(""), k.round(""), self.failed_ttl,
+                                             k.batch(""), k.func("")])
+        except ResponseError as exc:
+            if error_code(exc) == "UNREADABLE":
+                raise Unreadable(job_id, k.job(job_id)) from None
+            raise
         self._tell_broken("cancel", reply[1:])
         return _s(reply[0]) if reply else None
 
@@ -606,7 +614,7 @@ class RedisQueue:
             rows = await pipe.execute(raise_on_error=False)
         for job_id, row in zip(job_ids, rows):   # as Redis replied, not as the pipeline words it
             if isinstance(row, Exception) and error_code(row) == "WRONGTYPE":
-                raise Unreadable(job_id, self._not_a_hash(job_id))
+                raise Unreadable(job_id, self.keys.job(job_id))
             if isinstance(row, Exception):
                 raise row
         return [None if row[0] is None else Hold(*map(_s, row)) for row in rows]

@@ -79,8 +79,9 @@ def test_a_resend_of_a_job_whose_key_an_operator_overwrote_is_refused_naming_it(
             y = {"func": E, "job_id": "y", "dedupe_key": "ky"}
             await m.submit_jobs([x])
             await m.redis.set(m.keys.job("x"), "overwritten")
-            with pytest.raises(RequestError, match=rf"^spec 1: job 'x': {m.keys.job('x')} is "
-                               r"not a hash \(overwritten\?\): delete it \(elric delete x\)"):
+            with pytest.raises(RequestError, match=rf"^spec 1: job 'x' cannot be read: "
+                               rf"{m.keys.job('x')} is not a hash \(overwritten\?\); delete "
+                               r"it \(elric delete x\)"):
                 await m.submit_jobs([y, x])
             assert await m.submit_jobs([y]) == [{"job_id": "y", "status": "queued"}]
             assert await m.remove_job("x")

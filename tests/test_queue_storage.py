@@ -923,6 +923,20 @@ def test_outcomes_are_recorded_while_an_ended_index_holds_another_type(redis_url
     asyncio.run(with_queue(redis_url, body))
 
 
+def test_a_cancel_of_a_job_whose_key_an_operator_overwrote_says_to_delete_it(redis_url):
+    """cancel.lua read the job's fields first and raised WRONGTYPE: `elric cancel` and a
+    bulk cancel met an internal error. It is refused (before any write), saying why and
+    what to do."""
+    async def body(q, r):
+        await q.enqueue(specs(1, job_id="x"))
+        await r.set(KEYS.job("x"), "overwritten")
+        with pytest.raises(Refused, match=rf"job 'x' cannot be read: {KEYS.job('x')} is not "
+                           r"a hash \(overwritten\?\); delete it \(elric delete x\)"):
+            await q.cancel("x")
+        assert await r.get(KEYS.job("x")) == b"overwritten"
+    asyncio.run(with_queue(redis_url, body))
+
+
 def test_a_job_whose_key_an_operator_overwrote_can_be_deleted(redis_url):
     """list_jobs and the dashboard show such a job unreadable, with a delete button, but
     remove.lua read its fields first and raised WRONGTYPE: nothing but redis-cli could
