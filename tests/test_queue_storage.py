@@ -828,6 +828,33 @@ def test_outcomes_are_recorded_while_the_running_index_holds_another_type(redis_
     asyncio.run(with_queue(redis_url, body))
 
 
+@pytest.mark.parametrize("overwritten", ["seq", "delayed"])
+def test_retries_stay_due_while_seq_or_the_delayed_set_holds_another_type(redis_url, caplog,
+                                                                          overwritten):
+    """seq SET to a string made requeue_due.lua fail putting a retry back in line (its INCR
+    for a new place), after taking it out of the delayed set: marked retrying in no set, it
+    never ran again. The delayed set itself failed every pass with a bare WRONGTYPE. The
+    pass writes nothing, naming the key; once it is fixed, the retry goes back."""
+    bad = getattr(KEYS, overwritten)
+
+    async def body(q, r):
+        await q.enqueue(specs(1, max_retries=1))
+        [claim] = (await q.fetch("w1", ["default"], 1, 30)).claims
+        assert await q.finish("w1", [outcome(claim, False, "boom", retry_ms=0)]) == \
+            ["retrying"]
+        kept = await r.dump(bad)
+        await r.delete(bad)
+        await r.set(bad, "overwritten")
+        assert await q.promote() == 0
+        assert bad in caplog.text
+        await r.delete(bad)
+        await r.restore(bad, 0, kept)
+        assert await q.promote() == 1
+        assert [c.job_id for c in (await q.fetch("w1", ["default"], 1, 30)).claims] == \
+            [claim.job_id]
+    asyncio.run(with_queue(redis_url, body))
+
+
 @pytest.mark.parametrize("overwritten", ["counters", "queues"])
 def test_redelivery_goes_on_while_the_counters_or_queues_hold_another_type(redis_url, caplog,
                                                                           overwritten):
