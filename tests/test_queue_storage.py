@@ -652,6 +652,27 @@ def test_a_field_edited_while_its_job_ran_fails_that_job_not_the_whole_batch(red
     asyncio.run(with_queue(redis_url, body))
 
 
+@pytest.mark.parametrize("overwritten", ["queues", "counters"])
+def test_a_give_back_goes_on_while_the_queues_or_counters_hold_another_type(redis_url, caplog,
+                                                                           overwritten):
+    """The set of queues (SADD, giving back at once) or the counters (`handed_back`, giving
+    back with a reason) SET to a string made release.lua fail once it had put the first job
+    (or all of them) back: the worker's give-back failed, the other jobs held until their
+    leases ran out. They go back, not listed or counted; the key is named."""
+    bad = getattr(KEYS, overwritten)
+
+    async def body(q, r):
+        await q.enqueue(specs(2))
+        claims = (await q.fetch("w1", ["default"], 2, 30)).claims
+        await r.delete(bad)
+        await r.set(bad, "overwritten")
+        reason = "no module" if overwritten == "counters" else None
+        assert await q.release("w1", [c.run for c in claims], reason=reason) == 2
+        assert await r.zcard(KEYS.inflight) == 0
+        assert bad in caplog.text
+    asyncio.run(with_queue(redis_url, body))
+
+
 def test_release_leaves_a_job_whose_queue_an_operator_overwrote_claimed(redis_url, caplog):
     """A job's queue SET to a string (its line was empty while it ran) made release.lua fail
     after it had taken the job out of inflight and marked it queued: in no queue and no
