@@ -586,19 +586,30 @@ def test_a_fetch_claims_nothing_while_inflight_holds_another_type(redis_url, cap
     asyncio.run(with_queue(redis_url, body))
 
 
-def test_a_rerun_refused_for_a_queue_an_operator_overwrote_leaves_the_job_as_it_was(redis_url):
+@pytest.mark.parametrize("overwritten", ["queue", "seq", "queues", "counters", "index"])
+def test_a_rerun_refused_for_a_key_an_operator_overwrote_leaves_the_job_as_it_was(
+        redis_url, overwritten):
     """A finished job's queue SET to a string made rerun.lua fail after it had marked the
     job queued: in no queue, it never ran, and every later rerun was refused (LIVE queued).
-    The rerun is refused before any write, naming the key."""
+    seq (its INCR), the queues set or the counters failed it after the job had left its
+    status index, its result gone. The rerun is refused before any write, naming the key."""
+    bad = {"queue": KEYS.queue("q-a"), "seq": KEYS.seq, "queues": KEYS.queues,
+           "counters": KEYS.counters, "index": KEYS.status("succeeded")}[overwritten]
+
     async def body(q, r):
         await q.enqueue([normalize_spec({"func": FUNC, "job_id": "a", "queue": "q-a"})])
         [claim] = (await q.fetch("w1", ["q-a"], 1, 30)).claims
         await q.finish("w1", [outcome(claim)])
-        await r.set(KEYS.queue("q-a"), "overwritten")
-        with pytest.raises(Exception, match=KEYS.queue("q-a")):
+        kept = await r.dump(bad)
+        await r.delete(bad)
+        await r.set(bad, "overwritten")
+        with pytest.raises(Exception, match=bad):
             await q.rerun("a")
         assert (await q.get_job("a"))["status"] == "succeeded"
-        await r.delete(KEYS.queue("q-a"))
+        assert overwritten == "index" or await r.zscore(KEYS.status("succeeded"), "a")
+        await r.delete(bad)
+        if kept:
+            await r.restore(bad, 0, kept)
         assert await q.rerun("a") == "succeeded"
         assert [c.job_id for c in (await q.fetch("w1", ["q-a"], 1, 30)).claims] == ["a"]
     asyncio.run(with_queue(redis_url, body))
