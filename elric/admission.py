@@ -12,7 +12,7 @@ from elric.config import Settings
 from elric.contract import FIRE_ID, FIRE_ID_RULE, MAX_BATCH, SpecError, Status, normalize_spec
 from elric.jobstore import IdTaken, RedisJobStore, schedule_options
 from elric.logs import Hourly
-from elric.queue import RedisQueue, Submitted
+from elric.queue import RedisQueue, Submitted, Unreadable
 from elric.reservation import DedupeGate, Reservation, ScopeRefused
 from elric.retry import Backoff, retry
 from elric.scheduler import RETRY_LATER
@@ -126,6 +126,9 @@ class Admission:
             i = next(i for i in now if normalized[i].get("dedupe_key") is not None
                      and normalized[i]["dedupe_scope"] == exc.scope)
             raise SpecError(f"{where.format(i)}job {normalized[i]['job_id']!r}: {exc}") from None
+        except Unreadable as exc:   # a resend (its key seen) of a job an operator overwrote
+            i = next(i for i in now if normalized[i]["job_id"] == exc.job_id)
+            raise SpecError(f"{where.format(i)}{exc}") from None
         return [results[i] for i in range(len(normalized))]
 
     async def _schedule(self, spec: dict, check: bool, where: str) -> Submitted:

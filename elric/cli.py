@@ -290,7 +290,7 @@ def cmd_call(args: argparse.Namespace) -> int:
                 raise NotFound(f"no job {args.job_ids[0]!r}")
             (show or (lambda r: print(f"job {args.job_ids[0]}: removed")))(True)
         elif command == "cancel":
-            reply = client.cancel_job(args.job_ids[0])
+            reply = _on_one_job(client.cancel_job, args.job_ids[0])
             if show:
                 show(reply)
             if not Status(reply["was"]).live:   # nothing done: exit 1, as a bulk cancel

@@ -30,9 +30,9 @@ from elric.dedupe import DedupeError, DedupeFilter, make_filter
 from elric.housekeeping import Housekeeping
 from elric.jobstore import RedisJobStore
 from elric.keys import Keys
-from elric.queue import RedisQueue
+from elric.queue import RedisQueue, Unreadable
 from elric.reservation import DedupeGate, ScopeRefused
-from elric.retry import REDIS_CLIENT_OPTIONS, REDIS_ERRORS, error_code, redis_refusal, retry
+from elric.retry import REDIS_CLIENT_OPTIONS, REDIS_ERRORS, redis_refusal, retry
 from elric.rpc import MAX_CONNECTIONS, RequestError, Server
 from elric.scheduler import Scheduler, fire_id
 
@@ -329,9 +329,7 @@ class Master:
         runs: ``{"periodic", "status"}`` (and ``"paused"`` if periodic), or None."""
         try:
             [hold] = await self.queue.get_holds([_id(job_id)])
-        except ResponseError as exc:   # its key overwritten (an operator's): a job to delete
-            if error_code(exc) != "WRONGTYPE":
-                raise
+        except Unreadable:   # its key overwritten (an operator's): a job to delete
             return {"periodic": False, "status": None}
         if hold is not None:   # as get_job: a one-off job before a periodic one
             return {"periodic": False, "status": hold.status}

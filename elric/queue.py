@@ -37,6 +37,16 @@ class Fenced(Exception):
     """An enqueue guarded by a scheduler lease token that is no longer current."""
 
 
+class Unreadable(Refused):
+    """A job whose key holds another type than a hash (an operator overwrote it): it can
+    only be deleted."""
+
+    def __init__(self, job_id: str, key: str) -> None:
+        super().__init__(f"job {job_id!r} cannot be read: {key} is not a hash (overwritten?); "
+                         f"delete it (elric delete {job_id})")
+        self.job_id = job_id
+
+
 @dataclass(slots=True)
 class Submitted:
     """What became of one submitted job: queued now, stored as a periodic job, or the
@@ -244,7 +254,7 @@ class RedisQueue:
         self._told_broken: set[str] = set()   # keys of another type a script passed over, logged
         self._enqueue = lua.load(redis, "enqueue", "clock_fn", "expect_fn")
         self._fetch = lua.load(redis, "fetch", "clock_fn", "expect_fn")
-        self._finish = lua.load(redis, "finish", "clock_fn", "slot_fn")
+        self._finish = lua.load(redis, "finish", "clock_fn", "slot_fn", "expect_fn")
         self._heartbeat = lua.load(redis, "heartbeat", "clock_fn")
         self._remove = lua.load(redis, "remove", "jobstats_fn")
         self._cancel = lua.load(redis, "cancel", "clock_fn", "jobstats_fn")
@@ -501,12 +511,19 @@ class RedisQueue:
         return bool(reply)
 
     async def cancel(self, job_id: str) -> str | None:
-        """Cancel a job (cancel.lua); returns the status it had, None when there is none."""
+        """Cancel a job (cancel.lua); returns the status it had, None when there is none;
+        raises Unreadable when its key holds another type."""
         k = self.keys
-        reply = await self._cancel(keys=[k.job(job_id), k.delayed, k.limits_parked,
-                                         k.status(Status.CANCELLED), k.counters, k.queues],
-                                   args=[k.queue(""), k.status(""), job_id, k.limit_parked(""),
-                                         k.round(""), self.failed_ttl, k.batch(""), k.func("")])
+        try:
+            reply = await self._cancel(keys=[k.job(job_id), k.delayed, k.limits_parked,
+                                             k.status(Status.CANCELLED), k.counters, k.queues],
+                                       args=[k.queue(""), k.status(""), job_id,
+                                             k.limit_parked(""), k.round(""), self.failed_ttl,
+                                             k.batch(""), k.func("")])
+        except ResponseError as exc:
+            if error_code(exc) == "UNREADABLE":
+                raise Unreadable(job_id, k.job(job_id)) from None
+            raise
         self._tell_broken("cancel", reply[1:])
         return _s(reply[0]) if reply else None
 
@@ -589,12 +606,15 @@ class RedisQueue:
         return f"{self.keys.job(job_id)} is not a hash (overwritten?)"
 
     async def get_holds(self, job_ids: list[str]) -> list[Hold | None]:
-        """Per job: its status and dedupe key and scope, or None when there is no such job."""
+        """Per job: its status and dedupe key and scope, or None when there is no such job;
+        raises Unreadable naming the first job whose key holds another type."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for job_id in job_ids:
                 pipe.hmget(self.keys.job(job_id), "status", "dedupe_key", "dedupe_scope")
             rows = await pipe.execute(raise_on_error=False)
-        for row in rows:   # as Redis replied (error_code reads it), not as the pipeline words it
+        for job_id, row in zip(job_ids, rows):   # as Redis replied, not as the pipeline words it
+            if isinstance(row, Exception) and error_code(row) == "WRONGTYPE":
+                raise Unreadable(job_id, self.keys.job(job_id))
             if isinstance(row, Exception):
                 raise row
         return [None if row[0] is None else Hold(*map(_s, row)) for row in rows]

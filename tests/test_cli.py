@@ -276,8 +276,8 @@ def test_waiting_on_a_periodic_job_id_says_why_it_never_ends(cluster):
 
 def test_waiting_on_a_job_whose_key_an_operator_overwrote_says_so(cluster, redis_url):
     """get_job shows such a job unreadable, with no status: wait() polled it until its
-    timeout (or for ever), though no status could ever come; `elric delete` raised
-    WRONGTYPE on it."""
+    timeout (or for ever), though no status could ever come; `elric delete` and `elric
+    cancel` raised WRONGTYPE on it."""
     import redis
 
     from elric.handle import wait
@@ -288,6 +288,9 @@ def test_waiting_on_a_job_whose_key_an_operator_overwrote_says_so(cluster, redis
         r.set(Keys().job("overwritten"), "an operator's")
     with pytest.raises(ValueError, match="job overwritten cannot be read: .*not a hash"):
         wait(cluster.client, "overwritten", timeout=30)
+    cancelled = elric(cluster, "cancel", "overwritten")   # refused, as for a job that ended
+    assert cancelled.returncode == 1 and "job 'overwritten' cannot be read: " in \
+        cancelled.stderr and "(elric delete overwritten)" in cancelled.stderr, cancelled
     deleted = elric(cluster, "delete", "overwritten")   # as the message says
     assert (deleted.returncode, deleted.stdout) == (0, "job overwritten: removed\n"), deleted
     assert cluster.client.get_job("overwritten") is None

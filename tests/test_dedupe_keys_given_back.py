@@ -67,6 +67,28 @@ def test_a_batch_refused_by_its_second_scope_gives_the_first_scopes_keys_back(re
     asyncio.run(main())
 
 
+def test_a_resend_of_a_job_whose_key_an_operator_overwrote_is_refused_naming_it(redis_url):
+    """A resend (its dedupe key seen) of a job whose key an operator SET to a string failed
+    the call with a bare WRONGTYPE, naming neither the spec nor the key: an internal error
+    for every resend. It is refused as any bad spec is, saying what to do; the client drops
+    it and the other jobs go in; once deleted, its resend is answered (its key stays seen,
+    as a deleted job's does)."""
+    async def main():
+        async with master(redis_url) as m:
+            x = {"func": E, "job_id": "x", "dedupe_key": "kx"}
+            y = {"func": E, "job_id": "y", "dedupe_key": "ky"}
+            await m.submit_jobs([x])
+            await m.redis.set(m.keys.job("x"), "overwritten")
+            with pytest.raises(RequestError, match=rf"^spec 1: job 'x' cannot be read: "
+                               rf"{m.keys.job('x')} is not a hash \(overwritten\?\); delete "
+                               r"it \(elric delete x\)"):
+                await m.submit_jobs([y, x])
+            assert await m.submit_jobs([y]) == [{"job_id": "y", "status": "queued"}]
+            assert await m.remove_job("x")
+            assert await m.submit_jobs([x]) == [{"job_id": "x", "status": "filtered"}]
+    asyncio.run(main())
+
+
 def test_a_batch_refused_by_a_scope_stores_none_of_its_periodic_jobs(redis_url):
     """The batch's periodic jobs were stored before its other jobs met the filters: the
     call was refused (bad_request: nothing done) and the schedule fired on for good."""

@@ -586,21 +586,57 @@ def test_a_fetch_claims_nothing_while_inflight_holds_another_type(redis_url, cap
     asyncio.run(with_queue(redis_url, body))
 
 
-def test_a_rerun_refused_for_a_queue_an_operator_overwrote_leaves_the_job_as_it_was(redis_url):
+@pytest.mark.parametrize("overwritten", ["queue", "seq", "queues", "counters", "index"])
+def test_a_rerun_refused_for_a_key_an_operator_overwrote_leaves_the_job_as_it_was(
+        redis_url, overwritten):
     """A finished job's queue SET to a string made rerun.lua fail after it had marked the
     job queued: in no queue, it never ran, and every later rerun was refused (LIVE queued).
-    The rerun is refused before any write, naming the key."""
+    seq (its INCR), the queues set or the counters failed it after the job had left its
+    status index, its result gone. The rerun is refused before any write, naming the key."""
+    bad = {"queue": KEYS.queue("q-a"), "seq": KEYS.seq, "queues": KEYS.queues,
+           "counters": KEYS.counters, "index": KEYS.status("succeeded")}[overwritten]
+
     async def body(q, r):
         await q.enqueue([normalize_spec({"func": FUNC, "job_id": "a", "queue": "q-a"})])
         [claim] = (await q.fetch("w1", ["q-a"], 1, 30)).claims
         await q.finish("w1", [outcome(claim)])
-        await r.set(KEYS.queue("q-a"), "overwritten")
-        with pytest.raises(Exception, match=KEYS.queue("q-a")):
+        kept = await r.dump(bad)
+        await r.delete(bad)
+        await r.set(bad, "overwritten")
+        with pytest.raises(Exception, match=bad):
             await q.rerun("a")
         assert (await q.get_job("a"))["status"] == "succeeded"
-        await r.delete(KEYS.queue("q-a"))
+        assert overwritten == "index" or await r.zscore(KEYS.status("succeeded"), "a")
+        await r.delete(bad)
+        if kept:
+            await r.restore(bad, 0, kept)
         assert await q.rerun("a") == "succeeded"
         assert [c.job_id for c in (await q.fetch("w1", ["q-a"], 1, 30)).claims] == ["a"]
+    asyncio.run(with_queue(redis_url, body))
+
+
+def test_a_retry_while_the_delayed_set_holds_another_type_fails_named_not_lost(redis_url,
+                                                                              caplog):
+    """The delayed set SET to a string made finish.lua fail at a retry's ZADD, after the job
+    was out of inflight and marked retrying: in no due set, it never ran again, and every
+    outcome call holding a retry failed. It fails, its error naming the key, and a rerun
+    runs it once the key is fixed; the other outcomes are recorded."""
+    async def body(q, r):
+        await q.enqueue(specs(3, max_retries=2))
+        claims = (await q.fetch("w1", ["default"], 3, 30)).claims
+        await r.set(KEYS.delayed, "overwritten")
+        outcomes = [outcome(claims[0], False, "boom", retry_ms=1000),
+                    outcome(claims[1], False, "final"), outcome(claims[2])]
+        assert await q.finish("w1", outcomes) == ["failed", "failed", "succeeded"]
+        assert await r.zcard(KEYS.inflight) == 0
+        view = await q.get_job(claims[0].job_id)
+        assert f"Not retried: {KEYS.delayed}" in view["error"]
+        assert "Not retried" not in (await q.get_job(claims[1].job_id))["error"]
+        assert KEYS.delayed in caplog.text
+        await r.delete(KEYS.delayed)
+        assert await q.rerun(claims[0].job_id) == "failed"
+        assert [c.job_id for c in (await q.fetch("w1", ["default"], 1, 30)).claims] == \
+            [claims[0].job_id]
     asyncio.run(with_queue(redis_url, body))
 
 
@@ -624,6 +660,27 @@ def test_a_field_edited_while_its_job_ran_fails_that_job_not_the_whole_batch(red
             ["succeeded", "failed", "failed"]
         # taken before or after this job was queued: unknown, so kept
         assert await r.zscore(KEYS.dedupe_set("global"), "k") == 1
+    asyncio.run(with_queue(redis_url, body))
+
+
+@pytest.mark.parametrize("overwritten", ["queues", "counters"])
+def test_a_give_back_goes_on_while_the_queues_or_counters_hold_another_type(redis_url, caplog,
+                                                                           overwritten):
+    """The set of queues (SADD, giving back at once) or the counters (`handed_back`, giving
+    back with a reason) SET to a string made release.lua fail once it had put the first job
+    (or all of them) back: the worker's give-back failed, the other jobs held until their
+    leases ran out. They go back, not listed or counted; the key is named."""
+    bad = getattr(KEYS, overwritten)
+
+    async def body(q, r):
+        await q.enqueue(specs(2))
+        claims = (await q.fetch("w1", ["default"], 2, 30)).claims
+        await r.delete(bad)
+        await r.set(bad, "overwritten")
+        reason = "no module" if overwritten == "counters" else None
+        assert await q.release("w1", [c.run for c in claims], reason=reason) == 2
+        assert await r.zcard(KEYS.inflight) == 0
+        assert bad in caplog.text
     asyncio.run(with_queue(redis_url, body))
 
 
@@ -803,6 +860,33 @@ def test_outcomes_are_recorded_while_the_running_index_holds_another_type(redis_
     asyncio.run(with_queue(redis_url, body))
 
 
+@pytest.mark.parametrize("overwritten", ["seq", "delayed"])
+def test_retries_stay_due_while_seq_or_the_delayed_set_holds_another_type(redis_url, caplog,
+                                                                          overwritten):
+    """seq SET to a string made requeue_due.lua fail putting a retry back in line (its INCR
+    for a new place), after taking it out of the delayed set: marked retrying in no set, it
+    never ran again. The delayed set itself failed every pass with a bare WRONGTYPE. The
+    pass writes nothing, naming the key; once it is fixed, the retry goes back."""
+    bad = getattr(KEYS, overwritten)
+
+    async def body(q, r):
+        await q.enqueue(specs(1, max_retries=1))
+        [claim] = (await q.fetch("w1", ["default"], 1, 30)).claims
+        assert await q.finish("w1", [outcome(claim, False, "boom", retry_ms=0)]) == \
+            ["retrying"]
+        kept = await r.dump(bad)
+        await r.delete(bad)
+        await r.set(bad, "overwritten")
+        assert await q.promote() == 0
+        assert bad in caplog.text
+        await r.delete(bad)
+        await r.restore(bad, 0, kept)
+        assert await q.promote() == 1
+        assert [c.job_id for c in (await q.fetch("w1", ["default"], 1, 30)).claims] == \
+            [claim.job_id]
+    asyncio.run(with_queue(redis_url, body))
+
+
 @pytest.mark.parametrize("overwritten", ["counters", "queues"])
 def test_redelivery_goes_on_while_the_counters_or_queues_hold_another_type(redis_url, caplog,
                                                                           overwritten):
@@ -895,6 +979,20 @@ def test_outcomes_are_recorded_while_an_ended_index_holds_another_type(redis_url
             == ["succeeded", "failed"]
         assert await r.zcard(KEYS.inflight) == 0
         assert bad in caplog.text
+    asyncio.run(with_queue(redis_url, body))
+
+
+def test_a_cancel_of_a_job_whose_key_an_operator_overwrote_says_to_delete_it(redis_url):
+    """cancel.lua read the job's fields first and raised WRONGTYPE: `elric cancel` and a
+    bulk cancel met an internal error. It is refused (before any write), saying why and
+    what to do."""
+    async def body(q, r):
+        await q.enqueue(specs(1, job_id="x"))
+        await r.set(KEYS.job("x"), "overwritten")
+        with pytest.raises(Refused, match=rf"job 'x' cannot be read: {KEYS.job('x')} is not "
+                           r"a hash \(overwritten\?\); delete it \(elric delete x\)"):
+            await q.cancel("x")
+        assert await r.get(KEYS.job("x")) == b"overwritten"
     asyncio.run(with_queue(redis_url, body))
 
 

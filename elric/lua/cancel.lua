@@ -3,16 +3,18 @@
 -- ARGV: queue prefix, status index prefix, job_id, limit parked prefix, round prefix,
 --       failed ttl (s), batch stats prefix, func stats prefix
 -- Returns {the status the job had, then the keys of another type its counts were left
---   out of} ({}: no such job). A queued or retrying job is now cancelled; a running one
---   gets `cancel` set, and its worker stops it and records it cancelled (finish.lua); a
---   finished job is left alone.
+--   out of} ({}: no such job); an error 'UNREADABLE' when its key holds another type (an
+--   operator's: only a delete, remove.lua, clears it). A queued or retrying job is now
+--   cancelled; a running one gets `cancel` set, and its worker stops it and records it
+--   cancelled (finish.lua); a finished job is left alone.
 -- Invariant: a cancelled job is in no queue, parked set or delayed set, so it never runs;
 -- its round no longer waits for it, and its func and batch no longer count it live; their
 -- last_at is now, so the batch's stats outlive the cancelled job (forget_labels.lua), and
 -- so is its queue's, listed again (forget_queues.lua may have forgotten it meanwhile).
 local now, id, ttl = now_ms(), ARGV[3], tonumber(ARGV[6])
-local f = redis.call('HMGET', KEYS[1], 'status', 'queue', 'member', 'limit_key', 'round',
-                     'batch', 'func')
+local read, f = pcall(redis.call, 'HMGET', KEYS[1], 'status', 'queue', 'member',
+                      'limit_key', 'round', 'batch', 'func')
+if not read then return redis.error_reply('UNREADABLE') end
 if not f[1] then return {} end
 if f[1] == 'running' then
   redis.call('HSET', KEYS[1], 'cancel', '1')

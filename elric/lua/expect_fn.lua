@@ -1,6 +1,6 @@
 -- Functions shared by the scripts that must write nothing unless every key they write is
--- of its type (enqueue, dedupe_rbloom, scheduler_fire, requeue_due, fetch, rerun,
--- release): a script that fails halfway keeps what it wrote (a job hash read as queued by
+-- of its type (enqueue, dedupe_rbloom, scheduler_fire, requeue_due, fetch, rerun, release,
+-- finish): a script that fails halfway keeps what it wrote (a job hash read as queued by
 -- every resend, bits marking keys of jobs never queued, a fire marked and never kept to be
 -- queued, a job out of its due set or queue that nothing puts back). lua.load prepends it
 -- to them.

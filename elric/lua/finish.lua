@@ -13,7 +13,8 @@
 -- Returns per job its new status, or 'stale' for a job this worker no longer holds (it was
 -- redelivered elsewhere or removed): that outcome is dropped; then the keys it left alone
 -- for holding another type (a job's hash: its outcome is dropped; a stats or round hash,
--- inflight or a status index: not written; its limit key's hold: not held).
+-- inflight or a status index: not written; its limit key's hold: not held; the delayed
+-- set: a job to retry fails instead, its error naming the key).
 -- A call sent again (its reply was lost) answers the status its first run recorded, but
 -- `stale` for one it cancelled.
 -- Invariant: only the worker, run and attempt that hold the job record it (a rerun, or a job
@@ -40,6 +41,7 @@ local worker = ARGV[12]
 local slots = {jp = jp, rp = rp, pp = ARGV[13], due = KEYS[8], wp = wp}
 local error_max, hp = tonumber(ARGV[14]), ARGV[15]
 local out = {}
+local delayed_bad = mistyped(KEYS[5], 'zset')   -- (read before any write)
 -- increments summed per hash and field, written once per call (a call holds a chunk of
 -- jobs, mostly of one func and batch)
 local sums, touched, queues = {}, {}, {}
@@ -108,8 +110,16 @@ for i = 16, #ARGV, 9 do
       local err = before .. this
       -- (a `queue` deleted while it ran, an operator's: it has no line to go back to)
       if not f[3] then err = err .. 'Not retried: its `queue` field is gone\n' end
-      if outcome ~= 'cancel' and retry >= 0 and f[3]
-          and tonumber(attempt) <= (tonumber(f[5]) or 0) then
+      local retries = outcome ~= 'cancel' and retry >= 0 and f[3]
+                      and tonumber(attempt) <= (tonumber(f[5]) or 0)
+      -- (the delayed set of another type, an operator's: failed, naming it, not held to run
+      -- again with this failure unrecorded; `elric rerun` runs it once the key is fixed)
+      if retries and delayed_bad then
+        retries, broken[KEYS[5]] = false, true
+        err = err .. 'Not retried: ' .. KEYS[5] .. ' holds another type (overwritten ' ..
+              'outside elric?): delete it, then `elric rerun` this job\n'
+      end
+      if retries then
         status, index = 'retrying', KEYS[7]
         redis.call('HSET', jk, 'status', status, 'error', err, 'duration_ms', duration,
                    'retry_at', now + retry)

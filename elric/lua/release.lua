@@ -16,7 +16,8 @@
 -- can run is visible. A job whose queue (or delayed set, or limit key's running set) is of
 -- another type, or (put back at once, not cancelled) with no `queue` field, stays claimed
 -- with its lease, named: put back, it would be in no queue. A job key of another type is
--- passed over, named; the other jobs of the call go back.
+-- passed over, named; the other jobs of the call go back. The queues set or counters of
+-- another type: they go back, not listed or counted, named.
 local jp, qp, wp, worker = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local delay, reason, now = tonumber(ARGV[5]), ARGV[6], now_ms()
 local ends = {cancelled = KEYS[7], counters = KEYS[6], queues = KEYS[9], due = KEYS[8],
@@ -28,6 +29,8 @@ local whole = mistyped(KEYS[1], 'zset') and KEYS[1] or mistyped(KEYS[2], 'zset')
               or delay and mistyped(KEYS[4], 'zset') and KEYS[4]
 if whole then return {0, whole} end
 local n, broken = 0, {}
+local queues = not mistyped(KEYS[9], 'set') and KEYS[9]   -- (else not listed again, named)
+if not queues then broken[1] = KEYS[9] end
 for i = 13, #ARGV, 3 do
   local id = ARGV[i]
   local jk = jp .. id
@@ -57,11 +60,13 @@ for i = 13, #ARGV, 3 do
       redis.call('ZADD', KEYS[4], now + delay, id)
       redis.call('ZADD', KEYS[5], now, id)
     else
-      requeue(jk, id, qp, wp, KEYS[3], true, KEYS[9])
+      requeue(jk, id, qp, wp, KEYS[3], true, queues)
     end
     n = n + 1
   end
 end
-if delay and n > 0 then redis.call('HINCRBY', KEYS[6], 'handed_back', n) end
+if delay and n > 0 and not pcall(redis.call, 'HINCRBY', KEYS[6], 'handed_back', n) then
+  broken[#broken + 1] = KEYS[6]   -- (of another type: not counted, named)
+end
 table.insert(broken, 1, n)
 return broken

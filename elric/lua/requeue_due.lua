@@ -15,7 +15,9 @@
 -- job key of another type (an operator's) leaves the due set too: at its head it held back
 -- every job after it, at each pass. A job whose queue or limit key's running set is of
 -- another type, or (not to be cancelled) with no `queue` field, stays in it, due a minute
--- later, named: put back, it would be in no queue.
+-- later, named: put back, it would be in no queue. With the due set or the status index
+-- of another type, or (retries: each takes a new place in line) seq that INCR fails on,
+-- a pass writes nothing.
 local jp, qp, wp, now, limit = ARGV[1], ARGV[2], ARGV[3], now_ms(), ARGV[4]
 local status, keep, counter = ARGV[5], ARGV[6] == '1', ARGV[7]
 local ends = {cancelled = KEYS[5], counters = KEYS[4], queues = KEYS[7], due = KEYS[6],
@@ -23,7 +25,9 @@ local ends = {cancelled = KEYS[5], counters = KEYS[4], queues = KEYS[7], due = K
               roundp = ARGV[11], bp = ARGV[12], fp = ARGV[13]}
 -- Keys of another type are looked for before a job's first write: a write to one fails
 -- the script, the job out of the due set and in no queue, never put back.
-if mistyped(KEYS[2], 'zset') then return {{}, {}, {KEYS[2]}} end
+local whole = mistyped(KEYS[1], 'zset') and KEYS[1] or mistyped(KEYS[2], 'zset') and KEYS[2]
+              or not keep and not pcall(redis.call, 'INCRBY', KEYS[3], 0) and KEYS[3]
+if whole then return {{}, {}, {whole}} end
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, limit)
 local out, cancelled, broken = {}, {}, {}
 ends.broken = broken

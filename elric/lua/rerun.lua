@@ -3,7 +3,9 @@
 -- ARGV: queue prefix, wake prefix, status index prefix, job_id, round prefix, round ttl (s),
 --       batch stats prefix, func stats prefix
 -- Returns the status the job had; an error 'NOJOB' when there is none, 'LIVE <status>'
--- when it has not finished, or 'NOQUEUE' when its `queue` field is missing.
+-- when it has not finished, or 'NOQUEUE' when its `queue` field is missing; 'WRONGTYPE
+-- <key> ...' (expect_fn), before any write, for its queue, its status index, the counters,
+-- the queues set or seq.
 -- Invariant: only a succeeded, failed or cancelled job is queued again; its result, error
 -- and timings go. A job of a round counts in the round again (its round is live again), and
 -- as submitted again in its func's and batch's stats (their last submit: `last_at`) and in
@@ -14,10 +16,13 @@ if not status then return redis.error_reply('NOJOB') end
 if status ~= 'failed' and status ~= 'succeeded' and status ~= 'cancelled' then
   return redis.error_reply('LIVE ' .. status)
 end
--- no queue, or one of another type, would fail the requeue after the writes below (expect_fn)
+-- no queue, or a key written below of another type (or seq that INCR fails on), would
+-- fail the rerun after some of the writes below (expect_fn)
 local queue = redis.call('HGET', KEYS[1], 'queue')
 if not queue then return redis.error_reply('NOQUEUE') end
-expect(qp .. queue, 'zset')
+expect(qp .. queue, 'zset'); expect(sp .. status, 'zset'); expect(KEYS[3], 'hash')
+expect(KEYS[4], 'set')
+if not pcall(redis.call, 'INCRBY', KEYS[2], 0) then expect(KEYS[2], 'number') end
 redis.call('ZREM', sp .. status, id)
 local round = redis.call('HGET', KEYS[1], 'round')
 if round then
