@@ -887,6 +887,17 @@ def test_retries_stay_due_while_seq_or_the_delayed_set_holds_another_type(redis_
     asyncio.run(with_queue(redis_url, body))
 
 
+def test_a_pass_with_nothing_due_writes_nothing(redis_url):
+    """requeue_due.lua checked seq by INCRBY 0, a write on every housekeeping pass: each
+    was appended to the AOF (an fsync each with appendfsync always) and sent to replicas."""
+    async def body(q, r):
+        await q.enqueue(specs(1))
+        writes = (await r.info("persistence"))["rdb_changes_since_last_save"]
+        assert await q.promote() == 0
+        assert (await r.info("persistence"))["rdb_changes_since_last_save"] == writes
+    asyncio.run(with_queue(redis_url, body))
+
+
 @pytest.mark.parametrize("overwritten", ["counters", "queues"])
 def test_redelivery_goes_on_while_the_counters_or_queues_hold_another_type(redis_url, caplog,
                                                                           overwritten):

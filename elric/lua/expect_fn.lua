@@ -9,6 +9,14 @@ local function mistyped(key, kind)
   local t = redis.call('TYPE', key).ok
   return t ~= 'none' and t ~= kind
 end
+-- not_integer(key): key holds what INCR fails on (read only: a check on each housekeeping
+-- pass must not write).
+local function not_integer(key)
+  local t = redis.call('TYPE', key).ok
+  if t == 'none' then return false end
+  local v = t == 'string' and redis.call('GET', key)
+  return not (v and #v < 19 and string.match(v, '^-?%d+$'))
+end
 -- expect(key, kind): a key overwritten outside elric fails the call, named.
 local function expect(key, kind)
   if mistyped(key, kind) then

@@ -26,7 +26,7 @@ local ends = {cancelled = KEYS[5], counters = KEYS[4], queues = KEYS[7], due = K
 -- Keys of another type are looked for before a job's first write: a write to one fails
 -- the script, the job out of the due set and in no queue, never put back.
 local whole = mistyped(KEYS[1], 'zset') and KEYS[1] or mistyped(KEYS[2], 'zset') and KEYS[2]
-              or not keep and not pcall(redis.call, 'INCRBY', KEYS[3], 0) and KEYS[3]
+              or not keep and not_integer(KEYS[3]) and KEYS[3]
 if whole then return {{}, {}, {whole}} end
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, limit)
 local out, cancelled, broken = {}, {}, {}

@@ -22,7 +22,7 @@ local queue = redis.call('HGET', KEYS[1], 'queue')
 if not queue then return redis.error_reply('NOQUEUE') end
 expect(qp .. queue, 'zset'); expect(sp .. status, 'zset'); expect(KEYS[3], 'hash')
 expect(KEYS[4], 'set')
-if not pcall(redis.call, 'INCRBY', KEYS[2], 0) then expect(KEYS[2], 'number') end
+if not_integer(KEYS[2]) then expect(KEYS[2], 'number') end
 redis.call('ZREM', sp .. status, id)
 local round = redis.call('HGET', KEYS[1], 'round')
 if round then
