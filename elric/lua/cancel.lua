@@ -21,15 +21,9 @@ if f[1] == 'running' then
   return {f[1]}
 end
 if f[1] ~= 'queued' and f[1] ~= 'retrying' then return {f[1]} end
--- a count in a key an operator overwrote must not fail the cancel (finish.lua's rule)
 local broken = {f[1]}
-local function write(...)
-  if not pcall(redis.call, ...) then broken[#broken + 1] = (select(2, ...)) end
-end
-if f[2] and f[3] then redis.call('ZREM', ARGV[1] .. f[2], f[3]) end
-if f[4] and f[3] and redis.call('ZREM', ARGV[4] .. f[4], f[3]) == 1 then
-  write('HINCRBY', KEYS[3], f[2], -1)   -- it was parked by its limit key
-end
+local write = writer(broken)
+out_of_line(f, ARGV[1], ARGV[4], KEYS[3], write)
 redis.call('ZREM', KEYS[2], id)
 redis.call('ZREM', ARGV[2] .. f[1], id)
 if f[5] then

@@ -15,10 +15,7 @@
 --     the keys of another type it left alone in}
 local function end_cancelled(jk, id, why, c)
   local now = now_ms()
-  -- a count in a key an operator overwrote must not fail the ending (finish.lua's rule)
-  local function write(...)
-    if not pcall(redis.call, ...) then table.insert(c.broken or {}, (select(2, ...))) end
-  end
+  local write = writer(c.broken or {})
   local f = redis.call('HMGET', jk, 'attempts', 'queue', 'batch', 'error', 'limit_key',
                        'round', 'func')
   redis.call('HDEL', jk, 'cancel')

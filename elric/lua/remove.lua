@@ -19,15 +19,9 @@ if not read then   -- an operator's overwrite: no fields tell its lines; it leav
 end
 if not f[1] then return {} end
 if f[1] == 'running' then return redis.error_reply('RUNNING') end
--- a count in a key an operator overwrote must not fail the delete (finish.lua's rule)
 local broken = {f[1]}
-local function write(...)
-  if not pcall(redis.call, ...) then broken[#broken + 1] = (select(2, ...)) end
-end
-if f[2] and f[3] then redis.call('ZREM', ARGV[1] .. f[2], f[3]) end
-if f[4] and f[3] and redis.call('ZREM', ARGV[4] .. f[4], f[3]) == 1 then
-  write('HINCRBY', KEYS[4], f[2], -1)   -- it was parked by its limit key
-end
+local write = writer(broken)
+out_of_line(f, ARGV[1], ARGV[4], KEYS[4], write)
 if f[1] == 'queued' or f[1] == 'retrying' then   -- an ended job was counted when it ended
   if f[5] then
     write('HINCRBY', ARGV[5] .. f[5], 'removed', 1)
