@@ -314,6 +314,24 @@ def test_a_job_page_shows_any_arguments_the_contract_accepts(make_cluster):
     assert "&#34;1&#34;: &#34;one&#34;" in html and "x00raw" in html, html
 
 
+def test_a_job_page_tells_a_result_that_is_text_from_a_number(make_cluster):
+    """A job's result showed as Python prints it: the text "3" as 3, as a job that returned
+    the number 3 showed it (and None, True, maps as Python's, not JSON as its arguments)."""
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}")
+    cluster.start_master()
+    cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job({"func": "tests.jobs:Écrire", "args": ["3"], "job_id": "text"})
+    cluster.client.submit_job({"func": "tests.jobs:Echo", "args": [None, True],
+                               "job_id": "map"})
+    for job_id in ("text", "map"):
+        assert cluster.wait_job(job_id)["status"] == "succeeded"
+    html = {job_id: unescape(get(f"http://127.0.0.1:{port}/jobs/{job_id}")[1])
+            for job_id in ("text", "map")}
+    assert '<h2>Result</h2><pre>"3"</pre>' in html["text"], html["text"]
+    assert '"args": [\n  null,\n  true\n ]' in html["map"], html["map"]
+
+
 def test_an_action_that_did_nothing_is_not_counted_done(make_cluster):
     port = free_port()
     cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}", DASHBOARD_PASSWORD=PASSWORD)
