@@ -843,6 +843,29 @@ def test_a_worker_that_stopped_offers_no_actions(make_cluster):
     assert "<form" not in rows[ids[stopped.pid]], rows[ids[stopped.pid]]
 
 
+def test_a_worker_told_to_stop_shows_stopping_while_its_jobs_finish(make_cluster):
+    """A worker that was told to stop and waited for its running jobs (up to SHUTDOWN_GRACE)
+    showed "running", in green, with its pause and stop buttons: the stop the page had said
+    was done looked as if it had done nothing."""
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}")
+    cluster.start_master()
+    worker = cluster.start_worker("--concurrency", "1", SHUTDOWN_GRACE=120)
+    cluster.client.submit_job({"func": "tests.jobs:Sleep", "args": [120], "job_id": "long"})
+    cluster.wait_job("long", ("running",))
+    worker_id = _worker(cluster.client, worker.pid)["worker_id"]
+    cluster.client.control_worker(worker_id, "stop")
+
+    def row():
+        html = get(f"http://127.0.0.1:{port}/workers")[1]
+        return re.search(rf'data-id="{worker_id}">(.*?)</tr>', html, re.S).group(1)
+    shown = wait_for(lambda: (lambda r: r if ">stopping<" in r else None)(row()),
+                     timeout=10, what="the worker shown stopping")
+    assert 'class="state bad"' in shown and "<form" not in shown, shown
+    assert "stopping" in elric(cluster, "workers").stdout   # the CLI says it too
+    worker.kill()
+
+
 def test_a_worker_silent_longer_than_its_record_lives_is_forgotten(make_cluster, redis_url):
     import time
 
