@@ -332,6 +332,19 @@ def test_a_job_page_tells_a_result_that_is_text_from_a_number(make_cluster):
     assert '"args": [\n  null,\n  true\n ]' in html["map"], html["map"]
 
 
+def test_a_job_page_cuts_huge_arguments_and_says_where_they_are_whole(make_cluster):
+    """A job's page held its arguments whole, megabytes of them, fetched and drawn again at
+    every refresh: the browser froze most of each two seconds."""
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}")
+    cluster.start_master()
+    cluster.client.submit_job({"func": "tests.jobs:Echo", "args": ["é" * 1_000_000],
+                               "job_id": "big", "queue": "nobody"})
+    status, html = get(f"http://127.0.0.1:{port}/jobs/big")
+    assert status == 200 and len(html) < 100_000, len(html)
+    assert "é" * 1000 in html and "elric job big --json" in html, html[-3000:]
+
+
 def test_an_action_that_did_nothing_is_not_counted_done(make_cluster):
     port = free_port()
     cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}", DASHBOARD_PASSWORD=PASSWORD)

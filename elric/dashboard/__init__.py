@@ -24,7 +24,7 @@ from elric.dashboard import metrics
 from elric.dashboard.access import COOKIE, SESSION_SECONDS, Access
 from elric.retry import REDIS_ERRORS, redis_refusal
 from elric.rpc import RequestError
-from elric.views import (duration, json_text, mib, percent, stamp, when, worker_counts,
+from elric.views import (cut, duration, json_text, mib, percent, stamp, when, worker_counts,
                          worker_state)
 
 log = logging.getLogger("elric.dashboard")
@@ -35,6 +35,7 @@ LIVE_HEADER = "X-Elric-Live"   # a refresh asks for the page's main part only
 HTTP_STATUS = {ErrorCode.NOT_FOUND: 404, ErrorCode.BAD_REQUEST: 400,
                ErrorCode.REDIS_UNAVAILABLE: 503}
 RUN_WAIT = 5.0                 # seconds a run now waits to say what became of its fire
+SHOWN = 20_000                 # characters of a job's arguments or result its page shows
 PAGES = (("/", "overview"), ("/workers", "workers"), ("/schedules", "schedules"),
          ("/jobs", "jobs"), ("/jobs?status=failed", "failed"), ("/stats", "statistics"),
          ("/redis", "redis"))
@@ -91,7 +92,7 @@ class Dashboard:
             duration=duration,
             quote_id=lambda text: quote(text, safe=""),
             worker_state=worker_state, worker_counts=worker_counts,
-            json=lambda value: json_text(value, indent=1, sort_keys=True, ensure_ascii=False))
+            json=_json)
         self.app = web.Application(middlewares=[self._guard])
         self.app.add_routes([
             web.get("/", self.overview), web.get("/workers", self.workers),
@@ -351,6 +352,15 @@ def _int(value, default: int) -> int:
     if not value or not value.isdecimal():
         return default
     return int(value) if len(value) <= 20 else 2**64
+
+
+def _json(value, job_id: str) -> str:
+    """A job's arguments or result, cut at SHOWN characters: megabytes, drawn again at each
+    refresh, froze the browser."""
+    text = json_text(value, indent=1, sort_keys=True, ensure_ascii=False)
+    return text if len(text) <= SHOWN else (f"{cut(text, SHOWN)}\n({len(text) - SHOWN + 1:,} "
+                                            f"more characters: elric job {job_id} --json "
+                                            "shows them all)")
 
 
 def _chart(minutes: list[dict]) -> dict:
