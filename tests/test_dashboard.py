@@ -879,6 +879,21 @@ def test_a_worker_told_to_stop_shows_stopping_while_its_jobs_finish(make_cluster
     worker.kill()
 
 
+def test_the_overview_says_when_workers_alive_are_paused(make_cluster):
+    """With every worker paused, jobs waited while the overview said "workers alive 1" and
+    nothing else: only the workers page told why nothing ran."""
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}")
+    cluster.start_master()
+    worker = cluster.start_worker("--concurrency", "1")
+    cluster.client.control_worker(_worker(cluster.client, worker.pid)["worker_id"], "pause")
+    wait_for(lambda: _worker(cluster.client, worker.pid)["state"] == "paused",
+             what="the worker paused")
+    html = get(f"http://127.0.0.1:{port}/")[1]
+    card = re.search(r'id="count-workers">(.*?)</div>', html, re.S).group(1)
+    assert "<b>1</b>" in card and ">1 paused<" in card, card
+
+
 def test_a_worker_silent_longer_than_its_record_lives_is_forgotten(make_cluster, redis_url):
     import time
 
