@@ -914,6 +914,17 @@ def test_a_worker_silent_longer_than_its_record_lives_is_forgotten(make_cluster,
     assert 'elric_workers{state="lost"} 0.0' in get(f"http://127.0.0.1:{port}/metrics")[1]
 
 
+def test_a_job_that_is_not_there_says_why_it_may_be_gone(make_cluster):
+    """A schedule's run links to its job; a day after it succeeded (RESULT_TTL) its record
+    has expired, and the link led to a bare "no job 'nightly@...'", as a typo does."""
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}", RESULT_TTL=3600)
+    cluster.start_master()
+    status, html = get(f"http://127.0.0.1:{port}/jobs/nightly%402026-01-01T00%3A00%3A00Z")
+    assert status == 404 and "no job 'nightly@2026-01-01T00:00:00Z'" in unescape(html), html
+    assert "succeeded 1 h (RESULT_TTL)" in html and "failed 7 d (FAILED_TTL)" in html, html
+
+
 def test_a_job_deleted_from_its_page_says_it_was_deleted(make_cluster):
     cluster, port = dashboard_with_a_job(make_cluster, DASHBOARD_PASSWORD=PASSWORD)
     op = Operator(port, "/jobs/j1")

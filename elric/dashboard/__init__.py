@@ -203,8 +203,13 @@ class Dashboard:
     async def job(self, request: web.Request):
         job_id = request.match_info["job_id"]
         job = await self.master.get_job(job_id)
-        if job is None:
-            raise RequestError(f"no job {job_id!r}", ErrorCode.NOT_FOUND)
+        if job is None:   # (a schedule's run links to its job, kept for a while)
+            s = self.master.settings
+            raise RequestError(
+                f"no job {job_id!r}: its id is mistyped, it was deleted, or it ended longer ago "
+                f"than ended jobs are kept: succeeded {duration(s.RESULT_TTL * 1000)} "
+                f"(RESULT_TTL), failed {duration(s.FAILED_TTL * 1000)} (FAILED_TTL)",
+                ErrorCode.NOT_FOUND)
         return self._render(request, "job.html", job=job)
 
     async def stats(self, request: web.Request):
