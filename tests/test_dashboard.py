@@ -925,6 +925,17 @@ def test_a_job_that_is_not_there_says_why_it_may_be_gone(make_cluster):
     assert "succeeded 1 h (RESULT_TTL)" in html and "failed 7 d (FAILED_TTL)" in html, html
 
 
+def test_an_address_that_is_no_page_is_a_page_with_the_way_back(make_cluster):
+    """A mistyped address (/worker, /jobs/) was aiohttp's bare "404: Not Found": no page
+    of the dashboard, no link to one."""
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}")
+    cluster.start_master()
+    for path in ("/worker", "/jobs/"):
+        status, html = get(f"http://127.0.0.1:{port}{path}")
+        assert status == 404 and f"no page {path}" in html and 'href="/workers"' in html, html
+
+
 def test_a_job_deleted_from_its_page_says_it_was_deleted(make_cluster):
     cluster, port = dashboard_with_a_job(make_cluster, DASHBOARD_PASSWORD=PASSWORD)
     op = Operator(port, "/jobs/j1")

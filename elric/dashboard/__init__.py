@@ -139,6 +139,9 @@ class Dashboard:
         except RequestError as exc:
             response = self._render(request, "error.html", status=HTTP_STATUS.get(exc.code, 500),
                                     message=str(exc), code=exc.code)
+        except web.HTTPNotFound:   # no route: a mistyped address gets the pages' links
+            response = self._render(request, "error.html", status=404, code=ErrorCode.NOT_FOUND,
+                                    message=f"no page {request.path}: the pages are above")
         except web.HTTPException:   # a redirect, or a refusal with its own text
             raise
         except Exception as exc:   # a bug, or a key an operator gave another type: say so,
