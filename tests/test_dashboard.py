@@ -961,6 +961,25 @@ def test_the_jobs_an_operator_ticked_stay_ticked_when_the_list_refreshes(make_cl
     assert page.locator("tr.job[data-id=j1] input[type=checkbox]").is_checked()
 
 
+def test_text_an_operator_selects_stays_selected_while_the_page_would_refresh(
+        make_cluster, browser):
+    """Each refresh (every 2 s) drew the page anew: a traceback or a job id being selected
+    to copy was unselected under the mouse."""
+    cluster, port = dashboard_with_a_job(make_cluster)
+    page = browser.new_page()
+    page.add_init_script("""{ const every = window.setInterval; window.ticks = 0;
+        window.setInterval = (f, ms) => every(() => { window.ticks++; return f(); }, ms); }""")
+    page.goto(f"http://127.0.0.1:{port}/jobs/j1")
+    page.evaluate("""() => { const r = document.createRange();
+        r.selectNodeContents(document.querySelector("h1")); getSelection().addRange(r); }""")
+    cluster.client.cancel_job("j1")
+    ticks = page.evaluate("window.ticks")
+    page.wait_for_function(f"window.ticks >= {ticks + 2}")   # two refreshes' time
+    assert page.evaluate("getSelection().toString()") == "Job j1 queued"
+    page.evaluate("getSelection().removeAllRanges()")   # done: the page is live again
+    page.wait_for_selector("h1 >> text=cancelled")
+
+
 def test_a_page_that_cannot_refresh_says_so_instead_of_freezing(make_cluster, browser,
                                                                    redis_url):
     import redis
