@@ -1151,6 +1151,15 @@ def test_the_job_list_of_status_scheduled_is_the_schedules_page(make_cluster):
     assert "<h1>Schedules</h1>" in html and "<td>interval[1 day, 0:00:00]</td>" in html, html
 
 
+def test_a_schedule_links_to_its_own_page(make_cluster):
+    """The schedules page named each periodic job without a link: its own page (arguments,
+    every run kept) could be reached only by typing its id."""
+    cluster, port = dashboard_with_a_job(make_cluster)
+    cluster.client.submit_job(Fail.spec(["x"], job_id="night&day", trigger=every(hours=24)))
+    html = get(f"http://127.0.0.1:{port}/schedules")[1]
+    assert '<a href="/jobs/night%26day">night&amp;day</a>' in html, html
+
+
 def test_a_periodic_jobs_page_shows_its_runs_and_the_schedules_actions(make_cluster,
                                                                        browser):
     """A periodic job's own page showed its runs as raw Python maps, an empty "Result"
