@@ -1528,6 +1528,20 @@ def test_durations_on_the_statistics_page_are_in_units_that_fit_them(make_cluste
     assert re.fullmatch(r"\d+\.\d ms", mean) and re.fullmatch(r"≤ \d+\.0 ms", p95), (mean, p95)
 
 
+def test_a_list_of_exactly_a_page_has_no_next_link_to_an_empty_page(make_cluster):
+    """A list of 50 jobs (a page) offered "next", to a page saying "No job matches."."""
+    from elric.dashboard import PAGE
+
+    cluster, port = dashboard_with_a_job(make_cluster)   # j1, and PAGE - 1 more
+    cluster.client.submit_jobs([{"func": "tests.jobs:Add", "args": [1, 2], "queue": "nobody"}
+                                for _ in range(PAGE - 1)])
+    html = get(f"http://127.0.0.1:{port}/jobs?status=queued")[1]
+    assert html.count('class="job"') == PAGE and ">next<" not in html, html
+    cluster.client.submit_job({"func": "tests.jobs:Add", "args": [1, 2], "queue": "nobody"})
+    html = get(f"http://127.0.0.1:{port}/jobs?status=queued")[1]
+    assert html.count('class="job"') == PAGE and ">next<" in html, html
+
+
 def test_a_deep_page_of_a_long_list_reads_one_page_of_jobs_not_every_job_before_it(
         make_cluster, browser, redis_url):
     """The jobs list read every job before its offset: the last page of 10,000 queued jobs

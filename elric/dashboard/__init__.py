@@ -178,12 +178,16 @@ class Dashboard:
 
     async def schedules(self, request: web.Request):
         offset = _int(request.query.get("offset"), 0)
+        # one row more than a page: whether there is a next page (else a list of exactly a
+        # page linked to an empty one)
         rows = await self.master.list_jobs({"status": "scheduled", "offset": offset,
-                                            "limit": PAGE})
+                                            "limit": PAGE + 1})
+        more, rows = len(rows) > PAGE, rows[:PAGE]
         jobs = await asyncio.gather(*(self.master.get_job(r["job_id"]) for r in rows))
         for row, job in zip(rows, jobs):   # the last outcomes of each
             row["runs"] = (job or {}).get("runs", [])[:5]   # newest first
-        return self._render(request, "schedules.html", rows=rows, offset=offset, page=PAGE)
+        return self._render(request, "schedules.html", rows=rows, offset=offset, page=PAGE,
+                            more=more)
 
     async def jobs(self, request: web.Request):
         q = request.query
@@ -196,10 +200,11 @@ class Dashboard:
         # an index lists a status, or a queue's waiting jobs; any other filter scans: bounded
         unindexed = bool(filters.keys() & {"func", "batch"}) or (
             "queue" in filters and filters.get("status") != Status.QUEUED)
-        rows = await self.master.list_jobs({**filters, "offset": offset, "limit": PAGE,
+        rows = await self.master.list_jobs({**filters, "offset": offset, "limit": PAGE + 1,
                                             **({"scan_limit": SCAN} if unindexed else {})})
+        more, rows = len(rows) > PAGE, rows[:PAGE]
         return self._render(request, "jobs.html", rows=rows, filters=filters, offset=offset,
-                            scan=SCAN if len(rows) < PAGE and unindexed else 0,
+                            scan=SCAN if not more and unindexed else 0, more=more,
                             page=PAGE, statuses=[s for s in STATUSES if s != "filtered"],
                             query=urlencode(filters))
 
