@@ -894,6 +894,25 @@ def test_the_overview_says_when_workers_alive_are_paused(make_cluster):
     assert "<b>1</b>" in card and ">1 paused<" in card, card
 
 
+def test_the_overview_marks_a_queue_with_jobs_waiting_that_no_running_worker_takes(
+        make_cluster, redis_url):
+    """Jobs waited on a queue no worker served (a typo, a worker paused or started with
+    other queues) while the overview showed the queue as any other: nothing said why."""
+    import time
+
+    import redis
+
+    cluster, port = dashboard_with_a_job(make_cluster)   # j1 on queue "nobody"
+    row = re.compile(r'<tr><td><a href="/jobs\?queue=nobody">.*?</tr>', re.S)
+    html = get(f"http://127.0.0.1:{port}/")[1]
+    assert "no running worker takes it" in row.search(html).group(0), html
+    with redis.Redis.from_url(redis_url) as r:   # a worker, running, that takes it
+        r.hset("elric:worker:w:1:a", mapping={"queues": "default,nobody", "state": "running"})
+        r.zadd("elric:workers", {"w:1:a": time.time() * 1000})
+    html = get(f"http://127.0.0.1:{port}/")[1]
+    assert "no running worker takes it" not in row.search(html).group(0), html
+
+
 def test_a_worker_silent_longer_than_its_record_lives_is_forgotten(make_cluster, redis_url):
     import time
 

@@ -169,8 +169,12 @@ class Dashboard:
     async def overview(self, request: web.Request):
         stats = await self.master.stats()
         health = await self.master.health()
+        # queues a running worker takes: jobs waiting elsewhere wait for good (as the CLI's
+        # submit --wait says)
+        served = {q for w in stats["workers"] if worker_state(w) == "running"
+                  for q in str(w.get("queues", "")).split(",")}
         return self._render(request, "overview.html", stats=stats, health=health,
-                            chart=_chart(stats["throughput"]))
+                            chart=_chart(stats["throughput"]), served=served)
 
     async def workers(self, request: web.Request):
         # only the workers: stats() reads every func, batch and queue's counts too
