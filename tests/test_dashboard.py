@@ -345,6 +345,21 @@ def test_a_job_page_cuts_huge_arguments_and_says_where_they_are_whole(make_clust
     assert "é" * 1000 in html and "elric job big --json" in html, html[-3000:]
 
 
+def test_a_child_jobs_page_links_to_its_parent_and_its_batch(make_cluster):
+    """A child job's page named its parent and batch as plain text: from a failed child,
+    the job that submitted it, or the rest of its batch, were a copy and a search away."""
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}")
+    cluster.start_master()
+    cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job({"func": "tests.jobs:Spawn", "args": [1], "job_id": "mum",
+                               "batch": "b&1"})
+    [child] = cluster.wait_job("mum")["result"]["children"]
+    html = get(f"http://127.0.0.1:{port}/jobs/{child}")[1]
+    assert '<a href="/jobs/mum">mum</a>' in html and \
+        '<a href="/jobs?batch=b%261">b&amp;1</a>' in html, html
+
+
 def test_an_action_that_did_nothing_is_not_counted_done(make_cluster):
     port = free_port()
     cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}", DASHBOARD_PASSWORD=PASSWORD)
