@@ -786,7 +786,9 @@ class Worker:
                   "queues": ",".join(self.queues), "concurrency": self.concurrency,
                   "async_concurrency": self.async_slots, "version": elric.__version__,
                   "started_at": self.started_at,
-                  "state": "paused" if self.paused else "running",
+                  # stopping: told to stop, its running jobs finishing (SHUTDOWN_GRACE)
+                  "state": "stopping" if self.stopping else "paused" if self.paused
+                  else "running",
                   "processed": self.processed, "done": self.done, "failed": self.failed,
                   "in_flight": len(self.pool.claims()),
                   # "" or what is stuck retrying, e.g. "sending child jobs: master ...

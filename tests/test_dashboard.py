@@ -340,6 +340,52 @@ def test_a_job_page_shows_any_arguments_the_contract_accepts(make_cluster):
     assert "&#34;1&#34;: &#34;one&#34;" in html and "x00raw" in html, html
 
 
+def test_a_job_page_tells_a_result_that_is_text_from_a_number(make_cluster):
+    """A job's result showed as Python prints it: the text "3" as 3, as a job that returned
+    the number 3 showed it (and None, True, maps as Python's, not JSON as its arguments)."""
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}")
+    cluster.start_master()
+    cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job({"func": "tests.jobs:Écrire", "args": ["3"], "job_id": "text"})
+    cluster.client.submit_job({"func": "tests.jobs:Echo", "args": [None, True],
+                               "job_id": "map"})
+    for job_id in ("text", "map"):
+        assert cluster.wait_job(job_id)["status"] == "succeeded"
+    html = {job_id: unescape(get(f"http://127.0.0.1:{port}/jobs/{job_id}")[1])
+            for job_id in ("text", "map")}
+    assert '<h2>Result</h2><pre>"3"</pre>' in html["text"], html["text"]
+    assert '"args": [\n  null,\n  true\n ]' in html["map"], html["map"]
+
+
+def test_a_job_page_cuts_huge_arguments_and_says_where_they_are_whole(make_cluster):
+    """A job's page held its arguments whole, megabytes of them, fetched and drawn again at
+    every refresh: the browser froze most of each two seconds."""
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}")
+    cluster.start_master()
+    cluster.client.submit_job({"func": "tests.jobs:Echo", "args": ["é" * 1_000_000],
+                               "job_id": "big", "queue": "nobody"})
+    status, html = get(f"http://127.0.0.1:{port}/jobs/big")
+    assert status == 200 and len(html) < 100_000, len(html)
+    assert "é" * 1000 in html and "elric job big --json" in html, html[-3000:]
+
+
+def test_a_child_jobs_page_links_to_its_parent_and_its_batch(make_cluster):
+    """A child job's page named its parent and batch as plain text: from a failed child,
+    the job that submitted it, or the rest of its batch, were a copy and a search away."""
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}")
+    cluster.start_master()
+    cluster.start_worker("--concurrency", "1")
+    cluster.client.submit_job({"func": "tests.jobs:Spawn", "args": [1], "job_id": "mum",
+                               "batch": "b&1"})
+    [child] = cluster.wait_job("mum")["result"]["children"]
+    html = get(f"http://127.0.0.1:{port}/jobs/{child}")[1]
+    assert '<a href="/jobs/mum">mum</a>' in html and \
+        '<a href="/jobs?batch=b%261">b&amp;1</a>' in html, html
+
+
 def test_an_action_that_did_nothing_is_not_counted_done(make_cluster):
     port = free_port()
     cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}", DASHBOARD_PASSWORD=PASSWORD)
@@ -851,6 +897,63 @@ def test_a_worker_that_stopped_offers_no_actions(make_cluster):
     assert "<form" not in rows[ids[stopped.pid]], rows[ids[stopped.pid]]
 
 
+def test_a_worker_told_to_stop_shows_stopping_while_its_jobs_finish(make_cluster):
+    """A worker that was told to stop and waited for its running jobs (up to SHUTDOWN_GRACE)
+    showed "running", in green, with its pause and stop buttons: the stop the page had said
+    was done looked as if it had done nothing."""
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}")
+    cluster.start_master()
+    worker = cluster.start_worker("--concurrency", "1", SHUTDOWN_GRACE=120)
+    cluster.client.submit_job({"func": "tests.jobs:Sleep", "args": [120], "job_id": "long"})
+    cluster.wait_job("long", ("running",))
+    worker_id = _worker(cluster.client, worker.pid)["worker_id"]
+    cluster.client.control_worker(worker_id, "stop")
+
+    def row():
+        html = get(f"http://127.0.0.1:{port}/workers")[1]
+        return re.search(rf'data-id="{worker_id}">(.*?)</tr>', html, re.S).group(1)
+    shown = wait_for(lambda: (lambda r: r if ">stopping<" in r else None)(row()),
+                     timeout=10, what="the worker shown stopping")
+    assert 'class="state bad"' in shown and "<form" not in shown, shown
+    assert "stopping" in elric(cluster, "workers").stdout   # the CLI says it too
+    worker.kill()
+
+
+def test_the_overview_says_when_workers_alive_are_paused(make_cluster):
+    """With every worker paused, jobs waited while the overview said "workers alive 1" and
+    nothing else: only the workers page told why nothing ran."""
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}")
+    cluster.start_master()
+    worker = cluster.start_worker("--concurrency", "1")
+    cluster.client.control_worker(_worker(cluster.client, worker.pid)["worker_id"], "pause")
+    wait_for(lambda: _worker(cluster.client, worker.pid)["state"] == "paused",
+             what="the worker paused")
+    html = get(f"http://127.0.0.1:{port}/")[1]
+    card = re.search(r'id="count-workers">(.*?)</div>', html, re.S).group(1)
+    assert "<b>1</b>" in card and ">1 paused<" in card, card
+
+
+def test_the_overview_marks_a_queue_with_jobs_waiting_that_no_running_worker_takes(
+        make_cluster, redis_url):
+    """Jobs waited on a queue no worker served (a typo, a worker paused or started with
+    other queues) while the overview showed the queue as any other: nothing said why."""
+    import time
+
+    import redis
+
+    cluster, port = dashboard_with_a_job(make_cluster)   # j1 on queue "nobody"
+    row = re.compile(r'<tr><td><a href="/jobs\?queue=nobody">.*?</tr>', re.S)
+    html = get(f"http://127.0.0.1:{port}/")[1]
+    assert "no running worker takes it" in row.search(html).group(0), html
+    with redis.Redis.from_url(redis_url) as r:   # a worker, running, that takes it
+        r.hset("elric:worker:w:1:a", mapping={"queues": "default,nobody", "state": "running"})
+        r.zadd("elric:workers", {"w:1:a": time.time() * 1000})
+    html = get(f"http://127.0.0.1:{port}/")[1]
+    assert "no running worker takes it" not in row.search(html).group(0), html
+
+
 def test_a_worker_silent_longer_than_its_record_lives_is_forgotten(make_cluster, redis_url):
     import time
 
@@ -869,6 +972,28 @@ def test_a_worker_silent_longer_than_its_record_lives_is_forgotten(make_cluster,
     html = get(f"http://127.0.0.1:{port}/workers")[1]
     assert "old:1:abc" not in html and html.count('class="worker"') == 1, html
     assert 'elric_workers{state="lost"} 0.0' in get(f"http://127.0.0.1:{port}/metrics")[1]
+
+
+def test_a_job_that_is_not_there_says_why_it_may_be_gone(make_cluster):
+    """A schedule's run links to its job; a day after it succeeded (RESULT_TTL) its record
+    has expired, and the link led to a bare "no job 'nightly@...'", as a typo does."""
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}", RESULT_TTL=3600)
+    cluster.start_master()
+    status, html = get(f"http://127.0.0.1:{port}/jobs/nightly%402026-01-01T00%3A00%3A00Z")
+    assert status == 404 and "no job 'nightly@2026-01-01T00:00:00Z'" in unescape(html), html
+    assert "succeeded 1 h (RESULT_TTL)" in html and "failed 7 d (FAILED_TTL)" in html, html
+
+
+def test_an_address_that_is_no_page_is_a_page_with_the_way_back(make_cluster):
+    """A mistyped address (/worker, /jobs/) was aiohttp's bare "404: Not Found": no page
+    of the dashboard, no link to one."""
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}")
+    cluster.start_master()
+    for path in ("/worker", "/jobs/"):
+        status, html = get(f"http://127.0.0.1:{port}{path}")
+        assert status == 404 and f"no page {path}" in html and 'href="/workers"' in html, html
 
 
 def test_a_job_deleted_from_its_page_says_it_was_deleted(make_cluster):
@@ -894,6 +1019,50 @@ def test_the_jobs_an_operator_ticked_stay_ticked_when_the_list_refreshes(make_cl
     page.wait_for_selector("tr.job[data-id=j2]")   # the list refreshed
     # else a bulk retry, cancel or delete then acted on nothing of what was ticked
     assert page.locator("tr.job[data-id=j1] input[type=checkbox]").is_checked()
+
+
+def test_text_an_operator_selects_stays_selected_while_the_page_would_refresh(
+        make_cluster, browser):
+    """Each refresh (every 2 s) drew the page anew: a traceback or a job id being selected
+    to copy was unselected under the mouse."""
+    cluster, port = dashboard_with_a_job(make_cluster)
+    page = browser.new_page()
+    page.add_init_script("""{ const every = window.setInterval; window.ticks = 0;
+        window.setInterval = (f, ms) => every(() => { window.ticks++; return f(); }, ms); }""")
+    page.goto(f"http://127.0.0.1:{port}/jobs/j1")
+    page.evaluate("""() => { const r = document.createRange();
+        r.selectNodeContents(document.querySelector("h1")); getSelection().addRange(r); }""")
+    cluster.client.cancel_job("j1")
+    ticks = page.evaluate("window.ticks")
+    page.wait_for_function(f"window.ticks >= {ticks + 2}")   # two refreshes' time
+    assert page.evaluate("getSelection().toString()") == "Job j1 queued"
+    page.evaluate("getSelection().removeAllRanges()")   # done: the page is live again
+    page.wait_for_selector("h1 >> text=cancelled")
+
+
+def test_a_refresh_waits_for_the_last_one_to_answer(make_cluster, browser):
+    """A page slower than the refresh (a filter scanning 10,000 jobs took 4 s on a busy
+    master) was asked again every 2 s all the same: the requests piled up on the master,
+    each making the others slower, for as long as the tab stayed open."""
+    cluster, port = dashboard_with_a_job(make_cluster)
+    page = browser.new_page()
+    page.add_init_script("""{ const every = window.setInterval; window.ticks = 0;
+        window.setInterval = (f, ms) => every(() => { window.ticks++; return f(); }, ms); }""")
+    held = []   # refreshes the "master" has not answered yet
+
+    def route(r):
+        if "x-elric-live" in r.request.headers:
+            held.append(r)
+        else:
+            r.continue_()
+    page.route("**/jobs/j1", route)
+    page.goto(f"http://127.0.0.1:{port}/jobs/j1")
+    ticks = page.evaluate("window.ticks")
+    page.wait_for_function(f"window.ticks >= {ticks + 3}")
+    assert len(held) == 1, len(held)
+    held.pop().continue_()
+    page.wait_for_function(f"window.ticks >= {ticks + 5}")
+    assert len(held) == 1   # once it answered, the next one went
 
 
 def test_a_page_that_cannot_refresh_says_so_instead_of_freezing(make_cluster, browser,
@@ -1065,6 +1234,15 @@ def test_the_job_list_of_status_scheduled_is_the_schedules_page(make_cluster):
         html = page.read().decode()
         assert page.url.endswith("/schedules"), page.url
     assert "<h1>Schedules</h1>" in html and "<td>interval[1 day, 0:00:00]</td>" in html, html
+
+
+def test_a_schedule_links_to_its_own_page(make_cluster):
+    """The schedules page named each periodic job without a link: its own page (arguments,
+    every run kept) could be reached only by typing its id."""
+    cluster, port = dashboard_with_a_job(make_cluster)
+    cluster.client.submit_job(Fail.spec(["x"], job_id="night&day", trigger=every(hours=24)))
+    html = get(f"http://127.0.0.1:{port}/schedules")[1]
+    assert '<a href="/jobs/night%26day">night&amp;day</a>' in html, html
 
 
 def test_a_periodic_jobs_page_shows_its_runs_and_the_schedules_actions(make_cluster,
@@ -1433,6 +1611,20 @@ def test_durations_on_the_statistics_page_are_in_units_that_fit_them(make_cluste
     assert re.fullmatch(r"1\.\d s", mean) and p95 == "≤ 2.0 s", (mean, p95)
     mean, p95 = cells("tests.jobs:Add")   # under a second: still in ms
     assert re.fullmatch(r"\d+\.\d ms", mean) and re.fullmatch(r"≤ \d+\.0 ms", p95), (mean, p95)
+
+
+def test_a_list_of_exactly_a_page_has_no_next_link_to_an_empty_page(make_cluster):
+    """A list of 50 jobs (a page) offered "next", to a page saying "No job matches."."""
+    from elric.dashboard import PAGE
+
+    cluster, port = dashboard_with_a_job(make_cluster)   # j1, and PAGE - 1 more
+    cluster.client.submit_jobs([{"func": "tests.jobs:Add", "args": [1, 2], "queue": "nobody"}
+                                for _ in range(PAGE - 1)])
+    html = get(f"http://127.0.0.1:{port}/jobs?status=queued")[1]
+    assert html.count('class="job"') == PAGE and ">next<" not in html, html
+    cluster.client.submit_job({"func": "tests.jobs:Add", "args": [1, 2], "queue": "nobody"})
+    html = get(f"http://127.0.0.1:{port}/jobs?status=queued")[1]
+    assert html.count('class="job"') == PAGE and ">next<" in html, html
 
 
 def test_a_deep_page_of_a_long_list_reads_one_page_of_jobs_not_every_job_before_it(

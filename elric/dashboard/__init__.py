@@ -24,7 +24,7 @@ from elric.dashboard import metrics
 from elric.dashboard.access import COOKIE, SESSION_SECONDS, Access
 from elric.retry import REDIS_ERRORS, redis_refusal
 from elric.rpc import RequestError
-from elric.views import (duration, json_text, mib, percent, stamp, when, worker_counts,
+from elric.views import (cut, duration, json_text, mib, percent, stamp, when, worker_counts,
                          worker_state)
 
 log = logging.getLogger("elric.dashboard")
@@ -43,6 +43,7 @@ KEEPALIVE = 15.0               # seconds an idle connection is kept (aiohttp's: 
 BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nConnection: close\r\n"
         b"Content-Type: text/plain\r\nContent-Length: 47\r\n\r\n"
         b"the dashboard has too many connections: retry\r\n")
+SHOWN = 20_000                 # characters of a job's arguments or result its page shows
 PAGES = (("/", "overview"), ("/workers", "workers"), ("/schedules", "schedules"),
          ("/jobs", "jobs"), ("/jobs?status=failed", "failed"), ("/stats", "statistics"),
          ("/redis", "redis"))
@@ -99,7 +100,7 @@ class Dashboard:
             duration=duration,
             quote_id=lambda text: quote(text, safe=""),
             worker_state=worker_state, worker_counts=worker_counts,
-            json=lambda value: json_text(value, indent=1, sort_keys=True, ensure_ascii=False))
+            json=_json)
         self.app = web.Application(middlewares=[self._guard])
         self.app.add_routes([
             web.get("/", self.overview), web.get("/workers", self.workers),
@@ -157,6 +158,9 @@ class Dashboard:
         except RequestError as exc:
             response = self._render(request, "error.html", status=HTTP_STATUS.get(exc.code, 500),
                                     message=str(exc), code=exc.code)
+        except web.HTTPNotFound:   # no route: a mistyped address gets the pages' links
+            response = self._render(request, "error.html", status=404, code=ErrorCode.NOT_FOUND,
+                                    message=f"no page {request.path}: the pages are above")
         except web.HTTPException:   # a redirect, or a refusal with its own text
             raise
         except Exception as exc:   # a bug, or a key an operator gave another type: say so,
@@ -184,8 +188,12 @@ class Dashboard:
     async def overview(self, request: web.Request):
         stats = await self.master.stats()
         health = await self.master.health()
+        # queues a running worker takes: jobs waiting elsewhere wait for good (as the CLI's
+        # submit --wait says)
+        served = {q for w in stats["workers"] if worker_state(w) == "running"
+                  for q in str(w.get("queues", "")).split(",")}
         return self._render(request, "overview.html", stats=stats, health=health,
-                            chart=_chart(stats["throughput"]))
+                            chart=_chart(stats["throughput"]), served=served)
 
     async def workers(self, request: web.Request):
         # only the workers: stats() reads every func, batch and queue's counts too
@@ -193,12 +201,16 @@ class Dashboard:
 
     async def schedules(self, request: web.Request):
         offset = _int(request.query.get("offset"), 0)
+        # one row more than a page: whether there is a next page (else a list of exactly a
+        # page linked to an empty one)
         rows = await self.master.list_jobs({"status": "scheduled", "offset": offset,
-                                            "limit": PAGE})
+                                            "limit": PAGE + 1})
+        more, rows = len(rows) > PAGE, rows[:PAGE]
         jobs = await asyncio.gather(*(self.master.get_job(r["job_id"]) for r in rows))
         for row, job in zip(rows, jobs):   # the last outcomes of each
             row["runs"] = (job or {}).get("runs", [])[:5]   # newest first
-        return self._render(request, "schedules.html", rows=rows, offset=offset, page=PAGE)
+        return self._render(request, "schedules.html", rows=rows, offset=offset, page=PAGE,
+                            more=more)
 
     async def jobs(self, request: web.Request):
         q = request.query
@@ -211,18 +223,24 @@ class Dashboard:
         # an index lists a status, or a queue's waiting jobs; any other filter scans: bounded
         unindexed = bool(filters.keys() & {"func", "batch"}) or (
             "queue" in filters and filters.get("status") != Status.QUEUED)
-        rows = await self.master.list_jobs({**filters, "offset": offset, "limit": PAGE,
+        rows = await self.master.list_jobs({**filters, "offset": offset, "limit": PAGE + 1,
                                             **({"scan_limit": SCAN} if unindexed else {})})
+        more, rows = len(rows) > PAGE, rows[:PAGE]
         return self._render(request, "jobs.html", rows=rows, filters=filters, offset=offset,
-                            scan=SCAN if len(rows) < PAGE and unindexed else 0,
+                            scan=SCAN if not more and unindexed else 0, more=more,
                             page=PAGE, statuses=[s for s in STATUSES if s != "filtered"],
                             query=urlencode(filters))
 
     async def job(self, request: web.Request):
         job_id = request.match_info["job_id"]
         job = await self.master.get_job(job_id)
-        if job is None:
-            raise RequestError(f"no job {job_id!r}", ErrorCode.NOT_FOUND)
+        if job is None:   # (a schedule's run links to its job, kept for a while)
+            s = self.master.settings
+            raise RequestError(
+                f"no job {job_id!r}: its id is mistyped, it was deleted, or it ended longer ago "
+                f"than ended jobs are kept: succeeded {duration(s.RESULT_TTL * 1000)} "
+                f"(RESULT_TTL), failed {duration(s.FAILED_TTL * 1000)} (FAILED_TTL)",
+                ErrorCode.NOT_FOUND)
         return self._render(request, "job.html", job=job)
 
     async def stats(self, request: web.Request):
@@ -397,6 +415,15 @@ def _int(value, default: int) -> int:
     if not value or not value.isdecimal():
         return default
     return int(value) if len(value) <= 20 else 2**64
+
+
+def _json(value, job_id: str) -> str:
+    """A job's arguments or result, cut at SHOWN characters: megabytes, drawn again at each
+    refresh, froze the browser."""
+    text = json_text(value, indent=1, sort_keys=True, ensure_ascii=False)
+    return text if len(text) <= SHOWN else (f"{cut(text, SHOWN)}\n({len(text) - SHOWN + 1:,} "
+                                            f"more characters: elric job {job_id} --json "
+                                            "shows them all)")
 
 
 def _chart(minutes: list[dict]) -> dict:
