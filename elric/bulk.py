@@ -222,7 +222,7 @@ class Bulk:
         return step
 
     async def _act(self, action: str, chosen: list[str], step: Step) -> None:
-        one = {"rerun": self.queue.rerun, "cancel": self.queue.cancel,
+        one = {"rerun": self.admission.rerun, "cancel": self.queue.cancel,
                "delete": self.queue.remove}[action]
 
         async def do(job_id: str) -> None:

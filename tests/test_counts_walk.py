@@ -47,6 +47,9 @@ class _Admission:
     async def submit(self, specs):
         return await self.queue.enqueue(specs)
 
+    async def rerun(self, job_id):
+        return await self.queue.rerun(job_id)
+
 
 async def truth(r):
     """Every job hash: job id -> its fields."""
