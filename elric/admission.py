@@ -9,7 +9,8 @@ import logging
 import time
 
 from elric.config import Settings
-from elric.contract import FIRE_ID, FIRE_ID_RULE, MAX_BATCH, SpecError, Status, normalize_spec
+from elric.contract import (FIRE_ID, FIRE_ID_RULE, MAX_BATCH, Refused, SpecError, Status,
+                            check_func, normalize_spec)
 from elric.jobstore import IdTaken, RedisJobStore, schedule_options
 from elric.logs import Hourly
 from elric.queue import RedisQueue, Submitted, Unreadable
@@ -38,6 +39,17 @@ class Admission:
     def normalize(self, spec) -> dict:
         return normalize_spec(spec, defaults=self.defaults,
                               allowed_modules=self.settings.JOB_MODULES)
+
+    async def rerun(self, job_id: str) -> str:
+        """queue.rerun, of a job whose func JOB_MODULES allows, as a copy's must: a rerun of
+        one it no longer did was queued, and every worker handed it back for good."""
+        func = await self.redis.hget(self.keys.job(job_id), "func")
+        try:
+            if func and self.settings.JOB_MODULES:
+                check_func(func.decode(), self.settings.JOB_MODULES)
+        except SpecError as exc:
+            raise Refused(f"rerun of {job_id}: {exc}") from None
+        return await self.queue.rerun(job_id)
 
     def _check_batch(self, specs) -> list[dict]:
         """The normalized batch, or SpecError naming the first bad spec (``spec 3: ...``)."""

@@ -192,13 +192,17 @@ class Bulk:
             raise SpecError(f"unknown bulk action {action!r}; one of {', '.join(ACTIONS)}")
         if action == "copy" and not op:
             raise SpecError("copy needs an operation id (op) to name the copies by")
-        if not cursor and f.queue is not None and \
-                not await self.redis.sismember(self.keys.queues, f.queue):
-            # (a mistyped name did nothing, and said "0 jobs done")
-            queues = sorted(q.decode() for q in await self.redis.smembers(self.keys.queues))
-            raise NotFound(f"no queue {f.queue!r}: no job was queued there lately (queues: "
-                           f"{', '.join(queues[:10]) or 'none'}"
-                           f"{', ...' if len(queues) > 10 else ''})")
+        for kind, name, known, plural in (
+                ("queue", f.queue, self.keys.queues, "queues"),
+                ("func", f.func, self.keys.funcs, "funcs"),
+                ("batch", f.batch, self.keys.batches, "batches")):
+            if not cursor and name is not None and not await self.redis.sismember(known, name):
+                # (a mistyped name did nothing, and said "0 jobs done")
+                names = sorted(n.decode() for n in await self.redis.smembers(known))
+                lately = "was queued there" if kind == "queue" else "of it was submitted"
+                raise NotFound(f"no {kind} {name!r}: no job {lately} lately ({plural}: "
+                               f"{', '.join(names[:10]) or 'none'}"
+                               f"{', ...' if len(names) > 10 else ''})")
         chosen, next_cursor, missing = await self.walk(
             f, cursor, fresh_only=action in ("rerun", "copy"), live_only=action == "cancel")
         chosen = list(dict.fromkeys(chosen))   # an id given twice, or met twice by ZSCAN: once
@@ -218,7 +222,7 @@ class Bulk:
         return step
 
     async def _act(self, action: str, chosen: list[str], step: Step) -> None:
-        one = {"rerun": self.queue.rerun, "cancel": self.queue.cancel,
+        one = {"rerun": self.admission.rerun, "cancel": self.queue.cancel,
                "delete": self.queue.remove}[action]
 
         async def do(job_id: str) -> None:

@@ -448,7 +448,7 @@ class Master:
     @_rpc
     async def rerun_job(self, job_id) -> dict:
         try:
-            await self.queue.rerun(_id(job_id))
+            await self.admission.rerun(_id(job_id))
         except NotFound:   # a periodic job has no job record to run again
             if await self.store.get(job_id) is None:
                 raise

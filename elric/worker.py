@@ -364,6 +364,9 @@ class Worker:
             self._waiting = asyncio.create_task(self.queue.fetch(
                 self.worker_id, self.queues, fetch, self.lease, start=start,
                 wake_on=WakeOn(self.blocking_redis, lists, timeout)))
+            # _take_woken reads its error; one a stop cut short left (Redis frozen) is
+            # read here, or asyncio logs it after "stopped" as a traceback
+            self._waiting.add_done_callback(lambda t: t.cancelled() or t.exception())
         waiters = [asyncio.ensure_future(self._changed.wait())]
         if self._waiting is not None:
             waiters.append(self._waiting)

@@ -644,8 +644,10 @@ def test_results_streams_the_results_of_succeeded_jobs_page_by_page(cluster):
     assert sum("job id" in line for line in lines) == 1   # one header over the pages
     assert {line.split()[0] for line in lines[1:]} == {f"add{i}" for i in range(30)} | {
         "elsewhere"}
-    assert elric(cluster, "results", "--batch", "none").stdout.strip() == "no results"
-    assert elric(cluster, "results", "--batch", "none", "--format", "jsonl").stdout == ""
+    none = ("results", "--func", "tests.jobs:Fail")   # known, with no success
+    assert elric(cluster, *none).stdout.strip() == "no results"
+    assert elric(cluster, *none, "--format", "jsonl").stdout == ""
+    one_line_error(elric(cluster, "results", "--batch", "none"), 1, "no batch 'none'")
     one_line_error(elric(cluster, "results", "--page-size", "0"), 2, "--page-size")
 
 
@@ -828,6 +830,20 @@ def test_purge_of_a_queue_no_job_was_ever_queued_on_says_so_and_exits_1(cluster)
     assert (done.returncode, done.stdout) == (0, "purge: 1 jobs done, 0 skipped\n"), done
     assert cluster.client.get_job("waits") is None
     assert elric(cluster, "purge", "nobody").returncode == 0   # known, and empty: done
+
+
+def test_a_bulk_filter_naming_a_func_or_batch_no_job_has_says_so_and_exits_1(cluster):
+    """`elric cancel --func jobs.Crawl` (a dot for the colon) or `--batch` mistyped cancelled
+    nothing and said "cancel: 0 jobs done, 0 skipped", exit 0, as a purge of a mistyped queue
+    did: the typo passed for a cancel done."""
+    cluster.client.submit_job(Echo.spec(job_id="waits", queue="nobody", batch="b1"))
+    for args, text in ((("--func", "tests.jobs.Echo"), "no func 'tests.jobs.Echo'"),
+                       (("--batch", "b2"), "no batch 'b2'")):
+        for command in ("cancel", "delete", "results"):
+            one_line_error(elric(cluster, command, *args), 1, text)
+    assert cluster.client.get_job("waits")["status"] == "queued"
+    done = elric(cluster, "cancel", "--func", "tests.jobs:Echo", "--batch", "b1")
+    assert (done.returncode, done.stdout) == (0, "cancel: 1 jobs done, 0 skipped\n"), done
 
 
 def test_purge_does_not_read_every_stat_to_find_its_queue(make_cluster):

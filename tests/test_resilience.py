@@ -1156,6 +1156,26 @@ def test_a_worker_whose_job_classes_all_send_to_other_queues_says_so_at_start(ca
     assert caplog.records == []
 
 
+def test_a_rerun_is_refused_for_a_job_whose_module_job_modules_no_longer_allows(
+        make_cluster):
+    """A copy of such a job was refused, but a rerun queued it: every worker (each loading
+    JOB_MODULES) then handed it back, every few seconds, for good."""
+    from tests.test_cli import elric
+
+    c = make_cluster(JOB_MODULES="tests.jobs")
+    master = c.start_master()
+    c.client.submit_job(Add.spec([1, 2], job_id="old", queue="nobody"))
+    c.client.cancel_job("old")   # finished: a rerun may queue it again
+    master.stop(timeout=20)
+    c.start_master(JOB_MODULES="tests.jobs_async")
+    for args in (("old",), ("--status", "cancelled")):
+        out = elric(c, "rerun", *args)
+        assert out.returncode == 1, (out.stdout, out.stderr)
+        assert "module 'tests.jobs' is not allowed by JOB_MODULES (tests.jobs_async)" in \
+            out.stdout + out.stderr, (out.stdout, out.stderr)
+    assert c.client.get_job("old")["status"] == "cancelled"
+
+
 def test_a_job_module_that_fails_to_import_fails_its_jobs_attempt_by_attempt(
         make_cluster, redis_url):
     c = make_cluster(JOB_MODULES="tests.jobs,tests.no_such_jobs", RETRY_BACKOFF=0.05)

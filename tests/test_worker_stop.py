@@ -217,3 +217,37 @@ def test_a_stop_with_redis_frozen_ends_within_its_grace_and_a_fixed_bound(
         asyncio.run(main())
     finally:
         own.cleanup()
+
+
+def test_an_idle_worker_stopped_with_redis_frozen_leaves_no_traceback(cluster, monkeypatch):
+    """An idle worker waits for work in a fetch of its own. Redis frozen, a SIGTERM's end of
+    that wait was cut off at the stop's bound, the fetch left running: its timeout came
+    after "stopped" as asyncio's "ERROR Task exception was never retrieved" and a
+    traceback of redis-py's, where the stop had said all there was."""
+    import gc
+
+    import elric.worker
+    from elric.redis_server import RedisServer
+
+    monkeypatch.setattr(elric.worker, "GIVE_BACK_SECONDS", 0.5)   # (the test's time)
+    own = RedisServer().start()   # ours alone: it is frozen
+    errors = []
+
+    async def main():
+        asyncio.get_running_loop().set_exception_handler(lambda _, context: errors.append(
+            context["message"]))
+        w = _worker(cluster, REDIS_URL=own.url)
+        run = asyncio.create_task(w.run())
+        await _until("the worker waits for work", lambda: w._waiting is not None)
+        os.kill(own.proc.pid, signal.SIGSTOP)
+        try:
+            w.request_stop()   # as a SIGTERM does
+            assert await asyncio.wait_for(run, 30) == 0
+        finally:
+            os.kill(own.proc.pid, signal.SIGCONT)
+    try:
+        asyncio.run(main())
+    finally:
+        own.cleanup()
+    gc.collect()   # (a task's unretrieved error is logged when it is collected)
+    assert errors == []
