@@ -255,6 +255,11 @@ def cmd_call(args: argparse.Namespace) -> int:
             # filtered: it never runs (scheduled: each fire is a job of its own); any other
             # status is of the job that has this id (a submission sent again): waited for
             if not args.wait or reply["status"] in (Status.FILTERED, Status.SCHEDULED):
+                if reply["status"] == Status.SCHEDULED and reply.get("next_run_time") is None \
+                        and (client.job_kind(reply["job_id"]) or {}).get("status") == "finished":
+                    raise Failed(f"periodic job {reply['job_id']!r} has finished: no fires are "
+                                 "left; send it with replace_existing and a trigger that fires "
+                                 f"again, or elric schedules remove {reply['job_id']}")
                 (show or (lambda r: print(f"{r['job_id']} {r['status']}")))(reply)
                 if reply["status"] == Status.FILTERED:   # it printed "ID filtered" alone
                     from elric.handle import filtered

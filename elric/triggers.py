@@ -511,6 +511,10 @@ def parse_trigger(data: dict, *, now: float | None = None) -> tuple[BaseTrigger,
                                                      "the year 9999 in UTC")
         raise TriggerError("trigger.end_date", f"{trigger.end_date.isoformat()} comes before "
                                                "the next fire; this interval never fires")
+    if normalized["type"] == "cron" and not set(normalized) & {"crontab", *CRON_FIELDS}:
+        # APScheduler's CronTrigger() fires every second; a stored one still builds
+        raise TriggerError("trigger.crontab", "required: a crontab like '*/15 * * * *', or "
+                                              f"fields ({', '.join(CRON_FIELDS)})")
     return trigger, normalized
 
 

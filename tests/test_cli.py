@@ -1252,3 +1252,17 @@ def test_top_iterations_below_1_is_a_usage_error(cluster):
     for value in ("0", "-1"):
         one_line_error(elric(cluster, "top", "--iterations", value), 2,
                        f"--iterations takes 1 or more, got {value}")
+
+
+def test_submit_of_a_periodic_job_that_has_finished_says_so_not_scheduled(cluster):
+    """A script run again sent its date job, fired already: the master answers the same job
+    sent again with its id's status, `scheduled`, and `elric submit` printed "once
+    scheduled", exit 0, for a job that would never fire again."""
+    spec = json.dumps({"job_id": "once", "trigger": at(time.time())})
+    first = elric(cluster, "submit", "tests.jobs:Echo", "--spec", spec)
+    assert first.returncode == 0 and "once scheduled" in first.stdout, first.stderr
+    wait_for(lambda: cluster.client.job_kind("once")["status"] == "finished",
+             what="the date job fires")
+    again = elric(cluster, "submit", "tests.jobs:Echo", "--spec", spec)
+    one_line_error(again, 1, "periodic job 'once' has finished: no fires are left")
+    assert "replace_existing" in again.stderr

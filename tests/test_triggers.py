@@ -190,6 +190,18 @@ def test_invalid_triggers_name_the_field(data, field):
 
 
 
+@pytest.mark.parametrize("data", [{"type": "cron"}, {"type": "cron", "timezone": "Europe/Berlin"},
+                                  {"type": "cron", "minute": None}])
+def test_a_cron_with_no_crontab_and_no_field_is_refused_not_fired_every_second(data):
+    """cron() or {"type": "cron", "timezone": ...} with its crontab forgotten was taken as
+    APScheduler's CronTrigger() with every field '*': a job queued every second, 86,400 a
+    day, where no crontab(5) line means that."""
+    with pytest.raises(TriggerError, match=r"^trigger.crontab: required: .*'\*/15 \* \* \* \*'"):
+        parse_trigger(data)
+    with pytest.raises(TriggerError, match=r"^trigger.crontab: required"):
+        cron()
+
+
 @pytest.mark.parametrize("zone", ["localtime", "right/Europe/Berlin", "posixrules"])
 def test_a_zone_file_that_is_no_iana_zone_is_refused_naming_a_zone_to_give(zone):
     """'localtime' (on Debian a link to the host's /etc/localtime) was taken: a cron fired at
