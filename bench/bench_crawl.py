@@ -38,14 +38,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
-import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
-import time
 import urllib.request
 from dataclasses import dataclass, field
 
@@ -54,11 +51,9 @@ sys.path.insert(0, ROOT)
 
 import psutil  # noqa: E402
 
-from bench.bench_throughput import machine  # noqa: E402
-from elric.client import MasterClient  # noqa: E402
+from bench.cluster import Cluster, header  # noqa: E402
 from elric.demo.crawler import Crawl  # noqa: E402
-from elric.launch import elric_env, start_master, start_worker  # noqa: E402
-from elric.redis_server import RedisServer, free_port  # noqa: E402
+from elric.redis_server import RedisServer  # noqa: E402
 
 SCRAPY_VENV = os.path.join(ROOT, "bench", ".venv-scrapy")
 SITE = os.path.join(ROOT, "bench", "site_server.py")
@@ -181,40 +176,23 @@ def tree(pid: int) -> list[int]:
         return []
 
 
-def wait_until(pred, timeout: float, what: str, procs=()):
-    deadline = time.monotonic() + timeout
-    while not pred():
-        for p in procs:
-            if not p.alive():
-                raise RuntimeError(f"{p.args[0]} exited while waiting for {what}:\n"
-                                   f"{p.log()[-3000:]}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(0.1)
-
-
 def crawl_with_elric(site: Site, workers: int, worker_args: list[str], limits: dict,
                      timeout: float, quiet: bool = True) -> Crawled:
-    server = RedisServer().start()
-    logdir = tempfile.mkdtemp(prefix="elric-bench-crawl-")
-    address = f"127.0.0.1:{free_port()}"
-    env = elric_env(server.url, address, KEY_PREFIX="bench-crawl",
-                    LIMITS=json.dumps(limits), JOB_MODULES=Crawl.__module__,
-                    **({"LOG_LEVEL": "WARNING"} if quiet else {}))
-    procs, client, keep_logs = [], None, True   # kept when the crawl fails or errs
+    cluster = Cluster("elric-bench-crawl-", KEY_PREFIX="bench-crawl",
+                      LIMITS=json.dumps(limits), JOB_MODULES=Crawl.__module__,
+                      **({"LOG_LEVEL": "WARNING"} if quiet else {}))
+    keep_logs = True   # when the crawl fails or errs
     try:
-        master = start_master(env, os.path.join(logdir, "master.log"), cwd=ROOT)
-        procs.append(master)
-        for n in range(workers):
-            procs.append(start_worker(env, os.path.join(logdir, f"worker-{n}.log"), cwd=ROOT,
-                                      extra=["--queues", "crawl", *worker_args]))
-        client = MasterClient(address, timeout=60)
-        wait_until(lambda: len(client.stats()["workers"]) == workers, timeout,
-                   "the workers registered", procs)
-        worker_pids = [p.pid for p in procs[1:]]
-        wait_until(lambda: all(len(tree(pid)) > 1 for pid in worker_pids), timeout,
-                   "the pool processes started", procs)
-        groups = {"redis": lambda: [server.proc.pid], "master": lambda: [master.pid],
+        master = cluster.start_master()
+        worker_pids = [cluster.start_worker(f"worker-{n}", ["--queues", "crawl", *worker_args]).pid
+                       for n in range(workers)]
+        client = cluster.connect()
+        cluster.wait_until(lambda: len(client.stats()["workers"]) == workers, timeout,
+                           "the workers registered", interval=0.1)
+        cluster.wait_until(lambda: all(len(tree(pid)) > 1 for pid in worker_pids), timeout,
+                           "the pool processes started", interval=0.1)
+        redis_pid = cluster.server.proc.pid
+        groups = {"redis": lambda: [redis_pid], "master": lambda: [master.pid],
                   "worker": lambda: worker_pids,
                   "pool": lambda: [c for pid in worker_pids for c in tree(pid)[1:]]}
         before = {name: cpu_seconds(pids()) for name, pids in groups.items()}
@@ -230,7 +208,7 @@ def crawl_with_elric(site: Site, workers: int, worker_args: list[str], limits: d
             return live == 0 and done.get("succeeded", 0) + done.get("failed", 0) == \
                 done.get("submitted", -1)
 
-        wait_until(finished, timeout, "the crawl finished", procs)
+        cluster.wait_until(finished, timeout, "the crawl finished", interval=0.1)
         crawled = site.result(Crawled("elric"))
         crawled.pss_mib = memory.stop()
         crawled.cpu_ms = {name: (cpu_seconds(pids()) - before[name]) * 1000 / crawled.pages
@@ -241,15 +219,7 @@ def crawl_with_elric(site: Site, workers: int, worker_args: list[str], limits: d
         keep_logs = bool(failed)
         return crawled
     finally:
-        if client is not None:
-            client.close()
-        for p in reversed(procs):
-            p.stop(timeout=20)
-        server.cleanup()
-        if keep_logs:
-            print(f"        (logs in {logdir})")
-        else:
-            shutil.rmtree(logdir, ignore_errors=True)
+        cluster.close(keep_logs)
 
 
 def ensure_scrapy() -> str:
@@ -387,15 +357,12 @@ def main() -> int:
                     help="async jobs per worker in --scaling")
     ap.add_argument("--timeout", type=float, default=600.0, help="bound on every wait (s)")
     args = ap.parse_args()
-    print("elric crawl benchmark")
-    print("command: " + " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]))
     server = RedisServer().start()
     try:
         import redis
 
         r = redis.Redis.from_url(server.url)
-        for line in machine(r):
-            print(line)
+        header("elric crawl benchmark", r)
         r.close()
     finally:
         server.cleanup()

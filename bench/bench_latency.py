@@ -17,12 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,10 +27,9 @@ sys.path.insert(0, ROOT)
 
 import redis  # noqa: E402
 
-from bench.bench_throughput import FUNC, machine, percentile  # noqa: E402
-from elric.client import MasterClient  # noqa: E402
-from elric.launch import elric_env, start_master, start_worker  # noqa: E402
-from elric.redis_server import RedisServer, free_port  # noqa: E402
+from bench.bench_throughput import FUNC, percentile  # noqa: E402
+from bench.cluster import Cluster, header  # noqa: E402
+from elric.redis_server import RedisServer  # noqa: E402
 
 HUEY_VENV = os.path.join(ROOT, "bench", ".venv-huey")
 HUEY_PYTHON = os.path.join(HUEY_VENV, "bin", "python")
@@ -47,15 +43,13 @@ def ensure_huey() -> None:
 
 
 def elric_latencies(redis_url: str, samples: int, gap: float, timeout: float) -> list[float]:
-    logdir = tempfile.mkdtemp(prefix="elric-bench-latency-")
-    address = f"127.0.0.1:{free_port()}"
-    env = elric_env(redis_url, address, LOG_LEVEL="WARNING", KEY_PREFIX="bench-latency",
-                    JOB_MODULES="bench.jobs")
-    procs, client, keep_logs = [], None, True   # kept when a run fails
+    cluster = Cluster("elric-bench-latency-", redis_url, LOG_LEVEL="WARNING",
+                      KEY_PREFIX="bench-latency", JOB_MODULES="bench.jobs")
+    keep_logs = True   # when a run fails
     try:
-        procs.append(start_master(env, os.path.join(logdir, "master.log"), cwd=ROOT))
-        procs.append(start_worker(env, os.path.join(logdir, "worker.log"), cwd=ROOT))
-        client = MasterClient(address, timeout=60)
+        cluster.start_master()
+        cluster.start_worker()
+        client = cluster.connect()
         spec = {"func": FUNC}
 
         def one() -> float:
@@ -64,9 +58,8 @@ def elric_latencies(redis_url: str, samples: int, gap: float, timeout: float) ->
             time.sleep(0.003)   # as the Huey side does: polls compete for the CPUs
             deadline = time.monotonic() + timeout
             while (job := client.get_job(job_id))["status"] not in ("succeeded", "failed"):
-                if time.monotonic() > deadline or not all(p.alive() for p in procs):
-                    raise RuntimeError(f"elric: job {job_id} did not run in time; logs in "
-                                       f"{logdir}")
+                if time.monotonic() > deadline or not all(p.alive() for p in cluster.procs):
+                    raise RuntimeError(f"elric: job {job_id} did not run in time")
                 time.sleep(0.001)
             return (job["result"] - before) * 1000
 
@@ -78,12 +71,7 @@ def elric_latencies(redis_url: str, samples: int, gap: float, timeout: float) ->
         keep_logs = False
         return latencies
     finally:
-        if client is not None:
-            client.close()
-        for p in reversed(procs):
-            p.stop(timeout=20)
-        if not keep_logs:
-            shutil.rmtree(logdir, ignore_errors=True)
+        cluster.close(keep_logs)
 
 
 def huey_latencies(redis_url: str, samples: int, gap: float, timeout: float) -> list[float]:
@@ -127,10 +115,7 @@ def main() -> int:
     server = RedisServer().start()
     try:
         r = redis.Redis.from_url(server.url)
-        print("enqueue->start latency, elric and Huey")
-        print("command: " + " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]))
-        for line in machine(r):
-            print(line)
+        header("enqueue->start latency, elric and Huey", r)
         r.close()
         p50s: dict[str, list[float]] = {"elric": [], "huey": []}
         for n in range(args.rounds):

@@ -32,10 +32,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import shlex
-import signal
 import sys
-import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,12 +41,10 @@ if ROOT not in sys.path:
 
 import redis  # noqa: E402
 
-from bench.bench_throughput import (  # noqa: E402
-    Timeout, _descendants, cpu_snapshot, machine, percentile, report_failure, teardown, wait_until)
+from bench.bench_throughput import _descendants, cpu_snapshot, percentile  # noqa: E402
+from bench.cluster import Cluster, Timeout, header, stop_on_sigterm  # noqa: E402
 from elric.client import MasterClient  # noqa: E402
 from elric.keys import Keys  # noqa: E402
-from elric.launch import elric_env, start_master, start_worker  # noqa: E402
-from elric.redis_server import RedisServer, free_port  # noqa: E402
 
 FUNC = "bench.jobs:Noop"
 PREFIX = "elric-bench"
@@ -124,35 +119,19 @@ def main(argv: list[str] | None = None) -> int:
     max_instances = 1 if args.worker else per_job + 1
     lead = args.lead if args.lead is not None else 10 + args.jobs / 2000
 
-    cmd = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
-    logdir = tempfile.mkdtemp(prefix="elric-bench-sched-")
-    procs = []
-    server = RedisServer()
-    client = r = None
-
-    def on_signal(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, on_signal)
+    stop_on_sigterm()
+    cluster = Cluster("elric-bench-sched-", LOG_LEVEL="WARNING", KEY_PREFIX=PREFIX,
+                      CONCURRENCY=1, JOB_MODULES="bench.jobs")
+    r = cluster.redis
+    keys = Keys(PREFIX)
     try:
-        server.start()
-        r = redis.Redis.from_url(server.url)
-        keys = Keys(PREFIX)
-        address = f"127.0.0.1:{free_port()}"
-        env = elric_env(server.url, address, LOG_LEVEL="WARNING", KEY_PREFIX=PREFIX,
-                        CONCURRENCY=1, JOB_MODULES="bench.jobs")
-        print("elric scheduler benchmark")
-        print(f"command: {cmd}")
-        for line in machine(r):
-            print(line)
+        header("elric scheduler benchmark", r)
         print(f"{args.jobs:,} periodic jobs, interval {interval:g}s, starts 1/{args.rate:g}s "
               f"apart -> {args.rate:,.0f} fires/s asked for {args.seconds:g}s; "
               f"max_instances {max_instances}; worker: {'yes' if args.worker else 'no'}")
-        master = start_master(env, os.path.join(logdir, "master.log"), cwd=ROOT)
-        procs.append(master)
-        if args.worker:
-            procs.append(start_worker(env, os.path.join(logdir, "worker.log"), cwd=ROOT))
-        client = MasterClient(address, timeout=300)
+        master = cluster.start_master()
+        worker = cluster.start_worker() if args.worker else None
+        client = cluster.connect(timeout=300)
 
         t0 = time.time() + lead
         end = t0 + args.seconds
@@ -163,20 +142,20 @@ def main(argv: list[str] | None = None) -> int:
         if stored != args.jobs:
             raise RuntimeError(f"{stored} jobs in the store, expected {args.jobs}")
 
-        wait_until(lambda: time.time() >= t0, lead + 5, "T0", interval=0.01)
-        groups = {"master": [master.pid], "redis": [server.proc.pid]}
-        if args.worker:
-            groups["worker"] = [procs[1].pid, *_descendants(procs[1].pid)]
+        cluster.wait_until(lambda: time.time() >= t0, lead + 5, "T0")
+        groups = {"master": [master.pid], "redis": [cluster.server.proc.pid]}
+        if worker:
+            groups["worker"] = [worker.pid, *_descendants(worker.pid)]
         cpu0 = cpu_snapshot(groups)
-        wait_until(lambda: time.time() >= end, args.seconds + 5, "the end of the window",
-                   interval=0.1)
+        cluster.wait_until(lambda: time.time() >= end, args.seconds + 5,
+                           "the end of the window", interval=0.1)
         cpu1 = cpu_snapshot(groups)
 
         def window_done():  # every fire due before `end` handled: the index head is later
             head = r.zrange(keys.schedules, 0, 0, withscores=True)
             return not head or head[0][1] >= end * 1000
-        wait_until(window_done, args.timeout, "the master to handle the window's fires",
-                   interval=0.05)
+        cluster.wait_until(window_done, args.timeout,
+                           "the master to handle the window's fires", interval=0.05)
         drained_at = time.time()
 
         late = read_fires(r, keys, t0, end)
@@ -200,10 +179,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"target: p99 < 50 ms and no fire missing -> {'met' if ok else 'NOT met'}")
         return 0 if ok else 2
     except (Timeout, RuntimeError, KeyboardInterrupt) as exc:
-        report_failure(exc, procs)
-        return 1
+        return cluster.failed(exc)
     finally:
-        teardown(client, procs, r, server, logdir, args.keep_logs)
+        cluster.close(args.keep_logs)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -42,12 +42,8 @@ from __future__ import annotations
 import argparse
 import glob
 import os
-import platform
-import shlex
-import signal
 import statistics
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -57,53 +53,14 @@ if ROOT not in sys.path:
 
 import redis  # noqa: E402
 
+from bench.cluster import Cluster, Timeout, header, stop_on_sigterm  # noqa: E402
 from elric.client import SPLIT_BATCH, MasterClient  # noqa: E402
 from elric.contract import MAX_BATCH  # noqa: E402
 from elric.jobstore import fire_id  # noqa: E402
 from elric.keys import Keys  # noqa: E402
-from elric.launch import elric_env, start_master, start_worker  # noqa: E402
-from elric.redis_server import RedisServer, free_port  # noqa: E402
 
 FUNC = "bench.jobs:Noop"
 PREFIX = "elric-bench"
-
-
-class Timeout(Exception):
-    pass
-
-
-def machine(r: redis.Redis) -> list[str]:
-    model = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return [f"CPUs: {os.cpu_count()} ({model})",
-            f"Python: {platform.python_version()} ({platform.python_implementation()}), "
-            f"{platform.platform()}",
-            f"Redis: {r.info('server')['redis_version']}"]
-
-
-_procs: list = []  # master and worker: a wait gives up at once if one of them exited
-
-
-def wait_until(pred, timeout: float, what: str, interval: float = 0.01):
-    deadline = time.monotonic() + timeout
-    while True:
-        for p in _procs:
-            if not p.alive():
-                raise RuntimeError(f"{p.args[0]} exited with {p.popen.returncode} while "
-                                   f"waiting for {what}")
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise Timeout(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(interval)
 
 
 def succeeded(r: redis.Redis, keys: Keys) -> int:
@@ -144,9 +101,9 @@ def submit_batches(address: str, n: int, batch: int, clients: int = 1,
     return t0, time.time()
 
 
-def wait_succeeded(r: redis.Redis, keys: Keys, target: int, timeout: float) -> None:
-    wait_until(lambda: succeeded(r, keys) >= target, timeout, f"{target} successes",
-               interval=0.01)
+def wait_succeeded(cluster: Cluster, r: redis.Redis, keys: Keys, target: int,
+                   timeout: float) -> None:
+    cluster.wait_until(lambda: succeeded(r, keys) >= target, timeout, f"{target} successes")
 
 
 def _cpu(pid: int) -> float:
@@ -238,29 +195,6 @@ def percentile(values: list[float], p: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
-def report_failure(exc: BaseException, procs: list) -> None:
-    print(f"benchmark stopped: {exc}", file=sys.stderr)
-    for p in procs:
-        print(f"--- {p.args[0]} (pid {p.pid}) log ---\n{p.log()[-3000:]}", file=sys.stderr)
-
-
-def teardown(client, procs: list, r, server, logdir: str, keep_logs: bool) -> None:
-    """Stop every process this benchmark started (by PID), its Redis, and its logs."""
-    if client is not None:
-        client.close()
-    for p in reversed(procs):
-        p.stop(timeout=20)
-    if r is not None:
-        r.close()
-    server.cleanup()
-    if keep_logs:
-        print(f"logs: {logdir}")
-    else:
-        for name in os.listdir(logdir):
-            os.unlink(os.path.join(logdir, name))
-        os.rmdir(logdir)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--jobs", type=int, default=20_000, help="jobs for phases 1 and 2")
@@ -283,31 +217,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.jobs < 1 or args.batch < 1 or args.latency_samples < 1 or args.concurrency < 1:
         ap.error("--jobs, --batch, --latency-samples and --concurrency must be >= 1")
 
-    cmd = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
-    logdir = tempfile.mkdtemp(prefix="elric-bench-")
-    procs = _procs
-    server = RedisServer()
-    client = r = None
-
-    def on_signal(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, on_signal)
+    stop_on_sigterm()
+    cluster = Cluster("elric-bench-", LOG_LEVEL=args.log_level, KEY_PREFIX=PREFIX,
+                      CONCURRENCY=args.concurrency, JOB_MODULES="bench.jobs")
+    r = cluster.redis
+    address, keys = cluster.address, Keys(PREFIX)
     try:
-        server.start()
-        r = redis.Redis.from_url(server.url)
-        keys = Keys(PREFIX)
-        address = f"127.0.0.1:{free_port()}"
-        env = elric_env(server.url, address, LOG_LEVEL=args.log_level, KEY_PREFIX=PREFIX,
-                        CONCURRENCY=args.concurrency, JOB_MODULES="bench.jobs")
-        print("elric throughput benchmark")
-        print(f"command: {cmd}")
-        for line in machine(r):
-            print(line)
+        header("elric throughput benchmark", r)
         print(f"worker: {args.concurrency} processes; jobs: {FUNC} (returns time.time())")
-        master = start_master(env, os.path.join(logdir, "master.log"), cwd=ROOT)
-        procs.append(master)
-        client = MasterClient(address, timeout=60)
+        master = cluster.start_master()
+        client = cluster.connect()
 
         # 1. submission rate, no worker yet (after one call that loads the job class and
         # the scripts, as any master that has served a call has)
@@ -318,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
             client.submit_job({**spec, "job_id": "bench-round",
                                "trigger": {"type": "date", "run_date": at}})
             fid = fire_id("bench-round", at)
-            wait_until(lambda: client.get_job(fid), args.timeout, "the fire queued")
+            cluster.wait_until(lambda: client.get_job(fid), args.timeout, "the fire queued")
             spec.update(round=fid, parent=fid)
         t0, t1 = submit_batches(address, args.jobs, args.batch, args.clients, spec)
         kind = ", a fire's children" if args.round else ""
@@ -339,18 +258,18 @@ def main(argv: list[str] | None = None) -> int:
               f"jobs/s  ({t1 - t0:.2f}s, no worker)")
 
         # worker starts; it drains what phase 1 queued (worker throughput alone)
-        worker = start_worker(env, os.path.join(logdir, "worker.log"), cwd=ROOT)
-        procs.append(worker)
-        wait_succeeded(r, keys, 2 * args.jobs + args.round, args.timeout)
+        worker = cluster.start_worker()
+        wait_succeeded(cluster, r, keys, 2 * args.jobs + args.round, args.timeout)
         first = r.zrange(keys.status("succeeded"), 0, 0, withscores=True)[0][1] / 1000.0
         last = last_success(r, keys)
         if last > first:
             print(f"   drain (extra)    {2 * args.jobs:>7} pre-queued jobs, worker only:    "
                   f"{(2 * args.jobs - 1) / (last - first):>9,.0f} jobs/s  "
                   f"(first to last success, {last - first:.2f}s)")
-        wait_until(lambda: any(w.get("pid") == worker.pid and w.get("state") == "running"
-                               for w in client.stats()["workers"]),
-                   args.timeout, "the worker registered")
+        cluster.wait_until(lambda: any(w.get("pid") == worker.pid
+                                       and w.get("state") == "running"
+                                       for w in client.stats()["workers"]),
+                           args.timeout, "the worker registered")
         time.sleep(0.2)
 
         # 2. end to end, worker running
@@ -358,12 +277,13 @@ def main(argv: list[str] | None = None) -> int:
             r.config_set("slowlog-max-len", 1_000_000)
             r.config_set("slowlog-log-slower-than", 0)
             r.slowlog_reset()
-        groups = {"redis": [server.proc.pid], "master": [master.pid], "worker": [worker.pid],
-                  "pool": _descendants(worker.pid), "client": [os.getpid()]}
+        groups = {"redis": [cluster.server.proc.pid], "master": [master.pid],
+                  "worker": [worker.pid], "pool": _descendants(worker.pid),
+                  "client": [os.getpid()]}
         base = succeeded(r, keys)
         cpu0 = cpu_snapshot(groups)
         t0, t1 = submit_batches(address, args.jobs, args.batch, spec=spec)
-        wait_succeeded(r, keys, base + args.jobs, args.timeout)
+        wait_succeeded(cluster, r, keys, base + args.jobs, args.timeout)
         end = last_success(r, keys)
         cpu1 = cpu_snapshot(groups)
         print(f"2. end to end       {args.jobs:>7} jobs, first submit to last success: "
@@ -383,9 +303,10 @@ def main(argv: list[str] | None = None) -> int:
             before = time.time()
             job_id = client.submit_job(spec)["job_id"]
             time.sleep(0.003)  # let it run before polling: polls compete for the 2 CPUs
-            job = wait_until(lambda: (lambda j: j if j and j["status"] in ("succeeded", "failed")
-                                      else None)(client.get_job(job_id)),
-                             args.timeout, f"latency job {i}", interval=0.001)
+            job = cluster.wait_until(
+                lambda: (lambda j: j if j and j["status"] in ("succeeded", "failed")
+                         else None)(client.get_job(job_id)),
+                args.timeout, f"latency job {i}", interval=0.001)
             if job["status"] != "succeeded":
                 raise RuntimeError(f"latency job {job_id} {job['status']}: {job['error']}")
             lat.append((job["result"] - before) * 1000)
@@ -400,10 +321,9 @@ def main(argv: list[str] | None = None) -> int:
         print("targets: end to end >= 10,000 jobs/s; latency p50 < 1 ms")
         return 0
     except (Timeout, RuntimeError, KeyboardInterrupt) as exc:
-        report_failure(exc, procs)
-        return 1
+        return cluster.failed(exc)
     finally:
-        teardown(client, procs, r, server, logdir, args.keep_logs)
+        cluster.close(args.keep_logs)
 
 if __name__ == "__main__":
     sys.exit(main())

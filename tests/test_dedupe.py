@@ -139,16 +139,12 @@ def test_stats_fields(redis_url, backend):
 
 
 def test_stats_ignore_scopes_of_other_backends(redis_url):
-    async def main():
-        r = client(redis_url)
-        a = make_filter("set", r, KEYS)
+    async def body(a, r):
         b = make_filter("redis-bloom", r, KEYS, capacity=1000)
         await a.check_and_add("by-set", ["k"])
         await b.check_and_add("by-rbloom", ["k"])
-        sa, sb = await a.stats(), await b.stats()
-        await r.aclose()
-        return sa, sb
-    sa, sb = run(main())
+        return await a.stats(), await b.stats()
+    sa, sb = run(with_filter(redis_url, "set", body))
     assert list(sa) == ["by-set"] and list(sb) == ["by-rbloom"]
 
 
@@ -210,15 +206,12 @@ def test_set_ttl_does_not_expire_early(redis_url):
 
 
 def test_set_ttl_setting_mismatch_is_a_clear_error(redis_url):
-    async def main():
-        r = client(redis_url)
-        plain = make_filter("set", r, KEYS)
+    async def body(plain, r):
         timed = make_filter("set", r, KEYS, set_ttl=10)
         await plain.check_and_add("s", ["a"])
         with pytest.raises(DedupeError, match="set_ttl"):
             await timed.check_and_add("s", ["a"])
-        await r.aclose()
-    run(main())
+    run(with_filter(redis_url, "set", body))
 
 
 # --- concurrency: two masters ---------------------------------------------------------------

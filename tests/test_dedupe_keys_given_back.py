@@ -864,6 +864,54 @@ def test_a_failed_call_that_cannot_tell_whose_a_key_is_keeps_it(redis_url, monke
     asyncio.run(main())
 
 
+class ResendRace:
+    """Send A of job J took J's key K and stalls before queueing J until the resend B ran up
+    to its step (b_at: B found K seen, or reclaimed it), then loses Redis and gives K back
+    (given_back). With the fix B waits for A ("still admitting") instead."""
+
+    def __init__(self, caplog, resend_at: str):
+        self.caplog, self.resend_at = caplog, resend_at
+        self.a_stalls, self.b_at, self.given_back = asyncio.Event(), asyncio.Event(), \
+            asyncio.Event()
+
+    def b_waits(self) -> bool:   # the fix: B waits for A before its check
+        return self.b_at.is_set() or any("still admitting" in r.getMessage()
+                                         for r in self.caplog.records)
+
+    def owned(self, real_owned):   # B's: does K still name J?
+        async def owned(*args):
+            if self.resend_at == "seen":
+                await self.given_back.wait()
+            got = await real_owned(*args)
+            if self.resend_at == "reclaimed":
+                self.b_at.set()   # B reclaimed K
+            return got
+        return owned
+
+    def release(self, real_release):   # A's clean-up
+        async def release(*args):
+            await real_release(*args)
+            self.given_back.set()
+        return release
+
+    async def a_enqueue(self, keys, args):
+        self.a_stalls.set()
+        deadline = asyncio.get_running_loop().time() + 20
+        while not self.b_waits():         # A stalls until B ran up to its step
+            assert asyncio.get_running_loop().time() < deadline, "B never ran"
+            await asyncio.sleep(0.01)
+        raise RedisConnectionError("Connection reset by peer")
+
+    async def sends(self, send_a, send_b) -> list:
+        """Send A, then B once A stalls; A fails (Redis lost): B's answer."""
+        a = asyncio.ensure_future(send_a())
+        await asyncio.wait_for(self.a_stalls.wait(), 20)   # A took K, and stalls
+        b = asyncio.ensure_future(send_b())
+        with pytest.raises(RequestError, match="cannot reach Redis"):
+            await asyncio.wait_for(a, 20)
+        return await asyncio.wait_for(b, 20)
+
+
 @pytest.mark.parametrize("resend_at", ["seen", "reclaimed"])
 def test_a_resend_running_while_its_first_send_fails_keeps_the_job(redis_url, caplog,
                                                                    resend_at):
@@ -876,55 +924,32 @@ def test_a_resend_running_while_its_first_send_fails_keeps_the_job(redis_url, ca
 
     async def main():
         async with master(redis_url) as m:
+            race = ResendRace(caplog, resend_at)
             f = m.filters["set"]
             real_check, real_owned, real_release = f.check_and_add, f.owned, f.release
             real_enqueue, enqueues = m.queue._enqueue, []
-            a_stalls, b_at, given_back = asyncio.Event(), asyncio.Event(), asyncio.Event()
             checks = []
-
-            def b_waits() -> bool:   # the fix: B waits for A before its check
-                return b_at.is_set() or any("still admitting" in r.getMessage()
-                                            for r in caplog.records)
 
             async def check(*args):
                 checks.append(args)
                 got = await real_check(*args)
                 if len(checks) == 2 and resend_at == "seen":
-                    b_at.set()   # B found K seen
+                    race.b_at.set()   # B found K seen
                 return got
-
-            async def owned(*args):
-                if resend_at == "seen":
-                    await given_back.wait()
-                got = await real_owned(*args)
-                if resend_at == "reclaimed":
-                    b_at.set()   # B reclaimed K
-                return got
-
-            async def release(*args):
-                await real_release(*args)
-                given_back.set()
 
             async def enqueue(keys, args):
                 enqueues.append(keys)
                 if len(enqueues) > 1:        # B's
-                    await given_back.wait()
+                    await race.given_back.wait()
                     return await real_enqueue(keys=keys, args=args)
-                a_stalls.set()
-                deadline = asyncio.get_running_loop().time() + 20
-                while not b_waits():         # A stalls until B ran up to its step
-                    assert asyncio.get_running_loop().time() < deadline, "B never ran"
-                    await asyncio.sleep(0.01)
-                raise RedisConnectionError("Connection reset by peer")
-            f.check_and_add, f.owned, f.release = check, owned, release
+                return await race.a_enqueue(keys, args)
+            f.check_and_add, f.owned = check, race.owned(real_owned)
+            f.release = race.release(real_release)
             m.queue._enqueue = enqueue
             spec = {"func": E, "job_id": "J", "dedupe_key": "K"}
-            a = asyncio.ensure_future(m.submit_jobs([spec]))
-            await asyncio.wait_for(a_stalls.wait(), 20)   # A took K, and stalls
-            b = asyncio.ensure_future(m.submit_jobs([spec]))
-            with pytest.raises(RequestError, match="cannot reach Redis"):
-                await asyncio.wait_for(a, 20)
-            assert await asyncio.wait_for(b, 20) == [{"job_id": "J", "status": "queued"}]
+            assert await race.sends(lambda: m.submit_jobs([spec]),
+                                    lambda: m.submit_jobs([spec])) \
+                == [{"job_id": "J", "status": "queued"}]
             f.check_and_add, f.owned, f.release = real_check, real_owned, real_release
             m.queue._enqueue = real_enqueue
             assert (await m.submit_jobs([{**spec, "job_id": "L"}]))[0]["status"] == "filtered"
@@ -947,53 +972,27 @@ def test_a_resend_to_another_master_while_its_first_send_fails_keeps_the_job(
 
     async def main():
         async with master(redis_url) as m1, master(redis_url) as m2:
+            race = ResendRace(caplog, resend_at)
             f1, f2 = m1.filters["set"], m2.filters["set"]
             real_check, real_owned, real_release = f2.check_and_add, f2.owned, f1.release
             real_enqueue = {m: m.queue._enqueue for m in (m1, m2)}
-            a_stalls, b_at, given_back = asyncio.Event(), asyncio.Event(), asyncio.Event()
-
-            def b_waits() -> bool:   # the fix: B waits for A before its check
-                return b_at.is_set() or any("still admitting" in r.getMessage()
-                                            for r in caplog.records)
 
             async def check(*args):   # master 2's: B's
                 got = await real_check(*args)
                 if resend_at == "seen":
-                    b_at.set()   # B found K seen
+                    race.b_at.set()   # B found K seen
                 return got
-
-            async def owned(*args):
-                if resend_at == "seen":
-                    await given_back.wait()
-                got = await real_owned(*args)
-                if resend_at == "reclaimed":
-                    b_at.set()   # B reclaimed K
-                return got
-
-            async def release(*args):   # master 1's: A's clean-up
-                await real_release(*args)
-                given_back.set()
 
             async def b_enqueue(keys, args):
-                await given_back.wait()
+                await race.given_back.wait()
                 return await real_enqueue[m2](keys=keys, args=args)
-
-            async def a_enqueue(keys, args):
-                a_stalls.set()
-                deadline = asyncio.get_running_loop().time() + 20
-                while not b_waits():         # A stalls until B ran up to its step
-                    assert asyncio.get_running_loop().time() < deadline, "B never ran"
-                    await asyncio.sleep(0.01)
-                raise RedisConnectionError("Connection reset by peer")
-            f2.check_and_add, f2.owned, f1.release = check, owned, release
-            m1.queue._enqueue, m2.queue._enqueue = a_enqueue, b_enqueue
+            f2.check_and_add, f2.owned = check, race.owned(real_owned)
+            f1.release = race.release(real_release)
+            m1.queue._enqueue, m2.queue._enqueue = race.a_enqueue, b_enqueue
             spec = {"func": E, "job_id": "J", "dedupe_key": "K"}
-            a = asyncio.ensure_future(m1.submit_jobs([spec]))
-            await asyncio.wait_for(a_stalls.wait(), 20)   # A took K, and stalls
-            b = asyncio.ensure_future(m2.submit_jobs([spec]))
-            with pytest.raises(RequestError, match="cannot reach Redis"):
-                await asyncio.wait_for(a, 20)
-            assert await asyncio.wait_for(b, 20) == [{"job_id": "J", "status": "queued"}]
+            assert await race.sends(lambda: m1.submit_jobs([spec]),
+                                    lambda: m2.submit_jobs([spec])) \
+                == [{"job_id": "J", "status": "queued"}]
             f2.check_and_add, f2.owned, f1.release = real_check, real_owned, real_release
             m1.queue._enqueue, m2.queue._enqueue = real_enqueue[m1], real_enqueue[m2]
             assert (await m1.submit_jobs([{**spec, "job_id": "L"}]))[0]["status"] == "filtered"

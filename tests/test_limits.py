@@ -149,13 +149,18 @@ def test_a_limit_key_must_be_a_non_empty_string():
         AsyncHostPage.spec([7, 1])
 
 
+async def with_redis(url, body):
+    """Run ``body(r)`` with a client of the Redis at ``url``, closing it after."""
+    r = aredis.Redis.from_url(url)
+    try:
+        return await body(r)
+    finally:
+        await r.aclose()
+
+
 async def one_at_a_time(r, keys: Keys, queue: str, job_ids: list[str]) -> RedisQueue:
     """A queue holding ``job_ids`` in ``queue``, all of limit key k, which runs one at once."""
-    q = RedisQueue(r, keys)
-    await limits.publish(r, keys, limits.parse_rules({"k": {"concurrency": 1}}))
-    await q.enqueue([normalize_spec({"func": "tests.jobs:Echo", "queue": queue,
-                                     "limit_key": "k", "job_id": j}) for j in job_ids])
-    return q
+    return await one_at_a_time_key(r, keys, [(j, queue) for j in job_ids])
 
 
 def test_parked_jobs_going_back_to_another_workers_queue_wake_that_worker(redis_url):
@@ -163,25 +168,20 @@ def test_parked_jobs_going_back_to_another_workers_queue_wake_that_worker(redis_
     in qb's line with a wake token, so qb's idle workers start it at once."""
     keys = Keys("elrictest")
 
-    async def body():
-        r = aredis.Redis.from_url(redis_url)
-        try:
-            q = await one_at_a_time(r, keys, "qb", ["j1", "j2"])
-            first = (await q.fetch("wB", ["qb"], 10, 30)).claims
-            assert [c.job_id for c in first] == ["j1"]      # j2 is parked: k is full
-            assert await r.zcard(keys.limit_parked("k")) == 1
-            await q.finish("wB", [outcome(first[0])])
-            await r.delete(keys.wake("qb"))
-            other = await q.fetch("wA", ["qa"], 10, 30)     # a worker of another queue
-            assert other.claims == []
-            assert await r.zcard(keys.limit_parked("k")) == 0
-            assert await r.zcard(keys.queue("qb")) == 1
-            assert await r.llen(keys.wake("qb")) == 1       # qb's workers are woken
-            assert [c.job_id for c in (await q.fetch("wB", ["qb"], 10, 30)).claims] == ["j2"]
-        finally:
-            await r.aclose()
-
-    asyncio.run(body())
+    async def body(r):
+        q = await one_at_a_time(r, keys, "qb", ["j1", "j2"])
+        first = (await q.fetch("wB", ["qb"], 10, 30)).claims
+        assert [c.job_id for c in first] == ["j1"]      # j2 is parked: k is full
+        assert await r.zcard(keys.limit_parked("k")) == 1
+        await q.finish("wB", [outcome(first[0])])
+        await r.delete(keys.wake("qb"))
+        other = await q.fetch("wA", ["qa"], 10, 30)     # a worker of another queue
+        assert other.claims == []
+        assert await r.zcard(keys.limit_parked("k")) == 0
+        assert await r.zcard(keys.queue("qb")) == 1
+        assert await r.llen(keys.wake("qb")) == 1       # qb's workers are woken
+        assert [c.job_id for c in (await q.fetch("wB", ["qb"], 10, 30)).claims] == ["j2"]
+    asyncio.run(with_redis(redis_url, body))
 
 
 async def one_at_a_time_key(r, keys, jobs) -> RedisQueue:
@@ -199,23 +199,18 @@ def test_parked_jobs_going_back_to_another_of_the_workers_queues_wake_it(redis_u
     qb, not on qa, whose line is empty: a worker waiting on qb takes the job at once."""
     keys = Keys("elrictest")
 
-    async def body():
-        r = aredis.Redis.from_url(redis_url)
-        try:
-            q = await one_at_a_time_key(r, keys, (("j1", "qa"), ("j2", "qb")))
-            first = (await q.fetch("w", ["qa", "qb"], 10, 30)).claims
-            assert [c.job_id for c in first] == ["j1"]      # j2 is parked: k is full
-            await r.delete(keys.wake("qa"), keys.wake("qb"))
-            freed = await q.fetch("w", ["qa", "qb"], 0, 30, [first[0].run])
-            assert freed.claims == [] and await r.zcard(keys.queue("qb")) == 1
-            assert (await r.llen(keys.wake("qa")), await r.llen(keys.wake("qb"))) == (0, 1)
-            again = await q.fetch("w", ["qa", "qb"], 10, 30)
-            assert [c.job_id for c in again.claims] == ["j2"]
-            assert await r.llen(keys.wake("qb")) == 0          # its line is empty again
-        finally:
-            await r.aclose()
-
-    asyncio.run(body())
+    async def body(r):
+        q = await one_at_a_time_key(r, keys, (("j1", "qa"), ("j2", "qb")))
+        first = (await q.fetch("w", ["qa", "qb"], 10, 30)).claims
+        assert [c.job_id for c in first] == ["j1"]      # j2 is parked: k is full
+        await r.delete(keys.wake("qa"), keys.wake("qb"))
+        freed = await q.fetch("w", ["qa", "qb"], 0, 30, [first[0].run])
+        assert freed.claims == [] and await r.zcard(keys.queue("qb")) == 1
+        assert (await r.llen(keys.wake("qa")), await r.llen(keys.wake("qb"))) == (0, 1)
+        again = await q.fetch("w", ["qa", "qb"], 10, 30)
+        assert [c.job_id for c in again.claims] == ["j2"]
+        assert await r.llen(keys.wake("qb")) == 0          # its line is empty again
+    asyncio.run(with_redis(redis_url, body))
 
 
 def test_a_freed_slot_wakes_the_queue_its_keys_parked_job_goes_back_to(redis_url):
@@ -225,25 +220,20 @@ def test_a_freed_slot_wakes_the_queue_its_keys_parked_job_goes_back_to(redis_url
     job's workers waited for the next recheck. It goes to the parked job's queue."""
     keys = Keys("elrictest")
 
-    async def body():
-        r = aredis.Redis.from_url(redis_url)
-        try:
-            q = await one_at_a_time_key(r, keys, (("j1", "qa"), ("j2", "qb"), ("j3", "qa")))
-            [j1] = (await q.fetch("wA", ["qa"], 10, 30)).claims   # j3 is parked
-            assert (await q.fetch("wB", ["qb"], 10, 30)).claims == []   # so is j2, first
-            wakes = (keys.wake("qa"), keys.wake("qb"))
-            await r.delete(*wakes)
-            await q.finish("wA", [outcome(j1)])
-            assert [await r.llen(w) for w in wakes] == [0, 1]
-            [j2] = (await q.fetch("wB", ["qb"], 10, 30)).claims
-            assert j2.job_id == "j2"
-            await r.delete(*wakes)
-            assert await q.release("wB", [j2.run]) == 1   # j2 back in qb, j3 due in qa
-            assert [await r.llen(w) for w in wakes] == [1, 1]
-        finally:
-            await r.aclose()
-
-    asyncio.run(body())
+    async def body(r):
+        q = await one_at_a_time_key(r, keys, (("j1", "qa"), ("j2", "qb"), ("j3", "qa")))
+        [j1] = (await q.fetch("wA", ["qa"], 10, 30)).claims   # j3 is parked
+        assert (await q.fetch("wB", ["qb"], 10, 30)).claims == []   # so is j2, first
+        wakes = (keys.wake("qa"), keys.wake("qb"))
+        await r.delete(*wakes)
+        await q.finish("wA", [outcome(j1)])
+        assert [await r.llen(w) for w in wakes] == [0, 1]
+        [j2] = (await q.fetch("wB", ["qb"], 10, 30)).claims
+        assert j2.job_id == "j2"
+        await r.delete(*wakes)
+        assert await q.release("wB", [j2.run]) == 1   # j2 back in qb, j3 due in qa
+        assert [await r.llen(w) for w in wakes] == [1, 1]
+    asyncio.run(with_redis(redis_url, body))
 
 
 def test_a_run_that_ended_frees_its_slot_before_its_outcome_is_recorded(redis_url):
@@ -252,31 +242,26 @@ def test_a_run_that_ended_frees_its_slot_before_its_outcome_is_recorded(redis_ur
     claims the parked job in the same call. Only the claim that holds the job frees it."""
     keys = Keys("elrictest")
 
-    async def body():
-        r = aredis.Redis.from_url(redis_url)
-        try:
-            q = await one_at_a_time(r, keys, "q", ["j1", "j2", "j3"])
-            [j1] = (await q.fetch("w1", ["q"], 10, 30)).claims
-            assert (j1.job_id, j1.limit_key) == ("j1", "k")
-            # not the holder, or not its attempt: the slot stays taken
-            assert (await q.fetch("w2", ["q"], 10, 30, ended=[j1.run])).claims == []
-            assert (await q.fetch("w1", ["q"], 10, 30, ended=[("j1", 2, j1.member)])).claims == []
-            [j2] = (await q.fetch("w1", ["q"], 10, 30, ended=[j1.run])).claims
-            assert j2.job_id == "j2"
-            assert (await r.hget(keys.job("j1"), "status")) == b"running"   # not recorded
-            assert await r.smembers(keys.limit_running("k")) == {b"j2"}
-            # recorded later: its slot is not freed twice
-            await q.finish("w1", [outcome(j1)])
-            assert (await q.fetch("w1", ["q"], 10, 30)).claims == []
-            # a worker with no room frees the slot and wakes another worker of the queue
-            await r.delete(keys.wake("q"))
-            assert (await q.fetch("w1", ["q"], 0, 30, ended=[j2.run])).claims == []
-            assert await r.llen(keys.wake("q")) == 1
-            assert [c.job_id for c in (await q.fetch("w2", ["q"], 10, 30)).claims] == ["j3"]
-        finally:
-            await r.aclose()
-
-    asyncio.run(body())
+    async def body(r):
+        q = await one_at_a_time(r, keys, "q", ["j1", "j2", "j3"])
+        [j1] = (await q.fetch("w1", ["q"], 10, 30)).claims
+        assert (j1.job_id, j1.limit_key) == ("j1", "k")
+        # not the holder, or not its attempt: the slot stays taken
+        assert (await q.fetch("w2", ["q"], 10, 30, ended=[j1.run])).claims == []
+        assert (await q.fetch("w1", ["q"], 10, 30, ended=[("j1", 2, j1.member)])).claims == []
+        [j2] = (await q.fetch("w1", ["q"], 10, 30, ended=[j1.run])).claims
+        assert j2.job_id == "j2"
+        assert (await r.hget(keys.job("j1"), "status")) == b"running"   # not recorded
+        assert await r.smembers(keys.limit_running("k")) == {b"j2"}
+        # recorded later: its slot is not freed twice
+        await q.finish("w1", [outcome(j1)])
+        assert (await q.fetch("w1", ["q"], 10, 30)).claims == []
+        # a worker with no room frees the slot and wakes another worker of the queue
+        await r.delete(keys.wake("q"))
+        assert (await q.fetch("w1", ["q"], 0, 30, ended=[j2.run])).claims == []
+        assert await r.llen(keys.wake("q")) == 1
+        assert [c.job_id for c in (await q.fetch("w2", ["q"], 10, 30)).claims] == ["j3"]
+    asyncio.run(with_redis(redis_url, body))
 
 
 @pytest.mark.parametrize("again_by", ["rerun", "resubmit"])
@@ -287,28 +272,23 @@ def test_a_lost_run_ending_beside_its_jobs_next_run_frees_no_slot(redis_url, aga
     ran at once than its limit."""
     keys = Keys("elrictest")
 
-    async def body():
-        r = aredis.Redis.from_url(redis_url)
-        try:
-            q = await one_at_a_time(r, keys, "q", ["j1"])
-            [lost] = (await q.fetch("w1", ["q"], 10, 30)).claims
-            await q.finish("w1", [outcome(lost)])   # (as if run elsewhere)
-            if again_by == "rerun":
-                await q.rerun("j1")
-            else:
-                await q.remove("j1")
-                await one_at_a_time(r, keys, "q", ["j1"])
-            await q.enqueue([normalize_spec({"func": "tests.jobs:Echo", "queue": "q",
-                                             "limit_key": "k", "job_id": "j2"})])
-            [again] = (await q.fetch("w1", ["q"], 10, 30)).claims   # j2 is parked
-            assert (again.job_id, again.attempt) == ("j1", 1)
-            assert (await q.fetch("w1", ["q"], 10, 30, ended=[lost.run])).claims == []
-            [j2] = (await q.fetch("w1", ["q"], 10, 30, ended=[again.run])).claims
-            assert j2.job_id == "j2"
-        finally:
-            await r.aclose()
-
-    asyncio.run(body())
+    async def body(r):
+        q = await one_at_a_time(r, keys, "q", ["j1"])
+        [lost] = (await q.fetch("w1", ["q"], 10, 30)).claims
+        await q.finish("w1", [outcome(lost)])   # (as if run elsewhere)
+        if again_by == "rerun":
+            await q.rerun("j1")
+        else:
+            await q.remove("j1")
+            await one_at_a_time(r, keys, "q", ["j1"])
+        await q.enqueue([normalize_spec({"func": "tests.jobs:Echo", "queue": "q",
+                                         "limit_key": "k", "job_id": "j2"})])
+        [again] = (await q.fetch("w1", ["q"], 10, 30)).claims   # j2 is parked
+        assert (again.job_id, again.attempt) == ("j1", 1)
+        assert (await q.fetch("w1", ["q"], 10, 30, ended=[lost.run])).claims == []
+        [j2] = (await q.fetch("w1", ["q"], 10, 30, ended=[again.run])).claims
+        assert j2.job_id == "j2"
+    asyncio.run(with_redis(redis_url, body))
 
 
 def test_a_run_given_back_or_redelivered_frees_its_slot_at_once(redis_url):
@@ -317,25 +297,20 @@ def test_a_run_given_back_or_redelivered_frees_its_slot_at_once(redis_url):
     the key's next job starts at the next fetch, not after the parked jobs' recheck."""
     keys = Keys("elrictest")
 
-    async def body():
-        r = aredis.Redis.from_url(redis_url)
-        try:
-            q = await one_at_a_time(r, keys, "q", ["j1", "j2"])
-            [j1] = (await q.fetch("w1", ["q"], 10, 30)).claims   # j2 is parked
-            assert await q.release("w1", [j1.run]) == 1
-            assert await r.smembers(keys.limit_running("k")) == set()
-            [again] = (await q.fetch("w2", ["q"], 10, 0.05)).claims   # a 50 ms lease
-            assert again.job_id == "j1"   # back in its old place, ahead of j2
-            deadline = time.monotonic() + 10
-            while not (await q.recover())[0]:   # w2 died: its lease runs out
-                assert time.monotonic() < deadline, "the lease never ran out"
-                await asyncio.sleep(0.01)
-            assert await r.smembers(keys.limit_running("k")) == set()
-            assert [c.job_id for c in (await q.fetch("w3", ["q"], 10, 30)).claims] == ["j1"]
-        finally:
-            await r.aclose()
-
-    asyncio.run(body())
+    async def body(r):
+        q = await one_at_a_time(r, keys, "q", ["j1", "j2"])
+        [j1] = (await q.fetch("w1", ["q"], 10, 30)).claims   # j2 is parked
+        assert await q.release("w1", [j1.run]) == 1
+        assert await r.smembers(keys.limit_running("k")) == set()
+        [again] = (await q.fetch("w2", ["q"], 10, 0.05)).claims   # a 50 ms lease
+        assert again.job_id == "j1"   # back in its old place, ahead of j2
+        deadline = time.monotonic() + 10
+        while not (await q.recover())[0]:   # w2 died: its lease runs out
+            assert time.monotonic() < deadline, "the lease never ran out"
+            await asyncio.sleep(0.01)
+        assert await r.smembers(keys.limit_running("k")) == set()
+        assert [c.job_id for c in (await q.fetch("w3", ["q"], 10, 30)).claims] == ["j1"]
+    asyncio.run(with_redis(redis_url, body))
 
 
 def test_an_idle_workers_fetch_claims_a_job_the_moment_it_is_queued(redis_url):
@@ -383,32 +358,27 @@ def test_a_failed_runs_retry_after_holds_back_every_job_of_its_key(redis_url, ru
     jobs of other keys pass; when the hold ends, the key's parked jobs start."""
     keys = Keys("elrictest")
 
-    async def body():
-        r = aredis.Redis.from_url(redis_url)
-        try:
-            q = RedisQueue(r, keys)
-            await limits.publish(r, keys, limits.parse_rules(rules))
-            await q.enqueue([normalize_spec({"func": "tests.jobs:Echo", "limit_key": key,
-                                             "job_id": key + n, "max_retries": 1})
-                             for n in "12" for key in ("host", "short")] +
-                            [normalize_spec({"func": "tests.jobs:Echo", "limit_key": "other",
-                                             "job_id": "other"})])
-            claims = (await q.fetch("w", ["default"], 2, 30)).claims
-            assert [c.job_id for c in claims] == ["host1", "short1"]
-            assert await q.finish("w", [outcome(c, False, "HTTP 429", retry_ms=60_000,
-                                                 hold_ms=hold)
-                                        for c, hold in zip(claims, (60_000, 300))]) \
-                == ["retrying", "retrying"]
-            assert [c.job_id for c in (await q.fetch("w", ["default"], 10, 30)).claims] \
-                == ["other"]   # host2 and short2 wait
-            assert 59_000 < await r.pttl(keys.limit_hold("host")) <= 60_000
-            await redis_clock_past(r, int(await r.get(keys.limit_hold("short"))) / 1000)
-            assert [c.job_id for c in (await q.fetch("w", ["default"], 10, 30)).claims] \
-                == ["short2"]
-        finally:
-            await r.aclose()
-
-    asyncio.run(body())
+    async def body(r):
+        q = RedisQueue(r, keys)
+        await limits.publish(r, keys, limits.parse_rules(rules))
+        await q.enqueue([normalize_spec({"func": "tests.jobs:Echo", "limit_key": key,
+                                         "job_id": key + n, "max_retries": 1})
+                         for n in "12" for key in ("host", "short")] +
+                        [normalize_spec({"func": "tests.jobs:Echo", "limit_key": "other",
+                                         "job_id": "other"})])
+        claims = (await q.fetch("w", ["default"], 2, 30)).claims
+        assert [c.job_id for c in claims] == ["host1", "short1"]
+        assert await q.finish("w", [outcome(c, False, "HTTP 429", retry_ms=60_000,
+                                             hold_ms=hold)
+                                    for c, hold in zip(claims, (60_000, 300))]) \
+            == ["retrying", "retrying"]
+        assert [c.job_id for c in (await q.fetch("w", ["default"], 10, 30)).claims] \
+            == ["other"]   # host2 and short2 wait
+        assert 59_000 < await r.pttl(keys.limit_hold("host")) <= 60_000
+        await redis_clock_past(r, int(await r.get(keys.limit_hold("short"))) / 1000)
+        assert [c.job_id for c in (await q.fetch("w", ["default"], 10, 30)).claims] \
+            == ["short2"]
+    asyncio.run(with_redis(redis_url, body))
 
 
 def test_jobs_running_before_their_key_got_a_limit_count_against_it(redis_url):
@@ -417,22 +387,17 @@ def test_jobs_running_before_their_key_got_a_limit_count_against_it(redis_url):
     the rule allows."""
     keys = Keys("elrictest")
 
-    async def body():
-        r = aredis.Redis.from_url(redis_url)
-        try:
-            q = RedisQueue(r, keys)
-            await q.enqueue([normalize_spec({"func": "tests.jobs:Echo", "limit_key": "k",
-                                             "job_id": j}) for j in ("j1", "j2", "j3")])
-            j1, _ = (await q.fetch("w1", ["default"], 2, 30)).claims   # no rule yet
-            await limits.publish(r, keys, limits.parse_rules({"k": {"concurrency": 2}}))
-            assert (await q.fetch("w2", ["default"], 10, 30)).claims == []   # j3 waits
-            await q.finish("w1", [outcome(j1)])
-            assert [c.job_id for c in (await q.fetch("w2", ["default"], 10, 30)).claims] \
-                == ["j3"]
-        finally:
-            await r.aclose()
-
-    asyncio.run(body())
+    async def body(r):
+        q = RedisQueue(r, keys)
+        await q.enqueue([normalize_spec({"func": "tests.jobs:Echo", "limit_key": "k",
+                                         "job_id": j}) for j in ("j1", "j2", "j3")])
+        j1, _ = (await q.fetch("w1", ["default"], 2, 30)).claims   # no rule yet
+        await limits.publish(r, keys, limits.parse_rules({"k": {"concurrency": 2}}))
+        assert (await q.fetch("w2", ["default"], 10, 30)).claims == []   # j3 waits
+        await q.finish("w1", [outcome(j1)])
+        assert [c.job_id for c in (await q.fetch("w2", ["default"], 10, 30)).claims] \
+            == ["j3"]
+    asyncio.run(with_redis(redis_url, body))
 
 
 @pytest.mark.parametrize("new_limits", [{"slow.test": {"interval": 0.1}}, {}])
@@ -531,23 +496,18 @@ def test_a_jobs_crawl_delay_holds_when_a_job_without_one_comes_first_in_a_fetch(
     none set the time the next may start. Each job's own interval counts."""
     keys = Keys("elrictest")
 
-    async def body():
-        r = aredis.Redis.from_url(redis_url)
-        try:
-            q = RedisQueue(r, keys)
-            await limits.publish(r, keys, limits.parse_rules(rules))
-            await q.enqueue([normalize_spec({"func": "tests.jobs:Echo", "limit_key": "h",
-                                             "job_id": j, **extra})
-                             for j, extra in (("start", {}), ("p1", {"limit_interval": 60}),
-                                              ("p2", {"limit_interval": 60}))])
-            claims = (await q.fetch("w", ["default"], 10, 30)).claims
-            assert [c.job_id for c in claims] == ["start", "p1"]   # p2 waits a minute
-            assert (await q.fetch("w", ["default"], 10, 30)).claims == []
-            assert await r.zcard(keys.limit_parked("h")) == 1
-        finally:
-            await r.aclose()
-
-    asyncio.run(body())
+    async def body(r):
+        q = RedisQueue(r, keys)
+        await limits.publish(r, keys, limits.parse_rules(rules))
+        await q.enqueue([normalize_spec({"func": "tests.jobs:Echo", "limit_key": "h",
+                                         "job_id": j, **extra})
+                         for j, extra in (("start", {}), ("p1", {"limit_interval": 60}),
+                                          ("p2", {"limit_interval": 60}))])
+        claims = (await q.fetch("w", ["default"], 10, 30)).claims
+        assert [c.job_id for c in claims] == ["start", "p1"]   # p2 waits a minute
+        assert (await q.fetch("w", ["default"], 10, 30)).claims == []
+        assert await r.zcard(keys.limit_parked("h")) == 1
+    asyncio.run(with_redis(redis_url, body))
 
 
 @pytest.mark.parametrize("rules", [{}, {"k": {"concurrency": 2}}], ids=["no-rule", "concurrency"])
@@ -560,27 +520,22 @@ def test_a_job_whose_keys_running_set_an_operator_overwrote_waits_in_line_named(
     it; once the key is deleted it is claimed."""
     keys = Keys("elrictest")
 
-    async def body():
-        r = aredis.Redis.from_url(redis_url)
-        try:
-            q = RedisQueue(r, keys)
-            await limits.publish(r, keys, limits.parse_rules(rules))
-            await q.enqueue([normalize_spec({"func": "tests.jobs:Echo", "job_id": j, **extra})
-                             for j, extra in (("a", {"limit_key": "k"}), ("b", {}))])
-            await r.set(keys.limit_running("k"), "overwritten")
-            fetched = await q.fetch("w", ["default"], 10, 30)
-            assert [c.job_id for c in fetched.claims] == ["b"]
-            assert fetched.limited_wait is None
-            assert [m[17:] for m in await r.zrange(keys.queue("default"), 0, -1)] == [b"a"]
-            assert (await q.get_job("a"))["status"] == "queued"
-            assert keys.limit_running("k") in caplog.text
-            await r.delete(keys.limit_running("k"))
-            assert [c.job_id for c in (await q.fetch("w", ["default"], 10, 30)).claims] \
-                == ["a"]
-        finally:
-            await r.aclose()
-
-    asyncio.run(body())
+    async def body(r):
+        q = RedisQueue(r, keys)
+        await limits.publish(r, keys, limits.parse_rules(rules))
+        await q.enqueue([normalize_spec({"func": "tests.jobs:Echo", "job_id": j, **extra})
+                         for j, extra in (("a", {"limit_key": "k"}), ("b", {}))])
+        await r.set(keys.limit_running("k"), "overwritten")
+        fetched = await q.fetch("w", ["default"], 10, 30)
+        assert [c.job_id for c in fetched.claims] == ["b"]
+        assert fetched.limited_wait is None
+        assert [m[17:] for m in await r.zrange(keys.queue("default"), 0, -1)] == [b"a"]
+        assert (await q.get_job("a"))["status"] == "queued"
+        assert keys.limit_running("k") in caplog.text
+        await r.delete(keys.limit_running("k"))
+        assert [c.job_id for c in (await q.fetch("w", ["default"], 10, 30)).claims] \
+            == ["a"]
+    asyncio.run(with_redis(redis_url, body))
 
 
 @pytest.mark.parametrize("overwritten", ["parked", "counts"])
@@ -593,25 +548,20 @@ def test_a_job_parked_on_a_key_an_operator_overwrote_waits_in_line_named(redis_u
     keys = Keys("elrictest")
     bad = keys.limit_parked("k") if overwritten == "parked" else keys.limits_parked
 
-    async def body():
-        r = aredis.Redis.from_url(redis_url)
-        try:
-            q = await one_at_a_time(r, keys, "default", ["j1", "j2"])
-            await q.enqueue([normalize_spec({"func": "tests.jobs:Echo", "job_id": "b"})])
-            await r.set(bad, "overwritten")
-            fetched = await q.fetch("w", ["default"], 10, 30)
-            assert [c.job_id for c in fetched.claims] == ["j1", "b"]
-            assert [m[17:] for m in await r.zrange(keys.queue("default"), 0, -1)] == [b"j2"]
-            assert (await q.get_job("j2"))["status"] == "queued"
-            assert bad in caplog.text
-            await r.delete(bad)
-            assert (await q.fetch("w", ["default"], 10, 30)).claims == []
-            assert await r.zcard(keys.limit_parked("k")) == 1
-            assert await r.hget(keys.limits_parked, "default") == b"1"
-        finally:
-            await r.aclose()
-
-    asyncio.run(body())
+    async def body(r):
+        q = await one_at_a_time(r, keys, "default", ["j1", "j2"])
+        await q.enqueue([normalize_spec({"func": "tests.jobs:Echo", "job_id": "b"})])
+        await r.set(bad, "overwritten")
+        fetched = await q.fetch("w", ["default"], 10, 30)
+        assert [c.job_id for c in fetched.claims] == ["j1", "b"]
+        assert [m[17:] for m in await r.zrange(keys.queue("default"), 0, -1)] == [b"j2"]
+        assert (await q.get_job("j2"))["status"] == "queued"
+        assert bad in caplog.text
+        await r.delete(bad)
+        assert (await q.fetch("w", ["default"], 10, 30)).claims == []
+        assert await r.zcard(keys.limit_parked("k")) == 1
+        assert await r.hget(keys.limits_parked, "default") == b"1"
+    asyncio.run(with_redis(redis_url, body))
 
 
 @pytest.mark.parametrize("overwritten", ["due", "hold", "next", "running"])
@@ -627,33 +577,28 @@ def test_a_limits_key_an_operator_overwrote_holds_back_only_the_jobs_it_limits(r
     bad = {"due": keys.limits_due, "hold": keys.limit_hold("k"),
            "next": keys.limit_next("k"), "running": keys.limit_running("k")}[overwritten]
 
-    async def body():
-        r = aredis.Redis.from_url(redis_url)
-        try:
-            q = RedisQueue(r, keys)
-            await limits.publish(r, keys, limits.parse_rules({"k": {"interval": 60}}))
-            spec = {"func": "tests.jobs:Echo", "limit_key": "k"}
-            await q.enqueue([normalize_spec({**spec, "job_id": j}) for j in ("k1", "k2")])
-            [k1] = (await q.fetch("w", ["default"], 10, 30)).claims   # k2 is parked
-            await r.zadd(keys.limits_due, {"k": 0})   # k's parked job is looked at now
-            await q.enqueue([normalize_spec({**spec, "job_id": "k3"}),
-                             normalize_spec({**spec, "job_id": "o", "limit_key": "other"}),
-                             normalize_spec({"func": "tests.jobs:Echo", "job_id": "b"})])
-            await r.delete(bad)
-            await r.rpush(bad, "overwritten")
-            fetched = await q.fetch("w", ["default"], 10, 30, ended=[k1.run])
-            assert [c.job_id for c in fetched.claims] == (["b"] if overwritten == "due"
-                                                          else ["o", "b"])
-            assert await r.zcard(keys.limit_parked("k")) == 1
-            assert bad in caplog.text
-            await r.delete(bad)
-            await r.zadd(keys.limits_due, {"k": 0})
-            await q.fetch("w", ["default"], 10, 30)
-            assert await r.zcard(keys.queue("default")) == 0   # claimed or parked
-        finally:
-            await r.aclose()
-
-    asyncio.run(body())
+    async def body(r):
+        q = RedisQueue(r, keys)
+        await limits.publish(r, keys, limits.parse_rules({"k": {"interval": 60}}))
+        spec = {"func": "tests.jobs:Echo", "limit_key": "k"}
+        await q.enqueue([normalize_spec({**spec, "job_id": j}) for j in ("k1", "k2")])
+        [k1] = (await q.fetch("w", ["default"], 10, 30)).claims   # k2 is parked
+        await r.zadd(keys.limits_due, {"k": 0})   # k's parked job is looked at now
+        await q.enqueue([normalize_spec({**spec, "job_id": "k3"}),
+                         normalize_spec({**spec, "job_id": "o", "limit_key": "other"}),
+                         normalize_spec({"func": "tests.jobs:Echo", "job_id": "b"})])
+        await r.delete(bad)
+        await r.rpush(bad, "overwritten")
+        fetched = await q.fetch("w", ["default"], 10, 30, ended=[k1.run])
+        assert [c.job_id for c in fetched.claims] == (["b"] if overwritten == "due"
+                                                      else ["o", "b"])
+        assert await r.zcard(keys.limit_parked("k")) == 1
+        assert bad in caplog.text
+        await r.delete(bad)
+        await r.zadd(keys.limits_due, {"k": 0})
+        await q.fetch("w", ["default"], 10, 30)
+        assert await r.zcard(keys.queue("default")) == 0   # claimed or parked
+    asyncio.run(with_redis(redis_url, body))
 
 
 @pytest.mark.parametrize("overwritten", ["queue", "counts", "job"])
@@ -669,34 +614,29 @@ def test_a_parked_job_whose_queue_an_operator_overwrote_stays_parked_named(redis
     bad = {"queue": keys.queue("qb"), "counts": keys.limits_parked,
            "job": keys.job("k2")}[overwritten]
 
-    async def body():
-        r = aredis.Redis.from_url(redis_url)
-        try:
-            q = await one_at_a_time_key(r, keys, [("k1", "default"), ("k2", "qb")])
-            [k1] = (await q.fetch("w", ["default", "qb"], 10, 30)).claims   # k2 is parked
-            await q.finish("w", [outcome(k1)])   # k2 is due
-            await q.enqueue([normalize_spec({"func": "tests.jobs:Echo", "job_id": "b"})])
-            counts = await r.hgetall(keys.limits_parked)
-            await r.delete(bad)
-            await r.set(bad, "overwritten")
-            assert [c.job_id for c in (await q.fetch("w", ["default"], 10, 30)).claims] \
-                == ["b"]
-            assert bad in caplog.text
-            if overwritten == "job":
-                assert await r.zcard(keys.limit_parked("k")) == 0
-                return
-            assert await r.zcard(keys.limit_parked("k")) == 1
-            await r.delete(bad)
-            if counts and overwritten == "counts":
-                await r.hset(keys.limits_parked, mapping=counts)
-            await r.zadd(keys.limits_due, {"k": 0})   # (looked at again within a second)
-            await q.fetch("w", ["default"], 10, 30)
+    async def body(r):
+        q = await one_at_a_time_key(r, keys, [("k1", "default"), ("k2", "qb")])
+        [k1] = (await q.fetch("w", ["default", "qb"], 10, 30)).claims   # k2 is parked
+        await q.finish("w", [outcome(k1)])   # k2 is due
+        await q.enqueue([normalize_spec({"func": "tests.jobs:Echo", "job_id": "b"})])
+        counts = await r.hgetall(keys.limits_parked)
+        await r.delete(bad)
+        await r.set(bad, "overwritten")
+        assert [c.job_id for c in (await q.fetch("w", ["default"], 10, 30)).claims] \
+            == ["b"]
+        assert bad in caplog.text
+        if overwritten == "job":
             assert await r.zcard(keys.limit_parked("k")) == 0
-            assert [c.job_id for c in (await q.fetch("w", ["qb"], 10, 30)).claims] == ["k2"]
-        finally:
-            await r.aclose()
-
-    asyncio.run(body())
+            return
+        assert await r.zcard(keys.limit_parked("k")) == 1
+        await r.delete(bad)
+        if counts and overwritten == "counts":
+            await r.hset(keys.limits_parked, mapping=counts)
+        await r.zadd(keys.limits_due, {"k": 0})   # (looked at again within a second)
+        await q.fetch("w", ["default"], 10, 30)
+        assert await r.zcard(keys.limit_parked("k")) == 0
+        assert [c.job_id for c in (await q.fetch("w", ["qb"], 10, 30)).claims] == ["k2"]
+    asyncio.run(with_redis(redis_url, body))
 
 
 @pytest.mark.parametrize("overwritten", ["due", "running", "parked", "hold"])
@@ -712,21 +652,16 @@ def test_a_run_ending_while_its_keys_limits_key_is_overwritten_is_recorded(redis
     bad = {"due": keys.limits_due, "running": keys.limit_running("k"),
            "parked": keys.limit_parked("k"), "hold": keys.limit_hold("k")}[overwritten]
 
-    async def body():
-        r = aredis.Redis.from_url(redis_url)
-        try:
-            q = await one_at_a_time(r, keys, "default", ["k1", "k2"])
-            await q.enqueue([normalize_spec({"func": "tests.jobs:Echo", "job_id": "b"})])
-            k1, b = (await q.fetch("w", ["default"], 10, 30)).claims   # k2 is parked
-            await r.delete(bad)
-            await r.rpush(bad, "overwritten")
-            assert await q.finish("w", [outcome(k1, False, "HTTP 429", hold_ms=60_000),
-                                        outcome(b)]) == ["failed", "succeeded"]
-            assert await r.zscore(keys.inflight, "k1") is None
-        finally:
-            await r.aclose()
-
-    asyncio.run(body())
+    async def body(r):
+        q = await one_at_a_time(r, keys, "default", ["k1", "k2"])
+        await q.enqueue([normalize_spec({"func": "tests.jobs:Echo", "job_id": "b"})])
+        k1, b = (await q.fetch("w", ["default"], 10, 30)).claims   # k2 is parked
+        await r.delete(bad)
+        await r.rpush(bad, "overwritten")
+        assert await q.finish("w", [outcome(k1, False, "HTTP 429", hold_ms=60_000),
+                                    outcome(b)]) == ["failed", "succeeded"]
+        assert await r.zscore(keys.inflight, "k1") is None
+    asyncio.run(with_redis(redis_url, body))
 
 
 @pytest.mark.parametrize("ended", [False, True], ids=["prune", "ended"])
@@ -738,21 +673,16 @@ def test_a_running_job_whose_hash_an_operator_overwrote_fails_no_fetch(redis_url
     worker. k1 keeps its slot (k2 stays parked), named; other jobs are claimed."""
     keys = Keys("elrictest")
 
-    async def body():
-        r = aredis.Redis.from_url(redis_url)
-        try:
-            q = await one_at_a_time(r, keys, "default", ["k1", "k2"])
-            [k1] = (await q.fetch("w", ["default"], 10, 30)).claims   # k2 is parked
-            await q.enqueue([normalize_spec({"func": "tests.jobs:Echo", "job_id": "b"})])
-            await r.delete(keys.job("k1"))
-            await r.set(keys.job("k1"), "overwritten")
-            await r.zadd(keys.limits_due, {"k": 0})   # k's parked job is looked at now
-            fetched = await q.fetch("w", ["default"], 10, 30, ended=[k1.run] if ended else ())
-            assert [c.job_id for c in fetched.claims] == ["b"]
-            assert await r.zcard(keys.limit_parked("k")) == 1
-            assert await r.sismember(keys.limit_running("k"), "k1")
-            assert keys.job("k1") in caplog.text
-        finally:
-            await r.aclose()
-
-    asyncio.run(body())
+    async def body(r):
+        q = await one_at_a_time(r, keys, "default", ["k1", "k2"])
+        [k1] = (await q.fetch("w", ["default"], 10, 30)).claims   # k2 is parked
+        await q.enqueue([normalize_spec({"func": "tests.jobs:Echo", "job_id": "b"})])
+        await r.delete(keys.job("k1"))
+        await r.set(keys.job("k1"), "overwritten")
+        await r.zadd(keys.limits_due, {"k": 0})   # k's parked job is looked at now
+        fetched = await q.fetch("w", ["default"], 10, 30, ended=[k1.run] if ended else ())
+        assert [c.job_id for c in fetched.claims] == ["b"]
+        assert await r.zcard(keys.limit_parked("k")) == 1
+        assert await r.sismember(keys.limit_running("k"), "k1")
+        assert keys.job("k1") in caplog.text
+    asyncio.run(with_redis(redis_url, body))

@@ -512,18 +512,24 @@ def test_a_heartbeat_renews_the_other_leases_beside_a_key_an_operator_overwrote(
     asyncio.run(with_queue(redis_url, body))
 
 
+async def claims_nothing_while_overwritten(q, r, key: str, caplog) -> None:
+    """With ``key`` SET to a string a fetch takes nothing, looks again in a second and names
+    the key; once it is deleted, a fetch claims the queued job."""
+    await q.enqueue(specs(1))
+    await r.set(key, "overwritten")
+    fetched = await q.fetch("w1", ["default"], 10, 30)
+    assert fetched.claims == [] and fetched.limited_wait == 1.0
+    assert key in caplog.text
+    await r.delete(key)
+    assert len((await q.fetch("w1", ["default"], 10, 30)).claims) == 1
+
+
 def test_a_fetch_claims_nothing_while_the_limits_hash_holds_another_type(redis_url, caplog):
     """The limits hash SET to a string made every fetch fail with WRONGTYPE: each worker
     exited. Without its rules a fetch takes nothing (it might break a limit), looks again
     in a second and names the key; a master publishes the rules over it."""
     async def body(q, r):
-        await q.enqueue(specs(1))
-        await r.set(KEYS.limits, "overwritten")
-        fetched = await q.fetch("w1", ["default"], 10, 30)
-        assert fetched.claims == [] and fetched.limited_wait == 1.0
-        assert KEYS.limits in caplog.text
-        await r.delete(KEYS.limits)
-        assert len((await q.fetch("w1", ["default"], 10, 30)).claims) == 1
+        await claims_nothing_while_overwritten(q, r, KEYS.limits, caplog)
     asyncio.run(with_queue(redis_url, body))
 
 
@@ -576,13 +582,7 @@ def test_a_fetch_claims_nothing_while_inflight_holds_another_type(redis_url, cap
     and marked it running: with no lease, no redelivery ever found it. The fetch takes
     nothing, looks again in a second and names the key."""
     async def body(q, r):
-        await q.enqueue(specs(1))
-        await r.set(KEYS.inflight, "overwritten")
-        fetched = await q.fetch("w1", ["default"], 10, 30)
-        assert fetched.claims == [] and fetched.limited_wait == 1.0
-        assert KEYS.inflight in caplog.text
-        await r.delete(KEYS.inflight)
-        assert len((await q.fetch("w1", ["default"], 10, 30)).claims) == 1
+        await claims_nothing_while_overwritten(q, r, KEYS.inflight, caplog)
     asyncio.run(with_queue(redis_url, body))
 
 

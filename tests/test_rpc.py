@@ -755,6 +755,37 @@ def test_not_listening():
     assert str(info.value) == expected
 
 
+def ping_errors(port: int, error: type[Exception], timeout: float = DEADLINE) -> list:
+    """The ``error`` a ping to 127.0.0.1:``port`` raises: the blocking client's, the async's."""
+    async def ping():
+        client = await AsyncClient.connect("127.0.0.1", port, timeout=timeout)
+        with pytest.raises(error) as info:
+            await client.call("ping")
+        await client.close()
+        return info.value
+    with Client("127.0.0.1", port, timeout=timeout) as client, \
+            pytest.raises(error) as info:
+        client.call("ping")
+    return [info.value, arun(ping())]
+
+
+@contextlib.contextmanager
+def peer_answering(reply: bytes, *, then_read: bool = False):
+    """A TCP peer answering each of two connections' first message with ``reply`` (then
+    reading until the client closes, if ``then_read``); yields its port."""
+    with socket.create_server(("127.0.0.1", 0)) as peer:
+        def answer():
+            for _ in range(2):
+                conn, _ = peer.accept()
+                with conn:
+                    conn.recv(1024)
+                    conn.sendall(reply)
+                    if then_read:
+                        conn.recv(1024)
+        threading.Thread(target=answer, daemon=True).start()
+        yield peer.getsockname()[1]
+
+
 def test_an_address_that_is_no_elric_masters_is_named_as_the_likely_mistake(redis_url):
     """MASTER_ADDRESS set to Redis's address (or a web server's): a CLI command waited its
     30 s, then said only "no answer from elric master at ... to ping"; text a server sent
@@ -764,39 +795,12 @@ def test_an_address_that_is_no_elric_masters_is_named_as_the_likely_mistake(redi
     hint = "is MASTER_ADDRESS an elric master's address (not, say, Redis's)?"
     redis_port = urlparse(redis_url).port   # Redis waits for a line end: no answer at all
 
-    async def main():
-        client = await AsyncClient.connect("127.0.0.1", redis_port)
-        with pytest.raises(RPCTimeoutError) as info:
-            await client.call("ping", timeout=0.5)
-        await client.close()
-        return info.value
-    with Client("127.0.0.1", redis_port, timeout=0.5) as client, \
-            pytest.raises(RPCTimeoutError) as info:
-        client.call("ping")
-    for error in (arun(main()), info.value):
+    for error in ping_errors(redis_port, RPCTimeoutError, timeout=0.5):
         assert str(error) == (f"no answer from elric master at 127.0.0.1:{redis_port} to ping "
                               f"within 0.5s; nothing has answered on this connection: {hint}")
 
-    with socket.create_server(("127.0.0.1", 0)) as web:   # a server that answers in text
-        def answer_in_text():
-            for _ in range(2):
-                conn, _ = web.accept()
-                with conn:
-                    conn.recv(1024)
-                    conn.sendall(b"HTTP/1.0 400 Bad request\r\n\r\n")
-        threading.Thread(target=answer_in_text, daemon=True).start()
-        port = web.getsockname()[1]
-
-        async def main():
-            client = await AsyncClient.connect("127.0.0.1", port, timeout=DEADLINE)
-            with pytest.raises(RPCConnectionError) as info:
-                await client.call("ping")
-            await client.close()
-            return info.value
-        with Client("127.0.0.1", port, timeout=DEADLINE) as client, \
-                pytest.raises(RPCConnectionError) as info:
-            client.call("ping")
-        for error in (info.value, arun(main())):
+    with peer_answering(b"HTTP/1.0 400 Bad request\r\n\r\n") as port:   # a web server
+        for error in ping_errors(port, RPCConnectionError):
             assert str(error) == (f"connection to elric master at 127.0.0.1:{port} lost: it "
                                   "sent b'HTTP/1.0 400 Bad request\\r\\n\\r\\n', no msgpack-rpc "
                                   f"response: {hint}")
@@ -820,27 +824,8 @@ def test_a_response_whose_msgid_is_no_integer_is_a_lost_connection():
     bare TypeError (unhashable type) and kept the connection, whose next answers were out
     of step; the async client's reader died with it, logged as an unretrieved exception,
     and its calls said "closed by the server"."""
-    with socket.create_server(("127.0.0.1", 0)) as fake:
-        def answer_badly():
-            for _ in range(2):
-                conn, _ = fake.accept()
-                with conn:
-                    conn.recv(1024)
-                    conn.sendall(msgpack.packb([1, [1], None, "pong"]))
-                    conn.recv(1024)   # until the client closes
-        threading.Thread(target=answer_badly, daemon=True).start()
-        port = fake.getsockname()[1]
-
-        async def main():
-            client = await AsyncClient.connect("127.0.0.1", port, timeout=DEADLINE)
-            with pytest.raises(RPCConnectionError) as info:
-                await client.call("ping")
-            await client.close()
-            return info.value
-        with Client("127.0.0.1", port, timeout=DEADLINE) as client, \
-                pytest.raises(RPCConnectionError) as info:
-            client.call("ping")
-        for error in (info.value, arun(main())):
+    with peer_answering(msgpack.packb([1, [1], None, "pong"]), then_read=True) as port:
+        for error in ping_errors(port, RPCConnectionError):
             assert "lost: it sent b'\\x94\\x01\\x91\\x01" in str(error), error
             assert "no msgpack-rpc response" in str(error), error
 
