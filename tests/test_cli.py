@@ -1252,3 +1252,15 @@ def test_top_iterations_below_1_is_a_usage_error(cluster):
     for value in ("0", "-1"):
         one_line_error(elric(cluster, "top", "--iterations", value), 2,
                        f"--iterations takes 1 or more, got {value}")
+
+
+def test_a_succeeded_jobs_row_shows_no_error_of_an_earlier_attempt(capsys):
+    """A job that failed once, then succeeded, keeps its attempts' errors (its page shows
+    them): `elric jobs` showed that error on its row, and the job looked failed."""
+    from elric import views
+    error = "--- attempt 1 ---\nConnectionError: boom\n"
+    views.jobs([{"job_id": "ok", "status": "succeeded", "attempts": 2, "error": error},
+                {"job_id": "bad", "status": "failed", "attempts": 2, "error": error}])
+    out = capsys.readouterr().out
+    [ok] = [line for line in out.splitlines() if line.startswith("ok ")]
+    assert "succeeded" in ok and "attempt" not in ok and out.count("boom") == 1, out
