@@ -406,6 +406,9 @@ def test_an_action_that_did_nothing_is_not_counted_done(make_cluster):
     assert "cancel: 1 of 2 done; job 'j2' had ended (cancelled): left alone" in act(
         "job", "cancel", "j1", "j2")
     assert "delete: 0 of 1 done; gone: not found" in act("job", "delete", "gone")
+    # past the first three reasons, how many more there were
+    assert "delete: 0 of 5 done; g1: not found; g2: not found; g3: not found; and 2 more<" \
+        in act("job", "delete", "g1", "g2", "g3", "g4", "g5")
     assert "pause: 0 of 1 done; gone: not found" in act("schedule", "pause", "gone")
     # a bulk button pressed with nothing ticked: back to the list, not a 400 page saying
     # the action is unknown

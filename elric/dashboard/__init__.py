@@ -361,7 +361,8 @@ class Dashboard:
             else:
                 done += 1
         log.info("dashboard: %s %s: %d of %d done", kind, action, done, len(ids))
-        note = f"{action}: {done} of {len(ids)} done" + "".join(f"; {e}" for e in errors[:3])
+        note = f"{action}: {done} of {len(ids)} done" + "".join(f"; {e}" for e in errors[:3]) \
+            + (f"; and {len(errors) - 3} more" if len(errors) > 3 else "")
         path, _, query = _local_path(str(form.get("next", "/"))).partition("?")
         # the last action's note and its signature go; this one's, signed for this session
         kept = [(k, v) for k, v in parse_qsl(query) if k not in ("sig", "note")]
