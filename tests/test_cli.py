@@ -1264,3 +1264,22 @@ def test_a_succeeded_jobs_row_shows_no_error_of_an_earlier_attempt(capsys):
     out = capsys.readouterr().out
     [ok] = [line for line in out.splitlines() if line.startswith("ok ")]
     assert "succeeded" in ok and "attempt" not in ok and out.count("boom") == 1, out
+
+
+def test_a_wait_with_a_negative_timeout_is_refused_before_asking_the_master():
+    """JobHandle.result(timeout=-1) asked the master, then said "still queued after -1s";
+    the CLI's --timeout refuses such a number already."""
+    from elric import JobHandle
+    from elric.client import MasterClient, set_default_client
+    from elric.handle import wait
+
+    client = MasterClient(f"127.0.0.1:{free_port()}")   # nothing listens
+    set_default_client(client)
+    try:
+        for timeout in (-1, -0.5, float("nan")):
+            with pytest.raises(ValueError, match="timeout takes seconds, 0 or more"):
+                JobHandle("j1").result(timeout=timeout)
+            with pytest.raises(ValueError, match="timeout takes seconds, 0 or more"):
+                wait(client, "j1", timeout)
+    finally:
+        set_default_client(None)
