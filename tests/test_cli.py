@@ -1283,3 +1283,14 @@ def test_a_wait_with_a_negative_timeout_is_refused_before_asking_the_master():
                 wait(client, "j1", timeout)
     finally:
         set_default_client(None)
+
+
+def test_submit_wait_that_times_out_says_the_job_keeps_running_and_how_to_follow_it(cluster):
+    """It said "job ID still queued after 1s" alone: as if the wait had ended the job. The
+    exit status stays README's 1 (what was asked, the outcome, did not come)."""
+    out = elric(cluster, "submit", "tests.jobs:Echo", "--queue", "nobody", "--job-id", "late",
+                "--wait", "--timeout", "0.5")
+    assert out.returncode == 1, out
+    assert out.stderr.strip().splitlines()[-1] == "elric: job late still queued after 0.5s: " \
+        "it keeps running; elric job late follows it", out.stderr
+    assert cluster.client.get_job("late")["status"] == "queued"
