@@ -154,7 +154,7 @@ class Dashboard:
             response = await handler(request)
         except REDIS_ERRORS as exc:   # a page reading Redis outside an RPC handler
             response = self._render(request, "error.html", status=503, code="redis_unavailable",
-                                    message=f"the master cannot reach Redis right now ({exc})")
+                                    message=f"master cannot reach Redis right now ({exc}); try again")
         except RequestError as exc:
             response = self._render(request, "error.html", status=HTTP_STATUS.get(exc.code, 500),
                                     message=str(exc), code=exc.code)
