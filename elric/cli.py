@@ -280,6 +280,9 @@ def cmd_call(args: argparse.Namespace) -> int:
                 print(f"elric: stopped waiting for job {reply['job_id']}, which goes on: "
                       f"elric job {reply['job_id']} shows it", file=sys.stderr)
                 raise
+            except TimeoutError as exc:   # it said how long, not that the job goes on
+                raise Failed(f"{exc}: it keeps running; elric job {reply['job_id']} "
+                             "follows it") from None
             (show or views.job)(job)
             return 0 if job["status"] == Status.SUCCEEDED else 1
         elif command in BULK and (command == "copy" or _bulk_filter(args) or

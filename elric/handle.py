@@ -32,6 +32,8 @@ def wait(client, job_id: str, timeout: float | None = None,
     NotFound (a LookupError) when there is no such job, ValueError for a periodic one or
     one whose key holds no job (an operator's overwrite).
     Polls often at first, then once a second, and on while the master says Redis is away."""
+    if timeout is not None and not timeout >= 0:   # (NaN too) -1 said "still queued after -1s"
+        raise ValueError(f"timeout takes seconds, 0 or more (None: no limit), got {timeout}")
     deadline = None if timeout is None else time.monotonic() + timeout
     delay, state = 0.02, None
     while True:

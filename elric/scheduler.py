@@ -132,7 +132,7 @@ class Scheduler:
                                      "tried again")
 
     # --- lease ---------------------------------------------------------------------------
-    async def _acquire(self) -> bool:
+    async def _acquire(self, again: bool = False) -> bool:
         got, value = await self._acquire_s(keys=self._lease_keys,
                                            args=[self.master_id, self._lease_ms])
         if not got:  # retry right when the holder's lease runs out, at the latest
@@ -142,7 +142,9 @@ class Scheduler:
         self._pending = True   # the last leader may have died between marking and queueing
         self._lease_wait = self.lease_seconds / 3
         self._leader.set()
-        self.log.info("master %s schedules now (fence token %s)", self.master_id, self.token)
+        self.log.info("master %s %s (fence token %s)", self.master_id,
+                      "re-acquired its own scheduler lease, which Redis had lost (restarted?) "
+                      "or let run out" if again else "schedules now", self.token)
         return True
 
     async def _renew(self) -> bool:
@@ -165,8 +167,11 @@ class Scheduler:
         while not self._stop.is_set():
             _raise_if_cancelled()
             try:
-                if self.is_leader and not await self._renew():
-                    self._step_down("lease taken over")
+                # not renewed: another master holds the lease, or nobody does (Redis lost
+                # it, or it ran out) and this master takes it again, its own
+                if self.is_leader and not await self._renew() \
+                        and not await self._acquire(again=True):
+                    self._step_down("lease taken over by another master")
                 if not self.is_leader:
                     await self._acquire()
                 await self.clock.sync()   # this machine's clock may have jumped

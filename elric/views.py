@@ -127,12 +127,14 @@ def _master(h: dict) -> None:
 
 
 def jobs(rows: list[dict]) -> None:
+    """A succeeded job's row shows no error: an earlier attempt's (the job's page shows
+    every attempt's) made a job that failed once, then succeeded, look failed."""
     _rows(rows, "no jobs", ("job id", "status", "func", "args", "queue", "attempts",
                             "finished", "error"),
           lambda j: (j["job_id"], j.get("status", ""), j.get("func", ""),
                      cut(shown(j.get("args", []))[1:-1], 80), j.get("queue", ""),
                      j.get("attempts", ""), when(j.get("finished_at")),
-                     cut(j.get("error") or "", 60)))
+                     cut(j.get("error") or "", 60) if j.get("status") != "succeeded" else ""))
 
 
 def results(rows: list[dict], first: bool) -> None:

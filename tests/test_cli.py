@@ -1266,3 +1266,45 @@ def test_submit_of_a_periodic_job_that_has_finished_says_so_not_scheduled(cluste
     again = elric(cluster, "submit", "tests.jobs:Echo", "--spec", spec)
     one_line_error(again, 1, "periodic job 'once' has finished: no fires are left")
     assert "replace_existing" in again.stderr
+
+
+def test_a_succeeded_jobs_row_shows_no_error_of_an_earlier_attempt(capsys):
+    """A job that failed once, then succeeded, keeps its attempts' errors (its page shows
+    them): `elric jobs` showed that error on its row, and the job looked failed."""
+    from elric import views
+    error = "--- attempt 1 ---\nConnectionError: boom\n"
+    views.jobs([{"job_id": "ok", "status": "succeeded", "attempts": 2, "error": error},
+                {"job_id": "bad", "status": "failed", "attempts": 2, "error": error}])
+    out = capsys.readouterr().out
+    [ok] = [line for line in out.splitlines() if line.startswith("ok ")]
+    assert "succeeded" in ok and "attempt" not in ok and out.count("boom") == 1, out
+
+
+def test_a_wait_with_a_negative_timeout_is_refused_before_asking_the_master():
+    """JobHandle.result(timeout=-1) asked the master, then said "still queued after -1s";
+    the CLI's --timeout refuses such a number already."""
+    from elric import JobHandle
+    from elric.client import MasterClient, set_default_client
+    from elric.handle import wait
+
+    client = MasterClient(f"127.0.0.1:{free_port()}")   # nothing listens
+    set_default_client(client)
+    try:
+        for timeout in (-1, -0.5, float("nan")):
+            with pytest.raises(ValueError, match="timeout takes seconds, 0 or more"):
+                JobHandle("j1").result(timeout=timeout)
+            with pytest.raises(ValueError, match="timeout takes seconds, 0 or more"):
+                wait(client, "j1", timeout)
+    finally:
+        set_default_client(None)
+
+
+def test_submit_wait_that_times_out_says_the_job_keeps_running_and_how_to_follow_it(cluster):
+    """It said "job ID still queued after 1s" alone: as if the wait had ended the job. The
+    exit status stays README's 1 (what was asked, the outcome, did not come)."""
+    out = elric(cluster, "submit", "tests.jobs:Echo", "--queue", "nobody", "--job-id", "late",
+                "--wait", "--timeout", "0.5")
+    assert out.returncode == 1, out
+    assert out.stderr.strip().splitlines()[-1] == "elric: job late still queued after 0.5s: " \
+        "it keeps running; elric job late follows it", out.stderr
+    assert cluster.client.get_job("late")["status"] == "queued"

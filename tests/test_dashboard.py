@@ -406,6 +406,9 @@ def test_an_action_that_did_nothing_is_not_counted_done(make_cluster):
     assert "cancel: 1 of 2 done; job 'j2' had ended (cancelled): left alone" in act(
         "job", "cancel", "j1", "j2")
     assert "delete: 0 of 1 done; gone: not found" in act("job", "delete", "gone")
+    # past the first three reasons, how many more there were
+    assert "delete: 0 of 5 done; g1: not found; g2: not found; g3: not found; and 2 more<" \
+        in act("job", "delete", "g1", "g2", "g3", "g4", "g5")
     assert "pause: 0 of 1 done; gone: not found" in act("schedule", "pause", "gone")
     # a bulk button pressed with nothing ticked: back to the list, not a 400 page saying
     # the action is unknown
@@ -1368,7 +1371,8 @@ def test_a_page_read_while_redis_hangs_does_not_say_something_may_have_changed(
     assert get(base + "/")[0] == 200
     redis_server.proc.send_signal(signal.SIGSTOP)   # alive, but answering nothing
     try:
-        said = {path: get(base + path) for path in ("/", "/jobs", "/jobs/j1")}
+        # (/workers reads Redis outside an RPC handler: its words were the dashboard's own)
+        said = {path: get(base + path) for path in ("/", "/jobs", "/jobs/j1", "/workers")}
     finally:
         redis_server.proc.send_signal(signal.SIGCONT)
     for path, (status, html) in said.items():
@@ -1393,7 +1397,7 @@ def test_an_action_while_redis_hangs_comes_back_with_why_it_was_not_done(make_cl
     finally:
         redis_server.proc.send_signal(signal.SIGCONT)
     html = unescape(failed.value.read().decode())
-    assert failed.value.url.startswith(op.base + "/jobs?note="), failed.value.url
+    assert failed.value.url.startswith(op.base + "/jobs?sig="), failed.value.url
     assert "delete: 0 of 1 done; j1: master cannot reach Redis" in html, html
     assert cluster.client.get_job("j1")["status"] == "queued"
 
@@ -1673,3 +1677,19 @@ def test_metrics_label_no_series_with_a_fires_id(make_cluster):
     assert not any("tick@" in scope for scope in scopes), scopes
     assert re.search(r'^elric_dedupe_keys\{scope="@fire"\} 2\.0$', text, re.M), text
     assert re.search(r'^elric_dedupe_keys\{scope="global"\} 1\.0$', text, re.M), text
+
+
+def test_a_page_shows_only_a_note_the_dashboards_action_wrote(make_cluster):
+    """Any ?note= in a link was shown as the page's notice: a link from anyone could make
+    the dashboard say "your session has ended: log in at ...". An action's own note shows."""
+    cluster, port = dashboard_with_a_job(make_cluster, DASHBOARD_PASSWORD=PASSWORD)
+    op = Operator(port)
+    with op.act(kind="job", action="delete", id="j1", next="/jobs") as answer:
+        url, html = answer.url, unescape(answer.read().decode())
+    assert '<div class="note">delete: 1 of 1 done</div>' in html, html
+    forged = "/jobs?" + urllib.parse.urlencode({"note": "session ended: log in at evil.example"})
+    mine = url.removeprefix(op.base)
+    assert "1+of+1" in mine, mine
+    for path in (forged, mine.replace("1+of+1", "0+of+1")):
+        page = op.read(path)
+        assert 'class="note"' not in page, (path, page)

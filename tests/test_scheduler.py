@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import random
 import time
@@ -1519,3 +1520,42 @@ def test_a_stale_leader_does_not_record_filtered_a_fire_the_new_leader_queued(re
             await m.close()
     asyncio.run(main())
     assert "filtered, not run" not in caplog.text
+
+
+async def one_lease_pass(sched) -> None:
+    """One pass of ``sched``'s lease loop: it stops at the pass's end."""
+    sync = sched.clock.sync
+
+    async def sync_then_stop():
+        sched._stop.set()
+        return await sync()
+    sched.clock.sync = sync_then_stop
+    try:
+        await asyncio.wait_for(sched._lease_loop(), 10)
+    finally:
+        del sched.clock.sync
+        sched._stop.clear()
+
+
+def test_a_lease_redis_lost_is_logged_re_acquired_and_one_taken_by_another_master_taken_over(
+        redis_url, caplog):
+    """After a Redis restart the leader took its own lease again, and logged "stops
+    scheduling: lease taken over": an operator looked for another master."""
+    caplog.set_level(logging.INFO, logger="elric")
+
+    async def body(env):
+        a, b = env.sched, env.scheduler("m2", env.rec)
+        await a.tick()
+        assert a.is_leader
+        await env.r.delete(env.keys.scheduler_lease, env.keys.scheduler_fence)   # restarted
+        caplog.clear()
+        await one_lease_pass(a)
+        assert a.is_leader and "re-acquired its own scheduler lease" in caplog.text \
+            and "taken over" not in caplog.text, caplog.text
+        await env.r.delete(env.keys.scheduler_lease)   # a stalled past its lease: b takes it
+        assert await b._acquire()
+        caplog.clear()
+        await one_lease_pass(a)
+        assert not a.is_leader and "lease taken over by another master" in caplog.text \
+            and "re-acquired" not in caplog.text, caplog.text
+    run(redis_url, body)

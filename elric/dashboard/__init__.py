@@ -154,7 +154,7 @@ class Dashboard:
             response = await handler(request)
         except REDIS_ERRORS as exc:   # a page reading Redis outside an RPC handler
             response = self._render(request, "error.html", status=503, code="redis_unavailable",
-                                    message=f"the master cannot reach Redis right now ({exc})")
+                                    message=f"master cannot reach Redis right now ({exc}); try again")
         except RequestError as exc:
             response = self._render(request, "error.html", status=HTTP_STATUS.get(exc.code, 500),
                                     message=str(exc), code=exc.code)
@@ -180,7 +180,7 @@ class Dashboard:
         html = self.templates.get_template(name).render(
             live=LIVE_HEADER in request.headers, path=request.path_qs, pages=PAGES,
             can_act=self.access.login_required,
-            csrf=self.access.csrf_token(request), note=request.query.get("note", ""),
+            csrf=self.access.csrf_token(request), note=self.access.note(request),
             as_of=stamp(self.master.store.clock()), **context)
         return web.Response(text=html, status=status, content_type="text/html")
 
@@ -361,10 +361,13 @@ class Dashboard:
             else:
                 done += 1
         log.info("dashboard: %s %s: %d of %d done", kind, action, done, len(ids))
-        note = f"{action}: {done} of {len(ids)} done" + "".join(f"; {e}" for e in errors[:3])
+        note = f"{action}: {done} of {len(ids)} done" + "".join(f"; {e}" for e in errors[:3]) \
+            + (f"; and {len(errors) - 3} more" if len(errors) > 3 else "")
         path, _, query = _local_path(str(form.get("next", "/"))).partition("?")
-        kept = [(k, v) for k, v in parse_qsl(query) if k != "note"]   # the last action's
-        raise web.HTTPSeeOther(f"{path}?{urlencode([*kept, ('note', note)])}")
+        # the last action's note and its signature go; this one's, signed for this session
+        kept = [(k, v) for k, v in parse_qsl(query) if k not in ("sig", "note")]
+        sig = self.access.note_signature(request, note)
+        raise web.HTTPSeeOther(f"{path}?{urlencode([*kept, ('sig', sig), ('note', note)])}")
 
 
 class _Counted:

@@ -100,6 +100,18 @@ class Access:
         session = self.session(request)
         return self._sign(f"csrf:{session}") if session else ""
 
+    def note_signature(self, request: web.Request, note: str) -> str:
+        """An action's note, signed for this session: a page shows only notes the dashboard
+        wrote (any ?note= was shown, so a link could make it say "log in at ...")."""
+        session = self.session(request)
+        return self._sign(f"note:{session}\0{note}") if session else ""
+
+    def note(self, request: web.Request) -> str:
+        """The page's note when this session's action wrote it, else ""."""
+        note, signature = request.query.get("note", ""), request.query.get("sig", "")
+        return note if signature and _same(signature, self.note_signature(request, note)) \
+            else ""
+
     def may_act(self, request: web.Request, form) -> str | None:
         """Why this POST may not change anything, or None when it may."""
         if not self.login_required:
