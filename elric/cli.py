@@ -457,13 +457,14 @@ def _schedules(client, args: argparse.Namespace, show) -> int:
         return 0
     if not args.job_id:
         raise UsageError(f"elric schedules {args.action} takes the periodic job's id")
-    if args.action == "run-now":
-        return _run_now(client, args.job_id, show)
     job = client.job_kind(args.job_id) or {}
     if job and not job["periodic"]:   # remove_job would delete this one-off job
         raise Failed(f"job {args.job_id!r} is not periodic: " + (
             f"elric delete {args.job_id} removes it" if args.action == "remove" else
+            f"elric rerun {args.job_id} runs it again" if args.action == "run-now" else
             f"only periodic jobs {args.action}"))
+    if args.action == "run-now":
+        return _run_now(client, args.job_id, show)
     unchanged = schedule_left_alone(job, args.action)
     if job.get("status") == "finished" and unchanged:
         raise Failed(f"periodic job {args.job_id!r} {unchanged}")

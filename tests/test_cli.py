@@ -128,11 +128,13 @@ def test_resume_of_a_job_whose_end_date_passed_while_paused_says_it_finished(clu
 
 def test_schedules_remove_of_a_one_off_job_refuses_it_and_names_delete(cluster):
     """`elric schedules remove ID` of a one-off job deleted it, and said "periodic job ID:
-    removed"; its sibling `elric delete ID` of a periodic id refuses, as this now does."""
+    removed"; its sibling `elric delete ID` of a periodic id refuses, as this now does.
+    run-now said "no periodic job ID", as if there were no such job."""
     cluster.client.submit_job(Echo.spec(job_id="plain", queue="nobody"))
     for action, then in (("remove", "elric delete plain removes it"),
                          ("pause", "only periodic jobs pause"),
-                         ("resume", "only periodic jobs resume")):
+                         ("resume", "only periodic jobs resume"),
+                         ("run-now", "elric rerun plain runs it again")):
         one_line_error(elric(cluster, "schedules", action, "plain"), 1,
                        f"job 'plain' is not periodic: {then}")
     assert cluster.client.get_job("plain")["status"] == "queued"
