@@ -135,22 +135,15 @@ class Pool(Executor):
 
     # --- processes --------------------------------------------------------------------
     def _start(self, slot: int) -> _Process:
-        # The fork server and the processes it forks ignore SIGTERM (ignoring is inherited):
-        # a SIGTERM sent to the whole process group (systemd, docker, kill -- -PGID) then
-        # stops only the worker, which lets running jobs finish.
-        previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        empty = None
+        empty = self._ensure_fork_server()
         try:
-            empty = self._ensure_fork_server()
             ctx = multiprocessing.get_context("forkserver")
             ours, theirs = ctx.Pipe(duplex=True)
             process = ctx.Process(target=runner.serve, args=(theirs, *self._args),
                                   name=f"elric-pool-{slot}", daemon=False)
             process.start()   # returns once the fork server forked it: it is up
         finally:
-            signal.signal(signal.SIGTERM, previous)
-            if empty is not None:   # a killed worker leaves none behind
-                os.rmdir(empty)
+            os.rmdir(empty)   # a killed worker leaves none behind
         theirs.close()
         os.set_blocking(ours.fileno(), False)   # see _write
         proc = _Process(slot, process, ours)
@@ -167,12 +160,20 @@ class Pool(Executor):
         in ours, and so does its resource tracker (which imports no elric)."""
         resource_tracker.ensure_running()
         here, empty = os.getcwd(), tempfile.mkdtemp(prefix="elric-forkserver-")
+        # The fork server and the processes it forks ignore SIGTERM (exec keeps SIG_IGN) until
+        # theirs handle it (runner.serve): a SIGTERM sent to the whole process group (systemd,
+        # docker, kill -- -PGID) then stops only the worker, which lets running jobs finish.
+        # Blocked meanwhile, one sent to the worker is not lost: it comes once unblocked.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
         try:
             os.chdir(empty)
             forkserver.set_forkserver_preload(self._preload)
             forkserver.ensure_running()   # (at once if it runs)
         finally:
             os.chdir(here)
+            signal.signal(signal.SIGTERM, previous)
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         return empty
 
     def _exited(self, proc: _Process) -> None:

@@ -251,3 +251,30 @@ def test_an_idle_worker_stopped_with_redis_frozen_leaves_no_traceback(cluster, m
         own.cleanup()
     gc.collect()   # (a task's unretrieved error is logged when it is collected)
     assert errors == []
+
+
+def test_a_sigterm_while_the_pool_starts_its_fork_server_is_not_lost(monkeypatch):
+    """The worker ignored SIGTERM while it started its fork server (which inherits that, so
+    a SIGTERM to the whole process group spares it): a supervisor's stop that came then
+    was lost, and the worker ran on until killed. It comes once the start is done."""
+    from multiprocessing import forkserver
+
+    from elric.pool import Pool
+
+    real, got = forkserver.ensure_running, []
+
+    def stopped_meanwhile():
+        real()
+        os.kill(os.getpid(), signal.SIGTERM)   # a supervisor's stop, mid-start
+
+    monkeypatch.setattr(forkserver, "ensure_running", stopped_meanwhile)
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))
+
+    async def main():
+        pool = Pool(1, async_slots=1, sync_batch=lambda: 1, job_modules=["tests.jobs"])
+        pool.shutdown(wait=True)
+    try:
+        asyncio.run(main())
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert got == [signal.SIGTERM]
