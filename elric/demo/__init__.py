@@ -50,8 +50,11 @@ def run_demo(settings_path: str | None = None, pages: int = 25, timeout: float =
     dashboard = f"127.0.0.1:{free_port()}"
     # JOB_MODULES: the demo's worker loads only its crawler, whatever a settings.py here says
     # LIMITS: a polite crawl, at most 16 pages of one host in flight across the cluster
+    # SHUTDOWN_GRACE: a Ctrl-C took 31 s, the worker letting its running jobs finish (a
+    # terminal's Ctrl-C ends the demo's redis-server too: their outcomes could not be
+    # recorded); a demo needs none of them finished
     prefix = f"elric-demo-{os.getpid()}"
-    env = elric_env(redis_url, address, KEY_PREFIX=prefix,
+    env = elric_env(redis_url, address, KEY_PREFIX=prefix, SHUTDOWN_GRACE=1,
                     LOG_LEVEL="WARNING", JOB_MODULES=Crawl.__module__,
                     LIMITS='{"*": {"concurrency": 16}}', DASHBOARD_ADDRESS=dashboard)
     # its master and worker read the settings it read (--settings too), and it calls the
