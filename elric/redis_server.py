@@ -68,13 +68,17 @@ class RedisServer:
             args += ["--appendfsync", "always"]
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RedisServerError(f"redis-server exited with {self.proc.returncode}; "
-                                       f"see {self.dir}/redis.log")
-            if self._answers():
-                return self
-            time.sleep(0.02)
+        try:
+            while time.monotonic() < deadline and self.proc.poll() is None:
+                if self._answers():
+                    return self
+                time.sleep(0.02)
+        except BaseException:   # Ctrl-C: its caller has no handle to stop it
+            self.cleanup()
+            raise
+        if self.proc.returncode is not None:
+            raise RedisServerError(f"redis-server exited with {self.proc.returncode}; "
+                                   f"see {self.dir}/redis.log")
         self.stop()
         raise RedisServerError(f"redis-server did not answer on port {self.port} in {timeout}s")
 

@@ -3,6 +3,7 @@ demo` (the crawlers: tests/test_crawler.py)."""
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 import signal
@@ -167,6 +168,41 @@ def test_elric_demo_stopped_by_ctrl_c_leaves_no_log_folder(tmp_path):
         assert not list(tmp_path.glob("elric-demo-*")), list(tmp_path.iterdir())
 
 
+def test_elric_demo_ctrl_c_from_a_terminal_ends_it_in_seconds(tmp_path):
+    """A terminal's Ctrl-C (SIGINT to the whole group) while the worker ran jobs took 31 s:
+    the demo's redis-server ended at once, and its worker gave the jobs it could no longer
+    record the full SHUTDOWN_GRACE (30 s). A demo needs none of its jobs finished."""
+    from elric.client import MasterClient
+
+    env = script_env()
+    env["TMPDIR"] = str(tmp_path)
+    with group([sys.executable, "-m", "elric", "demo", "--pages", "20000"],
+               cwd=str(tmp_path), env=env, stdout=subprocess.PIPE, text=True,
+               stdin=subprocess.DEVNULL,
+               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) as proc:
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+        reader.start()
+        wait_for(lambda: any(line.startswith("crawling") for line in lines), timeout=120,
+                 what="the demo crawling")
+        out = "".join(lines)
+        pids = [int(p) for p in re.findall(r"\(pid (\d+)\)", out)]
+        assert len(pids) == 3, lines  # redis-server, master, worker
+        with MasterClient(re.search(r"started master .* on (\S+);", out)[1]) as client:
+            wait_for(lambda: client.stats()["by_status"].get("succeeded", 0) >= 100,
+                     timeout=60, what="the worker crawling at speed")
+        os.killpg(proc.pid, signal.SIGINT)   # as a terminal's Ctrl-C: to every process
+        try:   # (well above what a stop takes, well below SHUTDOWN_GRACE's 30 s)
+            assert proc.wait(timeout=15) == 130
+        except subprocess.TimeoutExpired:
+            raise AssertionError("the demo still stopping 15 s after Ctrl-C") from None
+        reader.join(10)
+        assert "stopped everything the demo started\n" in lines, lines
+        assert not [pid for pid in pids if _alive(pid)]
+        assert not _running_in_session(proc.pid)   # the worker's pool processes neither
+        assert not list(tmp_path.glob("elric-demo-*")), list(tmp_path.iterdir())
+
+
 def test_elric_demo_without_the_crawl_extra_crawls_with_the_sync_crawler(tmp_path):
     # aiohttp made unimportable in the demo's process, as after a plain `pip install .`
     code = ("import builtins, sys\n"
@@ -217,3 +253,19 @@ def _alive(pid: int) -> bool:
         return True
     except ProcessLookupError:
         return False
+
+
+def _running_in_session(sid: int) -> list[str]:
+    """The processes of session ``sid`` still running (not zombies: an init in a container
+    may reap none), as their /proc stat lines."""
+    running = []
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            with open(stat) as f:
+                line = f.read()
+        except OSError:   # (ended meanwhile)
+            continue
+        state, _, _, session = line.rpartition(")")[2].split()[:4]
+        if int(session) == sid and state != "Z":
+            running.append(line)
+    return running

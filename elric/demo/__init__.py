@@ -37,33 +37,12 @@ def run_demo(settings_path: str | None = None, pages: int = 25, timeout: float =
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _exit_on_signal)
     settings = load_settings(settings_path)
-    redis_server = None
-    started = []
-    if os.environ.get("ELRIC_REDIS_URL"):
-        redis_url = settings.REDIS_URL
-        print(f"using Redis at {redis_url} (ELRIC_REDIS_URL)")
-    else:
-        redis_server = RedisServer().start()
-        redis_url = redis_server.url
-        print(f"started redis-server (pid {redis_server.proc.pid}) on {redis_url}")
-    address = f"127.0.0.1:{free_port()}"
-    dashboard = f"127.0.0.1:{free_port()}"
-    # JOB_MODULES: the demo's worker loads only its crawler, whatever a settings.py here says
-    # LIMITS: a polite crawl, at most 16 pages of one host in flight across the cluster
     prefix = f"elric-demo-{os.getpid()}"
-    env = elric_env(redis_url, address, KEY_PREFIX=prefix,
-                    LOG_LEVEL="WARNING", JOB_MODULES=Crawl.__module__,
-                    LIMITS='{"*": {"concurrency": 16}}', DASHBOARD_ADDRESS=dashboard)
-    # its master and worker read the settings it read (--settings too), and it calls the
-    # master with their RPC_TOKEN: a settings.py here with one left it waiting 20 s for an
-    # answer, then a traceback
-    if settings.source is not None:
-        env["ELRIC_SETTINGS"] = os.path.abspath(settings.source)
-    if settings.RPC_TOKEN:   # (start_master waits for the master with it)
-        env["ELRIC_RPC_TOKEN"] = settings.RPC_TOKEN
-    site = DemoSite(pages).start()
+    # what it started, stopped in the finally, after a Ctrl-C during start-up too
+    redis_server = site = logdir = None
+    started = []
     # its logs are kept where it said so (a failure); else removed, after Ctrl-C too
-    logdir, keep_logs = tempfile.mkdtemp(prefix="elric-demo-"), False
+    keep_logs = False
 
     def failed(why) -> int:
         nonlocal keep_logs
@@ -71,6 +50,33 @@ def run_demo(settings_path: str | None = None, pages: int = 25, timeout: float =
         keep_logs = True
         return 1
     try:
+        if os.environ.get("ELRIC_REDIS_URL"):
+            redis_url = settings.REDIS_URL
+            print(f"using Redis at {redis_url} (ELRIC_REDIS_URL)")
+        else:
+            redis_server = RedisServer().start()
+            redis_url = redis_server.url
+            print(f"started redis-server (pid {redis_server.proc.pid}) on {redis_url}")
+        address = f"127.0.0.1:{free_port()}"
+        dashboard = f"127.0.0.1:{free_port()}"
+        # JOB_MODULES: the demo's worker loads only its crawler, whatever a settings.py
+        # here says
+        # LIMITS: a polite crawl, at most 16 pages of one host in flight across the cluster
+        # SHUTDOWN_GRACE: a Ctrl-C took 31 s, the worker letting its running jobs finish (a
+        # terminal's Ctrl-C ends the demo's redis-server too: their outcomes could not be
+        # recorded); a demo needs none of them finished
+        env = elric_env(redis_url, address, KEY_PREFIX=prefix, SHUTDOWN_GRACE=1,
+                        LOG_LEVEL="WARNING", JOB_MODULES=Crawl.__module__,
+                        LIMITS='{"*": {"concurrency": 16}}', DASHBOARD_ADDRESS=dashboard)
+        # its master and worker read the settings it read (--settings too), and it calls the
+        # master with their RPC_TOKEN: a settings.py here with one left it waiting 20 s for
+        # an answer, then a traceback
+        if settings.source is not None:
+            env["ELRIC_SETTINGS"] = os.path.abspath(settings.source)
+        if settings.RPC_TOKEN:   # (start_master waits for the master with it)
+            env["ELRIC_RPC_TOKEN"] = settings.RPC_TOKEN
+        site = DemoSite(pages).start()
+        logdir = tempfile.mkdtemp(prefix="elric-demo-")
         try:
             master = start_master(env, os.path.join(logdir, "master.log"))
         except RuntimeError as exc:   # (it was a traceback) it exited, or never answered
@@ -125,12 +131,13 @@ def run_demo(settings_path: str | None = None, pages: int = 25, timeout: float =
     finally:
         for proc in reversed(started):
             proc.stop()
-        site.stop()
+        if site is not None:
+            site.stop()
         if redis_server is not None:
             redis_server.cleanup()
-        else:   # a Redis of the user's: it kept the demo's keys (some for good) run after run
-            _drop_keys(redis_url, prefix)
-        if not keep_logs:
+        elif os.environ.get("ELRIC_REDIS_URL"):   # a Redis of the user's: it kept the demo's
+            _drop_keys(redis_url, prefix)          # keys (some for good) run after run
+        if logdir is not None and not keep_logs:
             shutil.rmtree(logdir, ignore_errors=True)
         print("stopped everything the demo started")
 
