@@ -265,18 +265,19 @@ def test_whitespace_around_an_href_is_not_part_of_the_link(children):
 def test_a_backslash_in_a_links_path_is_a_slash_as_browsers_read_it(children):
     """A Windows-made href="sub\\page.html" was fetched with its backslash (nginx: a 404,
     and /docs/sub/page.html another dedupe key); browsers read a backslash in an http(s)
-    URL's path as a slash (WHATWG URL), "\\\\host\\x" as another host; the query keeps it."""
+    URL's path as a slash (WHATWG URL), "\\\\host\\x" as another host; the query keeps it
+    (escaped)."""
     from elric.demo.crawler_sync import link_of
 
     page = (b'<html><body><a href="sub\\page.html">a</a><a href="\\top\\b?q=a\\b">b</a>'
             b'<a href="\\\\elsewhere\\x">c</a></body></html>')
     assert link_of("http://h/docs/", "\\\\elsewhere\\x") == "http://elsewhere/x"
     assert submit_links("http://h/docs/", page) == 2
-    assert links(children) == ["http://h/docs/sub/page.html", "http://h/top/b?q=a\\b"]
+    assert links(children) == ["http://h/docs/sub/page.html", "http://h/top/b?q=a%5Cb"]
     children.clear()
     with Site({"/docs/": (200, {"Content-Type": "text/html"}, page)}) as site:
         assert CrawlSync().run(site.url + "/docs/")["links"] == 2
-    assert links(children) == [site.url + "/docs/sub/page.html", site.url + "/top/b?q=a\\b"]
+    assert links(children) == [site.url + "/docs/sub/page.html", site.url + "/top/b?q=a%5Cb"]
 
 
 def test_only_http_links_are_followed(children):
@@ -313,6 +314,23 @@ def test_dot_segments_are_no_other_page(children):
     for url in ("http://h/x/../a", "http://h/%2e%2E/a", "http://h/./a?x=/../"):
         assert Crawl.dedupe_key_for(url).split("?")[0] == "http://h/a", url
     assert normalize_url("http://h/.well-known/a//b/") == "http://h/.well-known/a//b/"
+
+
+def test_a_character_a_url_may_not_hold_raw_is_the_escape_aiohttp_sends(children):
+    """/a<b and /a%3Cb, ?q="x" and ?q=%22x%22 (or |, {}, [], ^, `) were two dedupe keys each,
+    the same request on the wire (aiohttp escapes what RFC 3986 keeps out of a URL): one page
+    fetched twice."""
+    import yarl
+
+    pairs = [("/a<b>", "/a%3cb%3E"), ('/s?q="a b"', "/s?q=%22a%20b%22"), ("/a|b", "/a%7Cb"),
+             ("/{x}^`", "/%7Bx%7D%5E%60"), ("/q?a[]=1\\", "/q?a%5B%5D=1%5C")]
+    for raw, escaped in pairs:
+        key = normalize_url("http://h" + raw)
+        assert key == normalize_url("http://h" + escaped) == str(yarl.URL(key)), raw
+    assert normalize_url("http://h/a;b=c,d?e=$&f=@:/?") == "http://h/a;b=c,d?e=$&f=@:/?"
+    page = b'<html><body><a href="/a|b">1</a><a href="/a%7cb">2</a></body></html>'
+    assert submit_links("http://h/", page) == 1
+    assert links(children) == ["http://h/a%7Cb"]
 
 
 @pytest.mark.parametrize("job_class", [Crawl, CrawlSync], ids=["async", "sync"])

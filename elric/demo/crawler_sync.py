@@ -92,7 +92,7 @@ def normalize_url(url: str) -> str:
         netloc = netloc[:-len(default)]
     path = parts.path or "/"
     query = f"?{parts.query}" if parts.query else ""
-    if not (url.isascii() and "%" not in url and " " not in url):   # escapes to spell
+    if not (url.isascii() and _PLAIN.fullmatch(path + query)):   # escapes to spell
         try:   # an international domain name, as DNS knows it
             netloc = _ascii_host(netloc)
         except UnicodeError:
@@ -131,11 +131,14 @@ def _without_dots(path: str) -> str:
 
 _ESCAPE = re.compile("%[0-9A-Fa-f]{2}")
 _UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")
+# what RFC 3986 lets a path or query hold raw; aiohttp escapes the rest (" < > [ \ ] ^ ` { | })
+_SAFE = "!$&'()*+,;=:@/?"
+_PLAIN = re.compile(rf"[\w\-.~{re.escape(_SAFE)}]*", re.ASCII)
 
 
 def requote(text: str) -> str:
-    # escapes what is not printable ASCII; other escapes stay (%2F is no /, %26 no &)
-    return _ESCAPE.sub(_escape, quote(text, safe=string.punctuation))
+    # escapes what a URL may not hold raw; other escapes stay (%2F is no /, %26 no &)
+    return _ESCAPE.sub(_escape, quote(text, safe=_SAFE + "%"))
 
 
 def _escape(match: re.Match) -> str:
