@@ -353,6 +353,11 @@ class CrawlSync(PageKeys, Job):
                 raise   # worth another attempt, after a backoff
             # a 404 is an answer: nothing to retry, no links to follow
             location = exc.headers.get("Location") if exc.code in REDIRECTS else None
+            if location and not location.isascii():   # read as Latin-1; sent in UTF-8
+                try:
+                    location = location.encode("latin-1").decode("utf-8")
+                except UnicodeError:
+                    pass
             result, target = result_of(url, exc.code, redirects, location, self.max_redirects)
             if target is not None:
                 # kept to the crawl's host (the start page's to any: the crawl goes on
