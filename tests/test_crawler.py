@@ -409,6 +409,27 @@ def test_a_page_that_names_no_charset_is_read_as_utf_8_if_it_is(children, charse
     assert links(children) == [site.url + "/caf%C3%A9"] * 4
 
 
+@pytest.mark.parametrize("codec,declared", [
+    ("utf-8-sig", "iso-8859-1"), ("utf-16", None), ("utf-16-be", "utf-8"), ("utf-16-le", None)])
+def test_a_page_that_starts_with_a_byte_order_mark_is_read_in_its_charset(children, codec,
+                                                                         declared):
+    """A byte order mark says the charset before a Content-Type does (browsers heed it
+    first): a UTF-16 page was read as windows-1252 and gave no link, a UTF-8 one served
+    as Latin-1 turned /café into /cafÃ©, a 404."""
+    import codecs
+
+    page = '<html><body><a href="/café">c</a></body></html>'.encode(codec)
+    if codec.endswith("-be"):
+        page = codecs.BOM_UTF16_BE + page
+    elif codec.endswith("-le"):
+        page = codecs.BOM_UTF16_LE + page
+    kind = "text/html" + (f"; charset={declared}" if declared else "")
+    with Site({"/": (200, {"Content-Type": kind}, page)}) as site:
+        assert fetch(Crawl(), site.url + "/")["links"] == 1
+        assert CrawlSync().run(site.url + "/")["links"] == 1
+    assert links(children) == [site.url + "/caf%C3%A9"] * 2
+
+
 def test_a_meta_charset_after_the_first_kilobyte_is_heeded(children):
     """Found in the first 1024 bytes only, a <meta> after a long <head> was missed: a
     Shift_JIS page was read as windows-1252 (the async crawler read it with lxml's own

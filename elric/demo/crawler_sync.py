@@ -204,9 +204,14 @@ _META_CHARSET = re.compile(rb"""<meta[^>]*?charset\s*=\s*["']?([-\w.:]+)""", re.
 
 
 def page_charset(declared: str | None, body: bytes) -> str:
-    """The charset to read a page in: its Content-Type's, else a <meta>'s in its first 1024
-    bytes (where browsers look first), else UTF-8 if it reads as such (a tail cut
-    mid-character too), else a later <meta>'s (browsers heed it too), else windows-1252."""
+    """The charset to read a page in: its byte order mark's (browsers heed it first), else
+    its Content-Type's, else a <meta>'s in its first 1024 bytes (where browsers look first),
+    else UTF-8 if it reads as such (a tail cut mid-character too), else a later <meta>'s
+    (browsers heed it too), else windows-1252."""
+    if body.startswith((codecs.BOM_UTF16_BE, codecs.BOM_UTF16_LE)):
+        return "utf-16"   # which of the two, the codec reads from the mark
+    if body.startswith(codecs.BOM_UTF8):
+        return "utf-8-sig"   # without the mark
     if declared:
         return declared
     found = _META_CHARSET.search(body, 0, 1024)
