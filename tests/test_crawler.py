@@ -430,6 +430,20 @@ def test_a_page_that_starts_with_a_byte_order_mark_is_read_in_its_charset(childr
     assert links(children) == [site.url + "/caf%C3%A9"] * 2
 
 
+@pytest.mark.parametrize("charset", ["iso-8859-1", "windows-1252"])
+def test_a_links_query_is_escaped_in_its_pages_charset_as_browsers_send_it(children, charset):
+    """A browser escapes a link's query in its page's charset (its path in UTF-8): on a
+    Latin-1 page /s?q=é is /s?q=%E9, which was fetched as /s?q=%C3%A9, a search for "Ã©"."""
+    page = '<html><body><a href="/s?q=é">s</a><a href="/café?q=ü&x=€&#937;#é">c</a></body></html>'
+    kind = {"Content-Type": f"text/html; charset={charset}"}
+    with Site({"/": (200, kind, page.encode("windows-1252"))}) as site:
+        assert fetch(Crawl(), site.url + "/")["links"] == 2
+        assert CrawlSync().run(site.url + "/")["links"] == 2
+    # Ω, which windows-1252 has not, as a browser sends it: "&#937;" escaped
+    assert links(children) == [site.url + "/s?q=%E9",
+                               site.url + "/caf%C3%A9?q=%FC&x=%80%26%23937%3B"] * 2
+
+
 def test_a_meta_charset_after_the_first_kilobyte_is_heeded(children):
     """Found in the first 1024 bytes only, a <meta> after a long <head> was missed: a
     Shift_JIS page was read as windows-1252 (the async crawler read it with lxml's own

@@ -183,15 +183,21 @@ def page_key(url: str) -> str:
 MAX_URL = 2083   # characters: browsers' (and Scrapy's) limit; most servers refuse more
 
 
-def link_of(base: str, href: str) -> str | None:
+def link_of(base: str, href: str, codec: str = "utf-8") -> str | None:
     """The normalized http(s) URL ``href`` on page ``base`` leads to; None for another
     scheme (ftp:, mailto:), one that does not parse (``http://[oops``), or one over
     MAX_URL (a site that links each page to a longer URL would be crawled to no end): one
-    bad link on a page, not a failed page."""
+    bad link on a page, not a failed page. A query is escaped in its page's ``codec``, as
+    browsers send it (a character it has not as its HTML reference)."""
     href = href.strip(" \t\n\r\f")   # without the whitespace around it, as browsers read it
     if "\\" in href:   # a backslash before the query is a slash to browsers (WHATWG URL)
         path, mark, query = href.partition("?")
         href = path.replace("\\", "/") + mark + query
+    if not (href.isascii() or codec.startswith("utf")):
+        path, mark, query = href.partition("#")[0].partition("?")
+        href = path + mark + "".join(
+            c if c.isascii() else quote(c.encode(codec, "xmlcharrefreplace"), safe="")
+            for c in query)
     try:
         link = normalize_url(urljoin(base, href))
     except ValueError:
@@ -231,15 +237,17 @@ _SUPERSETS = {"shift_jis": "cp932", "x-sjis": "cp932", "gb2312": "gbk", "euc-kr"
               "us-ascii": "cp1252", "ascii": "cp1252"}
 
 
-def page_text(declared: str | None, body: bytes) -> str:
-    """The page read in page_charset's charset as browsers read its label (UTF-8 for one
-    Python does not know), a byte it cannot read as U+FFFD, as browsers do: lxml stopped
-    at the first such byte, and the links after it were lost."""
+def page_codec(declared: str | None, body: bytes) -> str:
+    """The codec to read the page in: page_charset's as browsers read its label (UTF-8 for
+    one Python does not know); read with errors="replace", as browsers do (lxml stopped at
+    the first byte it could not read, and the links after it were lost)."""
     charset = page_charset(declared, body)
+    codec = _SUPERSETS.get(charset.lower(), charset)
     try:
-        return body.decode(_SUPERSETS.get(charset.lower(), charset), "replace")
+        b"".decode(codec)   # a text codec: not base64, say
+        return codecs.lookup(codec).name
     except LookupError:
-        return body.decode("utf-8", "replace")
+        return "utf-8"
 
 
 # the MIME Sniffing Standard's HTML patterns: after whitespace, a tag ending in " " or ">"
@@ -384,11 +392,12 @@ class CrawlSync(PageKeys, Job):
             result["max_depth"] = True   # its links are a step too far: not followed
             return result
         parser = Links()
-        parser.feed(page_text(charset, body))
+        codec = page_codec(charset, body)
+        parser.feed(body.decode(codec, "replace"))
         if parser.nofollow or any(map(nofollow, tags)):
             parser.links = []
         base = parser.base and link_of(url, parser.base) or url
-        result["links"] = self._submit(url, [link_of(base, href) for href in parser.links],
+        result["links"] = self._submit(url, [link_of(base, href, codec) for href in parser.links],
                                        batch, depth + 1)
         return result
 
