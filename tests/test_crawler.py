@@ -236,6 +236,23 @@ def test_a_link_that_does_not_parse_is_skipped_not_the_page(children):
     assert links(children)[1:] == [site.url + "/a"]
 
 
+def test_a_port_out_of_range_is_no_link_and_an_empty_one_the_default(children):
+    """http://h:99999/ was a link (a start page's redirect there a job that failed every
+    attempt: aiohttp's InvalidURL); http://h:/a, which browsers read as http://h/a, another
+    host: not followed."""
+    from elric import SpecError
+    from elric.demo.crawler_sync import link_of
+
+    for href in "http://h:99999/", "http://h:8a/", "//h:-1/":
+        assert link_of("http://h/", href) is None, href
+    with pytest.raises(SpecError):
+        Crawl.spec(["http://h:99999/"])
+    page = b'<html><body><a href="http://h:/a">a</a><a href="https://[::1]:/b">b</a></body>'
+    assert submit_links("http://h/", page) == 1
+    assert links(children) == ["http://h/a"]
+    assert normalize_url("https://[::1]:/b") == "https://[::1]/b"
+
+
 def test_a_link_too_long_for_a_browser_is_not_followed(children):
     """A link of 100,000 characters was a job (its URL stored twice, as argument and dedupe
     key) that most servers answer 414; a site whose pages link to a longer URL each (href

@@ -88,7 +88,9 @@ def normalize_url(url: str) -> str:
     parts = urlsplit(url)   # urlparse took a last segment's ";v=2" off its path
     scheme, netloc = parts.scheme.lower(), parts.netloc.lower()
     default = ":80" if scheme == "http" else ":443" if scheme == "https" else None
-    if default and netloc.endswith(default):   # http://h:80/ is http://h/, the same host
+    if parts.port is None:   # (a ValueError for a port out of range or no number)
+        netloc = netloc.removesuffix(":")   # http://h:/ is http://h/, as browsers read it
+    elif default and netloc.endswith(default):   # http://h:80/ is http://h/, the same host
         netloc = netloc[:-len(default)]
     path = parts.path or "/"
     query = f"?{parts.query}" if parts.query else ""
