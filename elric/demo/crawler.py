@@ -46,9 +46,9 @@ except ImportError:  # pragma: no cover - depends on the install
 
 from elric import Job
 from elric.demo.crawler_sync import (CHUNK, MAX_REDIRECTS, REDIRECTS, ROBOTS_NAME, PageKeys,
-                                    link_of, no_answer, nofollow, normalize_url, page_codec,
-                                    refresh_url, requote, result_of, retry_after, sniffed_html,
-                                    worth_retrying)
+                                    header_url, link_of, no_answer, nofollow, normalize_url,
+                                    page_codec, refresh_url, requote, result_of, retry_after,
+                                    sniffed_html, worth_retrying)
 
 USER_AGENT = f"{ROBOTS_NAME}/0.1"
 HEADER_MAX_BYTES = 64 * 1024
@@ -324,6 +324,8 @@ class Crawl(PageKeys, Job):
                 if worth_retrying(status):
                     raise ServerError(url, response)
                 location = response.headers.get("Location") if status in REDIRECTS else None
+                if location and not location.isascii():   # aiohttp's bytes not UTF-8: escapes
+                    location = header_url(location.encode("utf-8", "surrogateescape"))
                 if location is None:
                     # content_type is lower-case; none said: read, HTML if it starts as HTML
                     # (browsers sniff it)

@@ -288,6 +288,16 @@ def result_of(url: str, status: int, redirects: int, location: str | None = None
     return result, None
 
 
+def header_url(sent: bytes) -> str:
+    """A URL a header (a Location) sent with bytes not ASCII, as browsers read it: UTF-8,
+    else each such byte escaped (urllib read a UTF-8 /café as /cafÃ©, a 404; aiohttp's
+    Latin-1 /caf\\xe9 was no web page)."""
+    try:
+        return sent.decode("utf-8")
+    except UnicodeDecodeError:
+        return quote(sent, safe=string.punctuation)
+
+
 def no_answer(url: str, timeout: float) -> TimeoutError:
     # urllib's and aiohttp's say "timed out" or nothing: the error recorded says what, how long
     return TimeoutError(f"{url}: no answer in {timeout} s")
@@ -368,11 +378,8 @@ class CrawlSync(PageKeys, Job):
                 raise   # worth another attempt, after a backoff
             # a 404 is an answer: nothing to retry, no links to follow
             location = exc.headers.get("Location") if exc.code in REDIRECTS else None
-            if location and not location.isascii():   # read as Latin-1; sent in UTF-8
-                try:
-                    location = location.encode("latin-1").decode("utf-8")
-                except UnicodeError:
-                    pass
+            if location and not location.isascii():   # urllib reads headers as Latin-1
+                location = header_url(location.encode("latin-1"))
             result, target = result_of(url, exc.code, redirects, location, self.max_redirects)
             if target is not None:
                 # kept to the crawl's host (the start page's to any: the crawl goes on
