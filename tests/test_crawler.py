@@ -236,6 +236,23 @@ def test_a_link_that_does_not_parse_is_skipped_not_the_page(children):
     assert links(children)[1:] == [site.url + "/a"]
 
 
+def test_a_port_out_of_range_is_no_link_and_an_empty_one_the_default(children):
+    """http://h:99999/ was a link (a start page's redirect there a job that failed every
+    attempt: aiohttp's InvalidURL); http://h:/a, which browsers read as http://h/a, another
+    host: not followed."""
+    from elric import SpecError
+    from elric.demo.crawler_sync import link_of
+
+    for href in "http://h:99999/", "http://h:8a/", "//h:-1/":
+        assert link_of("http://h/", href) is None, href
+    with pytest.raises(SpecError):
+        Crawl.spec(["http://h:99999/"])
+    page = b'<html><body><a href="http://h:/a">a</a><a href="https://[::1]:/b">b</a></body>'
+    assert submit_links("http://h/", page) == 1
+    assert links(children) == ["http://h/a"]
+    assert normalize_url("https://[::1]:/b") == "https://[::1]/b"
+
+
 def test_a_link_too_long_for_a_browser_is_not_followed(children):
     """A link of 100,000 characters was a job (its URL stored twice, as argument and dedupe
     key) that most servers answer 414; a site whose pages link to a longer URL each (href
@@ -265,18 +282,19 @@ def test_whitespace_around_an_href_is_not_part_of_the_link(children):
 def test_a_backslash_in_a_links_path_is_a_slash_as_browsers_read_it(children):
     """A Windows-made href="sub\\page.html" was fetched with its backslash (nginx: a 404,
     and /docs/sub/page.html another dedupe key); browsers read a backslash in an http(s)
-    URL's path as a slash (WHATWG URL), "\\\\host\\x" as another host; the query keeps it."""
+    URL's path as a slash (WHATWG URL), "\\\\host\\x" as another host; the query keeps it
+    (escaped)."""
     from elric.demo.crawler_sync import link_of
 
     page = (b'<html><body><a href="sub\\page.html">a</a><a href="\\top\\b?q=a\\b">b</a>'
             b'<a href="\\\\elsewhere\\x">c</a></body></html>')
     assert link_of("http://h/docs/", "\\\\elsewhere\\x") == "http://elsewhere/x"
     assert submit_links("http://h/docs/", page) == 2
-    assert links(children) == ["http://h/docs/sub/page.html", "http://h/top/b?q=a\\b"]
+    assert links(children) == ["http://h/docs/sub/page.html", "http://h/top/b?q=a%5Cb"]
     children.clear()
     with Site({"/docs/": (200, {"Content-Type": "text/html"}, page)}) as site:
         assert CrawlSync().run(site.url + "/docs/")["links"] == 2
-    assert links(children) == [site.url + "/docs/sub/page.html", site.url + "/top/b?q=a\\b"]
+    assert links(children) == [site.url + "/docs/sub/page.html", site.url + "/top/b?q=a%5Cb"]
 
 
 def test_only_http_links_are_followed(children):
@@ -313,6 +331,23 @@ def test_dot_segments_are_no_other_page(children):
     for url in ("http://h/x/../a", "http://h/%2e%2E/a", "http://h/./a?x=/../"):
         assert Crawl.dedupe_key_for(url).split("?")[0] == "http://h/a", url
     assert normalize_url("http://h/.well-known/a//b/") == "http://h/.well-known/a//b/"
+
+
+def test_a_character_a_url_may_not_hold_raw_is_the_escape_aiohttp_sends(children):
+    """/a<b and /a%3Cb, ?q="x" and ?q=%22x%22 (or |, {}, [], ^, `) were two dedupe keys each,
+    the same request on the wire (aiohttp escapes what RFC 3986 keeps out of a URL): one page
+    fetched twice."""
+    import yarl
+
+    pairs = [("/a<b>", "/a%3cb%3E"), ('/s?q="a b"', "/s?q=%22a%20b%22"), ("/a|b", "/a%7Cb"),
+             ("/{x}^`", "/%7Bx%7D%5E%60"), ("/q?a[]=1\\", "/q?a%5B%5D=1%5C")]
+    for raw, escaped in pairs:
+        key = normalize_url("http://h" + raw)
+        assert key == normalize_url("http://h" + escaped) == str(yarl.URL(key)), raw
+    assert normalize_url("http://h/a;b=c,d?e=$&f=@:/?") == "http://h/a;b=c,d?e=$&f=@:/?"
+    page = b'<html><body><a href="/a|b">1</a><a href="/a%7cb">2</a></body></html>'
+    assert submit_links("http://h/", page) == 1
+    assert links(children) == ["http://h/a%7Cb"]
 
 
 @pytest.mark.parametrize("job_class", [Crawl, CrawlSync], ids=["async", "sync"])
@@ -389,6 +424,41 @@ def test_a_page_that_names_no_charset_is_read_as_utf_8_if_it_is(children, charse
         assert type("Cut", (CrawlSync,), {"max_bytes": cut})().run(site.url + "/cut")["links"] \
             == 1
     assert links(children) == [site.url + "/caf%C3%A9"] * 4
+
+
+@pytest.mark.parametrize("codec,declared", [
+    ("utf-8-sig", "iso-8859-1"), ("utf-16", None), ("utf-16-be", "utf-8"), ("utf-16-le", None)])
+def test_a_page_that_starts_with_a_byte_order_mark_is_read_in_its_charset(children, codec,
+                                                                         declared):
+    """A byte order mark says the charset before a Content-Type does (browsers heed it
+    first): a UTF-16 page was read as windows-1252 and gave no link, a UTF-8 one served
+    as Latin-1 turned /café into /cafÃ©, a 404."""
+    import codecs
+
+    page = '<html><body><a href="/café">c</a></body></html>'.encode(codec)
+    if codec.endswith("-be"):
+        page = codecs.BOM_UTF16_BE + page
+    elif codec.endswith("-le"):
+        page = codecs.BOM_UTF16_LE + page
+    kind = "text/html" + (f"; charset={declared}" if declared else "")
+    with Site({"/": (200, {"Content-Type": kind}, page)}) as site:
+        assert fetch(Crawl(), site.url + "/")["links"] == 1
+        assert CrawlSync().run(site.url + "/")["links"] == 1
+    assert links(children) == [site.url + "/caf%C3%A9"] * 2
+
+
+@pytest.mark.parametrize("charset", ["iso-8859-1", "windows-1252"])
+def test_a_links_query_is_escaped_in_its_pages_charset_as_browsers_send_it(children, charset):
+    """A browser escapes a link's query in its page's charset (its path in UTF-8): on a
+    Latin-1 page /s?q=é is /s?q=%E9, which was fetched as /s?q=%C3%A9, a search for "Ã©"."""
+    page = '<html><body><a href="/s?q=é">s</a><a href="/café?q=ü&x=€&#937;#é">c</a></body></html>'
+    kind = {"Content-Type": f"text/html; charset={charset}"}
+    with Site({"/": (200, kind, page.encode("windows-1252"))}) as site:
+        assert fetch(Crawl(), site.url + "/")["links"] == 2
+        assert CrawlSync().run(site.url + "/")["links"] == 2
+    # Ω, which windows-1252 has not, as a browser sends it: "&#937;" escaped
+    assert links(children) == [site.url + "/s?q=%E9",
+                               site.url + "/caf%C3%A9?q=%FC&x=%80%26%23937%3B"] * 2
 
 
 def test_a_meta_charset_after_the_first_kilobyte_is_heeded(children):
@@ -767,6 +837,23 @@ def test_where_a_redirect_leads_is_a_page_job_of_its_own(children, job_class):
         assert run_page(job_class, site.url + "/odd")["error"] == "a redirect to no web page"
         assert links(children) == [site.url + "/new/"] and site.hits["/loop"] == 1
         assert "/new/" not in site.hits
+
+
+@pytest.mark.parametrize("job_class", [Crawl, CrawlSync], ids=["async", "sync"])
+@pytest.mark.parametrize("sent,path", [(b"/caf\xc3\xa9", "/caf%C3%A9"), (b"/caf\xe9", "/caf%E9")])
+def test_a_redirect_to_a_location_in_utf_8_leads_where_browsers_go(children, job_class, sent,
+                                                                   path):
+    """Servers send a Location's non-ASCII in UTF-8, as browsers (and aiohttp) read it; the
+    sync crawler read it as Latin-1 (urllib's headers): /café became /cafÃ©, a 404. A byte
+    that is no UTF-8 browsers escape: the async crawler took it for no web page."""
+    def moved(handler):
+        handler.send_response_only(301)
+        handler.flush_headers()
+        handler.wfile.write(b"Location: " + sent + b"\r\nContent-Length: 0\r\n\r\n")
+
+    with Site({"/old": moved}) as site:
+        assert run_page(job_class, site.url + "/old")["redirect"] == site.url + path
+    assert links(children) == [site.url + path]
 
 
 @pytest.mark.parametrize("job_class", [Crawl, CrawlSync], ids=["async", "sync"])

@@ -46,9 +46,9 @@ except ImportError:  # pragma: no cover - depends on the install
 
 from elric import Job
 from elric.demo.crawler_sync import (CHUNK, MAX_REDIRECTS, REDIRECTS, ROBOTS_NAME, PageKeys,
-                                    link_of, no_answer, nofollow, normalize_url, page_text,
-                                    refresh_url, requote, result_of, retry_after, sniffed_html,
-                                    worth_retrying)
+                                    header_url, link_of, no_answer, nofollow, normalize_url,
+                                    page_codec, refresh_url, requote, result_of, retry_after,
+                                    sniffed_html, worth_retrying)
 
 USER_AGENT = f"{ROBOTS_NAME}/0.1"
 HEADER_MAX_BYTES = 64 * 1024
@@ -106,19 +106,19 @@ class _Process:
         seen[link] = job_id
         return True
 
-    def resolve(self, base: str, href: str) -> tuple[str, str]:
-        """The normalized URL ``href`` leads to from page ``base``, and its host (both ""
-        when it leads nowhere: it does not parse). A site's pages share most links (its
-        menus), and parsing them took a quarter of a page's CPU: an href that starts at the
-        root, or names its host, means the same from every page of a host, so it is parsed
-        once per process."""
-        key = (base, href)
+    def resolve(self, base: str, href: str, codec: str = "utf-8") -> tuple[str, str]:
+        """The normalized URL ``href`` leads to from page ``base`` (in ``codec``), and its
+        host (both "" when it leads nowhere: it does not parse). A site's pages share most
+        links (its menus), and parsing them took a quarter of a page's CPU: an href that
+        starts at the root, or names its host, means the same from every page of a host, so
+        it is parsed once per process."""
+        key = (base, href, codec)
         if href.startswith(("/", "http://", "https://")):
             path_at = base.find("/", base.find("//") + 2)
-            key = (base if path_at < 0 else base[:path_at], href)   # scheme://host:port
+            key = (base if path_at < 0 else base[:path_at], href, codec)   # scheme://host:port
         found = self.resolved.get(key)
         if found is None:
-            link = link_of(base, href)
+            link = link_of(base, href, codec)
             found = ("", "") if link is None else (link, urlsplit(link).netloc)
             if len(self.resolved) >= 100_000:   # bound the memory
                 self.resolved.clear()
@@ -278,7 +278,7 @@ async def _in_turns(items: list[T]) -> AsyncIterator[T]:
             await asyncio.sleep(0)
 
 
-# the page as page_text reads it, handed to lxml in UTF-8 (its <meta> charset unheeded)
+# the page as page_codec reads it, handed to lxml in UTF-8 (its <meta> charset unheeded)
 _UTF8 = lxml.html.HTMLParser(encoding="utf-8")
 
 
@@ -324,6 +324,8 @@ class Crawl(PageKeys, Job):
                 if worth_retrying(status):
                     raise ServerError(url, response)
                 location = response.headers.get("Location") if status in REDIRECTS else None
+                if location and not location.isascii():   # aiohttp's bytes not UTF-8: escapes
+                    location = header_url(location.encode("utf-8", "surrogateescape"))
                 if location is None:
                     # content_type is lower-case; none said: read, HTML if it starts as HTML
                     # (browsers sniff it)
@@ -363,8 +365,9 @@ class Crawl(PageKeys, Job):
     @staticmethod
     async def _links(base: str, html: bytes, charset: str | None) -> list[tuple[str, str]]:
         """The links of ``html`` (in ``charset``), relative to ``base``: (URL, host)."""
+        codec = page_codec(charset, html)
         try:   # lxml, in C: a tenth of the CPU of html.parser, which the sync crawler uses
-            doc = lxml.html.fromstring(page_text(charset, html).encode("utf-8", "replace"),
+            doc = lxml.html.fromstring(html.decode(codec, "replace").encode("utf-8", "replace"),
                                        parser=_UTF8) if html.strip() else None
         except (lxml.etree.ParserError, ValueError):
             doc = None   # not a document lxml can read: no links
@@ -378,7 +381,7 @@ class Crawl(PageKeys, Job):
         # in the page's order, each once (a child's id follows its place: a rerun of the
         # page, in any process, gives each link the id it had)
         hrefs = [*filter(None, map(refresh_url, _REFRESH(doc))), *_HREFS(doc)]
-        return list(dict.fromkeys([_process.resolve(base, href)
+        return list(dict.fromkeys([_process.resolve(base, href, codec)
                                    async for href in _in_turns(hrefs)]))
 
     async def _submit(self, url: str, links: list[tuple[str, str]], batch: str, depth: int,

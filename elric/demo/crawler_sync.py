@@ -88,11 +88,13 @@ def normalize_url(url: str) -> str:
     parts = urlsplit(url)   # urlparse took a last segment's ";v=2" off its path
     scheme, netloc = parts.scheme.lower(), parts.netloc.lower()
     default = ":80" if scheme == "http" else ":443" if scheme == "https" else None
-    if default and netloc.endswith(default):   # http://h:80/ is http://h/, the same host
+    if parts.port is None:   # (a ValueError for a port out of range or no number)
+        netloc = netloc.removesuffix(":")   # http://h:/ is http://h/, as browsers read it
+    elif default and netloc.endswith(default):   # http://h:80/ is http://h/, the same host
         netloc = netloc[:-len(default)]
     path = parts.path or "/"
     query = f"?{parts.query}" if parts.query else ""
-    if not (url.isascii() and "%" not in url and " " not in url):   # escapes to spell
+    if not (url.isascii() and _PLAIN.fullmatch(path + query)):   # escapes to spell
         try:   # an international domain name, as DNS knows it
             netloc = _ascii_host(netloc)
         except UnicodeError:
@@ -131,11 +133,14 @@ def _without_dots(path: str) -> str:
 
 _ESCAPE = re.compile("%[0-9A-Fa-f]{2}")
 _UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")
+# what RFC 3986 lets a path or query hold raw; aiohttp escapes the rest (" < > [ \ ] ^ ` { | })
+_SAFE = "!$&'()*+,;=:@/?"
+_PLAIN = re.compile(rf"[\w\-.~{re.escape(_SAFE)}]*", re.ASCII)
 
 
 def requote(text: str) -> str:
-    # escapes what is not printable ASCII; other escapes stay (%2F is no /, %26 no &)
-    return _ESCAPE.sub(_escape, quote(text, safe=string.punctuation))
+    # escapes what a URL may not hold raw; other escapes stay (%2F is no /, %26 no &)
+    return _ESCAPE.sub(_escape, quote(text, safe=_SAFE + "%"))
 
 
 def _escape(match: re.Match) -> str:
@@ -180,15 +185,21 @@ def page_key(url: str) -> str:
 MAX_URL = 2083   # characters: browsers' (and Scrapy's) limit; most servers refuse more
 
 
-def link_of(base: str, href: str) -> str | None:
+def link_of(base: str, href: str, codec: str = "utf-8") -> str | None:
     """The normalized http(s) URL ``href`` on page ``base`` leads to; None for another
     scheme (ftp:, mailto:), one that does not parse (``http://[oops``), or one over
     MAX_URL (a site that links each page to a longer URL would be crawled to no end): one
-    bad link on a page, not a failed page."""
+    bad link on a page, not a failed page. A query is escaped in its page's ``codec``, as
+    browsers send it (a character it has not as its HTML reference)."""
     href = href.strip(" \t\n\r\f")   # without the whitespace around it, as browsers read it
     if "\\" in href:   # a backslash before the query is a slash to browsers (WHATWG URL)
         path, mark, query = href.partition("?")
         href = path.replace("\\", "/") + mark + query
+    if not (href.isascii() or codec.startswith("utf")):
+        path, mark, query = href.partition("#")[0].partition("?")
+        href = path + mark + "".join(
+            c if c.isascii() else quote(c.encode(codec, "xmlcharrefreplace"), safe="")
+            for c in query)
     try:
         link = normalize_url(urljoin(base, href))
     except ValueError:
@@ -201,9 +212,14 @@ _META_CHARSET = re.compile(rb"""<meta[^>]*?charset\s*=\s*["']?([-\w.:]+)""", re.
 
 
 def page_charset(declared: str | None, body: bytes) -> str:
-    """The charset to read a page in: its Content-Type's, else a <meta>'s in its first 1024
-    bytes (where browsers look first), else UTF-8 if it reads as such (a tail cut
-    mid-character too), else a later <meta>'s (browsers heed it too), else windows-1252."""
+    """The charset to read a page in: its byte order mark's (browsers heed it first), else
+    its Content-Type's, else a <meta>'s in its first 1024 bytes (where browsers look first),
+    else UTF-8 if it reads as such (a tail cut mid-character too), else a later <meta>'s
+    (browsers heed it too), else windows-1252."""
+    if body.startswith((codecs.BOM_UTF16_BE, codecs.BOM_UTF16_LE)):
+        return "utf-16"   # which of the two, the codec reads from the mark
+    if body.startswith(codecs.BOM_UTF8):
+        return "utf-8-sig"   # without the mark
     if declared:
         return declared
     found = _META_CHARSET.search(body, 0, 1024)
@@ -223,15 +239,17 @@ _SUPERSETS = {"shift_jis": "cp932", "x-sjis": "cp932", "gb2312": "gbk", "euc-kr"
               "us-ascii": "cp1252", "ascii": "cp1252"}
 
 
-def page_text(declared: str | None, body: bytes) -> str:
-    """The page read in page_charset's charset as browsers read its label (UTF-8 for one
-    Python does not know), a byte it cannot read as U+FFFD, as browsers do: lxml stopped
-    at the first such byte, and the links after it were lost."""
+def page_codec(declared: str | None, body: bytes) -> str:
+    """The codec to read the page in: page_charset's as browsers read its label (UTF-8 for
+    one Python does not know); read with errors="replace", as browsers do (lxml stopped at
+    the first byte it could not read, and the links after it were lost)."""
     charset = page_charset(declared, body)
+    codec = _SUPERSETS.get(charset.lower(), charset)
     try:
-        return body.decode(_SUPERSETS.get(charset.lower(), charset), "replace")
+        b"".decode(codec)   # a text codec: not base64, say
+        return codecs.lookup(codec).name
     except LookupError:
-        return body.decode("utf-8", "replace")
+        return "utf-8"
 
 
 # the MIME Sniffing Standard's HTML patterns: after whitespace, a tag ending in " " or ">"
@@ -268,6 +286,16 @@ def result_of(url: str, status: int, redirects: int, location: str | None = None
     elif target != url:
         return result, target
     return result, None
+
+
+def header_url(sent: bytes) -> str:
+    """A URL a header (a Location) sent with bytes not ASCII, as browsers read it: UTF-8,
+    else each such byte escaped (urllib read a UTF-8 /café as /cafÃ©, a 404; aiohttp's
+    Latin-1 /caf\\xe9 was no web page)."""
+    try:
+        return sent.decode("utf-8")
+    except UnicodeDecodeError:
+        return quote(sent, safe=string.punctuation)
 
 
 def no_answer(url: str, timeout: float) -> TimeoutError:
@@ -350,6 +378,8 @@ class CrawlSync(PageKeys, Job):
                 raise   # worth another attempt, after a backoff
             # a 404 is an answer: nothing to retry, no links to follow
             location = exc.headers.get("Location") if exc.code in REDIRECTS else None
+            if location and not location.isascii():   # urllib reads headers as Latin-1
+                location = header_url(location.encode("latin-1"))
             result, target = result_of(url, exc.code, redirects, location, self.max_redirects)
             if target is not None:
                 # kept to the crawl's host (the start page's to any: the crawl goes on
@@ -371,11 +401,12 @@ class CrawlSync(PageKeys, Job):
             result["max_depth"] = True   # its links are a step too far: not followed
             return result
         parser = Links()
-        parser.feed(page_text(charset, body))
+        codec = page_codec(charset, body)
+        parser.feed(body.decode(codec, "replace"))
         if parser.nofollow or any(map(nofollow, tags)):
             parser.links = []
         base = parser.base and link_of(url, parser.base) or url
-        result["links"] = self._submit(url, [link_of(base, href) for href in parser.links],
+        result["links"] = self._submit(url, [link_of(base, href, codec) for href in parser.links],
                                        batch, depth + 1)
         return result
 
