@@ -13,7 +13,6 @@ import contextlib
 import logging
 import multiprocessing
 import os
-import signal
 import struct
 import tempfile
 import time
@@ -120,7 +119,7 @@ class Pool(Executor):
         self._args = (tuple(job_modules), os.getpid(), os.getcwd(), log_level, lag_warn,
                       result_max, log_format)
         # imported once by the fork server, so each process it forks has them already
-        self._preload = ["elric.runner", *preload]
+        self._preload = ["elric.fork_server", "elric.runner", *preload]   # (in order)
         self._loop = asyncio.get_running_loop()
         self._flush_soon = False
         self._closed = False
@@ -160,20 +159,12 @@ class Pool(Executor):
         in ours, and so does its resource tracker (which imports no elric)."""
         resource_tracker.ensure_running()
         here, empty = os.getcwd(), tempfile.mkdtemp(prefix="elric-forkserver-")
-        # The fork server and the processes it forks ignore SIGTERM (exec keeps SIG_IGN) until
-        # theirs handle it (runner.serve): a SIGTERM sent to the whole process group (systemd,
-        # docker, kill -- -PGID) then stops only the worker, which lets running jobs finish.
-        # Blocked meanwhile, one sent to the worker is not lost: it comes once unblocked.
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-        previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
         try:
             os.chdir(empty)
             forkserver.set_forkserver_preload(self._preload)
             forkserver.ensure_running()   # (at once if it runs)
         finally:
             os.chdir(here)
-            signal.signal(signal.SIGTERM, previous)
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         return empty
 
     def _exited(self, proc: _Process) -> None:

@@ -145,8 +145,6 @@ def serve(conn, job_modules: tuple[str, ...], worker_pid: int, cwd: str, log_lev
     for sig in IGNORED:
         signal.signal(sig, lambda signum, frame: None)
         signal.siginterrupt(sig, False)
-    # the worker blocked SIGTERM while it started the fork server: a mask exec keeps too
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, IGNORED)
     try:
         import uvloop
         loop = uvloop.new_event_loop()

@@ -1877,10 +1877,13 @@ def test_a_command_a_job_starts_can_be_stopped_with_sigterm_and_sigint(cluster):
     assert worker.alive()
 
 
-def test_a_ctrl_c_lets_the_commands_a_job_runs_finish(cluster, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_ctrl_c_lets_the_commands_a_job_runs_finish(cluster, tmp_path, sig):
     """Ctrl-C reaches the terminal's whole process group: the commands a job ran were in it
     and stopped at once (the job failed), though the first Ctrl-C lets running jobs finish.
-    Pool processes have a group of their own; the worker stops them itself."""
+    Pool processes have a group of their own; the worker stops them itself. A SIGTERM to
+    the group (systemd, docker) spares the fork server too: had it died, the worker would
+    have taken its pool processes for dead."""
     gate, marks = tmp_path / "gate", tmp_path / "marks"
     # its own group, as in a terminal; on a failure the job's command in it goes too
     with open(tmp_path / "worker.log", "ab") as log, \
@@ -1889,7 +1892,7 @@ def test_a_ctrl_c_lets_the_commands_a_job_runs_finish(cluster, tmp_path):
                   stdin=subprocess.DEVNULL) as worker:
         cluster.client.submit_job(CommandUntilGate.spec([str(gate), str(marks)], job_id="tool"))
         wait_for(lambda: count_lines(marks) == 1, what="the job's command running")
-        os.killpg(worker.pid, signal.SIGINT)   # Ctrl-C
+        os.killpg(worker.pid, sig)   # Ctrl-C, or a supervisor's stop
         wait_for(lambda: "stopping" in (tmp_path / "worker.log").read_text(),
                  what="the worker stopping")
         gate.touch()

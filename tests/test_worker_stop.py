@@ -254,9 +254,10 @@ def test_an_idle_worker_stopped_with_redis_frozen_leaves_no_traceback(cluster, m
 
 
 def test_a_sigterm_while_the_pool_starts_its_fork_server_is_not_lost(monkeypatch):
-    """The worker ignored SIGTERM while it started its fork server (which inherits that, so
-    a SIGTERM to the whole process group spares it): a supervisor's stop that came then
-    was lost, and the worker ran on until killed. It comes once the start is done."""
+    """The worker ignored SIGTERM while it started its fork server (which inherited that, so
+    a SIGTERM to the whole process group spared it): a supervisor's stop that came then
+    was lost, and the worker ran on until killed. The fork server ignores it by itself now
+    (elric.fork_server); the worker never does."""
     from multiprocessing import forkserver
 
     from elric.pool import Pool
