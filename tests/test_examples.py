@@ -3,6 +3,7 @@ demo` (the crawlers: tests/test_crawler.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import re
@@ -140,15 +141,15 @@ def test_a_master_started_that_never_answers_is_not_left_running(redis_url, tmp_
     wait_for(refused, timeout=10, what="the master that never answered stopped")
 
 
-def test_elric_demo_stopped_by_ctrl_c_leaves_no_log_folder(tmp_path):
-    """Ctrl-C during the crawl stopped everything but left its temporary log folder, said
-    nowhere (it keeps one only where it says so: a crawl that failed)."""
+@contextlib.contextmanager
+def demo_crawling(tmp_path):
+    """``elric demo`` on a site it takes a minute or more over, once it crawls: (its
+    process, the lines it printed so far, their reader). 2,000 pages took 5 s, and on a
+    loaded machine a Ctrl-C came after the crawl had ended (exit 1: the listing shows
+    1,000). Its own session: on a failure the whole group is killed, its redis-server,
+    master and worker too (they ran on after a kill of the demo alone)."""
     env = script_env()
     env["TMPDIR"] = str(tmp_path)
-    # a site the crawl takes a minute or more over: 2,000 pages took 5 s, and on a loaded
-    # machine the Ctrl-C came after the crawl had ended (exit 1: the listing shows 1,000)
-    # its own session: on a failure the whole group is killed, its redis-server, master and
-    # worker too (they ran on after a kill of the demo alone)
     with group([sys.executable, "-m", "elric", "demo", "--pages", "20000"],
                cwd=str(tmp_path), env=env, stdout=subprocess.PIPE, text=True,
                stdin=subprocess.DEVNULL,
@@ -160,6 +161,13 @@ def test_elric_demo_stopped_by_ctrl_c_leaves_no_log_folder(tmp_path):
         reader.start()
         wait_for(lambda: any(line.startswith("crawling") for line in lines), timeout=120,
                  what="the demo crawling")
+        yield proc, lines, reader
+
+
+def test_elric_demo_stopped_by_ctrl_c_leaves_no_log_folder(tmp_path):
+    """Ctrl-C during the crawl stopped everything but left its temporary log folder, said
+    nowhere (it keeps one only where it says so: a crawl that failed)."""
+    with demo_crawling(tmp_path) as (proc, lines, reader):
         assert list(tmp_path.glob("elric-demo-*"))   # its logs, while it runs
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 130
@@ -174,17 +182,7 @@ def test_elric_demo_ctrl_c_from_a_terminal_ends_it_in_seconds(tmp_path):
     record the full SHUTDOWN_GRACE (30 s). A demo needs none of its jobs finished."""
     from elric.client import MasterClient
 
-    env = script_env()
-    env["TMPDIR"] = str(tmp_path)
-    with group([sys.executable, "-m", "elric", "demo", "--pages", "20000"],
-               cwd=str(tmp_path), env=env, stdout=subprocess.PIPE, text=True,
-               stdin=subprocess.DEVNULL,
-               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) as proc:
-        lines: list[str] = []
-        reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
-        reader.start()
-        wait_for(lambda: any(line.startswith("crawling") for line in lines), timeout=120,
-                 what="the demo crawling")
+    with demo_crawling(tmp_path) as (proc, lines, reader):
         out = "".join(lines)
         pids = [int(p) for p in re.findall(r"\(pid (\d+)\)", out)]
         assert len(pids) == 3, lines  # redis-server, master, worker
