@@ -414,7 +414,9 @@ class _Connection:
         auth_by = loop.time() + AUTH_TIMEOUT
         try:
             while True:
-                await self._room(decoder)
+                if self.server.held >= self.server.max_held or \
+                        self.server._reading_on is self:   # (else no wait: no coroutine)
+                    await self._room(decoder)
                 try:   # asyncio.timeout, not wait_for: no task per read
                     async with asyncio.timeout_at(loop.time() + self.server.idle_timeout
                                                   if self.authed else auth_by):
