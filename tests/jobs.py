@@ -172,11 +172,12 @@ class Sized(Job):
 
 
 class Spin(Job):
-    """Keeps a CPU busy for ``seconds``: load a worker's CPU % shows."""
+    """Keeps a CPU busy for ``seconds``, or until ``until_path`` exists: load a worker's
+    CPU % shows."""
 
-    def run(self, seconds):
+    def run(self, seconds, until_path=None):
         deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not (until_path and os.path.exists(until_path)):
             pass
         return "spun"
 
