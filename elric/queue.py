@@ -690,18 +690,23 @@ class RedisQueue:
 
     async def _take(self, ids: list[str], status: str, wanted: dict, listed: set[str],
                     out: list[dict], skip: int) -> int:
-        """Lists the jobs list_match found that still match (each read after it looked),
-        passing over the first ``skip``; returns the matches still to pass over."""
-        for job_id, (h, size) in zip(ids, await self._summaries(ids) if ids else []):
-            if not h or h.get(b"status") != status.encode() or job_id in listed:
+        """Lists the jobs list_match found, passing over the first ``skip`` unread (they
+        matched in Redis just now); returns the matches still to pass over."""
+        read = []
+        for job_id in ids:
+            if job_id in listed:
                 continue
-            view = self.summary_view(job_id, h, size)
-            if all(v is None or view[n] == v for n, v in wanted.items()):
-                if skip:
-                    skip -= 1
-                else:
-                    out.append(view)
+            if skip:
+                skip -= 1
                 listed.add(job_id)
+            else:
+                read.append(job_id)
+        for job_id, (h, size) in zip(read, await self._summaries(read) if read else []):
+            if h and h.get(b"status") == status.encode():   # (else it moved on since)
+                view = self.summary_view(job_id, h, size)
+                if all(v is None or view[n] == v for n, v in wanted.items()):
+                    out.append(view)
+                    listed.add(job_id)
         return skip
 
     async def stats(self, *, for_metrics: bool = False) -> dict:

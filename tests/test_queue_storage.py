@@ -142,6 +142,11 @@ def test_a_list_by_func_or_batch_reads_only_the_jobs_it_lists(redis_url):
             assert [row["job_id"] for row in await q.list_jobs(**filters, limit=10_000)] == whole
             pages = [await q.list_jobs(**filters, offset=o, limit=40) for o in (0, 40, 80)]
             assert [row["job_id"] for p in pages for row in p] == whole[:120]
+        # a deep page reads its own jobs alone, not those before its offset
+        sent = (await r.info("stats"))["total_net_output_bytes"]
+        deep = await q.list_jobs(batch="b1", offset=150, limit=10)
+        assert (await r.info("stats"))["total_net_output_bytes"] - sent < 30_000
+        assert [row["job_id"] for row in deep] == expect(batch="b1")[150:160]
         # at most scan_limit entries looked at: the first of them (q0's line holds every
         # queued job of the rare func)
         looked = await r.zcard(KEYS.queue("q0"))
