@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
+from elric import lua
 from elric.contract import STATUSES, NotFound, Refused, SpecError, Status
 
 ACTIONS = ("rerun", "copy", "cancel", "delete", "find")   # find: only list the ids
@@ -57,6 +58,10 @@ class JobFilter:
         wanted = (self.status, self.queue, self.func, self.batch, self.worker)
         if any(want is not None and have != want for want, have in zip(wanted, fields)):
             return False
+        return self.submitted_in(enqueued)
+
+    def submitted_in(self, enqueued) -> bool:
+        """Whether a job's ``enqueued_at`` (ms; None when unset) is within since and until."""
         at = float(enqueued) / 1000 if enqueued else None
         return (self.since is None or (at is not None and at >= self.since)) and \
             (self.until is None or (at is not None and at < self.until))
@@ -120,6 +125,7 @@ class Bulk:
     def __init__(self, queue, admission, redis, keys, store) -> None:
         self.queue, self.admission, self.redis, self.keys = queue, admission, redis, keys
         self.store = store   # tells a periodic job's id (no job record) from a mistyped one
+        self._match = lua.load(redis, "bulk_match")
 
     async def _indexes(self, f: JobFilter,
                        live_only: bool) -> list[tuple[tuple[int, str], str, bool]]:
@@ -162,12 +168,16 @@ class Bulk:
         if indexes and indexes[0][0] != place:
             scan = 0   # that index is gone (a parked set emptied): the next one from its start
         looked, chosen = 0, []
+        pairs = [x for name, want in zip(_FIELDS, (f.status, f.queue, f.func, f.batch, f.worker))
+                 if want is not None for x in (name, want)]
         while indexes and looked < STEP:
             place, key, prefixed = indexes[0]
-            scan, members = await self.redis.zscan(key, scan, count=SCAN)
-            ids = [m.decode()[17:] if prefixed else m.decode() for m, _ in members]
-            looked += len(ids)
-            chosen += (await self._matching(f, ids, before))[0]   # (gone since: passed over)
+            # Redis picks out the jobs whose fields match (gone since: passed over)
+            scan, n, *found = await self._match(keys=[key], args=[
+                self.keys.job(""), int(prefixed), scan, SCAN, *pairs])
+            scan, looked = int(scan), looked + n
+            chosen += [job_id.decode() for job_id, at in zip(found[::2], found[1::2])
+                       if f.submitted_in(at) and (before is None or int(at or 0) < before)]
             if scan == 0:
                 indexes.pop(0)
                 if indexes:

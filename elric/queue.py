@@ -29,6 +29,7 @@ log = logging.getLogger("elric.queue")
 HAND_BACK_SECONDS = 5.0   # a job no worker here can run waits this long between tries
 STALE = "stale"   # finish's answer for an outcome that is no longer its worker's to record
 MAX_RUNNING_SPLIT = 10_000   # running jobs stats() reads to split live jobs into running/queued
+MATCH_STEP = 1000   # index entries list_match looks at per call: a few ms of Redis's time
 STATS_ROWS = 100   # batches, and funcs, stats() holds: a label per run is tens of thousands
 WORKER_KEPT = 86400   # s a silent worker stays listed: heartbeat.lua's expiry of its hash
 
@@ -267,6 +268,7 @@ class RedisQueue:
         self._worker_order = lua.load(redis, "worker_order")
         self._forget_labels = lua.load(redis, "forget_labels", "clock_fn")
         self._forget_queues = lua.load(redis, "forget_queues", "clock_fn")
+        self._list_match = lua.load(redis, "list_match")
         # where each walk of forget_old_names goes on: batches, funcs, queues
         self._cursors = {"batches": 0, "funcs": 0, "queues": 0}
 
@@ -641,10 +643,21 @@ class RedisQueue:
                 indexes = [(self.keys.status(st), False)]
             for index, in_line in indexes:
                 start = 0
-                if skip and func is None and batch is None and (
-                        queue is None or index == self.keys.queue(queue)):
-                    # every job it holds matches: pass over them unread (reading them all
-                    # made a deep page take seconds, and empty past scan_limit)
+                if func is not None or batch is not None or (
+                        queue is not None and index != self.keys.queue(queue)):
+                    # Redis picks out the matches: only those are read here
+                    pairs = [x for f, v in wanted.items() if v is not None for x in (f, v)]
+                    while len(out) < limit and scanned < scan_limit and start >= 0:
+                        start, looked, *ids = await self._list_match(keys=[index], args=[
+                            self.keys.job(""), int(in_line), start,
+                            min(MATCH_STEP, scan_limit - scanned), skip + limit - len(out),
+                            st, *pairs])
+                        scanned += looked
+                        skip = await self._take([_s(i) for i in ids], st, wanted, listed,
+                                                out, skip)
+                    continue
+                if skip:   # every job it holds matches: pass over them unread (reading them
+                    # all made a deep page take seconds, and empty past scan_limit)
                     start = min(skip, await self.redis.zcard(index))
                     skip -= start
                 while len(out) < limit and scanned < scan_limit:
@@ -674,6 +687,27 @@ class RedisQueue:
                     if gone and not in_line:  # expired results: their entries go too
                         await self.redis.zrem(index, *gone)
         return out[:limit]
+
+    async def _take(self, ids: list[str], status: str, wanted: dict, listed: set[str],
+                    out: list[dict], skip: int) -> int:
+        """Lists the jobs list_match found, passing over the first ``skip`` unread (they
+        matched in Redis just now); returns the matches still to pass over."""
+        read = []
+        for job_id in ids:
+            if job_id in listed:
+                continue
+            if skip:
+                skip -= 1
+                listed.add(job_id)
+            else:
+                read.append(job_id)
+        for job_id, (h, size) in zip(read, await self._summaries(read) if read else []):
+            if h and h.get(b"status") == status.encode():   # (else it moved on since)
+                view = self.summary_view(job_id, h, size)
+                if all(v is None or view[n] == v for n, v in wanted.items()):
+                    out.append(view)
+                    listed.add(job_id)
+        return skip
 
     async def stats(self, *, for_metrics: bool = False) -> dict:
         """``for_metrics``: every func's row, not the STATS_ROWS last active (a counter must

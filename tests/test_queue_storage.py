@@ -105,6 +105,56 @@ def test_queued_jobs_are_indexed_by_their_queue_only(redis_url):
     asyncio.run(with_queue(redis_url, body))
 
 
+def test_a_list_by_func_or_batch_reads_only_the_jobs_it_lists(redis_url):
+    """A list by func or batch (or by queue outside the queued lines) read every job it
+    passed over into the master: a page of a rare func among 200,000 jobs took seconds.
+    Redis now picks the matches, so it sends the page, not the jobs passed over; the lists
+    are those of filtering every job, through statuses, offsets and gone or overwritten
+    jobs."""
+    rare = "tests.jobs:Add"
+
+    async def body(q, r):
+        await q.enqueue([normalize_spec({
+            "func": rare if i % 50 == 0 else FUNC, "args": ["x" * 200], "job_id": f"j{i}",
+            "batch": f"b{i % 7}", "queue": f"q{i % 2}"}) for i in range(1500)])
+        claims = (await q.fetch("w", ["q0", "q1"], 600, 30)).claims
+        await q.finish("w", [outcome(c, ok=i % 3 > 0) for i, c in enumerate(claims[:500])])
+        await q.remove("j750")                        # deleted while queued
+        await r.delete(KEYS.job("j0"))                # ended, then expired
+        await r.set(KEYS.job("j7"), "overwritten")    # an operator's mistake
+        sent = (await r.info("stats"))["total_net_output_bytes"]
+        page = await q.list_jobs(func=rare, limit=50)
+        assert (await r.info("stats"))["total_net_output_bytes"] - sent < 100_000
+        everything = await q.list_jobs(limit=10_000)
+        assert len(everything) == 1498
+
+        def expect(status=None, **filters):
+            return [row["job_id"] for row in everything
+                    if status in (None, row["status"]) and all(
+                        row[name] == value for name, value in filters.items())]
+        assert [row["job_id"] for row in page] == expect(func=rare)[:50]
+        assert len(page) == 28 and len({row["status"] for row in page}) == 4
+        assert await r.zscore(KEYS.status("failed"), "j0") is None   # its entry went too
+        for filters in ({"batch": "b3"}, {"batch": "b3", "status": "succeeded"},
+                        {"func": rare, "queue": "q0"}, {"queue": "q1", "status": "failed"},
+                        {"func": FUNC, "batch": "b0", "status": "queued"}, {"batch": "nope"}):
+            whole = expect(**filters)
+            assert [row["job_id"] for row in await q.list_jobs(**filters, limit=10_000)] == whole
+            pages = [await q.list_jobs(**filters, offset=o, limit=40) for o in (0, 40, 80)]
+            assert [row["job_id"] for p in pages for row in p] == whole[:120]
+        # a deep page reads its own jobs alone, not those before its offset
+        sent = (await r.info("stats"))["total_net_output_bytes"]
+        deep = await q.list_jobs(batch="b1", offset=150, limit=10)
+        assert (await r.info("stats"))["total_net_output_bytes"] - sent < 30_000
+        assert [row["job_id"] for row in deep] == expect(batch="b1")[150:160]
+        # at most scan_limit entries looked at: the first of them (q0's line holds every
+        # queued job of the rare func)
+        looked = await r.zcard(KEYS.queue("q0"))
+        assert [row["job_id"] for row in await q.list_jobs(func=rare, scan_limit=looked)] == \
+            expect(func=rare, status="queued")
+    asyncio.run(with_queue(redis_url, body))
+
+
 def test_a_job_id_that_exists_is_left_alone_and_its_status_answered(redis_url):
     async def body(q, r):
         chosen = [normalize_spec({"func": FUNC, "job_id": f"mine-{i}"}) for i in range(3)]
