@@ -321,6 +321,23 @@ def test_a_default_port_is_no_other_host_nor_another_page(children):
     assert normalize_url("https://h:80/") == "https://h:80/"   # not https's default
 
 
+@pytest.mark.parametrize("job_class", [Crawl, CrawlSync], ids=["async", "sync"])
+def test_a_host_with_a_trailing_dot_is_the_same_host(children, job_class):
+    """example.com. (fully qualified) and example.com are one host: it was another, with a
+    limit key, a robots.txt and dedupe keys of its own, and its links to example.com were
+    off the crawl's host."""
+    assert normalize_url("http://Example.COM./a") == "http://example.com/a"
+    assert normalize_url("http://u@h.:8/b?x=a.") == "http://u@h:8/b?x=a."
+    assert normalize_url("http://bücher.example./") == "http://xn--bcher-kva.example/"
+    assert job_class.spec(["http://example.com.:80/"])["limit_key"] == "example.com"
+    assert job_class.dedupe_key_for("http://h./a") == job_class.dedupe_key_for("http://h/a")
+    found = [normalize_url(link) for link in ("http://h/a", "http://h./b")]   # as link_of
+    submitted = asyncio.run(Crawl()._submit("http://h./", [(link, "h") for link in found],
+                                            "b", 1)) if job_class is Crawl \
+        else CrawlSync()._submit("http://h./", found, "b", 1)
+    assert submitted == 2 and links(children) == ["http://h/a", "http://h/b"]
+
+
 def test_dot_segments_are_no_other_page(children):
     """A link spelled with the host and a .. or . (http://h/x/../a) kept them: another dedupe
     key for /a, fetched twice; a relative one was resolved (urljoin)."""

@@ -81,9 +81,9 @@ def nofollow(content: str) -> bool:
 
 
 def normalize_url(url: str) -> str:
-    """One spelling per page: no fragment, lower-case scheme and host, no default port, a
-    path without ``.`` and ``..`` segments, and escapes as a browser sends them (UTF-8,
-    upper-case, none for ``~``)."""
+    """One spelling per page: no fragment, lower-case scheme and host (without a final dot),
+    no default port, a path without ``.`` and ``..`` segments, and escapes as a browser
+    sends them (UTF-8, upper-case, none for ``~``)."""
     url = urldefrag(url)[0]
     parts = urlsplit(url)   # urlparse took a last segment's ";v=2" off its path
     scheme, netloc = parts.scheme.lower(), parts.netloc.lower()
@@ -100,6 +100,8 @@ def normalize_url(url: str) -> str:
         except UnicodeError:
             pass
         path, query = requote(path), requote(query)
+    if netloc.endswith(".") or ".:" in netloc:   # example.com. is example.com (DNS's root)
+        netloc = _HOST_DOT.sub("", netloc)
     if "/." in path:   # /x/../a is /a, as urljoin makes a relative link's path
         path = _without_dots(path)
     return f"{scheme}://{netloc}{path}{query}"
@@ -115,6 +117,7 @@ def _ascii_host(netloc: str) -> str:
 
 
 _DEVIATIONS = frozenset("ßς\u200c\u200d")
+_HOST_DOT = re.compile(r"\.(?=(?::\d*)?$)")   # a host's final dot, before a port
 
 
 def _without_dots(path: str) -> str:
