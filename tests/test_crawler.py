@@ -857,6 +857,27 @@ def test_where_a_redirect_leads_is_a_page_job_of_its_own(children, job_class):
 
 
 @pytest.mark.parametrize("job_class", [Crawl, CrawlSync], ids=["async", "sync"])
+def test_a_redirect_to_its_own_page_spelled_otherwise_is_followed_in_the_job(children,
+                                                                              job_class):
+    """A redirect to a URL the normaliser makes the page's own (its query in another order)
+    was a child job with the page's dedupe key, which the master dropped as seen: the page
+    was never fetched. The job fetches it itself; a loop of such URLs ends, each fetched
+    once."""
+    page = (200, {"Content-Type": "text/html"}, b'<html><body><a href="/a">a</a></body></html>')
+    routes = {"/p?a=1&b=2": redirect("/p?b=2&a=1", 301), "/p?b=2&a=1": page,
+              "/l?a=1&b=2": redirect("/l?b=2&a=1"), "/l?b=2&a=1": redirect("/l?a=1&b=2")}
+    with Site(routes) as site:
+        assert run_page(job_class, site.url + "/p?a=1&b=2") == {
+            "url": site.url + "/p?b=2&a=1", "status": 200, "links": 1,
+            "bytes": len(page[2]), "redirects": 1}
+        assert links(children) == [site.url + "/a"]   # the page's link, not the page again
+        looped = run_page(job_class, site.url + "/l?a=1&b=2")
+        assert (looped["links"], looped["error"]) == (0, "a redirect loop")
+        assert site.hits["/l?a=1&b=2"] == site.hits["/l?b=2&a=1"] == 1
+    assert links(children) == [site.url + "/a"]
+
+
+@pytest.mark.parametrize("job_class", [Crawl, CrawlSync], ids=["async", "sync"])
 @pytest.mark.parametrize("sent,path", [(b"/caf\xc3\xa9", "/caf%C3%A9"), (b"/caf\xe9", "/caf%E9")])
 def test_a_redirect_to_a_location_in_utf_8_leads_where_browsers_go(children, job_class, sent,
                                                                    path):

@@ -25,7 +25,9 @@ the site) are links of its page. At most ``max_bytes`` of a page are read, and n
 what is not HTML. ``max_depth`` caps the links followed from a start page (on the path that
 found a page first; a redirect is none), for sites of no end (a calendar's "next month");
 None, the default, caps nothing.
-``max_redirects`` (20, as browsers and Scrapy) caps a chain of redirects in a row.
+``max_redirects`` (20, as browsers and Scrapy) caps a chain of redirects in a row. A
+redirect to the page's own URL spelled otherwise (its query in another order) is followed
+by its job: as a job of its own, the master would drop it as seen.
 """
 
 from __future__ import annotations
@@ -313,9 +315,21 @@ class Crawl(PageKeys, Job):
     async def run(self, url: str, batch: str = "", depth: int = 0, redirects: int = 0) -> dict:
         """Crawl page ``url``, ``depth`` links from its start page, reached by ``redirects``
         redirects in a row."""
+        fetched: set[str] = set()
+        while True:   # a redirect the job follows itself (see result_of)
+            fetched.add(normalize_url(url))
+            result, target = await self._page(url, batch, depth, redirects, frozenset(fetched))
+            if target is None:
+                return result
+            url, redirects = target, redirects + 1
+
+    async def _page(self, url: str, batch: str, depth: int, redirects: int,
+                    fetched: frozenset[str]) -> tuple[dict, str | None]:
+        """Crawl page ``url``: its result, and where a redirect leads that the job follows."""
         robots = await _process.allowed(url, self.dedupe_scope or batch, self.request_timeout)
         if robots is None:
-            return {"url": url, "status": None, "links": 0, "bytes": 0, "robots": "disallowed"}
+            return {"url": url, "status": None, "links": 0, "bytes": 0,
+                    "robots": "disallowed"}, None
         try:
             async with _process.http().get(
                     url, timeout=aiohttp.ClientTimeout(total=self.request_timeout),
@@ -342,25 +356,28 @@ class Crawl(PageKeys, Job):
                     tags = response.headers.getall("X-Robots-Tag", [])
         except TimeoutError:
             raise no_answer(url, self.request_timeout) from None
-        result, target = result_of(url, status, redirects, location, self.max_redirects)
+        result, target, here = result_of(url, status, redirects, location, self.max_redirects,
+                                         fetched)
+        if here:
+            return result, target
         if location is not None:
             if target is not None:   # no step deeper; from the start page, to any host
                 result["links"] = await self._submit(
                     url, [(target, urlsplit(target).netloc)], batch, depth, robots.delay,
                     anywhere=depth == 0, redirects=redirects + 1)
-            return result
+            return result, None
         result["bytes"] = len(body)
         if truncated:
             result["truncated"] = True
         if not html:
-            return result   # a 404 is an answer: nothing to retry, no links to follow
+            return result, None   # a 404 is an answer: nothing to retry, no links to follow
         if self.max_depth is not None and depth >= self.max_depth:
             result["max_depth"] = True   # its links are a step too far: not followed
-            return result
+            return result, None
         # the robots <meta> said in HTTP: its links are not followed
         links = [] if any(map(nofollow, tags)) else await self._links(url, body, charset)
         result["links"] = await self._submit(url, links, batch, depth + 1, robots.delay)
-        return result
+        return result, None
 
     @staticmethod
     async def _links(base: str, html: bytes, charset: str | None) -> list[tuple[str, str]]:
