@@ -807,11 +807,14 @@ def test_each_crawl_class_keeps_its_own_request_timeout(children):
 
 def test_a_server_that_does_not_answer_fails_the_attempt_saying_what_and_how_long(children):
     """The error recorded was a bare TimeoutError: neither the URL nor the time it had."""
+    from elric.demo.crawler import RobotsUnavailable
+
     answer = threading.Event()
     routes = {"/robots.txt": lambda handler: answer.wait(30)}
     with Site(routes) as site:
         try:
-            with pytest.raises(TimeoutError, match="^http://.*/robots.txt: no answer in 3.0 s$"):
+            with pytest.raises(RobotsUnavailable,
+                               match="^http://.*/robots.txt: no answer in 3.0 s: .*RFC 9309"):
                 fetch(QuickCrawl(), site.url + "/slow")
             routes["/slow"] = routes.pop("/robots.txt")   # robots.txt: 404, the page hangs
             with pytest.raises(TimeoutError, match="^http://.*/slow: no answer in 3.0 s$"):
@@ -967,6 +970,46 @@ def test_a_robots_txt_that_redirects_in_a_loop_is_no_robots_txt(children):
     page = (200, {"Content-Type": "text/html"}, b'<html><body><a href="/a">a</a></body></html>')
     with Site({"/robots.txt": redirect("/robots.txt"), "/": page}) as site:
         assert fetch(Crawl(), site.url + "/")["links"] == 1
+
+
+def test_a_robots_txt_that_fails_keeps_its_hosts_pages_out_and_is_asked_again(make_cluster):
+    """RFC 9309: a robots.txt answered with a 5xx, or not at all, keeps every page of its
+    host out for now, and is asked again later. The page was a failed job once its retries
+    were used up. Each attempt asks again (after a backoff, as for a page); once none is
+    left, the page is disallowed, its result naming robots.txt and what it answered."""
+    c = make_cluster(RETRY_BACKOFF=0.05)
+    c.start_master()
+    c.start_worker("--queues", "crawl", "--concurrency", "1")
+    page = (200, {"Content-Type": "text/html"}, b"<html>hi</html>")
+    asked: list[float] = []
+    with Site({"/robots.txt": (503, {}, b""), "/": page}) as down, \
+            Site({"/robots.txt": busy_first(503, "0", asked), "/": page}) as back:
+        # the claim's max_retries, not the class's 3
+        c.client.submit_job(Crawl.spec([down.url + "/", "b"], job_id="down", max_retries=1))
+        c.client.submit_job(Crawl.spec([back.url + "/", "b"], job_id="back"))
+        down_job, back_job = c.wait_job("down"), c.wait_job("back")
+    assert (down_job["status"], down_job["attempts"]) == ("succeeded", 2), c.logs()
+    assert down_job["result"]["robots"] == "unavailable"
+    assert down_job["result"]["error"].startswith(down.url + "/robots.txt: HTTP 503: ")
+    assert "/" not in down.hits and down.hits["/robots.txt"] == 2
+    assert (back_job["attempts"], back_job["result"]["status"]) == (2, 200), c.logs()
+    assert back.url + "/robots.txt: HTTP 503: " in back_job["error"]
+
+
+def test_a_robots_txt_not_answered_says_so(children):
+    """The error said what aiohttp said ("Cannot connect to host ..."), not that it was
+    robots.txt that kept the page out."""
+    from elric.demo.crawler import RobotsUnavailable
+    from elric.redis_server import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"   # nothing listens there
+    with pytest.raises(RobotsUnavailable, match=f"^{url}/robots.txt: .*RFC 9309"):
+        fetch(QuickCrawl(), url + "/")
+    last = QuickCrawl()
+    last.attempt, last.max_retries = 2, 1   # no retry left: the page is disallowed
+    result = fetch(last, url + "/")
+    assert (result["status"], result["robots"]) == (None, "unavailable")
+    assert result["error"].startswith(f"{url}/robots.txt: ")
 
 
 def test_the_sync_crawler_takes_a_404_for_an_answer_and_retries_a_503(children):

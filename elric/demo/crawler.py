@@ -15,8 +15,11 @@ and again once a day old), where a redirect leads too, since that page is a job 
 (deduped with the links to it); its ``Crawl-delay`` is the least time between two starts
 of its host's pages across all workers, where ``LIMITS`` gives less (e.g.
 ``{"example.com": {"interval": 10}}``): the links a page submits carry it as their
-``limit_interval``. 5xx, 429 and 408 answers, timeouts and broken connections are retried
-with backoff (``max_retries``), no sooner than a Retry-After asks (up to RETRY_BACKOFF_MAX;
+``limit_interval``. A robots.txt that answers a 4xx allows everything; one that answers as
+a page would be retried (a 5xx, 429, 408), or not at all, keeps its host's pages out (RFC
+9309): each attempt asks again, after a backoff, and with no retry left the page is
+disallowed, its result saying why (``"robots": "unavailable"`` and its ``error``). A
+page's 5xx, 429 and 408 answers, timeouts and broken connections are retried with backoff (``max_retries``), no sooner than a Retry-After asks (up to RETRY_BACKOFF_MAX;
 the host's other pages wait as long); another 4xx, or a 3xx that leads nowhere, is a result,
 not an error, and its body is not read. A link marked ``rel="nofollow"``, or any of a page whose
 robots ``<meta>`` or X-Robots-Tag header says nofollow, is not followed; a ``<meta
@@ -80,6 +83,16 @@ class ServerError(Exception):
     def __init__(self, url: str, response: aiohttp.ClientResponse) -> None:
         super().__init__(f"{url}: HTTP {response.status}")
         self.retry_after = retry_after(response.status, response.headers)
+
+
+class RobotsUnavailable(Exception):
+    """robots.txt answered a 5xx (or 429 or 408), or nothing: RFC 9309 keeps every page of
+    its host out until it answers. Worth another attempt after a backoff, as a page's 5xx."""
+
+    def __init__(self, url: str, why: str, retry_after: float = 0.0) -> None:
+        super().__init__(f"{url}: {why}: no page of its host is fetched until it answers "
+                         f"(RFC 9309)")
+        self.retry_after = retry_after
 
 
 class _Process:
@@ -162,16 +175,19 @@ class _Process:
         try:
             async with self.http().get(url, timeout=aiohttp.ClientTimeout(total=timeout)) \
                     as response:
-                if response.status >= 500 or response.status == 429:
-                    raise ServerError(url, response)
+                if worth_retrying(response.status):
+                    raise RobotsUnavailable(url, f"HTTP {response.status}",
+                                            retry_after(response.status, response.headers))
                 if response.status < 400:   # else no robots.txt: everything is allowed
                     body, _ = await _read(response, ROBOTS_MAX_BYTES)   # not all of a huge one
                     text = body.decode("utf-8-sig", "replace")   # without a byte order mark
                     rules = Robots(text.splitlines(), USER_AGENT)
         except TimeoutError:
-            raise no_answer(url, timeout) from None
+            raise RobotsUnavailable(url, f"no answer in {timeout} s") from None
         except aiohttp.TooManyRedirects:
             pass   # RFC 9309: as if there were none
+        except (aiohttp.ClientError, OSError) as exc:   # no connection, or a broken one
+            raise RobotsUnavailable(url, f"{type(exc).__name__}: {exc}") from None
         return rules
 
 
@@ -326,7 +342,15 @@ class Crawl(PageKeys, Job):
     async def _page(self, url: str, batch: str, depth: int, redirects: int,
                     fetched: frozenset[str]) -> tuple[dict, str | None]:
         """Crawl page ``url``: its result, and where a redirect leads that the job follows."""
-        robots = await _process.allowed(url, self.dedupe_scope or batch, self.request_timeout)
+        try:
+            robots = await _process.allowed(url, self.dedupe_scope or batch,
+                                            self.request_timeout)
+        except RobotsUnavailable as exc:
+            if self.attempt <= (self.max_retries or 0):
+                raise   # asked again after a backoff
+            # none left: disallowed, saying why (not a failed page: the site kept it out)
+            return {"url": url, "status": None, "links": 0, "bytes": 0,
+                    "robots": "unavailable", "error": str(exc)}, None
         if robots is None:
             return {"url": url, "status": None, "links": 0, "bytes": 0,
                     "robots": "disallowed"}, None
