@@ -955,6 +955,18 @@ def test_a_start_url_as_a_browser_shows_it_is_fetched(children, job_class):
         else {"/caf%C3%A9": 1, "/a%20b": 1}
 
 
+@pytest.mark.parametrize("job_class", [Crawl, CrawlSync], ids=["async", "sync"])
+def test_a_page_is_requested_as_it_is_normalized(children, job_class):
+    """The async crawler requested a start URL as given: its host with a final dot, which
+    a site that canonicalizes hosts redirects to the host without it, a redirect to the
+    page's own URL (a loop to the job, the page lost); here, a name no resolver knows."""
+    page = (200, {"Content-Type": "text/html"}, b"<html>here</html>")
+    with Site({"/": page}) as site:
+        fqdn = site.url.replace("127.0.0.1", "127.0.0.1.")
+        assert run_page(job_class, fqdn + "/")["status"] == 200
+    assert site.hits["/"] == 1
+
+
 def test_both_crawlers_give_a_page_the_same_result(children):
     """The sync crawler's result had no status for a page it read: code written for the
     results of one crawler broke on the other's."""

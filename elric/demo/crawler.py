@@ -19,9 +19,10 @@ of its host's pages across all workers, where ``LIMITS`` gives less (e.g.
 a page would be retried (a 5xx, 429, 408), or not at all, keeps its host's pages out (RFC
 9309): each attempt asks again, after a backoff, and with no retry left the page is
 disallowed, its result saying why (``"robots": "unavailable"`` and its ``error``). A
-page's 5xx, 429 and 408 answers, timeouts and broken connections are retried with backoff (``max_retries``), no sooner than a Retry-After asks (up to RETRY_BACKOFF_MAX;
-the host's other pages wait as long); another 4xx, or a 3xx that leads nowhere, is a result,
-not an error, and its body is not read. A link marked ``rel="nofollow"``, or any of a page whose
+page's 5xx, 429 and 408 answers, timeouts and broken connections are retried with backoff
+(``max_retries``), no sooner than a Retry-After asks (up to RETRY_BACKOFF_MAX; the host's
+other pages wait as long); another 4xx, or a 3xx that leads nowhere, is a result, not an
+error, and its body is not read. A link marked ``rel="nofollow"``, or any of a page whose
 robots ``<meta>`` or X-Robots-Tag header says nofollow, is not followed; a ``<meta
 http-equiv="refresh">`` URL, an image map's ``<area href>`` and a (i)frame's src (a page of
 the site) are links of its page. At most ``max_bytes`` of a page are read, and nothing of
@@ -355,8 +356,11 @@ class Crawl(PageKeys, Job):
             return {"url": url, "status": None, "links": 0, "bytes": 0,
                     "robots": "disallowed"}, None
         try:
+            # normalized, as the sync crawler does: ``fetched`` knows a loop by it (a start
+            # URL's host with a final dot was sent so)
             async with _process.http().get(
-                    url, timeout=aiohttp.ClientTimeout(total=self.request_timeout),
+                    normalize_url(url),
+                    timeout=aiohttp.ClientTimeout(total=self.request_timeout),
                     allow_redirects=False) as response:
                 status = response.status
                 if worth_retrying(status):
