@@ -57,7 +57,8 @@ class Job:
     max_retries: int | None = None
     timeout: float | None = None
 
-    #: set by the worker before ``run`` is called
+    #: set by the worker before ``run`` is called (``max_retries`` too, the job's own: no
+    #: retry is left once ``attempt > max_retries``)
     job_id: str = ""
     attempt: int = 0
     dedupe_scope: str | None = None

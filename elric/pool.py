@@ -336,7 +336,8 @@ class Pool(Executor):
         proc.outbox_sync = not is_async
         proc.alone = alone
         proc.outbox.append({"job_id": claim.job_id, "attempt": claim.attempt,
-                            "func": claim.func, "args": claim.args, "kwargs": claim.kwargs,
+                            "max_retries": claim.max_retries, "func": claim.func,
+                            "args": claim.args, "kwargs": claim.kwargs,
                             "timeout": claim.timeout, "dedupe_scope": claim.dedupe_scope,
                             "batch": claim.batch, "round": claim.round,
                             "enqueued_at": claim.enqueued_at, "member": claim.member})

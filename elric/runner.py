@@ -476,6 +476,7 @@ class _Runner:
             kwargs = codec.unpack(item["kwargs"]) or {}
             instance = cls()
             instance.job_id, instance.attempt = item["job_id"], item["attempt"]
+            instance.max_retries = item["max_retries"]   # the claim's: its spec may say so
             instance.dedupe_scope = item.get("dedupe_scope") or None
         except SpecError as exc:   # no such Job class in a loaded module: no retry helps
             log.error("job %s: %s", item["job_id"], exc)

@@ -321,6 +321,23 @@ def test_a_default_port_is_no_other_host_nor_another_page(children):
     assert normalize_url("https://h:80/") == "https://h:80/"   # not https's default
 
 
+@pytest.mark.parametrize("job_class", [Crawl, CrawlSync], ids=["async", "sync"])
+def test_a_host_with_a_trailing_dot_is_the_same_host(children, job_class):
+    """example.com. (fully qualified) and example.com are one host: it was another, with a
+    limit key, a robots.txt and dedupe keys of its own, and its links to example.com were
+    off the crawl's host."""
+    assert normalize_url("http://Example.COM./a") == "http://example.com/a"
+    assert normalize_url("http://u@h.:8/b?x=a.") == "http://u@h:8/b?x=a."
+    assert normalize_url("http://bücher.example./") == "http://xn--bcher-kva.example/"
+    assert job_class.spec(["http://example.com.:80/"])["limit_key"] == "example.com"
+    assert job_class.dedupe_key_for("http://h./a") == job_class.dedupe_key_for("http://h/a")
+    found = [normalize_url(link) for link in ("http://h/a", "http://h./b")]   # as link_of
+    submitted = asyncio.run(Crawl()._submit("http://h./", [(link, "h") for link in found],
+                                            "b", 1)) if job_class is Crawl \
+        else CrawlSync()._submit("http://h./", found, "b", 1)
+    assert submitted == 2 and links(children) == ["http://h/a", "http://h/b"]
+
+
 def test_dot_segments_are_no_other_page(children):
     """A link spelled with the host and a .. or . (http://h/x/../a) kept them: another dedupe
     key for /a, fetched twice; a relative one was resolved (urljoin)."""
@@ -790,11 +807,14 @@ def test_each_crawl_class_keeps_its_own_request_timeout(children):
 
 def test_a_server_that_does_not_answer_fails_the_attempt_saying_what_and_how_long(children):
     """The error recorded was a bare TimeoutError: neither the URL nor the time it had."""
+    from elric.demo.crawler import RobotsUnavailable
+
     answer = threading.Event()
     routes = {"/robots.txt": lambda handler: answer.wait(30)}
     with Site(routes) as site:
         try:
-            with pytest.raises(TimeoutError, match="^http://.*/robots.txt: no answer in 3.0 s$"):
+            with pytest.raises(RobotsUnavailable,
+                               match="^http://.*/robots.txt: no answer in 3.0 s: .*RFC 9309"):
                 fetch(QuickCrawl(), site.url + "/slow")
             routes["/slow"] = routes.pop("/robots.txt")   # robots.txt: 404, the page hangs
             with pytest.raises(TimeoutError, match="^http://.*/slow: no answer in 3.0 s$"):
@@ -837,6 +857,27 @@ def test_where_a_redirect_leads_is_a_page_job_of_its_own(children, job_class):
         assert run_page(job_class, site.url + "/odd")["error"] == "a redirect to no web page"
         assert links(children) == [site.url + "/new/"] and site.hits["/loop"] == 1
         assert "/new/" not in site.hits
+
+
+@pytest.mark.parametrize("job_class", [Crawl, CrawlSync], ids=["async", "sync"])
+def test_a_redirect_to_its_own_page_spelled_otherwise_is_followed_in_the_job(children,
+                                                                              job_class):
+    """A redirect to a URL the normaliser makes the page's own (its query in another order)
+    was a child job with the page's dedupe key, which the master dropped as seen: the page
+    was never fetched. The job fetches it itself; a loop of such URLs ends, each fetched
+    once."""
+    page = (200, {"Content-Type": "text/html"}, b'<html><body><a href="/a">a</a></body></html>')
+    routes = {"/p?a=1&b=2": redirect("/p?b=2&a=1", 301), "/p?b=2&a=1": page,
+              "/l?a=1&b=2": redirect("/l?b=2&a=1"), "/l?b=2&a=1": redirect("/l?a=1&b=2")}
+    with Site(routes) as site:
+        assert run_page(job_class, site.url + "/p?a=1&b=2") == {
+            "url": site.url + "/p?b=2&a=1", "status": 200, "links": 1,
+            "bytes": len(page[2]), "redirects": 1}
+        assert links(children) == [site.url + "/a"]   # the page's link, not the page again
+        looped = run_page(job_class, site.url + "/l?a=1&b=2")
+        assert (looped["links"], looped["error"]) == (0, "a redirect loop")
+        assert site.hits["/l?a=1&b=2"] == site.hits["/l?b=2&a=1"] == 1
+    assert links(children) == [site.url + "/a"]
 
 
 @pytest.mark.parametrize("job_class", [Crawl, CrawlSync], ids=["async", "sync"])
@@ -914,6 +955,18 @@ def test_a_start_url_as_a_browser_shows_it_is_fetched(children, job_class):
         else {"/caf%C3%A9": 1, "/a%20b": 1}
 
 
+@pytest.mark.parametrize("job_class", [Crawl, CrawlSync], ids=["async", "sync"])
+def test_a_page_is_requested_as_it_is_normalized(children, job_class):
+    """The async crawler requested a start URL as given: its host with a final dot, which
+    a site that canonicalizes hosts redirects to the host without it, a redirect to the
+    page's own URL (a loop to the job, the page lost); here, a name no resolver knows."""
+    page = (200, {"Content-Type": "text/html"}, b"<html>here</html>")
+    with Site({"/": page}) as site:
+        fqdn = site.url.replace("127.0.0.1", "127.0.0.1.")
+        assert run_page(job_class, fqdn + "/")["status"] == 200
+    assert site.hits["/"] == 1
+
+
 def test_both_crawlers_give_a_page_the_same_result(children):
     """The sync crawler's result had no status for a page it read: code written for the
     results of one crawler broke on the other's."""
@@ -929,6 +982,46 @@ def test_a_robots_txt_that_redirects_in_a_loop_is_no_robots_txt(children):
     page = (200, {"Content-Type": "text/html"}, b'<html><body><a href="/a">a</a></body></html>')
     with Site({"/robots.txt": redirect("/robots.txt"), "/": page}) as site:
         assert fetch(Crawl(), site.url + "/")["links"] == 1
+
+
+def test_a_robots_txt_that_fails_keeps_its_hosts_pages_out_and_is_asked_again(make_cluster):
+    """RFC 9309: a robots.txt answered with a 5xx, or not at all, keeps every page of its
+    host out for now, and is asked again later. The page was a failed job once its retries
+    were used up. Each attempt asks again (after a backoff, as for a page); once none is
+    left, the page is disallowed, its result naming robots.txt and what it answered."""
+    c = make_cluster(RETRY_BACKOFF=0.05)
+    c.start_master()
+    c.start_worker("--queues", "crawl", "--concurrency", "1")
+    page = (200, {"Content-Type": "text/html"}, b"<html>hi</html>")
+    asked: list[float] = []
+    with Site({"/robots.txt": (503, {}, b""), "/": page}) as down, \
+            Site({"/robots.txt": busy_first(503, "0", asked), "/": page}) as back:
+        # the claim's max_retries, not the class's 3
+        c.client.submit_job(Crawl.spec([down.url + "/", "b"], job_id="down", max_retries=1))
+        c.client.submit_job(Crawl.spec([back.url + "/", "b"], job_id="back"))
+        down_job, back_job = c.wait_job("down"), c.wait_job("back")
+    assert (down_job["status"], down_job["attempts"]) == ("succeeded", 2), c.logs()
+    assert down_job["result"]["robots"] == "unavailable"
+    assert down_job["result"]["error"].startswith(down.url + "/robots.txt: HTTP 503: ")
+    assert "/" not in down.hits and down.hits["/robots.txt"] == 2
+    assert (back_job["attempts"], back_job["result"]["status"]) == (2, 200), c.logs()
+    assert back.url + "/robots.txt: HTTP 503: " in back_job["error"]
+
+
+def test_a_robots_txt_not_answered_says_so(children):
+    """The error said what aiohttp said ("Cannot connect to host ..."), not that it was
+    robots.txt that kept the page out."""
+    from elric.demo.crawler import RobotsUnavailable
+    from elric.redis_server import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"   # nothing listens there
+    with pytest.raises(RobotsUnavailable, match=f"^{url}/robots.txt: .*RFC 9309"):
+        fetch(QuickCrawl(), url + "/")
+    last = QuickCrawl()
+    last.attempt, last.max_retries = 2, 1   # no retry left: the page is disallowed
+    result = fetch(last, url + "/")
+    assert (result["status"], result["robots"]) == (None, "unavailable")
+    assert result["error"].startswith(f"{url}/robots.txt: ")
 
 
 def test_the_sync_crawler_takes_a_404_for_an_answer_and_retries_a_503(children):

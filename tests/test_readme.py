@@ -108,6 +108,28 @@ def test_the_quick_start_crawls_a_site_and_schedules_it(redis_url, tmp_path):
         kill_group(site)
 
 
+def test_the_quick_starts_crawl_takes_a_404_for_an_answer_and_retries_a_5xx(tmp_path):
+    """Its raise_for_status() raised for any 4xx too: a broken link was retried (a crawler
+    must not), then a failed job. Only a 5xx says to try again."""
+    import asyncio
+    import importlib.util
+
+    import aiohttp
+    import pytest
+
+    from tests.test_crawler import Site
+
+    (tmp_path / "jobs.py").write_text(quick_start()[0]["jobs.py"])
+    spec = importlib.util.spec_from_file_location("quick_start_jobs", tmp_path / "jobs.py")
+    jobs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(jobs)
+    with Site({"/busy": (503, {}, b"")}) as site:   # any other path: a 404
+        assert asyncio.run(jobs.Crawl().run(site.url + "/gone")) == {
+            "url": site.url + "/gone", "links": 0}
+        with pytest.raises(aiohttp.ClientResponseError, match="503"):
+            asyncio.run(jobs.Crawl().run(site.url + "/busy"))
+
+
 def _answers(port: int) -> bool:
     """Whether the site listens (a connection, not a GET: the crawl counts the GETs)."""
     try:

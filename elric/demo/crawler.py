@@ -15,17 +15,23 @@ and again once a day old), where a redirect leads too, since that page is a job 
 (deduped with the links to it); its ``Crawl-delay`` is the least time between two starts
 of its host's pages across all workers, where ``LIMITS`` gives less (e.g.
 ``{"example.com": {"interval": 10}}``): the links a page submits carry it as their
-``limit_interval``. 5xx, 429 and 408 answers, timeouts and broken connections are retried
-with backoff (``max_retries``), no sooner than a Retry-After asks (up to RETRY_BACKOFF_MAX;
-the host's other pages wait as long); another 4xx, or a 3xx that leads nowhere, is a result,
-not an error, and its body is not read. A link marked ``rel="nofollow"``, or any of a page whose
+``limit_interval``. A robots.txt that answers a 4xx allows everything; one that answers as
+a page would be retried (a 5xx, 429, 408), or not at all, keeps its host's pages out (RFC
+9309): each attempt asks again, after a backoff, and with no retry left the page is
+disallowed, its result saying why (``"robots": "unavailable"`` and its ``error``). A
+page's 5xx, 429 and 408 answers, timeouts and broken connections are retried with backoff
+(``max_retries``), no sooner than a Retry-After asks (up to RETRY_BACKOFF_MAX; the host's
+other pages wait as long); another 4xx, or a 3xx that leads nowhere, is a result, not an
+error, and its body is not read. A link marked ``rel="nofollow"``, or any of a page whose
 robots ``<meta>`` or X-Robots-Tag header says nofollow, is not followed; a ``<meta
 http-equiv="refresh">`` URL, an image map's ``<area href>`` and a (i)frame's src (a page of
 the site) are links of its page. At most ``max_bytes`` of a page are read, and nothing of
 what is not HTML. ``max_depth`` caps the links followed from a start page (on the path that
 found a page first; a redirect is none), for sites of no end (a calendar's "next month");
 None, the default, caps nothing.
-``max_redirects`` (20, as browsers and Scrapy) caps a chain of redirects in a row.
+``max_redirects`` (20, as browsers and Scrapy) caps a chain of redirects in a row. A
+redirect to the page's own URL spelled otherwise (its query in another order) is followed
+by its job: as a job of its own, the master would drop it as seen.
 """
 
 from __future__ import annotations
@@ -78,6 +84,16 @@ class ServerError(Exception):
     def __init__(self, url: str, response: aiohttp.ClientResponse) -> None:
         super().__init__(f"{url}: HTTP {response.status}")
         self.retry_after = retry_after(response.status, response.headers)
+
+
+class RobotsUnavailable(Exception):
+    """robots.txt answered a 5xx (or 429 or 408), or nothing: RFC 9309 keeps every page of
+    its host out until it answers. Worth another attempt after a backoff, as a page's 5xx."""
+
+    def __init__(self, url: str, why: str, retry_after: float = 0.0) -> None:
+        super().__init__(f"{url}: {why}: no page of its host is fetched until it answers "
+                         f"(RFC 9309)")
+        self.retry_after = retry_after
 
 
 class _Process:
@@ -160,16 +176,19 @@ class _Process:
         try:
             async with self.http().get(url, timeout=aiohttp.ClientTimeout(total=timeout)) \
                     as response:
-                if response.status >= 500 or response.status == 429:
-                    raise ServerError(url, response)
+                if worth_retrying(response.status):
+                    raise RobotsUnavailable(url, f"HTTP {response.status}",
+                                            retry_after(response.status, response.headers))
                 if response.status < 400:   # else no robots.txt: everything is allowed
                     body, _ = await _read(response, ROBOTS_MAX_BYTES)   # not all of a huge one
                     text = body.decode("utf-8-sig", "replace")   # without a byte order mark
                     rules = Robots(text.splitlines(), USER_AGENT)
         except TimeoutError:
-            raise no_answer(url, timeout) from None
+            raise RobotsUnavailable(url, f"no answer in {timeout} s") from None
         except aiohttp.TooManyRedirects:
             pass   # RFC 9309: as if there were none
+        except (aiohttp.ClientError, OSError) as exc:   # no connection, or a broken one
+            raise RobotsUnavailable(url, f"{type(exc).__name__}: {exc}") from None
         return rules
 
 
@@ -313,12 +332,35 @@ class Crawl(PageKeys, Job):
     async def run(self, url: str, batch: str = "", depth: int = 0, redirects: int = 0) -> dict:
         """Crawl page ``url``, ``depth`` links from its start page, reached by ``redirects``
         redirects in a row."""
-        robots = await _process.allowed(url, self.dedupe_scope or batch, self.request_timeout)
-        if robots is None:
-            return {"url": url, "status": None, "links": 0, "bytes": 0, "robots": "disallowed"}
+        fetched: set[str] = set()
+        while True:   # a redirect the job follows itself (see result_of)
+            fetched.add(normalize_url(url))
+            result, target = await self._page(url, batch, depth, redirects, frozenset(fetched))
+            if target is None:
+                return result
+            url, redirects = target, redirects + 1
+
+    async def _page(self, url: str, batch: str, depth: int, redirects: int,
+                    fetched: frozenset[str]) -> tuple[dict, str | None]:
+        """Crawl page ``url``: its result, and where a redirect leads that the job follows."""
         try:
+            robots = await _process.allowed(url, self.dedupe_scope or batch,
+                                            self.request_timeout)
+        except RobotsUnavailable as exc:
+            if self.attempt <= (self.max_retries or 0):
+                raise   # asked again after a backoff
+            # none left: disallowed, saying why (not a failed page: the site kept it out)
+            return {"url": url, "status": None, "links": 0, "bytes": 0,
+                    "robots": "unavailable", "error": str(exc)}, None
+        if robots is None:
+            return {"url": url, "status": None, "links": 0, "bytes": 0,
+                    "robots": "disallowed"}, None
+        try:
+            # normalized, as the sync crawler does: ``fetched`` knows a loop by it (a start
+            # URL's host with a final dot was sent so)
             async with _process.http().get(
-                    url, timeout=aiohttp.ClientTimeout(total=self.request_timeout),
+                    normalize_url(url),
+                    timeout=aiohttp.ClientTimeout(total=self.request_timeout),
                     allow_redirects=False) as response:
                 status = response.status
                 if worth_retrying(status):
@@ -342,25 +384,28 @@ class Crawl(PageKeys, Job):
                     tags = response.headers.getall("X-Robots-Tag", [])
         except TimeoutError:
             raise no_answer(url, self.request_timeout) from None
-        result, target = result_of(url, status, redirects, location, self.max_redirects)
+        result, target, here = result_of(url, status, redirects, location, self.max_redirects,
+                                         fetched)
+        if here:
+            return result, target
         if location is not None:
             if target is not None:   # no step deeper; from the start page, to any host
                 result["links"] = await self._submit(
                     url, [(target, urlsplit(target).netloc)], batch, depth, robots.delay,
                     anywhere=depth == 0, redirects=redirects + 1)
-            return result
+            return result, None
         result["bytes"] = len(body)
         if truncated:
             result["truncated"] = True
         if not html:
-            return result   # a 404 is an answer: nothing to retry, no links to follow
+            return result, None   # a 404 is an answer: nothing to retry, no links to follow
         if self.max_depth is not None and depth >= self.max_depth:
             result["max_depth"] = True   # its links are a step too far: not followed
-            return result
+            return result, None
         # the robots <meta> said in HTTP: its links are not followed
         links = [] if any(map(nofollow, tags)) else await self._links(url, body, charset)
         result["links"] = await self._submit(url, links, batch, depth + 1, robots.delay)
-        return result
+        return result, None
 
     @staticmethod
     async def _links(base: str, html: bytes, charset: str | None) -> list[tuple[str, str]]:

@@ -81,9 +81,9 @@ def nofollow(content: str) -> bool:
 
 
 def normalize_url(url: str) -> str:
-    """One spelling per page: no fragment, lower-case scheme and host, no default port, a
-    path without ``.`` and ``..`` segments, and escapes as a browser sends them (UTF-8,
-    upper-case, none for ``~``)."""
+    """One spelling per page: no fragment, lower-case scheme and host (without a final dot),
+    no default port, a path without ``.`` and ``..`` segments, and escapes as a browser
+    sends them (UTF-8, upper-case, none for ``~``)."""
     url = urldefrag(url)[0]
     parts = urlsplit(url)   # urlparse took a last segment's ";v=2" off its path
     scheme, netloc = parts.scheme.lower(), parts.netloc.lower()
@@ -100,6 +100,8 @@ def normalize_url(url: str) -> str:
         except UnicodeError:
             pass
         path, query = requote(path), requote(query)
+    if netloc.endswith(".") or ".:" in netloc:   # example.com. is example.com (DNS's root)
+        netloc = _HOST_DOT.sub("", netloc)
     if "/." in path:   # /x/../a is /a, as urljoin makes a relative link's path
         path = _without_dots(path)
     return f"{scheme}://{netloc}{path}{query}"
@@ -115,6 +117,7 @@ def _ascii_host(netloc: str) -> str:
 
 
 _DEVIATIONS = frozenset("ßς\u200c\u200d")
+_HOST_DOT = re.compile(r"\.(?=(?::\d*)?$)")   # a host's final dot, before a port
 
 
 def _without_dots(path: str) -> str:
@@ -268,24 +271,29 @@ CHUNK = 64 * 1024
 
 
 def result_of(url: str, status: int, redirects: int, location: str | None = None,
-              max_redirects: int = MAX_REDIRECTS) -> tuple[dict, str | None]:
-    """Page ``url``'s result, no links nor bytes yet, and where its redirect to ``location``
-    leads if it is to be followed: a page job of its own, deduped with the links to that
-    page (fetched once), a loop ended by the dedupe and a chain of new URLs by
-    ``max_redirects``."""
+              max_redirects: int = MAX_REDIRECTS,
+              fetched: frozenset[str] = frozenset()) -> tuple[dict, str | None, bool]:
+    """Page ``url``'s result, no links nor bytes yet; where its redirect to ``location``
+    leads if it is to be followed; and whether the job follows it itself. Elsewhere, it
+    is a page job of its own, deduped with the links to that page (fetched once); to a URL
+    of the page's own dedupe key (its query in another order), the master would drop that
+    job as seen and the page would be lost, so the job fetches it. A loop ends at a URL
+    the job has ``fetched`` (normalized), a chain of new URLs at ``max_redirects``."""
     result = {"url": url, "status": status, "links": 0, "bytes": 0}
     if redirects:
         result["redirects"] = redirects
     if location is None:
-        return result, None
+        return result, None, False
     result["redirect"] = target = link_of(url, location)
     if target is None:
         result["error"] = "a redirect to no web page"
     elif redirects >= max_redirects:
         result["error"] = f"over {max_redirects} redirects in a row"
-    elif target != url:
-        return result, target
-    return result, None
+    elif target == normalize_url(url) or target in fetched:
+        result["error"] = "a redirect loop"
+    else:
+        return result, target, page_key(target) == page_key(url)
+    return result, None, False
 
 
 def header_url(sent: bytes) -> str:
@@ -353,6 +361,17 @@ class CrawlSync(PageKeys, Job):
     def run(self, url: str, batch: str = "", depth: int = 0, redirects: int = 0) -> dict:
         """Crawl page ``url``, ``depth`` links from its start page, reached by ``redirects``
         redirects in a row."""
+        fetched: set[str] = set()
+        while True:   # a redirect the job follows itself (see result_of)
+            fetched.add(normalize_url(url))
+            result, target = self._page(url, batch, depth, redirects, frozenset(fetched))
+            if target is None:
+                return result
+            url, redirects = target, redirects + 1
+
+    def _page(self, url: str, batch: str, depth: int, redirects: int,
+              fetched: frozenset[str]) -> tuple[dict, str | None]:
+        """Crawl page ``url``: its result, and where a redirect leads that the job follows."""
         deadline = time.monotonic() + self.request_timeout
         try:
             # normalized: a start URL may be typed as a browser shows it (/café), and
@@ -380,26 +399,29 @@ class CrawlSync(PageKeys, Job):
             location = exc.headers.get("Location") if exc.code in REDIRECTS else None
             if location and not location.isascii():   # urllib reads headers as Latin-1
                 location = header_url(location.encode("latin-1"))
-            result, target = result_of(url, exc.code, redirects, location, self.max_redirects)
+            result, target, here = result_of(url, exc.code, redirects, location,
+                                             self.max_redirects, fetched)
+            if here:
+                return result, target
             if target is not None:
                 # kept to the crawl's host (the start page's to any: the crawl goes on
                 # there); no step deeper
                 result["links"] = self._submit(url, [target], batch, depth, depth == 0,
                                                redirects + 1)
-            return result
+            return result, None
         except urllib.error.URLError as exc:   # a connection not made in time too
             if not isinstance(exc.reason, TimeoutError):
                 raise
             raise no_answer(url, self.request_timeout) from None
-        result, _ = result_of(url, status, redirects)
+        result, _, _ = result_of(url, status, redirects)
         result["bytes"] = min(len(body), self.max_bytes)
         if len(body) > self.max_bytes:
             body, result["truncated"] = body[:self.max_bytes], True
         if not html:
-            return result
+            return result, None
         if self.max_depth is not None and depth >= self.max_depth:
             result["max_depth"] = True   # its links are a step too far: not followed
-            return result
+            return result, None
         parser = Links()
         codec = page_codec(charset, body)
         parser.feed(body.decode(codec, "replace"))
@@ -408,7 +430,7 @@ class CrawlSync(PageKeys, Job):
         base = parser.base and link_of(url, parser.base) or url
         result["links"] = self._submit(url, [link_of(base, href, codec) for href in parser.links],
                                        batch, depth + 1)
-        return result
+        return result, None
 
     def _submit(self, url: str, links: list[str | None], batch: str, depth: int,
                 anywhere: bool = False, redirects: int = 0) -> int:
