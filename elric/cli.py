@@ -700,6 +700,11 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:   # elric results | head: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # mute exit's flush
         return 0
+    finally:
+        # CPython marks a KeyboardInterrupt that left code run by eval or exec of source text
+        # (a NamedTuple or dataclass made as a lazy import runs) as unhandled, caught or not,
+        # and python -m then dies by SIGINT, not by the status returned; an eval clears it
+        eval("None")
 
 
 UNAVAILABLE = 3   # the master or its Redis cannot be reached: try again

@@ -1234,6 +1234,45 @@ def test_a_wait_cut_short_says_the_job_goes_on_and_how_to_see_it(cluster):
                f"{job_id} shows it" in err, err
 
 
+CTRL_C_IN_EVAL = """
+import os, signal, sys, time
+from elric import cli
+
+class Master:   # what submit --wait and top ask, with no master
+    polls = 0
+    def __enter__(self): return self
+    def __exit__(self, *exc): pass
+    def health(self): return {"now": time.time()}
+    def submit_job(self, spec): return {"job_id": "w1", "status": "queued"}
+    def get_job(self, job_id, timeout=None):   # the second: the spinner's first poll
+        Master.polls += 1
+        return {"job_id": job_id, "status": "running"} if Master.polls == 1 else self.stats()
+    def stats(self):   # Ctrl-C lands in code run from source text, which it ends at once
+        exec("os.kill(os.getpid(), signal.SIGINT)\\nwhile True: pass", globals())
+
+cli._client = lambda args: Master()
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("command", [["submit", "tests.jobs:Echo", "--wait"], ["top"]])
+def test_ctrl_c_in_code_run_by_eval_still_exits_130(tmp_path, command):
+    """CPython marks a KeyboardInterrupt that leaves eval or exec of source text unhandled,
+    caught or not, and python -m then killed the process by SIGINT (-2), not 130: in CI
+    a Ctrl-C of submit --wait landed in rich's lazy import (a NamedTuple, made by eval)."""
+    import signal
+
+    (tmp_path / "ctrl_c_in_eval.py").write_text(CTRL_C_IN_EVAL)
+    out = subprocess.run([sys.executable, "-m", "ctrl_c_in_eval", *command], cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True,
+                         text=True, timeout=60,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert out.returncode == 130, out
+    if command[0] == "submit":
+        assert "elric: stopped waiting for job w1, which goes on: elric job w1 shows it" \
+            in out.stderr, out.stderr
+
+
 def test_submit_wait_says_when_the_only_workers_taking_the_queue_are_paused(cluster):
     """A paused worker takes no job, yet it counted as one that takes the queue: the wait
     went on without a word for as long as it stayed paused."""
