@@ -409,6 +409,10 @@ class Master:
         if asked == "stopped":   # it reads no more orders: "it obeys within a second" would lie
             raise NotFound(f"worker {worker_id!r} has stopped: it takes no orders (started "
                            "again, a worker has a new id: see elric workers)")
+        if asked == "stopping":   # it ignores them: "it obeys within a second" would lie
+            raise NotFound(f"worker {worker_id!r} is stopping (its running jobs finish, then "
+                           f"it exits): it takes no order but stop; {action} the worker that "
+                           "takes over (see elric workers)")
         if asked == "lost":   # killed, or its host down: "asked" it would never read
             raise NotFound(f"worker {worker_id!r} is lost: no heartbeat for longer than its "
                            "lease, so its jobs go to other workers (a worker started again "

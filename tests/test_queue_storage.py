@@ -1039,3 +1039,15 @@ def test_a_worker_silent_past_its_lease_is_lost_and_takes_no_orders(redis_url):
         assert await r.hget(KEYS.worker("quiet"), "paused") is None
         assert await q.control_worker("fresh", paused="1") == "ok"
     asyncio.run(with_queue(redis_url, body))
+
+
+def test_a_worker_stopping_takes_a_stop_again_and_no_other_order(redis_url):
+    """A worker finishing its jobs before it exits ignores a pause and a new pool size, yet
+    `elric worker set ID --concurrency 3` said "set asked; it obeys within a second", exit 0."""
+    async def body(q, r):
+        await q.heartbeat("w", [], 30, {"state": "stopping"})
+        assert await q.control_worker("w", set_concurrency="3") == "stopping"
+        assert await q.control_worker("w", paused="1") == "stopping"
+        assert await r.hmget(KEYS.worker("w"), "set_concurrency", "paused") == [None, None]
+        assert await q.control_worker("w", stop="1") == "ok"
+    asyncio.run(with_queue(redis_url, body))
