@@ -297,3 +297,36 @@ def test_a_worker_that_stopped_shows_the_jobs_it_finished_while_stopping(cluster
     assert cluster.client.get_job("nap")["status"] == "succeeded"
     w = _me(cluster, wid)
     assert (w["state"], w["in_flight"], w["done"], w["processed"]) == ("stopped", 0, 1, 1), w
+
+
+def test_the_master_log_names_the_jobs_redelivered(redis_url, caplog):
+    """"redelivered 1 job(s) whose worker stopped renewing its lease" named none: an
+    operator could not tell which jobs ran again after a worker died (cancelled ones were
+    named)."""
+    import asyncio
+    import logging
+
+    import redis.asyncio as aredis
+
+    from elric.clock import redis_now
+    from elric.contract import normalize_spec
+    from elric.housekeeping import Housekeeping
+    from elric.keys import Keys
+    from elric.queue import RedisQueue
+
+    async def main():
+        r = aredis.Redis.from_url(redis_url)
+        try:
+            keys = Keys("elric")
+            q = RedisQueue(r, keys)
+            await q.enqueue([normalize_spec({"func": "tests.jobs:Echo", "job_id": "held"})])
+            assert (await q.fetch("dead", ["default"], 1, 30)).claims
+            await r.zadd(keys.inflight, {"held": 0}, xx=True)   # its lease ran out
+            hk = Housekeeping(q, None, r, keys, 60, {})
+            hk._redelivered_at = await redis_now(r)   # no gap: no hold before redelivery
+            with caplog.at_level(logging.WARNING, logger="elric.master"):
+                await hk._redeliver()
+        finally:
+            await r.aclose()
+    asyncio.run(main())
+    assert "redelivered 1 job(s)" in caplog.text and "held" in caplog.text, caplog.text
