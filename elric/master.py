@@ -417,9 +417,13 @@ class Master:
             raise NotFound(f"worker {worker_id!r} is lost: no heartbeat for longer than its "
                            "lease, so its jobs go to other workers (a worker started again "
                            "has a new id: see elric workers)")
-        if asked == "gone":
-            raise NotFound(f"no worker {worker_id!r} (or it is lost: it sent no heartbeat "
-                           "for so long that its state expired)")
+        if asked == "gone":   # a pid or host given for the id: name the worker meant
+            meant = [w["worker_id"] for w in await self.queue.workers() if w.get("alive") and
+                     worker_id in (str(w.get("pid")), w.get("host"))]
+            raise NotFound(f"no worker {worker_id!r}" + (
+                f": a worker id is host:pid:suffix, e.g. {', '.join(meant[:3])}" if meant else
+                " (or it is lost: it sent no heartbeat for so long that its state expired); "
+                "elric workers lists the ids"))
         return {"worker_id": worker_id, "action": action}
 
     @_rpc

@@ -330,3 +330,23 @@ def test_the_master_log_names_the_jobs_redelivered(redis_url, caplog):
             await r.aclose()
     asyncio.run(main())
     assert "redelivered 1 job(s)" in caplog.text and "held" in caplog.text, caplog.text
+
+
+def test_an_order_to_a_worker_by_its_pid_names_the_id_meant(redis_url):
+    """`elric worker pause 4242` (the pid, as ps shows it) said only "no worker '4242' (or it
+    is lost ...)": nothing of the id it takes, nor which worker that pid is."""
+    import asyncio
+
+    from elric.rpc import RequestError
+    from tests.test_dedupe_keys_given_back import master
+
+    async def main():
+        async with master(redis_url) as m:
+            await m.queue.heartbeat("vm:4242:abcdef", [], 30, {"pid": 4242, "state": "running"})
+            with pytest.raises(RequestError, match="vm:4242:abcdef") as refused:
+                await m.control_worker("4242", "pause")
+            with pytest.raises(RequestError, match="elric workers") as unknown:
+                await m.control_worker("nosuch", "pause")
+            return refused.value, unknown.value
+    refused, unknown = asyncio.run(main())
+    assert "vm:4242:abcdef" not in str(unknown)
