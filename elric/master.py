@@ -424,7 +424,8 @@ class Master:
                 f": a worker id is host:pid:suffix, e.g. {', '.join(meant[:3])}" if meant else
                 " (or it is lost: it sent no heartbeat for so long that its state expired); "
                 "elric workers lists the ids"))
-        return {"worker_id": worker_id, "action": action}
+        # already asked (a resume of a running worker): said, not "it obeys within a second"
+        return {"worker_id": worker_id, "action": action, "unchanged": asked == "unchanged"}
 
     @_rpc
     async def modify_job(self, job_id, changes) -> dict:

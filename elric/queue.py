@@ -449,7 +449,8 @@ class RedisQueue:
         """Ask a worker, through its hash, to pause, resume, stop, serve other queues or run
         another number of processes; its next heartbeat (at most a second away) reads it.
         'ok', or 'gone' (no such worker, or its hash expired), 'lost' (silent past its
-        lease), 'stopped' or 'stopping' (any order but stop): not asked."""
+        lease), 'stopped' or 'stopping' (any order but stop): not asked; 'unchanged': a
+        pause, resume or stop it was already given."""
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.zscore(self.keys.workers, worker_id)
             pipe.hget(self.keys.worker(worker_id), "lease_ms")

@@ -350,3 +350,19 @@ def test_an_order_to_a_worker_by_its_pid_names_the_id_meant(redis_url):
             return refused.value, unknown.value
     refused, unknown = asyncio.run(main())
     assert "vm:4242:abcdef" not in str(unknown)
+
+
+def test_a_pause_of_a_paused_worker_says_it_changed_nothing(redis_url):
+    """`elric worker resume ID` of a running worker said "resume asked; it obeys within a
+    second", as if it would do something."""
+    import asyncio
+
+    from tests.test_dedupe_keys_given_back import master
+
+    async def main():
+        async with master(redis_url) as m:
+            await m.queue.heartbeat("w", [], 30, {"state": "running"})
+            said = [await m.control_worker("w", action)
+                    for action in ("resume", "pause", "pause", "resume", "stop", "stop")]
+            return [reply.get("unchanged", False) for reply in said]
+    assert asyncio.run(main()) == [True, False, True, False, False, True]
