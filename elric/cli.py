@@ -438,7 +438,10 @@ def _control_worker(args: argparse.Namespace) -> int:
     if args.json:
         _print(reply)
     else:
-        print(f"worker {ids[0]}: {action} asked; it obeys within a second")
+        print(f"worker {ids[0]}: " + ({"pause": "already paused", "resume": "was not paused",
+                                       "stop": "already told to stop"}[action] +
+                                      ": nothing to do" if reply.get("unchanged") else
+                                      f"{action} asked; it obeys within a second"))
     return 0
 
 

@@ -23,6 +23,7 @@ log = logging.getLogger("elric.master")
 # past which no lease runs out for a while: workers' heartbeats renew theirs first.
 REDELIVER_GAP = 3.0
 REDELIVER_HOLD = 2.0
+NAMED = 20   # job ids a log line names
 
 
 class Housekeeping:
@@ -102,9 +103,10 @@ class Housekeeping:
         if now < self._hold_until:
             return
         recovered, cancelled = await self.queue.recover()
-        if recovered:
-            log.warning("redelivered %d job(s) whose worker stopped renewing its lease",
-                        len(recovered))
+        if recovered:   # named, as a job run again after its worker died is asked about
+            log.warning("redelivered %d job(s) whose worker stopped renewing its lease: %s%s",
+                        len(recovered), ", ".join(recovered[:NAMED]),
+                        f" and {len(recovered) - NAMED} more" if len(recovered) > NAMED else "")
         if cancelled:
             log.warning("cancelled %d job(s) whose worker stopped renewing its lease while "
                         "they were being cancelled: %s", len(cancelled), ", ".join(cancelled))

@@ -409,10 +409,23 @@ class Master:
         if asked == "stopped":   # it reads no more orders: "it obeys within a second" would lie
             raise NotFound(f"worker {worker_id!r} has stopped: it takes no orders (started "
                            "again, a worker has a new id: see elric workers)")
-        if asked == "gone":
-            raise NotFound(f"no worker {worker_id!r} (or it is lost: it sent no heartbeat "
-                           "for so long that its state expired)")
-        return {"worker_id": worker_id, "action": action}
+        if asked == "stopping":   # it ignores them: "it obeys within a second" would lie
+            raise NotFound(f"worker {worker_id!r} is stopping (its running jobs finish, then "
+                           f"it exits): it takes no order but stop; {action} the worker that "
+                           "takes over (see elric workers)")
+        if asked == "lost":   # killed, or its host down: "asked" it would never read
+            raise NotFound(f"worker {worker_id!r} is lost: no heartbeat for longer than its "
+                           "lease, so its jobs go to other workers (a worker started again "
+                           "has a new id: see elric workers)")
+        if asked == "gone":   # a pid or host given for the id: name the worker meant
+            meant = [w["worker_id"] for w in await self.queue.workers() if w.get("alive") and
+                     worker_id in (str(w.get("pid")), w.get("host"))]
+            raise NotFound(f"no worker {worker_id!r}" + (
+                f": a worker id is host:pid:suffix, e.g. {', '.join(meant[:3])}" if meant else
+                " (or it is lost: it sent no heartbeat for so long that its state expired); "
+                "elric workers lists the ids"))
+        # already asked (a resume of a running worker): said, not "it obeys within a second"
+        return {"worker_id": worker_id, "action": action, "unchanged": asked == "unchanged"}
 
     @_rpc
     async def modify_job(self, job_id, changes) -> dict:

@@ -32,6 +32,14 @@ MAX_RUNNING_SPLIT = 10_000   # running jobs stats() reads to split live jobs int
 MATCH_STEP = 1000   # index entries list_match looks at per call: a few ms of Redis's time
 STATS_ROWS = 100   # batches, and funcs, stats() holds: a label per run is tens of thousands
 WORKER_KEPT = 86400   # s a silent worker stays listed: heartbeat.lua's expiry of its hash
+LOST_AFTER = 60.0   # s of silence that make a worker lost when its hash names no lease
+
+
+def _lost(seen_ms: float, lease_ms, now: float) -> bool:
+    """A worker silent past its lease is lost: its claims are redelivered by then, so it
+    is shown running no longer, nor told what to do (it would never obey)."""
+    after = int(lease_ms) / 1000.0 if str(lease_ms or "").isdigit() else LOST_AFTER
+    return now - seen_ms / 1000.0 >= after
 
 
 class Fenced(Exception):
@@ -424,6 +432,8 @@ class RedisQueue:
         """Renew the leases of ``claims`` and mark the worker seen, on Redis's clock; write
         ``fields`` (its state and load) into its hash; learn what an operator asked of it."""
         held = [x for c in claims for x in c.run]
+        if fields is not None:   # how long its silence may last before it is lost (_lost)
+            fields = {**fields, "lease_ms": int(lease_seconds * 1000)}
         pairs = [x for item in (fields or {}).items() for x in item]
         k = self.keys
         reply = await self._heartbeat(
@@ -440,7 +450,16 @@ class RedisQueue:
     async def control_worker(self, worker_id: str, **fields: str) -> str:
         """Ask a worker, through its hash, to pause, resume, stop, serve other queues or run
         another number of processes; its next heartbeat (at most a second away) reads it.
-        'ok', or 'gone' (no such worker, or lost) or 'stopped': not asked."""
+        'ok', or 'gone' (no such worker, or its hash expired), 'lost' (silent past its
+        lease), 'stopped' or 'stopping' (any order but stop): not asked; 'unchanged': a
+        pause, resume or stop it was already given."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zscore(self.keys.workers, worker_id)
+            pipe.hget(self.keys.worker(worker_id), "lease_ms")
+            pipe.time()
+            seen, lease_ms, (seconds, micros) = await pipe.execute()
+        if seen is not None and _lost(seen, _s(lease_ms), seconds + micros / 1e6):
+            return "lost"
         args = [worker_id, *(x for pair in fields.items() for x in pair)]
         return _s(await self._worker_order(keys=[self.keys.workers, self.keys.worker(worker_id)],
                                           args=args))
@@ -813,7 +832,7 @@ class RedisQueue:
         for (wid, seen), info in zip(workers_seen, infos):
             row = {_s(a): _s(b) for a, b in info.items()}
             for key in ("pid", "concurrency", "async_concurrency", "processed", "done",
-                        "failed", "in_flight", "rss_bytes", "started_at"):
+                        "failed", "in_flight", "rss_bytes", "started_at", "lease_ms"):
                 if str(row.get(key, "")).isdigit():   # numbers are numbers (a bad value stays)
                     row[key] = int(row[key])
             with contextlib.suppress(KeyError, ValueError):
@@ -824,7 +843,7 @@ class RedisQueue:
             for key in ("paused", "stop", "set_queues", "set_concurrency"):
                 row.pop(key, None)
             row.update(worker_id=_s(wid), last_seen=seen / 1000.0,
-                       alive=bool(info) and now - seen / 1000.0 < 60)
+                       alive=bool(info) and not _lost(seen, row.get("lease_ms"), now))
             if not row["alive"] or row.get("state") == "stopped":
                 # trouble is what a running worker's work is stuck on: a stopped or lost
                 # one's last heartbeat told of a wait that is over

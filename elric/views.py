@@ -107,8 +107,8 @@ def _rows(rows: list, nothing: str, columns: tuple[str, ...], cells, header: boo
 
 
 def worker_state(w: dict) -> str:
-    """running, paused, stopping (its running jobs finish) or stopped; lost: silent for 60 s
-    (stats' alive) without stopping."""
+    """running, paused, stopping (its running jobs finish) or stopped; lost: silent past its
+    lease (stats' alive), its jobs redelivered, without stopping."""
     return w.get("state", "running") if w.get("alive") or w.get("state") == "stopped" \
         else "lost"
 

@@ -1693,3 +1693,24 @@ def test_a_page_shows_only_a_note_the_dashboards_action_wrote(make_cluster):
     for path in (forged, mine.replace("1+of+1", "0+of+1")):
         page = op.read(path)
         assert 'class="note"' not in page, (path, page)
+
+
+def test_a_stopped_workers_load_is_not_exported_as_if_it_ran():
+    """A worker that stopped (its process gone) is "alive" in stats (heard from lately):
+    /metrics went on exporting its last memory, CPU and pool size, so a sum over workers
+    counted processes that had exited."""
+    from elric.dashboard.metrics import render
+
+    totals = dict.fromkeys(("submitted", "succeeded", "failed", "retrying", "redelivered",
+                            "handed_back", "cancelled", "started", "start_latency_ms"), 0)
+    load = {"alive": True, "cpu_percent": 1.0, "rss_bytes": 100, "in_flight": 0,
+            "concurrency": 2, "trouble": ""}
+    stats = {"by_status": {}, "by_queue": {}, "totals": totals, "filters": {}, "funcs": {},
+             "scheduler": dict.fromkeys(("fired", "missed", "skipped", "filtered",
+                                         "lateness_ms"), 0),
+             "workers": [{**load, "worker_id": "on", "state": "running"},
+                         {**load, "worker_id": "off", "state": "stopped"}]}
+    text = render(stats).decode()
+    assert 'elric_worker_rss_bytes{worker="on"} 100.0' in text
+    assert 'worker="off"' not in text, text
+    assert 'elric_workers{state="stopped"} 1.0' in text

@@ -1072,3 +1072,32 @@ def test_a_job_whose_key_an_operator_overwrote_can_be_deleted(redis_url):
         claims = (await q.fetch("w1", ["default"], 10, 30)).claims
         assert [c.job_id for c in claims] == [kept]
     asyncio.run(with_queue(redis_url, body))
+
+
+def test_a_worker_silent_past_its_lease_is_lost_and_takes_no_orders(redis_url):
+    """A killed worker showed "running" with its jobs in flight for 60 s, though its jobs
+    were redelivered once its lease ran out; and a pause or stop of it said "asked; it obeys
+    within a second" (exit 0) for good, its hash living a day."""
+    async def body(q, r):
+        for wid in ("quiet", "fresh"):
+            await q.heartbeat(wid, [], 3, {"state": "running", "in_flight": 2})
+        now = (lambda s, us: s + us / 1e6)(*await r.time())
+        await r.zadd(KEYS.workers, {"quiet": (now - 4) * 1000})   # silent past its 3 s lease
+        alive = {w["worker_id"]: w["alive"] for w in await q.workers()}
+        assert alive == {"quiet": False, "fresh": True}
+        assert await q.control_worker("quiet", paused="1") == "lost"
+        assert await r.hget(KEYS.worker("quiet"), "paused") is None
+        assert await q.control_worker("fresh", paused="1") == "ok"
+    asyncio.run(with_queue(redis_url, body))
+
+
+def test_a_worker_stopping_takes_a_stop_again_and_no_other_order(redis_url):
+    """A worker finishing its jobs before it exits ignores a pause and a new pool size, yet
+    `elric worker set ID --concurrency 3` said "set asked; it obeys within a second", exit 0."""
+    async def body(q, r):
+        await q.heartbeat("w", [], 30, {"state": "stopping"})
+        assert await q.control_worker("w", set_concurrency="3") == "stopping"
+        assert await q.control_worker("w", paused="1") == "stopping"
+        assert await r.hmget(KEYS.worker("w"), "set_concurrency", "paused") == [None, None]
+        assert await q.control_worker("w", stop="1") == "ok"
+    asyncio.run(with_queue(redis_url, body))

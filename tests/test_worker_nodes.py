@@ -300,3 +300,72 @@ def test_a_worker_that_stopped_shows_the_jobs_it_finished_while_stopping(cluster
     assert cluster.client.get_job("nap")["status"] == "succeeded"
     w = _me(cluster, wid)
     assert (w["state"], w["in_flight"], w["done"], w["processed"]) == ("stopped", 0, 1, 1), w
+
+
+def test_the_master_log_names_the_jobs_redelivered(redis_url, caplog):
+    """"redelivered 1 job(s) whose worker stopped renewing its lease" named none: an
+    operator could not tell which jobs ran again after a worker died (cancelled ones were
+    named)."""
+    import asyncio
+    import logging
+
+    import redis.asyncio as aredis
+
+    from elric.clock import redis_now
+    from elric.contract import normalize_spec
+    from elric.housekeeping import Housekeeping
+    from elric.keys import Keys
+    from elric.queue import RedisQueue
+
+    async def main():
+        r = aredis.Redis.from_url(redis_url)
+        try:
+            keys = Keys("elric")
+            q = RedisQueue(r, keys)
+            await q.enqueue([normalize_spec({"func": "tests.jobs:Echo", "job_id": "held"})])
+            assert (await q.fetch("dead", ["default"], 1, 30)).claims
+            await r.zadd(keys.inflight, {"held": 0}, xx=True)   # its lease ran out
+            hk = Housekeeping(q, None, r, keys, 60, {})
+            hk._redelivered_at = await redis_now(r)   # no gap: no hold before redelivery
+            with caplog.at_level(logging.WARNING, logger="elric.master"):
+                await hk._redeliver()
+        finally:
+            await r.aclose()
+    asyncio.run(main())
+    assert "redelivered 1 job(s)" in caplog.text and "held" in caplog.text, caplog.text
+
+
+def test_an_order_to_a_worker_by_its_pid_names_the_id_meant(redis_url):
+    """`elric worker pause 4242` (the pid, as ps shows it) said only "no worker '4242' (or it
+    is lost ...)": nothing of the id it takes, nor which worker that pid is."""
+    import asyncio
+
+    from elric.rpc import RequestError
+    from tests.test_dedupe_keys_given_back import master
+
+    async def main():
+        async with master(redis_url) as m:
+            await m.queue.heartbeat("vm:4242:abcdef", [], 30, {"pid": 4242, "state": "running"})
+            with pytest.raises(RequestError, match="vm:4242:abcdef") as refused:
+                await m.control_worker("4242", "pause")
+            with pytest.raises(RequestError, match="elric workers") as unknown:
+                await m.control_worker("nosuch", "pause")
+            return refused.value, unknown.value
+    refused, unknown = asyncio.run(main())
+    assert "vm:4242:abcdef" not in str(unknown)
+
+
+def test_a_pause_of_a_paused_worker_says_it_changed_nothing(redis_url):
+    """`elric worker resume ID` of a running worker said "resume asked; it obeys within a
+    second", as if it would do something."""
+    import asyncio
+
+    from tests.test_dedupe_keys_given_back import master
+
+    async def main():
+        async with master(redis_url) as m:
+            await m.queue.heartbeat("w", [], 30, {"state": "running"})
+            said = [await m.control_worker("w", action)
+                    for action in ("resume", "pause", "pause", "resume", "stop", "stop")]
+            return [reply.get("unchanged", False) for reply in said]
+    assert asyncio.run(main()) == [True, False, True, False, False, True]

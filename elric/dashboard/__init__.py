@@ -356,6 +356,8 @@ class Dashboard:
                 errors.append(f"{one}: not found")
             elif action == "cancel" and not Status(reply["was"]).live:
                 errors.append(left_alone(one, reply["was"]))
+            elif kind == "worker" and reply.get("unchanged"):   # (two clicks, two tabs)
+                errors.append(f"{one}: already asked to {action}: nothing to do")
             elif action == "run now" and (why := not_run(reply, RUN_WAIT)):
                 errors.append(f"{one}: {why}")   # e.g. skipped: max_instances are running
             else:

@@ -14,7 +14,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST as CONTENT_TYPE
 from elric.admission import PER_FIRE
 from elric.contract import FIRE_ID
 from elric.jobstats import BOUNDS_MS
-from elric.views import worker_counts
+from elric.views import worker_counts, worker_state
 
 __all__ = ["CONTENT_TYPE", "render"]
 
@@ -89,7 +89,7 @@ class _Snapshot:
 
 def _workers(workers: list[dict]):
     """Each live worker's load, and whether its work is stuck retrying (its ``trouble``), as
-    its last heartbeat recorded them."""
+    its last heartbeat recorded them; a stopped one's is left out (its processes exited)."""
     load = {name: GaugeMetricFamily(f"elric_worker_{name}", doc, labels=["worker"])
             for name, doc in (("cpu_percent", "CPU % of a worker and its pool (100: a core)"),
                               ("rss_bytes", "Memory of a worker and its pool processes"),
@@ -98,7 +98,7 @@ def _workers(workers: list[dict]):
                               ("trouble", "1: a worker's work is stuck retrying (a master "
                                "or Redis it cannot use); its trouble field says what"))}
     for w in workers:
-        if not w.get("alive"):
+        if worker_state(w) in ("lost", "stopped"):
             continue
         values = {**w, "processes": w.get("concurrency"), "trouble": int(bool(w.get("trouble")))}
         for name, family in load.items():
