@@ -29,6 +29,9 @@ log = logging.getLogger("elric.queue")
 HAND_BACK_SECONDS = 5.0   # a job no worker here can run waits this long between tries
 STALE = "stale"   # finish's answer for an outcome that is no longer its worker's to record
 MAX_RUNNING_SPLIT = 10_000   # running jobs stats() reads to split live jobs into running/queued
+# jobs an enqueue script queues a call (~10 ms of Redis's time): a 10,000-job submission
+# in one call held Redis, and every worker's fetch and finish, for 0.1-0.6 s
+ENQUEUE_STEP = 1000
 MATCH_STEP = 1000   # index entries list_match looks at per call: a few ms of Redis's time
 STATS_ROWS = 100   # batches, and funcs, stats() holds: a label per run is tens of thousands
 WORKER_KEPT = 86400   # s a silent worker stays listed: heartbeat.lua's expiry of its hash
@@ -300,11 +303,25 @@ class RedisQueue:
 
         ``fence``: the scheduler's lease token, for its fires; the call raises Fenced unless
         it is current, and the fires leave ``keys.fires_pending`` as they are queued.
+        A script call queues ENQUEUE_STEP of them: one that fails leaves the steps before
+        it queued, which a resend (or a failed call's clean-up) finds as it finds any job.
         """
-        if not specs:
-            return []
+        out: list[Submitted] = []
+        for i in range(0, len(specs), ENQUEUE_STEP):
+            out += await self._enqueue_step(specs[i:i + ENQUEUE_STEP], fence)
         k = self.keys
-        jobs: list = [len(specs)]   # flat: one Lua table for the whole batch
+        periodic = [row for row in out if row.status == Status.SCHEDULED]
+        if periodic:   # periodic jobs have these ids: their next fires, as the store has them
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for row in periodic:
+                    pipe.hmget(k.schedule(row.job_id), "next_run_time", "paused")
+                for row, (nrt, paused) in zip(periodic, await pipe.execute()):
+                    row.next_run_time = float(nrt) if nrt and paused != b"1" else None
+        return out
+
+    async def _enqueue_step(self, specs: list[dict], fence: int | None) -> list[Submitted]:
+        k = self.keys
+        jobs: list = [len(specs)]   # flat: one Lua table for the whole step
         for s in specs:
             fields = _fields(s)
             if self.release_keys_on_failure and s.get("dedupe_key") is not None:
@@ -329,13 +346,6 @@ class RedisQueue:
         for i in range(0, len(existing), 2):
             row = out[int(existing[i]) - 1]
             row.status, row.existed = _s(existing[i + 1]), True
-        periodic = [row for row in out if row.status == Status.SCHEDULED]
-        if periodic:   # periodic jobs have these ids: their next fires, as the store has them
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for row in periodic:
-                    pipe.hmget(k.schedule(row.job_id), "next_run_time", "paused")
-                for row, (nrt, paused) in zip(periodic, await pipe.execute()):
-                    row.next_run_time = float(nrt) if nrt and paused != b"1" else None
         return out
 
     async def fetch(self, worker_id: str, queues: Iterable[str], limit: int,
