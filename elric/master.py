@@ -270,10 +270,13 @@ class Master:
         if self.dashboard is not None:
             await self.dashboard.close()
         self._housekeeping.cancel()
+        lease = self.settings.SCHEDULER_LEASE
         try:
-            await asyncio.wait_for(self.scheduler.stop(), self.settings.SCHEDULER_LEASE)
-        except Exception as exc:
-            log.warning("scheduler did not stop cleanly: %s", exc)
+            await asyncio.wait_for(self.scheduler.stop(), lease)
+        except Exception as exc:   # (a leader's: only its wake of its own BLPOP can fail)
+            log.warning("scheduler did not stop cleanly: %s; another master schedules once "
+                        "its lease (SCHEDULER_LEASE) runs out",   # (a timeout's text is empty)
+                        str(exc) or f"no answer from Redis within {lease:g}s")
         self._scheduling.cancel()
         # awaited, bounded: left running they would use the Redis client closed below
         _, running = await asyncio.wait({self._housekeeping, self._scheduling}, timeout=STOP_GRACE)

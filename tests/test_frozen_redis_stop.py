@@ -1,0 +1,56 @@
+"""A master stopped while its Redis is frozen (SIGSTOPped: connects and writes pass, nothing
+answers): it stops within its bounds, says what it could not do, and exits non-zero when
+something is lost. In-process, with short timeouts, so each test takes about a second; the
+same stop of a real master takes the clients' 5 s socket timeout per call it waits on."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from elric import dedupe, master as master_module
+from elric.config import load_settings
+from elric.master import Master
+from elric.redis_server import free_port
+from elric.retry import REDIS_CLIENT_OPTIONS
+
+E = "tests.jobs:Echo"
+
+
+def stop_while_frozen(redis_server, redis_url, monkeypatch, **settings) -> Master:
+    """Start a master, take a dedupe key, freeze Redis, stop the master; Redis is thawed
+    whatever happens."""
+    monkeypatch.setattr(master_module, "STOP_GRACE", 0.3)
+    monkeypatch.setattr(dedupe, "LAST_SNAPSHOT_WAIT", 0.3)
+    monkeypatch.setattr(master_module, "REDIS_CLIENT_OPTIONS",
+                        {**REDIS_CLIENT_OPTIONS, "socket_timeout": 0.6})
+
+    async def main() -> Master:
+        m = Master(load_settings(env={}, overrides=dict(
+            REDIS_URL=redis_url, MASTER_ADDRESS=f"127.0.0.1:{free_port()}",
+            SCHEDULER_LEASE=0.3, **settings)))
+        await m.start()
+        while not m.scheduler.is_leader:   # its stop then has a lease to give up
+            await asyncio.sleep(0.01)
+        await m.submit_jobs([{"func": E, "job_id": "j", "dedupe_key": "k"}])
+        redis_server.proc.send_signal(signal.SIGSTOP)   # alive, answering nothing
+        try:
+            await asyncio.wait_for(m.close(), 20)
+        finally:
+            redis_server.proc.send_signal(signal.SIGCONT)
+        return m
+    return asyncio.run(main())
+
+
+def test_a_master_stopped_while_redis_is_frozen_says_why_its_scheduler_did_not_stop(
+        redis_server, redis_url, monkeypatch, caplog):
+    """Its scheduler's stop timed out: the warning ended in an empty reason, "scheduler did
+    not stop cleanly: ", and said nothing of the lease it could not give up."""
+    caplog.set_level(logging.INFO)
+    stop_while_frozen(redis_server, redis_url, monkeypatch)
+    [said] = [r.getMessage() for r in caplog.records if "scheduler did not stop" in
+              r.getMessage()]
+    assert said == ("scheduler did not stop cleanly: no answer from Redis within 0.3s; "
+                    "another master schedules once its lease (SCHEDULER_LEASE) runs out"), said
+
