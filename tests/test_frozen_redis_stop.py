@@ -54,3 +54,17 @@ def test_a_master_stopped_while_redis_is_frozen_says_why_its_scheduler_did_not_s
     assert said == ("scheduler did not stop cleanly: no answer from Redis within 0.3s; "
                     "another master schedules once its lease (SCHEDULER_LEASE) runs out"), said
 
+
+def test_a_master_whose_last_bloom_snapshot_fails_says_what_is_lost_and_exits_1(
+        redis_server, redis_url, monkeypatch, caplog):
+    """The keys a 'bloom' filter took since its last snapshot are only in the master: Redis
+    frozen at the stop, they were lost (the same job was accepted again after a restart),
+    and the master exited 0 after a warning that it "did not close cleanly"."""
+    m = stop_while_frozen(redis_server, redis_url, monkeypatch, FILTER_BACKEND="bloom",
+                          BLOOM_CAPACITY=1000, BLOOM_SNAPSHOT_INTERVAL=3600)
+    assert m.exit_code == 1
+    [said] = [r for r in caplog.records if "dedupe filter bloom" in r.getMessage()]
+    assert said.levelno == logging.ERROR, said.getMessage()
+    assert "could not write its last snapshot" in said.getMessage()
+    assert ("the dedupe keys it took since its previous snapshot are lost: a job with one of "
+            "them is accepted again") in said.getMessage()
