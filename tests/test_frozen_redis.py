@@ -1,15 +1,18 @@
-"""A master stopped while its Redis is frozen (SIGSTOPped: connects and writes pass, nothing
-answers): it stops within its bounds, says what it could not do, and exits non-zero when
-something is lost. In-process, with short timeouts, so each test takes about a second; the
-same stop of a real master takes the clients' 5 s socket timeout per call it waits on."""
+"""A master or worker stopped while its Redis is frozen (SIGSTOPped: connects and writes
+pass, nothing answers): it stops within its bounds, says what it could not do, and exits
+non-zero when something is lost. In-process, with short timeouts, so each test takes about
+a second; the same stop of a real process takes the clients' 5 s socket timeout per call
+it waits on."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import signal
+import time
+from types import SimpleNamespace
 
-from elric import dedupe, master as master_module
+from elric import dedupe, master as master_module, worker as worker_module
 from elric.config import load_settings
 from elric.master import Master
 from elric.redis_server import free_port
@@ -68,3 +71,37 @@ def test_a_master_whose_last_bloom_snapshot_fails_says_what_is_lost_and_exits_1(
     assert "could not write its last snapshot" in said.getMessage()
     assert ("the dedupe keys it took since its previous snapshot are lost: a job with one of "
             "them is accepted again") in said.getMessage()
+
+
+def test_a_stop_cuts_short_the_worker_loops_redis_call_that_gets_no_answer(monkeypatch):
+    """The worker's loop heard a stop between its Redis calls only: with Redis frozen each
+    call waits out the socket timeout (5 s), and a turn makes several (the claims of a lost
+    fetch asked for, then a fetch). A stop 0.5 s into such a turn was heard 9 s later: the
+    running jobs outlived a short SHUTDOWN_GRACE, and the exit came 15 s after the SIGTERM,
+    past the bound of SHUTDOWN_GRACE + 10 s. Past STOP_HEARD the call is cut short, and
+    the claims it may have made are looked for by the stop (``_release_unknown``)."""
+    monkeypatch.setattr(worker_module, "STOP_HEARD", 0.2, raising=False)
+
+    async def main():
+        w = worker_module.Worker(load_settings(env={"ELRIC_JOB_MODULES": "tests.jobs"}),
+                                 concurrency=1)
+        w.pool = SimpleNamespace(claims=lambda: [], last_async=False, flush=lambda: None,
+                                 kill_overdue=lambda: None, longest_sync_run=lambda: 0.0)
+        sent = asyncio.Event()
+
+        async def fetch(*args, **kwargs):   # Redis frozen: no answer (for 5 s, each call)
+            sent.set()
+            await asyncio.Event().wait()
+        w.queue = SimpleNamespace(fetch=fetch)
+        loop = asyncio.create_task(w._loop())
+        await asyncio.wait_for(sent.wait(), 10)
+        w.request_stop()
+        heard = time.monotonic()
+        try:
+            await asyncio.wait_for(asyncio.shield(loop), 5)
+        except asyncio.TimeoutError:
+            loop.cancel()
+            raise AssertionError("the stop was not heard while the fetch got no answer")
+        assert time.monotonic() - heard < 2
+        assert w._unsure_since is not None   # the fetch may have claimed jobs: asked at stop
+    asyncio.run(main())
