@@ -133,7 +133,7 @@ class Master:
         self.keys = Keys(settings.KEY_PREFIX)
         self.master_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self._stop = asyncio.Event()
-        self.exit_code = 0   # 1 when a background task ended by itself
+        self.exit_code = 0   # 1: a background task ended by itself, or Bloom keys were lost
 
     # --- lifecycle --------------------------------------------------------------------
     async def start(self) -> tuple[str, int]:
@@ -270,10 +270,13 @@ class Master:
         if self.dashboard is not None:
             await self.dashboard.close()
         self._housekeeping.cancel()
+        lease = self.settings.SCHEDULER_LEASE
         try:
-            await asyncio.wait_for(self.scheduler.stop(), self.settings.SCHEDULER_LEASE)
-        except Exception as exc:
-            log.warning("scheduler did not stop cleanly: %s", exc)
+            await asyncio.wait_for(self.scheduler.stop(), lease)
+        except Exception as exc:   # (a leader's: only its wake of its own BLPOP can fail)
+            log.warning("scheduler did not stop cleanly: %s; another master schedules once "
+                        "its lease (SCHEDULER_LEASE) runs out",   # (a timeout's text is empty)
+                        str(exc) or f"no answer from Redis within {lease:g}s")
         self._scheduling.cancel()
         # awaited, bounded: left running they would use the Redis client closed below
         _, running = await asyncio.wait({self._housekeeping, self._scheduling}, timeout=STOP_GRACE)
@@ -284,8 +287,12 @@ class Master:
         for f in self.filters.values():
             try:
                 await f.close()  # the in-master Bloom filter writes its last snapshot
-            except Exception as exc:
-                log.warning("dedupe filter %s did not close cleanly: %s", f.name, exc)
+            except Exception as exc:   # its keys since the last one were only here: gone
+                log.error("dedupe filter %s could not write its last snapshot (%s): the "
+                          "dedupe keys it took since its previous snapshot are lost: a job "
+                          "with one of them is accepted again", f.name,
+                          str(exc) or type(exc).__name__)
+                self.exit_code = 1
         await self.redis.aclose()
 
     # --- RPC API: one handler per method of the contract (``auth`` is the RPC layer's) --

@@ -78,6 +78,7 @@ CHUNK_SECONDS = 0.02  # fast sync jobs go to a pool process in batches about thi
 SLOW_RUN = 10 * CHUNK_SECONDS   # a sync run this long (past any report's delay): slow jobs
 WARN_EVERY = 5.0  # seconds between warnings while waiting for Redis or the master
 GIVE_BACK_SECONDS = 5.0  # how long past its grace a stopping worker gives jobs back, records them
+STOP_HEARD = 1.0   # how long a stop lets the loop's Redis call run before cutting it short
 
 
 class Worker:
@@ -101,6 +102,8 @@ class Worker:
         self.pool: Pool | None = None
         self.stopping = False
         self._stop_at: float | None = None   # when (time.monotonic()) it was told to stop
+        self._stopped = asyncio.Event()   # set by request_stop
+        self._turn_at = 0.0   # when the loop's turn began: a fetch it cut was sent after
         self._giving: list[asyncio.Task] = []   # a stop's give-backs, beside its grace
         self.forced = False   # told twice to stop (Ctrl-C): running jobs are not waited for
         self.paused = False   # an operator paused fetching (elric worker pause)
@@ -268,6 +271,7 @@ class Worker:
                      "to stop them now)", self.worker_id, self.settings.SHUTDOWN_GRACE)
             self._stop_at = time.monotonic()
         self.stopping = True
+        self._stopped.set()
         self._changed.set()
         if self._starting is not None and not self._starting.done():
             self._starting.cancel()
@@ -296,8 +300,33 @@ class Worker:
         return slots + prefetch - held, max(0, slots - held)
 
     async def _loop(self) -> None:
+        """``_turns`` till a stop. The loop hears one between its Redis calls: with Redis
+        frozen each waits out the socket timeout, a turn makes several, and a stop came
+        past SHUTDOWN_GRACE + 10 s. Past STOP_HEARD the call is cut short instead."""
+        turns = asyncio.create_task(self._turns())
+        stopped = asyncio.ensure_future(self._stopped.wait())
+        try:
+            await asyncio.wait([turns, stopped], return_when=asyncio.FIRST_COMPLETED)
+            if not turns.done():
+                await asyncio.wait([turns], timeout=STOP_HEARD)
+            if not turns.done():
+                log.warning("worker: Redis did not answer within %gs of the stop; cutting "
+                            "its call short", STOP_HEARD)
+                # a fetch (or a give-back) cut may have run in Redis: the stop asks it for
+                # the claims unknown here (_release_unknown)
+                self._unsure_since = self._unsure_since or self._turn_at
+                turns.cancel()
+                await asyncio.wait([turns], timeout=STOP_HEARD)
+        finally:
+            stopped.cancel()
+            turns.cancel()   # (run cancelled; or a redis-py call swallowed the cancel)
+        if turns.done() and not turns.cancelled():
+            turns.result()   # its error: the worker failed
+
+    async def _turns(self) -> None:
         backoff = Backoff()
         while not self.stopping:
+            self._turn_at = time.monotonic()
             self._changed.clear()
             self.pool.kill_overdue()
             await self._take_woken()
