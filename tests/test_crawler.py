@@ -100,10 +100,13 @@ def test_robots_errors_retries_and_the_size_cap(make_cluster):
     assert all(site.hits[p] == 1 for p in expected - {"/p/2", "/p/3"})
 
 
-def test_a_crawl_that_robots_txt_forbids_entirely_fetches_nothing_but_robots(cluster):
+@pytest.mark.parametrize("job_class", [Crawl, CrawlSync], ids=["async", "sync"])
+def test_a_crawl_that_robots_txt_forbids_entirely_fetches_nothing_but_robots(cluster,
+                                                                            job_class):
+    """The sync crawler read no robots.txt: it fetched every page."""
     cluster.start_worker("--queues", "crawl", "--concurrency", "1")
     with DemoSite(pages=5, disallow=("/",)) as site:
-        jobs = crawl(cluster, site, Crawl)
+        jobs = crawl(cluster, site, job_class)
         assert set(site.hits) == {"/robots.txt"}
     assert list(jobs) == ["/"] and jobs["/"]["result"]["robots"] == "disallowed"
 
@@ -199,10 +202,11 @@ class Site:
 def children(monkeypatch):
     """Crawl jobs run here as in a pool process (a process state of their own); the links
     they submit land in the list this returns."""
-    from elric.demo import crawler
+    from elric.demo import crawler, crawler_sync
     from elric.job import _current, _RunContext
 
     monkeypatch.setattr(crawler, "_process", crawler._Process())
+    monkeypatch.setattr(crawler_sync, "_robots", {})
     ctx = _RunContext("parent", {})
     token = _current.set(ctx)
     yield ctx.children
@@ -758,14 +762,15 @@ def endless_robots(handler):
         pass
 
 
-def test_a_huge_robots_txt_is_read_up_to_a_cap(children):
+@pytest.mark.parametrize("job_class", [QuickCrawl, QuickCrawlSync], ids=["async", "sync"])
+def test_a_huge_robots_txt_is_read_up_to_a_cap(children, job_class):
     """robots.txt was read whole: one that never ended timed out, and every page of its
     host failed with it."""
     page = b'<html><body><a href="/a">a</a></body></html>'
     routes = {"/robots.txt": endless_robots, "/": (200, {"Content-Type": "text/html"}, page)}
     with Site(routes) as site:
-        assert fetch(QuickCrawl(), site.url + "/")["links"] == 1
-        assert fetch(QuickCrawl(), site.url + "/private")["robots"] == "disallowed"
+        assert run_page(job_class, site.url + "/")["links"] == 1
+        assert run_page(job_class, site.url + "/private")["robots"] == "disallowed"
 
 
 @pytest.mark.parametrize("name, value", [
@@ -816,6 +821,9 @@ def test_a_server_that_does_not_answer_fails_the_attempt_saying_what_and_how_lon
             with pytest.raises(RobotsUnavailable,
                                match="^http://.*/robots.txt: no answer in 3.0 s: .*RFC 9309"):
                 fetch(QuickCrawl(), site.url + "/slow")
+            with pytest.raises(RobotsUnavailable,
+                               match="^http://.*/robots.txt: no answer in 1.5 s: .*RFC 9309"):
+                QuickCrawlSync().run(site.url + "/slow")
             routes["/slow"] = routes.pop("/robots.txt")   # robots.txt: 404, the page hangs
             with pytest.raises(TimeoutError, match="^http://.*/slow: no answer in 3.0 s$"):
                 fetch(QuickCrawl(), site.url + "/slow")
@@ -951,8 +959,7 @@ def test_a_start_url_as_a_browser_shows_it_is_fetched(children, job_class):
     with Site({"/caf%C3%A9": page, "/a%20b": page}) as site:
         for path in "/café", "/a b#top":
             assert run_page(job_class, site.url + path)["bytes"] > 0, path
-    assert site.hits == {"/robots.txt": 1, "/caf%C3%A9": 1, "/a%20b": 1} if job_class is Crawl \
-        else {"/caf%C3%A9": 1, "/a%20b": 1}
+    assert site.hits == {"/robots.txt": 1, "/caf%C3%A9": 1, "/a%20b": 1}
 
 
 @pytest.mark.parametrize("job_class", [Crawl, CrawlSync], ids=["async", "sync"])
@@ -977,18 +984,22 @@ def test_both_crawlers_give_a_page_the_same_result(children):
             assert fetch(Crawl(), site.url + path) == CrawlSync().run(site.url + path), path
 
 
-def test_a_robots_txt_that_redirects_in_a_loop_is_no_robots_txt(children):
+@pytest.mark.parametrize("job_class", [Crawl, CrawlSync], ids=["async", "sync"])
+def test_a_robots_txt_that_redirects_in_a_loop_is_no_robots_txt(children, job_class):
     """As RFC 9309 has it; it raised TooManyRedirects, and every page of the host failed."""
     page = (200, {"Content-Type": "text/html"}, b'<html><body><a href="/a">a</a></body></html>')
     with Site({"/robots.txt": redirect("/robots.txt"), "/": page}) as site:
-        assert fetch(Crawl(), site.url + "/")["links"] == 1
+        assert run_page(job_class, site.url + "/")["links"] == 1
 
 
-def test_a_robots_txt_that_fails_keeps_its_hosts_pages_out_and_is_asked_again(make_cluster):
+@pytest.mark.parametrize("job_class", [Crawl, CrawlSync], ids=["async", "sync"])
+def test_a_robots_txt_that_fails_keeps_its_hosts_pages_out_and_is_asked_again(make_cluster,
+                                                                              job_class):
     """RFC 9309: a robots.txt answered with a 5xx, or not at all, keeps every page of its
     host out for now, and is asked again later. The page was a failed job once its retries
     were used up. Each attempt asks again (after a backoff, as for a page); once none is
-    left, the page is disallowed, its result naming robots.txt and what it answered."""
+    left, the page is disallowed, its result naming robots.txt and what it answered. The
+    sync crawler read no robots.txt."""
     c = make_cluster(RETRY_BACKOFF=0.05)
     c.start_master()
     c.start_worker("--queues", "crawl", "--concurrency", "1")
@@ -997,8 +1008,9 @@ def test_a_robots_txt_that_fails_keeps_its_hosts_pages_out_and_is_asked_again(ma
     with Site({"/robots.txt": (503, {}, b""), "/": page}) as down, \
             Site({"/robots.txt": busy_first(503, "0", asked), "/": page}) as back:
         # the claim's max_retries, not the class's 3
-        c.client.submit_job(Crawl.spec([down.url + "/", "b"], job_id="down", max_retries=1))
-        c.client.submit_job(Crawl.spec([back.url + "/", "b"], job_id="back"))
+        c.client.submit_job(job_class.spec([down.url + "/", "b"], job_id="down",
+                                           max_retries=1))
+        c.client.submit_job(job_class.spec([back.url + "/", "b"], job_id="back"))
         down_job, back_job = c.wait_job("down"), c.wait_job("back")
     assert (down_job["status"], down_job["attempts"]) == ("succeeded", 2), c.logs()
     assert down_job["result"]["robots"] == "unavailable"
@@ -1008,7 +1020,8 @@ def test_a_robots_txt_that_fails_keeps_its_hosts_pages_out_and_is_asked_again(ma
     assert back.url + "/robots.txt: HTTP 503: " in back_job["error"]
 
 
-def test_a_robots_txt_not_answered_says_so(children):
+@pytest.mark.parametrize("job_class", [QuickCrawl, QuickCrawlSync], ids=["async", "sync"])
+def test_a_robots_txt_not_answered_says_so(children, job_class):
     """The error said what aiohttp said ("Cannot connect to host ..."), not that it was
     robots.txt that kept the page out."""
     from elric.demo.crawler import RobotsUnavailable
@@ -1016,10 +1029,10 @@ def test_a_robots_txt_not_answered_says_so(children):
 
     url = f"http://127.0.0.1:{free_port()}"   # nothing listens there
     with pytest.raises(RobotsUnavailable, match=f"^{url}/robots.txt: .*RFC 9309"):
-        fetch(QuickCrawl(), url + "/")
-    last = QuickCrawl()
+        run_page(job_class, url + "/")
+    last = job_class()
     last.attempt, last.max_retries = 2, 1   # no retry left: the page is disallowed
-    result = fetch(last, url + "/")
+    result = fetch(last, url + "/") if isinstance(last, Crawl) else last.run(url + "/", "b")
     assert (result["status"], result["robots"]) == (None, "unavailable")
     assert result["error"].startswith(f"{url}/robots.txt: ")
 
@@ -1201,6 +1214,34 @@ def test_a_crawl_keeps_the_crawl_delay_robots_txt_asks_across_workers(make_clust
     assert all(later - first >= least for first, later in zip(starts, starts[1:])), starts
 
 
+@pytest.mark.parametrize("job_class", [Crawl, CrawlSync], ids=["async", "sync"])
+def test_the_jobs_a_page_submits_carry_its_robots_txt_crawl_delay(children, job_class):
+    """The sync crawler read no Crawl-delay: the pages a page linked to were fetched as fast
+    as LIMITS let. A page's links, and where its redirect leads, carry it as their
+    limit_interval (the test above shows the master keeps it, across workers)."""
+    robots = (200, {"Content-Type": "text/plain"}, b"User-agent: *\nCrawl-delay: 2.5\n")
+    page = (200, {"Content-Type": "text/html"}, b'<html><body><a href="/a">a</a></body></html>')
+    with Site({"/robots.txt": robots, "/": page, "/go": redirect("/b")}) as site, \
+            Site({"/": page}) as plain:
+        for url in site.url + "/", site.url + "/go", plain.url + "/":
+            assert run_page(job_class, url)["links"] == 1, url
+    assert [(spec["args"][0], spec.get("limit_interval")) for spec in children] == [
+        (site.url + "/a", 2.5), (site.url + "/b", 2.5), (plain.url + "/a", None)]
+
+
+@pytest.mark.parametrize("job_class", [Crawl, CrawlSync], ids=["async", "sync"])
+def test_a_robots_txt_that_answers_a_4xx_allows_everything(children, job_class):
+    """RFC 9309: a robots.txt that is not there (404), or not to be read (403), is none:
+    every page may be fetched. The sync crawler asked for none at all."""
+    page = (200, {"Content-Type": "text/html"}, b'<html><body><a href="/a">a</a></body></html>')
+    with Site({"/": page}) as missing, Site({"/robots.txt": (403, {}, b""), "/": page}) as shut:
+        for site in missing, shut:
+            assert run_page(job_class, site.url + "/") == {
+                "url": site.url + "/", "status": 200, "links": 1, "bytes": len(page[2])}
+            assert site.hits == {"/robots.txt": 1, "/": 1}
+    assert links(children) == [missing.url + "/a", shut.url + "/a"]
+
+
 def test_a_robots_txt_group_ends_at_a_rule_not_at_a_crawl_delay():
     """RFC 9309: a group's user-agent lines end at its first rule (Allow or Disallow). A
     Crawl-delay (or any other line) ended them too: below, the crawler's group had no
@@ -1213,29 +1254,34 @@ def test_a_robots_txt_group_ends_at_a_rule_not_at_a_crawl_delay():
     assert Robots(lines, "other/1").allows("/private/x")   # "Disallow:" is a rule too
 
 
-def test_a_crawl_obeys_a_wildcard_in_robots_txt(children):
+@pytest.mark.parametrize("job_class", [Crawl, CrawlSync], ids=["async", "sync"])
+def test_a_crawl_obeys_a_wildcard_in_robots_txt(children, job_class):
     robots = (200, {"Content-Type": "text/plain"}, b"User-agent: *\nDisallow: /*.pdf$\n")
     with Site({"/robots.txt": robots}) as site:
-        assert fetch(Crawl(), site.url + "/files/a.pdf")["robots"] == "disallowed"
+        assert run_page(job_class, site.url + "/files/a.pdf") == {
+            "url": site.url + "/files/a.pdf", "status": None, "links": 0, "bytes": 0,
+            "robots": "disallowed"}
     assert "/files/a.pdf" not in site.hits
 
 
-def test_robots_txt_is_asked_about_a_start_url_as_its_links_are_spelled(children):
+@pytest.mark.parametrize("job_class", [Crawl, CrawlSync], ids=["async", "sync"])
+def test_robots_txt_is_asked_about_a_start_url_as_its_links_are_spelled(children, job_class):
     """A start URL typed as a browser shows it (/café, /x/../private) was matched against
     robots.txt as typed: no rule matched, and the page it forbids was fetched."""
     robots = (200, {"Content-Type": "text/plain"},
               "User-agent: *\nDisallow: /café\nDisallow: /private\n".encode())
     with Site({"/robots.txt": robots}) as site:
         for path in "/café", "/x/../private", "/caf%c3%a9":
-            assert fetch(Crawl(), site.url + path)["robots"] == "disallowed", path
-    assert set(site.hits) == {"/robots.txt"}
+            assert run_page(job_class, site.url + path)["robots"] == "disallowed", path
+    assert site.hits == {"/robots.txt": 1}   # once per host and round
 
 
-def test_robots_txt_is_read_again_when_a_day_old(children, monkeypatch):
+@pytest.mark.parametrize("job_class", [Crawl, CrawlSync], ids=["async", "sync"])
+def test_robots_txt_is_read_again_when_a_day_old(children, monkeypatch, job_class):
     """robots.txt was read once per host and round in a process and never again: a round
     that ran for days kept the rules its site had since changed. RFC 9309: a robots.txt is
     cached for 24 hours at most (the age, lowered here, is a module constant)."""
-    from elric.demo import crawler
+    from elric.demo import crawler_sync
 
     rules = [b"User-agent: *\nDisallow:\n"]
 
@@ -1246,12 +1292,12 @@ def test_robots_txt_is_read_again_when_a_day_old(children, monkeypatch):
         handler.wfile.write(rules[0])
 
     with Site({"/robots.txt": robots, "/x": (200, {"Content-Type": "text/html"}, b"x")}) as site:
-        assert fetch(Crawl(), site.url + "/x")["status"] == 200
+        assert run_page(job_class, site.url + "/x")["status"] == 200
         rules[0] = b"User-agent: *\nDisallow: /x\n"
-        assert fetch(Crawl(), site.url + "/x")["status"] == 200   # within the day: as read
+        assert run_page(job_class, site.url + "/x")["status"] == 200   # within the day: as read
         assert site.hits["/robots.txt"] == 1
-        monkeypatch.setattr(crawler, "ROBOTS_MAX_AGE", 0.0)
-        assert fetch(Crawl(), site.url + "/x")["robots"] == "disallowed"
+        monkeypatch.setattr(crawler_sync, "ROBOTS_MAX_AGE", 0.0)
+        assert run_page(job_class, site.url + "/x")["robots"] == "disallowed"
     assert site.hits == {"/robots.txt": 2, "/x": 2}
 
 
@@ -1302,15 +1348,16 @@ def test_what_is_not_html_is_not_read(children):
             sent.set()
 
 
-def test_a_redirect_into_what_robots_txt_forbids_is_not_followed(children):
+@pytest.mark.parametrize("job_class", [Crawl, CrawlSync], ids=["async", "sync"])
+def test_a_redirect_into_what_robots_txt_forbids_is_not_followed(children, job_class):
     """aiohttp followed redirects on its own: robots.txt was asked about the first URL only.
     The page a redirect leads to is a job of its own, which asks robots.txt first."""
     robots = (200, {"Content-Type": "text/plain"}, b"User-agent: *\nDisallow: /private\n")
     page = (200, {"Content-Type": "text/html"}, b"<html><body>secret</body></html>")
     with Site({"/robots.txt": robots, "/go": redirect("/private/x"), "/private/x": page}) \
             as site:
-        assert fetch(Crawl(), site.url + "/go")["redirect"] == site.url + "/private/x"
-        result = fetch(Crawl(), links(children)[0])
+        assert run_page(job_class, site.url + "/go")["redirect"] == site.url + "/private/x"
+        result = run_page(job_class, links(children)[0])
     assert result == {"url": site.url + "/private/x", "status": None, "links": 0, "bytes": 0,
                       "robots": "disallowed"}
     assert "/private/x" not in site.hits
@@ -1328,12 +1375,13 @@ def test_a_start_url_that_is_no_web_page_is_refused_at_submit(job_class):
     assert job_class.spec(["HTTPS://h/"])["dedupe_key"] == "https://h/"
 
 
-def test_a_robots_txt_that_starts_with_a_byte_order_mark_is_obeyed(children):
+@pytest.mark.parametrize("job_class", [Crawl, CrawlSync], ids=["async", "sync"])
+def test_a_robots_txt_that_starts_with_a_byte_order_mark_is_obeyed(children, job_class):
     """Saved by a Windows editor: its first line read as "\\ufeffuser-agent", no group."""
     robots = (200, {"Content-Type": "text/plain"},
               "\ufeffUser-agent: *\nDisallow: /x\n".encode("utf-8"))
     with Site({"/robots.txt": robots}) as site:
-        assert fetch(Crawl(), site.url + "/x")["robots"] == "disallowed"
+        assert run_page(job_class, site.url + "/x")["robots"] == "disallowed"
     assert "/x" not in site.hits
 
 
@@ -1551,6 +1599,9 @@ def test_the_sync_crawlers_request_timeout_is_a_deadline_for_the_whole_request(c
     in time failed as a bare URLError. The async crawler's is for the whole request."""
     import socket
 
+    from elric.demo import crawler_sync
+    from elric.demo.crawler_sync import Robots, RobotsUnavailable
+
     stop = threading.Event()
 
     def drip(handler):
@@ -1581,6 +1632,10 @@ def test_the_sync_crawlers_request_timeout_is_a_deadline_for_the_whole_request(c
                 except TimeoutError:
                     break
             url = "http://127.0.0.1:%d/" % full.getsockname()[1]
+            with pytest.raises(RobotsUnavailable,   # asked first, and kept to the same time
+                               match=f"^{url}robots.txt: no answer in 1.5 s: "):
+                QuickCrawlSync().run(url)
+            crawler_sync._robots[url[:-1], ""] = Robots([], "e")   # as if it had answered
             with pytest.raises(TimeoutError, match=f"^{url}: no answer in 1.5 s$"):
                 QuickCrawlSync().run(url)
         finally:

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import time
 from typing import AsyncIterator, TypeVar
 from urllib.parse import urlsplit
 
@@ -51,15 +50,14 @@ except ImportError:  # pragma: no cover - depends on the install
                       "pip install '/path/to/elric[crawl]'") from None
 
 from elric import Job
-from elric.demo.crawler_sync import (CHUNK, MAX_REDIRECTS, REDIRECTS, ROBOTS_NAME, PageKeys,
-                                    header_url, link_of, no_answer, nofollow, normalize_url,
-                                    page_codec, refresh_url, requote, result_of, retry_after,
-                                    sniffed_html, worth_retrying)
+from elric.demo.crawler_sync import (CHUNK, MAX_REDIRECTS, REDIRECTS, ROBOTS_MAX_BYTES,
+                                    ROBOTS_NAME, USER_AGENT, PageKeys, Robots,
+                                    RobotsUnavailable, cached_robots, header_url, kept_out,
+                                    link_jobs, link_of, no_answer, nofollow, normalize_url,
+                                    page_codec, refresh_url, result_of, retry_after,
+                                    robots_answered, sniffed_html, worth_retrying)
 
-USER_AGENT = f"{ROBOTS_NAME}/0.1"
 HEADER_MAX_BYTES = 64 * 1024
-ROBOTS_MAX_BYTES = 512 * 1024   # RFC 9309: parse at least 500 KiB of a robots.txt
-ROBOTS_MAX_AGE = 24 * 3600.0    # RFC 9309: seconds a robots.txt read is used at most
 TURN = 100   # links resolved or submitted between two turns of the process's other jobs
 _BASE_HREF = lxml.etree.XPath("//base/@href")   # compiled once
 # <meta name="robots">, or its own name (as name="googlebot" is Google's), in any case
@@ -84,16 +82,6 @@ class ServerError(Exception):
     def __init__(self, url: str, response: aiohttp.ClientResponse) -> None:
         super().__init__(f"{url}: HTTP {response.status}")
         self.retry_after = retry_after(response.status, response.headers)
-
-
-class RobotsUnavailable(Exception):
-    """robots.txt answered a 5xx (or 429 or 408), or nothing: RFC 9309 keeps every page of
-    its host out until it answers. Worth another attempt after a backoff, as a page's 5xx."""
-
-    def __init__(self, url: str, why: str, retry_after: float = 0.0) -> None:
-        super().__init__(f"{url}: {why}: no page of its host is fetched until it answers "
-                         f"(RFC 9309)")
-        self.retry_after = retry_after
 
 
 class _Process:
@@ -157,119 +145,29 @@ class _Process:
 
     async def allowed(self, url: str, round_: str, timeout: float) -> Robots | None:
         """The rules of ``url``'s robots.txt in this round if they allow it, else None."""
-        parts = urlsplit(normalize_url(url))   # a start URL as typed: spelled as rules are
-        key = (f"{parts.scheme}://{parts.netloc}", round_)
-        rules = self.robots.get(key)
-        if rules is None or rules.done() and (rules.exception() is not None or
-                time.monotonic() - rules.result().read_at >= ROBOTS_MAX_AGE):
-            if len(self.robots) > 10_000:   # many rounds and hosts: start afresh
-                self.robots.clear()
-            # one fetch per host and round; the jobs that ask meanwhile wait for it
-            rules = self.robots[key] = asyncio.ensure_future(
-                self._read_robots(key[0], timeout))
-        path = f"{parts.path or '/'}?{parts.query}" if parts.query else parts.path or "/"
-        rules = await asyncio.shield(rules)
-        return rules if rules.allows(path) else None
+        # one fetch per host and round; the jobs that ask meanwhile wait for it, and one
+        # that failed is asked again
+        rules, path = cached_robots(
+            self.robots, url, round_,
+            lambda read: not read.done() or read.exception() is None and read.result().fresh(),
+            lambda origin: asyncio.ensure_future(self._read_robots(origin, timeout)))
+        found = await asyncio.shield(rules)
+        return found if found.allows(path) else None
 
     async def _read_robots(self, origin: str, timeout: float) -> Robots:
-        rules, url = Robots([], USER_AGENT), origin + "/robots.txt"
+        url, body = origin + "/robots.txt", b""
         try:
             async with self.http().get(url, timeout=aiohttp.ClientTimeout(total=timeout)) \
                     as response:
-                if worth_retrying(response.status):
-                    raise RobotsUnavailable(url, f"HTTP {response.status}",
-                                            retry_after(response.status, response.headers))
-                if response.status < 400:   # else no robots.txt: everything is allowed
+                if robots_answered(url, response.status, response.headers):
                     body, _ = await _read(response, ROBOTS_MAX_BYTES)   # not all of a huge one
-                    text = body.decode("utf-8-sig", "replace")   # without a byte order mark
-                    rules = Robots(text.splitlines(), USER_AGENT)
         except TimeoutError:
             raise RobotsUnavailable(url, f"no answer in {timeout} s") from None
         except aiohttp.TooManyRedirects:
             pass   # RFC 9309: as if there were none
         except (aiohttp.ClientError, OSError) as exc:   # no connection, or a broken one
             raise RobotsUnavailable(url, f"{type(exc).__name__}: {exc}") from None
-        return rules
-
-
-class Robots:
-    """A robots.txt as RFC 9309 reads it: the rules of the groups naming this crawler, else
-    of ``*``; of those, the longest that matches a path (``*``: anything; a final ``$``: the
-    end), Allow on a tie. urllib's RobotFileParser knew no ``*`` nor ``$`` (``Disallow:
-    /*.pdf$`` kept nothing out) and took the first rule that matched."""
-
-    def __init__(self, lines: list[str], agent: str) -> None:
-        self.read_at = time.monotonic()   # a round that runs for days reads it again
-        token = agent.split("/")[0].lower()
-        groups: list[tuple[list[str], list[tuple[str, bool]], list[float]]] = []
-        in_rules = True   # the next User-agent line starts a group
-        for line in lines:
-            key, colon, value = line.split("#", 1)[0].partition(":")
-            key, value = key.strip().lower(), value.strip()
-            if key == "user-agent":
-                if in_rules:
-                    groups.append(([], [], []))
-                    in_rules = False
-                groups[-1][0].append(value.split("/")[0].lower())
-            elif groups and key in ("allow", "disallow"):
-                # a rule ends the group's User-agent lines; a Crawl-delay or Sitemap does not
-                in_rules = True
-                if value:   # "Disallow:" keeps nothing out
-                    groups[-1][1].append((requote(value), key == "allow"))
-            elif groups and key == "crawl-delay" and _seconds(value):
-                groups[-1][2].append(min(float(value), 86_400.0))   # a day at most
-        named = [group for group in groups if token in group[0]]   # case-insensitive
-        chosen = named or [group for group in groups if "*" in group[0]]
-        # Crawl-delay, in no RFC but widely written: the least seconds between two requests
-        self.delay = max((delay for _, _, delays in chosen for delay in delays), default=None)
-        rules = sorted({rule for _, group, _ in chosen for rule in group},
-                       key=lambda rule: (-len(rule[0]), not rule[1]))
-        self.rules = [(pattern, _glob(pattern), allow) for pattern, allow in rules]
-
-    def allows(self, path: str) -> bool:
-        """Whether the crawler may fetch ``path`` (with its query)."""
-        if path == "/robots.txt":
-            return True
-        for prefix, glob, allow in self.rules:   # the longest first; on a tie Allow
-            if path.startswith(prefix) if glob is None else _matches(glob, path):
-                return allow
-        return True
-
-
-def _seconds(value: str) -> bool:
-    try:
-        return 0 < float(value) < math.inf
-    except ValueError:
-        return False
-
-
-def _glob(pattern: str) -> tuple[list[str], bool] | None:
-    """A rule with ``*`` or a final ``$``: its parts between the ``*``, and whether it ends
-    with ``$``; None for a plain prefix."""
-    end = pattern.endswith("$")
-    if "*" not in pattern and not end:
-        return None
-    return (pattern[:-1] if end else pattern).split("*"), end
-
-
-def _matches(glob: tuple[list[str], bool], path: str) -> bool:
-    # each part at the first place it fits: linear, where a regex (.*a.*a.*a.*b) could
-    # take a minute on a path a site chose, stalling every job of the process
-    parts, end = glob
-    if not path.startswith(parts[0]):
-        return False
-    at = len(parts[0])
-    if len(parts) == 1:
-        return not end or at == len(path)
-    for part in parts[1:-1]:
-        at = path.find(part, at)
-        if at < 0:
-            return False
-        at += len(part)
-    last = parts[-1]
-    if end:
-        return len(path) - len(last) >= at and path.endswith(last)
-    return path.find(last, at) >= 0
+        return Robots.read(body)
 
 
 _process = _Process()
@@ -347,14 +245,9 @@ class Crawl(PageKeys, Job):
             robots = await _process.allowed(url, self.dedupe_scope or batch,
                                             self.request_timeout)
         except RobotsUnavailable as exc:
-            if self.attempt <= (self.max_retries or 0):
-                raise   # asked again after a backoff
-            # none left: disallowed, saying why (not a failed page: the site kept it out)
-            return {"url": url, "status": None, "links": 0, "bytes": 0,
-                    "robots": "unavailable", "error": str(exc)}, None
+            return kept_out(self, url, exc), None
         if robots is None:
-            return {"url": url, "status": None, "links": 0, "bytes": 0,
-                    "robots": "disallowed"}, None
+            return kept_out(self, url), None
         try:
             # normalized, as the sync crawler does: ``fetched`` knows a loop by it (a start
             # URL's host with a final dot was sent so)
@@ -435,11 +328,8 @@ class Crawl(PageKeys, Job):
         """Submit the links, (URL, host), that stay on ``url``'s host (``anywhere``: on any),
         as jobs at ``depth`` (after ``redirects`` redirects in a row) that start ``delay``
         seconds apart at least (its robots.txt's Crawl-delay); returns how many."""
-        args = [batch, depth, redirects] if redirects else [batch, depth]
+        args, options = link_jobs(batch, depth, redirects, delay)
         host = None if anywhere else urlsplit(normalize_url(url)).netloc
-        options = {"batch": batch} if batch else {}
-        if delay:
-            options["limit_interval"] = delay
         found = 0
         async for link, link_host in _in_turns(links):
             if not link_host or host not in (None, link_host):

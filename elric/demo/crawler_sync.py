@@ -2,15 +2,22 @@
 process, and submits its links as child jobs, as the async crawler (``elric.demo.crawler``,
 the one to use; this one shows a plain sync job) does: deduped per scope, on the start
 page's host, nofollow obeyed, redirects as page jobs of their own, 5xx, 429 and 408 retried,
-``max_bytes``, ``max_depth`` and ``max_redirects`` as there. It does not read robots.txt:
-crawl sites that are not your own with the async crawler, which obeys it.
+``max_bytes``, ``max_depth`` and ``max_redirects`` as there. robots.txt is obeyed as there
+too: read once per host and round in each pool process (and again once a day old), its
+Crawl-delay the ``limit_interval`` of the links a page submits, a 4xx allowing everything,
+and one that does not answer (a 5xx, 429, 408, a timeout, no connection) keeping its host's
+pages out: retried, and with no retry left the page's result says ``"robots":
+"unavailable"`` and its ``error``; a page it forbids says ``"robots": "disallowed"``.
 
-Also the URL, link and page reading both crawlers share.
+Also what both crawlers share: the URL, link and page reading, robots.txt's rules (RFC
+9309) and what its answer means.
 """
 
 from __future__ import annotations
 
 import codecs
+import http.client
+import math
 import re
 import string
 import time
@@ -19,9 +26,12 @@ import urllib.request
 from datetime import UTC
 from email.utils import parsedate_to_datetime
 from html.parser import HTMLParser
+from typing import Callable, TypeVar
 from urllib.parse import quote, urldefrag, urljoin, urlsplit
 
 from elric import Job
+
+T = TypeVar("T")
 
 
 class Links(HTMLParser):
@@ -311,6 +321,150 @@ def no_answer(url: str, timeout: float) -> TimeoutError:
     return TimeoutError(f"{url}: no answer in {timeout} s")
 
 
+# --- robots.txt, as both crawlers obey it ---
+
+USER_AGENT = f"{ROBOTS_NAME}/0.1"
+ROBOTS_MAX_BYTES = 512 * 1024   # RFC 9309: parse at least 500 KiB of a robots.txt
+ROBOTS_MAX_AGE = 24 * 3600.0    # RFC 9309: seconds a robots.txt read is used at most
+ROBOTS_KEPT = 10_000            # (host, round) pairs a process keeps the robots.txt of
+
+
+class RobotsUnavailable(Exception):
+    """robots.txt answered a 5xx (or 429 or 408), or nothing: RFC 9309 keeps every page of
+    its host out until it answers. Worth another attempt after a backoff, as a page's 5xx."""
+
+    def __init__(self, url: str, why: str, retry_after: float = 0.0) -> None:
+        super().__init__(f"{url}: {why}: no page of its host is fetched until it answers "
+                         f"(RFC 9309)")
+        self.retry_after = retry_after
+
+
+def robots_answered(url: str, status: int, headers) -> bool:
+    """Whether robots.txt ``url``'s answer has rules to read: a 4xx is no robots.txt
+    (everything allowed); a 5xx, 429 or 408 raises RobotsUnavailable."""
+    if worth_retrying(status):
+        raise RobotsUnavailable(url, f"HTTP {status}", retry_after(status, headers))
+    return status < 400
+
+
+def cached_robots(cache: dict, url: str, round_: str, fresh: Callable[[T], bool],
+                  read: Callable[[str], T]) -> tuple[T, str]:
+    """What ``cache`` (a process's) holds for the robots.txt of ``url``'s host in round
+    ``round_``, read anew by ``read(origin)`` where it holds nothing ``fresh``; and the
+    path (with its query) to ask it about. The URL is normalized first: a start URL as
+    typed (/café, /x/../private) is spelled as the rules are."""
+    parts = urlsplit(normalize_url(url))
+    key = (f"{parts.scheme}://{parts.netloc}", round_)
+    found = cache.get(key)
+    if found is None or not fresh(found):
+        if len(cache) >= ROBOTS_KEPT:   # many rounds and hosts: start afresh
+            cache.clear()
+        found = cache[key] = read(key[0])
+    return found, (f"{parts.path or '/'}?{parts.query}" if parts.query else parts.path or "/")
+
+
+def kept_out(job: Job, url: str, error: RobotsUnavailable | None = None) -> dict:
+    """The result of page ``url``, which robots.txt keeps out: disallowed, or unavailable
+    (``error``), which is raised instead while ``job`` has a retry left: asked again after
+    a backoff. With none left, it is no failed page: the site kept it out."""
+    if error is not None and job.attempt <= (job.max_retries or 0):
+        raise error
+    result = {"url": url, "status": None, "links": 0, "bytes": 0,
+              "robots": "disallowed" if error is None else "unavailable"}
+    if error is not None:
+        result["error"] = str(error)
+    return result
+
+
+class Robots:
+    """A robots.txt as RFC 9309 reads it: the rules of the groups naming this crawler, else
+    of ``*``; of those, the longest that matches a path (``*``: anything; a final ``$``: the
+    end), Allow on a tie. urllib's RobotFileParser knew no ``*`` nor ``$`` (``Disallow:
+    /*.pdf$`` kept nothing out) and took the first rule that matched."""
+
+    def __init__(self, lines: list[str], agent: str) -> None:
+        self.read_at = time.monotonic()   # a round that runs for days reads it again
+        token = agent.split("/")[0].lower()
+        groups: list[tuple[list[str], list[tuple[str, bool]], list[float]]] = []
+        in_rules = True   # the next User-agent line starts a group
+        for line in lines:
+            key, colon, value = line.split("#", 1)[0].partition(":")
+            key, value = key.strip().lower(), value.strip()
+            if key == "user-agent":
+                if in_rules:
+                    groups.append(([], [], []))
+                    in_rules = False
+                groups[-1][0].append(value.split("/")[0].lower())
+            elif groups and key in ("allow", "disallow"):
+                # a rule ends the group's User-agent lines; a Crawl-delay or Sitemap does not
+                in_rules = True
+                if value:   # "Disallow:" keeps nothing out
+                    groups[-1][1].append((requote(value), key == "allow"))
+            elif groups and key == "crawl-delay" and _seconds(value):
+                groups[-1][2].append(min(float(value), 86_400.0))   # a day at most
+        named = [group for group in groups if token in group[0]]   # case-insensitive
+        chosen = named or [group for group in groups if "*" in group[0]]
+        # Crawl-delay, in no RFC but widely written: the least seconds between two requests
+        self.delay = max((delay for _, _, delays in chosen for delay in delays), default=None)
+        rules = sorted({rule for _, group, _ in chosen for rule in group},
+                       key=lambda rule: (-len(rule[0]), not rule[1]))
+        self.rules = [(pattern, _glob(pattern), allow) for pattern, allow in rules]
+
+    @classmethod
+    def read(cls, body: bytes) -> Robots:
+        """The rules of a robots.txt that answered ``body`` (b"" for none: all allowed)."""
+        return cls(body.decode("utf-8-sig", "replace").splitlines(), USER_AGENT)   # no BOM
+
+    def fresh(self) -> bool:
+        """Whether these rules were read less than ROBOTS_MAX_AGE ago."""
+        return time.monotonic() - self.read_at < ROBOTS_MAX_AGE
+
+    def allows(self, path: str) -> bool:
+        """Whether the crawler may fetch ``path`` (with its query)."""
+        if path == "/robots.txt":
+            return True
+        for prefix, glob, allow in self.rules:   # the longest first; on a tie Allow
+            if path.startswith(prefix) if glob is None else _matches(glob, path):
+                return allow
+        return True
+
+
+def _seconds(value: str) -> bool:
+    try:
+        return 0 < float(value) < math.inf
+    except ValueError:
+        return False
+
+
+def _glob(pattern: str) -> tuple[list[str], bool] | None:
+    """A rule with ``*`` or a final ``$``: its parts between the ``*``, and whether it ends
+    with ``$``; None for a plain prefix."""
+    end = pattern.endswith("$")
+    if "*" not in pattern and not end:
+        return None
+    return (pattern[:-1] if end else pattern).split("*"), end
+
+
+def _matches(glob: tuple[list[str], bool], path: str) -> bool:
+    # each part at the first place it fits: linear, where a regex (.*a.*a.*a.*b) could
+    # take a minute on a path a site chose, stalling every job of the process
+    parts, end = glob
+    if not path.startswith(parts[0]):
+        return False
+    at = len(parts[0])
+    if len(parts) == 1:
+        return not end or at == len(path)
+    for part in parts[1:-1]:
+        at = path.find(part, at)
+        if at < 0:
+            return False
+        at += len(part)
+    last = parts[-1]
+    if end:
+        return len(path) - len(last) >= at and path.endswith(last)
+    return path.find(last, at) >= 0
+
+
 def _read(response, limit: int, deadline: float) -> bytes:
     """At most ``limit`` bytes of the body by ``deadline`` (a wait begun by then lasts the
     request's timeout at most): urllib's timeout is for each wait, and a server that
@@ -333,6 +487,48 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
 
 
 _opener = urllib.request.build_opener(_NoRedirects)
+# robots.txt's redirects are followed (RFC 9309: five at least; urllib's ten, as aiohttp's)
+_robots_opener = urllib.request.build_opener()
+# as the async crawler's: the name its robots.txt knows it by (not Python-urllib's)
+_opener.addheaders = _robots_opener.addheaders = [("User-Agent", USER_AGENT)]
+
+# this pool process's robots.txt rules, per (scheme://host, round): read once in each
+_robots: dict[tuple[str, str], Robots] = {}
+
+
+def _allowed(url: str, round_: str, timeout: float) -> Robots | None:
+    """The rules of ``url``'s robots.txt in this round if they allow it, else None."""
+    rules, path = cached_robots(_robots, url, round_, Robots.fresh,
+                                lambda origin: _read_robots(origin, timeout))
+    return rules if rules.allows(path) else None
+
+
+def _read_robots(origin: str, timeout: float) -> Robots:
+    url, deadline = origin + "/robots.txt", time.monotonic() + timeout
+    try:
+        with _robots_opener.open(url, timeout=timeout) as response:
+            body = _read(response, ROBOTS_MAX_BYTES, deadline) \
+                if robots_answered(url, response.status, response.headers) else b""
+    except urllib.error.HTTPError as exc:   # a 4xx, a 5xx, or redirects with no end
+        robots_answered(url, exc.code, exc.headers)   # a 3xx: as if there were none (RFC 9309)
+        body = b""
+    except (OSError, http.client.HTTPException) as exc:   # no connection, or a broken one
+        # urllib's URLError wraps what failed: a connection not made in time too
+        reason = exc.reason if isinstance(getattr(exc, "reason", None), OSError) else exc
+        why = f"no answer in {timeout} s" if isinstance(reason, TimeoutError) \
+            else f"{type(reason).__name__}: {reason}"
+        raise RobotsUnavailable(url, why) from None
+    return Robots.read(body)
+
+
+def link_jobs(batch: str, depth: int, redirects: int, delay: float | None) -> tuple[list, dict]:
+    """A page's links' jobs' args after the link, and their submit options: at ``depth``,
+    after ``redirects`` redirects in a row, in the crawl's ``batch``, and ``delay`` seconds
+    apart at least (their host's robots.txt's Crawl-delay, across all workers)."""
+    options: dict = {"batch": batch} if batch else {}
+    if delay:
+        options["limit_interval"] = delay
+    return [batch, depth, redirects] if redirects else [batch, depth], options
 
 
 class PageKeys:
@@ -372,6 +568,12 @@ class CrawlSync(PageKeys, Job):
     def _page(self, url: str, batch: str, depth: int, redirects: int,
               fetched: frozenset[str]) -> tuple[dict, str | None]:
         """Crawl page ``url``: its result, and where a redirect leads that the job follows."""
+        try:
+            robots = _allowed(url, self.dedupe_scope or batch, self.request_timeout)
+        except RobotsUnavailable as exc:
+            return kept_out(self, url, exc), None
+        if robots is None:
+            return kept_out(self, url), None
         deadline = time.monotonic() + self.request_timeout
         try:
             # normalized: a start URL may be typed as a browser shows it (/café), and
@@ -406,8 +608,8 @@ class CrawlSync(PageKeys, Job):
             if target is not None:
                 # kept to the crawl's host (the start page's to any: the crawl goes on
                 # there); no step deeper
-                result["links"] = self._submit(url, [target], batch, depth, depth == 0,
-                                               redirects + 1)
+                result["links"] = self._submit(url, [target], batch, depth, robots.delay,
+                                               depth == 0, redirects + 1)
             return result, None
         except urllib.error.URLError as exc:   # a connection not made in time too
             if not isinstance(exc.reason, TimeoutError):
@@ -429,19 +631,19 @@ class CrawlSync(PageKeys, Job):
             parser.links = []
         base = parser.base and link_of(url, parser.base) or url
         result["links"] = self._submit(url, [link_of(base, href, codec) for href in parser.links],
-                                       batch, depth + 1)
+                                       batch, depth + 1, robots.delay)
         return result, None
 
     def _submit(self, url: str, links: list[str | None], batch: str, depth: int,
-                anywhere: bool = False, redirects: int = 0) -> int:
+                delay: float | None = None, anywhere: bool = False, redirects: int = 0) -> int:
         """Submit the links that stay on ``url``'s host (``anywhere``: on any), each once,
-        as jobs at ``depth`` (after ``redirects`` redirects in a row); returns how many."""
-        args = [batch, depth, redirects] if redirects else [batch, depth]
+        as jobs at ``depth`` (after ``redirects`` redirects in a row) that start ``delay``
+        seconds apart at least (its robots.txt's Crawl-delay); returns how many."""
+        args, options = link_jobs(batch, depth, redirects, delay)
         host = urlsplit(normalize_url(url)).netloc   # as its links are spelled
         found = [link for link in dict.fromkeys(links)
                  if link is not None and (anywhere or urlsplit(link).netloc == host)]
         for link in found:
             # most links were seen before; the master's dedupe filter drops those
-            type(self).submit_with(args=[link, *args],
-                                   **({"batch": batch} if batch else {}))
+            type(self).submit_with(args=[link, *args], **options)
         return len(found)
