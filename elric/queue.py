@@ -201,7 +201,8 @@ _VIEW = {"func": _s, "args": codec.unpack, "kwargs": codec.unpack, "queue": _s,
                          jobstats.ms_to_s), "duration_ms": int}
 _EMPTY = {"args": [], "kwargs": {}, "priority": 0, "attempts": 0, "max_retries": 0}
 _OPTIONAL_VIEW = {"schedule": _s, "dedupe_key": _s, "dedupe_scope": _s, "limit_key": _s,
-                  "limit_interval": float, "round": _s, "fire_time": float, "not_run": _s}
+                  "limit_interval": float, "round": _s, "fire_time": float, "not_run": _s,
+                  "redelivered": int, "redelivered_at": jobstats.ms_to_s, "lost_worker": _s}
 _TRACEBACKS = ("Traceback (most recent call last):",
                "  + Exception Group Traceback (most recent call last):")
 
@@ -587,6 +588,9 @@ class RedisQueue:
         for name, read in _VIEW.items():
             value = h.get(name.encode())
             view[name] = _read(name, read, value, bad) if value else _EMPTY.get(name)
+        # no attempt runs while queued: the last one's start (a lost run's) is not its start
+        if view["status"] == "queued":
+            view["started_at"] = None
         duration = view.pop("duration_ms")
         # 0: a job done within its first millisecond (it ran: not None, as if it had not)
         view["duration"] = None if duration is None else duration / 1000.0

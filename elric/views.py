@@ -151,10 +151,22 @@ def filtered(filters: dict) -> None:
           lambda f: (f["scope"], f.get("filtered", 0), f.get("items", ""), f.get("backend", "")))
 
 
+def attempts(j: dict, now: float | None = None) -> str:
+    """A job's attempts, and how many of them its worker was lost in (redelivered): else a
+    job run twice, attempts 2 with max_retries 0, looked like a bug."""
+    n = j.get("attempts", 0)
+    if not j.get("redelivered"):
+        return str(n)
+    lost = f"worker {j['lost_worker']}" if j.get("lost_worker") else "its worker"
+    return f"{n} ({j['redelivered']} redelivered: {lost} lost at " \
+        f"{when(j.get('redelivered_at'), now)})"
+
+
 def job(j: dict) -> None:
-    pairs = [(key, j[key]) for key in ("job_id", "status", "func", "queue", "priority",
-                                       "attempts", "max_retries", "worker", "batch", "parent",
-                                       "round", "not_run", "unreadable")
+    pairs = [(key, attempts(j) if key == "attempts" else j[key])
+             for key in ("job_id", "status", "func", "queue", "priority", "attempts",
+                         "max_retries", "worker", "batch", "parent", "round", "not_run",
+                         "unreadable")
              if j.get(key) not in (None, "")]
     pairs += [(key, when(j[key])) for key in ("enqueued_at", "started_at", "finished_at")
               if j.get(key)]

@@ -161,6 +161,10 @@ def test_sigkill_worker_under_load_every_job_succeeds(make_cluster):
         assert held <= again, (held, again)
         assert all(job["attempts"] in (1, 2) for job in jobs.values())
         assert all(worker_pid(jobs[j]) != victim.pid for j in held)
+        # each job run again says so, naming the worker lost (attempts 2, max_retries 0)
+        assert {j: (job.get("redelivered"), job.get("lost_worker", "").split(":")[1:2])
+                for j, job in jobs.items()} == {
+            j: (1, [str(victim.pid)]) if j in again else (None, []) for j in ids}
         stats = c.client.stats()
         assert stats["totals"]["redelivered"] == len(again) >= 1
         assert stats["by_status"]["running"] == 0 and stats["by_status"]["queued"] == 0

@@ -335,6 +335,60 @@ def test_the_master_log_names_the_jobs_redelivered(redis_url, caplog):
     assert "redelivered 1 job(s)" in caplog.text and "held" in caplog.text, caplog.text
 
 
+def test_a_redelivered_job_says_so_in_get_job_elric_job_and_its_page(make_cluster):
+    """A job whose worker was lost showed "queued, attempts 1" with the lost run's start,
+    then "attempts 2" with max_retries 0, and nothing of the redelivery: an operator asked
+    why it ran twice. The job counts it and names the worker lost."""
+    import asyncio
+    from html import unescape
+
+    import redis.asyncio as aredis
+
+    from elric.keys import Keys
+    from elric.queue import RedisQueue
+    from tests.conftest import outcome
+    from tests.test_dashboard import get
+
+    port = free_port()
+    c = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}")
+    c.start_master()
+    c.client.submit_job(Add.spec([1, 2], job_id="twice", queue="nobody"))
+    lost, said = "host:4242:dead00", "1 (1 redelivered: worker host:4242:dead00 lost at "
+
+    async def in_redis(step):
+        r = aredis.Redis.from_url(c.redis_url)
+        try:
+            return await step(RedisQueue(r, Keys("elric")), r)
+        finally:
+            await r.aclose()
+
+    async def lose(q, r):
+        assert (await q.fetch(lost, ["nobody"], 1, 30)).claims
+        await r.zadd(q.keys.inflight, {"twice": 0}, xx=True)   # its lease ran out
+        await q.recover()   # (or the master's housekeeping did)
+    asyncio.run(in_redis(lose))
+    job = c.client.get_job("twice")
+    assert (job["status"], job["attempts"], job["redelivered"], job["lost_worker"]) == (
+        "queued", 1, 1, lost), job
+    # no attempt runs while it waits: the lost one's start is not shown as its start
+    assert job["started_at"] is None and job["redelivered_at"] >= job["enqueued_at"], job
+    shown = run_elric(c, "job", "twice")
+    assert said in shown.stdout and "started_at" not in shown.stdout, shown.stdout
+    assert said in unescape(get(f"http://127.0.0.1:{port}/jobs/twice")[1])
+
+    async def run_again(q, r):
+        [claim] = (await q.fetch("host:4343:alive0", ["nobody"], 1, 30)).claims
+        assert await q.finish("host:4343:alive0", [outcome(claim)]) == ["succeeded"]
+    asyncio.run(in_redis(run_again))
+    job = c.client.get_job("twice")
+    assert (job["attempts"], job["redelivered"], job["max_retries"]) == (2, 1, 0), job
+    assert job["started_at"] >= job["redelivered_at"], job
+    assert "2 (1 redelivered: worker host:4242:dead00 lost at " in run_elric(
+        c, "job", "twice").stdout
+    c.client.rerun_job("twice")   # a rerun counts its attempts from 0 again, and these
+    assert "redelivered" not in c.client.get_job("twice")
+
+
 def test_an_order_to_a_worker_by_its_pid_names_the_id_meant(redis_url):
     """`elric worker pause 4242` (the pid, as ps shows it) said only "no worker '4242' (or it
     is lost ...)": nothing of the id it takes, nor which worker that pid is."""

@@ -24,8 +24,8 @@ from elric.dashboard import metrics
 from elric.dashboard.access import COOKIE, SESSION_SECONDS, Access
 from elric.retry import REDIS_ERRORS, redis_refusal
 from elric.rpc import RequestError
-from elric.views import (cut, duration, json_text, mib, percent, stamp, when, worker_counts,
-                         worker_state)
+from elric.views import (attempts, cut, duration, json_text, mib, percent, stamp, when,
+                         worker_counts, worker_state)
 
 log = logging.getLogger("elric.dashboard")
 
@@ -97,6 +97,7 @@ class Dashboard:
         # Redis's clock, as every time shown: this machine's may be off
         self.templates.filters.update(
             when=lambda seconds: when(seconds, master.store.clock()), mib=mib, percent=percent,
+            attempts=lambda job: attempts(job, master.store.clock()),
             duration=duration,
             quote_id=lambda text: quote(text, safe=""),
             worker_state=worker_state, worker_counts=worker_counts,

@@ -12,6 +12,8 @@
 --   passed over (the counters or queues: jobs go back, not counted or listed)}.
 -- Invariant: a job leaves the due set once, and is queued only if it still has the status
 -- and no request to cancel it; a run whose lease ran out gives up its limit key's slot. A
+-- redelivered job (keep place '1') counts it on its hash: `redelivered` (runs lost with
+-- their worker, each an attempt used), `redelivered_at` (ms) and `lost_worker` (the last). A
 -- job key of another type (an operator's) leaves the due set too: at its head it held back
 -- every job after it, at each pass. A job whose queue or limit key's running set is of
 -- another type, or (not to be cancelled) with no `queue` field, stays in it, due a minute
@@ -37,7 +39,8 @@ local queues = not mistyped(KEYS[7], 'set') and KEYS[7]
 if not queues then broken[#broken + 1] = KEYS[7] end
 for _, id in ipairs(ids) do
   local jk = jp .. id
-  local read, f = pcall(redis.call, 'HMGET', jk, 'status', 'cancel', 'limit_key', 'queue')
+  local read, f = pcall(redis.call, 'HMGET', jk, 'status', 'cancel', 'limit_key', 'queue',
+                        'worker', 'redelivered')
   if not read then broken[#broken + 1] = jk; f = {} end
   local bad = f[1] == status and
               (f[4] and mistyped(qp .. f[4], 'zset') and qp .. f[4] or
@@ -56,6 +59,11 @@ for _, id in ipairs(ids) do
     cancelled[#cancelled + 1] = id
   elseif not bad and f[1] == status then
     free_slot(id, f[3], ends)
+    -- said by get_job: else a job run twice (attempts 2, max_retries 0) looked like a bug
+    if keep then
+      redis.call('HSET', jk, 'redelivered', (tonumber(f[6]) or 0) + 1, 'redelivered_at', now,
+                 'lost_worker', f[5] or '')
+    end
     requeue(jk, id, qp, wp, KEYS[3], keep, queues)
     if counter ~= '' then redis.call('HINCRBY', KEYS[4], counter, 1) end
     out[#out + 1] = id

@@ -6,10 +6,11 @@
 -- when it has not finished, or 'NOQUEUE' when its `queue` field is missing; 'WRONGTYPE
 -- <key> ...' (expect_fn), before any write, for its queue, its status index, the counters,
 -- the queues set or seq.
--- Invariant: only a succeeded, failed or cancelled job is queued again; its result, error
--- and timings go. A job of a round counts in the round again (its round is live again), and
--- as submitted again in its func's and batch's stats (their last submit: `last_at`) and in
--- the counters (also its queue's, with its `last_at`; the queue is listed again).
+-- Invariant: only a succeeded, failed or cancelled job is queued again; its result, error,
+-- timings and redeliveries go. A job of a round counts in the round again (its round is
+-- live again), and as submitted again in its func's and batch's stats (their last submit:
+-- `last_at`) and in the counters (also its queue's, with its `last_at`; the queue is listed
+-- again).
 local qp, wp, sp, now, id = ARGV[1], ARGV[2], ARGV[3], now_ms(), ARGV[4]
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return redis.error_reply('NOJOB') end
@@ -37,6 +38,6 @@ redis.call('HSET', KEYS[3], 'queue:' .. job[3] .. ':last_at', now)
 redis.call('PERSIST', KEYS[1])
 redis.call('HSET', KEYS[1], 'attempts', 0, 'enqueued_at', now)   -- new children (job.py)
 redis.call('HDEL', KEYS[1], 'started_at', 'finished_at', 'result', 'error', 'retry_at',
-           'duration_ms')
+           'duration_ms', 'redelivered', 'redelivered_at', 'lost_worker')
 requeue(KEYS[1], id, qp, wp, KEYS[2], false, KEYS[4])
 return status
