@@ -231,7 +231,8 @@ def cmd_call(args: argparse.Namespace) -> int:
             (show or views.filtered)(client.stats()["filters"])
         elif command == "jobs":
             # (--limit 0 goes to the master, which refuses it, rather than shows 100 jobs)
-            rows = client.list_jobs(**_filter(args, offset=args.offset, limit=args.limit))
+            rows = client.list_jobs(**_filter(args, offset=args.offset, limit=args.limit)) \
+                if args.status == Status.SCHEDULED else _jobs_page(client, args)
             # periodic jobs are listed as short maps of their schedules: shown as schedules
             view = views.schedules if args.status == Status.SCHEDULED else views.jobs
             (show or view)(rows)
@@ -443,6 +444,21 @@ def _control_worker(args: argparse.Namespace) -> int:
                                       ": nothing to do" if reply.get("unchanged") else
                                       f"{action} asked; it obeys within a second"))
     return 0
+
+
+def _jobs_page(client, args: argparse.Namespace) -> list[dict]:
+    """The page of jobs asked for: each call looks at a bounded stretch of jobs, and where
+    one stopped before the page filled (a rare func or batch) the next goes on from there,
+    so "no jobs" is said only when every job was looked at."""
+    rows, seen, cursor = [], set(), ""
+    while True:
+        reply = client.list_jobs(**_filter(args, offset=0 if cursor else args.offset,
+                                           limit=args.limit - len(rows)), cursor=cursor)
+        rows += [row for row in reply["jobs"] if row["job_id"] not in seen]  # (moved on
+        seen.update(row["job_id"] for row in rows)   # between calls: met twice)
+        cursor = reply["cursor"]
+        if not cursor or len(rows) >= args.limit:
+            return rows
 
 
 def _more(rows: list, args: argparse.Namespace, show) -> None:

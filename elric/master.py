@@ -42,7 +42,7 @@ STOP_GRACE = 10.0  # seconds a stopping master lets the calls in flight run
 MAX_PAGE = 1000
 MAX_REDIS_CONNECTIONS = 128
 SPARE_FILES = 64   # the listeners, logs, Bloom snapshots, the dashboard's connections
-LIST_FILTERS = ("status", "queue", "func", "batch", "offset", "limit", "scan_limit")
+LIST_FILTERS = ("status", "queue", "func", "batch", "offset", "limit", "scan_limit", "cursor")
 MAX_SCAN = 100_000   # jobs list_jobs looks at, at most, to fill a page
 MAX_RUN_WAIT = 20.0  # seconds run_job may wait for its fire: well inside a client's timeout
 
@@ -476,7 +476,7 @@ class Master:
         return {"job_id": job_id, "status": Status.QUEUED}
 
     @_rpc
-    async def list_jobs(self, filter=None) -> list[dict]:
+    async def list_jobs(self, filter=None) -> list[dict] | dict:
         filter = _filter(filter or {}, "list_jobs", LIST_FILTERS, contract.STATUSES)
         offset, limit = filter.get("offset", 0), filter.get("limit", 100)
         scan = filter.get("scan_limit", MAX_SCAN)
@@ -485,16 +485,23 @@ class Master:
             raise SpecError(f"list_jobs: offset must be ≥ 0 and limit 1..{MAX_PAGE}")
         if not isinstance(scan, int) or not 0 < scan <= MAX_SCAN:
             raise SpecError(f"list_jobs: scan_limit must be 1..{MAX_SCAN}")
-        status = filter.get("status")
+        status, cursor = filter.get("status"), filter.get("cursor")
+        if cursor is not None and not isinstance(cursor, str):
+            raise SpecError("list_jobs: cursor must be a string")
         if status == Status.SCHEDULED:
             if any(filter.get(key) is not None for key in ("queue", "func", "batch")):
                 # else every schedule would be listed, as if they all matched
                 raise SpecError("list_jobs: periodic jobs (status 'scheduled') are listed "
                                 "whole, not by queue, func or batch; leave those out")
-            return await self.store.list(offset=offset, limit=limit)
-        return await self.queue.list_jobs(
-            status=status, queue=filter.get("queue"), func=filter.get("func"),
-            batch=filter.get("batch"), offset=offset, limit=limit, scan_limit=scan)
+            rows, went_on = await self.store.list(offset=offset, limit=limit), ""
+        else:
+            rows, went_on = await self.queue.list_page(
+                status=status, queue=filter.get("queue"), func=filter.get("func"),
+                batch=filter.get("batch"), offset=offset, limit=limit, scan_limit=scan,
+                cursor=cursor or "")
+        # asked with a cursor: also where to look further when scan_limit stopped the
+        # looking (a bare list could not tell "no more jobs" from "not looked at yet")
+        return rows if cursor is None else {"jobs": rows, "cursor": went_on}
 
     @_rpc
     async def bulk_jobs(self, action, filter, cursor="", op="") -> dict:

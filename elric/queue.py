@@ -20,7 +20,7 @@ from redis.exceptions import ResponseError
 
 from elric import codec, jobstats, lua
 from elric.clock import redis_now
-from elric.contract import STATUSES, NotFound, Refused, Status
+from elric.contract import STATUSES, NotFound, Refused, SpecError, Status
 from elric.keys import Keys
 from elric.retry import each, error_code
 
@@ -654,50 +654,76 @@ class RedisQueue:
                 raise row
         return [None if row[0] is None else Hold(*map(_s, row)) for row in rows]
 
-    async def list_jobs(self, *, status: str | None = None, queue: str | None = None,
+    async def list_jobs(self, **filters) -> list[dict]:
+        return (await self.list_page(**filters))[0]
+
+    async def list_page(self, *, status: str | None = None, queue: str | None = None,
                         func: str | None = None, batch: str | None = None, offset: int = 0,
-                        limit: int = 100, scan_limit: int = 100_000) -> list[dict]:
+                        limit: int = 100, scan_limit: int = 100_000,
+                        cursor: str = "") -> tuple[list[dict], str]:
         """Newest first within each status (queued jobs: per queue, the last in line
-        first); filters on queue, func and batch."""
-        statuses = [status] if status else [s for s in STATUSES
-                                            if s not in (Status.SCHEDULED, Status.FILTERED)]
+        first); filters on queue, func and batch. Also the cursor to look further from when
+        ``scan_limit`` stopped the looking before the page filled ("" otherwise): a page by
+        a rare func or batch is never empty merely because other jobs came first. With a
+        cursor the listing goes on from there, ``offset`` counted from there."""
+        order = [s for s in STATUSES if s not in (Status.SCHEDULED, Status.FILTERED)]
+        statuses = [status] if status else order
         wanted = {"queue": queue, "func": func, "batch": batch}
-        out: list[dict] = []
-        listed: set[str] = set()   # a job that moves on while we read shows up once
-        scanned, skip = 0, offset   # skip: matching jobs still to pass over
+        places = []   # ((status's place, kind, name), index, members carry a sequence, status)
         for st in statuses:
+            n = order.index(st) if st in order else len(order)
             if st == Status.QUEUED:  # the queues' own sorted sets, then parked jobs' sets
                 names = [queue] if queue else sorted(
                     _s(q) for q in await self.redis.smembers(self.keys.queues))
-                indexes = [(self.keys.queue(q), True) for q in names] + [
-                    (self.keys.limit_parked(_s(lk)), True)
-                    for lk in await self.redis.zrange(self.keys.limits_due, 0, -1)]
+                places += [((n, 0, q), self.keys.queue(q), True, st) for q in names] + [
+                    ((n, 1, _s(lk)), self.keys.limit_parked(_s(lk)), True, st)
+                    for lk in sorted(await self.redis.zrange(self.keys.limits_due, 0, -1))]
             else:
-                indexes = [(self.keys.status(st), False)]
-            for index, in_line in indexes:
-                start = 0
-                if func is not None or batch is not None or (
-                        queue is not None and index != self.keys.queue(queue)):
-                    # Redis picks out the matches: only those are read here
-                    pairs = [x for f, v in wanted.items() if v is not None for x in (f, v)]
-                    while len(out) < limit and scanned < scan_limit and start >= 0:
-                        start, looked, *ids = await self._list_match(keys=[index], args=[
-                            self.keys.job(""), int(in_line), start,
-                            min(MATCH_STEP, scan_limit - scanned), skip + limit - len(out),
-                            st, *pairs])
-                        scanned += looked
-                        skip = await self._take([_s(i) for i in ids], st, wanted, listed,
-                                                out, skip)
-                    continue
+                places.append(((n, 2, ""), self.keys.status(st), False, st))
+        at, skip = (0, None, 0), offset   # skip: matching jobs still to pass over
+        if cursor:   # "matches to skip:status's place:kind:rank:name"
+            try:
+                more, n, kind, rank, name = cursor.split(":", 4)
+                skip, at = skip + int(more), (int(n), int(kind), name, int(rank))
+                if min(skip, at[3]) < 0:
+                    raise ValueError
+            except ValueError:
+                raise SpecError(f"bad cursor {cursor!r}: pass back the one a page "
+                                "answered, or none to begin") from None
+            places = [p for p in places if p[0] >= at[:3]]
+        out: list[dict] = []
+        listed: set[str] = set()   # a job that moves on while we read shows up once
+        scanned, went_on = 0, ""
+        for place, index, in_line, st in places:
+            start = at[3] if place == at[:3] else 0
+            if len(out) >= limit:
+                break
+            if scanned >= scan_limit:   # stopped before this index's end (or start)
+                went_on = f"{skip}:{place[0]}:{place[1]}:{start}:{place[2]}"
+                break
+            if func is not None or batch is not None or (
+                    queue is not None and index != self.keys.queue(queue)):
+                # Redis picks out the matches: only those are read here
+                pairs = [x for f, v in wanted.items() if v is not None for x in (f, v)]
+                while len(out) < limit and scanned < scan_limit and start >= 0:
+                    start, looked, *ids = await self._list_match(keys=[index], args=[
+                        self.keys.job(""), int(in_line), start,
+                        min(MATCH_STEP, scan_limit - scanned), skip + limit - len(out),
+                        st, *pairs])
+                    scanned += looked
+                    skip = await self._take([_s(i) for i in ids], st, wanted, listed,
+                                            out, skip)
+            else:
                 if skip:   # every job it holds matches: pass over them unread (reading them
                     # all made a deep page take seconds, and empty past scan_limit)
-                    start = min(skip, await self.redis.zcard(index))
-                    skip -= start
-                while len(out) < limit and scanned < scan_limit:
+                    first, start = start, min(start + skip, await self.redis.zcard(index))
+                    skip -= start - first
+                while len(out) < limit and scanned < scan_limit and start >= 0:
                     members = await self.redis.zrevrange(index, start, start + 499)
                     if not members:
+                        start = -1   # the index ended
                         break
-                    start += 500
+                    start += len(members)
                     scanned += len(members)
                     ids = [_s(m[17:] if in_line else m) for m in members]  # {seq:016x}:{id}
                     gone = []
@@ -719,7 +745,11 @@ class RedisQueue:
                                 listed.add(job_id)
                     if gone and not in_line:  # expired results: their entries go too
                         await self.redis.zrem(index, *gone)
-        return out[:limit]
+                        start -= len(gone)
+            if start >= 0 and len(out) < limit:   # the scan limit stopped it in this index
+                went_on = f"{skip}:{place[0]}:{place[1]}:{start}:{place[2]}"
+                break
+        return out[:limit], went_on
 
     async def _take(self, ids: list[str], status: str, wanted: dict, listed: set[str],
                     out: list[dict], skip: int) -> int:

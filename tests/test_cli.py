@@ -1349,3 +1349,35 @@ def test_submit_wait_that_times_out_says_the_job_keeps_running_and_how_to_follow
     assert out.stderr.strip().splitlines()[-1] == "elric: job late still queued after 0.5s: " \
         "it keeps running; elric job late follows it", out.stderr
     assert cluster.client.get_job("late")["status"] == "queued"
+
+
+def test_jobs_by_a_rare_batch_looks_further_where_the_masters_scan_stopped(monkeypatch,
+                                                                           capsys):
+    """elric jobs --batch B said "no jobs" when the master's scan limit (100,000 jobs) ran
+    out on other jobs first; it goes on from where each call stopped until its page is
+    full or every job was looked at. A master stand-in looks at 3 jobs a call."""
+    from elric import cli
+
+    jobs = [{"job_id": f"j{i}", "batch": "rare" if i in (5, 11, 12) else "common"}
+            for i in range(20)]
+
+    class Master:
+        calls = 0
+        def __enter__(self): return self
+        def __exit__(self, *exc): pass
+
+        def list_jobs(self, batch, offset, limit, cursor=None):
+            Master.calls += 1
+            at, skip = map(int, (cursor or "0,0").split(","))   # the matches still to skip
+            found = [j for j in jobs[at:at + 3] if j["batch"] == batch]
+            skip += offset
+            rows, skip = found[skip:skip + limit], max(0, skip - len(found))
+            went_on = f"{at + 3},{skip}" if at + 3 < len(jobs) else ""
+            return rows if cursor is None else {"jobs": rows, "cursor": went_on}
+
+    monkeypatch.setattr(cli, "_client", lambda args: Master())
+    assert cli.main(["jobs", "--batch", "rare", "--limit", "2", "--json"]) == 0
+    assert [row["job_id"] for row in json.loads(capsys.readouterr().out)] == ["j5", "j11"]
+    assert cli.main(["jobs", "--batch", "rare", "--offset", "2", "--json"]) == 0
+    assert [row["job_id"] for row in json.loads(capsys.readouterr().out)] == ["j12"]
+    assert Master.calls == 4 + 7   # the second looked at every job

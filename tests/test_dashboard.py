@@ -704,7 +704,9 @@ def test_times_name_their_zone(make_cluster):
 def test_a_queues_job_list_looks_at_no_more_jobs_than_a_func_filter_does(make_cluster):
     """/jobs?queue=Q (each queue's link on the overview) has an index for Q's waiting jobs
     only: for the rest it read up to 100,000 jobs of every queue at each load and each
-    refresh, every 2 s; it looks at as many as a func or batch filter does, and says so."""
+    refresh, every 2 s; it looks at as many as a func or batch filter does, and says so.
+    A page whose scan stopped before it filled showed "No job matches." as if final: it
+    links to look further from where it stopped."""
     from elric.dashboard import SCAN
 
     cluster, port = dashboard_with_a_job(make_cluster)
@@ -716,8 +718,13 @@ def test_a_queues_job_list_looks_at_no_more_jobs_than_a_func_filter_does(make_cl
     cursor = None
     while cursor != "":   # cancelled after "old": the list meets them first
         cursor = client.bulk_jobs("cancel", {"queue": "other"}, cursor or "")["cursor"]
-    html = get(f"http://127.0.0.1:{port}/jobs?queue=q")[1]
+    html = unescape(get(f"http://127.0.0.1:{port}/jobs?queue=q")[1])
     assert f"Looked at up to {SCAN:,} jobs" in html and 'data-id="old"' not in html, html
+    assert "No job matches among those looked at so far." in html, html
+    further = re.search(r'<a href="(/jobs\?[^"]*)">look further</a>', html).group(1)
+    html = unescape(get(f"http://127.0.0.1:{port}{further}")[1])
+    assert 'data-id="old"' in html and "look further" not in html, html
+    assert "from where an earlier page stopped" in html
     html = get(f"http://127.0.0.1:{port}/jobs?queue=nobody&status=queued")[1]
     assert 'data-id="j1"' in html and "Looked at" not in html   # a queue's own index
 

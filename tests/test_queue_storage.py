@@ -1129,3 +1129,47 @@ def test_a_worker_stopping_takes_a_stop_again_and_no_other_order(redis_url):
         assert await r.hmget(KEYS.worker("w"), "set_concurrency", "paused") == [None, None]
         assert await q.control_worker("w", stop="1") == "ok"
     asyncio.run(with_queue(redis_url, body))
+
+
+def test_a_list_stopped_by_its_scan_limit_says_where_to_look_further(redis_url, monkeypatch):
+    """The dashboard's /jobs?batch=B showed no job, as if final, when its scan limit ran
+    out on other queued jobs first. A list stopped so answers where it stopped; going on
+    from there, a scan limit's worth at a time, lists what one unbounded list does."""
+    import elric.queue
+    monkeypatch.setattr(elric.queue, "MATCH_STEP", 20)   # a few script calls a page
+
+    async def body(q, r):
+        await q.enqueue([normalize_spec({
+            "func": FUNC, "job_id": f"j{i}", "queue": f"q{i % 2}",
+            "batch": "rare" if i % 40 < 2 else "common"}) for i in range(200)])
+        claims = (await q.fetch("w", ["q0", "q1"], 100, 30)).claims   # the older half ends
+        await q.finish("w", [outcome(c) for c in claims])
+        whole = [row["job_id"] for row in await q.list_jobs(batch="rare", limit=1000)]
+        assert len(whole) == 10 and len({w[1:] for w in whole}) == 10
+        looked, match = [], q._list_match
+
+        async def counted(keys, args):
+            reply = await match(keys=keys, args=args)
+            looked[-1] += reply[1]
+            return reply
+        q._list_match = counted
+        for offset, limit in ((0, 1000), (0, 3), (4, 3)):
+            listed, cursor = [], ""
+            while len(listed) < limit:
+                looked.append(0)
+                rows, cursor = await q.list_page(batch="rare", offset=0 if cursor else offset,
+                                                 limit=limit - len(listed), scan_limit=30,
+                                                 cursor=cursor)
+                assert looked[-1] <= 30
+                listed += [row["job_id"] for row in rows]
+                if not cursor:
+                    break
+                assert rows or looked[-1] == 30   # (not a page that looked at nothing)
+            assert listed == whole[offset:offset + limit]
+        looked.append(0)   # the first 15 in line match nothing: said, not final
+        assert await q.list_page(batch="rare", status="queued", scan_limit=15) == (
+            [], "0:0:0:15:q0")
+        for bad in ("nonsense", "-1:0:0:0:q0", "0:0:0:-1:q0"):
+            with pytest.raises(ValueError, match="bad cursor"):
+                await q.list_page(batch="rare", cursor=bad)
+    asyncio.run(with_queue(redis_url, body))

@@ -22,6 +22,7 @@ from elric.config import SettingsError, names
 from elric.contract import ErrorCode, STATUSES, Status
 from elric.dashboard import metrics
 from elric.dashboard.access import COOKIE, SESSION_SECONDS, Access
+from elric.master import MAX_SCAN
 from elric.retry import REDIS_ERRORS, redis_refusal
 from elric.rpc import RequestError
 from elric.views import (attempts, cut, duration, json_text, mib, percent, stamp, when,
@@ -30,7 +31,7 @@ from elric.views import (attempts, cut, duration, json_text, mib, percent, stamp
 log = logging.getLogger("elric.dashboard")
 
 PAGE = 50                      # rows per page of a job list
-SCAN = 10_000                  # jobs a page looks at, at most: it answers within a second
+SCAN = 10_000                  # jobs a filtered page looks at, at most: then "look further"
 LIVE_HEADER = "X-Elric-Live"   # a refresh asks for the page's main part only
 HTTP_STATUS = {ErrorCode.NOT_FOUND: 404, ErrorCode.BAD_REQUEST: 400,
                ErrorCode.REDIS_UNAVAILABLE: 503}
@@ -220,17 +221,22 @@ class Dashboard:
         if q.get("status") == Status.SCHEDULED:   # listed as schedules, they had no status
             raise web.HTTPSeeOther("/schedules")   # (or queue) in this table's rows
         filters = {k: q[k] for k in ("status", "queue", "func", "batch") if q.get(k)}
-        offset = _int(q.get("offset"), 0)
-        # an index lists a status, or a queue's waiting jobs; any other filter scans: bounded
+        offset, cursor = _int(q.get("offset"), 0), q.get("cursor", "")
+        # an index lists a status, or a queue's waiting jobs; any other filter scans: bounded,
+        # and where the scan stopped before the page filled, a link looks further from there
         unindexed = bool(filters.keys() & {"func", "batch"}) or (
             "queue" in filters and filters.get("status") != Status.QUEUED)
-        rows = await self.master.list_jobs({**filters, "offset": offset, "limit": PAGE + 1,
-                                            **({"scan_limit": SCAN} if unindexed else {})})
+        reply = await self.master.list_jobs({**filters, "offset": offset, "limit": PAGE + 1,
+                                             "cursor": cursor,
+                                             **({"scan_limit": SCAN} if unindexed else {})})
+        rows, further = reply["jobs"], reply["cursor"]
         more, rows = len(rows) > PAGE, rows[:PAGE]
         return self._render(request, "jobs.html", rows=rows, filters=filters, offset=offset,
-                            scan=SCAN if not more and unindexed else 0, more=more,
+                            scan=SCAN if unindexed else MAX_SCAN, more=more, cursor=cursor,
+                            further=further and urlencode({**filters, "cursor": further}),
                             page=PAGE, statuses=[s for s in STATUSES if s != "filtered"],
-                            query=urlencode(filters))
+                            newest=urlencode(filters),
+                            query=urlencode({**filters, **({"cursor": cursor} if cursor else {})}))
 
     async def job(self, request: web.Request):
         job_id = request.match_info["job_id"]
