@@ -106,6 +106,10 @@ LOG_FORMAT = "text"
 # Seconds within which a dead scheduling master is replaced by another (its lease).
 SCHEDULER_LEASE = 10.0
 
+# Seconds a master's stop (SIGTERM, Ctrl-C) takes at most, Redis away or not (see its
+# doc in elric/config.py); give a supervisor's stop timeout more.
+MASTER_STOP_TIMEOUT = 20.0
+
 # Shortest interval trigger accepted, in seconds: a shorter one is refused at submit
 # (an interval of 0.001 s would fire as fast as the scheduler can and starve every other
 # job).

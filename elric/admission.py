@@ -212,9 +212,13 @@ class Admission:
         if not isinstance(exc, asyncio.CancelledError):
             await asyncio.wait({task}, timeout=CLEANUP_WAIT)
 
+    def cleanups(self) -> set[asyncio.Task]:
+        """Clean-ups of failed calls still running: a stopping master waits for them."""
+        return set(self._cleanups)
+
     async def close(self) -> None:
         if self._cleanups:
-            await asyncio.wait(set(self._cleanups), timeout=CLEANUP_WAIT)
+            await asyncio.wait(self.cleanups(), timeout=CLEANUP_WAIT)
 
     async def enqueue_fires(self, specs: list[dict], fence_token: int,
                             recovered: bool = False) -> list[Submitted]:

@@ -75,6 +75,13 @@ KEYS: dict[str, Key] = {
     "LOG_FORMAT": Key("text", (str,), "text, or json: one JSON object per line"),
     "SCHEDULER_LEASE": Key(10.0, (int, float),
                            "seconds a dead scheduling master is replaced within"),
+    "MASTER_STOP_TIMEOUT": Key(20.0, (int, float), "seconds a master's stop (SIGTERM, "
+                               "Ctrl-C) takes at most, Redis away or not; a second one ends "
+                               "it at once. Calls in flight, then the scheduler, background "
+                               "tasks and clean-ups share it; the 'bloom' backend's last "
+                               "snapshot keeps half. What a stop cuts short is logged, and "
+                               "a lost snapshot exits 1. Give a supervisor's stop timeout "
+                               "more (systemd's TimeoutStopSec, Kubernetes' grace period)"),
     "MIN_INTERVAL": Key(1.0, (int, float), "shortest interval trigger accepted, in seconds"),
     "FILTER_BACKEND": Key("set", (str,), 'dedupe filter: "set", "bloom" or "redis-bloom"'),
     "FILTER_SCOPES": Key({}, (dict,), "per-scope backend overrides {scope: backend}"),
@@ -215,8 +222,9 @@ def _check(key: str, value: Any, where: str) -> Any:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         positive = key in ("CONCURRENCY", "WORKER_CHUNK", "LEASE_SECONDS", "ASYNC_CONCURRENCY",
                            "RESULT_TTL", "FAILED_TTL", "RESULT_MAX_BYTES", "RPC_MAX_MESSAGE",
-                           "JOB_TIMEOUT", "SCHEDULER_LEASE", "BLOOM_CAPACITY", "DEDUPE_TTL",
-                           "DEDUPE_ROUND_TTL", "DEDUPE_TAKEOVER_AFTER")
+                           "JOB_TIMEOUT", "SCHEDULER_LEASE", "MASTER_STOP_TIMEOUT",
+                           "BLOOM_CAPACITY", "DEDUPE_TTL", "DEDUPE_ROUND_TTL",
+                           "DEDUPE_TAKEOVER_AFTER")
         if value < 0 or (value == 0 and positive):
             raise bad(f"must be {'positive' if positive else '0 or more'}, got {value!r}")
     # JOB_TIMEOUT: the default of every spec's timeout; DEDUPE_TTL, DEDUPE_TAKEOVER_AFTER:

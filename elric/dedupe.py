@@ -44,7 +44,8 @@ BACKENDS = ("set", "bloom", "redis-bloom")
 TAKING_TTL_MS = 86_400_000
 TAKEOVER_AFTER = SETTINGS["DEDUPE_TAKEOVER_AFTER"].default
 
-# Seconds a stopping master tries to write the last snapshot of its 'bloom' scopes.
+# Seconds close() tries to write the last snapshot of 'bloom' scopes, given no deadline
+# (a stopping master gives its own: its share of MASTER_STOP_TIMEOUT).
 LAST_SNAPSHOT_WAIT = 10.0
 
 # Each stage holds GROWTH times the last (memory stays within 2x of the need); r = 1/8
@@ -94,6 +95,7 @@ class DedupeFilter(ABC):
 
     name: str
     can_release = False
+    saves_on_close = False   # close() writes what is only in this process (its keys)
 
     def __init__(self, redis, keys: Keys, takeover_after: float) -> None:
         self.redis = redis
@@ -156,8 +158,9 @@ class DedupeFilter(ABC):
         """Its background task's ``TaskHealth.view``, if it has one."""
         return None
 
-    async def close(self) -> None:
-        """Finish (final snapshot). Does not close the Redis client: the caller owns it."""
+    async def close(self, deadline: float | None = None) -> None:
+        """Finish (final snapshot), by ``deadline`` (``time.monotonic()``) if given. Does
+        not close the Redis client: the caller owns it."""
 
     async def _scopes(self) -> list[tuple[str, dict]]:
         """(scope, stats hash) of this backend's registered scopes. Scopes whose stats
@@ -362,6 +365,7 @@ class BloomFilter(DedupeFilter):
     forgets at most the keys of the last ``snapshot_interval``."""
 
     name = "bloom"
+    saves_on_close = True
 
     def __init__(self, redis, keys: Keys, *, capacity: int, error_rate: float,
                  snapshot_interval: float, takeover_after: float = TAKEOVER_AFTER) -> None:
@@ -387,17 +391,23 @@ class BloomFilter(DedupeFilter):
         if self._task is None and self.snapshot_interval > 0:
             self._task = asyncio.create_task(self._snapshot_loop(), name="elric-dedupe-snapshot")
 
-    async def close(self) -> None:
+    async def close(self, deadline: float | None = None) -> None:
+        """Stop snapshotting and write the last snapshot, tried till ``deadline``
+        (``time.monotonic()``; default LAST_SNAPSHOT_WAIT from now)."""
+        if deadline is None:
+            deadline = time.monotonic() + LAST_SNAPSHOT_WAIT
         if self._task is not None:
             # asked to stop, not cancelled: redis-py may swallow a cancellation that lands
             # in a call (8.2 does in pipelines), and the task would go on for good
             self._stop.set()
-            await asyncio.wait({self._task}, timeout=LAST_SNAPSHOT_WAIT)
-            self._task.cancel()   # still in a call to a Redis that does not answer
-            self._task = None
+            try:
+                await asyncio.wait({self._task}, timeout=max(0.0, deadline - time.monotonic()))
+            finally:   # (a stop cut short cancels this wait)
+                self._task.cancel()   # still in a call to a Redis that does not answer
+                self._task = None
         # the keys since the last snapshot are only here: a Redis blip must not lose them
         await retry(self.snapshot, what="dedupe: last Bloom snapshot", log=log,
-                    backoff=Backoff(0.1, 1.0), deadline=time.monotonic() + LAST_SNAPSHOT_WAIT)
+                    backoff=Backoff(0.1, 1.0), deadline=deadline)
 
     def health_view(self) -> dict | None:
         return None if self._task is None else self.health.view(not self._task.done())

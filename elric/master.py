@@ -13,6 +13,7 @@ import os
 import resource
 import signal
 import socket
+import time
 import uuid
 
 import redis.asyncio as aioredis
@@ -38,7 +39,7 @@ from elric.scheduler import Scheduler, fire_id
 
 log = logging.getLogger("elric.master")
 
-STOP_GRACE = 10.0  # seconds a stopping master lets the calls in flight run
+SNAPSHOT_SHARE = 0.5   # of MASTER_STOP_TIMEOUT, kept for the 'bloom' backend's last snapshot
 MAX_PAGE = 1000
 MAX_REDIS_CONNECTIONS = 128
 SPARE_FILES = 64   # the listeners, logs, Bloom snapshots, the dashboard's connections
@@ -133,6 +134,8 @@ class Master:
         self.keys = Keys(settings.KEY_PREFIX)
         self.master_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self._stop = asyncio.Event()
+        self._stops = 0   # SIGTERMs and Ctrl-Cs: a second one ends the stop now (_cut)
+        self._cut = asyncio.Event()
         self.exit_code = 0   # 1: a background task ended by itself, or Bloom keys were lost
 
     # --- lifecycle --------------------------------------------------------------------
@@ -248,10 +251,20 @@ class Master:
         gc.set_threshold(70_000, 20, 50)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stop.set)
+            loop.add_signal_handler(sig, self.request_stop)
         await self._stop.wait()
         await self.close()
         return self.exit_code
+
+    def request_stop(self) -> None:
+        """A SIGTERM or Ctrl-C: stop within MASTER_STOP_TIMEOUT. A second one ends the stop
+        now: what it was finishing is cut short, and said."""
+        self._stops += 1
+        if self._stops == 1:
+            self._stop.set()
+        elif not self._cut.is_set():
+            log.warning("master %s: told again to stop: stopping now", self.master_id)
+            self._cut.set()
 
     def _task_ended(self, task: asyncio.Task) -> None:
         """A background task never ends by itself: if one does, the master exits non-zero
@@ -264,36 +277,94 @@ class Master:
         self._stop.set()
 
     async def close(self) -> None:
-        log.info("master %s stopping", self.master_id)
+        """Stop within MASTER_STOP_TIMEOUT, Redis away or not: the steps share it in turn,
+        each getting what is left, but the last Bloom snapshot, the one whose loss loses
+        data, keeps its share (SNAPSHOT_SHARE). A second stop cuts what is left. A step cut
+        short is cancelled and logged with what that leaves undone."""
+        total = self.settings.MASTER_STOP_TIMEOUT
+        end = time.monotonic() + total
+        saving = [f for f in self.filters.values() if f.saves_on_close]
+        others_end = end - total * SNAPSHOT_SHARE if saving else end
+        log.info("master %s stopping (within %gs: MASTER_STOP_TIMEOUT; a second "
+                 "SIGTERM or Ctrl-C ends it now)", self.master_id, total)
         self._stop.set()   # the tasks ending now is no fault (_task_ended)
-        await self.server.close(grace=STOP_GRACE)
-        if self.dashboard is not None:
-            await self.dashboard.close()
+        dashboard = self.dashboard and asyncio.ensure_future(self.dashboard.close())
+        await self.server.close(grace=max(0.0, others_end - time.monotonic()), cut=self._cut)
+        if dashboard and await self._until({dashboard}, others_end):
+            log.warning("master %s: dashboard requests still running at the stop's cut: "
+                        "ended unanswered", self.master_id)
         self._housekeeping.cancel()
-        lease = self.settings.SCHEDULER_LEASE
-        try:
-            await asyncio.wait_for(self.scheduler.stop(), lease)
-        except Exception as exc:   # (a leader's: only its wake of its own BLPOP can fail)
+        by = min(others_end, time.monotonic() + self.settings.SCHEDULER_LEASE)
+        given, stopping = by - time.monotonic(), asyncio.ensure_future(self.scheduler.stop())
+        cut = await self._until({stopping}, by)
+        # (a leader's: only its wake of its own BLPOP can fail)
+        if cut or stopping.exception() is not None:
+            why = (self._cut_by(given, f"no answer from Redis within {given:.1f}s") if cut
+                   else str(stopping.exception()) or type(stopping.exception()).__name__)
             log.warning("scheduler did not stop cleanly: %s; another master schedules once "
-                        "its lease (SCHEDULER_LEASE) runs out",   # (a timeout's text is empty)
-                        str(exc) or f"no answer from Redis within {lease:g}s")
+                        "its lease (SCHEDULER_LEASE) runs out", why)
         self._scheduling.cancel()
         # awaited, bounded: left running they would use the Redis client closed below
-        _, running = await asyncio.wait({self._housekeeping, self._scheduling}, timeout=STOP_GRACE)
-        if running:
-            log.warning("master %s: %d background task(s) did not stop in %gs", self.master_id,
-                        len(running), STOP_GRACE)
-        await self.admission.close()   # keys being given back by calls that failed
+        given = others_end - time.monotonic()
+        if running := await self._until({self._housekeeping, self._scheduling}, others_end):
+            log.warning("master %s: %d background task(s) did not stop (%s): cancelled; "
+                        "nothing is lost: another master, or this one started again, does "
+                        "their work",
+                        self.master_id, len(running), self._cut_by(given))
+        given = others_end - time.monotonic()
+        if cut := await self._until(self.admission.cleanups(), others_end):
+            log.warning("master %s: %d clean-up(s) of failed calls cut short (%s): the "
+                        "dedupe keys they were giving back stay taken; the filter notes "
+                        "their jobs, whose resend (same job_id) gets its key back",
+                        self.master_id, len(cut), self._cut_by(given))
+        given = end - time.monotonic()
+        closing = {f: asyncio.ensure_future(f.close(deadline=end)) for f in saving}
+        cut = await self._until(set(closing.values()), end)
+        for f, task in closing.items():   # the in-master Bloom filter's last snapshot
+            if task in cut:
+                why = self._cut_by(given)
+            elif (exc := task.exception()) is not None:
+                why = str(exc) or type(exc).__name__
+            else:
+                continue
+            # its keys since the last one were only here: gone
+            log.error("dedupe filter %s could not write its last snapshot (%s): the "
+                      "dedupe keys it took since its previous snapshot are lost: a job "
+                      "with one of them is accepted again", f.name, why)
+            self.exit_code = 1
         for f in self.filters.values():
-            try:
-                await f.close()  # the in-master Bloom filter writes its last snapshot
-            except Exception as exc:   # its keys since the last one were only here: gone
-                log.error("dedupe filter %s could not write its last snapshot (%s): the "
-                          "dedupe keys it took since its previous snapshot are lost: a job "
-                          "with one of them is accepted again", f.name,
-                          str(exc) or type(exc).__name__)
-                self.exit_code = 1
-        await self.redis.aclose()
+            if not f.saves_on_close:
+                await f.close()   # (nothing to write: at once)
+        # quick, unless a write Redis never read is still queued: the exit drops it
+        closing = asyncio.ensure_future(self.redis.aclose())
+        await asyncio.wait({closing}, timeout=max(0.0, end - time.monotonic()))
+        closing.cancel()
+        log.info("master %s stopped", self.master_id)
+
+    async def _until(self, tasks, by: float) -> set:
+        """Wait for ``tasks`` till ``by`` (``time.monotonic()``) or a second stop; those
+        still running are cancelled and returned."""
+        tasks = {t for t in tasks if not t.done()}
+        if tasks:
+            waits = {asyncio.ensure_future(asyncio.wait(tasks)),
+                     asyncio.ensure_future(self._cut.wait())}
+            await asyncio.wait(waits, timeout=max(0.0, by - time.monotonic()),
+                               return_when=asyncio.FIRST_COMPLETED)
+            for wait in waits:
+                wait.cancel()
+        running = {t for t in tasks if not t.done()}
+        for task in running:
+            task.cancel()
+        return running
+
+    def _cut_by(self, given: float, late: str = "") -> str:
+        """Why a step of the stop that was ``given`` seconds was cut short."""
+        if self._cut.is_set():
+            return "cut short by a second stop"
+        if given < 0.05:   # the steps before it took its time
+            return "MASTER_STOP_TIMEOUT had no time left for it"
+        return late or (f"no answer from Redis within the {given:.1f}s the stop left it "
+                        "(MASTER_STOP_TIMEOUT)")
 
     # --- RPC API: one handler per method of the contract (``auth`` is the RPC layer's) --
     @_rpc

@@ -316,20 +316,28 @@ class Server:
         log.info("elric rpc listening on %s:%d", *self.address)
         return self.address
 
-    async def close(self, grace: float = 10.0) -> None:
+    async def close(self, grace: float = 10.0, cut: asyncio.Event | None = None) -> None:
         """Stop listening and reading requests; let the calls in flight finish and send
-        their answers, for up to ``grace`` seconds (cutting one short may leave its
-        state half-written), then cancel what is left."""
+        their answers, for up to ``grace`` seconds or till ``cut`` is set (cutting one
+        short may leave its state half-written), then cancel what is left."""
         if self._listener is not None:
             self._listener.close()
         conns = list(self._connections.items())
         for _, conn in conns:
             conn.stop_reading()   # _Connection.run ends, once its calls in flight are done
         if conns:
-            _, late = await asyncio.wait([task for task, _ in conns], timeout=grace)
+            began, tasks = time.monotonic(), [task for task, _ in conns]
+            waits = {asyncio.ensure_future(asyncio.wait(tasks))}
+            if cut is not None:
+                waits.add(asyncio.ensure_future(cut.wait()))
+            await asyncio.wait(waits, timeout=grace, return_when=asyncio.FIRST_COMPLETED)
+            for wait in waits:
+                wait.cancel()
+            late = [task for task in tasks if not task.done()]
             if late:
-                log.warning("%d connection(s) still had calls in flight after %.0fs; "
-                            "cancelling them", len(late), grace)
+                log.warning("%d connection(s) still had calls in flight after %.1fs; "
+                            "cancelling them: their callers get no answer, and what they "
+                            "asked may be done or not", len(late), time.monotonic() - began)
                 for task, conn in conns:
                     for t in list(conn.tasks):
                         t.cancel()

@@ -276,12 +276,11 @@ def test_a_stopping_master_does_not_wait_forever_on_a_redis_that_does_not_answer
         redis_url, monkeypatch):
     """A call cut by the shutdown (its grace over) leaves its clean-up running; with
     Redis silent, that clean-up never ends, and the master must stop anyway."""
-    from elric import admission, master as master_module
-    monkeypatch.setattr(master_module, "STOP_GRACE", 0.2)
+    from elric import admission
     monkeypatch.setattr(admission, "CLEANUP_WAIT", 0.2)
 
     async def main():
-        async with master(redis_url) as m:
+        async with master(redis_url, MASTER_STOP_TIMEOUT=0.5) as m:
             silent, entered = asyncio.Event(), asyncio.Event()
 
             async def hangs(*a, **kw):
