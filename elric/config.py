@@ -61,6 +61,8 @@ KEYS: dict[str, Key] = {
     "JOB_TIMEOUT": Key(None, (int, float), "default seconds an attempt may run", True),
     "LEASE_SECONDS": Key(30.0, (int, float),
                          "a dead worker's jobs are redelivered after this long"),
+    "MAX_REDELIVERIES": Key(5, (int,), "times a job may be queued again after its worker was "
+                            "lost running it; lost once more, it fails (None: no limit)", True),
     "SHUTDOWN_GRACE": Key(30.0, (int, float), "seconds running jobs get to finish after "
                           "SIGTERM; a stop takes at most this + 10 s, Redis away or not"),
     "WORKER_CHUNK": Key(64, (int,), "most jobs handed to a pool process at once (fast jobs)"),

@@ -102,7 +102,7 @@ class Housekeeping:
         self._redelivered_at = now
         if now < self._hold_until:
             return
-        recovered, cancelled = await self.queue.recover()
+        recovered, cancelled, failed = await self.queue.recover()
         if recovered:   # named, as a job run again after its worker died is asked about
             log.warning("redelivered %d job(s) whose worker stopped renewing its lease: %s%s",
                         len(recovered), ", ".join(recovered[:NAMED]),
@@ -110,6 +110,11 @@ class Housekeeping:
         if cancelled:
             log.warning("cancelled %d job(s) whose worker stopped renewing its lease while "
                         "they were being cancelled: %s", len(cancelled), ", ".join(cancelled))
+        if failed:   # each took down a worker more than the cap allows: one may be next
+            log.error("failed %d job(s), not redelivered: their worker was lost while running "
+                      "them more than MAX_REDELIVERIES (%s) times (does the job kill or stall "
+                      "its worker?): %s; `elric job ID` says more, `elric rerun ID` runs one "
+                      "again", len(failed), self.queue.max_redeliveries, ", ".join(failed))
 
     async def _restore_limits(self) -> None:
         if await limits.restore(self.redis, self.keys, self.rules):

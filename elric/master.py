@@ -168,7 +168,8 @@ class Master:
                         redact_url(s.REDIS_URL), policy)
         self.queue = RedisQueue(self.redis, self.keys, result_ttl=s.RESULT_TTL,
                                 failed_ttl=s.FAILED_TTL,
-                                release_keys_on_failure=s.DEDUPE_RELEASE_ON_FAILURE)
+                                release_keys_on_failure=s.DEDUPE_RELEASE_ON_FAILURE,
+                                max_redeliveries=s.MAX_REDELIVERIES)
         clock = RedisClock(self.redis)
         await clock.sync()
         self.store = RedisJobStore(self.redis, self.keys, clock=clock, min_interval=s.MIN_INTERVAL)

@@ -257,25 +257,28 @@ def _fields(spec: dict) -> list:
 class RedisQueue:
     def __init__(self, redis, keys: Keys, *, result_ttl: int = 86400,
                  failed_ttl: int = 7 * 86400, release_keys_on_failure: bool = False,
-                 error_max: int = 1 << 20) -> None:
+                 error_max: int = 1 << 20, max_redeliveries: int | None = 5) -> None:
         self.redis, self.keys = redis, keys
         self.error_max = error_max   # (a worker's RESULT_MAX_BYTES) the most of a job's error
         self.result_ttl, self.failed_ttl = result_ttl, failed_ttl
         # (a master's) the jobs it queues with a dedupe key give it back if they fail for
         # good: finish.lua reads that on the job, so a worker's settings have no say
         self.release_keys_on_failure = release_keys_on_failure
+        # (a master's: its housekeeping recovers) a job whose worker is lost more often fails
+        self.max_redeliveries = max_redeliveries
         self._told_broken: set[str] = set()   # keys of another type a script passed over, logged
         self._enqueue = lua.load(redis, "enqueue", "clock_fn", "expect_fn")
         self._fetch = lua.load(redis, "fetch", "clock_fn", "expect_fn")
-        self._finish = lua.load(redis, "finish", "clock_fn", "slot_fn", "expect_fn")
+        self._finish = lua.load(redis, "finish", "clock_fn", "slot_fn", "expect_fn",
+                                "key_release_fn")
         self._heartbeat = lua.load(redis, "heartbeat", "clock_fn")
         self._remove = lua.load(redis, "remove", "jobstats_fn")
         self._cancel = lua.load(redis, "cancel", "clock_fn", "jobstats_fn")
         self._claimed = lua.load(redis, "claimed", "clock_fn")
-        self._release = lua.load(redis, "release", "clock_fn", "expect_fn", "requeue_fn",
-                                 "jobstats_fn", "slot_fn", "cancel_end_fn")
+        ends = ("jobstats_fn", "slot_fn", "key_release_fn", "cancel_end_fn")
+        self._release = lua.load(redis, "release", "clock_fn", "expect_fn", "requeue_fn", *ends)
         self._requeue_due = lua.load(redis, "requeue_due", "clock_fn", "expect_fn",
-                                     "requeue_fn", "jobstats_fn", "slot_fn", "cancel_end_fn")
+                                     "requeue_fn", *ends)
         self._rerun = lua.load(redis, "rerun", "clock_fn", "expect_fn", "requeue_fn", "jobstats_fn")
         self._worker_order = lua.load(redis, "worker_order")
         self._forget_labels = lua.load(redis, "forget_labels", "clock_fn")
@@ -292,7 +295,7 @@ class RedisQueue:
 
     @property
     def _cancel_end(self) -> list:
-        """What end_cancelled (cancel_end_fn.lua) needs besides KEYS: failed ttl, and the
+        """What end_run (cancel_end_fn.lua) needs besides KEYS: failed ttl, and the
         limit running, limit parked, round, batch stats and func stats prefixes."""
         k = self.keys
         return [self.failed_ttl, k.limit_running(""), k.limit_parked(""), k.round(""),
@@ -498,9 +501,11 @@ class RedisQueue:
                                                    args=[*args, self._cursors[name]]))
         await each(walks, walk)   # one set of another type must not stop the others
 
-    async def recover(self, limit: int = 1000) -> tuple[list[str], list[str]]:
+    async def recover(self, limit: int = 1000) -> tuple[list[str], list[str], list[str]]:
         """Queue again, in their old place, the jobs whose lease ran out; those being
-        cancelled end cancelled instead. Returns (ids queued again, ids cancelled)."""
+        cancelled end cancelled instead, and those whose worker was lost more than
+        ``max_redeliveries`` times end failed. Returns (ids queued again, ids cancelled,
+        ids failed)."""
         return await self._due(self.keys.inflight, Status.RUNNING, True, "redelivered", limit)
 
     async def promote(self, limit: int = 1000) -> int:
@@ -508,15 +513,16 @@ class RedisQueue:
         return len((await self._due(self.keys.delayed, Status.RETRYING, False, "", limit))[0])
 
     async def _due(self, due_set: str, status: Status, keep_place: bool, counter: str,
-                   limit: int) -> tuple[list[str], list[str]]:
+                   limit: int) -> tuple[list[str], list[str], list[str]]:
         k = self.keys
-        back, cancelled, broken = await self._requeue_due(
+        cap = "" if self.max_redeliveries is None else self.max_redeliveries
+        back, cancelled, broken, failed = await self._requeue_due(
             keys=[due_set, k.status(status), k.seq, k.counters, k.status(Status.CANCELLED),
-                  k.limits_due, k.queues],
+                  k.limits_due, k.queues, k.status(Status.FAILED)],
             args=[*self._line, limit, status, "1" if keep_place else "0", counter,
-                  *self._cancel_end])
+                  *self._cancel_end, cap, k.dedupe_set(""), k.minute(""), jobstats.MINUTE_TTL])
         self._tell_broken("redeliver" if keep_place else "retry", broken)
-        return [_s(i) for i in back], [_s(i) for i in cancelled]
+        return [_s(i) for i in back], [_s(i) for i in cancelled], [_s(i) for i in failed]
 
     async def next_delayed(self) -> float | None:
         """Seconds until the next retry is due, or None if none waits."""

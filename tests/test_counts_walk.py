@@ -133,7 +133,8 @@ async def check(q, r, rounds, step):
 async def walk(url, seed, steps, n_jobs=30):
     rng = random.Random(seed)
     r = aredis.Redis.from_url(url)
-    q = RedisQueue(r, KEYS)
+    # a lost run fails its job at once, at the second loss, or never (MAX_REDELIVERIES)
+    q = RedisQueue(r, KEYS, max_redeliveries=(0, 1, None)[seed % 3])
     bulk = Bulk(q, _Admission(q), r, KEYS, RedisJobStore(r, KEYS))
     await limits.publish(r, KEYS, limits.parse_rules(RULES[0]))
     held = {w: {} for w in ("w1", "w2", "w3")}   # worker -> job_id -> claim it holds
@@ -196,6 +197,8 @@ async def walk(url, seed, steps, n_jobs=30):
                 if rng.random() < 0.5:
                     ended[w] += claims
             elif op == "expire":
+                running = sorted(j for claims in held.values() for j in claims)
+                job_id = rng.choice(running) if running else job_id   # (else it seldom runs)
                 await r.zadd(KEYS.inflight, {job_id: 0}, xx=True)
                 desc = ("expire+recover", job_id, await q.recover())
             elif op == "cancel":

@@ -62,7 +62,7 @@ def test_fields_at_their_default_are_not_written_and_read_as_the_default(redis_u
         # and the lease of a dead worker runs out: recover requeues them the same way
         got = (await q.fetch("w2", ["default"], 10, 0)).claims
         assert len(got) == 2
-        back, cancelled = await q.recover()
+        back, cancelled, _ = await q.recover()
         assert sorted(back) == sorted(g.job_id for g in got) and cancelled == []
         assert await r.zcard(KEYS.queue("default")) == 2
     asyncio.run(with_queue(redis_url, body))
@@ -807,7 +807,7 @@ def test_a_job_whose_queue_field_was_deleted_while_it_ran_fails_alone(redis_url)
 
 
 def test_a_cancelled_job_whose_queue_field_was_deleted_ends_cancelled_alone(redis_url):
-    """end_cancelled (cancel_end_fn.lua) built the per-queue counter from the job's `queue`:
+    """end_run (cancel_end_fn.lua) built the per-queue counter from the job's `queue`:
     one deleted while its job ran failed a worker's give-back (release) and a pass of
     recover, every other job of the call with it."""
     async def body(q, r):
@@ -822,7 +822,7 @@ def test_a_cancelled_job_whose_queue_field_was_deleted_ends_cancelled_alone(redi
         assert (await q.get_job("back"))["status"] == "queued"
         assert (await q.get_job("gone"))["status"] == "cancelled"
         assert set(late) == {"late", "dead"}
-        assert await q.recover() == (["late"], ["dead"])
+        assert await q.recover() == (["late"], ["dead"], [])
         assert (await q.get_job("dead"))["status"] == "cancelled"
     asyncio.run(with_queue(redis_url, body))
 
@@ -861,7 +861,7 @@ def test_a_job_whose_queue_field_was_deleted_is_not_lost_going_back_in_line(redi
 @pytest.mark.parametrize("overwritten", ["counters", "queues", "batch", "func", "round"])
 def test_a_cancelled_job_whose_stats_an_operator_overwrote_still_ends_cancelled(
         redis_url, caplog, overwritten):
-    """end_cancelled (cancel_end_fn.lua) counted the job it ended in the counters, its
+    """end_run (cancel_end_fn.lua) counted the job it ended in the counters, its
     queue's listing, its batch's, func's and round's hashes unguarded: one overwritten
     with another type failed the ending half written (the job already marked cancelled),
     and with it a worker's give-back or a pass of recover, every job after it in the call
@@ -881,7 +881,7 @@ def test_a_cancelled_job_whose_stats_an_operator_overwrote_still_ends_cancelled(
         await r.delete(bad)
         await r.rpush(bad, "overwritten")
         assert await q.release("w1", [c.run for c in claims]) == 0
-        assert await q.recover() == ([], ["dead", "dead2"])
+        assert await q.recover() == ([], ["dead", "dead2"], [])
         for job_id in ("gone", "gone2", "dead", "dead2"):
             assert (await q.get_job(job_id))["status"] == "cancelled"
         assert bad in caplog.text

@@ -130,20 +130,8 @@ for i = 16, #ARGV, 9 do
         redis.call('HSET', jk, 'status', status, 'error', err, 'finished_at', now,
                    'duration_ms', duration)
         redis.call('EXPIRE', jk, failed_ttl)
-        -- a job run again (rerun) does not take its key again: give it back once only
         if status == 'failed' and f[15] and f[7] then
-          redis.call('HDEL', jk, 'release_key')
-          local fk = dp .. (f[8] or 'global')
-          local kind = redis.call('TYPE', fk)['ok']
-          if kind == 'set' then redis.call('SREM', fk, f[7])
-          elseif kind == 'zset' then
-            -- (DEDUPE_TTL) a key let through after this job was queued is another job's
-            local at = redis.call('ZSCORE', fk, f[7])
-            -- (an enqueued_at that is not a time, an operator's: unknown, the key is kept)
-            if at and tonumber(at) <= (tonumber(f[14]) or 0) then
-              redis.call('ZREM', fk, f[7])
-            end
-          end
+          release_failed_key(jk, dp, f[7], f[8], f[14])
         end
       end
     end

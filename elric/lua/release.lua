@@ -1,7 +1,7 @@
 -- Give back jobs a worker claimed but will not run, without using an attempt: at once to
 -- their place in line (it is stopping, or they were prefetched), or, with a delay, as
 -- retrying with the reason on the job (it does not load their module: another may). A job
--- cancel.lua asked to stop ends cancelled instead (end_cancelled), using its attempt: it
+-- cancel.lua asked to stop ends cancelled instead (end_run), using its attempt: it
 -- must not run again.
 -- KEYS: inflight, running index, seq, delayed, retrying index, counters, cancelled index,
 --       limits due, queues
@@ -47,8 +47,8 @@ for i = 13, #ARGV, 3 do
   elseif f[1] == 'running' and ours and f[4] then
     redis.call('ZREM', KEYS[1], id)
     redis.call('ZREM', KEYS[2], id)
-    end_cancelled(jk, id, 'Cancelled: its worker ' .. worker .. ' gave it back (stopping, ' ..
-                  'or not running it) before it stopped the job', ends)
+    end_run(jk, id, 'cancelled', 'Cancelled: its worker ' .. worker .. ' gave it back ' ..
+            '(stopping, or not running it) before it stopped the job', ends)
   elseif f[1] == 'running' and ours then
     redis.call('HINCRBY', jk, 'attempts', -1)
     redis.call('ZREM', KEYS[1], id)

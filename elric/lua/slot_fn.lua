@@ -1,5 +1,5 @@
 -- A function shared by the scripts that end a job's run (finish, release, requeue_due, and
--- end_cancelled in cancel_end_fn); lua.load prepends it to them.
+-- end_run in cancel_end_fn); lua.load prepends it to them.
 -- free_slot(id, lk, s): job id's run no longer holds a slot of its limit key lk (nil: it
 -- has none). If the key has parked jobs, they are due at once and a worker of the queue
 -- the first of them goes back to is woken to put them back in line and start one (a key's

@@ -1,0 +1,142 @@
+"""A job whose worker is lost over and over (a poison job: it runs its worker out of memory,
+kills it, hangs its host) fails once MAX_REDELIVERIES is passed instead of going back in
+line for good, taking down one worker after another.
+
+In-process against the private redis-server, driving the queue as a fake worker would, and
+a master in-process: a real worker's loss costs a lease and two process starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+import redis.asyncio as aredis
+
+from elric.clock import redis_now
+from elric.config import SettingsError, load_settings
+from elric.contract import normalize_spec
+from elric.keys import Keys
+from elric.master import Master
+from elric.queue import RedisQueue
+from elric.redis_server import free_port
+from tests.conftest import outcome
+
+KEYS = Keys("elrictest")
+FUNC = "tests.jobs:Echo"
+
+
+async def lose_its_run(q, r, worker, claims=None):
+    """``worker`` claims job p and is lost: its lease runs out; then a recover pass. The
+    claim goes in ``claims``."""
+    [claim] = (await q.fetch(worker, ["default"], 1, 30)).claims
+    assert claim.job_id == "p"
+    if claims is not None:
+        claims.append(claim)
+    await r.zadd(KEYS.inflight, {"p": 0}, xx=True)
+    return await q.recover()
+
+
+def test_a_job_whose_worker_is_lost_past_max_redeliveries_fails(redis_url):
+    """Each loss put the job back, for good: it failed only if it failed by itself. Past the
+    cap it fails as a failed attempt does: status, error saying what to do, the failed
+    index and TTL, the counters (total, its queue, its func, batch, minute), its round ends,
+    its dedupe key given back (DEDUPE_RELEASE_ON_FAILURE); a rerun counts from 0 again."""
+    async def body():
+        r = aredis.Redis.from_url(redis_url)
+        try:
+            q = RedisQueue(r, KEYS, release_keys_on_failure=True, max_redeliveries=2,
+                           failed_ttl=3600)
+            await r.sadd(KEYS.dedupe_set("global"), "k")   # taken by its submit
+            await q.enqueue([normalize_spec({"func": FUNC, "job_id": "p", "batch": "b",
+                                             "round": "r", "dedupe_key": "k",
+                                             "dedupe_scope": "global"})])
+            for worker in ("w1", "w2"):
+                assert await lose_its_run(q, r, worker) == (["p"], [], [])
+            claims = []
+            assert await lose_its_run(q, r, "w3", claims) == ([], [], ["p"])
+            job = await q.get_job("p")
+            assert (job["status"], job["attempts"], job["redelivered"], job["worker"]) == \
+                ("failed", 3, 2, None)
+            assert "worker was lost 3 times while running it (the last, w3," in job["error"]
+            assert "MAX_REDELIVERIES (2)" in job["error"] and "`elric rerun p`" in job["error"]
+            assert job["error"].startswith("--- attempt 3 ---\n")
+            assert 3500 < await r.ttl(KEYS.job("p")) <= 3600
+            assert await r.zscore(KEYS.status("failed"), "p") is not None
+            assert not await r.zcard(KEYS.inflight) and not await r.zcard(KEYS.status("running"))
+            assert not await r.zcard(KEYS.queue("default"))
+            counters = {a.decode(): int(b) for a, b in (await r.hgetall(KEYS.counters)).items()
+                        if not a.endswith(b"last_at")}
+            assert (counters["failed"], counters["queue:default:failed"],
+                    counters["redelivered"]) == (1, 1, 2)
+            stats = await q.stats()
+            assert stats["by_status"]["failed"] == 1
+            assert stats["funcs"][FUNC]["failed"] == stats["batches"]["b"]["failed"] == 1
+            assert stats["funcs"][FUNC]["live"] == 0
+            assert sum(row["failed"] for row in stats["throughput"]) == 1
+            assert await r.hmget(KEYS.round("r"), "submitted", "failed") == [b"1", b"1"]
+            assert not await r.sismember(KEYS.dedupe_set("global"), "k")   # given back
+            # w3 was only cut off: what it says of its run is not recorded (as it is not
+            # of a run redelivered), nor answered as if it were
+            assert await q.finish("w3", [outcome(claims[0])]) == ["stale"]
+            assert (await q.get_job("p"))["status"] == "failed"
+            # a rerun counts its redeliveries from 0 again
+            assert await q.rerun("p") == "failed"
+            for worker in ("w4", "w5"):
+                assert await lose_its_run(q, r, worker) == (["p"], [], [])
+            assert (await q.get_job("p"))["status"] == "queued"
+        finally:
+            await r.aclose()
+    asyncio.run(body())
+
+
+@pytest.mark.parametrize("cap", [0, None])
+def test_max_redeliveries_0_fails_at_the_first_loss_and_none_never(redis_url, cap):
+    async def body():
+        r = aredis.Redis.from_url(redis_url)
+        try:
+            q = RedisQueue(r, KEYS, max_redeliveries=cap)
+            await q.enqueue([normalize_spec({"func": FUNC, "job_id": "p"})])
+            if cap == 0:
+                assert await lose_its_run(q, r, "w1") == ([], [], ["p"])
+                assert "worker was lost once while running it" in \
+                    (await q.get_job("p"))["error"]
+            else:
+                for i in range(8):
+                    assert await lose_its_run(q, r, f"w{i}") == (["p"], [], [])
+        finally:
+            await r.aclose()
+    asyncio.run(body())
+
+
+def test_the_master_fails_such_a_job_and_logs_it_as_an_error(redis_url, caplog):
+    """A master's MAX_REDELIVERIES reaches its housekeeping, which names the job."""
+    async def body():
+        m = Master(load_settings(env={}, overrides=dict(
+            REDIS_URL=redis_url, MASTER_ADDRESS=f"127.0.0.1:{free_port()}",
+            MAX_REDELIVERIES=0)))
+        await m.start()
+        try:
+            await m.submit_jobs([{"func": FUNC, "job_id": "p"}])
+            await m.queue.fetch("w1", ["default"], 1, 0)   # w1 is lost at once
+            hk = m.housekeeping
+            hk._redelivered_at, hk._hold_until = await redis_now(m.redis), 0   # no hold
+            await hk._redeliver()
+            assert (await m.queue.get_job("p"))["status"] == "failed"
+        finally:
+            await m.close()
+    with caplog.at_level(logging.ERROR, logger="elric.master"):
+        asyncio.run(body())
+    [record] = [rec for rec in caplog.records if rec.levelno == logging.ERROR]
+    assert "MAX_REDELIVERIES (0)" in record.getMessage() and ": p;" in record.getMessage()
+
+
+def test_max_redeliveries_defaults_to_5_none_is_no_cap(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)   # no ./settings.py here
+    assert load_settings(env={}).MAX_REDELIVERIES == 5
+    assert load_settings(env={"ELRIC_MAX_REDELIVERIES": "none"}).MAX_REDELIVERIES is None
+    assert load_settings(env={"ELRIC_MAX_REDELIVERIES": "0"}).MAX_REDELIVERIES == 0
+    with pytest.raises(SettingsError, match="MAX_REDELIVERIES"):
+        load_settings(env={"ELRIC_MAX_REDELIVERIES": "-1"})
+
