@@ -1167,9 +1167,28 @@ def test_a_list_stopped_by_its_scan_limit_says_where_to_look_further(redis_url, 
                 assert rows or looked[-1] == 30   # (not a page that looked at nothing)
             assert listed == whole[offset:offset + limit]
         looked.append(0)   # the first 15 in line match nothing: said, not final
-        assert await q.list_page(batch="rare", status="queued", scan_limit=15) == (
-            [], "0:0:0:15:q0")
-        for bad in ("nonsense", "-1:0:0:0:q0", "0:0:0:-1:q0"):
+        rows, cursor = await q.list_page(batch="rare", status="queued", scan_limit=15)
+        fifteenth = (await r.zrevrange(KEYS.queue("q0"), 14, 14))[0]
+        assert (rows, cursor) == ([], f"0:0:0:15:{fifteenth.hex()}:q0")
+        for bad in ("nonsense", "-1:0:0:0::q0", "0:0:0:-1::q0", "0:0:0:0:zz:q0"):
             with pytest.raises(ValueError, match="bad cursor"):
                 await q.list_page(batch="rare", cursor=bad)
+    asyncio.run(with_queue(redis_url, body))
+
+
+def test_a_list_going_on_from_its_cursor_misses_no_job_that_stayed_when_others_left(
+        redis_url):
+    """The cursor was a rank: a job that left the index before it (cancelled, deleted,
+    finished) moved every later job a rank up, and the next page began a job too far: a
+    matching job that stayed where it was was never listed."""
+    async def body(q, r):
+        await q.enqueue([normalize_spec({"func": FUNC, "job_id": f"j{i:02}",
+                                         "batch": "rare" if i in (29, 10) else "common"})
+                         for i in range(40)])   # listed newest first: j39 .. j00
+        rows, cursor = await q.list_page(batch="rare", status="queued", scan_limit=10)
+        assert rows == [] and cursor
+        await q.cancel("j35")   # looked at already
+        assert await r.zscore(KEYS.queue("default"), f"{1 + 35:016x}:j35") is None
+        rows, cursor = await q.list_page(batch="rare", status="queued", cursor=cursor)
+        assert [row["job_id"] for row in rows] == ["j29", "j10"]
     asyncio.run(with_queue(redis_url, body))
