@@ -466,10 +466,12 @@ class RedisQueue:
         pause, resume or stop it was already given."""
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.zscore(self.keys.workers, worker_id)
-            pipe.hget(self.keys.worker(worker_id), "lease_ms")
+            pipe.hmget(self.keys.worker(worker_id), "lease_ms", "state")
             pipe.time()
-            seen, lease_ms, (seconds, micros) = await pipe.execute()
-        if seen is not None and _lost(seen, _s(lease_ms), seconds + micros / 1e6):
+            seen, (lease_ms, state), (seconds, micros) = await pipe.execute()
+        # one that stopped is silent too: it is said stopped (worker_order), as listed
+        if seen is not None and state != b"stopped" and \
+                _lost(seen, _s(lease_ms), seconds + micros / 1e6):
             return "lost"
         args = [worker_id, *(x for pair in fields.items() for x in pair)]
         return _s(await self._worker_order(keys=[self.keys.workers, self.keys.worker(worker_id)],

@@ -1119,6 +1119,19 @@ def test_a_worker_silent_past_its_lease_is_lost_and_takes_no_orders(redis_url):
     asyncio.run(with_queue(redis_url, body))
 
 
+def test_a_worker_that_stopped_is_told_stopped_not_lost_once_past_its_lease(redis_url):
+    """A worker that stopped cleanly sends no more heartbeats: once past its lease, a pause
+    of it said "lost: its jobs go to other workers", where elric workers and the dashboard
+    showed it stopped."""
+    async def body(q, r):
+        await q.heartbeat("done", [], 3, {"state": "running"})
+        await r.hset(KEYS.worker("done"), "state", "stopped")   # (Worker._close)
+        now = (lambda s, us: s + us / 1e6)(*await r.time())
+        await r.zadd(KEYS.workers, {"done": (now - 4) * 1000})
+        assert await q.control_worker("done", paused="1") == "stopped"
+    asyncio.run(with_queue(redis_url, body))
+
+
 def test_a_worker_stopping_takes_a_stop_again_and_no_other_order(redis_url):
     """A worker finishing its jobs before it exits ignores a pause and a new pool size, yet
     `elric worker set ID --concurrency 3` said "set asked; it obeys within a second", exit 0."""
