@@ -469,10 +469,12 @@ class RedisQueue:
         pause, resume or stop it was already given."""
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.zscore(self.keys.workers, worker_id)
-            pipe.hget(self.keys.worker(worker_id), "lease_ms")
+            pipe.hmget(self.keys.worker(worker_id), "lease_ms", "state")
             pipe.time()
-            seen, lease_ms, (seconds, micros) = await pipe.execute()
-        if seen is not None and _lost(seen, _s(lease_ms), seconds + micros / 1e6):
+            seen, (lease_ms, state), (seconds, micros) = await pipe.execute()
+        # one that stopped is silent too: it is said stopped (worker_order), as listed
+        if seen is not None and state != b"stopped" and \
+                _lost(seen, _s(lease_ms), seconds + micros / 1e6):
             return "lost"
         args = [worker_id, *(x for pair in fields.items() for x in pair)]
         return _s(await self._worker_order(keys=[self.keys.workers, self.keys.worker(worker_id)],
@@ -687,10 +689,12 @@ class RedisQueue:
             else:
                 places.append(((n, 2, ""), self.keys.status(st), False, st))
         at, skip = (0, None, 0), offset   # skip: matching jobs still to pass over
-        if cursor:   # "matches to skip:status's place:kind:rank:name"
+        after = b""   # the last entry the cursor's page looked at
+        if cursor:   # "matches to skip:status's place:kind:rank:last entry (hex):name"
             try:
-                more, n, kind, rank, name = cursor.split(":", 4)
+                more, n, kind, rank, last, name = cursor.split(":", 5)
                 skip, at = skip + int(more), (int(n), int(kind), name, int(rank))
+                after = bytes.fromhex(last)
                 if min(skip, at[3]) < 0:
                     raise ValueError
             except ValueError:
@@ -701,35 +705,38 @@ class RedisQueue:
         listed: set[str] = set()   # a job that moves on while we read shows up once
         scanned, went_on = 0, ""
         for place, index, in_line, st in places:
-            start = at[3] if place == at[:3] else 0
+            start, last = (at[3], after) if place == at[:3] else (0, b"")
             if len(out) >= limit:
                 break
             if scanned >= scan_limit:   # stopped before this index's end (or start)
-                went_on = f"{skip}:{place[0]}:{place[1]}:{start}:{place[2]}"
+                went_on = f"{skip}:{place[0]}:{place[1]}:{start}::{place[2]}"
                 break
+            if last:   # after it, wherever it is now: jobs before it may have left, or come
+                rank = await self.redis.zrevrank(index, last)
+                start = start if rank is None else rank + 1
             if func is not None or batch is not None or (
                     queue is not None and index != self.keys.queue(queue)):
                 # Redis picks out the matches: only those are read here
                 pairs = [x for f, v in wanted.items() if v is not None for x in (f, v)]
                 while len(out) < limit and scanned < scan_limit and start >= 0:
-                    start, looked, *ids = await self._list_match(keys=[index], args=[
+                    start, looked, seen, *ids = await self._list_match(keys=[index], args=[
                         self.keys.job(""), int(in_line), start,
                         min(MATCH_STEP, scan_limit - scanned), skip + limit - len(out),
                         st, *pairs])
-                    scanned += looked
+                    scanned, last = scanned + looked, seen or last
                     skip = await self._take([_s(i) for i in ids], st, wanted, listed,
                                             out, skip)
             else:
                 if skip:   # every job it holds matches: pass over them unread (reading them
                     # all made a deep page take seconds, and empty past scan_limit)
                     first, start = start, min(start + skip, await self.redis.zcard(index))
-                    skip -= start - first
+                    skip, last = skip - (start - first), b""   # (passed over: by rank)
                 while len(out) < limit and scanned < scan_limit and start >= 0:
                     members = await self.redis.zrevrange(index, start, start + 499)
                     if not members:
                         start = -1   # the index ended
                         break
-                    start += len(members)
+                    start, last = start + len(members), members[-1]
                     scanned += len(members)
                     ids = [_s(m[17:] if in_line else m) for m in members]  # {seq:016x}:{id}
                     gone = []
@@ -753,7 +760,7 @@ class RedisQueue:
                         await self.redis.zrem(index, *gone)
                         start -= len(gone)
             if start >= 0 and len(out) < limit:   # the scan limit stopped it in this index
-                went_on = f"{skip}:{place[0]}:{place[1]}:{start}:{place[2]}"
+                went_on = f"{skip}:{place[0]}:{place[1]}:{start}:{last.hex()}:{place[2]}"
                 break
         return out[:limit], went_on
 

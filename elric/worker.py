@@ -505,14 +505,16 @@ class Worker:
         self.buffer = deque(c for c in self.buffer if id(c) not in gone)
         try:
             n = await self.queue.release(self.worker_id, [c.run for c in surplus])
-        except Exception as exc:
-            if not is_outage(exc):
+        except BaseException as exc:   # (a stop's cut too: the stop gives them back)
+            if not is_outage(exc) and not isinstance(exc, asyncio.CancelledError):
                 raise
             # kept, tried again at the next turn; Redis may have run it: none starts
             # before the heartbeat has asked Redis whether it still holds them
             for claim in surplus:
                 claim.held_until = 0.0
             self.buffer.extend(surplus)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
             return
         log.info("worker: a job has run %.1fs: gave %d unstarted job(s) back to the queue, "
                  "for workers with free slots", run, n)

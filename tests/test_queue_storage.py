@@ -1119,6 +1119,19 @@ def test_a_worker_silent_past_its_lease_is_lost_and_takes_no_orders(redis_url):
     asyncio.run(with_queue(redis_url, body))
 
 
+def test_a_worker_that_stopped_is_told_stopped_not_lost_once_past_its_lease(redis_url):
+    """A worker that stopped cleanly sends no more heartbeats: once past its lease, a pause
+    of it said "lost: its jobs go to other workers", where elric workers and the dashboard
+    showed it stopped."""
+    async def body(q, r):
+        await q.heartbeat("done", [], 3, {"state": "running"})
+        await r.hset(KEYS.worker("done"), "state", "stopped")   # (Worker._close)
+        now = (lambda s, us: s + us / 1e6)(*await r.time())
+        await r.zadd(KEYS.workers, {"done": (now - 4) * 1000})
+        assert await q.control_worker("done", paused="1") == "stopped"
+    asyncio.run(with_queue(redis_url, body))
+
+
 def test_a_worker_stopping_takes_a_stop_again_and_no_other_order(redis_url):
     """A worker finishing its jobs before it exits ignores a pause and a new pool size, yet
     `elric worker set ID --concurrency 3` said "set asked; it obeys within a second", exit 0."""
@@ -1167,9 +1180,28 @@ def test_a_list_stopped_by_its_scan_limit_says_where_to_look_further(redis_url, 
                 assert rows or looked[-1] == 30   # (not a page that looked at nothing)
             assert listed == whole[offset:offset + limit]
         looked.append(0)   # the first 15 in line match nothing: said, not final
-        assert await q.list_page(batch="rare", status="queued", scan_limit=15) == (
-            [], "0:0:0:15:q0")
-        for bad in ("nonsense", "-1:0:0:0:q0", "0:0:0:-1:q0"):
+        rows, cursor = await q.list_page(batch="rare", status="queued", scan_limit=15)
+        fifteenth = (await r.zrevrange(KEYS.queue("q0"), 14, 14))[0]
+        assert (rows, cursor) == ([], f"0:0:0:15:{fifteenth.hex()}:q0")
+        for bad in ("nonsense", "-1:0:0:0::q0", "0:0:0:-1::q0", "0:0:0:0:zz:q0"):
             with pytest.raises(ValueError, match="bad cursor"):
                 await q.list_page(batch="rare", cursor=bad)
+    asyncio.run(with_queue(redis_url, body))
+
+
+def test_a_list_going_on_from_its_cursor_misses_no_job_that_stayed_when_others_left(
+        redis_url):
+    """The cursor was a rank: a job that left the index before it (cancelled, deleted,
+    finished) moved every later job a rank up, and the next page began a job too far: a
+    matching job that stayed where it was was never listed."""
+    async def body(q, r):
+        await q.enqueue([normalize_spec({"func": FUNC, "job_id": f"j{i:02}",
+                                         "batch": "rare" if i in (29, 10) else "common"})
+                         for i in range(40)])   # listed newest first: j39 .. j00
+        rows, cursor = await q.list_page(batch="rare", status="queued", scan_limit=10)
+        assert rows == [] and cursor
+        await q.cancel("j35")   # looked at already
+        assert await r.zscore(KEYS.queue("default"), f"{1 + 35:016x}:j35") is None
+        rows, cursor = await q.list_page(batch="rare", status="queued", cursor=cursor)
+        assert [row["job_id"] for row in rows] == ["j29", "j10"]
     asyncio.run(with_queue(redis_url, body))

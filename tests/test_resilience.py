@@ -2523,6 +2523,36 @@ def test_jobs_a_slow_run_gave_back_whose_reply_was_lost_wait_for_the_heartbeat(r
     _run_in_process_worker(redis_url, body)
 
 
+def test_jobs_a_slow_run_was_giving_back_stay_known_when_a_stop_cuts_the_call(redis_url):
+    """A stop cut the loop's turn short (Worker._loop) while a slow run's surplus was being
+    given back: the jobs had left the buffer before the call, and a cancel (no outage) did
+    not put them back. Still Redis's under this worker, unknown and unrenewed, they ran
+    again once their leases ran out (each a redelivery, an attempt used); fetched over a
+    lease ago, the stop's look for unknown claims did not find them either."""
+    from elric.queue import RedisQueue
+    from elric.worker import SLOW_RUN
+
+    async def body(w, r):
+        queue = RedisQueue(r, KEYS)
+        await queue.enqueue([normalize_spec({"func": "tests.jobs:Add", "args": [1, 2],
+                                             "job_id": j}) for j in ("kept", "shed")])
+        w.buffer.extend(await w._hand_back_others(
+            (await queue.fetch(w.worker_id, w.queues, 2, 30)).claims, time.monotonic()))
+        asked = asyncio.Event()
+
+        async def release(*args, **kwargs):   # Redis frozen: the stop cuts it short
+            asked.set()
+            await asyncio.Event().wait()
+        w.queue = SimpleNamespace(release=release)
+        w.pool.kinds, w.pool.withdraw_waiting = {}, lambda: None
+        shedding = asyncio.create_task(w._shed_slow(SLOW_RUN + 1))
+        await asyncio.wait_for(asked.wait(), 5)
+        shedding.cancel()
+        await asyncio.wait([shedding])
+        assert sorted(c.job_id for c in w.buffer) == ["kept", "shed"], w.buffer
+    _run_in_process_worker(redis_url, body)
+
+
 def test_a_suspect_whose_job_was_fetched_here_again_does_not_hold_up_the_worker(redis_url):
     """A lost run of job x (its lease ran out while the worker was cut off) was in a pool
     process that died: it went to the suspects, while x's redelivery, fetched here, waited

@@ -5,7 +5,9 @@
 -- ARGV: job prefix, '1' when members are queue members (`{seq:016x}:{id}`) else job ids,
 --       start (rank from the newest), entries to look at, matches wanted at most, the status
 --       a job must have, then field, value pairs its hash must hold (queue, func, batch)
--- Returns {rank to go on from (-1: the index ended), entries looked at, matching ids...}
+-- Returns {rank to go on from (-1: the index ended), entries looked at, the last entry
+--   looked at ('' for none: a cursor goes on after it, wherever it has moved), matching
+--   ids...}
 -- Invariant: a job is returned only if its hash holds the status and every value asked
 --   for; a status index (not a line) loses the entries of jobs that are gone (expired),
 --   as list_jobs drops them where it meets them; a key of another type matches nothing.
@@ -17,9 +19,9 @@ for a = 7, #ARGV, 2 do
   values[#values + 1] = ARGV[a + 1]
 end
 local members = redis.call('ZREVRANGE', KEYS[1], start, start + count - 1)
-local out, looked, gone = {}, 0, 0
+local out, looked, gone, last = {}, 0, 0, ''
 for _, m in ipairs(members) do
-  looked = looked + 1
+  looked, last = looked + 1, m
   local id = in_line and string.sub(m, 18) or m
   local read, h = pcall(redis.call, 'HMGET', jp .. id, unpack(fields))
   if read then
@@ -40,6 +42,7 @@ for _, m in ipairs(members) do
 end
 local nxt = start + looked - gone
 if #out < want and #members < count then nxt = -1 end
+table.insert(out, 1, last)
 table.insert(out, 1, looked)
 table.insert(out, 1, nxt)
 return out
