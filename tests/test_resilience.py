@@ -615,7 +615,9 @@ def test_a_step_failing_every_pass_does_not_hold_redelivery_for_good(make_cluste
     """A key of another type (an operator's) fails a housekeeping step at every pass, and
     the loop backs off up to 5 s between passes: that gap, taken for Redis away, held
     redelivery again at every pass, so a dead worker's job stayed running for good."""
-    c = make_cluster(LEASE_SECONDS=2)
+    # SHUTDOWN_GRACE: at teardown the second worker still runs the 30 s job; the default 30 s
+    # grace had the fixture wait out its 20 s stop timeout, then SIGKILL the worker
+    c = make_cluster(LEASE_SECONDS=2, SHUTDOWN_GRACE=1)
     r = redis.Redis.from_url(c.redis_url)
     r.set(KEYS.dedupe_rounds, "not a zset")   # dropping old rounds fails each pass
     r.close()
