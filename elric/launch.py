@@ -11,7 +11,8 @@ import subprocess
 import sys
 import time
 
-from elric.rpc import Client, RPCError, parse_address
+from elric.contract import ErrorCode
+from elric.rpc import Client, RemoteError, RPCError, parse_address
 
 
 def stop_process(popen: subprocess.Popen, sig: int, timeout: float | None) -> int:
@@ -95,6 +96,10 @@ def wait_for_master(address: str, proc: Proc | None = None, timeout: float = 20.
         try:
             with Client(host, port, timeout=2, token=token) as client:
                 pid = client.call("health").get("pid")
+        except RemoteError as exc:
+            # a refusal for want of the token is final: waiting out the timeout changes nothing
+            if exc.code == ErrorCode.UNAUTHORIZED:
+                raise RuntimeError(f"master at {address} refused the client: {exc}") from None
         except RPCError:
             pass
         else:

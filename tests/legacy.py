@@ -2,7 +2,7 @@
 
 msgpack-rpc-python 0.4.1 pulls the retired ``msgpack-python`` 0.5.6, which would clash
 with the modern ``msgpack`` in the dev environment, so it lives in its own venv. It is
-built once (about 10 s) and reused; a file lock keeps parallel test processes from
+built once (a few seconds) and reused; a file lock keeps parallel test processes from
 building it at the same time.
 
 Location: ``$ELRICTEST_LEGACY_VENV``, default ``<repo>/.venv-legacy``.
@@ -72,9 +72,11 @@ def legacy_python() -> str:
             # Outside a venv _base_executable is sys.executable; inside one it is the
             # interpreter the venv was made from, so the new venv does not nest.
             base = getattr(sys, "_base_executable", None) or sys.executable
-            _run([base, "-m", "venv", "--clear", venv])
-            _run([python, "-m", "pip", "install", "--disable-pip-version-check",
-                  "--no-input", "-q", *PACKAGES])
+            # without pip of its own: this interpreter's pip installs into it. Bootstrapping
+            # pip (and setuptools) into the new venv was most of the build's time
+            _run([base, "-m", "venv", "--clear", "--without-pip", venv])
+            _run([sys.executable, "-m", "pip", "--python", python, "install",
+                  "--disable-pip-version-check", "--no-input", "-q", *PACKAGES])
             with open(os.path.join(venv, _MARKER), "w") as f:
                 f.write("\n".join(PACKAGES))
     finally:

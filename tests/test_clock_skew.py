@@ -104,7 +104,9 @@ def test_a_redis_clock_stepped_forward_then_back_does_not_hold_redelivery_for_an
                            "ELRIC_REDIS_SERVER": redis_server}.items():
             m.setenv(key, value)
         server = RedisServer().start()
-    c = Cluster(server.url, tmp_path, LEASE_SECONDS=2)
+    # SHUTDOWN_GRACE: the second worker still runs the 30 s job at c.close(), which waited
+    # out its 20 s stop timeout under the default 30 s grace
+    c = Cluster(server.url, tmp_path, LEASE_SECONDS=2, SHUTDOWN_GRACE=1)
     r = redis.Redis.from_url(server.url)
     try:
         c.start_master()

@@ -492,12 +492,14 @@ def test_sigterm_while_redis_is_away_stops_the_worker_and_loses_no_job(tmp_path)
     they are redelivered once Redis is back."""
     server = RedisServer(appendonly=True).start()   # ours alone: it is stopped
     c = Cluster(server.url, tmp_path, SHUTDOWN_GRACE=1, LEASE_SECONDS=3)
-    marks, pool = tmp_path / "runs.txt", []
+    marks, gate, pool = tmp_path / "runs.txt", tmp_path / "gate", []
     try:
         c.start_master()
         worker = c.start_worker("--concurrency", "1")
         pool = descendants(worker.pid)
-        c.client.submit_jobs([MarkSleep.spec([str(marks), 5], job_id=f"p{i}")
+        # the jobs run until the gate opens, once the worker is gone: the first outlasts
+        # SHUTDOWN_GRACE however slow the machine, and the redelivered runs end at once
+        c.client.submit_jobs([MarkUntilGate.spec([str(marks), str(gate)], job_id=f"p{i}")
                               for i in range(3)])
         wait_for(lambda: lines(marks), what="the first job started")
         wait_for(lambda: len([j for j in c.client.list_jobs(status="running")
@@ -517,6 +519,7 @@ def test_sigterm_while_redis_is_away_stops_the_worker_and_loses_no_job(tmp_path)
         assert "still running after SHUTDOWN_GRACE" in worker.log()
         assert "could not give" in worker.log()
         wait_for(lambda: gone(pool), timeout=20, what="the pool processes exit")
+        gate.touch()
         server.start()
         c.start_worker("--concurrency", "3")
         for i in range(3):
@@ -619,7 +622,9 @@ def test_a_step_failing_every_pass_does_not_hold_redelivery_for_good(make_cluste
     """A key of another type (an operator's) fails a housekeeping step at every pass, and
     the loop backs off up to 5 s between passes: that gap, taken for Redis away, held
     redelivery again at every pass, so a dead worker's job stayed running for good."""
-    c = make_cluster(LEASE_SECONDS=2)
+    # SHUTDOWN_GRACE: at teardown the second worker still runs the 30 s job; the default 30 s
+    # grace had the fixture wait out its 20 s stop timeout, then SIGKILL the worker
+    c = make_cluster(LEASE_SECONDS=2, SHUTDOWN_GRACE=1)
     r = redis.Redis.from_url(c.redis_url)
     r.set(KEYS.dedupe_rounds, "not a zset")   # dropping old rounds fails each pass
     r.close()
