@@ -294,6 +294,9 @@ class Master:
         if dashboard and await self._until({dashboard}, others_end):
             log.warning("master %s: dashboard requests still running at the stop's cut: "
                         "ended unanswered", self.master_id)
+        elif dashboard and (exc := dashboard.exception()) is not None:   # (else a stray
+            log.warning("master %s: the dashboard did not close cleanly: %s",   # traceback)
+                        self.master_id, exc)
         self._housekeeping.cancel()
         by = min(others_end, time.monotonic() + self.settings.SCHEDULER_LEASE)
         given, stopping = by - time.monotonic(), asyncio.ensure_future(self.scheduler.stop())

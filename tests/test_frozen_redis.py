@@ -196,3 +196,32 @@ def test_a_stop_cuts_short_the_worker_loops_redis_call_that_gets_no_answer(monke
         assert time.monotonic() - heard < 2
         assert w._unsure_since is not None   # the fetch may have claimed jobs: asked at stop
     asyncio.run(main())
+
+
+def test_a_dashboard_that_fails_to_close_is_said_once_not_left_as_a_stray_error(
+        redis_url, caplog):
+    """The stop closes the dashboard as a task of its own: its error was never retrieved, so
+    asyncio printed it as a stray traceback at exit, and the stop's log said nothing."""
+    stray = []
+
+    async def main() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda _, ctx: stray.append(ctx))
+        m = Master(load_settings(env={}, overrides=dict(
+            REDIS_URL=redis_url, MASTER_ADDRESS=f"127.0.0.1:{free_port()}",
+            DASHBOARD_ADDRESS=f"127.0.0.1:{free_port()}")))
+        await m.start()
+        opened = m.dashboard.close
+
+        async def fails() -> None:
+            await opened()
+            raise RuntimeError("its runner broke")
+        m.dashboard.close = fails
+        await m.close()
+        del m
+        import gc
+        gc.collect()   # a task's unretrieved error is reported when it is collected
+
+    with caplog.at_level(logging.WARNING):
+        asyncio.run(main())
+    assert said(caplog, "the dashboard did not close cleanly: its runner broke")
+    assert stray == [], stray
