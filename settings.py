@@ -61,8 +61,8 @@ JOB_TIMEOUT = None
 # is shorter); the jobs of a worker that died are redelivered once its leases run out.
 LEASE_SECONDS = 30.0
 
-# A job whose worker is lost while running it (killed, out of memory, its host down, cut
-# off) is queued again once the lease runs out, at most this many times (since its submit or
+# A job whose worker is lost while holding it, running or about to (killed, out of memory,
+# its host down, cut off), is queued again once the lease runs out, at most this many times (since its submit or
 # last rerun); lost once more, it fails: a job that kills or stalls its worker would else
 # take down one worker after another, for good. A stopped worker gives its jobs back
 # without counting. None: no limit.

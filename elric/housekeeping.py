@@ -111,9 +111,9 @@ class Housekeeping:
             log.warning("cancelled %d job(s) whose worker stopped renewing its lease while "
                         "they were being cancelled: %s", len(cancelled), ", ".join(cancelled))
         if failed:   # each took down a worker more than the cap allows: one may be next
-            log.error("failed %d job(s), not redelivered: their worker was lost while running "
-                      "them more than MAX_REDELIVERIES (%s) times (does the job kill or stall "
-                      "its worker?): %s; `elric job ID` says more, `elric rerun ID` runs one "
+            log.error("failed %d job(s), not redelivered: the worker holding them was lost "
+                      "more than MAX_REDELIVERIES (%s) times (does one kill or stall its "
+                      "worker?): %s; `elric job ID` says more, `elric rerun ID` runs one "
                       "again", len(failed), self.queue.max_redeliveries, ", ".join(failed))
 
     async def _restore_limits(self) -> None:

@@ -59,7 +59,7 @@ def test_a_job_whose_worker_is_lost_past_max_redeliveries_fails(redis_url):
             job = await q.get_job("p")
             assert (job["status"], job["attempts"], job["redelivered"], job["worker"]) == \
                 ("failed", 3, 2, None)
-            assert "worker was lost 3 times while running it (the last, w3," in job["error"]
+            assert "worker holding it was lost 3 times (the last, w3," in job["error"]
             assert "MAX_REDELIVERIES (2)" in job["error"] and "`elric rerun p`" in job["error"]
             assert job["error"].startswith("--- attempt 3 ---\n")
             assert 3500 < await r.ttl(KEYS.job("p")) <= 3600
@@ -100,7 +100,7 @@ def test_max_redeliveries_0_fails_at_the_first_loss_and_none_never(redis_url, ca
             await q.enqueue([normalize_spec({"func": FUNC, "job_id": "p"})])
             if cap == 0:
                 assert await lose_its_run(q, r, "w1") == ([], [], ["p"])
-                assert "worker was lost once while running it" in \
+                assert "worker holding it was lost once" in \
                     (await q.get_job("p"))["error"]
             else:
                 for i in range(8):

@@ -68,11 +68,13 @@ for _, id in ipairs(ids) do
     cancelled[#cancelled + 1] = id
   elseif not bad and f[1] == status and cap and (tonumber(f[6]) or 0) >= cap then
     local lost = (tonumber(f[6]) or 0) + 1
-    end_run(jk, id, 'failed', 'Failed: its worker was lost ' ..
-            (lost == 1 and 'once' or lost .. ' times') .. ' while running it (the last, ' ..
-            (f[5] or '?') .. ', stopped renewing its lease: killed, hung or cut off), more ' ..
-            'than MAX_REDELIVERIES (' .. cap .. ') allows: does the job kill or stall its ' ..
-            'worker? Fix it, then `elric rerun ' .. id .. '` runs it again', ends)
+    -- (held: running, or claimed to run next; a worker's lost claims all count alike)
+    end_run(jk, id, 'failed', 'Failed: the worker holding it was lost ' ..
+            (lost == 1 and 'once' or lost .. ' times') .. ' (the last, ' .. (f[5] or '?') ..
+            ', stopped renewing its lease: killed, hung or cut off), more than ' ..
+            'MAX_REDELIVERIES (' .. cap .. ') allows: does the job kill or stall its ' ..
+            'worker, or did it share one with a job that does? `elric rerun ' .. id ..
+            '` runs it again', ends)
     -- not its worker's to record: if that one was only cut off, its outcome is `stale`
     redis.call('HSET', jk, 'worker', '')
     failed[#failed + 1] = id
