@@ -146,7 +146,10 @@ class MasterClient:
     def control_worker(self, worker_id: str, action: str, queues: list[str] | None = None,
                        concurrency: int | None = None) -> dict:
         """``action``: pause (fetch no jobs), resume, stop (gracefully), or set (its
-        ``queues``, its ``concurrency`` or both); the worker obeys within a second."""
+        ``queues``, its ``concurrency`` or both); the worker obeys within a second.
+        ``{"worker_id", "action", "unchanged"}`` (``unchanged``: already so, nothing to
+        do); RemoteError ``not_found`` for a worker that takes no orders: unknown, lost,
+        stopped, or stopping (but for ``stop``)."""
         return self.call("control_worker", worker_id, action, queues or None, concurrency)
 
     def rerun_job(self, job_id: str) -> dict:
@@ -167,12 +170,15 @@ class MasterClient:
     def modify_job(self, job_id: str, changes: dict) -> dict:
         return self.call("modify_job", job_id, changes)
 
-    def list_jobs(self, **filter: Any) -> list[dict]:
+    def list_jobs(self, **filter: Any) -> list[dict] | dict:
+        """Job summaries (docs/PROTOCOL.md); with ``cursor`` ("" to begin) a map
+        ``{"jobs", "cursor"}``: ``cursor`` is where to go on from when ``scan_limit``
+        stopped the looking before the page filled, else ""."""
         return self.call("list_jobs", filter)
 
     def bulk_jobs(self, action: str, filter: dict, cursor: str = "", op: str = "") -> dict:
-        """One step of rerun / copy / cancel / delete over the jobs ``filter`` picks; call
-        again with the reply's ``cursor`` until it is ""."""
+        """One step of rerun / copy / cancel / delete / find (the ids alone) over the jobs
+        ``filter`` picks; call again with the reply's ``cursor`` until it is ""."""
         return self.call("bulk_jobs", action, filter, cursor, op)
 
     def stats(self) -> dict:
