@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -46,7 +47,7 @@ def main() -> int:
     args = parser.parse_args()
     logdir = tempfile.mkdtemp(prefix="elric-bench-dashboard-")
     server = RedisServer().start()
-    procs = []
+    procs, failed = [], True
     try:
         address, dashboard = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
         env = elric_env(server.url, address, KEY_PREFIX="elric-bench", LOG_LEVEL="WARNING",
@@ -98,11 +99,16 @@ def main() -> int:
         print(f"bulk delete of queue q1: {touched:,} jobs in {took:.1f} s ({touched / took:,.0f}"
               f" jobs/s, {steps} steps); the master's peak RSS {int(peak) / 1024:.0f} MiB")
         client.close()
+        failed = False
         return 0
     finally:
         for proc in reversed(procs):
             proc.stop()
         server.cleanup()
+        if failed:   # the logs are kept, and named, only then
+            print(f"logs: {logdir}")
+        else:
+            shutil.rmtree(logdir)
 
 
 if __name__ == "__main__":
