@@ -97,6 +97,10 @@ def _rpc(handler):
     return call
 
 
+def _running(task: asyncio.Task | None) -> bool:
+    return task is not None and not task.done()
+
+
 def _id(value, name: str = "job_id") -> str:
     """A job's or a worker's id: a non-empty string of UTF-8 text."""
     if not isinstance(value, str) or not value:
@@ -137,6 +141,9 @@ class Master:
         self._stops = 0   # SIGTERMs and Ctrl-Cs: a second one ends the stop now (_cut)
         self._cut = asyncio.Event()
         self.exit_code = 0   # 1: a background task ended by itself, or Bloom keys were lost
+        # (None until start makes them: a health call can come once the RPC server listens)
+        self._housekeeping: asyncio.Task | None = None
+        self._scheduling: asyncio.Task | None = None
 
     # --- lifecycle --------------------------------------------------------------------
     async def start(self) -> tuple[str, int]:
@@ -207,6 +214,11 @@ class Master:
         if not is_loopback(host) and not s.RPC_TOKEN:
             log.warning("!!! master listens on %s without RPC_TOKEN: anyone who can reach this "
                         "port can submit jobs. Set RPC_TOKEN. !!!", self.address)
+        # the dashboard first: a master that answers RPC is started (launch.wait_for_master),
+        # and one whose dashboard could not listen then exited
+        self.dashboard = await self._start_dashboard() if s.DASHBOARD_ADDRESS else None
+        if self.dashboard is not None:
+            made.push_async_callback(self.dashboard.close)
         handlers = {name: getattr(self, name) for name in contract.METHODS if name != "auth"}
         self.server = Server(handlers, token=s.RPC_TOKEN, max_message=s.RPC_MAX_MESSAGE,
                              max_connections=_connections_that_fit(MAX_CONNECTIONS))
@@ -216,7 +228,6 @@ class Master:
             raise SettingsError(f"MASTER_ADDRESS {self.address}: cannot listen "
                                 f"({exc.strerror or exc})") from None
         made.push_async_callback(self.server.close)
-        self.dashboard = await self._start_dashboard() if s.DASHBOARD_ADDRESS else None
         self._housekeeping = asyncio.create_task(self.housekeeping.run())
         self._scheduling = asyncio.create_task(self.scheduler.run())
         for task in (self._housekeeping, self._scheduling):
@@ -378,8 +389,8 @@ class Master:
     @_rpc
     async def health(self) -> dict:
         """What each background task is doing and when it last got something done."""
-        tasks = {"scheduler": self.scheduler.health.view(not self._scheduling.done()),
-                 "housekeeping": self.housekeeping.health.view(not self._housekeeping.done())}
+        tasks = {"scheduler": self.scheduler.health.view(_running(self._scheduling)),
+                 "housekeeping": self.housekeeping.health.view(_running(self._housekeeping))}
         for f in self.filters.values():
             if (view := f.health_view()) is not None:   # the 'bloom' backend's snapshots
                 tasks["dedupe snapshots"] = view

@@ -268,3 +268,31 @@ def _running_in_session(sid: int) -> list[str]:
         if int(session) == sid and state != "Z":
             running.append(line)
     return running
+
+
+# The demo picks free ports, then starts its master on them: another process can take one
+# in between (CI's run did, a test beside it), and the demo said "cannot listen" and failed.
+TAKEN_FIRST = """
+import sys
+import elric.demo as demo
+from elric.redis_server import free_port
+handed = iter([free_port(), int(sys.argv[1])])   # the master's address, then its dashboard's
+demo.free_port = lambda: next(handed, None) or free_port()
+sys.exit(demo.run_demo(pages=3))
+"""
+
+
+def test_elric_demo_picks_other_ports_when_one_it_picked_is_taken_before_its_master_listens(
+        tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env = script_env()
+        env["TMPDIR"] = str(tmp_path)
+        proc = run_group([sys.executable, "-c", TAKEN_FIRST, str(taken.getsockname()[1])],
+                         timeout=120, cwd=str(tmp_path), env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "crawled 4 pages (4 on the site" in proc.stdout, proc.stdout
+    assert "taken" in proc.stdout + proc.stderr, proc.stdout + proc.stderr

@@ -125,6 +125,22 @@ def test_a_master_started_where_another_listens_fails_at_once_naming_the_address
     assert c.client.health()["pid"] == first.pid
 
 
+def test_a_master_whose_dashboard_cannot_listen_is_not_taken_for_started(make_cluster):
+    """Its RPC server listened before its dashboard: a health call in between failed inside
+    the master (a traceback in its log), and once health answered there, start_master (the
+    demo's) took a master about to exit for started."""
+    c = make_cluster()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        dashboard = "127.0.0.1:%d" % taken.getsockname()[1]
+        with pytest.raises(RuntimeError, match=re.escape(
+                f"DASHBOARD_ADDRESS {dashboard}: cannot listen")) as raised:
+            c.start_master(DASHBOARD_ADDRESS=dashboard)
+    log = str(raised.value)   # (its whole log: it never joined the cluster's processes)
+    assert log.startswith("master exited with 2") and "Traceback" not in log, log
+
+
 @pytest.mark.parametrize("missing", ["redis", "master"])
 def test_sigterm_while_waiting_exits_0_at_once(missing, make_cluster, redis_server):
     dead = f"127.0.0.1:{free_port()}"

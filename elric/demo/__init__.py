@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -20,11 +21,13 @@ import time
 from elric.config import load_settings
 from elric.redis_server import RedisServer, free_port
 
+PORT_TRIES = 3
+
 
 def run_demo(settings_path: str | None = None, pages: int = 25, timeout: float = 120.0,
              keep: bool = False) -> int:
     from elric.client import MasterClient
-    from elric.launch import elric_env, start_master, start_worker
+    from elric.launch import start_master, start_worker
     from elric.demo.site import DemoSite
 
     try:
@@ -57,30 +60,22 @@ def run_demo(settings_path: str | None = None, pages: int = 25, timeout: float =
             redis_server = RedisServer().start()
             redis_url = redis_server.url
             print(f"started redis-server (pid {redis_server.proc.pid}) on {redis_url}")
-        address = f"127.0.0.1:{free_port()}"
-        dashboard = f"127.0.0.1:{free_port()}"
-        # JOB_MODULES: the demo's worker loads only its crawler, whatever a settings.py
-        # here says
-        # LIMITS: a polite crawl, at most 16 pages of one host in flight across the cluster
-        # SHUTDOWN_GRACE: a Ctrl-C took 31 s, the worker letting its running jobs finish (a
-        # terminal's Ctrl-C ends the demo's redis-server too: their outcomes could not be
-        # recorded); a demo needs none of them finished
-        env = elric_env(redis_url, address, KEY_PREFIX=prefix, SHUTDOWN_GRACE=1,
-                        LOG_LEVEL="WARNING", JOB_MODULES=Crawl.__module__,
-                        LIMITS='{"*": {"concurrency": 16}}', DASHBOARD_ADDRESS=dashboard)
-        # its master and worker read the settings it read (--settings too), and it calls the
-        # master with their RPC_TOKEN: a settings.py here with one left it waiting 20 s for
-        # an answer, then a traceback
-        if settings.source is not None:
-            env["ELRIC_SETTINGS"] = os.path.abspath(settings.source)
-        if settings.RPC_TOKEN:   # (start_master waits for the master with it)
-            env["ELRIC_RPC_TOKEN"] = settings.RPC_TOKEN
         site = DemoSite(pages).start()
         logdir = tempfile.mkdtemp(prefix="elric-demo-")
-        try:
-            master = start_master(env, os.path.join(logdir, "master.log"))
-        except RuntimeError as exc:   # (it was a traceback) it exited, or never answered
-            return failed(exc)
+        for attempt in range(1, PORT_TRIES + 1):
+            # ports found free can be taken before the master listens on them (a test or
+            # a program beside it): then it exits, and other ports are tried
+            address = f"127.0.0.1:{free_port()}"
+            dashboard = f"127.0.0.1:{free_port()}"
+            env = _master_env(settings, Crawl, redis_url, address, dashboard, prefix)
+            try:
+                master = start_master(env, os.path.join(logdir, "master.log"))
+                break
+            except RuntimeError as exc:   # (it was a traceback) it exited, or never answered
+                if attempt == PORT_TRIES or not _any_taken(address, dashboard):
+                    return failed(exc)
+                print(f"demo: {address} or {dashboard} was taken as the master started; "
+                      "trying other ports", file=sys.stderr)
         started.append(master)
         print(f"started master (pid {master.pid}) on {address}; its dashboard: "
               f"http://{dashboard}/" + ("" if keep else " (add --keep to look at it after "
@@ -140,6 +135,40 @@ def run_demo(settings_path: str | None = None, pages: int = 25, timeout: float =
         if logdir is not None and not keep_logs:
             shutil.rmtree(logdir, ignore_errors=True)
         print("stopped everything the demo started")
+
+
+def _any_taken(*addresses: str) -> bool:
+    """Whether another process listens on one of these 127.0.0.1 ports now."""
+    for address in addresses:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # (TIME_WAIT is no owner)
+            try:
+                s.bind(("127.0.0.1", int(address.rpartition(":")[2])))
+            except OSError:
+                return True
+    return False
+
+
+def _master_env(settings, crawl, redis_url: str, address: str, dashboard: str,
+                prefix: str) -> dict:
+    from elric.launch import elric_env
+
+    # JOB_MODULES: the demo's worker loads only its crawler, whatever a settings.py here says
+    # LIMITS: a polite crawl, at most 16 pages of one host in flight across the cluster
+    # SHUTDOWN_GRACE: a Ctrl-C took 31 s, the worker letting its running jobs finish (a
+    # terminal's Ctrl-C ends the demo's redis-server too: their outcomes could not be
+    # recorded); a demo needs none of them finished
+    env = elric_env(redis_url, address, KEY_PREFIX=prefix, SHUTDOWN_GRACE=1,
+                    LOG_LEVEL="WARNING", JOB_MODULES=crawl.__module__,
+                    LIMITS='{"*": {"concurrency": 16}}', DASHBOARD_ADDRESS=dashboard)
+    # its master and worker read the settings it read (--settings too), and it calls the
+    # master with their RPC_TOKEN: a settings.py here with one left it waiting 20 s for an
+    # answer, then a traceback
+    if settings.source is not None:
+        env["ELRIC_SETTINGS"] = os.path.abspath(settings.source)
+    if settings.RPC_TOKEN:   # (start_master waits for the master with it)
+        env["ELRIC_RPC_TOKEN"] = settings.RPC_TOKEN
+    return env
 
 
 def _drop_keys(redis_url: str, prefix: str) -> None:
