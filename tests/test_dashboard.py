@@ -600,6 +600,30 @@ def test_a_cookie_or_csrf_token_with_non_ascii_text_is_refused_not_a_500():
         "the form is stale or forged: reload the page and try again"
 
 
+def test_two_logins_in_one_second_are_two_sessions():
+    """A session was its expiry second signed: two browsers logged in within a second shared
+    one session, its CSRF token and the notes shown after an action."""
+    from aiohttp.test_utils import make_mocked_request
+
+    from elric.dashboard.access import Access
+
+    access = Access("pw")
+
+    def request(cookie: str):
+        return make_mocked_request("POST", "/act", headers={"Cookie": f"elric_session={cookie}"})
+
+    first, second = access.new_session(), access.new_session()   # (one second, mostly)
+    assert first != second
+    assert access.session(request(first)) == first and access.session(request(second)) == second
+    first_csrf = access.csrf_token(request(first))
+    assert access.may_act(request(first), {"csrf": first_csrf}) is None
+    assert access.may_act(request(second), {"csrf": first_csrf}) == \
+        "the form is stale or forged: reload the page and try again"
+    # a session's expiry cannot be moved: it is signed with its nonce
+    expires, nonce, signature = first.split(".")
+    assert access.session(request(f"{int(expires) + 1}.{nonce}.{signature}")) is None
+
+
 def test_a_cookie_or_bearer_token_that_is_not_utf8_is_refused_not_a_500(make_cluster):
     port = free_port()
     cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}", DASHBOARD_PASSWORD=PASSWORD)

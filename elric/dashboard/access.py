@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import secrets
 import time
 from dataclasses import dataclass
 
@@ -83,18 +84,20 @@ class Access:
                 del self._failed[next(iter(self._failed))]
 
     def new_session(self) -> str:
-        expires = str(int(time.time()) + SESSION_SECONDS)
-        return f"{expires}.{self._sign(expires)}"
+        # the nonce: two logins in one second were one session (one CSRF token, one note)
+        signed = f"{int(time.time()) + SESSION_SECONDS}.{secrets.token_hex(8)}"
+        return f"{signed}.{self._sign(signed)}"
 
     def session(self, request: web.Request) -> str | None:
         """The request's session cookie when it is valid and not expired, else None."""
         value = request.cookies.get(COOKIE, "")
-        expires, _, signature = value.partition(".")
+        signed, _, signature = value.rpartition(".")
+        expires = signed.partition(".")[0]
         # (int() refuses over 4,300 digits: no cookie of ours has over 20)
         if not (self.login_required and expires.isdecimal() and len(expires) <= 20
                 and int(expires) > time.time()):
             return None
-        return value if _same(signature, self._sign(expires)) else None
+        return value if _same(signature, self._sign(signed)) else None
 
     def csrf_token(self, request: web.Request) -> str:
         session = self.session(request)
