@@ -3,6 +3,7 @@ or a program beside it): the shared start-up paths then pick another port, and o
 
 from __future__ import annotations
 
+import re
 import socket
 
 import pytest
@@ -53,3 +54,38 @@ def test_a_redis_server_on_a_port_it_was_given_fails_at_once_when_it_is_taken(ta
         assert server.port == taken
     finally:
         server.cleanup()
+
+
+def test_the_clusters_master_whose_port_is_taken_before_it_listens_starts_on_another(
+        make_cluster, monkeypatch, taken):
+    hand_out_first(monkeypatch, taken)
+    c = make_cluster()
+    assert c.address == f"127.0.0.1:{taken}"
+    master = c.start_master()
+    assert c.address != f"127.0.0.1:{taken}"
+    assert c.client.health()["pid"] == master.pid
+    assert c.env["ELRIC_MASTER_ADDRESS"] == c.address   # its workers' too
+    c.start_worker("--concurrency", "1")
+
+
+def test_a_master_with_a_bad_setting_fails_at_once_with_its_message(make_cluster, monkeypatch):
+    from elric import launch
+
+    started = []
+
+    class Recorded(launch.Proc):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            started.append(self)
+
+    monkeypatch.setattr(launch, "Proc", Recorded)
+    c = make_cluster(LEASE_SECONDS="soon")
+    with pytest.raises(RuntimeError, match=re.escape("LEASE_SECONDS")):
+        c.start_master()
+    assert len(started) == 1
+
+
+def test_a_master_on_an_address_it_was_given_is_not_moved(make_cluster, taken):
+    c = make_cluster()
+    with pytest.raises(RuntimeError, match="cannot listen"):
+        c.start_master(address=f"127.0.0.1:{taken}")
