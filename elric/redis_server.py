@@ -7,6 +7,7 @@ with only Python and pip can run everything.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -45,11 +46,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# How often a process started on a port found free is started again on another when that
+# port was taken before it listened (free_port's answer is only good until then)
+PORT_TRIES = 3
+
+
+def any_taken(*ports: int | str) -> bool:
+    """Whether another process listens on one of these 127.0.0.1 ports ("host:port" or a
+    number) now."""
+    for port in ports:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # (TIME_WAIT is no owner)
+            try:
+                s.bind(("127.0.0.1", int(str(port).rpartition(":")[2])))
+            except OSError:
+                return True
+    return False
+
+
 class RedisServer:
     """A redis-server on 127.0.0.1 with its files in a temporary folder. ``appendonly``
     fsyncs every write, so ``start()`` after ``stop()`` keeps everything written before."""
 
     def __init__(self, port: int | None = None, appendonly: bool = False) -> None:
+        # a port it picked may be picked again until it has started once (then its url is
+        # out); one given may not
+        self._movable = port is None
         self.port = port or free_port()
         self.appendonly = appendonly
         self.dir = tempfile.mkdtemp(prefix="elric-redis-")
@@ -60,6 +82,20 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> "RedisServer":
+        for attempt in range(1, PORT_TRIES + 1):
+            try:
+                self._start(timeout)
+                self._movable = False
+                return self
+            except RedisServerError:
+                # its port was taken before it listened (CI's runs start many beside it)
+                if (not self._movable or attempt == PORT_TRIES or self.proc is None
+                        or not any_taken(self.port)):
+                    raise
+                self.port = free_port()
+        raise AssertionError("unreachable")
+
+    def _start(self, timeout: float) -> None:
         args = [find_redis_server(), "--bind", "127.0.0.1", "--port", str(self.port),
                 "--dir", self.dir, "--logfile", os.path.join(self.dir, "redis.log"),
                 "--loglevel", "warning", "--save", "", "--daemonize", "no",
@@ -71,7 +107,7 @@ class RedisServer:
         try:
             while time.monotonic() < deadline and self.proc.poll() is None:
                 if self._answers():
-                    return self
+                    return
                 time.sleep(0.02)
         except BaseException:   # Ctrl-C: its caller has no handle to stop it
             self.cleanup()
@@ -83,11 +119,19 @@ class RedisServer:
         raise RedisServerError(f"redis-server did not answer on port {self.port} in {timeout}s")
 
     def _answers(self) -> bool:
+        """Whether it answers PING: another redis-server's PONG, on a port taken before this
+        one could listen there, is none (its caller would have used, and emptied, that one)."""
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
-        except OSError:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s, \
+                    s.makefile("rb") as reply:
+                s.sendall(b"PING\r\nINFO server\r\n")
+                if not reply.readline().startswith(b"+PONG"):
+                    return False
+                size = reply.readline()
+                info = reply.read(int(size[1:])) if size.startswith(b"$") else b""
+                pid = re.search(rb"^process_id:(\d+)", info, re.M)
+                return pid is not None and int(pid.group(1)) == self.proc.pid
+        except (OSError, ValueError):
             return False
 
     def stop(self, kill: bool = False) -> None:

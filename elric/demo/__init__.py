@@ -13,15 +13,12 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import time
 
 from elric.config import load_settings
-from elric.redis_server import RedisServer, free_port
-
-PORT_TRIES = 3
+from elric.redis_server import PORT_TRIES, RedisServer, any_taken, free_port
 
 
 def run_demo(settings_path: str | None = None, pages: int = 25, timeout: float = 120.0,
@@ -72,7 +69,7 @@ def run_demo(settings_path: str | None = None, pages: int = 25, timeout: float =
                 master = start_master(env, os.path.join(logdir, "master.log"))
                 break
             except RuntimeError as exc:   # (it was a traceback) it exited, or never answered
-                if attempt == PORT_TRIES or not _any_taken(address, dashboard):
+                if attempt == PORT_TRIES or not any_taken(address, dashboard):
                     return failed(exc)
                 print(f"demo: {address} or {dashboard} was taken as the master started; "
                       "trying other ports", file=sys.stderr)
@@ -135,18 +132,6 @@ def run_demo(settings_path: str | None = None, pages: int = 25, timeout: float =
         if logdir is not None and not keep_logs:
             shutil.rmtree(logdir, ignore_errors=True)
         print("stopped everything the demo started")
-
-
-def _any_taken(*addresses: str) -> bool:
-    """Whether another process listens on one of these 127.0.0.1 ports now."""
-    for address in addresses:
-        with socket.socket() as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # (TIME_WAIT is no owner)
-            try:
-                s.bind(("127.0.0.1", int(address.rpartition(":")[2])))
-            except OSError:
-                return True
-    return False
 
 
 def _master_env(settings, crawl, redis_url: str, address: str, dashboard: str,
