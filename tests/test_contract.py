@@ -145,6 +145,10 @@ def test_func_is_checked_by_name_without_importing(monkeypatch):
     ({"func": "tests.jobs:Echo", "limit_interval": 1e300}, "(at most 2147483648)"),
     ({"func": "tests.jobs:Echo", "limit_interval": None},
      "job spec key 'limit_interval' must be number, got nil"),
+    # it spaces the starts of its limit_key's jobs: with none it was kept and did nothing
+    ({"func": "tests.jobs:Echo", "limit_interval": 5},
+     "limit_interval 5: spaces the starts of jobs sharing a limit_key, and this job has none; "
+     "give a limit_key (or its class's limit_key_for), or leave limit_interval out"),
     # a key no job hash would record: never given back, and every later '' filtered
     ({"func": "tests.jobs:Echo", "dedupe_key": ""}, "dedupe_key '': leave it out for no "
                                                     "dedupe"),
