@@ -241,9 +241,32 @@ def _check(key: str, value: Any, where: str) -> Any:
         raise bad("expected DEBUG, INFO, WARNING or ERROR")
     if key == "LOG_FORMAT" and value not in ("text", "json"):
         raise bad(f"expected text or json, got {value!r}")
-    if key == "REDIS_URL" and not value.startswith(("redis://", "rediss://", "unix://")):
-        raise bad(f"{value!r} is not a redis://, rediss:// or unix:// URL")
+    if key == "REDIS_URL":
+        _check_redis_url(value, bad)
     return value
+
+
+def _check_redis_url(value: str, bad) -> None:
+    from urllib.parse import urlsplit
+
+    from redis.connection import parse_url
+
+    if not value.startswith(("redis://", "rediss://", "unix://")):
+        raise bad(f"{value!r} is not a redis://, rediss:// or unix:// URL")
+    shown, parts, example = redact_url(value), urlsplit(value), "e.g. redis://127.0.0.1:6379/0"
+    try:   # (a master or worker failed at start with a traceback)
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise bad(f"{shown!r}: the port must be a number from 1 to 65535, {example}")
+    # redis-py reads a path that is no number as database 0, and /1/2 as 12
+    if parts.scheme != "unix" and not parts.path.strip("/").isdigit() and parts.path.strip("/"):
+        raise bad(f"{shown!r}: the database after the host must be a number, {example}")
+    try:
+        parse_url(value)
+    except ValueError as exc:   # (?db=x)
+        raise bad(f"{shown!r}: {exc}") from None
 
 
 def names(raw: str, field: str | None) -> list[str]:
