@@ -219,6 +219,9 @@ def _check(key: str, value: Any, where: str) -> Any:
         for name in value:   # (a worker on "a b" waited for nothing: no submit queues there)
             if not QUEUE_NAME.fullmatch(name):
                 raise bad(f"queue {name!r}: {QUEUE_RULE}")
+    if key == "JOB_MODULES":
+        for name in value:
+            _check_module_name(name, bad)
     if isinstance(value, float) and not math.isfinite(value):
         raise bad(f"must be a finite number, got {value!r}")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -244,6 +247,23 @@ def _check(key: str, value: Any, where: str) -> Any:
     if key == "REDIS_URL":
         _check_redis_url(value, bad)
     return value
+
+
+def _check_module_name(name: str, bad) -> None:
+    """A JOB_MODULES name a worker can import: a path or a func there was no error here, and
+    then the master refused every job and a worker imported nothing."""
+    def module(text: str) -> bool:
+        return all(part.isidentifier() for part in text.split("."))
+
+    if module(name):
+        return
+    mod, colon, attr = name.partition(":")
+    if colon and module(mod) and module(attr):
+        raise bad(f"{name!r} is a func, not a module name: give its module, {mod}")
+    meant = name.removesuffix(".py").replace(os.sep, ".").strip(".")
+    if (name.endswith(".py") or os.sep in name) and meant and module(meant):
+        raise bad(f"{name!r} is a path, not a module name: give {meant}")
+    raise bad(f"{name!r} is not a module name, such as myproject.jobs")
 
 
 def _check_redis_url(value: str, bad) -> None:

@@ -150,6 +150,15 @@ def test_file_then_env_then_command_line(no_settings_file):
     ({"ELRIC_REDIS_URL": "redis://h:6379/1/2"}, "'redis://h:6379/1/2': the database after"),
     ({"ELRIC_REDIS_URL": "redis://h:6379?db=x"}, "'redis://h:6379?db=x': Invalid value for "
                                                  "'db' in connection URL"),
+    # the master refused every job ("module 'tests.jobs' is not allowed by JOB_MODULES
+    # (tests/jobs.py)") and a worker imported nothing, as `elric worker tests/jobs.py` does not
+    ({"ELRIC_JOB_MODULES": "tests.jobs,tests/jobs_async.py"}, "JOB_MODULES (from "
+     "ELRIC_JOB_MODULES): 'tests/jobs_async.py' is a path, not a module name: give "
+     "tests.jobs_async"),
+    ({"ELRIC_JOB_MODULES": "tests.jobs:Echo"}, "JOB_MODULES (from ELRIC_JOB_MODULES): "
+     "'tests.jobs:Echo' is a func, not a module name: give its module, tests.jobs"),
+    ({"ELRIC_JOB_MODULES": "my-jobs"}, "JOB_MODULES (from ELRIC_JOB_MODULES): 'my-jobs' is "
+                                       "not a module name, such as myproject.jobs"),
     ({"ELRIC_MASTER_ADDRESS": "127.0.0.1"}, "MASTER_ADDRESS: '127.0.0.1' is not host:port"),
     ({"ELRIC_MASTER_ADDRESS": "127.0.0.1:99999"}, "MASTER_ADDRESS: '127.0.0.1:99999' is not"),
     ({"ELRIC_SETTINGS": "/nonexistent/elric.py"}, "settings file '/nonexistent/elric.py' "
