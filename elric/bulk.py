@@ -24,6 +24,9 @@ _FIELDS = ("status", "queue", "func", "batch", "worker", "enqueued_at")
 _INDEXED = [s for s in STATUSES if s not in (Status.QUEUED, Status.SCHEDULED, Status.FILTERED)]
 
 
+YEAR_10000 = 253402300800   # epoch seconds: a since or until past it was given in ms
+
+
 @dataclass(frozen=True)
 class JobFilter:
     """Which jobs an operation touches; every given field must match."""
@@ -45,6 +48,14 @@ class JobFilter:
             if raw.get(key) is not None and (isinstance(raw[key], bool)
                                              or not isinstance(raw[key], (int, float))):
                 raise SpecError(f"filter {key} must be epoch seconds")
+            if raw.get(key) is not None and raw[key] >= YEAR_10000:   # (then no job matched)
+                raise SpecError(f"filter {key} {raw[key]!r} is after the year 9999: give epoch "
+                                "seconds, not milliseconds")
+        if raw.get("since") is not None and raw.get("until") is not None \
+                and raw["until"] <= raw["since"]:   # (it matched no job: "0 jobs done")
+            raise SpecError(f"filter until {raw['until']!r} is not after since "
+                            f"{raw['since']!r}: no job was submitted between them; swap them, "
+                            "or leave one out")
         ids = raw.get("ids") or []
         if not isinstance(ids, list) or not all(isinstance(i, str) and i for i in ids):
             raise SpecError("filter ids must be an array of job ids")

@@ -194,6 +194,12 @@ def cmd_call(args: argparse.Namespace) -> int:
             # unset, deleted the failed jobs of every queue
             raise UsageError(f"--{dest.removeprefix('by_')} '': give a value, or leave the "
                              "option out")
+    if args.command == "jobs" and args.status == Status.FILTERED:
+        # (it showed every scope's counts, as if they were the batch's or the queue's)
+        if flag := next((f for f, v in (("--queue", args.queue), ("--func", args.by_func),
+                                        ("--batch", args.batch)) if v is not None), None):
+            raise UsageError(f"--status filtered shows counts per dedupe scope (a filtered "
+                             f"submission is not stored), not by {flag}; leave {flag} out")
     with _client(args) as client:
         command = args.command
         # tables saying how long ago a time is judge it by Redis's clock, as the master does

@@ -219,6 +219,9 @@ def _check(key: str, value: Any, where: str) -> Any:
         for name in value:   # (a worker on "a b" waited for nothing: no submit queues there)
             if not QUEUE_NAME.fullmatch(name):
                 raise bad(f"queue {name!r}: {QUEUE_RULE}")
+    if key == "JOB_MODULES":
+        for name in value:
+            _check_module_name(name, bad)
     if isinstance(value, float) and not math.isfinite(value):
         raise bad(f"must be a finite number, got {value!r}")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -241,9 +244,49 @@ def _check(key: str, value: Any, where: str) -> Any:
         raise bad("expected DEBUG, INFO, WARNING or ERROR")
     if key == "LOG_FORMAT" and value not in ("text", "json"):
         raise bad(f"expected text or json, got {value!r}")
-    if key == "REDIS_URL" and not value.startswith(("redis://", "rediss://", "unix://")):
-        raise bad(f"{value!r} is not a redis://, rediss:// or unix:// URL")
+    if key == "REDIS_URL":
+        _check_redis_url(value, bad)
     return value
+
+
+def _check_module_name(name: str, bad) -> None:
+    """A JOB_MODULES name a worker can import: a path or a func there was no error here, and
+    then the master refused every job and a worker imported nothing."""
+    def module(text: str) -> bool:
+        return all(part.isidentifier() for part in text.split("."))
+
+    if module(name):
+        return
+    mod, colon, attr = name.partition(":")
+    if colon and module(mod) and module(attr):
+        raise bad(f"{name!r} is a func, not a module name: give its module, {mod}")
+    meant = name.removesuffix(".py").replace(os.sep, ".").strip(".")
+    if (name.endswith(".py") or os.sep in name) and meant and module(meant):
+        raise bad(f"{name!r} is a path, not a module name: give {meant}")
+    raise bad(f"{name!r} is not a module name, such as myproject.jobs")
+
+
+def _check_redis_url(value: str, bad) -> None:
+    from urllib.parse import urlsplit
+
+    from redis.connection import parse_url
+
+    if not value.startswith(("redis://", "rediss://", "unix://")):
+        raise bad(f"{value!r} is not a redis://, rediss:// or unix:// URL")
+    shown, parts, example = redact_url(value), urlsplit(value), "e.g. redis://127.0.0.1:6379/0"
+    try:   # (a master or worker failed at start with a traceback)
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise bad(f"{shown!r}: the port must be a number from 1 to 65535, {example}")
+    # redis-py reads a path that is no number as database 0, and /1/2 as 12
+    if parts.scheme != "unix" and not parts.path.strip("/").isdigit() and parts.path.strip("/"):
+        raise bad(f"{shown!r}: the database after the host must be a number, {example}")
+    try:
+        parse_url(value)
+    except ValueError as exc:   # (?db=x)
+        raise bad(f"{shown!r}: {exc}") from None
 
 
 def names(raw: str, field: str | None) -> list[str]:

@@ -292,6 +292,10 @@ def normalize_spec(
     if "limit_interval" in out and not 0 < out["limit_interval"] <= MAX_TIMEOUT:
         raise SpecError(f"limit_interval {out['limit_interval']!r}: must be a positive number "
                         f"of seconds (at most {MAX_TIMEOUT})")
+    if "limit_interval" in out and out.get("limit_key") is None:
+        raise SpecError(f"limit_interval {out['limit_interval']!r}: spaces the starts of jobs "
+                        "sharing a limit_key, and this job has none; give a limit_key (or its "
+                        "class's limit_key_for), or leave limit_interval out")
     if not JOB_ID.fullmatch(out["job_id"]):
         raise SpecError(f"job_id {out['job_id']!r}: 1-200 characters without spaces")
     if not QUEUE_NAME.fullmatch(str(out["queue"])):

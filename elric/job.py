@@ -49,6 +49,12 @@ def _child_job_id(parent_id: str, n: int, enqueued_at: int = 0) -> str:
     return f"c{digest}"
 
 
+# spec keys a Job class's attribute does not give (only queue, priority, max_retries and
+# timeout do): a class naming one meant it, and would have been sent without it
+_NOT_CLASS_DEFAULTS = ("dedupe_key", "dedupe_scope", "limit_key", "limit_interval", "trigger",
+                       "replace_existing", "misfire_grace_time", "coalesce", "max_instances")
+
+
 class Job:
     """Subclass this and implement ``run``. Class attributes are per-class defaults."""
 
@@ -113,6 +119,12 @@ class Job:
                 except SpecError as exc:
                     raise SpecError(f"{cls.__qualname__}.{key} = {value!r}: {exc}") from None
                 spec[key] = value
+        for key in _NOT_CLASS_DEFAULTS:   # (one set on the class was sent without it)
+            if any(key in vars(k) for k in cls.__mro__ if k not in (Job, object)):
+                how = (f"return it from {key}_for(*args, **kwargs)" if key in (
+                    "dedupe_key", "limit_key") else f"pass it as submit_with({key}=...)")
+                raise SpecError(f"{cls.__qualname__}.{key}: a Job class's attributes give only "
+                                f"its queue, priority, max_retries and timeout; {how}")
         for key in ("dedupe_key", "limit_key"):
             if key not in options:
                 derived = cls._derive(key, spec["args"], spec["kwargs"])

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
+from elric.bulk import JobFilter
+from elric.contract import SpecError
 from elric.triggers import every
 from tests.conftest import redis_clock_past, wait_for
 from tests.jobs import Echo
@@ -71,6 +75,21 @@ def test_purge_walks_a_queue_bigger_than_one_step_and_an_empty_filter_is_refused
     for when in ("yesterday", "nan", "inf"):   # (nan and inf: numbers that match no job)
         bad = elric(cluster, "cancel", "--since", when)
         assert bad.returncode == 2 and "ISO 8601" in bad.stderr, bad.stdout + bad.stderr
+
+
+def test_a_time_range_that_can_hold_no_job_is_refused_naming_it():
+    """--since and --until swapped, or given in milliseconds, matched no job: "0 jobs
+    done", exit 0, as if none were there."""
+    for raw, message in (
+            ({"since": 200, "until": 100}, "filter until 100 is not after since 200: no job "
+                                           "was submitted between them; swap them"),
+            ({"since": 100, "until": 100}, "filter until 100 is not after since 100"),
+            ({"since": 1765000000000}, "filter since 1765000000000 is after the year 9999: "
+                                       "give epoch seconds, not milliseconds")):
+        with pytest.raises(SpecError) as info:
+            JobFilter.parse(raw)
+        assert message in str(info.value)
+    assert JobFilter.parse({"since": 100, "until": 200.5}).until == 200.5
 
 
 def test_a_copy_over_a_queue_it_grows_copies_each_job_once(cluster):

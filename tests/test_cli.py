@@ -668,6 +668,18 @@ def test_jobs_status_filtered_prints_the_counts_per_scope(cluster):
     assert json.loads(as_json.stdout)["pages"]["filtered"] == 1
 
 
+def test_jobs_status_filtered_with_a_job_filter_is_a_usage_error(capsys):
+    """`elric jobs --status filtered --batch crawl-1` printed every scope's counts, as if
+    they were the batch's: filtered submissions are not stored, so they have no batch."""
+    from elric import cli
+
+    for flag, value in (("--queue", "q"), ("--func", "tests.jobs:Echo"), ("--batch", "b")):
+        assert cli.main(["jobs", "--status", "filtered", flag, value]) == 2
+        assert capsys.readouterr().err == (
+            f"elric: --status filtered shows counts per dedupe scope (a filtered submission "
+            f"is not stored), not by {flag}; leave {flag} out\n")
+
+
 def test_jobs_with_any_msgpack_arguments_show_as_tables_and_json(cluster):
     # bytes, maps with int and str keys together, bytes keys: the contract takes them all
     cluster.client.submit_job({"func": "tests.jobs:Echo", "job_id": "odd",

@@ -145,6 +145,10 @@ def test_func_is_checked_by_name_without_importing(monkeypatch):
     ({"func": "tests.jobs:Echo", "limit_interval": 1e300}, "(at most 2147483648)"),
     ({"func": "tests.jobs:Echo", "limit_interval": None},
      "job spec key 'limit_interval' must be number, got nil"),
+    # it spaces the starts of its limit_key's jobs: with none it was kept and did nothing
+    ({"func": "tests.jobs:Echo", "limit_interval": 5},
+     "limit_interval 5: spaces the starts of jobs sharing a limit_key, and this job has none; "
+     "give a limit_key (or its class's limit_key_for), or leave limit_interval out"),
     # a key no job hash would record: never given back, and every later '' filtered
     ({"func": "tests.jobs:Echo", "dedupe_key": ""}, "dedupe_key '': leave it out for no "
                                                     "dedupe"),
@@ -283,6 +287,29 @@ def test_a_class_default_of_the_wrong_type_is_refused_naming_the_attribute():
             Bad.spec([1])
         assert str(info.value) == message
     assert type("Fine", (Echo,), {"timeout": 5, "__module__": "tests.jobs"}).spec()["timeout"] == 5
+
+
+def test_a_class_attribute_that_no_spec_takes_is_refused_naming_it():
+    """Only queue, priority, max_retries and timeout are a class's defaults: a class's
+    limit_key = "example.com" (or limit_interval, dedupe_scope, trigger...) was submitted
+    without it, and its jobs ran unlimited, undeduped or once, without a word."""
+    for key, value, how in (
+            ("limit_key", "example.com", "return it from limit_key_for(*args, **kwargs)"),
+            ("dedupe_key", "k", "return it from dedupe_key_for(*args, **kwargs)"),
+            ("limit_interval", 2.5, "pass it as submit_with(limit_interval=...)"),
+            ("dedupe_scope", "crawl", "pass it as submit_with(dedupe_scope=...)"),
+            ("trigger", {"type": "interval", "seconds": 60},
+             "pass it as submit_with(trigger=...)")):
+        Bad = type("Bad", (Echo,), {key: value, "__module__": "tests.jobs"})
+        with pytest.raises(SpecError) as info:
+            Bad.spec([1])
+        assert str(info.value) == (f"Bad.{key}: a Job class's attributes give only its queue, "
+                                   f"priority, max_retries and timeout; {how}"), key
+        Sub = type("Sub", (Bad,), {"__module__": "tests.jobs"})   # inherited: the same
+        with pytest.raises(SpecError, match=f"Sub.{key}: "):
+            Sub.spec([1])
+    # what a worker sets on the instance it runs, and the option given as such, are fine
+    assert Echo.spec([1], dedupe_scope="crawl", limit_key="h")["limit_key"] == "h"
 
 
 def test_a_key_with_a_default_given_as_none_takes_the_default():

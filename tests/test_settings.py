@@ -139,6 +139,26 @@ def test_file_then_env_then_command_line(no_settings_file):
                                     "1024 pool processes, got 5000"),
     ({"ELRIC_REDIS_URL": "localhost:6379"}, "REDIS_URL (from ELRIC_REDIS_URL): "
                                             "'localhost:6379' is not a redis://"),
+    # a port that is no number was a master's or worker's traceback at start; a database
+    # that is none (/abc, /1/2) went to database 0 or 12 unsaid, with another's jobs
+    ({"ELRIC_REDIS_URL": "redis://:pw@h:63790x/0"}, "REDIS_URL (from ELRIC_REDIS_URL): "
+     "'redis://:***@h:63790x/0': the port must be a number from 1 to 65535, e.g. "
+     "redis://127.0.0.1:6379/0"),
+    ({"ELRIC_REDIS_URL": "redis://h:6379/abc"}, "REDIS_URL (from ELRIC_REDIS_URL): "
+     "'redis://h:6379/abc': the database after the host must be a number, e.g. "
+     "redis://127.0.0.1:6379/0"),
+    ({"ELRIC_REDIS_URL": "redis://h:6379/1/2"}, "'redis://h:6379/1/2': the database after"),
+    ({"ELRIC_REDIS_URL": "redis://h:6379?db=x"}, "'redis://h:6379?db=x': Invalid value for "
+                                                 "'db' in connection URL"),
+    # the master refused every job ("module 'tests.jobs' is not allowed by JOB_MODULES
+    # (tests/jobs.py)") and a worker imported nothing, as `elric worker tests/jobs.py` does not
+    ({"ELRIC_JOB_MODULES": "tests.jobs,tests/jobs_async.py"}, "JOB_MODULES (from "
+     "ELRIC_JOB_MODULES): 'tests/jobs_async.py' is a path, not a module name: give "
+     "tests.jobs_async"),
+    ({"ELRIC_JOB_MODULES": "tests.jobs:Echo"}, "JOB_MODULES (from ELRIC_JOB_MODULES): "
+     "'tests.jobs:Echo' is a func, not a module name: give its module, tests.jobs"),
+    ({"ELRIC_JOB_MODULES": "my-jobs"}, "JOB_MODULES (from ELRIC_JOB_MODULES): 'my-jobs' is "
+                                       "not a module name, such as myproject.jobs"),
     ({"ELRIC_MASTER_ADDRESS": "127.0.0.1"}, "MASTER_ADDRESS: '127.0.0.1' is not host:port"),
     ({"ELRIC_MASTER_ADDRESS": "127.0.0.1:99999"}, "MASTER_ADDRESS: '127.0.0.1:99999' is not"),
     ({"ELRIC_SETTINGS": "/nonexistent/elric.py"}, "settings file '/nonexistent/elric.py' "
