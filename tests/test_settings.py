@@ -148,8 +148,8 @@ def test_file_then_env_then_command_line(no_settings_file):
      "'redis://h:6379/abc': the database after the host must be a number, e.g. "
      "redis://127.0.0.1:6379/0"),
     ({"ELRIC_REDIS_URL": "redis://h:6379/1/2"}, "'redis://h:6379/1/2': the database after"),
-    ({"ELRIC_REDIS_URL": "redis://h:6379?db=x"}, "'redis://h:6379?db=x': Invalid value for "
-                                                 "'db' in connection URL"),
+    ({"ELRIC_REDIS_URL": "redis://h:6379?db=x"}, "'redis://h:6379?db=x': the database (db=) "
+                                                 "must be a number"),
     # the master refused every job ("module 'tests.jobs' is not allowed by JOB_MODULES
     # (tests/jobs.py)") and a worker imported nothing, as `elric worker tests/jobs.py` does not
     ({"ELRIC_JOB_MODULES": "tests.jobs,tests/jobs_async.py"}, "JOB_MODULES (from "
