@@ -31,7 +31,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import redis.asyncio as aredis  # noqa: E402
 
-from elric.dedupe import BACKENDS, make_filter  # noqa: E402
+from elric.config import FILTER_BACKENDS  # noqa: E402
+from elric.dedupe import make_filter  # noqa: E402
 from elric.keys import Keys  # noqa: E402
 from elric.redis_server import RedisServer  # noqa: E402
 
@@ -149,5 +150,5 @@ if __name__ == "__main__":
     ap.add_argument("--error-rate", type=float, default=0.001)
     ap.add_argument("--probes", type=int, default=100_000,
                     help="fresh keys probed at capacity for FP@cap (default 100,000)")
-    ap.add_argument("--backends", default=",".join(BACKENDS))
+    ap.add_argument("--backends", default=",".join(FILTER_BACKENDS))
     asyncio.run(main(ap.parse_args()))

@@ -8,6 +8,7 @@ import asyncio
 import logging
 import time
 
+from elric.backoff import Backoff
 from elric.config import Settings
 from elric.contract import (FIRE_ID, FIRE_ID_RULE, MAX_BATCH, Refused, SpecError, Status,
                             check_func, normalize_spec)
@@ -15,7 +16,7 @@ from elric.jobstore import IdTaken, RedisJobStore, schedule_options
 from elric.logs import Hourly
 from elric.queue import RedisQueue, Submitted, Unreadable
 from elric.reservation import DedupeGate, Reservation, ScopeRefused
-from elric.retry import Backoff, retry
+from elric.retry import retry
 from elric.scheduler import RETRY_LATER
 from elric.triggers import parse_trigger
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from elric import lua
 from elric.contract import STATUSES, NotFound, Refused, SpecError, Status
 
 ACTIONS = ("rerun", "copy", "cancel", "delete", "find")   # find: only list the ids
@@ -136,6 +135,7 @@ class Bulk:
     def __init__(self, queue, admission, redis, keys, store) -> None:
         self.queue, self.admission, self.redis, self.keys = queue, admission, redis, keys
         self.store = store   # tells a periodic job's id (no job record) from a mistyped one
+        from elric import lua   # here: the CLI imports this module, and lua imports redis-py
         self._match = lua.load(redis, "bulk_match")
 
     async def _indexes(self, f: JobFilter,

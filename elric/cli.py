@@ -33,10 +33,10 @@ def cmd_master(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from elric.contract import WORKER_ACTIONS
-    from elric.worker import Worker
 
     if args.modules and args.modules[0] in WORKER_ACTIONS:   # elric worker pause ID, ...
         return _control_worker(args)
+    from elric.worker import Worker   # after: steering a worker needs none of its modules
     for name in args.modules:   # a mistyped action (elric worker Pause ID) starts no worker
         if not _module_name(name) or name.endswith(".py") and os.path.isfile(name):
             raise UsageError(_not_a_module(name, WORKER_ACTIONS))

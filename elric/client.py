@@ -9,9 +9,9 @@ import threading
 import time
 from typing import Any
 
+from elric.backoff import Backoff
 from elric.config import Settings, load_settings, parse_address
 from elric.contract import MAX_BATCH
-from elric.retry import Backoff
 from elric.rpc import MAX_MESSAGE, Client, RemoteError, RPCConnectionError, RPCUnreachableError
 
 # A list longer than one call takes goes in calls of this many specs, two in flight: the

@@ -37,6 +37,9 @@ class Key:
     nullable: bool = False
 
 
+# The dedupe filters (elric.dedupe): here, so that checking settings imports none of them.
+FILTER_BACKENDS = ("set", "bloom", "redis-bloom")
+
 KEYS: dict[str, Key] = {
     "REDIS_URL": Key("redis://127.0.0.1:6379/0", (str,),
                      "Redis for queues, results and the job store; rediss:// and passwords work"),
@@ -196,10 +199,8 @@ def _check(key: str, value: Any, where: str) -> Any:
 
         parse_rules(value, f"{key} (from {where})")
     elif key in ("FILTER_BACKEND", "FILTER_SCOPES"):
-        from elric.dedupe import BACKENDS
-
-        choices = ", ".join(BACKENDS)
-        if key == "FILTER_BACKEND" and value not in BACKENDS:
+        choices = ", ".join(FILTER_BACKENDS)
+        if key == "FILTER_BACKEND" and value not in FILTER_BACKENDS:
             raise bad(f"{value!r} is not one of {choices}")
         if key == "FILTER_SCOPES":
             for scope, backend in value.items():
@@ -207,7 +208,7 @@ def _check(key: str, value: Any, where: str) -> Any:
                 if not isinstance(scope, str) or scope in ("", "@fire"):
                     raise bad(f"{scope!r} is no scope: name a dedupe_scope, or a periodic "
                               "job's id for the scopes of its '@fire' rounds")
-                if backend not in BACKENDS:
+                if backend not in FILTER_BACKENDS:
                     raise bad(f"{scope!r}: {backend!r} is not one of {choices}")
     if key == "BLOOM_ERROR_RATE" and not 0 < value < 1:
         raise bad(f"must be between 0 and 1, got {value!r}")

@@ -26,17 +26,17 @@ from pybloom_live import BloomFilter as _PyBloom
 from redis.exceptions import ResponseError
 
 from elric import lua
+from elric.backoff import Backoff
+from elric.config import FILTER_BACKENDS
 from elric.config import KEYS as SETTINGS
 from elric.keys import Keys
 from elric.health import TaskHealth
-from elric.retry import Backoff, Outage, each, retry, until
+from elric.retry import Outage, each, retry, until
 
 if TYPE_CHECKING:   # numpy, which it loads, costs every master and CLI command ~0.1 s
     from elric import rbloom
 
 log = logging.getLogger("elric.dedupe")
-
-BACKENDS = ("set", "bloom", "redis-bloom")
 
 # How long a job id stays recorded as the taker of its key (`owned`) past the takeover age
 # when no DEDUPE_TTL bounds it: a resend after a master died between filter and queue must
@@ -713,8 +713,8 @@ def make_filter(backend: str, redis, keys: Keys, *,
     """The dedupe filter named ``backend``, on a ``redis.asyncio.Redis`` (bytes replies).
     ``set_ttl``: seconds after which a key is new again ('set' only); ``snapshot_interval``:
     seconds between 'bloom' snapshots (0: only on close)."""
-    if backend not in BACKENDS:
-        raise DedupeError(f"unknown dedupe backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend not in FILTER_BACKENDS:
+        raise DedupeError(f"unknown dedupe backend {backend!r}; choose one of {', '.join(FILTER_BACKENDS)}")
     if not isinstance(capacity, int) or capacity <= 0:
         raise DedupeError(f"dedupe capacity must be a positive integer, got {capacity!r}")
     if not 0 < error_rate < 1:

@@ -11,11 +11,12 @@ import math
 from redis.exceptions import ResponseError
 
 from elric import limits
+from elric.backoff import Backoff
 from elric.clock import redis_now
 from elric.health import TaskHealth
 from elric.queue import RedisQueue
 from elric.reservation import DedupeGate
-from elric.retry import REDIS_ERRORS, Backoff, Outage, cancel_pending, each, is_outage
+from elric.retry import REDIS_ERRORS, Outage, cancel_pending, each, is_outage
 
 log = logging.getLogger("elric.master")
 

@@ -20,9 +20,9 @@ from datetime import datetime, timezone
 from enum import StrEnum
 
 from elric import lua
+from elric.backoff import Backoff
 from elric.codec import pack, unpack
 from elric.contract import SPEC_KEYS, Status
-from elric.retry import Backoff
 from elric.triggers import TriggerError, build_trigger, next_fire, parse_trigger
 
 FINISHED_TTL = 86400            # seconds a finished job (no next fire) stays visible to get()

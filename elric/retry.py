@@ -13,6 +13,8 @@ from redis.exceptions import (AuthenticationError, BusyLoadingError, MasterDownE
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from elric.backoff import Backoff
+
 T = TypeVar("T")
 
 # What "Redis cannot be reached right now" looks like from redis-py.
@@ -130,21 +132,6 @@ class Outage:
         """The trouble and how long it lasts, for an operator; "" when none."""
         return "" if self.kind is None else \
             f"{self.kind} for {time.monotonic() - self.since:.0f}s"
-
-
-class Backoff:
-    """Delays that double from ``first`` up to ``most``; ``reset()`` after a success."""
-
-    def __init__(self, first: float = 0.1, most: float = 5.0) -> None:
-        self.first, self.most = first, most
-        self.delay = first
-
-    def reset(self) -> None:
-        self.delay = self.first
-
-    def next(self) -> float:
-        delay, self.delay = self.delay, min(self.delay * 2, self.most)
-        return delay
 
 
 async def retry(call: Callable[[], Awaitable[T]], *, what: str, log: logging.Logger,

@@ -21,6 +21,7 @@ from functools import lru_cache
 from redis.exceptions import ResponseError
 
 from elric import lua
+from elric.backoff import Backoff
 from elric.clock import RedisClock
 from elric.codec import pack, unpack
 from elric.health import TaskHealth
@@ -28,7 +29,7 @@ from elric.contract import Status, normalize_spec
 from elric.jobstore import FINISHED_TTL, Coalesce, Options, Outcome, RedisJobStore, fire_id, iso
 from elric.logs import Hourly
 from elric.queue import Fenced
-from elric.retry import Backoff, Outage, cancel_pending, unblocked, until
+from elric.retry import Outage, cancel_pending, unblocked, until
 from elric.triggers import build_trigger, next_fire
 
 CATCHUP_LIMIT = 1000        # fires of one job handled (or missed counted) per pass in a backlog

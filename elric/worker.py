@@ -28,6 +28,7 @@ from redis.exceptions import (AuthenticationError as RedisAuthenticationError, N
 
 import elric
 from elric import codec, lua, runner
+from elric.backoff import Backoff
 from elric.clock import redis_now
 from elric.config import Settings, SettingsError, redact_url
 from elric.contract import MAX_BATCH, ErrorCode, Status
@@ -35,8 +36,8 @@ from elric.keys import Keys
 from elric.loading import JobModules
 from elric.pool import Pool, ProcessDied
 from elric.queue import STALE, Claim, Outcome, RedisQueue, WakeOn, WorkerControl
-from elric.retry import (REDIS_CLIENT_OPTIONS, Backoff, Outage, cancel_pending, is_outage,
-                         retry, unblocked, until)
+from elric.retry import (REDIS_CLIENT_OPTIONS, Outage, cancel_pending, is_outage, retry,
+                         unblocked, until)
 from elric.rpc import AsyncClient, RemoteError, RPCConnectionError, RPCError
 from elric.usage import LoadMeter
 

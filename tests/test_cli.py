@@ -785,6 +785,20 @@ def test_help_names_the_func_option_as_it_is_typed():
         assert "BY_FUNC" not in out.stdout, out.stdout
 
 
+def test_a_client_command_imports_no_redis_or_web_modules():
+    """Every operator's call paid the start-up of modules only a master, a worker or the
+    dashboard uses (redis-py, aiohttp): the CLI and its client commands import none."""
+    nobody = f"127.0.0.1:{free_port()}"   # each call fails at once: unavailable, exit 3
+    code = ("import sys, elric.cli\n"
+            "for argv in (['jobs'], ['worker', 'pause', 'w1']):\n"
+            f"    assert elric.cli.main([*argv, '--master', {nobody!r}]) == 3\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('redis', 'aiohttp')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout
+
+
 def test_a_worker_given_a_file_or_a_func_names_the_module_meant(redis_url, tmp_path):
     """`elric worker jobs.py` (or ./jobs, jobs:Crawl) said "no module named 'jobs.py'", or
     to steer a running worker: a new user's first try, answered with what to type."""

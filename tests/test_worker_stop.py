@@ -144,7 +144,8 @@ def test_a_retry_starts_no_try_past_its_deadline_and_its_last_pause_ends_there(m
     (a 5 s deadline lasted ~6.3 s with Redis refusing). Its last pause ends at the
     deadline, with a last try there. (A clock of the test's: no time passes.)"""
     import elric.retry
-    from elric.retry import Backoff, retry
+    from elric.backoff import Backoff
+    from elric.retry import retry
 
     now, tries = [100.0], []
 
