@@ -383,6 +383,11 @@ def load_settings(path: str | None = None, env: dict | None = None,
         raise SettingsError(f"RESULT_MAX_BYTES ({values['RESULT_MAX_BYTES']}) must be at most "
                             f"half of RPC_MAX_MESSAGE ({values['RPC_MAX_MESSAGE']}), or get_job "
                             "could not send such a result; raise RPC_MAX_MESSAGE too")
+    if values["RETRY_BACKOFF_MAX"] < values["RETRY_BACKOFF"]:   # caps every delay, the first too
+        raise SettingsError(f"RETRY_BACKOFF_MAX ({values['RETRY_BACKOFF_MAX']:g}) is below "
+                            f"RETRY_BACKOFF ({values['RETRY_BACKOFF']:g}), the first retry's "
+                            "delay: every retry would wait RETRY_BACKOFF_MAX; raise it, or "
+                            "lower RETRY_BACKOFF")
     backends = {values["FILTER_BACKEND"], *values["FILTER_SCOPES"].values()}
     if "bloom" in backends:
         from elric.dedupe import MAX_SNAPSHOT, bloom_stage_bytes
