@@ -104,6 +104,10 @@ KEYS: dict[str, Key] = {
 }
 
 
+# A worker renews its leases every third of LEASE_SECONDS, and the master redelivers once a
+# second: a shorter lease redelivers no sooner, and is lost by live workers at any hiccup.
+MIN_LEASE_SECONDS = 1.0
+
 # ELRIC_ variables that are not settings but are read elsewhere: any other ELRIC_<NAME> that
 # names no key is a typo, refused rather than silently ignored.
 ENV_NOT_SETTINGS = ("ELRIC_SETTINGS", "ELRIC_REDIS_SERVER")
@@ -233,6 +237,9 @@ def _check(key: str, value: Any, where: str) -> Any:
                            "DEDUPE_TAKEOVER_AFTER")
         if value < 0 or (value == 0 and positive):
             raise bad(f"must be {'positive' if positive else '0 or more'}, got {value!r}")
+    if key == "LEASE_SECONDS" and value < MIN_LEASE_SECONDS:
+        raise bad(f"must be at least {MIN_LEASE_SECONDS:g} second, got {value!r}: workers "
+                  "renew leases every third of it, and a shorter one runs out under them")
     # JOB_TIMEOUT: the default of every spec's timeout; DEDUPE_TTL, DEDUPE_TAKEOVER_AFTER:
     # the dedupe scripts' expiries, which Redis refuses far beyond it
     if key in ("JOB_TIMEOUT", "DEDUPE_TTL", "DEDUPE_TAKEOVER_AFTER") and value > MAX_TIMEOUT:
@@ -376,6 +383,11 @@ def load_settings(path: str | None = None, env: dict | None = None,
         raise SettingsError(f"RESULT_MAX_BYTES ({values['RESULT_MAX_BYTES']}) must be at most "
                             f"half of RPC_MAX_MESSAGE ({values['RPC_MAX_MESSAGE']}), or get_job "
                             "could not send such a result; raise RPC_MAX_MESSAGE too")
+    if values["RETRY_BACKOFF_MAX"] < values["RETRY_BACKOFF"]:   # caps every delay, the first too
+        raise SettingsError(f"RETRY_BACKOFF_MAX ({values['RETRY_BACKOFF_MAX']:g}) is below "
+                            f"RETRY_BACKOFF ({values['RETRY_BACKOFF']:g}), the first retry's "
+                            "delay: every retry would wait RETRY_BACKOFF_MAX; raise it, or "
+                            "lower RETRY_BACKOFF")
     backends = {values["FILTER_BACKEND"], *values["FILTER_SCOPES"].values()}
     if "bloom" in backends:
         from elric.dedupe import MAX_SNAPSHOT, bloom_stage_bytes

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from elric.config import SettingsError
-from elric.contract import MAX_TIMEOUT
+from elric.contract import MAX_LIMIT_KEY, MAX_TIMEOUT, is_text
 
 RULE_NAMES = ("concurrency", "interval", "rate")
 
@@ -50,6 +50,14 @@ def parse_rules(value: Any, where: str = "LIMITS") -> dict[str, Rule]:
         name = f"{where}[{key!r}]"
         if not isinstance(key, str) or not key:
             raise SettingsError(f"{where}: limit key {key!r} must be a non-empty string")
+        # (a job's limit_key is checked so: a key it cannot be would limit nothing, unsaid)
+        if len(key) > MAX_LIMIT_KEY:
+            raise SettingsError(f"{where}: limit key {key[:20]!r}... is {len(key)} characters, "
+                                f"and a job's limit_key has at most {MAX_LIMIT_KEY}: no job "
+                                "could match it; shorten it")
+        if not is_text(key):
+            raise SettingsError(f"{name}: the limit key is not UTF-8 text, as a job's "
+                                "limit_key is: no job could match it; give it in UTF-8")
         if not isinstance(rule, dict) or not rule:
             raise SettingsError(f"{name}: expected a map such as {{'concurrency': 2, "
                                 f"'rate': 5}}, got {rule!r}")

@@ -121,6 +121,9 @@ def test_parked_jobs_count_as_queued_and_can_be_removed(make_cluster):
     # met the key failed, its job taken out of line for good
     ({"h": {"rate": 1e-20}}, "at most 2147483648 seconds between starts"),
     ({"h": {"interval": 1e15}}, "at most 2147483648 seconds between starts"),
+    # keys no job's limit_key can be: their rule never applied, unsaid
+    ({"h" * 201: {"rate": 1}}, "201 characters, and a job's limit_key has at most 200"),
+    ({"h\udc80": {"rate": 1}}, "not UTF-8 text, as a job's limit_key is"),
 ])
 def test_bad_limits_are_refused_at_start(tmp_path, value, message):
     path = tmp_path / "settings.py"

@@ -114,6 +114,12 @@ def test_file_then_env_then_command_line(no_settings_file):
                                    "number, got inf"),
     ({"ELRIC_LEASE_SECONDS": "nan"}, "LEASE_SECONDS (from ELRIC_LEASE_SECONDS): must be a "
                                      "finite number"),
+    # every retry waited RETRY_BACKOFF_MAX: the first delay given was never used
+    ({"ELRIC_RETRY_BACKOFF": "600"}, "RETRY_BACKOFF_MAX (300) is below RETRY_BACKOFF (600)"),
+    ({"ELRIC_RETRY_BACKOFF_MAX": "0.5"}, "RETRY_BACKOFF_MAX (0.5) is below RETRY_BACKOFF (1)"),
+    # renewed every third of it, leases ran out under live workers: jobs redelivered
+    ({"ELRIC_LEASE_SECONDS": "0.001"}, "LEASE_SECONDS (from ELRIC_LEASE_SECONDS): must be at "
+                                       "least 1 second, got 0.001"),
     ({"ELRIC_LOG_LEVEL": "loud"}, "LOG_LEVEL (from ELRIC_LOG_LEVEL): expected DEBUG"),
     # entries that named no scope a job can have, or one twice, did nothing, unsaid
     ({"ELRIC_FILTER_SCOPES": "crawl=bloom,=set"}, "FILTER_SCOPES (from ELRIC_FILTER_SCOPES): "
