@@ -59,6 +59,7 @@ JOB_TIMEOUT = None
 
 # A worker renews the leases of its jobs every second (every LEASE_SECONDS / 3 when that
 # is shorter); the jobs of a worker that died are redelivered once its leases run out.
+# At least 1 second.
 LEASE_SECONDS = 30.0
 
 # A job whose worker is lost while holding it, running or about to (killed, out of memory,
