@@ -52,7 +52,7 @@ from elric.job import _child_job_id  # noqa: E402
 from elric.jobstore import Outcome  # noqa: E402
 from elric.keys import Keys  # noqa: E402
 from elric.launch import Proc, elric_env, faketime_lib, start_master, start_worker  # noqa: E402
-from elric.redis_server import RedisServer, free_port  # noqa: E402
+from elric.redis_server import CHAOS_BAND, RedisServer, band_port  # noqa: E402
 from elric.rpc import RemoteError, RPCConnectionError  # noqa: E402
 from elric.scheduler import fire_id  # noqa: E402
 from elric.triggers import every  # noqa: E402
@@ -562,10 +562,12 @@ def run(seconds: float, seed: int, drain: float, workdir: str, mix: bool = False
     rng = random.Random(seed)
     run_log = os.path.join(workdir, "runs.log")
     open(run_log, "w").close()
-    server = RedisServer(appendonly=True).start()
+    # Redis and the masters are restarted on their ports after a kill: ports of a band of
+    # the run's own, where no connection's local port (the ephemeral range) nor a test's is
+    server = RedisServer(port=band_port(CHAOS_BAND), appendonly=True).start()
     r = redis.Redis.from_url(server.url, socket_timeout=5)
     keys = Keys("elric")
-    addresses = [f"127.0.0.1:{free_port()}" for _ in range(2)]
+    addresses = [f"127.0.0.1:{band_port(CHAOS_BAND)}" for _ in range(2)]
     base = elric_env(server.url, addresses[0], **SETTINGS)
     base[RUN_LOG] = run_log
     if mix:

@@ -13,33 +13,15 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import elric.redis_server  # noqa: E402
-from elric.redis_server import RedisServer  # noqa: E402
-
-_handed_out: set[int] = set()
+from elric.redis_server import TEST_BANDS, RedisServer, band_port  # noqa: E402
 
 
 def _free_port() -> int:
-    """A free port below the kernel's ephemeral range (32768 up), in a band of this xdist
-    worker's own, never handed out twice: the kernel's port 0 could give two test processes
-    the same port, and a master then answered for another test's that could not listen."""
-    import random
-    import socket
-
+    """A free port below the kernel's ephemeral range, in a band of this xdist worker's own,
+    never handed out twice: the kernel's port 0 could give two test processes the same
+    port, and a master then answered for another test's that could not listen."""
     worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:] or 0)
-    low = 12000 + 5000 * (worker % 4)
-    if len(_handed_out) > 4000:
-        _handed_out.clear()
-    while True:
-        port = random.randrange(low, low + 5000)
-        if port in _handed_out:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        _handed_out.add(port)
-        return port
+    return band_port(worker % TEST_BANDS)
 
 
 elric.redis_server.free_port = _free_port   # before any test module imports it

@@ -4,6 +4,7 @@ made by hand, so a checker that misses a lost job or a doubled fire fails here."
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 
 import redis
@@ -11,6 +12,7 @@ import redis
 from bench.chaos import LIMITS, Report, check
 from elric.codec import pack
 from elric.keys import Keys
+from elric.redis_server import CHAOS_BAND, band, ephemeral_ports
 from elric.scheduler import fire_id
 from tests.conftest import ROOT
 from tests.procs import run_group
@@ -84,6 +86,56 @@ def test_the_mix_checker_finds_lost_children_keys_run_twice_and_limits_exceeded(
     assert report.limit_explained == 1
     assert report.phantoms == [] and not report.passed
     r.close()
+
+
+# chaos.run in a process of its own (conftest's free_port does not apply there, as under
+# CI), up to its supervisor's start: the ports its Redis and masters were given
+PORTS_OF_A_RUN = """
+import sys
+import tempfile
+import bench.chaos as chaos
+from elric.redis_server import RedisServer
+
+tempfile.tempdir = sys.argv[1]   # the fake Redis's folder
+ports = []
+class Server(RedisServer):
+    def start(self, timeout=10.0):
+        ports.append(self.port)
+        return self
+    def stop(self, kill=False):
+        pass
+class Slot(chaos.Slot):
+    def start(self):
+        if self.role == "master":
+            ports.append(int(self.env["ELRIC_MASTER_ADDRESS"].rpartition(":")[2]))
+def stop(slots):
+    raise SystemExit(" ".join(map(str, ports)))
+chaos.RedisServer, chaos.Slot, chaos.Supervisor = Server, Slot, stop
+chaos.run(1, 0, 0, sys.argv[1])
+"""
+
+
+def test_the_fault_runs_ports_are_none_a_connection_or_a_test_beside_it_can_take(tmp_path):
+    """Its Redis and masters are restarted on their ports after a kill: one in the kernel's
+    ephemeral range may meanwhile be any connection's local port on the machine (a CI run
+    failed so), one in a test process's band a port that test starts a master on."""
+    proc = subprocess.run([sys.executable, "-c", PORTS_OF_A_RUN, str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    ports = [int(p) for p in proc.stderr.split()[-3:]]
+    assert len(set(ports)) == 3, proc.stderr
+    low, high = ephemeral_ports()
+    assert not [p for p in ports if low <= p <= high], ports
+    assert all(p in band(CHAOS_BAND) for p in ports), ports
+
+
+def test_the_port_bands_lie_apart_below_the_ephemeral_range():
+    from elric.redis_server import TEST_BANDS, band_port
+
+    bands = [band(n) for n in range(TEST_BANDS + 1)]
+    assert all(a.stop <= b.start for a, b in zip(bands, bands[1:]))
+    assert bands[-1].stop <= ephemeral_ports()[0] and len(bands[0]) >= 1000
+    handed = [band_port(CHAOS_BAND) for _ in range(50)]
+    assert len(set(handed)) == 50 and all(p in bands[-1] for p in handed)
 
 
 def test_a_short_fault_run_loses_nothing_and_doubles_no_fire(tmp_path):
