@@ -52,7 +52,8 @@ from elric.job import _child_job_id  # noqa: E402
 from elric.jobstore import Outcome  # noqa: E402
 from elric.keys import Keys  # noqa: E402
 from elric.launch import Proc, elric_env, faketime_lib, start_master, start_worker  # noqa: E402
-from elric.redis_server import CHAOS_BAND, RedisServer, band_port  # noqa: E402
+from bench.ports import CHAOS_BAND, band_port  # noqa: E402
+from elric.redis_server import RedisServer  # noqa: E402
 from elric.rpc import RemoteError, RPCConnectionError  # noqa: E402
 from elric.scheduler import fire_id  # noqa: E402
 from elric.triggers import every  # noqa: E402

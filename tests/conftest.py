@@ -13,7 +13,8 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import elric.redis_server  # noqa: E402
-from elric.redis_server import TEST_BANDS, RedisServer, band_port  # noqa: E402
+from bench.ports import TEST_BANDS, band_port  # noqa: E402
+from elric.redis_server import RedisServer  # noqa: E402
 
 
 def _free_port() -> int:

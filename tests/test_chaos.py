@@ -12,7 +12,7 @@ import redis
 from bench.chaos import LIMITS, Report, check
 from elric.codec import pack
 from elric.keys import Keys
-from elric.redis_server import CHAOS_BAND, band, ephemeral_ports
+from bench.ports import CHAOS_BAND, band, ephemeral_ports
 from elric.scheduler import fire_id
 from tests.conftest import ROOT
 from tests.procs import run_group
@@ -129,7 +129,7 @@ def test_the_fault_runs_ports_are_none_a_connection_or_a_test_beside_it_can_take
 
 
 def test_the_port_bands_lie_apart_below_the_ephemeral_range():
-    from elric.redis_server import TEST_BANDS, band_port
+    from bench.ports import TEST_BANDS, band_port
 
     bands = [band(n) for n in range(TEST_BANDS + 1)]
     assert all(a.stop <= b.start for a, b in zip(bands, bands[1:]))
