@@ -170,7 +170,7 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def parse_address(value: str, key: str = "address") -> tuple[str, int]:
+def parse_address(value: str, key: str) -> tuple[str, int]:
     """``host:port`` as (host, port), or a SettingsError naming ``key``."""
     from elric.rpc import parse_address as parse
 

@@ -94,7 +94,7 @@ class DedupeFilter(ABC):
     is listed in the registry ``keys.dedupe_scopes``, so nothing scans the keyspace."""
 
     name: str
-    can_release = False
+    can_release = False   # has release(): a Bloom filter's keys share bits, none can go
     saves_on_close = False   # close() writes what is only in this process (its keys)
 
     def __init__(self, redis, keys: Keys, takeover_after: float) -> None:
@@ -127,14 +127,6 @@ class DedupeFilter(ABC):
             return []
         got = await self.redis.mget(self._notes(scope, keys))
         return [g == o.encode() for g, o in zip(got, owners)]
-
-    async def release(self, scope: str, keys: list[str]) -> None:
-        """Forget ``keys`` in ``scope`` so that they are new again (exact backends only),
-        and which jobs took them."""
-        raise DedupeError(
-            f"the {self.name!r} dedupe backend cannot release keys: a Bloom filter "
-            "cannot remove a key without removing bits other keys share (use the "
-            "'set' backend if jobs must be re-admitted after failure)")
 
     async def count(self, scope: str, n: int) -> None:
         """Add ``n`` jobs dropped to the scope's ``filtered``. ``check_and_add`` counts

@@ -132,9 +132,9 @@ def _filter(raw, call: str, known, statuses) -> dict:
 
 
 class Master:
-    def __init__(self, settings: Settings, *, address: str | None = None) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.address = address or settings.MASTER_ADDRESS
+        self.address = settings.MASTER_ADDRESS
         self.keys = Keys(settings.KEY_PREFIX)
         self.master_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self._stop = asyncio.Event()

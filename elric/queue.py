@@ -32,6 +32,7 @@ MAX_RUNNING_SPLIT = 10_000   # running jobs stats() reads to split live jobs int
 # jobs an enqueue script queues a call (~10 ms of Redis's time): a 10,000-job submission
 # in one call held Redis, and every worker's fetch and finish, for 0.1-0.6 s
 ENQUEUE_STEP = 1000
+DUE_STEP = 1000   # due jobs (lease ran out, backoff over) one requeue_due call takes
 MATCH_STEP = 1000   # index entries list_match looks at per call: a few ms of Redis's time
 STATS_ROWS = 100   # batches, and funcs, stats() holds: a label per run is tens of thousands
 WORKER_KEPT = 86400   # s a silent worker stays listed: heartbeat.lua's expiry of its hash
@@ -503,25 +504,25 @@ class RedisQueue:
                                                    args=[*args, self._cursors[name]]))
         await each(walks, walk)   # one set of another type must not stop the others
 
-    async def recover(self, limit: int = 1000) -> tuple[list[str], list[str], list[str]]:
+    async def recover(self) -> tuple[list[str], list[str], list[str]]:
         """Queue again, in their old place, the jobs whose lease ran out; those being
         cancelled end cancelled instead, and those whose worker was lost more than
         ``max_redeliveries`` times end failed. Returns (ids queued again, ids cancelled,
         ids failed)."""
-        return await self._due(self.keys.inflight, Status.RUNNING, True, "redelivered", limit)
+        return await self._due(self.keys.inflight, Status.RUNNING, True, "redelivered")
 
-    async def promote(self, limit: int = 1000) -> int:
+    async def promote(self) -> int:
         """Queue again the retrying jobs whose backoff is over."""
-        return len((await self._due(self.keys.delayed, Status.RETRYING, False, "", limit))[0])
+        return len((await self._due(self.keys.delayed, Status.RETRYING, False, ""))[0])
 
-    async def _due(self, due_set: str, status: Status, keep_place: bool, counter: str,
-                   limit: int) -> tuple[list[str], list[str], list[str]]:
+    async def _due(self, due_set: str, status: Status, keep_place: bool,
+                   counter: str) -> tuple[list[str], list[str], list[str]]:
         k = self.keys
         cap = "" if self.max_redeliveries is None else self.max_redeliveries
         back, cancelled, broken, failed = await self._requeue_due(
             keys=[due_set, k.status(status), k.seq, k.counters, k.status(Status.CANCELLED),
                   k.limits_due, k.queues, k.status(Status.FAILED)],
-            args=[*self._line, limit, status, "1" if keep_place else "0", counter,
+            args=[*self._line, DUE_STEP, status, "1" if keep_place else "0", counter,
                   *self._cancel_end, cap, k.dedupe_set(""), k.minute(""), jobstats.MINUTE_TTL])
         self._tell_broken("redeliver" if keep_place else "retry", broken)
         return [_s(i) for i in back], [_s(i) for i in cancelled], [_s(i) for i in failed]

@@ -83,17 +83,16 @@ STOP_HEARD = 1.0   # how long a stop lets the loop's Redis call run before cutti
 
 
 class Worker:
-    def __init__(self, settings: Settings, *, queues: list[str] | None = None,
-                 concurrency: int | None = None, worker_id: str | None = None) -> None:
+    def __init__(self, settings: Settings, *, concurrency: int | None = None) -> None:
         self.settings = settings
-        self.queues = list(queues or settings.QUEUES)
+        self.queues = list(settings.QUEUES)
         self.concurrency = concurrency or settings.concurrency
         self.async_slots = settings.ASYNC_CONCURRENCY
         self.max_chunk = settings.WORKER_CHUNK
         self.lease = float(settings.LEASE_SECONDS)
         self.started_at = 0   # ms, on Redis's clock; set when the worker registers
         self.broken = False   # a task it cannot do without failed: exit non-zero
-        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.keys = Keys(settings.KEY_PREFIX)
         self.buffer: deque[Claim] = deque()      # claimed, not yet handed to the pool
         self.suspects: deque[Claim] = deque()    # jobs of a process that died, to run apart

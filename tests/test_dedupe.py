@@ -160,15 +160,6 @@ def test_set_release_makes_keys_new_again(redis_url, ttl):
     run(with_filter(redis_url, "set", body, set_ttl=ttl))
 
 
-@pytest.mark.parametrize("backend", ["bloom", "redis-bloom"])
-def test_bloom_release_raises_clear_error(redis_url, backend):
-    async def body(f, r):
-        await f.check_and_add("s", ["a"])
-        with pytest.raises(DedupeError, match="cannot release"):
-            await f.release("s", ["a"])
-    run(with_filter(redis_url, backend, body, capacity=100))
-
-
 # --- set expiry ----------------------------------------------------------------------------
 
 def test_set_ttl_key_becomes_new_again_after_ttl(redis_url):

@@ -78,11 +78,11 @@ def _actions(master) -> dict:
             ("schedule", "remove"): by_id(master.remove_job)}
 
 
-def _local_path(value: str, fallback: str = "/") -> str:
+def _local_path(value: str) -> str:
     """A redirect target on this site only (no //host, no scheme; browsers read /\\ as //,
     and a URL drops tabs and newlines, so "/", a tab, "/host" is //host)."""
     local = value.startswith("/") and not value.startswith(("//", "/\\"))
-    return value if local and value.isprintable() else fallback
+    return value if local and value.isprintable() else "/"
 
 
 class Dashboard:
@@ -202,7 +202,7 @@ class Dashboard:
         return self._render(request, "workers.html", workers=await self.master.queue.workers())
 
     async def schedules(self, request: web.Request):
-        offset = _int(request.query.get("offset"), 0)
+        offset = _int(request.query.get("offset"))
         # one row more than a page: whether there is a next page (else a list of exactly a
         # page linked to an empty one)
         rows = await self.master.list_jobs({"status": "scheduled", "offset": offset,
@@ -221,7 +221,7 @@ class Dashboard:
         if q.get("status") == Status.SCHEDULED:   # listed as schedules, they had no status
             raise web.HTTPSeeOther("/schedules")   # (or queue) in this table's rows
         filters = {k: q[k] for k in ("status", "queue", "func", "batch") if q.get(k)}
-        offset, cursor = _int(q.get("offset"), 0), q.get("cursor", "")
+        offset, cursor = _int(q.get("offset")), q.get("cursor", "")
         # an index lists a status, or a queue's waiting jobs; any other filter scans: bounded,
         # and where the scan stopped before the page filled, a link looks further from there
         unindexed = bool(filters.keys() & {"func", "batch"}) or (
@@ -421,11 +421,11 @@ async def _form(request: web.Request):
     return form
 
 
-def _int(value, default: int) -> int:
+def _int(value) -> int:
     # isdecimal, not isdigit: int() refuses digits such as "²" (a 500); and over 4,300
     # digits (a 500 too): such a number is past the end of any list, as 2**64 is
     if not value or not value.isdecimal():
-        return default
+        return 0
     return int(value) if len(value) <= 20 else 2**64
 
 
