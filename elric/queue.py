@@ -98,6 +98,7 @@ class Claim:
     held_until: float = 0.0   # time.monotonic() its lease surely lasts to (set by the worker)
     cancelling: bool = False   # cancel_job asked to stop this run (a heartbeat told)
     unreadable: str = ""   # fields elric did not write (an edit?): failed, never run
+    suspect: bool = False   # lost with a worker before: run apart (fetch.lua claims it alone)
 
     @property
     def run(self) -> tuple[str, int, str]:
@@ -191,7 +192,7 @@ def _claim(r: list) -> Claim:
                  _read("max_retries", int, r[6], bad, 0), _s(r[7]), _s(r[8]) or None,
                  _s(r[9]) or "", _s(r[10]) or None, _s(r[11]) or None,
                  _read("enqueued_at", int, r[12], bad, 0), _s(r[13]),
-                 unreadable=", ".join(bad))
+                 unreadable=", ".join(bad), suspect=bool(r[15]))
 
 
 # How each field of a job's hash reads in get_job; a missing field reads as _EMPTY's value

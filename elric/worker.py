@@ -96,6 +96,7 @@ class Worker:
         self.keys = Keys(settings.KEY_PREFIX)
         self.buffer: deque[Claim] = deque()      # claimed, not yet handed to the pool
         self.suspects: deque[Claim] = deque()    # jobs of a process that died, to run apart
+        self._apart = False   # it may hold a Claim.suspect (one came): _holds_suspect looks
         self.finished: list[tuple[Claim, runner.Ran]] = []   # ran, not yet recorded
         self.recording: list[tuple[Claim, runner.Ran]] = []
         self.ended: list[tuple[str, int, int]] = []   # runs ended that hold a limit key's slot
@@ -284,13 +285,24 @@ class Worker:
     def _chunk_size(self) -> int:
         return max(1, min(self.max_chunk, int(CHUNK_SECONDS / max(self.avg_job_seconds, 1e-6))))
 
+    def _holds_suspect(self) -> bool:
+        """Whether it holds a job lost with a worker before (a Claim.suspect): looked for
+        only once one came, so that the loop's turns cost no more without."""
+        if self._apart:
+            self._apart = any(c.suspect for c in self._claims())
+        return self._apart
+
     def _sizes(self) -> tuple[int, int]:
         """Room for jobs: the slots of the kind of job this worker saw last, and a small
         prefetch, less what it holds; and of that room, the jobs it could start now, the
         only ones that may be of a limited key (a claim holds its key's slot: one waiting
         behind others would hold it idle). Sized to what it can start now, so a worker
-        started later still finds work. A paused worker fetches nothing."""
+        started later still finds work. A paused worker fetches nothing, nor one holding a
+        suspect (a job lost with a worker before): if it kills this one too, none other of
+        this worker's claims is lost with it (counted towards MAX_REDELIVERIES)."""
         if self.paused:
+            return 0, 0
+        if self._holds_suspect():
             return 0, 0
         if self.pool.last_async:
             slots, prefetch = self.concurrency * self.async_slots, self.concurrency
@@ -459,7 +471,9 @@ class Worker:
         """Hand jobs to pool processes with room for them."""
         if self.stopping:
             return
-        while self.suspects:
+        # a job lost with a worker before runs alone: nothing starts beside it
+        apart = self._holds_suspect() and any(c.suspect for c in self.pool.claims())
+        while self.suspects and not apart:
             # After a process died we cannot tell which of its jobs killed it: run them one
             # per process, so the culprit is found and no one else pays.
             if self.pool.place(False, alone=True) is None or not self._held(self.suspects[0]):
@@ -467,14 +481,17 @@ class Worker:
             self._send(self.suspects.popleft(), suspect=True)
         kept: deque[Claim] = deque()
         full: set[tuple[bool, bool]] = set()   # kinds no process has room for now
-        while self.buffer:
+        while self.buffer and not apart:
             claim = self.buffer.popleft()
             how = self.pool.how(claim)
             # (not while a lost run of it still runs here: the pool holds one per job; even
             # a first attempt may have one, of a rerun or of an earlier job of its id)
-            if self._held(claim) and how not in full and not self.pool.holds(claim.job_id):
+            if claim.suspect and self.pool.claims():
+                pass   # it runs once the rest have ended: alone, if the worker is lost again
+            elif self._held(claim) and how not in full and not self.pool.holds(claim.job_id):
                 try:
                     self._send(claim)
+                    apart = claim.suspect
                     continue
                 except LookupError:   # no process has room for this kind now
                     full.add(how)
@@ -566,6 +583,7 @@ class Worker:
                 self._ran(claim, ran)
             elif self.modules.runs(claim.func):
                 mine.append(claim)
+                self._apart = self._apart or claim.suspect
             else:
                 others.setdefault(claim.func.partition(":")[0], []).append(claim)
         for module, handed in others.items():
@@ -592,7 +610,7 @@ class Worker:
         return False
 
     def _send(self, claim: Claim, suspect: bool = False) -> None:
-        self.pool.start(claim, partial(self._ran, claim), suspect=suspect)
+        self.pool.start(claim, partial(self._ran, claim), suspect=suspect or claim.suspect)
         if job_log.isEnabledFor(logging.DEBUG):
             job_log.debug("job %s %s: starting, attempt %d", claim.job_id, claim.func,
                           claim.attempt, extra=_job_fields(claim))

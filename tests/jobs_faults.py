@@ -545,3 +545,16 @@ class RunLoopOnce(Job):
         before = read()
         asyncio.get_event_loop().run_until_complete(asyncio.sleep(0))
         return {"before": before, "after": read()}
+
+
+class KillWorker(Job):
+    """SIGKILLs its worker (its pool process's fork server's parent), as an OOM kill of the
+    worker would: a poison job, lost with every worker that runs it."""
+
+    def run(self, path=None):
+        if path:
+            append_line(path, self.job_id)
+        with open(f"/proc/{os.getppid()}/stat", encoding="utf-8") as f:
+            worker = int(f.read().rpartition(")")[2].split()[1])   # (fields after the name)
+        os.kill(worker, signal.SIGKILL)
+        time.sleep(30)   # gone with its worker before this ends

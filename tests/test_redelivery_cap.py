@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import pytest
 import redis.asyncio as aredis
@@ -21,7 +22,9 @@ from elric.keys import Keys
 from elric.master import Master
 from elric.queue import RedisQueue
 from elric.redis_server import free_port
-from tests.conftest import outcome
+from tests.conftest import outcome, wait_for
+from tests.jobs import Sleep
+from tests.jobs_faults import KillWorker
 
 KEYS = Keys("elrictest")
 FUNC = "tests.jobs:Echo"
@@ -140,3 +143,60 @@ def test_max_redeliveries_defaults_to_5_none_is_no_cap(tmp_path, monkeypatch):
     with pytest.raises(SettingsError, match="MAX_REDELIVERIES"):
         load_settings(env={"ELRIC_MAX_REDELIVERIES": "-1"})
 
+
+
+def test_jobs_fetched_with_a_poison_job_survive_it(make_cluster):
+    """Real workers: a job that SIGKILLs its worker, fetched with innocent ones. Lost with
+    it, they kept their place and were fetched with it again by each next worker, and
+    reached the cap with it, never run. A job lost once runs apart now: the poison job alone
+    is lost again, and fails; the others run."""
+    c = make_cluster(LEASE_SECONDS=2, MAX_REDELIVERIES=2)
+    c.start_master()
+    innocents = [f"i{n}" for n in range(4)]
+    # (they outlast the poison job's start in a process of their own: lost with it)
+    c.client.submit_jobs([KillWorker.spec(job_id="p"),
+                          *(Sleep.spec([0.3], job_id=i) for i in innocents)])
+    ids = ["p", *innocents]
+
+    def ended():
+        return all(c.client.get_job(i)["status"] in ("succeeded", "failed") for i in ids)
+    deadline = time.monotonic() + 120
+    while not ended():   # a fresh worker each time the last one was lost
+        assert time.monotonic() < deadline, c.logs()
+        worker = c.start_worker("--concurrency", "4", wait=False)
+        wait_for(lambda: not worker.alive() or ended(), timeout=60, backoff=True,
+                 what="the worker lost, or every job ended")
+    jobs = {i: c.client.get_job(i) for i in ids}
+    assert {i: jobs[i]["status"] for i in innocents} == dict.fromkeys(innocents, "succeeded")
+    assert jobs["p"]["status"] == "failed"
+    assert "worker holding it was lost 3 times" in jobs["p"]["error"]
+    assert "MAX_REDELIVERIES (2)" in jobs["p"]["error"]
+    # lost with the first worker at most: never again with the poison job
+    assert all(jobs[i].get("redelivered", 0) <= 1 for i in innocents), jobs
+
+
+def test_a_job_lost_with_a_worker_is_fetched_alone(redis_url):
+    """fetch.lua: a suspect (lost with a worker before) ends a batch, taken only as its
+    first job and by a worker that can start one now; the jobs behind it come after."""
+    async def body():
+        r = aredis.Redis.from_url(redis_url)
+        try:
+            q = RedisQueue(r, KEYS, max_redeliveries=2)
+            await q.enqueue([normalize_spec({"func": FUNC, "job_id": i}) for i in "pxy"])
+            claims = (await q.fetch("w1", ["default"], 10, 30)).claims
+            assert [(c.job_id, c.suspect) for c in claims] == \
+                [("p", False), ("x", False), ("y", False)]
+            await r.zadd(KEYS.inflight, {"p": 0, "x": 0}, xx=True)   # w1 lost; y ended
+            await q.finish("w1", [outcome(claims[2])])
+            assert sorted((await q.recover())[0]) == ["p", "x"]
+            await q.enqueue([normalize_spec({"func": FUNC, "job_id": "n"})])
+            # a full worker (it can start none now) leaves it in line, taking nothing
+            assert (await q.fetch("w2", ["default"], 10, 30, start=0)).claims == []
+            got = []
+            for worker in ("w2", "w3", "w4"):
+                got.append([(c.job_id, c.suspect) for c in
+                            (await q.fetch(worker, ["default"], 10, 30)).claims])
+            assert got == [[("p", True)], [("x", True)], [("n", False)]]
+        finally:
+            await r.aclose()
+    asyncio.run(body())

@@ -11,8 +11,9 @@
 --   queue, dedupe_scope, batch, round, limit_key, enqueued_at (set by a submit or rerun
 --   alone: it names the children), member (its queue member: with the attempt, it
 --   names the run), unreadable ('' or the attempts field, if not a count: the worker
---   fails the job)}; wait: ms until parked jobs are looked at
---   again (-1: none parked; 0: more in line than one call looks at); then the keys passed
+--   fails the job), redelivered ('' or its count: a suspect, below)}; wait: ms until
+--   parked jobs are looked at again (-1: none parked; 0: more in line than one call
+--   looks at); then the keys passed
 --   over for holding another type (a queue: its jobs wait, or stay parked; a job's hash:
 --   out of its line, or a running one's keeps its limit slot; inflight: nothing claimed;
 --   its limit key's running, parked, hold or next-start key, the parked counts its parking
@@ -28,6 +29,9 @@
 -- limit_interval lengthens its key's least time between starts (or is its only rule). A
 -- key's hold (finish.lua: a server asked to wait) parks its jobs until then, rule or none.
 -- A job's first claim adds its wait since it was queued to the counters' start latency.
+-- A job lost with a worker before (`redelivered`: a suspect) is claimed alone, by a worker
+-- that can start a job now, and ends the batch: the worker runs it apart, so if it kills
+-- this one too, only it is counted (requeue_due.lua), not the jobs fetched with it.
 local jp, qp, wp, rp, np, pp = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local hp = ARGV[7]
 local clock = now_ms()
@@ -226,7 +230,8 @@ while #out < limit and budget > 0 and not stop do
     local jk = jp .. id
     local read, f = pcall(redis.call, 'HMGET', jk, 'func', 'args', 'kwargs', 'timeout',
                           'max_retries', 'queue', 'dedupe_scope', 'batch', 'round',
-                          'enqueued_at', 'limit_key', 'attempts', 'started_at', 'limit_interval')
+                          'enqueued_at', 'limit_key', 'attempts', 'started_at', 'limit_interval',
+                          'redelivered')
     if not read then broken[jk], f = true, {} end   -- gone from its line, like a removed job
     local iv = interval(f[14])
     local lk = f[6] and f[11]
@@ -242,6 +247,9 @@ while #out < limit and budget > 0 and not stop do
       broken[bad], skip[queue] = true, (skip[queue] or 0) + 1
     elseif m and #out >= start_now and m.free > 0 and m.next <= clock then
       stop = true   -- it stays in line for a worker that can start it (its slot with it)
+      break
+    elseif f[15] and not parks and (#out > 0 or start_now <= 0) then
+      stop = true   -- a suspect, first in line for a worker that takes it alone
       break
     elseif not f[6] then   -- every job hash has its queue; with no hash, the job was removed
       redis.call('ZREM', qp .. queue, member)
@@ -279,7 +287,8 @@ while #out < limit and budget > 0 and not stop do
         end
         out[#out + 1] = {id, attempt, f[1] or '', f[2] or '', f[3] or '', f[4] or '',
                          f[5] or '0', f[6], f[7] or '', f[8] or '', f[9] or '', f[11] or '',
-                         f[10] or '0', member, bad}
+                         f[10] or '0', member, bad, f[15] or ''}
+        if f[15] then stop = true break end   -- a suspect: claimed alone
       end
     end
   end
