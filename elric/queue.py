@@ -98,7 +98,7 @@ class Claim:
     held_until: float = 0.0   # time.monotonic() its lease surely lasts to (set by the worker)
     cancelling: bool = False   # cancel_job asked to stop this run (a heartbeat told)
     unreadable: str = ""   # fields elric did not write (an edit?): failed, never run
-    suspect: bool = False   # lost with a worker before: run apart (fetch.lua claims it alone)
+    suspect: bool = False   # lost with workers twice (requeue_due.lua): run apart, fetched alone
 
     @property
     def run(self) -> tuple[str, int, str]:

@@ -286,7 +286,7 @@ class Worker:
         return max(1, min(self.max_chunk, int(CHUNK_SECONDS / max(self.avg_job_seconds, 1e-6))))
 
     def _holds_suspect(self) -> bool:
-        """Whether it holds a job lost with a worker before (a Claim.suspect): looked for
+        """Whether it holds a suspect (a job lost with workers twice, Claim.suspect): looked for
         only once one came, so that the loop's turns cost no more without."""
         if self._apart:
             self._apart = any(c.suspect for c in self._claims())
@@ -298,7 +298,7 @@ class Worker:
         only ones that may be of a limited key (a claim holds its key's slot: one waiting
         behind others would hold it idle). Sized to what it can start now, so a worker
         started later still finds work. A paused worker fetches nothing, nor one holding a
-        suspect (a job lost with a worker before): if it kills this one too, none other of
+        suspect (a job lost with workers twice): if it kills this one too, none other of
         this worker's claims is lost with it (counted towards MAX_REDELIVERIES)."""
         if self.paused:
             return 0, 0
@@ -471,7 +471,7 @@ class Worker:
         """Hand jobs to pool processes with room for them."""
         if self.stopping:
             return
-        # a job lost with a worker before runs alone: nothing starts beside it
+        # a suspect (lost with workers twice) runs alone: nothing starts beside it
         apart = self._holds_suspect() and any(c.suspect for c in self.pool.claims())
         while self.suspects and not apart:
             # After a process died we cannot tell which of its jobs killed it: run them one

@@ -11,7 +11,7 @@
 --   queue, dedupe_scope, batch, round, limit_key, enqueued_at (set by a submit or rerun
 --   alone: it names the children), member (its queue member: with the attempt, it
 --   names the run), unreadable ('' or the attempts field, if not a count: the worker
---   fails the job), redelivered ('' or its count: a suspect, below)}; wait: ms until
+--   fails the job), suspect ('' or '1': below)}; wait: ms until
 --   parked jobs are looked at again (-1: none parked; 0: more in line than one call
 --   looks at); then the keys passed
 --   over for holding another type (a queue: its jobs wait, or stay parked; a job's hash:
@@ -29,9 +29,9 @@
 -- limit_interval lengthens its key's least time between starts (or is its only rule). A
 -- key's hold (finish.lua: a server asked to wait) parks its jobs until then, rule or none.
 -- A job's first claim adds its wait since it was queued to the counters' start latency.
--- A job lost with a worker before (`redelivered`: a suspect) is claimed alone, by a worker
--- that can start a job now, and ends the batch: the worker runs it apart, so if it kills
--- this one too, only it is counted (requeue_due.lua), not the jobs fetched with it.
+-- A suspect (requeue_due.lua: lost with its worker twice, or once more would fail it) is
+-- claimed alone, by a worker that can start a job now, and ends the batch: the worker runs
+-- it apart, so if it kills this one too, only it is counted, not the jobs fetched with it.
 local jp, qp, wp, rp, np, pp = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local hp = ARGV[7]
 local clock = now_ms()
@@ -231,7 +231,7 @@ while #out < limit and budget > 0 and not stop do
     local read, f = pcall(redis.call, 'HMGET', jk, 'func', 'args', 'kwargs', 'timeout',
                           'max_retries', 'queue', 'dedupe_scope', 'batch', 'round',
                           'enqueued_at', 'limit_key', 'attempts', 'started_at', 'limit_interval',
-                          'redelivered')
+                          'suspect')
     if not read then broken[jk], f = true, {} end   -- gone from its line, like a removed job
     local iv = interval(f[14])
     local lk = f[6] and f[11]

@@ -38,6 +38,6 @@ redis.call('HSET', KEYS[3], 'queue:' .. job[3] .. ':last_at', now)
 redis.call('PERSIST', KEYS[1])
 redis.call('HSET', KEYS[1], 'attempts', 0, 'enqueued_at', now)   -- new children (job.py)
 redis.call('HDEL', KEYS[1], 'started_at', 'finished_at', 'result', 'error', 'retry_at',
-           'duration_ms', 'redelivered', 'redelivered_at', 'lost_worker')
+           'duration_ms', 'redelivered', 'redelivered_at', 'lost_worker', 'suspect')
 requeue(KEYS[1], id, qp, wp, KEYS[2], false, KEYS[4])
 return status
