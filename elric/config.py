@@ -107,6 +107,9 @@ KEYS: dict[str, Key] = {
 # A worker renews its leases every third of LEASE_SECONDS, and the master redelivers once a
 # second: a shorter lease redelivers no sooner, and is lost by live workers at any hiccup.
 MIN_LEASE_SECONDS = 1.0
+# The scheduler renews its lease every third of SCHEDULER_LEASE and retries from 0.1 s on: a
+# shorter lease is renewed in a busy loop, and runs out at any Redis or event-loop hiccup.
+MIN_SCHEDULER_LEASE = 0.3
 
 # ELRIC_ variables that are not settings but are read elsewhere: any other ELRIC_<NAME> that
 # names no key is a typo, refused rather than silently ignored.
@@ -240,6 +243,9 @@ def _check(key: str, value: Any, where: str) -> Any:
     if key == "LEASE_SECONDS" and value < MIN_LEASE_SECONDS:
         raise bad(f"must be at least {MIN_LEASE_SECONDS:g} second, got {value!r}: workers "
                   "renew leases every third of it, and a shorter one runs out under them")
+    if key == "SCHEDULER_LEASE" and value < MIN_SCHEDULER_LEASE:
+        raise bad(f"must be at least {MIN_SCHEDULER_LEASE:g} seconds, got {value!r}: the "
+                  "scheduler renews it every third, and a shorter one runs out under it")
     # JOB_TIMEOUT: the default of every spec's timeout; DEDUPE_TTL, DEDUPE_TAKEOVER_AFTER:
     # the dedupe scripts' expiries, which Redis refuses far beyond it
     if key in ("JOB_TIMEOUT", "DEDUPE_TTL", "DEDUPE_TAKEOVER_AFTER") and value > MAX_TIMEOUT:

@@ -120,6 +120,9 @@ def test_file_then_env_then_command_line(no_settings_file):
     # renewed every third of it, leases ran out under live workers: jobs redelivered
     ({"ELRIC_LEASE_SECONDS": "0.001"}, "LEASE_SECONDS (from ELRIC_LEASE_SECONDS): must be at "
                                        "least 1 second, got 0.001"),
+    # renewed every 0.3 ms, in a busy loop of Redis calls: leadership lost at any hiccup
+    ({"ELRIC_SCHEDULER_LEASE": "0.001"}, "SCHEDULER_LEASE (from ELRIC_SCHEDULER_LEASE): must "
+                                         "be at least 0.3 seconds, got 0.001"),
     ({"ELRIC_LOG_LEVEL": "loud"}, "LOG_LEVEL (from ELRIC_LOG_LEVEL): expected DEBUG"),
     # entries that named no scope a job can have, or one twice, did nothing, unsaid
     ({"ELRIC_FILTER_SCOPES": "crawl=bloom,=set"}, "FILTER_SCOPES (from ELRIC_FILTER_SCOPES): "
