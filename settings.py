@@ -25,8 +25,8 @@ DASHBOARD_ADDRESS = None
 # serves only a loopback address.
 DASHBOARD_PASSWORD = None
 
-# Largest RPC message in bytes, either way; a larger request is answered too_large and
-# its connection closed.
+# Largest RPC message in bytes, either way (at least 64 KiB); a larger request is
+# answered too_large and its connection closed.
 RPC_MAX_MESSAGE = 8 * 1024 * 1024
 
 # Worker pool processes; None means the machine's CPU count.

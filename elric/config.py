@@ -51,7 +51,8 @@ KEYS: dict[str, Key] = {
                                            "/metrics on (default: no dashboard)", True),
     "DASHBOARD_PASSWORD": Key(None, (str,), "the dashboard's login (default: RPC_TOKEN; with "
                                             "neither it is read-only, on loopback only)", True),
-    "RPC_MAX_MESSAGE": Key(8 * 1024 * 1024, (int,), "largest RPC message in bytes"),
+    "RPC_MAX_MESSAGE": Key(8 * 1024 * 1024, (int,), "largest RPC message in bytes (at "
+                                                      "least 64 KiB)"),
     "CONCURRENCY": Key(None, (int,), "worker processes (default: CPU count)", True),
     "QUEUES": Key(["default"], (list,), "queues a worker pulls from"),
     "RESULT_TTL": Key(86400, (int,), "seconds results of succeeded jobs are kept"),
@@ -110,6 +111,9 @@ MIN_LEASE_SECONDS = 1.0
 # The scheduler renews its lease every third of SCHEDULER_LEASE and retries from 0.1 s on: a
 # shorter lease is renewed in a busy loop, and runs out at any Redis or event-loop hiccup.
 MIN_SCHEDULER_LEASE = 0.3
+# The stats reply, bounded (100 funcs, 100 batches, 60 minutes), takes tens of KiB before
+# its workers: a smaller limit fails it (elric stats), and results get under 8 KiB.
+MIN_RPC_MAX_MESSAGE = 64 * 1024
 
 # ELRIC_ variables that are not settings but are read elsewhere: any other ELRIC_<NAME> that
 # names no key is a typo, refused rather than silently ignored.
@@ -243,6 +247,9 @@ def _check(key: str, value: Any, where: str) -> Any:
     if key == "LEASE_SECONDS" and value < MIN_LEASE_SECONDS:
         raise bad(f"must be at least {MIN_LEASE_SECONDS:g} second, got {value!r}: workers "
                   "renew leases every third of it, and a shorter one runs out under them")
+    if key == "RPC_MAX_MESSAGE" and value < MIN_RPC_MAX_MESSAGE:
+        raise bad(f"must be at least {MIN_RPC_MAX_MESSAGE} bytes (64 KiB), got {value!r}: "
+                  "a stats reply alone may take tens of KiB; raise it")
     if key == "SCHEDULER_LEASE" and value < MIN_SCHEDULER_LEASE:
         raise bad(f"must be at least {MIN_SCHEDULER_LEASE:g} seconds, got {value!r}: the "
                   "scheduler renews it every third, and a shorter one runs out under it")

@@ -123,6 +123,9 @@ def test_file_then_env_then_command_line(no_settings_file):
     # renewed every 0.3 ms, in a busy loop of Redis calls: leadership lost at any hiccup
     ({"ELRIC_SCHEDULER_LEASE": "0.001"}, "SCHEDULER_LEASE (from ELRIC_SCHEDULER_LEASE): must "
                                          "be at least 0.3 seconds, got 0.001"),
+    # no message fitted, not even a ping or auth: every call failed, the cause unsaid
+    ({"ELRIC_RPC_MAX_MESSAGE": "1"}, "RPC_MAX_MESSAGE (from ELRIC_RPC_MAX_MESSAGE): must be "
+                                     "at least 65536 bytes (64 KiB), got 1"),
     ({"ELRIC_LOG_LEVEL": "loud"}, "LOG_LEVEL (from ELRIC_LOG_LEVEL): expected DEBUG"),
     # entries that named no scope a job can have, or one twice, did nothing, unsaid
     ({"ELRIC_FILTER_SCOPES": "crawl=bloom,=set"}, "FILTER_SCOPES (from ELRIC_FILTER_SCOPES): "
