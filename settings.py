@@ -156,5 +156,5 @@ BLOOM_CAPACITY = 1_000_000
 BLOOM_ERROR_RATE = 0.001
 
 # Seconds between snapshots of the "bloom" backend's filter to Redis (a crash forgets at
-# most this much); 0: only when the master stops.
+# most this much), at least 1; 0: only when the master stops.
 BLOOM_SNAPSHOT_INTERVAL = 30.0

@@ -100,8 +100,8 @@ KEYS: dict[str, Key] = {
                                  "taken for a job never queued goes to the next job with it"),
     "BLOOM_CAPACITY": Key(1_000_000, (int,), "items a Bloom filter is sized for"),
     "BLOOM_ERROR_RATE": Key(0.001, (float,), "false-positive rate a Bloom filter keeps"),
-    "BLOOM_SNAPSHOT_INTERVAL": Key(30.0, (int, float),
-                                   "seconds between snapshots of the in-master Bloom filter"),
+    "BLOOM_SNAPSHOT_INTERVAL": Key(30.0, (int, float), "seconds between snapshots of the "
+                                   "in-master Bloom filter, at least 1 (0: only on stop)"),
 }
 
 
@@ -114,6 +114,9 @@ MIN_SCHEDULER_LEASE = 0.3
 # The stats reply, bounded (100 funcs, 100 batches, 60 minutes), takes tens of KiB before
 # its workers: a smaller limit fails it (elric stats), and results get under 8 KiB.
 MIN_RPC_MAX_MESSAGE = 64 * 1024
+# Each snapshot rewrites every Bloom scope changed since the last, up to hundreds of MiB:
+# more often than once a second it would keep Redis writing them.
+MIN_BLOOM_SNAPSHOT_INTERVAL = 1.0
 
 # ELRIC_ variables that are not settings but are read elsewhere: any other ELRIC_<NAME> that
 # names no key is a typo, refused rather than silently ignored.
@@ -250,6 +253,10 @@ def _check(key: str, value: Any, where: str) -> Any:
     if key == "RPC_MAX_MESSAGE" and value < MIN_RPC_MAX_MESSAGE:
         raise bad(f"must be at least {MIN_RPC_MAX_MESSAGE} bytes (64 KiB), got {value!r}: "
                   "a stats reply alone may take tens of KiB; raise it")
+    if key == "BLOOM_SNAPSHOT_INTERVAL" and 0 < value < MIN_BLOOM_SNAPSHOT_INTERVAL:
+        raise bad(f"must be 0 (snapshots only on stop) or at least "
+                  f"{MIN_BLOOM_SNAPSHOT_INTERVAL:g} second, got {value!r}: each snapshot "
+                  "rewrites the changed filters, up to hundreds of MiB")
     if key == "SCHEDULER_LEASE" and value < MIN_SCHEDULER_LEASE:
         raise bad(f"must be at least {MIN_SCHEDULER_LEASE:g} seconds, got {value!r}: the "
                   "scheduler renews it every third, and a shorter one runs out under it")

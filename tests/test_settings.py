@@ -126,6 +126,9 @@ def test_file_then_env_then_command_line(no_settings_file):
     # no message fitted, not even a ping or auth: every call failed, the cause unsaid
     ({"ELRIC_RPC_MAX_MESSAGE": "1"}, "RPC_MAX_MESSAGE (from ELRIC_RPC_MAX_MESSAGE): must be "
                                      "at least 65536 bytes (64 KiB), got 1"),
+    # a changed filter, up to hundreds of MiB, was rewritten to Redis 100 times a second
+    ({"ELRIC_BLOOM_SNAPSHOT_INTERVAL": "0.01"}, "BLOOM_SNAPSHOT_INTERVAL (from ELRIC_BLOOM_"
+     "SNAPSHOT_INTERVAL): must be 0 (snapshots only on stop) or at least 1 second, got 0.01"),
     ({"ELRIC_LOG_LEVEL": "loud"}, "LOG_LEVEL (from ELRIC_LOG_LEVEL): expected DEBUG"),
     # entries that named no scope a job can have, or one twice, did nothing, unsaid
     ({"ELRIC_FILTER_SCOPES": "crawl=bloom,=set"}, "FILTER_SCOPES (from ELRIC_FILTER_SCOPES): "
