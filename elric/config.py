@@ -71,8 +71,8 @@ KEYS: dict[str, Key] = {
                           "SIGTERM; a stop takes at most this + 10 s, Redis away or not"),
     "WORKER_CHUNK": Key(64, (int,), "most jobs handed to a pool process at once (fast jobs)"),
     "ASYNC_CONCURRENCY": Key(100, (int,), "async jobs each pool process runs at once"),
-    "LOOP_LAG_WARN": Key(1.0, (int, float),
-                         "seconds an async job may block its event loop before a warning"),
+    "LOOP_LAG_WARN": Key(1.0, (int, float), "seconds an async job may block its event loop "
+                         "before a warning (0: never)"),
     "LIMITS": Key({}, (dict,), "per limit key (or \"*\"): {concurrency, interval | rate} "
                                "across all workers; ELRIC_LIMITS takes JSON"),
     "JOB_MODULES": Key([], (list,), "modules a worker loads job classes from at start; the "

@@ -47,6 +47,14 @@ def test_the_sample_settings_file_lists_every_key_at_its_default(no_settings_fil
                                                        for key, spec in KEYS.items()}
 
 
+def test_settings_that_0_turns_off_say_so(no_settings_file):
+    """0 turned the lag warning and periodic Bloom snapshots off, which their descriptions
+    did not say: 0 read as "warn at once" and "snapshot all the time"."""
+    for key in ("LOOP_LAG_WARN", "BLOOM_SNAPSHOT_INTERVAL"):
+        assert "(0: " in KEYS[key].doc, key
+        assert getattr(load_settings(env={f"ELRIC_{key}": "0"}), key) == 0
+
+
 def test_env_overrides_have_the_types_of_their_keys(no_settings_file):
     s = load_settings(env={
         "ELRIC_CONCURRENCY": "4", "ELRIC_RETRY_BACKOFF": "0.25", "ELRIC_LEASE_SECONDS": "10",
