@@ -25,8 +25,8 @@ DASHBOARD_ADDRESS = None
 # serves only a loopback address.
 DASHBOARD_PASSWORD = None
 
-# Largest RPC message in bytes, either way; a larger request is answered too_large and
-# its connection closed.
+# Largest RPC message in bytes, either way (at least 64 KiB); a larger request is
+# answered too_large and its connection closed.
 RPC_MAX_MESSAGE = 8 * 1024 * 1024
 
 # Worker pool processes; None means the machine's CPU count.
@@ -156,5 +156,5 @@ BLOOM_CAPACITY = 1_000_000
 BLOOM_ERROR_RATE = 0.001
 
 # Seconds between snapshots of the "bloom" backend's filter to Redis (a crash forgets at
-# most this much); 0: only when the master stops.
+# most this much), at least 1; 0: only when the master stops.
 BLOOM_SNAPSHOT_INTERVAL = 30.0

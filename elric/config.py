@@ -51,7 +51,8 @@ KEYS: dict[str, Key] = {
                                            "/metrics on (default: no dashboard)", True),
     "DASHBOARD_PASSWORD": Key(None, (str,), "the dashboard's login (default: RPC_TOKEN; with "
                                             "neither it is read-only, on loopback only)", True),
-    "RPC_MAX_MESSAGE": Key(8 * 1024 * 1024, (int,), "largest RPC message in bytes"),
+    "RPC_MAX_MESSAGE": Key(8 * 1024 * 1024, (int,), "largest RPC message in bytes (at "
+                                                      "least 64 KiB)"),
     "CONCURRENCY": Key(None, (int,), "worker processes (default: CPU count)", True),
     "QUEUES": Key(["default"], (list,), "queues a worker pulls from"),
     "RESULT_TTL": Key(86400, (int,), "seconds results of succeeded jobs are kept"),
@@ -70,8 +71,8 @@ KEYS: dict[str, Key] = {
                           "SIGTERM; a stop takes at most this + 10 s, Redis away or not"),
     "WORKER_CHUNK": Key(64, (int,), "most jobs handed to a pool process at once (fast jobs)"),
     "ASYNC_CONCURRENCY": Key(100, (int,), "async jobs each pool process runs at once"),
-    "LOOP_LAG_WARN": Key(1.0, (int, float),
-                         "seconds an async job may block its event loop before a warning"),
+    "LOOP_LAG_WARN": Key(1.0, (int, float), "seconds an async job may block its event loop "
+                         "before a warning (0: never)"),
     "LIMITS": Key({}, (dict,), "per limit key (or \"*\"): {concurrency, interval | rate} "
                                "across all workers; ELRIC_LIMITS takes JSON"),
     "JOB_MODULES": Key([], (list,), "modules a worker loads job classes from at start; the "
@@ -99,14 +100,23 @@ KEYS: dict[str, Key] = {
                                  "taken for a job never queued goes to the next job with it"),
     "BLOOM_CAPACITY": Key(1_000_000, (int,), "items a Bloom filter is sized for"),
     "BLOOM_ERROR_RATE": Key(0.001, (float,), "false-positive rate a Bloom filter keeps"),
-    "BLOOM_SNAPSHOT_INTERVAL": Key(30.0, (int, float),
-                                   "seconds between snapshots of the in-master Bloom filter"),
+    "BLOOM_SNAPSHOT_INTERVAL": Key(30.0, (int, float), "seconds between snapshots of the "
+                                   "in-master Bloom filter, at least 1 (0: only on stop)"),
 }
 
 
 # A worker renews its leases every third of LEASE_SECONDS, and the master redelivers once a
 # second: a shorter lease redelivers no sooner, and is lost by live workers at any hiccup.
 MIN_LEASE_SECONDS = 1.0
+# The scheduler renews its lease every third of SCHEDULER_LEASE and retries from 0.1 s on: a
+# shorter lease is renewed in a busy loop, and runs out at any Redis or event-loop hiccup.
+MIN_SCHEDULER_LEASE = 0.3
+# The stats reply, bounded (100 funcs, 100 batches, 60 minutes), takes tens of KiB before
+# its workers: a smaller limit fails it (elric stats), and results get under 8 KiB.
+MIN_RPC_MAX_MESSAGE = 64 * 1024
+# Each snapshot rewrites every Bloom scope changed since the last, up to hundreds of MiB:
+# more often than once a second it would keep Redis writing them.
+MIN_BLOOM_SNAPSHOT_INTERVAL = 1.0
 
 # ELRIC_ variables that are not settings but are read elsewhere: any other ELRIC_<NAME> that
 # names no key is a typo, refused rather than silently ignored.
@@ -240,6 +250,16 @@ def _check(key: str, value: Any, where: str) -> Any:
     if key == "LEASE_SECONDS" and value < MIN_LEASE_SECONDS:
         raise bad(f"must be at least {MIN_LEASE_SECONDS:g} second, got {value!r}: workers "
                   "renew leases every third of it, and a shorter one runs out under them")
+    if key == "RPC_MAX_MESSAGE" and value < MIN_RPC_MAX_MESSAGE:
+        raise bad(f"must be at least {MIN_RPC_MAX_MESSAGE} bytes (64 KiB), got {value!r}: "
+                  "a stats reply alone may take tens of KiB; raise it")
+    if key == "BLOOM_SNAPSHOT_INTERVAL" and 0 < value < MIN_BLOOM_SNAPSHOT_INTERVAL:
+        raise bad(f"must be 0 (snapshots only on stop) or at least "
+                  f"{MIN_BLOOM_SNAPSHOT_INTERVAL:g} second, got {value!r}: each snapshot "
+                  "rewrites the changed filters, up to hundreds of MiB")
+    if key == "SCHEDULER_LEASE" and value < MIN_SCHEDULER_LEASE:
+        raise bad(f"must be at least {MIN_SCHEDULER_LEASE:g} seconds, got {value!r}: the "
+                  "scheduler renews it every third, and a shorter one runs out under it")
     # JOB_TIMEOUT: the default of every spec's timeout; DEDUPE_TTL, DEDUPE_TAKEOVER_AFTER:
     # the dedupe scripts' expiries, which Redis refuses far beyond it
     if key in ("JOB_TIMEOUT", "DEDUPE_TTL", "DEDUPE_TAKEOVER_AFTER") and value > MAX_TIMEOUT:

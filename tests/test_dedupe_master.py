@@ -411,7 +411,7 @@ def test_release_on_failure_leaves_bloom_scopes_alone(make_cluster):
 
 @pytest.mark.parametrize("how", ["sigterm", "sigkill-after-snapshot"])
 def test_bloom_survives_a_master_restart(make_cluster, redis_url, how):
-    interval = 0 if how == "sigterm" else 0.2   # 0: only the final snapshot on SIGTERM
+    interval = 0 if how == "sigterm" else 1   # 0: only the final snapshot on SIGTERM
     c = make_cluster(FILTER_BACKEND="bloom", BLOOM_SNAPSHOT_INTERVAL=interval)
     master = c.start_master()
     keys = [f"https://site.test/{i}" for i in range(500)]
@@ -448,7 +448,7 @@ def test_bloom_survives_a_master_restart(make_cluster, redis_url, how):
 def test_bloom_snapshots_in_trouble_show_in_health(make_cluster, redis_url):
     """The snapshot loop retried a failing snapshot for good, and only its log said so:
     health called the master ok while a restart would forget the scope's keys."""
-    c = make_cluster(FILTER_BACKEND="bloom", BLOOM_SNAPSHOT_INTERVAL=0.2)
+    c = make_cluster(FILTER_BACKEND="bloom", BLOOM_SNAPSHOT_INTERVAL=1)
     c.start_master()
     stats = f"{PREFIX}:dedupe:stats:urls"
     r = redis.Redis.from_url(redis_url)
@@ -725,7 +725,7 @@ def test_a_bloom_batch_whose_master_died_before_queueing_it_is_queued_on_resend(
     r = redis.Redis.from_url(redis_url)
     try:
         c = make_cluster(REDIS_URL=f"redis://127.0.0.1:{proxy.port}/0", FILTER_BACKEND="bloom",
-                         BLOOM_SNAPSHOT_INTERVAL=0.2)
+                         BLOOM_SNAPSHOT_INTERVAL=1)
         specs = [Echo.spec([i], job_id=f"page-{i}", dedupe_key=f"http://x/{i}",
                            dedupe_scope="crawl") for i in range(5)]
         submit_as_its_master_dies(
@@ -758,7 +758,7 @@ def test_a_bloom_key_whose_job_was_never_queued_goes_to_a_resend_under_a_new_id(
     settings = {"FILTER_BACKEND": backend, "DEDUPE_TAKEOVER_AFTER": 1}
     try:
         c = make_cluster(REDIS_URL=f"redis://127.0.0.1:{proxy.port}/0",
-                         BLOOM_SNAPSHOT_INTERVAL=0.2, **settings)
+                         BLOOM_SNAPSHOT_INTERVAL=1, **settings)
         spec = Echo.spec(["p"], dedupe_key="http://x/9")      # no job_id: a fresh one each time
         submit_as_its_master_dies(
             c, lambda cl: cl.submit_job(spec),

@@ -47,6 +47,14 @@ def test_the_sample_settings_file_lists_every_key_at_its_default(no_settings_fil
                                                        for key, spec in KEYS.items()}
 
 
+def test_settings_that_0_turns_off_say_so(no_settings_file):
+    """0 turned the lag warning and periodic Bloom snapshots off, which their descriptions
+    did not say: 0 read as "warn at once" and "snapshot all the time"."""
+    for key in ("LOOP_LAG_WARN", "BLOOM_SNAPSHOT_INTERVAL"):
+        assert "(0: " in KEYS[key].doc, key
+        assert getattr(load_settings(env={f"ELRIC_{key}": "0"}), key) == 0
+
+
 def test_env_overrides_have_the_types_of_their_keys(no_settings_file):
     s = load_settings(env={
         "ELRIC_CONCURRENCY": "4", "ELRIC_RETRY_BACKOFF": "0.25", "ELRIC_LEASE_SECONDS": "10",
@@ -120,6 +128,15 @@ def test_file_then_env_then_command_line(no_settings_file):
     # renewed every third of it, leases ran out under live workers: jobs redelivered
     ({"ELRIC_LEASE_SECONDS": "0.001"}, "LEASE_SECONDS (from ELRIC_LEASE_SECONDS): must be at "
                                        "least 1 second, got 0.001"),
+    # renewed every 0.3 ms, in a busy loop of Redis calls: leadership lost at any hiccup
+    ({"ELRIC_SCHEDULER_LEASE": "0.001"}, "SCHEDULER_LEASE (from ELRIC_SCHEDULER_LEASE): must "
+                                         "be at least 0.3 seconds, got 0.001"),
+    # no message fitted, not even a ping or auth: every call failed, the cause unsaid
+    ({"ELRIC_RPC_MAX_MESSAGE": "1"}, "RPC_MAX_MESSAGE (from ELRIC_RPC_MAX_MESSAGE): must be "
+                                     "at least 65536 bytes (64 KiB), got 1"),
+    # a changed filter, up to hundreds of MiB, was rewritten to Redis 100 times a second
+    ({"ELRIC_BLOOM_SNAPSHOT_INTERVAL": "0.01"}, "BLOOM_SNAPSHOT_INTERVAL (from ELRIC_BLOOM_"
+     "SNAPSHOT_INTERVAL): must be 0 (snapshots only on stop) or at least 1 second, got 0.01"),
     ({"ELRIC_LOG_LEVEL": "loud"}, "LOG_LEVEL (from ELRIC_LOG_LEVEL): expected DEBUG"),
     # entries that named no scope a job can have, or one twice, did nothing, unsaid
     ({"ELRIC_FILTER_SCOPES": "crawl=bloom,=set"}, "FILTER_SCOPES (from ELRIC_FILTER_SCOPES): "
