@@ -105,18 +105,30 @@ KEYS: dict[str, Key] = {
 }
 
 
-# A worker renews its leases every third of LEASE_SECONDS, and the master redelivers once a
-# second: a shorter lease redelivers no sooner, and is lost by live workers at any hiccup.
-MIN_LEASE_SECONDS = 1.0
-# The scheduler renews its lease every third of SCHEDULER_LEASE and retries from 0.1 s on: a
-# shorter lease is renewed in a busy loop, and runs out at any Redis or event-loop hiccup.
-MIN_SCHEDULER_LEASE = 0.3
-# The stats reply, bounded (100 funcs, 100 batches, 60 minutes), takes tens of KiB before
-# its workers: a smaller limit fails it (elric stats), and results get under 8 KiB.
-MIN_RPC_MAX_MESSAGE = 64 * 1024
-# Each snapshot rewrites every Bloom scope changed since the last, up to hundreds of MiB:
-# more often than once a second it would keep Redis writing them.
-MIN_BLOOM_SNAPSHOT_INTERVAL = 1.0
+@dataclass(frozen=True)
+class Floor:
+    """The least a setting may be (``said`` so in its error), and why no less works."""
+
+    least: float
+    said: str
+    why: str
+    zero_too: bool = False   # 0 is allowed too: it turns the thing off
+
+
+FLOORS = {
+    # the master redelivers once a second: a shorter lease redelivers no sooner
+    "LEASE_SECONDS": Floor(1.0, "at least 1 second", "workers renew leases every third of it, "
+                           "and a shorter one runs out under them"),
+    # (renewed in a busy loop of Redis calls below it, its retries starting at 0.1 s)
+    "SCHEDULER_LEASE": Floor(0.3, "at least 0.3 seconds", "the scheduler renews it every "
+                             "third, and a shorter one runs out under it"),
+    # the stats reply, bounded (100 funcs, 100 batches, 60 minutes), takes tens of KiB
+    "RPC_MAX_MESSAGE": Floor(64 * 1024, "at least 65536 bytes (64 KiB)", "a stats reply alone "
+                             "may take tens of KiB; raise it"),
+    "BLOOM_SNAPSHOT_INTERVAL": Floor(1.0, "0 (snapshots only on stop) or at least 1 second",
+                                     "each snapshot rewrites the changed filters, up to "
+                                     "hundreds of MiB", zero_too=True),
+}
 
 # ELRIC_ variables that are not settings but are read elsewhere: any other ELRIC_<NAME> that
 # names no key is a typo, refused rather than silently ignored.
@@ -247,19 +259,8 @@ def _check(key: str, value: Any, where: str) -> Any:
                            "DEDUPE_TAKEOVER_AFTER")
         if value < 0 or (value == 0 and positive):
             raise bad(f"must be {'positive' if positive else '0 or more'}, got {value!r}")
-    if key == "LEASE_SECONDS" and value < MIN_LEASE_SECONDS:
-        raise bad(f"must be at least {MIN_LEASE_SECONDS:g} second, got {value!r}: workers "
-                  "renew leases every third of it, and a shorter one runs out under them")
-    if key == "RPC_MAX_MESSAGE" and value < MIN_RPC_MAX_MESSAGE:
-        raise bad(f"must be at least {MIN_RPC_MAX_MESSAGE} bytes (64 KiB), got {value!r}: "
-                  "a stats reply alone may take tens of KiB; raise it")
-    if key == "BLOOM_SNAPSHOT_INTERVAL" and 0 < value < MIN_BLOOM_SNAPSHOT_INTERVAL:
-        raise bad(f"must be 0 (snapshots only on stop) or at least "
-                  f"{MIN_BLOOM_SNAPSHOT_INTERVAL:g} second, got {value!r}: each snapshot "
-                  "rewrites the changed filters, up to hundreds of MiB")
-    if key == "SCHEDULER_LEASE" and value < MIN_SCHEDULER_LEASE:
-        raise bad(f"must be at least {MIN_SCHEDULER_LEASE:g} seconds, got {value!r}: the "
-                  "scheduler renews it every third, and a shorter one runs out under it")
+    if (floor := FLOORS.get(key)) and value < floor.least and not (floor.zero_too and value == 0):
+        raise bad(f"must be {floor.said}, got {value!r}: {floor.why}")
     # JOB_TIMEOUT: the default of every spec's timeout; DEDUPE_TTL, DEDUPE_TAKEOVER_AFTER:
     # the dedupe scripts' expiries, which Redis refuses far beyond it
     if key in ("JOB_TIMEOUT", "DEDUPE_TTL", "DEDUPE_TAKEOVER_AFTER") and value > MAX_TIMEOUT:
