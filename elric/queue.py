@@ -356,10 +356,12 @@ class RedisQueue:
 
     async def fetch(self, worker_id: str, queues: Iterable[str], limit: int,
                     lease_seconds: float, ended: Iterable[tuple[str, int, str]] = (),
-                    wake_on: WakeOn | None = None, start: int | None = None) -> Fetched:
+                    wake_on: WakeOn | None = None, start: int | None = None,
+                    idle: bool = True) -> Fetched:
         """Claim up to ``limit`` jobs; ``ended``: the ``Claim.run`` of claims whose run
         ended, which free their limit keys' slots first; ``start``: how many of them the
-        worker can start now (None: all), the most that may be of a limited key.
+        worker can start now (None: all), the most that may be of a limited key; ``idle``:
+        the worker holds no job, so it may take a suspect (fetch.lua) at once.
 
         With ``wake_on`` the fetch waits behind a BLPOP on the same connection: Redis runs
         it as soon as a token comes (or the wait times out), so a woken worker gets its
@@ -370,7 +372,8 @@ class RedisQueue:
                 k.counters]
         args = [*self._line, k.limit_running(""), k.limit_next(""), k.limit_parked(""),
                 k.limit_hold(""), int(lease_seconds * 1000), worker_id, limit,
-                limit if start is None else start, len(ended) // 3, *ended, *queues]
+                limit if start is None else start, "1" if idle else "0", len(ended) // 3,
+                *ended, *queues]
         if wake_on is None:
             reply = await self._fetch(keys=keys, args=args)
         else:   # the script was loaded by this worker's first fetch, which never waits

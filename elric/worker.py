@@ -285,6 +285,12 @@ class Worker:
     def _chunk_size(self) -> int:
         return max(1, min(self.max_chunk, int(CHUNK_SECONDS / max(self.avg_job_seconds, 1e-6))))
 
+    def _idle(self) -> bool:
+        """Holds no job: a fetch may then bring it a suspect at once, which it runs alone
+        (a busy one would let its other processes idle until its jobs end)."""
+        return not (self.buffer or self.suspects or self.finished or self.recording
+                    or self.pool.claims())
+
     def _holds_suspect(self) -> bool:
         """Whether it holds a suspect (a job lost with workers twice, Claim.suspect): looked for
         only once one came, so that the loop's turns cost no more without."""
@@ -364,7 +370,7 @@ class Worker:
                     ended, self.ended = self.ended, []
                     fetched = await self.queue.fetch(self.worker_id, self.queues,
                                                      max(want, 0), self.lease, ended,
-                                                     start=start)
+                                                     start=start, idle=self._idle())
                     backoff.reset()
                     self._outages["fetching jobs"].passed()
                     fetched.claims = await self._hand_back_others(fetched.claims, asked)
@@ -404,7 +410,7 @@ class Worker:
             self._waiting_since = time.monotonic()
             self._waiting = asyncio.create_task(self.queue.fetch(
                 self.worker_id, self.queues, fetch, self.lease, start=start,
-                wake_on=WakeOn(self.blocking_redis, lists, timeout)))
+                idle=self._idle(), wake_on=WakeOn(self.blocking_redis, lists, timeout)))
             # _take_woken reads its error; one a stop cut short left (Redis frozen) is
             # read here, or asyncio logs it after "stopped" as a traceback
             self._waiting.add_done_callback(lambda t: t.cancelled() or t.exception())

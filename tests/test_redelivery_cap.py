@@ -176,9 +176,10 @@ def test_jobs_fetched_with_a_poison_job_survive_it(make_cluster):
 
 
 def test_a_job_lost_with_a_worker_is_fetched_alone(redis_url):
-    """fetch.lua: a suspect (here: lost once, and once more would fail it) ends a batch,
-    taken only as its first job and by a worker that can start one now; the jobs behind it
-    come after."""
+    """fetch.lua: a suspect (here: lost once, and once more would fail it) is claimed alone,
+    as a batch's first job, by an idle worker. A busy one passes over it to the jobs behind
+    (else its other processes idled until its jobs ended), until it has waited
+    SUSPECT_WAIT_MS since its loss: under a steady backlog no worker is ever idle."""
     async def body():
         r = aredis.Redis.from_url(redis_url)
         try:
@@ -190,14 +191,20 @@ def test_a_job_lost_with_a_worker_is_fetched_alone(redis_url):
             await r.zadd(KEYS.inflight, {"p": 0, "x": 0}, xx=True)   # w1 lost; y ended
             await q.finish("w1", [outcome(claims[2])])
             assert sorted((await q.recover())[0]) == ["p", "x"]
-            await q.enqueue([normalize_spec({"func": FUNC, "job_id": "n"})])
-            # a full worker (it can start none now) leaves it in line, taking nothing
-            assert (await q.fetch("w2", ["default"], 10, 30, start=0)).claims == []
-            got = []
-            for worker in ("w2", "w3", "w4"):
-                got.append([(c.job_id, c.suspect) for c in
-                            (await q.fetch(worker, ["default"], 10, 30)).claims])
-            assert got == [[("p", True)], [("x", True)], [("n", False)]]
+            await q.enqueue([normalize_spec({"func": FUNC, "job_id": i}) for i in "mn"])
+
+            async def fetched(worker, limit=10, **how):
+                return [(c.job_id, c.suspect) for c in
+                        (await q.fetch(worker, ["default"], limit, 30, **how)).claims]
+            assert await fetched("w2", 1, idle=False) == [("m", False)]   # busy: passes over
+            # an idle worker that can start none now (paused, full) takes none either
+            assert await fetched("w3", 1, start=0) == [("n", False)]
+            assert await fetched("w4") == [("p", True)]   # idle: takes it, alone
+            assert await fetched("w5", idle=False) == []
+            # waited past SUSPECT_WAIT_MS (10 s) since its loss: a busy worker takes it
+            lost_at = int(await r.hget(KEYS.job("x"), "redelivered_at"))
+            await r.hset(KEYS.job("x"), "redelivered_at", lost_at - 10_001)
+            assert await fetched("w5", idle=False) == [("x", True)]
         finally:
             await r.aclose()
     asyncio.run(body())

@@ -4,7 +4,8 @@
 -- ARGV: job prefix, queue prefix, wake prefix, limit running prefix, limit next-start
 --       prefix, limit parked prefix, limit hold prefix, lease (ms), worker id, limit, start
 --       (how many of them it can start now: a job of a limited key is claimed only within
---       that, so a claim waiting behind others holds no slot), n, then n triples of
+--       that, so a claim waiting behind others holds no slot), idle ('1': the worker holds
+--       no job; it takes a suspect at once, below), n, then n triples of
 --       job_id, attempt, member (Claim.run: claims of this worker whose run has ended),
 --       then queues...
 -- Returns {jobs, wait}: per job {job_id, attempt, func, args, kwargs, timeout, max_retries,
@@ -30,14 +31,17 @@
 -- key's hold (finish.lua: a server asked to wait) parks its jobs until then, rule or none.
 -- A job's first claim adds its wait since it was queued to the counters' start latency.
 -- A suspect (requeue_due.lua: lost with its worker twice, or once more would fail it) is
--- claimed alone, by a worker that can start a job now, and ends the batch: the worker runs
--- it apart, so if it kills this one too, only it is counted, not the jobs fetched with it.
+-- claimed alone, as the only job of a batch: the worker runs it apart, so if it kills this
+-- one too, only it is counted, not the jobs fetched with it. An idle worker takes it; a
+-- busy one passes over it (its processes would idle until its jobs end, the suspect
+-- waiting too) unless it has waited SUSPECT_WAIT_MS since its loss and this worker can
+-- start a job now: under a steady backlog no worker is ever idle.
 local jp, qp, wp, rp, np, pp = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local hp = ARGV[7]
 local clock = now_ms()
 local deadline, worker, limit = clock + tonumber(ARGV[8]), ARGV[9], tonumber(ARGV[10])
-local start_now = tonumber(ARGV[11])
-local RECHECK_MS, SCAN_BUDGET, DUE_BATCH = 1000, 1000, 100
+local start_now, idle = tonumber(ARGV[11]), ARGV[12] == '1'
+local RECHECK_MS, SCAN_BUDGET, DUE_BATCH, SUSPECT_WAIT_MS = 1000, 1000, 100, 10000
 -- inflight of another type (expect_fn): a claim, already out of its queue and running, would
 -- fail there with no lease, so no redelivery would find it. Claim nothing, named.
 if mistyped(KEYS[1], 'zset') then return {{}, RECHECK_MS, KEYS[1]} end
@@ -45,7 +49,7 @@ local broken = {}   -- keys of another type (an operator overwrote them): named 
 -- limits due of another type: every limited job waits (its claim, parking or end writes it)
 local due_bad = mistyped(KEYS[4], 'zset') and KEYS[4]
 if due_bad then broken[due_bad] = true end
-local FIRST_QUEUE = 13 + 3 * tonumber(ARGV[12])
+local FIRST_QUEUE = 14 + 3 * tonumber(ARGV[13])
 local started, waited = 0, 0   -- first attempts claimed, and their summed wait (ms)
 local mine = {}   -- the queues of this worker
 for i = FIRST_QUEUE, #ARGV do mine[ARGV[i]] = true end
@@ -137,7 +141,7 @@ end
 -- Runs that ended free their slots; their keys' parked jobs are due at once. A run is its
 -- attempt and member: a lost run may end here while this worker holds the job's next run.
 if limited then
-  for i = 13, FIRST_QUEUE - 1, 3 do
+  for i = 14, FIRST_QUEUE - 1, 3 do
     local id = ARGV[i]
     local read, f = pcall(redis.call, 'HMGET', jp .. id, 'status', 'attempts', 'worker',
                           'limit_key', 'queue', 'member')
@@ -231,7 +235,7 @@ while #out < limit and budget > 0 and not stop do
     local read, f = pcall(redis.call, 'HMGET', jk, 'func', 'args', 'kwargs', 'timeout',
                           'max_retries', 'queue', 'dedupe_scope', 'batch', 'round',
                           'enqueued_at', 'limit_key', 'attempts', 'started_at', 'limit_interval',
-                          'suspect')
+                          'suspect', 'redelivered_at')
     if not read then broken[jk], f = true, {} end   -- gone from its line, like a removed job
     local iv = interval(f[14])
     local lk = f[6] and f[11]
@@ -248,9 +252,9 @@ while #out < limit and budget > 0 and not stop do
     elseif m and #out >= start_now and m.free > 0 and m.next <= clock then
       stop = true   -- it stays in line for a worker that can start it (its slot with it)
       break
-    elseif f[15] and not parks and (#out > 0 or start_now <= 0) then
-      stop = true   -- a suspect, first in line for a worker that takes it alone
-      break
+    elseif f[15] and not parks and (#out > 0 or start_now <= 0 or not idle and
+        clock - (tonumber(f[16]) or 0) < SUSPECT_WAIT_MS) then
+      skip[queue] = (skip[queue] or 0) + 1   -- a suspect: it waits for a worker to take it
     elseif not f[6] then   -- every job hash has its queue; with no hash, the job was removed
       redis.call('ZREM', qp .. queue, member)
     else
