@@ -175,14 +175,34 @@ class Settings:
 
 def redact_url(url: str) -> str:
     """``url`` with its password replaced by ``***``, for messages and logs."""
-    from urllib.parse import urlsplit, urlunsplit
+    end = _credentials_end(url)
+    start = url.find("://") + 3
+    user, colon, _ = url[start:end].partition(":")
+    return url if end < 0 or not colon else f"{url[:start]}{user}:***{url[end:]}"
 
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    userinfo, _, hostport = parts.netloc.rpartition("@")
-    user = userinfo.partition(":")[0]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{hostport}"))
+
+def _credentials_end(url: str) -> int:
+    """The index of the ``@`` that ends ``url``'s user and password, or -1 if none. When a
+    #, / or ? in the password cuts the host short or it does not parse, the last ``@``."""
+    from urllib.parse import urlsplit
+
+    if url.rfind("@") < url.find("://"):
+        return -1
+    try:
+        parts = urlsplit(url)
+        parts.port
+    except ValueError:
+        return url.rfind("@")
+    if _cut_short(parts):
+        return url.rfind("@")
+    at = parts.netloc.rfind("@")   # (an @ past the host is a query value's, client_name=a@b)
+    return -1 if at < 0 else url.find("://") + 3 + at
+
+
+def _cut_short(parts) -> bool:
+    """An ``@`` past the host where only a password's unencoded #, / or ? would put it."""
+    return ("@" in parts.path or "@" in parts.fragment
+            or any("@" in field.partition("=")[0] for field in parts.query.split("&")))
 
 
 def is_loopback(host: str) -> bool:
@@ -296,19 +316,30 @@ def _check_module_name(name: str, bad) -> None:
 
 
 def _check_redis_url(value: str, bad) -> None:
-    from urllib.parse import parse_qs, urlsplit
+    from urllib.parse import parse_qs, unquote, urlsplit
 
     if not value.startswith(("redis://", "rediss://", "unix://")):
         raise bad(f"{value!r} is not a redis://, rediss:// or unix:// URL")
-    shown, parts, example = redact_url(value), urlsplit(value), "e.g. redis://127.0.0.1:6379/0"
+    shown, example = redact_url(value), "e.g. redis://127.0.0.1:6379/0"
+    # (the password is never shown: only the hint at what in it breaks the URL)
+    encode = ("percent-encode special characters in the password (# as %23, / as %2F, "
+              "? as %3F, [ as %5B, ] as %5D)")
+    hint = f"; {encode}" if "@" in value else ""
+    try:   # (a [ in the password: every command's traceback)
+        parts = urlsplit(value)
+    except ValueError:
+        raise bad(f"{shown!r} does not parse as a URL{hint or ', ' + example}") from None
+    if _cut_short(parts):
+        raise bad(f"{shown!r}: the password is cut at a #, / or ?; {encode}")
     try:   # (a master or worker failed at start with a traceback)
         port = parts.port
     except ValueError:
         port = 0
     if port == 0:
-        raise bad(f"{shown!r}: the port must be a number from 1 to 65535, {example}")
-    # redis-py reads a path that is no number as database 0, and /1/2 as 12
-    if parts.scheme != "unix" and not parts.path.strip("/").isdigit() and parts.path.strip("/"):
+        raise bad(f"{shown!r}: the port must be a number from 1 to 65535, {example}{hint}")
+    # redis-py reads a path that is no number as database 0, /1/2 as 12, and /%30 as 0
+    db = unquote(parts.path).strip("/")
+    if parts.scheme != "unix" and db and not (db.isascii() and db.isdigit()):
         raise bad(f"{shown!r}: the database after the host must be a number, {example}")
     if not all(db.isdigit() for db in parse_qs(parts.query).get("db", [])):   # (?db=x)
         raise bad(f"{shown!r}: the database (db=) must be a number, {example}")

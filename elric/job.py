@@ -55,6 +55,18 @@ _NOT_CLASS_DEFAULTS = ("dedupe_key", "dedupe_scope", "limit_key", "limit_interva
                        "replace_existing", "misfire_grace_time", "coalesce", "max_instances")
 
 
+def _class_default(cls: type, key: str) -> Any:
+    """The plain data ``cls`` (not Job) gives ``key``, or None: a method, property or other
+    descriptor of that name is the class's own business, and None is no value."""
+    for k in cls.__mro__:
+        if key in vars(k):
+            value = vars(k)[key]
+            if k in (Job, object) or callable(value) or hasattr(type(value), "__get__"):
+                return None
+            return value
+    return None
+
+
 class Job:
     """Subclass this and implement ``run``. Class attributes are per-class defaults."""
 
@@ -120,7 +132,7 @@ class Job:
                     raise SpecError(f"{cls.__qualname__}.{key} = {value!r}: {exc}") from None
                 spec[key] = value
         for key in _NOT_CLASS_DEFAULTS:   # (one set on the class was sent without it)
-            if any(key in vars(k) for k in cls.__mro__ if k not in (Job, object)):
+            if _class_default(cls, key) is not None:
                 how = (f"return it from {key}_for(*args, **kwargs)" if key in (
                     "dedupe_key", "limit_key") else f"pass it as submit_with({key}=...)")
                 raise SpecError(f"{cls.__qualname__}.{key}: a Job class's attributes give only "

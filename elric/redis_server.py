@@ -7,7 +7,6 @@ with only Python and pip can run everything.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import socket
@@ -120,17 +119,21 @@ class RedisServer:
 
     def _answers(self) -> bool:
         """Whether it answers PING: another redis-server's PONG, on a port taken before this
-        one could listen there, is none (its caller would have used, and emptied, that one)."""
+        one could listen there, is none (its caller would have used, and emptied, that one).
+        Its own runs in its own new folder: a pid would not do, ELRIC_REDIS_SERVER may be a
+        wrapper that runs redis-server as its child."""
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s, \
                     s.makefile("rb") as reply:
-                s.sendall(b"PING\r\nINFO server\r\n")
+                s.sendall(b"PING\r\nCONFIG GET dir\r\n")
                 if not reply.readline().startswith(b"+PONG"):
                     return False
-                size = reply.readline()
-                info = reply.read(int(size[1:])) if size.startswith(b"$") else b""
-                pid = re.search(rb"^process_id:(\d+)", info, re.M)
-                return pid is not None and int(pid.group(1)) == self.proc.pid
+                if reply.readline().strip() != b"*2":   # (an error: CONFIG renamed away)
+                    return False
+                _name, folder = (reply.read(int(reply.readline()[1:]) + 2)[:-2]
+                                 for _ in range(2))
+                # (redis gives its working directory, symlinks resolved)
+                return os.path.realpath(os.fsdecode(folder)) == os.path.realpath(self.dir)
         except (OSError, ValueError):
             return False
 

@@ -312,6 +312,24 @@ def test_a_class_attribute_that_no_spec_takes_is_refused_naming_it():
     assert Echo.spec([1], dedupe_scope="crawl", limit_key="h")["limit_key"] == "h"
 
 
+def test_a_method_or_none_under_a_spec_key_name_is_not_refused():
+    """The refusal above took any name in the class body: a job's own ``def trigger(self,
+    url)``, a property, or ``dedupe_scope: str | None = None`` re-declared was refused as
+    if it were a class default. Only plain data that is not None is one."""
+    for key, value in (("trigger", lambda self, url: url),
+                       ("limit_key", property(lambda self: "h")),
+                       ("coalesce", classmethod(lambda cls: True)),
+                       ("limit_interval", staticmethod(lambda: 2.5)),
+                       ("dedupe_scope", None), ("limit_key", None)):
+        Fine = type("Fine", (Echo,), {key: value, "__module__": "tests.jobs"})
+        spec = Fine.spec([1])
+        assert spec["func"] == "tests.jobs:Fine" and key not in spec, key
+    # a subclass's None puts its parent's value aside: the class's attribute is None
+    Bad = type("Bad", (Echo,), {"limit_key": "h", "__module__": "tests.jobs"})
+    assert "limit_key" not in type("Sub", (Bad,), {"limit_key": None,
+                                                   "__module__": "tests.jobs"}).spec([1])
+
+
 def test_a_key_with_a_default_given_as_none_takes_the_default():
     """Job.spec(timeout=None) was refused ("'timeout' must be number, got nil"), though a
     class's timeout = None means no timeout of its own, modify_job's timeout nil removes

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from elric.config import KEYS, SettingsError, load_settings
+from elric.config import KEYS, SettingsError, load_settings, redact_url
 from elric.redis_server import free_port
 from tests.conftest import ROOT
 
@@ -173,6 +173,21 @@ def test_file_then_env_then_command_line(no_settings_file):
     ({"ELRIC_REDIS_URL": "redis://h:6379/1/2"}, "'redis://h:6379/1/2': the database after"),
     ({"ELRIC_REDIS_URL": "redis://h:6379?db=x"}, "'redis://h:6379?db=x': the database (db=) "
                                                  "must be a number"),
+    # a #, / or ? in the password ends the host there: it was "the port must be a number"
+    # (showing the password); a [ was a ValueError traceback from every command
+    ({"ELRIC_REDIS_URL": "redis://:p#w@h:6379/0"}, "REDIS_URL (from ELRIC_REDIS_URL): "
+     "'redis://:***@h:6379/0': the password is cut at a #, / or ?; percent-encode special "
+     "characters in the password (# as %23, / as %2F, ? as %3F, [ as %5B, ] as %5D)"),
+    ({"ELRIC_REDIS_URL": "redis://:p/w@h:6379/0"}, "the password is cut at a #, / or ?"),
+    ({"ELRIC_REDIS_URL": "redis://:p?w@h:6379/0"}, "the password is cut at a #, / or ?"),
+    ({"ELRIC_REDIS_URL": "redis://u:12#w@h/0"}, "'redis://u:***@h/0': the password is cut"),
+    ({"ELRIC_REDIS_URL": "redis://:pa[ss@h:6379/0"}, "REDIS_URL (from ELRIC_REDIS_URL): "
+     "'redis://:***@h:6379/0' does not parse as a URL; percent-encode special characters "
+     "in the password (# as %23"),
+    ({"ELRIC_REDIS_URL": "redis://h[:6379/0"}, "'redis://h[:6379/0' does not parse as a URL, "
+                                               "e.g. redis://127.0.0.1:6379/0"),
+    ({"ELRIC_REDIS_URL": "redis://:pw@h:63790x/0"}, "e.g. redis://127.0.0.1:6379/0; "
+                                                    "percent-encode special characters"),
     # the master refused every job ("module 'tests.jobs' is not allowed by JOB_MODULES
     # (tests/jobs.py)") and a worker imported nothing, as `elric worker tests/jobs.py` does not
     ({"ELRIC_JOB_MODULES": "tests.jobs,tests/jobs_async.py"}, "JOB_MODULES (from "
@@ -192,6 +207,35 @@ def test_bad_env_values_name_the_key(no_settings_file, env, message):
         load_settings(env=env)
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_redis_urls_that_redis_py_reads_are_accepted(no_settings_file):
+    """/%30 is database 0 to redis-py (it was refused as no number); the other forms must
+    keep passing the checks above."""
+    for url in ("redis://h:6379/%30", "redis://h:6379/%31%32", "redis://h", "redis://h:1/2",
+                "unix:///tmp/redis.sock", "unix:///tmp/redis.sock?db=3",
+                "unix://:p%23w@/tmp/redis.sock?db=3", "rediss://h:6380/1",
+                "redis://user:pass@h:6379/0", "redis://:p%23w%2F%3F%5B@h:6379/0",
+                "redis://[::1]:6379/0", "redis://h:6379/0?socket_timeout=5&client_name=a@b",
+                "rediss://u:p@h:6380/0?ssl_cert_reqs=none"):
+        assert load_settings(env={"ELRIC_REDIS_URL": url}).REDIS_URL == url
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("redis://:secret@h:6379/0", "redis://:***@h:6379/0"),
+    ("redis://u:secret@h:6379/0", "redis://u:***@h:6379/0"),
+    ("redis://h:6379/0", "redis://h:6379/0"),
+    ("unix:///tmp/r.sock?db=1", "unix:///tmp/r.sock?db=1"),
+    ("unix://:secret@/tmp/r.sock", "unix://:***@/tmp/r.sock"),
+    # an unencoded #, / or ? ends the password for urlsplit (it was shown whole), a [
+    # raised ValueError: all of the password is hidden
+    ("redis://:se#cret@h:6379/0", "redis://:***@h:6379/0"),
+    ("redis://u:se/cr?et@h:6379/0", "redis://u:***@h:6379/0"),
+    ("redis://:se[cret@h:6379/0", "redis://:***@h:6379/0"),
+    ("redis://:se@cret@h:6379/0", "redis://:***@h:6379/0"),
+])
+def test_redact_url_hides_the_whole_password(url, shown):
+    assert redact_url(url) == shown
 
 
 @pytest.mark.parametrize("body, message", [

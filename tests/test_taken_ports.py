@@ -9,7 +9,8 @@ import socket
 import pytest
 
 import elric.redis_server
-from elric.redis_server import RedisServer, RedisServerError
+from elric.redis_server import RedisServer, RedisServerError, any_taken
+from tests.conftest import wait_for
 
 
 @pytest.fixture
@@ -44,6 +45,31 @@ def test_a_redis_server_does_not_take_another_ones_answer_for_its_own(monkeypatc
         hand_out_first(monkeypatch, other.port)
         with RedisServer() as server:
             assert server.port != other.port and server.proc.poll() is None
+
+
+def test_a_redis_server_started_by_a_wrapper_that_does_not_exec_it_is_its_own(
+        monkeypatch, tmp_path):
+    """ELRIC_REDIS_SERVER may be a script that runs redis-server as its child: INFO's
+    process_id is not the Popen's pid, and start waited its 10 s and failed. Told apart by
+    the folder it runs in, its own, another's PONG is still none (the test above)."""
+    real = elric.redis_server.find_redis_server()
+    wrapper = tmp_path / "redis-wrapper"
+    # no exec: it stays the parent, and passes its SIGTERM on so none is left running
+    wrapper.write_text(f"""#!/bin/sh
+trap 'kill -TERM $child; wait $child; exit 0' TERM
+'{real}' "$@" &
+child=$!
+wait $child
+""")
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("ELRIC_REDIS_SERVER", str(wrapper))
+    with RedisServer() as server:
+        with socket.create_connection(("127.0.0.1", server.port)) as s, s.makefile("rb") as r:
+            s.sendall(b"INFO server\r\n")
+            info = r.read(int(r.readline()[1:])).decode()
+        pid = int(re.search(r"^process_id:(\d+)", info, re.M).group(1))
+        assert pid != server.proc.pid and server._answers()
+    wait_for(lambda: not any_taken(server.port), timeout=10, what="its redis-server to stop")
 
 
 def test_a_redis_server_on_a_port_it_was_given_fails_at_once_when_it_is_taken(taken):
