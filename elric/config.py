@@ -174,11 +174,16 @@ class Settings:
 
 
 def redact_url(url: str) -> str:
-    """``url`` with its password replaced by ``***``, for messages and logs."""
+    """``url`` with its password replaced by ``***``, for messages and logs: the one
+    before its host, and a ``password=`` option's (a unix socket's way to give one)."""
+    import re
+
     end = _credentials_end(url)
     start = url.find("://") + 3
     user, colon, _ = url[start:end].partition(":")
-    return url if end < 0 or not colon else f"{url[:start]}{user}:***{url[end:]}"
+    if end >= 0 and colon:
+        url = f"{url[:start]}{user}:***{url[end:]}"
+    return re.sub(r"([?&]password=)[^&#]*", r"\1***", url, flags=re.I)
 
 
 def _credentials_end(url: str) -> int:
@@ -318,7 +323,7 @@ def _check_module_name(name: str, bad) -> None:
 def _check_redis_url(value: str, bad) -> None:
     from urllib.parse import parse_qs, unquote, urlsplit
 
-    if not value.startswith(("redis://", "rediss://", "unix://")):
+    if not value.lower().startswith(("redis://", "rediss://", "unix://")):   # (as redis-py)
         raise bad(f"{value!r} is not a redis://, rediss:// or unix:// URL")
     shown, example = redact_url(value), "e.g. redis://127.0.0.1:6379/0"
     # (the password is never shown: only the hint at what in it breaks the URL)

@@ -201,10 +201,15 @@ def test_a_job_lost_with_a_worker_is_fetched_alone(redis_url):
             assert await fetched("w3", 1, start=0) == [("n", False)]
             assert await fetched("w4") == [("p", True)]   # idle: takes it, alone
             assert await fetched("w5", idle=False) == []
-            # waited past SUSPECT_WAIT_MS (10 s) since its loss: a busy worker takes it
+            # waited past SUSPECT_WAIT_MS (10 s) since its loss: a busy worker takes none
+            # behind it (under a steady backlog none is ever idle: it passed over it for
+            # good), then takes it once it can start a job
+            await q.enqueue([normalize_spec({"func": FUNC, "job_id": "b"})])
             lost_at = int(await r.hget(KEYS.job("x"), "redelivered_at"))
             await r.hset(KEYS.job("x"), "redelivered_at", lost_at - 10_001)
+            assert await fetched("w5", 1, start=0, idle=False) == []
             assert await fetched("w5", idle=False) == [("x", True)]
+            assert await fetched("w6", idle=False) == [("b", False)]
         finally:
             await r.aclose()
     asyncio.run(body())

@@ -217,7 +217,7 @@ def test_redis_urls_that_redis_py_reads_are_accepted(no_settings_file):
                 "unix://:p%23w@/tmp/redis.sock?db=3", "rediss://h:6380/1",
                 "redis://user:pass@h:6379/0", "redis://:p%23w%2F%3F%5B@h:6379/0",
                 "redis://[::1]:6379/0", "redis://h:6379/0?socket_timeout=5&client_name=a@b",
-                "rediss://u:p@h:6380/0?ssl_cert_reqs=none"):
+                "rediss://u:p@h:6380/0?ssl_cert_reqs=none", "REDIS://h:6379/0"):
         assert load_settings(env={"ELRIC_REDIS_URL": url}).REDIS_URL == url
 
 
@@ -233,6 +233,9 @@ def test_redis_urls_that_redis_py_reads_are_accepted(no_settings_file):
     ("redis://u:se/cr?et@h:6379/0", "redis://u:***@h:6379/0"),
     ("redis://:se[cret@h:6379/0", "redis://:***@h:6379/0"),
     ("redis://:se@cret@h:6379/0", "redis://:***@h:6379/0"),
+    # a password= option (redis-py's way for a unix socket) was shown in every message
+    ("unix:///tmp/r.sock?password=secret&db=1", "unix:///tmp/r.sock?password=***&db=1"),
+    ("redis://h:6379/0?db=1&Password=secret", "redis://h:6379/0?db=1&Password=***"),
 ])
 def test_redact_url_hides_the_whole_password(url, shown):
     assert redact_url(url) == shown

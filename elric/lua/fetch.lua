@@ -34,8 +34,8 @@
 -- claimed alone, as the only job of a batch: the worker runs it apart, so if it kills this
 -- one too, only it is counted, not the jobs fetched with it. An idle worker takes it; a
 -- busy one passes over it (its processes would idle until its jobs end, the suspect
--- waiting too) unless it has waited SUSPECT_WAIT_MS since its loss and this worker can
--- start a job now: under a steady backlog no worker is ever idle.
+-- waiting too) until it has waited SUSPECT_WAIT_MS since its loss: then a busy worker takes
+-- no job behind it, so it drains and takes it (under a steady backlog none is ever idle).
 local jp, qp, wp, rp, np, pp = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local hp = ARGV[7]
 local clock = now_ms()
@@ -254,7 +254,11 @@ while #out < limit and budget > 0 and not stop do
       break
     elseif f[15] and not parks and (#out > 0 or start_now <= 0 or not idle and
         clock - (tonumber(f[16]) or 0) < SUSPECT_WAIT_MS) then
-      skip[queue] = (skip[queue] or 0) + 1   -- a suspect: it waits for a worker to take it
+      if clock - (tonumber(f[16]) or 0) >= SUSPECT_WAIT_MS then
+        stop = true   -- it waited: this worker takes none behind it, drains, then takes it
+        break
+      end
+      skip[queue] = (skip[queue] or 0) + 1   -- a suspect: it waits for an idle worker
     elseif not f[6] then   -- every job hash has its queue; with no hash, the job was removed
       redis.call('ZREM', qp .. queue, member)
     else
