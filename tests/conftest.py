@@ -37,6 +37,23 @@ def redis_server():
 
 
 @pytest.fixture
+def started_procs(monkeypatch) -> list:
+    """Every master or worker process launch.Proc starts in the test, those that failed to
+    start too (the cluster lists only those that did)."""
+    from elric import launch
+
+    started = []
+
+    class Recorded(launch.Proc):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            started.append(self)
+
+    monkeypatch.setattr(launch, "Proc", Recorded)
+    return started
+
+
+@pytest.fixture
 def redis_url(redis_server):
     """URL of the private server, emptied before each test (it is ours alone)."""
     import redis

@@ -102,25 +102,15 @@ def test_a_worker_started_before_its_master_waits_and_then_runs_jobs(make_cluste
 
 
 def test_a_master_started_where_another_listens_fails_at_once_naming_the_address(
-        make_cluster, monkeypatch):
+        make_cluster, started_procs):
     """start_master took any master's pong for its own: it returned, the master it started
     exited a moment later (cannot listen) and its caller talked to the other one."""
-    from elric import launch
-
     c = make_cluster()
     first = c.start_master()
-    started = []
-
-    class Recorded(launch.Proc):
-        def __init__(self, *args, **kwargs) -> None:
-            super().__init__(*args, **kwargs)
-            started.append(self)
-
-    monkeypatch.setattr(launch, "Proc", Recorded)
     with pytest.raises(RuntimeError, match=re.escape(
             f"another master already listens at {c.address} (pid {first.pid})")):
         c.start_master()
-    (second,) = started
+    (_, second) = started_procs
     assert not second.alive()          # stopped, not left to exit on its own
     assert c.client.health()["pid"] == first.pid
 

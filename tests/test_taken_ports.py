@@ -94,21 +94,12 @@ def test_the_clusters_master_whose_port_is_taken_before_it_listens_starts_on_ano
     c.start_worker("--concurrency", "1")
 
 
-def test_a_master_with_a_bad_setting_fails_at_once_with_its_message(make_cluster, monkeypatch):
-    from elric import launch
-
-    started = []
-
-    class Recorded(launch.Proc):
-        def __init__(self, *args, **kwargs) -> None:
-            super().__init__(*args, **kwargs)
-            started.append(self)
-
-    monkeypatch.setattr(launch, "Proc", Recorded)
+def test_a_master_with_a_bad_setting_fails_at_once_with_its_message(make_cluster,
+                                                                    started_procs):
     c = make_cluster(LEASE_SECONDS="soon")
     with pytest.raises(RuntimeError, match=re.escape("LEASE_SECONDS")):
         c.start_master()
-    assert len(started) == 1
+    assert len(started_procs) == 1
 
 
 def test_a_master_on_an_address_it_was_given_is_not_moved(make_cluster, taken):
