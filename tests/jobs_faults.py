@@ -557,4 +557,8 @@ class KillWorker(Job):
         with open(f"/proc/{os.getppid()}/stat", encoding="utf-8") as f:
             worker = int(f.read().rpartition(")")[2].split()[1])   # (fields after the name)
         os.kill(worker, signal.SIGKILL)
-        time.sleep(30)   # gone with its worker before this ends
+        # (this process ends once its worker is gone, not after a sleep as an orphan)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and os.path.exists(f"/proc/{worker}"):
+            time.sleep(0.01)
+        os._exit(1)
