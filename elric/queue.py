@@ -98,7 +98,7 @@ class Claim:
     held_until: float = 0.0   # time.monotonic() its lease surely lasts to (set by the worker)
     cancelling: bool = False   # cancel_job asked to stop this run (a heartbeat told)
     unreadable: str = ""   # fields elric did not write (an edit?): failed, never run
-    suspect: bool = False   # lost with workers twice (requeue_due.lua): run apart, fetched alone
+    suspect: bool = False   # lost with workers twice (requeue_due.lua): one a worker
 
     @property
     def run(self) -> tuple[str, int, str]:
@@ -357,11 +357,11 @@ class RedisQueue:
     async def fetch(self, worker_id: str, queues: Iterable[str], limit: int,
                     lease_seconds: float, ended: Iterable[tuple[str, int, str]] = (),
                     wake_on: WakeOn | None = None, start: int | None = None,
-                    idle: bool = True) -> Fetched:
+                    holds_suspect: bool = False) -> Fetched:
         """Claim up to ``limit`` jobs; ``ended``: the ``Claim.run`` of claims whose run
         ended, which free their limit keys' slots first; ``start``: how many of them the
-        worker can start now (None: all), the most that may be of a limited key; ``idle``:
-        the worker holds no job, so it may take a suspect (fetch.lua) at once.
+        worker can start now (None: all), the most that may be of a limited key;
+        ``holds_suspect``: it holds one already, and may take no other (fetch.lua).
 
         With ``wake_on`` the fetch waits behind a BLPOP on the same connection: Redis runs
         it as soon as a token comes (or the wait times out), so a woken worker gets its
@@ -372,7 +372,7 @@ class RedisQueue:
                 k.counters]
         args = [*self._line, k.limit_running(""), k.limit_next(""), k.limit_parked(""),
                 k.limit_hold(""), int(lease_seconds * 1000), worker_id, limit,
-                limit if start is None else start, "1" if idle else "0", len(ended) // 3,
+                limit if start is None else start, "1" if holds_suspect else "0", len(ended) // 3,
                 *ended, *queues]
         if wake_on is None:
             reply = await self._fetch(keys=keys, args=args)

@@ -96,7 +96,7 @@ class Worker:
         self.keys = Keys(settings.KEY_PREFIX)
         self.buffer: deque[Claim] = deque()      # claimed, not yet handed to the pool
         self.suspects: deque[Claim] = deque()    # jobs of a process that died, to run apart
-        self._apart = False   # it may hold a Claim.suspect (one came): _holds_suspect looks
+        self._suspect_came = False   # it may hold a Claim.suspect: _holds_suspect looks
         self.finished: list[tuple[Claim, runner.Ran]] = []   # ran, not yet recorded
         self.recording: list[tuple[Claim, runner.Ran]] = []
         self.ended: list[tuple[str, int, int]] = []   # runs ended that hold a limit key's slot
@@ -285,30 +285,20 @@ class Worker:
     def _chunk_size(self) -> int:
         return max(1, min(self.max_chunk, int(CHUNK_SECONDS / max(self.avg_job_seconds, 1e-6))))
 
-    def _idle(self) -> bool:
-        """Holds no job: a fetch may then bring it a suspect at once, which it runs alone
-        (a busy one would let its other processes idle until its jobs end)."""
-        return not (self.buffer or self.suspects or self.finished or self.recording
-                    or self.pool.claims())
-
     def _holds_suspect(self) -> bool:
-        """Whether it holds a suspect (a job lost with workers twice, Claim.suspect): looked for
-        only once one came, so that the loop's turns cost no more without."""
-        if self._apart:
-            self._apart = any(c.suspect for c in self._claims())
-        return self._apart
+        """Whether it holds a suspect (a job lost with workers twice, Claim.suspect): it
+        then fetches no other (fetch.lua); looked for only once one came."""
+        if self._suspect_came:
+            self._suspect_came = any(c.suspect for c in self._claims())
+        return self._suspect_came
 
     def _sizes(self) -> tuple[int, int]:
         """Room for jobs: the slots of the kind of job this worker saw last, and a small
         prefetch, less what it holds; and of that room, the jobs it could start now, the
         only ones that may be of a limited key (a claim holds its key's slot: one waiting
         behind others would hold it idle). Sized to what it can start now, so a worker
-        started later still finds work. A paused worker fetches nothing, nor one holding a
-        suspect (a job lost with workers twice): if it kills this one too, none other of
-        this worker's claims is lost with it (counted towards MAX_REDELIVERIES)."""
+        started later still finds work. A paused worker fetches nothing."""
         if self.paused:
-            return 0, 0
-        if self._holds_suspect():
             return 0, 0
         if self.pool.last_async:
             slots, prefetch = self.concurrency * self.async_slots, self.concurrency
@@ -370,7 +360,8 @@ class Worker:
                     ended, self.ended = self.ended, []
                     fetched = await self.queue.fetch(self.worker_id, self.queues,
                                                      max(want, 0), self.lease, ended,
-                                                     start=start, idle=self._idle())
+                                                     start=start,
+                                                     holds_suspect=self._holds_suspect())
                     backoff.reset()
                     self._outages["fetching jobs"].passed()
                     fetched.claims = await self._hand_back_others(fetched.claims, asked)
@@ -410,7 +401,8 @@ class Worker:
             self._waiting_since = time.monotonic()
             self._waiting = asyncio.create_task(self.queue.fetch(
                 self.worker_id, self.queues, fetch, self.lease, start=start,
-                idle=self._idle(), wake_on=WakeOn(self.blocking_redis, lists, timeout)))
+                holds_suspect=self._holds_suspect(),
+                wake_on=WakeOn(self.blocking_redis, lists, timeout)))
             # _take_woken reads its error; one a stop cut short left (Redis frozen) is
             # read here, or asyncio logs it after "stopped" as a traceback
             self._waiting.add_done_callback(lambda t: t.cancelled() or t.exception())
@@ -477,9 +469,7 @@ class Worker:
         """Hand jobs to pool processes with room for them."""
         if self.stopping:
             return
-        # a suspect (lost with workers twice) runs alone: nothing starts beside it
-        apart = self._holds_suspect() and any(c.suspect for c in self.pool.claims())
-        while self.suspects and not apart:
+        while self.suspects:
             # After a process died we cannot tell which of its jobs killed it: run them one
             # per process, so the culprit is found and no one else pays.
             if self.pool.place(False, alone=True) is None or not self._held(self.suspects[0]):
@@ -487,17 +477,14 @@ class Worker:
             self._send(self.suspects.popleft(), suspect=True)
         kept: deque[Claim] = deque()
         full: set[tuple[bool, bool]] = set()   # kinds no process has room for now
-        while self.buffer and not apart:
+        while self.buffer:
             claim = self.buffer.popleft()
             how = self.pool.how(claim)
             # (not while a lost run of it still runs here: the pool holds one per job; even
             # a first attempt may have one, of a rerun or of an earlier job of its id)
-            if claim.suspect and self.pool.claims():
-                pass   # it runs once the rest have ended: alone, if the worker is lost again
-            elif self._held(claim) and how not in full and not self.pool.holds(claim.job_id):
+            if self._held(claim) and how not in full and not self.pool.holds(claim.job_id):
                 try:
                     self._send(claim)
-                    apart = claim.suspect
                     continue
                 except LookupError:   # no process has room for this kind now
                     full.add(how)
@@ -589,7 +576,7 @@ class Worker:
                 self._ran(claim, ran)
             elif self.modules.runs(claim.func):
                 mine.append(claim)
-                self._apart = self._apart or claim.suspect
+                self._suspect_came = self._suspect_came or claim.suspect
             else:
                 others.setdefault(claim.func.partition(":")[0], []).append(claim)
         for module, handed in others.items():
@@ -616,6 +603,7 @@ class Worker:
         return False
 
     def _send(self, claim: Claim, suspect: bool = False) -> None:
+        # (a suspect, lost with workers twice, gets a process of its own too)
         self.pool.start(claim, partial(self._ran, claim), suspect=suspect or claim.suspect)
         if job_log.isEnabledFor(logging.DEBUG):
             job_log.debug("job %s %s: starting, attempt %d", claim.job_id, claim.func,

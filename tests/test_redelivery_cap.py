@@ -148,8 +148,8 @@ def test_max_redeliveries_defaults_to_5_none_is_no_cap(tmp_path, monkeypatch):
 def test_jobs_fetched_with_a_poison_job_survive_it(make_cluster):
     """Real workers: a job that SIGKILLs its worker, fetched with innocent ones. Lost with
     it, they kept their place and were fetched with it again by each next worker, and
-    reached the cap with it, never run. A job lost twice runs apart now: the poison job alone
-    is lost again, and fails; the others run."""
+    reached the cap with it, never run. A job lost twice is a suspect now, and a worker holds
+    one at a time: the poison job alone is lost again, and fails; the others run."""
     c = make_cluster(LEASE_SECONDS=2, MAX_REDELIVERIES=3)
     c.start_master()
     innocents = [f"i{n}" for n in range(4)]
@@ -175,11 +175,9 @@ def test_jobs_fetched_with_a_poison_job_survive_it(make_cluster):
     assert all(jobs[i].get("redelivered", 0) <= 2 for i in innocents), jobs
 
 
-def test_a_job_lost_with_a_worker_is_fetched_alone(redis_url):
-    """fetch.lua: a suspect (here: lost once, and once more would fail it) is claimed alone,
-    as a batch's first job, by an idle worker. A busy one passes over it to the jobs behind
-    (else its other processes idled until its jobs ended), until it has waited
-    SUSPECT_WAIT_MS since its loss: under a steady backlog no worker is ever idle."""
+def test_a_worker_takes_one_suspect_at_a_time(redis_url):
+    """fetch.lua: a suspect (here: lost once, and once more would fail it) goes to a worker
+    holding none, one at a time; the jobs behind it go on as ever."""
     async def body():
         r = aredis.Redis.from_url(redis_url)
         try:
@@ -193,23 +191,12 @@ def test_a_job_lost_with_a_worker_is_fetched_alone(redis_url):
             assert sorted((await q.recover())[0]) == ["p", "x"]
             await q.enqueue([normalize_spec({"func": FUNC, "job_id": i}) for i in "mn"])
 
-            async def fetched(worker, limit=10, **how):
+            async def fetched(worker, **how):
                 return [(c.job_id, c.suspect) for c in
-                        (await q.fetch(worker, ["default"], limit, 30, **how)).claims]
-            assert await fetched("w2", 1, idle=False) == [("m", False)]   # busy: passes over
-            # an idle worker that can start none now (paused, full) takes none either
-            assert await fetched("w3", 1, start=0) == [("n", False)]
-            assert await fetched("w4") == [("p", True)]   # idle: takes it, alone
-            assert await fetched("w5", idle=False) == []
-            # waited past SUSPECT_WAIT_MS (10 s) since its loss: a busy worker takes none
-            # behind it (under a steady backlog none is ever idle: it passed over it for
-            # good), then takes it once it can start a job
-            await q.enqueue([normalize_spec({"func": FUNC, "job_id": "b"})])
-            lost_at = int(await r.hget(KEYS.job("x"), "redelivered_at"))
-            await r.hset(KEYS.job("x"), "redelivered_at", lost_at - 10_001)
-            assert await fetched("w5", 1, start=0, idle=False) == []
-            assert await fetched("w5", idle=False) == [("x", True)]
-            assert await fetched("w6", idle=False) == [("b", False)]
+                        (await q.fetch(worker, ["default"], 10, 30, **how)).claims]
+            assert await fetched("w2") == [("p", True), ("m", False), ("n", False)]
+            assert await fetched("w3", holds_suspect=True) == []   # x waits for another
+            assert await fetched("w4") == [("x", True)]
         finally:
             await r.aclose()
     asyncio.run(body())

@@ -4,8 +4,8 @@
 -- ARGV: job prefix, queue prefix, wake prefix, limit running prefix, limit next-start
 --       prefix, limit parked prefix, limit hold prefix, lease (ms), worker id, limit, start
 --       (how many of them it can start now: a job of a limited key is claimed only within
---       that, so a claim waiting behind others holds no slot), idle ('1': the worker holds
---       no job; it takes a suspect at once, below), n, then n triples of
+--       that, so a claim waiting behind others holds no slot), holds a suspect ('1': it
+--       takes no other, below), n, then n triples of
 --       job_id, attempt, member (Claim.run: claims of this worker whose run has ended),
 --       then queues...
 -- Returns {jobs, wait}: per job {job_id, attempt, func, args, kwargs, timeout, max_retries,
@@ -30,18 +30,17 @@
 -- limit_interval lengthens its key's least time between starts (or is its only rule). A
 -- key's hold (finish.lua: a server asked to wait) parks its jobs until then, rule or none.
 -- A job's first claim adds its wait since it was queued to the counters' start latency.
--- A suspect (requeue_due.lua: lost with its worker twice, or once more would fail it) is
--- claimed alone, as the only job of a batch: the worker runs it apart, so if it kills this
--- one too, only it is counted, not the jobs fetched with it. An idle worker takes it; a
--- busy one passes over it (its processes would idle until its jobs end, the suspect
--- waiting too) until it has waited SUSPECT_WAIT_MS since its loss: then a busy worker takes
--- no job behind it, so it drains and takes it (under a steady backlog none is ever idle).
+-- A suspect (requeue_due.lua: lost with its worker twice, or once more would fail it) goes
+-- to a worker holding none that can start it now, one at a time: the jobs lost with a
+-- poison job, fetched together again from their kept places, were lost with it at each
+-- worker and reached MAX_REDELIVERIES with it; apart, a poison job takes none of them down
+-- again. The other jobs of the line go on as ever (a worker passes over such a suspect).
 local jp, qp, wp, rp, np, pp = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local hp = ARGV[7]
 local clock = now_ms()
 local deadline, worker, limit = clock + tonumber(ARGV[8]), ARGV[9], tonumber(ARGV[10])
-local start_now, idle = tonumber(ARGV[11]), ARGV[12] == '1'
-local RECHECK_MS, SCAN_BUDGET, DUE_BATCH, SUSPECT_WAIT_MS = 1000, 1000, 100, 10000
+local start_now, holds_suspect = tonumber(ARGV[11]), ARGV[12] == '1'
+local RECHECK_MS, SCAN_BUDGET, DUE_BATCH = 1000, 1000, 100
 -- inflight of another type (expect_fn): a claim, already out of its queue and running, would
 -- fail there with no lease, so no redelivery would find it. Claim nothing, named.
 if mistyped(KEYS[1], 'zset') then return {{}, RECHECK_MS, KEYS[1]} end
@@ -235,7 +234,7 @@ while #out < limit and budget > 0 and not stop do
     local read, f = pcall(redis.call, 'HMGET', jk, 'func', 'args', 'kwargs', 'timeout',
                           'max_retries', 'queue', 'dedupe_scope', 'batch', 'round',
                           'enqueued_at', 'limit_key', 'attempts', 'started_at', 'limit_interval',
-                          'suspect', 'redelivered_at')
+                          'suspect')
     if not read then broken[jk], f = true, {} end   -- gone from its line, like a removed job
     local iv = interval(f[14])
     local lk = f[6] and f[11]
@@ -252,13 +251,10 @@ while #out < limit and budget > 0 and not stop do
     elseif m and #out >= start_now and m.free > 0 and m.next <= clock then
       stop = true   -- it stays in line for a worker that can start it (its slot with it)
       break
-    elseif f[15] and not parks and (#out > 0 or start_now <= 0 or not idle and
-        clock - (tonumber(f[16]) or 0) < SUSPECT_WAIT_MS) then
-      if clock - (tonumber(f[16]) or 0) >= SUSPECT_WAIT_MS then
-        stop = true   -- it waited: this worker takes none behind it, drains, then takes it
-        break
-      end
-      skip[queue] = (skip[queue] or 0) + 1   -- a suspect: it waits for an idle worker
+    elseif f[15] and not parks and (holds_suspect or #out >= start_now) then
+      -- a second suspect, or one it could not start now (lost unstarted, it would count
+      -- again): it waits for another worker, or another fetch
+      skip[queue] = (skip[queue] or 0) + 1
     elseif not f[6] then   -- every job hash has its queue; with no hash, the job was removed
       redis.call('ZREM', qp .. queue, member)
     else
@@ -296,7 +292,7 @@ while #out < limit and budget > 0 and not stop do
         out[#out + 1] = {id, attempt, f[1] or '', f[2] or '', f[3] or '', f[4] or '',
                          f[5] or '0', f[6], f[7] or '', f[8] or '', f[9] or '', f[11] or '',
                          f[10] or '0', member, bad, f[15] or ''}
-        if f[15] then stop = true break end   -- a suspect: claimed alone
+        if f[15] then holds_suspect = true end   -- one suspect a worker
       end
     end
   end
