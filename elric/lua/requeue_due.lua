@@ -21,7 +21,7 @@
 -- up to the cap: a run lost beyond it (counted since the job's submit or last rerun, which
 -- clears `redelivered`) ends the job failed, recorded as a failed attempt is (but with no
 -- worker: the lost one's outcome, if it comes, is stale). One lost twice, or whose next
--- loss would fail it, is marked `suspect`: fetch.lua claims it alone. A
+-- loss would fail it, is marked `suspect`: fetch.lua gives a worker one at a time. A
 -- job key of another type (an operator's) leaves the due set too: at its head it held back
 -- every job after it, at each pass. A job whose queue or limit key's running set is of
 -- another type, or (not to be cancelled) with no `queue` field, stays in it, due a minute
@@ -86,8 +86,8 @@ for _, id in ipairs(ids) do
       local lost = (tonumber(f[6]) or 0) + 1
       redis.call('HSET', jk, 'redelivered', lost, 'redelivered_at', now,
                  'lost_worker', f[5] or '')
-      -- lost twice, or once more would fail it: a suspect, run apart (fetch.lua), so the
-      -- jobs fetched with a poison job stop being lost with it (once is most often a
+      -- lost twice, or once more would fail it: a suspect, one a worker (fetch.lua), so
+      -- the jobs fetched with a poison job stop being lost with it (once is most often a
       -- worker's death that no job caused: all its jobs run on as before)
       if lost >= 2 or cap and lost >= cap then redis.call('HSET', jk, 'suspect', 1) end
     end
