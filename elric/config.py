@@ -14,6 +14,7 @@ import ipaddress
 import json
 import math
 import os
+import re
 import runpy
 from dataclasses import dataclass
 from typing import Any
@@ -176,8 +177,6 @@ class Settings:
 def redact_url(url: str) -> str:
     """``url`` with its password replaced by ``***``, for messages and logs: the one
     before its host, and a ``password=`` option's (a unix socket's way to give one)."""
-    import re
-
     end = _credentials_end(url)
     start = url.find("://") + 3
     user, colon, _ = url[start:end].partition(":")

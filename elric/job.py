@@ -7,6 +7,7 @@ with the parent's id) and sent to the master in a batch when the parent finishes
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import sys
@@ -64,6 +65,18 @@ def _class_default(cls: type, key: str) -> Any:
             if k in (Job, object) or callable(value) or hasattr(type(value), "__get__"):
                 return None
             return value
+    return None
+
+
+@functools.cache   # once a class, not at every spec (a crawl's child jobs are many)
+def _misplaced_default(cls: type) -> str | None:
+    """Why ``cls`` names a spec key no spec takes from a class, or None."""
+    for key in _NOT_CLASS_DEFAULTS:   # (one set on the class was sent without it)
+        if _class_default(cls, key) is not None:
+            how = (f"return it from {key}_for(*args, **kwargs)" if key in (
+                "dedupe_key", "limit_key") else f"pass it as submit_with({key}=...)")
+            return (f"{cls.__qualname__}.{key}: a Job class's attributes give only its "
+                    f"queue, priority, max_retries and timeout; {how}")
     return None
 
 
@@ -131,12 +144,8 @@ class Job:
                 except SpecError as exc:
                     raise SpecError(f"{cls.__qualname__}.{key} = {value!r}: {exc}") from None
                 spec[key] = value
-        for key in _NOT_CLASS_DEFAULTS:   # (one set on the class was sent without it)
-            if _class_default(cls, key) is not None:
-                how = (f"return it from {key}_for(*args, **kwargs)" if key in (
-                    "dedupe_key", "limit_key") else f"pass it as submit_with({key}=...)")
-                raise SpecError(f"{cls.__qualname__}.{key}: a Job class's attributes give only "
-                                f"its queue, priority, max_retries and timeout; {how}")
+        if misplaced := _misplaced_default(cls):
+            raise SpecError(misplaced)
         for key in ("dedupe_key", "limit_key"):
             if key not in options:
                 derived = cls._derive(key, spec["args"], spec["kwargs"])
