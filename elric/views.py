@@ -13,8 +13,16 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        # rich's own exits 1 (`elric jobs | head` read as a failure under pipefail); the
+        # command's main takes a reader gone as an ending that did what was asked
+        self.quiet = True
+        raise BrokenPipeError
+
+
 # a pipe or a file gets whole lines, not a table cut to 80 columns
-console = Console(highlight=False, width=None if sys.stdout.isatty() else 400)
+console = _Console(highlight=False, width=None if sys.stdout.isatty() else 400)
 
 
 def json_safe(value):

@@ -1407,3 +1407,20 @@ def test_jobs_by_a_rare_batch_looks_further_where_the_masters_scan_stopped(monke
     assert cli.main(["jobs", "--batch", "rare", "--offset", "2", "--json"]) == 0
     assert [row["job_id"] for row in json.loads(capsys.readouterr().out)] == ["j12"]
     assert Master.calls == 4 + 7   # the second looked at every job
+
+
+def test_a_table_to_a_reader_that_has_gone_exits_0_as_json_does(cluster):
+    """`elric jobs | head -1` exited 1 with no word (rich's console exits 1 at a broken
+    pipe) where `elric jobs --json | head -1` exited 0: under `set -o pipefail` a script
+    read the table as a failed command. The reader here has gone before the first write."""
+    cluster.client.submit_job(Echo.spec(job_id="one", queue="nobody"))
+    for command in (["jobs"], ["job", "one"], ["workers"], ["schedules"], ["jobs", "--json"]):
+        read, write = os.pipe()
+        os.close(read)
+        try:
+            done = subprocess.run([sys.executable, "-m", "elric", *command], cwd=ROOT,
+                                  env=cluster.env, stdout=write, stderr=subprocess.PIPE,
+                                  text=True, timeout=60, stdin=subprocess.DEVNULL)
+        finally:
+            os.close(write)
+        assert (done.returncode, done.stderr) == (0, ""), (command, done)
