@@ -1424,3 +1424,18 @@ def test_a_table_to_a_reader_that_has_gone_exits_0_as_json_does(cluster):
         finally:
             os.close(write)
         assert (done.returncode, done.stderr) == (0, ""), (command, done)
+
+
+def test_control_characters_of_a_jobs_error_are_shown_not_sent_to_the_terminal(cluster):
+    """`elric job` and `elric jobs` wrote a job's error as it was, escape sequences and all
+    (its arguments, as JSON, were escaped): an error quoting what a job read (a crawled
+    page) cleared the operator's screen, retitled it or hid text."""
+    cluster.start_worker("--concurrency", "1")
+    message = "\x1b[2J\x1b]0;title\x07\x9b8mhidden\rover"
+    cluster.client.submit_job({"func": "tests.jobs:Fail", "args": [message], "job_id": "esc"})
+    assert cluster.wait_job("esc")["status"] == "failed"
+    for command in (["job", "esc"], ["jobs", "--status", "failed"]):
+        out = elric(cluster, *command).stdout
+        assert "ValueError: \\u001b[2J\\u001b]0;title\\u0007\\u009b8mhidden\\u000dover" in out, \
+            (command, out)
+        assert not re.search("[\x00-\x08\x0b-\x1f\x7f-\x9f]", out), (command, out)
