@@ -1439,3 +1439,18 @@ def test_control_characters_of_a_jobs_error_are_shown_not_sent_to_the_terminal(c
         assert "ValueError: \\u001b[2J\\u001b]0;title\\u0007\\u009b8mhidden\\u000dover" in out, \
             (command, out)
         assert not re.search("[\x00-\x08\x0b-\x1f\x7f-\x9f]", out), (command, out)
+
+
+def test_jobs_of_a_queue_func_or_batch_no_job_has_says_so_and_exits_1(cluster):
+    """`elric jobs --queue defualt` (or --func jobs.Echo, a dot for the colon) said "no jobs",
+    exit 0, as if the queue were empty, where `elric results` with the same typo says it
+    names nothing; a known name with no job listed is still "no jobs"."""
+    cluster.client.submit_job(Echo.spec(job_id="waits", queue="nobody", batch="b1"))
+    for args, text in ((("--queue", "nobodi"), "no queue 'nobodi'"),
+                       (("--func", "tests.jobs.Echo"), "no func 'tests.jobs.Echo'"),
+                       (("--batch", "b2", "--status", "failed"), "no batch 'b2'")):
+        one_line_error(elric(cluster, "jobs", *args), 1, text)
+        as_json = elric(cluster, "jobs", *args, "--json")
+        assert as_json.returncode == 1 and json.loads(as_json.stdout)["error"] == "not_found"
+    known = elric(cluster, "jobs", "--queue", "nobody", "--status", "failed")
+    assert (known.returncode, known.stdout) == (0, "no jobs\n"), known
