@@ -239,6 +239,8 @@ def cmd_call(args: argparse.Namespace) -> int:
             # (--limit 0 goes to the master, which refuses it, rather than shows 100 jobs)
             rows = client.list_jobs(**_filter(args, offset=args.offset, limit=args.limit)) \
                 if args.status == Status.SCHEDULED else _jobs_page(client, args)
+            if not rows and (args.queue or args.by_func or args.batch):
+                _known_names(client, args)
             # periodic jobs are listed as short maps of their schedules: shown as schedules
             view = views.schedules if args.status == Status.SCHEDULED else views.jobs
             (show or view)(rows)
@@ -465,6 +467,13 @@ def _jobs_page(client, args: argparse.Namespace) -> list[dict]:
         cursor = reply["cursor"]
         if not cursor or len(rows) >= args.limit:
             return rows
+
+
+def _known_names(client, args: argparse.Namespace) -> None:
+    """Fail where --queue, --func or --batch names nothing any job had: "no jobs" made a
+    typo (--func jobs.Crawl) look like an empty queue. A bulk find's first step refuses an
+    unknown name before it walks (and walks only the indexes of this filter's status)."""
+    client.bulk_jobs("find", _filter(args), "")
 
 
 def _more(rows: list, args: argparse.Namespace, show) -> None:

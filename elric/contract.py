@@ -100,7 +100,9 @@ SPEC_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
 SET_BY_ELRIC = ("parent", "round")
 QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,100}$")
 QUEUE_RULE = "1-100 letters, digits, '_', '-' or '.'"   # QUEUE_NAME in words, for errors
-JOB_ID = re.compile(r"^[^\s]{1,200}$")
+# no control characters: an id is printed in every CLI line naming its job, where an escape
+# sequence would reach the operator's terminal
+JOB_ID = re.compile(r"^[^\s\x00-\x1f\x7f-\x9f]{1,200}$")
 # a periodic job's fire: `{job_id}@{fire time, ISO UTC}Z` (jobstore.fire_id). No submitted
 # job may take such an id, or the fire at that time would find it taken and never run
 FIRE_ID = re.compile(r"^.+@\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$", re.DOTALL)
@@ -297,7 +299,8 @@ def normalize_spec(
                         "sharing a limit_key, and this job has none; give a limit_key (or its "
                         "class's limit_key_for), or leave limit_interval out")
     if not JOB_ID.fullmatch(out["job_id"]):
-        raise SpecError(f"job_id {out['job_id']!r}: 1-200 characters without spaces")
+        raise SpecError(f"job_id {out['job_id']!r}: 1-200 characters without spaces or "
+                        "control characters")
     if not QUEUE_NAME.fullmatch(str(out["queue"])):
         raise SpecError(f"queue {out['queue']!r}: {QUEUE_RULE}")
     if not -MAX_PRIORITY < out["priority"] < MAX_PRIORITY:

@@ -13,8 +13,16 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        # rich's own exits 1 (`elric jobs | head` read as a failure under pipefail); the
+        # command's main takes a reader gone as an ending that did what was asked
+        self.quiet = True
+        raise BrokenPipeError
+
+
 # a pipe or a file gets whole lines, not a table cut to 80 columns
-console = Console(highlight=False, width=None if sys.stdout.isatty() else 400)
+console = _Console(highlight=False, width=None if sys.stdout.isatty() else 400)
 
 
 def json_safe(value):
@@ -36,6 +44,16 @@ def json_text(value, **options) -> str:
 def shown(value) -> str:
     """JSON for people: text as written ("\\u65e5" tells nobody anything)."""
     return json_text(value, ensure_ascii=False)
+
+
+# control characters but newline and tab (C0, DEL, C1), as JSON writes them
+_CONTROLS = {c: f"\\u{c:04x}" for c in (*range(0x20), *range(0x7f, 0xa0)) if c not in (9, 10)}
+
+
+def printable(text: str) -> str:
+    """``text`` with its control characters shown, not sent: a job's error may quote what
+    the job read, and a terminal obeys escape sequences (clear the screen, hide text)."""
+    return text.translate(_CONTROLS)
 
 
 def cut(text: str, most: int) -> str:
@@ -94,7 +112,8 @@ def percent(x) -> str:
 def _table(columns: tuple[str, ...], rows=(), header: bool = True) -> Table:
     table = Table(*columns, box=None, header_style="bold", pad_edge=False, show_header=header)
     for row in rows:
-        table.add_row(*(c if isinstance(c, Text) else Text(str(c)) for c in row))   # no markup
+        table.add_row(*(c if isinstance(c, Text) else Text(printable(str(c)))   # no markup
+                        for c in row))
     return table
 
 
@@ -178,7 +197,7 @@ def job(j: dict) -> None:
     console.print(_table(("", ""), pairs, header=False))   # pairs: job_id at least
     if j.get("error"):
         console.print("[bold]error[/bold]")
-        console.print(j["error"], markup=False)
+        console.print(printable(j["error"]), markup=False)
     for run in j.get("runs", [])[:10]:   # the newest ten; why one was skipped or missed
         why = f" ({run['reason']})" if run.get("reason") else ""
         # its fire's outcome says nothing of the jobs it submitted: a round's own progress
@@ -197,7 +216,7 @@ def schedules(rows: list[dict]) -> None:
 
 def trouble(w: dict) -> Text:
     """What a worker's work is stuck on (it retries), in red; "" when nothing."""
-    return Text(w.get("trouble") or "", style="bold red")
+    return Text(printable(str(w.get("trouble") or "")), style="bold red")
 
 
 def workers(rows: list[dict], now: float | None = None) -> None:

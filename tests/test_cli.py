@@ -1407,3 +1407,50 @@ def test_jobs_by_a_rare_batch_looks_further_where_the_masters_scan_stopped(monke
     assert cli.main(["jobs", "--batch", "rare", "--offset", "2", "--json"]) == 0
     assert [row["job_id"] for row in json.loads(capsys.readouterr().out)] == ["j12"]
     assert Master.calls == 4 + 7   # the second looked at every job
+
+
+def test_a_table_to_a_reader_that_has_gone_exits_0_as_json_does(cluster):
+    """`elric jobs | head -1` exited 1 with no word (rich's console exits 1 at a broken
+    pipe) where `elric jobs --json | head -1` exited 0: under `set -o pipefail` a script
+    read the table as a failed command. The reader here has gone before the first write."""
+    cluster.client.submit_job(Echo.spec(job_id="one", queue="nobody"))
+    for command in (["jobs"], ["job", "one"], ["workers"], ["schedules"], ["jobs", "--json"]):
+        read, write = os.pipe()
+        os.close(read)
+        try:
+            done = subprocess.run([sys.executable, "-m", "elric", *command], cwd=ROOT,
+                                  env=cluster.env, stdout=write, stderr=subprocess.PIPE,
+                                  text=True, timeout=60, stdin=subprocess.DEVNULL)
+        finally:
+            os.close(write)
+        assert (done.returncode, done.stderr) == (0, ""), (command, done)
+
+
+def test_control_characters_of_a_jobs_error_are_shown_not_sent_to_the_terminal(cluster):
+    """`elric job` and `elric jobs` wrote a job's error as it was, escape sequences and all
+    (its arguments, as JSON, were escaped): an error quoting what a job read (a crawled
+    page) cleared the operator's screen, retitled it or hid text."""
+    cluster.start_worker("--concurrency", "1")
+    message = "\x1b[2J\x1b]0;title\x07\x9b8mhidden\rover"
+    cluster.client.submit_job({"func": "tests.jobs:Fail", "args": [message], "job_id": "esc"})
+    assert cluster.wait_job("esc")["status"] == "failed"
+    for command in (["job", "esc"], ["jobs", "--status", "failed"]):
+        out = elric(cluster, *command).stdout
+        assert "ValueError: \\u001b[2J\\u001b]0;title\\u0007\\u009b8mhidden\\u000dover" in out, \
+            (command, out)
+        assert not re.search("[\x00-\x08\x0b-\x1f\x7f-\x9f]", out), (command, out)
+
+
+def test_jobs_of_a_queue_func_or_batch_no_job_has_says_so_and_exits_1(cluster):
+    """`elric jobs --queue defualt` (or --func jobs.Echo, a dot for the colon) said "no jobs",
+    exit 0, as if the queue were empty, where `elric results` with the same typo says it
+    names nothing; a known name with no job listed is still "no jobs"."""
+    cluster.client.submit_job(Echo.spec(job_id="waits", queue="nobody", batch="b1"))
+    for args, text in ((("--queue", "nobodi"), "no queue 'nobodi'"),
+                       (("--func", "tests.jobs.Echo"), "no func 'tests.jobs.Echo'"),
+                       (("--batch", "b2", "--status", "failed"), "no batch 'b2'")):
+        one_line_error(elric(cluster, "jobs", *args), 1, text)
+        as_json = elric(cluster, "jobs", *args, "--json")
+        assert as_json.returncode == 1 and json.loads(as_json.stdout)["error"] == "not_found"
+    known = elric(cluster, "jobs", "--queue", "nobody", "--status", "failed")
+    assert (known.returncode, known.stdout) == (0, "no jobs\n"), known

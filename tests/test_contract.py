@@ -129,6 +129,9 @@ def test_func_is_checked_by_name_without_importing(monkeypatch):
     ({"func": "tests.jobs:Echo", "kwargs": {1: "x"}}, "kwargs key 1 must be a string"),
     ({"func": "tests.jobs:Echo", "job_id": "has space"}, "job_id 'has space': 1-200 characters"),
     ({"func": "tests.jobs:Echo", "job_id": "x" * 201}, "1-200 characters without spaces"),
+    # an escape sequence in an id reached the operator's terminal in every line naming it
+    ({"func": "tests.jobs:Echo", "job_id": "a\x1b[2Jb"}, "without spaces or control characters"),
+    ({"func": "tests.jobs:Echo", "job_id": "a\x9bb"}, "without spaces or control characters"),
     ({"func": "tests.jobs:Echo", "queue": "a/b"}, "queue 'a/b': 1-100 letters"),
     ({"func": "tests.jobs:Echo", "priority": 2**31}, "must be within ±2**31"),
     ({"func": "tests.jobs:Echo", "max_retries": -1}, "max_retries -1: must be 0 or more"),

@@ -1745,3 +1745,22 @@ def test_a_stopped_workers_load_is_not_exported_as_if_it_ran():
     assert 'elric_worker_rss_bytes{worker="on"} 100.0' in text
     assert 'worker="off"' not in text, text
     assert 'elric_workers{state="stopped"} 1.0' in text
+
+
+
+def test_an_error_line_with_no_space_wraps_in_the_job_list_not_past_its_width(make_cluster,
+                                                                               browser):
+    """An error whose last line has no space (a long URL, a blob) drew the list's error
+    column wider than the window: the list scrolled sideways, and every row's retry button
+    sat past the right edge."""
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}")
+    cluster.start_master()
+    cluster.start_worker("--concurrency", "1")
+    url = "https://example.com/" + "a" * 280
+    cluster.client.submit_job({"func": "tests.jobs:Fail", "args": [url], "job_id": "long"})
+    assert cluster.wait_job("long")["status"] == "failed"
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    page.goto(f"http://127.0.0.1:{port}/jobs?status=failed")
+    assert page.get_by_text("ValueError: https://example.com/").is_visible()
+    assert page.evaluate("document.documentElement.scrollWidth") <= 1280
