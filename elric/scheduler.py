@@ -29,7 +29,7 @@ from elric.contract import Status, normalize_spec
 from elric.jobstore import FINISHED_TTL, Coalesce, Options, Outcome, RedisJobStore, fire_id, iso
 from elric.logs import Hourly
 from elric.queue import Fenced
-from elric.retry import Outage, cancel_pending, unblocked, until
+from elric.retry import Outage, cancel_pending, is_outage, unblocked, until
 from elric.triggers import build_trigger, next_fire
 
 CATCHUP_LIMIT = 1000        # fires of one job handled (or missed counted) per pass in a backlog
@@ -349,7 +349,7 @@ class Scheduler:
         if not fires or token is None:
             return 0
         try:
-            queued = await self.enqueue(fires, token, recovered=recovered)
+            queued = await self._enqueue_apart(fires, token, recovered)
         except Fenced:  # they stay pending; a token of this master's own queues them
             if self.token == token:
                 self._step_down("enqueue refused the fence token")
@@ -368,7 +368,31 @@ class Scheduler:
             except Exception:   # still pending (max_instances counts them): look again
                 self._pending = True
                 raise
-        return len(fires) - len(dropped)
+        return len(queued) - len(dropped)
+
+    async def _enqueue_apart(self, fires: list[dict], token: int, recovered: bool) -> list:
+        """``self.enqueue`` of ``fires``; refused for a key of one of them (its queue of
+        another type, an operator's SET), each fire alone: that one stays pending, named,
+        and holds back no other (pending, they all counted for max_instances, pass after
+        pass). An outage or the fence ends it: the fires not queued stay pending."""
+        try:
+            return await self.enqueue(fires, token, recovered=recovered)
+        except Exception as exc:
+            if len(fires) == 1 or isinstance(exc, Fenced) or is_outage(exc):
+                raise
+        queued = []
+        for fire in fires:   # (recovered: the call refused may have taken their dedupe keys)
+            try:
+                queued += await self.enqueue([fire], token, recovered=True)
+            except Exception as exc:
+                if isinstance(exc, Fenced) or is_outage(exc):
+                    raise
+                self._pending = True
+                self._warn_hourly(f"{fire['schedule']} unqueued", "periodic job %s: fire %s "
+                                  "cannot be queued (%s); it stays pending and is tried again "
+                                  "each pass", fire["schedule"], fire["job_id"], exc,
+                                  level=logging.ERROR)
+        return queued
 
     async def _filtered(self, fires: list[dict]) -> None:
         """Fires the dedupe filter dropped (never reaching enqueue.lua): no longer pending,

@@ -767,6 +767,39 @@ def test_a_pending_fire_that_cannot_be_queued_does_not_stall_the_others(redis_ur
     run(redis_url, body)
 
 
+@pytest.mark.parametrize("pending", [False, True])  # marked by this pass; by a leader that died
+def test_a_fire_whose_queue_is_of_another_type_holds_back_no_other_fire(redis_url, caplog,
+                                                                       pending):
+    """An operator SET one queue's key: enqueue.lua refused every fire queued in one call
+    with that queue's, pass after pass, and max_instances then skipped each later fire of
+    their jobs (pending, they count as queued): no periodic job ran until the key went.
+    A call refused so is tried fire by fire; the one refused waits pending, named."""
+    from elric.queue import RedisQueue
+
+    async def body(env):
+        queue = RedisQueue(env.r, env.keys)
+        env.sched.enqueue = lambda specs, token, recovered=False: queue.enqueue(specs, fence=token)
+        await env.store.add(spec("bad", queue="a"))
+        await env.store.add(spec("good", queue="b"))
+        await env.r.set(env.keys.queue("a"), "overwritten")
+        env.clock.t = T0 + 60
+        if pending:   # marked, then its leader died
+            env.sched.enqueue, enqueue = Recorder(env.r, env.keys), env.sched.enqueue
+            env.sched.enqueue.before = lambda: env.r.incr(env.keys.scheduler_fence)
+            assert await env.sched.tick() == 0
+            env.sched.enqueue, env.sched.is_leader = enqueue, False
+            await env.r.delete(env.keys.scheduler_lease)
+        assert await env.sched.tick() == 1
+        good, bad = fire_id("good", T0 + 60), fire_id("bad", T0 + 60)
+        assert (await queue.get_job(good))["status"] == "queued"
+        assert await env.r.hkeys(env.keys.fires_pending) == [bad.encode()]
+        assert f"fire {bad} cannot be queued" in caplog.text
+        await env.r.delete(env.keys.queue("a"))   # fixed: the fire left pending runs
+        assert await env.sched.tick() == 1
+        assert (await queue.get_job(bad))["status"] == "queued"
+    run(redis_url, body)
+
+
 def test_a_job_paused_while_a_pass_could_not_read_it_stays_paused(redis_url):
     """A job a pass could not read (a key of it of another type) has only its index entry
     moved to a retry a minute on, whatever its version: paused meanwhile, its +inf there
