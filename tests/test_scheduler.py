@@ -1093,6 +1093,30 @@ async def fired_once(env, sched=None) -> None:
     env.clock.t = T0 + 60
 
 
+@pytest.mark.parametrize("left", ["no_ttl", "other_type"])
+def test_a_lease_key_left_without_its_ttl_or_of_another_type_is_taken_in_time(redis_url, left):
+    """A lease key without its expiry (keys restored without their TTLs, a PERSIST) was
+    never free again: no master ever scheduled, none said why, and each asked again every
+    6 ms. One of another type (an operator's write) failed every try: the same, logged."""
+    async def body(env):
+        await env.store.add(spec())
+        if left == "no_ttl":
+            await env.r.set(env.keys.scheduler_lease, "a-master-gone-for-good")
+        else:
+            await env.r.rpush(env.keys.scheduler_lease, "overwritten")
+        env.clock.t = T0 + 60
+        sched = env.scheduler("m1", env.rec, lease_seconds=0.2)
+        deadline = time.monotonic() + 10
+        while await sched.tick() == 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        assert env.rec.times == [T0 + 60]
+        if left == "other_type":   # overwritten under its holder: not renewed, taken again
+            await env.r.delete(env.keys.scheduler_lease)
+            await env.r.rpush(env.keys.scheduler_lease, "overwritten")
+            assert not await sched._renew() and await sched._acquire(again=True)
+    run(redis_url, body)
+
+
 def test_lease_release_and_renew_only_own(redis_url):
     async def body(env):
         a, b = env.sched, env.scheduler("m2", env.rec)
