@@ -385,6 +385,26 @@ class RedisJobStore:
             return job
         return await self._update(job_id, change) is not None
 
+    async def replan(self, job_id: str, now: float) -> bool:
+        """Move the next run time back to the trigger's next fire from ``now`` if that is
+        sooner: planned by a clock that ran ahead, it was that far off. A date job keeps
+        its one fire time (a date that fired already may be a time of its own, _unfired).
+        True if moved."""
+        moved = False
+
+        def change(job: StoredJob) -> StoredJob | None:
+            nonlocal moved
+            moved = False   # (as of the last read: a conflict reads it again)
+            if job.paused or job.next_run_time is None or job.trigger.get("type") == "date":
+                return None
+            first = next_fire(build_trigger(job.trigger), now, first=True)
+            if first is None or first >= job.next_run_time:
+                return None
+            moved = True
+            return dataclasses.replace(job, next_run_time=first)
+        await self._update(job_id, change)
+        return moved
+
     async def run_now(self, job_id: str) -> float | None:
         """Make the job due now (Redis's clock): the scheduler, woken, fires it by its usual
         rules. Returns the fire time (None: no such job); a fire already due and not yet

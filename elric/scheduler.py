@@ -41,6 +41,9 @@ LONGEST_BLOCK = 2.0         # a BLPOP must answer well inside the clients' socke
 FIRE_FIELDS = ("spec", "trigger", "next_run_time", "version", "misfire_grace_time", "coalesce",
                "max_instances")  # the schedule hash fields a pass reads
 LIVE = frozenset(s.encode() for s in Status if s.live)
+# seconds Redis's clock may step back (far more than a reply's latency) before the next
+# run times, planned by the clock ahead, are looked at again (Scheduler._replan)
+CLOCK_STEP_BACK = 10.0
 # seconds until what a pass could not do is tried again: a job whose stored data it could
 # not read, the fires pending in a dedupe scope the filter refused
 RETRY_LATER = 60.0
@@ -131,6 +134,8 @@ class Scheduler:
         self._retry_pending = math.inf
         self._queueing = Outage(self.log, "queueing fires failed; they stay pending and are "
                                      "tried again")
+        self._synced: tuple[float, float] | None = None  # Redis's time and monotonic's
+        self._stepped_back = 0.0   # seconds Redis's clock stepped back, not yet replanned
 
     # --- lease ---------------------------------------------------------------------------
     async def _acquire(self, again: bool = False) -> bool:
@@ -175,7 +180,7 @@ class Scheduler:
                     self._step_down("lease taken over by another master")
                 if not self.is_leader:
                     await self._acquire()
-                await self.clock.sync()   # this machine's clock may have jumped
+                await self._now()   # this machine's clock may have jumped; Redis's too
                 outage.passed()
                 if not self.is_leader:
                     self.health.progress("following: another master schedules")
@@ -197,7 +202,9 @@ class Scheduler:
         if (self._pending or time.monotonic() >= self._retry_pending) and self.is_leader:
             total += await self._queue_pending()
         while self.is_leader:
-            now = await self.clock.sync()
+            now = await self._now()
+            if self._stepped_back:
+                await self._replan(now)
             self.passes += 1
             self.log.debug("scheduler pass %d at %s", self.passes, iso(now))
             args = [repr(now * 1000.0), self.batch_size, self.keys.schedule(""), self.keys.job(""),
@@ -217,6 +224,46 @@ class Scheduler:
             if len(rows) < self.batch_size:
                 break
         return total, head
+
+    async def _now(self) -> float:
+        """Redis's time now (synced); a step back of it (NTP correcting a clock that ran
+        ahead, a failover to a host behind) is noted for ``_replan``."""
+        now, at = await self.clock.sync(), time.monotonic()
+        if self._synced is not None:
+            back = self._synced[0] + (at - self._synced[1]) - now
+            if back > CLOCK_STEP_BACK:
+                self._stepped_back = max(self._stepped_back, back)
+        self._synced = (now, at)
+        return now
+
+    async def _replan(self, now: float) -> None:
+        """After Redis's clock stepped back: the next run times planned while it ran ahead
+        are that far off, and no periodic job would fire until it caught up. Each one
+        later than its trigger's next fire from now is moved back to it (a fire that ran
+        meanwhile keeps its mark, and does not run again)."""
+        # (a step the lease loop sees meanwhile is looked at by the next pass)
+        back, self._stepped_back, moved, cursor = self._stepped_back, 0.0, 0, 0
+        try:
+            while True:
+                cursor, rows = await self.redis.zscan(self.keys.schedules, cursor,
+                                                      count=self.batch_size)
+                for job_id, score in rows:
+                    if not now * 1000.0 < score < math.inf:   # due anyway, or paused
+                        continue
+                    try:
+                        moved += await self.store.replan(job_id.decode(), now)
+                    except Exception as exc:
+                        if is_outage(exc):
+                            raise
+                        # stored data it cannot read: a pass names it when it is due
+                if cursor == 0:
+                    break
+        except Exception:   # (Redis away) the whole look again, at the next pass
+            self._stepped_back = max(self._stepped_back, back)
+            raise
+        self.log.warning("scheduler: Redis's clock stepped back %.0fs; moved the next run "
+                         "times of %d periodic job(s) planned while it ran ahead back to "
+                         "their triggers' next fires", back, moved)
 
     def _plan(self, job_id: str, row: list, now: float) -> FirePlan:
         """Which due fire times of one job are missed, run, coalesced or skipped."""

@@ -379,6 +379,47 @@ def test_max_instances_two_and_all(redis_url):
     run(redis_url, body, status="retrying")
 
 
+def test_fires_planned_while_redis_clock_ran_ahead_come_on_time_once_it_steps_back(
+        redis_url, caplog):
+    """Redis's clock an hour ahead (a VM's, a failover to a host without NTP), then stepped
+    back: the next fires planned by the clock ahead were an hour off, and no periodic job
+    fired until the clock caught up (a day ahead: a day without fires). The leader sees
+    the step and moves each next run time back to its trigger's next fire from now; a
+    fire that ran while the clock was ahead does not run again."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    async def body(env):
+        await env.store.add(spec())   # every minute from T0 + 60
+        await env.store.add(spec("once", {"type": "date", "run_date": T0 + 7200}))
+        await env.store.add(spec("held", {"type": "interval", "minutes": 1}))
+        await env.store.pause("held")
+        env.clock.t = T0 + 60
+        assert await env.sched.tick() == 1
+        env.clock.t = T0 + 3660   # an hour ahead: one fire, coalesced
+        assert await env.sched.tick() == 1
+        await env.store.add(spec("bad"))   # one that cannot be read stops no other
+        await env.r.hset(env.keys.schedule("bad"), "trigger", b"\xc1")
+        env.clock.t = T0 + 120    # stepped back
+        replan = env.store.replan
+
+        async def away(*args):   # Redis away mid-look: looked at again by the next pass
+            env.store.replan = replan
+            raise RedisConnectionError("Connection refused")
+        env.store.replan = away
+        with pytest.raises(RedisConnectionError):
+            await env.sched.tick()
+        assert await env.sched.tick() == 1
+        assert env.rec.times == [T0 + 60, T0 + 3660, T0 + 120]
+        assert (await env.store.get("site"))["next_run_time"] == T0 + 180
+        assert (await env.store.get("once"))["next_run_time"] == T0 + 7200
+        assert (await env.store.get("held"))["paused"]
+        assert "stepped back" in caplog.text
+        env.clock.t = T0 + 3660   # the fire that ran ahead: not again
+        await env.sched.tick()
+        assert env.rec.times.count(T0 + 3660) == 1
+    run(redis_url, body)
+
+
 def test_paused_job_does_not_fire(redis_url):
     async def body(env):
         await env.store.add(spec())
