@@ -450,7 +450,7 @@ class Scheduler:
             pipe.lrange(self.keys.schedule_runs(f["schedule"]), 0, -1)
         keys, argv = [self.keys.fires_pending, self.keys.fire_stats], []
         for f, runs in zip(fires, await pipe.execute(raise_on_error=False)):
-            old = next((r for r in runs if unpack(r).get("job_id") == f["job_id"]), b"") \
+            old = next((r for r in runs if _run_of(r) == f["job_id"]), b"") \
                 if isinstance(runs, list) else b""   # (an error: a key of another type)
             keys.append(self.keys.schedule_runs(f["schedule"]))
             argv += [f["job_id"], old, pack({**unpack(old), "outcome": Outcome.FILTERED,
@@ -617,6 +617,16 @@ class Scheduler:
         if self.is_leader:  # our own BLPOP is the one waiting: end it now
             await self.redis.lpush(self.keys.scheduler_wake, b"stop")
         await until(self._done, self.lease_seconds)
+
+
+def _run_of(record: bytes) -> str | None:
+    """The fire id a runs list entry records; None for one that is no run record (written
+    by hand, a bad restore): it must not fail the recording of every fire after it."""
+    try:
+        run = unpack(record)
+    except Exception:   # (msgpack: ValueErrors; a map with a list for a key: TypeError)
+        return None
+    return run.get("job_id") if isinstance(run, dict) else None
 
 
 def _raise_if_cancelled() -> None:

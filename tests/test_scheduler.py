@@ -1537,6 +1537,34 @@ def test_a_fire_the_dedupe_filter_drops_is_recorded_filtered_and_counted_once(re
     assert "periodic job site" in warned[0].getMessage() and "'same'" in warned[0].getMessage()
 
 
+@pytest.mark.parametrize("bad", [b"\xc1", b"\x05"])   # not msgpack; not a map
+def test_a_filtered_fire_whose_runs_hold_an_unreadable_record_stops_no_other_fire(
+        redis_url, bad):
+    """Recording a filtered fire looks for its run record in its job's runs; one record
+    there that was no run (written by hand, a bad restore) raised, the fire stayed
+    pending, and each pass after failed on it before looking at what was due: no
+    periodic job fired any more. Its record is looked for past the unreadable one."""
+    async def body(env):
+        async def filtering(specs, token, recovered=False):
+            await env.rec([s for s in specs if s["schedule"] != "dup"], token)
+            # while the fire waited (a refused scope), later runs pushed its record out,
+            # and one there is no run record
+            await env.r.delete(env.keys.schedule_runs("dup"))
+            await env.r.rpush(env.keys.schedule_runs("dup"), bad)
+            return [Submitted(s["job_id"], "filtered" if s["schedule"] == "dup" else "queued")
+                    for s in specs]
+        sched = env.scheduler("m1", filtering)
+        await env.store.add(spec("dup", dedupe_key="same"))
+        await env.store.add(spec("good"))
+        for i in (1, 2):
+            env.clock.t = T0 + 60 * i
+            assert await sched.tick() == 1
+        assert [s["fire_time"] for s in env.rec.specs] == [T0 + 60, T0 + 120]
+        assert await env.r.hlen(env.keys.fires_pending) == 0
+        assert (await env.store.fire_stats())["filtered"] == 2
+    run(redis_url, body)
+
+
 async def _absorbing_a_cancel(entered: asyncio.Event, result):
     """A Redis call as redis-py may end one its task's cancel landed in: normally."""
     entered.set()
