@@ -36,6 +36,8 @@ SCHEDULE_OPTIONS = ("trigger", "replace_existing", "misfire_grace_time", "coales
 # Fields of the fired job's hash (keys.job, written by queue.py) read to show a run's
 # outcome and duration; times there are in ms.
 JOB_STATUS_FIELDS = (b"status", b"duration_ms", b"started_at", b"finished_at")
+# The schedule hash fields ``list`` reads.
+LIST_FIELDS = (b"func", b"queue", b"trigger", b"trigger_text", b"next_run_time", b"paused")
 
 
 def round_progress(counts: dict) -> dict:
@@ -168,6 +170,26 @@ def schedule_options(spec: dict, base: Options | None = None) -> Options:
     return dataclasses.replace(base or Options(), **given)
 
 
+def _listed(job_id: str, row: list) -> dict:
+    """A schedule as ``list`` shows it, from its hash fields; one whose fields cannot be
+    read (written by hand, a bad restore) is shown saying so: it must not hide the others."""
+    func, queue, trigger, text, nrt, paused = row
+    try:
+        if missing := [f.decode() for f, v in zip(LIST_FIELDS, row) if v is None]:
+            raise ValueError(f"its hash has no {', '.join(missing)}")
+        nrt = None if paused == b"1" else _float_or_none(nrt)
+        return {"job_id": job_id, "func": func.decode(), "queue": queue.decode(),
+                "trigger": unpack(trigger), "trigger_text": text.decode(),
+                "paused": paused == b"1", "next_run_time": nrt, "next_run_iso": iso(nrt)}
+    except Exception as exc:
+        why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        return {"job_id": job_id, "func": (func or b"").decode(errors="replace"),
+                "queue": (queue or b"").decode(errors="replace"), "trigger": None,
+                "trigger_text": f"its stored data cannot be read ({why}); it does not fire: "
+                                "remove it and add it again",
+                "paused": paused == b"1", "next_run_time": None, "next_run_iso": ""}
+
+
 class RedisJobStore:
     """Periodic jobs in Redis. ``redis`` is a ``redis.asyncio.Redis`` (decode_responses=False)."""
 
@@ -227,18 +249,11 @@ class RedisJobStore:
         offset, limit = min(max(0, int(offset)), 2**62), max(1, min(int(limit), 1000))
         rows = await self.redis.zrange(self.keys.schedules, offset, offset + limit - 1)
         pipe = self.redis.pipeline(transaction=False)
-        fields = (b"func", b"queue", b"trigger", b"trigger_text", b"next_run_time", b"paused")
         for job_id in rows:
-            pipe.hmget(self.keys.schedule(job_id.decode()), *fields)
-        out = []
-        for job_id, (func, queue, trigger, text, nrt, paused) in zip(rows, await pipe.execute()):
-            if trigger is None:  # removed between the two reads
-                continue
-            nrt = None if paused == b"1" else _float_or_none(nrt)
-            out.append({"job_id": job_id.decode(), "func": func.decode(), "queue": queue.decode(),
-                        "trigger": unpack(trigger), "trigger_text": text.decode(),
-                        "paused": paused == b"1", "next_run_time": nrt, "next_run_iso": iso(nrt)})
-        return out
+            pipe.hmget(self.keys.schedule(job_id.decode()), *LIST_FIELDS)
+        return [_listed(job_id.decode(errors="replace"), row)
+                for job_id, row in zip(rows, await pipe.execute())
+                if any(v is not None for v in row)]   # (none: removed between the reads)
 
     async def fire_stats(self) -> dict[str, int]:
         """Fires fired (of those, filtered: dropped by the dedupe filter), missed and skipped
@@ -369,6 +384,26 @@ class RedisJobStore:
                 job.next_run_time = next_fire(build_trigger(job.trigger), self.clock(), first=True)
             return job
         return await self._update(job_id, change) is not None
+
+    async def replan(self, job_id: str, now: float) -> bool:
+        """Move the next run time back to the trigger's next fire from ``now`` if that is
+        sooner: planned by a clock that ran ahead, it was that far off. A date job keeps
+        its one fire time (a date that fired already may be a time of its own, _unfired).
+        True if moved."""
+        moved = False
+
+        def change(job: StoredJob) -> StoredJob | None:
+            nonlocal moved
+            moved = False   # (as of the last read: a conflict reads it again)
+            if job.paused or job.next_run_time is None or job.trigger.get("type") == "date":
+                return None
+            first = next_fire(build_trigger(job.trigger), now, first=True)
+            if first is None or first >= job.next_run_time:
+                return None
+            moved = True
+            return dataclasses.replace(job, next_run_time=first)
+        await self._update(job_id, change)
+        return moved
 
     async def run_now(self, job_id: str) -> float | None:
         """Make the job due now (Redis's clock): the scheduler, woken, fires it by its usual

@@ -29,7 +29,7 @@ from elric.contract import Status, normalize_spec
 from elric.jobstore import FINISHED_TTL, Coalesce, Options, Outcome, RedisJobStore, fire_id, iso
 from elric.logs import Hourly
 from elric.queue import Fenced
-from elric.retry import Outage, cancel_pending, unblocked, until
+from elric.retry import Outage, cancel_pending, is_outage, unblocked, until
 from elric.triggers import build_trigger, next_fire
 
 CATCHUP_LIMIT = 1000        # fires of one job handled (or missed counted) per pass in a backlog
@@ -41,6 +41,9 @@ LONGEST_BLOCK = 2.0         # a BLPOP must answer well inside the clients' socke
 FIRE_FIELDS = ("spec", "trigger", "next_run_time", "version", "misfire_grace_time", "coalesce",
                "max_instances")  # the schedule hash fields a pass reads
 LIVE = frozenset(s.encode() for s in Status if s.live)
+# seconds Redis's clock may step back (far more than a reply's latency) before the next
+# run times, planned by the clock ahead, are looked at again (Scheduler._replan)
+CLOCK_STEP_BACK = 10.0
 # seconds until what a pass could not do is tried again: a job whose stored data it could
 # not read, the fires pending in a dedupe scope the filter refused
 RETRY_LATER = 60.0
@@ -131,6 +134,8 @@ class Scheduler:
         self._retry_pending = math.inf
         self._queueing = Outage(self.log, "queueing fires failed; they stay pending and are "
                                      "tried again")
+        self._synced: tuple[float, float] | None = None  # Redis's time and monotonic's
+        self._stepped_back = 0.0   # seconds Redis's clock stepped back, not yet replanned
 
     # --- lease ---------------------------------------------------------------------------
     async def _acquire(self, again: bool = False) -> bool:
@@ -175,7 +180,7 @@ class Scheduler:
                     self._step_down("lease taken over by another master")
                 if not self.is_leader:
                     await self._acquire()
-                await self.clock.sync()   # this machine's clock may have jumped
+                await self._now()   # this machine's clock may have jumped; Redis's too
                 outage.passed()
                 if not self.is_leader:
                     self.health.progress("following: another master schedules")
@@ -197,7 +202,9 @@ class Scheduler:
         if (self._pending or time.monotonic() >= self._retry_pending) and self.is_leader:
             total += await self._queue_pending()
         while self.is_leader:
-            now = await self.clock.sync()
+            now = await self._now()
+            if self._stepped_back:
+                await self._replan(now)
             self.passes += 1
             self.log.debug("scheduler pass %d at %s", self.passes, iso(now))
             args = [repr(now * 1000.0), self.batch_size, self.keys.schedule(""), self.keys.job(""),
@@ -217,6 +224,46 @@ class Scheduler:
             if len(rows) < self.batch_size:
                 break
         return total, head
+
+    async def _now(self) -> float:
+        """Redis's time now (synced); a step back of it (NTP correcting a clock that ran
+        ahead, a failover to a host behind) is noted for ``_replan``."""
+        now, at = await self.clock.sync(), time.monotonic()
+        if self._synced is not None:
+            back = self._synced[0] + (at - self._synced[1]) - now
+            if back > CLOCK_STEP_BACK:
+                self._stepped_back = max(self._stepped_back, back)
+        self._synced = (now, at)
+        return now
+
+    async def _replan(self, now: float) -> None:
+        """After Redis's clock stepped back: the next run times planned while it ran ahead
+        are that far off, and no periodic job would fire until it caught up. Each one
+        later than its trigger's next fire from now is moved back to it (a fire that ran
+        meanwhile keeps its mark, and does not run again)."""
+        # (a step the lease loop sees meanwhile is looked at by the next pass)
+        back, self._stepped_back, moved, cursor = self._stepped_back, 0.0, 0, 0
+        try:
+            while True:
+                cursor, rows = await self.redis.zscan(self.keys.schedules, cursor,
+                                                      count=self.batch_size)
+                for job_id, score in rows:
+                    if not now * 1000.0 < score < math.inf:   # due anyway, or paused
+                        continue
+                    try:
+                        moved += await self.store.replan(job_id.decode(), now)
+                    except Exception as exc:
+                        if is_outage(exc):
+                            raise
+                        # stored data it cannot read: a pass names it when it is due
+                if cursor == 0:
+                    break
+        except Exception:   # (Redis away) the whole look again, at the next pass
+            self._stepped_back = max(self._stepped_back, back)
+            raise
+        self.log.warning("scheduler: Redis's clock stepped back %.0fs; moved the next run "
+                         "times of %d periodic job(s) planned while it ran ahead back to "
+                         "their triggers' next fires", back, moved)
 
     def _plan(self, job_id: str, row: list, now: float) -> FirePlan:
         """Which due fire times of one job are missed, run, coalesced or skipped."""
@@ -349,7 +396,7 @@ class Scheduler:
         if not fires or token is None:
             return 0
         try:
-            queued = await self.enqueue(fires, token, recovered=recovered)
+            queued = await self._enqueue_apart(fires, token, recovered)
         except Fenced:  # they stay pending; a token of this master's own queues them
             if self.token == token:
                 self._step_down("enqueue refused the fence token")
@@ -368,7 +415,31 @@ class Scheduler:
             except Exception:   # still pending (max_instances counts them): look again
                 self._pending = True
                 raise
-        return len(fires) - len(dropped)
+        return len(queued) - len(dropped)
+
+    async def _enqueue_apart(self, fires: list[dict], token: int, recovered: bool) -> list:
+        """``self.enqueue`` of ``fires``; refused for a key of one of them (its queue of
+        another type, an operator's SET), each fire alone: that one stays pending, named,
+        and holds back no other (pending, they all counted for max_instances, pass after
+        pass). An outage or the fence ends it: the fires not queued stay pending."""
+        try:
+            return await self.enqueue(fires, token, recovered=recovered)
+        except Exception as exc:
+            if len(fires) == 1 or isinstance(exc, Fenced) or is_outage(exc):
+                raise
+        queued = []
+        for fire in fires:   # (recovered: the call refused may have taken their dedupe keys)
+            try:
+                queued += await self.enqueue([fire], token, recovered=True)
+            except Exception as exc:
+                if isinstance(exc, Fenced) or is_outage(exc):
+                    raise
+                self._pending = True
+                self._warn_hourly(f"{fire['schedule']} unqueued", "periodic job %s: fire %s "
+                                  "cannot be queued (%s); it stays pending and is tried again "
+                                  "each pass", fire["schedule"], fire["job_id"], exc,
+                                  level=logging.ERROR)
+        return queued
 
     async def _filtered(self, fires: list[dict]) -> None:
         """Fires the dedupe filter dropped (never reaching enqueue.lua): no longer pending,
@@ -379,7 +450,7 @@ class Scheduler:
             pipe.lrange(self.keys.schedule_runs(f["schedule"]), 0, -1)
         keys, argv = [self.keys.fires_pending, self.keys.fire_stats], []
         for f, runs in zip(fires, await pipe.execute(raise_on_error=False)):
-            old = next((r for r in runs if unpack(r).get("job_id") == f["job_id"]), b"") \
+            old = next((r for r in runs if _run_of(r) == f["job_id"]), b"") \
                 if isinstance(runs, list) else b""   # (an error: a key of another type)
             keys.append(self.keys.schedule_runs(f["schedule"]))
             argv += [f["job_id"], old, pack({**unpack(old), "outcome": Outcome.FILTERED,
@@ -546,6 +617,16 @@ class Scheduler:
         if self.is_leader:  # our own BLPOP is the one waiting: end it now
             await self.redis.lpush(self.keys.scheduler_wake, b"stop")
         await until(self._done, self.lease_seconds)
+
+
+def _run_of(record: bytes) -> str | None:
+    """The fire id a runs list entry records; None for one that is no run record (written
+    by hand, a bad restore): it must not fail the recording of every fire after it."""
+    try:
+        run = unpack(record)
+    except Exception:   # (msgpack: ValueErrors; a map with a list for a key: TypeError)
+        return None
+    return run.get("job_id") if isinstance(run, dict) else None
 
 
 def _raise_if_cancelled() -> None:

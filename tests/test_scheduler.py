@@ -379,6 +379,47 @@ def test_max_instances_two_and_all(redis_url):
     run(redis_url, body, status="retrying")
 
 
+def test_fires_planned_while_redis_clock_ran_ahead_come_on_time_once_it_steps_back(
+        redis_url, caplog):
+    """Redis's clock an hour ahead (a VM's, a failover to a host without NTP), then stepped
+    back: the next fires planned by the clock ahead were an hour off, and no periodic job
+    fired until the clock caught up (a day ahead: a day without fires). The leader sees
+    the step and moves each next run time back to its trigger's next fire from now; a
+    fire that ran while the clock was ahead does not run again."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    async def body(env):
+        await env.store.add(spec())   # every minute from T0 + 60
+        await env.store.add(spec("once", {"type": "date", "run_date": T0 + 7200}))
+        await env.store.add(spec("held", {"type": "interval", "minutes": 1}))
+        await env.store.pause("held")
+        env.clock.t = T0 + 60
+        assert await env.sched.tick() == 1
+        env.clock.t = T0 + 3660   # an hour ahead: one fire, coalesced
+        assert await env.sched.tick() == 1
+        await env.store.add(spec("bad"))   # one that cannot be read stops no other
+        await env.r.hset(env.keys.schedule("bad"), "trigger", b"\xc1")
+        env.clock.t = T0 + 120    # stepped back
+        replan = env.store.replan
+
+        async def away(*args):   # Redis away mid-look: looked at again by the next pass
+            env.store.replan = replan
+            raise RedisConnectionError("Connection refused")
+        env.store.replan = away
+        with pytest.raises(RedisConnectionError):
+            await env.sched.tick()
+        assert await env.sched.tick() == 1
+        assert env.rec.times == [T0 + 60, T0 + 3660, T0 + 120]
+        assert (await env.store.get("site"))["next_run_time"] == T0 + 180
+        assert (await env.store.get("once"))["next_run_time"] == T0 + 7200
+        assert (await env.store.get("held"))["paused"]
+        assert "stepped back" in caplog.text
+        env.clock.t = T0 + 3660   # the fire that ran ahead: not again
+        await env.sched.tick()
+        assert env.rec.times.count(T0 + 3660) == 1
+    run(redis_url, body)
+
+
 def test_paused_job_does_not_fire(redis_url):
     async def body(env):
         await env.store.add(spec())
@@ -767,6 +808,39 @@ def test_a_pending_fire_that_cannot_be_queued_does_not_stall_the_others(redis_ur
     run(redis_url, body)
 
 
+@pytest.mark.parametrize("pending", [False, True])  # marked by this pass; by a leader that died
+def test_a_fire_whose_queue_is_of_another_type_holds_back_no_other_fire(redis_url, caplog,
+                                                                       pending):
+    """An operator SET one queue's key: enqueue.lua refused every fire queued in one call
+    with that queue's, pass after pass, and max_instances then skipped each later fire of
+    their jobs (pending, they count as queued): no periodic job ran until the key went.
+    A call refused so is tried fire by fire; the one refused waits pending, named."""
+    from elric.queue import RedisQueue
+
+    async def body(env):
+        queue = RedisQueue(env.r, env.keys)
+        env.sched.enqueue = lambda specs, token, recovered=False: queue.enqueue(specs, fence=token)
+        await env.store.add(spec("bad", queue="a"))
+        await env.store.add(spec("good", queue="b"))
+        await env.r.set(env.keys.queue("a"), "overwritten")
+        env.clock.t = T0 + 60
+        if pending:   # marked, then its leader died
+            env.sched.enqueue, enqueue = Recorder(env.r, env.keys), env.sched.enqueue
+            env.sched.enqueue.before = lambda: env.r.incr(env.keys.scheduler_fence)
+            assert await env.sched.tick() == 0
+            env.sched.enqueue, env.sched.is_leader = enqueue, False
+            await env.r.delete(env.keys.scheduler_lease)
+        assert await env.sched.tick() == 1
+        good, bad = fire_id("good", T0 + 60), fire_id("bad", T0 + 60)
+        assert (await queue.get_job(good))["status"] == "queued"
+        assert await env.r.hkeys(env.keys.fires_pending) == [bad.encode()]
+        assert f"fire {bad} cannot be queued" in caplog.text
+        await env.r.delete(env.keys.queue("a"))   # fixed: the fire left pending runs
+        assert await env.sched.tick() == 1
+        assert (await queue.get_job(bad))["status"] == "queued"
+    run(redis_url, body)
+
+
 def test_a_job_paused_while_a_pass_could_not_read_it_stays_paused(redis_url):
     """A job a pass could not read (a key of it of another type) has only its index entry
     moved to a retry a minute on, whatever its version: paused meanwhile, its +inf there
@@ -1058,6 +1132,30 @@ async def fired_once(env, sched=None) -> None:
     await env.store.add(spec())
     await (sched or env.sched).tick()
     env.clock.t = T0 + 60
+
+
+@pytest.mark.parametrize("left", ["no_ttl", "other_type"])
+def test_a_lease_key_left_without_its_ttl_or_of_another_type_is_taken_in_time(redis_url, left):
+    """A lease key without its expiry (keys restored without their TTLs, a PERSIST) was
+    never free again: no master ever scheduled, none said why, and each asked again every
+    6 ms. One of another type (an operator's write) failed every try: the same, logged."""
+    async def body(env):
+        await env.store.add(spec())
+        if left == "no_ttl":
+            await env.r.set(env.keys.scheduler_lease, "a-master-gone-for-good")
+        else:
+            await env.r.rpush(env.keys.scheduler_lease, "overwritten")
+        env.clock.t = T0 + 60
+        sched = env.scheduler("m1", env.rec, lease_seconds=0.2)
+        deadline = time.monotonic() + 10
+        while await sched.tick() == 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        assert env.rec.times == [T0 + 60]
+        if left == "other_type":   # overwritten under its holder: not renewed, taken again
+            await env.r.delete(env.keys.scheduler_lease)
+            await env.r.rpush(env.keys.scheduler_lease, "overwritten")
+            assert not await sched._renew() and await sched._acquire(again=True)
+    run(redis_url, body)
 
 
 def test_lease_release_and_renew_only_own(redis_url):
@@ -1437,6 +1535,34 @@ def test_a_fire_the_dedupe_filter_drops_is_recorded_filtered_and_counted_once(re
     warned = [r for r in caplog.records if "filtered, not run" in r.getMessage()]
     assert len(warned) == 1 and warned[0].levelname == "WARNING"   # once for the job
     assert "periodic job site" in warned[0].getMessage() and "'same'" in warned[0].getMessage()
+
+
+@pytest.mark.parametrize("bad", [b"\xc1", b"\x05"])   # not msgpack; not a map
+def test_a_filtered_fire_whose_runs_hold_an_unreadable_record_stops_no_other_fire(
+        redis_url, bad):
+    """Recording a filtered fire looks for its run record in its job's runs; one record
+    there that was no run (written by hand, a bad restore) raised, the fire stayed
+    pending, and each pass after failed on it before looking at what was due: no
+    periodic job fired any more. Its record is looked for past the unreadable one."""
+    async def body(env):
+        async def filtering(specs, token, recovered=False):
+            await env.rec([s for s in specs if s["schedule"] != "dup"], token)
+            # while the fire waited (a refused scope), later runs pushed its record out,
+            # and one there is no run record
+            await env.r.delete(env.keys.schedule_runs("dup"))
+            await env.r.rpush(env.keys.schedule_runs("dup"), bad)
+            return [Submitted(s["job_id"], "filtered" if s["schedule"] == "dup" else "queued")
+                    for s in specs]
+        sched = env.scheduler("m1", filtering)
+        await env.store.add(spec("dup", dedupe_key="same"))
+        await env.store.add(spec("good"))
+        for i in (1, 2):
+            env.clock.t = T0 + 60 * i
+            assert await sched.tick() == 1
+        assert [s["fire_time"] for s in env.rec.specs] == [T0 + 60, T0 + 120]
+        assert await env.r.hlen(env.keys.fires_pending) == 0
+        assert (await env.store.fire_stats())["filtered"] == 2
+    run(redis_url, body)
 
 
 async def _absorbing_a_cancel(entered: asyncio.Event, result):

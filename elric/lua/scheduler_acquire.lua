@@ -2,9 +2,13 @@
 -- KEYS: lease, fence.  ARGV: master id, lease ms.
 -- Returns {1, new fence token} when this master holds the lease now, else {0, lease pttl}.
 -- Invariant: every taking of the lease hands out a larger token, so a master that lost it
--- can be told apart by its older token.
+-- can be told apart by its older token; a lease always runs out unless renewed: one
+-- without an expiry (keys restored without their TTLs, a PERSIST) gets one, and a key of
+-- another type (an operator's write) is no master's lease and is replaced.
+if redis.call('TYPE', KEYS[1]).ok ~= 'string' then redis.call('DEL', KEYS[1]) end
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) or redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   return {1, redis.call('INCR', KEYS[2])}
 end
+if redis.call('PTTL', KEYS[1]) == -1 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return {0, redis.call('PTTL', KEYS[1])}
