@@ -7,6 +7,7 @@ with the parent's id) and sent to the master in a batch when the parent finishes
 
 from __future__ import annotations
 
+import difflib
 import functools
 import hashlib
 import itertools
@@ -80,6 +81,19 @@ def _misplaced_default(cls: type) -> str | None:
     return None
 
 
+@functools.cache
+def _without_run(cls: type) -> str | None:
+    """Why ``cls`` cannot run (its ``run`` is Job's, as with a typo'd ``def runn``), or None."""
+    if cls.run is not Job.run:
+        return None
+    own = [name for k in cls.__mro__ if k not in (Job, object)
+           for name, value in vars(k).items() if callable(value) and not name.startswith("__")]
+    near = difflib.get_close_matches("run", own, n=1)
+    typo = f" (it defines {near[0]}: a typo?)" if near else ""
+    return (f"{cls.__qualname__} does not implement run, the method a worker calls with the "
+            f"job's arguments{typo}: define run(self, ...) or async def run(self, ...)")
+
+
 class Job:
     """Subclass this and implement ``run``. Class attributes are per-class defaults."""
 
@@ -144,8 +158,8 @@ class Job:
                 except SpecError as exc:
                     raise SpecError(f"{cls.__qualname__}.{key} = {value!r}: {exc}") from None
                 spec[key] = value
-        if misplaced := _misplaced_default(cls):
-            raise SpecError(misplaced)
+        if wrong := _misplaced_default(cls) or _without_run(cls):
+            raise SpecError(wrong)   # (a class without run failed each attempt in the worker)
         for key in ("dedupe_key", "limit_key"):
             if key not in options:
                 derived = cls._derive(key, spec["args"], spec["kwargs"])

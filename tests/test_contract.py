@@ -312,6 +312,22 @@ def test_a_class_attribute_that_no_spec_takes_is_refused_naming_it():
     assert Echo.spec([1], dedupe_scope="crawl", limit_key="h")["limit_key"] == "h"
 
 
+def test_a_class_that_does_not_implement_run_is_refused_at_submit_naming_it():
+    """A Job class with ``def runn`` (a typo) was accepted: each attempt failed in the
+    worker with NotImplementedError, its retries used up, none of it seen where it was
+    submitted."""
+    Typo = type("Typo", (Job,), {"runn": lambda self, name: name, "__module__": "tests.jobs"})
+    with pytest.raises(SpecError) as info:
+        Typo.spec(["x"])
+    assert str(info.value) == ("Typo does not implement run, the method a worker calls with "
+                               "the job's arguments (it defines runn: a typo?): define "
+                               "run(self, ...) or async def run(self, ...)")
+    Bare = type("Bare", (Job,), {"__module__": "tests.jobs"})
+    with pytest.raises(SpecError, match=r"^Bare does not implement run, .*: define run\("):
+        Bare.spec()
+    assert type("Sub", (Echo,), {"__module__": "tests.jobs"}).spec([1])["args"] == [1]
+
+
 def test_a_method_or_none_under_a_spec_key_name_is_not_refused():
     """The refusal above took any name in the class body: a job's own ``def trigger(self,
     url)``, a property, or ``dedupe_scope: str | None = None`` re-declared was refused as
@@ -374,6 +390,9 @@ def test_a_child_given_an_empty_or_no_job_id_gets_its_derived_one():
 
 
 class Page(Job):   # as the README's Crawl
+    async def run(self, url):
+        return url
+
     @classmethod
     def limit_key_for(cls, url):
         return urlparse(url).netloc
