@@ -60,6 +60,24 @@ class JobModules:
                             "its jobs (a class imported into it runs under its own module's "
                             "name: load that module)", name)
 
+    def runs_nothing(self) -> str | None:
+        """Why this worker would run no job though a module imported: none defines a Job
+        class (`elric worker examples.crawler`, whose Crawl is elric.demo.crawler's), or
+        None."""
+        clean = self.clean()
+        if any(any(job_classes(name)) for name in clean):
+            return None
+        from elric.job import Job
+
+        imported = [f"{name} imports {value.__module__}'s {value.__qualname__}"
+                    for name in clean for value in vars(sys.modules[name]).values()
+                    if isinstance(value, type) and issubclass(value, Job) and value is not Job]
+        whys = imported + [f"{name} did not import: {error}"
+                           for name, error in self.broken.items()]
+        return (f"no Job class is defined in job module{'s' * (len(clean) > 1)} "
+                f"{', '.join(clean)}, so this worker would run nothing: name the modules that "
+                f"define them" + (f" ({'; '.join(whys)})" if whys else ""))
+
     def log_other_queues(self, queues: list[str]) -> None:
         """A warning when every Job class loaded sends its jobs to queues this worker does
         not take: it would sit idle while they wait (a worker started without --queues)."""

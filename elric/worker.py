@@ -193,6 +193,8 @@ class Worker:
                 "no job module imports (" + "; ".join(f"{n}: {e}" for n, e in
                                                      self.modules.broken.items()) +
                 f"): check the names, and that they import from {os.getcwd()} (PYTHONPATH)")
+        if nothing := self.modules.runs_nothing():
+            raise SettingsError(nothing)   # (it warned, then waited for good)
         self.modules.log_broken()   # the others' jobs run
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.request_stop)

@@ -345,6 +345,14 @@ CASES = {
         ["worker", "myproject.jobz"], {"REDIS_URL": r, "MASTER_ADDRESS": unused_address()},
         "no job module imports (myproject.jobz: ModuleNotFoundError: No module named "
         "'myproject'): check the names, and that they import from "),
+    # examples.crawler imports its Crawl from elric.demo.crawler, where it runs: the worker
+    # warned, then waited for good, running nothing
+    "worker: job modules that define no Job class": lambda d, r: (
+        ["worker", "json", "examples.crawler"], {"REDIS_URL": r,
+                                                 "MASTER_ADDRESS": unused_address()},
+        "no Job class is defined in job modules json, examples.crawler, so this worker would "
+        "run nothing: name the modules that define them (examples.crawler imports "
+        "elric.demo.crawler's Crawl)"),
     "master: a typo in an ELRIC_ variable": lambda d, r: (
         ["master", "--redis-url", r], {"REDIS_ULR": r, "MASTER_ADDRESS": unused_address()},
         "ELRIC_REDIS_ULR: unknown setting in the environment; did you mean ELRIC_REDIS_URL?"),
