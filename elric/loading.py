@@ -39,6 +39,9 @@ class JobModules:
         for name in modules.names:
             try:
                 importlib.import_module(name)
+            except SystemExit as exc:   # a script's sys.exit or parse_args ended the worker
+                modules.broken[name] = (f"SystemExit: {exc}; it exits as it imports: put a "
+                                        "script's code under if __name__ == '__main__'")
             except Exception as exc:
                 modules.broken[name] = f"{type(exc).__name__}: {exc}"
                 if isinstance(exc, ModuleNotFoundError) and exc.name is not None and (
