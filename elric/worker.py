@@ -24,7 +24,7 @@ from functools import partial
 
 import redis.asyncio as aioredis
 from redis.exceptions import (AuthenticationError as RedisAuthenticationError, NoScriptError,
-                              RedisError, ResponseError)
+                              ResponseError)
 
 import elric
 from elric import codec, lua, runner
@@ -165,8 +165,10 @@ class Worker:
             except RemoteError as exc:  # the master answered: no, e.g. a wrong RPC_TOKEN
                 raise SettingsError(f"MASTER_ADDRESS {s.MASTER_ADDRESS}: {exc}") from None
             except Exception as exc:   # Redis away or refusing (BUSY, LOADING), no master
-                if isinstance(exc, RedisError) and not is_outage(exc):
-                    # an answer, but no Redis's (an HTTP server there): a setting to fix
+                if what.startswith("Redis") and not is_outage(exc) and not isinstance(
+                        exc, SettingsError):
+                    # an answer, but no Redis's (an HTTP server there), or an option in the
+                    # URL that redis-py does not take: a setting to fix, as for a master
                     raise SettingsError(f"REDIS_URL {redact_url(s.REDIS_URL)}: cannot "
                                         f"connect ({exc})") from None
                 if not is_outage(exc) and not isinstance(exc, RPCConnectionError):

@@ -359,6 +359,11 @@ CASES = {
         ["worker", "exits_on_import"], {"REDIS_URL": r, "MASTER_ADDRESS": unused_address()},
         "no job module imports (exits_on_import: SystemExit: usage: exits_on_import.py URL; "
         "it exits as it imports: put a script's code under if __name__ == '__main__')"),
+    # (a traceback from redis-py: the master said "cannot connect")
+    "worker: an option redis-py does not take in REDIS_URL": lambda d, r: (
+        ["worker", "tests.jobs"], {"REDIS_URL": r + "?colour=red",
+                                   "MASTER_ADDRESS": unused_address()},
+        f"REDIS_URL {r}?colour=red: cannot connect ("),
     "master: a typo in an ELRIC_ variable": lambda d, r: (
         ["master", "--redis-url", r], {"REDIS_ULR": r, "MASTER_ADDRESS": unused_address()},
         "ELRIC_REDIS_ULR: unknown setting in the environment; did you mean ELRIC_REDIS_URL?"),
