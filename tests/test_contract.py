@@ -12,6 +12,7 @@ import pytest
 from elric import Job, SpecError
 from elric.contract import (METHODS, SPEC_KEYS, STATUSES, ErrorCode, Status, func_path,
                             normalize_spec)
+from elric.triggers import every
 from tests.jobs import Add, Echo, OnQueueB
 
 
@@ -310,6 +311,23 @@ def test_a_class_attribute_that_no_spec_takes_is_refused_naming_it():
             Sub.spec([1])
     # what a worker sets on the instance it runs, and the option given as such, are fine
     assert Echo.spec([1], dedupe_scope="crawl", limit_key="h")["limit_key"] == "h"
+
+
+def test_a_coalesce_or_trigger_given_as_apscheduler_takes_it_says_what_elric_takes():
+    """APScheduler's coalesce=True, or a crontab string as the trigger, were refused as
+    "must be string, got boolean" and "must be map, got string", naming neither the values
+    elric takes nor the helpers that make a trigger."""
+    periodic = {"func": "tests.jobs:Add", "job_id": "p", "trigger": every(minutes=5)}
+    for spec, said in (
+            ({**periodic, "coalesce": True}, "job spec key 'coalesce' must be string, got "
+             "boolean: \"latest\", \"all\" or \"skip\" (APScheduler's True is \"latest\", False "
+             "\"all\")"),
+            ({**periodic, "trigger": "*/5 * * * *"}, "job spec key 'trigger' must be map, got "
+             "string: e.g. {\"type\": \"cron\", \"crontab\": \"*/5 * * * *\"}, as "
+             "elric.cron(\"*/5 * * * *\") makes (and every(...), at(...))")):
+        with pytest.raises(SpecError) as info:
+            normalize_spec(spec)
+        assert str(info.value) == said
 
 
 def test_a_class_that_does_not_implement_run_is_refused_at_submit_naming_it():
