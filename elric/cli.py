@@ -185,7 +185,9 @@ def _submit_spec(args: argparse.Namespace) -> dict:
         what = "elric.Job itself" if cls is Job else f"a {type(cls).__name__}"
         raise UsageError(f"{args.func_path} is {what}, not a Job class: FUNC names a "
                          "subclass of elric.Job, as \"package.module:ClassName\"")
-    return cls.spec(arguments, **options)
+    spec = cls.spec(arguments, **options)
+    cls._check_arguments(spec["args"], spec["kwargs"])
+    return spec
 
 
 def cmd_call(args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import functools
 import hashlib
+import inspect
 import itertools
 import sys
 import warnings
@@ -94,6 +95,18 @@ def _without_run(cls: type) -> str | None:
             f"job's arguments{typo}: define run(self, ...) or async def run(self, ...)")
 
 
+@functools.cache
+def _run_signature(cls: type) -> inspect.Signature | None:
+    """The signature of ``cls``'s run, or None where it is no plain method to judge."""
+    run = inspect.getattr_static(cls, "run")
+    if not inspect.isfunction(run):
+        return None
+    try:
+        return inspect.signature(run)
+    except ValueError:
+        return None
+
+
 class Job:
     """Subclass this and implement ``run``. Class attributes are per-class defaults."""
 
@@ -169,6 +182,18 @@ class Job:
         return spec
 
     @classmethod
+    def _check_arguments(cls, args: list, kwargs: dict) -> None:
+        """SpecError unless ``run`` takes these arguments: else each attempt failed in the
+        worker, its retries used up. (``spec`` does not judge them: a spec built for a test
+        or a template may leave them out.)"""
+        if (signature := _run_signature(cls)) is not None:
+            try:
+                signature.bind(None, *args, **kwargs)
+            except TypeError as exc:
+                raise SpecError(f"{cls.__name__}.run{signature} does not take these "
+                                f"arguments: {exc}") from None
+
+    @classmethod
     def _derive(cls, key: str, args: list, kwargs: dict) -> str | None:
         hook = f"{key}_for"
         try:
@@ -206,6 +231,7 @@ class Job:
         None for one of the last four puts the class's aside: the settings' default applies
         (JOB_TIMEOUT for timeout; none if unset)."""
         spec = cls.spec(args, kwargs, **options)
+        cls._check_arguments(spec["args"], spec["kwargs"])
         ctx = _current.get()
         if ctx is not None:
             if ctx.ended:

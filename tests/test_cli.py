@@ -777,6 +777,13 @@ def test_submit_wait_says_why_a_worker_hands_the_job_back_unrun(cluster):
         "does not load module 'elric.demo.crawler_sync'" in said[0], out.stderr
 
 
+def test_submit_arguments_run_does_not_take_are_a_usage_error(redis_url, tmp_path):
+    c = Cluster(redis_url, tmp_path)   # refused before any call: no master needed
+    one_line_error(elric(c, "submit", "tests.jobs:Add", "1"), 2,
+                   "Add.run(self, a, b) does not take these arguments: missing a required "
+                   "argument: 'b'")
+
+
 def test_worker_pause_resume_or_stop_with_set_options_is_a_usage_error(redis_url, tmp_path):
     c = Cluster(redis_url, tmp_path)   # refused before any call: no master needed
     one_line_error(elric(c, "worker", "Pause", "vm:41:abc123"), 2,

@@ -330,6 +330,23 @@ def test_a_coalesce_or_trigger_given_as_apscheduler_takes_it_says_what_elric_tak
         assert str(info.value) == said
 
 
+def test_arguments_that_do_not_fit_run_are_refused_at_submit_naming_its_signature():
+    """Add.submit(1) was queued, and each attempt failed in the worker with "run() missing 1
+    required positional argument", its retries used up."""
+    for args, kwargs, said in (([1], {}, "missing a required argument: 'b'"),
+                               ([1, 2, 3], {}, "too many positional arguments"),
+                               ([1, 2], {"c": 3}, "got an unexpected keyword argument 'c'")):
+        with pytest.raises(SpecError) as info:   # (before any master is asked)
+            Add.submit_with(args, kwargs)
+        assert str(info.value) == f"Add.run(self, a, b) does not take these arguments: {said}"
+    Add._check_arguments([1], {"b": 2})
+    Echo._check_arguments([1, 2, 3], {"x": 1})   # *args, **kwargs: any
+    Hooked = type("Hooked", (Job,), {"run": classmethod(lambda cls, a: a),
+                                     "__module__": "tests.jobs"})
+    Hooked._check_arguments([], {})   # no plain method: not judged here
+    assert Add.spec()["args"] == []   # a spec alone (a template, a test's) is not judged
+
+
 def test_a_class_that_does_not_implement_run_is_refused_at_submit_naming_it():
     """A Job class with ``def runn`` (a typo) was accepted: each attempt failed in the
     worker with NotImplementedError, its retries used up, none of it seen where it was
@@ -438,8 +455,8 @@ def test_a_child_with_arguments_msgpack_cannot_carry_is_refused_at_its_submit():
     token = job_module._current.set(ctx)
     try:
         for args in ([{1, 2}], [{(1, 2): "pair"}]):
-            with pytest.raises(SpecError, match=r"^Add.submit: its arguments are not msgpack"):
-                Add.submit(*args)
+            with pytest.raises(SpecError, match=r"^Echo.submit: its arguments are not msgpack"):
+                Echo.submit(*args)
     finally:
         job_module._current.reset(token)
     assert ctx.children == []
@@ -456,9 +473,9 @@ def test_a_script_submit_with_arguments_msgpack_cannot_carry_is_refused_as_a_chi
     set_default_client(MasterClient("127.0.0.1:1"))   # nothing listens: nothing may be sent
     try:
         for args in ([datetime.now()], [{1, 2}], [object()], [2**70], [{(1, 2): "pair"}]):
-            with pytest.raises(SpecError, match=r"^Add.submit: its arguments are not msgpack "
+            with pytest.raises(SpecError, match=r"^Echo.submit: its arguments are not msgpack "
                                                 r"values \(.+\); pass plain data"):
-                Add.submit(*args)
+                Echo.submit(*args)
     finally:
         set_default_client(None)
 
