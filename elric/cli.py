@@ -124,9 +124,16 @@ def _wait(client, job_id: str, timeout: float | None) -> dict:
 
     from elric.handle import wait
 
+    told = set()
+
+    def show(job: dict) -> None:
+        spinner.update(f"job {job_id}: {job['status']} (attempt {job.get('attempts', 0)})")
+        if (why := job.get("not_run")) and why not in told:   # (it waited without a word)
+            told.add(why)
+            print(f"elric: job {job_id} not run: {why}", file=sys.stderr)
+
     with Spinner(f"job {job_id}: queued", console=views.console) as spinner:
-        return wait(client, job_id, timeout, on_status=lambda job: spinner.update(
-            f"job {job_id}: {job['status']} (attempt {job.get('attempts', 0)})"))
+        return wait(client, job_id, timeout, on_status=show)
 
 
 def _say_if_no_worker_takes(client, job_id: str) -> None:
@@ -178,7 +185,9 @@ def _submit_spec(args: argparse.Namespace) -> dict:
         what = "elric.Job itself" if cls is Job else f"a {type(cls).__name__}"
         raise UsageError(f"{args.func_path} is {what}, not a Job class: FUNC names a "
                          "subclass of elric.Job, as \"package.module:ClassName\"")
-    return cls.spec(arguments, **options)
+    spec = cls.spec(arguments, **options)
+    cls._check_arguments(spec["args"], spec["kwargs"])
+    return spec
 
 
 def cmd_call(args: argparse.Namespace) -> int:

@@ -220,13 +220,22 @@ def _wire_names(types: tuple[type, ...]) -> str:
     return " or ".join(names)
 
 
+# what to give instead of a value of the wrong type that a user of APScheduler gives
+_INSTEAD = {("coalesce", bool): '"latest", "all" or "skip" (APScheduler\'s True is "latest", '
+                                'False "all")',
+            ("trigger", str): 'e.g. {"type": "cron", "crontab": "*/5 * * * *"}, as '
+                              'elric.cron("*/5 * * * *") makes (and every(...), at(...))'}
+
+
 def check_type(key: str, value: Any) -> None:
     """Refuse a value of the wrong type for spec key ``key``, or text that is not UTF-8."""
     types = SPEC_KEYS[key][0]
     if not isinstance(value, types) or isinstance(value, ExtType) or (
             value is True or value is False) and bool not in types:
+        instead = _INSTEAD.get((key, type(value)))
         raise SpecError(f"job spec key {key!r} must be {_wire_names(types)}, "
-                        f"got {_WIRE_NAMES.get(type(value), type(value).__name__)}")
+                        f"got {_WIRE_NAMES.get(type(value), type(value).__name__)}"
+                        + (f": {instead}" if instead else ""))
     if isinstance(value, str):
         check_text(key, value)
 

@@ -7,8 +7,10 @@ with the parent's id) and sent to the master in a batch when the parent finishes
 
 from __future__ import annotations
 
+import difflib
 import functools
 import hashlib
+import inspect
 import itertools
 import sys
 import warnings
@@ -80,6 +82,31 @@ def _misplaced_default(cls: type) -> str | None:
     return None
 
 
+@functools.cache
+def _without_run(cls: type) -> str | None:
+    """Why ``cls`` cannot run (its ``run`` is Job's, as with a typo'd ``def runn``), or None."""
+    if cls.run is not Job.run:
+        return None
+    own = [name for k in cls.__mro__ if k not in (Job, object)
+           for name, value in vars(k).items() if callable(value) and not name.startswith("__")]
+    near = difflib.get_close_matches("run", own, n=1)
+    typo = f" (it defines {near[0]}: a typo?)" if near else ""
+    return (f"{cls.__qualname__} does not implement run, the method a worker calls with the "
+            f"job's arguments{typo}: define run(self, ...) or async def run(self, ...)")
+
+
+@functools.cache
+def _run_signature(cls: type) -> inspect.Signature | None:
+    """The signature of ``cls``'s run, or None where it is no plain method to judge."""
+    run = inspect.getattr_static(cls, "run")
+    if not inspect.isfunction(run):
+        return None
+    try:
+        return inspect.signature(run)
+    except ValueError:
+        return None
+
+
 class Job:
     """Subclass this and implement ``run``. Class attributes are per-class defaults."""
 
@@ -144,8 +171,8 @@ class Job:
                 except SpecError as exc:
                     raise SpecError(f"{cls.__qualname__}.{key} = {value!r}: {exc}") from None
                 spec[key] = value
-        if misplaced := _misplaced_default(cls):
-            raise SpecError(misplaced)
+        if wrong := _misplaced_default(cls) or _without_run(cls):
+            raise SpecError(wrong)   # (a class without run failed each attempt in the worker)
         for key in ("dedupe_key", "limit_key"):
             if key not in options:
                 derived = cls._derive(key, spec["args"], spec["kwargs"])
@@ -153,6 +180,18 @@ class Job:
                     spec[key] = derived
         spec.update(options)
         return spec
+
+    @classmethod
+    def _check_arguments(cls, args: list, kwargs: dict) -> None:
+        """SpecError unless ``run`` takes these arguments: else each attempt failed in the
+        worker, its retries used up. (``spec`` does not judge them: a spec built for a test
+        or a template may leave them out.)"""
+        if (signature := _run_signature(cls)) is not None:
+            try:
+                signature.bind(None, *args, **kwargs)
+            except TypeError as exc:
+                raise SpecError(f"{cls.__name__}.run{signature} does not take these "
+                                f"arguments: {exc}") from None
 
     @classmethod
     def _derive(cls, key: str, args: list, kwargs: dict) -> str | None:
@@ -192,6 +231,7 @@ class Job:
         None for one of the last four puts the class's aside: the settings' default applies
         (JOB_TIMEOUT for timeout; none if unset)."""
         spec = cls.spec(args, kwargs, **options)
+        cls._check_arguments(spec["args"], spec["kwargs"])
         ctx = _current.get()
         if ctx is not None:
             if ctx.ended:

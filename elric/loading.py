@@ -39,6 +39,9 @@ class JobModules:
         for name in modules.names:
             try:
                 importlib.import_module(name)
+            except SystemExit as exc:   # a script's sys.exit or parse_args ended the worker
+                modules.broken[name] = (f"SystemExit: {exc}; it exits as it imports: put a "
+                                        "script's code under if __name__ == '__main__'")
             except Exception as exc:
                 modules.broken[name] = f"{type(exc).__name__}: {exc}"
                 if isinstance(exc, ModuleNotFoundError) and exc.name is not None and (
@@ -59,6 +62,24 @@ class JobModules:
                 log.warning("job module %s defines no Job class, so this worker runs none of "
                             "its jobs (a class imported into it runs under its own module's "
                             "name: load that module)", name)
+
+    def runs_nothing(self) -> str | None:
+        """Why this worker would run no job though a module imported: none defines a Job
+        class (`elric worker examples.crawler`, whose Crawl is elric.demo.crawler's), or
+        None."""
+        clean = self.clean()
+        if any(any(job_classes(name)) for name in clean):
+            return None
+        from elric.job import Job
+
+        imported = [f"{name} imports {value.__module__}'s {value.__qualname__}"
+                    for name in clean for value in vars(sys.modules[name]).values()
+                    if isinstance(value, type) and issubclass(value, Job) and value is not Job]
+        whys = imported + [f"{name} did not import: {error}"
+                           for name, error in self.broken.items()]
+        return (f"no Job class is defined in job module{'s' * (len(clean) > 1)} "
+                f"{', '.join(clean)}, so this worker would run nothing: name the modules that "
+                f"define them" + (f" ({'; '.join(whys)})" if whys else ""))
 
     def log_other_queues(self, queues: list[str]) -> None:
         """A warning when every Job class loaded sends its jobs to queues this worker does

@@ -165,6 +165,12 @@ class Worker:
             except RemoteError as exc:  # the master answered: no, e.g. a wrong RPC_TOKEN
                 raise SettingsError(f"MASTER_ADDRESS {s.MASTER_ADDRESS}: {exc}") from None
             except Exception as exc:   # Redis away or refusing (BUSY, LOADING), no master
+                if what.startswith("Redis") and not is_outage(exc) and not isinstance(
+                        exc, SettingsError):
+                    # an answer, but no Redis's (an HTTP server there), or an option in the
+                    # URL that redis-py does not take: a setting to fix, as for a master
+                    raise SettingsError(f"REDIS_URL {redact_url(s.REDIS_URL)}: cannot "
+                                        f"connect ({exc})") from None
                 if not is_outage(exc) and not isinstance(exc, RPCConnectionError):
                     raise
                 if time.monotonic() >= next_warning:
@@ -193,6 +199,8 @@ class Worker:
                 "no job module imports (" + "; ".join(f"{n}: {e}" for n, e in
                                                      self.modules.broken.items()) +
                 f"): check the names, and that they import from {os.getcwd()} (PYTHONPATH)")
+        if nothing := self.modules.runs_nothing():
+            raise SettingsError(nothing)   # (it warned, then waited for good)
         self.modules.log_broken()   # the others' jobs run
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.request_stop)

@@ -764,6 +764,26 @@ def test_submit_wait_says_when_no_live_worker_takes_the_jobs_queue(cluster):
     assert served.returncode == 0 and "no running worker" not in served.stderr, served.stderr
 
 
+def test_submit_wait_says_why_a_worker_hands_the_job_back_unrun(cluster):
+    """`elric submit mymodule:Job --wait`, with a worker that loads other modules, waited
+    without a word ("retrying" on a terminal's spinner), for as long as the worker handed
+    the job back."""
+    cluster.start_worker("--concurrency", "1")   # no crawl queue: no crawler modules loaded
+    out = elric(cluster, "submit", "elric.demo.crawler_sync:CrawlSync", "http://127.0.0.1:1/",
+                "--queue", "default", "--wait", "--timeout", "5")
+    assert out.returncode == 1, out.stderr
+    said = [line for line in out.stderr.splitlines() if "not run" in line]
+    assert len(said) == 1 and said[0].startswith("elric: job ") and \
+        "does not load module 'elric.demo.crawler_sync'" in said[0], out.stderr
+
+
+def test_submit_arguments_run_does_not_take_are_a_usage_error(redis_url, tmp_path):
+    c = Cluster(redis_url, tmp_path)   # refused before any call: no master needed
+    one_line_error(elric(c, "submit", "tests.jobs:Add", "1"), 2,
+                   "Add.run(self, a, b) does not take these arguments: missing a required "
+                   "argument: 'b'")
+
+
 def test_worker_pause_resume_or_stop_with_set_options_is_a_usage_error(redis_url, tmp_path):
     c = Cluster(redis_url, tmp_path)   # refused before any call: no master needed
     one_line_error(elric(c, "worker", "Pause", "vm:41:abc123"), 2,

@@ -12,6 +12,7 @@ import pytest
 from elric import Job, SpecError
 from elric.contract import (METHODS, SPEC_KEYS, STATUSES, ErrorCode, Status, func_path,
                             normalize_spec)
+from elric.triggers import every
 from tests.jobs import Add, Echo, OnQueueB
 
 
@@ -315,6 +316,56 @@ def test_a_class_attribute_that_no_spec_takes_is_refused_naming_it():
     assert Echo.spec([1], dedupe_scope="crawl", limit_key="h")["limit_key"] == "h"
 
 
+def test_a_coalesce_or_trigger_given_as_apscheduler_takes_it_says_what_elric_takes():
+    """APScheduler's coalesce=True, or a crontab string as the trigger, were refused as
+    "must be string, got boolean" and "must be map, got string", naming neither the values
+    elric takes nor the helpers that make a trigger."""
+    periodic = {"func": "tests.jobs:Add", "job_id": "p", "trigger": every(minutes=5)}
+    for spec, said in (
+            ({**periodic, "coalesce": True}, "job spec key 'coalesce' must be string, got "
+             "boolean: \"latest\", \"all\" or \"skip\" (APScheduler's True is \"latest\", False "
+             "\"all\")"),
+            ({**periodic, "trigger": "*/5 * * * *"}, "job spec key 'trigger' must be map, got "
+             "string: e.g. {\"type\": \"cron\", \"crontab\": \"*/5 * * * *\"}, as "
+             "elric.cron(\"*/5 * * * *\") makes (and every(...), at(...))")):
+        with pytest.raises(SpecError) as info:
+            normalize_spec(spec)
+        assert str(info.value) == said
+
+
+def test_arguments_that_do_not_fit_run_are_refused_at_submit_naming_its_signature():
+    """Add.submit(1) was queued, and each attempt failed in the worker with "run() missing 1
+    required positional argument", its retries used up."""
+    for args, kwargs, said in (([1], {}, "missing a required argument: 'b'"),
+                               ([1, 2, 3], {}, "too many positional arguments"),
+                               ([1, 2], {"c": 3}, "got an unexpected keyword argument 'c'")):
+        with pytest.raises(SpecError) as info:   # (before any master is asked)
+            Add.submit_with(args, kwargs)
+        assert str(info.value) == f"Add.run(self, a, b) does not take these arguments: {said}"
+    Add._check_arguments([1], {"b": 2})
+    Echo._check_arguments([1, 2, 3], {"x": 1})   # *args, **kwargs: any
+    Hooked = type("Hooked", (Job,), {"run": classmethod(lambda cls, a: a),
+                                     "__module__": "tests.jobs"})
+    Hooked._check_arguments([], {})   # no plain method: not judged here
+    assert Add.spec()["args"] == []   # a spec alone (a template, a test's) is not judged
+
+
+def test_a_class_that_does_not_implement_run_is_refused_at_submit_naming_it():
+    """A Job class with ``def runn`` (a typo) was accepted: each attempt failed in the
+    worker with NotImplementedError, its retries used up, none of it seen where it was
+    submitted."""
+    Typo = type("Typo", (Job,), {"runn": lambda self, name: name, "__module__": "tests.jobs"})
+    with pytest.raises(SpecError) as info:
+        Typo.spec(["x"])
+    assert str(info.value) == ("Typo does not implement run, the method a worker calls with "
+                               "the job's arguments (it defines runn: a typo?): define "
+                               "run(self, ...) or async def run(self, ...)")
+    Bare = type("Bare", (Job,), {"__module__": "tests.jobs"})
+    with pytest.raises(SpecError, match=r"^Bare does not implement run, .*: define run\("):
+        Bare.spec()
+    assert type("Sub", (Echo,), {"__module__": "tests.jobs"}).spec([1])["args"] == [1]
+
+
 def test_a_method_or_none_under_a_spec_key_name_is_not_refused():
     """The refusal above took any name in the class body: a job's own ``def trigger(self,
     url)``, a property, or ``dedupe_scope: str | None = None`` re-declared was refused as
@@ -377,6 +428,9 @@ def test_a_child_given_an_empty_or_no_job_id_gets_its_derived_one():
 
 
 class Page(Job):   # as the README's Crawl
+    async def run(self, url):
+        return url
+
     @classmethod
     def limit_key_for(cls, url):
         return urlparse(url).netloc
@@ -404,8 +458,8 @@ def test_a_child_with_arguments_msgpack_cannot_carry_is_refused_at_its_submit():
     token = job_module._current.set(ctx)
     try:
         for args in ([{1, 2}], [{(1, 2): "pair"}]):
-            with pytest.raises(SpecError, match=r"^Add.submit: its arguments are not msgpack"):
-                Add.submit(*args)
+            with pytest.raises(SpecError, match=r"^Echo.submit: its arguments are not msgpack"):
+                Echo.submit(*args)
     finally:
         job_module._current.reset(token)
     assert ctx.children == []
@@ -422,9 +476,9 @@ def test_a_script_submit_with_arguments_msgpack_cannot_carry_is_refused_as_a_chi
     set_default_client(MasterClient("127.0.0.1:1"))   # nothing listens: nothing may be sent
     try:
         for args in ([datetime.now()], [{1, 2}], [object()], [2**70], [{(1, 2): "pair"}]):
-            with pytest.raises(SpecError, match=r"^Add.submit: its arguments are not msgpack "
+            with pytest.raises(SpecError, match=r"^Echo.submit: its arguments are not msgpack "
                                                 r"values \(.+\); pass plain data"):
-                Add.submit(*args)
+                Echo.submit(*args)
     finally:
         set_default_client(None)
 

@@ -3,6 +3,7 @@ another listens, and a current directory that holds a folder named like the elri
 
 from __future__ import annotations
 
+import contextlib
 import re
 import signal
 import socket
@@ -198,3 +199,25 @@ def test_a_redis_older_than_6_2_is_refused_at_start_naming_it(role, redis_server
     assert re.search(r"REDIS_URL redis://127\.0\.0\.1:\d+/0: Redis 6\.0\.\d+ is too old; elric "
                      r"needs Redis 6\.2 or later", done.stderr), done.stderr
     assert "Traceback" not in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("role", ["master", "worker"])
+def test_a_redis_url_where_no_redis_answers_is_refused_at_start_naming_it(role, tmp_path):
+    """REDIS_URL at a port where an HTTP server listens: the master exited 2 naming it, the
+    worker with a traceback from redis-py's parser (exit 1)."""
+    with socket.create_server(("127.0.0.1", 0)) as site:
+        def answer() -> None:
+            with contextlib.suppress(OSError):
+                while True:
+                    conn, _ = site.accept()
+                    with conn:
+                        conn.sendall(b"HTTP/1.0 400 Bad Request\r\n\r\n")
+        threading.Thread(target=answer, daemon=True).start()
+        url = f"redis://127.0.0.1:{site.getsockname()[1]}/0"
+        env = elric_env(url, f"127.0.0.1:{free_port()}", JOB_MODULES="tests.jobs")
+        done = run_group([sys.executable, "-m", "elric", role], timeout=60, cwd=ROOT, env=env)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    [line] = done.stderr.strip().splitlines()   # (redis-py's parsers word it each their way)
+    assert re.fullmatch(rf"elric: REDIS_URL {re.escape(url)}: cannot connect \(Protocol "
+                        r"error.*\)", line, re.I), line
