@@ -721,6 +721,28 @@ def test_a_job_of_unreadable_fields_fails_alone(cluster, redis_url):
     assert "another type" in worker.log() and KEYS.job("bad-type") in worker.log()
 
 
+
+def test_a_limit_interval_edited_past_what_redis_takes_does_not_stop_the_worker(cluster,
+                                                                              redis_url):
+    """A queued job's limit_interval set by hand past what a submit allows (1e999, 1e14)
+    became a PX that Redis refuses: every fetch that met the job failed and its worker
+    exited, then the next one. Such an interval is ignored, as one that is no number is;
+    so is one of LIMITS's edited so (ms in the limits hash)."""
+    specs = [{**Add.spec([1, 1], job_id=f"far-{i}"), "limit_key": "far", "limit_interval": 1}
+             for i in range(2)]
+    ruled = {**Add.spec([3, 3], job_id="ruled"), "limit_key": "ruled"}
+    cluster.client.submit_jobs([*specs, ruled, Add.spec([2, 2], job_id="plain")])
+    with redis.Redis.from_url(redis_url) as r:
+        r.hset(KEYS.job("far-0"), "limit_interval", "1e999")
+        r.hset(KEYS.job("far-1"), "limit_interval", "1e14")
+        r.hset(KEYS.limits, "ruled", ",99999999999999999999")
+    worker = cluster.start_worker("--concurrency", "2")
+    for job_id in ("far-0", "far-1", "ruled", "plain"):
+        wait_for(lambda: not worker.alive() or
+                 cluster.client.get_job(job_id)["status"] == "succeeded",
+                 what=f"{job_id} run, or the worker gone")
+        assert worker.alive(), worker.log()
+
 def test_redis_outage_under_load_master_and_worker_carry_on(tmp_path):
     outage = float(os.environ.get("ELRICTEST_REDIS_OUTAGE", "5"))
     server = RedisServer(appendonly=True).start()

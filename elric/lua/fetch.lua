@@ -54,9 +54,14 @@ local mine = {}   -- the queues of this worker
 for i = FIRST_QUEUE, #ARGV do mine[ARGV[i]] = true end
 
 local rules = {}   -- limit key (or '*') -> {concurrency or nil, interval ms or nil}
+-- The longest interval between starts, in ms: contract.MAX_TIMEOUT, what a submit and
+-- LIMITS allow. One longer (a hash edited by hand) is none: a PX Redis refuses (from 1e14
+-- s) failed every fetch that met its job, and each worker exited on it in turn.
+local MOST_MS = 2147483648000
+local function bounded(ms) return ms and ms <= MOST_MS and ms or nil end
 local function interval(seconds)   -- a job's limit_interval field, in ms (nil: none)
   seconds = tonumber(seconds or '')
-  return seconds and math.max(1, math.floor(seconds * 1000 + 0.5))
+  return bounded(seconds and math.max(1, math.floor(seconds * 1000 + 0.5)))
 end
 local limited = redis.call('EXISTS', KEYS[3]) == 1
 if limited then
@@ -65,7 +70,7 @@ if limited then
   if not read then return {{}, RECHECK_MS, KEYS[3]} end
   for i = 1, #h, 2 do
     local c, iv = string.match(h[i + 1], '^(%d*),(%d*)$')
-    rules[h[i]] = {tonumber(c), tonumber(iv)}
+    rules[h[i]] = {tonumber(c), bounded(tonumber(iv))}
   end
 end
 
