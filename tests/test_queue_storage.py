@@ -306,6 +306,19 @@ def test_a_worker_asking_which_claims_it_holds_reads_only_the_recent_claims(redi
     asyncio.run(with_queue(redis_url, body))
 
 
+
+def test_a_claim_whose_attempts_an_operator_overwrote_is_not_among_those_it_holds(redis_url):
+    """A running job's attempts set by hand to no count (or deleted) failed the read of a
+    worker's claims with a ValueError: a worker whose fetch reply was lost then exited. Such
+    a claim is passed over (release.lua could not match its attempt): its lease runs out."""
+    async def body(q, r):
+        await q.enqueue(specs(3))
+        claims = (await q.fetch("w1", ["default"], 3, 30)).claims
+        await r.hset(KEYS.job(claims[0].job_id), "attempts", "abc")
+        await r.hdel(KEYS.job(claims[1].job_id), "attempts")
+        assert await q.claimed("w1", 60) == [claims[2].run]
+    asyncio.run(with_queue(redis_url, body))
+
 def test_a_finish_sent_again_answers_what_it_recorded_and_counts_once(redis_url):
     """A finish whose reply was lost is sent again (by redis-py or the worker's retry): the
     second run finds the outcome recorded and answers its status, not 'stale', which would
