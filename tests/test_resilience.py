@@ -46,7 +46,7 @@ from tests.jobs_faults import (AsyncExitUnprintable, CommandUntilGate, AsyncFork
                                Stdio, StopCommand, StopProcesses, StopFork, ReadStdin,
                                ProcessSettings, AsyncProcessSettings, Seventh,
                                WarningState, AsyncWarningState, LeaveAsyncGenerator,
-                               RunLoopOnce)
+                               RunLoopOnce, FailAskingToWait)
 from tests.procs import group
 from tests.silent_proxy import SilentProxy
 
@@ -741,6 +741,27 @@ def test_a_limit_interval_edited_past_what_redis_takes_does_not_stop_the_worker(
         wait_for(lambda: not worker.alive() or
                  cluster.client.get_job(job_id)["status"] == "succeeded",
                  what=f"{job_id} run, or the worker gone")
+        assert worker.alive(), worker.log()
+
+
+@pytest.mark.parametrize("key", [KEYS.limit_next, KEYS.limit_hold])
+def test_a_limit_keys_time_overwritten_with_no_number_does_not_stop_the_worker(cluster,
+                                                                             redis_url, key):
+    """A limit key's next start or hold (a string of ms) SET by hand to no number failed
+    every fetch that met one of its jobs with a Lua error (and the hold, the record of a
+    failure that asks to wait): each worker exited on it in turn. It reads as none."""
+    cluster.client.submit_jobs([
+        {**Add.spec([1, 1], job_id="spaced"), "limit_key": "host", "limit_interval": 1},
+        {**FailAskingToWait.spec(job_id="asks"), "limit_key": "host"},
+        Add.spec([2, 2], job_id="plain")])
+    with redis.Redis.from_url(redis_url) as r:
+        r.set(key("host"), "soon")
+    worker = cluster.start_worker()
+    for job_id, status in (("spaced", "succeeded"), ("asks", "failed"),
+                           ("plain", "succeeded")):
+        wait_for(lambda: not worker.alive() or
+                 cluster.client.get_job(job_id)["status"] == status,
+                 what=f"{job_id} {status}, or the worker gone")
         assert worker.alive(), worker.log()
 
 def test_redis_outage_under_load_master_and_worker_carry_on(tmp_path):

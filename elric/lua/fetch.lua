@@ -93,8 +93,10 @@ local function room(lk, iv)
     local bad = mistyped(rp .. lk, 'set') and rp .. lk or mistyped(hp .. lk, 'string')
       and hp .. lk or mistyped(np .. lk, 'string') and np .. lk
     local c = (rules[lk] or rules['*'] or {})[1]
+    -- a hold or next start that is no number (SET by hand) is none: as nil it failed the
+    -- fetch, and each worker meeting the key's jobs exited on it in turn
     m = bad and {bad = bad} or {free = c and c - redis.call('SCARD', rp .. lk) or math.huge,
-                               hold = tonumber(redis.call('GET', hp .. lk) or '0')}
+                               hold = tonumber(redis.call('GET', hp .. lk) or '0') or 0}
     rooms[lk] = m
   end
   if m.bad then return m end
@@ -102,7 +104,7 @@ local function room(lk, iv)
   if not r and m.hold <= clock then return nil end
   m.rule, m.next = r or {}, m.hold
   if r and r[2] then
-    m.at = m.at or tonumber(redis.call('GET', np .. lk) or '0')
+    m.at = m.at or tonumber(redis.call('GET', np .. lk) or '0') or 0
     -- set under a longer rule (LIMITS changed since): one interval of this rule instead
     if m.at > clock + r[2] then
       m.at = clock + r[2]
