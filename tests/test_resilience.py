@@ -764,6 +764,26 @@ def test_a_limit_keys_time_overwritten_with_no_number_does_not_stop_the_worker(c
                  what=f"{job_id} {status}, or the worker gone")
         assert worker.alive(), worker.log()
 
+
+@pytest.mark.parametrize("key", [KEYS.workers, KEYS.inflight])
+def test_a_worker_whose_workers_or_leases_key_an_operator_overwrote_hears_a_cancel(
+        cluster, redis_url, key):
+    """The workers index (or inflight) SET to a string failed every heartbeat: the worker
+    ran on, but heard no cancel, pause or stop, and dropped no lost claim, for good. The
+    heartbeat now passes over that key, named, and does the rest."""
+    worker = cluster.start_worker()
+    cluster.client.submit_job(Sleep.spec([60], job_id="long"))
+    wait_for(lambda: cluster.client.get_job("long")["status"] == "running",
+             what="the job running")
+    with redis.Redis.from_url(redis_url) as r:
+        r.delete(key)
+        r.set(key, "overwritten")
+    assert cluster.client.cancel_job("long")["status"] == "cancelling"
+    wait_for(lambda: cluster.client.get_job("long")["status"] == "cancelled", timeout=20,
+             what="the running job cancelled")
+    assert worker.alive(), worker.log()
+    wait_for(lambda: key in worker.log(), what="the key named")
+
 def test_redis_outage_under_load_master_and_worker_carry_on(tmp_path):
     outage = float(os.environ.get("ELRICTEST_REDIS_OUTAGE", "5"))
     server = RedisServer(appendonly=True).start()
