@@ -14,7 +14,7 @@
 --   names the run), unreadable ('' or the attempts field, if not a count: the worker
 --   fails the job), suspect ('' or '1': below)}; wait: ms until
 --   parked jobs are looked at again (-1: none parked; 0: more in line than one call
---   looks at); then the keys passed
+--   looks at, and it moved some out of it); then the keys passed
 --   over for holding another type (a queue: its jobs wait, or stay parked; a job's hash:
 --   out of its line, or a running one's keeps its limit slot; inflight: nothing claimed;
 --   its limit key's running, parked, hold or next-start key, the parked counts its parking
@@ -214,6 +214,7 @@ for _, lk in ipairs(due) do
 end
 
 local out, budget = {}, SCAN_BUDGET
+local moved = 0   -- jobs out of their line (claimed, parked, removed): a call now sees others
 local stop = false   -- a limited job the worker cannot start now: it takes no more
 local skip = {}   -- queue -> jobs passed over at the head of its line (each is looked at once)
 while #out < limit and budget > 0 and not stop do
@@ -264,8 +265,10 @@ while #out < limit and budget > 0 and not stop do
       skip[queue] = (skip[queue] or 0) + 1
     elseif not f[6] then   -- every job hash has its queue; with no hash, the job was removed
       redis.call('ZREM', qp .. queue, member)
+      moved = moved + 1
     else
       redis.call('ZREM', qp .. queue, member)
+      moved = moved + 1
       if parks then
         park(lk, m, score, member, queue)
       else
@@ -324,7 +327,10 @@ elseif started > 0 then
   redis.call('HINCRBY', KEYS[6], 'start_latency_ms', waited)
 end
 local wait = -1
-if budget == 0 then wait = 0   -- more in line than one call looks at
+if budget == 0 and moved > 0 then wait = 0   -- more in line than one call looks at
+-- all it looked at stays in line (passed over, named): a call now would look at them again,
+-- and its worker asked again at once, for good
+elseif budget == 0 then wait = RECHECK_MS
 elseif not due_bad then
   local first = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
   if #first > 0 then wait = math.max(0, tonumber(first[2]) - clock) end
