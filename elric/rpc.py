@@ -663,7 +663,7 @@ class AsyncClient(_Caller):
                 return await future
         except TimeoutError:
             raise self._timed_out(method, limit) from None
-        except ConnectionError as exc:
+        except OSError as exc:   # (EHOSTUNREACH too: drain raises what the reads met)
             if future.done() and not future.cancelled() and \
                     isinstance(future.exception(), RemoteError):
                 raise future.exception() from None   # answered (too_large) while sending

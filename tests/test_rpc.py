@@ -1037,3 +1037,20 @@ def test_a_connection_whose_socket_timed_out_ends_while_its_call_runs():
             call.cancel()
             await client.close()
     arun(main())
+
+
+def test_a_call_whose_send_fails_with_any_socket_error_is_a_connection_error():
+    """A send failing with an OSError that is no ConnectionError (EHOSTUNREACH, the read
+    side's error that drain raises) escaped call() as itself: a worker sending child jobs,
+    which waits out a lost master (RPCConnectionError), stopped on it instead."""
+    async def main():
+        async with serving() as server:
+            client = await AsyncClient.connect(*server.address, timeout=5)
+
+            async def unreachable():
+                raise OSError(errno.EHOSTUNREACH, "No route to host")
+            client._writer.drain = unreachable
+            with pytest.raises(RPCConnectionError, match="No route to host"):
+                await client.call("ping")
+            await client.close()
+    arun(main())
