@@ -559,6 +559,23 @@ async def forget_idle(q, r, name):
     assert not [f for f in fields if f.startswith(f"queue:{name}:".encode())]
 
 
+def test_a_stats_count_an_operator_overwrote_leaves_its_name_alone_not_the_walk(redis_url):
+    """A batch's, func's or queue's count set by hand to no number failed the step of
+    housekeeping that forgets old names at each pass, for good, stuck on that page: no
+    name after it was ever forgotten. That name is left alone; the others are forgotten."""
+    async def body(q, r):
+        await q.enqueue([normalize_spec({"func": FUNC, "job_id": j, "queue": f"q-{j}",
+                                         "batch": f"b-{j}"}) for j in ("bad", "idle")])
+        for j in ("bad", "idle"):
+            await q.remove(j)
+            await r.hset(KEYS.batch(f"b-{j}"), "last_at", 1)
+        await r.hset(KEYS.batch("b-bad"), "submitted", "lots")
+        await r.hset(KEYS.counters, "queue:q-bad:last_at", "long ago")
+        await forget_idle(q, r, "q-idle")
+        assert await r.smembers(KEYS.batches) == {b"b-bad"}
+        assert b"q-bad" in await r.smembers(KEYS.queues)
+    asyncio.run(with_queue(redis_url, body))
+
 def test_a_job_cancelled_after_its_queue_was_forgotten_lists_it_again(redis_url):
     """A job retrying, or running, all through its queue's retention that was then cancelled
     counted in `queue:<q>:cancelled` of a queue no longer listed: housekeeping, which walks
