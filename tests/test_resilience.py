@@ -1767,25 +1767,28 @@ def test_a_worker_whose_loop_and_stop_both_fail_exits_non_zero_and_ends_its_pool
 
 
 def test_a_worker_that_cannot_register_exits_non_zero_and_ends_its_pool(make_cluster):
-    """The list of workers overwritten with a string: registering, after the pool had
-    started, was refused, and the worker never exited: Python waits for the pool processes,
-    which nothing ended. It logs the error and exits 1 with its pool gone."""
+    """Registering refused for good (here: its Redis user may not run scripts), after the
+    pool had started: the worker never exited, as Python waits for the pool processes,
+    which nothing ended. It logs the error and exits 1 with its pool gone. (The list of
+    workers overwritten with a string once refused it; the heartbeat passes over that.)"""
     c = make_cluster()
     c.start_master()
+    user = f"noscripts{uuid.uuid4().hex[:8]}"
     r = redis.Redis.from_url(c.redis_url)
-    try:
-        r.set(KEYS.workers, "overwritten")
-    finally:
-        r.close()
+    r.acl_setuser(user, enabled=True, nopass=True, keys=["*"], channels=["*"],
+                  commands=["+@all", "-evalsha", "-eval"])
     # (its pool processes may outlive it, orphaned: told by this mark in their environment)
     c.env["ELRICTEST_MARK"] = mark = uuid.uuid4().hex
+    c.env["ELRIC_REDIS_URL"] = c.redis_url.replace("redis://", f"redis://{user}@")
     worker = c.start_worker("--concurrency", "2", wait=False)
     try:
         assert exit_status(worker, 30) == 1, worker.log()
         wait_for(lambda: not marked(mark), timeout=10, what="its pool processes end")
-        assert "WRONGTYPE" in worker.log()
+        assert "NOPERM" in worker.log() or "no permissions" in worker.log(), worker.log()
     finally:
         reap(marked(mark))
+        r.acl_deluser(user)
+        r.close()
 
 
 def test_jobs_that_end_before_a_long_one_of_their_batch_are_recorded_while_it_runs(
