@@ -14,7 +14,7 @@ from elric import limits
 from elric.backoff import Backoff
 from elric.clock import redis_now
 from elric.health import TaskHealth
-from elric.queue import RedisQueue
+from elric.queue import DUE_STEP, RedisQueue
 from elric.reservation import DedupeGate
 from elric.retry import REDIS_ERRORS, Outage, cancel_pending, each, is_outage
 
@@ -37,6 +37,7 @@ class Housekeeping:
         self._hold_until = 0.0
         self._saw_data = False   # whether data_since was there: its loss is then Redis's
         self._epoch = 0          # the data_epoch this master last wrote: Redis stays above it
+        self._backlog = False    # the last pass's promote took a full step: more are due
 
     async def run(self) -> None:
         """Until cancelled; any error is logged and retried, never the end of the loop."""
@@ -48,7 +49,7 @@ class Housekeeping:
                 backoff.reset()
                 due = await self.queue.next_delayed()
                 outage.passed()   # after all it asks Redis: else a failing step logs each pass
-                await asyncio.sleep(min(1.0, due if due is not None else 1.0))
+                await asyncio.sleep(self._pause(due))
             except Exception as exc:   # Redis away or refusing, a bug: never stop
                 self.health.trouble(f"Redis unreachable ({exc}); retrying"
                                     if isinstance(exc, REDIS_ERRORS) else
@@ -59,11 +60,22 @@ class Housekeeping:
                 await asyncio.sleep(backoff.next() if is_outage(exc) else 1.0)
         raise asyncio.CancelledError
 
+    def _pause(self, due: float | None) -> float:
+        """Seconds till the next pass: till the next retry is due, at most a second. One
+        due now that the pass left, with no backlog, is one promote cannot queue (a key of
+        another type): waiting 0 s for it, pass after pass, spun for good."""
+        if due is None or (due == 0 and not self._backlog):
+            return 1.0
+        return min(1.0, due)
+
+    async def _promote(self) -> None:
+        self._backlog = await self.queue.promote() >= DUE_STEP
+
     async def pass_once(self) -> None:
         """Each step even if one before failed for a key of another type (an operator's
         WRONGTYPE): one such key must not stop redelivery, retries or LIMITS. Redis away
         ends the pass."""
-        await each((self._redeliver, self.queue.promote, self._drop_old_rounds,
+        await each((self._redeliver, self._promote, self._drop_old_rounds,
                     self._restore_limits, self.queue.forget_old_workers,
                     self.queue.forget_old_names, self._check_data), lambda step: step())
 

@@ -427,9 +427,13 @@ class _Connection:
                     await self._room(decoder)
                 try:   # asyncio.timeout, not wait_for: no task per read
                     async with asyncio.timeout_at(loop.time() + self.server.idle_timeout
-                                                  if self.authed else auth_by):
+                                                  if self.authed else auth_by) as idle:
                         data = await self.reader.read(decoder.chunk)
                 except TimeoutError:
+                    # the socket's own ETIMEDOUT (its peer gone) fails every read at once:
+                    # read again, the loop would spin here, the master frozen
+                    if not idle.expired():
+                        raise
                     if self.tasks:
                         continue  # a long request in flight is not idleness
                     log.info("closing %s connection from %s", "idle" if self.authed else
@@ -449,7 +453,7 @@ class _Connection:
             if exc.msgid is not None and self.authed:
                 await self._send(exc.msgid, exc.answer, None)
                 refused = True
-        except ConnectionError:
+        except OSError:   # reset, timed out, unreachable: the peer is gone
             pass
         finally:
             self._read_no_more()
@@ -659,7 +663,7 @@ class AsyncClient(_Caller):
                 return await future
         except TimeoutError:
             raise self._timed_out(method, limit) from None
-        except ConnectionError as exc:
+        except OSError as exc:   # (EHOSTUNREACH too: drain raises what the reads met)
             if future.done() and not future.cancelled() and \
                     isinstance(future.exception(), RemoteError):
                 raise future.exception() from None   # answered (too_large) while sending

@@ -114,6 +114,17 @@ class FailBadRetryAfter(Job):
         raise _BadRetryAfter("failed")
 
 
+class _AskedToWait(Exception):
+    retry_after = 0.1
+
+
+class FailAskingToWait(Job):
+    """Fails as a call to a server that answered Retry-After: its limit key is held."""
+
+    def run(self):
+        raise _AskedToWait("the server asked to wait")
+
+
 class ForkReturns(Job):
     """Forks, and the child returns from run() too, as code that forgets os._exit does;
     each writes its pid and role to ``path``."""

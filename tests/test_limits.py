@@ -541,6 +541,23 @@ def test_a_job_whose_keys_running_set_an_operator_overwrote_waits_in_line_named(
     asyncio.run(with_redis(redis_url, body))
 
 
+def test_a_fetch_that_spent_its_scan_on_jobs_left_in_line_does_not_say_look_again_now(
+        redis_url):
+    """More jobs than a fetch looks at (SCAN_BUDGET), each passed over and left in its place
+    (their key's running set of another type, an operator's SET): the fetch said 0, "more
+    in line, look again now", and its worker fetched again at once, for good, each call
+    scanning the same jobs. Only a fetch that moved jobs out of the line says 0."""
+    keys = Keys("elrictest")
+
+    async def body(r):
+        q = RedisQueue(r, keys)
+        await q.enqueue([normalize_spec({"func": "tests.jobs:Echo", "job_id": f"k{i}",
+                                         "limit_key": "k"}) for i in range(1001)])
+        await r.set(keys.limit_running("k"), "overwritten")
+        fetched = await q.fetch("w", ["default"], 10, 30)
+        assert fetched.claims == [] and fetched.limited_wait != 0, fetched.limited_wait
+    asyncio.run(with_redis(redis_url, body))
+
 @pytest.mark.parametrize("overwritten", ["parked", "counts"])
 def test_a_job_parked_on_a_key_an_operator_overwrote_waits_in_line_named(redis_url, caplog,
                                                                         overwritten):

@@ -306,6 +306,19 @@ def test_a_worker_asking_which_claims_it_holds_reads_only_the_recent_claims(redi
     asyncio.run(with_queue(redis_url, body))
 
 
+
+def test_a_claim_whose_attempts_an_operator_overwrote_is_not_among_those_it_holds(redis_url):
+    """A running job's attempts set by hand to no count (or deleted) failed the read of a
+    worker's claims with a ValueError: a worker whose fetch reply was lost then exited. Such
+    a claim is passed over (release.lua could not match its attempt): its lease runs out."""
+    async def body(q, r):
+        await q.enqueue(specs(3))
+        claims = (await q.fetch("w1", ["default"], 3, 30)).claims
+        await r.hset(KEYS.job(claims[0].job_id), "attempts", "abc")
+        await r.hdel(KEYS.job(claims[1].job_id), "attempts")
+        assert await q.claimed("w1", 60) == [claims[2].run]
+    asyncio.run(with_queue(redis_url, body))
+
 def test_a_finish_sent_again_answers_what_it_recorded_and_counts_once(redis_url):
     """A finish whose reply was lost is sent again (by redis-py or the worker's retry): the
     second run finds the outcome recorded and answers its status, not 'stale', which would
@@ -545,6 +558,23 @@ async def forget_idle(q, r, name):
     fields = await r.hkeys(KEYS.counters)
     assert not [f for f in fields if f.startswith(f"queue:{name}:".encode())]
 
+
+def test_a_stats_count_an_operator_overwrote_leaves_its_name_alone_not_the_walk(redis_url):
+    """A batch's, func's or queue's count set by hand to no number failed the step of
+    housekeeping that forgets old names at each pass, for good, stuck on that page: no
+    name after it was ever forgotten. That name is left alone; the others are forgotten."""
+    async def body(q, r):
+        await q.enqueue([normalize_spec({"func": FUNC, "job_id": j, "queue": f"q-{j}",
+                                         "batch": f"b-{j}"}) for j in ("bad", "idle")])
+        for j in ("bad", "idle"):
+            await q.remove(j)
+            await r.hset(KEYS.batch(f"b-{j}"), "last_at", 1)
+        await r.hset(KEYS.batch("b-bad"), "submitted", "lots")
+        await r.hset(KEYS.counters, "queue:q-bad:last_at", "long ago")
+        await forget_idle(q, r, "q-idle")
+        assert await r.smembers(KEYS.batches) == {b"b-bad"}
+        assert b"q-bad" in await r.smembers(KEYS.queues)
+    asyncio.run(with_queue(redis_url, body))
 
 def test_a_job_cancelled_after_its_queue_was_forgotten_lists_it_again(redis_url):
     """A job retrying, or running, all through its queue's retention that was then cancelled

@@ -46,7 +46,7 @@ from tests.jobs_faults import (AsyncExitUnprintable, CommandUntilGate, AsyncFork
                                Stdio, StopCommand, StopProcesses, StopFork, ReadStdin,
                                ProcessSettings, AsyncProcessSettings, Seventh,
                                WarningState, AsyncWarningState, LeaveAsyncGenerator,
-                               RunLoopOnce)
+                               RunLoopOnce, FailAskingToWait)
 from tests.procs import group
 from tests.silent_proxy import SilentProxy
 
@@ -720,6 +720,69 @@ def test_a_job_of_unreadable_fields_fails_alone(cluster, redis_url):
     assert (totals["succeeded"], totals["failed"]) == (len(specs) // 2, len(bad) + 1), totals
     assert "another type" in worker.log() and KEYS.job("bad-type") in worker.log()
 
+
+
+def test_a_limit_interval_edited_past_what_redis_takes_does_not_stop_the_worker(cluster,
+                                                                              redis_url):
+    """A queued job's limit_interval set by hand past what a submit allows (1e999, 1e14)
+    became a PX that Redis refuses: every fetch that met the job failed and its worker
+    exited, then the next one. Such an interval is ignored, as one that is no number is;
+    so is one of LIMITS's edited so (ms in the limits hash)."""
+    specs = [{**Add.spec([1, 1], job_id=f"far-{i}"), "limit_key": "far", "limit_interval": 1}
+             for i in range(2)]
+    ruled = {**Add.spec([3, 3], job_id="ruled"), "limit_key": "ruled"}
+    cluster.client.submit_jobs([*specs, ruled, Add.spec([2, 2], job_id="plain")])
+    with redis.Redis.from_url(redis_url) as r:
+        r.hset(KEYS.job("far-0"), "limit_interval", "1e999")
+        r.hset(KEYS.job("far-1"), "limit_interval", "1e14")
+        r.hset(KEYS.limits, "ruled", ",99999999999999999999")
+    worker = cluster.start_worker("--concurrency", "2")
+    for job_id in ("far-0", "far-1", "ruled", "plain"):
+        wait_for(lambda: not worker.alive() or
+                 cluster.client.get_job(job_id)["status"] == "succeeded",
+                 what=f"{job_id} run, or the worker gone")
+        assert worker.alive(), worker.log()
+
+
+@pytest.mark.parametrize("key", [KEYS.limit_next, KEYS.limit_hold])
+def test_a_limit_keys_time_overwritten_with_no_number_does_not_stop_the_worker(cluster,
+                                                                             redis_url, key):
+    """A limit key's next start or hold (a string of ms) SET by hand to no number failed
+    every fetch that met one of its jobs with a Lua error (and the hold, the record of a
+    failure that asks to wait): each worker exited on it in turn. It reads as none."""
+    cluster.client.submit_jobs([
+        {**Add.spec([1, 1], job_id="spaced"), "limit_key": "host", "limit_interval": 1},
+        {**FailAskingToWait.spec(job_id="asks"), "limit_key": "host"},
+        Add.spec([2, 2], job_id="plain")])
+    with redis.Redis.from_url(redis_url) as r:
+        r.set(key("host"), "soon")
+    worker = cluster.start_worker()
+    for job_id, status in (("spaced", "succeeded"), ("asks", "failed"),
+                           ("plain", "succeeded")):
+        wait_for(lambda: not worker.alive() or
+                 cluster.client.get_job(job_id)["status"] == status,
+                 what=f"{job_id} {status}, or the worker gone")
+        assert worker.alive(), worker.log()
+
+
+@pytest.mark.parametrize("key", [KEYS.workers, KEYS.inflight])
+def test_a_worker_whose_workers_or_leases_key_an_operator_overwrote_hears_a_cancel(
+        cluster, redis_url, key):
+    """The workers index (or inflight) SET to a string failed every heartbeat: the worker
+    ran on, but heard no cancel, pause or stop, and dropped no lost claim, for good. The
+    heartbeat now passes over that key, named, and does the rest."""
+    worker = cluster.start_worker()
+    cluster.client.submit_job(Sleep.spec([60], job_id="long"))
+    wait_for(lambda: cluster.client.get_job("long")["status"] == "running",
+             what="the job running")
+    with redis.Redis.from_url(redis_url) as r:
+        r.delete(key)
+        r.set(key, "overwritten")
+    assert cluster.client.cancel_job("long")["status"] == "cancelling"
+    wait_for(lambda: cluster.client.get_job("long")["status"] == "cancelled", timeout=20,
+             what="the running job cancelled")
+    assert worker.alive(), worker.log()
+    wait_for(lambda: key in worker.log(), what="the key named")
 
 def test_redis_outage_under_load_master_and_worker_carry_on(tmp_path):
     outage = float(os.environ.get("ELRICTEST_REDIS_OUTAGE", "5"))
@@ -1704,25 +1767,28 @@ def test_a_worker_whose_loop_and_stop_both_fail_exits_non_zero_and_ends_its_pool
 
 
 def test_a_worker_that_cannot_register_exits_non_zero_and_ends_its_pool(make_cluster):
-    """The list of workers overwritten with a string: registering, after the pool had
-    started, was refused, and the worker never exited: Python waits for the pool processes,
-    which nothing ended. It logs the error and exits 1 with its pool gone."""
+    """Registering refused for good (here: its Redis user may not run scripts), after the
+    pool had started: the worker never exited, as Python waits for the pool processes,
+    which nothing ended. It logs the error and exits 1 with its pool gone. (The list of
+    workers overwritten with a string once refused it; the heartbeat passes over that.)"""
     c = make_cluster()
     c.start_master()
+    user = f"noscripts{uuid.uuid4().hex[:8]}"
     r = redis.Redis.from_url(c.redis_url)
-    try:
-        r.set(KEYS.workers, "overwritten")
-    finally:
-        r.close()
+    r.acl_setuser(user, enabled=True, nopass=True, keys=["*"], channels=["*"],
+                  commands=["+@all", "-evalsha", "-eval"])
     # (its pool processes may outlive it, orphaned: told by this mark in their environment)
     c.env["ELRICTEST_MARK"] = mark = uuid.uuid4().hex
+    c.env["ELRIC_REDIS_URL"] = c.redis_url.replace("redis://", f"redis://{user}@")
     worker = c.start_worker("--concurrency", "2", wait=False)
     try:
         assert exit_status(worker, 30) == 1, worker.log()
         wait_for(lambda: not marked(mark), timeout=10, what="its pool processes end")
-        assert "WRONGTYPE" in worker.log()
+        assert "NOPERM" in worker.log() or "no permissions" in worker.log(), worker.log()
     finally:
         reap(marked(mark))
+        r.acl_deluser(user)
+        r.close()
 
 
 def test_jobs_that_end_before_a_long_one_of_their_batch_are_recorded_while_it_runs(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -1001,3 +1002,55 @@ def test_a_child_forked_while_a_call_is_in_flight_can_call():
             finally:
                 release.set()
             assert in_flight.result(DEADLINE) == "slow"
+
+
+def test_a_connection_whose_socket_timed_out_ends_while_its_call_runs():
+    """A read failing with the socket's own ETIMEDOUT (its peer gone: the kernel's
+    retransmissions or keepalives ran out) was taken for the idle timeout: with a call in
+    flight the connection read again, failing at once, with no await between: the event
+    loop spun there, the master frozen, and the call it waited for never ended."""
+    async def main():
+        release, reads = asyncio.Event(), []
+
+        async def hang():
+            await release.wait()
+            return "late"
+        async with serving(basic_handlers(hang=hang)) as server:
+            client = await AsyncClient.connect(*server.address, timeout=None)
+            call = asyncio.ensure_future(client.call("hang"))
+            await eventually(lambda: any(c.tasks for c in server._connections.values()),
+                             "the call in flight")
+            [conn] = server._connections.values()
+            real_read = conn.reader.read
+
+            async def read(n):
+                reads.append(n)
+                if len(reads) > 3:   # the spin: end it, for the test to say so
+                    raise ConnectionResetError("spun")
+                return await real_read(n)
+            conn.reader.read = read
+            conn.reader.set_exception(TimeoutError(errno.ETIMEDOUT, "Connection timed out"))
+            await asyncio.sleep(0)
+            release.set()
+            await eventually(lambda: not server._connections, "the connection ended")
+            assert reads == [], f"read {len(reads)} time(s) more after the socket failed"
+            call.cancel()
+            await client.close()
+    arun(main())
+
+
+def test_a_call_whose_send_fails_with_any_socket_error_is_a_connection_error():
+    """A send failing with an OSError that is no ConnectionError (EHOSTUNREACH, the read
+    side's error that drain raises) escaped call() as itself: a worker sending child jobs,
+    which waits out a lost master (RPCConnectionError), stopped on it instead."""
+    async def main():
+        async with serving() as server:
+            client = await AsyncClient.connect(*server.address, timeout=5)
+
+            async def unreachable():
+                raise OSError(errno.EHOSTUNREACH, "No route to host")
+            client._writer.drain = unreachable
+            with pytest.raises(RPCConnectionError, match="No route to host"):
+                await client.call("ping")
+            await client.close()
+    arun(main())

@@ -15,7 +15,7 @@ import logging
 import pytest
 from redis.exceptions import ResponseError
 
-from elric.contract import normalize_spec
+from elric.contract import Status, normalize_spec
 from elric.queue import RedisQueue
 from tests.conftest import wait_for
 from tests.test_dedupe_keys_given_back import master
@@ -330,6 +330,34 @@ def test_housekeeping_goes_on_with_its_other_steps_past_a_key_of_another_type(re
                 await asyncio.sleep(0.05)
     asyncio.run(main())
 
+
+
+def test_housekeeping_does_not_spin_on_a_retry_it_cannot_promote(redis_url, monkeypatch):
+    """A retry due now that promote cannot queue (the retrying index of another type, an
+    operator's write) stays at the head of the delayed set: housekeeping slept the 0 s
+    till it was due, pass after pass, some hundred passes a second for good."""
+    async def main():
+        async with master(redis_url) as m:
+            sleeps, real_sleep = [], asyncio.sleep
+
+            async def sleep(delay, *args, **kwargs):
+                if asyncio.current_task() is m._housekeeping:
+                    sleeps.append(delay)
+                return await real_sleep(delay, *args, **kwargs)
+            monkeypatch.setattr(asyncio, "sleep", sleep)
+            retrying = m.keys.status(Status.RETRYING)
+            await m.redis.set(retrying, "overwritten")
+            await m.redis.zadd(m.keys.delayed, {"due-long-ago": 1})
+            deadline = asyncio.get_running_loop().time() + 30
+            while retrying not in m.queue._told_broken:   # a pass met it
+                assert asyncio.get_running_loop().time() < deadline, "never passed over"
+                await real_sleep(0.01)
+            seen = len(sleeps)
+            while len(sleeps) < seen + 3:
+                assert asyncio.get_running_loop().time() < deadline, "housekeeping stopped"
+                await real_sleep(0.01)
+            assert min(sleeps[seen:]) >= 1.0, sleeps[seen:]
+    asyncio.run(main())
 
 @contextlib.contextmanager
 def redis_running_a_long_script(url: str, until=None):

@@ -14,7 +14,7 @@
 --   names the run), unreadable ('' or the attempts field, if not a count: the worker
 --   fails the job), suspect ('' or '1': below)}; wait: ms until
 --   parked jobs are looked at again (-1: none parked; 0: more in line than one call
---   looks at); then the keys passed
+--   looks at, and it moved some out of it); then the keys passed
 --   over for holding another type (a queue: its jobs wait, or stay parked; a job's hash:
 --   out of its line, or a running one's keeps its limit slot; inflight: nothing claimed;
 --   its limit key's running, parked, hold or next-start key, the parked counts its parking
@@ -54,9 +54,14 @@ local mine = {}   -- the queues of this worker
 for i = FIRST_QUEUE, #ARGV do mine[ARGV[i]] = true end
 
 local rules = {}   -- limit key (or '*') -> {concurrency or nil, interval ms or nil}
+-- The longest interval between starts, in ms: contract.MAX_TIMEOUT, what a submit and
+-- LIMITS allow. One longer (a hash edited by hand) is none: a PX Redis refuses (from 1e14
+-- s) failed every fetch that met its job, and each worker exited on it in turn.
+local MOST_MS = 2147483648000
+local function bounded(ms) return ms and ms <= MOST_MS and ms or nil end
 local function interval(seconds)   -- a job's limit_interval field, in ms (nil: none)
   seconds = tonumber(seconds or '')
-  return seconds and math.max(1, math.floor(seconds * 1000 + 0.5))
+  return bounded(seconds and math.max(1, math.floor(seconds * 1000 + 0.5)))
 end
 local limited = redis.call('EXISTS', KEYS[3]) == 1
 if limited then
@@ -65,7 +70,7 @@ if limited then
   if not read then return {{}, RECHECK_MS, KEYS[3]} end
   for i = 1, #h, 2 do
     local c, iv = string.match(h[i + 1], '^(%d*),(%d*)$')
-    rules[h[i]] = {tonumber(c), tonumber(iv)}
+    rules[h[i]] = {tonumber(c), bounded(tonumber(iv))}
   end
 end
 
@@ -88,8 +93,10 @@ local function room(lk, iv)
     local bad = mistyped(rp .. lk, 'set') and rp .. lk or mistyped(hp .. lk, 'string')
       and hp .. lk or mistyped(np .. lk, 'string') and np .. lk
     local c = (rules[lk] or rules['*'] or {})[1]
+    -- a hold or next start that is no number (SET by hand) is none: as nil it failed the
+    -- fetch, and each worker meeting the key's jobs exited on it in turn
     m = bad and {bad = bad} or {free = c and c - redis.call('SCARD', rp .. lk) or math.huge,
-                               hold = tonumber(redis.call('GET', hp .. lk) or '0')}
+                               hold = tonumber(redis.call('GET', hp .. lk) or '0') or 0}
     rooms[lk] = m
   end
   if m.bad then return m end
@@ -97,7 +104,7 @@ local function room(lk, iv)
   if not r and m.hold <= clock then return nil end
   m.rule, m.next = r or {}, m.hold
   if r and r[2] then
-    m.at = m.at or tonumber(redis.call('GET', np .. lk) or '0')
+    m.at = m.at or tonumber(redis.call('GET', np .. lk) or '0') or 0
     -- set under a longer rule (LIMITS changed since): one interval of this rule instead
     if m.at > clock + r[2] then
       m.at = clock + r[2]
@@ -207,6 +214,7 @@ for _, lk in ipairs(due) do
 end
 
 local out, budget = {}, SCAN_BUDGET
+local moved = 0   -- jobs out of their line (claimed, parked, removed): a call now sees others
 local stop = false   -- a limited job the worker cannot start now: it takes no more
 local skip = {}   -- queue -> jobs passed over at the head of its line (each is looked at once)
 while #out < limit and budget > 0 and not stop do
@@ -257,8 +265,10 @@ while #out < limit and budget > 0 and not stop do
       skip[queue] = (skip[queue] or 0) + 1
     elseif not f[6] then   -- every job hash has its queue; with no hash, the job was removed
       redis.call('ZREM', qp .. queue, member)
+      moved = moved + 1
     else
       redis.call('ZREM', qp .. queue, member)
+      moved = moved + 1
       if parks then
         park(lk, m, score, member, queue)
       else
@@ -317,7 +327,10 @@ elseif started > 0 then
   redis.call('HINCRBY', KEYS[6], 'start_latency_ms', waited)
 end
 local wait = -1
-if budget == 0 then wait = 0   -- more in line than one call looks at
+if budget == 0 and moved > 0 then wait = 0   -- more in line than one call looks at
+-- all it looked at stays in line (passed over, named): a call now would look at them again,
+-- and its worker asked again at once, for good
+elseif budget == 0 then wait = RECHECK_MS
 elseif not due_bad then
   local first = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
   if #first > 0 then wait = math.max(0, tonumber(first[2]) - clock) end

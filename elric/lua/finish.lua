@@ -87,7 +87,7 @@ for i = 16, #ARGV, 9 do
     if outcome == 'err' and hold > 0 and f[9] then
       local read, held = pcall(redis.call, 'GET', hp .. f[9])   -- (another type: named)
       if not read then broken[hp .. f[9]] = true
-      elseif now + hold > tonumber(held or '0') then
+      elseif now + hold > (tonumber(held or '0') or 0) then   -- (no number: as none)
         redis.call('SET', hp .. f[9], now + hold, 'PX', hold)
       end
     end

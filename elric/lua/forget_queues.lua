@@ -19,7 +19,9 @@ for _, q in ipairs(page[2]) do
   local parked = tonumber(redis.call('HGET', KEYS[3], q) or 0) or 0
   if not last then
     redis.call('HSET', KEYS[2], c .. 'last_at', now)
-  elseif tonumber(last) < cutoff and parked <= 0 and redis.call('EXISTS', qp .. q) == 0 then
+  -- (no number, an operator's: left alone; it failed the walk, stuck on this page)
+  elseif (tonumber(last) or cutoff) < cutoff and parked <= 0
+      and redis.call('EXISTS', qp .. q) == 0 then
     redis.call('HDEL', KEYS[2], c .. 'submitted', c .. 'succeeded', c .. 'failed',
                c .. 'retrying', c .. 'cancelled', c .. 'last_at')
     redis.call('HDEL', KEYS[3], q)
