@@ -95,7 +95,9 @@ class Worker:
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.keys = Keys(settings.KEY_PREFIX)
         self.buffer: deque[Claim] = deque()      # claimed, not yet handed to the pool
-        self.suspects: deque[Claim] = deque()    # jobs of a process that died, to run apart
+        # jobs of a pool process that died, each run alone to find which killed it (not
+        # Claim.suspect: a job lost with workers twice, which Redis marks)
+        self.crash_suspects: deque[Claim] = deque()
         self._suspect_came = False   # it may hold a Claim.suspect: _holds_suspect looks
         self.finished: list[tuple[Claim, runner.Ran]] = []   # ran, not yet recorded
         self.recording: list[tuple[Claim, runner.Ran]] = []
@@ -287,7 +289,7 @@ class Worker:
 
     def _claims(self) -> list[Claim]:
         """Every job this worker holds a lease on."""
-        return [*self.buffer, *self.suspects, *self.pool.claims(),
+        return [*self.buffer, *self.crash_suspects, *self.pool.claims(),
                 *(c for c, _ in self.finished), *(c for c, _ in self.recording)]
 
     def _chunk_size(self) -> int:
@@ -362,7 +364,7 @@ class Worker:
             if self._waiting is not None:   # a fetch is out already: it brings the work
                 await self._wait(1.0, run)
                 continue
-            if (want > 0 or self.ended) and not self.suspects:
+            if (want > 0 or self.ended) and not self.crash_suspects:
                 try:
                     asked = time.monotonic()
                     ended, self.ended = self.ended, []
@@ -401,7 +403,7 @@ class Worker:
         either apply to it or find it to end."""
         # none when it can start nothing now: the token it took may be a limited job's, which
         # it may not claim, and an idle worker would then wait its own timeout for the job
-        fetch, start = (0, 0) if self.buffer or self.suspects or not for_work else \
+        fetch, start = (0, 0) if self.buffer or self.crash_suspects or not for_work else \
             self._sizes()
         if fetch > 0 and start > 0 and self._waiting is None:
             lists = [*(self.keys.wake(q) for q in self.queues),
@@ -477,12 +479,12 @@ class Worker:
         """Hand jobs to pool processes with room for them."""
         if self.stopping:
             return
-        while self.suspects:
+        while self.crash_suspects:
             # After a process died we cannot tell which of its jobs killed it: run them one
             # per process, so the culprit is found and no one else pays.
-            if self.pool.place(False, alone=True) is None or not self._held(self.suspects[0]):
+            if self.pool.place(False, alone=True) is None or not self._held(self.crash_suspects[0]):
                 return
-            self._send(self.suspects.popleft(), suspect=True)
+            self._send(self.crash_suspects.popleft(), suspect=True)
         kept: deque[Claim] = deque()
         full: set[tuple[bool, bool]] = set()   # kinds no process has room for now
         while self.buffer:
@@ -655,7 +657,7 @@ class Worker:
         if claim.job_id == exc.held[0]:
             log.warning("worker: a pool process died; running its %d job(s) one by one to "
                         "find which one killed it", len(exc.held))
-        self.suspects.append(claim)
+        self.crash_suspects.append(claim)
         return None
 
     # --- recording outcomes -------------------------------------------------------------
@@ -918,10 +920,10 @@ class Worker:
 
     def _unbuffer(self, which: Callable[[Claim], bool]) -> list[Claim]:
         """Take the claims ``which`` picks, not started yet, out of the buffer and suspects."""
-        taken = [c for c in (*self.buffer, *self.suspects) if which(c)]
+        taken = [c for c in (*self.buffer, *self.crash_suspects) if which(c)]
         if taken:
             self.buffer = deque(c for c in self.buffer if not which(c))
-            self.suspects = deque(c for c in self.suspects if not which(c))
+            self.crash_suspects = deque(c for c in self.crash_suspects if not which(c))
         return taken
 
     def _drop_lost(self, lost: list[Claim]) -> None:
@@ -1019,9 +1021,9 @@ class Worker:
     def _give_back_waiting(self, also: list[Claim] | None = None) -> None:
         """A stopping worker starts no job: those waiting here (and ``also``) go back to the
         queue, beside what the stop waits for."""
-        waiting = [*(also or ()), *self.buffer, *self.suspects]
+        waiting = [*(also or ()), *self.buffer, *self.crash_suspects]
         self.buffer.clear()
-        self.suspects.clear()
+        self.crash_suspects.clear()
         if waiting:
             self._giving.append(asyncio.create_task(
                 self._give_back(waiting, "stopped" if also else "prefetched")))

@@ -2641,7 +2641,7 @@ def test_a_suspect_whose_job_was_fetched_here_again_does_not_hold_up_the_worker(
         assert (await q.recover())[0] == ["x"]
         [again] = await w._hand_back_others((await q.fetch(w.worker_id, w.queues, 1, 30)
                                              ).claims, time.monotonic())
-        w.suspects.append(lost)   # its process died beside another job
+        w.crash_suspects.append(lost)   # its process died beside another job
         w.buffer.append(again)
         await _two_beats(w, q)
         started = []
@@ -2649,7 +2649,7 @@ def test_a_suspect_whose_job_was_fetched_here_again_does_not_hold_up_the_worker(
         w.pool.holds = lambda job_id: False
         w.pool.start = lambda claim, done, suspect=False: started.append(claim)
         w._dispatch()
-        assert (started, list(w.suspects)) == ([again], []), (started, w.suspects)
+        assert (started, list(w.crash_suspects)) == ([again], []), (started, w.crash_suspects)
     _run_in_process_worker(redis_url, body)
 
 
