@@ -640,11 +640,22 @@ class RedisQueue:
         return view
 
     async def get_job(self, job_id: str) -> dict | None:
-        try:
-            h = await self.redis.hgetall(self.keys.job(job_id))
-        except ResponseError as exc:   # its key holds another type (an operator's): named
-            if error_code(exc) != "WRONGTYPE":
-                raise
+        return (await self.get_jobs([job_id]))[0]
+
+    async def get_jobs(self, job_ids: list[str]) -> list[dict | None]:
+        """Per job: its get_job map, or None when there is no such job; read in one round
+        trip."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hgetall(self.keys.job(job_id))
+            hashes = await pipe.execute(raise_on_error=False)
+        return [self._view_or_none(job_id, h) for job_id, h in zip(job_ids, hashes)]
+
+    def _view_or_none(self, job_id: str, h: dict | Exception) -> dict | None:
+        if isinstance(h, Exception):
+            if error_code(h) != "WRONGTYPE":   # (an outage, a refusal: raised as it came)
+                raise h
+            # its key holds another type (an operator's): named
             view = self.job_view(job_id, {})
             view["unreadable"] = view["error"] = self._not_a_hash(job_id)
             return view
