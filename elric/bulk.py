@@ -261,7 +261,7 @@ class Bulk:
         for on purpose), but its scope: the jobs a copy submits are deduped with those of
         its source's crawl, not all new in the global scope."""
         specs, sources = [], []
-        for job_id, job in zip(ids, await asyncio.gather(*map(self.queue.get_job, ids))):
+        for job_id, job in zip(ids, await self.queue.get_jobs(ids)):
             if job is None:   # deleted, or its record expired, since the walk met it
                 step.skip(f"no job {job_id!r}")
                 continue
