@@ -44,14 +44,27 @@ class Admission:
     async def rerun(self, job_id: str) -> str:
         """queue.rerun, of a job whose func JOB_MODULES allows, as a copy's must: a rerun of
         one it no longer did was queued, and every worker handed it back for good."""
+        [outcome] = await self.rerun_many([job_id])
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    async def rerun_many(self, job_ids: list[str]) -> list[str | Exception]:
+        """rerun of each job; the NotFound or Refused that says why not in its place."""
+        refused = {}
         if self.settings.JOB_MODULES:   # (empty: any module; no read)
-            func = await self.redis.hget(self.keys.job(job_id), "func")
-            try:
-                if func:
-                    check_func(func.decode(), self.settings.JOB_MODULES)
-            except SpecError as exc:
-                raise Refused(f"rerun of {job_id}: {exc}") from None
-        return await self.queue.rerun(job_id)
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for job_id in job_ids:
+                    pipe.hget(self.keys.job(job_id), "func")
+                funcs = await pipe.execute()
+            for job_id, func in zip(job_ids, funcs):
+                try:
+                    if func:
+                        check_func(func.decode(), self.settings.JOB_MODULES)
+                except SpecError as exc:
+                    refused[job_id] = Refused(f"rerun of {job_id}: {exc}")
+        done = iter(await self.queue.rerun_many([j for j in job_ids if j not in refused]))
+        return [refused[j] if j in refused else next(done) for j in job_ids]
 
     def _check_batch(self, specs) -> list[dict]:
         """The normalized batch, or SpecError naming the first bad spec (``spec 3: ...``)."""

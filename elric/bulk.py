@@ -243,20 +243,17 @@ class Bulk:
         return step
 
     async def _act(self, action: str, chosen: list[str], step: Step) -> None:
-        one = {"rerun": self.admission.rerun, "cancel": self.queue.cancel,
-               "delete": self.queue.remove}[action]
-
-        async def do(job_id: str) -> None:
-            try:
-                was = await one(job_id)
-                if action == "cancel" and (was is None or not Status(was).live):
-                    raise Refused(left_alone(job_id, was))
-                if action == "delete" and not was:   # gone meanwhile: not done by this one
-                    raise NotFound(f"no job {job_id!r}")
+        many = {"rerun": self.admission.rerun_many, "cancel": self.queue.cancel_many,
+                "delete": self.queue.remove_many}[action]
+        for job_id, was in zip(chosen, await many(chosen) if chosen else []):
+            if isinstance(was, (Refused, NotFound)):   # e.g. running, or not finished
+                step.skip(str(was))
+            elif action == "cancel" and (was is None or not Status(was).live):
+                step.skip(left_alone(job_id, was))
+            elif action == "delete" and not was:   # gone meanwhile: not done by this one
+                step.skip(f"no job {job_id!r}")
+            else:
                 step.touched += 1
-            except (Refused, NotFound) as exc:   # e.g. running, or not finished
-                step.skip(str(exc))
-        await asyncio.gather(*map(do, chosen))
 
     async def _copy(self, ids: list[str], op: str, step: Step) -> None:
         """New jobs with the sources' func, arguments and options (its limit key too: a
@@ -264,7 +261,7 @@ class Bulk:
         for on purpose), but its scope: the jobs a copy submits are deduped with those of
         its source's crawl, not all new in the global scope."""
         specs, sources = [], []
-        for job_id, job in zip(ids, await asyncio.gather(*map(self.queue.get_job, ids))):
+        for job_id, job in zip(ids, await self.queue.get_jobs(ids)):
             if job is None:   # deleted, or its record expired, since the walk met it
                 step.skip(f"no job {job_id!r}")
                 continue

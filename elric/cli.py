@@ -537,7 +537,7 @@ def _results(client, args: argparse.Namespace) -> int:
         while len(pending) >= args.page_size or (pending and not cursor):
             page, pending = pending[:args.page_size], pending[args.page_size:]
             rows = [{k: job[k] for k in ("job_id", "func", "result", "finished_at")}
-                    for job in map(client.get_job, page)   # an expired or rerun job: left out
+                    for job in client.get_jobs(page)   # an expired or rerun job: left out
                     if job is not None and job["status"] == Status.SUCCEEDED]
             if jsonl:
                 for row in rows:

@@ -11,8 +11,9 @@ from typing import Any
 
 from elric.backoff import Backoff
 from elric.config import Settings, load_settings, parse_address
-from elric.contract import MAX_BATCH
-from elric.rpc import MAX_MESSAGE, Client, RemoteError, RPCConnectionError, RPCUnreachableError
+from elric.contract import MAX_BATCH, MAX_READ
+from elric.rpc import (MAX_MESSAGE, Client, RemoteError, RPCConnectionError, RPCError,
+                        RPCUnreachableError)
 
 # A list longer than one call takes goes in calls of this many specs, two in flight: the
 # master checks one batch while Redis queues the one before.
@@ -125,6 +126,16 @@ class MasterClient:
         if timeout is not None and self.rpc.timeout is not None:
             timeout = min(timeout, self.rpc.timeout)
         return self.rpc.call("get_job", job_id, timeout=timeout)
+
+    def get_jobs(self, job_ids: list[str]) -> list[dict | None]:
+        """``get_job`` of each, in order, in as few calls as the replies' size allows."""
+        jobs: list[dict | None] = []
+        while len(jobs) < len(job_ids):
+            more = self.call("get_jobs", job_ids[len(jobs):len(jobs) + MAX_READ])
+            if not more:   # (asked again, it would answer the same: no end)
+                raise RPCError(f"get_jobs answered no job for {job_ids[len(jobs)]!r}")
+            jobs += more
+        return jobs
 
     def job_kind(self, job_id: str) -> dict | None:
         """A job's kind and status, not its result or runs (docs/PROTOCOL.md)."""

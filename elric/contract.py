@@ -43,7 +43,7 @@ STATUSES = tuple(Status)
 METHODS = (
     "ping", "auth", "health", "submit_job", "submit_jobs", "get_job", "remove_job",
     "cancel_job", "list_jobs", "stats", "rerun_job", "pause_job", "resume_job", "modify_job",
-    "control_worker", "run_job", "bulk_jobs", "job_kind",
+    "control_worker", "run_job", "bulk_jobs", "job_kind", "get_jobs",
 )
 WORKER_ACTIONS = ("pause", "resume", "stop", "set")   # control_worker's actions
 MAX_CONCURRENCY = 1024   # pool processes a worker may have (CONCURRENCY, control_worker)
@@ -111,6 +111,7 @@ FIRE_ID_RULE = ("ids ending in '@' and a UTC time with 'Z' (as 'site@2026-03-29T
 FUNC_PATH = re.compile(r"^[^\W\d][\w.]*:[^\W\d][\w.]*$")   # a Python name: any letter or _ first
 MAX_PRIORITY = 2**31
 MAX_BATCH = 10_000   # specs one submit_jobs call takes
+MAX_READ = 1000   # ids one get_jobs call takes
 MAX_TIMEOUT = 2**31  # seconds; also refuses nan and inf, which setitimer cannot take
 
 

@@ -34,7 +34,7 @@ from elric.keys import Keys
 from elric.queue import RedisQueue, Unreadable
 from elric.reservation import DedupeGate, ScopeRefused
 from elric.retry import REDIS_CLIENT_OPTIONS, REDIS_ERRORS, redis_refusal, retry
-from elric.rpc import MAX_CONNECTIONS, RequestError, Server
+from elric.rpc import MAX_CONNECTIONS, RequestError, Server, packed_size
 from elric.scheduler import Scheduler, fire_id
 
 log = logging.getLogger("elric.master")
@@ -45,6 +45,7 @@ MAX_REDIS_CONNECTIONS = 128
 SPARE_FILES = 64   # the listeners, logs, Bloom snapshots, the dashboard's connections
 LIST_FILTERS = ("status", "queue", "func", "batch", "offset", "limit", "scan_limit", "cursor")
 MAX_SCAN = 100_000   # jobs list_jobs looks at, at most, to fill a page
+REPLY_FRAME = 64    # bytes of a reply besides its result: its msgid, error and headers
 MAX_RUN_WAIT = 20.0  # seconds run_job may wait for its fire: well inside a client's timeout
 
 
@@ -65,7 +66,7 @@ def _connections_that_fit(wanted: int) -> int:
 
 
 # RPC handlers that only read
-_READS = ("ping", "health", "get_job", "list_jobs", "stats", "job_kind")
+_READS = ("ping", "health", "get_job", "get_jobs", "list_jobs", "stats", "job_kind")
 
 
 def _rpc(handler):
@@ -415,6 +416,23 @@ class Master:
     async def get_job(self, job_id) -> dict | None:
         job = await self.queue.get_job(_id(job_id))
         return job if job is not None else await self.store.get(job_id)
+
+    @_rpc
+    async def get_jobs(self, job_ids) -> list[dict | None]:
+        """get_job of each of up to MAX_READ ids, in order: as many as fit in one reply (at
+        least one); the caller asks again for the rest."""
+        if not isinstance(job_ids, list) or len(job_ids) > contract.MAX_READ:
+            raise SpecError(f"get_jobs takes an array of up to {contract.MAX_READ} job ids")
+        jobs = await self.queue.get_jobs([_id(job_id) for job_id in job_ids])
+        room = self.settings.RPC_MAX_MESSAGE - REPLY_FRAME
+        reply = []
+        for job_id, job in zip(job_ids, jobs):
+            job = job if job is not None else await self.store.get(job_id)
+            room -= packed_size(job)
+            if reply and room < 0:
+                break
+            reply.append(job)
+        return reply
 
     @_rpc
     async def job_kind(self, job_id) -> dict | None:

@@ -109,6 +109,11 @@ def _pack(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True, unicode_errors="surrogateescape")
 
 
+def packed_size(obj: Any) -> int:
+    """The bytes ``obj`` takes in a message: what a reply that must fit can hold."""
+    return len(_pack(obj))
+
+
 class _ProtocolError(Exception):
     """Input that is no msgpack-rpc; ``msgid`` is the request's when its start told it, and
     ``answer`` the error a server sends it then: the caller learns what is wrong rather

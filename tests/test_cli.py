@@ -653,6 +653,35 @@ def test_results_streams_the_results_of_succeeded_jobs_page_by_page(cluster):
     one_line_error(elric(cluster, "results", "--page-size", "0"), 2, "--page-size")
 
 
+def test_results_reads_many_jobs_a_call_and_splits_what_one_reply_cannot_hold(make_cluster):
+    """elric results read each job with a get_job call of its own (a big batch's results
+    took minutes); get_jobs reads a page in one call, and answers as many maps as fit in
+    one reply: the client asks again for the rest."""
+    from tests.jobs import Echo
+
+    cluster = make_cluster(RPC_MAX_MESSAGE=65536, RESULT_MAX_BYTES=30000)
+    cluster.start_master()
+    c = cluster.client
+    cluster.start_worker("--concurrency", "2")
+    big = [f"{i}" * 20000 for i in range(6)]   # each result ~20 kB: 3 fit in no reply
+    for i, text in enumerate(big):   # (one a call: a request holds at most 64 KiB too)
+        c.submit_job(Echo.spec([text], job_id=f"big{i}", batch="big"))
+    c.submit_jobs([Echo.spec([i], job_id=f"small{i}", batch="big") for i in range(20)])
+    wait_for(lambda: c.stats()["by_status"]["succeeded"] == 26, what="26 successes")
+    c.submit_job({"func": "tests.jobs:Echo", "job_id": "hourly", "trigger": {
+        "type": "interval", "seconds": 3600}})
+
+    ids = [f"big{i}" for i in range(6)] + ["nothing", "hourly"] + [f"small{i}" for i in range(20)]
+    assert c.get_jobs(ids) == [c.get_job(i) for i in ids]
+    assert c.get_jobs([]) == []
+
+    out = elric(cluster, "results", "--batch", "big", "--format", "jsonl")
+    assert out.returncode == 0, out.stderr
+    rows = {r["job_id"]: r["result"] for r in map(json.loads, out.stdout.splitlines())}
+    assert rows == {**{f"big{i}": {"args": [t], "kwargs": {}} for i, t in enumerate(big)},
+                    **{f"small{i}": {"args": [i], "kwargs": {}} for i in range(20)}}
+
+
 def test_jobs_status_filtered_prints_the_counts_per_scope(cluster):
     c = cluster.client
     c.submit_jobs([Echo.spec(job_id="a", dedupe_key="k", dedupe_scope="pages", queue="none")])

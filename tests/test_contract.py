@@ -32,7 +32,7 @@ def test_method_names():
     assert METHODS == ("ping", "auth", "health", "submit_job", "submit_jobs", "get_job",
                        "remove_job", "cancel_job", "list_jobs", "stats", "rerun_job",
                        "pause_job", "resume_job", "modify_job", "control_worker", "run_job",
-                       "bulk_jobs", "job_kind")
+                       "bulk_jobs", "job_kind", "get_jobs")
 
 
 def test_spec_key_names():
