@@ -170,6 +170,22 @@ def schedule_options(spec: dict, base: Options | None = None) -> Options:
     return dataclasses.replace(base or Options(), **given)
 
 
+def _why(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+# What reading a hand-written or badly restored field raises (msgpack's errors are ValueErrors)
+UNREADABLE = (ValueError, TypeError, KeyError, AttributeError, TriggerError)
+
+
+def unreadable(job_id: str, exc: Exception) -> ScheduleError:
+    """The error for a periodic job whose stored data cannot be read: it names the job and
+    what to do, as ``list`` does, so one bad schedule does not hide the others."""
+    return ScheduleError(f"periodic job {job_id!r}: its stored data cannot be read "
+                         f"({_why(exc)}): remove it (elric schedules remove {job_id}) and "
+                         "add it again")
+
+
 def _listed(job_id: str, row: list) -> dict:
     """A schedule as ``list`` shows it, from its hash fields; one whose fields cannot be
     read (written by hand, a bad restore) is shown saying so: it must not hide the others."""
@@ -182,12 +198,20 @@ def _listed(job_id: str, row: list) -> dict:
                 "trigger": unpack(trigger), "trigger_text": text.decode(),
                 "paused": paused == b"1", "next_run_time": nrt, "next_run_iso": iso(nrt)}
     except Exception as exc:
-        why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        why = _why(exc)
         return {"job_id": job_id, "func": (func or b"").decode(errors="replace"),
                 "queue": (queue or b"").decode(errors="replace"), "trigger": None,
                 "trigger_text": f"its stored data cannot be read ({why}); it does not fire: "
                                 "remove it and add it again",
                 "paused": paused == b"1", "next_run_time": None, "next_run_iso": ""}
+
+
+def _run(record) -> dict:
+    """One record of a job's runs, checked as ``get`` reads it (a fired one names its job)."""
+    if not isinstance(record, dict) or (record.get("outcome") == Outcome.ENQUEUED
+                                        and not isinstance(record.get("job_id"), str)):
+        raise ValueError(f"a run record {str(record)[:80]!r} is no run")
+    return record
 
 
 class RedisJobStore:
@@ -203,7 +227,14 @@ class RedisJobStore:
     # --- reading -------------------------------------------------------------------------
     async def _load(self, job_id: str) -> StoredJob | None:
         raw = await self.redis.hgetall(self.keys.schedule(job_id))
-        return StoredJob.from_hash(job_id, raw) if raw else None
+        if not raw:
+            return None
+        try:
+            job = StoredJob.from_hash(job_id, raw)
+            build_trigger(job.trigger)   # (every write and get builds it)
+        except UNREADABLE as exc:
+            raise unreadable(job_id, exc) from None
+        return job
 
     async def state(self, job_id: str) -> dict | None:
         """A periodic job's ``status`` and ``paused`` as ``get`` answers them, read alone
@@ -221,7 +252,11 @@ class RedisJobStore:
         job = await self._load(job_id)
         if job is None:
             return None
-        runs = [unpack(b) for b in await self.redis.lrange(self.keys.schedule_runs(job_id), 0, -1)]
+        try:
+            runs = [_run(unpack(b)) for b in
+                    await self.redis.lrange(self.keys.schedule_runs(job_id), 0, -1)]
+        except UNREADABLE as exc:
+            raise unreadable(job_id, exc) from None
         fired = [r for r in runs if r.get("outcome") == Outcome.ENQUEUED]
         pipe = self.redis.pipeline(transaction=False)  # what became of each fired job
         for r in fired:

@@ -96,6 +96,8 @@ Periodic jobs (job store and scheduler)
                                            lateness (ms) of those fired.
     ``{p}:scheduler:lease``         string the id of the master that schedules now.
     ``{p}:scheduler:fence``         string counter; a fencing token per lease taken.
+                                           One INCR fails on (an operator's write) is
+                                           replaced by Redis's clock in microseconds.
     ``{p}:scheduler:wake``          list   tokens that wake the scheduling master early
                                            (a sooner job arrived on any master).
 

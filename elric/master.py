@@ -29,7 +29,7 @@ from elric.config import (Settings, SettingsError, Unreachable, is_loopback, par
 from elric.contract import ErrorCode, NotFound, Refused, SpecError, Status, check_text
 from elric.dedupe import DedupeError, DedupeFilter, make_filter
 from elric.housekeeping import Housekeeping
-from elric.jobstore import RedisJobStore
+from elric.jobstore import RedisJobStore, ScheduleError
 from elric.keys import Keys
 from elric.queue import RedisQueue, Unreadable
 from elric.reservation import DedupeGate, ScopeRefused
@@ -77,7 +77,8 @@ def _rpc(handler):
     async def call(*params, **options):   # options: the dashboard's; the RPC sends none
         try:
             return await handler(*params, **options)
-        except (SpecError, Refused, ScopeRefused) as exc:
+        # (ScheduleError: a periodic job refused, or whose stored data cannot be read)
+        except (SpecError, Refused, ScopeRefused, ScheduleError) as exc:
             raise RequestError(str(exc), ErrorCode.BAD_REQUEST) from None
         except NotFound as exc:   # (a KeyError from a bug is internal: not a missing job)
             raise RequestError(str(exc), ErrorCode.NOT_FOUND) from None

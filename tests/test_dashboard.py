@@ -18,7 +18,7 @@ import pytest
 from elric.redis_server import free_port
 from elric.triggers import every
 from tests.conftest import wait_for
-from tests.test_cli import elric, failed_twice
+from tests.test_cli import elric, failed_twice, one_line_error
 from tests.jobs import Echo, Fail
 
 PASSWORD = "correct horse"
@@ -668,6 +668,36 @@ def test_a_key_of_the_wrong_type_is_an_error_page_that_names_it(make_cluster, re
         assert " elric:workers " in html and "WRONGTYPE" in html   # the key it names
     assert "Internal error" in html and "<nav>" in html
     assert get(base + "/jobs")[0] == 200   # pages that read no worker still work
+
+
+def test_one_schedule_that_cannot_be_read_is_named_and_the_others_shown(make_cluster,
+                                                                        redis_url):
+    """The schedules page gets every row: one run record or trigger written by hand (a bad
+    restore) failed the page for every schedule, with a bare 500; `elric job` and run-now
+    on it printed an internal error. The page names it and what to do; the CLI, one line."""
+    import redis
+
+    from elric.keys import Keys
+
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}")
+    cluster.start_master()
+    for job_id in ("bad-runs", "bad-trigger", "good"):
+        cluster.client.submit_job(Echo.spec(job_id=job_id, queue="nobody",
+                                            trigger=every(hours=1)))
+    with redis.Redis.from_url(redis_url) as r:
+        r.lpush(Keys().schedule_runs("bad-runs"), b"\xc1")
+        r.hset(Keys().schedule("bad-trigger"), "trigger", b"\x81\xa4type\xa3bad")
+    status, html = get(f"http://127.0.0.1:{port}/schedules")
+    assert status == 200 and 'href="/jobs/good"' in html, html
+    for job_id in ("bad-runs", "bad-trigger"):
+        assert f"periodic job &#39;{job_id}&#39;: its stored data cannot be read (" in html
+        assert f"remove it (elric schedules remove {job_id}) and add it again" in html
+        for args in (("job", job_id), ("schedules", "run-now", job_id)):
+            one_line_error(elric(cluster, *args), 1,
+                           f"periodic job '{job_id}': its stored data cannot be read (")
+    assert elric(cluster, "job", "good").returncode == 0
+    assert elric(cluster, "schedules", "run-now", "good").returncode == 0
 
 
 def test_the_workers_page_reads_only_the_workers(make_cluster, redis_url):

@@ -257,6 +257,33 @@ def test_one_unreadable_schedule_is_listed_as_such_and_the_others_too(redis_url,
     run(redis_url, body)
 
 
+@pytest.mark.parametrize("key, bad", [
+    ("schedule", b"\xc1"), ("schedule", pack({"type": "no such trigger"})),
+    ("runs", b"\xc1"), ("runs", pack(5)), ("runs", pack({"outcome": "enqueued"}))])
+def test_get_and_run_now_of_an_unreadable_schedule_say_which_and_what_to_do(redis_url, key, bad):
+    """get() raised a bare msgpack FormatError (or TypeError, KeyError) on a trigger or a
+    run record written by hand or badly restored: the dashboard's schedules page, which gets
+    every row, failed for all of them, and run-now's wait failed. It names the job now."""
+    async def body(store, r, keys, clock):
+        for job_id in ("bad", "good"):
+            await store.add(spec(job_id))
+        if key == "schedule":
+            await r.hset(keys.schedule("bad"), "trigger", bad)
+        else:
+            await r.lpush(keys.schedule_runs("bad"), bad)
+        with pytest.raises(ScheduleError, match=r"^periodic job 'bad': its stored data cannot "
+                                                r"be read \(.+\): remove it \(elric schedules "
+                                                r"remove bad\) and add it again$"):
+            await store.get("bad")
+        if key == "schedule":   # (with its runs unreadable, the fire is made: get says so)
+            with pytest.raises(ScheduleError, match="periodic job 'bad': its stored data"):
+                await store.run_now("bad")
+        assert (await store.get("good"))["status"] == "scheduled"
+        assert await store.run_now("good") == T0   # due now
+        assert await store.remove("bad") and await store.get("bad") is None   # as it says
+    run(redis_url, body)
+
+
 def test_survives_a_new_store_instance(redis_url):
     run(redis_url, lambda store, r, k, c: store.add(spec(trigger={"type": "cron", "crontab": "30 2 * * *",
                                                                  "timezone": "Europe/Berlin"})))

@@ -1158,6 +1158,45 @@ def test_a_lease_key_left_without_its_ttl_or_of_another_type_is_taken_in_time(re
     run(redis_url, body)
 
 
+@pytest.mark.parametrize("fence", ["text", "hash"])
+def test_a_fence_key_of_another_type_is_replaced_above_every_token_handed_out(redis_url, fence):
+    """A fence INCR fails on (an operator's SET of text, a hash) stopped scheduling for
+    good: every taking of the lease failed (a hash: every fire and renewal too), logged.
+    The master taking the lease replaces it, above every token handed out, so scheduling
+    resumes and no older token, a stale leader's, ever passes again."""
+    from elric.queue import RedisQueue
+
+    async def body(env):
+        queue, key = RedisQueue(env.r, env.keys), env.keys.scheduler_fence
+        def enqueue(specs, token, recovered=False):
+            return queue.enqueue(specs, fence=token)
+        a, stale = env.scheduler("m1", enqueue), env.scheduler("m2", enqueue)
+        await env.store.add(spec(max_instances=3))   # (its queued fires are not run)
+        await stale.tick()   # it leads, then stalls past its lease: a takes it
+        await env.r.delete(env.keys.scheduler_lease)
+        await a.tick()
+        tokens = (stale.token, a.token)
+        if fence == "hash":
+            await env.r.delete(key)
+            await env.r.hset(key, "token", "1")
+        else:
+            await env.r.set(key, "twelve")
+        env.clock.t = T0 + 60
+        fired = [await a.tick() for _ in range(2)]   # fenced out, then taken again
+        assert fired == [0, 1] and int(await env.r.get(key)) == a.token > max(tokens)
+        assert (await queue.get_job(fire_id("site", T0 + 60)))["status"] == "queued"
+        for token in tokens:   # the stale leader's, and the one a held before
+            stale.is_leader, stale.token = True, token
+            assert not await stale._renew()
+        env.clock.t = T0 + 120
+        assert await stale.tick() == 0 and not stale.is_leader   # fenced, not fired
+        assert await a.tick() == 1 and await a._renew()
+        before = a.token   # replaced again: still above the token it replaced
+        await env.r.set(key, "twelve")
+        assert not await a._renew() and await a._acquire(again=True) and a.token > before
+    run(redis_url, body)
+
+
 def test_lease_release_and_renew_only_own(redis_url):
     async def body(env):
         a, b = env.sched, env.scheduler("m2", env.rec)

@@ -208,11 +208,22 @@ class Dashboard:
         rows = await self.master.list_jobs({"status": "scheduled", "offset": offset,
                                             "limit": PAGE + 1})
         more, rows = len(rows) > PAGE, rows[:PAGE]
-        jobs = await asyncio.gather(*(self.master.get_job(r["job_id"]) for r in rows))
+        jobs = await asyncio.gather(*(self._schedule(r["job_id"]) for r in rows))
         for row, job in zip(rows, jobs):   # the last outcomes of each
-            row["runs"] = (job or {}).get("runs", [])[:5]   # newest first
+            if isinstance(job, str):   # one that cannot be read: named, the others shown
+                row["trigger_text"] = job
+            row["runs"] = (job if isinstance(job, dict) else {}).get("runs", [])[:5]
         return self._render(request, "schedules.html", rows=rows, offset=offset, page=PAGE,
                             more=more)
+
+    async def _schedule(self, job_id: str) -> dict | str | None:
+        """A periodic job as get_job answers it, or why it cannot be read."""
+        try:
+            return await self.master.get_job(job_id)
+        except RequestError as exc:
+            if exc.code != ErrorCode.BAD_REQUEST:
+                raise
+            return str(exc)
 
     async def jobs(self, request: web.Request):
         q = request.query

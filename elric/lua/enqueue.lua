@@ -10,7 +10,8 @@
 -- Returns: [position (1-based), status, ...] of the jobs that existed already.
 -- Invariant: a queued job is its hash (status queued, `member`) plus that member in its
 -- queue's sorted set (score -priority; members sort FIFO by sequence number). With a fence
--- token nothing is written unless the token is current (the scheduler's lease), and each
+-- token nothing is written unless the token is current (the scheduler's lease; a fence of
+-- another type holds no token), and each
 -- job, queued or found, leaves the pending fires in the same step. A queued job counts in
 -- its round's, its batch's and its func's `submitted` (and its queue's in the counters, with
 -- its `last_at`), and the label is in `batches` / `funcs`. A job queued with a dedupe key,
@@ -18,7 +19,7 @@
 -- stays its taker: if giving the key back fails, a takeover past the grace frees it.
 local jp, qp, wp, bp, fp = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local rp, round_ttl, now, token = ARGV[6], ARGV[7], now_ms(), ARGV[8]
-if token ~= '' and redis.call('GET', KEYS[5]) ~= token then
+if token ~= '' and (mistyped(KEYS[5], 'string') or redis.call('GET', KEYS[5]) ~= token) then
   return redis.error_reply('FENCED the scheduler lease token is stale')
 end
 local jobs = cmsgpack.unpack(ARGV[9])

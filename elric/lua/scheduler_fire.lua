@@ -9,7 +9,8 @@
 --       missed, "s" skipped; each counted in the fire stats, a fire with its lateness as
 --       it is marked, so once whichever master queues it),
 --       fire id, fire mark ttl, run record (msgpack), fire spec (msgpack; "" for "m", "s").
--- Returns {0} when the lease or the fence is not this master's (nothing written), else
+-- Returns {0} when the lease or the fence is not this master's (nothing written; one of
+--   another type is no master's), else
 --   {1, head score of the index afterwards (false: empty), fire ids accepted for
 --   enqueueing...}.
 -- Invariants: only the current lease holder writes; each fire is marked once (SET NX), so
@@ -21,7 +22,10 @@
 -- list or fire stats of another type are not recorded to, not an error that stops every
 -- job's fires; pending fires of another type fail the call
 -- before anything is written (a fire marked and not kept would never run).
-if redis.call('GET', KEYS[1]) ~= ARGV[1] or redis.call('GET', KEYS[2]) ~= ARGV[2] then return {0} end
+if mistyped(KEYS[1], 'string') or mistyped(KEYS[2], 'string')   -- (an operator's write)
+    or redis.call('GET', KEYS[1]) ~= ARGV[1] or redis.call('GET', KEYS[2]) ~= ARGV[2] then
+  return {0}
+end
 expect(KEYS[4], 'hash')
 local out, a, k, keep = {1, false}, 6, 7, tonumber(ARGV[3])
 for _ = 1, tonumber(ARGV[5]) do
