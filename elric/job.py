@@ -97,14 +97,28 @@ def _without_run(cls: type) -> str | None:
 
 @functools.cache
 def _run_signature(cls: type) -> inspect.Signature | None:
-    """The signature of ``cls``'s run, or None where it is no plain method to judge."""
+    """The signature of ``cls``'s run, or None where it is no plain method to judge. A
+    decorator's own (not its ``__wrapped__``): one may add a parameter it passes itself."""
     run = inspect.getattr_static(cls, "run")
     if not inspect.isfunction(run):
         return None
     try:
-        return inspect.signature(run)
+        return inspect.signature(run, follow_wrapped=False)
     except ValueError:
         return None
+
+
+@functools.lru_cache(maxsize=4096)
+def _arguments_problem(cls: type, positional: int, names: frozenset) -> str | None:
+    """Why ``run`` does not take ``positional`` arguments and keywords ``names``, or None.
+    Only their count and names matter, so a crawler's thousands of child submits bind once."""
+    signature = _run_signature(cls)
+    try:
+        if signature is not None:
+            signature.bind(None, *([None] * positional), **dict.fromkeys(names))
+    except TypeError as exc:
+        return f"{cls.__name__}.run{signature} does not take these arguments: {exc}"
+    return None
 
 
 class Job:
@@ -186,12 +200,8 @@ class Job:
         """SpecError unless ``run`` takes these arguments: else each attempt failed in the
         worker, its retries used up. (``spec`` does not judge them: a spec built for a test
         or a template may leave them out.)"""
-        if (signature := _run_signature(cls)) is not None:
-            try:
-                signature.bind(None, *args, **kwargs)
-            except TypeError as exc:
-                raise SpecError(f"{cls.__name__}.run{signature} does not take these "
-                                f"arguments: {exc}") from None
+        if problem := _arguments_problem(cls, len(args), frozenset(kwargs)):
+            raise SpecError(problem)
 
     @classmethod
     def _derive(cls, key: str, args: list, kwargs: dict) -> str | None:

@@ -3,6 +3,7 @@ statuses, methods and spec keys, and what normalize_spec fills in and refuses. U
 
 from __future__ import annotations
 
+import functools
 import re
 from urllib.parse import urlparse
 
@@ -347,6 +348,15 @@ def test_arguments_that_do_not_fit_run_are_refused_at_submit_naming_its_signatur
     Hooked = type("Hooked", (Job,), {"run": classmethod(lambda cls, a: a),
                                      "__module__": "tests.jobs"})
     Hooked._check_arguments([], {})   # no plain method: not judged here
+
+    def with_session(run):   # a decorator that passes a parameter of its own
+        @functools.wraps(run)
+        def wrapper(self, *args, **kwargs):
+            return run(self, "session", *args, **kwargs)
+        return wrapper
+    Session = type("Session", (Job,), {"run": with_session(lambda self, session, url: url),
+                                       "__module__": "tests.jobs"})
+    Session._check_arguments(["http://127.0.0.1/"], {})   # what the wrapper takes
     assert Add.spec()["args"] == []   # a spec alone (a template, a test's) is not judged
 
 
