@@ -563,6 +563,12 @@ class RedisQueue:
         """``script`` once per job, with ``keys_args(job_id)``, all in one round trip (a
         bulk step's 2,000 calls one by one cost the master far more than Redis): each
         reply, or the error Redis answered for that job."""
+        if len(job_ids) == 1:   # (a pipeline asks SCRIPT EXISTS first: a second round trip)
+            keys, args = keys_args(job_ids[0])
+            try:
+                return [await script(keys=keys, args=args)]
+            except ResponseError as exc:
+                return [exc]
         async with self.redis.pipeline(transaction=False) as pipe:
             for job_id in job_ids:
                 keys, args = keys_args(job_id)

@@ -261,6 +261,32 @@ def test_a_bulk_step_sends_its_jobs_scripts_together_not_a_call_a_job(redis_url)
     asyncio.run(main())
 
 
+def test_one_jobs_cancel_rerun_and_delete_are_one_script_call_each(redis_url):
+    """A button or `elric cancel ID` acts on one job: through a bulk step's pipeline, which
+    asks Redis SCRIPT EXISTS before its scripts, each took a second round trip."""
+    import asyncio
+
+    import redis.asyncio as aredis
+
+    from tests.test_dedupe_keys_given_back import master
+
+    async def main():
+        async with master(redis_url) as m, aredis.Redis.from_url(redis_url) as r:
+            await m.submit_jobs([{"func": "tests.jobs:Add", "args": [1, 1], "job_id": "one",
+                                  "queue": "nobody"}])
+            for act in (m.cancel_job, m.rerun_job, m.cancel_job, m.remove_job):
+                await act("one")   # (each script loaded once, by its first call)
+            await m.submit_jobs([{"func": "tests.jobs:Add", "args": [1, 1], "job_id": "one",
+                                  "queue": "nobody"}])
+            await r.config_resetstat()
+            for act in (m.cancel_job, m.rerun_job, m.cancel_job, m.remove_job):
+                await act("one")
+            stats = await r.info("commandstats")
+            assert "cmdstat_script|exists" not in stats, stats
+            assert await m.get_job("one") is None
+    asyncio.run(main())
+
+
 def test_a_copy_step_reads_its_sources_together(redis_url):
     """A copy step read each source with a call of its own, all at once (up to 128 Redis
     connections); it reads them in one round trip now."""
