@@ -47,8 +47,8 @@ class _Admission:
     async def submit(self, specs):
         return await self.queue.enqueue(specs)
 
-    async def rerun(self, job_id):
-        return await self.queue.rerun(job_id)
+    async def rerun_many(self, job_ids):
+        return await self.queue.rerun_many(job_ids)
 
 
 async def truth(r):

@@ -345,13 +345,12 @@ CASES = {
         ["worker", "myproject.jobz"], {"REDIS_URL": r, "MASTER_ADDRESS": unused_address()},
         "no job module imports (myproject.jobz: ModuleNotFoundError: No module named "
         "'myproject'): check the names, and that they import from "),
-    # examples.crawler imports its Crawl from elric.demo.crawler, where it runs: the worker
-    # warned, then waited for good, running nothing
+    # a module that imports its Crawl from elric.demo.crawler, where it runs (as
+    # examples/crawler.py does): the worker warned, then waited for good, running nothing
     "worker: job modules that define no Job class": lambda d, r: (
-        ["worker", "json", "examples.crawler"], {"REDIS_URL": r,
-                                                 "MASTER_ADDRESS": unused_address()},
-        "no Job class is defined in job modules json, examples.crawler, so this worker would "
-        "run nothing: name the modules that define them (examples.crawler imports "
+        ["worker", "json", "reexports"], {"REDIS_URL": r, "MASTER_ADDRESS": unused_address()},
+        "no Job class is defined in job modules json, reexports, so this worker would run "
+        "nothing: name the modules that define them (reexports imports "
         "elric.demo.crawler's Crawl)"),
     # a script's code run on import (sys.exit, argparse's parse_args): the worker exited 1
     # with the script's message alone, naming no module, even beside modules that import
@@ -361,8 +360,8 @@ CASES = {
         "it exits as it imports: put a script's code under if __name__ == '__main__')"),
     # (a traceback from redis-py: the master said "cannot connect")
     "worker: an option redis-py does not take in REDIS_URL": lambda d, r: (
-        ["worker", "tests.jobs"], {"REDIS_URL": r + "?colour=red",
-                                   "MASTER_ADDRESS": unused_address()},
+        ["worker", "elric.demo.crawler_sync"], {"REDIS_URL": r + "?colour=red",
+                                                "MASTER_ADDRESS": unused_address()},
         f"REDIS_URL {r}?colour=red: cannot connect ("),
     "master: a typo in an ELRIC_ variable": lambda d, r: (
         ["master", "--redis-url", r], {"REDIS_ULR": r, "MASTER_ADDRESS": unused_address()},
@@ -406,6 +405,7 @@ CASES = {
 def test_bad_settings_exit_2_with_one_clear_line(case, tmp_path, redis_url):
     (tmp_path / "bad.py").write_text("COLOUR = 'red'\n")
     (tmp_path / "lower.py").write_text("redis_url = 'redis://127.0.0.1:1/0'\n")
+    (tmp_path / "reexports.py").write_text("from elric.demo.crawler import Crawl  # noqa\n")
     (tmp_path / "exits_on_import.py").write_text("import sys\nsys.exit('usage: "
                                                  "exits_on_import.py URL')\n")
     where = {"bad.py": str(tmp_path / "bad.py"), "lower.py": str(tmp_path / "lower.py"), "dead_master": unused_address(),
