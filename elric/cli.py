@@ -70,11 +70,13 @@ def _not_a_module(name: str, actions) -> str:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from elric.demo import run_demo
+    from elric.demo import MAX_PAGES, run_demo
     from elric.redis_server import RedisServerError
 
-    if args.pages < 1:   # the site links page n to pages n+1 and 7n+3 modulo their number
-        raise UsageError(f"--pages takes 1 or more, got {args.pages}")
+    # (at least 1: the site links page n to pages n+1 and 7n+3 modulo their number)
+    if not 1 <= args.pages <= MAX_PAGES:
+        raise UsageError(f"--pages takes 1 to {MAX_PAGES} (the demo site's size), "
+                         f"got {args.pages}")
     try:
         return run_demo(settings_path=args.settings, pages=args.pages, keep=args.keep)
     except RedisServerError as exc:   # (it was a traceback) the demo's own Redis did not start

@@ -21,6 +21,11 @@ from elric.config import load_settings
 from elric.redis_server import PORT_TRIES, RedisServer, any_taken, free_port
 
 
+# With "/", the 1,000 jobs one listing reads back: past that, a crawl that did every page
+# said "not every page was crawled"; and a huge site would never end within the timeout
+MAX_PAGES = 999
+
+
 def run_demo(settings_path: str | None = None, pages: int = 25, timeout: float = 120.0,
              keep: bool = False) -> int:
     from elric.client import MasterClient
