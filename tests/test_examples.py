@@ -284,6 +284,28 @@ def _running_in_session(sid: int) -> list[str]:
     return running
 
 
+# A crawl whose listing lacks a page (here: every page), as any crawl that left one out
+MISSES_PAGES = """
+import sys
+import elric.client
+import elric.demo as demo
+elric.client.MasterClient.list_jobs = lambda self, **f: []
+sys.exit(demo.run_demo(pages=3))
+"""
+
+
+def test_elric_demo_that_did_not_crawl_every_page_says_so_and_keeps_its_logs(tmp_path):
+    """A count of failed jobs took the name of the function that says a demo failed: "not
+    every page was crawled" was a TypeError traceback, its logs removed."""
+    env = script_env()
+    env["TMPDIR"] = str(tmp_path)
+    proc = run_group([sys.executable, "-c", MISSES_PAGES], timeout=120, cwd=str(tmp_path),
+                     env=env)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
+    [logs] = tmp_path.glob("elric-demo-*")
+    assert f"demo: not every page was crawled; logs in {logs}" in proc.stderr, proc.stderr
+
+
 # The demo picks free ports, then starts its master on them: another process can take one
 # in between (CI's run did, a test beside it), and the demo said "cannot listen" and failed.
 TAKEN_FIRST = """
