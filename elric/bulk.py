@@ -58,6 +58,7 @@ class JobFilter:
         ids = raw.get("ids") or []
         if not isinstance(ids, list) or not all(isinstance(i, str) and i for i in ids):
             raise SpecError("filter ids must be an array of job ids")
+        ids = list(dict.fromkeys(ids))   # an id given twice is one job: done and counted once
         if not ids and not any(raw.get(k) is not None for k in _FIELDS[:5] + ("since", "until")):
             raise SpecError("an empty filter would touch every job: give at least one of "
                             "status, queue, func, batch, worker, since, until or ids")
@@ -86,6 +87,7 @@ class Step:
     cursor: str = ""
     errors: list[str] = field(default_factory=list)   # the first few reasons for skips
     ids: list[str] = field(default_factory=list)      # what "find" found
+    not_found: list[str] = field(default_factory=list)   # ids given that are no job
 
     def skip(self, reason: str) -> None:
         self.skipped += 1
@@ -228,12 +230,15 @@ class Bulk:
             f, cursor, fresh_only=action in ("rerun", "copy"), live_only=action == "cancel")
         chosen = list(dict.fromkeys(chosen))   # an id given twice, or met twice by ZSCAN: once
         step = Step(cursor=next_cursor)
-        # an id given that is no job (mistyped, or its record expired) is said, not passed
-        # over; a periodic job's says what does that to it
+        # an id given that is no job (mistyped, or its record expired) is said as not found,
+        # not passed over nor counted as a job skipped; a periodic job's says what does that to it
         periodic = await asyncio.gather(*map(self.store.get, missing)) \
             if action in _PERIODIC else [None] * len(missing)
         for job_id, schedule in zip(missing, periodic):
-            step.skip(left_alone(job_id, schedule and Status.SCHEDULED, action))
+            if schedule:
+                step.skip(left_alone(job_id, Status.SCHEDULED, action))
+            else:
+                step.not_found.append(job_id)
         if action == "find":
             step.ids, step.touched = chosen, len(chosen)
         elif action == "copy":

@@ -70,11 +70,13 @@ def _not_a_module(name: str, actions) -> str:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from elric.demo import run_demo
+    from elric.demo import MAX_PAGES, run_demo
     from elric.redis_server import RedisServerError
 
-    if args.pages < 1:   # the site links page n to pages n+1 and 7n+3 modulo their number
-        raise UsageError(f"--pages takes 1 or more, got {args.pages}")
+    # (at least 1: the site links page n to pages n+1 and 7n+3 modulo their number)
+    if not 1 <= args.pages <= MAX_PAGES:
+        raise UsageError(f"--pages takes 1 to {MAX_PAGES} (the demo site's size), "
+                         f"got {args.pages}")
     try:
         return run_demo(settings_path=args.settings, pages=args.pages, keep=args.keep)
     except RedisServerError as exc:   # (it was a traceback) the demo's own Redis did not start
@@ -383,7 +385,7 @@ def _bulk(client, args: argparse.Namespace, show) -> int:
     op = os.urandom(4).hex() if action == "copy" else ""
 
     def walk(kind: str) -> dict:
-        total, cursor = {"touched": 0, "skipped": 0, "errors": []}, ""
+        total, cursor = {"touched": 0, "skipped": 0, "not_found": [], "errors": []}, ""
         while True:
             try:
                 step = client.bulk_jobs(kind, f, cursor, op)
@@ -395,6 +397,7 @@ def _bulk(client, args: argparse.Namespace, show) -> int:
                 raise
             total["touched"] += step["touched"]
             total["skipped"] += step["skipped"]
+            total["not_found"] += step.get("not_found", [])
             total["errors"] += step["errors"][:5 - len(total["errors"])]
             spinner.update(f"{args.command}: {total['touched']} "
                            f"{'found' if kind == 'find' else 'done'}, {total['skipped']} skipped")
@@ -404,7 +407,8 @@ def _bulk(client, args: argparse.Namespace, show) -> int:
 
     with Spinner(f"{args.command}: starting", console=views.console) as spinner:
         total = walk(action)
-        if action == "cancel" and not total["touched"] + total["skipped"]:
+        if action == "cancel" and not (total["touched"] + total["skipped"]
+                                       or total["not_found"]):
             # a cancel walks live jobs only: it said "0 done", exit 0, of a filter that
             # matched ended jobs alone; as a cancel of ended ids, they are skipped
             if ended := walk("find")["touched"]:
@@ -413,10 +417,15 @@ def _bulk(client, args: argparse.Namespace, show) -> int:
     if show:
         show(total)
     else:
-        print(f"{args.command}: {total['touched']} jobs done, {total['skipped']} skipped")
+        missing = total["not_found"]
+        print(f"{args.command}: {total['touched']} jobs done, {total['skipped']} skipped"
+              + (f", {len(missing)} not found" if missing else ""))
         for error in total["errors"]:
             print(f"  skipped: {error}")
-    return 1 if total["skipped"] and not total["touched"] else 0   # it did nothing asked
+        if missing:   # (mistyped, or its record expired)
+            print(f"  not found: {', '.join(missing[:10])}{', ...' if len(missing) > 10 else ''}")
+    # it did nothing asked
+    return 1 if (total["skipped"] or total["not_found"]) and not total["touched"] else 0
 
 
 def _top(client, args: argparse.Namespace) -> int:

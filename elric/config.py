@@ -347,6 +347,35 @@ def _check_redis_url(value: str, bad) -> None:
         raise bad(f"{shown!r}: the database after the host must be a number, {example}")
     if not all(db.isdigit() for db in parse_qs(parts.query).get("db", [])):   # (?db=x)
         raise bad(f"{shown!r}: the database (db=) must be a number, {example}")
+    if parts.query:   # (redis-py's TypeError at the first connection quoted its internals)
+        _check_redis_url_options(parts.scheme.lower(), parse_qs(parts.query), shown, bad)
+
+
+def _redis_url_options(scheme: str) -> set[str]:
+    """The query options redis-py takes in a URL of ``scheme``: its pool's, and those of the
+    connection class the scheme makes (each is passed to that class as a keyword)."""
+    import inspect
+
+    from redis.asyncio import connection   # here: most commands never read a query
+
+    cls = {"unix": connection.UnixDomainSocketConnection,
+           "rediss": connection.SSLConnection}.get(scheme, connection.Connection)
+    return {"max_connections"} | {
+        p.name for k in cls.__mro__ if "__init__" in vars(k)
+        for p in inspect.signature(k.__init__).parameters.values()
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"}
+
+
+def _check_redis_url_options(scheme: str, query: dict, shown: str, bad) -> None:
+    taken = _redis_url_options(scheme)
+    for name in query:   # (redis-py passes over an option with no value, as parse_qs does)
+        if name in taken:
+            continue
+        if scheme != "rediss" and name in _redis_url_options("rediss"):
+            raise bad(f"{shown!r}: option {name!r} is for TLS: use a rediss:// URL")
+        raise bad(f"{shown!r}: unknown option {name!r}; REDIS_URL takes redis-py's "
+                  "connection options, such as db, socket_timeout, socket_connect_timeout, "
+                  "socket_keepalive, health_check_interval, client_name")
 
 
 def names(raw: str, field: str | None) -> list[str]:

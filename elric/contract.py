@@ -200,12 +200,20 @@ def _check_msgpack_value(value: Any, where: str, depth: int = 0) -> None:
     elif isinstance(value, dict):
         for k, v in value.items():
             if not isinstance(k, (str, int, bytes)):
-                raise SpecError(f"{where}: map key {k!r} is not a string or integer")
+                raise SpecError(f"{where}: map key {k!r} is a {type(k).__name__}: map keys "
+                                "must be strings, integers or bytes, as msgpack carries them")
             if isinstance(k, str):
                 check_text(f"{where}: map key", k)
             _check_msgpack_value(v, f"{where}[{k!r}]", depth + 1)
     elif not (value is None or isinstance(value, (float, bytes))):
         raise SpecError(f"{where}: {type(value).__name__} is not a msgpack value")
+
+
+def check_arguments(args: Any, kwargs: Any) -> None:
+    """SpecError naming the first argument the contract refuses (as normalize_spec does):
+    where packing a spec failed, that says which argument, and why."""
+    _check_msgpack_value(args, "args")
+    _check_msgpack_value(kwargs, "kwargs")
 
 
 # msgpack names for type errors: a client in another language knows no "list" or "str"

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from elric import codec
-from elric.contract import SpecError, Status, check_type, func_path
+from elric.contract import SpecError, Status, check_arguments, check_type, func_path
 from elric.handle import JobHandle, filtered
 
 
@@ -225,6 +225,10 @@ class Job:
         try:
             return codec.unpack(codec.pack(spec))
         except (TypeError, ValueError, OverflowError) as exc:
+            try:   # msgpack's own words name no argument ("unhashable type: 'list'")
+                check_arguments(spec.get("args", ()), spec.get("kwargs", {}))
+            except SpecError as named:
+                exc = named
             raise SpecError(f"{cls.__name__}.submit: its arguments are not msgpack values "
                             f"({exc}); pass plain data (dict, list, str, numbers)") from None
 

@@ -66,7 +66,7 @@ def test_purge_walks_a_queue_bigger_than_one_step_and_an_empty_filter_is_refused
                                  "job_id": f"j{i}"} for i in range(n)])
     out = elric(cluster, "purge", "big", "--json")
     assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout) == {"touched": n, "skipped": 0, "errors": []}
+    assert json.loads(out.stdout) == {"touched": n, "skipped": 0, "not_found": [], "errors": []}
     assert cluster.client.stats()["by_queue"]["big"]["queued"] == 0
     assert cluster.client.get_job("j0") is None
 
@@ -314,7 +314,8 @@ def test_a_cancel_bigger_than_one_step_counts_each_job_once(cluster):
     cluster.client.submit_jobs([{"func": "tests.jobs:Add", "args": [i, 1], "queue": "nobody",
                                  "batch": "many", "job_id": f"j{i}"} for i in range(n)])
     out = elric(cluster, "cancel", "--batch", "many", "--json")
-    assert json.loads(out.stdout) == {"touched": n, "skipped": 0, "errors": []}, out.stdout
+    assert json.loads(out.stdout) == {"touched": n, "skipped": 0, "not_found": [],
+                                      "errors": []}, out.stdout
     assert cluster.client.stats()["by_status"]["cancelled"] == n
 
 
@@ -323,14 +324,15 @@ def test_ids_that_are_no_job_are_said_and_a_command_that_did_nothing_exits_1(clu
                                "job_id": "there"})
     out = elric(cluster, "cancel", "there", "typo")
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "cancel: 1 jobs done, 1 skipped" in out.stdout and "no job 'typo'" in out.stdout
+    assert out.stdout == "cancel: 1 jobs done, 0 skipped, 1 not found\n  not found: typo\n"
     out = elric(cluster, "cancel", "there", "typo")   # an ended job's skip says why too
     assert "skipped: job 'there' had ended (cancelled)" in out.stdout, out.stdout
     for command in ("delete", "rerun", "cancel", "copy"):
         out = elric(cluster, command, "typo", "typo2", "--json")
         assert out.returncode == 1, (command, out.stdout, out.stderr)
-        assert json.loads(out.stdout) == {"touched": 0, "skipped": 2, "errors": [
-            "no job 'typo'", "no job 'typo2'"]}, (command, out.stdout)
+        assert json.loads(out.stdout) == {"touched": 0, "skipped": 0,
+                                          "not_found": ["typo", "typo2"], "errors": []}, (
+            command, out.stdout)
 
 
 def test_a_periodic_id_given_to_delete_rerun_or_copy_says_what_does_that_to_it(cluster):
@@ -341,8 +343,8 @@ def test_a_periodic_id_given_to_delete_rerun_or_copy_says_what_does_that_to_it(c
                           ("copy", "run-now tick fires it now")):
         out = elric(cluster, command, "tick", "typo", "--json")
         assert out.returncode == 1, (command, out.stdout, out.stderr)
-        assert json.loads(out.stdout)["errors"] == [
-            f"job 'tick' is periodic: elric schedules {does}", "no job 'typo'"], out.stdout
+        assert (json.loads(out.stdout)["errors"], json.loads(out.stdout)["not_found"]) == (
+            [f"job 'tick' is periodic: elric schedules {does}"], ["typo"]), out.stdout
     assert cluster.client.get_job("tick")["status"] == "scheduled"   # left alone
     one = elric(cluster, "rerun", "tick")   # one id: rerun_job, which said "no job" too
     assert (one.returncode, one.stderr.strip()) == (   # failed, as the rerun of many
@@ -359,9 +361,25 @@ def test_an_id_given_twice_is_done_and_counted_once(cluster):
                                  "job_id": job_id} for job_id in ("a", "b")])
     for command, job_id in (("copy", "a"), ("delete", "b")):
         out = elric(cluster, command, job_id, job_id, "--json")
-        assert json.loads(out.stdout) == {"touched": 1, "skipped": 0, "errors": []}, (
+        assert json.loads(out.stdout) == {"touched": 1, "skipped": 0, "not_found": [],
+                                          "errors": []}, (
             command, out.stdout, out.stderr)
     assert [j["job_id"] for j in cluster.client.list_jobs(queue="nobody")][1:] == ["a"]
+
+
+def test_an_id_given_twice_and_one_that_is_no_job_are_counted_as_such(cluster):
+    """`elric delete a1 a1 nope` said "1 jobs done, 1 skipped": a missing id counted as a
+    job skipped, and one given twice counted twice ("nope nope": 2 skipped)."""
+    cluster.client.submit_jobs([{"func": "tests.jobs:Add", "args": [1, 1], "queue": "nobody",
+                                 "job_id": job_id} for job_id in ("a1", "c1")])
+    for args in (("delete", "a1", "a1", "nope", "nope"), ("cancel", "c1", "c1", "nope", "nope"),
+                 ("rerun", "c1", "c1", "nope", "nope")):
+        out = elric(cluster, *args)
+        assert (out.returncode, out.stdout) == (
+            0, f"{args[0]}: 1 jobs done, 0 skipped, 1 not found\n  not found: nope\n"), out
+    out = elric(cluster, "delete", "nope", "nope", "--json")   # nothing done: exit 1
+    assert (out.returncode, json.loads(out.stdout)) == (1, {
+        "touched": 0, "skipped": 0, "not_found": ["nope"], "errors": []}), out
 
 
 def test_a_copy_keeps_its_sources_limit_key(redis_url):
@@ -428,7 +446,7 @@ def test_a_cancel_whose_filter_matches_only_ended_jobs_says_so_and_exits_1(clust
         assert out.stdout == f"cancel: 0 jobs done, 3 skipped\n  skipped: {said}\n", out.stdout
     out = elric(cluster, "cancel", "--queue", "nobody", "--json")
     assert out.returncode == 1 and json.loads(out.stdout) == {
-        "touched": 0, "skipped": 3, "errors": [said]}, out.stdout
+        "touched": 0, "skipped": 3, "not_found": [], "errors": [said]}, out.stdout
     out = elric(cluster, "cancel", "--queue", "nobody", "--status", "failed")   # none match
     assert (out.returncode, out.stdout) == (0, "cancel: 0 jobs done, 0 skipped\n"), out
 

@@ -746,7 +746,16 @@ def test_submit_arguments_a_job_class_refuses_are_a_usage_error(cluster):
 def test_demo_without_pages_is_a_usage_error(redis_url, tmp_path):
     for pages in ("0", "-3"):
         one_line_error(elric(Cluster(redis_url, tmp_path), "demo", "--pages", pages), 2,
-                       "--pages takes 1 or more")
+                       f"--pages takes 1 to 999 (the demo site's size), got {pages}")
+
+
+def test_demo_with_more_pages_than_it_reads_back_is_a_usage_error(redis_url, tmp_path):
+    """--pages had no upper bound: a huge site never ended within the demo's timeout, and
+    past 999 a crawl of every page said "not every page was crawled" (its results are read
+    back in one listing of 1,000 jobs)."""
+    for pages in ("1000", str(10**9)):
+        one_line_error(elric(Cluster(redis_url, tmp_path), "demo", "--pages", pages), 2,
+                       f"--pages takes 1 to 999 (the demo site's size), got {pages}")
 
 
 def test_demo_without_a_redis_server_says_what_to_install(tmp_path):

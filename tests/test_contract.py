@@ -125,7 +125,7 @@ def test_func_is_checked_by_name_without_importing(monkeypatch):
     ({"func": "tests.jobs:Add", "timeout": msgpack.Timestamp(5, 0)},
      "job spec key 'timeout' must be number or nil, got msgpack timestamp"),
     ({"func": "tests.jobs:Echo", "args": [{1.5: "x"}]},
-     "args[0]: map key 1.5 is not a string or integer"),
+     "args[0]: map key 1.5 is a float: map keys must be strings, integers or bytes"),
     ({"func": "tests.jobs:Echo", "args": [2**64]}, "does not fit in 64 bits"),
     ({"func": "tests.jobs:Echo", "kwargs": {"k": {1, 2}}}, "kwargs['k']: set is not a msgpack"),
     ({"func": "tests.jobs:Echo", "kwargs": {1: "x"}}, "kwargs key 1 must be a string"),
@@ -491,6 +491,28 @@ def test_a_script_submit_with_arguments_msgpack_cannot_carry_is_refused_as_a_chi
                 Echo.submit(*args)
     finally:
         set_default_client(None)
+
+
+def test_a_tuple_as_a_map_key_in_arguments_names_the_argument_and_what_keys_may_be():
+    """msgpack packs a tuple key as an array, which no map key read back can be: submit
+    said "its arguments are not msgpack values (unhashable type: 'list')", naming neither
+    the argument nor what is wrong with it."""
+    from elric.client import MasterClient, set_default_client
+
+    set_default_client(MasterClient("127.0.0.1:1"))   # nothing listens: nothing may be sent
+    keys = "map key (1, 2) is a tuple: map keys must be strings, integers or bytes, as " \
+        "msgpack carries them"
+    try:
+        for args, kwargs, where in (([{(1, 2): "x"}], {}, "args[0]"),
+                                    ([], {"m": {(1, 2): "x"}}, "kwargs['m']"),
+                                    ([1, {"a": [{(1, 2): "x"}]}], {}, "args[1]['a'][0]")):
+            with pytest.raises(SpecError) as info:
+                Echo.submit(*args, **kwargs)
+            assert f"({where}: {keys})" in str(info.value), str(info.value)
+    finally:
+        set_default_client(None)
+    with pytest.raises(SpecError, match=re.escape(f"args[0]: {keys}")):   # a spec sent as is
+        normalize_spec({"func": "tests.jobs:Echo", "args": [{(1, 2): "x"}]})
 
 
 def test_a_dedupe_hook_that_raises_is_a_spec_error():

@@ -1300,6 +1300,21 @@ def test_the_job_list_of_status_scheduled_is_the_schedules_page(make_cluster):
     assert "<h1>Schedules</h1>" in html and "<td>interval[1 day, 0:00:00]</td>" in html, html
 
 
+def test_the_job_list_of_status_filtered_is_the_dedupe_counts(make_cluster):
+    """/jobs?status=filtered said "No job matches" with "any status" picked: a filtered
+    submission is no job, only a count per dedupe scope, shown on the statistics page."""
+    cluster, port = dashboard_with_a_job(make_cluster)
+    c = cluster.client
+    c.submit_jobs([Echo.spec(job_id="a", dedupe_key="k", dedupe_scope="pages", queue="none")])
+    assert c.submit_job(Echo.spec(job_id="b", dedupe_key="k", dedupe_scope="pages",
+                                  queue="none"))["status"] == "filtered"
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/jobs?status=filtered") as page:
+        html = page.read().decode()
+        assert page.url.endswith("/stats#filters"), page.url
+    assert '<h2 id="filters">Dedupe filters' in html and "<td>pages</td>" in html, html
+    assert "not stored as a job" in html
+
+
 def test_a_schedule_links_to_its_own_page(make_cluster):
     """The schedules page named each periodic job without a link: its own page (arguments,
     every run kept) could be reached only by typing its id."""

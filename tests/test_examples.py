@@ -142,16 +142,30 @@ def test_a_master_started_that_never_answers_is_not_left_running(redis_url, tmp_
     wait_for(refused, timeout=10, what="the master that never answered stopped")
 
 
+# `elric demo --pages 999` (its most) on a site that answers each page in half a second
+SLOW_DEMO = """
+import sys, time
+from elric.cli import main
+from elric.demo.site import DemoSite
+render = DemoSite.render
+def slow(self, path):
+    time.sleep(0.5)
+    return render(self, path)
+DemoSite.render = slow
+sys.exit(main(["demo", "--pages", "999"]))
+"""
+
+
 @contextlib.contextmanager
 def demo_crawling(tmp_path):
-    """``elric demo`` on a site it takes a minute or more over, once it crawls: (its
+    """``elric demo`` on a site it takes half a minute or more over, once it crawls: (its
     process, the lines it printed so far, their reader). 2,000 pages took 5 s, and on a
-    loaded machine a Ctrl-C came after the crawl had ended (exit 1: the listing shows
-    1,000). Its own session: on a failure the whole group is killed, its redis-server,
-    master and worker too (they ran on after a kill of the demo alone)."""
+    loaded machine a Ctrl-C came after the crawl had ended: its pages answer slowly (16
+    at a time, LIMITS). Its own session: on a failure the whole group is killed, its
+    redis-server, master and worker too (they ran on after a kill of the demo alone)."""
     env = script_env()
     env["TMPDIR"] = str(tmp_path)
-    with group([sys.executable, "-m", "elric", "demo", "--pages", "20000"],
+    with group([sys.executable, "-c", SLOW_DEMO],
                cwd=str(tmp_path), env=env, stdout=subprocess.PIPE, text=True,
                stdin=subprocess.DEVNULL,
                # as from a terminal: tests started in the background inherit SIGINT
@@ -268,6 +282,28 @@ def _running_in_session(sid: int) -> list[str]:
         if int(session) == sid and state != "Z":
             running.append(line)
     return running
+
+
+# A crawl whose listing lacks a page (here: every page), as any crawl that left one out
+MISSES_PAGES = """
+import sys
+import elric.client
+import elric.demo as demo
+elric.client.MasterClient.list_jobs = lambda self, **f: []
+sys.exit(demo.run_demo(pages=3))
+"""
+
+
+def test_elric_demo_that_did_not_crawl_every_page_says_so_and_keeps_its_logs(tmp_path):
+    """A count of failed jobs took the name of the function that says a demo failed: "not
+    every page was crawled" was a TypeError traceback, its logs removed."""
+    env = script_env()
+    env["TMPDIR"] = str(tmp_path)
+    proc = run_group([sys.executable, "-c", MISSES_PAGES], timeout=120, cwd=str(tmp_path),
+                     env=env)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
+    [logs] = tmp_path.glob("elric-demo-*")
+    assert f"demo: not every page was crawled; logs in {logs}" in proc.stderr, proc.stderr
 
 
 # The demo picks free ports, then starts its master on them: another process can take one

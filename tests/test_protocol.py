@@ -77,7 +77,8 @@ def test_every_method_answers_the_shape_and_codes_the_protocol_gives(redis_url):
         assert "result" not in summary and summary["result_bytes"] == 0
 
         step = await call("bulk_jobs", "find", {"status": "queued", "queue": "qa"})
-        assert step == {"touched": 1, "skipped": 0, "cursor": "", "errors": [], "ids": ["a"]}
+        assert step == {"touched": 1, "skipped": 0, "cursor": "", "errors": [], "ids": ["a"],
+                        "not_found": []}
         assert await answer(client, "bulk_jobs", "find", {}) == "bad_request"
         stats = await call("stats")
         assert {"by_status", "by_queue", "totals", "batches", "funcs", "more", "now", "throughput",

@@ -161,3 +161,36 @@ def test_the_readmes_settings_table_shows_each_keys_default():
         keys = re.findall(r"`([A-Z_]+)`", names)
         values = [v.strip("`") for v in defaults.split(", ")]
         assert values == [shown(k) for k in keys], names
+
+
+def readme_commands() -> dict[str, list[str]]:
+    """The subcommands the README's table of `elric` commands names (`elric a\\|b ...`:
+    a and b), each with the actions it names after it (`elric schedules [pause\\|...]`)."""
+    with open(README, encoding="utf-8") as f:
+        section = f.read().split("## The `elric` command", 1)[1].split("\n## ", 1)[0]
+    table = [line.split(" | ")[0] for line in section.splitlines() if line.startswith("| ")]
+    commands: dict[str, list[str]] = {}
+    for span in re.findall(r"`(elric [^`]+)`", "\n".join(table)):
+        names, _, rest = span.removeprefix("elric ").partition(" ")
+        actions = re.match(r"\[?([a-z-]+(?:\\\|[a-z-]+)+)", rest)
+        for name in names.split("\\|"):
+            commands.setdefault(name, []).extend(actions.group(1).split("\\|") if actions else [])
+    return commands
+
+
+def test_each_command_the_readme_names_exists(capsys):
+    """The quick start ran, but nothing read the README's table of commands: a command
+    renamed (or an action of one) left the README naming one that is not there."""
+    from elric.cli import main
+
+    commands = readme_commands()
+    assert len(commands) >= 15 and {"submit", "schedules", "purge"} <= commands.keys(), commands
+    for name, actions in commands.items():
+        try:   # --help exits; an unknown command is a usage error, returned as 2
+            status = main([name, "--help"])
+        except SystemExit as exc:
+            status = exc.code
+        shown = capsys.readouterr()
+        assert status == 0, (name, status, shown.err)
+        for action in actions:   # named in its help (worker: "pause|resume|stop|set ID")
+            assert action in shown.out, (name, action, shown.out)

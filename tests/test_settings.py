@@ -184,6 +184,13 @@ def test_file_then_env_then_command_line(no_settings_file):
     ({"ELRIC_REDIS_URL": "redis://:pa[ss@h:6379/0"}, "REDIS_URL (from ELRIC_REDIS_URL): "
      "'redis://:***@h:6379/0' does not parse as a URL; percent-encode special characters "
      "in the password (# as %23"),
+    # the first connection was a TypeError quoting redis-py's AbstractConnection.__init__
+    ({"ELRIC_REDIS_URL": "redis://h:6379/0?bogus=1"}, "REDIS_URL (from ELRIC_REDIS_URL): "
+     "'redis://h:6379/0?bogus=1': unknown option 'bogus'; REDIS_URL takes redis-py's "
+     "connection options, such as db, socket_timeout, socket_connect_timeout"),
+    ({"ELRIC_REDIS_URL": "redis://h:6379/0?socket_timeout=5&ssl_cert_reqs=none"},
+     "'redis://h:6379/0?socket_timeout=5&ssl_cert_reqs=none': option 'ssl_cert_reqs' is for "
+     "TLS: use a rediss:// URL"),
     ({"ELRIC_REDIS_URL": "redis://h[:6379/0"}, "'redis://h[:6379/0' does not parse as a URL, "
                                                "e.g. redis://127.0.0.1:6379/0"),
     ({"ELRIC_REDIS_URL": "redis://:pw@h:63790x/0"}, "e.g. redis://127.0.0.1:6379/0; "
@@ -217,7 +224,9 @@ def test_redis_urls_that_redis_py_reads_are_accepted(no_settings_file):
                 "unix://:p%23w@/tmp/redis.sock?db=3", "rediss://h:6380/1",
                 "redis://user:pass@h:6379/0", "redis://:p%23w%2F%3F%5B@h:6379/0",
                 "redis://[::1]:6379/0", "redis://h:6379/0?socket_timeout=5&client_name=a@b",
-                "rediss://u:p@h:6380/0?ssl_cert_reqs=none", "REDIS://h:6379/0"):
+                "rediss://u:p@h:6380/0?ssl_cert_reqs=none", "REDIS://h:6379/0",
+                "unix:///tmp/r.sock?db=1&socket_timeout=2&max_connections=5",
+                "redis://h:6379/0?bogus="):   # (no value: redis-py passes it over)
         assert load_settings(env={"ELRIC_REDIS_URL": url}).REDIS_URL == url
 
 
@@ -358,11 +367,17 @@ CASES = {
         ["worker", "exits_on_import"], {"REDIS_URL": r, "MASTER_ADDRESS": unused_address()},
         "no job module imports (exits_on_import: SystemExit: usage: exits_on_import.py URL; "
         "it exits as it imports: put a script's code under if __name__ == '__main__')"),
-    # (a traceback from redis-py: the master said "cannot connect")
+    # (a traceback from redis-py, then "cannot connect (AbstractConnection.__init__() got
+    # an unexpected keyword argument 'colour')", quoting redis-py's internals)
     "worker: an option redis-py does not take in REDIS_URL": lambda d, r: (
         ["worker", "elric.demo.crawler_sync"], {"REDIS_URL": r + "?colour=red",
                                                 "MASTER_ADDRESS": unused_address()},
-        f"REDIS_URL {r}?colour=red: cannot connect ("),
+        f"REDIS_URL (from ELRIC_REDIS_URL): '{r}?colour=red': unknown option 'colour'; "
+        "REDIS_URL takes redis-py's connection options, such as db, socket_timeout"),
+    "master: an option redis-py does not take in REDIS_URL": lambda d, r: (
+        ["master", "--redis-url", r + "?bogus=1"], {"MASTER_ADDRESS": unused_address()},
+        f"REDIS_URL (from command line): '{r}?bogus=1': unknown option 'bogus'; REDIS_URL "
+        "takes redis-py's connection options"),
     "master: a typo in an ELRIC_ variable": lambda d, r: (
         ["master", "--redis-url", r], {"REDIS_ULR": r, "MASTER_ADDRESS": unused_address()},
         "ELRIC_REDIS_ULR: unknown setting in the environment; did you mean ELRIC_REDIS_URL?"),

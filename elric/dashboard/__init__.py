@@ -231,6 +231,8 @@ class Dashboard:
             raise web.HTTPSeeOther(f"/jobs/{quote(q['id'].strip(), safe='')}")
         if q.get("status") == Status.SCHEDULED:   # listed as schedules, they had no status
             raise web.HTTPSeeOther("/schedules")   # (or queue) in this table's rows
+        if q.get("status") == Status.FILTERED:   # not stored as jobs: counted per dedupe scope
+            raise web.HTTPSeeOther("/stats#filters")   # ("No job matches", "any status")
         filters = {k: q[k] for k in ("status", "queue", "func", "batch") if q.get(k)}
         offset, cursor = _int(q.get("offset")), q.get("cursor", "")
         # an index lists a status, or a queue's waiting jobs; any other filter scans: bounded,
