@@ -239,8 +239,9 @@ class Scheduler:
     async def _replan(self, now: float) -> None:
         """After Redis's clock stepped back: the next run times planned while it ran ahead
         are that far off, and no periodic job would fire until it caught up. Each one
-        later than its trigger's next fire from now is moved back to it (a fire that ran
-        meanwhile keeps its mark, and does not run again)."""
+        later than its trigger's next fire from now is moved back to it, past the fires
+        its runs record as fired while the clock was ahead (their marks expire long before
+        the clock is back at them; see RedisJobStore.replan)."""
         # (a step the lease loop sees meanwhile is looked at by the next pass)
         back, self._stepped_back, moved, cursor = self._stepped_back, 0.0, 0, 0
         try:

@@ -420,6 +420,30 @@ def test_fires_planned_while_redis_clock_ran_ahead_come_on_time_once_it_steps_ba
     run(redis_url, body)
 
 
+def test_a_fire_that_ran_while_redis_clock_ran_ahead_is_not_planned_again_by_the_step_back(
+        redis_url):
+    """The clock ran ahead past a fire, then stepped back to before it: the step back
+    moved the next run time to that fire again, and only its mark (gone after grace +
+    600 s) or its job hash (gone after RESULT_TTL, or deleted) kept it from running
+    twice. Its runs record says it fired: the step back moves past it."""
+    async def body(env):
+        await env.store.add(spec())   # every minute from T0 + 60
+        env.clock.t = T0 + 60
+        assert await env.sched.tick() == 1
+        env.clock.t = T0 + 3660   # an hour ahead: one fire, coalesced
+        assert await env.sched.tick() == 1
+        env.clock.t = T0 + 3640   # stepped back 20 s, to before that fire
+        assert await env.sched.tick() == 0
+        fired = fire_id("site", T0 + 3660)
+        await env.r.delete(env.keys.fire(fired), env.keys.job(fired))   # expired, deleted
+        env.clock.t = T0 + 3660   # the clock is back at that fire: it does not run again
+        await env.sched.tick()
+        env.clock.t = T0 + 3720
+        await env.sched.tick()
+        assert env.rec.times == [T0 + 60, T0 + 3660, T0 + 3720]
+    run(redis_url, body)
+
+
 def test_paused_job_does_not_fire(redis_url):
     async def body(env):
         await env.store.add(spec())
