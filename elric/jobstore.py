@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from enum import StrEnum
 
+from redis.exceptions import ResponseError
+
 from elric import lua
 from elric.backoff import Backoff
 from elric.codec import pack, unpack
@@ -214,7 +216,7 @@ def _run(record) -> dict:
     return record
 
 
-def _fired_times(raw_runs: list[bytes]) -> set[float]:
+def fired_times(raw_runs: list[bytes]) -> set[float]:
     """The fire times a job's runs list records as fired (marked: queued or filtered); a
     record that cannot be read is passed over, as it records no fire to keep."""
     times = set()
@@ -438,11 +440,14 @@ class RedisJobStore:
         """Move the next run time back to the trigger's first fire from ``now`` that its
         runs do not record as fired, if that is sooner: planned by a clock that ran ahead,
         it was that far off. A fire that ran while the clock was ahead is moved past: its
-        mark expires grace + 600 s later and its job hash after RESULT_TTL (or when
-        deleted), and then nothing else would keep it from running again. A date job keeps
-        its one fire time (a date that fired already may be a time of its own, _unfired).
-        True if moved."""
-        fired = _fired_times(await self.redis.lrange(self.keys.schedule_runs(job_id), 0, -1))
+        mark expires grace + 600 s after marking and its job hash after RESULT_TTL (or
+        when deleted), so neither may be left to keep it from running again (later ones:
+        Scheduler._keep_marks marks them again). A date job keeps its one fire time (a
+        date that fired already may be a time of its own, _unfired). True if moved."""
+        try:
+            fired = fired_times(await self.redis.lrange(self.keys.schedule_runs(job_id), 0, -1))
+        except ResponseError:   # a runs list of another type (an operator's write) records none
+            fired = set()
         moved = False
 
         def change(job: StoredJob) -> StoredJob | None:
