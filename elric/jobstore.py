@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from enum import StrEnum
 
+from redis.exceptions import ResponseError
+
 from elric import lua
 from elric.backoff import Backoff
 from elric.codec import pack, unpack
@@ -212,6 +214,20 @@ def _run(record) -> dict:
                                         and not isinstance(record.get("job_id"), str)):
         raise ValueError(f"a run record {str(record)[:80]!r} is no run")
     return record
+
+
+def fired_times(raw_runs: list[bytes]) -> set[float]:
+    """The fire times a job's runs list records as fired (marked: queued or filtered); a
+    record that cannot be read is passed over, as it records no fire to keep."""
+    times = set()
+    for raw in raw_runs:
+        try:
+            record = unpack(raw)
+            if record.get("outcome") in (Outcome.ENQUEUED, Outcome.FILTERED):
+                times.add(float(record["fire_time"]))
+        except UNREADABLE:
+            continue
+    return times
 
 
 class RedisJobStore:
@@ -421,10 +437,17 @@ class RedisJobStore:
         return await self._update(job_id, change) is not None
 
     async def replan(self, job_id: str, now: float) -> bool:
-        """Move the next run time back to the trigger's next fire from ``now`` if that is
-        sooner: planned by a clock that ran ahead, it was that far off. A date job keeps
-        its one fire time (a date that fired already may be a time of its own, _unfired).
-        True if moved."""
+        """Move the next run time back to the trigger's first fire from ``now`` that its
+        runs do not record as fired, if that is sooner: planned by a clock that ran ahead,
+        it was that far off. A fire that ran while the clock was ahead is moved past: its
+        mark expires grace + 600 s after marking and its job hash after RESULT_TTL (or
+        when deleted), so neither may be left to keep it from running again (later ones:
+        Scheduler._keep_marks marks them again). A date job keeps its one fire time (a
+        date that fired already may be a time of its own, _unfired). True if moved."""
+        try:
+            fired = fired_times(await self.redis.lrange(self.keys.schedule_runs(job_id), 0, -1))
+        except ResponseError:   # a runs list of another type (an operator's write) records none
+            fired = set()
         moved = False
 
         def change(job: StoredJob) -> StoredJob | None:
@@ -432,7 +455,10 @@ class RedisJobStore:
             moved = False   # (as of the last read: a conflict reads it again)
             if job.paused or job.next_run_time is None or job.trigger.get("type") == "date":
                 return None
-            first = next_fire(build_trigger(job.trigger), now, first=True)
+            trigger = build_trigger(job.trigger)
+            first = next_fire(trigger, now, first=True)
+            while first is not None and first in fired and first < job.next_run_time:
+                first = next_fire(trigger, first)
             if first is None or first >= job.next_run_time:
                 return None
             moved = True

@@ -26,7 +26,8 @@ from elric.clock import RedisClock
 from elric.codec import pack, unpack
 from elric.health import TaskHealth
 from elric.contract import Status, normalize_spec
-from elric.jobstore import FINISHED_TTL, Coalesce, Options, Outcome, RedisJobStore, fire_id, iso
+from elric.jobstore import (FINISHED_TTL, Coalesce, Options, Outcome, RedisJobStore, fire_id,
+                            fired_times, iso)
 from elric.logs import Hourly
 from elric.queue import Fenced
 from elric.retry import Outage, cancel_pending, is_outage, unblocked, until
@@ -62,6 +63,14 @@ class FirePlan:
     fires: list[tuple[float, Outcome, dict]] = field(default_factory=list)
     retry_at: float | None = None  # not planned: due again then; its next run time is kept
     unrecorded: int = 0  # missed fires past the runs kept: counted in the fire stats only
+
+
+def _mark_ttl(t: float, grace: float | None, now: float) -> int:
+    """Seconds a fire at ``t`` stays marked, marked at ``now``: the grace window and a
+    margin past it; a fire ahead of now (it ran while the clock was ahead) until then."""
+    if grace is None:
+        return min(FIRE_MARK_TTL_MAX, FIRE_MARK_TTL_NO_GRACE + max(0, math.ceil(t - now)))
+    return max(60, min(FIRE_MARK_TTL_MAX, math.ceil(t + grace + FIRE_MARK_MARGIN - now)))
 
 
 def _score(raw) -> float:
@@ -239,8 +248,10 @@ class Scheduler:
     async def _replan(self, now: float) -> None:
         """After Redis's clock stepped back: the next run times planned while it ran ahead
         are that far off, and no periodic job would fire until it caught up. Each one
-        later than its trigger's next fire from now is moved back to it (a fire that ran
-        meanwhile keeps its mark, and does not run again)."""
+        later than its trigger's next fire from now is moved back to it, past the fires
+        its runs record as fired while the clock was ahead; those fires are marked again
+        until the clock is past them (``_keep_marks``), else the fires on time from now
+        would come to them and run them again."""
         # (a step the lease loop sees meanwhile is looked at by the next pass)
         back, self._stepped_back, moved, cursor = self._stepped_back, 0.0, 0, 0
         try:
@@ -251,6 +262,7 @@ class Scheduler:
                     if not now * 1000.0 < score < math.inf:   # due anyway, or paused
                         continue
                     try:
+                        await self._keep_marks(job_id.decode(), now)
                         moved += await self.store.replan(job_id.decode(), now)
                     except Exception as exc:
                         if is_outage(exc):
@@ -264,6 +276,23 @@ class Scheduler:
         self.log.warning("scheduler: Redis's clock stepped back %.0fs; moved the next run "
                          "times of %d periodic job(s) planned while it ran ahead back to "
                          "their triggers' next fires", back, moved)
+
+    async def _keep_marks(self, job_id: str, now: float) -> None:
+        """Mark again, until the clock is past them, the fires its runs record as fired
+        ahead of ``now`` (while the clock ran ahead): marked for the grace window, their
+        marks expire long before the clock is back at them, and they would run again."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.lrange(self.keys.schedule_runs(job_id), 0, -1)
+        pipe.hget(self.keys.schedule(job_id), "misfire_grace_time")
+        runs, grace = await pipe.execute(raise_on_error=False)
+        if isinstance(runs, Exception) or isinstance(grace, Exception):
+            return   # (a key of another type, an operator's write: replan names none)
+        grace = None if grace in (None, b"") else float(grace)
+        ahead = [t for t in fired_times(runs) if t >= now]
+        for t in ahead:
+            pipe.set(self.keys.fire(fire_id(job_id, t)), "1", ex=_mark_ttl(t, grace, now))
+        if ahead:
+            await pipe.execute()
 
     def _plan(self, job_id: str, row: list, now: float) -> FirePlan:
         """Which due fire times of one job are missed, run, coalesced or skipped."""
@@ -328,9 +357,7 @@ class Scheduler:
                                   "queued or running: %s", job_id, fid,
                                   plan.options.max_instances, ", ".join(live))
             elif outcome is Outcome.ENQUEUED:
-                ttl = (FIRE_MARK_TTL_NO_GRACE if grace is None
-                       else max(60, min(FIRE_MARK_TTL_MAX,
-                                        math.ceil(t + grace + FIRE_MARK_MARGIN - now))))
+                ttl = _mark_ttl(t, grace, now)
                 live.append(fid)
                 keys.append(self.keys.fire(fid))
                 specs[fid] = {**plan.spec, "job_id": fid, "schedule": job_id,

@@ -420,6 +420,56 @@ def test_fires_planned_while_redis_clock_ran_ahead_come_on_time_once_it_steps_ba
     run(redis_url, body)
 
 
+def test_a_fire_that_ran_while_redis_clock_ran_ahead_is_not_planned_again_by_the_step_back(
+        redis_url):
+    """The clock ran ahead past a fire, then stepped back to before it: the step back
+    moved the next run time to that fire again, and only its mark (gone after grace +
+    600 s) or its job hash (gone after RESULT_TTL, or deleted) kept it from running
+    twice. Its runs record says it fired: the step back moves past it."""
+    async def body(env):
+        await env.store.add(spec())   # every minute from T0 + 60
+        env.clock.t = T0 + 60
+        assert await env.sched.tick() == 1
+        env.clock.t = T0 + 3660   # an hour ahead: one fire, coalesced
+        assert await env.sched.tick() == 1
+        env.clock.t = T0 + 3640   # stepped back 20 s, to before that fire
+        assert await env.sched.tick() == 0
+        fired = fire_id("site", T0 + 3660)
+        await env.r.delete(env.keys.fire(fired), env.keys.job(fired))   # expired, deleted
+        env.clock.t = T0 + 3660   # the clock is back at that fire: it does not run again
+        await env.sched.tick()
+        env.clock.t = T0 + 3720
+        await env.sched.tick()
+        assert env.rec.times == [T0 + 60, T0 + 3660, T0 + 3720]
+    run(redis_url, body)
+
+
+def test_a_fire_that_ran_while_redis_clock_ran_ahead_does_not_run_again_when_the_clock_is_back(
+        redis_url):
+    """The clock ran an hour ahead past a fire, then stepped back an hour: the next fires
+    come on time again, and the clock comes back to that fire an hour later. Its mark was
+    set for grace + 600 s, and its job hash kept for RESULT_TTL: both gone by then, it ran
+    twice. The step back keeps the mark of each fire its runs record as fired ahead until
+    the clock is past it."""
+    async def body(env):
+        await env.store.add(spec())   # every minute from T0 + 60
+        env.clock.t = T0 + 60
+        assert await env.sched.tick() == 1
+        env.clock.t = T0 + 3660   # an hour ahead: one fire, coalesced
+        assert await env.sched.tick() == 1
+        fired = fire_id("site", T0 + 3660)
+        await env.r.delete(env.keys.fire(fired))   # expired while the clock was ahead
+        env.clock.t = T0 + 120    # stepped back
+        assert await env.sched.tick() == 1
+        await env.r.delete(env.keys.job(fired))    # past RESULT_TTL
+        env.clock.t = T0 + 3660   # the clock is back at that fire: it does not run again
+        await env.sched.tick()
+        env.clock.t = T0 + 3720
+        await env.sched.tick()
+        assert env.rec.times == [T0 + 60, T0 + 3660, T0 + 120, T0 + 3720]
+    run(redis_url, body)
+
+
 def test_paused_job_does_not_fire(redis_url):
     async def body(env):
         await env.store.add(spec())
