@@ -11,10 +11,12 @@ from typing import Any
 
 from elric.backoff import Backoff
 from elric.config import Settings, load_settings, parse_address
-from elric.contract import MAX_BATCH, MAX_READ
+from elric.contract import MAX_BATCH, MAX_READ, MIN_MESSAGE
 from elric.rpc import (MAX_MESSAGE, Client, RemoteError, RPCConnectionError, RPCError,
-                        RPCUnreachableError)
+                        RPCUnreachableError, packed_size)
 
+# bytes of a request besides its params' items: its type, msgid, method and array headers
+REQUEST_FRAME = 64
 # A list longer than one call takes goes in calls of this many specs, two in flight: the
 # master checks one batch while Redis queues the one before.
 SPLIT_BATCH = 1000
@@ -128,10 +130,11 @@ class MasterClient:
         return self.rpc.call("get_job", job_id, timeout=timeout)
 
     def get_jobs(self, job_ids: list[str]) -> list[dict | None]:
-        """``get_job`` of each, in order, in as few calls as the replies' size allows."""
+        """``get_job`` of each, in order, in as few calls as the requests' and replies' size
+        allow."""
         jobs: list[dict | None] = []
         while len(jobs) < len(job_ids):
-            more = self.call("get_jobs", job_ids[len(jobs):len(jobs) + MAX_READ])
+            more = self.call("get_jobs", _fitting(job_ids[len(jobs):len(jobs) + MAX_READ]))
             if not more:   # (asked again, it would answer the same: no end)
                 raise RPCError(f"get_jobs answered no job for {job_ids[len(jobs)]!r}")
             jobs += more
@@ -203,6 +206,18 @@ class MasterClient:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _fitting(job_ids: list[str]) -> list[str]:
+    """The first of ``job_ids`` (one at least) that fit in a request any master takes:
+    ids may be 200 characters, and 1,000 of them are over the least RPC_MAX_MESSAGE (a
+    master's may be smaller than this client's)."""
+    room = MIN_MESSAGE - REQUEST_FRAME
+    for n, job_id in enumerate(job_ids):
+        room -= packed_size(job_id)
+        if n and room < 0:
+            return job_ids[:n]
+    return job_ids
 
 
 def _with_id(spec: Any) -> Any:

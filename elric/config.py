@@ -19,7 +19,8 @@ import runpy
 from dataclasses import dataclass
 from typing import Any
 
-from elric.contract import MAX_CONCURRENCY, MAX_TIMEOUT, QUEUE_NAME, QUEUE_RULE, is_text
+from elric.contract import (MAX_CONCURRENCY, MAX_TIMEOUT, MIN_MESSAGE, QUEUE_NAME, QUEUE_RULE,
+                            is_text)
 
 
 class SettingsError(Exception):
@@ -124,7 +125,7 @@ FLOORS = {
     "SCHEDULER_LEASE": Floor(0.3, "at least 0.3 seconds", "the scheduler renews it every "
                              "third, and a shorter one runs out under it"),
     # the stats reply, bounded (100 funcs, 100 batches, 60 minutes), takes tens of KiB
-    "RPC_MAX_MESSAGE": Floor(64 * 1024, "at least 65536 bytes (64 KiB)", "a stats reply alone "
+    "RPC_MAX_MESSAGE": Floor(MIN_MESSAGE, "at least 65536 bytes (64 KiB)", "a stats reply alone "
                              "may take tens of KiB; raise it"),
     "BLOOM_SNAPSHOT_INTERVAL": Floor(1.0, "0 (snapshots only on stop) or at least 1 second",
                                      "each snapshot rewrites the changed filters, up to "

@@ -112,6 +112,7 @@ FUNC_PATH = re.compile(r"^[^\W\d][\w.]*:[^\W\d][\w.]*$")   # a Python name: any 
 MAX_PRIORITY = 2**31
 MAX_BATCH = 10_000   # specs one submit_jobs call takes
 MAX_READ = 1000   # ids one get_jobs call takes
+MIN_MESSAGE = 64 * 1024   # the least RPC_MAX_MESSAGE: a message this big goes to any master
 MAX_TIMEOUT = 2**31  # seconds; also refuses nan and inf, which setitimer cannot take
 
 

@@ -37,7 +37,7 @@ class Housekeeping:
         self._hold_until = 0.0
         self._saw_data = False   # whether data_since was there: its loss is then Redis's
         self._epoch = 0          # the data_epoch this master last wrote: Redis stays above it
-        self._backlog = False    # the last pass's promote took a full step: more are due
+        self._backlog = False    # the last pass's promote handled a full step: more are due
 
     async def run(self) -> None:
         """Until cancelled; any error is logged and retried, never the end of the loop."""
@@ -69,7 +69,10 @@ class Housekeeping:
         return min(1.0, due)
 
     async def _promote(self) -> None:
-        self._backlog = await self.queue.promote() >= DUE_STEP
+        # judged on the entries handled, not queued: a full step with one cancelled or no
+        # longer retrying read as no backlog, and a big one drained a step a second
+        _, handled = await self.queue.promote()
+        self._backlog = handled >= DUE_STEP
 
     async def pass_once(self) -> None:
         """Each step even if one before failed for a key of another type (an operator's

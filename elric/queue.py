@@ -534,23 +534,29 @@ class RedisQueue:
         cancelled end cancelled instead, and those whose worker was lost more than
         ``max_redeliveries`` times end failed. Returns (ids queued again, ids cancelled,
         ids failed)."""
-        return await self._due(self.keys.inflight, Status.RUNNING, True, "redelivered")
+        back, cancelled, failed, _ = await self._due(self.keys.inflight, Status.RUNNING,
+                                                     True, "redelivered")
+        return back, cancelled, failed
 
-    async def promote(self) -> int:
-        """Queue again the retrying jobs whose backoff is over."""
-        return len((await self._due(self.keys.delayed, Status.RETRYING, False, ""))[0])
+    async def promote(self) -> tuple[int, int]:
+        """Queue again the retrying jobs whose backoff is over. Returns (jobs queued again,
+        due entries handled): DUE_STEP handled means more may be due, however few of them
+        were queued (the others cancelled, failed, no longer retrying, or due later)."""
+        back, _, _, handled = await self._due(self.keys.delayed, Status.RETRYING, False, "")
+        return len(back), handled
 
     async def _due(self, due_set: str, status: Status, keep_place: bool,
-                   counter: str) -> tuple[list[str], list[str], list[str]]:
+                   counter: str) -> tuple[list[str], list[str], list[str], int]:
         k = self.keys
         cap = "" if self.max_redeliveries is None else self.max_redeliveries
-        back, cancelled, broken, failed = await self._requeue_due(
+        back, cancelled, broken, failed, handled = await self._requeue_due(
             keys=[due_set, k.status(status), k.seq, k.counters, k.status(Status.CANCELLED),
                   k.limits_due, k.queues, k.status(Status.FAILED)],
             args=[*self._line, DUE_STEP, status, "1" if keep_place else "0", counter,
                   *self._cancel_end, cap, k.dedupe_set(""), k.minute(""), jobstats.MINUTE_TTL])
         self._tell_broken("redeliver" if keep_place else "retry", broken)
-        return [_s(i) for i in back], [_s(i) for i in cancelled], [_s(i) for i in failed]
+        return ([_s(i) for i in back], [_s(i) for i in cancelled], [_s(i) for i in failed],
+                int(handled))
 
     async def next_delayed(self) -> float | None:
         """Seconds until the next retry is due, or None if none waits."""

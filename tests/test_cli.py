@@ -682,6 +682,27 @@ def test_results_reads_many_jobs_a_call_and_splits_what_one_reply_cannot_hold(ma
                     **{f"small{i}": {"args": [i], "kwargs": {}} for i in range(20)}}
 
 
+def test_get_jobs_sends_long_ids_in_requests_any_master_takes(make_cluster):
+    """get_jobs sent up to 1,000 ids a call whatever their size: 350 ids of 200 characters
+    (~70 kB) went over a 64 KiB RPC_MAX_MESSAGE, refused by the client at that limit (elric
+    results failed) or by the master, where reading a job a call had worked."""
+    from elric.client import MasterClient
+    from tests.jobs import Echo
+
+    cluster = make_cluster(RPC_MAX_MESSAGE=65536)
+    cluster.start_master()
+    ids = [f"{i:03d}" + "x" * 197 for i in range(350)]
+    there = ids[::100]   # the others are no job
+    cluster.client.submit_jobs([Echo.spec(job_id=job_id) for job_id in there])
+    expected = [job_id if job_id in there else None for job_id in ids]
+    at_the_floor = MasterClient(cluster.address, max_message=65536)   # as the CLI's is
+    try:   # (cluster.client: the default 8 MiB, the master's limit the smaller)
+        for client in (at_the_floor, cluster.client):
+            assert [job and job["job_id"] for job in client.get_jobs(ids)] == expected
+    finally:
+        at_the_floor.close()
+
+
 def test_jobs_status_filtered_prints_the_counts_per_scope(cluster):
     c = cluster.client
     c.submit_jobs([Echo.spec(job_id="a", dedupe_key="k", dedupe_scope="pages", queue="none")])

@@ -528,7 +528,7 @@ def test_redelivery_and_retries_go_on_past_a_job_an_operator_overwrote(redis_url
         await r.zrem(KEYS.inflight, "c", "d")
         await r.hset(KEYS.job("d"), "status", "retrying")
         assert (await q.recover())[0] == ["b"]
-        assert await q.promote() == 1
+        assert await q.promote() == (1, 2)   # d queued; c, unreadable, handled too
         assert await r.zcard(KEYS.inflight) == await r.zcard(KEYS.delayed) == 0
         assert all(KEYS.job(j) in caplog.text for j in "ac"), caplog.text
     asyncio.run(with_queue(redis_url, body))
@@ -544,7 +544,7 @@ def test_a_job_put_back_in_line_lists_its_queue_again(redis_url):
         [claim] = (await q.fetch("w1", ["q-x"], 1, 30)).claims
         await q.finish("w1", [outcome(claim, False, "boom", retry_ms=0)])
         await r.srem(KEYS.queues, "q-x")   # as forget_queues.lua would have
-        assert await q.promote() == 1
+        assert await q.promote() == (1, 1)
         assert await r.sismember(KEYS.queues, "q-x")
         assert [j["job_id"] for j in await q.list_jobs(status="queued")] == ["a"]
     asyncio.run(with_queue(redis_url, body))
@@ -985,11 +985,11 @@ def test_retries_stay_due_while_seq_or_the_delayed_set_holds_another_type(redis_
         kept = await r.dump(bad)
         await r.delete(bad)
         await r.set(bad, "overwritten")
-        assert await q.promote() == 0
+        assert await q.promote() == (0, 0)
         assert bad in caplog.text
         await r.delete(bad)
         await r.restore(bad, 0, kept)
-        assert await q.promote() == 1
+        assert await q.promote() == (1, 1)
         assert [c.job_id for c in (await q.fetch("w1", ["default"], 1, 30)).claims] == \
             [claim.job_id]
     asyncio.run(with_queue(redis_url, body))
@@ -1001,7 +1001,7 @@ def test_a_pass_with_nothing_due_writes_nothing(redis_url):
     async def body(q, r):
         await q.enqueue(specs(1))
         writes = (await r.info("persistence"))["rdb_changes_since_last_save"]
-        assert await q.promote() == 0
+        assert await q.promote() == (0, 0)
         assert (await r.info("persistence"))["rdb_changes_since_last_save"] == writes
     asyncio.run(with_queue(redis_url, body))
 

@@ -359,6 +359,39 @@ def test_housekeeping_does_not_spin_on_a_retry_it_cannot_promote(redis_url, monk
             assert min(sleeps[seen:]) >= 1.0, sleeps[seen:]
     asyncio.run(main())
 
+
+def test_housekeeping_passes_again_at_once_after_a_full_step_of_due_retries(redis_url):
+    """The backlog was judged on the jobs promote queued: a full step of due retries with
+    one it did not queue (its job gone, cancelled or no longer retrying) read as none
+    left, so the pass slept a second with more due now: a big backlog drained a step a
+    second."""
+    import redis.asyncio as aredis
+
+    from elric.housekeeping import Housekeeping
+    from elric.keys import Keys
+    from elric.queue import DUE_STEP
+    from tests.conftest import outcome
+
+    async def main():
+        r = aredis.Redis.from_url(redis_url)
+        try:
+            keys = Keys("elric-backlog")
+            q = RedisQueue(r, keys)
+            hk = Housekeeping(q, None, r, keys, 60, {})
+            await q.enqueue([normalize_spec({"func": "tests.jobs:Echo", "job_id": f"j{i}",
+                                             "max_retries": 1}) for i in range(DUE_STEP)])
+            claims = (await q.fetch("w1", ["default"], DUE_STEP, 30)).claims
+            await q.finish("w1", [outcome(c, False, "boom", retry_ms=0) for c in claims])
+            await r.zadd(keys.delayed, {"gone": 0})   # at the head: its job was deleted
+            await hk._promote()
+            assert hk._pause(await q.next_delayed()) == 0   # one retry still due
+            await hk._promote()
+            assert await r.zcard(keys.delayed) == 0
+            assert hk._pause(await q.next_delayed()) == 1.0
+        finally:
+            await r.aclose()
+    asyncio.run(main())
+
 @contextlib.contextmanager
 def redis_running_a_long_script(url: str, until=None):
     """Redis answers BUSY to everything while a script runs past busy-reply-threshold:

@@ -13,7 +13,8 @@
 --       dedupe set prefix, minute stats prefix, minute stats ttl (s)
 -- Returns {ids put back, ids cancelled, keys of another type (or job keys, with why)
 --   passed over (the counters or queues: jobs go back, not counted or listed), ids failed
---   for their worker lost past the cap}.
+--   for their worker lost past the cap, due entries handled: queued or not (at most
+--   limit; a full step means more may be due)}.
 -- Invariant: a job leaves the due set once, and is queued only if it still has the status
 -- and no request to cancel it; a run whose lease ran out gives up its limit key's slot. A
 -- redelivered job (keep place '1') counts it on its hash: `redelivered` (runs lost with
@@ -27,7 +28,8 @@
 -- another type, or (not to be cancelled) with no `queue` field, stays in it, due a minute
 -- later, named: put back, it would be in no queue. With the due set or the status index
 -- of another type, or (retries: each takes a new place in line) seq that INCR fails on,
--- a pass writes nothing.
+-- a pass writes nothing and handles no entry. An entry handled leaves the due set or is due
+-- a minute later: a caller passing again at once after a full step never spins on one.
 local jp, qp, wp, now, limit = ARGV[1], ARGV[2], ARGV[3], now_ms(), ARGV[4]
 local status, keep, counter = ARGV[5], ARGV[6] == '1', ARGV[7]
 local ends = {cancelled = KEYS[5], counters = KEYS[4], queues = KEYS[7], due = KEYS[6],
@@ -39,7 +41,7 @@ local cap = keep and tonumber(ARGV[14])
 -- the script, the job out of the due set and in no queue, never put back.
 local whole = mistyped(KEYS[1], 'zset') and KEYS[1] or mistyped(KEYS[2], 'zset') and KEYS[2]
               or not keep and not_integer(KEYS[3]) and KEYS[3]
-if whole then return {{}, {}, {whole}, {}} end
+if whole then return {{}, {}, {whole}, {}, 0} end
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, limit)
 local out, cancelled, broken, failed = {}, {}, {}, {}
 ends.broken = broken
@@ -96,4 +98,4 @@ for _, id in ipairs(ids) do
     out[#out + 1] = id
   end
 end
-return {out, cancelled, broken, failed}
+return {out, cancelled, broken, failed, #ids}
