@@ -39,7 +39,8 @@ def test_a_limited_host_keeps_its_limits_across_workers_while_others_run_at_full
     c.start_master()
     c.start_worker("--concurrency", "1")
     c.start_worker("--concurrency", "1")
-    slow = [AsyncHostPage.spec(["slow.test", i], job_id=f"slow-{i}") for i in range(15)]
+    # 30: at 5 starts a second both workers get some, even one slowed by a busy machine
+    slow = [AsyncHostPage.spec(["slow.test", i], job_id=f"slow-{i}") for i in range(30)]
     fast = [AsyncHostPage.spec(["fast.test", i], job_id=f"fast-{i}") for i in range(150)]
     c.client.submit_jobs(slow + fast)   # the slow host's jobs are first in line
     jobs = {s["job_id"]: c.wait_job(s["job_id"], timeout=60) for s in slow + fast}
