@@ -303,20 +303,31 @@ def _check(key: str, value: Any, where: str) -> Any:
     return value
 
 
+def is_module_name(text: str) -> bool:
+    return all(part.isidentifier() for part in text.split("."))
+
+
+def meant_module(name: str) -> tuple[str, str] | None:
+    """The module a func (jobs:Crawl) or a path (jobs.py) given for a module name meant:
+    ("func" or "path", module); None for anything else."""
+    mod, colon, attr = name.partition(":")
+    if colon and is_module_name(mod) and is_module_name(attr):
+        return "func", mod
+    meant = name.removesuffix(".py").replace(os.sep, ".").strip(".")
+    if (name.endswith(".py") or os.sep in name) and meant and is_module_name(meant):
+        return "path", meant
+    return None
+
+
 def _check_module_name(name: str, bad) -> None:
     """A JOB_MODULES name a worker can import: a path or a func there was no error here, and
     then the master refused every job and a worker imported nothing."""
-    def module(text: str) -> bool:
-        return all(part.isidentifier() for part in text.split("."))
-
-    if module(name):
+    if is_module_name(name):
         return
-    mod, colon, attr = name.partition(":")
-    if colon and module(mod) and module(attr):
-        raise bad(f"{name!r} is a func, not a module name: give its module, {mod}")
-    meant = name.removesuffix(".py").replace(os.sep, ".").strip(".")
-    if (name.endswith(".py") or os.sep in name) and meant and module(meant):
-        raise bad(f"{name!r} is a path, not a module name: give {meant}")
+    if meant := meant_module(name):
+        kind, module = meant
+        raise bad(f"{name!r} is a {kind}, not a module name: give "
+                  f"{'its module, ' if kind == 'func' else ''}{module}")
     raise bad(f"{name!r} is not a module name, such as myproject.jobs")
 
 
