@@ -227,10 +227,6 @@ class Admission:
         """Clean-ups of failed calls still running: a stopping master waits for them."""
         return set(self._cleanups)
 
-    async def close(self) -> None:
-        if self._cleanups:
-            await asyncio.wait(self.cleanups(), timeout=CLEANUP_WAIT)
-
     async def enqueue_fires(self, specs: list[dict], fence_token: int,
                             recovered: bool = False) -> list[Submitted]:
         """The scheduler's callback: dedupe and queue marked fires under its lease token,
