@@ -308,8 +308,7 @@ def is_module_name(text: str) -> bool:
 
 
 def meant_module(name: str) -> tuple[str, str] | None:
-    """The module a func (jobs:Crawl) or a path (jobs.py) given for a module name meant:
-    ("func" or "path", module); None for anything else."""
+    """("func" or "path", the module meant) for jobs:Crawl or jobs.py given as a module."""
     mod, colon, attr = name.partition(":")
     if colon and is_module_name(mod) and is_module_name(attr):
         return "func", mod
@@ -325,9 +324,8 @@ def _check_module_name(name: str, bad) -> None:
     if is_module_name(name):
         return
     if meant := meant_module(name):
-        kind, module = meant
-        raise bad(f"{name!r} is a {kind}, not a module name: give "
-                  f"{'its module, ' if kind == 'func' else ''}{module}")
+        raise bad(f"{name!r} is a {meant[0]}, not a module name: give "
+                  f"{'its module, ' if meant[0] == 'func' else ''}{meant[1]}")
     raise bad(f"{name!r} is not a module name, such as myproject.jobs")
 
 
