@@ -214,8 +214,8 @@ class Admission:
 
     async def _clean_up(self, coro, exc: BaseException, then) -> None:
         """Run a failed call's clean-up to its end, then ``then``, even if the call is
-        cancelled; waited for up to CLEANUP_WAIT, or not at all when cancelled (``close``
-        waits): a Redis that does not answer hangs neither the call nor the shutdown."""
+        cancelled; waited for up to CLEANUP_WAIT, or not at all when cancelled (a stopping
+        master waits): a Redis that does not answer hangs neither the call nor the shutdown."""
         task = asyncio.ensure_future(coro)
         self._cleanups.add(task)
         task.add_done_callback(self._cleanups.discard)
