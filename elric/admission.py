@@ -14,7 +14,7 @@ from elric.contract import (FIRE_ID, FIRE_ID_RULE, MAX_BATCH, Refused, SpecError
                             check_func, normalize_spec)
 from elric.jobstore import IdTaken, RedisJobStore, schedule_options
 from elric.logs import Hourly
-from elric.queue import RedisQueue, Submitted, Unreadable
+from elric.queue import RedisQueue, Submitted, Unreadable, raised
 from elric.reservation import DedupeGate, Reservation, ScopeRefused
 from elric.retry import retry
 from elric.scheduler import RETRY_LATER
@@ -44,10 +44,7 @@ class Admission:
     async def rerun(self, job_id: str) -> str:
         """queue.rerun, of a job whose func JOB_MODULES allows, as a copy's must: a rerun of
         one it no longer did was queued, and every worker handed it back for good."""
-        [outcome] = await self.rerun_many([job_id])
-        if isinstance(outcome, Exception):
-            raise outcome
-        return outcome
+        return raised((await self.rerun_many([job_id]))[0])
 
     async def rerun_many(self, job_ids: list[str]) -> list[str | Exception]:
         """rerun of each job; the NotFound or Refused that says why not in its place."""
@@ -217,8 +214,8 @@ class Admission:
 
     async def _clean_up(self, coro, exc: BaseException, then) -> None:
         """Run a failed call's clean-up to its end, then ``then``, even if the call is
-        cancelled; waited for up to CLEANUP_WAIT, or not at all when cancelled (``close``
-        waits): a Redis that does not answer hangs neither the call nor the shutdown."""
+        cancelled; waited for up to CLEANUP_WAIT, or not at all when cancelled (a stopping
+        master waits): a Redis that does not answer hangs neither the call nor the shutdown."""
         task = asyncio.ensure_future(coro)
         self._cleanups.add(task)
         task.add_done_callback(self._cleanups.discard)
@@ -229,10 +226,6 @@ class Admission:
     def cleanups(self) -> set[asyncio.Task]:
         """Clean-ups of failed calls still running: a stopping master waits for them."""
         return set(self._cleanups)
-
-    async def close(self) -> None:
-        if self._cleanups:
-            await asyncio.wait(self.cleanups(), timeout=CLEANUP_WAIT)
 
     async def enqueue_fires(self, specs: list[dict], fence_token: int,
                             recovered: bool = False) -> list[Submitted]:

@@ -18,7 +18,8 @@ from datetime import datetime
 
 from elric import logs, views
 from elric.bulk import JobFilter, left_alone, not_run, schedule_left_alone
-from elric.config import SettingsError, Unreachable, load_settings, names
+from elric.config import (SettingsError, Unreachable, is_module_name, load_settings,
+                          meant_module, names)
 from elric.contract import STATUSES, ErrorCode, NotFound, SpecError, Status
 
 
@@ -38,7 +39,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         return _control_worker(args)
     from elric.worker import Worker   # after: steering a worker needs none of its modules
     for name in args.modules:   # a mistyped action (elric worker Pause ID) starts no worker
-        if not _module_name(name) or name.endswith(".py") and os.path.isfile(name):
+        if not is_module_name(name) or name.endswith(".py") and os.path.isfile(name):
             raise UsageError(_not_a_module(name, WORKER_ACTIONS))
 
     queues = names(args.queues, "--queues") if args.queues is not None else None
@@ -50,21 +51,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return asyncio.run(Worker(settings).run())
 
 
-def _module_name(name: str) -> bool:
-    return all(part.isidentifier() for part in name.split("."))
-
-
 def _not_a_module(name: str, actions) -> str:
     """Why ``name`` starts no worker. A file (jobs.py, ./jobs) or a func (jobs:Crawl) is
     answered with the module meant: the import error, or the hint to steer a running
     worker, left a user who gave one no wiser."""
-    module, colon, attr = name.partition(":")
-    func = colon and _module_name(module) and _module_name(attr)   # (a worker id: host:pid:hex)
-    meant = module if func else name.removesuffix(".py").replace(os.sep, ".").strip(".")
-    if (func or name.endswith(".py") or os.sep in name) and meant and _module_name(meant):
-        return (f"{name!r} is {'a func' if func else 'a path'}, not a module name: "
-                f"elric worker {meant}, from the folder it imports from (a worker runs "
-                "every Job class of its modules)")
+    if meant := meant_module(name):   # (not a worker id, host:pid:hex)
+        return (f"{name!r} is a {meant[0]}, not a module name: elric worker {meant[1]}, from "
+                "the folder it imports from (a worker runs every Job class of its modules)")
     return (f"{name!r} is not a module name; to steer a running worker: "
             f"elric worker {'|'.join(actions)} ID")
 

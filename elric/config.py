@@ -303,20 +303,29 @@ def _check(key: str, value: Any, where: str) -> Any:
     return value
 
 
+def is_module_name(text: str) -> bool:
+    return all(part.isidentifier() for part in text.split("."))
+
+
+def meant_module(name: str) -> tuple[str, str] | None:
+    """("func" or "path", the module meant) for jobs:Crawl or jobs.py given as a module."""
+    mod, colon, attr = name.partition(":")
+    if colon and is_module_name(mod) and is_module_name(attr):
+        return "func", mod
+    meant = name.removesuffix(".py").replace(os.sep, ".").strip(".")
+    if (name.endswith(".py") or os.sep in name) and meant and is_module_name(meant):
+        return "path", meant
+    return None
+
+
 def _check_module_name(name: str, bad) -> None:
     """A JOB_MODULES name a worker can import: a path or a func there was no error here, and
     then the master refused every job and a worker imported nothing."""
-    def module(text: str) -> bool:
-        return all(part.isidentifier() for part in text.split("."))
-
-    if module(name):
+    if is_module_name(name):
         return
-    mod, colon, attr = name.partition(":")
-    if colon and module(mod) and module(attr):
-        raise bad(f"{name!r} is a func, not a module name: give its module, {mod}")
-    meant = name.removesuffix(".py").replace(os.sep, ".").strip(".")
-    if (name.endswith(".py") or os.sep in name) and meant and module(meant):
-        raise bad(f"{name!r} is a path, not a module name: give {meant}")
+    if meant := meant_module(name):
+        raise bad(f"{name!r} is a {meant[0]}, not a module name: give "
+                  f"{'its module, ' if meant[0] == 'func' else ''}{meant[1]}")
     raise bad(f"{name!r} is not a module name, such as myproject.jobs")
 
 

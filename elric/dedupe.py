@@ -217,7 +217,7 @@ class SetFilter(DedupeFilter):
         super().__init__(redis, keys, takeover_after)
         self._ttl_ms = None if set_ttl is None else max(1, int(round(set_ttl * 1000)))
         self._script = lua.load(redis, "dedupe_set" if set_ttl is None else "dedupe_set_ttl",
-                                "dedupe_taker_fn")
+                                "clock_fn", "dedupe_taker_fn")
 
     async def _typed(self, scope: str, call):
         """``await call``, a WRONGTYPE reply (the scope was written with the other

@@ -182,7 +182,7 @@ def _read(name: str, read, value: bytes, bad: list[str], default: Any = None) ->
         return default
 
 
-def _raised(outcome):
+def raised(outcome):
     """A ``..._many`` method's outcome for one job, its error raised."""
     if isinstance(outcome, Exception):
         raise outcome
@@ -583,7 +583,7 @@ class RedisQueue:
 
     async def remove(self, job_id: str) -> bool:
         """Delete a job that is not running; raises Refused for a running one."""
-        return _raised((await self.remove_many([job_id]))[0])
+        return raised((await self.remove_many([job_id]))[0])
 
     async def remove_many(self, job_ids: list[str]) -> list[bool | Refused]:
         """remove of each job; a running one's Refused in its place."""
@@ -606,7 +606,7 @@ class RedisQueue:
     async def cancel(self, job_id: str) -> str | None:
         """Cancel a job (cancel.lua); returns the status it had, None when there is none;
         raises Unreadable when its key holds another type."""
-        return _raised((await self.cancel_many([job_id]))[0])
+        return raised((await self.cancel_many([job_id]))[0])
 
     async def cancel_many(self, job_ids: list[str]) -> list[str | None | Unreadable]:
         """cancel of each job; Unreadable in the place of one whose key holds another type."""
@@ -628,7 +628,7 @@ class RedisQueue:
 
     async def rerun(self, job_id: str) -> str:
         """Queue a finished job again; raises NotFound / Refused with the reason."""
-        return _raised((await self.rerun_many([job_id]))[0])
+        return raised((await self.rerun_many([job_id]))[0])
 
     async def rerun_many(self, job_ids: list[str]) -> list[str | NotFound | Refused]:
         """rerun of each job; the NotFound or Refused that says why not in its place."""

@@ -84,15 +84,15 @@ class RedisServer:
         for attempt in range(1, PORT_TRIES + 1):
             try:
                 self._start(timeout)
-                self._movable = False
-                return self
+                break
             except RedisServerError:
                 # its port was taken before it listened (CI's runs start many beside it)
                 if (not self._movable or attempt == PORT_TRIES or self.proc is None
                         or not any_taken(self.port)):
                     raise
                 self.port = free_port()
-        raise AssertionError("unreachable")
+        self._movable = False
+        return self
 
     def _start(self, timeout: float) -> None:
         args = [find_redis_server(), "--bind", "127.0.0.1", "--port", str(self.port),

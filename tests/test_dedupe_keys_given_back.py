@@ -851,7 +851,8 @@ def test_a_failed_call_that_cannot_tell_whose_a_key_is_keeps_it(redis_url, monke
                 m.queue.get_holds = away
             with pytest.raises(RequestError, match="cannot reach Redis"):
                 await m.submit_jobs([{"func": E, "job_id": "mine", "dedupe_key": "k"}])
-            await m.admission.close()   # the clean-up is over
+            if cleanups := m.admission.cleanups():   # the clean-up is over
+                await asyncio.wait(cleanups)
             if unknown == "who took it":
                 f.check_and_add = real
             else:

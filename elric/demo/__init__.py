@@ -143,20 +143,16 @@ def _master_env(settings, crawl, redis_url: str, address: str, dashboard: str,
                 prefix: str) -> dict:
     from elric.launch import elric_env
 
-    # JOB_MODULES: the demo's worker loads only its crawler, whatever a settings.py here says
-    # LIMITS: a polite crawl, at most 16 pages of one host in flight across the cluster
-    # SHUTDOWN_GRACE: a Ctrl-C took 31 s, the worker letting its running jobs finish (a
-    # terminal's Ctrl-C ends the demo's redis-server too: their outcomes could not be
-    # recorded); a demo needs none of them finished
+    # only its crawler, whatever a settings.py here says; a polite crawl (16 pages of a host
+    # at once); a quick Ctrl-C: a demo's running jobs need not finish (its Redis goes too)
     env = elric_env(redis_url, address, KEY_PREFIX=prefix, SHUTDOWN_GRACE=1,
                     LOG_LEVEL="WARNING", JOB_MODULES=crawl.__module__,
                     LIMITS='{"*": {"concurrency": 16}}', DASHBOARD_ADDRESS=dashboard)
-    # its master and worker read the settings it read (--settings too), and it calls the
-    # master with their RPC_TOKEN: a settings.py here with one left it waiting 20 s for an
-    # answer, then a traceback
+    # its master and worker read the settings it read, RPC_TOKEN too (start_master and
+    # the demo's client call the master with it)
     if settings.source is not None:
         env["ELRIC_SETTINGS"] = os.path.abspath(settings.source)
-    if settings.RPC_TOKEN:   # (start_master waits for the master with it)
+    if settings.RPC_TOKEN:
         env["ELRIC_RPC_TOKEN"] = settings.RPC_TOKEN
     return env
 

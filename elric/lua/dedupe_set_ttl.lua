@@ -13,8 +13,7 @@
 -- key is recorded as its taker for ttl, as in dedupe_set.lua; nothing counted `filtered`.
 local other = redis.call('HGET', KEYS[2], 'backend')
 if other and other ~= 'set' then return redis.error_reply('BACKEND ' .. other) end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = now_ms()
 local scope, tp, ttl, grace = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local n = tp == '' and #ARGV - 4 or (#ARGV - 4) / 2
 local cutoff = now - ttl
