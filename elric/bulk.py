@@ -13,11 +13,15 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from elric.contract import STATUSES, NotFound, Refused, SpecError, Status
+from elric.contract import MIN_MESSAGE, STATUSES, NotFound, Refused, SpecError, Status
+from elric.rpc import packed_size
 
 ACTIONS = ("rerun", "copy", "cancel", "delete", "find")   # find: only list the ids
 STEP = 2000   # jobs looked at per call
 SCAN = 500    # per ZSCAN round trip
+# bytes of ids a find step answers: what any master and client take (2,000 ids of 200
+# characters are ~400 kB), less room for the rest of the reply (a cursor naming a limit key)
+FOUND_ROOM = MIN_MESSAGE - 4096
 _FIELDS = ("status", "queue", "func", "batch", "worker", "enqueued_at")
 # statuses with an index of their own (queued jobs are indexed by their queue)
 _INDEXED = [s for s in STATUSES if s not in (Status.QUEUED, Status.SCHEDULED, Status.FILTERED)]
@@ -156,13 +160,16 @@ class Bulk:
         return sorted(out)
 
     async def walk(self, f: JobFilter, cursor: str = "", fresh_only: bool = False,
-                   live_only: bool = False) -> tuple[list[str], str, list[str]]:
+                   live_only: bool = False,
+                   room: int | None = None) -> tuple[list[str], str, list[str]]:
         """Look at up to STEP jobs from ``cursor`` on: the ids of those ``f`` picks, the
         cursor to go on from ("" when the walk is over), and the ids given that are no job.
         The cursor keeps when the walk began: with ``fresh_only`` a job queued since then (a
         job this walk rerun or made) is passed over, so no job is done twice. With
         ``live_only`` the indexes of ended jobs are not walked: a cancel would meet the jobs
-        it cancelled there again."""
+        it cancelled there again. With ``room`` the ids picked take at most that many bytes
+        packed: the step ends before a ZSCAN page that would pass them (the cursor holds its
+        scan cursor), and a first page that would is scanned again in fewer."""
         if not cursor:   # "began (ms):kind of index:scan cursor:index name"
             seconds, micros = await self.redis.time()
             cursor = f"{seconds * 1000 + micros // 1000}:0:0:"
@@ -183,14 +190,24 @@ class Bulk:
         looked, chosen = 0, []
         pairs = [x for name, want in zip(_FIELDS, (f.status, f.queue, f.func, f.batch, f.worker))
                  if want is not None for x in (name, want)]
+        count = SCAN
         while indexes and looked < STEP:
             place, key, prefixed = indexes[0]
             # Redis picks out the jobs whose fields match (gone since: passed over)
-            scan, n, *found = await self._match(keys=[key], args=[
-                self.keys.job(""), int(prefixed), scan, SCAN, *pairs])
-            scan, looked = int(scan), looked + n
-            chosen += [job_id.decode() for job_id, at in zip(found[::2], found[1::2])
-                       if f.submitted_in(at) and (before is None or int(at or 0) < before)]
+            went_on, n, *found = await self._match(keys=[key], args=[
+                self.keys.job(""), int(prefixed), scan, count, *pairs])
+            picked = [job_id.decode() for job_id, at in zip(found[::2], found[1::2])
+                      if f.submitted_in(at) and (before is None or int(at or 0) < before)]
+            size = sum(map(packed_size, picked)) if room is not None else 0
+            if room is not None and size > room and chosen:   # the next step's page
+                break
+            if room is not None and size > room and count > 1:   # alone: again, in fewer
+                count = max(1, count // 4)
+                continue
+            chosen += picked
+            scan, looked = int(went_on), looked + n
+            if room is not None:
+                room -= size
             if scan == 0:
                 indexes.pop(0)
                 if indexes:
@@ -227,7 +244,8 @@ class Bulk:
                                f"{', '.join(names[:10]) or 'none'}"
                                f"{', ...' if len(names) > 10 else ''})")
         chosen, next_cursor, missing = await self.walk(
-            f, cursor, fresh_only=action in ("rerun", "copy"), live_only=action == "cancel")
+            f, cursor, fresh_only=action in ("rerun", "copy"), live_only=action == "cancel",
+            room=FOUND_ROOM if action == "find" else None)
         chosen = list(dict.fromkeys(chosen))   # an id given twice, or met twice by ZSCAN: once
         step = Step(cursor=next_cursor)
         # an id given that is no job (mistyped, or its record expired) is said as not found,

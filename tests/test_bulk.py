@@ -530,3 +530,32 @@ def test_a_bulk_command_whose_later_step_fails_says_what_the_earlier_ones_did(mo
     err = capsys.readouterr().err
     assert err.startswith("elric: copy stopped after 2000 jobs done, 1 skipped (not undone; run "
                           "again, it copies them again): master cannot reach Redis"), err
+
+
+def test_a_find_step_of_long_ids_answers_what_the_least_message_limit_takes(redis_url):
+    """Each find step's reply fits in 64 KiB (its ZSCAN pages cut where they would not:
+    one page scanned again in fewer, or left to the next step), and the steps reach every
+    job once at least."""
+    import asyncio
+
+    from elric.contract import MIN_MESSAGE
+    from elric.rpc import packed_size
+    from tests.test_dedupe_keys_given_back import master
+
+    ids = [f"{i:04d}" + "y" * 196 for i in range(1200)]
+
+    async def main():
+        async with master(redis_url) as m:
+            for n in range(0, len(ids), 300):
+                await m.submit_jobs([Echo.spec(job_id=job_id, queue="longq")
+                                     for job_id in ids[n:n + 300]])
+            cursor, found, steps = "", set(), 0
+            while True:
+                step = await m.bulk_jobs("find", {"queue": "longq"}, cursor)
+                assert packed_size(step) < MIN_MESSAGE - 64, len(step["ids"])
+                found.update(step["ids"])
+                cursor, steps = step["cursor"], steps + 1
+                if not cursor:
+                    break
+            assert found == set(ids) and steps >= 4, steps
+    asyncio.run(main())

@@ -703,6 +703,29 @@ def test_get_jobs_sends_long_ids_in_requests_any_master_takes(make_cluster):
         at_the_floor.close()
 
 
+def test_results_and_jobs_reach_every_job_of_long_ids_at_the_least_message_limit(make_cluster):
+    """A bulk find step answered up to 2,000 ids: 400 of 200 characters (~80 kB) went over
+    a 64 KiB RPC_MAX_MESSAGE, and elric results (and elric jobs past the last page, which
+    asks a find step whether the batch is known) failed. A step now stops where its reply
+    would pass what any message limit takes, the cursor going on from there."""
+    from tests.jobs import Echo
+
+    cluster = make_cluster(RPC_MAX_MESSAGE=65536)
+    cluster.start_master()
+    c = cluster.client
+    ids = [f"{i:03d}" + "x" * 197 for i in range(400)]
+    for n in range(0, 400, 100):   # (a request holds at most 64 KiB too)
+        c.submit_jobs([Echo.spec([i], job_id=job_id, batch="long")
+                       for i, job_id in enumerate(ids[n:n + 100], n)])
+    cluster.start_worker("--concurrency", "4")
+    wait_for(lambda: c.stats()["by_status"]["succeeded"] == 400, what="400 successes")
+    out = elric(cluster, "results", "--batch", "long", "--format", "jsonl")
+    assert out.returncode == 0, out.stderr
+    assert sorted(r["job_id"] for r in map(json.loads, out.stdout.splitlines())) == ids
+    past = elric(cluster, "jobs", "--batch", "long", "--offset", "1000")
+    assert past.returncode == 0 and "no jobs" in past.stdout.lower(), past.stdout + past.stderr
+
+
 def test_jobs_status_filtered_prints_the_counts_per_scope(cluster):
     c = cluster.client
     c.submit_jobs([Echo.spec(job_id="a", dedupe_key="k", dedupe_scope="pages", queue="none")])
