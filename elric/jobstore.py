@@ -252,6 +252,14 @@ class RedisJobStore:
             raise unreadable(job_id, exc) from None
         return job
 
+    async def existing(self, job_ids: list[str]) -> set[str]:
+        """Those of ``job_ids`` that are periodic jobs, looked for in one round trip."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.exists(self.keys.schedule(job_id))
+            found = await pipe.execute()
+        return {job_id for job_id, n in zip(job_ids, found) if n}
+
     async def state(self, job_id: str) -> dict | None:
         """A periodic job's ``status`` and ``paused`` as ``get`` answers them, read alone
         (not its spec, runs and rounds); None when there is no such job."""

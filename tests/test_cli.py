@@ -726,6 +726,39 @@ def test_results_and_jobs_reach_every_job_of_long_ids_at_the_least_message_limit
     assert past.returncode == 0 and "no jobs" in past.stdout.lower(), past.stdout + past.stderr
 
 
+def test_get_jobs_looks_for_the_ids_that_are_no_job_among_schedules_together(redis_url,
+                                                                             monkeypatch):
+    """get_jobs looked for each id that is no job among the periodic jobs with a read of
+    its own, one after another: 1,000 such ids were 1,000 Redis round trips (elric results
+    of a page of jobs since expired). They are looked for in one now, answered the same."""
+    import asyncio
+
+    from redis.asyncio.connection import AbstractConnection
+
+    from tests.test_dedupe_keys_given_back import master
+
+    sent = []   # what went to Redis at once: one a round trip
+    send = AbstractConnection.send_packed_command
+
+    async def counted(self, *args, **kwargs):
+        sent.append(1)
+        return await send(self, *args, **kwargs)
+
+    async def main():
+        async with master(redis_url) as m:
+            await m.submit_jobs([Echo.spec(job_id="there", queue="nobody"),
+                                 Echo.spec(job_id="tick", trigger=every(hours=1))])
+            ids = ["there", "tick"] + [f"gone{i}" for i in range(998)]
+            one_by_one = [await m.get_job(job_id) for job_id in ids[:3]]
+            monkeypatch.setattr(AbstractConnection, "send_packed_command", counted)
+            jobs = await m.get_jobs(ids)
+            monkeypatch.undo()
+            assert len(sent) < 20, len(sent)   # (the master's own tasks' reads among them)
+            assert jobs[:3] == one_by_one and jobs[1]["status"] == "scheduled"
+            assert jobs[3:] == [None] * 997
+    asyncio.run(main())
+
+
 def test_jobs_status_filtered_prints_the_counts_per_scope(cluster):
     c = cluster.client
     c.submit_jobs([Echo.spec(job_id="a", dedupe_key="k", dedupe_scope="pages", queue="none")])
