@@ -10,7 +10,6 @@ source's and the operation's, and submitting an existing id changes nothing).
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass, field
 
 from elric.contract import MIN_MESSAGE, STATUSES, NotFound, Refused, SpecError, Status
@@ -249,11 +248,11 @@ class Bulk:
         chosen = list(dict.fromkeys(chosen))   # an id given twice, or met twice by ZSCAN: once
         step = Step(cursor=next_cursor)
         # an id given that is no job (mistyped, or its record expired) is said as not found,
-        # not passed over nor counted as a job skipped; a periodic job's says what does that to it
-        periodic = await asyncio.gather(*map(self.store.get, missing)) \
-            if action in _PERIODIC else [None] * len(missing)
-        for job_id, schedule in zip(missing, periodic):
-            if schedule:
+        # not passed over nor counted as a job skipped; a periodic job's says what does that to
+        # it (its schedule looked for, not read: one an operator overwrote is skipped too)
+        periodic = await self.store.existing(missing) if action in _PERIODIC else set()
+        for job_id in missing:
+            if job_id in periodic:
                 step.skip(left_alone(job_id, Status.SCHEDULED, action))
             else:
                 step.not_found.append(job_id)

@@ -559,3 +559,31 @@ def test_a_find_step_of_long_ids_answers_what_the_least_message_limit_takes(redi
                     break
             assert found == set(ids) and steps >= 4, steps
     asyncio.run(main())
+
+
+def test_an_unreadable_schedule_among_the_ids_is_skipped_and_named_not_failing_the_rest(
+        cluster, redis_url):
+    """An id given to delete, cancel, rerun or copy that is no job is looked for among the
+    periodic jobs: one whose schedule hash an operator overwrote (a field of garbage, or
+    another type) failed the whole command (a usage error, or an internal error), the
+    jobs beside it left alone. It is skipped, named, as any periodic job is."""
+    import redis
+
+    from elric.keys import Keys
+
+    for job_id in ("bad-field", "bad-type"):
+        cluster.client.submit_job(Echo.spec(job_id=job_id, trigger=every(hours=1)))
+    with redis.Redis.from_url(redis_url) as r:
+        r.hset(Keys().schedule("bad-field"), "trigger", b"\xc1")
+        r.set(Keys().schedule("bad-type"), "an operator's")
+    for command, does in (("delete", "remove {} removes it"), ("cancel", "pause|remove {} "
+                          "stops it"), ("rerun", "run-now {} fires it now"),
+                          ("copy", "run-now {} fires it now")):
+        cluster.client.submit_job({"func": "tests.jobs:Add", "args": [1, 1], "queue": "nobody",
+                                   "job_id": "there"})
+        out = elric(cluster, command, "bad-field", "there", "bad-type", "typo", "--json")
+        assert out.returncode == 0, (command, out.stdout, out.stderr)
+        assert json.loads(out.stdout) == {"touched": 1, "skipped": 2, "not_found": ["typo"],
+                                          "errors": [
+            f"job '{i}' is periodic: elric schedules {does.format(i)}"
+            for i in ("bad-field", "bad-type")]}, (command, out.stdout)
