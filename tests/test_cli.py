@@ -298,6 +298,36 @@ def test_waiting_on_a_job_whose_key_an_operator_overwrote_says_so(cluster, redis
     assert cluster.client.get_job("overwritten") is None
 
 
+def test_a_schedule_key_overwritten_with_another_type_is_named_as_one_of_bad_fields(
+        cluster, redis_url):
+    """A schedule hash of garbled fields is named ("its stored data cannot be read ...:
+    remove it and add it again"), but one an operator overwrote with another type failed
+    elric job, every row of elric schedules and the remove the message advises, each with
+    an internal error (WRONGTYPE). It is named and listed as the other is, and removed."""
+    import redis
+
+    from elric.keys import Keys
+
+    for job_id in ("bad-field", "bad-type", "good"):
+        cluster.client.submit_job(Echo.spec(job_id=job_id, trigger=every(hours=1)))
+    with redis.Redis.from_url(redis_url) as r:
+        r.hset(Keys().schedule("bad-field"), "trigger", b"\xc1")
+        r.set(Keys().schedule("bad-type"), "an operator's")
+    for job_id in ("bad-field", "bad-type"):
+        one_line_error(elric(cluster, "job", job_id), 1,
+                       f"periodic job '{job_id}': its stored data cannot be read (")
+    listed = elric(cluster, "schedules", "--json")
+    assert listed.returncode == 0, listed.stderr
+    rows = {row["job_id"]: row for row in json.loads(listed.stdout)}
+    assert rows["good"]["trigger"] and "cannot be read" in rows["bad-type"]["trigger_text"]
+    for job_id in ("bad-field", "bad-type"):
+        removed = elric(cluster, "schedules", "remove", job_id)
+        assert (removed.returncode, removed.stdout) == (
+            0, f"periodic job {job_id}: removed\n"), (removed.stdout, removed.stderr)
+        assert cluster.client.get_job(job_id) is None
+    assert cluster.client.get_job("good")["status"] == "scheduled"
+
+
 def test_a_wait_rides_out_redis_away_as_the_protocol_tells_callers(tmp_path):
     """redis_unavailable means "send the same call again, with backoff", but wait() (so
     result() and elric submit --wait) raised it: a Redis failover of a few seconds ended
