@@ -587,3 +587,28 @@ def test_an_unreadable_schedule_among_the_ids_is_skipped_and_named_not_failing_t
                                           "errors": [
             f"job '{i}' is periodic: elric schedules {does.format(i)}"
             for i in ("bad-field", "bad-type")]}, (command, out.stdout)
+
+
+def test_a_job_whose_key_an_operator_overwrote_is_skipped_and_named_by_a_bulk_command(
+        cluster, redis_url):
+    """A job key of another type among the ids given, or in an index a walk goes through,
+    failed the whole command with an internal error (WRONGTYPE), the jobs beside it left
+    alone (elric purge of its queue: none purged). It is skipped, named with what to do."""
+    import redis
+
+    from elric.keys import Keys
+
+    cluster.client.submit_jobs([Echo.spec(job_id=job_id, queue="q1")
+                                for job_id in ("one", "two", "three")])
+    with redis.Redis.from_url(redis_url) as r:
+        r.set(Keys().job("two"), "an operator's")
+    said = ("job 'two' cannot be read: elric:job:two is not a hash (overwritten?); delete it "
+            "(elric delete two)")
+    for args, touched in ((("cancel", "one", "two"), 1), (("purge", "q1"), 1)):
+        out = elric(cluster, *args, "--json")
+        assert out.returncode == 0, (args, out.stdout, out.stderr)
+        assert json.loads(out.stdout) == {"touched": touched, "skipped": 1, "not_found": [],
+                                          "errors": [said]}, (args, out.stdout)
+    assert cluster.client.get_job("three") is None   # purged
+    deleted = elric(cluster, "delete", "two")   # as it says
+    assert deleted.returncode == 0, deleted.stderr
