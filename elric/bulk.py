@@ -10,14 +10,17 @@ source's and the operation's, and submitting an existing id changes nothing).
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass, field
 
-from elric.contract import STATUSES, NotFound, Refused, SpecError, Status
+from elric.contract import MIN_MESSAGE, STATUSES, NotFound, Refused, SpecError, Status
+from elric.rpc import packed_size
 
 ACTIONS = ("rerun", "copy", "cancel", "delete", "find")   # find: only list the ids
 STEP = 2000   # jobs looked at per call
 SCAN = 500    # per ZSCAN round trip
+# bytes of ids a find step answers: what any master and client take (2,000 ids of 200
+# characters are ~400 kB), less room for the rest of the reply (a cursor naming a limit key)
+FOUND_ROOM = MIN_MESSAGE - 4096
 _FIELDS = ("status", "queue", "func", "batch", "worker", "enqueued_at")
 # statuses with an index of their own (queued jobs are indexed by their queue)
 _INDEXED = [s for s in STATUSES if s not in (Status.QUEUED, Status.SCHEDULED, Status.FILTERED)]
@@ -95,6 +98,18 @@ class Step:
             self.errors.append(reason)
 
 
+@dataclass
+class Walked:
+    """What one step's walk met: the ids its filter picks, the cursor to go on from ("" when
+    the walk is over), the ids given that are no job, and the jobs whose key holds another
+    type (an operator's): their fields cannot be told, so they are not picked but named."""
+
+    chosen: list[str]
+    cursor: str
+    missing: list[str] = field(default_factory=list)
+    unreadable: list[str] = field(default_factory=list)
+
+
 # what does to a periodic job what an action would: it has no job record of its own
 _PERIODIC = {"cancel": "pause|remove {} stops it", "delete": "remove {} removes it",
              "rerun": "run-now {} fires it now", "copy": "run-now {} fires it now"}
@@ -156,13 +171,15 @@ class Bulk:
         return sorted(out)
 
     async def walk(self, f: JobFilter, cursor: str = "", fresh_only: bool = False,
-                   live_only: bool = False) -> tuple[list[str], str, list[str]]:
-        """Look at up to STEP jobs from ``cursor`` on: the ids of those ``f`` picks, the
-        cursor to go on from ("" when the walk is over), and the ids given that are no job.
+                   live_only: bool = False,
+                   room: int | None = None) -> Walked:
+        """Look at up to STEP jobs from ``cursor`` on, and say what they were (Walked).
         The cursor keeps when the walk began: with ``fresh_only`` a job queued since then (a
         job this walk rerun or made) is passed over, so no job is done twice. With
         ``live_only`` the indexes of ended jobs are not walked: a cancel would meet the jobs
-        it cancelled there again."""
+        it cancelled there again. With ``room`` the ids picked take at most that many bytes
+        packed: the step ends before a ZSCAN page that would pass them (the cursor holds its
+        scan cursor), and a first page that would is scanned again in fewer."""
         if not cursor:   # "began (ms):kind of index:scan cursor:index name"
             seconds, micros = await self.redis.time()
             cursor = f"{seconds * 1000 + micros // 1000}:0:0:"
@@ -174,41 +191,64 @@ class Bulk:
                             "answered, or \"\" to begin") from None
         before = began if fresh_only else None
         if f.ids:   # the walk goes along the list; scan is the position in it
-            chosen, missing = await self._matching(f, f.ids[scan:scan + STEP], before)
-            return chosen, f"{began}:0:{scan + STEP}:" if scan + STEP < len(f.ids) else "", missing
+            walked = await self._matching(f, f.ids[scan:scan + STEP], before)
+            walked.cursor = f"{began}:0:{scan + STEP}:" if scan + STEP < len(f.ids) else ""
+            return walked
         place = (kind, name)
         indexes = [i for i in await self._indexes(f, live_only) if i[0] >= place]
         if indexes and indexes[0][0] != place:
             scan = 0   # that index is gone (a parked set emptied): the next one from its start
-        looked, chosen = 0, []
+        looked, chosen, unreadable = 0, [], []
         pairs = [x for name, want in zip(_FIELDS, (f.status, f.queue, f.func, f.batch, f.worker))
                  if want is not None for x in (name, want)]
+        count = SCAN
         while indexes and looked < STEP:
             place, key, prefixed = indexes[0]
             # Redis picks out the jobs whose fields match (gone since: passed over)
-            scan, n, *found = await self._match(keys=[key], args=[
-                self.keys.job(""), int(prefixed), scan, SCAN, *pairs])
-            scan, looked = int(scan), looked + n
-            chosen += [job_id.decode() for job_id, at in zip(found[::2], found[1::2])
-                       if f.submitted_in(at) and (before is None or int(at or 0) < before)]
+            went_on, n, n_bad, *found = await self._match(keys=[key], args=[
+                self.keys.job(""), int(prefixed), scan, count, *pairs])
+            bad, found = [job_id.decode() for job_id in found[:n_bad]], found[n_bad:]
+            picked = [job_id.decode() for job_id, at in zip(found[::2], found[1::2])
+                      if f.submitted_in(at) and (before is None or int(at or 0) < before)]
+            size = sum(map(packed_size, picked)) if room is not None else 0
+            if room is not None and size > room and chosen:   # the next step's page
+                break
+            if room is not None and size > room and count > 1:   # alone: again, in fewer
+                count = max(1, count // 4)
+                continue
+            chosen += picked
+            unreadable += bad
+            scan, looked = int(went_on), looked + n
+            if room is not None:
+                room -= size
             if scan == 0:
                 indexes.pop(0)
                 if indexes:
                     place = indexes[0][0]
-        return chosen, f"{began}:{place[0]}:{scan}:{place[1]}" if indexes else "", []
+        return Walked(chosen, f"{began}:{place[0]}:{scan}:{place[1]}" if indexes else "",
+                      unreadable=unreadable)
 
-    async def _matching(self, f: JobFilter, ids: list[str],
-                        before: int | None) -> tuple[list[str], list[str]]:
-        """Those of ``ids`` that ``f`` picks, and those that are no job."""
+    async def _matching(self, f: JobFilter, ids: list[str], before: int | None) -> Walked:
+        """Those of ``ids`` that ``f`` picks, those that are no job and those whose key
+        holds another type (the cursor is the caller's to set)."""
+        from elric.retry import error_code
+
         async with self.redis.pipeline(transaction=False) as pipe:
             for job_id in ids:
                 pipe.hmget(self.keys.job(job_id), *_FIELDS)
-            rows = await pipe.execute()
-        missing = [job_id for job_id, values in zip(ids, rows) if values[0] is None]
-        return [job_id for job_id, values in zip(ids, rows)
-                if values[0] is not None and f.matches([v.decode() if v else None
-                                                        for v in values])
-                and (before is None or int(values[-1] or 0) < before)], missing
+            rows = await pipe.execute(raise_on_error=False)
+        for row in rows:   # (an outage, a refusal: raised as it came)
+            if isinstance(row, Exception) and error_code(row) != "WRONGTYPE":
+                raise row
+        unreadable = [job_id for job_id, row in zip(ids, rows) if isinstance(row, Exception)]
+        rows = [[None] * len(_FIELDS) if isinstance(row, Exception) else row for row in rows]
+        missing = [job_id for job_id, values in zip(ids, rows)
+                   if values[0] is None and job_id not in unreadable]
+        return Walked([job_id for job_id, values in zip(ids, rows)
+                       if values[0] is not None and f.matches([v.decode() if v else None
+                                                               for v in values])
+                       and (before is None or int(values[-1] or 0) < before)], "", missing,
+                      unreadable)
 
     async def run(self, action: str, f: JobFilter, cursor: str = "", op: str = "") -> Step:
         if action not in ACTIONS:
@@ -226,16 +266,21 @@ class Bulk:
                 raise NotFound(f"no {kind} {name!r}: no job {lately} lately ({plural}: "
                                f"{', '.join(names[:10]) or 'none'}"
                                f"{', ...' if len(names) > 10 else ''})")
-        chosen, next_cursor, missing = await self.walk(
-            f, cursor, fresh_only=action in ("rerun", "copy"), live_only=action == "cancel")
+        walked = await self.walk(
+            f, cursor, fresh_only=action in ("rerun", "copy"), live_only=action == "cancel",
+            room=FOUND_ROOM if action == "find" else None)
+        chosen, missing = walked.chosen, walked.missing
         chosen = list(dict.fromkeys(chosen))   # an id given twice, or met twice by ZSCAN: once
-        step = Step(cursor=next_cursor)
+        step = Step(cursor=walked.cursor)
+        from elric.queue import Unreadable   # (here, as lua: it imports redis-py)
+        for job_id in dict.fromkeys(walked.unreadable):   # one overwritten stops no other
+            step.skip(str(Unreadable(job_id, self.keys.job(job_id))))
         # an id given that is no job (mistyped, or its record expired) is said as not found,
-        # not passed over nor counted as a job skipped; a periodic job's says what does that to it
-        periodic = await asyncio.gather(*map(self.store.get, missing)) \
-            if action in _PERIODIC else [None] * len(missing)
-        for job_id, schedule in zip(missing, periodic):
-            if schedule:
+        # not passed over nor counted as a job skipped; a periodic job's says what does that to
+        # it (its schedule looked for, not read: one an operator overwrote is skipped too)
+        periodic = await self.store.existing(missing) if action in _PERIODIC else set()
+        for job_id in missing:
+            if job_id in periodic:
                 step.skip(left_alone(job_id, Status.SCHEDULED, action))
             else:
                 step.not_found.append(job_id)

@@ -25,6 +25,7 @@ from elric import lua
 from elric.backoff import Backoff
 from elric.codec import pack, unpack
 from elric.contract import SPEC_KEYS, Status
+from elric.retry import error_code
 from elric.triggers import TriggerError, build_trigger, next_fire, parse_trigger
 
 FINISHED_TTL = 86400            # seconds a finished job (no next fire) stays visible to get()
@@ -188,11 +189,23 @@ def unreadable(job_id: str, exc: Exception) -> ScheduleError:
                          "add it again")
 
 
-def _listed(job_id: str, row: list) -> dict:
+def _not_a_hash(exc: Exception) -> ValueError:
+    """What reading a schedule key of another type raised, as a field that cannot be read
+    (an operator overwrote it): named as such, not WRONGTYPE as an internal error; any
+    other error (an outage, a refusal) is raised as it came."""
+    if isinstance(exc, ResponseError) and error_code(exc) == "WRONGTYPE":
+        return ValueError("its key is not a hash (overwritten?)")
+    raise exc
+
+
+def _listed(job_id: str, row: list | Exception) -> dict:
     """A schedule as ``list`` shows it, from its hash fields; one whose fields cannot be
     read (written by hand, a bad restore) is shown saying so: it must not hide the others."""
-    func, queue, trigger, text, nrt, paused = row
+    not_a_hash = _not_a_hash(row) if isinstance(row, Exception) else None
+    func, queue, trigger, text, nrt, paused = row = [None] * 6 if not_a_hash else row
     try:
+        if not_a_hash:
+            raise not_a_hash
         if missing := [f.decode() for f, v in zip(LIST_FIELDS, row) if v is None]:
             raise ValueError(f"its hash has no {', '.join(missing)}")
         nrt = None if paused == b"1" else _float_or_none(nrt)
@@ -242,7 +255,10 @@ class RedisJobStore:
 
     # --- reading -------------------------------------------------------------------------
     async def _load(self, job_id: str) -> StoredJob | None:
-        raw = await self.redis.hgetall(self.keys.schedule(job_id))
+        try:
+            raw = await self.redis.hgetall(self.keys.schedule(job_id))
+        except ResponseError as exc:
+            raise unreadable(job_id, _not_a_hash(exc)) from None   # (else raised as it came)
         if not raw:
             return None
         try:
@@ -252,11 +268,24 @@ class RedisJobStore:
             raise unreadable(job_id, exc) from None
         return job
 
+    async def existing(self, job_ids: list[str]) -> set[str]:
+        """Those of ``job_ids`` that are periodic jobs, looked for in one round trip."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.exists(self.keys.schedule(job_id))
+            found = await pipe.execute()
+        return {job_id for job_id, n in zip(job_ids, found) if n}
+
     async def state(self, job_id: str) -> dict | None:
         """A periodic job's ``status`` and ``paused`` as ``get`` answers them, read alone
-        (not its spec, runs and rounds); None when there is no such job."""
-        nrt, paused = await self.redis.hmget(self.keys.schedule(job_id), "next_run_time",
-                                             "paused")
+        (not its spec, runs and rounds); None when there is no such job. One whose key an
+        operator overwrote has no status: it can be removed."""
+        try:
+            nrt, paused = await self.redis.hmget(self.keys.schedule(job_id), "next_run_time",
+                                                 "paused")
+        except ResponseError as exc:
+            _not_a_hash(exc)   # (else raised as it came)
+            return {"status": None, "paused": False}
         if paused is None:
             return None
         return {"status": _status(paused == b"1", _float_or_none(nrt)),
@@ -303,8 +332,9 @@ class RedisJobStore:
         for job_id in rows:
             pipe.hmget(self.keys.schedule(job_id.decode()), *LIST_FIELDS)
         return [_listed(job_id.decode(errors="replace"), row)
-                for job_id, row in zip(rows, await pipe.execute())
-                if any(v is not None for v in row)]   # (none: removed between the reads)
+                for job_id, row in zip(rows, await pipe.execute(raise_on_error=False))
+                # (none: removed between the reads)
+                if isinstance(row, Exception) or any(v is not None for v in row)]
 
     async def fire_stats(self) -> dict[str, int]:
         """Fires fired (of those, filtered: dropped by the dedupe filter), missed and skipped

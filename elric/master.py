@@ -425,10 +425,13 @@ class Master:
         if not isinstance(job_ids, list) or len(job_ids) > contract.MAX_READ:
             raise SpecError(f"get_jobs takes an array of up to {contract.MAX_READ} job ids")
         jobs = await self.queue.get_jobs([_id(job_id) for job_id in job_ids])
+        # an id that is no job may be a periodic job's: looked for together, not a read each
+        periodic = await self.store.existing([i for i, job in zip(job_ids, jobs) if job is None])
         room = self.settings.RPC_MAX_MESSAGE - REPLY_FRAME
         reply = []
         for job_id, job in zip(job_ids, jobs):
-            job = job if job is not None else await self.store.get(job_id)
+            if job is None and job_id in periodic:
+                job = await self.store.get(job_id)
             room -= packed_size(job)
             if reply and room < 0:
                 break

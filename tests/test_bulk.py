@@ -530,3 +530,85 @@ def test_a_bulk_command_whose_later_step_fails_says_what_the_earlier_ones_did(mo
     err = capsys.readouterr().err
     assert err.startswith("elric: copy stopped after 2000 jobs done, 1 skipped (not undone; run "
                           "again, it copies them again): master cannot reach Redis"), err
+
+
+def test_a_find_step_of_long_ids_answers_what_the_least_message_limit_takes(redis_url):
+    """Each find step's reply fits in 64 KiB (its ZSCAN pages cut where they would not:
+    one page scanned again in fewer, or left to the next step), and the steps reach every
+    job once at least."""
+    import asyncio
+
+    from elric.contract import MIN_MESSAGE
+    from elric.rpc import packed_size
+    from tests.test_dedupe_keys_given_back import master
+
+    ids = [f"{i:04d}" + "y" * 196 for i in range(1200)]
+
+    async def main():
+        async with master(redis_url) as m:
+            for n in range(0, len(ids), 300):
+                await m.submit_jobs([Echo.spec(job_id=job_id, queue="longq")
+                                     for job_id in ids[n:n + 300]])
+            cursor, found, steps = "", set(), 0
+            while True:
+                step = await m.bulk_jobs("find", {"queue": "longq"}, cursor)
+                assert packed_size(step) < MIN_MESSAGE - 64, len(step["ids"])
+                found.update(step["ids"])
+                cursor, steps = step["cursor"], steps + 1
+                if not cursor:
+                    break
+            assert found == set(ids) and steps >= 4, steps
+    asyncio.run(main())
+
+
+def test_an_unreadable_schedule_among_the_ids_is_skipped_and_named_not_failing_the_rest(
+        cluster, redis_url):
+    """An id given to delete, cancel, rerun or copy that is no job is looked for among the
+    periodic jobs: one whose schedule hash an operator overwrote (a field of garbage, or
+    another type) failed the whole command (a usage error, or an internal error), the
+    jobs beside it left alone. It is skipped, named, as any periodic job is."""
+    import redis
+
+    from elric.keys import Keys
+
+    for job_id in ("bad-field", "bad-type"):
+        cluster.client.submit_job(Echo.spec(job_id=job_id, trigger=every(hours=1)))
+    with redis.Redis.from_url(redis_url) as r:
+        r.hset(Keys().schedule("bad-field"), "trigger", b"\xc1")
+        r.set(Keys().schedule("bad-type"), "an operator's")
+    for command, does in (("delete", "remove {} removes it"), ("cancel", "pause|remove {} "
+                          "stops it"), ("rerun", "run-now {} fires it now"),
+                          ("copy", "run-now {} fires it now")):
+        cluster.client.submit_job({"func": "tests.jobs:Add", "args": [1, 1], "queue": "nobody",
+                                   "job_id": "there"})
+        out = elric(cluster, command, "bad-field", "there", "bad-type", "typo", "--json")
+        assert out.returncode == 0, (command, out.stdout, out.stderr)
+        assert json.loads(out.stdout) == {"touched": 1, "skipped": 2, "not_found": ["typo"],
+                                          "errors": [
+            f"job '{i}' is periodic: elric schedules {does.format(i)}"
+            for i in ("bad-field", "bad-type")]}, (command, out.stdout)
+
+
+def test_a_job_whose_key_an_operator_overwrote_is_skipped_and_named_by_a_bulk_command(
+        cluster, redis_url):
+    """A job key of another type among the ids given, or in an index a walk goes through,
+    failed the whole command with an internal error (WRONGTYPE), the jobs beside it left
+    alone (elric purge of its queue: none purged). It is skipped, named with what to do."""
+    import redis
+
+    from elric.keys import Keys
+
+    cluster.client.submit_jobs([Echo.spec(job_id=job_id, queue="q1")
+                                for job_id in ("one", "two", "three")])
+    with redis.Redis.from_url(redis_url) as r:
+        r.set(Keys().job("two"), "an operator's")
+    said = ("job 'two' cannot be read: elric:job:two is not a hash (overwritten?); delete it "
+            "(elric delete two)")
+    for args, touched in ((("cancel", "one", "two"), 1), (("purge", "q1"), 1)):
+        out = elric(cluster, *args, "--json")
+        assert out.returncode == 0, (args, out.stdout, out.stderr)
+        assert json.loads(out.stdout) == {"touched": touched, "skipped": 1, "not_found": [],
+                                          "errors": [said]}, (args, out.stdout)
+    assert cluster.client.get_job("three") is None   # purged
+    deleted = elric(cluster, "delete", "two")   # as it says
+    assert deleted.returncode == 0, deleted.stderr

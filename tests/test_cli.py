@@ -298,6 +298,36 @@ def test_waiting_on_a_job_whose_key_an_operator_overwrote_says_so(cluster, redis
     assert cluster.client.get_job("overwritten") is None
 
 
+def test_a_schedule_key_overwritten_with_another_type_is_named_as_one_of_bad_fields(
+        cluster, redis_url):
+    """A schedule hash of garbled fields is named ("its stored data cannot be read ...:
+    remove it and add it again"), but one an operator overwrote with another type failed
+    elric job, every row of elric schedules and the remove the message advises, each with
+    an internal error (WRONGTYPE). It is named and listed as the other is, and removed."""
+    import redis
+
+    from elric.keys import Keys
+
+    for job_id in ("bad-field", "bad-type", "good"):
+        cluster.client.submit_job(Echo.spec(job_id=job_id, trigger=every(hours=1)))
+    with redis.Redis.from_url(redis_url) as r:
+        r.hset(Keys().schedule("bad-field"), "trigger", b"\xc1")
+        r.set(Keys().schedule("bad-type"), "an operator's")
+    for job_id in ("bad-field", "bad-type"):
+        one_line_error(elric(cluster, "job", job_id), 1,
+                       f"periodic job '{job_id}': its stored data cannot be read (")
+    listed = elric(cluster, "schedules", "--json")
+    assert listed.returncode == 0, listed.stderr
+    rows = {row["job_id"]: row for row in json.loads(listed.stdout)}
+    assert rows["good"]["trigger"] and "cannot be read" in rows["bad-type"]["trigger_text"]
+    for job_id in ("bad-field", "bad-type"):
+        removed = elric(cluster, "schedules", "remove", job_id)
+        assert (removed.returncode, removed.stdout) == (
+            0, f"periodic job {job_id}: removed\n"), (removed.stdout, removed.stderr)
+        assert cluster.client.get_job(job_id) is None
+    assert cluster.client.get_job("good")["status"] == "scheduled"
+
+
 def test_a_wait_rides_out_redis_away_as_the_protocol_tells_callers(tmp_path):
     """redis_unavailable means "send the same call again, with backoff", but wait() (so
     result() and elric submit --wait) raised it: a Redis failover of a few seconds ended
@@ -701,6 +731,62 @@ def test_get_jobs_sends_long_ids_in_requests_any_master_takes(make_cluster):
             assert [job and job["job_id"] for job in client.get_jobs(ids)] == expected
     finally:
         at_the_floor.close()
+
+
+def test_results_and_jobs_reach_every_job_of_long_ids_at_the_least_message_limit(make_cluster):
+    """A bulk find step answered up to 2,000 ids: 400 of 200 characters (~80 kB) went over
+    a 64 KiB RPC_MAX_MESSAGE, and elric results (and elric jobs past the last page, which
+    asks a find step whether the batch is known) failed. A step now stops where its reply
+    would pass what any message limit takes, the cursor going on from there."""
+    from tests.jobs import Echo
+
+    cluster = make_cluster(RPC_MAX_MESSAGE=65536)
+    cluster.start_master()
+    c = cluster.client
+    ids = [f"{i:03d}" + "x" * 197 for i in range(400)]
+    for n in range(0, 400, 100):   # (a request holds at most 64 KiB too)
+        c.submit_jobs([Echo.spec([i], job_id=job_id, batch="long")
+                       for i, job_id in enumerate(ids[n:n + 100], n)])
+    cluster.start_worker("--concurrency", "4")
+    wait_for(lambda: c.stats()["by_status"]["succeeded"] == 400, what="400 successes")
+    out = elric(cluster, "results", "--batch", "long", "--format", "jsonl")
+    assert out.returncode == 0, out.stderr
+    assert sorted(r["job_id"] for r in map(json.loads, out.stdout.splitlines())) == ids
+    past = elric(cluster, "jobs", "--batch", "long", "--offset", "1000")
+    assert past.returncode == 0 and "no jobs" in past.stdout.lower(), past.stdout + past.stderr
+
+
+def test_get_jobs_looks_for_the_ids_that_are_no_job_among_schedules_together(redis_url,
+                                                                             monkeypatch):
+    """get_jobs looked for each id that is no job among the periodic jobs with a read of
+    its own, one after another: 1,000 such ids were 1,000 Redis round trips (elric results
+    of a page of jobs since expired). They are looked for in one now, answered the same."""
+    import asyncio
+
+    from redis.asyncio.connection import AbstractConnection
+
+    from tests.test_dedupe_keys_given_back import master
+
+    sent = []   # what went to Redis at once: one a round trip
+    send = AbstractConnection.send_packed_command
+
+    async def counted(self, *args, **kwargs):
+        sent.append(1)
+        return await send(self, *args, **kwargs)
+
+    async def main():
+        async with master(redis_url) as m:
+            await m.submit_jobs([Echo.spec(job_id="there", queue="nobody"),
+                                 Echo.spec(job_id="tick", trigger=every(hours=1))])
+            ids = ["there", "tick"] + [f"gone{i}" for i in range(998)]
+            one_by_one = [await m.get_job(job_id) for job_id in ids[:3]]
+            monkeypatch.setattr(AbstractConnection, "send_packed_command", counted)
+            jobs = await m.get_jobs(ids)
+            monkeypatch.undo()
+            assert len(sent) < 20, len(sent)   # (the master's own tasks' reads among them)
+            assert jobs[:3] == one_by_one and jobs[1]["status"] == "scheduled"
+            assert jobs[3:] == [None] * 997
+    asyncio.run(main())
 
 
 def test_jobs_status_filtered_prints_the_counts_per_scope(cluster):
