@@ -207,3 +207,34 @@ def test_a_redis_clock_stepped_forward_then_back_does_not_hold_fires_for_an_hour
         r.close()
         c.close()
         server.cleanup()
+
+
+def test_a_client_an_hour_ahead_builds_triggers_that_end_within_the_hour(make_cluster):
+    """cron(), every() and at() check the trigger where the caller writes it, and judged
+    whether a fire is left by the caller's own clock: on a machine an hour ahead a cron or
+    interval ending in half an hour was refused as past, though the master, by Redis's
+    clock, takes it and fires it."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    lib = faketime_lib()
+    if lib is None:
+        pytest.skip("needs the libfaketime package (pip install -e .[test])")
+    c = make_cluster()
+    c.start_master()
+    end = time.time() + 1800
+    script = ("import json, sys; from elric import cron, every; end = float(sys.argv[1]); "
+              "print(json.dumps([cron('*/5 * * * *', end_date=end), "
+              "every(minutes=5, end_date=end)]))")
+    out = subprocess.run([sys.executable, "-c", script, repr(end)], cwd=ROOT, text=True,
+                         env={**os.environ, "LD_PRELOAD": lib, "FAKETIME": "+3600"},
+                         capture_output=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    for n, trigger in enumerate(json.loads(out.stdout)):
+        reply = c.client.submit_job(Echo.spec(["x"], job_id=f"p{n}", trigger=trigger))
+        assert reply["status"] == "scheduled" and time.time() < reply["next_run_time"] < end, \
+            reply
