@@ -238,3 +238,25 @@ def test_a_client_an_hour_ahead_builds_triggers_that_end_within_the_hour(make_cl
         reply = c.client.submit_job(Echo.spec(["x"], job_id=f"p{n}", trigger=trigger))
         assert reply["status"] == "scheduled" and time.time() < reply["next_run_time"] < end, \
             reply
+
+
+def test_a_step_of_the_masters_clock_neither_ages_nor_freshens_its_tasks_progress(
+        make_cluster, tmp_path):
+    """A master noted its tasks' progress on its own clock and judged a task stuck by it:
+    right after NTP stepped that clock an hour ahead, health said the scheduler had made no
+    progress for an hour (not ok, `elric health` exit 1) till its next pass; stepped back,
+    a task stuck since was judged fine for an hour more."""
+    lib = faketime_lib()
+    if lib is None:
+        pytest.skip("needs the libfaketime package (pip install -e .[test])")
+    c = make_cluster(SCHEDULER_LEASE=60)   # an idle scheduler's pass: every 20 s
+    offset = tmp_path / "offset"
+    offset.write_text("+0\n")
+    c.env.update(LD_PRELOAD=lib, FAKETIME_TIMESTAMP_FILE=str(offset), FAKETIME_NO_CACHE="1",
+                 FAKETIME_DONT_FAKE_MONOTONIC="1")   # the wall clock steps, as NTP steps it
+    c.start_master()
+    wait_for(lambda: c.client.health()["ok"], what="the master's tasks under way")
+    offset.write_text("+3600\n")
+    health = c.client.health()
+    scheduler = health["tasks"]["scheduler"]
+    assert health["ok"] and abs(scheduler["progress_at"] - health["now"]) < 30, health
