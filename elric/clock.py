@@ -11,7 +11,8 @@ import time
 _CLOCK = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
 
 
-def _ticks() -> float:
+def ticks() -> float:
+    """Seconds on a clock no NTP step moves (this machine's): for ages, never for dates."""
     return time.clock_gettime(_CLOCK)
 
 
@@ -27,19 +28,14 @@ class RedisClock:
 
     def __init__(self, redis) -> None:
         self.redis = redis
-        self._base, self._at = time.time(), _ticks()   # this machine's, until a sync
+        self._base, self._at = time.time(), ticks()   # this machine's, until a sync
 
     async def sync(self) -> float:
         """Read Redis's time again; returns the time now."""
-        before = _ticks()
+        before = ticks()
         now = await redis_now(self.redis)
-        self._base, self._at = now, (before + _ticks()) / 2
+        self._base, self._at = now, (before + ticks()) / 2
         return now
 
-    @property
-    def offset(self) -> float:
-        """Redis's time less this machine's, now: for times noted on this machine's clock."""
-        return self() - time.time()
-
     def __call__(self) -> float:
-        return self._base + (_ticks() - self._at)
+        return self._base + (ticks() - self._at)

@@ -146,8 +146,8 @@ class DedupeFilter(ABC):
     async def start(self) -> None:
         """Prepare (load snapshots, start background work)."""
 
-    def health_view(self) -> dict | None:
-        """Its background task's ``TaskHealth.view``, if it has one."""
+    def health_view(self, now: float) -> dict | None:
+        """Its background task's ``TaskHealth.view`` (at ``now``), if it has one."""
         return None
 
     async def close(self, deadline: float | None = None) -> None:
@@ -401,8 +401,8 @@ class BloomFilter(DedupeFilter):
         await retry(self.snapshot, what="dedupe: last Bloom snapshot", log=log,
                     backoff=Backoff(0.1, 1.0), deadline=deadline)
 
-    def health_view(self) -> dict | None:
-        return None if self._task is None else self.health.view(not self._task.done())
+    def health_view(self, now: float) -> dict | None:
+        return None if self._task is None else self.health.view(not self._task.done(), now)
 
     async def _snapshot_loop(self) -> None:
         # any error is retried: one Redis blip must not end snapshots for good

@@ -3,28 +3,32 @@ the ``health`` RPC shows it, so a process that answers ``ping`` but does no work
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
+
+from elric.clock import ticks
 
 
 @dataclass
 class TaskHealth:
-    """One background task: its state in a few words, and its last progress (epoch s)."""
+    """One background task: its state in a few words, and its last progress."""
 
     stale_after: float              # seconds without progress before it counts as stuck
     state: str = "starting"
-    progress_at: float | None = None
+    # ticks() at its last progress: a step of this machine's wall clock (NTP) made a task
+    # that just passed look stuck for an hour, or a stuck one fine for an hour more
+    progress_ticks: float | None = None
     in_trouble: bool = False        # retrying after an error (Redis away): not ok till it passes
 
     def progress(self, state: str) -> None:
-        self.state, self.progress_at, self.in_trouble = state, time.time(), False
+        self.state, self.progress_ticks, self.in_trouble = state, ticks(), False
 
     def trouble(self, state: str) -> None:
         """Something went wrong and the task is retrying: no progress."""
         self.state, self.in_trouble = state, True
 
-    def view(self, running: bool) -> dict:
-        ok = running and not self.in_trouble and self.progress_at is not None and \
-            time.time() - self.progress_at <= self.stale_after
-        return {"state": self.state if running else "ended", "progress_at": self.progress_at,
-                "ok": ok}
+    def view(self, running: bool, now: float) -> dict:
+        """Its state; ``progress_at`` on the clock ``now`` is read by (Redis's), in epoch s."""
+        age = None if self.progress_ticks is None else ticks() - self.progress_ticks
+        ok = running and not self.in_trouble and age is not None and age <= self.stale_after
+        return {"state": self.state if running else "ended",
+                "progress_at": None if age is None else now - age, "ok": ok}

@@ -391,17 +391,15 @@ class Master:
     @_rpc
     async def health(self) -> dict:
         """What each background task is doing and when it last got something done."""
-        tasks = {"scheduler": self.scheduler.health.view(_running(self._scheduling)),
-                 "housekeeping": self.housekeeping.health.view(_running(self._housekeeping))}
+        now = self.store.clock()
+        tasks = {"scheduler": self.scheduler.health.view(_running(self._scheduling), now),
+                 "housekeeping": self.housekeeping.health.view(_running(self._housekeeping),
+                                                               now)}
         for f in self.filters.values():
-            if (view := f.health_view()) is not None:   # the 'bloom' backend's snapshots
+            if (view := f.health_view(now)) is not None:   # the 'bloom' backend's snapshots
                 tasks["dedupe snapshots"] = view
-        for view in tasks.values():   # noted on this machine's clock: answered on Redis's
-            view["progress_at"] = view["progress_at"] and view["progress_at"] + \
-                self.store.clock.offset
         return {"master_id": self.master_id, "pid": os.getpid(),
-                "ok": all(t["ok"] for t in tasks.values()), "tasks": tasks,
-                "now": self.store.clock()}
+                "ok": all(t["ok"] for t in tasks.values()), "tasks": tasks, "now": now}
 
     @_rpc
     async def submit_job(self, spec) -> dict:

@@ -13,6 +13,9 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
+from elric.clock import ticks
+
+
 class _Console(Console):
     def on_broken_pipe(self) -> None:
         # rich's own exits 1 (`elric jobs | head` read as a failure under pipefail); the
@@ -62,14 +65,17 @@ def cut(text: str, most: int) -> str:
     return text if len(text) <= most else text[:most - 1] + "…"
 
 
-_offset = 0.0   # Redis's clock minus this machine's, once use_clock has been told it
+# Redis's clock as use_clock was told it (None: not told), and ticks() then: it runs on by
+# a clock no NTP step moves (a step while `submit --wait` waited moved every "ago" by it)
+_told_now: float | None = None
+_told_at = 0.0
 
 
 def use_clock(now: float) -> None:
     """Judge every "ago" from here on by ``now``, Redis's clock as a reply answered it, run
     on as time passes (a stream of pages too): this machine's clock may be hours off."""
-    global _offset
-    _offset = now - time.time()
+    global _told_now, _told_at
+    _told_now, _told_at = now, ticks()
 
 
 def when(seconds: float | None, now: float | None = None) -> str:
@@ -78,7 +84,9 @@ def when(seconds: float | None, now: float | None = None) -> str:
     worker's hash someone edited: stats() keeps it as it is) as it is."""
     if not seconds or not isinstance(seconds, (int, float)):
         return str(seconds or "-")
-    delta = seconds - (now or time.time() + _offset)
+    if not now:
+        now = time.time() if _told_now is None else _told_now + ticks() - _told_at
+    delta = seconds - now
     ago = f"in {_span(delta)}" if delta > 0 else f"{_span(-delta)} ago"
     return f"{stamp(seconds)} ({ago})"
 

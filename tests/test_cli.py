@@ -1308,6 +1308,32 @@ def test_how_long_ago_a_job_or_a_schedule_shows_is_judged_by_redis_clock(cluster
             (command, shown.stdout)
 
 
+def test_a_step_of_the_cli_machines_clock_while_it_waits_does_not_move_how_long_ago(
+        cluster, tmp_path):
+    """`elric submit --wait` took Redis's clock as its own plus the offset measured when it
+    began: NTP stepping the machine's clock an hour ahead while it waited showed the job,
+    ended a second before, as ended "(1 h ago)"."""
+    from elric.launch import faketime_lib
+
+    if (lib := faketime_lib()) is None:
+        pytest.skip("needs the libfaketime package (pip install -e .[test])")
+    cluster.start_worker("--concurrency", "1")
+    offset, marks = tmp_path / "offset", tmp_path / "marks"
+    offset.write_text("+0\n")
+    env = {**cluster.env, "LD_PRELOAD": lib, "FAKETIME_TIMESTAMP_FILE": str(offset),
+           "FAKETIME_NO_CACHE": "1", "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+    with subprocess.Popen([sys.executable, "-m", "elric", "submit", "tests.jobs:MarkSleep",
+                           str(marks), "1", "--wait"], cwd=ROOT, env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          stdin=subprocess.DEVNULL) as waiting:
+        wait_for(marks.exists, what="the job started")
+        offset.write_text("+3600\n")
+        out, err = waiting.communicate(timeout=60)
+    assert waiting.returncode == 0, (out, err)
+    ended = next(line for line in out.splitlines() if "finished_at" in line)
+    assert re.search(r"\([\d.]+ s ago\)", ended), out
+
+
 def failed_twice(cluster: Cluster):
     """Job f1 of tests.jobs:Fail, retried once (two failed attempts), run again and failed
     again: one job failed now, two failed ends, four failed attempts. Returns the worker."""

@@ -207,3 +207,56 @@ def test_a_redis_clock_stepped_forward_then_back_does_not_hold_fires_for_an_hour
         r.close()
         c.close()
         server.cleanup()
+
+
+def test_a_client_an_hour_ahead_builds_triggers_that_end_within_the_hour(make_cluster):
+    """cron(), every() and at() check the trigger where the caller writes it, and judged
+    whether a fire is left by the caller's own clock: on a machine an hour ahead a cron or
+    interval ending in half an hour was refused as past, though the master, by Redis's
+    clock, takes it and fires it."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    lib = faketime_lib()
+    if lib is None:
+        pytest.skip("needs the libfaketime package (pip install -e .[test])")
+    c = make_cluster()
+    c.start_master()
+    end = time.time() + 1800
+    script = ("import json, sys; from elric import cron, every; end = float(sys.argv[1]); "
+              "print(json.dumps([cron('*/5 * * * *', end_date=end), "
+              "every(minutes=5, end_date=end)]))")
+    out = subprocess.run([sys.executable, "-c", script, repr(end)], cwd=ROOT, text=True,
+                         env={**os.environ, "LD_PRELOAD": lib, "FAKETIME": "+3600"},
+                         capture_output=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    for n, trigger in enumerate(json.loads(out.stdout)):
+        reply = c.client.submit_job(Echo.spec(["x"], job_id=f"p{n}", trigger=trigger))
+        assert reply["status"] == "scheduled" and time.time() < reply["next_run_time"] < end, \
+            reply
+
+
+def test_a_step_of_the_masters_clock_neither_ages_nor_freshens_its_tasks_progress(
+        make_cluster, tmp_path):
+    """A master noted its tasks' progress on its own clock and judged a task stuck by it:
+    right after NTP stepped that clock an hour ahead, health said the scheduler had made no
+    progress for an hour (not ok, `elric health` exit 1) till its next pass; stepped back,
+    a task stuck since was judged fine for an hour more."""
+    lib = faketime_lib()
+    if lib is None:
+        pytest.skip("needs the libfaketime package (pip install -e .[test])")
+    c = make_cluster(SCHEDULER_LEASE=60)   # an idle scheduler's pass: every 20 s
+    offset = tmp_path / "offset"
+    offset.write_text("+0\n")
+    c.env.update(LD_PRELOAD=lib, FAKETIME_TIMESTAMP_FILE=str(offset), FAKETIME_NO_CACHE="1",
+                 FAKETIME_DONT_FAKE_MONOTONIC="1")   # the wall clock steps, as NTP steps it
+    c.start_master()
+    wait_for(lambda: c.client.health()["ok"], what="the master's tasks under way")
+    offset.write_text("+3600\n")
+    health = c.client.health()
+    scheduler = health["tasks"]["scheduler"]
+    assert health["ok"] and abs(scheduler["progress_at"] - health["now"]) < 30, health

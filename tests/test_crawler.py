@@ -1117,6 +1117,60 @@ def test_a_retry_waits_what_retry_after_asks_up_to_the_longest_backoff(make_clus
     assert many[1] - many[0] >= 2 and 3 <= down[1] - down[0] < 60, c.logs()
 
 
+# runs both crawlers' fetch of a page in a process of its own (under a wrong clock), and
+# prints the retry_after each error carried
+_RETRY_AFTER_OF = """
+import asyncio, json, sys, urllib.error
+from elric.demo import crawler
+from elric.demo.crawler_sync import CrawlSync
+from elric.job import _current, _RunContext
+
+_current.set(_RunContext("parent", {}))
+async def run():
+    try:
+        await crawler.Crawl().run(sys.argv[1], "b", 0)
+    except crawler.ServerError as exc:
+        return exc.retry_after
+    finally:
+        await crawler._process.session.close()
+try:
+    CrawlSync().run(sys.argv[1], "b", 0)
+except urllib.error.HTTPError as exc:
+    print(json.dumps([asyncio.run(run()), exc.retry_after]))
+"""
+
+
+@pytest.mark.parametrize("offset", ["+3600", "-3600"], ids=["ahead", "behind"])
+def test_a_retry_after_date_is_judged_by_the_servers_clock_not_the_workers(offset):
+    """A Retry-After HTTP date was taken less the worker's own clock: on a worker an hour
+    ahead the date was long past and the page retried at once; an hour behind, it waited
+    an hour more (RETRY_BACKOFF_MAX). The date is the server's: judged against its Date."""
+    import os
+    import subprocess
+    import sys
+    from email.utils import formatdate
+
+    from elric.launch import faketime_lib
+    from tests.conftest import ROOT
+
+    lib = faketime_lib()
+    if lib is None:
+        pytest.skip("needs the libfaketime package (pip install -e .[test])")
+
+    def route(handler):   # "come back in 30 s" (send_response sends its Date)
+        handler.send_response(503)
+        handler.send_header("Retry-After", formatdate(time.time() + 30, usegmt=True))
+        handler.send_header("Content-Length", "0")
+        handler.end_headers()
+    with Site({"/down": route}) as site:
+        env = {**os.environ, "LD_PRELOAD": lib, "FAKETIME": offset}
+        out = subprocess.run([sys.executable, "-c", _RETRY_AFTER_OF, site.url + "/down"],
+                             env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    for after in json.loads(out.stdout):   # (whole seconds: the dates' and when they were read)
+        assert 25 <= after <= 31, (after, out.stdout)
+
+
 ROBOTS = """# a robots.txt as sites write them
 User-agent: *
 Disallow: /*.pdf$

@@ -743,6 +743,34 @@ def test_how_long_ago_is_judged_by_redis_clock_not_the_masters(make_cluster):
         "(in " not in tasks, tasks
 
 
+def test_a_session_is_timed_by_redis_clock_not_the_masters(make_cluster):
+    """A session's end was set and checked by the master's own clock, and every dashboard
+    of the cluster takes the cookie: one made on a master an hour ahead lasted 13 h on the
+    others, and a master an hour ahead ended the others' sessions an hour early."""
+    from elric.dashboard.access import SESSION_SECONDS, Access
+    from elric.launch import faketime_lib
+
+    if (lib := faketime_lib()) is None:
+        pytest.skip("needs the libfaketime package (pip install -e .[test])")
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}", DASHBOARD_PASSWORD=PASSWORD)
+    cluster.env.update(LD_PRELOAD=lib, FAKETIME="+3600")
+    cluster.start_master()
+    base = f"http://127.0.0.1:{port}"
+    jar = urllib.request.HTTPCookieProcessor()
+    urllib.request.build_opener(jar).open(
+        base + "/login", data=urllib.parse.urlencode({"password": PASSWORD}).encode())
+    [cookie] = jar.cookiejar
+    ends = int(cookie.value.partition(".")[0])
+    now = cluster.client.health()["now"]
+    assert abs(ends - (now + SESSION_SECONDS)) < 60, (ends - now) / 3600
+    # a session another master made half an hour before its end is still one here
+    signed = f"{int(now) + 1800}.0123456789abcdef"
+    late = f"{signed}.{Access(PASSWORD)._sign(signed)}"
+    status, html = get(base + "/jobs", Cookie=f"elric_session={late}")
+    assert status == 200 and "log out</button>" in html, html
+
+
 def test_times_name_their_zone(make_cluster):
     """Times were the master's local time with no zone: read in another zone (the
     browser's, a second master's) as if they were its own, hours off."""

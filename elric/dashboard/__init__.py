@@ -88,7 +88,7 @@ def _local_path(value: str) -> str:
 class Dashboard:
     def __init__(self, master, password: str | None) -> None:
         self.master = master
-        self.access = Access(password)
+        self.access = Access(password, clock=lambda: master.store.clock())
         self.actions = _actions(master)
         self.templates = jinja2.Environment(
             loader=jinja2.PackageLoader("elric", "dashboard/templates"),

@@ -174,10 +174,21 @@ def retry_after(status: int, headers) -> float:
     if value.isdigit():
         return float(value)
     try:
-        when = parsedate_to_datetime(value)   # naive for -0000: UTC, no zone said (RFC 5322)
-        return max(0.0, when.replace(tzinfo=when.tzinfo or UTC).timestamp() - time.time())
+        when = _http_date(value)
     except (TypeError, ValueError):   # none, or not a date
         return 0.0
+    # the date is by the server's clock: less its Date (RFC 9110 10.2.3), not this machine's
+    # time, which may be an hour off (a retry at once, or an hour late)
+    try:
+        now = _http_date(headers.get("Date", ""))
+    except (TypeError, ValueError):   # none: this machine's clock is all there is
+        now = time.time()
+    return max(0.0, when - now)
+
+
+def _http_date(value: str) -> float:
+    when = parsedate_to_datetime(value)   # naive for -0000: UTC, no zone said (RFC 5322)
+    return when.replace(tzinfo=when.tzinfo or UTC).timestamp()
 
 
 def page_key(url: str) -> str:
