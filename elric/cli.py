@@ -231,7 +231,7 @@ def cmd_call(args: argparse.Namespace) -> int:
         elif command == "workers":
             stats = client.stats()
             show(stats["workers"]) if show else views.workers(stats["workers"], stats.get("now"))
-        elif command == "job":   # (a periodic job whose data cannot be read: failed, exit 1)
+        elif command == "job":   # (a periodic job whose data cannot be read: named, exit 0)
             job = _on_one_job(client.get_job, args.job_id)
             if job is None:
                 raise NotFound(f"no job {args.job_id!r}")

@@ -73,6 +73,22 @@ class ScheduleError(ValueError):
     """A refused job-store operation; the message says what to change."""
 
 
+class UnreadableSchedule(ScheduleError):
+    """A periodic job whose stored data cannot be read (``why``: what, as the message says)."""
+
+    def __init__(self, job_id: str, why: str) -> None:
+        super().__init__(f"periodic job {job_id!r}: its stored data cannot be read ({why}): "
+                         f"remove it (elric schedules remove {job_id}) and add it again")
+        self.job_id, self.why = job_id, why
+
+    def view(self) -> dict:
+        """Its ``get`` map for a read of several jobs (or one): named unreadable with what to
+        do, as a one-off job of unreadable fields is, so that it fails no other job's read."""
+        return {"job_id": self.job_id, "status": Status.SCHEDULED, "trigger": None,
+                "trigger_text": "", "next_run_time": None, "next_run_iso": "", "runs": [],
+                "unreadable": self.why, "error": str(self)}
+
+
 class IdTaken(Exception):
     """A one-off job has the id a new periodic job was given: nothing is stored, and the
     id is answered with that job's ``status``, as for any id that exists."""
@@ -181,12 +197,10 @@ def _why(exc: Exception) -> str:
 UNREADABLE = (ValueError, TypeError, KeyError, AttributeError, TriggerError)
 
 
-def unreadable(job_id: str, exc: Exception) -> ScheduleError:
+def unreadable(job_id: str, exc: Exception) -> UnreadableSchedule:
     """The error for a periodic job whose stored data cannot be read: it names the job and
     what to do, as ``list`` does, so one bad schedule does not hide the others."""
-    return ScheduleError(f"periodic job {job_id!r}: its stored data cannot be read "
-                         f"({_why(exc)}): remove it (elric schedules remove {job_id}) and "
-                         "add it again")
+    return UnreadableSchedule(job_id, _why(exc))
 
 
 def _not_a_hash(exc: Exception) -> ValueError:
@@ -322,6 +336,14 @@ class RedisJobStore:
         return {**job.spec, "trigger": job.trigger, "trigger_text": str(build_trigger(job.trigger)),
                 "status": status, "paused": job.paused, "next_run_time": nrt,
                 "next_run_iso": iso(nrt), **dataclasses.asdict(job.options), "runs": runs}
+
+    async def view(self, job_id: str) -> dict | None:
+        """``get``, but a job whose stored data cannot be read is answered as its error's
+        view rather than raised: a read of it among others fails none of them."""
+        try:
+            return await self.get(job_id)
+        except UnreadableSchedule as exc:
+            return exc.view()
 
     async def list(self, *, offset: int = 0, limit: int = 100) -> list[dict]:
         """A page of periodic jobs, soonest next run first (paused ones last)."""

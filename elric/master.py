@@ -414,7 +414,7 @@ class Master:
     @_rpc
     async def get_job(self, job_id) -> dict | None:
         job = await self.queue.get_job(_id(job_id))
-        return job if job is not None else await self.store.get(job_id)
+        return job if job is not None else await self.store.view(job_id)
 
     @_rpc
     async def get_jobs(self, job_ids) -> list[dict | None]:
@@ -429,7 +429,7 @@ class Master:
         reply = []
         for job_id, job in zip(job_ids, jobs):
             if job is None and job_id in periodic:
-                job = await self.store.get(job_id)
+                job = await self.store.view(job_id)   # (one unreadable: named, in its place)
             room -= packed_size(job)
             if reply and room < 0:
                 break

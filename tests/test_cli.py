@@ -303,7 +303,8 @@ def test_a_schedule_key_overwritten_with_another_type_is_named_as_one_of_bad_fie
     """A schedule hash of garbled fields is named ("its stored data cannot be read ...:
     remove it and add it again"), but one an operator overwrote with another type failed
     elric job, every row of elric schedules and the remove the message advises, each with
-    an internal error (WRONGTYPE). It is named and listed as the other is, and removed."""
+    an internal error (WRONGTYPE). It is named and listed as the other is, and removed;
+    elric job shows either as unreadable, the message said (exit 0, as for a one-off job)."""
     import redis
 
     from elric.keys import Keys
@@ -314,8 +315,14 @@ def test_a_schedule_key_overwritten_with_another_type_is_named_as_one_of_bad_fie
         r.hset(Keys().schedule("bad-field"), "trigger", b"\xc1")
         r.set(Keys().schedule("bad-type"), "an operator's")
     for job_id in ("bad-field", "bad-type"):
-        one_line_error(elric(cluster, "job", job_id), 1,
-                       f"periodic job '{job_id}': its stored data cannot be read (")
+        shown = elric(cluster, "job", job_id, "--json")
+        assert shown.returncode == 0, shown.stderr
+        job = json.loads(shown.stdout)
+        assert job["status"] == "scheduled" and job["unreadable"], job
+        assert job["error"].startswith(f"periodic job '{job_id}': its stored data cannot "
+                                       "be read ("), job
+        table = elric(cluster, "job", job_id)
+        assert table.returncode == 0 and "cannot be read" in table.stdout, table
     listed = elric(cluster, "schedules", "--json")
     assert listed.returncode == 0, listed.stderr
     rows = {row["job_id"]: row for row in json.loads(listed.stdout)}
@@ -787,6 +794,38 @@ def test_get_jobs_looks_for_the_ids_that_are_no_job_among_schedules_together(red
             assert jobs[:3] == one_by_one and jobs[1]["status"] == "scheduled"
             assert jobs[3:] == [None] * 997
     asyncio.run(main())
+
+
+def test_get_jobs_answers_every_job_beside_a_schedule_that_cannot_be_read(cluster, redis_url):
+    """One periodic job whose stored data cannot be read (a garbled trigger, its key of
+    another type) among the ids failed the whole get_jobs call: elric results and every
+    page reading several jobs failed for the others too. It is answered in its place,
+    named unreadable with what to do, as a one-off job of unreadable fields is."""
+    import redis
+
+    from elric.keys import Keys
+
+    c = cluster.client
+    c.submit_jobs([Echo.spec(job_id="one-off", queue="nobody")] + [
+        Echo.spec(job_id=job_id, trigger=every(hours=1)) for job_id in ("good", "bad-field",
+                                                                        "bad-type")])
+    with redis.Redis.from_url(redis_url) as r:
+        r.hset(Keys().schedule("bad-field"), "trigger", b"\xc1")
+        r.set(Keys().schedule("bad-type"), "an operator's")
+    ids = ["one-off", "bad-field", "good", "nothing", "bad-type"]
+    jobs = c.get_jobs(ids)
+    assert [job and job["job_id"] for job in jobs] == ["one-off", "bad-field", "good", None,
+                                                      "bad-type"]
+    assert jobs[0]["status"] == "queued" and jobs[2]["status"] == "scheduled"
+    assert "unreadable" not in jobs[0] and "unreadable" not in jobs[2]
+    for job_id, job in zip(ids, jobs):
+        if job_id.startswith("bad"):
+            assert job["status"] == "scheduled" and job["unreadable"], job
+            assert job["error"] == (f"periodic job {job_id!r}: its stored data cannot be read "
+                                    f"({job['unreadable']}): remove it (elric schedules "
+                                    f"remove {job_id}) and add it again"), job
+            assert c.get_job(job_id) == job
+    assert "not a hash" in jobs[4]["unreadable"]
 
 
 def test_jobs_status_filtered_prints_the_counts_per_scope(cluster):

@@ -674,7 +674,8 @@ def test_one_schedule_that_cannot_be_read_is_named_and_the_others_shown(make_clu
                                                                         redis_url):
     """The schedules page gets every row: one run record or trigger written by hand (a bad
     restore) failed the page for every schedule, with a bare 500; `elric job` and run-now
-    on it printed an internal error. The page names it and what to do; the CLI, one line."""
+    on it printed an internal error. The page names it and what to do; run-now, one line;
+    its job page and `elric job` show it unreadable with that message, as for a one-off."""
     import redis
 
     from elric.keys import Keys
@@ -693,10 +694,16 @@ def test_one_schedule_that_cannot_be_read_is_named_and_the_others_shown(make_clu
     for job_id in ("bad-runs", "bad-trigger"):
         assert f"periodic job &#39;{job_id}&#39;: its stored data cannot be read (" in html
         assert f"remove it (elric schedules remove {job_id}) and add it again" in html
-        for args in (("job", job_id), ("schedules", "run-now", job_id)):
-            one_line_error(elric(cluster, *args), 1,
-                           f"periodic job '{job_id}': its stored data cannot be read (")
+        one_line_error(elric(cluster, "schedules", "run-now", job_id), 1,
+                       f"periodic job '{job_id}': its stored data cannot be read (")
+        shown = elric(cluster, "job", job_id)
+        assert shown.returncode == 0 and "its stored data cannot be read (" in shown.stdout
+        status, page = get(f"http://127.0.0.1:{port}/jobs/{job_id}")
+        assert status == 200 and "unreadable" in page, page
+        assert f"periodic job &#39;{job_id}&#39;: its stored data cannot be read (" in page
+        assert 'value="remove"' in page and 'value="pause"' not in page   # what it says
     assert elric(cluster, "job", "good").returncode == 0
+    assert 'value="pause"' in get(f"http://127.0.0.1:{port}/jobs/good")[1]
     assert elric(cluster, "schedules", "run-now", "good").returncode == 0
 
 

@@ -275,6 +275,9 @@ def test_get_and_run_now_of_an_unreadable_schedule_say_which_and_what_to_do(redi
                                                 r"be read \(.+\): remove it \(elric schedules "
                                                 r"remove bad\) and add it again$"):
             await store.get("bad")
+        view = await store.view("bad")   # get_job's: named, with the same what-to-do
+        assert view["status"] == "scheduled" and view["error"].startswith(
+            "periodic job 'bad': its stored data cannot be read (") and view["unreadable"]
         if key == "schedule":   # (with its runs unreadable, the fire is made: get says so)
             with pytest.raises(ScheduleError, match="periodic job 'bad': its stored data"):
                 await store.run_now("bad")

@@ -218,12 +218,8 @@ class Dashboard:
 
     async def _schedule(self, job_id: str) -> dict | str | None:
         """A periodic job as get_job answers it, or why it cannot be read."""
-        try:
-            return await self.master.get_job(job_id)
-        except RequestError as exc:
-            if exc.code != ErrorCode.BAD_REQUEST:
-                raise
-            return str(exc)
+        job = await self.master.get_job(job_id)
+        return job["error"] if job and job.get("unreadable") else job
 
     async def jobs(self, request: web.Request):
         q = request.query
