@@ -4,6 +4,7 @@ README's quick start)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import subprocess
@@ -80,3 +81,48 @@ def test_architectures_module_list_names_every_module_of_elric():
             top |= mine if folder.endswith("elric") else {os.path.basename(folder)}
             every |= mine | {os.path.basename(folder)}
     assert top <= named <= every, (top - named, named - every)
+
+
+def _section(doc: str, title: str) -> str:
+    with open(os.path.join(ROOT, doc), encoding="utf-8") as f:
+        return f.read().split(f"\n## {title}", 1)[1].split("\n## ", 1)[0]
+
+
+def test_readmes_settings_table_says_the_defaults_config_py_has():
+    """README's settings table is what an operator reads first: each key is one config.py
+    has, at the default it has (none, or what its description says a None stands for)."""
+    from elric.config import KEYS
+
+    rows = re.findall(r"^\| (`[A-Z_]+`(?:, `[A-Z_]+`)*) \| (.+?) \|",
+                      _section("README.md", "Settings"), re.M)
+    assert rows
+    for names, defaults in rows:
+        names, defaults = re.findall(r"`(\w+)`", names), defaults.split(", ")
+        assert len(names) == len(defaults), names
+        for name, written in zip(names, defaults):
+            assert name in KEYS, f"README's settings table names {name}: no such setting"
+            value, said = KEYS[name].default, re.search(r"\(default: ([^)]+)\)", KEYS[name].doc)
+            shown = (said.group(1) if said else "none") if value is None else \
+                json.dumps(value) if isinstance(value, (list, dict)) else \
+                f"{value:g}" if isinstance(value, (int, float)) else str(value)
+            assert written.strip("`") == shown, f"README: {name} defaults to {written}, " \
+                f"config.py: {shown}"
+
+
+def test_readmes_command_table_names_every_command_and_only_options_they_take():
+    """README's table of the `elric` command: every subcommand is there, and each option a
+    row shows is one of its commands takes (an option renamed or dropped shows)."""
+    from elric.cli import build_parser
+
+    commands = build_parser().commands
+    named = set()
+    for cells in re.findall(r"^\| (.+) \| (.+) \|$", _section("README.md", "The `elric`"),
+                            re.M)[2:]:
+        these = [c for alts in re.findall(r"`elric ([\w\\|-]+)", cells[0])
+                 for c in alts.split("\\|")]
+        assert these and set(these) <= set(commands), these
+        named |= set(these)
+        taken = {o for c in these for a in commands[c]._actions for o in a.option_strings}
+        shown = set(re.findall(r"(--\w[\w-]*)", " ".join(cells)))
+        assert shown <= taken, f"{these}: README shows {sorted(shown - taken)}, not taken"
+    assert named == set(commands), f"commands README's table lacks: {set(commands) - named}"
