@@ -126,3 +126,49 @@ def test_readmes_command_table_names_every_command_and_only_options_they_take():
         shown = set(re.findall(r"(--\w[\w-]*)", " ".join(cells)))
         assert shown <= taken, f"{these}: README shows {sorted(shown - taken)}, not taken"
     assert named == set(commands), f"commands README's table lacks: {set(commands) - named}"
+
+
+def test_protocol_names_every_job_field_filter_key_and_action_the_master_has():
+    """What a client in another language can read or send, PROTOCOL.md names: each field of
+    a job map, each list_jobs and bulk_jobs filter key, each bulk and control_worker action."""
+    from elric import bulk, contract, master, queue
+
+    methods = _section("docs/PROTOCOL.md", "Methods")
+    row = dict(re.findall(r"^\| `(\w+)\(.*?` \| (.+) \|$", methods, re.M))
+    fields = ({"job_id", "duration", "unreadable"} | set(queue._VIEW) | set(queue._OPTIONAL_VIEW)
+              ) - {"duration_ms"}
+    wanted = {"Job map (`get_job`)": ("Job map", fields),
+              "list_jobs filter": ("Methods", set(master.LIST_FILTERS)),
+              "bulk_jobs filter": ("bulk_jobs", set(bulk.JobFilter.__dataclass_fields__)),
+              "bulk_jobs actions": ("bulk_jobs", set(bulk.ACTIONS)),
+              "control_worker actions": ("control_worker", set(contract.WORKER_ACTIONS))}
+    for what, (where, names) in wanted.items():
+        text = row[where] if where in row else _section("docs/PROTOCOL.md", where)
+        said = set(re.findall(r"`(\w+)`", text))
+        assert names <= said, f"PROTOCOL.md's {what} lacks {sorted(names - said)}"
+
+
+def test_protocols_methods_table_gives_each_handlers_arguments():
+    """PROTOCOL.md's `method(args)` is how a client in another language calls it: each
+    argument the master's handler takes, in order, optional (`[, x]`) where it has a default;
+    an array of them (`[x, ...]`) stands for the handler's one list argument."""
+    import inspect
+
+    from elric.contract import METHODS
+    from elric.master import Master
+
+    rows = dict(re.findall(r"^\| `(\w+)\(([^)]*)\)` \|", _section("docs/PROTOCOL.md",
+                                                                  "Methods"), re.M))
+    assert set(rows) == set(METHODS)
+    for method in METHODS:
+        if method == "auth":   # the RPC layer's, not a handler
+            continue
+        written = re.sub(r"\[(\w+), \.\.\.\]", r"\1", rows[method])   # an array: one argument
+        required, _, optional = written.partition("[")
+        doc = [(name, False) for name in re.findall(r"\w+", required)] + [
+            (name, True) for name in re.findall(r"\w+", optional)]
+        params = [p for p in inspect.signature(getattr(Master, method)).parameters.values()
+                  if p.name != "self" and p.kind is p.POSITIONAL_OR_KEYWORD]
+        code = [(p.name, p.default is not p.empty) for p in params]
+        assert [(n.rstrip("s"), o) for n, o in code] == [(n.rstrip("s"), o) for n, o in doc], \
+            f"{method}: PROTOCOL.md says {method}({rows[method]}), the handler takes {code}"
