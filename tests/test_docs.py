@@ -172,3 +172,13 @@ def test_protocols_methods_table_gives_each_handlers_arguments():
         code = [(p.name, p.default is not p.empty) for p in params]
         assert [(n.rstrip("s"), o) for n, o in code] == [(n.rstrip("s"), o) for n, o in doc], \
             f"{method}: PROTOCOL.md says {method}({rows[method]}), the handler takes {code}"
+
+
+def test_crons_macros_are_the_ones_triggers_py_expands():
+    """CRON.md's macro row: each macro and what it stands for, as triggers.MACROS has them."""
+    from elric.triggers import MACROS
+
+    [row] = re.findall(r"^\| Macros \| (.+) \| (.+) \|$", _section("docs/CRON.md",
+                                                                    "Crontab rules"), re.M)
+    macros, meanings = re.findall(r"`(@\w+)`", row[0]), re.findall(r"`([^`@]+)`", row[1])
+    assert dict(zip(macros, meanings)) == MACROS and len(macros) == len(meanings)
