@@ -205,6 +205,16 @@ class TupleKeys(Job):
         return {"deep": [value]} if nested else value
 
 
+class Nested(Job):
+    """Returns ``depth`` lists, each inside the one before."""
+
+    def run(self, depth):
+        value = []
+        for _ in range(depth - 1):
+            value = [value]
+        return value
+
+
 class SpawnFromThread(Job):
     """Submits a child Add job from a thread it starts, which has not the job's context."""
 

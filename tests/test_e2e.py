@@ -15,8 +15,8 @@ from elric.jobstats import COUNTERS
 from elric.rpc import RemoteError
 from tests.conftest import ROOT, wait_for
 from tests.jobs import (Add, Crash, Echo, FailUnlessFile, FailWide, MarkSleep, MarkUntilGate,
-                        OnQueueB, Record, Sized, Sleep, Spawn, SpawnFromThread, SpawnThenFailOnce,
-                        TupleKeys)
+                        Nested, OnQueueB, PadLength, Record, Sized, Sleep, Spawn, SpawnFromThread,
+                        SpawnThenFailOnce, TupleKeys)
 from tests.jobs_async import AsyncAdd
 from tests.jobs_faults import AsyncSpawnLate, SpawnInBatches
 from tests.legacy import SCRIPT_PRELUDE, legacy_python
@@ -503,6 +503,24 @@ def test_a_result_with_a_tuple_map_key_fails_its_attempt_and_the_job_stays_reada
         assert (job["status"], job["result"]) == ("failed", None), job
         assert "TypeError: the job returned dict, which is not a msgpack value" in job["error"]
         assert "a map key is an array" in job["error"]
+
+
+def test_a_result_nested_deeper_than_arguments_may_fails_its_attempt(cluster):
+    """A result of 600 nested lists was recorded succeeded, and then `elric job`, `elric
+    results` and the dashboard failed on it (RecursionError); a job could not take it as an
+    argument either. Results nest at most 64 levels, as arguments do."""
+    from elric import views
+
+    c = cluster.client
+    cluster.start_worker("--concurrency", "1")
+    c.submit_jobs([Nested.spec([600], job_id="deep"), Nested.spec([64], job_id="fits")])
+    deep, fits = cluster.wait_job("deep"), cluster.wait_job("fits")
+    assert (deep["status"], deep["result"]) == ("failed", None), deep
+    assert "the result nests deeper than 64 levels" in deep["error"], deep["error"]
+    assert fits["status"] == "succeeded", fits["error"]
+    assert "[" * 64 + "]" * 64 in views.json_text(fits)   # shown as any result
+    c.submit_job(PadLength.spec([fits["result"]], job_id="passed-on"))   # and passed on
+    assert cluster.wait_job("passed-on")["result"] == 1
 
 
 def test_an_error_text_over_result_max_bytes_is_cut_to_it_in_bytes(cluster):
