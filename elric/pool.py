@@ -13,6 +13,7 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import signal
 import struct
 import sys
 import tempfile
@@ -55,7 +56,18 @@ class ProcessDied(Exception):
     def __init__(self, exitcode, held: list[str], culprits: dict[str, str],
                  sent_at: dict[str, float] | None = None) -> None:
         super().__init__(f"pool process died (exit code {exitcode})")
+        self.exitcode = exitcode
         self.held, self.culprits, self.sent_at = held, culprits, sent_at or {}
+
+    def how(self) -> str:
+        """How the process ended: "exit status 3", "killed by SIGKILL"."""
+        code = self.exitcode
+        if code is None or code >= 0:
+            return f"exit status {code}"
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
 
 
 

@@ -14,7 +14,7 @@ import pytest
 from elric.jobstats import COUNTERS
 from elric.rpc import RemoteError
 from tests.conftest import ROOT, wait_for
-from tests.jobs import (Add, Crash, Echo, FailUnlessFile, FailWide, MarkSleep, MarkUntilGate,
+from tests.jobs import (Add, Crash, Die, Echo, FailUnlessFile, FailWide, MarkSleep, MarkUntilGate,
                         Nested, OnQueueB, PadLength, Record, Sized, Sleep, Spawn, SpawnFromThread,
                         SpawnThenFailOnce, TupleKeys)
 from tests.jobs_async import AsyncAdd
@@ -653,6 +653,21 @@ def test_a_crashing_job_fails_alone(cluster):
     innocent = cluster.wait_job("innocent")
     assert innocent["status"] == "succeeded", (innocent["error"], cluster.logs())
     assert innocent["result"]["tag"] == "innocent"
+
+
+def test_a_job_that_ends_its_process_fails_saying_how_it_ended(cluster):
+    """Its error said "the job's process died" for an os._exit(3), an OOM killer's SIGKILL
+    and a segfault alike: the exit status and the signal, which tell them apart, went
+    unsaid."""
+    c = cluster.client
+    cluster.start_worker("--concurrency", "1")
+    c.submit_jobs([Die.spec([3], job_id="exit3"), Die.spec(["SIGKILL"], job_id="killed"),
+                   Die.spec(["SIGSEGV"], job_id="segv")])
+    for job_id, how in (("exit3", "exit status 3"), ("killed", "killed by SIGKILL"),
+                        ("segv", "killed by SIGSEGV")):
+        job = cluster.wait_job(job_id)
+        assert job["status"] == "failed", job
+        assert f"the job's process died ({how}:" in job["error"], job["error"]
 
 
 def descendants(pid: int) -> list[int]:
