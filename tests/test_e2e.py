@@ -292,13 +292,37 @@ def test_a_split_list_with_a_batch_that_cannot_be_sent_says_what_was_queued(clus
 
     specs = [Echo.spec([n]) for n in range(10_001)]
     specs[5_678]["args"] = [{1, 2}]
-    with pytest.raises(SubmitError, match=r"^specs 5000-5999: cannot send 'submit_jobs' "
-                                          "arguments: .*set.*refused 1 batch.es. of 1000 "
-                                          "and queued the other 9001 of 10001 specs") as info:
+    with pytest.raises(SubmitError, match=r"^spec 5678: cannot send 'submit_jobs' arguments: "
+                                          r"args\[0\]: set is not a msgpack value; .*refused 1 "
+                                          "batch.es. of 1000 and queued the other 9001 of "
+                                          "10001 specs") as info:
         cluster.client.submit_jobs(specs)
     got = info.value.replies
     assert [n for n, r in enumerate(got) if r is None] == list(range(5_000, 6_000))
     assert cluster.client.stats()["by_status"]["queued"] == 9_001
+
+
+def test_a_spec_msgpack_cannot_carry_is_named_by_its_place_and_what_in_it(cluster):
+    """The error named neither the spec nor the argument: "cannot send 'submit_jobs'
+    arguments: can not serialize 'datetime.datetime' object", for one spec of 10,000."""
+    from datetime import datetime
+
+    from elric.rpc import RPCArgumentError
+
+    c = cluster.client
+    specs = [Echo.spec([n]) for n in range(100)]
+    specs[77]["args"] = [1, {"when": datetime(2026, 1, 1)}]
+    with pytest.raises(RPCArgumentError, match=r"^spec 77: cannot send 'submit_jobs' arguments: "
+                                               r"args\[1\]\['when'\]: datetime is not a msgpack "
+                                               r"value; pass plain data"):
+        c.submit_jobs(specs)
+    with pytest.raises(RPCArgumentError, match=r"^spec 1: cannot send 'submit_jobs' arguments: "
+                                               "batch: can not serialize 'datetime.datetime'"):
+        c.submit_jobs([Echo.spec([1]), Echo.spec([2], batch=datetime(2026, 1, 1))])
+    with pytest.raises(RPCArgumentError, match=r"^cannot send 'submit_job' arguments: "
+                                               r"kwargs\['n'\]: integer 1180591620717411303424 does not fit"):
+        c.submit_job(Echo.spec(kwargs={"n": 2 ** 70}))
+    assert c.stats()["by_status"]["queued"] == 0
 
 
 def test_a_split_list_over_the_masters_message_limit_is_told_that_limit(make_cluster):
