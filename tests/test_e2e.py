@@ -325,6 +325,19 @@ def test_a_spec_msgpack_cannot_carry_is_named_by_its_place_and_what_in_it(cluste
     assert c.stats()["by_status"]["queued"] == 0
 
 
+def test_a_wait_that_times_out_says_why_no_worker_ran_the_job(cluster):
+    """JobHandle.result(timeout=5) said "still retrying after 5s" of a job no worker had
+    tried (each handed it back: it does not load its module); elric submit --wait said why."""
+    from elric.handle import wait
+
+    cluster.start_worker("--concurrency", "1", JOB_MODULES="tests.jobs")
+    job_id = cluster.client.submit_job(AsyncAdd.spec([1, 2]))["job_id"]
+    wait_for(lambda: cluster.client.get_job(job_id).get("not_run"), what="handed back")
+    with pytest.raises(TimeoutError, match=rf"^job {job_id} still \w+ after 0.5s; not run: "
+                                           r".*does not load module 'tests.jobs_async'"):
+        wait(cluster.client, job_id, timeout=0.5)
+
+
 def test_a_split_list_over_the_masters_message_limit_is_told_that_limit(make_cluster):
     """SubmitError said too_large but dropped the limit the master's answer carried
     (max_message None), which a caller needs to send the batches again in calls that fit."""
