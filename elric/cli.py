@@ -104,13 +104,28 @@ def _json_out(text: str) -> None:
 def _argument(text: str):
     """A command-line job argument: JSON when it parses (7, true, [1], {"a": 1}), else text."""
     try:   # (json.loads reads NaN and Infinity too, which are no JSON: they stay text)
-        return json.loads(text, parse_constant=_not_json)
+        return json.loads(text, parse_constant=_not_json, parse_float=_finite)
+    except _Infinite as exc:
+        raise UsageError(f"argument {text!r}: {exc} is beyond a float's range (it would "
+                         f"arrive as infinity); quote it ('\"{exc}\"') to send it as text") \
+            from None
     except ValueError:
         return text
 
 
 def _not_json(name: str):
     raise ValueError(f"{name} is not JSON")
+
+
+class _Infinite(Exception):
+    """A JSON number json.loads reads as inf (1e400): JSON, but not the number typed."""
+
+
+def _finite(text: str) -> float:
+    number = float(text)
+    if math.isinf(number):
+        raise _Infinite(text)
+    return number
 
 
 def _wait(client, job_id: str, timeout: float | None) -> dict:

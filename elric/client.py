@@ -9,11 +9,12 @@ import threading
 import time
 from typing import Any
 
+from elric import codec
 from elric.backoff import Backoff
 from elric.config import Settings, load_settings, parse_address
-from elric.contract import MAX_BATCH, MAX_READ, MIN_MESSAGE
-from elric.rpc import (MAX_MESSAGE, Client, RemoteError, RPCConnectionError, RPCError,
-                        RPCUnreachableError, packed_size)
+from elric.contract import MAX_BATCH, MAX_READ, MIN_MESSAGE, SpecError, check_arguments
+from elric.rpc import (MAX_MESSAGE, Client, RemoteError, RPCArgumentError, RPCConnectionError,
+                        RPCError, RPCUnreachableError, packed_size)
 
 # bytes of a request besides its params' items: its type, msgid, method and array headers
 REQUEST_FRAME = 64
@@ -62,7 +63,7 @@ class MasterClient:
         spec = _with_id(spec)
         [answer] = self._until_known("submit_job", [(spec,)])
         if isinstance(answer, Exception):
-            raise _unsettled(answer, [spec])
+            raise _unsettled(_unsendable(answer, "submit_job", [spec]), [spec])
         return answer
 
     def submit_jobs(self, specs: list[dict]) -> list[dict]:
@@ -73,7 +74,7 @@ class MasterClient:
         if len(specs) <= MAX_BATCH:
             [answer] = self._until_known("submit_jobs", [(specs,)])
             if isinstance(answer, Exception):
-                raise _unsettled(answer, specs)
+                raise _unsettled(_unsendable(answer, "submit_jobs", specs, numbered=True), specs)
             return answer
         starts = range(0, len(specs), SPLIT_BATCH)
         batches = [specs[i:i + SPLIT_BATCH] for i in starts]
@@ -83,7 +84,8 @@ class MasterClient:
         if unknown := next((a for a in answers if isinstance(a, RPCConnectionError)), None):
             raise _unsettled(unknown, specs, replies)
         # refused by the master (RemoteError), or here: msgpack cannot carry it, too big
-        refused = [(i, a) for i, a in zip(starts, answers) if isinstance(a, Exception)]
+        refused = [(i, _unsendable(a, "submit_jobs", batch, numbered=True))
+                   for i, batch, a in zip(starts, batches, answers) if isinstance(a, Exception)]
         if not refused:
             return replies
         start, first = refused[0]
@@ -227,6 +229,40 @@ def _with_id(spec: Any) -> Any:
     if isinstance(spec, dict) and spec.get("job_id") in ("", None) and "trigger" not in spec:
         return {**spec, "job_id": os.urandom(16).hex()}
     return spec
+
+
+def _unsendable(exc: Exception, method: str, specs: list, numbered: bool = False) -> Exception:
+    """``exc``, or for a call msgpack could not pack, an error naming the first spec it
+    cannot carry ("spec 77: ", as the master counts) and what in it: msgpack's own words
+    ("can not serialize 'datetime.datetime' object") named neither, among 10,000 specs."""
+    if not isinstance(exc, RPCArgumentError):
+        return exc
+    for i, spec in enumerate(specs):
+        if (what := _what_unsendable(spec)) is not None:
+            return RPCArgumentError(f"{f'spec {i}: ' if numbered else ''}cannot send {method!r} "
+                                    f"arguments: {what}; pass plain data (dict, list, str, "
+                                    "numbers)")
+    return exc
+
+
+def _what_unsendable(spec: Any) -> str | None:
+    """What in ``spec`` msgpack cannot pack (an argument by its place), or None."""
+    try:
+        codec.pack(spec)
+        return None
+    except (TypeError, ValueError, OverflowError) as exc:
+        first = exc
+    for key, value in spec.items() if isinstance(spec, dict) else ():
+        try:
+            codec.pack(value)
+        except (TypeError, ValueError, OverflowError) as exc:
+            try:   # the contract's words name the argument ("args[1]['when']")
+                check_arguments(*((value, {}) if key == "args" else ([], value)))
+            except SpecError as named:
+                if key in ("args", "kwargs"):
+                    return str(named)
+            return f"{key}: {exc}"
+    return str(first)
 
 
 def _unsettled(exc: Exception, specs: list, replies: list | None = None) -> Exception:

@@ -28,6 +28,29 @@ def pack_readable(value: Any) -> bytes:
     return data
 
 
+def nests_deeper(value: Any, most: int) -> bool:
+    """Whether ``value``'s lists and maps nest more than ``most`` levels (level by level, no
+    recursion; ``value`` packed already, so it holds no cycle)."""
+    level = {id(value): value} if isinstance(value, _NESTS) else {}
+    for _ in range(most):
+        if not level:
+            return False
+        # each container once a level: [row] * 10_000 is one row to look into, not 10,000
+        level = {id(item): item for v in level.values() for item in _nested(v)}
+    return bool(level)
+
+
+_NESTS = (dict, list, tuple)
+
+
+def _nested(value: dict | list | tuple) -> list:
+    items = value.values() if isinstance(value, dict) else value
+    # a long one's types first, at C speed: a list of numbers or text costs no loop here
+    if len(items) > 16 and not any(issubclass(k, _NESTS) for k in set(map(type, items))):
+        return []
+    return [item for item in items if isinstance(item, _NESTS)]
+
+
 def unpack(data: bytes | None) -> Any:
     """The value of ``data``; None for None or empty bytes (a missing Redis field)."""
     if not data:

@@ -181,9 +181,13 @@ def check_text(what: str, value: str) -> None:
                         "data as msgpack bin")
 
 
+# how deep job arguments may nest, and results (a result is often the next job's argument)
+MAX_NESTING = 64
+
+
 def _check_msgpack_value(value: Any, where: str, depth: int = 0) -> None:
-    if depth > 64:
-        raise SpecError(f"{where}: nested deeper than 64 levels")
+    if depth > MAX_NESTING:
+        raise SpecError(f"{where}: nested deeper than {MAX_NESTING} levels")
     if isinstance(value, (ExtType, Timestamp)):  # a namedtuple: check it before tuples
         # (the decoder makes a Timestamp of extension type -1)
         code = value.code if isinstance(value, ExtType) else "-1, a timestamp"

@@ -35,7 +35,7 @@ def wait(client, job_id: str, timeout: float | None = None,
     if timeout is not None and not timeout >= 0:   # (NaN too) -1 said "still queued after -1s"
         raise ValueError(f"timeout takes seconds, 0 or more (None: no limit), got {timeout}")
     deadline = None if timeout is None else time.monotonic() + timeout
-    delay, state = 0.02, None
+    delay, state, why = 0.02, None, ""
     while True:
         left = None if deadline is None else max(deadline - time.monotonic(), 0.01)
         try:   # a master gone silent holds no poll past the deadline
@@ -45,7 +45,8 @@ def wait(client, job_id: str, timeout: float | None = None,
             if deadline is None:
                 raise
             if state is not None and time.monotonic() >= deadline:   # the poll at the end:
-                raise TimeoutError(f"job {job_id} still {state} after {timeout:g}s") from None
+                raise TimeoutError(f"job {job_id} still {state} after {timeout:g}s{why}") \
+                    from None
             raise _Unanswered(str(exc)) from None
         except RemoteError as exc:   # Redis away: the same call again, as PROTOCOL says
             if exc.code != ErrorCode.REDIS_UNAVAILABLE:
@@ -63,12 +64,14 @@ def wait(client, job_id: str, timeout: float | None = None,
                              "is a job of its own")
         if on_status is not None and job:
             on_status(job)
+        if job and on_status is None:   # (elric submit --wait says it as it waits)
+            why = f"; not run: {job['not_run']}" if job.get("not_run") else ""
         if deadline is not None:
             # the last poll is at the deadline, not at the last step before it (a second
             # early): a job that ends in that second is waited for, as promised
             left = deadline - time.monotonic()
             if left <= 0:
-                raise TimeoutError(f"job {job_id} still {state} after {timeout:g}s")
+                raise TimeoutError(f"job {job_id} still {state} after {timeout:g}s{why}")
             delay = min(delay, left)
         time.sleep(delay)
         delay = min(1.0, delay * 1.5)

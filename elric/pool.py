@@ -13,7 +13,9 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import signal
 import struct
+import sys
 import tempfile
 import time
 from concurrent.futures import CancelledError, Executor, Future
@@ -54,7 +56,18 @@ class ProcessDied(Exception):
     def __init__(self, exitcode, held: list[str], culprits: dict[str, str],
                  sent_at: dict[str, float] | None = None) -> None:
         super().__init__(f"pool process died (exit code {exitcode})")
+        self.exitcode = exitcode
         self.held, self.culprits, self.sent_at = held, culprits, sent_at or {}
+
+    def how(self) -> str:
+        """How the process ended: "exit status 3", "killed by SIGKILL"."""
+        code = self.exitcode
+        if code is None or code >= 0:
+            return f"exit status {code}"
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
 
 
 
@@ -107,6 +120,17 @@ class _Process:
         return len(self.held) - self.n_async
 
 
+def _checkout() -> str | None:
+    """The folder this process's elric came from when it is first on sys.path, else None.
+    The fork server would import another elric installed on the path (Python 3.11's drops
+    the sys.path it is given), and its pool processes ran that one's code."""
+    home = os.path.dirname(os.path.dirname(os.path.abspath(runner.__file__)))
+    try:
+        return home if sys.path and sys.path[0] and os.path.samefile(sys.path[0], home) else None
+    except OSError:   # (sys.path[0] gone, or not a folder)
+        return None
+
+
 class Pool(Executor):
     def __init__(self, size: int, *, async_slots: int, sync_batch, on_news=lambda: None,
                  job_modules=(), preload=(), log_level: str = "INFO",
@@ -156,11 +180,12 @@ class Pool(Executor):
         to remove once a process started (Python cannot start in a removed folder). It runs
         as `python -c`, whose sys.path starts with its current directory, where a folder
         named elric/ would stand in for the installed package. The processes it forks start
-        in ours, and so does its resource tracker (which imports no elric)."""
+        in ours, and so does its resource tracker (which imports no elric). A worker whose
+        elric is its sys.path[0]'s (python -m elric in a checkout) starts it there instead."""
         resource_tracker.ensure_running()
         here, empty = os.getcwd(), tempfile.mkdtemp(prefix="elric-forkserver-")
         try:
-            os.chdir(empty)
+            os.chdir(_checkout() or empty)
             forkserver.set_forkserver_preload(self._preload)
             forkserver.ensure_running()   # (at once if it runs)
         finally:

@@ -34,7 +34,7 @@ from functools import partial
 
 from elric import codec, logs
 from elric import job as job_module
-from elric.contract import SpecError
+from elric.contract import MAX_NESTING, SpecError
 from elric.loading import JobModules, ModuleBroken
 
 log = logging.getLogger("elric.runner")
@@ -691,6 +691,12 @@ def _succeeded(out: Ran, result, ctx) -> None:
     except (TypeError, ValueError, OverflowError) as exc:
         out.payload = (f"TypeError: the job returned {type(result).__name__}, which is not a "
                        f"msgpack value ({exc}); return plain data (dict, list, str, numbers)")
+        return
+    if codec.nests_deeper(result, MAX_NESTING):   # elric job, the dashboard and a job's
+        # arguments take no deeper (a 600-level result was kept, and no one could show it)
+        out.payload = (f"TypeError: the result nests deeper than {MAX_NESTING} levels of lists "
+                       "and maps, the most job arguments and results may; return a flatter "
+                       "value")
         return
     out.ok, out.children = True, ctx.children
 

@@ -646,7 +646,9 @@ class Worker:
                 why = exc.culprits[claim.job_id] or \
                     runner.past_timeout(claim.timeout) + " and its process was killed"
             else:
-                why = "the job's process died (os._exit, a signal or a crash in native code)"
+                # (the status tells an os._exit from an OOM kill or a segfault)
+                why = (f"the job's process died ({exc.how()}: os._exit, a signal or a crash "
+                       "in native code)")
             ran = runner.Ran.failure(claim.run, why)
             # it ran until then (past its timeout, say): its record's duration says so
             ran.started_at = exc.sent_at.get(claim.job_id, ran.started_at)

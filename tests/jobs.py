@@ -152,6 +152,17 @@ class Crash(Job):
         os._exit(3)
 
 
+class Die(Job):
+    """Ends its own pool process: ``how`` an exit status, or a signal's name."""
+
+    def run(self, how):
+        import signal
+        if isinstance(how, int):
+            os._exit(how)
+        os.kill(os.getpid(), getattr(signal, how))
+        time.sleep(10)
+
+
 class KeyFromBytes(Job):
     """Derives its dedupe key from bytes as they come (a hook that can make text that
     is not valid UTF-8)."""
@@ -203,6 +214,16 @@ class TupleKeys(Job):
     def run(self, nested=False):
         value = {(1, 2): "pair"}
         return {"deep": [value]} if nested else value
+
+
+class Nested(Job):
+    """Returns ``depth`` lists, each inside the one before."""
+
+    def run(self, depth):
+        value = []
+        for _ in range(depth - 1):
+            value = [value]
+        return value
 
 
 class SpawnFromThread(Job):

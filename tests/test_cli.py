@@ -1102,6 +1102,15 @@ def test_submit_arguments_nan_and_infinity_are_text_as_json_has_no_such_values(c
     assert cluster.client.get_job("typed")["args"] == ["NaN", "Infinity", "[NaN]", 1.5]
 
 
+def test_submit_arguments_beyond_a_floats_range_are_a_usage_error(redis_url, tmp_path):
+    """1e400 is JSON, and json.loads reads it as inf: the job got infinity, not the number
+    typed, without a word."""
+    c = Cluster(redis_url, tmp_path)   # refused before any call: no master needed
+    for argument in ("1e400", "[1, -1e400]", '{"x": 2e308}'):
+        one_line_error(elric(c, "submit", "tests.jobs:Echo", argument), 2,
+                       "is beyond a float's range (it would arrive as infinity)")
+
+
 def test_submit_wait_with_nothing_to_wait_for_says_why_it_exits_1(cluster):
     """A filtered submission, or one naming a periodic job's id, exited 1 under --wait with
     no word on stderr: only "ID filtered" on stdout."""

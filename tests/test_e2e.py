@@ -14,9 +14,9 @@ import pytest
 from elric.jobstats import COUNTERS
 from elric.rpc import RemoteError
 from tests.conftest import ROOT, wait_for
-from tests.jobs import (Add, Crash, Echo, FailUnlessFile, FailWide, MarkSleep, MarkUntilGate,
-                        OnQueueB, Record, Sized, Sleep, Spawn, SpawnFromThread, SpawnThenFailOnce,
-                        TupleKeys)
+from tests.jobs import (Add, Crash, Die, Echo, FailUnlessFile, FailWide, MarkSleep, MarkUntilGate,
+                        Nested, OnQueueB, PadLength, Record, Sized, Sleep, Spawn, SpawnFromThread,
+                        SpawnThenFailOnce, TupleKeys)
 from tests.jobs_async import AsyncAdd
 from tests.jobs_faults import AsyncSpawnLate, SpawnInBatches
 from tests.legacy import SCRIPT_PRELUDE, legacy_python
@@ -292,13 +292,50 @@ def test_a_split_list_with_a_batch_that_cannot_be_sent_says_what_was_queued(clus
 
     specs = [Echo.spec([n]) for n in range(10_001)]
     specs[5_678]["args"] = [{1, 2}]
-    with pytest.raises(SubmitError, match=r"^specs 5000-5999: cannot send 'submit_jobs' "
-                                          "arguments: .*set.*refused 1 batch.es. of 1000 "
-                                          "and queued the other 9001 of 10001 specs") as info:
+    with pytest.raises(SubmitError, match=r"^spec 5678: cannot send 'submit_jobs' arguments: "
+                                          r"args\[0\]: set is not a msgpack value; .*refused 1 "
+                                          "batch.es. of 1000 and queued the other 9001 of "
+                                          "10001 specs") as info:
         cluster.client.submit_jobs(specs)
     got = info.value.replies
     assert [n for n, r in enumerate(got) if r is None] == list(range(5_000, 6_000))
     assert cluster.client.stats()["by_status"]["queued"] == 9_001
+
+
+def test_a_spec_msgpack_cannot_carry_is_named_by_its_place_and_what_in_it(cluster):
+    """The error named neither the spec nor the argument: "cannot send 'submit_jobs'
+    arguments: can not serialize 'datetime.datetime' object", for one spec of 10,000."""
+    from datetime import datetime
+
+    from elric.rpc import RPCArgumentError
+
+    c = cluster.client
+    specs = [Echo.spec([n]) for n in range(100)]
+    specs[77]["args"] = [1, {"when": datetime(2026, 1, 1)}]
+    with pytest.raises(RPCArgumentError, match=r"^spec 77: cannot send 'submit_jobs' arguments: "
+                                               r"args\[1\]\['when'\]: datetime is not a msgpack "
+                                               r"value; pass plain data"):
+        c.submit_jobs(specs)
+    with pytest.raises(RPCArgumentError, match=r"^spec 1: cannot send 'submit_jobs' arguments: "
+                                               "batch: can not serialize 'datetime.datetime'"):
+        c.submit_jobs([Echo.spec([1]), Echo.spec([2], batch=datetime(2026, 1, 1))])
+    with pytest.raises(RPCArgumentError, match=r"^cannot send 'submit_job' arguments: "
+                                               r"kwargs\['n'\]: integer 1180591620717411303424 does not fit"):
+        c.submit_job(Echo.spec(kwargs={"n": 2 ** 70}))
+    assert c.stats()["by_status"]["queued"] == 0
+
+
+def test_a_wait_that_times_out_says_why_no_worker_ran_the_job(cluster):
+    """JobHandle.result(timeout=5) said "still retrying after 5s" of a job no worker had
+    tried (each handed it back: it does not load its module); elric submit --wait said why."""
+    from elric.handle import wait
+
+    cluster.start_worker("--concurrency", "1", JOB_MODULES="tests.jobs")
+    job_id = cluster.client.submit_job(AsyncAdd.spec([1, 2]))["job_id"]
+    wait_for(lambda: cluster.client.get_job(job_id).get("not_run"), what="handed back")
+    with pytest.raises(TimeoutError, match=rf"^job {job_id} still \w+ after 0.5s; not run: "
+                                           r".*does not load module 'tests.jobs_async'"):
+        wait(cluster.client, job_id, timeout=0.5)
 
 
 def test_a_split_list_over_the_masters_message_limit_is_told_that_limit(make_cluster):
@@ -505,6 +542,24 @@ def test_a_result_with_a_tuple_map_key_fails_its_attempt_and_the_job_stays_reada
         assert "a map key is an array" in job["error"]
 
 
+def test_a_result_nested_deeper_than_arguments_may_fails_its_attempt(cluster):
+    """A result of 600 nested lists was recorded succeeded, and then `elric job`, `elric
+    results` and the dashboard failed on it (RecursionError); a job could not take it as an
+    argument either. Results nest at most 64 levels, as arguments do."""
+    from elric import views
+
+    c = cluster.client
+    cluster.start_worker("--concurrency", "1")
+    c.submit_jobs([Nested.spec([600], job_id="deep"), Nested.spec([64], job_id="fits")])
+    deep, fits = cluster.wait_job("deep"), cluster.wait_job("fits")
+    assert (deep["status"], deep["result"]) == ("failed", None), deep
+    assert "the result nests deeper than 64 levels" in deep["error"], deep["error"]
+    assert fits["status"] == "succeeded", fits["error"]
+    assert "[" * 64 + "]" * 64 in views.json_text(fits)   # shown as any result
+    c.submit_job(PadLength.spec([fits["result"]], job_id="passed-on"))   # and passed on
+    assert cluster.wait_job("passed-on")["result"] == 1
+
+
 def test_an_error_text_over_result_max_bytes_is_cut_to_it_in_bytes(cluster):
     """The cut counted characters: 700,000 two-byte ones (1.4 MB) passed a 1 MiB limit."""
     c = cluster.client
@@ -635,6 +690,21 @@ def test_a_crashing_job_fails_alone(cluster):
     innocent = cluster.wait_job("innocent")
     assert innocent["status"] == "succeeded", (innocent["error"], cluster.logs())
     assert innocent["result"]["tag"] == "innocent"
+
+
+def test_a_job_that_ends_its_process_fails_saying_how_it_ended(cluster):
+    """Its error said "the job's process died" for an os._exit(3), an OOM killer's SIGKILL
+    and a segfault alike: the exit status and the signal, which tell them apart, went
+    unsaid."""
+    c = cluster.client
+    cluster.start_worker("--concurrency", "1")
+    c.submit_jobs([Die.spec([3], job_id="exit3"), Die.spec(["SIGKILL"], job_id="killed"),
+                   Die.spec(["SIGSEGV"], job_id="segv")])
+    for job_id, how in (("exit3", "exit status 3"), ("killed", "killed by SIGKILL"),
+                        ("segv", "killed by SIGSEGV")):
+        job = cluster.wait_job(job_id)
+        assert job["status"] == "failed", job
+        assert f"the job's process died ({how}:" in job["error"], job["error"]
 
 
 def descendants(pid: int) -> list[int]:

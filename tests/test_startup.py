@@ -85,6 +85,35 @@ def test_a_folder_named_elric_in_the_current_directory_hides_nothing(redis_url, 
             kill_group(p)
 
 
+def test_pool_processes_run_the_elric_of_a_worker_started_in_a_checkout(make_cluster, tmp_path):
+    """A worker started in a checkout (python -m elric, run_worker.py) runs the checkout's
+    elric, and its pool processes ran another elric installed on the path: the fork server
+    starts in an empty folder, and Python 3.11's ignores the sys.path it is given."""
+    import shutil
+
+    other = tmp_path / "other"   # another elric, found after the checkout's own
+    shutil.copytree(f"{ROOT}/elric", other / "elric",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    (other / "whereami.py").write_text(textwrap.dedent("""
+        import sys
+
+        from elric import Job
+
+
+        class Where(Job):
+            def run(self):
+                return sys.modules["elric.runner"].__file__
+    """))
+    c = make_cluster(JOB_MODULES="whereami")
+    c.env["PYTHONPATH"] = str(other)
+    c.start_master()
+    c.start_worker("--concurrency", "1")
+    job_id = c.client.submit_job({"func": "whereami:Where"})["job_id"]
+    job = c.wait_job(job_id)
+    assert job["status"] == "succeeded", (job["error"], c.logs())
+    assert job["result"] == f"{ROOT}/elric/runner.py"
+
+
 # --- a worker waits for Redis and its master ---------------------------------------------
 
 def test_a_worker_started_before_its_master_waits_and_then_runs_jobs(make_cluster):
