@@ -41,9 +41,19 @@ _REFUSALS = {
 }
 
 
+# redis-py puts "Command # 1 (GET key) of pipeline caused error: " before the reply of a
+# pipelined command that failed (unless raise_on_error=False)
+_PIPELINED = " of pipeline caused error: "
+
+
 def error_code(exc: BaseException) -> str:
-    """The code of a Redis error reply: its first word, by Redis's own convention."""
-    return str(exc).split(" ", 1)[0]   # "OOM command not allowed when ..."
+    """The code of a Redis error reply: its first word, by Redis's own convention, after
+    the words redis-py puts before an error a pipeline met: read as a bug, a BUSY or MISCONF
+    there failed a submit for good instead of being waited out."""
+    text = str(exc)
+    if text.startswith("Command # ") and _PIPELINED in text:
+        text = text.partition(_PIPELINED)[2]
+    return text.split(" ", 1)[0]   # "OOM command not allowed when ..."
 
 
 def unblocked(exc: BaseException) -> bool:

@@ -124,6 +124,14 @@ def test_a_worker_waiting_to_register_in_a_full_redis_stops_when_told(own_redis,
     (redis.exceptions.ResponseError("MISCONF Redis is configured to save RDB snapshots, but "
                                     "it's currently unable to persist to disk"), "MISCONF"),
     (redis.exceptions.ResponseError("BUSY Redis is busy running a script."), "busy"),
+    # as a pipeline raises them (raise_on_error): redis-py's words before Redis's
+    (redis.exceptions.ResponseError("Command # 1 (GET k) of pipeline caused error: BUSY "
+                                    "Redis is busy running a script."), "busy"),
+    (redis.exceptions.ResponseError("Command # 2 (SREM s k) of pipeline caused error: "
+                                    "MISCONF Redis is configured to save RDB snapshots"),
+     "MISCONF"),
+    (redis.exceptions.ResponseError("Command # 1 (HGET h f) of pipeline caused error: "
+                                    "WRONGTYPE Operation against a key"), None),
     (redis.exceptions.ResponseError("ERR wrong number of arguments"), None),
     (ValueError("OOM"), None),
 ])

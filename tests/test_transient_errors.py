@@ -482,6 +482,35 @@ def test_a_master_started_while_redis_runs_a_long_script_waits_for_it(make_clust
     assert master.alive(), master.log()
 
 
+def test_a_child_submit_that_meets_busy_in_a_pipeline_is_sent_again_not_refused(make_cluster):
+    """redis-py puts "Command # 1 (...) of pipeline caused error:" before the text of an
+    error a pipelined command met, and a refusal told by its code (BUSY, MISCONF,
+    NOREPLICAS) was then read as a bug: a bloom scope's first read (a pipeline) during a
+    long script answered the child submit with an internal error, and the worker failed
+    the parent for good. It is redis_unavailable: the worker sends the child again."""
+    from tests.jobs import SpawnKeyedWhenGateOpens
+
+    cluster = make_cluster(FILTER_BACKEND="bloom")
+    master = cluster.start_master()
+    worker = cluster.start_worker("--concurrency", "1")
+    gate = cluster.tmp_path / "gate"
+    cluster.client.submit_job(SpawnKeyedWhenGateOpens.spec([str(gate), "fresh", "k"],
+                                                           job_id="parent"))
+    wait_for(lambda: cluster.client.get_job("parent")["status"] == "running",
+             what="the parent running")
+    with redis_running_a_long_script(cluster.redis_url):
+        gate.write_text("")
+        # the child's submit met BUSY: to be sent again, or its parent failed (and is
+        # being recorded)
+        wait_for(lambda: any(s in worker.log() for s in ("sending child jobs failed",
+                                                          "recording outcomes failed")),
+                 what="the worker's child submit answered")
+    parent = cluster.wait_job("parent")
+    assert parent["status"] == "succeeded", (parent, cluster.logs())
+    assert cluster.wait_job(parent["result"])["result"] == 2, cluster.logs()
+    assert "Traceback" not in master.log(), master.log()
+
+
 def test_housekeeping_publishes_limits_over_a_key_of_another_type(redis_url):
     """Every fetch fails on a limits hash an operator SET to a string; housekeeping took
     any key there for the rules and left it."""
