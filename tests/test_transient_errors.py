@@ -223,6 +223,47 @@ def test_a_worker_waits_out_redis_short_of_replicas_or_cut_off_from_its_master(t
         server.cleanup()
 
 
+def test_outcomes_a_read_only_redis_refuses_are_no_keys_of_another_type(caplog):
+    """finish.lua passes over a key of another type (an operator's) by catching its
+    write's error, and caught READONLY (a replica) or MISCONF the same way: outcomes
+    whose runs were no longer the worker's, recorded in a Redis turned replica, logged
+    "passed over ... elric:status:succeeded ... holds another type ...: delete it" (seen
+    in a REPLICAOF), and a real such key was never named after. The refusal is raised."""
+    import redis.asyncio as aredis
+
+    from elric.keys import Keys
+    from elric.redis_server import RedisServer, free_port
+    from elric.retry import is_outage
+    from tests.conftest import outcome
+
+    server = RedisServer().start()   # ours alone: it is made a replica
+
+    async def main():
+        r = aredis.Redis.from_url(server.url)
+        q = RedisQueue(r, Keys("elric"))
+        try:
+            await q.enqueue([normalize_spec({"func": "tests.jobs:Echo", "job_id": "j"})])
+            [claim] = (await q.fetch("w1", ["default"], 1, 30)).claims
+            stale = outcome(claim, attempt=claim.attempt + 1)   # no longer this run's
+            await r.execute_command("REPLICAOF", "127.0.0.1", free_port())   # never syncs
+            with pytest.raises(Exception) as info:
+                await q.finish("w1", [stale])
+            assert is_outage(info.value), repr(info.value)
+            await r.execute_command("REPLICAOF", "NO", "ONE")
+            assert await q.finish("w1", [stale]) == ["stale"]
+        finally:
+            with contextlib.suppress(Exception):
+                await r.execute_command("REPLICAOF", "NO", "ONE")
+            await r.aclose()
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="elric.queue"):
+            asyncio.run(main())
+    finally:
+        server.cleanup()
+    assert "passed over" not in caplog.text, caplog.text
+
+
 def test_a_worker_whose_wait_for_work_is_unblocked_with_an_error_goes_on(cluster):
     """An idle worker waits for work in a BLPOP. Redis ends such a wait with an UNBLOCKED
     error when it turns into a replica (a failover) or on CLIENT UNBLOCK ... ERROR. That

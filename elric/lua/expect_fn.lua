@@ -25,3 +25,15 @@ local function expect(key, kind)
           'rename it. Nothing was queued'))
   end
 end
+-- refused(err): the error of a write a pcall caught is Redis refusing writes for a while
+-- (a replica, a failed snapshot, maxmemory): the whole call's, not its key's. The caller
+-- makes the call again without pcall, which raises it as Redis words it. (Redis 6.2 gives
+-- "=[C]: -1: -READONLY ...", 7 "READONLY ...".)
+local function refused(err)
+  local msg = type(err) == 'table' and err.err or err
+  if type(msg) ~= 'string' then return false end
+  for _, code in ipairs({'READONLY', 'MISCONF', 'OOM', 'NOREPLICAS', 'MASTERDOWN'}) do
+    if string.find(' ' .. msg, '[%s%-]' .. code .. ' ') then return true end
+  end
+  return false
+end
