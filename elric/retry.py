@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from typing import Awaitable, Callable, TypeVar
 
@@ -44,15 +45,22 @@ _REFUSALS = {
 # redis-py puts "Command # 1 (GET key) of pipeline caused error: " before the reply of a
 # pipelined command that failed (unless raise_on_error=False)
 _PIPELINED = " of pipeline caused error: "
+# Redis 6.2 words an error a script's redis.call met "Error running script (call to
+# f_<sha>): @user_script:35: @user_script: 35: -OOM command not allowed ..." (7: "OOM ...")
+_IN_SCRIPT = re.compile(r"Error running script \(call to f_[0-9a-f]+\): "
+                        r"@user_script:\d+: @user_script: \d+: -(?=[A-Z])")
 
 
 def error_code(exc: BaseException) -> str:
-    """The code of a Redis error reply: its first word, by Redis's own convention, after
-    the words redis-py puts before an error a pipeline met: read as a bug, a BUSY or MISCONF
-    there failed a submit for good instead of being waited out."""
+    """The code of a Redis error reply: its first word, by Redis's own convention, past
+    the words redis-py puts before an error a pipeline met and those Redis 6.2 puts before
+    one a script met: read as bugs, a BUSY or MISCONF there, or an OOM in any script on
+    6.2, failed submits for good, and ended a worker, instead of being waited out."""
     text = str(exc)
     if text.startswith("Command # ") and _PIPELINED in text:
         text = text.partition(_PIPELINED)[2]
+    if (script := _IN_SCRIPT.match(text)) is not None:
+        text = text[script.end():]
     return text.split(" ", 1)[0]   # "OOM command not allowed when ..."
 
 
