@@ -285,6 +285,9 @@ class Scheduler:
         pipe.lrange(self.keys.schedule_runs(job_id), 0, -1)
         pipe.hget(self.keys.schedule(job_id), "misfire_grace_time")
         runs, grace = await pipe.execute(raise_on_error=False)
+        for reply in (runs, grace):
+            if isinstance(reply, Exception) and is_outage(reply):
+                raise reply   # a refusal (BUSY, LOADING): the look waits for Redis
         if isinstance(runs, Exception) or isinstance(grace, Exception):
             return   # (a key of another type, an operator's write: replan names none)
         grace = None if grace in (None, b"") else float(grace)
