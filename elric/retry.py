@@ -46,9 +46,10 @@ _REFUSALS = {
 # pipelined command that failed (unless raise_on_error=False)
 _PIPELINED = " of pipeline caused error: "
 # Redis 6.2 words an error a script's redis.call met "Error running script (call to
-# f_<sha>): @user_script:35: @user_script: 35: -OOM command not allowed ..." (7: "OOM ...")
+# f_<sha>): @user_script:35: @user_script: 35: -OOM command not allowed ..." (7: "OOM ..."),
+# and one a script raised "Error running script (call to f_<sha>): @user_script:1: CODE ..."
 _IN_SCRIPT = re.compile(r"Error running script \(call to f_[0-9a-f]+\): "
-                        r"@user_script:\d+: @user_script: \d+: -(?=[A-Z])")
+                        r"@user_script:\d+: (?:@user_script: \d+: -)?(?=[A-Z])")
 
 
 def error_code(exc: BaseException) -> str:

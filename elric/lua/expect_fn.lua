@@ -20,9 +20,10 @@ end
 -- expect(key, kind): a key overwritten outside elric fails the call, named.
 local function expect(key, kind)
   if mistyped(key, kind) then
-    error(redis.error_reply('WRONGTYPE ' .. key .. ' is a ' .. redis.call('TYPE', key).ok ..
+    -- (a string, level 0: Redis 6.2 fails on an error_reply table raised with error())
+    error('WRONGTYPE ' .. key .. ' is a ' .. redis.call('TYPE', key).ok ..
           ' where elric keeps a ' .. kind .. ': it was written outside elric; delete or ' ..
-          'rename it. Nothing was queued'))
+          'rename it. Nothing was queued', 0)
   end
 end
 -- refused(err): the error of a write a pcall caught is Redis refusing writes for a while
