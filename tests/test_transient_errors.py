@@ -552,6 +552,31 @@ def test_a_child_submit_that_meets_busy_in_a_pipeline_is_sent_again_not_refused(
     assert "Traceback" not in master.log(), master.log()
 
 
+def test_a_refusal_a_pipeline_met_is_logged_as_redis_sent_it(redis_url, caplog):
+    """redis-py puts the command (up to 100 characters) before the error a pipelined one
+    met: a Bloom snapshot refused while a script ran logged its bytes, binary, in the
+    master's log. The line says what Redis answered."""
+    import redis
+
+    from elric.retry import Outage
+
+    r = redis.Redis.from_url(redis_url)
+    try:
+        with redis_running_a_long_script(redis_url):
+            with pytest.raises(ResponseError) as info:
+                r.pipeline(transaction=True).set("elrictest:bloom", b"ELRBLM01\xff\x00" * 20
+                                                 ).execute()
+    finally:
+        r.close()
+    async def fail() -> None:
+        Outage(logging.getLogger("elric.test"), "dedupe: Bloom snapshot").failed(info.value)
+    with caplog.at_level(logging.WARNING, logger="elric.test"):
+        asyncio.run(fail())
+    assert caplog.messages == ["dedupe: Bloom snapshot: Redis is busy running a script (BUSY "
+                               "Redis is busy running a script. You can only call SCRIPT "
+                               "KILL or SHUTDOWN NOSAVE.); retrying"], caplog.messages
+
+
 def test_housekeeping_publishes_limits_over_a_key_of_another_type(redis_url):
     """Every fetch fails on a limits hash an operator SET to a string; housekeeping took
     any key there for the rules and left it."""
