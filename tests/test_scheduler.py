@@ -533,6 +533,24 @@ def test_a_step_back_whose_read_to_keep_marks_redis_refuses_looks_again(redis_ur
     run(redis_url, body)
 
 
+def test_a_leader_whose_lease_ran_out_says_so_not_that_another_master_holds_it(
+        redis_url, caplog):
+    """A lease not renewed in time (Redis refusing writes: OOM, MISCONF, a replica, a
+    long script) made the lone master log "another master holds the lease"."""
+    async def body(env):
+        await env.store.add(spec())
+        assert await env.sched.tick() == 0 and env.sched.is_leader
+        await env.r.delete(env.keys.scheduler_lease)   # not renewed in time: it ran out
+        env.clock.t = T0 + 60
+        with caplog.at_level(logging.INFO, logger="elric.scheduler"):
+            assert await env.sched.tick() == 0
+        assert not env.sched.is_leader
+        assert "stops scheduling: its lease ran out" in caplog.text, caplog.text
+        assert "another master" not in caplog.text, caplog.text
+        assert await env.sched.tick() == 1   # it takes the lease again, and fires
+    run(redis_url, body)
+
+
 def test_paused_job_does_not_fire(redis_url):
     async def body(env):
         await env.store.add(spec())
