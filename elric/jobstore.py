@@ -25,7 +25,7 @@ from elric import lua
 from elric.backoff import Backoff
 from elric.codec import pack, unpack
 from elric.contract import SPEC_KEYS, Status
-from elric.retry import error_code
+from elric.retry import error_code, is_outage
 from elric.triggers import TriggerError, build_trigger, next_fire, parse_trigger
 
 FINISHED_TTL = 86400            # seconds a finished job (no next fire) stays visible to get()
@@ -498,8 +498,10 @@ class RedisJobStore:
         date that fired already may be a time of its own, _unfired). True if moved."""
         try:
             fired = fired_times(await self.redis.lrange(self.keys.schedule_runs(job_id), 0, -1))
-        except ResponseError:   # a runs list of another type (an operator's write) records none
-            fired = set()
+        except ResponseError as exc:   # a runs list of another type (an operator's write)
+            if is_outage(exc):   # a refusal (BUSY, LOADING) tells nothing: the look waits
+                raise
+            fired = set()   # records none
         moved = False
 
         def change(job: StoredJob) -> StoredJob | None:

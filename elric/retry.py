@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from typing import Awaitable, Callable, TypeVar
 
@@ -41,9 +42,34 @@ _REFUSALS = {
 }
 
 
+# redis-py puts "Command # 1 (GET key) of pipeline caused error: " before the reply of a
+# pipelined command that failed (unless raise_on_error=False)
+_PIPELINED = " of pipeline caused error: "
+# Redis 6.2 words an error a script's redis.call met "Error running script (call to
+# f_<sha>): @user_script:35: @user_script: 35: -OOM command not allowed ..." (7: "OOM ..."),
+# and one a script raised "Error running script (call to f_<sha>): @user_script:1: CODE ..."
+_IN_SCRIPT = re.compile(r"Error running script \(call to f_[0-9a-f]+\): "
+                        r"@user_script:\d+: (?:@user_script: \d+: -)?(?=[A-Z])")
+
+
+def reply_text(exc: BaseException) -> str:
+    """An error's text as Redis sent it: without the words, and the command (a Bloom
+    snapshot's bytes, say), redis-py puts before one a pipeline met."""
+    text = str(exc)
+    if text.startswith("Command # ") and _PIPELINED in text:
+        return text.partition(_PIPELINED)[2]
+    return text
+
+
 def error_code(exc: BaseException) -> str:
-    """The code of a Redis error reply: its first word, by Redis's own convention."""
-    return str(exc).split(" ", 1)[0]   # "OOM command not allowed when ..."
+    """The code of a Redis error reply: its first word, by Redis's own convention, past
+    the words redis-py puts before an error a pipeline met and those Redis 6.2 puts before
+    one a script met: read as bugs, a BUSY or MISCONF there, or an OOM in any script on
+    6.2, failed submits for good, and ended a worker, instead of being waited out."""
+    text = reply_text(exc)
+    if (script := _IN_SCRIPT.match(text)) is not None:
+        text = text[script.end():]
+    return text.split(" ", 1)[0]   # "OOM command not allowed when ..."
 
 
 def unblocked(exc: BaseException) -> bool:
@@ -118,7 +144,7 @@ class Outage:
             self.since = time.monotonic()
         self.kind = kind or type(exc).__name__
         if kind:   # expected weather: one line
-            self.log.warning("%s: %s (%s); retrying", self.what, kind, exc)
+            self.log.warning("%s: %s (%s); retrying", self.what, kind, reply_text(exc))
         else:      # a bug, or a key of another type: its traceback
             self.log.error("%s; retrying", self.what, exc_info=exc)
 

@@ -285,6 +285,9 @@ class Scheduler:
         pipe.lrange(self.keys.schedule_runs(job_id), 0, -1)
         pipe.hget(self.keys.schedule(job_id), "misfire_grace_time")
         runs, grace = await pipe.execute(raise_on_error=False)
+        for reply in (runs, grace):
+            if isinstance(reply, Exception) and is_outage(reply):
+                raise reply   # a refusal (BUSY, LOADING): the look waits for Redis
         if isinstance(runs, Exception) or isinstance(grace, Exception):
             return   # (a key of another type, an operator's write: replan names none)
         grace = None if grace in (None, b"") else float(grace)
@@ -409,12 +412,27 @@ class Scheduler:
             self._pending = True
             raise
         if result[0] == 0:
+            why = await self._why_not_leader() if self.token == token else ""
             if self.token != token:  # took again by this master (look again now), or lost
                 return 0, 0.0
-            self._step_down("fence moved on: another master holds the lease")
+            self._step_down(why)
             return 0, math.inf
         head, accepted = _score(result[1]), [specs[f.decode()] for f in result[2:]]
         return await self._queue_fires(accepted, token), head
+
+    async def _why_not_leader(self) -> str:
+        """Why the fire script found the lease or the fence not this master's: a lone
+        master whose renewals Redis refused (full, a replica) was told another held it."""
+        try:
+            holder = await self.redis.get(self.keys.scheduler_lease)
+        except Exception:   # (Redis away again, a key of another type: the short reason)
+            return "fence moved on: the lease is no longer its own"
+        if holder is None:
+            return ("its lease ran out (not renewed within SCHEDULER_LEASE: Redis away or "
+                    "refusing writes?); it takes it again when it can")
+        if holder.decode(errors="replace") == self.master_id:
+            return "fence moved on: another master held the lease meanwhile"
+        return f"master {holder.decode(errors='replace')} holds the lease"
 
     async def _queue_fires(self, fires: list[dict], token: int | None,
                            recovered: bool = False) -> int:

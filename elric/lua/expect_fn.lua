@@ -20,8 +20,21 @@ end
 -- expect(key, kind): a key overwritten outside elric fails the call, named.
 local function expect(key, kind)
   if mistyped(key, kind) then
-    error(redis.error_reply('WRONGTYPE ' .. key .. ' is a ' .. redis.call('TYPE', key).ok ..
+    -- (a string, level 0: Redis 6.2 fails on an error_reply table raised with error())
+    error('WRONGTYPE ' .. key .. ' is a ' .. redis.call('TYPE', key).ok ..
           ' where elric keeps a ' .. kind .. ': it was written outside elric; delete or ' ..
-          'rename it. Nothing was queued'))
+          'rename it. Nothing was queued', 0)
   end
+end
+-- refused(err): the error of a write a pcall caught is Redis refusing writes for a while
+-- (a replica, a failed snapshot, maxmemory): the whole call's, not its key's. The caller
+-- makes the call again without pcall, which raises it as Redis words it. (Redis 6.2 gives
+-- "=[C]: -1: -READONLY ...", 7 "READONLY ...".)
+local function refused(err)
+  local msg = type(err) == 'table' and err.err or err
+  if type(msg) ~= 'string' then return false end
+  for _, code in ipairs({'READONLY', 'MISCONF', 'OOM', 'NOREPLICAS', 'MASTERDOWN'}) do
+    if string.find(' ' .. msg, '[%s%-]' .. code .. ' ') then return true end
+  end
+  return false
 end

@@ -14,7 +14,8 @@
 -- redelivered elsewhere or removed): that outcome is dropped; then the keys it left alone
 -- for holding another type (a job's hash: its outcome is dropped; a stats or round hash,
 -- inflight or a status index: not written; its limit key's hold: not held; the delayed
--- set: a job to retry fails instead, its error naming the key).
+-- set: a job to retry fails instead, its error naming the key). A write Redis refuses
+-- for a while (READONLY, MISCONF, OOM) fails the call, writing nothing: no key is to blame.
 -- A call sent again (its reply was lost) answers the status its first run recorded, but
 -- `stale` for one it cancelled.
 -- Invariant: only the worker, run and attempt that hold the job record it (a rerun, or a job
@@ -47,7 +48,12 @@ local delayed_bad = mistyped(KEYS[5], 'zset')   -- (read before any write)
 local sums, touched, queues = {}, {}, {}
 local broken = {}   -- keys of another type (an operator overwrote them): named in the reply
 local function write(...)   -- must not stop the other jobs' outcomes
-  if not pcall(redis.call, ...) then broken[select(2, ...)] = true end
+  local ok, err = pcall(redis.call, ...)
+  if not ok then
+    -- (a refusal comes only at a call's first write: nothing was written before it)
+    if refused(err) then redis.call(...) end
+    broken[select(2, ...)] = true
+  end
 end
 local function add(key, field, n)
   local h = sums[key]
