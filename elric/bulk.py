@@ -126,7 +126,8 @@ def left_alone(job_id: str, was: str | None, action: str = "cancel") -> str:
 
 def schedule_left_alone(job: dict | None, action: str) -> str | None:
     """Why pause or resume leaves a periodic job, as job_kind showed it just before, as it
-    is (pause_job and resume_job answer only whether it exists); None: it changes it."""
+    is (resume_job answers only whether it exists; pause_job refuses a finished one);
+    None: it changes it."""
     if not job or action not in ("pause", "resume"):
         return None
     if job.get("status") == "finished":

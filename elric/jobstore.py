@@ -469,10 +469,12 @@ class RedisJobStore:
                                   args=[job_id, ROUNDS_LEFT_TTL]) == 1
 
     async def pause(self, job_id: str) -> bool:
-        """Stop firing until resumed; True if the job exists."""
+        """Stop firing until resumed; True if the job exists. A finished job (no fire left)
+        is refused, as run_now refuses it: answered True, it read as paused."""
         def change(job: StoredJob) -> StoredJob | None:
-            if job.next_run_time is None:  # finished: paused, it would be listed and kept forever
-                return None
+            if job.next_run_time is None:  # paused, it would be listed and kept forever
+                raise ScheduleError(f"periodic job {job_id!r} has finished: no fires are "
+                                    "left to pause")
             return dataclasses.replace(job, paused=True)
         return await self._update(job_id, change) is not None
 

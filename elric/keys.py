@@ -37,9 +37,11 @@ Jobs and queues
     ``{p}:stats:batch:{batch}``     hash   one batch label: counters named after the
                                            status a job reached (``submitted``,
                                            ``succeeded``, ``failed``, ``retrying``,
-                                           ``cancelled``), ``duration_ms`` (summed over
-                                           recorded attempts), a histogram of attempt
-                                           durations (``le:{ms}`` fields, bounds in
+                                           ``cancelled``), ``removed`` (a queued or
+                                           retrying job deleted: remove.lua),
+                                           ``duration_ms`` (summed over recorded
+                                           attempts), a histogram of attempt durations
+                                           (``le:{ms}`` fields, bounds in
                                            elric/jobstats.py), ``first_at`` (first
                                            submit) and ``last_at`` (last submit or
                                            record), ms on Redis's clock.

@@ -36,8 +36,8 @@ from elric.keys import Keys
 from elric.loading import JobModules
 from elric.pool import Pool, ProcessDied
 from elric.queue import STALE, Claim, Outcome, RedisQueue, WakeOn, WorkerControl
-from elric.retry import (REDIS_CLIENT_OPTIONS, Outage, cancel_pending, is_outage, retry,
-                         unblocked, until)
+from elric.retry import (REDIS_CLIENT_OPTIONS, Outage, cancel_pending, is_outage, redis_refusal,
+                         reply_text, retry, unblocked, until)
 from elric.rpc import AsyncClient, RemoteError, RPCConnectionError, RPCError
 from elric.usage import LoadMeter
 
@@ -176,8 +176,14 @@ class Worker:
                 if not is_outage(exc) and not isinstance(exc, RPCConnectionError):
                     raise
                 if time.monotonic() >= next_warning:
-                    reason = str(exc).removeprefix(f"cannot reach {what}: ")
-                    log.warning("worker: cannot reach %s; retrying (%s)", what, reason)
+                    # Redis answering MISCONF or LOADING (to PING too) is reachable: say
+                    # what it answered, or an operator looks for a network fault
+                    if (refusal := redis_refusal(exc)) is not None:
+                        log.warning("worker: %s answers: %s (%s); retrying", what, refusal,
+                                    reply_text(exc))
+                    else:
+                        reason = str(exc).removeprefix(f"cannot reach {what}: ")
+                        log.warning("worker: cannot reach %s; retrying (%s)", what, reason)
                     next_warning = time.monotonic() + WARN_EVERY
                 await asyncio.sleep(backoff.next())
         self.queue = RedisQueue(self.redis, self.keys, result_ttl=s.RESULT_TTL,

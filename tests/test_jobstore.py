@@ -181,7 +181,9 @@ def test_pausing_a_finished_job_leaves_it_finished(redis_url):
         await r.hset(keys.schedule("once"), "next_run_time", "")
         await r.zrem(keys.schedules, "once")
         await r.expire(keys.schedule("once"), FINISHED_TTL)
-        assert await store.pause("once") is True
+        # refused, as run_now refuses it: answered True, a caller read it as paused
+        with pytest.raises(ScheduleError, match="'once' has finished: no fires are left"):
+            await store.pause("once")
         assert (await store.get("once"))["status"] == "finished"
         # not listed, counted nor kept forever as a paused job with no fire left
         assert await store.count() == 0 and await store.list() == []

@@ -378,6 +378,22 @@ def test_run_job_fires_now_a_cron_keeps_its_calendar_and_a_date_job_finishes(clu
     assert info.value.code == "not_found"
 
 
+
+def test_pause_job_of_a_finished_periodic_job_is_refused_not_answered_true(cluster):
+    """pause_job of a date job that had fired answered true (it exists) and changed nothing:
+    a script, or the dashboard, read it as paused. It is refused as run_job refuses it."""
+    c = cluster.client
+    c.submit_job(Echo.spec(job_id="once", trigger={"type": "date",
+                                                   "run_date": time.time() + 3600}))
+    c.call("run_job", "once")
+    wait_for(lambda: c.get_job("once")["status"] == "finished", what="its one fire")
+    with pytest.raises(RemoteError) as info:
+        c.call("pause_job", "once")
+    assert (info.value.code, str(info.value)) == (
+        "bad_request", "periodic job 'once' has finished: no fires are left to pause")
+    assert c.get_job("once")["paused"] is False
+    assert c.call("pause_job", "nope") is False
+
 # --- 7. the periodic crawl example --------------------------------------------------------
 
 def test_periodic_crawl_fetches_every_page_once_per_round(cluster):

@@ -269,3 +269,39 @@ def test_a_master_warns_when_redis_would_evict_its_jobs(own_redis, tmp_path):
     finally:
         r.close()
         c.close()
+
+
+def refuse_writes_misconf(r: redis.Redis, folder: str) -> None:
+    """A snapshot that cannot be saved, with stop-writes-on-bgsave-error: Redis answers
+    MISCONF to every write, and to PING. (A folder where the snapshot goes: as root no
+    permission stops the save, and CONFIG SET dir is refused on Redis 7.)"""
+    r.config_set("save", "3600 1")   # (MISCONF only while some save point is set)
+    r.config_set("stop-writes-on-bgsave-error", "yes")
+    os.makedirs(os.path.join(folder, r.config_get("dbfilename")["dbfilename"], "in-the-way"))
+    r.bgsave()
+    wait_for(lambda: (lambda p: p["rdb_last_bgsave_status"] == "err" and not
+                      p["rdb_bgsave_in_progress"])(r.info("persistence")), what="save failed")
+    with pytest.raises(redis.exceptions.ResponseError, match="^MISCONF"):
+        r.ping()
+
+
+def test_a_worker_started_while_redis_refuses_writes_says_what_redis_answered(tmp_path):
+    """Redis answering MISCONF to the start-up PING was logged as "cannot reach Redis":
+    an operator looked for a network fault while Redis, reachable, refused writes."""
+    server = RedisServer().start()
+    c = Cluster(server.url, tmp_path)
+    r = redis.Redis.from_url(server.url)
+    try:
+        c.start_master()
+        refuse_writes_misconf(r, server.dir)
+        worker = c.start_worker("--concurrency", "1", wait=False)
+        wait_for(lambda: "retrying" in worker.log(), what="the worker waits for Redis")
+        assert "cannot save its snapshot (MISCONF)" in worker.log(), worker.log()
+        assert "cannot reach Redis" not in worker.log(), worker.log()
+        r.config_set("stop-writes-on-bgsave-error", "no")
+        wait_for(lambda: any(w.get("pid") == worker.pid for w in c.client.stats()["workers"]),
+                 what="the worker registered once Redis takes writes")
+    finally:
+        r.close()
+        c.close()
+        server.cleanup()
