@@ -647,8 +647,8 @@ def test_a_fires_child_sent_while_redis_is_busy_is_not_refused_for_good(cluster)
     c.submit_job(Echo.spec(job_id="tick", trigger={"type": "date", "run_date": at}))
     wait_for(lambda: c.get_job(fid), what="the fire queued")
     r = redis.Redis.from_url(cluster.redis_url)
-    threshold = r.config_get("busy-reply-threshold")["busy-reply-threshold"]
-    r.config_set("busy-reply-threshold", 50)
+    threshold = r.config_get("lua-time-limit")["lua-time-limit"]
+    r.config_set("lua-time-limit", 50)
     busy = threading.Thread(target=lambda: redis.Redis.from_url(cluster.redis_url).eval(
         "local t = redis.call('TIME')[1] + 3 "
         "while tonumber(redis.call('TIME')[1]) < t do end", 0))
@@ -666,6 +666,6 @@ def test_a_fires_child_sent_while_redis_is_busy_is_not_refused_for_good(cluster)
         assert err.value.code == "redis_unavailable", str(err.value)
     finally:
         busy.join()
-        r.config_set("busy-reply-threshold", threshold)
+        r.config_set("lua-time-limit", threshold)
         r.close()
     assert c.submit_job(Echo.spec(job_id="child", round=fid, parent=fid))["status"] == "queued"

@@ -435,7 +435,7 @@ def test_housekeeping_passes_again_at_once_after_a_full_step_of_due_retries(redi
 
 @contextlib.contextmanager
 def redis_running_a_long_script(url: str, until=None):
-    """Redis answers BUSY to everything while a script runs past busy-reply-threshold:
+    """Redis answers BUSY to everything while a script runs past lua-time-limit (the name 6.2 and 7 both take):
     yields once a probe sees BUSY. The script runs until ``until()`` holds (polled from a
     thread; else until the block ends), then SCRIPT KILL ends it: a script of a fixed
     length had ended before a process slow to start on a loaded machine reached Redis."""
@@ -444,7 +444,7 @@ def redis_running_a_long_script(url: str, until=None):
     import redis
 
     r = redis.Redis.from_url(url, socket_timeout=300)   # the script's reply waits
-    r.config_set("busy-reply-threshold", 100)
+    r.config_set("lua-time-limit", 100)
 
     def run_script() -> None:
         with contextlib.suppress(redis.exceptions.ResponseError):   # killed
@@ -487,12 +487,12 @@ def redis_running_a_long_script(url: str, until=None):
 
         def restored() -> bool:   # a script of the processes' may run past 100 ms on a
             try:                  # loaded machine, and be answered BUSY meanwhile too
-                return r.config_set("busy-reply-threshold", 5000)
+                return r.config_set("lua-time-limit", 5000)
             except redis.exceptions.ResponseError as exc:
                 if not str(exc).startswith("BUSY"):
                     raise
                 return False
-        wait_for(restored, what="busy-reply-threshold restored")
+        wait_for(restored, what="lua-time-limit restored")
         r.close()
         probe.close()
 
