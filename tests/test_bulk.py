@@ -593,22 +593,28 @@ def test_a_job_whose_key_an_operator_overwrote_is_skipped_and_named_by_a_bulk_co
         cluster, redis_url):
     """A job key of another type among the ids given, or in an index a walk goes through,
     failed the whole command with an internal error (WRONGTYPE), the jobs beside it left
-    alone (elric purge of its queue: none purged). It is skipped, named with what to do."""
+    alone (elric purge of its queue: none purged). Another action skips it, named with what
+    to do; a delete (by id, or a purge of its queue) deletes it, as it says: skipped by
+    delete too, the purge of its queue never emptied it."""
     import redis
 
     from elric.keys import Keys
 
     cluster.client.submit_jobs([Echo.spec(job_id=job_id, queue="q1")
-                                for job_id in ("one", "two", "three")])
+                                for job_id in ("one", "two", "three", "four")])
     with redis.Redis.from_url(redis_url) as r:
-        r.set(Keys().job("two"), "an operator's")
-    said = ("job 'two' cannot be read: elric:job:two is not a hash (overwritten?); delete it "
-            "(elric delete two)")
-    for args, touched in ((("cancel", "one", "two"), 1), (("purge", "q1"), 1)):
-        out = elric(cluster, *args, "--json")
-        assert out.returncode == 0, (args, out.stdout, out.stderr)
-        assert json.loads(out.stdout) == {"touched": touched, "skipped": 1, "not_found": [],
-                                          "errors": [said]}, (args, out.stdout)
-    assert cluster.client.get_job("three") is None   # purged
-    deleted = elric(cluster, "delete", "two")   # as it says
-    assert deleted.returncode == 0, deleted.stderr
+        for job_id in ("two", "four"):
+            r.set(Keys().job(job_id), "an operator's")
+        said = ("job 'two' cannot be read: elric:job:two is not a hash (overwritten?); delete "
+                "it (elric delete two)")
+        cancel = elric(cluster, "cancel", "one", "two", "--json")
+        assert cancel.returncode == 0, (cancel.stdout, cancel.stderr)
+        assert json.loads(cancel.stdout) == {"touched": 1, "skipped": 1, "not_found": [],
+                                             "errors": [said]}, cancel.stdout
+        for args, touched in ((("delete", "two", "one"), 2), (("purge", "q1"), 2)):
+            out = elric(cluster, *args, "--json")
+            assert out.returncode == 0, (args, out.stdout, out.stderr)
+            assert json.loads(out.stdout) == {"touched": touched, "skipped": 0,
+                                              "not_found": [], "errors": []}, (args, out.stdout)
+        assert cluster.client.get_job("three") is None   # purged
+        assert r.exists(Keys().job("two"), Keys().job("four")) == 0
