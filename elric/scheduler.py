@@ -424,7 +424,8 @@ class Scheduler:
         """Why the fire script found the lease or the fence not this master's: a lone
         master whose renewals Redis refused (full, a replica) was told another held it."""
         try:
-            holder = await self.redis.get(self.keys.scheduler_lease)
+            # (at most a second: a master no longer leader must not think itself one longer)
+            holder = await asyncio.wait_for(self.redis.get(self.keys.scheduler_lease), 1.0)
         except Exception:   # (Redis away again, a key of another type: the short reason)
             return "fence moved on: the lease is no longer its own"
         if holder is None:
