@@ -431,6 +431,17 @@ async def _fired_an_hour_ahead(env) -> str:
     return fire_id("site", T0 + 3660)
 
 
+async def _back_at_the_fire(env, gone: list[str], times: list[float]) -> None:
+    """With ``gone`` deleted (expired), the clock back at the fire that ran ahead, then past
+    it: that fire does not run again, the fires run are ``times``."""
+    await env.r.delete(*gone)
+    env.clock.t = T0 + 3660
+    await env.sched.tick()
+    env.clock.t = T0 + 3720
+    await env.sched.tick()
+    assert env.rec.times == times
+
+
 def test_a_fire_that_ran_while_redis_clock_ran_ahead_is_not_planned_again_by_the_step_back(
         redis_url):
     """The clock ran ahead past a fire, then stepped back to before it: the step back
@@ -441,12 +452,8 @@ def test_a_fire_that_ran_while_redis_clock_ran_ahead_is_not_planned_again_by_the
         fired = await _fired_an_hour_ahead(env)
         env.clock.t = T0 + 3640   # stepped back 20 s, to before that fire
         assert await env.sched.tick() == 0
-        await env.r.delete(env.keys.fire(fired), env.keys.job(fired))   # expired, deleted
-        env.clock.t = T0 + 3660   # the clock is back at that fire: it does not run again
-        await env.sched.tick()
-        env.clock.t = T0 + 3720
-        await env.sched.tick()
-        assert env.rec.times == [T0 + 60, T0 + 3660, T0 + 3720]
+        await _back_at_the_fire(env, [env.keys.fire(fired), env.keys.job(fired)],
+                                [T0 + 60, T0 + 3660, T0 + 3720])
     run(redis_url, body)
 
 
@@ -470,12 +477,8 @@ def test_a_step_back_whose_read_of_the_runs_redis_refuses_looks_again(redis_url)
         with contextlib.suppress(ResponseError):   # (looked at again by the next pass)
             await env.sched.tick()
         assert await env.sched.tick() == 0
-        await env.r.delete(env.keys.fire(fired), env.keys.job(fired))   # expired, deleted
-        env.clock.t = T0 + 3660   # the clock is back at that fire: it does not run again
-        await env.sched.tick()
-        env.clock.t = T0 + 3720
-        await env.sched.tick()
-        assert env.rec.times == [T0 + 60, T0 + 3660, T0 + 3720]
+        await _back_at_the_fire(env, [env.keys.fire(fired), env.keys.job(fired)],
+                                [T0 + 60, T0 + 3660, T0 + 3720])
     run(redis_url, body)
 
 
@@ -491,12 +494,8 @@ def test_a_fire_that_ran_while_redis_clock_ran_ahead_does_not_run_again_when_the
         await env.r.delete(env.keys.fire(fired))   # expired while the clock was ahead
         env.clock.t = T0 + 120    # stepped back
         assert await env.sched.tick() == 1
-        await env.r.delete(env.keys.job(fired))    # past RESULT_TTL
-        env.clock.t = T0 + 3660   # the clock is back at that fire: it does not run again
-        await env.sched.tick()
-        env.clock.t = T0 + 3720
-        await env.sched.tick()
-        assert env.rec.times == [T0 + 60, T0 + 3660, T0 + 120, T0 + 3720]
+        await _back_at_the_fire(env, [env.keys.job(fired)],   # (past RESULT_TTL)
+                                [T0 + 60, T0 + 3660, T0 + 120, T0 + 3720])
     run(redis_url, body)
 
 
@@ -524,12 +523,8 @@ def test_a_step_back_whose_read_to_keep_marks_redis_refuses_looks_again(redis_ur
         with contextlib.suppress(ResponseError):   # (looked at again by the next pass)
             await env.sched.tick()
         await env.sched.tick()
-        await env.r.delete(env.keys.job(fired))    # past RESULT_TTL
-        env.clock.t = T0 + 3660   # the clock is back at that fire: it does not run again
-        await env.sched.tick()
-        env.clock.t = T0 + 3720
-        await env.sched.tick()
-        assert env.rec.times == [T0 + 60, T0 + 3660, T0 + 120, T0 + 3720]
+        await _back_at_the_fire(env, [env.keys.job(fired)],   # (past RESULT_TTL)
+                                [T0 + 60, T0 + 3660, T0 + 120, T0 + 3720])
     run(redis_url, body)
 
 
