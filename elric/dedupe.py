@@ -31,7 +31,7 @@ from elric.config import FILTER_BACKENDS
 from elric.config import KEYS as SETTINGS
 from elric.keys import Keys
 from elric.health import TaskHealth
-from elric.retry import Outage, each, retry, until
+from elric.retry import Outage, described, each, retry, until
 
 if TYPE_CHECKING:   # numpy, which it loads, costs every master and CLI command ~0.1 s
     from elric import rbloom
@@ -418,7 +418,7 @@ class BloomFilter(DedupeFilter):
                 await self.snapshot()
             except Exception as exc:   # health shows it: a restart would lose the keys
                 outage.failed(exc)
-                self.health.trouble(f"{type(exc).__name__}: {exc}; retrying")
+                self.health.trouble(f"{described(exc)}; retrying")
                 delay = backoff.next()
                 continue
             outage.passed()

@@ -16,7 +16,7 @@ from elric.clock import redis_now
 from elric.health import TaskHealth
 from elric.queue import DUE_STEP, RedisQueue
 from elric.reservation import DedupeGate
-from elric.retry import REDIS_ERRORS, Outage, cancel_pending, each, is_outage
+from elric.retry import Outage, cancel_pending, described, each, is_outage
 
 log = logging.getLogger("elric.master")
 
@@ -51,9 +51,7 @@ class Housekeeping:
                 outage.passed()   # after all it asks Redis: else a failing step logs each pass
                 await asyncio.sleep(self._pause(due))
             except Exception as exc:   # Redis away or refusing, a bug: never stop
-                self.health.trouble(f"Redis unreachable ({exc}); retrying"
-                                    if isinstance(exc, REDIS_ERRORS) else
-                                    f"failing ({type(exc).__name__}: {exc}); retrying")
+                self.health.trouble(f"{described(exc)}; retrying")
                 outage.failed(exc)
                 # a step refused for its own key (not Redis away) still passes once a
                 # second: a longer wait would read as a gap and hold redelivery for good

@@ -91,6 +91,22 @@ def is_outage(exc: BaseException) -> bool:
     return isinstance(exc, REDIS_ERRORS) or redis_refusal(exc) is not None
 
 
+def _weather(exc: BaseException) -> str | None:
+    """Redis's trouble in plain words (refusing, away), for logs and health alike; None
+    for any other error (a bug, a key of another type)."""
+    return redis_refusal(exc) or (
+        # (a ConnectionError too: Redis is there, its password changed under us)
+        "Redis refuses the password in REDIS_URL" if isinstance(exc, AuthenticationError)
+        else "Redis unreachable" if isinstance(exc, REDIS_ERRORS) else None)
+
+
+def described(exc: BaseException) -> str:
+    """An error as a task's health state shows it: Redis's trouble named as the logs name
+    it, then what Redis said; any other error by its class and text."""
+    kind = _weather(exc)
+    return f"{kind} ({reply_text(exc)})" if kind else f"{type(exc).__name__}: {exc}"
+
+
 async def each(items, call: Callable[[T], Awaitable]) -> None:
     """``await call(item)`` for every item, even after one failed for other than an outage
     (a key of another type, an operator's): the first such error is raised after the rest.
@@ -134,10 +150,7 @@ class Outage:
         unreachable)."""
         if cancel_pending():   # the cancel came as this error: retrying would keep it alive
             raise asyncio.CancelledError from exc
-        kind = kind or redis_refusal(exc) or (
-            # (a ConnectionError too: Redis is there, its password changed under us)
-            "Redis refuses the password in REDIS_URL" if isinstance(exc, AuthenticationError)
-            else "Redis unreachable" if isinstance(exc, REDIS_ERRORS) else None)
+        kind = kind or _weather(exc)
         if (kind or type(exc).__name__) == self.kind:
             return
         if self.kind is None:

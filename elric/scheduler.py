@@ -30,7 +30,7 @@ from elric.jobstore import (FINISHED_TTL, Coalesce, Options, Outcome, RedisJobSt
                             fired_times, iso)
 from elric.logs import Hourly
 from elric.queue import Fenced
-from elric.retry import Outage, cancel_pending, is_outage, unblocked, until
+from elric.retry import Outage, cancel_pending, described, is_outage, unblocked, until
 from elric.triggers import build_trigger, next_fire
 
 CATCHUP_LIMIT = 1000        # fires of one job handled (or missed counted) per pass in a backlog
@@ -194,7 +194,7 @@ class Scheduler:
                 if not self.is_leader:
                     self.health.progress("following: another master schedules")
             except Exception as exc:  # Redis hiccup: the fence still guards every fire
-                self.health.trouble(f"lease: {type(exc).__name__}: {exc}; retrying")
+                self.health.trouble(f"lease: {described(exc)}; retrying")
                 outage.failed(exc)
             await until(self._stop, self._lease_wait)
 
@@ -642,7 +642,7 @@ class Scheduler:
                     backoff.reset()
                     outage.passed()   # after the wait too: a pass and its wait are one try
                 except Exception as exc:  # Redis away: try again soon, less often meanwhile
-                    self.health.trouble(f"pass: {type(exc).__name__}: {exc}; retrying")
+                    self.health.trouble(f"pass: {described(exc)}; retrying")
                     outage.failed(exc)
                     await until(self._stop, backoff.next())
         finally:

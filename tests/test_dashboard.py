@@ -1557,6 +1557,53 @@ def test_the_redis_page_while_redis_runs_a_long_script_is_unavailable_not_a_bug(
     assert get(f"http://127.0.0.1:{port}/redis")[0] == 200
 
 
+def test_a_page_while_redis_loads_its_data_says_so_not_cannot_reach_redis(tmp_path,
+                                                                          monkeypatch):
+    """redis-py raises LOADING as a ConnectionError: a page reading Redis itself (/workers,
+    /redis) said "master cannot reach Redis right now" of a Redis that answered it."""
+    import threading
+
+    import redis
+
+    from elric.redis_server import RedisServer, find_redis_server
+    from tests.conftest import Cluster
+
+    server = RedisServer().start()
+    port = free_port()
+    cluster = Cluster(server.url, tmp_path, DASHBOARD_ADDRESS=f"127.0.0.1:{port}")
+    r = redis.Redis.from_url(server.url)
+    try:
+        cluster.start_master()
+        with r.pipeline(transaction=False) as pipe:   # 32 MiB Redis cannot compress
+            for i in range(512):
+                pipe.set(f"filler:{i}", os.urandom(64 * 1024))
+            pipe.execute()
+        r.save()
+        # restarted to load them 10 ms a key (5 s), answering (LOADING) between each 2 MiB
+        slow = tmp_path / "slow-loading-redis-server"
+        slow.write_text(f'#!/bin/sh\nexec {find_redis_server()} "$@" --key-load-delay 10000\n')
+        slow.chmod(0o755)
+        monkeypatch.setenv("ELRIC_REDIS_SERVER", str(slow))
+        server.stop()
+        restart = threading.Thread(target=server.start, kwargs={"timeout": 60})
+        restart.start()
+        try:
+            status, html = wait_for(lambda: (lambda page: page if "loading" in page[1] else None)(
+                get(f"http://127.0.0.1:{port}/workers")), what="the page while Redis loads")
+        finally:   # the rest at full speed (7: 6.2 refuses it while loading)
+            with socket.create_connection(("127.0.0.1", server.port), timeout=30) as conn:
+                conn.sendall(b"CONFIG SET key-load-delay 0\r\n")
+                conn.recv(64)
+            restart.join(60)
+        assert status == 503 and "Redis is loading its data" in html, html
+        assert "cannot reach Redis" not in html, html
+        assert get(f"http://127.0.0.1:{port}/workers")[0] == 200
+    finally:
+        r.close()
+        cluster.close()
+        server.cleanup()
+
+
 
 def test_a_password_cannot_be_guessed_at_full_speed(make_cluster):
     """The login took a guess as fast as a client could send them: a few failures from one

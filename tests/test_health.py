@@ -163,3 +163,35 @@ def test_master_and_worker_go_on_when_their_redis_connections_go_silent(redis_ur
     finally:
         c.close()
         proxy.close()
+
+
+def test_health_names_a_refusal_of_redis_as_the_worker_does(tmp_path):
+    """Housekeeping and the scheduler retrying on a MISCONF showed "failing (ResponseError:
+    MISCONF ...)": a class name and Redis's raw text, where the worker's log says plainly
+    what Redis refuses for."""
+    import redis
+
+    from tests.test_redis_refuses import refuse_writes_misconf
+
+    server = RedisServer().start()
+    c = Cluster(server.url, tmp_path)
+    r = redis.Redis.from_url(server.url)
+    try:
+        c.start_master()
+        refuse_writes_misconf(r, server.dir)
+        tasks = ("housekeeping", "scheduler")
+        states = wait_for(lambda: (lambda h: h if all(
+            "retrying" in h["tasks"][t]["state"] for t in tasks) else None)(c.client.health()),
+            what="health showing the refusal")["tasks"]
+        for task in tasks:
+            state = states[task]["state"]
+            assert "Redis refuses writes because it cannot save its snapshot (MISCONF)" in state
+            assert "ResponseError" not in state, state
+        shown = elric_health(c)
+        assert "cannot save its snapshot (MISCONF)" in shown.stdout, shown.stdout
+        r.config_set("stop-writes-on-bgsave-error", "no")
+        wait_for(lambda: c.client.health()["ok"], what="health ok again")
+    finally:
+        r.close()
+        c.close()
+        server.cleanup()

@@ -154,9 +154,6 @@ class Dashboard:
             handler = self.session_ended
         try:
             response = await handler(request)
-        except REDIS_ERRORS as exc:   # a page reading Redis outside an RPC handler
-            response = self._render(request, "error.html", status=503, code="redis_unavailable",
-                                    message=f"master cannot reach Redis right now ({exc}); try again")
         except RequestError as exc:
             response = self._render(request, "error.html", status=HTTP_STATUS.get(exc.code, 500),
                                     message=str(exc), code=exc.code)
@@ -166,9 +163,13 @@ class Dashboard:
         except web.HTTPException:   # a redirect, or a refusal with its own text
             raise
         except Exception as exc:   # a bug, or a key an operator gave another type: say so,
-            if (refusal := redis_refusal(exc)) is not None:   # /redis's INFO: busy, loading
-                response = self._render(request, "error.html", status=503,
-                                        code="redis_unavailable", message=f"{refusal}: try again")
+            # unless a page reading Redis outside an RPC handler (/redis's INFO) met it away or
+            # refusing (refusal first: redis-py raises LOADING as a ConnectionError)
+            if (refusal := redis_refusal(exc)) is not None or isinstance(exc, REDIS_ERRORS):
+                response = self._render(
+                    request, "error.html", status=503, code="redis_unavailable",
+                    message=f"{refusal}: try again" if refusal else
+                    f"master cannot reach Redis right now ({exc}); try again")
             else:
                 log.exception("dashboard: %s failed", request.path)   # as the RPC would
                 response = self._render(request, "error.html", status=500,
