@@ -134,3 +134,20 @@ def test_the_schedules_page_says_a_round_had_failed_pages(make_cluster):
     html = get(f"http://127.0.0.1:{port}/schedules")[1]
     run = next(line for line in html.splitlines() if "/jobs/crawl%40" in line)
     assert "succeeded (2 failed)</a>" in run and 'class="bad"' in run, run
+
+
+def test_a_round_given_as_a_batch_is_named_a_round(cluster):
+    """`elric jobs --batch ROUND`, a round's id taken for a batch, said "no job of it was
+    submitted lately", of a round whose pages were just crawled."""
+    from elric.triggers import every
+    from tests.test_cli import elric, one_line_error
+
+    cluster.start_worker("--concurrency", "1")
+    c = cluster.client
+    c.submit_job(RoundRoot.spec([1, 0], job_id="crawl", trigger=every(hours=1)))
+    assert elric(cluster, "schedules", "run-now", "crawl").returncode == 0
+    [run] = c.get_job("crawl")["runs"]
+    cluster.wait_job(run["job_id"])
+    one_line_error(elric(cluster, "jobs", "--batch", run["job_id"]), 1,
+                   f"{run['job_id']!r} is a round of periodic job 'crawl', not a batch")
+    one_line_error(elric(cluster, "jobs", "--batch", "typo"), 1, "no batch 'typo': no job")
