@@ -269,6 +269,12 @@ class Bulk:
             if not cursor and name is not None and not await self.redis.sismember(known, name):
                 # (a mistyped name did nothing, and said "0 jobs done")
                 names = sorted(n.decode() for n in await self.redis.smembers(known))
+                periodic = name.rpartition("@")[0]   # a round's id is its fire's: "job@time"
+                if kind == "batch" and periodic and await self.store.existing([periodic]):
+                    raise NotFound(f"no batch {name!r}: {name!r} is a round of periodic job "
+                                   f"{periodic!r}, not a batch (elric job {periodic} shows each "
+                                   f"round's progress; give {periodic} a batch to list "
+                                   "its rounds' jobs with --batch)")
                 lately = "was queued there" if kind == "queue" else "of it was submitted"
                 raise NotFound(f"no {kind} {name!r}: no job {lately} lately ({plural}: "
                                f"{', '.join(names[:10]) or 'none'}"

@@ -292,9 +292,13 @@ def top(stats: dict) -> Group:
     # (stats() holds the latest funcs only, and counts the rest)
     if more := max(0, len(busiest) - 10) + stats.get("more", {}).get("funcs", 0):
         funcs = Group(funcs, Text(f"and {more} more funcs"))
+    # the workers at work first, latest heartbeat first: stats() lists the oldest first, and
+    # a screen too short for the list cuts its last rows
     workers = _table(("worker", "state", "processes", "CPU %", "in flight", "done",
                       "failed attempts", "last seen", "trouble"), [
         (w["worker_id"], worker_state(w), w.get("concurrency", ""), percent(w.get("cpu_percent")),
          w.get("in_flight", "-"), w.get("done", "-"), w.get("failed", "-"),
-         when(w.get("last_seen"), stats.get("now")), trouble(w)) for w in stats["workers"]])
+         when(w.get("last_seen"), stats.get("now")), trouble(w)) for w in sorted(
+            stats["workers"], key=lambda w: (worker_state(w) in ("lost", "stopped"),
+                                             -(w.get("last_seen") or 0)))])
     return Group(now, rate, queues, funcs, workers)

@@ -119,6 +119,17 @@ class RoundLeaf(Job):
         return seconds
 
 
+class RoundSomeFail(Job):
+    """A crawl round in small whose ``bad`` pages fail (their site went down mid-round)."""
+
+    async def run(self, ok, bad):
+        for _ in range(ok):
+            RoundLeaf.submit(0)
+        for i in range(bad):
+            AsyncFail.submit(f"page {i} is down")
+        return ok + bad
+
+
 class AsyncStubborn(Job):
     """Ignores being cancelled: sleeps on through a CancelledError."""
 

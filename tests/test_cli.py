@@ -568,6 +568,19 @@ def test_top_shows_jobs_queues_funcs_and_workers(cluster):
     assert f":{worker.pid}:" in out.stdout and "default" in out.stdout
 
 
+def test_top_lists_the_workers_alive_before_the_ones_gone(cluster):
+    """`elric top` listed workers by last heartbeat, oldest first: a worker killed (or
+    replaced by a restart) came first, and in a terminal too short for the list the
+    running workers were the rows cut off."""
+    gone = cluster.start_worker("--concurrency", "1")
+    gone.kill()
+    alive = cluster.start_worker("--concurrency", "1")
+    wait_for(lambda: len(cluster.client.stats()["workers"]) == 2, what="both heartbeats")
+    out = elric(cluster, "top", "--iterations", "1")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.index(f":{alive.pid}:") < out.stdout.index(f":{gone.pid}:"), out.stdout
+
+
 def test_schedules_run_now_fires_through_the_scheduler_by_its_rules(cluster):
     c = cluster.client
     cluster.start_worker("--concurrency", "1")

@@ -74,18 +74,21 @@ def test_the_quick_start_crawls_a_site_and_schedules_it(redis_url, tmp_path):
         args = [a for a in shlex.split(worker, comments=True)[2:] if a != "&"]
         cluster.procs.append(start_worker(cluster.env, str(tmp_path / "worker.log"),
                                           cwd=str(folder), extra=args))
-        for line in commands:
-            if not line.startswith("python ") or line == serve:
-                continue
-            argv = [sys.executable] + [a.replace(URL, url)
-                                       for a in shlex.split(line, comments=True)[1:]]
+        def run(line):
+            words = [a.replace(URL, url) for a in shlex.split(line, comments=True)]
+            argv = [sys.executable, *words[1:]] if words[0] == "python" else \
+                [sys.executable, "-m", "elric", *words[1:]]
             done = run_group(argv, timeout=60, cwd=folder, env=cluster.env)
-            assert done.returncode == 0, done.stderr
+            assert done.returncode == 0, done.stderr + done.stdout
+
+        for line in commands:
+            if line.startswith(("python ", "elric schedules ")) and line != serve:
+                run(line)
         assert cluster.client.get_job("site")["status"] == "scheduled"
 
-        def ended():
+        def ended(pages=5):
             by_status = cluster.client.stats()["by_status"]
-            return by_status["succeeded"] + by_status["failed"] >= 5 and not any(
+            return by_status["succeeded"] + by_status["failed"] >= pages and not any(
                 by_status[s] for s in ("queued", "running", "retrying"))
         wait_for(ended, timeout=60, what=f"the crawl to end\n{cluster.logs()}")
         jobs = cluster.client.list_jobs(limit=1000)
@@ -96,6 +99,15 @@ def test_the_quick_start_crawls_a_site_and_schedules_it(redis_url, tmp_path):
             hits[path] = hits.get(path, 0) + 1
         assert {"/", "/jobs.py", "/schedule.py", "/links.html", "/logo.png"} <= set(hits)
         assert all(n == 1 for n in hits.values()), hits
+        # its "now", run again, crawls again: a plain submit was dropped by dedupe, the
+        # first's pages seen in the global scope
+        [now] = [c for c in commands if c.endswith("# now")]
+        run(now)
+        wait_for(lambda: ended(2 * len(hits)), timeout=60, what=f"a crawl again\n{cluster.logs()}")
+        again: dict[str, int] = {}
+        for path in re.findall(r'"GET (\S+) HTTP', (tmp_path / "site.log").read_text()):
+            again[path] = again.get(path, 0) + 1
+        assert again == {path: 2 for path in hits}, again
         [links] = [cluster.client.get_job(j["job_id"]) for j in jobs
                    if j["args"] == [url + "links.html"]]
         assert links["result"] == {"url": url + "links.html", "links": 3}, links

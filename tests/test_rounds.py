@@ -5,7 +5,7 @@ interval does not overlap the next one; the schedule shows each round's progress
 from __future__ import annotations
 
 from tests.conftest import wait_for
-from tests.jobs_async import RoundRoot
+from tests.jobs_async import RoundRoot, RoundSomeFail
 
 
 def rounds_of(c, schedule: str) -> dict[str, list[dict]]:
@@ -111,3 +111,43 @@ def test_a_periodic_job_shows_how_far_each_round_is(make_cluster):
     assert "round: 0 live, 1 succeeded, 0 failed" in elric(cluster, "job", "crawl").stdout
     # (no "live" left; the run links to its job)
     assert "succeeded</a>" in get(f"http://127.0.0.1:{port}/schedules")[1]
+
+
+def test_the_schedules_page_says_a_round_had_failed_pages(make_cluster):
+    """A round whose fire succeeded but whose pages failed (the site went down mid-round)
+    showed as a grey "succeeded" on the dashboard's schedules page: nothing said a page
+    failed but each periodic job's own page (or `elric job`)."""
+    from elric.redis_server import free_port
+    from elric.triggers import every
+    from tests.test_cli import elric
+    from tests.test_dashboard import get
+
+    port = free_port()
+    cluster = make_cluster(DASHBOARD_ADDRESS=f"127.0.0.1:{port}")
+    cluster.start_master()
+    cluster.start_worker("--concurrency", "1")
+    c = cluster.client
+    c.submit_job(RoundSomeFail.spec([1, 2], job_id="crawl", trigger=every(hours=1)))
+    assert elric(cluster, "schedules", "run-now", "crawl").returncode == 0
+    wait_for(lambda: (c.get_job("crawl")["runs"][0].get("round") or {}).get("failed") == 2
+             and c.get_job("crawl")["runs"][0]["round"]["live"] == 0, what="the round ended")
+    html = get(f"http://127.0.0.1:{port}/schedules")[1]
+    run = next(line for line in html.splitlines() if "/jobs/crawl%40" in line)
+    assert "succeeded (2 failed)</a>" in run and 'class="bad"' in run, run
+
+
+def test_a_round_given_as_a_batch_is_named_a_round(cluster):
+    """`elric jobs --batch ROUND`, a round's id taken for a batch, said "no job of it was
+    submitted lately", of a round whose pages were just crawled."""
+    from elric.triggers import every
+    from tests.test_cli import elric, one_line_error
+
+    cluster.start_worker("--concurrency", "1")
+    c = cluster.client
+    c.submit_job(RoundRoot.spec([1, 0], job_id="crawl", trigger=every(hours=1)))
+    assert elric(cluster, "schedules", "run-now", "crawl").returncode == 0
+    [run] = c.get_job("crawl")["runs"]
+    cluster.wait_job(run["job_id"])
+    one_line_error(elric(cluster, "jobs", "--batch", run["job_id"]), 1,
+                   f"{run['job_id']!r} is a round of periodic job 'crawl', not a batch")
+    one_line_error(elric(cluster, "jobs", "--batch", "typo"), 1, "no batch 'typo': no job")
