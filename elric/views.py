@@ -269,6 +269,11 @@ def health(h: dict) -> None:
         for name, task in sorted(h.get("tasks", {}).items())]))
 
 
+def _number(value) -> float:
+    """A number to sort by: 0 for a field someone edited into text (stats() keeps it)."""
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else 0
+
+
 def top(stats: dict) -> Group:
     """``elric top``'s screen: jobs now, the last minute, queues, busiest funcs, workers."""
     by = stats["by_status"]
@@ -300,5 +305,5 @@ def top(stats: dict) -> Group:
          w.get("in_flight", "-"), w.get("done", "-"), w.get("failed", "-"),
          when(w.get("last_seen"), stats.get("now")), trouble(w)) for w in sorted(
             stats["workers"], key=lambda w: (worker_state(w) in ("lost", "stopped"),
-                                             -(w.get("last_seen") or 0)))])
+                                             -_number(w.get("last_seen"))))])
     return Group(now, rate, queues, funcs, workers)

@@ -1599,6 +1599,22 @@ def test_a_succeeded_jobs_row_shows_no_error_of_an_earlier_attempt(capsys):
     assert "succeeded" in ok and "attempt" not in ok and out.count("boom") == 1, out
 
 
+def test_top_sorts_a_worker_whose_last_seen_someone_edited_into_text():
+    """`elric top` sorts its workers by their last heartbeat: one whose `last_seen` an
+    operator edited into text (stats() keeps it as it is) failed the sort with a
+    TypeError, and the live view with it."""
+    from rich.console import Console
+
+    from elric import views
+    workers = [{"worker_id": "h:1:a", "state": "running", "alive": True, "last_seen": "soon"},
+               {"worker_id": "h:2:b", "state": "running", "alive": True, "last_seen": 5.0}]
+    console = Console(width=200, record=True)
+    console.print(views.top({"workers": workers, "now": 10.0, "by_status": {},
+                             "by_queue": {}, "funcs": {}, "throughput": []}))
+    out = console.export_text()
+    assert out.index("h:2:b") < out.index("h:1:a"), out
+
+
 def test_a_wait_with_a_negative_timeout_is_refused_before_asking_the_master():
     """JobHandle.result(timeout=-1) asked the master, then said "still queued after -1s";
     the CLI's --timeout refuses such a number already."""
