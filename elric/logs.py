@@ -6,7 +6,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import select
+import threading
 import time
+from dataclasses import dataclass, field
 
 
 class JsonLines(logging.Formatter):
@@ -23,13 +27,88 @@ class JsonLines(logging.Formatter):
         return json.dumps(line, default=str)
 
 
-def configure(level: str, log_format: str, name: str = "%(name)s") -> None:
-    """Log at ``level`` (a name) to stderr; ``name``: how a text line names its logger."""
-    handler = logging.StreamHandler()
+def configure(level: str, log_format: str, name: str = "%(name)s", stream=None) -> None:
+    """Log at ``level`` (a name) to ``stream`` (stderr); ``name``: how a text line names
+    its logger."""
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonLines() if log_format == "json" else logging.Formatter(
         f"%(asctime)s %(levelname)s {name}: %(message)s"))
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
                         handlers=[handler])
+
+
+@dataclass(slots=True)
+class _Pipe:
+    read: int     # what fd 1 or 2 now writes to
+    out: int      # where fd 1 or 2 wrote before: the worker's output
+    level: int
+    partial: bytearray = field(default_factory=bytearray)   # a line not yet ended
+
+
+class JobOutput:
+    """LOG_FORMAT = "json" in a pool process: fds 1 and 2 are pipes, so that each line a
+    job writes there (print, sys.stderr, a command it runs) reaches the worker's output
+    as a JSON record too, with the id of the sync job running (``job_id``, set by the
+    runner) - not as a plain line that a log collector cannot parse."""
+
+    def __init__(self) -> None:
+        self.job_id: str | None = None
+        self.lock = threading.Lock()   # reads and writes a line whole, and in order
+        self.format = JsonLines().format
+        self.pipes: list[_Pipe] = []
+        for fd, level in ((1, logging.INFO), (2, logging.WARNING)):
+            read, write = os.pipe()   # (not inherited: only fds 1 and 2 are, by commands)
+            os.set_blocking(read, False)
+            self.pipes.append(_Pipe(read, os.dup(fd), level))
+            os.dup2(write, fd)
+            os.close(write)
+        # this process's own records go straight to the worker's stderr
+        self.stderr = open(self.pipes[1].out, "w", buffering=1, encoding="utf-8",
+                           errors="backslashreplace", closefd=False)
+
+    def relay(self) -> None:
+        """The thread passing the lines on as they come."""
+        fds = [p.read for p in self.pipes]
+        while True:
+            select.select(fds, [], [])
+            with self.lock:
+                for pipe in self.pipes:
+                    self._pass(pipe, False)
+
+    def switch(self, job_id: str | None) -> None:
+        """At a sync job's start and end: what was written before is passed on with the id
+        it was written under, and what comes after, with ``job_id``."""
+        with self.lock:
+            for pipe in self.pipes:
+                self._pass(pipe, True)
+            self.job_id = job_id
+
+    def _pass(self, pipe: _Pipe, end: bool) -> None:
+        for _ in range(16):   # bounded: a command left running may write on and on
+            try:
+                data = os.read(pipe.read, 65536)
+            except BlockingIOError:
+                break
+            pipe.partial += data
+        *lines, rest = pipe.partial.split(b"\n")
+        if end or len(rest) > 65536:   # a line never ended is passed on as one
+            lines.append(rest)
+            rest = b""
+        pipe.partial = bytearray(rest)
+        for line in lines:
+            if line:
+                self._write(pipe, line.decode("utf-8", "backslashreplace").rstrip("\r"))
+
+    def _write(self, pipe: _Pipe, text: str) -> None:
+        record = logging.LogRecord("elric.jobs.output", pipe.level, "", 0, text, None, None)
+        if self.job_id is not None:
+            record.job_id = self.job_id
+        data = (self.format(record) + "\n").encode()
+        try:
+            while data:
+                data = data[os.write(pipe.out, data):]
+        except OSError:   # the worker's output is gone: nothing to tell it
+            pass
 
 
 class Hourly:

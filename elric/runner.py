@@ -120,7 +120,11 @@ def serve(conn, job_modules: tuple[str, ...], worker_pid: int, cwd: str, log_lev
     ``cwd``: the worker's directory, where jobs run (not the fork server's empty one)."""
     with contextlib.suppress(OSError):   # gone since: the job's relative paths fail alone
         os.chdir(cwd)
-    logs.configure(log_level, log_format, name="%(name)s[%(process)d]")   # as the worker's
+    output = logs.JobOutput() if log_format == "json" else None   # (fds 1 and 2: pipes)
+    logs.configure(log_level, log_format, name="%(name)s[%(process)d]",   # as the worker's
+                   stream=output.stderr if output else None)
+    if output:   # from now: a module printing as it loads would fill the pipe and hang
+        _start_thread(output.relay)
     _start_thread(_exit_with_worker, worker_pid)
     job_module.in_pool_process = True
     # the fork server imported the job modules: numpy's global random state, seeded there,
@@ -151,7 +155,7 @@ def serve(conn, job_modules: tuple[str, ...], worker_pid: int, cwd: str, log_lev
     except ImportError:
         loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
-    _Runner(conn, loop, JobModules.load(job_modules), lag_warn, result_max).run()
+    _Runner(conn, loop, JobModules.load(job_modules), lag_warn, result_max, output).run()
 
 
 def _start_thread(target, *args) -> None:
@@ -192,8 +196,9 @@ def _exit_with_worker(pid: int) -> None:
 
 class _Runner:
     def __init__(self, conn, loop: asyncio.AbstractEventLoop, modules: JobModules,
-                 lag_warn: float, result_max: int) -> None:
+                 lag_warn: float, result_max: int, output: logs.JobOutput | None = None) -> None:
         self.conn, self.loop, self.modules, self.lag_warn = conn, loop, modules, lag_warn
+        self.output = output   # LOG_FORMAT json: what jobs write to fds 1 and 2, as records
         self.result_max = result_max   # RESULT_MAX_BYTES: what get_job can always send
         self.draining = False
         self.tasks: dict[asyncio.Task, Ran] = {}   # async jobs in flight
@@ -393,6 +398,15 @@ class _Runner:
         self._queue([out])
         self._flush_soon()
 
+    def _drain_output(self) -> None:
+        """What the sync job ending wrote is passed on with its id, not the next job's."""
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:   # closed or replaced by the job: _restore_stdio's to mend
+                pass
+        self.output.switch(None)
+
     def _restore_environ(self) -> None:
         os.environ = self.env   # (a job may have put a plain dict there)
         now = self.env._data
@@ -574,6 +588,8 @@ class _Runner:
                     self.sync_loop = asyncio.new_event_loop()
                     self.sync_loop.set_task_factory(self._sync_task)
                 asyncio.set_event_loop(self.sync_loop)
+                if self.output is not None:
+                    self.output.switch(out.job_id)
                 self.running = out.key   # from here on, the two signals may raise
                 if timeout:
                     self.timer_set = True
@@ -590,6 +606,8 @@ class _Runner:
                 self.running, self.timer_set = None, False
                 if timeout:
                     signal.setitimer(signal.ITIMER_REAL, 0)
+                if self.output is not None and not self.forked:
+                    self._drain_output()
             _succeeded(out, result, job.ctx)
         except JobTimeout:
             late = True

@@ -273,3 +273,15 @@ class MarkUntilGate(Job):
         while not os.path.exists(gate) and time.monotonic() < deadline:
             time.sleep(0.01)
         return "passed"
+
+
+class Prints(Job):
+    """Writes ``text`` to stdout, to stderr, and through a command it runs (fd 1)."""
+
+    def run(self, text):
+        import subprocess
+        import sys
+        print(f"{text} printed")
+        sys.stderr.write(f"{text} on stderr\n")
+        subprocess.run(["echo", f"{text} echoed"], check=True)
+        return "printed"

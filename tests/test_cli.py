@@ -492,6 +492,31 @@ def test_what_jobs_log_is_in_the_workers_log_format_too(make_cluster):
         ("myproject.jobs", "WARNING", "from the job"), line
 
 
+def test_what_a_job_prints_is_in_json_lines_with_its_id(make_cluster):
+    """With json, what a job printed, wrote to stderr or had a command write to its fd 1
+    came as plain lines among the JSON ones: a log collector could not read them, and
+    they named no job."""
+    from tests.jobs import Prints
+
+    c = make_cluster()
+    c.start_master()
+    worker = c.start_worker("--concurrency", "1", "--log-format", "json")
+    c.client.submit_job(Prints.spec(["hello"], job_id="prints"))
+    assert c.wait_job("prints")["result"] == "printed"
+
+    def events():
+        lines = [line for line in worker.log().splitlines() if line.strip()]
+        bad = [line for line in lines if not line.startswith("{")]
+        assert not bad, worker.log()
+        found = {e["message"]: e for e in map(json.loads, lines) if "hello" in e["message"]}
+        return found if len(found) == 3 else None
+    found = wait_for(events, timeout=5, what="the job's three lines")
+    assert {(m, e["job_id"], e["level"], e["logger"]) for m, e in found.items()} == {
+        ("hello printed", "prints", "INFO", "elric.jobs.output"),
+        ("hello on stderr", "prints", "WARNING", "elric.jobs.output"),
+        ("hello echoed", "prints", "INFO", "elric.jobs.output")}, found
+
+
 def test_a_worker_is_paused_resumed_moved_and_stopped_without_a_restart(cluster):
     from tests.jobs import Add
 

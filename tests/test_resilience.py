@@ -2202,11 +2202,13 @@ def test_sys_exit_in_a_task_an_async_job_awaits_fails_that_job_alone(cluster, ho
     assert worker.alive()
 
 
-def test_a_job_that_closes_stdout_and_stderr_leaves_them_open_for_the_jobs_after_it(cluster):
+@pytest.mark.parametrize("log_format", ["text", "json"])   # json: fds 1 and 2 are pipes
+def test_a_job_that_closes_stdout_and_stderr_leaves_them_open_for_the_jobs_after_it(
+        cluster, log_format):
     """A job that closed sys.stdout or sys.stderr left them closed for every later job of
     its pool process: each print there failed its job (ValueError: I/O operation on closed
     file), and the process's own log lines were lost."""
-    worker = cluster.start_worker("--concurrency", "1")
+    worker = cluster.start_worker("--concurrency", "1", "--log-format", log_format)
     cluster.client.submit_job(Stdio.spec(["said-before", True], job_id="closes"))
     pid = cluster.wait_job("closes")["result"]
     cluster.client.submit_job(Stdio.spec(["said-after"], job_id="after"))
@@ -2215,7 +2217,8 @@ def test_a_job_that_closes_stdout_and_stderr_leaves_them_open_for_the_jobs_after
     wait_for(lambda: worker.log().count("said-after") == 2, what="both lines in the log")
     cluster.client.submit_job({"func": "tests.jobs:NoSuchClass", "job_id": "nosuch"})
     assert cluster.wait_job("nosuch")["error"].startswith("--- attempt 1 ---\nrefused")
-    wait_for(lambda: f"[{pid}]: job nosuch: " in worker.log(), what="the process's own line")
+    own = f"[{pid}]: job nosuch: " if log_format == "text" else '"message": "job nosuch: '
+    wait_for(lambda: own in worker.log(), what="the process's own line")
     assert worker.alive()
 
 
