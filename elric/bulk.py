@@ -67,12 +67,6 @@ class JobFilter:
                             "status, queue, func, batch, worker, since, until or ids")
         return cls(**{**raw, "ids": ids})
 
-    def walks_an_index_only(self) -> bool:
-        """Whether the filter names only a queue or a status: a job in the index it walks
-        is one it picks, even one whose fields cannot be read."""
-        return all(v is None for v in (self.func, self.batch, self.worker, self.since,
-                                       self.until))
-
     def matches(self, values: list) -> bool:
         *fields, enqueued = values
         wanted = (self.status, self.queue, self.func, self.batch, self.worker)
@@ -286,9 +280,10 @@ class Bulk:
         chosen = list(dict.fromkeys(chosen))   # an id given twice, or met twice by ZSCAN: once
         step = Step(cursor=walked.cursor)
         from elric.queue import Unreadable   # (here, as lua: it imports redis-py)
-        if action == "delete" and (f.ids or f.walks_an_index_only()):
-            # what the message says to do: given by id, or met in the queue or status index
-            # the filter names, it is that job (remove.lua deletes such a key)
+        if action == "delete" and f.ids:
+            # what the message says to do (remove.lua deletes such a key); one met in a walk
+            # is skipped: its fields cannot say whether the filter picks it (a walk goes
+            # through other queues' jobs, in the status and parked indexes)
             chosen += [i for i in dict.fromkeys(walked.unreadable) if i not in chosen]
         else:
             for job_id in dict.fromkeys(walked.unreadable):   # one overwritten stops no other

@@ -593,28 +593,32 @@ def test_a_job_whose_key_an_operator_overwrote_is_skipped_and_named_by_a_bulk_co
         cluster, redis_url):
     """A job key of another type among the ids given, or in an index a walk goes through,
     failed the whole command with an internal error (WRONGTYPE), the jobs beside it left
-    alone (elric purge of its queue: none purged). Another action skips it, named with what
-    to do; a delete (by id, or a purge of its queue) deletes it, as it says: skipped by
-    delete too, the purge of its queue never emptied it."""
+    alone (elric purge of its queue: none purged). A walk skips it, named with what to do
+    (its fields cannot say whether the filter picks it: a purge of q1 also walks other
+    queues' jobs); a delete by id deletes it, as the message says: skipped by a delete
+    too, it could not be deleted at all."""
     import redis
 
     from elric.keys import Keys
 
-    cluster.client.submit_jobs([Echo.spec(job_id=job_id, queue="q1")
-                                for job_id in ("one", "two", "three", "four")])
+    cluster.client.submit_jobs([Echo.spec(job_id=job_id, queue=queue) for job_id, queue in
+                                (("one", "q1"), ("two", "q1"), ("three", "q1"),
+                                 ("four", "q1"), ("other", "q2"))])
     with redis.Redis.from_url(redis_url) as r:
-        for job_id in ("two", "four"):
+        for job_id in ("two", "four", "other"):
             r.set(Keys().job(job_id), "an operator's")
-        said = ("job 'two' cannot be read: elric:job:two is not a hash (overwritten?); delete "
-                "it (elric delete two)")
-        cancel = elric(cluster, "cancel", "one", "two", "--json")
-        assert cancel.returncode == 0, (cancel.stdout, cancel.stderr)
-        assert json.loads(cancel.stdout) == {"touched": 1, "skipped": 1, "not_found": [],
-                                             "errors": [said]}, cancel.stdout
-        for args, touched in ((("delete", "two", "one"), 2), (("purge", "q1"), 2)):
+
+        def said(job_id):
+            return (f"job '{job_id}' cannot be read: elric:job:{job_id} is not a hash "
+                    f"(overwritten?); delete it (elric delete {job_id})")
+        for args, touched, skipped in ((("cancel", "one", "two"), 1, ["two"]),
+                                       (("purge", "q1"), 1, ["four", "two"]),
+                                       (("delete", "two", "one"), 2, [])):
             out = elric(cluster, *args, "--json")
             assert out.returncode == 0, (args, out.stdout, out.stderr)
-            assert json.loads(out.stdout) == {"touched": touched, "skipped": 0,
-                                              "not_found": [], "errors": []}, (args, out.stdout)
+            got = json.loads(out.stdout)
+            assert sorted(got.pop("errors")) == [said(job_id) for job_id in skipped], args
+            assert got == {"touched": touched, "skipped": len(skipped), "not_found": []}, args
         assert cluster.client.get_job("three") is None   # purged
-        assert r.exists(Keys().job("two"), Keys().job("four")) == 0
+        assert r.exists(Keys().job("two")) == 0            # deleted by id
+        assert r.exists(Keys().job("four"), Keys().job("other")) == 2   # left, named
