@@ -169,16 +169,9 @@ def test_health_names_a_refusal_of_redis_as_the_worker_does(tmp_path):
     """Housekeeping and the scheduler retrying on a MISCONF showed "failing (ResponseError:
     MISCONF ...)": a class name and Redis's raw text, where the worker's log says plainly
     what Redis refuses for."""
-    import redis
+    from tests.test_redis_refuses import master_on_a_redis_refusing_writes
 
-    from tests.test_redis_refuses import refuse_writes_misconf
-
-    server = RedisServer().start()
-    c = Cluster(server.url, tmp_path)
-    r = redis.Redis.from_url(server.url)
-    try:
-        c.start_master()
-        refuse_writes_misconf(r, server.dir)
+    with master_on_a_redis_refusing_writes(tmp_path) as (c, r):
         tasks = ("housekeeping", "scheduler")
         states = wait_for(lambda: (lambda h: h if all(
             "retrying" in h["tasks"][t]["state"] for t in tasks) else None)(c.client.health()),
@@ -191,7 +184,3 @@ def test_health_names_a_refusal_of_redis_as_the_worker_does(tmp_path):
         assert "cannot save its snapshot (MISCONF)" in shown.stdout, shown.stdout
         r.config_set("stop-writes-on-bgsave-error", "no")
         wait_for(lambda: c.client.health()["ok"], what="health ok again")
-    finally:
-        r.close()
-        c.close()
-        server.cleanup()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import contextlib
 import os
 import signal
 import time
@@ -285,15 +286,27 @@ def refuse_writes_misconf(r: redis.Redis, folder: str) -> None:
         r.ping()
 
 
-def test_a_worker_started_while_redis_refuses_writes_says_what_redis_answered(tmp_path):
-    """Redis answering MISCONF to the start-up PING was logged as "cannot reach Redis":
-    an operator looked for a network fault while Redis, reachable, refused writes."""
+@contextlib.contextmanager
+def master_on_a_redis_refusing_writes(tmp_path):
+    """A master on a Redis of its own that answers MISCONF from then on: yields the
+    cluster and a client of that Redis (``stop-writes-on-bgsave-error no`` lifts it)."""
     server = RedisServer().start()
     c = Cluster(server.url, tmp_path)
     r = redis.Redis.from_url(server.url)
     try:
         c.start_master()
         refuse_writes_misconf(r, server.dir)
+        yield c, r
+    finally:
+        r.close()
+        c.close()
+        server.cleanup()
+
+
+def test_a_worker_started_while_redis_refuses_writes_says_what_redis_answered(tmp_path):
+    """Redis answering MISCONF to the start-up PING was logged as "cannot reach Redis":
+    an operator looked for a network fault while Redis, reachable, refused writes."""
+    with master_on_a_redis_refusing_writes(tmp_path) as (c, r):
         worker = c.start_worker("--concurrency", "1", wait=False)
         wait_for(lambda: "retrying" in worker.log(), what="the worker waits for Redis")
         assert "cannot save its snapshot (MISCONF)" in worker.log(), worker.log()
@@ -301,7 +314,3 @@ def test_a_worker_started_while_redis_refuses_writes_says_what_redis_answered(tm
         r.config_set("stop-writes-on-bgsave-error", "no")
         wait_for(lambda: any(w.get("pid") == worker.pid for w in c.client.stats()["workers"]),
                  what="the worker registered once Redis takes writes")
-    finally:
-        r.close()
-        c.close()
-        server.cleanup()
