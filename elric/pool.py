@@ -246,11 +246,16 @@ class Pool(Executor):
                 self._retire(proc)
         self._on_news()
 
-    def _died(self, proc: _Process) -> None:
-        self._loop.remove_reader(proc.conn.fileno())
-        self._loop.remove_writer(proc.conn.fileno())
-        self._loop.remove_reader(proc.process.sentinel)
+    def _close(self, proc: _Process) -> None:
+        """Stop watching a process and close its pipe: it exits when it reads the end."""
+        with contextlib.suppress(OSError, ValueError):   # (closed already: shut down twice)
+            self._loop.remove_reader(proc.conn.fileno())
+            self._loop.remove_writer(proc.conn.fileno())
+            self._loop.remove_reader(proc.process.sentinel)
         proc.conn.close()
+
+    def _died(self, proc: _Process) -> None:
+        self._close(proc)
         proc.process.kill()
         proc.process.join()
         if proc in self.retiring:
@@ -293,9 +298,7 @@ class Pool(Executor):
     def _retire(self, proc: _Process) -> None:
         """Let an idle process beyond the pool's size go: it exits when its pipe closes."""
         self.retiring.remove(proc)
-        self._loop.remove_reader(proc.conn.fileno())
-        self._loop.remove_writer(proc.conn.fileno())
-        proc.conn.close()
+        self._close(proc)
         sentinel = proc.process.sentinel   # readable once it has exited: reaped then,
         # without the worker's loop waiting for it; one stuck a second later is killed
 
@@ -498,11 +501,7 @@ class Pool(Executor):
                 for h in p.held.values():
                     if isinstance(h.done, _Settle):
                         h.done.future.set_exception(CancelledError("the pool shut down"))
-            with contextlib.suppress(OSError, ValueError):
-                self._loop.remove_reader(p.conn.fileno())
-                self._loop.remove_writer(p.conn.fileno())
-                self._loop.remove_reader(p.process.sentinel)
-            p.conn.close()  # the process exits when it reads the end of its pipe
+            self._close(p)
         if wait:
             for p in self._every():
                 p.process.join()
