@@ -466,9 +466,7 @@ class Pool(Executor):
             for h in list(p.held.values())[1:]:
                 if not h.withdrawing:
                     h.withdrawing = True
-                    p.outbox.append({"withdraw": h.claim.job_id, "attempt": h.claim.attempt,
-                                     "member": h.claim.member})
-                    self._schedule_flush()
+                    self._ask(p, "withdraw", h.claim)
 
     def cancel(self, claim: Claim) -> bool:
         """Stop a claim's run; False when no process holds it. Its process stops it alone (an
@@ -479,12 +477,15 @@ class Pool(Executor):
             if h is None or h.claim is not claim:
                 continue
             h.cancelled_at = time.monotonic()
-            # named by its run: one of the job's that ended here may be cancelled too late
-            p.outbox.append({"cancel": claim.job_id, "attempt": claim.attempt,
-                             "member": claim.member})
-            self._schedule_flush()
+            self._ask(p, "cancel", claim)
             return True
         return False
+
+    def _ask(self, proc: _Process, request: str, claim: Claim) -> None:
+        """Named by its run: one of the job's that ended here may be cancelled too late."""
+        proc.outbox.append({request: claim.job_id, "attempt": claim.attempt,
+                            "member": claim.member})
+        self._schedule_flush()
 
     def kill_all(self) -> None:
         for p in self._every():
