@@ -45,13 +45,9 @@ class _Settle:
 
 
 class ProcessDied(Exception):
-    """The pool process that ran a job died before reporting it.
-
-    ``culprits``: the jobs killed for running past their timeout, or for blocking the loop
-    that held others past theirs, each with why ("": past its own); ``held``: every
-    job the process had. With no culprit and other jobs beside it, any of them may be the
-    cause (a crash in native code, ``os._exit``). ``sent_at``: when each was sent to it
-    (time.monotonic()), the start of a failed run's duration."""
+    """The pool process that ran a job died before reporting it. ``held``: every job it had,
+    ``sent_at`` when each was sent (time.monotonic()); ``culprits``: those killed for running
+    past their timeout ("") or for blocking the loop that held others past theirs (why)."""
 
     def __init__(self, exitcode, held: list[str], culprits: dict[str, str],
                  sent_at: dict[str, float] | None = None) -> None:
@@ -70,7 +66,6 @@ class ProcessDied(Exception):
             return f"killed by signal {-code}"
 
 
-
 def _messages(buffer: bytearray) -> list[bytes]:
     """Take the whole messages out of ``buffer``, leaving the start of the next in it. The
     framing is multiprocessing's, as the pool process sends with ``send_bytes``: a 4-byte
@@ -87,6 +82,7 @@ def _messages(buffer: bytearray) -> list[bytes]:
         messages.append(bytes(buffer[start:start + size]))
         del buffer[:start + size]
     return messages
+
 
 @dataclass(slots=True)
 class _Held:
@@ -176,12 +172,10 @@ class Pool(Executor):
         return proc
 
     def _ensure_fork_server(self) -> str:
-        """Start the fork server unless it runs, and return the empty folder it starts in,
-        to remove once a process started (Python cannot start in a removed folder). It runs
-        as `python -c`, whose sys.path starts with its current directory, where a folder
-        named elric/ would stand in for the installed package. The processes it forks start
-        in ours, and so does its resource tracker (which imports no elric). A worker whose
-        elric is its sys.path[0]'s (python -m elric in a checkout) starts it there instead."""
+        """Start the fork server unless it runs, in an empty folder (returned, to remove once a
+        process started): as `python -c`, its sys.path starts with its directory, where a folder
+        named elric/ would stand in for the package. The processes it forks move to ours. A
+        worker whose elric is its sys.path[0]'s (a checkout) starts it there instead."""
         resource_tracker.ensure_running()
         here, empty = os.getcwd(), tempfile.mkdtemp(prefix="elric-forkserver-")
         try:
@@ -282,10 +276,8 @@ class Pool(Executor):
                 return
 
     def resize(self, size: int) -> None:
-        """Grow or shrink to ``size`` processes while jobs run. The processes beyond the
-        new size take no more jobs; each exits once it has reported those it holds, so no
-        job is stopped, lost or run twice. Processes are started as _refill starts them:
-        a fork that fails is tried again at the next turn, at the size asked."""
+        """Grow or shrink to ``size`` processes while jobs run. Those beyond it take no more
+        jobs and exit once they have reported those they hold: none is stopped or run twice."""
         shrunk = [p for p in self.processes if p.slot >= size]
         self.processes = [p for p in self.processes if p.slot < size]
         self.size = size
@@ -299,8 +291,7 @@ class Pool(Executor):
         """Let an idle process beyond the pool's size go: it exits when its pipe closes."""
         self.retiring.remove(proc)
         self._close(proc)
-        sentinel = proc.process.sentinel   # readable once it has exited: reaped then,
-        # without the worker's loop waiting for it; one stuck a second later is killed
+        sentinel = proc.process.sentinel   # reaped once it exits, not waited for here
 
         def reap() -> None:
             self._loop.remove_reader(sentinel)
@@ -352,7 +343,7 @@ class Pool(Executor):
               suspect: bool = False) -> None:
         """Send a job to a process with room (``place``); ``done`` gets its ``runner.Ran``,
         or ``ProcessDied``, on this event loop. Raises LookupError when no process has room.
-        The worker uses this: a Future per job (a lock and a condition) was its biggest cost."""
+        The worker's way: no Future (a lock and a condition) per job."""
         if self._closed:
             raise RuntimeError("the pool is shut down")
         is_async, alone = self.how(claim, suspect)
@@ -390,10 +381,9 @@ class Pool(Executor):
                 self._write(proc)
 
     def _write(self, proc: _Process) -> None:
-        """Send what the pipe takes now, the rest once it takes more. Never wait: while a
-        job holds its process's GIL in native code, the thread that reads the pipe there
-        cannot, and a blocking send would hold up the worker's loop, heartbeats too, until
-        the job ends (past the lease: every job of the worker redelivered)."""
+        """Send what the pipe takes now, the rest once it takes more. Never wait: a job holding
+        its process's GIL in native code stops the pipe's reader there, and a blocking send
+        would hold up the worker's heartbeats until it ends (past the lease: all redelivered)."""
         if proc.conn.closed:   # shut down: it takes nothing more
             proc.unsent.clear()
             return
@@ -447,9 +437,8 @@ class Pool(Executor):
                 p.process.kill()
 
     def longest_sync_run(self) -> float:
-        """How long the longest sync run going on has run, in seconds (0: none). A process
-        runs its sync jobs in the order sent, one after the other: the oldest it holds runs
-        since it was sent or since the process last reported, whichever came later."""
+        """How long the longest sync run going on has run, in seconds (0: none): a process
+        runs its sync jobs in order, the oldest since it was sent or the last report."""
         now, longest = time.monotonic(), 0.0
         for p in self._every():
             if p.held and not p.n_async:
@@ -469,9 +458,8 @@ class Pool(Executor):
                     self._ask(p, "withdraw", h.claim)
 
     def cancel(self, claim: Claim) -> bool:
-        """Stop a claim's run; False when no process holds it. Its process stops it alone (an
-        async job's task is cancelled, a sync job is dropped or interrupted), so the jobs
-        beside it go on; the process is killed only if the job ignores that for KILL_GRACE."""
+        """Stop a claim's run, sparing the jobs beside it; False when no process holds it. The
+        process is killed only if the job ignores that for KILL_GRACE."""
         for p in self._every():
             h = p.held.get(claim.job_id)
             if h is None or h.claim is not claim:
@@ -493,9 +481,8 @@ class Pool(Executor):
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Close the pipes: the processes exit, and jobs still held never report. With
-        ``cancel_futures``, ``submit``'s futures of those jobs raise CancelledError (they
-        are running: ``Future.cancel`` would refuse); ``start``'s callers hold the claims
-        and give them back themselves."""
+        ``cancel_futures``, ``submit``'s futures of those raise CancelledError (running,
+        ``Future.cancel`` would refuse); ``start``'s callers give their claims back."""
         self._closed = True
         for p in self._every():
             if cancel_futures:
