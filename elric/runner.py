@@ -466,13 +466,11 @@ class _Runner:
             instance.job_id, instance.attempt = item["job_id"], item["attempt"]
             instance.max_retries = item["max_retries"]   # the claim's: its spec may say so
             instance.dedupe_scope = item.get("dedupe_scope") or None
-        except SpecError as exc:   # no such Job class in a loaded module: no retry helps
+        except (SpecError, ModuleBroken) as exc:
             log.error("job %s: %s", item["job_id"], exc)
-            out.payload, out.final = f"refused: {exc}", True
-            return self._report(out)
-        except ModuleBroken as exc:   # a failed attempt: retried, maybe after a fix
-            log.error("job %s: %s", item["job_id"], exc)
-            out.payload = f"ModuleBroken: {exc}"
+            # no such Job class in a loaded module: no retry helps; a broken one may be fixed
+            out.final = isinstance(exc, SpecError)
+            out.payload = f"refused: {exc}" if out.final else f"ModuleBroken: {exc}"
             return self._report(out)
         except BaseException as exc:
             return self._report(_failed(out, exc))
