@@ -50,10 +50,10 @@ class ProcessDied(Exception):
     past their timeout ("") or for blocking the loop that held others past theirs (why)."""
 
     def __init__(self, exitcode, held: list[str], culprits: dict[str, str],
-                 sent_at: dict[str, float] | None = None) -> None:
+                 sent_at: dict[str, float]) -> None:
         super().__init__(f"pool process died (exit code {exitcode})")
         self.exitcode = exitcode
-        self.held, self.culprits, self.sent_at = held, culprits, sent_at or {}
+        self.held, self.culprits, self.sent_at = held, culprits, sent_at
 
     def how(self) -> str:
         """How the process ended: "exit status 3", "killed by SIGKILL"."""
