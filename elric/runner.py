@@ -324,9 +324,8 @@ class _Runner:
         with self.inbox_lock:
             self.cancels -= asked - live
 
-    # The two signals only raise inside a sync job's run(), marked by `running`: raised
-    # anywhere else they would break the loop. They take no lock, which the main thread
-    # may hold when they come.
+    # The two signals raise only inside a sync job's run() (`running`): elsewhere they would
+    # break the loop. They take no lock, which the main thread may hold when they come.
     def _on_cancel(self, signum, frame) -> None:
         if self.running is not None and self.running in self.cancels:
             raise JobCancelled(CANCELLED)
@@ -523,8 +522,7 @@ class _Runner:
 
     def _drain_sync(self) -> None:
         """Run the sync jobs that arrived in turn (``_send_waiting`` reports them meanwhile)."""
-        # not running for them: a sync job may run a loop of its own (asyncio.run), which
-        # refuses to start inside a running one
+        # a sync job may run a loop of its own (asyncio.run), refused inside a running one
         asyncio._set_running_loop(None)
         try:
             while True:
@@ -590,8 +588,7 @@ class _Runner:
             out.fail(past_timeout(timeout))
 
     def _sync_task(self, loop, coro, **kwargs) -> asyncio.Task:
-        """The sync jobs' loop's task factory: notes each task (asyncio.all_tasks, per job,
-        would cost as much as the rest of a job's report)."""
+        """The sync jobs' loop's task factory: notes each task (cheaper than all_tasks)."""
         task = asyncio.Task(coro, loop=loop, **kwargs)
         self.sync_tasks.append(task)
         return task
@@ -678,8 +675,7 @@ def _succeeded(out: Ran, result, ctx) -> None:
         out.payload = (f"TypeError: the job returned {type(result).__name__}, which is not a "
                        f"msgpack value ({exc}); return plain data (dict, list, str, numbers)")
         return
-    if codec.nests_deeper(result, MAX_NESTING):   # elric job, the dashboard and a job's
-        # arguments take no deeper (a 600-level result was kept, and no one could show it)
+    if codec.nests_deeper(result, MAX_NESTING):   # as arguments: the dashboard shows no deeper
         out.payload = (f"TypeError: the result nests deeper than {MAX_NESTING} levels of lists "
                        "and maps, the most job arguments and results may; return a flatter "
                        "value")
