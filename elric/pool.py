@@ -45,19 +45,15 @@ class _Settle:
 
 
 class ProcessDied(Exception):
-    """The pool process that ran a job died before reporting it.
-
-    ``culprits``: the jobs killed for running past their timeout, or for blocking the loop
-    that held others past theirs, each with why ("": past its own); ``held``: every
-    job the process had. With no culprit and other jobs beside it, any of them may be the
-    cause (a crash in native code, ``os._exit``). ``sent_at``: when each was sent to it
-    (time.monotonic()), the start of a failed run's duration."""
+    """The pool process that ran a job died before reporting it. ``held``: every job it had,
+    ``sent_at`` when each was sent (time.monotonic()); ``culprits``: those killed for running
+    past their timeout ("") or for blocking the loop that held others past theirs (why)."""
 
     def __init__(self, exitcode, held: list[str], culprits: dict[str, str],
-                 sent_at: dict[str, float] | None = None) -> None:
+                 sent_at: dict[str, float]) -> None:
         super().__init__(f"pool process died (exit code {exitcode})")
         self.exitcode = exitcode
-        self.held, self.culprits, self.sent_at = held, culprits, sent_at or {}
+        self.held, self.culprits, self.sent_at = held, culprits, sent_at
 
     def how(self) -> str:
         """How the process ended: "exit status 3", "killed by SIGKILL"."""
@@ -68,7 +64,6 @@ class ProcessDied(Exception):
             return f"killed by {signal.Signals(-code).name}"
         except ValueError:
             return f"killed by signal {-code}"
-
 
 
 def _messages(buffer: bytearray) -> list[bytes]:
@@ -87,6 +82,7 @@ def _messages(buffer: bytearray) -> list[bytes]:
         messages.append(bytes(buffer[start:start + size]))
         del buffer[:start + size]
     return messages
+
 
 @dataclass(slots=True)
 class _Held:
@@ -176,12 +172,10 @@ class Pool(Executor):
         return proc
 
     def _ensure_fork_server(self) -> str:
-        """Start the fork server unless it runs, and return the empty folder it starts in,
-        to remove once a process started (Python cannot start in a removed folder). It runs
-        as `python -c`, whose sys.path starts with its current directory, where a folder
-        named elric/ would stand in for the installed package. The processes it forks start
-        in ours, and so does its resource tracker (which imports no elric). A worker whose
-        elric is its sys.path[0]'s (python -m elric in a checkout) starts it there instead."""
+        """Start the fork server unless it runs, in an empty folder (returned, to remove once a
+        process started): as `python -c`, its sys.path starts with its directory, where a folder
+        named elric/ would stand in for the package. The processes it forks move to ours. A
+        worker whose elric is its sys.path[0]'s (a checkout) starts it there instead."""
         resource_tracker.ensure_running()
         here, empty = os.getcwd(), tempfile.mkdtemp(prefix="elric-forkserver-")
         try:
@@ -246,11 +240,16 @@ class Pool(Executor):
                 self._retire(proc)
         self._on_news()
 
-    def _died(self, proc: _Process) -> None:
-        self._loop.remove_reader(proc.conn.fileno())
-        self._loop.remove_writer(proc.conn.fileno())
-        self._loop.remove_reader(proc.process.sentinel)
+    def _close(self, proc: _Process) -> None:
+        """Stop watching a process and close its pipe: it exits when it reads the end."""
+        with contextlib.suppress(OSError, ValueError):   # (closed already: shut down twice)
+            self._loop.remove_reader(proc.conn.fileno())
+            self._loop.remove_writer(proc.conn.fileno())
+            self._loop.remove_reader(proc.process.sentinel)
         proc.conn.close()
+
+    def _died(self, proc: _Process) -> None:
+        self._close(proc)
         proc.process.kill()
         proc.process.join()
         if proc in self.retiring:
@@ -277,10 +276,8 @@ class Pool(Executor):
                 return
 
     def resize(self, size: int) -> None:
-        """Grow or shrink to ``size`` processes while jobs run. The processes beyond the
-        new size take no more jobs; each exits once it has reported those it holds, so no
-        job is stopped, lost or run twice. Processes are started as _refill starts them:
-        a fork that fails is tried again at the next turn, at the size asked."""
+        """Grow or shrink to ``size`` processes while jobs run. Those beyond it take no more
+        jobs and exit once they have reported those they hold: none is stopped or run twice."""
         shrunk = [p for p in self.processes if p.slot >= size]
         self.processes = [p for p in self.processes if p.slot < size]
         self.size = size
@@ -293,11 +290,8 @@ class Pool(Executor):
     def _retire(self, proc: _Process) -> None:
         """Let an idle process beyond the pool's size go: it exits when its pipe closes."""
         self.retiring.remove(proc)
-        self._loop.remove_reader(proc.conn.fileno())
-        self._loop.remove_writer(proc.conn.fileno())
-        proc.conn.close()
-        sentinel = proc.process.sentinel   # readable once it has exited: reaped then,
-        # without the worker's loop waiting for it; one stuck a second later is killed
+        self._close(proc)
+        sentinel = proc.process.sentinel   # reaped once it exits, not waited for here
 
         def reap() -> None:
             self._loop.remove_reader(sentinel)
@@ -349,7 +343,7 @@ class Pool(Executor):
               suspect: bool = False) -> None:
         """Send a job to a process with room (``place``); ``done`` gets its ``runner.Ran``,
         or ``ProcessDied``, on this event loop. Raises LookupError when no process has room.
-        The worker uses this: a Future per job (a lock and a condition) was its biggest cost."""
+        The worker's way: no Future (a lock and a condition) per job."""
         if self._closed:
             raise RuntimeError("the pool is shut down")
         is_async, alone = self.how(claim, suspect)
@@ -387,10 +381,9 @@ class Pool(Executor):
                 self._write(proc)
 
     def _write(self, proc: _Process) -> None:
-        """Send what the pipe takes now, the rest once it takes more. Never wait: while a
-        job holds its process's GIL in native code, the thread that reads the pipe there
-        cannot, and a blocking send would hold up the worker's loop, heartbeats too, until
-        the job ends (past the lease: every job of the worker redelivered)."""
+        """Send what the pipe takes now, the rest once it takes more. Never wait: a job holding
+        its process's GIL in native code stops the pipe's reader there, and a blocking send
+        would hold up the worker's heartbeats until it ends (past the lease: all redelivered)."""
         if proc.conn.closed:   # shut down: it takes nothing more
             proc.unsent.clear()
             return
@@ -444,9 +437,8 @@ class Pool(Executor):
                 p.process.kill()
 
     def longest_sync_run(self) -> float:
-        """How long the longest sync run going on has run, in seconds (0: none). A process
-        runs its sync jobs in the order sent, one after the other: the oldest it holds runs
-        since it was sent or since the process last reported, whichever came later."""
+        """How long the longest sync run going on has run, in seconds (0: none): a process
+        runs its sync jobs in order, the oldest since it was sent or the last report."""
         now, longest = time.monotonic(), 0.0
         for p in self._every():
             if p.held and not p.n_async:
@@ -463,25 +455,25 @@ class Pool(Executor):
             for h in list(p.held.values())[1:]:
                 if not h.withdrawing:
                     h.withdrawing = True
-                    p.outbox.append({"withdraw": h.claim.job_id, "attempt": h.claim.attempt,
-                                     "member": h.claim.member})
-                    self._schedule_flush()
+                    self._ask(p, "withdraw", h.claim)
 
     def cancel(self, claim: Claim) -> bool:
-        """Stop a claim's run; False when no process holds it. Its process stops it alone (an
-        async job's task is cancelled, a sync job is dropped or interrupted), so the jobs
-        beside it go on; the process is killed only if the job ignores that for KILL_GRACE."""
+        """Stop a claim's run, sparing the jobs beside it; False when no process holds it. The
+        process is killed only if the job ignores that for KILL_GRACE."""
         for p in self._every():
             h = p.held.get(claim.job_id)
             if h is None or h.claim is not claim:
                 continue
             h.cancelled_at = time.monotonic()
-            # named by its run: one of the job's that ended here may be cancelled too late
-            p.outbox.append({"cancel": claim.job_id, "attempt": claim.attempt,
-                             "member": claim.member})
-            self._schedule_flush()
+            self._ask(p, "cancel", claim)
             return True
         return False
+
+    def _ask(self, proc: _Process, request: str, claim: Claim) -> None:
+        """Named by its run: one of the job's that ended here may be cancelled too late."""
+        proc.outbox.append({request: claim.job_id, "attempt": claim.attempt,
+                            "member": claim.member})
+        self._schedule_flush()
 
     def kill_all(self) -> None:
         for p in self._every():
@@ -489,20 +481,15 @@ class Pool(Executor):
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Close the pipes: the processes exit, and jobs still held never report. With
-        ``cancel_futures``, ``submit``'s futures of those jobs raise CancelledError (they
-        are running: ``Future.cancel`` would refuse); ``start``'s callers hold the claims
-        and give them back themselves."""
+        ``cancel_futures``, ``submit``'s futures of those raise CancelledError (running,
+        ``Future.cancel`` would refuse); ``start``'s callers give their claims back."""
         self._closed = True
         for p in self._every():
             if cancel_futures:
                 for h in p.held.values():
                     if isinstance(h.done, _Settle):
                         h.done.future.set_exception(CancelledError("the pool shut down"))
-            with contextlib.suppress(OSError, ValueError):
-                self._loop.remove_reader(p.conn.fileno())
-                self._loop.remove_writer(p.conn.fileno())
-                self._loop.remove_reader(p.process.sentinel)
-            p.conn.close()  # the process exits when it reads the end of its pipe
+            self._close(p)
         if wait:
             for p in self._every():
                 p.process.join()

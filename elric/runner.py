@@ -2,13 +2,10 @@
 
 An ``async def run`` runs as a task of the loop, many at once; a sync ``run`` blocks the
 loop, so the worker sends sync jobs only to a process that holds no async ones. Job classes
-are looked up among the modules the process loaded at start (``elric.loading``), never
-imported: Redis may have been written by someone other than a master.
-
-cancel_job stops one job and spares the others of its process: an async job's task is
-cancelled; the pipe's reader thread drops a waiting sync job and reports it, and interrupts
-a running one with SIGUSR1 to the main thread. The worker may also ask for waiting sync jobs
-back (``withdraw``): those not started yet are reported withdrawn, the others run.
+are looked up among the modules loaded at start (``elric.loading``), never imported: Redis
+may have been written by someone other than a master. cancel_job cancels an async job's
+task; the pipe's reader thread drops a waiting sync job, or interrupts a running one with
+SIGUSR1. Waiting sync jobs the worker asks back (``withdraw``) are reported withdrawn.
 """
 
 from __future__ import annotations
@@ -131,20 +128,15 @@ def serve(conn, job_modules: tuple[str, ...], worker_pid: int, cwd: str, log_lev
     # would give every pool process the same numbers (random's is seeded again at fork)
     if "numpy.random" in sys.modules:
         sys.modules["numpy.random"].seed()
-    # stdin was the worker's (a terminal): the commands a job runs would wait for what is
-    # typed there; they read /dev/null, as the job's own sys.stdin does (multiprocessing's)
+    # stdin was the worker's (a terminal): the commands a job runs read /dev/null instead
     with contextlib.suppress(OSError), open(os.devnull) as null:
         os.dup2(null.fileno(), 0)
-    # stdout to a file or a pipe (a service's log) is block-buffered: what a job printed
-    # would be lost when its process dies (a crash, a kill past its timeout)
+    # block-buffered to a file or pipe: what a job printed would be lost when its process dies
     with contextlib.suppress(AttributeError, ValueError):   # (replaced, or closed)
         sys.stdout.reconfigure(line_buffering=True)
-    # Ctrl-C and `kill -- -PGID` reach the worker's whole process group: a group of its own
-    # keeps them from this process and from the commands its jobs run, which may finish.
-    # SIGTERM from systemd or docker may still come: a handler that does nothing (not
-    # SIG_IGN, which exec keeps: a job's Popen.terminate() did nothing), with SA_RESTART so
-    # native code's reads are not broken off (EINTR). The worker stops its pool processes
-    # itself (shutdown, or SIGKILL past a timeout or SHUTDOWN_GRACE).
+    # a group of its own: Ctrl-C and `kill -- -PGID` to the worker's must not stop jobs, which
+    # the worker stops itself. A SIGTERM may still come: a handler doing nothing (not SIG_IGN,
+    # which exec keeps: a command's terminate() did nothing), SA_RESTART to spare reads EINTR.
     os.setpgid(0, 0)
     for sig in IGNORED:
         signal.signal(sig, lambda signum, frame: None)
@@ -159,10 +151,8 @@ def serve(conn, job_modules: tuple[str, ...], worker_pid: int, cwd: str, log_lev
 
 
 def _start_thread(target, *args) -> None:
-    """A daemon thread that never takes MAIN_ONLY signals: one it took would not interrupt
-    the main thread's blocking call (a job's sleep or read). If the thread fails, the
-    process exits: without it the process would be half-alive (the worker then runs its
-    jobs again or apart)."""
+    """A daemon thread that never takes MAIN_ONLY signals (they must interrupt the main
+    thread's blocking call). If it fails, the process exits rather than run half-alive."""
     def guarded() -> None:
         try:
             target(*args)
@@ -178,9 +168,8 @@ def _start_thread(target, *args) -> None:
 
 
 def _exit_with_worker(pid: int) -> None:
-    """Exit as soon as the worker is gone (SIGKILL, OOM killer). Pool processes are forked
-    by the fork server, not the worker: nothing else would stop them. Their jobs are
-    redelivered after the lease."""
+    """Exit as soon as the worker is gone (SIGKILL, OOM killer): forked by the fork server,
+    not the worker, nothing else would stop this process."""
     with contextlib.suppress(AttributeError, OSError):
         select.select([os.pidfd_open(pid)], [], [])  # Linux 5.3+: readable once it has exited
         os._exit(1)
@@ -209,9 +198,8 @@ class _Runner:
         self.cancels: set[tuple[str, int, str]] = set()   # runs (Ran.key) asked to stop
         self.running: tuple[str, int, str] | None = None   # the sync job inside its run()
         self.timer_set = False   # its timeout is armed (SIGALRM)
-        # outbox and new_kinds are swapped out under outbox_lock, held only for that, so
-        # the reader never waits on a send blocked by a full pipe; send_lock keeps the
-        # loop's and _send_waiting's messages whole and in order
+        # outbox_lock is held only to swap outbox and new_kinds, never over a send that a
+        # full pipe blocks; send_lock keeps the loop's and _send_waiting's messages whole
         self.outbox_lock = threading.Lock()
         self.send_lock = threading.Lock()
         self.outbox: list[Ran] = []
@@ -222,23 +210,22 @@ class _Runner:
         self.blocking: str | None = None   # the async job _watch_lag found blocking the loop
         self.forked = False   # this is the child of a job's os.fork()
         self.cwd = os.open(".", os.O_RDONLY | os.O_DIRECTORY)   # where jobs start
-        # the environment and umask jobs start with: _report puts back a job's changes.
-        # os.environ's own bytes dict (environb's too): compared without decoding a value
+        # the environment and umask jobs start with, which _report puts back: the bytes
+        # dict (environb's too) compares without decoding a value
         self.env = os.environ
         self.environ = dict(self.env._data)
         self.umask = os.umask(0o022)
         os.umask(self.umask)
         self.stdout, self.stderr = sys.stdout, sys.stderr
-        # process-wide settings a job may change for itself, each (read, write, value now)
+        # process-wide settings a job may change, each (read, write, value now)
         root = logging.getLogger()
         self.settings = [(read, write, read()) for read, write in (
             (socket.getdefaulttimeout, socket.setdefaulttimeout),
             (sys.getrecursionlimit, sys.setrecursionlimit),   # (raised: a runaway crashes)
             (lambda: root.level, root.setLevel), (lambda: root.manager.disable, logging.disable),
             (lambda: list(root.handlers), lambda value: setattr(root, "handlers", list(value))))]
-        # and its warnings filters (simplefilter("error") raised the next jobs' warnings):
-        # compared as a copy, since a filter is added in place; and who shows and formats
-        # them, with logging's record of it (else captureWarnings no-ops in the next jobs)
+        # warnings filters (a copy: one is added in place), and who shows and formats
+        # warnings, with logging's record of it (else captureWarnings no-ops after a job's)
         self.settings += [(lambda: warnings.filters, _set_warning_filters, list(warnings.filters)),
                           (_warning_hooks, _set_warning_hooks, _warning_hooks())]
         self.last_tick = time.monotonic()
@@ -260,17 +247,14 @@ class _Runner:
                 self.loop.run_forever()
                 return   # stopped: in the child of a job's fork (_forked)
             except (SystemExit, KeyboardInterrupt):
-                # raised in a task a job started: asyncio re-raises these out of the loop
-                # as well as into the task, whose awaiting job fails with it; others go on
-                pass
+                pass   # raised in a job's task: asyncio re-raises it here too; others go on
 
     def _forked(self) -> None:
-        """In the child of a job's os.fork(): a child that comes back here (no os._exit, no
-        exec) would run on as a second runner on this pipe and loop; it exits instead, at
-        its report or when its loop next turns."""
+        """In the child of a job's os.fork(): one that returns here must not run on as a second
+        runner on this pipe; it exits at its report or when its loop next turns."""
         self.forked = True
         self.loop.stop()
-        # and it is the job's: it stops at SIGTERM and SIGINT (multiprocessing's terminate)
+        # it is the job's: it stops at SIGTERM and SIGINT (multiprocessing's terminate)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
@@ -340,9 +324,8 @@ class _Runner:
         with self.inbox_lock:
             self.cancels -= asked - live
 
-    # The two signals only raise inside a sync job's run(), marked by `running`: raised
-    # anywhere else they would break the loop. They take no lock, which the main thread
-    # may hold when they come.
+    # The two signals raise only inside a sync job's run() (`running`): elsewhere they would
+    # break the loop. They take no lock, which the main thread may hold when they come.
     def _on_cancel(self, signum, frame) -> None:
         if self.running is not None and self.running in self.cancels:
             raise JobCancelled(CANCELLED)
@@ -354,37 +337,28 @@ class _Runner:
     def _report(self, out: Ran) -> None:
         if self.forked:
             os._exit(0)
-        # a job (or its library) may have set its own handlers, or SIG_DFL: the next jobs'
-        # timeouts and cancels would kill the process, and so would a SIGTERM to the group
-        # (or SIGPIPE; see SHARED)
+        # put back what the job changed for the whole process, which the next jobs would
+        # have: signal handlers and mask (our alarm and cancel must still interrupt them)
         for sig, handler in self.handlers.items():
-            # _signal's: signal.getsignal's Handlers(value) raised and caught a ValueError
-            # for each of our own handlers, the most of a no-op job's time in a pool process
+            # _signal's: signal.getsignal raises and catches a ValueError for our handlers
             if _signal.getsignal(sig) is not handler:
                 signal.signal(sig, handler)
-        # and a mask it left (pthread_sigmask) would keep the next jobs' alarms and cancels
-        # from ever interrupting them: each would run on until its process was killed
         signal.pthread_sigmask(signal.SIG_UNBLOCK, MAIN_ONLY)
-        try:   # and its os.chdir would move the next jobs (no contextlib.suppress: per
-            os.fchdir(self.cwd)   # job, its object cost twice the call)
+        try:   # (no contextlib.suppress: per job, its object costs twice the call)
+            os.fchdir(self.cwd)
         except OSError:
             pass
-        # and what it set or removed in os.environ, and its umask, would be the next jobs'
         os.umask(self.umask)
         if os.environ is not self.env or self.env._data != self.environ:
             self._restore_environ()
-        # and its socket timeout, recursion limit and logging setup (see settings): the next
-        # jobs' sockets timed out, their lines and the process's own took its format and level
         for read, write, value in self.settings:
             if read() != value:
                 write(value)
-        # and sys.stdout or sys.stderr it closed or replaced: the next jobs' prints failed
         if sys.stdout is not self.stdout or sys.stderr is not self.stderr or getattr(
                 self.stdout, "closed", False) or getattr(self.stderr, "closed", False):
             self._restore_stdio()
         out.finished_at = time.monotonic()
-        if isinstance(out.payload, str):   # an error text may hold a lone surrogate (a
-            # file name decoded with surrogateescape), which msgpack cannot send
+        if isinstance(out.payload, str):   # a lone surrogate (surrogateescape): not msgpack
             out.payload = out.payload.encode("utf-8", "backslashreplace").decode("utf-8")
         size = len(out.payload.encode() if isinstance(out.payload, str) else out.payload)
         if size > self.result_max:   # in bytes, as stored: an error text's too
@@ -465,9 +439,8 @@ class _Runner:
                 os._exit(0)  # the worker is gone
 
     def _send_waiting(self) -> None:
-        """A thread: outcomes that waited FLUSH_SECONDS go out, while the loop is held by a
-        run of fast sync jobs or by a long one. Else a job that ended before a long one
-        would be reported only when that one ends, and run again if it is stopped."""
+        """A thread: outcomes that waited FLUSH_SECONDS go out while sync jobs hold the loop;
+        else one that ended before a long one would be run again if that one is stopped."""
         while True:
             self.reported.wait()
             time.sleep(FLUSH_SECONDS)
@@ -492,20 +465,16 @@ class _Runner:
             instance.job_id, instance.attempt = item["job_id"], item["attempt"]
             instance.max_retries = item["max_retries"]   # the claim's: its spec may say so
             instance.dedupe_scope = item.get("dedupe_scope") or None
-        except SpecError as exc:   # no such Job class in a loaded module: no retry helps
+        except (SpecError, ModuleBroken) as exc:
             log.error("job %s: %s", item["job_id"], exc)
-            out.payload, out.final = f"refused: {exc}", True
-            return self._report(out)
-        except ModuleBroken as exc:   # a failed attempt: retried, maybe after a fix
-            log.error("job %s: %s", item["job_id"], exc)
-            out.payload = f"ModuleBroken: {exc}"
+            # no such Job class in a loaded module: no retry helps; a broken one may be fixed
+            out.final = isinstance(exc, SpecError)
+            out.payload = f"refused: {exc}" if out.final else f"ModuleBroken: {exc}"
             return self._report(out)
         except BaseException as exc:
             return self._report(_failed(out, exc))
         ctx = job_module._RunContext(item["job_id"], item)
-        if item["func"] not in self.kinds:
-            # the worker gives a class it has not seen a process of its own: tell it the
-            # kind now, not when this job ends, so async jobs can join it at once
+        if item["func"] not in self.kinds:   # told now, not at its end: async jobs may join
             is_async = self.kinds[item["func"]] = inspect.iscoroutinefunction(cls.run)
             with self.outbox_lock:
                 self.new_kinds[item["func"]] = is_async
@@ -553,8 +522,7 @@ class _Runner:
 
     def _drain_sync(self) -> None:
         """Run the sync jobs that arrived in turn (``_send_waiting`` reports them meanwhile)."""
-        # not running for them: a sync job may run a loop of its own (asyncio.run), which
-        # refuses to start inside a running one
+        # a sync job may run a loop of its own (asyncio.run), refused inside a running one
         asyncio._set_running_loop(None)
         try:
             while True:
@@ -576,14 +544,12 @@ class _Runner:
         # logger's bound fields) would stay for the jobs after it in its batch
         context = contextvars.copy_context()
         context.run(job_module._current.set, job.ctx)
-        # its start is now, not its batch's arrival: its duration is not the wait behind
-        began = out.started_at = time.monotonic()   # the jobs before it in its batch
+        began = out.started_at = time.monotonic()   # not its batch's arrival
         late = False
         try:
             try:
-                # get_event_loop() in a sync job must not give the loop running it, which
-                # refuses run_until_complete (and close): one of its own, new if one closed
-                # it (inside the try: with no fd left, that fails the job, not the process)
+                # get_event_loop() must not give the loop running the job, which refuses
+                # run_until_complete (in the try: with no fd left, it fails the job alone)
                 if self.sync_loop is None or self.sync_loop.is_closed():
                     self.sync_loop = asyncio.new_event_loop()
                     self.sync_loop.set_task_factory(self._sync_task)
@@ -622,8 +588,7 @@ class _Runner:
             out.fail(past_timeout(timeout))
 
     def _sync_task(self, loop, coro, **kwargs) -> asyncio.Task:
-        """The sync jobs' loop's task factory: notes each task (asyncio.all_tasks, per job,
-        would cost as much as the rest of a job's report)."""
+        """The sync jobs' loop's task factory: notes each task (cheaper than all_tasks)."""
         task = asyncio.Task(coro, loop=loop, **kwargs)
         self.sync_tasks.append(task)
         return task
@@ -710,8 +675,7 @@ def _succeeded(out: Ran, result, ctx) -> None:
         out.payload = (f"TypeError: the job returned {type(result).__name__}, which is not a "
                        f"msgpack value ({exc}); return plain data (dict, list, str, numbers)")
         return
-    if codec.nests_deeper(result, MAX_NESTING):   # elric job, the dashboard and a job's
-        # arguments take no deeper (a 600-level result was kept, and no one could show it)
+    if codec.nests_deeper(result, MAX_NESTING):   # as arguments: the dashboard shows no deeper
         out.payload = (f"TypeError: the result nests deeper than {MAX_NESTING} levels of lists "
                        "and maps, the most job arguments and results may; return a flatter "
                        "value")
