@@ -74,7 +74,7 @@ class MasterClient:
         if len(specs) <= MAX_BATCH:
             [answer] = self._until_known("submit_jobs", [(specs,)])
             if isinstance(answer, Exception):
-                raise _unsettled(_unsendable(answer, "submit_jobs", specs, numbered=True), specs)
+                raise _unsettled(_unsendable(answer, "submit_jobs", specs), specs)
             return answer
         starts = range(0, len(specs), SPLIT_BATCH)
         batches = [specs[i:i + SPLIT_BATCH] for i in starts]
@@ -84,7 +84,7 @@ class MasterClient:
         if unknown := next((a for a in answers if isinstance(a, RPCConnectionError)), None):
             raise _unsettled(unknown, specs, replies)
         # refused by the master (RemoteError), or here: msgpack cannot carry it, too big
-        refused = [(i, _unsendable(a, "submit_jobs", batch, numbered=True))
+        refused = [(i, _unsendable(a, "submit_jobs", batch))
                    for i, batch, a in zip(starts, batches, answers) if isinstance(a, Exception)]
         if not refused:
             return replies
@@ -227,16 +227,16 @@ def _with_id(spec: Any) -> Any:
     return spec
 
 
-def _unsendable(exc: Exception, method: str, specs: list, numbered: bool = False) -> Exception:
+def _unsendable(exc: Exception, method: str, specs: list) -> Exception:
     """``exc``, or for a call msgpack could not pack, an error naming the first spec it
     cannot carry ("spec 77: ", as the master counts) and what in it, as msgpack does not."""
     if not isinstance(exc, RPCArgumentError):
         return exc
     for i, spec in enumerate(specs):
         if (what := _what_unsendable(spec)) is not None:
-            return RPCArgumentError(f"{f'spec {i}: ' if numbered else ''}cannot send {method!r} "
-                                    f"arguments: {what}; pass plain data (dict, list, str, "
-                                    "numbers)")
+            place = f"spec {i}: " if method == "submit_jobs" else ""
+            return RPCArgumentError(f"{place}cannot send {method!r} arguments: {what}; pass "
+                                    "plain data (dict, list, str, numbers)")
     return exc
 
 
