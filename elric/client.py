@@ -74,7 +74,7 @@ class MasterClient:
         if len(specs) <= MAX_BATCH:
             [answer] = self._until_known("submit_jobs", [(specs,)])
             if isinstance(answer, Exception):
-                raise _unsettled(_unsendable(answer, "submit_jobs", specs, numbered=True), specs)
+                raise _unsettled(_unsendable(answer, "submit_jobs", specs), specs)
             return answer
         starts = range(0, len(specs), SPLIT_BATCH)
         batches = [specs[i:i + SPLIT_BATCH] for i in starts]
@@ -84,7 +84,7 @@ class MasterClient:
         if unknown := next((a for a in answers if isinstance(a, RPCConnectionError)), None):
             raise _unsettled(unknown, specs, replies)
         # refused by the master (RemoteError), or here: msgpack cannot carry it, too big
-        refused = [(i, _unsendable(a, "submit_jobs", batch, numbered=True))
+        refused = [(i, _unsendable(a, "submit_jobs", batch))
                    for i, batch, a in zip(starts, batches, answers) if isinstance(a, Exception)]
         if not refused:
             return replies
@@ -102,9 +102,8 @@ class MasterClient:
                           getattr(first, "max_message", None))
 
     def _until_known(self, method: str, calls: list[tuple]) -> list[Any]:
-        """``call_many``, sending again the calls whose outcome is unknown (the connection
-        broke after they went) until answered or the client's timeout has passed: a master
-        restarting. Safe: their jobs have ids already, and an id is queued once."""
+        """``call_many``, sending again the calls whose outcome is unknown (a master
+        restarting) till the client's timeout: safe, as their jobs have ids already."""
         deadline = time.monotonic() + (self.rpc.timeout or 30.0)
         backoff, answers, todo = Backoff(0.05, 2.0), [None] * len(calls), range(len(calls))
         for attempt in itertools.count():
@@ -132,8 +131,7 @@ class MasterClient:
         return self.rpc.call("get_job", job_id, timeout=timeout)
 
     def get_jobs(self, job_ids: list[str]) -> list[dict | None]:
-        """``get_job`` of each, in order, in as few calls as the requests' and replies' size
-        allow."""
+        """``get_job`` of each, in order, in as few calls as the messages' size allows."""
         jobs: list[dict | None] = []
         while len(jobs) < len(job_ids):
             more = self.call("get_jobs", _fitting(job_ids[len(jobs):len(jobs) + MAX_READ]))
@@ -211,9 +209,8 @@ class MasterClient:
 
 
 def _fitting(job_ids: list[str]) -> list[str]:
-    """The first of ``job_ids`` (one at least) that fit in a request any master takes:
-    ids may be 200 characters, and 1,000 of them are over the least RPC_MAX_MESSAGE (a
-    master's may be smaller than this client's)."""
+    """The first of ``job_ids`` (one at least) that fit in a request any master takes (its
+    RPC_MAX_MESSAGE may be less than this client's): 1,000 ids of 200 characters do not."""
     room = MIN_MESSAGE - REQUEST_FRAME
     for n, job_id in enumerate(job_ids):
         room -= packed_size(job_id)
@@ -223,25 +220,23 @@ def _fitting(job_ids: list[str]) -> list[str]:
 
 
 def _with_id(spec: Any) -> Any:
-    """The spec with a job_id chosen here if it has none (as the master would), so that
-    sending it again after a lost connection names the same job, not a second one. (A
-    periodic job's id is the user's to choose: the master asks for it.)"""
+    """The spec with a job_id chosen here if it has none (not for a periodic job: the user
+    chooses), so that sending it again after a lost connection names the same job."""
     if isinstance(spec, dict) and spec.get("job_id") in ("", None) and "trigger" not in spec:
         return {**spec, "job_id": os.urandom(16).hex()}
     return spec
 
 
-def _unsendable(exc: Exception, method: str, specs: list, numbered: bool = False) -> Exception:
+def _unsendable(exc: Exception, method: str, specs: list) -> Exception:
     """``exc``, or for a call msgpack could not pack, an error naming the first spec it
-    cannot carry ("spec 77: ", as the master counts) and what in it: msgpack's own words
-    ("can not serialize 'datetime.datetime' object") named neither, among 10,000 specs."""
+    cannot carry ("spec 77: ", as the master counts) and what in it, as msgpack does not."""
     if not isinstance(exc, RPCArgumentError):
         return exc
     for i, spec in enumerate(specs):
         if (what := _what_unsendable(spec)) is not None:
-            return RPCArgumentError(f"{f'spec {i}: ' if numbered else ''}cannot send {method!r} "
-                                    f"arguments: {what}; pass plain data (dict, list, str, "
-                                    "numbers)")
+            place = f"spec {i}: " if method == "submit_jobs" else ""
+            return RPCArgumentError(f"{place}cannot send {method!r} arguments: {what}; pass "
+                                    "plain data (dict, list, str, numbers)")
     return exc
 
 
@@ -266,10 +261,9 @@ def _what_unsendable(spec: Any) -> str | None:
 
 
 def _unsettled(exc: Exception, specs: list, replies: list | None = None) -> Exception:
-    """A submit's error, with ``job_ids`` (every spec's, in order: sent again with them, the
-    same specs cannot queue a job twice) and ``replies`` (the answers known, else None).
-    One whose outcome stayed unknown (the connection broke after the call went) says so,
-    as an RPCConnectionError: never "unreachable", which means nothing was sent."""
+    """A submit's error, with ``job_ids`` (every spec's, in order) and ``replies`` (the
+    answers known, else None). An unknown outcome is an RPCConnectionError, never
+    "unreachable", which means nothing was sent."""
     ids = [s.get("job_id") if isinstance(s, dict) else None for s in specs]
     error = exc
     if isinstance(exc, RPCConnectionError):   # named: those whose batch was not answered

@@ -1,7 +1,5 @@
-"""The wire contract: RPC method names, job spec keys, statuses, and spec validation.
-
-This module is the single definition of what a client may send to a master and what it
-gets back; docs/PROTOCOL.md documents it and tests/test_contract.py pins it.
+"""The wire contract: RPC method names, job spec keys, statuses, and spec validation:
+what a client may send to a master and what it gets back (documented in docs/PROTOCOL.md).
 """
 
 from __future__ import annotations
@@ -157,15 +155,13 @@ def check_func(path: Any, allowed: tuple[str, ...] | list[str] | None = None) ->
                     f"({', '.join(allowed)})")
 
 
-# A lone surrogate: what the RPC decoder makes of a msgpack string that is not valid
-# UTF-8 (it keeps the bytes rather than failing). Such text cannot be stored or used as
-# a key: it is refused up front, before a dedupe filter takes its key.
+# What the RPC decoder makes of a msgpack string that is not UTF-8: refused up front, as
+# Redis cannot store it, before a dedupe filter takes its key.
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 _PERIODIC_KEYS = ("replace_existing", "misfire_grace_time", "coalesce", "max_instances")
 DEFAULT_QUEUE = "default"   # a job's queue when its spec and class name none
 MAX_LIMIT_KEY = 200  # characters: a limit key names Redis keys
-# keys whose default is the settings', else this (Job.spec fills in the class's), when
-# left out or nil
+# keys left out or nil take the settings' default, else this (Job.spec fills in the class's)
 _DEFAULTS = (("queue", DEFAULT_QUEUE), ("priority", 0), ("max_retries", 0), ("timeout", None))
 
 
@@ -295,9 +291,7 @@ def normalize_spec(
         out[key] = fallback if value is None else value
     out["priority"], out["max_retries"] = int(out["priority"]), int(out["max_retries"])
     # the optional keys (trigger, dedupe, limit_key, round...) as given
-    for key, value in spec.items():
-        if key not in out:
-            out[key] = value
+    out |= {key: value for key, value in spec.items() if key not in out}
     if out.get("round") == "":
         raise SpecError("round '': leave it out (the master sets it for periodic fires)")
     if out.get("dedupe_key") == "":

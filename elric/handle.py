@@ -32,7 +32,7 @@ def wait(client, job_id: str, timeout: float | None = None,
     NotFound (a LookupError) when there is no such job, ValueError for a periodic one or
     one whose key holds no job (an operator's overwrite).
     Polls often at first, then once a second, and on while the master says Redis is away."""
-    if timeout is not None and not timeout >= 0:   # (NaN too) -1 said "still queued after -1s"
+    if timeout is not None and not timeout >= 0:   # (NaN too)
         raise ValueError(f"timeout takes seconds, 0 or more (None: no limit), got {timeout}")
     deadline = None if timeout is None else time.monotonic() + timeout
     delay, state, why = 0.02, None, ""
@@ -78,8 +78,7 @@ def wait(client, job_id: str, timeout: float | None = None,
 
 
 def filtered(job_id: str, spec: dict) -> str:
-    """What a submission the dedupe filter dropped is told: it printed an id as if queued,
-    and a rerun quick start then saw nothing happen, no word why."""
+    """What a submission the dedupe filter dropped is told: else it looks queued, never runs."""
     return (f"job {job_id} was filtered: its dedupe key {spec.get('dedupe_key')!r} was seen "
             f"in scope {spec.get('dedupe_scope') or 'global'!r}, so it never runs; to run it "
             "again, submit it with a new dedupe_scope (its child jobs dedupe there too)")
@@ -117,8 +116,7 @@ class JobHandle(str):
     def result(self, timeout: float | None = None) -> Any:
         """Wait for the job to end and return its result; JobFailed when it failed or was
         cancelled, TimeoutError when ``timeout`` seconds pass first."""
-        # any other answer is the status of the job that has this id (a submission sent
-        # again): there is a job to wait for
+        # any other answer (a submission sent again) is the status of a job to wait for
         why = {"filtered": "its dedupe key was seen, so it never runs",
                "scheduled": "a periodic job; each fire is a job of its own"}.get(
                    self.submitted)

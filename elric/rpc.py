@@ -89,7 +89,7 @@ class RPCTimeoutError(RPCConnectionError):
 
 class RPCArgumentError(RPCError, TypeError):
     """Arguments msgpack cannot carry (an integer over 64 bits): nothing was sent. An
-    RPCError, so that ``elric`` says it in a line (exit 2), and a TypeError, as it was."""
+    RPCError, so that ``elric`` says it in a line (exit 2), and a TypeError for callers."""
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -116,8 +116,7 @@ def packed_size(obj: Any) -> int:
 
 class _ProtocolError(Exception):
     """Input that is no msgpack-rpc; ``msgid`` is the request's when its start told it, and
-    ``answer`` the error a server sends it then: the caller learns what is wrong rather
-    than seeing the connection drop."""
+    ``answer`` the error a server sends it then, before it closes the connection."""
 
     def __init__(self, message: str, msgid: int | None = None) -> None:
         super().__init__(message)
@@ -154,9 +153,8 @@ def _request_msgid(head: bytes) -> int | None:
 
 
 class _Containers:
-    """The unpacker's hook counting a message's arrays and maps: a byte each on the wire,
-    some 80 decoded, and held while the message is in progress. (Not a method of the
-    _Decoder: that would be a cycle, whose buffers only the master's rare full gc frees.)"""
+    """The unpacker's hook counting a message's arrays and maps (a byte each on the wire,
+    far more decoded). Not a _Decoder method: that cycle only a rare full gc would free."""
 
     def __init__(self, limit: int):
         self.limit = self.left = limit
@@ -201,7 +199,7 @@ class _Decoder:
 
     def feed(self, data: bytes):
         """Yield each message completed by ``data``; raise _ProtocolError on bad input
-        (_TooLarge, knowing the request's msgid where it can, for one over the limit)."""
+        (_TooLarge for one over the limit)."""
         base = self._fed   # where ``data`` starts in the stream
         self._fed += len(data)
         try:
@@ -217,17 +215,14 @@ class _Decoder:
         except _ProtocolError:
             raise
         except Exception as exc:
-            if self._fed - self._end > self.max:   # BufferFull, a string over max_str_len...
-                raise self._too_large(f"of over {self._fed - self._end} bytes", data,
-                                      base) from None
-            detail = f": {exc}" if str(exc) else ""
-            if isinstance(exc, TypeError):   # unhashable: an array or map as a map key
-                detail += " (a map key is an array or a map; use strings or integers)"
-            # the request's start may still name its msgid, to answer it
-            raise _ProtocolError(f"bad msgpack: {type(exc).__name__}{detail}",
-                                 _request_msgid(self._start(data, base))) from None
-        if self._fed - self._end > self.max:
-            raise self._too_large(f"of over {self._fed - self._end} bytes", data, base)
+            if self.partial <= self.max:   # else BufferFull, a string over max_str_len...
+                detail = f": {exc}" if str(exc) else ""
+                if isinstance(exc, TypeError):   # unhashable: an array or map as a map key
+                    detail += " (a map key is an array or a map; use strings or integers)"
+                raise _ProtocolError(f"bad msgpack: {type(exc).__name__}{detail}",
+                                     _request_msgid(self._start(data, base))) from None
+        if self.partial > self.max:
+            raise self._too_large(f"of over {self.partial} bytes", data, base)
         self._head = self._start(data, base)
         if self._fed == self._end and self._end > self.chunk:
             # between messages: a new unpacker, as one never shrinks the buffer a big
@@ -476,10 +471,8 @@ class _Connection:
         self._free(self.held - sum(self.tasks.values()))
 
     async def _linger(self) -> None:
-        """End a connection whose peer may still be sending a refused request: the rest of
-        it cannot be told from a next request, so it is read and dropped until the peer
-        closes (LINGER s at most). Closing with input unread would reset the connection,
-        and the peer could lose the answer it was sent."""
+        """Read and drop what the peer still sends of a refused request till it closes (LINGER
+        s at most): closing with input unread resets the connection, losing the answer."""
         try:
             self.writer.write_eof()
             async with asyncio.timeout(LINGER):
@@ -793,22 +786,20 @@ class Client(_Caller):
             raise _unreachable(self.host, self.port, exc) from None
         self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._decoder, self._heard = _Decoder(self._max_message), False
-        if self._token is not None or self.handshake:
-            # with a handshake, a first answer within it tells a master from a peer that
-            # accepts and never answers (Redis waits for a line end) before a long call
-            try:
-                [answer] = self._pipeline(*(("auth", [(self._token,)]) if self._token
-                                            is not None else ("ping", [()])), 1, limit)
-                if isinstance(answer, RemoteError):
-                    raise answer
-            except RPCConnectionError as exc:
-                self._drop()
-                if not self.handshake:
-                    raise
+        if self._token is None and not self.handshake:
+            return
+        # with a handshake, a first answer within it tells a master from a peer that
+        # accepts and never answers (Redis waits for a line end) before a long call
+        first, params = ("ping", ()) if self._token is None else ("auth", (self._token,))
+        try:
+            [answer] = self._pipeline(first, [params], 1, limit)
+            if isinstance(answer, RemoteError):
+                raise answer
+        except BaseException as exc:
+            self._drop()   # a connection that did not authenticate is never used
+            if self.handshake and isinstance(exc, RPCConnectionError):
                 raise RPCUnreachableError(str(exc)) from None   # the call itself was not sent
-            except BaseException:
-                self._drop()   # a connection that did not authenticate is never used
-                raise
+            raise
 
     def _pipeline(self, method: str, calls: list[tuple], depth: int,
                   timeout: float | None) -> list[Any]:
