@@ -84,6 +84,8 @@ Workers
 
 Periodic jobs (job store and scheduler)
     ``{p}:schedule:{job_id}``       hash   a periodic job: spec, trigger (msgpack), state.
+                                           One with no fire left expires, with its
+                                           runs, a day later.
     ``{p}:schedules``               zset   job_id -> next run time (ms); paused jobs
                                            score +inf, so they are listed without a scan.
     ``{p}:schedule_runs:{job_id}``  list   the last runs of a periodic job (capped).
