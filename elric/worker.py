@@ -161,16 +161,15 @@ class Worker:
                     raise
                 self.master = master
                 break
-            except RedisAuthenticationError as exc:  # before outages: a ConnectionError too
-                raise SettingsError(f"REDIS_URL {redact_url(s.REDIS_URL)}: cannot connect "
-                                    f"({exc})") from None
+            except SettingsError:   # a Redis too old
+                raise
             except RemoteError as exc:  # the master answered: no, e.g. a wrong RPC_TOKEN
                 raise SettingsError(f"MASTER_ADDRESS {s.MASTER_ADDRESS}: {exc}") from None
             except Exception as exc:   # Redis away or refusing (BUSY, LOADING), no master
-                if what.startswith("Redis") and not is_outage(exc) and not isinstance(
-                        exc, SettingsError):
-                    # an answer, but no Redis's (an HTTP server there), or an option in the
-                    # URL that redis-py does not take: a setting to fix, as for a master
+                # a wrong password (a ConnectionError too), an answer but no Redis's (an HTTP
+                # server there), an option redis-py does not take: a setting to fix
+                if what.startswith("Redis") and (
+                        isinstance(exc, RedisAuthenticationError) or not is_outage(exc)):
                     raise SettingsError(f"REDIS_URL {redact_url(s.REDIS_URL)}: cannot "
                                         f"connect ({exc})") from None
                 if not is_outage(exc) and not isinstance(exc, RPCConnectionError):
