@@ -644,28 +644,28 @@ class Worker:
         """A pool process died holding this job: a failure when the job is known to be at
         fault; otherwise the job runs again, same attempt, apart from others when the
         culprit is unknown. A job asked to stop ends cancelled, whoever was to blame."""
-        if claim.job_id in exc.culprits or len(exc.held) == 1 or claim.cancelling:
-            if claim.cancelling:
-                why = runner.CANCELLED + "; its process was killed"
-            elif claim.job_id in exc.culprits:
-                why = exc.culprits[claim.job_id] or \
-                    runner.past_timeout(claim.timeout) + " and its process was killed"
-            else:
-                # (the status tells an os._exit from an OOM kill or a segfault)
-                why = (f"the job's process died ({exc.how()}: os._exit, a signal or a crash "
-                       "in native code)")
-            ran = runner.Ran.failure(claim.run, why)
-            # it ran until then (past its timeout, say): its record's duration says so
-            ran.started_at = exc.sent_at.get(claim.job_id, ran.started_at)
-            return ran
-        if exc.culprits:
+        if claim.cancelling:
+            why = runner.CANCELLED + "; its process was killed"
+        elif claim.job_id in exc.culprits:
+            why = exc.culprits[claim.job_id] or \
+                runner.past_timeout(claim.timeout) + " and its process was killed"
+        elif len(exc.held) == 1:
+            # (the status tells an os._exit from an OOM kill or a segfault)
+            why = (f"the job's process died ({exc.how()}: os._exit, a signal or a crash "
+                   "in native code)")
+        elif exc.culprits:
             self.buffer.appendleft(claim)   # a bystander of a known culprit
             return None
-        if claim.job_id == exc.held[0]:
-            log.warning("worker: a pool process died; running its %d job(s) one by one to "
-                        "find which one killed it", len(exc.held))
-        self.crash_suspects.append(claim)
-        return None
+        else:
+            if claim.job_id == exc.held[0]:
+                log.warning("worker: a pool process died; running its %d job(s) one by one "
+                            "to find which one killed it", len(exc.held))
+            self.crash_suspects.append(claim)
+            return None
+        ran = runner.Ran.failure(claim.run, why)
+        # it ran until then (past its timeout, say): its record's duration says so
+        ran.started_at = exc.sent_at.get(claim.job_id, ran.started_at)
+        return ran
 
     # --- recording outcomes -------------------------------------------------------------
     async def _record_loop(self) -> None:
