@@ -750,19 +750,18 @@ class Worker:
     async def _send_children(self, outcomes: list[runner.Ran]) -> dict[str, str]:
         """Send child jobs to the master before their parents are acknowledged. Returns
         {parent_id: error} for parents whose children the master refused."""
-        batch = [c for o in outcomes if o.ok for c in o.children]
+        parents = [o for o in outcomes if _begets(o)]
         try:
-            await self._submit_children(batch)
+            await self._submit_children([c for o in parents for c in o.children])
             return {}
         except (RemoteError, ChildTooBig):
             pass  # one bad spec refuses the whole batch: find the parents at fault
         refused = {}
-        for o in outcomes:
-            if o.ok and o.children:
-                try:
-                    await self._submit_children(o.children)
-                except (RemoteError, ChildTooBig) as exc:
-                    refused[o.job_id] = str(exc)
+        for o in parents:
+            try:
+                await self._submit_children(o.children)
+            except (RemoteError, ChildTooBig) as exc:
+                refused[o.job_id] = str(exc)
         return refused
 
     async def _submit_children(self, specs: list[dict]) -> None:
