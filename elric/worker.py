@@ -872,12 +872,8 @@ class Worker:
                 # a job claimed again while its lost attempt runs here: the lost one's "lost"
                 # (by job id) would drop the new claim, whose lease then ran out too; the
                 # claim sent is the newest run's newest attempt
-                newest: dict[str, Claim] = {}
                 held = self._claims()
-                for claim in held:
-                    old = newest.get(claim.job_id)
-                    if old is None or (claim.member, claim.attempt) >= (old.member, old.attempt):
-                        newest[claim.job_id] = claim
+                newest = {c.job_id: c for c in sorted(held, key=lambda c: (c.member, c.attempt))}
                 asked, claims = time.monotonic(), list(newest.values())
                 renewed = await self.queue.heartbeat(self.worker_id, claims, self.lease,
                                                      self._hash_fields())
