@@ -819,12 +819,10 @@ class Worker:
                     raise
                 # not a refusal of the children: the same call again, once Redis is back
                 outage.failed(exc, f"master {address} cannot use Redis")
-                lost = False
+                await asyncio.sleep(backoff.next())
             except RPCConnectionError as exc:
                 outage.failed(exc, f"master {address} unreachable")
-                lost = True
-            await asyncio.sleep(backoff.next())
-            if lost:
+                await asyncio.sleep(backoff.next())
                 await self.master.close()
                 with contextlib.suppress(RPCError):
                     self.master = await self._connect_master()
