@@ -503,11 +503,10 @@ class Worker:
         self.pool.withdraw_waiting()
         # the prefetch _sizes allows for jobs this slow (batches of one); async ones stay
         waiting = [c for c in self.buffer if self.pool.kinds.get(c.func) is not True]
-        surplus = waiting[self.concurrency:]
+        gone = {id(c) for c in waiting[self.concurrency:]}
+        surplus = self._unbuffer(lambda c: id(c) in gone)
         if not surplus:
             return
-        gone = {id(c) for c in surplus}
-        self.buffer = deque(c for c in self.buffer if id(c) not in gone)
         try:
             n = await self.queue.release(self.worker_id, [c.run for c in surplus])
         except BaseException as exc:   # (a stop's cut too: the stop gives them back)
