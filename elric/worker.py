@@ -389,9 +389,8 @@ class Worker:
 
     async def _wait(self, timeout: float, run: float = 0.0, for_work: bool = False) -> None:
         """Until something changed (a job finished, stop), the waiting fetch came back, or
-        timeout. ``for_work``: first send a fetch that waits in Redis for a wake token of
-        its queues, with no await before, so a pause or new queues told either apply or end it.
-        """
+        timeout. ``for_work``: first send a fetch that waits in Redis for a wake token, with
+        no await before it, so that a pause or new queues told either apply to it or end it."""
         # none when it can start nothing now: the token it took may be a limited job's, which
         # it may not claim, and an idle worker would then wait its own timeout for the job
         fetch, start = (0, 0) if self.buffer or self.crash_suspects or not for_work else \
@@ -911,8 +910,7 @@ class Worker:
     # --- shutdown ---------------------------------------------------------------------
     async def _give_back(self, claims: list[Claim], kind: str) -> None:
         """Give claims back to the queue, trying until the stop ends it (``_given``). No
-        failure ends the stop: its running jobs would go on unrecorded, the worker never exit.
-        """
+        failure may end the stop: running jobs would go on unrecorded, the worker never exit."""
         try:
             n = await self._retry_redis(self.queue.release, self.worker_id,
                                         [c.run for c in claims])
@@ -979,8 +977,7 @@ class Worker:
         self._give_back_waiting()
 
     def _give_back_waiting(self, also: list[Claim] | None = None) -> None:
-        """A stopping worker starts no job: those waiting here (and ``also``) go back to the
-        queue, beside what the stop waits for."""
+        """A stopping worker starts no job: those waiting here (and ``also``) go back."""
         waiting = [*(also or ()), *self.buffer, *self.crash_suspects]
         self.buffer.clear()
         self.crash_suspects.clear()
@@ -989,8 +986,7 @@ class Worker:
                 self._give_back(waiting, "stopped" if also else "prefetched")))
 
     async def _given(self, end: float) -> None:
-        """Wait for the stop's give-backs till ``end``, then end them: with Redis away, their
-        jobs run again once their leases run out."""
+        """Wait for the stop's give-backs till ``end``, then end them: leases do the rest."""
         while pending := [t for t in self._giving if not t.done()]:
             if time.monotonic() >= end:
                 for task in pending:
@@ -1000,8 +996,7 @@ class Worker:
             await asyncio.wait(pending, timeout=end - time.monotonic())
 
     async def _wait_while(self, busy, deadline: float, recorder: asyncio.Task) -> None:
-        """While ``busy()``, until ``deadline`` (``time.monotonic()``), unless the recorder
-        ended."""
+        """While ``busy()``, till ``deadline`` (time.monotonic()), unless the recorder ended."""
         while busy() and time.monotonic() < deadline and not recorder.done():
             self._changed.clear()
             self.pool.kill_overdue()
