@@ -1,9 +1,6 @@
-"""The worker: pull jobs with a lease, run them in a process pool, record outcomes.
-
-One asyncio loop does all the Redis and RPC work; jobs run in ``elric.pool``. A worker
-fetches what it has room for plus a small prefetch, renews the leases of what it holds
-(heartbeat), and gives prefetched jobs back at once when told to stop. Each heartbeat also
-records the worker's load and picks up what an operator asked (pause, resume, stop, set).
+"""The worker: pull jobs with a lease, run them in a process pool (``elric.pool``), record
+outcomes. One asyncio loop does the Redis and RPC work; its heartbeat renews leases, records
+the worker's load and picks up what an operator asked (pause, resume, stop, set).
 """
 
 from __future__ import annotations
@@ -95,8 +92,7 @@ class Worker:
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.keys = Keys(settings.KEY_PREFIX)
         self.buffer: deque[Claim] = deque()      # claimed, not yet handed to the pool
-        # jobs of a pool process that died, each run alone to find which killed it (not
-        # Claim.suspect: a job lost with workers twice, which Redis marks)
+        # jobs of a pool process that died, run alone to find its culprit (not Claim.suspect)
         self.crash_suspects: deque[Claim] = deque()
         self._suspect_came = False   # it may hold a Claim.suspect: _holds_suspect looks
         self.finished: list[tuple[Claim, runner.Ran]] = []   # ran, not yet recorded
@@ -121,9 +117,8 @@ class Worker:
         self._waiting_since = 0.0
         self._wait_refused: Exception | None = None   # what the last wait for work met
         self._wait_backoff = Backoff()
-        # when (time.monotonic()) the first fetch that failed or was cut off was sent: Redis
-        # may have run it, and its claims are this worker's, unknown to it
-        # (``_release_unknown``); _taking guards a fetch's claims on their way into the buffer
+        # when the first fetch that failed or was cut off was sent: Redis may have run it, its
+        # claims unknown here (_release_unknown); _taking guards claims on their way in
         self._unsure_since: float | None = None
         self._taking = asyncio.Lock()
         # each retrying loop's trouble, which the heartbeat publishes for operators
@@ -133,15 +128,13 @@ class Worker:
         self._renew_now = asyncio.Event()   # a claim's lease may be over: ask Redis now
         self._margin = min(1.0, self.lease / 10)   # a lease this close to its end is not relied on
         self._starting: asyncio.Task | None = None   # a start-up step a stop cancels
-        # (connection, limit) a master's too_large told: it holds while that connection
-        # does, since a master started again may take more
+        # (connection, limit) a master's too_large told: a master started again may take more
         self._told_limit: tuple[AsyncClient, int] | None = None
 
     # --- setup ------------------------------------------------------------------------
     async def _connect(self) -> None:
-        """Connect to Redis and the master, waiting for them as long as it takes: either may
-        start after the worker. Settings that cannot work (a wrong password or RPC_TOKEN)
-        are refused at once; ``request_stop`` cancels the wait."""
+        """Connect to Redis and the master, waiting as long as it takes (either may start
+        later). Settings that cannot work are refused at once; ``request_stop`` cancels."""
         s = self.settings
         self.redis = aioredis.Redis.from_url(s.REDIS_URL, **REDIS_CLIENT_OPTIONS)
         # (its waits for work last at most a second or two, well inside socket_timeout)
@@ -161,16 +154,15 @@ class Worker:
                     raise
                 self.master = master
                 break
-            except RedisAuthenticationError as exc:  # before outages: a ConnectionError too
-                raise SettingsError(f"REDIS_URL {redact_url(s.REDIS_URL)}: cannot connect "
-                                    f"({exc})") from None
+            except SettingsError:   # a Redis too old
+                raise
             except RemoteError as exc:  # the master answered: no, e.g. a wrong RPC_TOKEN
                 raise SettingsError(f"MASTER_ADDRESS {s.MASTER_ADDRESS}: {exc}") from None
             except Exception as exc:   # Redis away or refusing (BUSY, LOADING), no master
-                if what.startswith("Redis") and not is_outage(exc) and not isinstance(
-                        exc, SettingsError):
-                    # an answer, but no Redis's (an HTTP server there), or an option in the
-                    # URL that redis-py does not take: a setting to fix, as for a master
+                # a wrong password (a ConnectionError too), an answer but no Redis's (an HTTP
+                # server there), an option redis-py does not take: a setting to fix
+                if what.startswith("Redis") and (
+                        isinstance(exc, RedisAuthenticationError) or not is_outage(exc)):
                     raise SettingsError(f"REDIS_URL {redact_url(s.REDIS_URL)}: cannot "
                                         f"connect ({exc})") from None
                 if not is_outage(exc) and not isinstance(exc, RPCConnectionError):
@@ -226,7 +218,6 @@ class Worker:
                          result_max=s.result_max_bytes)
         heartbeat = recorder = None
         try:
-            # Redis may be away or refuse writes for a while; a stop meanwhile ends the wait
             if not await self._unless_stopped(self._retry_redis(self._register)):
                 return 0
             heartbeat = asyncio.create_task(self._heartbeat_loop())
@@ -246,8 +237,8 @@ class Worker:
             log.critical("worker %s: failed; exiting", self.worker_id, exc_info=True)
             self.broken = True
         finally:
-            # (ended already, unless registering or the stop failed) Left running, Python
-            # would wait for them at exit: a worker registered, taking no work, for good
+            # (ended already, unless registering or the stop failed) else Python waits for
+            # them at exit, the worker registered and idle for good
             self.pool.kill_all()
             self.pool.shutdown(wait=True, cancel_futures=True)
             for task in (heartbeat, recorder):
@@ -309,11 +300,9 @@ class Worker:
         return self._suspect_came
 
     def _sizes(self) -> tuple[int, int]:
-        """Room for jobs: the slots of the kind of job this worker saw last, and a small
-        prefetch, less what it holds; and of that room, the jobs it could start now, the
-        only ones that may be of a limited key (a claim holds its key's slot: one waiting
-        behind others would hold it idle). Sized to what it can start now, so a worker
-        started later still finds work. A paused worker fetches nothing."""
+        """Room for jobs: the slots of the kind of job seen last plus a small prefetch, less
+        what it holds; and of that, the jobs it could start now, the only ones that may be of
+        a limited key (a claim waiting behind others would hold its key's slot idle)."""
         if self.paused:
             return 0, 0
         if self.pool.last_async:
@@ -324,9 +313,8 @@ class Worker:
         return slots + prefetch - held, max(0, slots - held)
 
     async def _loop(self) -> None:
-        """``_turns`` till a stop. The loop hears one between its Redis calls: with Redis
-        frozen each waits out the socket timeout, a turn makes several, and a stop came
-        past SHUTDOWN_GRACE + 10 s. Past STOP_HEARD the call is cut short instead."""
+        """``_turns`` till a stop. With Redis frozen each of a turn's calls waits out the
+        socket timeout, past SHUTDOWN_GRACE: past STOP_HEARD the call is cut short."""
         turns = asyncio.create_task(self._turns())
         stopped = asyncio.ensure_future(self._stopped.wait())
         try:
@@ -336,8 +324,7 @@ class Worker:
             if not turns.done():
                 log.warning("worker: Redis did not answer within %gs of the stop; cutting "
                             "its call short", STOP_HEARD)
-                # a fetch (or a give-back) cut may have run in Redis: the stop asks it for
-                # the claims unknown here (_release_unknown)
+                # a fetch (or a give-back) cut may have run in Redis (_release_unknown)
                 self._unsure_since = self._unsure_since or self._turn_at
                 turns.cancel()
                 await asyncio.wait([turns], timeout=STOP_HEARD)
@@ -359,8 +346,8 @@ class Worker:
             if self._unsure_since and self._wait_refused is None:
                 await self._release_unknown()
             if self._wait_refused is not None:
-                # a fetch without a wait may pass (it writes nothing when there is no work):
-                # back off here, or the refused waits would follow each other at once
+                # back off here: a fetch without a wait may pass (it writes nothing when
+                # there is no work), and the refused waits would follow each other at once
                 exc, self._wait_refused = self._wait_refused, None
                 self._outages["waiting for work"].failed(exc)
                 await self._wait(self._wait_backoff.next(), run)
@@ -394,7 +381,6 @@ class Worker:
                     continue
                 if fetched.limited_wait is not None:
                     # jobs held back by their limit key: look again when they may start
-                    # (or sooner, when a slot frees and a wake token comes)
                     if fetched.limited_wait > 0:
                         await self._wait(max(0.01, min(1.0, fetched.limited_wait)), run,
                                          for_work=True)
@@ -403,10 +389,8 @@ class Worker:
 
     async def _wait(self, timeout: float, run: float = 0.0, for_work: bool = False) -> None:
         """Until something changed (a job finished, stop), the waiting fetch came back, or
-        timeout. ``for_work``: first send a fetch for the room there is, which waits in
-        Redis for a wake token of this worker's queues (at most ``timeout``). The room is
-        taken now, with no await before the send, so a pause or new queues told meanwhile
-        either apply to it or find it to end."""
+        timeout. ``for_work``: first send a fetch that waits in Redis for a wake token, with
+        no await before it, so that a pause or new queues told either apply to it or end it."""
         # none when it can start nothing now: the token it took may be a limited job's, which
         # it may not claim, and an idle worker would then wait its own timeout for the job
         fetch, start = (0, 0) if self.buffer or self.crash_suspects or not for_work else \
@@ -419,8 +403,7 @@ class Worker:
                 self.worker_id, self.queues, fetch, self.lease, start=start,
                 holds_suspect=self._holds_suspect(),
                 wake_on=WakeOn(self.blocking_redis, lists, timeout)))
-            # _take_woken reads its error; one a stop cut short left (Redis frozen) is
-            # read here, or asyncio logs it after "stopped" as a traceback
+            # read its error, or one a stop left (Redis frozen) is logged as a traceback
             self._waiting.add_done_callback(lambda t: t.cancelled() or t.exception())
         waiters = [asyncio.ensure_future(self._changed.wait())]
         if self._waiting is not None:
@@ -432,10 +415,9 @@ class Worker:
             waiters[0].cancel()
 
     async def _take_woken(self) -> None:
-        """The claims of a waiting fetch that came back join the buffer. Redis being away
-        or refusing, or a wake list of another type (an operator's WRONGTYPE), is noted for
-        the loop to back off; scripts flushed, or a wait Redis ended with an error, are
-        left to the next fetch (which loads the scripts again)."""
+        """The claims of a waiting fetch that came back join the buffer. Redis away or
+        refusing, or a wake list of another type, makes the loop back off; scripts flushed,
+        or a wait Redis ended with an error, are left to the next fetch."""
         task = self._waiting
         if task is None or not task.done():
             return
@@ -447,8 +429,7 @@ class Worker:
                 return
             exc = task.exception()
             if exc is not None:
-                # the fetch behind a BLPOP that failed ran all the same: its claims, if any,
-                # are unknown here (``_release_unknown``)
+                # the fetch behind a BLPOP that failed ran all the same (_release_unknown)
                 self._unsure_since = self._unsure_since or self._waiting_since
                 if isinstance(exc, NoScriptError) or unblocked(exc):
                     return
@@ -475,8 +456,8 @@ class Worker:
             except Exception as exc:   # Redis gone: its connection and fetch are gone too
                 log.warning("worker: could not end its wait for work (%s)", exc)
                 task.cancel()
-                # it may have claimed jobs all the same; once it has ended, _take_woken
-                # clears the wait, else _release_unknown (a stop's) would not look for them
+                # it may have claimed jobs: once it ended, _take_woken clears the wait, or
+                # _release_unknown would not look for them
                 await asyncio.wait([task])
                 self._unsure_since = self._unsure_since or self._waiting_since
         await self._take_woken()
@@ -486,8 +467,7 @@ class Worker:
         if self.stopping:
             return
         while self.crash_suspects:
-            # After a process died we cannot tell which of its jobs killed it: run them one
-            # per process, so the culprit is found and no one else pays.
+            # which of a dead process's jobs killed it is unknown: one per process
             if self.pool.place(False, alone=True) is None or not self._held(self.crash_suspects[0]):
                 return
             self._send(self.crash_suspects.popleft(), suspect=True)
@@ -496,8 +476,7 @@ class Worker:
         while self.buffer:
             claim = self.buffer.popleft()
             how = self.pool.how(claim)
-            # (not while a lost run of it still runs here: the pool holds one per job; even
-            # a first attempt may have one, of a rerun or of an earlier job of its id)
+            # not while a lost run of it (even of a rerun) runs here: the pool holds one a job
             if self._held(claim) and how not in full and not self.pool.holds(claim.job_id):
                 try:
                     self._send(claim)
@@ -513,9 +492,8 @@ class Worker:
 
     async def _shed_slow(self, run: float) -> None:
         """Once a sync run goes on past SLOW_RUN, the jobs held are slow: size for them now,
-        not when one ends, and keep only a prefetch of unstarted sync jobs. Those waiting in
-        pool processes come back (``_ran``); those beyond the prefetch go back to the queue,
-        without using an attempt, for workers with free slots."""
+        not when one ends. Those waiting in pool processes come back (``_ran``); those beyond
+        a prefetch go back to the queue, without using an attempt, for workers with room."""
         if run < SLOW_RUN:
             return
         self.avg_job_seconds = max(self.avg_job_seconds, run)
@@ -524,18 +502,17 @@ class Worker:
         self.pool.withdraw_waiting()
         # the prefetch _sizes allows for jobs this slow (batches of one); async ones stay
         waiting = [c for c in self.buffer if self.pool.kinds.get(c.func) is not True]
-        surplus = waiting[self.concurrency:]
+        gone = {id(c) for c in waiting[self.concurrency:]}
+        surplus = self._unbuffer(lambda c: id(c) in gone)
         if not surplus:
             return
-        gone = {id(c) for c in surplus}
-        self.buffer = deque(c for c in self.buffer if id(c) not in gone)
         try:
             n = await self.queue.release(self.worker_id, [c.run for c in surplus])
         except BaseException as exc:   # (a stop's cut too: the stop gives them back)
             if not is_outage(exc) and not isinstance(exc, asyncio.CancelledError):
                 raise
-            # kept, tried again at the next turn; Redis may have run it: none starts
-            # before the heartbeat has asked Redis whether it still holds them
+            # kept, tried again next turn; Redis may have run it: none starts before the
+            # heartbeat asked whether it still holds them
             for claim in surplus:
                 claim.held_until = 0.0
             self.buffer.extend(surplus)
@@ -546,18 +523,15 @@ class Worker:
                  "for workers with free slots", run, n)
 
     async def _release_unknown(self, deadline: float | None = None) -> None:
-        """Give back, without using an attempt, the claims Redis holds under this worker
-        that it does not know: a fetch whose reply was lost made them. Unknown, they would
-        wait for their leases to run out and run again as a second attempt. Only this loop
-        and ``_take_woken`` fetch; with no fetch out, every claim made is known here (one
-        that ended meanwhile is not running, and release.lua passes it over). Tried once
-        (the loop's next turn tries again), or till ``deadline``: a stop has no next turn."""
+        """Give back, without using an attempt, the claims Redis holds under this worker that
+        it does not know (a fetch whose reply was lost made them), or they run again as a
+        second attempt once their leases end. Tried once, or till ``deadline`` (a stop's)."""
         if self._taking.locked() or self._waiting is not None:
             return   # claims on their way in, or a fetch out that may bring some: later
 
         async def give_back() -> int:
-            # a claim older than this has run out of its lease (unknown, none renewed
-            # it): it is being redelivered, whatever Redis's clock did meanwhile
+            # a claim older than this has run out of its lease (none renewed it): it is
+            # being redelivered, whatever Redis's clock did meanwhile
             held = await self.queue.claimed(
                 self.worker_id, time.monotonic() - self._unsure_since + self.lease)
             known = {c.run for c in self._claims()}
@@ -577,10 +551,8 @@ class Worker:
 
     async def _hand_back_others(self, claims: list[Claim], asked: float) -> list[Claim]:
         """Give back, without using an attempt, the jobs whose module this worker does not
-        load: they wait a few seconds for a worker that does (with Redis away, they go back
-        to their place in line once it returns). A job with fields elric did not write fails
-        for good, unrun. Returns the others, whose
-        leases, asked for at ``asked``, last a lease from then."""
+        load; a job with fields elric did not write fails for good, unrun. Returns the
+        others, whose leases, asked for at ``asked``, last a lease from then."""
         mine: list[Claim] = []
         others: dict[str, list[Claim]] = {}
         for claim in claims:
@@ -610,9 +582,8 @@ class Worker:
         return mine
 
     def _held(self, claim: Claim) -> bool:
-        """Whether this worker surely still holds the claim's lease. A worker that was paused
-        or cut off may have lost it to another worker: then the heartbeat asks Redis, and
-        drops the claims it lost, before anything starts."""
+        """Whether this worker surely still holds the claim's lease; if not, the heartbeat
+        asks Redis now, and drops the claims lost, before anything starts."""
         if time.monotonic() < claim.held_until - self._margin:
             return True
         self._renew_now.set()
@@ -645,34 +616,33 @@ class Worker:
         """A pool process died holding this job: a failure when the job is known to be at
         fault; otherwise the job runs again, same attempt, apart from others when the
         culprit is unknown. A job asked to stop ends cancelled, whoever was to blame."""
-        if claim.job_id in exc.culprits or len(exc.held) == 1 or claim.cancelling:
-            if claim.cancelling:
-                why = runner.CANCELLED + "; its process was killed"
-            elif claim.job_id in exc.culprits:
-                why = exc.culprits[claim.job_id] or \
-                    runner.past_timeout(claim.timeout) + " and its process was killed"
-            else:
-                # (the status tells an os._exit from an OOM kill or a segfault)
-                why = (f"the job's process died ({exc.how()}: os._exit, a signal or a crash "
-                       "in native code)")
-            ran = runner.Ran.failure(claim.run, why)
-            # it ran until then (past its timeout, say): its record's duration says so
-            ran.started_at = exc.sent_at.get(claim.job_id, ran.started_at)
-            return ran
-        if exc.culprits:
+        if claim.cancelling:
+            why = runner.CANCELLED + "; its process was killed"
+        elif claim.job_id in exc.culprits:
+            why = exc.culprits[claim.job_id] or \
+                runner.past_timeout(claim.timeout) + " and its process was killed"
+        elif len(exc.held) == 1:
+            # (the status tells an os._exit from an OOM kill or a segfault)
+            why = (f"the job's process died ({exc.how()}: os._exit, a signal or a crash "
+                   "in native code)")
+        elif exc.culprits:
             self.buffer.appendleft(claim)   # a bystander of a known culprit
             return None
-        if claim.job_id == exc.held[0]:
-            log.warning("worker: a pool process died; running its %d job(s) one by one to "
-                        "find which one killed it", len(exc.held))
-        self.crash_suspects.append(claim)
-        return None
+        else:
+            if claim.job_id == exc.held[0]:
+                log.warning("worker: a pool process died; running its %d job(s) one by one "
+                            "to find which one killed it", len(exc.held))
+            self.crash_suspects.append(claim)
+            return None
+        ran = runner.Ran.failure(claim.run, why)
+        # it ran until then (past its timeout, say): its record's duration says so
+        ran.started_at = exc.sent_at.get(claim.job_id, ran.started_at)
+        return ran
 
     # --- recording outcomes -------------------------------------------------------------
     async def _record_loop(self) -> None:
-        """Record outcomes as they come. A parent's waits for the master to take its
-        children: parents are recorded in a task of their own, so that while the master is
-        away the other outcomes are recorded still (and free their room)."""
+        """Record outcomes as they come; parents, which wait for the master to take their
+        children, in a task of their own, so that others are recorded while it is away."""
         parents: asyncio.Task | None = None
         try:
             while True:
@@ -751,27 +721,24 @@ class Worker:
     async def _send_children(self, outcomes: list[runner.Ran]) -> dict[str, str]:
         """Send child jobs to the master before their parents are acknowledged. Returns
         {parent_id: error} for parents whose children the master refused."""
-        batch = [c for o in outcomes if o.ok for c in o.children]
+        parents = [o for o in outcomes if _begets(o)]
         try:
-            await self._submit_children(batch)
+            await self._submit_children([c for o in parents for c in o.children])
             return {}
         except (RemoteError, ChildTooBig):
             pass  # one bad spec refuses the whole batch: find the parents at fault
         refused = {}
-        for o in outcomes:
-            if o.ok and o.children:
-                try:
-                    await self._submit_children(o.children)
-                except (RemoteError, ChildTooBig) as exc:
-                    refused[o.job_id] = str(exc)
+        for o in parents:
+            try:
+                await self._submit_children(o.children)
+            except (RemoteError, ChildTooBig) as exc:
+                refused[o.job_id] = str(exc)
         return refused
 
     async def _submit_children(self, specs: list[dict]) -> None:
-        """``submit_jobs`` in calls the master takes: at most MAX_BATCH specs and
-        RPC_MAX_MESSAGE bytes each (a bigger request is not even sent). A master whose own
-        limit is smaller answers too_large with it: the children are sent again in calls
-        that fit it. Child ids are fixed, so calls that passed before one is refused are
-        harmless when sent again."""
+        """``submit_jobs`` in calls of at most MAX_BATCH specs and RPC_MAX_MESSAGE bytes; a
+        master whose limit is smaller answers too_large with it, and all are sent again in
+        calls that fit (child ids are fixed: those sent twice are harmless)."""
         while True:
             told = self._told_limit
             limit = told[1] if told and told[0] is self.master and not self.master.closed \
@@ -821,12 +788,10 @@ class Worker:
                     raise
                 # not a refusal of the children: the same call again, once Redis is back
                 outage.failed(exc, f"master {address} cannot use Redis")
-                lost = False
+                await asyncio.sleep(backoff.next())
             except RPCConnectionError as exc:
                 outage.failed(exc, f"master {address} unreachable")
-                lost = True
-            await asyncio.sleep(backoff.next())
-            if lost:
+                await asyncio.sleep(backoff.next())
                 await self.master.close()
                 with contextlib.suppress(RPCError):
                     self.master = await self._connect_master()
@@ -842,21 +807,17 @@ class Worker:
         await self.queue.heartbeat(self.worker_id, [], self.lease, self._hash_fields())
 
     def _hash_fields(self) -> dict:
-        """The worker's hash, written whole by every heartbeat, so that a Redis which lost
-        it (a restart without persistence, a failover) shows the worker again within a
-        second. CPU % is over the time since the last heartbeat, of the worker and its pool
-        processes."""
+        """The worker's hash, written whole by every heartbeat: a Redis which lost it (a
+        restart without persistence, a failover) shows the worker again within a second."""
         fields = {"host": socket.gethostname(), "pid": os.getpid(),
                   "queues": ",".join(self.queues), "concurrency": self.concurrency,
                   "async_concurrency": self.async_slots, "version": elric.__version__,
                   "started_at": self.started_at,
-                  # stopping: told to stop, its running jobs finishing (SHUTDOWN_GRACE)
                   "state": "stopping" if self.stopping else "paused" if self.paused
                   else "running",
                   "processed": self.processed, "done": self.done, "failed": self.failed,
                   "in_flight": len(self.pool.claims()),
-                  # "" or what is stuck retrying, e.g. "sending child jobs: master ...
-                  # unreachable for 42s": the worker is alive but its work waits
+                  # "" or what is stuck retrying: the worker is alive but its work waits
                   "trouble": "; ".join(f"{doing}: {o.trouble()}"
                                        for doing, o in self._outages.items() if o.kind)}
         measured = self.load.read([os.getpid(), *self.pool.pids()])
@@ -871,23 +832,17 @@ class Worker:
             await until(self._renew_now, min(1.0, self.lease / 3))
             self._renew_now.clear()
             try:
-                # a job claimed again while its lost attempt runs here: the lost one's "lost"
-                # (by job id) would drop the new claim, whose lease then ran out too; the
-                # claim sent is the newest run's newest attempt
-                newest: dict[str, Claim] = {}
+                # send only each job's newest claim: a lost attempt still running here
+                # would have its job's new claim dropped too ("lost" is by job id)
                 held = self._claims()
-                for claim in held:
-                    old = newest.get(claim.job_id)
-                    if old is None or (claim.member, claim.attempt) >= (old.member, old.attempt):
-                        newest[claim.job_id] = claim
+                newest = {c.job_id: c for c in sorted(held, key=lambda c: (c.member, c.attempt))}
                 asked, claims = time.monotonic(), list(newest.values())
                 renewed = await self.queue.heartbeat(self.worker_id, claims, self.lease,
                                                      self._hash_fields())
                 for claim in claims:
                     if claim.job_id not in renewed.lost:
                         claim.held_until = asked + self.lease
-                # the claims sent: one of the job fetched since (given back, fetched again at
-                # the same attempt) is not lost; one a newer claim of its job here replaced is
+                # of the claims sent: one fetched again since is not lost; one replaced is
                 self._drop_lost([c for c in held if newest[c.job_id] is not c or
                                  c.job_id in renewed.lost])
                 self._stop_cancelled([c for c in claims if c.job_id in renewed.cancel])
@@ -906,7 +861,6 @@ class Worker:
                      "paused: fetches no jobs, runs those it holds" if self.paused
                      else "resumed: fetching jobs again")
             self._changed.set()
-        # (the next heartbeat writes the new queues and pool size into the worker's hash)
         if control.queues and control.queues != self.queues:
             log.info("worker %s: now serves queues %s", self.worker_id,
                      ",".join(control.queues))
@@ -915,8 +869,7 @@ class Worker:
             self._changed.set()
         if control.concurrency and control.concurrency != self.concurrency \
                 and not self.stopping:
-            # A smaller pool lets the processes it drops finish their jobs first; jobs
-            # fetched meanwhile wait here, under lease, for a process with room.
+            # a smaller pool lets the processes it drops finish their jobs first
             self.pool.resize(control.concurrency)
             log.info("worker %s: pool resized to %d processes (was %d)", self.worker_id,
                      control.concurrency, self.concurrency)
@@ -956,10 +909,8 @@ class Worker:
 
     # --- shutdown ---------------------------------------------------------------------
     async def _give_back(self, claims: list[Claim], kind: str) -> None:
-        """Give claims back to the queue, trying until the stop ends it (``_given``): with
-        Redis away a SIGTERM must still stop the worker, and the jobs are redelivered when
-        their leases run out. Another refusal (a job's key of another type) must not end the
-        stop either: its running jobs would go on unrecorded, and the worker never exit."""
+        """Give claims back to the queue, trying until the stop ends it (``_given``). No
+        failure may end the stop: running jobs would go on unrecorded, the worker never exit."""
         try:
             n = await self._retry_redis(self.queue.release, self.worker_id,
                                         [c.run for c in claims])
@@ -976,10 +927,9 @@ class Worker:
         log.info("worker: gave %d %s job(s) back to the queue", n, kind)
 
     async def _shutdown(self, recorder: asyncio.Task) -> None:
-        """Let running jobs finish within SHUTDOWN_GRACE of the stop, giving prefetched jobs
-        back beside them; then stop the rest and give them back too. A supervisor's stop
-        timeout (then SIGKILL) counts from its SIGTERM: so does the grace, and with Redis
-        away what it has not taken GIVE_BACK_SECONDS after the grace is left to the leases."""
+        """Let running jobs finish within SHUTDOWN_GRACE of the stop (a supervisor's SIGKILL
+        timeout counts from SIGTERM too), giving prefetched jobs back; then stop the rest and
+        give them back. Give-backs unfinished GIVE_BACK_SECONDS later are left to the leases."""
         self.stopping = True
         grace_end = (self._stop_at or time.monotonic()) + self.settings.SHUTDOWN_GRACE
         self._giving.append(asyncio.create_task(self._stop_fetching()))
@@ -1027,8 +977,7 @@ class Worker:
         self._give_back_waiting()
 
     def _give_back_waiting(self, also: list[Claim] | None = None) -> None:
-        """A stopping worker starts no job: those waiting here (and ``also``) go back to the
-        queue, beside what the stop waits for."""
+        """A stopping worker starts no job: those waiting here (and ``also``) go back."""
         waiting = [*(also or ()), *self.buffer, *self.crash_suspects]
         self.buffer.clear()
         self.crash_suspects.clear()
@@ -1037,8 +986,7 @@ class Worker:
                 self._give_back(waiting, "stopped" if also else "prefetched")))
 
     async def _given(self, end: float) -> None:
-        """Wait for the stop's give-backs till ``end``, then end them: with Redis away, their
-        jobs run again once their leases run out."""
+        """Wait for the stop's give-backs till ``end``, then end them: leases do the rest."""
         while pending := [t for t in self._giving if not t.done()]:
             if time.monotonic() >= end:
                 for task in pending:
@@ -1048,20 +996,17 @@ class Worker:
             await asyncio.wait(pending, timeout=end - time.monotonic())
 
     async def _wait_while(self, busy, deadline: float, recorder: asyncio.Task) -> None:
-        """While ``busy()``, until ``deadline`` (``time.monotonic()``), unless the recorder
-        ended."""
+        """While ``busy()``, till ``deadline`` (time.monotonic()), unless the recorder ended."""
         while busy() and time.monotonic() < deadline and not recorder.done():
             self._changed.clear()
             self.pool.kill_overdue()
-            # jobs back unstarted meanwhile (of a process that died, withdrawn), not held
-            # until the grace ends
+            # jobs back unstarted meanwhile (a process died, withdrawn) go back at once
             self._give_back_waiting()
             await until(self._changed, min(0.5, deadline - time.monotonic()))
 
     async def _close(self, registered: bool = True) -> None:
         try:
-            if registered:   # (else it has no hash to mark); with the jobs it finished after
-                # its last heartbeat: its record showed them in flight, not done, for good
+            if registered:   # with the jobs finished after the last heartbeat, else in flight
                 mark = self.redis.hset(self.keys.worker(self.worker_id), mapping={
                     "state": "stopped", "in_flight": 0, "processed": self.processed,
                     "done": self.done, "failed": self.failed})
