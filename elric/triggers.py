@@ -447,25 +447,23 @@ def _never_fires(trigger: _CronTrigger, data: dict, now: float) -> TriggerError:
 
 def _cron_fields(data: dict) -> dict[str, str]:
     """The APScheduler cron fields of ``data`` (a crontab or separate fields), each checked."""
-    crontab = data.get("crontab")
-    if crontab is None:
-        fields = {name: data[name] for name in CRON_FIELDS if data.get(name) is not None}
-    elif mixed := [n for n in CRON_FIELDS if data.get(n) is not None]:
-        raise TriggerError("trigger.crontab", f"cannot be combined with {', '.join(mixed)}")
-    elif not isinstance(crontab, str):
-        raise TriggerError("trigger.crontab",
-                           f"expected a string like '*/15 * * * *', got {crontab!r}")
-    else:
-        fields = _crontab_fields(crontab)
-    for name, value in fields.items():  # one field at a time, so the error names it
-        where = f"trigger.{name}" if crontab is None else "trigger.crontab"
-        if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise TriggerError(where, f"expected an int or a string, got {value!r}")
+    crontab, given = data.get("crontab"), [n for n in CRON_FIELDS if data.get(n) is not None]
+    if crontab is not None:
+        if given:
+            raise TriggerError("trigger.crontab", f"cannot be combined with {', '.join(given)}")
+        if not isinstance(crontab, str):
+            raise TriggerError("trigger.crontab",
+                               f"expected a string like '*/15 * * * *', got {crontab!r}")
+        return _crontab_fields(crontab)   # (explicit values, each in its field's range)
+    fields = {}
+    for name in given:  # one field at a time, so the error names it
+        if isinstance(value := data[name], bool) or not isinstance(value, (int, str)):
+            raise TriggerError(f"trigger.{name}", f"expected an int or a string, got {value!r}")
         fields[name] = expr = str(value)
         try:
             CronTrigger.FIELDS_MAP[name](name, expr)
         except ValueError as exc:
-            raise TriggerError(where, f"{name} {expr!r}: {exc}") from None
+            raise TriggerError(f"trigger.{name}", f"{name} {expr!r}: {exc}") from None
     return fields
 
 
