@@ -74,12 +74,13 @@ class ScheduleError(ValueError):
 
 
 class UnreadableSchedule(ScheduleError):
-    """A periodic job whose stored data cannot be read (``why``: what, as the message says)."""
+    """A periodic job whose stored data cannot be read (``exc``: what reading it raised); the
+    message names the job and what to do, so one bad schedule does not hide the others."""
 
-    def __init__(self, job_id: str, why: str) -> None:
-        super().__init__(f"periodic job {job_id!r}: its stored data cannot be read ({why}): "
-                         f"remove it (elric schedules remove {job_id}) and add it again")
-        self.job_id, self.why = job_id, why
+    def __init__(self, job_id: str, exc: Exception) -> None:
+        self.job_id, self.why = job_id, _why(exc)
+        super().__init__(f"periodic job {job_id!r}: its stored data cannot be read ({self.why}"
+                         f"): remove it (elric schedules remove {job_id}) and add it again")
 
     def view(self) -> dict:
         """Its ``get`` map for a read of several jobs (or one): named unreadable with what to
@@ -197,12 +198,6 @@ def _why(exc: Exception) -> str:
 UNREADABLE = (ValueError, TypeError, KeyError, AttributeError, TriggerError)
 
 
-def unreadable(job_id: str, exc: Exception) -> UnreadableSchedule:
-    """The error for a periodic job whose stored data cannot be read: it names the job and
-    what to do, as ``list`` does, so one bad schedule does not hide the others."""
-    return UnreadableSchedule(job_id, _why(exc))
-
-
 def _not_a_hash(exc: Exception) -> ValueError:
     """What reading a schedule key of another type raised, as a field that cannot be read
     (an operator overwrote it): named as such, not WRONGTYPE as an internal error; any
@@ -272,14 +267,14 @@ class RedisJobStore:
         try:
             raw = await self.redis.hgetall(self.keys.schedule(job_id))
         except ResponseError as exc:
-            raise unreadable(job_id, _not_a_hash(exc)) from None   # (else raised as it came)
+            raise UnreadableSchedule(job_id, _not_a_hash(exc)) from None   # (else raised as it came)
         if not raw:
             return None
         try:
             job = StoredJob.from_hash(job_id, raw)
             build_trigger(job.trigger)   # (every write and get builds it)
         except UNREADABLE as exc:
-            raise unreadable(job_id, exc) from None
+            raise UnreadableSchedule(job_id, exc) from None
         return job
 
     async def existing(self, job_ids: list[str]) -> set[str]:
@@ -315,7 +310,7 @@ class RedisJobStore:
             runs = [_run(unpack(b)) for b in
                     await self.redis.lrange(self.keys.schedule_runs(job_id), 0, -1)]
         except UNREADABLE as exc:
-            raise unreadable(job_id, exc) from None
+            raise UnreadableSchedule(job_id, exc) from None
         fired = [r for r in runs if r.get("outcome") == Outcome.ENQUEUED]
         pipe = self.redis.pipeline(transaction=False)  # what became of each fired job
         for r in fired:
