@@ -232,6 +232,12 @@ def _matches(field, w: datetime) -> bool:
     return field.get_next_value(w) == field.get_value(w)
 
 
+def _allowed(field, top: int) -> list[int]:
+    """The values in [0, top) a time-of-day field allows (none depends on the date), ascending."""
+    day = datetime(2000, 1, 1)
+    return [v for v in range(top) if _matches(field, day.replace(**{field.name: v}))]
+
+
 def _offset_change(lo: int, hi: int, tz: tzinfo) -> int:
     """The first whole second in (lo, hi] whose UTC offset differs from lo's (a transition)."""
     before = datetime.fromtimestamp(lo, tz).utcoffset()   # (hi's is taken to differ)
@@ -260,7 +266,7 @@ class _CronTrigger(CronTrigger):
     ``day_or``: day and day_of_week are ORed (crontab with both restricted). ``wild``: the
     minute or hour starts with ``*`` (runs in both passes of a repeated hour, not in a gap)."""
 
-    __slots__ = ("day_or", "wild", "crontab", "_by_name", "_day_fields", "_time_fields")
+    __slots__ = ("day_or", "wild", "crontab", "_by_name", "_day_fields", "_times")
 
     def __init__(self, *, crontab: str | None = None, **kw) -> None:
         super().__init__(**kw)
@@ -274,7 +280,8 @@ class _CronTrigger(CronTrigger):
             # crontab(5): day of month OR day of week when both are restricted (neither "*...")
             self.day_or = not (day.startswith("*") or day_of_week.startswith("*"))
         self._day_fields = [self._by_name[n] for n in ("week",) if str(self._by_name[n]) != "*"]
-        self._time_fields = [self._by_name[n] for n in ("hour", "minute", "second")]
+        self._times = [_allowed(self._by_name[n], top)
+                       for n, top in (("hour", 24), ("minute", 60), ("second", 60))]
 
     def __str__(self) -> str:
         # the zone says when the calendar's times are (the next run is shown in local time)
@@ -290,26 +297,13 @@ class _CronTrigger(CronTrigger):
 
     def _time_on(self, w: datetime) -> datetime | None:
         """The first matching time of day at or after ``w`` on its day."""
-        hour, minute, second = self._time_fields
-        while True:
-            h = hour.get_next_value(w)
-            if h is None:
-                return None
-            if h != w.hour:
-                w = w.replace(hour=h, minute=0, second=0)
-            m = minute.get_next_value(w)
-            if m is not None:
-                if m != w.minute:
-                    w = w.replace(minute=m, second=0)
-                s = second.get_next_value(w)
-                if s is not None:
-                    return w.replace(second=s)
-                if w.minute < 59:
-                    w = w.replace(minute=w.minute + 1, second=0)
-                    continue
-            if w.hour == 23:
-                return None
-            w = w.replace(hour=w.hour + 1, minute=0, second=0)
+        hours, minutes, seconds = self._times
+        for h in hours[bisect.bisect_left(hours, w.hour):]:
+            for m in minutes[bisect.bisect_left(minutes, w.minute) if h == w.hour else 0:]:
+                i = bisect.bisect_left(seconds, w.second) if (h, m) == (w.hour, w.minute) else 0
+                if i < len(seconds):
+                    return w.replace(hour=h, minute=m, second=seconds[i])
+        return None
 
     def next_wall(self, w: datetime, end: datetime | None = None) -> datetime | None:
         """The first matching naive wall-clock time at or after ``w`` (before ``end``)."""
