@@ -29,15 +29,13 @@ from elric.retry import error_code, is_outage
 from elric.triggers import TriggerError, build_trigger, next_fire, parse_trigger
 
 FINISHED_TTL = 86400            # seconds a finished job (no next fire) stays visible to get()
-# seconds a removed job's rounds are kept for a job added again under its id to count
-# against max_instances (a round running longer than that after the removal is not)
+# seconds a removed job's rounds still count against max_instances if its id is added again
 ROUNDS_LEFT_TTL = 7 * 86400
 WRITE_RETRIES = 20
 # Spec keys that configure the schedule rather than each fired job.
 SCHEDULE_OPTIONS = ("trigger", "replace_existing", "misfire_grace_time", "coalesce",
                     "max_instances")
-# Fields of the fired job's hash (keys.job, written by queue.py) read to show a run's
-# outcome and duration; times there are in ms.
+# The fired job's hash fields (keys.job; times in ms) read to show a run's outcome and duration.
 JOB_STATUS_FIELDS = (b"status", b"duration_ms", b"started_at", b"finished_at")
 # The schedule hash fields ``list`` reads.
 LIST_FIELDS = (b"func", b"queue", b"trigger", b"trigger_text", b"next_run_time", b"paused")
@@ -83,8 +81,7 @@ class UnreadableSchedule(ScheduleError):
                          f"): remove it (elric schedules remove {job_id}) and add it again")
 
     def view(self) -> dict:
-        """Its ``get`` map for a read of several jobs (or one): named unreadable with what to
-        do, as a one-off job of unreadable fields is, so that it fails no other job's read."""
+        """Its ``get`` map, named unreadable with what to do: it fails no other job's read."""
         return {"job_id": self.job_id, "status": Status.SCHEDULED, "trigger": None,
                 "trigger_text": "", "next_run_time": None, "next_run_iso": "", "runs": [],
                 "unreadable": self.why, "error": str(self)}
@@ -199,9 +196,8 @@ UNREADABLE = (ValueError, TypeError, KeyError, AttributeError, TriggerError)
 
 
 def _not_a_hash(exc: Exception) -> ValueError:
-    """What reading a schedule key of another type raised, as a field that cannot be read
-    (an operator overwrote it): named as such, not WRONGTYPE as an internal error; any
-    other error (an outage, a refusal) is raised as it came."""
+    """What reading a schedule key an operator overwrote raised (WRONGTYPE), as a field that
+    cannot be read; any other error (an outage, a refusal) is raised as it came."""
     if isinstance(exc, ResponseError) and error_code(exc) == "WRONGTYPE":
         return ValueError("its key is not a hash (overwritten?)")
     raise exc
@@ -267,7 +263,7 @@ class RedisJobStore:
         try:
             raw = await self.redis.hgetall(self.keys.schedule(job_id))
         except ResponseError as exc:
-            raise UnreadableSchedule(job_id, _not_a_hash(exc)) from None   # (else raised as it came)
+            raise UnreadableSchedule(job_id, _not_a_hash(exc)) from None
         if not raw:
             return None
         try:
@@ -286,9 +282,8 @@ class RedisJobStore:
         return {job_id for job_id, n in zip(job_ids, found) if n}
 
     async def state(self, job_id: str) -> dict | None:
-        """A periodic job's ``status`` and ``paused`` as ``get`` answers them, read alone
-        (not its spec, runs and rounds); None when there is no such job. One whose key an
-        operator overwrote has no status: it can be removed."""
+        """A periodic job's ``status`` and ``paused`` as ``get`` answers them, read alone;
+        None when there is no such job, no status when an operator overwrote its key."""
         try:
             nrt, paused = await self.redis.hmget(self.keys.schedule(job_id), "next_run_time",
                                                  "paused")
@@ -333,8 +328,7 @@ class RedisJobStore:
                 "next_run_iso": iso(nrt), **dataclasses.asdict(job.options), "runs": runs}
 
     async def view(self, job_id: str) -> dict | None:
-        """``get``, but a job whose stored data cannot be read is answered as its error's
-        view rather than raised: a read of it among others fails none of them."""
+        """``get``, or for a job whose stored data cannot be read its error's view (not raised)."""
         try:
             return await self.get(job_id)
         except UnreadableSchedule as exc:
@@ -486,13 +480,10 @@ class RedisJobStore:
         return await self._update(job_id, change) is not None
 
     async def replan(self, job_id: str, now: float) -> bool:
-        """Move the next run time back to the trigger's first fire from ``now`` that its
-        runs do not record as fired, if that is sooner: planned by a clock that ran ahead,
-        it was that far off. A fire that ran while the clock was ahead is moved past: its
-        mark expires grace + 600 s after marking and its job hash after RESULT_TTL (or
-        when deleted), so neither may be left to keep it from running again (later ones:
-        Scheduler._keep_marks marks them again). A date job keeps its one fire time (a
-        date that fired already may be a time of its own, _unfired). True if moved."""
+        """Move the next run time, planned by a clock that ran ahead, back to the trigger's
+        first fire from ``now`` its runs do not record as fired (neither their marks nor
+        their jobs last: they must not run again), if sooner. A date job keeps its one fire
+        time (one it fired already may be a time of its own, _unfired). True if moved."""
         try:
             fired = fired_times(await self.redis.lrange(self.keys.schedule_runs(job_id), 0, -1))
         except ResponseError as exc:   # a runs list of another type (an operator's write)
@@ -518,9 +509,8 @@ class RedisJobStore:
         return moved
 
     async def run_now(self, job_id: str) -> float | None:
-        """Make the job due now (Redis's clock): the scheduler, woken, fires it by its usual
-        rules. Returns the fire time (None: no such job); a fire already due and not yet
-        fired is the one answered: moved, it would never fire, and its asker wait in vain."""
+        """Make the job due now (Redis's clock); returns the fire time (None: no such job).
+        A fire already due is the one answered: moved, it would never fire."""
         def change(job: StoredJob) -> StoredJob:
             if job.paused:
                 raise ScheduleError(f"periodic job {job_id!r} is paused: resume it first")
