@@ -1,13 +1,10 @@
 """Periodic-job triggers: validate plain-data trigger dicts and build APScheduler 3.x triggers.
 
-Triggers travel and are stored as msgpack-able dicts (never pickles), e.g.
-``{"type": "cron", "crontab": "30 2 * * 1-5", "timezone": "Europe/Berlin"}``,
-``{"type": "interval", "minutes": 15}`` or ``{"type": "date", "run_date": "2026-05-01T08:00"}``.
-Interval and date fire times are APScheduler's; cron keeps APScheduler's field parsing but
-computes fire times here, on wall-clock fields, with crontab(5)'s meaning across DST (see
-docs/CRON.md). This module adds validation that names the bad field, UTC as the explicit
-default zone (so masters on hosts in other zones agree), crontab weekday numbering, macros
-and day-field OR, refusal of crons that never fire, and jitter that does not accumulate.
+Triggers travel and are stored as msgpack-able dicts (never pickles), e.g. ``{"type": "cron",
+"crontab": "30 2 * * 1-5", "timezone": "Europe/Berlin"}``, ``{"type": "interval", "minutes":
+15}`` or ``{"type": "date", "run_date": "2026-05-01T08:00"}``. Cron fire times are computed here
+on wall-clock fields, with crontab(5)'s meaning across DST (docs/CRON.md); the default zone is
+UTC, so that masters on hosts in other zones agree.
 """
 
 from __future__ import annotations
@@ -52,9 +49,8 @@ class TriggerError(ValueError):
 
 
 class _IntervalTrigger(IntervalTrigger):
-    """IntervalTrigger whose jitter does not accumulate: APScheduler 3.x adds the interval to
-    the previous (jittered) fire time, so it drifts; here each fire is jittered from its grid
-    point."""
+    """IntervalTrigger whose jitter does not accumulate (APScheduler 3.x adds the interval to
+    the previous, jittered, fire time): each fire is jittered from its grid point."""
 
     def get_next_fire_time(self, previous_fire_time, now):
         if previous_fire_time is not None and previous_fire_time < self.start_date:
@@ -260,11 +256,10 @@ def _existing(dt: datetime) -> datetime:
 
 
 class _CronTrigger(CronTrigger):
-    """APScheduler's cron fields and validation, with fire times computed here: on wall-clock
-    fields in the zone, then resolved to an instant as cron does across DST (see docs/CRON.md).
-
-    ``day_or``: day and day_of_week are ORed (crontab with both restricted). ``wild``: the
-    minute or hour starts with ``*`` (runs in both passes of a repeated hour, not in a gap)."""
+    """APScheduler's cron fields, with fire times found on wall-clock fields in the zone, then
+    resolved to an instant as cron does across DST (docs/CRON.md). ``day_or``: day and
+    day_of_week are ORed. ``wild``: the minute or hour starts with ``*`` (it fires in both
+    passes of a repeated hour, and not in a gap)."""
 
     __slots__ = ("day_or", "wild", "crontab", "_by_name", "_day_fields", "_times")
 
@@ -477,8 +472,7 @@ def parse_trigger(data: dict, *, now: float | None = None) -> tuple[BaseTrigger,
                                                "them; name one, like 'Europe/Berlin'")
     length = getattr(trigger, "interval_length", None)
     if length is not None and (trigger.jitter or 0) > length:
-        # the next fire is the grid point after the last one's jittered time: past the next
-        # point, it drops that point's fire
+        # the next fire is the grid point after the last one's jittered time, not one it passed
         raise TriggerError("trigger.jitter", f"{trigger.jitter:g}s is longer than the interval "
                                              f"({length:g}s): fires would be dropped")
     try:  # jittered fire times must still be dates (checked here: stored ones still build)
@@ -592,8 +586,7 @@ def _checked(kind: str, fields: dict) -> dict:
     try:   # fail here, where the caller wrote the trigger
         parse_trigger(data)
     except TriggerError as exc:
-        # unless it fires at some time: whether a fire is left is the master's to judge, by
-        # Redis's clock; this one may be an hour off (an end_date within it read as past)
+        # unless it fires at some time: the master judges what is left, by Redis's clock
         try:
             parse_trigger(data, now=0.0)
         except TriggerError:
