@@ -302,18 +302,17 @@ class Scheduler:
         options, trigger = Options.from_hash(h), _trigger(h["trigger"])
         grace, policy = options.misfire_grace_time, options.coalesce
         horizon = -math.inf if grace is None else now - grace
-        t, more, missed, unrecorded = _fire_time(h["next_run_time"]), "", [], 0
+        t, more, late = _fire_time(h["next_run_time"]), "", []
         while t is not None and t < horizon:  # too late to run: missed
-            if len(missed) + unrecorded == CATCHUP_LIMIT:  # counted enough; jump to the grace
-                more = "more than "                        # window
+            if len(late) == CATCHUP_LIMIT:  # counted enough; jump to the grace window
+                more = "more than "
                 t = next_fire(trigger, horizon, first=True)
                 t = None if t is not None and t < horizon else t  # a date trigger's one fire
                 break
-            if len(missed) < self.store.runs_kept:  # recorded: the runs shown
-                missed.append(t)
-            else:   # counted (the metric of missed fires), not recorded
-                unrecorded += 1
+            late.append(t)
             t = next_fire(trigger, t)
+        # those past the runs kept are counted (the metric of missed fires), not recorded
+        missed, unrecorded = late[:self.store.runs_kept], len(late[self.store.runs_kept:])
         due: list[float] = []
         while t is not None and t <= now and len(due) < CATCHUP_LIMIT:
             due.append(t)
@@ -326,7 +325,7 @@ class Scheduler:
                 t = next_fire(trigger, last)
         if missed:
             self.log.warning("periodic job %s: %s%d fire(s) missed the %ss misfire grace time",
-                             job_id, more, len(missed) + unrecorded, grace)
+                             job_id, more, len(late), grace)
         fires = [(m, Outcome.MISSED, {"reason": "late"}) for m in missed]
         if len(due) > 1 and policy is Coalesce.SKIP:
             fires += [(d, Outcome.SKIPPED, {"reason": "coalesce"}) for d in due]
