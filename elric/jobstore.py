@@ -32,6 +32,7 @@ FINISHED_TTL = 86400            # seconds a finished job (no next fire) stays vi
 # seconds a removed job's rounds still count against max_instances if its id is added again
 ROUNDS_LEFT_TTL = 7 * 86400
 WRITE_RETRIES = 20
+RUNS_KEPT = 20                  # run records kept per periodic job (scheduler_fire.lua trims)
 # Spec keys that configure the schedule rather than each fired job.
 SCHEDULE_OPTIONS = ("trigger", "replace_existing", "misfire_grace_time", "coalesce",
                     "max_instances")
@@ -251,9 +252,8 @@ def fired_times(raw_runs: list[bytes]) -> set[float]:
 class RedisJobStore:
     """Periodic jobs in Redis. ``redis`` is a ``redis.asyncio.Redis`` (decode_responses=False)."""
 
-    def __init__(self, redis, keys, *, clock=time.time, runs_kept: int = 20,
-                 min_interval: float = 1.0) -> None:
-        self.redis, self.keys, self.clock, self.runs_kept = redis, keys, clock, runs_kept
+    def __init__(self, redis, keys, *, clock=time.time, min_interval: float = 1.0) -> None:
+        self.redis, self.keys, self.clock = redis, keys, clock
         self.min_interval = min_interval  # settings.MIN_INTERVAL: shortest interval accepted
         self._put = lua.load(redis, "jobstore_put", "version_fn")
         self._remove = lua.load(redis, "jobstore_remove")

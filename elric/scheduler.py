@@ -26,8 +26,8 @@ from elric.clock import RedisClock
 from elric.codec import pack, unpack
 from elric.health import TaskHealth
 from elric.contract import Status, normalize_spec
-from elric.jobstore import (FINISHED_TTL, Coalesce, Options, Outcome, RedisJobStore, fire_id,
-                            fired_times, iso)
+from elric.jobstore import (FINISHED_TTL, RUNS_KEPT, Coalesce, Options, Outcome, RedisJobStore,
+                            fire_id, fired_times, iso)
 from elric.logs import Hourly
 from elric.queue import Fenced
 from elric.retry import Outage, cancel_pending, described, is_outage, unblocked, until
@@ -312,7 +312,7 @@ class Scheduler:
             late.append(t)
             t = next_fire(trigger, t)
         # those past the runs kept are counted (the metric of missed fires), not recorded
-        missed, unrecorded = late[:self.store.runs_kept], len(late[self.store.runs_kept:])
+        missed, unrecorded = late[:RUNS_KEPT], max(0, len(late) - RUNS_KEPT)
         due: list[float] = []
         while t is not None and t <= now and len(due) < CATCHUP_LIMIT:
             due.append(t)
@@ -372,7 +372,7 @@ class Scheduler:
         token = self.token   # the lease may be lost while this pass awaits Redis
         if token is None:
             return 0, math.inf
-        argv: list = [self.master_id, token, self.store.runs_kept, FINISHED_TTL, len(rows)]
+        argv: list = [self.master_id, token, RUNS_KEPT, FINISHED_TTL, len(rows)]
         specs: dict[str, dict] = {}
         for job_id, row, statuses in rows:
             await asyncio.sleep(0)  # a backlog's plans take long: the lease renews meanwhile
