@@ -404,7 +404,7 @@ def _closest_fires(data: str, hour: int) -> tuple[int, int] | None:
     return best
 
 
-def _never_fires(trigger: _CronTrigger, data: dict, now: float) -> TriggerError:
+def _never_fires(trigger: _CronTrigger, now: float) -> TriggerError:
     """Why a cron trigger has no fire after ``now``, naming the field when one alone says."""
     end, f = trigger.end_date, trigger._by_name
     if end is not None and end.timestamp() < now:
@@ -430,7 +430,7 @@ def _never_fires(trigger: _CronTrigger, data: dict, now: float) -> TriggerError:
             names = " or ".join(_MONTH_NAMES[m - 1] for m in months)
             return TriggerError("trigger.day", f"{names} {'has' if len(months) == 1 else 'have'} "
                                                f"no day {f['day']}; this cron never fires")
-    where = "trigger.crontab" if data.get("crontab") is not None else "trigger"
+    where = "trigger" if trigger.crontab is None else "trigger.crontab"
     return TriggerError(where, "no date and time matches all fields; this cron never fires")
 
 
@@ -490,7 +490,7 @@ def parse_trigger(data: dict, *, now: float | None = None) -> tuple[BaseTrigger,
                                              f"to {b}): fires would be dropped")
     if not isinstance(trigger, DateTrigger) and next_fire(trigger, now, first=True) is None:
         if isinstance(trigger, _CronTrigger):
-            raise _never_fires(trigger, data, now)
+            raise _never_fires(trigger, now)
         if trigger.end_date is None:  # no end: its first fire is past the year 9999 in UTC
             raise TriggerError("trigger.start_date", f"{trigger.start_date.isoformat()} is out "
                                                      "of range: the first fire would come after "
