@@ -153,8 +153,9 @@ _CRONTAB_DAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat", "sun")
 _MONTH_NAMES = ("January", "February", "March", "April", "May", "June", "July", "August",
                 "September", "October", "November", "December")
 _MONTHS = tuple(m[:3].lower() for m in _MONTH_NAMES)  # crontab's names: jan, feb, ...
-_CRONTAB_RANGES = {"minute": (0, 59), "hour": (0, 23), "day": (1, 31), "month": (1, 12),
-                   "day_of_week": (0, 7)}
+# each crontab field's lowest and highest value, and its names (numbered from the lowest)
+_CRONTAB_RANGES = {"minute": (0, 59, ()), "hour": (0, 23, ()), "day": (1, 31, ()),
+                   "month": (1, 12, _MONTHS), "day_of_week": (0, 7, _CRONTAB_DAYS[:7])}
 _CRONTAB_ITEM = re.compile(r"^(\*|\w+)(?:-(\w+))?(?:/(\d+))?$")
 MACROS = {"@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *", "@monthly": "0 0 1 * *",
           "@weekly": "0 0 * * 0", "@daily": "0 0 * * *", "@midnight": "0 0 * * *",
@@ -167,13 +168,11 @@ _END = 253402300800  # 10000-01-01T00:00:00Z: no fire time from here on
 def _crontab_values(name: str, expr: str) -> list[int]:
     """One crontab field as the sorted values it allows (crontab(5): lists, ranges, steps,
     names; a step may exceed its range: ``14-15/2`` is 14)."""
-    lo, hi = _CRONTAB_RANGES[name]
-    names = _MONTHS if name == "month" else _CRONTAB_DAYS[:7] if name == "day_of_week" else ()
-    base = 1 if name == "month" else 0
+    lo, hi, names = _CRONTAB_RANGES[name]
 
     def number(text: str) -> int:
         if text.lower() in names:
-            return names.index(text.lower()) + base
+            return names.index(text.lower()) + lo
         if not text.isdecimal() or not lo <= int(text) <= hi:   # "²".isdigit() is true
             raise ValueError(f"{text!r} is not in {lo}-{hi}" + (" or a name" if names else ""))
         return int(text)
