@@ -229,8 +229,12 @@ def _matches(field, w: datetime) -> bool:
 
 def _allowed(field, top: int) -> list[int]:
     """The values in [0, top) a time-of-day field allows (none depends on the date), ascending."""
-    day = datetime(2000, 1, 1)
-    return [v for v in range(top) if _matches(field, day.replace(**{field.name: v}))]
+    day, values = datetime(2000, 1, 1), []
+    v = field.get_next_value(day)
+    while v is not None:   # from one allowed value to the next: a trigger is built per get
+        values.append(v)
+        v = field.get_next_value(day.replace(**{field.name: v + 1})) if v + 1 < top else None
+    return values
 
 
 def _offset_change(lo: int, hi: int, tz: tzinfo) -> int:
