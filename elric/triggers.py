@@ -245,9 +245,8 @@ def _offset_change(lo: int, hi: int, tz: tzinfo) -> int:
 
 
 def _existing(dt: datetime) -> datetime:
-    """``dt``, or for a wall time a DST gap skips (a run_date, start_date or end_date), the
-    jump (the first instant after the gap), where a fixed-time cron job runs too
-    (docs/CRON.md). A repeated time is its first pass."""
+    """``dt``, or for a wall time a DST gap skips, the jump (where a fixed-time cron job runs
+    too, docs/CRON.md). A repeated time is its first pass."""
     try:
         if dt.astimezone(UTC).astimezone(dt.tzinfo).replace(tzinfo=None) == \
                 dt.replace(tzinfo=None):
@@ -392,8 +391,7 @@ class _CronTrigger(CronTrigger):
 @lru_cache(maxsize=1024)   # many jobs share a crontab; jitter spreads them
 def _closest_fires(data: str, hour: int) -> tuple[int, int] | None:
     """The two fires closest together among the first CRON_GAP_FIRES (without jitter, not
-    past end_date) from ``hour`` on, of the cron ``data`` (its normalized JSON): its
-    shortest gap, unless a shorter one comes later (after a cycle of its finest field)."""
+    past end_date) from ``hour`` on, of the cron ``data`` (normalized JSON: a cache key)."""
     trigger = _parse(json.loads(data), hour)[0]
     start = trigger.start_date.timestamp() if trigger.start_date else hour
     end = trigger.end_date.timestamp() if trigger.end_date else math.inf
@@ -463,9 +461,8 @@ def parse_trigger(data: dict, *, now: float | None = None) -> tuple[BaseTrigger,
     """Validate ``data``; return (APScheduler trigger, normalized dict to store).
 
     An interval without start_date starts one interval after ``now`` (default: the wall
-    clock), like APScheduler's; that start is stored so every master computes the same fire
-    times. A cron or interval that never fires after ``now`` is refused (it would be stored
-    finished, and never run). Normalized data parses to itself.
+    clock), stored so every master computes the same fire times. A cron or interval that
+    never fires after ``now`` is refused. Normalized data parses to itself.
     """
     now = time.time() if now is None else now
     trigger, normalized = _parse(data, now)
