@@ -394,9 +394,8 @@ class RedisJobStore:
                 "next_run_time": next_fire(trigger, now, first=True)}
 
     async def _unfired(self, job_id: str, new_trigger: dict) -> dict:
-        """``new_trigger``, but a run_date this id has fired at already (the job was removed
-        or replaced since) fires again now: that fire's id is marked, and may still be a job,
-        so a fire by it would be skipped."""
+        """``new_trigger``, but a run_date this id fired at already (removed or replaced
+        since) fires now: that fire's id is marked, or a job, so a fire by it is skipped."""
         nrt = new_trigger["next_run_time"]
         if "run_date" not in new_trigger["trigger"] or nrt > self.clock():
             return new_trigger
@@ -523,9 +522,8 @@ class RedisJobStore:
         return None if job is None else job.next_run_time
 
     async def fire_run(self, job_id: str, fire: str, wait: float) -> dict | None:
-        """The run record of ``fire`` as ``get`` shows it, once the scheduler has decided it
-        (not "enqueued": marked, not yet queued, the dedupe filter may still drop it), or
-        as it is after ``wait`` seconds; None if it is not recorded by then."""
+        """The run record of ``fire`` as ``get`` shows it, once decided (not "enqueued": the
+        dedupe filter may still drop it) or after ``wait`` seconds; None if not recorded."""
         deadline, backoff = time.monotonic() + wait, Backoff(0.05, 0.5)
         while True:
             runs = (await self.get(job_id) or {}).get("runs", [])

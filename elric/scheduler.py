@@ -91,8 +91,7 @@ def _trigger(blob: bytes):
 
 
 def _last_until(trigger, after: float, now: float) -> float | None:
-    """The last fire time in (after, now], found by probing back from now in doubling steps
-    (O(log backlog)) instead of stepping through the whole backlog."""
+    """The last fire time in (after, now], probed back from now in doubling steps."""
     end = getattr(trigger, "end_date", None)   # no fire after it: probe back from there
     now = now if end is None else min(now, end.timestamp())
     span = 1.0
@@ -426,8 +425,7 @@ class Scheduler:
 
     async def _queue_fires(self, fires: list[dict], token: int | None,
                            recovered: bool = False) -> int:
-        """Queue marked fires under the fence ``token`` they were marked with; those not
-        queued stay pending for the next try, or the next leader."""
+        """Queue fires marked under the fence ``token``; those not queued stay pending."""
         if not fires or token is None:
             return 0
         try:
