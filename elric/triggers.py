@@ -214,12 +214,8 @@ def _crontab_fields(crontab: str) -> dict[str, str]:
             values = _crontab_values(name, expr)
         except ValueError as exc:
             raise TriggerError("trigger.crontab", f"{name} {expr!r}: {exc}") from None
-        if expr == "*":
-            fields[name] = "*"
-        elif name == "day_of_week":
-            fields[name] = ",".join(_CRONTAB_DAYS[d] for d in values)
-        else:
-            fields[name] = ",".join(map(str, values))
+        fields[name] = "*" if expr == "*" else ",".join(
+            _CRONTAB_DAYS[v] if name == "day_of_week" else str(v) for v in values)
     return fields
 
 
