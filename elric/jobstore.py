@@ -219,10 +219,9 @@ def _listed(job_id: str, row: list | Exception) -> dict:
                 "trigger": unpack(trigger), "trigger_text": text.decode(),
                 "paused": paused == b"1", "next_run_time": nrt, "next_run_iso": iso(nrt)}
     except Exception as exc:
-        why = _why(exc)
         return {"job_id": job_id, "func": (func or b"").decode(errors="replace"),
                 "queue": (queue or b"").decode(errors="replace"), "trigger": None,
-                "trigger_text": f"its stored data cannot be read ({why}); it does not fire: "
+                "trigger_text": f"its stored data cannot be read ({_why(exc)}); it does not fire: "
                                 "remove it and add it again",
                 "paused": paused == b"1", "next_run_time": None, "next_run_iso": ""}
 
