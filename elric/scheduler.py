@@ -513,7 +513,7 @@ class Scheduler:
             except ValueError:   # no date: due now, where the pass names it
                 score = 0.0
             index[key[len(prefix.encode()):]] = score
-        # in one step: a rebuild cut short leaves the key of another type, rebuilt later
+        # in one step: a rebuild cut short leaves the old key (rebuilt later), not a short zset
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.delete(self.keys.schedules)
             if index:
