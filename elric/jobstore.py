@@ -29,15 +29,14 @@ from elric.retry import error_code, is_outage
 from elric.triggers import TriggerError, build_trigger, next_fire, parse_trigger
 
 FINISHED_TTL = 86400            # seconds a finished job (no next fire) stays visible to get()
-# seconds a removed job's rounds are kept for a job added again under its id to count
-# against max_instances (a round running longer than that after the removal is not)
+# seconds a removed job's rounds still count against max_instances if its id is added again
 ROUNDS_LEFT_TTL = 7 * 86400
 WRITE_RETRIES = 20
+RUNS_KEPT = 20                  # run records kept per periodic job (scheduler_fire.lua trims)
 # Spec keys that configure the schedule rather than each fired job.
 SCHEDULE_OPTIONS = ("trigger", "replace_existing", "misfire_grace_time", "coalesce",
                     "max_instances")
-# Fields of the fired job's hash (keys.job, written by queue.py) read to show a run's
-# outcome and duration; times there are in ms.
+# The fired job's hash fields (keys.job; times in ms) read to show a run's outcome and duration.
 JOB_STATUS_FIELDS = (b"status", b"duration_ms", b"started_at", b"finished_at")
 # The schedule hash fields ``list`` reads.
 LIST_FIELDS = (b"func", b"queue", b"trigger", b"trigger_text", b"next_run_time", b"paused")
@@ -74,16 +73,16 @@ class ScheduleError(ValueError):
 
 
 class UnreadableSchedule(ScheduleError):
-    """A periodic job whose stored data cannot be read (``why``: what, as the message says)."""
+    """A periodic job whose stored data cannot be read (``exc``: what reading it raised); the
+    message names the job and what to do, so one bad schedule does not hide the others."""
 
-    def __init__(self, job_id: str, why: str) -> None:
-        super().__init__(f"periodic job {job_id!r}: its stored data cannot be read ({why}): "
-                         f"remove it (elric schedules remove {job_id}) and add it again")
-        self.job_id, self.why = job_id, why
+    def __init__(self, job_id: str, exc: Exception) -> None:
+        self.job_id, self.why = job_id, _why(exc)
+        super().__init__(f"periodic job {job_id!r}: its stored data cannot be read ({self.why}"
+                         f"): remove it (elric schedules remove {job_id}) and add it again")
 
     def view(self) -> dict:
-        """Its ``get`` map for a read of several jobs (or one): named unreadable with what to
-        do, as a one-off job of unreadable fields is, so that it fails no other job's read."""
+        """Its ``get`` map, named unreadable with what to do: it fails no other job's read."""
         return {"job_id": self.job_id, "status": Status.SCHEDULED, "trigger": None,
                 "trigger_text": "", "next_run_time": None, "next_run_iso": "", "runs": [],
                 "unreadable": self.why, "error": str(self)}
@@ -197,16 +196,9 @@ def _why(exc: Exception) -> str:
 UNREADABLE = (ValueError, TypeError, KeyError, AttributeError, TriggerError)
 
 
-def unreadable(job_id: str, exc: Exception) -> UnreadableSchedule:
-    """The error for a periodic job whose stored data cannot be read: it names the job and
-    what to do, as ``list`` does, so one bad schedule does not hide the others."""
-    return UnreadableSchedule(job_id, _why(exc))
-
-
 def _not_a_hash(exc: Exception) -> ValueError:
-    """What reading a schedule key of another type raised, as a field that cannot be read
-    (an operator overwrote it): named as such, not WRONGTYPE as an internal error; any
-    other error (an outage, a refusal) is raised as it came."""
+    """What reading a schedule key an operator overwrote raised (WRONGTYPE), as a field that
+    cannot be read; any other error (an outage, a refusal) is raised as it came."""
     if isinstance(exc, ResponseError) and error_code(exc) == "WRONGTYPE":
         return ValueError("its key is not a hash (overwritten?)")
     raise exc
@@ -227,10 +219,9 @@ def _listed(job_id: str, row: list | Exception) -> dict:
                 "trigger": unpack(trigger), "trigger_text": text.decode(),
                 "paused": paused == b"1", "next_run_time": nrt, "next_run_iso": iso(nrt)}
     except Exception as exc:
-        why = _why(exc)
         return {"job_id": job_id, "func": (func or b"").decode(errors="replace"),
                 "queue": (queue or b"").decode(errors="replace"), "trigger": None,
-                "trigger_text": f"its stored data cannot be read ({why}); it does not fire: "
+                "trigger_text": f"its stored data cannot be read ({_why(exc)}); it does not fire: "
                                 "remove it and add it again",
                 "paused": paused == b"1", "next_run_time": None, "next_run_iso": ""}
 
@@ -260,9 +251,8 @@ def fired_times(raw_runs: list[bytes]) -> set[float]:
 class RedisJobStore:
     """Periodic jobs in Redis. ``redis`` is a ``redis.asyncio.Redis`` (decode_responses=False)."""
 
-    def __init__(self, redis, keys, *, clock=time.time, runs_kept: int = 20,
-                 min_interval: float = 1.0) -> None:
-        self.redis, self.keys, self.clock, self.runs_kept = redis, keys, clock, runs_kept
+    def __init__(self, redis, keys, *, clock=time.time, min_interval: float = 1.0) -> None:
+        self.redis, self.keys, self.clock = redis, keys, clock
         self.min_interval = min_interval  # settings.MIN_INTERVAL: shortest interval accepted
         self._put = lua.load(redis, "jobstore_put", "version_fn")
         self._remove = lua.load(redis, "jobstore_remove")
@@ -272,14 +262,14 @@ class RedisJobStore:
         try:
             raw = await self.redis.hgetall(self.keys.schedule(job_id))
         except ResponseError as exc:
-            raise unreadable(job_id, _not_a_hash(exc)) from None   # (else raised as it came)
+            raise UnreadableSchedule(job_id, _not_a_hash(exc)) from None
         if not raw:
             return None
         try:
             job = StoredJob.from_hash(job_id, raw)
             build_trigger(job.trigger)   # (every write and get builds it)
         except UNREADABLE as exc:
-            raise unreadable(job_id, exc) from None
+            raise UnreadableSchedule(job_id, exc) from None
         return job
 
     async def existing(self, job_ids: list[str]) -> set[str]:
@@ -291,9 +281,8 @@ class RedisJobStore:
         return {job_id for job_id, n in zip(job_ids, found) if n}
 
     async def state(self, job_id: str) -> dict | None:
-        """A periodic job's ``status`` and ``paused`` as ``get`` answers them, read alone
-        (not its spec, runs and rounds); None when there is no such job. One whose key an
-        operator overwrote has no status: it can be removed."""
+        """A periodic job's ``status`` and ``paused`` as ``get`` answers them, read alone;
+        None when there is no such job, no status when an operator overwrote its key."""
         try:
             nrt, paused = await self.redis.hmget(self.keys.schedule(job_id), "next_run_time",
                                                  "paused")
@@ -315,7 +304,7 @@ class RedisJobStore:
             runs = [_run(unpack(b)) for b in
                     await self.redis.lrange(self.keys.schedule_runs(job_id), 0, -1)]
         except UNREADABLE as exc:
-            raise unreadable(job_id, exc) from None
+            raise UnreadableSchedule(job_id, exc) from None
         fired = [r for r in runs if r.get("outcome") == Outcome.ENQUEUED]
         pipe = self.redis.pipeline(transaction=False)  # what became of each fired job
         for r in fired:
@@ -338,8 +327,7 @@ class RedisJobStore:
                 "next_run_iso": iso(nrt), **dataclasses.asdict(job.options), "runs": runs}
 
     async def view(self, job_id: str) -> dict | None:
-        """``get``, but a job whose stored data cannot be read is answered as its error's
-        view rather than raised: a read of it among others fails none of them."""
+        """``get``, or for a job whose stored data cannot be read its error's view (not raised)."""
         try:
             return await self.get(job_id)
         except UnreadableSchedule as exc:
@@ -405,9 +393,8 @@ class RedisJobStore:
                 "next_run_time": next_fire(trigger, now, first=True)}
 
     async def _unfired(self, job_id: str, new_trigger: dict) -> dict:
-        """``new_trigger``, but a run_date this id has fired at already (the job was removed
-        or replaced since) fires again now: that fire's id is marked, and may still be a job,
-        so a fire by it would be skipped."""
+        """``new_trigger``, but a run_date this id fired at already (removed or replaced
+        since) fires now: that fire's id is marked, or a job, so a fire by it is skipped."""
         nrt = new_trigger["next_run_time"]
         if "run_date" not in new_trigger["trigger"] or nrt > self.clock():
             return new_trigger
@@ -491,13 +478,10 @@ class RedisJobStore:
         return await self._update(job_id, change) is not None
 
     async def replan(self, job_id: str, now: float) -> bool:
-        """Move the next run time back to the trigger's first fire from ``now`` that its
-        runs do not record as fired, if that is sooner: planned by a clock that ran ahead,
-        it was that far off. A fire that ran while the clock was ahead is moved past: its
-        mark expires grace + 600 s after marking and its job hash after RESULT_TTL (or
-        when deleted), so neither may be left to keep it from running again (later ones:
-        Scheduler._keep_marks marks them again). A date job keeps its one fire time (a
-        date that fired already may be a time of its own, _unfired). True if moved."""
+        """Move the next run time, planned by a clock that ran ahead, back to the trigger's
+        first fire from ``now`` its runs do not record as fired (neither their marks nor
+        their jobs last: they must not run again), if sooner. A date job keeps its one fire
+        time (one it fired already may be a time of its own, _unfired). True if moved."""
         try:
             fired = fired_times(await self.redis.lrange(self.keys.schedule_runs(job_id), 0, -1))
         except ResponseError as exc:   # a runs list of another type (an operator's write)
@@ -523,9 +507,8 @@ class RedisJobStore:
         return moved
 
     async def run_now(self, job_id: str) -> float | None:
-        """Make the job due now (Redis's clock): the scheduler, woken, fires it by its usual
-        rules. Returns the fire time (None: no such job); a fire already due and not yet
-        fired is the one answered: moved, it would never fire, and its asker wait in vain."""
+        """Make the job due now (Redis's clock); returns the fire time (None: no such job).
+        A fire already due is the one answered: moved, it would never fire."""
         def change(job: StoredJob) -> StoredJob:
             if job.paused:
                 raise ScheduleError(f"periodic job {job_id!r} is paused: resume it first")
@@ -538,9 +521,8 @@ class RedisJobStore:
         return None if job is None else job.next_run_time
 
     async def fire_run(self, job_id: str, fire: str, wait: float) -> dict | None:
-        """The run record of ``fire`` as ``get`` shows it, once the scheduler has decided it
-        (not "enqueued": marked, not yet queued, the dedupe filter may still drop it), or
-        as it is after ``wait`` seconds; None if it is not recorded by then."""
+        """The run record of ``fire`` as ``get`` shows it, once decided (not "enqueued": the
+        dedupe filter may still drop it) or after ``wait`` seconds; None if not recorded."""
         deadline, backoff = time.monotonic() + wait, Backoff(0.05, 0.5)
         while True:
             runs = (await self.get(job_id) or {}).get("runs", [])

@@ -26,8 +26,8 @@ from elric.clock import RedisClock
 from elric.codec import pack, unpack
 from elric.health import TaskHealth
 from elric.contract import Status, normalize_spec
-from elric.jobstore import (FINISHED_TTL, Coalesce, Options, Outcome, RedisJobStore, fire_id,
-                            fired_times, iso)
+from elric.jobstore import (FINISHED_TTL, RUNS_KEPT, Coalesce, Options, Outcome, RedisJobStore,
+                            fire_id, fired_times, iso)
 from elric.logs import Hourly
 from elric.queue import Fenced
 from elric.retry import Outage, cancel_pending, described, is_outage, unblocked, until
@@ -42,12 +42,8 @@ LONGEST_BLOCK = 2.0         # a BLPOP must answer well inside the clients' socke
 FIRE_FIELDS = ("spec", "trigger", "next_run_time", "version", "misfire_grace_time", "coalesce",
                "max_instances")  # the schedule hash fields a pass reads
 LIVE = frozenset(s.encode() for s in Status if s.live)
-# seconds Redis's clock may step back (far more than a reply's latency) before the next
-# run times, planned by the clock ahead, are looked at again (Scheduler._replan)
-CLOCK_STEP_BACK = 10.0
-# seconds until what a pass could not do is tried again: a job whose stored data it could
-# not read, the fires pending in a dedupe scope the filter refused
-RETRY_LATER = 60.0
+CLOCK_STEP_BACK = 10.0  # a step back of Redis's clock past this (far over latency): _replan
+RETRY_LATER = 60.0  # seconds until a job it cannot read, or a scope the filter refused, is retried
 
 
 @dataclass
@@ -95,8 +91,7 @@ def _trigger(blob: bytes):
 
 
 def _last_until(trigger, after: float, now: float) -> float | None:
-    """The last fire time in (after, now], found by probing back from now in doubling steps
-    (O(log backlog)) instead of stepping through the whole backlog."""
+    """The last fire time in (after, now], probed back from now in doubling steps."""
     end = getattr(trigger, "end_date", None)   # no fire after it: probe back from there
     now = now if end is None else min(now, end.timestamp())
     span = 1.0
@@ -182,8 +177,7 @@ class Scheduler:
         while not self._stop.is_set():
             _raise_if_cancelled()
             try:
-                # not renewed: another master holds the lease, or nobody does (Redis lost
-                # it, or it ran out) and this master takes it again, its own
+                # not renewed: another master holds it, or nobody does (lost, ran out): take it
                 if self.is_leader and not await self._renew() \
                         and not await self._acquire(again=True):
                     self._step_down("lease taken over by another master")
@@ -246,12 +240,9 @@ class Scheduler:
         return now
 
     async def _replan(self, now: float) -> None:
-        """After Redis's clock stepped back: the next run times planned while it ran ahead
-        are that far off, and no periodic job would fire until it caught up. Each one
-        later than its trigger's next fire from now is moved back to it, past the fires
-        its runs record as fired while the clock was ahead; those fires are marked again
-        until the clock is past them (``_keep_marks``), else the fires on time from now
-        would come to them and run them again."""
+        """After Redis's clock stepped back, next run times planned while it ran ahead would
+        fire nothing until it caught up: move each back to its trigger's next fire, past the
+        fires that ran meanwhile (``_keep_marks`` keeps them marked, so none runs twice)."""
         # (a step the lease loop sees meanwhile is looked at by the next pass)
         back, self._stepped_back, moved, cursor = self._stepped_back, 0.0, 0, 0
         try:
@@ -278,9 +269,8 @@ class Scheduler:
                          "their triggers' next fires", back, moved)
 
     async def _keep_marks(self, job_id: str, now: float) -> None:
-        """Mark again, until the clock is past them, the fires its runs record as fired
-        ahead of ``now`` (while the clock ran ahead): marked for the grace window, their
-        marks expire long before the clock is back at them, and they would run again."""
+        """Mark again, until the clock is past them, the fires its runs record as fired ahead
+        of ``now``: their marks (for the grace window) expire before the clock is back."""
         pipe = self.redis.pipeline(transaction=False)
         pipe.lrange(self.keys.schedule_runs(job_id), 0, -1)
         pipe.hget(self.keys.schedule(job_id), "misfire_grace_time")
@@ -311,18 +301,17 @@ class Scheduler:
         options, trigger = Options.from_hash(h), _trigger(h["trigger"])
         grace, policy = options.misfire_grace_time, options.coalesce
         horizon = -math.inf if grace is None else now - grace
-        t, more, missed, unrecorded = _fire_time(h["next_run_time"]), "", [], 0
+        t, more, late = _fire_time(h["next_run_time"]), "", []
         while t is not None and t < horizon:  # too late to run: missed
-            if len(missed) + unrecorded == CATCHUP_LIMIT:  # counted enough; jump to the grace
-                more = "more than "                        # window
+            if len(late) == CATCHUP_LIMIT:  # counted enough; jump to the grace window
+                more = "more than "
                 t = next_fire(trigger, horizon, first=True)
                 t = None if t is not None and t < horizon else t  # a date trigger's one fire
                 break
-            if len(missed) < self.store.runs_kept:  # recorded: the runs shown
-                missed.append(t)
-            else:   # counted (the metric of missed fires), not recorded
-                unrecorded += 1
+            late.append(t)
             t = next_fire(trigger, t)
+        # those past the runs kept are counted (the metric of missed fires), not recorded
+        missed, unrecorded = late[:RUNS_KEPT], max(0, len(late) - RUNS_KEPT)
         due: list[float] = []
         while t is not None and t <= now and len(due) < CATCHUP_LIMIT:
             due.append(t)
@@ -335,7 +324,7 @@ class Scheduler:
                 t = next_fire(trigger, last)
         if missed:
             self.log.warning("periodic job %s: %s%d fire(s) missed the %ss misfire grace time",
-                             job_id, more, len(missed) + unrecorded, grace)
+                             job_id, more, len(late), grace)
         fires = [(m, Outcome.MISSED, {"reason": "late"}) for m in missed]
         if len(due) > 1 and policy is Coalesce.SKIP:
             fires += [(d, Outcome.SKIPPED, {"reason": "coalesce"}) for d in due]
@@ -382,7 +371,7 @@ class Scheduler:
         token = self.token   # the lease may be lost while this pass awaits Redis
         if token is None:
             return 0, math.inf
-        argv: list = [self.master_id, token, self.store.runs_kept, FINISHED_TTL, len(rows)]
+        argv: list = [self.master_id, token, RUNS_KEPT, FINISHED_TTL, len(rows)]
         specs: dict[str, dict] = {}
         for job_id, row, statuses in rows:
             await asyncio.sleep(0)  # a backlog's plans take long: the lease renews meanwhile
@@ -395,8 +384,7 @@ class Scheduler:
             except Exception:  # bad stored data must not stall every other job
                 self.log.exception("periodic job %s: cannot compute its fires; retrying in "
                                    "%gs", job_id, RETRY_LATER)
-                # its schedule, not the retry, says when it fires (version "", a key it could
-                # not read: only the index moves; a next run time that is no number: the retry)
+                # the retry moves the index only: its next run time, if a number, is kept
                 version, kept = b"", now + RETRY_LATER
                 with contextlib.suppress(KeyError, TypeError, ValueError):
                     h = dict(zip(FIRE_FIELDS, row)) if isinstance(row, list) else {}
@@ -437,8 +425,7 @@ class Scheduler:
 
     async def _queue_fires(self, fires: list[dict], token: int | None,
                            recovered: bool = False) -> int:
-        """Queue marked fires under the fence ``token`` they were marked with; those not
-        queued stay pending for the next try, or the next leader."""
+        """Queue fires marked under the fence ``token``; those not queued stay pending."""
         if not fires or token is None:
             return 0
         try:
@@ -452,8 +439,7 @@ class Scheduler:
             self._queueing.failed(exc)
             return 0
         self._queueing.passed()
-        if len(queued) < len(fires):   # not answered: a scope the filter refused (they stay
-            # pending): tried again, so that they run once it is fixed, with no restart
+        if len(queued) < len(fires):   # a scope the filter refused: pending, tried again
             self._retry_pending = min(self._retry_pending, time.monotonic() + RETRY_LATER)
         if dropped := {s.job_id for s in queued if s.status == Status.FILTERED}:
             try:
@@ -464,10 +450,8 @@ class Scheduler:
         return len(queued) - len(dropped)
 
     async def _enqueue_apart(self, fires: list[dict], token: int, recovered: bool) -> list:
-        """``self.enqueue`` of ``fires``; refused for a key of one of them (its queue of
-        another type, an operator's SET), each fire alone: that one stays pending, named,
-        and holds back no other (pending, they all counted for max_instances, pass after
-        pass). An outage or the fence ends it: the fires not queued stay pending."""
+        """``self.enqueue`` of ``fires``; refused for a key of one (an operator's write), each
+        fire alone, so that one stays pending, named, and holds back no other."""
         try:
             return await self.enqueue(fires, token, recovered=recovered)
         except Exception as exc:
@@ -488,9 +472,8 @@ class Scheduler:
         return queued
 
     async def _filtered(self, fires: list[dict]) -> None:
-        """Fires the dedupe filter dropped (never reaching enqueue.lua): no longer pending,
-        counted and recorded ``filtered``, and logged: a dedupe key its fires share drops
-        every fire after the first."""
+        """Fires the dedupe filter dropped: no longer pending, recorded ``filtered``, and
+        logged (a dedupe key its fires share drops every fire after the first)."""
         pipe = self.redis.pipeline(transaction=False)
         for f in fires:
             pipe.lrange(self.keys.schedule_runs(f["schedule"]), 0, -1)
@@ -510,9 +493,8 @@ class Scheduler:
                               f.get("dedupe_scope"))
 
     async def _reindex(self) -> bool:
-        """Rebuild the schedules index, of another type (an operator's write), from the
-        periodic jobs' hashes, which hold all it does; False if its type is right. Else no
-        periodic job would fire again, nor could one be added."""
+        """Rebuild the schedules index, overwritten with another type, from the periodic
+        jobs' hashes (else none would fire again); False if its type is right."""
         kind = (await self.redis.type(self.keys.schedules)).decode()
         if kind in ("zset", "none"):
             return False
@@ -531,8 +513,7 @@ class Scheduler:
             except ValueError:   # no date: due now, where the pass names it
                 score = 0.0
             index[key[len(prefix.encode()):]] = score
-        # replaced in one step: a rebuild cut short (Redis away, the master killed) leaves
-        # the key of another type, rebuilt at a later pass, not a zset short of jobs for good
+        # in one step: a rebuild cut short leaves the old key (rebuilt later), not a short zset
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.delete(self.keys.schedules)
             if index:
@@ -556,8 +537,7 @@ class Scheduler:
                 except ResponseError as exc:
                     if "WRONGTYPE" not in str(exc):
                         raise
-                    # it holds no fire of elric's, and the fire script refuses to mark
-                    # fires it cannot keep there: every periodic job would stop
+                    # no fire of elric's is there, and none is marked while it is: all would stop
                     self.log.error("scheduler: %s was overwritten with another type; deleted "
                                    "it", self.keys.fires_pending)
                     await self.redis.delete(self.keys.fires_pending)
@@ -576,9 +556,8 @@ class Scheduler:
         return total
 
     async def _readable(self, found: dict) -> list[dict]:
-        """The fire specs among pending entries; one that is no fire spec (written by hand,
-        restored badly) is dropped, naming it: it raised before any fire was planned, or
-        failed the enqueue of every fire beside it, pass after pass."""
+        """The fire specs among pending entries; one that is none (written by hand) is
+        dropped, named: else it fails the enqueue of every fire beside it, pass after pass."""
         specs, bad = [], []
         for fid, raw in found.items():
             try:
@@ -605,8 +584,7 @@ class Scheduler:
         if timeout < SHORT_WAIT:
             await asyncio.sleep(timeout)  # cheaper than waiting on the stop event; short anyway
             return
-        # end the BLPOP a little early: Redis may time it out up to ~100 ms late; a longer
-        # wait is several BLPOPs (a pass between them costs one read of the index head)
+        # end early: Redis may time a BLPOP out ~100 ms late; a longer wait is several BLPOPs
         timeout = min(timeout - 0.15, LONGEST_BLOCK)
         try:
             woke = await self.redis.blpop([self.keys.scheduler_wake], timeout=timeout)

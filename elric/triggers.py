@@ -1,13 +1,10 @@
 """Periodic-job triggers: validate plain-data trigger dicts and build APScheduler 3.x triggers.
 
-Triggers travel and are stored as msgpack-able dicts (never pickles), e.g.
-``{"type": "cron", "crontab": "30 2 * * 1-5", "timezone": "Europe/Berlin"}``,
-``{"type": "interval", "minutes": 15}`` or ``{"type": "date", "run_date": "2026-05-01T08:00"}``.
-Interval and date fire times are APScheduler's; cron keeps APScheduler's field parsing but
-computes fire times here, on wall-clock fields, with crontab(5)'s meaning across DST (see
-docs/CRON.md). This module adds validation that names the bad field, UTC as the explicit
-default zone (so masters on hosts in other zones agree), crontab weekday numbering, macros
-and day-field OR, refusal of crons that never fire, and jitter that does not accumulate.
+Triggers travel and are stored as msgpack-able dicts (never pickles), e.g. ``{"type": "cron",
+"crontab": "30 2 * * 1-5", "timezone": "Europe/Berlin"}``, ``{"type": "interval", "minutes":
+15}`` or ``{"type": "date", "run_date": "2026-05-01T08:00"}``. Cron fire times are computed here
+on wall-clock fields, with crontab(5)'s meaning across DST (docs/CRON.md); the default zone is
+UTC, so that masters on hosts in other zones agree.
 """
 
 from __future__ import annotations
@@ -52,9 +49,8 @@ class TriggerError(ValueError):
 
 
 class _IntervalTrigger(IntervalTrigger):
-    """IntervalTrigger whose jitter does not accumulate: APScheduler 3.x adds the interval to
-    the previous (jittered) fire time, so it drifts; here each fire is jittered from its grid
-    point."""
+    """IntervalTrigger whose jitter does not accumulate (APScheduler 3.x adds the interval to
+    the previous, jittered, fire time): each fire is jittered from its grid point."""
 
     def get_next_fire_time(self, previous_fire_time, now):
         if previous_fire_time is not None and previous_fire_time < self.start_date:
@@ -157,8 +153,9 @@ _CRONTAB_DAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat", "sun")
 _MONTH_NAMES = ("January", "February", "March", "April", "May", "June", "July", "August",
                 "September", "October", "November", "December")
 _MONTHS = tuple(m[:3].lower() for m in _MONTH_NAMES)  # crontab's names: jan, feb, ...
-_CRONTAB_RANGES = {"minute": (0, 59), "hour": (0, 23), "day": (1, 31), "month": (1, 12),
-                   "day_of_week": (0, 7)}
+# each crontab field's lowest and highest value, and its names (numbered from the lowest)
+_CRONTAB_RANGES = {"minute": (0, 59, ()), "hour": (0, 23, ()), "day": (1, 31, ()),
+                   "month": (1, 12, _MONTHS), "day_of_week": (0, 7, _CRONTAB_DAYS[:7])}
 _CRONTAB_ITEM = re.compile(r"^(\*|\w+)(?:-(\w+))?(?:/(\d+))?$")
 MACROS = {"@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *", "@monthly": "0 0 1 * *",
           "@weekly": "0 0 * * 0", "@daily": "0 0 * * *", "@midnight": "0 0 * * *",
@@ -171,13 +168,11 @@ _END = 253402300800  # 10000-01-01T00:00:00Z: no fire time from here on
 def _crontab_values(name: str, expr: str) -> list[int]:
     """One crontab field as the sorted values it allows (crontab(5): lists, ranges, steps,
     names; a step may exceed its range: ``14-15/2`` is 14)."""
-    lo, hi = _CRONTAB_RANGES[name]
-    names = _MONTHS if name == "month" else _CRONTAB_DAYS[:7] if name == "day_of_week" else ()
-    base = 1 if name == "month" else 0
+    lo, hi, names = _CRONTAB_RANGES[name]
 
     def number(text: str) -> int:
         if text.lower() in names:
-            return names.index(text.lower()) + base
+            return names.index(text.lower()) + lo
         if not text.isdecimal() or not lo <= int(text) <= hi:   # "²".isdigit() is true
             raise ValueError(f"{text!r} is not in {lo}-{hi}" + (" or a name" if names else ""))
         return int(text)
@@ -219,17 +214,23 @@ def _crontab_fields(crontab: str) -> dict[str, str]:
             values = _crontab_values(name, expr)
         except ValueError as exc:
             raise TriggerError("trigger.crontab", f"{name} {expr!r}: {exc}") from None
-        if expr == "*":
-            fields[name] = "*"
-        elif name == "day_of_week":
-            fields[name] = ",".join(_CRONTAB_DAYS[d] for d in values)
-        else:
-            fields[name] = ",".join(map(str, values))
+        fields[name] = "*" if expr == "*" else ",".join(
+            _CRONTAB_DAYS[v] if name == "day_of_week" else str(v) for v in values)
     return fields
 
 
 def _matches(field, w: datetime) -> bool:
     return field.get_next_value(w) == field.get_value(w)
+
+
+def _allowed(field, top: int) -> list[int]:
+    """The values in [0, top) a time-of-day field allows (none depends on the date), ascending."""
+    day, values = datetime(2000, 1, 1), []
+    v = field.get_next_value(day)
+    while v is not None:   # from one allowed value to the next: a trigger is built per get
+        values.append(v)
+        v = field.get_next_value(day.replace(**{field.name: v + 1})) if v + 1 < top else None
+    return values
 
 
 def _offset_change(lo: int, hi: int, tz: tzinfo) -> int:
@@ -240,9 +241,8 @@ def _offset_change(lo: int, hi: int, tz: tzinfo) -> int:
 
 
 def _existing(dt: datetime) -> datetime:
-    """``dt``, or for a wall time a DST gap skips (a run_date, start_date or end_date), the
-    jump (the first instant after the gap), where a fixed-time cron job runs too
-    (docs/CRON.md). A repeated time is its first pass."""
+    """``dt``, or for a wall time a DST gap skips, the jump (where a fixed-time cron job runs
+    too, docs/CRON.md). A repeated time is its first pass."""
     try:
         if dt.astimezone(UTC).astimezone(dt.tzinfo).replace(tzinfo=None) == \
                 dt.replace(tzinfo=None):
@@ -254,13 +254,12 @@ def _existing(dt: datetime) -> datetime:
 
 
 class _CronTrigger(CronTrigger):
-    """APScheduler's cron fields and validation, with fire times computed here: on wall-clock
-    fields in the zone, then resolved to an instant as cron does across DST (see docs/CRON.md).
+    """APScheduler's cron fields, with fire times found on wall-clock fields in the zone, then
+    resolved to an instant as cron does across DST (docs/CRON.md). ``day_or``: day and
+    day_of_week are ORed. ``wild``: the minute or hour starts with ``*`` (it fires in both
+    passes of a repeated hour, and not in a gap)."""
 
-    ``day_or``: day and day_of_week are ORed (crontab with both restricted). ``wild``: the
-    minute or hour starts with ``*`` (runs in both passes of a repeated hour, not in a gap)."""
-
-    __slots__ = ("day_or", "wild", "crontab", "_by_name", "_day_fields", "_time_fields")
+    __slots__ = ("day_or", "wild", "crontab", "_by_name", "_day_fields", "_times")
 
     def __init__(self, *, crontab: str | None = None, **kw) -> None:
         super().__init__(**kw)
@@ -274,7 +273,8 @@ class _CronTrigger(CronTrigger):
             # crontab(5): day of month OR day of week when both are restricted (neither "*...")
             self.day_or = not (day.startswith("*") or day_of_week.startswith("*"))
         self._day_fields = [self._by_name[n] for n in ("week",) if str(self._by_name[n]) != "*"]
-        self._time_fields = [self._by_name[n] for n in ("hour", "minute", "second")]
+        self._times = [_allowed(self._by_name[n], top)
+                       for n, top in (("hour", 24), ("minute", 60), ("second", 60))]
 
     def __str__(self) -> str:
         # the zone says when the calendar's times are (the next run is shown in local time)
@@ -290,26 +290,13 @@ class _CronTrigger(CronTrigger):
 
     def _time_on(self, w: datetime) -> datetime | None:
         """The first matching time of day at or after ``w`` on its day."""
-        hour, minute, second = self._time_fields
-        while True:
-            h = hour.get_next_value(w)
-            if h is None:
-                return None
-            if h != w.hour:
-                w = w.replace(hour=h, minute=0, second=0)
-            m = minute.get_next_value(w)
-            if m is not None:
-                if m != w.minute:
-                    w = w.replace(minute=m, second=0)
-                s = second.get_next_value(w)
-                if s is not None:
-                    return w.replace(second=s)
-                if w.minute < 59:
-                    w = w.replace(minute=w.minute + 1, second=0)
-                    continue
-            if w.hour == 23:
-                return None
-            w = w.replace(hour=w.hour + 1, minute=0, second=0)
+        hours, minutes, seconds = self._times
+        for h in hours[bisect.bisect_left(hours, w.hour):]:
+            for m in minutes[bisect.bisect_left(minutes, w.minute) if h == w.hour else 0:]:
+                i = bisect.bisect_left(seconds, w.second) if (h, m) == (w.hour, w.minute) else 0
+                if i < len(seconds):
+                    return w.replace(hour=h, minute=m, second=seconds[i])
+        return None
 
     def next_wall(self, w: datetime, end: datetime | None = None) -> datetime | None:
         """The first matching naive wall-clock time at or after ``w`` (before ``end``)."""
@@ -400,8 +387,7 @@ class _CronTrigger(CronTrigger):
 @lru_cache(maxsize=1024)   # many jobs share a crontab; jitter spreads them
 def _closest_fires(data: str, hour: int) -> tuple[int, int] | None:
     """The two fires closest together among the first CRON_GAP_FIRES (without jitter, not
-    past end_date) from ``hour`` on, of the cron ``data`` (its normalized JSON): its
-    shortest gap, unless a shorter one comes later (after a cycle of its finest field)."""
+    past end_date) from ``hour`` on, of the cron ``data`` (normalized JSON: a cache key)."""
     trigger = _parse(json.loads(data), hour)[0]
     start = trigger.start_date.timestamp() if trigger.start_date else hour
     end = trigger.end_date.timestamp() if trigger.end_date else math.inf
@@ -415,7 +401,7 @@ def _closest_fires(data: str, hour: int) -> tuple[int, int] | None:
     return best
 
 
-def _never_fires(trigger: _CronTrigger, data: dict, now: float) -> TriggerError:
+def _never_fires(trigger: _CronTrigger, now: float) -> TriggerError:
     """Why a cron trigger has no fire after ``now``, naming the field when one alone says."""
     end, f = trigger.end_date, trigger._by_name
     if end is not None and end.timestamp() < now:
@@ -441,31 +427,29 @@ def _never_fires(trigger: _CronTrigger, data: dict, now: float) -> TriggerError:
             names = " or ".join(_MONTH_NAMES[m - 1] for m in months)
             return TriggerError("trigger.day", f"{names} {'has' if len(months) == 1 else 'have'} "
                                                f"no day {f['day']}; this cron never fires")
-    where = "trigger.crontab" if data.get("crontab") is not None else "trigger"
+    where = "trigger" if trigger.crontab is None else "trigger.crontab"
     return TriggerError(where, "no date and time matches all fields; this cron never fires")
 
 
 def _cron_fields(data: dict) -> dict[str, str]:
     """The APScheduler cron fields of ``data`` (a crontab or separate fields), each checked."""
-    crontab = data.get("crontab")
-    if crontab is None:
-        fields = {name: data[name] for name in CRON_FIELDS if data.get(name) is not None}
-    elif mixed := [n for n in CRON_FIELDS if data.get(n) is not None]:
-        raise TriggerError("trigger.crontab", f"cannot be combined with {', '.join(mixed)}")
-    elif not isinstance(crontab, str):
-        raise TriggerError("trigger.crontab",
-                           f"expected a string like '*/15 * * * *', got {crontab!r}")
-    else:
-        fields = _crontab_fields(crontab)
-    for name, value in fields.items():  # one field at a time, so the error names it
-        where = f"trigger.{name}" if crontab is None else "trigger.crontab"
-        if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise TriggerError(where, f"expected an int or a string, got {value!r}")
+    crontab, given = data.get("crontab"), [n for n in CRON_FIELDS if data.get(n) is not None]
+    if crontab is not None:
+        if given:
+            raise TriggerError("trigger.crontab", f"cannot be combined with {', '.join(given)}")
+        if not isinstance(crontab, str):
+            raise TriggerError("trigger.crontab",
+                               f"expected a string like '*/15 * * * *', got {crontab!r}")
+        return _crontab_fields(crontab)   # (explicit values, each in its field's range)
+    fields = {}
+    for name in given:  # one field at a time, so the error names it
+        if isinstance(value := data[name], bool) or not isinstance(value, (int, str)):
+            raise TriggerError(f"trigger.{name}", f"expected an int or a string, got {value!r}")
         fields[name] = expr = str(value)
         try:
             CronTrigger.FIELDS_MAP[name](name, expr)
         except ValueError as exc:
-            raise TriggerError(where, f"{name} {expr!r}: {exc}") from None
+            raise TriggerError(f"trigger.{name}", f"{name} {expr!r}: {exc}") from None
     return fields
 
 
@@ -473,9 +457,8 @@ def parse_trigger(data: dict, *, now: float | None = None) -> tuple[BaseTrigger,
     """Validate ``data``; return (APScheduler trigger, normalized dict to store).
 
     An interval without start_date starts one interval after ``now`` (default: the wall
-    clock), like APScheduler's; that start is stored so every master computes the same fire
-    times. A cron or interval that never fires after ``now`` is refused (it would be stored
-    finished, and never run). Normalized data parses to itself.
+    clock), stored so every master computes the same fire times. A cron or interval that
+    never fires after ``now`` is refused. Normalized data parses to itself.
     """
     now = time.time() if now is None else now
     trigger, normalized = _parse(data, now)
@@ -485,8 +468,7 @@ def parse_trigger(data: dict, *, now: float | None = None) -> tuple[BaseTrigger,
                                                "them; name one, like 'Europe/Berlin'")
     length = getattr(trigger, "interval_length", None)
     if length is not None and (trigger.jitter or 0) > length:
-        # the next fire is the grid point after the last one's jittered time: past the next
-        # point, it drops that point's fire
+        # the next fire is the grid point after the last one's jittered time, not one it passed
         raise TriggerError("trigger.jitter", f"{trigger.jitter:g}s is longer than the interval "
                                              f"({length:g}s): fires would be dropped")
     try:  # jittered fire times must still be dates (checked here: stored ones still build)
@@ -504,7 +486,7 @@ def parse_trigger(data: dict, *, now: float | None = None) -> tuple[BaseTrigger,
                                              f"to {b}): fires would be dropped")
     if not isinstance(trigger, DateTrigger) and next_fire(trigger, now, first=True) is None:
         if isinstance(trigger, _CronTrigger):
-            raise _never_fires(trigger, data, now)
+            raise _never_fires(trigger, now)
         if trigger.end_date is None:  # no end: its first fire is past the year 9999 in UTC
             raise TriggerError("trigger.start_date", f"{trigger.start_date.isoformat()} is out "
                                                      "of range: the first fire would come after "
@@ -600,8 +582,7 @@ def _checked(kind: str, fields: dict) -> dict:
     try:   # fail here, where the caller wrote the trigger
         parse_trigger(data)
     except TriggerError as exc:
-        # unless it fires at some time: whether a fire is left is the master's to judge, by
-        # Redis's clock; this one may be an hour off (an end_date within it read as past)
+        # unless it fires at some time: the master judges what is left, by Redis's clock
         try:
             parse_trigger(data, now=0.0)
         except TriggerError:
