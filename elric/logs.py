@@ -8,8 +8,10 @@ import logging
 import math
 import os
 import select
+import sys
 import threading
 import time
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 
@@ -49,13 +51,17 @@ class JobOutput:
     """LOG_FORMAT = "json" in a pool process: fds 1 and 2 are pipes, so that each line a
     job writes there (print, sys.stderr, a command it runs) reaches the worker's output
     as a JSON record too, with the id of the sync job running (``job_id``, set by the
-    runner) - not as a plain line that a log collector cannot parse."""
+    runner) - not as a plain line that a log collector cannot parse. ``current``: the
+    running job's context variable; given, sys.stdout and sys.stderr become JobStreams,
+    so that what an async job writes there (many run at once) carries its own id."""
 
-    def __init__(self) -> None:
+    def __init__(self, current: ContextVar | None = None) -> None:
         self.job_id: str | None = None
         self.lock = threading.Lock()   # reads and writes a line whole, and in order
         self.format = JsonLines().format
         self.pipes: list[_Pipe] = []
+        # (id of a job's context, pipe level) -> (the context, its line not yet ended)
+        self.held: dict[tuple[int, int], tuple[object, str]] = {}
         for fd, level in ((1, logging.INFO), (2, logging.WARNING)):
             read, write = os.pipe()   # (not inherited: only fds 1 and 2 are, by commands)
             os.set_blocking(read, False)
@@ -65,6 +71,16 @@ class JobOutput:
         # this process's own records go straight to the worker's stderr
         self.stderr = open(self.pipes[1].out, "w", buffering=1, encoding="utf-8",
                            errors="backslashreplace", closefd=False)
+        os.register_at_fork(after_in_child=self._forked)
+        if current is not None:
+            for name, pipe in (("stdout", self.pipes[0]), ("stderr", self.pipes[1])):
+                if getattr(sys, name) is not None:
+                    setattr(sys, name, JobStream(getattr(sys, name), self, pipe, current))
+
+    def _forked(self) -> None:
+        """In the child of a job's fork, which JobStream.write may take the lock in: the
+        relay thread may have held it then, and is not there to let it go."""
+        self.lock = threading.Lock()
 
     def relay(self) -> None:
         """The thread passing the lines on as they come."""
@@ -97,18 +113,75 @@ class JobOutput:
         pipe.partial = bytearray(rest)
         for line in lines:
             if line:
-                self._write(pipe, line.decode("utf-8", "backslashreplace").rstrip("\r"))
+                text = line.decode("utf-8", "backslashreplace").rstrip("\r")
+                self._write(pipe, text, self.job_id)
 
-    def _write(self, pipe: _Pipe, text: str) -> None:
+    def write(self, pipe: _Pipe, ctx, text: str) -> None:
+        """What the job of context ``ctx`` wrote through sys.stdout or sys.stderr: its
+        lines passed on now with its id, the end of one not yet ended held until it is
+        (or the job ends; once it has, as it comes: a thread it left writes on)."""
+        with self.lock:
+            key = (id(ctx), pipe.level)   # (held with the context: its id is not reused)
+            if key in self.held:
+                text = self.held.pop(key)[1] + text
+            *lines, rest = text.split("\n")
+            if ctx.ended or len(rest) > 65536:   # as _pass does with a line never ended
+                lines.append(rest)
+            elif rest:
+                self.held[key] = (ctx, rest)
+            for line in lines:
+                if line:
+                    self._write_text(pipe, line, ctx.job_id)
+
+    def end(self, ctx) -> None:
+        """At an async job's end: the line it left unfinished is passed on."""
+        with self.lock:
+            for pipe in self.pipes:
+                held = self.held.pop((id(ctx), pipe.level), None)
+                if held is not None:
+                    self._write_text(pipe, held[1], ctx.job_id)
+
+    def _write_text(self, pipe: _Pipe, line: str, job_id: str) -> None:
+        if not line.isascii():   # (a flag: costs nothing) a lone surrogate is not UTF-8
+            line = line.encode("utf-8", "backslashreplace").decode("utf-8")
+        self._write(pipe, line.rstrip("\r"), job_id)
+
+    def _write(self, pipe: _Pipe, text: str, job_id: str | None) -> None:
         record = logging.LogRecord("elric.jobs.output", pipe.level, "", 0, text, None, None)
-        if self.job_id is not None:
-            record.job_id = self.job_id
+        if job_id is not None:
+            record.job_id = job_id
         data = (self.format(record) + "\n").encode()
         try:
             while data:
                 data = data[os.write(pipe.out, data):]
         except OSError:   # the worker's output is gone: nothing to tell it
             pass
+
+
+class JobStream:
+    """sys.stdout or sys.stderr of a pool process in json mode: what a job other than the
+    sync one running (so an async one, or a thread holding a job's context) writes is
+    passed on as records with its id, read from the context at each write; the rest goes
+    to fd 1 or 2 as before, where JobOutput.relay reads it. All else is the stream's."""
+
+    def __init__(self, stream, output: JobOutput, pipe: _Pipe, current: ContextVar) -> None:
+        self.stream, self.output, self.pipe, self.current = stream, output, pipe, current
+
+    def write(self, text: str) -> int:
+        ctx = self.current.get()
+        if ctx is None or ctx.job_id == self.output.job_id:
+            return self.stream.write(text)
+        if not isinstance(text, str):   # the message a TextIOWrapper gives
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        self.output.write(self.pipe, ctx, text)
+        return len(text)
+
+    def writelines(self, lines) -> None:
+        for line in lines:
+            self.write(line)
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
 
 
 class Hourly:

@@ -117,7 +117,8 @@ def serve(conn, job_modules: tuple[str, ...], worker_pid: int, cwd: str, log_lev
     ``cwd``: the worker's directory, where jobs run (not the fork server's empty one)."""
     with contextlib.suppress(OSError):   # gone since: the job's relative paths fail alone
         os.chdir(cwd)
-    output = logs.JobOutput() if log_format == "json" else None   # (fds 1 and 2: pipes)
+    # (fds 1 and 2: pipes; sys.stdout and sys.stderr: JobStreams)
+    output = logs.JobOutput(job_module._current) if log_format == "json" else None
     logs.configure(log_level, log_format, name="%(name)s[%(process)d]",   # as the worker's
                    stream=output.stderr if output else None)
     if output:   # from now: a module printing as it loads would fill the pipe and hang
@@ -403,7 +404,10 @@ class _Runner:
                     for handler in logging.getLogger().handlers:   # logs.configure's: this
                         if getattr(handler, "stream", None) is ours:   # process's own lines
                             handler.stream = new   # (not setStream: it flushes the closed one)
-                    setattr(self, name, new)
+                    if isinstance(ours, logs.JobStream):   # json: kept, on the new stream
+                        ours.stream = new
+                    else:
+                        setattr(self, name, new)
             setattr(sys, name, getattr(self, name))
 
     def _queue(self, outs: list[Ran]) -> None:
@@ -499,6 +503,8 @@ class _Runner:
             if isinstance(exc, asyncio.CancelledError) and self._asked(out):
                 out.payload = CANCELLED + "\n" + out.payload
         ctx.ended = True
+        if self.output is not None:
+            self.output.end(ctx)
         if timeout is not None and self.loop.time() >= deadline.when():
             # stopped by its timeout, or ended past it all the same: it swallowed the
             # cancellation, or blocked its loop without awaiting until it returned

@@ -230,3 +230,49 @@ class AsyncNestedGroupFail(Job):
 
         async with asyncio.TaskGroup() as sites:
             sites.create_task(site())
+
+
+_WROTE: set[str] = set()   # AsyncPrints' steps done, in this pool process
+
+
+async def _after(step: str) -> None:
+    deadline = time.monotonic() + 20   # (not forever: a test that fails ends)
+    while step not in _WROTE and time.monotonic() < deadline:
+        await asyncio.sleep(0.005)
+
+
+class AsyncPrints(Job):
+    """Writes to stdout and stderr every way a job does, its lines in pieces, after
+    ``other`` (an AsyncPrints beside it) has written a piece of its own."""
+
+    async def run(self, name, other):
+        import logging
+        import sys
+        import threading
+        import traceback
+        print(f"{name} one", end="")
+        _WROTE.add(f"{name} began")
+        await _after(f"{other} began")
+        print(" two")
+        sys.stderr.write(f"{name} on stderr\n")
+        try:
+            raise ValueError(f"{name} traced")
+        except ValueError:
+            traceback.print_exc()
+        handler = logging.StreamHandler()   # to sys.stderr
+        logger = logging.getLogger(f"tests.prints.{name}")
+        logger.addHandler(handler)
+        logger.propagate = False
+        logger.warning("%s logged", name)
+        logger.removeHandler(handler)
+        print(f"{name} long " + "x" * 100_000)
+        print(f"{name} not UTF-8 \udcff")
+        await asyncio.to_thread(print, f"{name} from to_thread")
+        thread = threading.Thread(target=print, args=(f"{name} from a thread",))
+        thread.start()
+        thread.join()
+        os.write(1, f"{name} on fd 1\n".encode())
+        print(f"{name} unfinished", end="")
+        _WROTE.add(f"{name} ended")
+        await _after(f"{other} ended")
+        return name

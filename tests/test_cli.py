@@ -517,6 +517,43 @@ def test_what_a_job_prints_is_in_json_lines_with_its_id(make_cluster):
         ("hello echoed", "prints", "INFO", "elric.jobs.output")}, found
 
 
+def test_what_async_jobs_print_is_in_json_lines_each_with_its_own_id(make_cluster):
+    """With json, what an async job wrote through sys.stdout or sys.stderr named no job:
+    many run at once, and only the sync job running was known. Each line now names its
+    job, pieces of a line joined per job, one left unfinished passed on at its end; what
+    goes to fd 1 directly, or comes from a thread of no job, names none, as before."""
+    from tests.jobs_async import AsyncPrints
+
+    c = make_cluster()
+    c.start_master()
+    worker = c.start_worker("--concurrency", "1", "--log-format", "json")
+    c.client.submit_jobs([AsyncPrints.spec(["a", "b"], job_id="a"),
+                          AsyncPrints.spec(["b", "a"], job_id="b")])
+    assert c.wait_job("a")["result"] == "a" and c.wait_job("b")["result"] == "b"
+
+    def events():
+        lines = [line for line in worker.log().splitlines() if line.strip()]
+        bad = [line for line in lines if not line.startswith("{")]
+        assert not bad, worker.log()
+        found = [e for e in map(json.loads, lines) if e["logger"] == "elric.jobs.output"]
+        # the last lines to come: the relay thread reads them; the rest came before the
+        # jobs ended
+        return found if sum("on fd 1" in e["message"] for e in found) == 2 else None
+    found = wait_for(events, timeout=5, what="both jobs' lines on fd 1")
+    for name in ("a", "b"):
+        mine = [(e["message"], e["level"]) for e in found if e.get("job_id") == name]
+        assert [m for m in mine if m[0].startswith(name)] == [
+            (f"{name} one two", "INFO"), (f"{name} on stderr", "WARNING"),
+            (f"{name} logged", "WARNING"), (f"{name} long " + "x" * 100_000, "INFO"),
+            (f"{name} not UTF-8 \\udcff", "INFO"), (f"{name} from to_thread", "INFO"),
+            (f"{name} unfinished", "INFO")], mine
+        assert ("Traceback (most recent call last):", "WARNING") in mine
+        assert (f"ValueError: {name} traced", "WARNING") in mine
+        for message in (f"{name} from a thread", f"{name} on fd 1"):   # no job's context
+            [e] = [e for e in found if e["message"] == message]
+            assert e["level"] == "INFO" and "job_id" not in e, e
+
+
 def test_a_worker_is_paused_resumed_moved_and_stopped_without_a_restart(cluster):
     from tests.jobs import Add
 
