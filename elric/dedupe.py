@@ -53,7 +53,6 @@ LAST_SNAPSHOT_WAIT = 10.0
 GROWTH = 2
 TIGHTENING = 0.125
 
-
 # A Redis string holds at most 512 MiB (proto-max-bulk-len): a 'bloom' snapshot is one
 MAX_SNAPSHOT = 512 << 20
 
@@ -706,7 +705,8 @@ def make_filter(backend: str, redis, keys: Keys, *,
     ``set_ttl``: seconds after which a key is new again ('set' only); ``snapshot_interval``:
     seconds between 'bloom' snapshots (0: only on close)."""
     if backend not in FILTER_BACKENDS:
-        raise DedupeError(f"unknown dedupe backend {backend!r}; choose one of {', '.join(FILTER_BACKENDS)}")
+        raise DedupeError(f"unknown dedupe backend {backend!r}; choose one of "
+                          f"{', '.join(FILTER_BACKENDS)}")
     if not isinstance(capacity, int) or capacity <= 0:
         raise DedupeError(f"dedupe capacity must be a positive integer, got {capacity!r}")
     if not 0 < error_rate < 1:
