@@ -594,8 +594,8 @@ class RedisBloomFilter(DedupeFilter):
                 "" if owners is None else self.keys.dedupe_taking(""),
                 TAKING_TTL_MS + self._takeover_ms, self._takeover_ms]
         verdicts = b""
-        while len(verdicts) < len(keys):
-            part = h[len(verdicts):len(verdicts) + _MAX_KEYS]
+        while (done := len(verdicts)) < len(keys):
+            part = h[done:done + _MAX_KEYS]
             items = self._items.get(scope, 0)
             last = self.stage_of(items)
             if self.stage(last).cum - items < len(part):
@@ -605,7 +605,6 @@ class RedisBloomFilter(DedupeFilter):
                 args += [st.cum, st.k, st.first_shard, st.shards, st.shard_bytes,
                          rbloom.records(part, st)]
             if owners is not None:   # noted as each key's taker
-                done = len(verdicts)
                 args += keys[done:done + len(part)] + owners[done:done + len(part)]
             try:
                 got, items = await self._script(
