@@ -56,8 +56,7 @@ class Reservation:
     new: dict[int, bool] = field(default_factory=dict)
     # the group whose filter call failed: its answer may be lost with the keys taken
     unsure: list[dict] = field(default_factory=list)
-    # scope -> why its filter refused it, for a check told to go on past a refused scope
-    # (its specs are neither passed nor filtered)
+    # scope -> why its filter refused it (see check): its specs are neither passed nor filtered
     refused: dict[str, ScopeRefused] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
