@@ -42,8 +42,7 @@ class Admission:
                               allowed_modules=self.settings.JOB_MODULES)
 
     async def rerun(self, job_id: str) -> str:
-        """queue.rerun, of a job whose func JOB_MODULES allows, as a copy's must: a rerun of
-        one it no longer did was queued, and every worker handed it back for good."""
+        """queue.rerun of a job whose func JOB_MODULES still allows (workers refuse others)."""
         return raised((await self.rerun_many([job_id]))[0])
 
     async def rerun_many(self, job_ids: list[str]) -> list[str | Exception]:
@@ -138,9 +137,8 @@ class Admission:
                 chunk = periodic[start:start + 32]
                 results.update(zip(chunk, await asyncio.gather(
                     *(self._schedule(normalized[i], check, where.format(i)) for i in chunk))))
-        # what only the store tells (a past date, MIN_INTERVAL, an id taken) refuses the
-        # call before any is stored; and they are stored once the dedupe filters took the
-        # other jobs' keys, so a scope a filter refuses stores none either
+        # checked first: what only the store tells (a past date, an id taken) refuses the
+        # call before any write; stored after the filters: a refused scope stores none either
         await schedule(check=True)
         now = [i for i, n in enumerate(normalized) if "trigger" not in n]
         try:
@@ -187,9 +185,8 @@ class Admission:
         reservation = Reservation(self.gate, specs)
         try:
             await reservation.check()
-            # A resent submission (same job_id, same key) is not a duplicate of itself:
-            # report the status of the job it already is. Only chosen ids can exist. One
-            # that does not may have had its key taken by a call whose master died.
+            # a resend (same job_id and key) is no duplicate of itself: its job's status, or
+            # if none (only chosen ids can exist), its key back if a dead master's call took it
             resent = [s for s in reservation.filtered if s["job_id"] in chosen]
             holds = await self.queue.get_holds([s["job_id"] for s in resent]) if resent else []
             statuses = {s["job_id"]: h and h.status for s, h in zip(resent, holds)}

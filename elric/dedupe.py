@@ -38,9 +38,8 @@ if TYPE_CHECKING:   # numpy, which it loads, costs every master and CLI command 
 
 log = logging.getLogger("elric.dedupe")
 
-# How long a job id stays recorded as the taker of its key (`owned`) past the takeover age
-# when no DEDUPE_TTL bounds it: a resend after a master died between filter and queue must
-# come within it, and a takeover needs a note older than DEDUPE_TAKEOVER_AFTER.
+# How long a key's taker stays noted (`owned`) past the takeover age when no DEDUPE_TTL
+# bounds it: the resend of a job whose master died between filter and queue comes within it.
 TAKING_TTL_MS = 86_400_000
 TAKEOVER_AFTER = SETTINGS["DEDUPE_TAKEOVER_AFTER"].default
 
@@ -53,14 +52,12 @@ LAST_SNAPSHOT_WAIT = 10.0
 GROWTH = 2
 TIGHTENING = 0.125
 
-
 # A Redis string holds at most 512 MiB (proto-max-bulk-len): a 'bloom' snapshot is one
 MAX_SNAPSHOT = 512 << 20
 
 
 def bloom_stage_bytes(capacity: int, error_rate: float) -> int:
-    """Bytes of the bits of a 'bloom' scope's first stage (pybloom-live's sizing), reckoned
-    without allocating them."""
+    """Bytes of a 'bloom' scope's first stage's bits (pybloom-live's sizing), unallocated."""
     cap, p = _stage_params(capacity, error_rate, 0)
     slices = math.ceil(math.log(1.0 / p, 2))
     return slices * math.ceil(cap * abs(math.log(p)) / (slices * math.log(2) ** 2)) // 8
@@ -120,18 +117,16 @@ class DedupeFilter(ABC):
         return [p + k for k in keys]
 
     async def owned(self, scope: str, keys: list[str], owners: list[str]) -> list[bool]:
-        """Per key: whether ``check_and_add`` let it through for that owner, and neither
-        the owner's job was queued since nor the key given back (every backend notes each
-        key's taker in Redis; ``bloom`` before its keys go into its memory)."""
+        """Per key: whether ``check_and_add`` let it through for that owner, and neither the
+        owner's job was queued since nor the key given back (every backend notes takers)."""
         if not keys:
             return []
         got = await self.redis.mget(self._notes(scope, keys))
         return [g == o.encode() for g, o in zip(got, owners)]
 
     async def count(self, scope: str, n: int) -> None:
-        """Add ``n`` jobs dropped to the scope's ``filtered``. ``check_and_add`` counts
-        nothing: a key found seen may be the same job sent again, which the caller learns
-        after, and a count taken back would go down. A scope dropped meanwhile stays gone."""
+        """Add ``n`` jobs dropped to the scope's ``filtered`` (not ``check_and_add``: a key
+        found seen may be the same job sent again). A scope dropped meanwhile stays gone."""
         await self._count(keys=[self.keys.dedupe_stats(scope)], args=[n])
 
     @abstractmethod
@@ -428,8 +423,7 @@ class BloomFilter(DedupeFilter):
 
     async def snapshot(self) -> int:
         """Write the scopes changed since the last snapshot, and those Redis lost or holds
-        older (it came back empty, or from an older save: the keys are only here now);
-        returns how many."""
+        older (the keys are only here now); returns how many."""
         async with self._io_lock:
             pipe = self.redis.pipeline(transaction=False)
             for scope in self._filters:
@@ -460,10 +454,8 @@ class BloomFilter(DedupeFilter):
     async def _filter(self, scope: str) -> _StagedBloom:
         if (f := self._filters.get(scope)) is not None:
             return f
-        # loads take turns with snapshots and drop_scope: a snapshot read before a drop
-        # must not bring the dropped scope back, and a scope is read once
         async with self._io_lock:
-            if scope in self._filters:
+            if scope in self._filters:   # loaded while this one waited: read once
                 return self._filters[scope]
             pipe = self.redis.pipeline(transaction=False)
             pipe.get(self.keys.dedupe_bloom(scope))
@@ -514,10 +506,8 @@ class BloomFilter(DedupeFilter):
                 taking.add(k)
         took = [k for k, new in zip(keys, out) if new]
         try:
-            # noted before they go in: a snapshot holds no key whose taker is unknown, so the
-            # resend of a job whose master died before queueing it is not filtered, nor past
-            # the takeover age one under another id. Seen keys nearly never have a note (their
-            # job was queued): a batch of them only asks whether any has, more cheaply
+            # noted before they go in: a snapshot holds no key whose taker is unknown. Seen
+            # keys nearly never have a note (their job was queued): only ask if any has
             if owners is not None and (took or await self.redis.exists(
                     *self._notes(scope, keys))):
                 got = await self._note(args=[
@@ -559,13 +549,10 @@ _ITEMS_CACHE = 10_000        # scopes whose item count a master remembers (a hin
 
 
 class RedisBloomFilter(DedupeFilter):
-    """Bloom filter in Redis bitmaps; every master shares it (same capacity and
-    error_rate required: checked against the scope's stats hash).
-
-    The master hashes a batch once and sends, per stage the batch may need, each key's
-    shard and k bit offsets; one script call (elric/lua/dedupe_rbloom.lua) decides the
-    keys in order and counts them. A script runs atomically, so two masters racing on
-    one key are decided one after the other: exactly one finds a 0 bit."""
+    """Bloom filter in Redis bitmaps, shared by every master (their capacity and error_rate
+    must match the scope's stats hash). A batch is hashed here; one atomic script call
+    (elric/lua/dedupe_rbloom.lua) decides its keys in order, so of two masters racing on
+    one key exactly one finds a 0 bit."""
 
     name = "redis-bloom"
     VERSION = 4   # bump when the hashing, layout or stage plan changes
@@ -607,8 +594,8 @@ class RedisBloomFilter(DedupeFilter):
                 "" if owners is None else self.keys.dedupe_taking(""),
                 TAKING_TTL_MS + self._takeover_ms, self._takeover_ms]
         verdicts = b""
-        while len(verdicts) < len(keys):
-            part = h[len(verdicts):len(verdicts) + _MAX_KEYS]
+        while (done := len(verdicts)) < len(keys):
+            part = h[done:done + _MAX_KEYS]
             items = self._items.get(scope, 0)
             last = self.stage_of(items)
             if self.stage(last).cum - items < len(part):
@@ -618,7 +605,6 @@ class RedisBloomFilter(DedupeFilter):
                 args += [st.cum, st.k, st.first_shard, st.shards, st.shard_bytes,
                          rbloom.records(part, st)]
             if owners is not None:   # noted as each key's taker
-                done = len(verdicts)
                 args += keys[done:done + len(part)] + owners[done:done + len(part)]
             try:
                 got, items = await self._script(
@@ -706,7 +692,8 @@ def make_filter(backend: str, redis, keys: Keys, *,
     ``set_ttl``: seconds after which a key is new again ('set' only); ``snapshot_interval``:
     seconds between 'bloom' snapshots (0: only on close)."""
     if backend not in FILTER_BACKENDS:
-        raise DedupeError(f"unknown dedupe backend {backend!r}; choose one of {', '.join(FILTER_BACKENDS)}")
+        raise DedupeError(f"unknown dedupe backend {backend!r}; choose one of "
+                          f"{', '.join(FILTER_BACKENDS)}")
     if not isinstance(capacity, int) or capacity <= 0:
         raise DedupeError(f"dedupe capacity must be a positive integer, got {capacity!r}")
     if not 0 < error_rate < 1:

@@ -59,16 +59,14 @@ class Housekeeping:
         raise asyncio.CancelledError
 
     def _pause(self, due: float | None) -> float:
-        """Seconds till the next pass: till the next retry is due, at most a second. One
-        due now that the pass left, with no backlog, is one promote cannot queue (a key of
-        another type): waiting 0 s for it, pass after pass, spun for good."""
+        """Seconds till the next retry is due, at most 1. One due now with no backlog is one
+        promote cannot queue (a key of another type): waiting 0 s for it would spin."""
         if due is None or (due == 0 and not self._backlog):
             return 1.0
         return min(1.0, due)
 
     async def _promote(self) -> None:
-        # judged on the entries handled, not queued: a full step with one cancelled or no
-        # longer retrying read as no backlog, and a big one drained a step a second
+        # judged on entries handled, not queued: a full step with one cancelled is a backlog
         _, handled = await self.queue.promote()
         self._backlog = handled >= DUE_STEP
 

@@ -291,10 +291,9 @@ class Master:
         self._stop.set()
 
     async def close(self) -> None:
-        """Stop within MASTER_STOP_TIMEOUT, Redis away or not: the steps share it in turn,
-        each getting what is left, but the last Bloom snapshot, the one whose loss loses
-        data, keeps its share (SNAPSHOT_SHARE). A second stop cuts what is left. A step cut
-        short is cancelled and logged with what that leaves undone."""
+        """Stop within MASTER_STOP_TIMEOUT, Redis away or not: the steps take what is left in
+        turn, but the last Bloom snapshot (its loss loses data) keeps SNAPSHOT_SHARE. A step
+        cut short (all that is left, at a second stop) is cancelled and logged."""
         total = self.settings.MASTER_STOP_TIMEOUT
         end = time.monotonic() + total
         saving = [f for f in self.filters.values() if f.saves_on_close]

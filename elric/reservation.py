@@ -56,8 +56,7 @@ class Reservation:
     new: dict[int, bool] = field(default_factory=dict)
     # the group whose filter call failed: its answer may be lost with the keys taken
     unsure: list[dict] = field(default_factory=list)
-    # scope -> why its filter refused it, for a check told to go on past a refused scope
-    # (its specs are neither passed nor filtered)
+    # scope -> why its filter refused it (see check): its specs are neither passed nor filtered
     refused: dict[str, ScopeRefused] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -95,9 +94,7 @@ class Reservation:
                 self.refused[scope] = ScopeRefused(scope, exc)
                 continue
             except redis.exceptions.ResponseError:
-                # Redis answered (out of memory, loading, ...): the script took no key, and
-                # giving these back would free keys other jobs hold
-                raise
+                raise   # the script took no key: giving these back frees other jobs' keys
             except BaseException:
                 self.unsure = group
                 raise
@@ -116,12 +113,10 @@ class Reservation:
 
     async def cancel(self, patience: float = 0.0) -> None:
         """After a failed call: keys of the passed (and unsure) specs whose job does not
-        exist go back (the enqueue may have run with its reply lost, so each is looked up
-        first), trying for up to ``patience`` seconds while Redis is away. A key it cannot
-        tell is not another job's is kept: given back, it could let a duplicate in, while
-        kept, the filter's note of its taker gives it to that job's resend."""
+        exist go back (the enqueue may have run, its reply lost), tried for up to
+        ``patience`` s. A key maybe another job's is kept: its taker's note serves a resend."""
         deadline = time.monotonic() + patience
-        try:   # the unsure specs (their check's reply was lost) whose keys that check took
+        try:
             took = await retry(lambda: self._took(self.unsure), log=log, deadline=deadline,
                                what="reading who took dedupe keys")
         except Exception as exc:
@@ -131,9 +126,8 @@ class Reservation:
         await self.gate.give_back_unheld(self.passed + took, patience=patience)
 
     async def _took(self, specs: list[dict]) -> list[dict]:
-        """The keyed ``specs`` whose key a check took for their very job id, not queued
-        since: the filter recorded it as the taker. One a check found seen is another
-        job's, not to be freed."""
+        """The keyed ``specs`` whose key a check took for their very job id (the filter
+        noted it as the taker), not queued since: one found seen is another job's."""
         took = []
         for scope, group in _by_scope(s for s in specs if s.get("dedupe_key") is not None).items():
             mine = await self.gate.filter_for(scope).owned(
@@ -159,8 +153,7 @@ class DedupeGate:
 
     async def give_back_unheld(self, specs: list[dict], *, patience: float = 0.0) -> None:
         """Give back the keys of ``specs`` that no job holds (to exact filters; a failure is
-        only logged). When Redis cannot be asked: none of them.
-        ``patience``: seconds to keep trying while Redis is away, since a key left taken
+        only logged), trying for ``patience`` seconds while Redis is away: a key left taken
         with no job filters the resend of its job, which is then lost."""
         keyed = [s for s in specs if s.get("dedupe_key") is not None]
         if not keyed:
