@@ -232,15 +232,7 @@ class Bulk:
     async def _matching(self, f: JobFilter, ids: list[str], before: int | None) -> Walked:
         """Those of ``ids`` that ``f`` picks, those that are no job and those whose key
         holds another type (the cursor is the caller's to set)."""
-        from elric.retry import error_code
-
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for job_id in ids:
-                pipe.hmget(self.keys.job(job_id), *_FIELDS)
-            rows = await pipe.execute(raise_on_error=False)
-        for row in rows:   # (an outage, a refusal: raised as it came)
-            if isinstance(row, Exception) and error_code(row) != "WRONGTYPE":
-                raise row
+        rows = await self.queue.read_jobs(ids, ("hmget", *_FIELDS))
         unreadable = [job_id for job_id, row in zip(ids, rows) if isinstance(row, Exception)]
         rows = [[None] * len(_FIELDS) if isinstance(row, Exception) else row for row in rows]
         missing = [job_id for job_id, values in zip(ids, rows)

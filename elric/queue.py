@@ -665,14 +665,7 @@ class RedisQueue:
     async def _summaries(self, job_ids: list[str]) -> list[tuple[dict, int]]:
         """Per job: its hash without the result (empty: no such job; None: its key holds
         another type, an operator's), and the result's size."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for job_id in job_ids:
-                pipe.hmget(self.keys.job(job_id), _SUMMARY_FIELDS)
-                pipe.hstrlen(self.keys.job(job_id), "result")
-            rows = await pipe.execute(raise_on_error=False)
-        for reply in rows:   # (an outage, a refusal: every key's, raised as it came)
-            if isinstance(reply, Exception) and error_code(reply) != "WRONGTYPE":
-                raise reply
+        rows = await self.read_jobs(job_ids, ("hmget", _SUMMARY_FIELDS), ("hstrlen", "result"))
         return [(None, 0) if isinstance(size, ResponseError) else
                 ({name.encode(): v for name, v in zip(_SUMMARY_FIELDS, values) if v is not None},
                  size) for values, size in zip(rows[::2], rows[1::2])]
@@ -693,21 +686,29 @@ class RedisQueue:
     async def get_jobs(self, job_ids: list[str]) -> list[dict | None]:
         """Per job: its get_job map, or None when there is no such job; read in one round
         trip."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for job_id in job_ids:
-                pipe.hgetall(self.keys.job(job_id))
-            hashes = await pipe.execute(raise_on_error=False)
+        hashes = await self.read_jobs(job_ids, ("hgetall",))
         return [self._view_or_none(job_id, h) for job_id, h in zip(job_ids, hashes)]
 
     def _view_or_none(self, job_id: str, h: dict | Exception) -> dict | None:
-        if isinstance(h, Exception):
-            if error_code(h) != "WRONGTYPE":   # (an outage, a refusal: raised as it came)
-                raise h
-            # its key holds another type (an operator's): named
+        if isinstance(h, Exception):   # its key holds another type (an operator's): named
             view = self.job_view(job_id, {})
             view["unreadable"] = view["error"] = self._not_a_hash(job_id)
             return view
         return self.job_view(job_id, h) if h else None
+
+    async def read_jobs(self, job_ids: list[str], *reads: tuple) -> list:
+        """Each of ``reads`` (a command's name and its arguments past the key) on each job's
+        key, in one round trip: the replies, the WRONGTYPE error of a key of another type (an
+        operator's) in its place; any other error (an outage, a refusal) raised as it came."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                for command, *args in reads:
+                    getattr(pipe, command)(self.keys.job(job_id), *args)
+            replies = await pipe.execute(raise_on_error=False)
+        for reply in replies:
+            if isinstance(reply, Exception) and error_code(reply) != "WRONGTYPE":
+                raise reply
+        return replies
 
     def _not_a_hash(self, job_id: str) -> str:
         return f"{self.keys.job(job_id)} is not a hash (overwritten?)"
@@ -715,15 +716,10 @@ class RedisQueue:
     async def get_holds(self, job_ids: list[str]) -> list[Hold | None]:
         """Per job: its status and dedupe key and scope, or None when there is no such job;
         raises Unreadable naming the first job whose key holds another type."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for job_id in job_ids:
-                pipe.hmget(self.keys.job(job_id), "status", "dedupe_key", "dedupe_scope")
-            rows = await pipe.execute(raise_on_error=False)
-        for job_id, row in zip(job_ids, rows):   # as Redis replied, not as the pipeline words it
-            if isinstance(row, Exception) and error_code(row) == "WRONGTYPE":
-                raise Unreadable(job_id, self.keys.job(job_id))
+        rows = await self.read_jobs(job_ids, ("hmget", "status", "dedupe_key", "dedupe_scope"))
+        for job_id, row in zip(job_ids, rows):
             if isinstance(row, Exception):
-                raise row
+                raise Unreadable(job_id, self.keys.job(job_id))
         return [None if row[0] is None else Hold(*map(_s, row)) for row in rows]
 
     async def list_jobs(self, **filters) -> list[dict]:
