@@ -799,25 +799,12 @@ class RedisQueue:
                     start, last = start + len(members), members[-1]
                     scanned += len(members)
                     ids = [_s(m[17:] if in_line else m) for m in members]  # {seq:016x}:{id}
-                    gone = []
-                    for raw, job_id, (h, size) in zip(members, ids, await self._summaries(ids)):
-                        unread = h is None   # listed as its index has it, named
-                        if unread:
-                            h = {b"status": st.encode()}
-                        if not h:
-                            gone.append(raw)
-                        elif h.get(b"status") == st.encode() and job_id not in listed:
-                            view = self.summary_view(job_id, h, size)  # (else an index lagging)
-                            if unread:
-                                view["unreadable"] = view["error"] = self._not_a_hash(job_id)
-                            if all(v is None or view[n] == v for n, v in wanted.items()):
-                                if skip:
-                                    skip -= 1
-                                else:
-                                    out.append(view)
-                                listed.add(job_id)
+                    rows, gone = await self._views(ids, st, wanted, listed)
+                    passed = min(skip, len(rows))
+                    skip -= passed
+                    out += rows[passed:]
                     if gone and not in_line:  # expired results: their entries go too
-                        await self.redis.zrem(index, *gone)
+                        await self.redis.zrem(index, *(members[i] for i in gone))
                         start -= len(gone)
             if start >= 0 and len(out) < limit:   # the scan limit stopped it in this index
                 went_on = f"{skip}:{place[0]}:{place[1]}:{start}:{last.hex()}:{place[2]}"
@@ -828,22 +815,30 @@ class RedisQueue:
                     out: list[dict], skip: int) -> int:
         """Lists the jobs list_match found, passing over the first ``skip`` unread (they
         matched in Redis just now); returns the matches still to pass over."""
-        read = []
-        for job_id in ids:
-            if job_id in listed:
-                continue
-            if skip:
-                skip -= 1
-                listed.add(job_id)
-            else:
-                read.append(job_id)
-        for job_id, (h, size) in zip(read, await self._summaries(read) if read else []):
-            if h and h.get(b"status") == status.encode():   # (else it moved on since)
+        ids = [job_id for job_id in dict.fromkeys(ids) if job_id not in listed]
+        listed.update(ids[:skip])
+        out += (await self._views(ids[skip:], status, wanted, listed))[0]
+        return max(0, skip - len(ids))
+
+    async def _views(self, ids: list[str], status: str, wanted: dict,
+                     listed: set[str]) -> tuple[list[dict], list[int]]:
+        """The rows of ``ids`` still in ``status`` (else an index lagging) that match
+        ``wanted``, not ``listed`` yet (now they are); and where in ``ids`` jobs are gone."""
+        rows, gone = [], []
+        for i, (job_id, (h, size)) in enumerate(zip(ids, await self._summaries(ids))):
+            unread = h is None   # listed as its index has it, named
+            if unread:
+                h = {b"status": status.encode()}
+            if not h:
+                gone.append(i)
+            elif h.get(b"status") == status.encode() and job_id not in listed:
                 view = self.summary_view(job_id, h, size)
+                if unread:
+                    view["unreadable"] = view["error"] = self._not_a_hash(job_id)
                 if all(v is None or view[n] == v for n, v in wanted.items()):
-                    out.append(view)
+                    rows.append(view)
                     listed.add(job_id)
-        return skip
+        return rows, gone
 
     async def stats(self, *, for_metrics: bool = False) -> dict:
         """``for_metrics``: every func's row, not the STATS_ROWS last active (a counter must
