@@ -29,9 +29,7 @@ log = logging.getLogger("elric.queue")
 HAND_BACK_SECONDS = 5.0   # a job no worker here can run waits this long between tries
 STALE = "stale"   # finish's answer for an outcome that is no longer its worker's to record
 MAX_RUNNING_SPLIT = 10_000   # running jobs stats() reads to split live jobs into running/queued
-# jobs an enqueue script queues a call (~10 ms of Redis's time): a 10,000-job submission
-# in one call held Redis, and every worker's fetch and finish, for 0.1-0.6 s
-ENQUEUE_STEP = 1000
+ENQUEUE_STEP = 1000   # jobs an enqueue call queues: a bigger one holds every fetch and finish
 DUE_STEP = 1000   # due jobs (lease ran out, backoff over) one requeue_due call takes
 MATCH_STEP = 1000   # index entries list_match looks at per call: a few ms of Redis's time
 STATS_ROWS = 100   # batches, and funcs, stats() holds: a label per run is tens of thousands
@@ -51,8 +49,7 @@ class Fenced(Exception):
 
 
 class Unreadable(Refused):
-    """A job whose key holds another type than a hash (an operator overwrote it): it can
-    only be deleted."""
+    """A job whose key an operator overwrote with another type: it can only be deleted."""
 
     def __init__(self, job_id: str, key: str) -> None:
         super().__init__(f"job {job_id!r} cannot be read: {key} is not a hash (overwritten?); "
@@ -231,9 +228,8 @@ _TRACEBACKS = ("Traceback (most recent call last):",
 
 
 def _exception(error: str) -> str:
-    """An error's last exception on one line, its message whole: the last line alone was a
-    message's tail ("  Field required"), or an exception group's frame ("+-----"), for a
-    TaskGroup's (then its first sub-exception's follows); not a traceback: its last line."""
+    """A traceback's last exception on one line, its message whole (its last line may be a
+    message's tail, or a group's frame: a group's first sub-exception follows it)."""
     lines = error.rstrip().split("\n")
     start = max((i for i, line in enumerate(lines) if line in _TRACEBACKS), default=None)
     if start is None:
@@ -318,8 +314,7 @@ class RedisQueue:
 
     @property
     def _cancel_end(self) -> list:
-        """What end_run (cancel_end_fn.lua) needs besides KEYS: failed ttl, and the
-        limit running, limit parked, round, batch stats and func stats prefixes."""
+        """What end_run (cancel_end_fn.lua) needs besides KEYS."""
         k = self.keys
         return [self.failed_ttl, k.limit_running(""), k.limit_parked(""), k.round(""),
                 k.batch(""), k.func("")]
@@ -328,10 +323,9 @@ class RedisQueue:
     async def enqueue(self, specs: list[dict], *, fence: int | None = None) -> list[Submitted]:
         """Queue normalized specs; a job_id that exists already is left as it is.
 
-        ``fence``: the scheduler's lease token, for its fires; the call raises Fenced unless
-        it is current, and the fires leave ``keys.fires_pending`` as they are queued.
-        A script call queues ENQUEUE_STEP of them: one that fails leaves the steps before
-        it queued, which a resend (or a failed call's clean-up) finds as it finds any job.
+        ``fence``: the scheduler's lease token, for its fires (Fenced unless it is current);
+        they leave ``keys.fires_pending`` as they are queued. A failed call leaves the
+        ENQUEUE_STEPs before it queued: a resend finds them as it finds any job.
         """
         out: list[Submitted] = []
         for i in range(0, len(specs), ENQUEUE_STEP):
@@ -380,13 +374,10 @@ class RedisQueue:
                     wake_on: WakeOn | None = None, start: int | None = None,
                     holds_suspect: bool = False) -> Fetched:
         """Claim up to ``limit`` jobs; ``ended``: the ``Claim.run`` of claims whose run
-        ended, which free their limit keys' slots first; ``start``: how many of them the
-        worker can start now (None: all), the most that may be of a limited key;
-        ``holds_suspect``: it holds one already, and may take no other (fetch.lua).
-
-        With ``wake_on`` the fetch waits behind a BLPOP on the same connection: Redis runs
-        it as soon as a token comes (or the wait times out), so a woken worker gets its
-        jobs without a second round trip."""
+        ended, which free their limit keys' slots first; ``start``: how many the worker can
+        start now (None: all), the most that may be of a limited key; ``holds_suspect``: it
+        holds one already, and may take no other. With ``wake_on`` the fetch waits behind a
+        BLPOP on the same connection: a woken worker gets its jobs in one round trip."""
         k = self.keys
         ended = [x for run in ended for x in run]
         keys = [k.inflight, k.status(Status.RUNNING), k.limits, k.limits_due, k.limits_parked,
@@ -432,9 +423,8 @@ class RedisQueue:
         return [_s(s) for s in reply[:len(outcomes)]]
 
     def _tell_broken(self, what: str, keys: list) -> None:
-        """Log, once each, the keys a script left alone for holding another type than elric
-        writes, or job keys with why (a field deleted): an operator's mistake that must not
-        stop the work on every other key."""
+        """Log, once each, the keys a script left alone for holding another type (or a job
+        key with why): an operator's mistake must not stop the work on every other key."""
         if broken := {_s(k) for k in keys} - self._told_broken:
             self._told_broken |= broken   # every fetch, every outcome of a batch meets it
             log.warning("%s: passed over, left as they are: %s (a key named alone holds "
@@ -488,11 +478,9 @@ class RedisQueue:
                                      int(concurrency) if concurrency.isdigit() else 0))
 
     async def control_worker(self, worker_id: str, **fields: str) -> str:
-        """Ask a worker, through its hash, to pause, resume, stop, serve other queues or run
-        another number of processes; its next heartbeat (at most a second away) reads it.
-        'ok', or 'gone' (no such worker, or its hash expired), 'lost' (silent past its
-        lease), 'stopped' or 'stopping' (any order but stop): not asked; 'unchanged': a
-        pause, resume or stop it was already given."""
+        """Ask a worker, through its hash, to pause, resume, stop or change queues or
+        processes (its next heartbeat reads it). 'ok'; not asked: 'gone', 'lost', 'stopped'
+        or 'stopping' (any order but stop); 'unchanged': an order it was already given."""
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.zscore(self.keys.workers, worker_id)
             pipe.hmget(self.keys.worker(worker_id), "lease_ms", "state")
@@ -507,16 +495,14 @@ class RedisQueue:
                                           args=args))
 
     async def forget_old_workers(self) -> None:
-        """Every start has a new id: a worker silent past its hash's life leaves the list,
-        which else grew by each worker ever started, shown lost and read by every stats()."""
+        """A worker silent past its hash's life leaves the list: every start has a new id."""
         cutoff = (await redis_now(self.redis) - WORKER_KEPT) * 1000
         await self.redis.zremrangebyscore(self.keys.workers, "-inf", f"({cutoff:.0f}")
 
     async def forget_old_names(self) -> None:
         """A batch or func whose jobs have all ended, and a queue that holds none, leave
-        stats once their last jobs have surely expired (the longer TTL after their last
-        activity): labels per run, generated or mistyped names else added rows for good,
-        each read by every stats() and scrape. A page of each set a call."""
+        stats once their last jobs have surely expired: names per run else add rows for
+        good. A page of each set a call."""
         k, kept = self.keys, max(self.result_ttl, self.failed_ttl)
         walks = {"batches": (self._forget_labels, [k.batches], [k.batch(""), kept]),
                  "funcs": (self._forget_labels, [k.funcs], [k.func(""), kept]),
@@ -530,18 +516,15 @@ class RedisQueue:
         await each(walks, walk)   # one set of another type must not stop the others
 
     async def recover(self) -> tuple[list[str], list[str], list[str]]:
-        """Queue again, in their old place, the jobs whose lease ran out; those being
-        cancelled end cancelled instead, and those whose worker was lost more than
-        ``max_redeliveries`` times end failed. Returns (ids queued again, ids cancelled,
-        ids failed)."""
+        """Queue again, in their old place, the jobs whose lease ran out (being cancelled:
+        cancelled; lost over ``max_redeliveries`` times: failed). Returns the ids of each."""
         back, cancelled, failed, _ = await self._due(self.keys.inflight, Status.RUNNING,
                                                      True, "redelivered")
         return back, cancelled, failed
 
     async def promote(self) -> tuple[int, int]:
         """Queue again the retrying jobs whose backoff is over. Returns (jobs queued again,
-        due entries handled): DUE_STEP handled means more may be due, however few of them
-        were queued (the others cancelled, failed, no longer retrying, or due later)."""
+        due entries handled): DUE_STEP handled means more may be due, however few queued."""
         back, _, _, handled = await self._due(self.keys.delayed, Status.RETRYING, False, "")
         return len(back), handled
 
