@@ -67,12 +67,16 @@ class JobFilter:
                             "status, queue, func, batch, worker, since, until or ids")
         return cls(**{**raw, "ids": ids})
 
+    @property
+    def wanted(self) -> dict:
+        """The job fields asked for (the first five of _FIELDS), by name."""
+        return {name: getattr(self, name) for name in _FIELDS[:5]
+                if getattr(self, name) is not None}
+
     def matches(self, values: list) -> bool:
-        *fields, enqueued = values
-        wanted = (self.status, self.queue, self.func, self.batch, self.worker)
-        if any(want is not None and have != want for want, have in zip(wanted, fields)):
-            return False
-        return self.submitted_in(enqueued)
+        have = dict(zip(_FIELDS, values))
+        return all(have[name] == want for name, want in self.wanted.items()) and \
+            self.submitted_in(have["enqueued_at"])
 
     def submitted_in(self, enqueued) -> bool:
         """Whether a job's ``enqueued_at`` (ms; None when unset) is within since and until."""
@@ -200,8 +204,7 @@ class Bulk:
         if indexes and indexes[0][0] != place:
             scan = 0   # that index is gone (a parked set emptied): the next one from its start
         looked, chosen, unreadable = 0, [], []
-        pairs = [x for name, want in zip(_FIELDS, (f.status, f.queue, f.func, f.batch, f.worker))
-                 if want is not None for x in (name, want)]
+        pairs = [x for item in f.wanted.items() for x in item]
         count = SCAN
         while indexes and looked < STEP:
             place, key, prefixed = indexes[0]
@@ -232,16 +235,16 @@ class Bulk:
     async def _matching(self, f: JobFilter, ids: list[str], before: int | None) -> Walked:
         """Those of ``ids`` that ``f`` picks, those that are no job and those whose key
         holds another type (the cursor is the caller's to set)."""
-        rows = await self.queue.read_jobs(ids, ("hmget", *_FIELDS))
-        unreadable = [job_id for job_id, row in zip(ids, rows) if isinstance(row, Exception)]
-        rows = [[None] * len(_FIELDS) if isinstance(row, Exception) else row for row in rows]
-        missing = [job_id for job_id, values in zip(ids, rows)
-                   if values[0] is None and job_id not in unreadable]
-        return Walked([job_id for job_id, values in zip(ids, rows)
-                       if values[0] is not None and f.matches([v.decode() if v else None
-                                                               for v in values])
-                       and (before is None or int(values[-1] or 0) < before)], "", missing,
-                      unreadable)
+        walked = Walked([], "")
+        for job_id, row in zip(ids, await self.queue.read_jobs(ids, ("hmget", *_FIELDS))):
+            if isinstance(row, Exception):
+                walked.unreadable.append(job_id)
+            elif row[0] is None:
+                walked.missing.append(job_id)
+            elif f.matches([v.decode() if v else None for v in row]) and \
+                    (before is None or int(row[-1] or 0) < before):
+                walked.chosen.append(job_id)
+        return walked
 
     async def run(self, action: str, f: JobFilter, cursor: str = "", op: str = "") -> Step:
         if action not in ACTIONS:
