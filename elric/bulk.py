@@ -1,11 +1,8 @@
-"""Operations on many jobs chosen by a filter: rerun, copy, cancel, delete, or find (the
-ids alone, e.g. to stream their results).
+"""Operations on many jobs chosen by a filter: rerun, copy, cancel, delete, or find (ids).
 
-A call walks the status indexes (queued jobs: their queues) with ZSCAN, a step at a time,
-and returns a cursor to continue from: a million jobs are never in memory at once, and no
-call holds the master for long. ZSCAN returns every job that stays in an index for the
-whole walk, perhaps twice; each action is safe to repeat (a copy's id is derived from the
-source's and the operation's, and submitting an existing id changes nothing).
+A call walks the status indexes (queued jobs: their queues) with ZSCAN a step at a time,
+and returns a cursor to go on from. ZSCAN may return a job twice: each action is safe to
+repeat (a copy's id derives from its source's and the operation's).
 """
 
 from __future__ import annotations
@@ -24,8 +21,6 @@ FOUND_ROOM = MIN_MESSAGE - 4096
 _FIELDS = ("status", "queue", "func", "batch", "worker", "enqueued_at")
 # statuses with an index of their own (queued jobs are indexed by their queue)
 _INDEXED = [s for s in STATUSES if s not in (Status.QUEUED, Status.SCHEDULED, Status.FILTERED)]
-
-
 YEAR_10000 = 253402300800   # epoch seconds: a since or until past it was given in ms
 
 
@@ -179,12 +174,11 @@ class Bulk:
                    live_only: bool = False,
                    room: int | None = None) -> Walked:
         """Look at up to STEP jobs from ``cursor`` on, and say what they were (Walked).
-        The cursor keeps when the walk began: with ``fresh_only`` a job queued since then (a
-        job this walk rerun or made) is passed over, so no job is done twice. With
-        ``live_only`` the indexes of ended jobs are not walked: a cancel would meet the jobs
-        it cancelled there again. With ``room`` the ids picked take at most that many bytes
-        packed: the step ends before a ZSCAN page that would pass them (the cursor holds its
-        scan cursor), and a first page that would is scanned again in fewer."""
+        ``fresh_only``: pass over jobs queued since the walk began (its rerun or copies).
+        ``live_only``: skip ended jobs' indexes (a cancel would meet its own there again).
+        ``room``: the ids picked take at most that many bytes packed: the step ends before
+        a ZSCAN page that would pass them, and a first page that would is scanned again in
+        fewer."""
         if not cursor:   # "began (ms):kind of index:scan cursor:index name"
             seconds, micros = await self.redis.time()
             cursor = f"{seconds * 1000 + micros // 1000}:0:0:"
