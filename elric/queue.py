@@ -767,8 +767,10 @@ class RedisQueue:
                         min(MATCH_STEP, scan_limit - scanned), skip + limit - len(out),
                         st, *pairs])
                     scanned, last = scanned + looked, seen or last
-                    skip = await self._take([_s(i) for i in ids], st, wanted, listed,
-                                            out, skip)
+                    ids = [i for i in dict.fromkeys(map(_s, ids)) if i not in listed]
+                    listed.update(ids[:skip])   # matched in Redis just now: passed over unread
+                    out += (await self._views(ids[skip:], st, wanted, listed))[0]
+                    skip = max(0, skip - len(ids))
             else:
                 if skip:   # every job it holds matches: pass over them unread (reading them
                     # all made a deep page take seconds, and empty past scan_limit)
@@ -783,9 +785,8 @@ class RedisQueue:
                     scanned += len(members)
                     ids = [_s(m[17:] if in_line else m) for m in members]  # {seq:016x}:{id}
                     rows, gone = await self._views(ids, st, wanted, listed)
-                    passed = min(skip, len(rows))
-                    skip -= passed
-                    out += rows[passed:]
+                    out += rows[skip:]
+                    skip = max(0, skip - len(rows))
                     if gone and not in_line:  # expired results: their entries go too
                         await self.redis.zrem(index, *(members[i] for i in gone))
                         start -= len(gone)
@@ -793,15 +794,6 @@ class RedisQueue:
                 went_on = f"{skip}:{place[0]}:{place[1]}:{start}:{last.hex()}:{place[2]}"
                 break
         return out[:limit], went_on
-
-    async def _take(self, ids: list[str], status: str, wanted: dict, listed: set[str],
-                    out: list[dict], skip: int) -> int:
-        """Lists the jobs list_match found, passing over the first ``skip`` unread (they
-        matched in Redis just now); returns the matches still to pass over."""
-        ids = [job_id for job_id in dict.fromkeys(ids) if job_id not in listed]
-        listed.update(ids[:skip])
-        out += (await self._views(ids[skip:], status, wanted, listed))[0]
-        return max(0, skip - len(ids))
 
     async def _views(self, ids: list[str], status: str, wanted: dict,
                      listed: set[str]) -> tuple[list[dict], list[int]]:
