@@ -7,6 +7,7 @@ repeat (a copy's id derives from its source's and the operation's).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from elric.contract import MIN_MESSAGE, STATUSES, NotFound, Refused, SpecError, Status
@@ -171,8 +172,7 @@ class Bulk:
         return sorted(out)
 
     async def walk(self, f: JobFilter, cursor: str = "", fresh_only: bool = False,
-                   live_only: bool = False,
-                   room: int | None = None) -> Walked:
+                   live_only: bool = False, room: float = math.inf) -> Walked:
         """Look at up to STEP jobs from ``cursor`` on, and say what they were (Walked).
         ``fresh_only``: pass over jobs queued since the walk began (its rerun or copies).
         ``live_only``: skip ended jobs' indexes (a cancel would meet its own there again).
@@ -201,29 +201,26 @@ class Bulk:
         pairs = [x for item in f.wanted.items() for x in item]
         count = SCAN
         while indexes and looked < STEP:
-            place, key, prefixed = indexes[0]
+            key, prefixed = indexes[0][1:]
             # Redis picks out the jobs whose fields match (gone since: passed over)
             went_on, n, n_bad, *found = await self._match(keys=[key], args=[
                 self.keys.job(""), int(prefixed), scan, count, *pairs])
             bad, found = [job_id.decode() for job_id in found[:n_bad]], found[n_bad:]
             picked = [job_id.decode() for job_id, at in zip(found[::2], found[1::2])
                       if f.submitted_in(at) and (before is None or int(at or 0) < before)]
-            size = sum(map(packed_size, picked)) if room is not None else 0
-            if room is not None and size > room and chosen:   # the next step's page
+            size = sum(map(packed_size, picked)) if room < math.inf else 0
+            if size > room and chosen:   # the next step's page
                 break
-            if room is not None and size > room and count > 1:   # alone: again, in fewer
+            if size > room and count > 1:   # alone: again, in fewer
                 count = max(1, count // 4)
                 continue
             chosen += picked
             unreadable += bad
-            scan, looked = int(went_on), looked + n
-            if room is not None:
-                room -= size
+            scan, looked, room = int(went_on), looked + n, room - size
             if scan == 0:
                 indexes.pop(0)
-                if indexes:
-                    place = indexes[0][0]
-        return Walked(chosen, f"{began}:{place[0]}:{scan}:{place[1]}" if indexes else "",
+        place = indexes[0][0] if indexes else ()
+        return Walked(chosen, f"{began}:{place[0]}:{scan}:{place[1]}" if place else "",
                       unreadable=unreadable)
 
     async def _matching(self, f: JobFilter, ids: list[str], before: int | None) -> Walked:
@@ -264,7 +261,7 @@ class Bulk:
                                f"{', ...' if len(names) > 10 else ''})")
         walked = await self.walk(
             f, cursor, fresh_only=action in ("rerun", "copy"), live_only=action == "cancel",
-            room=FOUND_ROOM if action == "find" else None)
+            room=FOUND_ROOM if action == "find" else math.inf)
         chosen, missing = walked.chosen, walked.missing
         chosen = list(dict.fromkeys(chosen))   # an id given twice, or met twice by ZSCAN: once
         step = Step(cursor=walked.cursor)
