@@ -850,15 +850,12 @@ class RedisQueue:
             pipe.hgetall(k.limits_parked)
             pipe.zrange(k.status(Status.RUNNING), 0, MAX_RUNNING_SPLIT - 1)
             res = iter(await pipe.execute())
-
-        def take(n: int) -> list:
-            return [next(res) for _ in range(n)]
-
-        by_status = dict(zip(STATUSES, take(len(STATUSES))))
-        queue_sizes = take(len(queues))
+        # each zip takes as many replies as it has names (zip reads its first argument first)
+        by_status = dict(zip(STATUSES, res))
+        queue_sizes = dict(zip(queues, res))
         counters = {_s(a): int(b) for a, b in next(res).items()}
-        batch_rows, func_rows = take(len(batches)), take(len(funcs))
-        minute_rows = take(len(minutes))
+        batch_rows, func_rows = dict(zip(batches, res)), dict(zip(funcs, res))
+        minute_rows = dict(zip(minutes, res))
         parked = {_s(q): int(n) for q, n in next(res).items()}
         # what runs now, per func and batch (a job's func and batch never change): the rest
         # of their live jobs wait
@@ -869,7 +866,7 @@ class RedisQueue:
         running_funcs = Counter(_s(func) for func, _ in running_jobs if func)
         running_batches = Counter(_s(batch) for _, batch in running_jobs if batch)
         # a queued job waits in its queue, or parked while its limit key is at its limit
-        waiting = {q: n + parked.get(q, 0) for q, n in zip(queues, queue_sizes)}
+        waiting = {q: n + parked.get(q, 0) for q, n in queue_sizes.items()}
         by_status[Status.QUEUED] = sum(waiting.values())  # queued jobs are indexed per queue
         by_queue = {q: {"queued": waiting[q], **{
             st: counters.get(f"queue:{q}:{st}", 0)
@@ -878,11 +875,10 @@ class RedisQueue:
             "by_status": by_status,
             "by_queue": by_queue,
             "batches": {b: jobstats.JobStats.from_hash(row).batch_view(running_batches[b])
-                        for b, row in zip(batches, batch_rows)},
+                        for b, row in batch_rows.items()},
             "funcs": {f: jobstats.JobStats.from_hash(row).func_view(running_funcs[f])
-                      for f, row in zip(funcs, func_rows)},
-            "throughput": [jobstats.throughput_row(m, row)
-                           for m, row in zip(minutes, minute_rows)],
+                      for f, row in func_rows.items()},
+            "throughput": [jobstats.throughput_row(m, row) for m, row in minute_rows.items()],
             "totals": {name: counters.get(name, 0) for name in
                        ("submitted", "succeeded", "failed", "retrying", "redelivered",
                         "handed_back", "cancelled", "started", "start_latency_ms")},
