@@ -262,23 +262,20 @@ class Bulk:
         walked = await self.walk(
             f, cursor, fresh_only=action in ("rerun", "copy"), live_only=action == "cancel",
             room=FOUND_ROOM if action == "find" else math.inf)
-        chosen, missing = walked.chosen, walked.missing
-        chosen = list(dict.fromkeys(chosen))   # an id given twice, or met twice by ZSCAN: once
+        chosen = list(dict.fromkeys(walked.chosen))   # an id met twice by ZSCAN: once
         step = Step(cursor=walked.cursor)
         from elric.queue import Unreadable   # (here, as lua: it imports redis-py)
         if action == "delete" and f.ids:
-            # what the message says to do (remove.lua deletes such a key); one met in a walk
-            # is skipped: its fields cannot say whether the filter picks it (a walk goes
-            # through other queues' jobs, in the status and parked indexes)
-            chosen += [i for i in dict.fromkeys(walked.unreadable) if i not in chosen]
+            # as its message says to do; one met in a walk is skipped: its fields cannot say
+            # whether the filter picks it (a walk goes through other queues' jobs too)
+            chosen = list(dict.fromkeys(chosen + walked.unreadable))
         else:
             for job_id in dict.fromkeys(walked.unreadable):   # one overwritten stops no other
                 step.skip(str(Unreadable(job_id, self.keys.job(job_id))))
-        # an id given that is no job (mistyped, or its record expired) is said as not found,
-        # not passed over nor counted as a job skipped; a periodic job's says what does that to
-        # it (its schedule looked for, not read: one an operator overwrote is skipped too)
-        periodic = await self.store.existing(missing) if action in _PERIODIC else set()
-        for job_id in missing:
+        # an id given that is no job is said not found, not counted as skipped; a periodic
+        # job's says what does that to it (its schedule looked for, not read)
+        periodic = await self.store.existing(walked.missing) if action in _PERIODIC else set()
+        for job_id in walked.missing:
             if job_id in periodic:
                 step.skip(left_alone(job_id, Status.SCHEDULED, action))
             else:
