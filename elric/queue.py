@@ -35,6 +35,7 @@ MATCH_STEP = 1000   # index entries list_match looks at per call: a few ms of Re
 STATS_ROWS = 100   # batches, and funcs, stats() holds: a label per run is tens of thousands
 WORKER_KEPT = 86400   # s a silent worker stays listed: heartbeat.lua's expiry of its hash
 LOST_AFTER = 60.0   # s of silence that make a worker lost when its hash names no lease
+_ORDERS = {b"paused", b"stop", b"set_queues", b"set_concurrency"}   # worker_order's fields
 
 
 def _lost(seen_ms: float, lease_ms, now: float) -> bool:
@@ -913,7 +914,8 @@ class RedisQueue:
             infos = await pipe.execute()
         workers = []
         for (wid, seen), info in zip(workers_seen, infos):
-            row = {_s(a): _s(b) for a, b in info.items()}
+            # (not what was asked of it: "state", "queues" and "concurrency" are what it does)
+            row = {_s(a): _s(b) for a, b in info.items() if a not in _ORDERS}
             for key in ("pid", "concurrency", "async_concurrency", "processed", "done",
                         "failed", "in_flight", "rss_bytes", "started_at", "lease_ms"):
                 if str(row.get(key, "")).isdigit():   # numbers are numbers (a bad value stays)
@@ -922,9 +924,6 @@ class RedisQueue:
                 row["cpu_percent"] = float(row["cpu_percent"])
             if isinstance(row.get("started_at"), int):   # times are epoch seconds
                 row["started_at"] /= 1000.0
-            # asked of it; "state", "queues" and "concurrency" are what it does
-            for key in ("paused", "stop", "set_queues", "set_concurrency"):
-                row.pop(key, None)
             row.update(worker_id=_s(wid), last_seen=seen / 1000.0,
                        alive=bool(info) and not _lost(seen, row.get("lease_ms"), now))
             if not row["alive"] or row.get("state") == "stopped":
