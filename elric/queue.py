@@ -452,8 +452,7 @@ class RedisQueue:
         return int(reply[0])
 
     async def claimed(self, worker_id: str, within: float) -> list[tuple[str, int, str]]:
-        """The claims (as ``Claim.run``) Redis holds under this worker id, made at most
-        ``within`` seconds ago."""
+        """The claims (``Claim.run``) Redis holds for this worker, made ``within`` s ago."""
         flat = await self._claimed(keys=[self.keys.status(Status.RUNNING)],
                                    args=[self.keys.job(""), worker_id, int(within * 1000)])
         return [(_s(flat[i]), int(flat[i + 1]), _s(flat[i + 2])) for i in range(0, len(flat), 3)]
@@ -655,8 +654,7 @@ class RedisQueue:
                  size) for values, size in zip(rows[::2], rows[1::2])]
 
     def summary_view(self, job_id: str, h: dict[bytes, bytes], result_bytes: int) -> dict:
-        """A list_jobs row: the get_job map with the result's size instead of the result,
-        and of the error only its last exception, on one line."""
+        """A list_jobs row: the get_job map with the result's size, the error's last exception."""
         view = self.job_view(job_id, h)
         del view["result"]
         view["result_bytes"] = result_bytes
@@ -668,8 +666,7 @@ class RedisQueue:
         return (await self.get_jobs([job_id]))[0]
 
     async def get_jobs(self, job_ids: list[str]) -> list[dict | None]:
-        """Per job: its get_job map, or None when there is no such job; read in one round
-        trip."""
+        """Per job: its get_job map, or None when there is no such job (one round trip)."""
         hashes = await self.read_jobs(job_ids, ("hgetall",))
         return [self._view_or_none(job_id, h) for job_id, h in zip(job_ids, hashes)]
 
@@ -714,10 +711,10 @@ class RedisQueue:
                         limit: int = 100, scan_limit: int = 100_000,
                         cursor: str = "") -> tuple[list[dict], str]:
         """Newest first within each status (queued jobs: per queue, the last in line
-        first); filters on queue, func and batch. Also the cursor to look further from when
-        ``scan_limit`` stopped the looking before the page filled ("" otherwise): a page by
-        a rare func or batch is never empty merely because other jobs came first. With a
-        cursor the listing goes on from there, ``offset`` counted from there."""
+        first); filters on queue, func and batch. Also the cursor to go on from when
+        ``scan_limit`` stopped the page before it filled ("" otherwise): a page by a rare
+        func or batch is not empty merely because other jobs came first. ``offset`` counts
+        from the ``cursor``."""
         order = [s for s in STATUSES if s not in (Status.SCHEDULED, Status.FILTERED)]
         statuses = [status] if status else order
         wanted = {"queue": queue, "func": func, "batch": batch}
