@@ -159,15 +159,10 @@ class Bulk:
     async def _indexes(self, f: JobFilter,
                        live_only: bool) -> list[tuple[tuple[int, str], str, bool]]:
         """The indexes to walk, in a stable order: (place, key, whether its members carry
-        a sequence prefix). Queued jobs wait in their queue, or parked by their limit key."""
-        k, out = self.keys, []
-        if f.status in (None, Status.QUEUED):
-            names = [f.queue] if f.queue else \
-                [q.decode() for q in await self.redis.smembers(k.queues)]
-            out += [((0, q), k.queue(q), True) for q in names]
-            out += [((1, lk), k.limit_parked(lk), True)
-                    for lk in map(bytes.decode, await self.redis.zrange(k.limits_due, 0, -1))]
-        out += [((2, f"{n}"), k.status(s), False) for n, s in enumerate(_INDEXED)
+        a sequence prefix)."""
+        lines = await self.queue.lines(f.queue) if f.status in (None, Status.QUEUED) else []
+        out = [((kind, name), key, True) for kind, name, key in lines]
+        out += [((2, f"{n}"), self.keys.status(s), False) for n, s in enumerate(_INDEXED)
                 if f.status in (None, s) and (Status(s).live or not live_only)]
         return sorted(out)
 

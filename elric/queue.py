@@ -703,6 +703,14 @@ class RedisQueue:
                 raise Unreadable(job_id, self.keys.job(job_id))
         return [None if row[0] is None else Hold(*map(_s, row)) for row in rows]
 
+    async def lines(self, queue: str | None = None) -> list[tuple[int, str, str]]:
+        """Where queued jobs wait, in a stable order: (0, name, its sorted set) for ``queue``
+        or every queue, then (1, limit key, its parked set) for each key holding jobs back."""
+        k = self.keys
+        names = [queue] if queue else sorted(map(_s, await self.redis.smembers(k.queues)))
+        keys = sorted(map(_s, await self.redis.zrange(k.limits_due, 0, -1)))
+        return [(0, q, k.queue(q)) for q in names] + [(1, lk, k.limit_parked(lk)) for lk in keys]
+
     async def list_jobs(self, **filters) -> list[dict]:
         return (await self.list_page(**filters))[0]
 
@@ -721,12 +729,9 @@ class RedisQueue:
         places = []   # ((status's place, kind, name), index, members carry a sequence, status)
         for st in statuses:
             n = order.index(st) if st in order else len(order)
-            if st == Status.QUEUED:  # the queues' own sorted sets, then parked jobs' sets
-                names = [queue] if queue else sorted(
-                    _s(q) for q in await self.redis.smembers(self.keys.queues))
-                places += [((n, 0, q), self.keys.queue(q), True, st) for q in names] + [
-                    ((n, 1, _s(lk)), self.keys.limit_parked(_s(lk)), True, st)
-                    for lk in sorted(await self.redis.zrange(self.keys.limits_due, 0, -1))]
+            if st == Status.QUEUED:
+                places += [((n, kind, name), key, True, st)
+                           for kind, name, key in await self.lines(queue)]
             else:
                 places.append(((n, 2, ""), self.keys.status(st), False, st))
         at, skip = (0, None, 0), offset   # skip: matching jobs still to pass over
