@@ -100,9 +100,9 @@ class Step:
 
 @dataclass
 class Walked:
-    """What one step's walk met: the ids its filter picks, the cursor to go on from ("" when
-    the walk is over), the ids given that are no job, and the jobs whose key holds another
-    type (an operator's): their fields cannot be told, so they are not picked but named."""
+    """What one step's walk met: the ids its filter picks, the cursor to go on from ("":
+    over), the ids given that are no job, and the jobs whose key holds another type (an
+    operator's): their fields cannot be told, so they are named, not picked."""
 
     chosen: list[str]
     cursor: str
@@ -116,8 +116,7 @@ _PERIODIC = {"cancel": "pause|remove {} stops it", "delete": "remove {} removes 
 
 
 def left_alone(job_id: str, was: str | None, action: str = "cancel") -> str:
-    """Why a cancel (of one job or many), or a bulk delete, rerun or copy, did nothing to a
-    job."""
+    """Why a cancel (of one job or many), or a bulk delete, rerun or copy, left a job alone."""
     if was == Status.SCHEDULED:
         return f"job {job_id!r} is periodic: elric schedules " + \
             _PERIODIC[action].format(job_id)
@@ -158,8 +157,7 @@ class Bulk:
 
     async def _indexes(self, f: JobFilter,
                        live_only: bool) -> list[tuple[tuple[int, str], str, bool]]:
-        """The indexes to walk, in a stable order: (place, key, whether its members carry
-        a sequence prefix)."""
+        """The indexes to walk, in order: (place, key, whether members carry a sequence)."""
         lines = await self.queue.lines(f.queue) if f.status in (None, Status.QUEUED) else []
         out = [((kind, name), key, True) for kind, name, key in lines]
         out += [((2, f"{n}"), self.keys.status(s), False) for n, s in enumerate(_INDEXED)
@@ -219,8 +217,7 @@ class Bulk:
                       unreadable=unreadable)
 
     async def _matching(self, f: JobFilter, ids: list[str], before: int | None) -> Walked:
-        """Those of ``ids`` that ``f`` picks, those that are no job and those whose key
-        holds another type (the cursor is the caller's to set)."""
+        """Those of ``ids`` that ``f`` picks, that are no job, and that hold another type."""
         walked = Walked([], "")
         for job_id, row in zip(ids, await self.queue.read_jobs(ids, ("hmget", *_FIELDS))):
             if isinstance(row, Exception):
@@ -297,10 +294,9 @@ class Bulk:
                 step.touched += 1
 
     async def _copy(self, ids: list[str], op: str, step: Step) -> None:
-        """New jobs with the sources' func, arguments and options (its limit key too: a
-        copy makes the same requests), ids ``{id}~{op}``; no dedupe key (a copy is asked
-        for on purpose), but its scope: the jobs a copy submits are deduped with those of
-        its source's crawl, not all new in the global scope."""
+        """New jobs with the sources' func, arguments and options (limit key too: a copy
+        makes the same requests), ids ``{id}~{op}``; no dedupe key (a copy is asked for on
+        purpose), but its scope: what a copy submits is deduped with its source's crawl."""
         specs, sources = [], []
         for job_id, job in zip(ids, await self.queue.get_jobs(ids)):
             if job is None:   # deleted, or its record expired, since the walk met it

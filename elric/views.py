@@ -223,8 +223,7 @@ def trouble(w: dict) -> Text:
 
 
 def workers(rows: list[dict], now: float | None = None) -> None:
-    """Each worker with its load as of its last heartbeat (a lost one: its last); ``now``:
-    Redis's, which stats() answers."""
+    """Each worker with its load as of its last heartbeat; ``now``: Redis's (stats())."""
     _rows(rows, "no workers", ("worker", "host", "pid", "queues", "processes", "CPU %",
                                "RSS MiB", "in flight", "done", "failed attempts", "last seen",
                                "state", "trouble"),
