@@ -672,9 +672,7 @@ class RedisQueue:
 
     def _view_or_none(self, job_id: str, h: dict | Exception) -> dict | None:
         if isinstance(h, Exception):   # its key holds another type (an operator's): named
-            view = self.job_view(job_id, {})
-            view["unreadable"] = view["error"] = self._not_a_hash(job_id)
-            return view
+            return self._not_a_hash(self.job_view(job_id, {}))
         return self.job_view(job_id, h) if h else None
 
     async def read_jobs(self, job_ids: list[str], *reads: tuple) -> list:
@@ -691,8 +689,10 @@ class RedisQueue:
                 raise reply
         return replies
 
-    def _not_a_hash(self, job_id: str) -> str:
-        return f"{self.keys.job(job_id)} is not a hash (overwritten?)"
+    def _not_a_hash(self, view: dict) -> dict:
+        view["unreadable"] = view["error"] = \
+            f"{self.keys.job(view['job_id'])} is not a hash (overwritten?)"
+        return view
 
     async def get_holds(self, job_ids: list[str]) -> list[Hold | None]:
         """Per job: its status and dedupe key and scope, or None when there is no such job;
@@ -812,7 +812,7 @@ class RedisQueue:
             elif h.get(b"status") == status.encode() and job_id not in listed:
                 view = self.summary_view(job_id, h, size)
                 if unread:
-                    view["unreadable"] = view["error"] = self._not_a_hash(job_id)
+                    self._not_a_hash(view)
                 if all(v is None or view[n] == v for n, v in wanted.items()):
                     rows.append(view)
                     listed.add(job_id)
