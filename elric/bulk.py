@@ -1,15 +1,13 @@
-"""Operations on many jobs chosen by a filter: rerun, copy, cancel, delete, or find (the
-ids alone, e.g. to stream their results).
+"""Operations on many jobs chosen by a filter: rerun, copy, cancel, delete, or find (ids).
 
-A call walks the status indexes (queued jobs: their queues) with ZSCAN, a step at a time,
-and returns a cursor to continue from: a million jobs are never in memory at once, and no
-call holds the master for long. ZSCAN returns every job that stays in an index for the
-whole walk, perhaps twice; each action is safe to repeat (a copy's id is derived from the
-source's and the operation's, and submitting an existing id changes nothing).
+A call walks the status indexes (queued jobs: their queues) with ZSCAN a step at a time,
+and returns a cursor to go on from. ZSCAN may return a job twice: each action is safe to
+repeat (a copy's id derives from its source's and the operation's).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from elric.contract import MIN_MESSAGE, STATUSES, NotFound, Refused, SpecError, Status
@@ -24,8 +22,6 @@ FOUND_ROOM = MIN_MESSAGE - 4096
 _FIELDS = ("status", "queue", "func", "batch", "worker", "enqueued_at")
 # statuses with an index of their own (queued jobs are indexed by their queue)
 _INDEXED = [s for s in STATUSES if s not in (Status.QUEUED, Status.SCHEDULED, Status.FILTERED)]
-
-
 YEAR_10000 = 253402300800   # epoch seconds: a since or until past it was given in ms
 
 
@@ -67,12 +63,16 @@ class JobFilter:
                             "status, queue, func, batch, worker, since, until or ids")
         return cls(**{**raw, "ids": ids})
 
+    @property
+    def wanted(self) -> dict:
+        """The job fields asked for (the first five of _FIELDS), by name."""
+        return {name: getattr(self, name) for name in _FIELDS[:5]
+                if getattr(self, name) is not None}
+
     def matches(self, values: list) -> bool:
-        *fields, enqueued = values
-        wanted = (self.status, self.queue, self.func, self.batch, self.worker)
-        if any(want is not None and have != want for want, have in zip(wanted, fields)):
-            return False
-        return self.submitted_in(enqueued)
+        have = dict(zip(_FIELDS, values))
+        return all(have[name] == want for name, want in self.wanted.items()) and \
+            self.submitted_in(have["enqueued_at"])
 
     def submitted_in(self, enqueued) -> bool:
         """Whether a job's ``enqueued_at`` (ms; None when unset) is within since and until."""
@@ -100,9 +100,9 @@ class Step:
 
 @dataclass
 class Walked:
-    """What one step's walk met: the ids its filter picks, the cursor to go on from ("" when
-    the walk is over), the ids given that are no job, and the jobs whose key holds another
-    type (an operator's): their fields cannot be told, so they are not picked but named."""
+    """What one step's walk met: the ids its filter picks, the cursor to go on from ("":
+    over), the ids given that are no job, and the jobs whose key holds another type (an
+    operator's): their fields cannot be told, so they are named, not picked."""
 
     chosen: list[str]
     cursor: str
@@ -116,8 +116,7 @@ _PERIODIC = {"cancel": "pause|remove {} stops it", "delete": "remove {} removes 
 
 
 def left_alone(job_id: str, was: str | None, action: str = "cancel") -> str:
-    """Why a cancel (of one job or many), or a bulk delete, rerun or copy, did nothing to a
-    job."""
+    """Why a cancel (of one job or many), or a bulk delete, rerun or copy, left a job alone."""
     if was == Status.SCHEDULED:
         return f"job {job_id!r} is periodic: elric schedules " + \
             _PERIODIC[action].format(job_id)
@@ -158,29 +157,21 @@ class Bulk:
 
     async def _indexes(self, f: JobFilter,
                        live_only: bool) -> list[tuple[tuple[int, str], str, bool]]:
-        """The indexes to walk, in a stable order: (place, key, whether its members carry
-        a sequence prefix). Queued jobs wait in their queue, or parked by their limit key."""
-        k, out = self.keys, []
-        if f.status in (None, Status.QUEUED):
-            names = [f.queue] if f.queue else \
-                [q.decode() for q in await self.redis.smembers(k.queues)]
-            out += [((0, q), k.queue(q), True) for q in names]
-            out += [((1, lk), k.limit_parked(lk), True)
-                    for lk in map(bytes.decode, await self.redis.zrange(k.limits_due, 0, -1))]
-        out += [((2, f"{n}"), k.status(s), False) for n, s in enumerate(_INDEXED)
+        """The indexes to walk, in order: (place, key, whether members carry a sequence)."""
+        lines = await self.queue.lines(f.queue) if f.status in (None, Status.QUEUED) else []
+        out = [((kind, name), key, True) for kind, name, key in lines]
+        out += [((2, f"{n}"), self.keys.status(s), False) for n, s in enumerate(_INDEXED)
                 if f.status in (None, s) and (Status(s).live or not live_only)]
         return sorted(out)
 
     async def walk(self, f: JobFilter, cursor: str = "", fresh_only: bool = False,
-                   live_only: bool = False,
-                   room: int | None = None) -> Walked:
+                   live_only: bool = False, room: float = math.inf) -> Walked:
         """Look at up to STEP jobs from ``cursor`` on, and say what they were (Walked).
-        The cursor keeps when the walk began: with ``fresh_only`` a job queued since then (a
-        job this walk rerun or made) is passed over, so no job is done twice. With
-        ``live_only`` the indexes of ended jobs are not walked: a cancel would meet the jobs
-        it cancelled there again. With ``room`` the ids picked take at most that many bytes
-        packed: the step ends before a ZSCAN page that would pass them (the cursor holds its
-        scan cursor), and a first page that would is scanned again in fewer."""
+        ``fresh_only``: pass over jobs queued since the walk began (its rerun or copies).
+        ``live_only``: skip ended jobs' indexes (a cancel would meet its own there again).
+        ``room``: the ids picked take at most that many bytes packed: the step ends before
+        a ZSCAN page that would pass them, and a first page that would is scanned again in
+        fewer."""
         if not cursor:   # "began (ms):kind of index:scan cursor:index name"
             seconds, micros = await self.redis.time()
             cursor = f"{seconds * 1000 + micros // 1000}:0:0:"
@@ -200,56 +191,43 @@ class Bulk:
         if indexes and indexes[0][0] != place:
             scan = 0   # that index is gone (a parked set emptied): the next one from its start
         looked, chosen, unreadable = 0, [], []
-        pairs = [x for name, want in zip(_FIELDS, (f.status, f.queue, f.func, f.batch, f.worker))
-                 if want is not None for x in (name, want)]
+        pairs = [x for item in f.wanted.items() for x in item]
         count = SCAN
         while indexes and looked < STEP:
-            place, key, prefixed = indexes[0]
+            key, prefixed = indexes[0][1:]
             # Redis picks out the jobs whose fields match (gone since: passed over)
             went_on, n, n_bad, *found = await self._match(keys=[key], args=[
                 self.keys.job(""), int(prefixed), scan, count, *pairs])
             bad, found = [job_id.decode() for job_id in found[:n_bad]], found[n_bad:]
             picked = [job_id.decode() for job_id, at in zip(found[::2], found[1::2])
                       if f.submitted_in(at) and (before is None or int(at or 0) < before)]
-            size = sum(map(packed_size, picked)) if room is not None else 0
-            if room is not None and size > room and chosen:   # the next step's page
+            size = sum(map(packed_size, picked)) if room < math.inf else 0
+            if size > room and chosen:   # the next step's page
                 break
-            if room is not None and size > room and count > 1:   # alone: again, in fewer
+            if size > room and count > 1:   # alone: again, in fewer
                 count = max(1, count // 4)
                 continue
             chosen += picked
             unreadable += bad
-            scan, looked = int(went_on), looked + n
-            if room is not None:
-                room -= size
+            scan, looked, room = int(went_on), looked + n, room - size
             if scan == 0:
                 indexes.pop(0)
-                if indexes:
-                    place = indexes[0][0]
-        return Walked(chosen, f"{began}:{place[0]}:{scan}:{place[1]}" if indexes else "",
+        place = indexes[0][0] if indexes else ()
+        return Walked(chosen, f"{began}:{place[0]}:{scan}:{place[1]}" if place else "",
                       unreadable=unreadable)
 
     async def _matching(self, f: JobFilter, ids: list[str], before: int | None) -> Walked:
-        """Those of ``ids`` that ``f`` picks, those that are no job and those whose key
-        holds another type (the cursor is the caller's to set)."""
-        from elric.retry import error_code
-
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for job_id in ids:
-                pipe.hmget(self.keys.job(job_id), *_FIELDS)
-            rows = await pipe.execute(raise_on_error=False)
-        for row in rows:   # (an outage, a refusal: raised as it came)
-            if isinstance(row, Exception) and error_code(row) != "WRONGTYPE":
-                raise row
-        unreadable = [job_id for job_id, row in zip(ids, rows) if isinstance(row, Exception)]
-        rows = [[None] * len(_FIELDS) if isinstance(row, Exception) else row for row in rows]
-        missing = [job_id for job_id, values in zip(ids, rows)
-                   if values[0] is None and job_id not in unreadable]
-        return Walked([job_id for job_id, values in zip(ids, rows)
-                       if values[0] is not None and f.matches([v.decode() if v else None
-                                                               for v in values])
-                       and (before is None or int(values[-1] or 0) < before)], "", missing,
-                      unreadable)
+        """Those of ``ids`` that ``f`` picks, that are no job, and that hold another type."""
+        walked = Walked([], "")
+        for job_id, row in zip(ids, await self.queue.read_jobs(ids, ("hmget", *_FIELDS))):
+            if isinstance(row, Exception):
+                walked.unreadable.append(job_id)
+            elif row[0] is None:
+                walked.missing.append(job_id)
+            elif f.matches([v.decode() if v else None for v in row]) and \
+                    (before is None or int(row[-1] or 0) < before):
+                walked.chosen.append(job_id)
+        return walked
 
     async def run(self, action: str, f: JobFilter, cursor: str = "", op: str = "") -> Step:
         if action not in ACTIONS:
@@ -275,24 +253,21 @@ class Bulk:
                                f"{', ...' if len(names) > 10 else ''})")
         walked = await self.walk(
             f, cursor, fresh_only=action in ("rerun", "copy"), live_only=action == "cancel",
-            room=FOUND_ROOM if action == "find" else None)
-        chosen, missing = walked.chosen, walked.missing
-        chosen = list(dict.fromkeys(chosen))   # an id given twice, or met twice by ZSCAN: once
+            room=FOUND_ROOM if action == "find" else math.inf)
+        chosen = list(dict.fromkeys(walked.chosen))   # an id met twice by ZSCAN: once
         step = Step(cursor=walked.cursor)
         from elric.queue import Unreadable   # (here, as lua: it imports redis-py)
         if action == "delete" and f.ids:
-            # what the message says to do (remove.lua deletes such a key); one met in a walk
-            # is skipped: its fields cannot say whether the filter picks it (a walk goes
-            # through other queues' jobs, in the status and parked indexes)
-            chosen += [i for i in dict.fromkeys(walked.unreadable) if i not in chosen]
+            # as its message says to do; one met in a walk is skipped: its fields cannot say
+            # whether the filter picks it (a walk goes through other queues' jobs too)
+            chosen = list(dict.fromkeys(chosen + walked.unreadable))
         else:
             for job_id in dict.fromkeys(walked.unreadable):   # one overwritten stops no other
                 step.skip(str(Unreadable(job_id, self.keys.job(job_id))))
-        # an id given that is no job (mistyped, or its record expired) is said as not found,
-        # not passed over nor counted as a job skipped; a periodic job's says what does that to
-        # it (its schedule looked for, not read: one an operator overwrote is skipped too)
-        periodic = await self.store.existing(missing) if action in _PERIODIC else set()
-        for job_id in missing:
+        # an id given that is no job is said not found, not counted as skipped; a periodic
+        # job's says what does that to it (its schedule looked for, not read)
+        periodic = await self.store.existing(walked.missing) if action in _PERIODIC else set()
+        for job_id in walked.missing:
             if job_id in periodic:
                 step.skip(left_alone(job_id, Status.SCHEDULED, action))
             else:
@@ -319,10 +294,9 @@ class Bulk:
                 step.touched += 1
 
     async def _copy(self, ids: list[str], op: str, step: Step) -> None:
-        """New jobs with the sources' func, arguments and options (its limit key too: a
-        copy makes the same requests), ids ``{id}~{op}``; no dedupe key (a copy is asked
-        for on purpose), but its scope: the jobs a copy submits are deduped with those of
-        its source's crawl, not all new in the global scope."""
+        """New jobs with the sources' func, arguments and options (limit key too: a copy
+        makes the same requests), ids ``{id}~{op}``; no dedupe key (a copy is asked for on
+        purpose), but its scope: what a copy submits is deduped with its source's crawl."""
         specs, sources = [], []
         for job_id, job in zip(ids, await self.queue.get_jobs(ids)):
             if job is None:   # deleted, or its record expired, since the walk met it

@@ -1,9 +1,7 @@
 """Statistics per func and per batch, and throughput per minute, as stats() reports them.
 
-The scripts keep counters and a histogram of attempt durations in a hash per func and per
-batch, and counts per minute (elric/keys.py names the keys). This module holds the bucket
-bounds, the only copy of them: the queue tells finish.lua which bucket each duration falls
-in, so the script needs neither the bounds nor a loop over them.
+The scripts keep counters and a duration histogram per func and batch, and counts per
+minute. The bucket bounds live only here: the queue tells finish.lua each duration's bucket.
 """
 
 from __future__ import annotations
@@ -81,15 +79,14 @@ class JobStats:
                 "first_at": self.first_at, "last_at": self.last_at}
 
     def func_view(self, running: int) -> dict:
-        """A func's row in stats(): every counter (0 when none; retrying as "retried"), then
-        the summary."""
+        """A func's row in stats(): every counter (retrying as "retried"), the summary."""
         counters = {("retried" if name == "retrying" else name): self.counters.get(name, 0)
                     for name in COUNTERS}
         return {**counters, **self.summary(running), "duration_ms": self.duration_ms,
                 "histogram": self.histogram}
 
     def batch_view(self, running: int) -> dict:
-        """A batch's row in stats(): the counters it has, as before, then the summary."""
+        """A batch's row in stats(): the counters it has, then the summary."""
         return {**self.counters, **self.summary(running)}
 
 

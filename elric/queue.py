@@ -29,14 +29,13 @@ log = logging.getLogger("elric.queue")
 HAND_BACK_SECONDS = 5.0   # a job no worker here can run waits this long between tries
 STALE = "stale"   # finish's answer for an outcome that is no longer its worker's to record
 MAX_RUNNING_SPLIT = 10_000   # running jobs stats() reads to split live jobs into running/queued
-# jobs an enqueue script queues a call (~10 ms of Redis's time): a 10,000-job submission
-# in one call held Redis, and every worker's fetch and finish, for 0.1-0.6 s
-ENQUEUE_STEP = 1000
+ENQUEUE_STEP = 1000   # jobs an enqueue call queues: a bigger one holds every fetch and finish
 DUE_STEP = 1000   # due jobs (lease ran out, backoff over) one requeue_due call takes
 MATCH_STEP = 1000   # index entries list_match looks at per call: a few ms of Redis's time
 STATS_ROWS = 100   # batches, and funcs, stats() holds: a label per run is tens of thousands
 WORKER_KEPT = 86400   # s a silent worker stays listed: heartbeat.lua's expiry of its hash
 LOST_AFTER = 60.0   # s of silence that make a worker lost when its hash names no lease
+_ORDERS = {b"paused", b"stop", b"set_queues", b"set_concurrency"}   # worker_order's fields
 
 
 def _lost(seen_ms: float, lease_ms, now: float) -> bool:
@@ -51,8 +50,7 @@ class Fenced(Exception):
 
 
 class Unreadable(Refused):
-    """A job whose key holds another type than a hash (an operator overwrote it): it can
-    only be deleted."""
+    """A job whose key an operator overwrote with another type: it can only be deleted."""
 
     def __init__(self, job_id: str, key: str) -> None:
         super().__init__(f"job {job_id!r} cannot be read: {key} is not a hash (overwritten?); "
@@ -231,9 +229,8 @@ _TRACEBACKS = ("Traceback (most recent call last):",
 
 
 def _exception(error: str) -> str:
-    """An error's last exception on one line, its message whole: the last line alone was a
-    message's tail ("  Field required"), or an exception group's frame ("+-----"), for a
-    TaskGroup's (then its first sub-exception's follows); not a traceback: its last line."""
+    """A traceback's last exception on one line, its message whole (its last line may be a
+    message's tail, or a group's frame: a group's first sub-exception follows it)."""
     lines = error.rstrip().split("\n")
     start = max((i for i, line in enumerate(lines) if line in _TRACEBACKS), default=None)
     if start is None:
@@ -318,8 +315,7 @@ class RedisQueue:
 
     @property
     def _cancel_end(self) -> list:
-        """What end_run (cancel_end_fn.lua) needs besides KEYS: failed ttl, and the
-        limit running, limit parked, round, batch stats and func stats prefixes."""
+        """What end_run (cancel_end_fn.lua) needs besides KEYS."""
         k = self.keys
         return [self.failed_ttl, k.limit_running(""), k.limit_parked(""), k.round(""),
                 k.batch(""), k.func("")]
@@ -328,10 +324,9 @@ class RedisQueue:
     async def enqueue(self, specs: list[dict], *, fence: int | None = None) -> list[Submitted]:
         """Queue normalized specs; a job_id that exists already is left as it is.
 
-        ``fence``: the scheduler's lease token, for its fires; the call raises Fenced unless
-        it is current, and the fires leave ``keys.fires_pending`` as they are queued.
-        A script call queues ENQUEUE_STEP of them: one that fails leaves the steps before
-        it queued, which a resend (or a failed call's clean-up) finds as it finds any job.
+        ``fence``: the scheduler's lease token, for its fires (Fenced unless it is current);
+        they leave ``keys.fires_pending`` as they are queued. A failed call leaves the
+        ENQUEUE_STEPs before it queued: a resend finds them as it finds any job.
         """
         out: list[Submitted] = []
         for i in range(0, len(specs), ENQUEUE_STEP):
@@ -380,13 +375,10 @@ class RedisQueue:
                     wake_on: WakeOn | None = None, start: int | None = None,
                     holds_suspect: bool = False) -> Fetched:
         """Claim up to ``limit`` jobs; ``ended``: the ``Claim.run`` of claims whose run
-        ended, which free their limit keys' slots first; ``start``: how many of them the
-        worker can start now (None: all), the most that may be of a limited key;
-        ``holds_suspect``: it holds one already, and may take no other (fetch.lua).
-
-        With ``wake_on`` the fetch waits behind a BLPOP on the same connection: Redis runs
-        it as soon as a token comes (or the wait times out), so a woken worker gets its
-        jobs without a second round trip."""
+        ended, which free their limit keys' slots first; ``start``: how many the worker can
+        start now (None: all), the most that may be of a limited key; ``holds_suspect``: it
+        holds one already, and may take no other. With ``wake_on`` the fetch waits behind a
+        BLPOP on the same connection: a woken worker gets its jobs in one round trip."""
         k = self.keys
         ended = [x for run in ended for x in run]
         keys = [k.inflight, k.status(Status.RUNNING), k.limits, k.limits_due, k.limits_parked,
@@ -432,9 +424,8 @@ class RedisQueue:
         return [_s(s) for s in reply[:len(outcomes)]]
 
     def _tell_broken(self, what: str, keys: list) -> None:
-        """Log, once each, the keys a script left alone for holding another type than elric
-        writes, or job keys with why (a field deleted): an operator's mistake that must not
-        stop the work on every other key."""
+        """Log, once each, the keys a script left alone for holding another type (or a job
+        key with why): an operator's mistake must not stop the work on every other key."""
         if broken := {_s(k) for k in keys} - self._told_broken:
             self._told_broken |= broken   # every fetch, every outcome of a batch meets it
             log.warning("%s: passed over, left as they are: %s (a key named alone holds "
@@ -461,8 +452,7 @@ class RedisQueue:
         return int(reply[0])
 
     async def claimed(self, worker_id: str, within: float) -> list[tuple[str, int, str]]:
-        """The claims (as ``Claim.run``) Redis holds under this worker id, made at most
-        ``within`` seconds ago."""
+        """The claims (``Claim.run``) Redis holds for this worker, made ``within`` s ago."""
         flat = await self._claimed(keys=[self.keys.status(Status.RUNNING)],
                                    args=[self.keys.job(""), worker_id, int(within * 1000)])
         return [(_s(flat[i]), int(flat[i + 1]), _s(flat[i + 2])) for i in range(0, len(flat), 3)]
@@ -488,11 +478,9 @@ class RedisQueue:
                                      int(concurrency) if concurrency.isdigit() else 0))
 
     async def control_worker(self, worker_id: str, **fields: str) -> str:
-        """Ask a worker, through its hash, to pause, resume, stop, serve other queues or run
-        another number of processes; its next heartbeat (at most a second away) reads it.
-        'ok', or 'gone' (no such worker, or its hash expired), 'lost' (silent past its
-        lease), 'stopped' or 'stopping' (any order but stop): not asked; 'unchanged': a
-        pause, resume or stop it was already given."""
+        """Ask a worker, through its hash, to pause, resume, stop or change queues or
+        processes (its next heartbeat reads it). 'ok'; not asked: 'gone', 'lost', 'stopped'
+        or 'stopping' (any order but stop); 'unchanged': an order it was already given."""
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.zscore(self.keys.workers, worker_id)
             pipe.hmget(self.keys.worker(worker_id), "lease_ms", "state")
@@ -507,16 +495,14 @@ class RedisQueue:
                                           args=args))
 
     async def forget_old_workers(self) -> None:
-        """Every start has a new id: a worker silent past its hash's life leaves the list,
-        which else grew by each worker ever started, shown lost and read by every stats()."""
+        """A worker silent past its hash's life leaves the list: every start has a new id."""
         cutoff = (await redis_now(self.redis) - WORKER_KEPT) * 1000
         await self.redis.zremrangebyscore(self.keys.workers, "-inf", f"({cutoff:.0f}")
 
     async def forget_old_names(self) -> None:
         """A batch or func whose jobs have all ended, and a queue that holds none, leave
-        stats once their last jobs have surely expired (the longer TTL after their last
-        activity): labels per run, generated or mistyped names else added rows for good,
-        each read by every stats() and scrape. A page of each set a call."""
+        stats once their last jobs have surely expired: names per run else add rows for
+        good. A page of each set a call."""
         k, kept = self.keys, max(self.result_ttl, self.failed_ttl)
         walks = {"batches": (self._forget_labels, [k.batches], [k.batch(""), kept]),
                  "funcs": (self._forget_labels, [k.funcs], [k.func(""), kept]),
@@ -530,18 +516,15 @@ class RedisQueue:
         await each(walks, walk)   # one set of another type must not stop the others
 
     async def recover(self) -> tuple[list[str], list[str], list[str]]:
-        """Queue again, in their old place, the jobs whose lease ran out; those being
-        cancelled end cancelled instead, and those whose worker was lost more than
-        ``max_redeliveries`` times end failed. Returns (ids queued again, ids cancelled,
-        ids failed)."""
+        """Queue again, in their old place, the jobs whose lease ran out (being cancelled:
+        cancelled; lost over ``max_redeliveries`` times: failed). Returns the ids of each."""
         back, cancelled, failed, _ = await self._due(self.keys.inflight, Status.RUNNING,
                                                      True, "redelivered")
         return back, cancelled, failed
 
     async def promote(self) -> tuple[int, int]:
         """Queue again the retrying jobs whose backoff is over. Returns (jobs queued again,
-        due entries handled): DUE_STEP handled means more may be due, however few of them
-        were queued (the others cancelled, failed, no longer retrying, or due later)."""
+        due entries handled): DUE_STEP handled means more may be due, however few queued."""
         back, _, _, handled = await self._due(self.keys.delayed, Status.RETRYING, False, "")
         return len(back), handled
 
@@ -665,21 +648,13 @@ class RedisQueue:
     async def _summaries(self, job_ids: list[str]) -> list[tuple[dict, int]]:
         """Per job: its hash without the result (empty: no such job; None: its key holds
         another type, an operator's), and the result's size."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for job_id in job_ids:
-                pipe.hmget(self.keys.job(job_id), _SUMMARY_FIELDS)
-                pipe.hstrlen(self.keys.job(job_id), "result")
-            rows = await pipe.execute(raise_on_error=False)
-        for reply in rows:   # (an outage, a refusal: every key's, raised as it came)
-            if isinstance(reply, Exception) and error_code(reply) != "WRONGTYPE":
-                raise reply
+        rows = await self.read_jobs(job_ids, ("hmget", _SUMMARY_FIELDS), ("hstrlen", "result"))
         return [(None, 0) if isinstance(size, ResponseError) else
                 ({name.encode(): v for name, v in zip(_SUMMARY_FIELDS, values) if v is not None},
                  size) for values, size in zip(rows[::2], rows[1::2])]
 
     def summary_view(self, job_id: str, h: dict[bytes, bytes], result_bytes: int) -> dict:
-        """A list_jobs row: the get_job map with the result's size instead of the result,
-        and of the error only its last exception, on one line."""
+        """A list_jobs row: the get_job map with the result's size, the error's last exception."""
         view = self.job_view(job_id, h)
         del view["result"]
         view["result_bytes"] = result_bytes
@@ -691,40 +666,50 @@ class RedisQueue:
         return (await self.get_jobs([job_id]))[0]
 
     async def get_jobs(self, job_ids: list[str]) -> list[dict | None]:
-        """Per job: its get_job map, or None when there is no such job; read in one round
-        trip."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for job_id in job_ids:
-                pipe.hgetall(self.keys.job(job_id))
-            hashes = await pipe.execute(raise_on_error=False)
+        """Per job: its get_job map, or None when there is no such job (one round trip)."""
+        hashes = await self.read_jobs(job_ids, ("hgetall",))
         return [self._view_or_none(job_id, h) for job_id, h in zip(job_ids, hashes)]
 
     def _view_or_none(self, job_id: str, h: dict | Exception) -> dict | None:
-        if isinstance(h, Exception):
-            if error_code(h) != "WRONGTYPE":   # (an outage, a refusal: raised as it came)
-                raise h
-            # its key holds another type (an operator's): named
-            view = self.job_view(job_id, {})
-            view["unreadable"] = view["error"] = self._not_a_hash(job_id)
-            return view
+        if isinstance(h, Exception):   # its key holds another type (an operator's): named
+            return self._not_a_hash(self.job_view(job_id, {}))
         return self.job_view(job_id, h) if h else None
 
-    def _not_a_hash(self, job_id: str) -> str:
-        return f"{self.keys.job(job_id)} is not a hash (overwritten?)"
+    async def read_jobs(self, job_ids: list[str], *reads: tuple) -> list:
+        """Each of ``reads`` (a command's name and its arguments past the key) on each job's
+        key, in one round trip: the replies, the WRONGTYPE error of a key of another type (an
+        operator's) in its place; any other error (an outage, a refusal) raised as it came."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                for command, *args in reads:
+                    getattr(pipe, command)(self.keys.job(job_id), *args)
+            replies = await pipe.execute(raise_on_error=False)
+        for reply in replies:
+            if isinstance(reply, Exception) and error_code(reply) != "WRONGTYPE":
+                raise reply
+        return replies
+
+    def _not_a_hash(self, view: dict) -> dict:
+        view["unreadable"] = view["error"] = \
+            f"{self.keys.job(view['job_id'])} is not a hash (overwritten?)"
+        return view
 
     async def get_holds(self, job_ids: list[str]) -> list[Hold | None]:
         """Per job: its status and dedupe key and scope, or None when there is no such job;
         raises Unreadable naming the first job whose key holds another type."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for job_id in job_ids:
-                pipe.hmget(self.keys.job(job_id), "status", "dedupe_key", "dedupe_scope")
-            rows = await pipe.execute(raise_on_error=False)
-        for job_id, row in zip(job_ids, rows):   # as Redis replied, not as the pipeline words it
-            if isinstance(row, Exception) and error_code(row) == "WRONGTYPE":
-                raise Unreadable(job_id, self.keys.job(job_id))
+        rows = await self.read_jobs(job_ids, ("hmget", "status", "dedupe_key", "dedupe_scope"))
+        for job_id, row in zip(job_ids, rows):
             if isinstance(row, Exception):
-                raise row
+                raise Unreadable(job_id, self.keys.job(job_id))
         return [None if row[0] is None else Hold(*map(_s, row)) for row in rows]
+
+    async def lines(self, queue: str | None = None) -> list[tuple[int, str, str]]:
+        """Where queued jobs wait, in a stable order: (0, name, its sorted set) for ``queue``
+        or every queue, then (1, limit key, its parked set) for each key holding jobs back."""
+        k = self.keys
+        names = [queue] if queue else sorted(map(_s, await self.redis.smembers(k.queues)))
+        keys = sorted(map(_s, await self.redis.zrange(k.limits_due, 0, -1)))
+        return [(0, q, k.queue(q)) for q in names] + [(1, lk, k.limit_parked(lk)) for lk in keys]
 
     async def list_jobs(self, **filters) -> list[dict]:
         return (await self.list_page(**filters))[0]
@@ -734,22 +719,19 @@ class RedisQueue:
                         limit: int = 100, scan_limit: int = 100_000,
                         cursor: str = "") -> tuple[list[dict], str]:
         """Newest first within each status (queued jobs: per queue, the last in line
-        first); filters on queue, func and batch. Also the cursor to look further from when
-        ``scan_limit`` stopped the looking before the page filled ("" otherwise): a page by
-        a rare func or batch is never empty merely because other jobs came first. With a
-        cursor the listing goes on from there, ``offset`` counted from there."""
+        first); filters on queue, func and batch. Also the cursor to go on from when
+        ``scan_limit`` stopped the page before it filled ("" otherwise): a page by a rare
+        func or batch is not empty merely because other jobs came first. ``offset`` counts
+        from the ``cursor``."""
         order = [s for s in STATUSES if s not in (Status.SCHEDULED, Status.FILTERED)]
         statuses = [status] if status else order
         wanted = {"queue": queue, "func": func, "batch": batch}
         places = []   # ((status's place, kind, name), index, members carry a sequence, status)
         for st in statuses:
             n = order.index(st) if st in order else len(order)
-            if st == Status.QUEUED:  # the queues' own sorted sets, then parked jobs' sets
-                names = [queue] if queue else sorted(
-                    _s(q) for q in await self.redis.smembers(self.keys.queues))
-                places += [((n, 0, q), self.keys.queue(q), True, st) for q in names] + [
-                    ((n, 1, _s(lk)), self.keys.limit_parked(_s(lk)), True, st)
-                    for lk in sorted(await self.redis.zrange(self.keys.limits_due, 0, -1))]
+            if st == Status.QUEUED:
+                places += [((n, kind, name), key, True, st)
+                           for kind, name, key in await self.lines(queue)]
             else:
                 places.append(((n, 2, ""), self.keys.status(st), False, st))
         at, skip = (0, None, 0), offset   # skip: matching jobs still to pass over
@@ -788,8 +770,10 @@ class RedisQueue:
                         min(MATCH_STEP, scan_limit - scanned), skip + limit - len(out),
                         st, *pairs])
                     scanned, last = scanned + looked, seen or last
-                    skip = await self._take([_s(i) for i in ids], st, wanted, listed,
-                                            out, skip)
+                    ids = [i for i in dict.fromkeys(map(_s, ids)) if i not in listed]
+                    listed.update(ids[:skip])   # matched in Redis just now: passed over unread
+                    out += (await self._views(ids[skip:], st, wanted, listed))[0]
+                    skip = max(0, skip - len(ids))
             else:
                 if skip:   # every job it holds matches: pass over them unread (reading them
                     # all made a deep page take seconds, and empty past scan_limit)
@@ -803,51 +787,36 @@ class RedisQueue:
                     start, last = start + len(members), members[-1]
                     scanned += len(members)
                     ids = [_s(m[17:] if in_line else m) for m in members]  # {seq:016x}:{id}
-                    gone = []
-                    for raw, job_id, (h, size) in zip(members, ids, await self._summaries(ids)):
-                        unread = h is None   # listed as its index has it, named
-                        if unread:
-                            h = {b"status": st.encode()}
-                        if not h:
-                            gone.append(raw)
-                        elif h.get(b"status") == st.encode() and job_id not in listed:
-                            view = self.summary_view(job_id, h, size)  # (else an index lagging)
-                            if unread:
-                                view["unreadable"] = view["error"] = self._not_a_hash(job_id)
-                            if all(v is None or view[n] == v for n, v in wanted.items()):
-                                if skip:
-                                    skip -= 1
-                                else:
-                                    out.append(view)
-                                listed.add(job_id)
+                    rows, gone = await self._views(ids, st, wanted, listed)
+                    out += rows[skip:]
+                    skip = max(0, skip - len(rows))
                     if gone and not in_line:  # expired results: their entries go too
-                        await self.redis.zrem(index, *gone)
+                        await self.redis.zrem(index, *(members[i] for i in gone))
                         start -= len(gone)
             if start >= 0 and len(out) < limit:   # the scan limit stopped it in this index
                 went_on = f"{skip}:{place[0]}:{place[1]}:{start}:{last.hex()}:{place[2]}"
                 break
         return out[:limit], went_on
 
-    async def _take(self, ids: list[str], status: str, wanted: dict, listed: set[str],
-                    out: list[dict], skip: int) -> int:
-        """Lists the jobs list_match found, passing over the first ``skip`` unread (they
-        matched in Redis just now); returns the matches still to pass over."""
-        read = []
-        for job_id in ids:
-            if job_id in listed:
-                continue
-            if skip:
-                skip -= 1
-                listed.add(job_id)
-            else:
-                read.append(job_id)
-        for job_id, (h, size) in zip(read, await self._summaries(read) if read else []):
-            if h and h.get(b"status") == status.encode():   # (else it moved on since)
+    async def _views(self, ids: list[str], status: str, wanted: dict,
+                     listed: set[str]) -> tuple[list[dict], list[int]]:
+        """The rows of ``ids`` still in ``status`` (else an index lagging) that match
+        ``wanted``, not ``listed`` yet (now they are); and where in ``ids`` jobs are gone."""
+        rows, gone = [], []
+        for i, (job_id, (h, size)) in enumerate(zip(ids, await self._summaries(ids))):
+            unread = h is None   # listed as its index has it, named
+            if unread:
+                h = {b"status": status.encode()}
+            if not h:
+                gone.append(i)
+            elif h.get(b"status") == status.encode() and job_id not in listed:
                 view = self.summary_view(job_id, h, size)
+                if unread:
+                    self._not_a_hash(view)
                 if all(v is None or view[n] == v for n, v in wanted.items()):
-                    out.append(view)
+                    rows.append(view)
                     listed.add(job_id)
-        return skip
+        return rows, gone
 
     async def stats(self, *, for_metrics: bool = False) -> dict:
         """``for_metrics``: every func's row, not the STATS_ROWS last active (a counter must
@@ -884,15 +853,12 @@ class RedisQueue:
             pipe.hgetall(k.limits_parked)
             pipe.zrange(k.status(Status.RUNNING), 0, MAX_RUNNING_SPLIT - 1)
             res = iter(await pipe.execute())
-
-        def take(n: int) -> list:
-            return [next(res) for _ in range(n)]
-
-        by_status = dict(zip(STATUSES, take(len(STATUSES))))
-        queue_sizes = take(len(queues))
+        # each zip takes as many replies as it has names (zip reads its first argument first)
+        by_status = dict(zip(STATUSES, res))
+        queue_sizes = dict(zip(queues, res))
         counters = {_s(a): int(b) for a, b in next(res).items()}
-        batch_rows, func_rows = take(len(batches)), take(len(funcs))
-        minute_rows = take(len(minutes))
+        batch_rows, func_rows = dict(zip(batches, res)), dict(zip(funcs, res))
+        minute_rows = dict(zip(minutes, res))
         parked = {_s(q): int(n) for q, n in next(res).items()}
         # what runs now, per func and batch (a job's func and batch never change): the rest
         # of their live jobs wait
@@ -903,7 +869,7 @@ class RedisQueue:
         running_funcs = Counter(_s(func) for func, _ in running_jobs if func)
         running_batches = Counter(_s(batch) for _, batch in running_jobs if batch)
         # a queued job waits in its queue, or parked while its limit key is at its limit
-        waiting = {q: n + parked.get(q, 0) for q, n in zip(queues, queue_sizes)}
+        waiting = {q: n + parked.get(q, 0) for q, n in queue_sizes.items()}
         by_status[Status.QUEUED] = sum(waiting.values())  # queued jobs are indexed per queue
         by_queue = {q: {"queued": waiting[q], **{
             st: counters.get(f"queue:{q}:{st}", 0)
@@ -912,11 +878,10 @@ class RedisQueue:
             "by_status": by_status,
             "by_queue": by_queue,
             "batches": {b: jobstats.JobStats.from_hash(row).batch_view(running_batches[b])
-                        for b, row in zip(batches, batch_rows)},
+                        for b, row in batch_rows.items()},
             "funcs": {f: jobstats.JobStats.from_hash(row).func_view(running_funcs[f])
-                      for f, row in zip(funcs, func_rows)},
-            "throughput": [jobstats.throughput_row(m, row)
-                           for m, row in zip(minutes, minute_rows)],
+                      for f, row in func_rows.items()},
+            "throughput": [jobstats.throughput_row(m, row) for m, row in minute_rows.items()],
             "totals": {name: counters.get(name, 0) for name in
                        ("submitted", "succeeded", "failed", "retrying", "redelivered",
                         "handed_back", "cancelled", "started", "start_latency_ms")},
@@ -951,7 +916,8 @@ class RedisQueue:
             infos = await pipe.execute()
         workers = []
         for (wid, seen), info in zip(workers_seen, infos):
-            row = {_s(a): _s(b) for a, b in info.items()}
+            # (not what was asked of it: "state", "queues" and "concurrency" are what it does)
+            row = {_s(a): _s(b) for a, b in info.items() if a not in _ORDERS}
             for key in ("pid", "concurrency", "async_concurrency", "processed", "done",
                         "failed", "in_flight", "rss_bytes", "started_at", "lease_ms"):
                 if str(row.get(key, "")).isdigit():   # numbers are numbers (a bad value stays)
@@ -960,9 +926,6 @@ class RedisQueue:
                 row["cpu_percent"] = float(row["cpu_percent"])
             if isinstance(row.get("started_at"), int):   # times are epoch seconds
                 row["started_at"] /= 1000.0
-            # asked of it; "state", "queues" and "concurrency" are what it does
-            for key in ("paused", "stop", "set_queues", "set_concurrency"):
-                row.pop(key, None)
             row.update(worker_id=_s(wid), last_seen=seen / 1000.0,
                        alive=bool(info) and not _lost(seen, row.get("lease_ms"), now))
             if not row["alive"] or row.get("state") == "stopped":

@@ -29,9 +29,8 @@ console = _Console(highlight=False, width=None if sys.stdout.isatty() else 400)
 
 
 def json_safe(value):
-    """``value`` as JSON can hold it: a job's maps may have integer or bytes keys (mixed,
-    which sort_keys cannot order), and JSON has no infinity or NaN (a p95 beyond the last
-    duration bucket prints as "inf")."""
+    """``value`` as JSON can hold it: keys as text (a job's maps may mix int and bytes
+    keys), and infinity or NaN as text (a p95 past the last bucket is "inf")."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     if isinstance(value, dict):
@@ -60,28 +59,26 @@ def printable(text: str) -> str:
 
 
 def cut(text: str, most: int) -> str:
-    """``text`` in at most ``most`` characters, ending "…" where it was cut (a plain cut
-    passed for the whole: an error read "Cannot conne")."""
+    """``text`` in at most ``most`` characters, ending "…" where it was cut."""
     return text if len(text) <= most else text[:most - 1] + "…"
 
 
 # Redis's clock as use_clock was told it (None: not told), and ticks() then: it runs on by
-# a clock no NTP step moves (a step while `submit --wait` waited moved every "ago" by it)
+# a clock no NTP step moves
 _told_now: float | None = None
 _told_at = 0.0
 
 
 def use_clock(now: float) -> None:
     """Judge every "ago" from here on by ``now``, Redis's clock as a reply answered it, run
-    on as time passes (a stream of pages too): this machine's clock may be hours off."""
+    on as time passes: this machine's clock may be hours off."""
     global _told_now, _told_at
     _told_now, _told_at = now, ticks()
 
 
 def when(seconds: float | None, now: float | None = None) -> str:
     """An epoch time as local time, its zone named, with how long ago or ahead of ``now``
-    (default: Redis's clock as use_clock was told it) it is; a value that is no number (a
-    worker's hash someone edited: stats() keeps it as it is) as it is."""
+    (default: Redis's, as use_clock was told it); no number (an edited hash) as it is."""
     if not seconds or not isinstance(seconds, (int, float)):
         return str(seconds or "-")
     if not now:
@@ -141,8 +138,7 @@ def worker_state(w: dict) -> str:
 
 
 def worker_counts(workers: list[dict]) -> dict[str, int]:
-    """Workers alive (running or paused), lost and stopped: one stopped on purpose (a
-    deploy) is not lost."""
+    """Workers alive (running or paused), lost and stopped (on purpose: not lost)."""
     states = [worker_state(w) for w in workers]
     lost, stopped = states.count("lost"), states.count("stopped")
     return {"alive": len(states) - lost - stopped, "lost": lost, "stopped": stopped}
@@ -154,8 +150,7 @@ def _master(h: dict) -> None:
 
 
 def jobs(rows: list[dict]) -> None:
-    """A succeeded job's row shows no error: an earlier attempt's (the job's page shows
-    every attempt's) made a job that failed once, then succeeded, look failed."""
+    """A succeeded job's row shows no error: an earlier attempt's made it look failed."""
     _rows(rows, "no jobs", ("job id", "status", "func", "args", "queue", "attempts",
                             "finished", "error"),
           lambda j: (j["job_id"], j.get("status", ""), j.get("func", ""),
@@ -179,8 +174,8 @@ def filtered(filters: dict) -> None:
 
 
 def attempts(j: dict, now: float | None = None) -> str:
-    """A job's attempts, and how many of them its worker was lost in (redelivered): else a
-    job run twice, attempts 2 with max_retries 0, looked like a bug."""
+    """A job's attempts, and in how many its worker was lost (else attempts 2 with
+    max_retries 0 looks like a bug)."""
     n = j.get("attempts", 0)
     if not j.get("redelivered"):
         return str(n)
@@ -228,8 +223,7 @@ def trouble(w: dict) -> Text:
 
 
 def workers(rows: list[dict], now: float | None = None) -> None:
-    """Each worker with its load as of its last heartbeat (a lost one: its last); ``now``:
-    Redis's, which stats() answers."""
+    """Each worker with its load as of its last heartbeat; ``now``: Redis's (stats())."""
     _rows(rows, "no workers", ("worker", "host", "pid", "queues", "processes", "CPU %",
                                "RSS MiB", "in flight", "done", "failed attempts", "last seen",
                                "state", "trouble"),
@@ -277,8 +271,7 @@ def _number(value) -> float:
 def top(stats: dict) -> Group:
     """``elric top``'s screen: jobs now, the last minute, queues, busiest funcs, workers."""
     by = stats["by_status"]
-    # jobs in each status now; the queue and func tables count ends since the start (a
-    # job run again counts each time it ends)
+    # jobs in each status now; the queue and func tables count ends since the start
     now = Text("now: " + "  ".join(f"{s} {by.get(s, 0)}" for s in (
         "queued", "running", "retrying", "succeeded", "failed", "cancelled", "scheduled")))
     minute = (stats.get("throughput") or [{}, {}])[-2]   # the last whole minute
@@ -297,8 +290,7 @@ def top(stats: dict) -> Group:
     # (stats() holds the latest funcs only, and counts the rest)
     if more := max(0, len(busiest) - 10) + stats.get("more", {}).get("funcs", 0):
         funcs = Group(funcs, Text(f"and {more} more funcs"))
-    # the workers at work first, latest heartbeat first: stats() lists the oldest first, and
-    # a screen too short for the list cuts its last rows
+    # the workers at work first, latest heartbeat first: a screen too short cuts the last
     workers = _table(("worker", "state", "processes", "CPU %", "in flight", "done",
                       "failed attempts", "last seen", "trouble"), [
         (w["worker_id"], worker_state(w), w.get("concurrency", ""), percent(w.get("cpu_percent")),
