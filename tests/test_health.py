@@ -165,13 +165,13 @@ def test_master_and_worker_go_on_when_their_redis_connections_go_silent(redis_ur
         proxy.close()
 
 
-def test_health_names_a_refusal_of_redis_as_the_worker_does(tmp_path):
+def test_health_names_a_refusal_of_redis_as_the_worker_does(own_redis, tmp_path):
     """Housekeeping and the scheduler retrying on a MISCONF showed "failing (ResponseError:
     MISCONF ...)": a class name and Redis's raw text, where the worker's log says plainly
     what Redis refuses for."""
     from tests.test_redis_refuses import master_on_a_redis_refusing_writes
 
-    with master_on_a_redis_refusing_writes(tmp_path) as (c, r):
+    with master_on_a_redis_refusing_writes(own_redis, tmp_path) as (c, r):
         tasks = ("housekeeping", "scheduler")
         states = wait_for(lambda: (lambda h: h if all(
             "retrying" in h["tasks"][t]["state"] for t in tasks) else None)(c.client.health()),

