@@ -62,6 +62,9 @@ class JobOutput:
         self.pipes: list[_Pipe] = []
         # (id of a job's context, pipe level) -> (the context, its line not yet ended)
         self.held: dict[tuple[int, int], tuple[object, str]] = {}
+        # the thread in write or end: a write it makes meanwhile (a finalizer the GC runs
+        # while a record is built, a warning) goes to the fd, not back for the lock it holds
+        self.writer: int | None = None
         for fd, level in ((1, logging.INFO), (2, logging.WARNING)):
             read, write = os.pipe()   # (not inherited: only fds 1 and 2 are, by commands)
             os.set_blocking(read, False)
@@ -121,25 +124,33 @@ class JobOutput:
         lines passed on now with its id, the end of one not yet ended held until it is
         (or the job ends; once it has, as it comes: a thread it left writes on)."""
         with self.lock:
-            key = (id(ctx), pipe.level)   # (held with the context: its id is not reused)
-            if key in self.held:
-                text = self.held.pop(key)[1] + text
-            *lines, rest = text.split("\n")
-            if ctx.ended or len(rest) > 65536:   # as _pass does with a line never ended
-                lines.append(rest)
-            elif rest:
-                self.held[key] = (ctx, rest)
-            for line in lines:
-                if line:
-                    self._write_text(pipe, line, ctx.job_id)
+            self.writer = threading.get_ident()
+            try:
+                key = (id(ctx), pipe.level)   # (held with the context: its id is not reused)
+                if key in self.held:
+                    text = self.held.pop(key)[1] + text
+                *lines, rest = text.split("\n")
+                if ctx.ended or len(rest) > 65536:   # as _pass does with a line never ended
+                    lines.append(rest)
+                elif rest:
+                    self.held[key] = (ctx, rest)
+                for line in lines:
+                    if line:
+                        self._write_text(pipe, line, ctx.job_id)
+            finally:
+                self.writer = None
 
     def end(self, ctx) -> None:
         """At an async job's end: the line it left unfinished is passed on."""
         with self.lock:
-            for pipe in self.pipes:
-                held = self.held.pop((id(ctx), pipe.level), None)
-                if held is not None:
-                    self._write_text(pipe, held[1], ctx.job_id)
+            self.writer = threading.get_ident()
+            try:
+                for pipe in self.pipes:
+                    held = self.held.pop((id(ctx), pipe.level), None)
+                    if held is not None:
+                        self._write_text(pipe, held[1], ctx.job_id)
+            finally:
+                self.writer = None
 
     def _write_text(self, pipe: _Pipe, line: str, job_id: str) -> None:
         if not line.isascii():   # (a flag: costs nothing) a lone surrogate is not UTF-8
@@ -169,7 +180,8 @@ class JobStream:
 
     def write(self, text: str) -> int:
         ctx = self.current.get()
-        if ctx is None or ctx.job_id == self.output.job_id:
+        if ctx is None or ctx.job_id == self.output.job_id or \
+                self.output.writer == threading.get_ident():
             return self.stream.write(text)
         if not isinstance(text, str):   # the message a TextIOWrapper gives
             raise TypeError(f"write() argument must be str, not {type(text).__name__}")
