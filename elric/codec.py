@@ -33,6 +33,8 @@ def nests_deeper(value: Any, most: int) -> bool:
     recursion; ``value`` packed already, so it holds no cycle)."""
     level = {id(value): value} if isinstance(value, _NESTS) else {}
     for _ in range(most):
+        if not level:   # (most results: a scalar or a flat map, per job)
+            return False
         # each container once a level: [row] * 10_000 is one row to look into, not 10,000
         level = {id(item): item for v in level.values() for item in _nested(v)}
     return bool(level)
