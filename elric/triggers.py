@@ -223,14 +223,23 @@ def _matches(field, w: datetime) -> bool:
     return field.get_next_value(w) == field.get_value(w)
 
 
-def _allowed(field, top: int) -> list[int]:
-    """The values in [0, top) a time-of-day field allows (none depends on the date), ascending."""
+_ALLOWED: dict[tuple[str, str], tuple[int, ...]] = {}   # (name, field's text) -> its values
+
+
+def _allowed(field, top: int) -> tuple[int, ...]:
+    """The values in [0, top) a time-of-day field allows (none depends on the date), ascending;
+    kept per field text, which few schedules vary: a trigger is built at each ``get``."""
+    key = (field.name, str(field))
+    if (known := _ALLOWED.get(key)) is not None:
+        return known
     day, values = datetime(2000, 1, 1), []
     v = field.get_next_value(day)
-    while v is not None:   # from one allowed value to the next: a trigger is built per get
+    while v is not None:   # from one allowed value to the next
         values.append(v)
         v = field.get_next_value(day.replace(**{field.name: v + 1})) if v + 1 < top else None
-    return values
+    if len(_ALLOWED) < 4096:
+        _ALLOWED[key] = tuple(values)
+    return tuple(values)
 
 
 def _offset_change(lo: int, hi: int, tz: tzinfo) -> int:
