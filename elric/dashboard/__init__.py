@@ -10,6 +10,7 @@ handlers as the RPC, with the same checks and errors. ``access.py`` says who may
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 from urllib.parse import parse_qsl, quote, urlencode
@@ -53,12 +54,6 @@ PAGES = (("/", "overview"), ("/workers", "workers"), ("/schedules", "schedules")
 def _actions(master) -> dict:
     """(kind, action) -> a call of the master's RPC handler that does it to one id, given
     the form's value (which only a worker's processes and queues take)."""
-    def by_id(handler):
-        return lambda one, value: handler(one)
-
-    def worker(action):
-        return lambda worker_id, value: master.control_worker(worker_id, action)
-
     def processes(worker_id, value):   # a number, or the text the master will refuse
         # (int() refuses over 4,300 digits: such a number is refused as text)
         value = int(value) if value.removeprefix("-").isdecimal() and len(value) <= 20 \
@@ -67,15 +62,15 @@ def _actions(master) -> dict:
 
     def queues(worker_id, value):
         return master.control_worker(worker_id, "set", names(value, "queues"))
-    return {("worker", "pause"): worker("pause"), ("worker", "resume"): worker("resume"),
-            ("worker", "stop"): worker("stop"), ("worker", "processes"): processes,
-            ("worker", "queues"): queues, ("job", "retry"): by_id(master.rerun_job),
-            ("job", "cancel"): by_id(master.cancel_job),
-            ("job", "delete"): by_id(master.remove_job),
-            ("schedule", "pause"): by_id(master.pause_job),
-            ("schedule", "resume"): by_id(master.resume_job),
-            ("schedule", "run now"): lambda one, value: master.run_job(one, RUN_WAIT),
-            ("schedule", "remove"): by_id(master.remove_job)}
+
+    by_id = {("job", "retry"): master.rerun_job, ("job", "cancel"): master.cancel_job,
+             ("job", "delete"): master.remove_job, ("schedule", "pause"): master.pause_job,
+             ("schedule", "resume"): master.resume_job, ("schedule", "remove"): master.remove_job,
+             ("schedule", "run now"): lambda one: master.run_job(one, RUN_WAIT)}
+    for action in ("pause", "resume", "stop"):
+        by_id["worker", action] = functools.partial(master.control_worker, action=action)
+    return {("worker", "processes"): processes, ("worker", "queues"): queues,
+            **{key: lambda one, value, call=call: call(one) for key, call in by_id.items()}}
 
 
 def _local_path(value: str) -> str:
