@@ -52,9 +52,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _not_a_module(name: str, actions) -> str:
-    """Why ``name`` starts no worker. A file (jobs.py, ./jobs) or a func (jobs:Crawl) is
-    answered with the module meant: the import error, or the hint to steer a running
-    worker, left a user who gave one no wiser."""
+    """Why ``name`` starts no worker; a file (jobs.py, ./jobs) or a func (jobs:Crawl) is
+    answered with the module meant, which an import error would not say."""
     if meant := meant_module(name):   # (not a worker id, host:pid:hex)
         return (f"{name!r} is a {meant[0]}, not a module name: elric worker {meant[1]}, from "
                 "the folder it imports from (a worker runs every Job class of its modules)")
@@ -72,7 +71,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                          f"got {args.pages}")
     try:
         return run_demo(settings_path=args.settings, pages=args.pages, keep=args.keep)
-    except RedisServerError as exc:   # (it was a traceback) the demo's own Redis did not start
+    except RedisServerError as exc:   # the demo's own Redis did not start
         raise Failed(f"{exc}; or set ELRIC_REDIS_URL to a Redis of yours") from None
 
 
@@ -103,29 +102,20 @@ def _json_out(text: str) -> None:
 
 def _argument(text: str):
     """A command-line job argument: JSON when it parses (7, true, [1], {"a": 1}), else text."""
+    def finite(number: str) -> float:   # 1e400 is JSON, but read as inf: not the number typed
+        if math.isinf(float(number)):
+            raise UsageError(f"argument {text!r}: {number} is beyond a float's range (it would "
+                             f"arrive as infinity); quote it ('\"{number}\"') to send it as text")
+        return float(number)
+
     try:   # (json.loads reads NaN and Infinity too, which are no JSON: they stay text)
-        return json.loads(text, parse_constant=_not_json, parse_float=_finite)
-    except _Infinite as exc:
-        raise UsageError(f"argument {text!r}: {exc} is beyond a float's range (it would "
-                         f"arrive as infinity); quote it ('\"{exc}\"') to send it as text") \
-            from None
+        return json.loads(text, parse_constant=_not_json, parse_float=finite)
     except ValueError:
         return text
 
 
 def _not_json(name: str):
     raise ValueError(f"{name} is not JSON")
-
-
-class _Infinite(Exception):
-    """A JSON number json.loads reads as inf (1e400): JSON, but not the number typed."""
-
-
-def _finite(text: str) -> float:
-    number = float(text)
-    if math.isinf(number):
-        raise _Infinite(text)
-    return number
 
 
 def _wait(client, job_id: str, timeout: float | None) -> dict:
@@ -191,7 +181,7 @@ def _submit_spec(args: argparse.Namespace) -> dict:
               "and limit keys)", file=sys.stderr)
         return {"func": args.func_path, "args": arguments, **options}   # the master judges it
     if not (isinstance(cls, type) and issubclass(cls, Job)) or cls is Job:
-        # (it was queued, to be handed back or refused by every worker: none runs it)
+        # else queued, it would be handed back or refused by every worker
         what = "elric.Job itself" if cls is Job else f"a {type(cls).__name__}"
         raise UsageError(f"{args.func_path} is {what}, not a Job class: FUNC names a "
                          "subclass of elric.Job, as \"package.module:ClassName\"")
@@ -214,7 +204,6 @@ def cmd_call(args: argparse.Namespace) -> int:
             raise UsageError(f"--{dest.removeprefix('by_')} '': give a value, or leave the "
                              "option out")
     if args.command == "jobs" and args.status == Status.FILTERED:
-        # (it showed every scope's counts, as if they were the batch's or the queue's)
         if flag := next((f for f, v in (("--queue", args.queue), ("--func", args.by_func),
                                         ("--batch", args.batch)) if v is not None), None):
             raise UsageError(f"--status filtered shows counts per dedupe scope (a filtered "
@@ -259,7 +248,9 @@ def cmd_call(args: argparse.Namespace) -> int:
             rows = client.list_jobs(**_filter(args, offset=args.offset, limit=args.limit)) \
                 if args.status == Status.SCHEDULED else _jobs_page(client, args)
             if not rows and (args.queue or args.by_func or args.batch):
-                _known_names(client, args)
+                # a bulk find's first step refuses a name no job had: "no jobs" made a typo
+                # (--func jobs.Crawl) look like an empty queue
+                client.bulk_jobs("find", _filter(args), "")
             # periodic jobs are listed as short maps of their schedules: shown as schedules
             view = views.schedules if args.status == Status.SCHEDULED else views.jobs
             (show or view)(rows)
@@ -481,9 +472,8 @@ def _control_worker(args: argparse.Namespace) -> int:
 
 
 def _jobs_page(client, args: argparse.Namespace) -> list[dict]:
-    """The page of jobs asked for: each call looks at a bounded stretch of jobs, and where
-    one stopped before the page filled (a rare func or batch) the next goes on from there,
-    so "no jobs" is said only when every job was looked at."""
+    """The page of jobs asked for; a call looks at a bounded stretch of jobs, so where one
+    stops before the page is full (a rare func) the next goes on from its cursor."""
     rows, seen, cursor = [], set(), ""
     while True:
         reply = client.list_jobs(**_filter(args, offset=0 if cursor else args.offset,
@@ -493,13 +483,6 @@ def _jobs_page(client, args: argparse.Namespace) -> list[dict]:
         cursor = reply["cursor"]
         if not cursor or len(rows) >= args.limit:
             return rows
-
-
-def _known_names(client, args: argparse.Namespace) -> None:
-    """Fail where --queue, --func or --batch names nothing any job had: "no jobs" made a
-    typo (--func jobs.Crawl) look like an empty queue. A bulk find's first step refuses an
-    unknown name before it walks (and walks only the indexes of this filter's status)."""
-    client.bulk_jobs("find", _filter(args), "")
 
 
 def _more(rows: list, args: argparse.Namespace, show) -> None:
@@ -540,9 +523,8 @@ def _schedules(client, args: argparse.Namespace, show) -> int:
 
 
 def _results(client, args: argparse.Namespace) -> int:
-    """Stream the results of succeeded jobs a page at a time: the master finds their ids a
-    step at a time (bulk_jobs "find", a cursor between steps), so neither side holds them
-    all, and every one is reached however many there are."""
+    """Stream the results of succeeded jobs a page at a time; the master finds their ids a
+    step at a time (bulk_jobs "find"), so neither side holds them all."""
     if not 1 <= args.page_size <= 1000:
         raise UsageError("--page-size takes 1 to 1000")
     f = _filter(args, status=Status.SUCCEEDED)
@@ -599,8 +581,7 @@ class UsageError(Exception):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
-        # argparse's own exit printed nothing on stdout, so `--json` got no JSON from a
-        # bad option; main prints this one as it prints every usage error
+        # not argparse's exit: main prints it as every usage error, as JSON with --json
         self.print_usage(sys.stderr)
         raise UsageError(message)
 
@@ -761,9 +742,8 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # mute exit's flush
         return 0
     finally:
-        # CPython marks a KeyboardInterrupt that left code run by eval or exec of source text
-        # (a NamedTuple or dataclass made as a lazy import runs) as unhandled, caught or not,
-        # and python -m then dies by SIGINT, not by the status returned; an eval clears it
+        # CPython marks a KeyboardInterrupt that left exec'd source (a lazy import's dataclass)
+        # as unhandled, and python -m then dies by SIGINT, not this status; an eval clears it
         eval("None")
 
 
