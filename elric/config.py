@@ -1,10 +1,8 @@
 """Settings: defaults, a settings module, ELRIC_<KEY> environment overrides, validation.
 
-The settings module is ``settings.py`` in the current directory, or the file named by
-``--settings PATH`` or ``ELRIC_SETTINGS``. Every upper-case name in it must be a known key;
-every key may be overridden by an environment variable ``ELRIC_<KEY>``. A lower-case key in
-the module, or an ``ELRIC_`` variable that names no key, is an error: a typo must not
-silently leave a setting at its default.
+The settings module is ./settings.py, or the file ``--settings`` or ``ELRIC_SETTINGS`` names.
+An upper-case name in it or an ``ELRIC_`` variable that names no key, or a key in lower
+case, is an error: a typo must not silently leave a setting at its default.
 """
 
 from __future__ import annotations
@@ -249,18 +247,16 @@ def _check(key: str, value: Any, where: str) -> Any:
         from elric.limits import parse_rules
 
         parse_rules(value, f"{key} (from {where})")
-    elif key in ("FILTER_BACKEND", "FILTER_SCOPES"):
-        choices = ", ".join(FILTER_BACKENDS)
-        if key == "FILTER_BACKEND" and value not in FILTER_BACKENDS:
-            raise bad(f"{value!r} is not one of {choices}")
-        if key == "FILTER_SCOPES":
-            for scope, backend in value.items():
-                # (no spec's scope is empty, and a fire's is named by its periodic job)
-                if not isinstance(scope, str) or scope in ("", "@fire"):
-                    raise bad(f"{scope!r} is no scope: name a dedupe_scope, or a periodic "
-                              "job's id for the scopes of its '@fire' rounds")
-                if backend not in FILTER_BACKENDS:
-                    raise bad(f"{scope!r}: {backend!r} is not one of {choices}")
+    elif key == "FILTER_BACKEND" and value not in FILTER_BACKENDS:
+        raise bad(f"{value!r} is not one of {', '.join(FILTER_BACKENDS)}")
+    elif key == "FILTER_SCOPES":
+        for scope, backend in value.items():
+            # (no spec's scope is empty, and a fire's is named by its periodic job)
+            if not isinstance(scope, str) or scope in ("", "@fire"):
+                raise bad(f"{scope!r} is no scope: name a dedupe_scope, or a periodic "
+                          "job's id for the scopes of its '@fire' rounds")
+            if backend not in FILTER_BACKENDS:
+                raise bad(f"{scope!r}: {backend!r} is not one of {', '.join(FILTER_BACKENDS)}")
     if key == "BLOOM_ERROR_RATE" and not 0 < value < 1:
         raise bad(f"must be between 0 and 1, got {value!r}")
     if isinstance(value, list) and not all(isinstance(v, str) and v for v in value):
