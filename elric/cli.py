@@ -143,9 +143,8 @@ def _say_if_no_worker_takes(client, job_id: str) -> None:
     queue = job.get("queue")
     if job.get("status") not in (Status.QUEUED, Status.RETRYING) or not queue:
         return
-    takers = [w for w in client.stats()["workers"] if w.get("alive") and w.get(
-        "state", "running") == "running" and queue in str(w.get("queues", "")).split(",")]
-    if not takers:
+    if not any(views.worker_state(w) == "running" and queue in str(w.get("queues", "")).split(",")
+               for w in client.stats()["workers"]):
         print(f"elric: no running worker takes queue {queue!r} (elric workers; elric worker "
               f"resume ID resumes a paused one): job {job_id} waits until one does (elric "
               f"worker MODULE --queues {queue})", file=sys.stderr)
