@@ -273,13 +273,12 @@ def _check(key: str, value: Any, where: str) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         raise bad(f"must be a finite number, got {value!r}")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        positive = key in ("CONCURRENCY", "WORKER_CHUNK", "LEASE_SECONDS", "ASYNC_CONCURRENCY",
-                           "RESULT_TTL", "FAILED_TTL", "RESULT_MAX_BYTES", "RPC_MAX_MESSAGE",
-                           "JOB_TIMEOUT", "SCHEDULER_LEASE", "MASTER_STOP_TIMEOUT",
-                           "BLOOM_CAPACITY", "DEDUPE_TTL", "DEDUPE_ROUND_TTL",
-                           "DEDUPE_TAKEOVER_AFTER")
-        if value < 0 or (value == 0 and positive):
-            raise bad(f"must be {'positive' if positive else '0 or more'}, got {value!r}")
+        # the few where 0 means something (no retries, no wait, never); a new key is positive
+        zero_ok = key in ("MAX_RETRIES", "RETRY_BACKOFF", "RETRY_BACKOFF_MAX", "MAX_REDELIVERIES",
+                          "SHUTDOWN_GRACE", "LOOP_LAG_WARN", "MIN_INTERVAL", "BLOOM_ERROR_RATE",
+                          "BLOOM_SNAPSHOT_INTERVAL")
+        if value < 0 or (value == 0 and not zero_ok):
+            raise bad(f"must be {'0 or more' if zero_ok else 'positive'}, got {value!r}")
     if (floor := FLOORS.get(key)) and value < floor.least and not (floor.zero_too and value == 0):
         raise bad(f"must be {floor.said}, got {value!r}: {floor.why}")
     # JOB_TIMEOUT: the default of every spec's timeout; DEDUPE_TTL, DEDUPE_TAKEOVER_AFTER:
