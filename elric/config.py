@@ -350,10 +350,20 @@ def _check_redis_url(value: str, bad) -> None:
     db = unquote(parts.path).strip("/")
     if parts.scheme != "unix" and db and not (db.isascii() and db.isdigit()):
         raise bad(f"{shown!r}: the database after the host must be a number, {example}")
-    if not all(db.isdigit() for db in parse_qs(parts.query).get("db", [])):   # (?db=x)
+    query, scheme = parse_qs(parts.query), parts.scheme.lower()
+    if not all(db.isdigit() for db in query.get("db", [])):   # (?db=x)
         raise bad(f"{shown!r}: the database (db=) must be a number, {example}")
-    if parts.query:   # (redis-py's TypeError at the first connection quoted its internals)
-        _check_redis_url_options(parts.scheme.lower(), parse_qs(parts.query), shown, bad)
+    # an option redis-py does not take: its TypeError at the first connection quoted its
+    # internals (it passes over an option with no value, as parse_qs does)
+    taken = _redis_url_options(scheme) if query else set()
+    for name in query:
+        if name in taken:
+            continue
+        if scheme != "rediss" and name in _redis_url_options("rediss"):
+            raise bad(f"{shown!r}: option {name!r} is for TLS: use a rediss:// URL")
+        raise bad(f"{shown!r}: unknown option {name!r}; REDIS_URL takes redis-py's "
+                  "connection options, such as db, socket_timeout, socket_connect_timeout, "
+                  "socket_keepalive, health_check_interval, client_name")
 
 
 def _redis_url_options(scheme: str) -> set[str]:
@@ -369,18 +379,6 @@ def _redis_url_options(scheme: str) -> set[str]:
         p.name for k in cls.__mro__ if "__init__" in vars(k)
         for p in inspect.signature(k.__init__).parameters.values()
         if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"}
-
-
-def _check_redis_url_options(scheme: str, query: dict, shown: str, bad) -> None:
-    taken = _redis_url_options(scheme)
-    for name in query:   # (redis-py passes over an option with no value, as parse_qs does)
-        if name in taken:
-            continue
-        if scheme != "rediss" and name in _redis_url_options("rediss"):
-            raise bad(f"{shown!r}: option {name!r} is for TLS: use a rediss:// URL")
-        raise bad(f"{shown!r}: unknown option {name!r}; REDIS_URL takes redis-py's "
-                  "connection options, such as db, socket_timeout, socket_connect_timeout, "
-                  "socket_keepalive, health_check_interval, client_name")
 
 
 def names(raw: str, field: str | None) -> list[str]:
