@@ -128,7 +128,7 @@ def _wait(client, job_id: str, timeout: float | None) -> dict:
 
     def show(job: dict) -> None:
         spinner.update(f"job {job_id}: {job['status']} (attempt {job.get('attempts', 0)})")
-        if (why := job.get("not_run")) and why not in told:   # (it waited without a word)
+        if (why := job.get("not_run")) and why not in told:   # why it waits, said once
             told.add(why)
             print(f"elric: job {job_id} not run: {why}", file=sys.stderr)
 
@@ -259,7 +259,7 @@ def cmd_call(args: argparse.Namespace) -> int:
         elif command == "results":
             return _results(client, args)
         elif command == "submit":
-            if args.timeout is not None and not args.wait:   # (it was ignored: no word)
+            if args.timeout is not None and not args.wait:   # else ignored, unsaid
                 raise UsageError("--timeout is how long --wait waits; a job's own time limit "
                                  "is its class's timeout (or JOB_TIMEOUT)")
             if args.timeout is not None and not args.timeout > 0:   # (nan: a traceback)
@@ -284,7 +284,7 @@ def cmd_call(args: argparse.Namespace) -> int:
                     why = filtered(reply["job_id"], spec)
                     if not args.wait:
                         print(f"elric: {why}", file=sys.stderr)
-                if args.wait:   # nothing to wait for: say why (it exited 1 without a word)
+                if args.wait:   # nothing to wait for: say why
                     raise Failed(why if reply["status"] == Status.FILTERED else (
                         f"job {reply['job_id']} was scheduled: the id of a periodic job, so "
                         "nothing was queued; each fire is a job of its own (elric job "
@@ -653,7 +653,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--status", help=", ".join(JobFilter.STATUSES if bulk else STATUSES))
         if bulk or name in ("jobs", "results"):
             p.add_argument("--queue")
-            p.add_argument("--func", dest="by_func", metavar="FUNC",   # (it said BY_FUNC)
+            p.add_argument("--func", dest="by_func", metavar="FUNC",   # (else help says BY_FUNC)
                            help='"package.module:ClassName"')
             p.add_argument("--batch")
         if bulk:
@@ -752,7 +752,7 @@ ERRORS = {1: "failed", 2: "usage", UNAVAILABLE: "unavailable"}   # --json's erro
 
 def _fail(exc: Exception, status: int, as_json: bool) -> int:
     print(f"elric: {exc}", file=sys.stderr)
-    if as_json and not _json_shown:   # a script reads stdout as JSON (it was empty)
+    if as_json and not _json_shown:   # a script reads stdout as JSON
         kind = "not_found" if isinstance(exc, NotFound) or \
             getattr(exc, "code", None) == ErrorCode.NOT_FOUND else ERRORS[status]
         _json_out(views.json_text({"error": kind, "message": str(exc)}))

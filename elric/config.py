@@ -353,8 +353,8 @@ def _check_redis_url(value: str, bad) -> None:
     query, scheme = parse_qs(parts.query), parts.scheme.lower()
     if not all(db.isdigit() for db in query.get("db", [])):   # (?db=x)
         raise bad(f"{shown!r}: the database (db=) must be a number, {example}")
-    # an option redis-py does not take: its TypeError at the first connection quoted its
-    # internals (it passes over an option with no value, as parse_qs does)
+    # an option redis-py does not take: its TypeError at the first connection would quote
+    # its internals (it passes over an option with no value, as parse_qs does)
     taken = _redis_url_options(scheme) if query else set()
     for name in query:
         if name in taken:

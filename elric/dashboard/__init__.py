@@ -278,7 +278,7 @@ class Dashboard:
 
     async def session_ended(self, request: web.Request):
         """A form sent without a session (it expired): nothing is done; the login, which
-        goes back to the page the form was on (a bare "log in first" had no way back)."""
+        goes back to the page the form was on."""
         form = await _form(request)
         return await self.login_page(request, "your session has ended: log in, then do it "
                                      "again", next=str(form.get("next", "/")))
