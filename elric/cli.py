@@ -224,10 +224,7 @@ def cmd_call(args: argparse.Namespace) -> int:
             _print(client.stats())
         elif command == "status":
             stats, health = client.stats(), client.health()
-            if show:
-                show({"stats": stats, "health": health})
-            else:
-                views.status(stats, health)
+            show({"stats": stats, "health": health}) if show else views.status(stats, health)
             return 0 if health["ok"] else 1
         elif command == "top":
             return _top(client, args)
