@@ -136,13 +136,13 @@ ENV_NOT_SETTINGS = ("ELRIC_SETTINGS", "ELRIC_REDIS_SERVER")
 
 
 def _check_env_names(env) -> None:
-    names = [f"ELRIC_{key}" for key in KEYS]
+    known = [*KEYS, *(name.removeprefix("ELRIC_") for name in ENV_NOT_SETTINGS)]
     for name in sorted(env):
-        if name.startswith("ELRIC_") and name not in names and name not in ENV_NOT_SETTINGS:
-            # (by the part after ELRIC_: with it, any name was "close", ELRIC_BAR to
-            # ELRIC_MAX_RETRIES; and ELRIC_SETTING is ELRIC_SETTINGS mistyped)
-            close = difflib.get_close_matches(name.removeprefix("ELRIC_"), [
-                n.removeprefix("ELRIC_") for n in (*names, *ENV_NOT_SETTINGS)], n=1)
+        key = name.removeprefix("ELRIC_")
+        if name.startswith("ELRIC_") and key not in known:
+            # by the part after ELRIC_, which every name shares (ELRIC_BAR is not close to
+            # ELRIC_MAX_RETRIES); ELRIC_SETTING is ELRIC_SETTINGS mistyped
+            close = difflib.get_close_matches(key, known, n=1)
             hint = f"; did you mean ELRIC_{close[0]}?" if close else ""
             raise SettingsError(f"{name}: unknown setting in the environment{hint}")
 
