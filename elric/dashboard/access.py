@@ -6,8 +6,9 @@ serves only a loopback address, read-only. With one (``DASHBOARD_PASSWORD``, els
 session. The session cookie is signed with a key derived from the password, so every
 dashboard of the cluster accepts it and a changed password ends every session.
 
-A few failed logins in a row from one address make it wait, longer after each. Each master
-counts in its own memory (M masters: M times the tries; behind a proxy, clients wait together).
+A few failed logins in a row from one address make it wait before its next try, longer
+after each. Each master counts in its own memory: behind a balancer over M masters, M
+times the tries; behind a proxy every client is the proxy's address, and waits together.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import hmac
 import secrets
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from aiohttp import web
 
@@ -29,6 +31,20 @@ LOGIN_TRIES = 5          # failed logins in a row from one address before it mus
 LOGIN_WAIT = 10.0        # s it then waits, twice as long after each further failure,
 LOGIN_WAIT_MOST = 600.0  # up to this; an hour without a failure forgets them
 LOGIN_ADDRESSES = 10_000  # addresses whose failures are kept: those that failed last
+
+
+@dataclass(slots=True)
+class _Failures:
+    """Failed logins in a row from one address; monotonic times: a wait on this master."""
+
+    count: int
+    last: float
+
+    @property
+    def until(self) -> float:
+        over = self.count - LOGIN_TRIES
+        wait = 0.0 if over < 0 else min(LOGIN_WAIT_MOST, LOGIN_WAIT * 2 ** min(over, 10))
+        return self.last + wait
 
 
 def _same(given: str, expected: str) -> bool:
@@ -46,8 +62,7 @@ class Access:
         self.clock = clock
         self._key = hashlib.sha256(b"elric-dashboard\0" + password.encode()).digest() \
             if password else b""
-        # address -> (failed logins in a row, the last one's monotonic time), latest last
-        self._failed: dict[str, tuple[int, float]] = {}
+        self._failed: dict[str, _Failures] = {}   # by address, the latest failure last
 
     @property
     def login_required(self) -> bool:
@@ -61,17 +76,14 @@ class Access:
 
     def login_wait(self, address: str) -> float:
         """Seconds before ``address`` may try a password again (0: now)."""
-        count, last = self._failed.get(address, (0, 0.0))
-        if count < LOGIN_TRIES:
-            return 0.0
-        wait = min(LOGIN_WAIT_MOST, LOGIN_WAIT * 2 ** min(count - LOGIN_TRIES, 10))
-        return max(0.0, last + wait - time.monotonic())
+        failed = self._failed.get(address)
+        return max(0.0, failed.until - time.monotonic()) if failed else 0.0
 
     def login_tried(self, address: str, ok: bool) -> None:
-        count, last = self._failed.pop(address, (0, 0.0))
-        now = time.monotonic()
+        failed, now = self._failed.pop(address, None), time.monotonic()
         if not ok:
-            self._failed[address] = (count + 1 if now - last < 3600 else 1, now)
+            count = failed.count if failed and now - failed.last < 3600 else 0
+            self._failed[address] = _Failures(count + 1, now)
             if len(self._failed) > LOGIN_ADDRESSES:   # the one that failed longest ago
                 del self._failed[next(iter(self._failed))]
 
