@@ -52,9 +52,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _not_a_module(name: str, actions) -> str:
-    """Why ``name`` starts no worker. A file (jobs.py, ./jobs) or a func (jobs:Crawl) is
-    answered with the module meant: the import error, or the hint to steer a running
-    worker, left a user who gave one no wiser."""
+    """Why ``name`` starts no worker; a file (jobs.py, ./jobs) or a func (jobs:Crawl) is
+    answered with the module meant, which an import error would not say."""
     if meant := meant_module(name):   # (not a worker id, host:pid:hex)
         return (f"{name!r} is a {meant[0]}, not a module name: elric worker {meant[1]}, from "
                 "the folder it imports from (a worker runs every Job class of its modules)")
@@ -72,7 +71,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                          f"got {args.pages}")
     try:
         return run_demo(settings_path=args.settings, pages=args.pages, keep=args.keep)
-    except RedisServerError as exc:   # (it was a traceback) the demo's own Redis did not start
+    except RedisServerError as exc:   # the demo's own Redis did not start
         raise Failed(f"{exc}; or set ELRIC_REDIS_URL to a Redis of yours") from None
 
 
@@ -103,29 +102,20 @@ def _json_out(text: str) -> None:
 
 def _argument(text: str):
     """A command-line job argument: JSON when it parses (7, true, [1], {"a": 1}), else text."""
+    def finite(number: str) -> float:   # 1e400 is JSON, but read as inf: not the number typed
+        if math.isinf(float(number)):
+            raise UsageError(f"argument {text!r}: {number} is beyond a float's range (it would "
+                             f"arrive as infinity); quote it ('\"{number}\"') to send it as text")
+        return float(number)
+
     try:   # (json.loads reads NaN and Infinity too, which are no JSON: they stay text)
-        return json.loads(text, parse_constant=_not_json, parse_float=_finite)
-    except _Infinite as exc:
-        raise UsageError(f"argument {text!r}: {exc} is beyond a float's range (it would "
-                         f"arrive as infinity); quote it ('\"{exc}\"') to send it as text") \
-            from None
+        return json.loads(text, parse_constant=_not_json, parse_float=finite)
     except ValueError:
         return text
 
 
 def _not_json(name: str):
     raise ValueError(f"{name} is not JSON")
-
-
-class _Infinite(Exception):
-    """A JSON number json.loads reads as inf (1e400): JSON, but not the number typed."""
-
-
-def _finite(text: str) -> float:
-    number = float(text)
-    if math.isinf(number):
-        raise _Infinite(text)
-    return number
 
 
 def _wait(client, job_id: str, timeout: float | None) -> dict:
@@ -138,7 +128,7 @@ def _wait(client, job_id: str, timeout: float | None) -> dict:
 
     def show(job: dict) -> None:
         spinner.update(f"job {job_id}: {job['status']} (attempt {job.get('attempts', 0)})")
-        if (why := job.get("not_run")) and why not in told:   # (it waited without a word)
+        if (why := job.get("not_run")) and why not in told:   # why it waits, said once
             told.add(why)
             print(f"elric: job {job_id} not run: {why}", file=sys.stderr)
 
@@ -153,9 +143,8 @@ def _say_if_no_worker_takes(client, job_id: str) -> None:
     queue = job.get("queue")
     if job.get("status") not in (Status.QUEUED, Status.RETRYING) or not queue:
         return
-    takers = [w for w in client.stats()["workers"] if w.get("alive") and w.get(
-        "state", "running") == "running" and queue in str(w.get("queues", "")).split(",")]
-    if not takers:
+    if not any(views.worker_state(w) == "running" and queue in str(w.get("queues", "")).split(",")
+               for w in client.stats()["workers"]):
         print(f"elric: no running worker takes queue {queue!r} (elric workers; elric worker "
               f"resume ID resumes a paused one): job {job_id} waits until one does (elric "
               f"worker MODULE --queues {queue})", file=sys.stderr)
@@ -191,7 +180,7 @@ def _submit_spec(args: argparse.Namespace) -> dict:
               "and limit keys)", file=sys.stderr)
         return {"func": args.func_path, "args": arguments, **options}   # the master judges it
     if not (isinstance(cls, type) and issubclass(cls, Job)) or cls is Job:
-        # (it was queued, to be handed back or refused by every worker: none runs it)
+        # else queued, it would be handed back or refused by every worker
         what = "elric.Job itself" if cls is Job else f"a {type(cls).__name__}"
         raise UsageError(f"{args.func_path} is {what}, not a Job class: FUNC names a "
                          "subclass of elric.Job, as \"package.module:ClassName\"")
@@ -214,7 +203,6 @@ def cmd_call(args: argparse.Namespace) -> int:
             raise UsageError(f"--{dest.removeprefix('by_')} '': give a value, or leave the "
                              "option out")
     if args.command == "jobs" and args.status == Status.FILTERED:
-        # (it showed every scope's counts, as if they were the batch's or the queue's)
         if flag := next((f for f, v in (("--queue", args.queue), ("--func", args.by_func),
                                         ("--batch", args.batch)) if v is not None), None):
             raise UsageError(f"--status filtered shows counts per dedupe scope (a filtered "
@@ -236,10 +224,7 @@ def cmd_call(args: argparse.Namespace) -> int:
             _print(client.stats())
         elif command == "status":
             stats, health = client.stats(), client.health()
-            if show:
-                show({"stats": stats, "health": health})
-            else:
-                views.status(stats, health)
+            show({"stats": stats, "health": health}) if show else views.status(stats, health)
             return 0 if health["ok"] else 1
         elif command == "top":
             return _top(client, args)
@@ -259,7 +244,9 @@ def cmd_call(args: argparse.Namespace) -> int:
             rows = client.list_jobs(**_filter(args, offset=args.offset, limit=args.limit)) \
                 if args.status == Status.SCHEDULED else _jobs_page(client, args)
             if not rows and (args.queue or args.by_func or args.batch):
-                _known_names(client, args)
+                # a bulk find's first step refuses a name no job had: "no jobs" made a typo
+                # (--func jobs.Crawl) look like an empty queue
+                client.bulk_jobs("find", _filter(args), "")
             # periodic jobs are listed as short maps of their schedules: shown as schedules
             view = views.schedules if args.status == Status.SCHEDULED else views.jobs
             (show or view)(rows)
@@ -269,7 +256,7 @@ def cmd_call(args: argparse.Namespace) -> int:
         elif command == "results":
             return _results(client, args)
         elif command == "submit":
-            if args.timeout is not None and not args.wait:   # (it was ignored: no word)
+            if args.timeout is not None and not args.wait:   # else ignored, unsaid
                 raise UsageError("--timeout is how long --wait waits; a job's own time limit "
                                  "is its class's timeout (or JOB_TIMEOUT)")
             if args.timeout is not None and not args.timeout > 0:   # (nan: a traceback)
@@ -294,7 +281,7 @@ def cmd_call(args: argparse.Namespace) -> int:
                     why = filtered(reply["job_id"], spec)
                     if not args.wait:
                         print(f"elric: {why}", file=sys.stderr)
-                if args.wait:   # nothing to wait for: say why (it exited 1 without a word)
+                if args.wait:   # nothing to wait for: say why
                     raise Failed(why if reply["status"] == Status.FILTERED else (
                         f"job {reply['job_id']} was scheduled: the id of a periodic job, so "
                         "nothing was queued; each fire is a job of its own (elric job "
@@ -481,9 +468,8 @@ def _control_worker(args: argparse.Namespace) -> int:
 
 
 def _jobs_page(client, args: argparse.Namespace) -> list[dict]:
-    """The page of jobs asked for: each call looks at a bounded stretch of jobs, and where
-    one stopped before the page filled (a rare func or batch) the next goes on from there,
-    so "no jobs" is said only when every job was looked at."""
+    """The page of jobs asked for; a call looks at a bounded stretch of jobs, so where one
+    stops before the page is full (a rare func) the next goes on from its cursor."""
     rows, seen, cursor = [], set(), ""
     while True:
         reply = client.list_jobs(**_filter(args, offset=0 if cursor else args.offset,
@@ -493,13 +479,6 @@ def _jobs_page(client, args: argparse.Namespace) -> list[dict]:
         cursor = reply["cursor"]
         if not cursor or len(rows) >= args.limit:
             return rows
-
-
-def _known_names(client, args: argparse.Namespace) -> None:
-    """Fail where --queue, --func or --batch names nothing any job had: "no jobs" made a
-    typo (--func jobs.Crawl) look like an empty queue. A bulk find's first step refuses an
-    unknown name before it walks (and walks only the indexes of this filter's status)."""
-    client.bulk_jobs("find", _filter(args), "")
 
 
 def _more(rows: list, args: argparse.Namespace, show) -> None:
@@ -540,9 +519,8 @@ def _schedules(client, args: argparse.Namespace, show) -> int:
 
 
 def _results(client, args: argparse.Namespace) -> int:
-    """Stream the results of succeeded jobs a page at a time: the master finds their ids a
-    step at a time (bulk_jobs "find", a cursor between steps), so neither side holds them
-    all, and every one is reached however many there are."""
+    """Stream the results of succeeded jobs a page at a time; the master finds their ids a
+    step at a time (bulk_jobs "find"), so neither side holds them all."""
     if not 1 <= args.page_size <= 1000:
         raise UsageError("--page-size takes 1 to 1000")
     f = _filter(args, status=Status.SUCCEEDED)
@@ -599,8 +577,7 @@ class UsageError(Exception):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
-        # argparse's own exit printed nothing on stdout, so `--json` got no JSON from a
-        # bad option; main prints this one as it prints every usage error
+        # not argparse's exit: main prints it as every usage error, as JSON with --json
         self.print_usage(sys.stderr)
         raise UsageError(message)
 
@@ -673,7 +650,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--status", help=", ".join(JobFilter.STATUSES if bulk else STATUSES))
         if bulk or name in ("jobs", "results"):
             p.add_argument("--queue")
-            p.add_argument("--func", dest="by_func", metavar="FUNC",   # (it said BY_FUNC)
+            p.add_argument("--func", dest="by_func", metavar="FUNC",   # (else help says BY_FUNC)
                            help='"package.module:ClassName"')
             p.add_argument("--batch")
         if bulk:
@@ -761,9 +738,8 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # mute exit's flush
         return 0
     finally:
-        # CPython marks a KeyboardInterrupt that left code run by eval or exec of source text
-        # (a NamedTuple or dataclass made as a lazy import runs) as unhandled, caught or not,
-        # and python -m then dies by SIGINT, not by the status returned; an eval clears it
+        # CPython marks a KeyboardInterrupt that left exec'd source (a lazy import's dataclass)
+        # as unhandled, and python -m then dies by SIGINT, not this status; an eval clears it
         eval("None")
 
 
@@ -773,7 +749,7 @@ ERRORS = {1: "failed", 2: "usage", UNAVAILABLE: "unavailable"}   # --json's erro
 
 def _fail(exc: Exception, status: int, as_json: bool) -> int:
     print(f"elric: {exc}", file=sys.stderr)
-    if as_json and not _json_shown:   # a script reads stdout as JSON (it was empty)
+    if as_json and not _json_shown:   # a script reads stdout as JSON
         kind = "not_found" if isinstance(exc, NotFound) or \
             getattr(exc, "code", None) == ErrorCode.NOT_FOUND else ERRORS[status]
         _json_out(views.json_text({"error": kind, "message": str(exc)}))

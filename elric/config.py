@@ -1,10 +1,8 @@
 """Settings: defaults, a settings module, ELRIC_<KEY> environment overrides, validation.
 
-The settings module is ``settings.py`` in the current directory, or the file named by
-``--settings PATH`` or ``ELRIC_SETTINGS``. Every upper-case name in it must be a known key;
-every key may be overridden by an environment variable ``ELRIC_<KEY>``. A lower-case key in
-the module, or an ``ELRIC_`` variable that names no key, is an error: a typo must not
-silently leave a setting at its default.
+The settings module is ./settings.py, or the file ``--settings`` or ``ELRIC_SETTINGS`` names.
+An upper-case name in it or an ``ELRIC_`` variable that names no key, or a key in lower
+case, is an error: a typo must not silently leave a setting at its default.
 """
 
 from __future__ import annotations
@@ -138,13 +136,13 @@ ENV_NOT_SETTINGS = ("ELRIC_SETTINGS", "ELRIC_REDIS_SERVER")
 
 
 def _check_env_names(env) -> None:
-    names = [f"ELRIC_{key}" for key in KEYS]
+    known = [*KEYS, *(name.removeprefix("ELRIC_") for name in ENV_NOT_SETTINGS)]
     for name in sorted(env):
-        if name.startswith("ELRIC_") and name not in names and name not in ENV_NOT_SETTINGS:
-            # (by the part after ELRIC_: with it, any name was "close", ELRIC_BAR to
-            # ELRIC_MAX_RETRIES; and ELRIC_SETTING is ELRIC_SETTINGS mistyped)
-            close = difflib.get_close_matches(name.removeprefix("ELRIC_"), [
-                n.removeprefix("ELRIC_") for n in (*names, *ENV_NOT_SETTINGS)], n=1)
+        key = name.removeprefix("ELRIC_")
+        if name.startswith("ELRIC_") and key not in known:
+            # by the part after ELRIC_, which every name shares (ELRIC_BAR is not close to
+            # ELRIC_MAX_RETRIES); ELRIC_SETTING is ELRIC_SETTINGS mistyped
+            close = difflib.get_close_matches(key, known, n=1)
             hint = f"; did you mean ELRIC_{close[0]}?" if close else ""
             raise SettingsError(f"{name}: unknown setting in the environment{hint}")
 
@@ -249,18 +247,16 @@ def _check(key: str, value: Any, where: str) -> Any:
         from elric.limits import parse_rules
 
         parse_rules(value, f"{key} (from {where})")
-    elif key in ("FILTER_BACKEND", "FILTER_SCOPES"):
-        choices = ", ".join(FILTER_BACKENDS)
-        if key == "FILTER_BACKEND" and value not in FILTER_BACKENDS:
-            raise bad(f"{value!r} is not one of {choices}")
-        if key == "FILTER_SCOPES":
-            for scope, backend in value.items():
-                # (no spec's scope is empty, and a fire's is named by its periodic job)
-                if not isinstance(scope, str) or scope in ("", "@fire"):
-                    raise bad(f"{scope!r} is no scope: name a dedupe_scope, or a periodic "
-                              "job's id for the scopes of its '@fire' rounds")
-                if backend not in FILTER_BACKENDS:
-                    raise bad(f"{scope!r}: {backend!r} is not one of {choices}")
+    elif key == "FILTER_BACKEND" and value not in FILTER_BACKENDS:
+        raise bad(f"{value!r} is not one of {', '.join(FILTER_BACKENDS)}")
+    elif key == "FILTER_SCOPES":
+        for scope, backend in value.items():
+            # (no spec's scope is empty, and a fire's is named by its periodic job)
+            if not isinstance(scope, str) or scope in ("", "@fire"):
+                raise bad(f"{scope!r} is no scope: name a dedupe_scope, or a periodic "
+                          "job's id for the scopes of its '@fire' rounds")
+            if backend not in FILTER_BACKENDS:
+                raise bad(f"{scope!r}: {backend!r} is not one of {', '.join(FILTER_BACKENDS)}")
     if key == "BLOOM_ERROR_RATE" and not 0 < value < 1:
         raise bad(f"must be between 0 and 1, got {value!r}")
     if isinstance(value, list) and not all(isinstance(v, str) and v for v in value):
@@ -277,13 +273,12 @@ def _check(key: str, value: Any, where: str) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         raise bad(f"must be a finite number, got {value!r}")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        positive = key in ("CONCURRENCY", "WORKER_CHUNK", "LEASE_SECONDS", "ASYNC_CONCURRENCY",
-                           "RESULT_TTL", "FAILED_TTL", "RESULT_MAX_BYTES", "RPC_MAX_MESSAGE",
-                           "JOB_TIMEOUT", "SCHEDULER_LEASE", "MASTER_STOP_TIMEOUT",
-                           "BLOOM_CAPACITY", "DEDUPE_TTL", "DEDUPE_ROUND_TTL",
-                           "DEDUPE_TAKEOVER_AFTER")
-        if value < 0 or (value == 0 and positive):
-            raise bad(f"must be {'positive' if positive else '0 or more'}, got {value!r}")
+        # the few where 0 means something (no retries, no wait, never); a new key is positive
+        zero_ok = key in ("MAX_RETRIES", "RETRY_BACKOFF", "RETRY_BACKOFF_MAX", "MAX_REDELIVERIES",
+                          "SHUTDOWN_GRACE", "LOOP_LAG_WARN", "MIN_INTERVAL", "BLOOM_ERROR_RATE",
+                          "BLOOM_SNAPSHOT_INTERVAL")
+        if value < 0 or (value == 0 and not zero_ok):
+            raise bad(f"must be {'0 or more' if zero_ok else 'positive'}, got {value!r}")
     if (floor := FLOORS.get(key)) and value < floor.least and not (floor.zero_too and value == 0):
         raise bad(f"must be {floor.said}, got {value!r}: {floor.why}")
     # JOB_TIMEOUT: the default of every spec's timeout; DEDUPE_TTL, DEDUPE_TAKEOVER_AFTER:
@@ -355,10 +350,20 @@ def _check_redis_url(value: str, bad) -> None:
     db = unquote(parts.path).strip("/")
     if parts.scheme != "unix" and db and not (db.isascii() and db.isdigit()):
         raise bad(f"{shown!r}: the database after the host must be a number, {example}")
-    if not all(db.isdigit() for db in parse_qs(parts.query).get("db", [])):   # (?db=x)
+    query, scheme = parse_qs(parts.query), parts.scheme.lower()
+    if not all(db.isdigit() for db in query.get("db", [])):   # (?db=x)
         raise bad(f"{shown!r}: the database (db=) must be a number, {example}")
-    if parts.query:   # (redis-py's TypeError at the first connection quoted its internals)
-        _check_redis_url_options(parts.scheme.lower(), parse_qs(parts.query), shown, bad)
+    # an option redis-py does not take: its TypeError at the first connection would quote
+    # its internals (it passes over an option with no value, as parse_qs does)
+    taken = _redis_url_options(scheme) if query else set()
+    for name in query:
+        if name in taken:
+            continue
+        if scheme != "rediss" and name in _redis_url_options("rediss"):
+            raise bad(f"{shown!r}: option {name!r} is for TLS: use a rediss:// URL")
+        raise bad(f"{shown!r}: unknown option {name!r}; REDIS_URL takes redis-py's "
+                  "connection options, such as db, socket_timeout, socket_connect_timeout, "
+                  "socket_keepalive, health_check_interval, client_name")
 
 
 def _redis_url_options(scheme: str) -> set[str]:
@@ -374,18 +379,6 @@ def _redis_url_options(scheme: str) -> set[str]:
         p.name for k in cls.__mro__ if "__init__" in vars(k)
         for p in inspect.signature(k.__init__).parameters.values()
         if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"}
-
-
-def _check_redis_url_options(scheme: str, query: dict, shown: str, bad) -> None:
-    taken = _redis_url_options(scheme)
-    for name in query:   # (redis-py passes over an option with no value, as parse_qs does)
-        if name in taken:
-            continue
-        if scheme != "rediss" and name in _redis_url_options("rediss"):
-            raise bad(f"{shown!r}: option {name!r} is for TLS: use a rediss:// URL")
-        raise bad(f"{shown!r}: unknown option {name!r}; REDIS_URL takes redis-py's "
-                  "connection options, such as db, socket_timeout, socket_connect_timeout, "
-                  "socket_keepalive, health_check_interval, client_name")
 
 
 def names(raw: str, field: str | None) -> list[str]:

@@ -1,7 +1,5 @@
-"""Start masters and workers as child processes, wait until they serve, stop them by PID.
-
-Used by the demo, the benchmarks and the tests, which all need real processes.
-"""
+"""Start masters and workers as child processes, wait until they serve, stop them by PID:
+for the demo, the benchmarks and the tests, which all need real processes."""
 
 from __future__ import annotations
 

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from elric.contract import DEFAULT_QUEUE, SpecError
 
 log = logging.getLogger("elric.worker")
-# how a worker comes to find a job module it did not
 WHERE = " (from the folder that holds it, or with that folder on PYTHONPATH)"
 
 
@@ -50,9 +49,8 @@ class JobModules:
         return modules
 
     def log_broken(self) -> None:
-        """The worker's one line for each module that did not import, or that imported but
-        defines no Job class (`elric worker json`, or a typo that names another module of
-        the project: the worker ran nothing, without a word)."""
+        """A line for each module that did not import, or that defines no Job class (`elric
+        worker json`, or a typo naming another module of the project)."""
         for name, error in self.broken.items():
             log.error("cannot import job module %s (%s): its jobs fail on this worker until it "
                       "is started again where the module imports%s", name, error,
@@ -64,9 +62,8 @@ class JobModules:
                             "name: load that module)", name)
 
     def runs_nothing(self) -> str | None:
-        """Why this worker would run no job though a module imported: none defines a Job
-        class (`elric worker examples.crawler`, whose Crawl is elric.demo.crawler's), or
-        None."""
+        """Why this worker would run no job though a module imported, or None: none defines
+        a Job class (`elric worker examples.crawler`, whose Crawl is elric.demo.crawler's)."""
         clean = self.clean()
         if any(any(job_classes(name)) for name in clean):
             return None

@@ -1,15 +1,14 @@
 """The web dashboard, served by a master when ``DASHBOARD_ADDRESS`` is set.
 
-Server-rendered pages (aiohttp and Jinja2, no build step); each page refreshes its main
-part every two seconds. Every figure is read from Redis through the master's own RPC
-handlers (/workers: the part of stats() it shows), so a restarted dashboard, or two of
-them, show the same. Actions call the same
-handlers as the RPC, with the same checks and errors. ``access.py`` says who may see what.
+Server-rendered pages (aiohttp and Jinja2, no build step) that refresh their main part every
+two seconds. Pages and actions go through the master's own RPC handlers, with their checks and
+errors, so every dashboard shows the same. ``access.py`` says who may see what.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 from urllib.parse import parse_qsl, quote, urlencode
@@ -36,9 +35,8 @@ LIVE_HEADER = "X-Elric-Live"   # a refresh asks for the page's main part only
 HTTP_STATUS = {ErrorCode.NOT_FOUND: 404, ErrorCode.BAD_REQUEST: 400,
                ErrorCode.REDIS_UNAVAILABLE: 503}
 RUN_WAIT = 5.0                 # seconds a run now waits to say what became of its fire
-# Connections open at once (their files are among the master's SPARE_FILES): past it, a
-# new one is answered 503 at once, which a browser shows and a scraper counts as a failed
-# scrape, where one left waiting could not tell a busy dashboard from a hung master.
+# Connections open at once (their files are among the master's SPARE_FILES): past it, a 503
+# at once, where one left waiting could not tell a busy dashboard from a hung master.
 MAX_CONNECTIONS = 32
 KEEPALIVE = 15.0               # seconds an idle connection is kept (aiohttp's: an hour)
 BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nConnection: close\r\n"
@@ -53,12 +51,6 @@ PAGES = (("/", "overview"), ("/workers", "workers"), ("/schedules", "schedules")
 def _actions(master) -> dict:
     """(kind, action) -> a call of the master's RPC handler that does it to one id, given
     the form's value (which only a worker's processes and queues take)."""
-    def by_id(handler):
-        return lambda one, value: handler(one)
-
-    def worker(action):
-        return lambda worker_id, value: master.control_worker(worker_id, action)
-
     def processes(worker_id, value):   # a number, or the text the master will refuse
         # (int() refuses over 4,300 digits: such a number is refused as text)
         value = int(value) if value.removeprefix("-").isdecimal() and len(value) <= 20 \
@@ -67,15 +59,15 @@ def _actions(master) -> dict:
 
     def queues(worker_id, value):
         return master.control_worker(worker_id, "set", names(value, "queues"))
-    return {("worker", "pause"): worker("pause"), ("worker", "resume"): worker("resume"),
-            ("worker", "stop"): worker("stop"), ("worker", "processes"): processes,
-            ("worker", "queues"): queues, ("job", "retry"): by_id(master.rerun_job),
-            ("job", "cancel"): by_id(master.cancel_job),
-            ("job", "delete"): by_id(master.remove_job),
-            ("schedule", "pause"): by_id(master.pause_job),
-            ("schedule", "resume"): by_id(master.resume_job),
-            ("schedule", "run now"): lambda one, value: master.run_job(one, RUN_WAIT),
-            ("schedule", "remove"): by_id(master.remove_job)}
+
+    by_id = {("job", "retry"): master.rerun_job, ("job", "cancel"): master.cancel_job,
+             ("job", "delete"): master.remove_job, ("schedule", "pause"): master.pause_job,
+             ("schedule", "resume"): master.resume_job, ("schedule", "remove"): master.remove_job,
+             ("schedule", "run now"): lambda one: master.run_job(one, RUN_WAIT)}
+    for action in ("pause", "resume", "stop"):
+        by_id["worker", action] = functools.partial(master.control_worker, action=action)
+    return {("worker", "processes"): processes, ("worker", "queues"): queues,
+            **{key: lambda one, value, call=call: call(one) for key, call in by_id.items()}}
 
 
 def _local_path(value: str) -> str:
@@ -93,16 +85,13 @@ class Dashboard:
         self.templates = jinja2.Environment(
             loader=jinja2.PackageLoader("elric", "dashboard/templates"),
             autoescape=True, trim_blocks=True, lstrip_blocks=True)
-        # json, not tojson: a job's maps may have bytes keys, or int and str keys it cannot sort;
-        # text as written (a page is UTF-8): "\u65e5" tells an operator nothing. "ago" is by
-        # Redis's clock, as every time shown: this machine's may be off
+        # json, not tojson: a job's maps may have bytes keys, or int and str keys it cannot
+        # sort. "ago" is by Redis's clock, as every time shown: this machine's may be off
         self.templates.filters.update(
             when=lambda seconds: when(seconds, master.store.clock()), mib=mib, percent=percent,
-            attempts=lambda job: attempts(job, master.store.clock()),
-            duration=duration,
-            quote_id=lambda text: quote(text, safe=""),
-            worker_state=worker_state, worker_counts=worker_counts,
-            json=_json)
+            attempts=lambda job: attempts(job, master.store.clock()), duration=duration,
+            quote_id=lambda text: quote(text, safe=""), worker_state=worker_state,
+            worker_counts=worker_counts, json=_json)
         self.app = web.Application(middlewares=[self._guard])
         self.app.add_routes([
             web.get("/", self.overview), web.get("/workers", self.workers),
@@ -191,8 +180,7 @@ class Dashboard:
     async def overview(self, request: web.Request):
         stats = await self.master.stats()
         health = await self.master.health()
-        # queues a running worker takes: jobs waiting elsewhere wait for good (as the CLI's
-        # submit --wait says)
+        # queues a running worker takes: jobs waiting elsewhere wait for good
         served = {q for w in stats["workers"] if worker_state(w) == "running"
                   for q in str(w.get("queues", "")).split(",")}
         return self._render(request, "overview.html", stats=stats, health=health,
@@ -204,27 +192,21 @@ class Dashboard:
 
     async def schedules(self, request: web.Request):
         offset = _int(request.query.get("offset"))
-        # one row more than a page: whether there is a next page (else a list of exactly a
-        # page linked to an empty one)
+        # one row more than a page: whether a next page has any
         rows = await self.master.list_jobs({"status": "scheduled", "offset": offset,
                                             "limit": PAGE + 1})
         more, rows = len(rows) > PAGE, rows[:PAGE]
-        jobs = await asyncio.gather(*(self._schedule(r["job_id"]) for r in rows))
+        jobs = await asyncio.gather(*(self.master.get_job(r["job_id"]) for r in rows))
         for row, job in zip(rows, jobs):   # the last outcomes of each
-            if isinstance(job, str):   # one that cannot be read: named, the others shown
-                row["trigger_text"] = job
-            row["runs"] = (job if isinstance(job, dict) else {}).get("runs", [])[:5]
+            if job and job.get("unreadable"):   # one that cannot be read: named, the others shown
+                row["trigger_text"] = job["error"]
+            row["runs"] = (job or {}).get("runs", [])[:5]
         return self._render(request, "schedules.html", rows=rows, offset=offset, page=PAGE,
                             more=more)
 
-    async def _schedule(self, job_id: str) -> dict | str | None:
-        """A periodic job as get_job answers it, or why it cannot be read."""
-        job = await self.master.get_job(job_id)
-        return job["error"] if job and job.get("unreadable") else job
-
     async def jobs(self, request: web.Request):
         q = request.query
-        if q.get("id", "").strip():   # (blanks alone: "/jobs/" was a bare 404)
+        if q.get("id", "").strip():   # (blanks alone: "/jobs/" is no page)
             raise web.HTTPSeeOther(f"/jobs/{quote(q['id'].strip(), safe='')}")
         if q.get("status") == Status.SCHEDULED:   # listed as schedules, they had no status
             raise web.HTTPSeeOther("/schedules")   # (or queue) in this table's rows
@@ -283,8 +265,7 @@ class Dashboard:
                             warnings=warnings)
 
     async def metrics(self, request: web.Request):
-        # every func: one that left the scrape (stats() holds the latest) left gaps in its
-        # graphs, and sums over funcs that fell and rose
+        # every func: one left out (stats() holds the latest) leaves gaps in its graphs
         body = metrics.render(await self.master.stats(for_metrics=True))
         return web.Response(body=body, headers={"Content-Type": metrics.CONTENT_TYPE})
 
@@ -297,7 +278,7 @@ class Dashboard:
 
     async def session_ended(self, request: web.Request):
         """A form sent without a session (it expired): nothing is done; the login, which
-        goes back to the page the form was on (a bare "log in first" had no way back)."""
+        goes back to the page the form was on."""
         form = await _form(request)
         return await self.login_page(request, "your session has ended: log in, then do it "
                                      "again", next=str(form.get("next", "/")))
@@ -336,8 +317,7 @@ class Dashboard:
     async def act(self, request: web.Request):
         """One action on one or many ids (a bulk retry sends every id it lists)."""
         form = await _form(request)
-        refused = self.access.may_act(request, form)
-        if refused:
+        if refused := self.access.may_act(request, form):
             raise web.HTTPForbidden(text=refused)
         # an id sent twice (two rows of one job) is one job: done, and counted, once
         kind, action = form.get("kind"), form.get("action")
@@ -442,6 +422,7 @@ def _int(value) -> int:
 def _json(value, job_id: str) -> str:
     """A job's arguments or result, cut at SHOWN characters: megabytes, drawn again at each
     refresh, froze the browser."""
+    # text as written (a page is UTF-8): "\u65e5" tells an operator nothing
     text = json_text(value, indent=1, sort_keys=True, ensure_ascii=False)
     return text if len(text) <= SHOWN else (f"{cut(text, SHOWN)}\n({len(text) - SHOWN + 1:,} "
                                             f"more characters: elric job {job_id} --json "

@@ -109,7 +109,7 @@ class Access:
 
     def note_signature(self, request: web.Request, note: str) -> str:
         """An action's note, signed for this session: a page shows only notes the dashboard
-        wrote (any ?note= was shown, so a link could make it say "log in at ...")."""
+        wrote (else a link's ?note= could make it say "log in at ...")."""
         session = self.session(request)
         return self._sign(f"note:{session}\0{note}") if session else ""
 

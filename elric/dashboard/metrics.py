@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from itertools import accumulate
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import generate_latest
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily, SummaryMetricFamily)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST as CONTENT_TYPE
@@ -27,7 +27,7 @@ def _family(kind, name: str, doc: str, labels: list[str], samples):
     return family
 
 
-@dataclass(eq=False)   # a registry keys its collectors by identity
+@dataclass
 class _Snapshot:
     """A collector over one ``stats()`` reply."""
 
@@ -122,6 +122,4 @@ def _funcs(funcs: dict):
 
 
 def render(stats: dict) -> bytes:
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Snapshot(stats))
-    return generate_latest(registry)
+    return generate_latest(_Snapshot(stats))   # a Collector: no registry to hold it
