@@ -95,27 +95,21 @@ def _without_run(cls: type) -> str | None:
             f"job's arguments{typo}: define run(self, ...) or async def run(self, ...)")
 
 
-@functools.cache
-def _run_signature(cls: type) -> inspect.Signature | None:
-    """The signature of ``cls``'s run, or None where it is no plain method to judge. A
-    decorator's own (not its ``__wrapped__``): one may add a parameter it passes itself."""
+@functools.lru_cache(maxsize=4096)
+def _arguments_problem(cls: type, positional: int, names: frozenset) -> str | None:
+    """Why ``run`` does not take ``positional`` arguments and keywords ``names``, or None.
+    Only their count and names matter, so a crawler's thousands of child submits bind once.
+    A decorator's signature is judged, not its ``__wrapped__``'s: it may pass a parameter
+    itself; a run that is no plain function is not judged."""
     run = inspect.getattr_static(cls, "run")
     if not inspect.isfunction(run):
         return None
     try:
-        return inspect.signature(run, follow_wrapped=False)
-    except ValueError:
+        signature = inspect.signature(run, follow_wrapped=False)
+    except ValueError:   # no signature to read
         return None
-
-
-@functools.lru_cache(maxsize=4096)
-def _arguments_problem(cls: type, positional: int, names: frozenset) -> str | None:
-    """Why ``run`` does not take ``positional`` arguments and keywords ``names``, or None.
-    Only their count and names matter, so a crawler's thousands of child submits bind once."""
-    signature = _run_signature(cls)
     try:
-        if signature is not None:
-            signature.bind(None, *([None] * positional), **dict.fromkeys(names))
+        signature.bind(None, *([None] * positional), **dict.fromkeys(names))
     except TypeError as exc:
         return f"{cls.__name__}.run{signature} does not take these arguments: {exc}"
     return None
