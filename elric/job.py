@@ -73,7 +73,7 @@ def _class_default(cls: type, key: str) -> Any:
 @functools.cache   # once a class, not at every spec (a crawl's child jobs are many)
 def _misplaced_default(cls: type) -> str | None:
     """Why ``cls`` names a spec key no spec takes from a class, or None."""
-    for key in _NOT_CLASS_DEFAULTS:   # (one set on the class was sent without it)
+    for key in _NOT_CLASS_DEFAULTS:
         if _class_default(cls, key) is not None:
             how = (f"return it from {key}_for(*args, **kwargs)" if key in (
                 "dedupe_key", "limit_key") else f"pass it as submit_with({key}=...)")
@@ -254,8 +254,8 @@ class Job:
             for key in ("dedupe_scope", "batch", "round"):
                 if ctx.spec.get(key) and key not in options:
                     spec[key] = ctx.spec[key]
-            # a copy, sent as it is now, as from a script: the job may go on to change a
-            ctx.children.append(cls._plain(spec))   # list it passed
+            # a copy as it is now: the job may go on to change a list it passed
+            ctx.children.append(cls._plain(spec))
             return JobHandle(spec["job_id"], "child")
         if in_pool_process:
             raise RuntimeError(f"{cls.__name__}.submit in a pool process but not from a "
