@@ -71,20 +71,15 @@ def _class_default(cls: type, key: str) -> Any:
 
 
 @functools.cache   # once a class, not at every spec (a crawl's child jobs are many)
-def _misplaced_default(cls: type) -> str | None:
-    """Why ``cls`` names a spec key no spec takes from a class, or None."""
+def _class_problem(cls: type) -> str | None:
+    """Why ``cls`` cannot be submitted, or None: it names a spec key no spec takes from a
+    class, or its ``run`` is Job's (as with a typo'd ``def runn``)."""
     for key in _NOT_CLASS_DEFAULTS:
         if _class_default(cls, key) is not None:
             how = (f"return it from {key}_for(*args, **kwargs)" if key in (
                 "dedupe_key", "limit_key") else f"pass it as submit_with({key}=...)")
             return (f"{cls.__qualname__}.{key}: a Job class's attributes give only its "
                     f"queue, priority, max_retries and timeout; {how}")
-    return None
-
-
-@functools.cache
-def _without_run(cls: type) -> str | None:
-    """Why ``cls`` cannot run (its ``run`` is Job's, as with a typo'd ``def runn``), or None."""
     if cls.run is not Job.run:
         return None
     own = [name for k in cls.__mro__ if k not in (Job, object)
@@ -179,7 +174,7 @@ class Job:
                 except SpecError as exc:
                     raise SpecError(f"{cls.__qualname__}.{key} = {value!r}: {exc}") from None
                 spec[key] = value
-        if wrong := _misplaced_default(cls) or _without_run(cls):
+        if wrong := _class_problem(cls):
             raise SpecError(wrong)   # (a class without run failed each attempt in the worker)
         for key in ("dedupe_key", "limit_key"):
             if key not in options:
