@@ -1,4 +1,4 @@
-"""Retry with backoff: the one loop every background task and Redis call uses."""
+"""Redis errors told apart (an outage to wait out, or a bug), and retry with backoff."""
 
 from __future__ import annotations
 
