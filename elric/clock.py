@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import time
 
-# Between syncs, Redis's time goes on by a clock no one steps: this machine's wall clock
-# plus an offset was off by a whole NTP step until the next sync. BOOTTIME counts a suspend
-# too (Linux); elsewhere, monotonic.
+# Between syncs Redis's time goes on by a clock no NTP step moves; BOOTTIME counts a suspend
+# too (Linux), elsewhere monotonic.
 _CLOCK = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
 
 

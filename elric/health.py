@@ -14,8 +14,7 @@ class TaskHealth:
 
     stale_after: float              # seconds without progress before it counts as stuck
     state: str = "starting"
-    # ticks() at its last progress: a step of this machine's wall clock (NTP) made a task
-    # that just passed look stuck for an hour, or a stuck one fine for an hour more
+    # ticks() at its last progress: a wall-clock step (NTP) makes it look neither stuck nor fine
     progress_ticks: float | None = None
     in_trouble: bool = False        # retrying after an error (Redis away): not ok till it passes
 

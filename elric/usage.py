@@ -37,10 +37,8 @@ class LoadMeter:
 
     def read(self, pids: list[int]) -> tuple[float, int] | None:
         """(CPU % since the last reading, RSS bytes now), or None when nothing could be
-        read. A process seen for the first time counts from this reading on (a pool process
-        started since: the next reading counts it), one gone since counts no more. Asked
-        again within MIN_INTERVAL (a heartbeat hurried to renew leases), the last reading
-        stands."""
+        read. A new process counts from its first reading; within MIN_INTERVAL (a heartbeat
+        hurried to renew leases) the last reading stands."""
         now = time.monotonic()
         if now - self._at < MIN_INTERVAL and self._last is not None:
             return self._last
