@@ -1,37 +1,18 @@
-"""The crawler: each job fetches one page with aiohttp, extracts its links and submits
-each link on the same host as a child job; a start page (submitted, not found) that
-redirects to another host (http://example.com/ to https://www.example.com/) moves the crawl
-there.
+"""The crawler, the example to start from: each job fetches one page with aiohttp and submits
+the links on its host as child jobs (a start page that redirects to another host moves the
+crawl there). Its ``run`` is ``async def``, so a pool process fetches many pages at once.
 
-Its ``run`` is ``async def``, so every pool process fetches many pages at once. Every page
-is fetched once per crawl: a job's dedupe key is its normalized URL, and the master drops a
-job whose key it has seen in the job's dedupe scope, which children inherit (a periodic
-crawl with ``dedupe_scope="@fire"`` fetches every page once per round). A job's limit key
-is its host, so setting ``LIMITS`` keeps a crawl polite across all workers, e.g.
-``{"*": {"concurrency": 8}}``.
+A job's dedupe key is its normalized URL, so a page is fetched once per dedupe scope, which
+children inherit (``dedupe_scope="@fire"``: once per round of a periodic crawl). Its limit
+key is its host, so ``LIMITS`` (e.g. ``{"*": {"concurrency": 8}}``) keeps a crawl polite
+across all workers.
 
-As a crawler should: robots.txt is obeyed (read once per host and round in each process,
-and again once a day old), where a redirect leads too, since that page is a job of its own
-(deduped with the links to it); its ``Crawl-delay`` is the least time between two starts
-of its host's pages across all workers, where ``LIMITS`` gives less (e.g.
-``{"example.com": {"interval": 10}}``): the links a page submits carry it as their
-``limit_interval``. A robots.txt that answers a 4xx allows everything; one that answers as
-a page would be retried (a 5xx, 429, 408), or not at all, keeps its host's pages out (RFC
-9309): each attempt asks again, after a backoff, and with no retry left the page is
-disallowed, its result saying why (``"robots": "unavailable"`` and its ``error``). A
-page's 5xx, 429 and 408 answers, timeouts and broken connections are retried with backoff
-(``max_retries``), no sooner than a Retry-After asks (up to RETRY_BACKOFF_MAX; the host's
-other pages wait as long); another 4xx, or a 3xx that leads nowhere, is a result, not an
-error, and its body is not read. A link marked ``rel="nofollow"``, or any of a page whose
-robots ``<meta>`` or X-Robots-Tag header says nofollow, is not followed; a ``<meta
-http-equiv="refresh">`` URL, an image map's ``<area href>`` and a (i)frame's src (a page of
-the site) are links of its page. At most ``max_bytes`` of a page are read, and nothing of
-what is not HTML. ``max_depth`` caps the links followed from a start page (on the path that
-found a page first; a redirect is none), for sites of no end (a calendar's "next month");
-None, the default, caps nothing.
-``max_redirects`` (20, as browsers and Scrapy) caps a chain of redirects in a row. A
-redirect to the page's own URL spelled otherwise (its query in another order) is followed
-by its job: as a job of its own, the master would drop it as seen.
+robots.txt is obeyed (see ``elric.demo.crawler_sync``, which holds what both crawlers
+share), its Crawl-delay as the links' ``limit_interval``. A 5xx, 429, 408, timeout or broken
+connection is retried after a backoff, no sooner than a Retry-After asks; another answer is
+a result. nofollow is obeyed. ``max_bytes`` caps what is read of a page (nothing of what is
+not HTML), ``max_depth`` the links followed from a start page (None: no cap),
+``max_redirects`` the redirects in a row.
 """
 
 from __future__ import annotations

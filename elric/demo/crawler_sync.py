@@ -1,16 +1,8 @@
-"""The synchronous crawler: each job fetches one page with urllib, one at a time per pool
-process, and submits its links as child jobs, as the async crawler (``elric.demo.crawler``,
-the one to use; this one shows a plain sync job) does: deduped per scope, on the start
-page's host, nofollow obeyed, redirects as page jobs of their own, 5xx, 429 and 408 retried,
-``max_bytes``, ``max_depth`` and ``max_redirects`` as there. robots.txt is obeyed as there
-too: read once per host and round in each pool process (and again once a day old), its
-Crawl-delay the ``limit_interval`` of the links a page submits, a 4xx allowing everything,
-and one that does not answer (a 5xx, 429, 408, a timeout, no connection) keeping its host's
-pages out: retried, and with no retry left the page's result says ``"robots":
-"unavailable"`` and its ``error``; a page it forbids says ``"robots": "disallowed"``.
+"""The synchronous crawler: the crawl of ``elric.demo.crawler`` (the one to use) as a plain
+sync job, each fetching one page with urllib, one at a time per pool process.
 
-Also what both crawlers share: the URL, link and page reading, robots.txt's rules (RFC
-9309) and what its answer means.
+Also what both crawlers share: URL, link and page reading, robots.txt's rules (RFC 9309)
+and what its answer means, a page's result and its links' jobs.
 """
 
 from __future__ import annotations
