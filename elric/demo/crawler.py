@@ -42,15 +42,14 @@ HEADER_MAX_BYTES = 64 * 1024
 TURN = 100   # links resolved or submitted between two turns of the process's other jobs
 _BASE_HREF = lxml.etree.XPath("//base/@href")   # compiled once
 # <meta name="robots">, or its own name (as name="googlebot" is Google's), in any case
+_NAME = "translate(@name, 'ABCDEFGHIJKLMNOPQRSTUVWXYZ', 'abcdefghijklmnopqrstuvwxyz')"
 _ROBOTS_META = lxml.etree.XPath(
-    "//meta[translate(@name, 'ABCDEFGHIJKLMNOPQRSTUVWXYZ', 'abcdefghijklmnopqrstuvwxyz')"
-    f" = 'robots' or translate(@name, 'ABCDEFGHIJKLMNOPQRSTUVWXYZ', "
-    f"'abcdefghijklmnopqrstuvwxyz') = '{ROBOTS_NAME}']/@content")
+    f"//meta[{_NAME} = 'robots' or {_NAME} = '{ROBOTS_NAME}']/@content")
 _REFRESH = lxml.etree.XPath(
     "//meta[translate(@http-equiv, 'REFSH', 'refsh') = 'refresh']/@content")
 # the hrefs of links (<a>, <area>) whose rel has no token nofollow (in any case), and the src
-# of frames (a page of its own: a link), in the page's order; most links have no rel, and
-# not(@rel) first spares them the string work (a third of the query's time on the bench site)
+# of frames (a page of its own: a link), in the page's order; not(@rel) first: most links
+# have none, and skip the string work
 _HREFS = lxml.etree.XPath("(//a | //area)[not(@rel) or not(contains(concat(' ', translate("
                           "normalize-space(@rel), 'NOFLW', 'noflw'), ' '), ' nofollow '))]"
                           "/@href | //frame/@src | //iframe/@src")
@@ -78,10 +77,8 @@ class _Process:
 
     def first_time(self, scope: str | None, link: str, job_id: str) -> bool:
         """Whether this process has not yet submitted ``link`` in ``scope``, but from job
-        ``job_id`` itself: the children of an attempt that failed are never sent, so its
-        retry sends them again. Most links of a crawl were seen before; dropping them here
-        spares the master's dedupe filter that work (it still drops what other processes
-        sent)."""
+        ``job_id`` itself (a failed attempt's children are never sent: its retry sends them).
+        Most links were seen before: dropped here, they spare the master's dedupe filter."""
         seen = self.submitted.setdefault(scope, {})
         if seen.get(link, job_id) != job_id:
             return False
@@ -93,10 +90,8 @@ class _Process:
 
     def resolve(self, base: str, href: str, codec: str = "utf-8") -> tuple[str, str]:
         """The normalized URL ``href`` leads to from page ``base`` (in ``codec``), and its
-        host (both "" when it leads nowhere: it does not parse). A site's pages share most
-        links (its menus), and parsing them took a quarter of a page's CPU: an href that
-        starts at the root, or names its host, means the same from every page of a host, so
-        it is parsed once per process."""
+        host (both "" when it leads nowhere). A site's pages share most links (its menus): an
+        href from the root, or naming its host, is parsed once per host and process."""
         key = (base, href, codec)
         if href.startswith(("/", "http://", "https://")):
             path_at = base.find("/", base.find("//") + 2)
@@ -116,11 +111,10 @@ class _Process:
             self.session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
                 headers={"User-Agent": USER_AGENT},
-                # no cookies: a page's answer must not hang on what the process fetched
-                # before (another crawl's, another round's, a port is no other host to one)
+                # no cookies: a page's answer must not hang on what the process fetched before
                 cookie_jar=aiohttp.DummyCookieJar(),
-                # a header line of up to 64 KiB, as urllib reads: sites send a large
-                # Content-Security-Policy or cookie, and over aiohttp's 8 KiB the page failed
+                # a header line of up to 64 KiB, as urllib reads (aiohttp's 8 KiB fails a
+                # page with a large Content-Security-Policy or cookie)
                 max_line_size=HEADER_MAX_BYTES, max_field_size=HEADER_MAX_BYTES)
         return self.session
 
@@ -168,8 +162,8 @@ T = TypeVar("T")
 
 
 async def _in_turns(items: list[T]) -> AsyncIterator[T]:
-    """``items``, giving the process's other jobs a turn every TURN of them: resolving and
-    submitting the links of a page of 10,000 took a second or two, and stalled them all."""
+    """``items``, giving the process's other jobs a turn every TURN of them: a page of many
+    links would stall them all."""
     for n, item in enumerate(items, 1):
         yield item
         if n % TURN == 0:
@@ -190,8 +184,7 @@ class Crawl(PageKeys, Job):
     max_redirects = MAX_REDIRECTS   # follow at most this many redirects in a row
 
     def __init_subclass__(cls, **kwargs) -> None:
-        # said here, where the class is defined: a timeout of 0 meant none at all, and a
-        # size of "2MB" failed every page of the crawl
+        # checked where the class is defined: a bad value fails there, not at every page
         super().__init_subclass__(**kwargs)
         timeout, size = cls.request_timeout, cls.max_bytes
         if not (isinstance(timeout, (int, float)) and not isinstance(timeout, bool)
@@ -230,8 +223,7 @@ class Crawl(PageKeys, Job):
         if robots is None:
             return kept_out(self, url), None
         try:
-            # normalized, as the sync crawler does: ``fetched`` knows a loop by it (a start
-            # URL's host with a final dot was sent so)
+            # normalized, as ``fetched`` knows a loop by it
             async with _process.http().get(
                     normalize_url(url),
                     timeout=aiohttp.ClientTimeout(total=self.request_timeout),
@@ -285,7 +277,7 @@ class Crawl(PageKeys, Job):
     async def _links(base: str, html: bytes, charset: str | None) -> list[tuple[str, str]]:
         """The links of ``html`` (in ``charset``), relative to ``base``: (URL, host)."""
         codec = page_codec(charset, html)
-        try:   # lxml, in C: a tenth of the CPU of html.parser, which the sync crawler uses
+        try:   # lxml, in C: far less CPU than html.parser, which the sync crawler uses
             doc = lxml.html.fromstring(html.decode(codec, "replace").encode("utf-8", "replace"),
                                        parser=_UTF8) if html.strip() else None
         except (lxml.etree.ParserError, ValueError):
