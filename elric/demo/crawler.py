@@ -18,7 +18,6 @@ not HTML), ``max_depth`` the links followed from a start page (None: no cap),
 from __future__ import annotations
 
 import asyncio
-import math
 from typing import AsyncIterator, TypeVar
 from urllib.parse import urlsplit
 
@@ -31,12 +30,11 @@ except ImportError:  # pragma: no cover - depends on the install
                       "pip install '/path/to/elric[crawl]'") from None
 
 from elric import Job
-from elric.demo.crawler_sync import (CHUNK, MAX_REDIRECTS, REDIRECTS, ROBOTS_MAX_BYTES,
-                                    ROBOTS_NAME, USER_AGENT, PageKeys, Robots,
-                                    RobotsUnavailable, cached_robots, header_url, kept_out,
-                                    link_jobs, link_of, no_answer, nofollow, normalize_url,
-                                    page_codec, refresh_url, result_of, retry_after,
-                                    robots_answered, sniffed_html, worth_retrying)
+from elric.demo.crawler_sync import (CHUNK, REDIRECTS, ROBOTS_MAX_BYTES, ROBOTS_NAME, USER_AGENT,
+                                     PageJob, Robots, RobotsUnavailable, cached_robots, header_url,
+                                     kept_out, link_jobs, link_of, no_answer, nofollow,
+                                     normalize_url, page_codec, refresh_url, result_of,
+                                     retry_after, robots_answered, sniffed_html, worth_retrying)
 
 HEADER_MAX_BYTES = 64 * 1024
 TURN = 100   # links resolved or submitted between two turns of the process's other jobs
@@ -174,32 +172,10 @@ async def _in_turns(items: list[T]) -> AsyncIterator[T]:
 _UTF8 = lxml.html.HTMLParser(encoding="utf-8")
 
 
-class Crawl(PageKeys, Job):
-    queue = "crawl"
+class Crawl(PageJob, Job):
     max_retries = 3
     timeout = 60
-    request_timeout = 20.0          # one HTTP request, robots.txt included
-    max_bytes = 2 * 1024 * 1024     # read at most this much of a page
-    max_depth: int | None = None    # follow at most this many links from a start page
-    max_redirects = MAX_REDIRECTS   # follow at most this many redirects in a row
-
-    def __init_subclass__(cls, **kwargs) -> None:
-        # checked where the class is defined: a bad value fails there, not at every page
-        super().__init_subclass__(**kwargs)
-        timeout, size = cls.request_timeout, cls.max_bytes
-        if not (isinstance(timeout, (int, float)) and not isinstance(timeout, bool)
-                and 0 < timeout < math.inf):
-            raise ValueError(f"{cls.__name__}.request_timeout must be a number of seconds "
-                             f"over 0, not {timeout!r}")
-        if not (isinstance(size, int) and not isinstance(size, bool) and size > 0):
-            raise ValueError(f"{cls.__name__}.max_bytes must be a whole number of bytes "
-                             f"over 0, not {size!r}")
-        if not (cls.max_depth is None or type(cls.max_depth) is int and cls.max_depth >= 0):
-            raise ValueError(f"{cls.__name__}.max_depth must be a whole number of links or "
-                             f"None, not {cls.max_depth!r}")
-        if not (type(cls.max_redirects) is int and cls.max_redirects >= 0):
-            raise ValueError(f"{cls.__name__}.max_redirects must be a whole number of "
-                             f"redirects, not {cls.max_redirects!r}")
+    request_timeout = 20.0
 
     async def run(self, url: str, batch: str = "", depth: int = 0, redirects: int = 0) -> dict:
         """Crawl page ``url``, ``depth`` links from its start page, reached by ``redirects``

@@ -519,9 +519,34 @@ def link_jobs(batch: str, depth: int, redirects: int, delay: float | None) -> tu
     return [batch, depth, redirects] if redirects else [batch, depth], options
 
 
-class PageKeys:
-    """Both crawlers' page jobs' keys: a page's dedupe key is page_key's, its limit key its
-    host as the crawl's links spell it (politeness, setting LIMITS, is per host)."""
+class PageJob:
+    """What both crawlers' page jobs share: their settings, checked where a class is
+    defined, and their keys: a page's dedupe key is page_key's, its limit key its host as the
+    crawl's links spell it (politeness, setting LIMITS, is per host)."""
+
+    queue = "crawl"
+    request_timeout: float          # seconds: one HTTP request, its page read by then
+    max_bytes = 2 * 1024 * 1024     # read at most this much of a page
+    max_depth: int | None = None    # follow at most this many links from a start page
+    max_redirects = MAX_REDIRECTS   # follow at most this many redirects in a row
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        # a bad value fails here, not at every page
+        super().__init_subclass__(**kwargs)
+        timeout, size = cls.request_timeout, cls.max_bytes
+        if not (isinstance(timeout, (int, float)) and not isinstance(timeout, bool)
+                and 0 < timeout < math.inf):
+            raise ValueError(f"{cls.__name__}.request_timeout must be a number of seconds "
+                             f"over 0, not {timeout!r}")
+        if not (isinstance(size, int) and not isinstance(size, bool) and size > 0):
+            raise ValueError(f"{cls.__name__}.max_bytes must be a whole number of bytes "
+                             f"over 0, not {size!r}")
+        if not (cls.max_depth is None or type(cls.max_depth) is int and cls.max_depth >= 0):
+            raise ValueError(f"{cls.__name__}.max_depth must be a whole number of links or "
+                             f"None, not {cls.max_depth!r}")
+        if not (type(cls.max_redirects) is int and cls.max_redirects >= 0):
+            raise ValueError(f"{cls.__name__}.max_redirects must be a whole number of "
+                             f"redirects, not {cls.max_redirects!r}")
 
     @classmethod
     def dedupe_key_for(cls, url: str, batch: str = "", depth: int = 0, redirects: int = 0) -> str:
@@ -533,14 +558,10 @@ class PageKeys:
         return urlsplit(normalize_url(url)).netloc
 
 
-class CrawlSync(PageKeys, Job):
-    queue = "crawl"
+class CrawlSync(PageJob, Job):
     max_retries = 2
     timeout = 30
-    request_timeout = 10.0          # one HTTP request, its page read by then
-    max_bytes = 2 * 1024 * 1024     # read at most this much of a page
-    max_depth: int | None = None    # follow at most this many links from a start page
-    max_redirects = MAX_REDIRECTS   # follow at most this many redirects in a row
+    request_timeout = 10.0
 
     def run(self, url: str, batch: str = "", depth: int = 0, redirects: int = 0) -> dict:
         """Crawl page ``url``, ``depth`` links from its start page, reached by ``redirects``
