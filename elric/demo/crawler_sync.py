@@ -275,9 +275,8 @@ MAX_REDIRECTS = 20   # in a row, as browsers (and Scrapy) follow at most
 CHUNK = 64 * 1024
 
 
-def result_of(url: str, status: int, redirects: int, location: str | None = None,
-              max_redirects: int = MAX_REDIRECTS,
-              fetched: frozenset[str] = frozenset()) -> tuple[dict, str | None, bool]:
+def result_of(url: str, status: int, redirects: int, location: str | None,
+              max_redirects: int, fetched: frozenset[str]) -> tuple[dict, str | None, bool]:
     """Page ``url``'s result, no links nor bytes yet; where its redirect to ``location`` leads
     if followed; and whether the job follows it itself (to the page's own dedupe key, which
     the master would drop as seen), not as a job of its own. A loop ends at a URL the job has
@@ -584,6 +583,7 @@ class CrawlSync(PageJob, Job):
         if robots is None:
             return kept_out(self, url), None
         deadline = time.monotonic() + self.request_timeout
+        location = None
         try:
             # normalized: a start URL may be typed as a browser shows it (/café), and
             # urllib sends ASCII only
@@ -607,24 +607,23 @@ class CrawlSync(PageJob, Job):
                 exc.retry_after = retry_after(exc.code, exc.headers)
                 raise   # worth another attempt, after a backoff
             # a 404 is an answer: nothing to retry, no links to follow
+            status, html, body = exc.code, False, b""
             location = exc.headers.get("Location") if exc.code in REDIRECTS else None
             if location and not location.isascii():   # urllib reads headers as Latin-1
                 location = header_url(location.encode("latin-1"))
-            result, target, here = result_of(url, exc.code, redirects, location,
-                                             self.max_redirects, fetched)
-            if here:
-                return result, target
-            if target is not None:
-                # kept to the crawl's host (the start page's to any: the crawl goes on
-                # there); no step deeper
-                result["links"] = self._submit(url, [target], batch, depth, robots.delay,
-                                               depth == 0, redirects + 1)
-            return result, None
         except urllib.error.URLError as exc:   # a connection not made in time too
             if not isinstance(exc.reason, TimeoutError):
                 raise
             raise no_answer(url, self.request_timeout) from None
-        result, _, _ = result_of(url, status, redirects)
+        result, target, here = result_of(url, status, redirects, location, self.max_redirects,
+                                         fetched)
+        if here:
+            return result, target
+        if location is not None:
+            if target is not None:   # no step deeper; from the start page, to any host
+                result["links"] = self._submit(url, [target], batch, depth, robots.delay,
+                                               depth == 0, redirects + 1)
+            return result, None
         result["bytes"] = min(len(body), self.max_bytes)
         if len(body) > self.max_bytes:
             body, result["truncated"] = body[:self.max_bytes], True
