@@ -212,11 +212,9 @@ class Crawl(PageJob, Job):
                     location = header_url(location.encode("utf-8", "surrogateescape"))
                 if location is None:
                     # content_type is lower-case; none said: read, HTML if it starts as HTML
-                    # (browsers sniff it)
                     html = status < 300 and ("html" in response.content_type
                                              if response.headers.get("Content-Type") else None)
-                    # a PDF, an image, an error page, a 3xx to nowhere (final, as Scrapy
-                    # takes it): no links to follow, nothing to read
+                    # a PDF, an image, an error page, a 3xx to nowhere: nothing to read
                     body, truncated = await _read(response, self.max_bytes) \
                         if html is not False else (b"", False)
                     if html is None:

@@ -585,8 +585,7 @@ class CrawlSync(PageJob, Job):
         deadline = time.monotonic() + self.request_timeout
         location = None
         try:
-            # normalized: a start URL may be typed as a browser shows it (/café), and
-            # urllib sends ASCII only
+            # normalized: urllib sends ASCII only, and a start URL may be typed /café
             with _opener.open(normalize_url(url), timeout=self.request_timeout) as response:
                 # none said: read, HTML if it starts as HTML (browsers sniff it)
                 html = "html" in response.headers.get_content_type() \
