@@ -20,10 +20,7 @@ import time
 from elric.config import load_settings
 from elric.redis_server import PORT_TRIES, RedisServer, any_taken, free_port
 
-
-# With "/", the 1,000 jobs one listing reads back: past that, a crawl that did every page
-# said "not every page was crawled"; and a huge site would never end within the timeout
-MAX_PAGES = 999
+MAX_PAGES = 999   # with "/", the 1,000 jobs one listing reads back (the demo counts those)
 
 
 def run_demo(settings_path: str | None = None, pages: int = 25, timeout: float = 120.0,
@@ -73,7 +70,7 @@ def run_demo(settings_path: str | None = None, pages: int = 25, timeout: float =
             try:
                 master = start_master(env, os.path.join(logdir, "master.log"))
                 break
-            except RuntimeError as exc:   # (it was a traceback) it exited, or never answered
+            except RuntimeError as exc:   # it exited, or never answered
                 if attempt == PORT_TRIES or not any_taken(address, dashboard):
                     return failed(exc)
                 print(f"demo: {address} or {dashboard} was taken as the master started; "

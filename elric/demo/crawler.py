@@ -1,43 +1,23 @@
-"""The crawler: each job fetches one page with aiohttp, extracts its links and submits
-each link on the same host as a child job; a start page (submitted, not found) that
-redirects to another host (http://example.com/ to https://www.example.com/) moves the crawl
-there.
+"""The crawler, the example to start from: each job fetches one page with aiohttp and submits
+the links on its host as child jobs (a start page that redirects to another host moves the
+crawl there). Its ``run`` is ``async def``, so a pool process fetches many pages at once.
 
-Its ``run`` is ``async def``, so every pool process fetches many pages at once. Every page
-is fetched once per crawl: a job's dedupe key is its normalized URL, and the master drops a
-job whose key it has seen in the job's dedupe scope, which children inherit (a periodic
-crawl with ``dedupe_scope="@fire"`` fetches every page once per round). A job's limit key
-is its host, so setting ``LIMITS`` keeps a crawl polite across all workers, e.g.
-``{"*": {"concurrency": 8}}``.
+A job's dedupe key is its normalized URL, so a page is fetched once per dedupe scope, which
+children inherit (``dedupe_scope="@fire"``: once per round of a periodic crawl). Its limit
+key is its host, so ``LIMITS`` (e.g. ``{"*": {"concurrency": 8}}``) keeps a crawl polite
+across all workers.
 
-As a crawler should: robots.txt is obeyed (read once per host and round in each process,
-and again once a day old), where a redirect leads too, since that page is a job of its own
-(deduped with the links to it); its ``Crawl-delay`` is the least time between two starts
-of its host's pages across all workers, where ``LIMITS`` gives less (e.g.
-``{"example.com": {"interval": 10}}``): the links a page submits carry it as their
-``limit_interval``. A robots.txt that answers a 4xx allows everything; one that answers as
-a page would be retried (a 5xx, 429, 408), or not at all, keeps its host's pages out (RFC
-9309): each attempt asks again, after a backoff, and with no retry left the page is
-disallowed, its result saying why (``"robots": "unavailable"`` and its ``error``). A
-page's 5xx, 429 and 408 answers, timeouts and broken connections are retried with backoff
-(``max_retries``), no sooner than a Retry-After asks (up to RETRY_BACKOFF_MAX; the host's
-other pages wait as long); another 4xx, or a 3xx that leads nowhere, is a result, not an
-error, and its body is not read. A link marked ``rel="nofollow"``, or any of a page whose
-robots ``<meta>`` or X-Robots-Tag header says nofollow, is not followed; a ``<meta
-http-equiv="refresh">`` URL, an image map's ``<area href>`` and a (i)frame's src (a page of
-the site) are links of its page. At most ``max_bytes`` of a page are read, and nothing of
-what is not HTML. ``max_depth`` caps the links followed from a start page (on the path that
-found a page first; a redirect is none), for sites of no end (a calendar's "next month");
-None, the default, caps nothing.
-``max_redirects`` (20, as browsers and Scrapy) caps a chain of redirects in a row. A
-redirect to the page's own URL spelled otherwise (its query in another order) is followed
-by its job: as a job of its own, the master would drop it as seen.
+robots.txt is obeyed (see ``elric.demo.crawler_sync``, which holds what both crawlers
+share), its Crawl-delay as the links' ``limit_interval``. A 5xx, 429, 408, timeout or broken
+connection is retried after a backoff, no sooner than a Retry-After asks; another answer is
+a result. nofollow is obeyed. ``max_bytes`` caps what is read of a page (nothing of what is
+not HTML), ``max_depth`` the links followed from a start page (None: no cap),
+``max_redirects`` the redirects in a row.
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
 from typing import AsyncIterator, TypeVar
 from urllib.parse import urlsplit
 
@@ -50,26 +30,24 @@ except ImportError:  # pragma: no cover - depends on the install
                       "pip install '/path/to/elric[crawl]'") from None
 
 from elric import Job
-from elric.demo.crawler_sync import (CHUNK, MAX_REDIRECTS, REDIRECTS, ROBOTS_MAX_BYTES,
-                                    ROBOTS_NAME, USER_AGENT, PageKeys, Robots,
-                                    RobotsUnavailable, cached_robots, header_url, kept_out,
-                                    link_jobs, link_of, no_answer, nofollow, normalize_url,
-                                    page_codec, refresh_url, result_of, retry_after,
-                                    robots_answered, sniffed_html, worth_retrying)
+from elric.demo.crawler_sync import (CHUNK, REDIRECTS, ROBOTS_MAX_BYTES, ROBOTS_NAME, USER_AGENT,
+                                     PageJob, Robots, RobotsUnavailable, cached_robots, header_url,
+                                     kept_out, link_jobs, link_of, no_answer, nofollow,
+                                     normalize_url, page_codec, refresh_url, result_of,
+                                     retry_after, robots_answered, sniffed_html, worth_retrying)
 
 HEADER_MAX_BYTES = 64 * 1024
 TURN = 100   # links resolved or submitted between two turns of the process's other jobs
 _BASE_HREF = lxml.etree.XPath("//base/@href")   # compiled once
 # <meta name="robots">, or its own name (as name="googlebot" is Google's), in any case
+_NAME = "translate(@name, 'ABCDEFGHIJKLMNOPQRSTUVWXYZ', 'abcdefghijklmnopqrstuvwxyz')"
 _ROBOTS_META = lxml.etree.XPath(
-    "//meta[translate(@name, 'ABCDEFGHIJKLMNOPQRSTUVWXYZ', 'abcdefghijklmnopqrstuvwxyz')"
-    f" = 'robots' or translate(@name, 'ABCDEFGHIJKLMNOPQRSTUVWXYZ', "
-    f"'abcdefghijklmnopqrstuvwxyz') = '{ROBOTS_NAME}']/@content")
+    f"//meta[{_NAME} = 'robots' or {_NAME} = '{ROBOTS_NAME}']/@content")
 _REFRESH = lxml.etree.XPath(
     "//meta[translate(@http-equiv, 'REFSH', 'refsh') = 'refresh']/@content")
 # the hrefs of links (<a>, <area>) whose rel has no token nofollow (in any case), and the src
-# of frames (a page of its own: a link), in the page's order; most links have no rel, and
-# not(@rel) first spares them the string work (a third of the query's time on the bench site)
+# of frames (a page of its own: a link), in the page's order; not(@rel) first: most links
+# have none, and skip the string work
 _HREFS = lxml.etree.XPath("(//a | //area)[not(@rel) or not(contains(concat(' ', translate("
                           "normalize-space(@rel), 'NOFLW', 'noflw'), ' '), ' nofollow '))]"
                           "/@href | //frame/@src | //iframe/@src")
@@ -97,10 +75,8 @@ class _Process:
 
     def first_time(self, scope: str | None, link: str, job_id: str) -> bool:
         """Whether this process has not yet submitted ``link`` in ``scope``, but from job
-        ``job_id`` itself: the children of an attempt that failed are never sent, so its
-        retry sends them again. Most links of a crawl were seen before; dropping them here
-        spares the master's dedupe filter that work (it still drops what other processes
-        sent)."""
+        ``job_id`` itself (a failed attempt's children are never sent: its retry sends them).
+        Most links were seen before: dropped here, they spare the master's dedupe filter."""
         seen = self.submitted.setdefault(scope, {})
         if seen.get(link, job_id) != job_id:
             return False
@@ -112,10 +88,8 @@ class _Process:
 
     def resolve(self, base: str, href: str, codec: str = "utf-8") -> tuple[str, str]:
         """The normalized URL ``href`` leads to from page ``base`` (in ``codec``), and its
-        host (both "" when it leads nowhere: it does not parse). A site's pages share most
-        links (its menus), and parsing them took a quarter of a page's CPU: an href that
-        starts at the root, or names its host, means the same from every page of a host, so
-        it is parsed once per process."""
+        host (both "" when it leads nowhere). A site's pages share most links (its menus): an
+        href from the root, or naming its host, is parsed once per host and process."""
         key = (base, href, codec)
         if href.startswith(("/", "http://", "https://")):
             path_at = base.find("/", base.find("//") + 2)
@@ -135,11 +109,10 @@ class _Process:
             self.session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
                 headers={"User-Agent": USER_AGENT},
-                # no cookies: a page's answer must not hang on what the process fetched
-                # before (another crawl's, another round's, a port is no other host to one)
+                # no cookies: a page's answer must not hang on what the process fetched before
                 cookie_jar=aiohttp.DummyCookieJar(),
-                # a header line of up to 64 KiB, as urllib reads: sites send a large
-                # Content-Security-Policy or cookie, and over aiohttp's 8 KiB the page failed
+                # a header line of up to 64 KiB, as urllib reads (aiohttp's 8 KiB fails a
+                # page with a large Content-Security-Policy or cookie)
                 max_line_size=HEADER_MAX_BYTES, max_field_size=HEADER_MAX_BYTES)
         return self.session
 
@@ -187,8 +160,8 @@ T = TypeVar("T")
 
 
 async def _in_turns(items: list[T]) -> AsyncIterator[T]:
-    """``items``, giving the process's other jobs a turn every TURN of them: resolving and
-    submitting the links of a page of 10,000 took a second or two, and stalled them all."""
+    """``items``, giving the process's other jobs a turn every TURN of them: a page of many
+    links would stall them all."""
     for n, item in enumerate(items, 1):
         yield item
         if n % TURN == 0:
@@ -199,33 +172,10 @@ async def _in_turns(items: list[T]) -> AsyncIterator[T]:
 _UTF8 = lxml.html.HTMLParser(encoding="utf-8")
 
 
-class Crawl(PageKeys, Job):
-    queue = "crawl"
+class Crawl(PageJob, Job):
     max_retries = 3
     timeout = 60
-    request_timeout = 20.0          # one HTTP request, robots.txt included
-    max_bytes = 2 * 1024 * 1024     # read at most this much of a page
-    max_depth: int | None = None    # follow at most this many links from a start page
-    max_redirects = MAX_REDIRECTS   # follow at most this many redirects in a row
-
-    def __init_subclass__(cls, **kwargs) -> None:
-        # said here, where the class is defined: a timeout of 0 meant none at all, and a
-        # size of "2MB" failed every page of the crawl
-        super().__init_subclass__(**kwargs)
-        timeout, size = cls.request_timeout, cls.max_bytes
-        if not (isinstance(timeout, (int, float)) and not isinstance(timeout, bool)
-                and 0 < timeout < math.inf):
-            raise ValueError(f"{cls.__name__}.request_timeout must be a number of seconds "
-                             f"over 0, not {timeout!r}")
-        if not (isinstance(size, int) and not isinstance(size, bool) and size > 0):
-            raise ValueError(f"{cls.__name__}.max_bytes must be a whole number of bytes "
-                             f"over 0, not {size!r}")
-        if not (cls.max_depth is None or type(cls.max_depth) is int and cls.max_depth >= 0):
-            raise ValueError(f"{cls.__name__}.max_depth must be a whole number of links or "
-                             f"None, not {cls.max_depth!r}")
-        if not (type(cls.max_redirects) is int and cls.max_redirects >= 0):
-            raise ValueError(f"{cls.__name__}.max_redirects must be a whole number of "
-                             f"redirects, not {cls.max_redirects!r}")
+    request_timeout = 20.0
 
     async def run(self, url: str, batch: str = "", depth: int = 0, redirects: int = 0) -> dict:
         """Crawl page ``url``, ``depth`` links from its start page, reached by ``redirects``
@@ -249,8 +199,7 @@ class Crawl(PageKeys, Job):
         if robots is None:
             return kept_out(self, url), None
         try:
-            # normalized, as the sync crawler does: ``fetched`` knows a loop by it (a start
-            # URL's host with a final dot was sent so)
+            # normalized, as ``fetched`` knows a loop by it
             async with _process.http().get(
                     normalize_url(url),
                     timeout=aiohttp.ClientTimeout(total=self.request_timeout),
@@ -263,11 +212,9 @@ class Crawl(PageKeys, Job):
                     location = header_url(location.encode("utf-8", "surrogateescape"))
                 if location is None:
                     # content_type is lower-case; none said: read, HTML if it starts as HTML
-                    # (browsers sniff it)
                     html = status < 300 and ("html" in response.content_type
                                              if response.headers.get("Content-Type") else None)
-                    # a PDF, an image, an error page, a 3xx to nowhere (final, as Scrapy
-                    # takes it): no links to follow, nothing to read
+                    # a PDF, an image, an error page, a 3xx to nowhere: nothing to read
                     body, truncated = await _read(response, self.max_bytes) \
                         if html is not False else (b"", False)
                     if html is None:
@@ -304,7 +251,7 @@ class Crawl(PageKeys, Job):
     async def _links(base: str, html: bytes, charset: str | None) -> list[tuple[str, str]]:
         """The links of ``html`` (in ``charset``), relative to ``base``: (URL, host)."""
         codec = page_codec(charset, html)
-        try:   # lxml, in C: a tenth of the CPU of html.parser, which the sync crawler uses
+        try:   # lxml, in C: far less CPU than html.parser, which the sync crawler uses
             doc = lxml.html.fromstring(html.decode(codec, "replace").encode("utf-8", "replace"),
                                        parser=_UTF8) if html.strip() else None
         except (lxml.etree.ParserError, ValueError):

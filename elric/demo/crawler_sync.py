@@ -1,16 +1,8 @@
-"""The synchronous crawler: each job fetches one page with urllib, one at a time per pool
-process, and submits its links as child jobs, as the async crawler (``elric.demo.crawler``,
-the one to use; this one shows a plain sync job) does: deduped per scope, on the start
-page's host, nofollow obeyed, redirects as page jobs of their own, 5xx, 429 and 408 retried,
-``max_bytes``, ``max_depth`` and ``max_redirects`` as there. robots.txt is obeyed as there
-too: read once per host and round in each pool process (and again once a day old), its
-Crawl-delay the ``limit_interval`` of the links a page submits, a 4xx allowing everything,
-and one that does not answer (a 5xx, 429, 408, a timeout, no connection) keeping its host's
-pages out: retried, and with no retry left the page's result says ``"robots":
-"unavailable"`` and its ``error``; a page it forbids says ``"robots": "disallowed"``.
+"""The synchronous crawler: the crawl of ``elric.demo.crawler`` (the one to use) as a plain
+sync job, each fetching one page with urllib, one at a time per pool process.
 
-Also what both crawlers share: the URL, link and page reading, robots.txt's rules (RFC
-9309) and what its answer means.
+Also what both crawlers share: URL, link and page reading, robots.txt's rules (RFC 9309)
+and what its answer means, a page's result and its links' jobs.
 """
 
 from __future__ import annotations
@@ -64,8 +56,7 @@ _REFRESH = re.compile(r"""\s*[\d.]+(?:\s*[;,]\s*|\s+)(?:url\s*=\s*)?(?:"([^"]*)|
 
 
 def refresh_url(content: str) -> str | None:
-    """Where a <meta http-equiv="refresh"> leads, as browsers read its content; None when it
-    reloads its own page. A page that moved says so this way as often as by a redirect."""
+    """Where a <meta http-equiv="refresh"> leads, as browsers read it (None: to its own page)."""
     found = _REFRESH.match(content)
     return found and next(url for url in found.groups() if url is not None) or None
 
@@ -76,10 +67,9 @@ _VALUED = {"unavailable_after", "max-snippet", "max-image-preview", "max-video-p
 
 
 def nofollow(content: str) -> bool:
-    """Whether a <meta name="robots">'s content, or an X-Robots-Tag header's, says to follow
-    no link of its page. As Google reads a header: a crawler's name ("otherbot: noindex,
-    nofollow") holds for the directives after it up to the next name, in one line folded
-    from two too; those before any name are for every crawler, others' say nothing here."""
+    """Whether a robots <meta>'s content, or an X-Robots-Tag's, says to follow no link. As
+    Google reads a header: a crawler's name ("otherbot: nofollow") holds up to the next name;
+    what comes before any name holds for every crawler."""
     agent = None
     for part in content.lower().split(","):
         name, colon, rest = part.partition(":")
@@ -95,7 +85,7 @@ def normalize_url(url: str) -> str:
     no default port, a path without ``.`` and ``..`` segments, and escapes as a browser
     sends them (UTF-8, upper-case, none for ``~``)."""
     url = urldefrag(url)[0]
-    parts = urlsplit(url)   # urlparse took a last segment's ";v=2" off its path
+    parts = urlsplit(url)   # not urlparse: it takes a last segment's ";v=2" off the path
     scheme, netloc = parts.scheme.lower(), parts.netloc.lower()
     default = ":80" if scheme == "http" else ":443" if scheme == "https" else None
     if parts.port is None:   # (a ValueError for a port out of range or no number)
@@ -118,8 +108,8 @@ def normalize_url(url: str) -> str:
 
 
 def _ascii_host(netloc: str) -> str:
-    # Python's codec is IDNA 2003, which maps ß and ς away: straße.de became strasse.de,
-    # another domain than browsers (and aiohttp) reach, IDNA 2008's xn--strae-oqa.de
+    # Python's codec is IDNA 2003, which maps ß and ς away (straße.de to strasse.de): another
+    # domain than browsers reach, IDNA 2008's xn--strae-oqa.de
     if _DEVIATIONS.isdisjoint(netloc):
         return netloc.encode("idna").decode("ascii")
     return ".".join(label if label.isascii() else "xn--" + label.encode("punycode").decode()
@@ -192,10 +182,8 @@ def _http_date(value: str) -> float:
 
 
 def page_key(url: str) -> str:
-    """A page job's dedupe key, its normalized URL with the query's parameters in order of
-    name (``?b=2&a=1`` is ``?a=1&b=2``, fetched as first linked); a URL that is no http(s)
-    URL is refused at submit (queued, it failed every attempt, and every round of a
-    periodic crawl)."""
+    """A page job's dedupe key: its normalized URL, the query's parameters in order of name
+    (``?b=2&a=1`` is ``?a=1&b=2``). One that is no http(s) URL is refused at submit."""
     key = normalize_url(url)
     if not key.startswith(("http://", "https://")):
         raise ValueError(f"{url!r} is no http(s) URL")
@@ -210,11 +198,9 @@ MAX_URL = 2083   # characters: browsers' (and Scrapy's) limit; most servers refu
 
 
 def link_of(base: str, href: str, codec: str = "utf-8") -> str | None:
-    """The normalized http(s) URL ``href`` on page ``base`` leads to; None for another
-    scheme (ftp:, mailto:), one that does not parse (``http://[oops``), or one over
-    MAX_URL (a site that links each page to a longer URL would be crawled to no end): one
-    bad link on a page, not a failed page. A query is escaped in its page's ``codec``, as
-    browsers send it (a character it has not as its HTML reference)."""
+    """The normalized http(s) URL ``href`` on page ``base`` leads to; None for another scheme,
+    one that does not parse, or one over MAX_URL (a site may link each page to a longer URL).
+    A query is escaped in the page's ``codec``, as browsers send it."""
     href = href.strip(" \t\n\r\f")   # without the whitespace around it, as browsers read it
     if "\\" in href:   # a backslash before the query is a slash to browsers (WHATWG URL)
         path, mark, query = href.partition("?")
@@ -236,10 +222,9 @@ _META_CHARSET = re.compile(rb"""<meta[^>]*?charset\s*=\s*["']?([-\w.:]+)""", re.
 
 
 def page_charset(declared: str | None, body: bytes) -> str:
-    """The charset to read a page in: its byte order mark's (browsers heed it first), else
-    its Content-Type's, else a <meta>'s in its first 1024 bytes (where browsers look first),
-    else UTF-8 if it reads as such (a tail cut mid-character too), else a later <meta>'s
-    (browsers heed it too), else windows-1252."""
+    """The charset to read a page in, as browsers find it: its byte order mark's, else its
+    Content-Type's, else a <meta>'s in its first 1024 bytes, else UTF-8 if it reads as such,
+    else a later <meta>'s, else windows-1252."""
     if body.startswith((codecs.BOM_UTF16_BE, codecs.BOM_UTF16_LE)):
         return "utf-16"   # which of the two, the codec reads from the mark
     if body.startswith(codecs.BOM_UTF8):
@@ -264,9 +249,8 @@ _SUPERSETS = {"shift_jis": "cp932", "x-sjis": "cp932", "gb2312": "gbk", "euc-kr"
 
 
 def page_codec(declared: str | None, body: bytes) -> str:
-    """The codec to read the page in: page_charset's as browsers read its label (UTF-8 for
-    one Python does not know); read with errors="replace", as browsers do (lxml stopped at
-    the first byte it could not read, and the links after it were lost)."""
+    """The codec to read the page in (with errors="replace", as browsers do): page_charset's,
+    its label as browsers read it (UTF-8 for one Python does not know)."""
     charset = page_charset(declared, body)
     codec = _SUPERSETS.get(charset.lower(), charset)
     try:
@@ -291,15 +275,12 @@ MAX_REDIRECTS = 20   # in a row, as browsers (and Scrapy) follow at most
 CHUNK = 64 * 1024
 
 
-def result_of(url: str, status: int, redirects: int, location: str | None = None,
-              max_redirects: int = MAX_REDIRECTS,
-              fetched: frozenset[str] = frozenset()) -> tuple[dict, str | None, bool]:
-    """Page ``url``'s result, no links nor bytes yet; where its redirect to ``location``
-    leads if it is to be followed; and whether the job follows it itself. Elsewhere, it
-    is a page job of its own, deduped with the links to that page (fetched once); to a URL
-    of the page's own dedupe key (its query in another order), the master would drop that
-    job as seen and the page would be lost, so the job fetches it. A loop ends at a URL
-    the job has ``fetched`` (normalized), a chain of new URLs at ``max_redirects``."""
+def result_of(url: str, status: int, redirects: int, location: str | None,
+              max_redirects: int, fetched: frozenset[str]) -> tuple[dict, str | None, bool]:
+    """Page ``url``'s result, no links nor bytes yet; where its redirect to ``location`` leads
+    if followed; and whether the job follows it itself (to the page's own dedupe key, which
+    the master would drop as seen), not as a job of its own. A loop ends at a URL the job has
+    ``fetched``, a chain of new URLs at ``max_redirects``."""
     result = {"url": url, "status": status, "links": 0, "bytes": 0}
     if redirects:
         result["redirects"] = redirects
@@ -318,9 +299,8 @@ def result_of(url: str, status: int, redirects: int, location: str | None = None
 
 
 def header_url(sent: bytes) -> str:
-    """A URL a header (a Location) sent with bytes not ASCII, as browsers read it: UTF-8,
-    else each such byte escaped (urllib read a UTF-8 /café as /cafÃ©, a 404; aiohttp's
-    Latin-1 /caf\\xe9 was no web page)."""
+    """A Location sent with bytes not ASCII, as browsers read it: UTF-8, else each such byte
+    escaped."""
     try:
         return sent.decode("utf-8")
     except UnicodeDecodeError:
@@ -360,10 +340,9 @@ def robots_answered(url: str, status: int, headers) -> bool:
 
 def cached_robots(cache: dict, url: str, round_: str, fresh: Callable[[T], bool],
                   read: Callable[[str], T]) -> tuple[T, str]:
-    """What ``cache`` (a process's) holds for the robots.txt of ``url``'s host in round
-    ``round_``, read anew by ``read(origin)`` where it holds nothing ``fresh``; and the
-    path (with its query) to ask it about. The URL is normalized first: a start URL as
-    typed (/café, /x/../private) is spelled as the rules are."""
+    """What ``cache`` holds for the robots.txt of ``url``'s host in round ``round_``, read
+    anew by ``read(origin)`` unless ``fresh``; and the path (with its query) to ask it about,
+    normalized as the rules are spelled (a start URL may be typed /café or /x/../private)."""
     parts = urlsplit(normalize_url(url))
     key = (f"{parts.scheme}://{parts.netloc}", round_)
     found = cache.get(key)
@@ -390,8 +369,7 @@ def kept_out(job: Job, url: str, error: RobotsUnavailable | None = None) -> dict
 class Robots:
     """A robots.txt as RFC 9309 reads it: the rules of the groups naming this crawler, else
     of ``*``; of those, the longest that matches a path (``*``: anything; a final ``$``: the
-    end), Allow on a tie. urllib's RobotFileParser knew no ``*`` nor ``$`` (``Disallow:
-    /*.pdf$`` kept nothing out) and took the first rule that matched."""
+    end), Allow on a tie: urllib's RobotFileParser knows no ``*`` nor ``$``."""
 
     def __init__(self, lines: list[str], agent: str) -> None:
         self.read_at = time.monotonic()   # a round that runs for days reads it again
@@ -478,8 +456,7 @@ def _matches(glob: tuple[list[str], bool], path: str) -> bool:
 
 def _read(response, limit: int, deadline: float) -> bytes:
     """At most ``limit`` bytes of the body by ``deadline`` (a wait begun by then lasts the
-    request's timeout at most): urllib's timeout is for each wait, and a server that
-    dripped a page held the job for as long as it took."""
+    request's timeout at most): urllib's timeout is for each wait, not the request."""
     body = bytearray()
     while len(body) < limit and (chunk := response.read1(min(CHUNK, limit - len(body)))):
         body += chunk
@@ -489,9 +466,8 @@ def _read(response, limit: int, deadline: float) -> bytes:
 
 
 class _NoRedirects(urllib.request.HTTPRedirectHandler):
-    """urllib follows redirects itself, off the crawl's host too, and the links of where it
-    landed were read as relative to the first URL: here a redirect is an answer (an
-    HTTPError), and the crawler makes where it leads a job of its own."""
+    """A redirect is an answer (an HTTPError): the crawler makes where it leads a job of its
+    own, kept to the crawl's host, its links read relative to it."""
 
     def redirect_request(self, *args, **kwargs):
         return None
@@ -542,9 +518,34 @@ def link_jobs(batch: str, depth: int, redirects: int, delay: float | None) -> tu
     return [batch, depth, redirects] if redirects else [batch, depth], options
 
 
-class PageKeys:
-    """Both crawlers' page jobs' keys: a page's dedupe key is page_key's, its limit key its
-    host as the crawl's links spell it (politeness, setting LIMITS, is per host)."""
+class PageJob:
+    """What both crawlers' page jobs share: their settings, checked where a class is
+    defined, and their keys: a page's dedupe key is page_key's, its limit key its host as the
+    crawl's links spell it (politeness, setting LIMITS, is per host)."""
+
+    queue = "crawl"
+    request_timeout: float          # seconds: one HTTP request, its page read by then
+    max_bytes = 2 * 1024 * 1024     # read at most this much of a page
+    max_depth: int | None = None    # follow at most this many links from a start page
+    max_redirects = MAX_REDIRECTS   # follow at most this many redirects in a row
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        # a bad value fails here, not at every page
+        super().__init_subclass__(**kwargs)
+        timeout, size = cls.request_timeout, cls.max_bytes
+        if not (isinstance(timeout, (int, float)) and not isinstance(timeout, bool)
+                and 0 < timeout < math.inf):
+            raise ValueError(f"{cls.__name__}.request_timeout must be a number of seconds "
+                             f"over 0, not {timeout!r}")
+        if not (isinstance(size, int) and not isinstance(size, bool) and size > 0):
+            raise ValueError(f"{cls.__name__}.max_bytes must be a whole number of bytes "
+                             f"over 0, not {size!r}")
+        if not (cls.max_depth is None or type(cls.max_depth) is int and cls.max_depth >= 0):
+            raise ValueError(f"{cls.__name__}.max_depth must be a whole number of links or "
+                             f"None, not {cls.max_depth!r}")
+        if not (type(cls.max_redirects) is int and cls.max_redirects >= 0):
+            raise ValueError(f"{cls.__name__}.max_redirects must be a whole number of "
+                             f"redirects, not {cls.max_redirects!r}")
 
     @classmethod
     def dedupe_key_for(cls, url: str, batch: str = "", depth: int = 0, redirects: int = 0) -> str:
@@ -556,14 +557,10 @@ class PageKeys:
         return urlsplit(normalize_url(url)).netloc
 
 
-class CrawlSync(PageKeys, Job):
-    queue = "crawl"
+class CrawlSync(PageJob, Job):
     max_retries = 2
     timeout = 30
-    request_timeout = 10.0          # one HTTP request, its page read by then
-    max_bytes = 2 * 1024 * 1024     # read at most this much of a page
-    max_depth: int | None = None    # follow at most this many links from a start page
-    max_redirects = MAX_REDIRECTS   # follow at most this many redirects in a row
+    request_timeout = 10.0
 
     def run(self, url: str, batch: str = "", depth: int = 0, redirects: int = 0) -> dict:
         """Crawl page ``url``, ``depth`` links from its start page, reached by ``redirects``
@@ -586,9 +583,9 @@ class CrawlSync(PageKeys, Job):
         if robots is None:
             return kept_out(self, url), None
         deadline = time.monotonic() + self.request_timeout
+        location = None
         try:
-            # normalized: a start URL may be typed as a browser shows it (/café), and
-            # urllib sends ASCII only
+            # normalized: urllib sends ASCII only, and a start URL may be typed /café
             with _opener.open(normalize_url(url), timeout=self.request_timeout) as response:
                 # none said: read, HTML if it starts as HTML (browsers sniff it)
                 html = "html" in response.headers.get_content_type() \
@@ -609,24 +606,23 @@ class CrawlSync(PageKeys, Job):
                 exc.retry_after = retry_after(exc.code, exc.headers)
                 raise   # worth another attempt, after a backoff
             # a 404 is an answer: nothing to retry, no links to follow
+            status, html, body = exc.code, False, b""
             location = exc.headers.get("Location") if exc.code in REDIRECTS else None
             if location and not location.isascii():   # urllib reads headers as Latin-1
                 location = header_url(location.encode("latin-1"))
-            result, target, here = result_of(url, exc.code, redirects, location,
-                                             self.max_redirects, fetched)
-            if here:
-                return result, target
-            if target is not None:
-                # kept to the crawl's host (the start page's to any: the crawl goes on
-                # there); no step deeper
-                result["links"] = self._submit(url, [target], batch, depth, robots.delay,
-                                               depth == 0, redirects + 1)
-            return result, None
         except urllib.error.URLError as exc:   # a connection not made in time too
             if not isinstance(exc.reason, TimeoutError):
                 raise
             raise no_answer(url, self.request_timeout) from None
-        result, _, _ = result_of(url, status, redirects)
+        result, target, here = result_of(url, status, redirects, location, self.max_redirects,
+                                         fetched)
+        if here:
+            return result, target
+        if location is not None:
+            if target is not None:   # no step deeper; from the start page, to any host
+                result["links"] = self._submit(url, [target], batch, depth, robots.delay,
+                                               depth == 0, redirects + 1)
+            return result, None
         result["bytes"] = min(len(body), self.max_bytes)
         if len(body) > self.max_bytes:
             body, result["truncated"] = body[:self.max_bytes], True
