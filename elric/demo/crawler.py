@@ -224,16 +224,14 @@ class Crawl(PageJob, Job):
                     tags = response.headers.getall("X-Robots-Tag", [])
         except TimeoutError:
             raise no_answer(url, self.request_timeout) from None
-        result, target, here = result_of(url, status, redirects, location, self.max_redirects,
+        result, follow, link = result_of(url, status, redirects, location, self.max_redirects,
                                          fetched)
-        if here:
-            return result, target
+        if link is not None:   # no step deeper; from the start page, to any host
+            result["links"] = await self._submit(
+                url, [(link, urlsplit(link).netloc)], batch, depth, robots.delay,
+                anywhere=depth == 0, redirects=redirects + 1)
         if location is not None:
-            if target is not None:   # no step deeper; from the start page, to any host
-                result["links"] = await self._submit(
-                    url, [(target, urlsplit(target).netloc)], batch, depth, robots.delay,
-                    anywhere=depth == 0, redirects=redirects + 1)
-            return result, None
+            return result, follow
         result["bytes"] = len(body)
         if truncated:
             result["truncated"] = True

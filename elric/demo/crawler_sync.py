@@ -276,16 +276,16 @@ CHUNK = 64 * 1024
 
 
 def result_of(url: str, status: int, redirects: int, location: str | None,
-              max_redirects: int, fetched: frozenset[str]) -> tuple[dict, str | None, bool]:
-    """Page ``url``'s result, no links nor bytes yet; where its redirect to ``location`` leads
-    if followed; and whether the job follows it itself (to the page's own dedupe key, which
-    the master would drop as seen), not as a job of its own. A loop ends at a URL the job has
-    ``fetched``, a chain of new URLs at ``max_redirects``."""
+              max_redirects: int, fetched: frozenset[str]) -> tuple[dict, str | None, str | None]:
+    """Page ``url``'s result, no links nor bytes yet, and where its redirect to ``location``
+    leads: a URL the job follows itself (to the page's own dedupe key, which the master
+    would drop as seen), or one to submit as a job of its own. A loop ends at a URL the job
+    has ``fetched``, a chain of new URLs at ``max_redirects``."""
     result = {"url": url, "status": status, "links": 0, "bytes": 0}
     if redirects:
         result["redirects"] = redirects
     if location is None:
-        return result, None, False
+        return result, None, None
     result["redirect"] = target = link_of(url, location)
     if target is None:
         result["error"] = "a redirect to no web page"
@@ -293,9 +293,11 @@ def result_of(url: str, status: int, redirects: int, location: str | None,
         result["error"] = f"over {max_redirects} redirects in a row"
     elif target == normalize_url(url) or target in fetched:
         result["error"] = "a redirect loop"
+    elif page_key(target) == page_key(url):
+        return result, target, None
     else:
-        return result, target, page_key(target) == page_key(url)
-    return result, None, False
+        return result, None, target
+    return result, None, None
 
 
 def header_url(sent: bytes) -> str:
@@ -614,15 +616,13 @@ class CrawlSync(PageJob, Job):
             if not isinstance(exc.reason, TimeoutError):
                 raise
             raise no_answer(url, self.request_timeout) from None
-        result, target, here = result_of(url, status, redirects, location, self.max_redirects,
+        result, follow, link = result_of(url, status, redirects, location, self.max_redirects,
                                          fetched)
-        if here:
-            return result, target
+        if link is not None:   # no step deeper; from the start page, to any host
+            result["links"] = self._submit(url, [link], batch, depth, robots.delay, depth == 0,
+                                           redirects + 1)
         if location is not None:
-            if target is not None:   # no step deeper; from the start page, to any host
-                result["links"] = self._submit(url, [target], batch, depth, robots.delay,
-                                               depth == 0, redirects + 1)
-            return result, None
+            return result, follow
         result["bytes"] = min(len(body), self.max_bytes)
         if len(body) > self.max_bytes:
             body, result["truncated"] = body[:self.max_bytes], True
