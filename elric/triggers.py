@@ -223,13 +223,14 @@ def _matches(field, w: datetime) -> bool:
     return field.get_next_value(w) == field.get_value(w)
 
 
-_ALLOWED: dict[tuple[str, str], tuple[int, ...]] = {}   # (name, field's text) -> its values
+_ALLOWED: dict[tuple, tuple[int, ...]] = {}   # (name, its expressions) -> its values
 
 
 def _allowed(field, top: int) -> tuple[int, ...]:
     """The values in [0, top) a time-of-day field allows (none depends on the date), ascending;
-    kept per field text, which few schedules vary: a trigger is built at each ``get``."""
-    key = (field.name, str(field))
+    kept per field, which few schedules vary: a trigger is built at each ``get``. Keyed by its
+    expressions, not its text: APScheduler prints "0-0/5" (minute 0) as "0/5" (every fifth)."""
+    key = (field.name, tuple((type(e), *sorted(vars(e).items())) for e in field.expressions))
     if (known := _ALLOWED.get(key)) is not None:
         return known
     day, values = datetime(2000, 1, 1), []

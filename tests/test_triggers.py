@@ -30,7 +30,7 @@ def fires(trigger, start: datetime, end: datetime) -> list[datetime]:
 
 
 def utc(*args) -> datetime:
-    return datetime(*args, tzinfo=UTC)
+    return datetime(*args, tzinfo=timezone.utc)
 
 
 def test_cron_fields():
@@ -279,7 +279,7 @@ def test_fires_past_the_year_9999_in_utc_are_none_left_not_an_overflow():
     last = datetime(9998, 12, 31, 23, tzinfo=ZoneInfo("America/New_York")).timestamp()
     assert next_fire(build_trigger({"type": "cron", **ny}), last) is None
     year = build_trigger({"type": "interval", "weeks": 52, "start_date": "9999-06-01T00:00:00+00:00"})
-    assert next_fire(year, datetime(9999, 6, 1, tzinfo=UTC).timestamp()) is None
+    assert next_fire(year, datetime(9999, 6, 1, tzinfo=timezone.utc).timestamp()) is None
 
 
 @pytest.mark.parametrize("data", [
@@ -312,7 +312,7 @@ def test_dst_wildcard_hour_keeps_every_real_interval():
 
 def test_normalized_is_msgpack_data_and_stable():
     for raw in (every(minutes=15), cron("30 2 * * 1-5", timezone="Europe/Berlin"),
-                cron(hour="*/2", minute=0, end_date=datetime(2030, 1, 1, tzinfo=UTC)),
+                cron(hour="*/2", minute=0, end_date=datetime(2030, 1, 1, tzinfo=timezone.utc)),
                 at("2026-05-01T08:00:00Z")):
         _, data = parse_trigger(raw, now=1.7e9)
         stored = unpack(pack(data))
@@ -326,7 +326,7 @@ def test_sugar():
         "type": "interval", "hours": 1, "jitter": 3, "timezone": "Europe/Berlin"}
     assert cron("*/15 * * * *") == {"type": "cron", "crontab": "*/15 * * * *"}
     assert cron(hour=2, minute=30) == {"type": "cron", "hour": 2, "minute": 30}
-    assert at(datetime(2026, 5, 1, 8, tzinfo=UTC)) == {"type": "date", "run_date": "2026-05-01T08:00:00+00:00"}
+    assert at(datetime(2026, 5, 1, 8, tzinfo=timezone.utc)) == {"type": "date", "run_date": "2026-05-01T08:00:00+00:00"}
     assert at("2026-05-01 08:00", timezone="Europe/Berlin")["timezone"] == "Europe/Berlin"
     # a ZoneInfo is taken as its name: the trigger must still go over the wire as msgpack
     for trigger in (cron("0 * * * *", timezone=BERLIN), every(hours=1, timezone=BERLIN),
@@ -392,3 +392,13 @@ def test_an_interval_jitter_longer_than_the_interval_is_refused_not_dropping_fir
     got = fires(trigger, utc(2026, 1, 1), utc(2026, 1, 1, 0, 10))
     assert len(got) == 60 and all(0 <= d.timestamp() - now - 10 * i <= 10
                                   for i, d in enumerate(got))
+
+
+def test_two_fields_apscheduler_prints_alike_keep_their_own_fire_times():
+    # APScheduler prints minute "0-0/5" (minute 0 only) as "0/5" (every fifth minute):
+    # built first, the one must not lend its times to the other
+    start = datetime(2026, 12, 8, 5, 46, tzinfo=timezone.utc).timestamp()
+    only_zero, _ = parse_trigger({"type": "cron", "minute": "0-0/5"})
+    every_fifth, _ = parse_trigger({"type": "cron", "minute": "0/5"})
+    assert next_fire(only_zero, start) == datetime(2026, 12, 8, 6, 0, tzinfo=timezone.utc).timestamp()
+    assert next_fire(every_fifth, start) == datetime(2026, 12, 8, 5, 50, tzinfo=timezone.utc).timestamp()
