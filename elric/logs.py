@@ -83,7 +83,7 @@ class JobOutput:
     def _forked(self) -> None:
         """In the child of a job's fork, which JobStream.write may take the lock in: the
         relay thread may have held it then, and is not there to let it go."""
-        self.lock = threading.Lock()
+        self.lock, self.writer = threading.Lock(), None
 
     def relay(self) -> None:
         """The thread passing the lines on as they come."""
