@@ -75,10 +75,11 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> "RedisServer":
+    def start(self, timeout: float = 10.0) -> "RedisServer":
+        """``timeout``: seconds it may take to answer (one loading a big dataset takes more)."""
         for attempt in range(1, PORT_TRIES + 1):
             try:
-                self._start()
+                self._start(timeout)
                 break
             except RedisServerError:
                 # its port was taken before it listened (CI's runs start many beside it)
@@ -89,7 +90,7 @@ class RedisServer:
         self._movable = False
         return self
 
-    def _start(self, timeout: float = 10.0) -> None:
+    def _start(self, timeout: float) -> None:
         args = [find_redis_server(), "--bind", "127.0.0.1", "--port", str(self.port),
                 "--dir", self.dir, "--logfile", os.path.join(self.dir, "redis.log"),
                 "--loglevel", "warning", "--save", "", "--daemonize", "no",
