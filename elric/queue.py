@@ -903,7 +903,8 @@ class RedisQueue:
         return sorted(names)
 
     async def workers(self) -> list[dict]:
-        """Every worker's last heartbeat, alive or not (the workers page reads only this)."""
+        """Every worker's last heartbeat, alive or not, those at work first (the workers page
+        reads only this)."""
         k = self.keys
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.zrange(k.workers, 0, -1, withscores=True)
@@ -933,4 +934,6 @@ class RedisQueue:
                 # one's last heartbeat told of a wait that is over
                 row["trouble"] = ""
             workers.append(row)
-        return workers
+        # those at work first, the latest heartbeat first: a list cut short cuts the gone ones
+        return sorted(workers, key=lambda w: (not w["alive"] or w.get("state") == "stopped",
+                                              -w["last_seen"]))

@@ -263,11 +263,6 @@ def health(h: dict) -> None:
         for name, task in sorted(h.get("tasks", {}).items())]))
 
 
-def _number(value) -> float:
-    """A number to sort by: 0 for a field someone edited into text (stats() keeps it)."""
-    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else 0
-
-
 def top(stats: dict) -> Group:
     """``elric top``'s screen: jobs now, the last minute, queues, busiest funcs, workers."""
     by = stats["by_status"]
@@ -290,12 +285,10 @@ def top(stats: dict) -> Group:
     # (stats() holds the latest funcs only, and counts the rest)
     if more := max(0, len(busiest) - 10) + stats.get("more", {}).get("funcs", 0):
         funcs = Group(funcs, Text(f"and {more} more funcs"))
-    # the workers at work first, latest heartbeat first: a screen too short cuts the last
+    # in stats()'s order, those at work first: a screen too short cuts the gone ones
     workers = _table(("worker", "state", "processes", "CPU %", "in flight", "done",
                       "failed attempts", "last seen", "trouble"), [
         (w["worker_id"], worker_state(w), w.get("concurrency", ""), percent(w.get("cpu_percent")),
          w.get("in_flight", "-"), w.get("done", "-"), w.get("failed", "-"),
-         when(w.get("last_seen"), stats.get("now")), trouble(w)) for w in sorted(
-            stats["workers"], key=lambda w: (worker_state(w) in ("lost", "stopped"),
-                                             -_number(w.get("last_seen"))))])
+         when(w.get("last_seen"), stats.get("now")), trouble(w)) for w in stats["workers"]])
     return Group(now, rate, queues, funcs, workers)
