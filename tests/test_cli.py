@@ -449,12 +449,17 @@ def test_a_child_handle_asks_no_master_about_a_job_not_sent_yet():
         set_default_client(None)
 
 
+
+def _json_worker(make_cluster, **settings):
+    """A master, and a worker of one process logging JSON lines."""
+    c = make_cluster(**settings)
+    c.start_master()
+    return c, c.start_worker("--concurrency", "1", "--log-format", "json")
+
 def test_a_worker_logs_each_job_event_with_its_id_and_func_as_json_lines(make_cluster):
     from tests.jobs import Add, Fail
 
-    c = make_cluster(LOG_LEVEL="DEBUG", RETRY_BACKOFF=0.05)
-    c.start_master()
-    worker = c.start_worker("--concurrency", "1", "--log-format", "json")
+    c, worker = _json_worker(make_cluster, LOG_LEVEL="DEBUG", RETRY_BACKOFF=0.05)
     c.client.submit_jobs([Add.spec([2, 3], job_id="adds"),
                           Fail.spec(["no luck"], job_id="fails", max_retries=1)])
     c.wait_job("adds"), c.wait_job("fails")
@@ -478,9 +483,7 @@ def test_what_jobs_log_is_in_the_workers_log_format_too(make_cluster):
     as text lines among the JSON ones, which a log collector could not read."""
     from tests.jobs import LogLine
 
-    c = make_cluster()
-    c.start_master()
-    worker = c.start_worker("--concurrency", "1", "--log-format", "json")
+    c, worker = _json_worker(make_cluster)
     c.client.submit_job(LogLine.spec(["from the job"], job_id="logs"))
     assert c.wait_job("logs")["result"] == "logged"
 
@@ -498,9 +501,7 @@ def test_what_a_job_prints_is_in_json_lines_with_its_id(make_cluster):
     they named no job."""
     from tests.jobs import Prints
 
-    c = make_cluster()
-    c.start_master()
-    worker = c.start_worker("--concurrency", "1", "--log-format", "json")
+    c, worker = _json_worker(make_cluster)
     c.client.submit_job(Prints.spec(["hello"], job_id="prints"))
     assert c.wait_job("prints")["result"] == "printed"
 
@@ -524,9 +525,7 @@ def test_what_async_jobs_print_is_in_json_lines_each_with_its_own_id(make_cluste
     goes to fd 1 directly, or comes from a thread of no job, names none, as before."""
     from tests.jobs_async import AsyncPrints
 
-    c = make_cluster()
-    c.start_master()
-    worker = c.start_worker("--concurrency", "1", "--log-format", "json")
+    c, worker = _json_worker(make_cluster)
     c.client.submit_jobs([AsyncPrints.spec(["a", "b"], job_id="a"),
                           AsyncPrints.spec(["b", "a"], job_id="b")])
     assert c.wait_job("a")["result"] == "a" and c.wait_job("b")["result"] == "b"

@@ -94,9 +94,7 @@ def test_a_periodic_job_shows_how_far_each_round_is(make_cluster):
     cluster.start_master()
     cluster.start_worker("--concurrency", "1")
     c = cluster.client
-    c.submit_job(RoundRoot.spec([2, 600], job_id="crawl", trigger=every(hours=1)))
-    assert elric(cluster, "schedules", "run-now", "crawl").returncode == 0
-    [run] = c.get_job("crawl")["runs"]
+    run = _fired_now(cluster, RoundRoot.spec([2, 600], job_id="crawl", trigger=every(hours=1)))
     cluster.wait_job(run["job_id"])
     leaves = wait_for(lambda: [j for j in c.list_jobs(status="running")
                                if j.get("round") == run["job_id"]], what="the round's pages")
@@ -143,11 +141,18 @@ def test_a_round_given_as_a_batch_is_named_a_round(cluster):
     from tests.test_cli import elric, one_line_error
 
     cluster.start_worker("--concurrency", "1")
-    c = cluster.client
-    c.submit_job(RoundRoot.spec([1, 0], job_id="crawl", trigger=every(hours=1)))
-    assert elric(cluster, "schedules", "run-now", "crawl").returncode == 0
-    [run] = c.get_job("crawl")["runs"]
+    run = _fired_now(cluster, RoundRoot.spec([1, 0], job_id="crawl", trigger=every(hours=1)))
     cluster.wait_job(run["job_id"])
     one_line_error(elric(cluster, "jobs", "--batch", run["job_id"]), 1,
                    f"{run['job_id']!r} is a round of periodic job 'crawl', not a batch")
     one_line_error(elric(cluster, "jobs", "--batch", "typo"), 1, "no batch 'typo': no job")
+
+
+def _fired_now(cluster, spec: dict) -> dict:
+    """Store ``spec``, a periodic job, and fire it now as an operator does: its one run."""
+    from tests.test_cli import elric
+
+    cluster.client.submit_job(spec)
+    assert elric(cluster, "schedules", "run-now", spec["job_id"]).returncode == 0
+    [run] = cluster.client.get_job(spec["job_id"])["runs"]
+    return run
